@@ -1,0 +1,27 @@
+"""The `raytwin` command-line tool."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(help="RayTwin: live digital twins and scenario sweeps on Ray.", no_args_is_help=True)
+
+
+@app.command()
+def version() -> None:
+    """Print the RayTwin version and the versions of its main dependencies."""
+    from raytwin.provenance import package_versions
+
+    for name, ver in package_versions().items():
+        typer.echo(f"{name} {ver}")
+
+
+@app.command()
+def demo(
+    scenarios: int = typer.Option(2000, help="Scenarios in the demo sweep."),
+    twins: int = typer.Option(20, help="Live twins fed by the replayed telemetry stream."),
+) -> None:
+    """Run the whole loop on an embedded local Ray: simulate, validate, ingest, estimate."""
+    from raytwin.demo import run_demo
+
+    run_demo(scenarios=scenarios, twins=twins)
