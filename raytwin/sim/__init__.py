@@ -16,6 +16,15 @@ from raytwin.sim.model import Model, Param, Var, rk4_step, unstack  # noqa: E402
 from raytwin.sim.tanks import TWO_TANK  # noqa: E402
 from raytwin.sim.thermal import THERMAL_RC  # noqa: E402
 
+
+
+class UnknownModelError(KeyError, ValueError):
+    """No simulator under that name (a ValueError too, so pydantic reports it as a validation error)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 MODELS: dict[str, Model] = {m.name: m for m in (THERMAL_RC, BATTERY_ECM, TWO_TANK)}
 
 
@@ -24,10 +33,10 @@ def get_model(name: str) -> Model:
     try:
         return MODELS[name]
     except KeyError:
-        raise KeyError(f"unknown simulator {name!r}; known: {sorted(MODELS)}") from None
+        raise UnknownModelError(f"unknown simulator {name!r}; known: {sorted(MODELS)}") from None
 
 
 __all__ = [
-    "BATTERY_ECM", "MODELS", "Model", "Param", "Rollout", "THERMAL_RC", "TWO_TANK", "Var",
+    "BATTERY_ECM", "MODELS", "Model", "Param", "Rollout", "THERMAL_RC", "TWO_TANK", "UnknownModelError", "Var",
     "get_model", "ocv", "rk4_step", "rollout", "simulate", "simulate_batch", "unstack",
 ]

@@ -1,0 +1,360 @@
+"""Data contracts: versioned pydantic v2 models for asset types, assets, telemetry and scenarios.
+
+All contracts forbid unknown fields, refuse NaN/inf, require timezone-aware timestamps (stored in
+UTC) and check units against `raytwin.units`. Telemetry is checked against its asset type with
+`normalize_measurements`, which converts safe units (degC -> K, mV -> V, ...) to the type's units.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictFloat,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from raytwin import units
+
+SCHEMA_VERSION = 1
+MAX_FUTURE_SKEW = timedelta(minutes=5)
+"""Telemetry stamped further than this after its ingest time is refused as 'from the future'."""
+MAX_SCENARIO_STEPS = 10_000_000
+
+Identifier = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$")]
+SemVer = Annotated[str, Field(pattern=r"^\d+\.\d+\.\d+$")]
+Finite = Annotated[StrictFloat | StrictInt, Field(allow_inf_nan=False), AfterValidator(float)]
+
+
+def _known_unit(unit: str) -> str:
+    units.canonical(unit)  # raises UnitError (a ValueError) with the list of known units
+    return unit
+
+
+Unit = Annotated[str, AfterValidator(_known_unit)]
+
+
+def _utc(ts: datetime) -> datetime:
+    return ts.astimezone(UTC)
+
+
+UtcTime = Annotated[AwareDatetime, AfterValidator(_utc)]
+
+
+class Contract(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ContractError(ValueError):
+    """Data that is well formed but does not fit its asset type (unknown field, unit mismatch)."""
+
+
+def describe_error(exc: Exception) -> str:
+    """A one-line, human-readable reason for a rejection (used in dead letters and HTTP errors)."""
+    if isinstance(exc, ValidationError):
+        parts = []
+        for err in exc.errors(include_url=False):
+            loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+            parts.append(f"{loc}: {err['msg']}")
+        return "; ".join(parts)
+    return str(exc)
+
+
+# ---------------------------------------------------------------- asset types and assets ----
+class Quantity(Contract):
+    unit: Unit
+    description: str = ""
+
+
+class ParameterSpec(Contract):
+    unit: Unit
+    default: Finite
+    lower: Finite
+    upper: Finite
+    description: str = ""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ParameterSpec:
+        if not self.lower <= self.default <= self.upper:
+            raise ValueError(f"need lower <= default <= upper, got {self.lower} <= {self.default} <= {self.upper}")
+        return self
+
+
+class AssetType(Contract):
+    """A kind of asset: its variables with units, its parameters with bounds, its simulator."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    name: Identifier
+    version: SemVer
+    description: str = ""
+    simulator: Identifier
+    states: dict[str, Quantity]
+    inputs: dict[str, Quantity]
+    outputs: dict[str, Quantity]
+    parameters: dict[str, ParameterSpec]
+
+    @model_validator(mode="after")
+    def _matches_simulator(self) -> AssetType:
+        from raytwin.sim import get_model
+
+        model = get_model(self.simulator)
+        for kind, expected in (
+            ("states", model.states), ("inputs", model.inputs), ("outputs", model.outputs), ("parameters", model.params)
+        ):
+            declared = getattr(self, kind)
+            names = [v.name for v in expected]
+            if set(declared) != set(names):
+                raise ValueError(f"{kind} {sorted(declared)} do not match simulator {model.name}: {names}")
+            for v in expected:
+                if units.canonical(declared[v.name].unit) != units.canonical(v.unit):
+                    raise ValueError(f"{kind}.{v.name}: unit {declared[v.name].unit!r} is not {v.unit!r}")
+            # keep the simulator's variable order, whatever order the data came in
+            object.__setattr__(self, kind, {n: declared[n] for n in names})
+        return self
+
+    @classmethod
+    def from_model(cls, model: Any, name: str | None = None, version: str | None = None) -> AssetType:
+        """The asset type that exposes a simulator `raytwin.sim.Model` as it is."""
+        q = lambda v: Quantity(unit=v.unit, description=v.description)  # noqa: E731
+        return cls(
+            name=name or model.name,
+            version=version or model.version,
+            description=model.description,
+            simulator=model.name,
+            states={v.name: q(v) for v in model.states},
+            inputs={v.name: q(v) for v in model.inputs},
+            outputs={v.name: q(v) for v in model.outputs},
+            parameters={
+                p.name: ParameterSpec(unit=p.unit, default=p.default, lower=p.lower, upper=p.upper,
+                                      description=p.description)
+                for p in model.params
+            },
+        )
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    def measurable(self) -> dict[str, Quantity]:
+        """What telemetry may carry: the observed outputs and the measured inputs."""
+        return {**self.outputs, **self.inputs}
+
+
+RelationshipKind = Literal["contains", "feeds", "part_of"]
+
+
+class Relationship(Contract):
+    kind: RelationshipKind
+    target: Identifier
+
+
+class Asset(Contract):
+    """One physical asset, owned by a tenant, bound to an asset type version."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    id: Identifier
+    tenant: Identifier
+    type_name: Identifier
+    type_version: SemVer
+    metadata: dict[str, str] = Field(default_factory=dict)
+    relationships: list[Relationship] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _no_self_reference(self) -> Asset:
+        if any(r.target == self.id for r in self.relationships):
+            raise ValueError(f"asset {self.id} cannot be related to itself")
+        return self
+
+
+# ---------------------------------------------------------------------------- telemetry ----
+class Measurement(Contract):
+    value: Finite
+    unit: Unit
+
+
+class TelemetryEvent(Contract):
+    """One timestamped set of measurements from an asset.
+
+    `sequence` is the source's per-asset counter; `idempotency_key` (default
+    ``"{asset_id}:{sequence}"``) identifies the event so re-deliveries are applied once.
+    """
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    asset_id: Identifier
+    event_time: UtcTime
+    ingest_time: UtcTime | None = None
+    sequence: Annotated[StrictInt, Field(ge=0)]
+    idempotency_key: Annotated[str, Field(min_length=1, max_length=256)] | None = None
+    measurements: Annotated[dict[str, Measurement], Field(min_length=1)]
+    quality: Literal["good", "uncertain", "bad"] = "good"
+
+    @model_validator(mode="after")
+    def _defaults_and_clock(self) -> TelemetryEvent:
+        ingest = self.ingest_time or datetime.now(UTC)
+        if self.event_time - ingest > MAX_FUTURE_SKEW:
+            raise ValueError(
+                f"event_time {self.event_time.isoformat()} is more than {MAX_FUTURE_SKEW} after "
+                f"ingest time {ingest.isoformat()} (clock skew or a bad timestamp)"
+            )
+        object.__setattr__(self, "ingest_time", ingest)
+        if self.idempotency_key is None:
+            object.__setattr__(self, "idempotency_key", f"{self.asset_id}:{self.sequence}")
+        return self
+
+
+def normalize_measurements(event: TelemetryEvent, asset_type: AssetType) -> dict[str, float]:
+    """The event's measurements converted to the asset type's units, or a `ContractError`."""
+    allowed = asset_type.measurable()
+    out: dict[str, float] = {}
+    for name, m in event.measurements.items():
+        if name not in allowed:
+            raise ContractError(
+                f"measurement {name!r} is not part of asset type {asset_type.key}; expected one of {sorted(allowed)}"
+            )
+        try:
+            out[name] = units.to_unit(m.value, m.unit, allowed[name].unit)
+        except units.UnitError as exc:
+            raise ContractError(f"measurement {name!r}: {exc}") from None
+    return out
+
+
+# ---------------------------------------------------------------------------- scenarios ----
+class _Signal(Contract):
+    unit: Unit
+
+    def evaluate(self, t, xp=np):
+        """Signal values at times `t` [s] (NumPy or jax.numpy via `xp`), in `self.unit`."""
+        raise NotImplementedError
+
+
+class Constant(_Signal):
+    kind: Literal["constant"] = "constant"
+    value: Finite
+
+    def evaluate(self, t, xp=np):
+        return xp.zeros_like(t) + self.value
+
+
+class Sinusoid(_Signal):
+    """mean + amplitude * sin(2 pi (t + phase) / period), e.g. a daily outdoor temperature."""
+
+    kind: Literal["sinusoid"] = "sinusoid"
+    mean: Finite
+    amplitude: Finite
+    period_s: Annotated[Finite, Field(gt=0)]
+    phase_s: Finite = 0.0
+
+    def evaluate(self, t, xp=np):
+        return self.mean + self.amplitude * xp.sin((2.0 * math.pi / self.period_s) * (t + self.phase_s))
+
+
+class Schedule(_Signal):
+    """A periodic piecewise-constant schedule: `values[i]` from `starts_s[i]` within each period."""
+
+    kind: Literal["schedule"] = "schedule"
+    period_s: Annotated[Finite, Field(gt=0)]
+    starts_s: Annotated[list[Finite], Field(min_length=1)]
+    values: Annotated[list[Finite], Field(min_length=1)]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Schedule:
+        if len(self.starts_s) != len(self.values):
+            raise ValueError("starts_s and values must have the same length")
+        if self.starts_s[0] != 0.0 or any(b <= a for a, b in zip(self.starts_s, self.starts_s[1:])):
+            raise ValueError("starts_s must begin at 0 and increase strictly")
+        if self.starts_s[-1] >= self.period_s:
+            raise ValueError("starts_s must lie within one period")
+        return self
+
+    def evaluate(self, t, xp=np):
+        phase = xp.mod(t, self.period_s)
+        idx = xp.searchsorted(xp.asarray(self.starts_s), phase, side="right") - 1
+        return xp.asarray(self.values)[idx]
+
+
+class Series(_Signal):
+    """Explicit values, one per simulation step."""
+
+    kind: Literal["series"] = "series"
+    values: Annotated[list[Finite], Field(min_length=1)]
+
+    def evaluate(self, t, xp=np):
+        values = xp.asarray(self.values)
+        return values[xp.clip(xp.arange(t.shape[0]), 0, values.shape[0] - 1)]
+
+
+InputSignal = Annotated[Constant | Sinusoid | Schedule | Series, Field(discriminator="kind")]
+
+
+class Scenario(Contract):
+    """A what-if run: from a start state (or the twin's live state) under given inputs."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    asset_id: Identifier
+    start_state: Literal["live"] | dict[str, Finite] = "live"
+    start_time: UtcTime | None = None
+    horizon_s: Annotated[Finite, Field(gt=0)]
+    step_s: Annotated[Finite, Field(gt=0)]
+    inputs: dict[str, InputSignal] = Field(default_factory=dict)
+    parameter_overrides: dict[str, Finite] = Field(default_factory=dict)
+    seed: Annotated[StrictInt, Field(ge=0)] = 0
+
+    @property
+    def n_steps(self) -> int:
+        return round(self.horizon_s / self.step_s)
+
+    @model_validator(mode="after")
+    def _steps(self) -> Scenario:
+        n = self.horizon_s / self.step_s
+        if abs(n - round(n)) > 1e-9 * max(n, 1.0):
+            raise ValueError(f"horizon_s {self.horizon_s} is not a whole number of steps of {self.step_s} s")
+        if round(n) > MAX_SCENARIO_STEPS:
+            raise ValueError(f"{round(n)} steps exceeds the limit of {MAX_SCENARIO_STEPS}")
+        for name, sig in self.inputs.items():
+            if isinstance(sig, Series) and len(sig.values) != round(n):
+                raise ValueError(f"inputs.{name}: series has {len(sig.values)} values for {round(n)} steps")
+        return self
+
+    def check_against(self, asset_type: AssetType) -> None:
+        """Refuse inputs, states or parameters the asset type does not have, or in wrong units."""
+        problems = []
+        for name, sig in self.inputs.items():
+            if name not in asset_type.inputs:
+                problems.append(f"unknown input {name!r} (inputs: {sorted(asset_type.inputs)})")
+            elif units.canonical(sig.unit) != units.canonical(asset_type.inputs[name].unit):
+                problems.append(f"input {name!r}: unit {sig.unit!r} is not {asset_type.inputs[name].unit!r}")
+        missing = set(asset_type.inputs) - set(self.inputs)
+        if missing:
+            problems.append(f"missing inputs {sorted(missing)}")
+        if isinstance(self.start_state, dict) and set(self.start_state) != set(asset_type.states):
+            problems.append(f"start_state must give exactly {sorted(asset_type.states)}")
+        for name, value in self.parameter_overrides.items():
+            spec = asset_type.parameters.get(name)
+            if spec is None:
+                problems.append(f"unknown parameter {name!r}")
+            elif not spec.lower <= value <= spec.upper:
+                problems.append(f"parameter {name}={value} outside [{spec.lower}, {spec.upper}]")
+        if problems:
+            raise ContractError(f"scenario for {self.asset_id} does not fit {asset_type.key}: " + "; ".join(problems))
+
+    def input_series(self, asset_type: AssetType) -> np.ndarray:
+        """Inputs per step, shape (n_steps, n_inputs), in the asset type's units (zero-order hold)."""
+        self.check_against(asset_type)
+        t = self.step_s * np.arange(self.n_steps, dtype=np.float64)
+        cols = []
+        for name, q in asset_type.inputs.items():
+            sig = self.inputs[name]
+            cols.append(units.to_unit(sig.evaluate(t), sig.unit, q.unit))
+        return np.column_stack(cols)

@@ -1,0 +1,131 @@
+"""Model registry: simulator + parameter sets under a name and semantic version.
+
+Artifacts are content-addressed: the JSON body is stored once under its SHA-256 and each
+``name@version`` points at a hash. Fetching ``name@version`` returns the identical artifact;
+registering the same content again is a no-op; registering *different* content under an existing
+version is refused (publish a new version instead). Works on a local directory or any fsspec URL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from pydantic import Field
+
+from raytwin.contracts import AssetType, Contract, Finite, Identifier, SemVer
+from raytwin.sim import Model, get_model
+from raytwin.storage import canonical_json, filesystem
+
+
+class RegistryError(ValueError):
+    """A refused registration or an unknown model reference."""
+
+
+class ModelArtifact(Contract):
+    """What a registered model is: its asset type (with the simulator) and parameter values."""
+
+    name: Identifier
+    version: SemVer
+    asset_type: AssetType
+    parameters: dict[str, Finite]
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.name}@{self.version}"
+
+    @property
+    def content_hash(self) -> str:
+        return hashlib.sha256(canonical_json(self.model_dump(mode="json"))).hexdigest()
+
+    def model(self) -> Model:
+        return get_model(self.asset_type.simulator)
+
+    def param_vector(self) -> list[float]:
+        return self.model().param_vector(self.parameters)
+
+
+def parse_ref(ref: str) -> tuple[str, str]:
+    name, sep, version = ref.partition("@")
+    if not sep or not name or not version:
+        raise RegistryError(f"model reference {ref!r} must look like name@1.2.3")
+    return name, version
+
+
+class ModelRegistry:
+    """A registry rooted at `url` (directory or fsspec URL such as ``s3://bucket/models``)."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
+        self.url = url
+        self.fs, self.root = filesystem(url, storage_options)
+
+    def _blob(self, digest: str) -> str:
+        return f"{self.root}/blobs/sha256/{digest}.json"
+
+    def _pointer(self, name: str, version: str) -> str:
+        return f"{self.root}/models/{name}/{version}.json"
+
+    def register(
+        self,
+        name: str,
+        version: str,
+        asset_type: AssetType,
+        parameters: dict[str, float] | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> ModelArtifact:
+        """Store an artifact; parameters default to the simulator's typical values."""
+        model = get_model(asset_type.simulator)
+        params = dict(zip(model.param_names, model.param_vector(parameters)))
+        for pname, value in params.items():
+            spec = asset_type.parameters[pname]
+            if not spec.lower <= value <= spec.upper:
+                raise RegistryError(f"{name}@{version}: parameter {pname}={value} outside [{spec.lower}, {spec.upper}]")
+        artifact = ModelArtifact(
+            name=name, version=version, asset_type=asset_type, parameters=params, metadata=metadata or {}
+        )
+        digest = artifact.content_hash
+        pointer = self._pointer(name, version)
+        if self.fs.exists(pointer):
+            existing = json.loads(self.fs.cat_file(pointer))["sha256"]
+            if existing != digest:
+                raise RegistryError(
+                    f"{name}@{version} is already registered with different content "
+                    f"(sha256 {existing[:12]}..., new {digest[:12]}...); register a new version"
+                )
+            return artifact
+        self.fs.makedirs(f"{self.root}/blobs/sha256", exist_ok=True)
+        self.fs.makedirs(f"{self.root}/models/{name}", exist_ok=True)
+        self.fs.pipe_file(self._blob(digest), canonical_json(artifact.model_dump(mode="json")))
+        self.fs.pipe_file(pointer, canonical_json({"name": name, "version": version, "sha256": digest}))
+        return artifact
+
+    def get(self, ref: str) -> ModelArtifact:
+        """The artifact registered as ``name@version``; its content hash is verified on read."""
+        name, version = parse_ref(ref)
+        pointer = self._pointer(name, version)
+        if not self.fs.exists(pointer):
+            known = self.versions(name)
+            raise RegistryError(f"no model {ref} in {self.url}" + (f"; versions: {known}" if known else ""))
+        digest = json.loads(self.fs.cat_file(pointer))["sha256"]
+        artifact = ModelArtifact.model_validate_json(self.fs.cat_file(self._blob(digest)))
+        if artifact.content_hash != digest:
+            raise RegistryError(f"{ref}: stored artifact does not match its hash {digest} (corrupted store?)")
+        return artifact
+
+    def content_hash(self, ref: str) -> str:
+        return self.get(ref).content_hash
+
+    def names(self) -> list[str]:
+        base = f"{self.root}/models"
+        if not self.fs.exists(base):
+            return []
+        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(base, detail=False))
+
+    def versions(self, name: str) -> list[str]:
+        base = f"{self.root}/models/{name}"
+        if not self.fs.exists(base):
+            return []
+        found = [p.rsplit("/", 1)[-1].removesuffix(".json") for p in self.fs.ls(base, detail=False)]
+        return sorted(found, key=lambda v: tuple(int(x) for x in v.split(".")))

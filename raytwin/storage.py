@@ -1,0 +1,35 @@
+"""Where RayTwin keeps data: a local directory or any fsspec URL (``s3://`` through s3fs).
+
+One place resolves URLs to filesystems so that the state store, the model registry, run records
+and dead letters all honour the same options. For S3-compatible servers (MinIO, a test server)
+set ``RAYTWIN_S3_ENDPOINT_URL``; credentials come from the usual AWS environment variables.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import fsspec
+from fsspec import AbstractFileSystem
+
+
+def storage_options_for(url: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """fsspec options for `url`: explicit `options` win over the environment."""
+    opts = dict(options or {})
+    endpoint = os.environ.get("RAYTWIN_S3_ENDPOINT_URL")
+    if url.startswith("s3://") and endpoint and "client_kwargs" not in opts:
+        opts["client_kwargs"] = {"endpoint_url": endpoint}
+    return opts
+
+
+def filesystem(url: str, options: dict[str, Any] | None = None) -> tuple[AbstractFileSystem, str]:
+    """The filesystem and the path within it for `url` (a plain path means the local disk)."""
+    fs, path = fsspec.core.url_to_fs(url, **storage_options_for(url, options))
+    return fs, path.rstrip("/")
+
+
+def canonical_json(obj: Any) -> bytes:
+    """Deterministic JSON (sorted keys, no spaces, exact float repr) for hashing and storage."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()

@@ -1,0 +1,163 @@
+"""The data contracts accept good data, convert safe units and refuse bad data clearly."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from raytwin.contracts import (
+    Asset,
+    AssetType,
+    ContractError,
+    Scenario,
+    TelemetryEvent,
+    describe_error,
+    normalize_measurements,
+)
+from raytwin.sim import BATTERY_ECM, THERMAL_RC
+from raytwin.units import UnitError, to_unit
+
+THERMAL = AssetType.from_model(THERMAL_RC)
+NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+
+
+def event(**kw):
+    base = dict(
+        asset_id="zone-1",
+        event_time=NOW.isoformat(),
+        ingest_time=NOW.isoformat(),
+        sequence=7,
+        measurements={"T_in": {"value": 21.5, "unit": "degC"}},
+    )
+    base.update(kw)
+    return TelemetryEvent.model_validate(base)
+
+
+def rejection(**kw) -> str:
+    with pytest.raises(ValidationError) as info:
+        event(**kw)
+    return describe_error(info.value)
+
+
+def test_good_event_gets_defaults_and_converts_units():
+    e = event(event_time="2026-11-25T13:00:00+01:00")
+    assert e.event_time == NOW and e.event_time.tzinfo == UTC
+    assert e.idempotency_key == "zone-1:7"
+    assert normalize_measurements(e, THERMAL) == {"T_in": pytest.approx(294.65)}
+
+
+def test_round_trips_through_json():
+    e = event(quality="uncertain")
+    assert TelemetryEvent.model_validate_json(e.model_dump_json()) == e
+
+
+@pytest.mark.parametrize(
+    "kw, reason",
+    [
+        ({"measurements": {"T_in": {"value": float("nan"), "unit": "K"}}}, "finite number"),
+        ({"measurements": {"T_in": {"value": float("inf"), "unit": "K"}}}, "finite number"),
+        ({"measurements": {"T_in": {"value": 290.0, "unit": "degF"}}}, "unknown unit 'degF'"),
+        ({"measurements": {"T_in": {"value": "warm", "unit": "K"}}}, "measurements.T_in.value"),
+        ({"measurements": {}}, "at least 1 item"),
+        ({"event_time": "2026-11-25T12:00:00"}, "timezone"),
+        ({"event_time": (NOW + timedelta(hours=1)).isoformat()}, "more than 0:05:00 after ingest time"),
+        ({"sequence": -1}, "greater than or equal to 0"),
+        ({"sequence": "7"}, "sequence"),
+        ({"colour": "red"}, "colour: Extra inputs are not permitted"),
+        ({"asset_id": "bad id with spaces"}, "asset_id"),
+        ({"quality": "great"}, "quality"),
+    ],
+)
+def test_bad_events_are_rejected_with_a_reason(kw, reason):
+    assert reason in rejection(**kw)
+
+
+def test_unit_mismatch_and_unknown_measurement_against_the_asset_type():
+    with pytest.raises(ContractError, match="cannot convert 'V' to 'K'"):
+        normalize_measurements(event(measurements={"T_in": {"value": 3.0, "unit": "V"}}), THERMAL)
+    with pytest.raises(ContractError, match="'humidity' is not part of asset type thermal_rc@1.0.0"):
+        normalize_measurements(event(measurements={"humidity": {"value": 3.0, "unit": "%"}}), THERMAL)
+
+
+def test_inputs_may_be_measured_too():
+    e = event(measurements={"T_out": {"value": 5.0, "unit": "degC"}, "Q_h": {"value": 2.0, "unit": "kW"}})
+    assert normalize_measurements(e, THERMAL) == {"T_out": pytest.approx(278.15), "Q_h": pytest.approx(2000.0)}
+
+
+def test_unit_table_is_explicit():
+    assert to_unit(0.0, "degC", "K") == pytest.approx(273.15)
+    assert to_unit(3700.0, "mV", "V") == pytest.approx(3.7)
+    with pytest.raises(UnitError):
+        to_unit(1.0, "K", "W")
+
+
+def test_asset_type_must_match_its_simulator():
+    data = THERMAL.model_dump()
+    data["states"].pop("T_m")
+    with pytest.raises(ValidationError, match="do not match simulator thermal_rc"):
+        AssetType.model_validate(data)
+    data = THERMAL.model_dump()
+    data["parameters"]["C_in"]["lower"] = 1e9
+    with pytest.raises(ValidationError, match="lower <= default <= upper"):
+        AssetType.model_validate(data)
+    data = THERMAL.model_dump()
+    data["simulator"] = "steam_engine"
+    with pytest.raises(ValidationError, match="unknown simulator 'steam_engine'"):
+        AssetType.model_validate(data)
+
+
+def test_asset_relationships():
+    a = Asset(id="zone-1", tenant="acme", type_name="thermal_rc", type_version="1.0.0",
+              relationships=[{"kind": "part_of", "target": "building-7"}])
+    assert a.relationships[0].kind == "part_of"
+    with pytest.raises(ValidationError, match="cannot be related to itself"):
+        Asset(id="z", tenant="acme", type_name="t", type_version="1.0.0", relationships=[{"kind": "feeds", "target": "z"}])
+    with pytest.raises(ValidationError, match="relationships.0.kind"):
+        Asset(id="z", tenant="acme", type_name="t", type_version="1.0.0", relationships=[{"kind": "owns", "target": "y"}])
+
+
+def thermal_scenario(**kw) -> Scenario:
+    base = dict(
+        asset_id="zone-1",
+        horizon_s=86400.0,
+        step_s=60.0,
+        inputs={
+            "T_out": {"kind": "sinusoid", "mean": 5.0, "amplitude": 4.0, "period_s": 86400.0, "unit": "degC"},
+            "Q_h": {"kind": "schedule", "period_s": 86400.0, "starts_s": [0, 21600, 79200],
+                    "values": [0.0, 3.0, 0.0], "unit": "kW"},
+            "Q_sol": {"kind": "constant", "value": 0.0, "unit": "W"},
+        },
+        parameter_overrides={"C_in": 2.5e6},
+    )
+    base.update(kw)
+    return Scenario.model_validate(base)
+
+
+def test_scenario_inputs_are_evaluated_in_the_types_units():
+    s = thermal_scenario()
+    assert s.start_state == "live" and s.n_steps == 1440
+    u = s.input_series(THERMAL)
+    assert u.shape == (1440, 3)
+    assert u[0, 0] == pytest.approx(278.15)
+    assert u[359, 1] == 0.0 and u[360, 1] == 3000.0 and u[1320, 1] == 0.0
+    assert np.all(u[:, 2] == 0.0)
+
+
+def test_bad_scenarios_are_refused():
+    with pytest.raises(ValidationError, match="not a whole number of steps"):
+        thermal_scenario(horizon_s=1000.0, step_s=60.0)
+    with pytest.raises(ValidationError, match="starts_s must begin at 0"):
+        thermal_scenario(inputs={"Q_h": {"kind": "schedule", "period_s": 10, "starts_s": [1], "values": [1], "unit": "W"}})
+    with pytest.raises(ContractError, match="parameter C_in=1.0 outside"):
+        thermal_scenario(parameter_overrides={"C_in": 1.0}).check_against(THERMAL)
+    bad_unit = thermal_scenario()
+    inputs = {**bad_unit.model_dump()["inputs"], "Q_h": {"kind": "constant", "value": 1.0, "unit": "K"}}
+    with pytest.raises(ContractError, match="input 'Q_h': unit 'K' is not 'W'"):
+        thermal_scenario(inputs=inputs).check_against(THERMAL)
+    with pytest.raises(ContractError, match="start_state must give exactly"):
+        thermal_scenario(start_state={"T_in": 290.0}).check_against(THERMAL)
+    with pytest.raises(ContractError, match="missing inputs"):
+        Scenario(asset_id="cell", horizon_s=10, step_s=1).check_against(AssetType.from_model(BATTERY_ECM))

@@ -1,0 +1,60 @@
+"""The model registry stores content-hashed artifacts locally and on S3 and refuses overwrites."""
+
+from __future__ import annotations
+
+import pytest
+
+from raytwin.contracts import AssetType
+from raytwin.registry import ModelRegistry, RegistryError
+from raytwin.sim import BATTERY_ECM, THERMAL_RC
+
+THERMAL = AssetType.from_model(THERMAL_RC)
+
+
+@pytest.fixture(params=["local", "s3"])
+def registry(request, tmp_path):
+    if request.param == "local":
+        return ModelRegistry(str(tmp_path / "models"))
+    return ModelRegistry(request.getfixturevalue("s3_url") + "/registry")
+
+
+def test_register_and_get_returns_the_identical_artifact(registry):
+    art = registry.register("office-zone", "1.0.0", THERMAL, {"C_in": 2.4e6}, {"site": "berlin"})
+    again = registry.get("office-zone@1.0.0")
+    assert again == art and again.content_hash == art.content_hash
+    assert again.parameters["C_in"] == 2.4e6 and again.parameters["R_im"] == THERMAL_RC.default_params()["R_im"]
+    assert again.model() is THERMAL_RC
+    # same content again is accepted and idempotent
+    assert registry.register("office-zone", "1.0.0", THERMAL, {"C_in": 2.4e6}, {"site": "berlin"}) == art
+
+
+def test_different_content_under_an_existing_version_is_refused(registry):
+    registry.register("office-zone", "1.0.0", THERMAL, {"C_in": 2.4e6})
+    with pytest.raises(RegistryError, match="already registered with different content"):
+        registry.register("office-zone", "1.0.0", THERMAL, {"C_in": 2.5e6})
+    registry.register("office-zone", "1.1.0", THERMAL, {"C_in": 2.5e6})
+    registry.register("office-zone", "1.10.0", THERMAL, {"C_in": 2.6e6})
+    assert registry.versions("office-zone") == ["1.0.0", "1.1.0", "1.10.0"]
+    assert registry.get("office-zone@1.0.0").parameters["C_in"] == 2.4e6
+
+
+def test_errors_are_clear(registry):
+    registry.register("cell", "0.1.0", AssetType.from_model(BATTERY_ECM))
+    with pytest.raises(RegistryError, match="no model cell@0.2.0 .*versions: \\['0.1.0'\\]"):
+        registry.get("cell@0.2.0")
+    with pytest.raises(RegistryError, match="must look like name@1.2.3"):
+        registry.get("cell")
+    with pytest.raises(RegistryError, match="outside"):
+        registry.register("cell", "0.3.0", AssetType.from_model(BATTERY_ECM), {"q": -1.0})
+    with pytest.raises(KeyError, match="no parameter"):
+        registry.register("cell", "0.3.0", AssetType.from_model(BATTERY_ECM), {"capacity": 2.0})
+    assert registry.names() == ["cell"]
+
+
+def test_tampered_store_is_detected(tmp_path):
+    registry = ModelRegistry(str(tmp_path))
+    art = registry.register("zone", "1.0.0", THERMAL)
+    blob = tmp_path / "blobs" / "sha256" / f"{art.content_hash}.json"
+    blob.write_text(blob.read_text().replace('"C_in":2000000.0', '"C_in":2100000.0'))
+    with pytest.raises(RegistryError, match="does not match its hash"):
+        registry.get("zone@1.0.0")
