@@ -125,6 +125,8 @@ class LocalCluster:
             "--num-gpus=0", f"--object-store-memory={self.object_store_mb * 2**20}", *_node_ports(), *role_args,
         ]
         env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+        # Draining on SIGTERM protects Serve traffic in production; here it only delays `down`.
+        env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
         with open(Path(self.info.temp_dir) / f"node-{index}.log", "wb") as log:
             process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self._processes.append(process)
