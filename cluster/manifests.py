@@ -6,6 +6,7 @@ runs on exactly the pods a long-lived RayCluster would get.
 
 from __future__ import annotations
 
+import re
 import shlex
 from collections.abc import Sequence
 from enum import Enum
@@ -13,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from cluster.spec import ClusterSpec, WorkerGroupSpec
+from cluster.spec import DNS_LABEL, ClusterSpec, WorkerGroupSpec
 
 API_VERSION = "ray.io/v1"
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -155,6 +156,9 @@ def render_rayjob(
     """A RayJob that creates a cluster, runs `entrypoint` (e.g. `raytwin sweep ...`) on it, then tears it down."""
     if not entrypoint:
         raise ValueError("a RayJob needs an entrypoint, e.g. `raytwin sweep ...` or `raytwin calibrate ...`")
+    name = name or f"{spec.name}-job"
+    if not re.fullmatch(DNS_LABEL, name):
+        raise ValueError(f"RayJob name {name!r} must be a DNS label: lower-case letters, digits and '-', at most 63")
     job: dict[str, Any] = {
         "entrypoint": shlex.join(entrypoint),
         "shutdownAfterJobFinishes": True,
@@ -164,7 +168,7 @@ def render_rayjob(
     env = _env(spec)
     if env:
         job["runtimeEnvYAML"] = yaml.safe_dump({"env_vars": env}, sort_keys=False)
-    return {"apiVersion": API_VERSION, "kind": "RayJob", "metadata": _metadata(spec, name or f"{spec.name}-job"),
+    return {"apiVersion": API_VERSION, "kind": "RayJob", "metadata": _metadata(spec, name),
             "spec": job}
 
 

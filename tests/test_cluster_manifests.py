@@ -107,6 +107,8 @@ def test_rayjob_quotes_the_entrypoint_and_carries_the_environment() -> None:
     assert manifest["spec"]["shutdownAfterJobFinishes"] is True
     with pytest.raises(ValueError, match="needs an entrypoint"):
         render_rayjob(spec, [])
+    with pytest.raises(ValueError, match="must be a DNS label"):
+        render_rayjob(spec, ["raytwin", "sweep"], "Sweep_1")
 
 
 INVALID_SPECS = {
