@@ -135,11 +135,11 @@ class LocalCluster:
     def _alive_nodes(self) -> int:
         assert self.info is not None
         try:
-            reply = httpx.get(f"{self.info.dashboard_url}/nodes?view=summary", timeout=5)
-            summary = reply.json()["data"]["summary"]
-        except (httpx.HTTPError, ValueError, KeyError):
+            reply = httpx.get(f"{self.info.dashboard_url}/api/v0/nodes", timeout=5)
+            nodes = reply.json()["data"]["result"]["result"]
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
             return 0
-        return sum(1 for node in summary if node.get("raylet", {}).get("state") == "ALIVE")
+        return sum(1 for node in nodes if node.get("state") == "ALIVE")
 
     def _wait(self, ready: Callable[[], bool], deadline: float, what: str) -> None:
         assert self.info is not None
@@ -163,7 +163,7 @@ class LocalCluster:
             self.info, self._processes = None, []
 
 
-def _processes() -> list[tuple[int, int, str]]:
+def _process_table() -> list[tuple[int, int, str]]:
     """(pid, process group, command line) of every live, non-zombie process, via portable `ps`."""
     listing = subprocess.run(["ps", "-A", "-o", "pid=,pgid=,stat=,args="], capture_output=True, text=True, check=True)
     rows = []
@@ -178,7 +178,7 @@ def _signal_until_gone(select: Callable[[int, int, str], bool], grace_s: float) 
     """SIGTERM the selected processes, give them `grace_s` to exit, then SIGKILL the rest."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         deadline = time.monotonic() + grace_s
-        while pids := [pid for pid, pgid, args in _processes() if select(pid, pgid, args)]:
+        while pids := [pid for pid, pgid, args in _process_table() if select(pid, pgid, args)]:
             if time.monotonic() > deadline:
                 break
             for pid in pids:
