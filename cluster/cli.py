@@ -13,11 +13,20 @@ import yaml
 from cluster.crd_validation import CRDS_ENV, CrdError, CrdSchemas
 from cluster.jobs import JobClient, JobError, resolve_address
 from cluster.kube import KubeRayClient, KubeRayNotFound, api_client_from_kubeconfig
-from cluster.local import DEFAULT_STATE_FILE, STATE_FILE_ENV, LocalCluster, LocalClusterError, LocalClusterInfo, stop_local_cluster
+from cluster.local import (
+    DEFAULT_STATE_FILE,
+    STATE_FILE_ENV,
+    LocalCluster,
+    LocalClusterError,
+    LocalClusterInfo,
+    stop_local_cluster,
+)
 from cluster.manifests import Kind, render, to_yaml
 from cluster.spec import load_spec
 
-cluster_app = typer.Typer(help="Ray on Kubernetes through KubeRay, and local multi-node Ray clusters.", no_args_is_help=True)
+cluster_app = typer.Typer(
+    help="Ray on Kubernetes through KubeRay, and local multi-node Ray clusters.", no_args_is_help=True
+)
 job_app = typer.Typer(help="Submit and follow Ray jobs with RayTwin's runtime environment.", no_args_is_help=True)
 
 SpecFile = Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="Cluster spec YAML.")]
@@ -31,7 +40,9 @@ EntrypointArg = Annotated[
 ]
 JobNameOpt = Annotated[str | None, typer.Option("--job-name", help="RayJob name (default: <cluster>-job).")]
 NamespaceOpt = Annotated[str, typer.Option("--namespace", "-n")]
-KubeconfigOpt = Annotated[Path | None, typer.Option("--kubeconfig", envvar="KUBECONFIG", dir_okay=False)]
+KubeconfigOpt = Annotated[
+    Path | None, typer.Option("--kubeconfig", dir_okay=False, help="Default: $KUBECONFIG, ~/.kube/config, in-cluster.")
+]
 ContextOpt = Annotated[str | None, typer.Option("--context", help="kubeconfig context.")]
 LocalOpt = Annotated[bool, typer.Option("--local", help="A multi-node Ray cluster on this machine.")]
 StateFileOpt = Annotated[
@@ -147,7 +158,8 @@ def up_command(
     if not local:
         _fail("`up` starts local clusters only (pass --local); on Kubernetes use `raytwin cluster apply`")
     if state_file.exists() and _running(LocalClusterInfo.load(state_file)):
-        _fail(f"a local cluster is already running (state in {state_file}); stop it with `raytwin cluster down --local`")
+        _fail(f"a local cluster is already running (state in {state_file}); "
+              "stop it with `raytwin cluster down --local`")
     try:
         info = LocalCluster(workers, cpus_per_node, object_store_mb).start()
     except LocalClusterError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from kubernetes import client, config
@@ -18,8 +19,9 @@ class KubeRayNotFound(LookupError):
 
 
 def api_client_from_kubeconfig(kubeconfig: str | None = None, context: str | None = None) -> client.ApiClient:
-    """An API client for the given kubeconfig/context, or the in-cluster service account when run in a pod."""
-    if kubeconfig is None and context is None:
+    """An API client for the given kubeconfig/context; without either, $KUBECONFIG or ~/.kube/config, or the
+    pod's service account when running in-cluster with no kubeconfig set."""
+    if kubeconfig is None and context is None and not os.environ.get("KUBECONFIG"):
         try:
             config.load_incluster_config()
             return client.ApiClient()
@@ -52,7 +54,8 @@ class KubeRayClient:
             if exc.status != 409:
                 raise
         current = self.get(kind, name)
-        body = {**manifest, "metadata": {**manifest["metadata"], "resourceVersion": current["metadata"]["resourceVersion"]}}
+        version = current["metadata"]["resourceVersion"]
+        body = {**manifest, "metadata": {**manifest["metadata"], "resourceVersion": version}}
         return "replaced", self.api.replace_namespaced_custom_object(name=name, body=body, **self._args(kind))
 
     def get(self, kind: Kind, name: str) -> dict[str, Any]:

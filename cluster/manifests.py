@@ -91,7 +91,8 @@ def _worker_group(spec: ClusterSpec, group: WorkerGroupSpec) -> dict[str, Any]:
 
 
 def ray_cluster_spec(spec: ClusterSpec) -> dict[str, Any]:
-    """The `RayCluster.spec` shared by all three kinds (also `RayService.spec.rayClusterConfig`, `RayJob.spec.rayClusterSpec`)."""
+    """The `RayCluster.spec` shared by all three kinds (as `RayService.spec.rayClusterConfig` and
+    `RayJob.spec.rayClusterSpec` too)."""
     head_container = _container(spec, "ray-head", spec.image, spec.head.cpu, spec.head.memory)
     head_container["ports"] = [{"name": name, "containerPort": port} for name, port in HEAD_PORTS]
     head_params = {} if spec.head.schedule_tasks else {"num-cpus": "0"}
@@ -172,7 +173,9 @@ def render_rayjob(
             "spec": job}
 
 
-def render(spec: ClusterSpec, kind: Kind, entrypoint: Sequence[str] = (), job_name: str | None = None) -> dict[str, Any]:
+def render(
+    spec: ClusterSpec, kind: Kind, entrypoint: Sequence[str] = (), job_name: str | None = None
+) -> dict[str, Any]:
     """Render one manifest of `kind`; `entrypoint` and `job_name` apply to RayJobs only."""
     if kind is Kind.RAYJOB:
         return render_rayjob(spec, entrypoint, job_name)

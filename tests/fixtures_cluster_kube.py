@@ -9,7 +9,9 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-_PATH = re.compile(r"^/apis/ray\.io/v1/namespaces/(?P<ns>[^/]+)/(?P<plural>rayclusters|rayservices|rayjobs)(/(?P<name>[^/?]+))?")
+_PATH = re.compile(
+    r"^/apis/ray\.io/v1/namespaces/(?P<ns>[^/]+)/(?P<plural>rayclusters|rayservices|rayjobs)(/(?P<name>[^/?]+))?"
+)
 
 
 @dataclass

@@ -45,16 +45,21 @@ def test_apply_creates_a_missing_object(fake_api: FakeKubeApi, kuberay: KubeRayC
     assert fake_api.requests[0].body == manifest
 
 
-def test_apply_replaces_an_existing_object_with_its_resource_version(fake_api: FakeKubeApi, kuberay: KubeRayClient) -> None:
+def test_apply_replaces_an_existing_object_with_its_resource_version(
+    fake_api: FakeKubeApi, kuberay: KubeRayClient
+) -> None:
     kuberay.apply(render_raycluster(parse_spec(spec_data())))
     bigger = render_raycluster(parse_spec(spec_data(head={"cpu": 4, "memory": "8Gi"})))
     action, stored = kuberay.apply(bigger)
     assert action == "replaced"
-    assert _calls(fake_api) == [("POST", CLUSTERS), ("POST", CLUSTERS), ("GET", f"{CLUSTERS}/twin"), ("PUT", f"{CLUSTERS}/twin")]
+    assert _calls(fake_api) == [
+        ("POST", CLUSTERS), ("POST", CLUSTERS), ("GET", f"{CLUSTERS}/twin"), ("PUT", f"{CLUSTERS}/twin")
+    ]
     put = fake_api.requests[-1].body
     assert put["metadata"]["resourceVersion"] == "1"
     assert put["spec"] == bigger["spec"]
-    assert fake_api.objects[("sim", "rayclusters", "twin")]["metadata"]["resourceVersion"] == stored["metadata"]["resourceVersion"] == "2"
+    assert stored["metadata"]["resourceVersion"] == "2"
+    assert fake_api.objects[("sim", "rayclusters", "twin")]["spec"] == bigger["spec"]
 
 
 def test_apply_other_kinds_uses_their_plural_path(fake_api: FakeKubeApi, kuberay: KubeRayClient) -> None:
@@ -62,7 +67,9 @@ def test_apply_other_kinds_uses_their_plural_path(fake_api: FakeKubeApi, kuberay
     assert _calls(fake_api) == [("POST", "/apis/ray.io/v1/namespaces/sim/rayservices")]
 
 
-def test_status_reads_the_operator_status_and_reports_missing_objects(fake_api: FakeKubeApi, kuberay: KubeRayClient) -> None:
+def test_status_reads_the_operator_status_and_reports_missing_objects(
+    fake_api: FakeKubeApi, kuberay: KubeRayClient
+) -> None:
     kuberay.apply(render_raycluster(parse_spec(spec_data())))
     assert kuberay.status(Kind.RAYCLUSTER, "twin") == {}
     fake_api.objects[("sim", "rayclusters", "twin")]["status"] = {"state": "ready", "availableWorkerReplicas": 1}
@@ -79,7 +86,9 @@ def test_delete_is_idempotent(fake_api: FakeKubeApi, kuberay: KubeRayClient) -> 
     assert not fake_api.objects
 
 
-def test_a_concurrent_change_makes_replace_fail_instead_of_overwriting(fake_api: FakeKubeApi, kuberay: KubeRayClient) -> None:
+def test_a_concurrent_change_makes_replace_fail_instead_of_overwriting(
+    fake_api: FakeKubeApi, kuberay: KubeRayClient
+) -> None:
     manifest = render_raycluster(parse_spec(spec_data()))
     kuberay.apply(manifest)
     stale = {**manifest, "metadata": {**manifest["metadata"], "resourceVersion": "0"}}

@@ -52,7 +52,8 @@ def _container(group: dict[str, Any]) -> dict[str, Any]:
 def test_rendered_manifests_validate_against_crds(crds: CrdSchemas, name: str, kind: Kind) -> None:
     manifest = render(parse_spec(VALID_SPECS[name]), kind, ["raytwin", "sweep"] if kind is Kind.RAYJOB else ())
     crds.validate(manifest)
-    assert (manifest["apiVersion"], manifest["kind"], manifest["metadata"]["namespace"]) == ("ray.io/v1", kind.kind, "sim")
+    assert (manifest["apiVersion"], manifest["kind"]) == ("ray.io/v1", kind.kind)
+    assert manifest["metadata"]["namespace"] == "sim"
 
 
 def test_cpu_only_cluster_requests_no_gpus() -> None:
@@ -122,14 +123,19 @@ INVALID_SPECS = {
     "GPU group without image": (
         spec_data(worker_groups=[worker(name="gpu", gpus=1)]), "worker group 'gpu' requests 1 GPU(s) but sets no image"
     ),
-    "negative worker CPU": (spec_data(worker_groups=[worker(cpu=-2)]), "worker_groups.0.cpu: Input should be greater than 0"),
+    "negative worker CPU": (
+        spec_data(worker_groups=[worker(cpu=-2)]), "worker_groups.0.cpu: Input should be greater than 0"
+    ),
     "negative head memory": (spec_data(head={"memory": "-4Gi"}), "head.memory: '-4Gi' is not a Kubernetes quantity"),
-    "negative GPUs": (spec_data(worker_groups=[worker(gpus=-1)]), "worker_groups.0.gpus: Input should be greater than or equal to 0"),
+    "negative GPUs": (
+        spec_data(worker_groups=[worker(gpus=-1)]), "worker_groups.0.gpus: Input should be greater than or equal to 0"
+    ),
     "zero memory": (spec_data(worker_groups=[worker(memory="0Gi")]), "'0Gi' must be a positive quantity"),
     "unknown field": (spec_data(workers=3), "workers: Extra inputs are not permitted"),
     "non-s3 storage": (spec_data(storage_url="gs://bucket"), "storage_url: String should match pattern '^s3://"),
     "object store larger than a pod": (
-        spec_data(object_store_memory="16Gi"), "object_store_memory (16Gi) must be smaller than the memory of the head (4Gi)"
+        spec_data(object_store_memory="16Gi"),
+        "object_store_memory (16Gi) must be smaller than the memory of the head (4Gi)",
     ),
     "duplicate group names": (spec_data(worker_groups=[worker(), worker()]), "repeated: cpu"),
 }
@@ -149,12 +155,15 @@ def test_invalid_specs_are_refused_before_any_yaml_is_written(tmp_path: Path, ca
     assert not out.exists()
 
 
+def _limits(manifest: dict[str, Any]) -> dict[str, Any]:
+    return _container(manifest["spec"]["workerGroupSpecs"][0])["resources"]["limits"]
+
+
 BROKEN = {
     "integer field as string": (lambda m: m["spec"]["workerGroupSpecs"][0].update(minReplicas="1"),
                                 "spec.workerGroupSpecs.0.minReplicas: '1' is not of type 'integer'"),
-    "malformed quantity": (lambda m: _container(m["spec"]["workerGroupSpecs"][0])["resources"]["limits"].update(cpu="lots"),
-                           "resources.limits.cpu: 'lots' does not match"),
-    "float quantity": (lambda m: _container(m["spec"]["workerGroupSpecs"][0])["resources"]["limits"].update(cpu=1.5),
+    "malformed quantity": (lambda m: _limits(m).update(cpu="lots"), "resources.limits.cpu: 'lots' does not match"),
+    "float quantity": (lambda m: _limits(m).update(cpu=1.5),
                        "resources.limits.cpu: 1.5 is not valid under any of the given schemas"),
     "misspelt field": (lambda m: m["spec"].update(workerGroupSpec=[]), "'workerGroupSpec' was unexpected"),
     "missing required field": (lambda m: m["spec"]["workerGroupSpecs"][0].pop("groupName"),
@@ -181,7 +190,7 @@ def test_deliberately_broken_manifests_fail_validation(crds: CrdSchemas, case: s
 
 def test_int_or_string_accepts_integers_and_quantity_strings_only(crds: CrdSchemas) -> None:
     manifest = render_raycluster(parse_spec(VALID_SPECS["cpu-only"]))
-    limits = _container(manifest["spec"]["workerGroupSpecs"][0])["resources"]["limits"]
+    limits = _limits(manifest)
     for accepted in (2, "500m", "1.5", "2Gi"):
         limits["cpu"] = accepted
         crds.validate(manifest)
@@ -193,7 +202,9 @@ def test_kubernetes_schema_translation() -> None:
         "properties": {
             "port": {"anyOf": [{"type": "integer"}, {"type": "string"}], "x-kubernetes-int-or-string": True},
             "when": {"type": "string", "nullable": True},
-            "free": {"type": "object", "properties": {"a": {"type": "string"}}, "x-kubernetes-preserve-unknown-fields": True},
+            "free": {
+                "type": "object", "properties": {"a": {"type": "string"}}, "x-kubernetes-preserve-unknown-fields": True
+            },
             "labels": {"type": "object", "additionalProperties": {"type": "string"}},
         },
     }
