@@ -11,7 +11,7 @@ import typer
 import yaml
 
 from cluster.crd_validation import CRDS_ENV, CrdError, CrdSchemas
-from cluster.jobs import JobClient, JobError, resolve_address
+from cluster.jobs import JobClient, JobError, resolve_cluster
 from cluster.kube import KubeRayClient, KubeRayNotFound, api_client_from_kubeconfig
 from cluster.local import (
     DEFAULT_STATE_FILE,
@@ -191,7 +191,7 @@ def down_command(local: LocalOpt = False, state_file: StateFileOpt = DEFAULT_STA
 
 def _jobs(address: str | None, state_file: Path) -> JobClient:
     try:
-        return JobClient(resolve_address(address, state_file))
+        return JobClient(*resolve_cluster(address, state_file))
     except (JobError, LocalClusterError, ConnectionError) as exc:
         _fail(str(exc))
 

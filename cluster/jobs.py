@@ -42,14 +42,17 @@ def project_runtime_env(working_dir: str | Path | None = None, env: Mapping[str,
     return runtime_env
 
 
-def resolve_address(address: str | None, local_state_file: Path | None = None) -> str | None:
-    """The dashboard address to use: explicit, else Ray's env vars (None lets Ray read them), else the local cluster."""
+def resolve_cluster(address: str | None, local_state_file: Path | None = None) -> tuple[str | None, dict[str, str]]:
+    """Dashboard address and auth headers: `address`, else Ray's env vars (None lets Ray read them, and Ray's
+    RAY_AUTH_MODE/RAY_AUTH_TOKEN apply), else the `cluster up --local` cluster; the local cluster's token is
+    used whenever the address is that cluster's."""
+    local = LocalClusterInfo.load(local_state_file) if local_state_file and local_state_file.exists() else None
     if address:
-        return address
+        return address, local.auth_headers if local and address.rstrip("/") == local.dashboard_url else {}
     if any(os.environ.get(name) for name in ADDRESS_ENV):
-        return None
-    if local_state_file is not None and local_state_file.exists():
-        return LocalClusterInfo.load(local_state_file).dashboard_url
+        return None, {}
+    if local is not None:
+        return local.dashboard_url, local.auth_headers
     raise JobError(
         "no Ray cluster address: pass --address http://HOST:8265, set RAY_ADDRESS, "
         "or start a local cluster with `raytwin cluster up --local`"
@@ -57,10 +60,11 @@ def resolve_address(address: str | None, local_state_file: Path | None = None) -
 
 
 class JobClient:
-    """Submit, inspect and follow jobs on one Ray cluster, addressed by its dashboard URL."""
+    """Submit, inspect and follow jobs on one Ray cluster, addressed by its dashboard URL; `headers` carry
+    authentication (e.g. `LocalClusterInfo.auth_headers`)."""
 
-    def __init__(self, address: str | None) -> None:
-        self.client = JobSubmissionClient(address)
+    def __init__(self, address: str | None, headers: Mapping[str, str] | None = None) -> None:
+        self.client = JobSubmissionClient(address, headers=dict(headers) if headers else None)
 
     def submit(
         self,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -40,11 +41,18 @@ class LocalClusterInfo:
     address: str  # GCS address, for `ray start --address` / `ray.init(address=...)`
     dashboard_url: str  # HTTP address of the dashboard and job-submission API
     temp_dir: str
+    auth_token: str  # Ray token authentication secret of this cluster
     pids: tuple[int, ...]  # one `ray start --block` per node, each leading its own process group; head first
 
+    @property
+    def auth_headers(self) -> dict[str, str]:
+        """HTTP headers that authenticate a client to the dashboard and job API."""
+        return {"Authorization": f"Bearer {self.auth_token}"}
+
     def save(self, path: Path) -> None:
+        """Write the state (it holds the token, so readable by the owner only)."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(self), indent=2))
+        _write_private(path, json.dumps(asdict(self), indent=2))
 
     @classmethod
     def load(cls, path: Path) -> LocalClusterInfo:
@@ -53,6 +61,12 @@ class LocalClusterInfo:
             return cls(**{**data, "pids": tuple(data["pids"])})
         except (OSError, ValueError, TypeError, KeyError) as exc:
             raise LocalClusterError(f"no usable local-cluster state in {path}: {exc}") from None
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
 
 
 def _free_port() -> int:
@@ -99,7 +113,9 @@ class LocalCluster:
         temp_dir = Path(tempfile.mkdtemp(prefix="rtw-", dir="/tmp" if os.path.isdir("/tmp") else None))
         gcs_port, dashboard_port = _free_port(), _free_port()
         address = f"{HOST}:{gcs_port}"
-        self.info = LocalClusterInfo(address, f"http://{HOST}:{dashboard_port}", str(temp_dir), ())
+        token = secrets.token_hex(32)
+        _write_private(temp_dir / "auth_token", token)
+        self.info = LocalClusterInfo(address, f"http://{HOST}:{dashboard_port}", str(temp_dir), token, ())
         deadline = time.monotonic() + self.startup_timeout_s
         try:
             self._start_node(0, [
@@ -124,7 +140,11 @@ class LocalCluster:
             f"--temp-dir={node_dir}", f"--num-cpus={self.cpus_per_node}",
             "--num-gpus=0", f"--object-store-memory={self.object_store_mb * 2**20}", *_node_ports(), *role_args,
         ]
-        env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+        env = {key: value for key, value in os.environ.items() if key not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
+        # Ray's gRPC ports listen on the machine's IP, so the cluster always requires its own token, whatever
+        # ~/.ray/auth_token or the caller's RAY_AUTH_MODE say; raylets pass it on to workers and job drivers.
+        env["RAY_AUTH_MODE"] = "token"
+        env["RAY_AUTH_TOKEN_PATH"] = str(Path(self.info.temp_dir) / "auth_token")
         # Draining on SIGTERM protects Serve traffic in production; here it only delays `down`.
         env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
         with open(Path(self.info.temp_dir) / f"node-{index}.log", "wb") as log:
@@ -135,7 +155,7 @@ class LocalCluster:
     def _alive_nodes(self) -> int:
         assert self.info is not None
         try:
-            reply = httpx.get(f"{self.info.dashboard_url}/api/v0/nodes", timeout=5)
+            reply = httpx.get(f"{self.info.dashboard_url}/api/v0/nodes", headers=self.info.auth_headers, timeout=5)
             nodes = reply.json()["data"]["result"]["result"]
         except (httpx.HTTPError, ValueError, KeyError, TypeError):
             return 0

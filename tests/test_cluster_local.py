@@ -52,7 +52,8 @@ def local_cluster() -> Iterator[LocalClusterInfo]:
 
 
 def _alive_node_ids(info: LocalClusterInfo) -> list[str]:
-    nodes = httpx.get(f"{info.dashboard_url}/api/v0/nodes", timeout=10).json()["data"]["result"]["result"]
+    reply = httpx.get(f"{info.dashboard_url}/api/v0/nodes", headers=info.auth_headers, timeout=10)
+    nodes = reply.json()["data"]["result"]["result"]
     return sorted(node["node_id"] for node in nodes if node["state"] == "ALIVE")
 
 
@@ -61,11 +62,13 @@ def test_local_cluster_has_a_head_and_a_worker_node(local_cluster: LocalClusterI
     assert local_cluster.address.startswith("127.0.0.1:")
     assert len(_alive_node_ids(local_cluster)) == 2
     assert len(local_cluster.pids) == 2
+    # the cluster requires its own token, whatever the caller's Ray auth settings are
+    assert httpx.get(f"{local_cluster.dashboard_url}/api/v0/nodes", timeout=10).status_code == 401
 
 
 def test_submitted_job_runs_tasks_on_both_nodes(local_cluster: LocalClusterInfo, tmp_path: Path) -> None:
     (tmp_path / "probe.py").write_text(PROBE)
-    jobs = JobClient(local_cluster.dashboard_url)
+    jobs = JobClient(local_cluster.dashboard_url, local_cluster.auth_headers)
     job_id = jobs.submit([sys.executable, "probe.py"], working_dir=tmp_path, env={"PROBE_FLAG": "on"})
     assert jobs.wait(job_id, timeout_s=180) == JobStatus.SUCCEEDED, jobs.logs(job_id)
     logs = jobs.logs(job_id)
@@ -76,16 +79,18 @@ def test_submitted_job_runs_tasks_on_both_nodes(local_cluster: LocalClusterInfo,
 
 def test_job_cli_submit_status_logs_list(local_cluster: LocalClusterInfo, tmp_path: Path) -> None:
     runner = CliRunner()
-    address = ["--address", local_cluster.dashboard_url]
+    state = tmp_path / "state.json"
+    local_cluster.save(state)  # the CLI finds the cluster's token (and, without --address, its address) here
+    address = ["--address", local_cluster.dashboard_url, "--state-file", str(state)]
     ok = runner.invoke(job_app, ["submit", *address, "--working-dir", str(tmp_path), "-e", "GREETING=hello there",
                                  "--", sys.executable, "-c", "import os; print('said:', os.environ['GREETING'])"])
-    failing = runner.invoke(job_app, ["submit", *address, "--id", "raytwin-failing-job",
+    failing = runner.invoke(job_app, ["submit", "--state-file", str(state), "--id", "raytwin-failing-job",
                                       "--", sys.executable, "-c", "import sys; print('giving up'); sys.exit(3)"])
     assert (ok.exit_code, failing.exit_code) == (0, 0), ok.output + failing.output
     ok_id, failing_id = ok.output.strip().splitlines()[-1], failing.output.strip().splitlines()[-1]
     assert failing_id == "raytwin-failing-job"
 
-    jobs = JobClient(local_cluster.dashboard_url)
+    jobs = JobClient(local_cluster.dashboard_url, local_cluster.auth_headers)
     assert jobs.wait(ok_id, timeout_s=180) == JobStatus.SUCCEEDED
     assert jobs.wait(failing_id, timeout_s=180) == JobStatus.FAILED
 

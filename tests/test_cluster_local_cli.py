@@ -25,7 +25,8 @@ def test_up_records_the_cluster_and_down_stops_it(tmp_path: Path) -> None:
     try:
         assert up.exit_code == 0, up.output
         assert info is not None and f"Dashboard/API: {info.dashboard_url}" in up.output
-        assert httpx.get(f"{info.dashboard_url}/api/version", timeout=10).status_code == 200
+        assert httpx.get(f"{info.dashboard_url}/api/version", headers=info.auth_headers, timeout=10).status_code == 200
+        assert state.stat().st_mode & 0o077 == 0  # the state holds the cluster's token
         again = runner.invoke(cluster_app, ["up", "--local", "--state-file", str(state)])
         assert again.exit_code == 1 and "already running" in again.output
         # job commands find the local cluster through the state file when no address is given
