@@ -76,7 +76,7 @@ def _free_port() -> int:
 
 
 def _node_ports() -> list[str]:
-    """Per-node ports that Ray would otherwise fix machine-wide (and so clash between nodes)."""
+    """Per-node ports that Ray would otherwise fix machine-wide (and so clash between nodes and other Rays)."""
     names = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
              "metrics-export-port")
     return [f"--{name}={_free_port()}" for name in names]
@@ -121,7 +121,7 @@ class LocalCluster:
             self._start_node(0, [
                 "--head", f"--port={gcs_port}", "--include-dashboard=true", f"--dashboard-host={HOST}",
                 f"--dashboard-port={dashboard_port}", f"--ray-client-server-port={_free_port()}",
-            ])
+            ], {"AUTOSCALER_METRIC_PORT": str(_free_port()), "DASHBOARD_METRIC_PORT": str(_free_port())})
             self._wait(lambda: (temp_dir / "node-0" / "ray_current_cluster").exists(), deadline, "head node")
             for index in range(1, self.num_workers + 1):
                 self._start_node(index, [f"--address={address}"])
@@ -131,7 +131,7 @@ class LocalCluster:
             raise
         return self.info
 
-    def _start_node(self, index: int, role_args: list[str]) -> None:
+    def _start_node(self, index: int, role_args: list[str], role_env: dict[str, str] | None = None) -> None:
         assert self.info is not None
         node_dir = Path(self.info.temp_dir) / f"node-{index}"
         node_dir.mkdir()
@@ -145,6 +145,7 @@ class LocalCluster:
         # ~/.ray/auth_token or the caller's RAY_AUTH_MODE say; raylets pass it on to workers and job drivers.
         env["RAY_AUTH_MODE"] = "token"
         env["RAY_AUTH_TOKEN_PATH"] = str(Path(self.info.temp_dir) / "auth_token")
+        env.update(role_env or {})
         # Draining on SIGTERM protects Serve traffic in production; here it only delays `down`.
         env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
         with open(Path(self.info.temp_dir) / f"node-{index}.log", "wb") as log:
@@ -216,5 +217,6 @@ def stop_local_cluster(info: LocalClusterInfo, grace_s: float = 10.0) -> None:
     running from this cluster's temp dir (Ray workers get process groups of their own), and remove the dir."""
     for leader in reversed(info.pids):
         _signal_until_gone(lambda pid, pgid, args: pgid == leader, grace_s)
-    _signal_until_gone(lambda pid, pgid, args: info.temp_dir in args, grace_s)
+    node_dirs = f"{info.temp_dir}/node-"
+    _signal_until_gone(lambda pid, pgid, args: node_dirs in args and pid != os.getpid(), grace_s)
     shutil.rmtree(info.temp_dir, ignore_errors=True)
