@@ -165,7 +165,11 @@ def up_command(
     except LocalClusterError as exc:
         _fail(str(exc))
     info.save(state_file)
-    typer.echo(f"Ray address:   {info.address}\nDashboard/API: {info.dashboard_url}\nNodes:         {workers + 1}")
+    typer.echo(
+        f"Ray address:   {info.address}\nDashboard/API: {info.dashboard_url}\nNodes:         {workers + 1}\n"
+        f"Ray clients outside `raytwin job` need the cluster's token:\n"
+        f"  export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={info.temp_dir}/auth_token"
+    )
 
 
 @cluster_app.command("down")
