@@ -41,13 +41,27 @@ class ManifestInvalid(ValueError):
         self.problems = problems
 
 
-def kubernetes_to_json_schema(node: Any) -> Any:
-    """A JSON-Schema (draft 4) equivalent of a Kubernetes structural schema node, recursively."""
-    if isinstance(node, list):
-        return [kubernetes_to_json_schema(item) for item in node]
-    if not isinstance(node, dict):
-        return node
-    out = {key: kubernetes_to_json_schema(value) for key, value in node.items() if not key.startswith("x-kubernetes-")}
+_SCHEMA_MAPS = ("properties", "patternProperties", "definitions")  # name -> schema
+_SCHEMA_LISTS = ("allOf", "anyOf", "oneOf")
+
+
+def kubernetes_to_json_schema(node: dict[str, Any]) -> dict[str, Any]:
+    """A JSON-Schema (draft 4) equivalent of a Kubernetes structural schema node, recursively.
+
+    Only schema positions are rewritten; values such as `enum`, `default` or field names are kept as they are.
+    """
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key.startswith("x-kubernetes-"):
+            continue
+        if key in _SCHEMA_MAPS:
+            out[key] = {name: kubernetes_to_json_schema(schema) for name, schema in value.items()}
+        elif key in _SCHEMA_LISTS:
+            out[key] = [kubernetes_to_json_schema(schema) for schema in value]
+        elif key in ("items", "additionalProperties", "not") and isinstance(value, dict):
+            out[key] = kubernetes_to_json_schema(value)
+        else:
+            out[key] = value
     if node.get("x-kubernetes-int-or-string"):
         for key in ("anyOf", "type"):
             out.pop(key, None)

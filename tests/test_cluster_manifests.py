@@ -206,6 +206,8 @@ def test_kubernetes_schema_translation() -> None:
                 "type": "object", "properties": {"a": {"type": "string"}}, "x-kubernetes-preserve-unknown-fields": True
             },
             "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+            "nullable": {"type": "boolean", "default": {"nullable": True}},  # field names are not keywords
+            "items": {"type": "array", "items": {"type": "object", "properties": {"x": {"type": "integer"}}}},
         },
     }
     out = kubernetes_to_json_schema(node)
@@ -214,6 +216,8 @@ def test_kubernetes_schema_translation() -> None:
     assert out["properties"]["when"] == {"type": ["string", "null"]}
     assert "additionalProperties" not in out["properties"]["free"]
     assert out["properties"]["labels"]["additionalProperties"] == {"type": "string"}
+    assert out["properties"]["nullable"] == {"type": "boolean", "default": {"nullable": True}}
+    assert out["properties"]["items"]["items"]["additionalProperties"] is False
 
 
 def test_committed_gpu_example_equals_a_fresh_render(crds: CrdSchemas, tmp_path: Path) -> None:
