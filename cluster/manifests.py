@@ -64,9 +64,9 @@ def _container(spec: ClusterSpec, name: str, image: str, cpu: float, memory: str
     return container
 
 
-def _start_params(spec: ClusterSpec, **params: str) -> dict[str, str]:
+def _start_params(spec: ClusterSpec, params: dict[str, str]) -> dict[str, str]:
     if spec.object_store_bytes is not None:
-        params["object-store-memory"] = str(spec.object_store_bytes)
+        return {**params, "object-store-memory": str(spec.object_store_bytes)}
     return params
 
 
@@ -85,7 +85,7 @@ def _worker_group(spec: ClusterSpec, group: WorkerGroupSpec) -> dict[str, Any]:
         "replicas": group.initial_replicas,
         "minReplicas": group.min_replicas,
         "maxReplicas": group.max_replicas,
-        "rayStartParams": _start_params(spec, **params),
+        "rayStartParams": _start_params(spec, params),
         "template": {"spec": pod},
     }
 
@@ -106,7 +106,7 @@ def ray_cluster_spec(spec: ClusterSpec) -> dict[str, Any]:
             "upscalingMode": spec.autoscaling.upscaling_mode,
         }
     cluster["headGroupSpec"] = {
-        "rayStartParams": _start_params(spec, **head_params),
+        "rayStartParams": _start_params(spec, head_params),
         "template": {"spec": {"containers": [head_container]}},
     }
     cluster["workerGroupSpecs"] = [_worker_group(spec, group) for group in spec.worker_groups]
