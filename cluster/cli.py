@@ -1,0 +1,249 @@
+"""`raytwin cluster ...` (KubeRay manifests, local multi-node Ray) and `raytwin job ...` (Ray job submission)."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import typer
+import yaml
+
+from cluster.crd_validation import CRDS_ENV, CrdError, CrdSchemas
+from cluster.jobs import JobClient, JobError, resolve_cluster
+from cluster.kube import KubeRayClient, KubeRayNotFound, api_client_from_kubeconfig
+from cluster.local import (
+    DEFAULT_STATE_FILE,
+    STATE_FILE_ENV,
+    LocalCluster,
+    LocalClusterError,
+    LocalClusterInfo,
+    stop_local_cluster,
+)
+from cluster.manifests import Kind, render, to_yaml
+from cluster.spec import load_spec
+
+cluster_app = typer.Typer(
+    help="Ray on Kubernetes through KubeRay, and local multi-node Ray clusters.", no_args_is_help=True
+)
+job_app = typer.Typer(help="Submit and follow Ray jobs with RayTwin's runtime environment.", no_args_is_help=True)
+
+SpecFile = Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="Cluster spec YAML.")]
+KindOpt = Annotated[Kind, typer.Option("--kind", "-k", help="Which KubeRay resource.")]
+CrdsOpt = Annotated[
+    Path,
+    typer.Option("--crds", envvar=CRDS_ENV, file_okay=False, help="Directory of the KubeRay CRD YAML files."),
+]
+EntrypointArg = Annotated[
+    list[str] | None, typer.Argument(help="RayJob entrypoint after `--`, e.g. -- raytwin sweep ...")
+]
+JobNameOpt = Annotated[str | None, typer.Option("--job-name", help="RayJob name (default: <cluster>-job).")]
+NamespaceOpt = Annotated[str, typer.Option("--namespace", "-n")]
+KubeconfigOpt = Annotated[
+    Path | None, typer.Option("--kubeconfig", dir_okay=False, help="Default: $KUBECONFIG, ~/.kube/config, in-cluster.")
+]
+ContextOpt = Annotated[str | None, typer.Option("--context", help="kubeconfig context.")]
+LocalOpt = Annotated[bool, typer.Option("--local", help="A multi-node Ray cluster on this machine.")]
+StateFileOpt = Annotated[
+    Path, typer.Option("--state-file", envvar=STATE_FILE_ENV, help="Where the local cluster's address is kept.")
+]
+AddressOpt = Annotated[
+    str | None,
+    typer.Option("--address", help="Dashboard URL (default: RAY_ADDRESS, else the `cluster up --local` cluster)."),
+]
+
+
+def _fail(message: str) -> NoReturn:
+    typer.echo(message, err=True)
+    raise typer.Exit(1)
+
+
+def _validated_manifest(
+    spec_file: Path, kind: Kind, crds: Path, entrypoint: list[str] | None, job_name: str | None
+) -> dict[str, Any]:
+    """Spec -> manifest -> CRD validation; any failure ends the command before anything is written or sent."""
+    try:
+        manifest = render(load_spec(spec_file), kind, entrypoint or (), job_name)
+        CrdSchemas.from_dir(crds).validate(manifest)
+    except (ValueError, CrdError) as exc:
+        _fail(str(exc))
+    return manifest
+
+
+def _kube(namespace: str, kubeconfig: Path | None, context: str | None) -> KubeRayClient:
+    return KubeRayClient(api_client_from_kubeconfig(str(kubeconfig) if kubeconfig else None, context), namespace)
+
+
+@cluster_app.command("render")
+def render_command(
+    spec_file: SpecFile,
+    crds: CrdsOpt,
+    kind: KindOpt = Kind.RAYCLUSTER,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="File to write (default: stdout).")] = None,
+    job_name: JobNameOpt = None,
+    entrypoint: EntrypointArg = None,
+) -> None:
+    """Render a RayCluster, RayService or RayJob manifest from a spec, validated against the KubeRay CRDs."""
+    text = to_yaml(_validated_manifest(spec_file, kind, crds, entrypoint, job_name))
+    if output is None:
+        typer.echo(text, nl=False)
+    else:
+        output.write_text(text)
+        typer.echo(f"wrote {kind.kind} to {output}", err=True)
+
+
+@cluster_app.command("apply")
+def apply_command(
+    spec_file: SpecFile,
+    crds: CrdsOpt,
+    kind: KindOpt = Kind.RAYCLUSTER,
+    kubeconfig: KubeconfigOpt = None,
+    context: ContextOpt = None,
+    job_name: JobNameOpt = None,
+    entrypoint: EntrypointArg = None,
+) -> None:
+    """Create the rendered resource in the spec's namespace, or replace it if it already exists."""
+    manifest = _validated_manifest(spec_file, kind, crds, entrypoint, job_name)
+    action, _ = _kube(manifest["metadata"]["namespace"], kubeconfig, context).apply(manifest)
+    typer.echo(f"{kind.kind} {manifest['metadata']['namespace']}/{manifest['metadata']['name']} {action}")
+
+
+@cluster_app.command("status")
+def status_command(
+    name: str,
+    kind: KindOpt = Kind.RAYCLUSTER,
+    namespace: NamespaceOpt = "default",
+    kubeconfig: KubeconfigOpt = None,
+    context: ContextOpt = None,
+) -> None:
+    """Print the KubeRay operator's status of a resource."""
+    try:
+        status = _kube(namespace, kubeconfig, context).status(kind, name)
+    except KubeRayNotFound as exc:
+        _fail(str(exc))
+    typer.echo(yaml.safe_dump(status, sort_keys=False) if status else "no status yet (not reconciled by KubeRay)")
+
+
+@cluster_app.command("delete")
+def delete_command(
+    name: str,
+    kind: KindOpt = Kind.RAYCLUSTER,
+    namespace: NamespaceOpt = "default",
+    kubeconfig: KubeconfigOpt = None,
+    context: ContextOpt = None,
+) -> None:
+    """Delete a resource; deleting one that is already gone is not an error."""
+    deleted = _kube(namespace, kubeconfig, context).delete(kind, name)
+    typer.echo(f"{kind.kind} {namespace}/{name} {'deleted' if deleted else 'not found'}")
+
+
+def _running(info: LocalClusterInfo) -> bool:
+    try:
+        os.kill(info.pids[0], 0)
+    except (ProcessLookupError, IndexError):
+        return False
+    return True
+
+
+@cluster_app.command("up")
+def up_command(
+    local: LocalOpt = False,
+    workers: Annotated[int, typer.Option("--workers", min=0, help="Worker nodes besides the head.")] = 1,
+    cpus_per_node: Annotated[int, typer.Option("--cpus-per-node", min=1)] = 1,
+    object_store_mb: Annotated[int, typer.Option("--object-store-mb", min=75)] = 100,
+    state_file: StateFileOpt = DEFAULT_STATE_FILE,
+) -> None:
+    """Start a local multi-node Ray cluster (head + worker raylets) and print its addresses."""
+    if not local:
+        _fail("`up` starts local clusters only (pass --local); on Kubernetes use `raytwin cluster apply`")
+    if state_file.exists() and _running(LocalClusterInfo.load(state_file)):
+        _fail(f"a local cluster is already running (state in {state_file}); "
+              "stop it with `raytwin cluster down --local`")
+    try:
+        info = LocalCluster(workers, cpus_per_node, object_store_mb).start()
+    except LocalClusterError as exc:
+        _fail(str(exc))
+    info.save(state_file)
+    typer.echo(
+        f"Ray address:   {info.address}\nDashboard/API: {info.dashboard_url}\nNodes:         {workers + 1}\n"
+        f"Ray clients outside `raytwin job` need the cluster's token:\n"
+        f"  export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH={info.temp_dir}/auth_token"
+    )
+
+
+@cluster_app.command("down")
+def down_command(local: LocalOpt = False, state_file: StateFileOpt = DEFAULT_STATE_FILE) -> None:
+    """Stop the local cluster started by `up --local`."""
+    if not local:
+        _fail("`down` stops local clusters only (pass --local); on Kubernetes use `raytwin cluster delete`")
+    if not state_file.exists():
+        _fail(f"no local cluster recorded in {state_file}")
+    try:
+        info = LocalClusterInfo.load(state_file)
+    except LocalClusterError as exc:
+        _fail(str(exc))
+    # Ctrl-C while stopping would leave half a cluster behind; finish first.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        stop_local_cluster(info)
+        state_file.unlink()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    typer.echo(f"stopped local cluster {info.dashboard_url}")
+
+
+def _jobs(address: str | None, state_file: Path) -> JobClient:
+    try:
+        return JobClient(*resolve_cluster(address, state_file))
+    except (JobError, LocalClusterError, ConnectionError) as exc:
+        _fail(str(exc))
+
+
+@job_app.command("submit")
+def submit_command(
+    entrypoint: Annotated[list[str], typer.Argument(help="Command after `--`, e.g. -- raytwin sweep ...")],
+    address: AddressOpt = None,
+    working_dir: Annotated[
+        Path | None, typer.Option("--working-dir", exists=True, file_okay=False, help="Uploaded as the job's cwd.")
+    ] = None,
+    env: Annotated[list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE for the job (repeatable).")] = None,
+    submission_id: Annotated[str | None, typer.Option("--id", help="Job id to use.")] = None,
+    state_file: StateFileOpt = DEFAULT_STATE_FILE,
+) -> None:
+    """Submit a job to a Ray cluster's job API; prints the job id."""
+    pairs = [item.partition("=") for item in env or []]
+    if bad := [key for key, sep, _ in pairs if not sep or not key]:
+        _fail(f"--env expects KEY=VALUE, got: {', '.join(bad) or '(empty)'}")
+    job_id = _jobs(address, state_file).submit(entrypoint, working_dir, {k: v for k, _, v in pairs}, submission_id)
+    typer.echo(job_id)
+
+
+@job_app.command("status")
+def job_status_command(job_id: str, address: AddressOpt = None, state_file: StateFileOpt = DEFAULT_STATE_FILE) -> None:
+    """Print a job's status (and Ray's message about it)."""
+    info = _jobs(address, state_file).info(job_id)
+    typer.echo(info.status.value + (f": {info.message}" if info.message else ""))
+
+
+@job_app.command("logs")
+def logs_command(
+    job_id: str,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Stream until the job ends.")] = False,
+    address: AddressOpt = None,
+    state_file: StateFileOpt = DEFAULT_STATE_FILE,
+) -> None:
+    """Print a job's driver logs."""
+    jobs = _jobs(address, state_file)
+    if follow:
+        for chunk in jobs.follow_logs(job_id):
+            typer.echo(chunk, nl=False)
+    else:
+        typer.echo(jobs.logs(job_id), nl=False)
+
+
+@job_app.command("list")
+def list_command(address: AddressOpt = None, state_file: StateFileOpt = DEFAULT_STATE_FILE) -> None:
+    """List the cluster's jobs: id, status, entrypoint."""
+    for job in _jobs(address, state_file).list():
+        typer.echo(f"{job.submission_id or job.job_id}\t{job.status.value}\t{job.entrypoint}")

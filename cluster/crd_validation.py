@@ -1,0 +1,136 @@
+"""Validation of rendered manifests against the KubeRay CRDs' OpenAPI v3 schemas.
+
+The CRDs are read from a directory the user supplies (`--crds DIR` or `RAYTWIN_KUBERAY_CRDS`), never from a
+copy inside the package, so manifests are checked against the operator version actually deployed.
+
+Kubernetes' structural schemas are not plain JSON Schema; `kubernetes_to_json_schema` translates the parts
+that matter so that `jsonschema` checks what the API server would:
+- `x-kubernetes-int-or-string` becomes `oneOf: [integer, string]` (a string still has to match `pattern`,
+  e.g. a resource quantity such as "4Gi");
+- `nullable: true` also admits null;
+- objects with declared `properties` reject unknown fields (the API server's strict field validation, as
+  `kubectl apply` requests), unless marked `x-kubernetes-preserve-unknown-fields`;
+- `format: int32` / `int64` are range-checked.
+CEL rules (`x-kubernetes-validations`) are not evaluated; the few in these CRDs concern immutability on
+update and fields RayTwin never sets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+CRDS_ENV = "RAYTWIN_KUBERAY_CRDS"
+_INT_RANGES = {"int32": (-(2**31), 2**31 - 1), "int64": (-(2**63), 2**63 - 1)}
+
+
+class CrdError(RuntimeError):
+    """The CRD directory is missing or holds no usable KubeRay CRDs."""
+
+
+class ManifestInvalid(ValueError):
+    """A manifest that the KubeRay CRD schema refuses, with one line per violation."""
+
+    def __init__(self, manifest_name: str, problems: list[str]) -> None:
+        super().__init__(f"{manifest_name} does not match its KubeRay CRD schema:\n" + "\n".join(problems))
+        self.problems = problems
+
+
+_SCHEMA_MAPS = ("properties", "patternProperties", "definitions")  # name -> schema
+_SCHEMA_LISTS = ("allOf", "anyOf", "oneOf")
+
+
+def kubernetes_to_json_schema(node: dict[str, Any]) -> dict[str, Any]:
+    """A JSON-Schema (draft 4) equivalent of a Kubernetes structural schema node, recursively.
+
+    Only schema positions are rewritten; values such as `enum`, `default` or field names are kept as they are.
+    """
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        if key.startswith("x-kubernetes-"):
+            continue
+        if key in _SCHEMA_MAPS:
+            out[key] = {name: kubernetes_to_json_schema(schema) for name, schema in value.items()}
+        elif key in _SCHEMA_LISTS:
+            out[key] = [kubernetes_to_json_schema(schema) for schema in value]
+        elif key in ("items", "additionalProperties", "not") and isinstance(value, dict):
+            out[key] = kubernetes_to_json_schema(value)
+        else:
+            out[key] = value
+    if node.get("x-kubernetes-int-or-string"):
+        for key in ("anyOf", "type"):
+            out.pop(key, None)
+        out["oneOf"] = [{"type": "integer"}, {"type": "string"}]
+    if out.pop("nullable", False) and "type" in out:
+        out["type"] = [out["type"], "null"]
+    if (
+        "properties" in out
+        and "additionalProperties" not in out
+        and not node.get("x-kubernetes-preserve-unknown-fields")
+    ):
+        out["additionalProperties"] = False
+    return out
+
+
+def _format_checker() -> jsonschema.FormatChecker:
+    checker = jsonschema.FormatChecker()
+    for name, (low, high) in _INT_RANGES.items():
+        checker.checks(name)(lambda value, low=low, high=high: not isinstance(value, int) or low <= value <= high)
+    return checker
+
+
+@dataclass(frozen=True)
+class CrdSchemas:
+    """The served versions of the ray.io CRDs in a directory, keyed by (apiVersion, kind)."""
+
+    validators: dict[tuple[str, str], jsonschema.protocols.Validator]
+
+    @classmethod
+    def from_dir(cls, directory: str | Path) -> CrdSchemas:
+        return _load(Path(directory).resolve())
+
+    def validate(self, manifest: dict[str, Any]) -> None:
+        """Raise `ManifestInvalid` unless `manifest` matches its CRD's schema."""
+        key = (manifest.get("apiVersion", ""), manifest.get("kind", ""))
+        name = f"{key[1] or 'manifest'} {manifest.get('metadata', {}).get('name', '<unnamed>')!s}"
+        validator = self.validators.get(key)
+        if validator is None:
+            known = ", ".join(f"{kind} ({api})" for api, kind in sorted(self.validators))
+            raise ManifestInvalid(name, [f"  no CRD for apiVersion={key[0]!r} kind={key[1]!r}; known: {known}"])
+        problems = [_describe(error) for error in sorted(validator.iter_errors(manifest), key=lambda e: list(e.path))]
+        if not manifest.get("metadata", {}).get("name"):
+            problems.append("  metadata.name: required")
+        if problems:
+            raise ManifestInvalid(name, problems)
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    where = ".".join(str(part) for part in error.absolute_path) or "(root)"
+    return f"  {where}: {error.message}"
+
+
+@cache
+def _load(directory: Path) -> CrdSchemas:
+    if not directory.is_dir():
+        raise CrdError(f"KubeRay CRD directory {directory} does not exist (pass --crds DIR or set {CRDS_ENV})")
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    validators: dict[tuple[str, str], jsonschema.protocols.Validator] = {}
+    checker = _format_checker()
+    for path in sorted(directory.glob("*.y*ml")):
+        for doc in yaml.load_all(path.read_text(), Loader=loader):
+            if not doc or doc.get("kind") != "CustomResourceDefinition" or doc["spec"].get("group") != "ray.io":
+                continue
+            for version in doc["spec"]["versions"]:
+                if version.get("served"):
+                    schema = kubernetes_to_json_schema(version["schema"]["openAPIV3Schema"])
+                    key = (f"ray.io/{version['name']}", doc["spec"]["names"]["kind"])
+                    validators[key] = jsonschema.Draft4Validator(schema, format_checker=checker)
+    if not validators:
+        raise CrdError(f"no ray.io CustomResourceDefinitions found in {directory}")
+    return CrdSchemas(validators)
+

@@ -1,0 +1,115 @@
+"""Job submission for researchers: Ray's `JobSubmissionClient` with RayTwin's runtime environment.
+
+A job is a driver (e.g. `raytwin sweep ...`) started on the cluster's head; shipping the working directory and
+the JAX/XLA settings with it makes a run on the cluster behave like the same command run locally.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ray.job_submission import JobDetails, JobStatus, JobSubmissionClient
+
+from cluster.local import LocalClusterInfo
+
+# Forwarded from the submitting shell when set, so the job sees the same JAX/XLA configuration.
+FORWARDED_ENV = ("PYTHONPATH", "XLA_FLAGS", "JAX_PLATFORMS", "JAX_ENABLE_X64", "RAYTWIN_STORAGE_URL")
+# Several JAX tasks may share a GPU: stop the first from preallocating most of its memory.
+PROJECT_ENV = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+WORKING_DIR_EXCLUDES = [".git", ".venv", "**/__pycache__", "runs"]
+ADDRESS_ENV = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
+TERMINAL = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
+
+
+class JobError(RuntimeError):
+    """No cluster to talk to, or a job that did not finish in time."""
+
+
+def project_runtime_env(working_dir: str | Path | None = None, env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The runtime env of a RayTwin job: project env vars, forwarded JAX/XLA settings, `env`, the working dir."""
+    env_vars = {**PROJECT_ENV, **{name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)}}
+    env_vars.update(env or {})
+    runtime_env: dict[str, Any] = {"env_vars": env_vars}
+    if working_dir is not None:
+        runtime_env["working_dir"] = str(Path(working_dir).resolve())
+        runtime_env["excludes"] = WORKING_DIR_EXCLUDES
+    return runtime_env
+
+
+def resolve_cluster(address: str | None, local_state_file: Path | None = None) -> tuple[str | None, dict[str, str]]:
+    """Dashboard address and auth headers: `address`, else Ray's env vars (None lets Ray read them, and Ray's
+    RAY_AUTH_MODE/RAY_AUTH_TOKEN apply), else the `cluster up --local` cluster; the local cluster's token is
+    used whenever the address is that cluster's."""
+    local = LocalClusterInfo.load(local_state_file) if local_state_file and local_state_file.exists() else None
+    if address:
+        return address, local.auth_headers if local and address.rstrip("/") == local.dashboard_url else {}
+    if any(os.environ.get(name) for name in ADDRESS_ENV):
+        return None, {}
+    if local is not None:
+        return local.dashboard_url, local.auth_headers
+    raise JobError(
+        "no Ray cluster address: pass --address http://HOST:8265, set RAY_ADDRESS, "
+        "or start a local cluster with `raytwin cluster up --local`"
+    )
+
+
+class JobClient:
+    """Submit, inspect and follow jobs on one Ray cluster, addressed by its dashboard URL; `headers` carry
+    authentication (e.g. `LocalClusterInfo.auth_headers`)."""
+
+    def __init__(self, address: str | None, headers: Mapping[str, str] | None = None) -> None:
+        self.client = JobSubmissionClient(address, headers=dict(headers) if headers else None)
+
+    def submit(
+        self,
+        entrypoint: str | Sequence[str],
+        working_dir: str | Path | None = None,
+        env: Mapping[str, str] | None = None,
+        submission_id: str | None = None,
+    ) -> str:
+        """Start `entrypoint` (a shell command string, or an argv list that is quoted for you); returns the job id."""
+        command = entrypoint if isinstance(entrypoint, str) else shlex.join(entrypoint)
+        return self.client.submit_job(
+            entrypoint=command, runtime_env=project_runtime_env(working_dir, env), submission_id=submission_id
+        )
+
+    def status(self, job_id: str) -> JobStatus:
+        return self.client.get_job_status(job_id)
+
+    def info(self, job_id: str) -> JobDetails:
+        return self.client.get_job_info(job_id)
+
+    def logs(self, job_id: str) -> str:
+        return self.client.get_job_logs(job_id)
+
+    def follow_logs(self, job_id: str) -> Iterator[str]:
+        """Log chunks as the job writes them, ending when the job ends."""
+        loop = asyncio.new_event_loop()
+        chunks = self.client.tail_job_logs(job_id)
+        try:
+            while True:
+                try:
+                    yield loop.run_until_complete(anext(chunks))
+                except StopAsyncIteration:
+                    return
+        finally:
+            loop.run_until_complete(chunks.aclose())
+            loop.close()
+
+    def list(self) -> list[JobDetails]:
+        return self.client.list_jobs()
+
+    def wait(self, job_id: str, timeout_s: float = 600.0, poll_s: float = 1.0) -> JobStatus:
+        """Poll until the job is SUCCEEDED, FAILED or STOPPED; `JobError` after `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while (status := self.status(job_id)) not in TERMINAL:
+            if time.monotonic() > deadline:
+                raise JobError(f"job {job_id} still {status.value} after {timeout_s}s")
+            time.sleep(poll_s)
+        return status

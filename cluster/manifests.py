@@ -1,0 +1,189 @@
+"""KubeRay manifests (RayCluster, RayService, RayJob) rendered from a `ClusterSpec`.
+
+All three kinds share one Ray cluster description (`ray_cluster_spec`), so a sweep submitted as a RayJob
+runs on exactly the pods a long-lived RayCluster would get.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from collections.abc import Sequence
+from enum import Enum
+from typing import Any
+
+import yaml
+
+from cluster.spec import DNS_LABEL, ClusterSpec, WorkerGroupSpec
+
+API_VERSION = "ray.io/v1"
+GPU_RESOURCE = "nvidia.com/gpu"
+STORAGE_ENV = "RAYTWIN_STORAGE_URL"
+HEAD_PORTS = (("gcs-server", 6379), ("dashboard", 8265), ("client", 10001), ("serve", 8000))
+
+
+class Kind(str, Enum):
+    """The KubeRay resource kinds RayTwin renders, valued by their lower-case CLI name."""
+
+    RAYCLUSTER = "raycluster"
+    RAYSERVICE = "rayservice"
+    RAYJOB = "rayjob"
+
+    @property
+    def kind(self) -> str:
+        return {"raycluster": "RayCluster", "rayservice": "RayService", "rayjob": "RayJob"}[self.value]
+
+    @property
+    def plural(self) -> str:
+        return self.value + "s"
+
+
+def _cpu(cores: float) -> str:
+    return str(int(cores)) if float(cores).is_integer() else f"{round(cores * 1000)}m"
+
+
+def _env(spec: ClusterSpec) -> dict[str, str]:
+    env = dict(spec.env)
+    if spec.storage_url:
+        env[STORAGE_ENV] = spec.storage_url
+    return env
+
+
+def _container(spec: ClusterSpec, name: str, image: str, cpu: float, memory: str, gpus: int = 0) -> dict[str, Any]:
+    amounts: dict[str, Any] = {"cpu": _cpu(cpu), "memory": memory}
+    if gpus:
+        amounts[GPU_RESOURCE] = gpus
+    container: dict[str, Any] = {
+        "name": name,
+        "image": image,
+        "resources": {"requests": dict(amounts), "limits": dict(amounts)},
+    }
+    env = _env(spec)
+    if env:
+        container["env"] = [{"name": key, "value": value} for key, value in sorted(env.items())]
+    return container
+
+
+def _start_params(spec: ClusterSpec, params: dict[str, str]) -> dict[str, str]:
+    if spec.object_store_bytes is not None:
+        return {**params, "object-store-memory": str(spec.object_store_bytes)}
+    return params
+
+
+def _worker_group(spec: ClusterSpec, group: WorkerGroupSpec) -> dict[str, Any]:
+    params = {"num-gpus": str(group.gpus)} if group.gpus else {}
+    pod: dict[str, Any] = {
+        "containers": [_container(spec, "ray-worker", group.image or spec.image, group.cpu, group.memory, group.gpus)]
+    }
+    if group.node_selector:
+        pod["nodeSelector"] = dict(group.node_selector)
+    if group.gpus:
+        # GPU nodes are usually tainted so that only pods asking for GPUs land there.
+        pod["tolerations"] = [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
+    return {
+        "groupName": group.name,
+        "replicas": group.initial_replicas,
+        "minReplicas": group.min_replicas,
+        "maxReplicas": group.max_replicas,
+        "rayStartParams": _start_params(spec, params),
+        "template": {"spec": pod},
+    }
+
+
+def ray_cluster_spec(spec: ClusterSpec) -> dict[str, Any]:
+    """The `RayCluster.spec` shared by all three kinds (as `RayService.spec.rayClusterConfig` and
+    `RayJob.spec.rayClusterSpec` too)."""
+    head_container = _container(spec, "ray-head", spec.image, spec.head.cpu, spec.head.memory)
+    head_container["ports"] = [{"name": name, "containerPort": port} for name, port in HEAD_PORTS]
+    head_params = {} if spec.head.schedule_tasks else {"num-cpus": "0"}
+    cluster: dict[str, Any] = {
+        "rayVersion": spec.ray_version,
+        "enableInTreeAutoscaling": spec.autoscaling.enabled,
+    }
+    if spec.autoscaling.enabled:
+        cluster["autoscalerOptions"] = {
+            "idleTimeoutSeconds": spec.autoscaling.idle_timeout_seconds,
+            "upscalingMode": spec.autoscaling.upscaling_mode,
+        }
+    cluster["headGroupSpec"] = {
+        "rayStartParams": _start_params(spec, head_params),
+        "template": {"spec": {"containers": [head_container]}},
+    }
+    cluster["workerGroupSpecs"] = [_worker_group(spec, group) for group in spec.worker_groups]
+    return cluster
+
+
+def _metadata(spec: ClusterSpec, name: str) -> dict[str, Any]:
+    return {"name": name, "namespace": spec.namespace, "labels": {"app.kubernetes.io/part-of": "raytwin"}}
+
+
+def render_raycluster(spec: ClusterSpec) -> dict[str, Any]:
+    """A long-lived autoscaling RayCluster for interactive work and `raytwin job submit`."""
+    return {"apiVersion": API_VERSION, "kind": "RayCluster", "metadata": _metadata(spec, spec.name),
+            "spec": ray_cluster_spec(spec)}
+
+
+def serve_config(spec: ClusterSpec) -> dict[str, Any]:
+    """The Ray Serve config (`serveConfigV2`) for the RayTwin Serve application."""
+    app: dict[str, Any] = {
+        "name": spec.serve.app_name,
+        "import_path": spec.serve.import_path,
+        "route_prefix": spec.serve.route_prefix,
+    }
+    if spec.serve.args:
+        app["args"] = spec.serve.args
+    env = _env(spec)
+    if env:
+        app["runtime_env"] = {"env_vars": env}
+    return {"applications": [app]}
+
+
+def render_rayservice(spec: ClusterSpec) -> dict[str, Any]:
+    """A RayService running the `serve_apps` application on its own cluster, upgraded by KubeRay."""
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "RayService",
+        "metadata": _metadata(spec, spec.name),
+        "spec": {
+            "serveConfigV2": yaml.safe_dump(serve_config(spec), sort_keys=False),
+            "rayClusterConfig": ray_cluster_spec(spec),
+        },
+    }
+
+
+def render_rayjob(
+    spec: ClusterSpec, entrypoint: Sequence[str], name: str | None = None, ttl_seconds_after_finished: int = 600
+) -> dict[str, Any]:
+    """A RayJob that creates a cluster, runs `entrypoint` (e.g. `raytwin sweep ...`) on it, then tears it down."""
+    if not entrypoint:
+        raise ValueError("a RayJob needs an entrypoint, e.g. `raytwin sweep ...` or `raytwin calibrate ...`")
+    name = name or f"{spec.name}-job"
+    if not re.fullmatch(DNS_LABEL, name):
+        raise ValueError(f"RayJob name {name!r} must be a DNS label: lower-case letters, digits and '-', at most 63")
+    job: dict[str, Any] = {
+        "entrypoint": shlex.join(entrypoint),
+        "shutdownAfterJobFinishes": True,
+        "ttlSecondsAfterFinished": ttl_seconds_after_finished,
+        "rayClusterSpec": ray_cluster_spec(spec),
+    }
+    env = _env(spec)
+    if env:
+        job["runtimeEnvYAML"] = yaml.safe_dump({"env_vars": env}, sort_keys=False)
+    return {"apiVersion": API_VERSION, "kind": "RayJob", "metadata": _metadata(spec, name),
+            "spec": job}
+
+
+def render(
+    spec: ClusterSpec, kind: Kind, entrypoint: Sequence[str] = (), job_name: str | None = None
+) -> dict[str, Any]:
+    """Render one manifest of `kind`; `entrypoint` and `job_name` apply to RayJobs only."""
+    if kind is Kind.RAYJOB:
+        return render_rayjob(spec, entrypoint, job_name)
+    if entrypoint:
+        raise ValueError(f"an entrypoint only applies to a rayjob, not a {kind.value}")
+    return render_raycluster(spec) if kind is Kind.RAYCLUSTER else render_rayservice(spec)
+
+
+def to_yaml(manifest: dict[str, Any]) -> str:
+    """YAML text of a manifest, keys in rendering order so diffs stay readable."""
+    return yaml.safe_dump(manifest, sort_keys=False)

@@ -1,0 +1,181 @@
+"""The typed description of a RayTwin cluster on Kubernetes, from which every KubeRay manifest is rendered.
+
+Validation happens here, before any manifest exists, so a bad spec (min > max replicas, a GPU group without
+its CUDA image, a negative CPU count) is refused with a message that names the offending field.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
+_QUANTITY = re.compile(r"^(?P<number>[0-9]+(\.[0-9]+)?|\.[0-9]+)(?P<suffix>Ki|Mi|Gi|Ti|Pi|Ei|m|k|M|G|T|P|E)?$")
+_MULTIPLIERS = {
+    None: 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
+}
+
+
+def quantity_value(quantity: str) -> float:
+    """The numeric value of a Kubernetes resource quantity ("4Gi" -> 4294967296.0)."""
+    match = _QUANTITY.match(quantity)
+    if match is None:
+        raise ValueError(f"{quantity!r} is not a Kubernetes quantity such as '512Mi', '4Gi' or '2'")
+    return float(match["number"]) * _MULTIPLIERS[match["suffix"]]
+
+
+def _positive_quantity(quantity: str) -> str:
+    if not quantity_value(quantity) > 0:
+        raise ValueError(f"{quantity!r} must be a positive quantity")
+    return quantity
+
+
+Quantity = Annotated[str, AfterValidator(_positive_quantity)]
+Name = Annotated[str, Field(pattern=DNS_LABEL, max_length=63)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class HeadSpec(_Strict):
+    """The head pod: GCS, dashboard, job submission and the autoscaler live here."""
+
+    cpu: float = Field(default=2, gt=0, description="CPU cores requested and limited for the head pod.")
+    memory: Quantity = Field(default="8Gi", description="Memory of the head pod, as a Kubernetes quantity.")
+    schedule_tasks: bool = Field(
+        default=False,
+        description="Let Ray run tasks on the head; off by default so work goes to the worker groups.",
+    )
+
+
+class WorkerGroupSpec(_Strict):
+    """One KubeRay worker group; the Ray autoscaler keeps its size within [min_replicas, max_replicas]."""
+
+    name: Name
+    cpu: float = Field(gt=0, description="CPU cores per worker pod.")
+    memory: Quantity = Field(description="Memory per worker pod, as a Kubernetes quantity.")
+    gpus: int = Field(default=0, ge=0, description="nvidia.com/gpu per worker pod; > 0 makes this a GPU group.")
+    min_replicas: int = Field(default=0, ge=0)
+    max_replicas: int = Field(ge=0)
+    replicas: int | None = Field(default=None, ge=0, description="Initial size; defaults to min_replicas.")
+    image: str | None = Field(default=None, description="Overrides the cluster image; required for GPU groups.")
+    node_selector: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check_bounds_and_image(self) -> WorkerGroupSpec:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"worker group {self.name!r}: min_replicas ({self.min_replicas}) is greater than "
+                f"max_replicas ({self.max_replicas})"
+            )
+        if self.replicas is not None and not self.min_replicas <= self.replicas <= self.max_replicas:
+            raise ValueError(
+                f"worker group {self.name!r}: replicas ({self.replicas}) must lie within "
+                f"[min_replicas, max_replicas] = [{self.min_replicas}, {self.max_replicas}]"
+            )
+        if self.gpus > 0 and not self.image:
+            raise ValueError(
+                f"worker group {self.name!r} requests {self.gpus} GPU(s) but sets no image: a GPU group needs "
+                "its own CUDA-enabled image (e.g. rayproject/ray:2.x-py311-gpu with RayTwin installed)"
+            )
+        return self
+
+    @property
+    def initial_replicas(self) -> int:
+        return self.min_replicas if self.replicas is None else self.replicas
+
+
+class AutoscalingSpec(_Strict):
+    """Ray autoscaler (KubeRay in-tree autoscaling) settings."""
+
+    enabled: bool = True
+    idle_timeout_seconds: int = Field(default=60, ge=0, description="Idle time before a worker is removed.")
+    upscaling_mode: Literal["Default", "Aggressive", "Conservative"] = "Default"
+
+
+class ServeSpec(_Strict):
+    """The Serve application a RayService runs (`serveConfigV2`)."""
+
+    app_name: Name = "raytwin"
+    import_path: str = Field(
+        default="serve_apps.app:build_app",
+        pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
+        description="module:builder of the Serve application.",
+    )
+    route_prefix: str = Field(default="/", pattern=r"^/")
+    args: dict[str, Any] = Field(default_factory=dict, description="Arguments passed to the application builder.")
+
+
+class ClusterSpec(_Strict):
+    """A RayTwin cluster: image, head, worker groups, environment, storage and Serve config."""
+
+    name: Name
+    namespace: Name = "default"
+    image: str = Field(min_length=1, description="Container image with Ray and RayTwin installed.")
+    ray_version: str = Field(pattern=r"^\d+\.\d+\.\d+", description="Ray version inside the image.")
+    head: HeadSpec = Field(default_factory=HeadSpec)
+    worker_groups: list[WorkerGroupSpec] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict, description="Environment of every Ray container and job.")
+    object_store_memory: Quantity | None = Field(
+        default=None, description="Plasma object store size per node; must fit in every pod's memory."
+    )
+    storage_url: str | None = Field(
+        default=None,
+        pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$",
+        description="s3:// URL of the state store and model registry (exported as RAYTWIN_STORAGE_URL).",
+    )
+    autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec)
+    serve: ServeSpec = Field(default_factory=ServeSpec)
+
+    @model_validator(mode="after")
+    def _check_groups_and_object_store(self) -> ClusterSpec:
+        names = [group.name for group in self.worker_groups]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"worker group names must be unique; repeated: {', '.join(duplicates)}")
+        if self.object_store_memory is not None:
+            store = quantity_value(self.object_store_memory)
+            pods = [("head", self.head.memory)] + [(f"worker group {g.name!r}", g.memory) for g in self.worker_groups]
+            for where, memory in pods:
+                if store >= quantity_value(memory):
+                    raise ValueError(
+                        f"object_store_memory ({self.object_store_memory}) must be smaller than the memory "
+                        f"of the {where} ({memory})"
+                    )
+        return self
+
+    @property
+    def object_store_bytes(self) -> int | None:
+        return None if self.object_store_memory is None else int(quantity_value(self.object_store_memory))
+
+
+class SpecError(ValueError):
+    """A cluster spec that cannot be used, with one readable line per problem."""
+
+
+def parse_spec(data: Any, source: str = "cluster spec") -> ClusterSpec:
+    """Validate already-loaded spec data, turning pydantic's report into a `SpecError`."""
+    try:
+        return ClusterSpec.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            where = ".".join(str(part) for part in error["loc"]) or "(top level)"
+            lines.append(f"  {where}: {error['msg'].removeprefix('Value error, ')}")
+        raise SpecError(f"invalid {source}:\n" + "\n".join(lines)) from None
+
+
+def load_spec(path: str | Path) -> ClusterSpec:
+    """Read and validate a cluster spec YAML file."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise SpecError(f"cannot read cluster spec {path}: {exc}") from None
+    return parse_spec(data, source=f"cluster spec {path}")

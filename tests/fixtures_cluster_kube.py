@@ -1,0 +1,99 @@
+"""A fake Kubernetes API server for the ray.io custom-resource REST paths, recording every request."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+_PATH = re.compile(
+    r"^/apis/ray\.io/v1/namespaces/(?P<ns>[^/]+)/(?P<plural>rayclusters|rayservices|rayjobs)(/(?P<name>[^/?]+))?"
+)
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    body: dict[str, Any] | None
+
+
+class FakeKubeApi:
+    """In-memory custom objects behind http.server on 127.0.0.1, with Kubernetes' 404/409 semantics."""
+
+    def __init__(self) -> None:
+        self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
+        self.requests: list[Request] = []
+        self._versions = 0
+        self._lock = threading.Lock()
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:  # keep pytest output clean
+                pass
+
+            def _handle(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(length)) if length else None
+                with fake._lock:
+                    fake.requests.append(Request(self.command, self.path, body))
+                    status, payload = fake._dispatch(self.command, self.path, body)
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _handle
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    def __enter__(self) -> FakeKubeApi:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    @staticmethod
+    def _status(code: int, reason: str, message: str) -> tuple[int, dict[str, Any]]:
+        return code, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason,
+                      "message": message, "code": code}
+
+    def _dispatch(self, method: str, path: str, body: dict[str, Any] | None) -> tuple[int, dict[str, Any]]:
+        match = _PATH.match(path)
+        if match is None:
+            return self._status(404, "NotFound", f"unknown path {path}")
+        ns, plural = match["ns"], match["plural"]
+        name = match["name"] or (body or {}).get("metadata", {}).get("name", "")
+        key = (ns, plural, name)
+        current = self.objects.get(key)
+        if method == "POST" and match["name"] is None:
+            if current is not None:
+                return self._status(409, "AlreadyExists", f"{plural} {name!r} already exists")
+            return 201, self._store(key, body or {})
+        if current is None:
+            return self._status(404, "NotFound", f"{plural} {name!r} not found")
+        if method == "GET":
+            return 200, current
+        if method == "PUT":
+            if (body or {}).get("metadata", {}).get("resourceVersion") != current["metadata"]["resourceVersion"]:
+                return self._status(409, "Conflict", "the object has been modified")
+            return 200, self._store(key, body or {})
+        if method == "DELETE":
+            del self.objects[key]
+            return 200, {"kind": "Status", "apiVersion": "v1", "status": "Success"}
+        return self._status(405, "MethodNotAllowed", method)
+
+    def _store(self, key: tuple[str, str, str], body: dict[str, Any]) -> dict[str, Any]:
+        self._versions += 1
+        stored = {**body, "metadata": {**body.get("metadata", {}), "resourceVersion": str(self._versions)}}
+        self.objects[key] = stored
+        return stored

@@ -1,0 +1,120 @@
+"""A real two-node Ray cluster on this machine, used through the job-submission HTTP API and the CLI only.
+
+The pytest process never calls `ray.init()`: everything runs in the cluster's own processes.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from ray.job_submission import JobStatus
+from typer.testing import CliRunner
+
+from cluster.cli import cluster_app, job_app
+from cluster.jobs import JobClient
+from cluster.local import LocalCluster, LocalClusterInfo
+
+PROBE = '''
+import json, os
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+ray.init()
+nodes = sorted(node["NodeID"] for node in ray.nodes() if node["Alive"])
+
+@ray.remote(num_cpus=1)
+def node_id():
+    return ray.get_runtime_context().get_node_id()
+
+pinned = [node_id.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote() for n in nodes]
+print("PROBE " + json.dumps({"ran_on": sorted(set(ray.get(pinned))), "flag": os.environ.get("PROBE_FLAG"),
+                             "xla_prealloc": os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE")}))
+'''
+
+
+def _cluster_processes(temp_dir: str) -> list[str]:
+    listing = subprocess.run(["ps", "-A", "-o", "stat=,args="], capture_output=True, text=True, check=True).stdout
+    return [line for line in listing.splitlines() if temp_dir in line and not line.lstrip().startswith("Z")]
+
+
+@pytest.fixture(scope="module")
+def local_cluster() -> Iterator[LocalClusterInfo]:
+    cluster = LocalCluster(num_workers=1, cpus_per_node=1, object_store_mb=100)
+    with cluster as info:  # stops every node on exit, also when a test fails
+        yield info
+    assert _cluster_processes(info.temp_dir) == []
+
+
+def _alive_node_ids(info: LocalClusterInfo) -> list[str]:
+    reply = httpx.get(f"{info.dashboard_url}/api/v0/nodes", headers=info.auth_headers, timeout=10)
+    nodes = reply.json()["data"]["result"]["result"]
+    return sorted(node["node_id"] for node in nodes if node["state"] == "ALIVE")
+
+
+def test_local_cluster_has_a_head_and_a_worker_node(local_cluster: LocalClusterInfo) -> None:
+    assert local_cluster.dashboard_url.startswith("http://127.0.0.1:")
+    assert local_cluster.address.startswith("127.0.0.1:")
+    assert len(_alive_node_ids(local_cluster)) == 2
+    assert len(local_cluster.pids) == 2
+    # the cluster requires its own token, whatever the caller's Ray auth settings are
+    assert httpx.get(f"{local_cluster.dashboard_url}/api/v0/nodes", timeout=10).status_code == 401
+
+
+def test_submitted_job_runs_tasks_on_both_nodes(local_cluster: LocalClusterInfo, tmp_path: Path) -> None:
+    (tmp_path / "probe.py").write_text(PROBE)
+    jobs = JobClient(local_cluster.dashboard_url, local_cluster.auth_headers)
+    job_id = jobs.submit([sys.executable, "probe.py"], working_dir=tmp_path, env={"PROBE_FLAG": "on"})
+    assert jobs.wait(job_id, timeout_s=180) == JobStatus.SUCCEEDED, jobs.logs(job_id)
+    logs = jobs.logs(job_id)
+    report = json.loads(next(line for line in logs.splitlines() if line.startswith("PROBE "))[len("PROBE "):])
+    assert report["ran_on"] == _alive_node_ids(local_cluster)
+    assert (report["flag"], report["xla_prealloc"]) == ("on", "false")
+
+
+def test_job_cli_submit_status_logs_list(local_cluster: LocalClusterInfo, tmp_path: Path) -> None:
+    runner = CliRunner()
+    state = tmp_path / "state.json"
+    local_cluster.save(state)  # the CLI finds the cluster's token (and, without --address, its address) here
+    address = ["--address", local_cluster.dashboard_url, "--state-file", str(state)]
+    ok = runner.invoke(job_app, ["submit", *address, "--working-dir", str(tmp_path), "-e", "GREETING=hello there",
+                                 "--", sys.executable, "-c", "import os; print('said:', os.environ['GREETING'])"])
+    failing = runner.invoke(job_app, ["submit", "--state-file", str(state), "--id", "raytwin-failing-job",
+                                      "--", sys.executable, "-c", "import sys; print('giving up'); sys.exit(3)"])
+    assert (ok.exit_code, failing.exit_code) == (0, 0), ok.output + failing.output
+    ok_id, failing_id = ok.output.strip().splitlines()[-1], failing.output.strip().splitlines()[-1]
+    assert failing_id == "raytwin-failing-job"
+
+    jobs = JobClient(local_cluster.dashboard_url, local_cluster.auth_headers)
+    assert jobs.wait(ok_id, timeout_s=180) == JobStatus.SUCCEEDED
+    assert jobs.wait(failing_id, timeout_s=180) == JobStatus.FAILED
+
+    assert runner.invoke(job_app, ["status", ok_id, *address]).output.startswith("SUCCEEDED")
+    failed = runner.invoke(job_app, ["status", failing_id, *address]).output
+    assert failed.startswith("FAILED") and "exit code 3" in failed
+    assert "said: hello there" in runner.invoke(job_app, ["logs", ok_id, *address]).output
+    followed = runner.invoke(job_app, ["logs", failing_id, "--follow", *address])
+    assert followed.exit_code == 0 and "giving up" in followed.output
+    listed = runner.invoke(job_app, ["list", *address]).output
+    assert f"{ok_id}\tSUCCEEDED" in listed and f"{failing_id}\tFAILED" in listed
+
+    bad_env = runner.invoke(job_app, ["submit", *address, "-e", "NOEQUALS", "--", "true"])
+    assert bad_env.exit_code == 1 and "KEY=VALUE" in bad_env.output
+
+
+def test_job_commands_need_an_address(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+        monkeypatch.delenv(name, raising=False)
+    result = CliRunner().invoke(job_app, ["list", "--state-file", str(tmp_path / "none.json")])
+    assert result.exit_code == 1 and "raytwin cluster up --local" in result.output
+
+
+def test_up_and_down_need_local() -> None:
+    for command in ("up", "down"):
+        result = CliRunner().invoke(cluster_app, [command])
+        assert result.exit_code == 1 and "--local" in result.output
