@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import typer
 
+from cluster.cli import cluster_app, job_app
+
 app = typer.Typer(help="RayTwin: live digital twins and scenario sweeps on Ray.", no_args_is_help=True)
+app.add_typer(cluster_app, name="cluster", help="KubeRay manifests and a local multi-node Ray cluster.")
+app.add_typer(job_app, name="job", help="Submit and follow Ray jobs with RayTwin's runtime environment.")
 
 
 @app.command()
