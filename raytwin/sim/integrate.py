@@ -81,13 +81,16 @@ def _simulate_one(model: Model, x0: jax.Array, inputs: jax.Array, params: jax.Ar
     return jnp.concatenate([x0[None, :], traj], axis=0)
 
 
-def _check_shapes(model: Model, x0: np.ndarray, inputs: np.ndarray, params: np.ndarray) -> None:
+def _as_arrays(model: Model, dtype: Any, *arrays) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(x0, inputs, params) as arrays of `dtype`, with their last axes checked against the model."""
+    x0, inputs, params = (np.asarray(a, dtype=dtype) for a in arrays)
     if x0.shape[-1] != len(model.states):
         raise ValueError(f"{model.name}: state has {x0.shape[-1]} values, expected {model.state_names}")
     if inputs.shape[-1] != len(model.inputs):
         raise ValueError(f"{model.name}: inputs have {inputs.shape[-1]} columns, expected {model.input_names}")
     if params.shape[-1] != len(model.params):
         raise ValueError(f"{model.name}: params have {params.shape[-1]} values, expected {model.param_names}")
+    return x0, inputs, params
 
 
 def simulate(
@@ -104,8 +107,7 @@ def simulate(
     `inputs` has shape (n_steps, n_inputs), held constant over each step; `params` is in model
     order (`Model.param_vector`). float32 by default; pass ``dtype=jnp.float64`` for validation.
     """
-    x0, inputs, params = (np.asarray(a, dtype=dtype) for a in (x0, inputs, params))
-    _check_shapes(model, x0, inputs, params)
+    x0, inputs, params = _as_arrays(model, dtype, x0, inputs, params)
     return np.asarray(_simulate_one(model, x0, inputs, params, jnp.asarray(dt, dtype)))
 
 
@@ -129,8 +131,7 @@ def simulate_batch(
     `x0` is (batch, n_states), `params` (batch, n_params); `inputs` is (n_steps, n_inputs),
     shared by all scenarios, or (batch, n_steps, n_inputs).
     """
-    x0, inputs, params = (np.asarray(a, dtype=dtype) for a in (x0, inputs, params))
-    _check_shapes(model, x0, inputs, params)
+    x0, inputs, params = _as_arrays(model, dtype, x0, inputs, params)
     if x0.ndim != 2 or params.ndim != 2 or x0.shape[0] != params.shape[0]:
         raise ValueError(f"x0 {x0.shape} and params {params.shape} must be (batch, n) with the same batch")
     shared = inputs.ndim == 2
