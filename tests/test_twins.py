@@ -198,13 +198,17 @@ def test_killed_shard_recovers_without_losing_or_double_applying(ray_session, tm
             while svc.state("acme", "k1").events_applied < n and not running.done():
                 time.sleep(0.01)
 
+        pids, mid_ingestion = [ray.get(shard.pid.remote())], []
         wait_applied(40)
+        mid_ingestion.append(not running.done())
         ray.kill(shard, no_restart=False)
         wait_applied(65)
-        pid = ray.get(shard.pid.remote())
-        os.kill(pid, signal.SIGKILL)
+        pids.append(ray.get(shard.pid.remote()))
+        mid_ingestion.append(not running.done())
+        os.kill(pids[-1], signal.SIGKILL)
         report = running.result(timeout=300)
-        assert ray.get(shard.pid.remote()) != pid
+        pids.append(ray.get(shard.pid.remote()))
+        assert len(set(pids)) == 3 and mid_ingestion == [True, True]
         assert first.accepted + report.accepted <= 200 and report.rejected == 0
 
         for asset_id in ("k1", "k2"):
