@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pytest
 
-from actors import TwinService, UnknownTwin
+from actors import TwinService, TwinState, UnknownTwin
 from actors.recovery import registration_record
 from actors.twin import DUPLICATE, TOO_LATE, Twin, logged_event, replay
 from raytwin.contracts import Asset, AssetType, TelemetryEvent
@@ -224,3 +224,21 @@ def test_killed_shard_recovers_without_losing_or_double_applying(ray_session, tm
                           reference(artifact, "k2", [e for e in evs if e.asset_id == "k2"], **opts).view())
     finally:
         svc.close()
+
+
+def test_cli_time_travel_and_dead_letters(service, artifact):
+    from typer.testing import CliRunner
+
+    from actors.cli import twins_app
+
+    evs = events("z1", 12, seed=11, start=200)
+    service.ingest("acme", evs + [events("ghost", 1)[0].model_copy(update={"idempotency_key": "cli-ghost"})])
+    runner = CliRunner()
+    at = (evs[5].event_time + timedelta(seconds=1)).isoformat()
+    result = runner.invoke(twins_app, ["state-at", service.store.url, "acme", "z1", "--at", at])
+    assert result.exit_code == 0, result.output
+    shown = TwinState.model_validate_json(result.output)
+    assert_same_state(shown, reference(artifact, "z1", evs[:6], **TWIN_OPTS).view())
+    assert runner.invoke(twins_app, ["state-at", service.store.url, "beta", "z2"]).exit_code == 2
+    result = runner.invoke(twins_app, ["dead-letters", service.store.url, "--tenant", "acme", "--limit", "1"])
+    assert result.exit_code == 0 and "cli-ghost" in result.output and "unknown twin" in result.output
