@@ -236,6 +236,8 @@ def run_sweep(
                 pending[ref] = next_chunk
                 next_chunk += 1
             done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+            if not done:
+                bar.advance(0)  # keeps the periodic progress line going during long chunks
             for ref in done:
                 kind = pending.pop(ref)
                 if kind < 0:
