@@ -158,6 +158,27 @@ def test_sweep_on_ray_writes_the_dataset_and_retries_a_lost_worker(ray_session, 
     assert faulty.outputs == clean.outputs
 
 
+def test_ctrl_c_cancels_outstanding_chunks(ray_session, tmp_path, monkeypatch):
+    import ray
+
+    from sweeps import runner
+
+    cancelled, real_cancel = [], ray.cancel
+
+    def interrupted_wait(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    def recording_cancel(ref, **kwargs):
+        cancelled.append(ref)
+        real_cancel(ref, **kwargs)
+
+    monkeypatch.setattr(runner.ray, "wait", interrupted_wait)
+    monkeypatch.setattr(runner.ray, "cancel", recording_cancel)
+    with pytest.raises(runner.SweepCancelled, match="cancelled after 0/600 scenarios"):
+        run_sweep(_thermal_spec(), str(tmp_path / "out"), progress=False, max_in_flight=2)
+    assert len(cancelled) == 2  # the whole in-flight window
+
+
 def test_sweep_refuses_a_non_empty_output(ray_session, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "x").write_text("x")
