@@ -18,6 +18,7 @@ on the order in which results arrive.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
@@ -288,7 +289,9 @@ def tune_search(spec: CalibrationSpec, problem: Problem) -> tuple[dict[str, floa
             ),
             run_config=tune.RunConfig(storage_path=storage, name="calibration", verbose=0),
         )
-        grid = tuner.fit()
+        with contextlib.redirect_stdout(io.StringIO()) as chatter:  # Tune prints tables even when silent
+            grid = tuner.fit()
+        log.debug("tune output:\n%s", chatter.getvalue())
     finally:
         shutil.rmtree(storage, ignore_errors=True)
     finished = [r for r in grid if r.error is None and r.metrics and r.metrics.get("window") == problem.n]

@@ -239,7 +239,8 @@ def run_sweep(
     pending: dict[ray.ObjectRef, int] = {}
     if spec.trajectories:
         traj_url = f"{out_url}/{TRAJECTORY_FILE}"
-        pending[_trajectory_remote.options(**options).remote(spec_ref, simulator, bases_ref, traj_url, storage_options)] = -1
+        traj = _trajectory_remote.options(**options).remote(spec_ref, simulator, bases_ref, traj_url, storage_options)
+        pending[traj] = -1
     show = sys.stderr.isatty() if progress is None else progress
     bar = _Progress(spec.model, n, log_every_s, show)
     next_chunk = 0
