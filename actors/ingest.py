@@ -154,7 +154,8 @@ def ingest_rows(router: ShardRouter, tenant: str, batches: Iterable[list[dict[st
     return dispatcher.finish()
 
 
-def _table_batches(table: pa.Table, batch_size: int) -> Iterator[list[dict[str, Any]]]:
+def table_batches(table: pa.Table, batch_size: int) -> Iterator[list[dict[str, Any]]]:
+    """Rows of `table` as dicts, converted one record batch of at most `batch_size` rows at a time."""
     for batch in table.to_batches(max_chunksize=batch_size):
         yield batch.to_pylist()
 
@@ -174,7 +175,7 @@ def _chunks(source: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[s
 def ingest_table(router: ShardRouter, tenant: str, table: pa.Table, batch_size: int = DEFAULT_BATCH_SIZE,
                  max_in_flight: int = DEFAULT_MAX_IN_FLIGHT) -> IngestReport:
     """Ray task: ingest an Arrow table of telemetry."""
-    return ingest_rows(router, tenant, _table_batches(table, batch_size), batch_size=batch_size,
+    return ingest_rows(router, tenant, table_batches(table, batch_size), batch_size=batch_size,
                        max_in_flight=max_in_flight)
 
 

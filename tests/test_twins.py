@@ -217,6 +217,7 @@ def test_killed_shard_recovers_without_losing_or_double_applying(ray_session, tm
                                                **opts).view())
             assert state.events_applied == 100
         assert svc.dead_letters("acme").num_rows == 0
+        assert svc.store.latest_snapshot("acme", "k1").revision >= 80  # recovery used snapshot + log
         # a fresh service (new actors) recovers the same state from the store alone
         svc.close()
         svc = TwinService(str(tmp_path / "store"), shards=1, snapshot_every=8, **opts)
