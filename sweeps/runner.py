@@ -108,9 +108,9 @@ def _chunk_task(spec: SweepSpec, simulator: str, bases: Bases, chunk: int, rows:
     return chunk, digest, rows.shape[0]
 
 
-def _trajectory_task(spec: SweepSpec, simulator: str, bases: Bases, url: str, storage_options: dict | None) -> str:
+def _trajectory_task(spec: SweepSpec, simulator: str, bases: Bases, rows: np.ndarray, url: str,
+                     storage_options: dict | None) -> str:
     index = np.asarray(spec.trajectories, dtype=np.int64)
-    rows = np.concatenate([spec.space.rows(i, i + 1) for i in index])
     states = engine.trajectories(get_kit(simulator), bases, spec.space.dimensions, rows, spec.step_s,
                                  spec.n_steps, spec.dtype)
     steps = spec.n_steps + 1
@@ -239,7 +239,9 @@ def run_sweep(
     pending: dict[ray.ObjectRef, int] = {}
     if spec.trajectories:
         traj_url = f"{out_url}/{TRAJECTORY_FILE}"
-        traj = _trajectory_remote.options(**options).remote(spec_ref, simulator, bases_ref, traj_url, storage_options)
+        rows = np.concatenate([spec.space.rows(i, i + 1) for i in spec.trajectories])
+        traj = _trajectory_remote.options(**options).remote(spec_ref, simulator, bases_ref, rows, traj_url,
+                                                            storage_options)
         pending[traj] = -1
     show = sys.stderr.isatty() if progress is None else progress
     bar = _Progress(spec.model, n, log_every_s, show)

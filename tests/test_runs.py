@@ -101,6 +101,24 @@ def test_calibration_run_records_the_data_hash_and_reruns_identically(ray_sessio
         rerun(record.run_id, runs=runs)
 
 
+def test_a_failed_run_is_recorded_and_cannot_be_rerun(tmp_path, monkeypatch):
+    import sweeps.runs
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("storage exploded")
+
+    monkeypatch.setattr(sweeps.runs, "run_sweep", broken)
+    space = ScenarioSpace(method="random", n=4, dimensions=[Dimension(name="a1", target="param", low=1e-5, high=2e-5)])
+    spec = sweeps.SweepSpec(model="two_tank", space=space, horizon_s=10.0, step_s=1.0)
+    runs = str(tmp_path / "runs")
+    with pytest.raises(RuntimeError, match="exploded"):
+        sweeps.recorded_sweep(spec, runs=runs)
+    [record] = RunStore(runs).list()
+    assert (record.status, record.error, record.outputs) == ("failed", "storage exploded", {})
+    with pytest.raises(RunError, match="only succeeded runs"):
+        rerun(record.run_id, runs=runs)
+
+
 def test_unknown_runs_are_reported(tmp_path):
     with pytest.raises(RunError, match="no run"):
         RunStore(str(tmp_path)).load("sweep-nope")
