@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from rich.console import Console
 from rich.table import Table
 
-console = Console()
+console = Console(width=None if Console().is_terminal else 120)
 TENANT = "demo"
 DT = 60.0  # simulation and recording step [s]
 DAYS = 3
