@@ -37,3 +37,7 @@ def demo(
     from raytwin.demo import run_demo
 
     run_demo(scenarios=scenarios, twins=twins, workdir=workdir)
+
+
+if __name__ == "__main__":
+    app()
