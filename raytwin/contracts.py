@@ -53,6 +53,14 @@ def _utc(ts: datetime) -> datetime:
 UtcTime = Annotated[AwareDatetime, AfterValidator(_utc)]
 
 
+def whole_steps(horizon_s: float, step_s: float) -> int:
+    """The number of steps of `step_s` in `horizon_s`, refusing a horizon that is not a whole number."""
+    n = horizon_s / step_s
+    if abs(n - round(n)) > 1e-9 * max(n, 1.0):
+        raise ValueError(f"horizon_s {horizon_s} is not a whole number of steps of {step_s} s")
+    return round(n)
+
+
 class Contract(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -317,14 +325,12 @@ class Scenario(Contract):
 
     @model_validator(mode="after")
     def _steps(self) -> Scenario:
-        n = self.horizon_s / self.step_s
-        if abs(n - round(n)) > 1e-9 * max(n, 1.0):
-            raise ValueError(f"horizon_s {self.horizon_s} is not a whole number of steps of {self.step_s} s")
-        if round(n) > MAX_SCENARIO_STEPS:
-            raise ValueError(f"{round(n)} steps exceeds the limit of {MAX_SCENARIO_STEPS}")
+        n = whole_steps(self.horizon_s, self.step_s)
+        if n > MAX_SCENARIO_STEPS:
+            raise ValueError(f"{n} steps exceeds the limit of {MAX_SCENARIO_STEPS}")
         for name, sig in self.inputs.items():
-            if isinstance(sig, Series) and len(sig.values) != round(n):
-                raise ValueError(f"inputs.{name}: series has {len(sig.values)} values for {round(n)} steps")
+            if isinstance(sig, Series) and len(sig.values) != n:
+                raise ValueError(f"inputs.{name}: series has {len(sig.values)} values for {n} steps")
         return self
 
     def check_against(self, asset_type: AssetType) -> None:

@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from raytwin.contracts import AssetType, Contract, Finite, Identifier
+from raytwin.contracts import AssetType, Contract, Finite, Identifier, whole_steps
 from raytwin.registry import ModelArtifact, ModelRegistry
 from raytwin.sim import get_model
 from sweeps.kits import get_kit
@@ -66,9 +66,7 @@ class SweepSpec(Contract):
 
     @model_validator(mode="after")
     def _check(self) -> SweepSpec:
-        n = self.horizon_s / self.step_s
-        if abs(n - round(n)) > 1e-9 * max(n, 1.0):
-            raise ValueError(f"horizon_s {self.horizon_s} is not a whole number of steps of {self.step_s} s")
+        whole_steps(self.horizon_s, self.step_s)
         if "@" not in self.model:
             self.check_names(get_model(self.model).name)
         bad = [i for i in self.trajectories if i >= self.space.size]
