@@ -19,7 +19,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
 class BodyLimitMiddleware:
-    """Pure ASGI middleware: 413 for bodies over `max_bytes`; tags every request with a request id."""
+    """Pure ASGI middleware: 413 for bodies over `max_bytes`; tags every request with a request id.
+
+    The request id is the incoming ``X-Request-ID`` (Ray Serve's proxy sets one per request and
+    returns it in the response) or a new one, returned in ``X-Request-ID``; error bodies quote it.
+    """
 
     def __init__(self, app: ASGIApp, max_bytes: int):
         self.app = app
@@ -30,11 +34,12 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        request_id = headers.get("x-request-id") or uuid.uuid4().hex
+        given = headers.get("x-request-id")  # Serve's proxy sets it, and echoes it in the response itself
+        request_id = given or uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
 
         async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start":
+            if message["type"] == "http.response.start" and not given:
                 message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
             await send(message)
 
