@@ -21,8 +21,7 @@ from raytwin.registry import ModelArtifact, ModelRegistry
 from serve_apps.catalog import Catalog
 from serve_apps.config import ServeConfig
 from serve_apps.errors import NotFound
-from serve_apps.jobs import Job, JobQueue
-from serve_apps.scenarios import PreparedBatch
+from serve_apps.jobs import Job, JobQueue, Work
 
 log = logging.getLogger("raytwin.serve.backend")
 
@@ -33,16 +32,16 @@ class Backend:
 
         self.config = config
         self.catalog = Catalog(config.store_url, config.storage_options)
-        self.twins = TwinService(f"{config.store_url.rstrip('/')}/twins", shards=config.twin_shards,
+        self.twins = TwinService(config.url("twins"), shards=config.twin_shards,
                                  namespace=config.namespace, storage_options=config.storage_options or None)
-        self.jobs = JobQueue(config.store_url, config.storage_options, config.max_concurrent_jobs)
+        self.jobs = JobQueue(config, config.max_concurrent_jobs)
         self._lock = threading.Lock()
         self._registries: dict[str, ModelRegistry] = {}
 
     def _registry(self, tenant: str) -> ModelRegistry:
         if tenant not in self._registries:
-            url = f"{self.config.store_url.rstrip('/')}/registry/{tenant}"
-            self._registries[tenant] = ModelRegistry(url, self.config.storage_options or None)
+            self._registries[tenant] = ModelRegistry(self.config.url("registry", tenant),
+                                                     self.config.storage_options or None)
         return self._registries[tenant]
 
     def _artifact(self, tenant: str, asset: Asset) -> ModelArtifact:
@@ -129,8 +128,9 @@ class Backend:
         return sum(len(self.twins.assets(t)) for t in tenants)
 
     # ---- jobs (async: they run on the replica's event loop, which owns the queue) ---------
-    async def submit_job(self, tenant: str, key_id: str, asset_id: str, batch: PreparedBatch) -> Job:
-        return self.jobs.submit(tenant, key_id, asset_id, batch)
+    async def submit_job(self, tenant: str, key_id: str, asset_id: str, model_ref: str, content_hash: str,
+                         work: Work) -> Job:
+        return self.jobs.submit(tenant, key_id, asset_id, model_ref, content_hash, work)
 
     async def get_job(self, tenant: str, job_id: str) -> Job:
         return self.jobs.get(tenant, job_id)

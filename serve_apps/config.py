@@ -49,6 +49,10 @@ class ServeConfig(BaseModel):
     namespace: str = "raytwin"
     autoscaling: Autoscaling = Field(default_factory=Autoscaling)
 
+    def url(self, *parts: str) -> str:
+        """A location under the store: ``url("registry", tenant)`` -> ``{store_url}/registry/{tenant}``."""
+        return "/".join([self.store_url.rstrip("/"), *parts])
+
     @classmethod
     def from_args(cls, args: dict[str, Any] | None = None) -> ServeConfig:
         """Explicit args win over ``RAYTWIN_SERVE_*`` environment variables, which win over defaults."""

@@ -1,31 +1,29 @@
-"""Asynchronous scenario jobs: a queue in one backend replica, the simulation in Ray tasks.
+"""Asynchronous what-if jobs: a FIFO queue in the backend replica, the work in Ray tasks.
 
-A job is a `PreparedBatch` (plain arrays) run by `simulate_to_store` as a Ray task with retries;
-the task writes the per-scenario summary as Parquet next to the job record on the store, so a
-result survives the replica and a retried task overwrites the same file. At most
-`max_concurrent_jobs` run at once; the rest wait in FIFO order ("queued"). Job records are JSON
-on the store (``{store}/jobs/{tenant}/{job_id}/job.json``): a job that was running when the
-backend restarted is marked failed rather than silently lost.
+A job is a single scenario (`PreparedScenario`, run by `scenario_to_store`) or a sweep
+(`SweepSpec`, run by `sweep_to_store` as a recorded `sweeps` run). Results are Parquet files on
+the store, so they outlive replicas. At most `max_concurrent_jobs` run at once; the rest wait
+in order ("queued"). Job records are JSON on the store (``{store}/jobs/{tenant}/{job_id}/job.json``):
+a job that was queued or running when the backend restarted is marked failed, not silently lost.
 """
 
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
-import time
 import uuid
 from collections import deque
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-import pyarrow.parquet as pq
 import ray
 from pydantic import BaseModel, ConfigDict, Field
 
 from raytwin.storage import filesystem
+from serve_apps.config import ServeConfig
 from serve_apps.errors import NotFound
-from serve_apps.scenarios import PreparedBatch, quantiles, run_batch, summary_table
+from serve_apps.scenarios import PreparedScenario, scenario_to_store, sweep_to_store
+from sweeps.spec import SweepSpec
 
 log = logging.getLogger("raytwin.serve.jobs")
 
@@ -36,6 +34,7 @@ JOB_STATES: tuple[str, ...] = ("queued", "running", "succeeded", "failed")
 class Job(BaseModel):
     model_config = ConfigDict(extra="forbid")
     job_id: str
+    kind: Literal["scenario", "sweep"]
     tenant: str
     key_id: str
     asset_id: str
@@ -48,35 +47,24 @@ class Job(BaseModel):
     started: datetime | None = None
     finished: datetime | None = None
     error: str | None = None
-    result_path: str | None = None
+    run_id: str | None = Field(None, description="sweeps: the run record (`raytwin rerun RUN_ID`)")
+    result_url: str | None = None
     compute_s: float | None = None
-    quantiles: dict[str, dict[str, float]] = Field(default_factory=dict)
+    quantiles: list[dict[str, Any]] = Field(default_factory=list)
 
 
-@ray.remote(max_retries=2, retry_exceptions=False)
-def simulate_to_store(batch: PreparedBatch, store_url: str, path: str, storage_options: dict[str, Any]) -> dict:
-    """Run a batch and write its summary Parquet; returns quantiles and compute time."""
-    t0 = time.perf_counter()
-    table = summary_table(batch, run_batch(batch))
-    seconds = time.perf_counter() - t0
-    fs, _ = filesystem(store_url, storage_options)
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    fs.pipe_file(path, buf.getvalue())
-    return {"quantiles": quantiles(table), "compute_s": seconds}
+Work = PreparedScenario | SweepSpec
 
 
 class JobQueue:
     """The job table and FIFO queue (lives in the `Backend` replica; methods run on its event loop)."""
 
-    def __init__(self, store_url: str, storage_options: dict[str, Any], max_concurrent: int):
-        self.store_url, self.storage_options = store_url, storage_options
-        self.fs, root = filesystem(store_url, storage_options)
-        self.root = f"{root}/jobs"
+    def __init__(self, config: ServeConfig, max_concurrent: int):
+        self.config = config
+        self.fs, self.root = filesystem(config.url("jobs"), config.storage_options)
         self.max_concurrent = max_concurrent
         self.jobs: dict[str, Job] = {}
-        self.pending: deque[tuple[str, PreparedBatch]] = deque()
+        self.pending: deque[tuple[str, Work]] = deque()
         self.running = 0
         self._recover()
 
@@ -98,33 +86,41 @@ class JobQueue:
         self.fs.makedirs(self._dir(job), exist_ok=True)
         self.fs.pipe_file(f"{self._dir(job)}/job.json", job.model_dump_json(indent=2).encode())
 
-    def submit(self, tenant: str, key_id: str, asset_id: str, batch: PreparedBatch) -> Job:
-        job = Job(job_id=uuid.uuid4().hex, tenant=tenant, key_id=key_id, asset_id=asset_id,
-                  model_ref=batch.model_ref, content_hash=batch.content_hash, scenarios=batch.size,
-                  n_steps=batch.n_steps, submitted=datetime.now(UTC))
-        job.result_path = f"{self._dir(job)}/results.parquet"
+    def submit(self, tenant: str, key_id: str, asset_id: str, model_ref: str, content_hash: str, work: Work) -> Job:
+        sweep = isinstance(work, SweepSpec)
+        job = Job(job_id=uuid.uuid4().hex, kind="sweep" if sweep else "scenario", tenant=tenant, key_id=key_id,
+                  asset_id=asset_id, model_ref=model_ref, content_hash=content_hash,
+                  scenarios=work.space.size if sweep else 1, n_steps=work.n_steps, submitted=datetime.now(UTC))
         self.jobs[job.job_id] = job
         self._save(job)
-        self.pending.append((job.job_id, batch))
-        log.info("event=job_queued job_id=%s tenant=%s scenarios=%d steps=%d", job.job_id, tenant, batch.size,
-                 batch.n_steps)
+        self.pending.append((job.job_id, work))
+        log.info("event=job_queued job_id=%s kind=%s tenant=%s scenarios=%d steps=%d", job.job_id, job.kind, tenant,
+                 job.scenarios, job.n_steps)
         self._start_next()
         return job
 
+    def _launch(self, job: Job, work: Work) -> ray.ObjectRef:
+        if isinstance(work, SweepSpec):
+            return sweep_to_store.remote(work, self.config.url("runs", job.tenant), self.config.storage_options,
+                                         job.key_id)
+        return scenario_to_store.remote(work, self.config.url("jobs", job.tenant, job.job_id, "results"),
+                                        self.config.storage_options)
+
     def _start_next(self) -> None:
         while self.pending and self.running < self.max_concurrent:
-            job_id, batch = self.pending.popleft()
+            job_id, work = self.pending.popleft()
             job = self.jobs[job_id]
             job.state, job.started = "running", datetime.now(UTC)
             self._save(job)
             self.running += 1
-            ref = simulate_to_store.remote(batch, self.store_url, job.result_path, self.storage_options)
+            ref = self._launch(job, work)
             asyncio.get_running_loop().create_task(self._watch(job, ref))
 
     async def _watch(self, job: Job, ref: ray.ObjectRef) -> None:
         try:
             out = await ref
             job.state, job.quantiles, job.compute_s = "succeeded", out["quantiles"], out["compute_s"]
+            job.result_url, job.run_id = out["result_url"], out["run_id"]
         except Exception as exc:  # a failed task fails its job, never the service
             job.state, job.error = "failed", f"{type(exc).__name__}: {str(exc).splitlines()[0][:500]}"
         job.finished = datetime.now(UTC)

@@ -1,167 +1,169 @@
-"""What-if scenarios: turn `Scenario` contracts into simulator arrays, run them, summarise them.
+"""What-if runs of one asset: a single `Scenario`, or a sweep over a `ScenarioSpace`.
 
-`prepare` resolves everything that depends on the catalog and the twin (parameters from the
-model artifact plus overrides, start state from the twin or the request, inputs from the signal
-specs) into a `PreparedBatch` of plain NumPy arrays; `run_batch` is then a pure function of that
-batch (so an async job is a Ray task over it, reproducible from its inputs). One batch = scenarios
-of one asset with one horizon and step, simulated together with `raytwin.sim.simulate_batch`.
+A single scenario is resolved by `prepare` into a `PreparedScenario` of plain NumPy arrays
+(parameters from the asset's registered model plus overrides, start state from the twin or the
+request, inputs from the signal specs), so running it is a pure function of that object: inline
+in the ingress, or as a Ray task for an async job. A sweep becomes a `sweeps.SweepSpec` on the
+asset's registered model (`sweep_spec`) and runs through `sweeps.runs.recorded_sweep`, which
+writes a reproducible run record (``raytwin rerun RUN_ID``).
 """
 
 from __future__ import annotations
 
-import itertools
+import io
+import time
 from dataclasses import dataclass
-from datetime import datetime
 from functools import cache
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pyarrow as pa
-from pydantic import Field, model_validator
+import pyarrow.parquet as pq
+import ray
+from pydantic import Field, ValidationError
 
-from raytwin.contracts import AssetType, Contract, ContractError, Finite, Scenario
+from raytwin.contracts import Contract, ContractError, Finite, Identifier, Scenario, UtcTime, describe_error
 from raytwin.registry import ModelArtifact
-from raytwin.sim import get_model, simulate_batch, unstack
+from raytwin.sim import get_model, simulate, unstack
+from raytwin.storage import filesystem
 from serve_apps.errors import Unprocessable
-
-QUANTILES = (0.05, 0.5, 0.95)
-
-
-class SweepRequest(Contract):
-    """Scenarios of one asset: an explicit list, and/or a base scenario crossed with a parameter grid."""
-
-    scenarios: list[Scenario] = Field(default_factory=list)
-    base: Scenario | None = None
-    parameter_grid: dict[str, Annotated[list[Finite], Field(min_length=1)]] = Field(default_factory=dict)
-
-    @model_validator(mode="after")
-    def _some(self) -> SweepRequest:
-        if not self.scenarios and self.base is None:
-            raise ValueError("give `scenarios`, or `base` (with an optional `parameter_grid`)")
-        if self.parameter_grid and self.base is None:
-            raise ValueError("`parameter_grid` needs a `base` scenario")
-        return self
-
-    def size(self) -> int:
-        grid = int(np.prod([len(v) for v in self.parameter_grid.values()])) if self.parameter_grid else 1
-        return len(self.scenarios) + (grid if self.base is not None else 0)
-
-    def expand(self) -> list[Scenario]:
-        out = list(self.scenarios)
-        if self.base is not None:
-            names = list(self.parameter_grid)
-            for combo in itertools.product(*(self.parameter_grid[n] for n in names)):
-                overrides = {**self.base.parameter_overrides, **dict(zip(names, combo))}
-                out.append(self.base.model_copy(update={"parameter_overrides": overrides}))
-        return out
+from sweeps.aggregate import quantiles
+from sweeps.runner import part_name
+from sweeps.runs import recorded_sweep
+from sweeps.space import ScenarioSpace
+from sweeps.spec import MAX_CHUNK, SweepSpec
 
 
 @dataclass(frozen=True)
-class PreparedBatch:
+class PreparedScenario:
     """Everything a run needs, as arrays in model order and SI units."""
 
     simulator: str
     model_ref: str
     content_hash: str
     step_s: float
-    n_steps: int
-    x0: np.ndarray  # (B, n_states)
-    inputs: np.ndarray  # (B, n_steps, n_inputs)
-    params: np.ndarray  # (B, n_params)
-    overrides: list[dict[str, float]]
+    x0: np.ndarray  # (n_states,)
+    inputs: np.ndarray  # (n_steps, n_inputs)
+    params: np.ndarray  # (n_params,)
+    overrides: dict[str, float]
 
     @property
-    def size(self) -> int:
-        return self.x0.shape[0]
-
-    @property
-    def work(self) -> int:
-        return self.size * self.n_steps
+    def n_steps(self) -> int:
+        return self.inputs.shape[0]
 
 
-def check_batch(scenarios: list[Scenario]) -> None:
-    first = scenarios[0]
-    for i, s in enumerate(scenarios):
-        if (s.asset_id, s.horizon_s, s.step_s) != (first.asset_id, first.horizon_s, first.step_s):
-            raise Unprocessable(f"scenario {i}: a sweep covers one asset with one horizon_s and step_s "
-                                f"({first.asset_id}, {first.horizon_s}, {first.step_s})")
+def prepare(scenario: Scenario, artifact: ModelArtifact, live_state: dict[str, float] | None) -> PreparedScenario:
+    """Arrays for `scenario` (checked against the artifact's asset type: 422 on misfit).
 
-
-def prepare(scenarios: list[Scenario], artifact: ModelArtifact,
-            live_states: dict[datetime | None, dict[str, float]]) -> PreparedBatch:
-    """Arrays for `scenarios` (validated against the artifact's asset type: 422 on misfit).
-
-    `live_states` maps each ``start_time`` of the scenarios that start from "live" to the twin's
-    state then (``None``: its current state).
+    `live_state` is the twin's state (now or at ``scenario.start_time``) when the scenario
+    starts from "live".
     """
-    check_batch(scenarios)
-    asset_type: AssetType = artifact.asset_type
     model = artifact.model()
-    x0, inputs, params = [], [], []
-    for i, s in enumerate(scenarios):
-        try:
-            inputs.append(s.input_series(asset_type))
-            params.append(model.param_vector({**artifact.parameters, **s.parameter_overrides}))
-        except (ContractError, KeyError) as exc:
-            raise Unprocessable(f"scenario {i}: {exc}") from None
-        if s.start_state == "live":
-            x0.append([live_states[s.start_time][n] for n in model.state_names])
-        else:
-            x0.append([s.start_state[n] for n in model.state_names])
-    return PreparedBatch(
-        simulator=model.name, model_ref=artifact.ref, content_hash=artifact.content_hash,
-        step_s=scenarios[0].step_s, n_steps=scenarios[0].n_steps,
-        x0=np.asarray(x0, np.float64), inputs=np.stack(inputs), params=np.asarray(params, np.float64),
-        overrides=[dict(s.parameter_overrides) for s in scenarios],
+    try:
+        inputs = scenario.input_series(artifact.asset_type)
+        params = model.param_vector({**artifact.parameters, **scenario.parameter_overrides})
+    except (ContractError, KeyError) as exc:
+        raise Unprocessable(str(exc)) from None
+    start = live_state if scenario.start_state == "live" else scenario.start_state
+    return PreparedScenario(
+        simulator=model.name, model_ref=artifact.ref, content_hash=artifact.content_hash, step_s=scenario.step_s,
+        x0=np.asarray([start[n] for n in model.state_names], np.float64), inputs=inputs,
+        params=np.asarray(params, np.float64), overrides=dict(scenario.parameter_overrides),
     )
 
 
 @dataclass(frozen=True)
-class BatchResult:
-    states: np.ndarray  # (B, n_steps + 1, n_states), from the start state
-    outputs: np.ndarray  # (B, n_steps, n_outputs), at the start of each step (with that step's input)
+class ScenarioResult:
+    states: np.ndarray  # (n_steps + 1, n_states), from the start state
+    outputs: np.ndarray  # (n_steps, n_outputs), at the start of each step (with that step's input)
 
 
-def run_batch(batch: PreparedBatch) -> BatchResult:
-    """Simulate the batch in float64 (what-if answers are compared with telemetry, so accuracy wins)."""
-    model = get_model(batch.simulator)
-    states = simulate_batch(model, batch.x0, batch.inputs, batch.params, batch.step_s, dtype=jnp.float64)
-    outputs = _observer(batch.simulator)(states[:, :-1], batch.inputs, batch.params[:, None, :])
-    return BatchResult(states=states, outputs=np.asarray(outputs))
+def run(prepared: PreparedScenario) -> ScenarioResult:
+    """Simulate in float64: what-if answers are compared with telemetry, so accuracy wins."""
+    model = get_model(prepared.simulator)
+    states = simulate(model, prepared.x0, prepared.inputs, prepared.params, prepared.step_s, dtype=jnp.float64)
+    outputs = _observer(prepared.simulator)(states[:-1], prepared.inputs, prepared.params)
+    return ScenarioResult(states=states, outputs=np.asarray(outputs))
 
 
 @cache
 def _observer(simulator: str):
-    """Jitted outputs of a batch of trajectories, (B, T, S) x (B, T, I) x (B, 1, P) -> (B, T, O)."""
+    """Jitted outputs along a trajectory, (T, S) x (T, I) x (P,) -> (T, O)."""
     model = get_model(simulator)
-    return jax.jit(lambda x, u, p: jnp.stack(model.observe(unstack(x), unstack(u), unstack(p)), -1))
+    return jax.jit(lambda x, u, p: jnp.stack(model.observe(unstack(x), unstack(u), tuple(p)), -1))
 
 
-def summary_table(batch: PreparedBatch, result: BatchResult) -> pa.Table:
-    """One row per scenario: its parameter overrides, then final/min/max/mean of each state and output."""
-    model = get_model(batch.simulator)
-    cols: dict[str, Any] = {"scenario": np.arange(batch.size, dtype=np.int64)}
-    for name in sorted({k for o in batch.overrides for k in o}):
-        cols[f"param.{name}"] = np.asarray([o.get(name, np.nan) for o in batch.overrides], dtype=np.float64)
-    for kind, names, values in (("state", model.state_names, result.states),
-                                ("output", model.output_names, result.outputs)):
-        for j, name in enumerate(names):
-            series = values[:, :, j]
-            cols[f"{kind}.{name}.final"] = series[:, -1]
-            cols[f"{kind}.{name}.min"] = series.min(axis=1)
-            cols[f"{kind}.{name}.max"] = series.max(axis=1)
-            cols[f"{kind}.{name}.mean"] = series.mean(axis=1)
+def summary_table(prepared: PreparedScenario, result: ScenarioResult) -> pa.Table:
+    """One row: the parameter overrides (``param.<name>``, as in sweeps) and final/min/max/mean of
+    each state and of each output that is not also a state."""
+    model = get_model(prepared.simulator)
+    cols: dict[str, Any] = {"scenario": [0]}
+    cols.update({f"param.{k}": [v] for k, v in sorted(prepared.overrides.items())})
+    outputs = [(n, result.outputs[:, j]) for j, n in enumerate(model.output_names) if n not in model.state_names]
+    for name, series in [*((n, result.states[:, j]) for j, n in enumerate(model.state_names)), *outputs]:
+        cols.update({f"{name}_final": [series[-1]], f"{name}_min": [series.min()], f"{name}_max": [series.max()],
+                     f"{name}_mean": [series.mean()]})
     return pa.table(cols)
 
 
-def quantiles(table: pa.Table) -> dict[str, dict[str, float]]:
-    """Ensemble quantiles (5/50/95%) of every metric column (uncertainty bands over the sweep)."""
-    out = {}
-    for name in table.column_names:
-        if name.startswith(("state.", "output.")):
-            values = table.column(name).to_numpy()
-            out[name] = {f"q{round(q * 100):02d}": float(v) for q, v in zip(QUANTILES, np.quantile(values, QUANTILES))}
-    return out
+@ray.remote(max_retries=2)
+def scenario_to_store(prepared: PreparedScenario, out_url: str, storage_options: dict[str, Any]) -> dict[str, Any]:
+    """An async scenario job: simulate, write the summary as ``part-000000.parquet`` under `out_url`."""
+    t0 = time.perf_counter()
+    table = summary_table(prepared, run(prepared))
+    seconds = time.perf_counter() - t0
+    fs, root = filesystem(out_url, storage_options)
+    fs.makedirs(root, exist_ok=True)
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    fs.pipe_file(f"{root}/{part_name(0)}", buf.getvalue())
+    return {"quantiles": quantiles(out_url, storage_options=storage_options).to_pylist(), "compute_s": seconds,
+            "steps": prepared.n_steps, "result_url": out_url, "run_id": None}
 
+
+# ----------------------------------------------------------------------------------- sweeps --
+class AssetSweep(Contract):
+    """A what-if sweep of one asset (see `sweeps.SweepSpec`): its registered model and parameters,
+    from its live (or past, or an explicit) state, over a scenario space."""
+
+    asset_id: Identifier
+    start_state: Literal["live"] | dict[str, Finite] = "live"
+    start_time: UtcTime | None = Field(None, description="with start_state 'live': the twin's state at this time")
+    horizon_s: Annotated[Finite, Field(gt=0)]
+    step_s: Annotated[Finite, Field(gt=0)]
+    inputs: dict[str, Finite] = Field(default_factory=dict, description="input-signal parameters of the sweep kit")
+    parameters: dict[str, Finite] = Field(default_factory=dict, description="overrides of the model's parameters")
+    space: ScenarioSpace
+    trajectories: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list, max_length=100)
+
+    @property
+    def work(self) -> int:
+        return self.space.size * round(self.horizon_s / self.step_s)
+
+
+def sweep_spec(sweep: AssetSweep, tenant: str, registry_url: str, artifact: ModelArtifact,
+               live_state: dict[str, float] | None) -> SweepSpec:
+    """The `SweepSpec` for an asset sweep (422 on names the model or its sweep kit lacks)."""
+    try:
+        spec = SweepSpec(
+            model=artifact.ref, registry_url=registry_url, tenant=tenant, asset_id=sweep.asset_id,
+            start_state=live_state if sweep.start_state == "live" else sweep.start_state,
+            parameters=sweep.parameters, inputs=sweep.inputs, space=sweep.space, horizon_s=sweep.horizon_s,
+            step_s=sweep.step_s, chunk_size=min(MAX_CHUNK, sweep.space.size), trajectories=sweep.trajectories,
+        )
+        spec.check_names(artifact.asset_type.simulator)
+    except (ValidationError, ValueError) as exc:
+        raise Unprocessable(describe_error(exc)) from None
+    return spec
+
+
+@ray.remote(num_cpus=0, max_retries=0)
+def sweep_to_store(spec: SweepSpec, runs_url: str, storage_options: dict[str, Any], user: str) -> dict[str, Any]:
+    """A sweep as a recorded run; it only coordinates (0 CPUs), its chunk tasks do the work (and retry)."""
+    t0 = time.perf_counter()
+    record = recorded_sweep(spec, runs=runs_url, storage_options=storage_options or None, user=user, progress=False)
+    return {"quantiles": quantiles(record.output_url, storage_options=storage_options or None).to_pylist(),
+            "compute_s": time.perf_counter() - t0, "steps": spec.space.size * spec.n_steps,
+            "result_url": record.output_url, "run_id": record.run_id}

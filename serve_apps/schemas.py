@@ -63,13 +63,19 @@ class ScenarioRun(BaseModel):
     outputs: dict[str, list[float]] = Field(description="Outputs at the start of each step (n_steps values).")
 
 
-class SweepSummary(BaseModel):
+class SweepResult(BaseModel):
     model_ref: str
     content_hash: str
+    run_id: str | None = Field(description="sweeps: the run record, reproducible with `raytwin rerun RUN_ID`")
     scenarios: int
     n_steps: int
-    rows: list[dict[str, Any]] = Field(description="Per-scenario metrics (first `limit` rows).")
-    quantiles: dict[str, dict[str, float]] = Field(description="5/50/95% of each metric over the ensemble.")
+    rows: list[dict[str, Any]] = Field(description="Per-scenario metrics (the first `limit` rows).")
+    quantiles: list[dict[str, Any]] = Field(description="Per metric: count, mean and 5/50/95% over the scenarios.")
+
+
+class ResultFile(BaseModel):
+    name: str
+    size: int
 
 
 class JobAccepted(BaseModel):

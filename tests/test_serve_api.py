@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -43,13 +44,13 @@ def api(ray_session, tmp_path_factory):
               "rate_per_s": 5.0, "rate_burst": RATE_BURST, "sync_max_steps": 5_000, "twin_shards": 1,
               "namespace": "raytwin-serve-tests", "autoscaling": {"min_replicas": 1, "max_replicas": 1}}
     serve.run(build_app(config), name="raytwin", route_prefix="/")
-    yield f"http://127.0.0.1:{port}", keys
+    yield f"http://127.0.0.1:{port}", keys, root
     serve.shutdown()
 
 
 @pytest.fixture(scope="module")
 def http(api):
-    base, _ = api
+    base = api[0]
     with httpx.Client(base_url=base, timeout=120.0) as client:
         yield client
 
@@ -215,31 +216,72 @@ def test_sync_scenario_matches_an_independent_solver(api, http, building):
     assert live["start_state"] == pytest.approx(state)
 
 
-def test_async_job_runs_to_completion(api, http, building):
+def wait_for(http, job_id: str, headers: dict) -> dict:
+    deadline = time.monotonic() + 180
+    while (job := http.get(f"/v1/jobs/{job_id}", headers=headers).json())["state"] in ("queued", "running"):
+        assert time.monotonic() < deadline, job
+        time.sleep(0.5)
+    return job
+
+
+def download(http, job_id: str, headers: dict) -> pa.Table:
+    files = http.get(f"/v1/jobs/{job_id}/files", headers=headers).json()
+    parts = [f["name"] for f in files if f["name"].startswith("part-")]
+    assert parts
+    return pa.concat_tables(pq.read_table(pa.BufferReader(http.get(f"/v1/jobs/{job_id}/files/{name}",
+                                                                       headers=headers).content)) for name in parts)
+
+
+def test_async_scenario_job_runs_to_completion(api, http, building):
     writer = auth(api, "writer")
     x0 = {"T_in": 294.0, "T_m": 291.0}
     r = http.post("/v1/scenarios", params={"mode": "async"}, json=_scenario(building, 100, x0), headers=writer)
     assert r.status_code == 202, r.text
     job_id = r.json()["job_id"]
-    deadline = time.monotonic() + 120
-    while (job := http.get(f"/v1/jobs/{job_id}", headers=writer).json())["state"] in ("queued", "running"):
-        assert time.monotonic() < deadline, job
-        time.sleep(0.5)
-    assert job["state"] == "succeeded", job
+    job = wait_for(http, job_id, writer)
+    assert job["state"] == "succeeded" and job["kind"] == "scenario", job
     summary = http.get(f"/v1/jobs/{job_id}/results", headers=writer).json()
     sync = http.post("/v1/scenarios", json=_scenario(building, 100, x0), headers=writer).json()
-    assert summary["rows"][0]["state.T_in.final"] == pytest.approx(sync["states"]["T_in"][-1], rel=1e-12)
-    download = http.get(f"/v1/jobs/{job_id}/results.parquet", headers=writer)
-    assert download.status_code == 200
-    table = pq.read_table(pa_buffer(download.content))
-    assert table.num_rows == 1 and table.column("state.T_m.max")[0].as_py() == summary["rows"][0]["state.T_m.max"]
+    assert summary["rows"][0]["T_in_final"] == pytest.approx(sync["states"]["T_in"][-1], rel=1e-12)
+    assert summary["rows"][0]["T_m_max"] == pytest.approx(max(sync["states"]["T_m"]), rel=1e-12)
+    table = download(http, job_id, writer)
+    assert table.num_rows == 1 and table.column("param.R_io")[0].as_py() == 0.02
     assert_error(http.get(f"/v1/jobs/{job_id}", headers=auth(api, "other")), 404, "not_found")
+    assert_error(http.get(f"/v1/jobs/{job_id}/files/../../keys.json", headers=writer), 404, "not_found")
 
 
-def pa_buffer(data: bytes):
-    import pyarrow as pa
+def _sweep(asset: str, space: dict) -> dict:
+    return {"asset_id": asset, "horizon_s": 6 * 3600.0, "step_s": 60.0, "space": space,
+            "inputs": {"setpoint": 294.15}}
 
-    return pa.BufferReader(data)
+
+def test_sweeps_from_live_state_sync_and_async(api, http, building):
+    writer = auth(api, "writer")
+    grid = {"method": "grid", "dimensions": [{"name": "R_io", "target": "param", "mode": "scale",
+                                              "values": [0.8, 1.0, 1.25]}]}
+    r = http.post("/v1/sweeps", params={"mode": "sync"}, json=_sweep(building, grid), headers=writer)
+    assert r.status_code == 200, r.text
+    result = r.json()
+    assert result["scenarios"] == 3 and len(result["rows"]) == 3 and result["run_id"]
+    peaks = np.array([row["T_in_max"] for row in result["rows"]])
+    band = next(q for q in result["quantiles"] if q["metric"] == "T_in_max")
+    assert band["q0.5"] == pytest.approx(np.quantile(peaks, 0.5)) and band["count"] == 3
+    energy = [row["energy_kwh"] for row in result["rows"]]
+    assert energy[0] > energy[1] > energy[2]  # a leakier envelope (smaller R_io) needs more heating
+    live = http.get(f"/v1/assets/{building}/state", headers=auth(api, "reader")).json()["state"]
+    record = next(Path(api[2]).glob(f"store/runs/acme/{result['run_id']}/run.json"))
+    assert json.loads(record.read_text())["spec"]["start_state"] == pytest.approx(live)
+
+    lhs = {"method": "lhs", "n": 40, "seed": 7, "dimensions": [
+        {"name": "T_out_mean", "target": "input", "low": 268.0, "high": 283.0},
+        {"name": "C_in", "target": "param", "mode": "scale", "low": 0.7, "high": 1.3}]}
+    r = http.post("/v1/sweeps", params={"mode": "async"}, json=_sweep(building, lhs), headers=writer)
+    assert r.status_code == 202, r.text
+    job = wait_for(http, r.json()["job_id"], writer)
+    assert job["state"] == "succeeded" and job["kind"] == "sweep" and job["run_id"], job
+    table = download(http, job["job_id"], writer)
+    assert table.num_rows == 40 and sorted(table.column("scenario").to_pylist()) == list(range(40))
+    assert {"input.T_out_mean", "param.C_in", "T_in_min"} <= set(table.column_names)
 
 
 def test_limits_and_error_shapes(api, http, building):
@@ -303,10 +345,13 @@ def test_metrics_follow_requests(api, http, building):
 def test_audit_log_records_changes_and_runs(api, http, building):
     records = http.get("/v1/audit", headers=auth(api, "admin")).json()
     actions = [r["action"] for r in records]
-    assert "asset.create" in actions and "scenario.run" in actions and "scenario.submit" in actions
+    assert {"asset.create", "asset.update", "asset.delete", "scenario.run", "scenario.submit", "sweep.run",
+            "sweep.submit"} <= set(actions)
     run = next(r for r in records if r["action"] == "scenario.run")
     assert run["tenant"] == "acme" and run["details"]["model_ref"].startswith("thermal_rc@")
-    assert len(run["details"]["content_hash"]) == 64 and run["details"]["scenarios"][0]["asset_id"] == building
-    assert "jax" in run["details"]["versions"]
+    assert len(run["details"]["content_hash"]) == 64 and run["details"]["scenario"]["asset_id"] == building
+    assert "jax" in run["details"]["versions"] and run["key_id"] and "key" not in json.dumps(run).replace("key_id", "")
+    sweep = next(r for r in records if r["action"] == "sweep.run")
+    assert sweep["details"]["run_id"] and sweep["details"]["sweep"]["space"]["method"] == "grid"
     assert_error(http.get("/v1/audit", headers=auth(api, "writer")), 403, "forbidden")
     assert http.get("/v1/audit", headers=auth(api, "other")).json() == []
