@@ -19,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from actors.state import TwinState
 from raytwin.contracts import (
     Asset,
     AssetType,
@@ -43,6 +44,7 @@ from serve_apps.scenarios import AssetSweep, prepare, run, sweep_spec, sweep_to_
 from serve_apps.schemas import (
     AssetCreate,
     AssetUpdate,
+    Divergence,
     Health,
     IngestResult,
     JobAccepted,
@@ -240,21 +242,21 @@ def _twin_routes(app: FastAPI) -> None:
             reasons=rejections + [Rejection(**r) for r in report["reasons"]],
         )
 
-    @app.get("/v1/assets/{asset_id}/state", tags=tags)
+    @app.get("/v1/assets/{asset_id}/state", response_model=TwinState, tags=tags)
     async def state(asset_id: str,
                     at: Annotated[datetime | None, Query(description="ISO time with offset: the state then")] = None,
-                    who: Principal = READER, svc: Services = SVC) -> dict[str, Any]:
+                    who: Principal = READER, svc: Services = SVC) -> Any:
         """The twin's state: mean, std, covariance, revision, last event time and divergence indicators."""
         if at is not None and at.tzinfo is None:
             raise Unprocessable("`at` needs a timezone offset, e.g. 2026-01-01T00:00:00Z")
         return await svc.backend.call("state", who.tenant, asset_id, at)
 
-    @app.get("/v1/assets/{asset_id}/divergence", tags=tags)
-    async def divergence(asset_id: str, who: Principal = READER, svc: Services = SVC) -> dict[str, Any]:
+    @app.get("/v1/assets/{asset_id}/divergence", response_model=Divergence, tags=tags)
+    async def divergence(asset_id: str, who: Principal = READER, svc: Services = SVC) -> Divergence:
         """Model/data divergence: normalised innovation (NIS) statistics, residuals and the drift flag."""
         found = await svc.backend.call("state", who.tenant, asset_id, None)
-        return {"asset_id": asset_id, "revision": found["revision"], "event_time": found["event_time"],
-                **found["divergence"]}
+        return Divergence(asset_id=asset_id, revision=found["revision"], event_time=found["event_time"],
+                          **found["divergence"])
 
 
 def _validate_events(asset_id: str, events: list[dict[str, Any]], asset_type: AssetType

@@ -18,7 +18,7 @@ from serve_apps.limits import TokenBuckets
 from serve_apps.metrics import ServeMetrics
 
 
-class Backend:
+class BackendClient:
     """Calls into the `Backend` deployment: ``await backend.call("get_asset", tenant, id)``.
 
     Errors raised there (`ApiError`s) come back wrapped by Ray; they are re-raised unwrapped so
@@ -39,7 +39,7 @@ class Backend:
 class Services:
     config: ServeConfig
     keys: KeyStore
-    backend: Backend
+    backend: BackendClient
     audit: AuditLog
     metrics: ServeMetrics
     buckets: TokenBuckets
