@@ -87,6 +87,14 @@ class TwinService:
         record = registration_record(asset, artifact, initial_state, initial_std)
         ray.get(self._shard(asset.tenant, asset.id).register.remote(asset.tenant, asset.id, record))
 
+    def register_many(self, twins: list[tuple[Asset, ModelArtifact]]) -> int:
+        """Register many twins with one call per shard (default priors); returns how many were new."""
+        by_shard: dict[int, list] = {}
+        for a, artifact in twins:
+            item = (a.tenant, a.id, registration_record(a, artifact, None, None))
+            by_shard.setdefault(shard_index(a.tenant, a.id, self.router.shards), []).append(item)
+        return sum(ray.get([self._shards[i].register_many.remote(items) for i, items in by_shard.items()]))
+
     def unregister(self, tenant: str, asset_id: str) -> None:
         if not ray.get(self._shard(tenant, asset_id).unregister.remote(tenant, asset_id)):
             raise UnknownTwin(f"no twin {asset_id!r} for tenant {tenant!r}")

@@ -24,9 +24,9 @@ from ray.util import metrics
 from actors.recovery import build_twin, recover
 from actors.routing import shard_index
 from actors.state import IngestReport, Reject, TwinState
-from actors.twin import DUPLICATE, TOO_LATE, Twin
-from raytwin.contracts import ContractError, TelemetryEvent, describe_error, normalize_measurements
-from raytwin.statestore import LoggedEvent, StateStore, to_micros
+from actors.twin import DUPLICATE, TOO_LATE, Twin, logged_event
+from raytwin.contracts import ContractError, TelemetryEvent, describe_error
+from raytwin.statestore import LoggedEvent, StateStore
 
 log = logging.getLogger("raytwin.twins")
 
@@ -84,6 +84,10 @@ class TwinShard:
         self.m_twins.set(len(self.twins))
         return existing is None
 
+    def register_many(self, items: list[tuple[str, str, dict[str, Any]]]) -> int:
+        """`register` for many twins in one call; returns how many were created."""
+        return sum(self.register(*item) for item in items)
+
     def unregister(self, tenant: str, asset_id: str) -> bool:
         """Drop the twin and its registration (its log and snapshots stay, as history)."""
         found = self.twins.pop((tenant, asset_id), None) is not None
@@ -129,14 +133,12 @@ class TwinShard:
                 reason = f"unknown twin {ev.asset_id!r} for tenant {tenant!r}"
             else:
                 try:
-                    values = normalize_measurements(ev, twin.artifact.asset_type)
+                    logged = logged_event(ev, twin.artifact.asset_type)
                 except ContractError as exc:
                     reason = describe_error(exc)
             if reason is not None:
                 rejects.append(_reject(ev, reason))
                 continue
-            logged = LoggedEvent((to_micros(ev.event_time), ev.sequence, ev.idempotency_key), ev.quality, values,
-                                 to_micros(ev.ingest_time))
             verdict = DUPLICATE if (ev.asset_id, ev.idempotency_key) in batch_keys else twin.classify(logged)
             if verdict == TOO_LATE and self.store.contains(tenant, ev.asset_id, logged.key):
                 verdict = DUPLICATE  # a re-delivery of an event applied long ago

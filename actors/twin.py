@@ -22,12 +22,19 @@ from dataclasses import dataclass
 import numpy as np
 
 from actors.state import DivergenceReport, TwinState
+from raytwin.contracts import AssetType, TelemetryEvent, normalize_measurements
 from raytwin.estimation import Divergence, ExtendedKalmanFilter, FilterState
 from raytwin.registry import ModelArtifact
-from raytwin.statestore import EventKey, LoggedEvent, Snapshot, from_micros
+from raytwin.statestore import EventKey, LoggedEvent, Snapshot, from_micros, to_micros
 
 DUPLICATE = "duplicate"
 TOO_LATE = "too late"
+
+
+def logged_event(ev: TelemetryEvent, asset_type: AssetType) -> LoggedEvent:
+    """The event as the log keeps it: its order key and values in the type's SI units (or ContractError)."""
+    return LoggedEvent((to_micros(ev.event_time), ev.sequence, ev.idempotency_key), ev.quality,
+                       normalize_measurements(ev, asset_type), to_micros(ev.ingest_time))
 
 
 @dataclass(frozen=True, slots=True)
