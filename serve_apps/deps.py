@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from fsspec import AbstractFileSystem
 from fastapi import Depends, Header, Request
+from fsspec import AbstractFileSystem
 from starlette.concurrency import run_in_threadpool
 
 from serve_apps.audit import AuditLog, AuditRecord
@@ -87,3 +87,4 @@ def require(role: Role):
 READER = Depends(require(Role.reader))
 WRITER = Depends(require(Role.writer))
 ADMIN = Depends(require(Role.admin))
+SVC = Depends(services)
