@@ -309,11 +309,12 @@ def test_limits_and_error_shapes(api, http, building):
 
 def test_rate_limit_per_key(api, http):
     limited = auth(api, "limited")
-    statuses = [http.get("/v1/asset-types", headers=limited) for _ in range(RATE_BURST + 40)]
-    refused = [r for r in statuses if r.status_code == 429]
-    assert refused, "no request was rate limited"
-    assert int(refused[0].headers["Retry-After"]) >= 1
-    assert_error(refused[0], 429, "rate_limited")
+    for _ in range(10 * RATE_BURST):  # drains unless requests are slower than the refill (5/s)
+        r = http.get("/v1/asset-types", headers=limited)
+        if r.status_code != 200:
+            break
+    assert_error(r, 429, "rate_limited")
+    assert int(r.headers["Retry-After"]) >= 1
     assert http.get("/v1/asset-types", headers=auth(api, "reader")).status_code == 200  # other keys unaffected
 
 
