@@ -133,6 +133,10 @@ def test_catalog_crud_and_queries(api, http, building):
     missing = {**update, "relationships": [{"kind": "feeds", "target": "nowhere"}]}
     assert_error(http.put(f"/v1/assets/{building}", json=missing, headers=admin), 422, "invalid_request")
 
+    bad_start = {"id": "tmp-1", "type_name": "thermal_rc", "type_version": THERMAL_TYPE["version"],
+                 "initial_state": {"T_in": 293.0}}
+    assert_error(http.post("/v1/assets", json=bad_start, headers=admin), 422, "invalid_request")
+    assert_error(http.get("/v1/assets/tmp-1", headers=admin), 404, "not_found")  # rolled back
     r = http.post("/v1/assets", json={"id": "tmp-1", "type_name": "thermal_rc",
                                       "type_version": THERMAL_TYPE["version"]}, headers=admin)
     assert r.status_code == 201
