@@ -31,8 +31,10 @@ def rss_mib(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
-def measure(n_twins: int, workdir: str, shards: int = 1, tenant: str = "bench") -> dict[str, float]:
-    """Register `n_twins` thermal twins, send each one event, and report memory and timings."""
+def measure(n_twins: int, workdir: str, shards: int = 1, events_per_twin: int = 1,
+            tenant: str = "bench") -> dict[str, float]:
+    """Register `n_twins` thermal twins, send each `events_per_twin` events (one ingest call),
+    and report memory and timings."""
     artifact = ModelRegistry(f"{workdir}/registry").register("zone", "1.0.0", AssetType.from_model(THERMAL_RC))
     svc = TwinService(f"{workdir}/store", shards=shards, batch_size=2000)
     try:
@@ -44,9 +46,10 @@ def measure(n_twins: int, workdir: str, shards: int = 1, tenant: str = "bench") 
         svc.register_many([(a, artifact) for a in assets])
         register_s = time.perf_counter() - t
         registered = sum(rss_mib(p) for p in pids)
-        t0 = datetime.now(UTC) - timedelta(minutes=1)
-        events = [TelemetryEvent(asset_id=a.id, event_time=t0, sequence=0,
-                                 measurements={"T_in": {"value": 21.0, "unit": "degC"}}) for a in assets]
+        t0 = datetime.now(UTC) - timedelta(seconds=60 * events_per_twin + 60)
+        events = [TelemetryEvent(asset_id=a.id, event_time=t0 + timedelta(seconds=60 * k), sequence=k,
+                                 measurements={"T_in": {"value": 21.0 + 0.01 * k, "unit": "degC"}})
+                  for k in range(events_per_twin) for a in assets]
         t = time.perf_counter()
         report = svc.ingest(tenant, events)
         ingest_s = time.perf_counter() - t
@@ -56,7 +59,7 @@ def measure(n_twins: int, workdir: str, shards: int = 1, tenant: str = "bench") 
             svc.state(tenant, a.id)
         state_ms = (time.perf_counter() - t) / min(200, n_twins) * 1e3
         result = {
-            "twins": n_twins, "shards": shards, "accepted": report.accepted,
+            "twins": n_twins, "shards": shards, "events_per_twin": events_per_twin, "accepted": report.accepted,
             "idle_shard_rss_mib": idle / shards,
             "rss_per_twin_kib": (loaded - idle) * 1024.0 / n_twins,
             "total_rss_mib": loaded,

@@ -53,6 +53,7 @@ def dead_letters(
 def bench(
     twins: int = typer.Option(10_000, min=1, help="Twins to create."),
     shards: int = typer.Option(1, min=1, help="Shard actors holding them."),
+    events_per_twin: int = typer.Option(1, min=1, help="Events per twin, sent in one ingest call."),
 ) -> None:
     """Measure memory and time of N twins in shard actors on a local Ray (Linux)."""
     import ray
@@ -61,6 +62,6 @@ def bench(
 
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", ignore_reinit_error=True)
     with tempfile.TemporaryDirectory() as workdir:
-        result = measure(twins, workdir, shards=shards)
+        result = measure(twins, workdir, shards=shards, events_per_twin=events_per_twin)
     for k, v in result.items():
         typer.echo(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}")

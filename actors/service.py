@@ -76,6 +76,10 @@ class TwinService:
     def _shard(self, tenant: str, asset_id: str):
         return self._shards[shard_index(tenant, asset_id, self.router.shards)]
 
+    def shard_for(self, tenant: str, asset_id: str):
+        """The named actor handle that holds this twin (stable: a crc32 hash of tenant/asset)."""
+        return self._shard(tenant, asset_id)
+
     @property
     def shard_handles(self) -> list:
         return list(self._shards)

@@ -98,6 +98,17 @@ def test_ingest_ndjson_over_http(service):
     assert "this is not json" in service.dead_letters("acme").to_pylist()[-1]["raw"]
 
 
+def test_ingest_table_task_and_table_through_the_service(service):
+    from actors.ingest import ingest_table
+
+    table = events_to_table(tank_events("t3", 10, start=1000))
+    report = ray.get(ingest_table.remote(service.router, "acme", table.slice(0, 6), batch_size=4))
+    assert (report.accepted, report.duplicates, report.rejected) == (6, 0, 0)
+    report = service.ingest("acme", table)  # a pyarrow.Table straight into the facade
+    assert (report.accepted, report.duplicates) == (4, 6)
+    assert service.state("acme", "t3").event_time == T0 + timedelta(seconds=1009)
+
+
 @ray.remote(max_concurrency=3)
 class SlowShard:
     """Stands in for a twin shard that is slow to apply."""

@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 import numpy as np
 import pytest
 
-from actors import TwinService, UnknownTwin
+from actors import TwinService, TwinState, UnknownTwin
 from actors.recovery import registration_record
 from actors.twin import DUPLICATE, TOO_LATE, Twin, logged_event, replay
 from raytwin.contracts import Asset, AssetType, TelemetryEvent
@@ -217,6 +217,7 @@ def test_killed_shard_recovers_without_losing_or_double_applying(ray_session, tm
                                                **opts).view())
             assert state.events_applied == 100
         assert svc.dead_letters("acme").num_rows == 0
+        assert svc.store.latest_snapshot("acme", "k1").revision >= 80  # recovery used snapshot + log
         # a fresh service (new actors) recovers the same state from the store alone
         svc.close()
         svc = TwinService(str(tmp_path / "store"), shards=1, snapshot_every=8, **opts)
@@ -224,3 +225,57 @@ def test_killed_shard_recovers_without_losing_or_double_applying(ray_session, tm
                           reference(artifact, "k2", [e for e in evs if e.asset_id == "k2"], **opts).view())
     finally:
         svc.close()
+
+
+def test_cli_time_travel_and_dead_letters(service, artifact):
+    from typer.testing import CliRunner
+
+    from actors.cli import twins_app
+
+    evs = events("z1", 12, seed=11, start=200)
+    service.ingest("acme", evs + [events("ghost", 1)[0].model_copy(update={"idempotency_key": "cli-ghost"})])
+    runner = CliRunner()
+    at = (evs[5].event_time + timedelta(seconds=1)).isoformat()
+    result = runner.invoke(twins_app, ["state-at", service.store.url, "acme", "z1", "--at", at])
+    assert result.exit_code == 0, result.output
+    shown = TwinState.model_validate_json(result.output)
+    assert_same_state(shown, reference(artifact, "z1", evs[:6], **TWIN_OPTS).view())
+    assert runner.invoke(twins_app, ["state-at", service.store.url, "beta", "z2"]).exit_code == 2
+    result = runner.invoke(twins_app, ["dead-letters", service.store.url, "--tenant", "acme", "--limit", "1"])
+    assert result.exit_code == 0 and "cli-ghost" in result.output and "unknown twin" in result.output
+
+
+def test_failed_log_write_mid_batch_never_leaves_memory_behind_the_store(ray_session, tmp_path, artifact):
+    """The log write fails after one asset's file is durable: the shard re-reads that twin."""
+    from actors.shard import TwinShard
+
+    shard = TwinShard(str(tmp_path), 0, 1, allowed_lateness_s=LATENESS_S, snapshot_every=1000, checkpoint_every=8)
+    for a in ("f1", "f2"):
+        shard.register("acme", a, registration_record(asset(a), artifact, None, None))
+    e1, e2 = events("f1", 6, seed=7), events("f2", 6, seed=8)
+    real_write, calls = shard.store._write, []
+
+    def flaky_write(table, directory, stem):
+        calls.append(directory)
+        if len(calls) == 2:
+            raise OSError("store unavailable")
+        real_write(table, directory, stem)
+
+    shard.store._write = flaky_write
+    with pytest.raises(OSError):
+        shard.ingest("acme", e1 + e2)
+    shard.store._write = real_write
+    written = "f1" if "asset_id=f1" in calls[0] else "f2"
+    assert shard.state("acme", written).events_applied == 6  # the durable half is applied
+    report = shard.ingest("acme", e1 + e2)  # the source re-delivers the failed batch
+    assert (report.accepted, report.duplicates) == (6, 6)
+    for a, evs in (("f1", e1), ("f2", e2)):
+        assert_same_state(shard.state("acme", a), reference(artifact, a, evs, **TWIN_OPTS).view())
+
+
+def test_reregistered_asset_resumes_its_history(service, artifact):
+    service.register(asset("again"), artifact)
+    service.ingest("acme", events("again", 5, seed=12))
+    service.unregister("acme", "again")
+    service.register(asset("again"), artifact)
+    assert service.state("acme", "again").events_applied == 5
