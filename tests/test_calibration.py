@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from raytwin.registry import ModelRegistry
 from raytwin.sim import get_model
 from sweeps.calibration import CalibrationError, CalibrationSpec, build_problem, calibrate
 from sweeps.synthetic import synthetic_telemetry
@@ -29,6 +32,7 @@ CASES = {
         true=dict(a1_tank=1.7e-2, a2_tank=1.3e-2, a1=5.6e-5, a2=4.5e-5),
         x0={"h1": 0.3, "h2": 0.3}, n=3600, dt=1.0, noise={"h1": 0.001, "h2": 0.001},
         search=dict(search="grid", grid_levels=2, scheduler="asha"),  # 2^4 grid points
+        event_times=True,
     ),
 }
 
@@ -36,6 +40,10 @@ CASES = {
 def _telemetry(tmp_path, simulator, seed=1):
     case = CASES[simulator]
     table = synthetic_telemetry(simulator, case["true"], case["x0"], case["n"], case["dt"], case["noise"], seed)
+    if case.get("event_times"):  # telemetry as exported by the twins: timestamps instead of t_s
+        start = datetime(2026, 1, 1, tzinfo=UTC)
+        stamps = [start + timedelta(seconds=s) for s in table["t_s"].to_pylist()]
+        table = table.drop(["t_s"]).append_column("event_time", pa.array(stamps, pa.timestamp("ms", tz="UTC")))
     path = tmp_path / f"{simulator}.parquet"
     pq.write_table(table, path)
     return str(path)
@@ -50,7 +58,9 @@ def _spec(simulator, telemetry, **kw):
 
 @pytest.mark.parametrize("simulator", sorted(CASES))
 def test_calibration_recovers_known_parameters(ray_session, tmp_path, simulator):
-    spec = _spec(simulator, _telemetry(tmp_path, simulator), **CASES[simulator]["search"])
+    registry = str(tmp_path / "registry")
+    spec = _spec(simulator, _telemetry(tmp_path, simulator), **CASES[simulator]["search"],
+                 registry_url=registry, register_as=f"{simulator}-fitted@1.0.0")
     result, files, data_hash = calibrate(spec, str(tmp_path / "out"))
     true = CASES[simulator]["true"]
     for name, value in true.items():
@@ -69,6 +79,8 @@ def test_calibration_recovers_known_parameters(ray_session, tmp_path, simulator)
     assert (out / "fit.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out / "calibration.json").read_text())["parameters"] == result.parameters
     assert set(files) == {"calibration.json", "fit.png"} and len(data_hash) == 64
+    published = ModelRegistry(registry).get(f"{simulator}-fitted@1.0.0")
+    assert published.parameters == result.parameters and published.metadata["telemetry_sha256"] == data_hash
 
 
 def test_calibration_refuses_unusable_input(tmp_path):

@@ -7,18 +7,17 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from typer.testing import CliRunner
 
-from raytwin.provenance import code_version
 from raytwin.contracts import AssetType
+from raytwin.provenance import code_version
 from raytwin.registry import ModelRegistry
 from raytwin.sim import TWO_TANK
-from sweeps.calibration import CalibrationSpec
-from sweeps.cli import rerun_app, runs_app
-from sweeps.runs import RunError, RunStore, recorded_calibration, recorded_sweep, rerun
+from sweeps.cli import calibrate_app, rerun_app, runs_app
+from sweeps.runs import RunError, RunStore, recorded_sweep, rerun
 from sweeps.space import Dimension, ScenarioSpace
 from sweeps.spec import SweepSpec
-from sweeps.synthetic import synthetic_telemetry
 
 
 def _sweep_spec(registry_url):
@@ -76,14 +75,20 @@ def test_sweep_run_record_and_bit_identical_rerun(ray_session, tmp_path, monkeyp
 
 
 def test_calibration_run_records_the_data_hash_and_reruns_identically(ray_session, tmp_path):
-    x0 = {"h1": 0.3, "h2": 0.3}
-    table = synthetic_telemetry("two_tank", {"a1": 5.6e-5, "a2": 4.5e-5}, x0, 900, 1.0, {"h1": 1e-3, "h2": 1e-3}, 3)
-    path = tmp_path / "telemetry.parquet"
-    pq.write_table(table, path)
-    spec = CalibrationSpec(model="two_tank", telemetry=str(path), start_state=x0, free=["a1", "a2"],
-                           noise_std={"h1": 1e-3, "h2": 1e-3}, num_samples=3, seed=5)
-    runs = str(tmp_path / "runs")
-    record = recorded_calibration(spec, runs=runs)
+    runner, path, runs = CliRunner(), tmp_path / "telemetry.parquet", str(tmp_path / "runs")
+    made = runner.invoke(calibrate_app, ["synthetic", "two_tank", "--out", str(path), "--steps", "900", "--seed", "3",
+                                         "--param", "a1=5.6e-5", "--param", "a2=4.5e-5",
+                                         "--noise", "h1=0.001", "--noise", "h2=0.001"])
+    assert made.exit_code == 0, made.output
+    spec_file = tmp_path / "calib.yaml"
+    spec_file.write_text(yaml.safe_dump({
+        "model": "two_tank", "telemetry": str(path), "start_state": {"h1": 0.3, "h2": 0.3}, "free": ["a1", "a2"],
+        "noise_std": {"h1": 1e-3, "h2": 1e-3}, "num_samples": 3, "seed": 5}))
+    fitted = runner.invoke(calibrate_app, ["run", str(spec_file), "--runs", runs])
+    assert fitted.exit_code == 0, fitted.output
+    assert "a1 = 5.6" in fitted.output  # printed with its uncertainty
+    record = RunStore(runs).load(fitted.output.split()[1].rstrip(":"))
+    table = pq.read_table(path)
     assert record.kind == "calibration" and record.input_data_hash == _file_hash(path)
     assert record.seeds == {"search": 5} and set(record.outputs) == {"calibration.json", "fit.png"}
     assert record.summary["parameters"]["a1"] == pytest.approx(5.6e-5, rel=0.02)
@@ -93,6 +98,24 @@ def test_calibration_run_records_the_data_hash_and_reruns_identically(ray_sessio
 
     pq.write_table(table.slice(0, 800), path)  # the telemetry snapshot changed
     with pytest.raises(RunError, match="telemetry .* changed"):
+        rerun(record.run_id, runs=runs)
+
+
+def test_a_failed_run_is_recorded_and_cannot_be_rerun(tmp_path, monkeypatch):
+    import sweeps.runs
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("storage exploded")
+
+    monkeypatch.setattr(sweeps.runs, "run_sweep", broken)
+    space = ScenarioSpace(method="random", n=4, dimensions=[Dimension(name="a1", target="param", low=1e-5, high=2e-5)])
+    spec = sweeps.SweepSpec(model="two_tank", space=space, horizon_s=10.0, step_s=1.0)
+    runs = str(tmp_path / "runs")
+    with pytest.raises(RuntimeError, match="exploded"):
+        sweeps.recorded_sweep(spec, runs=runs)
+    [record] = RunStore(runs).list()
+    assert (record.status, record.error, record.outputs) == ("failed", "storage exploded", {})
+    with pytest.raises(RunError, match="only succeeded runs"):
         rerun(record.run_id, runs=runs)
 
 
