@@ -1,0 +1,73 @@
+"""The FastAPI application: routes under /v1, errors, auth, limits and metrics.
+
+`create_api()` builds the app without touching Ray; an ingress replica attaches its `Services`
+(`app.state.services`) before serving. That keeps the OpenAPI document reproducible
+(`create_api().openapi()`) and the routes free of deployment wiring.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from fastapi import FastAPI, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from serve_apps import routes_catalog, routes_scenarios, routes_twins
+from serve_apps.deps import SVC, Services
+from serve_apps.errors import ERROR_RESPONSES, install_error_handlers
+from serve_apps.limits import BodyLimitMiddleware
+from serve_apps.schemas import Health
+
+log = logging.getLogger("raytwin.serve.api")
+
+API_VERSION = "1.0.0"
+
+
+def create_api(max_body_bytes: int = 1_048_576) -> FastAPI:
+    app = FastAPI(
+        title="RayTwin API", version=API_VERSION, responses=ERROR_RESPONSES,
+        description="Live digital twins and what-if scenarios. Authenticate with `Authorization: Bearer <key>`.",
+    )
+    install_error_handlers(app)
+    _observe_requests(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
+    _ops_routes(app)
+    for routes in (routes_catalog, routes_twins, routes_scenarios):
+        routes.register(app)
+    return app
+
+
+def _observe_requests(app: FastAPI) -> None:
+    @app.middleware("http")
+    async def observe(request: Request, call_next):
+        t0 = time.perf_counter()
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            route = request.scope.get("route")
+            path = getattr(route, "path", "unmatched")
+            seconds = time.perf_counter() - t0
+            svc = getattr(request.app.state, "services", None)
+            if svc is not None:
+                svc.metrics.observe_request(request.method, path, status, seconds)
+            log.info("event=request method=%s route=%s status=%d duration_ms=%.1f request_id=%s", request.method,
+                     path, status, 1000 * seconds, getattr(request.state, "request_id", None))
+
+
+def _ops_routes(app: FastAPI) -> None:
+    @app.get("/v1/health", response_model=Health, tags=["operations"])
+    async def health(svc: Services = SVC) -> Health:
+        """Liveness and the cluster-wide counts (no API key needed)."""
+        jobs = await svc.backend.call("job_stats")
+        return Health(status="ok", live_twins=await svc.backend.call("live_twins"), jobs=jobs["states"])
+
+    @app.get("/metrics", tags=["operations"], response_class=Response,
+             responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"}})
+    async def metrics(svc: Services = SVC) -> Response:
+        """Prometheus metrics of the replica that answers, plus cluster-wide twin and job gauges."""
+        svc.metrics.set_cluster(await svc.backend.call("live_twins"), await svc.backend.call("job_stats"))
+        return Response(svc.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,104 @@
+"""`raytwin serve`: start the HTTP API on Ray; `raytwin keys create`; `raytwin serve openapi`.
+
+The integrator mounts `serve_app` as ``serve`` and `keys_app` as ``keys`` on the `raytwin` app.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from serve_apps.auth import RoleName, create_key, load_keys
+
+serve_app = typer.Typer(help="Start the RayTwin HTTP API on Ray Serve (routes under /v1, docs at /docs).",
+                        invoke_without_command=True)
+keys_app = typer.Typer(help="API keys (only their SHA-256 is stored, in the keys file).", no_args_is_help=True)
+
+KEYS_FILE = Annotated[Path, typer.Option(envvar="RAYTWIN_API_KEYS_FILE", help="API keys file (JSON).")]
+
+
+@serve_app.callback()
+def start(
+    ctx: typer.Context,
+    store: Annotated[str | None, typer.Option(envvar="RAYTWIN_SERVE_STORE_URL", help="Store URL (dir or s3://...).")
+                     ] = None,
+    keys_file: Annotated[Path | None, typer.Option(envvar="RAYTWIN_API_KEYS_FILE", help="API keys file (JSON).")
+                         ] = None,
+    host: Annotated[str, typer.Option(help="HTTP bind address.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: start a local Ray).")] = None,
+    min_replicas: Annotated[int, typer.Option(help="Ingress autoscaling: fewest replicas.")] = 1,
+    max_replicas: Annotated[int, typer.Option(help="Ingress autoscaling: most replicas.")] = 4,
+    target_ongoing_requests: Annotated[float, typer.Option(help="Ingress autoscaling target per replica.")] = 8.0,
+    config: Annotated[Path | None, typer.Option(help="JSON file with more ServeConfig fields.")] = None,
+    block: Annotated[bool, typer.Option(help="Keep running until Ctrl-C.")] = True,
+) -> None:
+    """Start the API on Ray Serve at http://HOST:PORT (routes under /v1, docs at /docs)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if store is None or keys_file is None:
+        raise typer.BadParameter("give --store and --keys-file (or RAYTWIN_SERVE_STORE_URL, RAYTWIN_API_KEYS_FILE)")
+    if not keys_file.exists():
+        raise typer.BadParameter(f"{keys_file} does not exist; create a key with `raytwin keys create`")
+    import ray
+    from ray import serve
+
+    from serve_apps.app import build_app
+    from serve_apps.config import ServeConfig
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    args = json.loads(config.read_text()) if config else {}
+    args.update(store_url=store, keys_file=str(keys_file.resolve()), autoscaling={
+        **args.get("autoscaling", {}), "min_replicas": min_replicas, "max_replicas": max_replicas,
+        "target_ongoing_requests": target_ongoing_requests,
+    })
+    settings = ServeConfig.from_args(args)
+    if not ray.is_initialized():
+        ray.init(address=address)
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(settings), name="raytwin", route_prefix="/")
+    typer.echo(f"RayTwin API at http://{host}:{port}/v1 (OpenAPI: /docs, metrics: /metrics)")
+    if not block:
+        return
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop the same way on SIGTERM (Kubernetes, systemd)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+        typer.echo("stopped")
+
+
+@keys_app.command("create")
+def keys_create(
+    tenant: Annotated[str, typer.Option(help="Tenant the key belongs to.")],
+    role: Annotated[RoleName, typer.Option(help="reader | writer | admin.")],
+    keys_file: KEYS_FILE = Path("raytwin-keys.json"),
+) -> None:
+    """Create a key: prints it ONCE (only its SHA-256 is stored in the keys file)."""
+    record, key = create_key(keys_file, tenant, role)
+    typer.echo(key)
+    typer.echo(f"key_id={record.key_id} tenant={record.tenant} role={record.role} file={keys_file}", err=True)
+
+
+@serve_app.command("openapi")
+def openapi(out: Annotated[Path, typer.Option(help="Where to write the document.")] = Path("serve_apps/openapi.json")
+            ) -> None:
+    """Write the OpenAPI document of the API (committed as serve_apps/openapi.json)."""
+    from serve_apps.api import create_api
+
+    out.write_text(json.dumps(create_api().openapi(), indent=2, sort_keys=True) + "\n")
+    typer.echo(f"wrote {out}")
+
+
+@keys_app.command("list")
+def keys_list(keys_file: KEYS_FILE = Path("raytwin-keys.json")) -> None:
+    """Show key ids, tenants and roles (never hashes)."""
+    for record in load_keys(keys_file):
+        typer.echo(f"{record.key_id}\t{record.tenant}\t{record.role}")
