@@ -6,6 +6,7 @@ import typer
 
 from actors.cli import twins_app
 from cluster.cli import cluster_app, job_app
+from serve_apps.cli import keys_app, serve_app
 from sweeps.cli import calibrate_app, rerun, runs_app, sweep_app
 
 app = typer.Typer(help="RayTwin: live digital twins and scenario sweeps on Ray.", no_args_is_help=True)
@@ -16,6 +17,8 @@ app.add_typer(sweep_app, name="sweep", help="What-if scenario sweeps.")
 app.add_typer(calibrate_app, name="calibrate", help="Fit model parameters to telemetry with Ray Tune.")
 app.add_typer(runs_app, name="runs", help="Recorded sweep and calibration runs.")
 app.command("rerun")(rerun)
+app.add_typer(serve_app, name="serve", help="Serve the HTTP API on Ray Serve.")
+app.add_typer(keys_app, name="keys", help="Create and list API keys (stored hashed).")
 
 
 @app.command()
