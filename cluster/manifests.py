@@ -130,8 +130,10 @@ def serve_config(spec: ClusterSpec) -> dict[str, Any]:
         "import_path": spec.serve.import_path,
         "route_prefix": spec.serve.route_prefix,
     }
-    if spec.serve.args:
-        app["args"] = spec.serve.args
+    # the app's state store defaults to the cluster's storage URL
+    args = ({"store_url": spec.storage_url} if spec.storage_url else {}) | spec.serve.args
+    if args:
+        app["args"] = args
     env = _env(spec)
     if env:
         app["runtime_env"] = {"env_vars": env}

@@ -89,11 +89,12 @@ def test_autoscaling_bounds_and_options_reach_the_raycluster() -> None:
 
 
 def test_rayservice_embeds_the_serve_app_config() -> None:
-    spec = parse_spec(spec_data(storage_url="s3://raytwin-state/prod", serve={"args": {"twins": 20}}))
+    spec = parse_spec(spec_data(storage_url="s3://raytwin-state/prod", serve={"args": {"keys_file": "/etc/keys.json"}}))
     manifest = render_rayservice(spec)
     serve = yaml.safe_load(manifest["spec"]["serveConfigV2"])
     assert serve == {"applications": [{
-        "name": "raytwin", "import_path": "serve_apps.app:build_app", "route_prefix": "/", "args": {"twins": 20},
+        "name": "raytwin", "import_path": "serve_apps.app:build_app", "route_prefix": "/",
+        "args": {"store_url": "s3://raytwin-state/prod", "keys_file": "/etc/keys.json"},
         "runtime_env": {"env_vars": {"RAYTWIN_STORAGE_URL": "s3://raytwin-state/prod"}},
     }]}
     assert manifest["spec"]["rayClusterConfig"] == render_raycluster(spec)["spec"]
