@@ -1,12 +1,17 @@
-"""Shared fixtures: one local S3-compatible server and one local Ray instance per test session."""
+"""Shared fixtures: one local S3-compatible server and one local Ray instance per test session, and a real
+two-node Ray cluster per test module that asks for it."""
 
 from __future__ import annotations
 
 import os
 import socket
 import uuid
+from collections.abc import Iterator
 
 import pytest
+
+from cluster.local import LocalCluster, LocalClusterInfo
+from tests.fixtures_cluster import cluster_processes
 
 
 def free_port() -> int:
@@ -60,3 +65,12 @@ def ray_session(s3_endpoint):
     ray.init(num_cpus=2, include_dashboard=False, namespace="raytwin-tests", logging_level="WARNING")
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local_cluster() -> Iterator[LocalClusterInfo]:
+    """A head and one worker node (1 CPU each) as separate `ray start` processes, reached only over HTTP;
+    every node is stopped when the module ends, also when a test fails."""
+    with LocalCluster(num_workers=1, cpus_per_node=1, object_store_mb=100) as info:
+        yield info
+    assert cluster_processes(info.temp_dir) == []

@@ -6,9 +6,7 @@ The pytest process never calls `ray.init()`: everything runs in the cluster's ow
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -18,7 +16,8 @@ from typer.testing import CliRunner
 
 from cluster.cli import cluster_app, job_app
 from cluster.jobs import JobClient
-from cluster.local import LocalCluster, LocalClusterInfo
+from cluster.local import LocalClusterInfo
+from tests.fixtures_cluster import alive_node_ids
 
 PROBE = '''
 import json, os
@@ -38,29 +37,10 @@ print("PROBE " + json.dumps({"ran_on": sorted(set(ray.get(pinned))), "flag": os.
 '''
 
 
-def _cluster_processes(temp_dir: str) -> list[str]:
-    listing = subprocess.run(["ps", "-A", "-o", "stat=,args="], capture_output=True, text=True, check=True).stdout
-    return [line for line in listing.splitlines() if temp_dir in line and not line.lstrip().startswith("Z")]
-
-
-@pytest.fixture(scope="module")
-def local_cluster() -> Iterator[LocalClusterInfo]:
-    cluster = LocalCluster(num_workers=1, cpus_per_node=1, object_store_mb=100)
-    with cluster as info:  # stops every node on exit, also when a test fails
-        yield info
-    assert _cluster_processes(info.temp_dir) == []
-
-
-def _alive_node_ids(info: LocalClusterInfo) -> list[str]:
-    reply = httpx.get(f"{info.dashboard_url}/api/v0/nodes", headers=info.auth_headers, timeout=10)
-    nodes = reply.json()["data"]["result"]["result"]
-    return sorted(node["node_id"] for node in nodes if node["state"] == "ALIVE")
-
-
 def test_local_cluster_has_a_head_and_a_worker_node(local_cluster: LocalClusterInfo) -> None:
     assert local_cluster.dashboard_url.startswith("http://127.0.0.1:")
     assert local_cluster.address.startswith("127.0.0.1:")
-    assert len(_alive_node_ids(local_cluster)) == 2
+    assert len(alive_node_ids(local_cluster)) == 2
     assert len(local_cluster.pids) == 2
     # the cluster requires its own token, whatever the caller's Ray auth settings are
     assert httpx.get(f"{local_cluster.dashboard_url}/api/v0/nodes", timeout=10).status_code == 401
@@ -73,7 +53,7 @@ def test_submitted_job_runs_tasks_on_both_nodes(local_cluster: LocalClusterInfo,
     assert jobs.wait(job_id, timeout_s=180) == JobStatus.SUCCEEDED, jobs.logs(job_id)
     logs = jobs.logs(job_id)
     report = json.loads(next(line for line in logs.splitlines() if line.startswith("PROBE "))[len("PROBE "):])
-    assert report["ran_on"] == _alive_node_ids(local_cluster)
+    assert report["ran_on"] == alive_node_ids(local_cluster)
     assert (report["flag"], report["xla_prealloc"]) == ("on", "false")
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import httpx
@@ -10,11 +9,7 @@ from typer.testing import CliRunner
 
 from cluster.cli import cluster_app, job_app
 from cluster.local import LocalClusterInfo, stop_local_cluster
-
-
-def _processes_using(temp_dir: str) -> list[str]:
-    listing = subprocess.run(["ps", "-A", "-o", "stat=,args="], capture_output=True, text=True, check=True).stdout
-    return [line for line in listing.splitlines() if temp_dir in line and not line.lstrip().startswith("Z")]
+from tests.fixtures_cluster import cluster_processes
 
 
 def test_up_records_the_cluster_and_down_stops_it(tmp_path: Path) -> None:
@@ -36,7 +31,7 @@ def test_up_records_the_cluster_and_down_stops_it(tmp_path: Path) -> None:
         down = runner.invoke(cluster_app, ["down", "--local", "--state-file", str(state)])
         assert down.exit_code == 0, down.output
         assert not state.exists()
-        assert _processes_using(info.temp_dir) == []
+        assert cluster_processes(info.temp_dir) == []
         assert not Path(info.temp_dir).exists()
     finally:
         if info is not None:
