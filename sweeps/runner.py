@@ -1,0 +1,253 @@
+"""Run a sweep on Ray: chunks of scenarios as retried tasks, each written as one Parquet file.
+
+The driver computes each chunk's scenario rows, keeps a bounded window of chunk tasks in flight
+(`ray.wait`), and shows progress. A chunk task writes ``part-<chunk>.parquet`` (via a temporary
+name, so a killed attempt leaves no torn file) and returns its SHA-256; a retried chunk
+recomputes the same rows and overwrites the same file with the same bytes, so a sweep that lost
+workers ends identical to an uninterrupted one. Memory stays bounded: only the metrics of the
+chunks in flight exist at once. Ctrl-C cancels the outstanding tasks and raises `SweepCancelled`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from raytwin.storage import filesystem
+from sweeps import engine
+from sweeps.engine import Bases
+from sweeps.kits import get_kit
+from sweeps.spec import SweepSpec, resolve_model
+
+log = logging.getLogger("raytwin.sweeps")
+
+SINGLE_THREADED_XLA = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+"""One XLA thread per CPU task, so N tasks use N cores instead of N x N threads fighting."""
+FAULT_ENV = ("RAYTWIN_SWEEP_CRASH_CHUNK", "RAYTWIN_SWEEP_CRASH_MARKER")
+"""Fault injection for tests: the first attempt of that chunk kills its worker (marker dir records it)."""
+TASK_RETRIES = 3
+
+
+class SweepCancelled(RuntimeError):
+    """The sweep was interrupted (Ctrl-C); outstanding tasks were cancelled."""
+
+
+@dataclass
+class SweepResult:
+    out_url: str
+    n_scenarios: int
+    n_chunks: int
+    chunk_size: int
+    outputs: dict[str, str] = field(default_factory=dict)  # file name -> sha256
+    elapsed_s: float = 0.0
+
+    @property
+    def scenarios_per_s(self) -> float:
+        return self.n_scenarios / self.elapsed_s if self.elapsed_s > 0 else float("nan")
+
+
+def part_name(chunk: int) -> str:
+    return f"part-{chunk:06d}.parquet"
+
+
+TRAJECTORY_FILE = "trajectories.parquet"
+
+
+def write_parquet(table: pa.Table, url: str, storage_options: dict | None) -> str:
+    """Write `table` to `url` atomically (temporary name, then rename); return the bytes' SHA-256."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    data = sink.getvalue().to_pybytes()
+    fs, path = filesystem(url, storage_options)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    fs.pipe_file(tmp, data)
+    fs.mv(tmp, path)
+    return hashlib.sha256(data).hexdigest()
+
+
+def _crash_if_injected(chunk: int) -> None:
+    target, marker_dir = (os.environ.get(k) for k in FAULT_ENV)
+    if target is None or int(target) != chunk or marker_dir is None:
+        return
+    marker = os.path.join(marker_dir, f"crashed-{chunk}")
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(1)  # a dead worker, as from an OOM kill or a lost node
+
+
+def _scenario_table(spec: SweepSpec, start: int, rows: np.ndarray, columns: dict[str, np.ndarray]) -> pa.Table:
+    data = {"scenario": np.arange(start, start + rows.shape[0], dtype=np.int64)}
+    data.update({col: rows[:, j] for j, col in enumerate(spec.space.columns)})
+    data.update(columns)
+    return pa.table(data)
+
+
+def _chunk_task(spec: SweepSpec, simulator: str, bases: Bases, chunk: int, rows: np.ndarray, url: str,
+                storage_options: dict | None) -> tuple[int, str, int]:
+    _crash_if_injected(chunk)
+    metrics = engine.chunk_metrics(
+        get_kit(simulator), bases, spec.space.dimensions, rows, spec.step_s, spec.n_steps, spec.chunk_size, spec.dtype
+    )
+    digest = write_parquet(_scenario_table(spec, chunk * spec.chunk_size, rows, metrics), url, storage_options)
+    return chunk, digest, rows.shape[0]
+
+
+def _trajectory_task(spec: SweepSpec, simulator: str, bases: Bases, url: str, storage_options: dict | None) -> str:
+    index = np.asarray(spec.trajectories, dtype=np.int64)
+    rows = np.concatenate([spec.space.rows(i, i + 1) for i in index])
+    states = engine.trajectories(get_kit(simulator), bases, spec.space.dimensions, rows, spec.step_s,
+                                 spec.n_steps, spec.dtype)
+    steps = spec.n_steps + 1
+    table = pa.table({
+        "scenario": np.repeat(index, steps),
+        "step": np.tile(np.arange(steps, dtype=np.int64), len(index)),
+        "t_s": np.tile(spec.step_s * np.arange(steps), len(index)),
+        **{name: v.reshape(-1) for name, v in states.items()},
+    })
+    return write_parquet(table, url, storage_options)
+
+
+_chunk_remote = ray.remote(max_retries=TASK_RETRIES, retry_exceptions=[OSError])(_chunk_task)
+_trajectory_remote = ray.remote(max_retries=TASK_RETRIES, retry_exceptions=[OSError])(_trajectory_task)
+"""Retried on lost workers and storage errors (OSError); a bad spec fails at once."""
+
+
+def _task_options() -> dict[str, Any]:
+    """GPU tasks when the cluster has GPUs; otherwise one single-threaded XLA per CPU."""
+    if ray.cluster_resources().get("GPU", 0) > 0:
+        return {"num_gpus": 1}
+    env = {"XLA_FLAGS": SINGLE_THREADED_XLA}
+    env.update({k: os.environ[k] for k in FAULT_ENV if k in os.environ})
+    return {"num_cpus": 1, "runtime_env": {"env_vars": env}}
+
+
+def ensure_ray() -> None:
+    """Connect to the cluster of a Ray job (RAY_ADDRESS) or start a local Ray, once."""
+    if not ray.is_initialized():
+        ray.init(logging_level="WARNING")
+
+
+def prepare(spec: SweepSpec) -> tuple[str, Bases]:
+    """Resolve the model and the base values of `spec` (simulator name, bases)."""
+    artifact = resolve_model(spec.model, spec.registry_url)
+    simulator = artifact.asset_type.simulator
+    spec.check_names(simulator)
+    kit = get_kit(simulator)
+    return simulator, Bases(
+        state=dict(spec.start_state or kit.start_state),
+        params={**artifact.parameters, **spec.parameters},
+        inputs={**kit.default_inputs(), **spec.inputs},
+    )
+
+
+class _Progress:
+    """A rich progress bar on a terminal, and a structured log line every `every_s` seconds."""
+
+    def __init__(self, total: int, every_s: float, show_bar: bool):
+        self.total, self.every_s, self.done = total, every_s, 0
+        self.t0 = self.last = time.monotonic()
+        self.bar = None
+        if show_bar:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+            self.bar = Progress("sweep", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), transient=True)
+            self.task = self.bar.add_task("scenarios", total=total)
+            self.bar.start()
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(self.task, completed=self.done)
+        now = time.monotonic()
+        if now - self.last >= self.every_s or self.done == self.total:
+            self.last = now
+            rate = self.done / max(now - self.t0, 1e-9)
+            log.info("sweep progress done=%d total=%d scenarios_per_s=%.0f", self.done, self.total, rate)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def run_sweep(
+    spec: SweepSpec,
+    out_url: str,
+    *,
+    storage_options: dict | None = None,
+    max_in_flight: int | None = None,
+    progress: bool | None = None,
+    log_every_s: float = 10.0,
+) -> SweepResult:
+    """Run every scenario of `spec` on Ray and write the metrics dataset under `out_url` (must be empty).
+
+    `progress`: show a progress bar (default: when stderr is a terminal); progress is logged
+    every `log_every_s` seconds regardless.
+    """
+    simulator, bases = prepare(spec)
+    fs, root = filesystem(out_url, storage_options)
+    if fs.exists(root) and fs.ls(root, detail=False):
+        raise FileExistsError(f"sweep output {out_url} is not empty; give a fresh location")
+    fs.makedirs(root, exist_ok=True)
+    ensure_ray()
+    n, size = spec.space.size, spec.chunk_size
+    n_chunks = -(-n // size)
+    options = _task_options()
+    chunk_task = _chunk_remote.options(**options)
+    window = max_in_flight or max(2, 2 * int(ray.cluster_resources().get("GPU") or ray.cluster_resources()["CPU"]))
+    spec_ref, bases_ref = ray.put(spec), ray.put(bases)
+    log.info("sweep start model=%s scenarios=%d chunks=%d chunk_size=%d steps=%d out=%s",
+             spec.model, n, n_chunks, size, spec.n_steps, out_url)
+
+    t0 = time.monotonic()
+    outputs: dict[str, str] = {}
+    pending: dict[ray.ObjectRef, int] = {}
+    if spec.trajectories:
+        traj_url = f"{out_url}/{TRAJECTORY_FILE}"
+        pending[_trajectory_remote.options(**options).remote(spec_ref, simulator, bases_ref, traj_url, storage_options)] = -1
+    show = sys.stderr.isatty() if progress is None else progress
+    bar = _Progress(n, log_every_s, show)
+    next_chunk = 0
+    try:
+        while next_chunk < n_chunks or pending:
+            while next_chunk < n_chunks and len(pending) < window:
+                start = next_chunk * size
+                rows = spec.space.rows(start, min(start + size, n))
+                ref = chunk_task.remote(spec_ref, simulator, bases_ref, next_chunk, rows,
+                                        f"{out_url}/{part_name(next_chunk)}", storage_options)
+                pending[ref] = next_chunk
+                next_chunk += 1
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+            for ref in done:
+                kind = pending.pop(ref)
+                if kind < 0:
+                    outputs[TRAJECTORY_FILE] = ray.get(ref)
+                    continue
+                chunk, digest, count = ray.get(ref)
+                outputs[part_name(chunk)] = digest
+                bar.advance(count)
+    except KeyboardInterrupt:
+        _cancel(pending)
+        raise SweepCancelled(f"sweep cancelled after {bar.done}/{n} scenarios; partial output in {out_url}") from None
+    except BaseException:
+        _cancel(pending)
+        raise
+    finally:
+        bar.close()
+    elapsed = time.monotonic() - t0
+    log.info("sweep done scenarios=%d elapsed_s=%.2f scenarios_per_s=%.0f", n, elapsed, n / max(elapsed, 1e-9))
+    return SweepResult(out_url, n, n_chunks, size, dict(sorted(outputs.items())), elapsed)
+
+
+def _cancel(pending: dict) -> None:
+    for ref in pending:
+        ray.cancel(ref, force=True)

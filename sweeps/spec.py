@@ -1,0 +1,93 @@
+"""What a sweep is: the model, where it starts, its base values and its scenario space.
+
+A `SweepSpec` is complete and JSON-serialisable, so a run record that stores it can re-execute
+the sweep exactly. Models are referenced either as a registry artifact (``name@1.2.3`` with
+`registry_url`, e.g. the calibrated parameters of an asset) or as a bare simulator name (its
+typical parameters).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, model_validator
+
+from raytwin.contracts import AssetType, Contract, Finite, Identifier
+from raytwin.registry import ModelArtifact, ModelRegistry
+from raytwin.sim import get_model
+from sweeps.kits import get_kit
+from sweeps.space import ScenarioSpace
+
+MAX_CHUNK = 16384
+"""Scenarios per chunk by default: measured fastest batch for the thermal model on CPU."""
+
+
+def resolve_model(model: str, registry_url: str | None = None) -> ModelArtifact:
+    """The artifact for ``name@version`` in `registry_url`, or a bare simulator with its defaults."""
+    if "@" in model:
+        if registry_url is None:
+            raise ValueError(f"model {model!r} is a registry reference: give registry_url")
+        return ModelRegistry(registry_url).get(model)
+    sim = get_model(model)
+    return ModelArtifact(
+        name=sim.name, version=sim.version, asset_type=AssetType.from_model(sim), parameters=sim.default_params()
+    )
+
+
+class SweepSpec(Contract):
+    """A what-if sweep: every scenario of `space` applied on top of the base values.
+
+    Base values: `start_state` (e.g. a twin's live ``TwinState.state``; default: the kit's),
+    `parameters` (override the model artifact's), `inputs` (input-signal parameters of the
+    kit, see `sweeps.kits`). `trajectories` lists scenario indices whose full state
+    trajectories are also written.
+    """
+
+    model: Annotated[str, Field(min_length=1)]
+    registry_url: str | None = None
+    tenant: Identifier = "default"
+    asset_id: Identifier | None = None
+    start_state: dict[str, Finite] | None = None
+    parameters: dict[str, Finite] = Field(default_factory=dict)
+    inputs: dict[str, Finite] = Field(default_factory=dict)
+    space: ScenarioSpace
+    horizon_s: Annotated[Finite, Field(gt=0)]
+    step_s: Annotated[Finite, Field(gt=0)]
+    dtype: Literal["float32", "float64"] = "float32"
+    chunk_size: Annotated[int, Field(ge=1, le=1 << 22)] = MAX_CHUNK
+    trajectories: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list)
+
+    @property
+    def n_steps(self) -> int:
+        return round(self.horizon_s / self.step_s)
+
+    @model_validator(mode="after")
+    def _check(self) -> SweepSpec:
+        n = self.horizon_s / self.step_s
+        if abs(n - round(n)) > 1e-9 * max(n, 1.0):
+            raise ValueError(f"horizon_s {self.horizon_s} is not a whole number of steps of {self.step_s} s")
+        if "@" not in self.model:
+            self.check_names(get_model(self.model).name)
+        bad = [i for i in self.trajectories if i >= self.space.size]
+        if bad:
+            raise ValueError(f"trajectories {bad} outside the {self.space.size} scenarios")
+        return self
+
+    def check_names(self, simulator: str) -> None:
+        """Refuse names the simulator or its kit does not have (also run once a registry model is resolved)."""
+        kit = get_kit(simulator)
+        known = {
+            "state": set(kit.model.state_names), "param": set(kit.model.param_names), "input": set(kit.input_params)
+        }
+        problems = []
+        for target, given in (("state", self.start_state or {}), ("param", self.parameters), ("input", self.inputs)):
+            unknown = set(given) - known[target]
+            if unknown:
+                problems.append(f"unknown {target} name(s) {sorted(unknown)}; known: {sorted(known[target])}")
+        if self.start_state is not None and set(self.start_state) != known["state"]:
+            problems.append(f"start_state must give exactly {sorted(known['state'])}")
+        for d in self.space.dimensions:
+            if d.name not in known[d.target]:
+                problems.append(f"dimension {d.column}: unknown; known {d.target}s: {sorted(known[d.target])}")
+        if problems:
+            raise ValueError(f"sweep over {simulator}: " + "; ".join(problems))
