@@ -131,6 +131,11 @@ def _task_options() -> dict[str, Any]:
     return {"num_cpus": 1, "runtime_env": {"env_vars": env}}
 
 
+def absolute_url(url: str) -> str:
+    """Local paths made absolute (Ray workers do not share the driver's working directory)."""
+    return url if "://" in url else os.path.abspath(url)
+
+
 def ensure_ray() -> None:
     """Connect to the cluster of a Ray job (RAY_ADDRESS) or start a local Ray, once."""
     if not ray.is_initialized():
@@ -194,6 +199,7 @@ def run_sweep(
     every `log_every_s` seconds regardless.
     """
     simulator, bases = prepare(spec)
+    out_url = absolute_url(out_url).rstrip("/")
     fs, root = filesystem(out_url, storage_options)
     if fs.exists(root) and fs.ls(root, detail=False):
         raise FileExistsError(f"sweep output {out_url} is not empty; give a fresh location")

@@ -1,0 +1,18 @@
+"""Deterministic placement of twins on shard actors: the same (tenant, asset) always lands on the
+same shard, in every process, so ingestion can route without asking anyone."""
+
+from __future__ import annotations
+
+import zlib
+
+
+def shard_index(tenant: str, asset_id: str, shards: int) -> int:
+    """Stable shard of a twin: crc32 of ``tenant/asset_id`` modulo the shard count."""
+    if shards < 1:
+        raise ValueError(f"shards must be >= 1, got {shards}")
+    return zlib.crc32(f"{tenant}/{asset_id}".encode()) % shards
+
+
+def shard_name(store_url: str, index: int, shards: int) -> str:
+    """The Ray actor name of a shard; it includes the store so two services never share actors."""
+    return f"twinshard-{zlib.crc32(store_url.encode()):08x}-{index}-of-{shards}"

@@ -1,0 +1,152 @@
+"""`TwinService`: the driver-side facade over the twin shards of one state store.
+
+Creating a service creates (or attaches to) its named shard actors; every method routes by the
+stable (tenant, asset) hash, so any number of service objects in any processes agree on where a
+twin lives. Tenants are isolated by key: a twin is addressed by (tenant, asset_id) everywhere.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import pyarrow as pa
+import ray
+from pydantic import TypeAdapter
+
+from actors.ingest import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_MAX_IN_FLIGHT,
+    Dispatcher,
+    ShardRouter,
+    _table_batches,
+    ingest_parquet,
+    ingest_rows,
+    ingest_stream,
+)
+from actors.recovery import registration_record
+from actors.routing import shard_index, shard_name
+from actors.shard import TwinShardActor
+from actors.state import IngestReport, TwinState, UnknownTwin
+from raytwin.contracts import Asset, Identifier, TelemetryEvent
+from raytwin.registry import ModelArtifact
+from raytwin.statestore import StateStore, to_micros
+
+_IDENTIFIER = TypeAdapter(Identifier)
+
+
+class TwinService:
+    """Live twins over a state store at `store_url` (local directory or fsspec URL)."""
+
+    def __init__(
+        self,
+        store_url: str,
+        *,
+        shards: int = 4,
+        allowed_lateness_s: float = 3600.0,
+        snapshot_every: int = 500,
+        namespace: str = "raytwin",
+        storage_options: dict | None = None,
+        detached: bool = False,
+        checkpoint_every: int = 64,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        max_task_retries: int = 5,
+    ):
+        if shards < 1 or snapshot_every < 1 or allowed_lateness_s < 0:
+            raise ValueError("need shards >= 1, snapshot_every >= 1 and allowed_lateness_s >= 0")
+        self.router = ShardRouter(store_url, shards, namespace, storage_options)
+        self.store = StateStore(store_url, storage_options)
+        self.max_in_flight, self.batch_size = max_in_flight, batch_size
+        self._shards = [
+            TwinShardActor.options(
+                name=shard_name(store_url, i, shards),
+                namespace=namespace,
+                get_if_exists=True,
+                lifetime="detached" if detached else None,
+                max_restarts=-1,
+                max_task_retries=max_task_retries,
+            ).remote(
+                store_url, i, shards, allowed_lateness_s=allowed_lateness_s, snapshot_every=snapshot_every,
+                checkpoint_every=checkpoint_every, storage_options=storage_options,
+            )
+            for i in range(shards)
+        ]
+
+    def _shard(self, tenant: str, asset_id: str):
+        return self._shards[shard_index(tenant, asset_id, self.router.shards)]
+
+    @property
+    def shard_handles(self) -> list:
+        return list(self._shards)
+
+    # ----------------------------------------------------------------- twins ----
+    def register(self, asset: Asset, artifact: ModelArtifact, initial_state: dict[str, float] | None = None,
+                 initial_std: dict[str, float] | None = None) -> None:
+        """Create the twin of `asset` (or attach to it if registered identically before)."""
+        record = registration_record(asset, artifact, initial_state, initial_std)
+        ray.get(self._shard(asset.tenant, asset.id).register.remote(asset.tenant, asset.id, record))
+
+    def unregister(self, tenant: str, asset_id: str) -> None:
+        if not ray.get(self._shard(tenant, asset_id).unregister.remote(tenant, asset_id)):
+            raise UnknownTwin(f"no twin {asset_id!r} for tenant {tenant!r}")
+
+    def assets(self, tenant: str) -> list[str]:
+        return sorted(a for part in ray.get([s.assets.remote(tenant) for s in self._shards]) for a in part)
+
+    def state(self, tenant: str, asset_id: str) -> TwinState:
+        return self._found(tenant, asset_id, ray.get(self._shard(tenant, asset_id).state.remote(tenant, asset_id)))
+
+    def state_at(self, tenant: str, asset_id: str, t: datetime) -> TwinState:
+        """The state after every event with event time <= `t` (timezone-aware)."""
+        if t.tzinfo is None:
+            raise ValueError("state_at needs a timezone-aware datetime")
+        ref = self._shard(tenant, asset_id).state_at.remote(tenant, asset_id, to_micros(t))
+        return self._found(tenant, asset_id, ray.get(ref))
+
+    @staticmethod
+    def _found(tenant: str, asset_id: str, state: TwinState | None) -> TwinState:
+        if state is None:
+            raise UnknownTwin(f"no twin {asset_id!r} for tenant {tenant!r}")
+        return state
+
+    # ------------------------------------------------------------- ingestion ----
+    def _dispatcher(self, tenant: str) -> Dispatcher:
+        return Dispatcher(self.router, self._tenant(tenant), max_in_flight=self.max_in_flight,
+                          batch_size=self.batch_size, handles=self._shards)
+
+    @staticmethod
+    def _tenant(tenant: str) -> str:
+        return _IDENTIFIER.validate_python(tenant)
+
+    def ingest(self, tenant: str, events: list[TelemetryEvent] | pa.Table) -> IngestReport:
+        """Ingest events (or a telemetry table); returns once all are durable and applied."""
+        if isinstance(events, pa.Table):
+            return ingest_rows(self.router, self._tenant(tenant), _table_batches(events, self.batch_size),
+                               max_in_flight=self.max_in_flight, batch_size=self.batch_size)
+        dispatcher = self._dispatcher(tenant)
+        dispatcher.send(list(events))
+        return dispatcher.finish()
+
+    def ingest_parquet(self, tenant: str, url: str, storage_options: dict[str, Any] | None = None) -> IngestReport:
+        """Ingest a Parquet file/dataset in a Ray task near the data (streamed in batches)."""
+        return ray.get(ingest_parquet.remote(self.router, self._tenant(tenant), url, storage_options,
+                                             self.batch_size, self.max_in_flight))
+
+    def ingest_stream(self, tenant: str, source) -> IngestReport:
+        """Consume an iterator of event dicts (e.g. `actors.ingest.ndjson_http_source(url)`)."""
+        return ingest_stream(self.router, self._tenant(tenant), source, self.batch_size, self.max_in_flight)
+
+    def flush(self) -> None:
+        """Wait until everything ingested is applied, and persist sealed snapshots."""
+        ray.get([s.flush.remote() for s in self._shards])
+
+    def dead_letters(self, tenant: str | None = None) -> pa.Table:
+        return self.store.read_dead_letters(tenant)
+
+    def close(self) -> None:
+        """Kill the shard actors (their state stays in the store; a new service recovers it)."""
+        for s in self._shards:
+            ray.kill(s, no_restart=True)
+        self._shards = []
+

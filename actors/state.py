@@ -1,0 +1,65 @@
+"""The live-twin API's data types: what a twin's state looks like and what ingestion reports."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class UnknownTwin(KeyError):
+    """No twin for this (tenant, asset): raised identically for a missing asset and another tenant's."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DivergenceReport(_Frozen):
+    """Filter-consistency indicators: NIS/dof is ~1 and residuals are ~zero-mean for a healthy twin."""
+
+    nis_mean: float = Field(description="EWMA of normalised innovation squared per measured dimension")
+    nis_last: float = Field(description="NIS of the latest update")
+    residual_mean: dict[str, float]
+    residual_rms: dict[str, float]
+    drift: bool = Field(description="nis_mean above its chi-square 99.9% bound after enough updates")
+
+
+class TwinState(_Frozen):
+    """A twin's estimated state (SI units) as of its last applied event."""
+
+    tenant: str
+    asset_id: str
+    model_ref: str
+    revision: int = Field(description="state version; +1 per accepted event, survives recovery")
+    event_time: datetime | None = Field(description="time of the last applied event (None: prior only)")
+    state: dict[str, float]
+    std: dict[str, float]
+    covariance: list[list[float]]
+    divergence: DivergenceReport
+    events_applied: int
+
+
+class Reject(_Frozen):
+    idempotency_key: str | None
+    reason: str
+
+
+class IngestReport(_Frozen):
+    """Outcome of one ingest call: accepted events are durable in the log and applied."""
+
+    accepted: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    reasons: list[Reject] = Field(default_factory=list)
+
+    def __add__(self, other: IngestReport) -> IngestReport:
+        return IngestReport(
+            accepted=self.accepted + other.accepted,
+            duplicates=self.duplicates + other.duplicates,
+            rejected=self.rejected + other.rejected,
+            reasons=[*self.reasons, *other.reasons],
+        )

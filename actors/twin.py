@@ -1,0 +1,199 @@
+"""One live twin: event ordering, de-duplication, late-event merging and the filter (no Ray here).
+
+The twin's state is, by construction, the filter applied to all accepted events *in key order*
+(event time, sequence, idempotency key) from the prior. Events arriving in order are applied
+directly; an event older than the last applied one (but within the allowed lateness) rewinds to
+the newest in-memory checkpoint before it and re-applies the window in order. So shuffled input
+gives a bit-identical state to ordered input, and recovery (snapshot + sorted log replay) gives a
+bit-identical state to an uninterrupted run.
+
+Checkpoints are taken every `checkpoint_every` applied events. Everything older than the newest
+checkpoint that lies before the watermark (latest event time - allowed lateness) is dropped: no
+accepted event can ever land before it, which is also what makes that checkpoint a *sealed*,
+durable snapshot. Memory per twin is therefore bounded by the events within the allowed lateness
+(plus up to `checkpoint_every`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from actors.state import DivergenceReport, TwinState
+from raytwin.estimation import Divergence, ExtendedKalmanFilter, FilterState
+from raytwin.registry import ModelArtifact
+from raytwin.statestore import EventKey, LoggedEvent, Snapshot, from_micros
+
+DUPLICATE = "duplicate"
+TOO_LATE = "too late"
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    key: EventKey | None  # None: the prior, before any event
+    fs: FilterState
+    events_applied: int
+
+
+class Twin:
+    """A twin's in-memory state machine; the shard actor owns many and persists what they produce."""
+
+    def __init__(
+        self,
+        tenant: str,
+        asset_id: str,
+        artifact: ModelArtifact,
+        *,
+        initial_state: dict[str, float] | None = None,
+        initial_std: dict[str, float] | None = None,
+        noise: dict[str, dict[str, float]] | None = None,
+        allowed_lateness_s: float = 3600.0,
+        checkpoint_every: int = 64,
+    ):
+        if allowed_lateness_s < 0 or checkpoint_every < 1:
+            raise ValueError("allowed_lateness_s must be >= 0 and checkpoint_every >= 1")
+        self.tenant, self.asset_id, self.artifact = tenant, asset_id, artifact
+        noise = noise or {}
+        self.filter = ExtendedKalmanFilter(
+            artifact.model(), artifact.param_vector(),
+            process_std=noise.get("process_std"), measurement_std=noise.get("measurement_std"),
+        )
+        self.lateness_us = round(allowed_lateness_s * 1e6)
+        self.checkpoint_every = checkpoint_every
+        prior = self.filter.initial(initial_state, initial_std, noise.get("inputs"))
+        self._reset(Checkpoint(None, prior, 0))
+        self.max_time_us: int | None = None
+
+    def _reset(self, base: Checkpoint) -> None:
+        self.fs = base.fs
+        self.last_key = base.key
+        self.events_applied = base.events_applied
+        self.checkpoints = [base]
+        self.window: list[LoggedEvent] = []  # applied events after checkpoints[0], in key order
+        self.seen: set[str] = set()
+
+    # ------------------------------------------------------------------- classification ----
+    @property
+    def watermark_us(self) -> int | None:
+        return None if self.max_time_us is None else self.max_time_us - self.lateness_us
+
+    def classify(self, ev: LoggedEvent) -> str | None:
+        """None if `ev` can be applied, else DUPLICATE or TOO_LATE (older than the watermark)."""
+        if ev.key[2] in self.seen:
+            return DUPLICATE
+        wm = self.watermark_us
+        if wm is not None and ev.key[0] < wm:
+            return TOO_LATE
+        return None
+
+    # ------------------------------------------------------------------------- applying ----
+    def _apply_one(self, ev: LoggedEvent) -> None:
+        self.fs = self.filter.assimilate(self.fs, ev.time_s, ev.values, use_outputs=ev.quality != "bad")
+        self.last_key = ev.key
+        self.events_applied += 1
+        self.window.append(ev)
+        self.seen.add(ev.key[2])
+        if self.events_applied % self.checkpoint_every == 0:
+            self.checkpoints.append(Checkpoint(ev.key, self.fs, self.events_applied))
+
+    def apply(self, events: list[LoggedEvent]) -> None:
+        """Apply accepted events (any order; already classified as applicable)."""
+        if not events:
+            return
+        events = sorted(events, key=lambda e: e.key)
+        if self.last_key is not None and events[0].key < self.last_key:
+            events = sorted([*self._rewind_before(events[0].key), *events], key=lambda e: e.key)
+        for ev in events:
+            self._apply_one(ev)
+        newest = events[-1].key[0]
+        self.max_time_us = newest if self.max_time_us is None else max(self.max_time_us, newest)
+        self._prune()
+
+    def _rewind_before(self, key: EventKey) -> list[LoggedEvent]:
+        """Restore the newest checkpoint before `key`; return the window events to re-apply."""
+        i = max(j for j, c in enumerate(self.checkpoints) if c.key is None or c.key < key)
+        base = self.checkpoints[i]
+        keep = [e for e in self.window if base.key is None or e.key > base.key]
+        self.window = [e for e in self.window if not (base.key is None or e.key > base.key)]
+        for e in keep:
+            self.seen.discard(e.key[2])
+        del self.checkpoints[i + 1:]
+        self.fs, self.last_key, self.events_applied = base.fs, base.key, base.events_applied
+        return keep
+
+    def _prune(self) -> None:
+        """Forget everything before the newest checkpoint older than the watermark (it is sealed)."""
+        wm = self.watermark_us
+        sealed = [j for j, c in enumerate(self.checkpoints) if c.key is None or c.key[0] < wm]
+        i = sealed[-1]
+        if i == 0:
+            return
+        base = self.checkpoints[i]
+        dropped = [e for e in self.window if e.key <= base.key]
+        self.window = self.window[len(dropped):]
+        self.seen.difference_update(e.key[2] for e in dropped)
+        del self.checkpoints[:i]
+
+    # ------------------------------------------------------------------ persistence ----
+    def sealed_snapshot(self) -> Snapshot | None:
+        """The oldest retained checkpoint: final (no accepted event can precede it) and durable-safe."""
+        base = self.checkpoints[0]
+        if base.key is None:
+            return None
+        return Snapshot(base.key, base.events_applied, _encode(base.fs, self.max_time_us))
+
+    def restore(self, snap: Snapshot) -> None:
+        """Start from a durable snapshot (then replay the log after it with `apply`)."""
+        fs, max_time_us = _decode(snap.payload)
+        self._reset(Checkpoint(snap.key, fs, snap.revision))
+        self.max_time_us = max_time_us
+
+    # ------------------------------------------------------------------------ views ----
+    def view(self) -> TwinState:
+        m = self.filter.model
+        fs = self.fs
+        div = fs.divergence
+        outputs = m.output_names
+        return TwinState(
+            tenant=self.tenant,
+            asset_id=self.asset_id,
+            model_ref=self.artifact.ref,
+            revision=self.events_applied,
+            event_time=None if self.last_key is None else from_micros(self.last_key[0]),
+            state=dict(zip(m.state_names, fs.x.tolist())),
+            std=dict(zip(m.state_names, np.sqrt(np.diag(fs.P)).tolist())),
+            covariance=fs.P.tolist(),
+            divergence=DivergenceReport(
+                nis_mean=div.nis_mean,
+                nis_last=div.nis_last,
+                residual_mean=dict(zip(outputs, div.residual_mean)),
+                residual_rms={n: math.sqrt(v) for n, v in zip(outputs, div.residual_ms)},
+                drift=div.drift,
+            ),
+            events_applied=self.events_applied,
+        )
+
+
+def _encode(fs: FilterState, max_time_us: int | None) -> dict:
+    d = fs.divergence
+    return {
+        "t": fs.t, "x": fs.x.tolist(), "P": fs.P.tolist(), "u": fs.u.tolist(), "max_time_us": max_time_us,
+        "divergence": {"updates": d.updates, "nis_last": d.nis_last, "nis_mean": d.nis_mean,
+                       "residual_mean": list(d.residual_mean), "residual_ms": list(d.residual_ms)},
+    }
+
+
+def _decode(payload: dict) -> tuple[FilterState, int | None]:
+    d = payload["divergence"]
+    div = Divergence(d["updates"], d["nis_last"], d["nis_mean"], tuple(d["residual_mean"]), tuple(d["residual_ms"]))
+    fs = FilterState(payload["t"], np.asarray(payload["x"], dtype=np.float64), np.asarray(payload["P"], dtype=np.float64),
+                     np.asarray(payload["u"], dtype=np.float64), div)
+    return fs, payload["max_time_us"]
+
+
+def replay(twin: Twin, events: list[LoggedEvent]) -> Twin:
+    """Apply logged events after the twin's last key (recovery, time travel), skipping known keys."""
+    twin.apply([e for e in events if e.key[2] not in twin.seen and (twin.last_key is None or e.key > twin.last_key)])
+    return twin

@@ -1,0 +1,64 @@
+"""The Serve application: `build_app(args)` -> HTTP ingress (autoscaled) + one stateful backend.
+
+Used by ``raytwin serve start``, by ``serve run serve_apps.app:build_app store_url=... keys_file=...``
+and by the KubeRay RayService manifest (``import_path: serve_apps.app:build_app`` with ``args``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+from ray.serve.handle import DeploymentHandle
+
+from raytwin.storage import filesystem
+from serve_apps.api import create_api
+from serve_apps.audit import AuditLog
+from serve_apps.auth import KeyStore
+from serve_apps.backend import BackendDeployment
+from serve_apps.config import ServeConfig
+from serve_apps.deps import Backend, Services
+from serve_apps.limits import TokenBuckets
+from serve_apps.metrics import ServeMetrics
+
+
+@serve.ingress()
+class Ingress:
+    """Stateless HTTP front: auth, validation, limits, metrics; state lives in the backend."""
+
+    def __init__(self, config: ServeConfig, backend: DeploymentHandle):
+        logging.getLogger("raytwin").setLevel(logging.INFO)
+        try:
+            replica = serve.get_replica_context().replica_id.unique_id
+        except Exception:  # outside a Serve replica (never in production)
+            replica = "local"
+        self.services = Services(
+            config=config, keys=KeyStore(config.keys_file), backend=Backend(backend),
+            audit=AuditLog(config.store_url, config.storage_options),
+            metrics=ServeMetrics(replica), buckets=TokenBuckets(config.rate_per_s, config.rate_burst),
+            fs=filesystem(config.store_url, config.storage_options)[0],
+        )
+
+    def __serve_build_asgi_app__(self):
+        app = create_api(self.services.config.max_body_bytes)
+        app.state.services = self.services
+        return app
+
+
+def build_app(args: dict[str, Any] | None = None) -> Application:
+    """The application for `args` (see `ServeConfig`; env ``RAYTWIN_SERVE_*`` fills the gaps)."""
+    config = args if isinstance(args, ServeConfig) else ServeConfig.from_args(args)
+    scaling = config.autoscaling
+    ingress = serve.deployment(
+        Ingress, name="Ingress",
+        max_ongoing_requests=scaling.max_ongoing_requests,
+        autoscaling_config={
+            "min_replicas": scaling.min_replicas, "max_replicas": scaling.max_replicas,
+            "target_ongoing_requests": scaling.target_ongoing_requests,
+            "upscale_delay_s": 10.0, "downscale_delay_s": 120.0,
+        },
+        ray_actor_options={"num_cpus": 0.5},
+    )
+    return ingress.bind(config, BackendDeployment.bind(config))

@@ -1,0 +1,123 @@
+"""API keys: hashed at rest, mapped to a tenant and a role.
+
+The keys file is a JSON list of ``{"key_id", "sha256", "tenant", "role"}``; only SHA-256 digests
+of keys are stored, so the file reveals no usable secret. A key is presented as
+``Authorization: Bearer <key>`` or ``X-API-Key: <key>`` and looked up by digest, then confirmed
+with `hmac.compare_digest` (constant time). Keys look like ``rtk_<key_id>_<secret>``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from enum import IntEnum
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+from raytwin.contracts import Identifier
+
+
+class Role(IntEnum):
+    """Ordered roles: each may do everything the ones below it may."""
+
+    reader = 1  # GET
+    writer = 2  # + telemetry, scenarios
+    admin = 3  # + asset type / asset changes, audit log
+
+
+RoleName = Literal["reader", "writer", "admin"]
+
+
+class KeyRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    key_id: Identifier
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    tenant: Identifier
+    role: RoleName
+
+
+class Principal(BaseModel):
+    """Who is calling: the key's id, tenant and role (never the key itself)."""
+
+    model_config = ConfigDict(frozen=True)
+    key_id: str
+    tenant: str
+    role: RoleName
+
+    def allows(self, needed: Role) -> bool:
+        return Role[self.role] >= needed
+
+
+_RECORDS = TypeAdapter(list[KeyRecord])
+
+
+def digest(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def load_keys(path: str | Path) -> list[KeyRecord]:
+    """The key records in `path` (an empty list if the file does not exist yet)."""
+    p = Path(path)
+    if not p.exists():
+        return []
+    return _RECORDS.validate_json(p.read_bytes())
+
+
+class KeyStore:
+    """Authenticates presented keys against the hashed records of a keys file.
+
+    The file is re-read when its modification time changes, so keys added with
+    ``raytwin serve keys create`` (or a rotated Kubernetes Secret) work without a restart.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise FileNotFoundError(f"API keys file {path} does not exist; create keys with `raytwin serve keys create`")
+        self._mtime = -1.0
+        self._by_digest: dict[str, KeyRecord] = {}
+        self._refresh()
+
+    def _refresh(self) -> None:
+        mtime = self.path.stat().st_mtime
+        if mtime != self._mtime:
+            self._by_digest = {r.sha256: r for r in load_keys(self.path)}
+            self._mtime = mtime
+
+    def authenticate(self, key: str) -> Principal | None:
+        self._refresh()
+        d = digest(key)
+        record = self._by_digest.get(d)
+        if record is None or not hmac.compare_digest(record.sha256, d):
+            return None
+        return Principal(key_id=record.key_id, tenant=record.tenant, role=record.role)
+
+
+def create_key(path: str | Path, tenant: str, role: RoleName) -> tuple[KeyRecord, str]:
+    """Append a new key's hash to `path`; returns the record and the key (shown once, never stored)."""
+    key_id = secrets.token_hex(6)
+    key = f"rtk_{key_id}_{secrets.token_urlsafe(32)}"
+    record = KeyRecord(key_id=key_id, sha256=digest(key), tenant=tenant, role=role)
+    p = Path(path)
+    records = load_keys(p) + [record]
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(p.suffix + ".tmp")
+    tmp.write_bytes(_RECORDS.dump_json(records, indent=2))
+    tmp.chmod(0o600)
+    tmp.replace(p)
+    return record, key
+
+
+def parse_credentials(authorization: str | None, x_api_key: str | None) -> str | None:
+    """The presented key from either header (``Bearer`` scheme only)."""
+    if x_api_key:
+        return x_api_key.strip()
+    if authorization:
+        scheme, _, value = authorization.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+    return None
+

@@ -1,0 +1,67 @@
+"""Service configuration: one pydantic model, filled from Serve config args, then the environment.
+
+`build_app(args)` receives a plain dict (from `serve run`, a Serve config file or a KubeRay
+RayService ``serveConfigV2``); unset fields fall back to ``RAYTWIN_SERVE_<FIELD>`` environment
+variables and then to the defaults below. Secrets never live here: API keys are read from the
+keys file named by ``keys_file`` (or ``RAYTWIN_API_KEYS_FILE``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+ENV_PREFIX = "RAYTWIN_SERVE_"
+
+
+class Autoscaling(BaseModel):
+    """Serve autoscaling of the HTTP ingress (see README for why these defaults)."""
+
+    model_config = ConfigDict(extra="forbid")
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(4, ge=1)
+    target_ongoing_requests: float = Field(8.0, gt=0)
+    max_ongoing_requests: int = Field(32, ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Autoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas {self.min_replicas} > max_replicas {self.max_replicas}")
+        return self
+
+
+class ServeConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    store_url: str = Field(description="Where the catalog, twins, registry, jobs and audit live (dir or fsspec URL).")
+    keys_file: str = Field(description="API keys file (JSON list of {key_id, sha256, tenant, role}).")
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    max_body_bytes: int = Field(1_048_576, ge=1024, description="Larger request bodies get 413.")
+    rate_per_s: float = Field(50.0, gt=0, description="Sustained requests/s per API key, per ingress replica.")
+    rate_burst: int = Field(100, ge=1, description="Token-bucket depth per API key, per ingress replica.")
+    max_events_per_batch: int = Field(10_000, ge=1)
+    sync_max_steps: int = Field(50_000, ge=1, description="Scenario work (scenarios x steps) answered inline.")
+    max_sweep_scenarios: int = Field(10_000, ge=1)
+    max_concurrent_jobs: int = Field(2, ge=1)
+    twin_shards: int = Field(2, ge=1)
+    namespace: str = "raytwin"
+    autoscaling: Autoscaling = Field(default_factory=Autoscaling)
+
+    def url(self, *parts: str) -> str:
+        """A location under the store: ``url("registry", tenant)`` -> ``{store_url}/registry/{tenant}``."""
+        return "/".join([self.store_url.rstrip("/"), *parts])
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any] | None = None) -> ServeConfig:
+        """Explicit args win over ``RAYTWIN_SERVE_*`` environment variables, which win over defaults."""
+        values: dict[str, Any] = {}
+        for name in cls.model_fields:
+            env = os.environ.get(ENV_PREFIX + name.upper())
+            if env is not None and name not in ("autoscaling", "storage_options"):
+                values[name] = env
+        if "keys_file" not in values and os.environ.get("RAYTWIN_API_KEYS_FILE"):
+            values["keys_file"] = os.environ["RAYTWIN_API_KEYS_FILE"]
+        values.update(args or {})
+        return cls.model_validate(values)

@@ -1,0 +1,89 @@
+"""Per-request dependencies: the replica's services, authentication, rate limit and role checks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from fsspec import AbstractFileSystem
+from fastapi import Depends, Header, Request
+from starlette.concurrency import run_in_threadpool
+
+from serve_apps.audit import AuditLog, AuditRecord
+from serve_apps.auth import KeyStore, Principal, Role, parse_credentials
+from serve_apps.config import ServeConfig
+from serve_apps.errors import Forbidden, RateLimited, Unauthorized, unwrap
+from serve_apps.limits import TokenBuckets
+from serve_apps.metrics import ServeMetrics
+
+
+class Backend:
+    """Calls into the `Backend` deployment: ``await backend.call("get_asset", tenant, id)``.
+
+    Errors raised there (`ApiError`s) come back wrapped by Ray; they are re-raised unwrapped so
+    the error handlers see the original status and message.
+    """
+
+    def __init__(self, handle: Any):
+        self.handle = handle
+
+    async def call(self, method: str, *args: Any) -> Any:
+        try:
+            return await getattr(self.handle, method).remote(*args)
+        except Exception as exc:
+            raise unwrap(exc) from None
+
+
+@dataclass
+class Services:
+    config: ServeConfig
+    keys: KeyStore
+    backend: Backend
+    audit: AuditLog
+    metrics: ServeMetrics
+    buckets: TokenBuckets
+    fs: AbstractFileSystem  # the store (job results)
+
+    async def record(self, request: Request, who: Principal, action: str, target: str, **details: Any) -> None:
+        """Append an audit record (blocking store I/O runs off the event loop)."""
+        record = AuditRecord(time=datetime.now(UTC), request_id=getattr(request.state, "request_id", None),
+                             key_id=who.key_id, tenant=who.tenant, role=who.role, action=action, target=target,
+                             details=details)
+        await run_in_threadpool(self.audit.append, record)
+
+
+def services(request: Request) -> Services:
+    return request.app.state.services
+
+
+def require(role: Role):
+    """A dependency: the authenticated caller, rate limited, with at least `role` (401/429/403)."""
+
+    async def dependency(
+        authorization: str | None = Header(None, description="`Bearer <API key>`"),
+        x_api_key: str | None = Header(None, description="The API key (alternative to Authorization)"),
+        svc: Services = Depends(services),
+    ) -> Principal:
+        key = parse_credentials(authorization, x_api_key)
+        if key is None:
+            raise Unauthorized("missing API key: send `Authorization: Bearer <key>` or `X-API-Key: <key>`",
+                               headers={"WWW-Authenticate": "Bearer"})
+        who = svc.keys.authenticate(key)
+        if who is None:
+            raise Unauthorized("unknown API key", headers={"WWW-Authenticate": "Bearer"})
+        wait = svc.buckets.take(who.key_id)
+        if wait > 0:
+            raise RateLimited(f"rate limit of {svc.config.rate_per_s:g} requests/s per key exceeded",
+                              details=[{"retry_after_s": wait}],
+                              headers={"Retry-After": TokenBuckets.retry_after(wait)})
+        if not who.allows(role):
+            raise Forbidden(f"role {who.role!r} may not do this (needs {role.name})")
+        return who
+
+    return dependency
+
+
+READER = Depends(require(Role.reader))
+WRITER = Depends(require(Role.writer))
+ADMIN = Depends(require(Role.admin))

@@ -1,0 +1,141 @@
+"""One JSON error shape for every 4xx/5xx answer, whatever raised it.
+
+``{"error": {"code": "not_found", "message": "...", "details": [...], "request_id": "..."}}``
+
+Domain code raises `ApiError` subclasses; FastAPI's request validation, Starlette's HTTP errors
+and unexpected exceptions are translated by `install_error_handlers`. Errors raised inside a
+backend deployment arrive wrapped in Ray's `RayTaskError`; `unwrap` recovers the original.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("raytwin.serve")
+
+
+class ApiError(Exception):
+    status = 500
+    code = "internal"
+
+    def __init__(self, message: str, details: list[Any] | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.details = details or []
+        self.headers = headers or {}
+
+    def __reduce__(self):  # keep message/details/headers across Ray's pickling
+        return (type(self), (self.message, self.details, self.headers))
+
+
+class BadRequest(ApiError):
+    status, code = 400, "bad_request"
+
+
+class Unauthorized(ApiError):
+    status, code = 401, "unauthorized"
+
+
+class Forbidden(ApiError):
+    status, code = 403, "forbidden"
+
+
+class NotFound(ApiError):
+    status, code = 404, "not_found"
+
+
+class Conflict(ApiError):
+    status, code = 409, "conflict"
+
+
+class PayloadTooLarge(ApiError):
+    status, code = 413, "payload_too_large"
+
+
+class Unprocessable(ApiError):
+    status, code = 422, "invalid_request"
+
+
+class RateLimited(ApiError):
+    status, code = 429, "rate_limited"
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    details: list[Any] = []
+    request_id: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": text}
+    for status, text in (
+        (401, "Missing or unknown API key"), (403, "Role not allowed"), (404, "Not found (or another tenant's)"),
+        (413, "Body too large"), (422, "Invalid request"), (429, "Rate limited"),
+    )
+}
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    """The exception a backend deployment raised, without Ray's `RayTaskError` wrapper."""
+    from ray.exceptions import RayTaskError
+
+    while isinstance(exc, RayTaskError) and getattr(exc, "cause", None) is not None:
+        exc = exc.cause
+    return exc
+
+
+def error_response(request: Request | None, status: int, code: str, message: str,
+                   details: list[Any] | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    request_id = getattr(request.state, "request_id", None) if request is not None else None
+    body = ErrorResponse(error=ErrorBody(code=code, message=message, details=details or [], request_id=request_id))
+    return JSONResponse(body.model_dump(mode="json"), status_code=status, headers=headers)
+
+
+_STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+                 405: "method_not_allowed", 409: "conflict", 413: "payload_too_large", 429: "rate_limited"}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def api_error(request: Request, exc: Exception) -> JSONResponse:
+        err = unwrap(exc)
+        if not isinstance(err, ApiError):
+            return await unexpected(request, err)
+        return error_response(request, err.status, err.code, err.message, err.details, err.headers)
+
+    async def validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        details = [
+            {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()
+        ]
+        first = details[0] if details else {"loc": [], "msg": "invalid request"}
+        where = ".".join(str(p) for p in first["loc"]) or "<body>"
+        message = f"{where}: {first['msg']}" + (f" (and {len(details) - 1} more)" if len(details) > 1 else "")
+        return error_response(request, 422, "invalid_request", message, details)
+
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _STATUS_CODES.get(exc.status_code, "error")
+        return error_response(request, exc.status_code, code, str(exc.detail), headers=exc.headers)
+
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        err = unwrap(exc)
+        if isinstance(err, ApiError):
+            return error_response(request, err.status, err.code, err.message, err.details, err.headers)
+        log.exception("event=unhandled_error request_id=%s path=%s", getattr(request.state, "request_id", None),
+                      request.url.path, exc_info=err)
+        return error_response(request, 500, "internal", "internal error; quote the request_id when reporting it")
+
+    app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(RequestValidationError, validation)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, unexpected)

@@ -1,0 +1,147 @@
+"""Asynchronous what-if jobs: a FIFO queue in the backend replica, the work in Ray tasks.
+
+A job is a single scenario (`PreparedScenario`, run by `scenario_to_store`) or a sweep
+(`SweepSpec`, run by `sweep_to_store` as a recorded `sweeps` run). Results are Parquet files on
+the store, so they outlive replicas. At most `max_concurrent_jobs` run at once; the rest wait
+in order ("queued"). Job records are JSON on the store (``{store}/jobs/{tenant}/{job_id}/job.json``):
+a job that was queued or running when the backend restarted is marked failed, not silently lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections import deque
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import ray
+from pydantic import BaseModel, ConfigDict, Field
+
+from raytwin.storage import filesystem
+from serve_apps.config import ServeConfig
+from serve_apps.errors import NotFound
+from serve_apps.scenarios import PreparedScenario, scenario_to_store, sweep_to_store
+from sweeps.spec import SweepSpec
+
+log = logging.getLogger("raytwin.serve.jobs")
+
+JobState = Literal["queued", "running", "succeeded", "failed"]
+JOB_STATES: tuple[str, ...] = ("queued", "running", "succeeded", "failed")
+
+
+class Job(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    job_id: str
+    kind: Literal["scenario", "sweep"]
+    tenant: str
+    key_id: str
+    asset_id: str
+    model_ref: str
+    content_hash: str
+    scenarios: int
+    n_steps: int
+    state: JobState = "queued"
+    submitted: datetime
+    started: datetime | None = None
+    finished: datetime | None = None
+    error: str | None = None
+    run_id: str | None = Field(None, description="sweeps: the run record (`raytwin rerun RUN_ID`)")
+    result_url: str | None = None
+    compute_s: float | None = None
+    quantiles: list[dict[str, Any]] = Field(default_factory=list)
+
+
+Work = PreparedScenario | SweepSpec
+
+
+class JobQueue:
+    """The job table and FIFO queue (lives in the `Backend` replica; methods run on its event loop)."""
+
+    def __init__(self, config: ServeConfig, max_concurrent: int):
+        self.config = config
+        self.fs, self.root = filesystem(config.url("jobs"), config.storage_options)
+        self.max_concurrent = max_concurrent
+        self.jobs: dict[str, Job] = {}
+        self.pending: deque[tuple[str, Work]] = deque()
+        self.running = 0
+        self._recover()
+
+    def _recover(self) -> None:
+        if not self.fs.exists(self.root):
+            return
+        for path in self.fs.glob(f"{self.root}/*/*/job.json"):
+            job = Job.model_validate_json(self.fs.cat_file(path))
+            if job.state in ("queued", "running"):
+                job = job.model_copy(update={"state": "failed", "finished": datetime.now(UTC),
+                                             "error": "the job service restarted before this job finished; resubmit"})
+                self._save(job)
+            self.jobs[job.job_id] = job
+
+    def _dir(self, job: Job) -> str:
+        return f"{self.root}/{job.tenant}/{job.job_id}"
+
+    def _save(self, job: Job) -> None:
+        self.fs.makedirs(self._dir(job), exist_ok=True)
+        self.fs.pipe_file(f"{self._dir(job)}/job.json", job.model_dump_json(indent=2).encode())
+
+    def submit(self, tenant: str, key_id: str, asset_id: str, model_ref: str, content_hash: str, work: Work) -> Job:
+        sweep = isinstance(work, SweepSpec)
+        job = Job(job_id=uuid.uuid4().hex, kind="sweep" if sweep else "scenario", tenant=tenant, key_id=key_id,
+                  asset_id=asset_id, model_ref=model_ref, content_hash=content_hash,
+                  scenarios=work.space.size if sweep else 1, n_steps=work.n_steps, submitted=datetime.now(UTC))
+        self.jobs[job.job_id] = job
+        self._save(job)
+        self.pending.append((job.job_id, work))
+        log.info("event=job_queued job_id=%s kind=%s tenant=%s scenarios=%d steps=%d", job.job_id, job.kind, tenant,
+                 job.scenarios, job.n_steps)
+        self._start_next()
+        return job
+
+    def _launch(self, job: Job, work: Work) -> ray.ObjectRef:
+        if isinstance(work, SweepSpec):
+            return sweep_to_store.remote(work, self.config.url("runs", job.tenant), self.config.storage_options,
+                                         job.key_id)
+        return scenario_to_store.remote(work, self.config.url("jobs", job.tenant, job.job_id, "results"),
+                                        self.config.storage_options)
+
+    def _start_next(self) -> None:
+        while self.pending and self.running < self.max_concurrent:
+            job_id, work = self.pending.popleft()
+            job = self.jobs[job_id]
+            job.state, job.started = "running", datetime.now(UTC)
+            self._save(job)
+            self.running += 1
+            ref = self._launch(job, work)
+            asyncio.get_running_loop().create_task(self._watch(job, ref))
+
+    async def _watch(self, job: Job, ref: ray.ObjectRef) -> None:
+        try:
+            out = await ref
+            job.state, job.quantiles, job.compute_s = "succeeded", out["quantiles"], out["compute_s"]
+            job.result_url, job.run_id = out["result_url"], out["run_id"]
+        except Exception as exc:  # a failed task fails its job, never the service
+            job.state, job.error = "failed", f"{type(exc).__name__}: {str(exc).splitlines()[0][:500]}"
+        job.finished = datetime.now(UTC)
+        self.running -= 1
+        self._save(job)
+        log.info("event=job_%s job_id=%s compute_s=%s error=%s", job.state, job.job_id, job.compute_s, job.error)
+        self._start_next()
+
+    def get(self, tenant: str, job_id: str) -> Job:
+        job = self.jobs.get(job_id)
+        if job is None or job.tenant != tenant:
+            raise NotFound(f"job {job_id} not found")
+        return job.model_copy()
+
+    def stats(self) -> dict[str, Any]:
+        """Jobs by state, and the scenario-steps and compute seconds of the succeeded ones."""
+        states = dict.fromkeys(JOB_STATES, 0)
+        steps, seconds = 0, 0.0
+        for job in self.jobs.values():
+            states[job.state] += 1
+            if job.state == "succeeded":
+                steps += job.scenarios * job.n_steps
+                seconds += job.compute_s or 0.0
+        return {"states": states, "steps": steps, "compute_s": seconds}

@@ -1,0 +1,109 @@
+"""Protection for replicas: a body-size limit and a per-key token bucket.
+
+The body limit is enforced twice: on ``Content-Length`` (refused before reading) and on the bytes
+actually streamed (chunked uploads or a lying header), so a replica never buffers more than the
+limit. Rate limits are token buckets per API key *per ingress replica*: with N replicas a key may
+get up to N times the configured rate cluster-wide (documented; a shared limiter would put a
+network round trip on every request).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+import uuid
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+
+class BodyLimitMiddleware:
+    """Pure ASGI middleware: 413 for bodies over `max_bytes`; tags every request with a request id.
+
+    The request id is the incoming ``X-Request-ID`` (Ray Serve's proxy sets one per request and
+    returns it in the response) or a new one, returned in ``X-Request-ID``; error bodies quote it.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        given = headers.get("x-request-id")  # Serve's proxy sets it, and echoes it in the response itself
+        request_id = given or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start" and not given:
+                message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
+            await send(message)
+
+        declared = headers.get("content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            await self._refuse(send_with_id, request_id, declared)
+            return
+        body, more = [], True
+        size = 0
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._refuse(send_with_id, request_id, f">{self.max_bytes}")
+                return
+            body.append(chunk)
+            more = message.get("more_body", False)
+        replay = {"type": "http.request", "body": b"".join(body), "more_body": False}
+        sent = False
+
+        async def replay_receive() -> Message:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return replay
+            return await receive()
+
+        await self.app(scope, replay_receive, send_with_id)
+
+    async def _refuse(self, send: Send, request_id: str, size: str) -> None:
+        body = json.dumps({"error": {
+            "code": "payload_too_large",
+            "message": f"request body of {size} bytes exceeds the limit of {self.max_bytes} bytes",
+            "details": [{"limit_bytes": self.max_bytes}], "request_id": request_id,
+        }}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class TokenBuckets:
+    """One token bucket per key: `rate` tokens/s refill, at most `burst` stored."""
+
+    def __init__(self, rate: float, burst: int):
+        self.rate, self.burst = rate, burst
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self._lock = threading.Lock()
+
+    def take(self, key: str) -> float:
+        """0.0 if a request may proceed now, else the seconds until a token is available."""
+        now = time.monotonic()
+        with self._lock:
+            tokens, last = self._buckets.get(key, (float(self.burst), now))
+            tokens = min(float(self.burst), tokens + (now - last) * self.rate)
+            if tokens >= 1.0:
+                self._buckets[key] = (tokens - 1.0, now)
+                return 0.0
+            self._buckets[key] = (tokens, now)
+            return (1.0 - tokens) / self.rate
+
+    @staticmethod
+    def retry_after(wait_s: float) -> str:
+        return str(max(1, math.ceil(wait_s)))

@@ -1,0 +1,169 @@
+"""What-if runs of one asset: a single `Scenario`, or a sweep over a `ScenarioSpace`.
+
+A single scenario is resolved by `prepare` into a `PreparedScenario` of plain NumPy arrays
+(parameters from the asset's registered model plus overrides, start state from the twin or the
+request, inputs from the signal specs), so running it is a pure function of that object: inline
+in the ingress, or as a Ray task for an async job. A sweep becomes a `sweeps.SweepSpec` on the
+asset's registered model (`sweep_spec`) and runs through `sweeps.runs.recorded_sweep`, which
+writes a reproducible run record (``raytwin rerun RUN_ID``).
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import dataclass
+from functools import cache
+from typing import Annotated, Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+from pydantic import Field, ValidationError
+
+from raytwin.contracts import Contract, ContractError, Finite, Identifier, Scenario, UtcTime, describe_error
+from raytwin.registry import ModelArtifact
+from raytwin.sim import get_model, simulate, unstack
+from raytwin.storage import filesystem
+from serve_apps.errors import Unprocessable
+from sweeps.aggregate import quantiles
+from sweeps.runner import part_name
+from sweeps.runs import recorded_sweep
+from sweeps.space import ScenarioSpace
+from sweeps.spec import MAX_CHUNK, SweepSpec
+
+
+@dataclass(frozen=True)
+class PreparedScenario:
+    """Everything a run needs, as arrays in model order and SI units."""
+
+    simulator: str
+    model_ref: str
+    content_hash: str
+    step_s: float
+    x0: np.ndarray  # (n_states,)
+    inputs: np.ndarray  # (n_steps, n_inputs)
+    params: np.ndarray  # (n_params,)
+    overrides: dict[str, float]
+
+    @property
+    def n_steps(self) -> int:
+        return self.inputs.shape[0]
+
+
+def prepare(scenario: Scenario, artifact: ModelArtifact, live_state: dict[str, float] | None) -> PreparedScenario:
+    """Arrays for `scenario` (checked against the artifact's asset type: 422 on misfit).
+
+    `live_state` is the twin's state (now or at ``scenario.start_time``) when the scenario
+    starts from "live".
+    """
+    model = artifact.model()
+    try:
+        inputs = scenario.input_series(artifact.asset_type)
+        params = model.param_vector({**artifact.parameters, **scenario.parameter_overrides})
+    except (ContractError, KeyError) as exc:
+        raise Unprocessable(str(exc)) from None
+    start = live_state if scenario.start_state == "live" else scenario.start_state
+    return PreparedScenario(
+        simulator=model.name, model_ref=artifact.ref, content_hash=artifact.content_hash, step_s=scenario.step_s,
+        x0=np.asarray([start[n] for n in model.state_names], np.float64), inputs=inputs,
+        params=np.asarray(params, np.float64), overrides=dict(scenario.parameter_overrides),
+    )
+
+
+@dataclass(frozen=True)
+class ScenarioResult:
+    states: np.ndarray  # (n_steps + 1, n_states), from the start state
+    outputs: np.ndarray  # (n_steps, n_outputs), at the start of each step (with that step's input)
+
+
+def run(prepared: PreparedScenario) -> ScenarioResult:
+    """Simulate in float64: what-if answers are compared with telemetry, so accuracy wins."""
+    model = get_model(prepared.simulator)
+    states = simulate(model, prepared.x0, prepared.inputs, prepared.params, prepared.step_s, dtype=jnp.float64)
+    outputs = _observer(prepared.simulator)(states[:-1], prepared.inputs, prepared.params)
+    return ScenarioResult(states=states, outputs=np.asarray(outputs))
+
+
+@cache
+def _observer(simulator: str):
+    """Jitted outputs along a trajectory, (T, S) x (T, I) x (P,) -> (T, O)."""
+    model = get_model(simulator)
+    return jax.jit(lambda x, u, p: jnp.stack(model.observe(unstack(x), unstack(u), tuple(p)), -1))
+
+
+def summary_table(prepared: PreparedScenario, result: ScenarioResult) -> pa.Table:
+    """One row: the parameter overrides (``param.<name>``, as in sweeps) and final/min/max/mean of
+    each state and of each output that is not also a state."""
+    model = get_model(prepared.simulator)
+    cols: dict[str, Any] = {"scenario": [0]}
+    cols.update({f"param.{k}": [v] for k, v in sorted(prepared.overrides.items())})
+    outputs = [(n, result.outputs[:, j]) for j, n in enumerate(model.output_names) if n not in model.state_names]
+    for name, series in [*((n, result.states[:, j]) for j, n in enumerate(model.state_names)), *outputs]:
+        cols.update({f"{name}_final": [series[-1]], f"{name}_min": [series.min()], f"{name}_max": [series.max()],
+                     f"{name}_mean": [series.mean()]})
+    return pa.table(cols)
+
+
+@ray.remote(max_retries=2)
+def scenario_to_store(prepared: PreparedScenario, out_url: str, storage_options: dict[str, Any]) -> dict[str, Any]:
+    """An async scenario job: simulate, write the summary as ``part-000000.parquet`` under `out_url`."""
+    t0 = time.perf_counter()
+    table = summary_table(prepared, run(prepared))
+    seconds = time.perf_counter() - t0
+    fs, root = filesystem(out_url, storage_options)
+    fs.makedirs(root, exist_ok=True)
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    fs.pipe_file(f"{root}/{part_name(0)}", buf.getvalue())
+    return {"quantiles": quantiles(out_url, storage_options=storage_options).to_pylist(), "compute_s": seconds,
+            "steps": prepared.n_steps, "result_url": out_url, "run_id": None}
+
+
+# ----------------------------------------------------------------------------------- sweeps --
+class AssetSweep(Contract):
+    """A what-if sweep of one asset (see `sweeps.SweepSpec`): its registered model and parameters,
+    from its live (or past, or an explicit) state, over a scenario space."""
+
+    asset_id: Identifier
+    start_state: Literal["live"] | dict[str, Finite] = "live"
+    start_time: UtcTime | None = Field(None, description="with start_state 'live': the twin's state at this time")
+    horizon_s: Annotated[Finite, Field(gt=0)]
+    step_s: Annotated[Finite, Field(gt=0)]
+    inputs: dict[str, Finite] = Field(default_factory=dict, description="input-signal parameters of the sweep kit")
+    parameters: dict[str, Finite] = Field(default_factory=dict, description="overrides of the model's parameters")
+    space: ScenarioSpace
+    trajectories: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list, max_length=100)
+
+    @property
+    def work(self) -> int:
+        return self.space.size * round(self.horizon_s / self.step_s)
+
+
+def sweep_spec(sweep: AssetSweep, tenant: str, registry_url: str, artifact: ModelArtifact,
+               live_state: dict[str, float] | None) -> SweepSpec:
+    """The `SweepSpec` for an asset sweep (422 on names the model or its sweep kit lacks)."""
+    try:
+        spec = SweepSpec(
+            model=artifact.ref, registry_url=registry_url, tenant=tenant, asset_id=sweep.asset_id,
+            start_state=live_state if sweep.start_state == "live" else sweep.start_state,
+            parameters=sweep.parameters, inputs=sweep.inputs, space=sweep.space, horizon_s=sweep.horizon_s,
+            step_s=sweep.step_s, chunk_size=min(MAX_CHUNK, sweep.space.size), trajectories=sweep.trajectories,
+        )
+        spec.check_names(artifact.asset_type.simulator)
+    except (ValidationError, ValueError) as exc:
+        raise Unprocessable(describe_error(exc)) from None
+    return spec
+
+
+@ray.remote(num_cpus=0, max_retries=0)
+def sweep_to_store(spec: SweepSpec, runs_url: str, storage_options: dict[str, Any], user: str) -> dict[str, Any]:
+    """A sweep as a recorded run; it only coordinates (0 CPUs), its chunk tasks do the work (and retry)."""
+    t0 = time.perf_counter()
+    record = recorded_sweep(spec, runs=runs_url, storage_options=storage_options or None, user=user, progress=False)
+    return {"quantiles": quantiles(record.output_url, storage_options=storage_options or None).to_pylist(),
+            "compute_s": time.perf_counter() - t0, "steps": spec.space.size * spec.n_steps,
+            "result_url": record.output_url, "run_id": record.run_id}

@@ -1,0 +1,91 @@
+"""Request and response bodies of the HTTP API (the domain contracts live in `raytwin.contracts`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from raytwin.contracts import Finite, Identifier, Relationship, SemVer
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AssetUpdate(Body):
+    type_name: Identifier
+    type_version: SemVer
+    metadata: dict[str, str] = Field(default_factory=dict)
+    relationships: list[Relationship] = Field(default_factory=list)
+
+
+class AssetCreate(AssetUpdate):
+    """A new asset of the caller's tenant; its live twin starts from `initial_state` if given."""
+
+    id: Identifier
+    initial_state: dict[str, Finite] | None = None
+
+
+class Related(BaseModel):
+    asset_id: str
+    outgoing: list[Relationship]
+    incoming: list[dict[str, str]] = Field(description="[{kind, source}] relationships pointing at this asset")
+
+
+class TelemetryBatch(Body):
+    """Events for one asset. Each is validated on its own: a bad event is rejected, not the batch."""
+
+    events: list[dict[str, Any]] = Field(min_length=1)
+
+
+class Rejection(BaseModel):
+    index: int | None = None
+    idempotency_key: str | None = None
+    reason: str
+
+
+class IngestResult(BaseModel):
+    accepted: int
+    duplicates: int
+    rejected: int
+    reasons: list[Rejection]
+
+
+class ScenarioRun(BaseModel):
+    model_ref: str
+    content_hash: str
+    n_steps: int
+    step_s: float
+    start_state: dict[str, float]
+    times_s: list[float] = Field(description="Times of the state samples (n_steps + 1, from 0).")
+    states: dict[str, list[float]] = Field(description="State trajectories, SI units, from the start state.")
+    outputs: dict[str, list[float]] = Field(description="Outputs at the start of each step (n_steps values).")
+
+
+class SweepResult(BaseModel):
+    model_ref: str
+    content_hash: str
+    run_id: str | None = Field(description="sweeps: the run record, reproducible with `raytwin rerun RUN_ID`")
+    scenarios: int
+    n_steps: int
+    rows: list[dict[str, Any]] = Field(description="Per-scenario metrics (the first `limit` rows).")
+    quantiles: list[dict[str, Any]] = Field(description="Per metric: count, mean and 5/50/95% over the scenarios.")
+
+
+class ResultFile(BaseModel):
+    name: str
+    size: int
+
+
+class JobAccepted(BaseModel):
+    job_id: str
+    state: str
+    status_url: str
+    results_url: str
+
+
+class Health(BaseModel):
+    status: str
+    live_twins: int
+    jobs: dict[str, int]

@@ -1,0 +1,409 @@
+"""Calibration: fit a model's parameters to recorded telemetry with Ray Tune, then refine.
+
+1. Objective: weighted RMSE of simulated vs measured outputs, ``sqrt(mean(((y_sim - y)/sigma)^2))``,
+   from the jitted float64 simulator driven by the *measured* inputs.
+2. Global search with Ray Tune over log-uniform ranges around the prior (``prior / width`` to
+   ``prior * width``, clipped to the parameter bounds): random or grid search (built in), or
+   Optuna / HyperOpt when installed; trials are cut early by ASHA or HyperBand, whose
+   "iterations" are growing windows of the data (a bad fit is already bad on the first quarter).
+3. Refinement: Levenberg-Marquardt-type least squares (scipy ``trf``) on the log-parameters with
+   the exact residual Jacobian from ``jax.jacfwd`` through the simulator.
+4. Uncertainty: ``cov = s^2 (J^T J)^-1`` at the optimum (log-parameters, so its diagonal square
+   roots are relative standard deviations), ``s^2`` the residual variance.
+
+With ``max_concurrent_trials=1`` (the default; trials are cheap) the Tune phase is deterministic
+for a seed, so a calibration reruns bit-for-bit: with concurrent trials ASHA's decisions depend
+on the order in which results arrive.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass
+from functools import partial
+from typing import Annotated, Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import Field, model_validator
+from scipy.optimize import least_squares
+
+from raytwin.contracts import Contract, Finite, Identifier
+from raytwin.sim import Model, get_model, rollout, unstack
+from raytwin.storage import canonical_json, filesystem
+from sweeps.spec import resolve_model
+
+log = logging.getLogger("raytwin.calibration")
+BAD_LOSS = 1.0e30  # reported for parameter sets whose simulation blows up (NaN)
+
+
+class CalibrationError(ValueError):
+    """Calibration input that cannot work (unknown names, unusable telemetry, missing searcher)."""
+
+
+class CalibrationSpec(Contract):
+    """What to fit, to which data, and how to search (see module docstring)."""
+
+    model: Annotated[str, Field(min_length=1)]
+    registry_url: str | None = None
+    tenant: Identifier = "default"
+    asset_id: Identifier | None = None
+    telemetry: Annotated[str, Field(min_length=1)]  # Parquet: t_s (uniform) + model inputs + outputs, SI units
+    start_state: dict[str, Finite]
+    free: Annotated[list[str], Field(min_length=1)]
+    parameters: dict[str, Finite] = Field(default_factory=dict)  # prior / fixed values over the model's
+    noise_std: dict[str, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)  # per output; default 1
+    search: Literal["random", "grid", "optuna", "hyperopt"] = "random"
+    num_samples: Annotated[int, Field(ge=1)] = 16
+    grid_levels: Annotated[int, Field(ge=2)] = 3
+    scheduler: Literal["asha", "hyperband", "fifo"] = "asha"
+    windows: Annotated[int, Field(ge=1, le=10)] = 3
+    search_width: Annotated[float, Field(gt=1)] = 2.0
+    refine: bool = True
+    max_concurrent_trials: Annotated[int, Field(ge=1)] = 1
+    seed: Annotated[int, Field(ge=0)] = 0
+
+    @model_validator(mode="after")
+    def _unique(self) -> CalibrationSpec:
+        if len(set(self.free)) != len(self.free):
+            raise ValueError(f"free parameters repeat: {self.free}")
+        return self
+
+
+class CalibrationResult(Contract):
+    """Fitted parameters, their uncertainty and the fit quality (no timings: reruns compare it)."""
+
+    model_ref: str
+    free: list[str]
+    parameters: dict[str, float]
+    std: dict[str, float]
+    rel_std: dict[str, float]
+    correlation: list[list[float]]
+    weighted_rmse: float
+    rmse: dict[str, float]
+    n_samples: int
+    tune_best: dict[str, float]
+    tune_best_loss: float
+    tune_trials: int
+    tune_trials_stopped: int
+    refined: bool
+    refine_evaluations: int = 0
+
+
+@dataclass(frozen=True)
+class Problem:
+    """The data and fixed values of one calibration, shipped once to every Tune trial."""
+
+    simulator: str
+    free_names: tuple[str, ...]
+    free_index: np.ndarray
+    base_params: np.ndarray
+    x0: np.ndarray
+    u: np.ndarray  # (N, n_inputs)
+    y: np.ndarray  # (N, n_outputs)
+    sigma: np.ndarray  # (n_outputs,)
+    dt: float
+
+    @property
+    def model(self) -> Model:
+        return get_model(self.simulator)
+
+    @property
+    def n(self) -> int:
+        return self.y.shape[0]
+
+    def windows(self, k: int) -> list[int]:
+        """Data lengths for the scheduler's iterations: N/k, 2N/k, ..., N."""
+        return [max(2, round(self.n * (i + 1) / k)) for i in range(k)]
+
+    def params(self, theta_log):
+        return _params(self.base_params, tuple(self.free_index.tolist()), theta_log)
+
+    def _args(self, theta_log, n: int) -> tuple:
+        return (self.model, tuple(self.free_index.tolist()), jnp.asarray(theta_log), self.base_params, self.x0,
+                self.u[:n], self.y[:n], self.sigma, self.dt)
+
+    def residuals(self, theta_log, n: int) -> np.ndarray:
+        """Weighted residuals (sim - measured) / sigma over the first n samples, flattened."""
+        return np.asarray(_residuals(*self._args(theta_log, n)))
+
+    def jacobian(self, theta_log, n: int) -> np.ndarray:
+        """d residuals / d log-parameters, exact (forward-mode AD through the simulator)."""
+        return np.asarray(_jacobian(*self._args(theta_log, n)))
+
+    def predict(self, theta_log) -> np.ndarray:
+        return np.asarray(_predict(self.model, self.x0, self.params(theta_log), self.u, self.dt))
+
+    def loss(self, theta_log: np.ndarray, n: int) -> float:
+        r = self.residuals(theta_log, n)
+        value = float(np.sqrt(np.mean(r * r)))
+        return value if np.isfinite(value) else BAD_LOSS
+
+
+def _params(base, free_index: tuple[int, ...], theta_log):
+    return jnp.asarray(base).at[jnp.asarray(free_index)].set(jnp.exp(theta_log))
+
+
+@partial(jax.jit, static_argnames=("model",))
+def _predict(model: Model, x0, params, u, dt):
+    """Outputs at every sample: states x_0..x_{N-1} under inputs u_0..u_{N-2} (zero-order hold)."""
+    p = unstack(params)
+    run = rollout(model, unstack(x0), p, dt, u.shape[0] - 1, unstack(u[:-1]))
+    states = tuple(jnp.concatenate([x0[i][None], s]) for i, s in enumerate(run.trajectory))
+    return jnp.stack(model.output(states, unstack(u), model.coefficients(p)), axis=-1)
+
+
+def _residuals_fn(model, free_index, theta_log, base, x0, u, y, sigma, dt):
+    pred = _predict(model, x0, _params(base, free_index, theta_log), u, dt)
+    return ((pred - y) / sigma).ravel()
+
+
+_residuals = jax.jit(_residuals_fn, static_argnames=("model", "free_index"))
+_jacobian = jax.jit(jax.jacfwd(_residuals_fn, argnums=2), static_argnames=("model", "free_index"))
+
+
+def read_telemetry(url: str, storage_options: dict | None = None) -> tuple[pa.Table, str]:
+    """The telemetry table at `url` and the SHA-256 of its bytes (the run record's input hash)."""
+    fs, path = filesystem(url, storage_options)
+    data = fs.cat_file(path)
+    return pq.read_table(io.BytesIO(data)), hashlib.sha256(data).hexdigest()
+
+
+def build_problem(spec: CalibrationSpec, table: pa.Table, artifact_params: dict[str, float], simulator: str) -> Problem:
+    model = get_model(simulator)
+    unknown = set(spec.free) - set(model.param_names)
+    if unknown:
+        raise CalibrationError(f"free parameters {sorted(unknown)} not in {simulator}: {model.param_names}")
+    if set(spec.start_state) != set(model.state_names):
+        raise CalibrationError(f"start_state must give exactly {list(model.state_names)}")
+    needed = ["t_s", *model.input_names, *model.output_names]
+    missing = [c for c in needed if c not in table.column_names]
+    if missing:
+        raise CalibrationError(f"telemetry lacks column(s) {missing}; needs {needed}")
+    t = table["t_s"].to_numpy().astype(np.float64)
+    steps = np.diff(t)
+    if t.size < 3 or not np.allclose(steps, steps[0], rtol=1e-9, atol=0) or steps[0] <= 0:
+        raise CalibrationError("telemetry t_s must be uniformly spaced and increasing (>= 3 samples); resample first")
+    col = lambda names: np.column_stack([table[c].to_numpy().astype(np.float64) for c in names])  # noqa: E731
+    u, y = col(model.input_names), col(model.output_names)
+    if not (np.isfinite(u).all() and np.isfinite(y).all()):
+        raise CalibrationError("telemetry contains NaN/inf; drop or fill those samples first")
+    base = np.asarray(model.param_vector({**artifact_params, **spec.parameters}), dtype=np.float64)
+    return Problem(
+        simulator=simulator,
+        free_names=tuple(spec.free),
+        free_index=np.asarray([model.param_names.index(n) for n in spec.free]),
+        base_params=base,
+        x0=np.asarray([spec.start_state[s] for s in model.state_names], dtype=np.float64),
+        u=u,
+        y=y,
+        sigma=np.asarray([spec.noise_std.get(o, 1.0) for o in model.output_names]),
+        dt=float(steps[0]),
+    )
+
+
+# ------------------------------------------------------------------------ Tune phase ----
+def _trial(config: dict[str, float], problem: Problem, windows: list[int]) -> None:
+    from ray import tune
+
+    theta = np.log([config[name] for name in problem.free_names])
+    for n in windows:
+        tune.report({"loss": problem.loss(theta, n), "window": n})
+
+
+def _bounds(spec: CalibrationSpec, problem: Problem) -> tuple[np.ndarray, np.ndarray]:
+    specs = {p.name: p for p in problem.model.params}
+    lo = np.array([specs[n].lower for n in problem.free_names])
+    hi = np.array([specs[n].upper for n in problem.free_names])
+    return lo, hi
+
+
+def _search(spec: CalibrationSpec, problem: Problem) -> tuple[dict, Any, int]:
+    """(param_space, search algorithm, num_samples) for `spec.search`."""
+    from ray import tune
+    from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter
+
+    limit = spec.max_concurrent_trials
+    prior = problem.base_params[problem.free_index]
+    lo, hi = _bounds(spec, problem)
+    s_lo = np.maximum(prior / spec.search_width, lo)
+    s_hi = np.minimum(prior * spec.search_width, hi)
+    names = problem.free_names
+    if spec.search == "grid":
+        space = {n: tune.grid_search([float(v) for v in np.geomspace(a, b, spec.grid_levels)])
+                 for n, a, b in zip(names, s_lo, s_hi)}
+        return space, BasicVariantGenerator(random_state=spec.seed, max_concurrent=limit), 1
+    space = {n: tune.loguniform(float(a), float(b)) for n, a, b in zip(names, s_lo, s_hi)}
+    if spec.search == "random":
+        return space, BasicVariantGenerator(random_state=spec.seed, max_concurrent=limit), spec.num_samples
+    try:
+        if spec.search == "optuna":
+            from ray.tune.search.optuna import OptunaSearch
+
+            searcher = OptunaSearch(seed=spec.seed)
+        else:
+            from ray.tune.search.hyperopt import HyperOptSearch
+
+            searcher = HyperOptSearch(random_state_seed=spec.seed)
+        return space, ConcurrencyLimiter(searcher, max_concurrent=limit), spec.num_samples
+    except (ImportError, AssertionError) as exc:
+        package = "optuna" if spec.search == "optuna" else "hyperopt"
+        raise CalibrationError(f"search {spec.search!r} needs the {package} package (pip install {package})") from exc
+
+
+def _scheduler(spec: CalibrationSpec):
+    from ray.tune.schedulers import ASHAScheduler, HyperBandScheduler
+
+    if spec.scheduler == "asha":
+        return ASHAScheduler(max_t=spec.windows, grace_period=1, reduction_factor=2)
+    if spec.scheduler == "hyperband":
+        return HyperBandScheduler(max_t=spec.windows)
+    return None
+
+
+def tune_search(spec: CalibrationSpec, problem: Problem) -> tuple[dict[str, float], float, int, int]:
+    """Best configuration on the full data, its loss, the number of trials and of early-stopped ones."""
+    from ray import tune
+
+    from sweeps.runner import ensure_ray
+
+    ensure_ray()
+    space, search_alg, num_samples = _search(spec, problem)
+    windows = problem.windows(spec.windows)
+    storage = tempfile.mkdtemp(prefix="raytwin-tune-")
+    try:
+        tuner = tune.Tuner(
+            tune.with_resources(tune.with_parameters(_trial, problem=problem, windows=windows), {"cpu": 1}),
+            param_space=space,
+            tune_config=tune.TuneConfig(
+                metric="loss", mode="min", search_alg=search_alg, scheduler=_scheduler(spec),
+                num_samples=num_samples, reuse_actors=True,
+            ),
+            run_config=tune.RunConfig(storage_path=storage, name="calibration", verbose=0),
+        )
+        grid = tuner.fit()
+    finally:
+        shutil.rmtree(storage, ignore_errors=True)
+    finished = [r for r in grid if r.error is None and r.metrics and r.metrics.get("window") == problem.n]
+    if not finished:
+        errors = [str(r.error) for r in grid if r.error is not None][:3]
+        raise CalibrationError(f"no Tune trial completed the full data window; errors: {errors}")
+    best = min(finished, key=lambda r: r.metrics["loss"])
+    return ({n: float(best.config[n]) for n in problem.free_names}, float(best.metrics["loss"]),
+            len(grid), len(grid) - len(finished))
+
+
+# --------------------------------------------------------------------- refinement ----
+def refine(problem: Problem, theta0_log: np.ndarray, spec: CalibrationSpec) -> tuple[np.ndarray, int]:
+    """Least squares on the log-parameters with the jax.jacfwd Jacobian; (theta, evaluations)."""
+    n = problem.n
+    lo, hi = _bounds(spec, problem)
+    with np.errstate(divide="ignore"):
+        bounds = (np.log(lo), np.log(hi))
+    fit = least_squares(
+        lambda th: problem.residuals(th, n),
+        np.clip(theta0_log, bounds[0] + 1e-12, bounds[1] - 1e-12),
+        jac=lambda th: problem.jacobian(th, n),
+        bounds=bounds, method="trf", x_scale="jac", xtol=1e-12, ftol=1e-12, gtol=1e-12, max_nfev=200,
+    )
+    return fit.x, int(fit.nfev)
+
+
+def uncertainty(problem: Problem, theta_log: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(relative std, correlation) of the parameters from s^2 (J^T J)^-1 in log space."""
+    n = problem.n
+    r = problem.residuals(theta_log, n)
+    jac = problem.jacobian(theta_log, n)
+    dof = max(r.size - theta_log.size, 1)
+    cov = (r @ r / dof) * np.linalg.pinv(jac.T @ jac)
+    rel_std = np.sqrt(np.clip(np.diag(cov), 0.0, None))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        corr = cov / np.outer(rel_std, rel_std)
+    return rel_std, np.nan_to_num(corr)
+
+
+# ----------------------------------------------------------------------- outputs ----
+def plot_fit(problem: Problem, theta_log: np.ndarray) -> bytes:
+    """PNG of measured vs fitted outputs (deterministic bytes: no timestamp metadata)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    model = problem.model
+    pred = problem.predict(theta_log)
+    t_h = problem.dt * np.arange(problem.n) / 3600.0
+    outputs = model.outputs
+    fig, axes = plt.subplots(len(outputs), 1, figsize=(10, 3.2 * len(outputs)), squeeze=False, sharex=True)
+    for j, (ax, var) in enumerate(zip(axes[:, 0], outputs)):
+        ax.plot(t_h, problem.y[:, j], ".", ms=2, alpha=0.5, label="measured")
+        ax.plot(t_h, pred[:, j], "-", lw=1.2, label="fitted model")
+        ax.set_ylabel(f"{var.name} [{var.unit}]")
+        ax.legend(loc="best")
+    axes[-1, 0].set_xlabel("time [h]")
+    fig.suptitle(f"{model.name}: measured vs fitted")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, metadata={"Software": None})
+    plt.close(fig)
+    return buf.getvalue()
+
+
+RESULT_FILE, PLOT_FILE = "calibration.json", "fit.png"
+
+
+def calibrate(
+    spec: CalibrationSpec, out_url: str, *, storage_options: dict | None = None
+) -> tuple[CalibrationResult, dict[str, str], str]:
+    """Fit, write ``calibration.json`` and ``fit.png`` under `out_url`.
+
+    Returns (result, {file: sha256}, telemetry sha256).
+    """
+    artifact = resolve_model(spec.model, spec.registry_url)
+    table, data_hash = read_telemetry(spec.telemetry, storage_options)
+    problem = build_problem(spec, table, artifact.parameters, artifact.asset_type.simulator)
+    log.info("calibration start model=%s free=%s samples=%d search=%s scheduler=%s",
+             artifact.ref, ",".join(spec.free), problem.n, spec.search, spec.scheduler)
+    best, best_loss, trials, stopped = tune_search(spec, problem)
+    log.info("calibration tune_done best_loss=%.6g trials=%d stopped_early=%d", best_loss, trials, stopped)
+    theta = np.log([best[n] for n in problem.free_names])
+    evaluations = 0
+    if spec.refine:
+        theta, evaluations = refine(problem, theta, spec)
+    rel_std, corr = uncertainty(problem, theta)
+    fitted = np.asarray(problem.params(theta))
+    r = problem.residuals(theta, problem.n).reshape(problem.n, -1) * problem.sigma
+    model = problem.model
+    values = dict(zip(model.param_names, map(float, fitted)))
+    result = CalibrationResult(
+        model_ref=artifact.ref,
+        free=list(problem.free_names),
+        parameters=values,
+        std={n: float(values[n] * s) for n, s in zip(problem.free_names, rel_std)},
+        rel_std={n: float(s) for n, s in zip(problem.free_names, rel_std)},
+        correlation=corr.tolist(),
+        weighted_rmse=problem.loss(theta, problem.n),
+        rmse={o: float(np.sqrt(np.mean(r[:, j] ** 2))) for j, o in enumerate(model.output_names)},
+        n_samples=problem.n,
+        tune_best=best,
+        tune_best_loss=best_loss,
+        tune_trials=trials,
+        tune_trials_stopped=stopped,
+        refined=spec.refine,
+        refine_evaluations=evaluations,
+    )
+    log.info("calibration done weighted_rmse=%.6g %s", result.weighted_rmse,
+             " ".join(f"{n}={values[n]:.6g}+-{100 * s:.2g}%" for n, s in result.rel_std.items()))
+    fs, root = filesystem(out_url, storage_options)
+    fs.makedirs(root, exist_ok=True)
+    files = {RESULT_FILE: canonical_json(result.model_dump(mode="json")), PLOT_FILE: plot_fit(problem, theta)}
+    for name, data in files.items():
+        fs.pipe_file(f"{root}/{name}", data)
+    return result, {k: hashlib.sha256(v).hexdigest() for k, v in files.items()}, data_hash

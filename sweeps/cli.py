@@ -1,0 +1,220 @@
+"""Command line: ``raytwin sweep ...``, ``raytwin calibrate ...``, ``raytwin rerun RUN_ID``, ``raytwin runs ...``.
+
+Every command connects to the Ray cluster of a Ray job (``ray job submit -- raytwin sweep run
+spec.yaml``) or starts a local Ray. Specs are JSON or YAML files holding a `SweepSpec` /
+`CalibrationSpec`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import yaml
+from pydantic import ValidationError
+
+from raytwin.contracts import describe_error
+
+sweep_app = typer.Typer(help="What-if scenario sweeps over a model.", no_args_is_help=True)
+calibrate_app = typer.Typer(help="Fit model parameters to telemetry (Ray Tune + least squares).", no_args_is_help=True)
+runs_app = typer.Typer(help="Recorded sweep and calibration runs.", no_args_is_help=True)
+
+RunsOption = Annotated[str, typer.Option("--runs", help="Runs root: a directory or fsspec URL.")]
+EXAMPLE_SPACES = {
+    "thermal_rc": [
+        {"name": "C_in", "target": "param", "mode": "scale", "low": 0.7, "high": 1.3},
+        {"name": "C_m", "target": "param", "mode": "scale", "low": 0.7, "high": 1.3},
+        {"name": "R_io", "target": "param", "mode": "scale", "low": 0.7, "high": 1.3},
+        {"name": "T_out_mean", "target": "input", "low": 263.15, "high": 283.15},
+    ],
+    "battery_ecm": [
+        {"name": "q", "target": "param", "mode": "scale", "low": 0.8, "high": 1.0},
+        {"name": "r0", "target": "param", "mode": "scale", "low": 1.0, "high": 2.0},
+        {"name": "current_a", "target": "input", "low": 1.0, "high": 7.5},
+    ],
+    "two_tank": [
+        {"name": "a1", "target": "param", "mode": "scale", "low": 0.8, "high": 1.2},
+        {"name": "q_in_mean", "target": "input", "low": 5e-5, "high": 1.5e-4},
+    ],
+}
+EXAMPLE_HORIZONS = {"thermal_rc": (7 * 86400.0, 60.0), "battery_ecm": (3600.0, 1.0), "two_tank": (7200.0, 1.0)}
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
+def _load(path: Path, spec_type):
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise typer.BadParameter(f"cannot read {path}: {exc}") from None
+    data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+    try:
+        return spec_type.model_validate(data)
+    except (ValidationError, ValueError) as exc:
+        raise typer.BadParameter(f"{path}: {describe_error(exc)}") from None
+
+
+@sweep_app.command("run")
+def sweep_run(
+    spec: Annotated[Path, typer.Argument(help="SweepSpec as JSON or YAML.")],
+    runs: RunsOption = "./runs",
+    progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="Progress bar.")] = None,
+) -> None:
+    """Run a sweep, write its metrics dataset and run record; print the run id."""
+    from sweeps.runner import SweepCancelled
+    from sweeps.runs import recorded_sweep
+    from sweeps.spec import SweepSpec
+
+    _setup_logging()
+    try:
+        record = recorded_sweep(_load(spec, SweepSpec), runs=runs, progress=progress)
+    except SweepCancelled as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(130) from None
+    s = record.summary
+    typer.echo(f"run {record.run_id}: {s['scenarios']} scenarios in {s['elapsed_s']} s "
+               f"({s['scenarios_per_s']:.0f}/s) -> {record.output_url}")
+
+
+@sweep_app.command("example")
+def sweep_example(
+    model: Annotated[str, typer.Argument(help="Simulator: thermal_rc, battery_ecm or two_tank.")],
+    n: Annotated[int, typer.Option(help="Scenarios (Latin hypercube).")] = 1000,
+) -> None:
+    """Print an example SweepSpec (JSON) to start from."""
+    from sweeps.spec import SweepSpec
+
+    if model not in EXAMPLE_SPACES:
+        raise typer.BadParameter(f"no example for {model!r}; choose from {sorted(EXAMPLE_SPACES)}")
+    horizon, step = EXAMPLE_HORIZONS[model]
+    spec = SweepSpec(model=model, horizon_s=horizon, step_s=step,
+                     space={"method": "lhs", "n": n, "seed": 0, "dimensions": EXAMPLE_SPACES[model]})
+    typer.echo(spec.model_dump_json(indent=2, exclude_defaults=True))
+
+
+@sweep_app.command("quantiles")
+def sweep_quantiles(
+    dataset: Annotated[str, typer.Argument(help="A sweep output directory/URL, or a run id under --runs.")],
+    runs: RunsOption = "./runs",
+    metric: Annotated[list[str] | None, typer.Option(help="Metric column (repeatable); default all.")] = None,
+    by: Annotated[list[str] | None, typer.Option(help="Dimension column to group by (repeatable).")] = None,
+    q: Annotated[list[float] | None, typer.Option(help="Quantile in [0, 1] (repeatable).")] = None,
+) -> None:
+    """Quantiles (uncertainty bands) of the sweep metrics, optionally per group."""
+    from sweeps.aggregate import DEFAULT_QUANTILES, quantiles
+    from sweeps.runs import RunError, RunStore
+
+    url = dataset
+    if "/" not in dataset:
+        try:
+            url = RunStore(runs).load(dataset).output_url
+        except RunError as exc:
+            raise typer.BadParameter(str(exc)) from None
+    try:
+        table = quantiles(url, metric or None, q=q or DEFAULT_QUANTILES, by=by or ())
+    except (KeyError, ValueError, FileNotFoundError) as exc:
+        raise typer.BadParameter(str(exc)) from None
+    names = table.column_names
+    typer.echo("\t".join(names))
+    for row in table.to_pylist():
+        typer.echo("\t".join(f"{row[c]:.6g}" if isinstance(row[c], float) else str(row[c]) for c in names))
+
+
+@calibrate_app.command("run")
+def calibrate_run(
+    spec: Annotated[Path, typer.Argument(help="CalibrationSpec as JSON or YAML.")],
+    runs: RunsOption = "./runs",
+) -> None:
+    """Fit parameters; write calibration.json, fit.png and the run record; print the fit."""
+    from sweeps.calibration import CalibrationError, CalibrationSpec
+    from sweeps.runs import recorded_calibration
+
+    _setup_logging()
+    try:
+        record = recorded_calibration(_load(spec, CalibrationSpec), runs=runs)
+    except CalibrationError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    typer.echo(f"run {record.run_id}: weighted RMSE {record.summary['weighted_rmse']:.4g} -> {record.output_url}")
+    for name, rel in record.summary["rel_std"].items():
+        typer.echo(f"  {name} = {record.summary['parameters'][name]:.6g} (+- {100 * rel:.2g}%)")
+
+
+@calibrate_app.command("synthetic")
+def calibrate_synthetic(
+    model: Annotated[str, typer.Argument(help="Simulator: thermal_rc, battery_ecm or two_tank.")],
+    out: Annotated[Path, typer.Option(help="Parquet file to write.")],
+    steps: Annotated[int, typer.Option(help="Samples.")] = 2000,
+    dt: Annotated[float | None, typer.Option(help="Sample period [s]; default the model's step.")] = None,
+    param: Annotated[list[str] | None, typer.Option(help="True parameter NAME=VALUE (repeatable).")] = None,
+    noise: Annotated[list[str] | None, typer.Option(help="Output noise std OUTPUT=STD (repeatable).")] = None,
+    seed: int = 0,
+) -> None:
+    """Write synthetic noisy telemetry with known parameters (solve_ivp ground truth)."""
+    import pyarrow.parquet as pq
+
+    from raytwin.sim import get_model
+    from sweeps.kits import get_kit
+    from sweeps.synthetic import synthetic_telemetry
+
+    def pairs(items: list[str] | None) -> dict[str, float]:
+        try:
+            return {k: float(v) for k, v in (item.split("=", 1) for item in items or [])}
+        except ValueError:
+            raise typer.BadParameter(f"expected NAME=VALUE pairs, got {items}") from None
+
+    sim = get_model(model)
+    table = synthetic_telemetry(model, pairs(param), get_kit(model).start_state, steps, dt or sim.default_dt,
+                                pairs(noise), seed)
+    pq.write_table(table, out)
+    typer.echo(f"wrote {table.num_rows} samples of {model} to {out}")
+
+
+def rerun(
+    run_id: Annotated[str, typer.Argument(help="Run id (see `raytwin runs list`).")],
+    runs: RunsOption = "./runs",
+) -> None:
+    """Re-execute a recorded run and show whether its outputs are identical (bit for bit)."""
+    from sweeps.runs import RunError
+    from sweeps.runs import rerun as do_rerun
+
+    _setup_logging()
+    try:
+        report = do_rerun(run_id, runs=runs)
+    except RunError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    if report.code_version_then != report.code_version_now:
+        typer.echo(f"note: code version changed {report.code_version_then} -> {report.code_version_now}")
+    if report.identical:
+        typer.echo(f"identical: rerun {report.rerun} reproduced every output of {run_id} bit for bit")
+    else:
+        typer.echo(f"differs: rerun {report.rerun} differs from {run_id} in {', '.join(report.differing)}")
+        raise typer.Exit(1)
+
+
+rerun_app = typer.Typer(help="Re-execute a recorded run.")
+rerun_app.command()(rerun)
+
+
+@runs_app.command("list")
+def runs_list(runs: RunsOption = "./runs") -> None:
+    """Recorded runs, oldest first."""
+    from sweeps.runs import RunStore
+
+    for r in RunStore(runs).list():
+        typer.echo(f"{r.run_id}\t{r.kind}\t{r.status}\t{r.model_ref}\t{r.tenant}\t{r.user}\t{r.started.isoformat()}")
+
+
+@runs_app.command("show")
+def runs_show(run_id: str, runs: RunsOption = "./runs") -> None:
+    """The full run record as JSON."""
+    from sweeps.runs import RunError, RunStore
+
+    try:
+        typer.echo(RunStore(runs).load(run_id).model_dump_json(indent=2))
+    except RunError as exc:
+        raise typer.BadParameter(str(exc)) from None

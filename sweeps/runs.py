@@ -1,0 +1,195 @@
+"""Run records: every sweep and calibration leaves enough behind to be re-executed and compared.
+
+A run lives under ``<runs root>/<run_id>/``: ``run.json`` (the `RunRecord`) and ``output/``.
+The record holds who ran what (user, tenant, asset), the model reference and its content hash,
+the input data hash, the full spec (scenario space, seeds), package and code versions, and the
+SHA-256 of every output file. `rerun` executes the recorded spec again into a new run and
+compares the output hashes file by file. Runs roots are local directories or fsspec URLs.
+"""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import os
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import Field
+
+from raytwin.contracts import Contract, UtcTime
+from raytwin.provenance import code_version, package_versions
+from raytwin.storage import canonical_json, filesystem
+from sweeps.calibration import CalibrationSpec, calibrate, read_telemetry
+from sweeps.runner import SweepCancelled, absolute_url, run_sweep
+from sweeps.spec import SweepSpec, resolve_model
+
+log = logging.getLogger("raytwin.runs")
+DEFAULT_RUNS_ROOT = "./runs"
+RECORD_FILE = "run.json"
+
+Kind = Literal["sweep", "calibration"]
+
+
+class RunRecord(Contract):
+    schema_version: Literal[1] = 1
+    run_id: str
+    kind: Kind
+    status: Literal["succeeded", "failed", "cancelled"]
+    user: str
+    tenant: str
+    asset_id: str | None = None
+    model_ref: str
+    model_hash: str
+    input_data_url: str | None = None
+    input_data_hash: str | None = None
+    spec: dict[str, Any]
+    seeds: dict[str, int]
+    package_versions: dict[str, str]
+    code_version: str
+    started: UtcTime
+    finished: UtcTime
+    output_url: str
+    outputs: dict[str, str] = Field(default_factory=dict)  # file name -> sha256
+    summary: dict[str, Any] = Field(default_factory=dict)
+    rerun_of: str | None = None
+    error: str | None = None
+
+
+class RerunReport(Contract):
+    original: str
+    rerun: str
+    identical: bool
+    differing: list[str]  # files whose bytes differ (or exist on one side only)
+    code_version_then: str
+    code_version_now: str
+
+
+class RunError(ValueError):
+    """An unknown run, or a rerun whose inputs are no longer what the record says."""
+
+
+class RunStore:
+    """Run records under a runs root (directory or fsspec URL)."""
+
+    def __init__(self, root: str = DEFAULT_RUNS_ROOT, storage_options: dict | None = None):
+        self.root = absolute_url(root).rstrip("/")
+        self.storage_options = storage_options
+        self.fs, self.path = filesystem(self.root, storage_options)
+
+    def new_id(self, kind: Kind) -> str:
+        return f"{kind}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
+
+    def output_url(self, run_id: str) -> str:
+        return f"{self.root}/{run_id}/output"
+
+    def save(self, record: RunRecord) -> None:
+        self.fs.makedirs(f"{self.path}/{record.run_id}", exist_ok=True)
+        self.fs.pipe_file(f"{self.path}/{record.run_id}/{RECORD_FILE}", canonical_json(record.model_dump(mode="json")))
+
+    def load(self, run_id: str) -> RunRecord:
+        path = f"{self.path}/{run_id}/{RECORD_FILE}"
+        if not self.fs.exists(path):
+            raise RunError(f"no run {run_id!r} under {self.root}")
+        return RunRecord.model_validate_json(self.fs.cat_file(path))
+
+    def list(self) -> list[RunRecord]:
+        if not self.fs.exists(self.path):
+            return []
+        records = [RunRecord.model_validate_json(self.fs.cat_file(p))
+                   for p in self.fs.glob(f"{self.path}/*/{RECORD_FILE}")]
+        return sorted(records, key=lambda r: r.started)
+
+
+def _current_user() -> str:
+    return os.environ.get("RAYTWIN_USER") or getpass.getuser()
+
+
+def _recorded(
+    store: RunStore, kind: Kind, spec: SweepSpec | CalibrationSpec, execute: Callable[[str], tuple[dict, dict]],
+    *, input_url: str | None, input_hash: str | None, seeds: dict[str, int], user: str | None, rerun_of: str | None,
+) -> RunRecord:
+    """Run `execute(output_url) -> (outputs, summary)` and write its record, whatever the outcome."""
+    artifact = resolve_model(spec.model, spec.registry_url)
+    run_id = store.new_id(kind)
+    fields = dict(
+        run_id=run_id, kind=kind, user=user or _current_user(), tenant=spec.tenant, asset_id=spec.asset_id,
+        model_ref=artifact.ref, model_hash=artifact.content_hash, input_data_url=input_url,
+        input_data_hash=input_hash, spec=spec.model_dump(mode="json"), seeds=seeds,
+        package_versions=package_versions(), code_version=code_version(), started=datetime.now(UTC),
+        output_url=store.output_url(run_id), rerun_of=rerun_of,
+    )
+    log.info("run start run_id=%s kind=%s model=%s", run_id, kind, artifact.ref)
+    try:
+        outputs, summary = execute(store.output_url(run_id))
+    except BaseException as exc:
+        status = "cancelled" if isinstance(exc, (SweepCancelled, KeyboardInterrupt)) else "failed"
+        store.save(RunRecord(**fields, status=status, finished=datetime.now(UTC), error=str(exc) or type(exc).__name__))
+        raise
+    record = RunRecord(**fields, status="succeeded", finished=datetime.now(UTC), outputs=outputs, summary=summary)
+    store.save(record)
+    log.info("run done run_id=%s outputs=%d", run_id, len(outputs))
+    return record
+
+
+def recorded_sweep(
+    spec: SweepSpec, *, runs: str = DEFAULT_RUNS_ROOT, storage_options: dict | None = None,
+    user: str | None = None, progress: bool | None = None, rerun_of: str | None = None,
+) -> RunRecord:
+    """Run a sweep into a new run directory and record it."""
+    store = RunStore(runs, storage_options)
+
+    def execute(out_url: str) -> tuple[dict, dict]:
+        result = run_sweep(spec, out_url, storage_options=storage_options, progress=progress)
+        summary = {"scenarios": result.n_scenarios, "chunks": result.n_chunks, "elapsed_s": round(result.elapsed_s, 3),
+                   "scenarios_per_s": round(result.scenarios_per_s, 1)}
+        return result.outputs, summary
+
+    return _recorded(store, "sweep", spec, execute, input_url=None, input_hash=None,
+                     seeds={"space": spec.space.seed}, user=user, rerun_of=rerun_of)
+
+
+def recorded_calibration(
+    spec: CalibrationSpec, *, runs: str = DEFAULT_RUNS_ROOT, storage_options: dict | None = None,
+    user: str | None = None, rerun_of: str | None = None, expected_input_hash: str | None = None,
+) -> RunRecord:
+    """Calibrate into a new run directory and record it (with the telemetry's hash)."""
+    store = RunStore(runs, storage_options)
+    _, input_hash = read_telemetry(spec.telemetry, storage_options)
+    if expected_input_hash is not None and input_hash != expected_input_hash:
+        raise RunError(f"telemetry {spec.telemetry} changed since the recorded run "
+                       f"(sha256 {input_hash[:12]}..., recorded {expected_input_hash[:12]}...)")
+
+    def execute(out_url: str) -> tuple[dict, dict]:
+        result, outputs, _ = calibrate(spec, out_url, storage_options=storage_options)
+        return outputs, {"weighted_rmse": result.weighted_rmse, "parameters": result.parameters,
+                         "rel_std": result.rel_std}
+
+    return _recorded(store, "calibration", spec, execute, input_url=spec.telemetry, input_hash=input_hash,
+                     seeds={"search": spec.seed}, user=user, rerun_of=rerun_of)
+
+
+def rerun(run_id: str, *, runs: str = DEFAULT_RUNS_ROOT, storage_options: dict | None = None,
+          progress: bool | None = False) -> RerunReport:
+    """Re-execute a recorded run from its record and compare every output file's hash."""
+    store = RunStore(runs, storage_options)
+    original = store.load(run_id)
+    if original.status != "succeeded":
+        raise RunError(f"run {run_id} {original.status}; only succeeded runs can be reproduced")
+    model_hash = resolve_model(original.spec["model"], original.spec.get("registry_url")).content_hash
+    if model_hash != original.model_hash:
+        raise RunError(f"model {original.model_ref} changed since run {run_id} "
+                       f"(sha256 {model_hash[:12]}..., recorded {original.model_hash[:12]}...)")
+    if original.kind == "sweep":
+        new = recorded_sweep(SweepSpec.model_validate(original.spec), runs=runs, storage_options=storage_options,
+                             user=original.user, progress=progress, rerun_of=run_id)
+    else:
+        new = recorded_calibration(CalibrationSpec.model_validate(original.spec), runs=runs,
+                                   storage_options=storage_options, user=original.user, rerun_of=run_id,
+                                   expected_input_hash=original.input_data_hash)
+    differing = sorted(name for name in set(original.outputs) | set(new.outputs)
+                       if original.outputs.get(name) != new.outputs.get(name))
+    return RerunReport(original=run_id, rerun=new.run_id, identical=not differing, differing=differing,
+                       code_version_then=original.code_version, code_version_now=new.code_version)

@@ -1,0 +1,357 @@
+"""The HTTP API over real HTTP on loopback: Ray Serve with the app, httpx as the client."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from raytwin.contracts import AssetType
+from raytwin.sim import THERMAL_RC
+from raytwin.sim.reference import model_rhs, reference_trajectory
+from serve_apps.api import create_api
+from serve_apps.auth import create_key
+from tests.conftest import free_port
+
+THERMAL_TYPE = AssetType.from_model(THERMAL_RC).model_dump(mode="json")
+T0 = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)
+RATE_BURST = 60
+
+
+@pytest.fixture(scope="module")
+def api(ray_session, tmp_path_factory):
+    """Serve on a free loopback port with keys for two tenants; yields (base URL, keys by name)."""
+    from ray import serve
+
+    from serve_apps.app import build_app
+
+    root = tmp_path_factory.mktemp("serve")
+    keys_file = root / "keys.json"
+    keys = {name: create_key(keys_file, tenant, role)[1] for name, tenant, role in (
+        ("admin", "acme", "admin"), ("writer", "acme", "writer"), ("reader", "acme", "reader"),
+        ("other", "globex", "admin"), ("limited", "acme", "reader"),
+    )}
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    config = {"store_url": str(root / "store"), "keys_file": str(keys_file), "max_body_bytes": 64 * 1024,
+              "rate_per_s": 5.0, "rate_burst": RATE_BURST, "sync_max_steps": 5_000, "twin_shards": 1,
+              "namespace": "raytwin-serve-tests", "autoscaling": {"min_replicas": 1, "max_replicas": 1}}
+    serve.run(build_app(config), name="raytwin", route_prefix="/")
+    yield f"http://127.0.0.1:{port}", keys, root
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def http(api):
+    base = api[0]
+    with httpx.Client(base_url=base, timeout=120.0) as client:
+        yield client
+
+
+def auth(api, name: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api[1][name]}"}
+
+
+def assert_error(resp: httpx.Response, status: int, code: str) -> dict:
+    assert resp.status_code == status, resp.text
+    body = resp.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "details", "request_id"}
+    assert body["error"]["code"] == code and body["error"]["message"]
+    assert body["error"]["request_id"] == resp.headers["x-request-id"]
+    return body["error"]
+
+
+@pytest.fixture(scope="module")
+def building(api, http):
+    """An asset type, a building and a zone in it (tenant acme)."""
+    admin = auth(api, "admin")
+    r = http.post("/v1/asset-types", json=THERMAL_TYPE, headers=admin)
+    assert r.status_code == 201, r.text
+    for body in (
+        {"id": "site-1", "type_name": "thermal_rc", "type_version": THERMAL_TYPE["version"]},
+        {"id": "zone-1", "type_name": "thermal_rc", "type_version": THERMAL_TYPE["version"],
+         "metadata": {"floor": "2"}, "relationships": [{"kind": "part_of", "target": "site-1"}],
+         "initial_state": {"T_in": 293.0, "T_m": 292.0}},
+    ):
+        r = http.post("/v1/assets", json=body, headers=admin)
+        assert r.status_code == 201, r.text
+    return "zone-1"
+
+
+def events(n: int, start: int = 0, asset: str = "zone-1") -> list[dict]:
+    return [{"asset_id": asset, "sequence": start + k, "event_time": (T0 + timedelta(minutes=start + k)).isoformat(),
+             "measurements": {"T_in": {"value": 293.0 + 0.1 * k, "unit": "K"},
+                              "T_out": {"value": 5.0, "unit": "degC"}}} for k in range(n)]
+
+
+# --------------------------------------------------------------------------------- tests ----
+def test_openapi_is_committed_and_served(http):
+    committed = json.loads((Path(__file__).parents[1] / "serve_apps" / "openapi.json").read_text())
+    assert committed == create_api().openapi(), "regenerate with `raytwin serve openapi`"
+    served = http.get("/openapi.json")
+    assert served.status_code == 200 and served.json()["paths"].keys() == committed["paths"].keys()
+    assert http.get("/v1/health").json()["status"] == "ok"
+
+
+def test_authentication_and_roles(api, http, building):
+    assert_error(http.get("/v1/assets"), 401, "unauthorized")
+    assert_error(http.get("/v1/assets", headers={"Authorization": "Bearer rtk_nope_nope"}), 401, "unauthorized")
+    assert http.get("/v1/assets", headers={"X-API-Key": api[1]["reader"]}).status_code == 200
+    body = {"id": "zone-9", "type_name": "thermal_rc", "type_version": THERMAL_TYPE["version"]}
+    assert_error(http.post("/v1/assets", json=body, headers=auth(api, "writer")), 403, "forbidden")
+    assert_error(http.post(f"/v1/assets/{building}/telemetry", json={"events": events(1)},
+                           headers=auth(api, "reader")), 403, "forbidden")
+
+
+def test_catalog_crud_and_queries(api, http, building):
+    admin = auth(api, "admin")
+    assert http.post("/v1/asset-types", json=THERMAL_TYPE, headers=admin).status_code == 200  # identical: no-op
+    changed = {**THERMAL_TYPE, "description": "changed"}
+    assert_error(http.post("/v1/asset-types", json=changed, headers=admin), 409, "conflict")
+    assert [t["name"] for t in http.get("/v1/asset-types", headers=admin).json()] == ["thermal_rc"]
+
+    zone = http.get(f"/v1/assets/{building}", headers=admin).json()
+    assert zone["tenant"] == "acme" and zone["metadata"] == {"floor": "2"}
+    parts = http.get("/v1/assets", params={"related_to": "site-1", "relationship": "part_of"}, headers=admin).json()
+    assert [a["id"] for a in parts] == [building]
+    assert http.get("/v1/assets", params={"relationship": "feeds"}, headers=admin).json() == []
+    related = http.get("/v1/assets/site-1/relationships", headers=admin).json()
+    assert related["incoming"] == [{"kind": "part_of", "source": building}]
+
+    assert_error(http.delete("/v1/assets/site-1", headers=admin), 409, "conflict")  # zone-1 points at it
+    assert_error(http.delete(f"/v1/asset-types/thermal_rc/{THERMAL_TYPE['version']}", headers=admin), 409, "conflict")
+    update = {"type_name": "thermal_rc", "type_version": THERMAL_TYPE["version"], "metadata": {"floor": "3"},
+              "relationships": [{"kind": "part_of", "target": "site-1"}]}
+    assert http.put(f"/v1/assets/{building}", json=update, headers=admin).json()["metadata"] == {"floor": "3"}
+    missing = {**update, "relationships": [{"kind": "feeds", "target": "nowhere"}]}
+    assert_error(http.put(f"/v1/assets/{building}", json=missing, headers=admin), 422, "invalid_request")
+
+    r = http.post("/v1/assets", json={"id": "tmp-1", "type_name": "thermal_rc",
+                                      "type_version": THERMAL_TYPE["version"]}, headers=admin)
+    assert r.status_code == 201
+    assert http.delete("/v1/assets/tmp-1", headers=admin).status_code == 204
+    assert_error(http.get("/v1/assets/tmp-1", headers=admin), 404, "not_found")
+
+
+def test_tenant_isolation_is_404(api, http, building):
+    other = auth(api, "other")
+    absent = assert_error(http.get("/v1/assets/no-such-asset", headers=other), 404, "not_found")
+    foreign = assert_error(http.get(f"/v1/assets/{building}", headers=other), 404, "not_found")
+    assert foreign["message"].replace(building, "X") == absent["message"].replace("no-such-asset", "X")
+    assert http.get("/v1/assets", headers=other).json() == []
+    assert_error(http.get(f"/v1/assets/{building}/state", headers=other), 404, "not_found")
+    assert_error(http.post(f"/v1/assets/{building}/telemetry", json={"events": events(1)}, headers=other),
+                 404, "not_found")
+    scenario = {"asset_id": building, "start_state": "live", "horizon_s": 600, "step_s": 60,
+                "inputs": {"T_out": {"kind": "constant", "value": 278.0, "unit": "K"},
+                           "Q_h": {"kind": "constant", "value": 0.0, "unit": "W"},
+                           "Q_sol": {"kind": "constant", "value": 0.0, "unit": "W"}}}
+    assert_error(http.post("/v1/scenarios", json=scenario, headers=other), 404, "not_found")
+    assert_error(http.delete(f"/v1/assets/{building}", headers=other), 404, "not_found")
+
+
+def test_telemetry_is_validated_and_idempotent(api, http, building):
+    writer = auth(api, "writer")
+    batch = events(5)
+    batch.append({"sequence": 99, "event_time": T0.isoformat(), "measurements": {"pressure": {"value": 1.0,
+                                                                                              "unit": "Pa"}}})
+    first = http.post(f"/v1/assets/{building}/telemetry", json={"events": batch}, headers=writer)
+    assert first.status_code == 200, first.text
+    report = first.json()
+    assert (report["accepted"], report["duplicates"], report["rejected"]) == (5, 0, 1)
+    assert report["reasons"][0]["index"] == 5 and "pressure" in report["reasons"][0]["reason"]
+    again = http.post(f"/v1/assets/{building}/telemetry", json={"events": batch}, headers=writer).json()
+    assert (again["accepted"], again["duplicates"], again["rejected"]) == (0, 5, 1)
+
+
+def test_state_now_and_in_the_past(api, http, building):
+    writer, reader = auth(api, "writer"), auth(api, "reader")
+    http.post(f"/v1/assets/{building}/telemetry", json={"events": events(3, start=10)}, headers=writer)
+    now = http.get(f"/v1/assets/{building}/state", headers=reader).json()
+    assert now["asset_id"] == building and set(now["state"]) == {"T_in", "T_m"}
+    assert datetime.fromisoformat(now["event_time"]) == T0 + timedelta(minutes=12)
+    assert len(now["covariance"]) == 2 and now["revision"] >= 8
+    past = http.get(f"/v1/assets/{building}/state", params={"at": (T0 + timedelta(minutes=2)).isoformat()},
+                    headers=reader).json()
+    assert past["revision"] < now["revision"]
+    assert datetime.fromisoformat(past["event_time"]) <= T0 + timedelta(minutes=2)
+    drift = http.get(f"/v1/assets/{building}/divergence", headers=reader).json()
+    assert {"nis_mean", "drift", "residual_rms"} <= set(drift)
+    assert_error(http.get(f"/v1/assets/{building}/state", params={"at": "yesterday"}, headers=reader),
+                 422, "invalid_request")
+
+
+def _scenario(asset: str, n_steps: int, start_state="live") -> dict:
+    return {"asset_id": asset, "start_state": start_state, "horizon_s": 60.0 * n_steps, "step_s": 60.0,
+            "inputs": {"T_out": {"kind": "constant", "value": 5.0, "unit": "degC"},
+                       "Q_h": {"kind": "schedule", "period_s": 3600.0, "starts_s": [0.0, 1800.0],
+                               "values": [2000.0, 0.0], "unit": "W"},
+                       "Q_sol": {"kind": "constant", "value": 0.0, "unit": "W"}},
+            "parameter_overrides": {"R_io": 0.02}}
+
+
+def test_sync_scenario_matches_an_independent_solver(api, http, building):
+    x0 = {"T_in": 294.0, "T_m": 291.0}
+    r = http.post("/v1/scenarios", json=_scenario(building, 120, x0), headers=auth(api, "writer"))
+    assert r.status_code == 200, r.text
+    run = r.json()
+    assert run["model_ref"] == f"thermal_rc@{THERMAL_TYPE['version']}" and len(run["content_hash"]) == 64
+    got = np.column_stack([run["states"]["T_in"], run["states"]["T_m"]])
+    params = THERMAL_RC.param_vector({"R_io": 0.02})
+    t = 60.0 * np.arange(120)
+    inputs = np.column_stack([np.full(120, 278.15), np.where(t % 3600 < 1800, 2000.0, 0.0), np.zeros(120)])
+    ref = reference_trajectory(model_rhs(THERMAL_RC, params), np.array([294.0, 291.0]), inputs, 60.0)
+    assert np.max(np.abs(got - ref)) < 1e-6
+    assert np.max(np.abs(got[-1] - got[0])) > 0.1  # the scenario actually moved the state
+
+    live = http.post("/v1/scenarios", json=_scenario(building, 10), headers=auth(api, "writer")).json()
+    state = http.get(f"/v1/assets/{building}/state", headers=auth(api, "reader")).json()["state"]
+    assert live["start_state"] == pytest.approx(state)
+
+
+def wait_for(http, job_id: str, headers: dict) -> dict:
+    deadline = time.monotonic() + 180
+    while (job := http.get(f"/v1/jobs/{job_id}", headers=headers).json())["state"] in ("queued", "running"):
+        assert time.monotonic() < deadline, job
+        time.sleep(0.5)
+    return job
+
+
+def download(http, job_id: str, headers: dict) -> pa.Table:
+    files = http.get(f"/v1/jobs/{job_id}/files", headers=headers).json()
+    parts = [f["name"] for f in files if f["name"].startswith("part-")]
+    assert parts
+    return pa.concat_tables(pq.read_table(pa.BufferReader(http.get(f"/v1/jobs/{job_id}/files/{name}",
+                                                                       headers=headers).content)) for name in parts)
+
+
+def test_async_scenario_job_runs_to_completion(api, http, building):
+    writer = auth(api, "writer")
+    x0 = {"T_in": 294.0, "T_m": 291.0}
+    r = http.post("/v1/scenarios", params={"mode": "async"}, json=_scenario(building, 100, x0), headers=writer)
+    assert r.status_code == 202, r.text
+    job_id = r.json()["job_id"]
+    job = wait_for(http, job_id, writer)
+    assert job["state"] == "succeeded" and job["kind"] == "scenario", job
+    summary = http.get(f"/v1/jobs/{job_id}/results", headers=writer).json()
+    sync = http.post("/v1/scenarios", json=_scenario(building, 100, x0), headers=writer).json()
+    assert summary["rows"][0]["T_in_final"] == pytest.approx(sync["states"]["T_in"][-1], rel=1e-12)
+    assert summary["rows"][0]["T_m_max"] == pytest.approx(max(sync["states"]["T_m"]), rel=1e-12)
+    table = download(http, job_id, writer)
+    assert table.num_rows == 1 and table.column("param.R_io")[0].as_py() == 0.02
+    assert_error(http.get(f"/v1/jobs/{job_id}", headers=auth(api, "other")), 404, "not_found")
+    assert_error(http.get(f"/v1/jobs/{job_id}/files/../../keys.json", headers=writer), 404, "not_found")
+
+
+def _sweep(asset: str, space: dict) -> dict:
+    return {"asset_id": asset, "horizon_s": 6 * 3600.0, "step_s": 60.0, "space": space,
+            "inputs": {"setpoint": 294.15}}
+
+
+def test_sweeps_from_live_state_sync_and_async(api, http, building):
+    writer = auth(api, "writer")
+    grid = {"method": "grid", "dimensions": [{"name": "R_io", "target": "param", "mode": "scale",
+                                              "values": [0.8, 1.0, 1.25]}]}
+    r = http.post("/v1/sweeps", params={"mode": "sync"}, json=_sweep(building, grid), headers=writer)
+    assert r.status_code == 200, r.text
+    result = r.json()
+    assert result["scenarios"] == 3 and len(result["rows"]) == 3 and result["run_id"]
+    peaks = np.array([row["T_in_max"] for row in result["rows"]])
+    band = next(q for q in result["quantiles"] if q["metric"] == "T_in_max")
+    assert band["q0.5"] == pytest.approx(np.quantile(peaks, 0.5)) and band["count"] == 3
+    energy = [row["energy_kwh"] for row in result["rows"]]
+    assert energy[0] > energy[1] > energy[2]  # a leakier envelope (smaller R_io) needs more heating
+    live = http.get(f"/v1/assets/{building}/state", headers=auth(api, "reader")).json()["state"]
+    record = next(Path(api[2]).glob(f"store/runs/acme/{result['run_id']}/run.json"))
+    assert json.loads(record.read_text())["spec"]["start_state"] == pytest.approx(live)
+
+    lhs = {"method": "lhs", "n": 40, "seed": 7, "dimensions": [
+        {"name": "T_out_mean", "target": "input", "low": 268.0, "high": 283.0},
+        {"name": "C_in", "target": "param", "mode": "scale", "low": 0.7, "high": 1.3}]}
+    r = http.post("/v1/sweeps", params={"mode": "async"}, json=_sweep(building, lhs), headers=writer)
+    assert r.status_code == 202, r.text
+    job = wait_for(http, r.json()["job_id"], writer)
+    assert job["state"] == "succeeded" and job["kind"] == "sweep" and job["run_id"], job
+    table = download(http, job["job_id"], writer)
+    assert table.num_rows == 40 and sorted(table.column("scenario").to_pylist()) == list(range(40))
+    assert {"input.T_out_mean", "param.C_in", "T_in_min"} <= set(table.column_names)
+
+
+def test_limits_and_error_shapes(api, http, building):
+    writer = auth(api, "writer")
+    big = {"events": events(1) * 2000}
+    assert_error(http.post(f"/v1/assets/{building}/telemetry", json=big, headers=writer), 413, "payload_too_large")
+
+    def chunks():  # no Content-Length: the streamed size is what counts
+        for _ in range(100):
+            yield b" " * 1024
+
+    streamed = http.post(f"/v1/assets/{building}/telemetry", content=chunks(),
+                         headers={**writer, "Content-Type": "application/json"})
+    assert_error(streamed, 413, "payload_too_large")
+    bad = http.post(f"/v1/assets/{building}/telemetry", content=b'{"events": [', headers={
+        **writer, "Content-Type": "application/json"})
+    err = assert_error(bad, 422, "invalid_request")
+    assert err["details"][0]["type"] == "json_invalid"
+    assert_error(http.post("/v1/scenarios", json={"asset_id": building}, headers=writer), 422, "invalid_request")
+    too_big = _scenario(building, 10_000, {"T_in": 294.0, "T_m": 291.0})
+    assert_error(http.post("/v1/scenarios", params={"mode": "sync"}, json=too_big, headers=writer),
+                 422, "invalid_request")
+    assert http.get("/v1/health").status_code == 200  # the replica survived all of it
+
+
+def test_rate_limit_per_key(api, http):
+    limited = auth(api, "limited")
+    statuses = [http.get("/v1/asset-types", headers=limited) for _ in range(RATE_BURST + 40)]
+    refused = [r for r in statuses if r.status_code == 429]
+    assert refused, "no request was rate limited"
+    assert int(refused[0].headers["Retry-After"]) >= 1
+    assert_error(refused[0], 429, "rate_limited")
+    assert http.get("/v1/asset-types", headers=auth(api, "reader")).status_code == 200  # other keys unaffected
+
+
+def _sample(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_metrics_follow_requests(api, http, building):
+    before = http.get("/metrics").text
+    http.get(f"/v1/assets/{building}", headers=auth(api, "reader"))
+    http.post(f"/v1/assets/{building}/telemetry", json={"events": events(2, start=50)}, headers=auth(api, "writer"))
+    after = http.get("/metrics")
+    assert after.headers["content-type"].startswith("text/plain")
+    text = after.text
+    route = {"route": "/v1/assets/{asset_id}", "method": "GET", "status": "200"}
+    assert _sample(text, "raytwin_http_requests_total", **route) == _sample(before, "raytwin_http_requests_total",
+                                                                            **route) + 1
+    assert _sample(text, "raytwin_events_accepted_total") == _sample(before, "raytwin_events_accepted_total") + 2
+    assert _sample(text, "raytwin_http_request_duration_seconds_count", route="/v1/assets/{asset_id}") >= 1
+    assert "raytwin_ingest_lag_seconds_bucket" in text
+    assert "raytwin_live_twins " in text and _sample(text, "raytwin_sweep_jobs", state="succeeded") >= 0
+    assert "raytwin_scenario_steps_total" in text
+
+
+def test_audit_log_records_changes_and_runs(api, http, building):
+    records = http.get("/v1/audit", headers=auth(api, "admin")).json()
+    actions = [r["action"] for r in records]
+    assert {"asset.create", "asset.update", "asset.delete", "scenario.run", "scenario.submit", "sweep.run",
+            "sweep.submit"} <= set(actions)
+    run = next(r for r in records if r["action"] == "scenario.run")
+    assert run["tenant"] == "acme" and run["details"]["model_ref"].startswith("thermal_rc@")
+    assert len(run["details"]["content_hash"]) == 64 and run["details"]["scenario"]["asset_id"] == building
+    assert "jax" in run["details"]["versions"] and run["key_id"] and "key" not in json.dumps(run).replace("key_id", "")
+    sweep = next(r for r in records if r["action"] == "sweep.run")
+    assert sweep["details"]["run_id"] and sweep["details"]["sweep"]["space"]["method"] == "grid"
+    assert_error(http.get("/v1/audit", headers=auth(api, "writer")), 403, "forbidden")
+    assert http.get("/v1/audit", headers=auth(api, "other")).json() == []
