@@ -2,7 +2,8 @@
 
 A kit turns a scenario into (a) input signals generated *inside* the scan from a few per-scenario
 input parameters (so no input arrays are stored or transferred) and (b) summary metrics folded
-step by step into the scan carry (so no trajectory is kept). Everything is elementwise over
+step by step into the scan carry (so no trajectory is kept). Extremes include the start state;
+durations count the steps taken (state at the end of each step). Everything is elementwise over
 scalars, so `vmap` batches it and XLA fuses it with the RK4 step.
 """
 

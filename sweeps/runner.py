@@ -34,7 +34,8 @@ log = logging.getLogger("raytwin.sweeps")
 SINGLE_THREADED_XLA = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 """One XLA thread per CPU task, so N tasks use N cores instead of N x N threads fighting."""
 FAULT_ENV = ("RAYTWIN_SWEEP_CRASH_CHUNK", "RAYTWIN_SWEEP_CRASH_MARKER")
-"""Fault injection for tests: the first attempt of that chunk kills its worker (marker dir records it)."""
+"""Fault injection for tests, read by the driver: the first attempt of that chunk kills its worker
+(a marker file in the marker directory records that it happened)."""
 TASK_RETRIES = 3
 
 
@@ -75,11 +76,15 @@ def write_parquet(table: pa.Table, url: str, storage_options: dict | None) -> st
     return hashlib.sha256(data).hexdigest()
 
 
-def _crash_if_injected(chunk: int) -> None:
+def _injected_fault() -> tuple[int, str] | None:
     target, marker_dir = (os.environ.get(k) for k in FAULT_ENV)
-    if target is None or int(target) != chunk or marker_dir is None:
+    return None if target is None or marker_dir is None else (int(target), marker_dir)
+
+
+def _crash_if_injected(chunk: int, fault: tuple[int, str] | None) -> None:
+    if fault is None or fault[0] != chunk:
         return
-    marker = os.path.join(marker_dir, f"crashed-{chunk}")
+    marker = os.path.join(fault[1], f"crashed-{chunk}")
     if not os.path.exists(marker):
         open(marker, "w").close()
         os._exit(1)  # a dead worker, as from an OOM kill or a lost node
@@ -93,8 +98,8 @@ def _scenario_table(spec: SweepSpec, start: int, rows: np.ndarray, columns: dict
 
 
 def _chunk_task(spec: SweepSpec, simulator: str, bases: Bases, chunk: int, rows: np.ndarray, url: str,
-                storage_options: dict | None) -> tuple[int, str, int]:
-    _crash_if_injected(chunk)
+                storage_options: dict | None, fault: tuple[int, str] | None) -> tuple[int, str, int]:
+    _crash_if_injected(chunk, fault)
     metrics = engine.chunk_metrics(
         get_kit(simulator), bases, spec.space.dimensions, rows, spec.step_s, spec.n_steps, spec.chunk_size, spec.dtype
     )
@@ -126,9 +131,7 @@ def _task_options() -> dict[str, Any]:
     """GPU tasks when the cluster has GPUs; otherwise one single-threaded XLA per CPU."""
     if ray.cluster_resources().get("GPU", 0) > 0:
         return {"num_gpus": 1}
-    env = {"XLA_FLAGS": SINGLE_THREADED_XLA}
-    env.update({k: os.environ[k] for k in FAULT_ENV if k in os.environ})
-    return {"num_cpus": 1, "runtime_env": {"env_vars": env}}
+    return {"num_cpus": 1, "runtime_env": {"env_vars": {"XLA_FLAGS": SINGLE_THREADED_XLA}}}
 
 
 def absolute_url(url: str) -> str:
@@ -210,7 +213,7 @@ def run_sweep(
     options = _task_options()
     chunk_task = _chunk_remote.options(**options)
     window = max_in_flight or max(2, 2 * int(ray.cluster_resources().get("GPU") or ray.cluster_resources()["CPU"]))
-    spec_ref, bases_ref = ray.put(spec), ray.put(bases)
+    spec_ref, bases_ref, fault = ray.put(spec), ray.put(bases), _injected_fault()
     log.info("sweep start model=%s scenarios=%d chunks=%d chunk_size=%d steps=%d out=%s",
              spec.model, n, n_chunks, size, spec.n_steps, out_url)
 
@@ -229,7 +232,7 @@ def run_sweep(
                 start = next_chunk * size
                 rows = spec.space.rows(start, min(start + size, n))
                 ref = chunk_task.remote(spec_ref, simulator, bases_ref, next_chunk, rows,
-                                        f"{out_url}/{part_name(next_chunk)}", storage_options)
+                                        f"{out_url}/{part_name(next_chunk)}", storage_options, fault)
                 pending[ref] = next_chunk
                 next_chunk += 1
             done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)

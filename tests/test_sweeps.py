@@ -1,0 +1,211 @@
+"""What-if sweeps: scenario spaces, the jitted engine against solve_ivp, Ray runs, retries, quantiles, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from raytwin.sim import BATTERY_ECM, THERMAL_RC
+from raytwin.sim.reference import model_rhs, reference_trajectory
+from sweeps.aggregate import open_dataset, quantiles
+from sweeps.cli import sweep_app
+from sweeps.engine import Bases, chunk_metrics
+from sweeps.kits import BATTERY_KIT, THERMAL_KIT
+from sweeps.runner import FAULT_ENV, TRAJECTORY_FILE, run_sweep
+from sweeps.space import Dimension, ScenarioSpace
+from sweeps.spec import SweepSpec
+
+
+def _space(method="lhs", n=600, seed=3):
+    dims = [
+        Dimension(name="C_in", target="param", mode="scale", low=0.7, high=1.3),
+        Dimension(name="R_io", target="param", mode="scale", low=0.7, high=1.3),
+        Dimension(name="T_out_mean", target="input", low=263.15, high=283.15),
+    ]
+    return ScenarioSpace(method=method, n=n, seed=seed, dimensions=dims)
+
+
+def _thermal_spec(**kw):
+    base = dict(model="thermal_rc", space=_space(), horizon_s=86400.0, step_s=120.0, chunk_size=256)
+    return SweepSpec(**{**base, **kw})
+
+
+# ------------------------------------------------------------------------ spaces ----
+def test_grid_enumerates_the_product_in_index_order():
+    space = ScenarioSpace(method="grid", dimensions=[
+        Dimension(name="C_in", target="param", values=[1.0, 2.0]),
+        Dimension(name="setpoint", target="input", low=290.0, high=294.0, levels=3),
+    ])
+    assert space.size == 6
+    expected = [[a, b] for a in (1.0, 2.0) for b in (290.0, 292.0, 294.0)]
+    np.testing.assert_array_equal(space.rows(0, 6), expected)
+    np.testing.assert_array_equal(space.rows(4, 6), expected[4:])
+
+
+@pytest.mark.parametrize("method", ["random", "lhs"])
+def test_samples_depend_only_on_the_scenario_index(method):
+    space = _space(method, n=500)
+    whole = space.rows(0, 500)
+    np.testing.assert_array_equal(whole[123:321], _space(method, n=500).rows(123, 321))
+    assert whole[:, 0].min() >= 0.7 and whole[:, 0].max() <= 1.3
+    assert not np.array_equal(whole, _space(method, n=500, seed=4).rows(0, 500))
+
+
+def test_latin_hypercube_puts_one_sample_in_each_stratum():
+    rows = _space("lhs", n=200).rows(0, 200)
+    strata = np.floor((rows[:, 2] - 263.15) / 20.0 * 200).astype(int)
+    assert sorted(strata) == list(range(200))
+
+
+def test_spaces_and_specs_refuse_bad_input():
+    with pytest.raises(ValueError, match="needs n"):
+        ScenarioSpace(method="random", dimensions=[Dimension(name="C_in", target="param", low=1, high=2)])
+    with pytest.raises(ValueError, match="low and high"):
+        Dimension(name="C_in", target="param")
+    with pytest.raises(ValueError, match="unknown; known params"):
+        _thermal_spec(space=ScenarioSpace(method="random", n=4, dimensions=[
+            Dimension(name="C_nope", target="param", low=1, high=2)]))
+    with pytest.raises(ValueError, match="whole number of steps"):
+        _thermal_spec(horizon_s=1000.0, step_s=300.0)
+
+
+# ------------------------------------------------------------------------ engine ----
+def test_thermal_metrics_match_solve_ivp_open_loop():
+    """Heater off: inputs are known functions of time, so solve_ivp gives an independent reference."""
+    dt, n_steps = 300.0, 288
+    inputs = {**THERMAL_KIT.default_inputs(), "heater_gain": 0.0, "comfort_low": 285.0, "comfort_high": 291.0}
+    bases = Bases(THERMAL_KIT.start_state, THERMAL_RC.default_params(), inputs)
+    dims = [Dimension(name="C_in", target="param", mode="scale", values=[0.7, 1.0, 1.3])]
+    rows = np.array([[0.7], [1.0], [1.3]])
+    got = chunk_metrics(THERMAL_KIT, bases, dims, rows, dt, n_steps, 8, "float64")
+    t = dt * np.arange(n_steps)
+    t_out = inputs["T_out_mean"] + inputs["T_out_amplitude"] * np.sin(2 * np.pi / 86400 * (t - 9 * 3600))
+    q_sol = inputs["solar_peak"] * np.maximum(np.sin(2 * np.pi / 86400 * (t - 6 * 3600)), 0.0)
+    u = np.column_stack([t_out, np.zeros(n_steps), q_sol])
+    for k, scale in enumerate(rows[:, 0]):
+        p = THERMAL_RC.param_vector({"C_in": 2.0e6 * scale})
+        ref = reference_trajectory(model_rhs(THERMAL_RC, np.asarray(p)), np.array([293.15, 291.15]), u, dt)[:, 0]
+        assert got["T_in_max"][k] == pytest.approx(ref.max(), abs=1e-5)  # RK4 at 300 s: ~1e-6 of the range; extremes include the start state
+        assert got["T_in_min"][k] == pytest.approx(ref.min(), abs=1e-5)
+        outside = dt * np.sum((ref[1:] < 285.0) | (ref[1:] > 291.0))  # time counts the steps taken
+        assert abs(got["discomfort_s"][k] - outside) <= dt  # a step may sit on the band edge
+        assert outside > 0 and got["energy_kwh"][k] == 0.0
+
+
+def test_battery_metrics_match_analytic_and_solve_ivp():
+    dt, n_steps = 1.0, 1800
+    inputs = {**BATTERY_KIT.default_inputs(), "v_limit": 3.9}
+    bases = Bases(BATTERY_KIT.start_state, BATTERY_ECM.default_params(), inputs)
+    dims = [Dimension(name="current_a", target="input", values=[1.0, 5.0])]
+    got = chunk_metrics(BATTERY_KIT, bases, dims, np.array([[1.0], [5.0]]), dt, n_steps, 4, "float64")
+    on = (np.arange(n_steps) % 600) < 300
+    for k, current in enumerate((1.0, 5.0)):
+        charge = current * on.sum() * dt / 3600.0
+        assert got["charge_ah"][k] == pytest.approx(charge, rel=1e-12)
+        assert got["soc_min"][k] == pytest.approx(0.9 - charge / 2.5, rel=1e-9)
+        u = (current * on)[:, None]
+        x = reference_trajectory(model_rhs(BATTERY_ECM, np.asarray(BATTERY_ECM.param_vector())),
+                                 np.array([0.9, 0.0, 0.0]), u, dt)[1:]
+        v = np.asarray(BATTERY_ECM.observe(tuple(x.T), (u[:, 0],), tuple(BATTERY_ECM.param_vector())))[0]
+        assert got["v_terminal_min"][k] == pytest.approx(v.min(), abs=1e-7)
+
+
+def test_a_scenario_does_not_depend_on_its_chunk_neighbours():
+    space = _space(n=64)
+    bases = Bases(THERMAL_KIT.start_state, THERMAL_RC.default_params(), THERMAL_KIT.default_inputs())
+    rows = space.rows(0, 64)
+    full = chunk_metrics(THERMAL_KIT, bases, space.dimensions, rows, 120.0, 720, 64, "float32")
+    part = chunk_metrics(THERMAL_KIT, bases, space.dimensions, rows[10:13], 120.0, 720, 64, "float32")
+    for name in full:
+        np.testing.assert_array_equal(full[name][10:13], part[name])
+
+
+# ------------------------------------------------------------------------- Ray runs ----
+def test_sweep_on_ray_writes_the_dataset_and_retries_a_lost_worker(ray_session, tmp_path, monkeypatch):
+    spec = _thermal_spec(trajectories=[0, 599])
+    clean = run_sweep(spec, str(tmp_path / "clean"), progress=False)
+    assert clean.n_chunks == 3 and set(clean.outputs) == {
+        "part-000000.parquet", "part-000001.parquet", "part-000002.parquet", TRAJECTORY_FILE}
+    table = open_dataset(str(tmp_path / "clean")).to_table().sort_by("scenario")
+    assert table.num_rows == 600
+    np.testing.assert_array_equal(table["scenario"].to_numpy(), np.arange(600))
+    np.testing.assert_array_equal(table["input.T_out_mean"].to_numpy(), spec.space.rows(0, 600)[:, 2])
+    # the distributed result is exactly the single-process engine's on the same chunk
+    bases = Bases(THERMAL_KIT.start_state, THERMAL_RC.default_params(), THERMAL_KIT.default_inputs())
+    local = chunk_metrics(THERMAL_KIT, bases, spec.space.dimensions, spec.space.rows(256, 512), 120.0, 720, 256,
+                          "float32")
+    np.testing.assert_array_equal(table["energy_kwh"].to_numpy()[256:512], local["energy_kwh"])
+    # colder winters need more heating energy
+    cold = table["input.T_out_mean"].to_numpy() < 268
+    warm = table["input.T_out_mean"].to_numpy() > 278
+    assert table["energy_kwh"].to_numpy()[cold].mean() > table["energy_kwh"].to_numpy()[warm].mean()
+    traj = pq.read_table(tmp_path / "clean" / TRAJECTORY_FILE)
+    last = traj["T_in"].to_numpy()[traj["scenario"].to_numpy() == 599]
+    assert last.size == 721 and np.max(last) == pytest.approx(table["T_in_max"][599].as_py(), rel=1e-6)
+
+    # the first attempt of chunk 1 kills its worker; Ray retries it and the result is identical
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    monkeypatch.setenv(FAULT_ENV[0], "1")
+    monkeypatch.setenv(FAULT_ENV[1], str(markers))
+    faulty = run_sweep(spec, str(tmp_path / "faulty"), progress=False)
+    assert os.path.exists(markers / "crashed-1")
+    assert faulty.outputs == clean.outputs
+
+
+def test_sweep_refuses_a_non_empty_output(ray_session, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "x").write_text("x")
+    with pytest.raises(FileExistsError):
+        run_sweep(_thermal_spec(), str(tmp_path / "out"))
+
+
+def test_sweep_to_s3_and_quantiles_match_numpy(ray_session, s3_url):
+    space = ScenarioSpace(method="grid", dimensions=[
+        Dimension(name="T_out_mean", target="input", values=[268.15, 278.15]),
+        Dimension(name="C_in", target="param", mode="scale", low=0.7, high=1.3, levels=40),
+    ])
+    spec = _thermal_spec(space=space, chunk_size=32)
+    url = f"{s3_url}/sweep"
+    run_sweep(spec, url, progress=False)
+    table = open_dataset(url).to_table()
+    assert table.num_rows == 80
+    bands = quantiles(url, ["energy_kwh", "T_in_min"], q=(0.05, 0.5, 0.95)).to_pylist()
+    for row in bands:
+        values = table[row["metric"]].to_numpy().astype(np.float64)
+        expected = np.quantile(values, [0.05, 0.5, 0.95])
+        assert [row["q0.05"], row["q0.5"], row["q0.95"]] == pytest.approx(expected, rel=1e-12)
+    grouped = quantiles(url, ["energy_kwh"], by=["input.T_out_mean"]).to_pylist()
+    assert [g["input.T_out_mean"] for g in grouped] == [268.15, 278.15]
+    for g in grouped:
+        mask = table["input.T_out_mean"].to_numpy() == g["input.T_out_mean"]
+        values = table["energy_kwh"].to_numpy()[mask].astype(np.float64)
+        assert g["count"] == 40 and g["q0.5"] == pytest.approx(np.median(values), rel=1e-12)
+    with pytest.raises(KeyError, match="unknown column"):
+        quantiles(url, ["nope"])
+
+
+# ---------------------------------------------------------------------------- CLI ----
+def test_cli_example_run_and_quantiles(ray_session, tmp_path):
+    runner = CliRunner()
+    example = runner.invoke(sweep_app, ["example", "two_tank", "--n", "50"])
+    assert example.exit_code == 0, example.output
+    spec = json.loads(example.output)
+    spec["horizon_s"] = 600.0
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec))
+    runs = str(tmp_path / "runs")
+    result = runner.invoke(sweep_app, ["run", str(path), "--runs", runs, "--no-progress"])
+    assert result.exit_code == 0, result.output
+    run_id = result.output.split()[1].rstrip(":")
+    bands = runner.invoke(sweep_app, ["quantiles", run_id, "--runs", runs, "--metric", "h1_max", "--q", "0.5"])
+    assert bands.exit_code == 0, bands.output
+    header, row = bands.output.strip().splitlines()
+    assert header.split("\t") == ["metric", "count", "mean", "q0.5"] and row.startswith("h1_max\t50\t")
+    bad = runner.invoke(sweep_app, ["run", str(tmp_path / "missing.json"), "--runs", runs])
+    assert bad.exit_code != 0 and "cannot read" in bad.output
