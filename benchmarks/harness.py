@@ -54,7 +54,9 @@ class Figure:
     unit: str
     baseline: str | None = None
     baseline_value: float | None = None
-    target_ratio: float | None = None  # the ratio this figure should reach (from the project's targets)
+    target_ratio: float | None = None  # the ratio to the baseline this figure should reach
+    target_min: float | None = None  # or an absolute floor (throughputs) ...
+    target_max: float | None = None  # ... or ceiling (latencies) from the project's targets
     note: str = ""
 
     @property
@@ -65,12 +67,24 @@ class Figure:
 
     @property
     def meets_target(self) -> bool | None:
-        if self.target_ratio is None or self.ratio is None:
-            return None
-        return self.ratio >= self.target_ratio
+        """Whether every target given is met (None when there is no target to judge)."""
+        verdicts = []
+        if self.target_ratio is not None and self.ratio is not None:
+            verdicts.append(self.ratio >= self.target_ratio)
+        if self.target_min is not None:
+            verdicts.append(self.value >= self.target_min)
+        if self.target_max is not None:
+            verdicts.append(self.value <= self.target_max)
+        return all(verdicts) if verdicts else None
+
+    def target_text(self) -> str:
+        parts = [f">= {self.target_ratio:g}x" if self.target_ratio is not None else "",
+                 f">= {_fmt(self.target_min, self.unit)}" if self.target_min is not None else "",
+                 f"<= {_fmt(self.target_max, self.unit)}" if self.target_max is not None else ""]
+        return ", ".join(p for p in parts if p)
 
     def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "ratio": self.ratio, "meets_target": self.meets_target}
+        return {**asdict(self), "ratio": self.ratio, "meets_target": self.meets_target, "target": self.target_text()}
 
 
 @dataclass
@@ -157,7 +171,10 @@ def benchmark(name: str, description: str) -> Callable[[BenchFn], BenchFn]:
 
 def load_benchmarks() -> dict[str, Benchmark]:
     """Import the modules that register benchmarks (kept lazy: they import JAX and Ray)."""
+    import benchmarks.calibration  # noqa: F401
+    import benchmarks.ingest  # noqa: F401
     import benchmarks.roofline  # noqa: F401
+    import benchmarks.serve_api  # noqa: F401
     import benchmarks.sweep  # noqa: F401
 
     return BENCHMARKS
@@ -286,9 +303,9 @@ def render_table(record: dict[str, Any]) -> Any:
         for f in result["figures"]:
             baseline = "" if f["baseline"] is None else f"{f['baseline']} ({_fmt(f['baseline_value'], f['unit'])})"
             target = ""
-            if f["target_ratio"] is not None:
+            if f["meets_target"] is not None:
                 mark = "[green]met[/green]" if f["meets_target"] else "[red]missed[/red]"
-                target = f">= {f['target_ratio']:g}x {mark}"
+                target = f"{f['target']} {mark}"
             ratio = "" if f["ratio"] is None else f"{f['ratio']:.3g}x"
             table.add_row(bench_name, f["name"], _fmt(f["value"], f["unit"]), baseline, ratio, target)
     return table

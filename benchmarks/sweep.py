@@ -89,22 +89,20 @@ def sweep_throughput(ctx: BenchContext) -> BenchResult:
     for n in sizes:
         sweep = ThermalSweep.from_spec(bench_spec(n, n_steps=n_steps, chunk_size=CHUNK, workers=workers))
         rate = lambda t, sweep=sweep: sweep.scenario_steps / t.median_s  # noqa: E731
-        runs = {
-            "numpy_f64": ctx.measure(f"sweep/numpy-f64/{n}", lambda: numpy_rk4(sweep, np.float64), warmup=0,
-                                     repeat=baseline_repeat),
-            "numpy_f32": ctx.measure(f"sweep/numpy-f32/{n}", lambda: numpy_rk4(sweep, np.float32), warmup=0,
-                                     repeat=baseline_repeat),
-            "in_process": ctx.measure(f"sweep/in-process/{n}", lambda: product_in_process(sweep)),
+        t64, reference = ctx.measure(f"sweep/numpy-f64/{n}", lambda: numpy_rk4(sweep, np.float64), warmup=0,
+                                     repeat=baseline_repeat)
+        t = {"numpy_f64": t64}
+        contenders = {
+            "numpy_f32": (lambda: numpy_rk4(sweep, np.float32), dict(warmup=0, repeat=baseline_repeat)),
+            "in_process": (lambda: product_in_process(sweep), {}),
             # all workers first: its warm-up starts and compiles every worker the 1-worker run reuses
-            "ray_all": ctx.measure(f"sweep/ray-{workers}/{n}", lambda: product_on_ray(sweep, workers)),
-            "ray_1": ctx.measure(f"sweep/ray-1/{n}", lambda: product_on_ray(sweep, 1)),
+            "ray_all": (lambda: product_on_ray(sweep, workers), {}),
+            "ray_1": (lambda: product_on_ray(sweep, 1), {}),
         }
-        reference = runs["numpy_f64"][1]
-        for key, (timing, out) in runs.items():
-            res.timings[f"{key}@{n}"] = timing
-            if key != "numpy_f64":
-                check_agreement(f"{key}@{n}", out, reference, DISCRETE_TOLERANCE, res.checks)
-        t = {key: timing for key, (timing, _) in runs.items()}
+        for key, (fn, options) in contenders.items():
+            t[key], out = ctx.measure(f"sweep/{key}/{n}", fn, **options)
+            check_agreement(f"{key}@{n}", out, reference, DISCRETE_TOLERANCE, res.checks)  # fail fast
+        res.timings.update({f"{key}@{n}": timing for key, timing in t.items()})
         numpy_name, numpy_rate = max((("NumPy RK4 f64", rate(t["numpy_f64"])),
                                       ("NumPy RK4 f32", rate(t["numpy_f32"]))), key=lambda kv: kv[1])
         size = f"N={n:,}"

@@ -188,31 +188,40 @@ def product_on_ray(sweep: ThermalSweep, workers: int) -> np.ndarray:
 # ---- agreement ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Tolerance:
-    """Accepted difference per metric from the float64 NumPy result: absolute, or relative for energy."""
+    """Accepted differences from the float64 NumPy metrics.
+
+    Temperatures: absolute per scenario [K]; energy: relative per scenario. Time outside the
+    comfort band is a count of threshold crossings, ill-conditioned where the thermostat holds
+    T_in right at a band edge (float32 rounding then flips many steps of one scenario: 50 steps
+    were seen in 1e5 scenarios), so it is compared on its mean over the scenarios [s].
+    """
 
     kelvin: float
     energy_rel: float
-    discomfort_s: float
+    discomfort_mean_s: float
 
     def violations(self, result: np.ndarray, reference: np.ndarray) -> dict[str, float]:
         errors = errors_by_metric(result, reference)
         limits = {"T_in_max": self.kelvin, "T_in_min": self.kelvin, "energy_kwh": self.energy_rel,
-                  "discomfort_s": self.discomfort_s}
-        return {m: e for m, e in errors.items() if not e <= limits[m]}
+                  "discomfort_s_mean": self.discomfort_mean_s}
+        return {m: errors[m] for m, limit in limits.items() if not errors[m] <= limit}
 
 
-DISCRETE_TOLERANCE = Tolerance(kelvin=0.01, energy_rel=1e-3, discomfort_s=20 * DT_S)
-"""float32 vs float64 of the same discrete system: rounding over 10,080 steps is ~1e-3 K; the
-comfort-band count may flip on a few steps where T_in grazes a band edge."""
-CONTINUOUS_TOLERANCE = Tolerance(kelvin=0.02, energy_rel=2e-3, discomfort_s=20 * DT_S)
+DISCRETE_TOLERANCE = Tolerance(kelvin=0.01, energy_rel=1e-3, discomfort_mean_s=DT_S)
+"""float32 vs float64 of the same discrete system: rounding over 10,080 steps is ~1e-3 K."""
+CONTINUOUS_TOLERANCE = Tolerance(kelvin=0.02, energy_rel=2e-3, discomfort_mean_s=5 * DT_S)
 """solve_ivp integrates the thermostat continuously while the product samples it every 60 s
 (what a digital controller does); measured differences: ~2e-3 K, ~3e-5 relative energy, 1 step."""
 
 
 def errors_by_metric(result: np.ndarray, reference: np.ndarray) -> dict[str, float]:
-    """Largest difference per metric: absolute (K, s), relative for the energy."""
-    diff = np.abs(np.asarray(result) - np.asarray(reference))
+    """Largest difference per metric (absolute K and s; relative for the energy) and the
+    difference of the mean time outside the comfort band (`discomfort_s_mean`)."""
+    result, reference = np.asarray(result), np.asarray(reference)
+    diff = np.abs(result - reference)
     errors = {m: float(diff[:, j].max()) for j, m in enumerate(METRICS)}
     j = METRICS.index("energy_kwh")
     errors["energy_kwh"] = float((diff[:, j] / np.maximum(np.abs(reference[:, j]), 1e-9)).max())
+    j = METRICS.index("discomfort_s")
+    errors["discomfort_s_mean"] = float(abs(result[:, j].mean() - reference[:, j].mean()))
     return errors
