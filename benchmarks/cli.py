@@ -19,6 +19,20 @@ def list_benchmarks() -> None:
         typer.echo(f"{bench.name}\t{bench.description}")
 
 
+@bench_app.command("report")
+def report(results: Path = typer.Argument(..., exists=True, dir_okay=False, help="A JSON file written by `run`.")) -> None:
+    """Print a run's figures as Markdown (the table in benchmarks/RESULTS.md)."""
+    import json
+
+    from benchmarks.harness import markdown_table
+
+    try:
+        record = json.loads(results.read_text())
+        typer.echo(markdown_table(record), nl=False)
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise typer.BadParameter(f"{results} is not a benchmark results file ({exc})", param_hint="RESULTS") from None
+
+
 @bench_app.command("run")
 def run(
     names: list[str] = typer.Argument(None, help="Benchmarks to run (default: all); see `list`."),

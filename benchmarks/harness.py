@@ -283,7 +283,7 @@ def _fmt(value: float | None, unit: str = "") -> str:
     if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-2):
         text = f"{value:.3g}"
     else:
-        text = f"{value:,.3f}".rstrip("0").rstrip(".")
+        text = f"{value:,.4g}"
     return f"{text} {unit}".strip()
 
 
@@ -309,6 +309,31 @@ def render_table(record: dict[str, Any]) -> Any:
             ratio = "" if f["ratio"] is None else f"{f['ratio']:.3g}x"
             table.add_row(bench_name, f["name"], _fmt(f["value"], f["unit"]), baseline, ratio, target)
     return table
+
+
+def markdown_table(record: dict[str, Any]) -> str:
+    """The figures of a run record as a Markdown table (for RESULTS.md), with its provenance line."""
+    m = record["machine"]
+    lines = [
+        f"Measured {m['date_utc']} on {m['cpu_model']} ({m['cpu_count']} cores, {m['memory_gib']} GiB), "
+        f"JAX devices {', '.join(m['jax_devices'])}, commit `{git_short(m['commit'])}`, "
+        f"load average at start {', '.join(f'{x:.1f}' for x in m['load_average_1_5_15'])}"
+        + (" (--quick)" if record.get("quick") else "") + ".",
+        "",
+        "| benchmark | figure | value | baseline | ratio | target |",
+        "| --- | --- | ---: | --- | ---: | --- |",
+    ]
+    for bench_name, result in record["benchmarks"].items():
+        if "error" in result:
+            lines.append(f"| {bench_name} | FAILED | {result['error']} | | | |")
+            continue
+        for f in result["figures"]:
+            baseline = "" if f["baseline"] is None else f"{f['baseline']} ({_fmt(f['baseline_value'], f['unit'])})"
+            ratio = "" if f["ratio"] is None else f"{f['ratio']:.3g}x"
+            target = "" if f["meets_target"] is None else f"{f['target']}: {'met' if f['meets_target'] else 'MISSED'}"
+            lines.append(f"| {bench_name} | {f['name']} | {_fmt(f['value'], f['unit'])} | {baseline} | {ratio} "
+                         f"| {target} |")
+    return "\n".join(lines) + "\n"
 
 
 def default_output_path() -> Path:

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from benchmarks.cli import bench_app
 from benchmarks.harness import Figure, measure, select
+from benchmarks.load import paced_sync
 from benchmarks.roofline import rk4_flops_jaxpr
 from benchmarks.thermal_scenarios import (
     CONTINUOUS_TOLERANCE,
@@ -39,6 +40,19 @@ def test_figure_ratio_and_target():
     f = Figure("x", 30.0, "u", "base", 10.0, target_ratio=3.0)
     assert f.ratio == 3.0 and f.meets_target
     assert Figure("y", 1.0, "u").ratio is None and Figure("y", 1.0, "u").meets_target is None
+
+
+def test_absolute_targets():
+    assert Figure("p95", 8.0, "ms", target_max=10.0).meets_target
+    assert not Figure("rate", 5e4, "events/s", target_min=1e5).meets_target
+    assert Figure("p95", 8.0, "ms", target_max=10.0).target_text() == "<= 10 ms"
+
+
+def test_paced_load_counts_failures_and_measures_from_due_time():
+    result = paced_sync(400.0, 0.05, lambda i: i % 5 != 0)
+    assert result.sent == 20 and result.failed == 4 and result.ok == 16
+    assert result.latencies_s.min() >= 0 and result.elapsed_s >= 19 / 400.0
+    assert set(result.summary()) >= {"p50_ms", "p95_ms", "p99_ms", "achieved_per_s"}
 
 
 def test_unknown_benchmark_is_refused():
@@ -103,6 +117,22 @@ def test_bench_cli_quick_end_to_end(ray_session, tmp_path):
     roof = record["benchmarks"]["roofline"]
     assert roof["checks"]["flops_per_step"]["jaxpr"] == 82
     assert any(f["target_ratio"] == 0.5 for f in roof["figures"])
+
+
+def test_bench_cli_quick_product_paths(ray_session, tmp_path):
+    """Ingestion, Serve and calibration benchmarks end to end at tiny sizes (their checks must pass)."""
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(bench_app, ["run", "ingest", "calibration", "serve", "--quick", "--repeat", "1",
+                                            "--out", str(out), "--log-level", "WARNING"])
+    assert result.exit_code == 0, result.output
+    benches = json.loads(out.read_text())["benchmarks"]
+    ingest = benches["ingest"]
+    assert ingest["checks"]["events_applied_total"] == ingest["checks"]["events_sent"] > 0
+    assert ingest["checks"]["failed_batches"] == 0
+    assert max(benches["calibration"]["checks"]["two_tank"]["relative_error"].values()) < 0.02
+    serve_load = benches["serve"]["checks"]["load@50"]
+    assert serve_load["ok"] == serve_load["sent"] > 0 and serve_load["failed"] == 0
+    assert {f["unit"] for f in benches["serve"]["figures"]} >= {"ms", "req/s"}
 
 
 def test_bench_cli_list_and_bad_name():
