@@ -86,7 +86,7 @@ def test_a_wrong_result_is_caught():
     wrong = ref.copy()
     wrong[1, METRICS.index("T_in_min")] += 0.1  # 0.1 K off on one scenario
     assert set(DISCRETE_TOLERANCE.violations(wrong, ref)) == {"T_in_min"}
-    assert errors_by_metric(ref, ref) == dict.fromkeys(METRICS, 0.0)
+    assert errors_by_metric(ref, ref) == dict.fromkeys([*METRICS, "discomfort_s_mean"], 0.0)
 
 
 def test_rk4_flop_count_matches_hand_count():
