@@ -2,7 +2,9 @@
 
 Request i is due at ``t0 + i / rate`` whatever happened to earlier ones, and its latency is
 measured from that due time, so a server that falls behind shows its queueing delay instead of
-silently slowing the client down (no "coordinated omission").
+silently slowing the client down (no "coordinated omission"). Requests still unsent when the
+deadline (by default twice the duration plus 5 s) passes are counted as `unsent`: an overloaded
+server cannot stretch a run indefinitely.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import numpy as np
 class LoadResult:
     offered_per_s: float
     sent: int
+    unsent: int
     ok: int
     failed: int
     elapsed_s: float
@@ -33,16 +36,25 @@ class LoadResult:
 
     def summary(self) -> dict[str, float]:
         return {"offered_per_s": self.offered_per_s, "achieved_per_s": self.achieved_per_s, "sent": self.sent,
-                "ok": self.ok, "failed": self.failed, "elapsed_s": self.elapsed_s,
+                "unsent": self.unsent, "ok": self.ok, "failed": self.failed, "elapsed_s": self.elapsed_s,
                 **{f"p{q}_ms": self.percentile_ms(q) for q in (50, 95, 99)}}
 
 
-def paced_sync(rate_per_s: float, duration_s: float, call: Callable[[int], bool]) -> LoadResult:
+def _deadline(duration_s: float, deadline_s: float | None) -> float:
+    return 2.0 * duration_s + 5.0 if deadline_s is None else deadline_s
+
+
+def paced_sync(rate_per_s: float, duration_s: float, call: Callable[[int], bool], *,
+               deadline_s: float | None = None) -> LoadResult:
     """Run `call(i)` (True on success) at `rate_per_s` for `duration_s`, one at a time."""
     n = max(1, round(rate_per_s * duration_s))
-    latencies, failed = [], 0
+    latencies, failed, sent = [], 0, 0
     t0 = time.perf_counter()
+    stop = t0 + _deadline(duration_s, deadline_s)
     for i in range(n):
+        if time.perf_counter() > stop:
+            break
+        sent += 1
         due = t0 + i / rate_per_s
         delay = due - time.perf_counter()
         if delay > 0:
@@ -51,11 +63,12 @@ def paced_sync(rate_per_s: float, duration_s: float, call: Callable[[int], bool]
             latencies.append(time.perf_counter() - due)
         else:
             failed += 1
-    return LoadResult(rate_per_s, n, len(latencies), failed, time.perf_counter() - t0, np.asarray(latencies))
+    return LoadResult(rate_per_s, sent, n - sent, len(latencies), failed, time.perf_counter() - t0,
+                      np.asarray(latencies))
 
 
 async def paced_async(rate_per_s: float, duration_s: float, call: Callable[[int], Awaitable[bool]], *,
-                      max_in_flight: int = 256, timeout_s: float = 5.0) -> LoadResult:
+                      max_in_flight: int = 256, timeout_s: float = 5.0, deadline_s: float | None = None) -> LoadResult:
     """Issue `call(i)` at `rate_per_s` for `duration_s`, concurrently (at most `max_in_flight`)."""
     n = max(1, round(rate_per_s * duration_s))
     gate = asyncio.Semaphore(max_in_flight)
@@ -63,6 +76,7 @@ async def paced_async(rate_per_s: float, duration_s: float, call: Callable[[int]
     failed = 0
     loop = asyncio.get_running_loop()
     t0 = loop.time()
+    stop = t0 + _deadline(duration_s, deadline_s)
 
     async def one(i: int, due: float) -> None:
         nonlocal failed
@@ -80,6 +94,9 @@ async def paced_async(rate_per_s: float, duration_s: float, call: Callable[[int]
     for i in range(n):
         due = t0 + i / rate_per_s
         await asyncio.sleep(max(0.0, due - loop.time()))
+        if loop.time() > stop:
+            break
         tasks.append(asyncio.create_task(one(i, due)))
     await asyncio.gather(*tasks)
-    return LoadResult(rate_per_s, n, len(latencies), failed, loop.time() - t0, np.asarray(latencies))
+    return LoadResult(rate_per_s, len(tasks), n - len(tasks), len(latencies), failed, loop.time() - t0,
+                      np.asarray(latencies))

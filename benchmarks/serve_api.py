@@ -111,7 +111,8 @@ def serve_latency(ctx: BenchContext) -> BenchResult:
                     Figure(f"state query p99 at {rate:g} req/s", load.percentile_ms(99), "ms"),
                     Figure(f"throughput at {rate:g} req/s offered", load.achieved_per_s, "req/s",
                            target_min=0.99 * rate if at_target else None),
-                    Figure(f"failed requests at {rate:g} req/s", float(load.failed), "requests"),
+                    Figure(f"failed + unsent requests at {rate:g} req/s", float(load.failed + load.unsent),
+                           "requests"),
                 ]
         finally:
             serve.shutdown()

@@ -50,7 +50,7 @@ def test_absolute_targets():
 
 def test_paced_load_counts_failures_and_measures_from_due_time():
     result = paced_sync(400.0, 0.05, lambda i: i % 5 != 0)
-    assert result.sent == 20 and result.failed == 4 and result.ok == 16
+    assert result.sent == 20 and result.unsent == 0 and result.failed == 4 and result.ok == 16
     assert result.latencies_s.min() >= 0 and result.elapsed_s >= 19 / 400.0
     assert set(result.summary()) >= {"p50_ms", "p95_ms", "p99_ms", "achieved_per_s"}
 
