@@ -1,1 +1,43 @@
-"""What-if scenario sweeps and calibration on Ray, with run records for exact reruns."""
+"""What-if scenario sweeps and calibration on Ray, with run records for exact reruns.
+
+The public API is importable from here (``from sweeps import SweepSpec, run_sweep``); submodules
+load on first use so that ``raytwin --help`` does not pay for JAX and Ray.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Dimension": "sweeps.space",
+    "ScenarioSpace": "sweeps.space",
+    "SweepSpec": "sweeps.spec",
+    "resolve_model": "sweeps.spec",
+    "run_sweep": "sweeps.runner",
+    "SweepResult": "sweeps.runner",
+    "SweepCancelled": "sweeps.runner",
+    "open_dataset": "sweeps.aggregate",
+    "quantiles": "sweeps.aggregate",
+    "CalibrationSpec": "sweeps.calibration",
+    "CalibrationResult": "sweeps.calibration",
+    "CalibrationError": "sweeps.calibration",
+    "calibrate": "sweeps.calibration",
+    "synthetic_telemetry": "sweeps.synthetic",
+    "RunRecord": "sweeps.runs",
+    "RunStore": "sweeps.runs",
+    "RunError": "sweeps.runs",
+    "recorded_sweep": "sweeps.runs",
+    "recorded_calibration": "sweeps.runs",
+    "rerun": "sweeps.runs",
+    "start_from_twin": "sweeps.twins",
+    "KITS": "sweeps.kits",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'sweeps' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

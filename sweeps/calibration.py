@@ -18,6 +18,7 @@ on the order in which results arrive.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
@@ -36,6 +37,7 @@ from pydantic import Field, model_validator
 from scipy.optimize import least_squares
 
 from raytwin.contracts import Contract, Finite, Identifier
+from raytwin.registry import ModelRegistry
 from raytwin.sim import Model, get_model, rollout, unstack
 from raytwin.storage import canonical_json, filesystem
 from sweeps.spec import resolve_model
@@ -69,11 +71,15 @@ class CalibrationSpec(Contract):
     refine: bool = True
     max_concurrent_trials: Annotated[int, Field(ge=1)] = 1
     seed: Annotated[int, Field(ge=0)] = 0
+    register_as: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:\-]*@\d+\.\d+\.\d+$")] | None = None
+    """Publish the fitted parameters as this ``name@version`` in `registry_url` (what sweeps then use)."""
 
     @model_validator(mode="after")
     def _unique(self) -> CalibrationSpec:
         if len(set(self.free)) != len(self.free):
             raise ValueError(f"free parameters repeat: {self.free}")
+        if self.register_as is not None and self.registry_url is None:
+            raise ValueError("register_as needs registry_url")
         return self
 
 
@@ -183,10 +189,13 @@ def build_problem(spec: CalibrationSpec, table: pa.Table, artifact_params: dict[
         raise CalibrationError(f"free parameters {sorted(unknown)} not in {simulator}: {model.param_names}")
     if set(spec.start_state) != set(model.state_names):
         raise CalibrationError(f"start_state must give exactly {list(model.state_names)}")
+    if "t_s" not in table.column_names and "event_time" in table.column_names:
+        micros = table["event_time"].cast(pa.timestamp("us", tz="UTC")).cast(pa.int64()).to_numpy()
+        table = table.append_column("t_s", pa.array((micros - micros[0]) / 1e6))
     needed = ["t_s", *model.input_names, *model.output_names]
     missing = [c for c in needed if c not in table.column_names]
     if missing:
-        raise CalibrationError(f"telemetry lacks column(s) {missing}; needs {needed}")
+        raise CalibrationError(f"telemetry lacks column(s) {missing}; needs {needed} (or event_time for t_s)")
     t = table["t_s"].to_numpy().astype(np.float64)
     steps = np.diff(t)
     if t.size < 3 or not np.allclose(steps, steps[0], rtol=1e-9, atol=0) or steps[0] <= 0:
@@ -288,7 +297,9 @@ def tune_search(spec: CalibrationSpec, problem: Problem) -> tuple[dict[str, floa
             ),
             run_config=tune.RunConfig(storage_path=storage, name="calibration", verbose=0),
         )
-        grid = tuner.fit()
+        with contextlib.redirect_stdout(io.StringIO()) as chatter:  # Tune prints tables even when silent
+            grid = tuner.fit()
+        log.debug("tune output:\n%s", chatter.getvalue())
     finally:
         shutil.rmtree(storage, ignore_errors=True)
     finished = [r for r in grid if r.error is None and r.metrics and r.metrics.get("window") == problem.n]
@@ -362,7 +373,7 @@ RESULT_FILE, PLOT_FILE = "calibration.json", "fit.png"
 def calibrate(
     spec: CalibrationSpec, out_url: str, *, storage_options: dict | None = None
 ) -> tuple[CalibrationResult, dict[str, str], str]:
-    """Fit, write ``calibration.json`` and ``fit.png`` under `out_url`.
+    """Fit, write ``calibration.json`` and ``fit.png`` under `out_url` (and register the fit if asked).
 
     Returns (result, {file: sha256}, telemetry sha256).
     """
@@ -406,4 +417,12 @@ def calibrate(
     files = {RESULT_FILE: canonical_json(result.model_dump(mode="json")), PLOT_FILE: plot_fit(problem, theta)}
     for name, data in files.items():
         fs.pipe_file(f"{root}/{name}", data)
+    if spec.register_as is not None:
+        name, version = spec.register_as.split("@")
+        ModelRegistry(spec.registry_url).register(
+            name, version, artifact.asset_type, result.parameters,
+            metadata={"calibrated_from": artifact.ref, "telemetry_sha256": data_hash,
+                      "weighted_rmse": repr(result.weighted_rmse)},
+        )
+        log.info("calibration registered model=%s", spec.register_as)
     return result, {k: hashlib.sha256(v).hexdigest() for k, v in files.items()}, data_hash

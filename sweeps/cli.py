@@ -26,7 +26,7 @@ RunsOption = Annotated[str, typer.Option("--runs", help="Runs root: a directory 
 EXAMPLE_SPACES = {
     "thermal_rc": [
         {"name": "C_in", "target": "param", "mode": "scale", "low": 0.7, "high": 1.3},
-        {"name": "C_m", "target": "param", "mode": "scale", "low": 0.7, "high": 1.3},
+        {"name": "Q_h_max", "target": "input", "low": 3000.0, "high": 10000.0},
         {"name": "R_io", "target": "param", "mode": "scale", "low": 0.7, "high": 1.3},
         {"name": "T_out_mean", "target": "input", "low": 263.15, "high": 283.15},
     ],

@@ -77,7 +77,9 @@ def _thermal_update(acc, x_next, u, coeffs, ip, dt):
     t_max, t_min, energy_j, outside = acc
     t_in = x_next[0]
     out_of_band = (t_in < ip["comfort_low"]) | (t_in > ip["comfort_high"])
-    return (jnp.maximum(t_max, t_in), jnp.minimum(t_min, t_in), energy_j + u[1] * dt, outside + _count(out_of_band, t_in))
+    return (
+        jnp.maximum(t_max, t_in), jnp.minimum(t_min, t_in), energy_j + u[1] * dt, outside + _count(out_of_band, t_in)
+    )
 
 
 def _thermal_finalize(acc, dt):

@@ -10,6 +10,7 @@ chunks in flight exist at once. Ctrl-C cancels the outstanding tasks and raises 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -107,9 +108,9 @@ def _chunk_task(spec: SweepSpec, simulator: str, bases: Bases, chunk: int, rows:
     return chunk, digest, rows.shape[0]
 
 
-def _trajectory_task(spec: SweepSpec, simulator: str, bases: Bases, url: str, storage_options: dict | None) -> str:
+def _trajectory_task(spec: SweepSpec, simulator: str, bases: Bases, rows: np.ndarray, url: str,
+                     storage_options: dict | None) -> str:
     index = np.asarray(spec.trajectories, dtype=np.int64)
-    rows = np.concatenate([spec.space.rows(i, i + 1) for i in index])
     states = engine.trajectories(get_kit(simulator), bases, spec.space.dimensions, rows, spec.step_s,
                                  spec.n_steps, spec.dtype)
     steps = spec.n_steps + 1
@@ -158,10 +159,22 @@ def prepare(spec: SweepSpec) -> tuple[str, Bases]:
     )
 
 
-class _Progress:
-    """A rich progress bar on a terminal, and a structured log line every `every_s` seconds."""
+@functools.cache
+def _prometheus() -> tuple[Any, Any]:
+    """Ray metrics (exported to Prometheus by each node's metrics agent)."""
+    from ray.util.metrics import Counter, Gauge
 
-    def __init__(self, total: int, every_s: float, show_bar: bool):
+    return (
+        Counter("raytwin_sweep_scenarios_total", "Scenarios finished by what-if sweeps.", tag_keys=("model",)),
+        Gauge("raytwin_sweep_scenarios_per_second", "Throughput of the running sweep.", tag_keys=("model",)),
+    )
+
+
+class _Progress:
+    """A rich progress bar on a terminal, a structured log line every `every_s` seconds, Ray metrics."""
+
+    def __init__(self, model: str, total: int, every_s: float, show_bar: bool):
+        self.tags = {"model": model}
         self.total, self.every_s, self.done = total, every_s, 0
         self.t0 = self.last = time.monotonic()
         self.bar = None
@@ -174,12 +187,16 @@ class _Progress:
 
     def advance(self, n: int) -> None:
         self.done += n
+        scenarios, throughput = _prometheus()
+        if n:
+            scenarios.inc(n, tags=self.tags)
         if self.bar is not None:
             self.bar.update(self.task, completed=self.done)
         now = time.monotonic()
         if now - self.last >= self.every_s or self.done == self.total:
             self.last = now
             rate = self.done / max(now - self.t0, 1e-9)
+            throughput.set(rate, tags=self.tags)
             log.info("sweep progress done=%d total=%d scenarios_per_s=%.0f", self.done, self.total, rate)
 
     def close(self) -> None:
@@ -222,9 +239,12 @@ def run_sweep(
     pending: dict[ray.ObjectRef, int] = {}
     if spec.trajectories:
         traj_url = f"{out_url}/{TRAJECTORY_FILE}"
-        pending[_trajectory_remote.options(**options).remote(spec_ref, simulator, bases_ref, traj_url, storage_options)] = -1
+        rows = np.concatenate([spec.space.rows(i, i + 1) for i in spec.trajectories])
+        traj = _trajectory_remote.options(**options).remote(spec_ref, simulator, bases_ref, rows, traj_url,
+                                                            storage_options)
+        pending[traj] = -1
     show = sys.stderr.isatty() if progress is None else progress
-    bar = _Progress(n, log_every_s, show)
+    bar = _Progress(spec.model, n, log_every_s, show)
     next_chunk = 0
     try:
         while next_chunk < n_chunks or pending:
@@ -236,6 +256,8 @@ def run_sweep(
                 pending[ref] = next_chunk
                 next_chunk += 1
             done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+            if not done:
+                bar.advance(0)  # keeps the periodic progress line going during long chunks
             for ref in done:
                 kind = pending.pop(ref)
                 if kind < 0:

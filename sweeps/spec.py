@@ -20,6 +20,9 @@ from sweeps.space import ScenarioSpace
 
 MAX_CHUNK = 16384
 """Scenarios per chunk by default: measured fastest batch for the thermal model on CPU."""
+MAX_TRAJECTORY_SAMPLES = 20_000_000
+"""Full trajectories are for a selected subset: at most this many (scenario, step) samples per sweep
+(held in memory by one task: ~0.5 GB for a three-state model in float64)."""
 
 
 def resolve_model(model: str, registry_url: str | None = None) -> ModelArtifact:
@@ -71,6 +74,11 @@ class SweepSpec(Contract):
         bad = [i for i in self.trajectories if i >= self.space.size]
         if bad:
             raise ValueError(f"trajectories {bad} outside the {self.space.size} scenarios")
+        if len(set(self.trajectories)) != len(self.trajectories):
+            raise ValueError("trajectories lists a scenario twice")
+        if len(self.trajectories) * (self.n_steps + 1) > MAX_TRAJECTORY_SAMPLES:
+            raise ValueError(f"{len(self.trajectories)} full trajectories of {self.n_steps} steps are too many "
+                             f"(> {MAX_TRAJECTORY_SAMPLES} samples); select fewer scenarios")
         return self
 
     def check_names(self, simulator: str) -> None:

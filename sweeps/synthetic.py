@@ -29,7 +29,7 @@ def excitation(simulator: str, n_steps: int, dt: float, seed: int = 0) -> np.nda
         t_out = 278.15 + 5.0 * np.sin(2 * np.pi * (t_hours - 9 * 3600) / 86400) + rng.normal(0, 1.0, hours)
         q_sol = 2000.0 * np.maximum(np.sin(2 * np.pi * (t_hours - 6 * 3600) / 86400), 0.0)
         heating = rng.choice([0.0, 3000.0, 6000.0], size=hours)  # random multi-level heating, hourly
-        return np.column_stack([_held(t_out, hour, n_steps), _held(heating, hour, n_steps), _held(q_sol, hour, n_steps)])
+        return np.column_stack([_held(v, hour, n_steps) for v in (t_out, heating, q_sol)])
     if simulator == "battery_ecm":
         block = max(1, round(60 / dt))  # a new current level every minute: pulses and rests
         levels = rng.choice([0.0, 0.0, 1.0, 2.5, 5.0, -2.5], size=n_steps // block + 1)

@@ -72,6 +72,10 @@ def test_spaces_and_specs_refuse_bad_input():
             Dimension(name="C_nope", target="param", low=1, high=2)]))
     with pytest.raises(ValueError, match="whole number of steps"):
         _thermal_spec(horizon_s=1000.0, step_s=300.0)
+    with pytest.raises(ValueError, match="outside the 600 scenarios"):
+        _thermal_spec(trajectories=[600])
+    with pytest.raises(ValueError, match="too many"):
+        _thermal_spec(trajectories=list(range(600)), horizon_s=86400.0 * 365, step_s=60.0)
 
 
 # ------------------------------------------------------------------------ engine ----
@@ -90,7 +94,8 @@ def test_thermal_metrics_match_solve_ivp_open_loop():
     for k, scale in enumerate(rows[:, 0]):
         p = THERMAL_RC.param_vector({"C_in": 2.0e6 * scale})
         ref = reference_trajectory(model_rhs(THERMAL_RC, np.asarray(p)), np.array([293.15, 291.15]), u, dt)[:, 0]
-        assert got["T_in_max"][k] == pytest.approx(ref.max(), abs=1e-5)  # RK4 at 300 s: ~1e-6 of the range; extremes include the start state
+        # RK4 at 300 s is accurate to ~1e-6 of the range; extremes include the start state
+        assert got["T_in_max"][k] == pytest.approx(ref.max(), abs=1e-5)
         assert got["T_in_min"][k] == pytest.approx(ref.min(), abs=1e-5)
         outside = dt * np.sum((ref[1:] < 285.0) | (ref[1:] > 291.0))  # time counts the steps taken
         assert abs(got["discomfort_s"][k] - outside) <= dt  # a step may sit on the band edge
@@ -156,6 +161,27 @@ def test_sweep_on_ray_writes_the_dataset_and_retries_a_lost_worker(ray_session, 
     faulty = run_sweep(spec, str(tmp_path / "faulty"), progress=False)
     assert os.path.exists(markers / "crashed-1")
     assert faulty.outputs == clean.outputs
+
+
+def test_ctrl_c_cancels_outstanding_chunks(ray_session, tmp_path, monkeypatch):
+    import ray
+
+    from sweeps import runner
+
+    cancelled, real_cancel = [], ray.cancel
+
+    def interrupted_wait(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    def recording_cancel(ref, **kwargs):
+        cancelled.append(ref)
+        real_cancel(ref, **kwargs)
+
+    monkeypatch.setattr(runner.ray, "wait", interrupted_wait)
+    monkeypatch.setattr(runner.ray, "cancel", recording_cancel)
+    with pytest.raises(runner.SweepCancelled, match="cancelled after 0/600 scenarios"):
+        run_sweep(_thermal_spec(), str(tmp_path / "out"), progress=False, max_in_flight=2)
+    assert len(cancelled) == 2  # the whole in-flight window
 
 
 def test_sweep_refuses_a_non_empty_output(ray_session, tmp_path):

@@ -1,0 +1,126 @@
+"""Run records and reruns: every sweep and calibration is recorded and reproduces bit for bit."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from raytwin.contracts import AssetType
+from raytwin.provenance import code_version
+from raytwin.registry import ModelRegistry
+from raytwin.sim import TWO_TANK
+from sweeps.cli import calibrate_app, rerun_app, runs_app
+from sweeps.runs import RunError, RunStore, recorded_sweep, rerun
+from sweeps.space import Dimension, ScenarioSpace
+from sweeps.spec import SweepSpec
+
+
+def _sweep_spec(registry_url):
+    space = ScenarioSpace(method="random", n=300, seed=11, dimensions=[
+        Dimension(name="a1", target="param", mode="scale", low=0.8, high=1.2),
+        Dimension(name="q_in_mean", target="input", low=5e-5, high=1.5e-4),
+    ])
+    return SweepSpec(model="tank@1.0.0", registry_url=registry_url, tenant="acme", asset_id="tank-7", space=space,
+                     horizon_s=900.0, step_s=1.0, chunk_size=128, trajectories=[3])
+
+
+def _file_hash(url):
+    with open(url, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def test_sweep_run_record_and_bit_identical_rerun(ray_session, tmp_path, monkeypatch):
+    monkeypatch.setenv("RAYTWIN_USER", "alice")
+    registry = ModelRegistry(str(tmp_path / "registry"))
+    artifact = registry.register("tank", "1.0.0", AssetType.from_model(TWO_TANK, name="tank"), {"a1": 6e-5})
+    runs = str(tmp_path / "runs")
+    record = recorded_sweep(_sweep_spec(str(tmp_path / "registry")), runs=runs)
+    assert record.status == "succeeded" and record.kind == "sweep"
+    assert (record.user, record.tenant, record.asset_id) == ("alice", "acme", "tank-7")
+    assert (record.model_ref, record.model_hash) == ("tank@1.0.0", artifact.content_hash)
+    assert record.seeds == {"space": 11} and record.spec["space"]["n"] == 300
+    assert record.code_version == code_version() and "jax" in record.package_versions
+    assert sorted(record.outputs) == ["part-000000.parquet", "part-000001.parquet", "part-000002.parquet",
+                                      "trajectories.parquet"]
+    for name, digest in record.outputs.items():
+        assert _file_hash(f"{record.output_url}/{name}") == digest
+    assert RunStore(runs).load(record.run_id) == record
+    # the registry's calibrated parameters were used: the base a1 is 6e-5, scaled by 0.8..1.2
+    part = pq.read_table(f"{record.output_url}/part-000000.parquet")
+    assert part.num_rows == 128 and "param.a1" in part.column_names
+
+    report = rerun(record.run_id, runs=runs)
+    assert report.identical and report.differing == []
+    again = RunStore(runs).load(report.rerun)
+    assert again.rerun_of == record.run_id and again.outputs == record.outputs
+
+    result = CliRunner().invoke(rerun_app, [record.run_id, "--runs", runs])
+    assert result.exit_code == 0, result.output
+    assert "identical" in result.output
+    listing = CliRunner().invoke(runs_app, ["list", "--runs", runs])
+    assert listing.output.count("\tsweep\tsucceeded\ttank@1.0.0\tacme\talice\t") == 3
+
+    # a changed model is detected before anything runs
+    registry_dir = tmp_path / "registry" / "models" / "tank" / "1.0.0.json"
+    pointer = json.loads(registry_dir.read_text())
+    other = registry.register("tank", "1.0.1", AssetType.from_model(TWO_TANK, name="tank"), {"a1": 7e-5})
+    registry_dir.write_text(json.dumps({**pointer, "sha256": other.content_hash}))
+    with pytest.raises(RunError, match="changed since run"):
+        rerun(record.run_id, runs=runs)
+
+
+def test_calibration_run_records_the_data_hash_and_reruns_identically(ray_session, tmp_path):
+    runner, path, runs = CliRunner(), tmp_path / "telemetry.parquet", str(tmp_path / "runs")
+    made = runner.invoke(calibrate_app, ["synthetic", "two_tank", "--out", str(path), "--steps", "900", "--seed", "3",
+                                         "--param", "a1=5.6e-5", "--param", "a2=4.5e-5",
+                                         "--noise", "h1=0.001", "--noise", "h2=0.001"])
+    assert made.exit_code == 0, made.output
+    spec_file = tmp_path / "calib.yaml"
+    spec_file.write_text(yaml.safe_dump({
+        "model": "two_tank", "telemetry": str(path), "start_state": {"h1": 0.3, "h2": 0.3}, "free": ["a1", "a2"],
+        "noise_std": {"h1": 1e-3, "h2": 1e-3}, "num_samples": 3, "seed": 5}))
+    fitted = runner.invoke(calibrate_app, ["run", str(spec_file), "--runs", runs])
+    assert fitted.exit_code == 0, fitted.output
+    assert "a1 = 5.6" in fitted.output  # printed with its uncertainty
+    record = RunStore(runs).load(fitted.output.split()[1].rstrip(":"))
+    table = pq.read_table(path)
+    assert record.kind == "calibration" and record.input_data_hash == _file_hash(path)
+    assert record.seeds == {"search": 5} and set(record.outputs) == {"calibration.json", "fit.png"}
+    assert record.summary["parameters"]["a1"] == pytest.approx(5.6e-5, rel=0.02)
+
+    report = rerun(record.run_id, runs=runs)
+    assert report.identical, report.differing
+
+    pq.write_table(table.slice(0, 800), path)  # the telemetry snapshot changed
+    with pytest.raises(RunError, match="telemetry .* changed"):
+        rerun(record.run_id, runs=runs)
+
+
+def test_a_failed_run_is_recorded_and_cannot_be_rerun(tmp_path, monkeypatch):
+    import sweeps.runs
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("storage exploded")
+
+    monkeypatch.setattr(sweeps.runs, "run_sweep", broken)
+    space = ScenarioSpace(method="random", n=4, dimensions=[Dimension(name="a1", target="param", low=1e-5, high=2e-5)])
+    spec = sweeps.SweepSpec(model="two_tank", space=space, horizon_s=10.0, step_s=1.0)
+    runs = str(tmp_path / "runs")
+    with pytest.raises(RuntimeError, match="exploded"):
+        sweeps.recorded_sweep(spec, runs=runs)
+    [record] = RunStore(runs).list()
+    assert (record.status, record.error, record.outputs) == ("failed", "storage exploded", {})
+    with pytest.raises(RunError, match="only succeeded runs"):
+        rerun(record.run_id, runs=runs)
+
+
+def test_unknown_runs_are_reported(tmp_path):
+    with pytest.raises(RunError, match="no run"):
+        RunStore(str(tmp_path)).load("sweep-nope")
+    result = CliRunner().invoke(rerun_app, ["sweep-nope", "--runs", str(tmp_path)])
+    assert result.exit_code != 0 and "no run 'sweep-nope'" in result.output
