@@ -2,10 +2,10 @@
 
 Sources are read in batches, each row is validated against the `TelemetryEvent` contract (rows
 that fail go to the dead-letter dataset with the reason), events are grouped by shard and sent as
-batched actor calls. Backpressure: at most ``max_in_flight`` shard calls of at most ``batch_size``
-events are outstanding at any time (`ray.wait` on a window), and a source is read one batch at a
-time, so memory is bounded by about ``(max_in_flight + 1) * batch_size`` events however slow a
-twin is: a slow shard just makes the reader wait.
+batched actor calls. Backpressure: at most ``max_in_flight`` shard calls (one per shard) of at
+most ``batch_size`` events are outstanding at any time (`ray.wait` on a window), and a source is
+read one batch at a time, so memory is bounded by about ``(max_in_flight + 1) * batch_size``
+events however slow a twin is: a slow shard just makes the reader wait.
 
 Telemetry tables use `TELEMETRY_SCHEMA`; `measurements` may also be a JSON string column
 (``{"T_in": {"value": 21.3, "unit": "degC"}}``). `events_to_table` writes the canonical form.
@@ -93,7 +93,12 @@ class ShardRouter:
 
 
 class Dispatcher:
-    """Sends event batches to shards keeping at most `max_in_flight` calls outstanding."""
+    """Sends event batches to shards: at most `max_in_flight` calls outstanding, one per shard.
+
+    One outstanding call per shard keeps each asset's events in source order even across an
+    actor restart (Ray may reorder *retried* calls), so a crash never turns in-order events into
+    late ones; different shards still work in parallel.
+    """
 
     def __init__(self, router: ShardRouter, tenant: str, *, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
                  batch_size: int = DEFAULT_BATCH_SIZE, handles: list | None = None):
@@ -102,7 +107,7 @@ class Dispatcher:
         self.router, self.tenant = router, tenant
         self.max_in_flight, self.batch_size = max_in_flight, batch_size
         self.handles = handles or [router.handle(i) for i in range(router.shards)]
-        self.pending: list[ray.ObjectRef] = []
+        self.busy: dict[int, ray.ObjectRef] = {}  # shard index -> its outstanding call
         self.report = IngestReport()
 
     def reject(self, rejects: list[dict[str, str]]) -> None:
@@ -118,19 +123,20 @@ class Dispatcher:
             by_shard[shard_index(self.tenant, ev.asset_id, self.router.shards)].append(ev)
         for index, evs in sorted(by_shard.items()):
             for start in range(0, len(evs), self.batch_size):
-                while len(self.pending) >= self.max_in_flight:
-                    self._collect(1)
-                self.pending.append(self.handles[index].ingest.remote(self.tenant, evs[start:start + self.batch_size]))
+                if index in self.busy:
+                    self._complete([self.busy[index]])
+                while len(self.busy) >= self.max_in_flight:
+                    done, _ = ray.wait(list(self.busy.values()), num_returns=1)
+                    self._complete(done)
+                self.busy[index] = self.handles[index].ingest.remote(self.tenant, evs[start:start + self.batch_size])
 
-    def _collect(self, n: int) -> None:
-        done, self.pending = ray.wait(self.pending, num_returns=n)
-        for report in ray.get(done):
-            self.report += report
+    def _complete(self, refs: list[ray.ObjectRef]) -> None:
+        for index in [i for i, r in self.busy.items() if r in refs]:
+            self.report += ray.get(self.busy.pop(index))
 
     def finish(self) -> IngestReport:
         """Wait for every outstanding call; the report covers everything sent."""
-        if self.pending:
-            self._collect(len(self.pending))
+        self._complete(list(self.busy.values()))
         log.info("event=ingested tenant=%s accepted=%d duplicates=%d rejected=%d", self.tenant,
                  self.report.accepted, self.report.duplicates, self.report.rejected)
         return self.report
@@ -148,7 +154,8 @@ def ingest_rows(router: ShardRouter, tenant: str, batches: Iterable[list[dict[st
     return dispatcher.finish()
 
 
-def _table_batches(table: pa.Table, batch_size: int) -> Iterator[list[dict[str, Any]]]:
+def table_batches(table: pa.Table, batch_size: int) -> Iterator[list[dict[str, Any]]]:
+    """Rows of `table` as dicts, converted one record batch of at most `batch_size` rows at a time."""
     for batch in table.to_batches(max_chunksize=batch_size):
         yield batch.to_pylist()
 
@@ -168,7 +175,7 @@ def _chunks(source: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[s
 def ingest_table(router: ShardRouter, tenant: str, table: pa.Table, batch_size: int = DEFAULT_BATCH_SIZE,
                  max_in_flight: int = DEFAULT_MAX_IN_FLIGHT) -> IngestReport:
     """Ray task: ingest an Arrow table of telemetry."""
-    return ingest_rows(router, tenant, _table_batches(table, batch_size), batch_size=batch_size,
+    return ingest_rows(router, tenant, table_batches(table, batch_size), batch_size=batch_size,
                        max_in_flight=max_in_flight)
 
 

@@ -6,6 +6,8 @@ and tests call it directly): the result is the same pure function of the logged 
 
 from __future__ import annotations
 
+import json
+from functools import lru_cache
 from typing import Any
 
 from actors.twin import Twin, replay
@@ -50,11 +52,17 @@ def noise_from_metadata(metadata: dict[str, str]) -> dict[str, dict[str, float]]
     return noise
 
 
+@lru_cache(maxsize=1024)
+def _artifact(artifact_json: str) -> ModelArtifact:
+    """Parsed once per distinct artifact: twins of the same model share one (immutable) object."""
+    return ModelArtifact.model_validate_json(artifact_json)
+
+
 def build_twin(record: dict[str, Any], *, allowed_lateness_s: float, checkpoint_every: int) -> Twin:
     """A twin at its prior, from a registration record."""
     asset = Asset.model_validate(record["asset"])
     return Twin(
-        asset.tenant, asset.id, ModelArtifact.model_validate(record["artifact"]),
+        asset.tenant, asset.id, _artifact(json.dumps(record["artifact"], sort_keys=True)),
         initial_state=record["initial_state"], initial_std=record["initial_std"],
         noise=noise_from_metadata(asset.metadata),
         allowed_lateness_s=allowed_lateness_s, checkpoint_every=checkpoint_every,

@@ -7,6 +7,7 @@ twin lives. Tenants are isolated by key: a twin is addressed by (tenant, asset_i
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
@@ -19,7 +20,7 @@ from actors.ingest import (
     DEFAULT_MAX_IN_FLIGHT,
     Dispatcher,
     ShardRouter,
-    _table_batches,
+    table_batches,
     ingest_parquet,
     ingest_rows,
     ingest_stream,
@@ -76,6 +77,10 @@ class TwinService:
     def _shard(self, tenant: str, asset_id: str):
         return self._shards[shard_index(tenant, asset_id, self.router.shards)]
 
+    def shard_for(self, tenant: str, asset_id: str):
+        """The named actor handle that holds this twin (stable: a crc32 hash of tenant/asset)."""
+        return self._shard(tenant, asset_id)
+
     @property
     def shard_handles(self) -> list:
         return list(self._shards)
@@ -86,6 +91,14 @@ class TwinService:
         """Create the twin of `asset` (or attach to it if registered identically before)."""
         record = registration_record(asset, artifact, initial_state, initial_std)
         ray.get(self._shard(asset.tenant, asset.id).register.remote(asset.tenant, asset.id, record))
+
+    def register_many(self, twins: list[tuple[Asset, ModelArtifact]]) -> int:
+        """Register many twins with one call per shard (default priors); returns how many were new."""
+        by_shard: dict[int, list] = {}
+        for a, artifact in twins:
+            item = (a.tenant, a.id, registration_record(a, artifact, None, None))
+            by_shard.setdefault(shard_index(a.tenant, a.id, self.router.shards), []).append(item)
+        return sum(ray.get([self._shards[i].register_many.remote(items) for i, items in by_shard.items()]))
 
     def unregister(self, tenant: str, asset_id: str) -> None:
         if not ray.get(self._shard(tenant, asset_id).unregister.remote(tenant, asset_id)):
@@ -122,7 +135,7 @@ class TwinService:
     def ingest(self, tenant: str, events: list[TelemetryEvent] | pa.Table) -> IngestReport:
         """Ingest events (or a telemetry table); returns once all are durable and applied."""
         if isinstance(events, pa.Table):
-            return ingest_rows(self.router, self._tenant(tenant), _table_batches(events, self.batch_size),
+            return ingest_rows(self.router, self._tenant(tenant), table_batches(events, self.batch_size),
                                max_in_flight=self.max_in_flight, batch_size=self.batch_size)
         dispatcher = self._dispatcher(tenant)
         dispatcher.send(list(events))
@@ -133,7 +146,7 @@ class TwinService:
         return ray.get(ingest_parquet.remote(self.router, self._tenant(tenant), url, storage_options,
                                              self.batch_size, self.max_in_flight))
 
-    def ingest_stream(self, tenant: str, source) -> IngestReport:
+    def ingest_stream(self, tenant: str, source: Iterable[dict[str, Any]]) -> IngestReport:
         """Consume an iterator of event dicts (e.g. `actors.ingest.ndjson_http_source(url)`)."""
         return ingest_stream(self.router, self._tenant(tenant), source, self.batch_size, self.max_in_flight)
 

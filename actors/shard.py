@@ -21,12 +21,12 @@ from typing import Any
 import ray
 from ray.util import metrics
 
-from actors.recovery import build_twin, recover
+from actors.recovery import recover
 from actors.routing import shard_index
 from actors.state import IngestReport, Reject, TwinState
-from actors.twin import DUPLICATE, TOO_LATE, Twin
-from raytwin.contracts import ContractError, TelemetryEvent, describe_error, normalize_measurements
-from raytwin.statestore import LoggedEvent, StateStore, to_micros
+from actors.twin import DUPLICATE, TOO_LATE, Twin, logged_event
+from raytwin.contracts import ContractError, TelemetryEvent, describe_error
+from raytwin.statestore import LoggedEvent, StateStore
 
 log = logging.getLogger("raytwin.twins")
 
@@ -59,14 +59,17 @@ class TwinShard:
         self.m_twins.set_default_tags(tags)
         self.m_drift = metrics.Gauge("raytwin_twins_drifting", "Twins whose filter flags drift.", tag_keys=("shard",))
         self.m_drift.set_default_tags(tags)
+        self.stale: set[tuple[str, str]] = set()  # twins whose log write failed mid-batch
         for tenant, asset_id, record in self.store.registrations():
             if shard_index(tenant, asset_id, shards) == index:
-                twin = recover(self.store, record, allowed_lateness_s=self.lateness_s,
-                               checkpoint_every=checkpoint_every)
-                self.twins[(tenant, asset_id)] = twin
+                self.twins[(tenant, asset_id)] = self._recover(record)
                 self.durable_revision[(tenant, asset_id)] = 0  # at worst one snapshot is rewritten as is
         self.m_twins.set(len(self.twins))
         log.info("event=shard_started shard=%d pid=%d twins=%d", index, os.getpid(), len(self.twins))
+
+    def _recover(self, record: dict[str, Any], until_us: int | None = None) -> Twin:
+        return recover(self.store, record, allowed_lateness_s=self.lateness_s,
+                       checkpoint_every=self.checkpoint_every, until_us=until_us)
 
     # ------------------------------------------------------------------ twins ----
     def register(self, tenant: str, asset_id: str, record: dict[str, Any]) -> bool:
@@ -77,12 +80,18 @@ class TwinShard:
                              "unregister it first")
         if (tenant, asset_id) in self.twins:
             return False
-        twin = build_twin(record, allowed_lateness_s=self.lateness_s, checkpoint_every=self.checkpoint_every)
+        # an asset registered again after `unregister` resumes its stored history, exactly as a
+        # restarted shard would (memory and store never disagree)
+        twin = self._recover(record)
         self.store.save_registration(tenant, asset_id, record)
         self.twins[(tenant, asset_id)] = twin
         self.durable_revision[(tenant, asset_id)] = 0
         self.m_twins.set(len(self.twins))
         return existing is None
+
+    def register_many(self, items: list[tuple[str, str, dict[str, Any]]]) -> int:
+        """`register` for many twins in one call; returns how many were created."""
+        return sum(self.register(*item) for item in items)
 
     def unregister(self, tenant: str, asset_id: str) -> bool:
         """Drop the twin and its registration (its log and snapshots stay, as history)."""
@@ -95,7 +104,13 @@ class TwinShard:
     def assets(self, tenant: str) -> list[str]:
         return sorted(a for t, a in self.twins if t == tenant)
 
+    def _refresh_stale(self) -> None:
+        for key in sorted(self.stale & self.twins.keys()):
+            self.twins[key] = self._recover(self.store.load_registration(*key))
+        self.stale.clear()
+
     def state(self, tenant: str, asset_id: str) -> TwinState | None:
+        self._refresh_stale()
         twin = self.twins.get((tenant, asset_id))
         return None if twin is None else twin.view()
 
@@ -103,10 +118,7 @@ class TwinShard:
         """Time travel from the durable store (everything acknowledged is there)."""
         if (tenant, asset_id) not in self.twins:
             return None
-        record = self.store.load_registration(tenant, asset_id)
-        twin = recover(self.store, record, allowed_lateness_s=self.lateness_s,
-                       checkpoint_every=self.checkpoint_every, until_us=until_us)
-        return twin.view()
+        return self._recover(self.store.load_registration(tenant, asset_id), until_us).view()
 
     def pid(self) -> int:
         return os.getpid()
@@ -118,6 +130,7 @@ class TwinShard:
     # ------------------------------------------------------------------ ingestion ----
     def ingest(self, tenant: str, events: list[TelemetryEvent]) -> IngestReport:
         """Validate against each twin's asset type, log durably, then apply (see module docstring)."""
+        self._refresh_stale()
         rejects: list[dict[str, str]] = []
         accepted: dict[tuple[str, str], list[LoggedEvent]] = defaultdict(list)
         batch_keys: set[tuple[str, str]] = set()
@@ -129,14 +142,12 @@ class TwinShard:
                 reason = f"unknown twin {ev.asset_id!r} for tenant {tenant!r}"
             else:
                 try:
-                    values = normalize_measurements(ev, twin.artifact.asset_type)
+                    logged = logged_event(ev, twin.artifact.asset_type)
                 except ContractError as exc:
                     reason = describe_error(exc)
             if reason is not None:
                 rejects.append(_reject(ev, reason))
                 continue
-            logged = LoggedEvent((to_micros(ev.event_time), ev.sequence, ev.idempotency_key), ev.quality, values,
-                                 to_micros(ev.ingest_time))
             verdict = DUPLICATE if (ev.asset_id, ev.idempotency_key) in batch_keys else twin.classify(logged)
             if verdict == TOO_LATE and self.store.contains(tenant, ev.asset_id, logged.key):
                 verdict = DUPLICATE  # a re-delivery of an event applied long ago
@@ -147,8 +158,14 @@ class TwinShard:
             else:
                 batch_keys.add((ev.asset_id, ev.idempotency_key))
                 accepted[(tenant, ev.asset_id)].append(logged)
-        n_accepted = self.store.append_events(
-            tenant, ((asset_id, e) for (_, asset_id), evs in accepted.items() for e in evs))
+        try:
+            n_accepted = self.store.append_events(
+                tenant, ((asset_id, e) for (_, asset_id), evs in accepted.items() for e in evs))
+        except Exception:
+            # part of the batch may be durable: rebuild those twins from the store before the next
+            # call so memory never lacks an event a recovery would replay
+            self.stale.update(accepted)
+            raise
         self.store.write_dead_letters(tenant, rejects)
         for key, evs in accepted.items():
             self.twins[key].apply(evs)

@@ -16,18 +16,38 @@ durable snapshot. Memory per twin is therefore bounded by the events within the 
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from actors.state import DivergenceReport, TwinState
+from raytwin.contracts import AssetType, TelemetryEvent, normalize_measurements
 from raytwin.estimation import Divergence, ExtendedKalmanFilter, FilterState
 from raytwin.registry import ModelArtifact
-from raytwin.statestore import EventKey, LoggedEvent, Snapshot, from_micros
+from raytwin.statestore import EventKey, LoggedEvent, Snapshot, from_micros, to_micros
 
 DUPLICATE = "duplicate"
 TOO_LATE = "too late"
+
+
+def logged_event(ev: TelemetryEvent, asset_type: AssetType) -> LoggedEvent:
+    """The event as the log keeps it: its order key and values in the type's SI units (or ContractError)."""
+    return LoggedEvent((to_micros(ev.event_time), ev.sequence, ev.idempotency_key), ev.quality,
+                       normalize_measurements(ev, asset_type), to_micros(ev.ingest_time))
+
+
+_FILTERS: dict[tuple[str, str], ExtendedKalmanFilter] = {}
+
+
+def _shared_filter(artifact: ModelArtifact, process_std: dict | None, measurement_std: dict | None):
+    """One (stateless) filter per distinct artifact and noise: thousands of twins of a type share it."""
+    key = (artifact.content_hash, json.dumps([process_std, measurement_std], sort_keys=True))
+    if key not in _FILTERS:
+        _FILTERS[key] = ExtendedKalmanFilter(artifact.model(), artifact.param_vector(),
+                                             process_std=process_std, measurement_std=measurement_std)
+    return _FILTERS[key]
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,10 +76,7 @@ class Twin:
             raise ValueError("allowed_lateness_s must be >= 0 and checkpoint_every >= 1")
         self.tenant, self.asset_id, self.artifact = tenant, asset_id, artifact
         noise = noise or {}
-        self.filter = ExtendedKalmanFilter(
-            artifact.model(), artifact.param_vector(),
-            process_std=noise.get("process_std"), measurement_std=noise.get("measurement_std"),
-        )
+        self.filter = _shared_filter(artifact, noise.get("process_std"), noise.get("measurement_std"))
         self.lateness_us = round(allowed_lateness_s * 1e6)
         self.checkpoint_every = checkpoint_every
         prior = self.filter.initial(initial_state, initial_std, noise.get("inputs"))

@@ -22,8 +22,10 @@ states, which is what recovery and time travel rely on.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -123,14 +125,22 @@ class FilterState:
     divergence: Divergence = field(default_factory=Divergence)
 
 
+class _Kernels(NamedTuple):
+    predict: Callable
+    assimilate: Callable
+
+
 @lru_cache(maxsize=None)
-def _kernels(model: Model):
-    """Jitted predict / update for one model, shared by every twin of that model."""
+def _kernels(model: Model) -> _Kernels:
+    """Jitted kernels for one model, shared by every twin of that model.
+
+    `assimilate` fuses predict and update into one dispatch (the per-event cost of a live twin
+    is dominated by dispatch, not arithmetic); `predict` alone serves explicit look-ahead.
+    """
     step = model.step_vector
     jac_step = jax.jacfwd(step)
     jac_obs = jax.jacfwd(model.observe_vector)
 
-    @jax.jit
     def predict(x, P, u, p, q_var_rate, n, dt):
         def body(_, carry):
             x, P = carry
@@ -140,7 +150,6 @@ def _kernels(model: Model):
 
         return jax.lax.fori_loop(0, n, body, (x, P))
 
-    @jax.jit
     def update(x, P, u, p, z, mask, r_var):
         H = jac_obs(x, u, p) * mask[:, None]
         y = (z - model.observe_vector(x, u, p)) * mask
@@ -151,7 +160,11 @@ def _kernels(model: Model):
         x_new = jnp.stack(model.project(tuple(x + K @ y)))
         return x_new, 0.5 * (P_new + P_new.T), y, y @ jnp.linalg.solve(S, y)
 
-    return predict, update
+    def assimilate(x, P, u_held, u_new, p, q_var_rate, n, dt, z, mask, r_var):
+        x, P = predict(x, P, u_held, p, q_var_rate, n, dt)
+        return update(x, P, u_new, p, z, mask, r_var)
+
+    return _Kernels(jax.jit(predict), jax.jit(assimilate))
 
 
 class ExtendedKalmanFilter:
@@ -174,7 +187,7 @@ class ExtendedKalmanFilter:
         r = _complete("measurement_std", model.output_names, measurement_std, self.defaults)
         self.q_var_rate = jnp.asarray(q**2)
         self.r_var = jnp.asarray(r**2)
-        self._predict, self._update = _kernels(model)
+        self._kernels = _kernels(model)
 
     def initial(
         self,
@@ -193,16 +206,21 @@ class ExtendedKalmanFilter:
 
     def predict(self, fs: FilterState, t: float) -> FilterState:
         """Advance to time `t` with held inputs, in sub-steps of at most ``default_dt``."""
-        if fs.t is None:
+        n, dt = self._substeps(fs, t)
+        if n == 0:
             return replace(fs, t=t)
+        x, P = self._kernels.predict(fs.x, fs.P, fs.u, self.params, self.q_var_rate, n, dt)
+        return replace(fs, t=t, x=np.asarray(x), P=np.asarray(P))
+
+    def _substeps(self, fs: FilterState, t: float) -> tuple[int, float]:
+        """Sub-steps of at most ``default_dt`` from the filter's time to `t` (0 for the prior)."""
+        if fs.t is None:
+            return 0, 0.0
         gap = t - fs.t
         if gap < 0:
             raise ValueError(f"cannot predict backwards in time ({fs.t} -> {t}); rewind instead")
-        if gap == 0:
-            return fs
-        n = max(1, math.ceil(gap / self.model.default_dt - 1e-9))
-        x, P = self._predict(fs.x, fs.P, fs.u, self.params, self.q_var_rate, n, gap / n)
-        return replace(fs, t=t, x=np.asarray(x), P=np.asarray(P))
+        n = math.ceil(gap / self.model.default_dt - 1e-9) if gap > 0 else 0
+        return n, (gap / n if n else 0.0)
 
     def assimilate(self, fs: FilterState, t: float, values: dict[str, float], use_outputs: bool = True) -> FilterState:
         """Predict to `t`, take the measured inputs (held from `t` on), update with the outputs.
@@ -213,16 +231,16 @@ class ExtendedKalmanFilter:
         unknown = set(values) - set(m.input_names) - set(m.output_names)
         if unknown:
             raise KeyError(f"{m.name} has no input/output {sorted(unknown)}")
-        fs = self.predict(fs, t)
         u = np.array([values.get(n, fs.u[i]) for i, n in enumerate(m.input_names)], dtype=np.float64)
-        fs = replace(fs, u=u)
         mask = np.array([1.0 if (use_outputs and n in values) else 0.0 for n in m.output_names])
         if not mask.any():
-            return fs
+            return replace(self.predict(fs, t), u=u)
+        n, dt = self._substeps(fs, t)
         z = np.array([values.get(n, 0.0) for n in m.output_names], dtype=np.float64)
-        x, P, y, nis = self._update(fs.x, fs.P, fs.u, self.params, z, mask, self.r_var)
+        x, P, y, nis = self._kernels.assimilate(fs.x, fs.P, fs.u, u, self.params, self.q_var_rate, n, dt, z, mask,
+                                                self.r_var)
         div = fs.divergence.updated(float(nis), int(mask.sum()), np.asarray(y), mask > 0)
-        return replace(fs, x=np.asarray(x), P=np.asarray(P), divergence=div)
+        return replace(fs, t=t, x=np.asarray(x), P=np.asarray(P), u=u, divergence=div)
 
 
 def _complete(kind: str, names: tuple[str, ...], given: dict[str, float] | None, defaults: NoiseDefaults | None):

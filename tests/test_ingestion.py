@@ -1,0 +1,135 @@
+"""Ingestion: Parquet (local and S3) and NDJSON-over-HTTP sources, contract rejects to dead
+letters, and the bounded in-flight window."""
+
+from __future__ import annotations
+
+import json
+import threading
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+from actors import IngestReport, TwinService, events_to_table, ndjson_http_source
+from actors.ingest import Dispatcher, ShardRouter, parse_rows
+from raytwin.contracts import Asset, AssetType, TelemetryEvent
+from raytwin.registry import ModelRegistry
+from raytwin.sim import TWO_TANK
+from raytwin.storage import filesystem
+
+T0 = datetime(2026, 4, 1, tzinfo=UTC)
+
+
+def tank_events(asset_id: str, n: int, start: int = 0) -> list[TelemetryEvent]:
+    return [TelemetryEvent(asset_id=asset_id, event_time=T0 + timedelta(seconds=k), sequence=k,
+                           measurements={"h1": {"value": 500.0 - k, "unit": "mm"}, "q_in": {"value": 0.1, "unit": "L/s"}})
+            for k in range(start, start + n)]
+
+
+@pytest.fixture(scope="module")
+def service(ray_session, tmp_path_factory):
+    artifact = ModelRegistry(str(tmp_path_factory.mktemp("reg"))).register("tank", "1.0.0",
+                                                                           AssetType.from_model(TWO_TANK))
+    svc = TwinService(str(tmp_path_factory.mktemp("store")), shards=2, batch_size=16)
+    for a in ("t1", "t2", "t3"):
+        svc.register(Asset(id=a, tenant="acme", type_name="two_tank", type_version="1.0.0"), artifact)
+    yield svc
+    svc.close()
+
+
+def test_parse_rows_rejects_with_reasons():
+    good = events_to_table(tank_events("t1", 1)).to_pylist()[0]
+    rows = [good, {**good, "event_time": None}, {**good, "measurements": json.dumps({"h1": {"value": 1, "unit": "mm"}})},
+            {**good, "measurements": [("h1", {"value": float("nan"), "unit": "mm"})]}, {"_unparsed": "garbage"}]
+    events, rejects = parse_rows(rows)
+    assert len(events) == 2 and events[1].measurements["h1"].value == 1.0
+    assert len(rejects) == 3
+    assert rejects[0]["reason"].startswith("event_time:")
+    assert rejects[1]["reason"].startswith("measurements.h1.value:")
+    assert "_unparsed" in rejects[2]["reason"] and "garbage" in rejects[2]["raw"]
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_ingest_parquet_dataset(service, tmp_path, where, request):
+    base = str(tmp_path / "incoming") if where == "local" else request.getfixturevalue("s3_url") + "/incoming"
+    fs, root = filesystem(base)
+    fs.makedirs(root, exist_ok=True)
+    asset_id = f"t{1 if where == 'local' else 2}"
+    table = events_to_table(tank_events(asset_id, 40))
+    bad = pa.Table.from_pylist([{**table.slice(0, 1).to_pylist()[0], "asset_id": "not a valid id!"}],
+                               schema=table.schema)
+    pq.write_table(pa.concat_tables([table.slice(0, 25), bad]), f"{root}/part-0.parquet", filesystem=fs)
+    pq.write_table(table.slice(20), f"{root}/part-1.parquet", filesystem=fs)  # 5 overlapping = duplicates
+    report = service.ingest_parquet("acme", base)
+    assert (report.accepted, report.duplicates, report.rejected) == (40, 5, 1)
+    assert "asset_id" in report.reasons[0].reason
+    state = service.state("acme", asset_id)
+    assert state.events_applied == 40 and state.event_time == T0 + timedelta(seconds=39)
+    dead = service.dead_letters("acme").to_pylist()
+    assert any("not a valid id!" in d["raw"] for d in dead)
+
+
+def test_ingest_ndjson_over_http(service):
+    lines = [e.model_dump_json() for e in tank_events("t3", 30)] + ["this is not json", ""]
+    body = ("\n".join(lines) + "\n").encode()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-ndjson")
+            self.end_headers()
+            for i in range(0, len(body), 512):  # chunks: the client must stream across them
+                self.wfile.write(body[i:i + 512])
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        report = service.ingest_stream("acme", ndjson_http_source(f"http://127.0.0.1:{server.server_port}/events"))
+    finally:
+        server.shutdown()
+    assert (report.accepted, report.rejected) == (30, 1)
+    assert service.state("acme", "t3").events_applied == 30
+    assert "this is not json" in service.dead_letters("acme").to_pylist()[-1]["raw"]
+
+
+def test_ingest_table_task_and_table_through_the_service(service):
+    from actors.ingest import ingest_table
+
+    table = events_to_table(tank_events("t3", 10, start=1000))
+    report = ray.get(ingest_table.remote(service.router, "acme", table.slice(0, 6), batch_size=4))
+    assert (report.accepted, report.duplicates, report.rejected) == (6, 0, 0)
+    report = service.ingest("acme", table)  # a pyarrow.Table straight into the facade
+    assert (report.accepted, report.duplicates) == (4, 6)
+    assert service.state("acme", "t3").event_time == T0 + timedelta(seconds=1009)
+
+
+@ray.remote(max_concurrency=3)
+class SlowShard:
+    """Stands in for a twin shard that is slow to apply."""
+
+    def ingest(self, tenant, events):
+        import time
+
+        time.sleep(0.02)
+        return IngestReport(accepted=len(events))
+
+
+def test_dispatcher_bounds_in_flight_calls(ray_session, tmp_path):
+    slow = SlowShard.remote()  # one threaded actor stands in for three shards (a process start is costly)
+    shards = [slow, slow, slow]
+    router = ShardRouter(str(tmp_path), shards=3, namespace="unused")
+    d = Dispatcher(router, "acme", max_in_flight=2, batch_size=2, handles=shards)
+    most = 0
+    for k in range(0, 60, 3):
+        d.send(tank_events(f"a{k % 7}", 3, start=k))
+        most = max(most, len(d.busy))
+        assert len(d.busy) <= 2
+    assert d.finish().accepted == 60 and not d.busy and most == 2
+    with pytest.raises(ValueError):
+        Dispatcher(router, "acme", max_in_flight=0, handles=shards)

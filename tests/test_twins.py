@@ -1,0 +1,281 @@
+"""Live twins: ordering, de-duplication, late events, tenants, time travel and crash recovery.
+
+References are computed in-process with the same `Twin` code applied to the distinct events in
+key order, without Ray; twin states must match them bit for bit.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import pytest
+
+from actors import TwinService, TwinState, UnknownTwin
+from actors.recovery import registration_record
+from actors.twin import DUPLICATE, TOO_LATE, Twin, logged_event, replay
+from raytwin.contracts import Asset, AssetType, TelemetryEvent
+from raytwin.registry import ModelRegistry
+from raytwin.sim import THERMAL_RC
+
+T0 = datetime(2026, 2, 1, tzinfo=UTC)
+STEP_S = 60.0
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    registry = ModelRegistry(str(tmp_path_factory.mktemp("registry")))
+    return registry.register("zone", "1.0.0", AssetType.from_model(THERMAL_RC))
+
+
+def asset(asset_id: str, tenant: str = "acme") -> Asset:
+    return Asset(id=asset_id, tenant=tenant, type_name="thermal_rc", type_version="1.0.0")
+
+
+def events(asset_id: str, n: int, seed: int = 0, start: int = 0) -> list[TelemetryEvent]:
+    rng = np.random.default_rng(seed)
+    return [
+        TelemetryEvent(
+            asset_id=asset_id, event_time=T0 + timedelta(seconds=STEP_S * k), sequence=k,
+            measurements={"T_in": {"value": 20.0 + 0.02 * k + rng.normal(0, 0.05), "unit": "degC"},
+                          "T_out": {"value": 5.0 + rng.normal(), "unit": "degC"},
+                          "Q_h": {"value": 1.5 * (k % 10 < 4), "unit": "kW"}},
+        )
+        for k in range(start, start + n)
+    ]
+
+
+def reference(art, asset_id: str, evs: list[TelemetryEvent], tenant: str = "acme", **kw) -> Twin:
+    """The uninterrupted, in-order run: the filter over the distinct events sorted by key."""
+    twin = Twin(tenant, asset_id, art, **kw)
+    distinct = {e.idempotency_key: logged_event(e, art.asset_type) for e in evs}
+    return replay(twin, sorted(distinct.values(), key=lambda e: e.key))
+
+
+def feed(twin: Twin, batch: list[TelemetryEvent]) -> list[str | None]:
+    """What a shard does with a batch, minus persistence: classify, then apply the applicable."""
+    logged = [logged_event(e, twin.artifact.asset_type) for e in batch]
+    verdicts, ok, keys = [], [], set()
+    for e in logged:
+        v = DUPLICATE if e.key[2] in keys else twin.classify(e)
+        verdicts.append(v)
+        if v is None:
+            ok.append(e)
+            keys.add(e.key[2])
+    twin.apply(ok)
+    return verdicts
+
+
+def assert_same_state(a, b) -> None:
+    assert a.state == b.state and a.covariance == b.covariance and a.events_applied == b.events_applied
+    assert a.divergence == b.divergence and a.event_time == b.event_time
+
+
+# --------------------------------------------------------------------------- pure twin ----
+def test_shuffled_and_duplicated_events_give_bit_identical_state(artifact):
+    evs = events("z1", 120)
+    ordered = reference(artifact, "z1", evs, checkpoint_every=8)
+    shuffled = Twin("acme", "z1", artifact, checkpoint_every=8, allowed_lateness_s=1e6)
+    stream = evs + random.Random(1).sample(evs, 30)  # 30 re-deliveries
+    random.Random(2).shuffle(stream)
+    verdicts = [v for i in range(0, len(stream), 7) for v in feed(shuffled, stream[i:i + 7])]
+    assert verdicts.count(DUPLICATE) == 30 and verdicts.count(None) == 120
+    assert_same_state(shuffled.view(), ordered.view())
+    assert shuffled.view().revision == 120
+
+
+def test_late_events_merge_within_lateness_and_too_late_ones_are_refused(artifact):
+    evs = events("z1", 40)
+    twin = Twin("acme", "z1", artifact, allowed_lateness_s=10 * STEP_S, checkpoint_every=4)
+    held_back = {33, 35}
+    assert feed(twin, [e for e in evs if e.sequence not in held_back]) == [None] * 38
+    # watermark = 39*60 - 600 s -> events >= 29 are within lateness
+    assert feed(twin, [evs[35], evs[33]]) == [None, None]
+    assert_same_state(twin.view(), reference(artifact, "z1", evs).view())
+    before = twin.view()
+    # older than the watermark: refused whether new or a forgotten re-delivery (the shard then
+    # checks the durable log to tell the two apart)
+    assert feed(twin, [evs[5]]) == [TOO_LATE]
+    assert feed(twin, [evs[20].model_copy(update={"idempotency_key": "new"})]) == [TOO_LATE]
+    assert_same_state(twin.view(), before)
+    # bounded memory: only events after the oldest retained (sealed) checkpoint are kept
+    assert len(twin.window) <= 10 + 4 and twin.checkpoints[0].key[0] < twin.watermark_us
+
+
+# ------------------------------------------------------------------------ on Ray ----
+LATENESS_S = 10 * STEP_S
+TWIN_OPTS = {"allowed_lateness_s": LATENESS_S, "checkpoint_every": 8}
+
+
+@pytest.fixture(scope="module")
+def service(ray_session, tmp_path_factory, artifact):
+    svc = TwinService(str(tmp_path_factory.mktemp("twins")), shards=2, snapshot_every=16, **TWIN_OPTS)
+    for a in ("z1", "z2"):
+        svc.register(asset(a), artifact)
+    svc.register(asset("z1", tenant="beta"), artifact)
+    yield svc
+    svc.close()
+
+
+def test_register_is_idempotent_and_tenants_are_isolated(service, artifact):
+    service.register(asset("z1"), artifact)  # attach: no error, no reset
+    with pytest.raises(ValueError, match="different"):
+        service.register(asset("z1"), artifact, initial_state={"T_in": 300.0, "T_m": 300.0})
+    assert service.assets("acme") == ["z1", "z2"] and service.assets("beta") == ["z1"]
+    for tenant, asset_id in (("beta", "z2"), ("gamma", "z1"), ("acme", "nope")):
+        with pytest.raises(UnknownTwin, match=f"no twin '{asset_id}' for tenant '{tenant}'"):
+            service.state(tenant, asset_id)
+    service.register(asset("tmp"), artifact)
+    service.unregister("acme", "tmp")
+    with pytest.raises(UnknownTwin):
+        service.unregister("acme", "tmp")
+
+
+def test_service_dedups_merges_late_events_dead_letters_and_time_travels(service, artifact):
+    evs = events("z2", 60, seed=3)
+    beta = events("z1", 5, seed=4)
+    report = service.ingest("acme", [e for e in evs if e.sequence != 55])
+    assert (report.accepted, report.duplicates, report.rejected) == (59, 0, 0)
+    # 55 is late but within lateness; 50-54 are duplicates, and so is 10, older than the watermark
+    # and forgotten in memory, but found in the durable log
+    report = service.ingest("acme", evs[50:56] + [evs[10]])
+    assert (report.accepted, report.duplicates, report.rejected) == (1, 6, 0)
+    report = service.ingest("acme", [evs[10].model_copy(update={"idempotency_key": "z2:late"})])
+    assert (report.rejected, report.reasons[0].reason) == (1, "too late")
+    service.ingest("beta", beta)
+
+    state = service.state("acme", "z2")
+    ref = reference(artifact, "z2", evs, **TWIN_OPTS)
+    assert_same_state(state, ref.view())
+    assert state.revision == 60 and state.model_ref == "zone@1.0.0"
+    assert service.state("beta", "z1").events_applied == 5 and service.state("acme", "z1").events_applied == 0
+
+    dead = service.dead_letters("acme").to_pylist()
+    assert [(d["idempotency_key"], d["reason"]) for d in dead] == [("z2:late", "too late")]
+    assert '"sequence":10' in dead[0]["raw"]
+
+    # time travel: the durable snapshots + log give the state of a replay up to that time
+    service.flush()
+    assert service.store.latest_snapshot("acme", "z2") is not None
+    for k in (0, 20, 47):
+        t = T0 + timedelta(seconds=STEP_S * k + 1)
+        assert_same_state(service.state_at("acme", "z2", t),
+                          reference(artifact, "z2", evs[: k + 1], **TWIN_OPTS).view())
+    assert service.state_at("acme", "z2", T0 - timedelta(days=1)).event_time is None
+
+
+def test_unknown_assets_and_bad_units_are_dead_lettered(service):
+    bad_unit = TelemetryEvent(asset_id="z1", event_time=T0, sequence=1, idempotency_key="bad-unit",
+                              measurements={"T_in": {"value": 1.0, "unit": "V"}})
+    report = service.ingest("acme", [events("ghost", 1)[0], bad_unit])
+    assert report.rejected == 2 and report.accepted == 0
+    reasons = {r.idempotency_key: r.reason for r in report.reasons}
+    assert reasons["ghost:0"] == "unknown twin 'ghost' for tenant 'acme'"
+    assert "cannot convert 'V' to 'K'" in reasons["bad-unit"]
+
+
+def test_killed_shard_recovers_without_losing_or_double_applying(ray_session, tmp_path, artifact):
+    """ray.kill, then SIGKILL of the shard's worker process, while an ingestion is running."""
+    import ray
+
+    opts = {"allowed_lateness_s": 5 * STEP_S, "checkpoint_every": 4}
+    svc = TwinService(str(tmp_path / "store"), shards=1, snapshot_every=8, batch_size=4, **opts)
+    try:
+        svc.register(asset("k1"), artifact)
+        svc.register(asset("k2"), artifact)
+        evs = sorted(events("k1", 100, seed=5) + events("k2", 100, seed=6), key=lambda e: (e.event_time, e.asset_id))
+        [shard] = svc.shard_handles
+        first = svc.ingest("acme", evs[:40])
+        pool = ThreadPoolExecutor(1)
+        running = pool.submit(svc.ingest, "acme", evs[40:] + evs[30:40])  # ends with 10 re-deliveries
+
+        def wait_applied(n):
+            while svc.state("acme", "k1").events_applied < n and not running.done():
+                time.sleep(0.01)
+
+        pids, mid_ingestion = [ray.get(shard.pid.remote())], []
+        wait_applied(40)
+        mid_ingestion.append(not running.done())
+        ray.kill(shard, no_restart=False)
+        wait_applied(65)
+        pids.append(ray.get(shard.pid.remote()))
+        mid_ingestion.append(not running.done())
+        os.kill(pids[-1], signal.SIGKILL)
+        report = running.result(timeout=300)
+        pids.append(ray.get(shard.pid.remote()))
+        assert len(set(pids)) == 3 and mid_ingestion == [True, True]
+        assert first.accepted + report.accepted <= 200 and report.rejected == 0
+
+        for asset_id in ("k1", "k2"):
+            state = svc.state("acme", asset_id)
+            assert_same_state(state, reference(artifact, asset_id, [e for e in evs if e.asset_id == asset_id],
+                                               **opts).view())
+            assert state.events_applied == 100
+        assert svc.dead_letters("acme").num_rows == 0
+        assert svc.store.latest_snapshot("acme", "k1").revision >= 80  # recovery used snapshot + log
+        # a fresh service (new actors) recovers the same state from the store alone
+        svc.close()
+        svc = TwinService(str(tmp_path / "store"), shards=1, snapshot_every=8, **opts)
+        assert_same_state(svc.state("acme", "k2"),
+                          reference(artifact, "k2", [e for e in evs if e.asset_id == "k2"], **opts).view())
+    finally:
+        svc.close()
+
+
+def test_cli_time_travel_and_dead_letters(service, artifact):
+    from typer.testing import CliRunner
+
+    from actors.cli import twins_app
+
+    evs = events("z1", 12, seed=11, start=200)
+    service.ingest("acme", evs + [events("ghost", 1)[0].model_copy(update={"idempotency_key": "cli-ghost"})])
+    runner = CliRunner()
+    at = (evs[5].event_time + timedelta(seconds=1)).isoformat()
+    result = runner.invoke(twins_app, ["state-at", service.store.url, "acme", "z1", "--at", at])
+    assert result.exit_code == 0, result.output
+    shown = TwinState.model_validate_json(result.output)
+    assert_same_state(shown, reference(artifact, "z1", evs[:6], **TWIN_OPTS).view())
+    assert runner.invoke(twins_app, ["state-at", service.store.url, "beta", "z2"]).exit_code == 2
+    result = runner.invoke(twins_app, ["dead-letters", service.store.url, "--tenant", "acme", "--limit", "1"])
+    assert result.exit_code == 0 and "cli-ghost" in result.output and "unknown twin" in result.output
+
+
+def test_failed_log_write_mid_batch_never_leaves_memory_behind_the_store(ray_session, tmp_path, artifact):
+    """The log write fails after one asset's file is durable: the shard re-reads that twin."""
+    from actors.shard import TwinShard
+
+    shard = TwinShard(str(tmp_path), 0, 1, allowed_lateness_s=LATENESS_S, snapshot_every=1000, checkpoint_every=8)
+    for a in ("f1", "f2"):
+        shard.register("acme", a, registration_record(asset(a), artifact, None, None))
+    e1, e2 = events("f1", 6, seed=7), events("f2", 6, seed=8)
+    real_write, calls = shard.store._write, []
+
+    def flaky_write(table, directory, stem):
+        calls.append(directory)
+        if len(calls) == 2:
+            raise OSError("store unavailable")
+        real_write(table, directory, stem)
+
+    shard.store._write = flaky_write
+    with pytest.raises(OSError):
+        shard.ingest("acme", e1 + e2)
+    shard.store._write = real_write
+    written = "f1" if "asset_id=f1" in calls[0] else "f2"
+    assert shard.state("acme", written).events_applied == 6  # the durable half is applied
+    report = shard.ingest("acme", e1 + e2)  # the source re-delivers the failed batch
+    assert (report.accepted, report.duplicates) == (6, 6)
+    for a, evs in (("f1", e1), ("f2", e2)):
+        assert_same_state(shard.state("acme", a), reference(artifact, a, evs, **TWIN_OPTS).view())
+
+
+def test_reregistered_asset_resumes_its_history(service, artifact):
+    service.register(asset("again"), artifact)
+    service.ingest("acme", events("again", 5, seed=12))
+    service.unregister("acme", "again")
+    service.register(asset("again"), artifact)
+    assert service.state("acme", "again").events_applied == 5
