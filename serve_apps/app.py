@@ -19,7 +19,7 @@ from serve_apps.audit import AuditLog
 from serve_apps.auth import KeyStore
 from serve_apps.backend import BackendDeployment
 from serve_apps.config import ServeConfig
-from serve_apps.deps import Backend, Services
+from serve_apps.deps import BackendClient, Services
 from serve_apps.limits import TokenBuckets
 from serve_apps.metrics import ServeMetrics
 
@@ -35,7 +35,7 @@ class Ingress:
         except Exception:  # outside a Serve replica (never in production)
             replica = "local"
         self.services = Services(
-            config=config, keys=KeyStore(config.keys_file), backend=Backend(backend),
+            config=config, keys=KeyStore(config.keys_file), backend=BackendClient(backend),
             audit=AuditLog(config.store_url, config.storage_options),
             metrics=ServeMetrics(replica), buckets=TokenBuckets(config.rate_per_s, config.rate_burst),
             fs=filesystem(config.store_url, config.storage_options)[0],

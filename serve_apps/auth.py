@@ -70,13 +70,13 @@ class KeyStore:
     """Authenticates presented keys against the hashed records of a keys file.
 
     The file is re-read when its modification time changes, so keys added with
-    ``raytwin serve keys create`` (or a rotated Kubernetes Secret) work without a restart.
+    ``raytwin keys create`` (or a rotated Kubernetes Secret) work without a restart.
     """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if not self.path.exists():
-            raise FileNotFoundError(f"API keys file {path} does not exist; create keys with `raytwin serve keys create`")
+            raise FileNotFoundError(f"API keys file {path} does not exist; create keys with `raytwin keys create`")
         self._mtime = -1.0
         self._by_digest: dict[str, KeyRecord] = {}
         self._refresh()

@@ -20,7 +20,7 @@ from raytwin.contracts import Asset, AssetType, RelationshipKind, TelemetryEvent
 from raytwin.registry import ModelArtifact, ModelRegistry
 from serve_apps.catalog import Catalog
 from serve_apps.config import ServeConfig
-from serve_apps.errors import NotFound
+from serve_apps.errors import NotFound, Unprocessable
 from serve_apps.jobs import Job, JobQueue, Work
 
 log = logging.getLogger("raytwin.serve.backend")
@@ -71,10 +71,13 @@ class Backend:
     # ---- assets ------------------------------------------------------------------------
     def create_asset(self, asset: Asset, initial_state: dict[str, float] | None) -> None:
         with self._lock:
-            self.catalog.create_asset(asset)
+            asset_type = self.catalog.create_asset(asset)
             try:
+                if initial_state is not None and set(initial_state) != set(asset_type.states):
+                    raise Unprocessable(f"initial_state must give exactly {sorted(asset_type.states)} "
+                                        f"(got {sorted(initial_state)})")
                 self.twins.register(asset, self._artifact(asset.tenant, asset), initial_state=initial_state)
-            except Exception:
+            except Exception:  # no asset without its twin
                 self.catalog.delete_asset(asset.tenant, asset.id)
                 raise
 

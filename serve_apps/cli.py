@@ -1,28 +1,35 @@
-"""`raytwin serve ...`: start the HTTP API on Ray, manage API keys, export the OpenAPI document."""
+"""`raytwin serve`: start the HTTP API on Ray; `raytwin keys create`; `raytwin serve openapi`.
+
+The integrator mounts `serve_app` as ``serve`` and `keys_app` as ``keys`` on the `raytwin` app.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import signal
 import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from serve_apps.auth import RoleName, create_key
+from serve_apps.auth import RoleName, create_key, load_keys
 
-serve_app = typer.Typer(help="The RayTwin HTTP API on Ray Serve.", no_args_is_help=True)
-keys_app = typer.Typer(help="API keys (stored hashed in the keys file).", no_args_is_help=True)
-serve_app.add_typer(keys_app, name="keys")
+serve_app = typer.Typer(help="Start the RayTwin HTTP API on Ray Serve (routes under /v1, docs at /docs).",
+                        invoke_without_command=True)
+keys_app = typer.Typer(help="API keys (only their SHA-256 is stored, in the keys file).", no_args_is_help=True)
 
 KEYS_FILE = Annotated[Path, typer.Option(envvar="RAYTWIN_API_KEYS_FILE", help="API keys file (JSON).")]
 
 
-@serve_app.command("start")
+@serve_app.callback()
 def start(
-    store: Annotated[str, typer.Option(envvar="RAYTWIN_SERVE_STORE_URL", help="Store URL (dir or s3://...).")],
-    keys_file: KEYS_FILE,
+    ctx: typer.Context,
+    store: Annotated[str | None, typer.Option(envvar="RAYTWIN_SERVE_STORE_URL", help="Store URL (dir or s3://...).")
+                     ] = None,
+    keys_file: Annotated[Path | None, typer.Option(envvar="RAYTWIN_API_KEYS_FILE", help="API keys file (JSON).")
+                         ] = None,
     host: Annotated[str, typer.Option(help="HTTP bind address.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,
     address: Annotated[str | None, typer.Option(help="Ray cluster address (default: start a local Ray).")] = None,
@@ -33,6 +40,12 @@ def start(
     block: Annotated[bool, typer.Option(help="Keep running until Ctrl-C.")] = True,
 ) -> None:
     """Start the API on Ray Serve at http://HOST:PORT (routes under /v1, docs at /docs)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if store is None or keys_file is None:
+        raise typer.BadParameter("give --store and --keys-file (or RAYTWIN_SERVE_STORE_URL, RAYTWIN_API_KEYS_FILE)")
+    if not keys_file.exists():
+        raise typer.BadParameter(f"{keys_file} does not exist; create a key with `raytwin keys create`")
     import ray
     from ray import serve
 
@@ -53,6 +66,7 @@ def start(
     typer.echo(f"RayTwin API at http://{host}:{port}/v1 (OpenAPI: /docs, metrics: /metrics)")
     if not block:
         return
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop the same way on SIGTERM (Kubernetes, systemd)
     try:
         while True:
             time.sleep(3600)
@@ -81,3 +95,10 @@ def openapi(out: Annotated[Path, typer.Option(help="Where to write the document.
 
     out.write_text(json.dumps(create_api().openapi(), indent=2, sort_keys=True) + "\n")
     typer.echo(f"wrote {out}")
+
+
+@keys_app.command("list")
+def keys_list(keys_file: KEYS_FILE = Path("raytwin-keys.json")) -> None:
+    """Show key ids, tenants and roles (never hashes)."""
+    for record in load_keys(keys_file):
+        typer.echo(f"{record.key_id}\t{record.tenant}\t{record.role}")

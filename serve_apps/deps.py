@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from fsspec import AbstractFileSystem
 from fastapi import Depends, Header, Request
+from fsspec import AbstractFileSystem
 from starlette.concurrency import run_in_threadpool
 
 from serve_apps.audit import AuditLog, AuditRecord
@@ -18,7 +18,7 @@ from serve_apps.limits import TokenBuckets
 from serve_apps.metrics import ServeMetrics
 
 
-class Backend:
+class BackendClient:
     """Calls into the `Backend` deployment: ``await backend.call("get_asset", tenant, id)``.
 
     Errors raised there (`ApiError`s) come back wrapped by Ray; they are re-raised unwrapped so
@@ -39,7 +39,7 @@ class Backend:
 class Services:
     config: ServeConfig
     keys: KeyStore
-    backend: Backend
+    backend: BackendClient
     audit: AuditLog
     metrics: ServeMetrics
     buckets: TokenBuckets
@@ -87,3 +87,4 @@ def require(role: Role):
 READER = Depends(require(Role.reader))
 WRITER = Depends(require(Role.writer))
 ADMIN = Depends(require(Role.admin))
+SVC = Depends(services)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from actors.state import DivergenceReport
 from raytwin.contracts import Finite, Identifier, Relationship, SemVer
 
 
@@ -83,6 +85,14 @@ class JobAccepted(BaseModel):
     state: str
     status_url: str
     results_url: str
+
+
+class Divergence(DivergenceReport):
+    """A twin's divergence indicators as of its latest applied event."""
+
+    asset_id: str
+    revision: int
+    event_time: datetime | None
 
 
 class Health(BaseModel):

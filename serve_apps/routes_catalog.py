@@ -1,0 +1,110 @@
+"""Routes for asset types, assets (with relationship queries) and the audit log."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Query, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from raytwin.contracts import Asset, AssetType, RelationshipKind, describe_error
+from serve_apps.auth import Principal
+from serve_apps.deps import ADMIN, READER, SVC, Services
+from serve_apps.errors import Unprocessable
+from serve_apps.schemas import AssetCreate, AssetUpdate, Related
+
+
+def register(app: FastAPI) -> None:
+    tags = ["asset types"]
+
+    @app.post("/v1/asset-types", response_model=AssetType, status_code=201, tags=tags,
+              responses={200: {"model": AssetType, "description": "Identical type already existed"}})
+    async def create_asset_type(body: AssetType, request: Request, who: Principal = ADMIN,
+                                svc: Services = SVC) -> Any:
+        """Publish an asset type version (immutable: a changed type is a new version)."""
+        created = await svc.backend.call("put_type", who.tenant, body)
+        if created:
+            await svc.record(request, who, "asset_type.create", body.key, asset_type=body.model_dump(mode="json"))
+        return JSONResponse(body.model_dump(mode="json"), status_code=201 if created else 200)
+
+    @app.get("/v1/asset-types", response_model=list[AssetType], tags=tags)
+    async def list_asset_types(name: str | None = None, who: Principal = READER, svc: Services = SVC) -> Any:
+        return await svc.backend.call("list_types", who.tenant, name)
+
+    @app.get("/v1/asset-types/{name}/{version}", response_model=AssetType, tags=tags)
+    async def get_asset_type(name: str, version: str, who: Principal = READER, svc: Services = SVC) -> Any:
+        return await svc.backend.call("get_type", who.tenant, name, version)
+
+    @app.delete("/v1/asset-types/{name}/{version}", status_code=204, tags=tags)
+    async def delete_asset_type(name: str, version: str, request: Request, who: Principal = ADMIN,
+                                svc: Services = SVC) -> Response:
+        """Delete an unused asset type version (409 while assets use it)."""
+        await svc.backend.call("delete_type", who.tenant, name, version)
+        await svc.record(request, who, "asset_type.delete", f"{name}@{version}")
+        return Response(status_code=204)
+
+    tags = ["assets"]
+
+    @app.post("/v1/assets", response_model=Asset, status_code=201, tags=tags)
+    async def create_asset(body: AssetCreate, request: Request, who: Principal = ADMIN, svc: Services = SVC) -> Any:
+        """Create an asset of the caller's tenant and start its live twin."""
+        asset = _asset(who.tenant, body.id, body)
+        await svc.backend.call("create_asset", asset, body.initial_state)
+        await svc.record(request, who, "asset.create", asset.id, asset=asset.model_dump(mode="json"),
+                         initial_state=body.initial_state)
+        return asset
+
+    @app.get("/v1/assets", response_model=list[Asset], tags=tags)
+    async def list_assets(
+        type_name: str | None = None, type_version: str | None = None,
+        related_to: Annotated[str | None, Query(description="Only assets with a relationship to this asset")] = None,
+        relationship: RelationshipKind | None = None, who: Principal = READER, svc: Services = SVC,
+    ) -> Any:
+        """The caller's assets, filtered by type and/or relationship (kind, target)."""
+        return await svc.backend.call("list_assets", who.tenant, type_name, type_version, related_to, relationship)
+
+    @app.get("/v1/assets/{asset_id}", response_model=Asset, tags=tags)
+    async def get_asset(asset_id: str, who: Principal = READER, svc: Services = SVC) -> Any:
+        return await svc.backend.call("get_asset", who.tenant, asset_id)
+
+    @app.get("/v1/assets/{asset_id}/relationships", response_model=Related, tags=tags)
+    async def relationships(asset_id: str, who: Principal = READER, svc: Services = SVC) -> Related:
+        """Relationships from this asset and to it."""
+        asset: Asset = await svc.backend.call("get_asset", who.tenant, asset_id)
+        sources: list[Asset] = await svc.backend.call("list_assets", who.tenant, None, None, asset_id, None)
+        incoming = [{"kind": r.kind, "source": a.id} for a in sources for r in a.relationships if r.target == asset_id]
+        return Related(asset_id=asset_id, outgoing=asset.relationships, incoming=incoming)
+
+    @app.put("/v1/assets/{asset_id}", response_model=Asset, tags=tags)
+    async def update_asset(asset_id: str, body: AssetUpdate, request: Request, who: Principal = ADMIN,
+                           svc: Services = SVC) -> Any:
+        """Replace an asset's type version, metadata and relationships."""
+        asset = _asset(who.tenant, asset_id, body)
+        await svc.backend.call("update_asset", asset)
+        await svc.record(request, who, "asset.update", asset_id, asset=asset.model_dump(mode="json"))
+        return asset
+
+    @app.delete("/v1/assets/{asset_id}", status_code=204, tags=tags)
+    async def delete_asset(asset_id: str, request: Request, who: Principal = ADMIN, svc: Services = SVC) -> Response:
+        """Delete an asset and stop its twin (409 while other assets point at it)."""
+        await svc.backend.call("delete_asset", who.tenant, asset_id)
+        await svc.record(request, who, "asset.delete", asset_id)
+        return Response(status_code=204)
+
+    @app.get("/v1/audit", tags=["audit"])
+    async def audit_log(day: Annotated[str | None, Query(pattern=r"^\d{4}-\d{2}-\d{2}$")] = None,
+                        limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+                        who: Principal = ADMIN, svc: Services = SVC) -> list[dict[str, Any]]:
+        """The tenant's audit records, oldest first (admin only)."""
+        records = await run_in_threadpool(svc.audit.records, who.tenant, day, limit)
+        return [r.model_dump(mode="json") for r in records]
+
+
+def _asset(tenant: str, asset_id: str, body: AssetUpdate) -> Asset:
+    try:
+        return Asset(id=asset_id, tenant=tenant, type_name=body.type_name, type_version=body.type_version,
+                     metadata=body.metadata, relationships=body.relationships)
+    except ValidationError as exc:
+        raise Unprocessable(describe_error(exc)) from None

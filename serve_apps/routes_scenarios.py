@@ -1,0 +1,168 @@
+"""Routes for what-if runs: single scenarios, sweeps, and the jobs that run the large ones."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+import numpy as np
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from raytwin.contracts import Scenario
+from raytwin.provenance import code_version, package_versions
+from raytwin.registry import ModelArtifact
+from raytwin.sim import get_model
+from raytwin.storage import filesystem
+from serve_apps.auth import Principal
+from serve_apps.deps import READER, SVC, WRITER, Services
+from serve_apps.errors import Conflict, NotFound, PayloadTooLarge, Unprocessable
+from serve_apps.jobs import Job
+from serve_apps.scenarios import AssetSweep, prepare, run, sweep_spec, sweep_to_store
+from serve_apps.schemas import JobAccepted, ResultFile, ScenarioRun, SweepResult
+from sweeps.aggregate import open_dataset
+
+Mode = Literal["auto", "sync", "async"]
+MODE = Query("auto", description="sync: answer inline; async: return a job id; auto: sync when small.")
+ROW_LIMIT = Annotated[int, Query(ge=0, le=10_000, description="Per-scenario rows to return.")]
+PARQUET = "application/vnd.apache.parquet"
+
+
+def register(app: FastAPI) -> None:
+    tags = ["scenarios"]
+    queued = {202: {"model": JobAccepted, "description": "Queued as a job: poll its status_url"}}
+
+    @app.post("/v1/scenarios", response_model=ScenarioRun, tags=tags, responses=queued)
+    async def run_scenario(body: Scenario, request: Request, mode: Mode = MODE, who: Principal = WRITER,
+                           svc: Services = SVC) -> Any:
+        """Run one what-if scenario from the twin's live (or past, or an explicit) state."""
+        artifact, live = await _model_and_state(svc, who, body.asset_id, body.start_state == "live", body.start_time)
+        prepared = prepare(body, artifact, live)
+        details = {"scenario": body.model_dump(mode="json"), **_provenance(artifact)}
+        if not _inline(svc, mode, prepared.n_steps):
+            return await _queue(request, who, svc, "scenario", body.asset_id, artifact, prepared, details)
+        t0 = time.perf_counter()
+        result = await run_in_threadpool(run, prepared)
+        svc.metrics.observe_scenarios(prepared.n_steps, time.perf_counter() - t0)
+        await svc.record(request, who, "scenario.run", body.asset_id, **details)
+        model = get_model(prepared.simulator)
+        return ScenarioRun(
+            model_ref=artifact.ref, content_hash=artifact.content_hash, n_steps=prepared.n_steps,
+            step_s=prepared.step_s, start_state=dict(zip(model.state_names, prepared.x0.tolist())),
+            times_s=(prepared.step_s * np.arange(prepared.n_steps + 1)).tolist(),
+            states={n: result.states[:, j].tolist() for j, n in enumerate(model.state_names)},
+            outputs={n: result.outputs[:, j].tolist() for j, n in enumerate(model.output_names)},
+        )
+
+    @app.post("/v1/sweeps", response_model=SweepResult, tags=tags, responses=queued)
+    async def run_sweep(body: AssetSweep, request: Request, mode: Mode = MODE, limit: ROW_LIMIT = 1000,
+                        who: Principal = WRITER, svc: Services = SVC) -> Any:
+        """Sweep an asset's model over a scenario space (grid, random, Latin hypercube) with `sweeps`.
+
+        Every sweep is a recorded run (`run_id`, reproducible with ``raytwin rerun``).
+        """
+        if body.space.size > svc.config.max_sweep_scenarios:
+            raise PayloadTooLarge(f"{body.space.size} scenarios exceed the limit of "
+                                  f"{svc.config.max_sweep_scenarios} per sweep")
+        artifact, live = await _model_and_state(svc, who, body.asset_id, body.start_state == "live", body.start_time)
+        spec = sweep_spec(body, who.tenant, svc.config.url("registry", who.tenant), artifact, live)
+        details = {"sweep": body.model_dump(mode="json"), **_provenance(artifact)}
+        if not _inline(svc, mode, body.work):
+            return await _queue(request, who, svc, "sweep", body.asset_id, artifact, spec, details)
+        out = await sweep_to_store.remote(spec, svc.config.url("runs", who.tenant), svc.config.storage_options,
+                                          who.key_id)
+        svc.metrics.observe_scenarios(out["steps"], out["compute_s"])
+        await svc.record(request, who, "sweep.run", body.asset_id, run_id=out["run_id"], **details)
+        rows = await run_in_threadpool(_read_rows, svc, out["result_url"], limit)
+        return SweepResult(model_ref=artifact.ref, content_hash=artifact.content_hash, run_id=out["run_id"],
+                           scenarios=body.space.size, n_steps=spec.n_steps, rows=rows, quantiles=out["quantiles"])
+
+    @app.get("/v1/jobs/{job_id}", response_model=Job, tags=tags)
+    async def job_status(job_id: str, who: Principal = READER, svc: Services = SVC) -> Any:
+        return await svc.backend.call("get_job", who.tenant, job_id)
+
+    @app.get("/v1/jobs/{job_id}/results", response_model=SweepResult, tags=tags)
+    async def job_results(job_id: str, limit: ROW_LIMIT = 1000, who: Principal = READER,
+                          svc: Services = SVC) -> Any:
+        """A finished job's quantiles and first `limit` per-scenario rows (409 until it succeeded)."""
+        job = await _finished(svc, who, job_id)
+        rows = await run_in_threadpool(_read_rows, svc, job.result_url, limit)
+        return SweepResult(model_ref=job.model_ref, content_hash=job.content_hash, run_id=job.run_id,
+                           scenarios=job.scenarios, n_steps=job.n_steps, rows=rows, quantiles=job.quantiles)
+
+    @app.get("/v1/jobs/{job_id}/files", response_model=list[ResultFile], tags=tags)
+    async def job_files(job_id: str, who: Principal = READER, svc: Services = SVC) -> Any:
+        """The job's Parquet files: ``part-*.parquet`` (per-scenario metrics), ``trajectories.parquet``."""
+        job = await _finished(svc, who, job_id)
+        return await run_in_threadpool(_list_files, svc, job.result_url)
+
+    @app.get("/v1/jobs/{job_id}/files/{name}", tags=tags, response_class=StreamingResponse,
+             responses={200: {"content": {PARQUET: {}}, "description": "A Parquet file"}})
+    async def job_file(job_id: str, name: str, who: Principal = READER, svc: Services = SVC) -> StreamingResponse:
+        """Download one result file (streamed from the store)."""
+        job = await _finished(svc, who, job_id)
+        files = {f.name: f for f in await run_in_threadpool(_list_files, svc, job.result_url)}
+        if name not in files:
+            raise NotFound(f"job {job_id} has no file {name!r}; files: {sorted(files)}")
+        fs, root = filesystem(job.result_url, svc.config.storage_options)
+
+        def chunks():
+            with fs.open(f"{root}/{name}", "rb") as f:
+                while chunk := f.read(1 << 20):
+                    yield chunk
+
+        return StreamingResponse(chunks(), media_type=PARQUET, headers={
+            "Content-Disposition": f'attachment; filename="{job_id}-{name}"',
+            "Content-Length": str(files[name].size)})
+
+
+async def _model_and_state(svc: Services, who: Principal, asset_id: str, live: bool, at: datetime | None
+                           ) -> tuple[ModelArtifact, dict[str, float] | None]:
+    """The asset's registered model and, for runs from "live", the twin's state (now or at `at`)."""
+    _, artifact = await svc.backend.call("model_of", who.tenant, asset_id)
+    state = (await svc.backend.call("state", who.tenant, asset_id, at))["state"] if live else None
+    return artifact, state
+
+
+def _provenance(artifact: ModelArtifact) -> dict[str, Any]:
+    return {"model_ref": artifact.ref, "content_hash": artifact.content_hash, "versions": package_versions(),
+            "code_version": code_version()}
+
+
+def _inline(svc: Services, mode: Mode, work: int) -> bool:
+    """Answer inline? ``sync`` insists (422 if over the inline limit), ``auto`` decides by size."""
+    limit = svc.config.sync_max_steps
+    if mode == "sync" and work > limit:
+        raise Unprocessable(f"{work} scenario-steps exceed the inline limit of {limit}; use mode=async")
+    return mode == "sync" or (mode == "auto" and work <= limit)
+
+
+async def _queue(request: Request, who: Principal, svc: Services, kind: str, asset_id: str,
+                 artifact: ModelArtifact, work: Any, details: dict[str, Any]) -> JSONResponse:
+    job: Job = await svc.backend.call("submit_job", who.tenant, who.key_id, asset_id, artifact.ref,
+                                      artifact.content_hash, work)
+    await svc.record(request, who, f"{kind}.submit", asset_id, job_id=job.job_id, **details)
+    accepted = JobAccepted(job_id=job.job_id, state=job.state, status_url=f"/v1/jobs/{job.job_id}",
+                           results_url=f"/v1/jobs/{job.job_id}/results")
+    return JSONResponse(accepted.model_dump(), status_code=202, headers={"Location": accepted.status_url})
+
+
+async def _finished(svc: Services, who: Principal, job_id: str) -> Job:
+    job: Job = await svc.backend.call("get_job", who.tenant, job_id)
+    if job.state != "succeeded":
+        raise Conflict(f"job {job_id} is {job.state}" + (f": {job.error}" if job.error else ""),
+                       details=[{"state": job.state}])
+    return job
+
+
+def _read_rows(svc: Services, url: str, limit: int) -> list[dict[str, Any]]:
+    return open_dataset(url, svc.config.storage_options or None).head(limit).to_pylist() if limit else []
+
+
+def _list_files(svc: Services, url: str) -> list[ResultFile]:
+    fs, root = filesystem(url, svc.config.storage_options)
+    return [ResultFile(name=info["name"].rsplit("/", 1)[-1], size=info["size"])
+            for info in sorted(fs.ls(root, detail=True), key=lambda i: i["name"])
+            if info["name"].endswith(".parquet")]

@@ -1,0 +1,119 @@
+"""Serve building blocks without Ray: keys, rate limits, config, catalog and audit log on S3, CLI."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+from typer.testing import CliRunner
+
+from raytwin.contracts import Asset, AssetType, Relationship
+from raytwin.sim import THERMAL_RC, TWO_TANK
+from serve_apps.audit import AuditLog, AuditRecord
+from serve_apps.auth import KeyStore, create_key, digest
+from serve_apps.catalog import Catalog
+from serve_apps.cli import keys_app, serve_app
+from serve_apps.config import ServeConfig
+from serve_apps.errors import Conflict, NotFound, Unprocessable
+from serve_apps.limits import TokenBuckets
+
+
+def test_keys_are_stored_hashed_and_reloaded(tmp_path):
+    path = tmp_path / "keys.json"
+    record, key = create_key(path, "acme", "writer")
+    store = KeyStore(path)
+    assert store.authenticate(key).model_dump() == {"key_id": record.key_id, "tenant": "acme", "role": "writer"}
+    assert store.authenticate(key + "x") is None and store.authenticate("") is None
+    assert key not in path.read_text() and digest(key) in path.read_text()
+    _, second = create_key(path, "globex", "reader")  # appended; the running store sees it without restart
+    assert store.authenticate(second).tenant == "globex" and store.authenticate(key).tenant == "acme"
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+
+
+def test_cli_creates_keys_and_writes_the_committed_openapi(tmp_path):
+    keys = tmp_path / "k.json"
+    result = CliRunner().invoke(keys_app, ["create", "--tenant", "acme", "--role", "admin", "--keys-file", str(keys)])
+    assert result.exit_code == 0, result.output
+    key = result.output.splitlines()[0]
+    assert KeyStore(keys).authenticate(key).role == "admin"
+    listed = CliRunner().invoke(keys_app, ["list", "--keys-file", str(keys)]).output
+    assert "\tacme\tadmin" in listed and key not in listed and digest(key) not in listed
+    bad = CliRunner().invoke(keys_app, ["create", "--tenant", "acme", "--role", "root", "--keys-file", str(keys)])
+    assert bad.exit_code != 0
+    out = tmp_path / "openapi.json"
+    assert CliRunner().invoke(serve_app, ["openapi", "--out", str(out)]).exit_code == 0
+    committed = Path(__file__).parents[1] / "serve_apps" / "openapi.json"
+    assert json.loads(out.read_text()) == json.loads(committed.read_text())
+    assert CliRunner().invoke(serve_app, ["--port", "1"]).exit_code == 2  # no store/keys: a usage error
+
+
+def test_token_bucket_refuses_after_the_burst():
+    buckets = TokenBuckets(rate=0.01, burst=3)
+    assert [buckets.take("k1") for _ in range(3)] == [0.0, 0.0, 0.0]
+    wait = buckets.take("k1")
+    assert wait > 1.0 and TokenBuckets.retry_after(wait) == str(int(-(-wait // 1)))
+    assert buckets.take("k2") == 0.0  # per key
+
+
+def test_config_from_args_and_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("RAYTWIN_SERVE_RATE_PER_S", "7.5")
+    monkeypatch.setenv("RAYTWIN_API_KEYS_FILE", str(tmp_path / "keys.json"))
+    config = ServeConfig.from_args({"store_url": "s3://bucket/raytwin", "max_body_bytes": 4096})
+    assert (config.rate_per_s, config.max_body_bytes) == (7.5, 4096)
+    assert config.keys_file == str(tmp_path / "keys.json")
+    assert config.url("registry", "acme") == "s3://bucket/raytwin/registry/acme"
+    with pytest.raises(ValidationError, match="min_replicas"):
+        ServeConfig.from_args({"store_url": "x", "autoscaling": {"min_replicas": 5, "max_replicas": 2}})
+    with pytest.raises(ValidationError, match="extra"):
+        ServeConfig.from_args({"store_url": "x", "bogus": 1})
+
+
+def test_catalog_persists_on_s3_and_keeps_tenants_apart(s3_url):
+    thermal, tank = AssetType.from_model(THERMAL_RC), AssetType.from_model(TWO_TANK)
+    catalog = Catalog(s3_url)
+    assert catalog.put_type("acme", thermal) is True and catalog.put_type("acme", thermal) is False
+    with pytest.raises(Conflict):
+        catalog.put_type("acme", thermal.model_copy(update={"description": "other"}))
+    catalog.put_type("acme", tank)
+    site = Asset(id="site", tenant="acme", type_name=tank.name, type_version=tank.version)
+    zone = Asset(id="zone", tenant="acme", type_name=thermal.name, type_version=thermal.version,
+                 relationships=[Relationship(kind="feeds", target="site")])
+    catalog.create_asset(site)
+    catalog.create_asset(zone)
+    with pytest.raises(Unprocessable, match="do not exist"):
+        catalog.create_asset(Asset(id="x", tenant="acme", type_name=thermal.name, type_version=thermal.version,
+                                   relationships=[Relationship(kind="contains", target="nope")]))
+    with pytest.raises(Unprocessable, match="asset type"):
+        catalog.create_asset(Asset(id="y", tenant="globex", type_name=thermal.name, type_version=thermal.version))
+
+    reloaded = Catalog(s3_url)  # everything came back from the store
+    assert [a.id for a in reloaded.list_assets("acme")] == ["site", "zone"]
+    assert [a.id for a in reloaded.list_assets("acme", type_name=thermal.name)] == ["zone"]
+    assert [a.id for a in reloaded.list_assets("acme", related_to="site", relationship="feeds")] == ["zone"]
+    assert reloaded.list_assets("acme", relationship="contains") == []
+    assert reloaded.get_type("acme", thermal.name, thermal.version) == thermal
+    with pytest.raises(NotFound):
+        reloaded.get_asset("globex", "zone")
+    with pytest.raises(Conflict, match="zone"):
+        reloaded.delete_asset("acme", "site")
+    reloaded.delete_asset("acme", "zone")
+    reloaded.delete_asset("acme", "site")
+    reloaded.delete_type("acme", thermal.name, thermal.version)
+    assert Catalog(s3_url).list_assets("acme") == [] and len(Catalog(s3_url).list_types("acme")) == 1
+
+
+def test_audit_log_is_append_only_and_ordered_on_s3(s3_url):
+    log = AuditLog(s3_url)
+    t0 = datetime(2026, 3, 1, 23, 59, 59, tzinfo=UTC)
+    for k, action in enumerate(("asset.create", "scenario.run", "asset.delete")):
+        log.append(AuditRecord(time=t0 + timedelta(seconds=k), request_id=f"r{k}", key_id="k1", tenant="acme",
+                               role="admin", action=action, target="zone", details={"k": k}))
+    log.append(AuditRecord(time=t0, request_id=None, key_id="k2", tenant="globex", role="admin",
+                           action="asset.create", target="other"))
+    assert [r.action for r in log.records("acme")] == ["asset.create", "scenario.run", "asset.delete"]
+    assert [r.action for r in log.records("acme", day="2026-03-02")] == ["scenario.run", "asset.delete"]
+    assert [r.details["k"] for r in log.records("acme", limit=2)] == [1, 2]
+    assert [r.target for r in log.records("globex")] == ["other"]
