@@ -1,0 +1,357 @@
+"""The benchmark harness: a registry of named benchmarks, robust timing, a table and a JSON record.
+
+Speed claims live here, never in tests. Every benchmark measures RayTwin *and* its baselines in
+the same run, so a ratio is never computed against a number from another day or machine.
+
+A benchmark is a function ``(ctx: BenchContext) -> BenchResult`` registered with `@benchmark`.
+It times work with `measure` (warm-up runs, then several repetitions: median, min and IQR; the
+first run is reported separately because it contains JIT compilation / worker start-up) and
+reports `Figure` rows: a value, optionally a baseline value measured in the same run, their ratio
+and the target the ratio should reach.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("raytwin.bench")
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Wall-clock seconds of repeated runs of one piece of work."""
+
+    median_s: float
+    min_s: float
+    iqr_s: float
+    repeats: int
+    first_s: float | None  # the first (warm-up) run: compile / start-up included; None without warm-up
+
+    @property
+    def overhead_s(self) -> float | None:
+        """What the first run cost beyond a warm run: JIT compilation, worker start-up, caches."""
+        return None if self.first_s is None else max(self.first_s - self.median_s, 0.0)
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One row of the results table: `value` [unit], compared with `baseline` when there is one."""
+
+    name: str
+    value: float
+    unit: str
+    baseline: str | None = None
+    baseline_value: float | None = None
+    target_ratio: float | None = None  # the ratio to the baseline this figure should reach
+    target_min: float | None = None  # or an absolute floor (throughputs) ...
+    target_max: float | None = None  # ... or ceiling (latencies) from the project's targets
+    note: str = ""
+
+    @property
+    def ratio(self) -> float | None:
+        if self.baseline_value is None or self.baseline_value == 0:
+            return None
+        return self.value / self.baseline_value
+
+    @property
+    def meets_target(self) -> bool | None:
+        """Whether every target given is met (None when there is no target to judge)."""
+        verdicts = []
+        if self.target_ratio is not None and self.ratio is not None:
+            verdicts.append(self.ratio >= self.target_ratio)
+        if self.target_min is not None:
+            verdicts.append(self.value >= self.target_min)
+        if self.target_max is not None:
+            verdicts.append(self.value <= self.target_max)
+        return all(verdicts) if verdicts else None
+
+    def target_text(self) -> str:
+        parts = [f">= {self.target_ratio:g}x" if self.target_ratio is not None else "",
+                 f">= {_fmt(self.target_min, self.unit)}" if self.target_min is not None else "",
+                 f"<= {_fmt(self.target_max, self.unit)}" if self.target_max is not None else ""]
+        return ", ".join(p for p in parts if p)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ratio": self.ratio, "meets_target": self.meets_target, "target": self.target_text()}
+
+
+@dataclass
+class BenchResult:
+    """What one benchmark reports: table rows, raw timings, correctness checks and notes."""
+
+    figures: list[Figure] = field(default_factory=list)
+    timings: dict[str, Timing] = field(default_factory=dict)
+    checks: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "figures": [f.as_dict() for f in self.figures],
+            "timings": {k: {**asdict(t), "overhead_s": t.overhead_s} for k, t in self.timings.items()},
+            "checks": self.checks,
+            "notes": self.notes,
+        }
+
+
+@dataclass(frozen=True)
+class BenchContext:
+    """Run-wide settings: `quick` shrinks every benchmark to seconds (used by the smoke test)."""
+
+    quick: bool = False
+    repeat: int = 5
+    warmup: int = 1
+
+    def measure(self, label: str, fn: Callable[[], Any], *, warmup: int | None = None,
+                repeat: int | None = None) -> tuple[Timing, Any]:
+        """Time `fn` (which must block until its work is done); returns the timing and the last result."""
+        return measure(label, fn, warmup=self.warmup if warmup is None else warmup,
+                       repeat=self.repeat if repeat is None else repeat)
+
+
+def measure(label: str, fn: Callable[[], Any], *, warmup: int = 1, repeat: int = 5) -> tuple[Timing, Any]:
+    """Run `fn` `warmup` times, then `repeat` timed times; median/min/IQR of the timed runs."""
+    if repeat < 1:
+        raise ValueError(f"repeat must be >= 1, got {repeat}")
+    first = None
+    result = None
+    for i in range(warmup):
+        t0 = time.perf_counter()
+        result = fn()
+        elapsed = time.perf_counter() - t0
+        if i == 0:
+            first = elapsed
+        log.info("bench=%s phase=warmup run=%d seconds=%.4f", label, i + 1, elapsed)
+    samples = []
+    for i in range(repeat):
+        t0 = time.perf_counter()
+        result = fn()
+        samples.append(time.perf_counter() - t0)
+        log.info("bench=%s phase=timed run=%d/%d seconds=%.4f", label, i + 1, repeat, samples[-1])
+    q25, q50, q75 = np.percentile(samples, [25, 50, 75])
+    return Timing(float(q50), float(min(samples)), float(q75 - q25), repeat, first), result
+
+
+# ---- registry ---------------------------------------------------------------------------------
+BenchFn = Callable[[BenchContext], BenchResult]
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    name: str
+    description: str
+    fn: BenchFn
+
+
+BENCHMARKS: dict[str, Benchmark] = {}
+
+
+def benchmark(name: str, description: str) -> Callable[[BenchFn], BenchFn]:
+    """Register a benchmark under `name` (the name used on the command line)."""
+
+    def register(fn: BenchFn) -> BenchFn:
+        if name in BENCHMARKS:
+            raise ValueError(f"benchmark {name!r} registered twice")
+        BENCHMARKS[name] = Benchmark(name, description, fn)
+        return fn
+
+    return register
+
+
+def load_benchmarks() -> dict[str, Benchmark]:
+    """Import the modules that register benchmarks (kept lazy: they import JAX and Ray)."""
+    # import order is run order: the headline sweep first, the slow product-path benchmarks last
+    import benchmarks.sweep  # noqa: F401, I001
+    import benchmarks.roofline  # noqa: F401
+    import benchmarks.ingest  # noqa: F401
+    import benchmarks.serve_api  # noqa: F401
+    import benchmarks.calibration  # noqa: F401
+
+    return BENCHMARKS
+
+
+def select(names: list[str] | None) -> list[Benchmark]:
+    """The benchmarks called `names` (all when empty), with a clear error for unknown names."""
+    registry = load_benchmarks()
+    if not names:
+        return list(registry.values())
+    unknown = [n for n in names if n not in registry]
+    if unknown:
+        raise KeyError(f"unknown benchmark(s) {unknown}; known: {sorted(registry)}")
+    return [registry[n] for n in names]
+
+
+# ---- machine and run record -------------------------------------------------------------------
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _memory_gib() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return None
+
+
+def numpy_blas() -> dict[str, Any]:
+    """Which BLAS NumPy was built against (threadpoolctl's runtime view when it is installed)."""
+    try:
+        from threadpoolctl import threadpool_info
+
+        return {"threadpoolctl": threadpool_info()}
+    except ImportError:
+        config = np.show_config(mode="dicts")
+        deps = config.get("Build Dependencies", {})
+        return {"build": {k: deps.get(k, {}) for k in ("blas", "lapack")}, "simd": config.get("SIMD Extensions", {})}
+
+
+def machine_info() -> dict[str, Any]:
+    """Where and on what code the figures were measured (stored with every result file)."""
+    import jax
+
+    from raytwin.provenance import code_version, package_versions
+
+    return {
+        "date_utc": datetime.now(UTC).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "cpu_model": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "memory_gib": _memory_gib(),
+        "load_average_1_5_15": list(os.getloadavg()),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "jax_devices": [f"{d.platform}:{d.device_kind}" for d in jax.devices()],
+        "packages": package_versions(),
+        "commit": code_version(),
+        "env": {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "XLA_FLAGS",
+                                           "OMP_NUM_THREADS") if k in os.environ},
+        "numpy_blas": numpy_blas(),
+    }
+
+
+def git_short(commit: str) -> str:
+    return commit[:12] + ("+dirty" if commit.endswith("+dirty") else "")
+
+
+def run_benchmarks(names: list[str] | None, ctx: BenchContext) -> dict[str, Any]:
+    """Run the selected benchmarks in order; one failing benchmark is recorded, not fatal."""
+    selected = select(names)
+    record: dict[str, Any] = {"machine": machine_info(), "quick": ctx.quick, "benchmarks": {}}
+    for bench in selected:
+        log.info("bench=%s status=start", bench.name)
+        t0 = time.perf_counter()
+        try:
+            result = bench.fn(ctx).as_dict()
+        except Exception as exc:  # a broken benchmark must not hide the others' figures
+            log.exception("bench=%s status=failed", bench.name)
+            result = {"error": f"{type(exc).__name__}: {exc}"}
+        result["wall_s"] = round(time.perf_counter() - t0, 2)
+        record["benchmarks"][bench.name] = result
+        log.info("bench=%s status=done wall_s=%.1f", bench.name, result["wall_s"])
+    return record
+
+
+def write_json(record: dict[str, Any], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2, sort_keys=False, default=str) + "\n")
+    return path
+
+
+# ---- presentation -----------------------------------------------------------------------------
+def _fmt(value: float | None, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-2):
+        text = f"{value:.3g}"
+    else:
+        text = f"{value:,.4g}"
+    return f"{text} {unit}".strip()
+
+
+def render_table(record: dict[str, Any]) -> Any:
+    """A rich table of every figure: value, baseline, ratio and whether the target is met."""
+    from rich.table import Table
+
+    m = record["machine"]
+    table = Table(title=f"RayTwin benchmarks - {m['cpu_model']} x{m['cpu_count']}, "
+                        f"commit {git_short(m['commit'])}, {m['date_utc']}")
+    for col in ("benchmark", "figure", "value", "baseline", "ratio", "target"):
+        table.add_column(col, justify="right" if col in ("value", "ratio") else "left")
+    for bench_name, result in record["benchmarks"].items():
+        if "error" in result:
+            table.add_row(bench_name, "[red]FAILED[/red]", result["error"], "", "", "")
+            continue
+        for f in result["figures"]:
+            baseline = "" if f["baseline"] is None else f"{f['baseline']} ({_fmt(f['baseline_value'], f['unit'])})"
+            target = ""
+            if f["meets_target"] is not None:
+                mark = "[green]met[/green]" if f["meets_target"] else "[red]missed[/red]"
+                target = f"{f['target']} {mark}"
+            ratio = "" if f["ratio"] is None else f"{f['ratio']:.3g}x"
+            table.add_row(bench_name, f["name"], _fmt(f["value"], f["unit"]), baseline, ratio, target)
+    return table
+
+
+def markdown_table(record: dict[str, Any]) -> str:
+    """The figures of a run record as a Markdown table (for RESULTS.md), with its provenance line."""
+    m = record["machine"]
+    lines = [
+        f"Measured {m['date_utc']} on {m['cpu_model']} ({m['cpu_count']} cores, {m['memory_gib']} GiB), "
+        f"JAX devices {', '.join(m['jax_devices'])}, commit `{git_short(m['commit'])}`, "
+        f"load average at start {', '.join(f'{x:.1f}' for x in m['load_average_1_5_15'])}"
+        + (" (--quick)" if record.get("quick") else "") + ".",
+        "",
+        "| benchmark | figure | value | baseline | ratio | target |",
+        "| --- | --- | ---: | --- | ---: | --- |",
+    ]
+    for bench_name, result in record["benchmarks"].items():
+        if "error" in result:
+            lines.append(f"| {bench_name} | FAILED | {result['error']} | | | |")
+            continue
+        for f in result["figures"]:
+            baseline = "" if f["baseline"] is None else f"{f['baseline']} ({_fmt(f['baseline_value'], f['unit'])})"
+            ratio = "" if f["ratio"] is None else f"{f['ratio']:.3g}x"
+            target = "" if f["meets_target"] is None else f"{f['target']}: {'met' if f['meets_target'] else 'MISSED'}"
+            lines.append(f"| {bench_name} | {f['name']} | {_fmt(f['value'], f['unit'])} | {baseline} | {ratio} "
+                         f"| {target} |")
+    return "\n".join(lines) + "\n"
+
+
+def default_output_path() -> Path:
+    return Path("runs") / "bench" / f"bench-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.json"
+
+
+def subprocess_env_without(*names: str) -> dict[str, str]:
+    """This process's environment less `names`, for a child that must not inherit them."""
+    return {k: v for k, v in os.environ.items() if k not in names}
+
+
+def run_python(code: str, env: dict[str, str], timeout_s: float = 300) -> str:
+    """Run `code` in a fresh interpreter (same venv) and return its stdout."""
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          timeout=timeout_s, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"subprocess failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+    return done.stdout

@@ -1,0 +1,146 @@
+"""Ingestion into live twins: batched throughput, and ingest -> queryable latency at a fixed rate.
+
+Uses the product's `actors.TwinService` on Ray (one shard actor per CPU, a local Parquet state
+store in a temporary directory). Telemetry is the canonical Arrow table (`TELEMETRY_SCHEMA`),
+in order per twin, so every event must be accepted: the benchmark checks the counts, and that
+the twins' `events_applied` add up, before it reports a rate.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pyarrow as pa
+
+from actors import TwinService
+from actors.ingest import TELEMETRY_SCHEMA, parse_rows
+from actors.twin import Twin
+from benchmarks.harness import BenchContext, BenchResult, Figure, benchmark
+from benchmarks.load import paced_sync
+from benchmarks.sweep import cluster_cpus
+from raytwin.contracts import Asset, AssetType, normalize_measurements
+from raytwin.registry import ModelArtifact, ModelRegistry
+from raytwin.sim import THERMAL_RC
+from raytwin.statestore import LoggedEvent, to_micros
+from sweeps.runner import ensure_ray
+
+TENANT = "bench"
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+STEP_S = 60.0
+THROUGHPUT_TARGET = 100_000.0  # events/s
+LATENCY_RATE = 10_000.0  # events/s offered in the latency test
+LATENCY_P95_TARGET_MS = 50.0
+BATCH_INTERVAL_S = 0.01  # the latency test sends one batch every 10 ms
+
+
+class IngestMismatch(AssertionError):
+    """Twins did not accept / apply exactly the events sent."""
+
+
+class TelemetryFeed:
+    """Consecutive in-order telemetry for `n_twins` thermal zones, round-robin over the twins."""
+
+    def __init__(self, n_twins: int):
+        self.assets = [f"zone-{i:05d}" for i in range(n_twins)]
+        self.sent = 0
+
+    def table(self, n_events: int) -> pa.Table:
+        ks = range(self.sent, self.sent + n_events)
+        self.sent += n_events
+        n = len(self.assets)
+        seq = [k // n for k in ks]
+        asset = [self.assets[k % n] for k in ks]
+        return pa.table({
+            "asset_id": asset,
+            "event_time": [T0 + timedelta(seconds=STEP_S * s) for s in seq],
+            "sequence": seq,
+            "idempotency_key": [f"{a}:{s}" for a, s in zip(asset, seq)],
+            "quality": ["good"] * n_events,
+            "measurements": [[("T_in", {"value": 20.0 + 0.01 * (s % 100), "unit": "degC"}),
+                              ("T_out", {"value": 5.0, "unit": "degC"}),
+                              ("Q_h", {"value": 1.5, "unit": "kW"})] for s in seq],
+        }, schema=TELEMETRY_SCHEMA)
+
+
+def stage_costs(ctx: BenchContext, artifact: ModelArtifact, n_events: int) -> dict[str, float]:
+    """Seconds per event of the two per-event stages every ingested event goes through, in this
+    process without Ray: the contract check of a raw row (in the ingesting process) and the twin's
+    filter update (in its shard actor). Together they bound throughput whatever Ray adds."""
+    rows = TelemetryFeed(1).table(n_events).to_pylist()
+    t_validate, (events, rejects) = ctx.measure("ingest/stage/validate", lambda: parse_rows(rows))
+    if rejects:
+        raise IngestMismatch(f"{len(rejects)} generated rows rejected: {rejects[0]['reason']}")
+    logged = [LoggedEvent((to_micros(e.event_time), e.sequence, e.idempotency_key), e.quality,
+                          normalize_measurements(e, artifact.asset_type), to_micros(e.ingest_time)) for e in events]
+    t_apply, _ = ctx.measure("ingest/stage/filter", lambda: Twin(TENANT, "zone-00000", artifact).apply(logged))
+    return {"validate_s": t_validate.median_s / n_events, "filter_s": t_apply.median_s / n_events}
+
+
+@benchmark("ingest", "Events/s into live twins (batched) and ingest->queryable latency at 10k events/s")
+def ingestion(ctx: BenchContext) -> BenchResult:
+    ensure_ray()
+    res = BenchResult()
+    n_twins = 16 if ctx.quick else 200
+    batch = 400 if ctx.quick else 20_000
+    latency_rate = LATENCY_RATE / 10 if ctx.quick else LATENCY_RATE
+    latency_s = 0.5 if ctx.quick else 5.0
+    shards = cluster_cpus()
+    with tempfile.TemporaryDirectory(prefix="raytwin-bench-ingest-") as tmp:
+        artifact = ModelRegistry(f"{tmp}/registry").register("zone", "1.0.0", AssetType.from_model(THERMAL_RC))
+        stages = stage_costs(ctx, artifact, 200 if ctx.quick else 2000)
+        res.checks["per_event_stage_s"] = stages
+        service = TwinService(f"{tmp}/store", shards=shards, namespace=f"bench-{uuid.uuid4().hex[:8]}")
+        try:
+            feed = TelemetryFeed(n_twins)
+            for a in feed.assets:
+                service.register(Asset(id=a, tenant=TENANT, type_name="thermal_rc", type_version="1.0.0"), artifact)
+
+            def ingest_batch() -> int:
+                table = feed.table(batch)  # building the Arrow table is the client's cost, timed too
+                return service.ingest(TENANT, table).accepted
+
+            timing, accepted = ctx.measure("ingest/throughput", ingest_batch, repeat=min(ctx.repeat, 3))
+            if accepted != batch:
+                raise IngestMismatch(f"{accepted} of {batch} events accepted")
+            res.timings["ingest_batch"] = timing
+
+            per_batch = max(1, round(latency_rate * BATCH_INTERVAL_S))
+            probe = feed.assets
+
+            def send_and_query(i: int) -> bool:
+                table = feed.table(per_batch)
+                report = service.ingest(TENANT, table)
+                last = table["asset_id"][-1].as_py()
+                state = service.state(TENANT, last)  # queryable: the latest event's effect is visible
+                return report.accepted == per_batch and state.events_applied == table["sequence"][-1].as_py() + 1
+
+            load = paced_sync(1.0 / BATCH_INTERVAL_S, latency_s, send_and_query)
+            service.flush()
+            applied = sum(service.state(TENANT, a).events_applied for a in probe)
+            res.checks.update({"events_sent": feed.sent, "events_applied_total": applied,
+                               "latency_load": load.summary(), "failed_batches": load.failed})
+            if applied != feed.sent or load.failed:
+                raise IngestMismatch(f"sent {feed.sent} events, twins applied {applied}; {load.failed} batches failed")
+        finally:
+            service.close()
+    rate_events = load.offered_per_s * per_batch
+    if load.unsent:
+        res.notes.append(f"overloaded: {load.unsent} of {load.sent + load.unsent} batches were still unsent at the "
+                         "load deadline (their latency would be larger still)")
+    res.figures += [
+        Figure(f"throughput, batches of {batch:,} events over {n_twins} twins, {shards} shards",
+               batch / timing.median_s, "events/s", target_min=THROUGHPUT_TARGET),
+        Figure(f"ingest->queryable p50 at {rate_events:,.0f} events/s offered", load.percentile_ms(50), "ms"),
+        Figure(f"ingest->queryable p95 at {rate_events:,.0f} events/s offered", load.percentile_ms(95), "ms",
+               target_max=LATENCY_P95_TARGET_MS),
+        Figure(f"achieved rate at {rate_events:,.0f} events/s offered", load.achieved_per_s * per_batch, "events/s"),
+        Figure("per event: contract check of a raw row (parse_rows), 1 core", stages["validate_s"] * 1e6, "us"),
+        Figure("per event: twin filter update (Twin.apply), 1 core", stages["filter_s"] * 1e6, "us"),
+        Figure(f"bound: min(driver validation, {shards} shards' filters)",
+               min(1.0 / stages["validate_s"], shards / stages["filter_s"]), "events/s", target_min=THROUGHPUT_TARGET),
+    ]
+    res.notes.append(f"latency: one batch of {per_batch} events every {BATCH_INTERVAL_S * 1e3:g} ms for "
+                     f"{latency_s:g} s, measured from the batch's due time to a state query showing its last event")
+    return res

@@ -1,0 +1,102 @@
+"""Bounded open-loop load generation: a fixed offered rate for a fixed time, then it stops.
+
+Request i is due at ``t0 + i / rate`` whatever happened to earlier ones, and its latency is
+measured from that due time, so a server that falls behind shows its queueing delay instead of
+silently slowing the client down (no "coordinated omission"). Requests still unsent when the
+deadline (by default twice the duration plus 5 s) passes are counted as `unsent`: an overloaded
+server cannot stretch a run indefinitely.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    offered_per_s: float
+    sent: int
+    unsent: int
+    ok: int
+    failed: int
+    elapsed_s: float
+    latencies_s: np.ndarray  # of the successful requests, from their due time
+
+    @property
+    def achieved_per_s(self) -> float:
+        return self.ok / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def percentile_ms(self, q: float) -> float:
+        return float(np.percentile(self.latencies_s, q) * 1e3) if self.latencies_s.size else float("nan")
+
+    def summary(self) -> dict[str, float]:
+        return {"offered_per_s": self.offered_per_s, "achieved_per_s": self.achieved_per_s, "sent": self.sent,
+                "unsent": self.unsent, "ok": self.ok, "failed": self.failed, "elapsed_s": self.elapsed_s,
+                **{f"p{q}_ms": self.percentile_ms(q) for q in (50, 95, 99)}}
+
+
+def _deadline(duration_s: float, deadline_s: float | None) -> float:
+    return 2.0 * duration_s + 5.0 if deadline_s is None else deadline_s
+
+
+def paced_sync(rate_per_s: float, duration_s: float, call: Callable[[int], bool], *,
+               deadline_s: float | None = None) -> LoadResult:
+    """Run `call(i)` (True on success) at `rate_per_s` for `duration_s`, one at a time."""
+    n = max(1, round(rate_per_s * duration_s))
+    latencies, failed, sent = [], 0, 0
+    t0 = time.perf_counter()
+    stop = t0 + _deadline(duration_s, deadline_s)
+    for i in range(n):
+        if time.perf_counter() > stop:
+            break
+        sent += 1
+        due = t0 + i / rate_per_s
+        delay = due - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        if call(i):
+            latencies.append(time.perf_counter() - due)
+        else:
+            failed += 1
+    return LoadResult(rate_per_s, sent, n - sent, len(latencies), failed, time.perf_counter() - t0,
+                      np.asarray(latencies))
+
+
+async def paced_async(rate_per_s: float, duration_s: float, call: Callable[[int], Awaitable[bool]], *,
+                      max_in_flight: int = 256, timeout_s: float = 5.0, deadline_s: float | None = None) -> LoadResult:
+    """Issue `call(i)` at `rate_per_s` for `duration_s`, concurrently (at most `max_in_flight`)."""
+    n = max(1, round(rate_per_s * duration_s))
+    gate = asyncio.Semaphore(max_in_flight)
+    latencies: list[float] = []
+    failed = 0
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    stop = t0 + _deadline(duration_s, deadline_s)
+
+    async def one(i: int, due: float) -> None:
+        nonlocal failed
+        async with gate:
+            try:
+                ok = await asyncio.wait_for(call(i), timeout_s)
+            except (TimeoutError, OSError):
+                ok = False
+        if ok:
+            latencies.append(loop.time() - due)
+        else:
+            failed += 1
+
+    tasks = []
+    for i in range(n):
+        due = t0 + i / rate_per_s
+        await asyncio.sleep(max(0.0, due - loop.time()))
+        if loop.time() > stop:
+            break
+        tasks.append(asyncio.create_task(one(i, due)))
+    await asyncio.gather(*tasks)
+    return LoadResult(rate_per_s, len(tasks), n - len(tasks), len(latencies), failed, loop.time() - t0,
+                      np.asarray(latencies))

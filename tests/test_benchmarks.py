@@ -1,0 +1,143 @@
+"""Smoke test of the benchmark harness at tiny sizes. No timing is asserted: speed claims live in
+benchmarks/RESULTS.md; here we check structure, agreement between implementations and the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from benchmarks.cli import bench_app
+from benchmarks.harness import Figure, measure, select
+from benchmarks.load import paced_sync
+from benchmarks.roofline import rk4_flops_jaxpr
+from benchmarks.thermal_scenarios import (
+    CONTINUOUS_TOLERANCE,
+    DISCRETE_TOLERANCE,
+    METRICS,
+    ThermalSweep,
+    bench_spec,
+    errors_by_metric,
+    numpy_rk4,
+    product_in_process,
+    scipy_loop,
+)
+from raytwin.sim import THERMAL_RC
+
+
+def test_measure_reports_median_and_first_run():
+    calls = []
+    timing, result = measure("t", lambda: calls.append(1) or len(calls), warmup=1, repeat=3)
+    assert result == 4 and len(calls) == 4
+    assert timing.repeats == 3 and timing.first_s is not None
+    assert timing.min_s <= timing.median_s and timing.iqr_s >= 0
+
+
+def test_figure_ratio_and_target():
+    f = Figure("x", 30.0, "u", "base", 10.0, target_ratio=3.0)
+    assert f.ratio == 3.0 and f.meets_target
+    assert Figure("y", 1.0, "u").ratio is None and Figure("y", 1.0, "u").meets_target is None
+
+
+def test_absolute_targets():
+    assert Figure("p95", 8.0, "ms", target_max=10.0).meets_target
+    assert not Figure("rate", 5e4, "events/s", target_min=1e5).meets_target
+    assert Figure("p95", 8.0, "ms", target_max=10.0).target_text() == "<= 10 ms"
+
+
+def test_paced_load_counts_failures_and_measures_from_due_time():
+    result = paced_sync(400.0, 0.05, lambda i: i % 5 != 0)
+    assert result.sent == 20 and result.unsent == 0 and result.failed == 4 and result.ok == 16
+    assert result.latencies_s.min() >= 0 and result.elapsed_s >= 19 / 400.0
+    assert set(result.summary()) >= {"p50_ms", "p95_ms", "p99_ms", "achieved_per_s"}
+
+
+def test_unknown_benchmark_is_refused():
+    with pytest.raises(KeyError, match="known"):
+        select(["no-such-bench"])
+
+
+def test_bench_spec_chunks_small_sweeps_for_every_worker():
+    assert bench_spec(1000, workers=2).chunk_size == 500
+    assert bench_spec(100_000, workers=2).chunk_size == 16_384
+    assert bench_spec(3, workers=8).chunk_size == 1
+
+
+def test_implementations_simulate_the_same_scenarios():
+    """The product's kit and the independent NumPy / solve_ivp re-implementations agree."""
+    spec = bench_spec(6, n_steps=720, workers=2)
+    sweep = ThermalSweep.from_spec(spec)
+    ref64 = numpy_rk4(sweep, np.float64)
+    assert ref64.shape == (6, len(METRICS)) and np.all(np.isfinite(ref64))
+    # the product in float64 computes the same sampled-data system: agreement to rounding
+    product64 = product_in_process(ThermalSweep.from_spec(spec.model_copy(update={"dtype": "float64"})))
+    np.testing.assert_allclose(product64, ref64, rtol=1e-10, atol=1e-8)
+    assert not DISCRETE_TOLERANCE.violations(product_in_process(sweep), ref64)
+    assert not DISCRETE_TOLERANCE.violations(numpy_rk4(sweep, np.float32), ref64)
+    assert not CONTINUOUS_TOLERANCE.violations(scipy_loop(sweep), ref64)
+
+
+def test_a_wrong_result_is_caught():
+    sweep = ThermalSweep.from_spec(bench_spec(3, n_steps=60))
+    ref = numpy_rk4(sweep)
+    wrong = ref.copy()
+    wrong[1, METRICS.index("T_in_min")] += 0.1  # 0.1 K off on one scenario
+    assert set(DISCRETE_TOLERANCE.violations(wrong, ref)) == {"T_in_min"}
+    assert errors_by_metric(ref, ref) == dict.fromkeys([*METRICS, "discomfort_s_mean"], 0.0)
+
+
+def test_rk4_flop_count_matches_hand_count():
+    # derivative: T_in 9 ops, T_m 5 ops -> 14, x4 stages = 56; three stage states x + h*k: 3 x 2 x 2 = 12;
+    # combination per state: 2 doubling muls, 3 adds, 1 scale, 1 add = 7, x2 = 14. Total 82.
+    assert rk4_flops_jaxpr(THERMAL_RC, 60.0) == 82
+
+
+def test_bench_cli_quick_end_to_end(ray_session, tmp_path):
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(bench_app, ["run", "sweep", "roofline", "--quick", "--repeat", "1",
+                                            "--out", str(out), "--log-level", "WARNING"])
+    assert result.exit_code == 0, result.output
+    assert "results written to" in result.output
+    record = json.loads(out.read_text())
+    assert {"cpu_model", "cpu_count", "jax_devices", "packages", "commit", "date_utc"} <= set(record["machine"])
+    sweep = record["benchmarks"]["sweep"]
+    assert "error" not in sweep
+    # every implementation agreed with float64 NumPy before anything was timed
+    assert {"scipy_loop", "numpy_f32@64", "in_process@256", "ray_all@256", "ray_1@64"} <= set(sweep["checks"])
+    for check in sweep["checks"].values():
+        assert check["max_error"]["T_in_max"] <= check["tolerance"]["kelvin"]
+    for fig in sweep["figures"]:
+        assert math.isfinite(fig["value"]) and fig["value"] >= 0
+        if fig["baseline_value"] is not None:
+            assert fig["ratio"] == pytest.approx(fig["value"] / fig["baseline_value"])
+    assert {t["repeats"] for t in sweep["timings"].values()} == {1}
+    roof = record["benchmarks"]["roofline"]
+    assert roof["checks"]["flops_per_step"]["jaxpr"] == 82
+    assert any(f["target_ratio"] == 0.5 for f in roof["figures"])
+
+
+def test_bench_cli_quick_product_paths(ray_session, tmp_path):
+    """Ingestion, Serve and calibration benchmarks end to end at tiny sizes (their checks must pass)."""
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(bench_app, ["run", "ingest", "calibration", "serve", "--quick", "--repeat", "1",
+                                            "--out", str(out), "--log-level", "WARNING"])
+    assert result.exit_code == 0, result.output
+    benches = json.loads(out.read_text())["benchmarks"]
+    ingest = benches["ingest"]
+    assert ingest["checks"]["events_applied_total"] == ingest["checks"]["events_sent"] > 0
+    assert ingest["checks"]["failed_batches"] == 0
+    assert max(benches["calibration"]["checks"]["two_tank"]["relative_error"].values()) < 0.02
+    serve_load = benches["serve"]["checks"]["load@50"]
+    assert serve_load["ok"] == serve_load["sent"] > 0 and serve_load["failed"] == 0
+    assert {f["unit"] for f in benches["serve"]["figures"]} >= {"ms", "req/s"}
+
+
+def test_bench_cli_list_and_bad_name():
+    runner = CliRunner()
+    listed = runner.invoke(bench_app, ["list"])
+    assert listed.exit_code == 0 and "sweep" in listed.output and "roofline" in listed.output
+    bad = runner.invoke(bench_app, ["run", "nope", "--quick"])
+    assert bad.exit_code != 0 and "unknown benchmark" in bad.output
