@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from actors.cli import twins_app
+from benchmarks.cli import bench_app
 from cluster.cli import cluster_app, job_app
 from serve_apps.cli import keys_app, serve_app
 from sweeps.cli import calibrate_app, rerun, runs_app, sweep_app
@@ -19,6 +20,7 @@ app.add_typer(runs_app, name="runs", help="Recorded sweep and calibration runs."
 app.command("rerun")(rerun)
 app.add_typer(serve_app, name="serve", help="Serve the HTTP API on Ray Serve.")
 app.add_typer(keys_app, name="keys", help="Create and list API keys (stored hashed).")
+app.add_typer(bench_app, name="bench", help="Benchmarks against baselines measured in the same run.")
 
 
 @app.command()
