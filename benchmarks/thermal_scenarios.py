@@ -165,7 +165,7 @@ def numpy_rk4(sweep: ThermalSweep, dtype: type = np.float64) -> np.ndarray:
 # ---- (c) RayTwin: the sweeps product ----------------------------------------------------------
 def product_in_process(sweep: ThermalSweep) -> np.ndarray:
     """`sweeps.engine.chunk_metrics` chunk after chunk in this process (multi-threaded XLA)."""
-    spec, size = sweep.spec, sweep.spec.chunk_size
+    spec, size = sweep.spec, sweep.spec.batch_size
     _, bases = prepare(spec)
     parts = []
     for start in range(0, sweep.n, size):

@@ -33,7 +33,7 @@ from sweeps.aggregate import quantiles
 from sweeps.runner import part_name
 from sweeps.runs import recorded_sweep
 from sweeps.space import ScenarioSpace
-from sweeps.spec import MAX_CHUNK, SweepSpec
+from sweeps.spec import SweepSpec
 
 
 @dataclass(frozen=True)
@@ -151,7 +151,7 @@ def sweep_spec(sweep: AssetSweep, tenant: str, registry_url: str, artifact: Mode
             model=artifact.ref, registry_url=registry_url, tenant=tenant, asset_id=sweep.asset_id,
             start_state=live_state if sweep.start_state == "live" else sweep.start_state,
             parameters=sweep.parameters, inputs=sweep.inputs, space=sweep.space, horizon_s=sweep.horizon_s,
-            step_s=sweep.step_s, chunk_size=min(MAX_CHUNK, sweep.space.size), trajectories=sweep.trajectories,
+            step_s=sweep.step_s, trajectories=sweep.trajectories,
         )
         spec.check_names(artifact.asset_type.simulator)
     except (ValidationError, ValueError) as exc:

@@ -102,9 +102,9 @@ def _chunk_task(spec: SweepSpec, simulator: str, bases: Bases, chunk: int, rows:
                 storage_options: dict | None, fault: tuple[int, str] | None) -> tuple[int, str, int]:
     _crash_if_injected(chunk, fault)
     metrics = engine.chunk_metrics(
-        get_kit(simulator), bases, spec.space.dimensions, rows, spec.step_s, spec.n_steps, spec.chunk_size, spec.dtype
+        get_kit(simulator), bases, spec.space.dimensions, rows, spec.step_s, spec.n_steps, spec.batch_size, spec.dtype
     )
-    digest = write_parquet(_scenario_table(spec, chunk * spec.chunk_size, rows, metrics), url, storage_options)
+    digest = write_parquet(_scenario_table(spec, chunk * spec.batch_size, rows, metrics), url, storage_options)
     return chunk, digest, rows.shape[0]
 
 
@@ -225,7 +225,7 @@ def run_sweep(
         raise FileExistsError(f"sweep output {out_url} is not empty; give a fresh location")
     fs.makedirs(root, exist_ok=True)
     ensure_ray()
-    n, size = spec.space.size, spec.chunk_size
+    n, size = spec.space.size, spec.batch_size
     n_chunks = -(-n // size)
     options = _task_options()
     chunk_task = _chunk_remote.options(**options)

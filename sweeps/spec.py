@@ -64,6 +64,11 @@ class SweepSpec(Contract):
     def n_steps(self) -> int:
         return round(self.horizon_s / self.step_s)
 
+    @property
+    def batch_size(self) -> int:
+        """Scenarios per chunk: `chunk_size`, or fewer for a smaller sweep (no padding to compute)."""
+        return min(self.chunk_size, self.space.size)
+
     @model_validator(mode="after")
     def _check(self) -> SweepSpec:
         whole_steps(self.horizon_s, self.step_s)
