@@ -235,3 +235,5 @@ def run_demo(scenarios: int = 2000, twins: int = 20, workdir: str | None = None)
             service.close()
         finally:
             ray.shutdown()
+        if workdir is None:
+            console.print("the demo's data was in a temporary directory; pass --workdir DIR to keep it")
