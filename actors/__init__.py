@@ -1,10 +1,20 @@
-"""Live twins: shard actors holding per-asset filters, ingestion tasks, recovery and time travel."""
+"""Live twins: shard actors holding per-asset filters, ingestion tasks, recovery and time travel.
 
-from actors.ingest import events_to_table, ndjson_http_source
-from actors.service import TwinService
-from actors.state import DivergenceReport, IngestReport, Reject, TwinState, UnknownTwin
+The public API is importable from here (``from actors import TwinService``); submodules load on
+first use so that ``raytwin --help`` does not pay for JAX and Ray.
+"""
 
-__all__ = [
-    "DivergenceReport", "IngestReport", "Reject", "TwinService", "TwinState", "UnknownTwin",
-    "events_to_table", "ndjson_http_source",
-]
+from __future__ import annotations
+
+from raytwin.lazy import lazy_exports
+
+_EXPORTS = {
+    "TwinService": "actors.service",
+    "events_to_table": "actors.ingest",
+    "ndjson_http_source": "actors.ingest",
+    **{name: "actors.state" for name in ("DivergenceReport", "IngestReport", "Reject", "TwinState", "UnknownTwin")},
+}
+
+__all__ = sorted(_EXPORTS)
+
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -6,8 +6,7 @@ load on first use so that ``raytwin --help`` does not pay for JAX and Ray.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from raytwin.lazy import lazy_exports
 
 _EXPORTS = {
     "Dimension": "sweeps.space",
@@ -37,7 +36,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'sweeps' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)
