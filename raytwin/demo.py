@@ -51,6 +51,10 @@ def section_registry(root: Path):
     return registry, artifact
 
 
+VALIDATION_BATCH = 2000
+"""Scenarios simulated with full trajectories in the validation section (the sweep streams the rest)."""
+
+
 def section_validation(artifact, rng: np.random.Generator, scenarios: int) -> None:
     import jax.numpy as jnp
 
@@ -228,7 +232,7 @@ def run_demo(scenarios: int = 2000, twins: int = 20, workdir: str | None = None)
         ray.init(include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         try:
             registry, artifact = section_registry(root)
-            section_validation(artifact, rng, scenarios)
+            section_validation(artifact, rng, min(scenarios, VALIDATION_BATCH))
             service, truths = section_twins(root, artifact, twins, rng)
             calibrated = section_calibration(root, registry, truths)
             section_sweep(root, registry, service, calibrated, scenarios)
