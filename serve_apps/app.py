@@ -22,6 +22,7 @@ from serve_apps.config import ServeConfig
 from serve_apps.deps import BackendClient, Services
 from serve_apps.limits import TokenBuckets
 from serve_apps.metrics import ServeMetrics
+from serve_apps.twin_reads import TwinReader
 
 
 @serve.ingress()
@@ -38,7 +39,7 @@ class Ingress:
             config=config, keys=KeyStore(config.keys_file), backend=BackendClient(backend),
             audit=AuditLog(config.store_url, config.storage_options),
             metrics=ServeMetrics(replica), buckets=TokenBuckets(config.rate_per_s, config.rate_burst),
-            fs=filesystem(config.store_url, config.storage_options)[0],
+            fs=filesystem(config.store_url, config.storage_options)[0], twins=TwinReader(config),
         )
 
     def __serve_build_asgi_app__(self):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import threading
-from datetime import datetime
 from typing import Any
 
 from ray import serve
@@ -20,7 +19,7 @@ from raytwin.contracts import Asset, AssetType, RelationshipKind, TelemetryEvent
 from raytwin.registry import ModelArtifact, ModelRegistry
 from serve_apps.catalog import Catalog
 from serve_apps.config import ServeConfig
-from serve_apps.errors import NotFound, Unprocessable
+from serve_apps.errors import Unprocessable
 from serve_apps.jobs import Job, JobQueue, Work
 
 log = logging.getLogger("raytwin.serve.backend")
@@ -113,14 +112,6 @@ class Backend:
     # ---- twins ---------------------------------------------------------------------------
     def ingest(self, tenant: str, events: list[TelemetryEvent]) -> dict[str, Any]:
         return self.twins.ingest(tenant, events).model_dump(mode="json")
-
-    def state(self, tenant: str, asset_id: str, at: datetime | None = None) -> dict[str, Any]:
-        self.get_asset(tenant, asset_id)  # 404 for unknown and for other tenants' assets
-        try:
-            found = self.twins.state(tenant, asset_id) if at is None else self.twins.state_at(tenant, asset_id, at)
-        except KeyError:
-            raise NotFound(f"no twin state for asset {asset_id}" + (f" at {at.isoformat()}" if at else "")) from None
-        return found.model_dump(mode="json")
 
     def flush(self) -> None:
         self.twins.flush()

@@ -16,6 +16,7 @@ from serve_apps.config import ServeConfig
 from serve_apps.errors import Forbidden, RateLimited, Unauthorized, unwrap
 from serve_apps.limits import TokenBuckets
 from serve_apps.metrics import ServeMetrics
+from serve_apps.twin_reads import TwinReader
 
 
 class BackendClient:
@@ -44,6 +45,7 @@ class Services:
     metrics: ServeMetrics
     buckets: TokenBuckets
     fs: AbstractFileSystem  # the store (job results)
+    twins: TwinReader  # state reads straight from the twin shards
 
     async def record(self, request: Request, who: Principal, action: str, target: str, **details: Any) -> None:
         """Append an audit record (blocking store I/O runs off the event loop)."""

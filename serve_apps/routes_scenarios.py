@@ -122,7 +122,7 @@ async def _model_and_state(svc: Services, who: Principal, asset_id: str, live: b
                            ) -> tuple[ModelArtifact, dict[str, float] | None]:
     """The asset's registered model and, for runs from "live", the twin's state (now or at `at`)."""
     _, artifact = await svc.backend.call("model_of", who.tenant, asset_id)
-    state = (await svc.backend.call("state", who.tenant, asset_id, at))["state"] if live else None
+    state = (await svc.twins.state(who.tenant, asset_id, at))["state"] if live else None
     return artifact, state
 
 

@@ -54,12 +54,12 @@ def register(app: FastAPI) -> None:
         """The twin's state: mean, std, covariance, revision, last event time and divergence indicators."""
         if at is not None and at.tzinfo is None:
             raise Unprocessable("`at` needs a timezone offset, e.g. 2026-01-01T00:00:00Z")
-        return await svc.backend.call("state", who.tenant, asset_id, at)
+        return await svc.twins.state(who.tenant, asset_id, at)
 
     @app.get("/v1/assets/{asset_id}/divergence", response_model=Divergence, tags=tags)
     async def divergence(asset_id: str, who: Principal = READER, svc: Services = SVC) -> Divergence:
         """Model/data divergence: normalised innovation (NIS) statistics, residuals and the drift flag."""
-        found = await svc.backend.call("state", who.tenant, asset_id, None)
+        found = await svc.twins.state(who.tenant, asset_id)
         return Divergence(asset_id=asset_id, revision=found["revision"], event_time=found["event_time"],
                           **found["divergence"])
 
