@@ -45,7 +45,6 @@ def measure(n_twins: int, workdir: str, shards: int = 1, events_per_twin: int = 
         t = time.perf_counter()
         svc.register_many([(a, artifact) for a in assets])
         register_s = time.perf_counter() - t
-        registered = sum(rss_mib(p) for p in pids)
         t0 = datetime.now(UTC) - timedelta(seconds=60 * events_per_twin + 60)
         events = [TelemetryEvent(asset_id=a.id, event_time=t0 + timedelta(seconds=60 * k), sequence=k,
                                  measurements={"T_in": {"value": 21.0 + 0.01 * k, "unit": "degC"}})

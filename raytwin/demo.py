@@ -139,7 +139,8 @@ def section_twins(root: Path, artifact, twins: int, rng: np.random.Generator):
     errors_t_m = []
     for k in range(twins):
         s = service.state(TENANT, _zone(k))
-        x_true = truths[_zone(k)][2][-1 - (len(truths[_zone(k)][2]) - 1) % SAMPLE_EVERY]
+        states = truths[_zone(k)][2]
+        x_true = states[(len(states) - 1) // SAMPLE_EVERY * SAMPLE_EVERY]  # the state at the last telemetry sample
         errors_t_m.append(abs(s.state["T_m"] - x_true[1]))
         if k < 5:
             table.add_row(_zone(k), str(s.revision),

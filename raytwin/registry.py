@@ -114,9 +114,6 @@ class ModelRegistry:
             raise RegistryError(f"{ref}: stored artifact does not match its hash {digest} (corrupted store?)")
         return artifact
 
-    def content_hash(self, ref: str) -> str:
-        return self.get(ref).content_hash
-
     def names(self) -> list[str]:
         base = f"{self.root}/models"
         if not self.fs.exists(base):
