@@ -10,13 +10,13 @@ the same position of the same chunk.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from raytwin.sim import rollout
+from raytwin.sim.integrate import batch_jit
 from sweeps.kits import SweepKit
 from sweeps.space import Dimension
 
@@ -59,8 +59,7 @@ def _run_one(kit: SweepKit, n_steps: int, keep_trajectory: bool, x0, params, ip,
     )
 
 
-@partial(jax.jit, static_argnames=("kit", "n_steps"))
-def _metrics(kit: SweepKit, n_steps: int, x0, params, ip, dt):
+def _metrics_fn(kit: SweepKit, n_steps: int, x0, params, ip, dt):
     def one(x0, params, ip):
         run = _run_one(kit, n_steps, False, x0, params, ip, dt)
         return kit.finalize(run.accumulated, dt)
@@ -68,9 +67,12 @@ def _metrics(kit: SweepKit, n_steps: int, x0, params, ip, dt):
     return jax.vmap(one)(x0, params, ip)
 
 
-@partial(jax.jit, static_argnames=("kit", "n_steps"))
-def _trajectories(kit: SweepKit, n_steps: int, x0, params, ip, dt):
+def _trajectories_fn(kit: SweepKit, n_steps: int, x0, params, ip, dt):
     return jax.vmap(lambda x0, p, ip: _run_one(kit, n_steps, True, x0, p, ip, dt).trajectory)(x0, params, ip)
+
+
+_metrics = batch_jit(_metrics_fn, static_argnames=("kit", "n_steps"))
+_trajectories = batch_jit(_trajectories_fn, static_argnames=("kit", "n_steps"))
 
 
 def _padded(rows: np.ndarray, size: int) -> np.ndarray:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -14,7 +16,8 @@ from raytwin.sim import BATTERY_ECM, THERMAL_RC
 from raytwin.sim.reference import model_rhs, reference_trajectory
 from sweeps.aggregate import open_dataset, quantiles
 from sweeps.cli import sweep_app
-from sweeps.engine import Bases, chunk_metrics
+from sweeps import engine
+from sweeps.engine import Bases, chunk_metrics, scenario_arrays
 from sweeps.kits import BATTERY_KIT, THERMAL_KIT
 from sweeps.runner import FAULT_ENV, TRAJECTORY_FILE, run_sweep
 from sweeps.space import Dimension, ScenarioSpace
@@ -128,6 +131,19 @@ def test_a_scenario_does_not_depend_on_its_chunk_neighbours():
     part = chunk_metrics(THERMAL_KIT, bases, space.dimensions, rows[10:13], 120.0, 720, 64, "float32")
     for name in full:
         np.testing.assert_array_equal(full[name][10:13], part[name])
+
+
+def test_cpu_vector_width_option_changes_no_bit_of_the_metrics():
+    """The engine compiles with CPU_COMPILER_OPTIONS (512-bit vectors): elementwise IEEE arithmetic,
+    so the metrics are bit-identical to XLA's default code (run records and reruns rely on it)."""
+    space = _space(n=40)
+    bases = Bases(THERMAL_KIT.start_state, THERMAL_RC.default_params(), THERMAL_KIT.default_inputs())
+    x0, params, ip = scenario_arrays(THERMAL_KIT, bases, space.dimensions, space.rows(0, 40), "float32")
+    dt = jnp.asarray(120.0, jnp.float32)
+    default = jax.jit(engine._metrics_fn, static_argnames=("kit", "n_steps"))(THERMAL_KIT, 720, x0, params, ip, dt)
+    product = engine._metrics(THERMAL_KIT, 720, x0, params, ip, dt)
+    for a, b in zip(default, product, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 # ------------------------------------------------------------------------- Ray runs ----
