@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from raytwin.sim import rollout
-from raytwin.sim.integrate import batch_jit
+from raytwin.sim.cpu import batch_jit
 from sweeps.kits import SweepKit
 from sweeps.space import Dimension
 

@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
+from raytwin.sim.cpu import start_single_core_backend
 from raytwin.storage import filesystem
 from sweeps import engine
 from sweeps.engine import Bases
@@ -32,8 +33,9 @@ from sweeps.spec import SweepSpec, resolve_model
 
 log = logging.getLogger("raytwin.sweeps")
 
-SINGLE_THREADED_XLA = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-"""One XLA thread per CPU task, so N tasks use N cores instead of N x N threads fighting."""
+SINGLE_THREADED_XLA = "--xla_cpu_multi_thread_eigen=false"
+"""No Eigen thread pool in a CPU task; the rest of XLA's threading is set by
+`raytwin.sim.cpu.start_single_core_backend`, so N tasks use N cores instead of N x N threads."""
 FAULT_ENV = ("RAYTWIN_SWEEP_CRASH_CHUNK", "RAYTWIN_SWEEP_CRASH_MARKER")
 """Fault injection for tests, read by the driver: the first attempt of that chunk kills its worker
 (a marker file in the marker directory records that it happened)."""
@@ -98,9 +100,16 @@ def _scenario_table(spec: SweepSpec, start: int, rows: np.ndarray, columns: dict
     return pa.table(data)
 
 
+def _start_backend() -> None:
+    """CPU tasks own one core: XLA sized for one thread. GPU tasks keep JAX's defaults."""
+    if not ray.get_gpu_ids():
+        start_single_core_backend()
+
+
 def _chunk_task(spec: SweepSpec, simulator: str, bases: Bases, chunk: int, rows: np.ndarray, url: str,
                 storage_options: dict | None, fault: tuple[int, str] | None) -> tuple[int, str, int]:
     _crash_if_injected(chunk, fault)
+    _start_backend()
     metrics = engine.chunk_metrics(
         get_kit(simulator), bases, spec.space.dimensions, rows, spec.step_s, spec.n_steps, spec.batch_size, spec.dtype
     )
@@ -110,6 +119,7 @@ def _chunk_task(spec: SweepSpec, simulator: str, bases: Bases, chunk: int, rows:
 
 def _trajectory_task(spec: SweepSpec, simulator: str, bases: Bases, rows: np.ndarray, url: str,
                      storage_options: dict | None) -> str:
+    _start_backend()
     index = np.asarray(spec.trajectories, dtype=np.int64)
     states = engine.trajectories(get_kit(simulator), bases, spec.space.dimensions, rows, spec.step_s,
                                  spec.n_steps, spec.dtype)

@@ -3,6 +3,12 @@ from the equations in shared/README.md, and the linear thermal model against its
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -190,3 +196,35 @@ def test_shape_errors_are_clear():
         simulate(THERMAL_RC, [290.0, 290.0], np.zeros((10, 2)), THERMAL_RC.param_vector(), 60.0)
     with pytest.raises(KeyError, match="no parameter"):
         THERMAL_RC.param_vector({"C_inn": 1.0})
+
+
+ROOT = str(Path(__file__).resolve().parents[1])
+_BACKEND_PROBE = """
+import json, os, sys
+import jax, jax.numpy as jnp
+from raytwin.sim.cpu import start_single_core_backend
+if sys.argv[1] == "single":
+    start_single_core_backend()
+x = jnp.ones(1 << 20, jnp.float32)
+hlo = jax.jit(lambda x: jnp.sin(x) * 2.0 + x).lower(x).compile().as_text()
+masks = set()
+for tid in os.listdir("/proc/self/task"):
+    masks.add(tuple(sorted(os.sched_getaffinity(int(tid)))))
+print(json.dumps({"split": "outer_dimension_partitions" in hlo, "masks": sorted(masks),
+                  "cpus": sorted(os.sched_getaffinity(0))}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or len(os.sched_getaffinity(0)) < 2,
+                    reason="per-thread CPU affinity and a second CPU needed")
+def test_single_core_backend_stops_xla_splitting_loops_and_leaves_every_thread_all_cpus():
+    """A fresh process (the backend starts once per process): XLA splits a large fused loop into
+    parallel tasks by default, not after start_single_core_backend, and no thread stays pinned."""
+    def probe(mode: str) -> dict:
+        out = subprocess.run([sys.executable, "-c", _BACKEND_PROBE, mode], capture_output=True, text=True,
+                             check=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT})
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    default, single = probe("default"), probe("single")
+    assert default["split"] and not single["split"]
+    assert single["masks"] == [single["cpus"]]

@@ -10,7 +10,7 @@ keeping the trajectory, so sweeps can stream millions of scenarios in bounded me
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import cache, partial, wraps
+from functools import partial
 from typing import Any, NamedTuple
 
 import jax
@@ -24,32 +24,6 @@ InputFn = Callable[[jax.Array, jax.Array, Arrays], Arrays]
 
 Accumulate = Callable[[Any, jax.Array, Arrays, Arrays, Arrays], Any]
 """accumulate(acc, t, state, inputs, next_state) -> acc, folded over every step."""
-
-
-CPU_COMPILER_OPTIONS = {"xla_cpu_prefer_vector_width": "512"}
-"""XLA's CPU default is 256-bit vector code (it avoids AVX-512 clock throttling on older Intel
-parts). The fused RK4 kernels are instruction-bound: 512-bit vectors measured 1.2x faster on the
-benchmark VM (AVX-512) with bit-identical results (elementwise IEEE arithmetic either way); on a
-CPU without AVX-512, LLVM splits each vector into two halves. Not passed on other backends,
-where the option does not exist."""
-
-
-def batch_jit(fun: Callable, *, static_argnames: tuple[str, ...] = ()) -> Callable:
-    """`jax.jit` for throughput kernels over scenario batches: adds `CPU_COMPILER_OPTIONS` on CPU.
-
-    The backend is looked up on the first call, not at import, so importing never starts JAX.
-    """
-
-    @cache
-    def jitted() -> Callable:
-        options = CPU_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
-        return jax.jit(fun, static_argnames=static_argnames, compiler_options=options)
-
-    @wraps(fun)
-    def call(*args, **kwargs):
-        return jitted()(*args, **kwargs)
-
-    return call
 
 
 class Rollout(NamedTuple):

@@ -1,0 +1,72 @@
+"""How throughput kernels use a CPU: vector width at compile time, one thread per core at run time.
+
+Two measured facts about XLA's CPU backend (jaxlib 0.10) drive this module (numbers in
+``sweeps/README.md``):
+
+- XLA emits 256-bit vector code by default (it avoids AVX-512 clock throttling on older Intel
+  parts). The fused RK4 kernels are instruction-bound, and 512-bit code ran them 1.25x faster on
+  the benchmark VM with bit-identical results (elementwise IEEE arithmetic either way). On a CPU
+  without AVX-512, LLVM splits each vector into two halves.
+- XLA sizes its intra-op thread pool, and splits every large fused loop into that many parallel
+  tasks, from the CPU affinity of the process when the backend starts, whatever
+  ``--xla_cpu_multi_thread_eigen`` says. A one-CPU Ray task on a 2-core machine therefore ran each
+  scan iteration as 2 tasks handed to a second thread, ~8 us of hand-off per iteration and a
+  thread competing with the other worker's core. Starting the backend under a one-CPU affinity
+  removes the split: 1.6x more scenario-steps per CPU-second per worker.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from contextlib import suppress
+from functools import cache, wraps
+
+import jax
+
+CPU_COMPILER_OPTIONS = {"xla_cpu_prefer_vector_width": "512"}
+"""XLA debug options for throughput kernels on CPU (not passed on other backends, which lack them)."""
+
+
+def batch_jit(fun: Callable, *, static_argnames: tuple[str, ...] = ()) -> Callable:
+    """`jax.jit` for throughput kernels over scenario batches: adds `CPU_COMPILER_OPTIONS` on CPU.
+
+    The backend is looked up on the first call, not at import, so importing never starts JAX.
+    """
+
+    @cache
+    def jitted() -> Callable:
+        options = CPU_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
+        return jax.jit(fun, static_argnames=static_argnames, compiler_options=options)
+
+    @wraps(fun)
+    def call(*args, **kwargs):
+        return jitted()(*args, **kwargs)
+
+    return call
+
+
+@cache
+def start_single_core_backend() -> None:
+    """Start this process's JAX backends sized for one core (see module docstring).
+
+    For worker processes that own one CPU (a ``num_cpus=1`` Ray task). XLA reads the CPU count
+    from the affinity of the thread that starts the backend, and the threads it starts inherit
+    that affinity; so the starting thread is narrowed to one CPU only while the backends start,
+    then every thread of the process gets its CPU set back and the OS schedules the work on any
+    of them. Once per process; has no effect where the backends already run (their pools exist)
+    or where the OS has no per-thread affinity (outside Linux).
+    """
+    if not hasattr(os, "sched_setaffinity") or not os.path.isdir(_THREADS):
+        return
+    cpus = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cpus)})
+    try:
+        jax.devices()
+    finally:
+        for tid in os.listdir(_THREADS):
+            with suppress(ProcessLookupError):  # a thread that has exited since the listing
+                os.sched_setaffinity(int(tid), cpus)
+
+
+_THREADS = "/proc/self/task"
