@@ -11,6 +11,8 @@ Parquet output written to a temporary directory: the product's whole path, not j
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import ray
 
@@ -33,7 +35,7 @@ from benchmarks.thermal_scenarios import (
 from sweeps.runner import ensure_ray
 
 CHUNK = 16_384
-"""Scenarios per chunk (the product's default): `sweep-chunks` measures 4k-64k on this machine."""
+"""Most scenarios per chunk (the product's default): `sweep-chunks` measures 4k-64k on this machine."""
 
 FULL_SIZES = (1_000, 10_000, 100_000)
 QUICK_SIZES = (64, 256)
@@ -62,6 +64,17 @@ def cluster_cpus() -> int:
     return int(ray.cluster_resources().get("CPU", 1))
 
 
+def balanced_chunk(n: int, workers: int, most: int = CHUNK) -> int:
+    """The chunk size (<= `most`) that gives every worker the same number of equal chunks.
+
+    The product pads the last chunk to the chunk size and runs one chunk per worker at a time,
+    so 1e5 scenarios in chunks of 16,384 on 2 workers compute 7 full chunks in 4 rounds (65,536
+    rows per worker); 8 chunks of 12,500 take 4 rounds of 50,000 rows per worker.
+    """
+    rounds = math.ceil(n / (workers * most))
+    return math.ceil(n / (workers * rounds))
+
+
 @benchmark("sweep", "Thermal RC sweep throughput (1 week, 60 s RK4) vs solve_ivp loop and NumPy RK4")
 def sweep_throughput(ctx: BenchContext) -> BenchResult:
     sizes = QUICK_SIZES if ctx.quick else FULL_SIZES
@@ -72,7 +85,8 @@ def sweep_throughput(ctx: BenchContext) -> BenchResult:
     workers = cluster_cpus()
     res = BenchResult()
     res.notes.append(f"sweeps THERMAL_KIT on thermal_rc, {n_steps} RK4 steps of 60 s per scenario; random space: "
-                     f"parameters x U(0.7, 1.3), outdoor mean/amplitude, solar peak, setpoint; chunks <= {CHUNK}; "
+                     f"parameters x U(0.7, 1.3), outdoor mean/amplitude, solar peak, setpoint; equal chunks <= {CHUNK}, "
+                     "the same number per worker; "
                      f"{workers} Ray CPUs")
 
     # (a) solve_ivp loop: its per-scenario cost does not depend on N, so it is timed once on a sample
@@ -87,7 +101,8 @@ def sweep_throughput(ctx: BenchContext) -> BenchResult:
 
     unit = "scenario-steps/s"
     for n in sizes:
-        sweep = ThermalSweep.from_spec(bench_spec(n, n_steps=n_steps, chunk_size=CHUNK, workers=workers))
+        sweep = ThermalSweep.from_spec(bench_spec(n, n_steps=n_steps, chunk_size=balanced_chunk(n, workers),
+                                                  workers=workers))
         rate = lambda t, sweep=sweep: sweep.scenario_steps / t.median_s  # noqa: E731
         t64, reference = ctx.measure(f"sweep/numpy-f64/{n}", lambda: numpy_rk4(sweep, np.float64), warmup=0,
                                      repeat=baseline_repeat)
