@@ -4,15 +4,15 @@ Two measured facts about XLA's CPU backend (jaxlib 0.10) drive this module (numb
 ``sweeps/README.md``):
 
 - XLA emits 256-bit vector code by default (it avoids AVX-512 clock throttling on older Intel
-  parts). The fused RK4 kernels are instruction-bound, and 512-bit code ran them 1.25x faster on
-  the benchmark VM with bit-identical results (elementwise IEEE arithmetic either way). On a CPU
-  without AVX-512, LLVM splits each vector into two halves.
+  parts). 512-bit code ran the fused sweep kernels 1.21-1.25x faster on the benchmark VM with
+  bit-identical results (elementwise IEEE arithmetic either way). On a CPU without AVX-512, LLVM
+  splits each vector into two halves.
 - XLA sizes its intra-op thread pool, and splits every large fused loop into that many parallel
-  tasks, from the CPU affinity of the process when the backend starts, whatever
+  tasks, from the CPU affinity of the thread that starts the backend, whatever
   ``--xla_cpu_multi_thread_eigen`` says. A one-CPU Ray task on a 2-core machine therefore ran each
-  scan iteration as 2 tasks handed to a second thread, ~8 us of hand-off per iteration and a
+  scan iteration as 2 tasks handed to a second thread: ~8 us of hand-off per iteration and a
   thread competing with the other worker's core. Starting the backend under a one-CPU affinity
-  removes the split: 1.6x more scenario-steps per CPU-second per worker.
+  removes the split: 1.5-2.2x more scenario-steps per CPU-second per worker.
 """
 
 from __future__ import annotations
