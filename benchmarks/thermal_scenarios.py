@@ -73,7 +73,7 @@ class ThermalSweep:
         _, bases = prepare(spec)
         rows = spec.space.rows(0, spec.space.size)
         x0, params, inputs = engine.scenario_arrays(THERMAL_KIT, bases, spec.space.dimensions, rows, "float64")
-        as_np = lambda a: np.asarray(a, dtype=np.float64)  # noqa: E731
+        as_np = lambda a: np.broadcast_to(np.asarray(a, dtype=np.float64), rows.shape[:1])  # noqa: E731
         return cls(spec, tuple(map(as_np, x0)), tuple(map(as_np, params)), {k: as_np(v) for k, v in inputs.items()})
 
     @property

@@ -146,6 +146,22 @@ def test_cpu_vector_width_option_changes_no_bit_of_the_metrics():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_values_no_dimension_sets_are_chunk_scalars_with_the_same_metrics():
+    space = _space(n=24)  # sets C_in, R_io, T_out_mean; every other parameter and input is shared
+    bases = Bases(THERMAL_KIT.start_state, THERMAL_RC.default_params(), THERMAL_KIT.default_inputs())
+    x0, params, ip = scenario_arrays(THERMAL_KIT, bases, space.dimensions, space.rows(0, 24), "float32")
+    assert [np.ndim(p) for p in params] == [1, 0, 0, 0, 1, 0]
+    assert {k for k, v in ip.items() if np.ndim(v)} == {"T_out_mean"}
+    assert all(np.shape(x) == (24,) for x in x0)
+    full = lambda a: jnp.broadcast_to(a, (24,))  # noqa: E731
+    dt = jnp.asarray(120.0, jnp.float32)
+    shared = engine._metrics(THERMAL_KIT, 720, x0, params, ip, dt)
+    per_scenario = engine._metrics(THERMAL_KIT, 720, x0, tuple(map(full, params)),
+                                   {k: full(v) for k, v in ip.items()}, dt)
+    for a, b in zip(shared, per_scenario, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 # ------------------------------------------------------------------------- Ray runs ----
 def test_sweep_on_ray_writes_the_dataset_and_retries_a_lost_worker(ray_session, tmp_path, monkeypatch):
     spec = _thermal_spec(trajectories=[0, 599])
