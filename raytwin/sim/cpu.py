@@ -53,18 +53,20 @@ def start_single_core_backend() -> None:
     For worker processes that own one CPU (a ``num_cpus=1`` Ray task). XLA reads the CPU count
     from the affinity of the thread that starts the backend, and the threads it starts inherit
     that affinity; so the starting thread is narrowed to one CPU only while the backends start,
-    then every thread of the process gets its CPU set back and the OS schedules the work on any
-    of them. Once per process; has no effect where the backends already run (their pools exist)
-    or where the OS has no per-thread affinity (outside Linux).
+    then it and every thread started meanwhile get its CPU set back, and the OS schedules the
+    work on any of them. Once per process; has no effect where the backends already run (their
+    pools exist) or where the OS has no per-thread affinity (outside Linux).
     """
     if not hasattr(os, "sched_setaffinity") or not os.path.isdir(_THREADS):
         return
     cpus = os.sched_getaffinity(0)
+    before = set(os.listdir(_THREADS))
     os.sched_setaffinity(0, {min(cpus)})
     try:
         jax.devices()
     finally:
-        for tid in os.listdir(_THREADS):
+        os.sched_setaffinity(0, cpus)
+        for tid in set(os.listdir(_THREADS)) - before:
             with suppress(ProcessLookupError):  # a thread that has exited since the listing
                 os.sched_setaffinity(int(tid), cpus)
 
