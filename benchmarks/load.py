@@ -34,6 +34,15 @@ class LoadResult:
     def percentile_ms(self, q: float) -> float:
         return float(np.percentile(self.latencies_s, q) * 1e3) if self.latencies_s.size else float("nan")
 
+    @classmethod
+    def combine(cls, runs: list[LoadResult]) -> LoadResult:
+        """Repeated runs at the same offered rate as one: counts add up, latencies pool."""
+        if not runs or len({r.offered_per_s for r in runs}) != 1:
+            raise ValueError("combine needs one or more runs at the same offered rate")
+        return cls(runs[0].offered_per_s, sum(r.sent for r in runs), sum(r.unsent for r in runs),
+                   sum(r.ok for r in runs), sum(r.failed for r in runs), sum(r.elapsed_s for r in runs),
+                   np.concatenate([r.latencies_s for r in runs]))
+
     def summary(self) -> dict[str, float]:
         return {"offered_per_s": self.offered_per_s, "achieved_per_s": self.achieved_per_s, "sent": self.sent,
                 "unsent": self.unsent, "ok": self.ok, "failed": self.failed, "elapsed_s": self.elapsed_s,
