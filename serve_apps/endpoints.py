@@ -12,16 +12,9 @@ by the controller's target groups, which this module reads.
 
 from __future__ import annotations
 
-import os
-
 import ray
 
 DIRECT_INGRESS_ENV = "RAY_SERVE_ENABLE_DIRECT_INGRESS"
-
-
-def direct_ingress_requested() -> bool:
-    """True when this process's environment turns Serve's direct ingress on."""
-    return os.environ.get(DIRECT_INGRESS_ENV) == "1"
 
 
 def http_targets(app_name: str) -> list[tuple[str, int]]:
