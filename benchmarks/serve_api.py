@@ -136,6 +136,17 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _quiesce(pids: list[int], busy_cores: float = 0.1, timeout_s: float = 60.0) -> None:
+    """Wait until `pids` together use less than `busy_cores`: an overloaded run's queued and
+    cancelled requests must not drain into the next run's measurement."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        before = sum(_cpu_seconds(p) for p in pids)
+        time.sleep(0.5)
+        if sum(_cpu_seconds(p) for p in pids) - before < 0.5 * busy_cores:
+            return
+
+
 def measure(quick: bool, rounds: int) -> dict[str, Any]:
     """Run in the server's interpreter: every (rate, path) load `rounds` times, interleaved."""
     from ray import serve
@@ -166,7 +177,7 @@ def measure(quick: bool, rounds: int) -> dict[str, Any]:
                             spent[name] += _cpu_seconds(pid) - before[name]
                         runs.setdefault((path, rate), []).append(load)
                         load_avg.append(os.getloadavg()[0])
-                        time.sleep(1.0)  # an overloaded run's cancellations drain before the next
+                        _quiesce([pids["proxy"], pids["ingress"]])
         finally:
             serve.shutdown()
     out = []
