@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 
 from fastapi import FastAPI, Response
@@ -19,8 +18,6 @@ from serve_apps.deps import SVC, Services
 from serve_apps.errors import ERROR_RESPONSES, install_error_handlers
 from serve_apps.limits import BodyLimitMiddleware
 from serve_apps.schemas import Health
-
-log = logging.getLogger("raytwin.serve.api")
 
 API_VERSION = "1.0.0"
 
@@ -40,11 +37,12 @@ def create_api(max_body_bytes: int = 1_048_576) -> FastAPI:
 
 
 class RequestObserver:
-    """Pure ASGI middleware: per-request metrics and one structured log line.
+    """Pure ASGI middleware: per-request metrics (route template, status, latency).
 
     Pure ASGI rather than ``@app.middleware("http")``: Starlette's `BaseHTTPMiddleware` runs the
     rest of the app in a separate task with a memory stream per request, which cost more CPU
-    than the whole state route (measured in the replica, see README).
+    than the whole state route (README, "Performance"). The per-request log line is Serve's
+    access log (request id, method, route, status, latency; on by default, see README).
     """
 
     def __init__(self, app: ASGIApp):
@@ -71,8 +69,6 @@ class RequestObserver:
             svc = getattr(scope["app"].state, "services", None)
             if svc is not None:
                 svc.metrics.observe_request(scope["method"], path, status, seconds)
-            log.info("event=request method=%s route=%s status=%d duration_ms=%.1f request_id=%s", scope["method"],
-                     path, status, 1000 * seconds, scope.get("state", {}).get("request_id"))
 
 
 def _ops_routes(app: FastAPI) -> None:
