@@ -40,7 +40,7 @@ def start(
     config: Annotated[Path | None, typer.Option(help="JSON file with more ServeConfig fields.")] = None,
     direct_ingress: Annotated[bool, typer.Option(
         "--direct-ingress/--no-direct-ingress", envvar="RAY_SERVE_ENABLE_DIRECT_INGRESS",
-        help="Ingress replicas also answer HTTP on their own ports, skipping the proxy hop (~3x less CPU per "
+        help="Ingress replicas also answer HTTP on their own ports, skipping the proxy hop (~5x less CPU per "
              "request). Applies to the local Ray this command starts; a cluster needs "
              "RAY_SERVE_ENABLE_DIRECT_INGRESS=1 in every node's environment.")] = False,
     block: Annotated[bool, typer.Option(help="Keep running until Ctrl-C.")] = True,
