@@ -5,9 +5,9 @@ when Serve's modules are imported, so it must be set before Ray starts), each In
 runs its own HTTP server on a port the Serve controller allocates (30000-31000 by default) and
 answers requests without the proxy hop: through the proxy, the proxy actor and the Ingress
 replica spend ~9-10 ms of CPU per state query on the 2-vCPU development VM, directly the replica
-~1-2 ms (README, "Performance"). The head node's proxy keeps serving the usual port, so nothing else changes.
-The replica ports are what a load balancer (or a client on the node) targets; they are listed
-by the controller's target groups, which this module reads.
+~1-2 ms (README, "Performance"). The head node's proxy keeps serving the usual port, so
+nothing else changes. The replica ports are what a load balancer (or a client on the node)
+targets; they are listed by the controller's target groups, which this module reads.
 """
 
 from __future__ import annotations
