@@ -1,33 +1,51 @@
-"""Serve: state-query latency p50/p95/p99 and throughput at fixed offered rates, over loopback HTTP.
+"""Serve: state-query latency p50/p95/p99, throughput and CPU per request, over loopback HTTP.
 
 Starts the product's Serve application (`serve_apps.app.build_app`) on a free 127.0.0.1 port with
-a fresh store and API key, creates a thermal zone, then runs a bounded open-loop load of
-``GET /v1/assets/{id}/state`` (httpx, in-process) at each offered rate. Only 200 responses that
-carry the zone's state count as successes. Serve is shut down afterwards.
+a fresh store and API key, creates a thermal zone, then runs bounded open-loop loads of
+``GET /v1/assets/{id}/state`` at each offered rate over both HTTP paths of the product,
+interleaved, in the same server:
+
+- ``via proxy``: client -> Serve proxy actor -> Ingress replica -> twin shard (Serve's default);
+- ``direct ingress``: client -> the Ingress replica's own HTTP server -> twin shard
+  (``RAY_SERVE_ENABLE_DIRECT_INGRESS=1``, see serve_apps/endpoints.py).
+
+Serve reads the direct-ingress switch when its processes start, so the server runs in a fresh
+interpreter with its own local Ray and that variable set; the figures come back as JSON. Only 200
+responses that carry the zone's state count as successes. The load generator is a lean
+keep-alive client (`benchmarks.load.KeepAliveClient`) because it shares the machine's cores with
+the server; its CPU is reported with the server processes'.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import socket
 import tempfile
+import time
 import uuid
+from typing import Any
 
 import httpx
 
-from benchmarks.harness import BenchContext, BenchResult, Figure, benchmark
-from benchmarks.load import LoadResult, paced_async
+from benchmarks.harness import BenchContext, BenchResult, Figure, benchmark, run_python, subprocess_env_without
+from benchmarks.load import KeepAliveClient, LoadResult, paced_async
 from raytwin.contracts import AssetType
 from raytwin.sim import THERMAL_RC
-from sweeps.runner import ensure_ray
 
 RATES = (100.0, 500.0)
 QUICK_RATES = (50.0,)
-DURATION_S = 10.0
+DURATION_S = 6.0
 QUICK_DURATION_S = 1.0
+ROUNDS = 2  # interleaved repetitions of every (rate, path) run
 P95_TARGET_MS = 10.0
 TARGET_RATE = 500.0
 ASSET = "zone-1"
+APP = "raytwin-bench"
+PATHS = ("direct ingress", "via proxy")
+RESULT_PREFIX = "SERVE_BENCH_RESULT "
+PROCESSES = {"proxy": "ProxyActor", "ingress": f"ServeReplica:{APP}:Ingress", "shard": "TwinShard"}
 
 
 class ServeCheckError(AssertionError):
@@ -40,8 +58,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(tmp: str) -> tuple[str, str]:
-    """Start Serve with the RayTwin app; returns (base URL, admin API key)."""
+def _start(tmp: str) -> tuple[int, str]:
+    """Start Serve with the RayTwin app on 127.0.0.1; returns (proxy port, admin API key)."""
     from ray import serve
 
     from serve_apps.app import build_app
@@ -54,9 +72,9 @@ def _start(tmp: str) -> tuple[str, str]:
     config = {"store_url": f"{tmp}/store", "keys_file": keys_file, "rate_per_s": 1e6, "rate_burst": 1_000_000,
               "twin_shards": 1, "namespace": f"bench-serve-{uuid.uuid4().hex[:8]}",
               "autoscaling": {"min_replicas": 1, "max_replicas": 1}}
-    serve.run(build_app(config), name="raytwin-bench", route_prefix="/",
+    serve.run(build_app(config), name=APP, route_prefix="/",
               logging_config={"enable_access_log": False, "log_level": "WARNING"})
-    return f"http://127.0.0.1:{port}", key
+    return port, key
 
 
 def _create_zone(base: str, headers: dict[str, str]) -> None:
@@ -70,52 +88,149 @@ def _create_zone(base: str, headers: dict[str, str]) -> None:
                 raise ServeCheckError(f"POST {path}: {r.status_code} {r.text[:300]}")
 
 
-async def _load(base: str, headers: dict[str, str], rate: float, duration_s: float) -> LoadResult:
-    limits = httpx.Limits(max_connections=128, max_keepalive_connections=128)
-    async with httpx.AsyncClient(base_url=base, headers=headers, timeout=5.0, limits=limits) as client:
-        async def query(_: int) -> bool:
-            try:
-                r = await client.get(f"/v1/assets/{ASSET}/state")
-            except httpx.HTTPError:
-                return False
-            return r.status_code == 200 and r.json()["state"]["T_in"] > 0
+def _replica_port(proxy_port: int) -> int:
+    """The Ingress replica's own HTTP port (direct ingress), waiting for the controller to publish it."""
+    from serve_apps.endpoints import http_targets
 
+    for _ in range(60):
+        ports = [port for _, port in http_targets(APP) if port != proxy_port]
+        if ports:
+            return ports[0]
+        time.sleep(0.5)
+    raise ServeCheckError("the Ingress replica publishes no HTTP port: is RAY_SERVE_ENABLE_DIRECT_INGRESS=1 set?")
+
+
+async def _load(port: int, key: str, rate: float, duration_s: float) -> LoadResult:
+    client = KeepAliveClient("127.0.0.1", port, {"Authorization": f"Bearer {key}"})
+
+    async def query(_: int) -> bool:
+        try:
+            status, body = await client.get(f"/v1/assets/{ASSET}/state")
+        except OSError:
+            return False
+        return status == 200 and json.loads(body)["state"]["T_in"] > 0
+
+    try:
         await query(0)  # connection set-up is not part of the measured load
         return await paced_async(rate, duration_s, query)
+    finally:
+        await client.close()
 
 
-@benchmark("serve", "State-query latency p50/p95/p99 and throughput at fixed offered rates (loopback HTTP)")
-def serve_latency(ctx: BenchContext) -> BenchResult:
+def _process_ids() -> dict[str, int]:
+    import ray
+    from ray.util.state import list_actors
+
+    alive = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")], limit=10_000)
+    pids = {name: a.pid for a in alive
+            for name, cls in PROCESSES.items() if a.class_name == cls}
+    missing = set(PROCESSES) - set(pids)
+    if missing:
+        raise ServeCheckError(f"no live actor for {sorted(missing)}")
+    return {**pids, "load generator": os.getpid()}
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _quiesce(pids: list[int], busy_cores: float = 0.1, timeout_s: float = 60.0) -> None:
+    """Wait until `pids` together use less than `busy_cores`: an overloaded run's queued and
+    cancelled requests must not drain into the next run's measurement."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        before = sum(_cpu_seconds(p) for p in pids)
+        time.sleep(0.5)
+        if sum(_cpu_seconds(p) for p in pids) - before < 0.5 * busy_cores:
+            return
+
+
+def measure(quick: bool, rounds: int) -> dict[str, Any]:
+    """Run in the server's interpreter: every (rate, path) load `rounds` times, interleaved."""
     from ray import serve
 
+    from sweeps.runner import ensure_ray
+
     ensure_ray()
-    res = BenchResult()
-    rates = QUICK_RATES if ctx.quick else RATES
-    duration = QUICK_DURATION_S if ctx.quick else DURATION_S
+    rates = QUICK_RATES if quick else RATES
+    duration = QUICK_DURATION_S if quick else DURATION_S
     with tempfile.TemporaryDirectory(prefix="raytwin-bench-serve-") as tmp:
-        base, key = _start(tmp)
+        proxy_port, key = _start(tmp)
         try:
-            headers = {"Authorization": f"Bearer {key}"}
-            _create_zone(base, headers)
-            asyncio.run(_load(base, headers, rates[0], min(duration, 2.0)))  # warm-up: JIT, connections
-            for rate in rates:
-                load = asyncio.run(_load(base, headers, rate, duration))
-                res.checks[f"load@{rate:g}"] = load.summary()
-                if load.ok == 0:
-                    raise ServeCheckError(f"no successful state query at {rate:g} req/s")
-                at_target = rate == TARGET_RATE
-                res.figures += [
-                    Figure(f"state query p50 at {rate:g} req/s", load.percentile_ms(50), "ms"),
-                    Figure(f"state query p95 at {rate:g} req/s", load.percentile_ms(95), "ms",
-                           target_max=P95_TARGET_MS if at_target else None),
-                    Figure(f"state query p99 at {rate:g} req/s", load.percentile_ms(99), "ms"),
-                    Figure(f"throughput at {rate:g} req/s offered", load.achieved_per_s, "req/s",
-                           target_min=0.99 * rate if at_target else None),
-                    Figure(f"failed + unsent requests at {rate:g} req/s", float(load.failed + load.unsent),
-                           "requests"),
-                ]
+            _create_zone(f"http://127.0.0.1:{proxy_port}", {"Authorization": f"Bearer {key}"})
+            ports = {"direct ingress": _replica_port(proxy_port), "via proxy": proxy_port}
+            pids = _process_ids()
+            for port in ports.values():  # warm-up: JIT, connections, handles
+                asyncio.run(_load(port, key, rates[0], min(duration, 2.0)))
+            runs: dict[tuple[str, float], list[LoadResult]] = {}
+            cpu: dict[tuple[str, float], dict[str, float]] = {}
+            load_avg = []
+            for _ in range(rounds):
+                for rate in rates:
+                    for path in PATHS:
+                        before = {name: _cpu_seconds(pid) for name, pid in pids.items()}
+                        load = asyncio.run(_load(ports[path], key, rate, duration))
+                        spent = cpu.setdefault((path, rate), dict.fromkeys(pids, 0.0))
+                        for name, pid in pids.items():
+                            spent[name] += _cpu_seconds(pid) - before[name]
+                        runs.setdefault((path, rate), []).append(load)
+                        load_avg.append(os.getloadavg()[0])
+                        _quiesce([pids["proxy"], pids["ingress"]])
         finally:
             serve.shutdown()
-    res.notes.append(f"open loop, {duration:g} s per rate, latency from each request's due time; one Ingress and "
-                     "one backend replica; the load generator shares the machine with the server")
+    out = []
+    for (path, rate), loads in runs.items():
+        load = LoadResult.combine(loads)
+        handled = max(1, load.ok + load.failed)
+        out.append({"path": path, "rate": rate, "summary": load.summary(),
+                    "cpu_ms_per_request": {k: 1e3 * v / handled for k, v in cpu[(path, rate)].items()}})
+    return {"runs": out, "duration_s": duration, "rounds": rounds, "load_avg_1m": load_avg}
+
+
+def _figures(run: dict[str, Any]) -> list[Figure]:
+    path, rate, s = run["path"], run["rate"], run["summary"]
+    at_target = rate == TARGET_RATE
+    cpu = run["cpu_ms_per_request"]
+    figures = [
+        Figure(f"{path}: state query p50 at {rate:g} req/s", s["p50_ms"], "ms"),
+        Figure(f"{path}: state query p95 at {rate:g} req/s", s["p95_ms"], "ms",
+               target_max=P95_TARGET_MS if at_target else None),
+        Figure(f"{path}: state query p99 at {rate:g} req/s", s["p99_ms"], "ms"),
+        Figure(f"{path}: throughput at {rate:g} req/s offered", s["achieved_per_s"], "req/s",
+               target_min=0.99 * rate if at_target else None),
+        Figure(f"{path}: failed + unsent requests at {rate:g} req/s", float(s["failed"] + s["unsent"]), "requests"),
+    ]
+    figures += [Figure(f"{path}: CPU per request at {rate:g} req/s, {name}", ms, "ms") for name, ms in cpu.items()]
+    total = sum(cpu.values())
+    figures.append(Figure(f"{path}: bound at {rate:g} req/s, {os.cpu_count()} cores / total CPU per request",
+                          1e3 * (os.cpu_count() or 1) / total, "req/s"))
+    return figures
+
+
+@benchmark("serve", "State-query latency, throughput and CPU per request at fixed offered rates (loopback HTTP)")
+def serve_latency(ctx: BenchContext) -> BenchResult:
+    from serve_apps.endpoints import DIRECT_INGRESS_ENV
+
+    env = {**subprocess_env_without("RAY_ADDRESS"), DIRECT_INGRESS_ENV: "1"}
+    rounds = 1 if ctx.quick else ROUNDS
+    code = (f"import json; from benchmarks.serve_api import measure, RESULT_PREFIX; "
+            f"print(RESULT_PREFIX + json.dumps(measure({ctx.quick!r}, {rounds})))")
+    lines = [ln for ln in run_python(code, env, timeout_s=900).splitlines() if ln.startswith(RESULT_PREFIX)]
+    if not lines:
+        raise ServeCheckError("the server process printed no result")
+    record = json.loads(lines[-1][len(RESULT_PREFIX):])
+    res = BenchResult()
+    for run in record["runs"]:
+        prefix = "load" if run["path"] == "via proxy" else "direct ingress load"  # "load@R": Serve's default path
+        res.checks[f"{prefix}@{run['rate']:g}"] = run["summary"]
+        if run["summary"]["ok"] == 0:
+            raise ServeCheckError(f"no successful state query at {run['rate']:g} req/s {run['path']}")
+        res.figures += _figures(run)
+    res.checks["load_avg_1m"] = record["load_avg_1m"]
+    res.notes.append(
+        f"open loop, {record['duration_s']:g} s per run, {record['rounds']} interleaved rounds per (rate, path), "
+        "latency from each request's due time; one Ingress and one backend replica, one twin shard; the load "
+        "generator (lean keep-alive client, 64 connections) shares the machine with the server")
     return res

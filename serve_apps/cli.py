@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import time
 from pathlib import Path
@@ -37,6 +38,11 @@ def start(
     max_replicas: Annotated[int, typer.Option(help="Ingress autoscaling: most replicas.")] = 4,
     target_ongoing_requests: Annotated[float, typer.Option(help="Ingress autoscaling target per replica.")] = 8.0,
     config: Annotated[Path | None, typer.Option(help="JSON file with more ServeConfig fields.")] = None,
+    direct_ingress: Annotated[bool, typer.Option(
+        "--direct-ingress/--no-direct-ingress", envvar="RAY_SERVE_ENABLE_DIRECT_INGRESS",
+        help="Ingress replicas also answer HTTP on their own ports, skipping the proxy hop (~5x less CPU per "
+             "request). Applies to the local Ray this command starts; a cluster needs "
+             "RAY_SERVE_ENABLE_DIRECT_INGRESS=1 in every node's environment.")] = False,
     block: Annotated[bool, typer.Option(help="Keep running until Ctrl-C.")] = True,
 ) -> None:
     """Start the API on Ray Serve at http://HOST:PORT (routes under /v1, docs at /docs)."""
@@ -51,6 +57,7 @@ def start(
 
     from serve_apps.app import build_app
     from serve_apps.config import ServeConfig
+    from serve_apps.endpoints import DIRECT_INGRESS_ENV, http_targets
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     args = json.loads(config.read_text()) if config else {}
@@ -59,11 +66,16 @@ def start(
         "target_ongoing_requests": target_ongoing_requests,
     })
     settings = ServeConfig.from_args(args)
+    if direct_ingress:
+        os.environ[DIRECT_INGRESS_ENV] = "1"  # read by Serve's processes when they start
     if not ray.is_initialized():
         ray.init(address=address)
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(settings), name="raytwin", route_prefix="/")
     typer.echo(f"RayTwin API at http://{host}:{port}/v1 (OpenAPI: /docs, metrics: /metrics)")
+    replicas = [p for _, p in http_targets("raytwin") if p != port]
+    if replicas:
+        typer.echo("direct ingress (no proxy hop): " + ", ".join(f"http://{host}:{p}/v1" for p in replicas))
     if not block:
         return
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop the same way on SIGTERM (Kubernetes, systemd)

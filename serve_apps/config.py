@@ -46,6 +46,9 @@ class ServeConfig(BaseModel):
     max_sweep_scenarios: int = Field(10_000, ge=1)
     max_concurrent_jobs: int = Field(2, ge=1)
     twin_shards: int = Field(2, ge=1)
+    state_cache_s: float = Field(0.1, ge=0, le=10, description="Current-state reads may be this old (seconds, "
+                                 "per ingress replica; writes through a replica refresh it there); 0: no cache.")
+    state_cache_entries: int = Field(10_000, ge=1, description="Twins whose latest state a replica keeps.")
     namespace: str = "raytwin"
     autoscaling: Autoscaling = Field(default_factory=Autoscaling)
 

@@ -55,7 +55,8 @@ class Services:
         await run_in_threadpool(self.audit.append, record)
 
 
-def services(request: Request) -> Services:
+async def services(request: Request) -> Services:
+    """Async on purpose: FastAPI runs a plain `def` dependency in a thread pool, a thread hop per request."""
     return request.app.state.services
 
 

@@ -83,6 +83,7 @@ def register(app: FastAPI) -> None:
         """Replace an asset's type version, metadata and relationships."""
         asset = _asset(who.tenant, asset_id, body)
         await svc.backend.call("update_asset", asset)
+        svc.twins.forget(who.tenant, asset_id)
         await svc.record(request, who, "asset.update", asset_id, asset=asset.model_dump(mode="json"))
         return asset
 
@@ -90,6 +91,7 @@ def register(app: FastAPI) -> None:
     async def delete_asset(asset_id: str, request: Request, who: Principal = ADMIN, svc: Services = SVC) -> Response:
         """Delete an asset and stop its twin (409 while other assets point at it)."""
         await svc.backend.call("delete_asset", who.tenant, asset_id)
+        svc.twins.forget(who.tenant, asset_id)
         await svc.record(request, who, "asset.delete", asset_id)
         return Response(status_code=204)
 

@@ -30,6 +30,7 @@ def register(app: FastAPI) -> None:
         report = {"accepted": 0, "duplicates": 0, "rejected": 0, "reasons": []}
         if valid:
             report = await svc.backend.call("ingest", who.tenant, valid)
+            svc.twins.forget(who.tenant, asset_id)
         refused = {r["idempotency_key"] for r in report["reasons"]}
         m = svc.metrics
         for ev in valid:

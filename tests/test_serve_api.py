@@ -192,6 +192,23 @@ def test_state_now_and_in_the_past(api, http, building):
                  422, "invalid_request")
 
 
+def test_state_reads_see_writes_through_the_same_replica(api, http, building):
+    """Reads may share a cached shard reply (state_cache_s), but never hide this replica's own writes."""
+    writer, reader = auth(api, "writer"), auth(api, "reader")
+    url = f"/v1/assets/{building}/state"
+    before = http.get(url, headers=reader).json()["revision"]
+    report = http.post(f"/v1/assets/{building}/telemetry", json={"events": events(2, start=30)}, headers=writer).json()
+    assert report["accepted"] == 2
+    assert http.get(url, headers=reader).json()["revision"] == before + 2
+    assert_error(http.get(f"/v1/assets/{building}/state", headers=auth(api, "other")), 404, "not_found")
+
+
+def test_http_targets_name_the_proxy_without_direct_ingress(api):
+    from serve_apps.endpoints import http_targets
+
+    assert [port for _, port in http_targets("raytwin")] == [int(api[0].rsplit(":", 1)[1])]
+
+
 def _scenario(asset: str, n_steps: int, start_state="live") -> dict:
     return {"asset_id": asset, "start_state": start_state, "horizon_s": 60.0 * n_steps, "step_s": 60.0,
             "inputs": {"T_out": {"kind": "constant", "value": 5.0, "unit": "degC"},

@@ -1,0 +1,30 @@
+"""Where clients reach the API: the Serve proxy, or the Ingress replicas themselves (direct ingress).
+
+With ``RAY_SERVE_ENABLE_DIRECT_INGRESS=1`` in the environment of every Ray process (it is read
+when Serve's modules are imported, so it must be set before Ray starts), each Ingress replica
+runs its own HTTP server on a port the Serve controller allocates (30000-31000 by default) and
+answers requests without the proxy hop: through the proxy, the proxy actor and the Ingress
+replica spend ~9-10 ms of CPU per state query on the 2-vCPU development VM, directly the replica
+~1-2 ms (README, "Performance"). The head node's proxy keeps serving the usual port, so
+nothing else changes. The replica ports are what a load balancer (or a client on the node)
+targets; they are listed by the controller's target groups, which this module reads.
+"""
+
+from __future__ import annotations
+
+import ray
+
+DIRECT_INGRESS_ENV = "RAY_SERVE_ENABLE_DIRECT_INGRESS"
+
+
+def http_targets(app_name: str) -> list[tuple[str, int]]:
+    """(node IP, port) of every HTTP target of `app_name`: its Ingress replicas under direct ingress,
+    else the proxies. A target listens on Serve's ``http_options.host`` at that port.
+
+    Serve 2.60 lists targets only on its controller (the call its load-balancer integrations
+    use), not in `serve.status()`.
+    """
+    from ray.serve.context import _get_global_client
+
+    groups = ray.get(_get_global_client()._controller.get_target_groups.remote(app_name))
+    return [(t.ip, t.port) for g in groups if g.protocol == "HTTP" for t in g.targets]
