@@ -106,24 +106,28 @@ class Twin:
         return None
 
     # ------------------------------------------------------------------------- applying ----
-    def _apply_one(self, ev: LoggedEvent) -> None:
-        self.fs = self.filter.assimilate(self.fs, ev.time_s, ev.values, use_outputs=ev.quality != "bad")
-        self.last_key = ev.key
-        self.events_applied += 1
-        self.window.append(ev)
-        self.seen.add(ev.key[2])
-        if self.events_applied % self.checkpoint_every == 0:
-            self.checkpoints.append(Checkpoint(ev.key, self.fs, self.events_applied))
-
     def apply(self, events: list[LoggedEvent]) -> None:
-        """Apply accepted events (any order; already classified as applicable)."""
+        """Apply accepted events (any order; already classified as applicable) in one filter dispatch."""
         if not events:
             return
         events = sorted(events, key=lambda e: e.key)
         if self.last_key is not None and events[0].key < self.last_key:
             events = sorted([*self._rewind_before(events[0].key), *events], key=lambda e: e.key)
-        for ev in events:
-            self._apply_one(ev)
+        names = self.filter.measured_names
+        trace = self.filter.assimilate_many(
+            self.fs,
+            np.array([e.time_s for e in events], dtype=np.float64),
+            np.array([[e.values.get(n, np.nan) for n in names] for e in events], dtype=np.float64).reshape(-1, len(names)),
+            np.array([e.quality != "bad" for e in events]),
+        )
+        first = self.events_applied
+        for i in range((-first - 1) % self.checkpoint_every, len(events), self.checkpoint_every):
+            self.checkpoints.append(Checkpoint(events[i].key, trace.state(i), first + i + 1))
+        self.fs = trace.state(len(events) - 1)
+        self.last_key = events[-1].key
+        self.events_applied += len(events)
+        self.window.extend(events)
+        self.seen.update(e.key[2] for e in events)
         newest = events[-1].key[0]
         self.max_time_us = newest if self.max_time_us is None else max(self.max_time_us, newest)
         self._prune()

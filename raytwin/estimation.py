@@ -86,7 +86,7 @@ DRIFT_NIS_BOUND = float(chi2.ppf(0.999, _EFFECTIVE_DOF) / _EFFECTIVE_DOF)
 
 @dataclass(frozen=True)
 class Divergence:
-    """Exponentially weighted innovation statistics of one twin."""
+    """Exponentially weighted innovation statistics of one twin (folded in by the filter kernel)."""
 
     updates: int = 0
     nis_last: float = 0.0
@@ -97,21 +97,6 @@ class Divergence:
     @property
     def drift(self) -> bool:
         return self.updates >= DRIFT_MIN_UPDATES and self.nis_mean > DRIFT_NIS_BOUND
-
-    def updated(self, nis: float, dof: int, residual: np.ndarray, mask: np.ndarray) -> Divergence:
-        """Fold one update in; outputs missing from this measurement keep their statistics."""
-        a = 1.0 if self.updates == 0 else EWMA_ALPHA
-        mean = np.asarray(self.residual_mean) if self.residual_mean else np.zeros_like(residual)
-        ms = np.asarray(self.residual_ms) if self.residual_ms else np.zeros_like(residual)
-        new_mean = np.where(mask, mean + a * (residual - mean), mean)
-        new_ms = np.where(mask, ms + a * (residual**2 - ms), ms)
-        return Divergence(
-            updates=self.updates + 1,
-            nis_last=float(nis),
-            nis_mean=float(self.nis_mean + a * (nis / dof - self.nis_mean)),
-            residual_mean=tuple(float(v) for v in new_mean),
-            residual_ms=tuple(float(v) for v in new_ms),
-        )
 
 
 @dataclass(frozen=True)
@@ -130,12 +115,51 @@ class _Kernels(NamedTuple):
     assimilate: Callable
 
 
+class FilterTrace(NamedTuple):
+    """The filter state after each event of one `assimilate_many` call (for checkpoints)."""
+
+    t: np.ndarray  # (n,)
+    x: np.ndarray  # (n, states)
+    P: np.ndarray  # (n, states, states)
+    u: np.ndarray  # (n, inputs)
+    updates: np.ndarray  # (n,) and the divergence statistics after each event
+    nis_last: np.ndarray
+    nis_mean: np.ndarray
+    residual_mean: np.ndarray  # (n, outputs)
+    residual_ms: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.t)
+
+    def state(self, i: int) -> FilterState:
+        updates = int(self.updates[i])
+        div = Divergence(
+            updates, float(self.nis_last[i]), float(self.nis_mean[i]),
+            tuple(self.residual_mean[i].tolist()) if updates else (), tuple(self.residual_ms[i].tolist()) if updates else (),
+        )
+        return FilterState(float(self.t[i]), self.x[i], self.P[i], self.u[i], div)
+
+
+MIN_BUCKET = 8
+"""Event runs are padded to a power of two of at least this length: few shapes, hence few
+compiles, and never a one-iteration loop (which XLA would inline and could fuse differently)."""
+
+
+def bucket(n: int) -> int:
+    """The padded scan length for a run of `n` events."""
+    return max(MIN_BUCKET, 1 << (n - 1).bit_length())
+
+
 @lru_cache(maxsize=None)
 def _kernels(model: Model) -> _Kernels:
     """Jitted kernels for one model, shared by every twin of that model.
 
-    `assimilate` fuses predict and update into one dispatch (the per-event cost of a live twin
-    is dominated by dispatch, not arithmetic); `predict` alone serves explicit look-ahead.
+    `assimilate` runs a whole sorted run of events of one twin in ONE dispatch (a `lax.scan`
+    over predict + update + divergence statistics): the per-event cost of a live twin was the
+    Python->XLA dispatch, not the arithmetic. Padding steps have no sub-steps and no
+    measurement, which makes them exact no-ops, so the state after an event depends only on the
+    events before it - never on how they were split into calls (live batches vs log replay).
+    `predict` alone serves explicit look-ahead.
     """
     step = model.step_vector
     jac_step = jax.jacfwd(step)
@@ -160,9 +184,26 @@ def _kernels(model: Model) -> _Kernels:
         x_new = jnp.stack(model.project(tuple(x + K @ y)))
         return x_new, 0.5 * (P_new + P_new.T), y, y @ jnp.linalg.solve(S, y)
 
-    def assimilate(x, P, u_held, u_new, p, q_var_rate, n, dt, z, mask, r_var):
-        x, P = predict(x, P, u_held, p, q_var_rate, n, dt)
-        return update(x, P, u_new, p, z, mask, r_var)
+    def assimilate(x, P, div, p, q_var_rate, r_var, n_sub, dt, u_held, u_new, z, mask):
+        def event(carry, ev):
+            x, P, (updates, nis_last, nis_mean, res_mean, res_ms) = carry
+            n, dt, u_held, u_new, z, mask = ev
+            x, P = predict(x, P, u_held, p, q_var_rate, n, dt)
+            x_upd, P_upd, y, nis = update(x, P, u_new, p, z, mask, r_var)
+            measured = mask > 0
+            has = jnp.any(measured)
+            a = jnp.where(updates == 0, 1.0, EWMA_ALPHA)
+            div_new = (
+                updates + 1, nis, nis_mean + a * (nis / jnp.maximum(mask.sum(), 1.0) - nis_mean),
+                jnp.where(measured, res_mean + a * (y - res_mean), res_mean),
+                jnp.where(measured, res_ms + a * (y * y - res_ms), res_ms),
+            )
+            carry = (jnp.where(has, x_upd, x), jnp.where(has, P_upd, P),
+                     jax.tree.map(lambda new, old: jnp.where(has, new, old), div_new, (updates, nis_last, nis_mean,
+                                                                                        res_mean, res_ms)))
+            return carry, carry
+
+        return jax.lax.scan(event, (x, P, div), (n_sub, dt, u_held, u_new, z, mask))
 
     return _Kernels(jax.jit(predict), jax.jit(assimilate))
 
@@ -188,6 +229,11 @@ class ExtendedKalmanFilter:
         self.q_var_rate = jnp.asarray(q**2)
         self.r_var = jnp.asarray(r**2)
         self._kernels = _kernels(model)
+        self.measured_names = tuple(dict.fromkeys((*model.input_names, *model.output_names)))
+        """The value columns of `assimilate_many`: the model's inputs, then its outputs."""
+        col = {n: i for i, n in enumerate(self.measured_names)}
+        self._input_cols = np.array([col[n] for n in model.input_names], dtype=np.intp)
+        self._output_cols = np.array([col[n] for n in model.output_names], dtype=np.intp)
 
     def initial(
         self,
@@ -206,41 +252,69 @@ class ExtendedKalmanFilter:
 
     def predict(self, fs: FilterState, t: float) -> FilterState:
         """Advance to time `t` with held inputs, in sub-steps of at most ``default_dt``."""
-        n, dt = self._substeps(fs, t)
-        if n == 0:
+        n, dt = self._substeps(fs.t, np.array([t], dtype=np.float64))
+        if n[0] == 0:
             return replace(fs, t=t)
-        x, P = self._kernels.predict(fs.x, fs.P, fs.u, self.params, self.q_var_rate, n, dt)
+        x, P = self._kernels.predict(fs.x, fs.P, fs.u, self.params, self.q_var_rate, int(n[0]), float(dt[0]))
         return replace(fs, t=t, x=np.asarray(x), P=np.asarray(P))
 
-    def _substeps(self, fs: FilterState, t: float) -> tuple[int, float]:
-        """Sub-steps of at most ``default_dt`` from the filter's time to `t` (0 for the prior)."""
-        if fs.t is None:
-            return 0, 0.0
-        gap = t - fs.t
-        if gap < 0:
-            raise ValueError(f"cannot predict backwards in time ({fs.t} -> {t}); rewind instead")
-        n = math.ceil(gap / self.model.default_dt - 1e-9) if gap > 0 else 0
-        return n, (gap / n if n else 0.0)
+    def _substeps(self, t0: float | None, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Sub-steps of at most ``default_dt`` into each time of `t` from the one before it
+        (from `t0` for the first; none from the prior)."""
+        gap = np.diff(t, prepend=np.nan if t0 is None else t0)
+        if t0 is None:
+            gap[0] = 0.0
+        if np.any(gap < 0):
+            raise ValueError(f"cannot predict backwards in time ({t0} -> {t.tolist()}); rewind instead")
+        n = np.where(gap > 0, np.ceil(gap / self.model.default_dt - 1e-9), 0.0)
+        dt = np.divide(gap, n, out=np.zeros_like(gap), where=n > 0)
+        return n.astype(np.int32), dt
 
     def assimilate(self, fs: FilterState, t: float, values: dict[str, float], use_outputs: bool = True) -> FilterState:
-        """Predict to `t`, take the measured inputs (held from `t` on), update with the outputs.
+        """One event: predict to `t`, take the measured inputs (held from `t` on), update with the outputs.
 
         `values` maps input/output names to SI values; unknown names are refused.
         """
-        m = self.model
-        unknown = set(values) - set(m.input_names) - set(m.output_names)
+        unknown = set(values) - set(self.measured_names)
         if unknown:
-            raise KeyError(f"{m.name} has no input/output {sorted(unknown)}")
-        u = np.array([values.get(n, fs.u[i]) for i, n in enumerate(m.input_names)], dtype=np.float64)
-        mask = np.array([1.0 if (use_outputs and n in values) else 0.0 for n in m.output_names])
-        if not mask.any():
-            return replace(self.predict(fs, t), u=u)
-        n, dt = self._substeps(fs, t)
-        z = np.array([values.get(n, 0.0) for n in m.output_names], dtype=np.float64)
-        x, P, y, nis = self._kernels.assimilate(fs.x, fs.P, fs.u, u, self.params, self.q_var_rate, n, dt, z, mask,
-                                                self.r_var)
-        div = fs.divergence.updated(float(nis), int(mask.sum()), np.asarray(y), mask > 0)
-        return replace(fs, t=t, x=np.asarray(x), P=np.asarray(P), u=u, divergence=div)
+            raise KeyError(f"{self.model.name} has no input/output {sorted(unknown)}")
+        row = np.array([[values.get(n, np.nan) for n in self.measured_names]], dtype=np.float64)
+        return self.assimilate_many(fs, np.array([t], dtype=np.float64), row, np.array([use_outputs])).state(0)
+
+    def assimilate_many(self, fs: FilterState, t: np.ndarray, values: np.ndarray, use_outputs: np.ndarray) -> FilterTrace:
+        """A run of events in time order, in one kernel dispatch; the trace holds the state after each.
+
+        `t` (n,) epoch seconds; `values` (n, len(measured_names)) in SI units, NaN = not measured;
+        `use_outputs` (n,) False for events whose outputs must not update the estimate (bad quality).
+        Inputs are held from their last measurement; an event without outputs only predicts.
+        """
+        n_events = len(t)
+        n_sub, dt = self._substeps(fs.t, t)
+        u_new = values[:, self._input_cols]
+        missing = np.isnan(u_new)
+        if missing.any():  # hold each input from its last measurement (or the state's held value)
+            held = np.vstack([fs.u, u_new])
+            last = np.where(np.isnan(held), 0, np.arange(n_events + 1)[:, None])
+            u_new = np.take_along_axis(held, np.maximum.accumulate(last, axis=0), axis=0)[1:]
+        u_held = np.vstack([fs.u, u_new[:-1]])
+        z = values[:, self._output_cols]
+        mask = (~np.isnan(z) & use_outputs[:, None]).astype(np.float64)
+        z = np.nan_to_num(z, nan=0.0)
+
+        L = bucket(n_events)
+        pad = lambda a: np.concatenate([a, np.zeros((L - n_events, *a.shape[1:]), a.dtype)])  # noqa: E731
+        d = fs.divergence
+        ny = len(self._output_cols)
+        div = (np.int64(d.updates), np.float64(d.nis_last), np.float64(d.nis_mean),
+               np.asarray(d.residual_mean or np.zeros(ny), dtype=np.float64),
+               np.asarray(d.residual_ms or np.zeros(ny), dtype=np.float64))
+        _, (x, P, (updates, nis_last, nis_mean, res_mean, res_ms)) = self._kernels.assimilate(
+            fs.x, fs.P, div, self.params, self.q_var_rate, self.r_var,
+            pad(n_sub), pad(dt), pad(u_held), pad(u_new), pad(z), pad(mask))
+        k = slice(0, n_events)
+        return FilterTrace(t.astype(np.float64), np.asarray(x)[k], np.asarray(P)[k], u_new, np.asarray(updates)[k],
+                           np.asarray(nis_last)[k], np.asarray(nis_mean)[k], np.asarray(res_mean)[k],
+                           np.asarray(res_ms)[k])
 
 
 def _complete(kind: str, names: tuple[str, ...], given: dict[str, float] | None, defaults: NoiseDefaults | None):
