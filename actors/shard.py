@@ -24,7 +24,7 @@ from ray.util import metrics
 from actors.recovery import recover
 from actors.routing import shard_index
 from actors.state import IngestReport, Reject, TwinState
-from actors.twin import DUPLICATE, TOO_LATE, Twin, logged_event
+from actors.twin import DUPLICATE, TOO_LATE, Twin, apply_many, logged_event
 from raytwin.contracts import ContractError, TelemetryEvent, describe_error
 from raytwin.statestore import LoggedEvent, StateStore
 
@@ -167,8 +167,8 @@ class TwinShard:
             self.stale.update(accepted)
             raise
         self.store.write_dead_letters(tenant, rejects)
-        for key, evs in accepted.items():
-            self.twins[key].apply(evs)
+        apply_many([(self.twins[key], evs) for key, evs in accepted.items()])
+        for key in accepted:
             self._snapshot(key)
         for outcome, count in (("accepted", n_accepted), ("duplicate", duplicates), ("rejected", len(rejects))):
             if count:

@@ -24,7 +24,7 @@ import numpy as np
 
 from actors.state import DivergenceReport, TwinState
 from raytwin.contracts import AssetType, TelemetryEvent, normalize_measurements
-from raytwin.estimation import Divergence, ExtendedKalmanFilter, FilterState
+from raytwin.estimation import Divergence, ExtendedKalmanFilter, FilterState, FilterTrace, Run, assimilate_runs
 from raytwin.registry import ModelArtifact
 from raytwin.statestore import EventKey, LoggedEvent, Snapshot, from_micros, to_micros
 
@@ -107,19 +107,24 @@ class Twin:
 
     # ------------------------------------------------------------------------- applying ----
     def apply(self, events: list[LoggedEvent]) -> None:
-        """Apply accepted events (any order; already classified as applicable) in one filter dispatch."""
-        if not events:
-            return
+        """Apply accepted events (any order; already classified as applicable)."""
+        apply_many([(self, events)])
+
+    def _plan(self, events: list[LoggedEvent]) -> tuple[list[LoggedEvent], Run]:
+        """The events to run through the filter, in key order (rewinding first if one is late)."""
         events = sorted(events, key=lambda e: e.key)
         if self.last_key is not None and events[0].key < self.last_key:
             events = sorted([*self._rewind_before(events[0].key), *events], key=lambda e: e.key)
         names = self.filter.measured_names
-        trace = self.filter.assimilate_many(
-            self.fs,
+        return events, Run(
+            self.filter, self.fs,
             np.array([e.time_s for e in events], dtype=np.float64),
-            np.array([[e.values.get(n, np.nan) for n in names] for e in events], dtype=np.float64).reshape(-1, len(names)),
+            np.array([[e.values.get(n, np.nan) for n in names] for e in events], dtype=np.float64),
             np.array([e.quality != "bad" for e in events]),
         )
+
+    def _absorb(self, events: list[LoggedEvent], trace: FilterTrace) -> None:
+        """Take the filter's states after `events`: checkpoints, window, bookkeeping."""
         first = self.events_applied
         for i in range((-first - 1) % self.checkpoint_every, len(events), self.checkpoint_every):
             self.checkpoints.append(Checkpoint(events[i].key, trace.state(i), first + i + 1))
@@ -212,6 +217,14 @@ def _decode(payload: dict) -> tuple[FilterState, int | None]:
     fs = FilterState(payload["t"], np.asarray(payload["x"], dtype=np.float64), np.asarray(payload["P"], dtype=np.float64),
                      np.asarray(payload["u"], dtype=np.float64), div)
     return fs, payload["max_time_us"]
+
+
+def apply_many(batches: list[tuple[Twin, list[LoggedEvent]]]) -> None:
+    """Apply accepted events to many twins at once: their filter runs share kernel dispatches
+    (`raytwin.estimation.assimilate_runs`), with the same bits as applying each twin alone."""
+    plans = [(twin, *twin._plan(events)) for twin, events in batches if events]
+    for (twin, events, _), trace in zip(plans, assimilate_runs([run for *_, run in plans])):
+        twin._absorb(events, trace)
 
 
 def replay(twin: Twin, events: list[LoggedEvent]) -> Twin:

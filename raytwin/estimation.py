@@ -144,6 +144,15 @@ MIN_BUCKET = 2
 """Event runs are padded to a power of two of at least this length: few shapes, hence few
 compiles, and never a one-iteration loop (which XLA would inline and could fuse differently)."""
 
+LANES = 32
+"""Every filter dispatch runs exactly this many twins side by side (unused lanes are no-ops).
+
+Why a fixed width: with one shape per run length, each twin's arithmetic is the same vector code
+whatever lane it gets and whoever its neighbours are, so a twin's state has the same bits in a
+live batch and in a replay alone (a vmap over a varying number of twins does NOT give that for
+the nonlinear models: measured). 32 lanes cost about as much per dispatch as one twin did.
+"""
+
 
 def bucket(n: int) -> int:
     """The padded scan length for a run of `n` events."""
@@ -171,9 +180,10 @@ def _solve_spd(S: jnp.ndarray, B: jnp.ndarray) -> jnp.ndarray:
 def _kernels(model: Model) -> _Kernels:
     """Jitted kernels for one model, shared by every twin of that model.
 
-    `assimilate` runs a whole sorted run of events of one twin in ONE dispatch (a `lax.scan`
-    over predict + update + divergence statistics): the per-event cost of a live twin was the
-    Python->XLA dispatch, not the arithmetic. Padding steps have no sub-steps and no
+    `assimilate` runs a sorted run of events for each of `LANES` twins in ONE dispatch (a
+    `lax.scan` over predict + update + divergence statistics, vmapped over twins, each with its
+    own parameters and noise): the per-event cost of a live twin was the Python->XLA dispatch,
+    not the arithmetic. Padding steps have no sub-steps and no
     measurement, which makes them exact no-ops, so the state after an event depends only on the
     events before it - never on how they were split into calls (live batches vs log replay).
     `predict` alone serves explicit look-ahead.
@@ -224,7 +234,7 @@ def _kernels(model: Model) -> _Kernels:
 
         return jax.lax.scan(event, (x, P, div), (n_sub, dt, u_held, u_new, z, mask))[1]
 
-    return _Kernels(jax.jit(predict), jax.jit(assimilate))
+    return _Kernels(jax.jit(predict), jax.jit(jax.vmap(assimilate)))
 
 
 class ExtendedKalmanFilter:
@@ -271,23 +281,14 @@ class ExtendedKalmanFilter:
 
     def predict(self, fs: FilterState, t: float) -> FilterState:
         """Advance to time `t` with held inputs, in sub-steps of at most ``default_dt``."""
-        n, dt = self._substeps(fs.t, np.array([t], dtype=np.float64))
-        if n[0] == 0:
+        gap = 0.0 if fs.t is None else t - fs.t
+        if gap < 0:
+            raise ValueError(f"cannot predict backwards in time ({fs.t} -> {t}); rewind instead")
+        n = math.ceil(gap / self.model.default_dt - 1e-9) if gap > 0 else 0
+        if n == 0:
             return replace(fs, t=t)
-        x, P = self._kernels.predict(fs.x, fs.P, fs.u, self.params, self.q_var_rate, int(n[0]), float(dt[0]))
+        x, P = self._kernels.predict(fs.x, fs.P, fs.u, self.params, self.q_var_rate, n, gap / n)
         return replace(fs, t=t, x=np.asarray(x), P=np.asarray(P))
-
-    def _substeps(self, t0: float | None, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Sub-steps of at most ``default_dt`` into each time of `t` from the one before it
-        (from `t0` for the first; none from the prior)."""
-        gap = np.diff(t, prepend=np.nan if t0 is None else t0)
-        if t0 is None:
-            gap[0] = 0.0
-        if np.any(gap < 0):
-            raise ValueError(f"cannot predict backwards in time ({t0} -> {t.tolist()}); rewind instead")
-        n = np.where(gap > 0, np.ceil(gap / self.model.default_dt - 1e-9), 0.0)
-        dt = np.divide(gap, n, out=np.zeros_like(gap), where=n > 0)
-        return n.astype(np.int32), dt
 
     def assimilate(self, fs: FilterState, t: float, values: dict[str, float], use_outputs: bool = True) -> FilterState:
         """One event: predict to `t`, take the measured inputs (held from `t` on), update with the outputs.
@@ -301,39 +302,94 @@ class ExtendedKalmanFilter:
         return self.assimilate_many(fs, np.array([t], dtype=np.float64), row, np.array([use_outputs])).state(0)
 
     def assimilate_many(self, fs: FilterState, t: np.ndarray, values: np.ndarray, use_outputs: np.ndarray) -> FilterTrace:
-        """A run of events in time order, in one kernel dispatch; the trace holds the state after each.
+        """One twin's run of events (see `Run`); the trace holds the state after each event."""
+        return assimilate_runs([Run(self, fs, t, values, use_outputs)])[0]
 
-        `t` (n,) epoch seconds; `values` (n, len(measured_names)) in SI units, NaN = not measured;
-        `use_outputs` (n,) False for events whose outputs must not update the estimate (bad quality).
-        Inputs are held from their last measurement; an event without outputs only predicts.
-        """
-        n_events = len(t)
-        n_sub, dt = self._substeps(fs.t, t)
-        u_new = values[:, self._input_cols]
-        missing = np.isnan(u_new)
-        if missing.any():  # hold each input from its last measurement (or the state's held value)
-            held = np.vstack([fs.u, u_new])
-            last = np.where(np.isnan(held), 0, np.arange(n_events + 1)[:, None])
-            u_new = np.take_along_axis(held, np.maximum.accumulate(last, axis=0), axis=0)[1:]
-        u_held = np.vstack([fs.u, u_new[:-1]])
-        z = values[:, self._output_cols]
-        mask = (~np.isnan(z) & use_outputs[:, None]).astype(np.float64)
-        z = np.nan_to_num(z, nan=0.0)
 
-        L = bucket(n_events)
-        pad = lambda a: np.concatenate([a, np.zeros((L - n_events, *a.shape[1:]), a.dtype)])  # noqa: E731
+class Run(NamedTuple):
+    """Events of one twin in time order, to apply from `start`.
+
+    `t` (n,) epoch seconds; `values` (n, len(filter.measured_names)) in SI units, NaN = not
+    measured; `use_outputs` (n,) False for events whose outputs must not update the estimate
+    (bad quality). Inputs are held from their last measurement; an event without outputs only
+    predicts.
+    """
+
+    filter: ExtendedKalmanFilter
+    start: FilterState
+    t: np.ndarray
+    values: np.ndarray
+    use_outputs: np.ndarray
+
+
+def assimilate_runs(runs: list[Run]) -> list[FilterTrace]:
+    """Apply each run to its twin: one kernel dispatch per `LANES` twins of the same model."""
+    traces: list[FilterTrace | None] = [None] * len(runs)
+    by_model: dict[Model, list[int]] = {}
+    for i, run in enumerate(runs):
+        by_model.setdefault(run.filter.model, []).append(i)
+    for model, indices in by_model.items():
+        for c in range(0, len(indices), LANES):
+            chunk = indices[c:c + LANES]
+            for i, trace in zip(chunk, _assimilate_lanes(model, [runs[i] for i in chunk])):
+                traces[i] = trace
+    return traces
+
+
+def _assimilate_lanes(model: Model, runs: list[Run]) -> list[FilterTrace]:
+    """Up to `LANES` runs of twins of `model` in one dispatch, padded to (LANES, bucket) arrays."""
+    f0 = runs[0].filter
+    ny, nu = len(model.output_names), len(model.input_names)
+    lengths = np.array([len(r.t) for r in runs])
+    L = bucket(int(lengths.max()))
+    valid = np.arange(L)[None, :] < np.pad(lengths, (0, LANES - len(runs)))[:, None]
+
+    t = np.zeros((LANES, L))
+    values = np.full((LANES, L, len(f0.measured_names)), np.nan)
+    use = np.zeros((LANES, L), dtype=bool)
+    t0 = np.full(LANES, np.nan)
+    # unused lanes repeat the first twin's parameters and state (finite arithmetic), with no steps
+    x = np.repeat(runs[0].start.x[None], LANES, axis=0)
+    P = np.repeat(runs[0].start.P[None], LANES, axis=0)
+    u0 = np.repeat(runs[0].start.u[None], LANES, axis=0)
+    p = np.repeat(np.asarray(f0.params)[None], LANES, axis=0)
+    q = np.repeat(np.asarray(f0.q_var_rate)[None], LANES, axis=0)
+    r_var = np.repeat(np.asarray(f0.r_var)[None], LANES, axis=0)
+    updates = np.zeros(LANES, dtype=np.int64)
+    nis_last, nis_mean = np.zeros(LANES), np.zeros(LANES)
+    res_mean, res_ms = np.zeros((LANES, ny)), np.zeros((LANES, ny))
+    for k, run in enumerate(runs):
+        n, fs, flt = lengths[k], run.start, run.filter
+        t[k, :n], values[k, :n], use[k, :n] = run.t, run.values, run.use_outputs
+        if fs.t is not None:
+            t0[k] = fs.t
+        x[k], P[k], u0[k], p[k], q[k], r_var[k] = fs.x, fs.P, fs.u, flt.params, flt.q_var_rate, flt.r_var
         d = fs.divergence
-        ny = len(self._output_cols)
-        div = (np.int64(d.updates), np.float64(d.nis_last), np.float64(d.nis_mean),
-               np.asarray(d.residual_mean or np.zeros(ny), dtype=np.float64),
-               np.asarray(d.residual_ms or np.zeros(ny), dtype=np.float64))
-        x, P, (updates, nis_last, nis_mean, res_mean, res_ms) = self._kernels.assimilate(
-            fs.x, fs.P, div, self.params, self.q_var_rate, self.r_var,
-            pad(n_sub), pad(dt), pad(u_held), pad(u_new), pad(z), pad(mask))
-        k = slice(0, n_events)
-        return FilterTrace(t.astype(np.float64), np.asarray(x)[k], np.asarray(P)[k], u_new, np.asarray(updates)[k],
-                           np.asarray(nis_last)[k], np.asarray(nis_mean)[k], np.asarray(res_mean)[k],
-                           np.asarray(res_ms)[k])
+        updates[k], nis_last[k], nis_mean[k] = d.updates, d.nis_last, d.nis_mean
+        if d.updates:
+            res_mean[k], res_ms[k] = d.residual_mean, d.residual_ms
+
+    # sub-steps of at most default_dt into each event from the one before (none from the prior)
+    gap = np.diff(t, axis=1, prepend=t0[:, None])
+    gap = np.where(valid & ~np.isnan(gap), gap, 0.0)
+    if np.any(gap < 0):
+        k = int(np.flatnonzero((gap < 0).any(axis=1))[0])
+        raise ValueError(f"cannot predict backwards in time ({runs[k].start.t} -> {runs[k].t.tolist()}); rewind instead")
+    n_sub = np.where(gap > 0, np.ceil(gap / model.default_dt - 1e-9), 0.0)
+    dt = np.divide(gap, n_sub, out=np.zeros_like(gap), where=n_sub > 0)
+    # inputs: each held from its last measurement (or from the twin's held value)
+    held = np.concatenate([u0[:, None, :], values[:, :, f0._input_cols]], axis=1)
+    last = np.where(np.isnan(held), 0, np.arange(L + 1)[None, :, None])
+    held = np.take_along_axis(held, np.maximum.accumulate(last, axis=1), axis=1)
+    z = values[:, :, f0._output_cols]
+    mask = (~np.isnan(z) & (use & valid)[:, :, None]).astype(np.float64)
+
+    out = _kernels(model).assimilate(
+        x, P, (updates, nis_last, nis_mean, res_mean, res_ms), p, q, r_var,
+        n_sub.astype(np.int32), dt, held[:, :-1], held[:, 1:], np.nan_to_num(z, nan=0.0), mask)
+    xs, Ps, (upd, nl, nm, rm, rs) = jax.tree.map(np.asarray, out)
+    return [FilterTrace(run.t.astype(np.float64), xs[k, :n], Ps[k, :n], held[k, 1:n + 1], upd[k, :n], nl[k, :n],
+                        nm[k, :n], rm[k, :n], rs[k, :n]) for k, (run, n) in enumerate(zip(runs, lengths))]
 
 
 def _complete(kind: str, names: tuple[str, ...], given: dict[str, float] | None, defaults: NoiseDefaults | None):
