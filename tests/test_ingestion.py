@@ -14,7 +14,8 @@ import pytest
 import ray
 
 from actors import IngestReport, TwinService, events_to_table, ndjson_http_source
-from actors.ingest import Dispatcher, ShardRouter, parse_rows
+from actors.ingest import Dispatcher, ShardRouter
+from actors.telemetry import parse_rows, validated_table
 from raytwin.contracts import Asset, AssetType, TelemetryEvent
 from raytwin.registry import ModelRegistry
 from raytwin.sim import TWO_TANK
@@ -127,7 +128,7 @@ def test_dispatcher_bounds_in_flight_calls(ray_session, tmp_path):
     d = Dispatcher(router, "acme", max_in_flight=2, batch_size=2, handles=shards)
     most = 0
     for k in range(0, 60, 3):
-        d.send(tank_events(f"a{k % 7}", 3, start=k))
+        d.send(validated_table(tank_events(f"a{k % 7}", 3, start=k)))
         most = max(most, len(d.busy))
         assert len(d.busy) <= 2
     assert d.finish().accepted == 60 and not d.busy and most == 2
