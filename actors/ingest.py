@@ -29,6 +29,8 @@ import ray
 
 from actors.routing import shard_index, shard_name
 from actors.state import IngestReport, Reject
+from actors.telemetry import TELEMETRY_SCHEMA as TELEMETRY_SCHEMA  # re-exported for sources
+from actors.telemetry import events_to_table as events_to_table  # re-exported for sources
 from actors.telemetry import parse_rows, validate_table, validated_table
 from raytwin.statestore import StateStore
 from raytwin.storage import filesystem
