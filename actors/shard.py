@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import defaultdict
 from typing import Any
 
 import numpy as np
@@ -165,32 +164,36 @@ class TwinShard:
         times = batch.column("event_time").cast(pa.int64()).to_numpy().tolist()
         sequences = batch.column("sequence").to_numpy().tolist()
         use_outputs = pc.not_equal(batch.column("quality"), "bad").to_numpy().tolist()
-        misfit = normalized.misfit.tolist()
+        misfit = normalized.misfit
         rejected: list[tuple[int, str | None]] = []  # (row, reason; None: the contract's unit/name reason)
-        accepted: dict[int, list[Pending]] = defaultdict(list)  # asset code -> its events
+        accepted: dict[int, list[Pending]] = {}  # asset code -> its events
         accepted_rows: list[int] = []
-        batch_keys: set[tuple[int, str]] = set()
         duplicates = 0
-        for i, c in enumerate(code.tolist()):
+        order = np.argsort(code, kind="stable")
+        for rows in np.split(order, np.flatnonzero(np.diff(code[order])) + 1):  # one twin's rows, in batch order
+            if not len(rows):
+                continue
+            c = int(code[rows[0]])
             twin = twins[c]
             if twin is None:
-                rejected.append((i, f"unknown twin {assets[c]!r} for tenant {tenant!r}"))
+                rejected += [(i, f"unknown twin {assets[c]!r} for tenant {tenant!r}") for i in rows.tolist()]
                 continue
-            if misfit[i]:
-                rejected.append((i, None))
-                continue
-            key = (times[i], sequences[i], keys[i])
-            verdict = DUPLICATE if (c, key[2]) in batch_keys else twin.classify(key)
-            if verdict == TOO_LATE and self.store.contains(tenant, assets[c], key):
-                verdict = DUPLICATE  # a re-delivery of an event applied long ago
-            if verdict == DUPLICATE:
-                duplicates += 1
-            elif verdict == TOO_LATE:
-                rejected.append((i, TOO_LATE))
-            else:
-                batch_keys.add((c, key[2]))
-                accepted[c].append(Pending(key, values[asset_target[c]][i], use_outputs[i]))
-                accepted_rows.append(i)
+            rejected += [(i, None) for i in rows[misfit[rows]].tolist()]
+            rows = rows[~misfit[rows]].tolist()
+            found = [(times[i], sequences[i], keys[i]) for i in rows]
+            matrix, events = values[asset_target[c]], accepted.setdefault(c, [])
+            for i, key, verdict in zip(rows, found, twin.classify(found)):
+                if verdict == TOO_LATE and self.store.contains(tenant, assets[c], key):
+                    verdict = DUPLICATE  # a re-delivery of an event applied long ago
+                if verdict == DUPLICATE:
+                    duplicates += 1
+                elif verdict == TOO_LATE:
+                    rejected.append((i, TOO_LATE))
+                else:
+                    events.append(Pending(key, matrix[i], use_outputs[i]))
+                    accepted_rows.append(i)
+        rejected.sort(key=lambda r: r[0])
+        accepted = {c: events for c, events in accepted.items() if events}
         rejects = [self._reject(batch, i, reason, twins[code[i]]) for i, reason in rejected]
 
         rows = pa.array(accepted_rows, pa.int64())

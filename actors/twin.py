@@ -110,14 +110,21 @@ class Twin:
     def watermark_us(self) -> int | None:
         return None if self.max_time_us is None else self.max_time_us - self.lateness_us
 
-    def classify(self, key: EventKey) -> str | None:
-        """None if the event with `key` can be applied, else DUPLICATE or TOO_LATE (older than the watermark)."""
-        if key[2] in self.seen:
-            return DUPLICATE
-        wm = self.watermark_us
-        if wm is not None and key[0] < wm:
-            return TOO_LATE
-        return None
+    def classify(self, keys: list[EventKey]) -> list[str | None]:
+        """For each event of a batch, in order: None if it can be applied, else DUPLICATE (seen
+        before, or earlier in this batch) or TOO_LATE (older than the watermark)."""
+        seen, wm = self.seen, self.watermark_us
+        taken: set[str] = set()
+        verdicts: list[str | None] = []
+        for key in keys:
+            if key[2] in seen or key[2] in taken:
+                verdicts.append(DUPLICATE)
+            elif wm is not None and key[0] < wm:
+                verdicts.append(TOO_LATE)
+            else:
+                taken.add(key[2])
+                verdicts.append(None)
+        return verdicts
 
     def pending(self, ev: LoggedEvent) -> Pending:
         """A logged event in this twin's filter columns."""

@@ -61,14 +61,8 @@ def reference(art, asset_id: str, evs: list[TelemetryEvent], tenant: str = "acme
 def feed(twin: Twin, batch: list[TelemetryEvent]) -> list[str | None]:
     """What a shard does with a batch, minus persistence: classify, then apply the applicable."""
     pending = [twin.pending(logged_event(e, twin.artifact.asset_type)) for e in batch]
-    verdicts, ok, keys = [], [], set()
-    for e in pending:
-        v = DUPLICATE if e.key[2] in keys else twin.classify(e.key)
-        verdicts.append(v)
-        if v is None:
-            ok.append(e)
-            keys.add(e.key[2])
-    twin.apply(ok)
+    verdicts = twin.classify([e.key for e in pending])
+    twin.apply([e for e, v in zip(pending, verdicts) if v is None])
     return verdicts
 
 
