@@ -5,8 +5,10 @@ model's own RK4 step and output map, so for a linear model (``thermal_rc``) they
 filter *is* the linear Kalman filter; for ``battery_ecm`` / ``two_tank`` it is the EKF.
 
 Why this shape:
-- kernels are jitted once per *model* (not per asset), so a shard holding thousands of twins of
-  the same type compiles twice and then only dispatches;
+- kernels are jitted per *model* (not per asset) and per power-of-two run length, so a shard
+  holding thousands of twins of a type compiles a handful of times and then only dispatches;
+- one dispatch applies a whole run of events to each of `LANES` twins (`assimilate_runs`): the
+  per-event cost of a live twin used to be the Python->XLA dispatch, not the arithmetic;
 - between measurements the state is propagated with sub-steps of at most ``model.default_dt``
   (inputs zero-order held), so a long telemetry gap is integrated as accurately as the simulator;
 - the covariance update uses the Joseph form (stays symmetric positive semi-definite) and
@@ -16,7 +18,8 @@ Why this shape:
   exceeds its chi-square 99.9 % bound, i.e. the model no longer explains the measurements.
 
 Everything is float64 and deterministic: the same events in the same order give bit-identical
-states, which is what recovery and time travel rely on.
+states however they are split into calls and whichever twins share a dispatch, which is what
+recovery and time travel rely on (tested).
 """
 
 from __future__ import annotations
@@ -116,7 +119,7 @@ class _Kernels(NamedTuple):
 
 
 class FilterTrace(NamedTuple):
-    """The filter state after each event of one `assimilate_many` call (for checkpoints)."""
+    """The filter state after each event of one run (for checkpoints)."""
 
     t: np.ndarray  # (n,)
     x: np.ndarray  # (n, states)
@@ -143,6 +146,10 @@ class FilterTrace(NamedTuple):
 MIN_BUCKET = 2
 """Event runs are padded to a power of two of at least this length: few shapes, hence few
 compiles, and never a one-iteration loop (which XLA would inline and could fuse differently)."""
+
+MAX_RUN = 256
+"""Longest run of events in one dispatch: bounds the padded shapes (and compiles, ~1-2 s each)
+to the powers of two from `MIN_BUCKET` to this, and the padding of a long replay."""
 
 LANES = 32
 """Every filter dispatch runs exactly this many twins side by side (unused lanes are no-ops).
@@ -323,23 +330,33 @@ class Run(NamedTuple):
 
 
 def assimilate_runs(runs: list[Run]) -> list[FilterTrace]:
-    """Apply each run to its twin: one kernel dispatch per `LANES` twins of the same model."""
-    traces: list[FilterTrace | None] = [None] * len(runs)
-    by_model: dict[Model, list[int]] = {}
-    for i, run in enumerate(runs):
-        by_model.setdefault(run.filter.model, []).append(i)
-    for model, indices in by_model.items():
-        for c in range(0, len(indices), LANES):
-            chunk = indices[c:c + LANES]
-            for i, trace in zip(chunk, _assimilate_lanes(model, [runs[i] for i in chunk])):
-                traces[i] = trace
-    return traces
+    """Apply each (non-empty) run to its twin: one kernel dispatch per `LANES` twins of a model
+    and per `MAX_RUN` events (a longer run continues in the next round of dispatches)."""
+    if any(len(run.t) == 0 for run in runs):
+        raise ValueError("every run needs at least one event")
+    pieces: list[list[FilterTrace]] = [[] for _ in runs]
+    starts = [run.start for run in runs]
+    for offset in range(0, max((len(run.t) for run in runs), default=0), MAX_RUN):
+        active = [i for i, run in enumerate(runs) if len(run.t) > offset]
+        part = slice(offset, offset + MAX_RUN)
+        by_model: dict[Model, list[int]] = {}
+        for i in active:
+            by_model.setdefault(runs[i].filter.model, []).append(i)
+        for model, indices in by_model.items():
+            for c in range(0, len(indices), LANES):
+                chunk = indices[c:c + LANES]
+                lanes = [Run(runs[i].filter, starts[i], runs[i].t[part], runs[i].values[part], runs[i].use_outputs[part])
+                         for i in chunk]
+                for i, trace in zip(chunk, _assimilate_lanes(model, lanes)):
+                    pieces[i].append(trace)
+                    starts[i] = trace.state(len(trace) - 1)
+    return [p[0] if len(p) == 1 else FilterTrace(*(np.concatenate(f) for f in zip(*p))) for p in pieces]
 
 
 def _assimilate_lanes(model: Model, runs: list[Run]) -> list[FilterTrace]:
     """Up to `LANES` runs of twins of `model` in one dispatch, padded to (LANES, bucket) arrays."""
     f0 = runs[0].filter
-    ny, nu = len(model.output_names), len(model.input_names)
+    ny = len(model.output_names)
     lengths = np.array([len(r.t) for r in runs])
     L = bucket(int(lengths.max()))
     valid = np.arange(L)[None, :] < np.pad(lengths, (0, LANES - len(runs)))[:, None]

@@ -176,3 +176,18 @@ def test_twin_bits_do_not_depend_on_the_twins_sharing_its_dispatch(model):
         alone = assimilate_runs([run])[0]
         for a, b in zip(alone, shared):
             np.testing.assert_array_equal(a, b)
+
+
+def test_runs_longer_than_one_dispatch_continue_exactly(monkeypatch):
+    """A run longer than `MAX_RUN` is cut into consecutive dispatches: same bits as uncut."""
+    import raytwin.estimation as estimation
+
+    ekf = ExtendedKalmanFilter(THERMAL_RC, THERMAL_RC.param_vector())
+    t, values, use_outputs = _random_events(THERMAL_RC, ekf, 35, seed=5)
+    whole = ekf.assimilate_many(ekf.initial(), t, values, use_outputs)
+    monkeypatch.setattr(estimation, "MAX_RUN", 16)
+    cut = ekf.assimilate_many(ekf.initial(), t, values, use_outputs)
+    for a, b in zip(whole, cut):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="at least one event"):
+        assimilate_runs([Run(ekf, ekf.initial(), t[:0], values[:0], use_outputs[:0])])
