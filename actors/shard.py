@@ -26,7 +26,7 @@ from ray.util import metrics
 from actors.recovery import recover, recover_many
 from actors.routing import shard_index
 from actors.state import IngestReport, Reject, TwinState
-from actors.telemetry import Entries, normalize_entries, row_event, si_map, value_matrix
+from actors.telemetry import Entries, Normalized, normalize_entries, row_event, si_map, value_matrix
 from actors.twin import DUPLICATE, TOO_LATE, Pending, Twin, apply_many
 from raytwin.contracts import AssetType, ContractError, describe_error, normalize_measurements
 from raytwin.statestore import LOG_BATCH_SCHEMA, StateStore
@@ -145,55 +145,11 @@ class TwinShard:
         ids = batch.column("asset_id").combine_chunks().dictionary_encode()
         assets = ids.dictionary.to_pylist()
         twins = [self.twins.get((tenant, a)) for a in assets]
-        targets: dict[int, int] = {}  # id of a twin's filter -> index in `columns`
-        columns: list[tuple[AssetType, tuple[str, ...]]] = []
-        asset_target = np.full(len(assets), -1, dtype=np.int64)
-        for c, twin in enumerate(twins):
-            if twin is not None:
-                t = targets.setdefault(id(twin.filter), len(columns))
-                if t == len(columns):
-                    columns.append((twin.artifact.asset_type, twin.filter.measured_names))
-                asset_target[c] = t
         code = ids.indices.to_numpy()
-        row_target = asset_target[code]
         entries = Entries.of(batch.column("measurements").combine_chunks())
-        normalized = normalize_entries(entries, row_target, columns)
-        values = [value_matrix(entries, normalized, row_target == t, len(names)) for t, (_, names) in enumerate(columns)]
-
-        keys = batch.column("idempotency_key").to_pylist()
-        times = batch.column("event_time").cast(pa.int64()).to_numpy().tolist()
-        sequences = batch.column("sequence").to_numpy().tolist()
-        use_outputs = pc.not_equal(batch.column("quality"), "bad").to_numpy().tolist()
-        misfit = normalized.misfit
-        rejected: list[tuple[int, str | None]] = []  # (row, reason; None: the contract's unit/name reason)
-        accepted: dict[int, list[Pending]] = {}  # asset code -> its events
-        accepted_rows: list[int] = []
-        duplicates = 0
-        order = np.argsort(code, kind="stable")
-        for rows in np.split(order, np.flatnonzero(np.diff(code[order])) + 1):  # one twin's rows, in batch order
-            if not len(rows):
-                continue
-            c = int(code[rows[0]])
-            twin = twins[c]
-            if twin is None:
-                rejected += [(i, f"unknown twin {assets[c]!r} for tenant {tenant!r}") for i in rows.tolist()]
-                continue
-            rejected += [(i, None) for i in rows[misfit[rows]].tolist()]
-            rows = rows[~misfit[rows]].tolist()
-            found = [(times[i], sequences[i], keys[i]) for i in rows]
-            matrix, events = values[asset_target[c]], accepted.setdefault(c, [])
-            for i, key, verdict in zip(rows, found, twin.classify(found)):
-                if verdict == TOO_LATE and self.store.contains(tenant, assets[c], key):
-                    verdict = DUPLICATE  # a re-delivery of an event applied long ago
-                if verdict == DUPLICATE:
-                    duplicates += 1
-                elif verdict == TOO_LATE:
-                    rejected.append((i, TOO_LATE))
-                else:
-                    events.append(Pending(key, matrix[i], use_outputs[i]))
-                    accepted_rows.append(i)
-        rejected.sort(key=lambda r: r[0])
-        accepted = {c: events for c, events in accepted.items() if events}
+        normalized, values = self._normalize(entries, twins, code)
+        accepted, accepted_rows, rejected, duplicates = self._admit(tenant, batch, assets, twins, code, values,
+                                                                    normalized.misfit)
         rejects = [self._reject(batch, i, reason, twins[code[i]]) for i, reason in rejected]
 
         rows = pa.array(accepted_rows, pa.int64())
@@ -224,6 +180,64 @@ class TwinShard:
             accepted=n_accepted, duplicates=duplicates, rejected=len(rejects),
             reasons=[Reject(idempotency_key=r["idempotency_key"], reason=r["reason"]) for r in rejects],
         )
+
+    @staticmethod
+    def _normalize(entries: Entries, twins: list[Twin | None], code: np.ndarray) -> tuple[Normalized, list[np.ndarray | None]]:
+        """Measurements in their twin's asset type units; per asset (code), the SI value matrix of
+        every row in its filter's columns (None for an unknown twin)."""
+        targets: dict[int, int] = {}  # id of a twin's filter -> index in `columns`
+        columns: list[tuple[AssetType, tuple[str, ...]]] = []
+        asset_target = np.full(len(twins), -1, dtype=np.int64)
+        for c, twin in enumerate(twins):
+            if twin is not None:
+                asset_target[c] = targets.setdefault(id(twin.filter), len(columns))
+                if asset_target[c] == len(columns):
+                    columns.append((twin.artifact.asset_type, twin.filter.measured_names))
+        row_target = asset_target[code]
+        normalized = normalize_entries(entries, row_target, columns)
+        matrices = [value_matrix(entries, normalized, row_target == t, len(names)) for t, (_, names) in enumerate(columns)]
+        return normalized, [None if t < 0 else matrices[t] for t in asset_target.tolist()]
+
+    def _admit(self, tenant: str, batch: pa.Table, assets: list[str], twins: list[Twin | None], code: np.ndarray,
+               values: list[np.ndarray | None], misfit: np.ndarray,
+               ) -> tuple[dict[int, list[Pending]], list[int], list[tuple[int, str | None]], int]:
+        """Decide each row: accepted (events per asset code, their rows), rejected (row, reason;
+        None: the contract's unit/name reason, in batch order) or duplicate (a count)."""
+        keys = batch.column("idempotency_key").to_pylist()
+        times = batch.column("event_time").cast(pa.int64()).to_numpy().tolist()
+        sequences = batch.column("sequence").to_numpy().tolist()
+        use_outputs = pc.not_equal(batch.column("quality"), "bad").to_numpy().tolist()
+        rejected: list[tuple[int, str | None]] = []
+        accepted: dict[int, list[Pending]] = {}
+        accepted_rows: list[int] = []
+        duplicates = 0
+        order = np.argsort(code, kind="stable")
+        for rows in np.split(order, np.flatnonzero(np.diff(code[order])) + 1):  # one twin's rows, in batch order
+            if not len(rows):
+                continue
+            c = int(code[rows[0]])
+            twin = twins[c]
+            if twin is None:
+                rejected += [(i, f"unknown twin {assets[c]!r} for tenant {tenant!r}") for i in rows.tolist()]
+                continue
+            rejected += [(i, None) for i in rows[misfit[rows]].tolist()]
+            rows = rows[~misfit[rows]].tolist()
+            found = [(times[i], sequences[i], keys[i]) for i in rows]
+            events: list[Pending] = []
+            for i, key, verdict in zip(rows, found, twin.classify(found)):
+                if verdict == TOO_LATE and self.store.contains(tenant, assets[c], key):
+                    verdict = DUPLICATE  # a re-delivery of an event applied long ago
+                if verdict == DUPLICATE:
+                    duplicates += 1
+                elif verdict == TOO_LATE:
+                    rejected.append((i, TOO_LATE))
+                else:
+                    events.append(Pending(key, values[c][i], use_outputs[i]))
+                    accepted_rows.append(i)
+            if events:
+                accepted[c] = events
+        rejected.sort(key=lambda r: r[0])
+        return accepted, accepted_rows, rejected, duplicates
 
     @staticmethod
     def _reject(batch: pa.Table, i: int, reason: str | None, twin: Twin | None) -> dict[str, str]:
