@@ -10,7 +10,7 @@ from raytwin.lazy import lazy_exports
 
 _EXPORTS = {
     "TwinService": "actors.service",
-    "events_to_table": "actors.ingest",
+    "events_to_table": "actors.telemetry",
     "ndjson_http_source": "actors.ingest",
     **{name: "actors.state" for name in ("DivergenceReport", "IngestReport", "Reject", "TwinState", "UnknownTwin")},
 }

@@ -1,79 +1,55 @@
 """Telemetry ingestion: Parquet / Arrow / streamed JSON -> validated events -> twin shards.
 
-Sources are read in batches, each row is validated against the `TelemetryEvent` contract (rows
-that fail go to the dead-letter dataset with the reason), events are grouped by shard and sent as
+Sources are read in batches of Arrow rows, each batch is checked against the `TelemetryEvent`
+contract column-wise (`actors.telemetry.validate_table`; rows that fail go to the dead-letter
+dataset with the contract's reason), rows are grouped by shard and sent as Arrow tables in
 batched actor calls. Backpressure: at most ``max_in_flight`` shard calls (one per shard) of at
 most ``batch_size`` events are outstanding at any time (`ray.wait` on a window), and a source is
 read one batch at a time, so memory is bounded by about ``(max_in_flight + 1) * batch_size``
 events however slow a twin is: a slow shard just makes the reader wait.
 
-Telemetry tables use `TELEMETRY_SCHEMA`; `measurements` may also be a JSON string column
-(``{"T_in": {"value": 21.3, "unit": "degC"}}``). `events_to_table` writes the canonical form.
+Telemetry tables use `actors.telemetry.TELEMETRY_SCHEMA`; `measurements` may also be a JSON string
+column (``{"T_in": {"value": 21.3, "unit": "degC"}}``, checked row by row). `events_to_table`
+writes the canonical form.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
 import ray
-from pydantic import ValidationError
 
 from actors.routing import shard_index, shard_name
 from actors.state import IngestReport, Reject
-from raytwin.contracts import TelemetryEvent, describe_error
+from actors.telemetry import TELEMETRY_SCHEMA as TELEMETRY_SCHEMA  # re-exported for sources
+from actors.telemetry import events_to_table as events_to_table  # re-exported for sources
+from actors.telemetry import parse_rows, validate_table, validated_table
 from raytwin.statestore import StateStore
 from raytwin.storage import filesystem
 
 log = logging.getLogger("raytwin.ingest")
 
-TELEMETRY_SCHEMA = pa.schema([
-    ("asset_id", pa.string()),
-    ("event_time", pa.timestamp("us", tz="UTC")),
-    ("sequence", pa.int64()),
-    ("idempotency_key", pa.string()),
-    ("quality", pa.string()),
-    ("measurements", pa.map_(pa.string(), pa.struct([("value", pa.float64()), ("unit", pa.string())]))),
-])
-DEFAULT_BATCH_SIZE = 1000
+DEFAULT_BATCH_SIZE = 10_000
 DEFAULT_MAX_IN_FLIGHT = 8
 
-
-def events_to_table(events: Iterable[TelemetryEvent]) -> pa.Table:
-    """Events in the canonical telemetry table form (for files and replays)."""
-    rows = [{
-        "asset_id": e.asset_id, "event_time": e.event_time, "sequence": e.sequence,
-        "idempotency_key": e.idempotency_key, "quality": e.quality,
-        "measurements": [(k, {"value": m.value, "unit": m.unit}) for k, m in e.measurements.items()],
-    } for e in events]
-    return pa.Table.from_pylist(rows, schema=TELEMETRY_SCHEMA)
+Batch = pa.Table | list[dict[str, Any]]
+"""A source batch: Arrow rows (checked column-wise) or dict rows (e.g. parsed JSON, checked one by one)."""
 
 
-def parse_rows(rows: Iterable[dict[str, Any]]) -> tuple[list[TelemetryEvent], list[dict[str, str]]]:
-    """Contract-check raw rows: (valid events, rejects with raw JSON and a one-line reason)."""
-    events, rejects = [], []
-    for row in rows:
-        data = {k: v for k, v in row.items() if v is not None}
-        m = data.get("measurements")
-        try:
-            if isinstance(m, str):
-                data["measurements"] = json.loads(m)
-            elif isinstance(m, list):  # an Arrow map arrives as (key, value) pairs
-                data["measurements"] = dict(m)
-            events.append(TelemetryEvent.model_validate(data))
-        except (ValidationError, ValueError, TypeError) as exc:
-            rejects.append({
-                "asset_id": str(row.get("asset_id")), "idempotency_key": row.get("idempotency_key"),
-                "reason": describe_error(exc), "raw": json.dumps(row, default=str, sort_keys=True),
-            })
-    return events, rejects
+def validate_batch(batch: Batch) -> tuple[pa.Table, list[dict[str, str]]]:
+    """(valid rows as a validated table, rejects) of a source batch."""
+    if isinstance(batch, pa.Table):
+        return validate_table(batch)
+    events, rejects = parse_rows(batch)
+    return validated_table(events), rejects
 
 
 @dataclass(frozen=True)
@@ -117,18 +93,21 @@ class Dispatcher:
             self.report += IngestReport(rejected=len(rejects), reasons=[
                 Reject(idempotency_key=r["idempotency_key"], reason=r["reason"]) for r in rejects])
 
-    def send(self, events: list[TelemetryEvent]) -> None:
-        by_shard: dict[int, list[TelemetryEvent]] = defaultdict(list)
-        for ev in events:
-            by_shard[shard_index(self.tenant, ev.asset_id, self.router.shards)].append(ev)
-        for index, evs in sorted(by_shard.items()):
-            for start in range(0, len(evs), self.batch_size):
+    def send(self, table: pa.Table) -> None:
+        """Send validated rows (`VALIDATED_SCHEMA`) to their shards, in calls of at most `batch_size`."""
+        ids = table.column("asset_id").combine_chunks().dictionary_encode()
+        shard_of_asset = np.array([shard_index(self.tenant, a, self.router.shards) for a in ids.dictionary.to_pylist()],
+                                  dtype=np.int64)
+        shard_of_row = shard_of_asset[ids.indices.to_numpy()]
+        for index in np.unique(shard_of_row).tolist():
+            part = table.take(np.flatnonzero(shard_of_row == index))
+            for start in range(0, part.num_rows, self.batch_size):
                 if index in self.busy:
                     self._complete([self.busy[index]])
                 while len(self.busy) >= self.max_in_flight:
                     done, _ = ray.wait(list(self.busy.values()), num_returns=1)
                     self._complete(done)
-                self.busy[index] = self.handles[index].ingest.remote(self.tenant, evs[start:start + self.batch_size])
+                self.busy[index] = self.handles[index].ingest.remote(self.tenant, part.slice(start, self.batch_size))
 
     def _complete(self, refs: list[ray.ObjectRef]) -> None:
         for index in [i for i, r in self.busy.items() if r in refs]:
@@ -142,22 +121,22 @@ class Dispatcher:
         return self.report
 
 
-def ingest_rows(router: ShardRouter, tenant: str, batches: Iterable[list[dict[str, Any]]], **opts) -> IngestReport:
-    """Validate and route row batches (the common path of every source)."""
+def ingest_rows(router: ShardRouter, tenant: str, batches: Iterable[Batch], **opts) -> IngestReport:
+    """Validate and route source batches (the common path of every source)."""
     dispatcher = Dispatcher(router, tenant, **opts)
-    for i, rows in enumerate(batches, 1):
-        events, rejects = parse_rows(rows)
+    for i, batch in enumerate(batches, 1):
+        table, rejects = validate_batch(batch)
         dispatcher.reject(rejects)
-        dispatcher.send(events)
+        dispatcher.send(table)
         if i % 100 == 0:
             log.info("event=ingest_progress tenant=%s batches=%d accepted=%d", tenant, i, dispatcher.report.accepted)
     return dispatcher.finish()
 
 
-def table_batches(table: pa.Table, batch_size: int) -> Iterator[list[dict[str, Any]]]:
-    """Rows of `table` as dicts, converted one record batch of at most `batch_size` rows at a time."""
-    for batch in table.to_batches(max_chunksize=batch_size):
-        yield batch.to_pylist()
+def table_batches(table: pa.Table, batch_size: int) -> Iterator[pa.Table]:
+    """`table` in slices of at most `batch_size` rows (zero-copy)."""
+    for start in range(0, table.num_rows, batch_size):
+        yield table.slice(start, batch_size)
 
 
 def _chunks(source: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
@@ -185,7 +164,7 @@ def ingest_parquet(router: ShardRouter, tenant: str, url: str, storage_options: 
     """Ray task: ingest a Parquet file or dataset directory (local or any fsspec URL), streamed in batches."""
     fs, path = filesystem(url, storage_options)
     dataset = ds.dataset(path, filesystem=fs, format="parquet")
-    batches = (b.to_pylist() for b in dataset.to_batches(batch_size=batch_size))
+    batches = (pa.Table.from_batches([b]) for b in dataset.to_batches(batch_size=batch_size))
     return ingest_rows(router, tenant, batches, batch_size=batch_size, max_in_flight=max_in_flight)
 
 

@@ -10,10 +10,10 @@ import json
 from functools import lru_cache
 from typing import Any
 
-from actors.twin import Twin, replay
+from actors.twin import Twin, replay_many
 from raytwin.contracts import Asset
 from raytwin.registry import ModelArtifact
-from raytwin.statestore import StateStore
+from raytwin.statestore import EventKey, StateStore
 
 NOISE_PREFIXES = {"process_std.": "process_std", "measurement_std.": "measurement_std", "input.": "inputs"}
 """Asset metadata keys that tune the filter, e.g. ``measurement_std.T_in = "0.1"`` (SI units)."""
@@ -74,9 +74,22 @@ def recover(
     until_us: int | None = None,
 ) -> Twin:
     """The twin as of `until_us` (now if None): latest snapshot before it + sorted log replay."""
-    twin = build_twin(record, allowed_lateness_s=allowed_lateness_s, checkpoint_every=checkpoint_every)
-    snap = store.latest_snapshot(twin.tenant, twin.asset_id, at_or_before_us=until_us)
-    if snap is not None:
-        twin.restore(snap)
-    events = store.read_events(twin.tenant, twin.asset_id, after=snap.key if snap else None, until_us=until_us)
-    return replay(twin, events)
+    return recover_many(store, [record], allowed_lateness_s=allowed_lateness_s, checkpoint_every=checkpoint_every,
+                        until_us=until_us)[0]
+
+
+def recover_many(
+    store: StateStore, records: list[dict[str, Any]], *, allowed_lateness_s: float, checkpoint_every: int,
+    until_us: int | None = None,
+) -> list[Twin]:
+    """`recover` for many twins: one log scan per tenant, and their replays share filter dispatches."""
+    twins = [build_twin(r, allowed_lateness_s=allowed_lateness_s, checkpoint_every=checkpoint_every) for r in records]
+    after: dict[str, dict[str, EventKey | None]] = {}
+    for twin in twins:
+        snap = store.latest_snapshot(twin.tenant, twin.asset_id, at_or_before_us=until_us)
+        if snap is not None:
+            twin.restore(snap)
+        after.setdefault(twin.tenant, {})[twin.asset_id] = snap.key if snap else None
+    logged = {tenant: store.read_events_many(tenant, assets, until_us=until_us) for tenant, assets in after.items()}
+    replay_many([(twin, logged[twin.tenant][twin.asset_id]) for twin in twins])
+    return twins

@@ -20,15 +20,16 @@ from actors.ingest import (
     DEFAULT_MAX_IN_FLIGHT,
     Dispatcher,
     ShardRouter,
-    table_batches,
     ingest_parquet,
     ingest_rows,
     ingest_stream,
+    table_batches,
 )
 from actors.recovery import registration_record
 from actors.routing import shard_index, shard_name
 from actors.shard import TwinShardActor
 from actors.state import IngestReport, TwinState, UnknownTwin
+from actors.telemetry import validated_table
 from raytwin.contracts import Asset, Identifier, TelemetryEvent
 from raytwin.registry import ModelArtifact
 from raytwin.statestore import StateStore, to_micros
@@ -138,7 +139,7 @@ class TwinService:
             return ingest_rows(self.router, self._tenant(tenant), table_batches(events, self.batch_size),
                                max_in_flight=self.max_in_flight, batch_size=self.batch_size)
         dispatcher = self._dispatcher(tenant)
-        dispatcher.send(list(events))
+        dispatcher.send(validated_table(events))
         return dispatcher.finish()
 
     def ingest_parquet(self, tenant: str, url: str, storage_options: dict[str, Any] | None = None) -> IngestReport:

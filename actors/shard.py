@@ -15,18 +15,21 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import defaultdict
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 from ray.util import metrics
 
-from actors.recovery import recover
+from actors.recovery import recover, recover_many
 from actors.routing import shard_index
 from actors.state import IngestReport, Reject, TwinState
-from actors.twin import DUPLICATE, TOO_LATE, Twin, logged_event
-from raytwin.contracts import ContractError, TelemetryEvent, describe_error
-from raytwin.statestore import LoggedEvent, StateStore
+from actors.telemetry import Entries, Normalized, normalize_entries, row_event, si_map, value_matrix
+from actors.twin import DUPLICATE, TOO_LATE, Pending, Twin, apply_many
+from raytwin.contracts import AssetType, ContractError, describe_error, normalize_measurements
+from raytwin.statestore import LOG_BATCH_SCHEMA, StateStore
 
 log = logging.getLogger("raytwin.twins")
 
@@ -60,10 +63,13 @@ class TwinShard:
         self.m_drift = metrics.Gauge("raytwin_twins_drifting", "Twins whose filter flags drift.", tag_keys=("shard",))
         self.m_drift.set_default_tags(tags)
         self.stale: set[tuple[str, str]] = set()  # twins whose log write failed mid-batch
-        for tenant, asset_id, record in self.store.registrations():
-            if shard_index(tenant, asset_id, shards) == index:
-                self.twins[(tenant, asset_id)] = self._recover(record)
-                self.durable_revision[(tenant, asset_id)] = 0  # at worst one snapshot is rewritten as is
+        mine = [(t, a, r) for t, a, r in self.store.registrations() if shard_index(t, a, shards) == index]
+        recovered = recover_many(self.store, [r for *_, r in mine], allowed_lateness_s=allowed_lateness_s,
+                                 checkpoint_every=checkpoint_every)
+        for (tenant, asset_id, _), twin in zip(mine, recovered):
+            self.twins[(tenant, asset_id)] = twin
+            self.durable_revision[(tenant, asset_id)] = 0  # at worst one snapshot is rewritten as is
+        self.drifting = {key for key, twin in self.twins.items() if twin.fs.divergence.drift}
         self.m_twins.set(len(self.twins))
         log.info("event=shard_started shard=%d pid=%d twins=%d", index, os.getpid(), len(self.twins))
 
@@ -105,8 +111,11 @@ class TwinShard:
         return sorted(a for t, a in self.twins if t == tenant)
 
     def _refresh_stale(self) -> None:
-        for key in sorted(self.stale & self.twins.keys()):
-            self.twins[key] = self._recover(self.store.load_registration(*key))
+        keys = sorted(self.stale & self.twins.keys())
+        for key, twin in zip(keys, recover_many(self.store, [self.store.load_registration(*k) for k in keys],
+                                                allowed_lateness_s=self.lateness_s,
+                                                checkpoint_every=self.checkpoint_every)):
+            self.twins[key] = twin
         self.stale.clear()
 
     def state(self, tenant: str, asset_id: str) -> TwinState | None:
@@ -128,52 +137,42 @@ class TwinShard:
         return sum(self._snapshot(key, force=True) for key in self.twins)
 
     # ------------------------------------------------------------------ ingestion ----
-    def ingest(self, tenant: str, events: list[TelemetryEvent]) -> IngestReport:
-        """Validate against each twin's asset type, log durably, then apply (see module docstring)."""
+    def ingest(self, tenant: str, batch: pa.Table) -> IngestReport:
+        """Check a validated batch (`VALIDATED_SCHEMA`) against each twin's asset type, log the
+        accepted events durably, then apply them (see module docstring). Column-wise except for
+        the per-event ordering and de-duplication decisions."""
         self._refresh_stale()
-        rejects: list[dict[str, str]] = []
-        accepted: dict[tuple[str, str], list[LoggedEvent]] = defaultdict(list)
-        batch_keys: set[tuple[str, str]] = set()
-        duplicates = 0
-        for ev in events:
-            twin = self.twins.get((tenant, ev.asset_id))
-            reason = None
-            if twin is None:
-                reason = f"unknown twin {ev.asset_id!r} for tenant {tenant!r}"
-            else:
-                try:
-                    logged = logged_event(ev, twin.artifact.asset_type)
-                except ContractError as exc:
-                    reason = describe_error(exc)
-            if reason is not None:
-                rejects.append(_reject(ev, reason))
-                continue
-            verdict = DUPLICATE if (ev.asset_id, ev.idempotency_key) in batch_keys else twin.classify(logged)
-            if verdict == TOO_LATE and self.store.contains(tenant, ev.asset_id, logged.key):
-                verdict = DUPLICATE  # a re-delivery of an event applied long ago
-            if verdict == DUPLICATE:
-                duplicates += 1
-            elif verdict == TOO_LATE:
-                rejects.append(_reject(ev, TOO_LATE))
-            else:
-                batch_keys.add((ev.asset_id, ev.idempotency_key))
-                accepted[(tenant, ev.asset_id)].append(logged)
+        ids = batch.column("asset_id").combine_chunks().dictionary_encode()
+        assets = ids.dictionary.to_pylist()
+        twins = [self.twins.get((tenant, a)) for a in assets]
+        code = ids.indices.to_numpy()
+        entries = Entries.of(batch.column("measurements").combine_chunks())
+        normalized, values = self._normalize(entries, twins, code)
+        accepted, accepted_rows, rejected, duplicates = self._admit(tenant, batch, assets, twins, code, values,
+                                                                    normalized.misfit)
+        rejects = [self._reject(batch, i, reason, twins[code[i]]) for i, reason in rejected]
+
+        rows = pa.array(accepted_rows, pa.int64())
+        log_rows = pa.table([batch.column("asset_id").take(rows), *(batch.column(n).take(rows) for n in (
+            "event_time", "sequence", "idempotency_key", "quality")), si_map(entries, normalized).take(rows),
+            batch.column("ingest_time").take(rows)], schema=LOG_BATCH_SCHEMA)
         try:
-            n_accepted = self.store.append_events(
-                tenant, ((asset_id, e) for (_, asset_id), evs in accepted.items() for e in evs))
+            n_accepted = self.store.append_log(tenant, log_rows)
         except Exception:
             # part of the batch may be durable: rebuild those twins from the store before the next
             # call so memory never lacks an event a recovery would replay
-            self.stale.update(accepted)
+            self.stale.update((tenant, assets[c]) for c in accepted)
             raise
         self.store.write_dead_letters(tenant, rejects)
-        for key, evs in accepted.items():
-            self.twins[key].apply(evs)
+        apply_many([(twins[c], evs) for c, evs in accepted.items()])
+        for c in accepted:
+            key = (tenant, assets[c])
             self._snapshot(key)
+            (self.drifting.add if twins[c].fs.divergence.drift else self.drifting.discard)(key)
         for outcome, count in (("accepted", n_accepted), ("duplicate", duplicates), ("rejected", len(rejects))):
             if count:
                 self.m_events.inc(count, {"outcome": outcome})
-        self.m_drift.set(sum(t.fs.divergence.drift for t in self.twins.values()))
+        self.m_drift.set(len(self.drifting & self.twins.keys()))
         if rejects:
             log.info("event=rejected shard=%d tenant=%s count=%d first_reason=%r",
                      self.index, tenant, len(rejects), rejects[0]["reason"])
@@ -181,6 +180,78 @@ class TwinShard:
             accepted=n_accepted, duplicates=duplicates, rejected=len(rejects),
             reasons=[Reject(idempotency_key=r["idempotency_key"], reason=r["reason"]) for r in rejects],
         )
+
+    @staticmethod
+    def _normalize(entries: Entries, twins: list[Twin | None], code: np.ndarray) -> tuple[Normalized, list[np.ndarray | None]]:
+        """Measurements in their twin's asset type units; per asset (code), the SI value matrix of
+        every row in its filter's columns (None for an unknown twin)."""
+        targets: dict[int, int] = {}  # id of a twin's filter -> index in `columns`
+        columns: list[tuple[AssetType, tuple[str, ...]]] = []
+        asset_target = np.full(len(twins), -1, dtype=np.int64)
+        for c, twin in enumerate(twins):
+            if twin is not None:
+                asset_target[c] = targets.setdefault(id(twin.filter), len(columns))
+                if asset_target[c] == len(columns):
+                    columns.append((twin.artifact.asset_type, twin.filter.measured_names))
+        row_target = asset_target[code]
+        normalized = normalize_entries(entries, row_target, columns)
+        matrices = [value_matrix(entries, normalized, row_target == t, len(names)) for t, (_, names) in enumerate(columns)]
+        return normalized, [None if t < 0 else matrices[t] for t in asset_target.tolist()]
+
+    def _admit(self, tenant: str, batch: pa.Table, assets: list[str], twins: list[Twin | None], code: np.ndarray,
+               values: list[np.ndarray | None], misfit: np.ndarray,
+               ) -> tuple[dict[int, list[Pending]], list[int], list[tuple[int, str | None]], int]:
+        """Decide each row: accepted (events per asset code, their rows), rejected (row, reason;
+        None: the contract's unit/name reason, in batch order) or duplicate (a count)."""
+        keys = batch.column("idempotency_key").to_pylist()
+        times = batch.column("event_time").cast(pa.int64()).to_numpy().tolist()
+        sequences = batch.column("sequence").to_numpy().tolist()
+        use_outputs = pc.not_equal(batch.column("quality"), "bad").to_numpy().tolist()
+        rejected: list[tuple[int, str | None]] = []
+        accepted: dict[int, list[Pending]] = {}
+        accepted_rows: list[int] = []
+        duplicates = 0
+        order = np.argsort(code, kind="stable")
+        for rows in np.split(order, np.flatnonzero(np.diff(code[order])) + 1):  # one twin's rows, in batch order
+            if not len(rows):
+                continue
+            c = int(code[rows[0]])
+            twin = twins[c]
+            if twin is None:
+                rejected += [(i, f"unknown twin {assets[c]!r} for tenant {tenant!r}") for i in rows.tolist()]
+                continue
+            rejected += [(i, None) for i in rows[misfit[rows]].tolist()]
+            rows = rows[~misfit[rows]].tolist()
+            found = [(times[i], sequences[i], keys[i]) for i in rows]
+            events: list[Pending] = []
+            for i, key, verdict in zip(rows, found, twin.classify(found)):
+                if verdict == TOO_LATE and self.store.contains(tenant, assets[c], key):
+                    verdict = DUPLICATE  # a re-delivery of an event applied long ago
+                if verdict == DUPLICATE:
+                    duplicates += 1
+                elif verdict == TOO_LATE:
+                    rejected.append((i, TOO_LATE))
+                else:
+                    events.append(Pending(key, values[c][i], use_outputs[i]))
+                    accepted_rows.append(i)
+            if events:
+                accepted[c] = events
+        rejected.sort(key=lambda r: r[0])
+        return accepted, accepted_rows, rejected, duplicates
+
+    @staticmethod
+    def _reject(batch: pa.Table, i: int, reason: str | None, twin: Twin | None) -> dict[str, str]:
+        """The dead letter of row `i`; reason None: the contract's reason why it does not fit the twin's type."""
+        ev = row_event(batch, i)
+        if reason is None:
+            try:
+                normalize_measurements(ev, twin.artifact.asset_type)
+            except ContractError as exc:
+                reason = describe_error(exc)
+            else:
+                raise RuntimeError(f"column check and contract disagree on event {ev.idempotency_key!r}")
+        return {"asset_id": ev.asset_id, "idempotency_key": ev.idempotency_key, "reason": reason,
+                "raw": ev.model_dump_json()}
 
     def _snapshot(self, key: tuple[str, str], force: bool = False) -> bool:
         snap = self.twins[key].sealed_snapshot()
@@ -190,11 +261,6 @@ class TwinShard:
         self.store.write_snapshot(*key, snap)
         self.durable_revision[key] = snap.revision
         return True
-
-
-def _reject(ev: TelemetryEvent, reason: str) -> dict[str, str]:
-    return {"asset_id": ev.asset_id, "idempotency_key": ev.idempotency_key, "reason": reason,
-            "raw": ev.model_dump_json()}
 
 
 TwinShardActor = ray.remote(TwinShard)

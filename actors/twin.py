@@ -19,12 +19,13 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 from actors.state import DivergenceReport, TwinState
 from raytwin.contracts import AssetType, TelemetryEvent, normalize_measurements
-from raytwin.estimation import Divergence, ExtendedKalmanFilter, FilterState
+from raytwin.estimation import Divergence, ExtendedKalmanFilter, FilterState, FilterTrace, Run, assimilate_runs
 from raytwin.registry import ModelArtifact
 from raytwin.statestore import EventKey, LoggedEvent, Snapshot, from_micros, to_micros
 
@@ -48,6 +49,19 @@ def _shared_filter(artifact: ModelArtifact, process_std: dict | None, measuremen
         _FILTERS[key] = ExtendedKalmanFilter(artifact.model(), artifact.param_vector(),
                                              process_std=process_std, measurement_std=measurement_std)
     return _FILTERS[key]
+
+
+def _key(e: Pending) -> EventKey:
+    return e.key
+
+
+class Pending(NamedTuple):
+    """An accepted event as a twin holds it: order key, values in its filter's `measured_names`
+    columns (SI, NaN = not measured) and whether its outputs may update the estimate."""
+
+    key: EventKey
+    values: np.ndarray
+    use_outputs: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +102,7 @@ class Twin:
         self.last_key = base.key
         self.events_applied = base.events_applied
         self.checkpoints = [base]
-        self.window: list[LoggedEvent] = []  # applied events after checkpoints[0], in key order
+        self.window: list[Pending] = []  # applied events after checkpoints[0], in key order
         self.seen: set[str] = set()
 
     # ------------------------------------------------------------------- classification ----
@@ -96,39 +110,59 @@ class Twin:
     def watermark_us(self) -> int | None:
         return None if self.max_time_us is None else self.max_time_us - self.lateness_us
 
-    def classify(self, ev: LoggedEvent) -> str | None:
-        """None if `ev` can be applied, else DUPLICATE or TOO_LATE (older than the watermark)."""
-        if ev.key[2] in self.seen:
-            return DUPLICATE
-        wm = self.watermark_us
-        if wm is not None and ev.key[0] < wm:
-            return TOO_LATE
-        return None
+    def classify(self, keys: list[EventKey]) -> list[str | None]:
+        """For each event of a batch, in order: None if it can be applied, else DUPLICATE (seen
+        before, or earlier in this batch) or TOO_LATE (older than the watermark)."""
+        seen, wm = self.seen, self.watermark_us
+        taken: set[str] = set()
+        verdicts: list[str | None] = []
+        for key in keys:
+            if key[2] in seen or key[2] in taken:
+                verdicts.append(DUPLICATE)
+            elif wm is not None and key[0] < wm:
+                verdicts.append(TOO_LATE)
+            else:
+                taken.add(key[2])
+                verdicts.append(None)
+        return verdicts
+
+    def pending(self, ev: LoggedEvent) -> Pending:
+        """A logged event in this twin's filter columns."""
+        return Pending(ev.key, np.array([ev.values.get(n, np.nan) for n in self.filter.measured_names]),
+                       ev.quality != "bad")
 
     # ------------------------------------------------------------------------- applying ----
-    def _apply_one(self, ev: LoggedEvent) -> None:
-        self.fs = self.filter.assimilate(self.fs, ev.time_s, ev.values, use_outputs=ev.quality != "bad")
-        self.last_key = ev.key
-        self.events_applied += 1
-        self.window.append(ev)
-        self.seen.add(ev.key[2])
-        if self.events_applied % self.checkpoint_every == 0:
-            self.checkpoints.append(Checkpoint(ev.key, self.fs, self.events_applied))
-
-    def apply(self, events: list[LoggedEvent]) -> None:
+    def apply(self, events: list[Pending]) -> None:
         """Apply accepted events (any order; already classified as applicable)."""
-        if not events:
-            return
-        events = sorted(events, key=lambda e: e.key)
+        apply_many([(self, events)])
+
+    def _plan(self, events: list[Pending]) -> tuple[list[Pending], Run]:
+        """The events to run through the filter, in key order (rewinding first if one is late)."""
+        events = sorted(events, key=_key)
         if self.last_key is not None and events[0].key < self.last_key:
-            events = sorted([*self._rewind_before(events[0].key), *events], key=lambda e: e.key)
-        for ev in events:
-            self._apply_one(ev)
+            events = sorted([*self._rewind_before(events[0].key), *events], key=_key)
+        return events, Run(
+            self.filter, self.fs,
+            np.array([e.key[0] for e in events], dtype=np.int64) / 1e6,
+            np.array([e.values for e in events], dtype=np.float64),
+            np.array([e.use_outputs for e in events]),
+        )
+
+    def _absorb(self, events: list[Pending], trace: FilterTrace) -> None:
+        """Take the filter's states after `events`: checkpoints, window, bookkeeping."""
+        first = self.events_applied
+        for i in range((-first - 1) % self.checkpoint_every, len(events), self.checkpoint_every):
+            self.checkpoints.append(Checkpoint(events[i].key, trace.state(i), first + i + 1))
+        self.fs = trace.state(len(events) - 1)
+        self.last_key = events[-1].key
+        self.events_applied += len(events)
+        self.window.extend(events)
+        self.seen.update(e.key[2] for e in events)
         newest = events[-1].key[0]
         self.max_time_us = newest if self.max_time_us is None else max(self.max_time_us, newest)
         self._prune()
 
-    def _rewind_before(self, key: EventKey) -> list[LoggedEvent]:
+    def _rewind_before(self, key: EventKey) -> list[Pending]:
         """Restore the newest checkpoint before `key`; return the window events to re-apply."""
         i = max(j for j, c in enumerate(self.checkpoints) if c.key is None or c.key < key)
         base = self.checkpoints[i]
@@ -210,7 +244,22 @@ def _decode(payload: dict) -> tuple[FilterState, int | None]:
     return fs, payload["max_time_us"]
 
 
+def apply_many(batches: list[tuple[Twin, list[Pending]]]) -> None:
+    """Apply accepted events to many twins at once: their filter runs share kernel dispatches
+    (`raytwin.estimation.assimilate_runs`), with the same bits as applying each twin alone."""
+    plans = [(twin, *twin._plan(events)) for twin, events in batches if events]
+    for (twin, events, _), trace in zip(plans, assimilate_runs([run for *_, run in plans])):
+        twin._absorb(events, trace)
+
+
 def replay(twin: Twin, events: list[LoggedEvent]) -> Twin:
     """Apply logged events after the twin's last key (recovery, time travel), skipping known keys."""
-    twin.apply([e for e in events if e.key[2] not in twin.seen and (twin.last_key is None or e.key > twin.last_key)])
+    replay_many([(twin, events)])
     return twin
+
+
+def replay_many(batches: list[tuple[Twin, list[LoggedEvent]]]) -> None:
+    """`replay` for many twins through shared filter dispatches (same bits as one by one)."""
+    apply_many([(twin, [twin.pending(e) for e in events
+                        if e.key[2] not in twin.seen and (twin.last_key is None or e.key > twin.last_key)])
+                for twin, events in batches])

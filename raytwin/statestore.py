@@ -2,29 +2,34 @@
 
 Layout under the store URL (a local directory or any fsspec URL such as ``s3://bucket/twins``)::
 
-    log/tenant=T/asset_id=A/date=YYYY-MM-DD/batch-<uuid>.parquet   accepted events, SI values
+    log/tenant=T/date=YYYY-MM-DD/part-<uuid>.parquet              accepted events (asset_id column), SI values
     snapshots/tenant=T/asset_id=A/snap-<event_us>-<revision>.parquet  one-row filter snapshots
     dead_letters/tenant=T/date=YYYY-MM-DD/part-<uuid>.parquet     rejects: raw JSON + reason
     twins/tenant=T/asset_id=A.json                                 twin registrations
 
-Why: appending one immutable Parquet file per ingested batch (not per event) makes writes
-atomic (a file is either there or not; local files are written under a hidden name and renamed)
-and makes a re-delivered batch harmless, because readers de-duplicate by idempotency key.
-Hive-style partitions let readers prune by tenant, asset and date. Snapshot file names carry their
-event time so the latest snapshot before a time is found from a listing, without reading files.
+Why: appending one immutable Parquet file per ingested shard batch and day (not per event, not
+per asset) makes writes atomic (a file is either there or not; local files are written under a
+hidden name and renamed), makes a re-delivered batch harmless, because readers de-duplicate by
+idempotency key, and keeps the write cost of a batch flat however many assets it touches (a file
+per asset per batch made the log the bottleneck of small, frequent batches). Readers prune by
+tenant and date with Hive-style directories and by asset with a filter on the `asset_id` column,
+which each file stores sorted (its row-group statistics skip files without the asset). Snapshot
+file names carry their event time so the latest snapshot before a time is found from a listing,
+without reading files.
 """
 
 from __future__ import annotations
 
 import json
 import uuid
-from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
@@ -42,6 +47,10 @@ LOG_SCHEMA = pa.schema([
     ("values", pa.map_(pa.string(), pa.float64())),
     ("ingest_time", TIME),
 ])
+LOG_BATCH_SCHEMA = pa.schema([("asset_id", pa.string()), *LOG_SCHEMA])
+"""What `append_log` takes: log rows of several assets."""
+_DAY_US = 86_400_000_000
+
 SNAPSHOT_SCHEMA = pa.schema([
     ("event_time", TIME),
     ("sequence", pa.int64()),
@@ -68,6 +77,11 @@ def from_micros(us: int) -> datetime:
     return datetime.fromtimestamp(us // 1_000_000, UTC).replace(microsecond=us % 1_000_000)
 
 
+def _date(us: int) -> str:
+    """The UTC date partition of a time."""
+    return from_micros(us).date().isoformat()
+
+
 @dataclass(frozen=True)
 class LoggedEvent:
     """An accepted event as stored in the log: its order key, quality and SI values."""
@@ -80,6 +94,20 @@ class LoggedEvent:
     @property
     def time_s(self) -> float:
         return self.key[0] / 1e6
+
+
+def log_table(events: Iterable[tuple[str, LoggedEvent]]) -> pa.Table:
+    """(asset_id, event) pairs as `LOG_BATCH_SCHEMA` rows (the inverse of `StateStore.read_events`)."""
+    events = list(events)
+    return pa.table({
+        "asset_id": [a for a, _ in events],
+        "event_time": pa.array([e.key[0] for _, e in events], pa.int64()).cast(TIME),
+        "sequence": pa.array([e.key[1] for _, e in events], pa.int64()),
+        "idempotency_key": [e.key[2] for _, e in events],
+        "quality": [e.quality for _, e in events],
+        "values": pa.array([list(e.values.items()) for _, e in events], LOG_SCHEMA.field("values").type),
+        "ingest_time": pa.array([e.ingest_us for _, e in events], pa.int64()).cast(TIME),
+    }, schema=LOG_BATCH_SCHEMA)
 
 
 @dataclass(frozen=True)
@@ -120,58 +148,63 @@ class StateStore:
         return f"{self.root}/{kind}/tenant={tenant}/asset_id={asset_id}"
 
     # ----------------------------------------------------------------------- event log ----
-    def append_events(self, tenant: str, events: Iterable[tuple[str, LoggedEvent]]) -> int:
-        """Durably append (asset_id, event) pairs: one file per asset and day in this batch."""
-        groups: dict[tuple[str, str], list[LoggedEvent]] = defaultdict(list)
-        for asset_id, ev in events:
-            groups[(asset_id, from_micros(ev.key[0]).date().isoformat())].append(ev)
-        batch = uuid.uuid4().hex
-        for (asset_id, day), evs in groups.items():
-            table = pa.table({
-                "event_time": pa.array([e.key[0] for e in evs], pa.int64()).cast(TIME),
-                "sequence": pa.array([e.key[1] for e in evs], pa.int64()),
-                "idempotency_key": [e.key[2] for e in evs],
-                "quality": [e.quality for e in evs],
-                "values": pa.array([list(e.values.items()) for e in evs], LOG_SCHEMA.field("values").type),
-                "ingest_time": pa.array([e.ingest_us for e in evs], pa.int64()).cast(TIME),
-            }, schema=LOG_SCHEMA)
-            self._write(table, f"{self._asset_dir('log', tenant, asset_id)}/date={day}", f"batch-{batch}")
-        return sum(len(v) for v in groups.values())
+    def append_log(self, tenant: str, table: pa.Table) -> int:
+        """Durably append accepted events (`LOG_BATCH_SCHEMA` rows of any assets): one file per day."""
+        if table.num_rows == 0:
+            return 0
+        day = table.column("event_time").cast(pa.int64()).to_numpy() // _DAY_US
+        table = table.append_column("_day", pa.array(day))
+        name = f"part-{uuid.uuid4().hex}"
+        for d in np.unique(day).tolist():
+            rows = table.filter(pc.equal(table.column("_day"), d)).drop_columns(["_day"])
+            rows = rows.sort_by([("asset_id", "ascending"), ("event_time", "ascending")])
+            self._write(rows, f"{self.root}/log/tenant={tenant}/date={_date(d * _DAY_US)}", name)
+        return table.num_rows
 
     def read_events(
         self, tenant: str, asset_id: str, *, after: EventKey | None = None, until_us: int | None = None
     ) -> list[LoggedEvent]:
         """The asset's logged events with `after` < key and time <= `until_us`, de-duplicated by
         idempotency key (a re-delivered batch may be logged twice) and sorted by key."""
-        dataset = self._dataset(self._asset_dir("log", tenant, asset_id))
-        if dataset is None:
-            return []
-        flt = None
-        if after is not None:
-            flt = ds.field("date") >= from_micros(after[0]).date().isoformat()
-            flt &= ds.field("event_time") >= pa.scalar(after[0], pa.int64()).cast(TIME)
+        return self.read_events_many(tenant, {asset_id: after}, until_us=until_us)[asset_id]
+
+    def read_events_many(
+        self, tenant: str, after: dict[str, EventKey | None], *, until_us: int | None = None
+    ) -> dict[str, list[LoggedEvent]]:
+        """`read_events` for many assets of a tenant in one scan of the log (recovery of a shard)."""
+        out: dict[str, list[LoggedEvent]] = {a: [] for a in after}
+        dataset = self._dataset(f"{self.root}/log/tenant={tenant}")
+        if dataset is None or not after:
+            return out
+        flt = ds.field("asset_id").isin(list(after))
+        if all(k is not None for k in after.values()):
+            since = min(k[0] for k in after.values())
+            flt &= (ds.field("date") >= _date(since)) & (ds.field("event_time") >= pa.scalar(since, pa.int64()).cast(TIME))
         if until_us is not None:
-            cond = ds.field("event_time") <= pa.scalar(until_us, pa.int64()).cast(TIME)
-            flt = cond if flt is None else flt & cond
-        table = dataset.to_table(filter=flt, columns=[f.name for f in LOG_SCHEMA])
-        rows = table.to_pydict()
-        seen: dict[str, LoggedEvent] = {}
-        for t, seq, key, quality, values, ingest in zip(
-            rows["event_time"], rows["sequence"], rows["idempotency_key"], rows["quality"], rows["values"],
-            rows["ingest_time"],
+            flt &= ds.field("event_time") <= pa.scalar(until_us, pa.int64()).cast(TIME)
+        table = dataset.to_table(filter=flt, columns=LOG_BATCH_SCHEMA.names)
+        seen: set[tuple[str, str]] = set()
+        for asset_id, t, seq, key, quality, values, ingest in zip(
+            table.column("asset_id").to_pylist(), table.column("event_time").cast(pa.int64()).to_pylist(),
+            table.column("sequence").to_pylist(), table.column("idempotency_key").to_pylist(),
+            table.column("quality").to_pylist(), table.column("values").to_pylist(),
+            table.column("ingest_time").cast(pa.int64()).to_pylist(),
         ):
-            ev = LoggedEvent((to_micros(t), seq, key), quality, dict(values), to_micros(ingest))
-            if (after is None or ev.key > after) and key not in seen:
-                seen[key] = ev
-        return sorted(seen.values(), key=lambda e: e.key)
+            ev = LoggedEvent((t, seq, key), quality, dict(values), ingest)
+            start = after[asset_id]
+            if (start is None or ev.key > start) and (asset_id, key) not in seen:
+                seen.add((asset_id, key))
+                out[asset_id].append(ev)
+        for events in out.values():
+            events.sort(key=lambda e: e.key)
+        return out
 
     def contains(self, tenant: str, asset_id: str, key: EventKey) -> bool:
         """Whether the event with this key is in the log (reads only that day's partition)."""
-        day = from_micros(key[0]).date().isoformat()
-        dataset = self._dataset(f"{self._asset_dir('log', tenant, asset_id)}/date={day}")
+        dataset = self._dataset(f"{self.root}/log/tenant={tenant}/date={_date(key[0])}")
         if dataset is None:
             return False
-        return dataset.count_rows(filter=ds.field("idempotency_key") == key[2]) > 0
+        return dataset.count_rows(filter=(ds.field("asset_id") == asset_id) & (ds.field("idempotency_key") == key[2])) > 0
 
     # ----------------------------------------------------------------------- snapshots ----
     def write_snapshot(self, tenant: str, asset_id: str, snap: Snapshot) -> None:

@@ -14,7 +14,8 @@ import pytest
 import ray
 
 from actors import IngestReport, TwinService, events_to_table, ndjson_http_source
-from actors.ingest import Dispatcher, ShardRouter, parse_rows
+from actors.ingest import Dispatcher, ShardRouter
+from actors.telemetry import parse_rows, validate_table, validated_table
 from raytwin.contracts import Asset, AssetType, TelemetryEvent
 from raytwin.registry import ModelRegistry
 from raytwin.sim import TWO_TANK
@@ -50,6 +51,33 @@ def test_parse_rows_rejects_with_reasons():
     assert rejects[0]["reason"].startswith("event_time:")
     assert rejects[1]["reason"].startswith("measurements.h1.value:")
     assert "_unparsed" in rejects[2]["reason"] and "garbage" in rejects[2]["raw"]
+
+
+def test_column_check_agrees_with_the_contract_row_by_row():
+    """`validate_table` (column-wise) must accept and reject exactly what `parse_rows` (the pydantic
+    contract per row) does, with the same reasons, and keep source order."""
+    good = events_to_table(tank_events("t1", 1)).to_pylist()[0]
+    m = lambda *pairs: [(n, {"value": v, "unit": u}) for n, v, u in pairs]  # noqa: E731
+    rows = [
+        good, {**good, "event_time": None}, {**good, "sequence": -1}, {**good, "idempotency_key": None},
+        {**good, "idempotency_key": ""}, {**good, "idempotency_key": "k" * 257}, {**good, "asset_id": "bad id!"},
+        {**good, "asset_id": None}, {**good, "quality": "meh"}, {**good, "quality": None},
+        {**good, "quality": "bad", "sequence": 7}, {**good, "measurements": None}, {**good, "measurements": []},
+        {**good, "measurements": m(("h1", float("nan"), "mm"))}, {**good, "measurements": m(("h1", 1.0, "furlong"))},
+        {**good, "measurements": [("h1", None)]}, {**good, "measurements": m(("h1", 1.0, None))},
+        {**good, "measurements": m(("h1", 1.0, "mm"), ("h1", 2.0, "mm")), "sequence": 8},  # the contract keeps the last
+        {**good, "event_time": datetime(2100, 1, 1, tzinfo=UTC)}, {**good, "sequence": 9},
+    ]
+    table = pa.Table.from_pylist(rows, schema=events_to_table([]).schema)
+    valid, rejects = validate_table(table)
+    events, expected = parse_rows(rows)
+    assert [r["reason"].split(" is more than")[0] for r in rejects] == [
+        r["reason"].split(" is more than")[0] for r in expected]
+    assert [(r["asset_id"], r["idempotency_key"], r["raw"]) for r in rejects] == [
+        (r["asset_id"], r["idempotency_key"], r["raw"]) for r in expected]
+    assert valid.drop_columns(["ingest_time"]).equals(validated_table(events).drop_columns(["ingest_time"]))
+    assert [r["sequence"] for r in valid.to_pylist()] == [0, 0, 0, 7, 8, 9] and len(rejects) == 14
+    assert valid.column("idempotency_key").to_pylist()[:2] == ["t1:0", "t1:0"]  # filled in as the contract does
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
@@ -127,7 +155,7 @@ def test_dispatcher_bounds_in_flight_calls(ray_session, tmp_path):
     d = Dispatcher(router, "acme", max_in_flight=2, batch_size=2, handles=shards)
     most = 0
     for k in range(0, 60, 3):
-        d.send(tank_events(f"a{k % 7}", 3, start=k))
+        d.send(validated_table(tank_events(f"a{k % 7}", 3, start=k)))
         most = max(most, len(d.busy))
         assert len(d.busy) <= 2
     assert d.finish().accepted == 60 and not d.busy and most == 2

@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from raytwin.statestore import LoggedEvent, Snapshot, StateStore, from_micros, to_micros
+from raytwin.statestore import LoggedEvent, Snapshot, StateStore, from_micros, log_table, to_micros
 
 T0 = datetime(2026, 3, 1, 23, 59, 0, tzinfo=UTC)
 
@@ -33,8 +33,8 @@ def store(request, tmp_path):
 
 def test_event_log_dedups_sorts_and_filters(store):
     # two batches, the second re-delivers k=2 and crosses midnight (two date partitions)
-    store.append_events("acme", [("a", _ev(3, 30)), ("a", _ev(1, 10)), ("a", _ev(2, 20))])
-    store.append_events("acme", [("a", _ev(2, 20)), ("a", _ev(4, 90)), ("b", _ev(9, 5, "b:9"))])
+    assert store.append_log("acme", log_table([("a", _ev(3, 30)), ("a", _ev(1, 10)), ("a", _ev(2, 20))])) == 3
+    store.append_log("acme", log_table([("a", _ev(2, 20)), ("a", _ev(4, 90)), ("b", _ev(9, 5, "b:9"))]))
     events = store.read_events("acme", "a")
     assert [e.key[1] for e in events] == [1, 2, 3, 4]
     assert events[0].values == {"h1": 0.1, "q_in": 1e-4}
@@ -44,7 +44,7 @@ def test_event_log_dedups_sorts_and_filters(store):
     assert store.contains("acme", "a", events[3].key)
     assert not store.contains("acme", "a", (events[3].key[0], 4, "a:missing"))
     if store._local:
-        dates = sorted(p.rsplit("=", 1)[-1] for p in store.fs.glob(f"{store.root}/log/tenant=acme/asset_id=a/date=*"))
+        dates = sorted(p.rsplit("=", 1)[-1] for p in store.fs.glob(f"{store.root}/log/tenant=acme/date=*"))
         assert dates == ["2026-03-01", "2026-03-02"]
 
 

@@ -18,6 +18,7 @@ import pytest
 
 from actors import TwinService, TwinState, UnknownTwin
 from actors.recovery import registration_record
+from actors.telemetry import validated_table
 from actors.twin import DUPLICATE, TOO_LATE, Twin, logged_event, replay
 from raytwin.contracts import Asset, AssetType, TelemetryEvent
 from raytwin.registry import ModelRegistry
@@ -59,15 +60,9 @@ def reference(art, asset_id: str, evs: list[TelemetryEvent], tenant: str = "acme
 
 def feed(twin: Twin, batch: list[TelemetryEvent]) -> list[str | None]:
     """What a shard does with a batch, minus persistence: classify, then apply the applicable."""
-    logged = [logged_event(e, twin.artifact.asset_type) for e in batch]
-    verdicts, ok, keys = [], [], set()
-    for e in logged:
-        v = DUPLICATE if e.key[2] in keys else twin.classify(e)
-        verdicts.append(v)
-        if v is None:
-            ok.append(e)
-            keys.add(e.key[2])
-    twin.apply(ok)
+    pending = [twin.pending(logged_event(e, twin.artifact.asset_type)) for e in batch]
+    verdicts = twin.classify([e.key for e in pending])
+    twin.apply([e for e, v in zip(pending, verdicts) if v is None])
     return verdicts
 
 
@@ -246,13 +241,14 @@ def test_cli_time_travel_and_dead_letters(service, artifact):
 
 
 def test_failed_log_write_mid_batch_never_leaves_memory_behind_the_store(ray_session, tmp_path, artifact):
-    """The log write fails after one asset's file is durable: the shard re-reads that twin."""
+    """A batch spanning two days is logged as two files; the second write fails after the first
+    is durable: the shard re-reads the twin whose events are durable before its next call."""
     from actors.shard import TwinShard
 
     shard = TwinShard(str(tmp_path), 0, 1, allowed_lateness_s=LATENESS_S, snapshot_every=1000, checkpoint_every=8)
     for a in ("f1", "f2"):
         shard.register("acme", a, registration_record(asset(a), artifact, None, None))
-    e1, e2 = events("f1", 6, seed=7), events("f2", 6, seed=8)
+    e1, e2 = events("f1", 6, seed=7), events("f2", 6, seed=8, start=24 * 60)  # f2's events are a day later
     real_write, calls = shard.store._write, []
 
     def flaky_write(table, directory, stem):
@@ -263,11 +259,12 @@ def test_failed_log_write_mid_batch_never_leaves_memory_behind_the_store(ray_ses
 
     shard.store._write = flaky_write
     with pytest.raises(OSError):
-        shard.ingest("acme", e1 + e2)
+        shard.ingest("acme", validated_table(e1 + e2))
     shard.store._write = real_write
-    written = "f1" if "asset_id=f1" in calls[0] else "f2"
-    assert shard.state("acme", written).events_applied == 6  # the durable half is applied
-    report = shard.ingest("acme", e1 + e2)  # the source re-delivers the failed batch
+    assert f"date={T0.date().isoformat()}" in calls[0]  # f1's day was written first
+    assert shard.state("acme", "f1").events_applied == 6  # the durable half is applied
+    assert shard.state("acme", "f2").events_applied == 0
+    report = shard.ingest("acme", validated_table(e1 + e2))  # the source re-delivers the failed batch
     assert (report.accepted, report.duplicates) == (6, 6)
     for a, evs in (("f1", e1), ("f2", e2)):
         assert_same_state(shard.state("acme", a), reference(artifact, a, evs, **TWIN_OPTS).view())
