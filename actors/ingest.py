@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
+import threading
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +34,7 @@ from actors.routing import shard_index, shard_name
 from actors.state import IngestReport, Reject
 from actors.telemetry import TELEMETRY_SCHEMA as TELEMETRY_SCHEMA  # re-exported for sources
 from actors.telemetry import events_to_table as events_to_table  # re-exported for sources
-from actors.telemetry import parse_rows, validate_table, validated_table
+from actors.telemetry import parse_rows, rows_table, validate_table, validated_table
 from raytwin.statestore import StateStore
 from raytwin.storage import filesystem
 
@@ -39,15 +42,20 @@ log = logging.getLogger("raytwin.ingest")
 
 DEFAULT_BATCH_SIZE = 10_000
 DEFAULT_MAX_IN_FLIGHT = 8
+DEFAULT_LINGER_S = 0.02
+"""How long a streamed event may wait for more to share its batch (see `lingering_chunks`)."""
 
 Batch = pa.Table | list[dict[str, Any]]
-"""A source batch: Arrow rows (checked column-wise) or dict rows (e.g. parsed JSON, checked one by one)."""
+"""A source batch: Arrow rows or dict rows (parsed JSON rows go through Arrow too, `rows_table`); checked column-wise."""
 
 
 def validate_batch(batch: Batch) -> tuple[pa.Table, list[dict[str, str]]]:
     """(valid rows as a validated table, rejects) of a source batch."""
     if isinstance(batch, pa.Table):
         return validate_table(batch)
+    table = rows_table(batch)
+    if table is not None:
+        return validate_table(table)
     events, rejects = parse_rows(batch)
     return validated_table(events), rejects
 
@@ -139,15 +147,75 @@ def table_batches(table: pa.Table, batch_size: int) -> Iterator[pa.Table]:
         yield table.slice(start, batch_size)
 
 
-def _chunks(source: Iterable[dict[str, Any]], size: int) -> Iterator[list[dict[str, Any]]]:
+class _SourceFailed:
+    """What the reader thread hands over when the source raises (re-raised by the consumer)."""
+
+    def __init__(self, exc: BaseException):
+        self.exc = exc
+
+
+_SOURCE_END = object()
+
+
+def lingering_chunks(source: Iterable[dict[str, Any]], size: int, linger_s: float) -> Iterator[list[dict[str, Any]]]:
+    """Chunks of at most `size` items of `source`, each handed over at the latest `linger_s` after
+    its oldest item arrived.
+
+    Why: a live stream must not wait for `size` events before anything is applied (at one event a
+    second, a 10,000-event chunk would take hours to fill), while a fast stream still gets large
+    chunks: items that arrive while the consumer waits for a busy shard join the next chunk. A
+    thread reads the source into a queue of at most `size` items, so when shards fall behind the
+    reader stalls and memory stays bounded. An exception raised by the source is re-raised here.
+    """
+    if size < 1 or linger_s < 0:
+        raise ValueError("size must be >= 1 and linger_s >= 0")
+    items: queue.Queue = queue.Queue(maxsize=size)
+    stop = threading.Event()
+
+    def hand_over(item: Any) -> bool:
+        while not stop.is_set():
+            try:
+                items.put((time.monotonic(), item), timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def read() -> None:
+        try:
+            for item in source:
+                if not hand_over(item):
+                    return
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            hand_over(_SourceFailed(exc))
+            return
+        hand_over(_SOURCE_END)
+
+    threading.Thread(target=read, name="raytwin-ingest-source", daemon=True).start()
     chunk: list[dict[str, Any]] = []
-    for item in source:
-        chunk.append(item)
-        if len(chunk) >= size:
+    due = 0.0
+    try:
+        while True:
+            try:
+                arrived, item = items.get(timeout=max(0.0, due - time.monotonic()) if chunk else None)
+            except queue.Empty:
+                yield chunk
+                chunk = []
+                continue
+            if item is _SOURCE_END:
+                break
+            if isinstance(item, _SourceFailed):
+                raise item.exc
+            if not chunk:
+                due = arrived + linger_s
+            chunk.append(item)
+            if len(chunk) >= size:
+                yield chunk
+                chunk = []
+        if chunk:
             yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
+    finally:
+        stop.set()
 
 
 @ray.remote
@@ -169,9 +237,11 @@ def ingest_parquet(router: ShardRouter, tenant: str, url: str, storage_options: 
 
 
 def ingest_stream(router: ShardRouter, tenant: str, source: Iterable[dict[str, Any]],
-                  batch_size: int = DEFAULT_BATCH_SIZE, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT) -> IngestReport:
-    """Consume an iterator of event dicts (e.g. `ndjson_http_source`) in batches until it ends."""
-    return ingest_rows(router, tenant, _chunks(source, batch_size), batch_size=batch_size,
+                  batch_size: int = DEFAULT_BATCH_SIZE, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+                  linger_s: float = DEFAULT_LINGER_S) -> IngestReport:
+    """Consume an iterator of event dicts (e.g. `ndjson_http_source`) until it ends, in batches of
+    at most `batch_size` events sent at the latest `linger_s` after their oldest event arrived."""
+    return ingest_rows(router, tenant, lingering_chunks(source, batch_size, linger_s), batch_size=batch_size,
                        max_in_flight=max_in_flight)
 
 

@@ -17,6 +17,7 @@ from pydantic import TypeAdapter
 
 from actors.ingest import (
     DEFAULT_BATCH_SIZE,
+    DEFAULT_LINGER_S,
     DEFAULT_MAX_IN_FLIGHT,
     Dispatcher,
     ShardRouter,
@@ -147,9 +148,12 @@ class TwinService:
         return ray.get(ingest_parquet.remote(self.router, self._tenant(tenant), url, storage_options,
                                              self.batch_size, self.max_in_flight))
 
-    def ingest_stream(self, tenant: str, source: Iterable[dict[str, Any]]) -> IngestReport:
-        """Consume an iterator of event dicts (e.g. `actors.ingest.ndjson_http_source(url)`)."""
-        return ingest_stream(self.router, self._tenant(tenant), source, self.batch_size, self.max_in_flight)
+    def ingest_stream(self, tenant: str, source: Iterable[dict[str, Any]],
+                      linger_s: float = DEFAULT_LINGER_S) -> IngestReport:
+        """Consume an iterator of event dicts (e.g. `actors.ingest.ndjson_http_source(url)`) until it
+        ends; an event waits at most `linger_s` for others to share its batch."""
+        return ingest_stream(self.router, self._tenant(tenant), source, self.batch_size, self.max_in_flight,
+                             linger_s)
 
     def flush(self) -> None:
         """Wait until everything ingested is applied, and persist sealed snapshots."""

@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 from pydantic import TypeAdapter, ValidationError
 
 from raytwin import units
-from raytwin.contracts import MAX_FUTURE_SKEW, AssetType, Identifier, TelemetryEvent, describe_error
+from raytwin.contracts import MAX_FUTURE_SKEW, SCHEMA_VERSION, AssetType, Identifier, TelemetryEvent, describe_error
 from raytwin.statestore import TIME
 
 MEASUREMENTS = pa.map_(pa.string(), pa.struct([("value", pa.float64()), ("unit", pa.string())]))
@@ -79,6 +79,43 @@ def parse_rows(rows: Iterable[dict[str, Any]]) -> tuple[list[TelemetryEvent], li
                 "reason": describe_error(exc), "raw": json.dumps(row, default=str, sort_keys=True),
             })
     return events, rejects
+
+
+_ROW_KEYS = frozenset((*VALIDATED_SCHEMA.names, "schema_version"))
+_ENTRY_KEYS = frozenset(("value", "unit"))
+_TIMES = ("event_time", "ingest_time")
+_JSON_SCHEMA = pa.schema([pa.field(f.name, pa.string()) if f.name in _TIMES else f for f in VALIDATED_SCHEMA])
+
+
+def _json_shaped(row: dict[str, Any]) -> bool:
+    """A parsed-JSON row that Arrow holds exactly as the contract reads it: known keys only (and the
+    contract's schema version, if given), times
+    as text (Arrow would read a naive `datetime` as UTC) and measurements as objects of value and
+    unit (Arrow would drop an unknown key the contract refuses)."""
+    m = row.get("measurements")
+    version = row.get("schema_version", SCHEMA_VERSION)
+    return (row.keys() <= _ROW_KEYS and type(version) is int and version == SCHEMA_VERSION and isinstance(m, dict)
+            and all(isinstance(e, dict) and e.keys() <= _ENTRY_KEYS for e in m.values())
+            and all(isinstance(row.get(k), str | None) for k in _TIMES))
+
+
+def rows_table(rows: list[dict[str, Any]]) -> pa.Table | None:
+    """Parsed-JSON telemetry rows (e.g. NDJSON lines) as a telemetry table for `validate_table`,
+    or None when some row is not plainly JSON-shaped or Arrow cannot read a value exactly (wrong
+    type, a time without a zone offset): those are checked row by row by the contract.
+
+    Why: building an Arrow table costs ~1 us a row, the contract ~40 us (pydantic plus the table
+    built from its events), which would bound a live stream to ~25k events/s per core.
+    """
+    if not all(_json_shaped(r) for r in rows):
+        return None
+    try:
+        table = pa.Table.from_pylist(rows, schema=_JSON_SCHEMA)
+        for name in _TIMES:
+            table = table.set_column(table.schema.get_field_index(name), name, table.column(name).cast(TIME))
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+        return None
+    return table
 
 
 def row_event(table: pa.Table, i: int) -> TelemetryEvent:

@@ -48,6 +48,7 @@ def _shared_filter(artifact: ModelArtifact, process_std: dict | None, measuremen
     if key not in _FILTERS:
         _FILTERS[key] = ExtendedKalmanFilter(artifact.model(), artifact.param_vector(),
                                              process_std=process_std, measurement_std=measurement_std)
+        _FILTERS[key].warm_up()
     return _FILTERS[key]
 
 

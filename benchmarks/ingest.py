@@ -9,20 +9,23 @@ the twins' `events_applied` add up, before it reports a rate.
 from __future__ import annotations
 
 import tempfile
+import threading
+import time
 import uuid
-from datetime import UTC, datetime
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from actors import TwinService
+from actors.ingest import DEFAULT_LINGER_S
 from actors.telemetry import TELEMETRY_SCHEMA, validate_table
 from actors.recovery import registration_record
 from actors.shard import TwinShard
 from actors.twin import Twin, apply_many, logged_event
 from benchmarks.harness import BenchContext, BenchResult, Figure, benchmark
-from benchmarks.load import paced_sync
 from benchmarks.sweep import cluster_cpus
 from raytwin.contracts import Asset, AssetType, TelemetryEvent
 from raytwin.registry import ModelArtifact, ModelRegistry
@@ -37,7 +40,7 @@ STEP_S = 60.0
 THROUGHPUT_TARGET = 100_000.0  # events/s
 LATENCY_RATE = 10_000.0  # events/s offered in the latency test
 LATENCY_P95_TARGET_MS = 50.0
-BATCH_INTERVAL_S = 0.01  # the latency test sends one batch every 10 ms
+PROBE_INTERVAL_S = 0.005  # the latency test polls one twin's state this often
 
 
 class IngestMismatch(AssertionError):
@@ -73,6 +76,92 @@ class TelemetryFeed:
             "quality": pa.array(["good"]).take(np.zeros(n_events, dtype=np.int64)),
             "measurements": measurements.cast(TELEMETRY_SCHEMA.field("measurements").type),
         }, schema=TELEMETRY_SCHEMA)
+
+
+    def json_rows(self, n_events: int) -> list[dict]:
+        """The next `n_events` as parsed NDJSON lines (what `ndjson_http_source` yields)."""
+        n = len(self.assets)
+        rows = []
+        for k in range(self.sent, self.sent + n_events):
+            asset, seq = self.assets[k % n], k // n
+            rows.append({
+                "asset_id": asset, "event_time": (T0 + timedelta(seconds=STEP_S * seq)).isoformat(),
+                "sequence": seq, "idempotency_key": f"{asset}:{seq}", "quality": "good",
+                "measurements": {"T_in": {"value": 20.0 + 0.01 * (seq % 100), "unit": "degC"},
+                                 "T_out": {"value": 5.0, "unit": "degC"}, "Q_h": {"value": 1.5, "unit": "kW"}},
+            })
+        self.sent += n_events
+        return rows
+
+
+class LiveStream:
+    """`feed`'s events as a live source: event k is due at t0 + k / rate and is yielded (as a
+    parsed NDJSON line) no earlier than that, in ticks of about a millisecond."""
+
+    def __init__(self, feed: TelemetryFeed, rate_per_s: float, duration_s: float):
+        self.feed, self.rate, self.total = feed, rate_per_s, max(1, round(rate_per_s * duration_s))
+        self.first_k = feed.sent
+        self.sent = 0
+        self.t0 = self.elapsed_s = 0.0
+
+    def rows(self) -> Iterator[dict]:
+        self.t0 = time.monotonic()
+        while self.sent < self.total:
+            due = min(self.total, int((time.monotonic() - self.t0) * self.rate) + 1)
+            if due > self.sent:
+                rows = self.feed.json_rows(due - self.sent)
+                self.sent = due
+                yield from rows
+            time.sleep(0.001)
+        self.elapsed_s = time.monotonic() - self.t0
+
+    def due_times(self, asset_id: str) -> np.ndarray:
+        """Monotonic due time of each event of `asset_id` in this stream, indexed by its sequence."""
+        n = len(self.feed.assets)
+        k = np.arange(self.first_k, self.first_k + self.total)
+        k = k[k % n == self.feed.assets.index(asset_id)]
+        due = np.full(int(k[-1] // n) + 1 if k.size else 0, np.nan)
+        due[k // n] = self.t0 + (k - self.first_k) / self.rate
+        return due
+
+
+class ProbedTwin:
+    """Polls one twin's state every `PROBE_INTERVAL_S` (as a client would) while the block runs."""
+
+    def __init__(self, service: TwinService, asset_id: str):
+        self.service, self.asset_id = service, asset_id
+        self.seen: list[tuple[float, int]] = []  # (monotonic time the answer arrived, events applied)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._poll, name="bench-probe", daemon=True)
+
+    def _poll(self) -> None:
+        while True:
+            done = self.stop.is_set()  # one last answer after the stream ended
+            applied = self.service.state(TENANT, self.asset_id).events_applied
+            self.seen.append((time.monotonic(), applied))
+            if done:
+                return
+            self.stop.wait(PROBE_INTERVAL_S)
+
+    def __enter__(self) -> ProbedTwin:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    @property
+    def polls(self) -> int:
+        return len(self.seen)
+
+    def latencies_s(self, due: np.ndarray) -> np.ndarray:
+        """For each event with a due time: first answer showing it applied minus its due time."""
+        t, applied = (np.array(c) for c in zip(*self.seen))
+        seqs = np.flatnonzero(~np.isnan(due))
+        first = np.searchsorted(applied, seqs + 1, side="left")  # events_applied never decreases
+        seen = first < applied.size
+        return t[first[seen]] - due[seqs[seen]]
 
 
 def stage_costs(ctx: BenchContext, artifact: ModelArtifact, n_twins: int, n_events: int) -> dict[str, float]:
@@ -144,42 +233,36 @@ def ingestion(ctx: BenchContext) -> BenchResult:
                 raise IngestMismatch(f"{accepted} of {batch} events accepted")
             res.timings["ingest_batch"] = timing
 
-            per_batch = max(1, round(latency_rate * BATCH_INTERVAL_S))
-            probe = feed.assets
-
-            def send_and_query(i: int) -> bool:
-                table = feed.table(per_batch)
-                report = service.ingest(TENANT, table)
-                last = table["asset_id"][-1].as_py()
-                state = service.state(TENANT, last)  # queryable: the latest event's effect is visible
-                return report.accepted == per_batch and state.events_applied == table["sequence"][-1].as_py() + 1
-
-            load = paced_sync(1.0 / BATCH_INTERVAL_S, latency_s, send_and_query)
+            stream = LiveStream(feed, latency_rate, latency_s)
+            probe = ProbedTwin(service, feed.assets[-1])
+            with probe:
+                stream_report = service.ingest_stream(TENANT, stream.rows())
             service.flush()
-            applied = sum(service.state(TENANT, a).events_applied for a in probe)
+            applied = sum(service.state(TENANT, a).events_applied for a in feed.assets)
+            latencies = probe.latencies_s(stream.due_times(feed.assets[-1]))
             res.checks.update({"events_sent": feed.sent, "events_applied_total": applied,
-                               "latency_load": load.summary(), "failed_batches": load.failed})
-            if applied != feed.sent or load.failed:
-                raise IngestMismatch(f"sent {feed.sent} events, twins applied {applied}; {load.failed} batches failed")
+                               "stream_accepted": stream_report.accepted, "probe_polls": probe.polls,
+                               "latency_events": int(latencies.size)})
+            if applied != feed.sent or stream_report.accepted != stream.sent or not latencies.size:
+                raise IngestMismatch(f"sent {feed.sent} events, twins applied {applied}, stream accepted "
+                                     f"{stream_report.accepted} of {stream.sent}; {latencies.size} probe events seen")
         finally:
             service.close()
-    rate_events = load.offered_per_s * per_batch
-    if load.unsent:
-        res.notes.append(f"overloaded: {load.unsent} of {load.sent + load.unsent} batches were still unsent at the "
-                         "load deadline (their latency would be larger still)")
     res.figures += [
         Figure(f"throughput, batches of {batch:,} events over {n_twins} twins, {shards} shards",
                batch / timing.median_s, "events/s", target_min=THROUGHPUT_TARGET),
-        Figure(f"ingest->queryable p50 at {rate_events:,.0f} events/s offered", load.percentile_ms(50), "ms"),
-        Figure(f"ingest->queryable p95 at {rate_events:,.0f} events/s offered", load.percentile_ms(95), "ms",
+        Figure(f"ingest->queryable p50 at {latency_rate:,.0f} events/s offered", np.percentile(latencies, 50) * 1e3, "ms"),
+        Figure(f"ingest->queryable p95 at {latency_rate:,.0f} events/s offered", np.percentile(latencies, 95) * 1e3, "ms",
                target_max=LATENCY_P95_TARGET_MS),
-        Figure(f"achieved rate at {rate_events:,.0f} events/s offered", load.achieved_per_s * per_batch, "events/s"),
+        Figure(f"achieved rate at {latency_rate:,.0f} events/s offered", stream.sent / stream.elapsed_s, "events/s"),
         Figure("per event: column-wise contract check (validate_table), 1 core", stages["validate_s"] * 1e6, "us"),
         Figure("per event: shard batch in-process (TwinShard.ingest), 1 core", stages["shard_s"] * 1e6, "us"),
         Figure("per event: of which twin filter (apply_many), 1 core", stages["filter_s"] * 1e6, "us"),
         Figure(f"bound: min(driver validation, {shards} shards), one core each",
                min(1.0 / stages["validate_s"], shards / stages["shard_s"]), "events/s", target_min=THROUGHPUT_TARGET),
     ]
-    res.notes.append(f"latency: one batch of {per_batch} events every {BATCH_INTERVAL_S * 1e3:g} ms for "
-                     f"{latency_s:g} s, measured from the batch's due time to a state query showing its last event")
+    res.notes.append(f"latency: a live stream at {latency_rate:,.0f} events/s for {latency_s:g} s through "
+                     f"`TwinService.ingest_stream` (linger {DEFAULT_LINGER_S * 1e3:g} ms); for each event of one "
+                     f"twin, from its due time to the first state query (polled every {PROBE_INTERVAL_S * 1e3:g} ms) "
+                     "that shows it applied")
     return res

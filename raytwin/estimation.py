@@ -143,13 +143,16 @@ class FilterTrace(NamedTuple):
         return FilterState(float(self.t[i]), self.x[i], self.P[i], self.u[i], div)
 
 
-MIN_BUCKET = 2
-"""Event runs are padded to a power of two of at least this length: few shapes, hence few
-compiles, and never a one-iteration loop (which XLA would inline and could fuse differently)."""
+RUN_LENGTHS = (8, 64)
+"""The padded scan lengths of event runs: a run is padded to the shortest that holds it and a
+longer one continues in the next dispatch. Two shapes per model means two compiles (~1-2 s each),
+done when the model's first filter is made (`ExtendedKalmanFilter.warm_up`) so that a live event
+never waits for one (compiling on demand for every power of two stalled a live stream for seconds).
+8 keeps a lone event's padding cheap, 64 keeps a long replay to few dispatches; no length is 1 (a
+one-iteration loop XLA would inline and could fuse differently)."""
 
-MAX_RUN = 256
-"""Longest run of events in one dispatch: bounds the padded shapes (and compiles, ~1-2 s each)
-to the powers of two from `MIN_BUCKET` to this, and the padding of a long replay."""
+MAX_RUN = RUN_LENGTHS[-1]
+"""Longest run of events in one dispatch."""
 
 LANES = 32
 """Every filter dispatch runs exactly this many twins side by side (unused lanes are no-ops).
@@ -162,8 +165,8 @@ the nonlinear models: measured). 32 lanes cost about as much per dispatch as one
 
 
 def bucket(n: int) -> int:
-    """The padded scan length for a run of `n` events."""
-    return max(MIN_BUCKET, 1 << (n - 1).bit_length())
+    """The padded scan length for a run of `n` (<= `MAX_RUN`) events."""
+    return next(length for length in RUN_LENGTHS if n <= length)
 
 
 def _mm(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
@@ -308,9 +311,23 @@ class ExtendedKalmanFilter:
         row = np.array([[values.get(n, np.nan) for n in self.measured_names]], dtype=np.float64)
         return self.assimilate_many(fs, np.array([t], dtype=np.float64), row, np.array([use_outputs])).state(0)
 
+    def warm_up(self) -> None:
+        """Compile this model's kernel for every run length now (when a twin is created or
+        recovered), not when a live event first needs it; once per model and process."""
+        if self.model in _WARM:
+            return
+        prior, cols = self.initial(), len(self.measured_names)
+        for n in RUN_LENGTHS:
+            t = np.arange(n, dtype=np.float64) * self.model.default_dt
+            assimilate_runs([Run(self, prior, t, np.full((n, cols), np.nan), np.zeros(n, dtype=bool))])
+        _WARM.add(self.model)
+
     def assimilate_many(self, fs: FilterState, t: np.ndarray, values: np.ndarray, use_outputs: np.ndarray) -> FilterTrace:
         """One twin's run of events (see `Run`); the trace holds the state after each event."""
         return assimilate_runs([Run(self, fs, t, values, use_outputs)])[0]
+
+
+_WARM: set[Model] = set()
 
 
 class Run(NamedTuple):

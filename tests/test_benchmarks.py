@@ -128,7 +128,7 @@ def test_bench_cli_quick_product_paths(ray_session, tmp_path):
     benches = json.loads(out.read_text())["benchmarks"]
     ingest = benches["ingest"]
     assert ingest["checks"]["events_applied_total"] == ingest["checks"]["events_sent"] > 0
-    assert ingest["checks"]["failed_batches"] == 0
+    assert ingest["checks"]["stream_accepted"] > 0 and ingest["checks"]["latency_events"] > 0
     assert max(benches["calibration"]["checks"]["two_tank"]["relative_error"].values()) < 0.02
     serve_load = benches["serve"]["checks"]["load@50"]
     assert serve_load["ok"] == serve_load["sent"] > 0 and serve_load["failed"] == 0

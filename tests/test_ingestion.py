@@ -14,8 +14,8 @@ import pytest
 import ray
 
 from actors import IngestReport, TwinService, events_to_table, ndjson_http_source
-from actors.ingest import Dispatcher, ShardRouter
-from actors.telemetry import parse_rows, validate_table, validated_table
+from actors.ingest import Dispatcher, ShardRouter, lingering_chunks, validate_batch
+from actors.telemetry import parse_rows, rows_table, validate_table, validated_table
 from raytwin.contracts import Asset, AssetType, TelemetryEvent
 from raytwin.registry import ModelRegistry
 from raytwin.sim import TWO_TANK
@@ -80,6 +80,30 @@ def test_column_check_agrees_with_the_contract_row_by_row():
     assert valid.column("idempotency_key").to_pylist()[:2] == ["t1:0", "t1:0"]  # filled in as the contract does
 
 
+def test_json_rows_take_the_column_path_with_the_contracts_verdicts():
+    """Parsed-JSON rows (NDJSON) are checked through Arrow when Arrow holds them exactly; the verdicts
+    and reasons are the contract's, and rows Arrow would read loosely go row by row."""
+    good = tank_events("t1", 1)[0].model_dump(mode="json")
+    m = lambda v, u: {"h1": {"value": v, "unit": u}}  # noqa: E731
+    checked = [
+        good, {**good, "sequence": 3, "idempotency_key": None}, {**good, "sequence": -1}, {**good, "asset_id": "bad id!"},
+        {**good, "quality": "meh"}, {**good, "measurements": {}}, {**good, "measurements": m(1.0, "furlong")},
+        {**good, "event_time": "2100-01-01T00:00:00Z"}, {**good, "sequence": 4, "measurements": m(2, "mm")},
+    ]
+    assert rows_table(checked) is not None
+    valid, rejects = validate_batch(checked)
+    events, expected = parse_rows(checked)
+    assert [r["reason"].split(" is more than")[0] for r in rejects] == [
+        r["reason"].split(" is more than")[0] for r in expected] and len(rejects) == 6
+    assert valid.equals(validated_table(events))
+    for loose in ({**good, "event_time": "2026-04-01T00:00:00"},  # no zone: Arrow would read it as UTC
+                  {**good, "measurements": {"h1": {"value": 1.0, "unit": "mm", "note": "x"}}},  # Arrow drops "note"
+                  {**good, "operator": "me"}, {**good, "sequence": "5"}, {**good, "schema_version": 2}):
+        assert rows_table([good, loose]) is None
+        (valid, rejects), (events, expected) = validate_batch([good, loose]), parse_rows([good, loose])
+        assert valid.equals(validated_table(events)) and rejects == expected
+
+
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_ingest_parquet_dataset(service, tmp_path, where, request):
     base = str(tmp_path / "incoming") if where == "local" else request.getfixturevalue("s3_url") + "/incoming"
@@ -98,6 +122,39 @@ def test_ingest_parquet_dataset(service, tmp_path, where, request):
     assert state.events_applied == 40 and state.event_time == T0 + timedelta(seconds=39)
     dead = service.dead_letters("acme").to_pylist()
     assert any("not a valid id!" in d["raw"] for d in dead)
+
+
+def test_a_slow_stream_is_handed_over_after_the_linger_time_not_when_a_batch_fills():
+    first_chunk_seen = threading.Event()
+
+    def slow_source():
+        yield {"k": 1}
+        # a live stream that pauses: the first event must not wait for the batch to fill
+        assert first_chunk_seen.wait(timeout=10), "the first event was held back while the source paused"
+        yield {"k": 2}
+        yield {"k": 3}
+
+    chunks = []
+    for chunk in lingering_chunks(slow_source(), size=1000, linger_s=0.05):
+        chunks.append([item["k"] for item in chunk])
+        first_chunk_seen.set()
+    assert chunks[0] == [1]
+    assert [k for c in chunks for k in c] == [1, 2, 3]
+
+
+def test_lingering_chunks_respect_the_size_and_keep_order():
+    chunks = list(lingering_chunks(({"k": k} for k in range(25)), size=10, linger_s=60.0))
+    assert [len(c) for c in chunks] == [10, 10, 5]  # a long linger never delays a full chunk or the end
+    assert [item["k"] for c in chunks for item in c] == list(range(25))
+
+
+def test_a_failing_stream_source_raises_in_the_consumer():
+    def broken():
+        yield {"k": 1}
+        raise ConnectionError("stream dropped")
+
+    with pytest.raises(ConnectionError, match="stream dropped"):
+        list(lingering_chunks(broken(), size=10, linger_s=0.01))
 
 
 def test_ingest_ndjson_over_http(service):
