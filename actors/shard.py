@@ -29,6 +29,7 @@ from actors.state import IngestReport, Reject, TwinState
 from actors.telemetry import Entries, Normalized, normalize_entries, row_event, si_map, value_matrix
 from actors.twin import DUPLICATE, TOO_LATE, Pending, Twin, apply_many
 from raytwin.contracts import AssetType, ContractError, describe_error, normalize_measurements
+from raytwin.logs import component_logging
 from raytwin.statestore import LOG_BATCH_SCHEMA, StateStore
 
 log = logging.getLogger("raytwin.twins")
@@ -263,5 +264,13 @@ class TwinShard:
         return True
 
 
-TwinShardActor = ray.remote(TwinShard)
+class TwinShardProcess(TwinShard):
+    """A shard as the only tenant of a Ray worker process: it owns that process's log set-up."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        component_logging()
+        super().__init__(*args, **kwargs)
+
+
+TwinShardActor = ray.remote(TwinShardProcess)
 """The actor class; `TwinService` sets its restart/retry options and name."""

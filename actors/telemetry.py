@@ -162,7 +162,6 @@ def validate_table(table: pa.Table) -> tuple[pa.Table, list[dict[str, str]]]:
     if not _fast_checkable(table.schema):
         events, rejects = parse_rows(table.to_pylist())
         return validated_table(events), rejects
-    n = table.num_rows
     asset, event_time, sequence, key, quality, measurements, ingest_time = (
         _column(table, name) for name in VALIDATED_SCHEMA.names)
     ingest_time = pc.fill_null(ingest_time, pa.scalar(datetime.now(UTC), TIME))

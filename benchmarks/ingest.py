@@ -21,9 +21,9 @@ import pyarrow.compute as pc
 
 from actors import TwinService
 from actors.ingest import DEFAULT_LINGER_S
-from actors.telemetry import TELEMETRY_SCHEMA, validate_table
 from actors.recovery import registration_record
 from actors.shard import TwinShard
+from actors.telemetry import TELEMETRY_SCHEMA, validate_table
 from actors.twin import Twin, apply_many, logged_event
 from benchmarks.harness import BenchContext, BenchResult, Figure, benchmark
 from benchmarks.sweep import cluster_cpus

@@ -45,7 +45,7 @@ ASSET = "zone-1"
 APP = "raytwin-bench"
 PATHS = ("direct ingress", "via proxy")
 RESULT_PREFIX = "SERVE_BENCH_RESULT "
-PROCESSES = {"proxy": "ProxyActor", "ingress": f"ServeReplica:{APP}:Ingress", "shard": "TwinShard"}
+PROCESSES = {"proxy": "ProxyActor", "ingress": f"ServeReplica:{APP}:Ingress", "shard": "TwinShardProcess"}
 
 
 class ServeCheckError(AssertionError):

@@ -6,13 +6,13 @@ and by the KubeRay RayService manifest (``import_path: serve_apps.app:build_app`
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from ray import serve
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
+from raytwin.logs import component_logging
 from raytwin.storage import filesystem
 from serve_apps.api import create_api
 from serve_apps.audit import AuditLog
@@ -30,7 +30,7 @@ class Ingress:
     """Stateless HTTP front: auth, validation, limits, metrics; state lives in the backend."""
 
     def __init__(self, config: ServeConfig, backend: DeploymentHandle):
-        logging.getLogger("raytwin").setLevel(logging.INFO)
+        component_logging()
         try:
             replica = serve.get_replica_context().replica_id.unique_id
         except Exception:  # outside a Serve replica (never in production)

@@ -16,6 +16,7 @@ from typing import Any
 from ray import serve
 
 from raytwin.contracts import Asset, AssetType, RelationshipKind, TelemetryEvent
+from raytwin.logs import component_logging
 from raytwin.registry import ModelArtifact, ModelRegistry
 from serve_apps.catalog import Catalog
 from serve_apps.config import ServeConfig
@@ -29,6 +30,7 @@ class Backend:
     def __init__(self, config: ServeConfig):
         from actors.service import TwinService
 
+        component_logging()
         self.config = config
         self.catalog = Catalog(config.store_url, config.storage_options)
         self.twins = TwinService(config.url("twins"), shards=config.twin_shards,

@@ -14,9 +14,9 @@ from typer.testing import CliRunner
 
 from raytwin.sim import BATTERY_ECM, THERMAL_RC
 from raytwin.sim.reference import model_rhs, reference_trajectory
+from sweeps import engine
 from sweeps.aggregate import open_dataset, quantiles
 from sweeps.cli import sweep_app
-from sweeps import engine
 from sweeps.engine import Bases, chunk_metrics, scenario_arrays
 from sweeps.kits import BATTERY_KIT, THERMAL_KIT
 from sweeps.runner import FAULT_ENV, TRAJECTORY_FILE, run_sweep
