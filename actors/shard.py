@@ -255,12 +255,12 @@ class TwinShard:
                 "raw": ev.model_dump_json()}
 
     def _snapshot(self, key: tuple[str, str], force: bool = False) -> bool:
-        snap = self.twins[key].sealed_snapshot()
-        last = self.durable_revision[key]
-        if snap is None or snap.revision <= last or (not force and snap.revision - last < self.snapshot_every):
+        twin, last = self.twins[key], self.durable_revision[key]
+        revision = twin.sealed_revision  # checked first: encoding a snapshot per twin per batch is wasted
+        if revision is None or revision <= last or (not force and revision - last < self.snapshot_every):
             return False
-        self.store.write_snapshot(*key, snap)
-        self.durable_revision[key] = snap.revision
+        self.store.write_snapshot(*key, twin.sealed_snapshot())
+        self.durable_revision[key] = revision
         return True
 
 

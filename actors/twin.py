@@ -189,6 +189,12 @@ class Twin:
         del self.checkpoints[:i]
 
     # ------------------------------------------------------------------ persistence ----
+    @property
+    def sealed_revision(self) -> int | None:
+        """The revision `sealed_snapshot` would have (None: nothing sealed yet), without encoding it."""
+        base = self.checkpoints[0]
+        return None if base.key is None else base.events_applied
+
     def sealed_snapshot(self) -> Snapshot | None:
         """The oldest retained checkpoint: final (no accepted event can precede it) and durable-safe."""
         base = self.checkpoints[0]
