@@ -233,7 +233,7 @@ def test_cli_time_travel_and_dead_letters(service, artifact):
     at = (evs[5].event_time + timedelta(seconds=1)).isoformat()
     result = runner.invoke(twins_app, ["state-at", service.store.url, "acme", "z1", "--at", at])
     assert result.exit_code == 0, result.output
-    shown = TwinState.model_validate_json(result.output)
+    shown = TwinState.model_validate_json(result.stdout)  # log lines go to stderr
     assert_same_state(shown, reference(artifact, "z1", evs[:6], **TWIN_OPTS).view())
     assert runner.invoke(twins_app, ["state-at", service.store.url, "beta", "z2"]).exit_code == 2
     result = runner.invoke(twins_app, ["dead-letters", service.store.url, "--tenant", "acme", "--limit", "1"])
