@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import typer
@@ -46,6 +47,8 @@ def run(
 
     from benchmarks.harness import BenchContext, default_output_path, render_table, run_benchmarks, write_json
 
+    # in-process GPU runs and Ray's GPU tasks share one GPU: no process may preallocate most of it
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
         record = run_benchmarks(names, BenchContext(quick=quick, repeat=repeat))

@@ -12,6 +12,7 @@ and the target the ratio should reach.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -169,21 +170,27 @@ def benchmark(name: str, description: str) -> Callable[[BenchFn], BenchFn]:
     return register
 
 
-def load_benchmarks() -> dict[str, Benchmark]:
-    """Import the modules that register benchmarks (kept lazy: they import JAX and Ray)."""
-    # import order is run order: the headline sweep first, the slow product-path benchmarks last
-    import benchmarks.sweep  # noqa: F401, I001
-    import benchmarks.roofline  # noqa: F401
-    import benchmarks.ingest  # noqa: F401
-    import benchmarks.serve_api  # noqa: F401
-    import benchmarks.calibration  # noqa: F401
+BENCHMARK_MODULES = ("benchmarks.sweep", "benchmarks.sweep_gpu", "benchmarks.roofline", "benchmarks.ingest",
+                     "benchmarks.serve_api", "benchmarks.calibration")
+"""Modules that register benchmarks, in run order: the headline sweep first, the slow product paths last."""
 
+
+def load_benchmarks(names: list[str] | None = None) -> dict[str, Benchmark]:
+    """Import the registering modules in order until every one of `names` is known (all when None).
+
+    Kept lazy because they import JAX, Ray and Serve: `run sweep-gpu` on a GPU machine needs
+    neither Serve nor its HTTP stack.
+    """
+    for module in BENCHMARK_MODULES:
+        if names and set(names) <= set(BENCHMARKS):
+            break
+        importlib.import_module(module)
     return BENCHMARKS
 
 
 def select(names: list[str] | None) -> list[Benchmark]:
     """The benchmarks called `names` (all when empty), with a clear error for unknown names."""
-    registry = load_benchmarks()
+    registry = load_benchmarks(names)
     if not names:
         return list(registry.values())
     unknown = [n for n in names if n not in registry]
@@ -301,6 +308,8 @@ def render_table(record: dict[str, Any]) -> Any:
         if "error" in result:
             table.add_row(bench_name, "[red]FAILED[/red]", result["error"], "", "", "")
             continue
+        if not result["figures"]:
+            table.add_row(bench_name, "[yellow]no figures[/yellow]", " ".join(result["notes"]), "", "", "")
         for f in result["figures"]:
             baseline = "" if f["baseline"] is None else f"{f['baseline']} ({_fmt(f['baseline_value'], f['unit'])})"
             target = ""
@@ -328,6 +337,8 @@ def markdown_table(record: dict[str, Any]) -> str:
         if "error" in result:
             lines.append(f"| {bench_name} | FAILED | {result['error']} | | | |")
             continue
+        if not result["figures"]:
+            lines.append(f"| {bench_name} | no figures | {' '.join(result['notes'])} | | | |")
         for f in result["figures"]:
             baseline = "" if f["baseline"] is None else f"{f['baseline']} ({_fmt(f['baseline_value'], f['unit'])})"
             ratio = "" if f["ratio"] is None else f"{f['ratio']:.3g}x"

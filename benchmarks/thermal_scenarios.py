@@ -176,8 +176,9 @@ def product_in_process(sweep: ThermalSweep) -> np.ndarray:
     return np.concatenate(parts).astype(np.float64)
 
 
-def product_on_ray(sweep: ThermalSweep, workers: int) -> np.ndarray:
-    """`sweeps.runner.run_sweep` with at most `workers` chunk tasks in flight, read back in order."""
+def product_on_ray(sweep: ThermalSweep, workers: int | None) -> np.ndarray:
+    """`sweeps.runner.run_sweep` with at most `workers` chunk tasks in flight (None: the runner's
+    default, twice the tasks that can run at once), read back in order."""
     with tempfile.TemporaryDirectory(prefix="raytwin-bench-") as tmp:
         url = f"{tmp}/sweep"
         run_sweep(sweep.spec, url, max_in_flight=workers, progress=False, log_every_s=3600.0)

@@ -138,11 +138,20 @@ _trajectory_remote = ray.remote(max_retries=TASK_RETRIES, retry_exceptions=[OSEr
 """Retried on lost workers and storage errors (OSError); a bad spec fails at once."""
 
 
-def _task_options() -> dict[str, Any]:
-    """GPU tasks when the cluster has GPUs; otherwise one single-threaded XLA per CPU."""
-    if ray.cluster_resources().get("GPU", 0) > 0:
-        return {"num_gpus": 1}
-    return {"num_cpus": 1, "runtime_env": {"env_vars": {"XLA_FLAGS": SINGLE_THREADED_XLA}}}
+GPU_TASKS_PER_GPU = 2
+"""Chunk tasks sharing one GPU, so one computes while another writes its Parquet part."""
+GPU_TASK_ENV = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+"""Tasks sharing a GPU must not each preallocate most of its memory (JAX's default)."""
+
+
+def _task_plan() -> tuple[dict[str, Any], int]:
+    """Chunk-task options and how many run at once: GPU tasks when the cluster has GPUs,
+    otherwise one single-threaded XLA per CPU."""
+    resources = ray.cluster_resources()
+    if resources.get("GPU", 0) > 0:
+        options = {"num_gpus": 1 / GPU_TASKS_PER_GPU, "runtime_env": {"env_vars": GPU_TASK_ENV}}
+        return options, int(resources["GPU"] * GPU_TASKS_PER_GPU)
+    return {"num_cpus": 1, "runtime_env": {"env_vars": {"XLA_FLAGS": SINGLE_THREADED_XLA}}}, int(resources["CPU"])
 
 
 def absolute_url(url: str) -> str:
@@ -237,9 +246,9 @@ def run_sweep(
     ensure_ray()
     n, size = spec.space.size, spec.batch_size
     n_chunks = -(-n // size)
-    options = _task_options()
+    options, slots = _task_plan()
     chunk_task = _chunk_remote.options(**options)
-    window = max_in_flight or max(2, 2 * int(ray.cluster_resources().get("GPU") or ray.cluster_resources()["CPU"]))
+    window = max_in_flight or max(2, 2 * slots)
     spec_ref, bases_ref, fault = ray.put(spec), ray.put(bases), _injected_fault()
     log.info("sweep start model=%s scenarios=%d chunks=%d chunk_size=%d steps=%d out=%s",
              spec.model, n, n_chunks, size, spec.n_steps, out_url)

@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import math
 
+import jax
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from benchmarks import sweep_gpu
 from benchmarks.cli import bench_app
-from benchmarks.harness import Figure, measure, select
+from benchmarks.harness import BenchContext, Figure, measure, select
 from benchmarks.load import paced_sync
 from benchmarks.roofline import rk4_flops_jaxpr
 from benchmarks.thermal_scenarios import (
@@ -117,6 +119,21 @@ def test_bench_cli_quick_end_to_end(ray_session, tmp_path):
     roof = record["benchmarks"]["roofline"]
     assert roof["checks"]["flops_per_step"]["jaxpr"] == 82
     assert any(f["target_ratio"] == 0.5 for f in roof["figures"])
+
+
+def test_gpu_sweep_path_checks_and_reports_on_any_device(ray_session):
+    """`sweep-gpu`'s code (the path the H100 figures came from) on the CPU device at tiny sizes."""
+    res = sweep_gpu.accelerator_sweep(BenchContext(quick=True, repeat=1), jax.devices("cpu")[0]).as_dict()
+    assert set(res["checks"]) == {"in_process@512", "ray@512"}  # both agreed with float64 NumPy
+    names = [f["name"] for f in res["figures"]]
+    assert "N=512 RayTwin engine in-process, CPU cpu" in names and "N=512 RayTwin run_sweep, Ray CPU tasks" in names
+    assert all(f["target_min"] == sweep_gpu.H100_TARGET for f in res["figures"] if "RayTwin" in f["name"])
+
+
+def test_gpu_sweep_without_a_gpu_measures_nothing_and_says_why(monkeypatch):
+    monkeypatch.setattr(sweep_gpu, "gpu_devices", lambda: [])
+    res = sweep_gpu.sweep_gpu(BenchContext(quick=True, repeat=1))
+    assert not res.figures and res.notes[0].startswith("not run: JAX sees no GPU")
 
 
 def test_bench_cli_quick_product_paths(ray_session, tmp_path):

@@ -140,10 +140,24 @@ def test_cpu_vector_width_option_changes_no_bit_of_the_metrics():
     bases = Bases(THERMAL_KIT.start_state, THERMAL_RC.default_params(), THERMAL_KIT.default_inputs())
     x0, params, ip = scenario_arrays(THERMAL_KIT, bases, space.dimensions, space.rows(0, 40), "float32")
     dt = jnp.asarray(120.0, jnp.float32)
-    default = jax.jit(engine._metrics_fn, static_argnames=("kit", "n_steps"))(THERMAL_KIT, 720, x0, params, ip, dt)
-    product = engine._metrics(THERMAL_KIT, 720, x0, params, ip, dt)
+    default = jax.jit(engine._metrics_fn, static_argnames=("kit", "n_steps", "unroll"))(THERMAL_KIT, 720, 1, x0,
+                                                                                          params, ip, dt)
+    product = engine._metrics(THERMAL_KIT, 720, 1, x0, params, ip, dt)
     for a, b in zip(default, product, strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_scan_unroll_is_per_platform_and_computes_the_same_metrics():
+    """GPUs run 8 RK4 steps per scan iteration (fewer kernel launches), CPUs one; same arithmetic."""
+    space = _space(n=16)
+    bases = Bases(THERMAL_KIT.start_state, THERMAL_RC.default_params(), THERMAL_KIT.default_inputs())
+    x0, params, ip = scenario_arrays(THERMAL_KIT, bases, space.dimensions, space.rows(0, 16), "float64")
+    assert engine.scan_unroll(x0[0]) == 1 and engine.SCAN_UNROLL["gpu"] > 1
+    dt = jnp.asarray(120.0, jnp.float64)
+    one = engine._metrics(THERMAL_KIT, 725, 1, x0, params, ip, dt)  # 725 = 90 x 8 + 5: a partial last iteration
+    eight = engine._metrics(THERMAL_KIT, 725, 8, x0, params, ip, dt)
+    for a, b in zip(one, eight, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-9)
 
 
 def test_values_no_dimension_sets_are_chunk_scalars_with_the_same_metrics():
@@ -155,8 +169,8 @@ def test_values_no_dimension_sets_are_chunk_scalars_with_the_same_metrics():
     assert all(np.shape(x) == (24,) for x in x0)
     full = lambda a: jnp.broadcast_to(a, (24,))  # noqa: E731
     dt = jnp.asarray(120.0, jnp.float32)
-    shared = engine._metrics(THERMAL_KIT, 720, x0, params, ip, dt)
-    per_scenario = engine._metrics(THERMAL_KIT, 720, x0, tuple(map(full, params)),
+    shared = engine._metrics(THERMAL_KIT, 720, 1, x0, params, ip, dt)
+    per_scenario = engine._metrics(THERMAL_KIT, 720, 1, x0, tuple(map(full, params)),
                                    {k: full(v) for k, v in ip.items()}, dt)
     for a, b in zip(shared, per_scenario, strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

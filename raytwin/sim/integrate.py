@@ -43,11 +43,13 @@ def rollout(
     accumulate: Accumulate | None = None,
     acc0: Any = None,
     keep_trajectory: bool = True,
+    unroll: int = 1,
 ) -> Rollout:
     """Integrate `n_steps` RK4 steps of `dt` from `x0` (pure; jit/vmap it from outside).
 
     `inputs` is either a tuple with one array per model input whose leading axis is time
-    (length `n_steps`, zero-order hold over each step) or an `InputFn`.
+    (length `n_steps`, zero-order hold over each step) or an `InputFn`. `unroll` steps run per
+    loop iteration (`jax.lax.scan`'s option): the same arithmetic, fewer loop iterations.
     """
     coeffs = model.coefficients(params)
     dtype = jnp.result_type(*x0)
@@ -69,7 +71,7 @@ def rollout(
 
     steps = jnp.arange(n_steps, dtype=jnp.int32)
     xs = steps if callable(inputs) else (steps, tuple(inputs))
-    (final, acc), traj = jax.lax.scan(body, (tuple(x0), acc0), xs)
+    (final, acc), traj = jax.lax.scan(body, (tuple(x0), acc0), xs, unroll=unroll)
     return Rollout(final, traj, acc)
 
 
