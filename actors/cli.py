@@ -1,4 +1,4 @@
-"""`raytwin twins ...`: inspect a twin store (time travel, dead letters) and measure shard costs."""
+"""`raytwin twins ...`: inspect a twin store (time travel, dead letters), compact it, measure shard costs."""
 
 from __future__ import annotations
 
@@ -47,6 +47,22 @@ def dead_letters(
     typer.echo(f"{len(rows)} dead letter(s)")
     for r in rows[-limit:]:
         typer.echo(json.dumps({k: str(v) if k == "dead_lettered_at" else v for k, v in r.items()}))
+
+
+@twins_app.command()
+def compact(
+    store: str = typer.Argument(..., help="State store URL (directory or s3://...)."),
+    tenant: str = typer.Option(None, help="Only this tenant."),
+    min_files: int = typer.Option(2, min=1, help="Merge a partition once it has this many part files."),
+) -> None:
+    """Merge the event log's and dead letters' small part files (safe while twins run; run it
+    periodically, e.g. from cron: a live stream writes tens of part files a second)."""
+    from raytwin.statestore import StateStore
+
+    done = StateStore(store).compact(tenant=tenant, min_files=min_files)
+    for c in done:
+        typer.echo(f"{c.partition}: {c.files_in} part files -> {c.files_out}, {c.rows_in} rows -> {c.rows_out}")
+    typer.echo(f"compacted {len(done)} partition(s), {sum(c.files_in for c in done)} part files")
 
 
 @twins_app.command()

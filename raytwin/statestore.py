@@ -3,6 +3,7 @@
 Layout under the store URL (a local directory or any fsspec URL such as ``s3://bucket/twins``)::
 
     log/tenant=T/date=YYYY-MM-DD/part-<uuid>.parquet              accepted events (asset_id column), SI values
+    log/tenant=T/date=YYYY-MM-DD/compact-<uuid>-<i>.parquet       the same events, merged by `compact`
     snapshots/tenant=T/asset_id=A/snap-<event_us>-<revision>.parquet  one-row filter snapshots
     dead_letters/tenant=T/date=YYYY-MM-DD/part-<uuid>.parquet     rejects: raw JSON + reason
     twins/tenant=T/asset_id=A.json                                 twin registrations
@@ -16,16 +17,22 @@ tenant and date with Hive-style directories and by asset with a filter on the `a
 which each file stores sorted (its row-group statistics skip files without the asset). Snapshot
 file names carry their event time so the latest snapshot before a time is found from a listing,
 without reading files.
+
+A live stream writes a small part file per shard batch (tens per second), which would make every
+later read list and open millions of files: `compact` merges a partition's part files into
+`compact-*` files of up to `COMPACT_ROWS` rows, sorted by asset and time, written before the part
+files are deleted. Readers that find a file gone re-list (`_scan`), so compaction can run while
+shards write and read; a compactor that dies midway leaves duplicates, which readers drop anyway.
 """
 
 from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -34,6 +41,31 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from raytwin.storage import filesystem
+
+T = TypeVar("T")
+SCAN_ATTEMPTS = 3
+COMPACT_ROWS = 1_000_000
+"""Most rows per compacted file: ~20-40 MB of log rows, large enough that a day at 10k events/s
+is ~900 files, small enough to rewrite in seconds."""
+COMPACT_ROW_GROUP = 65_536
+"""Rows per row group of a compacted file: its rows are sorted by asset, so a read of one asset
+skips the row groups whose `asset_id` statistics exclude it."""
+
+
+@dataclass(frozen=True)
+class _Compacted:
+    """A kind of partition `compact` merges: the row order of merged files, and whether rows
+    repeating a (asset_id, idempotency_key) are dropped (log rows of a re-delivered batch)."""
+
+    kind: str
+    order: list[tuple[str, str]]
+    unique_events: bool
+
+
+COMPACTED = (
+    _Compacted("log", [("asset_id", "ascending"), ("event_time", "ascending"), ("idempotency_key", "ascending")], True),
+    _Compacted("dead_letters", [("dead_lettered_at", "ascending"), ("asset_id", "ascending")], False),
+)
 
 EventKey = tuple[int, int, str]
 """The total order of events: (event time in microseconds since the epoch, sequence, idempotency key)."""
@@ -111,6 +143,27 @@ def log_table(events: Iterable[tuple[str, LoggedEvent]]) -> pa.Table:
 
 
 @dataclass(frozen=True)
+class Compaction:
+    """What `StateStore.compact` did to one partition (path relative to the store)."""
+
+    partition: str
+    files_in: int
+    files_out: int
+    rows_in: int
+    rows_out: int  # rows_in less the duplicate log rows of a re-delivered batch
+
+
+def _first_of_each_key(table: pa.Table) -> pa.Table:
+    """Rows without repeats of (asset_id, idempotency_key); `table` is sorted so repeats are adjacent."""
+    if table.num_rows < 2:
+        return table
+    asset, key = (table.column(c).to_numpy(zero_copy_only=False) for c in ("asset_id", "idempotency_key"))
+    keep = np.ones(table.num_rows, dtype=bool)
+    keep[1:] = (asset[1:] != asset[:-1]) | (key[1:] != key[:-1])
+    return table.filter(pa.array(keep))
+
+
+@dataclass(frozen=True)
 class Snapshot:
     """A twin's state after every event up to and including `key` (payload is the filter's JSON)."""
 
@@ -129,20 +182,36 @@ class StateStore:
         self._local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
 
     # ------------------------------------------------------------------------ plumbing ----
-    def _write(self, table: pa.Table, directory: str, stem: str) -> None:
+    def _write(self, table: pa.Table, directory: str, stem: str, row_group_size: int | None = None) -> None:
         self.fs.makedirs(directory, exist_ok=True)
         path = f"{directory}/{stem}.parquet"
         if not self._local:  # an object-store PUT is atomic already
-            pq.write_table(table, path, filesystem=self.fs)
+            pq.write_table(table, path, filesystem=self.fs, row_group_size=row_group_size)
             return
         tmp = f"{directory}/.{stem}.tmp"
-        pq.write_table(table, tmp, filesystem=self.fs)
+        pq.write_table(table, tmp, filesystem=self.fs, row_group_size=row_group_size)
         self.fs.mv(tmp, path)
 
     def _dataset(self, directory: str) -> ds.Dataset | None:
         if not self.fs.exists(directory):
             return None
         return ds.dataset(directory, filesystem=self.fs, format="parquet", partitioning="hive")
+
+    def _scan(self, directory: str, read: Callable[[ds.Dataset], T], empty: T) -> T:
+        """`read` the dataset under `directory`, listing it again if a file vanished meanwhile
+        (a compaction deleted it after writing the same rows elsewhere)."""
+        for attempt in range(SCAN_ATTEMPTS):
+            if attempt:
+                self.fs.invalidate_cache(directory)
+            dataset = self._dataset(directory)
+            if dataset is None:
+                return empty
+            try:
+                return read(dataset)
+            except FileNotFoundError:
+                if attempt == SCAN_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
 
     def _asset_dir(self, kind: str, tenant: str, asset_id: str) -> str:
         return f"{self.root}/{kind}/tenant={tenant}/asset_id={asset_id}"
@@ -173,8 +242,7 @@ class StateStore:
     ) -> dict[str, list[LoggedEvent]]:
         """`read_events` for many assets of a tenant in one scan of the log (recovery of a shard)."""
         out: dict[str, list[LoggedEvent]] = {a: [] for a in after}
-        dataset = self._dataset(f"{self.root}/log/tenant={tenant}")
-        if dataset is None or not after:
+        if not after:
             return out
         flt = ds.field("asset_id").isin(list(after))
         if all(k is not None for k in after.values()):
@@ -182,7 +250,8 @@ class StateStore:
             flt &= (ds.field("date") >= _date(since)) & (ds.field("event_time") >= pa.scalar(since, pa.int64()).cast(TIME))
         if until_us is not None:
             flt &= ds.field("event_time") <= pa.scalar(until_us, pa.int64()).cast(TIME)
-        table = dataset.to_table(filter=flt, columns=LOG_BATCH_SCHEMA.names)
+        table = self._scan(f"{self.root}/log/tenant={tenant}",
+                           lambda d: d.to_table(filter=flt, columns=LOG_BATCH_SCHEMA.names), LOG_BATCH_SCHEMA.empty_table())
         seen: set[tuple[str, str]] = set()
         for asset_id, t, seq, key, quality, values, ingest in zip(
             table.column("asset_id").to_pylist(), table.column("event_time").cast(pa.int64()).to_pylist(),
@@ -201,10 +270,9 @@ class StateStore:
 
     def contains(self, tenant: str, asset_id: str, key: EventKey) -> bool:
         """Whether the event with this key is in the log (reads only that day's partition)."""
-        dataset = self._dataset(f"{self.root}/log/tenant={tenant}/date={_date(key[0])}")
-        if dataset is None:
-            return False
-        return dataset.count_rows(filter=(ds.field("asset_id") == asset_id) & (ds.field("idempotency_key") == key[2])) > 0
+        flt = (ds.field("asset_id") == asset_id) & (ds.field("idempotency_key") == key[2])
+        return self._scan(f"{self.root}/log/tenant={tenant}/date={_date(key[0])}",
+                          lambda d: d.count_rows(filter=flt) > 0, False)
 
     # ----------------------------------------------------------------------- snapshots ----
     def write_snapshot(self, tenant: str, asset_id: str, snap: Snapshot) -> None:
@@ -256,11 +324,34 @@ class StateStore:
 
     def read_dead_letters(self, tenant: str | None = None) -> pa.Table:
         """All dead letters (with tenant and date columns), optionally of one tenant."""
-        dataset = self._dataset(f"{self.root}/dead_letters")
-        if dataset is None:
-            return DEAD_LETTER_SCHEMA.append(pa.field("tenant", pa.string())).empty_table()
         flt = ds.field("tenant") == tenant if tenant is not None else None
-        return dataset.to_table(filter=flt).sort_by("dead_lettered_at")
+        empty = DEAD_LETTER_SCHEMA.append(pa.field("tenant", pa.string())).empty_table()
+        return self._scan(f"{self.root}/dead_letters", lambda d: d.to_table(filter=flt), empty).sort_by("dead_lettered_at")
+
+    # ---------------------------------------------------------------------- compaction ----
+    def compact(self, *, tenant: str | None = None, min_files: int = 2) -> list[Compaction]:
+        """Merge the part files of every log and dead-letter partition (of `tenant`, or all) that
+        has at least `min_files` of them; see the module docstring for why it is safe online."""
+        done = []
+        for compacted in COMPACTED:
+            pattern = f"{self.root}/{compacted.kind}/tenant={tenant or '*'}/date=*"
+            for directory in sorted(self.fs.glob(pattern)):
+                parts = sorted(p for p in self.fs.ls(directory, detail=False) if p.rsplit("/", 1)[-1].startswith("part-"))
+                if len(parts) >= max(min_files, 1):
+                    done.append(self._compact_partition(directory, parts, compacted))
+        return done
+
+    def _compact_partition(self, directory: str, parts: list[str], compacted: _Compacted) -> Compaction:
+        table = pa.concat_tables(pq.read_table(p, filesystem=self.fs) for p in parts).sort_by(compacted.order)
+        rows_in = table.num_rows
+        if compacted.unique_events:
+            table = _first_of_each_key(table)
+        stem = f"compact-{uuid.uuid4().hex}"
+        starts = range(0, table.num_rows, COMPACT_ROWS)
+        for i, start in enumerate(starts):
+            self._write(table.slice(start, COMPACT_ROWS), directory, f"{stem}-{i:04d}", COMPACT_ROW_GROUP)
+        self.fs.rm(parts)  # only once the merged rows are durable
+        return Compaction(directory.removeprefix(self.root + "/"), len(parts), len(starts), rows_in, table.num_rows)
 
     # ------------------------------------------------------------------- registrations ----
     def _registration_path(self, tenant: str, asset_id: str) -> str:

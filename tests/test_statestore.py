@@ -74,3 +74,69 @@ def test_dead_letters_and_registrations(store):
     assert store.registrations() == [("acme", "a", {"v": 1}), ("beta", "b:1", {"v": 2})]
     store.delete_registration("acme", "a")
     assert store.load_registration("acme", "a") is None
+
+
+def _parts(store, kind: str, tenant: str) -> list[str]:
+    store.fs.invalidate_cache()
+    return sorted(p.rsplit("/", 1)[-1] for p in store.fs.glob(f"{store.root}/{kind}/tenant={tenant}/date=*/*.parquet"))
+
+
+def _log_two_days(store) -> None:
+    # three batches over two days; the third re-delivers a:2 and a:4
+    store.append_log("acme", log_table([("b", _ev(7, 15, "b:7")), ("a", _ev(1, 10)), ("a", _ev(2, 20))]))
+    store.append_log("acme", log_table([("a", _ev(3, 30)), ("a", _ev(4, 90)), ("b", _ev(8, 95, "b:8"))]))
+    store.append_log("acme", log_table([("a", _ev(2, 20)), ("a", _ev(4, 90)), ("a", _ev(5, 100))]))
+
+
+def test_compaction_merges_part_files_and_changes_no_read(store):
+    _log_two_days(store)
+    store.append_log("beta", log_table([("z", _ev(1, 10, "z:1"))]))  # one file: below min_files
+    for i in range(3):
+        store.write_dead_letters("acme", [{"asset_id": "a", "idempotency_key": f"a:{i}", "reason": "bad", "raw": "{}"}])
+    before = {a: store.read_events("acme", a) for a in ("a", "b")}
+    letters = store.read_dead_letters("acme").to_pylist()
+    assert len(_parts(store, "log", "acme")) == 5  # 2 + 2 + 1 files (day 1, day 2)
+
+    done = {c.partition: c for c in store.compact()}
+    assert set(done) == {"log/tenant=acme/date=2026-03-01", "log/tenant=acme/date=2026-03-02",
+                         f"dead_letters/tenant=acme/date={datetime.now(UTC).date().isoformat()}"}
+    day1 = done["log/tenant=acme/date=2026-03-01"]
+    assert (day1.files_in, day1.files_out, day1.rows_in, day1.rows_out) == (3, 1, 5, 4)  # a:2 stored once
+    assert all(p.startswith("compact-") for p in _parts(store, "log", "acme"))
+    assert _parts(store, "log", "beta")[0].startswith("part-")
+    assert {a: store.read_events("acme", a) for a in ("a", "b")} == before
+    assert store.read_dead_letters("acme").to_pylist() == letters
+    assert store.contains("acme", "a", before["a"][3].key)
+    assert store.compact() == []  # nothing left to merge
+
+
+def test_a_read_racing_a_compaction_lists_again(store):
+    """The reader lists the files, then a compaction replaces them before it opens one."""
+    _log_two_days(store)
+    expected = store.read_events("acme", "a")
+    scan, raced, attempts = store._scan, [], []
+
+    def racing_scan(directory, read, empty):
+        def read_after_compaction(dataset):
+            attempts.append(dataset)
+            if not raced:
+                raced.extend(store.compact())
+            return read(dataset)
+        return scan(directory, read_after_compaction, empty)
+
+    store._scan = racing_scan
+    assert store.read_events("acme", "a") == expected
+    assert raced and len(attempts) == 2  # the first listing's files were gone: listed and read again
+
+
+def test_a_compaction_that_dies_before_deleting_loses_and_repeats_nothing(store, monkeypatch):
+    _log_two_days(store)
+    expected = store.read_events("acme", "a")
+    with monkeypatch.context() as m:
+        m.setattr(store.fs, "rm", lambda *a, **k: (_ for _ in ()).throw(OSError("killed")))
+        with pytest.raises(OSError, match="killed"):
+            store.compact()
+    assert store.read_events("acme", "a") == expected  # merged rows and part files both present
+    assert [c.files_in for c in store.compact()] == [3, 2]  # the part files again
+    assert store.read_events("acme", "a") == expected
+    assert all(p.startswith("compact-") for p in _parts(store, "log", "acme"))
