@@ -247,6 +247,9 @@ def run_sweep(
     n, size = spec.space.size, spec.batch_size
     n_chunks = -(-n // size)
     options, slots = _task_plan()
+    if "num_gpus" in options and "chunk_size" not in spec.model_fields_set and spec.batch_size < n:
+        log.warning("sweep chunk_size=%d (the CPU default) underfills a GPU: set chunk_size to 262144-1048576 "
+                    "(on an H100, chunks of 2^20 ran 2.2x faster than 2^16; benchmarks/RESULTS.md)", size)
     chunk_task = _chunk_remote.options(**options)
     window = max_in_flight or max(2, 2 * slots)
     spec_ref, bases_ref, fault = ray.put(spec), ray.put(bases), _injected_fault()

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from raytwin.sim import BATTERY_ECM, THERMAL_RC
 from raytwin.sim.reference import model_rhs, reference_trajectory
-from sweeps import engine
+from sweeps import engine, runner
 from sweeps.aggregate import open_dataset, quantiles
 from sweeps.cli import sweep_app
 from sweeps.engine import Bases, chunk_metrics, scenario_arrays
@@ -281,3 +281,13 @@ def test_cli_example_run_and_quantiles(ray_session, tmp_path):
     assert header.split("\t") == ["metric", "count", "mean", "q0.5"] and row.startswith("h1_max\t50\t")
     bad = runner.invoke(sweep_app, ["run", str(tmp_path / "missing.json"), "--runs", runs])
     assert bad.exit_code != 0 and "cannot read" in bad.output
+
+
+def test_chunk_tasks_share_each_gpu_without_preallocating_it(monkeypatch):
+    monkeypatch.setattr(runner.ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": 2.0})
+    options, slots = runner._task_plan()
+    assert options["num_gpus"] == 1 / runner.GPU_TASKS_PER_GPU and slots == 2 * runner.GPU_TASKS_PER_GPU
+    assert options["runtime_env"]["env_vars"]["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+    monkeypatch.setattr(runner.ray, "cluster_resources", lambda: {"CPU": 2.0})
+    options, slots = runner._task_plan()
+    assert options["num_cpus"] == 1 and slots == 2 and "num_gpus" not in options
