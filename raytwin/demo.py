@@ -150,6 +150,9 @@ def section_twins(root: Path, artifact, twins: int, rng: np.random.Generator):
     console.print(table)
     console.print(f"unmeasured building-mass temperature T_m, all {twins} twins: mean |error| "
                   f"{np.mean(errors_t_m):.2f} K (priors were 293.15 ± 2 K)")
+    merged = service.store.compact(tenant=TENANT, min_files=1)
+    console.print(f"compacted the event log while the twins run (`raytwin twins compact`): "
+                  f"{sum(c.files_in for c in merged)} part files -> {sum(c.files_out for c in merged)}")
     past = start + timedelta(days=1)
     then = service.state_at(TENANT, _zone(0), past)
     console.print(f"time travel: {_zone(0)} at {past.isoformat()} had revision {then.revision}, "

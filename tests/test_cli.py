@@ -39,6 +39,7 @@ def test_demo_runs_the_whole_loop(tmp_path):
     out = proc.stdout
     assert "read back identical: True" in out
     assert "duplicates=0 rejected=0" in out and "accepted=0 duplicates=" in out
+    assert "compacted the event log while the twins run" in out and "time travel:" in out
     assert "published zone-000@1.1.0" in out
     assert "outputs identical = True" in out
     assert (tmp_path / "runs").is_dir() and any((tmp_path / "runs").glob("calibration-*/output/fit.png"))
