@@ -1,4 +1,4 @@
-"""`raytwin twins ...`: inspect a twin store (time travel, dead letters), compact it, measure shard costs."""
+"""`raytwin twins ...`: inspect a twin store (time travel, dead letters), compact and prune it, measure shards."""
 
 from __future__ import annotations
 
@@ -63,6 +63,33 @@ def compact(
     for c in done:
         typer.echo(f"{c.partition}: {c.files_in} part files -> {c.files_out}, {c.rows_in} rows -> {c.rows_out}")
     typer.echo(f"compacted {len(done)} partition(s), {sum(c.files_in for c in done)} part files")
+
+
+@twins_app.command()
+def prune(
+    store: str = typer.Argument(..., help="State store URL (directory or s3://...)."),
+    tenant: str = typer.Argument(...),
+    before: datetime = typer.Option(None, "--before", formats=["%Y-%m-%d"], help="Delete history before this UTC date."),
+    keep_days: int = typer.Option(None, "--keep-days", min=1, help="Or: keep this many days of history."),
+) -> None:
+    """Delete a tenant's event log, dead letters and snapshots before a date, keeping what every
+    twin's recovery needs. Time travel to before the cut is refused afterwards (HTTP 410)."""
+    from datetime import UTC, timedelta
+
+    from raytwin.statestore import StateStore
+
+    if (before is None) == (keep_days is None):
+        raise typer.BadParameter("give exactly one of --before and --keep-days")
+    day = before.date() if before is not None else datetime.now(UTC).date() - timedelta(days=keep_days)
+    done = StateStore(store).prune(tenant, day)
+    if done.held_back_by:
+        typer.echo(f"held back by {len(done.held_back_by)} twin(s) whose newest snapshot is older or missing: "
+                   f"{', '.join(done.held_back_by[:10])}{' ...' if len(done.held_back_by) > 10 else ''}")
+    if done.history_from is None:
+        typer.echo(f"nothing pruned: a twin of {tenant!r} has no snapshot yet")
+        return
+    typer.echo(f"history before {done.history_from.isoformat()} pruned: {done.partitions_deleted} partition(s), "
+               f"{done.snapshots_deleted} snapshot(s) deleted")
 
 
 @twins_app.command()

@@ -7,6 +7,7 @@ Layout under the store URL (a local directory or any fsspec URL such as ``s3://b
     snapshots/tenant=T/asset_id=A/snap-<event_us>-<revision>.parquet  one-row filter snapshots
     dead_letters/tenant=T/date=YYYY-MM-DD/part-<uuid>.parquet     rejects: raw JSON + reason
     twins/tenant=T/asset_id=A.json                                 twin registrations
+    retention/tenant=T.json                                        where `prune` cut the tenant's history
 
 Why: appending one immutable Parquet file per ingested shard batch and day (not per event, not
 per asset) makes writes atomic (a file is either there or not; local files are written under a
@@ -17,6 +18,10 @@ tenant and date with Hive-style directories and by asset with a filter on the `a
 which each file stores sorted (its row-group statistics skip files without the asset). Snapshot
 file names carry their event time so the latest snapshot before a time is found from a listing,
 without reading files.
+
+`prune` deletes a tenant's history before a date, but never what a registered twin's recovery
+needs (its newest snapshot and the log after it), and records the cut first, so a read that would
+replay across it raises `HistoryPruned` instead of silently skipping events.
 
 A live stream writes a small part file per shard batch (tens per second), which would make every
 later read list and open millions of files: `compact` merges a partition's part files into
@@ -31,7 +36,7 @@ import json
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any, TypeVar
 
 import numpy as np
@@ -109,6 +114,10 @@ def from_micros(us: int) -> datetime:
     return datetime.fromtimestamp(us // 1_000_000, UTC).replace(microsecond=us % 1_000_000)
 
 
+def _midnight_us(day: date) -> int:
+    return to_micros(datetime(day.year, day.month, day.day, tzinfo=UTC))
+
+
 def _date(us: int) -> str:
     """The UTC date partition of a time."""
     return from_micros(us).date().isoformat()
@@ -140,6 +149,21 @@ def log_table(events: Iterable[tuple[str, LoggedEvent]]) -> pa.Table:
         "values": pa.array([list(e.values.items()) for _, e in events], LOG_SCHEMA.field("values").type),
         "ingest_time": pa.array([e.ingest_us for _, e in events], pa.int64()).cast(TIME),
     }, schema=LOG_BATCH_SCHEMA)
+
+
+class HistoryPruned(LookupError):
+    """A read needs events from before the point where `StateStore.prune` cut the history."""
+
+
+@dataclass(frozen=True)
+class Pruning:
+    """What `StateStore.prune` did: history before `history_from` (UTC midnight) is gone."""
+
+    tenant: str
+    history_from: date | None  # None: nothing could be pruned
+    held_back_by: list[str]  # twins whose newest snapshot (or lack of one) kept the cut earlier than asked
+    partitions_deleted: int
+    snapshots_deleted: int
 
 
 @dataclass(frozen=True)
@@ -244,6 +268,14 @@ class StateStore:
         out: dict[str, list[LoggedEvent]] = {a: [] for a in after}
         if not after:
             return out
+        retention = self._retention(tenant)
+        if retention is not None:
+            cut, pruned = retention["history_from_us"], set(retention["assets"])
+            for asset_id, start in after.items():
+                if asset_id in pruned and (start is None or start[0] < cut):
+                    raise HistoryPruned(f"{asset_id!r} of tenant {tenant!r}: history before "
+                                        f"{from_micros(cut).isoformat()} was pruned, and no snapshot after it "
+                                        f"precedes the requested time")
         flt = ds.field("asset_id").isin(list(after))
         if all(k is not None for k in after.values()):
             since = min(k[0] for k in after.values())
@@ -352,6 +384,50 @@ class StateStore:
             self._write(table.slice(start, COMPACT_ROWS), directory, f"{stem}-{i:04d}", COMPACT_ROW_GROUP)
         self.fs.rm(parts)  # only once the merged rows are durable
         return Compaction(directory.removeprefix(self.root + "/"), len(parts), len(starts), rows_in, table.num_rows)
+
+    # ----------------------------------------------------------------------- retention ----
+    def _retention_path(self, tenant: str) -> str:
+        return f"{self.root}/retention/tenant={tenant}.json"
+
+    def _retention(self, tenant: str) -> dict[str, Any] | None:
+        """Where `prune` cut the tenant's history and whose history it cut (None: never pruned)."""
+        path = self._retention_path(tenant)
+        return json.loads(self.fs.cat_file(path)) if self.fs.exists(path) else None
+
+    def prune(self, tenant: str, before: date) -> Pruning:
+        """Delete the tenant's log and dead letters of dates before `before` (UTC) and the
+        snapshots older than that, keeping what every registered twin's recovery needs: the cut
+        moves back to the date of the oldest newest-snapshot, and a twin without a snapshot keeps
+        all of its tenant's history. The cut, and the assets whose history it removes, are recorded
+        before anything is deleted (a twin registered later replays from its prior as usual)."""
+        needed: dict[str, date] = {}
+        for t, asset_id, _ in self.registrations():
+            if t == tenant:
+                snap = self.latest_snapshot(tenant, asset_id)
+                needed[asset_id] = date.min if snap is None else from_micros(snap.key[0]).date()
+        cut = min([before, *needed.values()])
+        held = sorted(a for a, d in needed.items() if d < before)
+        if cut == date.min:
+            return Pruning(tenant, None, held, 0, 0)
+        recorded = self._retention(tenant)
+        cut = max(cut, from_micros(recorded["history_from_us"]).date()) if recorded else cut  # only moves forward
+        cut_us = _midnight_us(cut)
+        partitions = {kind: [d for d in self.fs.glob(f"{self.root}/{kind}/tenant={tenant}/date=*")
+                             if d.rsplit("=", 1)[-1] < cut.isoformat()] for kind in ("log", "dead_letters")}
+        pruned = set(needed) | set(recorded["assets"] if recorded else ())
+        for directory in partitions["log"]:
+            pruned.update(pc.unique(self._dataset(directory).to_table(columns=["asset_id"])["asset_id"]).to_pylist())
+        self.fs.makedirs(f"{self.root}/retention", exist_ok=True)
+        self.fs.pipe_file(self._retention_path(tenant),
+                          json.dumps({"history_from_us": cut_us, "assets": sorted(pruned)}).encode())
+        deleted = partitions["log"] + partitions["dead_letters"]
+        for directory in deleted:  # only once the cut is recorded
+            self.fs.rm(directory, recursive=True)
+        old_snapshots = [p for p in self.fs.glob(f"{self.root}/snapshots/tenant={tenant}/asset_id=*/snap-*.parquet")
+                         if int(p.rsplit("/", 1)[-1].split("-")[1]) < cut_us]
+        if old_snapshots:
+            self.fs.rm(old_snapshots)
+        return Pruning(tenant, cut, held, len(deleted), len(old_snapshots))
 
     # ------------------------------------------------------------------- registrations ----
     def _registration_path(self, tenant: str, asset_id: str) -> str:

@@ -55,6 +55,10 @@ class Conflict(ApiError):
     status, code = 409, "conflict"
 
 
+class Gone(ApiError):
+    status, code = 410, "gone"
+
+
 class PayloadTooLarge(ApiError):
     status, code = 413, "payload_too_large"
 
@@ -82,7 +86,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": text}
     for status, text in (
         (401, "Missing or unknown API key"), (403, "Role not allowed"), (404, "Not found (or another tenant's)"),
-        (413, "Body too large"), (422, "Invalid request"), (429, "Rate limited"),
+        (410, "History pruned (time travel before the retention cut)"), (413, "Body too large"), (422, "Invalid request"), (429, "Rate limited"),
     )
 }
 
@@ -104,7 +108,7 @@ def error_response(request: Request | None, status: int, code: str, message: str
 
 
 _STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-                 405: "method_not_allowed", 409: "conflict", 413: "payload_too_large", 429: "rate_limited"}
+                 405: "method_not_allowed", 409: "conflict", 410: "gone", 413: "payload_too_large", 429: "rate_limited"}
 
 
 def install_error_handlers(app: FastAPI) -> None:

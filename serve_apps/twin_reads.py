@@ -29,9 +29,9 @@ from typing import Any
 import ray
 
 from actors.routing import shard_index, shard_name
-from raytwin.statestore import to_micros
+from raytwin.statestore import HistoryPruned, to_micros
 from serve_apps.config import ServeConfig
-from serve_apps.errors import NotFound
+from serve_apps.errors import Gone, NotFound, unwrap
 
 
 class TwinReader:
@@ -58,8 +58,11 @@ class TwinReader:
         """The twin's state now (see the module's freshness rule) or as of `at`; `NotFound` for
         unknown twins and other tenants' twins."""
         if at is not None:
-            return self._found(await self._shard(tenant, asset_id).state_at.remote(tenant, asset_id, to_micros(at)),
-                               asset_id, at)
+            try:
+                state = await self._shard(tenant, asset_id).state_at.remote(tenant, asset_id, to_micros(at))
+            except HistoryPruned as exc:  # Ray's error for it is also a HistoryPruned
+                raise Gone(str(unwrap(exc))) from None
+            return self._found(state, asset_id, at)
         if self.max_age_s == 0:
             return self._found(await self._shard(tenant, asset_id).state.remote(tenant, asset_id), asset_id)
         key = (tenant, asset_id)

@@ -4,11 +4,11 @@ registrations, on a local directory and on S3 (moto)."""
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 
 import pytest
 
-from raytwin.statestore import LoggedEvent, Snapshot, StateStore, from_micros, log_table, to_micros
+from raytwin.statestore import HistoryPruned, LoggedEvent, Snapshot, StateStore, from_micros, log_table, to_micros
 
 T0 = datetime(2026, 3, 1, 23, 59, 0, tzinfo=UTC)
 
@@ -140,3 +140,31 @@ def test_a_compaction_that_dies_before_deleting_loses_and_repeats_nothing(store,
     assert [c.files_in for c in store.compact()] == [3, 2]  # the part files again
     assert store.read_events("acme", "a") == expected
     assert all(p.startswith("compact-") for p in _parts(store, "log", "acme"))
+
+
+def test_prune_keeps_what_recovery_needs_and_refuses_reads_across_the_cut(store):
+    _log_two_days(store)  # day 1: 2026-03-01, day 2: 2026-03-02
+    store.write_dead_letters("acme", [{"asset_id": "a", "idempotency_key": "a:0", "reason": "bad", "raw": "{}"}])
+    for asset_id in ("a", "b"):
+        store.save_registration("acme", asset_id, {"asset": asset_id})
+    held = store.prune("acme", date(2026, 3, 10))
+    assert (held.history_from, held.held_back_by, held.partitions_deleted) == (None, ["a", "b"], 0)  # no snapshots
+
+    snap = {"x": [1.0], "P": [[1.0]]}
+    store.write_snapshot("acme", "a", Snapshot(_ev(1, 10).key, 1, snap))  # day 1
+    store.write_snapshot("acme", "a", Snapshot(_ev(4, 90).key, 4, snap))  # day 2
+    store.write_snapshot("acme", "b", Snapshot(_ev(8, 95, "b:8").key, 2, snap))
+    done = store.prune("acme", date(2026, 3, 10))
+    assert done.history_from == date(2026, 3, 2) and done.held_back_by == ["a", "b"]  # cut back to the snapshots
+    assert (done.partitions_deleted, done.snapshots_deleted) == (1, 1)  # day 1's log; a's day-1 snapshot
+    assert store.read_dead_letters("acme").num_rows == 1  # dead-lettered today: kept
+    assert [e.key[1] for e in store.read_events("acme", "a", after=_ev(4, 90).key)] == [5]  # recovery: unchanged
+    assert store.latest_snapshot("acme", "a").revision == 4
+    with pytest.raises(HistoryPruned, match="2026-03-02"):
+        store.read_events("acme", "a")  # a replay from the prior would skip day 1
+    with pytest.raises(HistoryPruned):
+        store.read_events("acme", "a", after=_ev(1, 10).key, until_us=_ev(4, 90).key[0])
+    store.append_log("acme", log_table([("new", _ev(1, 200, "new:1"))]))
+    assert len(store.read_events("acme", "new")) == 1  # a twin the cut never touched replays from its prior
+    assert store.prune("acme", date(2026, 2, 1)).history_from == date(2026, 3, 2)  # the cut never moves back
+    assert store.read_events("beta", "a") == []  # other tenants untouched

@@ -268,6 +268,32 @@ def test_log_compaction_while_twins_run_changes_no_state(service, artifact):
         service.unregister("acme", "c1")
 
 
+def test_prune_keeps_live_and_recovered_state_and_refuses_time_travel_across_the_cut(service, artifact):
+    from typer.testing import CliRunner
+
+    from actors.cli import twins_app
+    from actors.recovery import recover
+    from raytwin.statestore import HistoryPruned
+
+    service.register(asset("p1", tenant="gamma"), artifact)
+    try:
+        service.ingest("gamma", events("p1", 80, seed=13, start=1420))  # 23:40 on day 1 to 00:59 on day 2
+        service.flush()  # snapshots of the sealed checkpoints
+        before = service.state("gamma", "p1")
+        result = CliRunner().invoke(twins_app, ["prune", service.store.url, "gamma", "--before", "2026-03-01"])
+        assert result.exit_code == 0, result.output
+        assert "history before 2026-02-02 pruned: 1 partition(s)" in result.stdout  # held back by p1's snapshot
+        assert_same_state(service.state("gamma", "p1"), before)
+        rebuilt = recover(service.store, service.store.load_registration("gamma", "p1"), allowed_lateness_s=0.0,
+                          checkpoint_every=1_000_000)
+        assert_same_state(rebuilt.view(), before)
+        with pytest.raises(HistoryPruned, match="pruned"):
+            service.state_at("gamma", "p1", T0 + timedelta(hours=23, minutes=50))
+        assert service.state_at("gamma", "p1", T0 + timedelta(days=2)).events_applied == 80
+    finally:
+        service.unregister("gamma", "p1")
+
+
 def test_failed_log_write_mid_batch_never_leaves_memory_behind_the_store(ray_session, tmp_path, artifact):
     """A batch spanning two days is logged as two files; the second write fails after the first
     is durable: the shard re-reads the twin whose events are durable before its next call."""
