@@ -156,7 +156,7 @@ class Twin:
         self.last_key = events[-1].key
         self.events_applied += len(events)
         self.window.extend(events)
-        self.seen.update(e.key[2] for e in events)
+        self.seen.update([e.key[2] for e in events])
         newest = events[-1].key[0]
         self.max_time_us = newest if self.max_time_us is None else max(self.max_time_us, newest)
         self._prune()
@@ -175,12 +175,11 @@ class Twin:
 
     def _prune(self) -> None:
         """Forget everything before the newest checkpoint older than the watermark (it is sealed)."""
-        wm = self.watermark_us
-        sealed = [j for j, c in enumerate(self.checkpoints) if c.key is None or c.key[0] < wm]
-        i = sealed[-1]
-        if i == 0:
-            return
-        base = self.checkpoints[i]
+        wm, checkpoints = self.watermark_us, self.checkpoints
+        if len(checkpoints) < 2 or checkpoints[1].key[0] >= wm:
+            return  # nothing newer than the base is sealed (the common case in a live batch)
+        i = max(j for j in range(1, len(checkpoints)) if checkpoints[j].key[0] < wm)
+        base = checkpoints[i]
         dropped = [e for e in self.window if e.key <= base.key]
         self.window = self.window[len(dropped):]
         self.seen.difference_update(e.key[2] for e in dropped)
