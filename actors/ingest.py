@@ -102,28 +102,41 @@ class Dispatcher:
                 Reject(idempotency_key=r["idempotency_key"], reason=r["reason"]) for r in rejects])
 
     def send(self, table: pa.Table) -> None:
-        """Send validated rows (`VALIDATED_SCHEMA`) to their shards, in calls of at most `batch_size`."""
+        """Send validated rows (`VALIDATED_SCHEMA`) to their shards, in calls of at most `batch_size`:
+        idle shards first, then each busy one as soon as its outstanding call completes, so a busy
+        shard never holds up the rows of the others."""
         ids = table.column("asset_id").combine_chunks().dictionary_encode()
         shard_of_asset = np.array([shard_index(self.tenant, a, self.router.shards) for a in ids.dictionary.to_pylist()],
                                   dtype=np.int64)
         shard_of_row = shard_of_asset[ids.indices.to_numpy()]
+        calls: dict[int, list[pa.Table]] = {}  # per shard, its calls still to send, in order
         for index in np.unique(shard_of_row).tolist():
             part = table.take(np.flatnonzero(shard_of_row == index))
-            for start in range(0, part.num_rows, self.batch_size):
-                if index in self.busy:
-                    self._complete([self.busy[index]])
+            calls[index] = [part.slice(start, self.batch_size) for start in range(0, part.num_rows, self.batch_size)]
+        while calls:
+            self._complete(list(self.busy.values()), block=False)
+            idle = [index for index in calls if index not in self.busy]
+            if not idle:
+                self._complete([self.busy[index] for index in calls])
+            for index in idle:
                 while len(self.busy) >= self.max_in_flight:
-                    done, _ = ray.wait(list(self.busy.values()), num_returns=1)
-                    self._complete(done)
-                self.busy[index] = self.handles[index].ingest.remote(self.tenant, part.slice(start, self.batch_size))
+                    self._complete(list(self.busy.values()))
+                self.busy[index] = self.handles[index].ingest.remote(self.tenant, calls[index].pop(0))
+                if not calls[index]:
+                    del calls[index]
 
-    def _complete(self, refs: list[ray.ObjectRef]) -> None:
-        for index in [i for i, r in self.busy.items() if r in refs]:
+    def _complete(self, refs: list[ray.ObjectRef], block: bool = True) -> None:
+        """Take the reports of those of `refs` that are done (`block`: waiting until one is)."""
+        if not refs:
+            return
+        done, _ = ray.wait(refs, num_returns=1) if block else ray.wait(refs, num_returns=len(refs), timeout=0)
+        for index in [i for i, r in self.busy.items() if r in done]:
             self.report += ray.get(self.busy.pop(index))
 
     def finish(self) -> IngestReport:
         """Wait for every outstanding call; the report covers everything sent."""
-        self._complete(list(self.busy.values()))
+        while self.busy:
+            self._complete(list(self.busy.values()))
         log.info("event=ingested tenant=%s accepted=%d duplicates=%d rejected=%d", self.tenant,
                  self.report.accepted, self.report.duplicates, self.report.rejected)
         return self.report

@@ -196,13 +196,23 @@ def test_ingest_table_task_and_table_through_the_service(service):
 
 @ray.remote(max_concurrency=3)
 class SlowShard:
-    """Stands in for a twin shard that is slow to apply."""
+    """Stands in for twin shards that are slow to apply: `delay_s` per call, or per asset of the
+    call's first row; it records when each call started."""
+
+    def __init__(self, delay_s: float = 0.02, delay_by_asset: dict[str, float] | None = None):
+        self.delay_s, self.delay_by_asset = delay_s, delay_by_asset or {}
+        self.started: list[tuple[str, float]] = []
 
     def ingest(self, tenant, events):
         import time
 
-        time.sleep(0.02)
+        asset = events.column("asset_id")[0].as_py()
+        self.started.append((asset, time.monotonic()))
+        time.sleep(self.delay_by_asset.get(asset, self.delay_s))
         return IngestReport(accepted=len(events))
+
+    def calls(self) -> list[tuple[str, float]]:
+        return self.started
 
 
 def test_dispatcher_bounds_in_flight_calls(ray_session, tmp_path):
@@ -211,10 +221,27 @@ def test_dispatcher_bounds_in_flight_calls(ray_session, tmp_path):
     router = ShardRouter(str(tmp_path), shards=3, namespace="unused")
     d = Dispatcher(router, "acme", max_in_flight=2, batch_size=2, handles=shards)
     most = 0
-    for k in range(0, 60, 3):
-        d.send(validated_table(tank_events(f"a{k % 7}", 3, start=k)))
+    for k in range(0, 60, 3):  # each batch: one event of each of three assets
+        d.send(validated_table([e for j in range(3) for e in tank_events(f"a{(k + j) % 7}", 1, start=k + j)]))
         most = max(most, len(d.busy))
         assert len(d.busy) <= 2
     assert d.finish().accepted == 60 and not d.busy and most == 2
     with pytest.raises(ValueError):
         Dispatcher(router, "acme", max_in_flight=0, handles=shards)
+
+
+def test_a_busy_shard_does_not_hold_up_the_rows_of_the_others(ray_session, tmp_path):
+    """Rows for an idle shard are sent at once, not after the busy shard's call completes (shard
+    0 is busy and comes first in shard order, which is what used to hold shard 1's rows up)."""
+    from actors.routing import shard_index
+
+    first, second = (next(f"a{i}" for i in range(100) if shard_index("acme", f"a{i}", 2) == s) for s in (0, 1))
+    shard = SlowShard.remote(delay_s=0.0, delay_by_asset={first: 1.0})
+    router = ShardRouter(str(tmp_path), shards=2, namespace="unused")
+    d = Dispatcher(router, "acme", max_in_flight=2, handles=[shard, shard])
+    d.send(validated_table(tank_events(first, 1)))  # shard 0 busy for 1 s
+    d.send(validated_table([*tank_events(first, 1, start=1), *tank_events(second, 1)]))
+    assert d.finish().accepted == 3
+    calls = ray.get(shard.calls.remote())
+    assert [a for a, _ in calls] == [first, second, first]
+    assert calls[1][1] - calls[0][1] < 0.5  # shard 1 did not wait for shard 0's first call
