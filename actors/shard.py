@@ -13,7 +13,6 @@ as duplicates, so nothing is applied twice.
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
 from typing import Any
@@ -24,6 +23,7 @@ import pyarrow.compute as pc
 import ray
 from ray.util import metrics
 
+from actors.heap import freeze_heap
 from actors.recovery import recover, recover_many
 from actors.routing import shard_index
 from actors.state import IngestReport, Reject, TwinState
@@ -270,7 +270,8 @@ class TwinShard:
 
 class TwinShardProcess(TwinShard):
     """A shard as the only tenant of a Ray worker process: it owns that process's log set-up and
-    its garbage collector (`freeze_heap` before the first batch after start or registrations)."""
+    its garbage collector (`actors.heap.freeze_heap` before the first batch after start or
+    registrations)."""
 
     def __init__(self, *args: Any, **kwargs: Any):
         component_logging()
@@ -286,16 +287,6 @@ class TwinShardProcess(TwinShard):
             freeze_heap()
             self.heap_frozen = True
         return super().ingest(tenant, batch)
-
-
-def freeze_heap() -> None:
-    """Take every object alive now (JAX, Ray, compiled kernels, the twins) out of the garbage
-    collector's view. Why: a full collection scanned a shard's ~250k objects for ~160 ms (measured:
-    once every ~300 live batches), and every batch queued behind it waited; with them frozen it
-    takes ~3 ms. Young garbage is collected first (cheap) so that little is frozen with them;
-    frozen objects are still freed by reference counting."""
-    gc.collect(1)
-    gc.freeze()
 
 
 TwinShardActor = ray.remote(TwinShardProcess)

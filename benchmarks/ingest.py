@@ -23,7 +23,8 @@ import pyarrow.compute as pc
 from actors import TwinService
 from actors.ingest import DEFAULT_LINGER_S
 from actors.recovery import registration_record
-from actors.shard import TwinShard, freeze_heap
+from actors.heap import freeze_heap
+from actors.shard import TwinShard
 from actors.telemetry import TELEMETRY_SCHEMA, validate_table
 from actors.twin import Twin, apply_many, logged_event
 from benchmarks.harness import BenchContext, BenchResult, Figure, benchmark
@@ -171,7 +172,7 @@ def stage_costs(ctx: BenchContext, artifact: ModelArtifact, n_twins: int, n_even
     check (in the ingesting process) and, in the shard, everything (`TwinShard.ingest`: asset type
     check, ordering and de-duplication, durable log, filter) and the filter alone (`apply_many`).
     Together they bound throughput whatever Ray adds. The shard stages run with this process's
-    heap frozen, as a shard process runs (`actors.shard.freeze_heap`): otherwise one full garbage
+    heap frozen, as a shard process runs (`actors.heap.freeze_heap`): otherwise one full garbage
     collection of the benchmark process (~0.1 s) lands in one of the few timed batches."""
     try:
         return _stage_costs(ctx, artifact, n_twins, n_events)

@@ -3,6 +3,7 @@ letters, and the bounded in-flight window."""
 
 from __future__ import annotations
 
+import gc
 import json
 import threading
 from datetime import UTC, datetime, timedelta
@@ -181,6 +182,19 @@ def test_ingest_ndjson_over_http(service):
     assert (report.accepted, report.rejected) == (30, 1)
     assert service.state("acme", "t3").events_applied == 30
     assert "this is not json" in service.dead_letters("acme").to_pylist()[-1]["raw"]
+
+
+def test_a_stream_is_consumed_with_the_heap_frozen_and_left_as_it_was(service):
+    """Full garbage collections of the caller's process must not stall a live stream."""
+    frozen_while_read = []
+
+    def source():
+        frozen_while_read.append(gc.get_freeze_count())
+        yield from (json.loads(e.model_dump_json()) for e in tank_events("t2", 5, start=500))
+
+    assert gc.get_freeze_count() == 0
+    assert service.ingest_stream("acme", source()).accepted == 5
+    assert frozen_while_read[0] > 0 and gc.get_freeze_count() == 0
 
 
 def test_ingest_table_task_and_table_through_the_service(service):
