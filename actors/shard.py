@@ -23,6 +23,7 @@ import pyarrow.compute as pc
 import ray
 from ray.util import metrics
 
+from actors.heap import freeze_heap
 from actors.recovery import recover, recover_many
 from actors.routing import shard_index
 from actors.state import IngestReport, Reject, TwinState
@@ -112,6 +113,8 @@ class TwinShard:
         return sorted(a for t, a in self.twins if t == tenant)
 
     def _refresh_stale(self) -> None:
+        if not self.stale:
+            return
         keys = sorted(self.stale & self.twins.keys())
         for key, twin in zip(keys, recover_many(self.store, [self.store.load_registration(*k) for k in keys],
                                                 allowed_lateness_s=self.lateness_s,
@@ -153,10 +156,9 @@ class TwinShard:
                                                                     normalized.misfit)
         rejects = [self._reject(batch, i, reason, twins[code[i]]) for i, reason in rejected]
 
-        rows = pa.array(accepted_rows, pa.int64())
-        log_rows = pa.table([batch.column("asset_id").take(rows), *(batch.column(n).take(rows) for n in (
-            "event_time", "sequence", "idempotency_key", "quality")), si_map(entries, normalized).take(rows),
-            batch.column("ingest_time").take(rows)], schema=LOG_BATCH_SCHEMA)
+        columns = [batch.column(n) for n in ("asset_id", "event_time", "sequence", "idempotency_key", "quality")]
+        log_rows = pa.table([*columns, si_map(entries, normalized), batch.column("ingest_time")],
+                            schema=LOG_BATCH_SCHEMA).take(pa.array(accepted_rows, pa.int64()))
         try:
             n_accepted = self.store.append_log(tenant, log_rows)
         except Exception:
@@ -208,22 +210,24 @@ class TwinShard:
         times = batch.column("event_time").cast(pa.int64()).to_numpy().tolist()
         sequences = batch.column("sequence").to_numpy().tolist()
         use_outputs = pc.not_equal(batch.column("quality"), "bad").to_numpy().tolist()
+        misfits = misfit.tolist()
         rejected: list[tuple[int, str | None]] = []
         accepted: dict[int, list[Pending]] = {}
         accepted_rows: list[int] = []
         duplicates = 0
-        order = np.argsort(code, kind="stable")
-        for rows in np.split(order, np.flatnonzero(np.diff(code[order])) + 1):  # one twin's rows, in batch order
-            if not len(rows):
-                continue
-            c = int(code[rows[0]])
+        rows_of: dict[int, list[int]] = {}  # each twin's rows in batch order (plain lists: ~1 event a twin)
+        for i, c in enumerate(code.tolist()):
+            rows_of.setdefault(c, []).append(i)
+        for c, rows in sorted(rows_of.items()):
             twin = twins[c]
             if twin is None:
-                rejected += [(i, f"unknown twin {assets[c]!r} for tenant {tenant!r}") for i in rows.tolist()]
+                rejected += [(i, f"unknown twin {assets[c]!r} for tenant {tenant!r}") for i in rows]
                 continue
-            rejected += [(i, None) for i in rows[misfit[rows]].tolist()]
-            rows = rows[~misfit[rows]].tolist()
+            if any(misfits[i] for i in rows):
+                rejected += [(i, None) for i in rows if misfits[i]]
+                rows = [i for i in rows if not misfits[i]]
             found = [(times[i], sequences[i], keys[i]) for i in rows]
+            matrix = values[c]
             events: list[Pending] = []
             for i, key, verdict in zip(rows, found, twin.classify(found)):
                 if verdict == TOO_LATE and self.store.contains(tenant, assets[c], key):
@@ -233,7 +237,7 @@ class TwinShard:
                 elif verdict == TOO_LATE:
                     rejected.append((i, TOO_LATE))
                 else:
-                    events.append(Pending(key, values[c][i], use_outputs[i]))
+                    events.append(Pending(key, matrix[i], use_outputs[i]))
                     accepted_rows.append(i)
             if events:
                 accepted[c] = events
@@ -265,11 +269,24 @@ class TwinShard:
 
 
 class TwinShardProcess(TwinShard):
-    """A shard as the only tenant of a Ray worker process: it owns that process's log set-up."""
+    """A shard as the only tenant of a Ray worker process: it owns that process's log set-up and
+    its garbage collector (`actors.heap.freeze_heap` before the first batch after start or
+    registrations)."""
 
     def __init__(self, *args: Any, **kwargs: Any):
         component_logging()
         super().__init__(*args, **kwargs)
+        self.heap_frozen = False
+
+    def register(self, tenant: str, asset_id: str, record: dict[str, Any]) -> bool:
+        self.heap_frozen = False  # new twins; the first of a model compiles its kernels
+        return super().register(tenant, asset_id, record)
+
+    def ingest(self, tenant: str, batch: pa.Table) -> IngestReport:
+        if not self.heap_frozen:
+            freeze_heap()
+            self.heap_frozen = True
+        return super().ingest(tenant, batch)
 
 
 TwinShardActor = ray.remote(TwinShardProcess)

@@ -25,7 +25,7 @@ import numpy as np
 
 from actors.state import DivergenceReport, TwinState
 from raytwin.contracts import AssetType, TelemetryEvent, normalize_measurements
-from raytwin.estimation import Divergence, ExtendedKalmanFilter, FilterState, FilterTrace, Run, assimilate_runs
+from raytwin.estimation import Divergence, ExtendedKalmanFilter, FilterState, Run, Traces, assimilate_runs
 from raytwin.registry import ModelArtifact
 from raytwin.statestore import EventKey, LoggedEvent, Snapshot, from_micros, to_micros
 
@@ -142,23 +142,21 @@ class Twin:
         events = sorted(events, key=_key)
         if self.last_key is not None and events[0].key < self.last_key:
             events = sorted([*self._rewind_before(events[0].key), *events], key=_key)
-        return events, Run(
-            self.filter, self.fs,
-            np.array([e.key[0] for e in events], dtype=np.int64) / 1e6,
-            np.array([e.values for e in events], dtype=np.float64),
-            np.array([e.use_outputs for e in events]),
-        )
+        # lists, not arrays: `assimilate_runs` packs the events of all twins of a batch at once
+        return events, Run(self.filter, self.fs, [e.key[0] / 1e6 for e in events], [e.values for e in events],
+                           [e.use_outputs for e in events])
 
-    def _absorb(self, events: list[Pending], trace: FilterTrace) -> None:
-        """Take the filter's states after `events`: checkpoints, window, bookkeeping."""
+    def _absorb(self, events: list[Pending], traces: Traces, k: int, final: FilterState) -> None:
+        """Take the filter's states after `events` (run `k` of `traces`, ending in `final`):
+        checkpoints, window, bookkeeping."""
         first = self.events_applied
         for i in range((-first - 1) % self.checkpoint_every, len(events), self.checkpoint_every):
-            self.checkpoints.append(Checkpoint(events[i].key, trace.state(i), first + i + 1))
-        self.fs = trace.state(len(events) - 1)
+            self.checkpoints.append(Checkpoint(events[i].key, traces.state(k, i), first + i + 1))
+        self.fs = final
         self.last_key = events[-1].key
         self.events_applied += len(events)
         self.window.extend(events)
-        self.seen.update(e.key[2] for e in events)
+        self.seen.update([e.key[2] for e in events])
         newest = events[-1].key[0]
         self.max_time_us = newest if self.max_time_us is None else max(self.max_time_us, newest)
         self._prune()
@@ -177,12 +175,11 @@ class Twin:
 
     def _prune(self) -> None:
         """Forget everything before the newest checkpoint older than the watermark (it is sealed)."""
-        wm = self.watermark_us
-        sealed = [j for j, c in enumerate(self.checkpoints) if c.key is None or c.key[0] < wm]
-        i = sealed[-1]
-        if i == 0:
-            return
-        base = self.checkpoints[i]
+        wm, checkpoints = self.watermark_us, self.checkpoints
+        if len(checkpoints) < 2 or checkpoints[1].key[0] >= wm:
+            return  # nothing newer than the base is sealed (the common case in a live batch)
+        i = max(j for j in range(1, len(checkpoints)) if checkpoints[j].key[0] < wm)
+        base = checkpoints[i]
         dropped = [e for e in self.window if e.key <= base.key]
         self.window = self.window[len(dropped):]
         self.seen.difference_update(e.key[2] for e in dropped)
@@ -255,8 +252,9 @@ def apply_many(batches: list[tuple[Twin, list[Pending]]]) -> None:
     """Apply accepted events to many twins at once: their filter runs share kernel dispatches
     (`raytwin.estimation.assimilate_runs`), with the same bits as applying each twin alone."""
     plans = [(twin, *twin._plan(events)) for twin, events in batches if events]
-    for (twin, events, _), trace in zip(plans, assimilate_runs([run for *_, run in plans])):
-        twin._absorb(events, trace)
+    traces = assimilate_runs([run for *_, run in plans])
+    for k, ((twin, events, _), final) in enumerate(zip(plans, traces.final_states())):
+        twin._absorb(events, traces, k, final)
 
 
 def replay(twin: Twin, events: list[LoggedEvent]) -> Twin:

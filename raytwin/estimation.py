@@ -25,9 +25,10 @@ recovery and time travel rely on (tested).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
+from itertools import chain
 from typing import NamedTuple
 
 import jax
@@ -87,9 +88,11 @@ DRIFT_NIS_BOUND = float(chi2.ppf(0.999, _EFFECTIVE_DOF) / _EFFECTIVE_DOF)
 """An EWMA of NIS/dof above this is a 1-in-1000 event for a consistent filter: flag drift."""
 
 
-@dataclass(frozen=True)
-class Divergence:
-    """Exponentially weighted innovation statistics of one twin (folded in by the filter kernel)."""
+class Divergence(NamedTuple):
+    """Exponentially weighted innovation statistics of one twin (folded in by the filter kernel).
+
+    NamedTuples (here and in `FilterState`): a live batch makes one per twin it touches, at a
+    third of a frozen dataclass's cost."""
 
     updates: int = 0
     nis_last: float = 0.0
@@ -102,15 +105,14 @@ class Divergence:
         return self.updates >= DRIFT_MIN_UPDATES and self.nis_mean > DRIFT_NIS_BOUND
 
 
-@dataclass(frozen=True)
-class FilterState:
+class FilterState(NamedTuple):
     """Mean, covariance, held inputs and the time they refer to (epoch seconds, None = prior)."""
 
     t: float | None
     x: np.ndarray
     P: np.ndarray
     u: np.ndarray
-    divergence: Divergence = field(default_factory=Divergence)
+    divergence: Divergence = Divergence()
 
 
 class _Kernels(NamedTuple):
@@ -119,7 +121,7 @@ class _Kernels(NamedTuple):
 
 
 class FilterTrace(NamedTuple):
-    """The filter state after each event of one run (for checkpoints)."""
+    """The filter state after each event of one run (or of several runs of one model, back to back)."""
 
     t: np.ndarray  # (n,)
     x: np.ndarray  # (n, states)
@@ -135,12 +137,55 @@ class FilterTrace(NamedTuple):
         return len(self.t)
 
     def state(self, i: int) -> FilterState:
-        updates = int(self.updates[i])
-        div = Divergence(
-            updates, float(self.nis_last[i]), float(self.nis_mean[i]),
-            tuple(self.residual_mean[i].tolist()) if updates else (), tuple(self.residual_ms[i].tolist()) if updates else (),
-        )
-        return FilterState(float(self.t[i]), self.x[i], self.P[i], self.u[i], div)
+        return self.states([i])[0]
+
+    def states(self, rows: Sequence[int] | np.ndarray) -> list[FilterState]:
+        """The states after the events `rows`, gathered field by field (one NumPy gather per field
+        for all of them: a live batch takes one final state per twin it touched)."""
+        rows = np.asarray(rows, dtype=np.intp)
+        t, updates = self.t[rows].tolist(), self.updates[rows].tolist()
+        nis_last, nis_mean = self.nis_last[rows].tolist(), self.nis_mean[rows].tolist()
+        res_mean, res_ms = self.residual_mean[rows].tolist(), self.residual_ms[rows].tolist()
+        x, P, u = self.x[rows], self.P[rows], self.u[rows]
+        return [FilterState(t[j], x[j], P[j], u[j], Divergence(
+                    n, nis_last[j], nis_mean[j], tuple(res_mean[j]) if n else (), tuple(res_ms[j]) if n else ()))
+                for j, n in enumerate(updates)]
+
+
+@dataclass(frozen=True)
+class Traces:
+    """What `assimilate_runs` returns: for each run, the state after each of its events.
+
+    The runs of one model share one packed `FilterTrace` (run k is `lengths[k]` rows from
+    `starts[k]`), so the final states of all runs come out of one gather per model
+    (`final_states`) instead of a slice and an object per run and field."""
+
+    packed: dict[Model, FilterTrace]
+    groups: dict[Model, list[int]]  # the runs of each model
+    models: list[Model]  # the model of each run
+    starts: np.ndarray
+    lengths: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.models)
+
+    def __getitem__(self, k: int) -> FilterTrace:
+        if not -len(self) <= k < len(self):
+            raise IndexError(k)
+        start = int(self.starts[k])
+        return FilterTrace(*(f[start:start + int(self.lengths[k])] for f in self.packed[self.models[k]]))
+
+    def state(self, k: int, i: int) -> FilterState:
+        """Run k's state after its event i."""
+        return self.packed[self.models[k]].state(int(self.starts[k]) + i)
+
+    def final_states(self) -> list[FilterState]:
+        """Each run's state after its last event, in run order."""
+        ends = self.starts + self.lengths - 1
+        out: dict[int, FilterState] = {}
+        for model, ks in self.groups.items():
+            out.update(zip(ks, self.packed[model].states(ends[ks])))
+        return [out[k] for k in range(len(self))]
 
 
 RUN_LENGTHS = (8, 64)
@@ -154,13 +199,16 @@ one-iteration loop XLA would inline and could fuse differently)."""
 MAX_RUN = RUN_LENGTHS[-1]
 """Longest run of events in one dispatch."""
 
-LANES = 32
+LANES = 128
 """Every filter dispatch runs exactly this many twins side by side (unused lanes are no-ops).
 
 Why a fixed width: with one shape per run length, each twin's arithmetic is the same vector code
 whatever lane it gets and whoever its neighbours are, so a twin's state has the same bits in a
 live batch and in a replay alone (a vmap over a varying number of twins does NOT give that for
-the nonlinear models: measured). 32 lanes cost about as much per dispatch as one twin did.
+the nonlinear models: measured). Why 128: a dispatch costs ~0.25 ms whatever its width (argument
+and result transfers, the loop's launches) and ~0.26 us per lane and step on top, so a live batch
+touching ~100 twins with ~1 event each costs one dispatch (0.40 ms measured) instead of four of
+32 lanes (1.3 ms).
 """
 
 
@@ -262,11 +310,11 @@ class ExtendedKalmanFilter:
         self.defaults = DEFAULTS.get(model.name)
         if self.defaults is None and (process_std is None or measurement_std is None):
             raise ValueError(f"no filter defaults for model {model.name}: give process_std and measurement_std")
-        self.params = jnp.asarray(np.asarray(params, dtype=np.float64))
+        self.params = np.asarray(params, dtype=np.float64)  # NumPy: packed into every dispatch
         q = _complete("process_std", model.state_names, process_std, self.defaults)
         r = _complete("measurement_std", model.output_names, measurement_std, self.defaults)
-        self.q_var_rate = jnp.asarray(q**2)
-        self.r_var = jnp.asarray(r**2)
+        self.q_var_rate = q**2
+        self.r_var = r**2
         self._kernels = _kernels(model)
         self.measured_names = tuple(dict.fromkeys((*model.input_names, *model.output_names)))
         """The value columns of `assimilate_many`: the model's inputs, then its outputs."""
@@ -296,9 +344,9 @@ class ExtendedKalmanFilter:
             raise ValueError(f"cannot predict backwards in time ({fs.t} -> {t}); rewind instead")
         n = math.ceil(gap / self.model.default_dt - 1e-9) if gap > 0 else 0
         if n == 0:
-            return replace(fs, t=t)
+            return fs._replace(t=t)
         x, P = self._kernels.predict(fs.x, fs.P, fs.u, self.params, self.q_var_rate, n, gap / n)
-        return replace(fs, t=t, x=np.asarray(x), P=np.asarray(P))
+        return fs._replace(t=t, x=np.asarray(x), P=np.asarray(P))
 
     def assimilate(self, fs: FilterState, t: float, values: dict[str, float], use_outputs: bool = True) -> FilterState:
         """One event: predict to `t`, take the measured inputs (held from `t` on), update with the outputs.
@@ -335,95 +383,118 @@ class Run(NamedTuple):
 
     `t` (n,) epoch seconds; `values` (n, len(filter.measured_names)) in SI units, NaN = not
     measured; `use_outputs` (n,) False for events whose outputs must not update the estimate
-    (bad quality). Inputs are held from their last measurement; an event without outputs only
-    predicts.
+    (bad quality). Arrays or sequences (of rows, for `values`): a live batch hands over each
+    twin's few events as lists and `assimilate_runs` packs all twins' events at once. Inputs are
+    held from their last measurement; an event without outputs only predicts.
     """
 
     filter: ExtendedKalmanFilter
     start: FilterState
-    t: np.ndarray
-    values: np.ndarray
-    use_outputs: np.ndarray
+    t: Sequence[float] | np.ndarray
+    values: Sequence[np.ndarray] | np.ndarray
+    use_outputs: Sequence[bool] | np.ndarray
 
 
-def assimilate_runs(runs: list[Run]) -> list[FilterTrace]:
+def assimilate_runs(runs: Sequence[Run]) -> Traces:
     """Apply each (non-empty) run to its twin: one kernel dispatch per `LANES` twins of a model
     and per `MAX_RUN` events (a longer run continues in the next round of dispatches)."""
-    if any(len(run.t) == 0 for run in runs):
+    lengths = np.array([len(run.t) for run in runs], dtype=np.int64)
+    if np.any(lengths == 0):
         raise ValueError("every run needs at least one event")
-    pieces: list[list[FilterTrace]] = [[] for _ in runs]
-    starts = [run.start for run in runs]
-    for offset in range(0, max((len(run.t) for run in runs), default=0), MAX_RUN):
-        active = [i for i, run in enumerate(runs) if len(run.t) > offset]
-        part = slice(offset, offset + MAX_RUN)
-        by_model: dict[Model, list[int]] = {}
-        for i in active:
-            by_model.setdefault(runs[i].filter.model, []).append(i)
-        for model, indices in by_model.items():
-            for c in range(0, len(indices), LANES):
-                chunk = indices[c:c + LANES]
-                lanes = [Run(runs[i].filter, starts[i], runs[i].t[part], runs[i].values[part], runs[i].use_outputs[part])
-                         for i in chunk]
-                for i, trace in zip(chunk, _assimilate_lanes(model, lanes)):
-                    pieces[i].append(trace)
-                    starts[i] = trace.state(len(trace) - 1)
-    return [p[0] if len(p) == 1 else FilterTrace(*(np.concatenate(f) for f in zip(*p))) for p in pieces]
-
-
-def _assimilate_lanes(model: Model, runs: list[Run]) -> list[FilterTrace]:
-    """Up to `LANES` runs of twins of `model` in one dispatch, padded to (LANES, bucket) arrays."""
-    f0 = runs[0].filter
-    ny = len(model.output_names)
-    lengths = np.array([len(r.t) for r in runs])
-    L = bucket(int(lengths.max()))
-    valid = np.arange(L)[None, :] < np.pad(lengths, (0, LANES - len(runs)))[:, None]
-
-    t = np.zeros((LANES, L))
-    values = np.full((LANES, L, len(f0.measured_names)), np.nan)
-    use = np.zeros((LANES, L), dtype=bool)
-    t0 = np.full(LANES, np.nan)
-    # unused lanes repeat the first twin's parameters and state (finite arithmetic), with no steps
-    x = np.repeat(runs[0].start.x[None], LANES, axis=0)
-    P = np.repeat(runs[0].start.P[None], LANES, axis=0)
-    u0 = np.repeat(runs[0].start.u[None], LANES, axis=0)
-    p = np.repeat(np.asarray(f0.params)[None], LANES, axis=0)
-    q = np.repeat(np.asarray(f0.q_var_rate)[None], LANES, axis=0)
-    r_var = np.repeat(np.asarray(f0.r_var)[None], LANES, axis=0)
-    updates = np.zeros(LANES, dtype=np.int64)
-    nis_last, nis_mean = np.zeros(LANES), np.zeros(LANES)
-    res_mean, res_ms = np.zeros((LANES, ny)), np.zeros((LANES, ny))
+    groups: dict[Model, list[int]] = {}
     for k, run in enumerate(runs):
-        n, fs, flt = lengths[k], run.start, run.filter
-        t[k, :n], values[k, :n], use[k, :n] = run.t, run.values, run.use_outputs
-        if fs.t is not None:
-            t0[k] = fs.t
-        x[k], P[k], u0[k], p[k], q[k], r_var[k] = fs.x, fs.P, fs.u, flt.params, flt.q_var_rate, flt.r_var
-        d = fs.divergence
-        updates[k], nis_last[k], nis_mean[k] = d.updates, d.nis_last, d.nis_mean
-        if d.updates:
-            res_mean[k], res_ms[k] = d.residual_mean, d.residual_ms
+        groups.setdefault(run.filter.model, []).append(k)
+    starts = np.zeros(len(runs), dtype=np.int64)
+    packed = {}
+    for model, ks in groups.items():
+        starts[ks] = np.cumsum(lengths[ks]) - lengths[ks]
+        packed[model] = _assimilate_model(model, [runs[k] for k in ks], lengths[ks])
+    return Traces(packed, groups, [run.filter.model for run in runs], starts, lengths)
+
+
+def _assimilate_model(model: Model, runs: list[Run], n: np.ndarray) -> FilterTrace:
+    """The runs of twins of one model, packed as (run, event) arrays with NumPy fancy indexing
+    and dispatched `LANES` runs at a time; returns their traces back to back (run order)."""
+    f0 = runs[0].filter
+    R, E = len(runs), int(n.sum())
+    ny = len(model.output_names)
+    lane = np.repeat(np.arange(R), n)  # run of each event
+    pos = np.arange(E) - np.repeat(np.cumsum(n) - n, n)  # its index within the run
+    rounds = range(0, int(n.max()), MAX_RUN)
+    width = max(o + bucket(min(int(n.max()) - o, MAX_RUN)) for o in rounds)  # room for every dispatch's padding
+    valid = np.zeros((R, width), dtype=bool)
+    valid[lane, pos] = True
+
+    t_events = np.fromiter(chain.from_iterable(r.t for r in runs), dtype=np.float64, count=E)
+    t = np.zeros((R, width))
+    t[lane, pos] = t_events
+    values = np.full((R, width, len(f0.measured_names)), np.nan)
+    values[lane, pos] = np.array(list(chain.from_iterable(r.values for r in runs)), dtype=np.float64)
+    use = np.zeros((R, width), dtype=bool)
+    use[lane, pos] = np.fromiter(chain.from_iterable(r.use_outputs for r in runs), dtype=bool, count=E)
+    starts = [r.start for r in runs]
+    t0 = np.array([np.nan if fs.t is None else fs.t for fs in starts])
+    x = np.array([fs.x for fs in starts])
+    P = np.array([fs.P for fs in starts])
+    u0 = np.array([fs.u for fs in starts])
+    divs = [fs.divergence for fs in starts]
+    no_residuals = (0.0,) * ny
+    updates = np.array([d.updates for d in divs], dtype=np.int64)
+    nis_last, nis_mean = np.array([d.nis_last for d in divs]), np.array([d.nis_mean for d in divs])
+    res_mean = np.array([d.residual_mean if d.updates else no_residuals for d in divs]).reshape(R, ny)
+    res_ms = np.array([d.residual_ms if d.updates else no_residuals for d in divs]).reshape(R, ny)
+    filters: dict[int, int] = {}
+    which = np.array([filters.setdefault(id(r.filter), len(filters)) for r in runs])
+    distinct = list({id(r.filter): r.filter for r in runs}.values())
+    p, q, r_var = (np.array([getattr(f, name) for f in distinct])[which] for name in ("params", "q_var_rate", "r_var"))
 
     # sub-steps of at most default_dt into each event from the one before (none from the prior)
     gap = np.diff(t, axis=1, prepend=t0[:, None])
     gap = np.where(valid & ~np.isnan(gap), gap, 0.0)
     if np.any(gap < 0):
         k = int(np.flatnonzero((gap < 0).any(axis=1))[0])
-        raise ValueError(f"cannot predict backwards in time ({runs[k].start.t} -> {runs[k].t.tolist()}); rewind instead")
-    n_sub = np.where(gap > 0, np.ceil(gap / model.default_dt - 1e-9), 0.0)
+        raise ValueError(f"cannot predict backwards in time ({runs[k].start.t} -> {np.asarray(runs[k].t).tolist()}); "
+                         "rewind instead")
+    n_sub = np.where(gap > 0, np.ceil(gap / model.default_dt - 1e-9), 0.0).astype(np.int32)
     dt = np.divide(gap, n_sub, out=np.zeros_like(gap), where=n_sub > 0)
     # inputs: each held from its last measurement (or from the twin's held value)
     held = np.concatenate([u0[:, None, :], values[:, :, f0._input_cols]], axis=1)
-    last = np.where(np.isnan(held), 0, np.arange(L + 1)[None, :, None])
-    held = np.take_along_axis(held, np.maximum.accumulate(last, axis=1), axis=1)
+    filled = np.where(np.isnan(held), 0, np.arange(width + 1)[None, :, None])
+    held = np.take_along_axis(held, np.maximum.accumulate(filled, axis=1), axis=1)
     z = values[:, :, f0._output_cols]
     mask = (~np.isnan(z) & (use & valid)[:, :, None]).astype(np.float64)
+    z = np.nan_to_num(z, nan=0.0)
 
-    out = _kernels(model).assimilate(
-        x, P, (updates, nis_last, nis_mean, res_mean, res_ms), p, q, r_var,
-        n_sub.astype(np.int32), dt, held[:, :-1], held[:, 1:], np.nan_to_num(z, nan=0.0), mask)
-    xs, Ps, (upd, nl, nm, rm, rs) = jax.tree.map(np.asarray, out)
-    return [FilterTrace(run.t.astype(np.float64), xs[k, :n], Ps[k, :n], held[k, 1:n + 1], upd[k, :n], nl[k, :n],
-                        nm[k, :n], rm[k, :n], rs[k, :n]) for k, (run, n) in enumerate(zip(runs, lengths))]
+    out_x, out_P = np.empty((E, *x.shape[1:])), np.empty((E, *P.shape[1:]))
+    out_upd, out_nl, out_nm = np.empty(E, dtype=np.int64), np.empty(E), np.empty(E)
+    out_rm, out_rs = np.empty((E, ny)), np.empty((E, ny))
+    first_event = np.cumsum(n) - n
+    assimilate = _kernels(model).assimilate
+    for offset in rounds:
+        active = np.flatnonzero(n > offset)
+        for c in range(0, len(active), LANES):
+            runs_c = active[c:c + LANES]
+            m = len(runs_c)
+            steps = np.zeros(LANES, dtype=np.int64)
+            steps[:m] = np.minimum(n[runs_c] - offset, MAX_RUN)
+            part = slice(offset, offset + bucket(int(steps.max())))
+            live = np.arange(part.stop - offset)[None, :] < steps[:, None]  # this round's events; the rest are no-ops
+            # unused lanes repeat the first run's data (finite arithmetic) with no steps
+            sel = np.concatenate([runs_c, np.full(LANES - m, runs_c[0])])
+            out = assimilate(
+                x[sel], P[sel], (updates[sel], nis_last[sel], nis_mean[sel], res_mean[sel], res_ms[sel]),
+                p[sel], q[sel], r_var[sel], n_sub[sel, part] * live, dt[sel, part],
+                held[sel, part], held[sel, offset + 1:part.stop + 1], z[sel, part], mask[sel, part] * live[:, :, None])
+            xs, Ps, (upd, nl, nm, rm, rs) = jax.tree.map(np.asarray, out)
+            j, i = np.nonzero(live)
+            rows = first_event[runs_c[j]] + offset + i
+            out_x[rows], out_P[rows], out_upd[rows], out_nl[rows] = xs[j, i], Ps[j, i], upd[j, i], nl[j, i]
+            out_nm[rows], out_rm[rows], out_rs[rows] = nm[j, i], rm[j, i], rs[j, i]
+            # where the next round of a longer run starts
+            end = (np.arange(m), steps[:m] - 1)
+            x[runs_c], P[runs_c], updates[runs_c], nis_last[runs_c] = xs[end], Ps[end], upd[end], nl[end]
+            nis_mean[runs_c], res_mean[runs_c], res_ms[runs_c] = nm[end], rm[end], rs[end]
+    return FilterTrace(t_events, out_x, out_P, held[lane, pos + 1], out_upd, out_nl, out_nm, out_rm, out_rs)
 
 
 def _complete(kind: str, names: tuple[str, ...], given: dict[str, float] | None, defaults: NoiseDefaults | None):

@@ -3,6 +3,7 @@ letters, and the bounded in-flight window."""
 
 from __future__ import annotations
 
+import gc
 import json
 import threading
 from datetime import UTC, datetime, timedelta
@@ -183,6 +184,19 @@ def test_ingest_ndjson_over_http(service):
     assert "this is not json" in service.dead_letters("acme").to_pylist()[-1]["raw"]
 
 
+def test_a_stream_is_consumed_with_the_heap_frozen_and_left_as_it_was(service):
+    """Full garbage collections of the caller's process must not stall a live stream."""
+    frozen_while_read = []
+
+    def source():
+        frozen_while_read.append(gc.get_freeze_count())
+        yield from (json.loads(e.model_dump_json()) for e in tank_events("t2", 5, start=500))
+
+    assert gc.get_freeze_count() == 0
+    assert service.ingest_stream("acme", source()).accepted == 5
+    assert frozen_while_read[0] > 0 and gc.get_freeze_count() == 0
+
+
 def test_ingest_table_task_and_table_through_the_service(service):
     from actors.ingest import ingest_table
 
@@ -196,13 +210,24 @@ def test_ingest_table_task_and_table_through_the_service(service):
 
 @ray.remote(max_concurrency=3)
 class SlowShard:
-    """Stands in for a twin shard that is slow to apply."""
+    """Stands in for twin shards that are slow to apply: `delay_s` per call, or per asset of the
+    call's first row; it records the order in which calls start and end."""
+
+    def __init__(self, delay_s: float = 0.02, delay_by_asset: dict[str, float] | None = None):
+        self.delay_s, self.delay_by_asset = delay_s, delay_by_asset or {}
+        self.log: list[tuple[str, str]] = []
 
     def ingest(self, tenant, events):
         import time
 
-        time.sleep(0.02)
+        asset = events.column("asset_id")[0].as_py()
+        self.log.append(("start", asset))
+        time.sleep(self.delay_by_asset.get(asset, self.delay_s))
+        self.log.append(("end", asset))
         return IngestReport(accepted=len(events))
+
+    def calls(self) -> list[tuple[str, str]]:
+        return self.log
 
 
 def test_dispatcher_bounds_in_flight_calls(ray_session, tmp_path):
@@ -211,10 +236,28 @@ def test_dispatcher_bounds_in_flight_calls(ray_session, tmp_path):
     router = ShardRouter(str(tmp_path), shards=3, namespace="unused")
     d = Dispatcher(router, "acme", max_in_flight=2, batch_size=2, handles=shards)
     most = 0
-    for k in range(0, 60, 3):
-        d.send(validated_table(tank_events(f"a{k % 7}", 3, start=k)))
+    for k in range(0, 60, 3):  # each batch: one event of each of three assets
+        d.send(validated_table([e for j in range(3) for e in tank_events(f"a{(k + j) % 7}", 1, start=k + j)]))
         most = max(most, len(d.busy))
         assert len(d.busy) <= 2
     assert d.finish().accepted == 60 and not d.busy and most == 2
     with pytest.raises(ValueError):
         Dispatcher(router, "acme", max_in_flight=0, handles=shards)
+
+
+def test_a_busy_shard_does_not_hold_up_the_rows_of_the_others(ray_session, tmp_path):
+    """Rows for an idle shard are sent at once, not after the busy shard's call completes (shard
+    0 is busy and comes first in shard order, which is what used to hold shard 1's rows up)."""
+    from actors.routing import shard_index
+
+    first, second = (next(f"a{i}" for i in range(100) if shard_index("acme", f"a{i}", 2) == s) for s in (0, 1))
+    shard = SlowShard.remote(delay_s=0.0, delay_by_asset={first: 1.0})
+    router = ShardRouter(str(tmp_path), shards=2, namespace="unused")
+    d = Dispatcher(router, "acme", max_in_flight=2, handles=[shard, shard])
+    d.send(validated_table(tank_events(first, 1)))  # shard 0 busy for a second
+    d.send(validated_table([*tank_events(first, 1, start=1), *tank_events(second, 1)]))
+    assert d.finish().accepted == 3
+    log = ray.get(shard.calls.remote())
+    assert sorted(log) == sorted([("start", first), ("end", first)] * 2 + [("start", second), ("end", second)])
+    assert log.index(("start", second)) < log.index(("end", first))  # shard 1 did not wait for shard 0
+    assert log[-2:] == [("start", first), ("end", first)]  # shard 0's calls one after the other

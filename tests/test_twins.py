@@ -6,6 +6,8 @@ key order, without Ray; twin states must match them bit for bit.
 
 from __future__ import annotations
 
+import gc
+import logging
 import os
 import random
 import signal
@@ -18,6 +20,7 @@ import pytest
 
 from actors import TwinService, TwinState, UnknownTwin
 from actors.recovery import registration_record
+from actors.shard import TwinShardProcess
 from actors.telemetry import validated_table
 from actors.twin import DUPLICATE, TOO_LATE, Twin, logged_event, replay
 from raytwin.contracts import Asset, AssetType, TelemetryEvent
@@ -100,6 +103,22 @@ def test_late_events_merge_within_lateness_and_too_late_ones_are_refused(artifac
     assert_same_state(twin.view(), before)
     # bounded memory: only events after the oldest retained (sealed) checkpoint are kept
     assert len(twin.window) <= 10 + 4 and twin.checkpoints[0].key[0] < twin.watermark_us
+
+
+def test_shard_process_freezes_its_heap_before_the_first_batch_after_registrations(tmp_path, artifact):
+    """Full garbage collections must not scan JAX, Ray and the twins during live batches."""
+    level = logging.getLogger("raytwin").level  # the process class sets up its logging
+    shard = TwinShardProcess(str(tmp_path), 0, 1, allowed_lateness_s=3600.0, snapshot_every=16)
+    try:
+        shard.register("acme", "z1", registration_record(asset("z1"), artifact, None, None))
+        assert not shard.heap_frozen
+        assert shard.ingest("acme", validated_table(events("z1", 3))).accepted == 3
+        assert shard.heap_frozen and gc.get_freeze_count() > 0
+        shard.register("acme", "z2", registration_record(asset("z2"), artifact, None, None))
+        assert not shard.heap_frozen  # frozen again before the next batch
+    finally:
+        gc.unfreeze()
+        logging.getLogger("raytwin").setLevel(level)
 
 
 # ------------------------------------------------------------------------ on Ray ----
