@@ -166,7 +166,7 @@ def roofline(ctx: BenchContext) -> BenchResult:
     n = 256 if ctx.quick else workers * CHUNK
     sweep = ThermalSweep.from_spec(bench_spec(n, n_steps=n_steps, chunk_size=CHUNK, workers=workers, seed=2))
     t_jax, _ = ctx.measure("roofline/sweep-in-process", lambda: product_in_process(sweep))
-    t_ray, _ = ctx.measure("roofline/sweep-ray", lambda: product_on_ray(sweep, workers))
+    t_ray, _ = ctx.measure("roofline/sweep-ray", lambda: product_on_ray(sweep, None))
     res.timings.update({"sweep_in_process": t_jax, f"sweep_ray_{workers}_workers": t_ray})
     rates = {"engine in-process": sweep.scenario_steps / t_jax.median_s,
              f"Ray tasks, {workers} workers": sweep.scenario_steps / t_ray.median_s}

@@ -111,7 +111,7 @@ def sweep_throughput(ctx: BenchContext) -> BenchResult:
             "numpy_f32": (lambda: numpy_rk4(sweep, np.float32), dict(warmup=0, repeat=baseline_repeat)),
             "in_process": (lambda: product_in_process(sweep), {}),
             # all workers first: its warm-up starts and compiles every worker the 1-worker run reuses
-            "ray_all": (lambda: product_on_ray(sweep, workers), {}),
+            "ray_all": (lambda: product_on_ray(sweep, None), {}),  # the runner's default window, as users run it
             "ray_1": (lambda: product_on_ray(sweep, 1), {}),
         }
         for key, (fn, options) in contenders.items():

@@ -68,9 +68,13 @@ TRAJECTORY_FILE = "trajectories.parquet"
 
 
 def write_parquet(table: pa.Table, url: str, storage_options: dict | None) -> str:
-    """Write `table` to `url` atomically (temporary name, then rename); return the bytes' SHA-256."""
+    """Write `table` to `url` atomically (temporary name, then rename); return the bytes' SHA-256.
+
+    No dictionary encoding: sweep columns are mostly distinct floats, for which Parquet's default
+    tries a dictionary and gives up: 13 ms per 12,500-row chunk instead of 3 ms, and 1.45 MB
+    instead of 1.12 MB (zstd compresses the repeats of grid dimensions anyway)."""
     sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
+    pq.write_table(table, sink, compression="zstd", use_dictionary=False)
     data = sink.getvalue().to_pybytes()
     fs, path = filesystem(url, storage_options)
     tmp = f"{path}.tmp-{os.getpid()}"
