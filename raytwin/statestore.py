@@ -72,6 +72,13 @@ COMPACTED = (
     _Compacted("dead_letters", [("dead_lettered_at", "ascending"), ("asset_id", "ascending")], False),
 )
 
+_DICTIONARY_COLUMNS = {"asset_id": "asset_id", "quality": "quality", "values": "values.key_value.key",
+                       "reason": "reason"}
+"""Columns whose values repeat (of `values`, the measurement names), by Parquet column path: only
+these are dictionary-encoded. Parquet's
+default also tries it on unique keys and float values, which made a 100-event log write 0.90 ms
+instead of 0.52 ms, on the live path of every shard batch."""
+
 EventKey = tuple[int, int, str]
 """The total order of events: (event time in microseconds since the epoch, sequence, idempotency key)."""
 
@@ -209,11 +216,13 @@ class StateStore:
     def _write(self, table: pa.Table, directory: str, stem: str, row_group_size: int | None = None) -> None:
         self.fs.makedirs(directory, exist_ok=True)
         path = f"{directory}/{stem}.parquet"
+        options = {"row_group_size": row_group_size,
+                   "use_dictionary": [path for c, path in _DICTIONARY_COLUMNS.items() if c in table.column_names]}
         if not self._local:  # an object-store PUT is atomic already
-            pq.write_table(table, path, filesystem=self.fs, row_group_size=row_group_size)
+            pq.write_table(table, path, filesystem=self.fs, **options)
             return
         tmp = f"{directory}/.{stem}.tmp"
-        pq.write_table(table, tmp, filesystem=self.fs, row_group_size=row_group_size)
+        pq.write_table(table, tmp, filesystem=self.fs, **options)
         self.fs.mv(tmp, path)
 
     def _dataset(self, directory: str) -> ds.Dataset | None:
