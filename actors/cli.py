@@ -8,7 +8,8 @@ from datetime import datetime
 
 import typer
 
-twins_app = typer.Typer(help="Live twins: time travel, dead letters, shard measurements.", no_args_is_help=True)
+twins_app = typer.Typer(help="Live twins: time travel, dead letters, compaction, retention, shard measurements.",
+                        no_args_is_help=True)
 
 
 @twins_app.command("state-at")
@@ -55,8 +56,7 @@ def compact(
     tenant: str = typer.Option(None, help="Only this tenant."),
     min_files: int = typer.Option(2, min=1, help="Merge a partition once it has this many part files."),
 ) -> None:
-    """Merge the event log's and dead letters' small part files (safe while twins run; run it
-    periodically, e.g. from cron: a live stream writes tens of part files a second)."""
+    """Merge small event-log and dead-letter files (safe while twins run; schedule it, e.g. every 15 min)."""
     from raytwin.statestore import StateStore
 
     done = StateStore(store).compact(tenant=tenant, min_files=min_files)
@@ -72,8 +72,7 @@ def prune(
     before: datetime = typer.Option(None, "--before", formats=["%Y-%m-%d"], help="Delete history before this UTC date."),
     keep_days: int = typer.Option(None, "--keep-days", min=1, help="Or: keep this many days of history."),
 ) -> None:
-    """Delete a tenant's event log, dead letters and snapshots before a date, keeping what every
-    twin's recovery needs. Time travel to before the cut is refused afterwards (HTTP 410)."""
+    """Delete a tenant's history before a date, keeping what recovery needs (time travel before it: HTTP 410)."""
     from datetime import UTC, timedelta
 
     from raytwin.statestore import StateStore

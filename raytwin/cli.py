@@ -13,7 +13,8 @@ from sweeps.cli import calibrate_app, rerun, runs_app, sweep_app
 app = typer.Typer(help="RayTwin: live digital twins and scenario sweeps on Ray.", no_args_is_help=True)
 app.add_typer(cluster_app, name="cluster", help="KubeRay manifests and a local multi-node Ray cluster.")
 app.add_typer(job_app, name="job", help="Submit and follow Ray jobs with RayTwin's runtime environment.")
-app.add_typer(twins_app, name="twins", help="Live twins: state from the store, dead letters, shard measurement.")
+app.add_typer(twins_app, name="twins",
+              help="Live twins: state from the store, dead letters, compaction, retention, shard measurement.")
 app.add_typer(sweep_app, name="sweep", help="What-if scenario sweeps.")
 app.add_typer(calibrate_app, name="calibrate", help="Fit model parameters to telemetry with Ray Tune.")
 app.add_typer(runs_app, name="runs", help="Recorded sweep and calibration runs.")
