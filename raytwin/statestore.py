@@ -33,6 +33,7 @@ shards write and read; a compactor that dies midway leaves duplicates, which rea
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -47,6 +48,7 @@ import pyarrow.parquet as pq
 
 from raytwin.storage import filesystem
 
+log = logging.getLogger("raytwin.store")
 T = TypeVar("T")
 SCAN_ATTEMPTS = 3
 COMPACT_ROWS = 1_000_000
@@ -392,7 +394,10 @@ class StateStore:
         for i, start in enumerate(starts):
             self._write(table.slice(start, COMPACT_ROWS), directory, f"{stem}-{i:04d}", COMPACT_ROW_GROUP)
         self.fs.rm(parts)  # only once the merged rows are durable
-        return Compaction(directory.removeprefix(self.root + "/"), len(parts), len(starts), rows_in, table.num_rows)
+        done = Compaction(directory.removeprefix(self.root + "/"), len(parts), len(starts), rows_in, table.num_rows)
+        log.info("event=compacted partition=%s files_in=%d files_out=%d rows_in=%d rows_out=%d", done.partition,
+                 done.files_in, done.files_out, done.rows_in, done.rows_out)
+        return done
 
     # ----------------------------------------------------------------------- retention ----
     def _retention_path(self, tenant: str) -> str:
@@ -436,6 +441,8 @@ class StateStore:
                          if int(p.rsplit("/", 1)[-1].split("-")[1]) < cut_us]
         if old_snapshots:
             self.fs.rm(old_snapshots)
+        log.info("event=pruned tenant=%s history_from=%s partitions=%d snapshots=%d held_back_by=%d", tenant,
+                 cut.isoformat(), len(deleted), len(old_snapshots), len(held))
         return Pruning(tenant, cut, held, len(deleted), len(old_snapshots))
 
     # ------------------------------------------------------------------- registrations ----
