@@ -8,6 +8,9 @@ from datetime import datetime
 
 import typer
 
+ISO_FORMATS = ["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%S.%f%z", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M:%S.%f", "%Y-%m-%d"]
+"""Spelled out: click's default formats accept no UTC offset in older releases (seen with another click)."""
+
 twins_app = typer.Typer(help="Live twins: time travel, dead letters, compaction, retention, shard measurements.",
                         no_args_is_help=True)
 
@@ -17,7 +20,7 @@ def state_at(
     store: str = typer.Argument(..., help="State store URL (directory or s3://...)."),
     tenant: str = typer.Argument(...),
     asset_id: str = typer.Argument(...),
-    at: datetime = typer.Option(None, "--at", help="ISO time (UTC if no offset); default: latest."),
+    at: datetime = typer.Option(None, "--at", formats=ISO_FORMATS, help="ISO time (UTC if no offset); default: latest."),
 ) -> None:
     """Print a twin's state as of a past event time, rebuilt from the store alone (no Ray needed)."""
     from datetime import UTC
