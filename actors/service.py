@@ -33,6 +33,7 @@ from actors.state import IngestReport, TwinState, UnknownTwin
 from actors.telemetry import validated_table
 from raytwin.contracts import Asset, Identifier, TelemetryEvent
 from raytwin.registry import ModelArtifact
+from raytwin.sim.cpu import cpu_only
 from raytwin.statestore import StateStore, to_micros
 
 _IDENTIFIER = TypeAdapter(Identifier)
@@ -62,14 +63,14 @@ class TwinService:
         self.store = StateStore(store_url, storage_options)
         self.max_in_flight, self.batch_size = max_in_flight, batch_size
         self._shards = [
-            TwinShardActor.options(
+            TwinShardActor.options(**cpu_only(dict(
                 name=shard_name(store_url, i, shards),
                 namespace=namespace,
                 get_if_exists=True,
                 lifetime="detached" if detached else None,
                 max_restarts=-1,
                 max_task_retries=max_task_retries,
-            ).remote(
+            ))).remote(
                 store_url, i, shards, allowed_lateness_s=allowed_lateness_s, snapshot_every=snapshot_every,
                 checkpoint_every=checkpoint_every, storage_options=storage_options,
             )

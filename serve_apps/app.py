@@ -13,6 +13,7 @@ from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
 
 from raytwin.logs import component_logging
+from raytwin.sim.cpu import cpu_only
 from raytwin.storage import filesystem
 from serve_apps.api import create_api
 from serve_apps.audit import AuditLog
@@ -60,6 +61,6 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
             "target_ongoing_requests": scaling.target_ongoing_requests,
             "upscale_delay_s": 10.0, "downscale_delay_s": 120.0,
         },
-        ray_actor_options={"num_cpus": 0.5},
+        ray_actor_options=cpu_only({"num_cpus": 0.5}),
     )
     return ingress.bind(config, BackendDeployment.bind(config))

@@ -18,6 +18,7 @@ from ray import serve
 from raytwin.contracts import Asset, AssetType, RelationshipKind, TelemetryEvent
 from raytwin.logs import component_logging
 from raytwin.registry import ModelArtifact, ModelRegistry
+from raytwin.sim.cpu import cpu_only
 from serve_apps.catalog import Catalog
 from serve_apps.config import ServeConfig
 from serve_apps.errors import Unprocessable
@@ -136,4 +137,4 @@ class Backend:
 
 
 BackendDeployment = serve.deployment(Backend, name="Backend", num_replicas=1, max_ongoing_requests=64,
-                                     ray_actor_options={"num_cpus": 0})
+                                     ray_actor_options=cpu_only({"num_cpus": 0}))

@@ -86,7 +86,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": text}
     for status, text in (
         (401, "Missing or unknown API key"), (403, "Role not allowed"), (404, "Not found (or another tenant's)"),
-        (410, "History pruned (time travel before the retention cut)"), (413, "Body too large"), (422, "Invalid request"), (429, "Rate limited"),
+        (410, "History pruned (time travel before the retention cut)"), (413, "Body too large"),
+        (422, "Invalid request"), (429, "Rate limited"),
     )
 }
 

@@ -39,6 +39,7 @@ from scipy.optimize import least_squares
 from raytwin.contracts import Contract, Finite, Identifier
 from raytwin.registry import ModelRegistry
 from raytwin.sim import Model, get_model, rollout, unstack
+from raytwin.sim.cpu import use_cpu_backend
 from raytwin.storage import canonical_json, filesystem
 from sweeps.spec import resolve_model
 
@@ -222,6 +223,7 @@ def build_problem(spec: CalibrationSpec, table: pa.Table, artifact_params: dict[
 def _trial(config: dict[str, float], problem: Problem, windows: list[int]) -> None:
     from ray import tune
 
+    use_cpu_backend()  # a 1-CPU trial: on a GPU node, not a CUDA backend grabbing the GPU
     theta = np.log([config[name] for name in problem.free_names])
     for n in windows:
         tune.report({"loss": problem.loss(theta, n), "window": n})

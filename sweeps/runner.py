@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from raytwin.sim.cpu import start_single_core_backend
+from raytwin.sim.cpu import cpu_only, start_single_core_backend
 from raytwin.storage import filesystem
 from sweeps import engine
 from sweeps.engine import Bases
@@ -155,7 +155,7 @@ def _task_plan() -> tuple[dict[str, Any], int]:
     if resources.get("GPU", 0) > 0:
         options = {"num_gpus": 1 / GPU_TASKS_PER_GPU, "runtime_env": {"env_vars": GPU_TASK_ENV}}
         return options, int(resources["GPU"] * GPU_TASKS_PER_GPU)
-    return {"num_cpus": 1, "runtime_env": {"env_vars": {"XLA_FLAGS": SINGLE_THREADED_XLA}}}, int(resources["CPU"])
+    return cpu_only({"num_cpus": 1, "runtime_env": {"env_vars": {"XLA_FLAGS": SINGLE_THREADED_XLA}}}), int(resources["CPU"])
 
 
 def absolute_url(url: str) -> str:

@@ -292,3 +292,13 @@ def test_chunk_tasks_share_each_gpu_without_preallocating_it(monkeypatch):
     monkeypatch.setattr(runner.ray, "cluster_resources", lambda: {"CPU": 2.0})
     options, slots = runner._task_plan()
     assert options["num_cpus"] == 1 and slots == 2 and "num_gpus" not in options
+    assert options["runtime_env"]["env_vars"]["JAX_PLATFORMS"] == "cpu"
+
+
+def test_cpu_side_workers_keep_jax_off_the_gpu():
+    """Twin shards, API replicas and CPU sweep tasks carry JAX_PLATFORMS=cpu (merged, not replacing)."""
+    from raytwin.sim.cpu import CPU_ONLY_ENV, cpu_only
+
+    merged = cpu_only({"num_cpus": 1, "runtime_env": {"env_vars": {"XLA_FLAGS": "x"}, "pip": ["a"]}})
+    assert merged["runtime_env"] == {"env_vars": {"XLA_FLAGS": "x", **CPU_ONLY_ENV}, "pip": ["a"]}
+    assert cpu_only({})["runtime_env"]["env_vars"] == CPU_ONLY_ENV

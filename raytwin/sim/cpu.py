@@ -21,8 +21,29 @@ import os
 from collections.abc import Callable
 from contextlib import suppress
 from functools import cache, wraps
+from typing import Any
 
 import jax
+
+CPU_ONLY_ENV = {"JAX_PLATFORMS": "cpu"}
+"""Environment of the Ray workers that run JAX on a CPU by design (twin shards, API replicas,
+CPU sweep tasks). On a GPU node JAX would otherwise start its CUDA backend in each of them and
+preallocate most of the GPU's memory, outside Ray's GPU accounting: seen on an H100 node, where a
+restarted twin shard then failed to start its backend."""
+
+
+def cpu_only(options: dict[str, Any]) -> dict[str, Any]:
+    """Ray actor/task `options` with `CPU_ONLY_ENV` added to their runtime_env's env_vars."""
+    runtime_env = dict(options.get("runtime_env") or {})
+    runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **CPU_ONLY_ENV}
+    return {**options, "runtime_env": runtime_env}
+
+
+def use_cpu_backend() -> None:
+    """Run JAX on the CPU in this process from now on (for workers whose options cannot carry
+    `CPU_ONLY_ENV`, such as Tune trials); no effect once a backend has started."""
+    jax.config.update("jax_platforms", "cpu")
+
 
 CPU_COMPILER_OPTIONS = {"xla_cpu_prefer_vector_width": "512"}
 """XLA debug options for throughput kernels on CPU (not passed on other backends, which lack them)."""
