@@ -15,6 +15,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
+import jax
 import numpy as np
 import pytest
 
@@ -29,6 +30,14 @@ from raytwin.sim import THERMAL_RC
 
 T0 = datetime(2026, 2, 1, tzinfo=UTC)
 STEP_S = 60.0
+
+
+@pytest.fixture(autouse=True)
+def jax_on_cpu_like_the_shards():
+    """Shards run JAX on the CPU (`raytwin.sim.cpu.CPU_ONLY_ENV`): in-process references do too, so
+    that states compare bit for bit on a machine with a GPU as well."""
+    with jax.default_device(jax.devices("cpu")[0]):
+        yield
 
 
 @pytest.fixture(scope="module")
