@@ -1,4 +1,5 @@
-"""How throughput kernels use a CPU: vector width at compile time, one thread per core at run time.
+"""How throughput kernels use a CPU: vector width at compile time, one thread per core at run time;
+and keeping the workers meant for CPUs off a node's GPU (`cpu_only`, `use_cpu_backend`).
 
 Two measured facts about XLA's CPU backend (jaxlib 0.10) drive this module (numbers in
 ``sweeps/README.md``):
