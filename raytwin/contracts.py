@@ -80,8 +80,33 @@ def describe_error(exc: Exception) -> str:
 
 # ---------------------------------------------------------------- asset types and assets ----
 class Quantity(Contract):
+    """A variable of an asset type: unit and plausible range (in `unit`; None: the simulator's)."""
+
     unit: Unit
     description: str = ""
+    lower: Finite | None = None
+    upper: Finite | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Quantity:
+        if self.lower is not None and self.upper is not None and not self.lower < self.upper:
+            raise ValueError(f"need lower < upper, got [{self.lower}, {self.upper}]")
+        return self
+
+    def outside(self, value: float) -> bool:
+        """Whether `value` (in `unit`) lies outside the plausible range (NaN counts as outside)."""
+        return not ((self.lower is None or value >= self.lower) and (self.upper is None or value <= self.upper))
+
+
+def _quantity(var: Any, declared: Quantity | None = None) -> Quantity:
+    """`declared` (or a quantity of the simulator variable `var`) with any unset bound taken from `var`,
+    converted to the declared unit."""
+    unit = declared.unit if declared else var.unit
+    bound = lambda v: None if not math.isfinite(v) else units.to_unit(v, var.unit, unit)  # noqa: E731
+    lower = declared.lower if declared and declared.lower is not None else bound(var.lower)
+    upper = declared.upper if declared and declared.upper is not None else bound(var.upper)
+    return Quantity(unit=unit, description=declared.description if declared else var.description,
+                    lower=lower, upper=upper)
 
 
 class ParameterSpec(Contract):
@@ -126,22 +151,25 @@ class AssetType(Contract):
             for v in expected:
                 if units.canonical(declared[v.name].unit) != units.canonical(v.unit):
                     raise ValueError(f"{kind}.{v.name}: unit {declared[v.name].unit!r} is not {v.unit!r}")
-            # keep the simulator's variable order, whatever order the data came in
-            object.__setattr__(self, kind, {n: declared[n] for n in names})
+            # keep the simulator's variable order, whatever order the data came in; a variable's
+            # plausible range defaults to the simulator's
+            if kind == "parameters":
+                object.__setattr__(self, kind, {n: declared[n] for n in names})
+            else:
+                object.__setattr__(self, kind, {v.name: _quantity(v, declared[v.name]) for v in expected})
         return self
 
     @classmethod
     def from_model(cls, model: Any, name: str | None = None, version: str | None = None) -> AssetType:
         """The asset type that exposes a simulator `raytwin.sim.Model` as it is."""
-        q = lambda v: Quantity(unit=v.unit, description=v.description)  # noqa: E731
         return cls(
             name=name or model.name,
             version=version or model.version,
             description=model.description,
             simulator=model.name,
-            states={v.name: q(v) for v in model.states},
-            inputs={v.name: q(v) for v in model.inputs},
-            outputs={v.name: q(v) for v in model.outputs},
+            states={v.name: _quantity(v) for v in model.states},
+            inputs={v.name: _quantity(v) for v in model.inputs},
+            outputs={v.name: _quantity(v) for v in model.outputs},
             parameters={
                 p.name: ParameterSpec(unit=p.unit, default=p.default, lower=p.lower, upper=p.upper,
                                       description=p.description)

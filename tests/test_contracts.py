@@ -12,6 +12,7 @@ from raytwin.contracts import (
     Asset,
     AssetType,
     ContractError,
+    Quantity,
     Scenario,
     TelemetryEvent,
     describe_error,
@@ -161,3 +162,18 @@ def test_bad_scenarios_are_refused():
         thermal_scenario(start_state={"T_in": 290.0}).check_against(THERMAL)
     with pytest.raises(ContractError, match="missing inputs"):
         Scenario(asset_id="cell", horizon_s=10, step_s=1).check_against(AssetType.from_model(BATTERY_ECM))
+
+
+def test_asset_type_variables_carry_plausible_ranges_from_the_simulator_in_declared_units():
+    at = AssetType.from_model(THERMAL_RC)
+    assert at.states["T_in"].lower == THERMAL_RC.states[0].lower
+    data = at.model_dump(mode="json")
+    data["states"]["T_in"] = {"unit": "degC"}  # range left out: the simulator's, converted
+    data["states"]["T_m"] = {"unit": "K", "lower": 250.0}  # narrowed by the asset type
+    typed = AssetType.model_validate(data)
+    assert typed.states["T_in"].lower == pytest.approx(THERMAL_RC.states[0].lower - 273.15)
+    assert (typed.states["T_m"].lower, typed.states["T_m"].upper) == (250.0, THERMAL_RC.states[1].upper)
+    assert typed.states["T_m"].outside(249.0) and not typed.states["T_m"].outside(300.0)
+    assert typed.states["T_m"].outside(float("nan"))
+    with pytest.raises(ValidationError, match="lower < upper"):
+        Quantity(unit="K", lower=300.0, upper=300.0)

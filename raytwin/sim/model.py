@@ -20,6 +20,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import math
+
 import jax.numpy as jnp
 
 Arrays = tuple  # a tuple of JAX arrays, one per variable, all broadcastable to a common shape
@@ -27,11 +29,23 @@ Arrays = tuple  # a tuple of JAX arrays, one per variable, all broadcastable to 
 
 @dataclass(frozen=True)
 class Var:
-    """A state, input or output variable: name, SI unit and a short description."""
+    """A state, input or output variable: name, SI unit, a short description and its plausible range.
+
+    The range (``lower`` <= value <= ``upper``, SI) bounds what the quantity can take, sensor noise
+    and filter estimates near a physical limit included, not what is typical: telemetry outside it
+    is dead-lettered as implausible and what-if inputs and start states outside it are refused, so
+    one broken sensor or typo cannot destroy a twin.
+    """
 
     name: str
     unit: str
     description: str = ""
+    lower: float = -math.inf
+    upper: float = math.inf
+
+    def __post_init__(self) -> None:
+        if not self.lower < self.upper:
+            raise ValueError(f"variable {self.name}: need lower < upper, got [{self.lower}, {self.upper}]")
 
 
 @dataclass(frozen=True)
