@@ -360,7 +360,17 @@ class Scenario(Contract):
         return self
 
     def check_against(self, asset_type: AssetType) -> None:
-        """Refuse inputs, states or parameters the asset type does not have, or in wrong units."""
+        """Refuse inputs, states or parameters the asset type does not have, in wrong units, or
+        outside its plausible ranges (an explicit start state, and each input over the horizon)."""
+        self._checked_inputs(asset_type)
+
+    def input_series(self, asset_type: AssetType) -> np.ndarray:
+        """Inputs per step, shape (n_steps, n_inputs), in the asset type's units (zero-order hold),
+        after `check_against`."""
+        return self._checked_inputs(asset_type)
+
+    def _checked_inputs(self, asset_type: AssetType) -> np.ndarray:
+        """`check_against`, returning the input series it evaluated to check their ranges."""
         problems = []
         for name, sig in self.inputs.items():
             if name not in asset_type.inputs:
@@ -370,23 +380,44 @@ class Scenario(Contract):
         missing = set(asset_type.inputs) - set(self.inputs)
         if missing:
             problems.append(f"missing inputs {sorted(missing)}")
-        if isinstance(self.start_state, dict) and set(self.start_state) != set(asset_type.states):
-            problems.append(f"start_state must give exactly {sorted(asset_type.states)}")
+        if isinstance(self.start_state, dict):
+            problems += start_state_problems(self.start_state, asset_type)
         for name, value in self.parameter_overrides.items():
             spec = asset_type.parameters.get(name)
             if spec is None:
                 problems.append(f"unknown parameter {name!r}")
             elif not spec.lower <= value <= spec.upper:
                 problems.append(f"parameter {name}={value} outside [{spec.lower}, {spec.upper}]")
+        series = np.empty((self.n_steps, 0))
+        if not problems:  # every input is known and convertible: evaluate, then check the ranges
+            t = self.step_s * np.arange(self.n_steps, dtype=np.float64)
+            cols = []
+            for name, q in asset_type.inputs.items():
+                sig = self.inputs[name]
+                with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused below
+                    col = units.to_unit(sig.evaluate(t), sig.unit, q.unit)
+                low, high = float(np.min(col)), float(np.max(col))
+                if not (math.isfinite(low) and math.isfinite(high)) or q.outside(low) or q.outside(high):
+                    problems.append(f"input {name} spans [{low:g}, {high:g}] {q.unit} over the horizon, {_range(q)}")
+                cols.append(col)
+            series = np.column_stack(cols) if cols else series
         if problems:
             raise ContractError(f"scenario for {self.asset_id} does not fit {asset_type.key}: " + "; ".join(problems))
+        return series
 
-    def input_series(self, asset_type: AssetType) -> np.ndarray:
-        """Inputs per step, shape (n_steps, n_inputs), in the asset type's units (zero-order hold)."""
-        self.check_against(asset_type)
-        t = self.step_s * np.arange(self.n_steps, dtype=np.float64)
-        cols = []
-        for name, q in asset_type.inputs.items():
-            sig = self.inputs[name]
-            cols.append(units.to_unit(sig.evaluate(t), sig.unit, q.unit))
-        return np.column_stack(cols)
+
+def start_state_problems(start_state: dict[str, float], asset_type: AssetType) -> list[str]:
+    """What is wrong with an explicit start state: missing or unknown states, values outside the
+    plausible ranges (in the asset type's units)."""
+    problems = []
+    if set(start_state) != set(asset_type.states):
+        problems.append(f"start_state must give exactly {sorted(asset_type.states)}")
+    problems += [f"start_state.{name}={value:g} {q.unit} {_range(q)}" for name, q in asset_type.states.items()
+                 if (value := start_state.get(name)) is not None and q.outside(value)]
+    return problems
+
+
+def _range(q: Quantity) -> str:
+    """'outside the plausible range [lower, upper] unit' for a message."""
+    low, high = ("-inf" if q.lower is None else f"{q.lower:g}"), ("inf" if q.upper is None else f"{q.upper:g}")
+    return f"outside the plausible range [{low}, {high}] {q.unit}"

@@ -21,7 +21,8 @@ from raytwin.storage import filesystem
 class AuditRecord(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     time: datetime
-    request_id: str | None
+    request_id: str | None = Field(description="the server's id of the request (X-RayTwin-Request-ID)")
+    client_request_id: str | None = Field(None, description="the incoming X-Request-ID, if 1-128 printable chars")
     key_id: str
     tenant: str
     role: str

@@ -49,8 +49,9 @@ class Services:
 
     async def record(self, request: Request, who: Principal, action: str, target: str, **details: Any) -> None:
         """Append an audit record (blocking store I/O runs off the event loop)."""
-        record = AuditRecord(time=datetime.now(UTC), request_id=getattr(request.state, "request_id", None),
-                             key_id=who.key_id, tenant=who.tenant, role=who.role, action=action, target=target,
+        state = request.state
+        record = AuditRecord(time=datetime.now(UTC), request_id=getattr(state, "request_id", None),
+                             client_request_id=getattr(state, "client_request_id", None), key_id=who.key_id, tenant=who.tenant, role=who.role, action=action, target=target,
                              details=details)
         await run_in_threadpool(self.audit.append, record)
 

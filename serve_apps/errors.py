@@ -59,12 +59,26 @@ class Gone(ApiError):
     status, code = 410, "gone"
 
 
+class TooDeeplyNested(ApiError):
+    status, code = 400, "too_deeply_nested"
+
+
 class PayloadTooLarge(ApiError):
     status, code = 413, "payload_too_large"
 
 
+class UnsupportedMediaType(ApiError):
+    status, code = 415, "unsupported_media_type"
+
+
 class Unprocessable(ApiError):
     status, code = 422, "invalid_request"
+
+
+class Diverged(ApiError):
+    """A valid scenario whose simulation left the finite numbers (e.g. a step too large for the solver)."""
+
+    status, code = 422, "diverged"
 
 
 class RateLimited(ApiError):
@@ -85,9 +99,12 @@ class ErrorResponse(BaseModel):
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": text}
     for status, text in (
+        (400, "JSON body nested deeper than the parser's limit (`too_deeply_nested`)"),
         (401, "Missing or unknown API key"), (403, "Role not allowed"), (404, "Not found (or another tenant's)"),
         (410, "History pruned (time travel before the retention cut)"), (413, "Body too large"),
-        (422, "Invalid request"), (429, "Rate limited"),
+        (415, "A request body that is not `Content-Type: application/json`"),
+        (422, "Invalid request (`invalid_request`), or a scenario whose simulation diverged (`diverged`)"),
+        (429, "Rate limited"),
     )
 }
 
@@ -109,7 +126,8 @@ def error_response(request: Request | None, status: int, code: str, message: str
 
 
 _STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-                 405: "method_not_allowed", 409: "conflict", 410: "gone", 413: "payload_too_large", 429: "rate_limited"}
+                 405: "method_not_allowed", 409: "conflict", 410: "gone", 413: "payload_too_large",
+                 415: "unsupported_media_type", 429: "rate_limited"}
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -120,6 +138,9 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(request, err.status, err.code, err.message, err.details, err.headers)
 
     async def validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        body_error = getattr(request.state, "body_error", None)  # set by `api.JsonRoute`: reported after auth
+        if body_error is not None:
+            return await api_error(request, body_error)
         details = [
             {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()
         ]

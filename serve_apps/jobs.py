@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from raytwin.storage import filesystem
 from serve_apps.config import ServeConfig
-from serve_apps.errors import NotFound
+from serve_apps.errors import ApiError, NotFound, unwrap
 from serve_apps.scenarios import PreparedScenario, scenario_to_store, sweep_to_store
 from sweeps.spec import SweepSpec
 
@@ -122,7 +122,9 @@ class JobQueue:
             job.state, job.quantiles, job.compute_s = "succeeded", out["quantiles"], out["compute_s"]
             job.result_url, job.run_id = out["result_url"], out["run_id"]
         except Exception as exc:  # a failed task fails its job, never the service
-            job.state, job.error = "failed", f"{type(exc).__name__}: {str(exc).splitlines()[0][:500]}"
+            err = unwrap(exc)
+            reason = f"{err.code}: {err.message}" if isinstance(err, ApiError) else f"{type(err).__name__}: {err}"
+            job.state, job.error = "failed", reason.splitlines()[0][:500]
         job.finished = datetime.now(UTC)
         self.running -= 1
         self._save(job)

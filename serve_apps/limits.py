@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import threading
 import time
 import uuid
@@ -18,11 +19,20 @@ import uuid
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
-class BodyLimitMiddleware:
-    """Pure ASGI middleware: 413 for bodies over `max_bytes`; tags every request with a request id.
+REQUEST_ID_HEADER = b"x-raytwin-request-id"
+CLIENT_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
+"""What is kept of an incoming ``X-Request-ID``: 1-128 printable ASCII characters, no spaces."""
 
-    The request id is the incoming ``X-Request-ID`` (Ray Serve's proxy sets one per request and
-    returns it in the response) or a new one, returned in ``X-Request-ID``; error bodies quote it.
+
+class BodyLimitMiddleware:
+    """Pure ASGI middleware: 413 for bodies over `max_bytes`; gives every request a server-made id.
+
+    The request id (``request.state.request_id``) is generated here, whatever the client sends:
+    it is what the audit log, error bodies and the ``X-RayTwin-Request-ID`` response header
+    carry. The incoming ``X-Request-ID`` (the client's, or the one Serve's proxy assigned when the
+    client sent none; Serve echoes it in the response's ``X-Request-ID`` and its access log) is
+    kept as ``request.state.client_request_id`` only if it matches `CLIENT_REQUEST_ID`, else
+    dropped: a client cannot choose, forge or bloat the ids in the audit log.
     """
 
     def __init__(self, app: ASGIApp, max_bytes: int):
@@ -34,13 +44,15 @@ class BodyLimitMiddleware:
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-        given = headers.get("x-request-id")  # Serve's proxy sets it, and echoes it in the response itself
-        request_id = given or uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
+        request_id = uuid.uuid4().hex
+        given = headers.get("x-request-id")
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        state["client_request_id"] = given if given and CLIENT_REQUEST_ID.fullmatch(given) else None
 
         async def send_with_id(message: Message) -> None:
-            if message["type"] == "http.response.start" and not given:
-                message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", []).append((REQUEST_ID_HEADER, request_id.encode()))
             await send(message)
 
         declared = headers.get("content-length")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Query
@@ -13,7 +13,7 @@ from raytwin.contracts import AssetType, ContractError, TelemetryEvent, describe
 from serve_apps.auth import Principal
 from serve_apps.deps import READER, SVC, WRITER, Services
 from serve_apps.errors import PayloadTooLarge, Unprocessable
-from serve_apps.schemas import Divergence, IngestResult, Rejection, TelemetryBatch
+from serve_apps.schemas import DateTime, Divergence, IngestResult, Rejection, TelemetryBatch
 
 
 def register(app: FastAPI) -> None:
@@ -25,8 +25,13 @@ def register(app: FastAPI) -> None:
         if len(body.events) > svc.config.max_events_per_batch:
             raise PayloadTooLarge(f"{len(body.events)} events exceed the limit of {svc.config.max_events_per_batch}"
                                   " per batch")
+        stamped = [i for i, raw in enumerate(body.events) if "ingest_time" in raw]
+        if stamped:
+            raise Unprocessable(f"events[{stamped[0]}].ingest_time: the server sets ingest_time (its clock on "
+                                f"receipt); leave it out of the {len(stamped)} event(s) that carry it",
+                                details=[{"index": i, "field": "ingest_time"} for i in stamped])
         asset_type, _ = await svc.backend.call("model_of", who.tenant, asset_id)
-        valid, rejections = _validate_events(asset_id, body.events, asset_type)
+        valid, rejections = _validate_events(asset_id, body.events, asset_type, datetime.now(UTC))
         report = {"accepted": 0, "duplicates": 0, "rejected": 0, "reasons": []}
         if valid:
             report = await svc.backend.call("ingest", who.tenant, valid)
@@ -50,11 +55,10 @@ def register(app: FastAPI) -> None:
 
     @app.get("/v1/assets/{asset_id}/state", response_model=TwinState, tags=tags)
     async def state(asset_id: str,
-                    at: Annotated[datetime | None, Query(description="ISO time with offset: the state then")] = None,
+                    at: Annotated[DateTime | None, Query(description="RFC 3339 date-time with offset (e.g. "
+                                                         "2026-01-05T12:00:00Z): the state then")] = None,
                     who: Principal = READER, svc: Services = SVC) -> Any:
         """The twin's state: mean, std, covariance, revision, last event time and divergence indicators."""
-        if at is not None and at.tzinfo is None:
-            raise Unprocessable("`at` needs a timezone offset, e.g. 2026-01-01T00:00:00Z")
         return await svc.twins.state(who.tenant, asset_id, at)
 
     @app.get("/v1/assets/{asset_id}/divergence", response_model=Divergence, tags=tags)
@@ -65,13 +69,14 @@ def register(app: FastAPI) -> None:
                           **found["divergence"])
 
 
-def _validate_events(asset_id: str, events: list[dict[str, Any]], asset_type: AssetType
+def _validate_events(asset_id: str, events: list[dict[str, Any]], asset_type: AssetType, now: datetime
                      ) -> tuple[list[TelemetryEvent], list[Rejection]]:
+    """Valid events, stamped with ingest time `now` (which also decides what is from the future), and rejections."""
     valid, rejections = [], []
     for i, raw in enumerate(events):
         key = raw.get("idempotency_key") if isinstance(raw.get("idempotency_key"), str) else None
         try:
-            event = TelemetryEvent.model_validate({"asset_id": asset_id, **raw})
+            event = TelemetryEvent.model_validate({"asset_id": asset_id, **raw, "ingest_time": now})
             if event.asset_id != asset_id:
                 raise ContractError(f"event for asset {event.asset_id} posted to asset {asset_id}")
             normalize_measurements(event, asset_type)

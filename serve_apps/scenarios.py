@@ -24,11 +24,20 @@ import pyarrow.parquet as pq
 import ray
 from pydantic import Field, ValidationError
 
-from raytwin.contracts import Contract, ContractError, Finite, Identifier, Scenario, UtcTime, describe_error
+from raytwin.contracts import (
+    Contract,
+    ContractError,
+    Finite,
+    Identifier,
+    Scenario,
+    UtcTime,
+    describe_error,
+    start_state_problems,
+)
 from raytwin.registry import ModelArtifact
 from raytwin.sim import get_model, simulate, unstack
 from raytwin.storage import filesystem
-from serve_apps.errors import Unprocessable
+from serve_apps.errors import Diverged, Unprocessable
 from sweeps.aggregate import quantiles
 from sweeps.runner import part_name
 from sweeps.runs import recorded_sweep
@@ -81,11 +90,30 @@ class ScenarioResult:
 
 
 def run(prepared: PreparedScenario) -> ScenarioResult:
-    """Simulate in float64: what-if answers are compared with telemetry, so accuracy wins."""
+    """Simulate in float64: what-if answers are compared with telemetry, so accuracy wins.
+
+    A trajectory that leaves the finite numbers raises `Diverged` (422 inline, a failed job
+    otherwise): NaN or infinity is never an answer (JSON would even turn it into ``null``).
+    """
     model = get_model(prepared.simulator)
-    states = simulate(model, prepared.x0, prepared.inputs, prepared.params, prepared.step_s, dtype=jnp.float64)
-    outputs = _observer(prepared.simulator)(states[:-1], prepared.inputs, prepared.params)
-    return ScenarioResult(states=states, outputs=np.asarray(outputs))
+    states = np.asarray(simulate(model, prepared.x0, prepared.inputs, prepared.params, prepared.step_s,
+                                 dtype=jnp.float64))
+    _check_finite(prepared, states, model.state_names, "state")
+    outputs = np.asarray(_observer(prepared.simulator)(states[:-1], prepared.inputs, prepared.params))
+    _check_finite(prepared, outputs, model.output_names, "output")
+    return ScenarioResult(states=states, outputs=outputs)
+
+
+def _check_finite(prepared: PreparedScenario, series: np.ndarray, names: tuple[str, ...], kind: str) -> None:
+    """Raise `Diverged` naming the first step (and its variables) where `series` is not finite."""
+    bad = ~np.isfinite(series)
+    if not bad.any():
+        return
+    step = int(np.argmax(bad.any(axis=1)))
+    which = [n for j, n in enumerate(names) if bad[step, j]]
+    raise Diverged(f"the simulation diverged: {kind} {', '.join(which)} not finite at step {step} "
+                   f"(t={step * prepared.step_s:g} s); try a smaller step_s", details=[
+                       {"step": step, "time_s": step * prepared.step_s, kind + "s": which}])
 
 
 @cache
@@ -145,7 +173,11 @@ class AssetSweep(Contract):
 
 def sweep_spec(sweep: AssetSweep, tenant: str, registry_url: str, artifact: ModelArtifact,
                live_state: dict[str, float] | None) -> SweepSpec:
-    """The `SweepSpec` for an asset sweep (422 on names the model or its sweep kit lacks)."""
+    """The `SweepSpec` for an asset sweep (422 on names the model or its sweep kit lacks, or on an
+    explicit start state outside the asset type's plausible ranges)."""
+    if isinstance(sweep.start_state, dict) and (problems := start_state_problems(sweep.start_state,
+                                                                                  artifact.asset_type)):
+        raise Unprocessable(f"sweep of {sweep.asset_id}: " + "; ".join(problems))
     try:
         spec = SweepSpec(
             model=artifact.ref, registry_url=registry_url, tenant=tenant, asset_id=sweep.asset_id,

@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field
 
 from actors.state import DivergenceReport
 from raytwin.contracts import Finite, Identifier, Relationship, SemVer
+
+
+RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
+
+
+def _rfc3339(value: Any) -> Any:
+    """Only RFC 3339 text: pydantic alone would also take a number as Unix seconds (`at=0.5` -> 1970)."""
+    if not isinstance(value, str) or not RFC3339.fullmatch(value):
+        raise ValueError("expected an RFC 3339 date-time with a UTC offset, e.g. 2026-01-05T12:00:00Z "
+                         "or 2026-01-05T13:00:00+01:00 (send + as %2B in a URL)")
+    return value
+
+
+DateTime = Annotated[AwareDatetime, BeforeValidator(_rfc3339)]
+"""A date-time as the OpenAPI `date-time` format means it: RFC 3339, with an offset."""
 
 
 class Body(BaseModel):
@@ -36,9 +52,17 @@ class Related(BaseModel):
 
 
 class TelemetryBatch(Body):
-    """Events for one asset. Each is validated on its own: a bad event is rejected, not the batch."""
+    """Events for one asset. Each is validated on its own: a bad event is rejected, not the batch.
 
-    events: list[dict[str, Any]] = Field(min_length=1)
+    An event is a `TelemetryEvent` without `ingest_time`: the server stamps every event with its
+    own clock on receipt, so an event that carries `ingest_time` makes the whole batch 422 (no
+    event applied), and an event stamped more than 5 minutes after the server's clock is
+    rejected as from the future.
+    """
+
+    events: list[dict[str, Any]] = Field(min_length=1, description=(
+        "TelemetryEvent objects: sequence, event_time (RFC 3339 with offset), measurements "
+        "{name: {value, unit}}, optional asset_id, idempotency_key, quality; never ingest_time"))
 
 
 class Rejection(BaseModel):

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -17,6 +21,7 @@ from raytwin.contracts import AssetType
 from raytwin.sim import THERMAL_RC
 from raytwin.sim.reference import model_rhs, reference_trajectory
 from serve_apps.api import create_api
+from serve_apps.api import MAX_JSON_DEPTH
 from serve_apps.auth import create_key
 from tests.conftest import free_port
 
@@ -36,7 +41,8 @@ def api(ray_session, tmp_path_factory):
     keys_file = root / "keys.json"
     keys = {name: create_key(keys_file, tenant, role)[1] for name, tenant, role in (
         ("admin", "acme", "admin"), ("writer", "acme", "writer"), ("reader", "acme", "reader"),
-        ("other", "globex", "admin"), ("limited", "acme", "reader"),
+        ("other", "globex", "admin"), ("limited", "acme", "reader"), ("prober", "acme", "reader"),
+        ("readme", "initech", "admin"),
     )}
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -64,7 +70,7 @@ def assert_error(resp: httpx.Response, status: int, code: str) -> dict:
     body = resp.json()
     assert set(body) == {"error"} and set(body["error"]) == {"code", "message", "details", "request_id"}
     assert body["error"]["code"] == code and body["error"]["message"]
-    assert body["error"]["request_id"] == resp.headers["x-request-id"]
+    assert body["error"]["request_id"] == resp.headers["x-raytwin-request-id"]
     return body["error"]
 
 
@@ -377,3 +383,139 @@ def test_audit_log_records_changes_and_runs(api, http, building):
     assert sweep["details"]["run_id"] and sweep["details"]["sweep"]["space"]["method"] == "grid"
     assert_error(http.get("/v1/audit", headers=auth(api, "writer")), 403, "forbidden")
     assert http.get("/v1/audit", headers=auth(api, "other")).json() == []
+
+
+# ------------------------------------------------------ hardening (issue 18: tried from outside) ----
+def test_the_server_decides_ingest_time_and_refuses_future_events(api, http, building):
+    writer = auth(api, "writer")
+    url = f"/v1/assets/{building}/telemetry"
+    before = http.get(f"/v1/assets/{building}/state", headers=auth(api, "reader")).json()
+    future = "2099-01-01T00:00:00+00:00"
+    forged = {**events(1, start=700)[0], "event_time": future, "ingest_time": future}
+    err = assert_error(http.post(url, json={"events": [*events(1, start=701), forged]}, headers=writer),
+                       422, "invalid_request")
+    assert "ingest_time" in err["message"] and err["details"] == [{"index": 1, "field": "ingest_time"}]
+    report = http.post(url, json={"events": [{**events(1, start=702)[0], "event_time": future}]},
+                       headers=writer).json()
+    assert (report["accepted"], report["rejected"]) == (0, 1) and "2099" in report["reasons"][0]["reason"]
+    after = http.get(f"/v1/assets/{building}/state", headers=auth(api, "reader")).json()
+    assert (after["revision"], after["event_time"]) == (before["revision"], before["event_time"])  # nothing applied
+
+
+def test_the_audit_log_records_the_servers_request_id(api, http, building):
+    admin = auth(api, "admin")
+    update = {"type_name": "thermal_rc", "type_version": THERMAL_TYPE["version"], "metadata": {"floor": "4"},
+              "relationships": [{"kind": "part_of", "target": "site-1"}]}
+    sent = {"client-trace-42": "client-trace-42", "x" * 8192: None, "a b": None}  # sent -> kept as the client's
+    ids = {}
+    for client_id in sent:
+        r = http.put(f"/v1/assets/{building}", json=update, headers={**admin, "X-Request-ID": client_id})
+        assert r.status_code == 200, r.text
+        ids[r.headers["x-raytwin-request-id"]] = sent[client_id]
+    assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids) and len(ids) == 3
+    records = {r["request_id"]: r for r in http.get("/v1/audit", headers=admin).json()}
+    assert {i: records[i]["client_request_id"] for i in ids} == ids
+    assert not any(len(r.get("client_request_id") or "") > 128 for r in records.values())
+
+
+def _fixed(value_k: float, q_h: float = 0.0) -> dict:
+    return {"T_out": {"kind": "constant", "value": value_k, "unit": "K"},
+            "Q_h": {"kind": "constant", "value": q_h, "unit": "W"},
+            "Q_sol": {"kind": "constant", "value": 0.0, "unit": "W"}}
+
+
+def test_scenario_values_are_bounded_and_results_finite(api, http, building):
+    writer = auth(api, "writer")
+    x0 = {"T_in": 294.0, "T_m": 291.0}
+    base = {"asset_id": building, "start_state": x0, "horizon_s": 600.0, "step_s": 60.0, "inputs": _fixed(278.0)}
+    for change, where in (
+        ({"inputs": _fixed(1.7e308)}, "T_out"),
+        ({"inputs": _fixed(278.0, q_h=-1.7e308)}, "Q_h"),
+        ({"start_state": {"T_in": -1.7e308, "T_m": 291.0}}, "start_state.T_in"),
+        ({"inputs": {**_fixed(278.0), "T_out": {"kind": "sinusoid", "mean": 278.0, "amplitude": 1e9,
+                                                "period_s": 600.0, "unit": "K"}}}, "T_out"),
+    ):
+        err = assert_error(http.post("/v1/scenarios", params={"mode": "sync"}, json={**base, **change},
+                                     headers=writer), 422, "invalid_request")
+        assert where in err["message"] and "plausible range" in err["message"], err
+    # in range, but a step far beyond RK4's stability limit: the trajectory overflows
+    unstable = {**base, "horizon_s": 200 * 1e5, "step_s": 1e5}
+    err = assert_error(http.post("/v1/scenarios", params={"mode": "sync"}, json=unstable, headers=writer),
+                       422, "diverged")
+    assert err["details"][0]["step"] > 0 and err["details"][0]["states"]
+    r = http.post("/v1/scenarios", params={"mode": "async"}, json=unstable, headers=writer)
+    assert r.status_code == 202, r.text
+    job = wait_for(http, r.json()["job_id"], writer)
+    assert job["state"] == "failed" and job["error"].startswith("diverged: "), job
+    sweep = {**_sweep(building, {"method": "grid", "dimensions": [
+        {"name": "R_io", "target": "param", "mode": "scale", "values": [1.0]}]}), "start_state": {**x0, "T_m": -1e300}}
+    assert "start_state.T_m" in assert_error(http.post("/v1/sweeps", json=sweep, headers=writer),
+                                             422, "invalid_request")["message"]
+
+
+def test_state_at_takes_only_rfc3339_date_times(api, http, building):
+    reader = auth(api, "reader")
+    url = f"/v1/assets/{building}/state"
+    for at in ("0.5", "1767614520", "2026-01-05T12:02:00", "2026-01-05", "yesterday", "2026-01-05T12:02:00 00:00"):
+        err = assert_error(http.get(url, params={"at": at}, headers=reader), 422, "invalid_request")
+        assert err["message"].startswith("query.at:") and "RFC 3339" in err["message"], err
+    for at in ("2026-01-05T12:02:00Z", "2026-01-05T13:02:00+01:00", "2026-01-05t12:02:00.5z"):
+        assert http.get(url, params={"at": at}, headers=reader).status_code == 200, at
+
+
+def test_json_bodies_need_a_json_content_type_and_bounded_nesting(api, http, building):
+    writer = auth(api, "writer")
+    url = f"/v1/assets/{building}/telemetry"
+    body = json.dumps({"events": events(1, start=800)}).encode()
+    for content_type in ("application/x-www-form-urlencoded", "text/plain", None):
+        headers = {**writer, **({"Content-Type": content_type} if content_type else {})}
+        err = assert_error(http.post(url, content=body, headers=headers), 415, "unsupported_media_type")
+        assert "application/json" in err["message"]
+    ok = http.post(url, content=body, headers={**writer, "Content-Type": "application/json; charset=utf-8"})
+    assert ok.status_code == 200 and ok.json()["accepted"] == 1
+    as_json = {**writer, "Content-Type": "application/json"}
+
+    def nested(depth: int) -> bytes:
+        return b'{"events": ' + b"[" * (depth - 1) + b"]" * (depth - 1) + b"}"
+
+    err = assert_error(http.post(url, content=nested(20_000), headers=as_json), 400, "too_deeply_nested")
+    assert err["details"] == [{"max_depth": MAX_JSON_DEPTH}]
+    assert_error(http.post(url, content=nested(MAX_JSON_DEPTH), headers=as_json), 422, "invalid_request")
+    err = assert_error(http.post(url, content=b'{"events": [{"value": NaN}]}', headers=as_json), 422,
+                       "invalid_request")
+    assert err["details"][0]["type"] == "json_invalid"
+
+
+def _state_changing_routes() -> list[tuple[str, str]]:
+    """(method, path) of every route that changes state, path parameters filled in."""
+    return sorted((method, re.sub(r"{[^}]+}", "x", route.path)) for route in create_api().routes
+                  for method in getattr(route, "methods", ()) if method in {"POST", "PUT", "PATCH", "DELETE"})
+
+
+def test_credentials_are_checked_before_the_body(api, http):
+    routes = _state_changing_routes()
+    assert ("POST", "/v1/assets/x/telemetry") in routes and len(routes) >= 8
+    bodies = [(b'{"events": [', "application/json"), (b"id=zone-1", "application/x-www-form-urlencoded"),
+              (b"[" * 5000, "application/json"), (b"", None)]
+    for method, path in routes:
+        for content, content_type in bodies:
+            ctype = {"Content-Type": content_type} if content_type else {}
+            for headers, status, code in (({}, 401, "unauthorized"),
+                                          ({"Authorization": "Bearer rtk_nope_nope"}, 401, "unauthorized"),
+                                          (auth(api, "prober"), 403, "forbidden")):
+                r = http.request(method, path, content=content, headers={**headers, **ctype})
+                assert_error(r, status, code)
+
+
+def test_the_readme_curl_examples_run_as_printed(api):
+    """The quick start's curl commands, against this server and with a key of a tenant of their own."""
+    readme = (Path(__file__).parents[1] / "serve_apps" / "README.md").read_text()
+    block = readme.split("## Quick start", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    commands = [c for c in re.split(r"\n(?=\S)", block.replace("\\\n", " ")) if c.startswith("curl")]
+    assert len(commands) == 4 and all("Content-Type: application/json" in c for c in commands if " -d " in c)
+    env = {**os.environ, "KEY": api[1]["readme"], "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    host = api[0].removeprefix("http://")
+    for command in commands:
+        out = subprocess.run(["bash", "-c", command.replace("localhost:8000", host)], env=env, capture_output=True,
+                             text=True, timeout=120, check=True).stdout
+        assert "error" not in json.loads(out), (command, out)
