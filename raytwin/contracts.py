@@ -8,6 +8,7 @@ UTC) and check units against `raytwin.units`. Telemetry is checked against its a
 from __future__ import annotations
 
 import math
+import re
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
@@ -16,6 +17,7 @@ from pydantic import (
     AfterValidator,
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StrictFloat,
@@ -265,6 +267,22 @@ def normalize_measurements(event: TelemetryEvent, asset_type: AssetType) -> dict
 
 
 # ---------------------------------------------------------------------------- scenarios ----
+RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
+
+
+def _rfc3339(value: Any) -> Any:
+    """A `datetime`, or text in RFC 3339 with an offset: pydantic alone would also take a number or
+    numeric text as Unix seconds (``0.5`` -> 1970)."""
+    if isinstance(value, datetime) or (isinstance(value, str) and RFC3339.fullmatch(value)):
+        return value
+    raise ValueError("expected an RFC 3339 date-time with an offset, e.g. 2026-01-05T12:00:00Z or "
+                     "2026-01-05T13:00:00+01:00 (in a URL, + is %2B)")
+
+
+DateTime = Annotated[UtcTime, BeforeValidator(_rfc3339)]
+"""A point in time as OpenAPI's `date-time` format means it (RFC 3339, with an offset), in UTC."""
+
+
 class _Signal(Contract):
     unit: Unit
 
@@ -338,7 +356,7 @@ class Scenario(Contract):
     schema_version: Literal[1] = SCHEMA_VERSION
     asset_id: Identifier
     start_state: Literal["live"] | dict[str, Finite] = "live"
-    start_time: UtcTime | None = None
+    start_time: DateTime | None = None
     horizon_s: Annotated[Finite, Field(gt=0)]
     step_s: Annotated[Finite, Field(gt=0)]
     inputs: dict[str, InputSignal] = Field(default_factory=dict)

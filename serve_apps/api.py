@@ -39,7 +39,10 @@ limit of its own, pinned by tests/test_serve_api.py); RayTwin's bodies need fewe
 def create_api(max_body_bytes: int = 1_048_576) -> FastAPI:
     app = FastAPI(
         title="RayTwin API", version=API_VERSION, responses=ERROR_RESPONSES,
-        description="Live digital twins and what-if scenarios. Authenticate with `Authorization: Bearer <key>`.",
+        description=("Live digital twins and what-if scenarios. Authenticate with `Authorization: Bearer <key>`; "
+                     "send bodies as `Content-Type: application/json`. Credentials are checked before the body. "
+                     "The server decides ingest times and request ids (`X-RayTwin-Request-ID`, also in error "
+                     "bodies and the audit log). Errors: `{\"error\": {code, message, details, request_id}}`."),
     )
     app.router.route_class = JsonRoute
     install_error_handlers(app)

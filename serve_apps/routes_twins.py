@@ -9,11 +9,18 @@ from fastapi import FastAPI, Query
 from pydantic import ValidationError
 
 from actors.state import TwinState
-from raytwin.contracts import AssetType, ContractError, TelemetryEvent, describe_error, normalize_measurements
+from raytwin.contracts import (
+    AssetType,
+    ContractError,
+    DateTime,
+    TelemetryEvent,
+    describe_error,
+    normalize_measurements,
+)
 from serve_apps.auth import Principal
 from serve_apps.deps import READER, SVC, WRITER, Services
 from serve_apps.errors import PayloadTooLarge, Unprocessable
-from serve_apps.schemas import DateTime, Divergence, IngestResult, Rejection, TelemetryBatch
+from serve_apps.schemas import Divergence, IngestResult, Rejection, TelemetryBatch
 
 
 def register(app: FastAPI) -> None:
@@ -21,7 +28,12 @@ def register(app: FastAPI) -> None:
 
     @app.post("/v1/assets/{asset_id}/telemetry", response_model=IngestResult, tags=tags)
     async def ingest(asset_id: str, body: TelemetryBatch, who: Principal = WRITER, svc: Services = SVC) -> Any:
-        """Validate and apply a batch of events; re-sent events (same idempotency key) count as duplicates."""
+        """Validate and apply a batch of events; re-sent events (same idempotency key) count as duplicates.
+
+        The server stamps each event's ingest time with its own clock: an event carrying `ingest_time`
+        makes the request 422 (nothing applied); events more than 5 minutes ahead of the server's clock
+        are rejected as from the future (in `reasons`, the others are applied).
+        """
         if len(body.events) > svc.config.max_events_per_batch:
             raise PayloadTooLarge(f"{len(body.events)} events exceed the limit of {svc.config.max_events_per_batch}"
                                   " per batch")

@@ -27,10 +27,10 @@ from pydantic import Field, ValidationError
 from raytwin.contracts import (
     Contract,
     ContractError,
+    DateTime,
     Finite,
     Identifier,
     Scenario,
-    UtcTime,
     describe_error,
     start_state_problems,
 )
@@ -158,7 +158,7 @@ class AssetSweep(Contract):
 
     asset_id: Identifier
     start_state: Literal["live"] | dict[str, Finite] = "live"
-    start_time: UtcTime | None = Field(None, description="with start_state 'live': the twin's state at this time")
+    start_time: DateTime | None = Field(None, description="with start_state 'live': the twin's state at this time")
     horizon_s: Annotated[Finite, Field(gt=0)]
     step_s: Annotated[Finite, Field(gt=0)]
     inputs: dict[str, Finite] = Field(default_factory=dict, description="input-signal parameters of the sweep kit")

@@ -2,29 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Any
 
-from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from actors.state import DivergenceReport
 from raytwin.contracts import Finite, Identifier, Relationship, SemVer
-
-
-RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
-
-
-def _rfc3339(value: Any) -> Any:
-    """Only RFC 3339 text: pydantic alone would also take a number as Unix seconds (`at=0.5` -> 1970)."""
-    if not isinstance(value, str) or not RFC3339.fullmatch(value):
-        raise ValueError("expected an RFC 3339 date-time with a UTC offset, e.g. 2026-01-05T12:00:00Z "
-                         "or 2026-01-05T13:00:00+01:00 (send + as %2B in a URL)")
-    return value
-
-
-DateTime = Annotated[AwareDatetime, BeforeValidator(_rfc3339)]
-"""A date-time as the OpenAPI `date-time` format means it: RFC 3339, with an offset."""
 
 
 class Body(BaseModel):

@@ -461,6 +461,9 @@ def test_state_at_takes_only_rfc3339_date_times(api, http, building):
         assert err["message"].startswith("query.at:") and "RFC 3339" in err["message"], err
     for at in ("2026-01-05T12:02:00Z", "2026-01-05T13:02:00+01:00", "2026-01-05t12:02:00.5z"):
         assert http.get(url, params={"at": at}, headers=reader).status_code == 200, at
+    scenario = {**_scenario(building, 10), "start_time": 0.5}  # a scenario's start_time likewise
+    err = assert_error(http.post("/v1/scenarios", json=scenario, headers=auth(api, "writer")), 422, "invalid_request")
+    assert "start_time" in err["message"] and "RFC 3339" in err["message"]
 
 
 def test_json_bodies_need_a_json_content_type_and_bounded_nesting(api, http, building):
