@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -510,6 +511,7 @@ def test_credentials_are_checked_before_the_body(api, http):
                 assert_error(r, status, code)
 
 
+@pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl, as the guide does")
 def test_the_readme_curl_examples_run_as_printed(api):
     """The quick start's curl commands, against this server and with a key of a tenant of their own."""
     readme = (Path(__file__).parents[1] / "serve_apps" / "README.md").read_text()
