@@ -11,13 +11,19 @@ Layout under the store URL (a local directory or any fsspec URL such as ``s3://b
 
 Why: appending one immutable Parquet file per ingested shard batch and day (not per event, not
 per asset) makes writes atomic (a file is either there or not; local files are written under a
-hidden name and renamed), makes a re-delivered batch harmless, because readers de-duplicate by
-idempotency key, and keeps the write cost of a batch flat however many assets it touches (a file
+hidden name and renamed), makes a re-delivered batch harmless, because readers keep one row per
+event identity, and keeps the write cost of a batch flat however many assets it touches (a file
 per asset per batch made the log the bottleneck of small, frequent batches). Readers prune by
 tenant and date with Hive-style directories and by asset with a filter on the `asset_id` column,
 which each file stores sorted (its row-group statistics skip files without the asset). Snapshot
 file names carry their event time so the latest snapshot before a time is found from a listing,
 without reading files.
+
+An event's identity is its asset and `EventKey` (event time, sequence, idempotency key): a device
+that reboots re-uses idempotency keys with new times, and those are other events. Readers and
+`compact` keep one row per identity, the first ingested (least `ingest_time`, then a total order on
+content: `one_row_per_event`), so the result never depends on the order files are listed in and
+matches what the live twin applied (it dead-letters a re-delivery with other content as a conflict).
 
 `prune` deletes a tenant's history before a date, but never what a registered twin's recovery
 needs (its newest snapshot and the log after it), and records the cut first, so a read that would
@@ -61,8 +67,8 @@ skips the row groups whose `asset_id` statistics exclude it."""
 
 @dataclass(frozen=True)
 class _Compacted:
-    """A kind of partition `compact` merges: the row order of merged files, and whether rows
-    repeating a (asset_id, idempotency_key) are dropped (log rows of a re-delivered batch)."""
+    """A kind of partition `compact` merges: the row order of merged files, and whether it keeps
+    one row per event identity (`one_row_per_event`: log rows of a re-delivered batch)."""
 
     kind: str
     order: list[tuple[str, str]]
@@ -70,7 +76,7 @@ class _Compacted:
 
 
 COMPACTED = (
-    _Compacted("log", [("asset_id", "ascending"), ("event_time", "ascending"), ("idempotency_key", "ascending")], True),
+    _Compacted("log", [(c, "ascending") for c in ("asset_id", "event_time", "sequence", "idempotency_key")], True),
     _Compacted("dead_letters", [("dead_lettered_at", "ascending"), ("asset_id", "ascending")], False),
 )
 
@@ -186,13 +192,40 @@ class Compaction:
     rows_out: int  # rows_in less the duplicate log rows of a re-delivered batch
 
 
-def _first_of_each_key(table: pa.Table) -> pa.Table:
-    """Rows without repeats of (asset_id, idempotency_key); `table` is sorted so repeats are adjacent."""
+_IDENTITY = ("asset_id", "event_time", "sequence", "idempotency_key")
+"""An event's identity in the log: its asset and its `EventKey`."""
+
+
+def _content_order(row: dict[str, Any]) -> str:
+    """A total order on a logged row's content (quality, values), to break ties in ingest time."""
+    return json.dumps([row["quality"], sorted(row["values"])])
+
+
+def one_row_per_event(table: pa.Table) -> pa.Table:
+    """The log rows (`LOG_BATCH_SCHEMA`) with one row per event identity (asset, event time,
+    sequence, idempotency key): the first ingested (least `ingest_time`, then least content), so
+    the row kept never depends on the order of the files read. Returned sorted by identity.
+
+    Rows of one identity are a re-delivered batch logged twice (same content) or, rarely, a
+    conflicting re-delivery that a shard logged before it crashed: the live twin applied the
+    first ingested one, so recovery and compaction keep it."""
+    table = table.sort_by([(c, "ascending") for c in (*_IDENTITY, "ingest_time")])
     if table.num_rows < 2:
         return table
-    asset, key = (table.column(c).to_numpy(zero_copy_only=False) for c in ("asset_id", "idempotency_key"))
-    keep = np.ones(table.num_rows, dtype=bool)
-    keep[1:] = (asset[1:] != asset[:-1]) | (key[1:] != key[:-1])
+    cols = [table.column(c) for c in (*_IDENTITY, "ingest_time")]
+    same = [pc.equal(c.slice(1), c.slice(0, table.num_rows - 1)).to_numpy() for c in cols]
+    repeat = np.concatenate([[False], np.logical_and.reduce(same[:4])])
+    if not repeat.any():
+        return table
+    keep = ~repeat
+    tied = np.flatnonzero(repeat[1:] & same[4] & keep[:-1])  # first rows of a repeat tied on ingest time
+    for start in tied.tolist():  # rare: resolve by content, in Python
+        end = start + 1
+        while end < table.num_rows and repeat[end] and same[4][end - 1]:
+            end += 1
+        rows = table.slice(start, end - start).to_pylist()
+        best = min(range(len(rows)), key=lambda j: _content_order(rows[j]))
+        keep[start], keep[start + best] = False, True
     return table.filter(pa.array(keep))
 
 
@@ -268,17 +301,16 @@ class StateStore:
     def read_events(
         self, tenant: str, asset_id: str, *, after: EventKey | None = None, until_us: int | None = None
     ) -> list[LoggedEvent]:
-        """The asset's logged events with `after` < key and time <= `until_us`, de-duplicated by
-        idempotency key (a re-delivered batch may be logged twice) and sorted by key."""
+        """The asset's logged events with `after` < key and time <= `until_us`, one per identity
+        (`one_row_per_event`: a re-delivered batch may be logged twice) and sorted by key."""
         return self.read_events_many(tenant, {asset_id: after}, until_us=until_us)[asset_id]
 
     def read_events_many(
         self, tenant: str, after: dict[str, EventKey | None], *, until_us: int | None = None
     ) -> dict[str, list[LoggedEvent]]:
         """`read_events` for many assets of a tenant in one scan of the log (recovery of a shard)."""
-        out: dict[str, list[LoggedEvent]] = {a: [] for a in after}
         if not after:
-            return out
+            return {}
         retention = self._retention(tenant)
         if retention is not None:
             cut, pruned = retention["history_from_us"], set(retention["assets"])
@@ -295,27 +327,32 @@ class StateStore:
             flt &= ds.field("event_time") <= pa.scalar(until_us, pa.int64()).cast(TIME)
         table = self._scan(f"{self.root}/log/tenant={tenant}",
                            lambda d: d.to_table(filter=flt, columns=LOG_BATCH_SCHEMA.names), LOG_BATCH_SCHEMA.empty_table())
-        seen: set[tuple[str, str]] = set()
+        return self._events(one_row_per_event(table), after)
+
+    @staticmethod
+    def _events(table: pa.Table, after: dict[str, EventKey | None]) -> dict[str, list[LoggedEvent]]:
+        """Log rows (one per identity, sorted by identity) as each asset's events after its key."""
+        out: dict[str, list[LoggedEvent]] = {a: [] for a in after}
         for asset_id, t, seq, key, quality, values, ingest in zip(
             table.column("asset_id").to_pylist(), table.column("event_time").cast(pa.int64()).to_pylist(),
             table.column("sequence").to_pylist(), table.column("idempotency_key").to_pylist(),
             table.column("quality").to_pylist(), table.column("values").to_pylist(),
             table.column("ingest_time").cast(pa.int64()).to_pylist(),
         ):
-            ev = LoggedEvent((t, seq, key), quality, dict(values), ingest)
             start = after[asset_id]
-            if (start is None or ev.key > start) and (asset_id, key) not in seen:
-                seen.add((asset_id, key))
-                out[asset_id].append(ev)
-        for events in out.values():
-            events.sort(key=lambda e: e.key)
+            if start is None or (t, seq, key) > start:
+                out[asset_id].append(LoggedEvent((t, seq, key), quality, dict(values), ingest))
         return out
 
-    def contains(self, tenant: str, asset_id: str, key: EventKey) -> bool:
-        """Whether the event with this key is in the log (reads only that day's partition)."""
-        flt = (ds.field("asset_id") == asset_id) & (ds.field("idempotency_key") == key[2])
-        return self._scan(f"{self.root}/log/tenant={tenant}/date={_date(key[0])}",
-                          lambda d: d.count_rows(filter=flt) > 0, False)
+    def find_event(self, tenant: str, asset_id: str, key: EventKey) -> LoggedEvent | None:
+        """The logged event with this identity (the one recovery replays), or None; reads only
+        that day's partition."""
+        t, seq, idempotency_key = key
+        flt = ((ds.field("asset_id") == asset_id) & (ds.field("idempotency_key") == idempotency_key)
+               & (ds.field("event_time") == pa.scalar(t, pa.int64()).cast(TIME)) & (ds.field("sequence") == seq))
+        table = self._scan(f"{self.root}/log/tenant={tenant}/date={_date(t)}",
+                           lambda d: d.to_table(filter=flt, columns=LOG_BATCH_SCHEMA.names), LOG_BATCH_SCHEMA.empty_table())
+        return next(iter(self._events(one_row_per_event(table), {asset_id: None})[asset_id]), None)
 
     # ----------------------------------------------------------------------- snapshots ----
     def write_snapshot(self, tenant: str, asset_id: str, snap: Snapshot) -> None:
@@ -385,10 +422,9 @@ class StateStore:
         return done
 
     def _compact_partition(self, directory: str, parts: list[str], compacted: _Compacted) -> Compaction:
-        table = pa.concat_tables(pq.read_table(p, filesystem=self.fs) for p in parts).sort_by(compacted.order)
+        table = pa.concat_tables(pq.read_table(p, filesystem=self.fs) for p in parts)
         rows_in = table.num_rows
-        if compacted.unique_events:
-            table = _first_of_each_key(table)
+        table = one_row_per_event(table) if compacted.unique_events else table.sort_by(compacted.order)
         stem = f"compact-{uuid.uuid4().hex}"
         starts = range(0, table.num_rows, COMPACT_ROWS)
         for i, start in enumerate(starts):

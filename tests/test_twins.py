@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 
 import jax
 import numpy as np
+import pyarrow.compute as pc
 import pytest
 
 from actors import TwinService, TwinState, UnknownTwin
@@ -64,16 +65,19 @@ def events(asset_id: str, n: int, seed: int = 0, start: int = 0) -> list[Telemet
 
 
 def reference(art, asset_id: str, evs: list[TelemetryEvent], tenant: str = "acme", **kw) -> Twin:
-    """The uninterrupted, in-order run: the filter over the distinct events sorted by key."""
+    """The uninterrupted, in-order run: the filter over the distinct events (the first of each
+    identity: event time, sequence, idempotency key) sorted by key."""
     twin = Twin(tenant, asset_id, art, **kw)
-    distinct = {e.idempotency_key: logged_event(e, art.asset_type) for e in evs}
+    distinct: dict = {}
+    for e in evs:
+        distinct.setdefault((e.event_time, e.sequence, e.idempotency_key), logged_event(e, art.asset_type))
     return replay(twin, sorted(distinct.values(), key=lambda e: e.key))
 
 
 def feed(twin: Twin, batch: list[TelemetryEvent]) -> list[str | None]:
     """What a shard does with a batch, minus persistence: classify, then apply the applicable."""
     pending = [twin.pending(logged_event(e, twin.artifact.asset_type)) for e in batch]
-    verdicts = twin.classify([e.key for e in pending])
+    verdicts = twin.classify(pending)
     twin.apply([e for e, v in zip(pending, verdicts) if v is None])
     return verdicts
 
@@ -190,6 +194,44 @@ def test_service_dedups_merges_late_events_dead_letters_and_time_travels(service
         assert_same_state(service.state_at("acme", "z2", t),
                           reference(artifact, "z2", evs[: k + 1], **TWIN_OPTS).view())
     assert service.state_at("acme", "z2", T0 - timedelta(days=1)).event_time is None
+
+
+def test_reused_keys_are_new_events_and_conflicting_redeliveries_are_dead_lettered(service, artifact):
+    """A rebooted device re-uses idempotency keys with new times: applied live, recovered and kept
+    by compaction (revision 130 everywhere). A re-delivery of an applied identity with other
+    content is a conflict, dead-lettered, whether still in memory or only in the log."""
+    from actors.recovery import recover
+
+    service.register(asset("reboot"), artifact)
+    try:
+        first = events("reboot", 100, seed=21)
+        rebooted = [e.model_copy(update={"event_time": e.event_time + timedelta(seconds=STEP_S * 100)})
+                    for e in events("reboot", 30, seed=22)]  # sequences 0..29 again: keys reboot:0..29
+        assert service.ingest("acme", first).accepted == 100
+        report = service.ingest("acme", rebooted)
+        assert (report.accepted, report.duplicates, report.rejected) == (30, 0, 0)
+
+        def changed(e):
+            return TelemetryEvent(**{**e.model_dump(), "measurements": {"T_in": {"value": 99.0, "unit": "degC"}}})
+
+        # rebooted[20] is in the twin's window; first[10] is beyond it, found in the log
+        report = service.ingest("acme", [changed(rebooted[20]), changed(first[10]), rebooted[21], first[11]])
+        assert (report.accepted, report.duplicates, report.rejected, report.conflicts) == (0, 2, 2, 2)
+        assert [r.reason for r in report.reasons] == [
+            "conflict: idempotency key 'reboot:20' was already applied with different content",
+            "conflict: idempotency key 'reboot:10' was already applied with different content"]
+        dead = service.dead_letters("acme").filter(pc.field("asset_id") == "reboot").to_pylist()
+        assert [d["idempotency_key"] for d in dead] == ["reboot:20", "reboot:10"] and '99.0' in dead[0]["raw"]
+
+        live = service.state("acme", "reboot")
+        assert live.revision == 130
+        assert_same_state(live, reference(artifact, "reboot", first + rebooted, **TWIN_OPTS).view())
+        record = service.store.load_registration("acme", "reboot")
+        assert_same_state(recover(service.store, record, **TWIN_OPTS).view(), live)
+        service.store.compact(tenant="acme")
+        assert_same_state(recover(service.store, record, **TWIN_OPTS).view(), live)
+    finally:
+        service.unregister("acme", "reboot")
 
 
 def test_unknown_assets_and_bad_units_are_dead_lettered(service):
