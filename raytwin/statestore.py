@@ -4,7 +4,7 @@ Layout under the store URL (a local directory or any fsspec URL such as ``s3://b
 
     log/tenant=T/date=YYYY-MM-DD/part-<uuid>.parquet              accepted events (asset_id column), SI values
     log/tenant=T/date=YYYY-MM-DD/compact-<uuid>-<i>.parquet       the same events, merged by `compact`
-    snapshots/tenant=T/asset_id=A/snap-<event_us>-<revision>.parquet  one-row filter snapshots
+    snapshots/tenant=T/asset_id=A/snap-<event_us>-<revision>.parquet  one-row filter snapshots (`snapshot_stem`)
     dead_letters/tenant=T/date=YYYY-MM-DD/part-<uuid>.parquet     rejects: raw JSON + reason
     twins/tenant=T/asset_id=A.json                                 twin registrations
     retention/tenant=T.json                                        where `prune` cut the tenant's history
@@ -229,6 +229,25 @@ def one_row_per_event(table: pa.Table) -> pa.Table:
     return table.filter(pa.array(keep))
 
 
+_BEFORE_1970 = "."
+"""Marks a negative snapshot time in a file name: it sorts before the digits of non-negative ones."""
+
+
+def snapshot_stem(us: int, revision: int) -> str:
+    """A snapshot's file name (without `.parquet`): names sort as strings by time, then revision,
+    for times before 1970 too (written as `.` + 10^19 + t, which keeps 20 characters)."""
+    t = f"{us:020d}" if us >= 0 else f"{_BEFORE_1970}{10**19 + us:019d}"
+    return f"snap-{t}-{revision:012d}"
+
+
+def parse_snapshot_name(name: str) -> tuple[int, int]:
+    """(event time in us, revision) of a snapshot file name; also reads the `snap--<|t|>-...`
+    names that pre-1970 snapshots got before they had their own encoding."""
+    t, revision = name.removeprefix("snap-").removesuffix(".parquet").rsplit("-", 1)
+    us = int(t[1:]) - 10**19 if t.startswith(_BEFORE_1970) else int(t)
+    return us, int(revision)
+
+
 @dataclass(frozen=True)
 class Snapshot:
     """A twin's state after every event up to and including `key` (payload is the filter's JSON)."""
@@ -364,19 +383,17 @@ class StateStore:
             "revision": [snap.revision],
             "payload": [json.dumps(snap.payload)],
         }, schema=SNAPSHOT_SCHEMA)
-        self._write(table, self._asset_dir("snapshots", tenant, asset_id), f"snap-{us:020d}-{snap.revision:012d}")
+        self._write(table, self._asset_dir("snapshots", tenant, asset_id), snapshot_stem(us, snap.revision))
 
     def latest_snapshot(self, tenant: str, asset_id: str, at_or_before_us: int | None = None) -> Snapshot | None:
         """The newest snapshot whose event time is <= `at_or_before_us` (any, if None)."""
         directory = self._asset_dir("snapshots", tenant, asset_id)
         if not self.fs.exists(directory):
             return None
-        names = sorted(
-            p.rsplit("/", 1)[-1] for p in self.fs.ls(directory, detail=False)
-            if p.rsplit("/", 1)[-1].startswith("snap-")
-        )
+        names = sorted((n for n in (p.rsplit("/", 1)[-1] for p in self.fs.ls(directory, detail=False))
+                        if n.startswith("snap-")), key=parse_snapshot_name)
         if at_or_before_us is not None:
-            names = [n for n in names if int(n.split("-")[1]) <= at_or_before_us]
+            names = [n for n in names if parse_snapshot_name(n)[0] <= at_or_before_us]
         if not names:
             return None
         row = pq.read_table(f"{directory}/{names[-1]}", filesystem=self.fs).to_pylist()[0]
@@ -474,7 +491,7 @@ class StateStore:
         for directory in deleted:  # only once the cut is recorded
             self.fs.rm(directory, recursive=True)
         old_snapshots = [p for p in self.fs.glob(f"{self.root}/snapshots/tenant={tenant}/asset_id=*/snap-*.parquet")
-                         if int(p.rsplit("/", 1)[-1].split("-")[1]) < cut_us]
+                         if parse_snapshot_name(p.rsplit("/", 1)[-1])[0] < cut_us]
         if old_snapshots:
             self.fs.rm(old_snapshots)
         log.info("event=pruned tenant=%s history_from=%s partitions=%d snapshots=%d held_back_by=%d", tenant,

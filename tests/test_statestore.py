@@ -8,7 +8,16 @@ from datetime import UTC, date, datetime, timedelta
 
 import pytest
 
-from raytwin.statestore import HistoryPruned, LoggedEvent, Snapshot, StateStore, from_micros, log_table, to_micros
+from raytwin.statestore import (
+    HistoryPruned,
+    LoggedEvent,
+    Snapshot,
+    StateStore,
+    from_micros,
+    log_table,
+    parse_snapshot_name,
+    to_micros,
+)
 
 T0 = datetime(2026, 3, 1, 23, 59, 0, tzinfo=UTC)
 
@@ -196,3 +205,26 @@ def test_one_row_per_event_identity_whatever_the_file_order(tmp_path, names):
     [done] = store.compact()
     assert (done.rows_in, done.rows_out) == (4, 2)
     assert store.read_events("acme", "a") == expected
+
+
+def test_snapshot_names_sort_and_parse_before_1970(tmp_path):
+    """Negative event times get names that sort before later ones; legacy names still read."""
+    store = StateStore(str(tmp_path / "store"))
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    snap = {"x": [1.0], "P": [[1.0]]}
+    for rev, hours in ((1, -48), (2, -1), (3, 1)):
+        store.write_snapshot("acme", "a", Snapshot((to_micros(epoch + timedelta(hours=hours)), rev, f"a:{rev}"), rev, snap))
+    directory = store._asset_dir("snapshots", "acme", "a")
+    names = sorted(p.rsplit("/", 1)[-1] for p in store.fs.ls(directory, detail=False))
+    assert [parse_snapshot_name(n)[1] for n in names] == [1, 2, 3]  # sorted as strings = by time
+    assert store.latest_snapshot("acme", "a").revision == 3
+    assert store.latest_snapshot("acme", "a", at_or_before_us=to_micros(epoch - timedelta(minutes=30))).revision == 2
+    assert store.latest_snapshot("acme", "a", at_or_before_us=to_micros(epoch - timedelta(hours=2))).revision == 1
+    assert parse_snapshot_name("snap--0000000000000000100-000000000007.parquet") == (-100, 7)  # the old encoding
+    assert parse_snapshot_name("snap-00000000000000000100-000000000007.parquet") == (100, 7)
+    store.save_registration("acme", "a", {"asset": "a"})
+    store.append_log("acme", log_table([("a", LoggedEvent((to_micros(epoch - timedelta(hours=47)), 1, "a:1"),
+                                                          "good", {"h1": 1.0}, 0))]))
+    done = store.prune("acme", date(1970, 1, 1))
+    assert (done.history_from, done.snapshots_deleted, done.partitions_deleted) == (date(1970, 1, 1), 2, 1)
+    assert store.latest_snapshot("acme", "a").revision == 3

@@ -364,6 +364,32 @@ def test_prune_keeps_live_and_recovered_state_and_refuses_time_travel_across_the
         service.unregister("gamma", "p1")
 
 
+def test_twin_before_1970_snapshots_time_travels_and_prunes(service, artifact):
+    """Negative event times: snapshot names sort and parse, so `state_at` and `prune` work."""
+    from raytwin.statestore import HistoryPruned
+
+    service.register(asset("old", tenant="delta"), artifact)
+    try:
+        start = datetime(1969, 12, 31, 23, 0, tzinfo=UTC)
+        evs = [e.model_copy(update={"event_time": e.event_time - T0 + start}) for e in events("old", 80, seed=14)]
+        for part in (evs[:50], evs[50:]):  # a snapshot sealed before midnight, one after
+            service.ingest("delta", part)
+            service.flush()
+        snaps = service.store.fs.ls(service.store._asset_dir("snapshots", "delta", "old"), detail=False)
+        assert any("/snap-." in p for p in snaps) and any("/snap-0" in p for p in snaps)
+        at = start + timedelta(minutes=55, seconds=1)  # after the pre-1970 snapshot
+        assert_same_state(service.state_at("delta", "old", at), reference(artifact, "old", evs[:56], **TWIN_OPTS).view())
+        before = service.state("delta", "old")
+        done = service.store.prune("delta", datetime(1970, 1, 2).date())
+        assert done.history_from is not None and done.held_back_by == ["old"]
+        assert_same_state(service.state("delta", "old"), before)
+        with pytest.raises(HistoryPruned):
+            service.state_at("delta", "old", start + timedelta(minutes=5))
+        assert service.state_at("delta", "old", start + timedelta(days=1)).events_applied == 80
+    finally:
+        service.unregister("delta", "old")
+
+
 def test_failed_log_write_mid_batch_never_leaves_memory_behind_the_store(ray_session, tmp_path, artifact):
     """A batch spanning two days is logged as two files; the second write fails after the first
     is durable: the shard re-reads the twin whose events are durable before its next call."""
