@@ -9,6 +9,11 @@ applied and before the call returns, so an acknowledged event is never lost. If 
 mid-call, Ray restarts it (``max_restarts=-1``) and retries the call (``max_task_retries``); the
 constructor rebuilds every twin from snapshot + log, and the retried events are then recognised
 as duplicates, so nothing is applied twice.
+
+Every writing call first checks the store's lease (`StateStore.check_lease`, one small file read)
+against the shard's `fence` (the owner and epoch of its service's lease): a shard of a service that
+was taken over, or of a second service started on the store, is refused with `StoreFenced`
+instead of logging events and writing snapshots the lease holder's shards never see.
 """
 
 from __future__ import annotations
@@ -63,8 +68,10 @@ class TwinShard:
         snapshot_every: int,
         checkpoint_every: int = 64,
         storage_options: dict[str, Any] | None = None,
+        fence: tuple[str, int] | None = None,
     ):
         self.store = StateStore(store_url, storage_options)
+        self.fence = None if fence is None else (fence[0], fence[1])  # the service's lease (owner, epoch)
         self.index, self.shards = index, shards
         self.lateness_s, self.snapshot_every, self.checkpoint_every = allowed_lateness_s, snapshot_every, checkpoint_every
         self.twins: dict[tuple[str, str], Twin] = {}
@@ -96,6 +103,10 @@ class TwinShard:
     # ------------------------------------------------------------------ twins ----
     def register(self, tenant: str, asset_id: str, record: dict[str, Any]) -> bool:
         """Create the twin (True) or attach to an identical registration (False)."""
+        self.store.check_lease(self.fence)
+        return self._register(tenant, asset_id, record)
+
+    def _register(self, tenant: str, asset_id: str, record: dict[str, Any]) -> bool:
         existing = self.store.load_registration(tenant, asset_id)
         if existing is not None and existing != record:
             raise ValueError(f"twin {tenant}/{asset_id} is already registered with a different model or prior; "
@@ -113,10 +124,12 @@ class TwinShard:
 
     def register_many(self, items: list[tuple[str, str, dict[str, Any]]]) -> int:
         """`register` for many twins in one call; returns how many were created."""
-        return sum(self.register(*item) for item in items)
+        self.store.check_lease(self.fence)
+        return sum(self._register(*item) for item in items)
 
     def unregister(self, tenant: str, asset_id: str) -> bool:
         """Drop the twin and its registration (its log and snapshots stay, as history)."""
+        self.store.check_lease(self.fence)
         found = self.twins.pop((tenant, asset_id), None) is not None
         self.durable_revision.pop((tenant, asset_id), None)
         self.store.delete_registration(tenant, asset_id)
@@ -152,13 +165,16 @@ class TwinShard:
 
     def flush(self) -> int:
         """Persist every sealed checkpoint not yet durable; returns how many snapshots were written."""
+        self.store.check_lease(self.fence)
         return sum(self._snapshot(key, force=True) for key in self.twins)
 
     # ------------------------------------------------------------------ ingestion ----
     def ingest(self, tenant: str, batch: pa.Table) -> IngestReport:
         """Check a validated batch (`VALIDATED_SCHEMA`) against each twin's asset type, log the
         accepted events durably, then apply them (see module docstring). Column-wise except for
-        the per-event ordering and de-duplication decisions."""
+        the per-event ordering and de-duplication decisions. Refused (`StoreFenced`) once the
+        store's lease is not this shard's: it writes nothing then."""
+        self.store.check_lease(self.fence)
         self._refresh_stale()
         ids = batch.column("asset_id").combine_chunks().dictionary_encode()
         assets = ids.dictionary.to_pylist()
@@ -296,9 +312,9 @@ class TwinShardProcess(TwinShard):
         super().__init__(*args, **kwargs)
         self.heap_frozen = False
 
-    def register(self, tenant: str, asset_id: str, record: dict[str, Any]) -> bool:
+    def _register(self, tenant: str, asset_id: str, record: dict[str, Any]) -> bool:
         self.heap_frozen = False  # new twins; the first of a model compiles its kernels
-        return super().register(tenant, asset_id, record)
+        return super()._register(tenant, asset_id, record)
 
     def ingest(self, tenant: str, batch: pa.Table) -> IngestReport:
         if not self.heap_frozen:

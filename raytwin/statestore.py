@@ -42,7 +42,7 @@ import json
 import logging
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime
 from typing import Any, TypeVar
 
@@ -164,6 +164,31 @@ def log_table(events: Iterable[tuple[str, LoggedEvent]]) -> pa.Table:
         "values": pa.array([list(e.values.items()) for _, e in events], LOG_SCHEMA.field("values").type),
         "ingest_time": pa.array([e.ingest_us for _, e in events], pa.int64()).cast(TIME),
     }, schema=LOG_BATCH_SCHEMA)
+
+
+class StoreFenced(RuntimeError):
+    """A writer's lease on the store is stale: another service took the store over (see `Lease`)."""
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Which service may write the store (`lease.json`): the holder's shard actors write with
+    (owner, epoch) and every write checks it (`StateStore.check_lease`), so a stale shard, or one
+    of a second service on the store, is refused instead of writing snapshots that skip the other's
+    events. `actors.service.TwinService` acquires it (epoch + 1), attaches to it (same shard count
+    and namespace), or takes it over; `released` once the holder closed."""
+
+    owner: str
+    epoch: int
+    shards: int
+    namespace: str
+    acquired_at: str  # ISO time
+    acquired_by: str  # host:pid
+    released: bool = False
+
+    @property
+    def fence(self) -> tuple[str, int]:
+        return self.owner, self.epoch
 
 
 class HistoryPruned(LookupError):
@@ -497,6 +522,40 @@ class StateStore:
         log.info("event=pruned tenant=%s history_from=%s partitions=%d snapshots=%d held_back_by=%d", tenant,
                  cut.isoformat(), len(deleted), len(old_snapshots), len(held))
         return Pruning(tenant, cut, held, len(deleted), len(old_snapshots))
+
+    # --------------------------------------------------------------------------- lease ----
+    @property
+    def _lease_path(self) -> str:
+        return f"{self.root}/lease.json"
+
+    def read_lease(self) -> Lease | None:
+        try:
+            return Lease(**json.loads(self.fs.cat_file(self._lease_path)))
+        except FileNotFoundError:
+            return None
+
+    def write_lease(self, lease: Lease) -> None:
+        """Replace the lease (atomically: a writer checking it never reads half a file)."""
+        data = json.dumps(asdict(lease)).encode()
+        self.fs.makedirs(self.root, exist_ok=True)
+        if not self._local:
+            self.fs.pipe_file(self._lease_path, data)
+            return
+        tmp = f"{self.root}/.lease.json.tmp-{uuid.uuid4().hex}"
+        self.fs.pipe_file(tmp, data)
+        self.fs.mv(tmp, self._lease_path)
+
+    def check_lease(self, fence: tuple[str, int] | None) -> None:
+        """Raise `StoreFenced` unless the store's live lease is (owner, epoch) `fence` (None: a
+        writer outside any service, allowed while no service holds the store). One small file
+        read: writers call it once per batch."""
+        lease = self.read_lease()
+        held = None if lease is None or lease.released else lease.fence
+        if held != fence:
+            holder = f"service {held[0]} (epoch {held[1]})" if held else "no live service"
+            raise StoreFenced(f"store {self.url} is leased to {holder}, not to this writer "
+                              f"({'no lease' if fence is None else f'epoch {fence[1]}'}): it was taken over or "
+                              "its service closed; this writer must stop")
 
     # ------------------------------------------------------------------- registrations ----
     def _registration_path(self, tenant: str, asset_id: str) -> str:
