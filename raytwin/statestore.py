@@ -8,6 +8,7 @@ Layout under the store URL (a local directory or any fsspec URL such as ``s3://b
     dead_letters/tenant=T/date=YYYY-MM-DD/part-<uuid>.parquet     rejects: raw JSON + reason
     twins/tenant=T/asset_id=A.json                                 twin registrations
     retention/tenant=T.json                                        where `prune` cut the tenant's history
+    lease.json                                                     the service whose shards may write (`Lease`)
 
 Why: appending one immutable Parquet file per ingested shard batch and day (not per event, not
 per asset) makes writes atomic (a file is either there or not; local files are written under a

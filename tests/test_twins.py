@@ -24,7 +24,7 @@ from actors import TwinService, TwinState, UnknownTwin
 from actors.recovery import registration_record
 from actors.shard import TwinShardProcess
 from actors.telemetry import validated_table
-from actors.twin import DUPLICATE, TOO_LATE, Twin, logged_event, replay
+from actors.twin import CONFLICT, DUPLICATE, TOO_LATE, Twin, logged_event, replay
 from raytwin.contracts import Asset, AssetType, TelemetryEvent
 from raytwin.registry import ModelRegistry
 from raytwin.sim import THERMAL_RC
@@ -98,6 +98,18 @@ def test_shuffled_and_duplicated_events_give_bit_identical_state(artifact):
     assert verdicts.count(DUPLICATE) == 30 and verdicts.count(None) == 120
     assert_same_state(shuffled.view(), ordered.view())
     assert shuffled.view().revision == 120
+
+
+def test_identity_is_key_time_and_sequence_and_other_content_is_a_conflict(artifact):
+    """Same identity and content: duplicate; same identity, other content: conflict (in one batch
+    or later); the same idempotency key with another time: a new event."""
+    twin = Twin("acme", "z1", artifact, allowed_lateness_s=1e6)
+    e = events("z1", 1)[0]
+    other = TelemetryEvent(**{**e.model_dump(), "quality": "uncertain"})  # the same values, other quality
+    later = e.model_copy(update={"event_time": e.event_time + timedelta(seconds=STEP_S)})
+    assert feed(twin, [e, other, e]) == [None, CONFLICT, DUPLICATE]
+    assert feed(twin, [later, other, e]) == [None, CONFLICT, DUPLICATE]
+    assert twin.view().revision == 2
 
 
 def test_late_events_merge_within_lateness_and_too_late_ones_are_refused(artifact):
