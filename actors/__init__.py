@@ -9,7 +9,7 @@ from __future__ import annotations
 from raytwin.lazy import lazy_exports
 
 _EXPORTS = {
-    "TwinService": "actors.service",
+    **{name: "actors.service" for name in ("StoreLeased", "TwinService")},
     "events_to_table": "actors.telemetry",
     "ndjson_http_source": "actors.ingest",
     **{name: "actors.state" for name in ("DivergenceReport", "IngestReport", "Reject", "TwinState", "UnknownTwin")},

@@ -9,12 +9,18 @@ applied and before the call returns, so an acknowledged event is never lost. If 
 mid-call, Ray restarts it (``max_restarts=-1``) and retries the call (``max_task_retries``); the
 constructor rebuilds every twin from snapshot + log, and the retried events are then recognised
 as duplicates, so nothing is applied twice.
+
+Every writing call first checks the store's lease (`StateStore.check_lease`, one small file read)
+against the shard's `fence` (the owner and epoch of its service's lease): a shard of a service that
+was taken over, or of a second service started on the store, is refused with `StoreFenced`
+instead of logging events and writing snapshots the lease holder's shards never see.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -28,12 +34,25 @@ from actors.recovery import recover, recover_many
 from actors.routing import shard_index
 from actors.state import IngestReport, Reject, TwinState
 from actors.telemetry import Entries, Normalized, normalize_entries, row_event, si_map, value_matrix
-from actors.twin import DUPLICATE, TOO_LATE, Pending, Twin, apply_many
+from actors.twin import CONFLICT, DUPLICATE, TOO_LATE, Pending, Twin, apply_many, conflict_reason, same_content
 from raytwin.contracts import AssetType, ContractError, describe_error, normalize_measurements
 from raytwin.logs import component_logging
 from raytwin.statestore import LOG_BATCH_SCHEMA, StateStore
 
 log = logging.getLogger("raytwin.twins")
+
+
+@dataclass
+class Admission:
+    """A batch's rows as `TwinShard._admit` decided them: accepted events per asset code and their
+    rows, dead letters (row, reason; None: the contract's unit/name reason), duplicates and
+    conflicts (re-used identities with other content, also among the dead letters) counted."""
+
+    accepted: dict[int, list[Pending]] = field(default_factory=dict)
+    accepted_rows: list[int] = field(default_factory=list)
+    rejected: list[tuple[int, str | None]] = field(default_factory=list)
+    duplicates: int = 0
+    conflicts: int = 0
 
 
 class TwinShard:
@@ -49,8 +68,10 @@ class TwinShard:
         snapshot_every: int,
         checkpoint_every: int = 64,
         storage_options: dict[str, Any] | None = None,
+        fence: tuple[str, int] | None = None,
     ):
         self.store = StateStore(store_url, storage_options)
+        self.fence = None if fence is None else (fence[0], fence[1])  # the service's lease (owner, epoch)
         self.index, self.shards = index, shards
         self.lateness_s, self.snapshot_every, self.checkpoint_every = allowed_lateness_s, snapshot_every, checkpoint_every
         self.twins: dict[tuple[str, str], Twin] = {}
@@ -82,6 +103,10 @@ class TwinShard:
     # ------------------------------------------------------------------ twins ----
     def register(self, tenant: str, asset_id: str, record: dict[str, Any]) -> bool:
         """Create the twin (True) or attach to an identical registration (False)."""
+        self.store.check_lease(self.fence)
+        return self._register(tenant, asset_id, record)
+
+    def _register(self, tenant: str, asset_id: str, record: dict[str, Any]) -> bool:
         existing = self.store.load_registration(tenant, asset_id)
         if existing is not None and existing != record:
             raise ValueError(f"twin {tenant}/{asset_id} is already registered with a different model or prior; "
@@ -99,10 +124,12 @@ class TwinShard:
 
     def register_many(self, items: list[tuple[str, str, dict[str, Any]]]) -> int:
         """`register` for many twins in one call; returns how many were created."""
-        return sum(self.register(*item) for item in items)
+        self.store.check_lease(self.fence)
+        return sum(self._register(*item) for item in items)
 
     def unregister(self, tenant: str, asset_id: str) -> bool:
         """Drop the twin and its registration (its log and snapshots stay, as history)."""
+        self.store.check_lease(self.fence)
         found = self.twins.pop((tenant, asset_id), None) is not None
         self.durable_revision.pop((tenant, asset_id), None)
         self.store.delete_registration(tenant, asset_id)
@@ -138,13 +165,16 @@ class TwinShard:
 
     def flush(self) -> int:
         """Persist every sealed checkpoint not yet durable; returns how many snapshots were written."""
+        self.store.check_lease(self.fence)
         return sum(self._snapshot(key, force=True) for key in self.twins)
 
     # ------------------------------------------------------------------ ingestion ----
     def ingest(self, tenant: str, batch: pa.Table) -> IngestReport:
         """Check a validated batch (`VALIDATED_SCHEMA`) against each twin's asset type, log the
         accepted events durably, then apply them (see module docstring). Column-wise except for
-        the per-event ordering and de-duplication decisions."""
+        the per-event ordering and de-duplication decisions. Refused (`StoreFenced`) once the
+        store's lease is not this shard's: it writes nothing then."""
+        self.store.check_lease(self.fence)
         self._refresh_stale()
         ids = batch.column("asset_id").combine_chunks().dictionary_encode()
         assets = ids.dictionary.to_pylist()
@@ -152,13 +182,13 @@ class TwinShard:
         code = ids.indices.to_numpy()
         entries = Entries.of(batch.column("measurements").combine_chunks())
         normalized, values = self._normalize(entries, twins, code)
-        accepted, accepted_rows, rejected, duplicates = self._admit(tenant, batch, assets, twins, code, values,
-                                                                    normalized.misfit)
-        rejects = [self._reject(batch, i, reason, twins[code[i]]) for i, reason in rejected]
+        adm = self._admit(tenant, batch, assets, twins, code, values, normalized.misfit)
+        accepted = adm.accepted
+        rejects = [self._reject(batch, i, reason, twins[code[i]]) for i, reason in adm.rejected]
 
         columns = [batch.column(n) for n in ("asset_id", "event_time", "sequence", "idempotency_key", "quality")]
         log_rows = pa.table([*columns, si_map(entries, normalized), batch.column("ingest_time")],
-                            schema=LOG_BATCH_SCHEMA).take(pa.array(accepted_rows, pa.int64()))
+                            schema=LOG_BATCH_SCHEMA).take(pa.array(adm.accepted_rows, pa.int64()))
         try:
             n_accepted = self.store.append_log(tenant, log_rows)
         except Exception:
@@ -172,7 +202,8 @@ class TwinShard:
             key = (tenant, assets[c])
             self._snapshot(key)
             (self.drifting.add if twins[c].fs.divergence.drift else self.drifting.discard)(key)
-        for outcome, count in (("accepted", n_accepted), ("duplicate", duplicates), ("rejected", len(rejects))):
+        for outcome, count in (("accepted", n_accepted), ("duplicate", adm.duplicates),
+                               ("rejected", len(rejects) - adm.conflicts), ("conflict", adm.conflicts)):
             if count:
                 self.m_events.inc(count, {"outcome": outcome})
         self.m_drift.set(len(self.drifting & self.twins.keys()))
@@ -180,7 +211,7 @@ class TwinShard:
             log.info("event=rejected shard=%d tenant=%s count=%d first_reason=%r",
                      self.index, tenant, len(rejects), rejects[0]["reason"])
         return IngestReport(
-            accepted=n_accepted, duplicates=duplicates, rejected=len(rejects),
+            accepted=n_accepted, duplicates=adm.duplicates, rejected=len(rejects), conflicts=adm.conflicts,
             reasons=[Reject(idempotency_key=r["idempotency_key"], reason=r["reason"]) for r in rejects],
         )
 
@@ -202,47 +233,50 @@ class TwinShard:
         return normalized, [None if t < 0 else matrices[t] for t in asset_target.tolist()]
 
     def _admit(self, tenant: str, batch: pa.Table, assets: list[str], twins: list[Twin | None], code: np.ndarray,
-               values: list[np.ndarray | None], misfit: np.ndarray,
-               ) -> tuple[dict[int, list[Pending]], list[int], list[tuple[int, str | None]], int]:
-        """Decide each row: accepted (events per asset code, their rows), rejected (row, reason;
-        None: the contract's unit/name reason, in batch order) or duplicate (a count)."""
+               values: list[np.ndarray | None], misfit: np.ndarray) -> Admission:
+        """Decide each row: accepted, duplicate, conflict or rejected (see `Admission`). Beyond the
+        twin's lateness window, a re-delivery is told from a new event (too late) and from a
+        conflict by the logged event with its identity."""
         keys = batch.column("idempotency_key").to_pylist()
         times = batch.column("event_time").cast(pa.int64()).to_numpy().tolist()
         sequences = batch.column("sequence").to_numpy().tolist()
+        qualities = batch.column("quality").to_pylist()
         use_outputs = pc.not_equal(batch.column("quality"), "bad").to_numpy().tolist()
         misfits = misfit.tolist()
-        rejected: list[tuple[int, str | None]] = []
-        accepted: dict[int, list[Pending]] = {}
-        accepted_rows: list[int] = []
-        duplicates = 0
+        adm = Admission()
         rows_of: dict[int, list[int]] = {}  # each twin's rows in batch order (plain lists: ~1 event a twin)
         for i, c in enumerate(code.tolist()):
             rows_of.setdefault(c, []).append(i)
         for c, rows in sorted(rows_of.items()):
             twin = twins[c]
             if twin is None:
-                rejected += [(i, f"unknown twin {assets[c]!r} for tenant {tenant!r}") for i in rows]
+                adm.rejected += [(i, f"unknown twin {assets[c]!r} for tenant {tenant!r}") for i in rows]
                 continue
             if any(misfits[i] for i in rows):
-                rejected += [(i, None) for i in rows if misfits[i]]
+                adm.rejected += [(i, None) for i in rows if misfits[i]]
                 rows = [i for i in rows if not misfits[i]]
-            found = [(times[i], sequences[i], keys[i]) for i in rows]
             matrix = values[c]
+            found = [Pending((times[i], sequences[i], keys[i]), matrix[i], use_outputs[i], qualities[i]) for i in rows]
             events: list[Pending] = []
-            for i, key, verdict in zip(rows, found, twin.classify(found)):
-                if verdict == TOO_LATE and self.store.contains(tenant, assets[c], key):
-                    verdict = DUPLICATE  # a re-delivery of an event applied long ago
+            for i, ev, verdict in zip(rows, found, twin.classify(found)):
+                if verdict == TOO_LATE:  # a re-delivery of an event applied long ago?
+                    logged = self.store.find_event(tenant, assets[c], ev.key)
+                    if logged is not None:
+                        verdict = DUPLICATE if same_content(twin.pending(logged), ev) else CONFLICT
                 if verdict == DUPLICATE:
-                    duplicates += 1
+                    adm.duplicates += 1
+                elif verdict == CONFLICT:
+                    adm.conflicts += 1
+                    adm.rejected.append((i, conflict_reason(ev.key)))
                 elif verdict == TOO_LATE:
-                    rejected.append((i, TOO_LATE))
+                    adm.rejected.append((i, TOO_LATE))
                 else:
-                    events.append(Pending(key, matrix[i], use_outputs[i]))
-                    accepted_rows.append(i)
+                    events.append(ev)
+                    adm.accepted_rows.append(i)
             if events:
-                accepted[c] = events
-        rejected.sort(key=lambda r: r[0])
-        return accepted, accepted_rows, rejected, duplicates
+                adm.accepted[c] = events
+        adm.rejected.sort(key=lambda r: r[0])
+        return adm
 
     @staticmethod
     def _reject(batch: pa.Table, i: int, reason: str | None, twin: Twin | None) -> dict[str, str]:
@@ -278,9 +312,9 @@ class TwinShardProcess(TwinShard):
         super().__init__(*args, **kwargs)
         self.heap_frozen = False
 
-    def register(self, tenant: str, asset_id: str, record: dict[str, Any]) -> bool:
+    def _register(self, tenant: str, asset_id: str, record: dict[str, Any]) -> bool:
         self.heap_frozen = False  # new twins; the first of a model compiles its kernels
-        return super().register(tenant, asset_id, record)
+        return super()._register(tenant, asset_id, record)
 
     def ingest(self, tenant: str, batch: pa.Table) -> IngestReport:
         if not self.heap_frozen:

@@ -49,11 +49,14 @@ class Reject(_Frozen):
 
 
 class IngestReport(_Frozen):
-    """Outcome of one ingest call: accepted events are durable in the log and applied."""
+    """Outcome of one ingest call: accepted events are durable in the log and applied; rejected
+    ones are dead-lettered (`reasons`), among them `conflicts`: events whose identity (event time,
+    sequence, idempotency key) was applied before with different content."""
 
     accepted: int = 0
     duplicates: int = 0
     rejected: int = 0
+    conflicts: int = 0
     reasons: list[Reject] = Field(default_factory=list)
 
     def __add__(self, other: IngestReport) -> IngestReport:
@@ -61,5 +64,6 @@ class IngestReport(_Frozen):
             accepted=self.accepted + other.accepted,
             duplicates=self.duplicates + other.duplicates,
             rejected=self.rejected + other.rejected,
+            conflicts=self.conflicts + other.conflicts,
             reasons=[*self.reasons, *other.reasons],
         )

@@ -30,6 +30,7 @@ from raytwin.registry import ModelArtifact
 from raytwin.statestore import EventKey, LoggedEvent, Snapshot, from_micros, to_micros
 
 DUPLICATE = "duplicate"
+CONFLICT = "conflict"
 TOO_LATE = "too late"
 
 
@@ -57,12 +58,23 @@ def _key(e: Pending) -> EventKey:
 
 
 class Pending(NamedTuple):
-    """An accepted event as a twin holds it: order key, values in its filter's `measured_names`
-    columns (SI, NaN = not measured) and whether its outputs may update the estimate."""
+    """An accepted event as a twin holds it: order key (its identity), values in its filter's
+    `measured_names` columns (SI, NaN = not measured), whether its outputs may update the
+    estimate, and its quality (part of its content, with the values)."""
 
     key: EventKey
     values: np.ndarray
     use_outputs: bool
+    quality: str
+
+
+def same_content(a: Pending, b: Pending) -> bool:
+    """Whether two events with one identity carry the same content: a re-delivery, not a conflict."""
+    return a.quality == b.quality and np.array_equal(a.values, b.values, equal_nan=True)
+
+
+def conflict_reason(key: EventKey) -> str:
+    return f"conflict: idempotency key {key[2]!r} was already applied with different content"
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,33 +116,37 @@ class Twin:
         self.events_applied = base.events_applied
         self.checkpoints = [base]
         self.window: list[Pending] = []  # applied events after checkpoints[0], in key order
-        self.seen: set[str] = set()
+        self.seen: dict[EventKey, Pending] = {}  # the window by identity
 
     # ------------------------------------------------------------------- classification ----
     @property
     def watermark_us(self) -> int | None:
         return None if self.max_time_us is None else self.max_time_us - self.lateness_us
 
-    def classify(self, keys: list[EventKey]) -> list[str | None]:
-        """For each event of a batch, in order: None if it can be applied, else DUPLICATE (seen
-        before, or earlier in this batch) or TOO_LATE (older than the watermark)."""
+    def classify(self, events: list[Pending]) -> list[str | None]:
+        """For each event of a batch, in order: None if it can be applied, else DUPLICATE (its
+        identity, the key (event time, sequence, idempotency key), was applied before or earlier in
+        this batch, with the same content), CONFLICT (the same identity with other content) or
+        TOO_LATE (older than the watermark). An idempotency key re-used with another time or
+        sequence (a rebooted device) is another event."""
         seen, wm = self.seen, self.watermark_us
-        taken: set[str] = set()
+        taken: dict[EventKey, Pending] = {}
         verdicts: list[str | None] = []
-        for key in keys:
-            if key[2] in seen or key[2] in taken:
-                verdicts.append(DUPLICATE)
-            elif wm is not None and key[0] < wm:
+        for ev in events:
+            first = seen.get(ev.key) or taken.get(ev.key)
+            if first is not None:
+                verdicts.append(DUPLICATE if same_content(first, ev) else CONFLICT)
+            elif wm is not None and ev.key[0] < wm:
                 verdicts.append(TOO_LATE)
             else:
-                taken.add(key[2])
+                taken[ev.key] = ev
                 verdicts.append(None)
         return verdicts
 
     def pending(self, ev: LoggedEvent) -> Pending:
         """A logged event in this twin's filter columns."""
         return Pending(ev.key, np.array([ev.values.get(n, np.nan) for n in self.filter.measured_names]),
-                       ev.quality != "bad")
+                       ev.quality != "bad", ev.quality)
 
     # ------------------------------------------------------------------------- applying ----
     def apply(self, events: list[Pending]) -> None:
@@ -156,7 +172,7 @@ class Twin:
         self.last_key = events[-1].key
         self.events_applied += len(events)
         self.window.extend(events)
-        self.seen.update([e.key[2] for e in events])
+        self.seen.update([(e.key, e) for e in events])
         newest = events[-1].key[0]
         self.max_time_us = newest if self.max_time_us is None else max(self.max_time_us, newest)
         self._prune()
@@ -168,7 +184,7 @@ class Twin:
         keep = [e for e in self.window if base.key is None or e.key > base.key]
         self.window = [e for e in self.window if not (base.key is None or e.key > base.key)]
         for e in keep:
-            self.seen.discard(e.key[2])
+            del self.seen[e.key]
         del self.checkpoints[i + 1:]
         self.fs, self.last_key, self.events_applied = base.fs, base.key, base.events_applied
         return keep
@@ -182,7 +198,8 @@ class Twin:
         base = checkpoints[i]
         dropped = [e for e in self.window if e.key <= base.key]
         self.window = self.window[len(dropped):]
-        self.seen.difference_update(e.key[2] for e in dropped)
+        for e in dropped:
+            del self.seen[e.key]
         del self.checkpoints[:i]
 
     # ------------------------------------------------------------------ persistence ----
@@ -258,7 +275,7 @@ def apply_many(batches: list[tuple[Twin, list[Pending]]]) -> None:
 
 
 def replay(twin: Twin, events: list[LoggedEvent]) -> Twin:
-    """Apply logged events after the twin's last key (recovery, time travel), skipping known keys."""
+    """Apply logged events after the twin's last key (recovery, time travel), skipping known ones."""
     replay_many([(twin, events)])
     return twin
 
@@ -266,5 +283,5 @@ def replay(twin: Twin, events: list[LoggedEvent]) -> Twin:
 def replay_many(batches: list[tuple[Twin, list[LoggedEvent]]]) -> None:
     """`replay` for many twins through shared filter dispatches (same bits as one by one)."""
     apply_many([(twin, [twin.pending(e) for e in events
-                        if e.key[2] not in twin.seen and (twin.last_key is None or e.key > twin.last_key)])
+                        if e.key not in twin.seen and (twin.last_key is None or e.key > twin.last_key)])
                 for twin, events in batches])

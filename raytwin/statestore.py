@@ -4,20 +4,27 @@ Layout under the store URL (a local directory or any fsspec URL such as ``s3://b
 
     log/tenant=T/date=YYYY-MM-DD/part-<uuid>.parquet              accepted events (asset_id column), SI values
     log/tenant=T/date=YYYY-MM-DD/compact-<uuid>-<i>.parquet       the same events, merged by `compact`
-    snapshots/tenant=T/asset_id=A/snap-<event_us>-<revision>.parquet  one-row filter snapshots
+    snapshots/tenant=T/asset_id=A/snap-<event_us>-<revision>.parquet  one-row filter snapshots (`snapshot_stem`)
     dead_letters/tenant=T/date=YYYY-MM-DD/part-<uuid>.parquet     rejects: raw JSON + reason
     twins/tenant=T/asset_id=A.json                                 twin registrations
     retention/tenant=T.json                                        where `prune` cut the tenant's history
+    lease.json                                                     the service whose shards may write (`Lease`)
 
 Why: appending one immutable Parquet file per ingested shard batch and day (not per event, not
 per asset) makes writes atomic (a file is either there or not; local files are written under a
-hidden name and renamed), makes a re-delivered batch harmless, because readers de-duplicate by
-idempotency key, and keeps the write cost of a batch flat however many assets it touches (a file
+hidden name and renamed), makes a re-delivered batch harmless, because readers keep one row per
+event identity, and keeps the write cost of a batch flat however many assets it touches (a file
 per asset per batch made the log the bottleneck of small, frequent batches). Readers prune by
 tenant and date with Hive-style directories and by asset with a filter on the `asset_id` column,
 which each file stores sorted (its row-group statistics skip files without the asset). Snapshot
 file names carry their event time so the latest snapshot before a time is found from a listing,
 without reading files.
+
+An event's identity is its asset and `EventKey` (event time, sequence, idempotency key): a device
+that reboots re-uses idempotency keys with new times, and those are other events. Readers and
+`compact` keep one row per identity, the first ingested (least `ingest_time`, then a total order on
+content: `one_row_per_event`), so the result never depends on the order files are listed in and
+matches what the live twin applied (it dead-letters a re-delivery with other content as a conflict).
 
 `prune` deletes a tenant's history before a date, but never what a registered twin's recovery
 needs (its newest snapshot and the log after it), and records the cut first, so a read that would
@@ -36,7 +43,7 @@ import json
 import logging
 import uuid
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime
 from typing import Any, TypeVar
 
@@ -61,8 +68,8 @@ skips the row groups whose `asset_id` statistics exclude it."""
 
 @dataclass(frozen=True)
 class _Compacted:
-    """A kind of partition `compact` merges: the row order of merged files, and whether rows
-    repeating a (asset_id, idempotency_key) are dropped (log rows of a re-delivered batch)."""
+    """A kind of partition `compact` merges: the row order of merged files, and whether it keeps
+    one row per event identity (`one_row_per_event`: log rows of a re-delivered batch)."""
 
     kind: str
     order: list[tuple[str, str]]
@@ -70,7 +77,7 @@ class _Compacted:
 
 
 COMPACTED = (
-    _Compacted("log", [("asset_id", "ascending"), ("event_time", "ascending"), ("idempotency_key", "ascending")], True),
+    _Compacted("log", [(c, "ascending") for c in ("asset_id", "event_time", "sequence", "idempotency_key")], True),
     _Compacted("dead_letters", [("dead_lettered_at", "ascending"), ("asset_id", "ascending")], False),
 )
 
@@ -160,6 +167,31 @@ def log_table(events: Iterable[tuple[str, LoggedEvent]]) -> pa.Table:
     }, schema=LOG_BATCH_SCHEMA)
 
 
+class StoreFenced(RuntimeError):
+    """A writer's lease on the store is stale: another service took the store over (see `Lease`)."""
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Which service may write the store (`lease.json`): the holder's shard actors write with
+    (owner, epoch) and every write checks it (`StateStore.check_lease`), so a stale shard, or one
+    of a second service on the store, is refused instead of writing snapshots that skip the other's
+    events. `actors.service.TwinService` acquires it (epoch + 1), attaches to it (same shard count
+    and namespace), or takes it over; `released` once the holder closed."""
+
+    owner: str
+    epoch: int
+    shards: int
+    namespace: str
+    acquired_at: str  # ISO time
+    acquired_by: str  # host:pid
+    released: bool = False
+
+    @property
+    def fence(self) -> tuple[str, int]:
+        return self.owner, self.epoch
+
+
 class HistoryPruned(LookupError):
     """A read needs events from before the point where `StateStore.prune` cut the history."""
 
@@ -186,14 +218,60 @@ class Compaction:
     rows_out: int  # rows_in less the duplicate log rows of a re-delivered batch
 
 
-def _first_of_each_key(table: pa.Table) -> pa.Table:
-    """Rows without repeats of (asset_id, idempotency_key); `table` is sorted so repeats are adjacent."""
+_IDENTITY = ("asset_id", "event_time", "sequence", "idempotency_key")
+"""An event's identity in the log: its asset and its `EventKey`."""
+
+
+def _content_order(row: dict[str, Any]) -> str:
+    """A total order on a logged row's content (quality, values), to break ties in ingest time."""
+    return json.dumps([row["quality"], sorted(row["values"])])
+
+
+def one_row_per_event(table: pa.Table) -> pa.Table:
+    """The log rows (`LOG_BATCH_SCHEMA`) with one row per event identity (asset, event time,
+    sequence, idempotency key): the first ingested (least `ingest_time`, then least content), so
+    the row kept never depends on the order of the files read. Returned sorted by identity.
+
+    Rows of one identity are a re-delivered batch logged twice (same content) or, rarely, a
+    conflicting re-delivery that a shard logged before it crashed: the live twin applied the
+    first ingested one, so recovery and compaction keep it."""
+    table = table.sort_by([(c, "ascending") for c in (*_IDENTITY, "ingest_time")])
     if table.num_rows < 2:
         return table
-    asset, key = (table.column(c).to_numpy(zero_copy_only=False) for c in ("asset_id", "idempotency_key"))
-    keep = np.ones(table.num_rows, dtype=bool)
-    keep[1:] = (asset[1:] != asset[:-1]) | (key[1:] != key[:-1])
+    cols = [table.column(c) for c in (*_IDENTITY, "ingest_time")]
+    same = [pc.equal(c.slice(1), c.slice(0, table.num_rows - 1)).to_numpy() for c in cols]
+    repeat = np.concatenate([[False], np.logical_and.reduce(same[:4])])
+    if not repeat.any():
+        return table
+    keep = ~repeat
+    tied = np.flatnonzero(repeat[1:] & same[4] & keep[:-1])  # first rows of a repeat tied on ingest time
+    for start in tied.tolist():  # rare: resolve by content, in Python
+        end = start + 1
+        while end < table.num_rows and repeat[end] and same[4][end - 1]:
+            end += 1
+        rows = table.slice(start, end - start).to_pylist()
+        best = min(range(len(rows)), key=lambda j: _content_order(rows[j]))
+        keep[start], keep[start + best] = False, True
     return table.filter(pa.array(keep))
+
+
+_BEFORE_1970 = "."
+"""Marks a negative snapshot time in a file name: it sorts before the digits of non-negative ones."""
+
+
+def snapshot_stem(us: int, revision: int) -> str:
+    """A snapshot's file name (without `.parquet`): names sort as strings by time, then revision,
+    for times before 1970 too (written as `.` + 10^19 + t, which keeps 20 characters)."""
+    t = f"{us:020d}" if us >= 0 else f"{_BEFORE_1970}{10**19 + us:019d}"
+    return f"snap-{t}-{revision:012d}"
+
+
+def parse_snapshot_name(name: str) -> tuple[int, int]:
+    """(event time in us, revision) of a snapshot file name; also reads the `snap--<|t|>-...`
+    names that pre-1970 snapshots got before they had their own encoding."""
+    t, revision = name.removeprefix("snap-").removesuffix(".parquet").rsplit("-", 1)
+    us = int(t[1:]) - 10**19 if t.startswith(_BEFORE_1970) else int(t)
+    return us, int(revision)
 
 
 @dataclass(frozen=True)
@@ -268,17 +346,16 @@ class StateStore:
     def read_events(
         self, tenant: str, asset_id: str, *, after: EventKey | None = None, until_us: int | None = None
     ) -> list[LoggedEvent]:
-        """The asset's logged events with `after` < key and time <= `until_us`, de-duplicated by
-        idempotency key (a re-delivered batch may be logged twice) and sorted by key."""
+        """The asset's logged events with `after` < key and time <= `until_us`, one per identity
+        (`one_row_per_event`: a re-delivered batch may be logged twice) and sorted by key."""
         return self.read_events_many(tenant, {asset_id: after}, until_us=until_us)[asset_id]
 
     def read_events_many(
         self, tenant: str, after: dict[str, EventKey | None], *, until_us: int | None = None
     ) -> dict[str, list[LoggedEvent]]:
         """`read_events` for many assets of a tenant in one scan of the log (recovery of a shard)."""
-        out: dict[str, list[LoggedEvent]] = {a: [] for a in after}
         if not after:
-            return out
+            return {}
         retention = self._retention(tenant)
         if retention is not None:
             cut, pruned = retention["history_from_us"], set(retention["assets"])
@@ -295,27 +372,32 @@ class StateStore:
             flt &= ds.field("event_time") <= pa.scalar(until_us, pa.int64()).cast(TIME)
         table = self._scan(f"{self.root}/log/tenant={tenant}",
                            lambda d: d.to_table(filter=flt, columns=LOG_BATCH_SCHEMA.names), LOG_BATCH_SCHEMA.empty_table())
-        seen: set[tuple[str, str]] = set()
+        return self._events(one_row_per_event(table), after)
+
+    @staticmethod
+    def _events(table: pa.Table, after: dict[str, EventKey | None]) -> dict[str, list[LoggedEvent]]:
+        """Log rows (one per identity, sorted by identity) as each asset's events after its key."""
+        out: dict[str, list[LoggedEvent]] = {a: [] for a in after}
         for asset_id, t, seq, key, quality, values, ingest in zip(
             table.column("asset_id").to_pylist(), table.column("event_time").cast(pa.int64()).to_pylist(),
             table.column("sequence").to_pylist(), table.column("idempotency_key").to_pylist(),
             table.column("quality").to_pylist(), table.column("values").to_pylist(),
             table.column("ingest_time").cast(pa.int64()).to_pylist(),
         ):
-            ev = LoggedEvent((t, seq, key), quality, dict(values), ingest)
             start = after[asset_id]
-            if (start is None or ev.key > start) and (asset_id, key) not in seen:
-                seen.add((asset_id, key))
-                out[asset_id].append(ev)
-        for events in out.values():
-            events.sort(key=lambda e: e.key)
+            if start is None or (t, seq, key) > start:
+                out[asset_id].append(LoggedEvent((t, seq, key), quality, dict(values), ingest))
         return out
 
-    def contains(self, tenant: str, asset_id: str, key: EventKey) -> bool:
-        """Whether the event with this key is in the log (reads only that day's partition)."""
-        flt = (ds.field("asset_id") == asset_id) & (ds.field("idempotency_key") == key[2])
-        return self._scan(f"{self.root}/log/tenant={tenant}/date={_date(key[0])}",
-                          lambda d: d.count_rows(filter=flt) > 0, False)
+    def find_event(self, tenant: str, asset_id: str, key: EventKey) -> LoggedEvent | None:
+        """The logged event with this identity (the one recovery replays), or None; reads only
+        that day's partition."""
+        t, seq, idempotency_key = key
+        flt = ((ds.field("asset_id") == asset_id) & (ds.field("idempotency_key") == idempotency_key)
+               & (ds.field("event_time") == pa.scalar(t, pa.int64()).cast(TIME)) & (ds.field("sequence") == seq))
+        table = self._scan(f"{self.root}/log/tenant={tenant}/date={_date(t)}",
+                           lambda d: d.to_table(filter=flt, columns=LOG_BATCH_SCHEMA.names), LOG_BATCH_SCHEMA.empty_table())
+        return next(iter(self._events(one_row_per_event(table), {asset_id: None})[asset_id]), None)
 
     # ----------------------------------------------------------------------- snapshots ----
     def write_snapshot(self, tenant: str, asset_id: str, snap: Snapshot) -> None:
@@ -327,19 +409,17 @@ class StateStore:
             "revision": [snap.revision],
             "payload": [json.dumps(snap.payload)],
         }, schema=SNAPSHOT_SCHEMA)
-        self._write(table, self._asset_dir("snapshots", tenant, asset_id), f"snap-{us:020d}-{snap.revision:012d}")
+        self._write(table, self._asset_dir("snapshots", tenant, asset_id), snapshot_stem(us, snap.revision))
 
     def latest_snapshot(self, tenant: str, asset_id: str, at_or_before_us: int | None = None) -> Snapshot | None:
         """The newest snapshot whose event time is <= `at_or_before_us` (any, if None)."""
         directory = self._asset_dir("snapshots", tenant, asset_id)
         if not self.fs.exists(directory):
             return None
-        names = sorted(
-            p.rsplit("/", 1)[-1] for p in self.fs.ls(directory, detail=False)
-            if p.rsplit("/", 1)[-1].startswith("snap-")
-        )
+        names = sorted((n for n in (p.rsplit("/", 1)[-1] for p in self.fs.ls(directory, detail=False))
+                        if n.startswith("snap-")), key=parse_snapshot_name)
         if at_or_before_us is not None:
-            names = [n for n in names if int(n.split("-")[1]) <= at_or_before_us]
+            names = [n for n in names if parse_snapshot_name(n)[0] <= at_or_before_us]
         if not names:
             return None
         row = pq.read_table(f"{directory}/{names[-1]}", filesystem=self.fs).to_pylist()[0]
@@ -385,10 +465,9 @@ class StateStore:
         return done
 
     def _compact_partition(self, directory: str, parts: list[str], compacted: _Compacted) -> Compaction:
-        table = pa.concat_tables(pq.read_table(p, filesystem=self.fs) for p in parts).sort_by(compacted.order)
+        table = pa.concat_tables(pq.read_table(p, filesystem=self.fs) for p in parts)
         rows_in = table.num_rows
-        if compacted.unique_events:
-            table = _first_of_each_key(table)
+        table = one_row_per_event(table) if compacted.unique_events else table.sort_by(compacted.order)
         stem = f"compact-{uuid.uuid4().hex}"
         starts = range(0, table.num_rows, COMPACT_ROWS)
         for i, start in enumerate(starts):
@@ -438,12 +517,46 @@ class StateStore:
         for directory in deleted:  # only once the cut is recorded
             self.fs.rm(directory, recursive=True)
         old_snapshots = [p for p in self.fs.glob(f"{self.root}/snapshots/tenant={tenant}/asset_id=*/snap-*.parquet")
-                         if int(p.rsplit("/", 1)[-1].split("-")[1]) < cut_us]
+                         if parse_snapshot_name(p.rsplit("/", 1)[-1])[0] < cut_us]
         if old_snapshots:
             self.fs.rm(old_snapshots)
         log.info("event=pruned tenant=%s history_from=%s partitions=%d snapshots=%d held_back_by=%d", tenant,
                  cut.isoformat(), len(deleted), len(old_snapshots), len(held))
         return Pruning(tenant, cut, held, len(deleted), len(old_snapshots))
+
+    # --------------------------------------------------------------------------- lease ----
+    @property
+    def _lease_path(self) -> str:
+        return f"{self.root}/lease.json"
+
+    def read_lease(self) -> Lease | None:
+        try:
+            return Lease(**json.loads(self.fs.cat_file(self._lease_path)))
+        except FileNotFoundError:
+            return None
+
+    def write_lease(self, lease: Lease) -> None:
+        """Replace the lease (atomically: a writer checking it never reads half a file)."""
+        data = json.dumps(asdict(lease)).encode()
+        self.fs.makedirs(self.root, exist_ok=True)
+        if not self._local:
+            self.fs.pipe_file(self._lease_path, data)
+            return
+        tmp = f"{self.root}/.lease.json.tmp-{uuid.uuid4().hex}"
+        self.fs.pipe_file(tmp, data)
+        self.fs.mv(tmp, self._lease_path)
+
+    def check_lease(self, fence: tuple[str, int] | None) -> None:
+        """Raise `StoreFenced` unless the store's live lease is (owner, epoch) `fence` (None: a
+        writer outside any service, allowed while no service holds the store). One small file
+        read: writers call it once per batch."""
+        lease = self.read_lease()
+        held = None if lease is None or lease.released else lease.fence
+        if held != fence:
+            holder = f"service {held[0]} (epoch {held[1]})" if held else "no live service"
+            raise StoreFenced(f"store {self.url} is leased to {holder}, not to this writer "
+                              f"({'no lease' if fence is None else f'epoch {fence[1]}'}): it was taken over or "
+                              "its service closed; this writer must stop")
 
     # ------------------------------------------------------------------- registrations ----
     def _registration_path(self, tenant: str, asset_id: str) -> str:

@@ -8,7 +8,16 @@ from datetime import UTC, date, datetime, timedelta
 
 import pytest
 
-from raytwin.statestore import HistoryPruned, LoggedEvent, Snapshot, StateStore, from_micros, log_table, to_micros
+from raytwin.statestore import (
+    HistoryPruned,
+    LoggedEvent,
+    Snapshot,
+    StateStore,
+    from_micros,
+    log_table,
+    parse_snapshot_name,
+    to_micros,
+)
 
 T0 = datetime(2026, 3, 1, 23, 59, 0, tzinfo=UTC)
 
@@ -41,8 +50,9 @@ def test_event_log_dedups_sorts_and_filters(store):
     assert [e.key[1] for e in store.read_events("acme", "a", after=events[1].key)] == [3, 4]
     assert [e.key[1] for e in store.read_events("acme", "a", until_us=events[2].key[0])] == [1, 2, 3]
     assert store.read_events("other", "a") == []
-    assert store.contains("acme", "a", events[3].key)
-    assert not store.contains("acme", "a", (events[3].key[0], 4, "a:missing"))
+    assert store.find_event("acme", "a", events[3].key) == events[3]
+    assert store.find_event("acme", "a", (events[3].key[0], 4, "a:missing")) is None
+    assert store.find_event("acme", "a", (events[3].key[0] + 1, 4, "a:4")) is None  # same key, another time
     if store._local:
         dates = sorted(p.rsplit("=", 1)[-1] for p in store.fs.glob(f"{store.root}/log/tenant=acme/date=*"))
         assert dates == ["2026-03-01", "2026-03-02"]
@@ -106,7 +116,7 @@ def test_compaction_merges_part_files_and_changes_no_read(store):
     assert _parts(store, "log", "beta")[0].startswith("part-")
     assert {a: store.read_events("acme", a) for a in ("a", "b")} == before
     assert store.read_dead_letters("acme").to_pylist() == letters
-    assert store.contains("acme", "a", before["a"][3].key)
+    assert store.find_event("acme", "a", before["a"][3].key) == before["a"][3]
     assert store.compact() == []  # nothing left to merge
 
 
@@ -168,3 +178,53 @@ def test_prune_keeps_what_recovery_needs_and_refuses_reads_across_the_cut(store)
     assert len(store.read_events("acme", "new")) == 1  # a twin the cut never touched replays from its prior
     assert store.prune("acme", date(2026, 2, 1)).history_from == date(2026, 3, 2)  # the cut never moves back
     assert store.read_events("beta", "a") == []  # other tenants untouched
+
+
+def _log_as(store: StateStore, ev: LoggedEvent, name: str) -> None:
+    """Log one event in a part file of this name (readers list files by name)."""
+    store.append_log("acme", log_table([("a", ev)]))
+    [path] = [p for p in store.fs.glob(f"{store.root}/log/tenant=acme/date=*/part-*") if len(p.rsplit("/", 1)[-1]) > 20]
+    store.fs.mv(path, f"{path.rsplit('/', 1)[0]}/{name}.parquet")
+
+
+@pytest.mark.parametrize("names", [["part-a", "part-b", "part-c", "part-d"], ["part-d", "part-c", "part-b", "part-a"]])
+def test_one_row_per_event_identity_whatever_the_file_order(tmp_path, names):
+    """Rows with one identity (asset, time, sequence, key) but other content: recovery and
+    compaction keep the first ingested (then the least content), never what was listed first; a
+    key re-used with another time is another event."""
+    store = StateStore(str(tmp_path / "store"))
+    first = _ev(1, 10)
+    later = LoggedEvent(first.key, "good", {"h1": 9.0}, first.ingest_us + 1)  # same identity, other content
+    tie = LoggedEvent(first.key, "bad", {"h1": 0.1, "q_in": 1e-4}, first.ingest_us)  # tied on ingest time
+    reused = LoggedEvent((first.key[0] + 30_000_000, 1, "a:1"), "good", {"h1": 5.0}, first.ingest_us + 2)
+    for ev, name in zip((later, first, tie, reused), names):
+        _log_as(store, ev, name)
+    expected = [tie, reused]  # tied on ingest time: "bad" < "good" in the content order
+    assert store.read_events("acme", "a") == expected
+    assert store.find_event("acme", "a", first.key) == tie
+    [done] = store.compact()
+    assert (done.rows_in, done.rows_out) == (4, 2)
+    assert store.read_events("acme", "a") == expected
+
+
+def test_snapshot_names_sort_and_parse_before_1970(tmp_path):
+    """Negative event times get names that sort before later ones; legacy names still read."""
+    store = StateStore(str(tmp_path / "store"))
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    snap = {"x": [1.0], "P": [[1.0]]}
+    for rev, hours in ((1, -48), (2, -1), (3, 1)):
+        store.write_snapshot("acme", "a", Snapshot((to_micros(epoch + timedelta(hours=hours)), rev, f"a:{rev}"), rev, snap))
+    directory = store._asset_dir("snapshots", "acme", "a")
+    names = sorted(p.rsplit("/", 1)[-1] for p in store.fs.ls(directory, detail=False))
+    assert [parse_snapshot_name(n)[1] for n in names] == [1, 2, 3]  # sorted as strings = by time
+    assert store.latest_snapshot("acme", "a").revision == 3
+    assert store.latest_snapshot("acme", "a", at_or_before_us=to_micros(epoch - timedelta(minutes=30))).revision == 2
+    assert store.latest_snapshot("acme", "a", at_or_before_us=to_micros(epoch - timedelta(hours=2))).revision == 1
+    assert parse_snapshot_name("snap--0000000000000000100-000000000007.parquet") == (-100, 7)  # the old encoding
+    assert parse_snapshot_name("snap-00000000000000000100-000000000007.parquet") == (100, 7)
+    store.save_registration("acme", "a", {"asset": "a"})
+    store.append_log("acme", log_table([("a", LoggedEvent((to_micros(epoch - timedelta(hours=47)), 1, "a:1"),
+                                                          "good", {"h1": 1.0}, 0))]))
+    done = store.prune("acme", date(1970, 1, 1))
+    assert (done.history_from, done.snapshots_deleted, done.partitions_deleted) == (date(1970, 1, 1), 2, 1)
+    assert store.latest_snapshot("acme", "a").revision == 3

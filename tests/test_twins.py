@@ -17,13 +17,14 @@ from datetime import UTC, datetime, timedelta
 
 import jax
 import numpy as np
+import pyarrow.compute as pc
 import pytest
 
 from actors import TwinService, TwinState, UnknownTwin
 from actors.recovery import registration_record
 from actors.shard import TwinShardProcess
 from actors.telemetry import validated_table
-from actors.twin import DUPLICATE, TOO_LATE, Twin, logged_event, replay
+from actors.twin import CONFLICT, DUPLICATE, TOO_LATE, Twin, logged_event, replay
 from raytwin.contracts import Asset, AssetType, TelemetryEvent
 from raytwin.registry import ModelRegistry
 from raytwin.sim import THERMAL_RC
@@ -64,16 +65,19 @@ def events(asset_id: str, n: int, seed: int = 0, start: int = 0) -> list[Telemet
 
 
 def reference(art, asset_id: str, evs: list[TelemetryEvent], tenant: str = "acme", **kw) -> Twin:
-    """The uninterrupted, in-order run: the filter over the distinct events sorted by key."""
+    """The uninterrupted, in-order run: the filter over the distinct events (the first of each
+    identity: event time, sequence, idempotency key) sorted by key."""
     twin = Twin(tenant, asset_id, art, **kw)
-    distinct = {e.idempotency_key: logged_event(e, art.asset_type) for e in evs}
+    distinct: dict = {}
+    for e in evs:
+        distinct.setdefault((e.event_time, e.sequence, e.idempotency_key), logged_event(e, art.asset_type))
     return replay(twin, sorted(distinct.values(), key=lambda e: e.key))
 
 
 def feed(twin: Twin, batch: list[TelemetryEvent]) -> list[str | None]:
     """What a shard does with a batch, minus persistence: classify, then apply the applicable."""
     pending = [twin.pending(logged_event(e, twin.artifact.asset_type)) for e in batch]
-    verdicts = twin.classify([e.key for e in pending])
+    verdicts = twin.classify(pending)
     twin.apply([e for e, v in zip(pending, verdicts) if v is None])
     return verdicts
 
@@ -94,6 +98,18 @@ def test_shuffled_and_duplicated_events_give_bit_identical_state(artifact):
     assert verdicts.count(DUPLICATE) == 30 and verdicts.count(None) == 120
     assert_same_state(shuffled.view(), ordered.view())
     assert shuffled.view().revision == 120
+
+
+def test_identity_is_key_time_and_sequence_and_other_content_is_a_conflict(artifact):
+    """Same identity and content: duplicate; same identity, other content: conflict (in one batch
+    or later); the same idempotency key with another time: a new event."""
+    twin = Twin("acme", "z1", artifact, allowed_lateness_s=1e6)
+    e = events("z1", 1)[0]
+    other = TelemetryEvent(**{**e.model_dump(), "quality": "uncertain"})  # the same values, other quality
+    later = e.model_copy(update={"event_time": e.event_time + timedelta(seconds=STEP_S)})
+    assert feed(twin, [e, other, e]) == [None, CONFLICT, DUPLICATE]
+    assert feed(twin, [later, other, e]) == [None, CONFLICT, DUPLICATE]
+    assert twin.view().revision == 2
 
 
 def test_late_events_merge_within_lateness_and_too_late_ones_are_refused(artifact):
@@ -190,6 +206,44 @@ def test_service_dedups_merges_late_events_dead_letters_and_time_travels(service
         assert_same_state(service.state_at("acme", "z2", t),
                           reference(artifact, "z2", evs[: k + 1], **TWIN_OPTS).view())
     assert service.state_at("acme", "z2", T0 - timedelta(days=1)).event_time is None
+
+
+def test_reused_keys_are_new_events_and_conflicting_redeliveries_are_dead_lettered(service, artifact):
+    """A rebooted device re-uses idempotency keys with new times: applied live, recovered and kept
+    by compaction (revision 130 everywhere). A re-delivery of an applied identity with other
+    content is a conflict, dead-lettered, whether still in memory or only in the log."""
+    from actors.recovery import recover
+
+    service.register(asset("reboot"), artifact)
+    try:
+        first = events("reboot", 100, seed=21)
+        rebooted = [e.model_copy(update={"event_time": e.event_time + timedelta(seconds=STEP_S * 100)})
+                    for e in events("reboot", 30, seed=22)]  # sequences 0..29 again: keys reboot:0..29
+        assert service.ingest("acme", first).accepted == 100
+        report = service.ingest("acme", rebooted)
+        assert (report.accepted, report.duplicates, report.rejected) == (30, 0, 0)
+
+        def changed(e):
+            return TelemetryEvent(**{**e.model_dump(), "measurements": {"T_in": {"value": 99.0, "unit": "degC"}}})
+
+        # rebooted[20] is in the twin's window; first[10] is beyond it, found in the log
+        report = service.ingest("acme", [changed(rebooted[20]), changed(first[10]), rebooted[21], first[11]])
+        assert (report.accepted, report.duplicates, report.rejected, report.conflicts) == (0, 2, 2, 2)
+        assert [r.reason for r in report.reasons] == [
+            "conflict: idempotency key 'reboot:20' was already applied with different content",
+            "conflict: idempotency key 'reboot:10' was already applied with different content"]
+        dead = service.dead_letters("acme").filter(pc.field("asset_id") == "reboot").to_pylist()
+        assert [d["idempotency_key"] for d in dead] == ["reboot:20", "reboot:10"] and '99.0' in dead[0]["raw"]
+
+        live = service.state("acme", "reboot")
+        assert live.revision == 130
+        assert_same_state(live, reference(artifact, "reboot", first + rebooted, **TWIN_OPTS).view())
+        record = service.store.load_registration("acme", "reboot")
+        assert_same_state(recover(service.store, record, **TWIN_OPTS).view(), live)
+        service.store.compact(tenant="acme")
+        assert_same_state(recover(service.store, record, **TWIN_OPTS).view(), live)
+    finally:
+        service.unregister("acme", "reboot")
 
 
 def test_unknown_assets_and_bad_units_are_dead_lettered(service):
@@ -320,6 +374,32 @@ def test_prune_keeps_live_and_recovered_state_and_refuses_time_travel_across_the
         assert service.state_at("gamma", "p1", T0 + timedelta(days=2)).events_applied == 80
     finally:
         service.unregister("gamma", "p1")
+
+
+def test_twin_before_1970_snapshots_time_travels_and_prunes(service, artifact):
+    """Negative event times: snapshot names sort and parse, so `state_at` and `prune` work."""
+    from raytwin.statestore import HistoryPruned
+
+    service.register(asset("old", tenant="delta"), artifact)
+    try:
+        start = datetime(1969, 12, 31, 23, 0, tzinfo=UTC)
+        evs = [e.model_copy(update={"event_time": e.event_time - T0 + start}) for e in events("old", 80, seed=14)]
+        for part in (evs[:50], evs[50:]):  # a snapshot sealed before midnight, one after
+            service.ingest("delta", part)
+            service.flush()
+        snaps = service.store.fs.ls(service.store._asset_dir("snapshots", "delta", "old"), detail=False)
+        assert any("/snap-." in p for p in snaps) and any("/snap-0" in p for p in snaps)
+        at = start + timedelta(minutes=55, seconds=1)  # after the pre-1970 snapshot
+        assert_same_state(service.state_at("delta", "old", at), reference(artifact, "old", evs[:56], **TWIN_OPTS).view())
+        before = service.state("delta", "old")
+        done = service.store.prune("delta", datetime(1970, 1, 2).date())
+        assert done.history_from is not None and done.held_back_by == ["old"]
+        assert_same_state(service.state("delta", "old"), before)
+        with pytest.raises(HistoryPruned):
+            service.state_at("delta", "old", start + timedelta(minutes=5))
+        assert service.state_at("delta", "old", start + timedelta(days=1)).events_applied == 80
+    finally:
+        service.unregister("delta", "old")
 
 
 def test_failed_log_write_mid_batch_never_leaves_memory_behind_the_store(ray_session, tmp_path, artifact):
