@@ -9,6 +9,7 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 import yaml
+from ray.job_submission import JobStatus
 
 from cluster.crd_validation import CRDS_ENV, CrdError, CrdSchemas
 from cluster.jobs import JobClient, JobError, resolve_cluster
@@ -219,11 +220,17 @@ def submit_command(
     typer.echo(job_id)
 
 
+JOB_STATUS_EXIT = {JobStatus.FAILED: 3, JobStatus.STOPPED: 4}
+"""`job status` exit codes: 0 SUCCEEDED, PENDING or RUNNING; 3 FAILED; 4 STOPPED (1: no cluster, 2: usage)."""
+
+
 @job_app.command("status")
 def job_status_command(job_id: str, address: AddressOpt = None, state_file: StateFileOpt = DEFAULT_STATE_FILE) -> None:
-    """Print a job's status (and Ray's message about it)."""
+    """Print a job's status (and Ray's message about it); exit 3 if it FAILED, 4 if it was STOPPED."""
     info = _jobs(address, state_file).info(job_id)
     typer.echo(info.status.value + (f": {info.message}" if info.message else ""))
+    if info.status in JOB_STATUS_EXIT:
+        raise typer.Exit(JOB_STATUS_EXIT[info.status])
 
 
 @job_app.command("logs")
