@@ -13,7 +13,7 @@ from ray.job_submission import JobStatus
 
 from cluster.crd_validation import CRDS_ENV, CrdError, CrdSchemas
 from cluster.jobs import JobClient, JobError, resolve_cluster
-from cluster.kube import KubeRayClient, KubeRayNotFound, api_client_from_kubeconfig
+from cluster.kube import KubeConfigError, KubeRayClient, KubeRayNotFound, api_client_from_kubeconfig
 from cluster.local import (
     DEFAULT_STATE_FILE,
     STATE_FILE_ENV,
@@ -55,9 +55,9 @@ AddressOpt = Annotated[
 ]
 
 
-def _fail(message: str) -> NoReturn:
+def _fail(message: str, code: int = 1) -> NoReturn:
     typer.echo(message, err=True)
-    raise typer.Exit(1)
+    raise typer.Exit(code)
 
 
 def _validated_manifest(
@@ -73,7 +73,11 @@ def _validated_manifest(
 
 
 def _kube(namespace: str, kubeconfig: Path | None, context: str | None) -> KubeRayClient:
-    return KubeRayClient(api_client_from_kubeconfig(str(kubeconfig) if kubeconfig else None, context), namespace)
+    """A client for the namespace; no usable kubeconfig ends the command with one line and exit code 2."""
+    try:
+        return KubeRayClient(api_client_from_kubeconfig(str(kubeconfig) if kubeconfig else None, context), namespace)
+    except KubeConfigError as exc:
+        _fail(str(exc), code=2)
 
 
 @cluster_app.command("render")
