@@ -11,7 +11,7 @@ import yaml
 from typer.testing import CliRunner
 
 from cluster.cli import cluster_app
-from cluster.crd_validation import CrdSchemas, ManifestInvalid, kubernetes_to_json_schema
+from cluster.crd_validation import CrdSchemas, ManifestInvalid, apply_defaults, kubernetes_to_json_schema
 from cluster.manifests import Kind, render, render_raycluster, render_rayjob, render_rayservice
 from cluster.spec import SpecError, load_spec, parse_spec
 from tests.fixtures_cluster import CRD_DIR, REPO_ROOT, spec_data, worker
@@ -256,3 +256,45 @@ def test_render_rayjob_to_stdout_through_the_cli() -> None:
     assert manifest["spec"]["entrypoint"] == "raytwin sweep --scenarios 100000"
     stray = CliRunner().invoke(cluster_app, ["render", str(spec_file), "--crds", str(CRD_DIR), "--", "raytwin"])
     assert stray.exit_code == 1 and "only applies to a rayjob" in stray.output
+
+
+def test_crd_defaults_are_applied_before_validation_as_the_api_server_does(crds: CrdSchemas) -> None:
+    """KubeRay samples leave out `minReplicas`/`maxReplicas`: required, but defaulted by the CRD (0, 2^31-1)."""
+    manifest = render_raycluster(parse_spec(VALID_SPECS["cpu-only"]))
+    for group in manifest["spec"]["workerGroupSpecs"]:
+        del group["minReplicas"], group["maxReplicas"]
+    crds.validate(manifest)
+    schema = crds.validators[("ray.io/v1", "RayCluster")].schema
+    [group] = apply_defaults(schema, manifest)["spec"]["workerGroupSpecs"]
+    assert (group["minReplicas"], group["maxReplicas"], group["numOfHosts"]) == (0, 2**31 - 1, 1)
+    assert "minReplicas" not in manifest["spec"]["workerGroupSpecs"][0]  # the caller's manifest is left alone
+    # a default never hides a wrong value, and nothing without a default is invented
+    manifest["spec"]["workerGroupSpecs"][0]["minReplicas"] = "one"
+    with pytest.raises(ManifestInvalid, match="minReplicas: 'one' is not of type 'integer'"):
+        crds.validate(manifest)
+    del manifest["spec"]["workerGroupSpecs"][0]["groupName"]
+    with pytest.raises(ManifestInvalid, match="'groupName' is a required property"):
+        crds.validate(manifest)
+
+
+def test_apply_defaults_fills_nested_objects_lists_and_non_nullable_nulls() -> None:
+    schema = kubernetes_to_json_schema({"type": "object", "properties": {
+        "mode": {"type": "string", "default": "DenyAll"},
+        "note": {"type": "string", "nullable": True, "default": "x"},
+        "ports": {"type": "array", "items": {"type": "object", "properties": {
+            "protocol": {"type": "string", "default": "TCP"}}}},
+        "opts": {"type": "object", "properties": {"surge": {"type": "integer", "default": 100}}},
+    }})
+    assert apply_defaults(schema, {"ports": [{}, {"protocol": "UDP"}], "note": None}) == {
+        "mode": "DenyAll", "note": None, "ports": [{"protocol": "TCP"}, {"protocol": "UDP"}]}
+    assert apply_defaults(schema, {"mode": None, "opts": {}}) == {"mode": "DenyAll", "note": "x",
+                                                                   "opts": {"surge": 100}}
+
+
+def test_generate_name_stands_in_for_name(crds: CrdSchemas) -> None:
+    manifest = render_raycluster(parse_spec(VALID_SPECS["cpu-only"]))
+    manifest["metadata"] = {"generateName": "raycluster-", "namespace": "sim"}
+    crds.validate(manifest)
+    del manifest["metadata"]["generateName"]
+    with pytest.raises(ManifestInvalid, match=r"metadata.name: required \(or metadata.generateName\)"):
+        crds.validate(manifest)
