@@ -12,6 +12,7 @@ import yaml
 from ray.job_submission import JobStatus
 
 from cluster.crd_validation import CRDS_ENV, CrdError, CrdSchemas
+from cluster.entrypoints import check_raytwin_entrypoint
 from cluster.jobs import JobClient, JobError, resolve_cluster
 from cluster.kube import KubeConfigError, KubeRayClient, KubeRayNotFound, api_client_from_kubeconfig
 from cluster.local import (
@@ -37,7 +38,7 @@ CrdsOpt = Annotated[
     typer.Option("--crds", envvar=CRDS_ENV, file_okay=False, help="Directory of the KubeRay CRD YAML files."),
 ]
 EntrypointArg = Annotated[
-    list[str] | None, typer.Argument(help="RayJob entrypoint after `--`, e.g. -- raytwin sweep ...")
+    list[str] | None, typer.Argument(help="RayJob entrypoint after `--`, e.g. -- raytwin sweep run spec.json")
 ]
 JobNameOpt = Annotated[str | None, typer.Option("--job-name", help="RayJob name (default: <cluster>-job).")]
 NamespaceOpt = Annotated[str, typer.Option("--namespace", "-n")]
@@ -207,7 +208,7 @@ def _jobs(address: str | None, state_file: Path) -> JobClient:
 
 @job_app.command("submit")
 def submit_command(
-    entrypoint: Annotated[list[str], typer.Argument(help="Command after `--`, e.g. -- raytwin sweep ...")],
+    entrypoint: Annotated[list[str], typer.Argument(help="Command after `--`, e.g. -- raytwin sweep run spec.json")],
     address: AddressOpt = None,
     working_dir: Annotated[
         Path | None, typer.Option("--working-dir", exists=True, file_okay=False, help="Uploaded as the job's cwd.")
@@ -220,6 +221,10 @@ def submit_command(
     pairs = [item.partition("=") for item in env or []]
     if bad := [key for key, sep, _ in pairs if not sep or not key]:
         _fail(f"--env expects KEY=VALUE, got: {', '.join(bad) or '(empty)'}")
+    try:
+        check_raytwin_entrypoint(entrypoint)
+    except ValueError as exc:
+        _fail(str(exc))
     job_id = _jobs(address, state_file).submit(entrypoint, working_dir, {k: v for k, _, v in pairs}, submission_id)
     typer.echo(job_id)
 

@@ -126,10 +126,10 @@ def test_cli_apply_status_delete_through_a_kubeconfig(fake_api: FakeKubeApi, tmp
     assert missing.exit_code == 1 and "not found" in missing.output
 
     job = runner.invoke(cluster_app, ["apply", str(spec_file), "--crds", str(CRD_DIR), "--kind", "rayjob", *common,
-                                      "--", "raytwin", "sweep"])
+                                      "--", "raytwin", "sweep", "run", "spec.json"])
     assert job.exit_code == 0, job.output
     assert fake_api.requests[-1].path.startswith("/apis/ray.io/v1/namespaces/sim/rayjobs")
-    assert fake_api.requests[-1].body["spec"]["entrypoint"] == "raytwin sweep"
+    assert fake_api.requests[-1].body["spec"]["entrypoint"] == "raytwin sweep run spec.json"
 
 
 def test_cli_apply_refuses_an_invalid_spec_without_calling_the_api(fake_api: FakeKubeApi, tmp_path: Path) -> None:

@@ -104,3 +104,10 @@ def test_up_and_down_need_local() -> None:
     for command in ("up", "down"):
         result = CliRunner().invoke(cluster_app, [command])
         assert result.exit_code == 1 and "--local" in result.output
+
+
+def test_job_submit_refuses_an_invalid_raytwin_entrypoint_before_contacting_a_cluster(tmp_path: Path) -> None:
+    result = CliRunner().invoke(job_app, ["submit", "--address", "http://127.0.0.1:9", "--state-file",
+                                          str(tmp_path / "none.json"), "--", "raytwin", "sweep", "--scenarios", "10"])
+    assert result.exit_code == 1 and "is not a valid raytwin command" in result.output
+    assert "see `raytwin sweep --help`" in result.output
