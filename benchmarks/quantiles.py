@@ -64,7 +64,8 @@ def check_against_numpy(root: str, bands: pa.Table, column: str) -> float:
     return worst
 
 
-@benchmark("sweep-quantiles", "Quantiles of 1e6 sweep scenarios: overall, per grid level, per binned continuous dimension")
+@benchmark("sweep-quantiles",
+           "Quantiles of 1e6 sweep scenarios: overall, per grid level, per binned continuous dimension")
 def sweep_quantiles(ctx: BenchContext) -> BenchResult:
     n = QUICK_ROWS if ctx.quick else FULL_ROWS
     result = BenchResult()

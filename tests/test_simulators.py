@@ -283,7 +283,9 @@ def test_float32_state_of_charge_keeps_tiny_increments():
     # the uncompensated states (RC voltages) are rk4_step's own bits
     from raytwin.sim.integrate import rollout
 
-    plain = rollout(BATTERY_ECM, tuple(jnp.asarray(v, jnp.float32) for v in (soc0, 0.0, 0.0)),
-                    tuple(jnp.asarray(p, jnp.float32) for p in params), 1.0, 600, (jnp.full(600, current, jnp.float32),),
-                    compensated=())
+    def f32_tuple(values):
+        return tuple(jnp.asarray(v, jnp.float32) for v in values)
+
+    plain = rollout(BATTERY_ECM, f32_tuple((soc0, 0.0, 0.0)), f32_tuple(params), 1.0, 600,
+                    (jnp.full(600, current, jnp.float32),), compensated=())
     np.testing.assert_array_equal(np.asarray(plain.trajectory[1]), f32[1:601, 1])

@@ -88,10 +88,11 @@ def test_grouped_quantiles_equal_numpy_per_group(tmp_path):
 def test_ungrouped_quantiles_equal_numpy_and_nan_propagates(tmp_path):
     table = _write_sweep(tmp_path, n=1001, chunk=400)
     bands = quantiles(str(tmp_path), ["energy_kwh"], q=Q).to_pylist()
-    assert [bands[0][f"q{p:g}"] for p in Q] == np.quantile(table["energy_kwh"].to_numpy().astype(np.float64), Q).tolist()
-    write_parquet(pa.table({"scenario": [1001], "param.C_in": [0.7], "input.T_out_mean": [270.0],
-                            "energy_kwh": pa.array([np.nan], pa.float32()), "T_in_min": pa.array([290.0], pa.float32())}),
-                  f"{tmp_path}/{part_name(9)}", None)
+    energy = table["energy_kwh"].to_numpy().astype(np.float64)
+    assert [bands[0][f"q{p:g}"] for p in Q] == np.quantile(energy, Q).tolist()
+    nan_row = pa.table({"scenario": [1001], "param.C_in": [0.7], "input.T_out_mean": [270.0],
+                        "energy_kwh": pa.array([np.nan], pa.float32()), "T_in_min": pa.array([290.0], pa.float32())})
+    write_parquet(nan_row, f"{tmp_path}/{part_name(9)}", None)
     nan_groups = {b["param.C_in"]: np.isnan(b["q0.5"]) for b in quantiles(str(tmp_path), ["energy_kwh"],
                                                                           by=["param.C_in"]).to_pylist()}
     assert nan_groups == {0.7: True, 1.0: False, 1.3: False}  # as np.quantile: a NaN poisons its own group only
