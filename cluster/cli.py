@@ -9,10 +9,12 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 import yaml
+from ray.job_submission import JobStatus
 
 from cluster.crd_validation import CRDS_ENV, CrdError, CrdSchemas
+from cluster.entrypoints import check_raytwin_entrypoint
 from cluster.jobs import JobClient, JobError, resolve_cluster
-from cluster.kube import KubeRayClient, KubeRayNotFound, api_client_from_kubeconfig
+from cluster.kube import KubeConfigError, KubeRayClient, KubeRayNotFound, api_client_from_kubeconfig
 from cluster.local import (
     DEFAULT_STATE_FILE,
     STATE_FILE_ENV,
@@ -36,7 +38,7 @@ CrdsOpt = Annotated[
     typer.Option("--crds", envvar=CRDS_ENV, file_okay=False, help="Directory of the KubeRay CRD YAML files."),
 ]
 EntrypointArg = Annotated[
-    list[str] | None, typer.Argument(help="RayJob entrypoint after `--`, e.g. -- raytwin sweep ...")
+    list[str] | None, typer.Argument(help="RayJob entrypoint after `--`, e.g. -- raytwin sweep run spec.json")
 ]
 JobNameOpt = Annotated[str | None, typer.Option("--job-name", help="RayJob name (default: <cluster>-job).")]
 NamespaceOpt = Annotated[str, typer.Option("--namespace", "-n")]
@@ -54,9 +56,9 @@ AddressOpt = Annotated[
 ]
 
 
-def _fail(message: str) -> NoReturn:
+def _fail(message: str, code: int = 1) -> NoReturn:
     typer.echo(message, err=True)
-    raise typer.Exit(1)
+    raise typer.Exit(code)
 
 
 def _validated_manifest(
@@ -72,7 +74,11 @@ def _validated_manifest(
 
 
 def _kube(namespace: str, kubeconfig: Path | None, context: str | None) -> KubeRayClient:
-    return KubeRayClient(api_client_from_kubeconfig(str(kubeconfig) if kubeconfig else None, context), namespace)
+    """A client for the namespace; no usable kubeconfig ends the command with one line and exit code 2."""
+    try:
+        return KubeRayClient(api_client_from_kubeconfig(str(kubeconfig) if kubeconfig else None, context), namespace)
+    except KubeConfigError as exc:
+        _fail(str(exc), code=2)
 
 
 @cluster_app.command("render")
@@ -202,7 +208,7 @@ def _jobs(address: str | None, state_file: Path) -> JobClient:
 
 @job_app.command("submit")
 def submit_command(
-    entrypoint: Annotated[list[str], typer.Argument(help="Command after `--`, e.g. -- raytwin sweep ...")],
+    entrypoint: Annotated[list[str], typer.Argument(help="Command after `--`, e.g. -- raytwin sweep run spec.json")],
     address: AddressOpt = None,
     working_dir: Annotated[
         Path | None, typer.Option("--working-dir", exists=True, file_okay=False, help="Uploaded as the job's cwd.")
@@ -215,15 +221,25 @@ def submit_command(
     pairs = [item.partition("=") for item in env or []]
     if bad := [key for key, sep, _ in pairs if not sep or not key]:
         _fail(f"--env expects KEY=VALUE, got: {', '.join(bad) or '(empty)'}")
+    try:
+        check_raytwin_entrypoint(entrypoint)
+    except ValueError as exc:
+        _fail(str(exc))
     job_id = _jobs(address, state_file).submit(entrypoint, working_dir, {k: v for k, _, v in pairs}, submission_id)
     typer.echo(job_id)
 
 
+JOB_STATUS_EXIT = {JobStatus.FAILED: 3, JobStatus.STOPPED: 4}
+"""`job status` exit codes: 0 SUCCEEDED, PENDING or RUNNING; 3 FAILED; 4 STOPPED (1: no cluster, 2: usage)."""
+
+
 @job_app.command("status")
 def job_status_command(job_id: str, address: AddressOpt = None, state_file: StateFileOpt = DEFAULT_STATE_FILE) -> None:
-    """Print a job's status (and Ray's message about it)."""
+    """Print a job's status (and Ray's message about it); exit 3 if it FAILED, 4 if it was STOPPED."""
     info = _jobs(address, state_file).info(job_id)
     typer.echo(info.status.value + (f": {info.message}" if info.message else ""))
+    if info.status in JOB_STATUS_EXIT:
+        raise typer.Exit(JOB_STATUS_EXIT[info.status])
 
 
 @job_app.command("logs")

@@ -10,13 +10,18 @@ that matter so that `jsonschema` checks what the API server would:
 - `nullable: true` also admits null;
 - objects with declared `properties` reject unknown fields (the API server's strict field validation, as
   `kubectl apply` requests), unless marked `x-kubernetes-preserve-unknown-fields`;
-- `format: int32` / `int64` are range-checked.
+- `format: int32` / `int64` are range-checked;
+- like the API server, the schema's `default`s are applied first (`apply_defaults`: a missing field, or a
+  null one that is not nullable, gets its default, recursively), so a manifest that leaves out a required
+  field with a default (e.g. a worker group's `minReplicas`/`maxReplicas`) is accepted;
+- `metadata.generateName` stands in for `metadata.name`, as on the API server.
 CEL rules (`x-kubernetes-validations`) are not evaluated; the few in these CRDs concern immutability on
 update and fields RayTwin never sets.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -77,6 +82,31 @@ def kubernetes_to_json_schema(node: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def apply_defaults(schema: dict[str, Any], value: Any) -> Any:
+    """A copy of `value` with the `default`s of `schema` (a translated CRD schema) filled in, recursively.
+
+    The API server's structural-schema defaulting: in every object, a property that is absent, or null
+    without being nullable, gets a copy of its default (itself defaulted); objects, arrays and maps that
+    are present are walked; nothing absent without a default is created.
+    """
+    if isinstance(value, dict):
+        properties = schema.get("properties", {})
+        extra = schema.get("additionalProperties")
+        out = {key: apply_defaults(properties.get(key, extra if isinstance(extra, dict) else {}), item)
+               for key, item in value.items()}
+        for key, sub in properties.items():
+            if "default" in sub and out.get(key) is None and not (key in out and _nullable(sub)):
+                out[key] = apply_defaults(sub, copy.deepcopy(sub["default"]))
+        return out
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        return [apply_defaults(schema["items"], item) for item in value]
+    return value
+
+
+def _nullable(schema: dict[str, Any]) -> bool:
+    return isinstance(schema.get("type"), list) and "null" in schema["type"]
+
+
 def _format_checker() -> jsonschema.FormatChecker:
     checker = jsonschema.FormatChecker()
     for name, (low, high) in _INT_RANGES.items():
@@ -95,16 +125,18 @@ class CrdSchemas:
         return _load(Path(directory).resolve())
 
     def validate(self, manifest: dict[str, Any]) -> None:
-        """Raise `ManifestInvalid` unless `manifest` matches its CRD's schema."""
+        """Raise `ManifestInvalid` unless `manifest`, with the CRD's defaults applied, matches its CRD's schema."""
         key = (manifest.get("apiVersion", ""), manifest.get("kind", ""))
-        name = f"{key[1] or 'manifest'} {manifest.get('metadata', {}).get('name', '<unnamed>')!s}"
+        metadata = manifest.get("metadata") if isinstance(manifest.get("metadata"), dict) else {}
+        name = f"{key[1] or 'manifest'} {metadata.get('name') or metadata.get('generateName', '<unnamed>')!s}"
         validator = self.validators.get(key)
         if validator is None:
             known = ", ".join(f"{kind} ({api})" for api, kind in sorted(self.validators))
             raise ManifestInvalid(name, [f"  no CRD for apiVersion={key[0]!r} kind={key[1]!r}; known: {known}"])
-        problems = [_describe(error) for error in sorted(validator.iter_errors(manifest), key=lambda e: list(e.path))]
-        if not manifest.get("metadata", {}).get("name"):
-            problems.append("  metadata.name: required")
+        defaulted = apply_defaults(validator.schema, manifest)
+        problems = [_describe(error) for error in sorted(validator.iter_errors(defaulted), key=lambda e: list(e.path))]
+        if not metadata.get("name") and not metadata.get("generateName"):
+            problems.append("  metadata.name: required (or metadata.generateName)")
         if problems:
             raise ManifestInvalid(name, problems)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shlex
+import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -32,9 +33,15 @@ class JobError(RuntimeError):
 
 
 def project_runtime_env(working_dir: str | Path | None = None, env: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """The runtime env of a RayTwin job: project env vars, forwarded JAX/XLA settings, `env`, the working dir."""
+    """The runtime env of a RayTwin job: project env vars, forwarded JAX/XLA settings, `env`, the working dir.
+
+    The submitting interpreter's scripts directory goes first on the job's PATH (before `env`'s PATH, else
+    the cluster's: Ray expands ``${PATH}`` on the node), so an entrypoint ``raytwin ...`` or ``python ...``
+    finds this venv on a local cluster whose nodes were started without it on PATH; on a remote cluster
+    the directory does not exist and the image's PATH decides."""
     env_vars = {**PROJECT_ENV, **{name: os.environ[name] for name in FORWARDED_ENV if os.environ.get(name)}}
     env_vars.update(env or {})
+    env_vars["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env_vars.get('PATH', '${PATH}')}"
     runtime_env: dict[str, Any] = {"env_vars": env_vars}
     if working_dir is not None:
         runtime_env["working_dir"] = str(Path(working_dir).resolve())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import yaml
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
@@ -18,16 +19,26 @@ class KubeRayNotFound(LookupError):
     """The named KubeRay resource does not exist."""
 
 
+class KubeConfigError(RuntimeError):
+    """No usable Kubernetes access (no kubeconfig, a broken one, an unknown context)."""
+
+
 def api_client_from_kubeconfig(kubeconfig: str | None = None, context: str | None = None) -> client.ApiClient:
     """An API client for the given kubeconfig/context; without either, $KUBECONFIG or ~/.kube/config, or the
-    pod's service account when running in-cluster with no kubeconfig set."""
+    pod's service account when running in-cluster with no kubeconfig set. `KubeConfigError` says what to set."""
     if kubeconfig is None and context is None and not os.environ.get("KUBECONFIG"):
         try:
             config.load_incluster_config()
             return client.ApiClient()
         except config.ConfigException:
             pass
-    return config.new_client_from_config(config_file=kubeconfig, context=context)
+    try:
+        return config.new_client_from_config(config_file=kubeconfig, context=context)
+    except (config.ConfigException, OSError, yaml.YAMLError) as exc:
+        where = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise KubeConfigError(f"no Kubernetes access ({where}: {reason}): set KUBECONFIG or pass --kubeconfig "
+                              "(and --context), or run in a pod whose service account has in-cluster access") from None
 
 
 class KubeRayClient:

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from cluster.entrypoints import check_raytwin_entrypoint
 from cluster.spec import DNS_LABEL, ClusterSpec, WorkerGroupSpec
 
 API_VERSION = "ray.io/v1"
@@ -156,9 +157,13 @@ def render_rayservice(spec: ClusterSpec) -> dict[str, Any]:
 def render_rayjob(
     spec: ClusterSpec, entrypoint: Sequence[str], name: str | None = None, ttl_seconds_after_finished: int = 600
 ) -> dict[str, Any]:
-    """A RayJob that creates a cluster, runs `entrypoint` (e.g. `raytwin sweep ...`) on it, then tears it down."""
+    """A RayJob that creates a cluster, runs `entrypoint` (e.g. `raytwin sweep run ...`) on it, then tears it down.
+
+    An entrypoint that calls `raytwin` must parse as a `raytwin` command (`check_raytwin_entrypoint`): a typo
+    would otherwise surface only after a whole cluster was started for it."""
     if not entrypoint:
-        raise ValueError("a RayJob needs an entrypoint, e.g. `raytwin sweep ...` or `raytwin calibrate ...`")
+        raise ValueError("a RayJob needs an entrypoint, e.g. `raytwin sweep run ...` or `raytwin calibrate run ...`")
+    check_raytwin_entrypoint(entrypoint)
     name = name or f"{spec.name}-job"
     if not re.fullmatch(DNS_LABEL, name):
         raise ValueError(f"RayJob name {name!r} must be a DNS label: lower-case letters, digits and '-', at most 63")

@@ -104,9 +104,15 @@ def sweep_quantiles(
     metric: Annotated[list[str] | None, typer.Option(help="Metric column (repeatable); default all.")] = None,
     by: Annotated[list[str] | None, typer.Option(help="Dimension column to group by (repeatable).")] = None,
     q: Annotated[list[float] | None, typer.Option(help="Quantile in [0, 1] (repeatable).")] = None,
+    bins: Annotated[list[str] | None, typer.Option(
+        help="Bin a continuous --by column: COLUMN=N (equal-width bins) or COLUMN=E0,E1,... (edges); repeatable.")
+    ] = None,
+    max_groups: Annotated[int | None, typer.Option(
+        help="Refuse more groups than this (default sweeps.aggregate.MAX_GROUPS, 10000): bin continuous columns.")
+    ] = None,
 ) -> None:
     """Quantiles (uncertainty bands) of the sweep metrics, optionally per group."""
-    from sweeps.aggregate import DEFAULT_QUANTILES, quantiles
+    from sweeps.aggregate import DEFAULT_QUANTILES, MAX_GROUPS, quantiles
     from sweeps.runs import RunError, RunStore
 
     url = dataset
@@ -116,13 +122,23 @@ def sweep_quantiles(
         except RunError as exc:
             raise typer.BadParameter(str(exc)) from None
     try:
-        table = quantiles(url, metric or None, q=q or DEFAULT_QUANTILES, by=by or ())
+        table = quantiles(url, metric or None, q=q or DEFAULT_QUANTILES, by=by or (), bins=_bins(bins or []),
+                          max_groups=max_groups or MAX_GROUPS)
     except (KeyError, ValueError, FileNotFoundError) as exc:
         raise typer.BadParameter(str(exc)) from None
     names = table.column_names
     typer.echo("\t".join(names))
     for row in table.to_pylist():
         typer.echo("\t".join(f"{row[c]:.6g}" if isinstance(row[c], float) else str(row[c]) for c in names))
+
+
+def _bins(items: list[str]) -> dict[str, int | list[float]]:
+    """``COLUMN=N`` or ``COLUMN=E0,E1,...`` options as `quantiles`' `bins`."""
+    try:
+        pairs = [item.split("=", 1) for item in items]
+        return {col: int(v) if "," not in v else [float(e) for e in v.split(",")] for col, v in pairs}
+    except ValueError:
+        raise typer.BadParameter(f"--bins takes COLUMN=N or COLUMN=E0,E1,..., got {items}") from None
 
 
 @calibrate_app.command("run")

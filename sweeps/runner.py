@@ -1,11 +1,12 @@
 """Run a sweep on Ray: chunks of scenarios as retried tasks, each written as one Parquet file.
 
 The driver computes each chunk's scenario rows, keeps a bounded window of chunk tasks in flight
-(`ray.wait`), and shows progress. A chunk task writes ``part-<chunk>.parquet`` (via a temporary
-name, so a killed attempt leaves no torn file) and returns its SHA-256; a retried chunk
-recomputes the same rows and overwrites the same file with the same bytes, so a sweep that lost
-workers ends identical to an uninterrupted one. Memory stays bounded: only the metrics of the
-chunks in flight exist at once. Ctrl-C cancels the outstanding tasks and raises `SweepCancelled`.
+(`ray.wait`), and shows progress. A chunk task writes ``part-<chunk>.parquet`` (via a hidden
+temporary name, so a killed attempt leaves no torn file that readers take for a result) and
+returns its SHA-256; a retried chunk recomputes the same rows and overwrites the same file with
+the same bytes, so a sweep that lost workers ends identical to an uninterrupted one. Memory stays
+bounded: only the metrics of the chunks in flight exist at once. Ctrl-C cancels the outstanding
+tasks and raises `SweepCancelled`.
 """
 
 from __future__ import annotations
@@ -70,6 +71,9 @@ TRAJECTORY_FILE = "trajectories.parquet"
 def write_parquet(table: pa.Table, url: str, storage_options: dict | None) -> str:
     """Write `table` to `url` atomically (temporary name, then rename); return the bytes' SHA-256.
 
+    The temporary name is hidden (``.<name>.<pid>.tmp``, no ``.parquet`` suffix) so a writer killed
+    before the rename leaves a file no reader of results lists (`sweeps.aggregate.PART_FILE`).
+
     No dictionary encoding: sweep columns are mostly distinct floats, for which Parquet's default
     tries a dictionary and gives up: 13 ms per 12,500-row chunk instead of 3 ms, and 1.45 MB
     instead of 1.12 MB (zstd compresses the repeats of grid dimensions anyway)."""
@@ -77,7 +81,8 @@ def write_parquet(table: pa.Table, url: str, storage_options: dict | None) -> st
     pq.write_table(table, sink, compression="zstd", use_dictionary=False)
     data = sink.getvalue().to_pybytes()
     fs, path = filesystem(url, storage_options)
-    tmp = f"{path}.tmp-{os.getpid()}"
+    folder, name = path.rsplit("/", 1)
+    tmp = f"{folder}/.{name}.{os.getpid()}.tmp"
     fs.pipe_file(tmp, data)
     fs.mv(tmp, path)
     return hashlib.sha256(data).hexdigest()

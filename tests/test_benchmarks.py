@@ -152,6 +152,17 @@ def test_bench_cli_quick_product_paths(ray_session, tmp_path):
     assert {f["unit"] for f in benches["serve"]["figures"]} >= {"ms", "req/s"}
 
 
+def test_sweep_quantiles_benchmark_checks_against_numpy_and_reports_the_previous_algorithm(tmp_path):
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(bench_app, ["run", "sweep-quantiles", "--quick", "--repeat", "1", "--out", str(out),
+                                            "--log-level", "WARNING"])
+    assert result.exit_code == 0, result.output
+    bench = json.loads(out.read_text())["benchmarks"]["sweep-quantiles"]
+    assert bench["checks"]["grid_max_abs_error_vs_numpy"] == 0.0 and bench["checks"]["binned_groups"] == 20
+    assert [f["baseline"] is not None for f in bench["figures"]] == [False, True, True]
+    assert all(math.isfinite(f["value"]) and f["value"] > 0 for f in bench["figures"])
+
+
 def test_bench_cli_list_and_bad_name():
     runner = CliRunner()
     listed = runner.invoke(bench_app, ["list"])

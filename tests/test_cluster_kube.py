@@ -126,10 +126,10 @@ def test_cli_apply_status_delete_through_a_kubeconfig(fake_api: FakeKubeApi, tmp
     assert missing.exit_code == 1 and "not found" in missing.output
 
     job = runner.invoke(cluster_app, ["apply", str(spec_file), "--crds", str(CRD_DIR), "--kind", "rayjob", *common,
-                                      "--", "raytwin", "sweep"])
+                                      "--", "raytwin", "sweep", "run", "spec.json"])
     assert job.exit_code == 0, job.output
     assert fake_api.requests[-1].path.startswith("/apis/ray.io/v1/namespaces/sim/rayjobs")
-    assert fake_api.requests[-1].body["spec"]["entrypoint"] == "raytwin sweep"
+    assert fake_api.requests[-1].body["spec"]["entrypoint"] == "raytwin sweep run spec.json"
 
 
 def test_cli_apply_refuses_an_invalid_spec_without_calling_the_api(fake_api: FakeKubeApi, tmp_path: Path) -> None:
@@ -140,3 +140,23 @@ def test_cli_apply_refuses_an_invalid_spec_without_calling_the_api(fake_api: Fak
                                 env={"KUBECONFIG": str(tmp_path / "none")})
     assert result.exit_code == 1 and "needs its own CUDA-enabled image" in result.output
     assert fake_api.requests == []
+
+
+@pytest.mark.parametrize("command", ["apply", "status", "delete"])
+def test_cli_without_a_kubeconfig_says_what_to_set_in_one_line(tmp_path: Path, command: str,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)  # not in a pod
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.kube/config
+    monkeypatch.delenv("KUBECONFIG", raising=False)
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(spec_data()))
+    args = {"apply": ["apply", str(spec_file), "--crds", str(CRD_DIR)], "status": ["status", "twin"],
+            "delete": ["delete", "twin"]}[command]
+    result = CliRunner().invoke(cluster_app, args)
+    assert result.exit_code == 2, result.output
+    assert len(result.output.strip().splitlines()) == 1 and "set KUBECONFIG or pass --kubeconfig" in result.output
+    broken = tmp_path / "broken"
+    broken.write_text("clusters: [")
+    result = CliRunner().invoke(cluster_app, [*args, "--kubeconfig", str(broken)])
+    assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
+    assert str(broken) in result.output

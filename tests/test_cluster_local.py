@@ -66,17 +66,23 @@ def test_job_cli_submit_status_logs_list(local_cluster: LocalClusterInfo, tmp_pa
                                  "--", sys.executable, "-c", "import os; print('said:', os.environ['GREETING'])"])
     failing = runner.invoke(job_app, ["submit", "--state-file", str(state), "--id", "raytwin-failing-job",
                                       "--", sys.executable, "-c", "import sys; print('giving up'); sys.exit(3)"])
-    assert (ok.exit_code, failing.exit_code) == (0, 0), ok.output + failing.output
+    # a cluster whose nodes do not have this venv on PATH still runs `raytwin ...` entrypoints
+    cli = runner.invoke(job_app, ["submit", *address, "-e", "PATH=/usr/bin:/bin", "--", "raytwin", "job", "--help"])
+    assert (ok.exit_code, failing.exit_code, cli.exit_code) == (0, 0, 0), ok.output + failing.output + cli.output
     ok_id, failing_id = ok.output.strip().splitlines()[-1], failing.output.strip().splitlines()[-1]
+    cli_id = cli.output.strip().splitlines()[-1]
     assert failing_id == "raytwin-failing-job"
 
     jobs = JobClient(local_cluster.dashboard_url, local_cluster.auth_headers)
     assert jobs.wait(ok_id, timeout_s=180) == JobStatus.SUCCEEDED
     assert jobs.wait(failing_id, timeout_s=180) == JobStatus.FAILED
+    assert jobs.wait(cli_id, timeout_s=180) == JobStatus.SUCCEEDED, jobs.logs(cli_id)
+    assert "Submit and follow Ray jobs" in jobs.logs(cli_id)
 
-    assert runner.invoke(job_app, ["status", ok_id, *address]).output.startswith("SUCCEEDED")
-    failed = runner.invoke(job_app, ["status", failing_id, *address]).output
-    assert failed.startswith("FAILED") and "exit code 3" in failed
+    succeeded = runner.invoke(job_app, ["status", ok_id, *address])
+    assert succeeded.exit_code == 0 and succeeded.output.startswith("SUCCEEDED")
+    failed = runner.invoke(job_app, ["status", failing_id, *address])
+    assert failed.exit_code == 3 and failed.output.startswith("FAILED") and "exit code 3" in failed.output
     assert "said: hello there" in runner.invoke(job_app, ["logs", ok_id, *address]).output
     followed = runner.invoke(job_app, ["logs", failing_id, "--follow", *address])
     assert followed.exit_code == 0 and "giving up" in followed.output
@@ -98,3 +104,10 @@ def test_up_and_down_need_local() -> None:
     for command in ("up", "down"):
         result = CliRunner().invoke(cluster_app, [command])
         assert result.exit_code == 1 and "--local" in result.output
+
+
+def test_job_submit_refuses_an_invalid_raytwin_entrypoint_before_contacting_a_cluster(tmp_path: Path) -> None:
+    result = CliRunner().invoke(job_app, ["submit", "--address", "http://127.0.0.1:9", "--state-file",
+                                          str(tmp_path / "none.json"), "--", "raytwin", "sweep", "--scenarios", "10"])
+    assert result.exit_code == 1 and "is not a valid raytwin command" in result.output
+    assert "see `raytwin sweep --help`" in result.output

@@ -11,12 +11,13 @@ import yaml
 from typer.testing import CliRunner
 
 from cluster.cli import cluster_app
-from cluster.crd_validation import CrdSchemas, ManifestInvalid, kubernetes_to_json_schema
+from cluster.crd_validation import CrdSchemas, ManifestInvalid, apply_defaults, kubernetes_to_json_schema
 from cluster.manifests import Kind, render, render_raycluster, render_rayjob, render_rayservice
 from cluster.spec import SpecError, load_spec, parse_spec
 from tests.fixtures_cluster import CRD_DIR, REPO_ROOT, spec_data, worker
 
 EXAMPLES = REPO_ROOT / "cluster" / "examples"
+SWEEP_JOB = ["raytwin", "sweep", "run", "/data/spec.json", "--runs", "s3://bucket/runs", "--no-progress"]
 
 VALID_SPECS = {
     "cpu-only": spec_data(),
@@ -50,7 +51,7 @@ def _container(group: dict[str, Any]) -> dict[str, Any]:
 @pytest.mark.parametrize("name", VALID_SPECS)
 @pytest.mark.parametrize("kind", list(Kind))
 def test_rendered_manifests_validate_against_crds(crds: CrdSchemas, name: str, kind: Kind) -> None:
-    manifest = render(parse_spec(VALID_SPECS[name]), kind, ["raytwin", "sweep"] if kind is Kind.RAYJOB else ())
+    manifest = render(parse_spec(VALID_SPECS[name]), kind, SWEEP_JOB if kind is Kind.RAYJOB else ())
     crds.validate(manifest)
     assert (manifest["apiVersion"], manifest["kind"]) == ("ray.io/v1", kind.kind)
     assert manifest["metadata"]["namespace"] == "sim"
@@ -102,15 +103,40 @@ def test_rayservice_embeds_the_serve_app_config() -> None:
 
 def test_rayjob_quotes_the_entrypoint_and_carries_the_environment() -> None:
     spec = parse_spec(spec_data(env={"JAX_ENABLE_X64": "1"}))
-    manifest = render_rayjob(spec, ["raytwin", "calibrate", "--model", "thermal_rc", "--note", "two words"], "calib-1")
+    manifest = render_rayjob(spec, ["raytwin", "calibrate", "run", "/data/calib 1.yaml", "--runs", "s3://b/runs"],
+                             "calib-1")
     assert manifest["metadata"]["name"] == "calib-1"
-    assert manifest["spec"]["entrypoint"] == "raytwin calibrate --model thermal_rc --note 'two words'"
+    assert manifest["spec"]["entrypoint"] == "raytwin calibrate run '/data/calib 1.yaml' --runs s3://b/runs"
     assert yaml.safe_load(manifest["spec"]["runtimeEnvYAML"]) == {"env_vars": {"JAX_ENABLE_X64": "1"}}
     assert manifest["spec"]["shutdownAfterJobFinishes"] is True
     with pytest.raises(ValueError, match="needs an entrypoint"):
         render_rayjob(spec, [])
     with pytest.raises(ValueError, match="must be a DNS label"):
-        render_rayjob(spec, ["raytwin", "sweep"], "Sweep_1")
+        render_rayjob(spec, SWEEP_JOB, "Sweep_1")
+
+
+@pytest.mark.parametrize(("entrypoint", "message"), [
+    (["raytwin", "sweep", "--scenarios", "100000"], "got '--scenarios'. (see `raytwin sweep --help`)"),
+    (["raytwin", "calibrate", "--model", "thermal_rc"], "Expected a command, got '--model'"),
+    (["raytwin", "sweep", "run", "spec.json", "--scenarios", "9"], "No such option: --scenarios"),
+    (["raytwin", "sweep"], "Missing command."),
+    (["raytwin", "swep", "run", "spec.json"], "No such command 'swep'. Did you mean 'sweep'?"),
+    (["raytwin", "sweep", "run"], "Missing argument 'spec'. (see `raytwin sweep run --help`)"),
+    (["python3", "-m", "raytwin.cli", "sweep", "quantiles", "RUN", "--q", "half"], "Invalid value for '--q'"),
+])
+def test_rayjob_entrypoints_that_call_raytwin_must_parse(entrypoint: list[str], message: str) -> None:
+    spec = parse_spec(spec_data())
+    with pytest.raises(ValueError, match="is not a valid raytwin command") as refused:
+        render_rayjob(spec, entrypoint)
+    assert message in str(refused.value)
+
+
+def test_rayjob_entrypoint_check_runs_nothing_and_needs_no_local_files() -> None:
+    spec = parse_spec(spec_data())
+    for entrypoint in (SWEEP_JOB, ["raytwin", "cluster", "render", "/on/the/cluster.yaml", "--crds", "/crds"],
+                       ["raytwin", "twins", "compact", "s3://raytwin-state/prod/twins"], ["raytwin", "job", "--help"],
+                       ["bash", "-c", "raytwin anything goes"], ["python", "train.py"]):
+        render_rayjob(spec, entrypoint)
 
 
 INVALID_SPECS = {
@@ -248,11 +274,56 @@ def test_render_rayjob_to_stdout_through_the_cli() -> None:
     result = CliRunner().invoke(
         cluster_app,
         ["render", str(spec_file), "--crds", str(CRD_DIR), "--kind", "rayjob", "--job-name", "sweep-1", "--",
-         "raytwin", "sweep", "--scenarios", "100000"],
+         *SWEEP_JOB],
     )
     assert result.exit_code == 0, result.output
     manifest = yaml.safe_load(result.output)
     assert (manifest["kind"], manifest["metadata"]["name"]) == ("RayJob", "sweep-1")
-    assert manifest["spec"]["entrypoint"] == "raytwin sweep --scenarios 100000"
+    assert manifest["spec"]["entrypoint"] == "raytwin sweep run /data/spec.json --runs s3://bucket/runs --no-progress"
+    invalid = CliRunner().invoke(cluster_app, ["render", str(spec_file), "--crds", str(CRD_DIR), "--kind", "rayjob",
+                                               "--", "raytwin", "sweep", "--scenarios", "100000"])
+    assert invalid.exit_code == 1 and "is not a valid raytwin command" in invalid.output
     stray = CliRunner().invoke(cluster_app, ["render", str(spec_file), "--crds", str(CRD_DIR), "--", "raytwin"])
     assert stray.exit_code == 1 and "only applies to a rayjob" in stray.output
+
+
+def test_crd_defaults_are_applied_before_validation_as_the_api_server_does(crds: CrdSchemas) -> None:
+    """KubeRay samples leave out `minReplicas`/`maxReplicas`: required, but defaulted by the CRD (0, 2^31-1)."""
+    manifest = render_raycluster(parse_spec(VALID_SPECS["cpu-only"]))
+    for group in manifest["spec"]["workerGroupSpecs"]:
+        del group["minReplicas"], group["maxReplicas"]
+    crds.validate(manifest)
+    schema = crds.validators[("ray.io/v1", "RayCluster")].schema
+    [group] = apply_defaults(schema, manifest)["spec"]["workerGroupSpecs"]
+    assert (group["minReplicas"], group["maxReplicas"], group["numOfHosts"]) == (0, 2**31 - 1, 1)
+    assert "minReplicas" not in manifest["spec"]["workerGroupSpecs"][0]  # the caller's manifest is left alone
+    # a default never hides a wrong value, and nothing without a default is invented
+    manifest["spec"]["workerGroupSpecs"][0]["minReplicas"] = "one"
+    with pytest.raises(ManifestInvalid, match="minReplicas: 'one' is not of type 'integer'"):
+        crds.validate(manifest)
+    del manifest["spec"]["workerGroupSpecs"][0]["groupName"]
+    with pytest.raises(ManifestInvalid, match="'groupName' is a required property"):
+        crds.validate(manifest)
+
+
+def test_apply_defaults_fills_nested_objects_lists_and_non_nullable_nulls() -> None:
+    schema = kubernetes_to_json_schema({"type": "object", "properties": {
+        "mode": {"type": "string", "default": "DenyAll"},
+        "note": {"type": "string", "nullable": True, "default": "x"},
+        "ports": {"type": "array", "items": {"type": "object", "properties": {
+            "protocol": {"type": "string", "default": "TCP"}}}},
+        "opts": {"type": "object", "properties": {"surge": {"type": "integer", "default": 100}}},
+    }})
+    assert apply_defaults(schema, {"ports": [{}, {"protocol": "UDP"}], "note": None}) == {
+        "mode": "DenyAll", "note": None, "ports": [{"protocol": "TCP"}, {"protocol": "UDP"}]}
+    assert apply_defaults(schema, {"mode": None, "opts": {}}) == {"mode": "DenyAll", "note": "x",
+                                                                   "opts": {"surge": 100}}
+
+
+def test_generate_name_stands_in_for_name(crds: CrdSchemas) -> None:
+    manifest = render_raycluster(parse_spec(VALID_SPECS["cpu-only"]))
+    manifest["metadata"] = {"generateName": "raycluster-", "namespace": "sim"}
+    crds.validate(manifest)
+    del manifest["metadata"]["generateName"]
+    with pytest.raises(ManifestInvalid, match=r"metadata.name: required \(or metadata.generateName\)"):
+        crds.validate(manifest)

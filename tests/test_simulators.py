@@ -228,3 +228,64 @@ def test_single_core_backend_stops_xla_splitting_loops_and_leaves_every_thread_a
     default, single = probe("default"), probe("single")
     assert default["split"] and not single["split"]
     assert single["masks"] == [single["cpus"]]
+
+
+RK4_REAL_AXIS_LIMIT = float(-min(r.real for r in np.roots([1 / 24, 1 / 6, 1 / 2, 1]) if abs(r.imag) < 1e-12))
+"""|z| where RK4's amplification 1 + z + z^2/2 + z^3/6 + z^4/24 returns to 1 on the negative real axis (2.785)."""
+
+
+@pytest.mark.parametrize(("model", "documented_s", "text"), [(THERMAL_RC, 8.7e3, "~8.7e3 s"),
+                                                            (BATTERY_ECM, 111.0, "~111 s")])
+def test_rk4_stability_limit_is_the_documented_one_from_the_jacobian_eigenvalues(model, documented_s, text):
+    import jax
+
+    params = model.param_vector()
+    zeros_u = tuple(jnp.zeros(()) for _ in model.inputs)
+
+    def rhs(x):
+        return jnp.stack(model.derivative(tuple(x), zeros_u, model.coefficients(tuple(jnp.asarray(params)))))
+
+    jacobian = np.asarray(jax.jacfwd(rhs)(jnp.ones(len(model.states))), dtype=np.float64)
+    eigenvalues, vectors = np.linalg.eig(jacobian)
+    assert np.all(np.abs(eigenvalues.imag) < 1e-12) and np.all(eigenvalues.real <= 0)
+    fastest = int(np.argmin(eigenvalues.real))
+    limit = RK4_REAL_AXIS_LIMIT / abs(eigenvalues.real[fastest])
+    assert RK4_REAL_AXIS_LIMIT == pytest.approx(2.7853, abs=1e-4)
+    assert limit == pytest.approx(documented_s, rel=0.01)
+    assert text in model.dt_limit
+    x0 = vectors[:, fastest].real  # the mode that goes unstable first
+    n = 2000
+    inputs = np.zeros((n, len(model.inputs)))
+    for factor, stable in ((0.99, True), (1.01, False)):
+        end = simulate(model, x0, inputs, params, factor * limit, dtype=jnp.float64)[-1]
+        assert bool(np.linalg.norm(end) < np.linalg.norm(x0)) is stable, (factor, end)
+
+
+def test_a_9000_s_thermal_step_diverges():
+    n = 500
+    end = simulate(THERMAL_RC, [1.0, 0.0], np.zeros((n, 3)), THERMAL_RC.param_vector(), 9000.0, dtype=jnp.float64)[-1]
+    assert not np.all(np.abs(end) < 1e3)
+
+
+def test_float32_state_of_charge_keeps_tiny_increments():
+    """2 mA on 2.5 Ah for 24 h at 1 s from soc 0.98: each step changes soc by 2.2e-7 (under 4 ulp). Plain float32
+    addition ended 1.4e-3 off (7 % of the change); compensated summation stays within one ulp of the closed form."""
+    n, current, soc0 = 86_400, 0.002, 0.98
+    params = BATTERY_ECM.param_vector()
+    exact = soc0 - current * n / (3600.0 * params[0])
+    inputs = np.full((n, 1), current)
+    f32 = simulate(BATTERY_ECM, [soc0, 0.0, 0.0], inputs, params, 1.0)
+    f64 = simulate(BATTERY_ECM, [soc0, 0.0, 0.0], inputs, params, 1.0, dtype=jnp.float64)
+    assert f32.dtype == np.float32
+    assert abs(float(f32[-1, 0]) - exact) < 6e-8  # one ulp of soc near 0.98
+    assert abs(float(f64[-1, 0]) - exact) < 1e-10
+    np.testing.assert_allclose(f32[:, 0], f64[:, 0], rtol=0, atol=1e-7)  # the whole trajectory, not just the end
+    # the uncompensated states (RC voltages) are rk4_step's own bits
+    from raytwin.sim.integrate import rollout
+
+    def f32_tuple(values):
+        return tuple(jnp.asarray(v, jnp.float32) for v in values)
+
+    plain = rollout(BATTERY_ECM, f32_tuple((soc0, 0.0, 0.0)), f32_tuple(params), 1.0, 600,
+                    (jnp.full(600, current, jnp.float32),), compensated=())
+    np.testing.assert_array_equal(np.asarray(plain.trajectory[1]), f32[1:601, 1])

@@ -7,7 +7,9 @@
 
 Current ``i`` is positive on discharge. The output is nonlinear in ``soc`` (an extended Kalman
 filter applies). The fastest time constant is r1 c1 (40 s typical): RK4 is stable for
-dt < 2.78 r1 c1 and accurate to ~1e-6 relative for dt <= 0.1 r1 c1; the reference step is 1 s.
+dt < 2.785 r1 c1 and accurate to ~1e-6 relative for dt <= 0.1 r1 c1; the reference step is 1 s.
+``soc`` integrates the current with nothing pulling it back, so float32 rollouts sum its tiny
+increments with compensation (`raytwin.sim.integrate.COMPENSATED_STATES`).
 """
 
 from __future__ import annotations
@@ -61,5 +63,5 @@ BATTERY_ECM = Model(
     derivative=_derivative,
     output=_output,
     default_dt=1.0,
-    dt_limit="stable for dt < 2.78 r1 c1 (~111 s typical); accurate (~1e-6 rel.) for dt <= 0.1 r1 c1",
+    dt_limit="stable for dt < 2.785 r1 c1 (~111 s typical); accurate (~1e-6 rel.) for dt <= 0.1 r1 c1",
 )

@@ -5,10 +5,17 @@ precomputed time series or a function of (step, time, state) (generated profiles
 controllers), optionally folding each step into an accumulator (summary metrics) instead of
 keeping the trajectory, so sweeps can stream millions of scenarios in bounded memory.
 `simulate` and `simulate_batch` are the array-in, array-out conveniences on top of it.
+
+In float32, states that integrate tiny increments with nothing pulling them back are updated with
+compensated (Kahan) summation: a battery's coulomb-counted state of charge (2 mA on 2.5 Ah at soc
+0.98: dx = 2.2e-7 per 1 s step, under 4 ulp of soc) otherwise keeps the rounding error of every
+step, and that rounding is biased (24 h: 1.4e-3 off, 7 % of the change). `COMPENSATED_STATES`
+says which; the RK4 stages stay `rk4_step`'s arithmetic, only the final addition is compensated.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from functools import partial
 from typing import Any, NamedTuple
@@ -24,6 +31,14 @@ InputFn = Callable[[jax.Array, jax.Array, Arrays], Arrays]
 
 Accumulate = Callable[[Any, jax.Array, Arrays, Arrays, Arrays], Any]
 """accumulate(acc, t, state, inputs, next_state) -> acc, folded over every step."""
+
+COMPENSATED_STATES: dict[str, tuple[str, ...]] = {"battery_ecm": ("soc",)}
+"""Per model, the states `rollout` sums with compensation in float32 by default: pure integrators
+(no term pulls them back, so a step's rounding error is never forgotten). States that relax to
+an equilibrium (temperatures, RC voltages, tank levels) forget rounding errors within their time
+constant and are not compensated: every compensated state adds one pass over the RK4 chain per
+step on CPU (XLA emits one loop per carried array), and compensating both thermal states made
+the sweep kernel 1.7-2.1x slower for changes of 1e-5 relative in its metrics."""
 
 
 class Rollout(NamedTuple):
@@ -44,19 +59,25 @@ def rollout(
     acc0: Any = None,
     keep_trajectory: bool = True,
     unroll: int = 1,
+    compensated: tuple[str, ...] | None = None,
 ) -> Rollout:
     """Integrate `n_steps` RK4 steps of `dt` from `x0` (pure; jit/vmap it from outside).
 
     `inputs` is either a tuple with one array per model input whose leading axis is time
     (length `n_steps`, zero-order hold over each step) or an `InputFn`. `unroll` steps run per
     loop iteration (`jax.lax.scan`'s option): the same arithmetic, fewer loop iterations.
+    `compensated` names the states updated with Kahan summation (default: the model's
+    `COMPENSATED_STATES` in float32, none in float64); the others are exactly `rk4_step`'s.
     """
     coeffs = model.coefficients(params)
     dtype = jnp.result_type(*x0)
     dt_ = jnp.asarray(dt, dtype)
+    if compensated is None:
+        compensated = COMPENSATED_STATES.get(model.name, ()) if dtype == jnp.float32 else ()
+    index = tuple(model.state_names.index(name) for name in compensated)
 
     def body(carry, xs):
-        x, acc = carry
+        x, error, acc = carry
         if callable(inputs):
             k = xs
             t = k.astype(dtype) * dt_
@@ -64,15 +85,44 @@ def rollout(
         else:
             k, u = xs
             t = k.astype(dtype) * dt_
-        x_next = rk4_step(model, x, u, coeffs, dt_)
+        if index:
+            x_next, error = _compensated_step(model, index, x, error, u, coeffs, dt_)
+        else:
+            x_next = rk4_step(model, x, u, coeffs, dt_)
         if accumulate is not None:
             acc = accumulate(acc, t, x, u, x_next)
-        return (x_next, acc), (x_next if keep_trajectory else None)
+        return (x_next, error, acc), (x_next if keep_trajectory else None)
 
     steps = jnp.arange(n_steps, dtype=jnp.int32)
     xs = steps if callable(inputs) else (steps, tuple(inputs))
-    (final, acc), traj = jax.lax.scan(body, (tuple(x0), acc0), xs, unroll=unroll)
+    error0 = tuple(jnp.zeros_like(jnp.asarray(x0[i])) for i in index)
+    (final, _, acc), traj = jax.lax.scan(body, (tuple(x0), error0, acc0), xs, unroll=unroll)
     return Rollout(final, traj, acc)
+
+
+def _compensated_step(model: Model, index: tuple[int, ...], x: Arrays, error: Arrays, u: Arrays, coeffs: Arrays,
+                      dt: jax.Array) -> tuple[Arrays, Arrays]:
+    """An RK4 step whose states `index` are updated with Kahan summation; returns (x_next, error_next).
+
+    The increment is `rk4_step` of the model shifted to `x`, started from 0: its stages are exactly
+    ``f(x + h k)`` as in `rk4_step`, and ``0 + dx`` is `dx`, not yet rounded by `x` (so the other
+    states' ``x + dx`` are `rk4_step`'s bits). `error` holds what ``x + dx`` rounded away so far. A
+    state the model's `project` moves (clipped to its domain) restarts with no error.
+    """
+
+    def shifted(y: Arrays, u_: Arrays, c_: Arrays) -> Arrays:
+        return model.derivative(tuple(xi + yi for xi, yi in zip(x, y, strict=True)), u_, c_)
+
+    around_x = dataclasses.replace(model, derivative=shifted, project=lambda y: y)
+    dx = rk4_step(around_x, tuple(jnp.zeros_like(xi) for xi in x), u, coeffs, dt)
+    summed = [xi + di for xi, di in zip(x, dx, strict=True)]
+    corrected = tuple(dx[i] - e for i, e in zip(index, error, strict=True))
+    for i, c in zip(index, corrected, strict=True):
+        summed[i] = x[i] + c
+    x_next = tuple(model.project(tuple(summed)))
+    error_next = tuple(jnp.where(x_next[i] == summed[i], (summed[i] - x[i]) - c, 0.0)
+                       for i, c in zip(index, corrected, strict=True))
+    return x_next, error_next
 
 
 @partial(jax.jit, static_argnames=("model",))
