@@ -79,20 +79,20 @@ def parse_rows(rows: Iterable[Any]) -> tuple[list[TelemetryEvent], list[dict[str
                 data["measurements"] = dict(m)
             events.append(TelemetryEvent.model_validate(data))
         except Exception as exc:  # noqa: BLE001 - see the docstring
-            rejects.append(reject(row, describe_error(exc)))
+            rejects.append(_dead_letter(row, describe_error(exc)))
     return events, rejects
 
 
-def reject(row: Any, reason: str) -> dict[str, str | None]:
+def _dead_letter(row: Any, reason: str) -> dict[str, str | None]:
     """The dead letter of a row the contract refused: its asset and key when they are text, the reason,
     and the row as JSON (or, for a row JSON cannot hold, a bounded description of it)."""
-    text = lambda v: _storable(v) if isinstance(v, str) else None  # noqa: E731
+    text = lambda v: _escaped(v) if isinstance(v, str) else None  # noqa: E731
     fields = row if isinstance(row, dict) else {}
     return {"asset_id": text(fields.get("asset_id")), "idempotency_key": text(fields.get("idempotency_key")),
-            "reason": _storable(reason), "raw": _raw_json(row)}
+            "reason": _escaped(reason), "raw": _raw_json(row)}
 
 
-def _storable(text: str) -> str:
+def _escaped(text: str) -> str:
     """`text` with what Arrow cannot store (lone surrogates) escaped."""
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
@@ -104,7 +104,7 @@ def _raw_json(row: Any) -> str:
     try:
         return json.dumps(row, default=str, sort_keys=True)
     except (ValueError, TypeError, RecursionError) as exc:
-        keys = sorted(str(k)[:64] for k in row) if isinstance(row, dict) else []
+        keys = sorted(k[:64] for k in row if isinstance(k, str)) if isinstance(row, dict) else []
         return json.dumps({"unserializable": type(row).__name__, "keys": keys, "error": type(exc).__name__})
 
 
