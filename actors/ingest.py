@@ -56,7 +56,7 @@ def validate_batch(batch: Batch) -> tuple[pa.Table, list[dict[str, str]]]:
         return validate_table(batch)
     table = rows_table(batch)
     if table is not None:
-        return validate_table(table)
+        return validate_table(table, batch)
     events, rejects = parse_rows(batch)
     return validated_table(events), rejects
 
@@ -265,8 +265,9 @@ def ingest_stream(router: ShardRouter, tenant: str, source: Iterable[dict[str, A
 def ndjson_http_source(url: str, *, timeout_s: float = 30.0, client: httpx.Client | None = None) -> Iterator[dict]:
     """Events from a newline-delimited JSON HTTP response, streamed (never read whole).
 
-    A line that is not a JSON object is yielded as ``{"_unparsed": line}`` so it is dead-lettered
-    with its content rather than silently dropped.
+    A line that is not a JSON object (or that Python's JSON reader refuses: nesting beyond its
+    recursion limit, an integer of more than 4,300 digits) is yielded as ``{"_unparsed": line}``
+    so it is dead-lettered with its content rather than silently dropped or failing the stream.
     """
     own = client is None
     client = client or httpx.Client(timeout=timeout_s)
@@ -278,7 +279,7 @@ def ndjson_http_source(url: str, *, timeout_s: float = 30.0, client: httpx.Clien
                     continue
                 try:
                     item = json.loads(line)
-                except json.JSONDecodeError:
+                except (ValueError, RecursionError):  # JSONDecodeError is a ValueError
                     item = None
                 yield item if isinstance(item, dict) else {"_unparsed": line}
     finally:

@@ -25,7 +25,8 @@ class DivergenceReport(_Frozen):
     nis_last: float = Field(description="NIS of the latest update")
     residual_mean: dict[str, float]
     residual_rms: dict[str, float]
-    drift: bool = Field(description="nis_mean above its chi-square 99.9% bound after enough updates")
+    drift: bool = Field(description="nis_mean above its chi-square 99.9% bound after enough updates, or diverged")
+    diverged: bool = Field(description="the filter broke down: its state, covariance or NIS is not a finite number")
 
 
 class TwinState(_Frozen):

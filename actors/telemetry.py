@@ -19,11 +19,11 @@ from typing import Any, NamedTuple
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import TypeAdapter, ValidationError
+from pydantic import TypeAdapter
 
 from raytwin import units
 from raytwin.contracts import MAX_FUTURE_SKEW, SCHEMA_VERSION, AssetType, Identifier, TelemetryEvent, describe_error
-from raytwin.statestore import TIME
+from raytwin.statestore import TIME, to_micros
 
 MEASUREMENTS = pa.map_(pa.string(), pa.struct([("value", pa.float64()), ("unit", pa.string())]))
 TELEMETRY_SCHEMA = pa.schema([
@@ -61,48 +61,87 @@ def validated_table(events: Iterable[TelemetryEvent]) -> pa.Table:
     return events_to_table(events, VALIDATED_SCHEMA)
 
 
-def parse_rows(rows: Iterable[dict[str, Any]]) -> tuple[list[TelemetryEvent], list[dict[str, str]]]:
-    """Contract-check raw rows one by one: (valid events, rejects with raw JSON and a one-line reason)."""
+def parse_rows(rows: Iterable[Any]) -> tuple[list[TelemetryEvent], list[dict[str, str]]]:
+    """Contract-check raw rows one by one: (valid events, rejects with raw JSON and a one-line reason).
+
+    Whatever one row raises makes that row a reject: a row must never fail its batch, or an
+    at-least-once producer re-delivering the batch would be stuck on it forever."""
     events, rejects = [], []
     for row in rows:
-        data = {k: v for k, v in row.items() if v is not None}
-        m = data.get("measurements")
         try:
+            if not isinstance(row, dict):
+                raise TypeError(f"a telemetry row must be a JSON object, not {type(row).__name__}")
+            data = {k: v for k, v in row.items() if v is not None}
+            m = data.get("measurements")
             if isinstance(m, str):
                 data["measurements"] = json.loads(m)
             elif isinstance(m, list):  # an Arrow map arrives as (key, value) pairs
                 data["measurements"] = dict(m)
             events.append(TelemetryEvent.model_validate(data))
-        except (ValidationError, ValueError, TypeError) as exc:
-            rejects.append({
-                "asset_id": str(row.get("asset_id")), "idempotency_key": row.get("idempotency_key"),
-                "reason": describe_error(exc), "raw": json.dumps(row, default=str, sort_keys=True),
-            })
+        except Exception as exc:  # noqa: BLE001 - see the docstring
+            rejects.append(_dead_letter(row, describe_error(exc)))
     return events, rejects
+
+
+def _dead_letter(row: Any, reason: str) -> dict[str, str | None]:
+    """The dead letter of a row the contract refused: its asset and key when they are text, the reason,
+    and the row as JSON (or, for a row JSON cannot hold, a bounded description of it)."""
+    text = lambda v: _escaped(v) if isinstance(v, str) else None  # noqa: E731
+    fields = row if isinstance(row, dict) else {}
+    return {"asset_id": text(fields.get("asset_id")), "idempotency_key": text(fields.get("idempotency_key")),
+            "reason": _escaped(reason), "raw": _raw_json(row)}
+
+
+def _escaped(text: str) -> str:
+    """`text` with what Arrow cannot store (lone surrogates) escaped."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _raw_json(row: Any) -> str:
+    """The row as JSON (times as text). A row JSON cannot hold (nesting beyond the recursion limit, an
+    integer beyond Python's 4,300-digit conversion limit, keys of mixed types) is described by its type
+    and the keys it has instead: the dead letter must still be written."""
+    try:
+        return json.dumps(row, default=str, sort_keys=True)
+    except (ValueError, TypeError, RecursionError) as exc:
+        keys = sorted(k[:64] for k in row if isinstance(k, str)) if isinstance(row, dict) else []
+        return json.dumps({"unserializable": type(row).__name__, "keys": keys, "error": type(exc).__name__})
 
 
 _ROW_KEYS = frozenset((*VALIDATED_SCHEMA.names, "schema_version"))
 _ENTRY_KEYS = frozenset(("value", "unit"))
+_NUMBERS = (float, int)
 _TIMES = ("event_time", "ingest_time")
 _JSON_SCHEMA = pa.schema([pa.field(f.name, pa.string()) if f.name in _TIMES else f for f in VALIDATED_SCHEMA])
+_ISO_TIME = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?(Z|[+-]\d{2}:\d{2})$"
+"""The time text Arrow and the contract read alike (Arrow also reads a bare "+01" offset, which the
+contract refuses, and neither reads nanoseconds alike): other forms go to the contract."""
+_MIN_US = -62_135_596_800_000_000  # 0001-01-01T00:00:00Z: Python's (and the contract's) first time
+_MAX_US = 253_402_300_799_999_999  # 9999-12-31T23:59:59.999999Z: its last
 
 
-def _json_shaped(row: dict[str, Any]) -> bool:
+def _json_shaped(row: Any) -> bool:
     """A parsed-JSON row that Arrow holds exactly as the contract reads it: known keys only (and the
-    contract's schema version, if given), times
-    as text (Arrow would read a naive `datetime` as UTC) and measurements as objects of value and
-    unit (Arrow would drop an unknown key the contract refuses)."""
+    contract's schema version, if given), an integer sequence (Arrow would take 3.0 or true as a
+    sequence), times as text (Arrow would read a naive `datetime` as UTC) and measurements as
+    objects of a number (not a boolean, which Arrow takes as 1.0) and a unit (Arrow would drop an
+    unknown key the contract refuses)."""
+    if type(row) is not dict:
+        return False
     m = row.get("measurements")
     version = row.get("schema_version", SCHEMA_VERSION)
-    return (row.keys() <= _ROW_KEYS and type(version) is int and version == SCHEMA_VERSION and isinstance(m, dict)
-            and all(isinstance(e, dict) and e.keys() <= _ENTRY_KEYS for e in m.values())
+    return (row.keys() <= _ROW_KEYS and type(version) is int and version == SCHEMA_VERSION
+            and type(row.get("sequence")) is int and type(m) is dict
+            and all(type(e) is dict and e.keys() <= _ENTRY_KEYS and type(e.get("value")) in _NUMBERS
+                    for e in m.values())
             and all(isinstance(row.get(k), str | None) for k in _TIMES))
 
 
-def rows_table(rows: list[dict[str, Any]]) -> pa.Table | None:
+def rows_table(rows: list[Any]) -> pa.Table | None:
     """Parsed-JSON telemetry rows (e.g. NDJSON lines) as a telemetry table for `validate_table`,
     or None when some row is not plainly JSON-shaped or Arrow cannot read a value exactly (wrong
-    type, a time without a zone offset): those are checked row by row by the contract.
+    type, a number beyond 64 bits, text Arrow cannot store, a time in another form than
+    `_ISO_TIME` or outside the years 1-9999 in UTC): those are checked row by row by the contract.
 
     Why: building an Arrow table costs ~1 us a row, the contract ~40 us (pydantic plus the table
     built from its events), which would bound a live stream to ~25k events/s per core.
@@ -112,16 +151,44 @@ def rows_table(rows: list[dict[str, Any]]) -> pa.Table | None:
     try:
         table = pa.Table.from_pylist(rows, schema=_JSON_SCHEMA)
         for name in _TIMES:
-            table = table.set_column(table.schema.get_field_index(name), name, table.column(name).cast(TIME))
-    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+            text = table.column(name)
+            if pc.all(pc.match_substring_regex(text, _ISO_TIME)).as_py() is False:
+                return None
+            us = text.cast(TIME)
+            if pc.all(_in_range(us)).as_py() is False:
+                return None
+            table = table.set_column(table.schema.get_field_index(name), name, us)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError, UnicodeEncodeError):
         return None
     return table
 
 
+def _in_range(times: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+    """Whether each time lies in the years 1-9999 (UTC), the times Python and the contract can hold."""
+    us = times.cast(pa.int64())
+    return pc.and_(pc.greater_equal(us, _MIN_US), pc.less_equal(us, _MAX_US))
+
+
+def _python_rows(table: pa.Table) -> list[dict[str, Any]]:
+    """The table's rows as Python values for the contract. Times Python cannot hold (a Parquet
+    timestamp before year 1 or after 9999) become their ISO text, which the contract refuses with
+    its reason, instead of failing the whole table."""
+    try:
+        return table.to_pylist()
+    except (ValueError, OverflowError):
+        for name in _TIMES:
+            if name in table.column_names and pa.types.is_timestamp(table.schema.field(name).type):
+                index = table.schema.get_field_index(name)
+                table = table.set_column(index, name, table.column(name).cast(pa.string()))
+        return table.to_pylist()
+
+
 def row_event(table: pa.Table, i: int) -> TelemetryEvent:
-    """Row `i` of a validated table as a `TelemetryEvent` (for the rare row that needs one)."""
+    """Row `i` of a validated table as a `TelemetryEvent` (for the rare row that needs one), judged by
+    the clock it was validated at (its ingest time), not by this process's."""
     row = table.slice(i, 1).to_pylist()[0]
-    return TelemetryEvent.model_validate({**row, "measurements": dict(row["measurements"])})
+    return TelemetryEvent.model_validate({**row, "measurements": dict(row["measurements"])},
+                                         context={"now": row["ingest_time"]})
 
 
 class Entries(NamedTuple):
@@ -157,22 +224,31 @@ def _fast_checkable(schema: pa.Schema) -> bool:
     return _REQUIRED <= set(schema.names) <= set(_TYPES) and all(schema.field(n).type == _TYPES[n] for n in schema.names)
 
 
-def validate_table(table: pa.Table) -> tuple[pa.Table, list[dict[str, str]]]:
-    """Contract-check a telemetry table: (valid rows as a `VALIDATED_SCHEMA` table in source order, rejects)."""
+def validate_table(table: pa.Table, rows: list[Any] | None = None) -> tuple[pa.Table, list[dict[str, str]]]:
+    """Contract-check a telemetry table: (valid rows as a `VALIDATED_SCHEMA` table in source order, rejects).
+
+    `rows`: the parsed-JSON rows the table was built from (`rows_table`); a row the column check
+    refuses is then re-checked as it arrived, so its dead letter is the one the row-by-row path
+    writes (reason and raw JSON), whatever the path its batch took."""
     if not _fast_checkable(table.schema):
-        events, rejects = parse_rows(table.to_pylist())
+        events, rejects = parse_rows(_python_rows(table))
         return validated_table(events), rejects
     asset, event_time, sequence, key, quality, measurements, ingest_time = (
         _column(table, name) for name in VALIDATED_SCHEMA.names)
-    ingest_time = pc.fill_null(ingest_time, pa.scalar(datetime.now(UTC), TIME))
+    now = datetime.now(UTC)
+    now_us = to_micros(now)
+    # the contract's clock rules (`TelemetryEvent`): nothing after the server's clock + skew, an event
+    # not after its (earlier) ingest time + skew either, the ingest time defaulting to the clock
+    ingest_us = pc.fill_null(ingest_time.cast(pa.int64()), now_us).to_numpy(zero_copy_only=False)
+    event_us = pc.fill_null(event_time.cast(pa.int64()), 0).to_numpy(zero_copy_only=False)
+    on_time = (ingest_us <= now_us + _MAX_SKEW_US) & (event_us <= np.minimum(ingest_us, now_us) + _MAX_SKEW_US)
+    ingest_time = pc.fill_null(ingest_time, pa.scalar(now, TIME))
     key = pc.if_else(key.is_null(), pc.binary_join_element_wise(asset, pc.cast(sequence, pa.string()), ":"), key)
     quality = pc.fill_null(quality, "good")
-    skew = (pc.fill_null(event_time.cast(pa.int64()), 0).to_numpy(zero_copy_only=False)
-            - ingest_time.cast(pa.int64()).to_numpy(zero_copy_only=False))
     key_length = pc.utf8_length(key)
     entries = Entries.of(measurements)
-    ok = (_bools(pc.match_substring_regex(asset, _IDENTIFIER)) & _bools(event_time.is_valid())
-          & _bools(pc.greater_equal(sequence, 0)) & (skew <= _MAX_SKEW_US)
+    ok = (_bools(pc.match_substring_regex(asset, _IDENTIFIER)) & _bools(_in_range(event_time))
+          & _bools(_in_range(ingest_time)) & on_time & _bools(pc.greater_equal(sequence, 0))
           & _bools(pc.and_(pc.greater_equal(key_length, 1), pc.less_equal(key_length, 256)))
           & _bools(pc.is_in(quality, value_set=_QUALITIES))
           & _bools(measurements.is_valid()) & (np.diff(entries.offsets) >= 1))
@@ -190,7 +266,7 @@ def validate_table(table: pa.Table) -> tuple[pa.Table, list[dict[str, str]]]:
         return valid, []
     bad = np.flatnonzero(~ok)
     rejects, rescued = [], []
-    for i, row in zip(bad, table.take(bad).to_pylist()):
+    for i, row in zip(bad, _python_rows(table.take(bad)) if rows is None else [rows[i] for i in bad]):
         events, rejected = parse_rows([row])
         rejects += rejected
         rescued += [(int(i), e) for e in events]
@@ -206,12 +282,13 @@ class Normalized(NamedTuple):
 
     si: np.ndarray  # per entry: the value in the asset type's unit (NaN where it does not fit)
     column: np.ndarray  # per entry: index of its name in the row's target columns (-1 where it does not fit)
-    misfit: np.ndarray  # per row: some measurement is not part of the type or has an incompatible unit
+    misfit: np.ndarray  # per row: some measurement is not part of the type, has an incompatible unit or is implausible
 
 
 def normalize_entries(entries: Entries, row_target: np.ndarray,
                       targets: list[tuple[AssetType, tuple[str, ...]]]) -> Normalized:
-    """Convert each entry to the unit its row's asset type declares, with `units.to_unit`'s arithmetic.
+    """Convert each entry to the unit its row's asset type declares, with `units.to_unit`'s arithmetic,
+    and mark the rows `normalize_measurements` refuses (`Normalized.misfit`), plausible ranges included.
 
     `row_target[i]` indexes `targets` (asset type, value columns) for row i, or is -1 (no twin: skipped).
     """
@@ -234,7 +311,12 @@ def normalize_entries(entries: Entries, row_target: np.ndarray,
             ok[sel] = False
             continue
         src, dst = units.unit_def(unit), units.unit_def(declared.unit)
-        si[sel] = (entries.value[sel] * src.scale + src.offset - dst.offset) / dst.scale
+        with np.errstate(over="ignore"):  # a finite value may overflow to inf here: implausible, refused below
+            value = (entries.value[sel] * src.scale + src.offset - dst.offset) / dst.scale
+        lower = -np.inf if declared.lower is None else declared.lower
+        upper = np.inf if declared.upper is None else declared.upper
+        ok[sel] = np.isfinite(value) & (value >= lower) & (value <= upper)
+        si[sel] = value
         column[sel] = columns.index(name)
     misfit = np.zeros(len(row_target), dtype=bool)
     misfit[entries.row[~ok]] = True

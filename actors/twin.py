@@ -243,6 +243,7 @@ class Twin:
                 residual_mean=dict(zip(outputs, div.residual_mean)),
                 residual_rms={n: math.sqrt(v) for n, v in zip(outputs, div.residual_ms)},
                 drift=div.drift,
+                diverged=div.diverged,
             ),
             events_applied=self.events_applied,
         )

@@ -23,6 +23,7 @@ from pydantic import (
     StrictFloat,
     StrictInt,
     ValidationError,
+    ValidationInfo,
     model_validator,
 )
 
@@ -30,12 +31,43 @@ from raytwin import units
 
 SCHEMA_VERSION = 1
 MAX_FUTURE_SKEW = timedelta(minutes=5)
-"""Telemetry stamped further than this after its ingest time is refused as 'from the future'."""
+"""Telemetry stamped further than this after the server's clock (or its earlier ingest time) is refused as
+'from the future'; so is an ingest time further than this after the server's clock."""
+MAX_SEQUENCE = 2**63 - 1
+"""The largest `TelemetryEvent.sequence`: the log stores it as a signed 64-bit integer."""
 MAX_SCENARIO_STEPS = 10_000_000
 
 Identifier = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$")]
 SemVer = Annotated[str, Field(pattern=r"^\d+\.\d+\.\d+$")]
-Finite = Annotated[StrictFloat | StrictInt, Field(allow_inf_nan=False), AfterValidator(float)]
+
+
+def _fits_float(value: Any) -> Any:
+    """Refuse an integer beyond a 64-bit float's range (a JSON number of 400 digits) as invalid input:
+    the finiteness check and `float()` would raise OverflowError, which pydantic lets escape."""
+    if type(value) is int:
+        try:
+            float(value)
+        except OverflowError:
+            raise ValueError("number too large for a 64-bit float") from None
+    return value
+
+
+Finite = Annotated[StrictFloat | StrictInt, BeforeValidator(_fits_float), Field(allow_inf_nan=False),
+                   AfterValidator(float)]
+"""A finite number (JSON integers included), as a float; booleans and numeric strings are refused."""
+
+
+def _storable(text: str) -> str:
+    """Refuse text that is not valid Unicode (a lone surrogate, e.g. from a JSON `\\ud800` escape):
+    Arrow and Parquet cannot store it, so it would fail the whole batch it travels in."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text is not valid Unicode (it contains a lone surrogate)") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_storable)]
 
 
 def _known_unit(unit: str) -> str:
@@ -47,7 +79,10 @@ Unit = Annotated[str, AfterValidator(_known_unit)]
 
 
 def _utc(ts: datetime) -> datetime:
-    return ts.astimezone(UTC)
+    try:
+        return ts.astimezone(UTC)
+    except OverflowError:  # 0001-01-01T00:00+01:00: before the first representable UTC time
+        raise ValueError("time is outside the range of representable UTC times") from None
 
 
 UtcTime = Annotated[AwareDatetime, AfterValidator(_utc)]
@@ -225,33 +260,49 @@ class TelemetryEvent(Contract):
 
     `sequence` is the source's per-asset counter; `idempotency_key` (default
     ``"{asset_id}:{sequence}"``) identifies the event so re-deliveries are applied once.
+
+    Times are the server's to bound: `event_time` and a given `ingest_time` may lie at most
+    `MAX_FUTURE_SKEW` after the server's clock (whatever the other says: a client-chosen far-future
+    ingest time must not let a far-future event in, which would make every real event after it too
+    late), and `event_time` at most that after a given `ingest_time`; `ingest_time` defaults to the
+    server's clock. The clock is ``datetime.now(UTC)`` unless the validation context gives ``"now"``
+    (re-reading an already validated row: its verdict must not depend on when or where it is re-read).
     """
 
     schema_version: Literal[1] = SCHEMA_VERSION
     asset_id: Identifier
     event_time: UtcTime
     ingest_time: UtcTime | None = None
-    sequence: Annotated[StrictInt, Field(ge=0)]
-    idempotency_key: Annotated[str, Field(min_length=1, max_length=256)] | None = None
-    measurements: Annotated[dict[str, Measurement], Field(min_length=1)]
+    sequence: Annotated[StrictInt, Field(ge=0, le=MAX_SEQUENCE)]
+    idempotency_key: Annotated[Text, Field(min_length=1, max_length=256)] | None = None
+    measurements: Annotated[dict[Text, Measurement], Field(min_length=1)]
     quality: Literal["good", "uncertain", "bad"] = "good"
 
     @model_validator(mode="after")
-    def _defaults_and_clock(self) -> TelemetryEvent:
-        ingest = self.ingest_time or datetime.now(UTC)
-        if self.event_time - ingest > MAX_FUTURE_SKEW:
+    def _defaults_and_clock(self, info: ValidationInfo) -> TelemetryEvent:
+        now = (info.context or {}).get("now") or datetime.now(UTC)
+        if self.ingest_time is not None and self.ingest_time - now > MAX_FUTURE_SKEW:
             raise ValueError(
-                f"event_time {self.event_time.isoformat()} is more than {MAX_FUTURE_SKEW} after "
-                f"ingest time {ingest.isoformat()} (clock skew or a bad timestamp)"
+                f"ingest_time {self.ingest_time.isoformat()} is more than {MAX_FUTURE_SKEW} after the server's "
+                f"clock {now.isoformat()}"
             )
-        object.__setattr__(self, "ingest_time", ingest)
+        late, what = (now, "the server's clock") if self.ingest_time is None or now < self.ingest_time else (
+            self.ingest_time, "ingest time")
+        if self.event_time - late > MAX_FUTURE_SKEW:
+            raise ValueError(
+                f"event_time {self.event_time.isoformat()} is more than {MAX_FUTURE_SKEW} after {what} "
+                f"{late.isoformat()} (clock skew or a bad timestamp)"
+            )
+        object.__setattr__(self, "ingest_time", self.ingest_time or now)
         if self.idempotency_key is None:
             object.__setattr__(self, "idempotency_key", f"{self.asset_id}:{self.sequence}")
         return self
 
 
 def normalize_measurements(event: TelemetryEvent, asset_type: AssetType) -> dict[str, float]:
-    """The event's measurements converted to the asset type's units, or a `ContractError`."""
+    """The event's measurements converted to the asset type's units, or a `ContractError`: a name the
+    type does not measure, an incompatible unit, or a value outside the quantity's plausible range
+    (one broken sensor or typo, e.g. T_in = 1e300 degC, must not destroy a twin)."""
     allowed = asset_type.measurable()
     out: dict[str, float] = {}
     for name, m in event.measurements.items():
@@ -259,10 +310,15 @@ def normalize_measurements(event: TelemetryEvent, asset_type: AssetType) -> dict
             raise ContractError(
                 f"measurement {name!r} is not part of asset type {asset_type.key}; expected one of {sorted(allowed)}"
             )
+        q = allowed[name]
         try:
-            out[name] = units.to_unit(m.value, m.unit, allowed[name].unit)
+            value = units.to_unit(m.value, m.unit, q.unit)
         except units.UnitError as exc:
             raise ContractError(f"measurement {name!r}: {exc}") from None
+        if not math.isfinite(value) or q.outside(value):
+            raise ContractError(f"measurement {name!r}: {m.value} {m.unit} is outside the plausible range "
+                                f"[{q.lower}, {q.upper}] {q.unit} of asset type {asset_type.key}")
+        out[name] = value
     return out
 
 

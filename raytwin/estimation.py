@@ -10,12 +10,17 @@ Why this shape:
 - one dispatch applies a whole run of events to each of `LANES` twins (`assimilate_runs`): the
   per-event cost of a live twin used to be the Python->XLA dispatch, not the arithmetic;
 - between measurements the state is propagated with sub-steps of at most ``model.default_dt``
-  (inputs zero-order held), so a long telemetry gap is integrated as accurately as the simulator;
+  (inputs zero-order held), so a telemetry gap is integrated as accurately as the simulator, up to
+  `MAX_SUBSTEPS` sub-steps: a longer gap (a device whose clock jumped years) is integrated for that
+  horizon only and the covariance grows by the process noise of the rest (`substeps`), so its cost
+  is bounded;
 - the covariance update uses the Joseph form (stays symmetric positive semi-definite) and
   measurements may carry any subset of the outputs (missing rows are masked out exactly);
 - divergence indicators (normalised innovation squared, residual mean / RMS) are exponentially
   weighted so they follow the recent behaviour of the asset; `drift` fires when the NIS mean
-  exceeds its chi-square 99.9 % bound, i.e. the model no longer explains the measurements.
+  exceeds its chi-square 99.9 % bound, i.e. the model no longer explains the measurements, and
+  whenever the state, its covariance or NIS stops being finite (`Divergence.diverged`: NaN > bound
+  is false, so a broken filter would otherwise look healthy).
 
 Everything is float64 and deterministic: the same events in the same order give bit-identical
 states however they are split into calls and whichever twins share a dispatch, which is what
@@ -101,8 +106,14 @@ class Divergence(NamedTuple):
     residual_ms: tuple[float, ...] = ()
 
     @property
+    def diverged(self) -> bool:
+        """The filter broke down: the kernel makes `nis_mean` NaN once the state or its covariance is
+        not finite, and an overflowing innovation makes it inf."""
+        return not math.isfinite(self.nis_mean)
+
+    @property
     def drift(self) -> bool:
-        return self.updates >= DRIFT_MIN_UPDATES and self.nis_mean > DRIFT_NIS_BOUND
+        return self.diverged or (self.updates >= DRIFT_MIN_UPDATES and self.nis_mean > DRIFT_NIS_BOUND)
 
 
 class FilterState(NamedTuple):
@@ -212,6 +223,37 @@ touching ~100 twins with ~1 event each costs one dispatch (0.40 ms measured) ins
 """
 
 
+MAX_SUBSTEPS = 32_768
+"""Most integration sub-steps between two events of a twin (`substeps`).
+
+Why a cap: a twin's event-time gap is integrated in sub-steps of at most ``model.default_dt``, and
+the lanes of a dispatch run in lockstep, so one device whose clock jumped 10 years (5.3M sub-steps
+of `thermal_rc`'s 60 s) held its whole shard for seconds to minutes. Why this many: a dispatch of
+128 twins with one capped gap took 43 ms (`thermal_rc`) and 127 ms (`battery_ecm`) on the shared
+2-core machine at load 6, and the cap covers gaps of 22.7 days for `thermal_rc` (the slow mode of
+the reference building has a 21 h time constant: a longer gap ends at its steady state) and 9.1 h
+for `battery_ecm` and `two_tank` (RC pairs and tanks settle within minutes), far more than a live
+sensor's silence between readings, whose prediction therefore stays exact."""
+
+
+def substeps(gap: np.ndarray, default_dt: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """How to propagate over event-time gaps [s]: (sub-steps, their length, seconds left unintegrated).
+
+    Up to `MAX_SUBSTEPS` sub-steps of at most `default_dt` cover the gap exactly (nothing left). A
+    longer gap is integrated for `MAX_SUBSTEPS * default_dt` with the inputs held and the rest is
+    skipped: what held inputs drive a stable state to has settled by then, and the covariance grows
+    by the process noise of the skipped time (q^2 per second, the kernel's `skipped`). That is
+    exactly what integrating does to a state that does not decay (a battery's charge) and more than
+    it does to one that does, so the filter is never more confident than the full integration would
+    make it, and the next measurements pull the estimate back (tested: a 10-year gap).
+    """
+    n = np.where(gap > 0, np.ceil(gap / default_dt - 1e-9), 0.0)
+    long = n > MAX_SUBSTEPS
+    n_sub = np.minimum(n, MAX_SUBSTEPS).astype(np.int32)
+    dt = np.where(long, default_dt, np.divide(gap, n_sub, out=np.zeros_like(gap), where=n_sub > 0))
+    return n_sub, dt, np.where(long, gap - MAX_SUBSTEPS * default_dt, 0.0)
+
+
 def bucket(n: int) -> int:
     """The padded scan length for a run of `n` (<= `MAX_RUN`) events."""
     return next(length for length in RUN_LENGTHS if n <= length)
@@ -250,14 +292,15 @@ def _kernels(model: Model) -> _Kernels:
     jac_step = jax.jacfwd(step)
     jac_obs = jax.jacfwd(model.observe_vector)
 
-    def predict(x, P, u, p, q_var_rate, n, dt):
+    def predict(x, P, u, p, q_var_rate, n, dt, skipped):
         def body(_, carry):
             x, P = carry
             F = jac_step(x, u, p, dt)
             P = _mm(_mm(F, P), F.T) + jnp.diag(q_var_rate * dt)
             return step(x, u, p, dt), 0.5 * (P + P.T)
 
-        return jax.lax.fori_loop(0, n, body, (x, P))
+        x, P = jax.lax.fori_loop(0, n, body, (x, P))
+        return x, jnp.where(skipped > 0, P + jnp.diag(q_var_rate * skipped), P)  # see `substeps`
 
     def update(x, P, u, p, z, mask, r_var):
         H = jac_obs(x, u, p) * mask[:, None]
@@ -271,11 +314,11 @@ def _kernels(model: Model) -> _Kernels:
         x_new = jnp.stack(model.project(tuple(x + (K * y).sum(axis=1))))
         return x_new, 0.5 * (P_new + P_new.T), y, (y * sol[:, -1]).sum()
 
-    def assimilate(x, P, div, p, q_var_rate, r_var, n_sub, dt, u_held, u_new, z, mask):
+    def assimilate(x, P, div, p, q_var_rate, r_var, n_sub, dt, skipped, u_held, u_new, z, mask):
         def event(carry, ev):
             x, P, (updates, nis_last, nis_mean, res_mean, res_ms) = carry
-            n, dt, u_held, u_new, z, mask = ev
-            x, P = predict(x, P, u_held, p, q_var_rate, n, dt)
+            n, dt, skipped, u_held, u_new, z, mask = ev
+            x, P = predict(x, P, u_held, p, q_var_rate, n, dt, skipped)
             x_upd, P_upd, y, nis = update(x, P, u_new, p, z, mask, r_var)
             measured = mask > 0
             has = jnp.any(measured)
@@ -285,12 +328,14 @@ def _kernels(model: Model) -> _Kernels:
                 jnp.where(measured, res_mean + a * (y - res_mean), res_mean),
                 jnp.where(measured, res_ms + a * (y * y - res_ms), res_ms),
             )
-            carry = (jnp.where(has, x_upd, x), jnp.where(has, P_upd, P),
-                     jax.tree.map(lambda new, old: jnp.where(has, new, old), div_new, (updates, nis_last, nis_mean,
-                                                                                        res_mean, res_ms)))
+            x, P = jnp.where(has, x_upd, x), jnp.where(has, P_upd, P)
+            updates, nis_last, nis_mean, res_mean, res_ms = jax.tree.map(
+                lambda new, old: jnp.where(has, new, old), div_new, (updates, nis_last, nis_mean, res_mean, res_ms))
+            finite = jnp.all(jnp.isfinite(x)) & jnp.all(jnp.isfinite(P))  # else flag it (`Divergence.diverged`)
+            carry = (x, P, (updates, nis_last, jnp.where(finite, nis_mean, jnp.nan), res_mean, res_ms))
             return carry, carry
 
-        return jax.lax.scan(event, (x, P, div), (n_sub, dt, u_held, u_new, z, mask))[1]
+        return jax.lax.scan(event, (x, P, div), (n_sub, dt, skipped, u_held, u_new, z, mask))[1]
 
     return _Kernels(jax.jit(predict), jax.jit(jax.vmap(assimilate)))
 
@@ -338,14 +383,15 @@ class ExtendedKalmanFilter:
         return FilterState(t=None, x=x, P=np.diag(s**2), u=u)
 
     def predict(self, fs: FilterState, t: float) -> FilterState:
-        """Advance to time `t` with held inputs, in sub-steps of at most ``default_dt``."""
+        """Advance to time `t` with held inputs, in sub-steps of at most ``default_dt`` (at most
+        `MAX_SUBSTEPS` of them: see `substeps`)."""
         gap = 0.0 if fs.t is None else t - fs.t
         if gap < 0:
             raise ValueError(f"cannot predict backwards in time ({fs.t} -> {t}); rewind instead")
-        n = math.ceil(gap / self.model.default_dt - 1e-9) if gap > 0 else 0
+        n, dt, skipped = substeps(np.float64(gap), self.model.default_dt)
         if n == 0:
             return fs._replace(t=t)
-        x, P = self._kernels.predict(fs.x, fs.P, fs.u, self.params, self.q_var_rate, n, gap / n)
+        x, P = self._kernels.predict(fs.x, fs.P, fs.u, self.params, self.q_var_rate, n, dt, skipped)
         return fs._replace(t=t, x=np.asarray(x), P=np.asarray(P))
 
     def assimilate(self, fs: FilterState, t: float, values: dict[str, float], use_outputs: bool = True) -> FilterState:
@@ -455,8 +501,7 @@ def _assimilate_model(model: Model, runs: list[Run], n: np.ndarray) -> FilterTra
         k = int(np.flatnonzero((gap < 0).any(axis=1))[0])
         raise ValueError(f"cannot predict backwards in time ({runs[k].start.t} -> {np.asarray(runs[k].t).tolist()}); "
                          "rewind instead")
-    n_sub = np.where(gap > 0, np.ceil(gap / model.default_dt - 1e-9), 0.0).astype(np.int32)
-    dt = np.divide(gap, n_sub, out=np.zeros_like(gap), where=n_sub > 0)
+    n_sub, dt, skipped = substeps(gap, model.default_dt)
     # inputs: each held from its last measurement (or from the twin's held value)
     held = np.concatenate([u0[:, None, :], values[:, :, f0._input_cols]], axis=1)
     filled = np.where(np.isnan(held), 0, np.arange(width + 1)[None, :, None])
@@ -483,7 +528,7 @@ def _assimilate_model(model: Model, runs: list[Run], n: np.ndarray) -> FilterTra
             sel = np.concatenate([runs_c, np.full(LANES - m, runs_c[0])])
             out = assimilate(
                 x[sel], P[sel], (updates[sel], nis_last[sel], nis_mean[sel], res_mean[sel], res_ms[sel]),
-                p[sel], q[sel], r_var[sel], n_sub[sel, part] * live, dt[sel, part],
+                p[sel], q[sel], r_var[sel], n_sub[sel, part] * live, dt[sel, part], skipped[sel, part] * live,
                 held[sel, part], held[sel, offset + 1:part.stop + 1], z[sel, part], mask[sel, part] * live[:, :, None])
             xs, Ps, (upd, nl, nm, rm, rs) = jax.tree.map(np.asarray, out)
             j, i = np.nonzero(live)

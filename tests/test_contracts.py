@@ -177,3 +177,54 @@ def test_asset_type_variables_carry_plausible_ranges_from_the_simulator_in_decla
     assert typed.states["T_m"].outside(float("nan"))
     with pytest.raises(ValidationError, match="lower < upper"):
         Quantity(unit="K", lower=300.0, upper=300.0)
+
+
+@pytest.mark.parametrize(
+    "kw, reason",
+    [
+        ({"sequence": 2**63}, "sequence: Input should be less than or equal to 9223372036854775807"),
+        ({"measurements": {"T_in": {"value": 10**400, "unit": "K"}}}, "number too large for a 64-bit float"),
+        ({"measurements": {"T_in": {"value": True, "unit": "K"}}}, "measurements.T_in.value"),
+        ({"idempotency_key": "\ud800"}, "idempotency_key: Value error, text is not valid Unicode"),
+        ({"measurements": {"\ud800": {"value": 1.0, "unit": "K"}}}, "text is not valid Unicode"),
+        ({"event_time": "0001-01-01T00:00:00+01:00"}, "event_time: Value error, time is outside the range"),
+    ],
+)
+def test_values_beyond_what_the_log_can_hold_are_validation_errors(kw, reason):
+    """Poison values (an int64-overflowing sequence, a 400-digit number, a lone surrogate, a time before
+    year 1 in UTC) are refused like any bad value: they used to raise OverflowError or
+    UnicodeEncodeError past the contract and fail the whole batch they came in."""
+    assert reason in rejection(**kw)
+    assert event(sequence=2**63 - 1).sequence == 2**63 - 1
+
+
+def test_times_are_bounded_by_the_servers_clock():
+    """A client-chosen ingest time cannot let a far-future event in (it would make every real event
+    after it too late); the ingest time defaults to the server's clock."""
+    now = datetime.now(UTC)
+    future = (now + timedelta(days=365 * 70)).isoformat()
+    assert "ingest_time" in rejection(event_time=future, ingest_time=future)
+    assert "after the server's clock" in rejection(event_time=future, ingest_time=future)
+    assert "after the server's clock" in rejection(event_time=future, ingest_time=None)
+    assert "ingest_time" in rejection(event_time=now.isoformat(), ingest_time=future)
+    soon = (now + timedelta(minutes=4)).isoformat()
+    assert event(event_time=soon, ingest_time=soon).ingest_time == datetime.fromisoformat(soon)  # within the skew
+    e = event(event_time=now.isoformat(), ingest_time=None)
+    assert now <= e.ingest_time <= datetime.now(UTC)
+    assert "after ingest time" in rejection(event_time=now.isoformat(), ingest_time=(now - timedelta(hours=1)).isoformat())
+    # an already validated row is judged by the clock it was validated at, not the reader's
+    late = TelemetryEvent.model_validate({**e.model_dump(), "ingest_time": NOW, "event_time": NOW}, context={"now": NOW})
+    assert late.ingest_time == NOW
+
+
+def test_measurements_outside_the_plausible_range_are_refused():
+    """T_in = 1e300 degC used to be accepted and destroy the twin; bounds are inclusive and checked
+    after unit conversion (so a finite value that overflows in conversion is refused too)."""
+    with pytest.raises(ContractError, match=r"'T_in': 1e\+300 degC is outside the plausible range \[173.15, 473.15\] K"):
+        normalize_measurements(event(measurements={"T_in": {"value": 1e300, "unit": "degC"}}), THERMAL)
+    with pytest.raises(ContractError, match="'Q_h': 1e\\+308 kW is outside the plausible range"):
+        normalize_measurements(event(measurements={"Q_h": {"value": 1e308, "unit": "kW"}}), THERMAL)
+    assert normalize_measurements(event(measurements={"T_in": {"value": 473.15, "unit": "K"}}), THERMAL) == {
+        "T_in": 473.15}
+    with pytest.raises(ContractError, match="outside the plausible range"):
+        normalize_measurements(event(measurements={"T_in": {"value": -100.01, "unit": "degC"}}), THERMAL)

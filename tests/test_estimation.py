@@ -214,3 +214,62 @@ def test_runs_of_several_models_in_one_call_keep_their_own_bits():
         assert final.t == last.t and final.divergence == last.divergence
         for a, b in ((final.x, last.x), (final.P, last.P), (final.u, last.u)):
             np.testing.assert_array_equal(a, b)
+
+
+def test_a_ten_year_gap_is_integrated_with_bounded_work_and_the_twin_keeps_tracking(monkeypatch):
+    """A device whose clock jumped 10 years used to cost 5.3M RK4 sub-steps (its shard served nobody
+    meanwhile): the gap is integrated for at most `MAX_SUBSTEPS` sub-steps, the covariance grows by the
+    process noise of the rest, and measurements after it are tracked again, with the same bits
+    whether the gap event comes in the same call as its neighbours or not (live vs recovery)."""
+    import raytwin.estimation as estimation
+
+    substeps_per_dispatch: list[int] = []
+    kernels = estimation._kernels
+
+    def counting(model):  # spy on the sub-step counts the kernel runs (its `n_sub` argument)
+        k = kernels(model)
+
+        def assimilate(*args):
+            substeps_per_dispatch.append(int(np.asarray(args[6]).sum()))
+            return k.assimilate(*args)
+
+        return k._replace(assimilate=assimilate)
+
+    monkeypatch.setattr(estimation, "_kernels", counting)
+    m = THERMAL_RC
+    ekf = ExtendedKalmanFilter(m, m.param_vector())
+    decade = 10 * 365 * 86400.0
+    t = np.concatenate([1.7e9 + 60.0 * np.arange(20), 1.7e9 + decade + 60.0 * np.arange(60)])
+    truth = np.where(t < 1.7e9 + decade, 294.0, 291.0)  # the room is 3 K colder after the jump
+    values = np.full((len(t), len(ekf.measured_names)), np.nan)
+    values[:, ekf.measured_names.index("T_in")] = truth
+    use = np.ones(len(t), dtype=bool)
+    whole = ekf.assimilate_many(ekf.initial(), t, values, use)
+    assert max(substeps_per_dispatch) <= estimation.MAX_SUBSTEPS + 64  # the gap, and at most 1 per other event
+    assert sum(substeps_per_dispatch) < 2 * estimation.MAX_SUBSTEPS
+    after_gap = whole.state(20)
+    assert np.all(np.isfinite(after_gap.P)) and np.sqrt(after_gap.P[1, 1]) > 10.0  # T_m: little known after 10 years
+    last = whole.state(len(t) - 1)
+    assert abs(last.x[0] - 291.0) < 0.1 and not last.divergence.drift and not last.divergence.diverged
+    before = ekf.assimilate_many(ekf.initial(), t[:20], values[:20], use[:20])
+    split = ekf.assimilate_many(before.state(19), t[20:], values[20:], use[20:])
+    np.testing.assert_array_equal(split.x, whole.x[20:])
+    np.testing.assert_array_equal(split.P, whole.P[20:])
+    look_ahead = ekf.predict(before.state(19), t[20])  # explicit look-ahead takes the same path
+    np.testing.assert_array_equal(look_ahead.P, ekf.assimilate_many(before.state(19), t[20:21], values[20:21] * np.nan,
+                                                                    use[20:21]).P[0])
+
+
+def test_a_filter_that_stops_being_finite_is_flagged():
+    """T_in = 1e300 K made NIS inf and then NaN, and because NaN > bound is false `drift` stayed False:
+    a non-finite state or NIS now marks the twin as diverged (and drifting) from the first such event."""
+    ekf = ExtendedKalmanFilter(THERMAL_RC, THERMAL_RC.param_vector())
+    fs = ekf.assimilate(ekf.initial(), 0.0, {"T_in": 293.0})
+    assert not fs.divergence.diverged and not fs.divergence.drift
+    fs = ekf.assimilate(fs, 60.0, {"T_in": 1e300})
+    assert fs.divergence.diverged and fs.divergence.drift and fs.divergence.updates == 2
+    fs = ekf.assimilate(fs, 120.0, {"T_in": 293.0})
+    assert fs.divergence.diverged and fs.divergence.drift
+    healthy = ekf.assimilate(ekf.initial(), 0.0, {"T_in": 293.0})
+    broken = ekf.assimilate(healthy._replace(x=np.array([np.nan, 293.0])), 60.0, {"T_out": 280.0})  # no update
+    assert broken.divergence.updates == 1 and broken.divergence.diverged and broken.divergence.drift

@@ -4,11 +4,14 @@ letters, and the bounded in-flight window."""
 from __future__ import annotations
 
 import gc
+import math
 import json
+import re
 import threading
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -16,10 +19,19 @@ import ray
 
 from actors import IngestReport, TwinService, events_to_table, ndjson_http_source
 from actors.ingest import Dispatcher, ShardRouter, lingering_chunks, validate_batch
-from actors.telemetry import parse_rows, rows_table, validate_table, validated_table
-from raytwin.contracts import Asset, AssetType, TelemetryEvent
+from actors.telemetry import (
+    VALIDATED_SCHEMA,
+    Entries,
+    normalize_entries,
+    parse_rows,
+    rows_table,
+    validate_table,
+    validated_table,
+)
+from raytwin.contracts import Asset, AssetType, ContractError, TelemetryEvent, normalize_measurements
 from raytwin.registry import ModelRegistry
 from raytwin.sim import TWO_TANK
+from raytwin.statestore import TIME
 from raytwin.storage import filesystem
 
 T0 = datetime(2026, 4, 1, tzinfo=UTC)
@@ -36,7 +48,7 @@ def service(ray_session, tmp_path_factory):
     artifact = ModelRegistry(str(tmp_path_factory.mktemp("reg"))).register("tank", "1.0.0",
                                                                            AssetType.from_model(TWO_TANK))
     svc = TwinService(str(tmp_path_factory.mktemp("store")), shards=2, batch_size=16)
-    for a in ("t1", "t2", "t3"):
+    for a in ("t1", "t2", "t3", "p1", "p2"):
         svc.register(Asset(id=a, tenant="acme", type_name="two_tank", type_version="1.0.0"), artifact)
     yield svc
     svc.close()
@@ -261,3 +273,182 @@ def test_a_busy_shard_does_not_hold_up_the_rows_of_the_others(ray_session, tmp_p
     assert sorted(log) == sorted([("start", first), ("end", first)] * 2 + [("start", second), ("end", second)])
     assert log.index(("start", second)) < log.index(("end", first))  # shard 1 did not wait for shard 0
     assert log[-2:] == [("start", first), ("end", first)]  # shard 0's calls one after the other
+
+
+# ---------------------------------------------------------------- poison rows, verdicts, times, bounds ----
+def json_rows(asset_id: str, n: int, start: int = 0) -> list[dict]:
+    return [json.loads(e.model_dump_json(exclude={"ingest_time"})) for e in tank_events(asset_id, n, start)]
+
+
+def test_poison_rows_are_dead_lettered_and_never_block_a_stream(service):
+    """A sequence beyond int64, a 400-digit number, a lone surrogate, a row that is no object, nesting
+    JSON cannot write back: each used to raise out of `ingest_stream`, so the rows after it were
+    neither applied nor dead-lettered, and every re-delivery failed the same way."""
+    good = json_rows("p1", 6)
+    deep: object = 1.0
+    for _ in range(5000):
+        deep = [deep]
+    poison = [
+        ({**good[0], "sequence": 2**63, "idempotency_key": "p1:overflow"}, "less than or equal to 9223372036854775807"),
+        ({**good[0], "sequence": 90, "measurements": {"h1": {"value": 10**400, "unit": "mm"}}}, "too large for a 64-bit"),
+        ({**good[0], "sequence": 91, "idempotency_key": "\ud800"}, "not valid Unicode"),
+        (["not", "an", "object"], "must be a JSON object, not list"),
+        ({**good[0], "sequence": 92, "measurements": {"h1": {"value": deep, "unit": "mm"}}}, "valid number"),
+    ]
+    stream = [good[0], good[1], poison[0][0], good[2], *[p for p, _ in poison[1:]], good[3], good[4], good[5]]
+    first = service.ingest_stream("acme", iter(stream))
+    again = service.ingest_stream("acme", iter(stream))  # an at-least-once producer re-delivers
+    assert (first.accepted, first.duplicates, first.rejected) == (6, 0, len(poison))
+    assert (again.accepted, again.duplicates, again.rejected) == (0, 6, len(poison))
+    for report in (first, again):
+        for (_, reason), reject in zip(poison, report.reasons):
+            assert reason in reject.reason
+    assert report.reasons[0].idempotency_key == "p1:overflow"
+    state = service.state("acme", "p1")
+    assert state.events_applied == 6 and state.event_time == T0 + timedelta(seconds=5)
+    raws = [d["raw"] for d in service.dead_letters("acme").to_pylist()]
+    assert sum("9223372036854775808" in r for r in raws) == 2 and sum('"unserializable": "dict"' in r for r in raws) == 2
+
+
+def test_poison_rows_in_tables_are_dead_lettered(service):
+    """The same through `ingest` with Arrow tables: a uint64 sequence beyond int64 (the whole table is
+    checked by the contract) and a timestamp before year 1 (which Python cannot hold)."""
+    rows = events_to_table(tank_events("p1", 3, start=10)).to_pylist()
+    unsigned = pa.Table.from_pylist([rows[0], {**rows[1], "sequence": 2**63}, rows[2]],
+                                    schema=events_to_table([]).schema.set(2, pa.field("sequence", pa.uint64())))
+    report = service.ingest("acme", unsigned)
+    assert (report.accepted, report.rejected) == (2, 1) and "9223372036854775807" in report.reasons[0].reason
+    table = events_to_table(tank_events("p1", 3, start=20))
+    times = table.column("event_time").cast(pa.int64()).to_pylist()
+    table = table.set_column(1, "event_time", pa.array([times[0], -2**63, times[2]], pa.int64()).cast(TIME))
+    report = service.ingest("acme", table)
+    assert (report.accepted, report.rejected) == (2, 1) and report.reasons[0].reason.startswith("event_time:")
+    assert service.state("acme", "p1").events_applied == 10
+
+
+GOOD_ROW = json_rows("t1", 1)[0]
+M = lambda v, u="mm", name="h1": {name: {"value": v, "unit": u}}  # noqa: E731
+NESTED: object = 1.0
+for _ in range(3000):
+    NESTED = [NESTED]
+TRICKY_JSON = {
+    "value true": {**GOOD_ROW, "measurements": M(True)}, "value false": {**GOOD_ROW, "measurements": M(False)},
+    "sequence 3.0": {**GOOD_ROW, "sequence": 3.0}, "sequence true": {**GOOD_ROW, "sequence": True},
+    "sequence text": {**GOOD_ROW, "sequence": "3"}, "sequence 2^63": {**GOOD_ROW, "sequence": 2**63},
+    "sequence 2^63-1": {**GOOD_ROW, "sequence": 2**63 - 1}, "sequence -1": {**GOOD_ROW, "sequence": -1},
+    "sequence 5000 digits": {**GOOD_ROW, "sequence": 10**5000},
+    "no sequence": {k: v for k, v in GOOD_ROW.items() if k != "sequence"},
+    "value 400 digits": {**GOOD_ROW, "measurements": M(10**400)}, "value 2^53+1": {**GOOD_ROW, "measurements": M(2**53 + 1)},
+    "value -0.0": {**GOOD_ROW, "measurements": M(-0.0)}, "value text": {**GOOD_ROW, "measurements": M("1.0")},
+    "value list": {**GOOD_ROW, "measurements": M([1.0])}, "value object": {**GOOD_ROW, "measurements": M({"a": 1})},
+    "value null": {**GOOD_ROW, "measurements": M(None)}, "value 1e308": {**GOOD_ROW, "measurements": M(1e308)},
+    "value inf": {**GOOD_ROW, "measurements": M(float("inf"))}, "value nested": {**GOOD_ROW, "measurements": M(NESTED)},
+    "entry a number": {**GOOD_ROW, "measurements": {"h1": 5}}, "unit a number": {**GOOD_ROW, "measurements": M(1.0, 5)},
+    "no measurements": {**GOOD_ROW, "measurements": {}}, "measurements text": {**GOOD_ROW, "measurements": "junk"},
+    "key surrogate": {**GOOD_ROW, "idempotency_key": "\ud800"}, "key a number": {**GOOD_ROW, "idempotency_key": 5},
+    "asset a number": {**GOOD_ROW, "asset_id": 5}, "asset surrogate": {**GOOD_ROW, "asset_id": "\ud800"},
+    "name surrogate": {**GOOD_ROW, "measurements": M(1.0, name="\ud800")},
+    "year 0": {**GOOD_ROW, "event_time": "0000-01-01T00:00:00Z"},
+    "year 1 at +01:00": {**GOOD_ROW, "event_time": "0001-01-01T00:00:00+01:00"},
+    "offset +01": {**GOOD_ROW, "event_time": "2026-04-01T00:00:00+01"},
+    "nanoseconds": {**GOOD_ROW, "event_time": "2026-04-01T00:00:00.123456789Z"},
+    "space separator": {**GOOD_ROW, "event_time": "2026-04-01 00:00:00Z"}, "time a number": {**GOOD_ROW, "event_time": 5},
+    "no zone": {**GOOD_ROW, "event_time": "2026-04-01T00:00:00"},
+    "future event and ingest": {**GOOD_ROW, "event_time": "2099-01-01T00:00:00Z", "ingest_time": "2099-01-01T00:00:00Z"},
+    "future ingest": {**GOOD_ROW, "ingest_time": "2099-01-01T00:00:00Z"},
+    "ingest after year 9999": {**GOOD_ROW, "ingest_time": "9999-12-31T23:59:59-01:00"},
+    "earlier ingest": {**GOOD_ROW, "ingest_time": "2026-03-01T00:00:00Z"},
+    "no event_time": {k: v for k, v in GOOD_ROW.items() if k != "event_time"},
+    "a list": [1, 2], "a string": "junk", "null": None, "mixed keys": {1: 2, "a": 3},
+}
+
+
+def _verdicts(valid: pa.Table, rejects: list[dict]) -> tuple[list[str], list[tuple]]:
+    """Accepted rows (repr: -0.0 is not 0.0) without the clock-dependent ingest time; rejects without the
+    clock (and without the `schema_version` column that sends an Arrow table to the contract)."""
+    return ([repr(r) for r in valid.drop_columns(["ingest_time"]).to_pylist()],
+            [(r["asset_id"], r["idempotency_key"], re.sub(r" after .*", "", r["reason"]),
+              r["raw"].replace('"schema_version": 1, ', "")) for r in rejects])
+
+
+@pytest.mark.parametrize("name", TRICKY_JSON)
+def test_a_json_rows_verdict_does_not_depend_on_its_neighbours(name):
+    """`{"value": true}` was taken as 1.0 and `"sequence": 3.0` as 3 next to clean rows (the column path)
+    but refused next to a row that forced the contract's row-by-row path: a row's verdict, reason and
+    values must be the same whichever path its batch takes."""
+    row, forcing = TRICKY_JSON[name], {"_unparsed": "forces the row-by-row path"}
+    (clean_valid, clean_rejects), (mixed_valid, mixed_rejects) = _verdicts(*validate_batch([GOOD_ROW, row])), _verdicts(
+        *validate_batch([forcing, row]))
+    assert clean_valid[1:] == mixed_valid and clean_rejects == mixed_rejects[1:]
+
+
+def _ts(us: int) -> pa.Scalar:
+    return pa.scalar(us, pa.int64()).cast(TIME)
+
+
+GOOD_ARROW = {**events_to_table(tank_events("t1", 1)).to_pylist()[0], "ingest_time": None}
+FAR = datetime(2099, 1, 1, tzinfo=UTC)
+TRICKY_ARROW = {
+    "-0.0": {**GOOD_ARROW, "measurements": [("h1", {"value": -0.0, "unit": "mm"})]},
+    "nan": {**GOOD_ARROW, "measurements": [("h1", {"value": float("nan"), "unit": "mm"})]},
+    "sequence int64 max": {**GOOD_ARROW, "sequence": 2**63 - 1}, "sequence int64 min": {**GOOD_ARROW, "sequence": -2**63},
+    "event int64 min": {**GOOD_ARROW, "event_time": _ts(-2**63)}, "event int64 max": {**GOOD_ARROW, "event_time": _ts(2**63 - 1)},
+    "event year 1": {**GOOD_ARROW, "event_time": datetime(1, 1, 1, tzinfo=UTC)},
+    "event before year 1": {**GOOD_ARROW, "event_time": _ts(-62_135_596_800_000_001)},
+    "future event and ingest": {**GOOD_ARROW, "event_time": FAR, "ingest_time": FAR},
+    "future ingest": {**GOOD_ARROW, "ingest_time": FAR},
+    "ingest int64 max": {**GOOD_ARROW, "ingest_time": _ts(2**63 - 1)}, "ingest int64 min": {**GOOD_ARROW, "ingest_time": _ts(-2**63)},
+    "earlier ingest": {**GOOD_ARROW, "ingest_time": T0 - timedelta(days=1)},
+}
+
+
+@pytest.mark.parametrize("name", TRICKY_ARROW)
+def test_an_arrow_rows_verdict_does_not_depend_on_the_path(name):
+    """The same for Arrow tables: the column check (with the contract for the rows it refuses) against
+    the contract alone (a `schema_version` column makes the table not column-checkable)."""
+    table = pa.Table.from_pylist([GOOD_ARROW, TRICKY_ARROW[name]], schema=VALIDATED_SCHEMA)
+    by_contract = table.append_column("schema_version", pa.array([1, 1], pa.int64()))
+    assert _verdicts(*validate_table(table)) == _verdicts(*validate_table(by_contract))
+
+
+def test_the_column_unit_check_refuses_what_the_contract_refuses():
+    """`normalize_entries` (the shard's column path) and `normalize_measurements` agree on every entry,
+    plausible ranges included (the shard raises if they disagree)."""
+    asset_type = AssetType.from_model(TWO_TANK)
+    cases = [("h1", 500.0, "mm"), ("h1", 1e300, "mm"), ("h1", -1000.0, "mm"), ("h1", -1000.001, "mm"),
+             ("h1", 1000.0, "m"), ("h1", 1e308, "m"), ("q_in", 1e308, "L/s"), ("q_in", 1.0, "L/s"),
+             ("h1", 1.0, "L/s"), ("h3", 1.0, "m")]
+    events = [TelemetryEvent(asset_id="t1", event_time=T0, sequence=k, measurements={n: {"value": v, "unit": u}})
+              for k, (n, v, u) in enumerate(cases)]
+    table = validated_table(events)
+    entries = Entries.of(table.column("measurements").combine_chunks())
+    misfit = normalize_entries(entries, np.zeros(len(events), dtype=np.int64),
+                               [(asset_type, ("q_in", "h1", "h2"))]).misfit
+    refused = []
+    for e in events:
+        try:
+            normalize_measurements(e, asset_type)
+            refused.append(False)
+        except ContractError:
+            refused.append(True)
+    assert misfit.tolist() == refused == [False, True, False, True, False, True, True, False, True, True]
+
+
+def test_far_future_times_and_implausible_values_are_dead_lettered_by_a_live_service(service):
+    """A client-chosen ingest time equal to a 2099 event time used to jump the twin's event time to
+    2099 (every real event after it refused as too late); T_in = 1e300 used to destroy the twin."""
+    rows = json_rows("p2", 3)
+    future = {**rows[0], "sequence": 50, "event_time": "2099-01-01T00:00:00Z", "ingest_time": "2099-01-01T00:00:00Z"}
+    implausible = {**rows[0], "sequence": 51, "measurements": {"h1": {"value": 1e300, "unit": "mm"}}}
+    report = service.ingest_stream("acme", iter([rows[0], future, implausible, rows[1]]))
+    assert (report.accepted, report.rejected) == (2, 2)
+    assert "after the server's clock" in report.reasons[0].reason
+    assert "outside the plausible range [-1.0, 1000.0] m" in report.reasons[1].reason
+    table = events_to_table(tank_events("p2", 1, start=60)).append_column("ingest_time", pa.array([FAR], TIME))
+    report = service.ingest("acme", table)
+    assert report.rejected == 1 and "ingest_time" in report.reasons[0].reason
+    report = service.ingest("acme", [TelemetryEvent.model_validate(rows[2])])  # a real event after them: not too late
+    assert report.accepted == 1
+    state = service.state("acme", "p2")
+    assert state.events_applied == 3 and state.event_time == T0 + timedelta(seconds=2)
+    assert all(math.isfinite(v) for v in state.state.values()) and not state.divergence.diverged
