@@ -1,4 +1,4 @@
-"""`raytwin twins ...`: inspect a twin store (time travel, dead letters), compact and prune it, measure shards."""
+"""`raytwin twins ...`: inspect a twin store (time travel, dead letters), compact, prune and reshard it, measure shards."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import typer
 ISO_FORMATS = ["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M:%S.%f%z", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M:%S.%f", "%Y-%m-%d"]
 """Spelled out: click's default formats accept no UTC offset in older releases (seen with another click)."""
 
-twins_app = typer.Typer(help="Live twins: time travel, dead letters, compaction, retention, shard measurements.",
+twins_app = typer.Typer(help="Live twins: time travel, dead letters, compaction, retention, resharding, shard measurements.",
                         no_args_is_help=True)
 
 
@@ -92,6 +92,33 @@ def prune(
         return
     typer.echo(f"history before {done.history_from.isoformat()} pruned: {done.partitions_deleted} partition(s), "
                f"{done.snapshots_deleted} snapshot(s) deleted")
+
+
+@twins_app.command()
+def reshard(
+    store: str = typer.Argument(..., help="State store URL (directory or s3://...)."),
+    shards: int = typer.Option(..., "--shards", min=1, help="The new shard count."),
+    address: str = typer.Option(None, "--address", help="Ray cluster to run on (default: a new local Ray)."),
+    namespace: str = typer.Option("raytwin", "--namespace", help="Ray namespace of the twin service."),
+) -> None:
+    """Take the store over with a new shard count, recover and persist every twin, then release it.
+
+    Stop the service (e.g. the Serve app) first; then start it with the new count. Shards of the old
+    service still running in another Ray cluster are fenced: their writes are refused."""
+    import ray
+
+    from actors.service import TwinService
+
+    ray.init(address=address, namespace=namespace, include_dashboard=False, logging_level="WARNING",
+             ignore_reinit_error=True)
+    service = TwinService(store, shards=shards, namespace=namespace, takeover=True)
+    try:
+        service.flush()
+        per_shard = ray.get([s.twin_count.remote() for s in service.shard_handles])
+    finally:
+        service.close()
+    typer.echo(f"store {store}: {sum(per_shard)} twin(s) recovered on {shards} shard(s) {per_shard} at epoch "
+               f"{service.lease.epoch}; the store is free for a service with {shards} shard(s)")
 
 
 @twins_app.command()

@@ -138,8 +138,8 @@ class Dispatcher:
         """Wait for every outstanding call; the report covers everything sent."""
         while self.busy:
             self._complete(list(self.busy.values()))
-        log.info("event=ingested tenant=%s accepted=%d duplicates=%d rejected=%d", self.tenant,
-                 self.report.accepted, self.report.duplicates, self.report.rejected)
+        log.info("event=ingested tenant=%s accepted=%d duplicates=%d rejected=%d conflicts=%d", self.tenant,
+                 self.report.accepted, self.report.duplicates, self.report.rejected, self.report.conflicts)
         return self.report
 
 

@@ -139,6 +139,10 @@ class TwinShard:
     def assets(self, tenant: str) -> list[str]:
         return sorted(a for t, a in self.twins if t == tenant)
 
+    def twin_count(self) -> int:
+        """How many twins (of all tenants) this shard holds."""
+        return len(self.twins)
+
     def _refresh_stale(self) -> None:
         if not self.stale:
             return

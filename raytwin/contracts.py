@@ -87,6 +87,21 @@ def _utc(ts: datetime) -> datetime:
 
 UtcTime = Annotated[AwareDatetime, AfterValidator(_utc)]
 
+RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
+
+
+def _rfc3339(value: Any) -> Any:
+    """A `datetime`, or text in RFC 3339 with an offset: pydantic alone would also take a number or
+    numeric text as Unix seconds (``0.5`` -> 1970)."""
+    if isinstance(value, datetime) or (isinstance(value, str) and RFC3339.fullmatch(value)):
+        return value
+    raise ValueError("expected an RFC 3339 date-time with an offset, e.g. 2026-01-05T12:00:00Z or "
+                     "2026-01-05T13:00:00+01:00 (in a URL, + is %2B)")
+
+
+DateTime = Annotated[UtcTime, BeforeValidator(_rfc3339)]
+"""A point in time as OpenAPI's `date-time` format means it (RFC 3339, with an offset), in UTC."""
+
 
 def whole_steps(horizon_s: float, step_s: float) -> int:
     """The number of steps of `step_s` in `horizon_s`, refusing a horizon that is not a whole number."""
@@ -271,8 +286,8 @@ class TelemetryEvent(Contract):
 
     schema_version: Literal[1] = SCHEMA_VERSION
     asset_id: Identifier
-    event_time: UtcTime
-    ingest_time: UtcTime | None = None
+    event_time: DateTime
+    ingest_time: DateTime | None = None
     sequence: Annotated[StrictInt, Field(ge=0, le=MAX_SEQUENCE)]
     idempotency_key: Annotated[Text, Field(min_length=1, max_length=256)] | None = None
     measurements: Annotated[dict[Text, Measurement], Field(min_length=1)]
@@ -323,22 +338,6 @@ def normalize_measurements(event: TelemetryEvent, asset_type: AssetType) -> dict
 
 
 # ---------------------------------------------------------------------------- scenarios ----
-RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})")
-
-
-def _rfc3339(value: Any) -> Any:
-    """A `datetime`, or text in RFC 3339 with an offset: pydantic alone would also take a number or
-    numeric text as Unix seconds (``0.5`` -> 1970)."""
-    if isinstance(value, datetime) or (isinstance(value, str) and RFC3339.fullmatch(value)):
-        return value
-    raise ValueError("expected an RFC 3339 date-time with an offset, e.g. 2026-01-05T12:00:00Z or "
-                     "2026-01-05T13:00:00+01:00 (in a URL, + is %2B)")
-
-
-DateTime = Annotated[UtcTime, BeforeValidator(_rfc3339)]
-"""A point in time as OpenAPI's `date-time` format means it (RFC 3339, with an offset), in UTC."""
-
-
 class _Signal(Contract):
     unit: Unit
 

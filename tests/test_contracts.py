@@ -63,7 +63,7 @@ def test_round_trips_through_json():
         ({"measurements": {"T_in": {"value": 290.0, "unit": "degF"}}}, "unknown unit 'degF'"),
         ({"measurements": {"T_in": {"value": "warm", "unit": "K"}}}, "measurements.T_in.value"),
         ({"measurements": {}}, "at least 1 item"),
-        ({"event_time": "2026-11-25T12:00:00"}, "timezone"),
+        ({"event_time": "2026-11-25T12:00:00"}, "RFC 3339 date-time with an offset"),
         ({"event_time": (NOW + timedelta(hours=1)).isoformat()}, "more than 0:05:00 after ingest time"),
         ({"sequence": -1}, "greater than or equal to 0"),
         ({"sequence": "7"}, "sequence"),
@@ -228,3 +228,11 @@ def test_measurements_outside_the_plausible_range_are_refused():
         "T_in": 473.15}
     with pytest.raises(ContractError, match="outside the plausible range"):
         normalize_measurements(event(measurements={"T_in": {"value": -100.01, "unit": "degC"}}), THERMAL)
+
+
+@pytest.mark.parametrize("when", ["0.5", 1_700_000_000, 1.7e9, "1700000000", "2026-12-01 10:00:00Z", "2026-12-01"])
+def test_telemetry_times_are_rfc3339_date_times_not_unix_seconds(when):
+    """The spec says date-time: a number or numeric text would otherwise land in 1970 or wherever."""
+    row = {"asset_id": "a", "event_time": when, "sequence": 1, "measurements": {"T_in": {"value": 1.0, "unit": "K"}}}
+    with pytest.raises(ValidationError, match="RFC 3339"):
+        TelemetryEvent.model_validate(row)

@@ -64,3 +64,27 @@ def test_second_service_is_refused_stale_writers_are_fenced_and_reshard_keeps_ev
         assert acquire_lease(resharded.store, 5, "raytwin", takeover=False).epoch == resharded.lease.epoch + 1
     finally:
         first.close()
+
+
+def test_reshard_command_moves_a_live_store_to_a_new_shard_count(ray_session, tmp_path, artifact):
+    from typer.testing import CliRunner
+
+    from raytwin.cli import app
+
+    url = str(tmp_path / "store")
+    evs = {a: events(a, 12, seed=i) for i, a in enumerate(TWINS[:3])}
+    old = TwinService(url, shards=1, **TWIN_OPTS)
+    try:
+        old.register_many([(asset(a), artifact) for a in evs])
+        old.ingest("acme", [e for a in evs for e in evs[a]])
+        result = CliRunner().invoke(app, ["twins", "reshard", url, "--shards", "2"])
+        assert result.exit_code == 0, result.output
+        assert "3 twin(s) recovered on 2 shard(s)" in result.output and "free for a service with 2" in result.output
+        new = TwinService(url, shards=2, **TWIN_OPTS)  # no takeover needed: the command released the store
+        try:
+            for a in evs:
+                assert_same_state(new.state("acme", a), reference(artifact, a, evs[a], **TWIN_OPTS).view())
+        finally:
+            new.close()
+    finally:
+        old.close()
