@@ -168,10 +168,11 @@ def calibrate_synthetic(
             raise typer.BadParameter(f"expected NAME=VALUE pairs, got {items}") from None
 
     sim = get_model(model)
-    table = synthetic_telemetry(model, pairs(param), get_kit(model).start_state, steps, dt or sim.default_dt,
-                                pairs(noise), seed)
+    start = get_kit(model).start_state
+    table = synthetic_telemetry(model, pairs(param), start, steps, dt or sim.default_dt, pairs(noise), seed)
     pq.write_table(table, out)
     typer.echo(f"wrote {table.num_rows} samples of {model} to {out}")
+    typer.echo(f"start_state: {json.dumps(start)}")  # what a CalibrationSpec of this data needs (YAML or JSON)
 
 
 def rerun(
