@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import http.server
+import json
 import os
 import re
 import shlex
@@ -77,7 +78,10 @@ CAPTURES: dict[str, tuple[str, str]] = {  # command prefix -> (name, regex on it
     "raytwin keys create": ("key", r"^(rtk_\S+)$"),
     "raytwin job submit": ("job_id", r"^(\S+)\s*\Z"),
 }
+CALIB_EXAMPLE = yaml.safe_load((REPO_ROOT / "sweeps/examples/calib.yaml").read_text())
 EXPECTED: dict[str, str] = {  # command prefix -> text its output must contain, as the guide's comment says
+    # the example CalibrationSpec starts where the synthetic data it fits starts, as the command prints
+    "raytwin calibrate synthetic thermal_rc": f"start_state: {json.dumps(CALIB_EXAMPLE['start_state'])}",
     "raytwin rerun": "identical: ",
     "raytwin job status": "SUCCEEDED",
     "raytwin cluster up --local": "Ray address:   127.0.0.1:",
