@@ -6,9 +6,11 @@ render::
     <!-- guide: OLD => NEW ; OLD2 => NEW2 -->
 
 Each ``OLD => NEW`` is a plain-text substitution applied to the block before it runs; ``{name}`` in NEW is
-filled from the test's context (fixtures such as ``{s3}`` or ``{port}``, and values captured from earlier
-output such as ``{run_id}``). Substitutions fill placeholders and scale sizes down; they never change what a
-command does. Items are separated by `` ; `` or by newlines (the comment may span several lines).
+filled from the test's context when the command runs (fixtures such as ``{s3}`` or ``{port}``, and values
+captured from earlier output such as ``{run_id}``). Substitutions fill placeholders and scale sizes down; they
+never change what a command does. ``file=NAME`` makes the block the content of NAME in the working directory
+(e.g. a spec that later commands read). Items are separated by `` ; `` or by newlines (the comment may span
+several lines).
 """
 
 from __future__ import annotations
@@ -99,9 +101,9 @@ def _directive(lines: list[str], fence_index: int) -> tuple[tuple[tuple[str, str
     return tuple(pairs), file
 
 
-def extract(guide: str) -> list[Block]:
-    """Every fenced code block of `guide` (a path relative to the repository root), in document order."""
-    lines = (REPO_ROOT / guide).read_text().splitlines()
+def extract(guide: str, root: Path = REPO_ROOT) -> list[Block]:
+    """Every fenced code block of `guide` (a path relative to `root`), in document order."""
+    lines = (root / guide).read_text().splitlines()
     blocks, i = [], 0
     while i < len(lines):
         opening = _FENCE.match(lines[i])

@@ -19,6 +19,7 @@ import re
 import shlex
 import shutil
 import sys
+import textwrap
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from raytwin.cli import app
 from tests.conftest import free_port
 from tests.fixtures_cluster import CRD_DIR
 from tests.fixtures_cluster_kube import FakeKubeApi
-from tests.guides import GUIDES, REPO_ROOT, Block, Shell, all_blocks, fill, shell_commands
+from tests.guides import GUIDES, REPO_ROOT, Block, Shell, all_blocks, extract, fill, shell_commands
 
 NOT_RUN: dict[tuple[str, str], str] = {  # (guide, first line of the block) -> why it does not run here
     ("README.md", "flowchart LR"): "a Mermaid diagram",
@@ -92,13 +93,14 @@ SHELL, PYTHON, FILE = ("bash", "sh"), ("python",), ("yaml", "json")
 APPS = {("raytwin",): app, ("./dev",): app, ("python", "-m", "benchmarks"): bench_app}
 
 
-def _not_run(command: str) -> bool:
+def _listing(command: str) -> str | None:
+    """The `NOT_RUN_COMMANDS` entry that names `command`, if any."""
     words = shlex.split(command, comments=True)
     for listed in NOT_RUN_COMMANDS:
         prefix = listed.removesuffix("...").split()
         if words == prefix or (listed.endswith("...") and words[:len(prefix)] == prefix):
-            return True
-    return False
+            return listed
+    return None
 
 
 def _runs(block: Block) -> bool:
@@ -115,14 +117,57 @@ def test_every_block_runs_or_is_listed() -> None:
     assert unhandled == [], f"blocks neither run by {__name__} nor listed in NOT_RUN: {unhandled}"
     assert set(NOT_RUN) - listed == set(), "NOT_RUN names blocks that no longer exist"
     commands = [command for block in blocks if block.lang in SHELL for command in shell_commands(block.text)]
-    stale = [listed for listed in NOT_RUN_COMMANDS
-             if not any(_not_run(c) and shlex.split(c, comments=True)[:len(listed.removesuffix("...").split())]
-                        == listed.removesuffix("...").split() for c in commands)]
-    assert stale == [], f"NOT_RUN_COMMANDS names commands that no longer exist: {stale}"
+    stale = set(NOT_RUN_COMMANDS) - {_listing(command) for command in commands}
+    assert stale == set(), f"NOT_RUN_COMMANDS names commands that no longer exist: {stale}"
 
 
 def test_blocks_are_found_in_every_guide() -> None:
     assert {block.guide for block in all_blocks()} == set(GUIDES)
+
+
+def test_extractor_applies_directives_and_joins_commands(tmp_path: Path) -> None:
+    (tmp_path / "guide.md").write_text(textwrap.dedent("""\
+        Some prose.
+
+        <!-- guide: s3://bucket => {s3} ; RUN_ID => {run_id}
+             --n 1000000 => --n 8 -->
+        ```bash
+        raytwin sweep example thermal_rc --n 1000000 > spec.json   # a comment
+        raytwin rerun RUN_ID \\
+            --runs s3://bucket/runs
+        curl -d '{"events":
+          []}' localhost
+        ```
+
+        <!-- guide: file=spec.yaml -->
+        ```yaml
+        name: x
+        ```
+        ```python
+        print({"a": 1})
+        ```
+        """))
+    shell, spec, python = extract("guide.md", root=tmp_path)
+    assert (shell.line, shell.lang, spec.file, python.substitutions) == (5, "bash", "spec.yaml", ())
+    context = {"s3": "s3://guides", "run_id": "sweep-1"}
+    commands = [fill(command, context).strip() for command in shell_commands(shell.prepared())]
+    assert commands == ["raytwin sweep example thermal_rc --n 8 > spec.json   # a comment",
+                        "raytwin rerun sweep-1      --runs s3://guides/runs",
+                        "curl -d '{\"events\":\n  []}' localhost"]
+    assert fill(python.prepared(), context) == 'print({"a": 1})'  # the code's own braces are left alone
+    with pytest.raises(AssertionError, match="no value yet"):
+        fill(shell.prepared(), {})
+    stale = Block("guide.md", 1, "bash", "raytwin version", (("RUN_ID", "{run_id}"),))
+    with pytest.raises(AssertionError, match="matches nothing"):
+        stale.prepared()
+
+
+def test_listed_commands_match_whole_commands_or_prefixes() -> None:
+    assert _listing("./dev demo    # the whole loop") == "./dev demo"
+    assert _listing("./dev demo --scenarios 10") is None
+    assert _listing("python -m benchmarks run   # everything") == "python -m benchmarks run"
+    assert _listing("python -m benchmarks run sweep") is None
+    assert _listing("ray job submit --working-dir . -- raytwin sweep run spec.json") == "ray job submit ..."
 
 
 @dataclass
@@ -160,7 +205,6 @@ def guides(ray_session, s3_endpoint, tmp_path_factory) -> Iterator[dict[str, Gui
 
     bucket = "s3://guides"
     s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint}, skip_instance_cache=True).mkdir("guides")
-    runs: dict[str, Guide] = {}
     with contextlib.ExitStack() as stack:
         kube = stack.enter_context(FakeKubeApi())
         kubeconfig = tmp_path_factory.mktemp("kube") / "config"
@@ -205,7 +249,7 @@ def guides(ray_session, s3_endpoint, tmp_path_factory) -> Iterator[dict[str, Gui
 def _run_shell(guide: Guide, block: Block) -> None:
     for raw in shell_commands(block.prepared()):
         command = fill(raw, guide.context).strip()
-        if _not_run(command):
+        if _listing(command) is not None:
             continue
         if command.startswith("curl "):  # curl exits 0 on HTTP errors: have it print the status too
             command += " --write-out '\nHTTP %{http_code}'"
