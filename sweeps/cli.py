@@ -154,7 +154,8 @@ def calibrate_synthetic(
     noise: Annotated[list[str] | None, typer.Option(help="Output noise std OUTPUT=STD (repeatable).")] = None,
     seed: int = 0,
 ) -> None:
-    """Write synthetic noisy telemetry with known parameters (solve_ivp ground truth)."""
+    """Write synthetic noisy telemetry with known parameters (solve_ivp ground truth); print its start state,
+    which a CalibrationSpec of the data needs."""
     import pyarrow.parquet as pq
 
     from raytwin.sim import get_model
