@@ -7,8 +7,8 @@ render::
 
 Each ``OLD => NEW`` is a plain-text substitution applied to the block before it runs; ``{name}`` in NEW is
 filled from the test's context when the command runs (fixtures such as ``{s3}`` or ``{port}``, and values
-captured from earlier output such as ``{run_id}``). Substitutions fill placeholders and scale sizes down; they
-never change what a command does. ``file=NAME`` makes the block the content of NAME in the working directory
+captured from earlier output such as ``{run_id}``). Substitutions only fill placeholders, scale sizes down
+and keep a server command from blocking the test. ``file=NAME`` makes the block the content of NAME in the working directory
 (e.g. a spec that later commands read). Items are separated by `` ; `` or by newlines (the comment may span
 several lines).
 """
@@ -20,7 +20,7 @@ import re
 import shlex
 import subprocess
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from typer.testing import CliRunner
@@ -157,14 +157,13 @@ class Shell:
 
     ``raytwin ...`` and ``./dev <raytwin command>`` run in this process through the Typer app (the session's
     Ray and S3 server are reused, and each command costs no interpreter start); ``python -m benchmarks`` runs the
-    benchmark app the same way; ``NAME=value`` and ``export NAME=value`` set variables; anything else runs in
-    ``bash`` with the venv's interpreter first on PATH.
+    benchmark app the same way; ``NAME=value`` and ``export NAME=value`` set variables; anything else (``curl``)
+    runs in ``bash``.
     """
 
     cwd: Path
     env: dict[str, str]
     apps: Mapping[tuple[str, ...], Callable[..., object]]
-    history: list[Result] = field(default_factory=list)
 
     def run(self, command: str) -> Result:
         words = shlex.split(command, comments=True)
@@ -173,13 +172,13 @@ class Shell:
             for word in assignment:
                 name, _, value = word.partition("=")
                 self.env[name] = self._expand(value)
-            return self._record(Result(command, 0, ""))
+            return Result(command, 0, "")
         for prefix, app in self.apps.items():
             if tuple(words[:len(prefix)]) == prefix:
-                return self._record(self._invoke(command, app, words[len(prefix):]))
+                return self._invoke(command, app, words[len(prefix):])
         proc = subprocess.run(["bash", "-c", command], cwd=self.cwd, env=self.env, capture_output=True, text=True,
                               timeout=120)
-        return self._record(Result(command, proc.returncode, proc.stdout + proc.stderr))
+        return Result(command, proc.returncode, proc.stdout + proc.stderr)
 
     def _expand(self, word: str) -> str:
         return re.sub(r"\$(\w+)|\$\{(\w+)\}", lambda m: self.env.get(m.group(1) or m.group(2), ""), word)
@@ -206,7 +205,3 @@ class Shell:
         if result.exception is not None and not isinstance(result.exception, SystemExit):
             output += f"\n{type(result.exception).__name__}: {result.exception}"
         return Result(command, result.exit_code, output)
-
-    def _record(self, result: Result) -> Result:
-        self.history.append(result)
-        return result
