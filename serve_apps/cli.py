@@ -61,6 +61,8 @@ def start(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     args = json.loads(config.read_text()) if config else {}
+    # a local store path is made absolute: Serve replicas do not run in this shell's directory
+    store = store if "://" in store else str(Path(store).resolve())
     args.update(store_url=store, keys_file=str(keys_file.resolve()), autoscaling={
         **args.get("autoscaling", {}), "min_replicas": min_replicas, "max_replicas": max_replicas,
         "target_ongoing_requests": target_ongoing_requests,

@@ -170,7 +170,8 @@ def calibrate_synthetic(
     noise: Annotated[list[str] | None, typer.Option(help="Output noise std OUTPUT=STD (repeatable).")] = None,
     seed: int = 0,
 ) -> None:
-    """Write synthetic noisy telemetry with known parameters (solve_ivp ground truth)."""
+    """Write synthetic noisy telemetry with known parameters (solve_ivp ground truth); print its start state,
+    which a CalibrationSpec of the data needs."""
     import pyarrow.parquet as pq
 
     from raytwin.sim import get_model
@@ -184,10 +185,11 @@ def calibrate_synthetic(
             raise typer.BadParameter(f"expected NAME=VALUE pairs, got {items}") from None
 
     sim = get_model(model)
-    table = synthetic_telemetry(model, pairs(param), get_kit(model).start_state, steps, dt or sim.default_dt,
-                                pairs(noise), seed)
+    start = get_kit(model).start_state
+    table = synthetic_telemetry(model, pairs(param), start, steps, dt or sim.default_dt, pairs(noise), seed)
     pq.write_table(table, out)
     typer.echo(f"wrote {table.num_rows} samples of {model} to {out}")
+    typer.echo(f"start_state: {json.dumps(start)}")  # what a CalibrationSpec of this data needs (YAML or JSON)
 
 
 def rerun(
