@@ -45,45 +45,17 @@ import raytwin.sim  # noqa: F401  (enables float64)
 from raytwin.sim import Model
 
 
-@dataclass(frozen=True)
-class NoiseDefaults:
-    """Per-model filter defaults (SI units).
+def model_defaults(model: Model) -> dict[str, dict[str, float]]:
+    """The filter defaults a model declares (SI units), by kind: ``initial_state``/``initial_std``
+    (a new twin's prior: `State.nominal`/`prior_std`), ``process_std`` (per state, units/sqrt(s);
+    Q = q^2 dt per sub-step), ``measurement_std`` (per output) and ``inputs`` (the value an input
+    holds until first measured: `Input.nominal`). Undeclared values are left out."""
+    pick = lambda variables, field: {v.name: getattr(v, field) for v in variables  # noqa: E731
+                                     if getattr(v, field) is not None}
+    return {"initial_state": pick(model.states, "nominal"), "initial_std": pick(model.states, "prior_std"),
+            "process_std": pick(model.states, "process_std"), "measurement_std": pick(model.outputs, "measurement_std"),
+            "inputs": pick(model.inputs, "nominal")}
 
-    ``process_std`` is the process-noise intensity per state in units/sqrt(s) (Q = q^2 dt per
-    sub-step); ``measurement_std`` the sensor noise per output; ``initial_*`` the prior when a
-    twin is registered without one; ``inputs`` the value an input holds until first measured.
-    """
-
-    initial_state: dict[str, float]
-    initial_std: dict[str, float]
-    process_std: dict[str, float]
-    measurement_std: dict[str, float]
-    inputs: dict[str, float]
-
-
-DEFAULTS: dict[str, NoiseDefaults] = {
-    "thermal_rc": NoiseDefaults(
-        initial_state={"T_in": 293.15, "T_m": 293.15},
-        initial_std={"T_in": 2.0, "T_m": 2.0},
-        process_std={"T_in": 1e-2, "T_m": 1e-3},
-        measurement_std={"T_in": 0.05},
-        inputs={"T_out": 283.15, "Q_h": 0.0, "Q_sol": 0.0},
-    ),
-    "battery_ecm": NoiseDefaults(
-        initial_state={"soc": 0.5, "v1": 0.0, "v2": 0.0},
-        initial_std={"soc": 0.2, "v1": 0.01, "v2": 0.01},
-        process_std={"soc": 1e-5, "v1": 1e-4, "v2": 1e-4},
-        measurement_std={"v_terminal": 2e-3},
-        inputs={"i": 0.0},
-    ),
-    "two_tank": NoiseDefaults(
-        initial_state={"h1": 0.5, "h2": 0.5},
-        initial_std={"h1": 0.1, "h2": 0.1},
-        process_std={"h1": 1e-4, "h2": 1e-4},
-        measurement_std={"h1": 1e-3, "h2": 1e-3},
-        inputs={"q_in": 0.0},
-    ),
-}
 
 EWMA_ALPHA = 0.05
 """Weight of the newest update in the divergence indicators (~40-update memory)."""
@@ -352,9 +324,7 @@ class ExtendedKalmanFilter:
         measurement_std: dict[str, float] | None = None,
     ):
         self.model = model
-        self.defaults = DEFAULTS.get(model.name)
-        if self.defaults is None and (process_std is None or measurement_std is None):
-            raise ValueError(f"no filter defaults for model {model.name}: give process_std and measurement_std")
+        self.defaults = model_defaults(model)
         self.params = np.asarray(params, dtype=np.float64)  # NumPy: packed into every dispatch
         q = _complete("process_std", model.state_names, process_std, self.defaults)
         r = _complete("measurement_std", model.output_names, measurement_std, self.defaults)
@@ -542,16 +512,16 @@ def _assimilate_model(model: Model, runs: list[Run], n: np.ndarray) -> FilterTra
     return FilterTrace(t_events, out_x, out_P, held[lane, pos + 1], out_upd, out_nl, out_nm, out_rm, out_rs)
 
 
-def _complete(kind: str, names: tuple[str, ...], given: dict[str, float] | None, defaults: NoiseDefaults | None):
+def _complete(kind: str, names: tuple[str, ...], given: dict[str, float] | None, defaults: dict[str, dict[str, float]]):
     """Values for `names` in order: `given` over the model defaults; unknown or missing refused."""
     given = dict(given or {})
     unknown = set(given) - set(names)
     if unknown:
         raise KeyError(f"{kind}: unknown name(s) {sorted(unknown)}; expected {list(names)}")
-    base = getattr(defaults, kind) if defaults is not None else {}
+    base = defaults[kind]
     missing = [n for n in names if n not in given and n not in base]
     if missing:
-        raise KeyError(f"{kind}: no value and no default for {missing}")
+        raise KeyError(f"{kind}: no value and no default for {missing} (give them, or declare them on the model)")
     out = np.array([float(given.get(n, base.get(n, 0.0))) for n in names], dtype=np.float64)
     if not np.all(np.isfinite(out)):
         raise ValueError(f"{kind}: values must be finite, got {dict(zip(names, out.tolist()))}")

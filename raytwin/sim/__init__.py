@@ -12,7 +12,7 @@ jax.config.update("jax_enable_x64", True)
 
 from raytwin.sim.battery import BATTERY_ECM, ocv  # noqa: E402
 from raytwin.sim.integrate import Rollout, rollout, simulate, simulate_batch  # noqa: E402
-from raytwin.sim.model import Model, Param, Var, rk4_step, unstack  # noqa: E402
+from raytwin.sim.model import Input, Model, Output, Param, State, Var, rk4_step, unstack  # noqa: E402
 from raytwin.sim.tanks import TWO_TANK  # noqa: E402
 from raytwin.sim.thermal import THERMAL_RC  # noqa: E402
 
@@ -37,6 +37,7 @@ def get_model(name: str) -> Model:
 
 
 __all__ = [
-    "BATTERY_ECM", "MODELS", "Model", "Param", "Rollout", "THERMAL_RC", "TWO_TANK", "UnknownModelError", "Var",
+    "BATTERY_ECM", "MODELS", "Input", "Model", "Output", "Param", "Rollout", "State", "THERMAL_RC", "TWO_TANK",
+    "UnknownModelError", "Var",
     "get_model", "ocv", "rk4_step", "rollout", "simulate", "simulate_batch", "unstack",
 ]

@@ -9,12 +9,12 @@ Current ``i`` is positive on discharge. The output is nonlinear in ``soc`` (an e
 filter applies). The fastest time constant is r1 c1 (40 s typical): RK4 is stable for
 dt < 2.785 r1 c1 and accurate to ~1e-6 relative for dt <= 0.1 r1 c1; the reference step is 1 s.
 ``soc`` integrates the current with nothing pulling it back, so float32 rollouts sum its tiny
-increments with compensation (`raytwin.sim.integrate.COMPENSATED_STATES`).
+increments with compensation (`State(..., compensated=True)`).
 """
 
 from __future__ import annotations
 
-from raytwin.sim.model import Model, Param, Var
+from raytwin.sim.model import Input, Model, Output, Param, State
 
 
 def ocv(soc):
@@ -45,11 +45,11 @@ BATTERY_ECM = Model(
     version="1.0.0",
     description="Lithium-ion cell, OCV + R0 + two RC pairs, coulomb-counted state of charge.",
     states=(
-        Var("soc", "-", "state of charge", -0.1, 1.1),
-        Var("v1", "V", "first RC pair voltage", -100.0, 100.0),
-        Var("v2", "V", "second RC pair voltage", -100.0, 100.0),
+        State("soc", "-", "state of charge", -0.1, 1.1, nominal=0.5, prior_std=0.2, process_std=1e-5, compensated=True),
+        State("v1", "V", "first RC pair voltage", -100.0, 100.0, nominal=0.0, prior_std=0.01, process_std=1e-4),
+        State("v2", "V", "second RC pair voltage", -100.0, 100.0, nominal=0.0, prior_std=0.01, process_std=1e-4),
     ),
-    inputs=(Var("i", "A", "cell current, positive on discharge", -1.0e4, 1.0e4),),
+    inputs=(Input("i", "A", "cell current, positive on discharge", -1.0e4, 1.0e4, nominal=0.0),),
     params=(
         Param("q", "Ah", 2.5, 0.1, 500.0, "capacity"),
         Param("r0", "ohm", 0.05, 1.0e-4, 1.0, "series resistance"),
@@ -58,7 +58,7 @@ BATTERY_ECM = Model(
         Param("r2", "ohm", 0.03, 1.0e-4, 1.0, "second RC pair resistance"),
         Param("c2", "F", 2.0e4, 1.0, 1.0e7, "second RC pair capacitance"),
     ),
-    outputs=(Var("v_terminal", "V", "terminal voltage", -100.0, 100.0),),
+    outputs=(Output("v_terminal", "V", "terminal voltage", -100.0, 100.0, measurement_std=2e-3),),
     coefficients=_coefficients,
     derivative=_derivative,
     output=_output,

@@ -9,8 +9,9 @@ keeping the trajectory, so sweeps can stream millions of scenarios in bounded me
 In float32, states that integrate tiny increments with nothing pulling them back are updated with
 compensated (Kahan) summation: a battery's coulomb-counted state of charge (2 mA on 2.5 Ah at soc
 0.98: dx = 2.2e-7 per 1 s step, under 4 ulp of soc) otherwise keeps the rounding error of every
-step, and that rounding is biased (24 h: 1.4e-3 off, 7 % of the change). `COMPENSATED_STATES`
-says which; the RK4 stages stay `rk4_step`'s arithmetic, only the final addition is compensated.
+step, and that rounding is biased (24 h: 1.4e-3 off, 7 % of the change). A model declares which
+(`State(..., compensated=True)`); the RK4 stages stay `rk4_step`'s arithmetic, only the final
+addition is compensated.
 """
 
 from __future__ import annotations
@@ -32,13 +33,16 @@ InputFn = Callable[[jax.Array, jax.Array, Arrays], Arrays]
 Accumulate = Callable[[Any, jax.Array, Arrays, Arrays, Arrays], Any]
 """accumulate(acc, t, state, inputs, next_state) -> acc, folded over every step."""
 
-COMPENSATED_STATES: dict[str, tuple[str, ...]] = {"battery_ecm": ("soc",)}
-"""Per model, the states `rollout` sums with compensation in float32 by default: pure integrators
-(no term pulls them back, so a step's rounding error is never forgotten). States that relax to
-an equilibrium (temperatures, RC voltages, tank levels) forget rounding errors within their time
-constant and are not compensated: every compensated state adds one pass over the RK4 chain per
-step on CPU (XLA emits one loop per carried array), and compensating both thermal states made
-the sweep kernel 1.7-2.1x slower for changes of 1e-5 relative in its metrics."""
+
+def compensated_states(model: Model) -> tuple[str, ...]:
+    """The states `rollout` sums with compensation in float32 by default: those the model declares,
+    meant for pure integrators (no term pulls them back, so a step's rounding error is never
+    forgotten). States that relax to an equilibrium (temperatures, RC voltages, tank levels) forget
+    rounding errors within their time constant and should not be: every compensated state adds one
+    pass over the RK4 chain per step on CPU (XLA emits one loop per carried array), and compensating
+    both thermal states made the sweep kernel 1.7-2.1x slower for changes of 1e-5 relative in its
+    metrics."""
+    return tuple(v.name for v in model.states if v.compensated)
 
 
 class Rollout(NamedTuple):
@@ -67,13 +71,13 @@ def rollout(
     (length `n_steps`, zero-order hold over each step) or an `InputFn`. `unroll` steps run per
     loop iteration (`jax.lax.scan`'s option): the same arithmetic, fewer loop iterations.
     `compensated` names the states updated with Kahan summation (default: the model's
-    `COMPENSATED_STATES` in float32, none in float64); the others are exactly `rk4_step`'s.
+    `compensated_states` in float32, none in float64); the others are exactly `rk4_step`'s.
     """
     coeffs = model.coefficients(params)
     dtype = jnp.result_type(*x0)
     dt_ = jnp.asarray(dt, dtype)
     if compensated is None:
-        compensated = COMPENSATED_STATES.get(model.name, ()) if dtype == jnp.float32 else ()
+        compensated = compensated_states(model) if dtype == jnp.float32 else ()
     index = tuple(model.state_names.index(name) for name in compensated)
 
     def body(carry, xs):

@@ -29,12 +29,13 @@ Arrays = tuple  # a tuple of JAX arrays, one per variable, all broadcastable to 
 
 @dataclass(frozen=True)
 class Var:
-    """A state, input or output variable: name, SI unit, a short description and its plausible range.
+    """A variable: name, SI unit, a short description and its plausible range.
 
     The range (``lower`` <= value <= ``upper``, SI) bounds what the quantity can take, sensor noise
     and filter estimates near a physical limit included, not what is typical: telemetry outside it
     is dead-lettered as implausible and what-if inputs and start states outside it are refused, so
-    one broken sensor or typo cannot destroy a twin.
+    one broken sensor or typo cannot destroy a twin. Declare variables with `State`, `Input` and
+    `Output`, which add what each kind needs.
     """
 
     name: str
@@ -46,6 +47,41 @@ class Var:
     def __post_init__(self) -> None:
         if not self.lower < self.upper:
             raise ValueError(f"variable {self.name}: need lower < upper, got [{self.lower}, {self.upper}]")
+        nominal = getattr(self, "nominal", None)
+        if nominal is not None and not self.lower <= nominal <= self.upper:
+            raise ValueError(f"variable {self.name}: nominal {nominal} outside [{self.lower}, {self.upper}]")
+        for name in ("prior_std", "process_std", "measurement_std"):
+            value = getattr(self, name, None)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"variable {self.name}: {name} must be a finite number > 0, got {value}")
+
+
+@dataclass(frozen=True)
+class State(Var):
+    """A state variable. ``nominal`` and ``prior_std`` are a new twin's prior (mean, std);
+    ``process_std`` the filter's process-noise intensity in units/sqrt(s) (Q = q^2 dt);
+    ``compensated``: in float32, accumulate it with Kahan summation (a slowly integrated quantity
+    such as a battery's state of charge, whose tiny per-step increments round with a bias)."""
+
+    nominal: float | None = None
+    prior_std: float | None = None
+    process_std: float | None = None
+    compensated: bool = False
+
+
+@dataclass(frozen=True)
+class Input(Var):
+    """An input. ``nominal`` is the value a twin holds until the input is first measured, and a
+    typical value for examples and model checks."""
+
+    nominal: float | None = None
+
+
+@dataclass(frozen=True)
+class Output(Var):
+    """A measurable output. ``measurement_std`` is the sensor noise the filter assumes by default."""
+
+    measurement_std: float | None = None
 
 
 @dataclass(frozen=True)
@@ -79,10 +115,10 @@ class Model:
     name: str
     version: str
     description: str
-    states: tuple[Var, ...]
-    inputs: tuple[Var, ...]
+    states: tuple[State, ...]
+    inputs: tuple[Input, ...]
     params: tuple[Param, ...]
-    outputs: tuple[Var, ...]
+    outputs: tuple[Output, ...]
     coefficients: Callable[[Arrays], Arrays]
     derivative: Callable[[Arrays, Arrays, Arrays], Arrays]
     output: Callable[[Arrays, Arrays, Arrays], Arrays]

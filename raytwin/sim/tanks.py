@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from raytwin.sim.model import Model, Param, Var
+from raytwin.sim.model import Input, Model, Output, Param, State
 
 
 def _coefficients(p):
@@ -44,8 +44,11 @@ TWO_TANK = Model(
     name="two_tank",
     version="1.0.0",
     description="Cascaded two-tank hydraulic system, pump inflow, Torricelli outflows.",
-    states=(Var("h1", "m", "upper tank level", -1.0, 1.0e3), Var("h2", "m", "lower tank level", -1.0, 1.0e3)),
-    inputs=(Var("q_in", "m^3/s", "pump inflow", -1.0e3, 1.0e3),),
+    states=(
+        State("h1", "m", "upper tank level", -1.0, 1.0e3, nominal=0.5, prior_std=0.1, process_std=1e-4),
+        State("h2", "m", "lower tank level", -1.0, 1.0e3, nominal=0.5, prior_std=0.1, process_std=1e-4),
+    ),
+    inputs=(Input("q_in", "m^3/s", "pump inflow", -1.0e3, 1.0e3, nominal=0.0),),
     params=(
         Param("a1_tank", "m^2", 1.5e-2, 1.0e-4, 100.0, "upper tank cross-section"),
         Param("a2_tank", "m^2", 1.5e-2, 1.0e-4, 100.0, "lower tank cross-section"),
@@ -54,7 +57,10 @@ TWO_TANK = Model(
         Param("cd", "-", 0.6, 0.1, 1.0, "discharge coefficient"),
         Param("g", "m/s^2", 9.81, 9.78, 9.84, "gravitational acceleration"),
     ),
-    outputs=(Var("h1", "m", "upper tank level", -1.0, 1.0e3), Var("h2", "m", "lower tank level", -1.0, 1.0e3)),
+    outputs=(
+        Output("h1", "m", "upper tank level", -1.0, 1.0e3, measurement_std=1e-3),
+        Output("h2", "m", "lower tank level", -1.0, 1.0e3, measurement_std=1e-3),
+    ),
     coefficients=_coefficients,
     derivative=_derivative,
     output=_output,

@@ -12,7 +12,7 @@ diverges), and accurate to < 1e-6 relative for dt <= 600 s; the reference step i
 
 from __future__ import annotations
 
-from raytwin.sim.model import Model, Param, Var
+from raytwin.sim.model import Input, Model, Output, Param, State
 
 
 def _coefficients(p):
@@ -38,12 +38,15 @@ THERMAL_RC = Model(
     name="thermal_rc",
     version="1.0.0",
     description="Building zone, 2R2C thermal network (indoor air + building mass).",
-    states=(Var("T_in", "K", "indoor air temperature", 173.15, 473.15),
-            Var("T_m", "K", "building mass temperature", 173.15, 473.15)),
+    states=(
+        State("T_in", "K", "indoor air temperature", 173.15, 473.15, nominal=293.15, prior_std=2.0, process_std=1e-2),
+        State("T_m", "K", "building mass temperature", 173.15, 473.15, nominal=293.15, prior_std=2.0,
+              process_std=1e-3),
+    ),
     inputs=(
-        Var("T_out", "K", "outdoor temperature", 173.15, 373.15),
-        Var("Q_h", "W", "heating power (negative: cooling)", -1.0e8, 1.0e8),
-        Var("Q_sol", "W", "solar irradiance gain", 0.0, 1.0e8),
+        Input("T_out", "K", "outdoor temperature", 173.15, 373.15, nominal=283.15),
+        Input("Q_h", "W", "heating power (negative: cooling)", -1.0e8, 1.0e8, nominal=0.0),
+        Input("Q_sol", "W", "solar irradiance gain", 0.0, 1.0e8, nominal=0.0),
     ),
     params=(
         Param("C_in", "J/K", 2.0e6, 1.0e5, 1.0e8, "indoor air + furniture heat capacity"),
@@ -53,7 +56,7 @@ THERMAL_RC = Model(
         Param("R_io", "K/W", 1.0e-2, 1.0e-5, 1.0, "air-to-outdoor resistance (windows, ventilation)"),
         Param("f_sol", "-", 0.3, 0.0, 1.0, "fraction of solar gain reaching the indoor air"),
     ),
-    outputs=(Var("T_in", "K", "indoor air temperature", 173.15, 473.15),),
+    outputs=(Output("T_in", "K", "indoor air temperature", 173.15, 473.15, measurement_std=0.05),),
     coefficients=_coefficients,
     derivative=_derivative,
     output=_output,
