@@ -1,0 +1,188 @@
+"""Describe an FMU in RayTwin's vocabulary and keep its file content-hashed.
+
+`FmuModel.load` reads ``modelDescription.xml`` (through `fmpy.read_model_description`) and maps
+the real-valued variables onto the same declarations as a JAX model (`raytwin.sim.model`):
+
+- continuous states (the variables some ``der(...)`` is the derivative of) -> `State`, start value
+  as ``nominal``;
+- ``causality="input"`` -> `Input`; ``causality="output"`` -> `Output` (a state can be both);
+- ``causality="parameter"`` with a start value -> `Param` (start as default, min/max as bounds).
+
+Units go through `raytwin.units`: an FMU unit RayTwin does not know is refused with the variable's
+name, so no value is ever exchanged in a unit nobody checked. Values are exchanged with the FMU in
+its declared units. Integer, boolean and string variables are not mapped.
+
+The FMU file is identified by its SHA-256 (`FmuModel.fmu_hash`): `store_fmu` copies it under that
+hash, and every process that opens it verifies the hash first, so a run record naming the hash
+names exactly the binary that ran.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from raytwin.sim.model import Input, Output, Param, State
+from raytwin.storage import filesystem
+from raytwin.units import UNITS
+
+REAL_TYPES = ("Real", "Float64", "Float32")
+"""FMI 2.0 and 3.0 names of the variable types RayTwin maps."""
+
+INTERFACES = ("CoSimulation", "ModelExchange")
+
+
+class FmuError(ValueError):
+    """An FMU RayTwin cannot use as asked (unknown unit, wrong hash, unknown variable, failed run)."""
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fmu_unit(unit: str | None) -> str:
+    """RayTwin's spelling of an FMU unit: none or Modelica's ``"1"`` is dimensionless (``-``), and
+    Modelica's exponents (``m/s2``) are written with a caret (``m/s^2``); nothing else is rewritten."""
+    if unit in (None, "", "1"):
+        return "-"
+    return re.sub(r"(?<=[A-Za-z])(\d+)", r"^\1", unit)
+
+
+def _float(text: str | None, default: float) -> float:
+    return default if text is None else float(text)
+
+
+@dataclass(frozen=True)
+class FmuModel:
+    """An FMU's identity (where it is, its SHA-256) and its variables as RayTwin declarations."""
+
+    url: str
+    fmu_hash: str
+    name: str
+    fmi_version: str
+    interfaces: tuple[str, ...]
+    states: tuple[State, ...]
+    inputs: tuple[Input, ...]
+    params: tuple[Param, ...]
+    outputs: tuple[Output, ...]
+    default_dt: float
+    start_time: float
+    can_get_set_state: bool
+
+    @classmethod
+    def load(cls, url: str | os.PathLike, *, expected_hash: str | None = None) -> FmuModel:
+        """Read an FMU (a local path or fsspec URL); `expected_hash` refuses any other file."""
+        from fmpy import read_model_description
+
+        url = str(url)
+        path = _local_copy(url, expected_hash)
+        md = read_model_description(path, validate=False)
+        where = f"FMU {Path(url).name}"
+        states, inputs, params, outputs = [], [], [], []
+        state_names = {d.variable.derivative.name for d in md.derivatives if d.variable.derivative is not None}
+        for v in md.modelVariables:
+            if v.type not in REAL_TYPES:
+                continue
+            mapped = v.name in state_names or v.causality in ("input", "output") or (
+                v.causality == "parameter" and v.start is not None)
+            if not mapped:
+                continue
+            unit = fmu_unit(v.unit or (v.declaredType.unit if v.declaredType is not None else None))
+            if unit not in UNITS:
+                raise FmuError(f"{where}: variable {v.name}: unit {unit!r} is unknown to RayTwin "
+                               f"(add it to raytwin/units.py UNITS); known: {', '.join(sorted(UNITS))}")
+            lower, upper = _float(v.min, -math.inf), _float(v.max, math.inf)
+            start = None if v.start is None else float(v.start)
+            text = v.description or ""
+            try:
+                if v.name in state_names:
+                    states.append(State(v.name, unit, text, lower, upper, nominal=start))
+                if v.causality == "input":
+                    inputs.append(Input(v.name, unit, text, lower, upper, nominal=start))
+                elif v.causality == "output":
+                    outputs.append(Output(v.name, unit, text, lower, upper))
+                elif v.causality == "parameter":
+                    params.append(Param(v.name, unit, start, lower, upper, text))
+            except ValueError as e:
+                raise FmuError(f"{where}: {e}") from None
+        interfaces = tuple(i for i, d in zip(INTERFACES, (md.coSimulation, md.modelExchange)) if d is not None)
+        if not interfaces:
+            raise FmuError(f"{where}: neither co-simulation nor model exchange is provided")
+        capable = [d for d in (md.coSimulation, md.modelExchange) if d is not None]
+        experiment = md.defaultExperiment
+        return cls(
+            url=url, fmu_hash=sha256_file(path), name=md.modelName, fmi_version=md.fmiVersion,
+            interfaces=interfaces, states=tuple(states), inputs=tuple(inputs), params=tuple(params),
+            outputs=tuple(outputs),
+            default_dt=_float(experiment.stepSize if experiment else None, 1.0),
+            start_time=_float(experiment.startTime if experiment else None, 0.0),
+            can_get_set_state=all(bool(d.canGetAndSetFMUstate) for d in capable),
+        )
+
+    @property
+    def state_names(self) -> tuple[str, ...]:
+        return tuple(v.name for v in self.states)
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(v.name for v in self.inputs)
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.params)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(v.name for v in self.outputs)
+
+    def default_params(self) -> dict[str, float]:
+        return {p.name: p.default for p in self.params}
+
+    def local_path(self) -> str:
+        """A local file with exactly this FMU (downloaded once per machine for a remote URL)."""
+        return _local_copy(self.url, self.fmu_hash)
+
+
+def _local_copy(url: str, expected_hash: str | None) -> str:
+    """`url` as a local file whose SHA-256 is `expected_hash` (when given): fmpy needs a local file."""
+    if "://" in url and not url.startswith("file://"):
+        fs, path = filesystem(url)
+        if expected_hash is None:
+            cache = tempfile.mkdtemp(prefix="raytwin-fmu-")
+            local = os.path.join(cache, Path(path).name)
+        else:
+            local = os.path.join(tempfile.gettempdir(), "raytwin-fmu", f"{expected_hash}.fmu")
+        if not (os.path.exists(local) and expected_hash and sha256_file(local) == expected_hash):
+            os.makedirs(os.path.dirname(local), exist_ok=True)
+            fs.get(path, local)
+    else:
+        local = url.removeprefix("file://")
+        if not os.path.isfile(local):
+            raise FmuError(f"no FMU file at {url}")
+    if expected_hash is not None and (actual := sha256_file(local)) != expected_hash:
+        raise FmuError(f"FMU {url} has SHA-256 {actual}, expected {expected_hash}: the file changed")
+    return local
+
+
+def store_fmu(path: str | os.PathLike, url: str) -> FmuModel:
+    """Copy an FMU into `url` (a directory or fsspec URL) as ``fmus/<sha256>.fmu`` and describe it.
+
+    Storing the same file twice is a no-op; the returned model points at the stored copy.
+    """
+    digest = sha256_file(path)
+    fs, root = filesystem(url)
+    target = f"{root}/fmus/{digest}.fmu"
+    if not fs.exists(target):
+        fs.makedirs(f"{root}/fmus", exist_ok=True)
+        fs.put_file(str(path), target)
+    stored = target if "://" not in url else f"{url.rstrip('/')}/fmus/{digest}.fmu"
+    return FmuModel.load(stored, expected_hash=digest)

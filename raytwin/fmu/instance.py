@@ -1,0 +1,196 @@
+"""Run scenarios on one FMU instance, instantiated once per process and reset between runs.
+
+Instantiating an FMU extracts its archive, loads its shared library and allocates the model:
+milliseconds to seconds, against microseconds for a reset. `cached_instance` keeps one instance
+per (FMU hash, interface) in each worker process, so a sweep pays for it once per worker.
+
+Co-simulation is driven here step by step (inputs held over each communication step, outputs
+read after every step); model exchange runs through `fmpy.simulate_fmu` with CVode on the same
+instance, inputs held piecewise constant the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from raytwin.fmu.describe import INTERFACES, FmuError, FmuModel
+
+log = logging.getLogger("raytwin.fmu")
+
+ME_RELATIVE_TOLERANCE = 1e-8
+"""CVode's relative tolerance for model exchange: well below what a twin or a sweep resolves."""
+
+INSTANTIATIONS: Counter[str] = Counter()
+"""How many FMU instances this process created, per FMU hash (the reuse is observable)."""
+
+
+@dataclass(frozen=True)
+class FmuScenario:
+    """One run: `n_steps` steps of `dt` (the FMU's default when None) from `start_time`.
+
+    `start` sets start values (states, by name), `params` parameters, and `inputs` one value per
+    step per input (held over the step); anything not given keeps the FMU's own start value.
+    """
+
+    n_steps: int
+    dt: float | None = None
+    start: Mapping[str, float] = field(default_factory=dict)
+    params: Mapping[str, float] = field(default_factory=dict)
+    inputs: Mapping[str, np.ndarray] = field(default_factory=dict)
+    start_time: float | None = None
+
+    def check(self, model: FmuModel) -> None:
+        """Refuse names the FMU does not declare and input series of the wrong length."""
+        if self.n_steps < 1:
+            raise FmuError(f"scenario: n_steps must be >= 1, got {self.n_steps}")
+        if self.dt is not None and not self.dt > 0:
+            raise FmuError(f"scenario: dt must be > 0, got {self.dt}")
+        for kind, given, known in (("state", self.start, model.state_names), ("parameter", self.params,
+                                   model.param_names), ("input", self.inputs, model.input_names)):
+            unknown = sorted(set(given) - set(known))
+            if unknown:
+                raise FmuError(f"FMU {model.name} has no {kind}(s) {unknown}; known: {sorted(known)}")
+        for name, series in self.inputs.items():
+            if np.shape(series) != (self.n_steps,):
+                raise FmuError(f"scenario: input {name} needs {self.n_steps} values, got shape {np.shape(series)}")
+
+
+class FmuInstance:
+    """One instantiated FMU (co-simulation or model exchange) that runs scenarios one after another."""
+
+    def __init__(self, model: FmuModel, interface: str = "CoSimulation"):
+        from fmpy import extract, instantiate_fmu, read_model_description
+
+        if interface not in model.interfaces:
+            raise FmuError(f"FMU {model.name} does not provide {interface}; it provides {list(model.interfaces)}")
+        path = model.local_path()
+        self.model = model
+        self.interface = interface
+        self.md = read_model_description(path, validate=False)
+        self.unzipdir = extract(path)
+        self.fmu = instantiate_fmu(self.unzipdir, self.md, fmi_type=interface)
+        self.fmi3 = self.md.fmiVersion.startswith("3")
+        self.vr = {v.name: v.valueReference for v in self.md.modelVariables}
+        self._fresh = True
+        INSTANTIATIONS[model.fmu_hash] += 1
+        log.info("event=fmu_instantiated fmu=%s hash=%s interface=%s", model.name, model.fmu_hash[:12], interface)
+
+    # ---- low-level access, shared with the stepper ------------------------------------------
+    def set(self, values: Mapping[str, float]) -> None:
+        if values:
+            refs = [self.vr[n] for n in values]
+            vals = [float(v) for v in values.values()]
+            (self.fmu.setFloat64 if self.fmi3 else self.fmu.setReal)(refs, vals)
+
+    def get(self, names: tuple[str, ...]) -> np.ndarray:
+        refs = [self.vr[n] for n in names]
+        return np.asarray((self.fmu.getFloat64 if self.fmi3 else self.fmu.getReal)(refs), dtype=np.float64)
+
+    def _reset(self) -> None:
+        if not self._fresh:
+            self.fmu.reset()
+        self._fresh = False
+
+    def initialize(self, values: Mapping[str, float], start_time: float) -> None:
+        """Reset, set start values and parameters, and initialise at `start_time` (co-simulation)."""
+        self._reset()
+        if self.fmi3:
+            self.set(values)
+            self.fmu.enterInitializationMode(startTime=start_time)
+        else:
+            self.fmu.setupExperiment(startTime=start_time)
+            self.set(values)
+            self.fmu.enterInitializationMode()
+        self.fmu.exitInitializationMode()
+
+    def do_step(self, t: float, dt: float) -> None:
+        self.fmu.doStep(currentCommunicationPoint=t, communicationStepSize=dt)
+
+    # ---- scenarios -----------------------------------------------------------------------------
+    def run(self, scenario: FmuScenario, outputs: tuple[str, ...] | None = None) -> np.ndarray:
+        """Values of `outputs` (default: the FMU's outputs) at the start and after every step,
+        shape ``(n_steps + 1, len(outputs))``; a non-finite value raises `FmuError`."""
+        scenario.check(self.model)
+        names = outputs or self.model.output_names
+        dt = scenario.dt or self.model.default_dt
+        t0 = self.model.start_time if scenario.start_time is None else scenario.start_time
+        if self.interface == "CoSimulation":
+            y = self._run_cs(scenario, names, dt, t0)
+        else:
+            y = self._run_me(scenario, names, dt, t0)
+        if not np.all(np.isfinite(y)):
+            step = int(np.argmax(~np.all(np.isfinite(y), axis=1)))
+            raise FmuError(f"FMU {self.model.name}: non-finite output at step {step}")
+        return y
+
+    def _run_cs(self, scenario: FmuScenario, names: tuple[str, ...], dt: float, t0: float) -> np.ndarray:
+        self.initialize({**scenario.start, **scenario.params}, t0)
+        y = np.empty((scenario.n_steps + 1, len(names)))
+        y[0] = self.get(names)
+        series = {n: np.asarray(v, dtype=np.float64) for n, v in scenario.inputs.items()}
+        for k in range(scenario.n_steps):
+            self.set({n: s[k] for n, s in series.items()})
+            self.do_step(t0 + k * dt, dt)
+            y[k + 1] = self.get(names)
+        return y
+
+    def _run_me(self, scenario: FmuScenario, names: tuple[str, ...], dt: float, t0: float) -> np.ndarray:
+        from fmpy import simulate_fmu
+
+        self._reset()
+        n = scenario.n_steps
+        result = simulate_fmu(
+            self.unzipdir, validate=False, start_time=t0, stop_time=t0 + n * dt, solver="CVode",
+            relative_tolerance=ME_RELATIVE_TOLERANCE, output_interval=dt, record_events=False,
+            start_values={**scenario.start, **scenario.params}, input=_held_signal(scenario, dt, t0),
+            output=list(names), model_description=self.md, fmu_instance=self.fmu,
+        )
+        grid = t0 + dt * np.arange(n + 1)
+        return np.column_stack([np.interp(grid, result["time"], result[name]) for name in names])
+
+    def close(self) -> None:
+        self.fmu.freeInstance()
+        shutil.rmtree(self.unzipdir, ignore_errors=True)
+
+
+def _held_signal(scenario: FmuScenario, dt: float, t0: float) -> np.ndarray | None:
+    """fmpy's input table for inputs held over each step: every value at both ends of its step
+    (a repeated time is a discontinuity for fmpy, so the solver never sees a ramp)."""
+    if not scenario.inputs:
+        return None
+    n = scenario.n_steps
+    times = t0 + dt * np.repeat(np.arange(n + 1), 2)[1:-1]
+    table = np.zeros(2 * n, dtype=[("time", np.float64)] + [(k, np.float64) for k in scenario.inputs])
+    table["time"] = times
+    for name, series in scenario.inputs.items():
+        table[name] = np.repeat(np.asarray(series, dtype=np.float64), 2)
+    return table
+
+
+_CACHE: dict[tuple[str, str], FmuInstance] = {}
+
+
+def cached_instance(model: FmuModel, interface: str = "CoSimulation") -> FmuInstance:
+    """This process's instance of `model` (created on first use, reused afterwards)."""
+    if interface not in INTERFACES:
+        raise FmuError(f"unknown FMU interface {interface!r}; known: {list(INTERFACES)}")
+    key = (model.fmu_hash, interface)
+    if key not in _CACHE:
+        _CACHE[key] = FmuInstance(model, interface)
+    return _CACHE[key]
+
+
+def discard_instance(model: FmuModel, interface: str) -> None:
+    """Drop this process's instance after a failed run: its internal state is not to be trusted."""
+    instance = _CACHE.pop((model.fmu_hash, interface), None)
+    if instance is not None:
+        try:
+            instance.close()
+        except Exception:  # noqa: BLE001 - an FMU that failed may also fail to free; drop it anyway
+            log.warning("event=fmu_free_failed fmu=%s", model.name)
