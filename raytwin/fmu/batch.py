@@ -59,7 +59,6 @@ def run_scenarios(model: FmuModel, scenarios: Sequence[FmuScenario], interface: 
     return results
 
 
-@ray.remote(num_cpus=1)
 def _chunk(model: FmuModel, scenarios: list[FmuScenario], interface: str, outputs: tuple[str, ...],
            keep_outputs: bool) -> tuple[int, int, list, np.ndarray]:
     results = run_scenarios(model, scenarios, interface, outputs)
@@ -69,6 +68,11 @@ def _chunk(model: FmuModel, scenarios: list[FmuScenario], interface: str, output
             metrics[i] = np.concatenate([y[-1], y.min(axis=0), y.max(axis=0), y.mean(axis=0)])
     kept = results if keep_outputs else [(None, e) for _, e in results]
     return os.getpid(), INSTANTIATIONS[model.fmu_hash], kept, metrics
+
+
+_chunk_remote = ray.remote(num_cpus=1)(_chunk)
+"""Bound to its own name so Ray ships `_chunk` by reference: pickled by value, it would carry
+a copy of the module's instance cache into every task and instantiate the FMU each time."""
 
 
 def run_fmu_sweep(model: FmuModel, scenarios: Sequence[FmuScenario], *, chunk_size: int = 16,
@@ -82,7 +86,7 @@ def run_fmu_sweep(model: FmuModel, scenarios: Sequence[FmuScenario], *, chunk_si
     names = outputs or model.output_names
     model_ref = ray.put(model)
     chunks = [list(scenarios[i:i + chunk_size]) for i in range(0, len(scenarios), chunk_size)]
-    done = ray.get([_chunk.remote(model_ref, c, interface, names, keep_outputs) for c in chunks])
+    done = ray.get([_chunk_remote.remote(model_ref, c, interface, names, keep_outputs) for c in chunks])
     per_worker: dict[int, int] = {}
     outs, errors, metrics = [], [], []
     for pid, count, results, m in done:

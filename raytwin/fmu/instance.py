@@ -11,6 +11,8 @@ instance, inputs held piecewise constant the same way.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import shutil
 from collections import Counter
@@ -114,8 +116,9 @@ class FmuInstance:
 
     # ---- scenarios -----------------------------------------------------------------------------
     def run(self, scenario: FmuScenario, outputs: tuple[str, ...] | None = None) -> np.ndarray:
-        """Values of `outputs` (default: the FMU's outputs) at the start and after every step,
-        shape ``(n_steps + 1, len(outputs))``; a non-finite value raises `FmuError`."""
+        """Values of `outputs` (default: the FMU's outputs) at ``t0 + k dt`` for k = 0..n_steps,
+        shape ``(n_steps + 1, len(outputs))``: row k sees input k (the last row the last input,
+        still held). A non-finite value raises `FmuError`."""
         scenario.check(self.model)
         names = outputs or self.model.output_names
         dt = scenario.dt or self.model.default_dt
@@ -131,13 +134,14 @@ class FmuInstance:
 
     def _run_cs(self, scenario: FmuScenario, names: tuple[str, ...], dt: float, t0: float) -> np.ndarray:
         self.initialize({**scenario.start, **scenario.params}, t0)
-        y = np.empty((scenario.n_steps + 1, len(names)))
-        y[0] = self.get(names)
-        series = {n: np.asarray(v, dtype=np.float64) for n, v in scenario.inputs.items()}
-        for k in range(scenario.n_steps):
-            self.set({n: s[k] for n, s in series.items()})
+        n = scenario.n_steps
+        y = np.empty((n + 1, len(names)))
+        series = {name: np.asarray(v, dtype=np.float64) for name, v in scenario.inputs.items()}
+        for k in range(n):
+            self.set({name: s[k] for name, s in series.items()})
+            y[k] = self.get(names)
             self.do_step(t0 + k * dt, dt)
-            y[k + 1] = self.get(names)
+        y[n] = self.get(names)  # the last inputs still held
         return y
 
     def _run_me(self, scenario: FmuScenario, names: tuple[str, ...], dt: float, t0: float) -> np.ndarray:
@@ -145,12 +149,13 @@ class FmuInstance:
 
         self._reset()
         n = scenario.n_steps
-        result = simulate_fmu(
-            self.unzipdir, validate=False, start_time=t0, stop_time=t0 + n * dt, solver="CVode",
-            relative_tolerance=ME_RELATIVE_TOLERANCE, output_interval=dt, record_events=False,
-            start_values={**scenario.start, **scenario.params}, input=_held_signal(scenario, dt, t0),
-            output=list(names), model_description=self.md, fmu_instance=self.fmu,
-        )
+        with contextlib.redirect_stdout(io.StringIO()):  # fmpy prints a line per unmapped input
+            result = simulate_fmu(
+                self.unzipdir, validate=False, start_time=t0, stop_time=t0 + n * dt, solver="CVode",
+                relative_tolerance=ME_RELATIVE_TOLERANCE, output_interval=dt, record_events=False,
+                start_values={**scenario.start, **scenario.params}, input=_held_signal(scenario, dt, t0),
+                output=list(names), model_description=self.md, fmu_instance=self.fmu,
+            )
         grid = t0 + dt * np.arange(n + 1)
         return np.column_stack([np.interp(grid, result["time"], result[name]) for name in names])
 

@@ -1,0 +1,186 @@
+"""FMUs through fmpy, on the Modelica Association's Reference FMUs built from source (FMI 2.0 and 3.0).
+
+The build fixture fails (never skips) without CMake or the sources: CI has both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from raytwin.fmu import (
+    INSTANTIATIONS, FmuError, FmuInstance, FmuModel, FmuScenario, FmuStepper, calibrate_fmu, run_fmu_sweep,
+    run_scenarios, store_fmu,
+)
+from raytwin.fmu.reference import build_reference_fmus, default_source
+from raytwin.sim import Model, Output, Param, State, simulate
+
+MODELS = ("VanDerPol", "Dahlquist", "BouncingBall", "Feedthrough")
+VERSIONS = (2, 3)
+
+
+@pytest.fixture(scope="session")
+def reference_fmus(tmp_path_factory) -> dict[tuple[int, str], str]:
+    """(FMI version, model) -> built .fmu path (a few seconds per FMI version)."""
+    out = tmp_path_factory.mktemp("reference-fmus")
+    return {(v, m): str(p) for v in VERSIONS for m, p in build_reference_fmus(out, v, MODELS).items()}
+
+
+def reference_output(model: str) -> np.ndarray:
+    return np.genfromtxt(default_source() / model / f"{model}_out.csv", delimiter=",", names=True)
+
+
+# ---- a JAX Van der Pol oscillator, written from the equations -----------------------------------
+def _vdp_derivative(x, u, c):
+    (x0, x1), (mu,) = x, c
+    return x1, mu * (1.0 - x0 * x0) * x1 - x0
+
+
+JAX_VDP = Model(
+    name="vdp_jax", version="1", description="Van der Pol oscillator",
+    states=(State("x0", "-", nominal=2.0), State("x1", "-", nominal=0.0)), inputs=(),
+    params=(Param("mu", "-", 1.0, 0.1, 10.0),), outputs=(Output("x0", "-"), Output("x1", "-")),
+    coefficients=lambda p: p, derivative=_vdp_derivative, output=lambda x, u, c: x, default_dt=0.01,
+)
+
+
+# ---- describe ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("version", VERSIONS)
+def test_describe_maps_variables_to_raytwin_declarations(reference_fmus, version):
+    path = reference_fmus[(version, "VanDerPol")]
+    model = FmuModel.load(path)
+    assert model.fmi_version == f"{version}.0"
+    assert model.state_names == ("x0", "x1") and model.output_names == ("x0", "x1")
+    assert model.param_names == ("mu",) and model.input_names == ()
+    assert [s.nominal for s in model.states] == [2.0, 0.0] and model.default_params() == {"mu": 1.0}
+    assert model.default_dt == 0.01 and model.can_get_set_state
+    assert set(model.interfaces) == {"CoSimulation", "ModelExchange"}
+    with open(path, "rb") as f:
+        assert model.fmu_hash == hashlib.sha256(f.read()).hexdigest()
+    feed = FmuModel.load(reference_fmus[(version, "Feedthrough")])  # inputs and parameters, bounds absent
+    assert "Float64_continuous_input" in feed.input_names and "Float64_tunable_parameter" in feed.param_names
+
+
+def test_an_fmu_unit_raytwin_does_not_know_is_refused_naming_the_variable(reference_fmus):
+    with pytest.raises(FmuError, match=r"BouncingBall.fmu: variable v: unit 'm/s' is unknown to RayTwin"):
+        FmuModel.load(reference_fmus[(2, "BouncingBall")])
+
+
+def test_the_fmu_file_is_stored_content_hashed(reference_fmus, tmp_path, s3_url):
+    path = reference_fmus[(2, "VanDerPol")]
+    for where in (str(tmp_path / "store"), s3_url):
+        stored = store_fmu(path, where)
+        assert stored.url.endswith(f"fmus/{stored.fmu_hash}.fmu")
+        assert store_fmu(path, where) == stored  # idempotent
+        assert FmuInstance(stored).run(FmuScenario(3)).shape == (4, 2)  # runs from the stored copy
+    other = reference_fmus[(3, "VanDerPol")]
+    with pytest.raises(FmuError, match="has SHA-256 .* expected .*: the file changed"):
+        FmuModel.load(other, expected_hash=stored.fmu_hash)
+    with pytest.raises(FmuError, match="no FMU file at"):
+        FmuModel.load(tmp_path / "missing.fmu")
+
+
+# ---- simulation ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("name", ["VanDerPol", "Dahlquist"])
+def test_co_simulation_reproduces_the_reference_outputs(reference_fmus, version, name):
+    ref = reference_output(name)
+    model = FmuModel.load(reference_fmus[(version, name)])
+    instance = FmuInstance(model)
+    scenario = FmuScenario(n_steps=len(ref) - 1, dt=float(ref["time"][1]))
+    for _ in range(2):  # the second run is on the same instance after a reset
+        y = instance.run(scenario)
+        for j, out in enumerate(model.output_names):
+            np.testing.assert_allclose(y[:, j], ref[out], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_a_jax_van_der_pol_agrees_with_the_fmu(reference_fmus, version):
+    """Model exchange integrates the FMU's equations with CVode (rtol 1e-8); RK4 at 0.01 in float64
+    is accurate to ~1e-8 here, so both are the same trajectory. (The co-simulation FMU steps with
+    explicit Euler at 0.01: its phase drifts by ~0.4 over 10 s, which is what its reference output says.)"""
+    model = FmuModel.load(reference_fmus[(version, "VanDerPol")])
+    n, dt = 1000, 0.01
+    for mu in (0.5, 1.5):
+        jax_traj = simulate(JAX_VDP, [2.0, 0.0], np.zeros((n, 0)), [mu], dt, dtype=jnp.float64)
+        me = FmuInstance(model, "ModelExchange").run(FmuScenario(n, dt, params={"mu": mu}))
+        np.testing.assert_allclose(me, jax_traj, atol=2e-5)
+
+
+@pytest.mark.parametrize("interface", ["CoSimulation", "ModelExchange"])
+def test_inputs_are_held_over_each_step(reference_fmus, interface):
+    model = FmuModel.load(reference_fmus[(3, "Feedthrough")])
+    u = np.array([1.0, -2.0, 3.5, 0.25])
+    y = FmuInstance(model, interface).run(FmuScenario(4, 0.5, inputs={"Float64_continuous_input": u}),
+                                          ("Float64_continuous_output",))
+    np.testing.assert_array_equal(y[:, 0], [*u, u[-1]])
+
+
+def test_bad_scenarios_are_refused_with_their_reason(reference_fmus):
+    model = FmuModel.load(reference_fmus[(2, "Feedthrough")])
+    instance = FmuInstance(model)
+    with pytest.raises(FmuError, match=r"has no parameter\(s\) \['gain'\]"):
+        instance.run(FmuScenario(3, params={"gain": 2.0}))
+    with pytest.raises(FmuError, match="input Float64_continuous_input needs 3 values, got shape"):
+        instance.run(FmuScenario(3, inputs={"Float64_continuous_input": np.zeros(2)}))
+    with pytest.raises(FmuError, match=r"does not provide ModelExchange; it provides \['CoSimulation'\]"):
+        FmuInstance(dataclasses.replace(model, interfaces=("CoSimulation",)), "ModelExchange")
+
+
+def test_a_diverging_scenario_is_reported_and_the_next_one_runs(reference_fmus):
+    model = FmuModel.load(reference_fmus[(2, "VanDerPol")])
+    before = INSTANTIATIONS[model.fmu_hash]
+    results = run_scenarios(model, [FmuScenario(300, params={"mu": 1e6}), FmuScenario(300)])
+    (bad, reason), (good, ok) = results
+    assert bad is None and "non-finite output at step" in reason
+    assert ok is None and np.all(np.isfinite(good))
+    assert INSTANTIATIONS[model.fmu_hash] - before == 2  # the failed instance was replaced
+
+
+# ---- Ray: sweep and calibration ------------------------------------------------------------------
+def test_a_sweep_on_ray_tasks_reuses_one_instance_per_worker(ray_session, reference_fmus):
+    model = FmuModel.load(reference_fmus[(2, "VanDerPol")])
+    mus = np.linspace(0.2, 3.0, 64)
+    scenarios = [FmuScenario(500, 0.01, params={"mu": float(mu)}) for mu in mus]
+    result = run_fmu_sweep(model, scenarios, chunk_size=8, keep_outputs=False)
+    assert result.failed == [] and len(result.errors) == 64
+    assert result.instantiations and set(result.instantiations.values()) == {1}  # 8 tasks, one instance each worker
+    local = run_scenarios(model, [scenarios[0], scenarios[-1]])
+    for i, (y, _) in zip((0, 63), local):
+        assert result.metrics["x0_final"][i] == y[-1, 0] and result.metrics["x1_max"][i] == y[:, 1].max()
+
+
+def test_calibration_recovers_mu_from_fmu_output(ray_session, reference_fmus):
+    model = FmuModel.load(reference_fmus[(3, "VanDerPol")])
+    scenario = FmuScenario(400, 0.02)
+    truth = FmuInstance(model).run(FmuScenario(400, 0.02, params={"mu": 1.7}))
+    rng = np.random.default_rng(0)
+    observed = {"x0": truth[:, 0] + rng.normal(0, 0.01, len(truth))}
+    fit = calibrate_fmu(model, scenario, observed, {"mu": (0.3, 4.0)}, num_samples=2, seed=1)
+    assert fit.params["mu"] == pytest.approx(1.7, rel=0.02)
+    assert fit.trials == 2 and fit.loss < 2e-4
+    with pytest.raises(FmuError, match=r"no parameter\(s\) \['k'\]"):
+        calibrate_fmu(model, scenario, observed, {"k": (0.1, 1.0)})
+
+
+# ---- the step adapter for filters ---------------------------------------------------------------------
+@pytest.mark.parametrize("version", VERSIONS)
+def test_the_stepper_steps_like_the_fmus_own_simulation(reference_fmus, version):
+    model = FmuModel.load(reference_fmus[(version, "VanDerPol")])
+    stepper = FmuStepper(model)
+    p, dt = np.array([1.2]), 0.1
+    x = np.array([1.5, -0.5])
+    path = [x]
+    for _ in range(30):
+        path.append(stepper.step(path[-1], np.zeros(0), p, dt))
+    own = FmuInstance(model).run(FmuScenario(30, dt, start={"x0": 1.5, "x1": -0.5}, params={"mu": 1.2}))
+    np.testing.assert_allclose(np.array(path), own, rtol=1e-12, atol=1e-12)
+    sigma = np.array([[1.5, -0.5], [0.1, 0.2]])
+    np.testing.assert_array_equal(stepper.step(sigma, [], p, dt)[0], path[1])
+    np.testing.assert_array_equal(stepper.observe(sigma, [], p), sigma)  # outputs are the states
+    with pytest.raises(FmuError, match=r"x needs 2 values \['x0', 'x1'\], got shape \(3,\)"):
+        stepper.step(np.zeros(3), [], p, dt)
