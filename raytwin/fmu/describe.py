@@ -153,17 +153,21 @@ class FmuModel:
 
 
 def _local_copy(url: str, expected_hash: str | None) -> str:
-    """`url` as a local file whose SHA-256 is `expected_hash` (when given): fmpy needs a local file."""
+    """`url` as a local file whose SHA-256 is `expected_hash` (when given): fmpy needs a local file.
+
+    A remote FMU is downloaded once per machine into ``<tmp>/raytwin-fmu/<sha256>.fmu`` (renamed
+    into place, so workers starting together never read a half-written file)."""
     if "://" in url and not url.startswith("file://"):
-        fs, path = filesystem(url)
-        if expected_hash is None:
-            cache = tempfile.mkdtemp(prefix="raytwin-fmu-")
-            local = os.path.join(cache, Path(path).name)
-        else:
-            local = os.path.join(tempfile.gettempdir(), "raytwin-fmu", f"{expected_hash}.fmu")
-        if not (os.path.exists(local) and expected_hash and sha256_file(local) == expected_hash):
-            os.makedirs(os.path.dirname(local), exist_ok=True)
-            fs.get(path, local)
+        cache = Path(tempfile.gettempdir()) / "raytwin-fmu"
+        local = str(cache / f"{expected_hash}.fmu")
+        if not (expected_hash and os.path.isfile(local)):
+            fs, path = filesystem(url)
+            cache.mkdir(parents=True, exist_ok=True)
+            fd, part = tempfile.mkstemp(dir=cache, suffix=".part")
+            os.close(fd)
+            fs.get_file(path, part)
+            local = str(cache / f"{sha256_file(part)}.fmu")
+            os.replace(part, local)
     else:
         local = url.removeprefix("file://")
         if not os.path.isfile(local):
