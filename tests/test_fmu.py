@@ -51,6 +51,11 @@ JAX_VDP = Model(
 )
 
 
+def test_the_build_fails_clearly_without_the_sources(tmp_path):
+    with pytest.raises(FmuError, match="cannot build the reference FMUs: no sources at"):
+        build_reference_fmus(tmp_path, 2, ("VanDerPol",), source=tmp_path / "nowhere")
+
+
 # ---- describe ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("version", VERSIONS)
 def test_describe_maps_variables_to_raytwin_declarations(reference_fmus, version):
@@ -139,9 +144,12 @@ def test_a_diverging_scenario_is_reported_and_the_next_one_runs(reference_fmus):
     before = INSTANTIATIONS[model.fmu_hash]
     results = run_scenarios(model, [FmuScenario(300, params={"mu": 1e6}), FmuScenario(300)])
     (bad, reason), (good, ok) = results
-    assert bad is None and "non-finite output at step" in reason
+    assert bad is None and "is non-finite or outside its range [-inf, inf]: the run diverged" in reason
     assert ok is None and np.all(np.isfinite(good))
     assert INSTANTIATIONS[model.fmu_hash] - before == 2  # the failed instance was replaced
+    bounded = dataclasses.replace(model, outputs=(Output("x0", "-", lower=-1.5, upper=2.5), model.outputs[1]))
+    with pytest.raises(FmuError, match=r"x0 = -1.50\d* at step \d+ is non-finite or outside its range \[-1.5, 2.5\]"):
+        FmuInstance(bounded).run(FmuScenario(300))
 
 
 # ---- Ray: sweep and calibration ------------------------------------------------------------------

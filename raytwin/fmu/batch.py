@@ -13,13 +13,13 @@ instance; the best trial wins.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import ray
 
 from raytwin.fmu.describe import FmuError, FmuModel
 from raytwin.fmu.instance import INSTANTIATIONS, FmuScenario, cached_instance, discard_instance
@@ -70,9 +70,14 @@ def _chunk(model: FmuModel, scenarios: list[FmuScenario], interface: str, output
     return os.getpid(), INSTANTIATIONS[model.fmu_hash], kept, metrics
 
 
-_chunk_remote = ray.remote(num_cpus=1)(_chunk)
-"""Bound to its own name so Ray ships `_chunk` by reference: pickled by value, it would carry
-a copy of the module's instance cache into every task and instantiate the FMU each time."""
+@functools.cache
+def _chunk_remote():
+    """`_chunk` as a Ray task. The plain function keeps its module-level name so Ray ships it by
+    reference: pickled by value, it would carry a copy of the instance cache into every task and
+    instantiate the FMU each time. (Ray is imported here: describing an FMU does not need it.)"""
+    import ray
+
+    return ray.remote(num_cpus=1)(_chunk)
 
 
 def run_fmu_sweep(model: FmuModel, scenarios: Sequence[FmuScenario], *, chunk_size: int = 16,
@@ -84,9 +89,11 @@ def run_fmu_sweep(model: FmuModel, scenarios: Sequence[FmuScenario], *, chunk_si
     for scenario in scenarios:
         scenario.check(model)
     names = outputs or model.output_names
+    import ray
+
     model_ref = ray.put(model)
     chunks = [list(scenarios[i:i + chunk_size]) for i in range(0, len(scenarios), chunk_size)]
-    done = ray.get([_chunk_remote.remote(model_ref, c, interface, names, keep_outputs) for c in chunks])
+    done = ray.get([_chunk_remote().remote(model_ref, c, interface, names, keep_outputs) for c in chunks])
     per_worker: dict[int, int] = {}
     outs, errors, metrics = [], [], []
     for pid, count, results, m in done:

@@ -118,7 +118,7 @@ class FmuInstance:
     def run(self, scenario: FmuScenario, outputs: tuple[str, ...] | None = None) -> np.ndarray:
         """Values of `outputs` (default: the FMU's outputs) at ``t0 + k dt`` for k = 0..n_steps,
         shape ``(n_steps + 1, len(outputs))``: row k sees input k (the last row the last input,
-        still held). A non-finite value raises `FmuError`."""
+        still held). A non-finite value or one outside a declared range raises `FmuError`."""
         scenario.check(self.model)
         names = outputs or self.model.output_names
         dt = scenario.dt or self.model.default_dt
@@ -127,10 +127,21 @@ class FmuInstance:
             y = self._run_cs(scenario, names, dt, t0)
         else:
             y = self._run_me(scenario, names, dt, t0)
-        if not np.all(np.isfinite(y)):
-            step = int(np.argmax(~np.all(np.isfinite(y), axis=1)))
-            raise FmuError(f"FMU {self.model.name}: non-finite output at step {step}")
+        self._check_range(y, names)
         return y
+
+    def _check_range(self, y: np.ndarray, names: tuple[str, ...]) -> None:
+        """A diverged run is an error, never a result: non-finite values, or values outside the
+        plausible range the FMU declares (min/max) for a state or output."""
+        declared = (*self.model.outputs, *self.model.states)  # a state can be an output too: both ranges hold
+        for j, name in enumerate(names):
+            lower = max((v.lower for v in declared if v.name == name), default=-np.inf)
+            upper = min((v.upper for v in declared if v.name == name), default=np.inf)
+            bad = ~(np.isfinite(y[:, j]) & (y[:, j] >= lower) & (y[:, j] <= upper))
+            if bad.any():
+                k = int(np.argmax(bad))
+                raise FmuError(f"FMU {self.model.name}: {name} = {y[k, j]:g} at step {k} is non-finite or "
+                               f"outside its range [{lower:g}, {upper:g}]: the run diverged")
 
     def _run_cs(self, scenario: FmuScenario, names: tuple[str, ...], dt: float, t0: float) -> np.ndarray:
         self.initialize({**scenario.start, **scenario.params}, t0)
