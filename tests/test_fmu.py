@@ -73,6 +73,20 @@ def test_describe_maps_variables_to_raytwin_declarations(reference_fmus, version
     assert "Float64_continuous_input" in feed.input_names and "Float64_tunable_parameter" in feed.param_names
 
 
+def test_declarations_an_fmu_lacks_are_added_by_name(reference_fmus):
+    model = FmuModel.load(reference_fmus[(2, "VanDerPol")])
+    tracked = model.declare(x0={"prior_std": 0.1, "process_std": 0.01, "measurement_std": 0.02, "upper": 3.0})
+    assert (tracked.states[0].prior_std, tracked.states[0].process_std, tracked.states[0].upper) == (0.1, 0.01, 3.0)
+    assert (tracked.outputs[0].measurement_std, tracked.outputs[0].upper) == (0.02, 3.0)
+    assert tracked.states[1] == model.states[1] and tracked.fmu_hash == model.fmu_hash
+    with pytest.raises(FmuError, match="has no state, input or output 'mu'"):
+        model.declare(mu={"prior_std": 1.0})
+    with pytest.raises(FmuError, match="x1 has no field 'std'"):
+        model.declare(x1={"std": 1.0})
+    with pytest.raises(FmuError, match="prior_std must be a finite number > 0"):
+        model.declare(x1={"prior_std": -1.0})
+
+
 def test_an_fmu_unit_raytwin_does_not_know_is_refused_naming_the_variable(reference_fmus):
     with pytest.raises(FmuError, match=r"BouncingBall.fmu: variable v: unit 'm/s' is unknown to RayTwin"):
         FmuModel.load(reference_fmus[(2, "BouncingBall")])

@@ -19,11 +19,13 @@ names exactly the binary that ran.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import os
 import re
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,6 +148,29 @@ class FmuModel:
 
     def default_params(self) -> dict[str, float]:
         return {p.name: p.default for p in self.params}
+
+    def declare(self, **variables: Mapping[str, float]) -> FmuModel:
+        """A copy with declaration fields an FMU does not carry, per variable name: a filter's noise
+        (``x0={"prior_std": 0.1, "process_std": 0.01, "measurement_std": 0.02}``), a plausible
+        range (``lower``/``upper``) or an input's ``nominal``. A field applies to every declaration
+        of that name that has it (a state that is also an output takes both kinds)."""
+        groups = {"states": self.states, "inputs": self.inputs, "outputs": self.outputs}
+        for name, fields in variables.items():
+            matching = [v for g in groups.values() for v in g if v.name == name]
+            if not matching:
+                raise FmuError(f"FMU {self.name} has no state, input or output {name!r}")
+            for key in fields:
+                if not any(hasattr(v, key) for v in matching):
+                    raise FmuError(f"FMU {self.name}: {name} has no field {key!r}")
+        try:
+            updated = {
+                group: tuple(dataclasses.replace(v, **{k: x for k, x in variables.get(v.name, {}).items()
+                                                       if hasattr(v, k)}) for v in members)
+                for group, members in groups.items()
+            }
+        except ValueError as e:
+            raise FmuError(f"FMU {self.name}: {e}") from None
+        return dataclasses.replace(self, **updated)
 
     def local_path(self) -> str:
         """A local file with exactly this FMU (downloaded once per machine for a remote URL)."""

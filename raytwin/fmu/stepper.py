@@ -19,7 +19,8 @@ from raytwin.fmu.instance import FmuInstance
 class FmuStepper:
     """``step(x, u, p, dt) -> x_next`` and ``observe(x, u, p) -> y`` on NumPy arrays, in the order of
     the model's ``state_names``, ``input_names``, ``param_names`` and ``output_names``; a 2-D `x`
-    (one row per sigma point) is stepped row by row."""
+    (one row per sigma point) is stepped row by row. A filter's noise is not in an FMU: declare it
+    with `FmuModel.declare`."""
 
     def __init__(self, model: FmuModel):
         from fmpy import read_model_description
@@ -47,7 +48,7 @@ class FmuStepper:
         if x.ndim == 2:
             return np.stack([self.step(row, u, p, dt) for row in x])
         self._start(x, np.asarray(u, float), np.asarray(p, float))
-        self.instance.do_step(0.0, dt)
+        self.instance.do_step(0.0, float(dt))
         return self.instance.get(self.model.state_names)
 
     def observe(self, x: np.ndarray, u: np.ndarray, p: np.ndarray) -> np.ndarray:
