@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from benchmarks import sweep_gpu
 from benchmarks.cli import bench_app
+from benchmarks.fmu import AGREEMENT_ATOL
 from benchmarks.harness import BenchContext, Figure, measure, select
 from benchmarks.load import paced_sync
 from benchmarks.roofline import rk4_flops_jaxpr
@@ -150,6 +151,20 @@ def test_bench_cli_quick_product_paths(ray_session, tmp_path):
     serve_load = benches["serve"]["checks"]["load@50"]
     assert serve_load["ok"] == serve_load["sent"] > 0 and serve_load["failed"] == 0
     assert {f["unit"] for f in benches["serve"]["figures"]} >= {"ms", "req/s"}
+
+
+def test_bench_cli_quick_fmu_sweep(ray_session, tmp_path):
+    """The FMU benchmark builds its FMU, checks it against the reference output and JAX, then times."""
+    out = tmp_path / "bench.json"
+    result = CliRunner().invoke(bench_app, ["run", "fmu-sweep", "--quick", "--repeat", "1", "--out", str(out),
+                                            "--log-level", "WARNING"])
+    assert result.exit_code == 0, result.output
+    bench = json.loads(out.read_text())["benchmarks"]["fmu-sweep"]
+    assert bench["checks"]["model_exchange_vs_jax"]["max_abs_error"] <= AGREEMENT_ATOL
+    assert bench["checks"]["co_simulation_vs_reference_csv"]["max_abs_error"] == 0.0
+    assert set(bench["checks"]["ray_instances_per_worker"].values()) == {1}
+    assert [f["unit"] for f in bench["figures"]] == ["scenario-steps/s/core"] * 4
+    assert all(math.isfinite(f["value"]) and f["value"] > 0 for f in bench["figures"])
 
 
 def test_sweep_quantiles_benchmark_checks_against_numpy_and_reports_the_previous_algorithm(tmp_path):

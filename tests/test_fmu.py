@@ -7,14 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
-import math
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks.fmu import AGREEMENT_ATOL
 from raytwin.fmu import (
     INSTANTIATIONS, FmuError, FmuInstance, FmuModel, FmuScenario, FmuStepper, calibrate_fmu, run_fmu_sweep,
     run_scenarios, store_fmu,
@@ -210,19 +207,3 @@ def test_the_stepper_steps_like_the_fmus_own_simulation(reference_fmus, version)
     with pytest.raises(FmuError, match=r"x needs 2 values \['x0', 'x1'\], got shape \(3,\)"):
         stepper.step(np.zeros(3), [], p, dt)
 
-
-def test_fmu_benchmark_quick_checks_and_reports(ray_session, tmp_path):
-    from typer.testing import CliRunner
-
-    from benchmarks.cli import bench_app
-
-    out = tmp_path / "bench.json"
-    result = CliRunner().invoke(bench_app, ["run", "fmu-sweep", "--quick", "--repeat", "1", "--out", str(out),
-                                            "--log-level", "WARNING"])
-    assert result.exit_code == 0, result.output
-    bench = json.loads(out.read_text())["benchmarks"]["fmu-sweep"]
-    assert bench["checks"]["model_exchange_vs_jax"]["max_abs_error"] <= AGREEMENT_ATOL
-    assert bench["checks"]["co_simulation_vs_reference_csv"]["max_abs_error"] == 0.0
-    assert set(bench["checks"]["ray_instances_per_worker"].values()) == {1}
-    assert [f["unit"] for f in bench["figures"]] == ["scenario-steps/s/core"] * 4
-    assert all(math.isfinite(f["value"]) and f["value"] > 0 for f in bench["figures"])
