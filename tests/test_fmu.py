@@ -19,15 +19,16 @@ from raytwin.fmu import (
 from raytwin.fmu.reference import build_reference_fmus, default_source
 from raytwin.sim import Model, Output, Param, State, simulate
 
-MODELS = ("VanDerPol", "Dahlquist", "BouncingBall", "Feedthrough")
-VERSIONS = (2, 3)
+MODELS = {2: ("VanDerPol", "Dahlquist", "BouncingBall", "Feedthrough"),
+          3: ("VanDerPol", "Dahlquist", "Feedthrough", "StateSpace")}
+VERSIONS = tuple(MODELS)
 
 
 @pytest.fixture(scope="session")
 def reference_fmus(tmp_path_factory) -> dict[tuple[int, str], str]:
     """(FMI version, model) -> built .fmu path (a few seconds per FMI version)."""
     out = tmp_path_factory.mktemp("reference-fmus")
-    return {(v, m): str(p) for v in VERSIONS for m, p in build_reference_fmus(out, v, MODELS).items()}
+    return {(v, m): str(p) for v in VERSIONS for m, p in build_reference_fmus(out, v, MODELS[v]).items()}
 
 
 def reference_output(model: str) -> np.ndarray:
@@ -87,6 +88,11 @@ def test_declarations_an_fmu_lacks_are_added_by_name(reference_fmus):
 def test_an_fmu_unit_raytwin_does_not_know_is_refused_naming_the_variable(reference_fmus):
     with pytest.raises(FmuError, match=r"BouncingBall.fmu: variable v: unit 'm/s' is unknown to RayTwin"):
         FmuModel.load(reference_fmus[(2, "BouncingBall")])
+
+
+def test_an_fmu_with_array_variables_is_refused(reference_fmus):
+    with pytest.raises(FmuError, match="StateSpace.fmu: variable A is an array .* scalar variables only"):
+        FmuModel.load(reference_fmus[(3, "StateSpace")])
 
 
 def test_the_fmu_file_is_stored_content_hashed(reference_fmus, tmp_path, s3_url):

@@ -98,6 +98,9 @@ class FmuModel:
                 v.causality == "parameter" and v.start is not None)
             if not mapped:
                 continue
+            if getattr(v, "dimensions", None):
+                raise FmuError(f"{where}: variable {v.name} is an array (FMI 3.0 dimensions); RayTwin maps "
+                               "scalar variables only")
             unit = fmu_unit(v.unit or (v.declaredType.unit if v.declaredType is not None else None))
             if unit not in UNITS:
                 raise FmuError(f"{where}: variable {v.name}: unit {unit!r} is unknown to RayTwin "

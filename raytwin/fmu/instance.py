@@ -15,6 +15,7 @@ import contextlib
 import io
 import logging
 import shutil
+import weakref
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -76,6 +77,7 @@ class FmuInstance:
         self.interface = interface
         self.md = read_model_description(path, validate=False)
         self.unzipdir = extract(path)
+        weakref.finalize(self, shutil.rmtree, self.unzipdir, True)  # also at exit: cached instances live long
         self.fmu = instantiate_fmu(self.unzipdir, self.md, fmi_type=interface)
         self.fmi3 = self.md.fmiVersion.startswith("3")
         self.vr = {v.name: v.valueReference for v in self.md.modelVariables}
@@ -172,7 +174,6 @@ class FmuInstance:
 
     def close(self) -> None:
         self.fmu.freeInstance()
-        shutil.rmtree(self.unzipdir, ignore_errors=True)
 
 
 def _held_signal(scenario: FmuScenario, dt: float, t0: float) -> np.ndarray | None:
