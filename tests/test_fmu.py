@@ -150,6 +150,8 @@ def test_bad_scenarios_are_refused_with_their_reason(reference_fmus):
     instance = FmuInstance(model)
     with pytest.raises(FmuError, match=r"has no parameter\(s\) \['gain'\]"):
         instance.run(FmuScenario(3, params={"gain": 2.0}))
+    with pytest.raises(FmuError, match=r"has no output or state \['Float64_fixed_parameter'\]"):
+        instance.run(FmuScenario(3), ("Float64_fixed_parameter",))
     with pytest.raises(FmuError, match="input Float64_continuous_input needs 3 values, got shape"):
         instance.run(FmuScenario(3, inputs={"Float64_continuous_input": np.zeros(2)}))
     with pytest.raises(FmuError, match=r"does not provide ModelExchange; it provides \['CoSimulation'\]"):

@@ -123,6 +123,9 @@ class FmuInstance:
         still held). A non-finite value or one outside a declared range raises `FmuError`."""
         scenario.check(self.model)
         names = outputs or self.model.output_names
+        readable = {*self.model.output_names, *self.model.state_names}
+        if unknown := sorted(set(names) - readable):
+            raise FmuError(f"FMU {self.model.name} has no output or state {unknown}; known: {sorted(readable)}")
         dt = scenario.dt or self.model.default_dt
         t0 = self.model.start_time if scenario.start_time is None else scenario.start_time
         if self.interface == "CoSimulation":
