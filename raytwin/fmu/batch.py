@@ -61,6 +61,7 @@ def run_scenarios(model: FmuModel, scenarios: Sequence[FmuScenario], interface: 
 
 def _chunk(model: FmuModel, scenarios: list[FmuScenario], interface: str, outputs: tuple[str, ...],
            keep_outputs: bool) -> tuple[int, int, list, np.ndarray]:
+    """One task: a chunk on this worker's instance -> (pid, its instantiations, results, metrics)."""
     results = run_scenarios(model, scenarios, interface, outputs)
     metrics = np.full((len(results), len(outputs) * len(METRICS)), np.nan)
     for i, (y, _) in enumerate(results):
@@ -84,13 +85,13 @@ def run_fmu_sweep(model: FmuModel, scenarios: Sequence[FmuScenario], *, chunk_si
                   interface: str = "CoSimulation", outputs: tuple[str, ...] | None = None,
                   keep_outputs: bool = True) -> FmuSweepResult:
     """Run `scenarios` on Ray CPU tasks, `chunk_size` scenarios per task."""
+    import ray
+
     if chunk_size < 1:
         raise FmuError(f"chunk_size must be >= 1, got {chunk_size}")
     for scenario in scenarios:
         scenario.check(model)
     names = outputs or model.output_names
-    import ray
-
     model_ref = ray.put(model)
     chunks = [list(scenarios[i:i + chunk_size]) for i in range(0, len(scenarios), chunk_size)]
     done = ray.get([_chunk_remote().remote(model_ref, c, interface, names, keep_outputs) for c in chunks])
