@@ -216,7 +216,8 @@ def submit_command(
     env: Annotated[list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE for the job (repeatable).")] = None,
     submission_id: Annotated[str | None, typer.Option("--id", help="Job id to use.")] = None,
     py_module: Annotated[list[Path] | None, typer.Option(
-        "--py-module", exists=True, help="Model code to upload: a package directory or module file (repeatable).")] = None,
+        "--py-module", exists=True, help="Model code to upload: a package directory or module file (repeatable)."
+    )] = None,
     pip: Annotated[list[str] | None, typer.Option(
         "--pip", help="Requirement installed for the job, e.g. pump-models==1.2.0 (repeatable).")] = None,
     state_file: StateFileOpt = DEFAULT_STATE_FILE,

@@ -99,22 +99,29 @@ def _global_names(code: types.CodeType) -> set[str]:
     return names
 
 
+def _module_name(fn: Callable) -> str:
+    return getattr(fn, "__module__", None) or type(fn).__module__
+
+
 def _modules(functions: list[Callable], top_level: str) -> tuple[set[str], dict[str, Callable]]:
     """Modules of `functions` and of the same-package functions/modules they reference, transitively;
-    plus functions whose module has no source file (hashed by their own source)."""
+    plus functions whose module has no source file (hashed by their own source). A callable object
+    counts by its class's module."""
     modules: set[str] = set()
     loose: dict[str, Callable] = {}
     todo, seen = list(functions), set()
     while todo:
         fn = todo.pop()
-        if id(fn) in seen or not isinstance(fn, types.FunctionType):
+        if id(fn) in seen:
             continue
         seen.add(id(fn))
-        module = sys.modules.get(fn.__module__)
+        module = sys.modules.get(_module_name(fn))
         if getattr(module, "__file__", None):
-            modules.add(fn.__module__)
+            modules.add(module.__name__)
         else:
-            loose[f"{fn.__module__}.{fn.__qualname__}"] = fn
+            loose[f"{_module_name(fn)}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"] = fn
+        if not isinstance(fn, types.FunctionType):
+            continue
         for name in _global_names(fn.__code__):
             ref = fn.__globals__.get(name)
             if isinstance(ref, types.ModuleType) and ref.__name__.split(".")[0] == top_level:
@@ -129,7 +136,7 @@ def python_code(model: Any) -> ModelCode:
     functions = _own_callables(model)
     if not functions:
         raise ModelCodeError(f"model {getattr(model, 'name', model)!r} has no functions to identify its code by")
-    top_level = functions[0].__module__.split(".")[0]
+    top_level = _module_name(functions[0]).split(".")[0]
     modules, loose = _modules(functions, top_level)
     parts = {name: hashlib.sha256(Path(sys.modules[name].__file__).read_bytes()).hexdigest() for name in modules}
     for name, fn in loose.items():
@@ -150,7 +157,8 @@ def code_identity(model: Any) -> ModelCode:
 
 
 def describe_change(recorded: ModelCode, current: ModelCode) -> str:
-    """What differs between two identities, e.g. ``module pump.model changed (pump 1.0.0 -> 1.1.0)``."""
+    """What differs between two identities, e.g. ``module pumpkit.physics changed (registered: pumpkit 1.0.0,
+    sha256 1f2e...; now: pumpkit 1.1.0, sha256 9a8b...)``."""
     noun = "module" if recorded.kind == "python" else "file"
     changes = [f"{noun} {name} " + ("removed" if name not in current.parts else
                                      "added" if name not in recorded.parts else "changed")
@@ -171,7 +179,7 @@ def model_runtime_env(models: Iterable[Any]) -> dict[str, list[str]]:
         if code.kind != "python":
             continue
         if code.distribution is None:
-            module = sys.modules[_own_callables(model)[0].__module__.split(".")[0]]
+            module = sys.modules[_module_name(_own_callables(model)[0]).split(".")[0]]
             path = str(Path(module.__file__).parent if hasattr(module, "__path__") else Path(module.__file__))
             if path not in py_modules:
                 py_modules.append(path)

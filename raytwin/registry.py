@@ -136,7 +136,9 @@ class ModelRegistry:
     def _read(self, name: str, version: str, digest: str) -> ModelArtifact:
         artifact = ModelArtifact.model_validate_json(self.fs.cat_file(self._blob(digest)))
         if artifact.content_hash != digest:
-            raise RegistryError(f"{name}@{version}: stored artifact does not match its hash {digest} (corrupted store?)")
+            raise RegistryError(
+                f"{name}@{version}: stored artifact does not match its hash {digest} (corrupted store?)"
+            )
         return artifact
 
     def get(self, ref: str, *, allow_code_change: bool | None = None) -> ModelArtifact:

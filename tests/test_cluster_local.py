@@ -86,8 +86,8 @@ def test_job_cli_submit_status_logs_list(local_cluster: LocalClusterInfo, tmp_pa
     address = ["--address", local_cluster.dashboard_url, "--state-file", str(state)]
     (tmp_path / "job").mkdir()
     code = _package(tmp_path / "code", "greetkit")
-    ok = runner.invoke(job_app, ["submit", *address, "--working-dir", str(tmp_path / "job"), "-e", "GREETING=hello there",
-                                 "--py-module", str(code), "--", sys.executable, "-c",
+    ok = runner.invoke(job_app, ["submit", *address, "--working-dir", str(tmp_path / "job"),
+                                 "-e", "GREETING=hello there", "--py-module", str(code), "--", sys.executable, "-c",
                                  "import os, greetkit; print('said:', os.environ['GREETING'], 'with', greetkit.NAME)"])
     failing = runner.invoke(job_app, ["submit", "--state-file", str(state), "--id", "raytwin-failing-job",
                                       "--", sys.executable, "-c", "import sys; print('giving up'); sys.exit(3)"])

@@ -15,7 +15,7 @@ import pytest
 
 import raytwin.sim
 from raytwin.contracts import AssetType
-from raytwin.modelcode import code_identity, describe_change, file_code, model_runtime_env
+from raytwin.modelcode import ModelCodeError, code_identity, describe_change, file_code, model_runtime_env
 from raytwin.registry import ALLOW_CODE_CHANGE_ENV, ModelCodeChanged, ModelRegistry
 from raytwin.sim import THERMAL_RC
 from raytwin.storage import canonical_json
@@ -128,3 +128,11 @@ def test_an_fmu_is_identified_by_its_file(tmp_path):
     assert code_identity(SimpleNamespace(code_identity=lambda: code)) == code  # a model naming its own code
     fmu.write_bytes(b"another FMU archive")
     assert describe_change(code, file_code(fmu)).startswith("file VanDerPol.fmu changed (registered: code not")
+
+
+def test_a_model_without_source_code_is_refused_with_the_function_named():
+    scratch: dict = {"__name__": "scratch"}
+    exec("def derivative(x, u, c):\n    return x\n", scratch)  # typed at a prompt: no file, no source
+    model = SimpleNamespace(name="scratch_model", derivative=scratch["derivative"])
+    with pytest.raises(ModelCodeError, match="model 'scratch_model': function scratch.derivative has no source"):
+        code_identity(model)
