@@ -49,8 +49,9 @@ def test_every_context_declares_its_commands_in_pyproject():
         assert ep.load() is not None  # every entry resolves
 
 
-def _installed(name: str, value: str, dist: str) -> EntryPoint:
-    return EntryPoint(name, value, GROUP)._for(SimpleNamespace(name=dist))
+def _installed(name: str, value: str, dist: str) -> SimpleNamespace:
+    """An entry point as the metadata gives it: with the distribution that declares it."""
+    return SimpleNamespace(name=name, value=value, group=GROUP, dist=SimpleNamespace(name=dist))
 
 
 def test_checkout_entries_replace_raytwins_stale_metadata_and_keep_other_distributions():
