@@ -215,6 +215,11 @@ def submit_command(
     ] = None,
     env: Annotated[list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE for the job (repeatable).")] = None,
     submission_id: Annotated[str | None, typer.Option("--id", help="Job id to use.")] = None,
+    py_module: Annotated[list[Path] | None, typer.Option(
+        "--py-module", exists=True, help="Model code to upload: a package directory or module file (repeatable)."
+    )] = None,
+    pip: Annotated[list[str] | None, typer.Option(
+        "--pip", help="Requirement installed for the job, e.g. pump-models==1.2.0 (repeatable).")] = None,
     state_file: StateFileOpt = DEFAULT_STATE_FILE,
 ) -> None:
     """Submit a job to a Ray cluster's job API; prints the job id."""
@@ -225,7 +230,8 @@ def submit_command(
         check_raytwin_entrypoint(entrypoint)
     except ValueError as exc:
         _fail(str(exc))
-    job_id = _jobs(address, state_file).submit(entrypoint, working_dir, {k: v for k, _, v in pairs}, submission_id)
+    job_id = _jobs(address, state_file).submit(entrypoint, working_dir, {k: v for k, _, v in pairs}, submission_id,
+                                               py_modules=py_module or (), pip=pip or ())
     typer.echo(job_id)
 
 

@@ -1,7 +1,9 @@
 """Job submission for researchers: Ray's `JobSubmissionClient` with RayTwin's runtime environment.
 
 A job is a driver (e.g. `raytwin sweep ...`) started on the cluster's head; shipping the working directory and
-the JAX/XLA settings with it makes a run on the cluster behave like the same command run locally.
+the JAX/XLA settings with it makes a run on the cluster behave like the same command run locally. User model
+code travels with it too: local package directories as ``py_modules`` (uploaded), installed packages as ``pip``
+requirements (installed on the cluster); `raytwin.modelcode.model_runtime_env` says which a model needs.
 """
 
 from __future__ import annotations
@@ -32,8 +34,15 @@ class JobError(RuntimeError):
     """No cluster to talk to, or a job that did not finish in time."""
 
 
-def project_runtime_env(working_dir: str | Path | None = None, env: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """The runtime env of a RayTwin job: project env vars, forwarded JAX/XLA settings, `env`, the working dir.
+def project_runtime_env(
+    working_dir: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    py_modules: Sequence[str | Path] = (),
+    pip: Sequence[str] = (),
+) -> dict[str, Any]:
+    """The runtime env of a RayTwin job: project env vars, forwarded JAX/XLA settings, `env`, the working dir,
+    and model code: `py_modules` (local directories or files, uploaded; or remote .zip/.whl URIs) and `pip`
+    (requirements installed for the job, e.g. ``pump-models==1.2.0``).
 
     The submitting interpreter's scripts directory goes first on the job's PATH (before `env`'s PATH, else
     the cluster's: Ray expands ``${PATH}`` on the node), so an entrypoint ``raytwin ...`` or ``python ...``
@@ -46,6 +55,10 @@ def project_runtime_env(working_dir: str | Path | None = None, env: Mapping[str,
     if working_dir is not None:
         runtime_env["working_dir"] = str(Path(working_dir).resolve())
         runtime_env["excludes"] = WORKING_DIR_EXCLUDES
+    if py_modules:
+        runtime_env["py_modules"] = [m if "://" in str(m) else str(Path(m).resolve()) for m in py_modules]
+    if pip:
+        runtime_env["pip"] = list(pip)
     return runtime_env
 
 
@@ -79,12 +92,14 @@ class JobClient:
         working_dir: str | Path | None = None,
         env: Mapping[str, str] | None = None,
         submission_id: str | None = None,
+        py_modules: Sequence[str | Path] = (),
+        pip: Sequence[str] = (),
     ) -> str:
-        """Start `entrypoint` (a shell command string, or an argv list that is quoted for you); returns the job id."""
+        """Start `entrypoint` (a shell command string, or an argv list that is quoted for you) with
+        `project_runtime_env`; returns the job id."""
         command = entrypoint if isinstance(entrypoint, str) else shlex.join(entrypoint)
-        return self.client.submit_job(
-            entrypoint=command, runtime_env=project_runtime_env(working_dir, env), submission_id=submission_id
-        )
+        runtime_env = project_runtime_env(working_dir, env, py_modules, pip)
+        return self.client.submit_job(entrypoint=command, runtime_env=runtime_env, submission_id=submission_id)
 
     def status(self, job_id: str) -> JobStatus:
         return self.client.get_job_status(job_id)

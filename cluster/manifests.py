@@ -50,6 +50,12 @@ def _env(spec: ClusterSpec) -> dict[str, str]:
     return env
 
 
+def runtime_env(spec: ClusterSpec) -> dict[str, Any]:
+    """The runtime env of the spec's jobs and Serve app: its env vars and its model code (`pip`, `py_modules`)."""
+    fields = {"env_vars": _env(spec), "pip": list(spec.pip), "py_modules": list(spec.py_modules)}
+    return {key: value for key, value in fields.items() if value}
+
+
 def _container(spec: ClusterSpec, name: str, image: str, cpu: float, memory: str, gpus: int = 0) -> dict[str, Any]:
     amounts: dict[str, Any] = {"cpu": _cpu(cpu), "memory": memory}
     if gpus:
@@ -135,9 +141,8 @@ def serve_config(spec: ClusterSpec) -> dict[str, Any]:
     args = ({"store_url": spec.storage_url} if spec.storage_url else {}) | spec.serve.args
     if args:
         app["args"] = args
-    env = _env(spec)
-    if env:
-        app["runtime_env"] = {"env_vars": env}
+    if env := runtime_env(spec):
+        app["runtime_env"] = env
     return {"applications": [app]}
 
 
@@ -173,9 +178,8 @@ def render_rayjob(
         "ttlSecondsAfterFinished": ttl_seconds_after_finished,
         "rayClusterSpec": ray_cluster_spec(spec),
     }
-    env = _env(spec)
-    if env:
-        job["runtimeEnvYAML"] = yaml.safe_dump({"env_vars": env}, sort_keys=False)
+    if env := runtime_env(spec):
+        job["runtimeEnvYAML"] = yaml.safe_dump(env, sort_keys=False)
     return {"apiVersion": API_VERSION, "kind": "RayJob", "metadata": _metadata(spec, name),
             "spec": job}
 

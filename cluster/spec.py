@@ -122,6 +122,15 @@ class ClusterSpec(_Strict):
     head: HeadSpec = Field(default_factory=HeadSpec)
     worker_groups: list[WorkerGroupSpec] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict, description="Environment of every Ray container and job.")
+    pip: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=list,
+        description="Extra packages (pip requirements, e.g. user model packages) installed for RayJobs and the "
+                    "RayService app through their runtime env; bake them into `image` to skip the install.",
+    )
+    py_modules: list[Annotated[str, Field(pattern=r"^(s3|gs|https?)://\S+\.(zip|whl)$")]] = Field(
+        default_factory=list,
+        description="Remote .zip/.whl URIs of model code for RayJobs and the RayService app (runtime env).",
+    )
     object_store_memory: Quantity | None = Field(
         default=None, description="Plasma object store size per node; must fit in every pod's memory."
     )

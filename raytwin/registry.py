@@ -4,23 +4,38 @@ Artifacts are content-addressed: the JSON body is stored once under its SHA-256 
 ``name@version`` points at a hash. Fetching ``name@version`` returns the identical artifact;
 registering the same content again is a no-op; registering *different* content under an existing
 version is refused (publish a new version instead). Works on a local directory or any fsspec URL.
+
+An artifact pins its simulator's code (`raytwin.modelcode`: distribution, version, content hash);
+`get` refuses an artifact whose code has changed since it was registered, unless told to accept it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import os
 from typing import Any
 
 from pydantic import Field
 
 from raytwin.contracts import AssetType, Contract, Finite, Identifier, SemVer
+from raytwin.modelcode import ModelCode, code_identity, describe_change
 from raytwin.sim import Model, get_model
 from raytwin.storage import canonical_json, filesystem
 
 
+log = logging.getLogger("raytwin.registry")
+ALLOW_CODE_CHANGE_ENV = "RAYTWIN_ALLOW_MODEL_CODE_CHANGE"
+"""Set to 1 to resolve artifacts whose model code changed (the default of `ModelRegistry.get`'s override)."""
+
+
 class RegistryError(ValueError):
     """A refused registration or an unknown model reference."""
+
+
+class ModelCodeChanged(RegistryError):
+    """An artifact whose simulator's code differs from the code it was registered with."""
 
 
 class ModelArtifact(Contract):
@@ -31,14 +46,28 @@ class ModelArtifact(Contract):
     asset_type: AssetType
     parameters: dict[str, Finite]
     metadata: dict[str, str] = Field(default_factory=dict)
+    code: ModelCode | None = Field(
+        default=None, description="The simulator's code when registered; None in artifacts from before code pinning."
+    )
 
     @property
     def ref(self) -> str:
         return f"{self.name}@{self.version}"
 
+    def body(self) -> bytes:
+        """The stored JSON; an artifact without `code` keeps the exact bytes (and hash) it had before pinning."""
+        return canonical_json(self.model_dump(mode="json", exclude={"code"} if self.code is None else None))
+
     @property
     def content_hash(self) -> str:
-        return hashlib.sha256(canonical_json(self.model_dump(mode="json"))).hexdigest()
+        return hashlib.sha256(self.body()).hexdigest()
+
+    def code_change(self) -> str | None:
+        """How the simulator's code now differs from the pinned code; None when it is the same (or unpinned)."""
+        if self.code is None:
+            return None
+        current = code_identity(self.model())
+        return None if current.sha256 == self.code.sha256 else describe_change(self.code, current)
 
     def model(self) -> Model:
         return get_model(self.asset_type.simulator)
@@ -83,35 +112,58 @@ class ModelRegistry:
             if not spec.lower <= value <= spec.upper:
                 raise RegistryError(f"{name}@{version}: parameter {pname}={value} outside [{spec.lower}, {spec.upper}]")
         artifact = ModelArtifact(
-            name=name, version=version, asset_type=asset_type, parameters=params, metadata=metadata or {}
+            name=name, version=version, asset_type=asset_type, parameters=params, metadata=metadata or {},
+            code=code_identity(model),
         )
         digest = artifact.content_hash
         pointer = self._pointer(name, version)
         if self.fs.exists(pointer):
             existing = json.loads(self.fs.cat_file(pointer))["sha256"]
             if existing != digest:
+                change = self._read(name, version, existing).code_change()
                 raise RegistryError(
                     f"{name}@{version} is already registered with different content "
-                    f"(sha256 {existing[:12]}..., new {digest[:12]}...); register a new version"
+                    f"(sha256 {existing[:12]}..., new {digest[:12]}...)"
+                    + (f"; the model code changed: {change}" if change else "") + "; register a new version"
                 )
             return artifact
         self.fs.makedirs(f"{self.root}/blobs/sha256", exist_ok=True)
         self.fs.makedirs(f"{self.root}/models/{name}", exist_ok=True)
-        self.fs.pipe_file(self._blob(digest), canonical_json(artifact.model_dump(mode="json")))
+        self.fs.pipe_file(self._blob(digest), artifact.body())
         self.fs.pipe_file(pointer, canonical_json({"name": name, "version": version, "sha256": digest}))
         return artifact
 
-    def get(self, ref: str) -> ModelArtifact:
-        """The artifact registered as ``name@version``; its content hash is verified on read."""
+    def _read(self, name: str, version: str, digest: str) -> ModelArtifact:
+        artifact = ModelArtifact.model_validate_json(self.fs.cat_file(self._blob(digest)))
+        if artifact.content_hash != digest:
+            raise RegistryError(
+                f"{name}@{version}: stored artifact does not match its hash {digest} (corrupted store?)"
+            )
+        return artifact
+
+    def get(self, ref: str, *, allow_code_change: bool | None = None) -> ModelArtifact:
+        """The artifact registered as ``name@version``; its content hash is verified on read, and its pinned
+        model code against the code installed here (`ModelCodeChanged` if it differs).
+
+        `allow_code_change` (default: ``RAYTWIN_ALLOW_MODEL_CODE_CHANGE=1``) resolves it anyway, running the
+        current code; the run records then carry the current code's identity (`raytwin.modelcode`)."""
         name, version = parse_ref(ref)
         pointer = self._pointer(name, version)
         if not self.fs.exists(pointer):
             known = self.versions(name)
             raise RegistryError(f"no model {ref} in {self.url}" + (f"; versions: {known}" if known else ""))
-        digest = json.loads(self.fs.cat_file(pointer))["sha256"]
-        artifact = ModelArtifact.model_validate_json(self.fs.cat_file(self._blob(digest)))
-        if artifact.content_hash != digest:
-            raise RegistryError(f"{ref}: stored artifact does not match its hash {digest} (corrupted store?)")
+        artifact = self._read(name, version, json.loads(self.fs.cat_file(pointer))["sha256"])
+        if (change := artifact.code_change()) is not None:
+            if allow_code_change is None:
+                allow_code_change = os.environ.get(ALLOW_CODE_CHANGE_ENV) == "1"
+            if not allow_code_change:
+                raise ModelCodeChanged(
+                    f"{ref}: the code of simulator {artifact.asset_type.simulator!r} changed since it was "
+                    f"registered: {change}. Register the model again under a new version to pin the current "
+                    f"code, or accept the change explicitly (get(..., allow_code_change=True), or "
+                    f"{ALLOW_CODE_CHANGE_ENV}=1)"
+                )
+            log.warning("event=model_code_changed ref=%s accepted=true change=%r", ref, change)
         return artifact
 
     def names(self) -> list[str]:

@@ -1,7 +1,8 @@
 """Run records: every sweep and calibration leaves enough behind to be re-executed and compared.
 
 A run lives under ``<runs root>/<run_id>/``: ``run.json`` (the `RunRecord`) and ``output/``.
-The record holds who ran what (user, tenant, asset), the model reference and its content hash,
+The record holds who ran what (user, tenant, asset), the model reference and its content hash, the
+identity of the model code that ran (`raytwin.modelcode`: distribution, version, source hash),
 the input data hash, the full spec (scenario space, seeds), package and code versions, and the
 SHA-256 of every output file. `rerun` executes the recorded spec again into a new run and
 compares the output hashes file by file. Runs roots are local directories or fsspec URLs.
@@ -20,6 +21,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from raytwin.contracts import Contract, UtcTime
+from raytwin.modelcode import ModelCode, code_identity, describe_change
 from raytwin.provenance import code_version, package_versions
 from raytwin.storage import canonical_json, filesystem
 from sweeps.calibration import CalibrationSpec, calibrate, read_telemetry
@@ -43,6 +45,7 @@ class RunRecord(Contract):
     asset_id: str | None = None
     model_ref: str
     model_hash: str
+    model_code: ModelCode | None = None  # None in records from before code identities were recorded
     input_data_url: str | None = None
     input_data_hash: str | None = None
     spec: dict[str, Any]
@@ -116,7 +119,8 @@ def _recorded(
     run_id = store.new_id(kind)
     fields = dict(
         run_id=run_id, kind=kind, user=user or _current_user(), tenant=spec.tenant, asset_id=spec.asset_id,
-        model_ref=artifact.ref, model_hash=artifact.content_hash, input_data_url=input_url,
+        model_ref=artifact.ref, model_hash=artifact.content_hash, model_code=code_identity(artifact.model()),
+        input_data_url=input_url,
         input_data_hash=input_hash, spec=spec.model_dump(mode="json"), seeds=seeds,
         package_versions=package_versions(), code_version=code_version(), started=datetime.now(UTC),
         output_url=store.output_url(run_id), rerun_of=rerun_of,
@@ -178,10 +182,14 @@ def rerun(run_id: str, *, runs: str = DEFAULT_RUNS_ROOT, storage_options: dict |
     original = store.load(run_id)
     if original.status != "succeeded":
         raise RunError(f"run {run_id} {original.status}; only succeeded runs can be reproduced")
-    model_hash = resolve_model(original.spec["model"], original.spec.get("registry_url")).content_hash
-    if model_hash != original.model_hash:
+    artifact = resolve_model(original.spec["model"], original.spec.get("registry_url"))
+    if artifact.content_hash != original.model_hash:
         raise RunError(f"model {original.model_ref} changed since run {run_id} "
-                       f"(sha256 {model_hash[:12]}..., recorded {original.model_hash[:12]}...)")
+                       f"(sha256 {artifact.content_hash[:12]}..., recorded {original.model_hash[:12]}...)")
+    code = code_identity(artifact.model())
+    if original.model_code is not None and code.sha256 != original.model_code.sha256:
+        raise RunError(f"the code of model {original.model_ref} changed since run {run_id}: "
+                       f"{describe_change(original.model_code, code)}")
     if original.kind == "sweep":
         new = recorded_sweep(SweepSpec.model_validate(original.spec), runs=runs, storage_options=storage_options,
                              user=original.user, progress=progress, rerun_of=run_id)

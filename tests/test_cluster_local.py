@@ -15,7 +15,7 @@ from ray.job_submission import JobStatus
 from typer.testing import CliRunner
 
 from cluster.cli import cluster_app, job_app
-from cluster.jobs import JobClient
+from cluster.jobs import JobClient, project_runtime_env
 from cluster.local import LocalClusterInfo
 from tests.fixtures_cluster import alive_node_ids
 
@@ -29,10 +29,14 @@ nodes = sorted(node["NodeID"] for node in ray.nodes() if node["Alive"])
 
 @ray.remote(num_cpus=1)
 def node_id():
-    return ray.get_runtime_context().get_node_id()
+    import probekit  # user model code: only in the job's py_modules
+
+    return ray.get_runtime_context().get_node_id(), probekit.NAME
 
 pinned = [node_id.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote() for n in nodes]
-print("PROBE " + json.dumps({"ran_on": sorted(set(ray.get(pinned))), "flag": os.environ.get("PROBE_FLAG"),
+ran = ray.get(pinned)
+print("PROBE " + json.dumps({"ran_on": sorted({n for n, _ in ran}), "code": sorted({c for _, c in ran}),
+                             "flag": os.environ.get("PROBE_FLAG"),
                              "xla_prealloc": os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE")}))
 '''
 
@@ -46,15 +50,33 @@ def test_local_cluster_has_a_head_and_a_worker_node(local_cluster: LocalClusterI
     assert httpx.get(f"{local_cluster.dashboard_url}/api/v0/nodes", timeout=10).status_code == 401
 
 
+def _package(root: Path, name: str) -> Path:
+    """A user's code package outside the job's working dir (so only `py_modules` can bring it)."""
+    (root / name).mkdir(parents=True)
+    (root / name / "__init__.py").write_text(f"NAME = {name!r}\n")
+    return root / name
+
+
 def test_submitted_job_runs_tasks_on_both_nodes(local_cluster: LocalClusterInfo, tmp_path: Path) -> None:
-    (tmp_path / "probe.py").write_text(PROBE)
+    (tmp_path / "job").mkdir()
+    (tmp_path / "job" / "probe.py").write_text(PROBE)
     jobs = JobClient(local_cluster.dashboard_url, local_cluster.auth_headers)
-    job_id = jobs.submit([sys.executable, "probe.py"], working_dir=tmp_path, env={"PROBE_FLAG": "on"})
+    job_id = jobs.submit([sys.executable, "probe.py"], working_dir=tmp_path / "job", env={"PROBE_FLAG": "on"},
+                         py_modules=[_package(tmp_path / "code", "probekit")])
     assert jobs.wait(job_id, timeout_s=180) == JobStatus.SUCCEEDED, jobs.logs(job_id)
     logs = jobs.logs(job_id)
     report = json.loads(next(line for line in logs.splitlines() if line.startswith("PROBE "))[len("PROBE "):])
     assert report["ran_on"] == alive_node_ids(local_cluster)
+    assert report["code"] == ["probekit"]  # the user code reached the workers of both nodes
     assert (report["flag"], report["xla_prealloc"]) == ("on", "false")
+
+
+def test_job_runtime_env_carries_model_code(tmp_path: Path) -> None:
+    package = _package(tmp_path, "pumpkit")
+    env = project_runtime_env(py_modules=[package, "s3://models/pumpkit-1.0.zip"], pip=["pump-models==1.2.0"])
+    assert env["py_modules"] == [str(package.resolve()), "s3://models/pumpkit-1.0.zip"]
+    assert env["pip"] == ["pump-models==1.2.0"]
+    assert "py_modules" not in project_runtime_env() and "pip" not in project_runtime_env()
 
 
 def test_job_cli_submit_status_logs_list(local_cluster: LocalClusterInfo, tmp_path: Path) -> None:
@@ -62,8 +84,11 @@ def test_job_cli_submit_status_logs_list(local_cluster: LocalClusterInfo, tmp_pa
     state = tmp_path / "state.json"
     local_cluster.save(state)  # the CLI finds the cluster's token (and, without --address, its address) here
     address = ["--address", local_cluster.dashboard_url, "--state-file", str(state)]
-    ok = runner.invoke(job_app, ["submit", *address, "--working-dir", str(tmp_path), "-e", "GREETING=hello there",
-                                 "--", sys.executable, "-c", "import os; print('said:', os.environ['GREETING'])"])
+    (tmp_path / "job").mkdir()
+    code = _package(tmp_path / "code", "greetkit")
+    ok = runner.invoke(job_app, ["submit", *address, "--working-dir", str(tmp_path / "job"),
+                                 "-e", "GREETING=hello there", "--py-module", str(code), "--", sys.executable, "-c",
+                                 "import os, greetkit; print('said:', os.environ['GREETING'], 'with', greetkit.NAME)"])
     failing = runner.invoke(job_app, ["submit", "--state-file", str(state), "--id", "raytwin-failing-job",
                                       "--", sys.executable, "-c", "import sys; print('giving up'); sys.exit(3)"])
     # a cluster whose nodes do not have this venv on PATH still runs `raytwin ...` entrypoints
@@ -83,7 +108,7 @@ def test_job_cli_submit_status_logs_list(local_cluster: LocalClusterInfo, tmp_pa
     assert succeeded.exit_code == 0 and succeeded.output.startswith("SUCCEEDED")
     failed = runner.invoke(job_app, ["status", failing_id, *address])
     assert failed.exit_code == 3 and failed.output.startswith("FAILED") and "exit code 3" in failed.output
-    assert "said: hello there" in runner.invoke(job_app, ["logs", ok_id, *address]).output
+    assert "said: hello there with greetkit" in runner.invoke(job_app, ["logs", ok_id, *address]).output
     followed = runner.invoke(job_app, ["logs", failing_id, "--follow", *address])
     assert followed.exit_code == 0 and "giving up" in followed.output
     listed = runner.invoke(job_app, ["list", *address]).output

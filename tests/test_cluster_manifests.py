@@ -32,7 +32,9 @@ VALID_SPECS = {
         autoscaling={"idle_timeout_seconds": 300, "upscaling_mode": "Conservative"},
     ),
     "fixed-size": spec_data(worker_groups=[worker(min_replicas=2, max_replicas=2)], autoscaling={"enabled": False}),
+    "model-code": spec_data(pip=["pump-models==1.2.0"], py_modules=["s3://models/pumpkit-1.0.zip"]),
 }
+MODEL_CODE = {"pip": ["pump-models==1.2.0"], "py_modules": ["s3://models/pumpkit-1.0.zip"]}
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +103,17 @@ def test_rayservice_embeds_the_serve_app_config() -> None:
     assert manifest["spec"]["rayClusterConfig"] == render_raycluster(spec)["spec"]
 
 
+def test_model_code_of_the_spec_reaches_rayjobs_and_the_rayservice_app() -> None:
+    spec = parse_spec(spec_data(env={"JAX_ENABLE_X64": "1"}, image="ghcr.io/example/raytwin-pumps:1.2.0", **MODEL_CODE))
+    job = render_rayjob(spec, SWEEP_JOB)
+    assert yaml.safe_load(job["spec"]["runtimeEnvYAML"]) == {"env_vars": {"JAX_ENABLE_X64": "1"}, **MODEL_CODE}
+    app = yaml.safe_load(render_rayservice(spec)["spec"]["serveConfigV2"])["applications"][0]
+    assert app["runtime_env"] == {"env_vars": {"JAX_ENABLE_X64": "1"}, **MODEL_CODE}
+    head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert head["image"] == "ghcr.io/example/raytwin-pumps:1.2.0"  # or baked into the image
+    assert "runtimeEnvYAML" not in render_rayjob(parse_spec(spec_data()), SWEEP_JOB)["spec"]
+
+
 def test_rayjob_quotes_the_entrypoint_and_carries_the_environment() -> None:
     spec = parse_spec(spec_data(env={"JAX_ENABLE_X64": "1"}))
     manifest = render_rayjob(spec, ["raytwin", "calibrate", "run", "/data/calib 1.yaml", "--runs", "s3://b/runs"],
@@ -165,6 +178,8 @@ INVALID_SPECS = {
         "object_store_memory (16Gi) must be smaller than the memory of the head (4Gi)",
     ),
     "duplicate group names": (spec_data(worker_groups=[worker(), worker()]), "repeated: cpu"),
+    "local py_modules path": (spec_data(py_modules=["./pumpkit"]), "py_modules.0: String should match pattern"),
+    "empty pip requirement": (spec_data(pip=[""]), "pip.0: String should have at least 1 character"),
 }
 
 

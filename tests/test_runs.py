@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from types import SimpleNamespace
 
 import pyarrow.parquet as pq
 import pytest
@@ -43,6 +44,7 @@ def test_sweep_run_record_and_bit_identical_rerun(ray_session, tmp_path, monkeyp
     assert record.status == "succeeded" and record.kind == "sweep"
     assert (record.user, record.tenant, record.asset_id) == ("alice", "acme", "tank-7")
     assert (record.model_ref, record.model_hash) == ("tank@1.0.0", artifact.content_hash)
+    assert record.model_code == artifact.code and record.model_code.distribution == "raytwin"
     assert record.seeds == {"space": 11} and record.spec["space"]["n"] == 300
     assert record.code_version == code_version() and "jax" in record.package_versions
     assert sorted(record.outputs) == ["part-000000.parquet", "part-000001.parquet", "part-000002.parquet",
@@ -116,6 +118,23 @@ def test_a_failed_run_is_recorded_and_cannot_be_rerun(tmp_path, monkeypatch):
     [record] = RunStore(runs).list()
     assert (record.status, record.error, record.outputs) == ("failed", "storage exploded", {})
     with pytest.raises(RunError, match="only succeeded runs"):
+        rerun(record.run_id, runs=runs)
+
+
+def test_a_run_whose_model_code_changed_cannot_be_rerun(tmp_path, monkeypatch):
+    """A bare simulator has no registry pin: the run record's code identity is what catches the change."""
+    import sweeps.runs
+
+    monkeypatch.setattr(sweeps.runs, "run_sweep", lambda *args, **kwargs: SimpleNamespace(
+        outputs={}, n_scenarios=4, n_chunks=1, elapsed_s=0.1, scenarios_per_s=40.0))
+    space = ScenarioSpace(method="random", n=4, dimensions=[Dimension(name="a1", target="param", low=1e-5, high=2e-5)])
+    runs = str(tmp_path / "runs")
+    record = recorded_sweep(SweepSpec(model="two_tank", space=space, horizon_s=10.0, step_s=1.0), runs=runs)
+    then = record.model_code.model_copy(update={"sha256": "0" * 64,
+                                                "parts": {"raytwin.sim.tanks": "0" * 64}})
+    RunStore(runs).save(record.model_copy(update={"model_code": then}))
+    with pytest.raises(RunError, match=f"code of model two_tank@.* changed since run {record.run_id}: "
+                                       "module raytwin.sim.tanks changed"):
         rerun(record.run_id, runs=runs)
 
 

@@ -1,4 +1,4 @@
-"""`raytwin demo`: the whole loop on an embedded local Ray, with no external services.
+"""`raytwin demo` (`demo.cli`): the whole loop on an embedded local Ray, with no external services.
 
 1. register a building-zone model in the model registry (content-hashed);
 2. check the JAX simulator against scipy's solve_ivp on a batch of scenarios;

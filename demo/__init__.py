@@ -1,0 +1,1 @@
+"""The end-to-end demo: the top layer, composing the core, live twins (`actors`) and sweeps."""

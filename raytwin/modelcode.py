@@ -1,0 +1,188 @@
+"""Which code a model runs: the distribution that ships it, its version and a hash of the code.
+
+A registered artifact pins this identity (`raytwin.registry`), so a run record names the exact code
+behind its numbers and an artifact whose code has changed since registration is refused at resolve
+instead of silently running different physics.
+
+- A JAX model's code is the source files of the modules that define its functions (``coefficients``,
+  ``derivative``, ``output``, ...) and of the functions and modules of the same top-level package
+  that those call, found through their global names. Whole files, so that module-level constants
+  count; callables left at their framework default (e.g. the identity ``project``) are the framework's,
+  not the model's, and are left out.
+- A model object may provide its own identity with a ``code_identity() -> ModelCode`` method: an FMU
+  model returns `file_code` of its ``.fmu`` file.
+
+`model_runtime_env` says how Ray workers get the code: code outside any installed distribution
+travels as ``py_modules``; an installed distribution other than RayTwin is a ``pip`` requirement.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import inspect
+import sys
+import types
+from collections.abc import Callable, Iterable
+from importlib.metadata import PackageNotFoundError, packages_distributions, version
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from raytwin.contracts import Contract
+
+CORE_DISTRIBUTION = "raytwin"
+
+
+class ModelCodeError(ValueError):
+    """A model whose code cannot be identified (e.g. a function defined interactively, with no source)."""
+
+
+class ModelCode(Contract):
+    """The code identity of a model: ``sha256`` over ``parts`` (module or file name -> sha256 of its bytes)."""
+
+    kind: Literal["python", "file"] = Field(description="python: hashed source modules; file: one file (an FMU).")
+    distribution: str | None = Field(description="Installed distribution shipping the code; None if not installed.")
+    version: str | None = Field(description="That distribution's version.")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    parts: dict[str, str]
+
+    def describe(self) -> str:
+        """``name version`` (or "code not installed from a distribution") and a short hash, for messages."""
+        where = f"{self.distribution} {self.version}" if self.distribution else "code not installed from a distribution"
+        return f"{where}, sha256 {self.sha256[:12]}..."
+
+
+def _digest(parts: dict[str, str]) -> str:
+    return hashlib.sha256("".join(f"{k}\0{v}\n" for k, v in sorted(parts.items())).encode()).hexdigest()
+
+
+def file_code(path: str | Path, distribution: str | None = None, dist_version: str | None = None) -> ModelCode:
+    """The identity of a model delivered as one file (an FMU): the file's SHA-256."""
+    path = Path(path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return ModelCode(kind="file", distribution=distribution, version=dist_version, sha256=digest,
+                     parts={path.name: digest})
+
+
+@functools.cache
+def _distribution(top_level: str) -> tuple[str | None, str | None]:
+    """The distribution shipping a top-level package; RayTwin's own even when run from an uninstalled checkout."""
+    names = packages_distributions().get(top_level, [])
+    if not names:
+        from raytwin import __version__
+
+        return (CORE_DISTRIBUTION, __version__) if top_level == CORE_DISTRIBUTION else (None, None)
+    try:
+        return names[0], version(names[0])
+    except PackageNotFoundError:
+        return None, None
+
+
+def _own_callables(model: Any) -> list[Callable]:
+    """The model's functions, without those left at the model class's default (framework code)."""
+    if dataclasses.is_dataclass(model):
+        values = [getattr(model, f.name) for f in dataclasses.fields(model)
+                  if getattr(model, f.name) is not f.default]
+    else:
+        values = list(vars(model).values())
+    return [inspect.unwrap(v.func if isinstance(v, functools.partial) else v) for v in values if callable(v)]
+
+
+def _global_names(code: types.CodeType) -> set[str]:
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _global_names(const)
+    return names
+
+
+def _module_name(fn: Callable) -> str:
+    return getattr(fn, "__module__", None) or type(fn).__module__
+
+
+def _modules(functions: list[Callable], top_level: str) -> tuple[set[str], dict[str, Callable]]:
+    """Modules of `functions` and of the same-package functions/modules they reference, transitively;
+    plus functions whose module has no source file (hashed by their own source). A callable object
+    counts by its class's module."""
+    modules: set[str] = set()
+    loose: dict[str, Callable] = {}
+    todo, seen = list(functions), set()
+    while todo:
+        fn = todo.pop()
+        if id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        module = sys.modules.get(_module_name(fn))
+        if getattr(module, "__file__", None):
+            modules.add(module.__name__)
+        else:
+            loose[f"{_module_name(fn)}.{getattr(fn, '__qualname__', type(fn).__qualname__)}"] = fn
+        if not isinstance(fn, types.FunctionType):
+            continue
+        for name in _global_names(fn.__code__):
+            ref = fn.__globals__.get(name)
+            if isinstance(ref, types.ModuleType) and ref.__name__.split(".")[0] == top_level:
+                modules.add(ref.__name__)
+            elif isinstance(ref, types.FunctionType) and ref.__module__.split(".")[0] == top_level:
+                todo.append(ref)
+    return modules, loose
+
+
+def python_code(model: Any) -> ModelCode:
+    """The identity of a model written in Python: hashes of its modules' source files (see module doc)."""
+    functions = _own_callables(model)
+    if not functions:
+        raise ModelCodeError(f"model {getattr(model, 'name', model)!r} has no functions to identify its code by")
+    top_level = _module_name(functions[0]).split(".")[0]
+    modules, loose = _modules(functions, top_level)
+    parts = {name: hashlib.sha256(Path(sys.modules[name].__file__).read_bytes()).hexdigest() for name in modules}
+    for name, fn in loose.items():
+        try:
+            parts[name] = hashlib.sha256(inspect.getsource(fn).encode()).hexdigest()
+        except (OSError, TypeError):
+            raise ModelCodeError(f"model {getattr(model, 'name', model)!r}: function {name} has no source to hash; "
+                                 "define the model in a module (a .py file)") from None
+    distribution, dist_version = _distribution(top_level)
+    return ModelCode(kind="python", distribution=distribution, version=dist_version, sha256=_digest(parts),
+                     parts=parts)
+
+
+def code_identity(model: Any) -> ModelCode:
+    """The model's own ``code_identity()`` when it has one (an FMU), else `python_code`."""
+    own = getattr(model, "code_identity", None)
+    return own() if callable(own) else python_code(model)
+
+
+def describe_change(recorded: ModelCode, current: ModelCode) -> str:
+    """What differs between two identities, e.g. ``module pumpkit.physics changed (registered: pumpkit 1.0.0,
+    sha256 1f2e...; now: pumpkit 1.1.0, sha256 9a8b...)``."""
+    noun = "module" if recorded.kind == "python" else "file"
+    changes = [f"{noun} {name} " + ("removed" if name not in current.parts else
+                                     "added" if name not in recorded.parts else "changed")
+               for name in sorted(set(recorded.parts) | set(current.parts))
+               if recorded.parts.get(name) != current.parts.get(name)]
+    text = ", ".join(changes) or f"{recorded.kind} code replaced by {current.kind} code"
+    return f"{text} (registered: {recorded.describe()}; now: {current.describe()})"
+
+
+def model_runtime_env(models: Iterable[Any]) -> dict[str, list[str]]:
+    """Ray ``runtime_env`` entries that give workers the models' code: ``py_modules`` for code outside any
+    installed distribution (its top-level package directory, or the module file), ``pip`` for installed
+    distributions other than RayTwin (pinned to the installed version). Empty entries are left out."""
+    py_modules: list[str] = []
+    pip: list[str] = []
+    for model in models:
+        code = code_identity(model)
+        if code.kind != "python":
+            continue
+        if code.distribution is None:
+            module = sys.modules[_module_name(_own_callables(model)[0]).split(".")[0]]
+            path = str(Path(module.__file__).parent if hasattr(module, "__path__") else Path(module.__file__))
+            if path not in py_modules:
+                py_modules.append(path)
+        elif code.distribution != CORE_DISTRIBUTION and (req := f"{code.distribution}=={code.version}") not in pip:
+            pip.append(req)
+    return {key: value for key, value in (("py_modules", py_modules), ("pip", pip)) if value}
