@@ -17,6 +17,7 @@ from raytwin.fmu import (
     run_scenarios, store_fmu,
 )
 from raytwin.fmu.reference import build_reference_fmus, default_source
+from raytwin.modelcode import code_identity
 from raytwin.sim import Model, Output, Param, State, simulate
 
 MODELS = {2: ("VanDerPol", "Dahlquist", "BouncingBall", "Feedthrough"),
@@ -102,6 +103,8 @@ def test_the_fmu_file_is_stored_content_hashed(reference_fmus, tmp_path, s3_url)
         assert stored.url.endswith(f"fmus/{stored.fmu_hash}.fmu")
         assert store_fmu(path, where) == stored  # idempotent
         assert FmuInstance(stored).run(FmuScenario(3)).shape == (4, 2)  # runs from the stored copy
+    identity = code_identity(stored)  # what the registry pins for an FMU model
+    assert (identity.kind, identity.sha256) == ("file", stored.fmu_hash)
     other = reference_fmus[(3, "VanDerPol")]
     with pytest.raises(FmuError, match="has SHA-256 .* expected .*: the file changed"):
         FmuModel.load(other, expected_hash=stored.fmu_hash)

@@ -29,6 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from raytwin.modelcode import ModelCode, file_code
 from raytwin.sim.model import Input, Output, Param, State
 from raytwin.storage import filesystem
 from raytwin.units import UNITS
@@ -174,6 +175,10 @@ class FmuModel:
         except ValueError as e:
             raise FmuError(f"FMU {self.name}: {e}") from None
         return dataclasses.replace(self, **updated)
+
+    def code_identity(self) -> ModelCode:
+        """What the registry pins for this model (`raytwin.modelcode`): the FMU file's SHA-256."""
+        return file_code(self.local_path())
 
     def local_path(self) -> str:
         """A local file with exactly this FMU (downloaded once per machine for a remote URL)."""
