@@ -171,15 +171,16 @@ def _in_range(times: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
 
 def _python_rows(table: pa.Table) -> list[dict[str, Any]]:
     """The table's rows as Python values for the contract. Times Python cannot hold (a Parquet
-    timestamp before year 1 or after 9999) become their ISO text, which the contract refuses with
-    its reason, instead of failing the whole table."""
+    timestamp before year 1 or after 9999) become their ISO text (RFC 3339's "T" form, as the
+    contract reads it), which the contract refuses with its reason, instead of failing the whole table."""
     try:
         return table.to_pylist()
     except (ValueError, OverflowError):
         for name in _TIMES:
             if name in table.column_names and pa.types.is_timestamp(table.schema.field(name).type):
                 index = table.schema.get_field_index(name)
-                table = table.set_column(index, name, table.column(name).cast(pa.string()))
+                text = pc.replace_substring(table.column(name).cast(pa.string()), " ", "T", max_replacements=1)
+                table = table.set_column(index, name, text)
         return table.to_pylist()
 
 
