@@ -79,6 +79,9 @@ def sweep_run(
     s = record.summary
     typer.echo(f"run {record.run_id}: {s['scenarios']} scenarios in {s['elapsed_s']} s "
                f"({s['scenarios_per_s']:.0f}/s) -> {record.output_url}")
+    if s["diverged"]:
+        typer.echo(f"diverged: {s['diverged']} of {s['scenarios']} scenarios left their states' plausible range "
+                   "(metrics NaN, column `diverged`; left out of quantiles)")
 
 
 @sweep_app.command("example")

@@ -15,7 +15,7 @@ from pydantic import Field, model_validator
 from raytwin.contracts import AssetType, Contract, Finite, Identifier, whole_steps
 from raytwin.registry import ModelArtifact, ModelRegistry
 from raytwin.sim import get_model
-from sweeps.kits import get_kit
+from sweeps.kits import kit_for
 from sweeps.space import ScenarioSpace
 
 MAX_CHUNK = 16384
@@ -41,8 +41,8 @@ class SweepSpec(Contract):
     """A what-if sweep: every scenario of `space` applied on top of the base values.
 
     Base values: `start_state` (e.g. a twin's live ``TwinState.state``; default: the kit's),
-    `parameters` (override the model artifact's), `inputs` (input-signal parameters of the
-    kit, see `sweeps.kits`). `trajectories` lists scenario indices whose full state
+    `parameters` (override the model artifact's), `inputs` (the kit's parameters: input-signal
+    parameters and metric thresholds, see `sweeps.kits`). `trajectories` lists scenario indices whose full state
     trajectories are also written.
     """
 
@@ -86,10 +86,8 @@ class SweepSpec(Contract):
 
     def check_names(self, simulator: str) -> None:
         """Refuse names the simulator or its kit does not have (also run once a registry model is resolved)."""
-        kit = get_kit(simulator)
-        known = {
-            "state": set(kit.model.state_names), "param": set(kit.model.param_names), "input": set(kit.input_params)
-        }
+        kit = kit_for(get_model(simulator))
+        known = {"state": set(kit.model.state_names), "param": set(kit.model.param_names), "input": set(kit.parameters)}
         problems = []
         for target, given in (("state", self.start_state or {}), ("param", self.parameters), ("input", self.inputs)):
             unknown = set(given) - known[target]

@@ -18,10 +18,13 @@ from sweeps import engine, runner
 from sweeps.aggregate import open_dataset, quantiles
 from sweeps.cli import sweep_app
 from sweeps.engine import Bases, chunk_metrics, scenario_arrays
-from sweeps.kits import BATTERY_KIT, THERMAL_KIT
+from sweeps.reference_kits import BATTERY, THERMAL
 from sweeps.runner import FAULT_ENV, TRAJECTORY_FILE, run_sweep
 from sweeps.space import Dimension, ScenarioSpace
 from sweeps.spec import SweepSpec
+
+
+THERMAL_KIT, BATTERY_KIT = THERMAL.compile(), BATTERY.compile()
 
 
 def _space(method="lhs", n=600, seed=3):
