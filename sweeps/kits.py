@@ -14,7 +14,8 @@ the same form a hand-written kit has, so `vmap` batches it and XLA fuses it into
 
 A signal's numeric field is a number or the name of a kit parameter (`Kit.parameters`): those
 names are what ``SweepSpec.inputs`` sets and scenario-space dimensions with ``target="input"``
-sweep. Random signals and series depend on time only and are shared by all scenarios.
+sweep. Random signals and series depend on time only and are shared by all scenarios (give each
+random signal of a kit its own `seed`).
 Extremes of states include the start state; other metrics see the end of each step (states,
 outputs) or the input held over it; durations count the steps taken.
 
@@ -63,8 +64,9 @@ class _Signal(Contract):
         return {v for v in self.__dict__.values() if isinstance(v, str) and v != getattr(self, "kind", None)} - {
             getattr(self, "state", None)}
 
-    def table(self, horizon_s: float, salt: int) -> np.ndarray | None:
-        """Values per `hold_s` for signals that are precomputed (random ones), else None."""
+    def table(self, horizon_s: float, offset: int) -> np.ndarray | None:
+        """Values per `hold_s` for signals that are precomputed (random ones, drawn from the seed
+        ``seed + offset``: synthetic data sets offset it), else None."""
         return None
 
 
@@ -151,8 +153,8 @@ class RandomWalk(_Signal):
     hold_s: Annotated[Finite, Field(gt=0)]
     seed: Annotated[int, Field(ge=0)] = 0
 
-    def table(self, horizon_s: float, salt: int) -> np.ndarray:
-        steps = np.random.default_rng([self.seed, salt]).normal(0.0, self.step_std, _levels(horizon_s, self.hold_s))
+    def table(self, horizon_s: float, offset: int) -> np.ndarray:
+        steps = np.random.default_rng(self.seed + offset).normal(0.0, self.step_std, _levels(horizon_s, self.hold_s))
         steps[0] = 0.0
         low = -np.inf if self.lower is None else self.lower
         high = np.inf if self.upper is None else self.upper
@@ -181,8 +183,8 @@ class RandomLevels(_Signal):
             raise ValueError(f"random_levels: low {self.low} > high {self.high}")
         return self
 
-    def table(self, horizon_s: float, salt: int) -> np.ndarray:
-        rng, n = np.random.default_rng([self.seed, salt]), _levels(horizon_s, self.hold_s)
+    def table(self, horizon_s: float, offset: int) -> np.ndarray:
+        rng, n = np.random.default_rng(self.seed + offset), _levels(horizon_s, self.hold_s)
         if self.levels is not None:
             return rng.choice(np.asarray(self.levels, dtype=np.float64), size=n)
         return rng.uniform(self.low, self.high, size=n)
@@ -379,6 +381,13 @@ class Kit:
         missing = used - set(self.parameters)
         if missing:
             raise ValueError(f"{name}: undeclared parameter(s) {sorted(missing)}; declare them in parameters")
+        if self.excitation is not None:
+            signals = {k: SIGNAL.validate_python(v) for k, v in self.excitation.items()}
+            object.__setattr__(self, "excitation", signals)
+            if set(signals) != set(self.model.input_names):
+                raise ValueError(f"{name}: excitation must give exactly {list(self.model.input_names)}")
+            if any(isinstance(s, Proportional) or s.references() for s in signals.values()):
+                raise ValueError(f"{name}: excitation signals are open loop, with numbers (no state, no parameters)")
         if self.start_state is not None and set(self.start_state) != set(self.model.state_names):
             raise ValueError(f"{name}: start_state must give exactly {list(self.model.state_names)}")
         if self.start_state is None and any(s.nominal is None for s in self.model.states):
@@ -411,7 +420,7 @@ class Kit:
 @functools.cache
 def _compiled(kit: Kit, horizon_s: float | None) -> SweepKit:
     model = kit.model
-    evaluators = [_evaluator(model, kit.inputs[n], horizon_s, 0) for n in model.input_names]
+    evaluators = [signal_function(kit.inputs[n], horizon_s) for n in model.input_names]
     metrics = [m if isinstance(m, CustomMetric) else _builtin(model, m, horizon_s) for m in kit.metrics]
 
     def inputs(t, x, ip):
@@ -445,17 +454,17 @@ def _value(v: Value | None, ip: Params):
     return ip[v] if isinstance(v, str) else v
 
 
-def _evaluator(model: Model, sig: Any, horizon_s: float | None, salt: int) -> InputFn:
+def signal_function(sig: Any, horizon_s: float | None, offset: int = 0) -> InputFn:
     """``f(t, state, ip)`` for one signal, saturated to its bounds; works on a scalar or vector `t`."""
     if callable(sig):
         return sig
-    raw = _raw(sig, horizon_s, salt)
+    raw = _raw(sig, horizon_s, offset)
     if sig.lower is None and sig.upper is None:
         return raw
     return lambda t, x, ip: jnp.clip(raw(t, x, ip), _value(sig.lower, ip), _value(sig.upper, ip))
 
 
-def _raw(sig: Any, horizon_s: float | None, salt: int) -> InputFn:  # noqa: PLR0911 (one case per kind)
+def _raw(sig: Any, horizon_s: float | None, offset: int) -> InputFn:  # noqa: PLR0911 (one case per kind)
     v = _value
     if isinstance(sig, Constant):
         return lambda t, x, ip: jnp.zeros_like(t) + v(sig.value, ip)
@@ -489,7 +498,7 @@ def _raw(sig: Any, horizon_s: float | None, salt: int) -> InputFn:  # noqa: PLR0
         return lambda t, x, ip: jnp.interp(t, jnp.asarray(times, t.dtype), jnp.asarray(vals, t.dtype))
     if horizon_s is None:
         raise ValueError(f"a {sig.kind} signal needs the sweep's horizon: compile the kit with horizon_s")
-    table, hold = sig.table(horizon_s, salt), sig.hold_s
+    table, hold = sig.table(horizon_s, offset), sig.hold_s
 
     def held(t, x, ip):
         idx = jnp.clip(jnp.floor(t / hold).astype(jnp.int32), 0, table.size - 1)

@@ -62,7 +62,7 @@ THERMAL = register_kit(Kit(
     ]),
     excitation={  # hourly random heating levels, a wandering outdoor temperature, daily sun
         "T_out": RandomWalk(start=278.15, step_std=1.0, hold_s=HOUR_S, lower=253.15, upper=303.15),
-        "Q_h": RandomLevels(levels=[0.0, 3000.0, 6000.0], hold_s=HOUR_S),
+        "Q_h": RandomLevels(levels=[0.0, 3000.0, 6000.0], hold_s=HOUR_S, seed=1),
         "Q_sol": Sinusoid(amplitude=2000.0, period_s=DAY_S, phase_s=-6 * HOUR_S, lower=0.0),
     },
 ))

@@ -282,7 +282,7 @@ def test_cli_example_run_and_quantiles(ray_session, tmp_path):
     bands = runner.invoke(sweep_app, ["quantiles", run_id, "--runs", runs, "--metric", "h1_max", "--q", "0.5"])
     assert bands.exit_code == 0, bands.output
     header, row = bands.output.strip().splitlines()
-    assert header.split("\t") == ["metric", "count", "mean", "q0.5"] and row.startswith("h1_max\t50\t")
+    assert header.split("\t") == ["metric", "count", "diverged", "mean", "q0.5"] and row.startswith("h1_max\t50\t0\t")
     bad = runner.invoke(sweep_app, ["run", str(tmp_path / "missing.json"), "--runs", runs])
     assert bad.exit_code != 0 and "cannot read" in bad.output
 
