@@ -29,7 +29,7 @@ import functools
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import jax.numpy as jnp
 import numpy as np
@@ -56,13 +56,15 @@ class KitParameter(Contract):
 class _Signal(Contract):
     """Common to every signal: optional saturation to [`lower`, `upper`] after evaluation."""
 
+    VALUES: ClassVar[tuple[str, ...]] = ()
+    """The fields that take a `Value` (a number or a kit parameter's name), besides the bounds."""
+
     lower: Value | None = None
     upper: Value | None = None
 
     def references(self) -> set[str]:
         """Kit parameter names this signal uses."""
-        return {v for v in self.__dict__.values() if isinstance(v, str) and v != getattr(self, "kind", None)} - {
-            getattr(self, "state", None)}
+        return {v for f in (*self.VALUES, "lower", "upper") if isinstance(v := getattr(self, f), str)}
 
     def table(self, horizon_s: float, offset: int) -> np.ndarray | None:
         """Values per `hold_s` for signals that are precomputed (random ones, drawn from the seed
@@ -71,6 +73,7 @@ class _Signal(Contract):
 
 
 class Constant(_Signal):
+    VALUES = ("value",)
     kind: Literal["constant"] = "constant"
     value: Value
 
@@ -78,6 +81,7 @@ class Constant(_Signal):
 class Sinusoid(_Signal):
     """``mean + amplitude sin(2 pi (t + phase_s) / period_s)``; a half-sine with ``lower=0, mean=0``."""
 
+    VALUES = ("mean", "amplitude")
     kind: Literal["sinusoid"] = "sinusoid"
     mean: Value = 0.0
     amplitude: Value
@@ -109,6 +113,7 @@ class DailySchedule(_Signal):
 class Step(_Signal):
     """`before` until `at_s`, `after` from then on."""
 
+    VALUES = ("before", "after", "at_s")
     kind: Literal["step"] = "step"
     before: Value
     after: Value
@@ -119,6 +124,7 @@ class Square(_Signal):
     """`high` for the first `duty` fraction of each period (from t = `phase_s`), `low` otherwise:
     load pulses, on/off schedules."""
 
+    VALUES = ("low", "high", "period_s", "duty")
     kind: Literal["square"] = "square"
     low: Value = 0.0
     high: Value
@@ -199,9 +205,6 @@ class Series(_Signal):
     column: Annotated[str, Field(min_length=1)]
     time_column: str = "t_s"
 
-    def references(self) -> set[str]:
-        return set()
-
     @functools.cached_property
     def points(self) -> tuple[np.ndarray, np.ndarray]:
         """(times, values) read once from the file."""
@@ -221,6 +224,7 @@ class Proportional(_Signal):
     """Feedback: ``gain (setpoint - state)`` at the start of each step, e.g. a thermostat
     (saturate it with `lower` / `upper`, e.g. 0 and the heater's capacity)."""
 
+    VALUES = ("setpoint", "gain")
     kind: Literal["proportional"] = "proportional"
     state: Annotated[str, Field(min_length=1)]
     setpoint: Value
@@ -228,7 +232,8 @@ class Proportional(_Signal):
 
 
 Signal = Annotated[
-    Constant | Sinusoid | DailySchedule | Step | Square | PiecewiseLinear | RandomWalk | RandomLevels | Series | Proportional,
+    Constant | Sinusoid | DailySchedule | Step | Square | PiecewiseLinear | RandomWalk | RandomLevels | Series
+    | Proportional,
     Field(discriminator="kind"),
 ]
 InputFn = Callable[[Any, dict[str, Any], Params], Any]
@@ -464,7 +469,7 @@ def signal_function(sig: Any, horizon_s: float | None, offset: int = 0) -> Input
     return lambda t, x, ip: jnp.clip(raw(t, x, ip), _value(sig.lower, ip), _value(sig.upper, ip))
 
 
-def _raw(sig: Any, horizon_s: float | None, offset: int) -> InputFn:  # noqa: PLR0911 (one case per kind)
+def _raw(sig: Any, horizon_s: float | None, offset: int) -> InputFn:
     v = _value
     if isinstance(sig, Constant):
         return lambda t, x, ip: jnp.zeros_like(t) + v(sig.value, ip)
@@ -513,16 +518,14 @@ def _builtin(model: Model, m: Metric, horizon_s: float | None) -> CustomMetric:
     def scaled(a):
         return a if scale == 1.0 else a * scale
 
-    def extreme(x0, ip, fn, inf):
-        (n,) = names
-        like = next(iter(x0.values()))
-        return x0[n] if n in states and fn != "final" else jnp.full_like(like, inf)
-
     if m.kind in ("min", "max", "final"):
-        fn = {"min": jnp.minimum, "max": jnp.maximum, "final": lambda a, b: b}[m.kind]
-        inf = {"min": jnp.inf, "max": -jnp.inf, "final": 0.0}[m.kind]
-        return CustomMetric(m.name, lambda x0, ip: extreme(x0, ip, m.kind, inf),
-                            lambda a, now, ip, dt: fn(a, now[names[0]]), lambda a, dt: scaled(a))
+        fold = {"min": jnp.minimum, "max": jnp.maximum, "final": lambda a, b: b}[m.kind]
+        start = {"min": jnp.inf, "max": -jnp.inf, "final": 0.0}[m.kind]  # `final` is overwritten at the first step
+
+        def first(x0, ip):  # extremes of a state include the start state
+            like = next(iter(x0.values()))
+            return x0[names[0]] if names[0] in states and m.kind != "final" else jnp.full_like(like, start)
+        return CustomMetric(m.name, first, lambda a, now, ip, dt: fold(a, now[names[0]]), lambda a, dt: scaled(a))
 
     def zero(x0, ip):
         return jnp.zeros_like(next(iter(x0.values())))
