@@ -385,7 +385,8 @@ class Kit:
                 used |= m.references()
         missing = used - set(self.parameters)
         if missing:
-            raise ValueError(f"{name}: undeclared parameter(s) {sorted(missing)}; declare them in parameters")
+            raise ValueError(f"{name}: undeclared parameter(s) {sorted(missing)}; declare them in parameters "
+                             "(in a SweepSpec: give their values in inputs)")
         if self.excitation is not None:
             signals = {k: SIGNAL.validate_python(v) for k, v in self.excitation.items()}
             object.__setattr__(self, "excitation", signals)

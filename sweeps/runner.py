@@ -29,8 +29,7 @@ from raytwin.sim.cpu import cpu_only, start_single_core_backend
 from raytwin.storage import filesystem
 from sweeps import engine
 from sweeps.engine import Bases
-from raytwin.sim import get_model
-from sweeps.kits import SweepKit, kit_for
+from sweeps.kits import SweepKit
 from sweeps.spec import SweepSpec, resolve_model
 
 log = logging.getLogger("raytwin.sweeps")
@@ -118,8 +117,8 @@ def _start_backend() -> None:
 
 
 def compiled_kit(spec: SweepSpec, simulator: str) -> SweepKit:
-    """The kernel functions of `simulator`'s kit for this sweep's horizon (cached per process)."""
-    return kit_for(get_model(simulator)).compile(spec.horizon_s)
+    """The kernel functions of the sweep's kit for its horizon (cached per process)."""
+    return spec.kit(simulator).compile(spec.horizon_s)
 
 
 def _chunk_task(spec: SweepSpec, simulator: str, bases: Bases, chunk: int, rows: np.ndarray, url: str,
@@ -187,7 +186,7 @@ def prepare(spec: SweepSpec) -> tuple[str, Bases]:
     artifact = resolve_model(spec.model, spec.registry_url)
     simulator = artifact.asset_type.simulator
     spec.check_names(simulator)
-    kit = kit_for(get_model(simulator))
+    kit = spec.kit(simulator)
     return simulator, Bases(
         state=dict(spec.start_state or kit.states0),
         params={**artifact.parameters, **spec.parameters},

@@ -194,3 +194,33 @@ def test_unstable_parameters_are_flagged_per_scenario_never_reported_as_results(
         assert all(math.isnan(got[m][0]) and math.isfinite(got[m][1]) for m in kit.metric_names)
     stable = chunk_metrics(kit, bases, dims, rows, 10.0, 8640, 2, "float64")  # a smaller step is stable
     assert not stable["diverged"].any()
+
+
+def test_a_sweep_spec_declares_its_own_signals_and_metrics_as_data(tmp_path):
+    """A recorded weather series for T_out and a new metric with a new, swept threshold: JSON only."""
+    from sweeps.runner import compiled_kit, prepare
+    from sweeps.space import ScenarioSpace
+    from sweeps.spec import SweepSpec
+
+    weather = tmp_path / "weather.parquet"
+    pq.write_table(pa.table({"t_s": [0.0, 43200.0, 86400.0], "T_out": [265.0, 285.0, 270.0]}), weather)
+    spec = SweepSpec.model_validate_json(SweepSpec(
+        model="thermal_rc", horizon_s=86400.0, step_s=300.0, inputs={"hot": 294.0},
+        signals={"T_out": Series(path=str(weather), column="T_out")},
+        metrics=[Metric(name="hot_s", kind="time_above", of="T_in", threshold="hot", unit="s"),
+                 Metric(name="T_out_mean", kind="mean", of="T_out", unit="K")],
+        space=ScenarioSpace(method="grid", dimensions=[Dimension(name="hot", target="input", values=[293.0, 299.0])]),
+    ).model_dump_json())
+    kit = compiled_kit(spec, "thermal_rc")
+    assert kit.metric_names == ("hot_s", "T_out_mean") and compiled_kit(spec, "thermal_rc") is kit  # compiled once
+    _, bases = prepare(spec)
+    got = chunk_metrics(kit, bases, spec.space.dimensions, spec.space.rows(0, 2), 300.0, 288, 2, "float64")
+    t = 300.0 * np.arange(288)
+    assert got["T_out_mean"][0] == pytest.approx(np.interp(t, [0, 43200, 86400], [265, 285, 270]).mean(), rel=1e-12)
+    assert got["hot_s"][0] > got["hot_s"][1] == 0.0  # the thermostat holds 294.15 K: above 293, never above 299
+    with pytest.raises(ValueError, match=r"undeclared parameter\(s\) \['warm'\].*give their values in inputs"):
+        SweepSpec(model="thermal_rc", horizon_s=3600.0, step_s=60.0, space=spec.space, inputs={"hot": 1.0},
+                  metrics=[Metric(name="w", kind="time_above", of="T_in", threshold="warm")])
+    with pytest.raises(ValueError, match=r"signals for unknown input\(s\) \['T_sky'\]"):
+        SweepSpec(model="thermal_rc", horizon_s=3600.0, step_s=60.0, space=spec.space, inputs={"hot": 1.0},
+                  signals={"T_sky": Constant(value=250.0)})
