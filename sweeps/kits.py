@@ -37,6 +37,7 @@ from pydantic import Field, TypeAdapter, model_validator
 
 from raytwin.contracts import Contract, Finite
 from raytwin.sim import Model
+from sweeps.space import Dimension
 
 Params = dict[str, Any]  # kit parameters of one scenario, by name
 Value = Finite | str
@@ -338,7 +339,7 @@ class ExampleSweep(Contract):
 
     horizon_s: Annotated[Finite, Field(gt=0)]
     step_s: Annotated[Finite, Field(gt=0)]
-    dimensions: Annotated[list[dict[str, Any]], Field(min_length=1)]
+    dimensions: Annotated[list[Dimension], Field(min_length=1)]
 
 
 @dataclass(frozen=True, eq=False)
@@ -578,6 +579,6 @@ def example_sweep(kit: Kit) -> ExampleSweep:
     if kit.example is not None:
         return kit.example
     scale = {"mode": "scale", "low": 0.7, "high": 1.3}
-    dims = [{"name": p.name, "target": "param", **scale} for p in kit.model.params[:3]]
-    dims += [{"name": k, "target": "input", **scale} for k, p in kit.parameters.items() if p.default != 0.0][:3]
+    dims = [Dimension(name=p.name, target="param", **scale) for p in kit.model.params[:3]]
+    dims += [Dimension(name=k, target="input", **scale) for k, p in kit.parameters.items() if p.default != 0.0][:3]
     return ExampleSweep(horizon_s=1000 * kit.model.default_dt, step_s=kit.model.default_dt, dimensions=dims)

@@ -167,8 +167,9 @@ def test_a_model_without_a_kit_gets_one_from_its_declaration():
     assert compiled.metric_names == ("h1_min", "h1_max", "h1_final", "h2_min", "h2_max", "h2_final")
     example = example_sweep(kit)
     assert (example.horizon_s, example.step_s) == (1000.0, 1.0)
-    assert [(d["name"], d["target"]) for d in example.dimensions] == [
-        ("a1_tank", "param"), ("a2_tank", "param"), ("a1", "param"), ("q_in", "input")]
+    assert [(d.name, d.target, d.low, d.high) for d in example.dimensions] == [
+        ("a1_tank", "param", 0.7, 1.3), ("a2_tank", "param", 0.7, 1.3), ("a1", "param", 0.7, 1.3),
+        ("q_in", "input", 0.7, 1.3)]
     (signal,) = generic_excitation(model).values()
     assert (signal.low, signal.high, signal.hold_s) == pytest.approx((0.5e-4, 1.5e-4, 60.0))
     u = excitation(model, 600, 1.0, seed=2)
