@@ -20,10 +20,17 @@ import jax.numpy as jnp
 
 from benchmarks.harness import BenchContext, BenchResult, Figure, benchmark, run_python, subprocess_env_without
 from benchmarks.sweep import CHUNK, QUICK_STEPS, cluster_cpus
-from benchmarks.thermal_scenarios import WEEK_STEPS, ThermalSweep, bench_spec, product_in_process, product_on_ray
+from benchmarks.thermal_scenarios import (
+    THERMAL_KIT,
+    WEEK_STEPS,
+    ThermalSweep,
+    bench_spec,
+    product_in_process,
+    product_on_ray,
+)
 from raytwin.sim import THERMAL_RC, Model, rk4_step
 from raytwin.sim.cpu import CPU_COMPILER_OPTIONS
-from sweeps.kits import THERMAL_KIT, SweepKit
+from sweeps.kits import SweepKit
 from sweeps.runner import ensure_ray
 
 ARITHMETIC_PRIMITIVES = frozenset(

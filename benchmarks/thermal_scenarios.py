@@ -1,6 +1,6 @@
 """The sweep benchmark's workload and the baselines that compute it independently.
 
-Workload: the product's thermal what-if sweep (`sweeps.kits.THERMAL_KIT` on ``thermal_rc``),
+Workload: the product's thermal what-if sweep (`sweeps.reference_kits.THERMAL` on ``thermal_rc``),
 one week at 60 s steps (10,080 RK4 steps) per scenario, with a random scenario space:
 all six parameters scaled by U(0.7, 1.3) (+-30% around typical), and per scenario the outdoor
 daily sinusoid's mean and amplitude, the solar peak and the thermostat setpoint. The kit
@@ -29,13 +29,15 @@ from scipy.integrate import solve_ivp
 from raytwin.sim import THERMAL_RC, rk4_step
 from sweeps import engine
 from sweeps.aggregate import open_dataset
-from sweeps.kits import DAY_S, THERMAL_KIT
+from sweeps.kits import DAY_S
+from sweeps.reference_kits import THERMAL
 from sweeps.runner import prepare, run_sweep
 from sweeps.space import Dimension, ScenarioSpace
 from sweeps.spec import SweepSpec
 
 WEEK_STEPS = 10_080
 DT_S = 60.0
+THERMAL_KIT = THERMAL.compile()
 METRICS = THERMAL_KIT.metric_names  # T_in_max, T_in_min, energy_kwh, discomfort_s
 
 

@@ -30,7 +30,12 @@ _EXPORTS = {
     "recorded_calibration": "sweeps.runs",
     "rerun": "sweeps.runs",
     "start_from_twin": "sweeps.twins",
-    "KITS": "sweeps.kits",
+    "Kit": "sweeps.kits",
+    "KitParameter": "sweeps.kits",
+    "Metric": "sweeps.kits",
+    "CustomMetric": "sweeps.kits",
+    "kit_for": "sweeps.kits",
+    "register_kit": "sweeps.kits",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -12,6 +12,10 @@ dimension (LHS or random sampling: every scenario its own value) has as many gro
 which is no uncertainty band at all, so more than `max_groups` groups are refused with a message
 that names the column; `bins` cuts such a column into intervals instead (equal width over the
 values seen, or given edges).
+
+Diverged scenarios (``diverged`` column: their states left the plausible range, metrics NaN) are
+never part of a band: each row's `count` is its valid scenarios and `diverged` (in datasets that
+have the column) how many of the group's scenarios diverged; a group with none valid has NaN mean and quantiles.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ PART_FILE = re.compile(r"part-\d+\.parquet")
 file, trajectories) is never read as results."""
 
 Bins = int | Sequence[float]
+DIVERGED = "diverged"
+"""The per-scenario divergence column (`sweeps.engine.DIVERGED`)."""
 
 
 def open_dataset(url: str, storage_options: dict | None = None) -> ds.Dataset:
@@ -56,7 +62,8 @@ def quantiles(
 ) -> pa.Table:
     """One row per (group, metric): the group's dimension values, metric, count, mean and ``q<p>`` columns.
 
-    `metrics` defaults to every non-dimension column; `by` names dimension columns to group on.
+    `metrics` defaults to every metric column; `by` names dimension columns to group on.
+    Diverged scenarios are left out of `count`, `mean` and the quantiles and counted in `diverged`.
     `bins` maps a `by` column to a number of equal-width bins over its range, or to bin edges
     (increasing; every value must lie within them); a binned column appears as ``<col>.low`` and
     ``<col>.high`` (each bin half-open, the last one closed). Groups without scenarios are left out.
@@ -72,20 +79,27 @@ def quantiles(
     if not all(0.0 <= p <= 1.0 for p in q):
         raise ValueError(f"quantiles must lie in [0, 1], got {list(q)}")
     if metrics is None:
-        metrics = [c for c in names if c != "scenario" and "." not in c]
+        metrics = [c for c in names if c not in ("scenario", DIVERGED) and "." not in c]
     keys = dataset.to_table(columns=list(by))
     if keys.num_rows == 0:
         raise ValueError(f"no scenarios in {url}")
     group_columns, codes = _group_keys(keys, by, bins, max_groups)
-    order = np.argsort(codes, kind="stable")  # one sort by group, shared by every metric
-    count = np.bincount(codes)
+    valid = (~dataset.to_table(columns=[DIVERGED])[DIVERGED].to_numpy(zero_copy_only=False)
+             if DIVERGED in names else np.ones(codes.size, dtype=bool))
+    groups = int(codes.max()) + 1
+    count = np.bincount(codes[valid], minlength=groups)
+    diverged = np.bincount(codes[~valid], minlength=groups)
+    order = np.argsort(codes[valid], kind="stable")  # one sort by group, shared by every metric
     rows: list[dict] = []
     for metric in metrics:
-        values = dataset.to_table(columns=[metric])[metric].to_numpy().astype(np.float64)
+        values = dataset.to_table(columns=[metric])[metric].to_numpy().astype(np.float64)[valid]
         mean, bands = _grouped_quantiles(values, order, count, q)
         for g in range(count.size):
             row = {c: float(v[g]) for c, v in group_columns.items()}
-            row.update(metric=metric, count=int(count[g]), mean=float(mean[g]))
+            row.update(metric=metric, count=int(count[g]))
+            if DIVERGED in names:
+                row[DIVERGED] = int(diverged[g])
+            row["mean"] = float(mean[g])
             row.update({f"q{p:g}": float(x) for p, x in zip(q, bands[g], strict=True)})
             rows.append(row)
     return pa.Table.from_pylist(rows)
@@ -148,4 +162,6 @@ def _grouped_quantiles(values: np.ndarray, order: np.ndarray, count: np.ndarray,
     ordered = values[order]
     bounds = np.concatenate(([0], np.cumsum(count)))
     slices = [ordered[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-    return np.array([np.mean(v) for v in slices]), np.array([np.quantile(v, q) for v in slices])
+    empty = np.full(len(q), np.nan)
+    return (np.array([np.mean(v) if v.size else np.nan for v in slices]),
+            np.array([np.quantile(v, q) if v.size else empty for v in slices]))

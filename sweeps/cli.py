@@ -23,24 +23,6 @@ calibrate_app = typer.Typer(help="Fit model parameters to telemetry (Ray Tune + 
 runs_app = typer.Typer(help="Recorded sweep and calibration runs.", no_args_is_help=True)
 
 RunsOption = Annotated[str, typer.Option("--runs", help="Runs root: a directory or fsspec URL.")]
-EXAMPLE_SPACES = {
-    "thermal_rc": [
-        {"name": "C_in", "target": "param", "mode": "scale", "low": 0.7, "high": 1.3},
-        {"name": "Q_h_max", "target": "input", "low": 3000.0, "high": 10000.0},
-        {"name": "R_io", "target": "param", "mode": "scale", "low": 0.7, "high": 1.3},
-        {"name": "T_out_mean", "target": "input", "low": 263.15, "high": 283.15},
-    ],
-    "battery_ecm": [
-        {"name": "q", "target": "param", "mode": "scale", "low": 0.8, "high": 1.0},
-        {"name": "r0", "target": "param", "mode": "scale", "low": 1.0, "high": 2.0},
-        {"name": "current_a", "target": "input", "low": 1.0, "high": 7.5},
-    ],
-    "two_tank": [
-        {"name": "a1", "target": "param", "mode": "scale", "low": 0.8, "high": 1.2},
-        {"name": "q_in_mean", "target": "input", "low": 5e-5, "high": 1.5e-4},
-    ],
-}
-EXAMPLE_HORIZONS = {"thermal_rc": (7 * 86400.0, 60.0), "battery_ecm": (3600.0, 1.0), "two_tank": (7200.0, 1.0)}
 
 
 def _setup_logging() -> None:
@@ -79,21 +61,28 @@ def sweep_run(
     s = record.summary
     typer.echo(f"run {record.run_id}: {s['scenarios']} scenarios in {s['elapsed_s']} s "
                f"({s['scenarios_per_s']:.0f}/s) -> {record.output_url}")
+    if s["diverged"]:
+        typer.echo(f"diverged: {s['diverged']} of {s['scenarios']} scenarios left their states' plausible range "
+                   "(metrics NaN, column `diverged`; left out of quantiles)")
 
 
 @sweep_app.command("example")
 def sweep_example(
-    model: Annotated[str, typer.Argument(help="Simulator: thermal_rc, battery_ecm or two_tank.")],
+    model: Annotated[str, typer.Argument(help="Simulator name (e.g. thermal_rc).")],
     n: Annotated[int, typer.Option(help="Scenarios (Latin hypercube).")] = 1000,
 ) -> None:
-    """Print an example SweepSpec (JSON) to start from."""
+    """Print an example SweepSpec (JSON) to start from: the model kit's example, or one derived
+    from the model's declaration."""
+    from raytwin.sim import UnknownModelError, get_model
+    from sweeps.kits import example_sweep, kit_for
     from sweeps.spec import SweepSpec
 
-    if model not in EXAMPLE_SPACES:
-        raise typer.BadParameter(f"no example for {model!r}; choose from {sorted(EXAMPLE_SPACES)}")
-    horizon, step = EXAMPLE_HORIZONS[model]
-    spec = SweepSpec(model=model, horizon_s=horizon, step_s=step,
-                     space={"method": "lhs", "n": n, "seed": 0, "dimensions": EXAMPLE_SPACES[model]})
+    try:
+        example = example_sweep(kit_for(get_model(model)))
+    except UnknownModelError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    spec = SweepSpec(model=model, horizon_s=example.horizon_s, step_s=example.step_s,
+                     space={"method": "lhs", "n": n, "seed": 0, "dimensions": example.dimensions})
     typer.echo(spec.model_dump_json(indent=2, exclude_defaults=True))
 
 
@@ -162,7 +151,7 @@ def calibrate_run(
 
 @calibrate_app.command("synthetic")
 def calibrate_synthetic(
-    model: Annotated[str, typer.Argument(help="Simulator: thermal_rc, battery_ecm or two_tank.")],
+    model: Annotated[str, typer.Argument(help="Simulator name (e.g. thermal_rc).")],
     out: Annotated[Path, typer.Option(help="Parquet file to write.")],
     steps: Annotated[int, typer.Option(help="Samples.")] = 2000,
     dt: Annotated[float | None, typer.Option(help="Sample period [s]; default the model's step.")] = None,
@@ -175,7 +164,7 @@ def calibrate_synthetic(
     import pyarrow.parquet as pq
 
     from raytwin.sim import get_model
-    from sweeps.kits import get_kit
+    from sweeps.kits import kit_for
     from sweeps.synthetic import synthetic_telemetry
 
     def pairs(items: list[str] | None) -> dict[str, float]:
@@ -185,7 +174,7 @@ def calibrate_synthetic(
             raise typer.BadParameter(f"expected NAME=VALUE pairs, got {items}") from None
 
     sim = get_model(model)
-    start = get_kit(model).start_state
+    start = kit_for(sim).states0
     table = synthetic_telemetry(model, pairs(param), start, steps, dt or sim.default_dt, pairs(noise), seed)
     pq.write_table(table, out)
     typer.echo(f"wrote {table.num_rows} samples of {model} to {out}")

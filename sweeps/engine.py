@@ -5,10 +5,17 @@ accumulated in the carry (``keep_trajectory=False``), all in struct-of-arrays fo
 a whole RK4 step with the input generation and the metric update. Chunks are padded to a fixed
 size, so each (kit, chunk size, steps) compiles once per process and scenario i always sits at
 the same position of the same chunk.
+
+Divergence: a per-scenario flag in the carry records whether every state stayed finite and
+within its declared plausible range (`State.lower` / `upper`) after every step. A scenario that
+left it gets NaN metrics and ``diverged = True`` (an unstable step or parameter set yields finite
+garbage such as 1e266 K, never a result).
 """
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 
 import jax
@@ -54,6 +61,9 @@ def scenario_arrays(kit: SweepKit, bases: Bases, dims: list[Dimension], rows: np
     return x0, params, inputs
 
 
+DIVERGED = "diverged"
+"""Result column: the scenario left its states' plausible range (its metrics are NaN)."""
+
 SCAN_UNROLL = {"gpu": 8}
 """RK4 steps per scan iteration by platform (default 1). Measured on the sweep kernel (numbers in
 sweeps/README.md): on an H100, 8 steps per iteration launch 8x fewer kernels and ran 1.5x faster
@@ -66,13 +76,21 @@ def scan_unroll(array: jax.Array) -> int:
     return SCAN_UNROLL.get(device.platform, 1)
 
 
+def plausible(kit: SweepKit, x: tuple):
+    """True where every state is finite and within its declared range (NaN fails every comparison)."""
+    flags = [jnp.isfinite(xi) if math.isinf(s.lower) and math.isinf(s.upper)
+             else (xi >= s.lower) & (xi <= s.upper) for s, xi in zip(kit.model.states, x, strict=True)]
+    return functools.reduce(jnp.logical_and, flags)
+
+
 def _run_one(kit: SweepKit, n_steps: int, unroll: int, keep_trajectory: bool, x0, params, ip, dt):
     coeffs = kit.model.coefficients(params)
     return rollout(
         kit.model, x0, params, dt, n_steps,
         lambda k, t, x: kit.inputs(t, x, ip),
-        accumulate=lambda acc, t, x, u, x_next: kit.update(acc, x_next, u, coeffs, ip, dt),
-        acc0=kit.init(x0, ip),
+        accumulate=lambda acc, t, x, u, x_next: (kit.update(acc[0], x_next, u, coeffs, ip, dt),
+                                                 acc[1] & plausible(kit, x_next)),
+        acc0=(kit.init(x0, ip), plausible(kit, x0)),
         keep_trajectory=keep_trajectory,
         unroll=unroll,
     )
@@ -85,8 +103,8 @@ def _scenario_axes(*args) -> tuple:
 
 def _metrics_fn(kit: SweepKit, n_steps: int, unroll: int, x0, params, ip, dt):
     def one(x0, params, ip):
-        run = _run_one(kit, n_steps, unroll, False, x0, params, ip, dt)
-        return kit.finalize(run.accumulated, dt)
+        acc, ok = _run_one(kit, n_steps, unroll, False, x0, params, ip, dt).accumulated
+        return *(jnp.where(ok, m, jnp.nan) for m in kit.finalize(acc, dt)), ~ok
 
     return jax.vmap(one, in_axes=_scenario_axes(x0, params, ip))(x0, params, ip)
 
@@ -113,11 +131,12 @@ def chunk_metrics(
     kit: SweepKit, bases: Bases, dims: list[Dimension], rows: np.ndarray, step_s: float, n_steps: int,
     chunk_size: int, dtype: str,
 ) -> dict[str, np.ndarray]:
-    """Metrics of the scenarios in `rows` (padded to `chunk_size`), by metric name."""
+    """Metrics of the scenarios in `rows` (padded to `chunk_size`), by metric name, and `diverged`
+    (NaN metrics where True)."""
     x0, params, ip = scenario_arrays(kit, bases, dims, _padded(rows, chunk_size), dtype)
     out = _metrics(kit, n_steps, scan_unroll(x0[0]), x0, params, ip, jnp.asarray(step_s, dtype=dtype))
     n = rows.shape[0]
-    return {name: np.asarray(v)[:n] for name, v in zip(kit.metric_names, out)}
+    return {name: np.asarray(v)[:n] for name, v in zip((*kit.metric_names, DIVERGED), out, strict=True)}
 
 
 def trajectories(

@@ -29,7 +29,7 @@ from raytwin.sim.cpu import cpu_only, start_single_core_backend
 from raytwin.storage import filesystem
 from sweeps import engine
 from sweeps.engine import Bases
-from sweeps.kits import get_kit
+from sweeps.kits import SweepKit
 from sweeps.spec import SweepSpec, resolve_model
 
 log = logging.getLogger("raytwin.sweeps")
@@ -55,6 +55,7 @@ class SweepResult:
     chunk_size: int
     outputs: dict[str, str] = field(default_factory=dict)  # file name -> sha256
     elapsed_s: float = 0.0
+    n_diverged: int = 0  # scenarios whose states left their plausible range (NaN metrics)
 
     @property
     def scenarios_per_s(self) -> float:
@@ -115,22 +116,28 @@ def _start_backend() -> None:
         start_single_core_backend()
 
 
+def compiled_kit(spec: SweepSpec, simulator: str) -> SweepKit:
+    """The kernel functions of the sweep's kit for its horizon (cached per process)."""
+    return spec.kit(simulator).compile(spec.horizon_s)
+
+
 def _chunk_task(spec: SweepSpec, simulator: str, bases: Bases, chunk: int, rows: np.ndarray, url: str,
-                storage_options: dict | None, fault: tuple[int, str] | None) -> tuple[int, str, int]:
+                storage_options: dict | None, fault: tuple[int, str] | None) -> tuple[int, str, int, int]:
     _crash_if_injected(chunk, fault)
     _start_backend()
     metrics = engine.chunk_metrics(
-        get_kit(simulator), bases, spec.space.dimensions, rows, spec.step_s, spec.n_steps, spec.batch_size, spec.dtype
+        compiled_kit(spec, simulator), bases, spec.space.dimensions, rows, spec.step_s, spec.n_steps,
+        spec.batch_size, spec.dtype
     )
     digest = write_parquet(_scenario_table(spec, chunk * spec.batch_size, rows, metrics), url, storage_options)
-    return chunk, digest, rows.shape[0]
+    return chunk, digest, rows.shape[0], int(np.count_nonzero(metrics[engine.DIVERGED]))
 
 
 def _trajectory_task(spec: SweepSpec, simulator: str, bases: Bases, rows: np.ndarray, url: str,
                      storage_options: dict | None) -> str:
     _start_backend()
     index = np.asarray(spec.trajectories, dtype=np.int64)
-    states = engine.trajectories(get_kit(simulator), bases, spec.space.dimensions, rows, spec.step_s,
+    states = engine.trajectories(compiled_kit(spec, simulator), bases, spec.space.dimensions, rows, spec.step_s,
                                  spec.n_steps, spec.dtype)
     steps = spec.n_steps + 1
     table = pa.table({
@@ -179,9 +186,9 @@ def prepare(spec: SweepSpec) -> tuple[str, Bases]:
     artifact = resolve_model(spec.model, spec.registry_url)
     simulator = artifact.asset_type.simulator
     spec.check_names(simulator)
-    kit = get_kit(simulator)
+    kit = spec.kit(simulator)
     return simulator, Bases(
-        state=dict(spec.start_state or kit.start_state),
+        state=dict(spec.start_state or kit.states0),
         params={**artifact.parameters, **spec.parameters},
         inputs={**kit.default_inputs(), **spec.inputs},
     )
@@ -276,7 +283,7 @@ def run_sweep(
         pending[traj] = -1
     show = sys.stderr.isatty() if progress is None else progress
     bar = _Progress(spec.model, n, log_every_s, show)
-    next_chunk = 0
+    next_chunk = diverged = 0
     try:
         while next_chunk < n_chunks or pending:
             while next_chunk < n_chunks and len(pending) < window:
@@ -294,8 +301,9 @@ def run_sweep(
                 if kind < 0:
                     outputs[TRAJECTORY_FILE] = ray.get(ref)
                     continue
-                chunk, digest, count = ray.get(ref)
+                chunk, digest, count, n_bad = ray.get(ref)
                 outputs[part_name(chunk)] = digest
+                diverged += n_bad
                 bar.advance(count)
     except KeyboardInterrupt:
         _cancel(pending)
@@ -306,8 +314,12 @@ def run_sweep(
     finally:
         bar.close()
     elapsed = time.monotonic() - t0
-    log.info("sweep done scenarios=%d elapsed_s=%.2f scenarios_per_s=%.0f", n, elapsed, n / max(elapsed, 1e-9))
-    return SweepResult(out_url, n, n_chunks, size, dict(sorted(outputs.items())), elapsed)
+    log.info("sweep done scenarios=%d diverged=%d elapsed_s=%.2f scenarios_per_s=%.0f", n, diverged, elapsed,
+             n / max(elapsed, 1e-9))
+    if diverged:
+        log.warning("sweep diverged=%d of scenarios=%d: their states left the plausible range (metrics NaN, "
+                    "column diverged); a smaller step_s or other parameters may help", diverged, n)
+    return SweepResult(out_url, n, n_chunks, size, dict(sorted(outputs.items())), elapsed, diverged)
 
 
 def _cancel(pending: dict) -> None:

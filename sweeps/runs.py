@@ -147,7 +147,8 @@ def recorded_sweep(
 
     def execute(out_url: str) -> tuple[dict, dict]:
         result = run_sweep(spec, out_url, storage_options=storage_options, progress=progress)
-        summary = {"scenarios": result.n_scenarios, "chunks": result.n_chunks, "elapsed_s": round(result.elapsed_s, 3),
+        summary = {"scenarios": result.n_scenarios, "diverged": result.n_diverged, "chunks": result.n_chunks,
+                   "elapsed_s": round(result.elapsed_s, 3),
                    "scenarios_per_s": round(result.scenarios_per_s, 1)}
         return result.outputs, summary
 

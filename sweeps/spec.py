@@ -8,6 +8,9 @@ typical parameters).
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import json
 from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
@@ -15,7 +18,7 @@ from pydantic import Field, model_validator
 from raytwin.contracts import AssetType, Contract, Finite, Identifier, whole_steps
 from raytwin.registry import ModelArtifact, ModelRegistry
 from raytwin.sim import get_model
-from sweeps.kits import get_kit
+from sweeps.kits import Kit, KitParameter, Metric, Signal, kit_for
 from sweeps.space import ScenarioSpace
 
 MAX_CHUNK = 16384
@@ -41,9 +44,11 @@ class SweepSpec(Contract):
     """A what-if sweep: every scenario of `space` applied on top of the base values.
 
     Base values: `start_state` (e.g. a twin's live ``TwinState.state``; default: the kit's),
-    `parameters` (override the model artifact's), `inputs` (input-signal parameters of the
-    kit, see `sweeps.kits`). `trajectories` lists scenario indices whose full state
-    trajectories are also written.
+    `parameters` (override the model artifact's), `inputs` (the kit's parameters: input-signal
+    parameters and metric thresholds, see `sweeps.kits`). `signals` replace the model kit's
+    signal of some inputs and `metrics`, when given, its metrics (data, see `sweeps.kits`); a
+    parameter name they use that the kit lacks is declared by giving its value in `inputs`.
+    `trajectories` lists scenario indices whose full state trajectories are also written.
     """
 
     model: Annotated[str, Field(min_length=1)]
@@ -53,6 +58,8 @@ class SweepSpec(Contract):
     start_state: dict[str, Finite] | None = None
     parameters: dict[str, Finite] = Field(default_factory=dict)
     inputs: dict[str, Finite] = Field(default_factory=dict)
+    signals: dict[str, Signal] = Field(default_factory=dict)
+    metrics: list[Metric] = Field(default_factory=list)
     space: ScenarioSpace
     horizon_s: Annotated[Finite, Field(gt=0)]
     step_s: Annotated[Finite, Field(gt=0)]
@@ -84,12 +91,20 @@ class SweepSpec(Contract):
                              f"(> {MAX_TRAJECTORY_SAMPLES} samples); select fewer scenarios")
         return self
 
+    def kit(self, simulator: str) -> Kit:
+        """The sweep's kit: the model's, with this spec's `signals` and `metrics` (one object per
+        distinct declaration in a process, so its kernel compiles once)."""
+        used = {n for sig in self.signals.values() for n in sig.references()}
+        used |= {n for m in self.metrics for n in m.references()}
+        declared = tuple(sorted(used & set(self.inputs)))
+        signals = json.dumps({k: v.model_dump() for k, v in sorted(self.signals.items())})
+        metrics = json.dumps([m.model_dump() for m in self.metrics])
+        return _custom_kit(simulator, signals, metrics, declared)
+
     def check_names(self, simulator: str) -> None:
         """Refuse names the simulator or its kit does not have (also run once a registry model is resolved)."""
-        kit = get_kit(simulator)
-        known = {
-            "state": set(kit.model.state_names), "param": set(kit.model.param_names), "input": set(kit.input_params)
-        }
+        kit = self.kit(simulator)
+        known = {"state": set(kit.model.state_names), "param": set(kit.model.param_names), "input": set(kit.parameters)}
         problems = []
         for target, given in (("state", self.start_state or {}), ("param", self.parameters), ("input", self.inputs)):
             unknown = set(given) - known[target]
@@ -102,3 +117,19 @@ class SweepSpec(Contract):
                 problems.append(f"dimension {d.column}: unknown; known {d.target}s: {sorted(known[d.target])}")
         if problems:
             raise ValueError(f"sweep over {simulator}: " + "; ".join(problems))
+
+
+@functools.cache
+def _custom_kit(simulator: str, signals: str, metrics: str, declared: tuple[str, ...]) -> Kit:
+    """The model's kit with replaced signals / metrics (JSON) and new parameters `declared`."""
+    kit = kit_for(get_model(simulator))
+    if signals == "{}" and metrics == "[]":
+        return kit
+    unknown = set(json.loads(signals)) - set(kit.model.input_names)
+    if unknown:
+        raise ValueError(f"signals for unknown input(s) {sorted(unknown)}; inputs: {list(kit.model.input_names)}")
+    extra = {name: KitParameter(default=0.0, description="declared by the sweep") for name in declared
+             if name not in kit.parameters}
+    return dataclasses.replace(kit, inputs={**kit.inputs, **json.loads(signals)},
+                               metrics=tuple(json.loads(metrics)) or kit.metrics,
+                               parameters={**kit.parameters, **extra})

@@ -100,7 +100,7 @@ def test_rk4_flop_count_matches_hand_count():
 
 def test_bench_cli_quick_end_to_end(ray_session, tmp_path):
     out = tmp_path / "bench.json"
-    result = CliRunner().invoke(bench_app, ["run", "sweep", "roofline", "--quick", "--repeat", "1",
+    result = CliRunner().invoke(bench_app, ["run", "sweep", "roofline", "sweep-kits", "--quick", "--repeat", "1",
                                             "--out", str(out), "--log-level", "WARNING"])
     assert result.exit_code == 0, result.output
     assert "results written to" in result.output
@@ -120,6 +120,10 @@ def test_bench_cli_quick_end_to_end(ray_session, tmp_path):
     roof = record["benchmarks"]["roofline"]
     assert roof["checks"]["flops_per_step"]["jaxpr"] == 82
     assert any(f["target_ratio"] == 0.5 for f in roof["figures"])
+    kits = record["benchmarks"]["sweep-kits"]  # the data kit computed the hand-written kit's metrics, then was timed
+    assert set(kits["checks"]["max_abs_difference"]) == set(METRICS)
+    (fig,) = kits["figures"]
+    assert fig["target_ratio"] == 0.9 and fig["ratio"] == pytest.approx(fig["value"] / fig["baseline_value"])
 
 
 def test_gpu_sweep_path_checks_and_reports_on_any_device(ray_session):

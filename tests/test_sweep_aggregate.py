@@ -125,3 +125,25 @@ def test_cli_quantiles_by_a_binned_dimension(tmp_path):
     assert edges.exit_code == 0 and len(edges.output.strip().splitlines()) == 3
     bad = runner.invoke(sweep_app, [*args, "--bins", "input.T_out_mean"])
     assert bad.exit_code == 2 and "COLUMN=N" in bad.output
+
+
+def test_diverged_scenarios_are_counted_but_never_part_of_a_band(tmp_path):
+    """A sweep marks scenarios whose states left the plausible range (NaN metrics, `diverged`):
+    quantiles are those of the valid scenarios only, and each group says how many diverged."""
+    for name in ("clean", "marked"):
+        (tmp_path / name).mkdir()
+    table = _write_sweep(tmp_path / "clean")
+    diverged = np.arange(table.num_rows) % 7 == 0
+    energy = np.where(diverged, np.nan, table["energy_kwh"].to_numpy())
+    marked = table.set_column(3, "energy_kwh", pa.array(energy, pa.float32())).append_column(
+        "diverged", pa.array(diverged))
+    write_parquet(marked, f"{tmp_path / 'marked'}/{part_name(0)}", None)
+    rows = quantiles(str(tmp_path / "marked"), q=(0.05, 0.5), by=["param.C_in"]).to_pylist()
+    assert {r["metric"] for r in rows} == {"energy_kwh", "T_in_min"}  # `diverged` is no metric
+    c_in = table["param.C_in"].to_numpy()
+    for r in rows:
+        group = c_in == r["param.C_in"]
+        valid = marked[r["metric"]].to_numpy().astype(np.float64)[group & ~diverged]
+        assert r["count"] == valid.size and r["diverged"] == int(np.sum(group & diverged)) > 0
+        assert [r["q0.05"], r["q0.5"]] == pytest.approx(np.quantile(valid, [0.05, 0.5]), rel=1e-12)
+        assert np.isfinite(r["mean"])

@@ -18,10 +18,13 @@ from sweeps import engine, runner
 from sweeps.aggregate import open_dataset, quantiles
 from sweeps.cli import sweep_app
 from sweeps.engine import Bases, chunk_metrics, scenario_arrays
-from sweeps.kits import BATTERY_KIT, THERMAL_KIT
+from sweeps.reference_kits import BATTERY, THERMAL
 from sweeps.runner import FAULT_ENV, TRAJECTORY_FILE, run_sweep
 from sweeps.space import Dimension, ScenarioSpace
 from sweeps.spec import SweepSpec
+
+
+THERMAL_KIT, BATTERY_KIT = THERMAL.compile(), BATTERY.compile()
 
 
 def _space(method="lhs", n=600, seed=3):
@@ -279,9 +282,32 @@ def test_cli_example_run_and_quantiles(ray_session, tmp_path):
     bands = runner.invoke(sweep_app, ["quantiles", run_id, "--runs", runs, "--metric", "h1_max", "--q", "0.5"])
     assert bands.exit_code == 0, bands.output
     header, row = bands.output.strip().splitlines()
-    assert header.split("\t") == ["metric", "count", "mean", "q0.5"] and row.startswith("h1_max\t50\t")
+    assert header.split("\t") == ["metric", "count", "diverged", "mean", "q0.5"] and row.startswith("h1_max\t50\t0\t")
     bad = runner.invoke(sweep_app, ["run", str(tmp_path / "missing.json"), "--runs", runs])
     assert bad.exit_code != 0 and "cannot read" in bad.output
+
+
+def test_a_diverging_scenario_is_reported_and_left_out_of_the_quantiles(ray_session, tmp_path):
+    """C_in 1e5 with R_im 2e-4 is admissible but unstable at 60 s steps: the run reports it (CLI, run
+    record, `diverged` column) and its metrics are NaN, never a result in the bands."""
+    from sweeps.runs import RunStore
+
+    space = ScenarioSpace(method="grid", dimensions=[Dimension(name="C_in", target="param", values=[1e5, 2e6]),
+                                                     Dimension(name="R_im", target="param", values=[2e-4, 2e-3])])
+    path = tmp_path / "spec.json"
+    path.write_text(_thermal_spec(space=space, horizon_s=21600.0, step_s=60.0).model_dump_json())
+    runs, cli = str(tmp_path / "runs"), CliRunner()
+    result = cli.invoke(sweep_app, ["run", str(path), "--runs", runs, "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "diverged: 1 of 4 scenarios" in result.output
+    record = RunStore(runs).list()[0]
+    assert record.summary["diverged"] == 1
+    table = open_dataset(record.output_url).to_table().sort_by("scenario")
+    assert table["diverged"].to_pylist() == [True, False, False, False]
+    assert np.isnan(table["T_in_max"][0].as_py()) and np.all(np.isfinite(table["T_in_max"].to_numpy()[1:]))
+    (band,) = quantiles(record.output_url, ["T_in_max"], q=(0.5,)).to_pylist()
+    assert (band["count"], band["diverged"]) == (3, 1)
+    assert band["q0.5"] == pytest.approx(np.median(table["T_in_max"].to_numpy()[1:]), rel=1e-6)
 
 
 def test_chunk_tasks_share_each_gpu_without_preallocating_it(monkeypatch):
