@@ -14,6 +14,11 @@ Why this shape:
   `MAX_SUBSTEPS` sub-steps: a longer gap (a device whose clock jumped years) is integrated for that
   horizon only and the covariance grows by the process noise of the rest (`substeps`), so its cost
   is bounded;
+- the measurement update is iterated (`IEKF_ITERATIONS` linearisations of the output map, Gauss-Newton
+  to the MAP estimate): a single linearisation at the prior mean made a fresh ``battery_ecm`` twin
+  (prior soc 0.5 +- 0.2, cubic OCV, 2 mV sensor) step to an estimate 0.06 off with a std of 0.01,
+  NEES ~200 against 3 over Monte-Carlo runs; iterated, NEES is inside its chi-square band
+  (tests/test_filters.py). For a linear output map the iterations repeat the first (the KF);
 - the covariance update uses the Joseph form (stays symmetric positive semi-definite) and
   measurements may carry any subset of the outputs (missing rows are masked out exactly);
 - divergence indicators (normalised innovation squared, residual mean / RMS) are exponentially
@@ -60,6 +65,8 @@ def model_defaults(model: Model) -> dict[str, dict[str, float]]:
 EWMA_ALPHA = 0.05
 """Weight of the newest update in the divergence indicators (~40-update memory)."""
 DRIFT_MIN_UPDATES = 20
+IEKF_ITERATIONS = 4
+"""Linearisations of the output map per update (see `_kernels`)."""
 _EFFECTIVE_DOF = (2.0 - EWMA_ALPHA) / EWMA_ALPHA
 DRIFT_NIS_BOUND = float(chi2.ppf(0.999, _EFFECTIVE_DOF) / _EFFECTIVE_DOF)
 """An EWMA of NIS/dof above this is a 1-in-1000 event for a consistent filter: flag drift."""
@@ -275,16 +282,26 @@ def _kernels(model: Model) -> _Kernels:
         return x, jnp.where(skipped > 0, P + jnp.diag(q_var_rate * skipped), P)  # see `substeps`
 
     def update(x, P, u, p, z, mask, r_var):
-        H = jac_obs(x, u, p) * mask[:, None]
-        y = (z - model.observe_vector(x, u, p)) * mask
-        HP = _mm(H, P)
-        S = _mm(HP, H.T) + jnp.diag(jnp.where(mask > 0, r_var, 1.0))
-        sol = _solve_spd(S, jnp.concatenate([HP, y[:, None]], axis=1))  # S^-1 [H P, y]
+        r_diag = jnp.diag(jnp.where(mask > 0, r_var, 1.0))
+
+        def gain(x_lin):
+            """H at `x_lin`, the innovation linearised there, S^-1 [H P, y] (masked rows are exact no-ops)."""
+            H = jac_obs(x_lin, u, p) * mask[:, None]
+            y = (z - model.observe_vector(x_lin, u, p) - _mm(H, (x - x_lin)[:, None])[:, 0]) * mask
+            HP = _mm(H, P)
+            return H, y, _solve_spd(_mm(HP, H.T) + r_diag, jnp.concatenate([HP, y[:, None]], axis=1))
+
+        # the iterated EKF: re-linearise the output map at the updated estimate (Gauss-Newton to the
+        # MAP estimate); the innovation statistics are those of the prediction (first pass)
+        H, y, sol = gain(x)
+        innovation, nis = y, (y * sol[:, -1]).sum()
+        for _ in range(IEKF_ITERATIONS - 1):
+            H, y, sol = gain(x + (sol[:, :-1].T * y).sum(axis=1))
         K = sol[:, :-1].T  # P H^T S^-1 (S, P symmetric)
         ikh = jnp.eye(x.shape[0]) - _mm(K, H)
         P_new = _mm(_mm(ikh, P), ikh.T) + _mm(K * (r_var * mask), K.T)
         x_new = jnp.stack(model.project(tuple(x + (K * y).sum(axis=1))))
-        return x_new, 0.5 * (P_new + P_new.T), y, (y * sol[:, -1]).sum()
+        return x_new, 0.5 * (P_new + P_new.T), innovation, nis
 
     def assimilate(x, P, div, p, q_var_rate, r_var, n_sub, dt, skipped, u_held, u_new, z, mask):
         def event(carry, ev):
