@@ -150,31 +150,31 @@ class Traces:
     `starts[k]`), so the final states of all runs come out of one gather per model
     (`final_states`) instead of a slice and an object per run and field."""
 
-    packed: dict[Model, FilterTrace]
-    groups: dict[Model, list[int]]  # the runs of each model
-    models: list[Model]  # the model of each run
+    packed: dict[_Kernels, FilterTrace]
+    groups: dict[_Kernels, list[int]]  # the runs of each kernel (model and kind of filter)
+    kernels: list[_Kernels]  # the kernel of each run
     starts: np.ndarray
     lengths: np.ndarray
 
     def __len__(self) -> int:
-        return len(self.models)
+        return len(self.kernels)
 
     def __getitem__(self, k: int) -> FilterTrace:
         if not -len(self) <= k < len(self):
             raise IndexError(k)
         start = int(self.starts[k])
-        return FilterTrace(*(f[start:start + int(self.lengths[k])] for f in self.packed[self.models[k]]))
+        return FilterTrace(*(f[start:start + int(self.lengths[k])] for f in self.packed[self.kernels[k]]))
 
     def state(self, k: int, i: int) -> FilterState:
         """Run k's state after its event i."""
-        return self.packed[self.models[k]].state(int(self.starts[k]) + i)
+        return self.packed[self.kernels[k]].state(int(self.starts[k]) + i)
 
     def final_states(self) -> list[FilterState]:
         """Each run's state after its last event, in run order."""
         ends = self.starts + self.lengths - 1
         out: dict[int, FilterState] = {}
-        for model, ks in self.groups.items():
-            out.update(zip(ks, self.packed[model].states(ends[ks])))
+        for kernels, ks in self.groups.items():
+            out.update(zip(ks, self.packed[kernels].states(ends[ks])))
         return [out[k] for k in range(len(self))]
 
 
@@ -257,16 +257,7 @@ def _solve_spd(S: jnp.ndarray, B: jnp.ndarray) -> jnp.ndarray:
 
 @lru_cache(maxsize=None)
 def _kernels(model: Model) -> _Kernels:
-    """Jitted kernels for one model, shared by every twin of that model.
-
-    `assimilate` runs a sorted run of events for each of `LANES` twins in ONE dispatch (a
-    `lax.scan` over predict + update + divergence statistics, vmapped over twins, each with its
-    own parameters and noise): the per-event cost of a live twin was the Python->XLA dispatch,
-    not the arithmetic. Padding steps have no sub-steps and no
-    measurement, which makes them exact no-ops, so the state after an event depends only on the
-    events before it - never on how they were split into calls (live batches vs log replay).
-    `predict` alone serves explicit look-ahead.
-    """
+    """The EKF's kernels for one model, shared by every twin of that model (`scan_kernels`)."""
     step = model.step_vector
     jac_step = jax.jacfwd(step)
     jac_obs = jax.jacfwd(model.observe_vector)
@@ -279,7 +270,7 @@ def _kernels(model: Model) -> _Kernels:
             return step(x, u, p, dt), 0.5 * (P + P.T)
 
         x, P = jax.lax.fori_loop(0, n, body, (x, P))
-        return x, jnp.where(skipped > 0, P + jnp.diag(q_var_rate * skipped), P)  # see `substeps`
+        return x, skip(P, q_var_rate, skipped)
 
     def update(x, P, u, p, z, mask, r_var):
         r_diag = jnp.diag(jnp.where(mask > 0, r_var, 1.0))
@@ -303,6 +294,26 @@ def _kernels(model: Model) -> _Kernels:
         x_new = jnp.stack(model.project(tuple(x + (K * y).sum(axis=1))))
         return x_new, 0.5 * (P_new + P_new.T), innovation, nis
 
+    return scan_kernels(predict, update)
+
+
+def skip(P: jnp.ndarray, q_var_rate: jnp.ndarray, skipped: jnp.ndarray) -> jnp.ndarray:
+    """P grown by the process noise of the seconds a capped gap left unintegrated (see `substeps`)."""
+    return jnp.where(skipped > 0, P + jnp.diag(q_var_rate * skipped), P)
+
+
+def scan_kernels(predict: Callable, update: Callable) -> _Kernels:
+    """Jitted kernels from one filter's per-twin `predict` (x, P, u, p, q_var_rate, n_sub, dt, skipped)
+    -> (x, P) and `update` (x, P, u, p, z, mask, r_var) -> (x, P, innovation, NIS).
+
+    `assimilate` runs a sorted run of events for each of `LANES` twins in ONE dispatch (a
+    `lax.scan` over predict + update + divergence statistics, vmapped over twins, each with its
+    own parameters and noise): the per-event cost of a live twin was the Python->XLA dispatch,
+    not the arithmetic. Padding steps have no sub-steps and no
+    measurement, which makes them exact no-ops, so the state after an event depends only on the
+    events before it - never on how they were split into calls (live batches vs log replay).
+    `predict` alone serves explicit look-ahead.
+    """
     def assimilate(x, P, div, p, q_var_rate, r_var, n_sub, dt, skipped, u_held, u_new, z, mask):
         def event(carry, ev):
             x, P, (updates, nis_last, nis_mean, res_mean, res_ms) = carry
@@ -330,7 +341,12 @@ def _kernels(model: Model) -> _Kernels:
 
 
 class ExtendedKalmanFilter:
-    """The filter for one model and parameter set; cheap to construct (kernels are shared)."""
+    """The filter for one model and parameter set; cheap to construct (kernels are shared).
+
+    The base of every filter: a subclass changes only the kernels (`_make_kernels`), so priors,
+    bookkeeping, batching across twins (`assimilate_runs`) and snapshots stay the same."""
+
+    kind = "ekf"
 
     def __init__(
         self,
@@ -347,12 +363,15 @@ class ExtendedKalmanFilter:
         r = _complete("measurement_std", model.output_names, measurement_std, self.defaults)
         self.q_var_rate = q**2
         self.r_var = r**2
-        self._kernels = _kernels(model)
+        self._kernels = self._make_kernels()
         self.measured_names = tuple(dict.fromkeys((*model.input_names, *model.output_names)))
         """The value columns of `assimilate_many`: the model's inputs, then its outputs."""
         col = {n: i for i, n in enumerate(self.measured_names)}
         self._input_cols = np.array([col[n] for n in model.input_names], dtype=np.intp)
         self._output_cols = np.array([col[n] for n in model.output_names], dtype=np.intp)
+
+    def _make_kernels(self) -> _Kernels:
+        return _kernels(self.model)
 
     def initial(
         self,
@@ -393,22 +412,22 @@ class ExtendedKalmanFilter:
         return self.assimilate_many(fs, np.array([t], dtype=np.float64), row, np.array([use_outputs])).state(0)
 
     def warm_up(self) -> None:
-        """Compile this model's kernel for every run length now (when a twin is created or
-        recovered), not when a live event first needs it; once per model and process."""
-        if self.model in _WARM:
+        """Compile this filter's kernel for every run length now (when a twin is created or
+        recovered), not when a live event first needs it; once per kernel and process."""
+        if self._kernels in _WARM:
             return
         prior, cols = self.initial(), len(self.measured_names)
         for n in RUN_LENGTHS:
             t = np.arange(n, dtype=np.float64) * self.model.default_dt
             assimilate_runs([Run(self, prior, t, np.full((n, cols), np.nan), np.zeros(n, dtype=bool))])
-        _WARM.add(self.model)
+        _WARM.add(self._kernels)
 
     def assimilate_many(self, fs: FilterState, t: np.ndarray, values: np.ndarray, use_outputs: np.ndarray) -> FilterTrace:
         """One twin's run of events (see `Run`); the trace holds the state after each event."""
         return assimilate_runs([Run(self, fs, t, values, use_outputs)])[0]
 
 
-_WARM: set[Model] = set()
+_WARM: set[_Kernels] = set()
 
 
 class Run(NamedTuple):
@@ -430,25 +449,26 @@ class Run(NamedTuple):
 
 def assimilate_runs(runs: Sequence[Run]) -> Traces:
     """Apply each (non-empty) run to its twin: one kernel dispatch per `LANES` twins of a model
-    and per `MAX_RUN` events (a longer run continues in the next round of dispatches)."""
+    and kind of filter, and per `MAX_RUN` events (a longer run continues in the next round)."""
     lengths = np.array([len(run.t) for run in runs], dtype=np.int64)
     if np.any(lengths == 0):
         raise ValueError("every run needs at least one event")
-    groups: dict[Model, list[int]] = {}
+    groups: dict[_Kernels, list[int]] = {}
     for k, run in enumerate(runs):
-        groups.setdefault(run.filter.model, []).append(k)
+        groups.setdefault(run.filter._kernels, []).append(k)
     starts = np.zeros(len(runs), dtype=np.int64)
     packed = {}
-    for model, ks in groups.items():
+    for kernels, ks in groups.items():
         starts[ks] = np.cumsum(lengths[ks]) - lengths[ks]
-        packed[model] = _assimilate_model(model, [runs[k] for k in ks], lengths[ks])
-    return Traces(packed, groups, [run.filter.model for run in runs], starts, lengths)
+        packed[kernels] = _assimilate_model([runs[k] for k in ks], lengths[ks])
+    return Traces(packed, groups, [run.filter._kernels for run in runs], starts, lengths)
 
 
-def _assimilate_model(model: Model, runs: list[Run], n: np.ndarray) -> FilterTrace:
-    """The runs of twins of one model, packed as (run, event) arrays with NumPy fancy indexing
+def _assimilate_model(runs: list[Run], n: np.ndarray) -> FilterTrace:
+    """The runs of twins of one model and kernel, packed as (run, event) arrays with NumPy fancy indexing
     and dispatched `LANES` runs at a time; returns their traces back to back (run order)."""
     f0 = runs[0].filter
+    model = f0.model
     R, E = len(runs), int(n.sum())
     ny = len(model.output_names)
     lane = np.repeat(np.arange(R), n)  # run of each event
@@ -501,7 +521,7 @@ def _assimilate_model(model: Model, runs: list[Run], n: np.ndarray) -> FilterTra
     out_upd, out_nl, out_nm = np.empty(E, dtype=np.int64), np.empty(E), np.empty(E)
     out_rm, out_rs = np.empty((E, ny)), np.empty((E, ny))
     first_event = np.cumsum(n) - n
-    assimilate = _kernels(model).assimilate
+    assimilate = f0._kernels.assimilate
     for offset in rounds:
         active = np.flatnonzero(n > offset)
         for c in range(0, len(active), LANES):
