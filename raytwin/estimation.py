@@ -1,4 +1,6 @@
-"""State estimation for live twins: an extended Kalman filter over any `raytwin.sim.Model`.
+"""State estimation for live twins: an extended Kalman filter over any `raytwin.sim.Model`, and the
+batched kernel machinery every filter shares (`scan_kernels`, `assimilate_runs`; the unscented
+filter in `raytwin.ukf` plugs its own per-twin predict and update into it).
 
 One filter serves linear and nonlinear models: the Jacobians come from `jax.jacfwd` of the
 model's own RK4 step and output map, so for a linear model (``thermal_rc``) they are exact and the
