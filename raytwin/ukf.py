@@ -93,12 +93,11 @@ def _cholesky(P: jnp.ndarray) -> jnp.ndarray:
     """Lower L with L L^T = P for a small SPD P, unrolled (fused elementwise code, like
     `_solve_spd`); a P that is not positive definite gives NaN, which flags the twin diverged."""
     n = P.shape[0]
-    L = jnp.zeros_like(P)
-    below = jnp.arange(n)[:, None]
+    L, rows = jnp.zeros_like(P), jnp.arange(n)
     for j in range(n):
         d = jnp.sqrt(P[j, j] - (L[j, :j] ** 2).sum())
         col = (P[:, j] - (L[:, :j] * L[j, :j]).sum(axis=1)) / d
-        L = L.at[:, j].set(jnp.where(below[:, 0] > j, col, jnp.where(below[:, 0] == j, d, 0.0)))
+        L = L.at[:, j].set(jnp.where(rows > j, col, jnp.where(rows == j, d, 0.0)))
     return L
 
 

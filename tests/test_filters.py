@@ -17,7 +17,7 @@ from actors import TwinService
 from actors.recovery import registration_record
 from actors.twin import Twin, logged_event, replay
 from raytwin.contracts import Asset, AssetType, TelemetryEvent
-from raytwin.estimation import ExtendedKalmanFilter, Run, assimilate_runs
+from raytwin.estimation import LANES, ExtendedKalmanFilter, Run, assimilate_runs
 from raytwin.registry import ModelRegistry
 from raytwin.sim import BATTERY_ECM, THERMAL_RC, TWO_TANK
 from raytwin.ukf import UnscentedKalmanFilter, host_dynamics
@@ -158,6 +158,31 @@ def test_black_box_dynamics_plug_into_the_ukf():
     a, b = (f.assimilate_many(f.initial(), t, values, np.ones(len(t), dtype=bool)) for f in (native, black_box))
     np.testing.assert_allclose(b.x, a.x, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(b.P, a.P, rtol=1e-9, atol=1e-15)
+
+
+@pytest.mark.parametrize("model", [BATTERY_ECM, TWO_TANK], ids=lambda m: m.name)
+def test_ekf_and_ukf_twins_of_one_model_share_a_call_and_keep_their_own_bits(model):
+    """`assimilate_runs` dispatches each kind of filter with its own kernel (`LANES` twins at a
+    time); every run, EKF or UKF, one event or more than a dispatch holds, any split of it into
+    calls, gives the bits it gets alone (what recovery relies on)."""
+    from tests.test_estimation import _random_events
+
+    filters = [cls(model, model.param_vector()) for cls in (ExtendedKalmanFilter, UnscentedKalmanFilter)]
+    runs = []
+    for k in range(LANES + 3):
+        flt = filters[k % 3 == 0]
+        runs.append(Run(flt, flt.initial(), *_random_events(model, flt, (70, 1, 7, 9)[k % 4], seed=500 + k)))
+    traces = assimilate_runs(runs)
+    for k in (0, 1, 2, 3, LANES + 2):
+        alone = assimilate_runs([runs[k]])[0]
+        for a, b in zip(alone, traces[k]):
+            np.testing.assert_array_equal(a, b)
+    run = runs[0]  # a UKF run of 70 events, in three calls
+    first = run.filter.assimilate_many(run.start, run.t[:5], run.values[:5], run.use_outputs[:5])
+    second = run.filter.assimilate_many(first.state(4), run.t[5:69], run.values[5:69], run.use_outputs[5:69])
+    third = run.filter.assimilate_many(second.state(63), run.t[69:], run.values[69:], run.use_outputs[69:])
+    np.testing.assert_array_equal(np.concatenate([first.P, second.P, third.P]), traces[0].P)
+    np.testing.assert_array_equal(np.concatenate([first.x, second.x, third.x]), traces[0].x)
 
 
 # ------------------------------------------------------------------- through the twin service ----
