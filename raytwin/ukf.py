@@ -107,8 +107,8 @@ def _ukf_kernels(model: Model, dynamics: Dynamics) -> _Kernels:
 
     The update is iterated (`UKF_ITERATIONS`; Garcia-Fernandez et al., iterated posterior
     linearisation): the first pass is the textbook UKF, whose regression over the prior's sigma
-    points (soc 0.5 +- 0.35) cannot reach a cell whose soc is 3 sigma out (it stepped there 0.27
-    short with a std of 0.03, NEES ~700); each next pass regresses over the sigma points of the
+    points (soc 0.5 +- 0.35) cannot reach a cell far out (a full cell: 0.11 short with a std of
+    0.034; a draw 3.3 sigma out: 0.27 short, NEES ~700); each next pass regresses over the sigma points of the
     updated estimate, and the update of the prediction through that linearisation is exact for a
     linear model (the KF) and near the MAP estimate otherwise."""
     n = len(model.states)
