@@ -26,9 +26,9 @@ import numpy as np
 from actors.state import DivergenceReport, TwinState
 from raytwin.contracts import AssetType, TelemetryEvent, normalize_measurements
 from raytwin.estimation import Divergence, ExtendedKalmanFilter, FilterState, Run, Traces, assimilate_runs
-from raytwin.ukf import make_filter
 from raytwin.registry import ModelArtifact
 from raytwin.statestore import EventKey, LoggedEvent, Snapshot, from_micros, to_micros
+from raytwin.ukf import make_filter
 
 DUPLICATE = "duplicate"
 CONFLICT = "conflict"
