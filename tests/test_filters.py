@@ -206,6 +206,12 @@ def _events(asset_id: str, n: int) -> list[TelemetryEvent]:
 
 
 def test_twin_chooses_its_filter_by_asset_metadata_and_keeps_it_across_a_restart(ray_session, tmp_path):
+    """Shards run JAX on the CPU: the in-process references do too, to compare bit for bit."""
+    with jax.default_device(jax.devices("cpu")[0]):
+        _twin_chooses_its_filter(tmp_path)
+
+
+def _twin_chooses_its_filter(tmp_path) -> None:
     registry = ModelRegistry(str(tmp_path / "registry"))
     artifact = registry.register("cell", "1.0.0", AssetType.from_model(BATTERY_ECM))
     with pytest.raises(ValueError, match="filter='particle' is not a filter; known: \\['ekf', 'ukf'\\]"):
