@@ -63,7 +63,10 @@ def jax_dynamics(model: Model) -> Dynamics:
 
 def host_dynamics(model: Model, step: Callable, observe: Callable) -> Dynamics:
     """Dynamics from NumPy callables with `Dynamics`' signatures (float64 arrays in and out), e.g.
-    an FMU stepped on the host: each call runs through `jax.pure_callback`, one twin at a time."""
+    an FMU stepped on the host: each call runs through `jax.pure_callback`, one twin at a time.
+    Cost: a dispatch's lanes run in lockstep, so each of its `LANES` lanes (idle padding lanes
+    too) calls `step` once per sub-step and `observe` once per update pass; fine for a few FMU
+    twins, a batched host protocol is the next step for many."""
     ny = len(model.outputs)
 
     def host_step(X, u, p, dt):
