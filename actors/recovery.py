@@ -14,9 +14,21 @@ from actors.twin import Twin, replay_many
 from raytwin.contracts import Asset
 from raytwin.registry import ModelArtifact
 from raytwin.statestore import EventKey, StateStore
+from raytwin.ukf import FILTERS
 
 NOISE_PREFIXES = {"process_std.": "process_std", "measurement_std.": "measurement_std", "input.": "inputs"}
 """Asset metadata keys that tune the filter, e.g. ``measurement_std.T_in = "0.1"`` (SI units)."""
+
+FILTER_KEY = "filter"
+"""Asset metadata key choosing a twin's filter by name (`raytwin.ukf.FILTERS`: ``ekf``, the
+default, or ``ukf``). The registration record keeps the asset, so recovery rebuilds the same one."""
+
+
+def filter_from_metadata(metadata: dict[str, str]) -> str:
+    kind = metadata.get(FILTER_KEY, "ekf")
+    if kind not in FILTERS:
+        raise ValueError(f"asset metadata {FILTER_KEY}={kind!r} is not a filter; known: {sorted(FILTERS)}")
+    return kind
 
 
 def registration_record(
@@ -32,6 +44,7 @@ def registration_record(
             f"asset {asset.id} is of type {asset.type_name}@{asset.type_version} but artifact "
             f"{artifact.ref} models {at.key}"
         )
+    filter_from_metadata(asset.metadata)  # refused here, before anything is stored
     return {
         "asset": asset.model_dump(mode="json"),
         "artifact": artifact.model_dump(mode="json"),
@@ -64,7 +77,7 @@ def build_twin(record: dict[str, Any], *, allowed_lateness_s: float, checkpoint_
     return Twin(
         asset.tenant, asset.id, _artifact(json.dumps(record["artifact"], sort_keys=True)),
         initial_state=record["initial_state"], initial_std=record["initial_std"],
-        noise=noise_from_metadata(asset.metadata),
+        noise=noise_from_metadata(asset.metadata), filter_kind=filter_from_metadata(asset.metadata),
         allowed_lateness_s=allowed_lateness_s, checkpoint_every=checkpoint_every,
     )
 

@@ -28,6 +28,7 @@ from raytwin.contracts import AssetType, TelemetryEvent, normalize_measurements
 from raytwin.estimation import Divergence, ExtendedKalmanFilter, FilterState, Run, Traces, assimilate_runs
 from raytwin.registry import ModelArtifact
 from raytwin.statestore import EventKey, LoggedEvent, Snapshot, from_micros, to_micros
+from raytwin.ukf import make_filter
 
 DUPLICATE = "duplicate"
 CONFLICT = "conflict"
@@ -40,15 +41,16 @@ def logged_event(ev: TelemetryEvent, asset_type: AssetType) -> LoggedEvent:
                        normalize_measurements(ev, asset_type), to_micros(ev.ingest_time))
 
 
-_FILTERS: dict[tuple[str, str], ExtendedKalmanFilter] = {}
+_FILTERS: dict[tuple[str, str, str], ExtendedKalmanFilter] = {}
 
 
-def _shared_filter(artifact: ModelArtifact, process_std: dict | None, measurement_std: dict | None):
-    """One (stateless) filter per distinct artifact and noise: thousands of twins of a type share it."""
-    key = (artifact.content_hash, json.dumps([process_std, measurement_std], sort_keys=True))
+def _shared_filter(artifact: ModelArtifact, kind: str, process_std: dict | None, measurement_std: dict | None):
+    """One (stateless) filter per distinct artifact, kind (`raytwin.ukf.FILTERS`) and noise:
+    thousands of twins of a type share it."""
+    key = (artifact.content_hash, kind, json.dumps([process_std, measurement_std], sort_keys=True))
     if key not in _FILTERS:
-        _FILTERS[key] = ExtendedKalmanFilter(artifact.model(), artifact.param_vector(),
-                                             process_std=process_std, measurement_std=measurement_std)
+        _FILTERS[key] = make_filter(kind, artifact.model(), artifact.param_vector(),
+                                    process_std=process_std, measurement_std=measurement_std)
         _FILTERS[key].warm_up()
     return _FILTERS[key]
 
@@ -96,6 +98,7 @@ class Twin:
         initial_state: dict[str, float] | None = None,
         initial_std: dict[str, float] | None = None,
         noise: dict[str, dict[str, float]] | None = None,
+        filter_kind: str = "ekf",
         allowed_lateness_s: float = 3600.0,
         checkpoint_every: int = 64,
     ):
@@ -103,7 +106,7 @@ class Twin:
             raise ValueError("allowed_lateness_s must be >= 0 and checkpoint_every >= 1")
         self.tenant, self.asset_id, self.artifact = tenant, asset_id, artifact
         noise = noise or {}
-        self.filter = _shared_filter(artifact, noise.get("process_std"), noise.get("measurement_std"))
+        self.filter = _shared_filter(artifact, filter_kind, noise.get("process_std"), noise.get("measurement_std"))
         self.lateness_us = round(allowed_lateness_s * 1e6)
         self.checkpoint_every = checkpoint_every
         prior = self.filter.initial(initial_state, initial_std, noise.get("inputs"))

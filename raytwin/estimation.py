@@ -1,4 +1,6 @@
-"""State estimation for live twins: an extended Kalman filter over any `raytwin.sim.Model`.
+"""State estimation for live twins: an extended Kalman filter over any `raytwin.sim.Model`, and the
+batched kernel machinery every filter shares (`scan_kernels`, `assimilate_runs`; the unscented
+filter in `raytwin.ukf` plugs its own per-twin predict and update into it).
 
 One filter serves linear and nonlinear models: the Jacobians come from `jax.jacfwd` of the
 model's own RK4 step and output map, so for a linear model (``thermal_rc``) they are exact and the
@@ -14,6 +16,11 @@ Why this shape:
   `MAX_SUBSTEPS` sub-steps: a longer gap (a device whose clock jumped years) is integrated for that
   horizon only and the covariance grows by the process noise of the rest (`substeps`), so its cost
   is bounded;
+- the measurement update is iterated (`IEKF_ITERATIONS` linearisations of the output map, Gauss-Newton
+  to the MAP estimate): a single linearisation at the prior mean made a fresh ``battery_ecm`` twin
+  (prior soc 0.5 +- 0.2, cubic OCV, 2 mV sensor) step to an estimate 0.06 off with a std of 0.01,
+  NEES ~200 against 3 over Monte-Carlo runs; iterated, NEES is inside its chi-square band
+  (tests/test_filters.py). For a linear output map the iterations repeat the first (the KF);
 - the covariance update uses the Joseph form (stays symmetric positive semi-definite) and
   measurements may carry any subset of the outputs (missing rows are masked out exactly);
 - divergence indicators (normalised innovation squared, residual mean / RMS) are exponentially
@@ -60,6 +67,8 @@ def model_defaults(model: Model) -> dict[str, dict[str, float]]:
 EWMA_ALPHA = 0.05
 """Weight of the newest update in the divergence indicators (~40-update memory)."""
 DRIFT_MIN_UPDATES = 20
+IEKF_ITERATIONS = 4
+"""Linearisations of the output map per update (see `_kernels`)."""
 _EFFECTIVE_DOF = (2.0 - EWMA_ALPHA) / EWMA_ALPHA
 DRIFT_NIS_BOUND = float(chi2.ppf(0.999, _EFFECTIVE_DOF) / _EFFECTIVE_DOF)
 """An EWMA of NIS/dof above this is a 1-in-1000 event for a consistent filter: flag drift."""
@@ -143,31 +152,31 @@ class Traces:
     `starts[k]`), so the final states of all runs come out of one gather per model
     (`final_states`) instead of a slice and an object per run and field."""
 
-    packed: dict[Model, FilterTrace]
-    groups: dict[Model, list[int]]  # the runs of each model
-    models: list[Model]  # the model of each run
+    packed: dict[_Kernels, FilterTrace]
+    groups: dict[_Kernels, list[int]]  # the runs of each kernel (model and kind of filter)
+    kernels: list[_Kernels]  # the kernel of each run
     starts: np.ndarray
     lengths: np.ndarray
 
     def __len__(self) -> int:
-        return len(self.models)
+        return len(self.kernels)
 
     def __getitem__(self, k: int) -> FilterTrace:
         if not -len(self) <= k < len(self):
             raise IndexError(k)
         start = int(self.starts[k])
-        return FilterTrace(*(f[start:start + int(self.lengths[k])] for f in self.packed[self.models[k]]))
+        return FilterTrace(*(f[start:start + int(self.lengths[k])] for f in self.packed[self.kernels[k]]))
 
     def state(self, k: int, i: int) -> FilterState:
         """Run k's state after its event i."""
-        return self.packed[self.models[k]].state(int(self.starts[k]) + i)
+        return self.packed[self.kernels[k]].state(int(self.starts[k]) + i)
 
     def final_states(self) -> list[FilterState]:
         """Each run's state after its last event, in run order."""
         ends = self.starts + self.lengths - 1
         out: dict[int, FilterState] = {}
-        for model, ks in self.groups.items():
-            out.update(zip(ks, self.packed[model].states(ends[ks])))
+        for kernels, ks in self.groups.items():
+            out.update(zip(ks, self.packed[kernels].states(ends[ks])))
         return [out[k] for k in range(len(self))]
 
 
@@ -250,16 +259,7 @@ def _solve_spd(S: jnp.ndarray, B: jnp.ndarray) -> jnp.ndarray:
 
 @lru_cache(maxsize=None)
 def _kernels(model: Model) -> _Kernels:
-    """Jitted kernels for one model, shared by every twin of that model.
-
-    `assimilate` runs a sorted run of events for each of `LANES` twins in ONE dispatch (a
-    `lax.scan` over predict + update + divergence statistics, vmapped over twins, each with its
-    own parameters and noise): the per-event cost of a live twin was the Python->XLA dispatch,
-    not the arithmetic. Padding steps have no sub-steps and no
-    measurement, which makes them exact no-ops, so the state after an event depends only on the
-    events before it - never on how they were split into calls (live batches vs log replay).
-    `predict` alone serves explicit look-ahead.
-    """
+    """The EKF's kernels for one model, shared by every twin of that model (`scan_kernels`)."""
     step = model.step_vector
     jac_step = jax.jacfwd(step)
     jac_obs = jax.jacfwd(model.observe_vector)
@@ -272,20 +272,50 @@ def _kernels(model: Model) -> _Kernels:
             return step(x, u, p, dt), 0.5 * (P + P.T)
 
         x, P = jax.lax.fori_loop(0, n, body, (x, P))
-        return x, jnp.where(skipped > 0, P + jnp.diag(q_var_rate * skipped), P)  # see `substeps`
+        return x, skip(P, q_var_rate, skipped)
 
     def update(x, P, u, p, z, mask, r_var):
-        H = jac_obs(x, u, p) * mask[:, None]
-        y = (z - model.observe_vector(x, u, p)) * mask
-        HP = _mm(H, P)
-        S = _mm(HP, H.T) + jnp.diag(jnp.where(mask > 0, r_var, 1.0))
-        sol = _solve_spd(S, jnp.concatenate([HP, y[:, None]], axis=1))  # S^-1 [H P, y]
+        r_diag = jnp.diag(jnp.where(mask > 0, r_var, 1.0))
+
+        def gain(x_lin):
+            """H at `x_lin`, the innovation linearised there, S^-1 [H P, y] (masked rows are exact no-ops)."""
+            H = jac_obs(x_lin, u, p) * mask[:, None]
+            y = (z - model.observe_vector(x_lin, u, p) - _mm(H, (x - x_lin)[:, None])[:, 0]) * mask
+            HP = _mm(H, P)
+            return H, y, _solve_spd(_mm(HP, H.T) + r_diag, jnp.concatenate([HP, y[:, None]], axis=1))
+
+        # the iterated EKF: re-linearise the output map at the updated estimate (Gauss-Newton to the
+        # MAP estimate); the innovation statistics are those of the prediction (first pass)
+        H, y, sol = gain(x)
+        innovation, nis = y, (y * sol[:, -1]).sum()
+        for _ in range(IEKF_ITERATIONS - 1):
+            H, y, sol = gain(x + (sol[:, :-1].T * y).sum(axis=1))
         K = sol[:, :-1].T  # P H^T S^-1 (S, P symmetric)
         ikh = jnp.eye(x.shape[0]) - _mm(K, H)
         P_new = _mm(_mm(ikh, P), ikh.T) + _mm(K * (r_var * mask), K.T)
         x_new = jnp.stack(model.project(tuple(x + (K * y).sum(axis=1))))
-        return x_new, 0.5 * (P_new + P_new.T), y, (y * sol[:, -1]).sum()
+        return x_new, 0.5 * (P_new + P_new.T), innovation, nis
 
+    return scan_kernels(predict, update)
+
+
+def skip(P: jnp.ndarray, q_var_rate: jnp.ndarray, skipped: jnp.ndarray) -> jnp.ndarray:
+    """P grown by the process noise of the seconds a capped gap left unintegrated (see `substeps`)."""
+    return jnp.where(skipped > 0, P + jnp.diag(q_var_rate * skipped), P)
+
+
+def scan_kernels(predict: Callable, update: Callable) -> _Kernels:
+    """Jitted kernels from one filter's per-twin `predict` (x, P, u, p, q_var_rate, n_sub, dt, skipped)
+    -> (x, P) and `update` (x, P, u, p, z, mask, r_var) -> (x, P, innovation, NIS).
+
+    `assimilate` runs a sorted run of events for each of `LANES` twins in ONE dispatch (a
+    `lax.scan` over predict + update + divergence statistics, vmapped over twins, each with its
+    own parameters and noise): the per-event cost of a live twin was the Python->XLA dispatch,
+    not the arithmetic. Padding steps have no sub-steps and no
+    measurement, which makes them exact no-ops, so the state after an event depends only on the
+    events before it - never on how they were split into calls (live batches vs log replay).
+    `predict` alone serves explicit look-ahead.
+    """
     def assimilate(x, P, div, p, q_var_rate, r_var, n_sub, dt, skipped, u_held, u_new, z, mask):
         def event(carry, ev):
             x, P, (updates, nis_last, nis_mean, res_mean, res_ms) = carry
@@ -313,7 +343,12 @@ def _kernels(model: Model) -> _Kernels:
 
 
 class ExtendedKalmanFilter:
-    """The filter for one model and parameter set; cheap to construct (kernels are shared)."""
+    """The filter for one model and parameter set; cheap to construct (kernels are shared).
+
+    The base of every filter: a subclass changes only the kernels (`_make_kernels`), so priors,
+    bookkeeping, batching across twins (`assimilate_runs`) and snapshots stay the same."""
+
+    kind = "ekf"
 
     def __init__(
         self,
@@ -330,12 +365,15 @@ class ExtendedKalmanFilter:
         r = _complete("measurement_std", model.output_names, measurement_std, self.defaults)
         self.q_var_rate = q**2
         self.r_var = r**2
-        self._kernels = _kernels(model)
+        self._kernels = self._make_kernels()
         self.measured_names = tuple(dict.fromkeys((*model.input_names, *model.output_names)))
         """The value columns of `assimilate_many`: the model's inputs, then its outputs."""
         col = {n: i for i, n in enumerate(self.measured_names)}
         self._input_cols = np.array([col[n] for n in model.input_names], dtype=np.intp)
         self._output_cols = np.array([col[n] for n in model.output_names], dtype=np.intp)
+
+    def _make_kernels(self) -> _Kernels:
+        return _kernels(self.model)
 
     def initial(
         self,
@@ -376,22 +414,22 @@ class ExtendedKalmanFilter:
         return self.assimilate_many(fs, np.array([t], dtype=np.float64), row, np.array([use_outputs])).state(0)
 
     def warm_up(self) -> None:
-        """Compile this model's kernel for every run length now (when a twin is created or
-        recovered), not when a live event first needs it; once per model and process."""
-        if self.model in _WARM:
+        """Compile this filter's kernel for every run length now (when a twin is created or
+        recovered), not when a live event first needs it; once per kernel and process."""
+        if self._kernels in _WARM:
             return
         prior, cols = self.initial(), len(self.measured_names)
         for n in RUN_LENGTHS:
             t = np.arange(n, dtype=np.float64) * self.model.default_dt
             assimilate_runs([Run(self, prior, t, np.full((n, cols), np.nan), np.zeros(n, dtype=bool))])
-        _WARM.add(self.model)
+        _WARM.add(self._kernels)
 
     def assimilate_many(self, fs: FilterState, t: np.ndarray, values: np.ndarray, use_outputs: np.ndarray) -> FilterTrace:
         """One twin's run of events (see `Run`); the trace holds the state after each event."""
         return assimilate_runs([Run(self, fs, t, values, use_outputs)])[0]
 
 
-_WARM: set[Model] = set()
+_WARM: set[_Kernels] = set()
 
 
 class Run(NamedTuple):
@@ -413,25 +451,26 @@ class Run(NamedTuple):
 
 def assimilate_runs(runs: Sequence[Run]) -> Traces:
     """Apply each (non-empty) run to its twin: one kernel dispatch per `LANES` twins of a model
-    and per `MAX_RUN` events (a longer run continues in the next round of dispatches)."""
+    and kind of filter, and per `MAX_RUN` events (a longer run continues in the next round)."""
     lengths = np.array([len(run.t) for run in runs], dtype=np.int64)
     if np.any(lengths == 0):
         raise ValueError("every run needs at least one event")
-    groups: dict[Model, list[int]] = {}
+    groups: dict[_Kernels, list[int]] = {}
     for k, run in enumerate(runs):
-        groups.setdefault(run.filter.model, []).append(k)
+        groups.setdefault(run.filter._kernels, []).append(k)
     starts = np.zeros(len(runs), dtype=np.int64)
     packed = {}
-    for model, ks in groups.items():
+    for kernels, ks in groups.items():
         starts[ks] = np.cumsum(lengths[ks]) - lengths[ks]
-        packed[model] = _assimilate_model(model, [runs[k] for k in ks], lengths[ks])
-    return Traces(packed, groups, [run.filter.model for run in runs], starts, lengths)
+        packed[kernels] = _assimilate_model([runs[k] for k in ks], lengths[ks])
+    return Traces(packed, groups, [run.filter._kernels for run in runs], starts, lengths)
 
 
-def _assimilate_model(model: Model, runs: list[Run], n: np.ndarray) -> FilterTrace:
-    """The runs of twins of one model, packed as (run, event) arrays with NumPy fancy indexing
+def _assimilate_model(runs: list[Run], n: np.ndarray) -> FilterTrace:
+    """The runs of twins of one model and kernel, packed as (run, event) arrays with NumPy fancy indexing
     and dispatched `LANES` runs at a time; returns their traces back to back (run order)."""
     f0 = runs[0].filter
+    model = f0.model
     R, E = len(runs), int(n.sum())
     ny = len(model.output_names)
     lane = np.repeat(np.arange(R), n)  # run of each event
@@ -484,7 +523,7 @@ def _assimilate_model(model: Model, runs: list[Run], n: np.ndarray) -> FilterTra
     out_upd, out_nl, out_nm = np.empty(E, dtype=np.int64), np.empty(E), np.empty(E)
     out_rm, out_rs = np.empty((E, ny)), np.empty((E, ny))
     first_event = np.cumsum(n) - n
-    assimilate = _kernels(model).assimilate
+    assimilate = f0._kernels.assimilate
     for offset in rounds:
         active = np.flatnonzero(n > offset)
         for c in range(0, len(active), LANES):

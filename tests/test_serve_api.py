@@ -144,6 +144,10 @@ def test_catalog_crud_and_queries(api, http, building):
                  "initial_state": {"T_in": 293.0}}
     assert_error(http.post("/v1/assets", json=bad_start, headers=admin), 422, "invalid_request")
     assert_error(http.get("/v1/assets/tmp-1", headers=admin), 404, "not_found")  # rolled back
+    bad_filter = {**bad_start, "initial_state": None, "metadata": {"filter": "particle"}}
+    err = assert_error(http.post("/v1/assets", json=bad_filter, headers=admin), 422, "invalid_request")
+    assert "filter='particle' is not a filter; known: ['ekf', 'ukf']" in err["message"]
+    assert_error(http.get("/v1/assets/tmp-1", headers=admin), 404, "not_found")
     r = http.post("/v1/assets", json={"id": "tmp-1", "type_name": "thermal_rc",
                                       "type_version": THERMAL_TYPE["version"]}, headers=admin)
     assert r.status_code == 201
