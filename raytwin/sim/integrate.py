@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from raytwin.sim.model import Arrays, Model, rk4_step, unstack
+from raytwin.sim.model import Arrays, Model, after_step, rk4_step, unstack
 
 InputFn = Callable[[jax.Array, jax.Array, Arrays], Arrays]
 """inputs(k, t, state) -> input tuple, for generated or closed-loop inputs."""
@@ -111,19 +111,19 @@ def _compensated_step(model: Model, index: tuple[int, ...], x: Arrays, error: Ar
     The increment is `rk4_step` of the model shifted to `x`, started from 0: its stages are exactly
     ``f(x + h k)`` as in `rk4_step`, and ``0 + dx`` is `dx`, not yet rounded by `x` (so the other
     states' ``x + dx`` are `rk4_step`'s bits). `error` holds what ``x + dx`` rounded away so far. A
-    state the model's `project` moves (clipped to its domain) restarts with no error.
+    state the model's `update` or `project` moves (a reset, a clip to its domain) restarts with no error.
     """
 
     def shifted(y: Arrays, u_: Arrays, c_: Arrays) -> Arrays:
         return model.derivative(tuple(xi + yi for xi, yi in zip(x, y, strict=True)), u_, c_)
 
-    around_x = dataclasses.replace(model, derivative=shifted, project=lambda y: y)
+    around_x = dataclasses.replace(model, derivative=shifted, update=None, project=lambda y: y)
     dx = rk4_step(around_x, tuple(jnp.zeros_like(xi) for xi in x), u, coeffs, dt)
     summed = [xi + di for xi, di in zip(x, dx, strict=True)]
     corrected = tuple(dx[i] - e for i, e in zip(index, error, strict=True))
     for i, c in zip(index, corrected, strict=True):
         summed[i] = x[i] + c
-    x_next = tuple(model.project(tuple(summed)))
+    x_next = tuple(after_step(model, tuple(summed), u, coeffs))
     error_next = tuple(jnp.where(x_next[i] == summed[i], (summed[i] - x[i]) - c, 0.0)
                        for i, c in zip(index, corrected, strict=True))
     return x_next, error_next
