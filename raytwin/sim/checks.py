@@ -336,3 +336,11 @@ def _check(model: Model, dt: float) -> ModelReport:
                      "refused at this step")
     return ModelReport(model.name, dt, float(limits[0]), float(limits[1 + k]),
                        dict(zip(model.param_names, corners[k].tolist())), len(corners), tuple(notes))
+
+
+def check_registration(model: Model, params: Sequence[float], *, allow_unstable: bool = False) -> ModelReport:
+    """What registering an artifact checks: `check_model` (once per model and process), then the
+    model's ``default_dt`` (the step its twins run) against the limit at the artifact's `params`."""
+    report = check_model(model)
+    check_step(model, model.default_dt, list(params), allow_unstable=allow_unstable, what="default_dt")
+    return report

@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from raytwin.sim.checks import check_step
 from raytwin.sim.model import Arrays, Model, after_step, rk4_step, unstack
 
 InputFn = Callable[[jax.Array, jax.Array, Arrays], Arrays]
@@ -64,6 +65,7 @@ def rollout(
     keep_trajectory: bool = True,
     unroll: int = 1,
     compensated: tuple[str, ...] | None = None,
+    allow_unstable: bool = False,
 ) -> Rollout:
     """Integrate `n_steps` RK4 steps of `dt` from `x0` (pure; jit/vmap it from outside).
 
@@ -72,7 +74,14 @@ def rollout(
     loop iteration (`jax.lax.scan`'s option): the same arithmetic, fewer loop iterations.
     `compensated` names the states updated with Kahan summation (default: the model's
     `compensated_states` in float32, none in float64); the others are exactly `rk4_step`'s.
+
+    Called with concrete `dt` and `params`, a step beyond the RK4 stability limit of the parameters
+    is refused (`raytwin.sim.checks.check_step`; ``allow_unstable=True`` warns instead). Traced
+    calls (inside the caller's jit/vmap) cannot look at values: their entry points check
+    (`simulate`, `simulate_batch`, sweeps).
     """
+    if not any(isinstance(v, jax.core.Tracer) for v in (dt, *params)):
+        check_step(model, dt, params, allow_unstable=allow_unstable)
     coeffs = model.coefficients(params)
     dtype = jnp.result_type(*x0)
     dt_ = jnp.asarray(dt, dtype)
@@ -157,13 +166,16 @@ def simulate(
     dt: float,
     *,
     dtype: Any = jnp.float32,
+    allow_unstable: bool = False,
 ) -> np.ndarray:
     """Trajectory of one scenario, shape (n_steps + 1, n_states), from state `x0`.
 
     `inputs` has shape (n_steps, n_inputs), held constant over each step; `params` is in model
     order (`Model.param_vector`). float32 by default; pass ``dtype=jnp.float64`` for validation.
+    A step beyond the RK4 stability limit of `params` is refused (``allow_unstable=True``: a warning).
     """
     x0, inputs, params = _as_arrays(model, dtype, x0, inputs, params)
+    check_step(model, dt, params, allow_unstable=allow_unstable)
     return np.asarray(_simulate_one(model, x0, inputs, params, jnp.asarray(dt, dtype)))
 
 
@@ -181,14 +193,17 @@ def simulate_batch(
     dt: float,
     *,
     dtype: Any = jnp.float32,
+    allow_unstable: bool = False,
 ) -> np.ndarray:
     """Trajectories of a batch of scenarios, shape (batch, n_steps + 1, n_states), via `vmap`.
 
     `x0` is (batch, n_states), `params` (batch, n_params); `inputs` is (n_steps, n_inputs),
-    shared by all scenarios, or (batch, n_steps, n_inputs).
+    shared by all scenarios, or (batch, n_steps, n_inputs). The step is checked against the RK4
+    stability limit over the box of the batch's parameters (its corners; cached per box).
     """
     x0, inputs, params = _as_arrays(model, dtype, x0, inputs, params)
     if x0.ndim != 2 or params.ndim != 2 or x0.shape[0] != params.shape[0]:
         raise ValueError(f"x0 {x0.shape} and params {params.shape} must be (batch, n) with the same batch")
+    check_step(model, dt, tuple(params.T), allow_unstable=allow_unstable)
     shared = inputs.ndim == 2
     return np.asarray(_simulate_many(model, x0, inputs, params, jnp.asarray(dt, dtype), shared))
