@@ -7,6 +7,7 @@ import typer
 from actors.cli import twins_app
 from benchmarks.cli import bench_app
 from cluster.cli import cluster_app, job_app
+from raytwin.models_cli import models_app
 from serve_apps.cli import keys_app, serve_app
 from sweeps.cli import calibrate_app, rerun, runs_app, sweep_app
 
@@ -22,6 +23,7 @@ app.command("rerun")(rerun)
 app.add_typer(serve_app, name="serve", help="Serve the HTTP API on Ray Serve.")
 app.add_typer(keys_app, name="keys", help="Create and list API keys (stored hashed).")
 app.add_typer(bench_app, name="bench", help="Benchmarks against baselines measured in the same run.")
+app.add_typer(models_app, name="models", help="Models: the declared ones, a declaration, the registration checks.")
 
 
 @app.command()
