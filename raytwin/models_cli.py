@@ -6,6 +6,8 @@ JAX is imported by the commands, not by this module, so ``raytwin --help`` stays
 from __future__ import annotations
 
 import math
+import os
+import sys
 
 import typer
 
@@ -13,10 +15,13 @@ models_app = typer.Typer(no_args_is_help=True)
 
 
 def _resolve(ref: str):
-    """The model at `ref` (a declared name or package.module:MODEL), or exit 2 with the one-line reason."""
+    """The model at `ref` (a declared name or package.module:MODEL), or exit 2 with the one-line reason.
+    The working directory is importable, as with ``python -m`` (a model module next to you loads)."""
     from raytwin.sim import UnknownModelError, get_model
     from raytwin.sim.model import ModelCheckError
 
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         return get_model(ref)
     except (UnknownModelError, ModelCheckError) as exc:

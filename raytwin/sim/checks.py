@@ -256,11 +256,11 @@ def _functions(model: Model) -> list[tuple[str, Callable, tuple[str, ...]]]:
     return out
 
 
-def _shapes(model: Model, x: np.ndarray, u: np.ndarray, p: np.ndarray) -> None:
-    for batch in ((), (3,)):
-        args = tuple(tuple(np.broadcast_to(a, batch) for a in arrays) for arrays in (x, u, p))
-        for name, fn, expected in _functions(model):
-            _returns(model, name, _call(model, name, fn, *args), expected, batch)
+def _shapes(model: Model, x: np.ndarray, u: np.ndarray, p: np.ndarray, batch: tuple[int, ...]) -> None:
+    """Each function returns one array per variable, broadcasting to `batch` (variables given as arrays of it)."""
+    args = tuple(tuple(np.broadcast_to(a, batch) for a in arrays) for arrays in (x, u, p))
+    for name, fn, expected in _functions(model):
+        _returns(model, name, _call(model, name, fn, *args), expected, batch)
 
 
 def _traceable(model: Model, x: np.ndarray, u: np.ndarray, p: np.ndarray) -> None:
@@ -315,8 +315,9 @@ def _check(model: Model, dt: float) -> ModelReport:
     x, u = nominal_point(model)
     p = np.asarray(model.param_vector(), dtype=np.float64)
     with float64():
-        _shapes(model, x, u, p)
+        _shapes(model, x, u, p, ())
         _traceable(model, x, u, p)
+        _shapes(model, x, u, p, (3,))
         corners = box_corners([q.lower for q in model.params], [q.upper for q in model.params])
         rows = np.concatenate([p[None, :], corners])
         limits = stability_limits(model, rows)
