@@ -3,6 +3,8 @@ registration runs (each wrong model with its one-line error), the RK4 stability 
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import textwrap
 import warnings
@@ -280,3 +282,43 @@ def test_models_cli_lists_shows_and_checks(user_package):
 def test_the_user_package_source_uses_only_the_public_api():
     imports = [line for line in textwrap.dedent(USER_PACKAGE).splitlines() if line.startswith(("from ", "import "))]
     assert imports == ["from raytwin.models import Input, Model, Output, Param, State"]
+
+
+# ------------------------------------------------------------------------------ float64 ----
+X64_PROBE = '''
+import importlib, pkgutil, jax, numpy as np, jax.numpy as jnp
+names = []
+for top in ("raytwin", "actors", "sweeps", "serve_apps", "cluster", "benchmarks"):
+    package = importlib.import_module(top)
+    names += [m.name for m in pkgutil.walk_packages(package.__path__, top + ".") if not m.name.endswith("__main__")]
+for name in names:
+    importlib.import_module(name)
+assert not jax.config.jax_enable_x64, "an import turned jax_enable_x64 on"
+
+from raytwin.estimation import ExtendedKalmanFilter
+from raytwin.sim import THERMAL_RC, simulate
+from raytwin.sim.reference import model_rhs
+from sweeps.space import _uniform_rows
+
+p = THERMAL_RC.param_vector()
+u = np.tile([278.15, 1000.0, 0.0], (1440, 1))
+f64 = simulate(THERMAL_RC, [293.15, 293.15], u, p, 60.0, dtype=jnp.float64)
+f32 = simulate(THERMAL_RC, [293.15, 293.15], u, p, 60.0)
+assert f64.dtype == np.float64 and f32.dtype == np.float32 and 0 < np.max(np.abs(f64 - f32)) < 1e-2
+ekf = ExtendedKalmanFilter(THERMAL_RC, p)
+prior = ekf.initial()._replace(t=0.0)
+fs = ekf.predict(prior, 1e-3)  # a change of 5e-7 K that float32 (ulp 3e-5 K at 293 K) would round away
+assert fs.x.dtype == np.float64 and 0 < prior.x[0] - fs.x[0] < 1e-6
+assert model_rhs(THERMAL_RC, p)(np.array([293.15, 293.15 + 1e-9]), np.zeros(3)).dtype == np.float64
+assert _uniform_rows(0, np.arange(4), 2).dtype == np.float64
+assert jnp.zeros(1).dtype == jnp.float32 and not jax.config.jax_enable_x64
+print("ok", len(names))
+'''
+
+
+def test_importing_raytwin_leaves_jax_x64_alone_and_its_float64_paths_stay_float64():
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", X64_PROBE], capture_output=True, text=True, timeout=300, check=False,
+                         env={**os.environ, "PYTHONPATH": str(root), "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.startswith("ok ")

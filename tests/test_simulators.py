@@ -17,6 +17,7 @@ from scipy.linalg import expm
 
 from raytwin.sim import BATTERY_ECM, THERMAL_RC, TWO_TANK, simulate, simulate_batch
 from raytwin.sim.checks import UnstableStepError, UnstableStepWarning, stability_limit
+from raytwin.sim.precision import float64
 from raytwin.sim.reference import model_rhs, reference_trajectory, relative_error
 
 
@@ -247,7 +248,8 @@ def test_rk4_stability_limit_is_the_documented_one_from_the_jacobian_eigenvalues
     def rhs(x):
         return jnp.stack(model.derivative(tuple(x), zeros_u, model.coefficients(tuple(jnp.asarray(params)))))
 
-    jacobian = np.asarray(jax.jacfwd(rhs)(jnp.ones(len(model.states))), dtype=np.float64)
+    with float64():
+        jacobian = np.asarray(jax.jacfwd(rhs)(jnp.ones(len(model.states))), dtype=np.float64)
     eigenvalues, vectors = np.linalg.eig(jacobian)
     assert np.all(np.abs(eigenvalues.imag) < 1e-12) and np.all(eigenvalues.real <= 0)
     fastest = int(np.argmin(eigenvalues.real))

@@ -4,7 +4,9 @@
 precomputed time series or a function of (step, time, state) (generated profiles and feedback
 controllers), optionally folding each step into an accumulator (summary metrics) instead of
 keeping the trajectory, so sweeps can stream millions of scenarios in bounded memory.
-`simulate` and `simulate_batch` are the array-in, array-out conveniences on top of it.
+`simulate` and `simulate_batch` are the array-in, array-out conveniences on top of it; they run
+in the precision of their `dtype` (float64 in a scope, `raytwin.sim.precision`); `rollout` runs in
+its caller's.
 
 In float32, states that integrate tiny increments with nothing pulling them back are updated with
 compensated (Kahan) summation: a battery's coulomb-counted state of charge (2 mA on 2.5 Ah at soc
@@ -27,6 +29,7 @@ import numpy as np
 
 from raytwin.sim.checks import check_step
 from raytwin.sim.model import Arrays, Model, after_step, rk4_step, unstack
+from raytwin.sim.precision import precision
 
 InputFn = Callable[[jax.Array, jax.Array, Arrays], Arrays]
 """inputs(k, t, state) -> input tuple, for generated or closed-loop inputs."""
@@ -176,7 +179,8 @@ def simulate(
     """
     x0, inputs, params = _as_arrays(model, dtype, x0, inputs, params)
     check_step(model, dt, params, allow_unstable=allow_unstable)
-    return np.asarray(_simulate_one(model, x0, inputs, params, jnp.asarray(dt, dtype)))
+    with precision(dtype):
+        return np.asarray(_simulate_one(model, x0, inputs, params, jnp.asarray(dt, dtype)))
 
 
 @partial(jax.jit, static_argnames=("model", "shared_inputs"))
@@ -206,4 +210,5 @@ def simulate_batch(
         raise ValueError(f"x0 {x0.shape} and params {params.shape} must be (batch, n) with the same batch")
     check_step(model, dt, tuple(params.T), allow_unstable=allow_unstable)
     shared = inputs.ndim == 2
-    return np.asarray(_simulate_many(model, x0, inputs, params, jnp.asarray(dt, dtype), shared))
+    with precision(dtype):
+        return np.asarray(_simulate_many(model, x0, inputs, params, jnp.asarray(dt, dtype), shared))

@@ -9,6 +9,7 @@ traced in float64 is never reused in float32 (or the other way round).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from functools import wraps
@@ -37,6 +38,18 @@ def in_float64(fn: Callable[P, R]) -> Callable[P, R]:
     @wraps(fn)
     def call(*args: P.args, **kwargs: P.kwargs) -> R:
         with float64():
+            return fn(*args, **kwargs)
+
+    return call
+
+
+def in_dtype_precision(fn: Callable[P, R]) -> Callable[P, R]:
+    """`fn` run in the precision of its ``dtype`` argument (kernels that take the dtype they compute in)."""
+    signature = inspect.signature(fn)
+
+    @wraps(fn)
+    def call(*args: P.args, **kwargs: P.kwargs) -> R:
+        with precision(signature.bind(*args, **kwargs).arguments["dtype"]):
             return fn(*args, **kwargs)
 
     return call
