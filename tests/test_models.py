@@ -322,3 +322,39 @@ def test_importing_raytwin_leaves_jax_x64_alone_and_its_float64_paths_stay_float
                          env={**os.environ, "PYTHONPATH": str(root), "JAX_PLATFORMS": "cpu"})
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.startswith("ok ")
+
+
+# ------------------------------------------------------------------------ stiff models ----
+def _robertson(**changes) -> Model:
+    """Robertson's chemical kinetics: rate constants 0.04, 1e4 and 3e7 (time scales 1e-4 s to 1e3 s)."""
+    fields = dict(
+        name="robertson", version="1.0.0",
+        states=tuple(State(n, "-", "", -0.1, 1.1, nominal=v) for n, v in (("y1", 0.9), ("y2", 3e-5), ("y3", 0.1))),
+        inputs=(), outputs=(Output("y3", "-", "", -0.1, 1.1),),
+        params=(Param("k1", "1/s", 0.04, 0.01, 0.1), Param("k2", "-", 1e4, 1e3, 1e5), Param("k3", "-", 3e7, 1e7, 1e8)),
+        coefficients=lambda p: p, output=lambda x, u, c: (x[2],),
+        derivative=lambda x, u, c: (-c[0] * x[0] + c[1] * x[1] * x[2],
+                                    c[0] * x[0] - c[1] * x[1] * x[2] - c[2] * x[1] * x[1], c[2] * x[1] * x[1]),
+        default_dt=10.0,
+    )
+    return Model(**{**fields, **changes})
+
+
+def test_a_stiff_model_declares_an_adaptive_implicit_solver_and_matches_radau():
+    from raytwin.sim.checks import check_step
+    from raytwin.sim.reference import model_rhs, reference_trajectory, relative_error
+    from raytwin.sim.stiff import Adaptive
+
+    with pytest.raises(ModelCheckError, match=r"^model robertson: default_dt: step 10 s is beyond the RK4 stability "
+                                              r"limit 0.00\d+ s"):
+        check_model(_robertson())  # RK4 would need steps of a millisecond for 40 s
+    stiff = _robertson(solver=Adaptive(rtol=1e-8, atol=1e-12))
+    assert check_step(stiff, 10.0).dt_max == np.inf  # its own step control: no RK4 limit (check_model: ~10 s of compile)
+    params, x0, inputs = stiff.param_vector(), [1.0, 0.0, 0.0], np.zeros((40, 0))
+    traj = simulate(stiff, x0, inputs, params, 10.0, dtype=jnp.float64)
+    reference = reference_trajectory(model_rhs(stiff, params), np.array(x0), inputs, 10.0, method="Radau",
+                                     rtol=1e-11, atol=1e-14)
+    assert relative_error(traj, reference) < 1e-5
+    np.testing.assert_allclose(traj.sum(axis=1), 1.0, atol=1e-9)  # mass is conserved
+    with pytest.raises(ValueError, match="'Nope' is not a diffrax solver"):
+        Adaptive(method="Nope")

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from raytwin.sim.model import Model, ModelCheckError, rk4_step, unstack
+from raytwin.sim.model import Model, ModelCheckError, model_step, unstack
 from raytwin.sim.precision import float64
 
 log = logging.getLogger("raytwin.sim")
@@ -172,6 +172,8 @@ def check_step(
     of `params`: one value or one array per parameter (a batch: checked over its box), default
     the model's defaults. `what` names the field in the message. Returns the limit."""
     values = model.param_vector() if params is None else params
+    if model.solver is not None:  # an adaptive solver chooses its own steps
+        return BoxLimit(math.inf, tuple(model.param_vector()), 0)
     if len(values) != len(model.params):
         raise ValueError(f"{model.name}: {len(values)} parameter values, expected {model.param_names}")
     arrays = [np.asarray(v, dtype=np.float64) for v in values]
@@ -285,13 +287,11 @@ def _finite(model: Model, x: np.ndarray, u: np.ndarray, rows: np.ndarray, limits
 
     def probe(x0, u0, p, h):
         c = model.coefficients(p)
-        state = x0
-        for _ in range(PROBE_STEPS):
-            state = rk4_step(model, state, u0, c, h)
+        state = jax.lax.fori_loop(0, PROBE_STEPS, lambda _, x: tuple(model_step(model, x, u0, c, h)), tuple(x0))
         return state, model.output(state, u0, c)
 
     checks = [(name, expected, fn(xb, ub, rows_t)) for name, fn, expected in _functions(model)[1:]]
-    final, outputs = jax.jit(probe)(xb, ub, rows_t, jnp.asarray(steps))
+    final, outputs = jax.jit(lambda *a: jax.lax.map(lambda row: probe(*row), a))(xb, ub, rows_t, jnp.asarray(steps))
     checks += [("probe run: state", model.state_names, final), ("probe run: output", model.output_names, outputs)]
     for name, expected, values in checks:
         for label, v in zip(expected, values):
@@ -320,7 +320,7 @@ def _check(model: Model, dt: float) -> ModelReport:
         _shapes(model, x, u, p, (3,))
         corners = box_corners([q.lower for q in model.params], [q.upper for q in model.params])
         rows = np.concatenate([p[None, :], corners])
-        limits = stability_limits(model, rows)
+        limits = stability_limits(model, rows) if model.solver is None else np.full(len(rows), np.inf)
         _finite(model, x, u, rows, limits, dt)
     field_ = "default_dt" if dt == model.default_dt else "dt"
     if math.isnan(limits[0]):

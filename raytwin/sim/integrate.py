@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from raytwin.sim.checks import check_step
-from raytwin.sim.model import Arrays, Model, after_step, rk4_step, unstack
+from raytwin.sim.model import Arrays, Model, after_step, model_step, rk4_step, unstack
 from raytwin.sim.precision import precision
 
 InputFn = Callable[[jax.Array, jax.Array, Arrays], Arrays]
@@ -89,7 +89,7 @@ def rollout(
     dtype = jnp.result_type(*x0)
     dt_ = jnp.asarray(dt, dtype)
     if compensated is None:
-        compensated = compensated_states(model) if dtype == jnp.float32 else ()
+        compensated = compensated_states(model) if dtype == jnp.float32 and model.solver is None else ()
     index = tuple(model.state_names.index(name) for name in compensated)
 
     def body(carry, xs):
@@ -104,7 +104,7 @@ def rollout(
         if index:
             x_next, error = _compensated_step(model, index, x, error, u, coeffs, dt_)
         else:
-            x_next = rk4_step(model, x, u, coeffs, dt_)
+            x_next = model_step(model, x, u, coeffs, dt_)
         if accumulate is not None:
             acc = accumulate(acc, t, x, u, x_next)
         return (x_next, error, acc), (x_next if keep_trajectory else None)

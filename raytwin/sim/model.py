@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import math
 import re
@@ -125,6 +126,12 @@ class ModelCheckError(ValueError):
         self.model, self.field, self.reason = model, field, reason
 
 
+class Solver(Protocol):
+    """How a model's steps are integrated when not by RK4 (see `raytwin.sim.stiff`)."""
+
+    def advance(self, model: Model, x: Arrays, u: Arrays, c: Arrays, dt: Any) -> Arrays: ...
+
+
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
 _VERSION = re.compile(r"^\d+\.\d+\.\d+$")
 _KINDS = (("states", State), ("inputs", Input), ("params", Param), ("outputs", Output))
@@ -134,7 +141,9 @@ _KINDS = (("states", State), ("inputs", Input), ("params", Param), ("outputs", O
 class Model:
     """A simulator: metadata plus pure JAX functions (see module docstring). Keyword-only.
 
-    ``update`` (optional) is a discrete map applied after each RK4 step, before ``project``
+    ``solver``: None for fixed-step RK4 (the fast path), or an adaptive solver for a stiff model
+    (`raytwin.sim.stiff.Adaptive`), which then integrates each step of ``dt``.
+    ``update`` (optional) is a discrete map applied after each step, before ``project``
     (which keeps a state in its physical domain, e.g. tank levels >= 0); ``default_dt`` [s] is the
     step twins and examples use; ``dt_limit`` documents the step-size range in which RK4 is
     accurate (the stability limit itself is computed: `raytwin.sim.checks.stability_limit`).
@@ -154,6 +163,7 @@ class Model:
     project: Callable[[Arrays], Arrays] = field(default=_identity)
     default_dt: float = 1.0
     dt_limit: str = ""
+    solver: Solver | None = None
 
     def __post_init__(self) -> None:
         name = self.name if isinstance(self.name, str) else repr(self.name)
@@ -186,6 +196,8 @@ class Model:
                 raise fail(fn, "must be a function")
         if self.update is not None and not callable(self.update):
             raise fail("update", "must be a function or None")
+        if self.solver is not None and not callable(getattr(self.solver, "advance", None)):
+            raise fail("solver", "must be None (RK4) or a solver such as raytwin.sim.stiff.Adaptive()")
         if not (isinstance(self.default_dt, int | float) and math.isfinite(self.default_dt) and self.default_dt > 0):
             raise fail("default_dt", f"must be a finite number of seconds > 0, got {self.default_dt!r}")
 
@@ -220,8 +232,8 @@ class Model:
 
     # ---- the protocol ----------------------------------------------------------------------
     def step(self, state: Arrays, inputs: Arrays, params: Arrays, dt: float) -> Arrays:
-        """One RK4 step of length `dt` with inputs held constant over the step."""
-        return rk4_step(self, state, inputs, self.coefficients(params), dt)
+        """One step of length `dt` with inputs held constant over the step."""
+        return model_step(self, state, inputs, self.coefficients(params), dt)
 
     def observe(self, state: Arrays, inputs: Arrays, params: Arrays) -> Arrays:
         """The measurable outputs of `state` (inputs matter for e.g. a battery's IR drop)."""
@@ -257,6 +269,13 @@ def rk4_step(model: Model, x: Arrays, u: Arrays, c: Arrays, dt: float) -> Arrays
         xi + sixth * (a + 2.0 * b + 2.0 * c_ + d) for xi, a, b, c_, d in zip(x, k1, k2, k3, k4)
     )
     return after_step(model, x_next, u, c)
+
+
+def model_step(model: Model, x: Arrays, u: Arrays, c: Arrays, dt: float) -> Arrays:
+    """One step with the model's solver: `rk4_step`, or its adaptive solver followed by `after_step`."""
+    if model.solver is None:
+        return rk4_step(model, x, u, c, dt)
+    return after_step(model, model.solver.advance(model, x, u, c, dt), u, c)
 
 
 def after_step(model: Model, x: Arrays, u: Arrays, c: Arrays) -> Arrays:
