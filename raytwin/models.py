@@ -16,7 +16,9 @@ Stability of these names: `Model`, `State`, `Input`, `Output`, `Param`, `check_m
 
 from __future__ import annotations
 
-from raytwin.sim.checks import ModelReport, UnstableStepError, UnstableStepWarning, check_model, rk4_limits, stability_limit
+from raytwin.sim.checks import (
+    ModelReport, UnstableStepError, UnstableStepWarning, check_model, rk4_limits, stability_limit,
+)
 from raytwin.sim.discovery import GROUP, UnknownModelError, get_model, load_model
 from raytwin.sim.model import Input, Model, ModelCheckError, Output, Param, State
 

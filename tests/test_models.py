@@ -93,7 +93,8 @@ def test_a_user_model_is_found_by_entry_point_and_by_import_path(user_package):
     # the whole API works on it: an asset type, the registry, a simulation
     asset_type = AssetType.from_model(spring)
     assert asset_type.simulator == "spring"
-    assert AssetType(**{**asset_type.model_dump(), "simulator": "acme_models.spring:SPRING"}).states.keys() == {"x", "v"}
+    by_path = AssetType(**{**asset_type.model_dump(), "simulator": "acme_models.spring:SPRING"})
+    assert by_path.states.keys() == {"x", "v"}
     traj = simulate(spring, [0.1, 0.0], np.zeros((500, 1)), spring.param_vector(), 0.01, dtype=jnp.float64)
     assert abs(traj[-1, 0]) < 0.1
 
@@ -349,7 +350,7 @@ def test_a_stiff_model_declares_an_adaptive_implicit_solver_and_matches_radau():
                                               r"limit 0.00\d+ s"):
         check_model(_robertson())  # RK4 would need steps of a millisecond for 40 s
     stiff = _robertson(solver=Adaptive(rtol=1e-8, atol=1e-12))
-    assert check_step(stiff, 10.0).dt_max == np.inf  # its own step control: no RK4 limit (check_model: ~10 s of compile)
+    assert check_step(stiff, 10.0).dt_max == np.inf  # its own step control, no RK4 limit (check_model: ~10 s compile)
     params, x0, inputs = stiff.param_vector(), [1.0, 0.0, 0.0], np.zeros((40, 0))
     traj = simulate(stiff, x0, inputs, params, 10.0, dtype=jnp.float64)
     reference = reference_trajectory(model_rhs(stiff, params), np.array(x0), inputs, 10.0, method="Radau",

@@ -273,7 +273,9 @@ def _traceable(model: Model, x: np.ndarray, u: np.ndarray, p: np.ndarray) -> Non
         _call(model, f"{name} (under jax.jit)", jax.jit(fn), *args)
         _call(model, f"{name} (under jax.vmap)", jax.vmap(fn), *batched)
         if name != "coefficients":
-            vector = lambda xv, fn=fn: jnp.stack([jnp.asarray(v) for v in fn(unstack(xv), args[1], args[2])])  # noqa: E731
+            def vector(xv, fn=fn):
+                return jnp.stack([jnp.asarray(v) for v in fn(unstack(xv), args[1], args[2])])
+
             _call(model, f"{name} (under jax.jacfwd)", jax.jacfwd(vector), jnp.asarray(x))
 
 

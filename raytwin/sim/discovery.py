@@ -105,9 +105,9 @@ def model_ref(model: Model) -> str:
     if model.name in paths and get_model(model.name) is model:
         return model.name
     for module_name, module in list(sys.modules.items()):
-        if module_name == "__main__" or module is None:
+        if module_name == "__main__":
             continue
-        for attr, value in list(vars(module).items()):
+        for attr, value in list(getattr(module, "__dict__", {}).items()):
             if value is model:
                 ref = f"{module_name}:{attr}"
                 _REFS[id(model)] = ref
