@@ -1,24 +1,39 @@
 """JAX simulators: the model protocol, RK4 integration, model discovery and checks, and the
 reference asset models.
 
-Importing this package leaves JAX's global settings alone: float64 work (validation, filtering,
-calibration, what-if answers) runs inside `raytwin.sim.precision.float64` scopes.
+Names load on first use (PEP 562), so the reference models can be written against the public
+`raytwin.models` exactly as a user's package is. Importing this package leaves JAX's global
+settings alone: float64 work (validation, filtering, calibration, what-if answers) runs inside
+`raytwin.sim.precision.float64` scopes.
 """
 
 from __future__ import annotations
 
-from raytwin.sim.battery import BATTERY_ECM, ocv
-from raytwin.sim.discovery import Catalog, UnknownModelError, get_model, load_model, model_ref
-from raytwin.sim.integrate import Rollout, rollout, simulate, simulate_batch
-from raytwin.sim.model import Input, Model, ModelCheckError, Output, Param, State, Var, rk4_step, unstack
-from raytwin.sim.tanks import TWO_TANK
-from raytwin.sim.thermal import THERMAL_RC
+from raytwin.lazy import lazy_exports
 
-MODELS: Catalog = Catalog()
-"""The declared models by name (entry-point group ``raytwin.models``), loaded on first access."""
-
-__all__ = [
-    "BATTERY_ECM", "MODELS", "Input", "Model", "ModelCheckError", "Output", "Param", "Rollout", "State",
-    "THERMAL_RC", "TWO_TANK", "UnknownModelError", "Var",
-    "get_model", "load_model", "model_ref", "ocv", "rk4_step", "rollout", "simulate", "simulate_batch", "unstack",
-]
+_EXPORTS = {
+    "BATTERY_ECM": "raytwin.sim.battery",
+    "ocv": "raytwin.sim.battery",
+    "TWO_TANK": "raytwin.sim.tanks",
+    "THERMAL_RC": "raytwin.sim.thermal",
+    "MODELS": "raytwin.sim.discovery",
+    "UnknownModelError": "raytwin.sim.discovery",
+    "get_model": "raytwin.sim.discovery",
+    "load_model": "raytwin.sim.discovery",
+    "model_ref": "raytwin.sim.discovery",
+    "Rollout": "raytwin.sim.integrate",
+    "rollout": "raytwin.sim.integrate",
+    "simulate": "raytwin.sim.integrate",
+    "simulate_batch": "raytwin.sim.integrate",
+    "Input": "raytwin.sim.model",
+    "Model": "raytwin.sim.model",
+    "ModelCheckError": "raytwin.sim.model",
+    "Output": "raytwin.sim.model",
+    "Param": "raytwin.sim.model",
+    "State": "raytwin.sim.model",
+    "Var": "raytwin.sim.model",
+    "rk4_step": "raytwin.sim.model",
+    "unstack": "raytwin.sim.model",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -133,3 +133,7 @@ class Catalog(Mapping[str, Model]):
 
     def __contains__(self, name: object) -> bool:
         return name in declared()
+
+
+MODELS = Catalog()
+"""The declared models by name (entry-point group ``raytwin.models``), loaded on first access."""
