@@ -283,7 +283,8 @@ def test_models_cli_lists_shows_and_checks(user_package):
 def test_user_models_and_the_reference_models_use_only_the_public_api():
     root = Path(__file__).resolve().parents[1] / "raytwin" / "sim"
     for source in (USER_PACKAGE, *((root / f).read_text() for f in ("thermal.py", "battery.py", "tanks.py"))):
-        imports = [line for line in textwrap.dedent(source).splitlines() if line.startswith(("from raytwin", "import raytwin"))]
+        lines = textwrap.dedent(source).splitlines()
+        imports = [line for line in lines if line.startswith(("from raytwin", "import raytwin"))]
         assert imports == ["from raytwin.models import Input, Model, Output, Param, State"]
 
 
