@@ -24,6 +24,7 @@ from pydantic import (
     StrictInt,
     ValidationError,
     ValidationInfo,
+    field_validator,
     model_validator,
 )
 
@@ -176,7 +177,8 @@ class ParameterSpec(Contract):
 
 
 class AssetType(Contract):
-    """A kind of asset: its variables with units, its parameters with bounds, its simulator."""
+    """A kind of asset: its variables with units, its parameters with bounds, its simulator (a model
+    name declared in the ``raytwin.models`` entry-point group, or an import path ``package.module:MODEL``)."""
 
     schema_version: Literal[1] = SCHEMA_VERSION
     name: Identifier
@@ -187,6 +189,15 @@ class AssetType(Contract):
     inputs: dict[str, Quantity]
     outputs: dict[str, Quantity]
     parameters: dict[str, ParameterSpec]
+
+    @field_validator("simulator")
+    @classmethod
+    def _known_simulator(cls, ref: str) -> str:
+        """A declared model name or an import path ``package.module:MODEL`` that loads (one-line error)."""
+        from raytwin.sim import get_model
+
+        get_model(ref)
+        return ref
 
     @model_validator(mode="after")
     def _matches_simulator(self) -> AssetType:
@@ -213,12 +224,15 @@ class AssetType(Contract):
 
     @classmethod
     def from_model(cls, model: Any, name: str | None = None, version: str | None = None) -> AssetType:
-        """The asset type that exposes a simulator `raytwin.sim.Model` as it is."""
+        """The asset type that exposes a simulator `raytwin.sim.Model` as it is (the simulator is
+        stored as the model's declared name, or as the import path it is found at)."""
+        from raytwin.sim import model_ref
+
         return cls(
             name=name or model.name,
             version=version or model.version,
             description=model.description,
-            simulator=model.name,
+            simulator=model_ref(model),
             states={v.name: _quantity(v) for v in model.states},
             inputs={v.name: _quantity(v) for v in model.inputs},
             outputs={v.name: _quantity(v) for v in model.outputs},

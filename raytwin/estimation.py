@@ -48,8 +48,8 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.stats import chi2
 
-import raytwin.sim  # noqa: F401  (enables float64)
 from raytwin.sim import Model
+from raytwin.sim.precision import in_float64
 
 
 def model_defaults(model: Model) -> dict[str, dict[str, float]]:
@@ -339,7 +339,7 @@ def scan_kernels(predict: Callable, update: Callable) -> _Kernels:
 
         return jax.lax.scan(event, (x, P, div), (n_sub, dt, skipped, u_held, u_new, z, mask))[1]
 
-    return _Kernels(jax.jit(predict), jax.jit(jax.vmap(assimilate)))
+    return _Kernels(in_float64(jax.jit(predict)), in_float64(jax.jit(jax.vmap(assimilate))))
 
 
 class ExtendedKalmanFilter:

@@ -21,7 +21,8 @@ from pydantic import Field
 
 from raytwin.contracts import AssetType, Contract, Finite, Identifier, SemVer
 from raytwin.modelcode import ModelCode, code_identity, describe_change
-from raytwin.sim import Model, get_model
+from raytwin.sim import Model, ModelCheckError, get_model
+from raytwin.sim.checks import check_registration
 from raytwin.storage import canonical_json, filesystem
 
 
@@ -103,14 +104,22 @@ class ModelRegistry:
         asset_type: AssetType,
         parameters: dict[str, float] | None = None,
         metadata: dict[str, str] | None = None,
+        *,
+        allow_unstable: bool = False,
     ) -> ModelArtifact:
-        """Store an artifact; parameters default to the simulator's typical values."""
+        """Store an artifact; parameters default to the simulator's typical values. The model must
+        pass `check_model` and its default step be RK4-stable at these parameter values
+        (``allow_unstable=True``: a loud warning instead)."""
         model = get_model(asset_type.simulator)
         params = dict(zip(model.param_names, model.param_vector(parameters)))
         for pname, value in params.items():
             spec = asset_type.parameters[pname]
             if not spec.lower <= value <= spec.upper:
                 raise RegistryError(f"{name}@{version}: parameter {pname}={value} outside [{spec.lower}, {spec.upper}]")
+        try:
+            check_registration(model, params.values(), allow_unstable=allow_unstable)
+        except ModelCheckError as exc:
+            raise RegistryError(f"{name}@{version}: {exc}") from None
         artifact = ModelArtifact(
             name=name, version=version, asset_type=asset_type, parameters=params, metadata=metadata or {},
             code=code_identity(model),

@@ -7,6 +7,7 @@ accept more spellings.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 
@@ -55,7 +56,22 @@ UNITS: dict[str, UnitDef] = {
     "J/K": UnitDef("J/K", 1.0),
     "kJ/K": UnitDef("J/K", 1e3),
     "K/W": UnitDef("K/W", 1.0),
+    # mechanics
+    "m/s": UnitDef("m/s", 1.0),
+    "kg": UnitDef("kg", 1.0),
+    "N": UnitDef("N", 1.0),
+    "N/m": UnitDef("N/m", 1.0),
+    "N*s/m": UnitDef("N*s/m", 1.0),
+    "N*m": UnitDef("N*m", 1.0),
+    "kg*m^2": UnitDef("kg*m^2", 1.0),
+    "rad/s": UnitDef("rad/s", 1.0),
+    "rpm": UnitDef("rad/s", 2.0 * math.pi / 60.0),
+    "Pa": UnitDef("Pa", 1.0),
+    "kPa": UnitDef("Pa", 1e3),
+    "bar": UnitDef("Pa", 1e5),
+    "H": UnitDef("H", 1.0),
     # time and others
+    "1/s": UnitDef("1/s", 1.0),
     "s": UnitDef("s", 1.0),
     "min": UnitDef("s", 60.0),
     "h": UnitDef("s", 3600.0),

@@ -36,6 +36,8 @@ from raytwin.contracts import (
 )
 from raytwin.registry import ModelArtifact
 from raytwin.sim import get_model, simulate, unstack
+from raytwin.sim.checks import UnstableStepError, check_step
+from raytwin.sim.precision import in_float64
 from raytwin.storage import filesystem
 from serve_apps.errors import Diverged, Unprocessable
 from sweeps.aggregate import quantiles
@@ -73,11 +75,13 @@ def prepare(scenario: Scenario, artifact: ModelArtifact, live_state: dict[str, f
     try:
         inputs = scenario.input_series(artifact.asset_type)
         params = model.param_vector({**artifact.parameters, **scenario.parameter_overrides})
-    except (ContractError, KeyError) as exc:
+        check_step(model, scenario.step_s, params, what="step_s")
+    except (ContractError, KeyError, UnstableStepError) as exc:
         raise Unprocessable(str(exc)) from None
     start = live_state if scenario.start_state == "live" else scenario.start_state
     return PreparedScenario(
-        simulator=model.name, model_ref=artifact.ref, content_hash=artifact.content_hash, step_s=scenario.step_s,
+        simulator=artifact.asset_type.simulator, model_ref=artifact.ref, content_hash=artifact.content_hash,
+        step_s=scenario.step_s,
         x0=np.asarray([start[n] for n in model.state_names], np.float64), inputs=inputs,
         params=np.asarray(params, np.float64), overrides=dict(scenario.parameter_overrides),
     )
@@ -120,7 +124,7 @@ def _check_finite(prepared: PreparedScenario, series: np.ndarray, names: tuple[s
 def _observer(simulator: str):
     """Jitted outputs along a trajectory, (T, S) x (T, I) x (P,) -> (T, O)."""
     model = get_model(simulator)
-    return jax.jit(lambda x, u, p: jnp.stack(model.observe(unstack(x), unstack(u), tuple(p)), -1))
+    return in_float64(jax.jit(lambda x, u, p: jnp.stack(model.observe(unstack(x), unstack(u), tuple(p)), -1)))
 
 
 def summary_table(prepared: PreparedScenario, result: ScenarioResult) -> pa.Table:

@@ -40,6 +40,7 @@ from raytwin.contracts import Contract, Finite, Identifier
 from raytwin.registry import ModelRegistry
 from raytwin.sim import Model, get_model, rollout, unstack
 from raytwin.sim.cpu import use_cpu_backend
+from raytwin.sim.precision import in_float64
 from raytwin.storage import canonical_json, filesystem
 from sweeps.spec import resolve_model
 
@@ -130,6 +131,7 @@ class Problem:
         """Data lengths for the scheduler's iterations: N/k, 2N/k, ..., N."""
         return [max(2, round(self.n * (i + 1) / k)) for i in range(k)]
 
+    @in_float64
     def params(self, theta_log):
         return _params(self.base_params, tuple(self.free_index.tolist()), theta_log)
 
@@ -137,14 +139,17 @@ class Problem:
         return (self.model, tuple(self.free_index.tolist()), jnp.asarray(theta_log), self.base_params, self.x0,
                 self.u[:n], self.y[:n], self.sigma, self.dt)
 
+    @in_float64
     def residuals(self, theta_log, n: int) -> np.ndarray:
         """Weighted residuals (sim - measured) / sigma over the first n samples, flattened."""
         return np.asarray(_residuals(*self._args(theta_log, n)))
 
+    @in_float64
     def jacobian(self, theta_log, n: int) -> np.ndarray:
         """d residuals / d log-parameters, exact (forward-mode AD through the simulator)."""
         return np.asarray(_jacobian(*self._args(theta_log, n)))
 
+    @in_float64
     def predict(self, theta_log) -> np.ndarray:
         return np.asarray(_predict(self.model, self.x0, self.params(theta_log), self.u, self.dt))
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from raytwin.sim import rollout
 from raytwin.sim.cpu import batch_jit
+from raytwin.sim.precision import in_dtype_precision
 from sweeps.kits import SweepKit
 from sweeps.space import Dimension
 
@@ -37,6 +38,7 @@ class Bases:
     inputs: dict[str, float]
 
 
+@in_dtype_precision
 def scenario_arrays(kit: SweepKit, bases: Bases, dims: list[Dimension], rows: np.ndarray, dtype) -> tuple:
     """(x0, params, input params) for `rows` of dimension values, in `dtype`.
 
@@ -127,6 +129,7 @@ def _padded(rows: np.ndarray, size: int) -> np.ndarray:
     return np.concatenate([rows, np.repeat(rows[-1:], size - rows.shape[0], axis=0)])
 
 
+@in_dtype_precision
 def chunk_metrics(
     kit: SweepKit, bases: Bases, dims: list[Dimension], rows: np.ndarray, step_s: float, n_steps: int,
     chunk_size: int, dtype: str,
@@ -139,6 +142,7 @@ def chunk_metrics(
     return {name: np.asarray(v)[:n] for name, v in zip((*kit.metric_names, DIVERGED), out, strict=True)}
 
 
+@in_dtype_precision
 def trajectories(
     kit: SweepKit, bases: Bases, dims: list[Dimension], rows: np.ndarray, step_s: float, n_steps: int, dtype: str
 ) -> dict[str, np.ndarray]:

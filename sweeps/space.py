@@ -18,8 +18,8 @@ import numpy as np
 from pydantic import Field, model_validator
 from scipy.stats import qmc
 
-import raytwin.sim  # noqa: F401  (enables float64 in JAX, which the per-scenario sampling uses)
 from raytwin.contracts import Contract, Finite
+from raytwin.sim.precision import in_float64
 
 Target = Literal["param", "input", "state"]
 
@@ -136,6 +136,7 @@ def _uniform_per_index(key, idx, template):
     return jax.vmap(draw)(idx)
 
 
+@in_float64  # float64 samples, as recorded runs were drawn
 def _uniform_rows(seed: int, idx: np.ndarray, n_dims: int) -> np.ndarray:
     """Uniform [0, 1) samples, one row per scenario index, from the key fold_in(seed, index)."""
     template = np.zeros(n_dims, dtype=np.float64)

@@ -20,6 +20,7 @@ from raytwin.registry import ModelArtifact, ModelRegistry
 from raytwin.sim import get_model
 from sweeps.kits import Kit, KitParameter, Metric, Signal, kit_for
 from sweeps.space import ScenarioSpace
+from sweeps.stability import check_sweep_step
 
 MAX_CHUNK = 16384
 """Scenarios per chunk by default: measured fastest batch for the thermal model on CPU."""
@@ -66,6 +67,7 @@ class SweepSpec(Contract):
     dtype: Literal["float32", "float64"] = "float32"
     chunk_size: Annotated[int, Field(ge=1, le=1 << 22)] = MAX_CHUNK
     trajectories: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list)
+    allow_unstable: bool = False  # run a step beyond the RK4 stability limit (sweeps.stability) with a warning
 
     @property
     def n_steps(self) -> int:
@@ -81,6 +83,7 @@ class SweepSpec(Contract):
         whole_steps(self.horizon_s, self.step_s)
         if "@" not in self.model:
             self.check_names(get_model(self.model).name)
+            check_sweep_step(self, self.model)
         bad = [i for i in self.trajectories if i >= self.space.size]
         if bad:
             raise ValueError(f"trajectories {bad} outside the {self.space.size} scenarios")

@@ -38,6 +38,8 @@ from tests.guides import GUIDES, REPO_ROOT, Block, Shell, all_blocks, extract, f
 
 NOT_RUN: dict[tuple[str, str], str] = {  # (guide, first line of the block) -> why it does not run here
     ("README.md", "flowchart LR"): "a Mermaid diagram",
+    ("README.md", '[project.entry-points."raytwin.models"]'): "a pyproject.toml fragment: tests/test_models.py "
+     "declares a model in that entry-point group of an installed distribution and finds it by name",
     ("actors/README.md", "log/tenant=T/date=D/part-<uuid>.parquet                 accepted events (asset_id column, "
      "SI values), one file per shard batch and day"): "the store's file layout, not a command",
     ("cluster/README.md", "apiVersion: batch/v1"): "a Kubernetes CronJob (needs an API server with the batch "

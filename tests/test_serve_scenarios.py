@@ -9,6 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from raytwin.contracts import AssetType, ContractError, Scenario
+from raytwin.models import Model, Output, Param, State, UnstableStepError
 from raytwin.sim import THERMAL_RC
 from serve_apps.errors import Diverged
 from serve_apps.scenarios import PreparedScenario, run
@@ -58,16 +59,22 @@ def test_start_time_takes_rfc3339_or_a_datetime_never_unix_seconds():
             Scenario.model_validate({**base, "start_time": bad})
 
 
+BLOW_UP = Model(
+    name="blow_up", version="1.0.0", description="dx/dt = x^2: infinite in finite time (t = 1/x0), whatever the step",
+    states=(State("x", "-", "", nominal=1.0),), inputs=(), params=(Param("a", "-", 1.0, 0.5, 2.0),),
+    outputs=(Output("x", "-"),), coefficients=lambda p: p, derivative=lambda x, u, c: (c[0] * x[0] * x[0],),
+    output=lambda x, u, c: (x[0],), default_dt=0.01)
+
+
 def test_a_diverging_run_raises_instead_of_returning_nan():
-    model = THERMAL_RC
-    inputs = np.tile([278.15, 0.0, 0.0], (200, 1))
+    def prepared(simulator: str, x0: list[float], inputs: np.ndarray, step_s: float, params: list[float]):
+        return PreparedScenario(simulator=simulator, model_ref=f"{simulator}@1", content_hash="0" * 64, step_s=step_s,
+                                x0=np.array(x0), inputs=inputs, params=np.asarray(params, np.float64), overrides={})
 
-    def prepared(step_s: float) -> PreparedScenario:
-        return PreparedScenario(simulator=model.name, model_ref="thermal_rc@1", content_hash="0" * 64, step_s=step_s,
-                                x0=np.array([294.0, 291.0]), inputs=inputs,
-                                params=np.asarray(model.param_vector({}), np.float64), overrides={})
-
-    assert np.isfinite(run(prepared(60.0)).states).all()
-    with pytest.raises(Diverged, match=r"state T_in.* not finite at step \d+") as info:
-        run(prepared(1e5))  # far beyond RK4's stability limit (~8.7e3 s)
-    assert 0 < info.value.details[0]["step"] <= 200 and "T_in" in info.value.details[0]["states"]
+    thermal = ("thermal_rc", [294.0, 291.0], np.tile([278.15, 0.0, 0.0], (200, 1)))
+    assert np.isfinite(run(prepared(*thermal, 60.0, THERMAL_RC.param_vector())).states).all()
+    with pytest.raises(UnstableStepError, match="step 100000 s is beyond the RK4 stability limit 8656 s"):
+        run(prepared(*thermal, 1e5, THERMAL_RC.param_vector()))  # refused before it can diverge
+    with pytest.raises(Diverged, match=r"state x.* not finite at step \d+") as info:
+        run(prepared("tests.test_serve_scenarios:BLOW_UP", [1.0], np.zeros((200, 0)), 0.01, [1.0]))
+    assert 90 < info.value.details[0]["step"] <= 200 and info.value.details[0]["states"] == ["x"]

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -15,6 +16,8 @@ import pytest
 from scipy.linalg import expm
 
 from raytwin.sim import BATTERY_ECM, THERMAL_RC, TWO_TANK, simulate, simulate_batch
+from raytwin.sim.checks import UnstableStepError, UnstableStepWarning, stability_limit
+from raytwin.sim.precision import float64
 from raytwin.sim.reference import model_rhs, reference_trajectory, relative_error
 
 
@@ -245,7 +248,8 @@ def test_rk4_stability_limit_is_the_documented_one_from_the_jacobian_eigenvalues
     def rhs(x):
         return jnp.stack(model.derivative(tuple(x), zeros_u, model.coefficients(tuple(jnp.asarray(params)))))
 
-    jacobian = np.asarray(jax.jacfwd(rhs)(jnp.ones(len(model.states))), dtype=np.float64)
+    with float64():
+        jacobian = np.asarray(jax.jacfwd(rhs)(jnp.ones(len(model.states))), dtype=np.float64)
     eigenvalues, vectors = np.linalg.eig(jacobian)
     assert np.all(np.abs(eigenvalues.imag) < 1e-12) and np.all(eigenvalues.real <= 0)
     fastest = int(np.argmin(eigenvalues.real))
@@ -253,17 +257,24 @@ def test_rk4_stability_limit_is_the_documented_one_from_the_jacobian_eigenvalues
     assert RK4_REAL_AXIS_LIMIT == pytest.approx(2.7853, abs=1e-4)
     assert limit == pytest.approx(documented_s, rel=0.01)
     assert text in model.dt_limit
+    assert stability_limit(model) == pytest.approx(limit, rel=1e-9)  # what the entry points check against
     x0 = vectors[:, fastest].real  # the mode that goes unstable first
     n = 2000
     inputs = np.zeros((n, len(model.inputs)))
     for factor, stable in ((0.99, True), (1.01, False)):
-        end = simulate(model, x0, inputs, params, factor * limit, dtype=jnp.float64)[-1]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UnstableStepWarning)
+            end = simulate(model, x0, inputs, params, factor * limit, dtype=jnp.float64, allow_unstable=True)[-1]
         assert bool(np.linalg.norm(end) < np.linalg.norm(x0)) is stable, (factor, end)
 
 
-def test_a_9000_s_thermal_step_diverges():
-    n = 500
-    end = simulate(THERMAL_RC, [1.0, 0.0], np.zeros((n, 3)), THERMAL_RC.param_vector(), 9000.0, dtype=jnp.float64)[-1]
+def test_a_9000_s_thermal_step_is_refused_and_diverges_where_the_caller_insists():
+    args = ([1.0, 0.0], np.zeros((500, 3)), THERMAL_RC.param_vector(), 9000.0)
+    with pytest.raises(UnstableStepError, match=r"^model thermal_rc: dt: step 9000 s is beyond the RK4 stability "
+                                                r"limit 8656 s at the default parameters"):
+        simulate(THERMAL_RC, *args, dtype=jnp.float64)
+    with pytest.warns(UnstableStepWarning, match="beyond the RK4 stability limit 8656 s"):
+        end = simulate(THERMAL_RC, *args, dtype=jnp.float64, allow_unstable=True)[-1]
     assert not np.all(np.abs(end) < 1e3)
 
 

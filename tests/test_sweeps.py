@@ -13,6 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from raytwin.sim import BATTERY_ECM, THERMAL_RC
+from raytwin.sim.precision import float64
 from raytwin.sim.reference import model_rhs, reference_trajectory
 from sweeps import engine, runner
 from sweeps.aggregate import open_dataset, quantiles
@@ -157,9 +158,10 @@ def test_scan_unroll_is_per_platform_and_computes_the_same_metrics():
     x0, params, ip = scenario_arrays(THERMAL_KIT, bases, space.dimensions, space.rows(0, 16), "float64")
     (device,) = x0[0].devices()
     assert engine.scan_unroll(x0[0]) == (8 if device.platform == "gpu" else 1)
-    dt = jnp.asarray(120.0, jnp.float64)
-    one = engine._metrics(THERMAL_KIT, 725, 1, x0, params, ip, dt)  # 725 = 90 x 8 + 5: a partial last iteration
-    eight = engine._metrics(THERMAL_KIT, 725, 8, x0, params, ip, dt)
+    with float64():  # the kernel itself, without chunk_metrics' scope
+        dt = jnp.asarray(120.0, jnp.float64)
+        one = engine._metrics(THERMAL_KIT, 725, 1, x0, params, ip, dt)  # 725 = 90 x 8 + 5: a partial last iteration
+        eight = engine._metrics(THERMAL_KIT, 725, 8, x0, params, ip, dt)
     for a, b in zip(one, eight, strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-9)
 

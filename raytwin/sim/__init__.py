@@ -1,43 +1,39 @@
-"""JAX simulators: the model protocol, RK4 integration and the reference asset models.
+"""JAX simulators: the model protocol, RK4 integration, model discovery and checks, and the
+reference asset models.
 
-Importing this package enables JAX's float64 support (``jax_enable_x64``) so that validation
-and filtering can run in double precision; throughput paths choose float32 explicitly.
+Names load on first use (PEP 562), so the reference models can be written against the public
+`raytwin.models` exactly as a user's package is. Importing this package leaves JAX's global
+settings alone: float64 work (validation, filtering, calibration, what-if answers) runs inside
+`raytwin.sim.precision.float64` scopes.
 """
 
 from __future__ import annotations
 
-import jax
+from raytwin.lazy import lazy_exports
 
-jax.config.update("jax_enable_x64", True)
-
-from raytwin.sim.battery import BATTERY_ECM, ocv  # noqa: E402
-from raytwin.sim.integrate import Rollout, rollout, simulate, simulate_batch  # noqa: E402
-from raytwin.sim.model import Input, Model, Output, Param, State, Var, rk4_step, unstack  # noqa: E402
-from raytwin.sim.tanks import TWO_TANK  # noqa: E402
-from raytwin.sim.thermal import THERMAL_RC  # noqa: E402
-
-
-
-class UnknownModelError(KeyError, ValueError):
-    """No simulator under that name (a ValueError too, so pydantic reports it as a validation error)."""
-
-    def __str__(self) -> str:
-        return str(self.args[0])
-
-
-MODELS: dict[str, Model] = {m.name: m for m in (THERMAL_RC, BATTERY_ECM, TWO_TANK)}
-
-
-def get_model(name: str) -> Model:
-    """The simulator registered under `name` (a clear error lists the known ones)."""
-    try:
-        return MODELS[name]
-    except KeyError:
-        raise UnknownModelError(f"unknown simulator {name!r}; known: {sorted(MODELS)}") from None
-
-
-__all__ = [
-    "BATTERY_ECM", "MODELS", "Input", "Model", "Output", "Param", "Rollout", "State", "THERMAL_RC", "TWO_TANK",
-    "UnknownModelError", "Var",
-    "get_model", "ocv", "rk4_step", "rollout", "simulate", "simulate_batch", "unstack",
-]
+_EXPORTS = {
+    "BATTERY_ECM": "raytwin.sim.battery",
+    "ocv": "raytwin.sim.battery",
+    "TWO_TANK": "raytwin.sim.tanks",
+    "THERMAL_RC": "raytwin.sim.thermal",
+    "MODELS": "raytwin.sim.discovery",
+    "UnknownModelError": "raytwin.sim.discovery",
+    "get_model": "raytwin.sim.discovery",
+    "load_model": "raytwin.sim.discovery",
+    "model_ref": "raytwin.sim.discovery",
+    "Rollout": "raytwin.sim.integrate",
+    "rollout": "raytwin.sim.integrate",
+    "simulate": "raytwin.sim.integrate",
+    "simulate_batch": "raytwin.sim.integrate",
+    "Input": "raytwin.sim.model",
+    "Model": "raytwin.sim.model",
+    "ModelCheckError": "raytwin.sim.model",
+    "Output": "raytwin.sim.model",
+    "Param": "raytwin.sim.model",
+    "State": "raytwin.sim.model",
+    "Var": "raytwin.sim.model",
+    "rk4_step": "raytwin.sim.model",
+    "unstack": "raytwin.sim.model",
+}
+__all__ = sorted(_EXPORTS)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -14,7 +14,7 @@ increments with compensation (`State(..., compensated=True)`).
 
 from __future__ import annotations
 
-from raytwin.sim.model import Input, Model, Output, Param, State
+from raytwin.models import Input, Model, Output, Param, State
 
 
 def ocv(soc):

@@ -4,7 +4,9 @@
 precomputed time series or a function of (step, time, state) (generated profiles and feedback
 controllers), optionally folding each step into an accumulator (summary metrics) instead of
 keeping the trajectory, so sweeps can stream millions of scenarios in bounded memory.
-`simulate` and `simulate_batch` are the array-in, array-out conveniences on top of it.
+`simulate` and `simulate_batch` are the array-in, array-out conveniences on top of it; they run
+in the precision of their `dtype` (float64 in a scope, `raytwin.sim.precision`); `rollout` runs in
+its caller's.
 
 In float32, states that integrate tiny increments with nothing pulling them back are updated with
 compensated (Kahan) summation: a battery's coulomb-counted state of charge (2 mA on 2.5 Ah at soc
@@ -25,7 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from raytwin.sim.model import Arrays, Model, rk4_step, unstack
+from raytwin.sim.checks import check_step
+from raytwin.sim.model import Arrays, Model, after_step, model_step, rk4_step, unstack
+from raytwin.sim.precision import precision
 
 InputFn = Callable[[jax.Array, jax.Array, Arrays], Arrays]
 """inputs(k, t, state) -> input tuple, for generated or closed-loop inputs."""
@@ -64,6 +68,7 @@ def rollout(
     keep_trajectory: bool = True,
     unroll: int = 1,
     compensated: tuple[str, ...] | None = None,
+    allow_unstable: bool = False,
 ) -> Rollout:
     """Integrate `n_steps` RK4 steps of `dt` from `x0` (pure; jit/vmap it from outside).
 
@@ -72,12 +77,19 @@ def rollout(
     loop iteration (`jax.lax.scan`'s option): the same arithmetic, fewer loop iterations.
     `compensated` names the states updated with Kahan summation (default: the model's
     `compensated_states` in float32, none in float64); the others are exactly `rk4_step`'s.
+
+    Called with concrete `dt` and `params`, a step beyond the RK4 stability limit of the parameters
+    is refused (`raytwin.sim.checks.check_step`; ``allow_unstable=True`` warns instead). Traced
+    calls (inside the caller's jit/vmap) cannot look at values: their entry points check
+    (`simulate`, `simulate_batch`, sweeps).
     """
+    if not any(isinstance(v, jax.core.Tracer) for v in (dt, *params)):
+        check_step(model, dt, params, allow_unstable=allow_unstable)
     coeffs = model.coefficients(params)
     dtype = jnp.result_type(*x0)
     dt_ = jnp.asarray(dt, dtype)
     if compensated is None:
-        compensated = compensated_states(model) if dtype == jnp.float32 else ()
+        compensated = compensated_states(model) if dtype == jnp.float32 and model.solver is None else ()
     index = tuple(model.state_names.index(name) for name in compensated)
 
     def body(carry, xs):
@@ -92,7 +104,7 @@ def rollout(
         if index:
             x_next, error = _compensated_step(model, index, x, error, u, coeffs, dt_)
         else:
-            x_next = rk4_step(model, x, u, coeffs, dt_)
+            x_next = model_step(model, x, u, coeffs, dt_)
         if accumulate is not None:
             acc = accumulate(acc, t, x, u, x_next)
         return (x_next, error, acc), (x_next if keep_trajectory else None)
@@ -111,19 +123,19 @@ def _compensated_step(model: Model, index: tuple[int, ...], x: Arrays, error: Ar
     The increment is `rk4_step` of the model shifted to `x`, started from 0: its stages are exactly
     ``f(x + h k)`` as in `rk4_step`, and ``0 + dx`` is `dx`, not yet rounded by `x` (so the other
     states' ``x + dx`` are `rk4_step`'s bits). `error` holds what ``x + dx`` rounded away so far. A
-    state the model's `project` moves (clipped to its domain) restarts with no error.
+    state the model's `update` or `project` moves (a reset, a clip to its domain) restarts with no error.
     """
 
     def shifted(y: Arrays, u_: Arrays, c_: Arrays) -> Arrays:
         return model.derivative(tuple(xi + yi for xi, yi in zip(x, y, strict=True)), u_, c_)
 
-    around_x = dataclasses.replace(model, derivative=shifted, project=lambda y: y)
+    around_x = dataclasses.replace(model, derivative=shifted, update=None, project=lambda y: y)
     dx = rk4_step(around_x, tuple(jnp.zeros_like(xi) for xi in x), u, coeffs, dt)
     summed = [xi + di for xi, di in zip(x, dx, strict=True)]
     corrected = tuple(dx[i] - e for i, e in zip(index, error, strict=True))
     for i, c in zip(index, corrected, strict=True):
         summed[i] = x[i] + c
-    x_next = tuple(model.project(tuple(summed)))
+    x_next = tuple(after_step(model, tuple(summed), u, coeffs))
     error_next = tuple(jnp.where(x_next[i] == summed[i], (summed[i] - x[i]) - c, 0.0)
                        for i, c in zip(index, corrected, strict=True))
     return x_next, error_next
@@ -157,14 +169,18 @@ def simulate(
     dt: float,
     *,
     dtype: Any = jnp.float32,
+    allow_unstable: bool = False,
 ) -> np.ndarray:
     """Trajectory of one scenario, shape (n_steps + 1, n_states), from state `x0`.
 
     `inputs` has shape (n_steps, n_inputs), held constant over each step; `params` is in model
     order (`Model.param_vector`). float32 by default; pass ``dtype=jnp.float64`` for validation.
+    A step beyond the RK4 stability limit of `params` is refused (``allow_unstable=True``: a warning).
     """
     x0, inputs, params = _as_arrays(model, dtype, x0, inputs, params)
-    return np.asarray(_simulate_one(model, x0, inputs, params, jnp.asarray(dt, dtype)))
+    check_step(model, dt, params, allow_unstable=allow_unstable)
+    with precision(dtype):
+        return np.asarray(_simulate_one(model, x0, inputs, params, jnp.asarray(dt, dtype)))
 
 
 @partial(jax.jit, static_argnames=("model", "shared_inputs"))
@@ -181,14 +197,18 @@ def simulate_batch(
     dt: float,
     *,
     dtype: Any = jnp.float32,
+    allow_unstable: bool = False,
 ) -> np.ndarray:
     """Trajectories of a batch of scenarios, shape (batch, n_steps + 1, n_states), via `vmap`.
 
     `x0` is (batch, n_states), `params` (batch, n_params); `inputs` is (n_steps, n_inputs),
-    shared by all scenarios, or (batch, n_steps, n_inputs).
+    shared by all scenarios, or (batch, n_steps, n_inputs). The step is checked against the RK4
+    stability limit over the box of the batch's parameters (its corners; cached per box).
     """
     x0, inputs, params = _as_arrays(model, dtype, x0, inputs, params)
     if x0.ndim != 2 or params.ndim != 2 or x0.shape[0] != params.shape[0]:
         raise ValueError(f"x0 {x0.shape} and params {params.shape} must be (batch, n) with the same batch")
+    check_step(model, dt, tuple(params.T), allow_unstable=allow_unstable)
     shared = inputs.ndim == 2
-    return np.asarray(_simulate_many(model, x0, inputs, params, jnp.asarray(dt, dtype), shared))
+    with precision(dtype):
+        return np.asarray(_simulate_many(model, x0, inputs, params, jnp.asarray(dt, dtype), shared))

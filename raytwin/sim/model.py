@@ -1,12 +1,19 @@
 """The simulator protocol: a physics model as pure, elementwise JAX functions.
 
 A `Model` describes its state, inputs, parameters and outputs (with units and bounds) and gives
-three pure functions over *tuples of arrays* (one array per variable):
+pure functions over *tuples of arrays* (one array per variable):
 
 - ``coefficients(params) -> coeffs``: everything that depends only on parameters (reciprocals,
   products) computed once per scenario instead of once per step;
 - ``derivative(state, inputs, coeffs) -> d state / dt``;
-- ``output(state, inputs, coeffs) -> measurements``.
+- ``output(state, inputs, coeffs) -> measurements``;
+- optionally ``update(state, inputs, coeffs) -> state``: a discrete map applied after each RK4 step
+  (hybrid and event models: a relay that switches, a counter, a reset), and ``project(state) ->
+  state``, applied last, to keep a state in its physical domain.
+
+Construction checks what can be checked without running the functions (kinds, unique identifier
+names, units in `raytwin.units`, a positive finite ``default_dt``) and raises `ModelCheckError`
+naming the model and the field; `raytwin.sim.checks.check_model` runs the functions.
 
 Tuples of arrays ("struct of arrays") rather than stacked vectors are a deliberate choice: every
 operation is elementwise, so the same code runs on scalars, on a ``vmap``-ed batch or on a plain
@@ -19,10 +26,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import math
+import re
 
 import jax.numpy as jnp
+
+from raytwin import units
 
 Arrays = tuple  # a tuple of JAX arrays, one per variable, all broadcastable to a common shape
 
@@ -96,6 +107,8 @@ class Param:
     description: str = ""
 
     def __post_init__(self) -> None:
+        if not all(math.isfinite(v) for v in (self.default, self.lower, self.upper)):
+            raise ValueError(f"parameter {self.name}: default and bounds must be finite (the checks probe the corners)")
         if not self.lower <= self.default <= self.upper:
             raise ValueError(f"parameter {self.name}: default {self.default} outside [{self.lower}, {self.upper}]")
 
@@ -104,17 +117,41 @@ def _identity(x: Arrays) -> Arrays:
     return x
 
 
-@dataclass(frozen=True, eq=False)
-class Model:
-    """A simulator: metadata plus pure JAX functions (see module docstring).
+class ModelCheckError(ValueError):
+    """A model declaration or function that RayTwin cannot run safely: one line naming the model
+    and the field (``model pump: states[1]: unit 'bar' is unknown ...``)."""
 
-    ``project`` maps a state back onto its physical domain after each step (e.g. tank levels
-    stay >= 0); ``dt_limit`` documents the step-size range in which RK4 is accurate.
+    def __init__(self, model: str, field: str, reason: str):
+        super().__init__(f"model {model}: {field}: {reason}")
+        self.model, self.field, self.reason = model, field, reason
+
+
+class Solver(Protocol):
+    """How a model's steps are integrated when not by RK4 (see `raytwin.sim.stiff`)."""
+
+    def advance(self, model: Model, x: Arrays, u: Arrays, c: Arrays, dt: Any) -> Arrays: ...
+
+
+_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
+_VERSION = re.compile(r"^\d+\.\d+\.\d+$")
+_KINDS = (("states", State), ("inputs", Input), ("params", Param), ("outputs", Output))
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class Model:
+    """A simulator: metadata plus pure JAX functions (see module docstring). Keyword-only.
+
+    ``solver``: None for fixed-step RK4 (the fast path), or an adaptive solver for a stiff model
+    (`raytwin.sim.stiff.Adaptive`), which then integrates each step of ``dt``.
+    ``update`` (optional) is a discrete map applied after each step, before ``project``
+    (which keeps a state in its physical domain, e.g. tank levels >= 0); ``default_dt`` [s] is the
+    step twins and examples use; ``dt_limit`` documents the step-size range in which RK4 is
+    accurate (the stability limit itself is computed: `raytwin.sim.checks.stability_limit`).
     """
 
     name: str
     version: str
-    description: str
+    description: str = ""
     states: tuple[State, ...]
     inputs: tuple[Input, ...]
     params: tuple[Param, ...]
@@ -122,9 +159,47 @@ class Model:
     coefficients: Callable[[Arrays], Arrays]
     derivative: Callable[[Arrays, Arrays, Arrays], Arrays]
     output: Callable[[Arrays, Arrays, Arrays], Arrays]
+    update: Callable[[Arrays, Arrays, Arrays], Arrays] | None = None
     project: Callable[[Arrays], Arrays] = field(default=_identity)
     default_dt: float = 1.0
     dt_limit: str = ""
+    solver: Solver | None = None
+
+    def __post_init__(self) -> None:
+        name = self.name if isinstance(self.name, str) else repr(self.name)
+        fail = lambda fld, reason: ModelCheckError(name, fld, reason)  # noqa: E731
+        if not isinstance(self.name, str) or not _NAME.match(self.name):
+            raise fail("name", "must be an identifier (a letter, then letters, digits or _; at most 64)")
+        if not isinstance(self.version, str) or not _VERSION.match(self.version):
+            raise fail("version", f"{self.version!r} is not a semantic version like 1.0.0")
+        for kind, cls in _KINDS:
+            variables = getattr(self, kind)
+            if not isinstance(variables, tuple):
+                raise fail(kind, f"must be a tuple of {cls.__name__}, got {type(variables).__name__}")
+            seen = set()
+            for i, v in enumerate(variables):
+                if type(v) is not cls:
+                    raise fail(f"{kind}[{i}]", f"is a {type(v).__name__}, expected {cls.__name__}")
+                if not isinstance(v.name, str) or not v.name.isidentifier():
+                    raise fail(f"{kind}[{i}]", f"name {v.name!r} is not an identifier")
+                if v.name in seen:
+                    raise fail(f"{kind}.{v.name}", "declared twice")
+                seen.add(v.name)
+                try:
+                    units.canonical(v.unit)
+                except units.UnitError as exc:
+                    raise fail(f"{kind}.{v.name}", str(exc)) from None
+        if not self.states:
+            raise fail("states", "a model needs at least one state")
+        for fn in ("coefficients", "derivative", "output", "project"):
+            if not callable(getattr(self, fn)):
+                raise fail(fn, "must be a function")
+        if self.update is not None and not callable(self.update):
+            raise fail("update", "must be a function or None")
+        if self.solver is not None and not callable(getattr(self.solver, "advance", None)):
+            raise fail("solver", "must be None (RK4) or a solver such as raytwin.sim.stiff.Adaptive()")
+        if not (isinstance(self.default_dt, int | float) and math.isfinite(self.default_dt) and self.default_dt > 0):
+            raise fail("default_dt", f"must be a finite number of seconds > 0, got {self.default_dt!r}")
 
     # ---- names and defaults -------------------------------------------------------------
     @property
@@ -157,8 +232,8 @@ class Model:
 
     # ---- the protocol ----------------------------------------------------------------------
     def step(self, state: Arrays, inputs: Arrays, params: Arrays, dt: float) -> Arrays:
-        """One RK4 step of length `dt` with inputs held constant over the step."""
-        return rk4_step(self, state, inputs, self.coefficients(params), dt)
+        """One step of length `dt` with inputs held constant over the step."""
+        return model_step(self, state, inputs, self.coefficients(params), dt)
 
     def observe(self, state: Arrays, inputs: Arrays, params: Arrays) -> Arrays:
         """The measurable outputs of `state` (inputs matter for e.g. a battery's IR drop)."""
@@ -181,7 +256,8 @@ def unstack(a: jnp.ndarray | Sequence) -> Arrays:
 
 
 def rk4_step(model: Model, x: Arrays, u: Arrays, c: Arrays, dt: float) -> Arrays:
-    """Classic fourth-order Runge-Kutta step, fused by XLA into one elementwise kernel."""
+    """Classic fourth-order Runge-Kutta step, fused by XLA into one elementwise kernel, then the
+    model's discrete `update` (if any) and `project`."""
     f = model.derivative
     half = 0.5 * dt
     k1 = f(x, u, c)
@@ -192,4 +268,18 @@ def rk4_step(model: Model, x: Arrays, u: Arrays, c: Arrays, dt: float) -> Arrays
     x_next = tuple(
         xi + sixth * (a + 2.0 * b + 2.0 * c_ + d) for xi, a, b, c_, d in zip(x, k1, k2, k3, k4)
     )
-    return model.project(x_next)
+    return after_step(model, x_next, u, c)
+
+
+def model_step(model: Model, x: Arrays, u: Arrays, c: Arrays, dt: float) -> Arrays:
+    """One step with the model's solver: `rk4_step`, or its adaptive solver followed by `after_step`."""
+    if model.solver is None:
+        return rk4_step(model, x, u, c, dt)
+    return after_step(model, model.solver.advance(model, x, u, c, dt), u, c)
+
+
+def after_step(model: Model, x: Arrays, u: Arrays, c: Arrays) -> Arrays:
+    """What follows the continuous part of a step: the discrete `update`, then `project`."""
+    if model.update is not None:
+        x = tuple(model.update(x, u, c))
+    return model.project(x)

@@ -14,6 +14,7 @@ import numpy as np
 from scipy.integrate import solve_ivp
 
 from raytwin.sim.model import Model
+from raytwin.sim.precision import in_float64
 
 Rhs = Callable[[np.ndarray, np.ndarray], np.ndarray]
 """rhs(state, inputs) -> d state / dt, plain NumPy float64."""
@@ -21,8 +22,9 @@ Rhs = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 def model_rhs(model: Model, params: np.ndarray) -> Rhs:
     """The model's own derivative as a float64 NumPy function (jitted once)."""
-    coeffs = model.coefficients(tuple(np.asarray(params, dtype=np.float64)))
-    f = jax.jit(lambda x, u: jax.numpy.stack(model.derivative(tuple(x), tuple(u), coeffs)))
+    coeffs = tuple(np.asarray(params, dtype=np.float64))
+    rhs = lambda x, u: jax.numpy.stack(model.derivative(tuple(x), tuple(u), model.coefficients(coeffs)))  # noqa: E731
+    f = in_float64(jax.jit(rhs))
     return lambda x, u: np.asarray(f(x, u))
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from raytwin.sim.model import Input, Model, Output, Param, State
+from raytwin.models import Input, Model, Output, Param, State
 
 
 def _coefficients(p):

@@ -12,7 +12,7 @@ diverges), and accurate to < 1e-6 relative for dt <= 600 s; the reference step i
 
 from __future__ import annotations
 
-from raytwin.sim.model import Input, Model, Output, Param, State
+from raytwin.models import Input, Model, Output, Param, State
 
 
 def _coefficients(p):

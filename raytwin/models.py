@@ -1,0 +1,29 @@
+"""The public API for writing RayTwin models: what a user's package imports.
+
+    from raytwin.models import Model, State, Input, Output, Param, check_model, load_model
+
+A model is a frozen `Model` (keyword-only) of declared variables and pure JAX functions over tuples
+of arrays (see `raytwin.sim.model`). Declare it in your package's ``pyproject.toml`` under
+``[project.entry-points."raytwin.models"]`` (``name = "package.module:MODEL"``) or refer to it by
+its import path ``package.module:MODEL``; `check_model` runs what registration runs.
+
+Stability of these names: `Model`, `State`, `Input`, `Output`, `Param`, `check_model`,
+`load_model`, `get_model`, `ModelCheckError`, `UnknownModelError` and the function signatures of
+`Model` (``coefficients(p)``, ``derivative(x, u, c)``, ``output(x, u, c)``, ``update(x, u, c)``,
+``project(x)``) are stable: they change only with a major version. `ModelReport`,
+`stability_limit` and `rk4_limits` are provisional (their fields may still grow).
+"""
+
+from __future__ import annotations
+
+from raytwin.sim.checks import (
+    ModelReport, UnstableStepError, UnstableStepWarning, check_model, rk4_limits, stability_limit,
+)
+from raytwin.sim.discovery import GROUP, UnknownModelError, get_model, load_model
+from raytwin.sim.model import Input, Model, ModelCheckError, Output, Param, State
+
+__all__ = [
+    "GROUP", "Input", "Model", "ModelCheckError", "ModelReport", "Output", "Param", "State", "UnknownModelError",
+    "UnstableStepError", "UnstableStepWarning", "check_model", "get_model", "load_model", "rk4_limits",
+    "stability_limit",
+]

@@ -1,0 +1,82 @@
+"""``raytwin models``: the declared models, one model's declaration, and the checks registration runs.
+
+JAX is imported by the commands, not by this module, so ``raytwin --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+import typer
+
+models_app = typer.Typer(no_args_is_help=True)
+
+
+def _resolve(ref: str):
+    """The model at `ref` (a declared name or package.module:MODEL), or exit 2 with the one-line reason.
+    The working directory is importable, as with ``python -m`` (a model module next to you loads)."""
+    from raytwin.sim import UnknownModelError, get_model
+    from raytwin.sim.model import ModelCheckError
+
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        return get_model(ref)
+    except (UnknownModelError, ModelCheckError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+@models_app.command("list")
+def list_models() -> None:
+    """The models declared in the ``raytwin.models`` entry-point group: name, version, import path."""
+    from raytwin.sim.discovery import declared
+
+    for name, path in sorted(declared().items()):
+        model = _resolve(name)
+        typer.echo(f"{name}\t{model.version}\t{path}\t{model.description}")
+
+
+def _bounds(lower: float, upper: float) -> str:
+    fmt = lambda v: f"{v:g}" if math.isfinite(v) else ("-inf" if v < 0 else "inf")  # noqa: E731
+    return f"[{fmt(lower)}, {fmt(upper)}]"
+
+
+@models_app.command("show")
+def show(ref: str = typer.Argument(..., help="A declared model name or an import path package.module:MODEL.")) -> None:
+    """A model's declaration: variables with units and ranges, parameters with defaults and bounds, step."""
+    model = _resolve(ref)
+    typer.echo(f"{model.name} {model.version}: {model.description}")
+    typer.echo(f"default_dt {model.default_dt:g} s" + (f" ({model.dt_limit})" if model.dt_limit else ""))
+    for kind, variables in (("states", model.states), ("inputs", model.inputs), ("outputs", model.outputs)):
+        typer.echo(f"{kind}:")
+        for v in variables:
+            extra = ", ".join(f"{k}={getattr(v, k):g}" for k in ("nominal", "prior_std", "process_std",
+                                                               "measurement_std") if getattr(v, k, None) is not None)
+            typer.echo(f"  {v.name} [{v.unit}] {_bounds(v.lower, v.upper)} {v.description}"
+                       + (f" ({extra})" if extra else ""))
+    typer.echo("params:")
+    for p in model.params:
+        typer.echo(f"  {p.name} [{p.unit}] default {p.default:g} {_bounds(p.lower, p.upper)} {p.description}")
+
+
+@models_app.command("check")
+def check(
+    ref: str = typer.Argument(..., help="A declared model name or an import path package.module:MODEL."),
+    dt: float = typer.Option(None, help="The step to check [s] (default: the model's default_dt)."),
+) -> None:
+    """Run the checks registration runs (names, shapes, units, finiteness at the parameter corners,
+    jit/vmap/jacfwd, RK4 stability); exit 1 with a one-line reason when one fails."""
+    from raytwin.sim.checks import check_model
+    from raytwin.sim.model import ModelCheckError
+
+    model = _resolve(ref)
+    try:
+        report = check_model(model, dt=dt)
+    except ModelCheckError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    for line in report.lines():
+        typer.echo(line)

@@ -1,0 +1,349 @@
+"""Checks a model must pass before RayTwin runs it, and the RK4 stability limit of a step.
+
+`check_model` runs a model's functions the way RayTwin will: names and shapes (each function
+returns one array per variable, broadcasting over a batch), finite values at the nominal point and
+at the corners of the parameter bounds (and after a short probe run there), traceability under
+``jit``, ``vmap`` and ``jacfwd``, and numerical stability. Each failure is a `ModelCheckError`: one
+line naming the model and the field.
+
+Stability: a fixed-step RK4 run multiplies a mode of eigenvalue lambda by R(h lambda) per step,
+R(z) = 1 + z + z^2/2 + z^3/6 + z^4/24. The step `h` is stable while |R(h lambda)| <= 1 for every
+eigenvalue of the Jacobian d derivative / d state (evaluated at the nominal state and inputs);
+along the negative real axis that is h <= 2.785/|lambda|, on the imaginary axis h <= 2.828/|lambda|.
+Modes with a positive real part grow in the exact solution too and set no limit. The limit of a
+parameter *box* is the smallest over its corners (all 2^p, or `MAX_CORNERS` drawn with a fixed
+seed when there are more), a heuristic for nonlinear models, exact at the corners only.
+
+What is refused (a demanding user expects a step that diverges never to be run silently):
+- `check_model`: a default step (or the given `dt`) beyond the limit at the default parameters; a
+  box whose corners need a smaller step is reported as a warning (bounds are admissible values,
+  not typical ones: thermal_rc's box reaches C_in 1e5 J/K with R_im 1e-5 K/W, limit ~2.8 s);
+- `check_step` (registry artifacts, `simulate`, `simulate_batch`, `rollout` with concrete values,
+  sweeps): a step beyond the limit of the parameter values actually used (their box, for a
+  batch), unless the caller passes ``allow_unstable=True``: then a loud warning and a log line.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import cache, lru_cache
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from raytwin.sim.model import Model, ModelCheckError, model_step, unstack
+from raytwin.sim.precision import float64
+
+log = logging.getLogger("raytwin.sim")
+
+MAX_CORNERS = 256
+"""Parameter-box corners checked at most; beyond 2^8 corners a fixed-seed random subset."""
+PROBE_STEPS = 10
+"""Steps of the probe run at each corner (at the checked step, or half the corner's limit if smaller)."""
+_RAY_POINTS = np.linspace(0.0, 4.0, 4001)[1:]  # |z| along a ray: RK4's stability region lies within |z| < 3
+
+
+class UnstableStepError(ModelCheckError):
+    """A step beyond the RK4 stability limit of the parameters it would run with."""
+
+
+class UnstableStepWarning(UserWarning):
+    """A step beyond the RK4 stability limit that the caller insisted on (``allow_unstable=True``)."""
+
+
+def _rk4_gain(z: np.ndarray) -> np.ndarray:
+    return np.abs(1.0 + z * (1.0 + z * (0.5 + z * (1.0 / 6.0 + z / 24.0))))
+
+
+def rk4_limits(eigenvalues: np.ndarray) -> np.ndarray:
+    """For each eigenvalue, the largest h with |R(h lambda)| <= 1 (bisection along the ray from 0);
+    inf for lambda = 0 and for growing modes (Re lambda > 0)."""
+    lam = np.asarray(eigenvalues, dtype=np.complex128).ravel()
+    mag = np.abs(lam)
+    growing = lam.real > 1e-9 * mag
+    active = (mag > 0) & ~growing & np.isfinite(mag)
+    out = np.full(lam.shape, np.inf)
+    if not np.any(active):
+        return out
+    direction = (np.minimum(lam.real, 0.0) + 1j * lam.imag)[active] / mag[active]
+    gain = _rk4_gain(_RAY_POINTS[None, :] * direction[:, None])
+    first = np.argmax(gain > 1.0 + 1e-12, axis=1)  # the region is bounded: every ray leaves it
+    hi = _RAY_POINTS[first]
+    lo = np.where(first > 0, _RAY_POINTS[np.maximum(first - 1, 0)], 0.0)
+    for _ in range(50):
+        mid = 0.5 * (lo + hi)
+        inside = _rk4_gain(mid * direction) <= 1.0 + 1e-12
+        lo, hi = np.where(inside, mid, lo), np.where(inside, hi, mid)
+    out[active] = lo / mag[active]
+    return out
+
+
+def nominal_point(model: Model) -> tuple[np.ndarray, np.ndarray]:
+    """(state, inputs) where checks evaluate the model: each variable's ``nominal``, else the middle
+    of its range (or its one finite bound, or 0)."""
+
+    def value(v: Any) -> float:
+        if getattr(v, "nominal", None) is not None:
+            return float(v.nominal)
+        finite = [b for b in (v.lower, v.upper) if math.isfinite(b)]
+        return sum(finite) / len(finite) if finite else 0.0
+
+    return (np.array([value(v) for v in model.states], dtype=np.float64),
+            np.array([value(v) for v in model.inputs], dtype=np.float64))
+
+
+def box_corners(lows: Sequence[float], highs: Sequence[float], *, seed: int = 0) -> np.ndarray:
+    """Corners of the box [lows, highs], shape (k, p): all of them up to `MAX_CORNERS`, else that many
+    drawn with a fixed seed (reproducible reports)."""
+    lows, highs = np.asarray(lows, dtype=np.float64), np.asarray(highs, dtype=np.float64)
+    varying = np.flatnonzero(lows != highs)
+    if 2 ** len(varying) <= MAX_CORNERS:
+        bits = (np.arange(2 ** len(varying))[:, None] >> np.arange(len(varying))[None, :]) & 1
+    else:
+        bits = np.random.default_rng(seed).integers(0, 2, size=(MAX_CORNERS, len(varying)))
+    corners = np.repeat(lows[None, :], len(bits), axis=0)
+    corners[:, varying] = np.where(bits == 1, highs[varying], lows[varying])
+    return corners
+
+
+@cache
+def _jacobians(model: Model) -> Callable:
+    """jit(vmap over parameter rows of d derivative / d state), for one model."""
+
+    def f(x, u, p):
+        return jnp.stack(model.derivative(unstack(x), unstack(u), model.coefficients(unstack(p))))
+
+    return jax.jit(jax.vmap(jax.jacfwd(f), in_axes=(None, None, 0)))
+
+
+def stability_limits(model: Model, param_rows: np.ndarray) -> np.ndarray:
+    """The RK4 step limit [s] for each row of parameter values (k, p), at the nominal state and inputs;
+    NaN where the Jacobian is not finite."""
+    x, u = nominal_point(model)
+    with float64():
+        jac = np.asarray(_jacobians(model)(x, u, np.atleast_2d(np.asarray(param_rows, dtype=np.float64))))
+    finite = np.all(np.isfinite(jac), axis=(1, 2))
+    n = len(model.states)
+    eig = np.linalg.eigvals(np.where(finite[:, None, None], jac, 0.0))
+    limits = rk4_limits(eig).reshape(-1, n).min(axis=1)
+    return np.where(finite, limits, np.nan)
+
+
+def stability_limit(model: Model, params: Sequence[float] | None = None) -> float:
+    """The RK4 step limit [s] at parameter values `params` (model order; default: the defaults)."""
+    row = model.param_vector() if params is None else list(params)
+    return float(stability_limits(model, np.asarray([row]))[0])
+
+
+@dataclass(frozen=True)
+class BoxLimit:
+    """The smallest RK4 step limit over a parameter box and the corner where it is reached."""
+
+    dt_max: float
+    corner: tuple[float, ...]
+    corners: int
+
+
+@lru_cache(maxsize=4096)
+def box_limit(model: Model, lows: tuple[float, ...], highs: tuple[float, ...]) -> BoxLimit:
+    """`BoxLimit` of the box [lows, highs] (cached: entry points check every call against it)."""
+    corners = box_corners(lows, highs)
+    limits = stability_limits(model, corners)
+    k = int(np.argmin(np.where(np.isnan(limits), -np.inf, limits)))
+    return BoxLimit(float(limits[k]), tuple(float(v) for v in corners[k]), len(corners))
+
+
+def describe_params(model: Model, values: Sequence[float]) -> str:
+    """'C_in=1e+05, R_im=1e-05' for the parameters that differ from their defaults."""
+    changed = [f"{p.name}={v:g}" for p, v in zip(model.params, values) if v != p.default]
+    return ", ".join(changed) if changed else "the default parameters"
+
+
+def check_step(
+    model: Model, dt: float, params: Sequence[Any] | None = None, *, allow_unstable: bool = False, what: str = "dt",
+) -> BoxLimit:
+    """Refuse (or, with `allow_unstable`, warn loudly about) a step `dt` beyond the RK4 stability limit
+    of `params`: one value or one array per parameter (a batch: checked over its box), default
+    the model's defaults. `what` names the field in the message. Returns the limit."""
+    values = model.param_vector() if params is None else params
+    if model.solver is not None:  # an adaptive solver chooses its own steps
+        return BoxLimit(math.inf, tuple(model.param_vector()), 0)
+    if len(values) != len(model.params):
+        raise ValueError(f"{model.name}: {len(values)} parameter values, expected {model.param_names}")
+    arrays = [np.asarray(v, dtype=np.float64) for v in values]
+    lows = tuple(float(a.min()) for a in arrays)
+    highs = tuple(float(a.max()) for a in arrays)
+    limit = box_limit(model, lows, highs)
+    if not float(dt) <= limit.dt_max:
+        where = describe_params(model, limit.corner)
+        where = f"the parameter corner {where}" if lows != highs else where
+        reason = (f"step {float(dt):g} s is beyond the RK4 stability limit {limit.dt_max:.4g} s at {where}"
+                  if not math.isnan(limit.dt_max) else f"the Jacobian is not finite at {where}")
+        if not allow_unstable:
+            raise UnstableStepError(model.name, what, reason + " (use a smaller step, or allow_unstable=True)")
+        warnings.warn(f"model {model.name}: {what}: {reason}: the run may diverge", UnstableStepWarning, stacklevel=3)
+        log.warning("event=unstable_step model=%s dt=%g limit=%g", model.name, float(dt), limit.dt_max)
+    return limit
+
+
+# ------------------------------------------------------------------------------- check_model ----
+@dataclass(frozen=True)
+class ModelReport:
+    """What `check_model` found: the step checked, its limits, and warnings that did not fail it."""
+
+    model: str
+    dt: float
+    dt_max: float  # at the default parameters
+    box_dt_max: float  # over the corners of the parameter bounds
+    box_corner: dict[str, float]
+    corners: int
+    warnings: tuple[str, ...] = field(default=())
+
+    def lines(self) -> list[str]:
+        return [f"model {self.model}: ok",
+                f"step {self.dt:g} s; RK4 stability limit {self.dt_max:.4g} s at the default parameters, "
+                f"{self.box_dt_max:.4g} s over {self.corners} corners of the parameter bounds",
+                *(f"warning: {w}" for w in self.warnings)]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def _call(model: Model, name: str, fn: Callable, *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except ModelCheckError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure of user code is reported the same way
+        raise ModelCheckError(model.name, name, f"raised {_first_line(exc)}") from None
+
+
+def _returns(model: Model, name: str, value: Any, expected: tuple[str, ...], batch: tuple[int, ...]) -> tuple:
+    """`value` as a tuple of `len(expected)` arrays that broadcast to `batch`."""
+    what = ", ".join(expected)
+    if not isinstance(value, tuple | list):
+        raise ModelCheckError(model.name, name, f"must return a tuple of arrays ({what}), got {type(value).__name__}")
+    if name != "coefficients" and len(value) != len(expected):
+        raise ModelCheckError(model.name, name, f"returned {len(value)} value(s), expected {len(expected)} ({what})")
+    for i, v in enumerate(value):
+        shape = np.shape(v)
+        try:
+            ok = np.broadcast_shapes(shape, batch) == batch
+        except ValueError:
+            ok = False
+        if not ok:
+            label = expected[i] if i < len(expected) else f"[{i}]"
+            raise ModelCheckError(model.name, name, f"{label} has shape {shape}, which does not broadcast "
+                                                    f"to the batch shape {batch}")
+    return tuple(value)
+
+
+def _functions(model: Model) -> list[tuple[str, Callable, tuple[str, ...]]]:
+    """(name, function of (x, u, p), names of what it returns) for every model function."""
+    coeffs = lambda x, u, p: model.coefficients(p)  # noqa: E731
+    out = [("coefficients", coeffs, ()),
+           ("derivative", lambda x, u, p: model.derivative(x, u, model.coefficients(p)), model.state_names),
+           ("output", lambda x, u, p: model.output(x, u, model.coefficients(p)), model.output_names)]
+    if model.update is not None:
+        out.append(("update", lambda x, u, p: model.update(x, u, model.coefficients(p)), model.state_names))
+    out.append(("project", lambda x, u, p: model.project(x), model.state_names))
+    return out
+
+
+def _shapes(model: Model, x: np.ndarray, u: np.ndarray, p: np.ndarray, batch: tuple[int, ...]) -> None:
+    """Each function returns one array per variable, broadcasting to `batch` (variables given as arrays of it)."""
+    args = tuple(tuple(np.broadcast_to(a, batch) for a in arrays) for arrays in (x, u, p))
+    for name, fn, expected in _functions(model):
+        _returns(model, name, _call(model, name, fn, *args), expected, batch)
+
+
+def _traceable(model: Model, x: np.ndarray, u: np.ndarray, p: np.ndarray) -> None:
+    """Each function under jit, vmap and jacfwd (Python control flow on a traced value fails here)."""
+    args = tuple(tuple(jnp.asarray(v) for v in a) for a in (x, u, p))
+    batched = tuple(tuple(jnp.full((2,), v) for v in a) for a in args)
+    for name, fn, _ in _functions(model):
+        _call(model, f"{name} (under jax.jit)", jax.jit(fn), *args)
+        _call(model, f"{name} (under jax.vmap)", jax.vmap(fn), *batched)
+        if name != "coefficients":
+            def vector(xv, fn=fn):
+                return jnp.stack([jnp.asarray(v) for v in fn(unstack(xv), args[1], args[2])])
+
+            _call(model, f"{name} (under jax.jacfwd)", jax.jacfwd(vector), jnp.asarray(x))
+
+
+def _finite(model: Model, x: np.ndarray, u: np.ndarray, rows: np.ndarray, limits: np.ndarray, dt: float) -> None:
+    """Every function finite at each parameter row, and the state and outputs after a probe run."""
+    rows_t = tuple(jnp.asarray(c) for c in rows.T)
+    n = rows.shape[0]
+    xb = tuple(jnp.full((n,), v) for v in x)
+    ub = tuple(jnp.full((n,), v) for v in u)
+    steps = np.where(np.isnan(limits), dt, np.minimum(dt, 0.5 * limits))
+
+    def probe(x0, u0, p, h):
+        c = model.coefficients(p)
+        state = jax.lax.fori_loop(0, PROBE_STEPS, lambda _, x: tuple(model_step(model, x, u0, c, h)), tuple(x0))
+        return state, model.output(state, u0, c)
+
+    checks = [(name, expected, fn(xb, ub, rows_t)) for name, fn, expected in _functions(model)[1:]]
+    final, outputs = jax.jit(lambda *a: jax.lax.map(lambda row: probe(*row), a))(xb, ub, rows_t, jnp.asarray(steps))
+    checks += [("probe run: state", model.state_names, final), ("probe run: output", model.output_names, outputs)]
+    for name, expected, values in checks:
+        for label, v in zip(expected, values):
+            bad = ~np.isfinite(np.broadcast_to(np.asarray(v), (n,)))
+            if np.any(bad):
+                k = int(np.argmax(bad))
+                raise ModelCheckError(model.name, f"{name}.{label}", f"not finite at {describe_params(model, rows[k])}")
+
+
+def check_model(model: Any, *, dt: float | None = None) -> ModelReport:
+    """Run every check on `model` at step `dt` (default: its ``default_dt``); raises `ModelCheckError`."""
+    if not isinstance(model, Model):
+        raise ModelCheckError(repr(model)[:40], "model", f"is a {type(model).__name__}, not a raytwin Model")
+    return _check(model, float(model.default_dt if dt is None else dt))
+
+
+@lru_cache(maxsize=256)
+def _check(model: Model, dt: float) -> ModelReport:
+    if not (math.isfinite(dt) and dt > 0):
+        raise ModelCheckError(model.name, "dt", f"must be a finite number of seconds > 0, got {dt}")
+    x, u = nominal_point(model)
+    p = np.asarray(model.param_vector(), dtype=np.float64)
+    with float64():
+        _shapes(model, x, u, p, ())
+        _traceable(model, x, u, p)
+        _shapes(model, x, u, p, (3,))
+        corners = box_corners([q.lower for q in model.params], [q.upper for q in model.params])
+        rows = np.concatenate([p[None, :], corners])
+        limits = stability_limits(model, rows) if model.solver is None else np.full(len(rows), np.inf)
+        _finite(model, x, u, rows, limits, dt)
+    field_ = "default_dt" if dt == model.default_dt else "dt"
+    if math.isnan(limits[0]):
+        raise ModelCheckError(model.name, "derivative", "its Jacobian is not finite at the default parameters")
+    if dt > limits[0]:
+        raise UnstableStepError(model.name, field_, f"step {dt:g} s is beyond the RK4 stability limit "
+                                                    f"{limits[0]:.4g} s at the default parameters")
+    box = np.where(np.isnan(limits[1:]), -np.inf, limits[1:])
+    k = int(np.argmin(box))
+    notes = []
+    if dt > limits[1 + k]:
+        notes.append(f"{field_} {dt:g} s is beyond the RK4 stability limit {limits[1 + k]:.4g} s at the parameter "
+                     f"corner {describe_params(model, corners[k])}: artifacts and sweeps with such values are "
+                     "refused at this step")
+    return ModelReport(model.name, dt, float(limits[0]), float(limits[1 + k]),
+                       dict(zip(model.param_names, corners[k].tolist())), len(corners), tuple(notes))
+
+
+def check_registration(model: Model, params: Sequence[float], *, allow_unstable: bool = False) -> ModelReport:
+    """What registering an artifact checks: `check_model` (once per model and process), then the
+    model's ``default_dt`` (the step its twins run) against the limit at the artifact's `params`."""
+    report = check_model(model)
+    check_step(model, model.default_dt, list(params), allow_unstable=allow_unstable, what="default_dt")
+    return report

@@ -1,0 +1,139 @@
+"""Finding models: Python entry points (group ``raytwin.models``) and import paths (``pkg.mod:MODEL``).
+
+A package makes its models known by declaring them in its ``pyproject.toml``::
+
+    [project.entry-points."raytwin.models"]
+    pump = "acme_models.pump:PUMP"
+
+and once it is installed, ``get_model("pump")`` finds it; ``get_model("acme_models.pump:PUMP")``
+imports a model that is not declared anywhere (a module on ``sys.path``). RayTwin's reference models
+are declared the same way in RayTwin's own ``pyproject.toml``; a source tree that is not installed,
+or was installed before its entry points changed, reads them from that file instead, so a fresh
+checkout resolves them too.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import tomllib
+from collections.abc import Iterator, Mapping
+from functools import cache
+from importlib.metadata import entry_points
+from pathlib import Path
+
+from raytwin.sim.model import Model
+
+GROUP = "raytwin.models"
+_PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
+
+
+class UnknownModelError(KeyError, ValueError):
+    """No model under that name or path (a ValueError too, so pydantic reports it as a validation error)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def declared() -> dict[str, str]:
+    """Model name -> import path of every model declared in the ``raytwin.models`` entry-point group
+    (installed distributions, then this source tree's ``pyproject.toml`` for names still missing)."""
+    found = {ep.name: ep.value for ep in entry_points(group=GROUP)}
+    return {**_source_tree_models(), **found}
+
+
+@cache
+def _source_tree_models() -> dict[str, str]:
+    """RayTwin's own declaration when it runs from a source tree (no file in an installed wheel)."""
+    if not _PYPROJECT.is_file():
+        return {}
+    project = tomllib.loads(_PYPROJECT.read_text()).get("project", {})
+    if project.get("name") != "raytwin":
+        return {}
+    return dict(project.get("entry-points", {}).get(GROUP, {}))
+
+
+_LOADED: dict[str, Model] = {}
+_REFS: dict[int, str] = {}
+
+
+def get_model(ref: str) -> Model:
+    """The model declared under the name `ref`, or at the import path ``package.module:ATTR``."""
+    if not isinstance(ref, str) or not ref:
+        raise UnknownModelError(f"a model reference is a name or package.module:ATTR, got {ref!r}")
+    if ref in _LOADED:
+        return _LOADED[ref]
+    if ":" in ref:
+        model = load_model(ref)
+    else:
+        paths = declared()
+        if ref not in paths:
+            raise UnknownModelError(f"unknown simulator {ref!r}; known: {sorted(paths)} "
+                                    "(or give an import path package.module:MODEL)")
+        model = load_model(paths[ref], expected_name=ref)
+    _LOADED[ref] = model
+    _REFS.setdefault(id(model), ref)
+    return model
+
+
+def load_model(path: str, *, expected_name: str | None = None) -> Model:
+    """Import the `Model` at ``package.module:ATTR`` (ATTR may be dotted); one-line errors."""
+    module_name, _, attr = path.partition(":")
+    if not module_name or not attr:
+        raise UnknownModelError(f"model path {path!r} must look like package.module:MODEL")
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UnknownModelError(f"model path {path!r}: cannot import {module_name}: {exc}") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise UnknownModelError(f"model path {path!r}: {module_name} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not isinstance(obj, Model):
+        raise UnknownModelError(f"model path {path!r} is a {type(obj).__name__}, not a raytwin Model")
+    if expected_name is not None and obj.name != expected_name:
+        raise UnknownModelError(f"entry point {expected_name!r} ({path}) loads a model named {obj.name!r}")
+    return obj
+
+
+def model_ref(model: Model) -> str:
+    """How to find `model` again (what an `AssetType` stores as its simulator): its declared name,
+    else the import path it was loaded from, else the path of a module attribute that holds it."""
+    if id(model) in _REFS:
+        return _REFS[id(model)]
+    paths = declared()
+    if model.name in paths and get_model(model.name) is model:
+        return model.name
+    for module_name, module in list(sys.modules.items()):
+        if module_name == "__main__":
+            continue
+        for attr, value in list(getattr(module, "__dict__", {}).items()):
+            if value is model:
+                ref = f"{module_name}:{attr}"
+                _REFS[id(model)] = ref
+                _LOADED[ref] = model
+                return ref
+    raise UnknownModelError(f"model {model.name} is neither declared (entry point group {GROUP}) nor a module "
+                            "attribute; define it at module level or declare it")
+
+
+class Catalog(Mapping[str, Model]):
+    """The declared models by name, loaded on first access (`raytwin.sim.MODELS`)."""
+
+    def __getitem__(self, name: str) -> Model:
+        if name not in declared():
+            raise KeyError(name)
+        return get_model(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(declared()))
+
+    def __len__(self) -> int:
+        return len(declared())
+
+    def __contains__(self, name: object) -> bool:
+        return name in declared()
+
+
+MODELS = Catalog()
+"""The declared models by name (entry-point group ``raytwin.models``), loaded on first access."""

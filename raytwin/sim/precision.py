@@ -1,0 +1,55 @@
+"""Float64 where RayTwin needs it, without changing JAX's settings for the rest of the process.
+
+JAX computes in float32 unless ``jax_enable_x64`` is on. Filtering, validation, calibration and
+what-if answers need float64, but flipping the global flag at import would change every other JAX
+computation of the user's process. So float64 work runs inside ``jax.enable_x64(True)``, JAX's own
+context manager: it applies to the current thread and is part of the jit cache key, so a kernel
+traced in float64 is never reused in float32 (or the other way round).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from functools import wraps
+from typing import Any, ParamSpec, TypeVar
+
+import jax
+import numpy as np
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def float64() -> AbstractContextManager[Any]:
+    """A block in which JAX computes in float64 (this thread only)."""
+    return jax.enable_x64(True)
+
+
+def precision(dtype: Any) -> AbstractContextManager[Any]:
+    """`float64` for a 64-bit `dtype`; otherwise leave the setting as it is."""
+    return float64() if np.dtype(dtype).itemsize == 8 else nullcontext()
+
+
+def in_float64(fn: Callable[P, R]) -> Callable[P, R]:
+    """`fn` run inside `float64` (for jitted kernels: traced and run in double precision)."""
+
+    @wraps(fn)
+    def call(*args: P.args, **kwargs: P.kwargs) -> R:
+        with float64():
+            return fn(*args, **kwargs)
+
+    return call
+
+
+def in_dtype_precision(fn: Callable[P, R]) -> Callable[P, R]:
+    """`fn` run in the precision of its ``dtype`` argument (kernels that take the dtype they compute in)."""
+    signature = inspect.signature(fn)
+
+    @wraps(fn)
+    def call(*args: P.args, **kwargs: P.kwargs) -> R:
+        with precision(signature.bind(*args, **kwargs).arguments["dtype"]):
+            return fn(*args, **kwargs)
+
+    return call

@@ -1,0 +1,364 @@
+"""Bring your own model: the public authoring API, discovery (entry points and import paths), the checks
+registration runs (each wrong model with its one-line error), the RK4 stability limit, and `raytwin models`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from pydantic import ValidationError
+from typer.testing import CliRunner
+
+from raytwin.cli import app
+from raytwin.contracts import AssetType, describe_error
+from raytwin.models import (
+    Input, Model, ModelCheckError, Output, Param, State, UnknownModelError, UnstableStepError, UnstableStepWarning,
+    check_model, get_model, load_model, rk4_limits, stability_limit,
+)
+from raytwin.registry import ModelRegistry, RegistryError
+from raytwin.sim import MODELS, THERMAL_RC, model_ref, rollout, simulate, simulate_batch, unstack
+
+RK4_REAL = 2.785293563405282  # |z| where 1 + z + z^2/2 + z^3/6 + z^4/24 returns to 1 on the negative real axis
+
+USER_PACKAGE = '''
+"""A user's model package: a mass on a spring with a damper, written against the public API only."""
+from raytwin.models import Input, Model, Output, Param, State
+
+
+def coefficients(p):
+    m, k, c = p
+    return (k / m, c / m, 1.0 / m)
+
+
+def derivative(x, u, c):
+    pos, vel = x
+    (force,) = u
+    k_m, c_m, inv_m = c
+    return (vel, inv_m * force - k_m * pos - c_m * vel)
+
+
+def output(x, u, c):
+    return (x[0],)
+
+
+SPRING = Model(
+    name="spring", version="0.1.0", description="damped mass on a spring",
+    states=(State("x", "m", "position", -10.0, 10.0, nominal=0.1, prior_std=0.1, process_std=1e-3),
+            State("v", "m/s", "velocity", -100.0, 100.0, nominal=0.0, prior_std=0.1, process_std=1e-3)),
+    inputs=(Input("F", "N", "applied force", -1e3, 1e3, nominal=0.0),),
+    params=(Param("m", "kg", 1.0, 0.5, 2.0, "mass"), Param("k", "N/m", 4.0, 1.0, 10.0, "stiffness"),
+            Param("c", "N*s/m", 0.4, 0.1, 1.0, "damping")),
+    outputs=(Output("x", "m", "position", -10.0, 10.0, measurement_std=1e-3),),
+    coefficients=coefficients, derivative=derivative, output=output, default_dt=0.01,
+)
+'''
+
+
+@pytest.fixture(scope="module")
+def user_package(tmp_path_factory) -> Path:
+    """`acme_models` (with `acme_models.spring:SPRING`) and an installed-looking distribution declaring it in the
+    ``raytwin.models`` entry-point group, on sys.path for this module."""
+    root = tmp_path_factory.mktemp("site")
+    (root / "acme_models").mkdir()
+    (root / "acme_models" / "__init__.py").write_text("")
+    (root / "acme_models" / "spring.py").write_text(USER_PACKAGE)
+    dist = root / "acme_models-0.1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: acme-models\nVersion: 0.1.0\n")
+    (dist / "entry_points.txt").write_text("[raytwin.models]\nspring = acme_models.spring:SPRING\n")
+    sys.path.insert(0, str(root))
+    yield root
+    sys.path.remove(str(root))
+
+
+# ---------------------------------------------------------------------------- discovery ----
+def test_reference_models_are_discovered_not_hard_coded():
+    assert {"thermal_rc", "battery_ecm", "two_tank"} <= set(MODELS)
+    assert MODELS["thermal_rc"] is THERMAL_RC is get_model("raytwin.sim.thermal:THERMAL_RC")
+    assert model_ref(THERMAL_RC) == "thermal_rc"
+
+
+def test_a_user_model_is_found_by_entry_point_and_by_import_path(user_package):
+    spring = get_model("spring")
+    assert spring is load_model("acme_models.spring:SPRING") is get_model("acme_models.spring:SPRING")
+    assert "spring" in MODELS and MODELS["spring"] is spring
+    assert check_model(spring).dt_max == pytest.approx(stability_limit(spring))
+    # the whole API works on it: an asset type, the registry, a simulation
+    asset_type = AssetType.from_model(spring)
+    assert asset_type.simulator == "spring"
+    by_path = AssetType(**{**asset_type.model_dump(), "simulator": "acme_models.spring:SPRING"})
+    assert by_path.states.keys() == {"x", "v"}
+    traj = simulate(spring, [0.1, 0.0], np.zeros((500, 1)), spring.param_vector(), 0.01, dtype=jnp.float64)
+    assert abs(traj[-1, 0]) < 0.1
+
+
+def test_unknown_models_are_one_line_errors_naming_the_field():
+    with pytest.raises(UnknownModelError, match=r"^unknown simulator 'pump'; known: \[.*'thermal_rc'"):
+        get_model("pump")
+    for path, reason in (("no_such_pkg.mod:PUMP", "cannot import no_such_pkg"),
+                         ("raytwin.sim.thermal:PUMP", "has no attribute 'PUMP'"),
+                         ("raytwin.sim.thermal:_derivative", "is a function, not a raytwin Model")):
+        with pytest.raises(UnknownModelError, match=reason):
+            get_model(path)
+    with pytest.raises(ValidationError) as info:
+        AssetType(**{**AssetType.from_model(THERMAL_RC).model_dump(), "simulator": "pump"})
+    message = describe_error(info.value)
+    assert message.startswith("simulator: Value error, unknown simulator 'pump'") and "\n" not in message
+
+
+# ----------------------------------------------------------------- declarations refused ----
+def _model(**changes) -> Model:
+    """A valid one-state decay model dx/dt = -k x (+ u), with `changes`."""
+    fields = dict(
+        name="decay", version="1.0.0",
+        states=(State("x", "m", "level", -10.0, 10.0, nominal=1.0),),
+        inputs=(Input("u", "m/s", "inflow", -1.0, 1.0, nominal=0.0),),
+        params=(Param("k", "1/s", 1.0, 0.5, 2.0, "rate"),),
+        outputs=(Output("y", "m", "level", -10.0, 10.0),),
+        coefficients=lambda p: p,
+        derivative=lambda x, u, c: (u[0] - c[0] * x[0],),
+        output=lambda x, u, c: (x[0],),
+        default_dt=0.1,
+    )
+    return Model(**{**fields, **changes})
+
+
+@pytest.mark.parametrize(("changes", "expected"), [
+    ({"name": "my model"}, "model my model: name: must be an identifier"),
+    ({"version": "1.0"}, "model decay: version: '1.0' is not a semantic version"),
+    ({"states": (State("x", "m"), State("x", "m"))}, "model decay: states.x: declared twice"),
+    ({"states": (Input("x", "m"),)}, r"model decay: states\[0\]: is a Input, expected State"),
+    ({"states": (State("2x", "m"),)}, r"model decay: states\[0\]: name '2x' is not an identifier"),
+    ({"params": (Param("k", "furlong/s", 1.0, 0.5, 2.0),)}, "model decay: params.k: unknown unit 'furlong/s'"),
+    ({"default_dt": 0.0}, "model decay: default_dt: must be a finite number of seconds > 0"),
+    ({"derivative": None}, "model decay: derivative: must be a function"),
+])
+def test_bad_declarations_are_refused_at_construction(changes, expected):
+    with pytest.raises(ModelCheckError, match="^" + expected) as info:
+        _model(**changes)
+    assert "\n" not in str(info.value)
+
+
+def _branchy(x, u, c):
+    if x[0] > 0:  # Python control flow on a traced value
+        return (-c[0] * x[0],)
+    return (c[0] * x[0],)
+
+
+@pytest.mark.parametrize(("changes", "expected"), [
+    ({"derivative": lambda x, u, c: (-c[0] * x[0], 0.0)}, r"model decay: derivative: returned 2 value\(s\), expected 1 "
+                                                          r"\(x\)"),
+    ({"output": lambda x, u, c: x[0]}, r"model decay: output: must return a tuple of arrays \(y\), got ndarray"),
+    ({"output": lambda x, u, c: (x[1],)}, "model decay: output: raised IndexError: tuple index out of range"),
+    ({"output": lambda x, u, c: (jnp.zeros(5),)}, r"model decay: output: y has shape \(5,\), which does not broadcast"),
+    ({"output": lambda x, u, c: (jnp.log(c[0] - 0.5),)}, "model decay: output.y: not finite at k=0.5"),
+    ({"derivative": _branchy}, r"model decay: derivative \(under jax.jit\): raised TracerBoolConversionError"),
+    ({"default_dt": 3.0}, "model decay: default_dt: step 3 s is beyond the RK4 stability limit 2.785 s at the "
+                          "default parameters"),
+])
+def test_wrong_models_fail_the_checks_with_one_line_reasons(changes, expected):
+    with pytest.raises(ModelCheckError, match="^" + expected) as info:
+        check_model(_model(**changes))
+    assert "\n" not in str(info.value)
+
+
+def test_a_model_unstable_somewhere_in_its_box_passes_with_a_warning_and_registration_refuses_those_values(tmp_path):
+    report = check_model(THERMAL_RC)
+    assert report.dt_max == pytest.approx(8656, rel=1e-3)  # the documented ~8.7e3 s
+    assert report.box_dt_max < 60.0 and report.box_corner["C_in"] == 1e5
+    assert "default_dt 60 s is beyond the RK4 stability limit" in report.warnings[0]
+    registry, asset_type = ModelRegistry(str(tmp_path)), AssetType.from_model(THERMAL_RC)
+    risky = {"C_in": 1e5, "R_im": 2e-4}  # admissible, and 60 s steps diverge to 1e266
+    with pytest.raises(RegistryError, match=r"^zone@1.0.0: model thermal_rc: default_dt: step 60 s is beyond the RK4 "
+                                            r"stability limit 54.35 s at C_in=100000, R_im=0.0002"):
+        registry.register("zone", "1.0.0", asset_type, risky)
+    assert registry.names() == []
+    with pytest.warns(UnstableStepWarning, match="the run may diverge"):
+        registry.register("zone", "1.0.0", asset_type, risky, allow_unstable=True)
+    assert registry.get("zone@1.0.0").parameters["C_in"] == 1e5
+
+
+# ----------------------------------------------------------------------------- stability ----
+def test_rk4_limits_along_a_ray_match_the_analytic_values():
+    limits = rk4_limits(np.array([-1.0, -50.0, 3j, 0.0, 0.2, -1.0 + 1.0j]))
+    np.testing.assert_allclose(limits[:3], [RK4_REAL, RK4_REAL / 50.0, 2.0 * np.sqrt(2.0) / 3.0], rtol=1e-9)
+    assert limits[3] == np.inf and limits[4] == np.inf  # no decay to lose: no limit
+    z = limits[5] * (-1.0 + 1.0j)
+    assert abs(1 + z + z**2 / 2 + z**3 / 6 + z**4 / 24) == pytest.approx(1.0, abs=1e-9)
+
+
+def test_the_limit_of_a_linear_model_is_2_785_over_lambda_and_a_step_just_over_it_diverges():
+    model = _model()
+    for k in (0.5, 1.0, 2.0):
+        assert stability_limit(model, [k]) == pytest.approx(RK4_REAL / k, rel=1e-9)
+    limit = stability_limit(model, [2.0])
+    inputs = np.zeros((4000, 1))
+    below = simulate(model, [1.0], inputs, [2.0], 0.999 * limit, dtype=jnp.float64)
+    assert abs(below[-1, 0]) < 1.0
+    with pytest.raises(UnstableStepError, match=r"^model decay: dt: step 1.39404 s is beyond the RK4 stability limit "
+                                                r"1.393 s at k=2 \(use a smaller step, or allow_unstable=True\)$"):
+        simulate(model, [1.0], inputs, [2.0], 1.001 * limit, dtype=jnp.float64)
+    with pytest.warns(UnstableStepWarning):
+        above = simulate(model, [1.0], inputs, [2.0], 1.001 * limit, dtype=jnp.float64, allow_unstable=True)
+    assert abs(above[-1, 0]) > 1.0
+
+
+def test_batches_and_rollouts_are_checked_over_their_parameter_box():
+    model = _model()
+    params = np.array([[0.5], [1.0], [2.0]])
+    with pytest.raises(UnstableStepError, match="at the parameter corner k=2"):
+        simulate_batch(model, np.ones((3, 1)), np.zeros((10, 1)), params, 2.0)
+    assert simulate_batch(model, np.ones((2, 1)), np.zeros((10, 1)), params[:2], 2.0).shape == (2, 11, 1)
+    with pytest.raises(UnstableStepError, match="^model decay: dt: step 2 s"):
+        rollout(model, (jnp.ones(3),), unstack(params), 2.0, 10, (jnp.zeros((10, 3)),))
+
+
+def test_the_admissible_thermal_corner_that_diverged_to_1e266_is_refused():
+    params = THERMAL_RC.param_vector({"C_in": 1e5, "R_im": 2e-4})
+    args = ([293.0, 293.0], np.tile([283.0, 0.0, 0.0], (1440, 1)), params, 60.0)
+    with pytest.raises(UnstableStepError, match="limit 54.35 s at C_in=100000, R_im=0.0002"):
+        simulate(THERMAL_RC, *args, dtype=jnp.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnstableStepWarning)
+        diverged = simulate(THERMAL_RC, *args, dtype=jnp.float64, allow_unstable=True)
+    assert not np.all(np.abs(diverged[-1]) < 1e100)
+
+
+def test_a_sweep_whose_parameter_box_reaches_instability_is_refused():
+    from sweeps.space import Dimension, ScenarioSpace
+    from sweeps.spec import SweepSpec
+
+    def spec(low: float, **kw) -> SweepSpec:
+        space = ScenarioSpace(method="grid", dimensions=[
+            Dimension(name="C_in", target="param", values=[low, 2e6]),
+            Dimension(name="R_im", target="param", values=[2e-4, 2e-3])])
+        return SweepSpec(model="thermal_rc", space=space, horizon_s=86400.0, step_s=60.0, **kw)
+
+    assert spec(1e6).space.size == 4
+    with pytest.raises(ValidationError) as info:
+        spec(1e5)
+    message = describe_error(info.value)
+    assert "model thermal_rc: step_s: step 60 s is beyond the RK4 stability limit 54.35 s at the parameter corner " \
+           "C_in=100000, R_im=0.0002" in message and "\n" not in message
+    with pytest.warns(UnstableStepWarning):
+        assert spec(1e5, allow_unstable=True).allow_unstable
+
+
+# -------------------------------------------------------------------- hybrid models ----
+def test_the_discrete_update_runs_after_each_rk4_step():
+    """A sawtooth: x rises at 1/s and an event resets it to 0 once it reaches 1 (an update, not a derivative)."""
+    saw = _model(derivative=lambda x, u, c: (jnp.ones_like(x[0]),),
+                 update=lambda x, u, c: (jnp.where(x[0] >= 1.0 - 1e-9, 0.0, x[0]),),
+                 params=(Param("k", "1/s", 1.0, 0.5, 2.0),))
+    check_model(saw)
+    for dtype in (jnp.float64, jnp.float32):
+        traj = simulate(saw, [0.0], np.zeros((12, 1)), [1.0], 0.25, dtype=dtype)[:, 0]
+        np.testing.assert_allclose(traj, [0, .25, .5, .75, 0, .25, .5, .75, 0, .25, .5, .75, 0], atol=1e-6)
+
+
+# ------------------------------------------------------------------------------ the CLI ----
+def test_models_cli_lists_shows_and_checks(user_package):
+    runner = CliRunner()
+    listed = runner.invoke(app, ["models", "list"])
+    assert listed.exit_code == 0 and "spring\t0.1.0\tacme_models.spring:SPRING" in listed.output
+    assert "thermal_rc\t1.0.0\traytwin.sim.thermal:THERMAL_RC" in listed.output
+    shown = runner.invoke(app, ["models", "show", "acme_models.spring:SPRING"])
+    assert shown.exit_code == 0 and "  k [N/m] default 4 [1, 10] stiffness" in shown.output
+    checked = runner.invoke(app, ["models", "check", "spring"])
+    assert checked.exit_code == 0 and checked.output.startswith("model spring: ok")
+    refused = runner.invoke(app, ["models", "check", "spring", "--dt", "2"])
+    assert refused.exit_code == 1
+    assert refused.output.startswith("error: model spring: dt: step 2 s is beyond the RK4 stability limit")
+    unknown = runner.invoke(app, ["models", "show", "pump"])
+    assert unknown.exit_code == 2 and unknown.output.startswith("error: unknown simulator 'pump'")
+
+
+def test_user_models_and_the_reference_models_use_only_the_public_api():
+    root = Path(__file__).resolve().parents[1] / "raytwin" / "sim"
+    for source in (USER_PACKAGE, *((root / f).read_text() for f in ("thermal.py", "battery.py", "tanks.py"))):
+        lines = textwrap.dedent(source).splitlines()
+        imports = [line for line in lines if line.startswith(("from raytwin", "import raytwin"))]
+        assert imports == ["from raytwin.models import Input, Model, Output, Param, State"]
+
+
+# ------------------------------------------------------------------------------ float64 ----
+X64_PROBE = '''
+import importlib, pkgutil, jax, numpy as np, jax.numpy as jnp
+names = []
+for top in ("raytwin", "actors", "sweeps", "serve_apps", "cluster", "benchmarks"):
+    package = importlib.import_module(top)
+    names += [m.name for m in pkgutil.walk_packages(package.__path__, top + ".") if not m.name.endswith("__main__")]
+for name in names:
+    importlib.import_module(name)
+assert not jax.config.jax_enable_x64, "an import turned jax_enable_x64 on"
+
+from raytwin.estimation import ExtendedKalmanFilter
+from raytwin.sim import THERMAL_RC, simulate
+from raytwin.sim.reference import model_rhs
+from sweeps.space import _uniform_rows
+
+p = THERMAL_RC.param_vector()
+u = np.tile([278.15, 1000.0, 0.0], (1440, 1))
+f64 = simulate(THERMAL_RC, [293.15, 293.15], u, p, 60.0, dtype=jnp.float64)
+f32 = simulate(THERMAL_RC, [293.15, 293.15], u, p, 60.0)
+assert f64.dtype == np.float64 and f32.dtype == np.float32 and 0 < np.max(np.abs(f64 - f32)) < 1e-2
+ekf = ExtendedKalmanFilter(THERMAL_RC, p)
+prior = ekf.initial()._replace(t=0.0)
+fs = ekf.predict(prior, 1e-3)  # a change of 5e-7 K that float32 (ulp 3e-5 K at 293 K) would round away
+assert fs.x.dtype == np.float64 and 0 < prior.x[0] - fs.x[0] < 1e-6
+assert model_rhs(THERMAL_RC, p)(np.array([293.15, 293.15 + 1e-9]), np.zeros(3)).dtype == np.float64
+assert _uniform_rows(0, np.arange(4), 2).dtype == np.float64
+assert jnp.zeros(1).dtype == jnp.float32 and not jax.config.jax_enable_x64
+print("ok", len(names))
+'''
+
+
+def test_importing_raytwin_leaves_jax_x64_alone_and_its_float64_paths_stay_float64():
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", X64_PROBE], capture_output=True, text=True, timeout=300, check=False,
+                         env={**os.environ, "PYTHONPATH": str(root), "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.startswith("ok ")
+
+
+# ------------------------------------------------------------------------ stiff models ----
+def _robertson(**changes) -> Model:
+    """Robertson's chemical kinetics: rate constants 0.04, 1e4 and 3e7 (time scales 1e-4 s to 1e3 s)."""
+    fields = dict(
+        name="robertson", version="1.0.0",
+        states=tuple(State(n, "-", "", -0.1, 1.1, nominal=v) for n, v in (("y1", 0.9), ("y2", 3e-5), ("y3", 0.1))),
+        inputs=(), outputs=(Output("y3", "-", "", -0.1, 1.1),),
+        params=(Param("k1", "1/s", 0.04, 0.01, 0.1), Param("k2", "-", 1e4, 1e3, 1e5), Param("k3", "-", 3e7, 1e7, 1e8)),
+        coefficients=lambda p: p, output=lambda x, u, c: (x[2],),
+        derivative=lambda x, u, c: (-c[0] * x[0] + c[1] * x[1] * x[2],
+                                    c[0] * x[0] - c[1] * x[1] * x[2] - c[2] * x[1] * x[1], c[2] * x[1] * x[1]),
+        default_dt=10.0,
+    )
+    return Model(**{**fields, **changes})
+
+
+def test_a_stiff_model_declares_an_adaptive_implicit_solver_and_matches_radau():
+    from raytwin.sim.checks import check_step
+    from raytwin.sim.reference import model_rhs, reference_trajectory, relative_error
+    from raytwin.sim.stiff import Adaptive
+
+    with pytest.raises(ModelCheckError, match=r"^model robertson: default_dt: step 10 s is beyond the RK4 stability "
+                                              r"limit 0.00\d+ s"):
+        check_model(_robertson())  # RK4 would need steps of a millisecond for 40 s
+    stiff = _robertson(solver=Adaptive(rtol=1e-8, atol=1e-12))
+    assert check_step(stiff, 10.0).dt_max == np.inf  # its own step control, no RK4 limit (check_model: ~10 s compile)
+    params, x0, inputs = stiff.param_vector(), [1.0, 0.0, 0.0], np.zeros((40, 0))
+    traj = simulate(stiff, x0, inputs, params, 10.0, dtype=jnp.float64)
+    reference = reference_trajectory(model_rhs(stiff, params), np.array(x0), inputs, 10.0, method="Radau",
+                                     rtol=1e-11, atol=1e-14)
+    assert relative_error(traj, reference) < 1e-5
+    np.testing.assert_allclose(traj.sum(axis=1), 1.0, atol=1e-9)  # mass is conserved
+    with pytest.raises(ValueError, match="'Nope' is not a diffrax solver"):
+        Adaptive(method="Nope")
