@@ -38,7 +38,7 @@ def _vdp(x, u, c):
 
 
 VAN_DER_POL = Model(
-    name="van_der_pol", version="1", description="Van der Pol oscillator (JAX baseline of the FMU)",
+    name="van_der_pol", version="1.0.0", description="Van der Pol oscillator (JAX baseline of the FMU)",
     states=(State("x0", "-", nominal=2.0), State("x1", "-", nominal=0.0)), inputs=(),
     params=(Param("mu", "-", 1.0, 0.05, 10.0),), outputs=(Output("x0", "-"), Output("x1", "-")),
     coefficients=lambda p: p, derivative=_vdp, output=lambda x, u, c: x, default_dt=DT,

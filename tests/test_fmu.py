@@ -43,7 +43,7 @@ def _vdp_derivative(x, u, c):
 
 
 JAX_VDP = Model(
-    name="vdp_jax", version="1", description="Van der Pol oscillator",
+    name="vdp_jax", version="1.0.0", description="Van der Pol oscillator",
     states=(State("x0", "-", nominal=2.0), State("x1", "-", nominal=0.0)), inputs=(),
     params=(Param("mu", "-", 1.0, 0.1, 10.0),), outputs=(Output("x0", "-"), Output("x1", "-")),
     coefficients=lambda p: p, derivative=_vdp_derivative, output=lambda x, u, c: x, default_dt=0.01,
@@ -86,7 +86,10 @@ def test_declarations_an_fmu_lacks_are_added_by_name(reference_fmus):
         model.declare(x1={"prior_std": -1.0})
 
 
-def test_an_fmu_unit_raytwin_does_not_know_is_refused_naming_the_variable(reference_fmus):
+def test_an_fmu_unit_raytwin_does_not_know_is_refused_naming_the_variable(reference_fmus, monkeypatch):
+    import raytwin.fmu.describe
+
+    monkeypatch.setattr(raytwin.fmu.describe, "UNITS", {k: v for k, v in raytwin.fmu.describe.UNITS.items() if k != "m/s"})
     with pytest.raises(FmuError, match=r"BouncingBall.fmu: variable v: unit 'm/s' is unknown to RayTwin"):
         FmuModel.load(reference_fmus[(2, "BouncingBall")])
 

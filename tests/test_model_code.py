@@ -48,7 +48,7 @@ MODEL = textwrap.dedent('''
 
 @pytest.fixture
 def pumpkit(tmp_path, monkeypatch):
-    """A user's model package, not installed (importable from a directory), known to `raytwin.sim`."""
+    """A user's model package, not installed (importable from a directory), found by its import path."""
     package = tmp_path / "pumpkit"
     package.mkdir()
     (package / "__init__.py").write_text("")
@@ -56,7 +56,6 @@ def pumpkit(tmp_path, monkeypatch):
     (package / "model.py").write_text(MODEL)
     monkeypatch.syspath_prepend(str(tmp_path))
     model = importlib.import_module("pumpkit.model").MODEL
-    monkeypatch.setitem(raytwin.sim.MODELS, model.name, model)
     yield package, model
     for name in [m for m in sys.modules if m.split(".")[0] == "pumpkit"]:
         del sys.modules[name]
@@ -92,8 +91,8 @@ def test_a_changed_model_is_refused_at_resolve_with_what_changed_and_how_to_proc
     with pytest.raises(ModelCodeChanged) as refused:
         registry.get("pump@1.0.0")
     message = str(refused.value)
-    assert "pump@1.0.0: the code of simulator 'pump_casing' changed since it was registered" in message
-    assert "module pumpkit.physics changed" in message and "pumpkit.model" not in message
+    assert "pump@1.0.0: the code of simulator 'pumpkit.model:MODEL' changed since it was registered" in message
+    assert "module pumpkit.physics changed" in message and "module pumpkit.model changed" not in message
     assert "Register the model again under a new version" in message and "allow_code_change=True" in message
     assert registry.get("pump@1.0.0", allow_code_change=True) == registered
     monkeypatch.setenv(ALLOW_CODE_CHANGE_ENV, "1")

@@ -3,6 +3,7 @@ registration runs (each wrong model with its one-line error), the RK4 stability 
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -362,3 +363,19 @@ def test_a_stiff_model_declares_an_adaptive_implicit_solver_and_matches_radau():
     np.testing.assert_allclose(traj.sum(axis=1), 1.0, atol=1e-9)  # mass is conserved
     with pytest.raises(ValueError, match="'Nope' is not a diffrax solver"):
         Adaptive(method="Nope")
+
+
+def test_a_model_with_unbounded_parameters_is_refused_by_the_checks_not_at_construction():
+    """An FMU without min/max has unbounded parameters; the checks need a box to probe."""
+    import dataclasses
+
+    from raytwin.models import Param, check_model
+    from raytwin.sim import THERMAL_RC
+    from raytwin.sim.model import ModelCheckError
+
+    unbounded = (dataclasses.replace(THERMAL_RC.params[0], lower=-math.inf), *THERMAL_RC.params[1:])
+    model = dataclasses.replace(THERMAL_RC, name="thermal_unbounded", params=unbounded)
+    with pytest.raises(ModelCheckError, match=r"thermal_unbounded: params.C_in: bounds \[-inf, .*must be finite"):
+        check_model(model)
+    with pytest.raises(ValueError, match="default must be finite"):
+        Param("p", "-", math.inf, 0.0, 1.0)

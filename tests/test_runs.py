@@ -126,7 +126,7 @@ def test_a_run_whose_model_code_changed_cannot_be_rerun(tmp_path, monkeypatch):
     import sweeps.runs
 
     monkeypatch.setattr(sweeps.runs, "run_sweep", lambda *args, **kwargs: SimpleNamespace(
-        outputs={}, n_scenarios=4, n_chunks=1, elapsed_s=0.1, scenarios_per_s=40.0))
+        outputs={}, n_scenarios=4, n_diverged=0, n_chunks=1, elapsed_s=0.1, scenarios_per_s=40.0))
     space = ScenarioSpace(method="random", n=4, dimensions=[Dimension(name="a1", target="param", low=1e-5, high=2e-5)])
     runs = str(tmp_path / "runs")
     record = recorded_sweep(SweepSpec(model="two_tank", space=space, horizon_s=10.0, step_s=1.0), runs=runs)

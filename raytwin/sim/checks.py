@@ -314,6 +314,10 @@ def check_model(model: Any, *, dt: float | None = None) -> ModelReport:
 def _check(model: Model, dt: float) -> ModelReport:
     if not (math.isfinite(dt) and dt > 0):
         raise ModelCheckError(model.name, "dt", f"must be a finite number of seconds > 0, got {dt}")
+    for q in model.params:
+        if not (math.isfinite(q.lower) and math.isfinite(q.upper)):
+            raise ModelCheckError(model.name, f"params.{q.name}", f"bounds [{q.lower}, {q.upper}] must be finite: "
+                                  "the checks probe the corners of the parameter box")
     x, u = nominal_point(model)
     p = np.asarray(model.param_vector(), dtype=np.float64)
     with float64():

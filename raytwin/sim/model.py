@@ -97,7 +97,8 @@ class Output(Var):
 
 @dataclass(frozen=True)
 class Param:
-    """A model parameter with its SI unit, typical value and physically admissible bounds."""
+    """A model parameter with its SI unit, typical value and physically admissible bounds (infinite
+    where unknown, as in an FMU without min/max; `check_model` and the registry need finite ones)."""
 
     name: str
     unit: str
@@ -107,8 +108,8 @@ class Param:
     description: str = ""
 
     def __post_init__(self) -> None:
-        if not all(math.isfinite(v) for v in (self.default, self.lower, self.upper)):
-            raise ValueError(f"parameter {self.name}: default and bounds must be finite (the checks probe the corners)")
+        if not math.isfinite(self.default) or math.isnan(self.lower) or math.isnan(self.upper):
+            raise ValueError(f"parameter {self.name}: the default must be finite and the bounds numbers")
         if not self.lower <= self.default <= self.upper:
             raise ValueError(f"parameter {self.name}: default {self.default} outside [{self.lower}, {self.upper}]")
 
