@@ -330,3 +330,21 @@ def test_cpu_side_workers_keep_jax_off_the_gpu():
     merged = cpu_only({"num_cpus": 1, "runtime_env": {"env_vars": {"XLA_FLAGS": "x"}, "pip": ["a"]}})
     assert merged["runtime_env"] == {"env_vars": {"XLA_FLAGS": "x", **CPU_ONLY_ENV}, "pip": ["a"]}
     assert cpu_only({})["runtime_env"]["env_vars"] == CPU_ONLY_ENV
+
+
+def test_a_sweep_of_a_registry_model_is_checked_around_the_artifacts_parameters(tmp_path):
+    """The spec alone cannot check a `name@version` model (its parameters live in the registry):
+    preparing the sweep does, over the box its dimensions span around the artifact's values."""
+    from raytwin.contracts import AssetType
+    from raytwin.registry import ModelRegistry
+    from raytwin.sim.checks import UnstableStepError
+
+    registry = str(tmp_path / "models")
+    ModelRegistry(registry).register("zone", "1.0.0", AssetType.from_model(THERMAL_RC))
+    space = ScenarioSpace(method="random", n=4, dimensions=[
+        Dimension(name="C_in", target="param", mode="scale", low=0.05, high=1.0)])
+    spec = SweepSpec(model="zone@1.0.0", registry_url=registry, space=space, horizon_s=7200.0, step_s=3600.0)
+    with pytest.raises(UnstableStepError, match="step_s"):
+        runner.prepare(spec)
+    stable = spec.model_copy(update={"step_s": 60.0, "horizon_s": 3600.0})
+    assert runner.prepare(stable)[0] == "thermal_rc"
