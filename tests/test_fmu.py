@@ -12,13 +12,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from benchmarks.fmu import VAN_DER_POL  # a JAX Van der Pol written from the equations
 from raytwin.fmu import (
     INSTANTIATIONS, FmuError, FmuInstance, FmuModel, FmuScenario, FmuStepper, calibrate_fmu, run_fmu_sweep,
     run_scenarios, store_fmu,
 )
 from raytwin.fmu.reference import build_reference_fmus, default_source
 from raytwin.modelcode import code_identity
-from raytwin.sim import Model, Output, Param, State, simulate
+from raytwin.sim import simulate
 
 MODELS = {2: ("VanDerPol", "Dahlquist", "BouncingBall", "Feedthrough"),
           3: ("VanDerPol", "Dahlquist", "Feedthrough", "StateSpace")}
@@ -34,20 +35,6 @@ def reference_fmus(tmp_path_factory) -> dict[tuple[int, str], str]:
 
 def reference_output(model: str) -> np.ndarray:
     return np.genfromtxt(default_source() / model / f"{model}_out.csv", delimiter=",", names=True)
-
-
-# ---- a JAX Van der Pol oscillator, written from the equations -----------------------------------
-def _vdp_derivative(x, u, c):
-    (x0, x1), (mu,) = x, c
-    return x1, mu * (1.0 - x0 * x0) * x1 - x0
-
-
-JAX_VDP = Model(
-    name="vdp_jax", version="1.0.0", description="Van der Pol oscillator",
-    states=(State("x0", "-", nominal=2.0), State("x1", "-", nominal=0.0)), inputs=(),
-    params=(Param("mu", "-", 1.0, 0.1, 10.0),), outputs=(Output("x0", "-"), Output("x1", "-")),
-    coefficients=lambda p: p, derivative=_vdp_derivative, output=lambda x, u, c: x, default_dt=0.01,
-)
 
 
 def test_the_build_fails_clearly_without_the_sources(tmp_path):
@@ -137,7 +124,7 @@ def test_a_jax_van_der_pol_agrees_with_the_fmu(reference_fmus, version):
     model = FmuModel.load(reference_fmus[(version, "VanDerPol")])
     n, dt = 1000, 0.01
     for mu in (0.5, 1.5):
-        jax_traj = simulate(JAX_VDP, [2.0, 0.0], np.zeros((n, 0)), [mu], dt, dtype=jnp.float64)
+        jax_traj = simulate(VAN_DER_POL, [2.0, 0.0], np.zeros((n, 0)), [mu], dt, dtype=jnp.float64)
         me = FmuInstance(model, "ModelExchange").run(FmuScenario(n, dt, params={"mu": mu}))
         np.testing.assert_allclose(me, jax_traj, atol=2e-5)
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from raytwin.modelcode import ModelCode, file_code
-from raytwin.sim.model import Input, Output, Param, State
+from raytwin.sim.model import Declared, Input, Output, Param, State
 from raytwin.storage import filesystem
 from raytwin.units import UNITS
 
@@ -65,7 +65,7 @@ def _float(text: str | None, default: float) -> float:
 
 
 @dataclass(frozen=True)
-class FmuModel:
+class FmuModel(Declared):
     """An FMU's identity (where it is, its SHA-256) and its variables as RayTwin declarations."""
 
     url: str
@@ -133,25 +133,6 @@ class FmuModel:
             start_time=_float(experiment.startTime if experiment else None, 0.0),
             can_get_set_state=all(bool(d.canGetAndSetFMUstate) for d in capable),
         )
-
-    @property
-    def state_names(self) -> tuple[str, ...]:
-        return tuple(v.name for v in self.states)
-
-    @property
-    def input_names(self) -> tuple[str, ...]:
-        return tuple(v.name for v in self.inputs)
-
-    @property
-    def param_names(self) -> tuple[str, ...]:
-        return tuple(p.name for p in self.params)
-
-    @property
-    def output_names(self) -> tuple[str, ...]:
-        return tuple(v.name for v in self.outputs)
-
-    def default_params(self) -> dict[str, float]:
-        return {p.name: p.default for p in self.params}
 
     def declare(self, **variables: Mapping[str, float]) -> FmuModel:
         """A copy with declaration fields an FMU does not carry, per variable name: a filter's noise

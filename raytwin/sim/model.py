@@ -138,8 +138,37 @@ _VERSION = re.compile(r"^\d+\.\d+\.\d+$")
 _KINDS = (("states", State), ("inputs", Input), ("params", Param), ("outputs", Output))
 
 
+class Declared:
+    """Names and defaults of anything that declares `states`, `inputs`, `params` and `outputs`
+    (a JAX `Model`, an FMU), in declaration order."""
+
+    states: tuple[State, ...]
+    inputs: tuple[Input, ...]
+    params: tuple[Param, ...]
+    outputs: tuple[Output, ...]
+
+    @property
+    def state_names(self) -> tuple[str, ...]:
+        return tuple(v.name for v in self.states)
+
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        return tuple(v.name for v in self.inputs)
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.params)
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(v.name for v in self.outputs)
+
+    def default_params(self) -> dict[str, float]:
+        return {p.name: p.default for p in self.params}
+
+
 @dataclass(frozen=True, eq=False, kw_only=True)
-class Model:
+class Model(Declared):
     """A simulator: metadata plus pure JAX functions (see module docstring). Keyword-only.
 
     ``solver``: None for fixed-step RK4 (the fast path), or an adaptive solver for a stiff model
@@ -202,25 +231,6 @@ class Model:
         if not (isinstance(self.default_dt, int | float) and math.isfinite(self.default_dt) and self.default_dt > 0):
             raise fail("default_dt", f"must be a finite number of seconds > 0, got {self.default_dt!r}")
 
-    # ---- names and defaults -------------------------------------------------------------
-    @property
-    def state_names(self) -> tuple[str, ...]:
-        return tuple(v.name for v in self.states)
-
-    @property
-    def input_names(self) -> tuple[str, ...]:
-        return tuple(v.name for v in self.inputs)
-
-    @property
-    def param_names(self) -> tuple[str, ...]:
-        return tuple(p.name for p in self.params)
-
-    @property
-    def output_names(self) -> tuple[str, ...]:
-        return tuple(v.name for v in self.outputs)
-
-    def default_params(self) -> dict[str, float]:
-        return {p.name: p.default for p in self.params}
 
     def param_vector(self, overrides: dict[str, float] | None = None) -> list[float]:
         """Parameter values in model order: defaults updated by `overrides` (unknown names refused)."""
