@@ -43,7 +43,7 @@ def api(ray_session, tmp_path_factory):
     keys = {name: create_key(keys_file, tenant, role)[1] for name, tenant, role in (
         ("admin", "acme", "admin"), ("writer", "acme", "writer"), ("reader", "acme", "reader"),
         ("other", "globex", "admin"), ("limited", "acme", "reader"), ("prober", "acme", "reader"),
-        ("readme", "initech", "admin"),
+        ("readme", "initech", "admin"), ("motors", "motorco", "admin"),
     )}
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -516,6 +516,30 @@ def test_credentials_are_checked_before_the_body(api, http):
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="needs curl, as the guide does")
+def test_an_installed_model_package_is_served(api, http):
+    """The example package's DC motor (examples/dcmotor), installed with pip: its asset type, an asset,
+    telemetry in other units (rpm, degC) and its live state, through the API alone."""
+    dcmotor = pytest.importorskip("raytwin_dcmotor", reason="install examples/dcmotor (./dev does)")
+    motors = auth(api, "motors")
+    r = http.post("/v1/asset-types", json=AssetType.from_model(dcmotor.DC_MOTOR).model_dump(mode="json"),
+                  headers=motors)
+    assert r.status_code == 201, r.text
+    r = http.post("/v1/assets", json={"id": "motor-1", "type_name": "dc_motor", "type_version": "0.1.0",
+                                      "initial_state": {"i": 0.0, "omega": 0.0, "T_w": 300.0}}, headers=motors)
+    assert r.status_code == 201, r.text
+    running = [{"asset_id": "motor-1", "sequence": k, "event_time": (T0 + timedelta(seconds=0.1 * k)).isoformat(),
+                "measurements": {"V": {"value": 48.0, "unit": "V"}, "tau_load": {"value": 2.0, "unit": "N*m"},
+                                 "T_amb": {"value": 25.0, "unit": "degC"}, "i": {"value": 6.9, "unit": "A"},
+                                 "omega": {"value": 1418.0, "unit": "rpm"}, "T_w": {"value": 27.0, "unit": "degC"}}}
+               for k in range(5)]
+    r = http.post("/v1/assets/motor-1/telemetry", json={"events": running}, headers=motors)
+    assert r.status_code < 300 and r.json()["accepted"] == 5, r.text
+    state = http.get("/v1/assets/motor-1/state", headers=motors).json()
+    assert set(state["state"]) == {"i", "omega", "T_w"} and state["revision"] >= 5
+    assert abs(state["state"]["omega"] - 1418.0 * 2 * np.pi / 60) < 3.0  # 148.5 rad/s (steady state at 2 N*m)
+    assert abs(state["state"]["T_w"] - 300.15) < 2.0
+
+
 def test_the_readme_curl_examples_run_as_printed(api):
     """The quick start's curl commands, against this server and with a key of a tenant of their own."""
     readme = (Path(__file__).parents[1] / "serve_apps" / "README.md").read_text()
