@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import pyarrow.parquet as pq
 import pytest
 from ray.job_submission import JobStatus
 from typer.testing import CliRunner
@@ -17,6 +18,7 @@ from typer.testing import CliRunner
 from cluster.cli import cluster_app, job_app
 from cluster.jobs import JobClient, project_runtime_env
 from cluster.local import LocalClusterInfo
+from raytwin.cli import app
 from tests.fixtures_cluster import alive_node_ids
 
 PROBE = '''
@@ -116,6 +118,33 @@ def test_job_cli_submit_status_logs_list(local_cluster: LocalClusterInfo, tmp_pa
 
     bad_env = runner.invoke(job_app, ["submit", *address, "-e", "NOEQUALS", "--", "true"])
     assert bad_env.exit_code == 1 and "KEY=VALUE" in bad_env.output
+
+
+def test_a_job_sweeps_the_installed_example_model(local_cluster: LocalClusterInfo, tmp_path: Path) -> None:
+    """The example package (examples/dcmotor) travels with the job (``--py-module``); the job is the CLI's
+    `raytwin sweep run` of the model's example sweep, its chunks Ray tasks on the cluster."""
+    dcmotor = pytest.importorskip("raytwin_dcmotor", reason="install examples/dcmotor (./dev does)")
+    runner = CliRunner()
+    example = runner.invoke(app, ["sweep", "example", "dc_motor", "--n", "4"])
+    assert example.exit_code == 0, example.output
+    spec = {**json.loads(example.output), "horizon_s": 10.0}  # the kit's 5 minutes, shortened for the test
+    (tmp_path / "job").mkdir()
+    (tmp_path / "job" / "spec.json").write_text(json.dumps(spec))
+    state = tmp_path / "state.json"
+    local_cluster.save(state)
+    runs = tmp_path / "runs"
+    submitted = runner.invoke(job_app, [
+        "submit", "--address", local_cluster.dashboard_url, "--state-file", str(state),
+        "--working-dir", str(tmp_path / "job"), "--py-module", str(Path(dcmotor.__file__).parent),
+        "--", "raytwin", "sweep", "run", "spec.json", "--runs", str(runs), "--no-progress"])
+    assert submitted.exit_code == 0, submitted.output
+    job_id = submitted.output.strip().splitlines()[-1]
+    jobs = JobClient(local_cluster.dashboard_url, local_cluster.auth_headers)
+    assert jobs.wait(job_id, timeout_s=180) == JobStatus.SUCCEEDED, jobs.logs(job_id)
+    logs = jobs.logs(job_id)
+    assert ": 4 scenarios in " in logs and "diverged:" not in logs, logs  # none left its plausible range
+    (part,) = runs.glob("*/output/part-*.parquet")
+    assert pq.read_table(part, columns=["T_w_max"]).num_rows == 4
 
 
 def test_job_commands_need_an_address(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
