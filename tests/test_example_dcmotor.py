@@ -105,9 +105,9 @@ def test_a_sweep_from_the_cli_example(ray_session, tmp_path):
     assert ran.exit_code == 0 and "8 scenarios" in ran.output and "diverged" not in ran.output, ran.output
     table = ds.dataset(ran.output.strip().split(" -> ")[-1].splitlines()[0], format="parquet").to_table()
     assert table.num_rows == 8 and not any(table["diverged"].to_pylist())
-    heavier = np.argsort(table["input.load"].to_numpy())
-    t_max = table["T_w_max"].to_numpy()[heavier]
-    assert t_max[-1] > t_max[0] > 298.0 - 30.0  # a heavier load heats the winding more
+    metrics = {name: table[name].to_numpy() for name in ("T_w_max", "omega_min", "i_max", "overtemp_s")}
+    assert all(np.isfinite(v).all() for v in metrics.values())  # the kit's metrics, declared as data
+    assert (metrics["T_w_max"] >= START["T_w"] - 1e-3).all() and (metrics["i_max"] > 0).all()
 
 
 def test_calibration_recovers_resistance_and_back_emf(ray_session, tmp_path):

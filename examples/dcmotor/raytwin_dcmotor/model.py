@@ -110,7 +110,7 @@ DC_MOTOR_KIT = register_kit(Kit(
     start_state={"i": 0.0, "omega": 0.0, "T_w": 298.15},
     example=ExampleSweep(horizon_s=5 * MINUTE_S, step_s=0.002, dimensions=[
         {"name": "R_th", "target": "param", "mode": "scale", "low": 0.7, "high": 1.3},
-        {"name": "load", "target": "input", "low": 0.0, "high": 15.0},
+        {"name": "load", "target": "input", "low": 0.0, "high": 6.0},  # 20 A: ~80 K in 5 min
         {"name": "T_amb", "target": "input", "low": 273.15, "high": 313.15},
     ]),
     excitation={  # voltage and load levels held for a second: excites current, speed and heating
