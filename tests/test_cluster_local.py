@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from ray.job_submission import JobStatus
@@ -128,6 +129,7 @@ def test_a_job_sweeps_the_installed_example_model(local_cluster: LocalClusterInf
     example = runner.invoke(app, ["sweep", "example", "dc_motor", "--n", "4"])
     assert example.exit_code == 0, example.output
     spec = {**json.loads(example.output), "horizon_s": 10.0}  # the kit's 5 minutes, shortened for the test
+    assert [d["name"] for d in spec["space"]["dimensions"]] == ["R_th", "load", "T_amb"]  # the package's kit
     (tmp_path / "job").mkdir()
     (tmp_path / "job" / "spec.json").write_text(json.dumps(spec))
     state = tmp_path / "state.json"
@@ -144,7 +146,10 @@ def test_a_job_sweeps_the_installed_example_model(local_cluster: LocalClusterInf
     logs = jobs.logs(job_id)
     assert ": 4 scenarios in " in logs and "diverged:" not in logs, logs  # none left its plausible range
     (part,) = runs.glob("*/output/part-*.parquet")
-    assert pq.read_table(part, columns=["T_w_max"]).num_rows == 4
+    metrics = pq.read_table(part, columns=["T_w_max", "omega_min", "i_max", "overtemp_s", "diverged"])
+    assert metrics.num_rows == 4 and not any(metrics["diverged"].to_pylist())
+    assert all(np.isfinite(metrics[name].to_numpy()).all() for name in ("T_w_max", "omega_min", "i_max", "overtemp_s"))
+    assert (metrics["T_w_max"].to_numpy() >= 298.15 - 1e-3).all()  # the hottest point includes the start
 
 
 def test_job_commands_need_an_address(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

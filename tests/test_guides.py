@@ -38,6 +38,8 @@ from tests.guides import GUIDES, REPO_ROOT, Block, Shell, all_blocks, extract, f
 
 NOT_RUN: dict[tuple[str, str], str] = {  # (guide, first line of the block) -> why it does not run here
     ("README.md", "flowchart LR"): "a Mermaid diagram",
+    ("examples/dcmotor/README.md", '[project.entry-points."raytwin.models"]'): "the example package's own "
+     "pyproject.toml holds it; tests/test_example_dcmotor.py checks that the installed package is found by it",
     ("README.md", '[project.entry-points."raytwin.models"]'): "a pyproject.toml fragment: tests/test_models.py "
      "declares a model in that entry-point group of an installed distribution and finds it by name",
     ("actors/README.md", "log/tenant=T/date=D/part-<uuid>.parquet                 accepted events (asset_id column, "
@@ -73,6 +75,11 @@ NOT_RUN_COMMANDS: dict[str, str] = {  # whole command (without its comment) -> w
     "python -m benchmarks run --quick": "tests/test_benchmarks.py runs every benchmark with --quick (two CLI "
                                         "calls, test_bench_cli_quick_*); running them again here would double "
                                         "the cost in CI",
+    "pip install -e examples/dcmotor": "installs into the environment running the tests; ./dev installs the "
+                                       "example package with RayTwin",
+    "raytwin job submit --working-dir . --py-module examples/dcmotor/raytwin_dcmotor -- raytwin sweep run "
+    "spec.json --runs ./runs": "needs a running cluster's job API; tests/test_cluster_local.py submits the same job "
+                               "to the local two-node cluster",
     'raytwin job submit --working-dir . -- raytwin sweep run "$PWD/spec.json" --runs s3://bucket/runs':
         "needs a running cluster's job API; the same submission runs on a local cluster in cluster/README.md's "
         "job block",
