@@ -19,10 +19,9 @@ from raytwin.cli import app
 from raytwin.contracts import Asset, AssetType, TelemetryEvent
 from raytwin.models import get_model
 from raytwin.registry import ModelRegistry
+from raytwin_dcmotor import DC_MOTOR  # installed with pip (./dev installs examples/dcmotor)
 from sweeps.calibration import CalibrationSpec, calibrate
 from sweeps.synthetic import synthetic_telemetry
-
-raytwin_dcmotor = pytest.importorskip("raytwin_dcmotor", reason="install examples/dcmotor (./dev does)")
 
 T0 = datetime(2026, 3, 2, 8, 0, tzinfo=UTC)
 TRUE = {"R": 0.55, "E_krpm": 33.0}  # the motor on the bench differs from the datasheet by 5-10 %
@@ -33,8 +32,7 @@ N, DT = 200, 0.05  # 10 s of telemetry at 20 Hz
 
 def telemetry_events(table, asset_id: str) -> list[TelemetryEvent]:
     """Rows of a synthetic telemetry table as events: inputs and measured outputs, SI units."""
-    model = raytwin_dcmotor.DC_MOTOR
-    units = {v.name: v.unit for v in (*model.inputs, *model.outputs)}
+    units = {v.name: v.unit for v in (*DC_MOTOR.inputs, *DC_MOTOR.outputs)}
     rows = table.to_pylist()
     return [TelemetryEvent(asset_id=asset_id, sequence=k, event_time=T0 + timedelta(seconds=row["t_s"]),
                            measurements={n: {"value": row[n], "unit": u} for n, u in units.items()})
@@ -61,22 +59,22 @@ def test_the_installed_package_is_discovered_and_checked():
     checked = runner.invoke(app, ["models", "check", "dc_motor"])
     assert checked.exit_code == 0, checked.output
     assert "model dc_motor: ok" in checked.output and "warning" not in checked.output  # stable over its bounds
-    assert get_model("dc_motor") is raytwin_dcmotor.DC_MOTOR
+    assert get_model("dc_motor") is DC_MOTOR
 
 
 def test_the_registry_pins_the_packages_code(tmp_path):
     registry = ModelRegistry(str(tmp_path))
-    artifact = registry.register("motor-7", "1.0.0", AssetType.from_model(raytwin_dcmotor.DC_MOTOR), parameters=TRUE)
+    artifact = registry.register("motor-7", "1.0.0", AssetType.from_model(DC_MOTOR), parameters=TRUE)
     assert artifact.asset_type.simulator == "dc_motor"
     assert (artifact.code.distribution, artifact.code.version) == ("raytwin-dcmotor", "0.1.0")
     again = registry.get("motor-7@1.0.0")
-    assert again.code == artifact.code and again.model() is raytwin_dcmotor.DC_MOTOR
+    assert again.code == artifact.code and again.model() is DC_MOTOR
 
 
 def test_a_live_twin_tracks_the_motor_from_telemetry(ray_session, tmp_path, synthetic):
     path, truth = synthetic
     artifact = ModelRegistry(str(tmp_path / "models")).register(
-        "motor-7", "1.0.0", AssetType.from_model(raytwin_dcmotor.DC_MOTOR), parameters=TRUE)
+        "motor-7", "1.0.0", AssetType.from_model(DC_MOTOR), parameters=TRUE)
     service = TwinService(str(tmp_path / "twins"), shards=1)
     try:
         service.register(Asset(id="motor-7", tenant="acme", type_name="dc_motor", type_version="0.1.0"), artifact,
