@@ -297,7 +297,9 @@ def test_a_diverging_scenario_is_reported_and_left_out_of_the_quantiles(ray_sess
     space = ScenarioSpace(method="grid", dimensions=[Dimension(name="C_in", target="param", values=[1e5, 2e6]),
                                                      Dimension(name="R_im", target="param", values=[2e-4, 2e-3])])
     path = tmp_path / "spec.json"
-    path.write_text(_thermal_spec(space=space, horizon_s=21600.0, step_s=60.0).model_dump_json())
+    with pytest.warns(UserWarning, match="beyond the RK4 stability limit"):  # refused unless the user insists
+        spec = _thermal_spec(space=space, horizon_s=21600.0, step_s=60.0, allow_unstable=True)
+    path.write_text(spec.model_dump_json())
     runs, cli = str(tmp_path / "runs"), CliRunner()
     result = cli.invoke(sweep_app, ["run", str(path), "--runs", runs, "--no-progress"])
     assert result.exit_code == 0, result.output

@@ -10,6 +10,7 @@ traced in float64 is never reused in float32 (or the other way round).
 from __future__ import annotations
 
 import inspect
+import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from functools import wraps
@@ -51,5 +52,25 @@ def in_dtype_precision(fn: Callable[P, R]) -> Callable[P, R]:
     def call(*args: P.args, **kwargs: P.kwargs) -> R:
         with precision(signature.bind(*args, **kwargs).arguments["dtype"]):
             return fn(*args, **kwargs)
+
+    return call
+
+
+_callback_thread = threading.local()
+
+
+def host_callback(fn: Callable[P, R]) -> Callable[P, R]:
+    """`fn` as a float64 `jax.pure_callback` target. XLA may run a callback on one of its own threads
+    and checks the results there *after* `fn` returns, converting them to float32 where float64 is
+    off on that thread; so the first callback a thread of XLA's runs switches float64 on for that
+    thread for good. A callback run on the caller's thread (inside `float64`) changes nothing."""
+
+    @wraps(fn)
+    def call(*args: P.args, **kwargs: P.kwargs) -> R:
+        if (not jax.config.jax_enable_x64 and threading.current_thread() is not threading.main_thread()
+                and not getattr(_callback_thread, "float64", False)):
+            float64().__enter__()  # never left: this is a thread of XLA's, not the caller's
+            _callback_thread.float64 = True
+        return fn(*args, **kwargs)
 
     return call
