@@ -19,7 +19,7 @@ from raytwin.fmu import (
 )
 from raytwin.fmu.reference import build_reference_fmus, default_source
 from raytwin.modelcode import code_identity
-from raytwin.sim import simulate
+from raytwin.sim import Output, simulate
 
 MODELS = {2: ("VanDerPol", "Dahlquist", "BouncingBall", "Feedthrough"),
           3: ("VanDerPol", "Dahlquist", "Feedthrough", "StateSpace")}
