@@ -10,7 +10,9 @@ only the final accumulators. A step is exactly the XLA path's step: the same
 and divergence fold (`sweeps.engine.accumulator`, `finish`), so only the compiler differs.
 
 Platforms: Triton (through Pallas) on GPUs; on a CPU, Pallas runs the kernel in interpret mode,
-which checks the kernel against the XLA path without a GPU (tests) but is not a fast path. Kits
+which checks the kernel against the XLA path without a GPU (tests) but is not a fast path, and
+`triton_lowering` lowers it for CUDA without a GPU (JAX lowers across platforms), which proves
+Triton accepts a kit. Kits
 whose functions capture array constants (random or scheduled signals, series: their tables) or use
 operations Triton cannot lower are refused by Pallas at lowering; `compiled` reports why and the
 engine runs the XLA path instead.
@@ -129,6 +131,15 @@ def compiled(kit: SweepKit, n_steps: int, x0, params, ip, dt, *, block: int = BL
     the kit, a string saying why (the caller runs the XLA path). Cached per kit, steps and shapes."""
     (device,) = x0[0].devices()
     return _compile(kit, n_steps, block, device.platform == "cpu", _signature(x0, params, ip, dt), device.platform)
+
+
+def triton_lowering(kit: SweepKit, n_steps: int, x0, params, ip, dt, *, block: int = BLOCK) -> str:
+    """The kernel lowered for CUDA GPUs (StableHLO text holding the Triton kernel), computed on any
+    machine: JAX lowers across platforms, so a CPU-only CI proves that Pallas' Triton lowering accepts
+    the kit (it raises where it does not). Compiling the Triton IR to GPU code needs a GPU."""
+    specs = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)),
+                                   (x0, params, ip, dt))
+    return _fused.trace(kit, n_steps, block, False, *specs).lower(lowering_platforms=("cuda",)).as_text()
 
 
 class FusedKernelUnsupported(ValueError):

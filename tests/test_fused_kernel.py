@@ -18,7 +18,7 @@ from raytwin.models import TSIT5
 from raytwin.sim import BATTERY_ECM, THERMAL_RC
 from sweeps import engine
 from sweeps.engine import Bases, chunk_metrics, kernel_for
-from sweeps.fused import FusedKernelUnsupported
+from sweeps.fused import FusedKernelUnsupported, triton_lowering
 from sweeps.kits import Kit, RandomLevels, kit_for
 from sweeps.space import Dimension
 
@@ -140,3 +140,22 @@ def test_a_kit_pallas_refuses_runs_on_xla_under_auto_and_fails_clearly_when_pall
     xla = chunk_metrics(compiled, bases, dims, rows[:8], 60.0, THERMAL_STEPS, 8, "float32", kernel="xla")
     for name in xla:
         np.testing.assert_array_equal(auto[name], xla[name])
+
+
+@pytest.mark.parametrize("model", ["thermal_rc", "battery_ecm", "lorenz_tsit5"])
+def test_the_kernel_lowers_to_one_triton_kernel_for_cuda_without_a_gpu(model):
+    """JAX lowers across platforms: Pallas' Triton lowering accepts each kit here, on a CPU-only machine,
+    as one Triton custom call with the whole horizon in one loop (an scf.for over the steps)."""
+    if model == "lorenz_tsit5":
+        kit = lorenz_kit(dataclasses.replace(LORENZ, solver=TSIT5)).compile(1.0)
+        bases = Bases({"x": 1.0, "y": 0.0, "z": 0.0}, LORENZ.default_params(), {})
+        dims = [Dimension(name="rho", target="param", values=[0.0])]
+    else:
+        simulator = THERMAL_RC if model == "thermal_rc" else BATTERY_ECM
+        kit = kit_for(simulator).compile(3600.0)
+        bases = Bases(dict(kit.start_state), simulator.default_params(), kit.default_inputs())
+        dims = [Dimension(name=simulator.params[0].name, target="param", mode="scale", values=[1.0])]
+    x0, params, ip = engine.scenario_arrays(kit, bases, dims, np.linspace(0.5, 1.0, 512)[:, None], "float32")
+    text = triton_lowering(kit, 60, x0, params, ip, np.float32(1.0))
+    assert text.count("__gpu$xla.gpu.triton") == 1 and "grid_x = 2" in text and "num_warps = 4" in text
+    assert "scf" in text and "while" not in text  # the steps are a loop inside the kernel, not an XLA loop
