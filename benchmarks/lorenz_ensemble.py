@@ -50,6 +50,9 @@ RHO_MAX = 21.0
 REFERENCE_N = 16
 FLOAT32_ATOL = 1e-4
 """End state vs float64 DOP853 after 1,000 float32 steps, per unit of the state's magnitude."""
+SAME_STEPS_ATOL = 1e-4
+"""Two float32 evaluations of the same 1,000 Tsit5 steps in another operation order (fused kernel or
+diffrax vs the XLA path), per unit of magnitude: diffrax vs XLA measured 2.3e-5 at N=128 on a CPU."""
 TARGET_AT_2_23 = 1.5e11  # trajectory-steps/s of the fused kernel on one H100 (issue 17)
 
 PUBLISHED_MS = {  # N -> (DiffEqGPU GPUTsit5, MPGOS, JAX/diffrax) milliseconds, GPUODEBenchmarks data/
@@ -176,7 +179,7 @@ def on_device(ctx: BenchContext, device: jax.Device, *, with_fused: bool) -> Ben
             if isinstance(kernel, str):
                 raise DisagreementError(f"the fused kernel did not compile for the Lorenz kit: {kernel}")
             fused_end = end_states(jax.block_until_ready(kernel(*args)))
-            check(f"fused@{n} vs xla", fused_end, xla_end, 1e-5, res.checks)  # float32 rounding, checked first
+            check(f"fused@{n} vs xla", fused_end, xla_end, SAME_STEPS_ATOL, res.checks)  # checked before timing
             t, _ = ctx.measure(f"lorenz/fused/{n}", lambda: jax.block_until_ready(kernel(*args)))
             rows["RayTwin fused kernel (Pallas)"] = work / t.median_s
             res.timings[f"fused@{n}"] = t
@@ -184,7 +187,7 @@ def on_device(ctx: BenchContext, device: jax.Device, *, with_fused: bool) -> Ben
             with jax.default_device(device):
                 rho_dev = jnp.asarray(rho, jnp.float32)
                 ys, steps_taken = jax.block_until_ready(solve_diffrax(rho_dev))
-                check(f"diffrax@{n} vs xla", np.asarray(ys), xla_end, 1e-5, res.checks)
+                check(f"diffrax@{n} vs xla", np.asarray(ys), xla_end, SAME_STEPS_ATOL, res.checks)
                 res.checks[f"diffrax@{n} steps"] = sorted({int(s) for s in np.asarray(steps_taken)})
                 t, _ = ctx.measure(f"lorenz/diffrax/{n}", lambda: jax.block_until_ready(solve_diffrax(rho_dev)),
                                    repeat=min(ctx.repeat, 3))
