@@ -44,7 +44,9 @@ def _per_scenario(leaf: Any) -> bool:
 
 
 def _kernel_call(kit: SweepKit, n_steps: int, block: int, interpret: bool, x0, params, ip, dt):
-    """The accumulator leaves and plausibility flag of every scenario, one Pallas program per block."""
+    """(metrics..., diverged) of every scenario: one Pallas program per block of `block` scenarios
+    computes the final accumulators (the last block padded with copies of the last scenario);
+    `finish` turns them into metrics as on the XLA path."""
     from jax.experimental import pallas as pl
 
     model = kit.model
@@ -57,12 +59,10 @@ def _kernel_call(kit: SweepKit, n_steps: int, block: int, interpret: bool, x0, p
             for leaf, p in zip(leaves, per, strict=True)]
     in_specs = [pl.BlockSpec((block,), lambda i: (i,)) if p else pl.BlockSpec((1,), lambda i: (0,)) for p in per]
 
-    def start(x0, ip):  # the carry's structure and dtypes, as the kernel builds it
-        return initial(kit, x0, ip)
-
+    # the accumulators' structure and dtypes, as the kernel builds them (bool flags are stored as int32)
     block_x0 = tuple(jax.ShapeDtypeStruct((block,), dtype) for _ in x0)
-    acc_shape = jax.eval_shape(start, block_x0, jax.tree_util.tree_map(lambda v: v[:1] if jnp.ndim(v) else v, ip))
-    acc_leaves, acc_tree = jax.tree_util.tree_flatten(acc_shape)
+    block_ip = jax.tree_util.tree_map(lambda v: v[:1] if jnp.ndim(v) else v, ip)
+    acc_leaves, acc_tree = jax.tree_util.tree_flatten(jax.eval_shape(functools.partial(initial, kit), block_x0, block_ip))
     stored = [jnp.int32 if leaf.dtype == jnp.bool_ else leaf.dtype for leaf in acc_leaves]
 
     def kernel(*refs):
