@@ -15,11 +15,11 @@ Rows, all on the same device in the same run:
 - JAX/diffrax ``vmap`` of ``diffeqsolve(Tsit5(), ConstantStepSize)``, as the repository's
   ``GPU_ODE_JAX/bench_diffrax.py`` runs it (its Lorenz in float32, beta 2.666 here to match);
 - the published figures (repository ``data/``: DiffEqGPU ``Julia_times_unadaptive.txt``, MPGOS
-  ``MPGOS_times_unadaptive.txt``, JAX ``Jax_times_unadaptive.txt``; DiffEqGPU and JAX: minima of repeated runs; on the
-  paper's GPU, a V100 by the repository's job script) as quoted baselines, never as measurements.
+  ``MPGOS_times_unadaptive.txt``, JAX ``Jax_times_unadaptive.txt``; DiffEqGPU and JAX: minima of
+  repeated runs; on the paper's GPU, a V100) as quoted baselines, never as measurements.
 
 What is timed is the solve of trajectories already on the device (the paper builds its problems
-before ``@benchmark``); timings are medians of ``--repeat`` runs (the published ones are minima).
+before ``@benchmark``); timings are medians of ``--repeat`` runs (the published DiffEqGPU and JAX ones are minima).
 Before anything is timed, every RayTwin path's end states are compared with the XLA path (within
 float32 rounding) and, on `REFERENCE_N` trajectories, with scipy's DOP853 in float64.
 """
@@ -159,7 +159,8 @@ def on_device(ctx: BenchContext, device: jax.Device, *, with_fused: bool) -> Ben
     res = BenchResult()
     res.notes.append(f"{name}; Lorenz (beta {PAPER_BETA}), u0 (1, 0, 0), rho = linspace(0, 21, N), {size.steps} "
                      f"Tsit5 steps of {DT} s, float32, end state only; timed: the solve of trajectories already "
-                     "on the device (medians; the published DiffEqGPU and JAX figures are minima of repeated runs on a V100)")
+                     "on the device (medians; the published DiffEqGPU and JAX figures are minima of repeated "
+                     "runs on a V100)")
     solve_diffrax = diffrax_solver(size.steps)
     for n in size.gpu if on_gpu else size.cpu:
         kit, args = ensemble(n, size.steps, device)

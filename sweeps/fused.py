@@ -62,7 +62,8 @@ def _kernel_call(kit: SweepKit, n_steps: int, block: int, interpret: bool, x0, p
     # the accumulators' structure and dtypes, as the kernel builds them (bool flags are stored as int32)
     block_x0 = tuple(jax.ShapeDtypeStruct((block,), dtype) for _ in x0)
     block_ip = jax.tree_util.tree_map(lambda v: v[:1] if jnp.ndim(v) else v, ip)
-    acc_leaves, acc_tree = jax.tree_util.tree_flatten(jax.eval_shape(functools.partial(initial, kit), block_x0, block_ip))
+    acc_shape = jax.eval_shape(functools.partial(initial, kit), block_x0, block_ip)
+    acc_leaves, acc_tree = jax.tree_util.tree_flatten(acc_shape)
     stored = [jnp.int32 if leaf.dtype == jnp.bool_ else leaf.dtype for leaf in acc_leaves]
 
     def kernel(*refs):

@@ -129,7 +129,8 @@ class SweepSpec(Contract):
 
 
 @functools.cache
-def _custom_kit(simulator: str, signals: str, metrics: str, declared: tuple[str, ...], solver: str | None = None) -> Kit:
+def _custom_kit(simulator: str, signals: str, metrics: str, declared: tuple[str, ...],
+                solver: str | None = None) -> Kit:
     """The model's kit with replaced signals / metrics (JSON), new parameters `declared` and, if
     named, the `solver` tableau in its model."""
     kit = kit_for(get_model(simulator))
