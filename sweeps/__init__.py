@@ -32,8 +32,8 @@ _EXPORTS = {
     "start_from_twin": "sweeps.twins",
     "Kit": "sweeps.kits",
     "KitParameter": "sweeps.kits",
-    "Metric": "sweeps.kits",
-    "CustomMetric": "sweeps.kits",
+    "Metric": "raytwin.scenario_metrics",
+    "CustomMetric": "raytwin.scenario_metrics",
     "kit_for": "sweeps.kits",
     "register_kit": "sweeps.kits",
 }

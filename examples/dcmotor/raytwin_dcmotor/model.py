@@ -20,7 +20,9 @@ from __future__ import annotations
 import math
 
 from raytwin.models import Input, Model, Output, Param, State
-from sweeps.kits import Constant, ExampleSweep, Kit, KitParameter, Metric, RandomLevels, Square, register_kit
+from raytwin.scenario_metrics import Metric
+from raytwin.signals import Constant, RandomLevels, Square
+from sweeps.kits import ExampleSweep, Kit, KitParameter, register_kit
 
 OMEGA_KRPM = 1000.0 * 2.0 * math.pi / 60.0
 """1000 rpm in rad/s: the reference speed of ``E_krpm`` and ``tau_f_krpm``."""
