@@ -251,7 +251,7 @@ def signal_function(sig: Any, *, horizon_s: float | None = None, step_s: float |
     bounds and converted to `unit`; elementwise, on a scalar or a vector `t`.
 
     Random signals need `horizon_s` (their draws are tabulated) and draw from ``seed + offset``;
-    a series of per-step values needs `step_s`. A `UnitError` if `unit` is not the signal's dimension.
+    a series of per-step values needs `step_s` (and has one value per step of `horizon_s`). A `UnitError` if `unit` is not the signal's dimension.
     """
     if callable(sig):
         return sig
@@ -302,6 +302,8 @@ def _raw(sig: Any, horizon_s: float | None, step_s: float | None, offset: int) -
         if step_s is None:
             raise ValueError("a series of per-step values needs the step: compile it with step_s")
         per_step = np.asarray(sig.values)
+        if horizon_s is not None and per_step.size != (n := round(horizon_s / step_s)):
+            raise ValueError(f"series has {per_step.size} values for {n} steps")
 
         def stepwise(t, x, ip):  # the value of the step that starts at t (rounded: t carries float error)
             idx = jnp.clip(jnp.round(t / step_s).astype(jnp.int32), 0, per_step.size - 1)

@@ -117,6 +117,8 @@ def test_scenarios_take_numbers_from_the_request_only():
         _scenario({"kind": "constant", "value": 1.0, "unit": "W"}).check_against(THERMAL)
     with pytest.raises(ValidationError, match="give either values .* or path and column"):
         Series(values=[1.0], path="x.parquet", column="x")
+    with pytest.raises(ValueError, match="series has 2 values for 3 steps"):  # in a sweep too
+        signal_function(Series(values=[1.0, 2.0]), horizon_s=3.0, step_s=1.0)
 
 
 def test_signals_compile_in_either_precision_and_convert_units_affinely():
