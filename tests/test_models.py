@@ -330,9 +330,9 @@ def test_importing_raytwin_leaves_jax_x64_alone_and_its_float64_paths_stay_float
 
 
 def test_float64_callbacks_leave_the_precision_of_xlas_threads_alone(monkeypatch):
-    """A host callback's float64 result survives a thread where float64 is off (as XLA's own threads
-    are) bit for bit, and that thread's setting is the same afterwards: a user's float32 callback run
-    there next still computes and returns float32."""
+    """A host callback's float64 arguments and result cross a thread where float64 is off (as XLA's
+    own threads may be) bit for bit, its JAX code computes in float64 there, and that thread's setting
+    is the same afterwards: a user's float32 callback run there next still computes in float32."""
     import threading
 
     import jax
@@ -343,7 +343,7 @@ def test_float64_callbacks_leave_the_precision_of_xlas_threads_alone(monkeypatch
     real = jax.pure_callback
     monkeypatch.setattr(jax, "pure_callback", lambda fn, *a, **kw: (targets.append(fn), real(fn, *a, **kw))[1])
     with precision.float64():
-        third = jax.jit(lambda x: precision.float64_callback(lambda v: v / 3.0, x.shape, x))(np.ones(2))
+        third = jax.jit(lambda x: precision.float64_callback(lambda v: jnp.asarray(v) / 3.0, x.shape, x))(np.ones(2))
     assert third.dtype == np.float64 and third.tolist() == [1.0 / 3.0] * 2  # exact: no float32 on the way
     (host,) = targets
 
@@ -351,7 +351,8 @@ def test_float64_callbacks_leave_the_precision_of_xlas_threads_alone(monkeypatch
         from jax._src import dtypes
 
         before = jax.config.jax_enable_x64
-        bits = dtypes.canonicalize_value(host(np.full(2, 1.0)))  # what XLA does with the result there
+        packed = np.full(2, 1.0).view(np.uint32).reshape(2, 2)  # the argument as the kernel sends it
+        bits = dtypes.canonicalize_value(host(packed))  # what XLA does with the result there
         seen.update(before=before, after=jax.config.jax_enable_x64, bits=bits.dtype, user=jnp.zeros(()).dtype,
                     value=bits.view(np.float64).ravel().tolist())
 

@@ -60,19 +60,28 @@ def float64_callback(fn: Callable[..., Any], shape: tuple[int, ...], *args: Any,
     """``jax.pure_callback(fn, float64[shape], *args)`` for a kernel traced in float64, leaving JAX's
     precision setting alone on every thread.
 
-    XLA may run a callback on one of its own threads and converts the results there, *after* `fn`
-    returns, to the precision set on that thread: float64 results would become float32 (and be
-    refused) wherever float64 is off, and switching it on there for good would change a user's
-    float32 callbacks that XLA later runs on the same thread. So the result crosses as its bits
-    (pairs of uint32, which no setting converts) and is bitcast back to float64 in the kernel;
-    `fn` itself runs in a `float64` scope, left when it returns.
+    XLA may run a callback on one of its own threads and converts its arguments there before `fn`
+    runs, and its results after `fn` returns, to the precision set on that thread: float64 would
+    become float32 wherever float64 is off, and switching it on there for good would change a
+    user's float32 callbacks that XLA later runs on the same thread. So float64 arguments and the
+    result cross as their bits (pairs of uint32, which no setting converts) and are bitcast back on
+    the other side; `fn` gets NumPy float64 arrays and runs in a `float64` scope, left when it returns.
     """
     import jax.numpy as jnp
 
-    def host(*a: Any) -> np.ndarray:
+    def host(*packed: Any) -> np.ndarray:
+        a = [_unpacked(np.asarray(x)) if f else x for x, f in zip(packed, is_float64)]
         with float64():
             out = np.ascontiguousarray(fn(*a), dtype=np.float64)
         return out.view(np.uint32).reshape(*out.shape, 2)
 
-    bits = jax.pure_callback(host, jax.ShapeDtypeStruct((*shape, 2), jnp.uint32), *args, vmap_method=vmap_method)
+    arrays = [jnp.asarray(x) for x in args]
+    is_float64 = [x.dtype == jnp.float64 for x in arrays]
+    packed = [jax.lax.bitcast_convert_type(x, jnp.uint32) if f else x for x, f in zip(arrays, is_float64)]
+    bits = jax.pure_callback(host, jax.ShapeDtypeStruct((*shape, 2), jnp.uint32), *packed, vmap_method=vmap_method)
     return jax.lax.bitcast_convert_type(bits, jnp.float64)
+
+
+def _unpacked(bits: np.ndarray) -> np.ndarray:
+    """float64 values from their bits as pairs of uint32 (last axis), the layout `bitcast_convert_type` gives."""
+    return np.ascontiguousarray(bits).view(np.float64).reshape(bits.shape[:-1])
