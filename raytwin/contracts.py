@@ -368,17 +368,13 @@ class Scenario(Contract):
         return self._checked_inputs(asset_type)
 
     def input_values(self, name: str, unit: str | None = None) -> np.ndarray:
-        """Input `name` at the start of each step, in `unit` (default: the signal's), evaluated in
-        float64 by the same compiled signal a sweep runs in its scan (random signals drawn from
+        """Input `name` at the start of each step, in `unit` (default: the signal's), in float64: the
+        formulas a sweep compiles into its scan, evaluated with NumPy (random signals drawn from
         their seed plus the scenario's `seed`)."""
-        import jax.numpy as jnp
-
-        from raytwin.sim.precision import float64
-
         fn = signal_function(self.inputs[name], horizon_s=self.horizon_s, step_s=self.step_s, offset=self.seed,
-                             unit=unit)
-        with float64():
-            return np.asarray(fn(self.step_s * jnp.arange(self.n_steps, dtype=jnp.float64), None, {}))
+                             unit=unit, xp=np)
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused by the range check
+            return np.asarray(fn(self.step_s * np.arange(self.n_steps, dtype=np.float64), None, {}), np.float64)
 
     def _checked_inputs(self, asset_type: AssetType) -> np.ndarray:
         """`check_against`, returning the input series it evaluated to check their ranges."""

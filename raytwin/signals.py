@@ -246,20 +246,23 @@ def _value(v: Value | None, ip: Params) -> Any:
 
 
 def signal_function(sig: Any, *, horizon_s: float | None = None, step_s: float | None = None, offset: int = 0,
-                    unit: str | None = None) -> InputFn:
+                    unit: str | None = None, xp: Any = None) -> InputFn:
     """``f(t, state, params)`` for one signal (a custom `InputFn` is returned as it is), saturated to its
-    bounds and converted to `unit`; elementwise, on a scalar or a vector `t`.
+    bounds and converted to `unit`; elementwise, on a scalar or a vector `t`, in `xp`: ``jax.numpy``
+    (the default: traced into a kernel) or ``numpy`` (the same formulas evaluated at once, without
+    compiling a kernel per horizon: what a single what-if scenario needs).
 
     Random signals need `horizon_s` (their draws are tabulated) and draw from ``seed + offset``;
     a series of per-step values needs `step_s` (and has one value per step of `horizon_s`). A `UnitError` if `unit` is not the signal's dimension.
     """
     if callable(sig):
         return sig
-    import jax.numpy as jnp
+    if xp is None:
+        import jax.numpy as xp
 
-    raw = _raw(sig, horizon_s, step_s, offset)
+    raw = _raw(sig, horizon_s, step_s, offset, xp)
     saturated = raw if sig.lower is None and sig.upper is None else (
-        lambda t, x, ip: jnp.clip(raw(t, x, ip), _value(sig.lower, ip), _value(sig.upper, ip)))
+        lambda t, x, ip: xp.clip(raw(t, x, ip), _value(sig.lower, ip), _value(sig.upper, ip)))
     if sig.unit is None or unit is None or sig.unit == unit:
         return saturated
     src, dst = units.unit_def(sig.unit), units.unit_def(unit)
@@ -268,33 +271,31 @@ def signal_function(sig: Any, *, horizon_s: float | None = None, step_s: float |
     return lambda t, x, ip: saturated(t, x, ip) * scale + offset_si
 
 
-def _raw(sig: Any, horizon_s: float | None, step_s: float | None, offset: int) -> InputFn:
-    import jax.numpy as jnp
-
+def _raw(sig: Any, horizon_s: float | None, step_s: float | None, offset: int, xp: Any) -> InputFn:
     v = _value
     if isinstance(sig, Constant):
-        return lambda t, x, ip: jnp.zeros_like(t) + v(sig.value, ip)
+        return lambda t, x, ip: xp.zeros_like(t) + v(sig.value, ip)
     if isinstance(sig, Sinusoid):
         omega, zero_mean = TWO_PI / sig.period_s, sig.mean == 0.0
 
         def sinusoid(t, x, ip):
-            wave = v(sig.amplitude, ip) * jnp.sin(omega * (t + sig.phase_s))
+            wave = v(sig.amplitude, ip) * xp.sin(omega * (t + sig.phase_s))
             return wave if zero_mean else v(sig.mean, ip) + wave
         return sinusoid
     if isinstance(sig, Schedule):
         starts = np.asarray(sig.starts_s)
 
         def schedule(t, x, ip):
-            idx = jnp.searchsorted(jnp.asarray(starts, t.dtype), jnp.mod(t, sig.period_s), side="right") - 1
-            return jnp.stack(jnp.broadcast_arrays(*(jnp.asarray(v(s, ip)) for s in sig.values)))[idx]
+            idx = xp.searchsorted(xp.asarray(starts, t.dtype), xp.mod(t, sig.period_s), side="right") - 1
+            return xp.stack(xp.broadcast_arrays(*(xp.asarray(v(s, ip)) for s in sig.values)))[idx]
         return schedule
     if isinstance(sig, Step):
-        return lambda t, x, ip: jnp.where(t < v(sig.at_s, ip), v(sig.before, ip), v(sig.after, ip))
+        return lambda t, x, ip: xp.where(t < v(sig.at_s, ip), v(sig.before, ip), v(sig.after, ip))
     if isinstance(sig, Square):
         def square(t, x, ip):
             period = v(sig.period_s, ip)
-            on = jnp.mod(t - sig.phase_s if sig.phase_s else t, period) < v(sig.duty, ip) * period
-            return jnp.where(on, v(sig.high, ip), v(sig.low, ip))
+            on = xp.mod(t - sig.phase_s if sig.phase_s else t, period) < v(sig.duty, ip) * period
+            return xp.where(on, v(sig.high, ip), v(sig.low, ip))
         return square
     if isinstance(sig, Proportional):
         return lambda t, x, ip: v(sig.gain, ip) * (v(sig.setpoint, ip) - x[sig.state])
@@ -306,18 +307,18 @@ def _raw(sig: Any, horizon_s: float | None, step_s: float | None, offset: int) -
             raise ValueError(f"series has {per_step.size} values for {n} steps")
 
         def stepwise(t, x, ip):  # the value of the step that starts at t (rounded: t carries float error)
-            idx = jnp.clip(jnp.round(t / step_s).astype(jnp.int32), 0, per_step.size - 1)
-            return jnp.asarray(per_step, t.dtype)[idx]
+            idx = xp.clip(xp.round(t / step_s).astype(xp.int32), 0, per_step.size - 1)
+            return xp.asarray(per_step, t.dtype)[idx]
         return stepwise
     if isinstance(sig, PiecewiseLinear | Series):
         times, vals = (np.asarray(sig.times_s), np.asarray(sig.values)) if isinstance(sig, PiecewiseLinear) \
             else sig.points
-        return lambda t, x, ip: jnp.interp(t, jnp.asarray(times, t.dtype), jnp.asarray(vals, t.dtype))
+        return lambda t, x, ip: xp.interp(t, xp.asarray(times, t.dtype), xp.asarray(vals, t.dtype))
     if horizon_s is None:
         raise ValueError(f"a {sig.kind} signal needs the horizon: compile it with horizon_s")
     table, hold = sig.table(horizon_s, offset), sig.hold_s
 
     def held(t, x, ip):
-        idx = jnp.clip(jnp.floor(t / hold).astype(jnp.int32), 0, table.size - 1)
-        return jnp.asarray(table, t.dtype)[idx]
+        idx = xp.clip(xp.floor(t / hold).astype(xp.int32), 0, table.size - 1)
+        return xp.asarray(table, t.dtype)[idx]
     return held

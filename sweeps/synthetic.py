@@ -8,14 +8,12 @@ generic ones derived from the model's declaration (`generic_excitation`).
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 import numpy as np
 import pyarrow as pa
 
 from raytwin.sim import Model, get_model
 from raytwin.sim.reference import model_rhs, reference_trajectory
 from raytwin.signals import RandomLevels, signal_function
-from raytwin.sim.precision import float64
 from sweeps.kits import kit_for
 
 HOLD_STEPS = 60
@@ -42,10 +40,9 @@ def excitation(model: Model | str, n_steps: int, dt: float, seed: int = 0) -> np
     signals = kit_for(model).excitation or generic_excitation(model)
     t = dt * np.arange(n_steps, dtype=np.float64)
     columns = []
-    with float64():  # ground truth: the inputs in full precision
-        for var in model.inputs:  # open-loop signals of numbers only (checked by `Kit`)
-            fn = signal_function(signals[var.name], horizon_s=n_steps * dt, step_s=dt, offset=seed, unit=var.unit)
-            columns.append(np.asarray(fn(jnp.asarray(t), None, {}), dtype=np.float64))
+    for var in model.inputs:  # open-loop signals of numbers only (checked by `Kit`), in float64 NumPy
+        fn = signal_function(signals[var.name], horizon_s=n_steps * dt, step_s=dt, offset=seed, unit=var.unit, xp=np)
+        columns.append(np.asarray(fn(t, None, {}), dtype=np.float64))
     return np.column_stack(columns)
 
 

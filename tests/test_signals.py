@@ -1,7 +1,7 @@
 """One family of scenario signals: each kind, parsed from a what-if scenario's JSON, evaluates to its
-closed form (NumPy, written here from the definition) both where the HTTP API checks and runs a
-scenario (`Scenario.input_series`, float64) and, as the same object, inside a sweep kit's compiled
-input function (the one the engine fuses into its scan)."""
+closed form (written here from the definition) both where the HTTP API checks and runs a scenario
+(`Scenario.input_series`: the signal's formulas in float64 NumPy) and, as the same object, inside a
+sweep kit's compiled input function (JAX, the one the engine fuses into its scan)."""
 
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def _scenario(t_out: dict, seed: int = 0) -> Scenario:
 def test_each_signal_kind_matches_its_closed_form_on_both_paths(case):
     wire, expected = CASES[case]
     scenario = _scenario(wire)
-    np.testing.assert_allclose(scenario.input_series(THERMAL)[:, 0], expected, rtol=1e-12)  # HTTP path, float64
+    np.testing.assert_allclose(scenario.input_series(THERMAL)[:, 0], expected, rtol=1e-12)  # HTTP path, float64 NumPy
 
     signal = scenario.inputs["T_out"]  # the very object the HTTP request carried, in a sweep kit
     kit = Kit(model=THERMAL_RC, inputs={"T_out": signal, "Q_h": Constant(value=0.0), "Q_sol": Constant(value=0.0)},
