@@ -1,10 +1,10 @@
 """Scenario inputs declared as data: one family of signals for what-if runs over HTTP and for sweeps.
 
 A signal is a validated contract (``kind`` discriminates; durations and times carry their unit in
-the field name: ``period_s``, ``at_s``) that `signal_function` compiles into one pure, elementwise
-JAX function ``f(t, state, params)``. The HTTP API evaluates it over a scenario's step times (in
-float64) to check and run the scenario; a sweep kit calls the very same function inside the RK4
-scan, where XLA fuses it with the model step, so no input array is stored or moved.
+the field name: ``period_s``, ``at_s``) that `signal_function` turns into one pure, elementwise
+function ``f(t, state, params)``. A sweep kit calls it in JAX inside the RK4 scan, where XLA fuses it
+with the model step, so no input array is stored or moved; the HTTP API evaluates the same formulas
+in float64 NumPy over a scenario's step times to check and run the scenario.
 
 A numeric field is a number or, in sweeps, the name of a kit parameter (set per sweep and swept
 per scenario). ``unit`` (default: the input's own unit) converts the signal's values to the
