@@ -17,12 +17,19 @@ batch's values are bucketed with numpy and recorded as cumulative per-bucket cou
 (``<name>_bucket_total{le=...}``, ``_sum_total``, ``_count_total``): exact counts at a cost per
 bucket, and ``histogram_quantile`` reads them as it reads any histogram.
 
+Gauges are re-recorded every `GAUGE_REFRESH_S` by a daemon thread of the process that set them:
+Ray's exporter drops a gauge value that was not recorded again within two export intervals
+(measured on Ray 2.60: a Serve replica's gauge set once vanished from the export), which is
+right for a dead process's gauges and wrong for a live process whose value did not change.
+
 Recording in a process without Ray is a no-op (CLI runs and unit tests stay metric-free).
 """
 
 from __future__ import annotations
 
 import math
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -36,6 +43,8 @@ LAG_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 15.0, 60.0, 300.0, 90
 """Ingest lag buckets: 10 ms (the live path) to a day (backfills)."""
 DURATION_S = (1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 14400.0)
 """Calibration run time buckets."""
+GAUGE_REFRESH_S = 0.5
+"""How often a process re-records its gauges: under Ray's shortest export interval (1 s)."""
 
 
 @dataclass(frozen=True)
@@ -65,9 +74,10 @@ class Metric:
             m[0].inc(value, tags)
 
     def set(self, value: float, **tags: str) -> None:
-        """Set a gauge."""
+        """Set a gauge (kept, and re-recorded until the process ends)."""
         if m := _recorders(self):
             m[0].set(value, tags)
+            _GAUGES.keep(m[0], value, tags)
 
     def observe(self, value: float, **tags: str) -> None:
         """Record one value of a histogram."""
@@ -88,6 +98,33 @@ class Metric:
         count.inc(values.size, tags)
         if (s := float(values.sum())) > 0:
             total.inc(s, tags)
+
+
+class _GaugeKeeper:
+    """The last value of every gauge series this process set, re-recorded by a daemon thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._values: dict[tuple[int, tuple[tuple[str, str], ...]], tuple[Any, float, dict[str, str]]] = {}
+        self._thread: threading.Thread | None = None
+
+    def keep(self, gauge: Any, value: float, tags: dict[str, str]) -> None:
+        with self._lock:
+            self._values[(id(gauge), tuple(sorted(tags.items())))] = (gauge, value, tags)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._refresh, name="raytwin-gauges", daemon=True)
+                self._thread.start()
+
+    def _refresh(self) -> None:
+        while True:
+            time.sleep(GAUGE_REFRESH_S)
+            with self._lock:
+                values = list(self._values.values())
+            for gauge, value, tags in values:
+                gauge.set(value, tags)
+
+
+_GAUGES = _GaugeKeeper()
 
 
 def _le(bound: float) -> str:
