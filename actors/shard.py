@@ -90,6 +90,7 @@ class TwinShard:
             self.durable_revision[(tenant, asset_id)] = 0  # at worst one snapshot is rewritten as is
         self.drifting = {key for key, twin in self.twins.items() if twin.fs.divergence.drift}
         metrics.TWINS.set(len(self.twins), shard=self.tag)
+        metrics.TWINS_DRIFTING.set(len(self.drifting), shard=self.tag)
         log.info("event=shard_started shard=%d pid=%d twins=%d", index, os.getpid(), len(self.twins))
 
     def _recover(self, record: dict[str, Any], until_us: int | None = None) -> Twin:

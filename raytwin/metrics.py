@@ -116,8 +116,12 @@ class _GaugeKeeper:
                 self._thread.start()
 
     def _refresh(self) -> None:
+        import ray
+
         while True:
             time.sleep(GAUGE_REFRESH_S)
+            if not ray.is_initialized():  # after `ray.shutdown()` in a driver: nothing to export to
+                continue
             with self._lock:
                 values = list(self._values.values())
             for gauge, value, tags in values:

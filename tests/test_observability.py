@@ -5,6 +5,7 @@ unknown twins: the dead-letter alert, and only it)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -19,6 +20,7 @@ import pytest
 import yaml
 
 from actors import TwinService
+from cluster.status import bucket_quantile, collect, render, scrape_nodes
 from raytwin import metrics
 from raytwin.contracts import Asset, AssetType, TelemetryEvent
 from raytwin.registry import ModelRegistry
@@ -82,6 +84,17 @@ def test_dashboard_and_rules_query_only_names_raytwin_exports():
     assert {n for n in names if n.startswith("raytwin:")} <= recorded
     titles = {p["title"] for p in json.loads(DASHBOARD.read_text())["panels"] if p["type"] == "row"}
     assert titles == {"Ingestion", "Twins", "Sweeps and jobs", "API"}
+
+
+def test_bucket_quantile_interpolates_as_prometheus_does():
+    """`histogram_quantile` semantics: linear within the bucket from the previous bound (0 for the
+    first), the last finite bound when the rank falls in +Inf, None without observations."""
+    buckets = {0.1: 50.0, 0.5: 100.0, math.inf: 100.0}
+    assert bucket_quantile(0.5, buckets) == pytest.approx(0.1)
+    assert bucket_quantile(0.25, buckets) == pytest.approx(0.05)
+    assert bucket_quantile(0.75, buckets) == pytest.approx(0.3)
+    assert bucket_quantile(0.95, {0.1: 10.0, math.inf: 100.0}) == pytest.approx(0.1)
+    assert bucket_quantile(0.95, {0.1: 0.0, math.inf: 0.0}) is None
 
 
 # ---------------------------------------------------------------- a real Prometheus, a live RayTwin ----
@@ -197,3 +210,17 @@ def test_prometheus_sees_raytwin_loads_the_rules_and_alerts_on_a_dead_letter_flo
     firing = _until(lambda: {n for n, s in _alerts(prometheus).items() if s == "firing"} or None,
                     "an alert firing")
     assert firing == {"RayTwinDeadLettersHigh"}
+
+    # `raytwin status` agrees with Prometheus: the lag p95 over the same cumulative buckets, the alert
+    def p95s() -> tuple[float | None, float | None]:
+        prom = _query(prometheus, "histogram_quantile(0.95, sum by (le) (ray_raytwin_ingest_to_applied_seconds_bucket_total))")
+        return collect(scrape_nodes()).lag_p95_s, float(prom[0]["value"][1]) if prom else None
+
+    ours, reference = _until(lambda: (p := p95s())[0] is not None and p[0] == pytest.approx(p[1], rel=1e-9) and p,
+                             "the same lag p95 in `raytwin status` and Prometheus")
+    status = collect(scrape_nodes(), prometheus=str(prometheus.base_url))
+    assert status.alerts == ["RayTwinDeadLettersHigh"] and status.twins >= 2 and status.nodes == 1
+    assert status.dead_letters["shard/unknown_twin"] >= 301 and status.events["accepted"] >= 200
+    assert status.shards.get("ALIVE", 0) >= 1
+    screen = render(status)
+    assert "alerts        RayTwinDeadLettersHigh" in screen and f"p95 {ours * 1000:.0f} ms" in screen
