@@ -113,8 +113,11 @@ def twins(ray_session, tmp_path_factory) -> Iterator[TwinService]:
     artifact = ModelRegistry(str(tmp_path_factory.mktemp("obs-reg"))).register("tank", "1.0.0",
                                                                                AssetType.from_model(TWO_TANK))
     svc = TwinService(str(tmp_path_factory.mktemp("obs-store")), shards=1)
-    for a in ("tank-1", "tank-2"):
+    for a in ("tank-1", "tank-2", "warm-up"):
         svc.register(Asset(id=a, tenant="ops", type_name="two_tank", type_version="1.0.0"), artifact)
+    # the shard compiles its filter's kernels on its first events: before Prometheus watches, so
+    # the compile's seconds are not ingest lag of the healthy run
+    assert svc.ingest("ops", _events("warm-up", 10, 0)).accepted == 10
     yield svc
     svc.close()
 
@@ -219,7 +222,7 @@ def test_prometheus_sees_raytwin_loads_the_rules_and_alerts_on_a_dead_letter_flo
     ours, reference = _until(lambda: (p := p95s())[0] is not None and p[0] == pytest.approx(p[1], rel=1e-9) and p,
                              "the same lag p95 in `raytwin status` and Prometheus")
     status = collect(scrape_nodes(), prometheus=str(prometheus.base_url))
-    assert status.alerts == ["RayTwinDeadLettersHigh"] and status.twins >= 2 and status.nodes == 1
+    assert status.alerts == ["RayTwinDeadLettersHigh"] and status.twins >= 3 and status.nodes == 1
     assert status.dead_letters["shard/unknown_twin"] >= 301 and status.events["accepted"] >= 200
     assert status.shards.get("ALIVE", 0) >= 1
     screen = render(status)
