@@ -129,5 +129,10 @@ def status(
 ) -> None:
     """Cluster, twins, ingest lag, job queue and firing alerts, on one screen."""
     if not ray.is_initialized():
-        ray.init(address=address or "auto", logging_level="ERROR")
+        try:
+            ray.init(address=address or "auto", logging_level="ERROR")
+        except ConnectionError as exc:
+            typer.echo(f"no Ray cluster to report on ({exc}); pass --address or set RAY_ADDRESS to a running "
+                       "cluster (`raytwin cluster up` starts a local one)", err=True)
+            raise typer.Exit(1) from None
     typer.echo(render(collect(scrape_nodes(), prometheus)))
