@@ -133,6 +133,6 @@ def status(
             ray.init(address=address or "auto", logging_level="ERROR")
         except ConnectionError as exc:
             typer.echo(f"no Ray cluster to report on ({exc}); pass --address or set RAY_ADDRESS to a running "
-                       "cluster (`raytwin cluster up` starts a local one)", err=True)
+                       "cluster (`raytwin cluster up --local` starts a local one)", err=True)
             raise typer.Exit(1) from None
     typer.echo(render(collect(scrape_nodes(), prometheus)))
