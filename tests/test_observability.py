@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from actors import TwinService
 from cluster.status import bucket_quantile, collect, render, scrape_nodes
@@ -181,6 +182,12 @@ def _alerts(prom: httpx.Client) -> dict[str, str]:
     return {a["labels"]["alertname"]: a["state"] for a in prom.get("/api/v1/alerts").json()["data"]["alerts"]}
 
 
+def _alert_evaluations(prom: httpx.Client) -> float:
+    """How many times Prometheus evaluated the alert group (its own metric)."""
+    return sum(s.value for f in text_string_to_metric_families(prom.get("/metrics").text) for s in f.samples
+               if s.name == "prometheus_rule_group_iterations_total" and s.labels["rule_group"].endswith(";raytwin-slo-alerts"))
+
+
 def test_prometheus_sees_raytwin_loads_the_rules_and_alerts_on_a_dead_letter_flood(twins, prometheus,
                                                                                    ray_metrics_port):
     # healthy: events applied, 1 in 101 for an unknown twin (under the 5 % threshold; it also makes
@@ -196,7 +203,8 @@ def test_prometheus_sees_raytwin_loads_the_rules_and_alerts_on_a_dead_letter_flo
     assert {g["name"] for g in groups} == {"raytwin-slo-recording", "raytwin-slo-alerts"}
     assert all(r["health"] == "ok" for g in groups for r in g["rules"]), [r for g in groups for r in g["rules"]
                                                                          if r["health"] != "ok"]
-    time.sleep(3)  # three evaluations over healthy data: with `for:` of 1 s a bad rule would fire by now
+    done = _alert_evaluations(prometheus)  # three more over healthy data: with `for:` 1 s a bad rule fires
+    _until(lambda: _alert_evaluations(prometheus) >= done + 3, "three evaluations of the alert rules")
     assert _alerts(prometheus) == {}
     assert _query(prometheus, "raytwin:dead_letters:ratio_rate5m < 0.05")
 
@@ -210,7 +218,7 @@ def test_prometheus_sees_raytwin_loads_the_rules_and_alerts_on_a_dead_letter_flo
 
     # the fault: a producer floods events for twins that do not exist
     twins.ingest("ops", _events("ghost", 300, 1))
-    firing = _until(lambda: {n for n, s in _alerts(prometheus).items() if s == "firing"} or None,
+    firing = _until(lambda: {n for n, s in _alerts(prometheus).items() if s == "firing"},
                     "an alert firing")
     assert firing == {"RayTwinDeadLettersHigh"}
 
