@@ -25,6 +25,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from connectors.files import write_atomically
 from raytwin.contracts import Identifier
 from raytwin.storage import filesystem
 
@@ -100,7 +101,7 @@ class CommandLedger:
 
     def _save(self, command: Command) -> Command:
         self.fs.makedirs(f"{self.root}/tenant={command.tenant}", exist_ok=True)
-        self.fs.pipe_file(self._path(command.tenant, command.id), command.model_dump_json().encode())
+        write_atomically(self.fs, self._path(command.tenant, command.id), command.model_dump_json().encode())
         log.info("event=command_%s tenant=%s command=%s correlation_id=%s connector=%s asset=%s by=%s",
                  command.status.value, command.tenant, command.id, command.correlation_id, command.connector,
                  command.asset_id, command.history[-1].by)

@@ -28,18 +28,18 @@ MAX_EVENTS_PER_MESSAGE = 10_000
 """A payload may carry a JSON array of readings; more than this is refused (bounded memory)."""
 
 
-class _Spec(BaseModel):
+class FrozenSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class MeasurementField(_Spec):
+class MeasurementField(FrozenSpec):
     """Where one measurement is in the payload and its unit (any unit `raytwin.units` knows)."""
 
     field: FieldPath
     unit: Unit
 
 
-class PayloadMapping(_Spec):
+class PayloadMapping(FrozenSpec):
     """JSON payload fields -> one `TelemetryEvent` per reading (an object, or each item of an array)."""
 
     measurements: Annotated[dict[Identifier, MeasurementField], Field(min_length=1)]

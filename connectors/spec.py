@@ -14,6 +14,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
+from connectors.files import write_atomically
 from raytwin.contracts import Identifier
 from raytwin.storage import filesystem
 
@@ -62,8 +63,8 @@ class ConnectorStore:
     def save(self, spec: ConnectorSpec, credentials: Credentials) -> None:
         d = self._dir(spec.tenant, spec.name)
         self.fs.makedirs(d, exist_ok=True)
-        self.fs.pipe_file(f"{d}/credentials.json", json.dumps(credentials.revealed()).encode())
-        self.fs.pipe_file(f"{d}/spec.json", spec.model_dump_json().encode())
+        write_atomically(self.fs, f"{d}/credentials.json", json.dumps(credentials.revealed()).encode())
+        write_atomically(self.fs, f"{d}/spec.json", spec.model_dump_json().encode())
         self.set_desired(spec.tenant, spec.name, Desired.running)
 
     def spec_json(self, tenant: str, name: str) -> dict[str, Any]:
@@ -86,7 +87,7 @@ class ConnectorStore:
             return Desired.running
 
     def set_desired(self, tenant: str, name: str, desired: Desired) -> None:
-        self.fs.pipe_file(f"{self._dir(tenant, name)}/desired.json", json.dumps({"state": desired.value}).encode())
+        write_atomically(self.fs, f"{self._dir(tenant, name)}/desired.json", json.dumps({"state": desired.value}).encode())
 
     def names(self, tenant: str) -> list[str]:
         try:
