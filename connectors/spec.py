@@ -96,6 +96,13 @@ class ConnectorStore:
         except FileNotFoundError:
             return []
 
+    def tenants(self) -> list[str]:
+        try:
+            found = self.fs.ls(self.root, detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted(p.rstrip("/").rsplit("/", 1)[-1].removeprefix("tenant=") for p in found)
+
     def delete(self, tenant: str, name: str) -> None:
         self.spec_json(tenant, name)  # UnknownConnector if missing
         self.fs.rm(self._dir(tenant, name), recursive=True)

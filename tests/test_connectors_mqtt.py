@@ -262,3 +262,116 @@ def test_declarations_are_checked_and_credentials_stay_secret(twins, connectors,
     shown = connectors.spec("acme", "plant").model_dump_json() + connectors.status("acme", "plant").model_dump_json()
     assert "s3cret-pw" not in shown and "password" not in shown
     assert "s3cret-pw" not in repr(Credentials(password="s3cret-pw"))
+
+
+# ---------------------------------------------------------------------------------------- HTTP API ----
+class InProcessBackend:
+    """A `DeploymentHandle` stand-in: `handle.method.remote(*args)` runs the backend's code in this process."""
+
+    def __init__(self, ops):
+        self.ops = ops
+
+    def __getattr__(self, method: str):
+        async def remote(*args):
+            return getattr(self.ops, method)(*args)
+        return type("Method", (), {"remote": staticmethod(remote)})
+
+
+@pytest.fixture(scope="module")
+def api(twins, tmp_path_factory):
+    """The real API app and services, the `Backend`'s connector operations run in-process (no Serve)."""
+    from fastapi.testclient import TestClient
+
+    from serve_apps.api import create_api
+    from serve_apps.audit import AuditLog
+    from serve_apps.auth import KeyStore, create_key
+    from serve_apps.backend import Backend
+    from serve_apps.config import ServeConfig
+    from serve_apps.connector_ops import ConnectorOps
+    from serve_apps.deps import BackendClient, Services
+    from serve_apps.limits import TokenBuckets
+    from serve_apps.metrics import ServeMetrics
+    from raytwin.storage import filesystem
+
+    root = tmp_path_factory.mktemp("api")
+    keys_file = root / "keys.json"
+    keys = {name: create_key(keys_file, tenant, role) for name, tenant, role in (
+        ("admin", "acme", "admin"), ("admin2", "acme", "admin"), ("writer", "acme", "writer"),
+        ("reader", "acme", "reader"), ("other", "globex", "admin"))}
+    config = ServeConfig(store_url=str(root / "store"), keys_file=str(keys_file), rate_per_s=1000, rate_burst=1000)
+    class ConnectorBackend:  # the Backend's connector method over real ConnectorOps; no jobs here
+        connector = Backend.connector
+        connector_ops = ConnectorOps(twins, [])
+
+        def live_twins(self) -> int:
+            return len(twins.assets("acme"))
+
+        def job_stats(self) -> dict:
+            return {"states": {}, "steps": 0, "compute_s": 0.0}
+
+    backend = ConnectorBackend()
+    app = create_api()
+    app.state.services = Services(
+        config=config, keys=KeyStore(config.keys_file), backend=BackendClient(InProcessBackend(backend)),
+        audit=AuditLog(config.store_url), metrics=ServeMetrics("test"), buckets=TokenBuckets(1000, 1000),
+        fs=filesystem(config.store_url)[0], twins=None)
+    with TestClient(app) as client:
+        yield client, {name: {"Authorization": f"Bearer {key}"} for name, (_, key) in keys.items()}, \
+            {name: record.key_id for name, (record, _) in keys.items()}, app.state.services
+
+
+def test_http_connectors_keep_credentials_write_only_and_tenants_apart(api, broker, twins):
+    client, auth, key_ids, svc = api
+    spec = plant_spec(broker.port, name="web", routes=[{"topic": "web/+/telemetry", "asset_level": 1,
+                                                       "payload": PAYLOAD, "command_topic": "web/{asset_id}/cmd"}],
+                      ack_topic="web/+/ack")
+    del spec["tenant"]
+    secret = "hunter2-never-shown"
+    r = client.post("/v1/connectors", json={"spec": spec, "credentials": {"username": "gw", "password": secret}},
+                    headers=auth["admin"])
+    assert r.status_code == 201, r.text
+    assert r.json()["spec"]["tenant"] == "acme" and r.json()["status"]["state"] == "running"
+    wait_for(lambda: client.get("/v1/connectors/web", headers=auth["reader"]).json()["status"]["connected"], "connected")
+    answers = [r.text, client.get("/v1/connectors/web", headers=auth["reader"]).text,
+               client.get("/v1/connectors", headers=auth["reader"]).text, client.get("/metrics").text]
+    audit = [rec.model_dump_json() for rec in svc.audit.records("acme")]
+    assert secret not in "".join(answers + audit) and "password" not in "".join(answers)
+    assert any('"action":"connector.create"' in a and '"credentials":true' in a for a in audit)
+    assert client.get("/v1/connectors/web", headers=auth["other"]).status_code == 404
+    assert client.post("/v1/connectors/web/pause", headers=auth["other"]).status_code == 404
+    assert client.post("/v1/connectors/web/pause", headers=auth["writer"]).status_code == 403
+    assert client.post("/v1/connectors/web/pause", headers=auth["admin"]).json()["state"] == "paused"
+    assert client.post("/v1/connectors/web/resume", headers=auth["admin"]).json()["state"] == "running"
+    bad = client.post("/v1/connectors", json={"spec": {**spec, "routes": [{**spec["routes"][0], "topic": "a/#/b"}]}},
+                      headers=auth["admin"])
+    assert bad.status_code == 422 and "'#' the whole last level" in bad.json()["error"]["message"]
+    metrics = client.get("/metrics").text
+    assert 'raytwin_connector_connected{connector="web",tenant="acme"} 1.0' in metrics
+    assert 'raytwin_connector_messages{connector="web",outcome="pending",tenant="acme"}' in metrics
+
+
+def test_http_commands_propose_approve_once_and_show_the_ack(api, broker):
+    client, auth, key_ids, _ = api
+    device = Publisher(broker.port, answer=True)
+    device.listen("web/+/cmd")
+    body = {"connector": "web", "asset_id": "pump-1", "name": "setpoint", "value": {"q_in": 0.25}}
+    proposed = client.post("/v1/commands", json=body, headers=auth["writer"])
+    assert proposed.status_code == 201 and proposed.json()["status"] == "proposed"
+    command = proposed.json()
+    assert command["proposed_by"] == key_ids["writer"]
+    assert client.post("/v1/commands", json={**body, "asset_id": "pump-9"}, headers=auth["writer"]).status_code == 404
+    assert client.post(f"/v1/commands/{command['id']}/approve", headers=auth["writer"]).status_code == 403
+    assert client.post(f"/v1/commands/{command['id']}/approve", headers=auth["other"]).status_code == 404
+    own = client.post("/v1/commands", json=body, headers=auth["admin"]).json()
+    assert client.post(f"/v1/commands/{own['id']}/approve", headers=auth["admin"]).status_code == 409
+    sent = client.post(f"/v1/commands/{command['id']}/approve", headers=auth["admin"])
+    assert sent.status_code == 200 and sent.json()["status"] == "sent"
+    again = client.post(f"/v1/commands/{command['id']}/approve", headers=auth["admin2"])
+    assert again.status_code == 409 and "only a proposed command" in again.json()["error"]["message"]
+    listed = wait_for(lambda: [c for c in client.get("/v1/commands?asset_id=pump-1", headers=auth["reader"]).json()
+                               if c["id"] == command["id"] and c["status"] == "acknowledged"], "the ack is listed")
+    assert listed[0]["ack"]["correlation_id"] == command["correlation_id"]
+    device.close()
+    assert [(t, b["correlation_id"]) for t, b in device.received] == [("web/pump-1/cmd", command["correlation_id"])]
+    assert client.get(f"/v1/commands/{command['id']}", headers=auth["other"]).status_code == 404
+    assert client.get("/v1/commands", headers=auth["other"]).json() == []
