@@ -316,6 +316,7 @@ def api(twins, tmp_path_factory):
         audit=AuditLog(config.store_url), metrics=ServeMetrics("test"), buckets=TokenBuckets(1000, 1000),
         fs=filesystem(config.store_url)[0], twins=None)
     with TestClient(app) as client:
+        client.app_under_test = app
         yield client, {name: {"Authorization": f"Bearer {key}"} for name, (_, key) in keys.items()}, \
             {name: record.key_id for name, (record, _) in keys.items()}, app.state.services
 
@@ -375,3 +376,49 @@ def test_http_commands_propose_approve_once_and_show_the_ack(api, broker):
     assert [(t, b["correlation_id"]) for t, b in device.received] == [("web/pump-1/cmd", command["correlation_id"])]
     assert client.get(f"/v1/commands/{command['id']}", headers=auth["other"]).status_code == 404
     assert client.get("/v1/commands", headers=auth["other"]).json() == []
+
+
+def test_cli_checks_declarations_and_manages_connectors_through_the_api(api, broker, tmp_path, monkeypatch):
+    import uvicorn
+    import yaml
+    from typer.testing import CliRunner
+
+    from connectors.cli import connectors_app
+
+    client, auth, _, _ = api
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(client.app_under_test, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_for(lambda: server.started, "the API listens")
+    good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
+    spec = {k: v for k, v in plant_spec(broker.port, name="cli").items() if k != "tenant"}
+    spec["routes"] = [{**spec["routes"][0], "topic": "cli/+/telemetry"}]
+    good.write_text(yaml.safe_dump(spec))
+    bad.write_text(yaml.safe_dump({**spec, "routes": [{**spec["routes"][0], "asset_level": None}]}))
+    run = CliRunner().invoke  # JSON is read from stdout: Ray's driver may print actor log lines to stderr
+    monkeypatch.setenv("RAYTWIN_API_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("RAYTWIN_API_KEY", auth["admin"]["Authorization"].split()[1])
+    monkeypatch.setenv("GW_PASSWORD", "cli-secret-value")
+    try:
+        assert run(connectors_app, ["check", str(good)]).stdout.strip() == f"{good}: ok (mqtt connector 'cli', 1 route(s))"
+        checked = run(connectors_app, ["check", str(bad)])
+        assert checked.exit_code == 1 and "exactly one of asset_id" in checked.output
+        created = run(connectors_app, ["create", str(good), "--username", "gw", "--password-env", "GW_PASSWORD"])
+        assert created.exit_code == 0, created.output
+        assert "cli-secret-value" not in created.output and json.loads(created.stdout)["spec"]["name"] == "cli"
+        assert json.loads(run(connectors_app, ["pause", "cli"]).stdout)["state"] == "paused"
+        assert "cli\tmqtt\tpaused" in run(connectors_app, ["list"]).stdout
+        assert json.loads(run(connectors_app, ["resume", "cli"]).stdout)["state"] == "running"
+        missing = run(connectors_app, ["status", "nope"])
+        assert missing.exit_code == 1 and "error 404 not_found: no connector 'nope'" in missing.output
+        proposed = json.loads(run(connectors_app, ["commands", "propose", "cli", "pump-2", "setpoint",
+                                                   '{"q_in": 0.1}']).stdout)
+        own = run(connectors_app, ["commands", "approve", proposed["id"]])
+        assert own.exit_code == 1 and "error 409 conflict" in own.output and "four eyes" in own.output
+        listed = [json.loads(line) for line in run(connectors_app, ["commands", "list", "--asset-id", "pump-2"]).stdout.splitlines()]
+        assert {c["id"]: c["status"] for c in listed}[proposed["id"]] == "proposed"
+        assert run(connectors_app, ["delete", "cli"]).stdout.strip() == "deleted cli"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
