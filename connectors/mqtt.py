@@ -106,6 +106,10 @@ class BrokerSettings(FrozenSpec):
     client_id: Annotated[str, Field(min_length=1, max_length=128)] | None = None
     keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 30
     session_expiry_s: Annotated[int, Field(ge=0, le=2**32 - 1)] = 7 * 86_400
+    receive_maximum: Annotated[int, Field(ge=1, le=65_535)] = Field(
+        1000, description="MQTT 5: unacknowledged messages the broker may have in flight to us. Acks wait until "
+        "events are durable (a batch, tens of ms), so this window bounds throughput: ~window / batch time. "
+        "MQTT 3.1.1 has no such field: raise the broker's own limit (Mosquitto: max_inflight_messages)")
     reconnect_min_s: Annotated[int, Field(ge=1)] = 1
     reconnect_max_s: Annotated[int, Field(ge=1)] = 30
     tls: TlsSettings | None = None
@@ -159,6 +163,7 @@ class MqttAdapter:
         if self.v5:
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = b.session_expiry_s
+            props.ReceiveMaximum = b.receive_maximum
             kwargs = {"clean_start": False, "properties": props}
         self.client.connect_async(b.host, b.port, b.keepalive_s, **kwargs)
         self.client.loop_start()

@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from actors import TwinService
 from connectors.commands import CommandError, CommandStatus, UnknownCommand
 from connectors.manager import Connectors, InvalidConnector
+from connectors.mosquitto import Mosquitto
 from connectors.mqtt import MqttSpec
 from connectors.runtime import actor_name
 from connectors.spec import Credentials, Desired, UnknownConnector
@@ -29,7 +30,6 @@ from raytwin.contracts import Asset, AssetType, TelemetryEvent
 from raytwin.registry import ModelRegistry
 from raytwin.sim import TWO_TANK
 from tests.conftest import free_port
-from tests.fixtures_mqtt import Mosquitto
 
 T0 = datetime(2026, 4, 1, tzinfo=UTC)
 WAIT_S = 120.0
@@ -93,7 +93,7 @@ class Publisher:
 
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory):
-    b = Mosquitto(tmp_path_factory.mktemp("mosquitto"), free_port())
+    b = Mosquitto(tmp_path_factory.mktemp("mosquitto"), free_port(), install=True)  # CI: a fresh machine
     b.start()
     yield b
     b.stop()
@@ -122,7 +122,8 @@ def connectors(twins, broker):
 
 def plant_spec(port: int, protocol: str = "5", **overrides) -> dict:
     spec = {"name": "plant", "tenant": "acme", "kind": "mqtt", "linger_s": 0.1,
-            "broker": {"host": "127.0.0.1", "port": port, "protocol": protocol, "reconnect_max_s": 2},
+            "broker": {"host": "127.0.0.1", "port": port, "protocol": protocol, "reconnect_max_s": 2,
+                       **({"receive_maximum": 20} if protocol == "5" else {})},  # a stream of many batches
             "routes": [{"topic": "plant/+/telemetry", "asset_level": 1, "payload": PAYLOAD,
                         "command_topic": "plant/{asset_id}/cmd"}],
             "ack_topic": "plant/+/ack"}
@@ -246,6 +247,21 @@ def test_commands_need_approval_are_sent_once_and_acknowledged(twins, connectors
                                                      "value": {"q_in": 0.3}})]
     assert connectors.command("acme", held.id).status is CommandStatus.proposed
     assert [c.id for c in connectors.commands("acme")][-2:] == [held.id, sent.id] and connectors.commands("globex") == []
+
+
+def test_the_readme_declaration_is_valid():
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    text = (Path(__file__).resolve().parents[1] / "connectors" / "README.md").read_text()
+    declared = yaml.safe_load(re.search(r"```yaml\n(.*?)```", text, re.S).group(1))
+    spec = MqttSpec.model_validate({**declared, "tenant": "acme"})
+    assert spec.routes[0].payload.measurements["q_in"].field == "flow.in"
+    events, dead = spec.routes[0].payload.events(spec.routes[0].asset_of("plant/pump-1/telemetry"), json.dumps(
+        {"ts": "2026-04-01T00:00:00Z", "seq": 17, "level": 412.5, "flow": {"in": 0.12}}).encode(), "readme")
+    assert dead == [] and events[0].asset_id == "pump-1" and events[0].measurements["h1"].value == 412.5
 
 
 def test_declarations_are_checked_and_credentials_stay_secret(twins, connectors, broker, plant):
@@ -376,6 +392,22 @@ def test_http_commands_propose_approve_once_and_show_the_ack(api, broker):
     assert [(t, b["correlation_id"]) for t, b in device.received] == [("web/pump-1/cmd", command["correlation_id"])]
     assert client.get(f"/v1/commands/{command['id']}", headers=auth["other"]).status_code == 404
     assert client.get("/v1/commands", headers=auth["other"]).json() == []
+
+
+def test_connectors_declared_in_the_service_config_start_with_credentials_from_the_environment(
+        twins, connectors, broker, monkeypatch):
+    from serve_apps.connector_ops import ConnectorOps
+
+    declared = {**plant_spec(broker.port, name="declared"), "credentials_env": {"password": "DECLARED_PW"}}
+    declared["routes"] = [{**declared["routes"][0], "topic": "declared/+/telemetry"}]
+    with pytest.raises(ValueError, match=r"set the environment variable\(s\) \['DECLARED_PW'\]"):
+        ConnectorOps(twins, [declared])
+    monkeypatch.setenv("DECLARED_PW", "from-a-k8s-secret")
+    ops = ConnectorOps(twins, [declared])
+    assert ops.view("acme", "declared")["spec"]["name"] == "declared"
+    assert connectors.store.credentials("acme", "declared").password.get_secret_value() == "from-a-k8s-secret"
+    assert "declared" in {s["name"] for s in ops.statuses()}
+    ops.delete("acme", "declared")
 
 
 def test_cli_checks_declarations_and_manages_connectors_through_the_api(api, broker, tmp_path, monkeypatch):
