@@ -134,9 +134,11 @@ def mqtt_ingestion(ctx: BenchContext) -> BenchResult:
             applied = {p: sum(service.state(TENANT, a).events_applied for a in f.assets)
                        for p, f in (("mqtt", mqtt_feed), ("direct", direct_feed))}
             res.checks.update({"events_sent": {"mqtt": mqtt_feed.sent, "direct": direct_feed.sent},
-                               "events_applied": applied, "latency_events": {p: int(v.size) for p, v in latency.items()},
+                               "events_applied": applied,
+                               "latency_events": {p: int(v.size) for p, v in latency.items()},
                                "mqtt_runs_s": mqtt_runs})
-            if applied != {"mqtt": mqtt_feed.sent, "direct": direct_feed.sent} or not all(v.size for v in latency.values()):
+            sent = {"mqtt": mqtt_feed.sent, "direct": direct_feed.sent}
+            if applied != sent or not all(v.size for v in latency.values()):
                 raise IngestMismatch(f"sent {res.checks['events_sent']}, applied {applied}")
         finally:
             connectors.stop_all(TENANT)

@@ -148,4 +148,5 @@ def list_commands(url: API_URL, key: API_KEY,
                   asset_id: Annotated[str | None, typer.Option(help="Only this asset's.")] = None) -> None:
     """The tenant's commands with status, correlation id and acknowledgement."""
     for c in _call(url, key, "GET", "/v1/commands", params={"asset_id": asset_id} if asset_id else None):
-        typer.echo(json.dumps({k: c[k] for k in ("id", "asset_id", "name", "value", "status", "correlation_id", "ack")}))
+        shown = ("id", "asset_id", "name", "value", "status", "correlation_id", "ack")
+        typer.echo(json.dumps({k: c[k] for k in shown}))

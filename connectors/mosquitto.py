@@ -59,7 +59,8 @@ class Mosquitto:
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"mosquitto exited with {self.process.returncode}; see {self.directory}/mosquitto.log")
+                raise RuntimeError(f"mosquitto exited with {self.process.returncode}; "
+                                   f"see {self.directory}/mosquitto.log")
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
                 return

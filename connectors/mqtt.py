@@ -61,7 +61,8 @@ class TopicRoute(FrozenSpec):
         None, description="the topic level (0-based) that names the asset, e.g. 1 in `plant/<asset>/telemetry`")
     payload: PayloadMapping
     command_topic: str | None = Field(
-        None, description="where this route's assets take commands; `{asset_id}` is replaced, e.g. `plant/{asset_id}/cmd`")
+        None, description="where this route's assets take commands; `{asset_id}` is replaced, "
+        "e.g. `plant/{asset_id}/cmd`")
 
     @model_validator(mode="after")
     def _valid(self) -> TopicRoute:
@@ -87,7 +88,8 @@ class TopicRoute(FrozenSpec):
         try:
             return _IDENTIFIER.validate_python(levels[self.asset_level])
         except ValidationError:
-            raise ValueError(f"topic level {self.asset_level} {levels[self.asset_level]!r} is not an asset id") from None
+            level = levels[self.asset_level]
+            raise ValueError(f"topic level {self.asset_level} {level!r} is not an asset id") from None
 
     def serves(self, asset_id: str) -> bool:
         return self.command_topic is not None and self.asset_id in (None, asset_id)
@@ -121,7 +123,8 @@ class MqttSpec(ConnectorSpec):
     kind: Literal["mqtt"] = "mqtt"
     broker: BrokerSettings
     routes: Annotated[list[TopicRoute], Field(min_length=1)]
-    ack_topic: TopicFilter | None = Field(None, description="filter on which assets answer commands, e.g. `plant/+/ack`")
+    ack_topic: TopicFilter | None = Field(
+        None, description="filter on which assets answer commands, e.g. `plant/+/ack`")
 
     @model_validator(mode="after")
     def _valid(self) -> MqttSpec:
@@ -279,11 +282,11 @@ class MqttAdapter:
 class MqttKind:
     spec_type = MqttSpec
 
-    def problems(self, spec: MqttSpec, assets: set[str]) -> list[str]:  # type: ignore[override]
+    def problems(self, spec: MqttSpec, assets: set[str]) -> list[str]:
         return [f"route {r.topic!r}: asset {r.asset_id!r} is not a registered twin of tenant {spec.tenant!r}"
                 for r in spec.routes if r.asset_id is not None and r.asset_id not in assets]
 
-    def adapter(self, spec: MqttSpec, credentials: Credentials, put: Callable[[Inbound], None],  # type: ignore[override]
+    def adapter(self, spec: MqttSpec, credentials: Credentials, put: Callable[[Inbound], None],
                 on_ack: AckHandler) -> MqttAdapter:
         return MqttAdapter(spec, credentials, put, on_ack)
 

@@ -59,7 +59,6 @@ class Pump:
 
     def put(self, message: Inbound) -> None:
         """Called from the adapter's receive thread; blocks while the queue is full (backpressure)."""
-        message.received_at = time.monotonic()
         while not self._stop.is_set():
             try:
                 self._queue.put(message, timeout=0.5)
@@ -117,7 +116,10 @@ class Pump:
             message.ack()
         s, r = self.stats, delivery.report
         s.acknowledged += len(batch)
-        s.accepted, s.duplicates, s.rejected = s.accepted + r.accepted, s.duplicates + r.duplicates, s.rejected + r.rejected
+        s.accepted += r.accepted
+        s.duplicates += r.duplicates
+        s.rejected += r.rejected
         s.dead_lettered += delivery.dead_lettered
-        if delivery.newest_event_time and (s.newest_event_time is None or delivery.newest_event_time > s.newest_event_time):
-            s.newest_event_time = delivery.newest_event_time
+        newest = delivery.newest_event_time
+        if newest and (s.newest_event_time is None or newest > s.newest_event_time):
+            s.newest_event_time = newest

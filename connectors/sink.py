@@ -31,8 +31,6 @@ class Inbound:
     events: list[TelemetryEvent]
     dead: list[DeadLetter]
     ack: Callable[[], None]
-    received_at: float = 0.0
-    """`time.monotonic()` when it arrived (for the connector's lag)."""
 
 
 @dataclass
@@ -60,8 +58,8 @@ class TwinSink:
         events = [e for m in messages for e in m.events]
         if dead:
             self.router.store().write_dead_letters(self.tenant, dead)
-            log.warning("event=connector_dead_letters tenant=%s count=%d first_source=%s first_reason=%r",
-                        self.tenant, len(dead), messages[0].source if messages else "", dead[0]["reason"][:200])
+            log.warning("event=connector_dead_letters tenant=%s count=%d first_reason=%r", self.tenant, len(dead),
+                        dead[0]["reason"][:300])
         delivery = Delivery(dead_lettered=len(dead))
         if events:
             delivery.report = self._ingest(events)

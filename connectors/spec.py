@@ -87,7 +87,8 @@ class ConnectorStore:
             return Desired.running
 
     def set_desired(self, tenant: str, name: str, desired: Desired) -> None:
-        write_atomically(self.fs, f"{self._dir(tenant, name)}/desired.json", json.dumps({"state": desired.value}).encode())
+        write_atomically(self.fs, f"{self._dir(tenant, name)}/desired.json",
+                         json.dumps({"state": desired.value}).encode())
 
     def names(self, tenant: str) -> list[str]:
         try:

@@ -16,7 +16,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from serve_apps import routes_catalog, routes_commands, routes_connectors, routes_scenarios, routes_twins
 from serve_apps.deps import SVC, Services
 from serve_apps.errors import ERROR_RESPONSES, install_error_handlers
-from serve_apps.json_route import MAX_JSON_DEPTH as MAX_JSON_DEPTH  # re-exported: the API's nesting limit
 from serve_apps.json_route import JsonRoute
 from serve_apps.limits import BodyLimitMiddleware
 from serve_apps.schemas import Health

@@ -83,8 +83,8 @@ class Publisher:
         with self.lock:
             self.received.append((msg.topic, body))
         if self.answer:
-            client.publish(msg.topic.rsplit("/", 1)[0] + "/ack",
-                           json.dumps({"correlation_id": body["correlation_id"], "status": "ok", "applied": True}), qos=1)
+            ack = {"correlation_id": body["correlation_id"], "status": "ok", "applied": True}
+            client.publish(msg.topic.rsplit("/", 1)[0] + "/ack", json.dumps(ack), qos=1)
 
     def close(self) -> None:
         self.client.disconnect()
@@ -246,7 +246,8 @@ def test_commands_need_approval_are_sent_once_and_acknowledged(twins, connectors
                                                      "command_id": sent.id, "name": "setpoint",
                                                      "value": {"q_in": 0.3}})]
     assert connectors.command("acme", held.id).status is CommandStatus.proposed
-    assert [c.id for c in connectors.commands("acme")][-2:] == [held.id, sent.id] and connectors.commands("globex") == []
+    assert [c.id for c in connectors.commands("acme")][-2:] == [held.id, sent.id]
+    assert connectors.commands("globex") == []
 
 
 def test_the_readme_declaration_is_valid():
@@ -348,7 +349,8 @@ def test_http_connectors_keep_credentials_write_only_and_tenants_apart(api, brok
                     headers=auth["admin"])
     assert r.status_code == 201, r.text
     assert r.json()["spec"]["tenant"] == "acme" and r.json()["status"]["state"] == "running"
-    wait_for(lambda: client.get("/v1/connectors/web", headers=auth["reader"]).json()["status"]["connected"], "connected")
+    wait_for(lambda: client.get("/v1/connectors/web", headers=auth["reader"]).json()["status"]["connected"],
+             "connected")
     answers = [r.text, client.get("/v1/connectors/web", headers=auth["reader"]).text,
                client.get("/v1/connectors", headers=auth["reader"]).text, client.get("/metrics").text]
     audit = [rec.model_dump_json() for rec in svc.audit.records("acme")]
@@ -433,7 +435,8 @@ def test_cli_checks_declarations_and_manages_connectors_through_the_api(api, bro
     monkeypatch.setenv("RAYTWIN_API_KEY", auth["admin"]["Authorization"].split()[1])
     monkeypatch.setenv("GW_PASSWORD", "cli-secret-value")
     try:
-        assert run(connectors_app, ["check", str(good)]).stdout.strip() == f"{good}: ok (mqtt connector 'cli', 1 route(s))"
+        checked = run(connectors_app, ["check", str(good)])
+        assert checked.stdout.strip() == f"{good}: ok (mqtt connector 'cli', 1 route(s))"
         checked = run(connectors_app, ["check", str(bad)])
         assert checked.exit_code == 1 and "exactly one of asset_id" in checked.output
         created = run(connectors_app, ["create", str(good), "--username", "gw", "--password-env", "GW_PASSWORD"])
@@ -448,7 +451,8 @@ def test_cli_checks_declarations_and_manages_connectors_through_the_api(api, bro
                                                    '{"q_in": 0.1}']).stdout)
         own = run(connectors_app, ["commands", "approve", proposed["id"]])
         assert own.exit_code == 1 and "error 409 conflict" in own.output and "four eyes" in own.output
-        listed = [json.loads(line) for line in run(connectors_app, ["commands", "list", "--asset-id", "pump-2"]).stdout.splitlines()]
+        listing = run(connectors_app, ["commands", "list", "--asset-id", "pump-2"]).stdout
+        listed = [json.loads(line) for line in listing.splitlines()]
         assert {c["id"]: c["status"] for c in listed}[proposed["id"]] == "proposed"
         assert run(connectors_app, ["delete", "cli"]).stdout.strip() == "deleted cli"
     finally:

@@ -22,7 +22,7 @@ from raytwin.contracts import AssetType
 from raytwin.sim import THERMAL_RC
 from raytwin.sim.reference import model_rhs, reference_trajectory
 from serve_apps.api import create_api
-from serve_apps.api import MAX_JSON_DEPTH
+from serve_apps.json_route import MAX_JSON_DEPTH
 from serve_apps.auth import create_key
 from tests.conftest import free_port
 
