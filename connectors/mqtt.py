@@ -232,8 +232,8 @@ class MqttAdapter:
         except ValueError as exc:
             self.put(Inbound(source, [], [DeadLetter.of(source, None, None, str(exc), msg.payload)], ack))
             return
-        events, dead = route.payload.events(asset, msg.payload, source)
-        self.put(Inbound(source, events, dead, ack))
+        rows, dead = route.payload.rows(asset, msg.payload, source)
+        self.put(Inbound(source, rows, dead, ack))
 
     def _acker(self, mid: int, qos: int, generation: int) -> Callable[[], None]:
         def ack() -> None:

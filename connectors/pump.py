@@ -85,7 +85,7 @@ class Pump:
             first = self._queue.get(timeout=0.2)
         except queue.Empty:
             return []
-        batch, events = [first], len(first.events)
+        batch, events = [first], len(first.rows)
         deadline = time.monotonic() + self.linger_s
         while events < self.batch_size:
             try:
@@ -93,7 +93,7 @@ class Pump:
             except queue.Empty:
                 break
             batch.append(item)
-            events += len(item.events)
+            events += len(item.rows)
         self.stats.messages += len(batch)
         return batch
 

@@ -260,9 +260,11 @@ def test_the_readme_declaration_is_valid():
     declared = yaml.safe_load(re.search(r"```yaml\n(.*?)```", text, re.S).group(1))
     spec = MqttSpec.model_validate({**declared, "tenant": "acme"})
     assert spec.routes[0].payload.measurements["q_in"].field == "flow.in"
-    events, dead = spec.routes[0].payload.events(spec.routes[0].asset_of("plant/pump-1/telemetry"), json.dumps(
+    rows, dead = spec.routes[0].payload.rows(spec.routes[0].asset_of("plant/pump-1/telemetry"), json.dumps(
         {"ts": "2026-04-01T00:00:00Z", "seq": 17, "level": 412.5, "flow": {"in": 0.12}}).encode(), "readme")
-    assert dead == [] and events[0].asset_id == "pump-1" and events[0].measurements["h1"].value == 412.5
+    assert dead == [] and rows == [{"asset_id": "pump-1", "event_time": "2026-04-01T00:00:00Z", "sequence": 17,
+                                    "measurements": {"h1": {"value": 412.5, "unit": "mm"},
+                                                     "q_in": {"value": 0.12, "unit": "L/s"}}}]
 
 
 def test_declarations_are_checked_and_credentials_stay_secret(twins, connectors, broker, plant):
