@@ -142,6 +142,7 @@ class MqttAdapter:
         self._generation = 0  # +1 per connect and disconnect: acks go only over the connection that delivered
         self._ack_lock = threading.Lock()
         self._connected = threading.Event()
+        self._running = False  # between start and pause: the client's loop (and its reconnects) is on
         b = spec.broker
         self.v5 = b.protocol == "5"
         self.client = paho.Client(
@@ -170,15 +171,17 @@ class MqttAdapter:
             kwargs = {"clean_start": False, "properties": props}
         self.client.connect_async(b.host, b.port, b.keepalive_s, **kwargs)
         self.client.loop_start()
+        self._running = True
 
     def pause(self) -> None:
         """Disconnect; the broker keeps the session and queues QoS 1 messages until `resume`."""
         self.client.disconnect()
         self.client.loop_stop()
         self._connected.clear()
+        self._running = False
 
     def resume(self) -> None:
-        if not self._connected.is_set():
+        if not self._running:  # a running client that lost its broker is reconnecting already
             self.start()
 
     stop = pause
