@@ -223,3 +223,10 @@ CALIBRATIONS = counter("raytwin_calibrations", "Calibration runs finished, by ou
                        "outcome")
 CALIBRATION_DURATION = histogram("raytwin_calibration_duration_seconds", "Wall time of a calibration run [s].",
                                  DURATION_S)
+CONNECTOR_MESSAGES = counter("raytwin_connector_messages", "Device-protocol connector messages by outcome (received, "
+                             "acknowledged, accepted, duplicates, rejected, dead_lettered, delivery_errors).",
+                             "connector", "outcome")
+CONNECTOR_CONNECTED = gauge("raytwin_connector_connected", "1 while a connector is connected to its source.",
+                            "connector")
+CONNECTOR_NEWEST_EVENT = gauge("raytwin_connector_newest_event_timestamp_seconds", "Event time of the newest event a "
+                               "connector applied [Unix s]: its lag is time() minus it.", "connector")

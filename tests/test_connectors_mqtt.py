@@ -1,0 +1,462 @@
+"""MQTT connectors against a real Mosquitto broker: exactly-once effect through broker and connector
+crashes, dead letters, pause/resume over a persistent session, commands back to assets.
+
+"Exactly once" is checked two ways: a twin's revision (+1 per applied event) equals the number of
+distinct events published, and its state equals a reference twin fed the same events directly
+through `TwinService.ingest` (the filter's state is bit-identical for any delivery order).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+
+import paho.mqtt.client as paho
+import pytest
+import ray
+from paho.mqtt.enums import CallbackAPIVersion
+from pydantic import ValidationError
+
+from actors import TwinService
+from connectors.commands import CommandError, CommandStatus, UnknownCommand
+from connectors.manager import Connectors, InvalidConnector
+from connectors.mosquitto import Mosquitto
+from connectors.mqtt import MqttSpec
+from connectors.runtime import actor_name
+from connectors.spec import Credentials, Desired, UnknownConnector
+from raytwin.contracts import Asset, AssetType, TelemetryEvent
+from raytwin.registry import ModelRegistry
+from raytwin.sim import TWO_TANK
+from tests.conftest import free_port
+from tests.ray_metrics import total, wait_until
+
+T0 = datetime(2026, 4, 1, tzinfo=UTC)
+WAIT_S = 120.0
+PAYLOAD = {"measurements": {"h1": {"field": "level", "unit": "mm"}, "q_in": {"field": "flow.in", "unit": "L/s"}},
+           "event_time": "ts", "time_format": "epoch_ms", "sequence": "seq"}
+
+
+def reading(k: int) -> dict:
+    return {"ts": int((T0 + timedelta(seconds=k)).timestamp() * 1000), "seq": k, "level": 500.0 - 0.5 * k,
+            "flow": {"in": 0.1 + 0.001 * (k % 7)}}
+
+
+def as_event(asset: str, k: int) -> TelemetryEvent:
+    r = reading(k)
+    return TelemetryEvent(asset_id=asset, event_time=T0 + timedelta(seconds=k), sequence=k,
+                          measurements={"h1": {"value": r["level"], "unit": "mm"},
+                                        "q_in": {"value": r["flow"]["in"], "unit": "L/s"}})
+
+
+def wait_for(condition, what: str):
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"not within {WAIT_S:g} s: {what}")
+
+
+class Publisher:
+    """A device side: QoS 1 publishes (each confirmed by the broker) and a command listener that acks."""
+
+    def __init__(self, port: int, answer: bool = False):
+        self.port, self.received, self.lock = port, [], threading.Lock()
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"device-{free_port()}")
+        self.client.on_message = self._on_message
+        self.answer = answer
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def publish(self, topic: str, payloads: list) -> None:
+        infos = [self.client.publish(topic, p if isinstance(p, bytes) else json.dumps(p), qos=1) for p in payloads]
+        for info in infos:
+            info.wait_for_publish(30)
+
+    def listen(self, topic: str) -> None:
+        self.client.subscribe(topic, qos=1)
+
+    def _on_message(self, client, userdata, msg) -> None:
+        body = json.loads(msg.payload)
+        with self.lock:
+            self.received.append((msg.topic, body))
+        if self.answer:
+            ack = {"correlation_id": body["correlation_id"], "status": "ok", "applied": True}
+            client.publish(msg.topic.rsplit("/", 1)[0] + "/ack", json.dumps(ack), qos=1)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory):
+    b = Mosquitto(tmp_path_factory.mktemp("mosquitto"), free_port(), install=True)  # CI: a fresh machine
+    b.start()
+    yield b
+    b.stop()
+
+
+@pytest.fixture(scope="module")
+def twins(ray_session, tmp_path_factory):
+    artifact = ModelRegistry(str(tmp_path_factory.mktemp("reg"))).register("tank", "1.0.0",
+                                                                           AssetType.from_model(TWO_TANK))
+    svc = TwinService(str(tmp_path_factory.mktemp("store")), shards=1, batch_size=1000)
+    for tenant, assets in (("acme", ["pump-1", "pump-2", "pump-3", "pump-4", "ref-1", "ref-2", "ref-3"]),
+                           ("globex", ["pump-9"])):
+        for a in assets:
+            svc.register(Asset(id=a, tenant=tenant, type_name="two_tank", type_version="1.0.0"), artifact)
+    yield svc
+    svc.close()
+
+
+@pytest.fixture(scope="module")
+def connectors(twins, broker):
+    manager = Connectors(twins.router, twins.assets)
+    yield manager
+    for tenant in ("acme", "globex"):
+        manager.stop_all(tenant)
+
+
+def plant_spec(port: int, protocol: str = "5", **overrides) -> dict:
+    spec = {"name": "plant", "tenant": "acme", "kind": "mqtt", "linger_s": 0.1,
+            "broker": {"host": "127.0.0.1", "port": port, "protocol": protocol, "reconnect_max_s": 2,
+                       **({"receive_maximum": 20} if protocol == "5" else {})},  # a stream of many batches
+            "routes": [{"topic": "plant/+/telemetry", "asset_level": 1, "payload": PAYLOAD,
+                        "command_topic": "plant/{asset_id}/cmd"}],
+            "ack_topic": "plant/+/ack"}
+    return {**spec, **overrides}
+
+
+@pytest.fixture(scope="module")
+def plant(connectors, broker):
+    status = connectors.create(plant_spec(broker.port), Credentials(username="raytwin", password="s3cret-pw"))
+    assert status.state is Desired.running
+    wait_for(lambda: connectors.status("acme", "plant").connected, "the connector is connected")
+    return "plant"
+
+
+def settled(connectors, name: str, twins, expected: dict[str, int]) -> bool:
+    """Every message acknowledged and every twin at its expected revision (or beyond: caught below)."""
+    s = connectors.status("acme", name)
+    return (s.connected and s.pending == 0
+            and all(twins.state("acme", a).revision >= n for a, n in expected.items()))
+
+
+def assert_exactly_once(twins, asset: str, reference: str, n: int) -> None:
+    twins.ingest("acme", [as_event(reference, k) for k in range(n)])
+    got, ref = twins.state("acme", asset), twins.state("acme", reference)
+    assert got.revision == ref.revision == got.events_applied == n
+    assert got.state == ref.state and got.covariance == ref.covariance and got.event_time == ref.event_time
+
+
+def test_broker_stopped_mid_stream_loses_and_repeats_nothing(twins, connectors, broker, plant):
+    device = Publisher(broker.port)
+    for asset in ("pump-1", "pump-2"):
+        device.publish(f"plant/{asset}/telemetry", [reading(k) for k in range(150)])
+    device.close()
+    broker.stop()  # mid-stream: the connector has not acknowledged everything yet
+    assert connectors.status("acme", "plant").acknowledged < 300
+    broker.start()
+    device = Publisher(broker.port)
+    for asset in ("pump-1", "pump-2"):
+        device.publish(f"plant/{asset}/telemetry", [reading(k) for k in range(150, 200)])
+    device.close()
+    wait_for(lambda: settled(connectors, "plant", twins, {"pump-1": 200, "pump-2": 200}), "all 400 events applied")
+    status = connectors.status("acme", "plant")
+    assert status.errors >= 1 and "disconnected" in status.last_error or "connect" in status.last_error
+    assert status.rejected == status.dead_lettered == 0
+    assert_exactly_once(twins, "pump-1", "ref-1", 200)
+    assert_exactly_once(twins, "pump-2", "ref-2", 200)
+
+
+def test_connector_killed_mid_stream_recovers_exactly_once_mqtt311(twins, connectors, broker):
+    spec = plant_spec(broker.port, protocol="3.1.1", name="line", linger_s=0.1, ack_topic=None,
+                      routes=[{"topic": "line/pump-3/telemetry", "asset_id": "pump-3", "payload": PAYLOAD}])
+    connectors.create(spec)
+    wait_for(lambda: connectors.status("acme", "line").connected, "connected")
+    device = Publisher(broker.port)
+    device.publish("line/pump-3/telemetry", [reading(k) for k in range(300)])
+    handle = ray.get_actor(actor_name("acme", "line"), namespace=twins.router.namespace)
+    before = wait_for(lambda: (s := ray.get(handle.status.remote())).acknowledged > 0 and s, "some acknowledged")
+    ray.kill(handle, no_restart=False)  # Ray restarts it; it rebuilds itself from the store
+    assert before.acknowledged < 300  # mid-stream
+    device.publish("line/pump-3/telemetry", [reading(k) for k in range(300, 320)])
+    device.close()
+    wait_for(lambda: settled(connectors, "line", twins, {"pump-3": 320}), "all 320 events applied")
+    assert connectors.status("acme", "line").messages <= 320 - before.acknowledged  # a new process, fresh counters
+    assert_exactly_once(twins, "pump-3", "ref-3", 320)
+
+
+def test_malformed_payloads_go_to_dead_letters_with_topic_and_reason(twins, connectors, broker, plant):
+    before = twins.state("acme", "pump-4").revision
+    device = Publisher(broker.port)
+    device.publish("plant/pump-4/telemetry", [b"not json", {"ts": reading(1)["ts"], "seq": 1},
+                                              {**reading(2), "level": "high"}, [reading(3), 7]])
+    device.publish("plant/bad id!/telemetry", [reading(4)])
+    device.publish("plant/pump-4/telemetry", [reading(5)])
+    device.close()
+    wait_for(lambda: twins.state("acme", "pump-4").revision == before + 2, "the two good readings applied")
+    wait_for(lambda: connectors.status("acme", "plant").pending == 0, "everything acknowledged")
+    letters = {r["reason"] for r in twins.dead_letters("acme").to_pylist()}
+    src = "mqtt://plant/plant/pump-4/telemetry: "
+    assert any(r.startswith(src + "payload is not JSON") for r in letters)
+    assert src + "level: field missing from the payload" in letters
+    assert any(r.startswith(src + "measurements.h1.value.float: Input should be a valid number") for r in letters)
+    assert src + "a reading must be a JSON object, not int" in letters
+    assert "mqtt://plant/plant/bad id!/telemetry: topic level 1 'bad id!' is not an asset id" in letters
+    assert connectors.status("acme", "plant").dead_lettered == 5
+
+
+def test_paused_connector_gets_what_was_published_meanwhile(twins, connectors, broker, plant):
+    start = twins.state("acme", "pump-4").revision
+    paused = connectors.pause("acme", "plant")
+    assert paused.state is Desired.paused and not paused.connected
+    device = Publisher(broker.port)
+    device.publish("plant/pump-4/telemetry", [reading(k) for k in range(100, 120)])
+    device.close()
+    assert twins.state("acme", "pump-4").revision == start
+    assert connectors.resume("acme", "plant").state is Desired.running
+    wait_for(lambda: twins.state("acme", "pump-4").revision == start + 20, "the 20 queued events applied")
+
+
+def test_commands_need_approval_are_sent_once_and_acknowledged(twins, connectors, broker, plant):
+    device = Publisher(broker.port, answer=True)
+    device.listen("plant/+/cmd")
+    held = connectors.propose("acme", "plant", "pump-1", "setpoint", {"q_in": 0.2}, by="key-alice")
+    sent = connectors.propose("acme", "plant", "pump-2", "setpoint", {"q_in": 0.3}, by="key-alice")
+    with pytest.raises(CommandError, match="four eyes"):
+        connectors.approve("acme", sent.id, by="key-alice")
+    with pytest.raises(UnknownCommand):
+        connectors.approve("globex", sent.id, by="key-globex")
+    with pytest.raises(UnknownConnector, match="no asset 'pump-9'"):
+        connectors.propose("acme", "plant", "pump-9", "setpoint", {"q_in": 0.1}, by="key-alice")
+    approved = connectors.approve("acme", sent.id, by="key-bob")
+    assert approved.status is CommandStatus.sent and approved.approved_by == "key-bob"
+    with pytest.raises(CommandError, match="only a proposed command can be approved"):
+        connectors.approve("acme", sent.id, by="key-bob")
+    done = wait_for(lambda: (c := connectors.command("acme", sent.id)).status is CommandStatus.acknowledged and c,
+                    "the asset's acknowledgement recorded")
+    assert done.ack == {"correlation_id": sent.correlation_id, "status": "ok", "applied": True}
+    assert [s.status for s in done.history] == ["proposed", "approved", "sending", "sent", "acknowledged"]
+    device.close()
+    assert device.received == [("plant/pump-2/cmd", {**device.received[0][1], "correlation_id": sent.correlation_id,
+                                                     "command_id": sent.id, "name": "setpoint",
+                                                     "value": {"q_in": 0.3}})]
+    assert connectors.command("acme", held.id).status is CommandStatus.proposed
+    assert [c.id for c in connectors.commands("acme")][-2:] == [held.id, sent.id]
+    assert connectors.commands("globex") == []
+
+
+def test_the_readme_declaration_is_valid():
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    text = (Path(__file__).resolve().parents[1] / "connectors" / "README.md").read_text()
+    declared = yaml.safe_load(re.search(r"```yaml\n(.*?)```", text, re.S).group(1))
+    spec = MqttSpec.model_validate({**declared, "tenant": "acme"})
+    assert spec.routes[0].payload.measurements["q_in"].field == "flow.in"
+    rows, dead = spec.routes[0].payload.rows(spec.routes[0].asset_of("plant/pump-1/telemetry"), json.dumps(
+        {"ts": "2026-04-01T00:00:00Z", "seq": 17, "level": 412.5, "flow": {"in": 0.12}}).encode(), "readme")
+    assert dead == [] and rows == [{"asset_id": "pump-1", "event_time": "2026-04-01T00:00:00Z", "sequence": 17,
+                                    "measurements": {"h1": {"value": 412.5, "unit": "mm"},
+                                                     "q_in": {"value": 0.12, "unit": "L/s"}}}]
+
+
+def test_declarations_are_checked_and_credentials_stay_secret(twins, connectors, broker, plant):
+    with pytest.raises(InvalidConnector, match="asset 'pump-9' is not a registered twin of tenant 'acme'"):
+        connectors.create(plant_spec(broker.port, name="x", routes=[
+            {"topic": "a/b", "asset_id": "pump-9", "payload": PAYLOAD}]))
+    with pytest.raises(ValidationError, match="'#' the whole last level"):
+        MqttSpec.model_validate(plant_spec(broker.port, routes=[{"topic": "a/#/b", "asset_id": "pump-1",
+                                                                 "payload": PAYLOAD}]))
+    with pytest.raises(ValidationError, match="exactly one of asset_id"):
+        MqttSpec.model_validate(plant_spec(broker.port, routes=[{"topic": "a/b", "payload": PAYLOAD}]))
+    with pytest.raises(UnknownConnector):
+        connectors.status("globex", "plant")
+    shown = connectors.spec("acme", "plant").model_dump_json() + connectors.status("acme", "plant").model_dump_json()
+    assert "s3cret-pw" not in shown and "password" not in shown
+    assert "s3cret-pw" not in repr(Credentials(password="s3cret-pw"))
+
+
+# ---------------------------------------------------------------------------------------- HTTP API ----
+class InProcessBackend:
+    """A `DeploymentHandle` stand-in: `handle.method.remote(*args)` runs the backend's code in this process."""
+
+    def __init__(self, ops):
+        self.ops = ops
+
+    def __getattr__(self, method: str):
+        async def remote(*args):
+            return getattr(self.ops, method)(*args)
+        return type("Method", (), {"remote": staticmethod(remote)})
+
+
+@pytest.fixture(scope="module")
+def api(twins, tmp_path_factory):
+    """The real API app and services, the `Backend`'s connector operations run in-process (no Serve)."""
+    from fastapi.testclient import TestClient
+
+    from serve_apps.api import create_api
+    from serve_apps.audit import AuditLog
+    from serve_apps.auth import KeyStore, create_key
+    from serve_apps.backend import Backend
+    from serve_apps.config import ServeConfig
+    from serve_apps.connector_ops import ConnectorOps
+    from serve_apps.deps import BackendClient, Services
+    from serve_apps.limits import TokenBuckets
+    from raytwin.storage import filesystem
+
+    root = tmp_path_factory.mktemp("api")
+    keys_file = root / "keys.json"
+    keys = {name: create_key(keys_file, tenant, role) for name, tenant, role in (
+        ("admin", "acme", "admin"), ("admin2", "acme", "admin"), ("writer", "acme", "writer"),
+        ("reader", "acme", "reader"), ("other", "globex", "admin"))}
+    config = ServeConfig(store_url=str(root / "store"), keys_file=str(keys_file), rate_per_s=1000, rate_burst=1000)
+    class ConnectorBackend:  # the Backend's connector method over real ConnectorOps; no jobs here
+        connector = Backend.connector
+        connector_ops = ConnectorOps(twins, [])
+
+        def live_twins(self) -> int:
+            return len(twins.assets("acme"))
+
+        def job_stats(self) -> dict:
+            return {"states": {}, "steps": 0, "compute_s": 0.0}
+
+    backend = ConnectorBackend()
+    app = create_api()
+    app.state.services = Services(
+        config=config, keys=KeyStore(config.keys_file), backend=BackendClient(InProcessBackend(backend)),
+        audit=AuditLog(config.store_url), buckets=TokenBuckets(1000, 1000),
+        fs=filesystem(config.store_url)[0], twins=None)
+    with TestClient(app) as client:
+        client.app_under_test = app
+        yield client, {name: {"Authorization": f"Bearer {key}"} for name, (_, key) in keys.items()}, \
+            {name: record.key_id for name, (record, _) in keys.items()}, app.state.services
+
+
+def test_http_connectors_keep_credentials_write_only_and_tenants_apart(api, broker, twins, ray_metrics_port):
+    client, auth, key_ids, svc = api
+    spec = plant_spec(broker.port, name="web", routes=[{"topic": "web/+/telemetry", "asset_level": 1,
+                                                       "payload": PAYLOAD, "command_topic": "web/{asset_id}/cmd"}],
+                      ack_topic="web/+/ack")
+    del spec["tenant"]
+    secret = "hunter2-never-shown"
+    r = client.post("/v1/connectors", json={"spec": spec, "credentials": {"username": "gw", "password": secret}},
+                    headers=auth["admin"])
+    assert r.status_code == 201, r.text
+    assert r.json()["spec"]["tenant"] == "acme" and r.json()["status"]["state"] == "running"
+    wait_for(lambda: client.get("/v1/connectors/web", headers=auth["reader"]).json()["status"]["connected"],
+             "connected")
+    answers = [r.text, client.get("/v1/connectors/web", headers=auth["reader"]).text,
+               client.get("/v1/connectors", headers=auth["reader"]).text]
+    audit = [rec.model_dump_json() for rec in svc.audit.records("acme")]
+    assert secret not in "".join(answers + audit) and "password" not in "".join(answers)
+    assert any('"action":"connector.create"' in a and '"credentials":true' in a for a in audit)
+    assert client.get("/v1/connectors/web", headers=auth["other"]).status_code == 404
+    assert client.post("/v1/connectors/web/pause", headers=auth["other"]).status_code == 404
+    assert client.post("/v1/connectors/web/pause", headers=auth["writer"]).status_code == 403
+    assert client.post("/v1/connectors/web/pause", headers=auth["admin"]).json()["state"] == "paused"
+    assert client.post("/v1/connectors/web/resume", headers=auth["admin"]).json()["state"] == "running"
+    bad = client.post("/v1/connectors", json={"spec": {**spec, "routes": [{**spec["routes"][0], "topic": "a/#/b"}]}},
+                      headers=auth["admin"])
+    assert bad.status_code == 422 and "'#' the whole last level" in bad.json()["error"]["message"]
+    exported = wait_until(ray_metrics_port, lambda m: total(m, "ray_raytwin_connector_connected", connector="acme/web")
+                          == 1.0, "the connector's connected gauge")
+    assert not any(secret in str(labels) for samples in exported.values() for labels, _ in samples)
+
+
+def test_http_commands_propose_approve_once_and_show_the_ack(api, broker):
+    client, auth, key_ids, _ = api
+    device = Publisher(broker.port, answer=True)
+    device.listen("web/+/cmd")
+    body = {"connector": "web", "asset_id": "pump-1", "name": "setpoint", "value": {"q_in": 0.25}}
+    proposed = client.post("/v1/commands", json=body, headers=auth["writer"])
+    assert proposed.status_code == 201 and proposed.json()["status"] == "proposed"
+    command = proposed.json()
+    assert command["proposed_by"] == key_ids["writer"]
+    assert client.post("/v1/commands", json={**body, "asset_id": "pump-9"}, headers=auth["writer"]).status_code == 404
+    assert client.post(f"/v1/commands/{command['id']}/approve", headers=auth["writer"]).status_code == 403
+    assert client.post(f"/v1/commands/{command['id']}/approve", headers=auth["other"]).status_code == 404
+    own = client.post("/v1/commands", json=body, headers=auth["admin"]).json()
+    assert client.post(f"/v1/commands/{own['id']}/approve", headers=auth["admin"]).status_code == 409
+    sent = client.post(f"/v1/commands/{command['id']}/approve", headers=auth["admin"])
+    assert sent.status_code == 200 and sent.json()["status"] == "sent"
+    again = client.post(f"/v1/commands/{command['id']}/approve", headers=auth["admin2"])
+    assert again.status_code == 409 and "only a proposed command" in again.json()["error"]["message"]
+    listed = wait_for(lambda: [c for c in client.get("/v1/commands?asset_id=pump-1", headers=auth["reader"]).json()
+                               if c["id"] == command["id"] and c["status"] == "acknowledged"], "the ack is listed")
+    assert listed[0]["ack"]["correlation_id"] == command["correlation_id"]
+    device.close()
+    assert [(t, b["correlation_id"]) for t, b in device.received] == [("web/pump-1/cmd", command["correlation_id"])]
+    assert client.get(f"/v1/commands/{command['id']}", headers=auth["other"]).status_code == 404
+    assert client.get("/v1/commands", headers=auth["other"]).json() == []
+
+
+def test_connectors_declared_in_the_service_config_start_with_credentials_from_the_environment(
+        twins, connectors, broker, monkeypatch):
+    from serve_apps.connector_ops import ConnectorOps
+
+    declared = {**plant_spec(broker.port, name="declared"), "credentials_env": {"password": "DECLARED_PW"}}
+    declared["routes"] = [{**declared["routes"][0], "topic": "declared/+/telemetry"}]
+    with pytest.raises(ValueError, match=r"set the environment variable\(s\) \['DECLARED_PW'\]"):
+        ConnectorOps(twins, [declared])
+    monkeypatch.setenv("DECLARED_PW", "from-a-k8s-secret")
+    ops = ConnectorOps(twins, [declared])
+    assert ops.view("acme", "declared")["spec"]["name"] == "declared"
+    assert connectors.store.credentials("acme", "declared").password.get_secret_value() == "from-a-k8s-secret"
+    assert "declared" in {c["name"] for c in ops.list_all("acme")}
+    ops.delete("acme", "declared")
+
+
+def test_cli_checks_declarations_and_manages_connectors_through_the_api(api, broker, tmp_path, monkeypatch):
+    import uvicorn
+    import yaml
+    from typer.testing import CliRunner
+
+    from connectors.cli import connectors_app
+
+    client, auth, _, _ = api
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(client.app_under_test, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_for(lambda: server.started, "the API listens")
+    good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
+    spec = {k: v for k, v in plant_spec(broker.port, name="cli").items() if k != "tenant"}
+    spec["routes"] = [{**spec["routes"][0], "topic": "cli/+/telemetry"}]
+    good.write_text(yaml.safe_dump(spec))
+    bad.write_text(yaml.safe_dump({**spec, "routes": [{**spec["routes"][0], "asset_level": None}]}))
+    run = CliRunner().invoke  # JSON is read from stdout: Ray's driver may print actor log lines to stderr
+    monkeypatch.setenv("RAYTWIN_API_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("RAYTWIN_API_KEY", auth["admin"]["Authorization"].split()[1])
+    monkeypatch.setenv("GW_PASSWORD", "cli-secret-value")
+    try:
+        checked = run(connectors_app, ["check", str(good)])
+        assert checked.stdout.strip() == f"{good}: ok (mqtt connector 'cli', 1 route(s))"
+        checked = run(connectors_app, ["check", str(bad)])
+        assert checked.exit_code == 1 and "exactly one of asset_id" in checked.output
+        created = run(connectors_app, ["create", str(good), "--username", "gw", "--password-env", "GW_PASSWORD"])
+        assert created.exit_code == 0, created.output
+        assert "cli-secret-value" not in created.output and json.loads(created.stdout)["spec"]["name"] == "cli"
+        assert json.loads(run(connectors_app, ["pause", "cli"]).stdout)["state"] == "paused"
+        assert "cli\tmqtt\tpaused" in run(connectors_app, ["list"]).stdout
+        assert json.loads(run(connectors_app, ["resume", "cli"]).stdout)["state"] == "running"
+        missing = run(connectors_app, ["status", "nope"])
+        assert missing.exit_code == 1 and "error 404 not_found: no connector 'nope'" in missing.output
+        proposed = json.loads(run(connectors_app, ["commands", "propose", "cli", "pump-2", "setpoint",
+                                                   '{"q_in": 0.1}']).stdout)
+        own = run(connectors_app, ["commands", "approve", proposed["id"]])
+        assert own.exit_code == 1 and "error 409 conflict" in own.output and "four eyes" in own.output
+        listing = run(connectors_app, ["commands", "list", "--asset-id", "pump-2"]).stdout
+        listed = [json.loads(line) for line in listing.splitlines()]
+        assert {c["id"]: c["status"] for c in listed}[proposed["id"]] == "proposed"
+        assert run(connectors_app, ["delete", "cli"]).stdout.strip() == "deleted cli"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
