@@ -174,9 +174,12 @@ def register(app: FastAPI) -> None:
 
     @app.post("/v1/models/{model}/prune", response_model=PruneReport, tags=tags)
     async def prune(model: ModelName, request: Request, who: Principal = ADMIN, svc: Services = SVC) -> Any:
-        """Apply the tenant's retention to the model's archived versions (admin only)."""
-        report: PruneReport = await _call(_lifecycle(svc, who.tenant).prune, model, _actor(who))
-        await svc.record(request, who, "model.prune", model, versions_removed=report.versions_removed)
+        """Apply the tenant's retention to the model's archived versions and to the tenant's sweep run records
+        of the model (``{store}/runs/{tenant}``) (admin only)."""
+        report: PruneReport = await _call(_lifecycle(svc, who.tenant).prune, model, _actor(who),
+                                          svc.config.url("runs", who.tenant), svc.config.storage_options or None)
+        await svc.record(request, who, "model.prune", model, versions_removed=report.versions_removed,
+                         runs_removed=report.runs_removed)
         return report
 
     @app.get("/v1/lifecycle-policy", response_model=LifecyclePolicy, tags=tags)
