@@ -99,7 +99,7 @@ def test_bad_inputs_are_refused_with_reasons(client):
     bad_evidence = _move(http, "author", V2, "archived", evidence={"run_ids": ["not a run"]})
     assert "run_ids" in assert_error(bad_evidence, 422, "invalid_request")["message"]
     assert_error(_move(http, "author", "1.0", "staging"), 422, "invalid_request")
-    assert_error(http.get("/v1/models/..%2Fkeys/lifecycle", headers=http.headers_for("reader")), 422,
+    assert_error(http.get("/v1/models/..keys/lifecycle", headers=http.headers_for("reader")), 422,
                  "invalid_request")
     nonsense = http.put("/v1/lifecycle-policy", json={"keep_archived": -3}, headers=http.headers_for("admin"))
     assert "keep_archived" in assert_error(nonsense, 422, "invalid_request")["message"]
