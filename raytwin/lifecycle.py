@@ -12,8 +12,8 @@ Rules: a model belongs to the tenant that submitted its first candidate; product
 with the ``approver`` role who is not the candidate's author (four eyes), unless the tenant's
 `LifecyclePolicy` allows automatic promotion; archived versions only come back through `rollback`,
 which returns to the previous production version. `prune` keeps the last K archived versions and
-run records per model and tenant, never what production, staging, a candidate, the rollback target or
-a kept run record references.
+run records per model and tenant, never what production, staging, a candidate, the rollback target, a
+live twin or a kept run record references.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
@@ -29,7 +30,7 @@ from pydantic import Field, ValidationError
 
 from raytwin.contracts import Contract, Finite, Identifier, SemVer, UtcTime, describe_error
 from raytwin.registry import ModelRegistry, RegistryError, parse_ref
-from raytwin.storage import canonical_json, write_once
+from raytwin.storage import canonical_json, filesystem, write_once
 
 log = logging.getLogger("raytwin.lifecycle")
 
@@ -357,13 +358,12 @@ class ModelLifecycle:
 
     # ------------------------------------------------------------------ retention -----
     def prune(self, model: str, actor: Actor, runs_root: str | None = None,
-              storage_options: dict[str, Any] | None = None) -> PruneReport:
+              storage_options: dict[str, Any] | None = None, in_use: Collection[str] = ()) -> PruneReport:
         """Apply the tenant's retention to `model`: keep the last `keep_archived` archived versions and
         the last `keep_runs` run records of this model and tenant (under `runs_root`); never remove a
         production, staging or candidate version, the rollback target, a version a kept run record
-        used, or a run named as evidence by a version that is not archived. Each removal is logged."""
-        from raytwin.storage import filesystem
-
+        used, a version `in_use` (live twins run it: the caller knows its assets), or a run named as
+        evidence by a version that is not archived. Each removal is logged."""
         state = self._load(model, actor, None)
         tenant = state.tenant or actor.tenant
         policy = self.policy(tenant)
@@ -379,7 +379,7 @@ class ModelLifecycle:
         recent = {s.version for s in archived[max(0, len(archived) - policy.keep_archived):]} \
             if policy.keep_archived else set()
         doomed = [s.version for s in archived
-                  if s.version not in recent | used and s.version != state.rollback_target]
+                  if s.version not in recent | used | set(in_use) and s.version != state.rollback_target]
         for version in doomed:
             ref = f"{model}@{version}"
             if version in self.registry.versions(model):
@@ -399,8 +399,6 @@ class ModelLifecycle:
 def _run_records(runs_root: str, storage_options: dict[str, Any] | None, tenant: str,
                  model: str) -> list[dict[str, Any]]:
     """The run records (``<runs root>/<run id>/run.json``) of `tenant` that ran a version of `model`."""
-    from raytwin.storage import filesystem
-
     fs, root = filesystem(runs_root, storage_options)
     if not fs.exists(root):
         return []

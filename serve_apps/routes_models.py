@@ -175,9 +175,11 @@ def register(app: FastAPI) -> None:
     @app.post("/v1/models/{model}/prune", response_model=PruneReport, tags=tags)
     async def prune(model: ModelName, request: Request, who: Principal = ADMIN, svc: Services = SVC) -> Any:
         """Apply the tenant's retention to the model's archived versions and to the tenant's sweep run records
-        of the model (``{store}/runs/{tenant}``) (admin only)."""
+        of the model (``{store}/runs/{tenant}``); versions the tenant's assets (live twins) use stay (admin only)."""
+        assets = await svc.backend.call("list_assets", who.tenant, model, None, None, None)
         report: PruneReport = await _call(_lifecycle(svc, who.tenant).prune, model, _actor(who),
-                                          svc.config.url("runs", who.tenant), svc.config.storage_options or None)
+                                          svc.config.url("runs", who.tenant), svc.config.storage_options or None,
+                                          {a.type_version for a in assets})
         await svc.record(request, who, "model.prune", model, versions_removed=report.versions_removed,
                          runs_removed=report.runs_removed)
         return report

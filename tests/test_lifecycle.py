@@ -199,7 +199,8 @@ def test_editing_deleting_or_reordering_a_record_is_detected(tmp_path):
         lc.transition("zone@1.1.0", "production", BOB, "go")
     # edited and re-hashed: the next record no longer links to it
     body = {k: v for k, v in record.items() if k != "hash"} | {"actor": "alice"}
-    (log / "00000002.json").write_bytes(canonical_json({**body, "hash": hashlib.sha256(canonical_json(body)).hexdigest()}))
+    rehashed = {**body, "hash": hashlib.sha256(canonical_json(body)).hexdigest()}
+    (log / "00000002.json").write_bytes(canonical_json(rehashed))
     with pytest.raises(ChainBroken, match="record 3 does not link to the record before it"):
         lc.verify("zone")
     restore()
@@ -250,16 +251,17 @@ def test_retention_keeps_the_last_k_and_everything_referenced(tmp_path):
     lc.transition("zone@1.6.0", "staging", ALICE, "in shadow")
     lc.set_policy("acme", LifecyclePolicy(keep_archived=1, keep_runs=1))
 
-    report = lc.prune("zone", CAROL, str(tmp_path / "runs"))
+    report = lc.prune("zone", CAROL, str(tmp_path / "runs"), in_use={"1.2.0"})  # a live twin runs 1.2.0
     # archived 1.0.0-1.4.0, keep the last 1 (1.4.0, also the rollback target) and what kept runs used
     # (1.0.0 by the newest run, 1.1.0 by the run that staging 1.6.0 names as evidence)
-    assert report.versions_removed == ["1.2.0", "1.3.0"] and report.runs_removed == [old]
+    assert report.versions_removed == ["1.3.0"] and report.runs_removed == [old]
+    assert lc.prune("zone", CAROL, str(tmp_path / "runs")).versions_removed == ["1.2.0"]  # the twin is gone
     assert lc.registry.versions("zone") == ["1.0.0", "1.1.0", "1.4.0", "1.5.0", "1.6.0"]
     assert sorted(r.run_id for r in runs.list()) == sorted([old_evidence, newest, foreign])
     assert lc.registry.get("zone@1.1.0").version == "1.1.0"
     state = lc.verify("zone")
     assert state.production == "1.5.0" and state.versions["1.6.0"].stage == "staging"
-    assert [r.version for r in lc.records("zone") if r.action == "prune"] == ["1.2.0", "1.3.0"]
+    assert [r.version for r in lc.records("zone") if r.action == "prune"] == ["1.3.0", "1.2.0"]
     assert lc.prune("zone", CAROL, str(tmp_path / "runs")).versions_removed == []  # idempotent
     assert lc.rollback("zone", BOB, "still possible").version == "1.4.0"
 

@@ -48,7 +48,8 @@ def test_cli_creates_keys_and_writes_the_committed_openapi(tmp_path):
     assert bad.exit_code != 0
     granted = CliRunner().invoke(keys_app, ["create", "--tenant", "acme", "--role", "writer", "--grant", "approver",
                                             "--keys-file", str(keys)])
-    assert granted.exit_code == 0 and KeyStore(keys).authenticate(granted.output.splitlines()[0]).grants == ("approver",)
+    assert granted.exit_code == 0
+    assert KeyStore(keys).authenticate(granted.output.splitlines()[0]).grants == ("approver",)
     unknown = CliRunner().invoke(keys_app, ["create", "--tenant", "acme", "--role", "writer", "--grant", "root",
                                             "--keys-file", str(keys)])
     assert unknown.exit_code != 0 and "unknown grant" in unknown.output
