@@ -20,6 +20,7 @@ import logging
 import queue
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -36,6 +37,7 @@ from actors.state import IngestReport, Reject
 from actors.telemetry import TELEMETRY_SCHEMA as TELEMETRY_SCHEMA  # re-exported for sources
 from actors.telemetry import events_to_table as events_to_table  # re-exported for sources
 from actors.telemetry import parse_rows, rows_table, validate_table, validated_table
+from raytwin import metrics
 from raytwin.statestore import StateStore
 from raytwin.storage import filesystem
 
@@ -77,6 +79,23 @@ class ShardRouter:
         return StateStore(self.store_url, self.storage_options)
 
 
+class _Backlog:
+    """Events this process sent to each shard and not yet saw applied, across its dispatchers
+    (`raytwin_shard_backlog_events`; the shard's backlog is the sum over processes)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._events: Counter[int] = Counter()
+
+    def add(self, shard: int, events: int) -> None:
+        with self._lock:
+            self._events[shard] += events
+            metrics.SHARD_BACKLOG.set(self._events[shard], shard=str(shard))
+
+
+_BACKLOG = _Backlog()
+
+
 class Dispatcher:
     """Sends event batches to shards: at most `max_in_flight` calls outstanding, one per shard.
 
@@ -92,13 +111,14 @@ class Dispatcher:
         self.router, self.tenant = router, tenant
         self.max_in_flight, self.batch_size = max_in_flight, batch_size
         self.handles = handles or [router.handle(i) for i in range(router.shards)]
-        self.busy: dict[int, ray.ObjectRef] = {}  # shard index -> its outstanding call
+        self.busy: dict[int, tuple[ray.ObjectRef, int]] = {}  # shard index -> its outstanding call, its events
         self.report = IngestReport()
 
     def reject(self, rejects: list[dict[str, str]]) -> None:
         """Dead-letter rows that failed the contract before routing."""
         if rejects:
             self.router.store().write_dead_letters(self.tenant, rejects)
+            metrics.DEAD_LETTERS.inc(len(rejects), stage="ingest", reason="invalid")
             self.report += IngestReport(rejected=len(rejects), reasons=[
                 Reject(idempotency_key=r["idempotency_key"], reason=r["reason"]) for r in rejects])
 
@@ -115,29 +135,40 @@ class Dispatcher:
             part = table.take(np.flatnonzero(shard_of_row == index))
             calls[index] = [part.slice(start, self.batch_size) for start in range(0, part.num_rows, self.batch_size)]
         while calls:
-            self._complete(list(self.busy.values()), block=False)
+            self._complete(list(self.busy), block=False)
             idle = [index for index in calls if index not in self.busy]
             if not idle:
-                self._complete([self.busy[index] for index in calls])
+                self._wait_for(list(calls))
             for index in idle:
                 while len(self.busy) >= self.max_in_flight:
-                    self._complete(list(self.busy.values()))
-                self.busy[index] = self.handles[index].ingest.remote(self.tenant, calls[index].pop(0))
+                    self._wait_for(list(self.busy))
+                part = calls[index].pop(0)
+                self.busy[index] = (self.handles[index].ingest.remote(self.tenant, part), part.num_rows)
+                _BACKLOG.add(index, part.num_rows)
                 if not calls[index]:
                     del calls[index]
 
-    def _complete(self, refs: list[ray.ObjectRef], block: bool = True) -> None:
-        """Take the reports of those of `refs` that are done (`block`: waiting until one is)."""
-        if not refs:
+    def _wait_for(self, shards: list[int]) -> None:
+        """Backpressure: wait until one of `shards` finished its call (the wait is a metric)."""
+        t0 = time.perf_counter()
+        self._complete(shards)
+        metrics.BACKPRESSURE.inc(time.perf_counter() - t0)
+
+    def _complete(self, shards: list[int], block: bool = True) -> None:
+        """Take the reports of those of `shards`' calls that are done (`block`: waiting until one is)."""
+        if not shards:
             return
+        refs = [self.busy[i][0] for i in shards]
         done, _ = ray.wait(refs, num_returns=1) if block else ray.wait(refs, num_returns=len(refs), timeout=0)
-        for index in [i for i, r in self.busy.items() if r in done]:
-            self.report += ray.get(self.busy.pop(index))
+        for index in [i for i in shards if self.busy[i][0] in done]:
+            ref, events = self.busy.pop(index)
+            _BACKLOG.add(index, -events)
+            self.report += ray.get(ref)
 
     def finish(self) -> IngestReport:
         """Wait for every outstanding call; the report covers everything sent."""
         while self.busy:
-            self._complete(list(self.busy.values()))
+            self._complete(list(self.busy))
         log.info("event=ingested tenant=%s accepted=%d duplicates=%d rejected=%d conflicts=%d", self.tenant,
                  self.report.accepted, self.report.duplicates, self.report.rejected, self.report.conflicts)
         return self.report

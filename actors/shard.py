@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import ray
-from ray.util import metrics
 
 from actors.heap import freeze_heap
 from actors.recovery import recover, recover_many
@@ -35,6 +35,7 @@ from actors.routing import shard_index
 from actors.state import IngestReport, Reject, TwinState
 from actors.telemetry import Entries, Normalized, normalize_entries, row_event, si_map, value_matrix
 from actors.twin import CONFLICT, DUPLICATE, TOO_LATE, Pending, Twin, apply_many, conflict_reason, same_content
+from raytwin import metrics
 from raytwin.contracts import AssetType, ContractError, describe_error, normalize_measurements
 from raytwin.logs import component_logging
 from raytwin.statestore import LOG_BATCH_SCHEMA, StateStore
@@ -45,12 +46,14 @@ log = logging.getLogger("raytwin.twins")
 @dataclass
 class Admission:
     """A batch's rows as `TwinShard._admit` decided them: accepted events per asset code and their
-    rows, dead letters (row, reason; None: the contract's unit/name reason), duplicates and
-    conflicts (re-used identities with other content, also among the dead letters) counted."""
+    rows, dead letters (row, reason; None: the contract's unit/name reason) and their causes
+    counted by kind (the metric's low-cardinality reasons), duplicates and conflicts (re-used
+    identities with other content, also among the dead letters) counted."""
 
     accepted: dict[int, list[Pending]] = field(default_factory=dict)
     accepted_rows: list[int] = field(default_factory=list)
     rejected: list[tuple[int, str | None]] = field(default_factory=list)
+    causes: Counter[str] = field(default_factory=Counter)
     duplicates: int = 0
     conflicts: int = 0
 
@@ -76,15 +79,7 @@ class TwinShard:
         self.lateness_s, self.snapshot_every, self.checkpoint_every = allowed_lateness_s, snapshot_every, checkpoint_every
         self.twins: dict[tuple[str, str], Twin] = {}
         self.durable_revision: dict[tuple[str, str], int] = {}
-        tags = {"shard": str(index)}
-        self.m_events = metrics.Counter(
-            "raytwin_twin_events_total", "Telemetry events handled by twin shards, by outcome.",
-            tag_keys=("shard", "outcome"))
-        self.m_events.set_default_tags(tags)
-        self.m_twins = metrics.Gauge("raytwin_twins", "Live twins held by a shard.", tag_keys=("shard",))
-        self.m_twins.set_default_tags(tags)
-        self.m_drift = metrics.Gauge("raytwin_twins_drifting", "Twins whose filter flags drift.", tag_keys=("shard",))
-        self.m_drift.set_default_tags(tags)
+        self.tag = str(index)  # the `shard` tag of its metrics
         self.stale: set[tuple[str, str]] = set()  # twins whose log write failed mid-batch
         mine = [(t, a, r) for t, a, r in self.store.registrations() if shard_index(t, a, shards) == index]
         recovered = recover_many(self.store, [r for *_, r in mine], allowed_lateness_s=allowed_lateness_s,
@@ -93,7 +88,8 @@ class TwinShard:
             self.twins[(tenant, asset_id)] = twin
             self.durable_revision[(tenant, asset_id)] = 0  # at worst one snapshot is rewritten as is
         self.drifting = {key for key, twin in self.twins.items() if twin.fs.divergence.drift}
-        self.m_twins.set(len(self.twins))
+        metrics.TWINS.set(len(self.twins), shard=self.tag)
+        metrics.TWINS_DRIFTING.set(len(self.drifting), shard=self.tag)
         log.info("event=shard_started shard=%d pid=%d twins=%d", index, os.getpid(), len(self.twins))
 
     def _recover(self, record: dict[str, Any], until_us: int | None = None) -> Twin:
@@ -119,7 +115,7 @@ class TwinShard:
         self.store.save_registration(tenant, asset_id, record)
         self.twins[(tenant, asset_id)] = twin
         self.durable_revision[(tenant, asset_id)] = 0
-        self.m_twins.set(len(self.twins))
+        metrics.TWINS.set(len(self.twins), shard=self.tag)
         return existing is None
 
     def register_many(self, items: list[tuple[str, str, dict[str, Any]]]) -> int:
@@ -133,7 +129,7 @@ class TwinShard:
         found = self.twins.pop((tenant, asset_id), None) is not None
         self.durable_revision.pop((tenant, asset_id), None)
         self.store.delete_registration(tenant, asset_id)
-        self.m_twins.set(len(self.twins))
+        metrics.TWINS.set(len(self.twins), shard=self.tag)
         return found
 
     def assets(self, tenant: str) -> list[str]:
@@ -202,15 +198,17 @@ class TwinShard:
             raise
         self.store.write_dead_letters(tenant, rejects)
         apply_many([(twins[c], evs) for c, evs in accepted.items()])
+        self._observe_lag(log_rows)
         for c in accepted:
             key = (tenant, assets[c])
             self._snapshot(key)
             (self.drifting.add if twins[c].fs.divergence.drift else self.drifting.discard)(key)
         for outcome, count in (("accepted", n_accepted), ("duplicate", adm.duplicates),
                                ("rejected", len(rejects) - adm.conflicts), ("conflict", adm.conflicts)):
-            if count:
-                self.m_events.inc(count, {"outcome": outcome})
-        self.m_drift.set(len(self.drifting & self.twins.keys()))
+            metrics.TWIN_EVENTS.inc(count, shard=self.tag, outcome=outcome)
+        for cause, count in adm.causes.items():
+            metrics.DEAD_LETTERS.inc(count, stage="shard", reason=cause)
+        metrics.TWINS_DRIFTING.set(len(self.drifting & self.twins.keys()), shard=self.tag)
         if rejects:
             log.info("event=rejected shard=%d tenant=%s count=%d first_reason=%r",
                      self.index, tenant, len(rejects), rejects[0]["reason"])
@@ -218,6 +216,15 @@ class TwinShard:
             accepted=n_accepted, duplicates=adm.duplicates, rejected=len(rejects), conflicts=adm.conflicts,
             reasons=[Reject(idempotency_key=r["idempotency_key"], reason=r["reason"]) for r in rejects],
         )
+
+    @staticmethod
+    def _observe_lag(applied: pa.Table) -> None:
+        """Event time -> applied and ingest time -> applied of the rows just applied."""
+        if applied.num_rows:
+            now_us = time.time_ns() // 1000
+            for column, metric in (("event_time", metrics.EVENT_TO_APPLIED), ("ingest_time", metrics.INGEST_TO_APPLIED)):
+                us = applied.column(column).cast(pa.int64()).to_numpy()
+                metric.observe_many(np.maximum(now_us - us, 0) / 1e6)
 
     @staticmethod
     def _normalize(entries: Entries, twins: list[Twin | None], code: np.ndarray) -> tuple[Normalized, list[np.ndarray | None]]:
@@ -245,7 +252,6 @@ class TwinShard:
         times = batch.column("event_time").cast(pa.int64()).to_numpy().tolist()
         sequences = batch.column("sequence").to_numpy().tolist()
         qualities = batch.column("quality").to_pylist()
-        use_outputs = pc.not_equal(batch.column("quality"), "bad").to_numpy().tolist()
         misfits = misfit.tolist()
         adm = Admission()
         rows_of: dict[int, list[int]] = {}  # each twin's rows in batch order (plain lists: ~1 event a twin)
@@ -255,12 +261,15 @@ class TwinShard:
             twin = twins[c]
             if twin is None:
                 adm.rejected += [(i, f"unknown twin {assets[c]!r} for tenant {tenant!r}") for i in rows]
+                adm.causes["unknown_twin"] += len(rows)
                 continue
             if any(misfits[i] for i in rows):
-                adm.rejected += [(i, None) for i in rows if misfits[i]]
+                misfit_rows = [i for i in rows if misfits[i]]
+                adm.rejected += [(i, None) for i in misfit_rows]
+                adm.causes["misfit"] += len(misfit_rows)
                 rows = [i for i in rows if not misfits[i]]
             matrix = values[c]
-            found = [Pending((times[i], sequences[i], keys[i]), matrix[i], use_outputs[i], qualities[i]) for i in rows]
+            found = [Pending((times[i], sequences[i], keys[i]), matrix[i], qualities[i]) for i in rows]
             events: list[Pending] = []
             for i, ev, verdict in zip(rows, found, twin.classify(found)):
                 if verdict == TOO_LATE:  # a re-delivery of an event applied long ago?
@@ -272,8 +281,10 @@ class TwinShard:
                 elif verdict == CONFLICT:
                     adm.conflicts += 1
                     adm.rejected.append((i, conflict_reason(ev.key)))
+                    adm.causes["conflict"] += 1
                 elif verdict == TOO_LATE:
                     adm.rejected.append((i, TOO_LATE))
+                    adm.causes["too_late"] += 1
                 else:
                     events.append(ev)
                     adm.accepted_rows.append(i)

@@ -171,8 +171,8 @@ def benchmark(name: str, description: str) -> Callable[[BenchFn], BenchFn]:
 
 
 BENCHMARK_MODULES = ("benchmarks.sweep", "benchmarks.sweep_kits", "benchmarks.sweep_gpu",
-                     "benchmarks.lorenz_ensemble", "benchmarks.roofline",
-                     "benchmarks.quantiles", "benchmarks.ingest", "benchmarks.serve_api", "benchmarks.calibration",
+                     "benchmarks.lorenz_ensemble", "benchmarks.roofline", "benchmarks.quantiles",
+                     "benchmarks.model_checks", "benchmarks.ingest", "benchmarks.serve_api", "benchmarks.calibration",
                      "benchmarks.fmu")
 """Modules that register benchmarks, in run order: the headline sweep first, the slow product paths last."""
 

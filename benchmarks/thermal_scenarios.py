@@ -26,10 +26,10 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.integrate import solve_ivp
 
+from raytwin.signals import DAY_S
 from raytwin.sim import THERMAL_RC, rk4_step
 from sweeps import engine
 from sweeps.aggregate import open_dataset
-from sweeps.kits import DAY_S
 from sweeps.reference_kits import THERMAL
 from sweeps.runner import prepare, run_sweep
 from sweeps.space import Dimension, ScenarioSpace

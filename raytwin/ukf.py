@@ -30,7 +30,7 @@ import numpy as np
 
 from raytwin.estimation import ExtendedKalmanFilter, _Kernels, _mm, _solve_spd, scan_kernels, skip
 from raytwin.sim import Model, unstack
-from raytwin.sim.precision import host_callback
+from raytwin.sim.precision import float64_callback
 
 ALPHA, BETA = 1.0, 2.0
 """Sigma-point spread and prior-knowledge weight (beta = 2 is optimal for Gaussian priors)."""
@@ -71,14 +71,10 @@ def host_dynamics(model: Model, step: Callable, observe: Callable) -> Dynamics:
     ny = len(model.outputs)
 
     def host_step(X, u, p, dt):
-        out = jax.ShapeDtypeStruct(X.shape, jnp.float64)
-        return jax.pure_callback(host_callback(lambda *a: np.asarray(step(*a), dtype=np.float64)), out, X, u, p, dt,
-                                 vmap_method="sequential")
+        return float64_callback(step, X.shape, X, u, p, dt)
 
     def host_observe(X, u, p):
-        out = jax.ShapeDtypeStruct((X.shape[0], ny), jnp.float64)
-        return jax.pure_callback(host_callback(lambda *a: np.asarray(observe(*a), dtype=np.float64)), out, X, u, p,
-                                 vmap_method="sequential")
+        return float64_callback(observe, (X.shape[0], ny), X, u, p)
 
     return Dynamics(host_step, host_observe)
 

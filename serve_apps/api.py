@@ -1,4 +1,4 @@
-"""The FastAPI application: routes under /v1, errors, auth, limits and metrics.
+"""The FastAPI application: routes under /v1, errors, auth, limits and request metrics.
 
 `create_api()` builds the app without touching Ray; an ingress replica attaches its `Services`
 (`app.state.services`) before serving. That keeps the OpenAPI document reproducible
@@ -14,9 +14,9 @@ from typing import Any
 import pydantic_core
 from fastapi import FastAPI, Request, Response
 from fastapi.routing import APIRoute
-from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from raytwin import metrics
 from serve_apps import routes_catalog, routes_models, routes_scenarios, routes_twins
 from serve_apps.deps import SVC, Services
 from serve_apps.errors import (
@@ -123,7 +123,8 @@ def _is_json(content_type: str) -> bool:
 
 
 class RequestObserver:
-    """Pure ASGI middleware: per-request metrics (route template, status, latency).
+    """Pure ASGI middleware: per-request metrics (route template, status, latency), recorded through
+    `raytwin.metrics` so every replica's counts reach Ray's metrics export.
 
     Pure ASGI rather than ``@app.middleware("http")``: Starlette's `BaseHTTPMiddleware` runs the
     rest of the app in a separate task with a memory stream per request, which cost more CPU
@@ -151,10 +152,9 @@ class RequestObserver:
             await self.app(scope, receive, send_status)
         finally:
             seconds = time.perf_counter() - t0
-            path = getattr(scope.get("route"), "path", "unmatched")
-            svc = getattr(scope["app"].state, "services", None)
-            if svc is not None:
-                svc.metrics.observe_request(scope["method"], path, status, seconds)
+            route, method = getattr(scope.get("route"), "path", "unmatched"), scope["method"]
+            metrics.HTTP_REQUESTS.inc(route=route, method=method, status=str(status))
+            metrics.HTTP_LATENCY.observe(seconds, route=route, method=method)
 
 
 def _ops_routes(app: FastAPI) -> None:
@@ -163,10 +163,3 @@ def _ops_routes(app: FastAPI) -> None:
         """Liveness and the cluster-wide counts (no API key needed)."""
         jobs = await svc.backend.call("job_stats")
         return Health(status="ok", live_twins=await svc.backend.call("live_twins"), jobs=jobs["states"])
-
-    @app.get("/metrics", tags=["operations"], response_class=Response,
-             responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"}})
-    async def metrics(svc: Services = SVC) -> Response:
-        """Prometheus metrics of the replica that answers, plus cluster-wide twin and job gauges."""
-        svc.metrics.set_cluster(await svc.backend.call("live_twins"), await svc.backend.call("job_stats"))
-        return Response(svc.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -22,7 +22,6 @@ from serve_apps.backend import BackendDeployment
 from serve_apps.config import ServeConfig
 from serve_apps.deps import BackendClient, Services
 from serve_apps.limits import TokenBuckets
-from serve_apps.metrics import ServeMetrics
 from serve_apps.twin_reads import TwinReader
 
 
@@ -32,14 +31,10 @@ class Ingress:
 
     def __init__(self, config: ServeConfig, backend: DeploymentHandle):
         component_logging()
-        try:
-            replica = serve.get_replica_context().replica_id.unique_id
-        except Exception:  # outside a Serve replica (never in production)
-            replica = "local"
         self.services = Services(
             config=config, keys=KeyStore(config.keys_file), backend=BackendClient(backend),
             audit=AuditLog(config.store_url, config.storage_options),
-            metrics=ServeMetrics(replica), buckets=TokenBuckets(config.rate_per_s, config.rate_burst),
+            buckets=TokenBuckets(config.rate_per_s, config.rate_burst),
             fs=filesystem(config.store_url, config.storage_options)[0], twins=TwinReader(config),
         )
 

@@ -74,7 +74,9 @@ def start(
         ray.init(address=address)
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(settings), name="raytwin", route_prefix="/")
-    typer.echo(f"RayTwin API at http://{host}:{port}/v1 (OpenAPI: /docs, metrics: /metrics)")
+    typer.echo(f"RayTwin API at http://{host}:{port}/v1 (OpenAPI: /docs)")
+    exports = [f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics" for n in ray.nodes() if n["Alive"]]
+    typer.echo("metrics (Prometheus, every Ray node; ops/README.md): " + ", ".join(exports))
     replicas = [p for _, p in http_targets("raytwin") if p != port]
     if replicas:
         typer.echo("direct ingress (no proxy hop): " + ", ".join(f"http://{host}:{p}/v1" for p in replicas))

@@ -15,7 +15,6 @@ from serve_apps.auth import KeyStore, Principal, Role, parse_credentials
 from serve_apps.config import ServeConfig
 from serve_apps.errors import Forbidden, RateLimited, Unauthorized, unwrap
 from serve_apps.limits import TokenBuckets
-from serve_apps.metrics import ServeMetrics
 from serve_apps.twin_reads import TwinReader
 
 
@@ -42,7 +41,6 @@ class Services:
     keys: KeyStore
     backend: BackendClient
     audit: AuditLog
-    metrics: ServeMetrics
     buckets: TokenBuckets
     fs: AbstractFileSystem  # the store (job results)
     twins: TwinReader  # state reads straight from the twin shards

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import ray
 from pydantic import BaseModel, ConfigDict, Field
 
+from raytwin import metrics
 from raytwin.storage import filesystem
 from serve_apps.config import ServeConfig
 from serve_apps.errors import ApiError, NotFound, unwrap
@@ -67,6 +68,7 @@ class JobQueue:
         self.pending: deque[tuple[str, Work]] = deque()
         self.running = 0
         self._recover()
+        self._publish()
 
     def _recover(self) -> None:
         if not self.fs.exists(self.root):
@@ -94,6 +96,7 @@ class JobQueue:
         self.jobs[job.job_id] = job
         self._save(job)
         self.pending.append((job.job_id, work))
+        self._publish()
         log.info("event=job_queued job_id=%s kind=%s tenant=%s scenarios=%d steps=%d", job.job_id, job.kind, tenant,
                  job.scenarios, job.n_steps)
         self._start_next()
@@ -115,6 +118,7 @@ class JobQueue:
             self.running += 1
             ref = self._launch(job, work)
             asyncio.get_running_loop().create_task(self._watch(job, ref))
+        self._publish()
 
     async def _watch(self, job: Job, ref: ray.ObjectRef) -> None:
         try:
@@ -128,6 +132,7 @@ class JobQueue:
         job.finished = datetime.now(UTC)
         self.running -= 1
         self._save(job)
+        self._publish()
         log.info("event=job_%s job_id=%s compute_s=%s error=%s", job.state, job.job_id, job.compute_s, job.error)
         self._start_next()
 
@@ -138,12 +143,16 @@ class JobQueue:
         return job.model_copy()
 
     def stats(self) -> dict[str, Any]:
-        """Jobs by state, and the scenario-steps and compute seconds of the succeeded ones."""
+        """Jobs by state."""
         states = dict.fromkeys(JOB_STATES, 0)
-        steps, seconds = 0, 0.0
         for job in self.jobs.values():
             states[job.state] += 1
-            if job.state == "succeeded":
-                steps += job.scenarios * job.n_steps
-                seconds += job.compute_s or 0.0
-        return {"states": states, "steps": steps, "compute_s": seconds}
+        return {"states": states}
+
+    def _publish(self) -> None:
+        """Jobs by state and the oldest queued job's submission time, after every change: this
+        replica is the only one, so the gauges are the cluster's values."""
+        for state, n in self.stats()["states"].items():
+            metrics.JOBS.set(n, state=state)
+        oldest = min((self.jobs[job_id].submitted for job_id, _ in self.pending), default=None)
+        metrics.JOB_QUEUE_OLDEST.set(0.0 if oldest is None else oldest.timestamp())

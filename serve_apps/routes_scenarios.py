@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -11,6 +10,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from raytwin import metrics
 from raytwin.contracts import Scenario
 from raytwin.provenance import code_version, package_versions
 from raytwin.registry import ModelArtifact
@@ -43,9 +43,8 @@ def register(app: FastAPI) -> None:
         details = {"scenario": body.model_dump(mode="json"), **_provenance(artifact)}
         if not _inline(svc, mode, prepared.n_steps):
             return await _queue(request, who, svc, "scenario", body.asset_id, artifact, prepared, details)
-        t0 = time.perf_counter()
         result = await run_in_threadpool(run, prepared)
-        svc.metrics.observe_scenarios(prepared.n_steps, time.perf_counter() - t0)
+        metrics.SCENARIO_STEPS.inc(prepared.n_steps, kind="scenario")
         await svc.record(request, who, "scenario.run", body.asset_id, **details)
         model = get_model(prepared.simulator)
         return ScenarioRun(
@@ -73,7 +72,6 @@ def register(app: FastAPI) -> None:
             return await _queue(request, who, svc, "sweep", body.asset_id, artifact, spec, details)
         out = await sweep_to_store.remote(spec, svc.config.url("runs", who.tenant), svc.config.storage_options,
                                           who.key_id)
-        svc.metrics.observe_scenarios(out["steps"], out["compute_s"])
         await svc.record(request, who, "sweep.run", body.asset_id, run_id=out["run_id"], **details)
         rows = await run_in_threadpool(_read_rows, svc, out["result_url"], limit)
         return SweepResult(model_ref=artifact.ref, content_hash=artifact.content_hash, run_id=out["run_id"],

@@ -9,6 +9,7 @@ from fastapi import FastAPI, Query
 from pydantic import ValidationError
 
 from actors.state import TwinState
+from raytwin import metrics
 from raytwin.contracts import (
     AssetType,
     ContractError,
@@ -48,17 +49,7 @@ def register(app: FastAPI) -> None:
         if valid:
             report = await svc.backend.call("ingest", who.tenant, valid)
             svc.twins.forget(who.tenant, asset_id)
-        refused = {r["idempotency_key"] for r in report["reasons"]}
-        m = svc.metrics
-        for ev in valid:
-            if ev.idempotency_key not in refused:
-                m.ingest_lag.labels(m.replica).observe(max(0.0, (ev.ingest_time - ev.event_time).total_seconds()))
-        m.accepted.labels(m.replica).inc(report["accepted"])
-        m.duplicates.labels(m.replica).inc(report["duplicates"])
-        if rejections:
-            m.rejected.labels(m.replica, "invalid").inc(len(rejections))
-        if report["rejected"]:
-            m.rejected.labels(m.replica, "twin").inc(report["rejected"])
+        metrics.DEAD_LETTERS.inc(len(rejections), stage="api", reason="invalid")  # the shards count theirs
         return IngestResult(
             accepted=report["accepted"], duplicates=report["duplicates"],
             rejected=report["rejected"] + len(rejections),

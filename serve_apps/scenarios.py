@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 import ray
 from pydantic import Field, ValidationError
 
+from raytwin import metrics
 from raytwin.contracts import (
     Contract,
     ContractError,
@@ -146,6 +147,7 @@ def scenario_to_store(prepared: PreparedScenario, out_url: str, storage_options:
     t0 = time.perf_counter()
     table = summary_table(prepared, run(prepared))
     seconds = time.perf_counter() - t0
+    metrics.SCENARIO_STEPS.inc(prepared.n_steps, kind="scenario")
     fs, root = filesystem(out_url, storage_options)
     fs.makedirs(root, exist_ok=True)
     buf = io.BytesIO()

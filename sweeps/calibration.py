@@ -24,6 +24,7 @@ import io
 import logging
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from functools import partial
 from typing import Annotated, Any, Literal
@@ -37,6 +38,7 @@ from pydantic import Field, model_validator
 from scipy.optimize import least_squares
 
 from raytwin.contracts import Contract, Finite, Identifier
+from raytwin.metrics import CALIBRATION_DURATION, CALIBRATIONS
 from raytwin.registry import ModelRegistry
 from raytwin.sim import Model, get_model, rollout, unstack
 from raytwin.sim.cpu import use_cpu_backend
@@ -382,8 +384,22 @@ def calibrate(
 ) -> tuple[CalibrationResult, dict[str, str], str]:
     """Fit, write ``calibration.json`` and ``fit.png`` under `out_url` (and register the fit if asked).
 
-    Returns (result, {file: sha256}, telemetry sha256).
+    Returns (result, {file: sha256}, telemetry sha256). Counted (outcome, duration) in
+    `raytwin.metrics` when Ray runs.
     """
+    t0 = time.perf_counter()
+    try:
+        out = _calibrate(spec, out_url, storage_options)
+    except BaseException:
+        CALIBRATIONS.inc(outcome="failed")
+        raise
+    CALIBRATIONS.inc(outcome="succeeded")
+    CALIBRATION_DURATION.observe(time.perf_counter() - t0)
+    return out
+
+
+def _calibrate(spec: CalibrationSpec, out_url: str,
+               storage_options: dict | None) -> tuple[CalibrationResult, dict[str, str], str]:
     artifact = resolve_model(spec.model, spec.registry_url)
     table, data_hash = read_telemetry(spec.telemetry, storage_options)
     problem = build_problem(spec, table, artifact.parameters, artifact.asset_type.simulator)

@@ -11,7 +11,6 @@ tasks and raises `SweepCancelled`.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import os
@@ -25,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
+from raytwin.metrics import SCENARIO_STEPS, SWEEP_RATE, SWEEP_SCENARIOS
 from raytwin.sim.cpu import cpu_only, start_single_core_backend
 from raytwin.storage import filesystem
 from sweeps import engine
@@ -118,8 +118,8 @@ def _start_backend() -> None:
 
 
 def compiled_kit(spec: SweepSpec, simulator: str) -> SweepKit:
-    """The kernel functions of the sweep's kit for its horizon (cached per process)."""
-    return spec.kit(simulator).compile(spec.horizon_s)
+    """The kernel functions of the sweep's kit for its horizon and step (cached per process)."""
+    return spec.kit(simulator).compile(spec.horizon_s, spec.step_s)
 
 
 def _chunk_task(spec: SweepSpec, simulator: str, bases: Bases, chunk: int, rows: np.ndarray, url: str,
@@ -197,22 +197,12 @@ def prepare(spec: SweepSpec) -> tuple[str, Bases]:
     )
 
 
-@functools.cache
-def _prometheus() -> tuple[Any, Any]:
-    """Ray metrics (exported to Prometheus by each node's metrics agent)."""
-    from ray.util.metrics import Counter, Gauge
-
-    return (
-        Counter("raytwin_sweep_scenarios_total", "Scenarios finished by what-if sweeps.", tag_keys=("model",)),
-        Gauge("raytwin_sweep_scenarios_per_second", "Throughput of the running sweep.", tag_keys=("model",)),
-    )
-
-
 class _Progress:
-    """A rich progress bar on a terminal, a structured log line every `every_s` seconds, Ray metrics."""
+    """A rich progress bar on a terminal, a structured log line every `every_s` seconds, Ray metrics
+    (`raytwin.metrics`: scenarios, scenario-steps, throughput)."""
 
-    def __init__(self, model: str, total: int, every_s: float, show_bar: bool):
-        self.tags = {"model": model}
+    def __init__(self, model: str, total: int, n_steps: int, every_s: float, show_bar: bool):
+        self.model, self.n_steps = model, n_steps
         self.total, self.every_s, self.done = total, every_s, 0
         self.t0 = self.last = time.monotonic()
         self.bar = None
@@ -225,16 +215,15 @@ class _Progress:
 
     def advance(self, n: int) -> None:
         self.done += n
-        scenarios, throughput = _prometheus()
-        if n:
-            scenarios.inc(n, tags=self.tags)
+        SWEEP_SCENARIOS.inc(n, model=self.model)
+        SCENARIO_STEPS.inc(n * self.n_steps, kind="sweep")
         if self.bar is not None:
             self.bar.update(self.task, completed=self.done)
         now = time.monotonic()
         if now - self.last >= self.every_s or self.done == self.total:
             self.last = now
             rate = self.done / max(now - self.t0, 1e-9)
-            throughput.set(rate, tags=self.tags)
+            SWEEP_RATE.set(rate, model=self.model)
             log.info("sweep progress done=%d total=%d scenarios_per_s=%.0f", self.done, self.total, rate)
 
     def close(self) -> None:
@@ -285,7 +274,7 @@ def run_sweep(
                                                             storage_options)
         pending[traj] = -1
     show = sys.stderr.isatty() if progress is None else progress
-    bar = _Progress(spec.model, n, log_every_s, show)
+    bar = _Progress(spec.model, n, spec.n_steps, log_every_s, show)
     next_chunk = diverged = 0
     try:
         while next_chunk < n_chunks or pending:

@@ -19,7 +19,9 @@ from raytwin.contracts import AssetType, Contract, Finite, Identifier, whole_ste
 from raytwin.registry import ModelArtifact, ModelRegistry
 from raytwin.sim import get_model
 from raytwin.sim.tableau import TABLEAUS
-from sweeps.kits import Kit, KitParameter, Metric, Signal, kit_for
+from raytwin.scenario_metrics import Metric
+from raytwin.signals import Signal
+from sweeps.kits import Kit, KitParameter, kit_for
 from sweeps.space import ScenarioSpace
 from sweeps.stability import check_sweep_step
 

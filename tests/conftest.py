@@ -58,11 +58,19 @@ def s3_url(s3_endpoint) -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_session(s3_endpoint):
-    """One local Ray for the whole session (a start costs seconds); workers see the S3 endpoint."""
+def ray_metrics_port() -> int:
+    """The port of the session Ray's metrics export (Prometheus text at ``/metrics``)."""
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_endpoint, ray_metrics_port):
+    """One local Ray for the whole session (a start costs seconds); workers see the S3 endpoint.
+    Its metrics agent exports on `ray_metrics_port` every second (Ray's default: 10 s)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, namespace="raytwin-tests", logging_level="WARNING")
+    ray.init(num_cpus=2, include_dashboard=False, namespace="raytwin-tests", logging_level="WARNING",
+             _metrics_export_port=ray_metrics_port, _system_config={"metrics_report_interval_ms": 1000})
     yield ray
     ray.shutdown()
 

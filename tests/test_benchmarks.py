@@ -29,6 +29,7 @@ from benchmarks.thermal_scenarios import (
     scipy_loop,
 )
 from raytwin.sim import THERMAL_RC
+from raytwin.sim.checks import stability_limit
 
 
 def test_measure_reports_median_and_first_run():
@@ -100,7 +101,8 @@ def test_rk4_flop_count_matches_hand_count():
 
 def test_bench_cli_quick_end_to_end(ray_session, tmp_path):
     out = tmp_path / "bench.json"
-    result = CliRunner().invoke(bench_app, ["run", "sweep", "roofline", "sweep-kits", "--quick", "--repeat", "1",
+    result = CliRunner().invoke(bench_app, ["run", "sweep", "roofline", "sweep-kits", "model-checks", "--quick",
+                                            "--repeat", "1",
                                             "--out", str(out), "--log-level", "WARNING"])
     assert result.exit_code == 0, result.output
     assert "results written to" in result.output
@@ -124,6 +126,10 @@ def test_bench_cli_quick_end_to_end(ray_session, tmp_path):
     assert set(kits["checks"]["max_abs_difference"]) == set(METRICS)
     (fig,) = kits["figures"]
     assert fig["target_ratio"] == 0.9 and fig["ratio"] == pytest.approx(fig["value"] / fig["baseline_value"])
+    checked = record["benchmarks"]["model-checks"]  # the limits it timed are the model's
+    assert checked["checks"]["thermal_rc/limits"]["default_s"] == pytest.approx(stability_limit(THERMAL_RC), rel=1e-12)
+    assert [f["unit"] for f in checked["figures"]] == ["ms"] * 3
+    assert checked["figures"][2]["baseline"] == "the whole ModelRegistry.register call"
 
 
 def test_gpu_sweep_path_checks_and_reports_on_any_device(ray_session):

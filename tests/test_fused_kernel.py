@@ -19,7 +19,8 @@ from raytwin.sim import BATTERY_ECM, THERMAL_RC
 from sweeps import engine
 from sweeps.engine import Bases, chunk_metrics, kernel_for
 from sweeps.fused import FusedKernelUnsupported, triton_lowering
-from sweeps.kits import Kit, RandomLevels, kit_for
+from raytwin.signals import RandomLevels
+from sweeps.kits import Kit, kit_for
 from sweeps.space import Dimension
 
 THERMAL_STEPS = 240  # 4 h at 60 s

@@ -25,6 +25,7 @@ from serve_apps.api import create_api
 from serve_apps.api import MAX_JSON_DEPTH
 from serve_apps.auth import create_key
 from tests.conftest import free_port
+from tests.ray_metrics import scrape, total, wait_until
 
 THERMAL_TYPE = AssetType.from_model(THERMAL_RC).model_dump(mode="json")
 T0 = datetime(2026, 1, 5, 12, 0, tzinfo=UTC)
@@ -148,6 +149,19 @@ def test_catalog_crud_and_queries(api, http, building):
     err = assert_error(http.post("/v1/assets", json=bad_filter, headers=admin), 422, "invalid_request")
     assert "filter='particle' is not a filter; known: ['ekf', 'ukf']" in err["message"]
     assert_error(http.get("/v1/assets/tmp-1", headers=admin), 404, "not_found")
+    for metadata, reason in [  # whatever the twin's filter would refuse is the client's to fix, said up front
+        ({"measurement_std.T_in": "loud"}, "measurement_std.T_in='loud': not a number"),
+        ({"process_std.T_nope": "0.1"}, "process_std.*: unknown name(s) ['T_nope']; expected ['T_in', 'T_m']"),
+        ({"measurement_std.T_in": "-0.5"}, "measurement_std.*: {'T_in': -0.5} must be finite and >= 0"),
+    ]:
+        err = assert_error(http.post("/v1/assets", json={**bad_filter, "metadata": metadata}, headers=admin), 422,
+                           "invalid_request")
+        assert reason in err["message"], err["message"]
+        assert_error(http.get("/v1/assets/tmp-1", headers=admin), 404, "not_found")
+    err = assert_error(http.put(f"/v1/assets/{building}", json={**update, "metadata": {"input.T_out": "cold"}},
+                                headers=admin), 422, "invalid_request")
+    assert "input.T_out='cold': not a number" in err["message"]
+    assert http.get(f"/v1/assets/{building}", headers=admin).json()["metadata"] == {"floor": "3"}  # unchanged
     r = http.post("/v1/assets", json={"id": "tmp-1", "type_name": "thermal_rc",
                                       "type_version": THERMAL_TYPE["version"]}, headers=admin)
     assert r.status_code == 201
@@ -350,29 +364,31 @@ def test_rate_limit_per_key(api, http):
     assert http.get("/v1/asset-types", headers=auth(api, "reader")).status_code == 200  # other keys unaffected
 
 
-def _sample(text: str, name: str, **labels: str) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
-def test_metrics_follow_requests(api, http, building):
-    before = http.get("/metrics").text
-    http.get(f"/v1/assets/{building}", headers=auth(api, "reader"))
-    http.post(f"/v1/assets/{building}/telemetry", json={"events": events(2, start=50)}, headers=auth(api, "writer"))
-    after = http.get("/metrics")
-    assert after.headers["content-type"].startswith("text/plain")
-    text = after.text
+def test_metrics_reach_rays_export_exactly(api, http, building, ray_metrics_port):
+    """The API's metrics are Ray metrics: Ray's export shows each request, event and refusal once."""
     route = {"route": "/v1/assets/{asset_id}", "method": "GET", "status": "200"}
-    assert _sample(text, "raytwin_http_requests_total", **route) == _sample(before, "raytwin_http_requests_total",
-                                                                            **route) + 1
-    assert _sample(text, "raytwin_events_accepted_total") == _sample(before, "raytwin_events_accepted_total") + 2
-    assert _sample(text, "raytwin_http_request_duration_seconds_count", route="/v1/assets/{asset_id}") >= 1
-    assert "raytwin_ingest_lag_seconds_bucket" in text
-    assert "raytwin_live_twins " in text and _sample(text, "raytwin_sweep_jobs", state="succeeded") >= 0
-    assert "raytwin_scenario_steps_total" in text
+    before = scrape(ray_metrics_port)
+    http.get(f"/v1/assets/{building}", headers=auth(api, "reader"))
+    bad = {**events(1, start=60)[0], "measurements": {"T_in": {"value": 1.0, "unit": "furlong"}}}
+    http.post(f"/v1/assets/{building}/telemetry", json={"events": [*events(2, start=50), bad]},
+              headers=auth(api, "writer"))
+
+    def grown(name: str, by: int, **labels: str):
+        return lambda s: total(s, name, **labels) >= total(before, name, **labels) + by
+
+    checks = [grown("ray_raytwin_http_requests_total", 1, **route),
+              grown("ray_raytwin_twin_events_total", 2, outcome="accepted"),
+              grown("ray_raytwin_event_to_applied_seconds_count_total", 2),
+              grown("ray_raytwin_ingest_to_applied_seconds_bucket_total", 2, le="+Inf"),
+              grown("ray_raytwin_dead_letters_total", 1, stage="api", reason="invalid")]
+    after = wait_until(ray_metrics_port, lambda s: all(c(s) for c in checks), "the requests' metrics")
+    for name, labels, by in (("ray_raytwin_http_requests_total", route, 1),
+                             ("ray_raytwin_twin_events_total", {"outcome": "accepted"}, 2),
+                             ("ray_raytwin_dead_letters_total", {"stage": "api"}, 1)):
+        assert total(after, name, **labels) == total(before, name, **labels) + by, name  # exact, not at least
+    assert total(after, "ray_raytwin_http_request_duration_seconds_count", route=route["route"]) >= 1
+    assert total(after, "ray_raytwin_twins") >= 1 and "ray_raytwin_jobs" in after  # gauges stay exported
+    assert http.get("/metrics").status_code == 404  # Prometheus scrapes Ray's export, not the API
 
 
 def test_audit_log_records_changes_and_runs(api, http, building):

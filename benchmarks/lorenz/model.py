@@ -16,7 +16,8 @@ from __future__ import annotations
 
 
 from raytwin.models import Model, Output, Param, State
-from sweeps.kits import Kit, Metric, register_kit
+from raytwin.scenario_metrics import Metric
+from sweeps.kits import Kit, register_kit
 
 PAPER_BETA = 2.666
 """beta in ``bench_lorenz_gpu.jl`` (``2.666f0 * u[3]``), the problem the benchmark reproduces."""

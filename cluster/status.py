@@ -1,0 +1,138 @@
+"""`raytwin status`: the cluster, twins, ingest lag, job queue and firing alerts on one screen.
+
+It reads what the operators' tools read, so it agrees with them: Ray's state (nodes, CPUs), every
+alive node's metrics export summed (so counts are cluster-wide, as in `raytwin.metrics`), and,
+given ``--prometheus``, the alerts firing there (RayTwin's rules in ops/prometheus). Counters and
+the lag quantile from the export cover the life of the processes that recorded them; Prometheus
+and the dashboard give rates over windows.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Annotated
+
+import httpx
+import ray
+import typer
+from prometheus_client.parser import text_string_to_metric_families
+
+Samples = list[tuple[str, dict[str, str], float]]
+
+
+@dataclass
+class Status:
+    """One screen's worth of state (see the module docstring for where each value comes from)."""
+
+    nodes: int
+    cpus: float
+    cpus_free: float
+    shards: dict[str, int] = field(default_factory=dict)  # TwinShardProcess actors by Ray state
+    twins: int = 0
+    drifting: int = 0
+    events: dict[str, int] = field(default_factory=dict)  # by outcome
+    dead_letters: dict[str, int] = field(default_factory=dict)  # by "stage/reason"
+    lag_p95_s: float | None = None  # ingest time -> applied
+    jobs: dict[str, int] = field(default_factory=dict)
+    oldest_job_age_s: float | None = None
+    alerts: list[str] | None = None  # firing; None: no Prometheus given
+
+
+def scrape_nodes(timeout_s: float = 5.0) -> Samples:
+    """Every sample of every alive node's metrics export."""
+    samples: Samples = []
+    for node in ray.nodes():
+        if not node["Alive"]:
+            continue
+        url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+        text = httpx.get(url, timeout=timeout_s).raise_for_status().text
+        samples += [(s.name, s.labels, s.value) for f in text_string_to_metric_families(text) for s in f.samples]
+    return samples
+
+
+def _by(samples: Samples, name: str, *keys: str, **match: str) -> dict[str, float]:
+    out: dict[str, float] = defaultdict(float)
+    for n, labels, value in samples:
+        if n == name and all(labels.get(k) == v for k, v in match.items()):
+            out["/".join(labels.get(k, "") for k in keys)] += value
+    return dict(out)
+
+
+def bucket_quantile(q: float, buckets: dict[float, float]) -> float | None:
+    """`q`-quantile of cumulative bucket counts (upper bound -> count), interpolated within the
+    bucket as Prometheus's `histogram_quantile` does; None without observations."""
+    bounds = sorted(buckets)
+    if not bounds or buckets[bounds[-1]] <= 0:
+        return None
+    rank = q * buckets[bounds[-1]]
+    lower, below = 0.0, 0.0
+    for bound in bounds:
+        if buckets[bound] >= rank:
+            if math.isinf(bound):
+                return lower
+            return lower + (bound - lower) * (rank - below) / max(buckets[bound] - below, 1e-12)
+        lower, below = bound, buckets[bound]
+    return lower
+
+
+def collect(samples: Samples, prometheus: str | None = None, now: float | None = None) -> Status:
+    """The status from Ray's state, `samples` (`scrape_nodes`) and Prometheus's alerts."""
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    total, free = ray.cluster_resources(), ray.available_resources()
+    lag = {float(le): v for le, v in _by(samples, "ray_raytwin_ingest_to_applied_seconds_bucket_total", "le").items()}
+    oldest = [v for v in _by(samples, "ray_raytwin_job_queue_oldest_submitted_timestamp_seconds").values() if v > 0]
+    status = Status(
+        nodes=len(nodes), cpus=total.get("CPU", 0.0), cpus_free=free.get("CPU", 0.0),
+        shards={k: int(v) for k, v in _by(samples, "ray_actors", "State", Name="TwinShardProcess",
+                                          Source="gcs").items() if v},
+        twins=int(sum(_by(samples, "ray_raytwin_twins").values())),
+        drifting=int(sum(_by(samples, "ray_raytwin_twins_drifting").values())),
+        events={k: int(v) for k, v in _by(samples, "ray_raytwin_twin_events_total", "outcome").items()},
+        dead_letters={k: int(v) for k, v in _by(samples, "ray_raytwin_dead_letters_total", "stage", "reason").items()},
+        lag_p95_s=bucket_quantile(0.95, lag),
+        jobs={k: int(v) for k, v in _by(samples, "ray_raytwin_jobs", "state").items()},
+        oldest_job_age_s=(now or time.time()) - min(oldest) if oldest else None,
+    )
+    if prometheus is not None:
+        alerts = httpx.get(f"{prometheus.rstrip('/')}/api/v1/alerts", timeout=10).raise_for_status().json()
+        status.alerts = sorted({a["labels"]["alertname"] for a in alerts["data"]["alerts"] if a["state"] == "firing"})
+    return status
+
+
+def _counts(values: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v:,}" for k, v in sorted(values.items())) or "none"
+
+
+def render(s: Status) -> str:
+    lag = "no events applied" if s.lag_p95_s is None else f"p95 {s.lag_p95_s * 1000:.0f} ms (ingest -> applied)"
+    age = "" if s.oldest_job_age_s is None else f"; oldest queued {s.oldest_job_age_s:.0f} s"
+    alerts = ("unknown (pass --prometheus URL)" if s.alerts is None
+              else ", ".join(s.alerts) if s.alerts else "none firing")
+    return "\n".join([
+        f"cluster       {s.nodes} node(s), {s.cpus_free:g} of {s.cpus:g} CPUs free",
+        f"shards        {_counts(s.shards)}",
+        f"twins         {s.twins:,} live, {s.drifting:,} drifting",
+        f"events        {_counts(s.events)}",
+        f"dead letters  {_counts(s.dead_letters)}",
+        f"lag           {lag}",
+        f"jobs          {_counts(s.jobs)}{age}",
+        f"alerts        {alerts}",
+    ])
+
+
+def status(
+    address: Annotated[str | None, typer.Option(help="Ray cluster address (default: RAY_ADDRESS, else a running local Ray).")] = None,
+    prometheus: Annotated[str | None, typer.Option(help="Prometheus URL with RayTwin's rules, for the firing alerts.")] = None,
+) -> None:
+    """Cluster, twins, ingest lag, job queue and firing alerts, on one screen."""
+    if not ray.is_initialized():
+        try:
+            ray.init(address=address or "auto", logging_level="ERROR")
+        except ConnectionError as exc:
+            typer.echo(f"no Ray cluster to report on ({exc}); pass --address or set RAY_ADDRESS to a running "
+                       "cluster (`raytwin cluster up --local` starts a local one)", err=True)
+            raise typer.Exit(1) from None
+    typer.echo(render(collect(scrape_nodes(), prometheus)))
