@@ -150,6 +150,21 @@ class ModelRegistry:
             )
         return artifact
 
+    def remove(self, ref: str) -> None:
+        """Delete ``name@version`` (retention, `raytwin.lifecycle`); its blob goes too unless another version
+        shares the content. Callers decide what may go: the registry does not know what references it."""
+        name, version = parse_ref(ref)
+        pointer = self._pointer(name, version)
+        if not self.fs.exists(pointer):
+            raise RegistryError(f"no model {ref} in {self.url}")
+        digest = json.loads(self.fs.cat_file(pointer))["sha256"]
+        self.fs.rm(pointer)
+        shared = any(json.loads(self.fs.cat_file(self._pointer(n, v)))["sha256"] == digest
+                     for n in self.names() for v in self.versions(n))
+        if not shared:
+            self.fs.rm(self._blob(digest))
+        log.info("event=model_removed ref=%s blob_removed=%s", ref, not shared)
+
     def get(self, ref: str, *, allow_code_change: bool | None = None) -> ModelArtifact:
         """The artifact registered as ``name@version``; its content hash is verified on read, and its pinned
         model code against the code installed here (`ModelCodeChanged` if it differs).

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from typing import Any
 
 import fsspec
@@ -33,3 +34,28 @@ def filesystem(url: str, options: dict[str, Any] | None = None) -> tuple[Abstrac
 def canonical_json(obj: Any) -> bytes:
     """Deterministic JSON (sorted keys, no spaces, exact float repr) for hashing and storage."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def write_once(fs: AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write `path` only if it does not exist yet, atomically; `FileExistsError` if it does.
+
+    The compare-and-set behind append-only logs: of two writers racing for one name, exactly one wins.
+    Local disk: a complete temporary file is hard-linked to the name (`link` fails if the name exists,
+    and a reader never sees half a file). Object stores: a conditional PUT (``If-None-Match: *``).
+    """
+    from fsspec.implementations.local import LocalFileSystem
+
+    if not isinstance(fs, LocalFileSystem):
+        fs.pipe_file(path, data, mode="create")
+        return
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.link(tmp, path)
+    finally:
+        os.unlink(tmp)

@@ -13,7 +13,14 @@ from fastapi import FastAPI, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from raytwin import metrics
-from serve_apps import routes_catalog, routes_commands, routes_connectors, routes_scenarios, routes_twins
+from serve_apps import (
+    routes_catalog,
+    routes_commands,
+    routes_connectors,
+    routes_models,
+    routes_scenarios,
+    routes_twins,
+)
 from serve_apps.deps import SVC, Services
 from serve_apps.errors import ERROR_RESPONSES, install_error_handlers
 from serve_apps.json_route import JsonRoute
@@ -36,7 +43,7 @@ def create_api(max_body_bytes: int = 1_048_576) -> FastAPI:
     app.add_middleware(RequestObserver)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
     _ops_routes(app)
-    for routes in (routes_catalog, routes_twins, routes_scenarios):
+    for routes in (routes_catalog, routes_twins, routes_scenarios, routes_models):
         routes.register(app)
     for router in (routes_connectors.router, routes_commands.router):
         app.include_router(router)

@@ -1,9 +1,13 @@
 """API keys: hashed at rest, mapped to a tenant and a role.
 
-The keys file is a JSON list of ``{"key_id", "sha256", "tenant", "role"}``; only SHA-256 digests
+The keys file is a JSON list of ``{"key_id", "sha256", "tenant", "role", "grants"}``; only SHA-256 digests
 of keys are stored, so the file reveals no usable secret. A key is presented as
 ``Authorization: Bearer <key>`` or ``X-API-Key: <key>`` and looked up by digest, then confirmed
 with `hmac.compare_digest` (constant time). Keys look like ``rtk_<key_id>_<secret>``.
+
+A key's `role` is its rank (reader < writer < admin); its `grants` are roles outside that order, such
+as ``approver`` (may approve a model version into production, `raytwin.lifecycle`): an admin is not an
+approver unless granted, so that approving stays a separate, deliberate duty.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ class Role(IntEnum):
 
 
 RoleName = Literal["reader", "writer", "admin"]
+GrantName = Literal["approver"]
 
 
 class KeyRecord(BaseModel):
@@ -37,15 +42,17 @@ class KeyRecord(BaseModel):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     tenant: Identifier
     role: RoleName
+    grants: tuple[GrantName, ...] = ()
 
 
 class Principal(BaseModel):
-    """Who is calling: the key's id, tenant and role (never the key itself)."""
+    """Who is calling: the key's id, tenant, role and grants (never the key itself)."""
 
     model_config = ConfigDict(frozen=True)
     key_id: str
     tenant: str
     role: RoleName
+    grants: tuple[GrantName, ...] = ()
 
     def allows(self, needed: Role) -> bool:
         return Role[self.role] >= needed
@@ -93,14 +100,15 @@ class KeyStore:
         record = self._by_digest.get(d)
         if record is None or not hmac.compare_digest(record.sha256, d):
             return None
-        return Principal(key_id=record.key_id, tenant=record.tenant, role=record.role)
+        return Principal(key_id=record.key_id, tenant=record.tenant, role=record.role, grants=record.grants)
 
 
-def create_key(path: str | Path, tenant: str, role: RoleName) -> tuple[KeyRecord, str]:
+def create_key(path: str | Path, tenant: str, role: RoleName,
+               grants: tuple[GrantName, ...] = ()) -> tuple[KeyRecord, str]:
     """Append a new key's hash to `path`; returns the record and the key (shown once, never stored)."""
     key_id = secrets.token_hex(6)
     key = f"rtk_{key_id}_{secrets.token_urlsafe(32)}"
-    record = KeyRecord(key_id=key_id, sha256=digest(key), tenant=tenant, role=role)
+    record = KeyRecord(key_id=key_id, sha256=digest(key), tenant=tenant, role=role, grants=tuple(sorted(set(grants))))
     p = Path(path)
     records = load_keys(p) + [record]
     p.parent.mkdir(parents=True, exist_ok=True)

@@ -11,11 +11,11 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, get_args
 
 import typer
 
-from serve_apps.auth import RoleName, create_key, load_keys
+from serve_apps.auth import GrantName, RoleName, create_key, load_keys
 
 serve_app = typer.Typer(help="Start the RayTwin HTTP API on Ray Serve (routes under /v1, docs at /docs).",
                         invoke_without_command=True)
@@ -96,11 +96,18 @@ def keys_create(
     tenant: Annotated[str, typer.Option(help="Tenant the key belongs to.")],
     role: Annotated[RoleName, typer.Option(help="reader | writer | admin.")],
     keys_file: KEYS_FILE = Path("raytwin-keys.json"),
+    grant: Annotated[list[str] | None, typer.Option(
+        help="A role outside the reader/writer/admin order: approver (may approve model versions into "
+             "production). Repeatable.")] = None,
 ) -> None:
     """Create a key: prints it ONCE (only its SHA-256 is stored in the keys file)."""
-    record, key = create_key(keys_file, tenant, role)
+    unknown = set(grant or ()) - set(get_args(GrantName))
+    if unknown:
+        raise typer.BadParameter(f"unknown grant(s) {sorted(unknown)}; known: {', '.join(get_args(GrantName))}")
+    record, key = create_key(keys_file, tenant, role, tuple(grant or ()))  # type: ignore[arg-type]
     typer.echo(key)
-    typer.echo(f"key_id={record.key_id} tenant={record.tenant} role={record.role} file={keys_file}", err=True)
+    typer.echo(f"key_id={record.key_id} tenant={record.tenant} role={record.role} "
+               f"grants={','.join(record.grants) or '-'} file={keys_file}", err=True)
 
 
 @serve_app.command("openapi")
@@ -115,6 +122,6 @@ def openapi(out: Annotated[Path, typer.Option(help="Where to write the document.
 
 @keys_app.command("list")
 def keys_list(keys_file: KEYS_FILE = Path("raytwin-keys.json")) -> None:
-    """Show key ids, tenants and roles (never hashes)."""
+    """Show key ids, tenants, roles and grants (never hashes)."""
     for record in load_keys(keys_file):
-        typer.echo(f"{record.key_id}\t{record.tenant}\t{record.role}")
+        typer.echo(f"{record.key_id}\t{record.tenant}\t{record.role}\t{','.join(record.grants) or '-'}")

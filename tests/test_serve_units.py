@@ -25,12 +25,15 @@ def test_keys_are_stored_hashed_and_reloaded(tmp_path):
     path = tmp_path / "keys.json"
     record, key = create_key(path, "acme", "writer")
     store = KeyStore(path)
-    assert store.authenticate(key).model_dump() == {"key_id": record.key_id, "tenant": "acme", "role": "writer"}
+    assert store.authenticate(key).model_dump() == {"key_id": record.key_id, "tenant": "acme", "role": "writer",
+                                                     "grants": ()}
     assert store.authenticate(key + "x") is None and store.authenticate("") is None
     assert key not in path.read_text() and digest(key) in path.read_text()
     _, second = create_key(path, "globex", "reader")  # appended; the running store sees it without restart
     assert store.authenticate(second).tenant == "globex" and store.authenticate(key).tenant == "acme"
     assert oct(path.stat().st_mode & 0o777) == "0o600"
+    _, approver = create_key(path, "acme", "writer", ("approver",))  # a grant: outside the role order
+    assert store.authenticate(approver).grants == ("approver",) and store.authenticate(key).grants == ()
 
 
 def test_cli_creates_keys_and_writes_the_committed_openapi(tmp_path):
@@ -43,6 +46,13 @@ def test_cli_creates_keys_and_writes_the_committed_openapi(tmp_path):
     assert "\tacme\tadmin" in listed and key not in listed and digest(key) not in listed
     bad = CliRunner().invoke(keys_app, ["create", "--tenant", "acme", "--role", "root", "--keys-file", str(keys)])
     assert bad.exit_code != 0
+    granted = CliRunner().invoke(keys_app, ["create", "--tenant", "acme", "--role", "writer", "--grant", "approver",
+                                            "--keys-file", str(keys)])
+    assert granted.exit_code == 0
+    assert KeyStore(keys).authenticate(granted.output.splitlines()[0]).grants == ("approver",)
+    unknown = CliRunner().invoke(keys_app, ["create", "--tenant", "acme", "--role", "writer", "--grant", "root",
+                                            "--keys-file", str(keys)])
+    assert unknown.exit_code != 0 and "unknown grant" in unknown.output
     out = tmp_path / "openapi.json"
     assert CliRunner().invoke(serve_app, ["openapi", "--out", str(out)]).exit_code == 0
     committed = Path(__file__).parents[1] / "serve_apps" / "openapi.json"

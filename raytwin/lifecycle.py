@@ -1,0 +1,410 @@
+"""Model lifecycle: each registered version moves candidate -> staging -> production -> archived.
+
+Why a log and not a status field: every transition is evidence for an audit (who, when, why, on
+what evidence), so the log *is* the state. Each model has an append-only chain of records under
+``{registry}/lifecycle/{model}/log/{seq:08d}.json``; each record carries the SHA-256 of the one before
+it (over canonical JSON), so editing, deleting or reordering a record breaks the chain (`verify`).
+The current stages are a fold over the verified chain; a transition is refused while the chain is
+broken. Appending record ``seq`` is an exclusive create (`raytwin.storage.write_once`), the
+compare-and-set that keeps two concurrent transitions from both succeeding.
+
+Rules: a model belongs to the tenant that submitted its first candidate; production needs an actor
+with the ``approver`` role who is not the candidate's author (four eyes), unless the tenant's
+`LifecyclePolicy` allows automatic promotion; archived versions only come back through `rollback`,
+which returns to the previous production version. `prune` keeps the last K archived versions and
+run records per model and tenant, never what production, staging, a candidate, the rollback target, a
+live twin or a kept run record references.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, ValidationError
+
+from raytwin.contracts import Contract, Finite, Identifier, SemVer, UtcTime, describe_error
+from raytwin.registry import ModelRegistry, RegistryError, parse_ref
+from raytwin.storage import canonical_json, filesystem, write_once
+
+log = logging.getLogger("raytwin.lifecycle")
+
+Stage = Literal["candidate", "staging", "production", "archived"]
+Action = Literal["submit", "stage", "promote", "archive", "rollback", "prune"]
+APPROVER = "approver"
+GENESIS = "0" * 64
+NEXT: dict[Stage, tuple[Stage, ...]] = {
+    "candidate": ("staging", "archived"), "staging": ("production", "archived"),
+    "production": ("archived",), "archived": (),
+}
+"""The moves `transition` makes; a version leaves `archived` only through `rollback`."""
+
+RunId = Annotated[str, Field(pattern=r"^(sweep|calibration)-\d{8}T\d{6}Z-[0-9a-f]{8}$",
+                             description="A run record's id, e.g. calibration-20260105T120000Z-1a2b3c4d")]
+Reference = Annotated[str, Field(pattern=r"^(s3|gs|az|file|https?)://[^\s]{1,1000}$",
+                                 description="Where a document lies: s3://, gs://, az://, file:// or http(s)://")]
+
+
+class LifecycleError(RegistryError):
+    """A refused transition: the message says why and what to do instead."""
+
+
+class TenantMismatch(LifecycleError):
+    """An actor of one tenant acting on another tenant's model."""
+
+
+class ApprovalRequired(LifecycleError):
+    """Production needs an approver who is not the author (or the tenant's automatic promotion)."""
+
+
+class TransitionConflict(LifecycleError):
+    """Another transition was recorded first (compare-and-set lost); reload and retry."""
+
+
+class ChainBroken(LifecycleError):
+    """The log was edited, deleted from or reordered; `record` is the first bad record's sequence number."""
+
+    def __init__(self, message: str, record: int):
+        super().__init__(message)
+        self.record = record
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.record))
+
+
+class Actor(Contract):
+    """Who acts: an id (an API key id, a user), the tenant, and roles such as ``approver``."""
+
+    id: Identifier
+    tenant: Identifier
+    roles: frozenset[Identifier] = frozenset()
+
+
+class Evidence(Contract):
+    """Why a transition is justified: run records, a fit report, shadow metrics (all optional)."""
+
+    run_ids: list[RunId] = Field(default_factory=list, max_length=100)
+    fit_report: Reference | None = None
+    shadow_metrics: dict[Identifier, Finite] = Field(default_factory=dict, max_length=100)
+
+
+class LifecyclePolicy(Contract):
+    """A tenant's rules: automatic promotion (no approver) and how much history retention keeps."""
+
+    auto_promote: bool = False
+    keep_archived: int = Field(5, ge=0, le=10_000, description="Archived versions kept per model.")
+    keep_runs: int = Field(20, ge=0, le=1_000_000, description="Run records kept per model.")
+
+
+class TransitionRecord(Contract):
+    seq: int = Field(ge=0)
+    prev_hash: str = Field(pattern=r"^[0-9a-f]{64}$")
+    model: Identifier
+    tenant: Identifier
+    version: SemVer
+    action: Action
+    from_stage: Stage | None
+    to_stage: Stage
+    displaced: SemVer | None = Field(None, description="The production version this archived.")
+    actor: Identifier
+    actor_roles: list[Identifier]
+    automatic: bool = Field(False, description="Promoted under the tenant's automatic-promotion policy.")
+    time: UtcTime = Field(description="Server time of the transition.")
+    reason: str = Field(min_length=1, max_length=2000)
+    evidence: Evidence = Field(default_factory=Evidence)
+    hash: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+    def computed_hash(self) -> str:
+        return record_hash(self.model_dump(mode="json", exclude={"hash"}))
+
+
+def record_hash(body: dict[str, Any]) -> str:
+    return hashlib.sha256(canonical_json(body)).hexdigest()
+
+
+@dataclass(frozen=True)
+class VersionState:
+    version: str
+    stage: Stage
+    author: str
+    since: datetime
+    pruned: bool = False
+
+
+@dataclass
+class ModelState:
+    """The fold of a model's verified log: stages, the production stack (for rollback) and the head."""
+
+    model: str
+    tenant: str | None = None
+    revision: int = -1
+    head_hash: str = GENESIS
+    versions: dict[str, VersionState] = field(default_factory=dict)
+    production_stack: list[str] = field(default_factory=list)
+    evidence_runs: dict[str, set[str]] = field(default_factory=dict)  # version -> run ids named as evidence
+
+    @property
+    def production(self) -> str | None:
+        return next((v for v, s in self.versions.items() if s.stage == "production"), None)
+
+    @property
+    def rollback_target(self) -> str | None:
+        stack = self.production_stack
+        return stack[-2] if len(stack) >= 2 and stack[-1] == self.production else None
+
+    def apply(self, r: TransitionRecord) -> None:
+        prior = self.versions.get(r.version)
+        author = prior.author if prior else r.actor
+        self.versions[r.version] = VersionState(r.version, r.to_stage, author, r.time, pruned=r.action == "prune")
+        if r.displaced is not None:
+            old = self.versions[r.displaced]
+            self.versions[r.displaced] = VersionState(old.version, "archived", old.author, r.time)
+        if r.action == "promote":
+            self.production_stack.append(r.version)
+        elif r.action == "rollback":
+            self.production_stack.pop()
+        elif r.action == "archive" and r.from_stage == "production":
+            self.production_stack.clear()  # no production left: nothing to roll back to
+        self.evidence_runs.setdefault(r.version, set()).update(r.evidence.run_ids)
+        self.tenant, self.revision, self.head_hash = r.tenant, r.seq, r.hash
+
+
+@dataclass(frozen=True)
+class PruneReport:
+    versions_removed: list[str]
+    runs_removed: list[str]
+
+
+class ModelLifecycle:
+    """The lifecycle of the models of one registry (a directory or fsspec URL, as `ModelRegistry`)."""
+
+    def __init__(self, registry: ModelRegistry):
+        self.registry = registry
+        self.fs, self.root = registry.fs, registry.root
+
+    # ------------------------------------------------------------------ reading -----
+    def _log_dir(self, model: str) -> str:
+        return f"{self.root}/lifecycle/{model}/log"
+
+    def _policy_path(self, tenant: str) -> str:
+        return f"{self.root}/policies/{tenant}.json"
+
+    def records(self, model: str) -> list[TransitionRecord]:
+        """The model's records in sequence-number order, each validated (not yet chain-checked)."""
+        base = self._log_dir(model)
+        if not self.fs.exists(base):
+            return []
+        paths = sorted(p for p in self.fs.ls(base, detail=False) if p.endswith(".json"))
+        out = []
+        for i, path in enumerate(paths):
+            try:
+                out.append(TransitionRecord.model_validate_json(self.fs.cat_file(path)))
+            except ValidationError as exc:
+                raise ChainBroken(f"{model}: record {i} ({path.rsplit('/', 1)[-1]}) is unreadable: "
+                                  f"{describe_error(exc)}", i) from None
+        return out
+
+    def verify(self, model: str, expected_head: str | None = None) -> ModelState:
+        """The state of `model` after checking its chain: each record's own hash, its link to the record
+        before, contiguous sequence numbers, and (if given) the head hash noted elsewhere, which also
+        catches a truncated tail. `ChainBroken` names the first bad record."""
+        state = ModelState(model)
+        for i, r in enumerate(self.records(model)):
+            problem = None
+            if r.seq != i:
+                problem = f"has sequence number {r.seq} at position {i} (a record was deleted or reordered)"
+            elif r.hash != r.computed_hash():
+                problem = "does not match its hash (it was edited)"
+            elif r.prev_hash != state.head_hash:
+                problem = "does not link to the record before it (a record was deleted, replaced or reordered)"
+            elif r.model != model or (state.tenant is not None and r.tenant != state.tenant):
+                problem = f"names model {r.model} of tenant {r.tenant} in the log of {model}"
+            if problem:
+                raise ChainBroken(f"{model}: lifecycle record {i} {problem}; the log is not trustworthy from "
+                                  f"there on: restore it from a backup", i)
+            state.apply(r)
+        if expected_head is not None and expected_head != state.head_hash:
+            raise ChainBroken(f"{model}: the head hash is {state.head_hash[:12]}..., expected "
+                              f"{expected_head[:12]}... (records were removed from the end?)", state.revision + 1)
+        return state
+
+    def stage(self, ref: str) -> Stage:
+        """The stage of ``name@version``; a registered version never submitted is a candidate."""
+        name, version = parse_ref(ref)
+        self.registry.get(ref, allow_code_change=True)  # RegistryError if unknown
+        found = self.verify(name).versions.get(version)
+        return found.stage if found else "candidate"
+
+    def policy(self, tenant: str) -> LifecyclePolicy:
+        path = self._policy_path(tenant)
+        return LifecyclePolicy.model_validate_json(self.fs.cat_file(path)) if self.fs.exists(path) \
+            else LifecyclePolicy()
+
+    def set_policy(self, tenant: str, policy: LifecyclePolicy) -> None:
+        self.fs.makedirs(f"{self.root}/policies", exist_ok=True)
+        self.fs.pipe_file(self._policy_path(tenant), canonical_json(policy.model_dump(mode="json")))
+        log.info("event=lifecycle_policy_set tenant=%s policy=%s", tenant, policy.model_dump_json())
+
+    # ------------------------------------------------------------------ transitions -----
+    def submit(self, ref: str, actor: Actor, reason: str, evidence: Evidence | None = None,
+               expected_revision: int | None = None) -> TransitionRecord:
+        """Enter a registered version as a candidate, `actor` its author (for the four-eyes rule)."""
+        name, version = parse_ref(ref)
+        self.registry.get(ref, allow_code_change=True)
+        state = self._load(name, actor, expected_revision)
+        if version in state.versions:
+            raise LifecycleError(f"{ref} was submitted already; it is in stage {state.versions[version].stage}")
+        return self._append(state, version, "submit", None, "candidate", actor, reason, evidence)
+
+    def transition(self, ref: str, to: Stage, actor: Actor, reason: str, evidence: Evidence | None = None,
+                   expected_revision: int | None = None) -> TransitionRecord:
+        """Move ``name@version`` to stage `to` (see `NEXT`); production archives the previous one."""
+        name, version = parse_ref(ref)
+        if to == "candidate":
+            return self.submit(ref, actor, reason, evidence, expected_revision)
+        state = self._load(name, actor, expected_revision)
+        current = state.versions.get(version)
+        if current is None:
+            self.registry.get(ref, allow_code_change=True)
+            raise LifecycleError(f"{ref} was never submitted: submit it as a candidate first "
+                                 f"(`raytwin registry submit {ref}`, or POST .../transitions with to=candidate)")
+        if current.pruned:
+            raise LifecycleError(f"{ref} was removed by retention; register a new version")
+        if to not in NEXT[current.stage]:
+            hint = ("archived versions are never promoted again: roll back to the previous production version "
+                    "(`rollback`) or register and submit a new version") if current.stage == "archived" else \
+                f"from {current.stage} it may move to {', '.join(NEXT[current.stage])}"
+            raise LifecycleError(f"{ref} is {current.stage}; it cannot move to {to}: {hint}")
+        automatic = False
+        if to == "production":
+            automatic = self._approve(state, current, actor)
+        action: Action = {"staging": "stage", "production": "promote", "archived": "archive"}[to]
+        displaced = state.production if to == "production" else None
+        return self._append(state, version, action, current.stage, to, actor, reason, evidence,
+                            displaced=displaced, automatic=automatic)
+
+    def rollback(self, model: str, actor: Actor, reason: str, evidence: Evidence | None = None,
+                 expected_revision: int | None = None) -> TransitionRecord:
+        """Return to the previous production version in one call; the current one is archived.
+        Needs the approver role (the version was approved before), or the tenant's automatic promotion."""
+        state = self._load(model, actor, expected_revision)
+        target = state.rollback_target
+        if target is None:
+            raise LifecycleError(f"{model} has no previous production version to roll back to"
+                                 + ("" if state.production else " (and no production version)"))
+        if state.versions[target].pruned:
+            raise LifecycleError(f"{model}@{target}, the previous production version, was removed by retention")
+        automatic = self.policy(state.tenant or actor.tenant).auto_promote and APPROVER not in actor.roles
+        if APPROVER not in actor.roles and not automatic:
+            raise ApprovalRequired(f"rolling {model} back needs the {APPROVER!r} role (actor {actor.id} has "
+                                   f"{sorted(actor.roles) or 'none'})")
+        return self._append(state, target, "rollback", "archived", "production", actor, reason, evidence,
+                            displaced=state.production, automatic=automatic)
+
+    def _approve(self, state: ModelState, version: VersionState, actor: Actor) -> bool:
+        """Whether production is reached by policy (True) or by a second pair of eyes (False); else refuse."""
+        ref = f"{state.model}@{version.version}"
+        if APPROVER in actor.roles:
+            if actor.id == version.author:
+                raise ApprovalRequired(f"{actor.id} is the author of {ref} and may not approve it (four eyes): "
+                                       f"another principal with the {APPROVER!r} role must promote it")
+            return False
+        if self.policy(actor.tenant).auto_promote:
+            return True
+        raise ApprovalRequired(f"promoting {ref} to production needs a principal with the {APPROVER!r} role "
+                               f"who is not its author ({version.author}); actor {actor.id} has roles "
+                               f"{sorted(actor.roles) or 'none'}, and tenant {actor.tenant}'s policy does not "
+                               f"allow automatic promotion")
+
+    def _load(self, model: str, actor: Actor, expected_revision: int | None) -> ModelState:
+        state = self.verify(model)
+        if state.tenant is not None and state.tenant != actor.tenant:
+            raise TenantMismatch(f"model {model} belongs to tenant {state.tenant}; {actor.id} of tenant "
+                                 f"{actor.tenant} may not change it")
+        if expected_revision is not None and expected_revision != state.revision:
+            raise TransitionConflict(f"{model} is at revision {state.revision}, not {expected_revision}: "
+                                     f"another transition came first; reload and retry")
+        return state
+
+    def _append(self, state: ModelState, version: str, action: Action, from_stage: Stage | None, to: Stage,
+                actor: Actor, reason: str, evidence: Evidence | None, *, displaced: str | None = None,
+                automatic: bool = False) -> TransitionRecord:
+        body = dict(seq=state.revision + 1, prev_hash=state.head_hash, model=state.model,
+                    tenant=state.tenant or actor.tenant, version=version, action=action, from_stage=from_stage,
+                    to_stage=to, displaced=displaced, actor=actor.id, actor_roles=sorted(actor.roles),
+                    automatic=automatic, time=datetime.now(UTC), reason=reason,
+                    evidence=evidence or Evidence())
+        try:
+            unsigned = TransitionRecord.model_validate({**body, "hash": GENESIS})
+        except ValidationError as exc:
+            raise LifecycleError(describe_error(exc)) from None
+        record = unsigned.model_copy(update={"hash": unsigned.computed_hash()})
+        path = f"{self._log_dir(state.model)}/{record.seq:08d}.json"
+        self.fs.makedirs(self._log_dir(state.model), exist_ok=True)
+        try:
+            write_once(self.fs, path, canonical_json(record.model_dump(mode="json")))
+        except FileExistsError:
+            raise TransitionConflict(f"another transition of {state.model} was recorded first (revision "
+                                     f"{record.seq}); reload and retry") from None
+        log.info("event=model_transition model=%s version=%s action=%s from=%s to=%s actor=%s tenant=%s "
+                 "automatic=%s seq=%d", record.model, version, action, from_stage, to, actor.id, record.tenant,
+                 automatic, record.seq)
+        return record
+
+    # ------------------------------------------------------------------ retention -----
+    def prune(self, model: str, actor: Actor, runs_root: str | None = None,
+              storage_options: dict[str, Any] | None = None, in_use: Collection[str] = ()) -> PruneReport:
+        """Apply the tenant's retention to `model`: keep the last `keep_archived` archived versions and
+        the last `keep_runs` run records of this model and tenant (under `runs_root`); never remove a
+        production, staging or candidate version, the rollback target, a version a kept run record
+        used, a version `in_use` (live twins run it: the caller knows its assets), or a run named as
+        evidence by a version that is not archived. Each removal is logged."""
+        state = self._load(model, actor, None)
+        tenant = state.tenant or actor.tenant
+        policy = self.policy(tenant)
+        runs = _run_records(runs_root, storage_options, tenant, model) if runs_root else []
+        evidence = {run for v, s in state.versions.items() if s.stage != "archived"
+                    for run in state.evidence_runs.get(v, ())}
+        by_age = sorted(runs, key=lambda r: r["started"])
+        kept_runs = by_age[max(0, len(by_age) - policy.keep_runs):] if policy.keep_runs else []
+        kept_runs += [r for r in by_age if r["run_id"] in evidence and r not in kept_runs]
+        used = {parse_ref(r["model_ref"])[1] for r in kept_runs}
+        archived = sorted((s for s in state.versions.values() if s.stage == "archived" and not s.pruned),
+                          key=lambda s: s.since)
+        recent = {s.version for s in archived[max(0, len(archived) - policy.keep_archived):]} \
+            if policy.keep_archived else set()
+        doomed = [s.version for s in archived
+                  if s.version not in recent | used | set(in_use) and s.version != state.rollback_target]
+        for version in doomed:
+            ref = f"{model}@{version}"
+            if version in self.registry.versions(model):
+                self.registry.remove(ref)
+            state = self._load(model, actor, None)
+            self._append(state, version, "prune", "archived", "archived", actor,
+                         f"retention: keep the last {policy.keep_archived} archived versions", None)
+        removed_runs = [r for r in by_age if r not in kept_runs]
+        if removed_runs:
+            fs, root = filesystem(runs_root, storage_options)
+            for r in removed_runs:
+                fs.rm(f"{root}/{r['run_id']}", recursive=True)
+                log.info("event=run_pruned run_id=%s model=%s tenant=%s", r["run_id"], model, tenant)
+        return PruneReport(versions_removed=doomed, runs_removed=[r["run_id"] for r in removed_runs])
+
+
+def _run_records(runs_root: str, storage_options: dict[str, Any] | None, tenant: str,
+                 model: str) -> list[dict[str, Any]]:
+    """The run records (``<runs root>/<run id>/run.json``) of `tenant` that ran a version of `model`."""
+    fs, root = filesystem(runs_root, storage_options)
+    if not fs.exists(root):
+        return []
+    found = []
+    for path in fs.glob(f"{root}/*/run.json"):
+        record = json.loads(fs.cat_file(path))
+        if record.get("tenant") == tenant and parse_ref(record["model_ref"])[0] == model:
+            found.append({k: record[k] for k in ("run_id", "model_ref", "started")})
+    return found

@@ -1,0 +1,169 @@
+"""``raytwin registry``: model versions through their lifecycle, the transition log and its check, retention.
+
+The CLI writes the store with the caller's own storage credentials and records the actor it is told
+(``--actor``, default ``$RAYTWIN_USER`` or the login name) with the roles it is given (``--role approver``):
+whoever may write the store may act here. Identities checked against API keys are the HTTP API's
+(`serve_apps/README.md`, "Model lifecycle").
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+from collections.abc import Callable
+from typing import Annotated, TypeVar
+
+import typer
+
+registry_app = typer.Typer(no_args_is_help=True)
+T = TypeVar("T")
+
+Registry = Annotated[str, typer.Option("--registry", envvar="RAYTWIN_REGISTRY_URL",
+                                       help="The model registry: a directory or fsspec URL.")]
+Tenant = Annotated[str, typer.Option("--tenant", envvar="RAYTWIN_TENANT", help="The actor's tenant.")]
+ActorId = Annotated[str | None, typer.Option("--actor", help="Who acts (default: $RAYTWIN_USER, else the login).")]
+Roles = Annotated[list[str] | None, typer.Option("--role", help="A role of the actor, e.g. approver (repeatable).")]
+Reason = Annotated[str, typer.Option("--reason", help="Why (recorded in the transition log).")]
+Runs = Annotated[list[str] | None, typer.Option("--run", help="A run id as evidence (repeatable).")]
+FitReport = Annotated[str | None, typer.Option("--fit-report", help="URL of a fit report as evidence.")]
+Metrics = Annotated[list[str] | None, typer.Option("--metric", help="A shadow metric NAME=VALUE (repeatable).")]
+
+
+def _run(call: Callable[[], T]) -> T:
+    """`call()`, or exit 1 with the one-line reason of a refused request."""
+    from pydantic import ValidationError
+
+    from raytwin.contracts import describe_error
+    from raytwin.registry import RegistryError
+
+    try:
+        return call()
+    except RegistryError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except ValidationError as exc:
+        typer.echo(f"error: {describe_error(exc)}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _lifecycle(registry: str):
+    from raytwin.lifecycle import ModelLifecycle
+    from raytwin.registry import ModelRegistry
+
+    return ModelLifecycle(ModelRegistry(registry))
+
+
+def _actor(tenant: str, actor: str | None, roles: list[str] | None):
+    from raytwin.lifecycle import Actor
+
+    who = actor or os.environ.get("RAYTWIN_USER") or getpass.getuser()
+    return _run(lambda: Actor(id=who, tenant=tenant, roles=frozenset(roles or ())))
+
+
+def _evidence(runs: list[str] | None, fit_report: str | None, metrics: list[str] | None):
+    from raytwin.lifecycle import Evidence
+
+    values: dict[str, float] = {}
+    for item in metrics or ():
+        name, sep, value = item.partition("=")
+        try:
+            if not sep:
+                raise ValueError(item)
+            values[name] = float(value)
+        except ValueError:
+            raise typer.BadParameter(f"--metric {item!r}: give NAME=NUMBER") from None
+    return _run(lambda: Evidence(run_ids=runs or [], fit_report=fit_report, shadow_metrics=values))
+
+
+def _print_record(r) -> None:
+    moved = f"{r.from_stage or '-'} -> {r.to_stage}" + (f" (archived {r.displaced})" if r.displaced else "")
+    typer.echo(f"{r.seq}\t{r.time.isoformat()}\t{r.action}\t{r.model}@{r.version}\t{moved}\t{r.actor}"
+               f"{' (automatic)' if r.automatic else ''}\t{r.reason}")
+
+
+def _move(stage: str, doc: str) -> Callable[..., None]:
+    def command(ref: Annotated[str, typer.Argument(help="name@version")], reason: Reason, registry: Registry,
+                tenant: Tenant, actor: ActorId = None, role: Roles = None, run: Runs = None,
+                fit_report: FitReport = None, metric: Metrics = None) -> None:
+        lc, who, evidence = _lifecycle(registry), _actor(tenant, actor, role), _evidence(run, fit_report, metric)
+        _print_record(_run(lambda: lc.transition(ref, stage, who, reason, evidence)))  # type: ignore[arg-type]
+
+    command.__doc__ = doc
+    return command
+
+
+for _name, _stage, _doc in (
+    ("submit", "candidate", "Enter a registered version as a candidate; the actor is its author."),
+    ("stage", "staging", "Move a candidate to staging."),
+    ("promote", "production", "Move a staging version to production (an approver who is not the author, or "
+                              "the tenant's automatic promotion); the previous production version is archived."),
+    ("archive", "archived", "Archive a version (a candidate, staging or production)."),
+):
+    registry_app.command(_name)(_move(_stage, _doc))
+
+
+@registry_app.command("rollback")
+def rollback(model: str, reason: Reason, registry: Registry, tenant: Tenant, actor: ActorId = None,
+             role: Roles = None) -> None:
+    """Return to the previous production version in one call (the current one is archived)."""
+    lc, who = _lifecycle(registry), _actor(tenant, actor, role)
+    _print_record(_run(lambda: lc.rollback(model, who, reason)))
+
+
+@registry_app.command("status")
+def status(model: str, registry: Registry) -> None:
+    """Each version's stage, author and since when; the production version and the log's head hash."""
+    lc = _lifecycle(registry)
+    state = _run(lambda: lc.verify(model))
+    for version in lc.registry.versions(model):
+        s = state.versions.get(version)
+        typer.echo(f"{model}@{version}\t{s.stage if s else 'candidate (not submitted)'}\t"
+                   f"{s.author if s else '-'}\t{s.since.isoformat() if s else '-'}")
+    typer.echo(f"production: {state.production or 'none'}; revision {state.revision}; head {state.head_hash}")
+
+
+@registry_app.command("log")
+def show_log(model: str, registry: Registry) -> None:
+    """The model's transition records, oldest first."""
+    for r in _run(lambda: _lifecycle(registry).records(model)):
+        _print_record(r)
+
+
+@registry_app.command("verify")
+def verify(model: str, registry: Registry, expect_head: Annotated[str | None, typer.Option(
+        help="The head hash noted earlier (e.g. by `status`): also catches records removed from the end.")] = None,
+           ) -> None:
+    """Check the hash chain of the model's transition log; exit 1 naming the first bad record."""
+    state = _run(lambda: _lifecycle(registry).verify(model, expect_head))
+    typer.echo(f"ok: {state.revision + 1} records, head {state.head_hash}")
+
+
+@registry_app.command("prune")
+def prune(model: str, registry: Registry, tenant: Tenant, runs: Annotated[str | None, typer.Option(
+        "--runs", help="Runs root whose run records retention also applies to.")] = None,
+          actor: ActorId = None, role: Roles = None) -> None:
+    """Apply the tenant's retention: the last K archived versions and run records are kept, and
+    whatever production, staging, candidates or kept run records reference."""
+    lc, who = _lifecycle(registry), _actor(tenant, actor, role)
+    report = _run(lambda: lc.prune(model, who, runs))
+    typer.echo(f"removed versions: {', '.join(report.versions_removed) or 'none'}; "
+               f"removed runs: {', '.join(report.runs_removed) or 'none'}")
+
+
+@registry_app.command("policy")
+def policy(registry: Registry, tenant: Tenant,
+           auto_promote: Annotated[bool | None, typer.Option(
+               "--auto-promote/--no-auto-promote", help="Allow production without an approver.")] = None,
+           keep_archived: Annotated[int | None, typer.Option(help="Archived versions kept per model.")] = None,
+           keep_runs: Annotated[int | None, typer.Option(help="Run records kept per model.")] = None) -> None:
+    """Show the tenant's lifecycle policy, or change the fields given."""
+    lc = _lifecycle(registry)
+    current = lc.policy(tenant)
+    changes = {k: v for k, v in (("auto_promote", auto_promote), ("keep_archived", keep_archived),
+                                 ("keep_runs", keep_runs)) if v is not None}
+    if changes:
+        from raytwin.lifecycle import LifecyclePolicy
+
+        current = _run(lambda: LifecyclePolicy.model_validate({**current.model_dump(), **changes}))
+        lc.set_policy(tenant, current)
+    typer.echo(current.model_dump_json())

@@ -1,0 +1,198 @@
+"""Routes for the model lifecycle: a version's stage, transitions, rollback, the transition log and its check.
+
+The lifecycle lives in the tenant's registry in the store (`raytwin.lifecycle`); the ingress acts on it
+directly, without the backend: each transition is a compare-and-set on the store, so replicas need no
+lock. Promotion to production needs a key with the ``approver`` grant that is not the key that
+submitted the candidate (four eyes), unless the tenant's policy allows automatic promotion.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Path, Query, Request
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+
+from raytwin.lifecycle import (
+    ApprovalRequired,
+    ChainBroken,
+    Evidence,
+    LifecycleError,
+    LifecyclePolicy,
+    ModelLifecycle,
+    PruneReport,
+    Stage,
+    TenantMismatch,
+    TransitionRecord,
+)
+from raytwin.lifecycle import Actor as LifecycleActor
+from raytwin.registry import ModelRegistry, RegistryError
+from serve_apps.auth import Principal
+from serve_apps.deps import ADMIN, READER, SVC, WRITER, Services
+from serve_apps.errors import Conflict, Forbidden, NotFound
+
+ModelName = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$")]
+Version = Annotated[str, Path(pattern=r"^\d+\.\d+\.\d+$")]
+
+
+class TransitionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    to: Stage = Field(description="candidate (submit; the caller becomes the author), staging, production, archived")
+    reason: str = Field(min_length=1, max_length=2000)
+    evidence: Evidence = Field(default_factory=Evidence)
+    expected_revision: int | None = Field(None, ge=-1, description="Refuse (409) unless the model's log is at "
+                                          "this revision (compare-and-set; see `revision` in the status).")
+
+
+class RollbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reason: str = Field(min_length=1, max_length=2000)
+    evidence: Evidence = Field(default_factory=Evidence)
+    expected_revision: int | None = Field(None, ge=-1)
+
+
+class VersionStatus(BaseModel):
+    version: str
+    stage: Stage
+    submitted: bool = Field(description="False for a registered version never submitted (a candidate with no "
+                                        "author yet: submit it before staging it)")
+    author: str | None
+    since: datetime | None
+    pruned: bool
+
+
+class LifecycleStatus(BaseModel):
+    model: str
+    revision: int = Field(description="Sequence number of the last transition record (-1: none)")
+    head_hash: str
+    production: str | None
+    rollback_target: str | None
+    versions: list[VersionStatus]
+
+
+class ChainCheck(BaseModel):
+    ok: bool
+    records: int = Field(description="Records found good (up to the first bad one)")
+    head_hash: str | None
+    first_bad_record: int | None
+    message: str | None
+
+
+def _lifecycle(svc: Services, tenant: str) -> ModelLifecycle:
+    return ModelLifecycle(ModelRegistry(svc.config.url("registry", tenant), svc.config.storage_options or None))
+
+
+def _actor(who: Principal) -> LifecycleActor:
+    return LifecycleActor(id=who.key_id, tenant=who.tenant, roles=frozenset(who.grants))
+
+
+async def _call(fn: Any, *args: Any) -> Any:
+    """Run a blocking lifecycle call off the event loop, its refusals turned into API errors."""
+    try:
+        return await run_in_threadpool(fn, *args)
+    except (ApprovalRequired, TenantMismatch) as exc:
+        raise Forbidden(str(exc)) from None
+    except LifecycleError as exc:
+        raise Conflict(str(exc)) from None
+    except RegistryError as exc:
+        raise NotFound(str(exc)) from None
+
+
+def _status(lc: ModelLifecycle, model: str) -> LifecycleStatus:
+    state = lc.verify(model)
+    registered = lc.registry.versions(model)
+    if not registered and not state.versions:
+        raise RegistryError(f"no model {model}")
+    versions = []
+    for version in sorted(set(registered) | set(state.versions), key=lambda v: tuple(int(x) for x in v.split("."))):
+        s = state.versions.get(version)
+        versions.append(VersionStatus(version=version, stage=s.stage if s else "candidate", submitted=s is not None,
+                                      author=s.author if s else None, since=s.since if s else None,
+                                      pruned=bool(s and s.pruned)))
+    return LifecycleStatus(model=model, revision=state.revision, head_hash=state.head_hash,
+                           production=state.production, rollback_target=state.rollback_target, versions=versions)
+
+
+def _check(lc: ModelLifecycle, model: str, expected_head: str | None) -> ChainCheck:
+    try:
+        state = lc.verify(model, expected_head)
+    except ChainBroken as exc:
+        return ChainCheck(ok=False, records=exc.record, head_hash=None,
+                          first_bad_record=exc.record, message=str(exc))
+    return ChainCheck(ok=True, records=state.revision + 1, head_hash=state.head_hash, first_bad_record=None,
+                      message=None)
+
+
+def register(app: FastAPI) -> None:
+    tags = ["model lifecycle"]
+
+    @app.get("/v1/models/{model}/lifecycle", response_model=LifecycleStatus, tags=tags)
+    async def lifecycle_status(model: ModelName, who: Principal = READER, svc: Services = SVC) -> LifecycleStatus:
+        """Each registered version's stage and author, the production version and the log's revision."""
+        return await _call(_status, _lifecycle(svc, who.tenant), model)
+
+    @app.post("/v1/models/{model}/versions/{version}/transitions", response_model=TransitionRecord,
+              status_code=201, tags=tags)
+    async def transition(model: ModelName, version: Version, body: TransitionRequest, request: Request,
+                         who: Principal = WRITER, svc: Services = SVC) -> TransitionRecord:
+        """Move a version to another stage. Production: a key with the `approver` grant that did not submit
+        the version (403 otherwise), unless the tenant's policy promotes automatically; the previous
+        production version is archived. 409: a move the version's stage does not allow, or a lost race."""
+        lc = _lifecycle(svc, who.tenant)
+        record: TransitionRecord = await _call(lc.transition, f"{model}@{version}", body.to, _actor(who),
+                                               body.reason, body.evidence, body.expected_revision)
+        await svc.record(request, who, f"model.{record.action}", f"{model}@{version}", seq=record.seq,
+                         to_stage=record.to_stage, displaced=record.displaced, hash=record.hash)
+        return record
+
+    @app.post("/v1/models/{model}/rollback", response_model=TransitionRecord, status_code=201, tags=tags)
+    async def rollback(model: ModelName, body: RollbackRequest, request: Request, who: Principal = WRITER,
+                       svc: Services = SVC) -> TransitionRecord:
+        """Return to the previous production version (needs the `approver` grant, or automatic promotion)."""
+        lc = _lifecycle(svc, who.tenant)
+        record: TransitionRecord = await _call(lc.rollback, model, _actor(who), body.reason, body.evidence,
+                                               body.expected_revision)
+        await svc.record(request, who, "model.rollback", f"{model}@{record.version}", seq=record.seq,
+                         displaced=record.displaced, hash=record.hash)
+        return record
+
+    @app.get("/v1/models/{model}/lifecycle/log", response_model=list[TransitionRecord], tags=tags)
+    async def lifecycle_log(model: ModelName, who: Principal = READER, svc: Services = SVC) -> list[TransitionRecord]:
+        """The model's transition records, oldest first (check them with .../lifecycle/verify)."""
+        return await _call(_lifecycle(svc, who.tenant).records, model)
+
+    @app.get("/v1/models/{model}/lifecycle/verify", response_model=ChainCheck, tags=tags)
+    async def lifecycle_verify(
+        model: ModelName, who: Principal = READER, svc: Services = SVC,
+        expected_head: Annotated[str | None, Query(pattern=r"^[0-9a-f]{64}$", description=(
+            "A head hash noted earlier: also catches records removed from the end"))] = None,
+    ) -> ChainCheck:
+        """Check the log's hash chain; `first_bad_record` names where it breaks."""
+        return await _call(_check, _lifecycle(svc, who.tenant), model, expected_head)
+
+    @app.post("/v1/models/{model}/prune", response_model=PruneReport, tags=tags)
+    async def prune(model: ModelName, request: Request, who: Principal = ADMIN, svc: Services = SVC) -> Any:
+        """Apply the tenant's retention to the model's archived versions and to the tenant's sweep run records
+        of the model (``{store}/runs/{tenant}``); versions the tenant's assets (live twins) use stay (admin only)."""
+        assets = await svc.backend.call("list_assets", who.tenant, model, None, None, None)
+        report: PruneReport = await _call(_lifecycle(svc, who.tenant).prune, model, _actor(who),
+                                          svc.config.url("runs", who.tenant), svc.config.storage_options or None,
+                                          {a.type_version for a in assets})
+        await svc.record(request, who, "model.prune", model, versions_removed=report.versions_removed,
+                         runs_removed=report.runs_removed)
+        return report
+
+    @app.get("/v1/lifecycle-policy", response_model=LifecyclePolicy, tags=tags)
+    async def get_policy(who: Principal = READER, svc: Services = SVC) -> LifecyclePolicy:
+        return await _call(_lifecycle(svc, who.tenant).policy, who.tenant)
+
+    @app.put("/v1/lifecycle-policy", response_model=LifecyclePolicy, tags=tags)
+    async def put_policy(body: LifecyclePolicy, request: Request, who: Principal = ADMIN,
+                         svc: Services = SVC) -> LifecyclePolicy:
+        """Replace the tenant's lifecycle policy (admin only; audited)."""
+        await _call(_lifecycle(svc, who.tenant).set_policy, who.tenant, body)
+        await svc.record(request, who, "lifecycle_policy.update", who.tenant, policy=body.model_dump(mode="json"))
+        return body
+

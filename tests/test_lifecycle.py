@@ -1,0 +1,293 @@
+"""The model lifecycle (raytwin.lifecycle) through the library and `raytwin registry`: stages, four eyes,
+rollback, compare-and-set under concurrency (local disk and S3), the tamper-evident log, retention."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import threading
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from raytwin.cli import app
+from raytwin.contracts import AssetType
+from raytwin.lifecycle import (
+    Actor,
+    ApprovalRequired,
+    ChainBroken,
+    Evidence,
+    LifecycleError,
+    LifecyclePolicy,
+    ModelLifecycle,
+    TenantMismatch,
+    TransitionConflict,
+)
+from raytwin.registry import ModelRegistry
+from raytwin.sim import THERMAL_RC
+from raytwin.storage import canonical_json, filesystem, write_once
+from sweeps.runs import RunRecord, RunStore
+
+THERMAL = AssetType.from_model(THERMAL_RC)
+ALICE = Actor(id="alice", tenant="acme")  # writes candidates
+BOB = Actor(id="bob", tenant="acme", roles=frozenset({"approver"}))
+CAROL = Actor(id="carol", tenant="acme", roles=frozenset({"approver"}))
+EVE = Actor(id="eve", tenant="globex", roles=frozenset({"approver"}))
+RUN = "calibration-20260105T120000Z-1a2b3c4d"
+
+
+def _lifecycle(url: str, versions: int) -> ModelLifecycle:
+    registry = ModelRegistry(url)
+    for i in range(versions):
+        registry.register("zone", f"1.{i}.0", THERMAL, {"R_io": 0.01 * (1 + i / 10)})
+    return ModelLifecycle(registry)
+
+
+def _to_staging(lc: ModelLifecycle, version: str, author: Actor = ALICE) -> None:
+    lc.submit(f"zone@{version}", author, "calibrated on last week", Evidence(run_ids=[RUN]))
+    lc.transition(f"zone@{version}", "staging", author, "shadow evaluation passed")
+
+
+@pytest.fixture
+def lc(tmp_path) -> ModelLifecycle:
+    return _lifecycle(str(tmp_path / "registry"), 3)
+
+
+def test_stages_four_eyes_and_rollback(lc):
+    assert lc.stage("zone@1.0.0") == "candidate"  # registered, never submitted
+    with pytest.raises(LifecycleError, match="never submitted: submit it as a candidate first"):
+        lc.transition("zone@1.0.0", "staging", ALICE, "skip")
+    _to_staging(lc, "1.0.0")
+    with pytest.raises(ApprovalRequired, match="needs a principal with the 'approver' role"):
+        lc.transition("zone@1.0.0", "production", ALICE, "self-service")
+    author_approver = Actor(id="alice", tenant="acme", roles=frozenset({"approver"}))
+    with pytest.raises(ApprovalRequired, match="alice is the author of zone@1.0.0 and may not approve it"):
+        lc.transition("zone@1.0.0", "production", author_approver, "my own")
+    first = lc.transition("zone@1.0.0", "production", BOB, "four eyes", Evidence(shadow_metrics={"nis": 1.01}))
+    assert (first.action, first.actor, first.displaced, first.automatic) == ("promote", "bob", None, False)
+
+    lc.submit("zone@1.1.0", ALICE, "second fit")
+    with pytest.raises(LifecycleError, match="candidate; it cannot move to production: from candidate it may move "
+                                             "to staging, archived"):
+        lc.transition("zone@1.1.0", "production", BOB, "skip staging")
+    lc.transition("zone@1.1.0", "staging", ALICE, "ok")
+    second = lc.transition("zone@1.1.0", "production", CAROL, "better")
+    assert second.displaced == "1.0.0"
+    assert (lc.stage("zone@1.0.0"), lc.stage("zone@1.1.0")) == ("archived", "production")
+    with pytest.raises(LifecycleError, match="archived; it cannot move to production: archived versions are never "
+                                             "promoted again"):
+        lc.transition("zone@1.0.0", "production", BOB, "bring it back")
+    with pytest.raises(ApprovalRequired, match="rolling zone back needs the 'approver' role"):
+        lc.rollback("zone", ALICE, "regression")
+
+    back = lc.rollback("zone", BOB, "innovations out of band")
+    assert (back.version, back.displaced, back.action) == ("1.0.0", "1.1.0", "rollback")
+    assert (lc.stage("zone@1.0.0"), lc.stage("zone@1.1.0")) == ("production", "archived")
+    with pytest.raises(LifecycleError, match="no previous production version"):
+        lc.rollback("zone", BOB, "again")
+    state = lc.verify("zone")
+    assert [r.action for r in lc.records("zone")] == ["submit", "stage", "promote", "submit", "stage", "promote",
+                                                     "rollback"]
+    assert state.revision == 6 and state.versions["1.1.0"].author == "alice"
+
+
+def test_another_tenants_model_and_bad_evidence_are_refused(lc):
+    _to_staging(lc, "1.0.0")
+    with pytest.raises(TenantMismatch, match="model zone belongs to tenant acme; eve of tenant globex may not"):
+        lc.submit("zone@1.1.0", EVE, "mine now")
+    with pytest.raises(TenantMismatch):
+        lc.transition("zone@1.0.0", "production", EVE, "approve from outside")
+    with pytest.raises(ValueError, match="fit_report"):
+        Evidence(fit_report="see my laptop")
+    with pytest.raises(ValueError, match="run_ids"):
+        Evidence(run_ids=["rm -rf /"])
+    with pytest.raises(LifecycleError, match="reason"):
+        lc.transition("zone@1.0.0", "archived", ALICE, "")
+    assert len(lc.records("zone")) == 2
+
+
+def test_automatic_promotion_is_a_tenant_policy(lc):
+    _to_staging(lc, "1.0.0")
+    lc.set_policy("acme", LifecyclePolicy(auto_promote=True))
+    record = lc.transition("zone@1.0.0", "production", ALICE, "policy allows it")
+    assert record.automatic and lc.stage("zone@1.0.0") == "production"
+    with pytest.raises(ValueError, match="keep_archived"):
+        LifecyclePolicy(keep_archived=-1)
+    assert lc.policy("globex") == LifecyclePolicy()  # untouched tenant: the safe default
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_exclusive_writes_have_one_winner(where, tmp_path, request):
+    url = str(tmp_path) if where == "local" else request.getfixturevalue("s3_url")
+    fs, root = filesystem(url)
+    fs.makedirs(root, exist_ok=True)
+    wins, barrier = [], threading.Barrier(8)
+
+    def race(i: int) -> None:
+        barrier.wait()
+        try:
+            write_once(fs, f"{root}/seq-0.json", f"writer {i}".encode())
+            wins.append(i)
+        except FileExistsError:
+            pass
+
+    threads = [threading.Thread(target=race, args=(i,)) for i in range(8)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert len(wins) == 1 and fs.cat_file(f"{root}/seq-0.json") == f"writer {wins[0]}".encode()
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_concurrent_promotions_do_not_both_succeed(where, tmp_path, request):
+    url = str(tmp_path / "registry") if where == "local" else request.getfixturevalue("s3_url") + "/registry"
+    lc = _lifecycle(url, 3)
+    for version in ("1.0.0", "1.1.0", "1.2.0"):
+        _to_staging(lc, version)
+    revision = lc.verify("zone").revision
+    outcomes: dict[str, str] = {}
+    barrier = threading.Barrier(3)
+
+    def promote(version: str, approver: Actor) -> None:
+        barrier.wait()
+        try:
+            ModelLifecycle(ModelRegistry(url)).transition(f"zone@{version}", "production", approver, "race",
+                                                          expected_revision=revision)
+            outcomes[version] = "won"
+        except TransitionConflict as exc:
+            outcomes[version] = str(exc)
+
+    threads = [threading.Thread(target=promote, args=(v, a)) for v, a in
+               (("1.0.0", BOB), ("1.1.0", CAROL), ("1.2.0", BOB))]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    winners = [v for v, o in outcomes.items() if o == "won"]
+    assert len(winners) == 1, outcomes
+    assert all("reload and retry" in o for o in outcomes.values() if o != "won")
+    state = lc.verify("zone")
+    assert state.production == winners[0] and state.revision == revision + 1
+
+
+def _chain(tmp_path: Path) -> tuple[ModelLifecycle, Path]:
+    lc = _lifecycle(str(tmp_path / "registry"), 2)
+    _to_staging(lc, "1.0.0")
+    lc.transition("zone@1.0.0", "production", BOB, "approved")
+    _to_staging(lc, "1.1.0")  # 5 records: 0..4
+    return lc, tmp_path / "registry" / "lifecycle" / "zone" / "log"
+
+
+def test_editing_deleting_or_reordering_a_record_is_detected(tmp_path):
+    lc, log = _chain(tmp_path)
+    head = lc.verify("zone").head_hash
+    pristine = {p.name: p.read_bytes() for p in log.iterdir()}
+
+    def restore() -> None:
+        shutil.rmtree(log)
+        log.mkdir()
+        for name, data in pristine.items():
+            (log / name).write_bytes(data)
+
+    # edited: the approver's name changed, hash left alone
+    record = json.loads(pristine["00000002.json"])
+    (log / "00000002.json").write_bytes(canonical_json({**record, "actor": "alice"}))
+    with pytest.raises(ChainBroken, match="record 2 does not match its hash") as err:
+        lc.verify("zone")
+    assert err.value.record == 2
+    with pytest.raises(ChainBroken):  # no transition on a broken chain
+        lc.transition("zone@1.1.0", "production", BOB, "go")
+    # edited and re-hashed: the next record no longer links to it
+    body = {k: v for k, v in record.items() if k != "hash"} | {"actor": "alice"}
+    rehashed = {**body, "hash": hashlib.sha256(canonical_json(body)).hexdigest()}
+    (log / "00000002.json").write_bytes(canonical_json(rehashed))
+    with pytest.raises(ChainBroken, match="record 3 does not link to the record before it"):
+        lc.verify("zone")
+    restore()
+    # deleted in the middle, renumbered to hide the gap
+    (log / "00000001.json").unlink()
+    for i, name in enumerate(sorted(p.name for p in log.iterdir())):
+        (log / name).rename(log / f"tmp-{i}")
+    for i in range(4):
+        (log / f"tmp-{i}").rename(log / f"{i:08d}.json")
+    with pytest.raises(ChainBroken, match="record 1 has sequence number 2"):
+        lc.verify("zone")
+    restore()
+    # reordered: two records swap places
+    (log / "00000003.json").write_bytes(pristine["00000004.json"])
+    (log / "00000004.json").write_bytes(pristine["00000003.json"])
+    with pytest.raises(ChainBroken, match="record 3 has sequence number 4"):
+        lc.verify("zone")
+    restore()
+    # the last record removed: only the head hash noted elsewhere can tell
+    (log / "00000004.json").unlink()
+    assert lc.verify("zone").revision == 3
+    with pytest.raises(ChainBroken, match="records were removed from the end"):
+        lc.verify("zone", expected_head=head)
+    restore()
+    assert lc.verify("zone", expected_head=head).revision == 4
+
+
+def _run(store: RunStore, run_id: str, tenant: str, ref: str, started: datetime) -> None:
+    store.save(RunRecord(run_id=run_id, kind="calibration", status="succeeded", user="alice", tenant=tenant,
+                         model_ref=ref, model_hash="0" * 64, spec={}, seeds={}, package_versions={},
+                         code_version="test", started=started, finished=started,
+                         output_url=store.output_url(run_id)))
+
+
+def test_retention_keeps_the_last_k_and_everything_referenced(tmp_path):
+    lc = _lifecycle(str(tmp_path / "registry"), 7)
+    t0 = datetime(2026, 1, 5, tzinfo=UTC)
+    runs = RunStore(str(tmp_path / "runs"))
+    old_evidence, old, newest, foreign = (f"calibration-20260105T12000{i}Z-0000000{i}" for i in range(4))
+    _run(runs, old_evidence, "acme", "zone@1.1.0", t0)
+    _run(runs, old, "acme", "zone@1.2.0", t0 + timedelta(hours=1))
+    _run(runs, newest, "acme", "zone@1.0.0", t0 + timedelta(hours=2))
+    _run(runs, foreign, "globex", "zone@1.2.0", t0)  # another tenant's: not this tenant's to prune
+    for i in range(6):  # 1.0.0 .. 1.5.0 promoted in turn: 1.0.0 .. 1.4.0 archived, 1.4.0 the rollback target
+        _to_staging(lc, f"1.{i}.0")
+        lc.transition(f"zone@1.{i}.0", "production", BOB, "approved")
+    lc.submit("zone@1.6.0", ALICE, "new fit", Evidence(run_ids=[old_evidence]))
+    lc.transition("zone@1.6.0", "staging", ALICE, "in shadow")
+    lc.set_policy("acme", LifecyclePolicy(keep_archived=1, keep_runs=1))
+
+    report = lc.prune("zone", CAROL, str(tmp_path / "runs"), in_use={"1.2.0"})  # a live twin runs 1.2.0
+    # archived 1.0.0-1.4.0, keep the last 1 (1.4.0, also the rollback target) and what kept runs used
+    # (1.0.0 by the newest run, 1.1.0 by the run that staging 1.6.0 names as evidence)
+    assert report.versions_removed == ["1.3.0"] and report.runs_removed == [old]
+    assert lc.prune("zone", CAROL, str(tmp_path / "runs")).versions_removed == ["1.2.0"]  # the twin is gone
+    assert lc.registry.versions("zone") == ["1.0.0", "1.1.0", "1.4.0", "1.5.0", "1.6.0"]
+    assert sorted(r.run_id for r in runs.list()) == sorted([old_evidence, newest, foreign])
+    assert lc.registry.get("zone@1.1.0").version == "1.1.0"
+    state = lc.verify("zone")
+    assert state.production == "1.5.0" and state.versions["1.6.0"].stage == "staging"
+    assert [r.version for r in lc.records("zone") if r.action == "prune"] == ["1.3.0", "1.2.0"]
+    assert lc.prune("zone", CAROL, str(tmp_path / "runs")).versions_removed == []  # idempotent
+    assert lc.rollback("zone", BOB, "still possible").version == "1.4.0"
+
+
+def test_cli_moves_verifies_and_refuses_with_reasons(tmp_path, monkeypatch):
+    lc = _lifecycle(str(tmp_path / "registry"), 1)
+    monkeypatch.setenv("RAYTWIN_REGISTRY_URL", str(tmp_path / "registry"))
+    monkeypatch.setenv("RAYTWIN_TENANT", "acme")
+    cli = CliRunner()
+
+    def run(*args: str, code: int = 0):
+        out = cli.invoke(app, ["registry", *args])
+        assert out.exit_code == code, out.output
+        return out.output
+
+    assert "- -> candidate\talice" in run("submit", "zone@1.0.0", "--reason", "fit", "--actor", "alice",
+                                        "--run", RUN, "--metric", "nis=1.02")
+    run("stage", "zone@1.0.0", "--reason", "shadow ok", "--actor", "alice")
+    assert "may not approve it (four eyes)" in run("promote", "zone@1.0.0", "--reason", "mine", "--actor", "alice",
+                                                   "--role", "approver", code=1)
+    assert "staging -> production\tbob" in run("promote", "zone@1.0.0", "--reason", "ok", "--actor", "bob",
+                                               "--role", "approver")
+    assert "zone@1.0.0\tproduction\talice" in run("status", "zone")
+    assert lc.records("zone")[0].evidence.shadow_metrics == {"nis": 1.02}
+    assert "ok: 3 records" in run("verify", "zone")
+    assert "keep_archived" in run("policy", "--keep-archived", "-2", code=2)
+    log = tmp_path / "registry" / "lifecycle" / "zone" / "log" / "00000001.json"
+    log.write_text(log.read_text().replace("shadow ok", "shadow great"))
+    assert "lifecycle record 1 does not match its hash" in run("verify", "zone", code=1)

@@ -1,0 +1,143 @@
+"""The model lifecycle over HTTP (serve_apps/routes_models.py): keys with and without the approver grant,
+four eyes, another tenant, compare-and-set, rollback, the log's check and the audit trail."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+from serve_apps.auth import create_key
+from tests.conftest import free_port
+from tests.test_serve_api import THERMAL_TYPE, assert_error
+
+V1, V2 = THERMAL_TYPE["version"], "9.9.9"
+KEYS = (("admin", "acme", "admin", ()), ("author", "acme", "writer", ("approver",)),
+        ("approver", "acme", "writer", ("approver",)), ("writer", "acme", "writer", ()),
+        ("reader", "acme", "reader", ()), ("other", "globex", "admin", ("approver",)))
+
+
+@dataclass
+class Api:
+    http: httpx.Client
+    keys: dict[str, str]
+
+    def headers_for(self, name: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.keys[name]}"}
+
+
+@pytest.fixture(scope="module")
+def client(ray_session, tmp_path_factory):
+    """Serve on a free port, one asset type in two versions (both registered as thermal_rc models)."""
+    from ray import serve
+
+    from serve_apps.app import build_app
+
+    root = tmp_path_factory.mktemp("serve-lifecycle")
+    keys_file = root / "keys.json"
+    keys = {name: create_key(keys_file, tenant, role, grants)[1] for name, tenant, role, grants in KEYS}
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    config = {"store_url": str(root / "store"), "keys_file": str(keys_file), "twin_shards": 1,
+              "namespace": "raytwin-lifecycle-tests", "autoscaling": {"min_replicas": 1, "max_replicas": 1}}
+    serve.run(build_app(config), name="raytwin", route_prefix="/")
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120.0) as http:
+        api = Api(http, keys)
+        for version in (V1, V2):
+            r = http.post("/v1/asset-types", json={**THERMAL_TYPE, "version": version},
+                          headers=api.headers_for("admin"))
+            assert r.status_code == 201, r.text
+        yield api
+    serve.shutdown()
+
+
+def _move(api: Api, who: str, version: str, to: str, **body) -> httpx.Response:
+    return api.http.post(f"/v1/models/thermal_rc/versions/{version}/transitions", headers=api.headers_for(who),
+                         json={"to": to, "reason": f"{who}: {to}", **body})
+
+
+def test_promotion_needs_a_second_approver_and_rolls_back(client):
+    api, http = client, client.http
+    status = http.get("/v1/models/thermal_rc/lifecycle", headers=api.headers_for("reader")).json()
+    assert [(v["version"], v["stage"], v["submitted"]) for v in status["versions"]] == [
+        (V1, "candidate", False), (V2, "candidate", False)]
+    evidence = {"run_ids": ["calibration-20260105T120000Z-1a2b3c4d"], "shadow_metrics": {"nis_ratio": 0.8},
+                "fit_report": "s3://reports/fit-1.json"}
+    assert _move(api, "author", V1, "candidate", evidence=evidence).status_code == 201
+    assert _move(api, "author", V1, "staging").status_code == 201
+    assert "four eyes" in assert_error(_move(api, "author", V1, "production"), 403, "forbidden")["message"]
+    assert "'approver' role" in assert_error(_move(api, "writer", V1, "production"), 403, "forbidden")["message"]
+    assert_error(_move(api, "reader", V1, "production"), 403, "forbidden")
+    first = _move(api, "approver", V1, "production")
+    approver_id = api.keys["approver"].split("_")[1]  # rtk_<key_id>_<secret>: the log names the key, never the secret
+    assert first.status_code == 201 and (first.json()["actor"], first.json()["actor_roles"]) == (approver_id,
+                                                                                                 ["approver"])
+
+    # another tenant sees no such model, and cannot submit one of ours
+    assert_error(http.get("/v1/models/thermal_rc/lifecycle", headers=api.headers_for("other")), 404, "not_found")
+    assert_error(_move(api, "other", V2, "candidate"), 404, "not_found")
+
+    assert _move(api, "author", V2, "candidate").status_code == 201
+    assert _move(api, "author", V2, "staging").status_code == 201
+    revision = http.get("/v1/models/thermal_rc/lifecycle", headers=api.headers_for("reader")).json()["revision"]
+    assert "reload and retry" in assert_error(_move(api, "approver", V2, "production",
+                                                    expected_revision=revision - 1), 409, "conflict")["message"]
+    second = _move(api, "approver", V2, "production", expected_revision=revision)
+    assert second.status_code == 201 and second.json()["displaced"] == V1
+    err = assert_error(_move(api, "approver", V1, "production"), 409, "conflict")
+    assert "archived versions are never promoted again" in err["message"]
+
+    assert_error(http.post("/v1/models/thermal_rc/rollback", json={"reason": "x"},
+                           headers=api.headers_for("writer")), 403, "forbidden")
+    back = http.post("/v1/models/thermal_rc/rollback", json={"reason": "innovations drifted"},
+                     headers=api.headers_for("approver"))
+    assert back.status_code == 201 and (back.json()["version"], back.json()["displaced"]) == (V1, V2)
+
+    log = http.get("/v1/models/thermal_rc/lifecycle/log", headers=api.headers_for("reader")).json()
+    assert [r["action"] for r in log] == ["submit", "stage", "promote", "submit", "stage", "promote", "rollback"]
+    assert log[0]["evidence"] == evidence and all(r["prev_hash"] == p["hash"] for p, r in zip(log, log[1:]))
+    check = http.get("/v1/models/thermal_rc/lifecycle/verify", params={"expected_head": log[-1]["hash"]},
+                     headers=api.headers_for("reader")).json()
+    assert check == {"ok": True, "records": 7, "head_hash": log[-1]["hash"], "first_bad_record": None,
+                     "message": None}
+    audit = http.get("/v1/audit", headers=api.headers_for("admin")).json()
+    promoted = [a for a in audit if a["action"] == "model.promote"]
+    assert [a["target"] for a in promoted] == [f"thermal_rc@{V1}", f"thermal_rc@{V2}"]
+    assert {a["details"]["hash"] for a in promoted} == {first.json()["hash"], second.json()["hash"]}
+    assert {a["key_id"] for a in promoted} == {approver_id}
+
+
+def test_bad_inputs_are_refused_with_reasons(client):
+    api, http = client, client.http
+    bad_evidence = _move(api, "author", V2, "archived", evidence={"run_ids": ["not a run"]})
+    assert "run_ids" in assert_error(bad_evidence, 422, "invalid_request")["message"]
+    assert_error(_move(api, "author", "1.0", "staging"), 422, "invalid_request")
+    assert_error(http.get("/v1/models/..keys/lifecycle", headers=api.headers_for("reader")), 422,
+                 "invalid_request")
+    nonsense = http.put("/v1/lifecycle-policy", json={"keep_archived": -3}, headers=api.headers_for("admin"))
+    assert "keep_archived" in assert_error(nonsense, 422, "invalid_request")["message"]
+    assert_error(http.put("/v1/lifecycle-policy", json={"auto_promote": True}, headers=api.headers_for("writer")),
+                 403, "forbidden")
+    ok = http.put("/v1/lifecycle-policy", json={"keep_archived": 2}, headers=api.headers_for("admin"))
+    assert ok.status_code == 200 and http.get("/v1/lifecycle-policy", headers=api.headers_for("reader")).json() \
+        == {"auto_promote": False, "keep_archived": 2, "keep_runs": 20}
+    assert http.get("/v1/lifecycle-policy", headers=api.headers_for("other")).json()["keep_archived"] == 5
+
+
+def test_prune_keeps_versions_that_twins_run(client):
+    """After the rollback above, V2 is archived; while an asset's twin runs it, retention keeps it."""
+    api, http = client, client.http
+    assert http.put("/v1/lifecycle-policy", json={"keep_archived": 0},
+                    headers=api.headers_for("admin")).status_code == 200
+    asset = {"id": "zone-v2", "type_name": "thermal_rc", "type_version": V2}
+    assert http.post("/v1/assets", json=asset, headers=api.headers_for("admin")).status_code == 201
+    assert_error(http.post("/v1/models/thermal_rc/prune", headers=api.headers_for("writer")), 403, "forbidden")
+    kept = http.post("/v1/models/thermal_rc/prune", headers=api.headers_for("admin"))
+    assert kept.status_code == 200 and kept.json()["versions_removed"] == []
+    assert http.delete("/v1/assets/zone-v2", headers=api.headers_for("admin")).status_code == 204
+    removed = http.post("/v1/models/thermal_rc/prune", headers=api.headers_for("admin")).json()
+    assert removed["versions_removed"] == [V2]
+    status = http.get("/v1/models/thermal_rc/lifecycle", headers=api.headers_for("reader")).json()
+    assert [(v["version"], v["stage"], v["pruned"]) for v in status["versions"]] == [
+        (V1, "production", False), (V2, "archived", True)]
