@@ -1,0 +1,79 @@
+"""One OPC UA value change -> one telemetry event, or a dead letter naming the node and the reason.
+
+The event's identity is what makes re-delivery harmless: after a reconnect or a connector restart the
+server sends each monitored item's current value again, with its original source timestamp. The event is
+keyed (event time = source timestamp, sequence = that time in microseconds, idempotency key = the node id
+as configured), so the same value change always yields the same key and the twin counts it as a duplicate,
+while a genuinely new change (a new source timestamp) is a new event.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from asyncua import ua
+from pydantic import ValidationError
+
+from connectors.opcua.config import MappedNode
+from raytwin.contracts import TelemetryEvent, describe_error
+from raytwin.statestore import to_micros
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+NUMERIC = {ua.VariantType.SByte, ua.VariantType.Byte, ua.VariantType.Int16, ua.VariantType.UInt16,
+           ua.VariantType.Int32, ua.VariantType.UInt32, ua.VariantType.Int64, ua.VariantType.UInt64,
+           ua.VariantType.Float, ua.VariantType.Double}
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A value change that cannot become an event: stored as a dead letter with the node id and reason."""
+
+    node: MappedNode
+    reason: str
+    raw: dict[str, Any]
+
+    def dead_letter(self, connector: str) -> dict[str, str]:
+        """The row `StateStore.write_dead_letters` takes (idempotency key = node id, as for events)."""
+        raw = {"connector": connector, "protocol": "opcua", "node_id": self.node.node_id} | self.raw
+        return {"asset_id": self.node.asset_id, "idempotency_key": self.node.node_id,
+                "reason": f"opcua node {self.node.node_id}: {self.reason}", "raw": json.dumps(raw, default=str)}
+
+
+def quality(status: ua.StatusCode) -> str:
+    """OPC UA's status severity as the event quality (`bad` values update held inputs, not estimates)."""
+    return "good" if status.is_good() else "uncertain" if status.is_uncertain() else "bad"
+
+
+def to_event(node: MappedNode, dv: ua.DataValue) -> TelemetryEvent | Rejected | None:
+    """The event for one value change, a `Rejected`, or None for a status without a value (e.g.
+    BadWaitingForInitialData from a controller that has not sampled yet: no reading, nothing malformed)."""
+    status = dv.StatusCode or ua.StatusCode()
+    variant = dv.Value
+    vtype = variant.VariantType if variant is not None else ua.VariantType.Null
+    value = variant.Value if variant is not None else None
+    if vtype == ua.VariantType.Null and status.is_bad():
+        return None
+    raw = {"value": repr(value)[:200], "variant_type": vtype.name, "status": status.name,
+           "source_timestamp": dv.SourceTimestamp.isoformat() if dv.SourceTimestamp else None}
+    if vtype not in NUMERIC or isinstance(value, list):
+        return Rejected(node, f"value {raw['value']} of type {vtype.name} is not a number", raw)
+    if not math.isfinite(float(value)):
+        return Rejected(node, f"value {value} is not finite", raw)
+    ts = dv.SourceTimestamp
+    if ts is None:
+        return Rejected(node, "the value has no source timestamp (event time); configure the server to "
+                        "send source timestamps", raw)
+    ts = ts if ts.tzinfo else ts.replace(tzinfo=UTC)  # OPC UA times are UTC
+    if ts < EPOCH:
+        return Rejected(node, f"source timestamp {ts.isoformat()} is before 1970", raw)
+    try:
+        return TelemetryEvent(asset_id=node.asset_id, event_time=ts, sequence=to_micros(ts), idempotency_key=node.node_id,
+                              measurements={node.measurement: {"value": float(value), "unit": node.unit}},
+                              quality=quality(status))
+    except ValidationError as exc:
+        return Rejected(node, describe_error(exc), raw)
+
