@@ -1,1 +1,1 @@
-"""Connectors from device protocols (MQTT, OPC UA) into the twins' ingestion path, and commands back."""
+"""Connectors to device protocols (MQTT, OPC UA) feeding the live twins, and commands back to assets."""

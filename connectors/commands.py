@@ -1,0 +1,176 @@
+"""Commands back to assets: a durable record per command, whose state only moves forward.
+
+proposed -> approved -> sending -> sent -> acknowledged | failed    (or proposed -> refused)
+
+Why each rule:
+- **Approval required, by someone else.** A command moves a physical asset; the key that proposed
+  it (a person, or a recommender) may not approve it (four eyes).
+- **Never sent twice.** `claim` moves an approved command to *sending* and persists that before the
+  adapter publishes; a command found in *sending* (the connector crashed mid-send) is marked failed
+  with "outcome unknown", never re-sent: a duplicate setpoint can do more harm than a missing one.
+  Devices should still ignore a correlation id they have executed (MQTT QoS 1 may duplicate).
+- **Tenant-checked.** Records live under their tenant and are looked up by (tenant, id): another
+  tenant's command is indistinguishable from a missing one, and a connector only sends its own
+  tenant's commands.
+- **Audited.** Every transition is kept in the record's history with who and when.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from connectors.files import write_atomically
+from raytwin.contracts import Identifier
+from raytwin.storage import filesystem
+
+log = logging.getLogger("raytwin.connectors")
+CommandValue = Annotated[dict[Identifier, float | int | str | bool], Field(min_length=1, max_length=64)]
+
+
+class CommandStatus(StrEnum):
+    proposed = "proposed"
+    approved = "approved"
+    sending = "sending"
+    sent = "sent"
+    acknowledged = "acknowledged"
+    failed = "failed"
+    refused = "refused"
+
+
+class CommandError(RuntimeError):
+    """A command transition that is not allowed (the message says which and why)."""
+
+
+class UnknownCommand(KeyError):
+    """No such command for this tenant (another tenant's looks the same)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class Transition(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    status: CommandStatus
+    at: datetime
+    by: str
+    detail: str | None = None
+
+
+class Command(BaseModel):
+    """One command to one asset through one connector, and everything that happened to it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str
+    correlation_id: str
+    tenant: Identifier
+    connector: Identifier
+    asset_id: Identifier
+    name: Identifier = Field(description="what to do, e.g. `setpoint`")
+    value: CommandValue
+    status: CommandStatus
+    proposed_by: str
+    approved_by: str | None = None
+    ack: dict[str, Any] | None = Field(None, description="the asset's acknowledgement, as it sent it")
+    history: list[Transition]
+
+    def moved(self, status: CommandStatus, by: str, detail: str | None = None, **changes: Any) -> Command:
+        step = Transition(status=status, at=datetime.now(UTC), by=by, detail=detail)
+        return self.model_copy(update={"status": status, "history": [*self.history, step], **changes})
+
+
+class CommandLedger:
+    """The command records of a state store (`{store}/connectors/commands/tenant=T/<id>.json`).
+
+    Proposals are new files; every later transition of a connector's commands is made by that
+    connector's actor, one call at a time, so read-check-write needs no lock."""
+
+    def __init__(self, store_url: str, storage_options: dict[str, Any] | None = None):
+        self.fs, root = filesystem(store_url, storage_options)
+        self.root = f"{root}/connectors/commands"
+
+    def _path(self, tenant: str, command_id: str) -> str:
+        return f"{self.root}/tenant={tenant}/{command_id}.json"
+
+    def _save(self, command: Command) -> Command:
+        self.fs.makedirs(f"{self.root}/tenant={command.tenant}", exist_ok=True)
+        write_atomically(self.fs, self._path(command.tenant, command.id), command.model_dump_json().encode())
+        log.info("event=command_%s tenant=%s command=%s correlation_id=%s connector=%s asset=%s by=%s",
+                 command.status.value, command.tenant, command.id, command.correlation_id, command.connector,
+                 command.asset_id, command.history[-1].by)
+        return command
+
+    def propose(self, tenant: str, connector: str, asset_id: str, name: str, value: dict[str, Any],
+                by: str) -> Command:
+        command = Command(id=uuid.uuid4().hex, correlation_id=uuid.uuid4().hex, tenant=tenant, connector=connector,
+                          asset_id=asset_id, name=name, value=value, status=CommandStatus.proposed, proposed_by=by,
+                          history=[Transition(status=CommandStatus.proposed, at=datetime.now(UTC), by=by)])
+        return self._save(command)
+
+    def get(self, tenant: str, command_id: str) -> Command:
+        try:
+            return Command.model_validate_json(self.fs.cat_file(self._path(tenant, command_id)))
+        except FileNotFoundError:
+            raise UnknownCommand(f"no command {command_id!r} for tenant {tenant!r}") from None
+
+    def list(self, tenant: str, asset_id: str | None = None) -> list[Command]:
+        """The tenant's commands (optionally of one asset), oldest first."""
+        try:
+            paths = self.fs.ls(f"{self.root}/tenant={tenant}", detail=False)
+        except FileNotFoundError:
+            return []
+        found = [Command.model_validate_json(self.fs.cat_file(p)) for p in paths if p.endswith(".json")]
+        return sorted((c for c in found if asset_id in (None, c.asset_id)), key=lambda c: c.history[0].at)
+
+    def approve(self, tenant: str, command_id: str, by: str) -> Command:
+        command = self.get(tenant, command_id)
+        if command.status is not CommandStatus.proposed:
+            raise CommandError(f"command {command_id} is {command.status.value}: only a proposed command can be "
+                               "approved (propose a new one to send again)")
+        if by == command.proposed_by:
+            raise CommandError(f"command {command_id} was proposed by {by}: another key must approve it (four eyes)")
+        return self._save(command.moved(CommandStatus.approved, by, approved_by=by))
+
+    def refuse(self, tenant: str, command_id: str, by: str, reason: str) -> Command:
+        command = self.get(tenant, command_id)
+        if command.status is not CommandStatus.proposed:
+            raise CommandError(f"command {command_id} is {command.status.value}: only a proposed command can be refused")
+        return self._save(command.moved(CommandStatus.refused, by, reason))
+
+    def claim(self, tenant: str, command_id: str, connector: str) -> Command:
+        """approved -> sending, persisted before anything is sent; refuses anything else (never twice)."""
+        command = self.get(tenant, command_id)
+        if command.connector != connector:
+            raise CommandError(f"command {command_id} is for connector {command.connector!r}, not {connector!r}")
+        if command.status is not CommandStatus.approved:
+            raise CommandError(f"command {command_id} is {command.status.value}: only an approved command is sent, "
+                               "and only once")
+        return self._save(command.moved(CommandStatus.sending, f"connector:{connector}"))
+
+    def sent(self, command: Command) -> Command:
+        return self._save(command.moved(CommandStatus.sent, f"connector:{command.connector}"))
+
+    def failed(self, command: Command, reason: str) -> Command:
+        return self._save(command.moved(CommandStatus.failed, f"connector:{command.connector}", reason))
+
+    def acknowledged(self, tenant: str, command_id: str, ack: dict[str, Any], ok: bool) -> Command:
+        """Record the asset's answer (the first one counts; a repeated ack changes nothing)."""
+        command = self.get(tenant, command_id)
+        if command.status not in (CommandStatus.sending, CommandStatus.sent):
+            return command
+        status = CommandStatus.acknowledged if ok else CommandStatus.failed
+        detail = None if ok else f"the asset answered: {str(ack.get('detail') or ack.get('status'))[:300]}"
+        return self._save(command.moved(status, f"asset:{command.asset_id}", detail, ack=ack))
+
+    def recover(self, tenant: str, connector: str) -> list[Command]:
+        """After a connector (re)starts: its commands left in *sending* are failed as "outcome unknown"
+        (they may or may not have reached the asset, and are never re-sent)."""
+        return [self.failed(c, "outcome unknown: the connector stopped while sending; not re-sent")
+                for c in self.list(tenant) if c.connector == connector and c.status is CommandStatus.sending]

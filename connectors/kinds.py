@@ -1,0 +1,64 @@
+"""Connector kinds (protocols): what a protocol module provides, and how a spec finds its kind.
+
+A kind is a module-level object with a spec type and an adapter factory. Kinds are imported
+lazily by name, so a deployment without a protocol's client library can still run the others.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from connectors.commands import Command
+from connectors.sink import Inbound
+from connectors.spec import ConnectorSpec, Credentials
+
+KINDS: dict[str, str] = {"mqtt": "connectors.mqtt:MQTT"}
+"""kind name -> `module:attribute` of its `Kind` (OPC UA registers ``"opcua"`` here)."""
+
+AckHandler = Callable[[str, dict[str, Any]], None]
+"""Called with (correlation id, the asset's acknowledgement as JSON) when an asset answers a command."""
+
+
+class Adapter(Protocol):
+    """One connection to a source: receives (`put` each mapped message), sends commands."""
+
+    errors: int
+    last_error: str | None
+
+    def start(self) -> None: ...
+    def pause(self) -> None: ...
+    def resume(self) -> None: ...
+    def stop(self) -> None: ...
+    def connected(self) -> bool: ...
+
+    def send(self, command: Command) -> None:
+        """Deliver `command` to its asset (raises if it could not be handed to the transport)."""
+
+
+class Kind(Protocol):
+    spec_type: type[ConnectorSpec]
+
+    def problems(self, spec: ConnectorSpec, assets: set[str]) -> list[str]:
+        """What is wrong with `spec` given the tenant's registered `assets` (empty: fine)."""
+
+    def adapter(self, spec: ConnectorSpec, credentials: Credentials, put: Callable[[Inbound], None],
+                on_ack: AckHandler) -> Adapter: ...
+
+
+class UnknownKind(ValueError):
+    pass
+
+
+def kind_of(name: str) -> Kind:
+    try:
+        module, attribute = KINDS[name].split(":")
+    except KeyError:
+        raise UnknownKind(f"unknown connector kind {name!r}: one of {sorted(KINDS)}") from None
+    return getattr(importlib.import_module(module), attribute)
+
+
+def parse_spec(data: dict[str, Any]) -> ConnectorSpec:
+    """A declaration (parsed JSON or YAML) as its kind's typed spec; raises ValidationError/UnknownKind."""
+    return kind_of(str(data.get("kind"))).spec_type.model_validate(data)

@@ -1,0 +1,117 @@
+"""`Connectors`: the driver-side facade (API, CLI, config) over a twin service's connectors.
+
+Every call is addressed by (tenant, name): another tenant's connector or command is missing,
+not forbidden. A declaration is checked against its kind and the tenant's registered twins
+before anything is stored or started.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import ray
+
+from actors.ingest import ShardRouter
+from connectors.commands import Command, CommandLedger
+from connectors.kinds import kind_of, parse_spec
+from connectors.runtime import ConnectorActor, ConnectorStatus, actor_name
+from connectors.spec import ConnectorSpec, ConnectorStore, Credentials, UnknownConnector
+
+log = logging.getLogger("raytwin.connectors")
+
+
+class InvalidConnector(ValueError):
+    """A declaration that cannot work (unknown assets, bad topics): the message lists every problem."""
+
+
+class Connectors:
+    """Create, pause, resume, inspect and delete connectors feeding the twins behind `router`."""
+
+    def __init__(self, router: ShardRouter, assets: Any = None):
+        """`assets(tenant) -> list[str]`: the tenant's registered twins (e.g. `TwinService.assets`)."""
+        self.router, self._assets = router, assets
+        self.store = ConnectorStore(router.store_url, router.storage_options)
+        self.ledger = CommandLedger(router.store_url, router.storage_options)
+
+    def create(self, spec: ConnectorSpec | dict[str, Any], credentials: Credentials | None = None) -> ConnectorStatus:
+        """Check, store and start a connector (an existing one of that name is replaced and restarted)."""
+        spec = spec if isinstance(spec, ConnectorSpec) else parse_spec(spec)
+        assets = set(self._assets(spec.tenant)) if self._assets else set()
+        problems = kind_of(spec.kind).problems(spec, assets)
+        if problems:
+            raise InvalidConnector(f"connector {spec.name!r}: " + "; ".join(problems))
+        self._kill(spec.tenant, spec.name)
+        self.store.save(spec, credentials or Credentials())
+        log.info("event=connector_created tenant=%s connector=%s kind=%s", spec.tenant, spec.name, spec.kind)
+        return ray.get(self._actor(spec.tenant, spec.name).status.remote())
+
+    def _actor(self, tenant: str, name: str):
+        self.store.spec_json(tenant, name)  # UnknownConnector if not declared
+        return ConnectorActor.options(name=actor_name(tenant, name), namespace=self.router.namespace,
+                                      get_if_exists=True, lifetime="detached").remote(
+            self.router.store_url, self.router, tenant, name, self.router.storage_options)
+
+    def _kill(self, tenant: str, name: str) -> None:
+        try:
+            handle = ray.get_actor(actor_name(tenant, name), namespace=self.router.namespace)
+        except ValueError:
+            return
+        try:
+            ray.get(handle.stop.remote(), timeout=30)
+        except Exception:  # noqa: BLE001 - it is killed below anyway
+            log.warning("event=connector_stop_failed tenant=%s connector=%s", tenant, name)
+        ray.kill(handle, no_restart=True)
+
+    def handle(self, tenant: str, name: str):
+        """The connector's actor (started if it is declared and not running)."""
+        return self._actor(tenant, name)
+
+    def pause(self, tenant: str, name: str) -> ConnectorStatus:
+        return ray.get(self._actor(tenant, name).pause.remote())
+
+    def resume(self, tenant: str, name: str) -> ConnectorStatus:
+        return ray.get(self._actor(tenant, name).resume.remote())
+
+    def status(self, tenant: str, name: str) -> ConnectorStatus:
+        return ray.get(self._actor(tenant, name).status.remote())
+
+    def spec(self, tenant: str, name: str) -> ConnectorSpec:
+        """The declaration (never the credentials)."""
+        return parse_spec(self.store.spec_json(tenant, name))
+
+    def names(self, tenant: str) -> list[str]:
+        return self.store.names(tenant)
+
+    def delete(self, tenant: str, name: str) -> None:
+        self.store.spec_json(tenant, name)
+        self._kill(tenant, name)
+        self.store.delete(tenant, name)
+
+    def stop_all(self, tenant: str) -> None:
+        """Stop the tenant's connector actors (declarations stay; `handle` starts them again)."""
+        for name in self.names(tenant):
+            self._kill(tenant, name)
+
+    # ------------------------------------------------------------------ commands ----
+    def propose(self, tenant: str, connector: str, asset_id: str, name: str, value: dict[str, Any],
+                by: str) -> Command:
+        """Record a command for an asset this tenant's connector serves; nothing is sent before approval."""
+        self.store.spec_json(tenant, connector)
+        if self._assets and asset_id not in set(self._assets(tenant)):
+            raise UnknownConnector(f"no asset {asset_id!r} for tenant {tenant!r}")
+        return self.ledger.propose(tenant, connector, asset_id, name, value, by)
+
+    def approve(self, tenant: str, command_id: str, by: str) -> Command:
+        """Approve (by another key than the proposer's) and send through the connector's actor."""
+        command = self.ledger.get(tenant, command_id)
+        return ray.get(self._actor(tenant, command.connector).approve.remote(tenant, command.id, by))
+
+    def refuse(self, tenant: str, command_id: str, by: str, reason: str) -> Command:
+        return self.ledger.refuse(tenant, command_id, by, reason)
+
+    def commands(self, tenant: str, asset_id: str | None = None) -> list[Command]:
+        return self.ledger.list(tenant, asset_id)
+
+    def command(self, tenant: str, command_id: str) -> Command:
+        return self.ledger.get(tenant, command_id)

@@ -1,0 +1,137 @@
+"""The declared mapping from a device payload to telemetry events, checked when a connector starts.
+
+A protocol adapter finds *which* asset a message belongs to (an MQTT topic, an OPC UA node id);
+a `PayloadMapping` says *what* the payload holds: which JSON fields are measurements (and in which
+unit), where the event time is, and what identifies the event (a sequence counter and/or an
+idempotency key). Identity comes from the payload, never from the delivery, so a message the
+broker delivers twice maps to the same event and the twin counts it as a duplicate.
+
+A payload that does not fit becomes a `DeadLetter` naming its source and the reason: a row must
+never fail its batch, or an at-least-once source re-delivering it would be stuck on it forever.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from raytwin.contracts import MAX_SEQUENCE, Identifier, TelemetryEvent, Unit, describe_error
+from raytwin.statestore import to_micros
+
+FieldPath = Annotated[str, Field(pattern=r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$",
+                                 description="a dotted path into the JSON payload, e.g. `data.temp`")]
+MAX_EVENTS_PER_MESSAGE = 10_000
+"""A payload may carry a JSON array of readings; more than this is refused (bounded memory)."""
+
+
+class FrozenSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class MeasurementField(FrozenSpec):
+    """Where one measurement is in the payload and its unit (any unit `raytwin.units` knows)."""
+
+    field: FieldPath
+    unit: Unit
+
+
+class PayloadMapping(FrozenSpec):
+    """JSON payload fields -> one `TelemetryEvent` per reading (an object, or each item of an array)."""
+
+    measurements: Annotated[dict[Identifier, MeasurementField], Field(min_length=1)]
+    event_time: FieldPath = "ts"
+    time_format: Literal["rfc3339", "epoch_s", "epoch_ms"] = "rfc3339"
+    sequence: FieldPath | None = Field(
+        "seq", description="the device's per-asset counter; None: the event time in microseconds is the sequence")
+    idempotency_key: FieldPath | None = Field(None, description="a field with the event's unique key, if any")
+    quality: FieldPath | None = Field(None, description="a field with good/uncertain/bad, if any")
+
+    def events(self, asset_id: str, payload: bytes, source: str) -> tuple[list[TelemetryEvent], list[DeadLetter]]:
+        """The events of one message for `asset_id`, and a dead letter for each reading that does not fit."""
+        try:
+            doc = json.loads(payload)
+        except (ValueError, UnicodeDecodeError) as exc:
+            return [], [DeadLetter.of(source, asset_id, None, f"payload is not JSON: {exc}", payload)]
+        readings = doc if isinstance(doc, list) else [doc]
+        if len(readings) > MAX_EVENTS_PER_MESSAGE:
+            return [], [DeadLetter.of(source, asset_id, None, f"{len(readings)} readings in one message exceed "
+                                      f"the limit of {MAX_EVENTS_PER_MESSAGE}", payload)]
+        events, dead = [], []
+        for reading in readings:
+            try:
+                events.append(self._event(asset_id, reading))
+            except Exception as exc:  # noqa: BLE001 - any reading that does not fit is dead-lettered, see module doc
+                raw = json.dumps(reading, allow_nan=True, default=str).encode()
+                key = _lookup(reading, self.idempotency_key) if isinstance(reading, dict) else None
+                dead.append(DeadLetter.of(source, asset_id, key if isinstance(key, str) else None,
+                                          describe_error(exc), raw))
+        return events, dead
+
+    def _event(self, asset_id: str, reading: Any) -> TelemetryEvent:
+        if not isinstance(reading, dict):
+            raise ValueError(f"a reading must be a JSON object, not {type(reading).__name__}")
+        event_time = self._time(_required(reading, self.event_time))
+        sequence = _required(reading, self.sequence) if self.sequence else to_micros(event_time) % (MAX_SEQUENCE + 1)
+        data: dict[str, Any] = {
+            "asset_id": asset_id, "event_time": event_time, "sequence": sequence,
+            "measurements": {name: {"value": _required(reading, m.field), "unit": m.unit}
+                             for name, m in self.measurements.items()},
+        }
+        if self.idempotency_key:
+            data["idempotency_key"] = _required(reading, self.idempotency_key)
+        if self.quality:
+            data["quality"] = _required(reading, self.quality)
+        return TelemetryEvent.model_validate(data)
+
+    def _time(self, value: Any) -> datetime | str:
+        if self.time_format == "rfc3339":
+            return value  # the contract parses and requires an offset
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"{self.event_time}: expected a number of {self.time_format[6:]} since the epoch, "
+                             f"got {value!r}")
+        seconds = value / 1000 if self.time_format == "epoch_ms" else value
+        try:
+            return datetime.fromtimestamp(seconds, UTC)
+        except (OverflowError, OSError, ValueError) as exc:
+            raise ValueError(f"{self.event_time}: {value!r} is not a representable time ({exc})") from None
+
+
+def _lookup(doc: dict[str, Any], path: str | None) -> Any:
+    node: Any = doc
+    for part in (path or "").split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _required(doc: dict[str, Any], path: str) -> Any:
+    value = _lookup(doc, path)
+    if value is None:
+        raise ValueError(f"{path}: field missing from the payload")
+    return value
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A reading that could not become an event: where it came from, why, and its raw bytes (as text)."""
+
+    source: str
+    asset_id: str | None
+    idempotency_key: str | None
+    reason: str
+    raw: str
+
+    @classmethod
+    def of(cls, source: str, asset_id: str | None, key: str | None, reason: str, raw: bytes) -> DeadLetter:
+        return cls(source, asset_id, key, reason, raw.decode("utf-8", "backslashreplace"))
+
+    def row(self) -> dict[str, str | None]:
+        """The dead-letter store's row (`StateStore.write_dead_letters`): the source leads the reason."""
+        return {"asset_id": self.asset_id, "idempotency_key": self.idempotency_key,
+                "reason": f"{self.source}: {self.reason}", "raw": self.raw}
+

@@ -1,0 +1,286 @@
+"""MQTT connector (paho-mqtt 2, MQTT 3.1.1 and 5): subscriptions into twins, commands back to assets.
+
+- **Persistent session, QoS 1.** The client id is stable (`raytwin-<tenant>-<name>` unless given)
+  and the session survives disconnects (3.1.1: ``clean_session=False``; 5: ``clean_start=False`` and
+  a session expiry), so the broker keeps what is published while RayTwin is away or paused and
+  delivers it on reconnect.
+- **Acknowledged after durable.** With paho's manual acks a PUBACK is sent only once the message's
+  events are in the twins' logs (or its dead letters are written). A message delivered on an
+  earlier connection is never acknowledged on a later one: the broker re-sends it there under the
+  same packet id and may reuse that id afterwards, so acking the stale copy could acknowledge a
+  newer, not yet durable message. The re-sent copy is acknowledged instead (a duplicate for the twins).
+- **Reconnects** with exponential backoff (`reconnect_min_s` .. `reconnect_max_s`), also for the
+  first connection; TLS and username/password (the password is a write-only credential).
+- **Commands** are published (QoS 1) to the asset's `command_topic` with a JSON body carrying the
+  correlation id (and, in MQTT 5, the CorrelationData and ResponseTopic properties); assets answer
+  on `ack_topic` with ``{"correlation_id": ..., "status": "ok" | "error", "detail": ...}``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from pydantic import Field, TypeAdapter, ValidationError, model_validator
+
+from connectors.commands import Command
+from connectors.kinds import AckHandler
+from connectors.mapping import DeadLetter, PayloadMapping, FrozenSpec
+from connectors.sink import Inbound
+from connectors.spec import ConnectorSpec, Credentials
+from raytwin.contracts import Identifier
+
+log = logging.getLogger("raytwin.connectors")
+_IDENTIFIER = TypeAdapter(Identifier)
+PUBLISH_TIMEOUT_S = 10.0
+TopicFilter = Annotated[str, Field(min_length=1, max_length=1024)]
+
+
+def _filter_problem(topic: str) -> str | None:
+    levels = topic.split("/")
+    for i, level in enumerate(levels):
+        if ("+" in level and level != "+") or ("#" in level and (level != "#" or i != len(levels) - 1)):
+            return f"topic filter {topic!r}: '+' must be a whole level and '#' the whole last level"
+    return None
+
+
+class TopicRoute(FrozenSpec):
+    """Messages on `topic` (a filter, `+`/`#` wildcards) are readings of one asset, mapped by `payload`."""
+
+    topic: TopicFilter
+    asset_id: Identifier | None = None
+    asset_level: Annotated[int, Field(ge=0)] | None = Field(
+        None, description="the topic level (0-based) that names the asset, e.g. 1 in `plant/<asset>/telemetry`")
+    payload: PayloadMapping
+    command_topic: str | None = Field(
+        None, description="where this route's assets take commands; `{asset_id}` is replaced, e.g. `plant/{asset_id}/cmd`")
+
+    @model_validator(mode="after")
+    def _valid(self) -> TopicRoute:
+        if (self.asset_id is None) == (self.asset_level is None):
+            raise ValueError("give exactly one of asset_id (a fixed asset) and asset_level (the topic level naming "
+                             "the asset)")
+        problem = _filter_problem(self.topic)
+        if problem:
+            raise ValueError(problem)
+        if self.asset_level is not None and self.asset_level >= len(self.topic.split("/")):
+            raise ValueError(f"asset_level {self.asset_level} is beyond the levels of {self.topic!r}")
+        if self.command_topic is not None and any(c in self.command_topic for c in "+#"):
+            raise ValueError(f"command_topic {self.command_topic!r} must not contain wildcards")
+        return self
+
+    def asset_of(self, topic: str) -> str:
+        """The asset a message on `topic` is for (ValueError if that level is not an asset id)."""
+        if self.asset_id is not None:
+            return self.asset_id
+        levels = topic.split("/")
+        if self.asset_level >= len(levels):
+            raise ValueError(f"topic {topic!r} has no level {self.asset_level} naming the asset")
+        try:
+            return _IDENTIFIER.validate_python(levels[self.asset_level])
+        except ValidationError:
+            raise ValueError(f"topic level {self.asset_level} {levels[self.asset_level]!r} is not an asset id") from None
+
+    def serves(self, asset_id: str) -> bool:
+        return self.command_topic is not None and self.asset_id in (None, asset_id)
+
+
+class TlsSettings(FrozenSpec):
+    ca_file: str | None = Field(None, description="CA bundle to verify the broker (None: the system's)")
+    cert_file: str | None = Field(None, description="client certificate, for brokers that require one")
+    key_file: str | None = None
+
+
+class BrokerSettings(FrozenSpec):
+    host: str
+    port: Annotated[int, Field(ge=1, le=65535)] = 1883
+    protocol: Literal["3.1.1", "5"] = "5"
+    client_id: Annotated[str, Field(min_length=1, max_length=128)] | None = None
+    keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 30
+    session_expiry_s: Annotated[int, Field(ge=0, le=2**32 - 1)] = 7 * 86_400
+    reconnect_min_s: Annotated[int, Field(ge=1)] = 1
+    reconnect_max_s: Annotated[int, Field(ge=1)] = 30
+    tls: TlsSettings | None = None
+
+
+class MqttSpec(ConnectorSpec):
+    """An MQTT connector: a broker, topic routes, and where assets acknowledge commands."""
+
+    kind: Literal["mqtt"] = "mqtt"
+    broker: BrokerSettings
+    routes: Annotated[list[TopicRoute], Field(min_length=1)]
+    ack_topic: TopicFilter | None = Field(None, description="filter on which assets answer commands, e.g. `plant/+/ack`")
+
+    @model_validator(mode="after")
+    def _valid(self) -> MqttSpec:
+        if self.ack_topic and _filter_problem(self.ack_topic):
+            raise ValueError(_filter_problem(self.ack_topic))
+        return self
+
+
+class MqttAdapter:
+    """One paho client: subscriptions into the pump, commands out."""
+
+    def __init__(self, spec: MqttSpec, credentials: Credentials, put: Callable[[Inbound], None], on_ack: AckHandler):
+        self.spec, self.put, self.on_ack = spec, put, on_ack
+        self.errors, self.last_error = 0, None
+        self._generation = 0  # +1 per connect and disconnect: acks go only over the connection that delivered
+        self._ack_lock = threading.Lock()
+        self._connected = threading.Event()
+        b = spec.broker
+        self.v5 = b.protocol == "5"
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=b.client_id or f"raytwin-{spec.tenant}-{spec.name}",
+            protocol=MQTTProtocolVersion.MQTTv5 if self.v5 else MQTTProtocolVersion.MQTTv311,
+            clean_session=None if self.v5 else False, manual_ack=True, reconnect_on_failure=True)
+        self.client.reconnect_delay_set(b.reconnect_min_s, max(b.reconnect_min_s, b.reconnect_max_s))
+        if credentials.username or credentials.password:
+            creds = credentials.revealed()
+            self.client.username_pw_set(creds["username"], creds["password"])
+        if b.tls is not None:
+            self.client.tls_set(ca_certs=b.tls.ca_file, certfile=b.tls.cert_file, keyfile=b.tls.key_file)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_connect_fail = self._on_connect_fail
+        self.client.on_message = self._on_message
+
+    # ------------------------------------------------------------- lifecycle ----
+    def start(self) -> None:
+        b = self.spec.broker
+        kwargs: dict[str, Any] = {}
+        if self.v5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = b.session_expiry_s
+            kwargs = {"clean_start": False, "properties": props}
+        self.client.connect_async(b.host, b.port, b.keepalive_s, **kwargs)
+        self.client.loop_start()
+
+    def pause(self) -> None:
+        """Disconnect; the broker keeps the session and queues QoS 1 messages until `resume`."""
+        self.client.disconnect()
+        self.client.loop_stop()
+        self._connected.clear()
+
+    def resume(self) -> None:
+        if not self._connected.is_set():
+            self.start()
+
+    stop = pause
+
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def _where(self) -> str:
+        return f"{self.spec.broker.host}:{self.spec.broker.port}"
+
+    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        if reason.is_failure:
+            self._error(f"broker {self._where()} refused the connection: {reason}")
+            return
+        with self._ack_lock:
+            self._generation += 1
+        topics = [(r.topic, 1) for r in self.spec.routes] + ([(self.spec.ack_topic, 1)] if self.spec.ack_topic else [])
+        client.subscribe(topics)
+        self._connected.set()
+        log.info("event=mqtt_connected tenant=%s connector=%s broker=%s session_present=%s", self.spec.tenant,
+                 self.spec.name, self._where(), flags.session_present)
+
+    def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        with self._ack_lock:
+            self._generation += 1
+        self._connected.clear()
+        if reason.is_failure:
+            self._error(f"disconnected from broker {self._where()}: {reason}; reconnecting with backoff")
+
+    def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
+        self._error(f"cannot connect to broker {self._where()}; retrying with backoff")
+
+    def _error(self, message: str) -> None:
+        self.errors += 1
+        self.last_error = message
+        log.warning("event=mqtt_error tenant=%s connector=%s error=%r", self.spec.tenant, self.spec.name, message)
+
+    # --------------------------------------------------------------- receive ----
+    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        ack = self._acker(msg.mid, msg.qos, self._generation)
+        if self.spec.ack_topic and paho.topic_matches_sub(self.spec.ack_topic, msg.topic):
+            self._command_ack(msg)
+            ack()
+            return
+        source = f"mqtt://{self.spec.name}/{msg.topic}"
+        route = next((r for r in self.spec.routes if paho.topic_matches_sub(r.topic, msg.topic)), None)
+        try:
+            if route is None:
+                raise ValueError("no route of this connector matches the topic")
+            asset = route.asset_of(msg.topic)
+        except ValueError as exc:
+            self.put(Inbound(source, [], [DeadLetter.of(source, None, None, str(exc), msg.payload)], ack))
+            return
+        events, dead = route.payload.events(asset, msg.payload, source)
+        self.put(Inbound(source, events, dead, ack))
+
+    def _acker(self, mid: int, qos: int, generation: int) -> Callable[[], None]:
+        def ack() -> None:
+            with self._ack_lock:
+                if generation == self._generation and qos > 0:
+                    self.client.ack(mid, qos)
+        return ack
+
+    def _command_ack(self, msg: paho.MQTTMessage) -> None:
+        try:
+            body = json.loads(msg.payload)
+            correlation_id = body.get("correlation_id") if isinstance(body, dict) else None
+            if not correlation_id and self.v5 and getattr(msg.properties, "CorrelationData", None):
+                correlation_id = msg.properties.CorrelationData.decode()
+            if not isinstance(correlation_id, str):
+                raise ValueError("no correlation_id")
+        except (ValueError, UnicodeDecodeError, AttributeError) as exc:
+            self._error(f"unusable command acknowledgement on {msg.topic!r}: {exc}")
+            return
+        self.on_ack(correlation_id, body)
+
+    # ---------------------------------------------------------------- commands ----
+    def send(self, command: Command) -> None:
+        route = next((r for r in self.spec.routes if r.serves(command.asset_id)), None)
+        if route is None:
+            raise LookupError(f"no route of connector {self.spec.name!r} has a command_topic for asset "
+                              f"{command.asset_id!r}")
+        if not self._connected.is_set():
+            raise ConnectionError(f"not connected to broker {self._where()}")
+        body = {"correlation_id": command.correlation_id, "command_id": command.id, "name": command.name,
+                "value": command.value, "issued_at": datetime.now(UTC).isoformat()}
+        props = None
+        if self.v5:
+            props = Properties(PacketTypes.PUBLISH)
+            props.CorrelationData = command.correlation_id.encode()
+            if self.spec.ack_topic and "+" not in self.spec.ack_topic and "#" not in self.spec.ack_topic:
+                props.ResponseTopic = self.spec.ack_topic
+        info = self.client.publish(route.command_topic.format(asset_id=command.asset_id), json.dumps(body), qos=1,
+                                   properties=props)
+        info.wait_for_publish(PUBLISH_TIMEOUT_S)
+        if not info.is_published():
+            raise TimeoutError(f"broker {self._where()} did not confirm the command within {PUBLISH_TIMEOUT_S:g} s "
+                               "(it may still deliver it; assets must ignore a correlation id they have executed)")
+
+
+class MqttKind:
+    spec_type = MqttSpec
+
+    def problems(self, spec: MqttSpec, assets: set[str]) -> list[str]:  # type: ignore[override]
+        return [f"route {r.topic!r}: asset {r.asset_id!r} is not a registered twin of tenant {spec.tenant!r}"
+                for r in spec.routes if r.asset_id is not None and r.asset_id not in assets]
+
+    def adapter(self, spec: MqttSpec, credentials: Credentials, put: Callable[[Inbound], None],  # type: ignore[override]
+                on_ack: AckHandler) -> MqttAdapter:
+        return MqttAdapter(spec, credentials, put, on_ack)
+
+
+MQTT = MqttKind()

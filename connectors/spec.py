@@ -1,0 +1,108 @@
+"""What every connector declares, whatever its protocol, and where declarations are kept.
+
+A protocol adds its settings by subclassing `ConnectorSpec` with its own `kind` (see
+`connectors.kinds`). Credentials are not part of a spec: they travel as `Credentials`, whose values
+are `SecretStr` (masked in every repr, log line and API answer), and are stored apart from the spec
+so that reading a connector's declaration never reads its secrets.
+"""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from connectors.files import write_atomically
+from raytwin.contracts import Identifier
+from raytwin.storage import filesystem
+
+
+class ConnectorSpec(BaseModel):
+    """The protocol-independent part of a connector's declaration."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Identifier
+    tenant: Identifier
+    kind: str
+    batch_size: Annotated[int, Field(ge=1, le=100_000)] = 1000
+    linger_s: Annotated[float, Field(ge=0, le=5)] = 0.02
+
+
+class Credentials(BaseModel):
+    """Secrets of a connector (e.g. `password`): write-only, never logged, never returned."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    username: str | None = None
+    password: SecretStr | None = None
+
+    def revealed(self) -> dict[str, str | None]:
+        return {"username": self.username,
+                "password": self.password.get_secret_value() if self.password else None}
+
+
+class Desired(StrEnum):
+    running = "running"
+    paused = "paused"
+
+
+class ConnectorStore:
+    """Declarations under `{store}/connectors/declared/tenant=T/<name>/`: spec.json (public),
+    credentials.json (secret, kept apart), desired.json (running or paused, kept across restarts)."""
+
+    def __init__(self, store_url: str, storage_options: dict[str, Any] | None = None):
+        self.fs, root = filesystem(store_url, storage_options)
+        self.root = f"{root}/connectors/declared"
+
+    def _dir(self, tenant: str, name: str) -> str:
+        return f"{self.root}/tenant={tenant}/{name}"
+
+    def save(self, spec: ConnectorSpec, credentials: Credentials) -> None:
+        d = self._dir(spec.tenant, spec.name)
+        self.fs.makedirs(d, exist_ok=True)
+        write_atomically(self.fs, f"{d}/credentials.json", json.dumps(credentials.revealed()).encode())
+        write_atomically(self.fs, f"{d}/spec.json", spec.model_dump_json().encode())
+        self.set_desired(spec.tenant, spec.name, Desired.running)
+
+    def spec_json(self, tenant: str, name: str) -> dict[str, Any]:
+        """The stored spec as JSON (`connectors.kinds.parse_spec` makes it a typed spec)."""
+        try:
+            return json.loads(self.fs.cat_file(f"{self._dir(tenant, name)}/spec.json"))
+        except FileNotFoundError:
+            raise UnknownConnector(f"no connector {name!r} for tenant {tenant!r}") from None
+
+    def credentials(self, tenant: str, name: str) -> Credentials:
+        try:
+            return Credentials.model_validate_json(self.fs.cat_file(f"{self._dir(tenant, name)}/credentials.json"))
+        except FileNotFoundError:
+            return Credentials()
+
+    def desired(self, tenant: str, name: str) -> Desired:
+        try:
+            return Desired(json.loads(self.fs.cat_file(f"{self._dir(tenant, name)}/desired.json"))["state"])
+        except FileNotFoundError:
+            return Desired.running
+
+    def set_desired(self, tenant: str, name: str, desired: Desired) -> None:
+        write_atomically(self.fs, f"{self._dir(tenant, name)}/desired.json", json.dumps({"state": desired.value}).encode())
+
+    def names(self, tenant: str) -> list[str]:
+        try:
+            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(f"{self.root}/tenant={tenant}",
+                                                                               detail=False))
+        except FileNotFoundError:
+            return []
+
+    def delete(self, tenant: str, name: str) -> None:
+        self.spec_json(tenant, name)  # UnknownConnector if missing
+        self.fs.rm(self._dir(tenant, name), recursive=True)
+
+
+class UnknownConnector(KeyError):
+    """No such connector for this tenant (another tenant's looks the same)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])

@@ -1,0 +1,73 @@
+"""A real Mosquitto broker for the tests: started, stopped mid-stream and restarted with its data.
+
+Mosquitto comes from the Debian package; on a fresh machine without it (CI runs `./dev test` as
+root) `mosquitto_binary` installs it with apt-get. The broker keeps its sessions and queued
+messages on disk (`persistence true`), which it writes when it is stopped (SIGTERM): a stop and
+restart then loses nothing, so the tests can show that RayTwin loses nothing either.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+START_TIMEOUT_S = 20.0
+
+
+def mosquitto_binary() -> str:
+    """The `mosquitto` executable, installed with apt-get when missing (root, Debian/Ubuntu)."""
+    found = shutil.which("mosquitto") or next((p for p in ("/usr/sbin/mosquitto",) if os.path.exists(p)), None)
+    if found:
+        return found
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        if subprocess.run(["apt-get", "install", "-y", "-q", "mosquitto"], env=env, capture_output=True).returncode:
+            subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, check=True)
+            subprocess.run(["apt-get", "install", "-y", "-q", "mosquitto"], env=env, capture_output=True, check=True)
+        found = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        if os.path.exists(found):
+            return found
+    raise RuntimeError("the MQTT tests need the mosquitto broker: `apt-get install mosquitto` (Debian/Ubuntu) "
+                       "or `brew install mosquitto`, then rerun")
+
+
+class Mosquitto:
+    """One broker process on a loopback port, with persistence in `directory`."""
+
+    def __init__(self, directory: Path, port: int):
+        self.directory, self.port = directory, port
+        self.config = directory / "mosquitto.conf"
+        self.config.write_text(
+            f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
+            f"persistence_location {directory}/\nmax_queued_messages 0\nmax_inflight_messages 20\n"
+            f"log_dest file {directory}/mosquitto.log\n"
+            f"user {getpass.getuser()}\n")  # started as root it would switch to `mosquitto`, who cannot write here
+        self.binary = mosquitto_binary()
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen([self.binary, "-c", str(self.config)], stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"mosquitto exited with {self.process.returncode}; see {self.directory}/mosquitto.log")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"mosquitto did not listen on port {self.port} within {START_TIMEOUT_S:g} s")
+
+    def stop(self) -> None:
+        """SIGTERM: the broker writes its sessions and queued messages to disk and exits."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            self.process.wait(timeout=30)
+        self.process = None
