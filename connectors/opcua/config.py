@@ -1,7 +1,8 @@
-"""The declared configuration of an OPC UA connector: endpoint, credentials, node mapping, commands, limits.
+"""The declaration of an OPC UA connector: endpoint, node mapping, command nodes, limits.
 
 Validated when the connector is created, so a typo in a node id, a unit or a duplicated mapping fails at
-start with the offending entry named, not as silently missing telemetry hours later.
+start with the offending entry named, not as silently missing telemetry hours later. Credentials are not
+part of it (`connectors.spec.Credentials`, kept apart and never returned).
 """
 
 from __future__ import annotations
@@ -10,29 +11,31 @@ from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from asyncua import ua
-from pydantic import AfterValidator, Field, SecretStr, field_validator, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
-from raytwin.contracts import Contract, Identifier, Unit
+from connectors.mapping import FrozenSpec
+from connectors.spec import ConnectorSpec
+from raytwin.contracts import Identifier, Unit
 
 
 def _node_id(text: str) -> str:
     """A node id as OPC UA writes it (`ns=2;s=Pump.Speed`, `nsu=urn:plant;i=1001`); kept as text (it is
-    the idempotency key) and parsed here only to refuse typos early."""
+    the events' idempotency key) and parsed here only to refuse typos early."""
+    if not 1 <= len(text) <= 256:
+        raise ValueError(f"node id {text[:40]!r} must have 1-256 characters (it is the events' idempotency key)")
     try:
         ua.NodeId.from_string(text)
     except Exception as exc:  # asyncua raises several types for malformed text
         raise ValueError(f"{text!r} is not an OPC UA node id (e.g. 'ns=2;s=Pump.Speed' or "
                          f"'nsu=urn:plant;i=1001'): {exc}") from None
-    if not 1 <= len(text) <= 256:
-        raise ValueError(f"node id {text[:40]!r} must have 1-256 characters (it is the events' idempotency key)")
     return text
 
 
 NodeIdText = Annotated[str, AfterValidator(_node_id)]
 
 
-class MappedNode(Contract):
-    """A monitored variable: its value changes become one measurement of one asset."""
+class MappedNode(FrozenSpec):
+    """A monitored variable: each change of its value is one measurement of one asset."""
 
     node_id: NodeIdText
     asset_id: Identifier
@@ -40,10 +43,10 @@ class MappedNode(Contract):
     unit: Unit
 
 
-class CommandNode(Contract):
-    """Where a command `name` for `asset_id` is written: the value node (in `unit`) and a string node that
-    receives the command's correlation id in the same Write request (the controller's record of what it
-    executed, and the connector's proof after a crash that a command already went out)."""
+class CommandNode(FrozenSpec):
+    """Where command `name` for `asset_id` is written: `node_id` takes the value (in `unit`), and
+    `correlation_node_id` (a string variable) the command's correlation id, in the same Write request, so the
+    controller knows which command it executes and an operator can see which one was written last."""
 
     asset_id: Identifier
     name: Identifier
@@ -52,30 +55,24 @@ class CommandNode(Contract):
     unit: Unit
 
 
-class OpcUaConfig(Contract):
-    """One connector: one server endpoint, one tenant, the nodes it monitors and the commands it may write."""
+class OpcUaSpec(ConnectorSpec):
+    """One OPC UA server, the nodes monitored on it and the command nodes that may be written."""
 
     kind: Literal["opcua"] = "opcua"
-    name: Identifier
-    tenant: Identifier
-    endpoint: str = Field(description="opc.tcp://host:port/path (no credentials in the URL)")
-    username: str | None = None
-    password: SecretStr | None = None
+    endpoint: str = Field(description="opc.tcp://host:port/path (credentials go to Credentials, never the URL)")
     security: str | None = Field(None, description="asyncua security string, e.g. "
-                                 "'Basic256Sha256,SignAndEncrypt,client.der,client.pem'")
-    nodes: list[MappedNode] = Field(min_length=1)
+                                 "'Basic256Sha256,SignAndEncrypt,client.der,client.pem' (None: no security)")
+    nodes: Annotated[list[MappedNode], Field(min_length=1)]
     commands: list[CommandNode] = []
-    publishing_interval_ms: float = Field(100.0, gt=0)
-    sampling_interval_ms: float = Field(0.0, ge=0, description="0: the server's fastest (every change)")
-    queue_size: int = Field(1000, ge=1, le=100_000, description="server-side queue per monitored item")
-    max_buffered: int = Field(10_000, ge=1, description="notifications held in the connector before it "
-                              "pauses publishing (backpressure)")
-    batch_size: int = Field(1000, ge=1)
-    linger_s: float = Field(0.05, ge=0)
-    backoff_initial_s: float = Field(0.5, gt=0)
-    backoff_max_s: float = Field(30.0, gt=0)
-    session_timeout_s: float = Field(60.0, gt=0)
-    request_timeout_s: float = Field(10.0, gt=0)
+    publishing_interval_ms: Annotated[float, Field(gt=0)] = 100.0
+    sampling_interval_ms: Annotated[float, Field(ge=0, description="0: the server's fastest")] = 0.0
+    queue_size: Annotated[int, Field(ge=1, le=100_000, description="server-side queue per monitored item")] = 1000
+    max_outstanding: Annotated[int, Field(ge=1, description="value changes received and not yet durable before "
+                                          "publishing is paused (backpressure)")] = 10_000
+    backoff_initial_s: Annotated[float, Field(gt=0)] = 0.5
+    backoff_max_s: Annotated[float, Field(gt=0)] = 30.0
+    session_timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    request_timeout_s: Annotated[float, Field(gt=0)] = 10.0
 
     @field_validator("endpoint")
     @classmethod
@@ -84,13 +81,12 @@ class OpcUaConfig(Contract):
         if parts.scheme != "opc.tcp" or not parts.hostname:
             raise ValueError(f"endpoint {v!r} is not an opc.tcp://host:port/... URL")
         if parts.username or parts.password:
-            raise ValueError("put credentials in username/password, not in the endpoint URL (URLs get logged)")
+            raise ValueError("put the username and password in the connector's credentials, not in the endpoint "
+                             "URL (URLs are logged and returned)")
         return v
 
     @model_validator(mode="after")
-    def _consistent(self) -> OpcUaConfig:
-        if (self.username is None) != (self.password is None):
-            raise ValueError("give both username and password, or neither")
+    def _consistent(self) -> OpcUaSpec:
         if self.backoff_max_s < self.backoff_initial_s:
             raise ValueError("backoff_max_s must be >= backoff_initial_s")
         _unique("node_id", [n.node_id for n in self.nodes])
@@ -99,16 +95,12 @@ class OpcUaConfig(Contract):
         return self
 
     def command(self, asset_id: str, name: str) -> CommandNode:
-        """The declared command target, or `KeyError` (commands go only to declared nodes)."""
+        """The declared command node, or `LookupError` (commands go only to declared nodes)."""
         for c in self.commands:
             if (c.asset_id, c.name) == (asset_id, name):
                 return c
-        raise KeyError(f"connector {self.name!r} declares no command {name!r} for asset {asset_id!r}; "
-                       f"declared: {sorted((c.asset_id, c.name) for c in self.commands)}")
-
-    def public(self) -> dict:
-        """The configuration as the API and logs may show it: the password is never included."""
-        return self.model_dump(mode="json", exclude={"password"}) | {"password": "***" if self.password else None}
+        raise LookupError(f"connector {self.name!r} declares no command {name!r} for asset {asset_id!r}; "
+                          f"declared: {sorted((c.asset_id, c.name) for c in self.commands)}")
 
 
 def _unique(what: str, keys: list) -> None:

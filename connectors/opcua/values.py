@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from asyncua import ua
 from pydantic import ValidationError
 
+from connectors.mapping import DeadLetter
 from connectors.opcua.config import MappedNode
 from raytwin.contracts import TelemetryEvent, describe_error
 from raytwin.statestore import to_micros
@@ -28,19 +28,9 @@ NUMERIC = {ua.VariantType.SByte, ua.VariantType.Byte, ua.VariantType.Int16, ua.V
            ua.VariantType.Float, ua.VariantType.Double}
 
 
-@dataclass(frozen=True, slots=True)
-class Rejected:
-    """A value change that cannot become an event: stored as a dead letter with the node id and reason."""
-
-    node: MappedNode
-    reason: str
-    raw: dict[str, Any]
-
-    def dead_letter(self, connector: str) -> dict[str, str]:
-        """The row `StateStore.write_dead_letters` takes (idempotency key = node id, as for events)."""
-        raw = {"connector": connector, "protocol": "opcua", "node_id": self.node.node_id} | self.raw
-        return {"asset_id": self.node.asset_id, "idempotency_key": self.node.node_id,
-                "reason": f"opcua node {self.node.node_id}: {self.reason}", "raw": json.dumps(raw, default=str)}
+def source(connector: str, node: MappedNode) -> str:
+    """Where a value change came from, as dead letters and logs name it."""
+    return f"opcua://{connector}/{node.node_id}"
 
 
 def quality(status: ua.StatusCode) -> str:
@@ -48,9 +38,10 @@ def quality(status: ua.StatusCode) -> str:
     return "good" if status.is_good() else "uncertain" if status.is_uncertain() else "bad"
 
 
-def to_event(node: MappedNode, dv: ua.DataValue) -> TelemetryEvent | Rejected | None:
-    """The event for one value change, a `Rejected`, or None for a status without a value (e.g.
-    BadWaitingForInitialData from a controller that has not sampled yet: no reading, nothing malformed)."""
+def to_event(connector: str, node: MappedNode, dv: ua.DataValue) -> TelemetryEvent | DeadLetter | None:
+    """The event for one value change, a dead letter, or None for a status without a value (e.g.
+    BadWaitingForInitialData from a controller that has not sampled yet: no reading, nothing malformed).
+    A dead letter's idempotency key is the node id, as an event's would be."""
     status = dv.StatusCode or ua.StatusCode()
     variant = dv.Value
     vtype = variant.VariantType if variant is not None else ua.VariantType.Null
@@ -60,20 +51,25 @@ def to_event(node: MappedNode, dv: ua.DataValue) -> TelemetryEvent | Rejected | 
     raw = {"value": repr(value)[:200], "variant_type": vtype.name, "status": status.name,
            "source_timestamp": dv.SourceTimestamp.isoformat() if dv.SourceTimestamp else None}
     if vtype not in NUMERIC or isinstance(value, list):
-        return Rejected(node, f"value {raw['value']} of type {vtype.name} is not a number", raw)
+        return _dead(connector, node, f"value {raw['value']} of type {vtype.name} is not a number", raw)
     if not math.isfinite(float(value)):
-        return Rejected(node, f"value {value} is not finite", raw)
+        return _dead(connector, node, f"value {value} is not finite", raw)
     ts = dv.SourceTimestamp
     if ts is None:
-        return Rejected(node, "the value has no source timestamp (event time); configure the server to "
+        return _dead(connector, node, "the value has no source timestamp (event time); configure the server to "
                         "send source timestamps", raw)
     ts = ts if ts.tzinfo else ts.replace(tzinfo=UTC)  # OPC UA times are UTC
     if ts < EPOCH:
-        return Rejected(node, f"source timestamp {ts.isoformat()} is before 1970", raw)
+        return _dead(connector, node, f"source timestamp {ts.isoformat()} is before 1970", raw)
     try:
         return TelemetryEvent(asset_id=node.asset_id, event_time=ts, sequence=to_micros(ts), idempotency_key=node.node_id,
                               measurements={node.measurement: {"value": float(value), "unit": node.unit}},
                               quality=quality(status))
     except ValidationError as exc:
-        return Rejected(node, describe_error(exc), raw)
+        return _dead(connector, node, describe_error(exc), raw)
 
+
+
+def _dead(connector: str, node: MappedNode, reason: str, raw: dict[str, Any]) -> DeadLetter:
+    body = json.dumps({"node_id": node.node_id, **raw}).encode()
+    return DeadLetter.of(source(connector, node), node.asset_id, node.node_id, reason, body)
