@@ -50,7 +50,9 @@ class Device:
         self.client.get_node(f"ns=2;s={name}").write_value(ua.DataValue(variant, SourceTimestamp=at))
 
     def read(self, name: str):
-        return self.client.get_node(f"ns=2;s={name}").read_value()
+        """The node's value, or None while it has none (a bad status)."""
+        dv = self.client.get_node(f"ns=2;s={name}").read_data_value(raise_on_bad_status=False)
+        return dv.Value.Value if dv.StatusCode.is_good() else None
 
     def close(self) -> None:
         self.client.disconnect()

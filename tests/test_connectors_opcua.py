@@ -83,7 +83,7 @@ def server():
     s.kill()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def device(server):
     d = Device(server)
     yield d
@@ -176,7 +176,7 @@ def test_server_and_connector_restarts_apply_every_change_exactly_once(twins, co
 
 def test_malformed_and_out_of_range_values_go_to_dead_letters_with_node_id(twins, connectors, device, plc):
     device.write("tank-1.h2", "full", T0 + timedelta(seconds=100))
-    Device.write(device, "tank-2.h1", 5000.0, T0 + timedelta(seconds=100))  # 5 km: beyond [-1, 1000] m
+    device.write("tank-2.h1", 5000.0, T0 + timedelta(seconds=100))  # 5 km: beyond [-1, 1000] m
     wait_for(lambda: len(twins.dead_letters("acme")) >= 2, "two dead letters")
     rows = twins.dead_letters("acme").to_pylist()
     by_key = {r["idempotency_key"]: r for r in rows}
@@ -209,7 +209,7 @@ def test_commands_are_written_with_correlation_id_once_and_acknowledged(connecto
                     "the write acknowledged")
     assert device.read("tank-1.q_set") == pytest.approx(0.0025) and device.read("tank-1.q_set.id") == command.correlation_id
     assert "Good" in done.ack["detail"]
-    with pytest.raises(CommandError, match="only once"):
+    with pytest.raises(CommandError, match="only a proposed command can be approved"):
         connectors.approve("acme", command.id, by="carol")
 
     refused = connectors.propose("acme", "plc", "tank-1", "lock", {"value": 1.0}, by="alice")
