@@ -12,23 +12,34 @@ a reference twin fed the same events directly through `TwinService.ingest`.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
 import ray
+from asyncua import ua
 from pydantic import ValidationError
 
 from actors import TwinService
 from connectors.commands import CommandError, CommandStatus, UnknownCommand
+from connectors.kinds import parse_spec
 from connectors.manager import Connectors, InvalidConnector
+from connectors.mapping import DeadLetter
+from connectors.opcua import MappedNode, OpcUaSpec
+from connectors.opcua.session import OpcUaSession
+from connectors.opcua.values import to_event
+from connectors.sink import Inbound
 from connectors.runtime import actor_name
 from connectors.spec import Credentials
 from raytwin.contracts import Asset, AssetType, TelemetryEvent
 from raytwin.registry import ModelRegistry
 from raytwin.sim import TWO_TANK
+from raytwin.statestore import to_micros
 from tests.conftest import free_port
 from tests.fixtures_opcua import Device, OpcUaServer
+from tests.guides import extract
 
 T0 = datetime(2026, 4, 1, tzinfo=UTC)
 WAIT_S = 120.0
@@ -233,3 +244,82 @@ def test_declarations_are_checked_and_credentials_stay_secret(connectors, server
     s = wait_for(lambda: (s := connectors.status("acme", "wrong-pw")).errors >= 1 and s, "a refused session reported")
     assert not s.connected and "BadUserAccessDenied" in s.last_error and "guess" not in s.last_error
     connectors.delete("acme", "wrong-pw")
+
+
+NODE = MappedNode(node_id="ns=2;s=tank-1.h1", asset_id="tank-1", measurement="h1", unit="m")
+
+
+@pytest.mark.parametrize(("variant", "status", "expected"), [
+    (ua.Variant(1.5, ua.VariantType.Double), ua.StatusCodes.Good, ("good", 1.5)),
+    (ua.Variant(7, ua.VariantType.Int32), ua.StatusCodes.UncertainLastUsableValue, ("uncertain", 7.0)),
+    (ua.Variant(2.0, ua.VariantType.Float), ua.StatusCodes.BadSensorFailure, ("bad", 2.0)),
+    (ua.Variant(None, ua.VariantType.Null), ua.StatusCodes.BadWaitingForInitialData, None),
+    (ua.Variant(True, ua.VariantType.Boolean), ua.StatusCodes.Good, "of type Boolean is not a number"),
+    (ua.Variant([1.0, 2.0], ua.VariantType.Double), ua.StatusCodes.Good, "is not a number"),
+    (ua.Variant(float("nan"), ua.VariantType.Double), ua.StatusCodes.Good, "value nan is not finite"),
+])
+def test_a_value_change_becomes_one_keyed_event_or_a_dead_letter(variant, status, expected):
+    at = T0 + timedelta(seconds=3, microseconds=250)
+    out = to_event("plc", NODE, ua.DataValue(variant, StatusCode=ua.StatusCode(status), SourceTimestamp=at))
+    if expected is None:
+        assert out is None
+    elif isinstance(expected, str):
+        assert isinstance(out, DeadLetter) and expected in out.reason and out.idempotency_key == NODE.node_id
+        assert out.source == "opcua://plc/ns=2;s=tank-1.h1" and out.asset_id == "tank-1"
+    else:
+        assert (out.quality, out.measurements["h1"].value) == expected
+        assert (out.event_time, out.sequence, out.idempotency_key) == (at, to_micros(at), NODE.node_id)
+
+
+def test_a_value_without_source_timestamp_or_from_the_future_is_dead_lettered():
+    no_time = to_event("plc", NODE, ua.DataValue(ua.Variant(1.0, ua.VariantType.Double)))
+    future = to_event("plc", NODE, ua.DataValue(ua.Variant(1.0, ua.VariantType.Double),
+                                                SourceTimestamp=datetime.now(UTC) + timedelta(hours=1)))
+    assert "no source timestamp" in no_time.reason and "after the server's clock" in future.reason
+
+
+def test_the_readme_declaration_is_valid():
+    block = next(b for b in extract("connectors/README.md") if b.lang == "json" and '"opcua"' in b.text)
+    spec = parse_spec(json.loads(block.text))
+    assert isinstance(spec, OpcUaSpec) and spec.command("tank-1", "inflow").unit == "m^3/s"
+
+
+def test_backpressure_switches_publishing_off_and_on_again_losing_nothing(server, device):
+    """With `max_outstanding` changes not yet durable the connector switches publishing off; once they are
+    durable it switches it on again (else the second wave would never arrive); every change arrives once."""
+    spec = OpcUaSpec.model_validate(plc_spec(server.endpoint, max_outstanding=4))
+    received: list[Inbound] = []
+
+    async def until(condition) -> None:
+        deadline = time.monotonic() + WAIT_S
+        while not condition():
+            assert time.monotonic() < deadline, "the connector did not get there"
+            await asyncio.sleep(0.02)
+
+    def ack_all() -> None:
+        for m in received[acked[0]:]:
+            m.ack()
+        acked[0] = len(received)
+
+    async def scenario() -> OpcUaSession:
+        session = OpcUaSession(spec, Credentials(username=USER, password=PASSWORD), received.append)
+        run = asyncio.ensure_future(session.run())
+        await until(session.connected)
+        await asyncio.to_thread(write, device, "tank-2", range(100, 110))
+        await until(lambda: session.held)
+        ack_all()
+        await until(lambda: not session.held)
+        await asyncio.to_thread(write, device, "tank-2", range(110, 130))
+        await until(lambda: ack_all() or (len(received) == 60 and session.outstanding() == 0))  # acking as they come
+        session.stop()
+        await run
+        return session
+
+    acked = [0]
+    session = asyncio.run(scenario())
+    assert session.backpressure_pauses >= 1
+    keys = [(m.events[0].idempotency_key, m.events[0].event_time) for m in received]
+    assert len(set(keys)) == 60
+    for node in STREAMS["tank-2"]:
+        times = [t for k, t in keys if k.endswith(node)]
+        assert times == [T0 + timedelta(seconds=k) for k in range(100, 130)]

@@ -72,6 +72,8 @@ class OpcUaSession:
         self._loop = asyncio.get_running_loop()
         self._paused = False
         self._held = False  # publishing off for backpressure
+        self._publishing = False  # the mode the server's subscription is in
+        self._mode_lock = asyncio.Lock()
         self._client: Client | None = None
         self._sub: Subscription | None = None
         self._nodes: dict[ua.NodeId, MappedNode] = {}
@@ -115,6 +117,11 @@ class OpcUaSession:
     def connected(self) -> bool:
         return self.state == "connected"
 
+    @property
+    def held(self) -> bool:
+        """Publishing is switched off for backpressure (too many changes not yet durable)."""
+        return self._held
+
     def outstanding(self) -> int:
         """Value changes received and not yet durable (handed to the pump, or waiting to be)."""
         return self._received - self._durable
@@ -151,6 +158,7 @@ class OpcUaSession:
             RequestedPublishingInterval=spec.publishing_interval_ms, RequestedLifetimeCount=10_000,
             RequestedMaxKeepAliveCount=client.get_keepalive_count(spec.publishing_interval_ms),
             MaxNotificationsPerPublish=spec.batch_size, PublishingEnabled=not (self._paused or self._held), Priority=0)
+        self._publishing = params.PublishingEnabled
         self._sub = await client.create_subscription(params, _Handler(self))
         nodes = [client.get_node(nid) for nid in self._nodes]
         results = await self._sub.subscribe_data_change(nodes, queuesize=spec.queue_size,
@@ -159,6 +167,7 @@ class OpcUaSession:
             if isinstance(result, ua.StatusCode):
                 self._error(f"node {self._nodes[node.nodeid].node_id} cannot be monitored: {result.name}")
         self.state = "connected"
+        await self._apply_publishing()  # in case pause or backpressure changed while the subscription was created
         log.info("event=opcua_connected tenant=%s connector=%s endpoint=%s items=%d", spec.tenant, spec.name,
                  spec.endpoint, len(nodes))
 
@@ -210,14 +219,19 @@ class OpcUaSession:
             self._loop.create_task(self._apply_publishing())
 
     async def _apply_publishing(self) -> None:
-        sub = self._sub
-        if sub is None:
-            return  # the next subscription is created in the current mode
-        try:
-            await sub.set_publishing_mode(not (self._paused or self._held))
-        except LOSS as exc:
-            self._error(f"could not switch publishing: {exc}")
-            self._lost.set()
+        """Bring the server's publishing mode to the wanted one. Requests go one at a time and each re-reads
+        what is wanted, so quick off/on/off flips cannot overtake each other and leave the wrong mode."""
+        async with self._mode_lock:
+            want = not (self._paused or self._held)
+            sub = self._sub
+            if sub is None or want == self._publishing:
+                return  # (no subscription: the next one is created in the wanted mode)
+            try:
+                await sub.set_publishing_mode(want)
+                self._publishing = want
+            except LOSS as exc:
+                self._error(f"could not switch publishing {'on' if want else 'off'}: {exc}")
+                self._lost.set()
 
     async def _feed(self) -> None:
         """Hand value changes to the pump in arrival order; `put` may block (a full pump), so in a thread."""
