@@ -12,16 +12,18 @@ from asyncua.sync import Client
 
 
 class OpcUaServer:
-    """One server process on a loopback port with the given writable and read-only variables."""
+    """One server process on a loopback port with the given writable and read-only variables (historized
+    in memory with `history`: a restart forgets the history, as it forgets the values)."""
 
-    def __init__(self, port: int, nodes: list[str], readonly: list[str], user: str):
-        self.port, self.nodes, self.readonly, self.user = port, nodes, readonly, user
+    def __init__(self, port: int, nodes: list[str], readonly: list[str], user: str, history: bool = False):
+        self.port, self.nodes, self.readonly, self.user, self.history = port, nodes, readonly, user, history
         self.endpoint = f"opc.tcp://127.0.0.1:{port}/raytwin/"
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
         args = [sys.executable, "-m", "tests.opcua_server", "--port", str(self.port), "--user", self.user]
         args += [a for n in self.nodes for a in ("--node", n)] + [a for n in self.readonly for a in ("--readonly", n)]
+        args += ["--history"] if self.history else []
         self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         line = self.process.stdout.readline()  # READY once it listens; empty if it died
         if not line.startswith("READY"):

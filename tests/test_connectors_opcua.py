@@ -88,7 +88,7 @@ def events(asset: str, ks: list[int], reference: str) -> list[TelemetryEvent]:
 
 @pytest.fixture(scope="module")
 def server():
-    s = OpcUaServer(free_port(), NODES, ["tank-1.locked"], f"{USER}:{PASSWORD}")
+    s = OpcUaServer(free_port(), NODES, ["tank-1.locked"], f"{USER}:{PASSWORD}", history=True)
     s.start()
     yield s
     s.kill()
@@ -131,7 +131,7 @@ def plc_spec(endpoint: str, **overrides) -> dict:
                 {"asset_id": "tank-1", "name": "lock", "node_id": "ns=2;s=tank-1.locked",
                  "correlation_node_id": "ns=2;s=tank-1.locked.id", "unit": "m^3/s"}]
     spec = {"name": "plc", "tenant": "acme", "kind": "opcua", "endpoint": endpoint, "linger_s": 0.05,
-            "publishing_interval_ms": 50, "backoff_initial_s": 0.2, "backoff_max_s": 1.0, "nodes": nodes,
+            "publishing_interval_ms": 50, "backfill_s": 3600, "backoff_initial_s": 0.2, "backoff_max_s": 1.0, "nodes": nodes,
             "commands": commands}
     return {**spec, **overrides}
 
@@ -154,7 +154,8 @@ def settled(connectors, twins, asset: str, n: int) -> bool:
 
 def test_server_and_connector_restarts_apply_every_change_exactly_once(twins, connectors, server, device, plc):
     """Subscribed: every change arrives. Server killed and restarted, connector restarted by Ray: the current
-    values sent again are duplicates. Connector down while values change: the latest of each node arrives."""
+    values and the history read again are duplicates. Connector down while values change: the changes are
+    read from the server's history (backfill) when it is back."""
     write(device, "tank-1", range(0, 20))
     wait_for(lambda: settled(connectors, twins, "tank-1", 40), "the first 40 changes applied")
 
@@ -168,20 +169,19 @@ def test_server_and_connector_restarts_apply_every_change_exactly_once(twins, co
 
     handle = ray.get_actor(actor_name("acme", "plc"), namespace=twins.router.namespace)
     ray.kill(handle, no_restart=False)  # a crash: Ray restarts the actor, which subscribes again
-    wait_for(lambda: (s := connectors.status("acme", "plc")).connected and s.duplicates >= 2 and s.pending == 0,
-             "the restarted connector's re-deliveries (the current values) counted as duplicates")
+    wait_for(lambda: (s := connectors.status("acme", "plc")).connected and s.duplicates >= 42 and s.pending == 0,
+             "the restarted connector's re-deliveries (history since the restart, current values) are duplicates")
     assert revision(twins, "tank-1") == 80
 
     ray.kill(handle, no_restart=True)  # gone for good while the plant keeps changing
     write(restarted, "tank-1", range(40, 45))
     connectors.handle("acme", "plc")  # started again from its declaration
-    wait_for(lambda: settled(connectors, twins, "tank-1", 82), "the latest value of each node after the outage")
+    wait_for(lambda: settled(connectors, twins, "tank-1", 90), "the changes made during the outage, backfilled")
     restarted.close()
 
-    expected = list(range(0, 40)) + [44]
-    twins.ingest("acme", events("tank-1", expected, "ref-1"))
+    twins.ingest("acme", events("tank-1", list(range(0, 45)), "ref-1"))
     got, ref = twins.state("acme", "tank-1"), twins.state("acme", "ref-1")
-    assert got.revision == ref.revision == got.events_applied == 82
+    assert got.revision == ref.revision == got.events_applied == 90
     assert got.state == ref.state and got.covariance == ref.covariance and got.event_time == ref.event_time
 
 

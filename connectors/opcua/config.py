@@ -69,6 +69,10 @@ class OpcUaSpec(ConnectorSpec):
     queue_size: Annotated[int, Field(ge=1, le=100_000, description="server-side queue per monitored item")] = 1000
     max_outstanding: Annotated[int, Field(ge=1, description="value changes received and not yet durable before "
                                           "publishing is paused (backpressure)")] = 10_000
+    backfill_s: Annotated[float, Field(ge=0, description=(
+        "after every (re)connect, read the nodes' history (HistoryRead) for the changes made while no "
+        "subscription existed: since the newest change made durable, or after a connector restart since "
+        "this many seconds before each node's current value; 0: no backfill (servers without history)"))] = 0.0
     backoff_initial_s: Annotated[float, Field(gt=0)] = 0.5
     backoff_max_s: Annotated[float, Field(gt=0)] = 30.0
     session_timeout_s: Annotated[float, Field(gt=0)] = 60.0

@@ -6,6 +6,8 @@ Why this shape:
   does not hammer a restarted server in step), the first connection included. A new subscription makes the
   server send every item's current value again: re-deliveries with their original source timestamps, which
   the twins count as duplicates (`connectors.opcua.values`).
+- **Backfill.** Changes made while no subscription existed are not queued by OPC UA; with `backfill_s` the
+  session reads them from the nodes' history (HistoryRead) after subscribing (overlap, not a gap).
 - **Bounded memory, no silent drops.** asyncua's publish loop must never block, so value changes are handed
   to the pump (`put`, which blocks when the pump is full) by one feeder task through a worker thread, in
   order. When `max_outstanding` changes are received and not yet durable, the subscription's publishing is
@@ -17,11 +19,12 @@ Why this shape:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 from collections import deque
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from asyncua import Client, ua
@@ -77,6 +80,7 @@ class OpcUaSession:
         self._client: Client | None = None
         self._sub: Subscription | None = None
         self._nodes: dict[ua.NodeId, MappedNode] = {}
+        self._newest: dict[str, datetime] = {}  # node id -> newest durable source timestamp (for backfill)
 
     # ------------------------------------------------------------------ lifecycle ----
     async def run(self) -> None:
@@ -168,8 +172,32 @@ class OpcUaSession:
                 self._error(f"node {self._nodes[node.nodeid].node_id} cannot be monitored: {result.name}")
         self.state = "connected"
         await self._apply_publishing()  # in case pause or backpressure changed while the subscription was created
+        if spec.backfill_s:
+            await self._backfill()
         log.info("event=opcua_connected tenant=%s connector=%s endpoint=%s items=%d", spec.tenant, spec.name,
                  spec.endpoint, len(nodes))
+
+    async def _backfill(self) -> None:
+        """Read what each node's history holds since the newest change made durable here (after a restart of
+        the connector: since `backfill_s` before the node's current value). Runs after subscribing, so
+        history and subscription overlap instead of leaving a gap; the overlap is duplicates."""
+        for nid, node in self._nodes.items():
+            opc = self._client.get_node(nid)
+            start = self._newest.get(node.node_id)
+            if start is None:
+                current = await opc.read_data_value(raise_on_bad_status=False)
+                if current.SourceTimestamp is None:
+                    continue
+                start = current.SourceTimestamp - timedelta(seconds=self.spec.backfill_s)
+            try:
+                history = await opc.read_raw_history(start, None, return_bounds=False)
+            except ua.UaStatusCodeError as exc:  # e.g. BadHistoryOperationUnsupported: not historized
+                self._error(f"node {node.node_id}: no history to backfill from ({type(exc).__name__})")
+                continue
+            for dv in history:
+                self._on_value(nid, dv)
+            log.info("event=opcua_backfill tenant=%s connector=%s node=%s since=%s changes=%d", self.spec.tenant,
+                     self.spec.name, node.node_id, start.isoformat(), len(history))
 
     async def _resolve(self, node_id: str) -> ua.NodeId:
         """A configured node id; one with a namespace URI (`nsu=`) gets this server's index for that URI."""
@@ -198,7 +226,8 @@ class OpcUaSession:
             return
         events, dead = ([], [out]) if isinstance(out, DeadLetter) else ([out], [])
         self._received += 1
-        self._handoff.append(Inbound(source(self.spec.name, node), events, dead, self._on_durable))
+        ack = functools.partial(self._on_durable, node.node_id, dv.SourceTimestamp)
+        self._handoff.append(Inbound(source(self.spec.name, node), events, dead, ack))
         self._wake.set()
         if self.outstanding() >= self.spec.max_outstanding and not self._held:
             self._held = True
@@ -207,9 +236,11 @@ class OpcUaSession:
                      self.spec.name, self.outstanding())
             self._loop.create_task(self._apply_publishing())
 
-    def _on_durable(self) -> None:
-        """The pump's acknowledgement: this value change is durable (applied, duplicate or dead-lettered)."""
+    def _on_durable(self, node_id: str, at: datetime | None) -> None:
+        """The pump's acknowledgement (its thread): this change is durable (applied, duplicate or dead letter)."""
         self._durable += 1
+        if at is not None and (node_id not in self._newest or at > self._newest[node_id]):
+            self._newest[node_id] = at
         if self._held and self.outstanding() <= self.spec.max_outstanding // 2:
             self._loop.call_soon_threadsafe(self._release)
 
@@ -244,7 +275,11 @@ class OpcUaSession:
                 continue
             batch = list(self._handoff)
             self._handoff.clear()
-            await asyncio.to_thread(lambda: [self.put(m) for m in batch])
+            await asyncio.to_thread(self._put_all, batch)
+
+    def _put_all(self, batch: list[Inbound]) -> None:
+        for message in batch:
+            self.put(message)
 
     # ------------------------------------------------------------------ commands ----
     async def write_command(self, target: CommandNode, correlation_id: str, value: float) -> str:
