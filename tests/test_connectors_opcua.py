@@ -287,7 +287,7 @@ def test_the_readme_declaration_is_valid():
 def test_backpressure_switches_publishing_off_and_on_again_losing_nothing(server, device):
     """With `max_outstanding` changes not yet durable the connector switches publishing off; once they are
     durable it switches it on again (else the second wave would never arrive); every change arrives once."""
-    spec = OpcUaSpec.model_validate(plc_spec(server.endpoint, max_outstanding=4))
+    spec = OpcUaSpec.model_validate(plc_spec(server.endpoint, max_outstanding=4, backfill_s=0))
     received: list[Inbound] = []
 
     async def until(condition) -> None:
