@@ -52,8 +52,8 @@ class IngestMismatch(AssertionError):
 class TelemetryFeed:
     """Consecutive in-order telemetry for `n_twins` thermal zones, round-robin over the twins."""
 
-    def __init__(self, n_twins: int):
-        self.assets = [f"zone-{i:05d}" for i in range(n_twins)]
+    def __init__(self, n_twins: int, prefix: str = "zone"):
+        self.assets = [f"{prefix}-{i:05d}" for i in range(n_twins)]
         self.asset_ids = pa.array(self.assets)
         self.sent = 0
 

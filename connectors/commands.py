@@ -141,7 +141,8 @@ class CommandLedger:
     def refuse(self, tenant: str, command_id: str, by: str, reason: str) -> Command:
         command = self.get(tenant, command_id)
         if command.status is not CommandStatus.proposed:
-            raise CommandError(f"command {command_id} is {command.status.value}: only a proposed command can be refused")
+            raise CommandError(f"command {command_id} is {command.status.value}: only a proposed command can be "
+                               "refused")
         return self._save(command.moved(CommandStatus.refused, by, reason))
 
     def claim(self, tenant: str, command_id: str, connector: str) -> Command:

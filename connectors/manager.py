@@ -63,10 +63,6 @@ class Connectors:
             log.warning("event=connector_stop_failed tenant=%s connector=%s", tenant, name)
         ray.kill(handle, no_restart=True)
 
-    def handle(self, tenant: str, name: str):
-        """The connector's actor (started if it is declared and not running)."""
-        return self._actor(tenant, name)
-
     def pause(self, tenant: str, name: str) -> ConnectorStatus:
         return ray.get(self._actor(tenant, name).pause.remote())
 

@@ -61,7 +61,8 @@ class TopicRoute(FrozenSpec):
         None, description="the topic level (0-based) that names the asset, e.g. 1 in `plant/<asset>/telemetry`")
     payload: PayloadMapping
     command_topic: str | None = Field(
-        None, description="where this route's assets take commands; `{asset_id}` is replaced, e.g. `plant/{asset_id}/cmd`")
+        None, description="where this route's assets take commands; `{asset_id}` is replaced, "
+        "e.g. `plant/{asset_id}/cmd`")
 
     @model_validator(mode="after")
     def _valid(self) -> TopicRoute:
@@ -87,7 +88,8 @@ class TopicRoute(FrozenSpec):
         try:
             return _IDENTIFIER.validate_python(levels[self.asset_level])
         except ValidationError:
-            raise ValueError(f"topic level {self.asset_level} {levels[self.asset_level]!r} is not an asset id") from None
+            level = levels[self.asset_level]
+            raise ValueError(f"topic level {self.asset_level} {level!r} is not an asset id") from None
 
     def serves(self, asset_id: str) -> bool:
         return self.command_topic is not None and self.asset_id in (None, asset_id)
@@ -106,6 +108,10 @@ class BrokerSettings(FrozenSpec):
     client_id: Annotated[str, Field(min_length=1, max_length=128)] | None = None
     keepalive_s: Annotated[int, Field(ge=5, le=3600)] = 30
     session_expiry_s: Annotated[int, Field(ge=0, le=2**32 - 1)] = 7 * 86_400
+    receive_maximum: Annotated[int, Field(ge=1, le=65_535)] = Field(
+        1000, description="MQTT 5: unacknowledged messages the broker may have in flight to us. Acks wait until "
+        "events are durable (a batch, tens of ms), so this window bounds throughput: ~window / batch time. "
+        "MQTT 3.1.1 has no such field: raise the broker's own limit (Mosquitto: max_inflight_messages)")
     reconnect_min_s: Annotated[int, Field(ge=1)] = 1
     reconnect_max_s: Annotated[int, Field(ge=1)] = 30
     tls: TlsSettings | None = None
@@ -117,7 +123,8 @@ class MqttSpec(ConnectorSpec):
     kind: Literal["mqtt"] = "mqtt"
     broker: BrokerSettings
     routes: Annotated[list[TopicRoute], Field(min_length=1)]
-    ack_topic: TopicFilter | None = Field(None, description="filter on which assets answer commands, e.g. `plant/+/ack`")
+    ack_topic: TopicFilter | None = Field(
+        None, description="filter on which assets answer commands, e.g. `plant/+/ack`")
 
     @model_validator(mode="after")
     def _valid(self) -> MqttSpec:
@@ -135,6 +142,7 @@ class MqttAdapter:
         self._generation = 0  # +1 per connect and disconnect: acks go only over the connection that delivered
         self._ack_lock = threading.Lock()
         self._connected = threading.Event()
+        self._running = False  # between start and pause: the client's loop (and its reconnects) is on
         b = spec.broker
         self.v5 = b.protocol == "5"
         self.client = paho.Client(
@@ -159,18 +167,21 @@ class MqttAdapter:
         if self.v5:
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = b.session_expiry_s
+            props.ReceiveMaximum = b.receive_maximum
             kwargs = {"clean_start": False, "properties": props}
         self.client.connect_async(b.host, b.port, b.keepalive_s, **kwargs)
         self.client.loop_start()
+        self._running = True
 
     def pause(self) -> None:
         """Disconnect; the broker keeps the session and queues QoS 1 messages until `resume`."""
         self.client.disconnect()
         self.client.loop_stop()
         self._connected.clear()
+        self._running = False
 
     def resume(self) -> None:
-        if not self._connected.is_set():
+        if not self._running:  # a running client that lost its broker is reconnecting already
             self.start()
 
     stop = pause
@@ -224,8 +235,8 @@ class MqttAdapter:
         except ValueError as exc:
             self.put(Inbound(source, [], [DeadLetter.of(source, None, None, str(exc), msg.payload)], ack))
             return
-        events, dead = route.payload.events(asset, msg.payload, source)
-        self.put(Inbound(source, events, dead, ack))
+        rows, dead = route.payload.rows(asset, msg.payload, source)
+        self.put(Inbound(source, rows, dead, ack))
 
     def _acker(self, mid: int, qos: int, generation: int) -> Callable[[], None]:
         def ack() -> None:
@@ -274,11 +285,11 @@ class MqttAdapter:
 class MqttKind:
     spec_type = MqttSpec
 
-    def problems(self, spec: MqttSpec, assets: set[str]) -> list[str]:  # type: ignore[override]
+    def problems(self, spec: MqttSpec, assets: set[str]) -> list[str]:
         return [f"route {r.topic!r}: asset {r.asset_id!r} is not a registered twin of tenant {spec.tenant!r}"
                 for r in spec.routes if r.asset_id is not None and r.asset_id not in assets]
 
-    def adapter(self, spec: MqttSpec, credentials: Credentials, put: Callable[[Inbound], None],  # type: ignore[override]
+    def adapter(self, spec: MqttSpec, credentials: Credentials, put: Callable[[Inbound], None],
                 on_ack: AckHandler) -> MqttAdapter:
         return MqttAdapter(spec, credentials, put, on_ack)
 

@@ -59,7 +59,6 @@ class Pump:
 
     def put(self, message: Inbound) -> None:
         """Called from the adapter's receive thread; blocks while the queue is full (backpressure)."""
-        message.received_at = time.monotonic()
         while not self._stop.is_set():
             try:
                 self._queue.put(message, timeout=0.5)
@@ -86,7 +85,7 @@ class Pump:
             first = self._queue.get(timeout=0.2)
         except queue.Empty:
             return []
-        batch, events = [first], len(first.events)
+        batch, events = [first], len(first.rows)
         deadline = time.monotonic() + self.linger_s
         while events < self.batch_size:
             try:
@@ -94,7 +93,7 @@ class Pump:
             except queue.Empty:
                 break
             batch.append(item)
-            events += len(item.events)
+            events += len(item.rows)
         self.stats.messages += len(batch)
         return batch
 
@@ -117,7 +116,10 @@ class Pump:
             message.ack()
         s, r = self.stats, delivery.report
         s.acknowledged += len(batch)
-        s.accepted, s.duplicates, s.rejected = s.accepted + r.accepted, s.duplicates + r.duplicates, s.rejected + r.rejected
+        s.accepted += r.accepted
+        s.duplicates += r.duplicates
+        s.rejected += r.rejected
         s.dead_lettered += delivery.dead_lettered
-        if delivery.newest_event_time and (s.newest_event_time is None or delivery.newest_event_time > s.newest_event_time):
-            s.newest_event_time = delivery.newest_event_time
+        newest = delivery.newest_event_time
+        if newest and (s.newest_event_time is None or newest > s.newest_event_time):
+            s.newest_event_time = newest

@@ -87,7 +87,8 @@ class ConnectorStore:
             return Desired.running
 
     def set_desired(self, tenant: str, name: str, desired: Desired) -> None:
-        write_atomically(self.fs, f"{self._dir(tenant, name)}/desired.json", json.dumps({"state": desired.value}).encode())
+        write_atomically(self.fs, f"{self._dir(tenant, name)}/desired.json",
+                         json.dumps({"state": desired.value}).encode())
 
     def names(self, tenant: str) -> list[str]:
         try:
@@ -95,6 +96,13 @@ class ConnectorStore:
                                                                                detail=False))
         except FileNotFoundError:
             return []
+
+    def tenants(self) -> list[str]:
+        try:
+            found = self.fs.ls(self.root, detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted(p.rstrip("/").rsplit("/", 1)[-1].removeprefix("tenant=") for p in found)
 
     def delete(self, tenant: str, name: str) -> None:
         self.spec_json(tenant, name)  # UnknownConnector if missing

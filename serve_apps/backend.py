@@ -21,6 +21,7 @@ from raytwin.registry import ModelArtifact, ModelRegistry
 from raytwin.sim.cpu import cpu_only
 from serve_apps.catalog import Catalog
 from serve_apps.config import ServeConfig
+from serve_apps.connector_ops import ConnectorOps
 from serve_apps.errors import Unprocessable
 from serve_apps.jobs import Job, JobQueue, Work
 
@@ -37,6 +38,7 @@ class Backend:
         self.twins = TwinService(config.url("twins"), shards=config.twin_shards,
                                  namespace=config.namespace, storage_options=config.storage_options or None)
         self.jobs = JobQueue(config, config.max_concurrent_jobs)
+        self.connector_ops = ConnectorOps(self.twins, config.connectors)
         self._lock = threading.Lock()
         self._registries: dict[str, ModelRegistry] = {}
 
@@ -124,6 +126,12 @@ class Backend:
         with self._lock:
             tenants = list(self.catalog.assets)
         return sum(len(self.twins.assets(t)) for t in tenants)
+
+    # ---- connectors and commands (serve_apps/connector_ops.py) ----------------------------
+    def connector(self, op: str, *args: Any) -> Any:
+        if op not in ConnectorOps.OPS:
+            raise ValueError(f"unknown connector operation {op!r}")
+        return getattr(self.connector_ops, op)(*args)
 
     # ---- jobs (async: they run on the replica's event loop, which owns the queue) ---------
     async def submit_job(self, tenant: str, key_id: str, asset_id: str, model_ref: str, content_hash: str,

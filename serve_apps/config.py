@@ -50,6 +50,9 @@ class ServeConfig(BaseModel):
                                  "per ingress replica; writes through a replica refresh it there); 0: no cache.")
     state_cache_entries: int = Field(10_000, ge=1, description="Twins whose latest state a replica keeps.")
     namespace: str = "raytwin"
+    connectors: list[dict[str, Any]] = Field(
+        default_factory=list, description="Connector declarations started with the service (see connectors/README.md); "
+        "credentials come from the backend's environment via `credentials_env`, never from here.")
     autoscaling: Autoscaling = Field(default_factory=Autoscaling)
 
     def url(self, *parts: str) -> str:
@@ -62,7 +65,7 @@ class ServeConfig(BaseModel):
         values: dict[str, Any] = {}
         for name in cls.model_fields:
             env = os.environ.get(ENV_PREFIX + name.upper())
-            if env is not None and name not in ("autoscaling", "storage_options"):
+            if env is not None and name not in ("autoscaling", "storage_options", "connectors"):
                 values[name] = env
         if "keys_file" not in values and os.environ.get("RAYTWIN_API_KEYS_FILE"):
             values["keys_file"] = os.environ["RAYTWIN_API_KEYS_FILE"]

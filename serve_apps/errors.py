@@ -138,7 +138,7 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(request, err.status, err.code, err.message, err.details, err.headers)
 
     async def validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        body_error = getattr(request.state, "body_error", None)  # set by `api.JsonRoute`: reported after auth
+        body_error = getattr(request.state, "body_error", None)  # set by `json_route.JsonRoute`: reported after auth
         if body_error is not None:
             return await api_error(request, body_error)
         details = [

@@ -38,6 +38,14 @@ class ServeMetrics:
                                     ["replica"], buckets=LAG_BUCKETS, registry=r)
         self.live_twins = Gauge("raytwin_live_twins", "Live twins registered (cluster-wide).", registry=r)
         self.sweep_jobs = Gauge("raytwin_sweep_jobs", "Scenario jobs by state (cluster-wide).", ["state"], registry=r)
+        self.connector_counts = Gauge(
+            "raytwin_connector_messages", "Connector messages by outcome since the connector process started "
+            "(received, acknowledged, pending, accepted, duplicates, rejected, dead_lettered, errors; cluster-wide).",
+            ["tenant", "connector", "outcome"], registry=r)
+        self.connector_lag = Gauge("raytwin_connector_lag_seconds", "Server clock minus the newest applied event "
+                                   "time, per connector (cluster-wide).", ["tenant", "connector"], registry=r)
+        self.connector_up = Gauge("raytwin_connector_connected", "1 while the connector is connected to its source.",
+                                  ["tenant", "connector"], registry=r)
         self._lock = threading.Lock()
         self._sync = [0, 0.0]  # this replica's inline scenario-steps and seconds
         self._async = [0, 0.0]  # cluster-wide job scenario-steps and seconds, from the job queue
@@ -59,6 +67,19 @@ class ServeMetrics:
             self.sweep_jobs.labels(state).set(n)
         with self._lock:
             self._async = [jobs["steps"], jobs["compute_s"]]
+
+    def set_connectors(self, statuses: list[dict]) -> None:
+        """Cluster-wide connector figures from the backend (`ConnectorStatus` as JSON)."""
+        for gauge in (self.connector_counts, self.connector_lag, self.connector_up):
+            gauge.clear()  # a deleted connector disappears
+        for s in statuses:
+            who = (s["tenant"], s["name"])
+            for outcome in ("messages", "acknowledged", "pending", "accepted", "duplicates", "rejected",
+                            "dead_lettered", "errors"):
+                self.connector_counts.labels(*who, outcome).set(s[outcome])
+            self.connector_up.labels(*who).set(1.0 if s["connected"] else 0.0)
+            if s["lag_s"] is not None:
+                self.connector_lag.labels(*who).set(s["lag_s"])
 
     def collect(self):
         """Scenario throughput = rate(steps) / rate(compute seconds); inline runs per replica, jobs cluster-wide."""

@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from actors import TwinService
 from connectors.commands import CommandError, CommandStatus, UnknownCommand
 from connectors.manager import Connectors, InvalidConnector
+from connectors.mosquitto import Mosquitto
 from connectors.mqtt import MqttSpec
 from connectors.runtime import actor_name
 from connectors.spec import Credentials, Desired, UnknownConnector
@@ -29,7 +30,6 @@ from raytwin.contracts import Asset, AssetType, TelemetryEvent
 from raytwin.registry import ModelRegistry
 from raytwin.sim import TWO_TANK
 from tests.conftest import free_port
-from tests.fixtures_mqtt import Mosquitto
 
 T0 = datetime(2026, 4, 1, tzinfo=UTC)
 WAIT_S = 120.0
@@ -83,8 +83,8 @@ class Publisher:
         with self.lock:
             self.received.append((msg.topic, body))
         if self.answer:
-            client.publish(msg.topic.rsplit("/", 1)[0] + "/ack",
-                           json.dumps({"correlation_id": body["correlation_id"], "status": "ok", "applied": True}), qos=1)
+            ack = {"correlation_id": body["correlation_id"], "status": "ok", "applied": True}
+            client.publish(msg.topic.rsplit("/", 1)[0] + "/ack", json.dumps(ack), qos=1)
 
     def close(self) -> None:
         self.client.disconnect()
@@ -93,7 +93,7 @@ class Publisher:
 
 @pytest.fixture(scope="module")
 def broker(tmp_path_factory):
-    b = Mosquitto(tmp_path_factory.mktemp("mosquitto"), free_port())
+    b = Mosquitto(tmp_path_factory.mktemp("mosquitto"), free_port(), install=True)  # CI: a fresh machine
     b.start()
     yield b
     b.stop()
@@ -122,7 +122,8 @@ def connectors(twins, broker):
 
 def plant_spec(port: int, protocol: str = "5", **overrides) -> dict:
     spec = {"name": "plant", "tenant": "acme", "kind": "mqtt", "linger_s": 0.1,
-            "broker": {"host": "127.0.0.1", "port": port, "protocol": protocol, "reconnect_max_s": 2},
+            "broker": {"host": "127.0.0.1", "port": port, "protocol": protocol, "reconnect_max_s": 2,
+                       **({"receive_maximum": 20} if protocol == "5" else {})},  # a stream of many batches
             "routes": [{"topic": "plant/+/telemetry", "asset_level": 1, "payload": PAYLOAD,
                         "command_topic": "plant/{asset_id}/cmd"}],
             "ack_topic": "plant/+/ack"}
@@ -245,7 +246,25 @@ def test_commands_need_approval_are_sent_once_and_acknowledged(twins, connectors
                                                      "command_id": sent.id, "name": "setpoint",
                                                      "value": {"q_in": 0.3}})]
     assert connectors.command("acme", held.id).status is CommandStatus.proposed
-    assert [c.id for c in connectors.commands("acme")][-2:] == [held.id, sent.id] and connectors.commands("globex") == []
+    assert [c.id for c in connectors.commands("acme")][-2:] == [held.id, sent.id]
+    assert connectors.commands("globex") == []
+
+
+def test_the_readme_declaration_is_valid():
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    text = (Path(__file__).resolve().parents[1] / "connectors" / "README.md").read_text()
+    declared = yaml.safe_load(re.search(r"```yaml\n(.*?)```", text, re.S).group(1))
+    spec = MqttSpec.model_validate({**declared, "tenant": "acme"})
+    assert spec.routes[0].payload.measurements["q_in"].field == "flow.in"
+    rows, dead = spec.routes[0].payload.rows(spec.routes[0].asset_of("plant/pump-1/telemetry"), json.dumps(
+        {"ts": "2026-04-01T00:00:00Z", "seq": 17, "level": 412.5, "flow": {"in": 0.12}}).encode(), "readme")
+    assert dead == [] and rows == [{"asset_id": "pump-1", "event_time": "2026-04-01T00:00:00Z", "sequence": 17,
+                                    "measurements": {"h1": {"value": 412.5, "unit": "mm"},
+                                                     "q_in": {"value": 0.12, "unit": "L/s"}}}]
 
 
 def test_declarations_are_checked_and_credentials_stay_secret(twins, connectors, broker, plant):
@@ -262,3 +281,182 @@ def test_declarations_are_checked_and_credentials_stay_secret(twins, connectors,
     shown = connectors.spec("acme", "plant").model_dump_json() + connectors.status("acme", "plant").model_dump_json()
     assert "s3cret-pw" not in shown and "password" not in shown
     assert "s3cret-pw" not in repr(Credentials(password="s3cret-pw"))
+
+
+# ---------------------------------------------------------------------------------------- HTTP API ----
+class InProcessBackend:
+    """A `DeploymentHandle` stand-in: `handle.method.remote(*args)` runs the backend's code in this process."""
+
+    def __init__(self, ops):
+        self.ops = ops
+
+    def __getattr__(self, method: str):
+        async def remote(*args):
+            return getattr(self.ops, method)(*args)
+        return type("Method", (), {"remote": staticmethod(remote)})
+
+
+@pytest.fixture(scope="module")
+def api(twins, tmp_path_factory):
+    """The real API app and services, the `Backend`'s connector operations run in-process (no Serve)."""
+    from fastapi.testclient import TestClient
+
+    from serve_apps.api import create_api
+    from serve_apps.audit import AuditLog
+    from serve_apps.auth import KeyStore, create_key
+    from serve_apps.backend import Backend
+    from serve_apps.config import ServeConfig
+    from serve_apps.connector_ops import ConnectorOps
+    from serve_apps.deps import BackendClient, Services
+    from serve_apps.limits import TokenBuckets
+    from serve_apps.metrics import ServeMetrics
+    from raytwin.storage import filesystem
+
+    root = tmp_path_factory.mktemp("api")
+    keys_file = root / "keys.json"
+    keys = {name: create_key(keys_file, tenant, role) for name, tenant, role in (
+        ("admin", "acme", "admin"), ("admin2", "acme", "admin"), ("writer", "acme", "writer"),
+        ("reader", "acme", "reader"), ("other", "globex", "admin"))}
+    config = ServeConfig(store_url=str(root / "store"), keys_file=str(keys_file), rate_per_s=1000, rate_burst=1000)
+    class ConnectorBackend:  # the Backend's connector method over real ConnectorOps; no jobs here
+        connector = Backend.connector
+        connector_ops = ConnectorOps(twins, [])
+
+        def live_twins(self) -> int:
+            return len(twins.assets("acme"))
+
+        def job_stats(self) -> dict:
+            return {"states": {}, "steps": 0, "compute_s": 0.0}
+
+    backend = ConnectorBackend()
+    app = create_api()
+    app.state.services = Services(
+        config=config, keys=KeyStore(config.keys_file), backend=BackendClient(InProcessBackend(backend)),
+        audit=AuditLog(config.store_url), metrics=ServeMetrics("test"), buckets=TokenBuckets(1000, 1000),
+        fs=filesystem(config.store_url)[0], twins=None)
+    with TestClient(app) as client:
+        client.app_under_test = app
+        yield client, {name: {"Authorization": f"Bearer {key}"} for name, (_, key) in keys.items()}, \
+            {name: record.key_id for name, (record, _) in keys.items()}, app.state.services
+
+
+def test_http_connectors_keep_credentials_write_only_and_tenants_apart(api, broker, twins):
+    client, auth, key_ids, svc = api
+    spec = plant_spec(broker.port, name="web", routes=[{"topic": "web/+/telemetry", "asset_level": 1,
+                                                       "payload": PAYLOAD, "command_topic": "web/{asset_id}/cmd"}],
+                      ack_topic="web/+/ack")
+    del spec["tenant"]
+    secret = "hunter2-never-shown"
+    r = client.post("/v1/connectors", json={"spec": spec, "credentials": {"username": "gw", "password": secret}},
+                    headers=auth["admin"])
+    assert r.status_code == 201, r.text
+    assert r.json()["spec"]["tenant"] == "acme" and r.json()["status"]["state"] == "running"
+    wait_for(lambda: client.get("/v1/connectors/web", headers=auth["reader"]).json()["status"]["connected"],
+             "connected")
+    answers = [r.text, client.get("/v1/connectors/web", headers=auth["reader"]).text,
+               client.get("/v1/connectors", headers=auth["reader"]).text, client.get("/metrics").text]
+    audit = [rec.model_dump_json() for rec in svc.audit.records("acme")]
+    assert secret not in "".join(answers + audit) and "password" not in "".join(answers)
+    assert any('"action":"connector.create"' in a and '"credentials":true' in a for a in audit)
+    assert client.get("/v1/connectors/web", headers=auth["other"]).status_code == 404
+    assert client.post("/v1/connectors/web/pause", headers=auth["other"]).status_code == 404
+    assert client.post("/v1/connectors/web/pause", headers=auth["writer"]).status_code == 403
+    assert client.post("/v1/connectors/web/pause", headers=auth["admin"]).json()["state"] == "paused"
+    assert client.post("/v1/connectors/web/resume", headers=auth["admin"]).json()["state"] == "running"
+    bad = client.post("/v1/connectors", json={"spec": {**spec, "routes": [{**spec["routes"][0], "topic": "a/#/b"}]}},
+                      headers=auth["admin"])
+    assert bad.status_code == 422 and "'#' the whole last level" in bad.json()["error"]["message"]
+    metrics = client.get("/metrics").text
+    assert 'raytwin_connector_connected{connector="web",tenant="acme"} 1.0' in metrics
+    assert 'raytwin_connector_messages{connector="web",outcome="pending",tenant="acme"}' in metrics
+
+
+def test_http_commands_propose_approve_once_and_show_the_ack(api, broker):
+    client, auth, key_ids, _ = api
+    device = Publisher(broker.port, answer=True)
+    device.listen("web/+/cmd")
+    body = {"connector": "web", "asset_id": "pump-1", "name": "setpoint", "value": {"q_in": 0.25}}
+    proposed = client.post("/v1/commands", json=body, headers=auth["writer"])
+    assert proposed.status_code == 201 and proposed.json()["status"] == "proposed"
+    command = proposed.json()
+    assert command["proposed_by"] == key_ids["writer"]
+    assert client.post("/v1/commands", json={**body, "asset_id": "pump-9"}, headers=auth["writer"]).status_code == 404
+    assert client.post(f"/v1/commands/{command['id']}/approve", headers=auth["writer"]).status_code == 403
+    assert client.post(f"/v1/commands/{command['id']}/approve", headers=auth["other"]).status_code == 404
+    own = client.post("/v1/commands", json=body, headers=auth["admin"]).json()
+    assert client.post(f"/v1/commands/{own['id']}/approve", headers=auth["admin"]).status_code == 409
+    sent = client.post(f"/v1/commands/{command['id']}/approve", headers=auth["admin"])
+    assert sent.status_code == 200 and sent.json()["status"] == "sent"
+    again = client.post(f"/v1/commands/{command['id']}/approve", headers=auth["admin2"])
+    assert again.status_code == 409 and "only a proposed command" in again.json()["error"]["message"]
+    listed = wait_for(lambda: [c for c in client.get("/v1/commands?asset_id=pump-1", headers=auth["reader"]).json()
+                               if c["id"] == command["id"] and c["status"] == "acknowledged"], "the ack is listed")
+    assert listed[0]["ack"]["correlation_id"] == command["correlation_id"]
+    device.close()
+    assert [(t, b["correlation_id"]) for t, b in device.received] == [("web/pump-1/cmd", command["correlation_id"])]
+    assert client.get(f"/v1/commands/{command['id']}", headers=auth["other"]).status_code == 404
+    assert client.get("/v1/commands", headers=auth["other"]).json() == []
+
+
+def test_connectors_declared_in_the_service_config_start_with_credentials_from_the_environment(
+        twins, connectors, broker, monkeypatch):
+    from serve_apps.connector_ops import ConnectorOps
+
+    declared = {**plant_spec(broker.port, name="declared"), "credentials_env": {"password": "DECLARED_PW"}}
+    declared["routes"] = [{**declared["routes"][0], "topic": "declared/+/telemetry"}]
+    with pytest.raises(ValueError, match=r"set the environment variable\(s\) \['DECLARED_PW'\]"):
+        ConnectorOps(twins, [declared])
+    monkeypatch.setenv("DECLARED_PW", "from-a-k8s-secret")
+    ops = ConnectorOps(twins, [declared])
+    assert ops.view("acme", "declared")["spec"]["name"] == "declared"
+    assert connectors.store.credentials("acme", "declared").password.get_secret_value() == "from-a-k8s-secret"
+    assert "declared" in {s["name"] for s in ops.statuses()}
+    ops.delete("acme", "declared")
+
+
+def test_cli_checks_declarations_and_manages_connectors_through_the_api(api, broker, tmp_path, monkeypatch):
+    import uvicorn
+    import yaml
+    from typer.testing import CliRunner
+
+    from connectors.cli import connectors_app
+
+    client, auth, _, _ = api
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(client.app_under_test, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_for(lambda: server.started, "the API listens")
+    good, bad = tmp_path / "good.yaml", tmp_path / "bad.yaml"
+    spec = {k: v for k, v in plant_spec(broker.port, name="cli").items() if k != "tenant"}
+    spec["routes"] = [{**spec["routes"][0], "topic": "cli/+/telemetry"}]
+    good.write_text(yaml.safe_dump(spec))
+    bad.write_text(yaml.safe_dump({**spec, "routes": [{**spec["routes"][0], "asset_level": None}]}))
+    run = CliRunner().invoke  # JSON is read from stdout: Ray's driver may print actor log lines to stderr
+    monkeypatch.setenv("RAYTWIN_API_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("RAYTWIN_API_KEY", auth["admin"]["Authorization"].split()[1])
+    monkeypatch.setenv("GW_PASSWORD", "cli-secret-value")
+    try:
+        checked = run(connectors_app, ["check", str(good)])
+        assert checked.stdout.strip() == f"{good}: ok (mqtt connector 'cli', 1 route(s))"
+        checked = run(connectors_app, ["check", str(bad)])
+        assert checked.exit_code == 1 and "exactly one of asset_id" in checked.output
+        created = run(connectors_app, ["create", str(good), "--username", "gw", "--password-env", "GW_PASSWORD"])
+        assert created.exit_code == 0, created.output
+        assert "cli-secret-value" not in created.output and json.loads(created.stdout)["spec"]["name"] == "cli"
+        assert json.loads(run(connectors_app, ["pause", "cli"]).stdout)["state"] == "paused"
+        assert "cli\tmqtt\tpaused" in run(connectors_app, ["list"]).stdout
+        assert json.loads(run(connectors_app, ["resume", "cli"]).stdout)["state"] == "running"
+        missing = run(connectors_app, ["status", "nope"])
+        assert missing.exit_code == 1 and "error 404 not_found: no connector 'nope'" in missing.output
+        proposed = json.loads(run(connectors_app, ["commands", "propose", "cli", "pump-2", "setpoint",
+                                                   '{"q_in": 0.1}']).stdout)
+        own = run(connectors_app, ["commands", "approve", proposed["id"]])
+        assert own.exit_code == 1 and "error 409 conflict" in own.output and "four eyes" in own.output
+        listing = run(connectors_app, ["commands", "list", "--asset-id", "pump-2"]).stdout
+        listed = [json.loads(line) for line in listing.splitlines()]
+        assert {c["id"]: c["status"] for c in listed}[proposed["id"]] == "proposed"
+        assert run(connectors_app, ["delete", "cli"]).stdout.strip() == "deleted cli"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

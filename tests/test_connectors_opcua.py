@@ -29,7 +29,7 @@ from connectors.manager import Connectors, InvalidConnector
 from connectors.mapping import DeadLetter
 from connectors.opcua import MappedNode, OpcUaSpec
 from connectors.opcua.session import OpcUaSession
-from connectors.opcua.values import to_event
+from connectors.opcua.values import to_row
 from connectors.sink import Inbound
 from connectors.runtime import actor_name
 from connectors.spec import Credentials
@@ -175,7 +175,7 @@ def test_server_and_connector_restarts_apply_every_change_exactly_once(twins, co
 
     ray.kill(handle, no_restart=True)  # gone for good while the plant keeps changing
     write(restarted, "tank-1", range(40, 45))
-    connectors.handle("acme", "plc")  # started again from its declaration
+    connectors.status("acme", "plc")  # starts it again from its declaration
     wait_for(lambda: settled(connectors, twins, "tank-1", 90), "the changes made during the outage, backfilled")
     restarted.close()
 
@@ -188,7 +188,8 @@ def test_server_and_connector_restarts_apply_every_change_exactly_once(twins, co
 def test_malformed_and_out_of_range_values_go_to_dead_letters_with_node_id(twins, connectors, device, plc):
     device.write("tank-1.h2", "full", T0 + timedelta(seconds=100))
     device.write("tank-2.h1", 5000.0, T0 + timedelta(seconds=100))  # 5 km: beyond [-1, 1000] m
-    wait_for(lambda: len(twins.dead_letters("acme")) >= 2, "two dead letters")
+    device.write("tank-2.q_in", 0.1, datetime.now(UTC) + timedelta(hours=1))  # a controller clock 1 h ahead
+    wait_for(lambda: len(twins.dead_letters("acme")) >= 3, "three dead letters")
     rows = twins.dead_letters("acme").to_pylist()
     by_key = {r["idempotency_key"]: r for r in rows}
     malformed, implausible = by_key["ns=2;s=tank-1.h2"], by_key["ns=2;s=tank-2.h1"]
@@ -196,6 +197,9 @@ def test_malformed_and_out_of_range_values_go_to_dead_letters_with_node_id(twins
         malformed["reason"]
     assert malformed["asset_id"] == "tank-1" and '"node_id": "ns=2;s=tank-1.h2"' in malformed["raw"]
     assert "outside the plausible range" in implausible["reason"] and implausible["asset_id"] == "tank-2"
+    future = by_key["nsu=urn:raytwin:test;s=tank-2.q_in"]
+    assert "opcua://plc/nsu=urn:raytwin:test;s=tank-2.q_in" in future["reason"]
+    assert "after the server's clock" in future["reason"]
     assert revision(twins, "tank-2") == 0
 
 
@@ -258,24 +262,24 @@ NODE = MappedNode(node_id="ns=2;s=tank-1.h1", asset_id="tank-1", measurement="h1
     (ua.Variant([1.0, 2.0], ua.VariantType.Double), ua.StatusCodes.Good, "is not a number"),
     (ua.Variant(float("nan"), ua.VariantType.Double), ua.StatusCodes.Good, "value nan is not finite"),
 ])
-def test_a_value_change_becomes_one_keyed_event_or_a_dead_letter(variant, status, expected):
+def test_a_value_change_becomes_one_keyed_row_or_a_dead_letter(variant, status, expected):
     at = T0 + timedelta(seconds=3, microseconds=250)
-    out = to_event("plc", NODE, ua.DataValue(variant, StatusCode=ua.StatusCode(status), SourceTimestamp=at))
+    out = to_row("plc", NODE, ua.DataValue(variant, StatusCode=ua.StatusCode(status), SourceTimestamp=at))
     if expected is None:
         assert out is None
     elif isinstance(expected, str):
         assert isinstance(out, DeadLetter) and expected in out.reason and out.idempotency_key == NODE.node_id
         assert out.source == "opcua://plc/ns=2;s=tank-1.h1" and out.asset_id == "tank-1"
     else:
-        assert (out.quality, out.measurements["h1"].value) == expected
-        assert (out.event_time, out.sequence, out.idempotency_key) == (at, to_micros(at), NODE.node_id)
+        assert (out["quality"], out["measurements"]["h1"]) == (expected[0], {"value": expected[1], "unit": "m"})
+        assert (out["event_time"], out["sequence"], out["idempotency_key"]) == (at.isoformat(), to_micros(at),
+                                                                                NODE.node_id)
+        assert TelemetryEvent.model_validate(out).event_time == at  # the row is what the contract reads
 
 
-def test_a_value_without_source_timestamp_or_from_the_future_is_dead_lettered():
-    no_time = to_event("plc", NODE, ua.DataValue(ua.Variant(1.0, ua.VariantType.Double)))
-    future = to_event("plc", NODE, ua.DataValue(ua.Variant(1.0, ua.VariantType.Double),
-                                                SourceTimestamp=datetime.now(UTC) + timedelta(hours=1)))
-    assert "no source timestamp" in no_time.reason and "after the server's clock" in future.reason
+def test_a_value_without_source_timestamp_is_dead_lettered():
+    no_time = to_row("plc", NODE, ua.DataValue(ua.Variant(1.0, ua.VariantType.Double)))
+    assert "no source timestamp" in no_time.reason and no_time.idempotency_key == NODE.node_id
 
 
 def test_the_readme_declaration_is_valid():
@@ -318,8 +322,8 @@ def test_backpressure_switches_publishing_off_and_on_again_losing_nothing(server
     acked = [0]
     session = asyncio.run(scenario())
     assert session.backpressure_pauses >= 1
-    keys = [(m.events[0].idempotency_key, m.events[0].event_time) for m in received]
+    keys = [(m.rows[0]["idempotency_key"], m.rows[0]["event_time"]) for m in received]
     assert len(set(keys)) == 60
     for node in STREAMS["tank-2"]:
         times = [t for k, t in keys if k.endswith(node)]
-        assert times == [T0 + timedelta(seconds=k) for k in range(100, 130)]
+        assert times == [(T0 + timedelta(seconds=k)).isoformat() for k in range(100, 130)]

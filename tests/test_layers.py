@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from raytwin.commands import GROUP, CommandRegistrationError, command_entry_points, mount_commands, source_entry_points
 
 ROOT = Path(__file__).resolve().parent.parent
-UPPER_LAYERS = {"actors", "sweeps", "serve_apps", "cluster", "benchmarks", "demo"}
+UPPER_LAYERS = {"actors", "connectors", "sweeps", "serve_apps", "cluster", "benchmarks", "demo"}
 
 
 def _imported_packages(path: Path) -> set[str]:

@@ -32,7 +32,7 @@ from asyncua.common.subscription import Subscription
 
 from connectors.mapping import DeadLetter
 from connectors.opcua.config import CommandNode, MappedNode, OpcUaSpec
-from connectors.opcua.values import source, to_event
+from connectors.opcua.values import source, to_row
 from connectors.sink import Inbound
 from connectors.spec import Credentials
 
@@ -221,13 +221,13 @@ class OpcUaSession:
         node = self._nodes.get(nodeid)
         if node is None:
             return
-        out = to_event(self.spec.name, node, dv)
+        out = to_row(self.spec.name, node, dv)
         if out is None:  # a status without a value: nothing to deliver
             return
-        events, dead = ([], [out]) if isinstance(out, DeadLetter) else ([out], [])
+        rows, dead = ([], [out]) if isinstance(out, DeadLetter) else ([out], [])
         self._received += 1
         ack = functools.partial(self._on_durable, node.node_id, dv.SourceTimestamp)
-        self._handoff.append(Inbound(source(self.spec.name, node), events, dead, ack))
+        self._handoff.append(Inbound(source(self.spec.name, node), rows, dead, ack))
         self._wake.set()
         if self.outstanding() >= self.spec.max_outstanding and not self._held:
             self._held = True
@@ -239,8 +239,10 @@ class OpcUaSession:
     def _on_durable(self, node_id: str, at: datetime | None) -> None:
         """The pump's acknowledgement (its thread): this change is durable (applied, duplicate or dead letter)."""
         self._durable += 1
-        if at is not None and (node_id not in self._newest or at > self._newest[node_id]):
-            self._newest[node_id] = at
+        if at is not None:  # a time ahead of our clock was dead-lettered: it must not move the backfill start
+            at = min(at, datetime.now(UTC))
+            if node_id not in self._newest or at > self._newest[node_id]:
+                self._newest[node_id] = at
         if self._held and self.outstanding() <= self.spec.max_outstanding // 2:
             self._loop.call_soon_threadsafe(self._release)
 

@@ -1,10 +1,13 @@
-"""One OPC UA value change -> one telemetry event, or a dead letter naming the node and the reason.
+"""One OPC UA value change -> one telemetry row (one event), or a dead letter naming the node and the reason.
 
 The event's identity is what makes re-delivery harmless: after a reconnect or a connector restart the
 server sends each monitored item's current value again, with its original source timestamp. The event is
 keyed (event time = source timestamp, sequence = that time in microseconds, idempotency key = the node id
 as configured), so the same value change always yields the same key and the twin counts it as a duplicate,
-while a genuinely new change (a new source timestamp) is a new event.
+while a genuinely new change (a new source timestamp) is a new event. The sink checks rows against the
+`TelemetryEvent` contract column-wise (a time too far in the future, say, is dead-lettered there, with this
+node's source in the reason); what only OPC UA can tell (the value's type, a missing source timestamp) is
+checked here.
 """
 
 from __future__ import annotations
@@ -15,11 +18,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from asyncua import ua
-from pydantic import ValidationError
 
 from connectors.mapping import DeadLetter
 from connectors.opcua.config import MappedNode
-from raytwin.contracts import TelemetryEvent, describe_error
 from raytwin.statestore import to_micros
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -38,10 +39,10 @@ def quality(status: ua.StatusCode) -> str:
     return "good" if status.is_good() else "uncertain" if status.is_uncertain() else "bad"
 
 
-def to_event(connector: str, node: MappedNode, dv: ua.DataValue) -> TelemetryEvent | DeadLetter | None:
-    """The event for one value change, a dead letter, or None for a status without a value (e.g.
-    BadWaitingForInitialData from a controller that has not sampled yet: no reading, nothing malformed).
-    A dead letter's idempotency key is the node id, as an event's would be."""
+def to_row(connector: str, node: MappedNode, dv: ua.DataValue) -> dict[str, Any] | DeadLetter | None:
+    """The telemetry row (JSON-shaped, contract-checked by the sink) for one value change, a dead letter, or
+    None for a status without a value (e.g. BadWaitingForInitialData from a controller that has not sampled
+    yet: no reading, nothing malformed). A dead letter's idempotency key is the node id, as an event's."""
     status = dv.StatusCode or ua.StatusCode()
     variant = dv.Value
     vtype = variant.VariantType if variant is not None else ua.VariantType.Null
@@ -57,17 +58,13 @@ def to_event(connector: str, node: MappedNode, dv: ua.DataValue) -> TelemetryEve
     ts = dv.SourceTimestamp
     if ts is None:
         return _dead(connector, node, "the value has no source timestamp (event time); configure the server to "
-                        "send source timestamps", raw)
+                     "send source timestamps", raw)
     ts = ts if ts.tzinfo else ts.replace(tzinfo=UTC)  # OPC UA times are UTC
     if ts < EPOCH:
         return _dead(connector, node, f"source timestamp {ts.isoformat()} is before 1970", raw)
-    try:
-        return TelemetryEvent(asset_id=node.asset_id, event_time=ts, sequence=to_micros(ts), idempotency_key=node.node_id,
-                              measurements={node.measurement: {"value": float(value), "unit": node.unit}},
-                              quality=quality(status))
-    except ValidationError as exc:
-        return _dead(connector, node, describe_error(exc), raw)
-
+    return {"asset_id": node.asset_id, "event_time": ts.isoformat(), "sequence": to_micros(ts),
+            "idempotency_key": node.node_id, "quality": quality(status),
+            "measurements": {node.measurement: {"value": float(value), "unit": node.unit}}}
 
 
 def _dead(connector: str, node: MappedNode, reason: str, raw: dict[str, Any]) -> DeadLetter:

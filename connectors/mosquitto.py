@@ -1,9 +1,10 @@
-"""A real Mosquitto broker for the tests: started, stopped mid-stream and restarted with its data.
+"""A local Mosquitto broker process for development, the tests and the benchmark.
 
-Mosquitto comes from the Debian package; on a fresh machine without it (CI runs `./dev test` as
-root) `mosquitto_binary` installs it with apt-get. The broker keeps its sessions and queued
-messages on disk (`persistence true`), which it writes when it is stopped (SIGTERM): a stop and
-restart then loses nothing, so the tests can show that RayTwin loses nothing either.
+Mosquitto comes from the Debian package (`apt-get install mosquitto`); on a fresh machine without
+it `mosquitto_binary(install=True)` installs it with apt-get when run as root (CI runs `./dev
+test` as root). The broker keeps its sessions and queued messages on disk (`persistence true`),
+which it writes when it is stopped (SIGTERM): a stop and restart then loses nothing, so the tests
+can show that RayTwin loses nothing either.
 """
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ from pathlib import Path
 START_TIMEOUT_S = 20.0
 
 
-def mosquitto_binary() -> str:
-    """The `mosquitto` executable, installed with apt-get when missing (root, Debian/Ubuntu)."""
+def mosquitto_binary(install: bool = False) -> str:
+    """The `mosquitto` executable; `install`: apt-get it when missing (as root, on Debian/Ubuntu)."""
     found = shutil.which("mosquitto") or next((p for p in ("/usr/sbin/mosquitto",) if os.path.exists(p)), None)
     if found:
         return found
-    if os.geteuid() == 0 and shutil.which("apt-get"):
+    if install and os.geteuid() == 0 and shutil.which("apt-get"):
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         if subprocess.run(["apt-get", "install", "-y", "-q", "mosquitto"], env=env, capture_output=True).returncode:
             subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, check=True)
@@ -33,22 +34,23 @@ def mosquitto_binary() -> str:
         found = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         if os.path.exists(found):
             return found
-    raise RuntimeError("the MQTT tests need the mosquitto broker: `apt-get install mosquitto` (Debian/Ubuntu) "
-                       "or `brew install mosquitto`, then rerun")
+    raise RuntimeError("no mosquitto broker found: `apt-get install mosquitto` (Debian/Ubuntu) or "
+                       "`brew install mosquitto`, then rerun")
 
 
 class Mosquitto:
     """One broker process on a loopback port, with persistence in `directory`."""
 
-    def __init__(self, directory: Path, port: int):
+    def __init__(self, directory: Path, port: int, install: bool = False, max_inflight: int = 20):
+        """`max_inflight`: unacknowledged QoS 1 messages per MQTT 3.1.1 client (Mosquitto's default 20)."""
         self.directory, self.port = directory, port
         self.config = directory / "mosquitto.conf"
         self.config.write_text(
             f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
-            f"persistence_location {directory}/\nmax_queued_messages 0\nmax_inflight_messages 20\n"
+            f"persistence_location {directory}/\nmax_queued_messages 0\nmax_inflight_messages {max_inflight}\n"
             f"log_dest file {directory}/mosquitto.log\n"
             f"user {getpass.getuser()}\n")  # started as root it would switch to `mosquitto`, who cannot write here
-        self.binary = mosquitto_binary()
+        self.binary = mosquitto_binary(install)
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
@@ -57,7 +59,8 @@ class Mosquitto:
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"mosquitto exited with {self.process.returncode}; see {self.directory}/mosquitto.log")
+                raise RuntimeError(f"mosquitto exited with {self.process.returncode}; "
+                                   f"see {self.directory}/mosquitto.log")
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
                 return

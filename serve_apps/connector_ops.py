@@ -1,0 +1,118 @@
+"""The backend's side of the connector and command routes: `connectors.manager.Connectors` with the
+API's errors (404 for anything of another tenant, 422 for declarations that cannot work, 409 for
+command transitions that are not allowed) and the connectors declared in the service's config.
+
+Declared connectors (`ServeConfig.connectors`) take their credentials from environment variables
+of the backend replica (`credentials_env`, e.g. from a Kubernetes Secret), never from the config.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+
+from connectors.commands import CommandError, UnknownCommand
+from connectors.kinds import UnknownKind
+from connectors.manager import Connectors, InvalidConnector
+from connectors.spec import Credentials, UnknownConnector
+from raytwin.contracts import describe_error
+from serve_apps.errors import Conflict, NotFound, Unprocessable
+
+if TYPE_CHECKING:
+    from actors.service import TwinService
+
+log = logging.getLogger("raytwin.serve.connectors")
+
+
+def _api_errors(call: Callable[..., Any]) -> Callable[..., Any]:
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return call(*args, **kwargs)
+        except (UnknownConnector, UnknownCommand, PermissionError) as exc:
+            raise NotFound(str(exc)) from None
+        except ValidationError as exc:
+            raise Unprocessable(f"connector: {describe_error(exc)}") from None
+        except (InvalidConnector, UnknownKind) as exc:
+            raise Unprocessable(str(exc)) from None
+        except CommandError as exc:
+            raise Conflict(str(exc)) from None
+    wrapped.__doc__ = call.__doc__
+    return wrapped
+
+
+class ConnectorOps:
+    """What the `Backend` deployment runs for the routes (results as JSON-ready dicts)."""
+
+    OPS = frozenset({"create", "pause", "resume", "view", "list_all", "delete", "propose", "approve", "refuse",
+                     "commands", "command", "statuses"})
+
+    def __init__(self, twins: TwinService, declared: list[dict[str, Any]]):
+        self.connectors = Connectors(twins.router, twins.assets)
+        for declaration in declared:
+            self._declare(declaration)
+
+    def _declare(self, declaration: dict[str, Any]) -> None:
+        spec = {k: v for k, v in declaration.items() if k != "credentials_env"}
+        env = declaration.get("credentials_env") or {}
+        missing = sorted(v for v in env.values() if v not in os.environ)
+        if missing:
+            raise ValueError(f"connector {spec.get('name')!r}: set the environment variable(s) {missing} "
+                             "on the backend replica (they hold its credentials)")
+        self.connectors.create(spec, Credentials(**{field: os.environ[var] for field, var in env.items()}))
+
+    @_api_errors
+    def create(self, tenant: str, spec: dict[str, Any], credentials: Credentials | None) -> dict[str, Any]:
+        created = self.connectors.create({**spec, "tenant": tenant}, credentials)
+        return self.view(tenant, created.name) | {"status": created.model_dump(mode="json")}
+
+    @_api_errors
+    def view(self, tenant: str, name: str) -> dict[str, Any]:
+        """The declaration and status (never the credentials: they are not part of a spec)."""
+        return {"spec": self.connectors.spec(tenant, name).model_dump(mode="json"),
+                "status": self.connectors.status(tenant, name).model_dump(mode="json")}
+
+    @_api_errors
+    def list_all(self, tenant: str) -> list[dict[str, Any]]:
+        return [self.connectors.status(tenant, name).model_dump(mode="json") for name in self.connectors.names(tenant)]
+
+    @_api_errors
+    def pause(self, tenant: str, name: str) -> dict[str, Any]:
+        return self.connectors.pause(tenant, name).model_dump(mode="json")
+
+    @_api_errors
+    def resume(self, tenant: str, name: str) -> dict[str, Any]:
+        return self.connectors.resume(tenant, name).model_dump(mode="json")
+
+    @_api_errors
+    def delete(self, tenant: str, name: str) -> None:
+        self.connectors.delete(tenant, name)
+
+    @_api_errors
+    def propose(self, tenant: str, connector: str, asset_id: str, name: str, value: dict[str, Any],
+                by: str) -> dict[str, Any]:
+        return self.connectors.propose(tenant, connector, asset_id, name, value, by).model_dump(mode="json")
+
+    @_api_errors
+    def approve(self, tenant: str, command_id: str, by: str) -> dict[str, Any]:
+        return self.connectors.approve(tenant, command_id, by).model_dump(mode="json")
+
+    @_api_errors
+    def refuse(self, tenant: str, command_id: str, by: str, reason: str) -> dict[str, Any]:
+        return self.connectors.refuse(tenant, command_id, by, reason).model_dump(mode="json")
+
+    @_api_errors
+    def commands(self, tenant: str, asset_id: str | None) -> list[dict[str, Any]]:
+        return [c.model_dump(mode="json") for c in self.connectors.commands(tenant, asset_id)]
+
+    @_api_errors
+    def command(self, tenant: str, command_id: str) -> dict[str, Any]:
+        return self.connectors.command(tenant, command_id).model_dump(mode="json")
+
+    def statuses(self) -> list[dict[str, Any]]:
+        """Every tenant's connectors (for /metrics)."""
+        return [self.connectors.status(t, n).model_dump(mode="json")
+                for t in self.connectors.store.tenants() for n in self.connectors.names(t)]

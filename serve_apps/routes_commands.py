@@ -1,0 +1,78 @@
+"""Routes for commands back to assets: propose, approve (which sends), refuse, list with acknowledgements.
+
+A writer proposes; an admin other than the proposer approves, and the command is then published
+once through its connector with a correlation id; the asset's acknowledgement (or the failure)
+is recorded on the command. Another tenant's command or asset is a 404.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from connectors.commands import Command, CommandValue
+from raytwin.contracts import Identifier
+from serve_apps.auth import Principal
+from serve_apps.json_route import JsonRoute
+from serve_apps.deps import ADMIN, READER, SVC, WRITER, Services
+
+
+class CommandProposal(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    connector: Identifier = Field(description="The connector that reaches the asset")
+    asset_id: Identifier
+    name: Identifier = Field(description="What to do, e.g. `setpoint`")
+    value: CommandValue = Field(description="Its arguments, e.g. `{\"T_set\": 294.0}`")
+
+
+class Refusal(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: Annotated[str, Field(min_length=1, max_length=500)]
+
+
+router = APIRouter(prefix="/v1/commands", tags=["commands"], route_class=JsonRoute)
+
+
+@router.post("", response_model=Command, status_code=201)
+async def propose_command(body: CommandProposal, request: Request, who: Principal = WRITER,
+                          svc: Services = SVC) -> Any:
+    """Record a command for one of this tenant's assets; nothing is sent before an approval."""
+    command = await svc.backend.call("connector", "propose", who.tenant, body.connector, body.asset_id, body.name,
+                                     body.value, who.key_id)
+    await svc.record(request, who, "command.propose", command["id"], asset_id=body.asset_id, name=body.name,
+                     value=body.value, correlation_id=command["correlation_id"])
+    return command
+
+
+@router.post("/{command_id}/approve", response_model=Command)
+async def approve_command(command_id: str, request: Request, who: Principal = ADMIN, svc: Services = SVC) -> Any:
+    """Approve (another key than the proposer's) and send once: the answer is `sent` or `failed`;
+    an approved, sent or failed command cannot be approved again (409)."""
+    command = await svc.backend.call("connector", "approve", who.tenant, command_id, who.key_id)
+    await svc.record(request, who, "command.approve", command_id, status=command["status"],
+                     correlation_id=command["correlation_id"])
+    return command
+
+
+@router.post("/{command_id}/refuse", response_model=Command)
+async def refuse_command(command_id: str, body: Refusal, request: Request, who: Principal = ADMIN,
+                         svc: Services = SVC) -> Any:
+    command = await svc.backend.call("connector", "refuse", who.tenant, command_id, who.key_id, body.reason)
+    await svc.record(request, who, "command.refuse", command_id, reason=body.reason)
+    return command
+
+
+@router.get("", response_model=list[Command])
+async def list_commands(asset_id: Annotated[str | None, Query()] = None, who: Principal = READER,
+                        svc: Services = SVC) -> Any:
+    """The tenant's commands, oldest first, each with its history and the asset's acknowledgement."""
+    return await svc.backend.call("connector", "commands", who.tenant, asset_id)
+
+
+@router.get("/{command_id}", response_model=Command)
+async def get_command(command_id: str, who: Principal = READER, svc: Services = SVC) -> Any:
+    return await svc.backend.call("connector", "command", who.tenant, command_id)

@@ -1,0 +1,79 @@
+"""Routes for connectors to device protocols: create, list, inspect, pause, resume, delete.
+
+Credentials are write-only: accepted on create, stored apart from the declaration, never in an
+answer, an audit record or a log line. A connector belongs to the caller's tenant; another
+tenant's connector is a 404, like a missing one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from connectors.runtime import ConnectorStatus
+from connectors.spec import Credentials
+from serve_apps.auth import Principal
+from serve_apps.json_route import JsonRoute
+from serve_apps.deps import ADMIN, READER, SVC, Services
+
+
+class ConnectorCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    spec: dict[str, Any] = Field(description="The declaration (e.g. an MQTT connector: `kind: mqtt`, `broker`, "
+                                 "`routes`, `ack_topic`; see connectors/README.md). Its tenant is the caller's.")
+    credentials: Credentials | None = Field(None, description="Write-only: never returned.")
+
+
+class ConnectorView(BaseModel):
+    spec: dict[str, Any] = Field(description="The declaration, without credentials")
+    status: ConnectorStatus
+
+
+router = APIRouter(prefix="/v1/connectors", tags=["connectors"], route_class=JsonRoute)
+
+
+@router.post("", response_model=ConnectorView, status_code=201)
+async def create_connector(body: ConnectorCreate, request: Request, who: Principal = ADMIN,
+                           svc: Services = SVC) -> Any:
+    """Check the declaration (its routes' assets must be this tenant's twins), store it and start the
+    connector (one of the same name is replaced and restarted)."""
+    view = await svc.backend.call("connector", "create", who.tenant, body.spec, body.credentials)
+    await svc.record(request, who, "connector.create", view["spec"]["name"], kind=view["spec"]["kind"],
+                     credentials=body.credentials is not None)
+    return view
+
+
+@router.get("", response_model=list[ConnectorStatus])
+async def list_connectors(who: Principal = READER, svc: Services = SVC) -> Any:
+    return await svc.backend.call("connector", "list_all", who.tenant)
+
+
+@router.get("/{name}", response_model=ConnectorView)
+async def get_connector(name: str, who: Principal = READER, svc: Services = SVC) -> Any:
+    """The declaration and status: connected, messages, pending (lag in messages), lag_s, error counts."""
+    return await svc.backend.call("connector", "view", who.tenant, name)
+
+
+@router.post("/{name}/pause", response_model=ConnectorStatus)
+async def pause_connector(name: str, request: Request, who: Principal = ADMIN, svc: Services = SVC) -> Any:
+    """Stop receiving; the source keeps what arrives meanwhile (an MQTT persistent session)."""
+    status = await svc.backend.call("connector", "pause", who.tenant, name)
+    await svc.record(request, who, "connector.pause", name)
+    return status
+
+
+@router.post("/{name}/resume", response_model=ConnectorStatus)
+async def resume_connector(name: str, request: Request, who: Principal = ADMIN, svc: Services = SVC) -> Any:
+    status = await svc.backend.call("connector", "resume", who.tenant, name)
+    await svc.record(request, who, "connector.resume", name)
+    return status
+
+
+@router.delete("/{name}", status_code=204)
+async def delete_connector(name: str, request: Request, who: Principal = ADMIN, svc: Services = SVC) -> Response:
+    await svc.backend.call("connector", "delete", who.tenant, name)
+    await svc.record(request, who, "connector.delete", name)
+    return Response(status_code=204)
