@@ -186,10 +186,11 @@ def test_server_and_connector_restarts_apply_every_change_exactly_once(twins, co
 
 
 def test_malformed_and_out_of_range_values_go_to_dead_letters_with_node_id(twins, connectors, device, plc):
+    before = connectors.status("acme", "plc").acknowledged
     device.write("tank-1.h2", "full", T0 + timedelta(seconds=100))
     device.write("tank-2.h1", 5000.0, T0 + timedelta(seconds=100))  # 5 km: beyond [-1, 1000] m
     device.write("tank-2.q_in", 0.1, datetime.now(UTC) + timedelta(hours=1))  # a controller clock 1 h ahead
-    wait_for(lambda: len(twins.dead_letters("acme")) >= 3, "three dead letters")
+    wait_for(lambda: connectors.status("acme", "plc").acknowledged >= before + 3, "the three changes durable")
     rows = twins.dead_letters("acme").to_pylist()
     by_key = {r["idempotency_key"]: r for r in rows}
     malformed, implausible = by_key["ns=2;s=tank-1.h2"], by_key["ns=2;s=tank-2.h1"]
@@ -204,7 +205,8 @@ def test_malformed_and_out_of_range_values_go_to_dead_letters_with_node_id(twins
 
 
 def test_paused_connector_gets_the_changes_queued_by_the_server(twins, connectors, device, plc):
-    """Paused = publishing off: the server keeps each item's changes (up to queue_size) until resume."""
+    """Paused = publishing off: the server keeps each item's changes (up to queue_size) until resume. The first
+    inflow reading repeats the value the node holds (0.1, from the test above): a new sample all the same."""
     assert connectors.pause("acme", "plc").state.value == "paused"
     write(device, "tank-2", range(0, 10))
     assert connectors.resume("acme", "plc").state.value == "running"
@@ -292,6 +294,7 @@ def test_backpressure_switches_publishing_off_and_on_again_losing_nothing(server
     """With `max_outstanding` changes not yet durable the connector switches publishing off; once they are
     durable it switches it on again (else the second wave would never arrive); every change arrives once."""
     spec = OpcUaSpec.model_validate(plc_spec(server.endpoint, max_outstanding=4, backfill_s=0))
+    since = (T0 + timedelta(seconds=100)).isoformat()
     received: list[Inbound] = []
 
     async def until(condition) -> None:
@@ -299,6 +302,11 @@ def test_backpressure_switches_publishing_off_and_on_again_losing_nothing(server
         while not condition():
             assert time.monotonic() < deadline, "the connector did not get there"
             await asyncio.sleep(0.02)
+
+    def written() -> list[tuple[str, str]]:
+        """(node id, source time) of the changes this test wrote (each node's current value comes first)."""
+        rows = [m.rows[0] for m in received if m.rows]
+        return [(r["idempotency_key"], r["event_time"]) for r in rows if r["event_time"] >= since]
 
     def ack_all() -> None:
         for m in received[acked[0]:]:
@@ -314,7 +322,7 @@ def test_backpressure_switches_publishing_off_and_on_again_losing_nothing(server
         ack_all()
         await until(lambda: not session.held)
         await asyncio.to_thread(write, device, "tank-2", range(110, 130))
-        await until(lambda: ack_all() or (len(received) == 60 and session.outstanding() == 0))  # acking as they come
+        await until(lambda: ack_all() or (len(written()) == 60 and session.outstanding() == 0))  # ack as they come
         session.stop()
         await run
         return session
@@ -322,7 +330,7 @@ def test_backpressure_switches_publishing_off_and_on_again_losing_nothing(server
     acked = [0]
     session = asyncio.run(scenario())
     assert session.backpressure_pauses >= 1
-    keys = [(m.rows[0]["idempotency_key"], m.rows[0]["event_time"]) for m in received]
+    keys = written()
     assert len(set(keys)) == 60
     for node in STREAMS["tank-2"]:
         times = [t for k, t in keys if k.endswith(node)]

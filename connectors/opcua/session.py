@@ -164,18 +164,28 @@ class OpcUaSession:
             MaxNotificationsPerPublish=spec.batch_size, PublishingEnabled=not (self._paused or self._held), Priority=0)
         self._publishing = params.PublishingEnabled
         self._sub = await client.create_subscription(params, _Handler(self))
-        nodes = [client.get_node(nid) for nid in self._nodes]
-        results = await self._sub.subscribe_data_change(nodes, queuesize=spec.queue_size,
-                                                        sampling_interval=spec.sampling_interval_ms)
-        for node, result in zip(nodes, results):
+        results = await self._sub.create_monitored_items(
+            [self._monitored_item(nid, handle) for handle, nid in enumerate(self._nodes, start=1)])
+        for nid, result in zip(self._nodes, results):
             if isinstance(result, ua.StatusCode):
-                self._error(f"node {self._nodes[node.nodeid].node_id} cannot be monitored: {result.name}")
+                self._error(f"node {self._nodes[nid].node_id} cannot be monitored: {result.name}")
         self.state = "connected"
         await self._apply_publishing()  # in case pause or backpressure changed while the subscription was created
         if spec.backfill_s:
             await self._backfill()
         log.info("event=opcua_connected tenant=%s connector=%s endpoint=%s items=%d", spec.tenant, spec.name,
-                 spec.endpoint, len(nodes))
+                 spec.endpoint, len(self._nodes))
+
+    def _monitored_item(self, nid: ua.NodeId, handle: int) -> ua.MonitoredItemCreateRequest:
+        """A monitored item reporting every new sample: the trigger StatusValueTimestamp makes a new source
+        timestamp a change even when the value repeats (OPC UA's default, StatusValue, would drop a reading
+        equal to the previous one, and the twin would miss an event)."""
+        params = ua.MonitoringParameters(
+            ClientHandle=handle, SamplingInterval=self.spec.sampling_interval_ms, QueueSize=self.spec.queue_size,
+            DiscardOldest=True, Filter=ua.DataChangeFilter(Trigger=ua.DataChangeTrigger.StatusValueTimestamp))
+        return ua.MonitoredItemCreateRequest(
+            ItemToMonitor=ua.ReadValueId(NodeId=nid, AttributeId=ua.AttributeIds.Value),
+            MonitoringMode=ua.MonitoringMode.Reporting, RequestedParameters=params)
 
     async def _backfill(self) -> None:
         """Read what each node's history holds since the newest change made durable here (after a restart of
