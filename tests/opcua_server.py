@@ -7,7 +7,8 @@ Every `--node NAME` is a writable variable `ns=<ns>;s=NAME` (namespace `urn:rayt
 starts without a value (status BadWaitingForInitialData), like a controller that has not sampled yet; a restarted
 server starts that way again. `--readonly NAME` is a variable clients may not write. With `--user`, only that
 username and password may open a session. With `--history`, every variable's changes are historized in memory
-(HistoryRead serves them until the process ends). Prints `READY <namespace index>` once it listens, then serves until killed.
+(HistoryRead serves them until the process ends). Prints `READY <namespace index>` once it listens, then serves
+until killed.
 """
 
 from __future__ import annotations

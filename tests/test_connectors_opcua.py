@@ -122,7 +122,8 @@ def connectors(twins):
 
 
 def plc_spec(endpoint: str, **overrides) -> dict:
-    nodes = [{"node_id": f"ns=2;s={asset}.h1", "asset_id": asset, "measurement": "h1", "unit": "m"} for asset in STREAMS]
+    nodes = [{"node_id": f"ns=2;s={asset}.h1", "asset_id": asset, "measurement": "h1", "unit": "m"}
+             for asset in STREAMS]
     nodes += [{"node_id": f"nsu=urn:raytwin:test;s={asset}.q_in", "asset_id": asset, "measurement": "q_in",
                "unit": "L/s"} for asset in STREAMS]
     nodes += [{"node_id": "ns=2;s=tank-1.h2", "asset_id": "tank-1", "measurement": "h2", "unit": "m"}]
@@ -131,8 +132,8 @@ def plc_spec(endpoint: str, **overrides) -> dict:
                 {"asset_id": "tank-1", "name": "lock", "node_id": "ns=2;s=tank-1.locked",
                  "correlation_node_id": "ns=2;s=tank-1.locked.id", "unit": "m^3/s"}]
     spec = {"name": "plc", "tenant": "acme", "kind": "opcua", "endpoint": endpoint, "linger_s": 0.05,
-            "publishing_interval_ms": 50, "backfill_s": 3600, "backoff_initial_s": 0.2, "backoff_max_s": 1.0, "nodes": nodes,
-            "commands": commands}
+            "publishing_interval_ms": 50, "backfill_s": 3600, "backoff_initial_s": 0.2, "backoff_max_s": 1.0,
+            "nodes": nodes, "commands": commands}
     return {**spec, **overrides}
 
 
@@ -224,7 +225,8 @@ def test_commands_are_written_with_correlation_id_once_and_acknowledged(connecto
     connectors.approve("acme", command.id, by="bob")
     done = wait_for(lambda: (c := connectors.command("acme", command.id)).status is CommandStatus.acknowledged and c,
                     "the write acknowledged")
-    assert device.read("tank-1.q_set") == pytest.approx(0.0025) and device.read("tank-1.q_set.id") == command.correlation_id
+    assert device.read("tank-1.q_set") == pytest.approx(0.0025)  # 2.5 L/s in the node's m^3/s
+    assert device.read("tank-1.q_set.id") == command.correlation_id
     assert "Good" in done.ack["detail"]
     with pytest.raises(CommandError, match="only a proposed command can be approved"):
         connectors.approve("acme", command.id, by="carol")

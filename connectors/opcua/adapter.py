@@ -101,8 +101,8 @@ class OpcUaKind:
         used = sorted({n.asset_id for n in spec.nodes} | {c.asset_id for c in spec.commands})
         return [f"asset {a!r} is not a registered twin of tenant {spec.tenant!r}" for a in used if a not in assets]
 
-    def adapter(self, spec: OpcUaSpec, credentials: Credentials, put: Callable[[Inbound], None],  # type: ignore[override]
-                on_ack: AckHandler) -> OpcUaAdapter:
+    def adapter(self, spec: OpcUaSpec, credentials: Credentials,  # type: ignore[override]
+                put: Callable[[Inbound], None], on_ack: AckHandler) -> OpcUaAdapter:
         return OpcUaAdapter(spec, credentials, put, on_ack)
 
 
