@@ -14,7 +14,7 @@ from connectors.commands import Command
 from connectors.sink import Inbound
 from connectors.spec import ConnectorSpec, Credentials
 
-KINDS: dict[str, str] = {"mqtt": "connectors.mqtt:MQTT"}
+KINDS: dict[str, str] = {"mqtt": "connectors.mqtt:MQTT", "opcua": "connectors.opcua:OPCUA"}
 """kind name -> `module:attribute` of its `Kind` (OPC UA registers ``"opcua"`` here)."""
 
 AckHandler = Callable[[str, dict[str, Any]], None]

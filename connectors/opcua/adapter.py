@@ -1,0 +1,109 @@
+"""The OPC UA connector kind: an adapter that runs an `OpcUaSession` on its own event-loop thread.
+
+The connector runtime (`connectors.runtime`) calls the adapter from its actor's thread; asyncua is
+asyncio-only, so every call is handed to the adapter's loop and waited for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from connectors.commands import Command
+from connectors.kinds import AckHandler
+from connectors.opcua.config import OpcUaSpec
+from connectors.opcua.session import OpcUaSession
+from connectors.sink import Inbound
+from connectors.spec import Credentials
+from raytwin import units
+
+STOP_TIMEOUT_S = 30.0
+
+
+class OpcUaAdapter:
+    """One OPC UA session in a daemon thread: monitored items into the pump, commands written to nodes."""
+
+    def __init__(self, spec: OpcUaSpec, credentials: Credentials, put: Callable[[Inbound], None], on_ack: AckHandler):
+        self.spec, self.credentials, self.put, self.on_ack = spec, credentials, put, on_ack
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name=f"opcua-{spec.name}", daemon=True)
+        self._thread.start()
+        self._session: OpcUaSession | None = None
+        self._run: asyncio.Future | None = None
+
+    @property
+    def errors(self) -> int:
+        return self._session.errors if self._session else 0
+
+    @property
+    def last_error(self) -> str | None:
+        return self._session.last_error if self._session else None
+
+    def _call(self, coro: Any, timeout: float | None = None) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    def start(self) -> None:
+        async def begin() -> None:
+            self._session = OpcUaSession(self.spec, self.credentials, self.put)
+            self._run = asyncio.ensure_future(self._session.run())
+        if self._session is None:
+            self._call(begin())
+
+    def pause(self) -> None:
+        """Switch publishing off: the server keeps new values in each item's queue until `resume`."""
+        if self._session is not None:
+            self._call(self._session.set_paused(True))
+
+    def resume(self) -> None:
+        if self._session is None:
+            self.start()  # declared paused when the connector (re)started: nothing was connected yet
+        self._call(self._session.set_paused(False))
+
+    def stop(self) -> None:
+        """Close the session; the thread ends. Value changes not yet durable are not re-sent by the server
+        (only each item's current value is, on the next connect)."""
+        async def end() -> None:
+            if self._session is not None:
+                self._session.stop()
+                await self._run
+        if self._thread.is_alive():
+            self._call(end(), STOP_TIMEOUT_S)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(STOP_TIMEOUT_S)
+
+    def connected(self) -> bool:
+        return self._session is not None and self._session.connected()
+
+    def send(self, command: Command) -> None:
+        """Write the command's `value` (in its `unit`, default the node's) and correlation id to the declared
+        nodes; returns once the server accepted both, then records that as the acknowledgement."""
+        target = self.spec.command(command.asset_id, command.name)
+        if "value" not in command.value or isinstance(command.value["value"], bool | str):
+            raise ValueError(f"an OPC UA command needs a numeric 'value' (and optionally a 'unit'), got "
+                             f"{sorted(command.value)}")
+        unit = str(command.value.get("unit", target.unit))
+        value = units.to_unit(float(command.value["value"]), unit, target.unit)
+        if self._session is None:
+            raise ConnectionError(f"connector {self.spec.name!r} is paused; resume it to send commands")
+        detail = self._call(self._session.write_command(target, command.correlation_id, value),
+                            self.spec.request_timeout_s * 2)
+        # recorded after `send` returns (the runtime holds its command lock until then), off this thread
+        threading.Thread(target=self.on_ack, args=(command.correlation_id, {"status": "ok", "detail": detail}),
+                         name=f"opcua-ack-{command.correlation_id[:8]}", daemon=True).start()
+
+
+class OpcUaKind:
+    spec_type = OpcUaSpec
+
+    def problems(self, spec: OpcUaSpec, assets: set[str]) -> list[str]:  # type: ignore[override]
+        used = sorted({n.asset_id for n in spec.nodes} | {c.asset_id for c in spec.commands})
+        return [f"asset {a!r} is not a registered twin of tenant {spec.tenant!r}" for a in used if a not in assets]
+
+    def adapter(self, spec: OpcUaSpec, credentials: Credentials,  # type: ignore[override]
+                put: Callable[[Inbound], None], on_ack: AckHandler) -> OpcUaAdapter:
+        return OpcUaAdapter(spec, credentials, put, on_ack)
+
+
+OPCUA = OpcUaKind()

@@ -1,0 +1,118 @@
+"""The declaration of an OPC UA connector: endpoint, node mapping, command nodes, limits.
+
+Validated when the connector is created, so a typo in a node id, a unit or a duplicated mapping fails at
+start with the offending entry named, not as silently missing telemetry hours later. Credentials are not
+part of it (`connectors.spec.Credentials`, kept apart and never returned).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
+
+from asyncua import ua
+from pydantic import AfterValidator, Field, field_validator, model_validator
+
+from connectors.mapping import FrozenSpec
+from connectors.spec import ConnectorSpec
+from raytwin.contracts import Identifier, Unit
+
+
+def _node_id(text: str) -> str:
+    """A node id as OPC UA writes it (`ns=2;s=Pump.Speed`, `nsu=urn:plant;i=1001`); kept as text (it is
+    the events' idempotency key) and parsed here only to refuse typos early."""
+    if not 1 <= len(text) <= 256:
+        raise ValueError(f"node id {text[:40]!r} must have 1-256 characters (it is the events' idempotency key)")
+    try:
+        ua.NodeId.from_string(text)
+    except Exception as exc:  # asyncua raises several types for malformed text
+        raise ValueError(f"{text!r} is not an OPC UA node id (e.g. 'ns=2;s=Pump.Speed' or "
+                         f"'nsu=urn:plant;i=1001'): {exc}") from None
+    return text
+
+
+NodeIdText = Annotated[str, AfterValidator(_node_id)]
+
+
+class MappedNode(FrozenSpec):
+    """A monitored variable: each change of its value is one measurement of one asset."""
+
+    node_id: NodeIdText
+    asset_id: Identifier
+    measurement: Identifier
+    unit: Unit
+
+
+class CommandNode(FrozenSpec):
+    """Where command `name` for `asset_id` is written: `node_id` takes the value (in `unit`), and
+    `correlation_node_id` (a string variable) the command's correlation id, in the same Write request, so the
+    controller knows which command it executes and an operator can see which one was written last."""
+
+    asset_id: Identifier
+    name: Identifier
+    node_id: NodeIdText
+    correlation_node_id: NodeIdText
+    unit: Unit
+
+
+class OpcUaSpec(ConnectorSpec):
+    """One OPC UA server, the nodes monitored on it and the command nodes that may be written."""
+
+    kind: Literal["opcua"] = "opcua"
+    endpoint: str = Field(description="opc.tcp://host:port/path (credentials go to Credentials, never the URL)")
+    security: str | None = Field(None, description="asyncua security string, e.g. "
+                                 "'Basic256Sha256,SignAndEncrypt,client.der,client.pem' (None: no security)")
+    nodes: Annotated[list[MappedNode], Field(min_length=1)]
+    commands: list[CommandNode] = []
+    publishing_interval_ms: Annotated[float, Field(gt=0)] = 100.0
+    sampling_interval_ms: Annotated[float, Field(ge=0, description="0: the server's fastest")] = 0.0
+    queue_size: Annotated[int, Field(ge=1, le=100_000, description="server-side queue per monitored item")] = 1000
+    max_outstanding: Annotated[int, Field(ge=1, description="value changes received and not yet durable before "
+                                          "publishing is paused (backpressure)")] = 10_000
+    backfill_s: Annotated[float, Field(ge=0, description=(
+        "after every (re)connect, read the nodes' history (HistoryRead) for the changes made while no "
+        "subscription existed: since the newest change made durable, or after a connector restart since "
+        "this many seconds before each node's current value; 0: no backfill (servers without history)"))] = 0.0
+    backoff_initial_s: Annotated[float, Field(gt=0)] = 0.5
+    backoff_max_s: Annotated[float, Field(gt=0)] = 30.0
+    session_timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    request_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme != "opc.tcp" or not parts.hostname:
+            raise ValueError(f"endpoint {v!r} is not an opc.tcp://host:port/... URL")
+        if parts.username or parts.password:
+            raise ValueError("put the username and password in the connector's credentials, not in the endpoint "
+                             "URL (URLs are logged and returned)")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> OpcUaSpec:
+        if self.backoff_max_s < self.backoff_initial_s:
+            raise ValueError("backoff_max_s must be >= backoff_initial_s")
+        _unique("node_id", [n.node_id for n in self.nodes])
+        _unique("(asset_id, measurement)", [(n.asset_id, n.measurement) for n in self.nodes])
+        _unique("(asset_id, name) of commands", [(c.asset_id, c.name) for c in self.commands])
+        return self
+
+    def command(self, asset_id: str, name: str) -> CommandNode:
+        """The declared command node, or `LookupError` (commands go only to declared nodes)."""
+        for c in self.commands:
+            if (c.asset_id, c.name) == (asset_id, name):
+                return c
+        raise LookupError(f"connector {self.name!r} declares no command {name!r} for asset {asset_id!r}; "
+                          f"declared: {sorted((c.asset_id, c.name) for c in self.commands)}")
+
+
+def _unique(what: str, keys: list) -> None:
+    seen: set = set()
+    dup = []
+    for k in keys:
+        if k in seen and k not in dup:
+            dup.append(k)
+        seen.add(k)
+    if dup:
+        raise ValueError(f"duplicate {what}: {dup[:5]}; each may be mapped once")

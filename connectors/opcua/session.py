@@ -1,0 +1,322 @@
+"""The OPC UA client side of a connector: one session to one server, its monitored items, commands.
+
+Why this shape:
+- **Reconnect with backoff.** Any loss (server restart, network, refused session) tears the session down and
+  reconnects after `backoff_initial_s`, doubling up to `backoff_max_s` (with jitter, so a fleet of connectors
+  does not hammer a restarted server in step), the first connection included. A new subscription makes the
+  server send every item's current value again: re-deliveries with their original source timestamps, which
+  the twins count as duplicates (`connectors.opcua.values`).
+- **Backfill.** Changes made while no subscription existed are not queued by OPC UA; with `backfill_s` the
+  session reads them from the nodes' history (HistoryRead) after subscribing (overlap, not a gap).
+- **Bounded memory, no silent drops.** asyncua's publish loop must never block, so value changes are handed
+  to the pump (`put`, which blocks when the pump is full) by one feeder task through a worker thread, in
+  order. When `max_outstanding` changes are received and not yet durable, the subscription's publishing is
+  switched off (`SetPublishingMode`): the server then keeps new values in each monitored item's own queue
+  (`queue_size`; beyond it OPC UA discards the oldest) until half have become durable, and publishing is
+  switched on again. The connector holds at most `max_outstanding` plus one publish response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import random
+from collections import deque
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from asyncua import Client, ua
+from asyncua.common.subscription import Subscription
+
+from connectors.mapping import DeadLetter
+from connectors.opcua.config import CommandNode, MappedNode, OpcUaSpec
+from connectors.opcua.values import source, to_row
+from connectors.sink import Inbound
+from connectors.spec import Credentials
+
+log = logging.getLogger("raytwin.connectors")
+LOSS = (OSError, ConnectionError, asyncio.TimeoutError, ua.UaError)
+"""What a lost or refused connection raises (asyncua's status-code errors are `UaError`s)."""
+
+
+class CommandRefused(RuntimeError):
+    """The server answered a command's Write request with a bad status for the value or the correlation id."""
+
+
+class _Handler:
+    """asyncua calls these from its publish loop; they only append (never await), so order is kept."""
+
+    def __init__(self, session: OpcUaSession):
+        self.session = session
+
+    def datachange_notification(self, node: Any, val: Any, data: Any) -> None:
+        self.session._on_value(node.nodeid, data.monitored_item.Value)
+
+    def status_change_notification(self, status: ua.StatusChangeNotification) -> None:
+        self.session._error(f"the server reported subscription status {status.Status.name}")
+
+
+class OpcUaSession:
+    """Runs one connector's OPC UA side in the current event loop until `stop()`."""
+
+    def __init__(self, spec: OpcUaSpec, credentials: Credentials, put: Callable[[Inbound], None]):
+        self.spec, self.credentials, self.put = spec, credentials, put
+        self.errors, self.last_error = 0, None
+        self.state = "starting"
+        self.backpressure_pauses = 0
+        self._received = 0
+        self._durable = 0  # incremented by the pump's thread (one writer; int updates are atomic under the GIL)
+        self._handoff: deque[Inbound] = deque()
+        self._wake = asyncio.Event()
+        self._lost = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self._paused = False
+        self._held = False  # publishing off for backpressure
+        self._publishing = False  # the mode the server's subscription is in
+        self._mode_lock = asyncio.Lock()
+        self._client: Client | None = None
+        self._sub: Subscription | None = None
+        self._nodes: dict[ua.NodeId, MappedNode] = {}
+        self._newest: dict[str, datetime] = {}  # node id -> newest durable source timestamp (for backfill)
+
+    # ------------------------------------------------------------------ lifecycle ----
+    async def run(self) -> None:
+        """Connect, subscribe and hand value changes over until `stop()`; every loss is followed by a reconnect."""
+        feeder = asyncio.create_task(self._feed())
+        delay = self.spec.backoff_initial_s
+        try:
+            while not self._stop.is_set():
+                try:
+                    await self._connect()
+                    delay = self.spec.backoff_initial_s
+                    await _first(self._lost.wait(), self._stop.wait())
+                    if not self._stop.is_set():
+                        self._error("connection lost; reconnecting with backoff")
+                except LOSS as exc:
+                    self._error(f"{type(exc).__name__}: {exc}; retrying in {delay:.1f} s")
+                await self._disconnect()
+                if self._stop.is_set():
+                    break
+                self.state = "backoff"
+                await _first(asyncio.sleep(delay * random.uniform(0.8, 1.2)), self._stop.wait())
+                delay = min(delay * 2, self.spec.backoff_max_s)
+        finally:
+            await self._disconnect()
+            self.state = "stopped"
+            self._wake.set()
+            await feeder
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    async def set_paused(self, paused: bool) -> None:
+        """Paused: the server keeps new values in each item's queue (`queue_size`, oldest dropped beyond)."""
+        self._paused = paused
+        await self._apply_publishing()
+
+    def connected(self) -> bool:
+        return self.state == "connected"
+
+    @property
+    def held(self) -> bool:
+        """Publishing is switched off for backpressure (too many changes not yet durable)."""
+        return self._held
+
+    def outstanding(self) -> int:
+        """Value changes received and not yet durable (handed to the pump, or waiting to be)."""
+        return self._received - self._durable
+
+    def _error(self, message: str) -> None:
+        self.errors += 1
+        self.last_error = message
+        log.warning("event=opcua_error tenant=%s connector=%s endpoint=%s error=%r", self.spec.tenant,
+                    self.spec.name, self.spec.endpoint, message)
+
+    # ----------------------------------------------------------------- connection ----
+    async def _connect(self) -> None:
+        spec = self.spec
+        self.state = "connecting"
+        self._lost.clear()
+        client = Client(spec.endpoint, timeout=spec.request_timeout_s)
+        client.session_timeout = int(spec.session_timeout_s * 1000)
+        creds = self.credentials.revealed()
+        if creds["username"] is not None:
+            client.set_user(creds["username"])
+        if creds["password"] is not None:
+            client.set_password(creds["password"])
+        if spec.security:
+            await client.set_security_string(spec.security)
+
+        async def lost(exc: Exception) -> None:
+            self._lost.set()
+
+        client.connection_lost_callback = lost
+        self._client = client
+        await client.connect()
+        self._nodes = {await self._resolve(n.node_id): n for n in spec.nodes}
+        params = ua.CreateSubscriptionParameters(
+            RequestedPublishingInterval=spec.publishing_interval_ms, RequestedLifetimeCount=10_000,
+            RequestedMaxKeepAliveCount=client.get_keepalive_count(spec.publishing_interval_ms),
+            MaxNotificationsPerPublish=spec.batch_size, PublishingEnabled=not (self._paused or self._held), Priority=0)
+        self._publishing = params.PublishingEnabled
+        self._sub = await client.create_subscription(params, _Handler(self))
+        results = await self._sub.create_monitored_items(
+            [self._monitored_item(nid, handle) for handle, nid in enumerate(self._nodes, start=1)])
+        for nid, result in zip(self._nodes, results):
+            if isinstance(result, ua.StatusCode):
+                self._error(f"node {self._nodes[nid].node_id} cannot be monitored: {result.name}")
+        self.state = "connected"
+        await self._apply_publishing()  # in case pause or backpressure changed while the subscription was created
+        if spec.backfill_s:
+            await self._backfill()
+        log.info("event=opcua_connected tenant=%s connector=%s endpoint=%s items=%d", spec.tenant, spec.name,
+                 spec.endpoint, len(self._nodes))
+
+    def _monitored_item(self, nid: ua.NodeId, handle: int) -> ua.MonitoredItemCreateRequest:
+        """A monitored item reporting every new sample: the trigger StatusValueTimestamp makes a new source
+        timestamp a change even when the value repeats (OPC UA's default, StatusValue, would drop a reading
+        equal to the previous one, and the twin would miss an event)."""
+        params = ua.MonitoringParameters(
+            ClientHandle=handle, SamplingInterval=self.spec.sampling_interval_ms, QueueSize=self.spec.queue_size,
+            DiscardOldest=True, Filter=ua.DataChangeFilter(Trigger=ua.DataChangeTrigger.StatusValueTimestamp))
+        return ua.MonitoredItemCreateRequest(
+            ItemToMonitor=ua.ReadValueId(NodeId=nid, AttributeId=ua.AttributeIds.Value),
+            MonitoringMode=ua.MonitoringMode.Reporting, RequestedParameters=params)
+
+    async def _backfill(self) -> None:
+        """Read what each node's history holds since the newest change made durable here (after a restart of
+        the connector: since `backfill_s` before the node's current value). Runs after subscribing, so
+        history and subscription overlap instead of leaving a gap; the overlap is duplicates."""
+        for nid, node in self._nodes.items():
+            opc = self._client.get_node(nid)
+            start = self._newest.get(node.node_id)
+            if start is None:
+                current = await opc.read_data_value(raise_on_bad_status=False)
+                if current.SourceTimestamp is None:
+                    continue
+                start = current.SourceTimestamp - timedelta(seconds=self.spec.backfill_s)
+            try:
+                history = await opc.read_raw_history(start, None, return_bounds=False)
+            except ua.UaStatusCodeError as exc:  # e.g. BadHistoryOperationUnsupported: not historized
+                self._error(f"node {node.node_id}: no history to backfill from ({type(exc).__name__})")
+                continue
+            for dv in history:
+                self._on_value(nid, dv)
+            log.info("event=opcua_backfill tenant=%s connector=%s node=%s since=%s changes=%d", self.spec.tenant,
+                     self.spec.name, node.node_id, start.isoformat(), len(history))
+
+    async def _resolve(self, node_id: str) -> ua.NodeId:
+        """A configured node id; one with a namespace URI (`nsu=`) gets this server's index for that URI."""
+        nid = ua.NodeId.from_string(node_id)
+        uri = getattr(nid, "NamespaceUri", None)
+        if uri:
+            return ua.NodeId(nid.Identifier, await self._client.get_namespace_index(uri), nid.NodeIdType)
+        return nid
+
+    async def _disconnect(self) -> None:
+        client, self._client, self._sub = self._client, None, None
+        if client is None:
+            return
+        try:
+            await asyncio.wait_for(client.disconnect(), self.spec.request_timeout_s)
+        except Exception:  # noqa: BLE001 - the server is gone already: only the socket is left to close
+            client.disconnect_socket()
+
+    # ---------------------------------------------------------------- the stream ----
+    def _on_value(self, nodeid: ua.NodeId, dv: ua.DataValue) -> None:
+        node = self._nodes.get(nodeid)
+        if node is None:
+            return
+        out = to_row(self.spec.name, node, dv)
+        if out is None:  # a status without a value: nothing to deliver
+            return
+        rows, dead = ([], [out]) if isinstance(out, DeadLetter) else ([out], [])
+        self._received += 1
+        ack = functools.partial(self._on_durable, node.node_id, dv.SourceTimestamp)
+        self._handoff.append(Inbound(source(self.spec.name, node), rows, dead, ack))
+        self._wake.set()
+        if self.outstanding() >= self.spec.max_outstanding and not self._held:
+            self._held = True
+            self.backpressure_pauses += 1
+            log.info("event=opcua_backpressure tenant=%s connector=%s outstanding=%d", self.spec.tenant,
+                     self.spec.name, self.outstanding())
+            self._loop.create_task(self._apply_publishing())
+
+    def _on_durable(self, node_id: str, at: datetime | None) -> None:
+        """The pump's acknowledgement (its thread): this change is durable (applied, duplicate or dead letter)."""
+        self._durable += 1
+        if at is not None:  # a time ahead of our clock was dead-lettered: it must not move the backfill start
+            at = min(at, datetime.now(UTC))
+            if node_id not in self._newest or at > self._newest[node_id]:
+                self._newest[node_id] = at
+        if self._held and self.outstanding() <= self.spec.max_outstanding // 2:
+            self._loop.call_soon_threadsafe(self._release)
+
+    def _release(self) -> None:
+        if self._held and self.outstanding() <= self.spec.max_outstanding // 2:
+            self._held = False
+            self._loop.create_task(self._apply_publishing())
+
+    async def _apply_publishing(self) -> None:
+        """Bring the server's publishing mode to the wanted one. Requests go one at a time and each re-reads
+        what is wanted, so quick off/on/off flips cannot overtake each other and leave the wrong mode."""
+        async with self._mode_lock:
+            want = not (self._paused or self._held)
+            sub = self._sub
+            if sub is None or want == self._publishing:
+                return  # (no subscription: the next one is created in the wanted mode)
+            try:
+                await sub.set_publishing_mode(want)
+                self._publishing = want
+            except LOSS as exc:
+                self._error(f"could not switch publishing {'on' if want else 'off'}: {exc}")
+                self._lost.set()
+
+    async def _feed(self) -> None:
+        """Hand value changes to the pump in arrival order; `put` may block (a full pump), so in a thread."""
+        while True:
+            if not self._handoff:
+                if self._stop.is_set():
+                    return
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            batch = list(self._handoff)
+            self._handoff.clear()
+            await asyncio.to_thread(self._put_all, batch)
+
+    def _put_all(self, batch: list[Inbound]) -> None:
+        for message in batch:
+            self.put(message)
+
+    # ------------------------------------------------------------------ commands ----
+    async def write_command(self, target: CommandNode, correlation_id: str, value: float) -> str:
+        """Write `value` (in the target's unit) and the correlation id in one Write request; the server's
+        status for both is the acknowledgement. Raises `CommandRefused` (a bad status) or a connection error."""
+        client = self._client
+        if client is None or self.state != "connected":
+            raise ConnectionError(f"not connected to {self.spec.endpoint} ({self.state})")
+        nodes = [await self._resolve(target.node_id), await self._resolve(target.correlation_node_id)]
+        stamp = datetime.now(UTC)
+        codes = await client.uaclient.write_attributes(
+            nodes, [ua.DataValue(ua.Variant(float(value), ua.VariantType.Double), SourceTimestamp=stamp),
+                    ua.DataValue(ua.Variant(correlation_id, ua.VariantType.String), SourceTimestamp=stamp)],
+            ua.AttributeIds.Value)
+        detail = ", ".join(f"{n}: {c.name}" for n, c in zip((target.node_id, target.correlation_node_id), codes))
+        if not all(c.is_good() for c in codes):
+            raise CommandRefused(f"the server refused the write ({detail})")
+        return detail
+
+
+async def _first(*aws: Any) -> None:
+    """Wait until the first of `aws` completes; cancel the rest."""
+    tasks = [asyncio.ensure_future(a) for a in aws]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for t in tasks:
+            t.cancel()

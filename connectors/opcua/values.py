@@ -1,0 +1,72 @@
+"""One OPC UA value change -> one telemetry row (one event), or a dead letter naming the node and the reason.
+
+The event's identity is what makes re-delivery harmless: after a reconnect or a connector restart the
+server sends each monitored item's current value again, with its original source timestamp. The event is
+keyed (event time = source timestamp, sequence = that time in microseconds, idempotency key = the node id
+as configured), so the same value change always yields the same key and the twin counts it as a duplicate,
+while a genuinely new change (a new source timestamp) is a new event. The sink checks rows against the
+`TelemetryEvent` contract column-wise (a time too far in the future, say, is dead-lettered there, with this
+node's source in the reason); what only OPC UA can tell (the value's type, a missing source timestamp) is
+checked here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from datetime import UTC, datetime
+from typing import Any
+
+from asyncua import ua
+
+from connectors.mapping import DeadLetter
+from connectors.opcua.config import MappedNode
+from raytwin.statestore import to_micros
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+NUMERIC = {ua.VariantType.SByte, ua.VariantType.Byte, ua.VariantType.Int16, ua.VariantType.UInt16,
+           ua.VariantType.Int32, ua.VariantType.UInt32, ua.VariantType.Int64, ua.VariantType.UInt64,
+           ua.VariantType.Float, ua.VariantType.Double}
+
+
+def source(connector: str, node: MappedNode) -> str:
+    """Where a value change came from, as dead letters and logs name it."""
+    return f"opcua://{connector}/{node.node_id}"
+
+
+def quality(status: ua.StatusCode) -> str:
+    """OPC UA's status severity as the event quality (`bad` values update held inputs, not estimates)."""
+    return "good" if status.is_good() else "uncertain" if status.is_uncertain() else "bad"
+
+
+def to_row(connector: str, node: MappedNode, dv: ua.DataValue) -> dict[str, Any] | DeadLetter | None:
+    """The telemetry row (JSON-shaped, contract-checked by the sink) for one value change, a dead letter, or
+    None for a status without a value (e.g. BadWaitingForInitialData from a controller that has not sampled
+    yet: no reading, nothing malformed). A dead letter's idempotency key is the node id, as an event's."""
+    status = dv.StatusCode or ua.StatusCode()
+    variant = dv.Value
+    vtype = variant.VariantType if variant is not None else ua.VariantType.Null
+    value = variant.Value if variant is not None else None
+    if vtype == ua.VariantType.Null and status.is_bad():
+        return None
+    raw = {"value": repr(value)[:200], "variant_type": vtype.name, "status": status.name,
+           "source_timestamp": dv.SourceTimestamp.isoformat() if dv.SourceTimestamp else None}
+    if vtype not in NUMERIC or isinstance(value, list):
+        return _dead(connector, node, f"value {raw['value']} of type {vtype.name} is not a number", raw)
+    if not math.isfinite(float(value)):
+        return _dead(connector, node, f"value {value} is not finite", raw)
+    ts = dv.SourceTimestamp
+    if ts is None:
+        return _dead(connector, node, "the value has no source timestamp (event time); configure the server to "
+                     "send source timestamps", raw)
+    ts = ts if ts.tzinfo else ts.replace(tzinfo=UTC)  # OPC UA times are UTC
+    if ts < EPOCH:
+        return _dead(connector, node, f"source timestamp {ts.isoformat()} is before 1970", raw)
+    return {"asset_id": node.asset_id, "event_time": ts.isoformat(), "sequence": to_micros(ts),
+            "idempotency_key": node.node_id, "quality": quality(status),
+            "measurements": {node.measurement: {"value": float(value), "unit": node.unit}}}
+
+
+def _dead(connector: str, node: MappedNode, reason: str, raw: dict[str, Any]) -> DeadLetter:
+    body = json.dumps({"node_id": node.node_id, **raw}).encode()
+    return DeadLetter.of(source(connector, node), node.asset_id, node.node_id, reason, body)

@@ -1,0 +1,77 @@
+"""A real asyncua OPC UA server for the connector tests, run as a subprocess so a test can kill and restart it.
+
+    python -m tests.opcua_server --port 4840 --node zone-1.T_in --node zone-1.T_out --readonly plant.locked \
+        [--user operator:secret] [--history]
+
+Every `--node NAME` is a writable variable `ns=<ns>;s=NAME` (namespace `urn:raytwin:test`, any data type) that
+starts without a value (status BadWaitingForInitialData), like a controller that has not sampled yet; a restarted
+server starts that way again. `--readonly NAME` is a variable clients may not write. With `--user`, only that
+username and password may open a session. With `--history`, every variable's changes are historized in memory
+(HistoryRead serves them until the process ends). Prints `READY <namespace index>` once it listens, then serves
+until killed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from datetime import UTC, datetime
+
+from asyncua import Server, ua
+from asyncua.crypto.permission_rules import SimpleRoleRuleset, User, UserRole
+from asyncua.server.user_managers import UserManager
+
+NAMESPACE = "urn:raytwin:test"
+
+
+class OneUser(UserManager):
+    """Accepts exactly one username and password."""
+
+    def __init__(self, username: str, password: str):
+        self.username, self.password = username, password
+
+    def get_user(self, iserver, username=None, password=None, certificate=None):
+        if username == self.username and password == self.password:
+            return User(role=UserRole.User)
+        return None
+
+
+async def serve(port: int, nodes: list[str], readonly: list[str], user: str | None, history: bool) -> None:
+    server = Server(user_manager=OneUser(*user.split(":", 1)) if user else None)
+    await server.init()
+    server.set_endpoint(f"opc.tcp://127.0.0.1:{port}/raytwin/")
+    server.set_security_policy([ua.SecurityPolicyType.NoSecurity], permission_ruleset=SimpleRoleRuleset())
+    if user:
+        server.set_security_IDs(["Username"])
+    idx = await server.register_namespace(NAMESPACE)
+    plant = await server.nodes.objects.add_object(idx, "Plant")
+    waiting = ua.DataValue(StatusCode=ua.StatusCode(ua.StatusCodes.BadWaitingForInitialData),
+                           SourceTimestamp=datetime.now(UTC))  # asyncua's history needs every value stamped
+    variables = []
+    for name, writable in [(n, True) for n in nodes] + [(n, False) for n in readonly]:
+        var = await plant.add_variable(ua.NodeId(name, idx), name, 0.0, datatype=ua.NodeId(ua.ObjectIds.Number))
+        await var.write_value(waiting)
+        await var.set_writable(writable)
+        variables.append(var)
+    async with server:
+        if history:
+            await server.historize_node_data_change(variables, period=None)  # in memory, kept until killed
+        print(f"READY {idx}", flush=True)
+        await asyncio.Event().wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--node", action="append", default=[])
+    parser.add_argument("--readonly", action="append", default=[])
+    parser.add_argument("--user", help="username:password")
+    parser.add_argument("--history", action="store_true", help="historize every variable (HistoryRead)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    asyncio.run(serve(args.port, args.node, args.readonly, args.user, args.history))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,339 @@
+"""OPC UA connectors against a real asyncua server in a subprocess: every value change applied exactly once
+through a server restart and connector restarts, dead letters with the node id, pause/resume through the
+server's monitored-item queues, commands written with a correlation id and acknowledged.
+
+What OPC UA lets a client guarantee (see connectors/README.md): changes that happen while a subscription
+exists reach the connector; changes while no subscription exists (server down, connector down) are
+represented by each node's current value, sent again when the next subscription starts. The tests check
+exactly that: nothing lost while subscribed, the latest value after an outage, and every re-delivery a
+duplicate. "Exactly once" is checked as a twin's revision (+1 per applied event) and as its state equal to
+a reference twin fed the same events directly through `TwinService.ingest`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from datetime import UTC, datetime, timedelta
+
+import pytest
+import ray
+from asyncua import ua
+from pydantic import ValidationError
+
+from actors import TwinService
+from connectors.commands import CommandError, CommandStatus, UnknownCommand
+from connectors.kinds import parse_spec
+from connectors.manager import Connectors, InvalidConnector
+from connectors.mapping import DeadLetter
+from connectors.opcua import MappedNode, OpcUaSpec
+from connectors.opcua.session import OpcUaSession
+from connectors.opcua.values import to_row
+from connectors.sink import Inbound
+from connectors.runtime import actor_name
+from connectors.spec import Credentials
+from raytwin.contracts import Asset, AssetType, TelemetryEvent
+from raytwin.registry import ModelRegistry
+from raytwin.sim import TWO_TANK
+from raytwin.statestore import to_micros
+from tests.conftest import free_port
+from tests.fixtures_opcua import Device, OpcUaServer
+from tests.guides import extract
+
+T0 = datetime(2026, 4, 1, tzinfo=UTC)
+WAIT_S = 120.0
+USER, PASSWORD = "raytwin", "opc-s3cret-pw"
+STREAMS = {"tank-1": ("tank-1.h1", "tank-1.q_in"), "tank-2": ("tank-2.h1", "tank-2.q_in")}
+NODES = [n for pair in STREAMS.values() for n in pair] + ["tank-1.h2", "tank-1.q_set", "tank-1.q_set.id",
+                                                          "tank-1.locked.id"]
+
+
+def wait_for(condition, what: str):
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"not within {WAIT_S:g} s: {what}")
+
+
+def values(k: int) -> tuple[float, float]:
+    """Reading k of a tank: level in m, inflow in L/s."""
+    return 0.5 + 0.01 * k, 0.1 + 0.01 * (k % 7)
+
+
+def write(device: Device, asset: str, ks: range) -> None:
+    h1, q_in = STREAMS[asset]
+    for k in ks:
+        level, flow = values(k)
+        device.write(h1, level, T0 + timedelta(seconds=k))
+        device.write(q_in, flow, T0 + timedelta(seconds=k))
+
+
+def events(asset: str, ks: list[int], reference: str) -> list[TelemetryEvent]:
+    """The events the connector makes of readings `ks` (same keys), for the reference twin."""
+    h1, q_in = STREAMS[asset]
+    out = []
+    for k in ks:
+        level, flow = values(k)
+        t = T0 + timedelta(seconds=k)
+        out += [TelemetryEvent(asset_id=reference, event_time=t, sequence=int(t.timestamp()) * 10**6,
+                               idempotency_key=f"ns=2;s={h1}", measurements={"h1": {"value": level, "unit": "m"}}),
+                TelemetryEvent(asset_id=reference, event_time=t, sequence=int(t.timestamp()) * 10**6,
+                               idempotency_key=f"ns=2;s={q_in}", measurements={"q_in": {"value": flow, "unit": "L/s"}})]
+    return out
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = OpcUaServer(free_port(), NODES, ["tank-1.locked"], f"{USER}:{PASSWORD}", history=True)
+    s.start()
+    yield s
+    s.kill()
+
+
+@pytest.fixture
+def device(server):
+    d = Device(server)
+    yield d
+    d.close()
+
+
+@pytest.fixture(scope="module")
+def twins(ray_session, tmp_path_factory):
+    artifact = ModelRegistry(str(tmp_path_factory.mktemp("reg"))).register("tank", "1.0.0",
+                                                                           AssetType.from_model(TWO_TANK))
+    svc = TwinService(str(tmp_path_factory.mktemp("store")), shards=1, batch_size=1000)
+    for tenant, assets in (("acme", ["tank-1", "tank-2", "ref-1", "ref-2"]), ("globex", ["tank-9"])):
+        for a in assets:
+            svc.register(Asset(id=a, tenant=tenant, type_name="two_tank", type_version="1.0.0"), artifact)
+    yield svc
+    svc.close()
+
+
+@pytest.fixture(scope="module")
+def connectors(twins):
+    manager = Connectors(twins.router, twins.assets)
+    yield manager
+    for tenant in ("acme", "globex"):
+        manager.stop_all(tenant)
+
+
+def plc_spec(endpoint: str, **overrides) -> dict:
+    nodes = [{"node_id": f"ns=2;s={asset}.h1", "asset_id": asset, "measurement": "h1", "unit": "m"}
+             for asset in STREAMS]
+    nodes += [{"node_id": f"nsu=urn:raytwin:test;s={asset}.q_in", "asset_id": asset, "measurement": "q_in",
+               "unit": "L/s"} for asset in STREAMS]
+    nodes += [{"node_id": "ns=2;s=tank-1.h2", "asset_id": "tank-1", "measurement": "h2", "unit": "m"}]
+    commands = [{"asset_id": "tank-1", "name": "inflow", "node_id": "ns=2;s=tank-1.q_set",
+                 "correlation_node_id": "ns=2;s=tank-1.q_set.id", "unit": "m^3/s"},
+                {"asset_id": "tank-1", "name": "lock", "node_id": "ns=2;s=tank-1.locked",
+                 "correlation_node_id": "ns=2;s=tank-1.locked.id", "unit": "m^3/s"}]
+    spec = {"name": "plc", "tenant": "acme", "kind": "opcua", "endpoint": endpoint, "linger_s": 0.05,
+            "publishing_interval_ms": 50, "backfill_s": 3600, "backoff_initial_s": 0.2, "backoff_max_s": 1.0,
+            "nodes": nodes, "commands": commands}
+    return {**spec, **overrides}
+
+
+@pytest.fixture(scope="module")
+def plc(connectors, server):
+    connectors.create(plc_spec(server.endpoint), Credentials(username=USER, password=PASSWORD))
+    wait_for(lambda: connectors.status("acme", "plc").connected, "the connector is connected")
+    return "plc"
+
+
+def revision(twins, asset: str) -> int:
+    return twins.state("acme", asset).revision
+
+
+def settled(connectors, twins, asset: str, n: int) -> bool:
+    s = connectors.status("acme", "plc")
+    return s.connected and s.pending == 0 and revision(twins, asset) >= n
+
+
+def test_server_and_connector_restarts_apply_every_change_exactly_once(twins, connectors, server, device, plc):
+    """Subscribed: every change arrives. Server killed and restarted, connector restarted by Ray: the current
+    values and the history read again are duplicates. Connector down while values change: the changes are
+    read from the server's history (backfill) when it is back."""
+    write(device, "tank-1", range(0, 20))
+    wait_for(lambda: settled(connectors, twins, "tank-1", 40), "the first 40 changes applied")
+
+    server.kill()
+    wait_for(lambda: not connectors.status("acme", "plc").connected, "the connector notices the server is gone")
+    server.start()
+    wait_for(lambda: connectors.status("acme", "plc").connected, "the connector reconnects")
+    restarted = Device(server)  # a restarted server starts without values (BadWaitingForInitialData)
+    write(restarted, "tank-1", range(20, 40))
+    wait_for(lambda: settled(connectors, twins, "tank-1", 80), "the changes after the server restart applied")
+
+    handle = ray.get_actor(actor_name("acme", "plc"), namespace=twins.router.namespace)
+    ray.kill(handle, no_restart=False)  # a crash: Ray restarts the actor, which subscribes again
+    wait_for(lambda: (s := connectors.status("acme", "plc")).connected and s.duplicates >= 42 and s.pending == 0,
+             "the restarted connector's re-deliveries (history since the restart, current values) are duplicates")
+    assert revision(twins, "tank-1") == 80
+
+    ray.kill(handle, no_restart=True)  # gone for good while the plant keeps changing
+    write(restarted, "tank-1", range(40, 45))
+    connectors.status("acme", "plc")  # starts it again from its declaration
+    wait_for(lambda: settled(connectors, twins, "tank-1", 90), "the changes made during the outage, backfilled")
+    restarted.close()
+
+    twins.ingest("acme", events("tank-1", list(range(0, 45)), "ref-1"))
+    got, ref = twins.state("acme", "tank-1"), twins.state("acme", "ref-1")
+    assert got.revision == ref.revision == got.events_applied == 90
+    assert got.state == ref.state and got.covariance == ref.covariance and got.event_time == ref.event_time
+
+
+def test_malformed_and_out_of_range_values_go_to_dead_letters_with_node_id(twins, connectors, device, plc):
+    before = connectors.status("acme", "plc").acknowledged
+    device.write("tank-1.h2", "full", T0 + timedelta(seconds=100))
+    device.write("tank-2.h1", 5000.0, T0 + timedelta(seconds=100))  # 5 km: beyond [-1, 1000] m
+    device.write("tank-2.q_in", 0.1, datetime.now(UTC) + timedelta(hours=1))  # a controller clock 1 h ahead
+    wait_for(lambda: connectors.status("acme", "plc").acknowledged >= before + 3, "the three changes durable")
+    rows = twins.dead_letters("acme").to_pylist()
+    by_key = {r["idempotency_key"]: r for r in rows}
+    malformed, implausible = by_key["ns=2;s=tank-1.h2"], by_key["ns=2;s=tank-2.h1"]
+    assert "opcua://plc/ns=2;s=tank-1.h2" in malformed["reason"] and "'full' of type String is not a number" in \
+        malformed["reason"]
+    assert malformed["asset_id"] == "tank-1" and '"node_id": "ns=2;s=tank-1.h2"' in malformed["raw"]
+    assert "outside the plausible range" in implausible["reason"] and implausible["asset_id"] == "tank-2"
+    future = by_key["nsu=urn:raytwin:test;s=tank-2.q_in"]
+    assert "opcua://plc/nsu=urn:raytwin:test;s=tank-2.q_in" in future["reason"]
+    assert "after the server's clock" in future["reason"]
+    assert revision(twins, "tank-2") == 0
+
+
+def test_paused_connector_gets_the_changes_queued_by_the_server(twins, connectors, device, plc):
+    """Paused = publishing off: the server keeps each item's changes (up to queue_size) until resume. The first
+    inflow reading repeats the value the node holds (0.1, from the test above): a new sample all the same."""
+    assert connectors.pause("acme", "plc").state.value == "paused"
+    write(device, "tank-2", range(0, 10))
+    assert connectors.resume("acme", "plc").state.value == "running"
+    wait_for(lambda: settled(connectors, twins, "tank-2", 20), "the 20 queued changes applied after resume")
+    twins.ingest("acme", events("tank-2", list(range(10)), "ref-2"))
+    got, ref = twins.state("acme", "tank-2"), twins.state("acme", "ref-2")
+    assert got.revision == ref.revision == 20 and got.state == ref.state
+
+
+def test_commands_are_written_with_correlation_id_once_and_acknowledged(connectors, device, plc):
+    command = connectors.propose("acme", "plc", "tank-1", "inflow", {"value": 2.5, "unit": "L/s"}, by="alice")
+    assert command.status is CommandStatus.proposed and device.read("tank-1.q_set.id") is None
+    with pytest.raises(CommandError, match="another key must approve"):
+        connectors.approve("acme", command.id, by="alice")
+    connectors.approve("acme", command.id, by="bob")
+    done = wait_for(lambda: (c := connectors.command("acme", command.id)).status is CommandStatus.acknowledged and c,
+                    "the write acknowledged")
+    assert device.read("tank-1.q_set") == pytest.approx(0.0025)  # 2.5 L/s in the node's m^3/s
+    assert device.read("tank-1.q_set.id") == command.correlation_id
+    assert "Good" in done.ack["detail"]
+    with pytest.raises(CommandError, match="only a proposed command can be approved"):
+        connectors.approve("acme", command.id, by="carol")
+
+    refused = connectors.propose("acme", "plc", "tank-1", "lock", {"value": 1.0}, by="alice")
+    failed = connectors.approve("acme", refused.id, by="bob")
+    assert failed.status is CommandStatus.failed and "BadUserAccessDenied" in failed.history[-1].detail
+    with pytest.raises(UnknownCommand):
+        connectors.approve("globex", command.id, by="bob")
+
+
+def test_declarations_are_checked_and_credentials_stay_secret(connectors, server, plc):
+    with pytest.raises(InvalidConnector, match="'tank-7' is not a registered twin"):
+        connectors.create(plc_spec(server.endpoint, name="other", nodes=[
+            {"node_id": "ns=2;s=x", "asset_id": "tank-7", "measurement": "h1", "unit": "m"}]))
+    with pytest.raises(ValidationError, match="not in the endpoint"):
+        connectors.create(plc_spec(f"opc.tcp://{USER}:{PASSWORD}@127.0.0.1:{server.port}/"))
+    with pytest.raises(ValidationError, match="duplicate node_id"):
+        connectors.create(plc_spec(server.endpoint, nodes=plc_spec(server.endpoint)["nodes"] * 2))
+    assert PASSWORD not in connectors.spec("acme", "plc").model_dump_json()
+
+    connectors.create(plc_spec(server.endpoint, name="wrong-pw"), Credentials(username=USER, password="guess"))
+    s = wait_for(lambda: (s := connectors.status("acme", "wrong-pw")).errors >= 1 and s, "a refused session reported")
+    assert not s.connected and "BadUserAccessDenied" in s.last_error and "guess" not in s.last_error
+    connectors.delete("acme", "wrong-pw")
+
+
+NODE = MappedNode(node_id="ns=2;s=tank-1.h1", asset_id="tank-1", measurement="h1", unit="m")
+
+
+@pytest.mark.parametrize(("variant", "status", "expected"), [
+    (ua.Variant(1.5, ua.VariantType.Double), ua.StatusCodes.Good, ("good", 1.5)),
+    (ua.Variant(7, ua.VariantType.Int32), ua.StatusCodes.UncertainLastUsableValue, ("uncertain", 7.0)),
+    (ua.Variant(2.0, ua.VariantType.Float), ua.StatusCodes.BadSensorFailure, ("bad", 2.0)),
+    (ua.Variant(None, ua.VariantType.Null), ua.StatusCodes.BadWaitingForInitialData, None),
+    (ua.Variant(True, ua.VariantType.Boolean), ua.StatusCodes.Good, "of type Boolean is not a number"),
+    (ua.Variant([1.0, 2.0], ua.VariantType.Double), ua.StatusCodes.Good, "is not a number"),
+    (ua.Variant(float("nan"), ua.VariantType.Double), ua.StatusCodes.Good, "value nan is not finite"),
+])
+def test_a_value_change_becomes_one_keyed_row_or_a_dead_letter(variant, status, expected):
+    at = T0 + timedelta(seconds=3, microseconds=250)
+    out = to_row("plc", NODE, ua.DataValue(variant, StatusCode=ua.StatusCode(status), SourceTimestamp=at))
+    if expected is None:
+        assert out is None
+    elif isinstance(expected, str):
+        assert isinstance(out, DeadLetter) and expected in out.reason and out.idempotency_key == NODE.node_id
+        assert out.source == "opcua://plc/ns=2;s=tank-1.h1" and out.asset_id == "tank-1"
+    else:
+        assert (out["quality"], out["measurements"]["h1"]) == (expected[0], {"value": expected[1], "unit": "m"})
+        assert (out["event_time"], out["sequence"], out["idempotency_key"]) == (at.isoformat(), to_micros(at),
+                                                                                NODE.node_id)
+        assert TelemetryEvent.model_validate(out).event_time == at  # the row is what the contract reads
+
+
+def test_a_value_without_source_timestamp_is_dead_lettered():
+    no_time = to_row("plc", NODE, ua.DataValue(ua.Variant(1.0, ua.VariantType.Double)))
+    assert "no source timestamp" in no_time.reason and no_time.idempotency_key == NODE.node_id
+
+
+def test_the_readme_declaration_is_valid():
+    block = next(b for b in extract("connectors/README.md") if b.lang == "json" and '"opcua"' in b.text)
+    spec = parse_spec(json.loads(block.text))
+    assert isinstance(spec, OpcUaSpec) and spec.command("tank-1", "inflow").unit == "m^3/s"
+
+
+def test_backpressure_switches_publishing_off_and_on_again_losing_nothing(server, device):
+    """With `max_outstanding` changes not yet durable the connector switches publishing off; once they are
+    durable it switches it on again (else the second wave would never arrive); every change arrives once."""
+    spec = OpcUaSpec.model_validate(plc_spec(server.endpoint, max_outstanding=4, backfill_s=0))
+    since = (T0 + timedelta(seconds=100)).isoformat()
+    received: list[Inbound] = []
+
+    async def until(condition) -> None:
+        deadline = time.monotonic() + WAIT_S
+        while not condition():
+            assert time.monotonic() < deadline, "the connector did not get there"
+            await asyncio.sleep(0.02)
+
+    def written() -> list[tuple[str, str]]:
+        """(node id, source time) of the changes this test wrote (each node's current value comes first)."""
+        rows = [m.rows[0] for m in received if m.rows]
+        return [(r["idempotency_key"], r["event_time"]) for r in rows if r["event_time"] >= since]
+
+    def ack_all() -> None:
+        for m in received[acked[0]:]:
+            m.ack()
+        acked[0] = len(received)
+
+    async def scenario() -> OpcUaSession:
+        session = OpcUaSession(spec, Credentials(username=USER, password=PASSWORD), received.append)
+        run = asyncio.ensure_future(session.run())
+        await until(session.connected)
+        await asyncio.to_thread(write, device, "tank-2", range(100, 110))
+        await until(lambda: session.held)
+        ack_all()
+        await until(lambda: ack_all() or not session.held)  # (changes in flight when it switched off come too)
+        await asyncio.to_thread(write, device, "tank-2", range(110, 130))
+        await until(lambda: ack_all() or (len(written()) == 60 and session.outstanding() == 0))  # ack as they come
+        session.stop()
+        await run
+        return session
+
+    acked = [0]
+    session = asyncio.run(scenario())
+    assert session.backpressure_pauses >= 1
+    keys = written()
+    assert len(set(keys)) == 60
+    for node in STREAMS["tank-2"]:
+        times = [t for k, t in keys if k.endswith(node)]
+        assert times == [(T0 + timedelta(seconds=k)).isoformat() for k in range(100, 130)]
