@@ -35,6 +35,7 @@ from connectors.opcua.config import CommandNode, MappedNode, OpcUaSpec
 from connectors.opcua.values import source, to_row
 from connectors.sink import Inbound
 from connectors.spec import Credentials
+from raytwin import metrics
 
 log = logging.getLogger("raytwin.connectors")
 LOSS = (OSError, ConnectionError, asyncio.TimeoutError, ua.UaError)
@@ -64,7 +65,7 @@ class OpcUaSession:
     def __init__(self, spec: OpcUaSpec, credentials: Credentials, put: Callable[[Inbound], None]):
         self.spec, self.credentials, self.put = spec, credentials, put
         self.errors, self.last_error = 0, None
-        self.state = "starting"
+        self._state = "starting"
         self.backpressure_pauses = 0
         self._received = 0
         self._durable = 0  # incremented by the pump's thread (one writer; int updates are atomic under the GIL)
@@ -100,12 +101,12 @@ class OpcUaSession:
                 await self._disconnect()
                 if self._stop.is_set():
                     break
-                self.state = "backoff"
+                self._set_state("backoff")
                 await _first(asyncio.sleep(delay * random.uniform(0.8, 1.2)), self._stop.wait())
                 delay = min(delay * 2, self.spec.backoff_max_s)
         finally:
             await self._disconnect()
-            self.state = "stopped"
+            self._set_state("stopped")
             self._wake.set()
             await feeder
 
@@ -120,6 +121,16 @@ class OpcUaSession:
 
     def connected(self) -> bool:
         return self.state == "connected"
+
+    @property
+    def state(self) -> str:
+        """starting, connecting, connected, backoff (waiting to reconnect) or stopped."""
+        return self._state
+
+    def _set_state(self, state: str) -> None:
+        self._state = state
+        metrics.CONNECTOR_CONNECTED.set(1.0 if state == "connected" else 0.0,
+                                        connector=f"{self.spec.tenant}/{self.spec.name}")
 
     @property
     def held(self) -> bool:
@@ -139,7 +150,7 @@ class OpcUaSession:
     # ----------------------------------------------------------------- connection ----
     async def _connect(self) -> None:
         spec = self.spec
-        self.state = "connecting"
+        self._set_state("connecting")
         self._lost.clear()
         client = Client(spec.endpoint, timeout=spec.request_timeout_s)
         client.session_timeout = int(spec.session_timeout_s * 1000)
@@ -169,7 +180,7 @@ class OpcUaSession:
         for nid, result in zip(self._nodes, results):
             if isinstance(result, ua.StatusCode):
                 self._error(f"node {self._nodes[nid].node_id} cannot be monitored: {result.name}")
-        self.state = "connected"
+        self._set_state("connected")
         await self._apply_publishing()  # in case pause or backpressure changed while the subscription was created
         if spec.backfill_s:
             await self._backfill()
