@@ -13,6 +13,7 @@ from typing import Any
 from actors.twin import Twin, replay_many
 from raytwin.contracts import Asset
 from raytwin.registry import ModelArtifact
+from raytwin.sim.model import Declared
 from raytwin.statestore import EventKey, StateStore
 from raytwin.ukf import FILTERS
 
@@ -20,14 +21,21 @@ NOISE_PREFIXES = {"process_std.": "process_std", "measurement_std.": "measuremen
 """Asset metadata keys that tune the filter, e.g. ``measurement_std.T_in = "0.1"`` (SI units)."""
 
 FILTER_KEY = "filter"
-"""Asset metadata key choosing a twin's filter by name (`raytwin.ukf.FILTERS`: ``ekf``, the
-default, or ``ukf``). The registration record keeps the asset, so recovery rebuilds the same one."""
+"""Asset metadata key choosing a twin's filter by name (`raytwin.ukf.FILTERS`: ``ekf`` or ``ukf``;
+default: the model's first, ``ekf`` for a JAX model, ``ukf`` for an FMU). The registration record
+keeps the asset, so recovery rebuilds the same one."""
 
 
-def filter_from_metadata(metadata: dict[str, str]) -> str:
-    kind = metadata.get(FILTER_KEY, "ekf")
+def filter_from_metadata(metadata: dict[str, str], model: Declared) -> str:
+    """The filter a twin of `model` runs; refuses an unknown name or one the model cannot run
+    (the EKF on an FMU: no Jacobians), naming the filters it can."""
+    kind = metadata.get(FILTER_KEY, model.filters[0])
     if kind not in FILTERS:
         raise ValueError(f"asset metadata {FILTER_KEY}={kind!r} is not a filter; known: {sorted(FILTERS)}")
+    if kind not in model.filters:
+        raise ValueError(f"asset metadata {FILTER_KEY}={kind!r}: simulator {model.name} cannot run it"
+                         + (" (the EKF needs Jacobians, jax.jacfwd of JAX code; an FMU is a black box)"
+                            if kind == "ekf" else "") + f"; use one of {list(model.filters)}")
     return kind
 
 
@@ -44,7 +52,7 @@ def registration_record(
             f"asset {asset.id} is of type {asset.type_name}@{asset.type_version} but artifact "
             f"{artifact.ref} models {at.key}"
         )
-    filter_from_metadata(asset.metadata)  # refused here, before anything is stored
+    filter_from_metadata(asset.metadata, artifact.model())  # refused here, before anything is stored
     return {
         "asset": asset.model_dump(mode="json"),
         "artifact": artifact.model_dump(mode="json"),
@@ -74,10 +82,11 @@ def _artifact(artifact_json: str) -> ModelArtifact:
 def build_twin(record: dict[str, Any], *, allowed_lateness_s: float, checkpoint_every: int) -> Twin:
     """A twin at its prior, from a registration record."""
     asset = Asset.model_validate(record["asset"])
+    artifact = _artifact(json.dumps(record["artifact"], sort_keys=True))
     return Twin(
-        asset.tenant, asset.id, _artifact(json.dumps(record["artifact"], sort_keys=True)),
+        asset.tenant, asset.id, artifact,
         initial_state=record["initial_state"], initial_std=record["initial_std"],
-        noise=noise_from_metadata(asset.metadata), filter_kind=filter_from_metadata(asset.metadata),
+        noise=noise_from_metadata(asset.metadata), filter_kind=filter_from_metadata(asset.metadata, artifact.model()),
         allowed_lateness_s=allowed_lateness_s, checkpoint_every=checkpoint_every,
     )
 

@@ -358,6 +358,10 @@ class ExtendedKalmanFilter:
         process_std: dict[str, float] | None = None,
         measurement_std: dict[str, float] | None = None,
     ):
+        if self.kind not in model.filters:
+            raise ValueError(f"model {model.name} cannot run the {self.kind!r} filter: it supports {list(model.filters)}"
+                             + (" (the EKF needs Jacobians, jax.jacfwd of a model's JAX code; a black box such as an "
+                                "FMU has none: use the derivative-free 'ukf')" if self.kind == "ekf" else ""))
         self.model = model
         self.defaults = model_defaults(model)
         self.params = np.asarray(params, dtype=np.float64)  # NumPy: packed into every dispatch
@@ -418,7 +422,13 @@ class ExtendedKalmanFilter:
         recovered), not when a live event first needs it; once per kernel and process."""
         if self._kernels in _WARM:
             return
-        prior, cols = self.initial(), len(self.measured_names)
+        m, cols = self.model, len(self.measured_names)
+        # any prior compiles the same kernel: declared values where the model has them (an FMU
+        # declares no prior std; its twins get one at registration), a small spread elsewhere
+        nominal = lambda kind, names: np.array([self.defaults[kind].get(n, 0.0) for n in names])  # noqa: E731
+        std = np.array([self.defaults["initial_std"].get(n, 1e-3) for n in m.state_names])
+        prior = FilterState(None, nominal("initial_state", m.state_names), np.diag(std**2),
+                            nominal("inputs", m.input_names))
         for n in RUN_LENGTHS:
             t = np.arange(n, dtype=np.float64) * self.model.default_dt
             assimilate_runs([Run(self, prior, t, np.full((n, cols), np.nan), np.zeros(n, dtype=bool))])

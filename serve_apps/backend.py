@@ -78,8 +78,9 @@ class Backend:
                 if initial_state is not None and set(initial_state) != set(asset_type.states):
                     raise Unprocessable(f"initial_state must give exactly {sorted(asset_type.states)} "
                                         f"(got {sorted(initial_state)})")
-                _check_filter(asset)
-                self.twins.register(asset, self._artifact(asset.tenant, asset), initial_state=initial_state)
+                artifact = self._artifact(asset.tenant, asset)
+                _check_filter(asset, artifact)
+                self.twins.register(asset, artifact, initial_state=initial_state)
             except Exception:  # no asset without its twin
                 self.catalog.delete_asset(asset.tenant, asset.id)
                 raise
@@ -141,11 +142,12 @@ BackendDeployment = serve.deployment(Backend, name="Backend", num_replicas=1, ma
                                      ray_actor_options=cpu_only({"num_cpus": 0}))
 
 
-def _check_filter(asset: Asset) -> None:
-    """A twin's filter named in its metadata must exist (a 422 naming the known ones, not a 500)."""
+def _check_filter(asset: Asset, artifact: ModelArtifact) -> None:
+    """A twin's filter named in its metadata must exist and suit its simulator (a 422 naming the
+    ones it can run, not a 500)."""
     from actors.recovery import filter_from_metadata
 
     try:
-        filter_from_metadata(asset.metadata)
+        filter_from_metadata(asset.metadata, artifact.model())
     except ValueError as exc:
         raise Unprocessable(f"asset {asset.id}: {exc}") from None

@@ -10,10 +10,16 @@ That costs one reset and initialisation per call: microseconds for the small FMU
 
 from __future__ import annotations
 
+import functools
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from raytwin.fmu.describe import FmuError, FmuModel
 from raytwin.fmu.instance import FmuInstance
+
+if TYPE_CHECKING:
+    from raytwin.ukf import Dynamics
 
 
 class FmuStepper:
@@ -57,3 +63,13 @@ class FmuStepper:
             return np.stack([self.observe(row, u, p) for row in x])
         self._start(x, np.asarray(u, float), np.asarray(p, float))
         return self.instance.get(self.model.output_names)
+
+
+@functools.cache
+def fmu_dynamics(model: FmuModel) -> Dynamics:
+    """A filter's `raytwin.ukf.Dynamics` for `model`: one `FmuStepper` (one FMU instance) per model
+    and process, behind `host_dynamics`; cached, so every twin of the model shares one UKF kernel."""
+    from raytwin.ukf import host_dynamics
+
+    stepper = FmuStepper(model)
+    return host_dynamics(model, stepper.step, stepper.observe)
