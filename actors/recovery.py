@@ -12,6 +12,7 @@ from typing import Any
 
 from actors.twin import Twin, replay_many
 from raytwin.contracts import Asset
+from raytwin.estimation import model_defaults
 from raytwin.registry import ModelArtifact
 from raytwin.sim.model import Declared
 from raytwin.statestore import EventKey, StateStore
@@ -52,13 +53,33 @@ def registration_record(
             f"asset {asset.id} is of type {asset.type_name}@{asset.type_version} but artifact "
             f"{artifact.ref} models {at.key}"
         )
-    filter_from_metadata(asset.metadata, artifact.model())  # refused here, before anything is stored
+    model = artifact.model()
+    filter_from_metadata(asset.metadata, model)  # refused here, before anything is stored
+    _check_filter_values(asset, model, initial_state, initial_std)
     return {
         "asset": asset.model_dump(mode="json"),
         "artifact": artifact.model_dump(mode="json"),
         "initial_state": initial_state,
         "initial_std": initial_std,
     }
+
+
+def _check_filter_values(asset: Asset, model: Declared, initial_state: dict[str, float] | None,
+                         initial_std: dict[str, float] | None) -> None:
+    """Every value a twin's filter needs is given or declared by the model (an FMU declares no
+    noise), so a twin that could not start is refused here, not later in its shard."""
+    noise, defaults = noise_from_metadata(asset.metadata), model_defaults(model)
+    where = {"initial_state": "initial_state", "initial_std": "initial_std", "process_std": "asset metadata process_std.",
+             "measurement_std": "asset metadata measurement_std.", "inputs": "asset metadata input."}
+    for kind, names, given in (("initial_state", model.state_names, initial_state),
+                               ("initial_std", model.state_names, initial_std),
+                               ("process_std", model.state_names, noise.get("process_std")),
+                               ("measurement_std", model.output_names, noise.get("measurement_std")),
+                               ("inputs", model.input_names, noise.get("inputs"))):
+        missing = [n for n in names if n not in {**defaults[kind], **(given or {})}]
+        if missing:
+            raise ValueError(f"asset {asset.id}: no {kind} for {missing}: simulator {model.name} declares none; "
+                             f"give them ({where[kind]}<name>)")
 
 
 def noise_from_metadata(metadata: dict[str, str]) -> dict[str, dict[str, float]]:

@@ -217,6 +217,12 @@ for `battery_ecm` and `two_tank` (RC pairs and tanks settle within minutes), far
 sensor's silence between readings, whose prediction therefore stays exact."""
 
 
+SUBSTEP_SLACK = 1e-3
+"""A gap longer than n ``default_dt`` by less than this fraction of a step is n sub-steps: event
+times are epoch seconds, whose rounding (~2.4e-7 s) made a 0.1 s gap of a 0.01 s model 11 sub-steps
+of 0.0091 s, shorter than a fixed-step FMU's step (which then does not advance at all)."""
+
+
 def substeps(gap: np.ndarray, default_dt: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """How to propagate over event-time gaps [s]: (sub-steps, their length, seconds left unintegrated).
 
@@ -228,7 +234,7 @@ def substeps(gap: np.ndarray, default_dt: float) -> tuple[np.ndarray, np.ndarray
     it does to one that does, so the filter is never more confident than the full integration would
     make it, and the next measurements pull the estimate back (tested: a 10-year gap).
     """
-    n = np.where(gap > 0, np.ceil(gap / default_dt - 1e-9), 0.0)
+    n = np.where(gap > 0, np.ceil(gap / default_dt - SUBSTEP_SLACK), 0.0)
     long = n > MAX_SUBSTEPS
     n_sub = np.minimum(n, MAX_SUBSTEPS).astype(np.int32)
     dt = np.where(long, default_dt, np.divide(gap, n_sub, out=np.zeros_like(gap), where=n_sub > 0))

@@ -20,17 +20,9 @@ from raytwin.fmu import (
 from raytwin.fmu.reference import build_reference_fmus, default_source
 from raytwin.modelcode import code_identity
 from raytwin.sim import Output, simulate
+from tests.conftest import REFERENCE_FMU_MODELS
 
-MODELS = {2: ("VanDerPol", "Dahlquist", "BouncingBall", "Feedthrough"),
-          3: ("VanDerPol", "Dahlquist", "Feedthrough", "StateSpace")}
-VERSIONS = tuple(MODELS)
-
-
-@pytest.fixture(scope="session")
-def reference_fmus(tmp_path_factory) -> dict[tuple[int, str], str]:
-    """(FMI version, model) -> built .fmu path (a few seconds per FMI version)."""
-    out = tmp_path_factory.mktemp("reference-fmus")
-    return {(v, m): str(p) for v in VERSIONS for m, p in build_reference_fmus(out, v, MODELS[v]).items()}
+VERSIONS = tuple(REFERENCE_FMU_MODELS)  # the session fixture `reference_fmus` (tests/conftest.py) builds these
 
 
 def reference_output(model: str) -> np.ndarray:
