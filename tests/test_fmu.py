@@ -57,7 +57,11 @@ def test_declarations_an_fmu_lacks_are_added_by_name(reference_fmus):
     assert (tracked.states[0].prior_std, tracked.states[0].process_std, tracked.states[0].upper) == (0.1, 0.01, 3.0)
     assert (tracked.outputs[0].measurement_std, tracked.outputs[0].upper) == (0.02, 3.0)
     assert tracked.states[1] == model.states[1] and tracked.fmu_hash == model.fmu_hash
-    with pytest.raises(FmuError, match="has no state, input or output 'mu'"):
+    bounded = model.declare(mu={"lower": 0.1, "upper": 5.0})  # an asset type needs finite parameter bounds
+    assert (bounded.params[0].lower, bounded.params[0].upper, bounded.params[0].default) == (0.1, 5.0, 1.0)
+    with pytest.raises(FmuError, match="has no state, input, output or parameter 'k'"):
+        model.declare(k={"prior_std": 1.0})
+    with pytest.raises(FmuError, match="mu has no field 'prior_std'"):
         model.declare(mu={"prior_std": 1.0})
     with pytest.raises(FmuError, match="x1 has no field 'std'"):
         model.declare(x1={"std": 1.0})
