@@ -56,6 +56,9 @@ def test_the_registry_pins_the_stored_fmu_and_resolves_it_from_its_url(vdp, refe
     assert (model.state_names, model.output_names, artifact.param_vector()) == (("x0", "x1"), ("x0", "x1"), [MU])
     with pytest.raises(RegistryError, match="parameter mu=9.0 outside"):
         registry.register("vdp", "1.0.1", artifact.asset_type, {"mu": 9.0})
+    elsewhere = ModelRegistry(f"{registry.url}-other")  # an FMU is native code: each registry runs its own
+    with pytest.raises(RegistryError, match="is not stored in this registry; store it first"):
+        elsewhere.register("vdp", "1.0.0", artifact.asset_type)
     unstored = FmuModel.load(reference_fmus[(2, "VanDerPol")])
     with pytest.raises(ValueError, match="is not in an FMU store; store it first"):
         AssetType.from_model(unstored, name="vdp", version="1.0.0")
