@@ -234,7 +234,7 @@ def substeps(gap: np.ndarray, default_dt: float) -> tuple[np.ndarray, np.ndarray
     it does to one that does, so the filter is never more confident than the full integration would
     make it, and the next measurements pull the estimate back (tested: a 10-year gap).
     """
-    n = np.where(gap > 0, np.ceil(gap / default_dt - SUBSTEP_SLACK), 0.0)
+    n = np.where(gap > 0, np.maximum(np.ceil(gap / default_dt - SUBSTEP_SLACK), 1.0), 0.0)
     long = n > MAX_SUBSTEPS
     n_sub = np.minimum(n, MAX_SUBSTEPS).astype(np.int32)
     dt = np.where(long, default_dt, np.divide(gap, n_sub, out=np.zeros_like(gap), where=n_sub > 0))

@@ -16,6 +16,7 @@ from actors import TwinService
 from actors.recovery import registration_record
 from benchmarks.fmu import VAN_DER_POL
 from raytwin.contracts import Asset, AssetType, TelemetryEvent
+from raytwin.estimation import substeps
 from raytwin.fmu import FmuModel, store_fmu
 from raytwin.modelcode import file_code
 from raytwin.registry import ModelRegistry, RegistryError
@@ -127,3 +128,12 @@ def test_a_twin_on_the_fmu_tracks_van_der_pol_from_noisy_x0_with_consistent_unce
     nees = np.einsum("rki,rkij,rkj->rk", err, np.linalg.inv(cov), err)
     assert_nees_consistent(nees, 2, "VanDerPol FMU twins")
     assert_nis_consistent(nis, 1, "VanDerPol FMU twins")
+
+
+def test_epoch_time_rounding_does_not_add_a_sub_step():
+    """A 0.1 s gap between epoch-second timestamps is off by ~2.4e-7 s: 10 sub-steps of the FMU's
+    0.01 s (11 shorter ones made the fixed-step Reference FMU take no step at all); a gap shorter
+    than the slack still takes one."""
+    n_sub, dt, skipped = substeps(np.array([0.1 + 2.4e-7, 0.1 - 2.4e-7, 0.105, 1e-6]), 0.01)
+    assert n_sub.tolist() == [10, 10, 11, 1] and skipped.tolist() == [0.0] * 4
+    np.testing.assert_allclose(dt, [0.010000024, 0.009999976, 0.105 / 11, 1e-6])
