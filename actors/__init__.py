@@ -8,13 +8,9 @@ from __future__ import annotations
 
 from raytwin.lazy import lazy_exports
 
-_EXPORTS = {
-    **{name: "actors.service" for name in ("StoreLeased", "TwinService")},
-    "events_to_table": "actors.telemetry",
-    "ndjson_http_source": "actors.ingest",
-    **{name: "actors.state" for name in ("DivergenceReport", "IngestReport", "Reject", "TwinState", "UnknownTwin")},
-}
-
-__all__ = sorted(_EXPORTS)
-
-__getattr__ = lazy_exports(__name__, _EXPORTS)
+__all__, __getattr__, __dir__ = lazy_exports(__name__, {
+    "actors.service": ("StoreLeased", "TwinService"),
+    "actors.telemetry": ("events_to_table",),
+    "actors.ingest": ("ndjson_http_source",),
+    "actors.state": ("DivergenceReport", "IngestReport", "Reject", "TwinState", "UnknownTwin"),
+})

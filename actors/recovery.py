@@ -7,6 +7,7 @@ and tests call it directly): the result is the same pure function of the logged 
 from __future__ import annotations
 
 import json
+import math
 from functools import lru_cache
 from typing import Any
 
@@ -27,17 +28,56 @@ default: the model's first, ``ekf`` for a JAX model, ``ukf`` for an FMU). The re
 keeps the asset, so recovery rebuilds the same one."""
 
 
+class RegistrationError(ValueError):
+    """A twin registration that cannot fit its model (bad filter name, noise metadata, prior): the
+    caller's to fix, so it is refused before anything is stored (HTTP 422)."""
+
+
 def filter_from_metadata(metadata: dict[str, str], model: Declared) -> str:
     """The filter a twin of `model` runs; refuses an unknown name or one the model cannot run
     (the EKF on an FMU: no Jacobians), naming the filters it can."""
     kind = metadata.get(FILTER_KEY, model.filters[0])
     if kind not in FILTERS:
-        raise ValueError(f"asset metadata {FILTER_KEY}={kind!r} is not a filter; known: {sorted(FILTERS)}")
+        raise RegistrationError(f"asset metadata {FILTER_KEY}={kind!r} is not a filter; known: {sorted(FILTERS)}")
     if kind not in model.filters:
-        raise ValueError(f"asset metadata {FILTER_KEY}={kind!r}: simulator {model.name} cannot run it"
-                         + (" (the EKF needs Jacobians, jax.jacfwd of JAX code; an FMU is a black box)"
-                            if kind == "ekf" else "") + f"; use one of {list(model.filters)}")
+        raise RegistrationError(f"asset metadata {FILTER_KEY}={kind!r}: simulator {model.name} cannot run it"
+                                + (" (the EKF needs Jacobians, jax.jacfwd of JAX code; an FMU is a black box)"
+                                   if kind == "ekf" else "") + f"; use one of {list(model.filters)}")
     return kind
+
+
+_RANGES = {"initial_std": (lambda v: v > 0, "finite and > 0"), "process_std": (lambda v: v >= 0, "finite and >= 0"),
+           "measurement_std": (lambda v: v >= 0, "finite and >= 0")}
+
+
+def check_registration(asset: Asset, artifact: ModelArtifact, initial_state: dict[str, float] | None,
+                       initial_std: dict[str, float] | None) -> None:
+    """Refuse (`RegistrationError`, every problem in one message) what the twin's filter would refuse
+    when it is built in its shard: a filter name, noise metadata or prior that does not fit the model."""
+    problems: list[str] = []
+    model = artifact.model()
+    for check in (lambda: filter_from_metadata(asset.metadata, model), lambda: noise_from_metadata(asset.metadata)):
+        try:
+            check()
+        except RegistrationError as exc:
+            problems.append(str(exc))
+    noise = _parsable_noise(asset.metadata)
+    defaults = model_defaults(model)
+    given = {**noise, "initial_state": initial_state or {}, "initial_std": initial_std or {}}
+    names = {"process_std": model.state_names, "measurement_std": model.output_names, "inputs": model.input_names,
+             "initial_state": model.state_names, "initial_std": model.state_names}
+    where = {kind: f"asset metadata {prefix}*" for prefix, kind in NOISE_PREFIXES.items()}
+    for kind, expected in names.items():
+        values, what = given.get(kind, {}), where.get(kind, kind)
+        if unknown := sorted(set(values) - set(expected)):
+            problems.append(f"{what}: unknown name(s) {unknown}; expected {list(expected)}")
+        if missing := [n for n in expected if n not in values and n not in defaults[kind]]:
+            problems.append(f"{what}: no value and no model default for {missing}")
+        allowed, rule = _RANGES.get(kind, (lambda v: True, "finite"))
+        if bad := {n: v for n, v in values.items() if not (math.isfinite(v) and allowed(v))}:
+            problems.append(f"{what}: {bad} must be {rule}")
+    if problems:
+        raise RegistrationError(f"asset {asset.id} on model {artifact.ref}: " + "; ".join(problems))
 
 
 def registration_record(
@@ -53,9 +93,7 @@ def registration_record(
             f"asset {asset.id} is of type {asset.type_name}@{asset.type_version} but artifact "
             f"{artifact.ref} models {at.key}"
         )
-    model = artifact.model()
-    filter_from_metadata(asset.metadata, model)  # refused here, before anything is stored
-    _check_filter_values(asset, model, initial_state, initial_std)
+    check_registration(asset, artifact, initial_state, initial_std)  # refused here, before anything is stored
     return {
         "asset": asset.model_dump(mode="json"),
         "artifact": artifact.model_dump(mode="json"),
@@ -64,34 +102,28 @@ def registration_record(
     }
 
 
-def _check_filter_values(asset: Asset, model: Declared, initial_state: dict[str, float] | None,
-                         initial_std: dict[str, float] | None) -> None:
-    """Every value a twin's filter needs is given or declared by the model (an FMU declares no
-    noise), so a twin that could not start is refused here, not later in its shard."""
-    noise, defaults = noise_from_metadata(asset.metadata), model_defaults(model)
-    where = {"initial_state": "initial_state", "initial_std": "initial_std", "process_std": "asset metadata process_std.",
-             "measurement_std": "asset metadata measurement_std.", "inputs": "asset metadata input."}
-    for kind, names, given in (("initial_state", model.state_names, initial_state),
-                               ("initial_std", model.state_names, initial_std),
-                               ("process_std", model.state_names, noise.get("process_std")),
-                               ("measurement_std", model.output_names, noise.get("measurement_std")),
-                               ("inputs", model.input_names, noise.get("inputs"))):
-        missing = [n for n in names if n not in {**defaults[kind], **(given or {})}]
-        if missing:
-            raise ValueError(f"asset {asset.id}: no {kind} for {missing}: simulator {model.name} declares none; "
-                             f"give them ({where[kind]}<name>)")
-
-
 def noise_from_metadata(metadata: dict[str, str]) -> dict[str, dict[str, float]]:
+    """The filter settings in an asset's metadata (`NOISE_PREFIXES`), by kind."""
+    if bad := [f"{key}={value!r}" for key, value in metadata.items()
+               if key.startswith(tuple(NOISE_PREFIXES)) and _number(value) is None]:
+        raise RegistrationError(f"asset metadata {', '.join(bad)}: not a number")
+    return _parsable_noise(metadata)
+
+
+def _parsable_noise(metadata: dict[str, str]) -> dict[str, dict[str, float]]:
     noise: dict[str, dict[str, float]] = {}
     for key, value in metadata.items():
         for prefix, kind in NOISE_PREFIXES.items():
-            if key.startswith(prefix):
-                try:
-                    noise.setdefault(kind, {})[key.removeprefix(prefix)] = float(value)
-                except ValueError:
-                    raise ValueError(f"asset metadata {key}={value!r} is not a number") from None
+            if key.startswith(prefix) and (number := _number(value)) is not None:
+                noise.setdefault(kind, {})[key.removeprefix(prefix)] = number
     return noise
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
 
 
 @lru_cache(maxsize=1024)

@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import ray
 from ray.util import metrics
 
@@ -245,7 +244,6 @@ class TwinShard:
         times = batch.column("event_time").cast(pa.int64()).to_numpy().tolist()
         sequences = batch.column("sequence").to_numpy().tolist()
         qualities = batch.column("quality").to_pylist()
-        use_outputs = pc.not_equal(batch.column("quality"), "bad").to_numpy().tolist()
         misfits = misfit.tolist()
         adm = Admission()
         rows_of: dict[int, list[int]] = {}  # each twin's rows in batch order (plain lists: ~1 event a twin)
@@ -260,7 +258,7 @@ class TwinShard:
                 adm.rejected += [(i, None) for i in rows if misfits[i]]
                 rows = [i for i in rows if not misfits[i]]
             matrix = values[c]
-            found = [Pending((times[i], sequences[i], keys[i]), matrix[i], use_outputs[i], qualities[i]) for i in rows]
+            found = [Pending((times[i], sequences[i], keys[i]), matrix[i], qualities[i]) for i in rows]
             events: list[Pending] = []
             for i, ev, verdict in zip(rows, found, twin.classify(found)):
                 if verdict == TOO_LATE:  # a re-delivery of an event applied long ago?

@@ -61,13 +61,17 @@ def _key(e: Pending) -> EventKey:
 
 class Pending(NamedTuple):
     """An accepted event as a twin holds it: order key (its identity), values in its filter's
-    `measured_names` columns (SI, NaN = not measured), whether its outputs may update the
-    estimate, and its quality (part of its content, with the values)."""
+    `measured_names` columns (SI, NaN = not measured) and its quality (part of its content, with
+    the values)."""
 
     key: EventKey
     values: np.ndarray
-    use_outputs: bool
     quality: str
+
+    @property
+    def use_outputs(self) -> bool:
+        """Whether its outputs may update the estimate: not from a sensor flagged bad (its inputs still count)."""
+        return self.quality != "bad"
 
 
 def same_content(a: Pending, b: Pending) -> bool:
@@ -149,8 +153,7 @@ class Twin:
 
     def pending(self, ev: LoggedEvent) -> Pending:
         """A logged event in this twin's filter columns."""
-        return Pending(ev.key, np.array([ev.values.get(n, np.nan) for n in self.filter.measured_names]),
-                       ev.quality != "bad", ev.quality)
+        return Pending(ev.key, np.array([ev.values.get(n, np.nan) for n in self.filter.measured_names]), ev.quality)
 
     # ------------------------------------------------------------------------- applying ----
     def apply(self, events: list[Pending]) -> None:

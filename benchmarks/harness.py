@@ -170,8 +170,9 @@ def benchmark(name: str, description: str) -> Callable[[BenchFn], BenchFn]:
     return register
 
 
-BENCHMARK_MODULES = ("benchmarks.sweep", "benchmarks.sweep_kits", "benchmarks.sweep_gpu", "benchmarks.roofline",
-                     "benchmarks.quantiles", "benchmarks.ingest", "benchmarks.serve_api", "benchmarks.calibration",
+BENCHMARK_MODULES = ("benchmarks.sweep", "benchmarks.sweep_kits", "benchmarks.sweep_gpu",
+                     "benchmarks.lorenz_ensemble", "benchmarks.roofline", "benchmarks.quantiles",
+                     "benchmarks.model_checks", "benchmarks.ingest", "benchmarks.serve_api", "benchmarks.calibration",
                      "benchmarks.fmu")
 """Modules that register benchmarks, in run order: the headline sweep first, the slow product paths last."""
 

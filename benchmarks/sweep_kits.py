@@ -16,9 +16,10 @@ import numpy as np
 
 from benchmarks.harness import BenchContext, BenchResult, Figure, Timing, benchmark
 from benchmarks.thermal_scenarios import THERMAL_KIT, bench_spec
+from raytwin.signals import DAY_S, TWO_PI
 from raytwin.sim import THERMAL_RC
 from sweeps import engine
-from sweeps.kits import DAY_S, TWO_PI, SweepKit
+from sweeps.kits import SweepKit
 from sweeps.runner import prepare
 
 DATA_VS_HANDWRITTEN_TARGET = 0.9

@@ -26,10 +26,10 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.integrate import solve_ivp
 
+from raytwin.signals import DAY_S
 from raytwin.sim import THERMAL_RC, rk4_step
 from sweeps import engine
 from sweeps.aggregate import open_dataset
-from sweeps.kits import DAY_S
 from sweeps.reference_kits import THERMAL
 from sweeps.runner import prepare, run_sweep
 from sweeps.space import Dimension, ScenarioSpace
@@ -165,15 +165,16 @@ def numpy_rk4(sweep: ThermalSweep, dtype: type = np.float64) -> np.ndarray:
 
 
 # ---- (c) RayTwin: the sweeps product ----------------------------------------------------------
-def product_in_process(sweep: ThermalSweep) -> np.ndarray:
-    """`sweeps.engine.chunk_metrics` chunk after chunk in this process (multi-threaded XLA)."""
+def product_in_process(sweep: ThermalSweep, kernel: engine.Kernel = "auto") -> np.ndarray:
+    """`sweeps.engine.chunk_metrics` chunk after chunk in this process (`kernel`: the platform's, or
+    one forced: `sweeps.engine.KERNELS`)."""
     spec, size = sweep.spec, sweep.spec.batch_size
     _, bases = prepare(spec)
     parts = []
     for start in range(0, sweep.n, size):
         rows = spec.space.rows(start, min(start + size, sweep.n))
         metrics = engine.chunk_metrics(THERMAL_KIT, bases, spec.space.dimensions, rows, spec.step_s,
-                                       spec.n_steps, size, spec.dtype)
+                                       spec.n_steps, size, spec.dtype, kernel)
         parts.append(np.stack([metrics[m] for m in METRICS], axis=1))
     return np.concatenate(parts).astype(np.float64)
 

@@ -16,11 +16,8 @@ import numpy as np
 from pydantic import (
     AfterValidator,
     AwareDatetime,
-    BaseModel,
     BeforeValidator,
-    ConfigDict,
     Field,
-    StrictFloat,
     StrictInt,
     ValidationError,
     ValidationInfo,
@@ -29,6 +26,8 @@ from pydantic import (
 )
 
 from raytwin import units
+from raytwin.fields import Contract, Finite, Unit
+from raytwin.signals import OpenLoopSignal, Series, signal_function
 
 SCHEMA_VERSION = 1
 MAX_FUTURE_SKEW = timedelta(minutes=5)
@@ -47,22 +46,6 @@ SimulatorRef = Annotated[str, Field(
 )]
 
 
-def _fits_float(value: Any) -> Any:
-    """Refuse an integer beyond a 64-bit float's range (a JSON number of 400 digits) as invalid input:
-    the finiteness check and `float()` would raise OverflowError, which pydantic lets escape."""
-    if type(value) is int:
-        try:
-            float(value)
-        except OverflowError:
-            raise ValueError("number too large for a 64-bit float") from None
-    return value
-
-
-Finite = Annotated[StrictFloat | StrictInt, BeforeValidator(_fits_float), Field(allow_inf_nan=False),
-                   AfterValidator(float)]
-"""A finite number (JSON integers included), as a float; booleans and numeric strings are refused."""
-
-
 def _storable(text: str) -> str:
     """Refuse text that is not valid Unicode (a lone surrogate, e.g. from a JSON `\\ud800` escape):
     Arrow and Parquet cannot store it, so it would fail the whole batch it travels in."""
@@ -74,14 +57,6 @@ def _storable(text: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(_storable)]
-
-
-def _known_unit(unit: str) -> str:
-    units.canonical(unit)  # raises UnitError (a ValueError) with the list of known units
-    return unit
-
-
-Unit = Annotated[str, AfterValidator(_known_unit)]
 
 
 def _utc(ts: datetime) -> datetime:
@@ -115,10 +90,6 @@ def whole_steps(horizon_s: float, step_s: float) -> int:
     if abs(n - round(n)) > 1e-9 * max(n, 1.0):
         raise ValueError(f"horizon_s {horizon_s} is not a whole number of steps of {step_s} s")
     return round(n)
-
-
-class Contract(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class ContractError(ValueError):
@@ -358,73 +329,6 @@ def normalize_measurements(event: TelemetryEvent, asset_type: AssetType) -> dict
 
 
 # ---------------------------------------------------------------------------- scenarios ----
-class _Signal(Contract):
-    unit: Unit
-
-    def evaluate(self, t, xp=np):
-        """Signal values at times `t` [s] (NumPy or jax.numpy via `xp`), in `self.unit`."""
-        raise NotImplementedError
-
-
-class Constant(_Signal):
-    kind: Literal["constant"] = "constant"
-    value: Finite
-
-    def evaluate(self, t, xp=np):
-        return xp.zeros_like(t) + self.value
-
-
-class Sinusoid(_Signal):
-    """mean + amplitude * sin(2 pi (t + phase) / period), e.g. a daily outdoor temperature."""
-
-    kind: Literal["sinusoid"] = "sinusoid"
-    mean: Finite
-    amplitude: Finite
-    period_s: Annotated[Finite, Field(gt=0)]
-    phase_s: Finite = 0.0
-
-    def evaluate(self, t, xp=np):
-        return self.mean + self.amplitude * xp.sin((2.0 * math.pi / self.period_s) * (t + self.phase_s))
-
-
-class Schedule(_Signal):
-    """A periodic piecewise-constant schedule: `values[i]` from `starts_s[i]` within each period."""
-
-    kind: Literal["schedule"] = "schedule"
-    period_s: Annotated[Finite, Field(gt=0)]
-    starts_s: Annotated[list[Finite], Field(min_length=1)]
-    values: Annotated[list[Finite], Field(min_length=1)]
-
-    @model_validator(mode="after")
-    def _consistent(self) -> Schedule:
-        if len(self.starts_s) != len(self.values):
-            raise ValueError("starts_s and values must have the same length")
-        if self.starts_s[0] != 0.0 or any(b <= a for a, b in zip(self.starts_s, self.starts_s[1:])):
-            raise ValueError("starts_s must begin at 0 and increase strictly")
-        if self.starts_s[-1] >= self.period_s:
-            raise ValueError("starts_s must lie within one period")
-        return self
-
-    def evaluate(self, t, xp=np):
-        phase = xp.mod(t, self.period_s)
-        idx = xp.searchsorted(xp.asarray(self.starts_s), phase, side="right") - 1
-        return xp.asarray(self.values)[idx]
-
-
-class Series(_Signal):
-    """Explicit values, one per simulation step."""
-
-    kind: Literal["series"] = "series"
-    values: Annotated[list[Finite], Field(min_length=1)]
-
-    def evaluate(self, t, xp=np):
-        values = xp.asarray(self.values)
-        return values[xp.clip(xp.arange(t.shape[0]), 0, values.shape[0] - 1)]
-
-
-InputSignal = Annotated[Constant | Sinusoid | Schedule | Series, Field(discriminator="kind")]
-
-
 class Scenario(Contract):
     """A what-if run: from a start state (or the twin's live state) under given inputs."""
 
@@ -434,7 +338,8 @@ class Scenario(Contract):
     start_time: DateTime | None = None
     horizon_s: Annotated[Finite, Field(gt=0)]
     step_s: Annotated[Finite, Field(gt=0)]
-    inputs: dict[str, InputSignal] = Field(default_factory=dict)
+    inputs: dict[str, OpenLoopSignal] = Field(
+        default_factory=dict, description="one signal per input of the asset type (raytwin.signals)")
     parameter_overrides: dict[str, Finite] = Field(default_factory=dict)
     seed: Annotated[StrictInt, Field(ge=0)] = 0
 
@@ -448,8 +353,14 @@ class Scenario(Contract):
         if n > MAX_SCENARIO_STEPS:
             raise ValueError(f"{n} steps exceeds the limit of {MAX_SCENARIO_STEPS}")
         for name, sig in self.inputs.items():
+            if isinstance(sig, Series) and sig.path is not None:
+                raise ValueError(f"inputs.{name}: a scenario's series gives its values (one per step), not a "
+                                 "file path: the server does not read files named by a request")
             if isinstance(sig, Series) and len(sig.values) != n:
                 raise ValueError(f"inputs.{name}: series has {len(sig.values)} values for {n} steps")
+            if sig.references():
+                raise ValueError(f"inputs.{name}: {sorted(sig.references())} name sweep parameters; a "
+                                 "scenario's signals take numbers")
         return self
 
     def check_against(self, asset_type: AssetType) -> None:
@@ -462,13 +373,22 @@ class Scenario(Contract):
         after `check_against`."""
         return self._checked_inputs(asset_type)
 
+    def input_values(self, name: str, unit: str | None = None) -> np.ndarray:
+        """Input `name` at the start of each step, in `unit` (default: the signal's), in float64: the
+        formulas a sweep compiles into its scan, evaluated with NumPy (random signals drawn from
+        their seed plus the scenario's `seed`)."""
+        fn = signal_function(self.inputs[name], horizon_s=self.horizon_s, step_s=self.step_s, offset=self.seed,
+                             unit=unit, xp=np)
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused by the range check
+            return np.asarray(fn(self.step_s * np.arange(self.n_steps, dtype=np.float64), None, {}), np.float64)
+
     def _checked_inputs(self, asset_type: AssetType) -> np.ndarray:
         """`check_against`, returning the input series it evaluated to check their ranges."""
         problems = []
         for name, sig in self.inputs.items():
             if name not in asset_type.inputs:
                 problems.append(f"unknown input {name!r} (inputs: {sorted(asset_type.inputs)})")
-            elif units.canonical(sig.unit) != units.canonical(asset_type.inputs[name].unit):
+            elif sig.unit is not None and units.canonical(sig.unit) != units.canonical(asset_type.inputs[name].unit):
                 problems.append(f"input {name!r}: unit {sig.unit!r} is not {asset_type.inputs[name].unit!r}")
         missing = set(asset_type.inputs) - set(self.inputs)
         if missing:
@@ -483,12 +403,9 @@ class Scenario(Contract):
                 problems.append(f"parameter {name}={value} outside [{spec.lower}, {spec.upper}]")
         series = np.empty((self.n_steps, 0))
         if not problems:  # every input is known and convertible: evaluate, then check the ranges
-            t = self.step_s * np.arange(self.n_steps, dtype=np.float64)
             cols = []
             for name, q in asset_type.inputs.items():
-                sig = self.inputs[name]
-                with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused below
-                    col = units.to_unit(sig.evaluate(t), sig.unit, q.unit)
+                col = self.input_values(name, q.unit)
                 low, high = float(np.min(col)), float(np.max(col))
                 if not (math.isfinite(low) and math.isfinite(high)) or q.outside(low) or q.outside(high):
                     problems.append(f"input {name} spans [{low:g}, {high:g}] {q.unit} over the horizon, {_range(q)}")

@@ -31,7 +31,7 @@ import numpy as np
 from raytwin.estimation import ExtendedKalmanFilter, _Kernels, _mm, _solve_spd, scan_kernels, skip
 from raytwin.sim import Model, unstack
 from raytwin.sim.model import Declared
-from raytwin.sim.precision import host_callback
+from raytwin.sim.precision import float64_callback
 
 ALPHA, BETA = 1.0, 2.0
 """Sigma-point spread and prior-knowledge weight (beta = 2 is optimal for Gaussian priors)."""
@@ -72,12 +72,10 @@ def host_dynamics(model: Declared, step: Callable, observe: Callable) -> Dynamic
     ny = len(model.outputs)
 
     def host_step(X, u, p, dt):
-        out = jax.ShapeDtypeStruct(X.shape, jnp.float64)
-        return jax.pure_callback(host_callback(distinct_lanes(step)), out, X, u, p, dt, vmap_method="broadcast_all")
+        return float64_callback(distinct_lanes(step), X.shape, X, u, p, dt, vmap_method="broadcast_all")
 
     def host_observe(X, u, p):
-        out = jax.ShapeDtypeStruct((X.shape[0], ny), jnp.float64)
-        return jax.pure_callback(host_callback(distinct_lanes(observe)), out, X, u, p, vmap_method="broadcast_all")
+        return float64_callback(distinct_lanes(observe), (X.shape[0], ny), X, u, p, vmap_method="broadcast_all")
 
     return Dynamics(host_step, host_observe)
 

@@ -1,13 +1,19 @@
 """Units: a small explicit table of the units RayTwin accepts and their safe conversions to SI.
 
-Every accepted unit maps to a canonical SI unit by ``si = value * scale + offset``. Two units
-are compatible only if they share a canonical unit; nothing is guessed. Extend `UNITS` to
-accept more spellings.
+Every accepted unit maps to an SI expression by ``si = value * scale + offset``. The expression
+(``N*m/A``, ``kg*m^2``, ``1/s``) is a product of powers of SI units whose dimensions over the base
+units m, kg, s, A, K are known (`ATOMS`), so two units are compatible exactly when their
+dimensions are equal: ``V*s/rad`` converts to ``N*m/A`` (a motor's back-EMF and torque constants
+are one number in SI), ``J`` to ``N*m``, ``K`` never to ``W``. The radian is dimensionless, as in SI.
+Nothing is guessed: a spelling is accepted only if it is in `UNITS`; extend the table to accept
+more, with the SI expression it means.
 """
 
 from __future__ import annotations
 
 import math
+import re
+from functools import cache
 from typing import NamedTuple
 
 
@@ -17,8 +23,22 @@ class UnitError(ValueError):
 
 class UnitDef(NamedTuple):
     canonical: str
+    """The SI expression the unit converts to (over `ATOMS`)."""
     scale: float
     offset: float = 0.0
+
+
+BASE = ("m", "kg", "s", "A", "K")
+Dimension = tuple[int, int, int, int, int]
+"""Exponents of the base units `BASE`."""
+ATOMS: dict[str, Dimension] = {
+    "1": (0, 0, 0, 0, 0), "-": (0, 0, 0, 0, 0), "rad": (0, 0, 0, 0, 0),
+    "m": (1, 0, 0, 0, 0), "kg": (0, 1, 0, 0, 0), "s": (0, 0, 1, 0, 0), "A": (0, 0, 0, 1, 0), "K": (0, 0, 0, 0, 1),
+    "N": (1, 1, -2, 0, 0), "J": (2, 1, -2, 0, 0), "W": (2, 1, -3, 0, 0), "Pa": (-1, 1, -2, 0, 0),
+    "C": (0, 0, 1, 1, 0), "V": (2, 1, -3, -1, 0), "ohm": (2, 1, -3, -2, 0), "F": (-2, -1, 4, 2, 0),
+    "H": (2, 1, -2, -2, 0),
+}
+"""SI units with their dimensions: the words of the SI expressions in `UNITS`."""
 
 
 UNITS: dict[str, UnitDef] = {
@@ -47,8 +67,9 @@ UNITS: dict[str, UnitDef] = {
     "mV": UnitDef("V", 1e-3),
     "A": UnitDef("A", 1.0),
     "mA": UnitDef("A", 1e-3),
-    "Ah": UnitDef("Ah", 1.0),
-    "mAh": UnitDef("Ah", 1e-3),
+    "C": UnitDef("C", 1.0),
+    "Ah": UnitDef("C", 3600.0),
+    "mAh": UnitDef("C", 3.6),
     "ohm": UnitDef("ohm", 1.0),
     "mohm": UnitDef("ohm", 1e-3),
     "F": UnitDef("F", 1.0),
@@ -70,6 +91,11 @@ UNITS: dict[str, UnitDef] = {
     "kPa": UnitDef("Pa", 1e3),
     "bar": UnitDef("Pa", 1e5),
     "H": UnitDef("H", 1.0),
+    # electric machines: torque constant, back-EMF constant (the same quantity in SI), rotational damping
+    "N*m/A": UnitDef("N*m/A", 1.0),
+    "V*s/rad": UnitDef("V*s/rad", 1.0),
+    "V/krpm": UnitDef("V*s/rad", 60.0 / (2.0 * math.pi * 1000.0)),
+    "N*m*s/rad": UnitDef("N*m*s/rad", 1.0),
     # time and others
     "1/s": UnitDef("1/s", 1.0),
     "s": UnitDef("s", 1.0),
@@ -81,6 +107,42 @@ UNITS: dict[str, UnitDef] = {
 }
 
 
+_FACTOR = re.compile(r"(?P<atom>[A-Za-z1-]+)(\^(?P<power>-?\d+))?")
+
+
+@cache
+def _parse(expression: str) -> Dimension:
+    """The dimension of an SI expression: factors ``atom`` or ``atom^n`` joined by ``*`` and ``/``
+    (left to right, so ``N*m*s/rad`` is N m s / rad)."""
+    dims, sign = [0] * len(BASE), 1
+    for part in re.split(r"([*/])", expression):
+        if part in ("*", "/"):
+            sign = 1 if part == "*" else -1
+            continue
+        match = _FACTOR.fullmatch(part)
+        if match is None or match["atom"] not in ATOMS:
+            raise UnitError(f"SI expression {expression!r}: {part!r} is not one of {', '.join(ATOMS)} (or a power)")
+        power = sign * int(match["power"] or 1)
+        dims = [d + power * a for d, a in zip(dims, ATOMS[match["atom"]])]
+    return tuple(dims)  # type: ignore[return-value]
+
+
+def _format(dims: Dimension) -> str:
+    """``kg*m^2/(s^3*A)`` for a dimension ("1": dimensionless)."""
+    def factors(sign: int) -> list[str]:
+        ordered = [(BASE[i], dims[i]) for i in (1, 0, 2, 3, 4)]  # kg*m^2, as SI writes it
+        return [b if sign * e == 1 else f"{b}^{sign * e}" for b, e in ordered if sign * e > 0]
+    num, den = factors(1), factors(-1)
+    text = "*".join(num) or "1"
+    if den:
+        text += "/" + (den[0] if len(den) == 1 else f"({'*'.join(den)})")
+    return text
+
+
+for _unit, _definition in UNITS.items():  # a table entry that does not parse fails at import, not in use
+    _parse(_definition.canonical)
+
+
 def unit_def(unit: str) -> UnitDef:
     try:
         return UNITS[unit]
@@ -88,15 +150,21 @@ def unit_def(unit: str) -> UnitDef:
         raise UnitError(f"unknown unit {unit!r}; known units: {', '.join(sorted(UNITS))}") from None
 
 
+def dimension(unit: str) -> Dimension:
+    """The exponents of m, kg, s, A, K in `unit` (raises `UnitError` for unknown units)."""
+    return _parse(unit_def(unit).canonical)
+
+
 def canonical(unit: str) -> str:
-    """The SI unit `unit` converts to (raises `UnitError` for unknown units)."""
-    return unit_def(unit).canonical
+    """The SI dimension of `unit` in base units, e.g. ``kg*m^2/(s^3*A)`` for V: equal exactly for
+    units that convert into each other (raises `UnitError` for unknown units)."""
+    return _format(dimension(unit))
 
 
 def to_unit(value: float, unit: str, target: str) -> float:
     """Convert `value` from `unit` to `target`, refusing incompatible dimensions."""
     src, dst = unit_def(unit), unit_def(target)
-    if src.canonical != dst.canonical:
-        raise UnitError(f"cannot convert {unit!r} to {target!r}: {src.canonical} is not {dst.canonical}")
+    if dimension(unit) != dimension(target):
+        raise UnitError(f"cannot convert {unit!r} to {target!r}: {canonical(unit)} is not {canonical(target)}")
     si = value * src.scale + src.offset
     return (si - dst.offset) / dst.scale

@@ -78,9 +78,7 @@ class Backend:
                 if initial_state is not None and set(initial_state) != set(asset_type.states):
                     raise Unprocessable(f"initial_state must give exactly {sorted(asset_type.states)} "
                                         f"(got {sorted(initial_state)})")
-                artifact = self._artifact(asset.tenant, asset)
-                _check_filter(asset, artifact)
-                self.twins.register(asset, artifact, initial_state=initial_state)
+                self.twins.register(asset, self._checked_artifact(asset, initial_state), initial_state=initial_state)
             except Exception:  # no asset without its twin
                 self.catalog.delete_asset(asset.tenant, asset.id)
                 raise
@@ -89,9 +87,26 @@ class Backend:
         with self._lock:
             before = self.catalog.get_asset(asset.tenant, asset.id)
             self.catalog.update_asset(asset)
+            try:  # metadata the twin would refuse is refused on update too
+                artifact = self._checked_artifact(asset, None)
+            except Unprocessable:
+                self.catalog.update_asset(before)
+                raise
             if (before.type_name, before.type_version) != (asset.type_name, asset.type_version):
                 self.twins.unregister(asset.tenant, asset.id)
-                self.twins.register(asset, self._artifact(asset.tenant, asset))
+                self.twins.register(asset, artifact)
+
+    def _checked_artifact(self, asset: Asset, initial_state: dict[str, float] | None) -> ModelArtifact:
+        """The asset's model, once its twin's registration is known to fit it: a filter name, noise
+        metadata or prior the model refuses is the client's to fix (422), found before anything changes."""
+        from actors.recovery import RegistrationError, check_registration
+
+        artifact = self._artifact(asset.tenant, asset)
+        try:
+            check_registration(asset, artifact, initial_state, None)
+        except RegistrationError as exc:
+            raise Unprocessable(str(exc)) from None
+        return artifact
 
     def get_asset(self, tenant: str, asset_id: str) -> Asset:
         with self._lock:
@@ -141,13 +156,3 @@ class Backend:
 BackendDeployment = serve.deployment(Backend, name="Backend", num_replicas=1, max_ongoing_requests=64,
                                      ray_actor_options=cpu_only({"num_cpus": 0}))
 
-
-def _check_filter(asset: Asset, artifact: ModelArtifact) -> None:
-    """A twin's filter named in its metadata must exist and suit its simulator (a 422 naming the
-    ones it can run, not a 500)."""
-    from actors.recovery import filter_from_metadata
-
-    try:
-        filter_from_metadata(asset.metadata, artifact.model())
-    except ValueError as exc:
-        raise Unprocessable(f"asset {asset.id}: {exc}") from None

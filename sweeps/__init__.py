@@ -8,41 +8,17 @@ from __future__ import annotations
 
 from raytwin.lazy import lazy_exports
 
-_EXPORTS = {
-    "Dimension": "sweeps.space",
-    "ScenarioSpace": "sweeps.space",
-    "SweepSpec": "sweeps.spec",
-    "resolve_model": "sweeps.spec",
-    "run_sweep": "sweeps.runner",
-    "SweepResult": "sweeps.runner",
-    "SweepCancelled": "sweeps.runner",
-    "open_dataset": "sweeps.aggregate",
-    "quantiles": "sweeps.aggregate",
-    "CalibrationSpec": "sweeps.calibration",
-    "CalibrationResult": "sweeps.calibration",
-    "CalibrationError": "sweeps.calibration",
-    "calibrate": "sweeps.calibration",
-    "synthetic_telemetry": "sweeps.synthetic",
-    "RunRecord": "sweeps.runs",
-    "RunStore": "sweeps.runs",
-    "RunError": "sweeps.runs",
-    "recorded_sweep": "sweeps.runs",
-    "recorded_calibration": "sweeps.runs",
-    "recorded_fmu_sweep": "sweeps.runs",
-    "recorded_fmu_calibration": "sweeps.runs",
-    "FmuSweepSpec": "sweeps.fmu",
-    "FmuCalibrationSpec": "sweeps.fmu",
-    "rerun": "sweeps.runs",
-    "start_from_twin": "sweeps.twins",
-    "Kit": "sweeps.kits",
-    "KitParameter": "sweeps.kits",
-    "Metric": "sweeps.kits",
-    "CustomMetric": "sweeps.kits",
-    "kit_for": "sweeps.kits",
-    "register_kit": "sweeps.kits",
-}
-
-__all__ = sorted(_EXPORTS)
-
-
-__getattr__ = lazy_exports(__name__, _EXPORTS)
+__all__, __getattr__, __dir__ = lazy_exports(__name__, {
+    "sweeps.space": ("Dimension", "ScenarioSpace"),
+    "sweeps.spec": ("SweepSpec", "resolve_model"),
+    "sweeps.runner": ("run_sweep", "SweepResult", "SweepCancelled"),
+    "sweeps.aggregate": ("open_dataset", "quantiles"),
+    "sweeps.calibration": ("CalibrationSpec", "CalibrationResult", "CalibrationError", "calibrate"),
+    "sweeps.synthetic": ("synthetic_telemetry",),
+    "sweeps.runs": ("RunRecord", "RunStore", "RunError", "recorded_sweep", "recorded_calibration", "recorded_fmu_sweep",
+                    "recorded_fmu_calibration", "rerun"),
+    "sweeps.fmu": ("FmuSweepSpec", "FmuCalibrationSpec"),
+    "sweeps.twins": ("start_from_twin",),
+    "sweeps.kits": ("Kit", "KitParameter", "kit_for", "register_kit"),
+    "raytwin.scenario_metrics": ("Metric", "CustomMetric"),
+})

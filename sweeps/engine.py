@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -72,6 +73,24 @@ sweeps/README.md): on an H100, 8 steps per iteration launch 8x fewer kernels and
 (32: no faster, 10x the compile time); on CPU every unroll tried was slower (0.29-0.41x)."""
 
 
+KERNELS = {"gpu": "pallas"}
+"""The sweep kernel by platform (default ``"xla"``): on GPUs the fused Pallas kernel (`sweeps.fused`:
+one program per block of scenarios for the whole horizon, states and accumulators in registers),
+falling back to XLA for a kit it cannot compile; elsewhere the XLA scan, which is also the reference
+the fused kernel is tested against (in Pallas' interpret mode on CPUs)."""
+Kernel = Literal["auto", "xla", "pallas"]
+
+
+def kernel_for(array: jax.Array, kernel: Kernel = "auto") -> str:
+    """The kernel that runs on the platform `array` lives on: `kernel`, or for ``"auto"`` `KERNELS`'s."""
+    if kernel not in ("auto", "xla", "pallas"):
+        raise ValueError(f"kernel must be 'auto', 'xla' or 'pallas', got {kernel!r}")
+    if kernel != "auto":
+        return kernel
+    (device,) = array.devices()
+    return KERNELS.get(device.platform, "xla")
+
+
 def scan_unroll(array: jax.Array) -> int:
     """The `SCAN_UNROLL` for the platform `array` lives on."""
     (device,) = array.devices()
@@ -85,14 +104,29 @@ def plausible(kit: SweepKit, x: tuple):
     return functools.reduce(jnp.logical_and, flags)
 
 
+def initial(kit: SweepKit, x0: tuple, ip) -> tuple:
+    """The carry a scenario starts with: (metric accumulators, plausible so far)."""
+    return kit.init(x0, ip), plausible(kit, x0)
+
+
+def accumulator(kit: SweepKit, coeffs: tuple, ip, dt):
+    """``fold(acc, t, x, u, x_next) -> acc``: one step's metric updates and divergence flag (the
+    XLA scan and the fused kernel, `sweeps.fused`, fold with this same function)."""
+    return lambda acc, t, x, u, x_next: (kit.update(acc[0], x_next, u, coeffs, ip, dt), acc[1] & plausible(kit, x_next))
+
+
+def finish(kit: SweepKit, acc: tuple, dt) -> tuple:
+    """(metrics..., diverged): the metrics of the accumulators, NaN where the scenario diverged."""
+    metrics, ok = acc
+    return *(jnp.where(ok, m, jnp.nan) for m in kit.finalize(metrics, dt)), ~ok
+
+
 def _run_one(kit: SweepKit, n_steps: int, unroll: int, keep_trajectory: bool, x0, params, ip, dt):
-    coeffs = kit.model.coefficients(params)
     return rollout(
         kit.model, x0, params, dt, n_steps,
         lambda k, t, x: kit.inputs(t, x, ip),
-        accumulate=lambda acc, t, x, u, x_next: (kit.update(acc[0], x_next, u, coeffs, ip, dt),
-                                                 acc[1] & plausible(kit, x_next)),
-        acc0=(kit.init(x0, ip), plausible(kit, x0)),
+        accumulate=accumulator(kit, kit.model.coefficients(params), ip, dt),
+        acc0=initial(kit, x0, ip),
         keep_trajectory=keep_trajectory,
         unroll=unroll,
     )
@@ -105,8 +139,7 @@ def _scenario_axes(*args) -> tuple:
 
 def _metrics_fn(kit: SweepKit, n_steps: int, unroll: int, x0, params, ip, dt):
     def one(x0, params, ip):
-        acc, ok = _run_one(kit, n_steps, unroll, False, x0, params, ip, dt).accumulated
-        return *(jnp.where(ok, m, jnp.nan) for m in kit.finalize(acc, dt)), ~ok
+        return finish(kit, _run_one(kit, n_steps, unroll, False, x0, params, ip, dt).accumulated, dt)
 
     return jax.vmap(one, in_axes=_scenario_axes(x0, params, ip))(x0, params, ip)
 
@@ -132,12 +165,23 @@ def _padded(rows: np.ndarray, size: int) -> np.ndarray:
 @in_dtype_precision
 def chunk_metrics(
     kit: SweepKit, bases: Bases, dims: list[Dimension], rows: np.ndarray, step_s: float, n_steps: int,
-    chunk_size: int, dtype: str,
+    chunk_size: int, dtype: str, kernel: Kernel = "auto",
 ) -> dict[str, np.ndarray]:
     """Metrics of the scenarios in `rows` (padded to `chunk_size`), by metric name, and `diverged`
-    (NaN metrics where True)."""
+    (NaN metrics where True). `kernel`: see `KERNELS` (``"pallas"`` on a CPU runs interpreted: tests)."""
     x0, params, ip = scenario_arrays(kit, bases, dims, _padded(rows, chunk_size), dtype)
-    out = _metrics(kit, n_steps, scan_unroll(x0[0]), x0, params, ip, jnp.asarray(step_s, dtype=dtype))
+    dt = jnp.asarray(step_s, dtype=dtype)
+    out = None
+    if kernel_for(x0[0], kernel) == "pallas":
+        from sweeps import fused
+
+        fn = fused.compiled(kit, n_steps, x0, params, ip, dt)
+        if kernel == "pallas" and isinstance(fn, str):
+            raise fused.FusedKernelUnsupported(f"kit for {kit.model.name}: the fused kernel cannot run it ({fn}); "
+                                               "use kernel='xla' or 'auto'")
+        out = None if isinstance(fn, str) else fn(x0, params, ip, dt)
+    if out is None:
+        out = _metrics(kit, n_steps, scan_unroll(x0[0]), x0, params, ip, dt)
     n = rows.shape[0]
     return {name: np.asarray(v)[:n] for name, v in zip((*kit.metric_names, DIVERGED), out, strict=True)}
 

@@ -1,6 +1,6 @@
 """Sweep kits of the three reference models, written as a model package's author would write theirs.
 
-Each is plain data on `sweeps.kits`' public API: named, sweepable parameters, one signal per
+Each is plain data on the public API (`sweeps.kits`, `raytwin.signals`, `raytwin.scenario_metrics`): named, sweepable parameters, one signal per
 model input, metrics, a start state, an example sweep and the excitation used for synthetic
 calibration data. `register_kit` makes each its model's kit.
 """
@@ -10,20 +10,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from raytwin.sim import BATTERY_ECM, THERMAL_RC, TWO_TANK
-from sweeps.kits import (
-    DAY_S,
-    TWO_PI,
-    ExampleSweep,
-    Kit,
-    KitParameter,
-    Metric,
-    Proportional,
-    RandomLevels,
-    RandomWalk,
-    Sinusoid,
-    Square,
-    register_kit,
-)
+from raytwin.scenario_metrics import Metric
+from raytwin.signals import DAY_S, TWO_PI, Proportional, RandomLevels, RandomWalk, Sinusoid, Square
+from sweeps.kits import ExampleSweep, Kit, KitParameter, register_kit
 
 HOUR_S = 3600.0
 SCALE_30 = {"mode": "scale", "low": 0.7, "high": 1.3}

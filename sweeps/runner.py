@@ -118,8 +118,8 @@ def _start_backend() -> None:
 
 
 def compiled_kit(spec: SweepSpec, simulator: str) -> SweepKit:
-    """The kernel functions of the sweep's kit for its horizon (cached per process)."""
-    return spec.kit(simulator).compile(spec.horizon_s)
+    """The kernel functions of the sweep's kit for its horizon and step (cached per process)."""
+    return spec.kit(simulator).compile(spec.horizon_s, spec.step_s)
 
 
 def _chunk_task(spec: SweepSpec, simulator: str, bases: Bases, chunk: int, rows: np.ndarray, url: str,

@@ -18,7 +18,10 @@ from pydantic import Field, model_validator
 from raytwin.contracts import AssetType, Contract, Finite, Identifier, whole_steps
 from raytwin.registry import ModelArtifact, ModelRegistry
 from raytwin.sim import get_model
-from sweeps.kits import Kit, KitParameter, Metric, Signal, kit_for
+from raytwin.sim.tableau import TABLEAUS
+from raytwin.scenario_metrics import Metric
+from raytwin.signals import Signal
+from sweeps.kits import Kit, KitParameter, kit_for
 from sweeps.space import ScenarioSpace
 from sweeps.stability import check_sweep_step
 
@@ -50,6 +53,10 @@ class SweepSpec(Contract):
     signal of some inputs and `metrics`, when given, its metrics (data, see `sweeps.kits`); a
     parameter name they use that the kit lacks is declared by giving its value in `inputs`.
     `trajectories` lists scenario indices whose full state trajectories are also written.
+    `solver` integrates this sweep's steps with an explicit Runge-Kutta tableau of
+    `raytwin.sim.tableau.TABLEAUS` (``"tsit5"``; ``"rk4"`` as a tableau) instead of the model's own
+    (the built-in RK4 unless the model names one); the step is still checked against the RK4
+    stability limit.
     """
 
     model: Annotated[str, Field(min_length=1)]
@@ -68,6 +75,7 @@ class SweepSpec(Contract):
     chunk_size: Annotated[int, Field(ge=1, le=1 << 22)] = MAX_CHUNK
     trajectories: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list)
     allow_unstable: bool = False  # run a step beyond the RK4 stability limit (sweeps.stability) with a warning
+    solver: Literal["rk4", "tsit5"] | None = None  # an explicit RK tableau for this sweep (None: the model's own)
 
     @property
     def n_steps(self) -> int:
@@ -102,7 +110,7 @@ class SweepSpec(Contract):
         declared = tuple(sorted(used & set(self.inputs)))
         signals = json.dumps({k: v.model_dump() for k, v in sorted(self.signals.items())})
         metrics = json.dumps([m.model_dump() for m in self.metrics])
-        return _custom_kit(simulator, signals, metrics, declared)
+        return _custom_kit(simulator, signals, metrics, declared, self.solver)
 
     def check_names(self, simulator: str) -> None:
         """Refuse names the simulator or its kit does not have (also run once a registry model is resolved)."""
@@ -123,9 +131,13 @@ class SweepSpec(Contract):
 
 
 @functools.cache
-def _custom_kit(simulator: str, signals: str, metrics: str, declared: tuple[str, ...]) -> Kit:
-    """The model's kit with replaced signals / metrics (JSON) and new parameters `declared`."""
+def _custom_kit(simulator: str, signals: str, metrics: str, declared: tuple[str, ...],
+                solver: str | None = None) -> Kit:
+    """The model's kit with replaced signals / metrics (JSON), new parameters `declared` and, if
+    named, the `solver` tableau in its model."""
     kit = kit_for(get_model(simulator))
+    if solver is not None:
+        kit = dataclasses.replace(kit, model=dataclasses.replace(kit.model, solver=TABLEAUS[solver]))
     if signals == "{}" and metrics == "[]":
         return kit
     unknown = set(json.loads(signals)) - set(kit.model.input_names)

@@ -2,7 +2,7 @@
 
 Trajectories come from `scipy.integrate.solve_ivp` (`raytwin.sim.reference`), not from the JAX
 simulator that calibration uses, so a recovered parameter set is also a check of the simulator.
-The inputs are the model kit's `excitation` signals (open loop: data on `sweeps.kits`' API), or
+The inputs are the model kit's `excitation` signals (open loop: `raytwin.signals` data), or
 generic ones derived from the model's declaration (`generic_excitation`).
 """
 
@@ -13,7 +13,8 @@ import pyarrow as pa
 
 from raytwin.sim import Model, get_model
 from raytwin.sim.reference import model_rhs, reference_trajectory
-from sweeps.kits import RandomLevels, kit_for, signal_function
+from raytwin.signals import RandomLevels, signal_function
+from sweeps.kits import kit_for
 
 HOLD_STEPS = 60
 """Generic excitation: a new random level of each input every 60 of the model's default steps."""
@@ -39,9 +40,9 @@ def excitation(model: Model | str, n_steps: int, dt: float, seed: int = 0) -> np
     signals = kit_for(model).excitation or generic_excitation(model)
     t = dt * np.arange(n_steps, dtype=np.float64)
     columns = []
-    for name in model.input_names:  # open-loop signals of numbers only (checked by `Kit`)
-        columns.append(np.asarray(signal_function(signals[name], n_steps * dt, seed)(t, None, {}),
-                                  dtype=np.float64))
+    for var in model.inputs:  # open-loop signals of numbers only (checked by `Kit`), in float64 NumPy
+        fn = signal_function(signals[var.name], horizon_s=n_steps * dt, step_s=dt, offset=seed, unit=var.unit, xp=np)
+        columns.append(np.asarray(fn(t, None, {}), dtype=np.float64))
     return np.column_stack(columns)
 
 

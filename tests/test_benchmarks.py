@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from benchmarks import sweep_gpu
+from benchmarks import lorenz_ensemble, sweep_gpu
 from benchmarks.cli import bench_app
 from benchmarks.fmu import AGREEMENT_ATOL
 from benchmarks.harness import BenchContext, Figure, measure, select
@@ -29,6 +29,7 @@ from benchmarks.thermal_scenarios import (
     scipy_loop,
 )
 from raytwin.sim import THERMAL_RC
+from raytwin.sim.checks import stability_limit
 
 
 def test_measure_reports_median_and_first_run():
@@ -100,7 +101,8 @@ def test_rk4_flop_count_matches_hand_count():
 
 def test_bench_cli_quick_end_to_end(ray_session, tmp_path):
     out = tmp_path / "bench.json"
-    result = CliRunner().invoke(bench_app, ["run", "sweep", "roofline", "sweep-kits", "--quick", "--repeat", "1",
+    result = CliRunner().invoke(bench_app, ["run", "sweep", "roofline", "sweep-kits", "model-checks", "--quick",
+                                            "--repeat", "1",
                                             "--out", str(out), "--log-level", "WARNING"])
     assert result.exit_code == 0, result.output
     assert "results written to" in result.output
@@ -124,15 +126,35 @@ def test_bench_cli_quick_end_to_end(ray_session, tmp_path):
     assert set(kits["checks"]["max_abs_difference"]) == set(METRICS)
     (fig,) = kits["figures"]
     assert fig["target_ratio"] == 0.9 and fig["ratio"] == pytest.approx(fig["value"] / fig["baseline_value"])
+    checked = record["benchmarks"]["model-checks"]  # the limits it timed are the model's
+    assert checked["checks"]["thermal_rc/limits"]["default_s"] == pytest.approx(stability_limit(THERMAL_RC), rel=1e-12)
+    assert [f["unit"] for f in checked["figures"]] == ["ms"] * 3
+    assert checked["figures"][2]["baseline"] == "the whole ModelRegistry.register call"
 
 
 def test_gpu_sweep_path_checks_and_reports_on_any_device(ray_session):
-    """`sweep-gpu`'s code (the path the H100 figures came from) on the CPU device at tiny sizes."""
-    res = sweep_gpu.accelerator_sweep(BenchContext(quick=True, repeat=1), jax.devices("cpu")[0]).as_dict()
-    assert set(res["checks"]) == {"in_process@512", "ray@512"}  # both agreed with float64 NumPy
+    """`sweep-gpu`'s code (the path the H100 figures came from) on the CPU device at tiny sizes, the
+    fused kernel as on a GPU (interpret mode) and checked against the XLA path."""
+    res = sweep_gpu.accelerator_sweep(BenchContext(quick=True, repeat=1), jax.devices("cpu")[0], "pallas").as_dict()
+    # all agreed with float64 NumPy, and the fused kernel with the XLA path
+    assert set(res["checks"]) == {"in_process@512", "ray@512", "in_process@512 vs xla"}
     names = [f["name"] for f in res["figures"]]
-    assert "N=512 RayTwin engine in-process, CPU cpu" in names and "N=512 RayTwin run_sweep, Ray CPU tasks" in names
+    assert "N=512 RayTwin engine in-process (pallas), CPU cpu" in names
+    assert "N=512 RayTwin run_sweep, Ray CPU tasks" in names and "N=512 fused kernel vs XLA path, in-process, CPU cpu" in names
     assert all(f["target_min"] == sweep_gpu.H100_TARGET for f in res["figures"] if "RayTwin" in f["name"])
+
+
+def test_lorenz_ensemble_gpu_path_checks_and_reports_on_any_device():
+    """`lorenz-ensemble` as a GPU runs it (fused kernel included, interpret mode here) at N=8: every
+    path checked before timing, the published figures reported as quoted baselines."""
+    res = lorenz_ensemble.on_device(BenchContext(quick=True, repeat=1), jax.devices("cpu")[0],
+                                    with_fused=True).as_dict()
+    assert set(res["checks"]) == {"xla@8 vs float64 DOP853", "fused@8 vs xla", "diffrax@8 vs xla", "diffrax@8 steps"}
+    assert res["checks"]["diffrax@8 steps"] == [lorenz_ensemble.STEPS]  # the same 1,000 steps as ours
+    published = {f["baseline"]: f for f in res["figures"] if f["note"] == "published, not measured here"}
+    assert published["DiffEqGPU GPUTsit5 (published, V100)"]["baseline_value"] == pytest.approx(8 * 1000 / 0.231724e-3)
+    names = [f["name"] for f in res["figures"]]
+    assert "N=8 RayTwin fused kernel (Pallas), CPU cpu" in names and "N=8 JAX/diffrax vmap (measured), CPU cpu" in names
 
 
 def test_gpu_sweep_without_a_gpu_measures_nothing_and_says_why(monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
@@ -19,7 +20,7 @@ from raytwin.contracts import (
     normalize_measurements,
 )
 from raytwin.sim import BATTERY_ECM, THERMAL_RC
-from raytwin.units import UnitError, to_unit
+from raytwin.units import UnitError, canonical, to_unit
 
 THERMAL = AssetType.from_model(THERMAL_RC)
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
@@ -93,6 +94,19 @@ def test_unit_table_is_explicit():
     assert to_unit(3700.0, "mV", "V") == pytest.approx(3.7)
     with pytest.raises(UnitError):
         to_unit(1.0, "K", "W")
+
+
+def test_units_are_compared_by_si_dimension():
+    """Motor constants: Kt [N*m/A] is Ke [V*s/rad] (V*A = W = N*m/s, the radian is dimensionless), and a
+    datasheet's V per 1000 rpm is V / (1000 * 2 pi / 60 rad/s)."""
+    assert to_unit(0.3, "V*s/rad", "N*m/A") == 0.3
+    assert to_unit(31.4, "V/krpm", "N*m/A") == pytest.approx(31.4 / (1000 * 2 * math.pi / 60), rel=1e-15)
+    assert canonical("N*m/A") == canonical("V*s/rad") == "kg*m^2/(s^2*A)"
+    assert canonical("N*m*s/rad") == "kg*m^2/s" and canonical("J") == canonical("N*m")
+    assert to_unit(2.0, "Ah", "mAh") == pytest.approx(2000.0) and canonical("Ah") == "s*A"
+    with pytest.raises(UnitError, match=r"cannot convert 'N\*m/A' to 'N\*m\*s/rad': kg\*m\^2/\(s\^2\*A\) is not "
+                                        r"kg\*m\^2/s"):
+        to_unit(1.0, "N*m/A", "N*m*s/rad")
 
 
 def test_asset_type_must_match_its_simulator():

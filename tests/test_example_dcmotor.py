@@ -23,7 +23,7 @@ from sweeps.calibration import CalibrationSpec, calibrate
 from sweeps.synthetic import synthetic_telemetry
 
 T0 = datetime(2026, 3, 2, 8, 0, tzinfo=UTC)
-TRUE = {"R": 0.55, "E_krpm": 33.0}  # the motor on the bench differs from the datasheet by 5-10 %
+TRUE = {"R": 0.55, "k": 0.315}  # the motor on the bench differs from the datasheet by 5-10 %
 NOISE = {"i": 0.05, "omega": 0.2, "T_w": 0.5}
 START = {"i": 0.0, "omega": 0.0, "T_w": 298.15}
 N, DT = 200, 0.05  # 10 s of telemetry at 20 Hz

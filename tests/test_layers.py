@@ -75,3 +75,22 @@ def test_mounts_groups_and_functions_and_refuses_anything_else():
     assert "twins" in out and "rerun" in out
     with pytest.raises(CommandRegistrationError, match="bad = raytwin.commands:GROUP in raytwin.commands is neither"):
         mount_commands(app, [EntryPoint("bad", "raytwin.commands:GROUP", GROUP)])
+
+
+@pytest.mark.parametrize("package", ["raytwin.sim", "sweeps", "actors"])
+def test_lazy_exports_resolve_every_name_they_list(package):
+    import importlib
+
+    module = importlib.import_module(package)
+    assert dir(module) == module.__all__ == sorted(module.__all__)
+    for name in module.__all__:
+        assert getattr(module, name) is not None, name
+    with pytest.raises(AttributeError, match=f"module '{package}' has no attribute 'nope'"):
+        module.nope  # noqa: B018
+
+
+def test_lazy_exports_refuse_a_name_from_two_modules():
+    from raytwin.lazy import lazy_exports
+
+    with pytest.raises(ValueError, match="pkg: Kit is exported by both a.kits and b.kits"):
+        lazy_exports("pkg", {"a.kits": ("Kit",), "b.kits": ("Kit",)})

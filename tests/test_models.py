@@ -329,6 +329,41 @@ def test_importing_raytwin_leaves_jax_x64_alone_and_its_float64_paths_stay_float
     assert out.stdout.startswith("ok ")
 
 
+def test_float64_callbacks_leave_the_precision_of_xlas_threads_alone(monkeypatch):
+    """A host callback's float64 arguments and result cross a thread where float64 is off (as XLA's
+    own threads may be) bit for bit, its JAX code computes in float64 there, and that thread's setting
+    is the same afterwards: a user's float32 callback run there next still computes in float32."""
+    import threading
+
+    import jax
+
+    from raytwin.sim import precision
+
+    targets = []
+    real = jax.pure_callback
+    monkeypatch.setattr(jax, "pure_callback", lambda fn, *a, **kw: (targets.append(fn), real(fn, *a, **kw))[1])
+    with precision.float64():
+        third = jax.jit(lambda x: precision.float64_callback(lambda v: jnp.asarray(v) / 3.0, x.shape, x))(np.ones(2))
+    assert third.dtype == np.float64 and third.tolist() == [1.0 / 3.0] * 2  # exact: no float32 on the way
+    (host,) = targets
+
+    def on_a_float32_thread(seen: dict) -> None:
+        from jax._src import dtypes
+
+        before = jax.config.jax_enable_x64
+        packed = np.full(2, 1.0).view(np.uint32).reshape(2, 2)  # the argument as the kernel sends it
+        bits = dtypes.canonicalize_value(host(packed))  # what XLA does with the result there
+        seen.update(before=before, after=jax.config.jax_enable_x64, bits=bits.dtype, user=jnp.zeros(()).dtype,
+                    value=bits.view(np.float64).ravel().tolist())
+
+    seen: dict = {}
+    worker = threading.Thread(target=on_a_float32_thread, args=(seen,))
+    worker.start()
+    worker.join()
+    assert seen == {"before": False, "after": False, "bits": np.uint32, "user": jnp.float32,
+                    "value": [1.0 / 3.0] * 2}
+
+
 # ------------------------------------------------------------------------ stiff models ----
 def _robertson(**changes) -> Model:
     """Robertson's chemical kinetics: rate constants 0.04, 1e4 and 3e7 (time scales 1e-4 s to 1e3 s)."""

@@ -148,6 +148,19 @@ def test_catalog_crud_and_queries(api, http, building):
     err = assert_error(http.post("/v1/assets", json=bad_filter, headers=admin), 422, "invalid_request")
     assert "filter='particle' is not a filter; known: ['ekf', 'ukf']" in err["message"]
     assert_error(http.get("/v1/assets/tmp-1", headers=admin), 404, "not_found")
+    for metadata, reason in [  # whatever the twin's filter would refuse is the client's to fix, said up front
+        ({"measurement_std.T_in": "loud"}, "measurement_std.T_in='loud': not a number"),
+        ({"process_std.T_nope": "0.1"}, "process_std.*: unknown name(s) ['T_nope']; expected ['T_in', 'T_m']"),
+        ({"measurement_std.T_in": "-0.5"}, "measurement_std.*: {'T_in': -0.5} must be finite and >= 0"),
+    ]:
+        err = assert_error(http.post("/v1/assets", json={**bad_filter, "metadata": metadata}, headers=admin), 422,
+                           "invalid_request")
+        assert reason in err["message"], err["message"]
+        assert_error(http.get("/v1/assets/tmp-1", headers=admin), 404, "not_found")
+    err = assert_error(http.put(f"/v1/assets/{building}", json={**update, "metadata": {"input.T_out": "cold"}},
+                                headers=admin), 422, "invalid_request")
+    assert "input.T_out='cold': not a number" in err["message"]
+    assert http.get(f"/v1/assets/{building}", headers=admin).json()["metadata"] == {"floor": "3"}  # unchanged
     r = http.post("/v1/assets", json={"id": "tmp-1", "type_name": "thermal_rc",
                                       "type_version": THERMAL_TYPE["version"]}, headers=admin)
     assert r.status_code == 201

@@ -14,32 +14,28 @@ import pytest
 from benchmarks.sweep_kits import HANDWRITTEN_THERMAL_KIT
 from raytwin.sim import THERMAL_RC, TWO_TANK, simulate
 from sweeps.engine import Bases, chunk_metrics
-from sweeps.kits import (
+from raytwin.scenario_metrics import CustomMetric, Metric
+from raytwin.signals import (
     Constant,
-    CustomMetric,
-    DailySchedule,
-    Kit,
-    KitParameter,
-    Metric,
     PiecewiseLinear,
     Proportional,
     RandomLevels,
     RandomWalk,
+    Schedule,
     Series,
     Sinusoid,
     Square,
     Step,
-    example_sweep,
-    kit_for,
     signal_function,
 )
+from sweeps.kits import Kit, KitParameter, example_sweep, kit_for
 from sweeps.reference_kits import THERMAL
 from sweeps.space import Dimension
 from sweeps.synthetic import excitation, generic_excitation
 
 
 def _eval(sig, t, state=None, params=None, horizon_s=None):
-    return np.asarray(signal_function(sig, horizon_s)(jnp.asarray(t), state or {}, params or {}))
+    return np.asarray(signal_function(sig, horizon_s=horizon_s)(jnp.asarray(t), state or {}, params or {}))
 
 
 def test_signals_evaluate_as_declared(tmp_path):
@@ -50,7 +46,7 @@ def test_signals_evaluate_as_declared(tmp_path):
                                      t, params=p), 280.0 + 5.0 * np.sin(2 * np.pi * (t - 9 * 3600) / 86400), atol=1e-9)
     half = _eval(Sinusoid(amplitude=2.0, lower=0.0), t)
     assert half.min() == 0.0 and half.max() == pytest.approx(2.0, rel=1e-6)
-    day = _eval(DailySchedule(starts_s=[0.0, 8 * 3600.0, 18 * 3600.0], values=[1.0, "on", 1.0]), t, params=p)
+    day = _eval(Schedule(starts_s=[0.0, 8 * 3600.0, 18 * 3600.0], values=[1.0, "on", 1.0]), t, params=p)
     np.testing.assert_array_equal(day, np.where((t % 86400 >= 8 * 3600) & (t % 86400 < 18 * 3600), 5.0, 1.0))
     np.testing.assert_array_equal(_eval(Step(before=0.0, after="on", at_s=3600.0), t, params=p),
                                   np.where(t < 3600.0, 0.0, 5.0))
@@ -70,7 +66,7 @@ def test_signals_evaluate_as_declared(tmp_path):
     pq.write_table(pa.table({"t_s": [0.0, 3600.0, 7200.0], "T_out": [270.0, 280.0, 275.0]}), path)
     np.testing.assert_allclose(_eval(Series(path=str(path), column="T_out"), np.array([0.0, 1800.0, 7200.0, 9e4])),
                                [270.0, 275.0, 275.0, 275.0])
-    with pytest.raises(ValueError, match="needs the sweep's horizon"):
+    with pytest.raises(ValueError, match="needs the horizon"):
         _eval(RandomLevels(low=0.0, high=1.0, hold_s=60.0), t)
 
 

@@ -11,29 +11,13 @@ from __future__ import annotations
 
 from raytwin.lazy import lazy_exports
 
-_EXPORTS = {
-    "BATTERY_ECM": "raytwin.sim.battery",
-    "ocv": "raytwin.sim.battery",
-    "TWO_TANK": "raytwin.sim.tanks",
-    "THERMAL_RC": "raytwin.sim.thermal",
-    "MODELS": "raytwin.sim.discovery",
-    "UnknownModelError": "raytwin.sim.discovery",
-    "get_model": "raytwin.sim.discovery",
-    "load_model": "raytwin.sim.discovery",
-    "model_ref": "raytwin.sim.discovery",
-    "Rollout": "raytwin.sim.integrate",
-    "rollout": "raytwin.sim.integrate",
-    "simulate": "raytwin.sim.integrate",
-    "simulate_batch": "raytwin.sim.integrate",
-    "Input": "raytwin.sim.model",
-    "Model": "raytwin.sim.model",
-    "ModelCheckError": "raytwin.sim.model",
-    "Output": "raytwin.sim.model",
-    "Param": "raytwin.sim.model",
-    "State": "raytwin.sim.model",
-    "Var": "raytwin.sim.model",
-    "rk4_step": "raytwin.sim.model",
-    "unstack": "raytwin.sim.model",
-}
-__all__ = sorted(_EXPORTS)
-__getattr__ = lazy_exports(__name__, _EXPORTS)
+__all__, __getattr__, __dir__ = lazy_exports(__name__, {
+    "raytwin.sim.battery": ("BATTERY_ECM", "ocv"),
+    "raytwin.sim.tanks": ("TWO_TANK",),
+    "raytwin.sim.thermal": ("THERMAL_RC",),
+    "raytwin.sim.discovery": ("MODELS", "UnknownModelError", "get_model", "load_model", "model_ref"),
+    "raytwin.sim.integrate": ("Rollout", "rollout", "simulate", "simulate_batch"),
+    "raytwin.sim.tableau": ("ExplicitRK", "RK4", "TSIT5"),
+    "raytwin.sim.model": ("Input", "Model", "ModelCheckError", "Output", "Param", "State", "Var", "rk4_step",
+                          "unstack"),
+})

@@ -345,6 +345,13 @@ def _check(model: Model, dt: float) -> ModelReport:
                        dict(zip(model.param_names, corners[k].tolist())), len(corners), tuple(notes))
 
 
+def clear_caches() -> None:
+    """Forget every model's checks, limits and compiled Jacobians: the next check starts cold
+    (what the ``model-checks`` benchmark times)."""
+    for cached in (_check, _jacobians, box_limit):
+        cached.cache_clear()
+
+
 def check_registration(model: Model, params: Sequence[float], *, allow_unstable: bool = False) -> ModelReport:
     """What registering an artifact checks: `check_model` (once per model and process), then the
     model's ``default_dt`` (the step its twins run) against the limit at the artifact's `params`."""

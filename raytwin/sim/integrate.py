@@ -88,9 +88,7 @@ def rollout(
     coeffs = model.coefficients(params)
     dtype = jnp.result_type(*x0)
     dt_ = jnp.asarray(dt, dtype)
-    if compensated is None:
-        compensated = compensated_states(model) if dtype == jnp.float32 and model.solver is None else ()
-    index = tuple(model.state_names.index(name) for name in compensated)
+    index = compensated_index(model, dtype, compensated)
 
     def body(carry, xs):
         x, error, acc = carry
@@ -101,10 +99,7 @@ def rollout(
         else:
             k, u = xs
             t = k.astype(dtype) * dt_
-        if index:
-            x_next, error = _compensated_step(model, index, x, error, u, coeffs, dt_)
-        else:
-            x_next = model_step(model, x, u, coeffs, dt_)
+        x_next, error = advance(model, index, x, error, u, coeffs, dt_)
         if accumulate is not None:
             acc = accumulate(acc, t, x, u, x_next)
         return (x_next, error, acc), (x_next if keep_trajectory else None)
@@ -114,6 +109,24 @@ def rollout(
     error0 = tuple(jnp.zeros_like(jnp.asarray(x0[i])) for i in index)
     (final, _, acc), traj = jax.lax.scan(body, (tuple(x0), error0, acc0), xs, unroll=unroll)
     return Rollout(final, traj, acc)
+
+
+def compensated_index(model: Model, dtype: Any, compensated: tuple[str, ...] | None = None) -> tuple[int, ...]:
+    """Positions of the states summed with compensation: `compensated` by name, or by default the
+    model's `compensated_states` in float32 with the built-in RK4 (none in float64 or with another solver)."""
+    if compensated is None:
+        compensated = compensated_states(model) if dtype == jnp.float32 and model.solver is None else ()
+    return tuple(model.state_names.index(name) for name in compensated)
+
+
+def advance(model: Model, index: tuple[int, ...], x: Arrays, error: Arrays, u: Arrays, coeffs: Arrays,
+            dt: jax.Array) -> tuple[Arrays, Arrays]:
+    """One step of `rollout`: the model's step, with the states `index` summed with compensation
+    (`error`: what their sums rounded away so far); returns (x_next, error_next). The fused GPU
+    kernel (`sweeps.fused`) steps with this same function."""
+    if index:
+        return _compensated_step(model, index, x, error, u, coeffs, dt)
+    return model_step(model, x, u, coeffs, dt), error
 
 
 def _compensated_step(model: Model, index: tuple[int, ...], x: Arrays, error: Arrays, u: Arrays, coeffs: Arrays,

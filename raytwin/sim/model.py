@@ -181,7 +181,8 @@ class Declared:
 class Model(Declared):
     """A simulator: metadata plus pure JAX functions (see module docstring). Keyword-only.
 
-    ``solver``: None for fixed-step RK4 (the fast path), or an adaptive solver for a stiff model
+    ``solver``: None for fixed-step RK4 (the fast path), another explicit Runge-Kutta tableau at the
+    same fixed step (`raytwin.sim.tableau.TSIT5`), or an adaptive solver for a stiff model
     (`raytwin.sim.stiff.Adaptive`), which then integrates each step of ``dt``.
     ``update`` (optional) is a discrete map applied after each step, before ``project``
     (which keeps a state in its physical domain, e.g. tank levels >= 0); ``default_dt`` [s] is the
@@ -241,7 +242,8 @@ class Model(Declared):
         if self.update is not None and not callable(self.update):
             raise fail("update", "must be a function or None")
         if self.solver is not None and not callable(getattr(self.solver, "advance", None)):
-            raise fail("solver", "must be None (RK4) or a solver such as raytwin.sim.stiff.Adaptive()")
+            raise fail("solver", "must be None (RK4), an explicit tableau such as "
+                                   "raytwin.models.TSIT5, or a solver such as raytwin.sim.stiff.Adaptive()")
         if not (isinstance(self.default_dt, int | float) and math.isfinite(self.default_dt) and self.default_dt > 0):
             raise fail("default_dt", f"must be a finite number of seconds > 0, got {self.default_dt!r}")
 

@@ -10,7 +10,6 @@ traced in float64 is never reused in float32 (or the other way round).
 from __future__ import annotations
 
 import inspect
-import threading
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from functools import wraps
@@ -56,21 +55,33 @@ def in_dtype_precision(fn: Callable[P, R]) -> Callable[P, R]:
     return call
 
 
-_callback_thread = threading.local()
+def float64_callback(fn: Callable[..., Any], shape: tuple[int, ...], *args: Any, vmap_method: str = "sequential"
+                     ) -> jax.Array:
+    """``jax.pure_callback(fn, float64[shape], *args)`` for a kernel traced in float64, leaving JAX's
+    precision setting alone on every thread.
+
+    XLA may run a callback on one of its own threads and converts its arguments there before `fn`
+    runs, and its results after `fn` returns, to the precision set on that thread: float64 would
+    become float32 wherever float64 is off, and switching it on there for good would change a
+    user's float32 callbacks that XLA later runs on the same thread. So float64 arguments and the
+    result cross as their bits (pairs of uint32, which no setting converts) and are bitcast back on
+    the other side; `fn` gets NumPy float64 arrays and runs in a `float64` scope, left when it returns.
+    """
+    import jax.numpy as jnp
+
+    def host(*packed: Any) -> np.ndarray:
+        a = [_unpacked(np.asarray(x)) if f else x for x, f in zip(packed, is_float64)]
+        with float64():
+            out = np.ascontiguousarray(fn(*a), dtype=np.float64)
+        return out.view(np.uint32).reshape(*out.shape, 2)
+
+    arrays = [jnp.asarray(x) for x in args]
+    is_float64 = [x.dtype == jnp.float64 for x in arrays]
+    packed = [jax.lax.bitcast_convert_type(x, jnp.uint32) if f else x for x, f in zip(arrays, is_float64)]
+    bits = jax.pure_callback(host, jax.ShapeDtypeStruct((*shape, 2), jnp.uint32), *packed, vmap_method=vmap_method)
+    return jax.lax.bitcast_convert_type(bits, jnp.float64)
 
 
-def host_callback(fn: Callable[P, R]) -> Callable[P, R]:
-    """`fn` as a float64 `jax.pure_callback` target. XLA may run a callback on one of its own threads
-    and checks the results there *after* `fn` returns, converting them to float32 where float64 is
-    off on that thread; so the first callback a thread of XLA's runs switches float64 on for that
-    thread for good. A callback run on the caller's thread (inside `float64`) changes nothing."""
-
-    @wraps(fn)
-    def call(*args: P.args, **kwargs: P.kwargs) -> R:
-        if (not jax.config.jax_enable_x64 and threading.current_thread() is not threading.main_thread()
-                and not getattr(_callback_thread, "float64", False)):
-            float64().__enter__()  # never left: this is a thread of XLA's, not the caller's
-            _callback_thread.float64 = True
-        return fn(*args, **kwargs)
-
-    return call
+def _unpacked(bits: np.ndarray) -> np.ndarray:
+    """float64 values from their bits as pairs of uint32 (last axis), the layout `bitcast_convert_type` gives."""
+    return np.ascontiguousarray(bits).view(np.float64).reshape(bits.shape[:-1])

@@ -4,10 +4,8 @@
     J domega/dt = k i - b omega - tau_load               (rotor, viscous friction)
     C_th dT_w/dt = R i^2 - (T_w - T_amb) / R_th          (winding: copper losses, loss to ambient)
 
-The torque and back-EMF constants are equal in SI units (k [N*m/A] = k [V*s/rad]). RayTwin's unit
-table has neither N*m/A nor N*m*s/rad, so the motor is parametrised the way datasheets often do it,
-in units the table knows: ``E_krpm``, the back-EMF at 1000 rpm [V], and ``tau_f_krpm``, the friction
-torque at 1000 rpm [N*m]; ``k = E_krpm / omega_krpm`` and ``b = tau_f_krpm / omega_krpm``.
+The torque and back-EMF constants are one number in SI units: ``k`` [N*m/A] = [V*s/rad] (RayTwin's
+unit table converts a datasheet's V/krpm to it); ``b`` is the viscous friction [N*m*s/rad].
 
 Time scales at the defaults: the electromechanical pair has eigenvalues -25 +- 16.6j 1/s (RK4 is
 stable for dt < 0.094 s), the winding's thermal time constant is C_th R_th = 250 s. The fastest
@@ -17,20 +15,15 @@ step of 2 ms is stable over the whole box (`raytwin models check dc_motor` print
 
 from __future__ import annotations
 
-import math
-
 from raytwin.models import Input, Model, Output, Param, State
-from sweeps.kits import Constant, ExampleSweep, Kit, KitParameter, Metric, RandomLevels, Square, register_kit
-
-OMEGA_KRPM = 1000.0 * 2.0 * math.pi / 60.0
-"""1000 rpm in rad/s: the reference speed of ``E_krpm`` and ``tau_f_krpm``."""
-
+from raytwin.scenario_metrics import Metric
+from raytwin.signals import Constant, RandomLevels, Square
+from sweeps.kits import ExampleSweep, Kit, KitParameter, register_kit
 
 def _coefficients(p):
-    r, l, e_krpm, j, tau_f_krpm, c_th, r_th = p
-    k = e_krpm / OMEGA_KRPM
+    r, l, k, j, b, c_th, r_th = p
     inv_l, inv_j = 1.0 / l, 1.0 / j
-    return (r * inv_l, k * inv_l, inv_l, k * inv_j, tau_f_krpm / OMEGA_KRPM * inv_j, inv_j,
+    return (r * inv_l, k * inv_l, inv_l, k * inv_j, b * inv_j, inv_j,
             r / c_th, 1.0 / (r_th * c_th))
 
 
@@ -66,9 +59,9 @@ DC_MOTOR = Model(
     params=(
         Param("R", "ohm", 0.5, 0.1, 2.0, "armature resistance"),
         Param("L", "H", 0.01, 2e-3, 0.05, "armature inductance"),
-        Param("E_krpm", "V", 31.4, 5.0, 100.0, "back-EMF at 1000 rpm (k = E_krpm / 104.7 rad/s)"),
+        Param("k", "N*m/A", 0.3, 0.05, 1.0, "torque constant (= back-EMF constant in V*s/rad)"),
         Param("J", "kg*m^2", 0.01, 1e-3, 0.1, "rotor + load inertia"),
-        Param("tau_f_krpm", "N*m", 0.05, 0.0, 1.0, "viscous friction torque at 1000 rpm"),
+        Param("b", "N*m*s/rad", 5e-4, 0.0, 0.01, "viscous friction"),
         Param("C_th", "J/K", 500.0, 50.0, 5000.0, "winding thermal capacity"),
         Param("R_th", "K/W", 0.5, 0.05, 5.0, "winding-to-ambient thermal resistance"),
     ),

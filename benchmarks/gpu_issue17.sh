@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Issue 17's GPU figures, on one NVIDIA GPU (H100/H200 class), from the repository root:
+#
+#   benchmarks/gpu_issue17.sh [OUT_DIR]        # about 6-8 minutes on one H100
+#
+# Needs a CUDA jaxlib of the installed jax's version, e.g.
+#   pip install "jax[cuda12]==$(python -c 'import jax; print(jax.__version__)')"
+# Steps, each failing loudly rather than timing something wrong:
+#   1. JAX sees the GPU;
+#   2. pre-flight: the fused Pallas kernel compiles with Triton and agrees with the XLA path on the
+#      paper's Lorenz problem at N=8 (the --quick run checks it before timing anything);
+#   3. the figures: lorenz-ensemble (2^3..2^23 trajectories; fused kernel, XLA path and diffrax
+#      measured, the published DiffEqGPU/MPGOS/JAX times quoted) and sweep-gpu (the thermal sweep
+#      in-process, fused vs XLA, and through run_sweep on Ray GPU tasks), then the Markdown table.
+set -euo pipefail
+out="${1:-runs/bench}"
+mkdir -p "$out"
+stamp="$(date -u +%Y%m%dT%H%M%SZ)"
+
+python -c 'import jax; g = jax.devices("gpu"); print("GPU:", g[0].device_kind, "jax", jax.__version__)'
+python -m benchmarks run lorenz-ensemble --quick --repeat 1 --out "$out/gpu-preflight-$stamp.json"
+python -m benchmarks run lorenz-ensemble sweep-gpu --repeat 3 --out "$out/gpu-$stamp.json"
+python -m benchmarks report "$out/gpu-$stamp.json" | tee "$out/gpu-$stamp.md"
