@@ -15,6 +15,7 @@ from actors.twin import Twin, replay_many
 from raytwin.contracts import Asset
 from raytwin.estimation import model_defaults
 from raytwin.registry import ModelArtifact
+from raytwin.sim.model import Declared
 from raytwin.statestore import EventKey, StateStore
 from raytwin.ukf import FILTERS
 
@@ -22,8 +23,9 @@ NOISE_PREFIXES = {"process_std.": "process_std", "measurement_std.": "measuremen
 """Asset metadata keys that tune the filter, e.g. ``measurement_std.T_in = "0.1"`` (SI units)."""
 
 FILTER_KEY = "filter"
-"""Asset metadata key choosing a twin's filter by name (`raytwin.ukf.FILTERS`: ``ekf``, the
-default, or ``ukf``). The registration record keeps the asset, so recovery rebuilds the same one."""
+"""Asset metadata key choosing a twin's filter by name (`raytwin.ukf.FILTERS`: ``ekf`` or ``ukf``;
+default: the model's first, ``ekf`` for a JAX model, ``ukf`` for an FMU). The registration record
+keeps the asset, so recovery rebuilds the same one."""
 
 
 class RegistrationError(ValueError):
@@ -31,10 +33,16 @@ class RegistrationError(ValueError):
     caller's to fix, so it is refused before anything is stored (HTTP 422)."""
 
 
-def filter_from_metadata(metadata: dict[str, str]) -> str:
-    kind = metadata.get(FILTER_KEY, "ekf")
+def filter_from_metadata(metadata: dict[str, str], model: Declared) -> str:
+    """The filter a twin of `model` runs; refuses an unknown name or one the model cannot run
+    (the EKF on an FMU: no Jacobians), naming the filters it can."""
+    kind = metadata.get(FILTER_KEY, model.filters[0])
     if kind not in FILTERS:
         raise RegistrationError(f"asset metadata {FILTER_KEY}={kind!r} is not a filter; known: {sorted(FILTERS)}")
+    if kind not in model.filters:
+        raise RegistrationError(f"asset metadata {FILTER_KEY}={kind!r}: simulator {model.name} cannot run it"
+                                + (" (the EKF needs Jacobians, jax.jacfwd of JAX code; an FMU is a black box)"
+                                   if kind == "ekf" else "") + f"; use one of {list(model.filters)}")
     return kind
 
 
@@ -47,12 +55,13 @@ def check_registration(asset: Asset, artifact: ModelArtifact, initial_state: dic
     """Refuse (`RegistrationError`, every problem in one message) what the twin's filter would refuse
     when it is built in its shard: a filter name, noise metadata or prior that does not fit the model."""
     problems: list[str] = []
-    for check in (lambda: filter_from_metadata(asset.metadata), lambda: noise_from_metadata(asset.metadata)):
+    model = artifact.model()
+    for check in (lambda: filter_from_metadata(asset.metadata, model), lambda: noise_from_metadata(asset.metadata)):
         try:
             check()
         except RegistrationError as exc:
             problems.append(str(exc))
-    model, noise = artifact.model(), _parsable_noise(asset.metadata)
+    noise = _parsable_noise(asset.metadata)
     defaults = model_defaults(model)
     given = {**noise, "initial_state": initial_state or {}, "initial_std": initial_std or {}}
     names = {"process_std": model.state_names, "measurement_std": model.output_names, "inputs": model.input_names,
@@ -126,10 +135,11 @@ def _artifact(artifact_json: str) -> ModelArtifact:
 def build_twin(record: dict[str, Any], *, allowed_lateness_s: float, checkpoint_every: int) -> Twin:
     """A twin at its prior, from a registration record."""
     asset = Asset.model_validate(record["asset"])
+    artifact = _artifact(json.dumps(record["artifact"], sort_keys=True))
     return Twin(
-        asset.tenant, asset.id, _artifact(json.dumps(record["artifact"], sort_keys=True)),
+        asset.tenant, asset.id, artifact,
         initial_state=record["initial_state"], initial_std=record["initial_std"],
-        noise=noise_from_metadata(asset.metadata), filter_kind=filter_from_metadata(asset.metadata),
+        noise=noise_from_metadata(asset.metadata), filter_kind=filter_from_metadata(asset.metadata, artifact.model()),
         allowed_lateness_s=allowed_lateness_s, checkpoint_every=checkpoint_every,
     )
 

@@ -102,7 +102,7 @@ class Twin:
         initial_state: dict[str, float] | None = None,
         initial_std: dict[str, float] | None = None,
         noise: dict[str, dict[str, float]] | None = None,
-        filter_kind: str = "ekf",
+        filter_kind: str | None = None,
         allowed_lateness_s: float = 3600.0,
         checkpoint_every: int = 64,
     ):
@@ -110,7 +110,8 @@ class Twin:
             raise ValueError("allowed_lateness_s must be >= 0 and checkpoint_every >= 1")
         self.tenant, self.asset_id, self.artifact = tenant, asset_id, artifact
         noise = noise or {}
-        self.filter = _shared_filter(artifact, filter_kind, noise.get("process_std"), noise.get("measurement_std"))
+        kind = filter_kind or artifact.model().filters[0]  # the model's default: EKF for JAX code, UKF for an FMU
+        self.filter = _shared_filter(artifact, kind, noise.get("process_std"), noise.get("measurement_std"))
         self.lateness_us = round(allowed_lateness_s * 1e6)
         self.checkpoint_every = checkpoint_every
         prior = self.filter.initial(initial_state, initial_std, noise.get("inputs"))

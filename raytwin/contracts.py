@@ -39,6 +39,11 @@ MAX_SCENARIO_STEPS = 10_000_000
 
 Identifier = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$")]
 SemVer = Annotated[str, Field(pattern=r"^\d+\.\d+\.\d+$")]
+SimulatorRef = Annotated[str, Field(
+    pattern=r"^([A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}|\S{0,1900}/[0-9a-f]{64}\.fmu)$",
+    description="A model name, an import path package.module:MODEL, or the URL of a stored FMU "
+                "(<store>/fmus/<sha256>.fmu, raytwin.fmu.store_fmu).",
+)]
 
 
 def _storable(text: str) -> str:
@@ -149,13 +154,14 @@ class ParameterSpec(Contract):
 
 class AssetType(Contract):
     """A kind of asset: its variables with units, its parameters with bounds, its simulator (a model
-    name declared in the ``raytwin.models`` entry-point group, or an import path ``package.module:MODEL``)."""
+    name declared in the ``raytwin.models`` entry-point group, an import path ``package.module:MODEL``,
+    or a stored FMU's URL ``<store>/fmus/<sha256>.fmu``)."""
 
     schema_version: Literal[1] = SCHEMA_VERSION
     name: Identifier
     version: SemVer
     description: str = ""
-    simulator: Identifier
+    simulator: SimulatorRef
     states: dict[str, Quantity]
     inputs: dict[str, Quantity]
     outputs: dict[str, Quantity]

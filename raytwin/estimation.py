@@ -217,6 +217,12 @@ for `battery_ecm` and `two_tank` (RC pairs and tanks settle within minutes), far
 sensor's silence between readings, whose prediction therefore stays exact."""
 
 
+SUBSTEP_SLACK = 1e-3
+"""A gap longer than n ``default_dt`` by less than this fraction of a step is n sub-steps: event
+times are epoch seconds, whose rounding (~2.4e-7 s) made a 0.1 s gap of a 0.01 s model 11 sub-steps
+of 0.0091 s, shorter than a fixed-step FMU's step (which then does not advance at all)."""
+
+
 def substeps(gap: np.ndarray, default_dt: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """How to propagate over event-time gaps [s]: (sub-steps, their length, seconds left unintegrated).
 
@@ -228,7 +234,7 @@ def substeps(gap: np.ndarray, default_dt: float) -> tuple[np.ndarray, np.ndarray
     it does to one that does, so the filter is never more confident than the full integration would
     make it, and the next measurements pull the estimate back (tested: a 10-year gap).
     """
-    n = np.where(gap > 0, np.ceil(gap / default_dt - 1e-9), 0.0)
+    n = np.where(gap > 0, np.maximum(np.ceil(gap / default_dt - SUBSTEP_SLACK), 1.0), 0.0)
     long = n > MAX_SUBSTEPS
     n_sub = np.minimum(n, MAX_SUBSTEPS).astype(np.int32)
     dt = np.where(long, default_dt, np.divide(gap, n_sub, out=np.zeros_like(gap), where=n_sub > 0))
@@ -358,6 +364,10 @@ class ExtendedKalmanFilter:
         process_std: dict[str, float] | None = None,
         measurement_std: dict[str, float] | None = None,
     ):
+        if self.kind not in model.filters:
+            raise ValueError(f"model {model.name} cannot run the {self.kind!r} filter: it supports {list(model.filters)}"
+                             + (" (the EKF needs Jacobians, jax.jacfwd of a model's JAX code; a black box such as an "
+                                "FMU has none: use the derivative-free 'ukf')" if self.kind == "ekf" else ""))
         self.model = model
         self.defaults = model_defaults(model)
         self.params = np.asarray(params, dtype=np.float64)  # NumPy: packed into every dispatch
@@ -418,7 +428,13 @@ class ExtendedKalmanFilter:
         recovered), not when a live event first needs it; once per kernel and process."""
         if self._kernels in _WARM:
             return
-        prior, cols = self.initial(), len(self.measured_names)
+        m, cols = self.model, len(self.measured_names)
+        # any prior compiles the same kernel: declared values where the model has them (an FMU
+        # declares no prior std; its twins get one at registration), a small spread elsewhere
+        nominal = lambda kind, names: np.array([self.defaults[kind].get(n, 0.0) for n in names])  # noqa: E731
+        std = np.array([self.defaults["initial_std"].get(n, 1e-3) for n in m.state_names])
+        prior = FilterState(None, nominal("initial_state", m.state_names), np.diag(std**2),
+                            nominal("inputs", m.input_names))
         for n in RUN_LENGTHS:
             t = np.arange(n, dtype=np.float64) * self.model.default_dt
             assimilate_runs([Run(self, prior, t, np.full((n, cols), np.nan), np.zeros(n, dtype=bool))])

@@ -21,8 +21,9 @@ from pydantic import Field
 
 from raytwin.contracts import AssetType, Contract, Finite, Identifier, SemVer
 from raytwin.modelcode import ModelCode, code_identity, describe_change
-from raytwin.sim import Model, ModelCheckError, get_model
-from raytwin.sim.checks import check_registration
+from raytwin.sim import ModelCheckError, get_model
+from raytwin.sim.discovery import FMU_REF
+from raytwin.sim.model import Declared
 from raytwin.storage import canonical_json, filesystem
 
 
@@ -70,7 +71,8 @@ class ModelArtifact(Contract):
         current = code_identity(self.model())
         return None if current.sha256 == self.code.sha256 else describe_change(self.code, current)
 
-    def model(self) -> Model:
+    def model(self) -> Declared:
+        """The simulator: a JAX `raytwin.sim.Model`, or an `raytwin.fmu.FmuModel` for a stored FMU."""
         return get_model(self.asset_type.simulator)
 
     def param_vector(self) -> list[float]:
@@ -107,9 +109,10 @@ class ModelRegistry:
         *,
         allow_unstable: bool = False,
     ) -> ModelArtifact:
-        """Store an artifact; parameters default to the simulator's typical values. The model must
-        pass `check_model` and its default step be RK4-stable at these parameter values
-        (``allow_unstable=True``: a loud warning instead)."""
+        """Store an artifact; parameters default to the simulator's typical values. The simulator must
+        pass its registration check (a JAX model: `check_model` and an RK4-stable default step at
+        these parameter values, ``allow_unstable=True``: a loud warning instead; an FMU: a probe run)."""
+        self._check_fmu_store(f"{name}@{version}", asset_type.simulator)
         model = get_model(asset_type.simulator)
         params = dict(zip(model.param_names, model.param_vector(parameters)))
         for pname, value in params.items():
@@ -117,7 +120,7 @@ class ModelRegistry:
             if not spec.lower <= value <= spec.upper:
                 raise RegistryError(f"{name}@{version}: parameter {pname}={value} outside [{spec.lower}, {spec.upper}]")
         try:
-            check_registration(model, params.values(), allow_unstable=allow_unstable)
+            model.check_registration(list(params.values()), allow_unstable=allow_unstable)
         except ModelCheckError as exc:
             raise RegistryError(f"{name}@{version}: {exc}") from None
         artifact = ModelArtifact(
@@ -141,6 +144,16 @@ class ModelRegistry:
         self.fs.pipe_file(self._blob(digest), artifact.body())
         self.fs.pipe_file(pointer, canonical_json({"name": name, "version": version, "sha256": digest}))
         return artifact
+
+    def _check_fmu_store(self, ref: str, simulator: str) -> None:
+        """An FMU is native code: a registry pins only FMUs stored with it (``<registry>/fmus/``, where
+        `raytwin.fmu.store_fmu` puts them), never one fetched from wherever an asset type points."""
+        if not FMU_REF.match(simulator):
+            return
+        fs, path = filesystem(simulator)
+        if fs.protocol != self.fs.protocol or not path.startswith(f"{self.root}/fmus/"):
+            raise RegistryError(f"{ref}: FMU {simulator} is not stored in this registry; store it first with "
+                                f"raytwin.fmu.store_fmu(path, {self.url!r}) and use the model it returns")
 
     def _read(self, name: str, version: str, digest: str) -> ModelArtifact:
         artifact = ModelArtifact.model_validate_json(self.fs.cat_file(self._blob(digest)))

@@ -30,6 +30,7 @@ import numpy as np
 
 from raytwin.estimation import ExtendedKalmanFilter, _Kernels, _mm, _solve_spd, scan_kernels, skip
 from raytwin.sim import Model, unstack
+from raytwin.sim.model import Declared
 from raytwin.sim.precision import float64_callback
 
 ALPHA, BETA = 1.0, 2.0
@@ -62,21 +63,40 @@ def jax_dynamics(model: Model) -> Dynamics:
     )
 
 
-def host_dynamics(model: Model, step: Callable, observe: Callable) -> Dynamics:
+def host_dynamics(model: Declared, step: Callable, observe: Callable) -> Dynamics:
     """Dynamics from NumPy callables with `Dynamics`' signatures (float64 arrays in and out), e.g.
-    an FMU stepped on the host: each call runs through `jax.pure_callback`, one twin at a time.
-    Cost: a dispatch's lanes run in lockstep, so each of its `LANES` lanes (idle padding lanes
-    too) calls `step` once per sub-step and `observe` once per update pass; fine for a few FMU
-    twins, a batched host protocol is the next step for many."""
+    an FMU stepped on the host, through `jax.pure_callback`. A dispatch's lanes arrive in one call
+    (`vmap_method="broadcast_all"`) and only the distinct ones are computed (`distinct_lanes`):
+    a dispatch runs `LANES` lanes in lockstep, mostly idle copies of its first twin, so a lone FMU
+    twin costs one evaluation per sigma point and sub-step instead of 128."""
     ny = len(model.outputs)
 
     def host_step(X, u, p, dt):
-        return float64_callback(step, X.shape, X, u, p, dt)
+        return float64_callback(distinct_lanes(step), X.shape, X, u, p, dt, vmap_method="broadcast_all")
 
     def host_observe(X, u, p):
-        return float64_callback(observe, (X.shape[0], ny), X, u, p)
+        return float64_callback(distinct_lanes(observe), (X.shape[0], ny), X, u, p, vmap_method="broadcast_all")
 
     return Dynamics(host_step, host_observe)
+
+
+def distinct_lanes(fn: Callable) -> Callable:
+    """`fn(X (k, n), *per_twin)` over leading lane axes of all its arguments, evaluated once per
+    distinct lane (equal arguments give equal results: `fn` must be a pure function of them)."""
+
+    def call(X, *rest):
+        X = np.asarray(X, dtype=np.float64)
+        lead = X.shape[:-2]
+        if not lead:
+            return np.asarray(fn(X, *rest), dtype=np.float64)
+        lanes = int(np.prod(lead))
+        args = [a.reshape(lanes, *a.shape[len(lead):]) for a in (X, *map(np.asarray, rest))]
+        keys = np.concatenate([a.reshape(lanes, -1) for a in args], axis=1)
+        _, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+        done = np.stack([np.asarray(fn(*(a[i] for a in args)), dtype=np.float64) for i in first])
+        return done[inverse.reshape(-1)].reshape(*lead, *done.shape[1:])
+
+    return call
 
 
 def weights(n: int) -> tuple[float, np.ndarray, np.ndarray]:
@@ -179,7 +199,7 @@ class UnscentedKalmanFilter(ExtendedKalmanFilter):
 
     def __init__(self, model: Model, params: list[float] | np.ndarray, *, dynamics: Dynamics | None = None,
                  process_std: dict[str, float] | None = None, measurement_std: dict[str, float] | None = None):
-        self.dynamics = dynamics if dynamics is not None else _jax_dynamics(model)
+        self.dynamics = dynamics if dynamics is not None else default_dynamics(model)
         super().__init__(model, params, process_std=process_std, measurement_std=measurement_std)
 
     def _make_kernels(self) -> _Kernels:
@@ -188,6 +208,13 @@ class UnscentedKalmanFilter(ExtendedKalmanFilter):
 
 _jax_dynamics = lru_cache(maxsize=None)(jax_dynamics)
 """One `Dynamics` per model, so all of its UKFs share one kernel (the cache key)."""
+
+
+def default_dynamics(model: Declared) -> Dynamics:
+    """The model's own ``filter_dynamics()`` when it has one (a black box such as an FMU: its
+    host stepper), else its JAX code (`jax_dynamics`); one object per model either way."""
+    own = getattr(model, "filter_dynamics", None)
+    return own() if callable(own) else _jax_dynamics(model)
 
 
 FILTERS: dict[str, type[ExtendedKalmanFilter]] = {"ekf": ExtendedKalmanFilter, "ukf": UnscentedKalmanFilter}

@@ -14,6 +14,7 @@ from ray.serve.handle import DeploymentHandle
 
 from raytwin.logs import component_logging
 from raytwin.sim.cpu import cpu_only
+from raytwin.sim.discovery import restrict_fmu_sources
 from raytwin.storage import filesystem
 from serve_apps.api import create_api
 from serve_apps.audit import AuditLog
@@ -31,6 +32,7 @@ class Ingress:
 
     def __init__(self, config: ServeConfig, backend: DeploymentHandle):
         component_logging()
+        restrict_fmu_sources([config.url("registry")])  # a request must not make the server fetch any URL
         self.services = Services(
             config=config, keys=KeyStore(config.keys_file), backend=BackendClient(backend),
             audit=AuditLog(config.store_url, config.storage_options),

@@ -25,6 +25,7 @@ from raytwin.modelcode import ModelCode, code_identity, describe_change
 from raytwin.provenance import code_version, package_versions
 from raytwin.storage import canonical_json, filesystem
 from sweeps.calibration import CalibrationSpec, calibrate, read_telemetry
+from sweeps.fmu import FmuCalibrationSpec, FmuSweepSpec, calibrate_fmu_spec, run_fmu_spec
 from sweeps.runner import SweepCancelled, absolute_url, run_sweep
 from sweeps.spec import SweepSpec, resolve_model
 
@@ -110,8 +111,11 @@ def _current_user() -> str:
     return os.environ.get("RAYTWIN_USER") or getpass.getuser()
 
 
+AnySpec = SweepSpec | CalibrationSpec | FmuSweepSpec | FmuCalibrationSpec
+
+
 def _recorded(
-    store: RunStore, kind: Kind, spec: SweepSpec | CalibrationSpec, execute: Callable[[str], tuple[dict, dict]],
+    store: RunStore, kind: Kind, spec: AnySpec, execute: Callable[[str], tuple[dict, dict]],
     *, input_url: str | None, input_hash: str | None, seeds: dict[str, int], user: str | None, rerun_of: str | None,
 ) -> RunRecord:
     """Run `execute(output_url) -> (outputs, summary)` and write its record, whatever the outcome."""
@@ -156,16 +160,44 @@ def recorded_sweep(
                      seeds={"space": spec.space.seed}, user=user, rerun_of=rerun_of)
 
 
+def recorded_fmu_sweep(
+    spec: FmuSweepSpec, *, runs: str = DEFAULT_RUNS_ROOT, storage_options: dict | None = None,
+    user: str | None = None, rerun_of: str | None = None,
+) -> RunRecord:
+    """Run a sweep of a registered FMU (`sweeps.fmu`) into a new run directory and record it: the
+    same record as a JAX sweep, its ``model_code`` the FMU file's SHA-256."""
+    return _recorded(RunStore(runs, storage_options), "sweep", spec,
+                     lambda out_url: run_fmu_spec(spec, out_url, storage_options), input_url=None, input_hash=None,
+                     seeds={"space": spec.space.seed}, user=user, rerun_of=rerun_of)
+
+
+def recorded_fmu_calibration(
+    spec: FmuCalibrationSpec, *, runs: str = DEFAULT_RUNS_ROOT, storage_options: dict | None = None,
+    user: str | None = None, rerun_of: str | None = None, expected_input_hash: str | None = None,
+) -> RunRecord:
+    """Calibrate a registered FMU (`sweeps.fmu`) into a new run directory and record it (with the telemetry's hash)."""
+    input_hash = _input_hash(spec.telemetry, storage_options, expected_input_hash)
+    return _recorded(RunStore(runs, storage_options), "calibration", spec,
+                     lambda out_url: calibrate_fmu_spec(spec, out_url, storage_options), input_url=spec.telemetry,
+                     input_hash=input_hash, seeds={"search": spec.seed}, user=user, rerun_of=rerun_of)
+
+
+def _input_hash(telemetry: str, storage_options: dict | None, expected: str | None) -> str:
+    """The telemetry's SHA-256; a rerun refuses telemetry that changed since the recorded run."""
+    _, input_hash = read_telemetry(telemetry, storage_options)
+    if expected is not None and input_hash != expected:
+        raise RunError(f"telemetry {telemetry} changed since the recorded run "
+                       f"(sha256 {input_hash[:12]}..., recorded {expected[:12]}...)")
+    return input_hash
+
+
 def recorded_calibration(
     spec: CalibrationSpec, *, runs: str = DEFAULT_RUNS_ROOT, storage_options: dict | None = None,
     user: str | None = None, rerun_of: str | None = None, expected_input_hash: str | None = None,
 ) -> RunRecord:
     """Calibrate into a new run directory and record it (with the telemetry's hash)."""
     store = RunStore(runs, storage_options)
-    _, input_hash = read_telemetry(spec.telemetry, storage_options)
-    if expected_input_hash is not None and input_hash != expected_input_hash:
-        raise RunError(f"telemetry {spec.telemetry} changed since the recorded run "
-                       f"(sha256 {input_hash[:12]}..., recorded {expected_input_hash[:12]}...)")
+    input_hash = _input_hash(spec.telemetry, storage_options, expected_input_hash)
 
     def execute(out_url: str) -> tuple[dict, dict]:
         result, outputs, _ = calibrate(spec, out_url, storage_options=storage_options)
@@ -191,13 +223,16 @@ def rerun(run_id: str, *, runs: str = DEFAULT_RUNS_ROOT, storage_options: dict |
     if original.model_code is not None and code.sha256 != original.model_code.sha256:
         raise RunError(f"the code of model {original.model_ref} changed since run {run_id}: "
                        f"{describe_change(original.model_code, code)}")
-    if original.kind == "sweep":
-        new = recorded_sweep(SweepSpec.model_validate(original.spec), runs=runs, storage_options=storage_options,
-                             user=original.user, progress=progress, rerun_of=run_id)
+    common = dict(runs=runs, storage_options=storage_options, user=original.user, rerun_of=run_id)
+    fmu = original.spec.get("engine") == "fmu"  # recorded by sweeps.fmu (JAX specs have no engine field)
+    if original.kind == "sweep" and fmu:
+        new = recorded_fmu_sweep(FmuSweepSpec.model_validate(original.spec), **common)
+    elif original.kind == "sweep":
+        new = recorded_sweep(SweepSpec.model_validate(original.spec), progress=progress, **common)
     else:
-        new = recorded_calibration(CalibrationSpec.model_validate(original.spec), runs=runs,
-                                   storage_options=storage_options, user=original.user, rerun_of=run_id,
-                                   expected_input_hash=original.input_data_hash)
+        spec_type, record = (FmuCalibrationSpec, recorded_fmu_calibration) if fmu else (CalibrationSpec,
+                                                                                         recorded_calibration)
+        new = record(spec_type.model_validate(original.spec), expected_input_hash=original.input_data_hash, **common)
     differing = sorted(name for name in set(original.outputs) | set(new.outputs)
                        if original.outputs.get(name) != new.outputs.get(name))
     return RerunReport(original=run_id, rerun=new.run_id, identical=not differing, differing=differing,

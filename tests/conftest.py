@@ -46,15 +46,25 @@ def s3_endpoint():
             os.environ[k] = v
 
 
-@pytest.fixture
-def s3_url(s3_endpoint) -> str:
-    """A fresh, empty bucket for one test."""
+def new_bucket(endpoint: str) -> str:
     import s3fs
 
     bucket = f"rt-{uuid.uuid4().hex[:12]}"
-    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint}, skip_instance_cache=True)
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True)
     fs.mkdir(bucket)
     return f"s3://{bucket}"
+
+
+@pytest.fixture
+def s3_url(s3_endpoint) -> str:
+    """A fresh, empty bucket for one test."""
+    return new_bucket(s3_endpoint)
+
+
+@pytest.fixture(scope="module")
+def s3_module_url(s3_endpoint) -> str:
+    """A fresh, empty bucket shared by the tests of one module."""
+    return new_bucket(s3_endpoint)
 
 
 @pytest.fixture(scope="session")
@@ -73,6 +83,22 @@ def ray_session(s3_endpoint, ray_metrics_port):
              _metrics_export_port=ray_metrics_port, _system_config={"metrics_report_interval_ms": 1000})
     yield ray
     ray.shutdown()
+
+
+REFERENCE_FMU_MODELS = {2: ("VanDerPol", "Dahlquist", "BouncingBall", "Feedthrough"),
+                        3: ("VanDerPol", "Dahlquist", "Feedthrough", "StateSpace")}
+"""The Reference FMUs the session builds, per FMI version."""
+
+
+@pytest.fixture(scope="session")
+def reference_fmus(tmp_path_factory) -> dict[tuple[int, str], str]:
+    """(FMI version, model) -> built .fmu path, from ../shared/reference-fmus (a few seconds per FMI
+    version; fails, never skips, without CMake or the sources)."""
+    from raytwin.fmu.reference import build_reference_fmus
+
+    out = tmp_path_factory.mktemp("reference-fmus")
+    return {(v, m): str(p) for v, models in REFERENCE_FMU_MODELS.items()
+            for m, p in build_reference_fmus(out, v, models).items()}
 
 
 @pytest.fixture(scope="module")

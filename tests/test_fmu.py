@@ -20,17 +20,9 @@ from raytwin.fmu import (
 from raytwin.fmu.reference import build_reference_fmus, default_source
 from raytwin.modelcode import code_identity
 from raytwin.sim import Output, simulate
+from tests.conftest import REFERENCE_FMU_MODELS
 
-MODELS = {2: ("VanDerPol", "Dahlquist", "BouncingBall", "Feedthrough"),
-          3: ("VanDerPol", "Dahlquist", "Feedthrough", "StateSpace")}
-VERSIONS = tuple(MODELS)
-
-
-@pytest.fixture(scope="session")
-def reference_fmus(tmp_path_factory) -> dict[tuple[int, str], str]:
-    """(FMI version, model) -> built .fmu path (a few seconds per FMI version)."""
-    out = tmp_path_factory.mktemp("reference-fmus")
-    return {(v, m): str(p) for v in VERSIONS for m, p in build_reference_fmus(out, v, MODELS[v]).items()}
+VERSIONS = tuple(REFERENCE_FMU_MODELS)  # the session fixture `reference_fmus` (tests/conftest.py) builds these
 
 
 def reference_output(model: str) -> np.ndarray:
@@ -65,7 +57,11 @@ def test_declarations_an_fmu_lacks_are_added_by_name(reference_fmus):
     assert (tracked.states[0].prior_std, tracked.states[0].process_std, tracked.states[0].upper) == (0.1, 0.01, 3.0)
     assert (tracked.outputs[0].measurement_std, tracked.outputs[0].upper) == (0.02, 3.0)
     assert tracked.states[1] == model.states[1] and tracked.fmu_hash == model.fmu_hash
-    with pytest.raises(FmuError, match="has no state, input or output 'mu'"):
+    bounded = model.declare(mu={"lower": 0.1, "upper": 5.0})  # an asset type needs finite parameter bounds
+    assert (bounded.params[0].lower, bounded.params[0].upper, bounded.params[0].default) == (0.1, 5.0, 1.0)
+    with pytest.raises(FmuError, match="has no state, input, output or parameter 'k'"):
+        model.declare(k={"prior_std": 1.0})
+    with pytest.raises(FmuError, match="mu has no field 'prior_std'"):
         model.declare(mu={"prior_std": 1.0})
     with pytest.raises(FmuError, match="x1 has no field 'std'"):
         model.declare(x1={"std": 1.0})

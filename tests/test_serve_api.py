@@ -118,6 +118,16 @@ def test_authentication_and_roles(api, http, building):
                            headers=auth(api, "reader")), 403, "forbidden")
 
 
+def test_asset_types_name_only_fmus_stored_in_the_servers_registry(api, http):
+    """Validating an asset type resolves its simulator: an FMU URL outside the server's registry must
+    be refused before anything is fetched (no server-side request forgery)."""
+    for url in (f"http://169.254.169.254/latest/{'0' * 64}.fmu", f"/etc/{'1' * 64}.fmu",
+                f"{api[2]}/store/registry/acme/../../../etc/{'2' * 64}.fmu"):
+        err = assert_error(http.post("/v1/asset-types", json={**THERMAL_TYPE, "simulator": url},
+                                     headers=auth(api, "admin")), 422, "invalid_request")
+        assert "opens only FMUs stored in its registry" in err["message"], err
+
+
 def test_catalog_crud_and_queries(api, http, building):
     admin = auth(api, "admin")
     assert http.post("/v1/asset-types", json=THERMAL_TYPE, headers=admin).status_code == 200  # identical: no-op

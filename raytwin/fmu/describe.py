@@ -25,12 +25,13 @@ import math
 import os
 import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
 
 from raytwin.modelcode import ModelCode, file_code
-from raytwin.sim.model import Declared, Input, Output, Param, State
+from raytwin.sim.model import Declared, Input, ModelCheckError, Output, Param, State
 from raytwin.storage import filesystem
 from raytwin.units import UNITS
 
@@ -38,6 +39,12 @@ REAL_TYPES = ("Real", "Float64", "Float32")
 """FMI 2.0 and 3.0 names of the variable types RayTwin maps."""
 
 INTERFACES = ("CoSimulation", "ModelExchange")
+PROBE_STEPS = 10
+"""Steps of the registration probe run (`FmuModel.check_registration`)."""
+_SEMVER = re.compile(r"^\d+\.\d+\.\d+$")
+
+if TYPE_CHECKING:
+    from raytwin.ukf import Dynamics
 
 
 class FmuError(ValueError):
@@ -80,6 +87,12 @@ class FmuModel(Declared):
     default_dt: float
     start_time: float
     can_get_set_state: bool
+    description: str = ""
+    version: str = "1.0.0"  # the FMU's own model version when it is a semantic version
+
+    filters: ClassVar[tuple[str, ...]] = ("ukf",)
+    """Twin filters that can run an FMU: derivative-free only (a black box has no ``jacfwd`` for
+    the EKF); the first is the default (`raytwin.sim.model.Model.filters`)."""
 
     @classmethod
     def load(cls, url: str | os.PathLike, *, expected_hash: str | None = None) -> FmuModel:
@@ -132,18 +145,21 @@ class FmuModel(Declared):
             default_dt=_float(experiment.stepSize if experiment else None, 1.0),
             start_time=_float(experiment.startTime if experiment else None, 0.0),
             can_get_set_state=all(bool(d.canGetAndSetFMUstate) for d in capable),
+            description=md.description or "",
+            version=md.version if md.version and _SEMVER.match(md.version) else "1.0.0",
         )
 
     def declare(self, **variables: Mapping[str, float]) -> FmuModel:
         """A copy with declaration fields an FMU does not carry, per variable name: a filter's noise
         (``x0={"prior_std": 0.1, "process_std": 0.01, "measurement_std": 0.02}``), a plausible
-        range (``lower``/``upper``) or an input's ``nominal``. A field applies to every declaration
+        range (``lower``/``upper``) or an input's ``nominal``, a parameter's bounds (``mu={"lower":
+        0.1, "upper": 5.0}``: an asset type needs finite ones). A field applies to every declaration
         of that name that has it (a state that is also an output takes both kinds)."""
-        groups = {"states": self.states, "inputs": self.inputs, "outputs": self.outputs}
+        groups = {"states": self.states, "inputs": self.inputs, "outputs": self.outputs, "params": self.params}
         for name, fields in variables.items():
             matching = [v for g in groups.values() for v in g if v.name == name]
             if not matching:
-                raise FmuError(f"FMU {self.name} has no state, input or output {name!r}")
+                raise FmuError(f"FMU {self.name} has no state, input, output or parameter {name!r}")
             for key in fields:
                 if not any(hasattr(v, key) for v in matching):
                     raise FmuError(f"FMU {self.name}: {name} has no field {key!r}")
@@ -160,6 +176,39 @@ class FmuModel(Declared):
     def code_identity(self) -> ModelCode:
         """What the registry pins for this model (`raytwin.modelcode`): the FMU file's SHA-256."""
         return file_code(self.local_path())
+
+    @property
+    def ref(self) -> str:
+        """How an `AssetType` names this FMU as its simulator: the URL of its stored copy,
+        ``<store>/fmus/<sha256>.fmu`` (`store_fmu`), which any worker can fetch and verify."""
+        if Path(self.url).name != f"{self.fmu_hash}.fmu":
+            raise FmuError(f"FMU {self.name} at {self.url} is not in an FMU store; store it first "
+                           "(raytwin.fmu.store_fmu(path, registry_url)) and use the model it returns")
+        return self.url
+
+    def project(self, x: tuple) -> tuple:
+        """States stay as the FMU computed them (a filter's hook for a physical domain)."""
+        return x
+
+    def check_registration(self, params: Sequence[float], *, allow_unstable: bool = False) -> None:
+        """What the registry runs before storing an artifact of this FMU: a probe run of
+        `PROBE_STEPS` default steps at `params` must finish with finite values inside the declared
+        ranges (`allow_unstable` has no meaning here: the FMU integrates itself)."""
+        from raytwin.fmu.instance import FmuScenario, cached_instance, discard_instance
+
+        scenario = FmuScenario(PROBE_STEPS, params=dict(zip(self.param_names, map(float, params))))
+        try:
+            cached_instance(self, self.interfaces[0]).run(scenario, (*self.state_names, *self.output_names))
+        except Exception as e:  # noqa: BLE001 - fmpy raises plain Exceptions for FMI errors
+            discard_instance(self, self.interfaces[0])
+            raise ModelCheckError(self.name, "probe run", f"{PROBE_STEPS} steps of {self.default_dt:g} s at "
+                                  f"{scenario.params} failed: {e}") from None
+
+    def filter_dynamics(self) -> Dynamics:
+        """How a derivative-free filter steps this FMU (`raytwin.fmu.stepper.fmu_dynamics`)."""
+        from raytwin.fmu.stepper import fmu_dynamics
+
+        return fmu_dynamics(self)
 
     def local_path(self) -> str:
         """A local file with exactly this FMU (downloaded once per machine for a remote URL)."""

@@ -10,10 +10,16 @@ That costs one reset and initialisation per call: microseconds for the small FMU
 
 from __future__ import annotations
 
+import functools
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from raytwin.fmu.describe import FmuError, FmuModel
 from raytwin.fmu.instance import FmuInstance
+
+if TYPE_CHECKING:
+    from raytwin.ukf import Dynamics
 
 
 class FmuStepper:
@@ -33,6 +39,11 @@ class FmuStepper:
                            "calculated), so a filter cannot set them")
         self.model = model
         self.instance = FmuInstance(model, "CoSimulation")
+        state_index = {n: i for i, n in enumerate(model.state_names)}
+        self._outputs_from_states = (np.array([state_index[n] for n in model.output_names], dtype=np.intp)
+                                     if set(model.output_names) <= set(state_index) else None)
+        """When every output is a state variable (an FMU exposing its states), `observe` reads them
+        from `x` instead of initialising the FMU at each sigma point: the same values, no FMU call."""
 
     def _start(self, x: np.ndarray, u: np.ndarray, p: np.ndarray) -> None:
         m = self.model
@@ -53,7 +64,22 @@ class FmuStepper:
 
     def observe(self, x: np.ndarray, u: np.ndarray, p: np.ndarray) -> np.ndarray:
         x = np.asarray(x, dtype=np.float64)
+        if self._outputs_from_states is not None:
+            if x.shape[-1:] != (len(self.model.states),):
+                raise FmuError(f"FMU {self.model.name}: x needs {len(self.model.states)} values "
+                               f"{list(self.model.state_names)}, got shape {x.shape}")
+            return x[..., self._outputs_from_states]
         if x.ndim == 2:
             return np.stack([self.observe(row, u, p) for row in x])
         self._start(x, np.asarray(u, float), np.asarray(p, float))
         return self.instance.get(self.model.output_names)
+
+
+@functools.cache
+def fmu_dynamics(model: FmuModel) -> Dynamics:
+    """A filter's `raytwin.ukf.Dynamics` for `model`: one `FmuStepper` (one FMU instance) per model
+    and process, behind `host_dynamics`; cached, so every twin of the model shares one UKF kernel."""
+    from raytwin.ukf import host_dynamics
+
+    stepper = FmuStepper(model)
+    return host_dynamics(model, stepper.step, stepper.observe)

@@ -6,7 +6,9 @@ A package makes its models known by declaring them in its ``pyproject.toml``::
     pump = "acme_models.pump:PUMP"
 
 and once it is installed, ``get_model("pump")`` finds it; ``get_model("acme_models.pump:PUMP")``
-imports a model that is not declared anywhere (a module on ``sys.path``). RayTwin's reference models
+imports a model that is not declared anywhere (a module on ``sys.path``), and
+``get_model("s3://bucket/models/fmus/<sha256>.fmu")`` opens an FMU stored by `raytwin.fmu.store_fmu`
+(fetched from any fsspec URL and refused unless its SHA-256 is the one in its name). RayTwin's reference models
 are declared the same way in RayTwin's own ``pyproject.toml``; a source tree that is not installed,
 or was installed before its entry points changed, reads them from that file instead, so a fresh
 checkout resolves them too.
@@ -15,16 +17,25 @@ checkout resolves them too.
 from __future__ import annotations
 
 import importlib
+import os
+import posixpath
+import re
 import sys
 import tomllib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from functools import cache
 from importlib.metadata import entry_points
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from raytwin.sim.model import Model
 
+if TYPE_CHECKING:
+    from raytwin.fmu.describe import FmuModel
+
 GROUP = "raytwin.models"
+FMU_REF = re.compile(r"^\S+/(?P<sha256>[0-9a-f]{64})\.fmu$")
+"""A stored FMU (``<store>/fmus/<sha256>.fmu``, a path or fsspec URL): a simulator reference too."""
 _PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 
 
@@ -53,17 +64,51 @@ def _source_tree_models() -> dict[str, str]:
     return dict(project.get("entry-points", {}).get(GROUP, {}))
 
 
-_LOADED: dict[str, Model] = {}
+_LOADED: dict[str, Model | FmuModel] = {}
 _REFS: dict[int, str] = {}
+_FMU_ROOTS: tuple[tuple[str, str], ...] | None = None
 
 
-def get_model(ref: str) -> Model:
-    """The model declared under the name `ref`, or at the import path ``package.module:ATTR``."""
+def restrict_fmu_sources(roots: Sequence[str]) -> None:
+    """Fetch FMUs only from under `roots` (URLs or paths) in this process.
+
+    A library user may open an FMU from anywhere; a server must not: validating a request's asset
+    type resolves its simulator, so without this an FMU reference in a request body would make the
+    server fetch any URL it names (server-side request forgery). The HTTP API calls this with its
+    store's registry at start-up."""
+    global _FMU_ROOTS
+    _FMU_ROOTS = tuple(_split_url(root) for root in roots)
+
+
+def _split_url(url: str) -> tuple[str, str]:
+    """(protocol, normalised path): ``..`` cannot climb out of a root, ``file://`` is the local disk."""
+    protocol, sep, path = url.partition("://")
+    if not sep:
+        protocol, path = "file", os.path.abspath(url)
+    return protocol, posixpath.normpath("/" + path).rstrip("/") + "/"
+
+
+def _check_fmu_source(url: str) -> None:
+    if _FMU_ROOTS is None:
+        return
+    protocol, path = _split_url(url)
+    if not any(protocol == p and path.startswith(root) for p, root in _FMU_ROOTS):
+        raise UnknownModelError(f"simulator {url}: this server opens only FMUs stored in its registry; store the "
+                                "FMU there (raytwin.fmu.store_fmu) and use the URL it returns")
+
+
+def get_model(ref: str) -> Model | FmuModel:
+    """The model declared under the name `ref`, at the import path ``package.module:ATTR``, or the
+    FMU stored at `ref` (`FMU_REF`). The one place a simulator reference becomes a model object."""
     if not isinstance(ref, str) or not ref:
-        raise UnknownModelError(f"a model reference is a name or package.module:ATTR, got {ref!r}")
+        raise UnknownModelError(f"a model reference is a name, package.module:ATTR or a stored FMU's URL, got {ref!r}")
+    if match := FMU_REF.match(ref):
+        _check_fmu_source(ref)  # before the cache too: a server's restriction holds for every request
     if ref in _LOADED:
         return _LOADED[ref]
-    if ":" in ref:
+    if match:
+        model = _load_fmu(ref, match["sha256"])
+    elif ":" in ref:
         model = load_model(ref)
     else:
         paths = declared()
@@ -74,6 +119,15 @@ def get_model(ref: str) -> Model:
     _LOADED[ref] = model
     _REFS.setdefault(id(model), ref)
     return model
+
+
+def _load_fmu(url: str, sha256: str) -> FmuModel:
+    from raytwin.fmu.describe import FmuError, FmuModel
+
+    try:
+        return FmuModel.load(url, expected_hash=sha256)
+    except (FmuError, OSError) as exc:
+        raise UnknownModelError(f"simulator {url}: {exc}") from None
 
 
 def load_model(path: str, *, expected_name: str | None = None) -> Model:
@@ -96,11 +150,14 @@ def load_model(path: str, *, expected_name: str | None = None) -> Model:
     return obj
 
 
-def model_ref(model: Model) -> str:
-    """How to find `model` again (what an `AssetType` stores as its simulator): its declared name,
-    else the import path it was loaded from, else the path of a module attribute that holds it."""
+def model_ref(model: Any) -> str:
+    """How to find `model` again (what an `AssetType` stores as its simulator): a model's own
+    ``ref`` (a stored FMU's URL), its declared name, else the import path it was loaded from, else
+    the path of a module attribute that holds it."""
     if id(model) in _REFS:
         return _REFS[id(model)]
+    if not isinstance(model, Model):
+        return model.ref
     paths = declared()
     if model.name in paths and get_model(model.name) is model:
         return model.name

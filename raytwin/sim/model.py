@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import math
 import re
@@ -142,6 +142,7 @@ class Declared:
     """Names and defaults of anything that declares `states`, `inputs`, `params` and `outputs`
     (a JAX `Model`, an FMU), in declaration order."""
 
+    name: str
     states: tuple[State, ...]
     inputs: tuple[Input, ...]
     params: tuple[Param, ...]
@@ -165,6 +166,15 @@ class Declared:
 
     def default_params(self) -> dict[str, float]:
         return {p.name: p.default for p in self.params}
+
+    def param_vector(self, overrides: dict[str, float] | None = None) -> list[float]:
+        """Parameter values in model order: defaults updated by `overrides` (unknown names refused)."""
+        values = self.default_params()
+        unknown = set(overrides or {}) - set(values)
+        if unknown:
+            raise KeyError(f"model {self.name} has no parameter(s) {sorted(unknown)}; known: {sorted(values)}")
+        values.update(overrides or {})
+        return [float(values[n]) for n in self.param_names]
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
@@ -195,6 +205,10 @@ class Model(Declared):
     default_dt: float = 1.0
     dt_limit: str = ""
     solver: Solver | None = None
+
+    filters: ClassVar[tuple[str, ...]] = ("ekf", "ukf")
+    """The twin filters (`raytwin.ukf.FILTERS`) that can run this model, the default first: JAX
+    code has Jacobians (``jacfwd``) for the EKF and can be evaluated at sigma points for the UKF."""
 
     def __post_init__(self) -> None:
         name = self.name if isinstance(self.name, str) else repr(self.name)
@@ -233,15 +247,12 @@ class Model(Declared):
         if not (isinstance(self.default_dt, int | float) and math.isfinite(self.default_dt) and self.default_dt > 0):
             raise fail("default_dt", f"must be a finite number of seconds > 0, got {self.default_dt!r}")
 
+    def check_registration(self, params: Sequence[float], *, allow_unstable: bool = False) -> None:
+        """What the registry runs before storing an artifact of this model (`raytwin.sim.checks.
+        check_registration`: the model's checks, then its ``default_dt`` against the RK4 limit)."""
+        from raytwin.sim.checks import check_registration
 
-    def param_vector(self, overrides: dict[str, float] | None = None) -> list[float]:
-        """Parameter values in model order: defaults updated by `overrides` (unknown names refused)."""
-        values = self.default_params()
-        unknown = set(overrides or {}) - set(values)
-        if unknown:
-            raise KeyError(f"model {self.name} has no parameter(s) {sorted(unknown)}; known: {sorted(values)}")
-        values.update(overrides or {})
-        return [float(values[n]) for n in self.param_names]
+        check_registration(self, params, allow_unstable=allow_unstable)
 
     # ---- the protocol ----------------------------------------------------------------------
     def step(self, state: Arrays, inputs: Arrays, params: Arrays, dt: float) -> Arrays:

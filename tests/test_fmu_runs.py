@@ -1,0 +1,94 @@
+"""FMU sweeps and calibrations leave the run records JAX runs leave (model and FMU hashes, spec,
+seeds, output hashes), and `rerun` reproduces them bit for bit."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from raytwin.contracts import AssetType
+from raytwin.fmu import FmuInstance, FmuScenario, store_fmu
+from raytwin.registry import ModelRegistry
+from sweeps import Dimension, ScenarioSpace
+from sweeps.fmu import FmuCalibrationSpec, FmuSpecError, FmuSweepSpec
+from sweeps.runs import RunStore, recorded_fmu_calibration, recorded_fmu_sweep, rerun
+
+
+@pytest.fixture(scope="module")
+def registry(reference_fmus, tmp_path_factory) -> ModelRegistry:
+    """``vdp@1.0.0``: the VanDerPol FMU (FMI 3.0), mu = 1.2; also ``jax@1.0.0``, a JAX model."""
+    from benchmarks.fmu import VAN_DER_POL
+
+    registry = ModelRegistry(str(tmp_path_factory.mktemp("fmu-runs") / "models"))
+    stored = store_fmu(reference_fmus[(3, "VanDerPol")], registry.url)
+    registry.register("vdp", "1.0.0", AssetType.from_model(stored.declare(mu={"lower": 0.1, "upper": 5.0}),
+                                                           name="vdp", version="1.0.0"), {"mu": 1.2})
+    registry.register("jax", "1.0.0", AssetType.from_model(VAN_DER_POL, name="jax"))
+    return registry
+
+
+def test_an_fmu_sweep_is_recorded_like_a_jax_sweep_and_reruns_identically(ray_session, registry, tmp_path):
+    artifact = registry.get("vdp@1.0.0")
+    space = ScenarioSpace(method="grid", dimensions=[Dimension(name="mu", target="param", mode="scale", values=[0.5, 1.5]),
+                                                     Dimension(name="x0", target="state", values=[1.0, 2.5])])
+    spec = FmuSweepSpec(model="vdp@1.0.0", registry_url=registry.url, tenant="acme", asset_id="osc-1",
+                        start_state={"x1": 0.5}, space=space, horizon_s=2.0, step_s=0.01, chunk_size=3)
+    runs = str(tmp_path / "runs")
+    record = recorded_fmu_sweep(spec, runs=runs, user="alice")
+    assert (record.kind, record.status, record.user, record.tenant, record.asset_id) == (
+        "sweep", "succeeded", "alice", "acme", "osc-1")
+    assert (record.model_ref, record.model_hash) == ("vdp@1.0.0", artifact.content_hash)
+    assert record.model_code.kind == "file" and record.model_code.sha256 == artifact.model().fmu_hash
+    assert FmuSweepSpec.model_validate(record.spec) == spec and record.seeds == {"space": 0}
+    assert record.summary["scenarios"] == 4 and record.summary["failed"] == 0
+    assert RunStore(runs).load(record.run_id) == record
+
+    (name, digest), = record.outputs.items()
+    data = open(f"{record.output_url}/{name}", "rb").read()
+    assert hashlib.sha256(data).hexdigest() == digest
+    table = pq.read_table(f"{record.output_url}/{name}").to_pydict()
+    assert table["param.mu"] == [0.5, 0.5, 1.5, 1.5] and table["state.x0"] == [1.0, 2.5, 1.0, 2.5]
+    # scenario 3, run here directly: mu scaled from the artifact's 1.2, x0 from the space, x1 from the spec
+    y = FmuInstance(artifact.model()).run(FmuScenario(200, 0.01, {"x0": 2.5, "x1": 0.5}, {"mu": 1.2 * 1.5}))
+    assert (table["x0_final"][3], table["x1_max"][3], table["error"][3]) == (y[-1, 0], y[:, 1].max(), None)
+
+    again = rerun(record.run_id, runs=runs)
+    assert again.identical and again.differing == []
+    assert RunStore(runs).load(again.rerun).rerun_of == record.run_id
+
+
+def test_an_fmu_calibration_is_recorded_with_its_telemetry_hash_and_reruns_identically(ray_session, registry, tmp_path):
+    artifact = registry.get("vdp@1.0.0")
+    truth = FmuInstance(artifact.model()).run(FmuScenario(150, 0.02, params={"mu": 1.7}))
+    rng = np.random.default_rng(4)
+    telemetry = str(tmp_path / "osc.parquet")
+    pq.write_table(pa.table({"t_s": 0.02 * np.arange(151), "x0": truth[:, 0] + rng.normal(0, 0.01, 151)}), telemetry)
+    spec = FmuCalibrationSpec(model="vdp@1.0.0", registry_url=registry.url, telemetry=telemetry,
+                              start_state={"x0": 2.0, "x1": 0.0}, free={"mu": (0.3, 4.0)}, num_samples=2, seed=3)
+    runs = str(tmp_path / "runs")
+    record = recorded_fmu_calibration(spec, runs=runs)
+    assert (record.kind, record.status, record.seeds) == ("calibration", "succeeded", {"search": 3})
+    assert record.input_data_url == telemetry
+    assert record.input_data_hash == hashlib.sha256(open(telemetry, "rb").read()).hexdigest()
+    assert record.model_code.sha256 == artifact.model().fmu_hash
+    assert record.summary["parameters"]["mu"] == pytest.approx(1.7, rel=0.02) and record.summary["trials"] == 2
+    assert rerun(record.run_id, runs=runs).identical
+
+
+def test_fmu_specs_refuse_what_their_model_lacks(registry, tmp_path):
+    space = ScenarioSpace(method="grid", dimensions=[Dimension(name="k", target="param", values=[1.0])])
+    spec = FmuSweepSpec(model="vdp@1.0.0", registry_url=registry.url, space=space, horizon_s=1.0, step_s=0.1,
+                        parameters={"gain": 2.0})
+    artifact = registry.get("vdp@1.0.0")
+    with pytest.raises(FmuSpecError, match=r"unknown parameter\(s\) \['gain'\]; known: \['mu'\]; dimension param.k: "
+                                           r"unknown; known params: \['mu'\]"):
+        spec.scenarios(artifact, artifact.model())
+    with pytest.raises(FmuSpecError, match=r"jax@1.0.0: simulator 'benchmarks.fmu:VAN_DER_POL' is not an FMU; "
+                                           r"sweep it with sweeps.SweepSpec"):
+        recorded_fmu_sweep(spec.model_copy(update={"model": "jax@1.0.0"}), runs=str(tmp_path / "runs"))
+    failed, = RunStore(str(tmp_path / "runs")).list()  # a failed run is recorded too, with its reason
+    assert failed.status == "failed" and "is not an FMU" in failed.error
