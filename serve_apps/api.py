@@ -17,7 +17,7 @@ from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serve_apps import routes_catalog, routes_scenarios, routes_twins
+from serve_apps import routes_catalog, routes_changes, routes_scenarios, routes_twins
 from serve_apps.deps import SVC, Services
 from serve_apps.errors import (
     ERROR_RESPONSES,
@@ -49,7 +49,7 @@ def create_api(max_body_bytes: int = 1_048_576) -> FastAPI:
     app.add_middleware(RequestObserver)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
     _ops_routes(app)
-    for routes in (routes_catalog, routes_twins, routes_scenarios):
+    for routes in (routes_catalog, routes_twins, routes_scenarios, routes_changes):
         routes.register(app)
     return app
 

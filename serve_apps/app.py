@@ -19,6 +19,7 @@ from serve_apps.api import create_api
 from serve_apps.audit import AuditLog
 from serve_apps.auth import KeyStore
 from serve_apps.backend import BackendDeployment
+from serve_apps.change_stream import HeadWatcher
 from serve_apps.config import ServeConfig
 from serve_apps.deps import BackendClient, Services
 from serve_apps.limits import TokenBuckets
@@ -36,11 +37,13 @@ class Ingress:
             replica = serve.get_replica_context().replica_id.unique_id
         except Exception:  # outside a Serve replica (never in production)
             replica = "local"
+        client = BackendClient(backend)
         self.services = Services(
-            config=config, keys=KeyStore(config.keys_file), backend=BackendClient(backend),
+            config=config, keys=KeyStore(config.keys_file), backend=client,
             audit=AuditLog(config.store_url, config.storage_options),
             metrics=ServeMetrics(replica), buckets=TokenBuckets(config.rate_per_s, config.rate_burst),
             fs=filesystem(config.store_url, config.storage_options)[0], twins=TwinReader(config),
+            changes=HeadWatcher(client, config.change_poll_s),
         )
 
     def __serve_build_asgi_app__(self):

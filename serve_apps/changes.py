@@ -1,0 +1,165 @@
+"""The per-tenant change log: every catalog change, twin state change, drift flag and job completion.
+
+Each change gets the next number of its tenant's sequence (1, 2, 3, ... with no holes); that
+number is the event id of the change stream (`serve_apps.change_stream`) and, for catalog
+changes, the changed asset's or type's revision (its ETag). The log lives in the `Backend`
+replica, which appends under one lock, and is durable before an append returns: one JSON-lines
+segment per append at ``{store}/changes/{tenant}/{first // 10000:010d}/{first:016d}-{last:016d}.jsonl``
+(object stores cannot append; names sort by sequence). A restarted backend continues the
+sequence from the newest segment, so an event id read from a stream stays a valid resume point
+across replica restarts.
+
+The newest `memory` changes of each tenant are also kept in memory (a bounded ring), so live
+streams are served without store reads; a reader further behind reads segments from the store.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable
+from datetime import UTC, datetime
+from itertools import islice
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from raytwin.storage import filesystem
+
+ChangeKind = Literal["twin.state", "twin.drift", "asset.created", "asset.updated", "asset.deleted",
+                     "asset_type.created", "asset_type.deleted", "job.succeeded", "job.failed"]
+CHANGE_KINDS: tuple[str, ...] = ChangeKind.__args__
+PARTITION = 10_000
+"""Sequence numbers per store directory: bounds the listing a reader behind the ring needs."""
+
+
+class Change(BaseModel):
+    """One change of a tenant's twins, catalog or jobs, as written to the log and sent on streams."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    seq: int = Field(description="position in the tenant's change log (1, 2, ...): the stream's event id")
+    kind: ChangeKind
+    time: datetime = Field(description="when the server recorded the change")
+    asset_id: str | None = None
+    type_name: str | None = None
+    type_version: str | None = None
+    revision: int | None = Field(None, description="the resource's revision after the change: the twin's state "
+                                 "revision for twin.*, the ETag revision (= seq) for asset.* and asset_type.*")
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+class ChangePage(BaseModel):
+    """Changes after a position. `fell_behind`: the reader asked for memory only and the position
+    has left the in-memory ring (`oldest` is the oldest change still there)."""
+
+    changes: list[Change]
+    head: int
+    oldest: int | None = None
+    fell_behind: bool = False
+
+
+class ChangeLog:
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None, memory: int = 1000):
+        self.fs, self.root = filesystem(url, storage_options)
+        self.memory = memory
+        self._lock = threading.Lock()
+        self._head: dict[str, int] = {}
+        self._ring: dict[str, deque[Change]] = {}
+
+    # ---- writing --------------------------------------------------------------------------
+    def record(self, tenant: str, drafts: list[dict[str, Any]]) -> list[Change]:
+        """Record `drafts` (Change fields without seq and time; revision defaults to seq) as the
+        tenant's next changes; returns once they are on the store."""
+        return self.write(tenant, lambda _: drafts)
+
+    def write(self, tenant: str, apply: Callable[[int], list[dict[str, Any]]]) -> list[Change]:
+        """Run `apply(next_seq)` under the log's lock, then record the drafts it returns.
+
+        `apply` is the write the changes describe (a catalog file carrying revision `next_seq`), so
+        revisions and log order agree; if it raises, nothing is recorded.
+        """
+        with self._lock:
+            first = self._head_locked(tenant) + 1
+            drafts = apply(first)
+            if not drafts:
+                return []
+            now = datetime.now(UTC)
+            changes = [Change(seq=first + i, time=now, **{"revision": first + i, **d}) for i, d in enumerate(drafts)]
+            self._write(tenant, changes)
+            self._head[tenant] = changes[-1].seq
+            ring = self._ring.setdefault(tenant, deque(maxlen=self.memory))
+            ring.extend(changes)
+            return changes
+
+    def reserve(self, tenant: str, at_least: int) -> None:
+        """Continue the tenant's sequence after `at_least` (revisions already on the store: a catalog
+        written just before a crash kept the revision its lost log segment would have had)."""
+        with self._lock:
+            self._head[tenant] = max(self._head_locked(tenant), at_least)
+
+    def _write(self, tenant: str, changes: list[Change]) -> None:
+        first, last = changes[0].seq, changes[-1].seq
+        folder = f"{self.root}/{tenant}/{first // PARTITION:010d}"
+        self.fs.makedirs(folder, exist_ok=True)
+        self.fs.pipe_file(f"{folder}/{first:016d}-{last:016d}.jsonl",
+                          "".join(c.model_dump_json() + "\n" for c in changes).encode())
+
+    # ---- reading ----------------------------------------------------------------------------
+    def head(self, tenant: str) -> int:
+        """The tenant's newest sequence number (0: no changes yet)."""
+        with self._lock:
+            return self._head_locked(tenant)
+
+    def heads(self, tenants: list[str]) -> dict[str, int]:
+        with self._lock:
+            return {t: self._head_locked(t) for t in tenants}
+
+    def read(self, tenant: str, after: int, limit: int, memory_only: bool = False) -> ChangePage:
+        """Up to `limit` changes with seq > `after`, oldest first."""
+        with self._lock:
+            head = self._head_locked(tenant)
+            ring = self._ring.get(tenant)
+            oldest = ring[0].seq if ring else None
+            if after >= head:
+                return ChangePage(changes=[], head=head, oldest=oldest)
+            if oldest is not None and after + 1 >= oldest:
+                start = after + 1 - oldest
+                return ChangePage(changes=list(islice(ring, start, start + limit)), head=head, oldest=oldest)
+        if memory_only:
+            return ChangePage(changes=[], head=head, oldest=oldest, fell_behind=True)
+        return ChangePage(changes=self._read_store(tenant, after, min(limit, head - after)), head=head, oldest=oldest)
+
+    def _read_store(self, tenant: str, after: int, limit: int) -> list[Change]:
+        out: list[Change] = []
+        for first, last, path in self._segments(tenant, after + 1):
+            if last <= after:
+                continue
+            for line in self.fs.cat_file(path).splitlines():
+                change = Change.model_validate_json(line)
+                if change.seq > after:
+                    out.append(change)
+                    if len(out) == limit:
+                        return out
+        return out
+
+    def _segments(self, tenant: str, seq: int):
+        """(first, last, path) of the segments that may hold `seq` and later, in order."""
+        parts = self._ls(f"{self.root}/{tenant}")
+        start = max((p for p in parts if int(p.rsplit("/", 1)[1]) <= seq // PARTITION), default=None,
+                    key=lambda p: int(p.rsplit("/", 1)[1]))
+        for part in parts[parts.index(start) if start is not None else 0:]:
+            for path in self._ls(part):
+                first, last = (int(x) for x in path.rsplit("/", 1)[1].removesuffix(".jsonl").split("-"))
+                yield first, last, path
+
+    def _ls(self, folder: str) -> list[str]:
+        if not self.fs.exists(folder):
+            return []
+        return sorted(p.rstrip("/") for p in self.fs.ls(folder, detail=False))
+
+    def _head_locked(self, tenant: str) -> int:
+        if tenant not in self._head:
+            parts = self._ls(f"{self.root}/{tenant}")
+            segments = self._ls(parts[-1]) if parts else []
+            self._head[tenant] = int(segments[-1].rsplit("-", 1)[1].removesuffix(".jsonl")) if segments else 0
+        return self._head[tenant]
