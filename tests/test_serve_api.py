@@ -8,7 +8,9 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -44,6 +46,7 @@ def api(ray_session, tmp_path_factory):
         ("admin", "acme", "admin"), ("writer", "acme", "writer"), ("reader", "acme", "reader"),
         ("other", "globex", "admin"), ("limited", "acme", "reader"), ("prober", "acme", "reader"),
         ("readme", "initech", "admin"), ("motors", "motorco", "admin"),
+        ("cas", "casco", "admin"), ("feeds", "feedco", "admin"), ("feeds-reader", "feedco", "reader"),
     )}
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -550,3 +553,157 @@ def test_the_readme_curl_examples_run_as_printed(api):
         out = subprocess.run(["bash", "-c", command.replace("localhost:8000", host)], env=env, capture_output=True,
                              text=True, timeout=120, check=True).stdout
         assert "error" not in json.loads(out), (command, out)
+
+
+# ------------------------------------------------------------ revisions, conditional writes ----
+def test_reads_carry_revisions_as_etags_and_conditional_writes_compare_and_set(api, http):
+    admin = auth(api, "cas")
+    created = http.post("/v1/asset-types", json=THERMAL_TYPE, headers=admin)
+    type_url = f"/v1/asset-types/thermal_rc/{THERMAL_TYPE['version']}"
+    assert created.status_code == 201 and http.get(type_url, headers=admin).headers["etag"] == created.headers["etag"]
+    assert_error(http.post("/v1/asset-types", json=THERMAL_TYPE, headers={**admin, "If-None-Match": "*"}),
+                 412, "precondition_failed")
+    body = {"id": "pump-1", "type_name": "thermal_rc", "type_version": THERMAL_TYPE["version"],
+            "initial_state": {"T_in": 293.0, "T_m": 292.0}}
+    r = http.post("/v1/assets", json=body, headers=admin)
+    assert r.status_code == 201 and re.fullmatch(r'"\d+"', r.headers["etag"])
+    assert http.get("/v1/assets/pump-1", headers=admin).headers["etag"] == r.headers["etag"]
+    assert_error(http.post("/v1/assets", json=body, headers={**admin, "If-None-Match": "*"}), 412, "precondition_failed")
+    assert_error(http.post("/v1/assets", json=body, headers=admin), 409, "conflict")  # unconditional: as before
+    state = http.get("/v1/assets/pump-1/state", headers=admin)
+    assert state.headers["etag"] == f'"{state.json()["revision"]}"'
+
+    update = {"type_name": "thermal_rc", "type_version": THERMAL_TYPE["version"]}
+    url, base = "/v1/assets/pump-1", api[0]
+    for round_ in range(4):  # two writers with the same If-Match, released together: exactly one wins
+        tag = http.get(url, headers=admin).headers["etag"]
+        barrier = threading.Barrier(2)
+
+        def put(writer: int, tag=tag, barrier=barrier) -> httpx.Response:
+            with httpx.Client(base_url=base, timeout=60.0) as client:
+                barrier.wait()
+                return client.put(url, json={**update, "metadata": {"writer": str(writer), "round": str(round_)}},
+                                  headers={**admin, "If-Match": tag})
+
+        with ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(put, (0, 1)))
+        assert sorted(a.status_code for a in answers) == [200, 412], [a.text for a in answers]
+        won, lost = sorted(answers, key=lambda a: a.status_code)
+        error = assert_error(lost, 412, "precondition_failed")
+        assert error["details"][0]["current_revision"] == int(won.headers["etag"].strip('"'))
+        now = http.get(url, headers=admin)
+        assert now.headers["etag"] == won.headers["etag"] != tag
+        assert now.json()["metadata"] == won.json()["metadata"]
+
+    stale = {**admin, "If-Match": '"1"'}
+    assert_error(http.delete(url, headers=stale), 412, "precondition_failed")
+    assert_error(http.put("/v1/assets/nowhere", json=update, headers={**admin, "If-Match": "*"}),
+                 412, "precondition_failed")
+    made = http.put("/v1/assets/pump-2", json=update, headers={**admin, "If-None-Match": "*"})
+    assert made.status_code == 201 and http.get("/v1/assets/pump-2/state", headers=admin).status_code == 200
+    assert_error(http.put("/v1/assets/pump-2", json=update, headers={**admin, "If-None-Match": "*"}),
+                 412, "precondition_failed")
+    assert_error(http.get("/v1/assets/pump-2", headers=auth(api, "other")), 404, "not_found")
+    assert http.delete(url, headers={**admin, "If-Match": http.get(url, headers=admin).headers["etag"]}).status_code == 204
+    recreated = http.post("/v1/assets", json=body, headers=admin)  # revisions only grow: an old ETag never matches
+    assert int(recreated.headers["etag"].strip('"')) > int(made.headers["etag"].strip('"'))
+
+
+# ---------------------------------------------------------------------------- change stream ----
+def sse_events(resp: httpx.Response, n: int) -> list[dict]:
+    """The next `n` events (frames with an `event:` line) of an open SSE response, fields parsed."""
+    out: list[dict] = []
+    frame: dict = {}
+    for line in resp.iter_lines():
+        if line == "":
+            if "event" in frame:
+                out.append(frame)
+                if len(out) == n:
+                    return out
+            frame = {}
+        elif not line.startswith(":"):
+            key, _, value = line.partition(": ")
+            frame[key] = json.loads(value) if key == "data" else value
+    raise AssertionError(f"stream ended after {len(out)} of {n} events")
+
+
+def read_changes(base: str, headers: dict, n: int, **params) -> list[dict]:
+    with httpx.Client(base_url=base, timeout=120.0) as client:
+        with client.stream("GET", "/v1/changes", params=params, headers=headers) as resp:
+            assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+            return sse_events(resp, n)
+
+
+def restart_ingress_replicas(http) -> None:
+    """Kill every Ingress replica; Serve starts new ones (the test waits until one answers)."""
+    import ray
+
+    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "Ingress" in a["name"]]
+    assert replicas
+    for a in replicas:
+        ray.kill(ray.get_actor(a["name"], namespace=a["namespace"]), no_restart=True)
+    for _ in range(600):
+        try:
+            if http.get("/v1/health", timeout=5.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("no Ingress replica came back")
+
+
+def test_change_stream_is_complete_filterable_and_resumable_across_a_replica_restart(api, http):
+    admin, reader, base = auth(api, "feeds"), auth(api, "feeds-reader"), api[0]
+    assert_error(http.get("/v1/changes"), 401, "unauthorized")
+    assert_error(http.get("/v1/changes", params={"kind": "twin.nope"}, headers=reader), 422, "invalid_request")
+    assert_error(http.get("/v1/changes", headers={**reader, "Last-Event-ID": "99"}), 422, "invalid_request")
+
+    with httpx.Client(base_url=base, timeout=120.0) as client:  # live, from now: sees the first change
+        with client.stream("GET", "/v1/changes", headers=reader) as live:
+            assert http.post("/v1/asset-types", json=THERMAL_TYPE, headers=admin).status_code == 201
+            first = sse_events(live, 1)[0]
+    assert (first["id"], first["event"]) == ("1", "asset_type.created")
+    assert first["data"]["type_name"] == "thermal_rc"
+
+    version = THERMAL_TYPE["version"]
+    for body in ({"id": "f-1", "initial_state": {"T_in": 293.0, "T_m": 292.0}}, {"id": "f-2"}):
+        r = http.post("/v1/assets", json={**body, "type_name": "thermal_rc", "type_version": version}, headers=admin)
+        assert r.status_code == 201
+    batch = events(3, asset="f-1")
+    assert http.post("/v1/assets/f-1/telemetry", json={"events": batch}, headers=admin).json()["accepted"] == 3
+    assert http.put("/v1/assets/f-2", json={"type_name": "thermal_rc", "type_version": version,
+                                             "metadata": {"site": "north"}}, headers=admin).status_code == 200
+    wild = [{"sequence": 10 + k, "event_time": (T0 + timedelta(minutes=10 + k)).isoformat(),
+             "measurements": {"T_in": {"value": 280.0 if k % 2 else 320.0, "unit": "K"}}} for k in range(30)]
+    assert http.post("/v1/assets/f-1/telemetry", json={"events": wild}, headers=admin).json()["accepted"] == 30
+    job = http.post("/v1/scenarios", params={"mode": "async"}, json=_scenario("f-1", 50, {"T_in": 294.0, "T_m": 291.0}),
+                    headers=admin)
+    assert job.status_code == 202
+
+    everything = read_changes(base, reader, 8, after=0)
+    assert [int(e["id"]) for e in everything] == list(range(1, 9))  # no gap, no duplicate
+    assert [e["event"] for e in everything] == ["asset_type.created", "asset.created", "asset.created", "twin.state",
+                                                "asset.updated", "twin.state", "twin.drift", "job.succeeded"]
+    assert [e["data"]["seq"] for e in everything] == list(range(1, 9))
+    f1 = http.get("/v1/assets/f-1", headers=reader)
+    assert f1.headers["etag"] == f'"{everything[1]["data"]["revision"]}"'  # asset revision = its change's id
+    state = http.get("/v1/assets/f-1/state", headers=reader).json()
+    assert everything[3]["data"]["revision"] == 3 and everything[5]["data"]["revision"] == state["revision"] == 33
+    assert everything[5]["data"]["data"]["state"] == state["state"]
+    assert everything[6]["data"]["data"]["drift"] is True and state["divergence"]["drift"] is True
+    assert everything[7]["data"]["data"]["job_id"] == job.json()["job_id"]
+
+    assert read_changes(base, {**reader, "Last-Event-ID": "3"}, 5) == everything[3:]  # a reconnect resumes exactly
+    only_f2 = read_changes(base, reader, 2, after=0, asset_id="f-2")
+    assert [(e["id"], e["event"]) for e in only_f2] == [("3", "asset.created"), ("5", "asset.updated")]
+    twins = read_changes(base, reader, 3, after=0, kind="twin", type_name="thermal_rc")
+    assert [e["id"] for e in twins] == ["4", "6", "7"]
+    other = read_changes(base, auth(api, "cas"), 1, after=0)  # another tenant's stream: its own changes only
+    assert other[0]["event"] == "asset_type.created" and other[0]["data"]["asset_id"] is None
+
+    restart_ingress_replicas(http)  # the resume point is the log's sequence, not a replica's memory
+    more = [{"sequence": 50, "event_time": (T0 + timedelta(minutes=50)).isoformat(),
+             "measurements": {"T_in": {"value": 300.0, "unit": "K"}}}]
+    assert http.post("/v1/assets/f-1/telemetry", json={"events": more}, headers=admin).json()["accepted"] == 1
+    resumed = read_changes(base, {**reader, "Last-Event-ID": "8"}, 1)
+    assert (resumed[0]["id"], resumed[0]["event"], resumed[0]["data"]["revision"]) == ("9", "twin.state", 34)
