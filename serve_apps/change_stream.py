@@ -104,6 +104,7 @@ async def sse_changes(backend: BackendClient, watcher: HeadWatcher, tenant: str,
     position = sent = after  # read up to / the client's resume point
     live = False
     current: ChangePage | None = first
+    yield f"id: {after}\n\n"  # the resume point, also for a client that started "from now"
     while True:
         if current is None:
             current = await backend.call("changes_after", tenant, position, page, live)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
 import os
 import re
@@ -20,12 +22,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from client import AsyncRayTwinClient, RayTwinClient, RetryPolicy
 from raytwin.contracts import AssetType
 from raytwin.sim import THERMAL_RC
 from raytwin.sim.reference import model_rhs, reference_trajectory
 from serve_apps.api import create_api
 from serve_apps.api import MAX_JSON_DEPTH
 from serve_apps.auth import create_key
+from serve_apps.schemas import AssetCreate, AssetUpdate
 from tests.conftest import free_port
 
 THERMAL_TYPE = AssetType.from_model(THERMAL_RC).model_dump(mode="json")
@@ -47,6 +51,7 @@ def api(ray_session, tmp_path_factory):
         ("other", "globex", "admin"), ("limited", "acme", "reader"), ("prober", "acme", "reader"),
         ("readme", "initech", "admin"), ("motors", "motorco", "admin"),
         ("cas", "casco", "admin"), ("feeds", "feedco", "admin"), ("feeds-reader", "feedco", "reader"),
+        ("sdk", "sdkco", "admin"),
     )}
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -701,9 +706,67 @@ def test_change_stream_is_complete_filterable_and_resumable_across_a_replica_res
     other = read_changes(base, auth(api, "cas"), 1, after=0)  # another tenant's stream: its own changes only
     assert other[0]["event"] == "asset_type.created" and other[0]["data"]["asset_id"] is None
 
-    restart_ingress_replicas(http)  # the resume point is the log's sequence, not a replica's memory
-    more = [{"sequence": 50, "event_time": (T0 + timedelta(minutes=50)).isoformat(),
-             "measurements": {"T_in": {"value": 300.0, "unit": "K"}}}]
-    assert http.post("/v1/assets/f-1/telemetry", json={"events": more}, headers=admin).json()["accepted"] == 1
-    resumed = read_changes(base, {**reader, "Last-Event-ID": "8"}, 1)
-    assert (resumed[0]["id"], resumed[0]["event"], resumed[0]["data"]["revision"]) == ("9", "twin.state", 34)
+    with RayTwinClient(base, api[1]["feeds-reader"]) as sdk:  # the SDK follows the stream across the restart
+        following = sdk.changes(after=6)
+        assert [next(following).seq for _ in range(2)] == [7, 8]
+        restart_ingress_replicas(http)  # the resume point is the log's sequence, not a replica's memory
+        more = [{"sequence": 50, "event_time": (T0 + timedelta(minutes=50)).isoformat(),
+                 "measurements": {"T_in": {"value": 300.0, "unit": "K"}}}]
+        assert http.post("/v1/assets/f-1/telemetry", json={"events": more}, headers=admin).json()["accepted"] == 1
+        resumed = read_changes(base, {**reader, "Last-Event-ID": "8"}, 1)
+        assert (resumed[0]["id"], resumed[0]["event"], resumed[0]["data"]["revision"]) == ("9", "twin.state", 34)
+        after_restart = next(following)
+        assert (after_restart.seq, after_restart.kind, after_restart.revision) == (9, "twin.state", 34)
+        following.close()
+
+
+# ---------------------------------------------------------------------------------- the SDK ----
+def test_the_python_client_against_the_server(api, http):
+    from client.errors import NotFound, PreconditionFailed
+
+    base, key = api[0], api[1]["sdk"]
+    thermal = AssetType.model_validate(THERMAL_TYPE)
+    with RayTwinClient(base, key, retry=RetryPolicy(attempts=6, backoff_s=0.05)) as sdk:
+        published = sdk.create_asset_type(thermal)
+        assert published.value == thermal and sdk.get_asset_type(thermal.name, thermal.version) == published
+        created = sdk.create_asset(AssetCreate(id="s-1", type_name=thermal.name, type_version=thermal.version,
+                                               initial_state={"T_in": 293.0, "T_m": 292.0}))
+        assert created.revision > published.revision and sdk.get_asset("s-1") == created
+        update = AssetUpdate(type_name=thermal.name, type_version=thermal.version, metadata={"site": "north"})
+        moved = sdk.update_asset("s-1", update, if_match=created.revision)
+        with pytest.raises(PreconditionFailed) as stale:
+            sdk.update_asset("s-1", update, if_match=created.revision)
+        assert stale.value.status == 412 and stale.value.current_revision == moved.revision
+        with pytest.raises(NotFound) as missing:
+            sdk.get_asset("s-9")
+        assert missing.value.request_id and "s-9" in missing.value.message
+        assert [a.id for a in sdk.list_assets(type_name=thermal.name)] == ["s-1"]
+
+        batch = [{"sequence": k, "event_time": (T0 + timedelta(minutes=k)).isoformat(),
+                  "measurements": {"T_in": {"value": 293.0 + 0.1 * k, "unit": "K"}}} for k in range(4)]
+        assert sdk.send_telemetry("s-1", batch).accepted == 4
+        again = sdk.send_telemetry("s-1", batch)  # a resent batch: every event recognised, none applied twice
+        assert (again.accepted, again.duplicates) == (0, 4)
+        state = sdk.state("s-1")
+        assert state.revision == state.value.revision == 4 and set(state.value.state) == {"T_in", "T_m"}
+
+        for _ in range(RATE_BURST + 5):  # empty this key's token bucket, then the client waits it out
+            if http.get("/v1/assets", headers={"X-API-Key": key}).status_code == 429:
+                break
+        retries = sdk.retries
+        assert sdk.get_asset("s-1").revision == moved.revision and sdk.retries > retries
+
+        kinds = [c.kind for c in itertools.islice(sdk.changes(after=0), 4)]
+        assert kinds == ["asset_type.created", "asset.created", "asset.updated", "twin.state"]
+
+    async def follow() -> tuple[int, list[int]]:
+        async with AsyncRayTwinClient(base, key) as aio:
+            state = await aio.state("s-1")
+            seqs = []
+            async for change in aio.changes(after=1, kinds=("asset",)):
+                seqs.append(change.seq)
+                if len(seqs) == 2:
+                    break
+            return state.revision, seqs
+
+    assert asyncio.run(follow()) == (4, [2, 3])
