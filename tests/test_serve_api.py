@@ -51,7 +51,7 @@ def api(ray_session, tmp_path_factory):
         ("other", "globex", "admin"), ("limited", "acme", "reader"), ("prober", "acme", "reader"),
         ("readme", "initech", "admin"), ("motors", "motorco", "admin"),
         ("cas", "casco", "admin"), ("feeds", "feedco", "admin"), ("feeds-reader", "feedco", "reader"),
-        ("sdk", "sdkco", "admin"),
+        ("sdk", "sdkco", "admin"), ("sdk-readme", "sdkreadme", "admin"),
     )}
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -770,3 +770,16 @@ def test_the_python_client_against_the_server(api, http):
             return state.revision, seqs
 
     assert asyncio.run(follow()) == (4, [2, 3])
+
+
+def test_the_client_readme_runs_as_printed(api, capsys):
+    """client/README.md's example, against this server and with a key of a tenant of its own."""
+    from tests.guides import extract
+
+    (block,) = [b for b in extract("client/README.md") if b.lang == "python"]
+    code = block.text.replace("http://localhost:8000", api[0]).replace("rtk_...", api[1]["sdk-readme"])
+    exec(compile(code, block.id, "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == "changed meanwhile, now at revision 3" and printed[1].startswith("1 {'T_in': ")
+    assert printed[2:] == ["1 asset_type.created None 1", "2 asset.created zone-1 2", "3 asset.updated zone-1 3",
+                           "4 twin.state zone-1 1"]
