@@ -195,15 +195,20 @@ class Backend:
         self._twin_marks.setdefault((tenant, asset_id), (s.revision, s.divergence.drift))
 
     def _publish_twins(self, tenant: str, assets: list[str]) -> None:
-        """One `twin.state` change per twin whose revision moved past the last one recorded (concurrent
-        ingests of one twin record each revision once, in order), plus `twin.drift` when its flag flipped."""
+        """One `twin.state` change per twin whose revision moved past the last one recorded, plus
+        `twin.drift` when its flag flipped. Concurrent ingests of one twin read its state in parallel;
+        under the lock a state older than the last recorded one is dropped, so a twin's revisions
+        only grow on the stream (a state may stand for several batches: the latest one wins)."""
+        states = []
+        for asset_id in assets:  # read outside the lock: concurrent ingests read in parallel
+            try:
+                states.append(self.twins.state(tenant, asset_id))
+            except UnknownTwin:  # deleted meanwhile
+                continue
         with self._publish:
             drafts: list[dict[str, Any]] = []
-            for asset_id in assets:
-                try:
-                    s = self.twins.state(tenant, asset_id)
-                except UnknownTwin:  # deleted meanwhile
-                    continue
+            for s in states:
+                asset_id = s.asset_id
                 revision, drift = self._twin_marks.get((tenant, asset_id), (-1, False))
                 if s.revision <= revision:
                     continue
@@ -218,8 +223,10 @@ class Backend:
                     drafts.append({**common, "kind": "twin.drift", "data": {
                         "drift": d.drift, "diverged": d.diverged, "nis_mean": d.nis_mean, "nis_last": d.nis_last}})
                 self._twin_marks[(tenant, asset_id)] = (s.revision, d.drift)
-            if drafts:
-                self.changes.record(tenant, drafts)
+            if not drafts:
+                return
+            queued = self.changes.submit(tenant, drafts)  # in revision order; written outside the lock
+        self.changes.commit(tenant, queued)
 
     def flush(self) -> None:
         self.twins.flush()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import islice
 from typing import Any, Literal
@@ -58,19 +59,64 @@ class ChangePage(BaseModel):
     fell_behind: bool = False
 
 
+@dataclass
+class Queued:
+    """An append waiting for its group commit."""
+
+    drafts: list[dict[str, Any]]
+    changes: list[Change] | None = None
+    error: Exception | None = None
+
+
 class ChangeLog:
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None, memory: int = 1000):
         self.fs, self.root = filesystem(url, storage_options)
         self.memory = memory
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # sequence numbers, segment writes, the rings
+        self._queue_lock = threading.Lock()
+        self._queue: dict[str, list[Queued]] = {}  # appends waiting for the next group commit
         self._head: dict[str, int] = {}
         self._ring: dict[str, deque[Change]] = {}
 
     # ---- writing --------------------------------------------------------------------------
     def record(self, tenant: str, drafts: list[dict[str, Any]]) -> list[Change]:
         """Record `drafts` (Change fields without seq and time; revision defaults to seq) as the
-        tenant's next changes; returns once they are on the store."""
-        return self.write(tenant, lambda _: drafts)
+        tenant's next changes; returns once they are on the store.
+
+        Group commit: callers that arrive while a segment is being written queue up, and the next
+        one to get the lock writes all of them as one segment, so N concurrent appends cost about
+        one store write, not N (an object-store PUT takes tens of milliseconds)."""
+        return self.commit(tenant, self.submit(tenant, drafts))
+
+    def submit(self, tenant: str, drafts: list[dict[str, Any]]) -> Queued:
+        """Queue an append (cheap): queued appends get sequence numbers in queue order at `commit`."""
+        item = Queued(drafts)
+        with self._queue_lock:
+            self._queue.setdefault(tenant, []).append(item)
+        return item
+
+    def commit(self, tenant: str, item: Queued) -> list[Change]:
+        """Wait until `item` is on the store (writing it, with whatever else is queued, if nobody else is)."""
+        with self._lock:
+            if item.changes is None and item.error is None:
+                with self._queue_lock:
+                    batch = self._queue.pop(tenant)
+                self._commit(tenant, batch)
+        if item.error is not None:
+            raise item.error
+        return item.changes or []
+
+    def _commit(self, tenant: str, batch: list[Queued]) -> None:
+        """Write the queued appends as one segment (under the lock); every caller gets its changes or the error."""
+        all_drafts = [d for item in batch for d in item.drafts]
+        try:
+            changes = self._append_locked(tenant, all_drafts) if all_drafts else []
+        except Exception as exc:
+            for item in batch:
+                item.error = exc
+            return
+        for item in batch:
+            item.changes, changes = changes[:len(item.drafts)], changes[len(item.drafts):]
 
     def write(self, tenant: str, apply: Callable[[int], list[dict[str, Any]]]) -> list[Change]:
         """Run `apply(next_seq)` under the log's lock, then record the drafts it returns.
@@ -79,17 +125,17 @@ class ChangeLog:
         revisions and log order agree; if it raises, nothing is recorded.
         """
         with self._lock:
-            first = self._head_locked(tenant) + 1
-            drafts = apply(first)
-            if not drafts:
-                return []
-            now = datetime.now(UTC)
-            changes = [Change(seq=first + i, time=now, **{"revision": first + i, **d}) for i, d in enumerate(drafts)]
-            self._write(tenant, changes)
-            self._head[tenant] = changes[-1].seq
-            ring = self._ring.setdefault(tenant, deque(maxlen=self.memory))
-            ring.extend(changes)
-            return changes
+            drafts = apply(self._head_locked(tenant) + 1)
+            return self._append_locked(tenant, drafts) if drafts else []
+
+    def _append_locked(self, tenant: str, drafts: list[dict[str, Any]]) -> list[Change]:
+        first = self._head_locked(tenant) + 1
+        now = datetime.now(UTC)
+        changes = [Change(seq=first + i, time=now, **{"revision": first + i, **d}) for i, d in enumerate(drafts)]
+        self._write(tenant, changes)
+        self._head[tenant] = changes[-1].seq
+        self._ring.setdefault(tenant, deque(maxlen=self.memory)).extend(changes)
+        return changes
 
     def reserve(self, tenant: str, at_least: int) -> None:
         """Continue the tenant's sequence after `at_least` (revisions already on the store: a catalog

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -89,6 +91,32 @@ def test_a_failed_write_records_nothing_and_concurrent_writers_get_distinct_seqs
         list(pool.map(lambda i: log.record("acme", drafts(2, asset=f"a{i}")), range(40)))
     seqs = [c.seq for c in ChangeLog(str(tmp_path)).read("acme", 0, 1000).changes]
     assert seqs == list(range(1, 81))
+
+
+def test_appends_that_wait_for_a_slow_write_share_the_next_segment(tmp_path):
+    log = ChangeLog(str(tmp_path))
+    written, entered, release = [], threading.Event(), threading.Event()
+    write = log._write
+
+    def slow_write(tenant, changes):  # the first segment write hangs until ten more appends have queued
+        if not written:
+            entered.set()
+            release.wait()
+        written.append([c.seq for c in changes])
+        write(tenant, changes)
+
+    log._write = slow_write
+    with ThreadPoolExecutor(11) as pool:
+        first = pool.submit(log.record, "acme", drafts(1))
+        entered.wait()
+        rest = [pool.submit(log.record, "acme", drafts(2, asset=f"a{i}")) for i in range(10)]
+        while len(log._queue.get("acme", [])) < 10:
+            time.sleep(0.001)
+        release.set()
+        assert [c.seq for c in first.result()] == [1]
+        got = sorted(c.seq for f in rest for c in f.result())
+    assert got == list(range(2, 22)) and written == [[1], list(range(2, 22))]  # 11 appends, 2 store writes
+    assert all(len({c.asset_id for c in f.result()}) == 1 for f in rest)  # each caller gets its own changes
 
 
 def test_stream_resumes_exactly_and_a_slow_reader_falls_behind_once(tmp_path):
