@@ -76,6 +76,7 @@ class ChangeLog:
         self._queue_lock = threading.Lock()
         self._queue: dict[str, list[Queued]] = {}  # appends waiting for the next group commit
         self._head: dict[str, int] = {}
+        self._folders: set[str] = set()
         self._ring: dict[str, deque[Change]] = {}
 
     # ---- writing --------------------------------------------------------------------------
@@ -146,7 +147,9 @@ class ChangeLog:
     def _write(self, tenant: str, changes: list[Change]) -> None:
         first, last = changes[0].seq, changes[-1].seq
         folder = f"{self.root}/{tenant}/{first // PARTITION:010d}"
-        self.fs.makedirs(folder, exist_ok=True)
+        if folder not in self._folders:  # once per folder: on S3 each makedirs is a request
+            self.fs.makedirs(folder, exist_ok=True)
+            self._folders.add(folder)
         self.fs.pipe_file(f"{folder}/{first:016d}-{last:016d}.jsonl",
                           "".join(c.model_dump_json() + "\n" for c in changes).encode())
 
