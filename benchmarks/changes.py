@@ -44,9 +44,12 @@ class Requests:
     def next(self) -> list[TelemetryEvent]:
         asset = next(self.asset)
         now = datetime.now(UTC)
-        return [TelemetryEvent(asset_id=asset, sequence=(k := next(self.sequence)), event_time=T0 + timedelta(minutes=k),
-                               ingest_time=now, measurements={"T_in": {"value": 293.0 + (k % 7) * 0.1, "unit": "K"}})
-                for _ in range(EVENTS_PER_REQUEST)]
+        events = []
+        for _ in range(EVENTS_PER_REQUEST):
+            k = next(self.sequence)
+            events.append(TelemetryEvent(asset_id=asset, sequence=k, event_time=T0 + timedelta(minutes=k), ingest_time=now,
+                                         measurements={"T_in": {"value": 293.0 + (k % 7) * 0.1, "unit": "K"}}))
+        return events
 
 
 def check_log(backend) -> dict[str, int]:

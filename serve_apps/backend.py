@@ -67,8 +67,8 @@ class Backend:
             def write(seq: int) -> list[dict[str, Any]]:
                 if not self.catalog.put_type(tenant, asset_type, seq, pre):
                     return []
-                return [{"kind": "asset_type.created", "type_name": asset_type.name,
-                         "type_version": asset_type.version, "data": {"asset_type": asset_type.model_dump(mode="json")}}]
+                return [{"kind": "asset_type.created", "type_name": asset_type.name, "type_version": asset_type.version,
+                         "data": {"asset_type": asset_type.model_dump(mode="json")}}]
 
             created = bool(self.changes.write(tenant, write))
             if created:  # outside the log's lock: checking a model can take seconds
@@ -89,7 +89,8 @@ class Backend:
         with self._lock:
             self.changes.write(tenant, lambda seq: [{
                 "kind": "asset_type.deleted", "type_name": name, "type_version": version,
-                "data": {"asset_type": self.catalog.delete_type(tenant, name, version, pre).key}}])
+                "data": {"asset_type": self.catalog.delete_type(tenant, name, version, pre).model_dump(
+                    mode="json")}}])
 
     # ---- assets ------------------------------------------------------------------------
     def create_asset(self, asset: Asset, initial_state: dict[str, float] | None, pre: Precondition) -> int:

@@ -134,7 +134,8 @@ def error_response(request: Request | None, status: int, code: str, message: str
 
 
 _STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-                 405: "method_not_allowed", 409: "conflict", 410: "gone", 412: "precondition_failed", 413: "payload_too_large",
+                 405: "method_not_allowed", 409: "conflict", 410: "gone", 412: "precondition_failed",
+                 413: "payload_too_large",
                  415: "unsupported_media_type", 429: "rate_limited"}
 
 

@@ -573,7 +573,8 @@ def test_reads_carry_revisions_as_etags_and_conditional_writes_compare_and_set(a
     r = http.post("/v1/assets", json=body, headers=admin)
     assert r.status_code == 201 and re.fullmatch(r'"\d+"', r.headers["etag"])
     assert http.get("/v1/assets/pump-1", headers=admin).headers["etag"] == r.headers["etag"]
-    assert_error(http.post("/v1/assets", json=body, headers={**admin, "If-None-Match": "*"}), 412, "precondition_failed")
+    assert_error(http.post("/v1/assets", json=body, headers={**admin, "If-None-Match": "*"}),
+                 412, "precondition_failed")
     assert_error(http.post("/v1/assets", json=body, headers=admin), 409, "conflict")  # unconditional: as before
     state = http.get("/v1/assets/pump-1/state", headers=admin)
     assert state.headers["etag"] == f'"{state.json()["revision"]}"'
@@ -609,7 +610,8 @@ def test_reads_carry_revisions_as_etags_and_conditional_writes_compare_and_set(a
     assert_error(http.put("/v1/assets/pump-2", json=update, headers={**admin, "If-None-Match": "*"}),
                  412, "precondition_failed")
     assert_error(http.get("/v1/assets/pump-2", headers=auth(api, "other")), 404, "not_found")
-    assert http.delete(url, headers={**admin, "If-Match": http.get(url, headers=admin).headers["etag"]}).status_code == 204
+    current = http.get(url, headers=admin).headers["etag"]
+    assert http.delete(url, headers={**admin, "If-Match": current}).status_code == 204
     recreated = http.post("/v1/assets", json=body, headers=admin)  # revisions only grow: an old ETag never matches
     assert int(recreated.headers["etag"].strip('"')) > int(made.headers["etag"].strip('"'))
 
