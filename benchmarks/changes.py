@@ -47,7 +47,8 @@ class Requests:
         events = []
         for _ in range(EVENTS_PER_REQUEST):
             k = next(self.sequence)
-            events.append(TelemetryEvent(asset_id=asset, sequence=k, event_time=T0 + timedelta(minutes=k), ingest_time=now,
+            events.append(TelemetryEvent(asset_id=asset, sequence=k, event_time=T0 + timedelta(minutes=k),
+                                         ingest_time=now,
                                          measurements={"T_in": {"value": 293.0 + (k % 7) * 0.1, "unit": "K"}}))
         return events
 
