@@ -55,7 +55,7 @@ class Requests:
 
 def check_log(backend) -> dict[str, int]:
     """Gapless ids; per twin, recorded revisions only grow and end at the twin's revision."""
-    changes = backend.changes.read(TENANT, 0, 10**9).changes
+    changes = backend.changes.store.read(TENANT, 0, 10**9)
     if [c.seq for c in changes] != list(range(1, len(changes) + 1)):
         raise AssertionError("change log ids have a gap")
     last: dict[str, int] = {}
@@ -152,8 +152,9 @@ def group_commit(ctx: BenchContext, result: BenchResult) -> None:
 
         t_serial, _ = ctx.measure("changelog-s3-serial", serial, repeat=min(ctx.repeat, 3))
         t_grouped, _ = ctx.measure("changelog-s3-grouped", grouped, repeat=min(ctx.repeat, 3))
-        segments = len(logs["grouped"].fs.find(logs["grouped"].root))
-        if [c.seq for c in logs["grouped"].read(TENANT, 0, n).changes] != list(range(1, n + 1)):
+        store = logs["grouped"].store
+        segments = len(store.fs.find(store.root))
+        if [c.seq for c in store.read(TENANT, 0, n)] != list(range(1, n + 1)):
             raise AssertionError("group commit lost or reordered appends")
         result.checks["s3_grouped_segments"] = segments
         result.timings.update({"changelog_s3_serial": t_serial, "changelog_s3_grouped": t_grouped})

@@ -20,6 +20,7 @@ from serve_apps.audit import AuditLog
 from serve_apps.auth import KeyStore
 from serve_apps.backend import BackendDeployment
 from serve_apps.change_stream import HeadWatcher
+from serve_apps.changes import ChangeStore
 from serve_apps.config import ServeConfig
 from serve_apps.deps import BackendClient, Services
 from serve_apps.limits import TokenBuckets
@@ -44,6 +45,7 @@ class Ingress:
             metrics=ServeMetrics(replica), buckets=TokenBuckets(config.rate_per_s, config.rate_burst),
             fs=filesystem(config.store_url, config.storage_options)[0], twins=TwinReader(config),
             changes=HeadWatcher(client, config.change_poll_s),
+            change_store=ChangeStore(config.url("changes"), config.storage_options),
         )
 
     def __serve_build_asgi_app__(self):

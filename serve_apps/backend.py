@@ -158,8 +158,9 @@ class Backend:
     def change_heads(self, tenants: list[str]) -> dict[str, int]:
         return self.changes.heads(tenants)
 
-    def changes_after(self, tenant: str, after: int, limit: int, memory_only: bool) -> ChangePage:
-        return self.changes.read(tenant, after, limit, memory_only)
+    def changes_after(self, tenant: str, after: int, limit: int) -> ChangePage:
+        """From memory only: streams read older changes from the store themselves."""
+        return self.changes.read(tenant, after, limit)
 
     def _job_finished(self, job: Job) -> None:
         type_name, _, type_version = job.model_ref.partition("@")

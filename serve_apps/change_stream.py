@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from serve_apps.changes import Change, ChangePage
+from serve_apps.changes import Change, ChangePage, ChangeStore
 
 if TYPE_CHECKING:  # deps imports this module for its Services
     from serve_apps.deps import BackendClient
@@ -95,19 +95,26 @@ class HeadWatcher:
 
 async def first_page(backend: BackendClient, tenant: str, after: int, page: int) -> ChangePage:
     """The stream's first read (before the response starts, so errors still get a status code)."""
-    return await backend.call("changes_after", tenant, after, page, False)
+    return await backend.call("changes_after", tenant, after, page)
 
 
-async def sse_changes(backend: BackendClient, watcher: HeadWatcher, tenant: str, after: int, first: ChangePage,
-                      flt: ChangeFilter, page: int, heartbeat_s: float = HEARTBEAT_S) -> AsyncIterator[str]:
-    """SSE frames of the tenant's changes after `after`, starting with the already-read page `first`."""
+async def sse_changes(backend: BackendClient, store: ChangeStore, watcher: HeadWatcher, tenant: str, after: int,
+                      first: ChangePage, flt: ChangeFilter, page: int,
+                      heartbeat_s: float = HEARTBEAT_S) -> AsyncIterator[str]:
+    """SSE frames of the tenant's changes after `after`, starting with the already-read page `first`.
+
+    Behind the backend's memory window, a stream that has not caught up yet reads the store here
+    (off the event loop); one that had caught up falls behind instead."""
     position = sent = after  # read up to / the client's resume point
     live = False
     current: ChangePage | None = first
     yield f"id: {after}\n\n"  # the resume point, also for a client that started "from now"
     while True:
         if current is None:
-            current = await backend.call("changes_after", tenant, position, page, live)
+            current = await backend.call("changes_after", tenant, position, page)
+        if current.fell_behind and not live:
+            replay = await asyncio.to_thread(store.read, tenant, position, min(page, current.head - position))
+            current = current.model_copy(update={"changes": replay, "fell_behind": False})
         if current.fell_behind:
             log.info("event=change_stream_fell_behind tenant=%s position=%d head=%d", tenant, position, current.head)
             yield frame("fell_behind", {

@@ -10,7 +10,8 @@ sequence from the newest segment, so an event id read from a stream stays a vali
 across replica restarts.
 
 The newest `memory` changes of each tenant are also kept in memory (a bounded ring), so live
-streams are served without store reads; a reader further behind reads segments from the store.
+streams are served without store reads; a reader further behind reads the segments from the
+store itself (`ChangeStore`), without the backend.
 """
 
 from __future__ import annotations
@@ -50,8 +51,8 @@ class Change(BaseModel):
 
 
 class ChangePage(BaseModel):
-    """Changes after a position. `fell_behind`: the reader asked for memory only and the position
-    has left the in-memory ring (`oldest` is the oldest change still there)."""
+    """Changes after a position, from memory. `fell_behind`: the position is older than the
+    in-memory window (`oldest` is the oldest change still there): read the store."""
 
     changes: list[Change]
     head: int
@@ -70,13 +71,12 @@ class Queued:
 
 class ChangeLog:
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None, memory: int = 1000):
-        self.fs, self.root = filesystem(url, storage_options)
+        self.store = ChangeStore(url, storage_options)
         self.memory = memory
         self._lock = threading.Lock()  # sequence numbers, segment writes, the rings
         self._queue_lock = threading.Lock()
         self._queue: dict[str, list[Queued]] = {}  # appends waiting for the next group commit
         self._head: dict[str, int] = {}
-        self._folders: set[str] = set()
         self._ring: dict[str, deque[Change]] = {}
 
     # ---- writing --------------------------------------------------------------------------
@@ -133,7 +133,7 @@ class ChangeLog:
         first = self._head_locked(tenant) + 1
         now = datetime.now(UTC)
         changes = [Change(seq=first + i, time=now, **{"revision": first + i, **d}) for i, d in enumerate(drafts)]
-        self._write(tenant, changes)
+        self.store.write(tenant, changes)
         self._head[tenant] = changes[-1].seq
         self._ring.setdefault(tenant, deque(maxlen=self.memory)).extend(changes)
         return changes
@@ -143,15 +143,6 @@ class ChangeLog:
         written just before a crash kept the revision its lost log segment would have had)."""
         with self._lock:
             self._head[tenant] = max(self._head_locked(tenant), at_least)
-
-    def _write(self, tenant: str, changes: list[Change]) -> None:
-        first, last = changes[0].seq, changes[-1].seq
-        folder = f"{self.root}/{tenant}/{first // PARTITION:010d}"
-        if folder not in self._folders:  # once per folder: on S3 each makedirs is a request
-            self.fs.makedirs(folder, exist_ok=True)
-            self._folders.add(folder)
-        self.fs.pipe_file(f"{folder}/{first:016d}-{last:016d}.jsonl",
-                          "".join(c.model_dump_json() + "\n" for c in changes).encode())
 
     # ---- reading ----------------------------------------------------------------------------
     def head(self, tenant: str) -> int:
@@ -163,8 +154,9 @@ class ChangeLog:
         with self._lock:
             return {t: self._head_locked(t) for t in tenants}
 
-    def read(self, tenant: str, after: int, limit: int, memory_only: bool = False) -> ChangePage:
-        """Up to `limit` changes with seq > `after`, oldest first."""
+    def read(self, tenant: str, after: int, limit: int) -> ChangePage:
+        """Up to `limit` changes with seq > `after` from memory, oldest first; `fell_behind` when
+        `after` is older than the memory window (read those from `self.store`)."""
         with self._lock:
             head = self._head_locked(tenant)
             ring = self._ring.get(tenant)
@@ -174,11 +166,33 @@ class ChangeLog:
             if oldest is not None and after + 1 >= oldest:
                 start = after + 1 - oldest
                 return ChangePage(changes=list(islice(ring, start, start + limit)), head=head, oldest=oldest)
-        if memory_only:
             return ChangePage(changes=[], head=head, oldest=oldest, fell_behind=True)
-        return ChangePage(changes=self._read_store(tenant, after, min(limit, head - after)), head=head, oldest=oldest)
 
-    def _read_store(self, tenant: str, after: int, limit: int) -> list[Change]:
+    def _head_locked(self, tenant: str) -> int:
+        if tenant not in self._head:
+            self._head[tenant] = self.store.last_seq(tenant)
+        return self._head[tenant]
+
+
+class ChangeStore:
+    """The log's segments on the store. The backend's `ChangeLog` writes them; anyone reads them:
+    a stream replaying history reads them in its Ingress replica, not through the one backend."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
+        self.fs, self.root = filesystem(url, storage_options)
+        self._folders: set[str] = set()
+
+    def write(self, tenant: str, changes: list[Change]) -> None:
+        first, last = changes[0].seq, changes[-1].seq
+        folder = f"{self.root}/{tenant}/{first // PARTITION:010d}"
+        if folder not in self._folders:  # once per folder: on S3 each makedirs is a request
+            self.fs.makedirs(folder, exist_ok=True)
+            self._folders.add(folder)
+        self.fs.pipe_file(f"{folder}/{first:016d}-{last:016d}.jsonl",
+                          "".join(c.model_dump_json() + "\n" for c in changes).encode())
+
+    def read(self, tenant: str, after: int, limit: int) -> list[Change]:
+        """Up to `limit` changes with seq > `after`, oldest first."""
         out: list[Change] = []
         for first, last, path in self._segments(tenant, after + 1):
             if last <= after:
@@ -190,6 +204,11 @@ class ChangeLog:
                     if len(out) == limit:
                         return out
         return out
+
+    def last_seq(self, tenant: str) -> int:
+        parts = self._ls(f"{self.root}/{tenant}")
+        segments = self._ls(parts[-1]) if parts else []
+        return int(segments[-1].rsplit("-", 1)[1].removesuffix(".jsonl")) if segments else 0
 
     def _segments(self, tenant: str, seq: int):
         """(first, last, path) of the segments that may hold `seq` and later, in order."""
@@ -205,10 +224,3 @@ class ChangeLog:
         if not self.fs.exists(folder):
             return []
         return sorted(p.rstrip("/") for p in self.fs.ls(folder, detail=False))
-
-    def _head_locked(self, tenant: str) -> int:
-        if tenant not in self._head:
-            parts = self._ls(f"{self.root}/{tenant}")
-            segments = self._ls(parts[-1]) if parts else []
-            self._head[tenant] = int(segments[-1].rsplit("-", 1)[1].removesuffix(".jsonl")) if segments else 0
-        return self._head[tenant]

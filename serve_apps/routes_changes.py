@@ -50,6 +50,7 @@ def register(app: FastAPI) -> None:
             raise Unprocessable(f"event id {after} is ahead of this tenant's change log (newest {first.head}); "
                                 "resume from an id this stream sent, or leave it out to start from now")
         flt = ChangeFilter(frozenset(asset_id) if asset_id else None, type_name, frozenset(kind) if kind else None)
-        return StreamingResponse(sse_changes(svc.backend, svc.changes, who.tenant, after, first, flt, page),
+        stream = sse_changes(svc.backend, svc.change_store, svc.changes, who.tenant, after, first, flt, page)
+        return StreamingResponse(stream,
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -61,19 +61,23 @@ def test_log_is_gapless_durable_and_continues_after_a_restart(tmp_path, monkeypa
     log.record("acme", drafts(6, kind="asset.updated"))  # one segment crossing two folders
     log.record("globex", drafts(2))
     assert log.head("acme") == 9 and log.head("globex") == 2
-    page = log.read("acme", 0, 100)  # before the in-memory window: from the store
-    assert [c.seq for c in page.changes] == list(range(1, 10)) and page.oldest == 7
-    assert [c.revision for c in page.changes[3:]] == list(range(4, 10))  # catalog kinds: revision = seq
-    assert [c.seq for c in log.read("acme", 7, 100, memory_only=True).changes] == [8, 9]
-    assert log.read("acme", 2, 100, memory_only=True).fell_behind
-    assert [c.seq for c in log.read("acme", 4, 2).changes] == [5, 6]
-    assert all(c.asset_id == "a" for c in log.read("globex", 0, 10).changes)
+    stored = log.store.read("acme", 0, 100)  # before the in-memory window: from the store
+    assert [c.seq for c in stored] == list(range(1, 10))
+    assert [c.revision for c in stored[3:]] == list(range(4, 10))  # catalog kinds: revision = seq
+    page = log.read("acme", 6, 100)
+    assert [c.seq for c in page.changes] == [7, 8, 9] and page.oldest == 7 and page.head == 9
+    behind = log.read("acme", 2, 100)
+    assert behind.fell_behind and behind.changes == [] and behind.oldest == 7
+    assert [c.seq for c in log.store.read("acme", 4, 2)] == [5, 6]
+    assert [c.seq for c in log.store.read("acme", 8, 10)] == [9] and log.read("acme", 9, 10).changes == []
+    assert [c.asset_id for c in log.store.read("globex", 0, 10)] == ["a", "a"]
 
     restarted = ChangeLog(str(tmp_path), memory=3)
-    assert restarted.head("acme") == 9
-    assert [c.seq for c in restarted.read("acme", 5, 100).changes] == [6, 7, 8, 9]
+    assert restarted.head("acme") == 9 and restarted.read("acme", 5, 100).fell_behind  # memory starts empty
+    assert [c.seq for c in restarted.store.read("acme", 5, 100)] == [6, 7, 8, 9]
     assert [c.seq for c in restarted.record("acme", drafts(1))] == [10]
-    assert [c.seq for c in restarted.read("acme", 0, 100).changes] == list(range(1, 11))
+    assert [c.seq for c in restarted.read("acme", 9, 100).changes] == [10]
+    assert [c.seq for c in restarted.store.read("acme", 0, 100)] == list(range(1, 11))
     restarted.reserve("acme", 20)  # a catalog revision from a write whose log segment was lost
     assert [c.seq for c in restarted.record("acme", drafts(1))] == [21]
 
@@ -89,14 +93,14 @@ def test_a_failed_write_records_nothing_and_concurrent_writers_get_distinct_seqs
     assert log.head("acme") == 0
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda i: log.record("acme", drafts(2, asset=f"a{i}")), range(40)))
-    seqs = [c.seq for c in ChangeLog(str(tmp_path)).read("acme", 0, 1000).changes]
+    seqs = [c.seq for c in ChangeLog(str(tmp_path)).store.read("acme", 0, 1000)]
     assert seqs == list(range(1, 81))
 
 
 def test_appends_that_wait_for_a_slow_write_share_the_next_segment(tmp_path):
     log = ChangeLog(str(tmp_path))
     written, entered, release = [], threading.Event(), threading.Event()
-    write = log._write
+    write = log.store.write
 
     def slow_write(tenant, changes):  # the first segment write hangs until ten more appends have queued
         if not written:
@@ -105,7 +109,7 @@ def test_appends_that_wait_for_a_slow_write_share_the_next_segment(tmp_path):
         written.append([c.seq for c in changes])
         write(tenant, changes)
 
-    log._write = slow_write
+    log.store.write = slow_write
     with ThreadPoolExecutor(11) as pool:
         first = pool.submit(log.record, "acme", drafts(1))
         entered.wait()
@@ -127,7 +131,7 @@ def test_stream_resumes_exactly_and_a_slow_reader_falls_behind_once(tmp_path):
         log.record("acme", drafts(3))
 
         def open_stream(after: int, flt: ChangeFilter = ChangeFilter()):
-            return sse_changes(backend, watcher, "acme", after, log.read("acme", after, 2), flt, page=2)
+            return sse_changes(backend, log.store, watcher, "acme", after, log.read("acme", after, 2), flt, page=2)
 
         stream = open_stream(0)
         first = parse(await take(stream, 3))
