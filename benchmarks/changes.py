@@ -72,7 +72,7 @@ def check_log(backend) -> dict[str, int]:
 
 def telemetry(ctx: BenchContext, result: BenchResult) -> None:
     ensure_ray()
-    n = 40 if ctx.quick else 400
+    n = 8 if ctx.quick else 400
     with tempfile.TemporaryDirectory(prefix="raytwin-bench-changes-") as tmp:
         config = ServeConfig(store_url=f"{tmp}/store", keys_file=f"{tmp}/keys.json", twin_shards=1,
                              namespace=f"bench-{uuid.uuid4().hex[:8]}")
@@ -136,7 +136,7 @@ def group_commit(ctx: BenchContext, result: BenchResult) -> None:
     try:
         options = {"client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"}}
         s3fs.S3FileSystem(**options, skip_instance_cache=True).mkdir("bench")
-        n = 40 if ctx.quick else 400
+        n = 8 if ctx.quick else 400
         draft = [{"kind": "twin.state", "asset_id": "zone-0", "data": {"state": {"T_in": 293.0, "T_m": 292.0}}}]
         logs = {}
 
