@@ -37,9 +37,9 @@ T0 = datetime(2026, 1, 5, tzinfo=UTC)
 class Requests:
     """Fresh telemetry requests (never duplicates), round-robin over the twins."""
 
-    def __init__(self) -> None:
+    def __init__(self, twins: int) -> None:
         self.sequence = itertools.count()
-        self.asset = itertools.cycle(f"zone-{i}" for i in range(TWINS))
+        self.asset = itertools.cycle(f"zone-{i}" for i in range(twins))
 
     def next(self) -> list[TelemetryEvent]:
         asset = next(self.asset)
@@ -72,7 +72,7 @@ def check_log(backend) -> dict[str, int]:
 
 def telemetry(ctx: BenchContext, result: BenchResult) -> None:
     ensure_ray()
-    n = 8 if ctx.quick else 400
+    n, twins = (8, 2) if ctx.quick else (400, TWINS)
     with tempfile.TemporaryDirectory(prefix="raytwin-bench-changes-") as tmp:
         config = ServeConfig(store_url=f"{tmp}/store", keys_file=f"{tmp}/keys.json", twin_shards=1,
                              namespace=f"bench-{uuid.uuid4().hex[:8]}")
@@ -80,10 +80,10 @@ def telemetry(ctx: BenchContext, result: BenchResult) -> None:
         try:
             thermal = AssetType.from_model(THERMAL_RC)
             backend.put_type(TENANT, thermal, Precondition())
-            for i in range(TWINS):
+            for i in range(twins):
                 asset = Asset(id=f"zone-{i}", tenant=TENANT, type_name=thermal.name, type_version=thermal.version)
                 backend.create_asset(asset, None, Precondition())
-            requests = Requests()
+            requests = Requests(twins)
             with_log = lambda: backend.ingest(TENANT, requests.next())  # noqa: E731
             without = lambda: backend.twins.ingest(TENANT, requests.next())  # noqa: E731
 
@@ -100,13 +100,13 @@ def telemetry(ctx: BenchContext, result: BenchResult) -> None:
             for label, fn in (("serial", serial), ("8 at once", parallel)):  # interleaved rounds
                 for name, work in (("baseline", without), ("raytwin", with_log)):
                     timings[(label, name)], _ = ctx.measure(f"telemetry-{label}-{name}", fn(work))
-            result.checks["log"] = check_log(backend)
+            result.checks["log"] = {**check_log(backend), "twins": twins}
             for label in ("serial", "8 at once"):
                 mine, base = timings[(label, "raytwin")], timings[(label, "baseline")]
                 result.timings[f"telemetry_{label}_raytwin"] = mine
                 result.timings[f"telemetry_{label}_baseline"] = base
                 result.figures.append(Figure(
-                    f"telemetry requests ({EVENTS_PER_REQUEST} events, {TWINS} twins), {label}, with the change log",
+                    f"telemetry requests ({EVENTS_PER_REQUEST} events, {twins} twins), {label}, with the change log",
                     n / mine.median_s, "requests/s", baseline="TwinService.ingest alone (no change log)",
                     baseline_value=n / base.median_s))
                 result.notes.append(f"{label}: {1e3 * (mine.median_s - base.median_s) / n:.2f} ms per request "

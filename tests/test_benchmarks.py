@@ -156,7 +156,7 @@ def test_bench_cli_quick_product_paths(ray_session, tmp_path):
     assert serve_load["ok"] == serve_load["sent"] > 0 and serve_load["failed"] == 0
     assert {f["unit"] for f in benches["serve"]["figures"]} >= {"ms", "req/s"}
     log = benches["changes"]["checks"]["log"]
-    assert log["twin_states"] > 0 and log["changes"] == log["twin_states"] + 9  # + the type and 8 assets
+    assert log["twin_states"] > 0 and log["changes"] == log["twin_states"] + 1 + log["twins"]  # + type, assets
     assert {f["unit"] for f in benches["changes"]["figures"]} == {"requests/s", "appends/s"}
 
 
