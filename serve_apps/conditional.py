@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fastapi import Header
+from fastapi import Header, Response
 
 from serve_apps.errors import PreconditionFailed
 
@@ -76,6 +76,16 @@ class Precondition:
                 f"{what} already exists (revision {current}) and If-None-Match: {self.if_none_match.raw} asks to "
                 "write only if it does not; nothing was changed",
                 details=[{"header": "If-None-Match", "current_revision": current}])
+
+
+def not_modified(if_none_match: str | None, revision: int) -> Response | None:
+    """304 for a conditional read whose `If-None-Match` names the current revision (or `*`): the
+    client's copy is current, nothing is sent again. Catalog revisions only grow, so a tag never
+    names an older or a deleted-and-recreated resource."""
+    tags = EntityTags.parse(if_none_match)
+    if tags is None or not (tags.any or revision in tags.revisions):
+        return None
+    return Response(status_code=304, headers={"ETag": etag(revision)})
 
 
 async def precondition(

@@ -8,20 +8,23 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Query, Request, Response
+from fastapi import Depends, FastAPI, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from raytwin.contracts import Asset, AssetType, RelationshipKind, describe_error
 from serve_apps.auth import Principal
-from serve_apps.conditional import Precondition, etag, precondition
+from serve_apps.conditional import Precondition, etag, not_modified, precondition
 from serve_apps.deps import ADMIN, READER, SVC, Services
 from serve_apps.errors import Unprocessable
 from serve_apps.schemas import AssetCreate, AssetUpdate, Related
 
 
 PRE = Depends(precondition)
+NOT_MODIFIED: dict[int | str, dict[str, Any]] = {304: {"description": "Not modified: `If-None-Match` names the "
+                                                          "current ETag"}}
+IF_NONE_MATCH = Header(None, description="An ETag this client holds: 304 (no body) while it is still current")
 
 
 def register(app: FastAPI) -> None:
@@ -44,12 +47,12 @@ def register(app: FastAPI) -> None:
     async def list_asset_types(name: str | None = None, who: Principal = READER, svc: Services = SVC) -> Any:
         return await svc.backend.call("list_types", who.tenant, name)
 
-    @app.get("/v1/asset-types/{name}/{version}", response_model=AssetType, tags=tags)
-    async def get_asset_type(name: str, version: str, response: Response, who: Principal = READER,
-                             svc: Services = SVC) -> Any:
+    @app.get("/v1/asset-types/{name}/{version}", response_model=AssetType, tags=tags, responses=NOT_MODIFIED)
+    async def get_asset_type(name: str, version: str, response: Response, if_none_match: str | None = IF_NONE_MATCH,
+                             who: Principal = READER, svc: Services = SVC) -> Any:
         asset_type, revision = await svc.backend.call("get_type", who.tenant, name, version)
         response.headers["ETag"] = etag(revision)
-        return asset_type
+        return not_modified(if_none_match, revision) or asset_type
 
     @app.delete("/v1/asset-types/{name}/{version}", status_code=204, tags=tags)
     async def delete_asset_type(name: str, version: str, request: Request, who: Principal = ADMIN,
@@ -82,11 +85,12 @@ def register(app: FastAPI) -> None:
         """The caller's assets, filtered by type and/or relationship (kind, target)."""
         return await svc.backend.call("list_assets", who.tenant, type_name, type_version, related_to, relationship)
 
-    @app.get("/v1/assets/{asset_id}", response_model=Asset, tags=tags)
-    async def get_asset(asset_id: str, response: Response, who: Principal = READER, svc: Services = SVC) -> Any:
+    @app.get("/v1/assets/{asset_id}", response_model=Asset, tags=tags, responses=NOT_MODIFIED)
+    async def get_asset(asset_id: str, response: Response, if_none_match: str | None = IF_NONE_MATCH,
+                        who: Principal = READER, svc: Services = SVC) -> Any:
         asset, revision = await svc.backend.call("get_asset_revision", who.tenant, asset_id)
         response.headers["ETag"] = etag(revision)
-        return asset
+        return not_modified(if_none_match, revision) or asset
 
     @app.get("/v1/assets/{asset_id}/relationships", response_model=Related, tags=tags)
     async def relationships(asset_id: str, who: Principal = READER, svc: Services = SVC) -> Related:

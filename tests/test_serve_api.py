@@ -578,6 +578,9 @@ def test_reads_carry_revisions_as_etags_and_conditional_writes_compare_and_set(a
     assert_error(http.post("/v1/assets", json=body, headers=admin), 409, "conflict")  # unconditional: as before
     state = http.get("/v1/assets/pump-1/state", headers=admin)
     assert state.headers["etag"] == f'"{state.json()["revision"]}"'
+    same = http.get("/v1/assets/pump-1", headers={**admin, "If-None-Match": r.headers["etag"]})
+    assert same.status_code == 304 and same.content == b"" and same.headers["etag"] == r.headers["etag"]
+    assert http.get(type_url, headers={**admin, "If-None-Match": f'"0", {created.headers["etag"]}'}).status_code == 304
 
     update = {"type_name": "thermal_rc", "type_version": THERMAL_TYPE["version"]}
     url, base = "/v1/assets/pump-1", api[0]
@@ -597,8 +600,8 @@ def test_reads_carry_revisions_as_etags_and_conditional_writes_compare_and_set(a
         won, lost = sorted(answers, key=lambda a: a.status_code)
         error = assert_error(lost, 412, "precondition_failed")
         assert error["details"][0]["current_revision"] == int(won.headers["etag"].strip('"'))
-        now = http.get(url, headers=admin)
-        assert now.headers["etag"] == won.headers["etag"] != tag
+        now = http.get(url, headers={**admin, "If-None-Match": tag})  # the old tag is stale: a full answer
+        assert now.status_code == 200 and now.headers["etag"] == won.headers["etag"] != tag
         assert now.json()["metadata"] == won.json()["metadata"]
 
     stale = {**admin, "If-Match": '"1"'}
