@@ -86,10 +86,10 @@ class Dispatcher:
     """
 
     def __init__(self, router: ShardRouter, tenant: str, *, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
-                 batch_size: int = DEFAULT_BATCH_SIZE, handles: list | None = None):
+                 batch_size: int = DEFAULT_BATCH_SIZE, handles: list | None = None, states: bool = False):
         if max_in_flight < 1 or batch_size < 1:
             raise ValueError("max_in_flight and batch_size must be >= 1")
-        self.router, self.tenant = router, tenant
+        self.router, self.tenant, self.states = router, tenant, states
         self.max_in_flight, self.batch_size = max_in_flight, batch_size
         self.handles = handles or [router.handle(i) for i in range(router.shards)]
         self.busy: dict[int, ray.ObjectRef] = {}  # shard index -> its outstanding call
@@ -122,7 +122,8 @@ class Dispatcher:
             for index in idle:
                 while len(self.busy) >= self.max_in_flight:
                     self._complete(list(self.busy.values()))
-                self.busy[index] = self.handles[index].ingest.remote(self.tenant, calls[index].pop(0))
+                self.busy[index] = self.handles[index].ingest.remote(self.tenant, calls[index].pop(0),
+                                                                     states=self.states)
                 if not calls[index]:
                     del calls[index]
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from ray import serve
 
-from actors.state import UnknownTwin
+from actors.state import TwinState, UnknownTwin
 from raytwin.contracts import Asset, AssetType, RelationshipKind, TelemetryEvent
 from raytwin.logs import component_logging
 from raytwin.registry import ModelArtifact, ModelRegistry
@@ -184,10 +184,10 @@ class Backend:
         for asset_id in assets:
             if (tenant, asset_id) not in self._twin_marks:  # first write since start: what was the drift flag?
                 self._mark(tenant, asset_id)
-        report = self.twins.ingest(tenant, events)
-        if report.accepted:
-            self._publish_twins(tenant, assets)
-        return report.model_dump(mode="json")
+        report = self.twins.ingest(tenant, events, states=True)
+        if report.states:
+            self._publish_twins(tenant, report.states)
+        return report.model_dump(mode="json", exclude={"states"})
 
     def _mark(self, tenant: str, asset_id: str) -> None:
         try:
@@ -196,17 +196,12 @@ class Backend:
             return
         self._twin_marks.setdefault((tenant, asset_id), (s.revision, s.divergence.drift))
 
-    def _publish_twins(self, tenant: str, assets: list[str]) -> None:
+    def _publish_twins(self, tenant: str, states: list[TwinState]) -> None:
         """One `twin.state` change per twin whose revision moved past the last one recorded, plus
-        `twin.drift` when its flag flipped. Concurrent ingests of one twin read its state in parallel;
-        under the lock a state older than the last recorded one is dropped, so a twin's revisions
-        only grow on the stream (a state may stand for several batches: the latest one wins)."""
-        states = []
-        for asset_id in assets:  # read outside the lock: concurrent ingests read in parallel
-            try:
-                states.append(self.twins.state(tenant, asset_id))
-            except UnknownTwin:  # deleted meanwhile
-                continue
+        `twin.drift` when its flag flipped. The states come with the ingest call's report (no second
+        call to the shard). Under the lock a state older than the last recorded one is dropped, so a
+        twin's revisions only grow on the stream when ingests of one twin run concurrently (a state
+        may then stand for several batches: the latest one wins)."""
         with self._publish:
             drafts: list[dict[str, Any]] = []
             for s in states:
