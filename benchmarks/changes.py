@@ -2,8 +2,8 @@
 
 1. Telemetry through the API's backend (`serve_apps.backend.Backend`, real twin shards on Ray,
    the store on local disk): requests of 10 events for one of 8 twins, one at a time and 8 at
-   once. RayTwin: `Backend.ingest`, which applies the events and records the twins' new states in
-   the change log before it returns. Baseline, in the same run, interleaved: the same requests
+   once. RayTwin: `Backend.ingest`, which applies the events (the shard's reply carries the twins'
+   new states) and records those states in the change log before it returns. Baseline, in the same run, interleaved: the same requests
    through `TwinService.ingest` alone (what `Backend.ingest` did before the change log). Checked
    first: the log's ids have no gap and each twin's recorded revisions only grow, ending at the
    twin's revision.
@@ -110,7 +110,7 @@ def telemetry(ctx: BenchContext, result: BenchResult) -> None:
                     n / mine.median_s, "requests/s", baseline="TwinService.ingest alone (no change log)",
                     baseline_value=n / base.median_s))
                 result.notes.append(f"{label}: {1e3 * (mine.median_s - base.median_s) / n:.2f} ms per request "
-                                    "for the change log (state read + segment write)")
+                                    "for the change log (the twins' states in the shard's reply, the log append)")
         finally:
             backend.twins.close()
 
