@@ -105,10 +105,10 @@ class Dispatcher:
     """
 
     def __init__(self, router: ShardRouter, tenant: str, *, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
-                 batch_size: int = DEFAULT_BATCH_SIZE, handles: list | None = None):
+                 batch_size: int = DEFAULT_BATCH_SIZE, handles: list | None = None, states: bool = False):
         if max_in_flight < 1 or batch_size < 1:
             raise ValueError("max_in_flight and batch_size must be >= 1")
-        self.router, self.tenant = router, tenant
+        self.router, self.tenant, self.states = router, tenant, states
         self.max_in_flight, self.batch_size = max_in_flight, batch_size
         self.handles = handles or [router.handle(i) for i in range(router.shards)]
         self.busy: dict[int, tuple[ray.ObjectRef, int]] = {}  # shard index -> its outstanding call, its events
@@ -143,7 +143,7 @@ class Dispatcher:
                 while len(self.busy) >= self.max_in_flight:
                     self._wait_for(list(self.busy))
                 part = calls[index].pop(0)
-                self.busy[index] = (self.handles[index].ingest.remote(self.tenant, part), part.num_rows)
+                self.busy[index] = (self.handles[index].ingest.remote(self.tenant, part, states=self.states), part.num_rows)
                 _BACKLOG.add(index, part.num_rows)
                 if not calls[index]:
                     del calls[index]

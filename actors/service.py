@@ -200,20 +200,21 @@ class TwinService:
         return state
 
     # ------------------------------------------------------------- ingestion ----
-    def _dispatcher(self, tenant: str) -> Dispatcher:
+    def _dispatcher(self, tenant: str, states: bool = False) -> Dispatcher:
         return Dispatcher(self.router, self._tenant(tenant), max_in_flight=self.max_in_flight,
-                          batch_size=self.batch_size, handles=self._shards)
+                          batch_size=self.batch_size, handles=self._shards, states=states)
 
     @staticmethod
     def _tenant(tenant: str) -> str:
         return _IDENTIFIER.validate_python(tenant)
 
-    def ingest(self, tenant: str, events: list[TelemetryEvent] | pa.Table) -> IngestReport:
-        """Ingest events (or a telemetry table); returns once all are durable and applied."""
+    def ingest(self, tenant: str, events: list[TelemetryEvent] | pa.Table, states: bool = False) -> IngestReport:
+        """Ingest events (or a telemetry table); returns once all are durable and applied.
+        `states`: the report carries the new states of the twins that changed."""
         if isinstance(events, pa.Table):
             return ingest_rows(self.router, self._tenant(tenant), table_batches(events, self.batch_size),
-                               max_in_flight=self.max_in_flight, batch_size=self.batch_size)
-        dispatcher = self._dispatcher(tenant)
+                               max_in_flight=self.max_in_flight, batch_size=self.batch_size, states=states)
+        dispatcher = self._dispatcher(tenant, states)
         dispatcher.send(validated_table(events))
         return dispatcher.finish()
 

@@ -169,11 +169,12 @@ class TwinShard:
         return sum(self._snapshot(key, force=True) for key in self.twins)
 
     # ------------------------------------------------------------------ ingestion ----
-    def ingest(self, tenant: str, batch: pa.Table) -> IngestReport:
+    def ingest(self, tenant: str, batch: pa.Table, states: bool = False) -> IngestReport:
         """Check a validated batch (`VALIDATED_SCHEMA`) against each twin's asset type, log the
         accepted events durably, then apply them (see module docstring). Column-wise except for
         the per-event ordering and de-duplication decisions. Refused (`StoreFenced`) once the
-        store's lease is not this shard's: it writes nothing then."""
+        store's lease is not this shard's: it writes nothing then. `states`: the report carries
+        the new state of every twin that accepted events (the API's change log records them)."""
         self.store.check_lease(self.fence)
         self._refresh_stale()
         ids = batch.column("asset_id").combine_chunks().dictionary_encode()
@@ -215,6 +216,7 @@ class TwinShard:
         return IngestReport(
             accepted=n_accepted, duplicates=adm.duplicates, rejected=len(rejects), conflicts=adm.conflicts,
             reasons=[Reject(idempotency_key=r["idempotency_key"], reason=r["reason"]) for r in rejects],
+            states=[twins[c].view() for c in accepted] if states else [],
         )
 
     @staticmethod
@@ -331,11 +333,11 @@ class TwinShardProcess(TwinShard):
         self.heap_frozen = False  # new twins; the first of a model compiles its kernels
         return super()._register(tenant, asset_id, record)
 
-    def ingest(self, tenant: str, batch: pa.Table) -> IngestReport:
+    def ingest(self, tenant: str, batch: pa.Table, states: bool = False) -> IngestReport:
         if not self.heap_frozen:
             freeze_heap()
             self.heap_frozen = True
-        return super().ingest(tenant, batch)
+        return super().ingest(tenant, batch, states)
 
 
 TwinShardActor = ray.remote(TwinShardProcess)

@@ -59,6 +59,8 @@ class IngestReport(_Frozen):
     rejected: int = 0
     conflicts: int = 0
     reasons: list[Reject] = Field(default_factory=list)
+    states: list[TwinState] = Field(default_factory=list, description="asked for with `states=True`: the state "
+                                    "of each twin a shard call changed, right after it (one call, no second read)")
 
     def __add__(self, other: IngestReport) -> IngestReport:
         return IngestReport(
@@ -67,4 +69,5 @@ class IngestReport(_Frozen):
             rejected=self.rejected + other.rejected,
             conflicts=self.conflicts + other.conflicts,
             reasons=[*self.reasons, *other.reasons],
+            states=[*self.states, *other.states],
         )

@@ -15,6 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from raytwin import metrics
 from serve_apps import (
     routes_catalog,
+    routes_changes,
     routes_commands,
     routes_connectors,
     routes_models,
@@ -43,7 +44,7 @@ def create_api(max_body_bytes: int = 1_048_576) -> FastAPI:
     app.add_middleware(RequestObserver)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
     _ops_routes(app)
-    for routes in (routes_catalog, routes_twins, routes_scenarios, routes_models):
+    for routes in (routes_catalog, routes_twins, routes_scenarios, routes_models, routes_changes):
         routes.register(app)
     for router in (routes_connectors.router, routes_commands.router):
         app.include_router(router)

@@ -20,6 +20,8 @@ from serve_apps.api import create_api
 from serve_apps.audit import AuditLog
 from serve_apps.auth import KeyStore
 from serve_apps.backend import BackendDeployment
+from serve_apps.change_stream import HeadWatcher
+from serve_apps.changes import ChangeStore
 from serve_apps.config import ServeConfig
 from serve_apps.deps import BackendClient, Services
 from serve_apps.limits import TokenBuckets
@@ -33,11 +35,14 @@ class Ingress:
     def __init__(self, config: ServeConfig, backend: DeploymentHandle):
         component_logging()
         restrict_fmu_sources([config.url("registry")])  # a request must not make the server fetch any URL
+        client = BackendClient(backend)
         self.services = Services(
-            config=config, keys=KeyStore(config.keys_file), backend=BackendClient(backend),
+            config=config, keys=KeyStore(config.keys_file), backend=client,
             audit=AuditLog(config.store_url, config.storage_options),
             buckets=TokenBuckets(config.rate_per_s, config.rate_burst),
             fs=filesystem(config.store_url, config.storage_options)[0], twins=TwinReader(config),
+            changes=HeadWatcher(client, config.change_poll_s),
+            change_store=ChangeStore(config.url("changes"), config.storage_options),
         )
 
     def __serve_build_asgi_app__(self):

@@ -1,8 +1,10 @@
 """The stateful side of the API: catalog, model registry, live twins and scenario jobs.
 
 One replica (`num_replicas=1`) owns everything that must be consistent: catalog writes are
-serialised under a lock and written through to the store, a twin is registered exactly when its
-asset is created, and the job queue has one FIFO. The HTTP ingress replicas stay stateless and
+serialised under a lock and written through to the store (conditional writes compare and set
+there), a twin is registered exactly when its asset is created, the job queue has one FIFO, and
+every change is recorded in the tenant's change log (`serve_apps.changes`) before it is
+acknowledged. The HTTP ingress replicas stay stateless and
 autoscale; they call this deployment through a `DeploymentHandle`. The heavy work is elsewhere:
 twins are Ray actors (`actors.service.TwinService` shards), scenario jobs are Ray tasks.
 """
@@ -15,12 +17,15 @@ from typing import Any
 
 from ray import serve
 
+from actors.state import TwinState, UnknownTwin
 from raytwin.contracts import Asset, AssetType, RelationshipKind, TelemetryEvent
 from raytwin.logs import component_logging
 from raytwin.registry import ModelArtifact, ModelRegistry
 from raytwin.sim.cpu import cpu_only
 from raytwin.sim.discovery import restrict_fmu_sources
 from serve_apps.catalog import Catalog
+from serve_apps.changes import ChangeLog, ChangePage
+from serve_apps.conditional import Precondition
 from serve_apps.config import ServeConfig
 from serve_apps.connector_ops import ConnectorOps
 from serve_apps.errors import Unprocessable
@@ -39,9 +44,14 @@ class Backend:
         self.catalog = Catalog(config.store_url, config.storage_options)
         self.twins = TwinService(config.url("twins"), shards=config.twin_shards,
                                  namespace=config.namespace, storage_options=config.storage_options or None)
-        self.jobs = JobQueue(config, config.max_concurrent_jobs)
+        self.changes = ChangeLog(config.url("changes"), config.storage_options, memory=config.change_memory)
+        for tenant in self.catalog.tenants():
+            self.changes.reserve(tenant, self.catalog.max_revision(tenant))
+        self.jobs = JobQueue(config, config.max_concurrent_jobs, on_finish=self._job_finished)
         self.connector_ops = ConnectorOps(self.twins, config.connectors)
         self._lock = threading.Lock()
+        self._publish = threading.Lock()
+        self._twin_marks: dict[tuple[str, str], tuple[int, bool]] = {}  # last published (revision, drift)
         self._registries: dict[str, ModelRegistry] = {}
 
     def _registry(self, tenant: str) -> ModelRegistry:
@@ -54,51 +64,80 @@ class Backend:
         return self._registry(tenant).get(f"{asset.type_name}@{asset.type_version}")
 
     # ---- asset types -------------------------------------------------------------------
-    def put_type(self, tenant: str, asset_type: AssetType) -> bool:
-        """Store the type and register its model (default parameters) as ``name@version``."""
+    def put_type(self, tenant: str, asset_type: AssetType, pre: Precondition) -> tuple[bool, int]:
+        """Store the type and register its model (default parameters) as ``name@version``;
+        (created, revision)."""
         with self._lock:
-            created = self.catalog.put_type(tenant, asset_type)
-            if created:
-                self._registry(tenant).register(asset_type.name, asset_type.version, asset_type)
-            return created
+            def write(seq: int) -> list[dict[str, Any]]:
+                if not self.catalog.put_type(tenant, asset_type, seq, pre):
+                    return []
+                return [{"kind": "asset_type.created", "type_name": asset_type.name, "type_version": asset_type.version,
+                         "data": {"asset_type": asset_type.model_dump(mode="json")}}]
 
-    def get_type(self, tenant: str, name: str, version: str) -> AssetType:
+            created = bool(self.changes.write(tenant, write))
+            if created:  # outside the log's lock: checking a model can take seconds
+                self._registry(tenant).register(asset_type.name, asset_type.version, asset_type)
+            return created, self.catalog.revision(tenant, "types", asset_type.key)
+
+    def get_type(self, tenant: str, name: str, version: str) -> tuple[AssetType, int]:
+        """The type and its revision."""
         with self._lock:
-            return self.catalog.get_type(tenant, name, version)
+            t = self.catalog.get_type(tenant, name, version)
+            return t, self.catalog.revision(tenant, "types", t.key)
 
     def list_types(self, tenant: str, name: str | None) -> list[AssetType]:
         with self._lock:
             return self.catalog.list_types(tenant, name)
 
-    def delete_type(self, tenant: str, name: str, version: str) -> None:
+    def delete_type(self, tenant: str, name: str, version: str, pre: Precondition) -> None:
         with self._lock:
-            self.catalog.delete_type(tenant, name, version)
+            self.changes.write(tenant, lambda seq: [{
+                "kind": "asset_type.deleted", "type_name": name, "type_version": version,
+                "data": {"asset_type": self.catalog.delete_type(tenant, name, version, pre).model_dump(
+                    mode="json")}}])
 
     # ---- assets ------------------------------------------------------------------------
-    def create_asset(self, asset: Asset, initial_state: dict[str, float] | None) -> None:
+    def create_asset(self, asset: Asset, initial_state: dict[str, float] | None, pre: Precondition) -> int:
+        """Create the asset and register its twin; its revision."""
         with self._lock:
-            asset_type = self.catalog.create_asset(asset)
-            try:
-                if initial_state is not None and set(initial_state) != set(asset_type.states):
-                    raise Unprocessable(f"initial_state must give exactly {sorted(asset_type.states)} "
-                                        f"(got {sorted(initial_state)})")
-                self.twins.register(asset, self._checked_artifact(asset, initial_state), initial_state=initial_state)
-            except Exception:  # no asset without its twin
-                self.catalog.delete_asset(asset.tenant, asset.id)
-                raise
+            checked: list[ModelArtifact] = []  # the model, once the twin's registration is known to fit it
 
-    def update_asset(self, asset: Asset) -> None:
-        with self._lock:
-            before = self.catalog.get_asset(asset.tenant, asset.id)
-            self.catalog.update_asset(asset)
-            try:  # metadata the twin would refuse is refused on update too
-                artifact = self._checked_artifact(asset, None)
-            except Unprocessable:
-                self.catalog.update_asset(before)
+            def write(seq: int) -> list[dict[str, Any]]:
+                asset_type = self.catalog.create_asset(asset, seq, pre)
+                try:
+                    if initial_state is not None and set(initial_state) != set(asset_type.states):
+                        raise Unprocessable(f"initial_state must give exactly {sorted(asset_type.states)} "
+                                            f"(got {sorted(initial_state)})")
+                    checked.append(self._checked_artifact(asset, initial_state))
+                except Exception:
+                    self.catalog.delete_asset(asset.tenant, asset.id)
+                    raise
+                return [_asset_change("asset.created", asset)]
+
+            (change,) = self.changes.write(asset.tenant, write)
+            try:
+                self.twins.register(asset, checked[0], initial_state=initial_state)
+            except Exception:  # no asset without its twin
+                self.changes.write(asset.tenant, lambda seq: [
+                    _asset_change("asset.deleted", self.catalog.delete_asset(asset.tenant, asset.id))])
                 raise
-            if (before.type_name, before.type_version) != (asset.type_name, asset.type_version):
+            return change.seq
+
+    def update_asset(self, asset: Asset, pre: Precondition) -> int:
+        """Replace the asset if `pre` holds (compare-and-set under the lock); its new revision."""
+        with self._lock:
+            artifact = self._checked_artifact(asset, None)  # metadata the twin would refuse: 422, nothing changed
+            before: list[Asset] = []
+
+            def write(seq: int) -> list[dict[str, Any]]:
+                before.append(self.catalog.update_asset(asset, seq, pre))
+                return [_asset_change("asset.updated", asset)]
+
+            (change,) = self.changes.write(asset.tenant, write)
+            if (before[0].type_name, before[0].type_version) != (asset.type_name, asset.type_version):
                 self.twins.unregister(asset.tenant, asset.id)
                 self.twins.register(asset, artifact)
+            return change.seq
 
     def _checked_artifact(self, asset: Asset, initial_state: dict[str, float] | None) -> ModelArtifact:
         """The asset's model, once its twin's registration is known to fit it: a filter name, noise
@@ -116,15 +155,39 @@ class Backend:
         with self._lock:
             return self.catalog.get_asset(tenant, asset_id)
 
+    def get_asset_revision(self, tenant: str, asset_id: str) -> tuple[Asset, int]:
+        """The asset and its revision (its ETag)."""
+        with self._lock:
+            return self.catalog.get_asset(tenant, asset_id), self.catalog.revision(tenant, "assets", asset_id)
+
     def list_assets(self, tenant: str, type_name: str | None, type_version: str | None, related_to: str | None,
                     relationship: RelationshipKind | None) -> list[Asset]:
         with self._lock:
             return self.catalog.list_assets(tenant, type_name, type_version, related_to, relationship)
 
-    def delete_asset(self, tenant: str, asset_id: str) -> None:
+    def delete_asset(self, tenant: str, asset_id: str, pre: Precondition) -> None:
         with self._lock:
-            self.catalog.delete_asset(tenant, asset_id)
+            self.changes.write(tenant, lambda seq: [
+                _asset_change("asset.deleted", self.catalog.delete_asset(tenant, asset_id, pre))])
             self.twins.unregister(tenant, asset_id)
+            with self._publish:
+                self._twin_marks.pop((tenant, asset_id), None)
+
+    # ---- change log -------------------------------------------------------------------
+    def change_heads(self, tenants: list[str]) -> dict[str, int]:
+        return self.changes.heads(tenants)
+
+    def changes_after(self, tenant: str, after: int, limit: int) -> ChangePage:
+        """From memory only: streams read older changes from the store themselves."""
+        return self.changes.read(tenant, after, limit)
+
+    def _job_finished(self, job: Job) -> None:
+        type_name, _, type_version = job.model_ref.partition("@")
+        self.changes.record(job.tenant, [{
+            "kind": f"job.{job.state}", "asset_id": job.asset_id, "type_name": type_name,
+            "type_version": type_version, "revision": None,
+            "data": job.model_dump(mode="json", include={"job_id", "kind", "state", "finished", "error", "run_id",
+                                                        "scenarios", "n_steps", "compute_s"})}])
 
     def model_of(self, tenant: str, asset_id: str) -> tuple[AssetType, ModelArtifact]:
         """The asset's type and registered model (for validating telemetry and running scenarios)."""
@@ -135,7 +198,51 @@ class Backend:
 
     # ---- twins ---------------------------------------------------------------------------
     def ingest(self, tenant: str, events: list[TelemetryEvent]) -> dict[str, Any]:
-        return self.twins.ingest(tenant, events).model_dump(mode="json")
+        """Apply events, then record the new state (and a flipped drift flag) of each twin they changed."""
+        assets = sorted({e.asset_id for e in events})
+        for asset_id in assets:
+            if (tenant, asset_id) not in self._twin_marks:  # first write since start: what was the drift flag?
+                self._mark(tenant, asset_id)
+        report = self.twins.ingest(tenant, events, states=True)
+        if report.states:
+            self._publish_twins(tenant, report.states)
+        return report.model_dump(mode="json", exclude={"states"})
+
+    def _mark(self, tenant: str, asset_id: str) -> None:
+        try:
+            s = self.twins.state(tenant, asset_id)
+        except UnknownTwin:
+            return
+        self._twin_marks.setdefault((tenant, asset_id), (s.revision, s.divergence.drift))
+
+    def _publish_twins(self, tenant: str, states: list[TwinState]) -> None:
+        """One `twin.state` change per twin whose revision moved past the last one recorded, plus
+        `twin.drift` when its flag flipped. The states come with the ingest call's report (no second
+        call to the shard). Under the lock a state older than the last recorded one is dropped, so a
+        twin's revisions only grow on the stream when ingests of one twin run concurrently (a state
+        may then stand for several batches: the latest one wins)."""
+        with self._publish:
+            drafts: list[dict[str, Any]] = []
+            for s in states:
+                asset_id = s.asset_id
+                revision, drift = self._twin_marks.get((tenant, asset_id), (-1, False))
+                if s.revision <= revision:
+                    continue
+                type_name, _, type_version = s.model_ref.partition("@")
+                d = s.divergence
+                common = {"asset_id": asset_id, "type_name": type_name, "type_version": type_version,
+                          "revision": s.revision}
+                drafts.append({**common, "kind": "twin.state", "data": {
+                    "event_time": s.event_time.isoformat() if s.event_time else None, "state": s.state, "std": s.std,
+                    "events_applied": s.events_applied, "drift": d.drift, "diverged": d.diverged}})
+                if d.drift != drift:
+                    drafts.append({**common, "kind": "twin.drift", "data": {
+                        "drift": d.drift, "diverged": d.diverged, "nis_mean": d.nis_mean, "nis_last": d.nis_last}})
+                self._twin_marks[(tenant, asset_id)] = (s.revision, d.drift)
+            if not drafts:
+                return
+            queued = self.changes.submit(tenant, drafts)  # in revision order; written outside the lock
+        self.changes.commit(tenant, queued)
 
     def flush(self) -> None:
         self.twins.flush()
@@ -166,3 +273,7 @@ class Backend:
 BackendDeployment = serve.deployment(Backend, name="Backend", num_replicas=1, max_ongoing_requests=64,
                                      ray_actor_options=cpu_only({"num_cpus": 0}))
 
+
+def _asset_change(kind: str, asset: Asset) -> dict[str, Any]:
+    return {"kind": kind, "asset_id": asset.id, "type_name": asset.type_name, "type_version": asset.type_version,
+            "data": {"asset": asset.model_dump(mode="json")}}

@@ -8,15 +8,24 @@ queries are in-memory and concurrent writers cannot interleave; the store is the
 Asset types are immutable per version (models are registered by ``name@version`` with a content
 hash): re-sending identical content is a no-op, different content under an existing version is
 a conflict, and "updating" a type means publishing a new version and moving assets to it.
+
+Every asset and type carries a revision (stored with it: ``{"revision": 17, "asset": {...}}``),
+given by the caller: the backend passes the sequence number of the change-log entry that
+records the write (`serve_apps.changes`). Writes take a `Precondition` and evaluate it against
+the current revision in the same call that writes, so a conditional write is a compare-and-set.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from raytwin.contracts import Asset, AssetType, RelationshipKind
 from raytwin.storage import canonical_json, filesystem
+from serve_apps.conditional import Precondition
 from serve_apps.errors import Conflict, NotFound, Unprocessable
+
+NO_PRECONDITION = Precondition()
 
 
 class Catalog:
@@ -25,6 +34,7 @@ class Catalog:
         self.root = f"{root}/catalog"
         self.types: dict[str, dict[str, AssetType]] = {}  # tenant -> "name@version" -> type
         self.assets: dict[str, dict[str, Asset]] = {}  # tenant -> id -> asset
+        self.revisions: dict[tuple[str, str, str], int] = {}  # (tenant, "types"|"assets", key) -> revision
         self._load()
 
     # ---- persistence -------------------------------------------------------------------
@@ -35,31 +45,54 @@ class Catalog:
             if not path.endswith(".json"):
                 continue
             tenant, kind = path[len(self.root) + 1:].split("/")[:2]
-            blob = self.fs.cat_file(path)
+            record = json.loads(self.fs.cat_file(path))
+            if "revision" not in record:  # written before revisions existed: the bare contract, revision 0
+                record = {"revision": 0, "asset_type" if kind == "types" else "asset": record}
             if kind == "types":
-                t = AssetType.model_validate_json(blob)
+                t = AssetType.model_validate(record["asset_type"])
                 self.types.setdefault(tenant, {})[t.key] = t
+                self.revisions[(tenant, kind, t.key)] = record["revision"]
             elif kind == "assets":
-                a = Asset.model_validate_json(blob)
+                a = Asset.model_validate(record["asset"])
                 self.assets.setdefault(tenant, {})[a.id] = a
+                self.revisions[(tenant, kind, a.id)] = record["revision"]
 
     def _path(self, tenant: str, kind: str, name: str) -> str:
         return f"{self.root}/{tenant}/{kind}/{name}.json"
 
-    def _write(self, path: str, obj: Any) -> None:
+    def _write(self, tenant: str, kind: str, key: str, obj: Asset | AssetType, revision: int) -> None:
+        path = self._path(tenant, kind, key)
         self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        self.fs.pipe_file(path, canonical_json(obj.model_dump(mode="json")))
+        field = "asset" if kind == "assets" else "asset_type"
+        self.fs.pipe_file(path, canonical_json({"revision": revision, field: obj.model_dump(mode="json")}))
+        self.revisions[(tenant, kind, key)] = revision
+
+    def _remove(self, tenant: str, kind: str, key: str) -> None:
+        self.fs.rm_file(self._path(tenant, kind, key))
+        del self.revisions[(tenant, kind, key)]
+
+    def revision(self, tenant: str, kind: str, key: str) -> int | None:
+        """The current revision of an asset (`kind` "assets", key its id) or type ("types", "name@version")."""
+        return self.revisions.get((tenant, kind, key))
+
+    def max_revision(self, tenant: str) -> int:
+        return max((r for (t, _, _), r in self.revisions.items() if t == tenant), default=0)
+
+    def tenants(self) -> set[str]:
+        return set(self.types) | set(self.assets)
 
     # ---- asset types -------------------------------------------------------------------
-    def put_type(self, tenant: str, asset_type: AssetType) -> bool:
+    def put_type(self, tenant: str, asset_type: AssetType, revision: int,
+                 pre: Precondition = NO_PRECONDITION) -> bool:
         """Store a type version; True if new, False if identical content was already there."""
+        pre.check(self.revision(tenant, "types", asset_type.key), f"asset type {asset_type.key}")
         existing = self.types.get(tenant, {}).get(asset_type.key)
         if existing is not None:
             if existing == asset_type:
                 return False
             raise Conflict(f"asset type {asset_type.key} already exists with different content; "
                            "publish a new version instead")
-        self._write(self._path(tenant, "types", asset_type.key), asset_type)
+        self._write(tenant, "types", asset_type.key, asset_type, revision)
         self.types.setdefault(tenant, {})[asset_type.key] = asset_type
         return True
 
@@ -73,13 +106,15 @@ class Catalog:
         found = self.types.get(tenant, {}).values()
         return sorted((t for t in found if name is None or t.name == name), key=lambda t: t.key)
 
-    def delete_type(self, tenant: str, name: str, version: str) -> None:
+    def delete_type(self, tenant: str, name: str, version: str, pre: Precondition = NO_PRECONDITION) -> AssetType:
+        pre.check(self.revision(tenant, "types", f"{name}@{version}"), f"asset type {name}@{version}")
         t = self.get_type(tenant, name, version)
         users = [a.id for a in self.list_assets(tenant, type_name=name, type_version=version)]
         if users:
             raise Conflict(f"asset type {t.key} is used by assets {users[:20]}", details=users)
-        self.fs.rm_file(self._path(tenant, "types", t.key))
+        self._remove(tenant, "types", t.key)
         del self.types[tenant][t.key]
+        return t
 
     # ---- assets ------------------------------------------------------------------------
     def _check_refs(self, asset: Asset) -> AssetType:
@@ -92,20 +127,23 @@ class Catalog:
             raise Unprocessable(f"asset {asset.id}: relationship targets {missing} do not exist")
         return asset_type
 
-    def create_asset(self, asset: Asset) -> AssetType:
+    def create_asset(self, asset: Asset, revision: int, pre: Precondition = NO_PRECONDITION) -> AssetType:
+        pre.check(self.revision(asset.tenant, "assets", asset.id), f"asset {asset.id}")
         if asset.id in self.assets.get(asset.tenant, {}):
             raise Conflict(f"asset {asset.id} already exists")
         asset_type = self._check_refs(asset)
-        self._write(self._path(asset.tenant, "assets", asset.id), asset)
+        self._write(asset.tenant, "assets", asset.id, asset, revision)
         self.assets.setdefault(asset.tenant, {})[asset.id] = asset
         return asset_type
 
-    def update_asset(self, asset: Asset) -> AssetType:
-        self.get_asset(asset.tenant, asset.id)
-        asset_type = self._check_refs(asset)
-        self._write(self._path(asset.tenant, "assets", asset.id), asset)
+    def update_asset(self, asset: Asset, revision: int, pre: Precondition = NO_PRECONDITION) -> Asset:
+        """Replace an asset (compare-and-set with `pre`); returns the asset as it was before."""
+        pre.check(self.revision(asset.tenant, "assets", asset.id), f"asset {asset.id}")
+        before = self.get_asset(asset.tenant, asset.id)
+        self._check_refs(asset)
+        self._write(asset.tenant, "assets", asset.id, asset, revision)
         self.assets[asset.tenant][asset.id] = asset
-        return asset_type
+        return before
 
     def get_asset(self, tenant: str, asset_id: str) -> Asset:
         try:
@@ -129,10 +167,12 @@ class Catalog:
             out.append(a)
         return sorted(out, key=lambda a: a.id)
 
-    def delete_asset(self, tenant: str, asset_id: str) -> None:
-        self.get_asset(tenant, asset_id)
+    def delete_asset(self, tenant: str, asset_id: str, pre: Precondition = NO_PRECONDITION) -> Asset:
+        pre.check(self.revision(tenant, "assets", asset_id), f"asset {asset_id}")
+        asset = self.get_asset(tenant, asset_id)
         referrers = [a.id for a in self.list_assets(tenant, related_to=asset_id)]
         if referrers:
             raise Conflict(f"asset {asset_id} is the target of relationships from {referrers[:20]}", details=referrers)
-        self.fs.rm_file(self._path(tenant, "assets", asset_id))
+        self._remove(tenant, "assets", asset_id)
         del self.assets[tenant][asset_id]
+        return asset

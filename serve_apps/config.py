@@ -49,6 +49,12 @@ class ServeConfig(BaseModel):
     state_cache_s: float = Field(0.1, ge=0, le=10, description="Current-state reads may be this old (seconds, "
                                  "per ingress replica; writes through a replica refresh it there); 0: no cache.")
     state_cache_entries: int = Field(10_000, ge=1, description="Twins whose latest state a replica keeps.")
+    change_memory: int = Field(1000, ge=1, description="Newest changes per tenant the backend keeps in memory "
+                               "for live streams; a stream further behind gets `fell_behind` and resumes from the "
+                               "store.")
+    change_poll_s: float = Field(0.1, gt=0, le=5, description="How often an ingress replica with open change "
+                                 "streams asks the backend for new changes (one call per replica, all streams).")
+    change_page: int = Field(500, ge=1, le=10_000, description="Changes a stream reads per call (its buffer).")
     namespace: str = "raytwin"
     connectors: list[dict[str, Any]] = Field(
         default_factory=list, description="Connector declarations started with the service (see connectors/README.md); "

@@ -12,6 +12,8 @@ from starlette.concurrency import run_in_threadpool
 
 from serve_apps.audit import AuditLog, AuditRecord
 from serve_apps.auth import KeyStore, Principal, Role, parse_credentials
+from serve_apps.change_stream import HeadWatcher
+from serve_apps.changes import ChangeStore
 from serve_apps.config import ServeConfig
 from serve_apps.errors import Forbidden, RateLimited, Unauthorized, unwrap
 from serve_apps.limits import TokenBuckets
@@ -44,6 +46,8 @@ class Services:
     buckets: TokenBuckets
     fs: AbstractFileSystem  # the store (job results)
     twins: TwinReader  # state reads straight from the twin shards
+    changes: HeadWatcher  # wakes this replica's change streams
+    change_store: ChangeStore  # the change log on the store, for streams replaying history
 
     async def record(self, request: Request, who: Principal, action: str, target: str, **details: Any) -> None:
         """Append an audit record (blocking store I/O runs off the event loop)."""

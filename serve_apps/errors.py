@@ -55,6 +55,12 @@ class Conflict(ApiError):
     status, code = 409, "conflict"
 
 
+class PreconditionFailed(ApiError):
+    """An `If-Match` / `If-None-Match` condition did not hold: nothing was changed."""
+
+    status, code = 412, "precondition_failed"
+
+
 class Gone(ApiError):
     status, code = 410, "gone"
 
@@ -101,7 +107,9 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     for status, text in (
         (400, "JSON body nested deeper than the parser's limit (`too_deeply_nested`)"),
         (401, "Missing or unknown API key"), (403, "Role not allowed"), (404, "Not found (or another tenant's)"),
-        (410, "History pruned (time travel before the retention cut)"), (413, "Body too large"),
+        (410, "History pruned (time travel before the retention cut)"),
+        (412, "An `If-Match` or `If-None-Match` precondition failed (`precondition_failed`)"),
+        (413, "Body too large"),
         (415, "A request body that is not `Content-Type: application/json`"),
         (422, "Invalid request (`invalid_request`), or a scenario whose simulation diverged (`diverged`)"),
         (429, "Rate limited"),
@@ -126,7 +134,8 @@ def error_response(request: Request | None, status: int, code: str, message: str
 
 
 _STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-                 405: "method_not_allowed", 409: "conflict", 410: "gone", 413: "payload_too_large",
+                 405: "method_not_allowed", 409: "conflict", 410: "gone", 412: "precondition_failed",
+                 413: "payload_too_large",
                  415: "unsupported_media_type", 429: "rate_limited"}
 
 

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import uuid
 from collections import deque
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -60,8 +61,9 @@ Work = PreparedScenario | SweepSpec
 class JobQueue:
     """The job table and FIFO queue (lives in the `Backend` replica; methods run on its event loop)."""
 
-    def __init__(self, config: ServeConfig, max_concurrent: int):
+    def __init__(self, config: ServeConfig, max_concurrent: int, on_finish: Callable[[Job], None] | None = None):
         self.config = config
+        self.on_finish = on_finish
         self.fs, self.root = filesystem(config.url("jobs"), config.storage_options)
         self.max_concurrent = max_concurrent
         self.jobs: dict[str, Job] = {}
@@ -134,6 +136,11 @@ class JobQueue:
         self._save(job)
         self._publish()
         log.info("event=job_%s job_id=%s compute_s=%s error=%s", job.state, job.job_id, job.compute_s, job.error)
+        if self.on_finish is not None:
+            try:
+                self.on_finish(job)
+            except Exception:  # a failed notification must not stop the queue
+                log.exception("event=job_notify_failed job_id=%s", job.job_id)
         self._start_next()
 
     def get(self, tenant: str, job_id: str) -> Job:

@@ -1,19 +1,30 @@
-"""Routes for asset types, assets (with relationship queries) and the audit log."""
+"""Routes for asset types, assets (with relationship queries) and the audit log.
+
+Reads of one asset or type answer with its revision as a strong `ETag`; writes take `If-Match`
+and `If-None-Match: *` (`serve_apps.conditional`), evaluated by the backend where it writes.
+"""
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Query, Request, Response
+from fastapi import Depends, FastAPI, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from raytwin.contracts import Asset, AssetType, RelationshipKind, describe_error
 from serve_apps.auth import Principal
+from serve_apps.conditional import Precondition, etag, not_modified, precondition
 from serve_apps.deps import ADMIN, READER, SVC, Services
 from serve_apps.errors import Unprocessable
 from serve_apps.schemas import AssetCreate, AssetUpdate, Related
+
+
+PRE = Depends(precondition)
+NOT_MODIFIED: dict[int | str, dict[str, Any]] = {304: {"description": "Not modified: `If-None-Match` names the "
+                                                          "current ETag"}}
+IF_NONE_MATCH = Header(None, description="An ETag this client holds: 304 (no body) while it is still current")
 
 
 def register(app: FastAPI) -> None:
@@ -22,38 +33,47 @@ def register(app: FastAPI) -> None:
     @app.post("/v1/asset-types", response_model=AssetType, status_code=201, tags=tags,
               responses={200: {"model": AssetType, "description": "Identical type already existed"}})
     async def create_asset_type(body: AssetType, request: Request, who: Principal = ADMIN,
-                                svc: Services = SVC) -> Any:
-        """Publish an asset type version (immutable: a changed type is a new version)."""
-        created = await svc.backend.call("put_type", who.tenant, body)
+                                pre: Precondition = PRE, svc: Services = SVC) -> Any:
+        """Publish an asset type version (immutable: a changed type is a new version).
+
+        `If-None-Match: *`: 412 if the version exists, even with identical content."""
+        created, revision = await svc.backend.call("put_type", who.tenant, body, pre)
         if created:
             await svc.record(request, who, "asset_type.create", body.key, asset_type=body.model_dump(mode="json"))
-        return JSONResponse(body.model_dump(mode="json"), status_code=201 if created else 200)
+        return JSONResponse(body.model_dump(mode="json"), status_code=201 if created else 200,
+                            headers={"ETag": etag(revision)})
 
     @app.get("/v1/asset-types", response_model=list[AssetType], tags=tags)
     async def list_asset_types(name: str | None = None, who: Principal = READER, svc: Services = SVC) -> Any:
         return await svc.backend.call("list_types", who.tenant, name)
 
-    @app.get("/v1/asset-types/{name}/{version}", response_model=AssetType, tags=tags)
-    async def get_asset_type(name: str, version: str, who: Principal = READER, svc: Services = SVC) -> Any:
-        return await svc.backend.call("get_type", who.tenant, name, version)
+    @app.get("/v1/asset-types/{name}/{version}", response_model=AssetType, tags=tags, responses=NOT_MODIFIED)
+    async def get_asset_type(name: str, version: str, response: Response, if_none_match: str | None = IF_NONE_MATCH,
+                             who: Principal = READER, svc: Services = SVC) -> Any:
+        asset_type, revision = await svc.backend.call("get_type", who.tenant, name, version)
+        response.headers["ETag"] = etag(revision)
+        return not_modified(if_none_match, revision) or asset_type
 
     @app.delete("/v1/asset-types/{name}/{version}", status_code=204, tags=tags)
     async def delete_asset_type(name: str, version: str, request: Request, who: Principal = ADMIN,
-                                svc: Services = SVC) -> Response:
-        """Delete an unused asset type version (409 while assets use it)."""
-        await svc.backend.call("delete_type", who.tenant, name, version)
+                                pre: Precondition = PRE, svc: Services = SVC) -> Response:
+        """Delete an unused asset type version (409 while assets use it; `If-Match`: 412 if changed)."""
+        await svc.backend.call("delete_type", who.tenant, name, version, pre)
         await svc.record(request, who, "asset_type.delete", f"{name}@{version}")
         return Response(status_code=204)
 
     tags = ["assets"]
 
     @app.post("/v1/assets", response_model=Asset, status_code=201, tags=tags)
-    async def create_asset(body: AssetCreate, request: Request, who: Principal = ADMIN, svc: Services = SVC) -> Any:
-        """Create an asset of the caller's tenant and start its live twin."""
+    async def create_asset(body: AssetCreate, request: Request, response: Response, who: Principal = ADMIN,
+                           pre: Precondition = PRE, svc: Services = SVC) -> Any:
+        """Create an asset of the caller's tenant and start its live twin (409 if it exists; with
+        `If-None-Match: *`, 412)."""
         asset = _asset(who.tenant, body.id, body)
-        await svc.backend.call("create_asset", asset, body.initial_state)
+        revision = await svc.backend.call("create_asset", asset, body.initial_state, pre)
         await svc.record(request, who, "asset.create", asset.id, asset=asset.model_dump(mode="json"),
                          initial_state=body.initial_state)
+        response.headers["ETag"] = etag(revision)
         return asset
 
     @app.get("/v1/assets", response_model=list[Asset], tags=tags)
@@ -65,9 +85,12 @@ def register(app: FastAPI) -> None:
         """The caller's assets, filtered by type and/or relationship (kind, target)."""
         return await svc.backend.call("list_assets", who.tenant, type_name, type_version, related_to, relationship)
 
-    @app.get("/v1/assets/{asset_id}", response_model=Asset, tags=tags)
-    async def get_asset(asset_id: str, who: Principal = READER, svc: Services = SVC) -> Any:
-        return await svc.backend.call("get_asset", who.tenant, asset_id)
+    @app.get("/v1/assets/{asset_id}", response_model=Asset, tags=tags, responses=NOT_MODIFIED)
+    async def get_asset(asset_id: str, response: Response, if_none_match: str | None = IF_NONE_MATCH,
+                        who: Principal = READER, svc: Services = SVC) -> Any:
+        asset, revision = await svc.backend.call("get_asset_revision", who.tenant, asset_id)
+        response.headers["ETag"] = etag(revision)
+        return not_modified(if_none_match, revision) or asset
 
     @app.get("/v1/assets/{asset_id}/relationships", response_model=Related, tags=tags)
     async def relationships(asset_id: str, who: Principal = READER, svc: Services = SVC) -> Related:
@@ -77,20 +100,31 @@ def register(app: FastAPI) -> None:
         incoming = [{"kind": r.kind, "source": a.id} for a in sources for r in a.relationships if r.target == asset_id]
         return Related(asset_id=asset_id, outgoing=asset.relationships, incoming=incoming)
 
-    @app.put("/v1/assets/{asset_id}", response_model=Asset, tags=tags)
-    async def update_asset(asset_id: str, body: AssetUpdate, request: Request, who: Principal = ADMIN,
-                           svc: Services = SVC) -> Any:
-        """Replace an asset's type version, metadata and relationships."""
+    @app.put("/v1/assets/{asset_id}", response_model=Asset, tags=tags,
+             responses={201: {"model": Asset, "description": "Created (`If-None-Match: *` on a new id)"}})
+    async def update_asset(asset_id: str, body: AssetUpdate, request: Request, response: Response,
+                           who: Principal = ADMIN, pre: Precondition = PRE, svc: Services = SVC) -> Any:
+        """Replace an asset's type version, metadata and relationships.
+
+        `If-Match: "<revision>"` replaces it only at that revision (else 412, nothing changed): the
+        way to avoid lost updates. `If-None-Match: *` creates it instead (201; 412 if it exists)."""
         asset = _asset(who.tenant, asset_id, body)
-        await svc.backend.call("update_asset", asset)
-        svc.twins.forget(who.tenant, asset_id)
-        await svc.record(request, who, "asset.update", asset_id, asset=asset.model_dump(mode="json"))
+        if pre.create_only:
+            revision = await svc.backend.call("create_asset", asset, None, pre)
+            await svc.record(request, who, "asset.create", asset_id, asset=asset.model_dump(mode="json"))
+            response.status_code = 201
+        else:
+            revision = await svc.backend.call("update_asset", asset, pre)
+            svc.twins.forget(who.tenant, asset_id)
+            await svc.record(request, who, "asset.update", asset_id, asset=asset.model_dump(mode="json"))
+        response.headers["ETag"] = etag(revision)
         return asset
 
     @app.delete("/v1/assets/{asset_id}", status_code=204, tags=tags)
-    async def delete_asset(asset_id: str, request: Request, who: Principal = ADMIN, svc: Services = SVC) -> Response:
-        """Delete an asset and stop its twin (409 while other assets point at it)."""
-        await svc.backend.call("delete_asset", who.tenant, asset_id)
+    async def delete_asset(asset_id: str, request: Request, who: Principal = ADMIN, pre: Precondition = PRE,
+                           svc: Services = SVC) -> Response:
+        """Delete an asset and stop its twin (409 while other assets point at it; `If-Match`: 412 if changed)."""
+        await svc.backend.call("delete_asset", who.tenant, asset_id, pre)
         svc.twins.forget(who.tenant, asset_id)
         await svc.record(request, who, "asset.delete", asset_id)
         return Response(status_code=204)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Query
+from fastapi import FastAPI, Query, Response
 from pydantic import ValidationError
 
 from actors.state import TwinState
@@ -19,6 +19,7 @@ from raytwin.contracts import (
     normalize_measurements,
 )
 from serve_apps.auth import Principal
+from serve_apps.conditional import etag
 from serve_apps.deps import READER, SVC, WRITER, Services
 from serve_apps.errors import PayloadTooLarge, Unprocessable
 from serve_apps.schemas import Divergence, IngestResult, Rejection, TelemetryBatch
@@ -57,17 +58,22 @@ def register(app: FastAPI) -> None:
         )
 
     @app.get("/v1/assets/{asset_id}/state", response_model=TwinState, tags=tags)
-    async def state(asset_id: str,
+    async def state(asset_id: str, response: Response,
                     at: Annotated[DateTime | None, Query(description="RFC 3339 date-time with offset (e.g. "
                                                          "2026-01-05T12:00:00Z): the state then")] = None,
                     who: Principal = READER, svc: Services = SVC) -> Any:
-        """The twin's state: mean, std, covariance, revision, last event time and divergence indicators."""
-        return await svc.twins.state(who.tenant, asset_id, at)
+        """The twin's state: mean, std, covariance, revision (also the `ETag`), last event time and divergence
+        indicators."""
+        found = await svc.twins.state(who.tenant, asset_id, at)
+        response.headers["ETag"] = etag(found["revision"])
+        return found
 
     @app.get("/v1/assets/{asset_id}/divergence", response_model=Divergence, tags=tags)
-    async def divergence(asset_id: str, who: Principal = READER, svc: Services = SVC) -> Divergence:
+    async def divergence(asset_id: str, response: Response, who: Principal = READER,
+                         svc: Services = SVC) -> Divergence:
         """Model/data divergence: normalised innovation (NIS) statistics, residuals and the drift flag."""
         found = await svc.twins.state(who.tenant, asset_id)
+        response.headers["ETag"] = etag(found["revision"])
         return Divergence(asset_id=asset_id, revision=found["revision"], event_time=found["event_time"],
                           **found["divergence"])
 

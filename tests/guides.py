@@ -27,7 +27,8 @@ from typer.testing import CliRunner
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GUIDES = ("README.md", "actors/README.md", "sweeps/README.md", "cluster/README.md", "serve_apps/README.md",
-          "benchmarks/README.md", "raytwin/fmu/README.md", "examples/dcmotor/README.md")
+          "benchmarks/README.md", "raytwin/fmu/README.md", "examples/dcmotor/README.md",
+          "client/README.md")
 _FENCE = re.compile(r"^(?P<indent> *)(?P<fence>```+|~~~+)\s*(?P<lang>[\w+-]*)\s*$")
 _DIRECTIVE = re.compile(r"<!--\s*guide:(?P<body>.*?)-->", re.S)
 

@@ -164,10 +164,10 @@ def test_gpu_sweep_without_a_gpu_measures_nothing_and_says_why(monkeypatch):
 
 
 def test_bench_cli_quick_product_paths(ray_session, tmp_path):
-    """Ingestion, Serve and calibration benchmarks end to end at tiny sizes (their checks must pass)."""
+    """Ingestion, Serve, change-log and calibration benchmarks end to end at tiny sizes (their checks must pass)."""
     out = tmp_path / "bench.json"
-    result = CliRunner().invoke(bench_app, ["run", "ingest", "calibration", "serve", "--quick", "--repeat", "1",
-                                            "--out", str(out), "--log-level", "WARNING"])
+    result = CliRunner().invoke(bench_app, ["run", "ingest", "calibration", "serve", "changes", "--quick",
+                                            "--repeat", "1", "--out", str(out), "--log-level", "WARNING"])
     assert result.exit_code == 0, result.output
     benches = json.loads(out.read_text())["benchmarks"]
     ingest = benches["ingest"]
@@ -177,6 +177,9 @@ def test_bench_cli_quick_product_paths(ray_session, tmp_path):
     serve_load = benches["serve"]["checks"]["load@50"]
     assert serve_load["ok"] == serve_load["sent"] > 0 and serve_load["failed"] == 0
     assert {f["unit"] for f in benches["serve"]["figures"]} >= {"ms", "req/s"}
+    log = benches["changes"]["checks"]["log"]
+    assert log["twin_states"] > 0 and log["changes"] == log["twin_states"] + 1 + log["twins"]  # + type, assets
+    assert {f["unit"] for f in benches["changes"]["figures"]} == {"requests/s", "appends/s"}
 
 
 def test_bench_cli_quick_fmu_sweep(ray_session, tmp_path):

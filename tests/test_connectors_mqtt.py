@@ -333,7 +333,7 @@ def api(twins, tmp_path_factory):
     app.state.services = Services(
         config=config, keys=KeyStore(config.keys_file), backend=BackendClient(InProcessBackend(backend)),
         audit=AuditLog(config.store_url), buckets=TokenBuckets(1000, 1000),
-        fs=filesystem(config.store_url)[0], twins=None)
+        fs=filesystem(config.store_url)[0], twins=None, changes=None, change_store=None)  # no change stream here
     with TestClient(app) as client:
         client.app_under_test = app
         yield client, {name: {"Authorization": f"Bearer {key}"} for name, (_, key) in keys.items()}, \

@@ -63,6 +63,9 @@ NOT_RUN: dict[tuple[str, str], str] = {  # (guide, first line of the block) -> w
      '"request_id": "5f1c..."}}'): "an example error body; tests/test_serve_api.py asserts this shape on every "
      "error it provokes",
     ("serve_apps/README.md", "HTTP -> Serve proxy -> Ingress (FastAPI, autoscaled, stateless)"): "a diagram",
+    ("serve_apps/README.md", "id: 42"): "the change stream's wire format; tests/test_serve_api.py reads it",
+    ("client/README.md", "from client import RayTwinClient"): "needs a running API: tests/test_serve_api.py runs "
+     "it against its server",
     ("benchmarks/README.md", '{"machine": {"date_utc", "cpu_model", "cpu_count", "memory_gib", '
      '"load_average_1_5_15", "jax_devices",'): "an outline of the JSON record's keys, not a record; the record "
      "is written and read back by `run` and `report` in the block above",

@@ -229,7 +229,7 @@ class SlowShard:
         self.delay_s, self.delay_by_asset = delay_s, delay_by_asset or {}
         self.log: list[tuple[str, str]] = []
 
-    def ingest(self, tenant, events):
+    def ingest(self, tenant, events, states=False):
         import time
 
         asset = events.column("asset_id")[0].as_py()

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -18,12 +22,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from client import AsyncRayTwinClient, RayTwinClient, RetryPolicy
 from raytwin.contracts import AssetType
 from raytwin.sim import THERMAL_RC
 from raytwin.sim.reference import model_rhs, reference_trajectory
 from serve_apps.api import create_api
 from serve_apps.json_route import MAX_JSON_DEPTH
 from serve_apps.auth import create_key
+from serve_apps.schemas import AssetCreate, AssetUpdate
 from tests.conftest import free_port
 from tests.ray_metrics import scrape, total, wait_until
 
@@ -45,6 +51,8 @@ def api(ray_session, tmp_path_factory):
         ("admin", "acme", "admin"), ("writer", "acme", "writer"), ("reader", "acme", "reader"),
         ("other", "globex", "admin"), ("limited", "acme", "reader"), ("prober", "acme", "reader"),
         ("readme", "initech", "admin"), ("motors", "motorco", "admin"),
+        ("cas", "casco", "admin"), ("feeds", "feedco", "admin"), ("feeds-reader", "feedco", "reader"),
+        ("sdk", "sdkco", "admin"), ("sdk-readme", "sdkreadme", "admin"),
     )}
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -577,3 +585,233 @@ def test_the_readme_curl_examples_run_as_printed(api):
         out = subprocess.run(["bash", "-c", command.replace("localhost:8000", host)], env=env, capture_output=True,
                              text=True, timeout=120, check=True).stdout
         assert "error" not in json.loads(out), (command, out)
+
+
+# ------------------------------------------------------------ revisions, conditional writes ----
+def test_reads_carry_revisions_as_etags_and_conditional_writes_compare_and_set(api, http):
+    admin = auth(api, "cas")
+    created = http.post("/v1/asset-types", json=THERMAL_TYPE, headers=admin)
+    type_url = f"/v1/asset-types/thermal_rc/{THERMAL_TYPE['version']}"
+    assert created.status_code == 201 and http.get(type_url, headers=admin).headers["etag"] == created.headers["etag"]
+    assert_error(http.post("/v1/asset-types", json=THERMAL_TYPE, headers={**admin, "If-None-Match": "*"}),
+                 412, "precondition_failed")
+    body = {"id": "pump-1", "type_name": "thermal_rc", "type_version": THERMAL_TYPE["version"],
+            "initial_state": {"T_in": 293.0, "T_m": 292.0}}
+    r = http.post("/v1/assets", json=body, headers=admin)
+    assert r.status_code == 201 and re.fullmatch(r'"\d+"', r.headers["etag"])
+    assert http.get("/v1/assets/pump-1", headers=admin).headers["etag"] == r.headers["etag"]
+    assert_error(http.post("/v1/assets", json=body, headers={**admin, "If-None-Match": "*"}),
+                 412, "precondition_failed")
+    assert_error(http.post("/v1/assets", json=body, headers=admin), 409, "conflict")  # unconditional: as before
+    state = http.get("/v1/assets/pump-1/state", headers=admin)
+    assert state.headers["etag"] == f'"{state.json()["revision"]}"'
+    same = http.get("/v1/assets/pump-1", headers={**admin, "If-None-Match": r.headers["etag"]})
+    assert same.status_code == 304 and same.content == b"" and same.headers["etag"] == r.headers["etag"]
+    assert http.get(type_url, headers={**admin, "If-None-Match": f'"0", {created.headers["etag"]}'}).status_code == 304
+
+    update = {"type_name": "thermal_rc", "type_version": THERMAL_TYPE["version"]}
+    url, base = "/v1/assets/pump-1", api[0]
+    for round_ in range(4):  # two writers with the same If-Match, released together: exactly one wins
+        tag = http.get(url, headers=admin).headers["etag"]
+        barrier = threading.Barrier(2)
+
+        def put(writer: int, tag=tag, barrier=barrier) -> httpx.Response:
+            with httpx.Client(base_url=base, timeout=60.0) as client:
+                barrier.wait()
+                return client.put(url, json={**update, "metadata": {"writer": str(writer), "round": str(round_)}},
+                                  headers={**admin, "If-Match": tag})
+
+        with ThreadPoolExecutor(2) as pool:
+            answers = list(pool.map(put, (0, 1)))
+        assert sorted(a.status_code for a in answers) == [200, 412], [a.text for a in answers]
+        won, lost = sorted(answers, key=lambda a: a.status_code)
+        error = assert_error(lost, 412, "precondition_failed")
+        assert error["details"][0]["current_revision"] == int(won.headers["etag"].strip('"'))
+        now = http.get(url, headers={**admin, "If-None-Match": tag})  # the old tag is stale: a full answer
+        assert now.status_code == 200 and now.headers["etag"] == won.headers["etag"] != tag
+        assert now.json()["metadata"] == won.json()["metadata"]
+
+    stale = {**admin, "If-Match": '"1"'}
+    assert_error(http.delete(url, headers=stale), 412, "precondition_failed")
+    assert_error(http.put("/v1/assets/nowhere", json=update, headers={**admin, "If-Match": "*"}),
+                 412, "precondition_failed")
+    made = http.put("/v1/assets/pump-2", json=update, headers={**admin, "If-None-Match": "*"})
+    assert made.status_code == 201 and http.get("/v1/assets/pump-2/state", headers=admin).status_code == 200
+    assert_error(http.put("/v1/assets/pump-2", json=update, headers={**admin, "If-None-Match": "*"}),
+                 412, "precondition_failed")
+    assert_error(http.get("/v1/assets/pump-2", headers=auth(api, "other")), 404, "not_found")
+    current = http.get(url, headers=admin).headers["etag"]
+    assert http.delete(url, headers={**admin, "If-Match": current}).status_code == 204
+    recreated = http.post("/v1/assets", json=body, headers=admin)  # revisions only grow: an old ETag never matches
+    assert int(recreated.headers["etag"].strip('"')) > int(made.headers["etag"].strip('"'))
+
+
+# ---------------------------------------------------------------------------- change stream ----
+def sse_events(resp: httpx.Response, n: int) -> list[dict]:
+    """The next `n` events (frames with an `event:` line) of an open SSE response, fields parsed."""
+    out: list[dict] = []
+    frame: dict = {}
+    for line in resp.iter_lines():
+        if line == "":
+            if "event" in frame:
+                out.append(frame)
+                if len(out) == n:
+                    return out
+            frame = {}
+        elif not line.startswith(":"):
+            key, _, value = line.partition(": ")
+            frame[key] = json.loads(value) if key == "data" else value
+    raise AssertionError(f"stream ended after {len(out)} of {n} events")
+
+
+def read_changes(base: str, headers: dict, n: int, **params) -> list[dict]:
+    with httpx.Client(base_url=base, timeout=120.0) as client:
+        with client.stream("GET", "/v1/changes", params=params, headers=headers) as resp:
+            assert resp.status_code == 200 and resp.headers["content-type"].startswith("text/event-stream")
+            return sse_events(resp, n)
+
+
+def restart_ingress_replicas(http) -> None:
+    """Kill every Ingress replica; Serve starts new ones (the test waits until one answers)."""
+    import ray
+
+    replicas = [a for a in ray.util.list_named_actors(all_namespaces=True) if "Ingress" in a["name"]]
+    assert replicas
+    for a in replicas:
+        ray.kill(ray.get_actor(a["name"], namespace=a["namespace"]), no_restart=True)
+    for _ in range(600):
+        try:
+            if http.get("/v1/health", timeout=5.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("no Ingress replica came back")
+
+
+def test_change_stream_is_complete_filterable_and_resumable_across_a_replica_restart(api, http):
+    admin, reader, base = auth(api, "feeds"), auth(api, "feeds-reader"), api[0]
+    assert_error(http.get("/v1/changes"), 401, "unauthorized")
+    assert_error(http.get("/v1/changes", params={"kind": "twin.nope"}, headers=reader), 422, "invalid_request")
+    assert_error(http.get("/v1/changes", headers={**reader, "Last-Event-ID": "99"}), 422, "invalid_request")
+
+    with httpx.Client(base_url=base, timeout=120.0) as client:  # live, from now: sees the first change
+        with client.stream("GET", "/v1/changes", headers=reader) as live:
+            assert http.post("/v1/asset-types", json=THERMAL_TYPE, headers=admin).status_code == 201
+            first = sse_events(live, 1)[0]
+    assert (first["id"], first["event"]) == ("1", "asset_type.created")
+    assert first["data"]["type_name"] == "thermal_rc"
+
+    version = THERMAL_TYPE["version"]
+    for body in ({"id": "f-1", "initial_state": {"T_in": 293.0, "T_m": 292.0}}, {"id": "f-2"}):
+        r = http.post("/v1/assets", json={**body, "type_name": "thermal_rc", "type_version": version}, headers=admin)
+        assert r.status_code == 201
+    batch = events(3, asset="f-1")
+    assert http.post("/v1/assets/f-1/telemetry", json={"events": batch}, headers=admin).json()["accepted"] == 3
+    assert http.put("/v1/assets/f-2", json={"type_name": "thermal_rc", "type_version": version,
+                                             "metadata": {"site": "north"}}, headers=admin).status_code == 200
+    wild = [{"sequence": 10 + k, "event_time": (T0 + timedelta(minutes=10 + k)).isoformat(),
+             "measurements": {"T_in": {"value": 280.0 if k % 2 else 320.0, "unit": "K"}}} for k in range(30)]
+    assert http.post("/v1/assets/f-1/telemetry", json={"events": wild}, headers=admin).json()["accepted"] == 30
+    job = http.post("/v1/scenarios", params={"mode": "async"}, json=_scenario("f-1", 50, {"T_in": 294.0, "T_m": 291.0}),
+                    headers=admin)
+    assert job.status_code == 202
+
+    everything = read_changes(base, reader, 8, after=0)
+    assert [int(e["id"]) for e in everything] == list(range(1, 9))  # no gap, no duplicate
+    assert [e["event"] for e in everything] == ["asset_type.created", "asset.created", "asset.created", "twin.state",
+                                                "asset.updated", "twin.state", "twin.drift", "job.succeeded"]
+    assert [e["data"]["seq"] for e in everything] == list(range(1, 9))
+    f1 = http.get("/v1/assets/f-1", headers=reader)
+    assert f1.headers["etag"] == f'"{everything[1]["data"]["revision"]}"'  # asset revision = its change's id
+    state = http.get("/v1/assets/f-1/state", headers=reader).json()
+    assert everything[3]["data"]["revision"] == 3 and everything[5]["data"]["revision"] == state["revision"] == 33
+    assert everything[5]["data"]["data"]["state"] == state["state"]
+    assert everything[6]["data"]["data"]["drift"] is True and state["divergence"]["drift"] is True
+    assert everything[7]["data"]["data"]["job_id"] == job.json()["job_id"]
+
+    assert read_changes(base, {**reader, "Last-Event-ID": "3"}, 5) == everything[3:]  # a reconnect resumes exactly
+    only_f2 = read_changes(base, reader, 2, after=0, asset_id="f-2")
+    assert [(e["id"], e["event"]) for e in only_f2] == [("3", "asset.created"), ("5", "asset.updated")]
+    twins = read_changes(base, reader, 3, after=0, kind="twin", type_name="thermal_rc")
+    assert [e["id"] for e in twins] == ["4", "6", "7"]
+    assert http.post("/v1/asset-types", json=THERMAL_TYPE, headers=auth(api, "cas")).status_code in (200, 201)
+    other = read_changes(base, auth(api, "cas"), 1, after=0)  # another tenant's stream: its own changes only
+    assert other[0]["event"] == "asset_type.created" and other[0]["data"]["asset_id"] is None
+
+    with RayTwinClient(base, api[1]["feeds-reader"]) as sdk:  # the SDK follows the stream across the restart
+        following = sdk.changes(after=6)
+        assert [next(following).seq for _ in range(2)] == [7, 8]
+        restart_ingress_replicas(http)  # the resume point is the log's sequence, not a replica's memory
+        more = [{"sequence": 50, "event_time": (T0 + timedelta(minutes=50)).isoformat(),
+                 "measurements": {"T_in": {"value": 300.0, "unit": "K"}}}]
+        assert http.post("/v1/assets/f-1/telemetry", json={"events": more}, headers=admin).json()["accepted"] == 1
+        resumed = read_changes(base, {**reader, "Last-Event-ID": "8"}, 1)
+        assert (resumed[0]["id"], resumed[0]["event"], resumed[0]["data"]["revision"]) == ("9", "twin.state", 34)
+        after_restart = next(following)
+        assert (after_restart.seq, after_restart.kind, after_restart.revision) == (9, "twin.state", 34)
+        following.close()
+
+
+# ---------------------------------------------------------------------------------- the SDK ----
+def test_the_python_client_against_the_server(api, http):
+    from client.errors import NotFound, PreconditionFailed
+
+    base, key = api[0], api[1]["sdk"]
+    thermal = AssetType.model_validate(THERMAL_TYPE)
+    with RayTwinClient(base, key, retry=RetryPolicy(attempts=6, backoff_s=0.05)) as sdk:
+        published = sdk.create_asset_type(thermal)
+        assert published.value == thermal and sdk.get_asset_type(thermal.name, thermal.version) == published
+        created = sdk.create_asset(AssetCreate(id="s-1", type_name=thermal.name, type_version=thermal.version,
+                                               initial_state={"T_in": 293.0, "T_m": 292.0}))
+        assert created.revision > published.revision and sdk.get_asset("s-1") == created
+        update = AssetUpdate(type_name=thermal.name, type_version=thermal.version, metadata={"site": "north"})
+        moved = sdk.update_asset("s-1", update, if_match=created.revision)
+        with pytest.raises(PreconditionFailed) as stale:
+            sdk.update_asset("s-1", update, if_match=created.revision)
+        assert stale.value.status == 412 and stale.value.current_revision == moved.revision
+        with pytest.raises(NotFound) as missing:
+            sdk.get_asset("s-9")
+        assert missing.value.request_id and "s-9" in missing.value.message
+        assert [a.id for a in sdk.list_assets(type_name=thermal.name)] == ["s-1"]
+
+        batch = [{"sequence": k, "event_time": (T0 + timedelta(minutes=k)).isoformat(),
+                  "measurements": {"T_in": {"value": 293.0 + 0.1 * k, "unit": "K"}}} for k in range(4)]
+        assert sdk.send_telemetry("s-1", batch).accepted == 4
+        again = sdk.send_telemetry("s-1", batch)  # a resent batch: every event recognised, none applied twice
+        assert (again.accepted, again.duplicates) == (0, 4)
+        state = sdk.state("s-1")
+        assert state.revision == state.value.revision == 4 and set(state.value.state) == {"T_in", "T_m"}
+
+        answers = []
+        while sdk.retries == 0 and len(answers) < 20 * RATE_BURST:  # faster than 5/s: the key's bucket empties,
+            answers.append(sdk.get_asset("s-1").revision)  # a 429 comes back, and the client waits it out
+        assert sdk.retries > 0 and set(answers) == {moved.revision}
+
+        kinds = [c.kind for c in itertools.islice(sdk.changes(after=0), 4)]
+        assert kinds == ["asset_type.created", "asset.created", "asset.updated", "twin.state"]
+
+    async def follow() -> tuple[int, list[int]]:
+        async with AsyncRayTwinClient(base, key) as aio:
+            state = await aio.state("s-1")
+            seqs = []
+            async for change in aio.changes(after=1, kinds=("asset",)):
+                seqs.append(change.seq)
+                if len(seqs) == 2:
+                    break
+            return state.revision, seqs
+
+    assert asyncio.run(follow()) == (4, [2, 3])
+
+
+def test_the_client_readme_runs_as_printed(api, capsys):
+    """client/README.md's example, against this server and with a key of a tenant of its own."""
+    from tests.guides import extract
+
+    (block,) = [b for b in extract("client/README.md") if b.lang == "python"]
+    code = block.text.replace("http://localhost:8000", api[0]).replace("rtk_...", api[1]["sdk-readme"])
+    exec(compile(code, block.id, "exec"), {})
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == "changed meanwhile, now at revision 3" and printed[1].startswith("1 {'T_in': ")
+    assert printed[2:] == ["1 asset_type.created None 1", "2 asset.created zone-1 2", "3 asset.updated zone-1 3",
+                           "4 twin.state zone-1 1"]

@@ -84,20 +84,20 @@ def test_config_from_args_and_environment(monkeypatch, tmp_path):
 def test_catalog_persists_on_s3_and_keeps_tenants_apart(s3_url):
     thermal, tank = AssetType.from_model(THERMAL_RC), AssetType.from_model(TWO_TANK)
     catalog = Catalog(s3_url)
-    assert catalog.put_type("acme", thermal) is True and catalog.put_type("acme", thermal) is False
+    assert catalog.put_type("acme", thermal, 1) is True and catalog.put_type("acme", thermal, 2) is False
     with pytest.raises(Conflict):
-        catalog.put_type("acme", thermal.model_copy(update={"description": "other"}))
-    catalog.put_type("acme", tank)
+        catalog.put_type("acme", thermal.model_copy(update={"description": "other"}), 2)
+    catalog.put_type("acme", tank, 2)
     site = Asset(id="site", tenant="acme", type_name=tank.name, type_version=tank.version)
     zone = Asset(id="zone", tenant="acme", type_name=thermal.name, type_version=thermal.version,
                  relationships=[Relationship(kind="feeds", target="site")])
-    catalog.create_asset(site)
-    catalog.create_asset(zone)
+    catalog.create_asset(site, 3)
+    catalog.create_asset(zone, 4)
     with pytest.raises(Unprocessable, match="do not exist"):
         catalog.create_asset(Asset(id="x", tenant="acme", type_name=thermal.name, type_version=thermal.version,
-                                   relationships=[Relationship(kind="contains", target="nope")]))
+                                   relationships=[Relationship(kind="contains", target="nope")]), 5)
     with pytest.raises(Unprocessable, match="asset type"):
-        catalog.create_asset(Asset(id="y", tenant="globex", type_name=thermal.name, type_version=thermal.version))
+        catalog.create_asset(Asset(id="y", tenant="globex", type_name=thermal.name, type_version=thermal.version), 1)
 
     reloaded = Catalog(s3_url)  # everything came back from the store
     assert [a.id for a in reloaded.list_assets("acme")] == ["site", "zone"]

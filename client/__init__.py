@@ -1,0 +1,18 @@
+"""The Python client of the RayTwin HTTP API (sync and asyncio), typed on the server's own contracts.
+
+    from client import RayTwinClient
+    with RayTwinClient("http://localhost:8000", api_key) as api:
+        zone = api.get_asset("zone-1")            # Revisioned[Asset]: .value, .revision
+        api.update_asset("zone-1", update, if_match=zone.revision)
+        for change in api.changes(after=0):       # resumes by itself
+            ...
+
+See client/README.md.
+"""
+
+from client.aio import AsyncRayTwinClient
+from client.calls import Revisioned
+from client.retry import RetryPolicy
+from client.sync import RayTwinClient
+
+__all__ = ["AsyncRayTwinClient", "RayTwinClient", "Revisioned", "RetryPolicy"]

@@ -1,0 +1,118 @@
+"""Exceptions of the RayTwin client, one per error code of the API's error shape.
+
+The server answers every 4xx/5xx with ``{"error": {code, message, details, request_id}}``
+(serve_apps/README.md, "Errors"); `from_response` turns it into the matching subclass, so callers
+catch `PreconditionFailed` or `NotFound` instead of comparing status codes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+
+class RayTwinError(Exception):
+    """Base class: the client could not get an answer (network, timeout), or the API refused."""
+
+
+class ApiError(RayTwinError):
+    status = 0
+    code = "error"
+
+    def __init__(self, status: int, code: str, message: str, details: list[Any] | None = None,
+                 request_id: str | None = None, retry_after_s: float | None = None):
+        super().__init__(f"{status} {code}: {message}" + (f" (request_id {request_id})" if request_id else ""))
+        self.status, self.code, self.message = status, code, message
+        self.details = details or []
+        self.request_id = request_id
+        self.retry_after_s = retry_after_s
+
+
+class BadRequest(ApiError):
+    code = "bad_request"
+
+
+class Unauthorized(ApiError):
+    code = "unauthorized"
+
+
+class Forbidden(ApiError):
+    code = "forbidden"
+
+
+class NotFound(ApiError):
+    code = "not_found"
+
+
+class Conflict(ApiError):
+    code = "conflict"
+
+
+class Gone(ApiError):
+    code = "gone"
+
+
+class PreconditionFailed(ApiError):
+    """An If-Match / If-None-Match condition did not hold; `current_revision` is the resource's now."""
+
+    code = "precondition_failed"
+
+    @property
+    def current_revision(self) -> int | None:
+        return next((d.get("current_revision") for d in self.details if isinstance(d, dict)), None)
+
+
+class PayloadTooLarge(ApiError):
+    code = "payload_too_large"
+
+
+class InvalidRequest(ApiError):
+    """422: `invalid_request` or `diverged` (a scenario whose simulation left the finite numbers)."""
+
+    code = "invalid_request"
+
+
+class RateLimited(ApiError):
+    code = "rate_limited"
+
+
+class Unavailable(ApiError):
+    """503: the service is overloaded or starting (retried by the client before it is raised)."""
+
+    code = "unavailable"
+
+
+class ServerError(ApiError):
+    code = "internal"
+
+
+_BY_CODE: dict[str, type[ApiError]] = {c.code: c for c in (
+    BadRequest, Unauthorized, Forbidden, NotFound, Conflict, Gone, PreconditionFailed, PayloadTooLarge,
+    InvalidRequest, RateLimited, Unavailable, ServerError)}
+_BY_CODE.update({"diverged": InvalidRequest, "too_deeply_nested": BadRequest, "unsupported_media_type": BadRequest})
+_BY_STATUS: dict[int, type[ApiError]] = {400: BadRequest, 401: Unauthorized, 403: Forbidden, 404: NotFound,
+                                         409: Conflict, 410: Gone, 412: PreconditionFailed, 413: PayloadTooLarge,
+                                         422: InvalidRequest, 429: RateLimited, 503: Unavailable}
+
+
+def retry_after_s(response: httpx.Response) -> float | None:
+    """`Retry-After` in seconds (the API sends delta-seconds), or None."""
+    value = response.headers.get("retry-after", "")
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None
+
+
+def from_response(response: httpx.Response) -> ApiError:
+    """The exception for an error answer, from the API's error shape (or the status when the body is not it)."""
+    try:
+        body = response.json()["error"]
+        code, message = str(body["code"]), str(body["message"])
+        details, request_id = body.get("details") or [], body.get("request_id")
+    except (ValueError, KeyError, TypeError):  # not RayTwin's shape: a proxy or load balancer answered
+        code, message, details, request_id = "", response.text[:500] or response.reason_phrase, [], None
+    cls = _BY_CODE.get(code) or _BY_STATUS.get(response.status_code) or (
+        ServerError if response.status_code >= 500 else ApiError)
+    return cls(response.status_code, code or cls.code, message, details, request_id, retry_after_s(response))

@@ -1,0 +1,146 @@
+"""A tenant's change log as Server-Sent Events, served by the Ingress replicas.
+
+A stream is a loop over the backend's change log (`serve_apps.changes`): read a page after the
+last position, send the changes that pass the filter, and when caught up wait for the log's
+head to move. Its position is the log's sequence number, which is also each event's `id:`, so a
+client resumes with `Last-Event-ID` on any replica, after any restart, with no gap and no
+duplicate. Memory is bounded: a stream holds one page; waiting streams of one replica share one
+poller that asks the backend for the heads of their tenants every `change_poll_s`. A stream
+that has caught up reads only the backend's in-memory window (`change_memory` changes per
+tenant); when its position has left that window, because its client reads slower than the
+tenant changes, it gets one `fell_behind` event and ends, and the client resumes from the store
+with its `Last-Event-ID`. Ingestion never waits for a stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from serve_apps.changes import Change, ChangePage, ChangeStore
+
+if TYPE_CHECKING:  # deps imports this module for its Services
+    from serve_apps.deps import BackendClient
+
+log = logging.getLogger("raytwin.serve.changes")
+HEARTBEAT_S = 15.0
+"""A comment line this often keeps proxies from closing an idle stream."""
+
+
+@dataclass(frozen=True)
+class ChangeFilter:
+    """Which changes a stream sends: any of `asset_ids`, of type `type_name`, of one of `kinds` (a kind
+    such as ``twin.state``, or a family: ``twin``, ``asset``, ``asset_type``, ``job``). None: all."""
+
+    asset_ids: frozenset[str] | None = None
+    type_name: str | None = None
+    kinds: frozenset[str] | None = None
+
+    def matches(self, change: Change) -> bool:
+        if self.asset_ids is not None and change.asset_id not in self.asset_ids:
+            return False
+        if self.type_name is not None and change.type_name != self.type_name:
+            return False
+        return self.kinds is None or change.kind in self.kinds or change.kind.split(".")[0] in self.kinds
+
+
+class HeadWatcher:
+    """Wakes the streams of one replica when their tenant's log grows, with one backend call per poll."""
+
+    def __init__(self, backend: BackendClient, poll_s: float):
+        self.backend = backend
+        self.poll_s = poll_s
+        self._waiting: dict[str, int] = {}  # tenant -> streams waiting
+        self._heads: dict[str, int] = {}
+        self._events: dict[str, asyncio.Event] = {}
+        self._task: asyncio.Task | None = None
+
+    async def wait(self, tenant: str, after: int, timeout_s: float) -> bool:
+        """True once the tenant's head is past `after`; False after `timeout_s`."""
+        self._waiting[tenant] = self._waiting.get(tenant, 0) + 1
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._poll())
+        try:
+            async with asyncio.timeout(timeout_s):
+                while self._heads.get(tenant, -1) <= after:
+                    await self._events.setdefault(tenant, asyncio.Event()).wait()
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            self._waiting[tenant] -= 1
+            if not self._waiting[tenant]:
+                del self._waiting[tenant]
+                self._heads.pop(tenant, None)
+
+    async def _poll(self) -> None:
+        while self._waiting:
+            try:
+                heads = await self.backend.call("change_heads", sorted(self._waiting))
+            except Exception:  # the backend restarting: streams keep waiting, the next poll retries
+                log.warning("event=change_heads_failed", exc_info=True)
+                heads = {}
+            for tenant, head in heads.items():
+                if head != self._heads.get(tenant):
+                    self._heads[tenant] = head
+                    event = self._events.pop(tenant, None)
+                    if event is not None:
+                        event.set()
+            await asyncio.sleep(self.poll_s)
+
+
+async def first_page(backend: BackendClient, tenant: str, after: int, page: int) -> ChangePage:
+    """The stream's first read (before the response starts, so errors still get a status code)."""
+    return await backend.call("changes_after", tenant, after, page)
+
+
+async def sse_changes(backend: BackendClient, store: ChangeStore, watcher: HeadWatcher, tenant: str, after: int,
+                      first: ChangePage, flt: ChangeFilter, page: int,
+                      heartbeat_s: float = HEARTBEAT_S) -> AsyncIterator[str]:
+    """SSE frames of the tenant's changes after `after`, starting with the already-read page `first`.
+
+    Behind the backend's memory window, a stream that has not caught up yet reads the store here
+    (off the event loop); one that had caught up falls behind instead."""
+    position = sent = after  # read up to / the client's resume point
+    live = False
+    current: ChangePage | None = first
+    yield f"id: {after}\n\n"  # the resume point, also for a client that started "from now"
+    while True:
+        if current is None:
+            current = await backend.call("changes_after", tenant, position, page)
+        if current.fell_behind and not live:
+            replay = await asyncio.to_thread(store.read, tenant, position, min(page, current.head - position))
+            current = current.model_copy(update={"changes": replay, "fell_behind": False})
+        if current.fell_behind:
+            log.info("event=change_stream_fell_behind tenant=%s position=%d head=%d", tenant, position, current.head)
+            yield frame("fell_behind", {
+                "last_event_id": str(position), "head": current.head, "oldest_in_memory": current.oldest,
+                "message": f"this stream fell more than the server's in-memory window behind the change log (at "
+                           f"{position}, newest {current.head}); reconnect with Last-Event-ID: {position} to "
+                           "resume from the store"})
+            return
+        for change in current.changes:
+            position = change.seq
+            if flt.matches(change):
+                yield frame(change.kind, change.model_dump(mode="json"), change.seq)
+                sent = position
+        caught_up = not current.changes or position >= current.head
+        current = None
+        if not caught_up:
+            continue
+        live = True
+        if sent != position:  # changes the filter skipped: move the client's resume point past them
+            yield f"id: {position}\n\n"
+            sent = position
+        if not await watcher.wait(tenant, position, heartbeat_s):
+            yield ": keep-alive\n\n"
+
+
+def frame(event: str, data: dict, event_id: int | None = None) -> str:
+    """One SSE event: `id` (absent on `fell_behind`, so the client's resume point stays), `event`, `data`."""
+    head = f"id: {event_id}\n" if event_id is not None else ""
+    return f"{head}event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"

@@ -1,0 +1,226 @@
+"""The per-tenant change log: every catalog change, twin state change, drift flag and job completion.
+
+Each change gets the next number of its tenant's sequence (1, 2, 3, ... with no holes); that
+number is the event id of the change stream (`serve_apps.change_stream`) and, for catalog
+changes, the changed asset's or type's revision (its ETag). The log lives in the `Backend`
+replica, which appends under one lock, and is durable before an append returns: one JSON-lines
+segment per append at ``{store}/changes/{tenant}/{first // 10000:010d}/{first:016d}-{last:016d}.jsonl``
+(object stores cannot append; names sort by sequence). A restarted backend continues the
+sequence from the newest segment, so an event id read from a stream stays a valid resume point
+across replica restarts.
+
+The newest `memory` changes of each tenant are also kept in memory (a bounded ring), so live
+streams are served without store reads; a reader further behind reads the segments from the
+store itself (`ChangeStore`), without the backend.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from itertools import islice
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from raytwin.storage import filesystem
+
+ChangeKind = Literal["twin.state", "twin.drift", "asset.created", "asset.updated", "asset.deleted",
+                     "asset_type.created", "asset_type.deleted", "job.succeeded", "job.failed"]
+CHANGE_KINDS: tuple[str, ...] = ChangeKind.__args__
+PARTITION = 10_000
+"""Sequence numbers per store directory: bounds the listing a reader behind the ring needs."""
+
+
+class Change(BaseModel):
+    """One change of a tenant's twins, catalog or jobs, as written to the log and sent on streams."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    seq: int = Field(description="position in the tenant's change log (1, 2, ...): the stream's event id")
+    kind: ChangeKind
+    time: datetime = Field(description="when the server recorded the change")
+    asset_id: str | None = None
+    type_name: str | None = None
+    type_version: str | None = None
+    revision: int | None = Field(None, description="the resource's revision after the change: the twin's state "
+                                 "revision for twin.*, the ETag revision (= seq) for asset.* and asset_type.*")
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+class ChangePage(BaseModel):
+    """Changes after a position, from memory. `fell_behind`: the position is older than the
+    in-memory window (`oldest` is the oldest change still there): read the store."""
+
+    changes: list[Change]
+    head: int
+    oldest: int | None = None
+    fell_behind: bool = False
+
+
+@dataclass
+class Queued:
+    """An append waiting for its group commit."""
+
+    drafts: list[dict[str, Any]]
+    changes: list[Change] | None = None
+    error: Exception | None = None
+
+
+class ChangeLog:
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None, memory: int = 1000):
+        self.store = ChangeStore(url, storage_options)
+        self.memory = memory
+        self._lock = threading.Lock()  # sequence numbers, segment writes, the rings
+        self._queue_lock = threading.Lock()
+        self._queue: dict[str, list[Queued]] = {}  # appends waiting for the next group commit
+        self._head: dict[str, int] = {}
+        self._ring: dict[str, deque[Change]] = {}
+
+    # ---- writing --------------------------------------------------------------------------
+    def record(self, tenant: str, drafts: list[dict[str, Any]]) -> list[Change]:
+        """Record `drafts` (Change fields without seq and time; revision defaults to seq) as the
+        tenant's next changes; returns once they are on the store.
+
+        Group commit: callers that arrive while a segment is being written queue up, and the next
+        one to get the lock writes all of them as one segment, so N concurrent appends cost about
+        one store write, not N (an object-store PUT takes tens of milliseconds)."""
+        return self.commit(tenant, self.submit(tenant, drafts))
+
+    def submit(self, tenant: str, drafts: list[dict[str, Any]]) -> Queued:
+        """Queue an append (cheap): queued appends get sequence numbers in queue order at `commit`."""
+        item = Queued(drafts)
+        with self._queue_lock:
+            self._queue.setdefault(tenant, []).append(item)
+        return item
+
+    def commit(self, tenant: str, item: Queued) -> list[Change]:
+        """Wait until `item` is on the store (writing it, with whatever else is queued, if nobody else is)."""
+        with self._lock:
+            if item.changes is None and item.error is None:
+                with self._queue_lock:
+                    batch = self._queue.pop(tenant)
+                self._commit(tenant, batch)
+        if item.error is not None:
+            raise item.error
+        return item.changes or []
+
+    def _commit(self, tenant: str, batch: list[Queued]) -> None:
+        """Write the queued appends as one segment (under the lock); every caller gets its changes or the error."""
+        all_drafts = [d for item in batch for d in item.drafts]
+        try:
+            changes = self._append_locked(tenant, all_drafts) if all_drafts else []
+        except Exception as exc:
+            for item in batch:
+                item.error = exc
+            return
+        for item in batch:
+            item.changes, changes = changes[:len(item.drafts)], changes[len(item.drafts):]
+
+    def write(self, tenant: str, apply: Callable[[int], list[dict[str, Any]]]) -> list[Change]:
+        """Run `apply(next_seq)` under the log's lock, then record the drafts it returns.
+
+        `apply` is the write the changes describe (a catalog file carrying revision `next_seq`), so
+        revisions and log order agree; if it raises, nothing is recorded.
+        """
+        with self._lock:
+            drafts = apply(self._head_locked(tenant) + 1)
+            return self._append_locked(tenant, drafts) if drafts else []
+
+    def _append_locked(self, tenant: str, drafts: list[dict[str, Any]]) -> list[Change]:
+        first = self._head_locked(tenant) + 1
+        now = datetime.now(UTC)
+        changes = [Change(seq=first + i, time=now, **{"revision": first + i, **d}) for i, d in enumerate(drafts)]
+        self.store.write(tenant, changes)
+        self._head[tenant] = changes[-1].seq
+        self._ring.setdefault(tenant, deque(maxlen=self.memory)).extend(changes)
+        return changes
+
+    def reserve(self, tenant: str, at_least: int) -> None:
+        """Continue the tenant's sequence after `at_least` (revisions already on the store: a catalog
+        written just before a crash kept the revision its lost log segment would have had)."""
+        with self._lock:
+            self._head[tenant] = max(self._head_locked(tenant), at_least)
+
+    # ---- reading ----------------------------------------------------------------------------
+    def head(self, tenant: str) -> int:
+        """The tenant's newest sequence number (0: no changes yet)."""
+        with self._lock:
+            return self._head_locked(tenant)
+
+    def heads(self, tenants: list[str]) -> dict[str, int]:
+        with self._lock:
+            return {t: self._head_locked(t) for t in tenants}
+
+    def read(self, tenant: str, after: int, limit: int) -> ChangePage:
+        """Up to `limit` changes with seq > `after` from memory, oldest first; `fell_behind` when
+        `after` is older than the memory window (read those from `self.store`)."""
+        with self._lock:
+            head = self._head_locked(tenant)
+            ring = self._ring.get(tenant)
+            oldest = ring[0].seq if ring else None
+            if after >= head:
+                return ChangePage(changes=[], head=head, oldest=oldest)
+            if oldest is not None and after + 1 >= oldest:
+                start = after + 1 - oldest
+                return ChangePage(changes=list(islice(ring, start, start + limit)), head=head, oldest=oldest)
+            return ChangePage(changes=[], head=head, oldest=oldest, fell_behind=True)
+
+    def _head_locked(self, tenant: str) -> int:
+        if tenant not in self._head:
+            self._head[tenant] = self.store.last_seq(tenant)
+        return self._head[tenant]
+
+
+class ChangeStore:
+    """The log's segments on the store. The backend's `ChangeLog` writes them; anyone reads them:
+    a stream replaying history reads them in its Ingress replica, not through the one backend."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
+        self.fs, self.root = filesystem(url, storage_options)
+        self._folders: set[str] = set()
+
+    def write(self, tenant: str, changes: list[Change]) -> None:
+        first, last = changes[0].seq, changes[-1].seq
+        folder = f"{self.root}/{tenant}/{first // PARTITION:010d}"
+        if folder not in self._folders:  # once per folder: on S3 each makedirs is a request
+            self.fs.makedirs(folder, exist_ok=True)
+            self._folders.add(folder)
+        self.fs.pipe_file(f"{folder}/{first:016d}-{last:016d}.jsonl",
+                          "".join(c.model_dump_json() + "\n" for c in changes).encode())
+
+    def read(self, tenant: str, after: int, limit: int) -> list[Change]:
+        """Up to `limit` changes with seq > `after`, oldest first."""
+        out: list[Change] = []
+        for first, last, path in self._segments(tenant, after + 1):
+            if last <= after:
+                continue
+            for line in self.fs.cat_file(path).splitlines():
+                change = Change.model_validate_json(line)
+                if change.seq > after:
+                    out.append(change)
+                    if len(out) == limit:
+                        return out
+        return out
+
+    def last_seq(self, tenant: str) -> int:
+        parts = self._ls(f"{self.root}/{tenant}")
+        segments = self._ls(parts[-1]) if parts else []
+        return int(segments[-1].rsplit("-", 1)[1].removesuffix(".jsonl")) if segments else 0
+
+    def _segments(self, tenant: str, seq: int):
+        """(first, last, path) of the segments that may hold `seq` and later, in order."""
+        parts = self._ls(f"{self.root}/{tenant}")
+        start = max((p for p in parts if int(p.rsplit("/", 1)[1]) <= seq // PARTITION), default=None,
+                    key=lambda p: int(p.rsplit("/", 1)[1]))
+        for part in parts[parts.index(start) if start is not None else 0:]:
+            for path in self._ls(part):
+                first, last = (int(x) for x in path.rsplit("/", 1)[1].removesuffix(".jsonl").split("-"))
+                yield first, last, path
+
+    def _ls(self, folder: str) -> list[str]:
+        if not self.fs.exists(folder):
+            return []
+        return sorted(p.rstrip("/") for p in self.fs.ls(folder, detail=False))

@@ -1,0 +1,97 @@
+"""Revisions as HTTP entity tags, and the preconditions of conditional writes (RFC 9110, section 13).
+
+Every asset, asset type and twin state has an integer revision; its ETag is the quoted decimal
+(``"17"``), a strong validator: one revision is one representation. Catalog revisions are the
+sequence numbers of the tenant's change log (`serve_apps.changes`), so they only grow, also
+across a delete and re-create, and a stale ETag never matches a newer asset of the same id.
+
+The route only parses the headers into a `Precondition`; the backend evaluates it under the
+catalog lock, in the same step as the write (compare-and-set), so two replicas can never both
+pass the check for one revision.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastapi import Header, Response
+
+from serve_apps.errors import PreconditionFailed
+
+
+def etag(revision: int) -> str:
+    """The strong entity tag of `revision`."""
+    return f'"{revision}"'
+
+
+@dataclass(frozen=True)
+class EntityTags:
+    """A parsed `If-Match` / `If-None-Match` value: ``*`` or a list of entity tags."""
+
+    any: bool = False
+    revisions: frozenset[int] = frozenset()
+    raw: str = ""
+
+    @classmethod
+    def parse(cls, value: str | None) -> EntityTags | None:
+        """None for an absent header. Weak (``W/"3"``) and malformed tags never match a strong
+        comparison, as RFC 9110 requires for writes; the 412 message then shows the expected form."""
+        if value is None:
+            return None
+        if value.strip() == "*":
+            return cls(any=True, raw=value)
+        found = set()
+        for tag in value.split(","):
+            tag = tag.strip()
+            if len(tag) > 2 and tag[0] == tag[-1] == '"' and tag[1:-1].isdigit():
+                found.add(int(tag[1:-1]))
+        return cls(revisions=frozenset(found), raw=value)
+
+    def matches(self, current: int | None) -> bool:
+        return current is not None and (self.any or current in self.revisions)
+
+
+@dataclass(frozen=True)
+class Precondition:
+    """What a conditional request asks for; `check` raises 412 `precondition_failed` when it does not hold."""
+
+    if_match: EntityTags | None = None
+    if_none_match: EntityTags | None = None
+
+    @property
+    def create_only(self) -> bool:
+        return self.if_none_match is not None and self.if_none_match.any
+
+    def check(self, current: int | None, what: str) -> None:
+        """Evaluate against the resource's current revision (None: it does not exist)."""
+        if self.if_match is not None and not self.if_match.matches(current):
+            state = "does not exist" if current is None else f"is at revision {current} (ETag {etag(current)})"
+            raise PreconditionFailed(
+                f"{what} {state}, which does not match If-Match: {self.if_match.raw}; nothing was changed. "
+                f"Read it again (GET returns its ETag), reapply your change and send If-Match with that ETag, "
+                f"quoted as returned, e.g. If-Match: {etag(current or 1)}",
+                details=[{"header": "If-Match", "current_revision": current}])
+        if self.if_none_match is not None and self.if_none_match.matches(current):
+            raise PreconditionFailed(
+                f"{what} already exists (revision {current}) and If-None-Match: {self.if_none_match.raw} asks to "
+                "write only if it does not; nothing was changed",
+                details=[{"header": "If-None-Match", "current_revision": current}])
+
+
+def not_modified(if_none_match: str | None, revision: int) -> Response | None:
+    """304 for a conditional read whose `If-None-Match` names the current revision (or `*`): the
+    client's copy is current, nothing is sent again. Catalog revisions only grow, so a tag never
+    names an older or a deleted-and-recreated resource."""
+    tags = EntityTags.parse(if_none_match)
+    if tags is None or not (tags.any or revision in tags.revisions):
+        return None
+    return Response(status_code=304, headers={"ETag": etag(revision)})
+
+
+async def precondition(
+    if_match: str | None = Header(None, description='Write only if the resource\'s ETag is one of these (`"17"`) '
+                                  "or it exists (`*`); else 412"),
+    if_none_match: str | None = Header(None, description="`*`: create only, 412 if the resource exists"),
+) -> Precondition:
+    """A route dependency: the request's preconditions (evaluated where the write happens)."""
+    return Precondition(EntityTags.parse(if_match), EntityTags.parse(if_none_match))

@@ -1,0 +1,56 @@
+"""The change stream route: a tenant's changes as Server-Sent Events, resumable with Last-Event-ID."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import FastAPI, Header, Query
+from fastapi.responses import StreamingResponse
+
+from serve_apps.auth import Principal
+from serve_apps.change_stream import ChangeFilter, first_page, sse_changes
+from serve_apps.changes import CHANGE_KINDS
+from serve_apps.deps import READER, SVC, Services
+from serve_apps.errors import Unprocessable
+
+KIND_FAMILIES = frozenset(k.split(".")[0] for k in CHANGE_KINDS)
+
+
+def register(app: FastAPI) -> None:
+    @app.get("/v1/changes", tags=["changes"], response_class=StreamingResponse, responses={200: {
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        "description": "`id: <seq>`, `event: <kind>`, `data: <Change as JSON>` per change; `fell_behind` once "
+                       "before the stream ends when the client reads too slowly (serve_apps/README.md)"}})
+    async def changes(
+        asset_id: Annotated[list[str] | None, Query(description="Only changes of these assets")] = None,
+        type_name: Annotated[str | None, Query(description="Only changes of assets of this type")] = None,
+        kind: Annotated[list[str] | None, Query(description="Only these kinds (`twin.state`) or families "
+                                                "(`twin`, `asset`, `asset_type`, `job`)")] = None,
+        after: Annotated[int | None, Query(ge=0, description="Start after this event id (0: from the first "
+                                           "change); default: from now")] = None,
+        last_event_id: Annotated[str | None, Header(description="Resume after this event id (sent by SSE "
+                                                    "clients on reconnect; wins over `after`)")] = None,
+        who: Principal = READER, svc: Services = SVC,
+    ) -> StreamingResponse:
+        """The caller's tenant's changes as Server-Sent Events: twin states, drift flags, catalog, jobs."""
+        unknown = sorted(set(kind or ()) - set(CHANGE_KINDS) - KIND_FAMILIES)
+        if unknown:
+            raise Unprocessable(f"kind: unknown {unknown}; use any of {sorted(CHANGE_KINDS)} or the families "
+                                f"{sorted(KIND_FAMILIES)}", details=[{"loc": ["query", "kind"], "unknown": unknown}])
+        if last_event_id is not None:
+            if not last_event_id.strip().isdigit():
+                raise Unprocessable(f"Last-Event-ID must be an event id sent by this stream (a decimal number), "
+                                    f"got {last_event_id!r}", details=[{"loc": ["header", "Last-Event-ID"]}])
+            after = int(last_event_id)
+        if after is None:
+            after = (await svc.backend.call("change_heads", [who.tenant]))[who.tenant]
+        page = svc.config.change_page
+        first = await first_page(svc.backend, who.tenant, after, page)
+        if after > first.head:
+            raise Unprocessable(f"event id {after} is ahead of this tenant's change log (newest {first.head}); "
+                                "resume from an id this stream sent, or leave it out to start from now")
+        flt = ChangeFilter(frozenset(asset_id) if asset_id else None, type_name, frozenset(kind) if kind else None)
+        stream = sse_changes(svc.backend, svc.change_store, svc.changes, who.tenant, after, first, flt, page)
+        return StreamingResponse(stream,
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -1,0 +1,200 @@
+"""The change log, the change stream's resume and fell-behind rules, preconditions and the catalog's
+compare-and-set, without Ray (the same code over HTTP: tests/test_serve_api.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+import serve_apps.changes as changes_module
+from raytwin.contracts import Asset, AssetType
+from raytwin.sim import THERMAL_RC
+from serve_apps.catalog import Catalog
+from serve_apps.change_stream import ChangeFilter, HeadWatcher, sse_changes
+from serve_apps.changes import ChangeLog
+from serve_apps.conditional import EntityTags, Precondition
+from serve_apps.errors import PreconditionFailed
+
+
+def drafts(n: int, asset: str = "a", kind: str = "twin.state") -> list[dict]:
+    return [{"kind": kind, "asset_id": asset, "type_name": "thermal_rc", "data": {"k": i}} for i in range(n)]
+
+
+class LocalBackend:
+    """What `BackendClient.call` does for the stream, against a ChangeLog in this process."""
+
+    def __init__(self, log: ChangeLog):
+        self.log = log
+
+    async def call(self, method: str, *args):
+        return {"change_heads": self.log.heads, "changes_after": self.log.read}[method](*args)
+
+
+def parse(frames: list[str]) -> list[dict]:
+    out = []
+    for f in frames:
+        fields = dict(line.split(": ", 1) for line in f.strip().splitlines() if not line.startswith(":"))
+        out.append({"id": fields.get("id"), "event": fields.get("event"),
+                    "data": json.loads(fields["data"]) if "data" in fields else None})
+    return out
+
+
+async def take(stream, n: int) -> list[str]:
+    """The next `n` frames, leaving out bare `id:` frames (resume points without an event)."""
+    out: list[str] = []
+    while len(out) < n:
+        f = await anext(stream)
+        if not f.startswith("id: ") or "\nevent: " in f:
+            out.append(f)
+    return out
+
+
+def test_log_is_gapless_durable_and_continues_after_a_restart(tmp_path, monkeypatch):
+    monkeypatch.setattr(changes_module, "PARTITION", 4)  # segments spread over several store folders
+    log = ChangeLog(str(tmp_path), memory=3)
+    log.record("acme", drafts(3))
+    log.record("acme", drafts(6, kind="asset.updated"))  # one segment crossing two folders
+    log.record("globex", drafts(2))
+    assert log.head("acme") == 9 and log.head("globex") == 2
+    stored = log.store.read("acme", 0, 100)  # before the in-memory window: from the store
+    assert [c.seq for c in stored] == list(range(1, 10))
+    assert [c.revision for c in stored[3:]] == list(range(4, 10))  # catalog kinds: revision = seq
+    page = log.read("acme", 6, 100)
+    assert [c.seq for c in page.changes] == [7, 8, 9] and page.oldest == 7 and page.head == 9
+    behind = log.read("acme", 2, 100)
+    assert behind.fell_behind and behind.changes == [] and behind.oldest == 7
+    assert [c.seq for c in log.store.read("acme", 4, 2)] == [5, 6]
+    assert [c.seq for c in log.store.read("acme", 8, 10)] == [9] and log.read("acme", 9, 10).changes == []
+    assert [c.asset_id for c in log.store.read("globex", 0, 10)] == ["a", "a"]
+
+    restarted = ChangeLog(str(tmp_path), memory=3)
+    assert restarted.head("acme") == 9 and restarted.read("acme", 5, 100).fell_behind  # memory starts empty
+    assert [c.seq for c in restarted.store.read("acme", 5, 100)] == [6, 7, 8, 9]
+    assert [c.seq for c in restarted.record("acme", drafts(1))] == [10]
+    assert [c.seq for c in restarted.read("acme", 9, 100).changes] == [10]
+    assert [c.seq for c in restarted.store.read("acme", 0, 100)] == list(range(1, 11))
+    restarted.reserve("acme", 20)  # a catalog revision from a write whose log segment was lost
+    assert [c.seq for c in restarted.record("acme", drafts(1))] == [21]
+
+
+def test_a_failed_write_records_nothing_and_concurrent_writers_get_distinct_seqs(tmp_path):
+    log = ChangeLog(str(tmp_path))
+
+    def refuse(seq: int):
+        raise PreconditionFailed("no")
+
+    with pytest.raises(PreconditionFailed):
+        log.write("acme", refuse)
+    assert log.head("acme") == 0
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda i: log.record("acme", drafts(2, asset=f"a{i}")), range(40)))
+    seqs = [c.seq for c in ChangeLog(str(tmp_path)).store.read("acme", 0, 1000)]
+    assert seqs == list(range(1, 81))
+
+
+def test_appends_that_wait_for_a_slow_write_share_the_next_segment(tmp_path):
+    log = ChangeLog(str(tmp_path))
+    written, entered, release = [], threading.Event(), threading.Event()
+    write = log.store.write
+
+    def slow_write(tenant, changes):  # the first segment write hangs until ten more appends have queued
+        if not written:
+            entered.set()
+            release.wait()
+        written.append([c.seq for c in changes])
+        write(tenant, changes)
+
+    log.store.write = slow_write
+    with ThreadPoolExecutor(11) as pool:
+        first = pool.submit(log.record, "acme", drafts(1))
+        entered.wait()
+        rest = [pool.submit(log.record, "acme", drafts(2, asset=f"a{i}")) for i in range(10)]
+        while len(log._queue.get("acme", [])) < 10:
+            time.sleep(0.001)
+        release.set()
+        assert [c.seq for c in first.result()] == [1]
+        got = sorted(c.seq for f in rest for c in f.result())
+    assert got == list(range(2, 22)) and written == [[1], list(range(2, 22))]  # 11 appends, 2 store writes
+    assert all(len({c.asset_id for c in f.result()}) == 1 for f in rest)  # each caller gets its own changes
+
+
+def test_stream_resumes_exactly_and_a_slow_reader_falls_behind_once(tmp_path):
+    async def scenario():
+        log = ChangeLog(str(tmp_path), memory=5)
+        backend = LocalBackend(log)
+        watcher = HeadWatcher(backend, poll_s=0.01)
+        log.record("acme", drafts(3))
+
+        def open_stream(after: int, flt: ChangeFilter = ChangeFilter()):
+            return sse_changes(backend, log.store, watcher, "acme", after, log.read("acme", after, 2), flt, page=2)
+
+        stream = open_stream(0)
+        first = parse(await take(stream, 3))
+        assert [f["id"] for f in first] == ["1", "2", "3"] and first[0]["event"] == "twin.state"
+        log.record("acme", drafts(10))  # the reader is idle while the log moves 10 past it (5 kept in memory)
+        behind = parse(await take(stream, 1))[0]
+        assert behind["event"] == "fell_behind" and behind["id"] is None
+        assert behind["data"]["last_event_id"] == "3" and behind["data"]["head"] == 13
+        with pytest.raises(StopAsyncIteration):
+            await anext(stream)
+
+        resumed = parse(await take(open_stream(3), 10))  # from the store, then memory
+        assert [int(f["id"]) for f in resumed] == list(range(4, 14))
+
+        log.record("acme", drafts(2, asset="b") + drafts(1, asset="c"))
+        only_b = open_stream(13, ChangeFilter(asset_ids=frozenset({"b"})))
+        got = parse([await anext(only_b) for _ in range(4)])
+        assert [(f["id"], f["event"]) for f in got] == [("13", None), ("14", "twin.state"), ("15", "twin.state"),
+                                                        ("16", None)]
+        await only_b.aclose()
+
+        families = ChangeFilter(kinds=frozenset({"asset"}), type_name="thermal_rc")
+        log.record("acme", drafts(1, kind="job.succeeded") + drafts(1, kind="asset.created"))
+        assert parse(await take(open_stream(16, families), 1))[0]["id"] == "18"
+
+    asyncio.run(scenario())
+
+
+def test_entity_tags_and_preconditions():
+    assert EntityTags.parse('"3", "5"').matches(5) and not EntityTags.parse('"3"').matches(5)
+    assert not EntityTags.parse('W/"5"').matches(5)  # weak tags never match for writes
+    assert not EntityTags.parse("5").matches(5)  # unquoted: not an entity tag
+    assert EntityTags.parse("*").matches(1) and not EntityTags.parse("*").matches(None)
+    Precondition(if_match=EntityTags.parse('"4"')).check(4, "asset x")
+    with pytest.raises(PreconditionFailed, match="revision 5") as err:
+        Precondition(if_match=EntityTags.parse('"4"')).check(5, "asset x")
+    assert err.value.details == [{"header": "If-Match", "current_revision": 5}]
+    with pytest.raises(PreconditionFailed, match="does not exist"):
+        Precondition(if_match=EntityTags.parse("*")).check(None, "asset x")
+    create_only = Precondition(if_none_match=EntityTags.parse("*"))
+    create_only.check(None, "asset x")
+    with pytest.raises(PreconditionFailed, match="already exists"):
+        create_only.check(2, "asset x")
+
+
+def test_catalog_revisions_compare_and_set_and_survive_a_reload(tmp_path):
+    catalog = Catalog(str(tmp_path))
+    thermal = AssetType.from_model(THERMAL_RC)
+    assert catalog.put_type("acme", thermal, 1)
+    zone = Asset(id="zone", tenant="acme", type_name=thermal.name, type_version=thermal.version)
+    catalog.create_asset(zone, 2)
+    stale = Precondition(if_match=EntityTags.parse('"1"'))
+    moved = zone.model_copy(update={"metadata": {"floor": "3"}})
+    with pytest.raises(PreconditionFailed):
+        catalog.update_asset(moved, 3, stale)
+    assert catalog.get_asset("acme", "zone") == zone and catalog.revision("acme", "assets", "zone") == 2
+    catalog.update_asset(moved, 3, Precondition(if_match=EntityTags.parse('"2"')))
+    with pytest.raises(PreconditionFailed):
+        catalog.put_type("acme", thermal, 4, Precondition(if_none_match=EntityTags.parse("*")))
+    reloaded = Catalog(str(tmp_path))
+    assert reloaded.get_asset("acme", "zone") == moved and reloaded.revision("acme", "assets", "zone") == 3
+    assert reloaded.revision("acme", "types", thermal.key) == 1 and reloaded.max_revision("acme") == 3
+    with pytest.raises(PreconditionFailed):
+        reloaded.delete_asset("acme", "zone", stale)
+    reloaded.delete_asset("acme", "zone", Precondition(if_match=EntityTags.parse('"3"')))
+    assert reloaded.revision("acme", "assets", "zone") is None
