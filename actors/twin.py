@@ -253,17 +253,15 @@ class Twin:
 
 
 def _encode(fs: FilterState, max_time_us: int | None) -> dict:
-    d = fs.divergence
     return {
         "t": fs.t, "x": fs.x.tolist(), "P": fs.P.tolist(), "u": fs.u.tolist(), "max_time_us": max_time_us,
-        "divergence": {"updates": d.updates, "nis_last": d.nis_last, "nis_mean": d.nis_mean,
-                       "residual_mean": list(d.residual_mean), "residual_ms": list(d.residual_ms)},
+        "divergence": {k: list(v) if isinstance(v, tuple) else v for k, v in fs.divergence._asdict().items()},
     }
 
 
 def _decode(payload: dict) -> tuple[FilterState, int | None]:
-    d = payload["divergence"]
-    div = Divergence(d["updates"], d["nis_last"], d["nis_mean"], tuple(d["residual_mean"]), tuple(d["residual_ms"]))
+    # a snapshot written before a field existed takes its default (`Divergence`)
+    div = Divergence(**{k: tuple(v) if isinstance(v, list) else v for k, v in payload["divergence"].items()})
     fs = FilterState(payload["t"], np.asarray(payload["x"], dtype=np.float64), np.asarray(payload["P"], dtype=np.float64),
                      np.asarray(payload["u"], dtype=np.float64), div)
     return fs, payload["max_time_us"]
