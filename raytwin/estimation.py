@@ -452,14 +452,15 @@ class ExtendedKalmanFilter:
 
     def predict(self, fs: FilterState, t: float) -> FilterState:
         """Advance to time `t` with held inputs, in sub-steps of at most ``default_dt`` (at most
-        `MAX_SUBSTEPS` of them: see `substeps`)."""
+        `MAX_SUBSTEPS` of them: see `substeps`) and the twin's adapted process noise."""
         gap = 0.0 if fs.t is None else t - fs.t
         if gap < 0:
             raise ValueError(f"cannot predict backwards in time ({fs.t} -> {t}); rewind instead")
         n, dt, skipped = substeps(np.float64(gap), self.model.default_dt)
         if n == 0:
             return fs._replace(t=t)
-        x, P = self._kernels.predict(fs.x, fs.P, fs.u, self.params, self.q_var_rate, n, dt, skipped)
+        x, P = self._kernels.predict(fs.x, fs.P, fs.u, self.params, self.q_var_rate * fs.divergence.q_scale, n, dt,
+                                     skipped)
         return fs._replace(t=t, x=np.asarray(x), P=np.asarray(P))
 
     def assimilate(self, fs: FilterState, t: float, values: dict[str, float], use_outputs: bool = True) -> FilterState:
