@@ -25,7 +25,8 @@ import numpy as np
 
 from actors.state import DivergenceReport, TwinState
 from raytwin.contracts import AssetType, TelemetryEvent, normalize_measurements
-from raytwin.estimation import Divergence, ExtendedKalmanFilter, FilterState, Run, Traces, assimilate_runs
+from raytwin.estimation import (Divergence, ExtendedKalmanFilter, FilterState, Run, Traces, assimilate_runs,
+                                clear_drift)
 from raytwin.registry import ModelArtifact
 from raytwin.statestore import EventKey, LoggedEvent, Snapshot, from_micros, to_micros
 from raytwin.ukf import make_filter
@@ -205,6 +206,14 @@ class Twin:
             del self.seen[e.key]
         del self.checkpoints[:i]
 
+    def clear_drift(self) -> None:
+        """Acknowledge a drift alarm: restart the detector's CUSUMs and release the latch
+        (`raytwin.estimation.clear_drift`) in the current state and in every in-memory checkpoint,
+        so a late event that rewinds the twin does not bring back the evidence already cleared.
+        Not logged: a twin recovered from an older snapshot re-accumulates its log's evidence."""
+        self.fs = clear_drift(self.fs)
+        self.checkpoints = [Checkpoint(c.key, clear_drift(c.fs), c.events_applied) for c in self.checkpoints]
+
     # ------------------------------------------------------------------ persistence ----
     @property
     def sealed_revision(self) -> int | None:
@@ -247,6 +256,8 @@ class Twin:
                 residual_rms={n: math.sqrt(v) for n, v in zip(outputs, div.residual_ms)},
                 drift=div.drift,
                 diverged=div.diverged,
+                drift_score=div.drift_score,
+                process_noise_scale=div.q_scale,
             ),
             events_applied=self.events_applied,
         )
