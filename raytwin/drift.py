@@ -20,7 +20,7 @@ The detector (folded into the filter kernel, `raytwin.estimation.scan_kernels`):
 
 Process-noise adaptation: a model's declared ``process_std`` is an upper bound. Each update moves
 ``log q_scale`` (the factor on Q) along the gradient of the innovation log-likelihood,
-``0.5 * mean((e^2 - 1) * (1 - R_ii / S_ii))``, clipped to [`MIN_Q_SCALE`, 1]. On data with less process
+``0.5 * mean((min(e^2, 9) - 1) * (1 - R_ii / S_ii))``, clipped to [`MIN_Q_SCALE`, 1]. On data with less process
 noise than declared (a building's noise-free dynamics), Q shrinks until the innovations are white
 and the filter stops absorbing a persistent model error into its state; with the declared noise it
 stays at ~1. Without this, a halved R_io on noise-free thermal data was never detected: the default
@@ -49,6 +49,9 @@ GAP_ALPHA = 0.05
 """Weight of the newest gap in the twin's mean time between measurements."""
 ADAPT_RATE = 0.01
 """Step of the process-noise adaptation per update (log scale): ~100 updates to move by e."""
+ADAPT_CLIP = 9.0
+"""Cap on e^2 in the adaptation's gradient: an outlier or a fault's first large innovations must not
+inflate the process noise (uncapped, a failing sensor's 10-sigma innovations doubled Q in a few updates)."""
 MIN_Q_SCALE = 1e-3
 """Smallest factor on the declared process-noise variance (a 30x smaller process-noise std)."""
 _MIN_THRESHOLD = 0.5

@@ -372,7 +372,8 @@ def scan_kernels(predict: Callable, update: Callable) -> _Kernels:
             score_new = cusum_new.max() / detector.cusum_threshold(arl, xp=jnp)
             alarm_new = alarm | (score_new >= 1.0)
             # process noise follows the innovations' likelihood gradient, frozen while alarmed
-            grad = 0.5 * jnp.where(measured, (e * e - 1.0) * (1.0 - r_var / jnp.where(measured, s_diag, 1.0)), 0.0).sum()
+            grad = 0.5 * jnp.where(measured, (jnp.minimum(e * e, detector.ADAPT_CLIP) - 1.0)
+                                   * (1.0 - r_var / jnp.where(measured, s_diag, 1.0)), 0.0).sum()
             step = jnp.where(alarm_new, 0.0, detector.ADAPT_RATE * grad / dims)
             q_scale_new = jnp.exp(jnp.clip(jnp.log(q_scale) + step, log_q_min, 0.0))
             div_new = (
