@@ -362,8 +362,8 @@ def scan_kernels(predict: Callable, update: Callable) -> _Kernels:
             dims = jnp.maximum(mask.sum(), 1.0)
             a = jnp.where(updates == 0, 1.0, EWMA_ALPHA)
             since = since + n * dt + skipped
-            gap = jnp.where(since > 0, jnp.where(gap_mean > 0, gap_mean + detector.GAP_ALPHA * (since - gap_mean), since),
-                            gap_mean)
+            gap_new = jnp.where(gap_mean > 0, gap_mean + detector.GAP_ALPHA * (since - gap_mean), since)
+            gap = jnp.where(since > 0, gap_new, gap_mean)
             # two one-sided CUSUMs per output on e = y / sqrt(S_ii) (`raytwin.drift`)
             e = jnp.where(measured, y / jnp.sqrt(jnp.where(measured, s_diag, 1.0)), 0.0)
             both = jnp.concatenate([measured, measured])
@@ -416,7 +416,8 @@ class ExtendedKalmanFilter:
         (`raytwin.drift`); `adapt_process_noise`: let Q shrink below the declared `process_std`
         to what the innovations support (off: the fixed-Q textbook filter)."""
         if not (math.isfinite(false_alarm_interval_s) and false_alarm_interval_s > 0):
-            raise ValueError(f"false_alarm_interval_s must be a positive number of seconds, got {false_alarm_interval_s!r}")
+            raise ValueError(f"false_alarm_interval_s must be a positive number of seconds, "
+                             f"got {false_alarm_interval_s!r}")
         self.model = model
         self.defaults = model_defaults(model)
         self.params = np.asarray(params, dtype=np.float64)  # NumPy: packed into every dispatch

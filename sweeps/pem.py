@@ -10,8 +10,8 @@ Hessian whose inverse is an honest covariance.
 `pem_fit` maximises that likelihood over the free log-parameters and the log of a factor on the
 model's declared process-noise variance (the data say how much process noise there is; a noise-free
 asset drives it to its floor), by damped Newton steps with the exact gradient from JAX (and its
-central differences for the Hessian). It is pure JAX with a fixed number of iterations, so it jits once and `jax.vmap`s over data
-sets (the coverage test fits 50 seeds in one call).
+central differences for the Hessian). It is pure JAX with a fixed number of iterations, so it jits
+once and `jax.vmap`s over data sets (the coverage test fits 50 seeds in one call).
 """
 
 from __future__ import annotations
