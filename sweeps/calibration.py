@@ -354,6 +354,12 @@ def uncertainty(problem: Problem, theta_log: np.ndarray) -> tuple[np.ndarray, np
     return _std_and_correlation((r @ r / dof) * np.linalg.pinv(jac.T @ jac))
 
 
+START_STD_FRACTION = 1e-3
+"""The prediction-error filter starts at `start_state` with this fraction of the declared prior std:
+the start state is given (least squares takes it as exact); a wide prior let the filter re-estimate
+the slow building-mass temperature and cost the slow parameters' precision."""
+
+
 @in_float64
 def prediction_error(problem: Problem, theta_log: np.ndarray) -> tuple[np.ndarray, float, np.ndarray, np.ndarray]:
     """(log-parameters, process-noise factor, relative std, correlation) of the prediction-error fit
@@ -363,7 +369,8 @@ def prediction_error(problem: Problem, theta_log: np.ndarray) -> tuple[np.ndarra
     n_sub = max(math.ceil(problem.dt / model.default_dt - 1e-9), 1)
     declared = lambda kind, names, fallback: np.array([defaults[kind].get(v, fallback) for v in names])  # noqa: E731
     fit = pem_fit(model, tuple(problem.free_index.tolist()), n_sub, theta_log, problem.base_params, problem.x0,
-                  np.diag(declared("initial_std", model.state_names, 1.0) ** 2), problem.u, problem.y,
+                  np.diag((START_STD_FRACTION * declared("initial_std", model.state_names, 1.0)) ** 2),
+                  problem.u, problem.y,
                   declared("process_std", model.state_names, 0.0) ** 2, problem.sigma**2, problem.dt / n_sub)
     if not np.isfinite(float(fit.nll)):
         raise CalibrationError("the prediction-error fit failed (non-finite likelihood); "

@@ -25,12 +25,14 @@ import numpy as np
 
 from raytwin.sim import Model
 
-LOG_Q_BOUNDS = (float(np.log(1e-4)), float(np.log(1e2)))
+LOG_Q_BOUNDS = (float(np.log(1e-8)), float(np.log(1e2)))
 """Range of the log factor on the declared process-noise variance."""
 LOG_Q_PRIOR_CURVATURE = 1.0
 """Curvature added on the log process-noise factor when inverting the Hessian: a weak N(., 1)
 prior that keeps the covariance finite when the data cannot tell the noise (it is at its floor)."""
 NEWTON_ITERATIONS = 12
+Q_GRID = 7
+"""Log process-noise factors tried (evenly over `LOG_Q_BOUNDS`) for the start of the Newton steps."""
 FD_STEP = 1e-4
 """Step (in log space) of the central differences that give the Hessian."""
 
@@ -108,7 +110,12 @@ def pem_fit(model: Model, free_index: tuple[int, ...], n_sub: int, theta0_log, b
         return (jnp.where(better, candidate, phi), jnp.where(better, new_value, value),
                 jnp.where(better, damping * 0.3, damping * 10.0))
 
-    phi0 = jnp.concatenate([jnp.asarray(theta0_log, dtype=jnp.float64), jnp.zeros(1)])
+    # start the noise factor at the best of a coarse grid: Newton from the declared noise wandered off
+    # on white data (the likelihood is flat in it there, and the parameters moved with it)
+    theta0 = jnp.asarray(theta0_log, dtype=jnp.float64)
+    grid = jnp.linspace(LOG_Q_BOUNDS[0], LOG_Q_BOUNDS[1], Q_GRID)
+    values = jax.vmap(lambda log_q: f(jnp.concatenate([theta0, log_q[None]])))(grid)
+    phi0 = jnp.concatenate([theta0, grid[jnp.nanargmin(values)][None]])
     phi, value, _ = jax.lax.fori_loop(0, NEWTON_ITERATIONS, newton, (phi0, f(phi0), jnp.asarray(1e-3)))
     H = hess(phi).at[-1, -1].add(LOG_Q_PRIOR_CURVATURE)
     cov = jnp.linalg.inv(H)[:-1, :-1]
