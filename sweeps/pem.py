@@ -25,7 +25,7 @@ import numpy as np
 
 from raytwin.sim import Model
 
-LOG_Q_BOUNDS = (float(np.log(1e-8)), float(np.log(1e2)))
+LOG_Q_BOUNDS = (float(np.log(1e-4)), float(np.log(1e2)))
 """Range of the log factor on the declared process-noise variance."""
 LOG_Q_PRIOR_CURVATURE = 1.0
 """Curvature added on the log process-noise factor when inverting the Hessian: a weak N(., 1)

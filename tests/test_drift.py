@@ -148,12 +148,13 @@ def coverage_data():
 def test_prediction_error_intervals_cover_the_truth_95_percent_of_the_time(coverage_data):
     """The interval method itself, vectorised over 50 seeds (`jax.vmap`), for R_io and C_in."""
     from raytwin.sim.precision import in_float64
+    from sweeps.calibration import START_STD_FRACTION
     from sweeps.pem import pem_fit
 
     m, p, x0, q_var, data = coverage_data
     free = (m.param_names.index("R_io"), m.param_names.index("C_in"))
     start = np.log(p[list(free)]) + np.array([0.1, -0.1])  # where a search would leave it
-    P0 = np.diag([0.1, 0.5]) ** 2
+    P0 = np.diag(START_STD_FRACTION * np.array([s.prior_std for s in m.states])) ** 2  # as `calibrate`: x0 given
     fit = in_float64(jax.vmap(lambda u, y: pem_fit(m, free, 1, start, p, x0, P0, u, y, q_var, np.array([0.05**2]),
                                                    300.0)))
     for noise, (u, y) in data.items():
@@ -161,6 +162,7 @@ def test_prediction_error_intervals_cover_the_truth_95_percent_of_the_time(cover
         err = np.asarray(r.theta_log) - np.log(p[list(free)])
         std = np.sqrt(np.diagonal(np.asarray(r.cov), axis1=1, axis2=2))
         coverage = (np.abs(err) <= 1.96 * std).mean(axis=0)
+        print(f"coverage of the 95 % intervals (R_io, C_in), process noise {noise}: {coverage}")
         assert ((coverage >= 0.90) & (coverage <= 0.98)).all(), (noise, coverage)
         q_scale = np.exp(np.asarray(r.log_q_scale))
         # the process noise is recognised: ~declared with it, at the floor without
