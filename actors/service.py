@@ -186,6 +186,12 @@ class TwinService:
     def state(self, tenant: str, asset_id: str) -> TwinState:
         return self._found(tenant, asset_id, ray.get(self._shard(tenant, asset_id).state.remote(tenant, asset_id)))
 
+    def clear_drift(self, tenant: str, asset_id: str) -> TwinState:
+        """Acknowledge a twin's drift alarm: its detector restarts from zero (a persisting fault is
+        flagged again after its detection delay); returns the twin's state after the clear."""
+        ref = self._shard(tenant, asset_id).clear_drift.remote(tenant, asset_id)
+        return self._found(tenant, asset_id, ray.get(ref))
+
     def state_at(self, tenant: str, asset_id: str, t: datetime) -> TwinState:
         """The state after every event with event time <= `t` (timezone-aware)."""
         if t.tzinfo is None:

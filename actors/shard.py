@@ -154,6 +154,21 @@ class TwinShard:
         twin = self.twins.get((tenant, asset_id))
         return None if twin is None else twin.view()
 
+    def clear_drift(self, tenant: str, asset_id: str) -> TwinState | None:
+        """Acknowledge the twin's drift alarm (`actors.twin.Twin.clear_drift`); None: no such twin."""
+        self._refresh_stale()
+        twin = self.twins.get((tenant, asset_id))
+        if twin is None:
+            return None
+        was = twin.fs.divergence.drift
+        twin.clear_drift()
+        if not twin.fs.divergence.drift:
+            self.drifting.discard((tenant, asset_id))
+        self.m_drift.set(len(self.drifting & self.twins.keys()))
+        log.info("drift_cleared tenant=%s asset=%s was_drifting=%s revision=%d", tenant, asset_id, was,
+                 twin.events_applied)
+        return twin.view()
+
     def state_at(self, tenant: str, asset_id: str, until_us: int) -> TwinState | None:
         """Time travel from the durable store (everything acknowledged is there)."""
         if (tenant, asset_id) not in self.twins:

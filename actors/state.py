@@ -25,8 +25,14 @@ class DivergenceReport(_Frozen):
     nis_last: float = Field(description="NIS of the latest update")
     residual_mean: dict[str, float]
     residual_rms: dict[str, float]
-    drift: bool = Field(description="nis_mean above its chi-square 99.9% bound after enough updates, or diverged")
+    drift: bool = Field(description="the sequential drift test (CUSUMs on the normalised innovations, at most one "
+                              "false alarm per 30 days of event time by default) fired and was not cleared since, "
+                              "or the filter diverged")
     diverged: bool = Field(description="the filter broke down: its state, covariance or NIS is not a finite number")
+    drift_score: float = Field(0.0, description="largest drift CUSUM over its threshold at the last update "
+                                                "(>= 1 raises drift)")
+    process_noise_scale: float = Field(1.0, description="factor on the declared process-noise variance, "
+                                                        "adapted from the innovations (<= 1)")
 
 
 class TwinState(_Frozen):

@@ -25,7 +25,8 @@ import numpy as np
 
 from actors.state import DivergenceReport, TwinState
 from raytwin.contracts import AssetType, TelemetryEvent, normalize_measurements
-from raytwin.estimation import Divergence, ExtendedKalmanFilter, FilterState, Run, Traces, assimilate_runs
+from raytwin.estimation import (Divergence, ExtendedKalmanFilter, FilterState, Run, Traces, assimilate_runs,
+                                clear_drift)
 from raytwin.registry import ModelArtifact
 from raytwin.statestore import EventKey, LoggedEvent, Snapshot, from_micros, to_micros
 from raytwin.ukf import make_filter
@@ -209,6 +210,14 @@ class Twin:
             del self.seen[e.key]
         del self.checkpoints[:i]
 
+    def clear_drift(self) -> None:
+        """Acknowledge a drift alarm: restart the detector's CUSUMs and release the latch
+        (`raytwin.estimation.clear_drift`) in the current state and in every in-memory checkpoint,
+        so a late event that rewinds the twin does not bring back the evidence already cleared.
+        Not logged: a twin recovered from an older snapshot re-accumulates its log's evidence."""
+        self.fs = clear_drift(self.fs)
+        self.checkpoints = [Checkpoint(c.key, clear_drift(c.fs), c.events_applied) for c in self.checkpoints]
+
     # ------------------------------------------------------------------ persistence ----
     @property
     def sealed_revision(self) -> int | None:
@@ -251,23 +260,23 @@ class Twin:
                 residual_rms={n: math.sqrt(v) for n, v in zip(outputs, div.residual_ms)},
                 drift=div.drift,
                 diverged=div.diverged,
+                drift_score=div.drift_score,
+                process_noise_scale=div.q_scale,
             ),
             events_applied=self.events_applied,
         )
 
 
 def _encode(fs: FilterState, max_time_us: int | None) -> dict:
-    d = fs.divergence
     return {
         "t": fs.t, "x": fs.x.tolist(), "P": fs.P.tolist(), "u": fs.u.tolist(), "max_time_us": max_time_us,
-        "divergence": {"updates": d.updates, "nis_last": d.nis_last, "nis_mean": d.nis_mean,
-                       "residual_mean": list(d.residual_mean), "residual_ms": list(d.residual_ms)},
+        "divergence": {k: list(v) if isinstance(v, tuple) else v for k, v in fs.divergence._asdict().items()},
     }
 
 
 def _decode(payload: dict) -> tuple[FilterState, int | None]:
-    d = payload["divergence"]
-    div = Divergence(d["updates"], d["nis_last"], d["nis_mean"], tuple(d["residual_mean"]), tuple(d["residual_ms"]))
+    # a snapshot written before a field existed takes its default (`Divergence`)
+    div = Divergence(**{k: tuple(v) if isinstance(v, list) else v for k, v in payload["divergence"].items()})
     fs = FilterState(payload["t"], np.asarray(payload["x"], dtype=np.float64), np.asarray(payload["P"], dtype=np.float64),
                      np.asarray(payload["u"], dtype=np.float64), div)
     return fs, payload["max_time_us"]

@@ -24,10 +24,12 @@ Why this shape:
 - the covariance update uses the Joseph form (stays symmetric positive semi-definite) and
   measurements may carry any subset of the outputs (missing rows are masked out exactly);
 - divergence indicators (normalised innovation squared, residual mean / RMS) are exponentially
-  weighted so they follow the recent behaviour of the asset; `drift` fires when the NIS mean
-  exceeds its chi-square 99.9 % bound, i.e. the model no longer explains the measurements, and
-  whenever the state, its covariance or NIS stops being finite (`Divergence.diverged`: NaN > bound
-  is false, so a broken filter would otherwise look healthy).
+  weighted so they follow the recent behaviour of the asset; `drift` is a sequential test
+  (`raytwin.drift`: two-sided CUSUMs on the normalised innovations, threshold set by a false-alarm
+  interval in event time) that latches until cleared (`clear_drift`), and fires whenever the state,
+  its covariance or NIS stops being finite (`Divergence.diverged`: NaN > bound is false, so a broken
+  filter would otherwise look healthy); the process noise adapts down from the declared value to
+  what the innovations support (`raytwin.drift`).
 
 Everything is float64 and deterministic: the same events in the same order give bit-identical
 states however they are split into calls and whichever twins share a dispatch, which is what
@@ -46,8 +48,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy.stats import chi2
 
+from raytwin import drift as detector
 from raytwin.sim import Model
 from raytwin.sim.precision import in_float64
 
@@ -66,16 +68,12 @@ def model_defaults(model: Model) -> dict[str, dict[str, float]]:
 
 EWMA_ALPHA = 0.05
 """Weight of the newest update in the divergence indicators (~40-update memory)."""
-DRIFT_MIN_UPDATES = 20
 IEKF_ITERATIONS = 4
 """Linearisations of the output map per update (see `_kernels`)."""
-_EFFECTIVE_DOF = (2.0 - EWMA_ALPHA) / EWMA_ALPHA
-DRIFT_NIS_BOUND = float(chi2.ppf(0.999, _EFFECTIVE_DOF) / _EFFECTIVE_DOF)
-"""An EWMA of NIS/dof above this is a 1-in-1000 event for a consistent filter: flag drift."""
 
 
 class Divergence(NamedTuple):
-    """Exponentially weighted innovation statistics of one twin (folded in by the filter kernel).
+    """Innovation statistics and the drift detector of one twin (folded in by the filter kernel).
 
     NamedTuples (here and in `FilterState`): a live batch makes one per twin it touches, at a
     third of a frozen dataclass's cost."""
@@ -85,6 +83,12 @@ class Divergence(NamedTuple):
     nis_mean: float = 0.0  # EWMA of NIS / measured dimensions (1.0 for a consistent filter)
     residual_mean: tuple[float, ...] = ()
     residual_ms: tuple[float, ...] = ()
+    cusum: tuple[float, ...] = ()  # per output the upward CUSUM, then per output the downward one
+    drift_score: float = 0.0  # largest CUSUM over its threshold at the last update (>= 1: alarm)
+    alarm: bool = False  # latched when drift_score reached 1; cleared only by `clear_drift`
+    gap_mean: float = 0.0  # EWMA of the event-time seconds between measurements (0: none yet)
+    since: float = 0.0  # event-time seconds since the last measurement
+    q_scale: float = 1.0  # adapted factor on the declared process-noise variance, in (0, 1]
 
     @property
     def diverged(self) -> bool:
@@ -94,7 +98,17 @@ class Divergence(NamedTuple):
 
     @property
     def drift(self) -> bool:
-        return self.diverged or (self.updates >= DRIFT_MIN_UPDATES and self.nis_mean > DRIFT_NIS_BOUND)
+        """The model no longer explains the measurements (a CUSUM alarm, latched until cleared) or the
+        filter diverged."""
+        return self.diverged or self.alarm
+
+
+def clear_drift(fs: FilterState) -> FilterState:
+    """`fs` with the drift alarm acknowledged: CUSUMs restarted from zero and the latch released
+    (the innovation statistics, mean gap and adapted process noise are kept). A persisting fault
+    raises the alarm again after the detection delay it took the first time."""
+    d = fs.divergence
+    return fs._replace(divergence=d._replace(cusum=(0.0,) * len(d.cusum), drift_score=0.0, alarm=False))
 
 
 class FilterState(NamedTuple):
@@ -113,17 +127,24 @@ class _Kernels(NamedTuple):
 
 
 class FilterTrace(NamedTuple):
-    """The filter state after each event of one run (or of several runs of one model, back to back)."""
+    """The filter state after each event of one run (or of several runs of one model, back to back);
+    the fields after `u` are `Divergence`'s, in its order, one row per event."""
 
     t: np.ndarray  # (n,)
     x: np.ndarray  # (n, states)
     P: np.ndarray  # (n, states, states)
     u: np.ndarray  # (n, inputs)
-    updates: np.ndarray  # (n,) and the divergence statistics after each event
+    updates: np.ndarray  # (n,)
     nis_last: np.ndarray
     nis_mean: np.ndarray
     residual_mean: np.ndarray  # (n, outputs)
     residual_ms: np.ndarray
+    cusum: np.ndarray  # (n, 2 * outputs)
+    drift_score: np.ndarray
+    alarm: np.ndarray  # (n,) bool
+    gap_mean: np.ndarray
+    since: np.ndarray
+    q_scale: np.ndarray
 
     def __len__(self) -> int:
         return len(self.t)
@@ -135,13 +156,21 @@ class FilterTrace(NamedTuple):
         """The states after the events `rows`, gathered field by field (one NumPy gather per field
         for all of them: a live batch takes one final state per twin it touched)."""
         rows = np.asarray(rows, dtype=np.intp)
-        t, updates = self.t[rows].tolist(), self.updates[rows].tolist()
-        nis_last, nis_mean = self.nis_last[rows].tolist(), self.nis_mean[rows].tolist()
-        res_mean, res_ms = self.residual_mean[rows].tolist(), self.residual_ms[rows].tolist()
+        t = self.t[rows].tolist()
         x, P, u = self.x[rows], self.P[rows], self.u[rows]
-        return [FilterState(t[j], x[j], P[j], u[j], Divergence(
-                    n, nis_last[j], nis_mean[j], tuple(res_mean[j]) if n else (), tuple(res_ms[j]) if n else ()))
-                for j, n in enumerate(updates)]
+        cols = [getattr(self, name)[rows].tolist() for name in Divergence._fields]
+        per_output = [Divergence._fields.index(n) for n in _PER_OUTPUT]
+        divs = []
+        for values in zip(*cols):
+            values = list(values)
+            for i in per_output:  # tuples, empty before the first update
+                values[i] = tuple(values[i]) if values[0] else ()
+            divs.append(Divergence(*values))
+        return [FilterState(t[j], x[j], P[j], u[j], div) for j, div in enumerate(divs)]
+
+
+_PER_OUTPUT = ("residual_mean", "residual_ms", "cusum")
+"""The `Divergence` fields that hold one value per output (two for `cusum`)."""
 
 
 @dataclass(frozen=True)
@@ -288,19 +317,20 @@ def _kernels(model: Model) -> _Kernels:
             H = jac_obs(x_lin, u, p) * mask[:, None]
             y = (z - model.observe_vector(x_lin, u, p) - _mm(H, (x - x_lin)[:, None])[:, 0]) * mask
             HP = _mm(H, P)
-            return H, y, _solve_spd(_mm(HP, H.T) + r_diag, jnp.concatenate([HP, y[:, None]], axis=1))
+            S = _mm(HP, H.T) + r_diag
+            return H, y, _solve_spd(S, jnp.concatenate([HP, y[:, None]], axis=1)), jnp.diagonal(S)
 
         # the iterated EKF: re-linearise the output map at the updated estimate (Gauss-Newton to the
         # MAP estimate); the innovation statistics are those of the prediction (first pass)
-        H, y, sol = gain(x)
+        H, y, sol, s_diag = gain(x)
         innovation, nis = y, (y * sol[:, -1]).sum()
         for _ in range(IEKF_ITERATIONS - 1):
-            H, y, sol = gain(x + (sol[:, :-1].T * y).sum(axis=1))
+            H, y, sol, _ = gain(x + (sol[:, :-1].T * y).sum(axis=1))
         K = sol[:, :-1].T  # P H^T S^-1 (S, P symmetric)
         ikh = jnp.eye(x.shape[0]) - _mm(K, H)
         P_new = _mm(_mm(ikh, P), ikh.T) + _mm(K * (r_var * mask), K.T)
         x_new = jnp.stack(model.project(tuple(x + (K * y).sum(axis=1))))
-        return x_new, 0.5 * (P_new + P_new.T), innovation, nis
+        return x_new, 0.5 * (P_new + P_new.T), innovation, nis, s_diag
 
     return scan_kernels(predict, update)
 
@@ -312,35 +342,57 @@ def skip(P: jnp.ndarray, q_var_rate: jnp.ndarray, skipped: jnp.ndarray) -> jnp.n
 
 def scan_kernels(predict: Callable, update: Callable) -> _Kernels:
     """Jitted kernels from one filter's per-twin `predict` (x, P, u, p, q_var_rate, n_sub, dt, skipped)
-    -> (x, P) and `update` (x, P, u, p, z, mask, r_var) -> (x, P, innovation, NIS).
+    -> (x, P) and `update` (x, P, u, p, z, mask, r_var) -> (x, P, innovation, NIS, diagonal of the
+    innovation covariance S).
 
     `assimilate` runs a sorted run of events for each of `LANES` twins in ONE dispatch (a
-    `lax.scan` over predict + update + divergence statistics, vmapped over twins, each with its
-    own parameters and noise): the per-event cost of a live twin was the Python->XLA dispatch,
-    not the arithmetic. Padding steps have no sub-steps and no
-    measurement, which makes them exact no-ops, so the state after an event depends only on the
-    events before it - never on how they were split into calls (live batches vs log replay).
-    `predict` alone serves explicit look-ahead.
+    `lax.scan` over predict + update + divergence statistics and drift detector, vmapped over
+    twins, each with its own parameters, noise and detector settings `det` = (false-alarm interval
+    [s], gap assumed before the first [s], log of the smallest process-noise factor)): the
+    per-event cost of a live twin was the Python->XLA dispatch, not the arithmetic. Padding steps
+    have no sub-steps and no measurement, which makes them exact no-ops, so the state after an event
+    depends only on the events before it - never on how they were split into calls (live batches
+    vs log replay). `predict` alone serves explicit look-ahead.
     """
-    def assimilate(x, P, div, p, q_var_rate, r_var, n_sub, dt, skipped, u_held, u_new, z, mask):
+    def assimilate(x, P, div, p, q_var_rate, r_var, n_sub, dt, skipped, u_held, u_new, z, mask, det):
+        interval, gap0, log_q_min = det[0], det[1], det[2]
+
         def event(carry, ev):
-            x, P, (updates, nis_last, nis_mean, res_mean, res_ms) = carry
+            x, P, div = carry
+            updates, nis_last, nis_mean, res_mean, res_ms, cusum, score, alarm, gap_mean, since, q_scale = div
             n, dt, skipped, u_held, u_new, z, mask = ev
-            x, P = predict(x, P, u_held, p, q_var_rate, n, dt, skipped)
-            x_upd, P_upd, y, nis = update(x, P, u_new, p, z, mask, r_var)
+            x, P = predict(x, P, u_held, p, q_var_rate * q_scale, n, dt, skipped)
+            x_upd, P_upd, y, nis, s_diag = update(x, P, u_new, p, z, mask, r_var)
             measured = mask > 0
             has = jnp.any(measured)
+            dims = jnp.maximum(mask.sum(), 1.0)
             a = jnp.where(updates == 0, 1.0, EWMA_ALPHA)
+            since = since + n * dt + skipped
+            gap_new = jnp.where(gap_mean > 0, gap_mean + detector.GAP_ALPHA * (since - gap_mean), since)
+            gap = jnp.where(since > 0, gap_new, gap_mean)
+            # two one-sided CUSUMs per output on e = y / sqrt(S_ii) (`raytwin.drift`)
+            e = jnp.where(measured, y / jnp.sqrt(jnp.where(measured, s_diag, 1.0)), 0.0)
+            both = jnp.concatenate([measured, measured])
+            cusum_new = jnp.where(both, jnp.maximum(cusum + jnp.concatenate([e, -e]) - detector.K, 0.0), cusum)
+            arl = detector.required_arl(interval, jnp.where(gap > 0, gap, gap0), cusum.shape[0])
+            score_new = cusum_new.max() / detector.cusum_threshold(arl, xp=jnp)
+            alarm_new = alarm | (score_new >= 1.0)
+            # process noise follows the innovations' likelihood gradient, frozen while alarmed
+            grad = 0.5 * jnp.where(measured, (jnp.minimum(e * e, detector.ADAPT_CLIP) - 1.0)
+                                   * (1.0 - r_var / jnp.where(measured, s_diag, 1.0)), 0.0).sum()
+            step = jnp.where(alarm_new, 0.0, detector.ADAPT_RATE * grad / dims)
+            q_scale_new = jnp.exp(jnp.clip(jnp.log(q_scale) + step, log_q_min, 0.0))
             div_new = (
-                updates + 1, nis, nis_mean + a * (nis / jnp.maximum(mask.sum(), 1.0) - nis_mean),
+                updates + 1, nis, nis_mean + a * (nis / dims - nis_mean),
                 jnp.where(measured, res_mean + a * (y - res_mean), res_mean),
                 jnp.where(measured, res_ms + a * (y * y - res_ms), res_ms),
+                cusum_new, score_new, alarm_new, gap, jnp.zeros_like(since), q_scale_new,
             )
             x, P = jnp.where(has, x_upd, x), jnp.where(has, P_upd, P)
-            updates, nis_last, nis_mean, res_mean, res_ms = jax.tree.map(
-                lambda new, old: jnp.where(has, new, old), div_new, (updates, nis_last, nis_mean, res_mean, res_ms))
+            div = jax.tree.map(lambda new, old: jnp.where(has, new, old), div_new, (*div[:-2], since, q_scale))
             finite = jnp.all(jnp.isfinite(x)) & jnp.all(jnp.isfinite(P))  # else flag it (`Divergence.diverged`)
-            carry = (x, P, (updates, nis_last, jnp.where(finite, nis_mean, jnp.nan), res_mean, res_ms))
+            div = (*div[:2], jnp.where(finite, div[2], jnp.nan), *div[3:])
+            carry = (x, P, div)
             return carry, carry
 
         return jax.lax.scan(event, (x, P, div), (n_sub, dt, skipped, u_held, u_new, z, mask))[1]
@@ -363,7 +415,15 @@ class ExtendedKalmanFilter:
         *,
         process_std: dict[str, float] | None = None,
         measurement_std: dict[str, float] | None = None,
+        false_alarm_interval_s: float = detector.FALSE_ALARM_INTERVAL_S,
+        adapt_process_noise: bool = True,
     ):
+        """`false_alarm_interval_s`: event-time seconds per false drift alarm the detector allows
+        (`raytwin.drift`); `adapt_process_noise`: let Q shrink below the declared `process_std`
+        to what the innovations support (off: the fixed-Q textbook filter)."""
+        if not (math.isfinite(false_alarm_interval_s) and false_alarm_interval_s > 0):
+            raise ValueError(f"false_alarm_interval_s must be a positive number of seconds, "
+                             f"got {false_alarm_interval_s!r}")
         if self.kind not in model.filters:
             raise ValueError(f"model {model.name} cannot run the {self.kind!r} filter: it supports {list(model.filters)}"
                              + (" (the EKF needs Jacobians, jax.jacfwd of a model's JAX code; a black box such as an "
@@ -375,6 +435,8 @@ class ExtendedKalmanFilter:
         r = _complete("measurement_std", model.output_names, measurement_std, self.defaults)
         self.q_var_rate = q**2
         self.r_var = r**2
+        self.det = np.array([false_alarm_interval_s, model.default_dt,
+                             math.log(detector.MIN_Q_SCALE) if adapt_process_noise else 0.0])
         self._kernels = self._make_kernels()
         self.measured_names = tuple(dict.fromkeys((*model.input_names, *model.output_names)))
         """The value columns of `assimilate_many`: the model's inputs, then its outputs."""
@@ -402,14 +464,15 @@ class ExtendedKalmanFilter:
 
     def predict(self, fs: FilterState, t: float) -> FilterState:
         """Advance to time `t` with held inputs, in sub-steps of at most ``default_dt`` (at most
-        `MAX_SUBSTEPS` of them: see `substeps`)."""
+        `MAX_SUBSTEPS` of them: see `substeps`) and the twin's adapted process noise."""
         gap = 0.0 if fs.t is None else t - fs.t
         if gap < 0:
             raise ValueError(f"cannot predict backwards in time ({fs.t} -> {t}); rewind instead")
         n, dt, skipped = substeps(np.float64(gap), self.model.default_dt)
         if n == 0:
             return fs._replace(t=t)
-        x, P = self._kernels.predict(fs.x, fs.P, fs.u, self.params, self.q_var_rate, n, dt, skipped)
+        x, P = self._kernels.predict(fs.x, fs.P, fs.u, self.params, self.q_var_rate * fs.divergence.q_scale, n, dt,
+                                     skipped)
         return fs._replace(t=t, x=np.asarray(x), P=np.asarray(P))
 
     def assimilate(self, fs: FilterState, t: float, values: dict[str, float], use_outputs: bool = True) -> FilterState:
@@ -508,16 +571,12 @@ def _assimilate_model(runs: list[Run], n: np.ndarray) -> FilterTrace:
     x = np.array([fs.x for fs in starts])
     P = np.array([fs.P for fs in starts])
     u0 = np.array([fs.u for fs in starts])
-    divs = [fs.divergence for fs in starts]
-    no_residuals = (0.0,) * ny
-    updates = np.array([d.updates for d in divs], dtype=np.int64)
-    nis_last, nis_mean = np.array([d.nis_last for d in divs]), np.array([d.nis_mean for d in divs])
-    res_mean = np.array([d.residual_mean if d.updates else no_residuals for d in divs]).reshape(R, ny)
-    res_ms = np.array([d.residual_ms if d.updates else no_residuals for d in divs]).reshape(R, ny)
+    div = _pack_divergence([fs.divergence for fs in starts], ny)
     filters: dict[int, int] = {}
     which = np.array([filters.setdefault(id(r.filter), len(filters)) for r in runs])
     distinct = list({id(r.filter): r.filter for r in runs}.values())
-    p, q, r_var = (np.array([getattr(f, name) for f in distinct])[which] for name in ("params", "q_var_rate", "r_var"))
+    p, q, r_var, det = (np.array([getattr(f, name) for f in distinct])[which]
+                        for name in ("params", "q_var_rate", "r_var", "det"))
 
     # sub-steps of at most default_dt into each event from the one before (none from the prior)
     gap = np.diff(t, axis=1, prepend=t0[:, None])
@@ -536,8 +595,7 @@ def _assimilate_model(runs: list[Run], n: np.ndarray) -> FilterTrace:
     z = np.nan_to_num(z, nan=0.0)
 
     out_x, out_P = np.empty((E, *x.shape[1:])), np.empty((E, *P.shape[1:]))
-    out_upd, out_nl, out_nm = np.empty(E, dtype=np.int64), np.empty(E), np.empty(E)
-    out_rm, out_rs = np.empty((E, ny)), np.empty((E, ny))
+    out_div = [np.empty((E, *f.shape[1:]), dtype=f.dtype) for f in div]
     first_event = np.cumsum(n) - n
     assimilate = f0._kernels.assimilate
     for offset in rounds:
@@ -552,19 +610,35 @@ def _assimilate_model(runs: list[Run], n: np.ndarray) -> FilterTrace:
             # unused lanes repeat the first run's data (finite arithmetic) with no steps
             sel = np.concatenate([runs_c, np.full(LANES - m, runs_c[0])])
             out = assimilate(
-                x[sel], P[sel], (updates[sel], nis_last[sel], nis_mean[sel], res_mean[sel], res_ms[sel]),
+                x[sel], P[sel], tuple(f[sel] for f in div),
                 p[sel], q[sel], r_var[sel], n_sub[sel, part] * live, dt[sel, part], skipped[sel, part] * live,
-                held[sel, part], held[sel, offset + 1:part.stop + 1], z[sel, part], mask[sel, part] * live[:, :, None])
-            xs, Ps, (upd, nl, nm, rm, rs) = jax.tree.map(np.asarray, out)
+                held[sel, part], held[sel, offset + 1:part.stop + 1], z[sel, part], mask[sel, part] * live[:, :, None],
+                det[sel])
+            xs, Ps, divs = jax.tree.map(np.asarray, out)
             j, i = np.nonzero(live)
             rows = first_event[runs_c[j]] + offset + i
-            out_x[rows], out_P[rows], out_upd[rows], out_nl[rows] = xs[j, i], Ps[j, i], upd[j, i], nl[j, i]
-            out_nm[rows], out_rm[rows], out_rs[rows] = nm[j, i], rm[j, i], rs[j, i]
+            out_x[rows], out_P[rows] = xs[j, i], Ps[j, i]
             # where the next round of a longer run starts
             end = (np.arange(m), steps[:m] - 1)
-            x[runs_c], P[runs_c], updates[runs_c], nis_last[runs_c] = xs[end], Ps[end], upd[end], nl[end]
-            nis_mean[runs_c], res_mean[runs_c], res_ms[runs_c] = nm[end], rm[end], rs[end]
-    return FilterTrace(t_events, out_x, out_P, held[lane, pos + 1], out_upd, out_nl, out_nm, out_rm, out_rs)
+            x[runs_c], P[runs_c] = xs[end], Ps[end]
+            for field, out_field, new in zip(div, out_div, divs):
+                out_field[rows] = new[j, i]
+                field[runs_c] = new[end]
+    return FilterTrace(t_events, out_x, out_P, held[lane, pos + 1], *out_div)
+
+
+def _pack_divergence(divs: list[Divergence], ny: int) -> list[np.ndarray]:
+    """The kernel's divergence carry for these twins: one array per `Divergence` field (per-output
+    fields zero before a twin's first update)."""
+    fresh = {"residual_mean": (0.0,) * ny, "residual_ms": (0.0,) * ny, "cusum": (0.0,) * (2 * ny)}
+    columns = []
+    for name in Divergence._fields:
+        values = [getattr(d, name) for d in divs]
+        if name in fresh:  # before the first update (or from a snapshot older than the field): zeros
+            values = [v if len(v) == len(fresh[name]) else fresh[name] for v in values]
+        dtype = {"updates": np.int64, "alarm": bool}.get(name, np.float64)
+        columns.append(np.array(values, dtype=dtype).reshape(len(divs), *((len(fresh[name]),) if name in fresh else ())))
+    return columns
 
 
 def _complete(kind: str, names: tuple[str, ...], given: dict[str, float] | None, defaults: dict[str, dict[str, float]]):

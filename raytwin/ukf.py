@@ -176,17 +176,18 @@ def _ukf_kernels(model: Model, dynamics: Dynamics) -> _Kernels:
             """The Kalman update of the prediction (x, P) through the linearised output map."""
             y = (z - (A * x[None, :]).sum(axis=1) - b) * mask
             AP = _mm(A, P)
-            sol = _solve_spd(_mm(AP, A.T) + omega + r_diag, jnp.concatenate([AP, y[:, None]], axis=1))
+            S = _mm(AP, A.T) + omega + r_diag
+            sol = _solve_spd(S, jnp.concatenate([AP, y[:, None]], axis=1))
             K = sol[:, :-1].T  # P A^T S^-1
             P_new = P - _mm(K, AP)  # P - K S K^T
-            return x + (K * y).sum(axis=1), 0.5 * (P_new + P_new.T), y, (y * sol[:, -1]).sum()
+            return x + (K * y).sum(axis=1), 0.5 * (P_new + P_new.T), y, (y * sol[:, -1]).sum(), jnp.diagonal(S)
 
         # the first pass is the textbook UKF (its innovation and NIS are reported); the next ones
         # re-linearise over the updated estimate (iterated posterior linearisation)
-        x_new, P_new, innovation, nis = correct(*linearise(x, P))
+        x_new, P_new, innovation, nis, s_diag = correct(*linearise(x, P))
         for _ in range(UKF_ITERATIONS - 1):
-            x_new, P_new, _, _ = correct(*linearise(x_new, P_new))
-        return jnp.stack(model.project(tuple(x_new))), P_new, innovation, nis
+            x_new, P_new, *_ = correct(*linearise(x_new, P_new))
+        return jnp.stack(model.project(tuple(x_new))), P_new, innovation, nis, s_diag
 
     return scan_kernels(predict, update)
 
@@ -198,9 +199,10 @@ class UnscentedKalmanFilter(ExtendedKalmanFilter):
     kind = "ukf"
 
     def __init__(self, model: Model, params: list[float] | np.ndarray, *, dynamics: Dynamics | None = None,
-                 process_std: dict[str, float] | None = None, measurement_std: dict[str, float] | None = None):
+                 **options):
+        """`options`: `ExtendedKalmanFilter`'s (noise and drift-detector settings)."""
         self.dynamics = dynamics if dynamics is not None else default_dynamics(model)
-        super().__init__(model, params, process_std=process_std, measurement_std=measurement_std)
+        super().__init__(model, params, **options)
 
     def _make_kernels(self) -> _Kernels:
         return _ukf_kernels(self.model, self.dynamics)
