@@ -29,12 +29,16 @@ def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
 
 
-def _load(path: Path, spec_type):
+def _load(path: Path, spec_type, fmu_spec_type=None):
+    """The spec in `path` (JSON or YAML); with `fmu_spec_type`, a spec saying ``engine: fmu`` is one
+    of those (a registered FMU's run, `sweeps.fmu`), so the same command and Ray job run either."""
     try:
         text = path.read_text()
     except OSError as exc:
         raise typer.BadParameter(f"cannot read {path}: {exc}") from None
     data = yaml.safe_load(text) if path.suffix in (".yaml", ".yml") else json.loads(text)
+    if fmu_spec_type is not None and isinstance(data, dict) and data.get("engine") == "fmu":
+        spec_type = fmu_spec_type
     try:
         return spec_type.model_validate(data)
     except (ValidationError, ValueError) as exc:
@@ -48,13 +52,24 @@ def sweep_run(
     progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="Progress bar.")] = None,
 ) -> None:
     """Run a sweep, write its metrics dataset and run record; print the run id."""
+    from sweeps.fmu import FmuSpecError, FmuSweepSpec
     from sweeps.runner import SweepCancelled
-    from sweeps.runs import recorded_sweep
+    from sweeps.runs import recorded_fmu_sweep, recorded_sweep
     from sweeps.spec import SweepSpec
 
     _setup_logging()
+    parsed = _load(spec, SweepSpec, FmuSweepSpec)
+    if isinstance(parsed, FmuSweepSpec):
+        try:
+            record = recorded_fmu_sweep(parsed, runs=runs)
+        except FmuSpecError as exc:
+            raise typer.BadParameter(str(exc)) from None
+        s = record.summary
+        typer.echo(f"run {record.run_id}: {s['scenarios']} FMU scenarios ({s['failed']} failed) in {s['elapsed_s']} s "
+                   f"on {s['workers']} worker(s) -> {record.output_url}")
+        return
     try:
-        record = recorded_sweep(_load(spec, SweepSpec), runs=runs, progress=progress)
+        record = recorded_sweep(parsed, runs=runs, progress=progress)
     except SweepCancelled as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(130) from None
@@ -137,11 +152,23 @@ def calibrate_run(
 ) -> None:
     """Fit parameters; write calibration.json, fit.png and the run record; print the fit."""
     from sweeps.calibration import CalibrationError, CalibrationSpec
-    from sweeps.runs import recorded_calibration
+    from sweeps.fmu import FmuCalibrationSpec, FmuSpecError
+    from sweeps.runs import recorded_calibration, recorded_fmu_calibration
 
     _setup_logging()
+    parsed = _load(spec, CalibrationSpec, FmuCalibrationSpec)
+    if isinstance(parsed, FmuCalibrationSpec):
+        try:
+            record = recorded_fmu_calibration(parsed, runs=runs)
+        except FmuSpecError as exc:
+            raise typer.BadParameter(str(exc)) from None
+        s = record.summary
+        typer.echo(f"run {record.run_id}: loss {s['loss']:.4g} after {s['evaluations']} FMU runs -> {record.output_url}")
+        for name, value in s["parameters"].items():
+            typer.echo(f"  {name} = {value:.6g}")
+        return
     try:
-        record = recorded_calibration(_load(spec, CalibrationSpec), runs=runs)
+        record = recorded_calibration(parsed, runs=runs)
     except CalibrationError as exc:
         raise typer.BadParameter(str(exc)) from None
     typer.echo(f"run {record.run_id}: weighted RMSE {record.summary['weighted_rmse']:.4g} -> {record.output_url}")

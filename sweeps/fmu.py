@@ -59,8 +59,9 @@ def _unknown(kind: str, given: set[str], known: tuple[str, ...]) -> list[str]:
     return [f"unknown {kind}(s) {extra}; known: {list(known)}"] if extra else []
 
 
-class FmuSweepSpec(Contract):
-    """A what-if sweep of a registered FMU (see module docstring)."""
+class _FmuRunSpec(Contract):
+    """What every FMU run names: the registered model (``name@version``), its registry, whose asset
+    it is for, and the start values and parameters that override the registered ones."""
 
     engine: Literal["fmu"] = "fmu"
     model: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:\-]*@\d+\.\d+\.\d+$")]
@@ -69,12 +70,17 @@ class FmuSweepSpec(Contract):
     asset_id: Identifier | None = None
     start_state: dict[str, Finite] = Field(default_factory=dict)
     parameters: dict[str, Finite] = Field(default_factory=dict)
+    interface: Interface = "CoSimulation"
+
+
+class FmuSweepSpec(_FmuRunSpec):
+    """A what-if sweep of a registered FMU (see module docstring)."""
+
     inputs: dict[str, Finite] = Field(default_factory=dict)
     space: ScenarioSpace
     horizon_s: Annotated[Finite, Field(gt=0)]
     step_s: Annotated[Finite, Field(gt=0)]
     chunk_size: Annotated[int, Field(ge=1, le=4096)] = 16
-    interface: Interface = "CoSimulation"
 
     @model_validator(mode="after")
     def _steps(self) -> FmuSweepSpec:
@@ -136,22 +142,14 @@ def run_fmu_spec(spec: FmuSweepSpec, out_url: str, storage_options: dict | None 
     return {name: digest}, summary
 
 
-class FmuCalibrationSpec(Contract):
+class FmuCalibrationSpec(_FmuRunSpec):
     """A calibration of a registered FMU against telemetry (see module docstring)."""
 
-    engine: Literal["fmu"] = "fmu"
-    model: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:\-]*@\d+\.\d+\.\d+$")]
-    registry_url: Annotated[str, Field(min_length=1)]
-    tenant: Identifier = "default"
-    asset_id: Identifier | None = None
     telemetry: Annotated[str, Field(min_length=1)]
-    start_state: dict[str, Finite] = Field(default_factory=dict)
     free: Annotated[dict[str, tuple[Finite, Finite]], Field(min_length=1)]  # name -> (lower, upper)
-    parameters: dict[str, Finite] = Field(default_factory=dict)
     num_samples: Annotated[int, Field(ge=1)] = 4
     max_evaluations: Annotated[int, Field(ge=1)] = 200
     seed: Annotated[int, Field(ge=0)] = 0
-    interface: Interface = "CoSimulation"
 
     @model_validator(mode="after")
     def _bounds(self) -> FmuCalibrationSpec:

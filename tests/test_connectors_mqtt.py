@@ -19,17 +19,15 @@ import ray
 from paho.mqtt.enums import CallbackAPIVersion
 from pydantic import ValidationError
 
-from actors import TwinService
 from connectors.commands import CommandError, CommandStatus, UnknownCommand
 from connectors.manager import Connectors, InvalidConnector
 from connectors.mosquitto import Mosquitto
 from connectors.mqtt import MqttSpec
 from connectors.runtime import actor_name
 from connectors.spec import Credentials, Desired, UnknownConnector
-from raytwin.contracts import Asset, AssetType, TelemetryEvent
-from raytwin.registry import ModelRegistry
-from raytwin.sim import TWO_TANK
+from raytwin.contracts import TelemetryEvent
 from tests.conftest import free_port
+from tests.fixtures_connectors import tank_twins
 from tests.ray_metrics import total, wait_until
 
 T0 = datetime(2026, 4, 1, tzinfo=UTC)
@@ -102,15 +100,8 @@ def broker(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def twins(ray_session, tmp_path_factory):
-    artifact = ModelRegistry(str(tmp_path_factory.mktemp("reg"))).register("tank", "1.0.0",
-                                                                           AssetType.from_model(TWO_TANK))
-    svc = TwinService(str(tmp_path_factory.mktemp("store")), shards=1, batch_size=1000)
-    for tenant, assets in (("acme", ["pump-1", "pump-2", "pump-3", "pump-4", "ref-1", "ref-2", "ref-3"]),
-                           ("globex", ["pump-9"])):
-        for a in assets:
-            svc.register(Asset(id=a, tenant=tenant, type_name="two_tank", type_version="1.0.0"), artifact)
-    yield svc
-    svc.close()
+    with tank_twins(tmp_path_factory, {"acme": ["pump-1", "pump-2", "pump-3", "pump-4", "ref-1", "ref-2", "ref-3"], "globex": ["pump-9"]}) as svc:
+        yield svc
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,6 @@ import ray
 from asyncua import ua
 from pydantic import ValidationError
 
-from actors import TwinService
 from connectors.commands import CommandError, CommandStatus, UnknownCommand
 from connectors.kinds import parse_spec
 from connectors.manager import Connectors, InvalidConnector
@@ -33,11 +32,10 @@ from connectors.opcua.values import to_row
 from connectors.sink import Inbound
 from connectors.runtime import actor_name
 from connectors.spec import Credentials
-from raytwin.contracts import Asset, AssetType, TelemetryEvent
-from raytwin.registry import ModelRegistry
-from raytwin.sim import TWO_TANK
+from raytwin.contracts import TelemetryEvent
 from raytwin.statestore import to_micros
 from tests.conftest import free_port
+from tests.fixtures_connectors import tank_twins
 from tests.fixtures_opcua import Device, OpcUaServer
 from tests.guides import extract
 
@@ -103,14 +101,8 @@ def device(server):
 
 @pytest.fixture(scope="module")
 def twins(ray_session, tmp_path_factory):
-    artifact = ModelRegistry(str(tmp_path_factory.mktemp("reg"))).register("tank", "1.0.0",
-                                                                           AssetType.from_model(TWO_TANK))
-    svc = TwinService(str(tmp_path_factory.mktemp("store")), shards=1, batch_size=1000)
-    for tenant, assets in (("acme", ["tank-1", "tank-2", "ref-1", "ref-2"]), ("globex", ["tank-9"])):
-        for a in assets:
-            svc.register(Asset(id=a, tenant=tenant, type_name="two_tank", type_version="1.0.0"), artifact)
-    yield svc
-    svc.close()
+    with tank_twins(tmp_path_factory, {"acme": ["tank-1", "tank-2", "ref-1", "ref-2"], "globex": ["tank-9"]}) as svc:
+        yield svc
 
 
 @pytest.fixture(scope="module")

@@ -92,3 +92,25 @@ def test_fmu_specs_refuse_what_their_model_lacks(registry, tmp_path):
         recorded_fmu_sweep(spec.model_copy(update={"model": "jax@1.0.0"}), runs=str(tmp_path / "runs"))
     failed, = RunStore(str(tmp_path / "runs")).list()  # a failed run is recorded too, with its reason
     assert failed.status == "failed" and "is not an FMU" in failed.error
+
+
+def test_the_sweep_command_runs_an_fmu_spec_so_ray_jobs_can(ray_session, registry, tmp_path):
+    """`raytwin sweep run` (what `raytwin job submit` runs on a cluster) takes a spec saying `engine: fmu`."""
+    from typer.testing import CliRunner
+
+    from raytwin.cli import app
+
+    space = ScenarioSpace(method="grid", dimensions=[Dimension(name="mu", target="param", values=[0.5, 2.0])])
+    spec = FmuSweepSpec(model="vdp@1.0.0", registry_url=registry.url, space=space, horizon_s=0.5, step_s=0.01)
+    path = tmp_path / "fmu-sweep.json"
+    path.write_text(spec.model_dump_json())
+    runs = str(tmp_path / "runs")
+    out = CliRunner().invoke(app, ["sweep", "run", str(path), "--runs", runs])
+    assert out.exit_code == 0, out.output
+    record, = RunStore(runs).list()
+    assert f"run {record.run_id}: 2 FMU scenarios (0 failed)" in out.output
+    assert FmuSweepSpec.model_validate(record.spec) == spec and record.model_code.kind == "file"
+
+    path.write_text(spec.model_copy(update={"parameters": {"gain": 1.0}}).model_dump_json())
+    out = CliRunner().invoke(app, ["sweep", "run", str(path), "--runs", runs])
+    assert out.exit_code == 2 and "unknown parameter" in out.output and "'gain'" in out.output  # (a boxed message)
