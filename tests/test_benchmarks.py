@@ -178,7 +178,8 @@ def test_bench_cli_quick_product_paths(ray_session, tmp_path):
     assert serve_load["ok"] == serve_load["sent"] > 0 and serve_load["failed"] == 0
     assert {f["unit"] for f in benches["serve"]["figures"]} >= {"ms", "req/s"}
     log = benches["changes"]["checks"]["log"]
-    assert log["twin_states"] > 0 and log["changes"] == log["twin_states"] + 1 + log["twins"]  # + type, assets
+    assert log["twin_states"] > 0  # + drift flips, the type and the assets:
+    assert log["changes"] == log["twin_states"] + log["drift_flips"] + 1 + log["twins"]
     assert {f["unit"] for f in benches["changes"]["figures"]} == {"requests/s", "appends/s"}
 
 
