@@ -166,5 +166,23 @@ def recover_many(
             twin.restore(snap)
         after.setdefault(twin.tenant, {})[twin.asset_id] = snap.key if snap else None
     logged = {tenant: store.read_events_many(tenant, assets, until_us=until_us) for tenant, assets in after.items()}
-    replay_many([(twin, logged[twin.tenant][twin.asset_id]) for twin in twins])
+    # a drift clear is replayed where it happened: events up to it, the clear, then the rest (a
+    # snapshot after the clear already holds it; a clear after `until_us` had not happened then)
+    cleared = [_clear_to_replay(store.load_drift_clear(twin.tenant, twin.asset_id),
+                                after[twin.tenant][twin.asset_id], until_us) for twin in twins]
+    events = [logged[twin.tenant][twin.asset_id] for twin in twins]
+    replay_many([(twin, evs if key is None else [e for e in evs if e.key <= key])
+                 for twin, evs, key in zip(twins, events, cleared)])
+    for twin, key in zip(twins, cleared):
+        if key is not None:
+            twin.clear_drift()
+    replay_many([(twin, [e for e in evs if e.key > key])
+                 for twin, evs, key in zip(twins, events, cleared) if key is not None])
     return twins
+
+
+def _clear_to_replay(key: EventKey | None, snapshot_key: EventKey | None, until_us: int | None) -> EventKey | None:
+    """The recorded drift clear if recovery must apply it, else None."""
+    if key is None or (snapshot_key is not None and key < snapshot_key) or (until_us is not None and key[0] > until_us):
+        return None
+    return key

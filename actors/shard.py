@@ -160,11 +160,14 @@ class TwinShard:
         twin = self.twins.get((tenant, asset_id))
         if twin is None:
             return None
+        self.store.check_lease(self.fence)
         was = twin.fs.divergence.drift
+        if twin.last_key is not None:  # recorded first: a clear acknowledged is a clear a restart keeps
+            self.store.save_drift_clear(tenant, asset_id, twin.last_key)
         twin.clear_drift()
         if not twin.fs.divergence.drift:
             self.drifting.discard((tenant, asset_id))
-        self.m_drift.set(len(self.drifting & self.twins.keys()))
+        metrics.TWINS_DRIFTING.set(len(self.drifting & self.twins.keys()), shard=self.tag)
         log.info("drift_cleared tenant=%s asset=%s was_drifting=%s revision=%d", tenant, asset_id, was,
                  twin.events_applied)
         return twin.view()

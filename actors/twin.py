@@ -214,7 +214,7 @@ class Twin:
         """Acknowledge a drift alarm: restart the detector's CUSUMs and release the latch
         (`raytwin.estimation.clear_drift`) in the current state and in every in-memory checkpoint,
         so a late event that rewinds the twin does not bring back the evidence already cleared.
-        Not logged: a twin recovered from an older snapshot re-accumulates its log's evidence."""
+        Durable through the store (`TwinShard.clear_drift` records it; recovery replays it in place)."""
         self.fs = clear_drift(self.fs)
         self.checkpoints = [Checkpoint(c.key, clear_drift(c.fs), c.events_applied) for c in self.checkpoints]
 

@@ -7,6 +7,7 @@ Layout under the store URL (a local directory or any fsspec URL such as ``s3://b
     snapshots/tenant=T/asset_id=A/snap-<event_us>-<revision>.parquet  one-row filter snapshots (`snapshot_stem`)
     dead_letters/tenant=T/date=YYYY-MM-DD/part-<uuid>.parquet     rejects: raw JSON + reason
     twins/tenant=T/asset_id=A.json                                 twin registrations
+    drift_clears/tenant=T/asset_id=A.json                          the twin's last drift clear (`save_drift_clear`)
     retention/tenant=T.json                                        where `prune` cut the tenant's history
     lease.json                                                     the service whose shards may write (`Lease`)
 
@@ -557,6 +558,26 @@ class StateStore:
             raise StoreFenced(f"store {self.url} is leased to {holder}, not to this writer "
                               f"({'no lease' if fence is None else f'epoch {fence[1]}'}): it was taken over or "
                               "its service closed; this writer must stop")
+
+    # ------------------------------------------------------------------- drift clears ----
+    def _drift_clear_path(self, tenant: str, asset_id: str) -> str:
+        return f"{self.root}/drift_clears/tenant={tenant}/asset_id={asset_id}.json"
+
+    def save_drift_clear(self, tenant: str, asset_id: str, key: EventKey) -> None:
+        """Record that the twin's drift alarm was cleared after the event `key`: recovery replays the
+        log up to it, clears, then replays the rest, so a restart does not latch the cleared alarm again.
+        Only the last clear matters (a clear resets all the evidence before it)."""
+        path = self._drift_clear_path(tenant, asset_id)
+        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        self.fs.pipe_file(path, json.dumps({"key": list(key)}).encode())
+
+    def load_drift_clear(self, tenant: str, asset_id: str) -> EventKey | None:
+        """The key of the last event before the twin's last drift clear (None: never cleared)."""
+        path = self._drift_clear_path(tenant, asset_id)
+        if not self.fs.exists(path):
+            return None
+        us, sequence, idempotency_key = json.loads(self.fs.cat_file(path))["key"]
+        return us, sequence, idempotency_key
 
     # ------------------------------------------------------------------- registrations ----
     def _registration_path(self, tenant: str, asset_id: str) -> str:

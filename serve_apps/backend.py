@@ -28,10 +28,23 @@ from serve_apps.changes import ChangeLog, ChangePage
 from serve_apps.conditional import Precondition
 from serve_apps.config import ServeConfig
 from serve_apps.connector_ops import ConnectorOps
-from serve_apps.errors import Unprocessable
+from serve_apps.errors import NotFound, Unprocessable
 from serve_apps.jobs import Job, JobQueue, Work
 
 log = logging.getLogger("raytwin.serve.backend")
+
+
+def _twin_change(s: TwinState) -> dict[str, Any]:
+    """The fields every change about a twin carries."""
+    type_name, _, type_version = s.model_ref.partition("@")
+    return {"asset_id": s.asset_id, "type_name": type_name, "type_version": type_version, "revision": s.revision}
+
+
+def _drift_change(s: TwinState) -> dict[str, Any]:
+    """`twin.drift`: the twin's drift flag was raised or cleared."""
+    d = s.divergence
+    return {**_twin_change(s), "kind": "twin.drift",
+            "data": {"drift": d.drift, "diverged": d.diverged, "nis_mean": d.nis_mean, "nis_last": d.nis_last}}
 
 
 class Backend:
@@ -208,6 +221,26 @@ class Backend:
             self._publish_twins(tenant, report.states)
         return report.model_dump(mode="json", exclude={"states"})
 
+    def clear_drift(self, tenant: str, asset_id: str) -> dict[str, Any]:
+        """Clear the twin's drift alarm (durably, `actors.service.TwinService.clear_drift`) and record
+        `twin.drift` when the flag fell; the state keeps its revision (no event was applied)."""
+        self.get_asset(tenant, asset_id)  # 404 for unknown and other tenants' assets
+        if (tenant, asset_id) not in self._twin_marks:
+            self._mark(tenant, asset_id)
+        try:
+            s = self.twins.clear_drift(tenant, asset_id)
+        except UnknownTwin:
+            raise NotFound(f"asset {asset_id} has no live twin") from None
+        with self._publish:
+            revision, drift = self._twin_marks.get((tenant, asset_id), (-1, False))
+            queued = None
+            if drift and not s.divergence.drift and s.revision >= revision:
+                queued = self.changes.submit(tenant, [_drift_change(s)])
+                self._twin_marks[(tenant, asset_id)] = (s.revision, False)
+        if queued is not None:
+            self.changes.commit(tenant, queued)
+        return s.model_dump(mode="json")
+
     def _mark(self, tenant: str, asset_id: str) -> None:
         try:
             s = self.twins.state(tenant, asset_id)
@@ -228,16 +261,12 @@ class Backend:
                 revision, drift = self._twin_marks.get((tenant, asset_id), (-1, False))
                 if s.revision <= revision:
                     continue
-                type_name, _, type_version = s.model_ref.partition("@")
                 d = s.divergence
-                common = {"asset_id": asset_id, "type_name": type_name, "type_version": type_version,
-                          "revision": s.revision}
-                drafts.append({**common, "kind": "twin.state", "data": {
+                drafts.append({**_twin_change(s), "kind": "twin.state", "data": {
                     "event_time": s.event_time.isoformat() if s.event_time else None, "state": s.state, "std": s.std,
                     "events_applied": s.events_applied, "drift": d.drift, "diverged": d.diverged}})
                 if d.drift != drift:
-                    drafts.append({**common, "kind": "twin.drift", "data": {
-                        "drift": d.drift, "diverged": d.diverged, "nis_mean": d.nis_mean, "nis_last": d.nis_last}})
+                    drafts.append(_drift_change(s))
                 self._twin_marks[(tenant, asset_id)] = (s.revision, d.drift)
             if not drafts:
                 return

@@ -1,11 +1,11 @@
-"""Routes for live twins: telemetry ingestion, state (now and in the past), divergence."""
+"""Routes for live twins: telemetry ingestion, state (now and in the past), divergence, drift clears."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Query, Response
+from fastapi import FastAPI, Query, Request, Response
 from pydantic import ValidationError
 
 from actors.state import TwinState
@@ -22,7 +22,7 @@ from serve_apps.auth import Principal
 from serve_apps.conditional import etag
 from serve_apps.deps import READER, SVC, WRITER, Services
 from serve_apps.errors import PayloadTooLarge, Unprocessable
-from serve_apps.schemas import Divergence, IngestResult, Rejection, TelemetryBatch
+from serve_apps.schemas import Divergence, DriftClear, IngestResult, Rejection, TelemetryBatch
 
 
 def register(app: FastAPI) -> None:
@@ -73,6 +73,20 @@ def register(app: FastAPI) -> None:
                          svc: Services = SVC) -> Divergence:
         """Model/data divergence: normalised innovation (NIS) statistics, residuals and the drift flag."""
         found = await svc.twins.state(who.tenant, asset_id)
+        response.headers["ETag"] = etag(found["revision"])
+        return Divergence(asset_id=asset_id, revision=found["revision"], event_time=found["event_time"],
+                          **found["divergence"])
+
+    @app.post("/v1/assets/{asset_id}/drift/clear", response_model=Divergence, tags=tags)
+    async def clear_drift(asset_id: str, body: DriftClear, request: Request, response: Response,
+                          who: Principal = WRITER, svc: Services = SVC) -> Divergence:
+        """Acknowledge the twin's drift alarm: its detector restarts from zero (a fault that persists is
+        flagged again after its detection delay). Durable across restarts, audited with the reason,
+        and recorded as a `twin.drift` change when the flag falls; answers the new divergence report."""
+        found = await svc.backend.call("clear_drift", who.tenant, asset_id)
+        svc.twins.forget(who.tenant, asset_id)
+        await svc.record(request, who, "twin.drift_clear", asset_id, reason=body.reason,
+                         revision=found["revision"])
         response.headers["ETag"] = etag(found["revision"])
         return Divergence(asset_id=asset_id, revision=found["revision"], event_time=found["event_time"],
                           **found["divergence"])

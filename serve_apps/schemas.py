@@ -103,6 +103,14 @@ class Divergence(DivergenceReport):
     event_time: datetime | None
 
 
+class DriftClear(BaseModel):
+    """Why a twin's drift alarm is cleared (kept in the audit log): e.g. the fault was repaired or explained."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field(min_length=1, max_length=2000)
+
+
 class Health(BaseModel):
     status: str
     live_twins: int

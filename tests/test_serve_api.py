@@ -753,6 +753,23 @@ def test_change_stream_is_complete_filterable_and_resumable_across_a_replica_res
         following.close()
 
 
+def test_clearing_a_drift_alarm_is_audited_streamed_and_tenant_isolated(api, http):
+    """f-1 latched its drift alarm in the change-stream test (revision 34, last change 9)."""
+    admin, path = auth(api, "feeds"), "/v1/assets/f-1/drift/clear"
+    assert http.get("/v1/assets/f-1/divergence", headers=admin).json()["drift"] is True
+    assert_error(http.post(path, json={"reason": "x"}, headers=auth(api, "feeds-reader")), 403, "forbidden")
+    assert_error(http.post(path, json={"reason": "x"}, headers=auth(api, "other")), 404, "not_found")
+    assert_error(http.post(path, json={}, headers=admin), 422, "invalid_request")
+    r = http.post(path, json={"reason": "sensor re-seated"}, headers=admin)
+    assert r.status_code == 200 and r.headers["etag"] == '"34"'
+    assert (r.json()["drift"], r.json()["drift_score"], r.json()["revision"]) == (False, 0.0, 34)
+    assert http.get("/v1/assets/f-1/divergence", headers=admin).json()["drift"] is False
+    (change,) = read_changes(api[0], admin, 1, after=9)
+    assert (change["event"], change["data"]["revision"], change["data"]["data"]["drift"]) == ("twin.drift", 34, False)
+    record = [a for a in http.get("/v1/audit", headers=admin).json() if a["action"] == "twin.drift_clear"]
+    assert [(a["target"], a["details"]["reason"]) for a in record] == [("f-1", "sensor re-seated")]
+
+
 # ---------------------------------------------------------------------------------- the SDK ----
 def test_the_python_client_against_the_server(api, http):
     from client.errors import NotFound, PreconditionFailed

@@ -146,6 +146,31 @@ def test_shard_process_freezes_its_heap_before_the_first_batch_after_registratio
         logging.getLogger("raytwin").setLevel(level)
 
 
+def test_drift_clear_survives_a_shard_restart_from_an_older_snapshot(tmp_path, artifact):
+    """The clear is recorded in the store and replayed in place: the restarted shard (snapshot + log)
+    holds the live one's state bit for bit, not a latched alarm; without the record it latches again."""
+    from actors.shard import TwinShard
+
+    def shard() -> TwinShard:
+        return TwinShard(str(tmp_path), 0, 1, allowed_lateness_s=LATENESS_S, snapshot_every=16, checkpoint_every=8)
+
+    def stepped(evs: list[TelemetryEvent]) -> list[TelemetryEvent]:  # the room jumps 2 K at k = 40
+        return [e.model_copy(update={"measurements": {**e.measurements, "T_in": e.measurements["T_in"].model_copy(
+            update={"value": e.measurements["T_in"].value + 2.0 * (e.sequence >= 40)})}}) for e in evs]
+
+    live = shard()
+    live.register("acme", "z1", registration_record(asset("z1"), artifact, None, None))
+    live.ingest("acme", validated_table(stepped(events("z1", 80))))
+    assert live.state("acme", "z1").divergence.drift
+    assert not live.clear_drift("acme", "z1").divergence.drift
+    live.ingest("acme", validated_table(stepped(events("z1", 4, start=80))))  # evidence after the clear counts
+    assert live.store.latest_snapshot("acme", "z1").revision < 80  # recovery starts before the clear
+    now = live.state("acme", "z1")
+    assert_same_state(shard().state("acme", "z1"), now)
+    live.store.fs.rm(live.store._drift_clear_path("acme", "z1"))
+    assert shard().state("acme", "z1").divergence.drift  # what a restart did before the clear was durable
+
+
 # ------------------------------------------------------------------------ on Ray ----
 LATENESS_S = 10 * STEP_S
 TWIN_OPTS = {"allowed_lateness_s": LATENESS_S, "checkpoint_every": 8}
