@@ -11,8 +11,6 @@ writes a reproducible run record (``raytwin rerun RUN_ID``).
 from __future__ import annotations
 
 import io
-import os
-import posixpath
 import time
 from dataclasses import dataclass
 from functools import cache
@@ -225,10 +223,6 @@ def fmu_sweep_spec(sweep: AssetSweep, tenant: str, registry_url: str, artifact: 
     constant over the horizon), and per-scenario trajectories are not recorded; anything else is
     a 422 that names what the FMU offers, raised before the job is queued.
     """
-    if not _under(artifact.asset_type.simulator, registry_url):
-        raise Unprocessable(f"sweep of {sweep.asset_id}: its simulator {artifact.asset_type.simulator} is not an FMU "
-                            "stored in your tenant's registry; store it there (raytwin.fmu.store_fmu) and register "
-                            "the asset type with the URL that returns")
     if sweep.trajectories:
         raise Unprocessable(f"sweep of {sweep.asset_id}: an FMU sweep records per-scenario metrics only; "
                             "drop 'trajectories' (run single scenarios through the CLI to inspect them)")
@@ -246,16 +240,6 @@ def fmu_sweep_spec(sweep: AssetSweep, tenant: str, registry_url: str, artifact: 
     except (ValidationError, ValueError) as exc:
         raise Unprocessable(describe_error(exc) if isinstance(exc, ValidationError) else str(exc)) from None
     return spec
-
-
-def _under(url: str, root: str) -> bool:
-    """Whether `url` lies under `root` once ``..`` and ``file://`` are normalised away (tenant isolation:
-    the server's FMU allow-list covers every tenant's registry, a sweep only the caller's)."""
-    def norm(u: str) -> str:
-        protocol, sep, path = u.partition("://")
-        protocol, path = (protocol, path) if sep else ("file", os.path.abspath(u))
-        return f"{protocol}://{posixpath.normpath('/' + path).rstrip('/')}/"
-    return norm(url).startswith(norm(root))
 
 
 @ray.remote(num_cpus=0, max_retries=0)
