@@ -19,8 +19,10 @@ from raytwin.sim.model import Declared
 from raytwin.statestore import EventKey, StateStore
 from raytwin.ukf import FILTERS
 
-NOISE_PREFIXES = {"process_std.": "process_std", "measurement_std.": "measurement_std", "input.": "inputs"}
-"""Asset metadata keys that tune the filter, e.g. ``measurement_std.T_in = "0.1"`` (SI units)."""
+NOISE_PREFIXES = {"process_std.": "process_std", "measurement_std.": "measurement_std", "input.": "inputs",
+                  "initial_std.": "initial_std"}
+"""Asset metadata keys that tune the filter, e.g. ``measurement_std.T_in = "0.1"`` (SI units);
+``initial_std.<state>`` is the prior's std where the model declares none (an FMU carries no prior)."""
 
 FILTER_KEY = "filter"
 """Asset metadata key choosing a twin's filter by name (`raytwin.ukf.FILTERS`: ``ekf`` or ``ukf``;
@@ -63,7 +65,8 @@ def check_registration(asset: Asset, artifact: ModelArtifact, initial_state: dic
             problems.append(str(exc))
     noise = _parsable_noise(asset.metadata)
     defaults = model_defaults(model)
-    given = {**noise, "initial_state": initial_state or {}, "initial_std": initial_std or {}}
+    given = {**noise, "initial_state": initial_state or {},
+             "initial_std": {**noise.get("initial_std", {}), **(initial_std or {})}}
     names = {"process_std": model.state_names, "measurement_std": model.output_names, "inputs": model.input_names,
              "initial_state": model.state_names, "initial_std": model.state_names}
     where = {kind: f"asset metadata {prefix}*" for prefix, kind in NOISE_PREFIXES.items()}

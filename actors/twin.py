@@ -115,7 +115,8 @@ class Twin:
         self.filter = _shared_filter(artifact, kind, noise.get("process_std"), noise.get("measurement_std"))
         self.lateness_us = round(allowed_lateness_s * 1e6)
         self.checkpoint_every = checkpoint_every
-        prior = self.filter.initial(initial_state, initial_std, noise.get("inputs"))
+        prior = self.filter.initial(initial_state, {**noise.get("initial_std", {}), **(initial_std or {})},
+                                    noise.get("inputs"))
         self._reset(Checkpoint(None, prior, 0))
         self.max_time_us: int | None = None
 

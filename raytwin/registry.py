@@ -112,7 +112,7 @@ class ModelRegistry:
         """Store an artifact; parameters default to the simulator's typical values. The simulator must
         pass its registration check (a JAX model: `check_model` and an RK4-stable default step at
         these parameter values, ``allow_unstable=True``: a loud warning instead; an FMU: a probe run)."""
-        self._check_fmu_store(f"{name}@{version}", asset_type.simulator)
+        self.check_fmu_store(f"{name}@{version}", asset_type.simulator)
         model = get_model(asset_type.simulator)
         params = dict(zip(model.param_names, model.param_vector(parameters)))
         for pname, value in params.items():
@@ -145,7 +145,7 @@ class ModelRegistry:
         self.fs.pipe_file(pointer, canonical_json({"name": name, "version": version, "sha256": digest}))
         return artifact
 
-    def _check_fmu_store(self, ref: str, simulator: str) -> None:
+    def check_fmu_store(self, ref: str, simulator: str) -> None:
         """An FMU is native code: a registry pins only FMUs stored with it (``<registry>/fmus/``, where
         `raytwin.fmu.store_fmu` puts them), never one fetched from wherever an asset type points."""
         if not FMU_REF.match(simulator):

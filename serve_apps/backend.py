@@ -20,7 +20,7 @@ from ray import serve
 from actors.state import TwinState, UnknownTwin
 from raytwin.contracts import Asset, AssetType, RelationshipKind, TelemetryEvent
 from raytwin.logs import component_logging
-from raytwin.registry import ModelArtifact, ModelRegistry
+from raytwin.registry import ModelArtifact, ModelRegistry, RegistryError
 from raytwin.sim.cpu import cpu_only
 from raytwin.sim.discovery import restrict_fmu_sources
 from serve_apps.catalog import Catalog
@@ -79,7 +79,11 @@ class Backend:
     # ---- asset types -------------------------------------------------------------------
     def put_type(self, tenant: str, asset_type: AssetType, pre: Precondition) -> tuple[bool, int]:
         """Store the type and register its model (default parameters) as ``name@version``;
-        (created, revision)."""
+        (created, revision). An FMU outside the tenant's registry is refused before anything is written."""
+        try:
+            self._registry(tenant).check_fmu_store(asset_type.key, asset_type.simulator)
+        except RegistryError as exc:
+            raise Unprocessable(str(exc)) from None
         with self._lock:
             def write(seq: int) -> list[dict[str, Any]]:
                 if not self.catalog.put_type(tenant, asset_type, seq, pre):

@@ -1,7 +1,8 @@
 """Asynchronous what-if jobs: a FIFO queue in the backend replica, the work in Ray tasks.
 
 A job is a single scenario (`PreparedScenario`, run by `scenario_to_store`) or a sweep
-(`SweepSpec`, run by `sweep_to_store` as a recorded `sweeps` run). Results are Parquet files on
+(`SweepSpec`, run by `sweep_to_store` as a recorded `sweeps` run; `FmuSweepSpec` for an asset
+whose simulator is an FMU, run by `fmu_sweep_to_store`). Results are Parquet files on
 the store, so they outlive replicas. At most `max_concurrent_jobs` run at once; the rest wait
 in order ("queued"). Job records are JSON on the store (``{store}/jobs/{tenant}/{job_id}/job.json``):
 a job that was queued or running when the backend restarted is marked failed, not silently lost.
@@ -24,7 +25,8 @@ from raytwin import metrics
 from raytwin.storage import filesystem
 from serve_apps.config import ServeConfig
 from serve_apps.errors import ApiError, NotFound, unwrap
-from serve_apps.scenarios import PreparedScenario, scenario_to_store, sweep_to_store
+from serve_apps.scenarios import PreparedScenario, fmu_sweep_to_store, scenario_to_store, sweep_to_store
+from sweeps.fmu import FmuSweepSpec
 from sweeps.spec import SweepSpec
 
 log = logging.getLogger("raytwin.serve.jobs")
@@ -55,7 +57,7 @@ class Job(BaseModel):
     quantiles: list[dict[str, Any]] = Field(default_factory=list)
 
 
-Work = PreparedScenario | SweepSpec
+Work = PreparedScenario | SweepSpec | FmuSweepSpec
 
 
 class JobQueue:
@@ -91,7 +93,7 @@ class JobQueue:
         self.fs.pipe_file(f"{self._dir(job)}/job.json", job.model_dump_json(indent=2).encode())
 
     def submit(self, tenant: str, key_id: str, asset_id: str, model_ref: str, content_hash: str, work: Work) -> Job:
-        sweep = isinstance(work, SweepSpec)
+        sweep = isinstance(work, SweepSpec | FmuSweepSpec)
         job = Job(job_id=uuid.uuid4().hex, kind="sweep" if sweep else "scenario", tenant=tenant, key_id=key_id,
                   asset_id=asset_id, model_ref=model_ref, content_hash=content_hash,
                   scenarios=work.space.size if sweep else 1, n_steps=work.n_steps, submitted=datetime.now(UTC))
@@ -105,8 +107,9 @@ class JobQueue:
         return job
 
     def _launch(self, job: Job, work: Work) -> ray.ObjectRef:
-        if isinstance(work, SweepSpec):
-            return sweep_to_store.remote(work, self.config.url("runs", job.tenant), self.config.storage_options,
+        if isinstance(work, SweepSpec | FmuSweepSpec):
+            task = sweep_to_store if isinstance(work, SweepSpec) else fmu_sweep_to_store
+            return task.remote(work, self.config.url("runs", job.tenant), self.config.storage_options,
                                          job.key_id)
         return scenario_to_store.remote(work, self.config.url("jobs", job.tenant, job.job_id, "results"),
                                         self.config.storage_options)

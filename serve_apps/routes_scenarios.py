@@ -20,7 +20,7 @@ from serve_apps.auth import Principal
 from serve_apps.deps import READER, SVC, WRITER, Services
 from serve_apps.errors import Conflict, NotFound, PayloadTooLarge, Unprocessable
 from serve_apps.jobs import Job
-from serve_apps.scenarios import AssetSweep, prepare, run, sweep_spec, sweep_to_store
+from serve_apps.scenarios import AssetSweep, fmu_sweep_spec, is_fmu, prepare, run, sweep_spec, sweep_to_store
 from serve_apps.schemas import JobAccepted, ResultFile, ScenarioRun, SweepResult
 from sweeps.aggregate import open_dataset
 
@@ -60,14 +60,23 @@ def register(app: FastAPI) -> None:
                         who: Principal = WRITER, svc: Services = SVC) -> Any:
         """Sweep an asset's model over a scenario space (grid, random, Latin hypercube) with `sweeps`.
 
-        Every sweep is a recorded run (`run_id`, reproducible with ``raytwin rerun``).
+        Every sweep is a recorded run (`run_id`, reproducible with ``raytwin rerun``). An asset whose
+        simulator is a stored FMU always runs as a job (202): its `inputs` and ``input`` dimensions
+        name the FMU's inputs (held constant), and it has no sweep kit or trajectories.
         """
         if body.space.size > svc.config.max_sweep_scenarios:
             raise PayloadTooLarge(f"{body.space.size} scenarios exceed the limit of "
                                   f"{svc.config.max_sweep_scenarios} per sweep")
         artifact, live = await _model_and_state(svc, who, body.asset_id, body.start_state == "live", body.start_time)
-        spec = sweep_spec(body, who.tenant, svc.config.url("registry", who.tenant), artifact, live)
+        registry_url = svc.config.url("registry", who.tenant)
         details = {"sweep": body.model_dump(mode="json"), **_provenance(artifact)}
+        if await run_in_threadpool(is_fmu, artifact):
+            if mode == "sync":
+                raise Unprocessable("an FMU sweep steps the FMU on Ray workers and always runs as a job; "
+                                    "use mode=async or mode=auto")
+            fmu_spec = await run_in_threadpool(fmu_sweep_spec, body, who.tenant, registry_url, artifact, live)
+            return await _queue(request, who, svc, "sweep", body.asset_id, artifact, fmu_spec, details)
+        spec = sweep_spec(body, who.tenant, registry_url, artifact, live)
         if not _inline(svc, mode, body.work):
             return await _queue(request, who, svc, "sweep", body.asset_id, artifact, spec, details)
         out = await sweep_to_store.remote(spec, svc.config.url("runs", who.tenant), svc.config.storage_options,

@@ -35,15 +35,17 @@ from raytwin.contracts import (
     describe_error,
     start_state_problems,
 )
+from raytwin.fmu import FmuModel
 from raytwin.registry import ModelArtifact
 from raytwin.sim import get_model, simulate, unstack
 from raytwin.sim.checks import UnstableStepError, check_step
 from raytwin.sim.precision import in_float64
 from raytwin.storage import filesystem
 from serve_apps.errors import Diverged, Unprocessable
-from sweeps.aggregate import quantiles
+from sweeps.aggregate import open_dataset, quantiles
+from sweeps.fmu import FmuSweepSpec
 from sweeps.runner import part_name
-from sweeps.runs import recorded_sweep
+from sweeps.runs import recorded_fmu_sweep, recorded_sweep
 from sweeps.space import ScenarioSpace
 from sweeps.spec import SweepSpec
 
@@ -205,3 +207,53 @@ def sweep_to_store(spec: SweepSpec, runs_url: str, storage_options: dict[str, An
     return {"quantiles": quantiles(record.output_url, storage_options=storage_options or None).to_pylist(),
             "compute_s": time.perf_counter() - t0, "steps": spec.space.size * spec.n_steps,
             "result_url": record.output_url, "run_id": record.run_id}
+
+
+# ------------------------------------------------------------------------------- FMU sweeps --
+def is_fmu(artifact: ModelArtifact) -> bool:
+    """Whether the asset type's simulator is a stored FMU (stepped by fmpy, not a JAX kernel)."""
+    return isinstance(artifact.model(), FmuModel)
+
+
+def fmu_sweep_spec(sweep: AssetSweep, tenant: str, registry_url: str, artifact: ModelArtifact,
+                   live_state: dict[str, float] | None) -> FmuSweepSpec:
+    """The `sweeps.fmu.FmuSweepSpec` for an asset sweep whose simulator is an FMU.
+
+    An FMU has no sweep kit: `inputs` and ``input`` dimensions name the FMU's own inputs (held
+    constant over the horizon), and per-scenario trajectories are not recorded; anything else is
+    a 422 that names what the FMU offers, raised before the job is queued.
+    """
+    if sweep.trajectories:
+        raise Unprocessable(f"sweep of {sweep.asset_id}: an FMU sweep records per-scenario metrics only; "
+                            "drop 'trajectories' (run single scenarios through the CLI to inspect them)")
+    if isinstance(sweep.start_state, dict) and (problems := start_state_problems(sweep.start_state,
+                                                                                  artifact.asset_type)):
+        raise Unprocessable(f"sweep of {sweep.asset_id}: " + "; ".join(problems))
+    try:
+        spec = FmuSweepSpec(
+            model=artifact.ref, registry_url=registry_url, tenant=tenant, asset_id=sweep.asset_id,
+            start_state=live_state if sweep.start_state == "live" else sweep.start_state,
+            parameters=sweep.parameters, inputs=sweep.inputs, space=sweep.space, horizon_s=sweep.horizon_s,
+            step_s=sweep.step_s,
+        )
+        spec.scenarios(artifact, artifact.model())  # every name and scale checked now, not in the job
+    except (ValidationError, ValueError) as exc:
+        raise Unprocessable(describe_error(exc) if isinstance(exc, ValidationError) else str(exc)) from None
+    return spec
+
+
+@ray.remote(num_cpus=0, max_retries=0)
+def fmu_sweep_to_store(spec: FmuSweepSpec, runs_url: str, storage_options: dict[str, Any], user: str
+                       ) -> dict[str, Any]:
+    """An FMU sweep as a recorded run (coordinates only; `raytwin.fmu`'s worker tasks step the FMU).
+
+    Quantiles cover the metric columns; scenarios the FMU failed on have NaN metrics and a reason
+    in the table's ``error`` column.
+    """
+    t0 = time.perf_counter()
+    record = recorded_fmu_sweep(spec, runs=runs_url, storage_options=storage_options or None, user=user)
+    schema = open_dataset(record.output_url, storage_options or None).schema
+    columns = [f.name for f in schema if pa.types.is_floating(f.type) and "." not in f.name]
+    bands = quantiles(record.output_url, columns, storage_options=storage_options or None)
+    return {"quantiles": bands.to_pylist(), "compute_s": time.perf_counter() - t0,
+            "steps": spec.space.size * spec.n_steps, "result_url": record.output_url, "run_id": record.run_id}

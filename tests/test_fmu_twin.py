@@ -70,8 +70,8 @@ def test_an_fmu_twin_refuses_the_ekf_and_runs_the_ukf_by_default(vdp):
     with pytest.raises(ValueError, match=r"filter='ekf': simulator Van der Pol oscillator cannot run it \(the EKF "
                                          r"needs Jacobians.*; use one of \['ukf'\]"):
         registration_record(_asset("a", filter="ekf"), artifact, None, {"x0": PRIOR_STD, "x1": PRIOR_STD})
-    with pytest.raises(ValueError, match=r"asset a on model vdp@1.0.0: initial_std: no value and no model default "
-                                         r"for \['x0', 'x1'\]"):
+    with pytest.raises(ValueError, match=r"asset a on model vdp@1.0.0: asset metadata initial_std\.\*: no value and "
+                                         r"no model default for \['x0', 'x1'\]"):
         registration_record(_asset("a"), artifact, None, None)  # an FMU declares no filter noise
     record = registration_record(_asset("a"), artifact, None, {"x0": PRIOR_STD, "x1": PRIOR_STD})
     assert "filter" not in record["asset"]["metadata"]  # the UKF, the FMU's default (the test below runs it)

@@ -409,6 +409,54 @@ def test_metrics_reach_rays_export_exactly(api, http, building, ray_metrics_port
     assert http.get("/metrics").status_code == 404  # Prometheus scrapes Ray's export, not the API
 
 
+def test_an_fmu_asset_sweeps_as_a_job_from_the_tenants_registry(api, http, reference_fmus):
+    """A sweep of an asset whose simulator is a Reference FMU stored in the tenant's registry: always
+    a job, checked before it is queued, its metrics table matching forward Euler at the FMU's fixed
+    step (how the VanDerPol Reference FMU integrates), and refused to a tenant whose registry lacks it."""
+    from raytwin.fmu import store_fmu
+
+    admin, writer = auth(api, "admin"), auth(api, "writer")
+    stored = store_fmu(reference_fmus[(2, "VanDerPol")], str(Path(api[2]) / "store" / "registry" / "acme"))
+    vdp = AssetType.from_model(stored.declare(mu={"lower": 0.1, "upper": 5.0}),
+                               name="vdp", version="1.0.0").model_dump(mode="json")
+    err = assert_error(http.post("/v1/asset-types", json=vdp, headers=auth(api, "other")), 422, "invalid_request")
+    assert "is not stored in this registry" in err["message"], err  # another tenant's FMU: refused, nothing written
+    assert "vdp" not in {t["name"] for t in http.get("/v1/asset-types", headers=auth(api, "other")).json()}
+    assert http.post("/v1/asset-types", json=vdp, headers=admin).status_code == 201
+    asset = {"id": "osc-1", "type_name": "vdp", "type_version": "1.0.0", "initial_state": {"x0": 2.0, "x1": 0.0},
+             "metadata": {f"{kind}.{x}": "0.1" for kind in ("initial_std", "process_std", "measurement_std")
+                          for x in ("x0", "x1")}}  # an FMU declares no filter noise: the asset gives it
+    r = http.post("/v1/assets", json=asset, headers=admin)
+    assert r.status_code == 201, r.text
+    grid = {"method": "grid", "dimensions": [{"name": "mu", "target": "param", "values": [0.5, 1.0, 2.0]}]}
+    sweep = {"asset_id": "osc-1", "horizon_s": 1.0, "step_s": 0.1, "start_state": {"x0": 2.0, "x1": 0.0},
+             "space": grid}
+    assert "always runs as a job" in assert_error(http.post("/v1/sweeps", params={"mode": "sync"}, json=sweep,
+                                                            headers=writer), 422, "invalid_request")["message"]
+    err = assert_error(http.post("/v1/sweeps", json={**sweep, "inputs": {"setpoint": 294.15}}, headers=writer),
+                       422, "invalid_request")
+    assert "unknown input(s) ['setpoint']" in err["message"], err
+    assert_error(http.post("/v1/sweeps", json=sweep, headers=auth(api, "other")), 404, "not_found")
+
+    r = http.post("/v1/sweeps", json=sweep, headers=writer)
+    assert r.status_code == 202, r.text
+    job = wait_for(http, r.json()["job_id"], writer)
+    assert job["state"] == "succeeded" and job["kind"] == "sweep" and job["run_id"] and job["scenarios"] == 3, job
+    table = download(http, job["job_id"], writer).sort_by("scenario")
+    assert table.column("param.mu").to_pylist() == [0.5, 1.0, 2.0] and table.column("error").null_count == 3
+    for mu, got in zip((0.5, 1.0, 2.0), table.column("x0_final").to_pylist()):
+        x = np.array([2.0, 0.0])
+        for _ in range(100):  # forward Euler, 0.01 s
+            x = x + 0.01 * np.array([x[1], mu * (1 - x[0] ** 2) * x[1] - x[0]])
+        assert got == pytest.approx(x[0], rel=1e-9), mu
+    results = http.get(f"/v1/jobs/{job['job_id']}/results", headers=writer).json()
+    band = next(q for q in results["quantiles"] if q["metric"] == "x0_final")
+    assert band["count"] == 3 and results["model_ref"] == "vdp@1.0.0"
+    assert_error(http.get(f"/v1/jobs/{job['job_id']}", headers=auth(api, "other")), 404, "not_found")
+    audit = [a for a in http.get("/v1/audit", headers=admin).json() if a["details"].get("job_id") == job["job_id"]]
+    assert [a["action"] for a in audit] == ["sweep.submit"] and audit[0]["details"]["model_ref"] == "vdp@1.0.0"
+
+
 def test_audit_log_records_changes_and_runs(api, http, building):
     records = http.get("/v1/audit", headers=auth(api, "admin")).json()
     actions = [r["action"] for r in records]
