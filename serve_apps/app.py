@@ -34,7 +34,9 @@ class Ingress:
 
     def __init__(self, config: ServeConfig, backend: DeploymentHandle):
         component_logging()
-        restrict_fmu_sources([config.url("registry")])  # a request must not make the server fetch any URL
+        # requests are parsed here (the Backend gets parsed objects): a request must not make the server
+        # fetch any URL. Process-wide, so only in this replica's own process, never in-process users.
+        restrict_fmu_sources([config.url("registry")])
         client = BackendClient(backend)
         self.services = Services(
             config=config, keys=KeyStore(config.keys_file), backend=client,

@@ -22,7 +22,6 @@ from raytwin.contracts import Asset, AssetType, RelationshipKind, TelemetryEvent
 from raytwin.logs import component_logging
 from raytwin.registry import ModelArtifact, ModelRegistry, RegistryError
 from raytwin.sim.cpu import cpu_only
-from raytwin.sim.discovery import restrict_fmu_sources
 from serve_apps.catalog import Catalog
 from serve_apps.changes import ChangeLog, ChangePage
 from serve_apps.conditional import Precondition
@@ -52,7 +51,6 @@ class Backend:
         from actors.service import TwinService
 
         component_logging()
-        restrict_fmu_sources([config.url("registry")])  # a request must not make the server fetch any URL
         self.config = config
         self.catalog = Catalog(config.store_url, config.storage_options)
         self.twins = TwinService(config.url("twins"), shards=config.twin_shards,

@@ -74,8 +74,9 @@ def restrict_fmu_sources(roots: Sequence[str]) -> None:
 
     A library user may open an FMU from anywhere; a server must not: validating a request's asset
     type resolves its simulator, so without this an FMU reference in a request body would make the
-    server fetch any URL it names (server-side request forgery). The HTTP API calls this with its
-    store's registry at start-up."""
+    server fetch any URL it names (server-side request forgery). The HTTP API's ingress replicas,
+    which parse requests, call this with their store's registry at start-up; it holds for the whole
+    process, so a library user never calls it."""
     global _FMU_ROOTS
     _FMU_ROOTS = tuple(_split_url(root) for root in roots)
 
