@@ -179,20 +179,26 @@ class AssetSweep(Contract):
         return self.space.size * round(self.horizon_s / self.step_s)
 
 
+def _spec_fields(sweep: AssetSweep, tenant: str, registry_url: str, artifact: ModelArtifact,
+                 live_state: dict[str, float] | None) -> dict[str, Any]:
+    """What a JAX and an FMU sweep spec both take from an asset sweep; 422 on an explicit start state
+    outside the asset type's plausible ranges."""
+    if isinstance(sweep.start_state, dict) and (problems := start_state_problems(sweep.start_state,
+                                                                                  artifact.asset_type)):
+        raise Unprocessable(f"sweep of {sweep.asset_id}: " + "; ".join(problems))
+    return {"model": artifact.ref, "registry_url": registry_url, "tenant": tenant, "asset_id": sweep.asset_id,
+            "start_state": live_state if sweep.start_state == "live" else sweep.start_state,
+            "parameters": sweep.parameters, "inputs": sweep.inputs, "space": sweep.space,
+            "horizon_s": sweep.horizon_s, "step_s": sweep.step_s}
+
+
 def sweep_spec(sweep: AssetSweep, tenant: str, registry_url: str, artifact: ModelArtifact,
                live_state: dict[str, float] | None) -> SweepSpec:
     """The `SweepSpec` for an asset sweep (422 on names the model or its sweep kit lacks, or on an
     explicit start state outside the asset type's plausible ranges)."""
-    if isinstance(sweep.start_state, dict) and (problems := start_state_problems(sweep.start_state,
-                                                                                  artifact.asset_type)):
-        raise Unprocessable(f"sweep of {sweep.asset_id}: " + "; ".join(problems))
+    fields = _spec_fields(sweep, tenant, registry_url, artifact, live_state)
     try:
-        spec = SweepSpec(
-            model=artifact.ref, registry_url=registry_url, tenant=tenant, asset_id=sweep.asset_id,
-            start_state=live_state if sweep.start_state == "live" else sweep.start_state,
-            parameters=sweep.parameters, inputs=sweep.inputs, space=sweep.space, horizon_s=sweep.horizon_s,
-            step_s=sweep.step_s, trajectories=sweep.trajectories,
-        )
+        spec = SweepSpec(**fields, trajectories=sweep.trajectories)
         spec.check_names(artifact.asset_type.simulator)
     except (ValidationError, ValueError) as exc:
         raise Unprocessable(describe_error(exc)) from None
@@ -226,16 +232,9 @@ def fmu_sweep_spec(sweep: AssetSweep, tenant: str, registry_url: str, artifact: 
     if sweep.trajectories:
         raise Unprocessable(f"sweep of {sweep.asset_id}: an FMU sweep records per-scenario metrics only; "
                             "drop 'trajectories' (run single scenarios through the CLI to inspect them)")
-    if isinstance(sweep.start_state, dict) and (problems := start_state_problems(sweep.start_state,
-                                                                                  artifact.asset_type)):
-        raise Unprocessable(f"sweep of {sweep.asset_id}: " + "; ".join(problems))
+    fields = _spec_fields(sweep, tenant, registry_url, artifact, live_state)
     try:
-        spec = FmuSweepSpec(
-            model=artifact.ref, registry_url=registry_url, tenant=tenant, asset_id=sweep.asset_id,
-            start_state=live_state if sweep.start_state == "live" else sweep.start_state,
-            parameters=sweep.parameters, inputs=sweep.inputs, space=sweep.space, horizon_s=sweep.horizon_s,
-            step_s=sweep.step_s,
-        )
+        spec = FmuSweepSpec(**fields)
         spec.scenarios(artifact, artifact.model())  # every name and scale checked now, not in the job
     except (ValidationError, ValueError) as exc:
         raise Unprocessable(describe_error(exc) if isinstance(exc, ValidationError) else str(exc)) from None
