@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -9,6 +10,20 @@ from actors import TwinService
 from raytwin.contracts import Asset, AssetType
 from raytwin.registry import ModelRegistry
 from raytwin.sim import TWO_TANK
+
+WAIT_S = 120.0
+"""How long a connector test waits for something a broker or server round trip should bring about."""
+
+
+def wait_for(condition, what: str):
+    """`condition()`'s first truthy value, polled until `WAIT_S` has passed (then an AssertionError naming `what`)."""
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"not within {WAIT_S:g} s: {what}")
 
 
 @contextmanager

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from datetime import UTC, datetime, timedelta
 
 import paho.mqtt.client as paho
@@ -27,11 +26,10 @@ from connectors.runtime import actor_name
 from connectors.spec import Credentials, Desired, UnknownConnector
 from raytwin.contracts import TelemetryEvent
 from tests.conftest import free_port
-from tests.fixtures_connectors import tank_twins
+from tests.fixtures_connectors import tank_twins, wait_for
 from tests.ray_metrics import total, wait_until
 
 T0 = datetime(2026, 4, 1, tzinfo=UTC)
-WAIT_S = 120.0
 PAYLOAD = {"measurements": {"h1": {"field": "level", "unit": "mm"}, "q_in": {"field": "flow.in", "unit": "L/s"}},
            "event_time": "ts", "time_format": "epoch_ms", "sequence": "seq"}
 
@@ -46,16 +44,6 @@ def as_event(asset: str, k: int) -> TelemetryEvent:
     return TelemetryEvent(asset_id=asset, event_time=T0 + timedelta(seconds=k), sequence=k,
                           measurements={"h1": {"value": r["level"], "unit": "mm"},
                                         "q_in": {"value": r["flow"]["in"], "unit": "L/s"}})
-
-
-def wait_for(condition, what: str):
-    deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"not within {WAIT_S:g} s: {what}")
 
 
 class Publisher:

@@ -35,26 +35,15 @@ from connectors.spec import Credentials
 from raytwin.contracts import TelemetryEvent
 from raytwin.statestore import to_micros
 from tests.conftest import free_port
-from tests.fixtures_connectors import tank_twins
+from tests.fixtures_connectors import WAIT_S, tank_twins, wait_for
 from tests.fixtures_opcua import Device, OpcUaServer
 from tests.guides import extract
 
 T0 = datetime(2026, 4, 1, tzinfo=UTC)
-WAIT_S = 120.0
 USER, PASSWORD = "raytwin", "opc-s3cret-pw"
 STREAMS = {"tank-1": ("tank-1.h1", "tank-1.q_in"), "tank-2": ("tank-2.h1", "tank-2.q_in")}
 NODES = [n for pair in STREAMS.values() for n in pair] + ["tank-1.h2", "tank-1.q_set", "tank-1.q_set.id",
                                                           "tank-1.locked.id"]
-
-
-def wait_for(condition, what: str):
-    deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"not within {WAIT_S:g} s: {what}")
 
 
 def values(k: int) -> tuple[float, float]:
