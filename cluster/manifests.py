@@ -68,6 +68,8 @@ def _container(spec: ClusterSpec, name: str, image: str, cpu: float, memory: str
     env = _env(spec)
     if env:
         container["env"] = [{"name": key, "value": value} for key, value in sorted(env.items())]
+    if spec.env_from_secrets:
+        container["envFrom"] = [{"secretRef": {"name": secret}} for secret in spec.env_from_secrets]
     return container
 
 

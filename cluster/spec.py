@@ -122,6 +122,11 @@ class ClusterSpec(_Strict):
     head: HeadSpec = Field(default_factory=HeadSpec)
     worker_groups: list[WorkerGroupSpec] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict, description="Environment of every Ray container and job.")
+    env_from_secrets: list[Name] = Field(
+        default_factory=list,
+        description="Kubernetes Secrets whose keys become environment variables of every Ray container "
+                    "(`envFrom`), e.g. RAYTWIN_SECRETS_KEY or S3 credentials: secrets stay out of the spec.",
+    )
     pip: list[Annotated[str, Field(min_length=1)]] = Field(
         default_factory=list,
         description="Extra packages (pip requirements, e.g. user model packages) installed for RayJobs and the "

@@ -2,8 +2,9 @@
 
 A protocol adds its settings by subclassing `ConnectorSpec` with its own `kind` (see
 `connectors.kinds`). Credentials are not part of a spec: they travel as `Credentials`, whose values
-are `SecretStr` (masked in every repr, log line and API answer), and are stored apart from the spec
-so that reading a connector's declaration never reads its secrets.
+are `SecretStr` (masked in every repr, log line and API answer), and are stored apart from the spec,
+sealed with a key that is not in the store (`raytwin.sealing`), so that reading a connector's declaration
+never reads its secrets and a copy of the store reveals none.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from connectors.files import write_atomically
 from raytwin.contracts import Identifier
+from raytwin.sealing import Sealer
 from raytwin.storage import filesystem
 
 
@@ -51,11 +53,20 @@ class Desired(StrEnum):
 
 class ConnectorStore:
     """Declarations under `{store}/connectors/declared/tenant=T/<name>/`: spec.json (public),
-    credentials.json (secret, kept apart), desired.json (running or paused, kept across restarts)."""
+    credentials.sealed (secret, kept apart, encrypted), desired.json (running or paused, kept across
+    restarts). A `credentials.json` in plain text, as earlier versions wrote, is sealed when first read."""
 
     def __init__(self, store_url: str, storage_options: dict[str, Any] | None = None):
         self.fs, root = filesystem(store_url, storage_options)
         self.root = f"{root}/connectors/declared"
+        self._sealer: Sealer | None = None
+
+    @property
+    def sealer(self) -> Sealer:
+        """Read from the environment when first needed: a store that only lists declarations needs no key."""
+        if self._sealer is None:
+            self._sealer = Sealer.from_environment()
+        return self._sealer
 
     def _dir(self, tenant: str, name: str) -> str:
         return f"{self.root}/tenant={tenant}/{name}"
@@ -63,9 +74,15 @@ class ConnectorStore:
     def save(self, spec: ConnectorSpec, credentials: Credentials) -> None:
         d = self._dir(spec.tenant, spec.name)
         self.fs.makedirs(d, exist_ok=True)
-        write_atomically(self.fs, f"{d}/credentials.json", json.dumps(credentials.revealed()).encode())
+        self._save_credentials(d, credentials)
         write_atomically(self.fs, f"{d}/spec.json", spec.model_dump_json().encode())
         self.set_desired(spec.tenant, spec.name, Desired.running)
+
+    def _save_credentials(self, d: str, credentials: Credentials) -> None:
+        sealed = self.sealer.seal(json.dumps(credentials.revealed()).encode())
+        write_atomically(self.fs, f"{d}/credentials.sealed", sealed)
+        if self.fs.exists(legacy := f"{d}/credentials.json"):
+            self.fs.rm(legacy)
 
     def spec_json(self, tenant: str, name: str) -> dict[str, Any]:
         """The stored spec as JSON (`connectors.kinds.parse_spec` makes it a typed spec)."""
@@ -75,10 +92,22 @@ class ConnectorStore:
             raise UnknownConnector(f"no connector {name!r} for tenant {tenant!r}") from None
 
     def credentials(self, tenant: str, name: str) -> Credentials:
+        """The connector's secrets; `raytwin.sealing.SealingError` says which key is missing if none opens them.
+        Plain-text credentials of earlier versions, and values sealed with an older key, are sealed anew."""
+        d = self._dir(tenant, name)
         try:
-            return Credentials.model_validate_json(self.fs.cat_file(f"{self._dir(tenant, name)}/credentials.json"))
+            sealed = self.fs.cat_file(f"{d}/credentials.sealed")
         except FileNotFoundError:
-            return Credentials()
+            try:
+                legacy = Credentials.model_validate_json(self.fs.cat_file(f"{d}/credentials.json"))
+            except FileNotFoundError:
+                return Credentials()
+            self._save_credentials(d, legacy)
+            return legacy
+        credentials = Credentials.model_validate_json(self.sealer.open(sealed))
+        if not self.sealer.is_current(sealed):
+            self._save_credentials(d, credentials)
+        return credentials
 
     def desired(self, tenant: str, name: str) -> Desired:
         try:

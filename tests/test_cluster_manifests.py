@@ -26,6 +26,7 @@ VALID_SPECS = {
         object_store_memory="1Gi",
         storage_url="s3://raytwin-state/dev",
         env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"},
+        env_from_secrets=["raytwin-secrets"],
     ),
     "autoscaling-bounds": spec_data(
         worker_groups=[worker(min_replicas=2, max_replicas=8, replicas=3), worker(name="burst", max_replicas=20)],
@@ -78,6 +79,10 @@ def test_gpu_group_gets_gpu_limits_start_params_image_and_toleration() -> None:
     assert "num-gpus" not in cpu["rayStartParams"] and "tolerations" not in cpu["template"]["spec"]
     env = {item["name"]: item["value"] for item in _container(gpu)["env"]}
     assert env["RAYTWIN_STORAGE_URL"] == "s3://raytwin-state/dev" and env["XLA_FLAGS"].startswith("--xla")
+    head = manifest["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    for container in (head, _container(gpu), _container(cpu)):  # secrets by reference, never by value
+        assert container["envFrom"] == [{"secretRef": {"name": "raytwin-secrets"}}]
+    assert "envFrom" not in _container(_workers(render_raycluster(parse_spec(VALID_SPECS["cpu-only"])))["cpu"])
 
 
 def test_autoscaling_bounds_and_options_reach_the_raycluster() -> None:

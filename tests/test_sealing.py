@@ -1,0 +1,102 @@
+"""Secrets sealed at rest: a connector's stored credentials reveal nothing without the key, keys rotate,
+plain-text credentials of earlier versions are sealed when read, and a missing key is named."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import pytest
+
+from connectors.spec import ConnectorSpec, ConnectorStore, Credentials
+from raytwin.sealing import KEY_ENV, KEY_FILE_ENV, Sealer, SealingError, new_key
+
+SECRET = "br0ker-pa55word"
+SPEC = ConnectorSpec(name="plant", tenant="acme", kind="mqtt")
+
+
+@pytest.fixture
+def key(monkeypatch: pytest.MonkeyPatch) -> str:
+    k = new_key()
+    monkeypatch.setenv(KEY_ENV, k)
+    monkeypatch.delenv(KEY_FILE_ENV, raising=False)
+    return k
+
+
+def _stored(tmp_path: Path) -> list[Path]:
+    return [p for p in tmp_path.rglob("*") if p.is_file()]
+
+
+def test_stored_credentials_are_sealed_and_open_with_the_key(tmp_path: Path, key: str) -> None:
+    store = ConnectorStore(str(tmp_path))
+    store.save(SPEC, Credentials(username="gw", password=SECRET))
+    files = _stored(tmp_path)
+    assert all(SECRET.encode() not in p.read_bytes() and b"gw" not in p.read_bytes() for p in files)
+    assert {p.name for p in files} == {"spec.json", "credentials.sealed", "desired.json"}
+    again = ConnectorStore(str(tmp_path)).credentials("acme", "plant")  # a fresh process, same key
+    assert (again.username, again.password.get_secret_value()) == ("gw", SECRET)
+
+
+def test_a_value_no_configured_key_opens_names_the_key_that_sealed_it(tmp_path: Path, key: str,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    ConnectorStore(str(tmp_path)).save(SPEC, Credentials(password=SECRET))
+    sealed_with = json.loads(next(tmp_path.rglob("credentials.sealed")).read_bytes())["key_id"]
+    monkeypatch.setenv(KEY_ENV, new_key())
+    with pytest.raises(SealingError, match=f"sealed with key {sealed_with}.*{KEY_ENV}"):
+        ConnectorStore(str(tmp_path)).credentials("acme", "plant")
+
+
+def test_rotation_opens_with_the_old_key_and_reseals_with_the_new(tmp_path: Path, key: str,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    ConnectorStore(str(tmp_path)).save(SPEC, Credentials(password=SECRET))
+    newer = new_key()
+    monkeypatch.setenv(KEY_ENV, f"{newer},{key}")
+    assert ConnectorStore(str(tmp_path)).credentials("acme", "plant").password.get_secret_value() == SECRET
+    monkeypatch.setenv(KEY_ENV, newer)  # the old key retired: the value was re-sealed on that read
+    assert ConnectorStore(str(tmp_path)).credentials("acme", "plant").password.get_secret_value() == SECRET
+
+
+def test_plain_text_credentials_of_earlier_versions_are_sealed_when_read(tmp_path: Path, key: str) -> None:
+    store = ConnectorStore(str(tmp_path))
+    store.save(SPEC, Credentials())
+    folder = next(tmp_path.rglob("credentials.sealed")).parent
+    (folder / "credentials.sealed").unlink()
+    (folder / "credentials.json").write_text(json.dumps({"username": "gw", "password": SECRET}))
+    assert store.credentials("acme", "plant").password.get_secret_value() == SECRET
+    assert not (folder / "credentials.json").exists()
+    assert SECRET.encode() not in (folder / "credentials.sealed").read_bytes()
+    assert store.credentials("acme", "plant").password.get_secret_value() == SECRET
+
+
+def test_without_configuration_a_private_key_file_is_made_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    monkeypatch.delenv(KEY_FILE_ENV, raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+    first = Sealer.from_environment()
+    path = tmp_path / "config" / "raytwin" / "secrets.key"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert Sealer.from_environment().open(first.seal(b"x")) == b"x"  # the second process reads the same key
+    assert first.source == str(path)
+
+
+def test_bad_keys_and_damaged_values_are_refused_with_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(KEY_ENV, "not-a-key")
+    with pytest.raises(SealingError, match="not a Fernet key.*new_key"):
+        Sealer.from_environment()
+    monkeypatch.setenv(KEY_ENV, " , ")
+    with pytest.raises(SealingError, match="holds no key"):
+        Sealer.from_environment()
+    monkeypatch.delenv(KEY_ENV)
+    monkeypatch.setenv(KEY_FILE_ENV, str(tmp_path / "missing.key"))
+    with pytest.raises(SealingError, match="cannot be read"):
+        Sealer.from_environment()
+    (tmp_path / "k").write_text(new_key() + "\n")
+    monkeypatch.setenv(KEY_FILE_ENV, str(tmp_path / "k"))
+    sealer = Sealer.from_environment()
+    with pytest.raises(SealingError, match="not a sealed value"):
+        sealer.open(b'{"password": "plain"}')
+    tampered = json.loads(sealer.seal(b"secret"))
+    tampered["token"] = tampered["token"][:-4] + "AAAA"
+    with pytest.raises(SealingError, match="none of the keys"):
+        sealer.open(json.dumps(tampered).encode())
