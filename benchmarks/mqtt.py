@@ -11,7 +11,6 @@ events sent through both paths.
 from __future__ import annotations
 
 import json
-import socket
 import tempfile
 import time
 import uuid
@@ -28,6 +27,7 @@ from benchmarks.sweep import cluster_cpus
 from connectors.manager import Connectors
 from connectors.mosquitto import Mosquitto
 from raytwin.contracts import Asset, AssetType
+from raytwin.ports import free_port
 from raytwin.registry import ModelRegistry
 from raytwin.sim import THERMAL_RC
 from sweeps.runner import ensure_ray
@@ -84,7 +84,7 @@ def mqtt_ingestion(ctx: BenchContext) -> BenchResult:
     rate, duration_s = (200.0, 0.5) if ctx.quick else (2_000.0, 5.0)
     shards = cluster_cpus()
     with tempfile.TemporaryDirectory(prefix="raytwin-bench-mqtt-") as tmp:
-        broker = Mosquitto(Path(tmp), _free_port(), max_inflight=1000)
+        broker = Mosquitto(Path(tmp), free_port(), max_inflight=1000)
         broker.start()
         artifact = ModelRegistry(f"{tmp}/registry").register("zone", "1.0.0", AssetType.from_model(THERMAL_RC))
         service = TwinService(f"{tmp}/store", shards=shards, namespace=f"bench-{uuid.uuid4().hex[:8]}")
@@ -165,9 +165,3 @@ def mqtt_ingestion(ctx: BenchContext) -> BenchResult:
                      "an event's due time to the first state query showing it (polled every 5 ms), both paths at "
                      "the same offered rate")
     return res
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import tempfile
 import time
 import uuid
@@ -32,6 +31,7 @@ import httpx
 from benchmarks.harness import BenchContext, BenchResult, Figure, benchmark, run_python, subprocess_env_without
 from benchmarks.load import KeepAliveClient, LoadResult, paced_async
 from raytwin.contracts import AssetType
+from raytwin.ports import free_port
 from raytwin.sim import THERMAL_RC
 
 RATES = (100.0, 500.0)
@@ -52,12 +52,6 @@ class ServeCheckError(AssertionError):
     """The service did not answer the state queries correctly."""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start(tmp: str) -> tuple[int, str]:
     """Start Serve with the RayTwin app on 127.0.0.1; returns (proxy port, admin API key)."""
     from ray import serve
@@ -67,7 +61,7 @@ def _start(tmp: str) -> tuple[int, str]:
 
     keys_file = f"{tmp}/keys.json"
     _, key = create_key(keys_file, "bench", "admin")
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     config = {"store_url": f"{tmp}/store", "keys_file": keys_file, "rate_per_s": 1e6, "rate_burst": 1_000_000,
               "twin_shards": 1, "namespace": f"bench-serve-{uuid.uuid4().hex[:8]}",

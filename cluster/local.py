@@ -14,7 +14,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import httpx
+
+from raytwin.ports import free_port
 
 HOST = "127.0.0.1"
 DEFAULT_STATE_FILE = Path.home() / ".raytwin" / "local-cluster.json"
@@ -69,17 +70,11 @@ def _write_private(path: Path, text: str) -> None:
         out.write(text)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
-
-
 def _node_ports() -> list[str]:
     """Per-node ports that Ray would otherwise fix machine-wide (and so clash between nodes and other Rays)."""
     names = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
              "metrics-export-port")
-    return [f"--{name}={_free_port()}" for name in names]
+    return [f"--{name}={free_port(HOST)}" for name in names]
 
 
 class LocalCluster:
@@ -111,7 +106,7 @@ class LocalCluster:
         """Start the head, then the workers, and return once every node is alive in the dashboard."""
         # A short path under /tmp: Ray's Unix sockets live below it and AF_UNIX paths are limited to 107 bytes.
         temp_dir = Path(tempfile.mkdtemp(prefix="rtw-", dir="/tmp" if os.path.isdir("/tmp") else None))
-        gcs_port, dashboard_port = _free_port(), _free_port()
+        gcs_port, dashboard_port = free_port(HOST), free_port(HOST)
         address = f"{HOST}:{gcs_port}"
         token = secrets.token_hex(32)
         _write_private(temp_dir / "auth_token", token)
@@ -120,8 +115,8 @@ class LocalCluster:
         try:
             self._start_node(0, [
                 "--head", f"--port={gcs_port}", "--include-dashboard=true", f"--dashboard-host={HOST}",
-                f"--dashboard-port={dashboard_port}", f"--ray-client-server-port={_free_port()}",
-            ], {"AUTOSCALER_METRIC_PORT": str(_free_port()), "DASHBOARD_METRIC_PORT": str(_free_port())})
+                f"--dashboard-port={dashboard_port}", f"--ray-client-server-port={free_port(HOST)}",
+            ], {"AUTOSCALER_METRIC_PORT": str(free_port(HOST)), "DASHBOARD_METRIC_PORT": str(free_port(HOST))})
             self._wait(lambda: (temp_dir / "node-0" / "ray_current_cluster").exists(), deadline, "head node")
             for index in range(1, self.num_workers + 1):
                 self._start_node(index, [f"--address={address}"])

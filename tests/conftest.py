@@ -4,55 +4,21 @@ two-node Ray cluster per test module that asks for it."""
 from __future__ import annotations
 
 import os
-import socket
-import uuid
 from collections.abc import Iterator
 
 import pytest
 
+from benchmarks.local_s3 import local_s3, new_bucket
 from cluster.local import LocalCluster, LocalClusterInfo
+from raytwin.ports import free_port
 from tests.fixtures_cluster import cluster_processes
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """A moto S3 server on loopback; RayTwin finds it through RAYTWIN_S3_ENDPOINT_URL."""
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    env = {
-        "RAYTWIN_S3_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    yield endpoint
-    server.stop()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-
-def new_bucket(endpoint: str) -> str:
-    import s3fs
-
-    bucket = f"rt-{uuid.uuid4().hex[:12]}"
-    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint}, skip_instance_cache=True)
-    fs.mkdir(bucket)
-    return f"s3://{bucket}"
+    with local_s3() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture

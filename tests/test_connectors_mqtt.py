@@ -25,7 +25,7 @@ from connectors.mqtt import MqttSpec
 from connectors.runtime import actor_name
 from connectors.spec import Credentials, Desired, UnknownConnector
 from raytwin.contracts import TelemetryEvent
-from tests.conftest import free_port
+from raytwin.ports import free_port
 from tests.fixtures_connectors import tank_twins, wait_for
 from tests.ray_metrics import total, wait_until
 

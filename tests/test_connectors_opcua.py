@@ -34,7 +34,7 @@ from connectors.runtime import actor_name
 from connectors.spec import Credentials
 from raytwin.contracts import TelemetryEvent
 from raytwin.statestore import to_micros
-from tests.conftest import free_port
+from raytwin.ports import free_port
 from tests.fixtures_connectors import WAIT_S, tank_twins, wait_for
 from tests.fixtures_opcua import Device, OpcUaServer
 from tests.guides import extract

@@ -31,7 +31,7 @@ import yaml
 
 from benchmarks.cli import bench_app
 from raytwin.cli import app
-from tests.conftest import free_port
+from raytwin.ports import free_port
 from tests.fixtures_cluster import CRD_DIR
 from tests.fixtures_cluster_kube import FakeKubeApi
 from tests.guides import GUIDES, REPO_ROOT, Block, Shell, all_blocks, extract, fill, shell_commands

@@ -26,7 +26,7 @@ from raytwin import metrics
 from raytwin.contracts import Asset, AssetType, TelemetryEvent
 from raytwin.registry import ModelRegistry
 from raytwin.sim import TWO_TANK
-from tests.conftest import free_port
+from raytwin.ports import free_port
 from tests.ray_metrics import scrape
 
 OPS = Path(__file__).resolve().parents[1] / "ops"

@@ -30,7 +30,7 @@ from serve_apps.api import create_api
 from serve_apps.json_route import MAX_JSON_DEPTH
 from serve_apps.auth import create_key
 from serve_apps.schemas import AssetCreate, AssetUpdate
-from tests.conftest import free_port
+from raytwin.ports import free_port
 from tests.ray_metrics import scrape, total, wait_until
 
 THERMAL_TYPE = AssetType.from_model(THERMAL_RC).model_dump(mode="json")

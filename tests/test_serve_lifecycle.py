@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from serve_apps.auth import create_key
-from tests.conftest import free_port
+from raytwin.ports import free_port
 from tests.test_serve_api import THERMAL_TYPE, assert_error
 
 V1, V2 = THERMAL_TYPE["version"], "9.9.9"
