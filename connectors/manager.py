@@ -41,10 +41,21 @@ class Connectors:
         problems = kind_of(spec.kind).problems(spec, assets)
         if problems:
             raise InvalidConnector(f"connector {spec.name!r}: " + "; ".join(problems))
+        replaced = self._declared(spec.tenant, spec.name)
+        if key := spec.session_key():
+            self.store.claim(key, spec.tenant, spec.name)
         self._kill(spec.tenant, spec.name)
         self.store.save(spec, credentials or Credentials())
+        if replaced and (old := replaced.session_key()) and old != key:
+            self.store.release(old, spec.tenant, spec.name)
         log.info("event=connector_created tenant=%s connector=%s kind=%s", spec.tenant, spec.name, spec.kind)
         return ray.get(self._actor(spec.tenant, spec.name).status.remote())
+
+    def _declared(self, tenant: str, name: str) -> ConnectorSpec | None:
+        try:
+            return self.spec(tenant, name)
+        except UnknownConnector:
+            return None
 
     def _actor(self, tenant: str, name: str):
         self.store.spec_json(tenant, name)  # UnknownConnector if not declared
@@ -80,9 +91,11 @@ class Connectors:
         return self.store.names(tenant)
 
     def delete(self, tenant: str, name: str) -> None:
-        self.store.spec_json(tenant, name)
+        spec = self.spec(tenant, name)
         self._kill(tenant, name)
         self.store.delete(tenant, name)
+        if key := spec.session_key():
+            self.store.release(key, tenant, name)
 
     def stop_all(self, tenant: str) -> None:
         """Stop the tenant's connector actors (declarations stay; `handle` starts them again)."""

@@ -127,6 +127,14 @@ class MqttSpec(ConnectorSpec):
     ack_topic: TopicFilter | None = Field(
         None, description="filter on which assets answer commands, e.g. `plant/+/ack`")
 
+    @property
+    def client_id(self) -> str:
+        return self.broker.client_id or f"raytwin-{self.tenant}-{self.name}"
+
+    def session_key(self) -> str:
+        """The broker keys persistent sessions by client id."""
+        return f"mqtt://{self.broker.host.lower()}:{self.broker.port}#{self.client_id}"
+
     @model_validator(mode="after")
     def _valid(self) -> MqttSpec:
         if self.ack_topic and _filter_problem(self.ack_topic):
@@ -147,7 +155,7 @@ class MqttAdapter:
         b = spec.broker
         self.v5 = b.protocol == "5"
         self.client = paho.Client(
-            CallbackAPIVersion.VERSION2, client_id=b.client_id or f"raytwin-{spec.tenant}-{spec.name}",
+            CallbackAPIVersion.VERSION2, client_id=spec.client_id,
             protocol=MQTTProtocolVersion.MQTTv5 if self.v5 else MQTTProtocolVersion.MQTTv311,
             clean_session=None if self.v5 else False, manual_ack=True, reconnect_on_failure=True)
         self.client.reconnect_delay_set(b.reconnect_min_s, max(b.reconnect_min_s, b.reconnect_max_s))

@@ -9,6 +9,7 @@ never reads its secrets and a copy of the store reveals none.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from enum import StrEnum
 from typing import Annotated, Any
@@ -17,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
 from connectors.files import write_atomically
 from raytwin.contracts import Identifier
+from raytwin.storage import write_once
 from raytwin.sealing import Sealer
 from raytwin.storage import filesystem
 
@@ -31,6 +33,12 @@ class ConnectorSpec(BaseModel):
     kind: str
     batch_size: Annotated[int, Field(ge=1, le=100_000)] = 1000
     linger_s: Annotated[float, Field(ge=0, le=5)] = 0.02
+
+    def session_key(self) -> str | None:
+        """The identity a server keys this connector's session by (None: sessions are per connection).
+        Two connectors with one key would take over each other's session and its queued messages, so the
+        store lets one connector, of one tenant, hold each key (`ConnectorStore.claim`)."""
+        return None
 
 
 class Credentials(BaseModel):
@@ -59,6 +67,7 @@ class ConnectorStore:
     def __init__(self, store_url: str, storage_options: dict[str, Any] | None = None):
         self.fs, root = filesystem(store_url, storage_options)
         self.root = f"{root}/connectors/declared"
+        self.claims = f"{root}/connectors/claims"
         self._sealer: Sealer | None = None
 
     @property
@@ -136,6 +145,34 @@ class ConnectorStore:
     def delete(self, tenant: str, name: str) -> None:
         self.spec_json(tenant, name)  # UnknownConnector if missing
         self.fs.rm(self._dir(tenant, name), recursive=True)
+
+    def _claim_path(self, key: str) -> str:
+        return f"{self.claims}/{hashlib.sha256(key.encode()).hexdigest()}.json"
+
+    def claim(self, key: str, tenant: str, name: str) -> None:
+        """Hold session `key` for (tenant, name), atomically; `SessionTaken` if another connector holds it."""
+        holder = json.dumps({"tenant": tenant, "name": name}).encode()
+        try:
+            write_once(self.fs, self._claim_path(key), holder)
+        except FileExistsError:
+            held = json.loads(self.fs.cat_file(self._claim_path(key)))
+            if held != {"tenant": tenant, "name": name}:
+                other = f"connector {held['name']!r}" if held["tenant"] == tenant else "another tenant's connector"
+                raise SessionTaken(f"{key} is the session of {other}: two connectors with one session would take "
+                                   "it over from each other; give this one its own client id") from None
+
+    def release(self, key: str, tenant: str, name: str) -> None:
+        """Give up session `key` if (tenant, name) holds it."""
+        try:
+            held = json.loads(self.fs.cat_file(self._claim_path(key)))
+        except FileNotFoundError:
+            return
+        if held == {"tenant": tenant, "name": name}:
+            self.fs.rm(self._claim_path(key))
+
+
+class SessionTaken(ValueError):
+    """Another connector holds the session a declaration would open (an MQTT client id on its broker)."""
 
 
 class UnknownConnector(KeyError):

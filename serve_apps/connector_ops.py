@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from connectors.commands import CommandError, UnknownCommand
 from connectors.kinds import UnknownKind
 from connectors.manager import Connectors, InvalidConnector
-from connectors.spec import Credentials, UnknownConnector
+from connectors.spec import Credentials, SessionTaken, UnknownConnector
 from raytwin.contracts import describe_error
 from serve_apps.errors import Conflict, NotFound, Unprocessable
 
@@ -38,7 +38,7 @@ def _api_errors(call: Callable[..., Any]) -> Callable[..., Any]:
             raise Unprocessable(f"connector: {describe_error(exc)}") from None
         except (InvalidConnector, UnknownKind) as exc:
             raise Unprocessable(str(exc)) from None
-        except CommandError as exc:
+        except (CommandError, SessionTaken) as exc:
             raise Conflict(str(exc)) from None
     wrapped.__doc__ = call.__doc__
     return wrapped

@@ -345,6 +345,10 @@ def test_http_connectors_keep_credentials_write_only_and_tenants_apart(api, brok
     bad = client.post("/v1/connectors", json={"spec": {**spec, "routes": [{**spec["routes"][0], "topic": "a/#/b"}]}},
                       headers=auth["admin"])
     assert bad.status_code == 422 and "'#' the whole last level" in bad.json()["error"]["message"]
+    hijack = {**spec, "name": "mine", "broker": {**spec["broker"], "client_id": "raytwin-acme-web"}}
+    taken = client.post("/v1/connectors", json={"spec": hijack}, headers=auth["other"])  # acme's session on this broker
+    assert taken.status_code == 409 and "another tenant's connector" in taken.json()["error"]["message"]
+    assert client.get("/v1/connectors/mine", headers=auth["other"]).status_code == 404
     exported = wait_until(ray_metrics_port, lambda m: total(m, "ray_raytwin_connector_connected", connector="acme/web")
                           == 1.0, "the connector's connected gauge")
     assert not any(secret in str(labels) for samples in exported.values() for labels, _ in samples)

@@ -1,5 +1,6 @@
-"""Secrets sealed at rest: a connector's stored credentials reveal nothing without the key, keys rotate,
-plain-text credentials of earlier versions are sealed when read, and a missing key is named."""
+"""The connector store: credentials sealed at rest (they reveal nothing without the key, keys rotate,
+plain-text credentials of earlier versions are sealed when read, a missing key is named), and one connector
+per broker session (an MQTT client id), whatever the tenant."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from connectors.spec import ConnectorSpec, ConnectorStore, Credentials
+from connectors.mqtt import MqttSpec
+from connectors.spec import ConnectorSpec, ConnectorStore, Credentials, SessionTaken
 from raytwin.sealing import KEY_ENV, KEY_FILE_ENV, Sealer, SealingError, new_key
 
 SECRET = "br0ker-pa55word"
@@ -100,3 +102,29 @@ def test_bad_keys_and_damaged_values_are_refused_with_the_fix(tmp_path: Path, mo
     tampered["token"] = tampered["token"][:-4] + "AAAA"
     with pytest.raises(SealingError, match="none of the keys"):
         sealer.open(json.dumps(tampered).encode())
+
+
+def _mqtt(tenant: str, name: str, client_id: str | None = None, host: str = "broker.example.com") -> MqttSpec:
+    return MqttSpec(name=name, tenant=tenant, broker={"host": host, "client_id": client_id},
+                    routes=[{"topic": "plant/+/telemetry", "asset_level": 1,
+                             "payload": {"event_time": "ts", "measurements": {"h1": {"field": "level", "unit": "mm"}}}}])
+
+
+def test_one_connector_holds_each_broker_session(tmp_path: Path) -> None:
+    store = ConnectorStore(str(tmp_path))
+    # the default client ids of tenant "a-b"'s "c" and tenant "a"'s "b-c" are the same string
+    first, second = _mqtt("a-b", "c"), _mqtt("a", "b-c")
+    assert first.session_key() == second.session_key() == "mqtt://broker.example.com:1883#raytwin-a-b-c"
+    store.claim(first.session_key(), "a-b", "c")
+    store.claim(first.session_key(), "a-b", "c")  # re-declaring the same connector keeps its session
+    with pytest.raises(SessionTaken, match="another tenant's connector.*own client id"):
+        store.claim(second.session_key(), "a", "b-c")
+    with pytest.raises(SessionTaken, match="connector 'c'"):
+        store.claim(first.session_key(), "a-b", "d")
+    store.claim(_mqtt("a", "b-c", host="other.example.com").session_key(), "a", "b-c")  # another broker: free
+    store.release(first.session_key(), "a", "b-c")  # not its holder: nothing happens
+    with pytest.raises(SessionTaken):
+        store.claim(first.session_key(), "a", "b-c")
+    store.release(first.session_key(), "a-b", "c")
+    store.claim(second.session_key(), "a", "b-c")
+    assert ConnectorSpec(name="plc", tenant="a", kind="opcua").session_key() is None
