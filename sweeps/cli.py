@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, TypeVar
 
 import typer
 import yaml
@@ -22,11 +23,20 @@ sweep_app = typer.Typer(help="What-if scenario sweeps over a model.", no_args_is
 calibrate_app = typer.Typer(help="Fit model parameters to telemetry (Ray Tune + least squares).", no_args_is_help=True)
 runs_app = typer.Typer(help="Recorded sweep and calibration runs.", no_args_is_help=True)
 
+T = TypeVar("T")
 RunsOption = Annotated[str, typer.Option("--runs", help="Runs root: a directory or fsspec URL.")]
 
 
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
+def _recorded(run: Callable[[], T], refused: type[Exception]) -> T:
+    """`run()`; a spec it refuses is a usage error (exit 2) that shows the reason."""
+    try:
+        return run()
+    except refused as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 def _load(path: Path, spec_type, fmu_spec_type=None):
@@ -60,10 +70,7 @@ def sweep_run(
     _setup_logging()
     parsed = _load(spec, SweepSpec, FmuSweepSpec)
     if isinstance(parsed, FmuSweepSpec):
-        try:
-            record = recorded_fmu_sweep(parsed, runs=runs)
-        except FmuSpecError as exc:
-            raise typer.BadParameter(str(exc)) from None
+        record = _recorded(lambda: recorded_fmu_sweep(parsed, runs=runs), FmuSpecError)
         s = record.summary
         typer.echo(f"run {record.run_id}: {s['scenarios']} FMU scenarios ({s['failed']} failed) in {s['elapsed_s']} s "
                    f"on {s['workers']} worker(s) -> {record.output_url}")
@@ -158,19 +165,13 @@ def calibrate_run(
     _setup_logging()
     parsed = _load(spec, CalibrationSpec, FmuCalibrationSpec)
     if isinstance(parsed, FmuCalibrationSpec):
-        try:
-            record = recorded_fmu_calibration(parsed, runs=runs)
-        except FmuSpecError as exc:
-            raise typer.BadParameter(str(exc)) from None
+        record = _recorded(lambda: recorded_fmu_calibration(parsed, runs=runs), FmuSpecError)
         s = record.summary
         typer.echo(f"run {record.run_id}: loss {s['loss']:.4g} after {s['evaluations']} FMU runs -> {record.output_url}")
         for name, value in s["parameters"].items():
             typer.echo(f"  {name} = {value:.6g}")
         return
-    try:
-        record = recorded_calibration(parsed, runs=runs)
-    except CalibrationError as exc:
-        raise typer.BadParameter(str(exc)) from None
+    record = _recorded(lambda: recorded_calibration(parsed, runs=runs), CalibrationError)
     typer.echo(f"run {record.run_id}: weighted RMSE {record.summary['weighted_rmse']:.4g} -> {record.output_url}")
     for name, rel in record.summary["rel_std"].items():
         typer.echo(f"  {name} = {record.summary['parameters'][name]:.6g} (+- {100 * rel:.2g}%)")
