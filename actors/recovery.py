@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from functools import lru_cache
 from typing import Any
 
 from actors.state import TwinState
 from actors.twin import Twin, decode_snapshot, replay_many, state_view
-from raytwin.contracts import Asset
+from raytwin.contracts import IDENTIFIER_PATTERN, Asset
 from raytwin.estimation import model_defaults
 from raytwin.registry import ModelArtifact
 from raytwin.sim.model import Declared
@@ -148,11 +149,16 @@ def build_twin(record: dict[str, Any], *, allowed_lateness_s: float, checkpoint_
     )
 
 
+_IDENTIFIER_RE = re.compile(IDENTIFIER_PATTERN)
+
+
 def durable_state(store: StateStore, tenant: str, asset_id: str) -> TwinState | None:
     """The twin's last durable state, marked stale: its latest snapshot (or its prior), without
     replaying the log or compiling a kernel. Why: while the twin's shard restarts (process start,
     JAX import, compiles, replay: seconds) a read is answered from it instead of failing or waiting.
-    None: no such twin."""
+    None: no such twin (or names that are no identifiers: they name store paths)."""
+    if not (_IDENTIFIER_RE.fullmatch(tenant) and _IDENTIFIER_RE.fullmatch(asset_id)):
+        return None
     record = store.load_registration(tenant, asset_id)
     if record is None:
         return None

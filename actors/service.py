@@ -200,7 +200,6 @@ class TwinService:
                 if actor_restarting(shard):  # a busy shard that is alive is waited for
                     break
         log.info("event=stale_read tenant=%s asset=%s", tenant, asset_id)
-        tenant, asset_id = self._tenant(tenant), _IDENTIFIER.validate_python(asset_id)  # they name store paths
         return self._found(tenant, asset_id, durable_state(self.store, tenant, asset_id))
 
     def clear_drift(self, tenant: str, asset_id: str) -> TwinState:

@@ -7,6 +7,7 @@ References are independent of the service: the same `Twin` code run in-process o
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 
@@ -16,6 +17,8 @@ import ray
 from actors import TwinService, UnknownTwin
 from actors.failover import compilation_cache
 from actors.recovery import durable_state
+from serve_apps.config import ServeConfig
+from serve_apps.twin_reads import TwinReader
 from tests.test_twins import (  # noqa: F401 (fixtures)
     STEP_S,
     artifact,
@@ -33,8 +36,8 @@ OPTS = {"allowed_lateness_s": 5 * STEP_S, "checkpoint_every": 4}
 def service(ray_session, tmp_path_factory, artifact):
     """One shard, snapshots every 8 events; Ray's call retries off (`max_task_retries=0`), so a
     call that meets the restarting shard fails and the service's own resend is what is tested."""
-    svc = TwinService(str(tmp_path_factory.mktemp("failover") / "store"), shards=1, snapshot_every=8,
-                      max_task_retries=0, **OPTS)
+    root = tmp_path_factory.mktemp("failover")
+    svc = TwinService(str(root / "twins"), shards=1, snapshot_every=8, max_task_retries=0, **OPTS)
     yield svc
     svc.close()
 
@@ -54,6 +57,10 @@ def test_reads_during_a_restart_are_stale_and_writes_meanwhile_apply_exactly_onc
     os.kill(ray.get(shard.pid.remote()), signal.SIGKILL)
     stale = service.state("acme", "f1")  # answered while the shard restarts, not after
     assert stale.stale and stale.revision == snap.revision
+    # the API's read path (Serve ingress replicas read shards directly) answers the same
+    reader = TwinReader(ServeConfig(store_url=service.store.url.removesuffix("/twins"), keys_file="unused.json",
+                                    twin_shards=1, state_cache_s=0))
+    assert asyncio.run(reader.state("acme", "f1")) == stale.model_dump(mode="json")
     # the snapshot's state is the uninterrupted run over the events it covers
     assert_same_state(stale, reference(artifact, "f1", evs[:snap.revision], **OPTS).view())
     prior = service.state("acme", "f2")
@@ -73,6 +80,7 @@ def test_reads_during_a_restart_are_stale_and_writes_meanwhile_apply_exactly_onc
 def test_durable_state_of_an_unknown_twin_is_none(service):
     assert durable_state(service.store, "acme", "ghost") is None
     assert durable_state(service.store, "other-tenant", "f1") is None
+    assert durable_state(service.store, "acme", "..") is None  # names no store path outside the twin's
 
 
 def test_shard_processes_keep_compiled_kernels_in_the_configured_cache(monkeypatch, tmp_path):
