@@ -43,18 +43,16 @@ def compilation_cache(options: dict[str, Any]) -> dict[str, Any]:
     return {**options, "runtime_env": runtime_env}
 
 
-STARTING_STATES = frozenset({"DEPENDENCIES_UNREADY", "PENDING_CREATION", "RESTARTING"})
-"""Ray's actor states of an actor on its way to alive (a dead one is not: its calls fail)."""
-
-
 def actor_restarting(handle: Any) -> bool:
-    """Whether Ray's control store (GCS) reports the actor as starting or restarting.
+    """Whether Ray's control store (GCS) reports the actor as restarting (its process died and a new
+    one is starting). Not a first start: a service just created answers from its recovered twins,
+    as before, and not a dead actor: its calls fail.
 
     Why not an error or a timeout: calls to a restarting actor queue until it is back, and a slow
     answer may come from a busy shard that is alive, whose state must not be replaced by an older
     one. Ray has no public call for this without its dashboard, hence its internal state API."""
     info = ray._private.state.actors(actor_id=handle._actor_id.hex())
-    return bool(info) and info.get("State") in STARTING_STATES
+    return bool(info) and info.get("State") == "RESTARTING"
 
 
 def process_age_s() -> float:
