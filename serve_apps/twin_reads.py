@@ -17,8 +17,8 @@ costs ~1.5 ms CPU per query between the Ingress and the shard (README, "Performa
 than the rest of the query on the direct-ingress path; at 500 queries/s of one twin a 0.1 s
 window turns 500 shard calls into ~10.
 
-Failover: a shard that has not answered within ``STALE_AFTER_S`` and that Ray reports as not
-alive (restarting after its process died) is not waited for: the read is answered from the
+Failover: a shard that has not answered within ``STALE_AFTER_S`` and that Ray reports as
+restarting (its process died) is not waited for: the read is answered from the
 twin's last durable state (`actors.recovery.durable_state`, its latest snapshot), with
 ``stale: true`` and the header ``RayTwin-Stale: true``.
 """
