@@ -47,6 +47,10 @@ DEFAULT_BATCH_SIZE = 10_000
 DEFAULT_MAX_IN_FLIGHT = 8
 DEFAULT_LINGER_S = 0.02
 """How long a streamed event may wait for more to share its batch (see `lingering_chunks`)."""
+WRITE_RETRY_S = 120.0
+"""How long a batch refused by a restarting shard (`ActorUnavailableError`, once Ray's own call
+retries are spent) is sent again before ingestion fails: resending is safe, re-deliveries are
+duplicates."""
 
 Batch = pa.Table | list[dict[str, Any]]
 """A source batch: Arrow rows or dict rows (parsed JSON rows go through Arrow too, `rows_table`); checked column-wise."""
@@ -111,7 +115,7 @@ class Dispatcher:
         self.router, self.tenant, self.states = router, tenant, states
         self.max_in_flight, self.batch_size = max_in_flight, batch_size
         self.handles = handles or [router.handle(i) for i in range(router.shards)]
-        self.busy: dict[int, tuple[ray.ObjectRef, int]] = {}  # shard index -> its outstanding call, its events
+        self.busy: dict[int, tuple[ray.ObjectRef, pa.Table, float]] = {}  # shard -> its call, its rows, first sent
         self.report = IngestReport()
 
     def reject(self, rejects: list[dict[str, str]]) -> None:
@@ -143,10 +147,13 @@ class Dispatcher:
                 while len(self.busy) >= self.max_in_flight:
                     self._wait_for(list(self.busy))
                 part = calls[index].pop(0)
-                self.busy[index] = (self.handles[index].ingest.remote(self.tenant, part, states=self.states), part.num_rows)
+                self._call(index, part, time.monotonic())
                 _BACKLOG.add(index, part.num_rows)
                 if not calls[index]:
                     del calls[index]
+
+    def _call(self, index: int, part: pa.Table, first_sent: float) -> None:
+        self.busy[index] = (self.handles[index].ingest.remote(self.tenant, part, states=self.states), part, first_sent)
 
     def _wait_for(self, shards: list[int]) -> None:
         """Backpressure: wait until one of `shards` finished its call (the wait is a metric)."""
@@ -161,9 +168,18 @@ class Dispatcher:
         refs = [self.busy[i][0] for i in shards]
         done, _ = ray.wait(refs, num_returns=1) if block else ray.wait(refs, num_returns=len(refs), timeout=0)
         for index in [i for i in shards if self.busy[i][0] in done]:
-            ref, events = self.busy.pop(index)
-            _BACKLOG.add(index, -events)
-            self.report += ray.get(ref)
+            ref, part, first_sent = self.busy.pop(index)
+            try:
+                report = ray.get(ref)
+            except ray.exceptions.ActorUnavailableError:  # restarting: send again until it is back (bounded)
+                if time.monotonic() - first_sent > WRITE_RETRY_S:
+                    raise
+                log.warning("event=shard_unavailable shard=%d tenant=%s events=%d action=resend", index, self.tenant,
+                            part.num_rows)
+                self._call(index, part, first_sent)
+                continue
+            _BACKLOG.add(index, -part.num_rows)
+            self.report += report
 
     def finish(self) -> IngestReport:
         """Wait for every outstanding call; the report covers everything sent."""

@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from functools import lru_cache
 from typing import Any
 
-from actors.twin import Twin, replay_many
-from raytwin.contracts import Asset
+from actors.state import TwinState
+from actors.twin import Twin, decode_snapshot, replay_many, state_view
+from raytwin.contracts import IDENTIFIER_PATTERN, Asset
 from raytwin.estimation import model_defaults
 from raytwin.registry import ModelArtifact
 from raytwin.sim.model import Declared
 from raytwin.statestore import EventKey, StateStore
-from raytwin.ukf import FILTERS
+from raytwin.ukf import FILTERS, make_filter
 
 NOISE_PREFIXES = {"process_std.": "process_std", "measurement_std.": "measurement_std", "input.": "inputs",
                   "initial_std.": "initial_std"}
@@ -145,6 +147,35 @@ def build_twin(record: dict[str, Any], *, allowed_lateness_s: float, checkpoint_
         noise=noise_from_metadata(asset.metadata), filter_kind=filter_from_metadata(asset.metadata, artifact.model()),
         allowed_lateness_s=allowed_lateness_s, checkpoint_every=checkpoint_every,
     )
+
+
+_IDENTIFIER_RE = re.compile(IDENTIFIER_PATTERN)
+
+
+def durable_state(store: StateStore, tenant: str, asset_id: str) -> TwinState | None:
+    """The twin's last durable state, marked stale: its latest snapshot (or its prior), without
+    replaying the log or compiling a kernel. Why: while the twin's shard restarts (process start,
+    JAX import, compiles, replay: seconds) a read is answered from it instead of failing or waiting.
+    None: no such twin (or names that are no identifiers: they name store paths)."""
+    if not (_IDENTIFIER_RE.fullmatch(tenant) and _IDENTIFIER_RE.fullmatch(asset_id)):
+        return None
+    record = store.load_registration(tenant, asset_id)
+    if record is None:
+        return None
+    asset = Asset.model_validate(record["asset"])
+    artifact = _artifact(json.dumps(record["artifact"], sort_keys=True))
+    model = artifact.model()
+    snap = store.latest_snapshot(tenant, asset_id)
+    if snap is not None:
+        fs, key, revision = decode_snapshot(snap.payload), snap.key, snap.revision
+    else:  # the prior: the filter object is cheap, only its kernels compile (on first use)
+        noise = noise_from_metadata(asset.metadata)
+        flt = make_filter(filter_from_metadata(asset.metadata, model), model, artifact.param_vector(),
+                          process_std=noise.get("process_std"), measurement_std=noise.get("measurement_std"))
+        fs = flt.initial(record["initial_state"], {**noise.get("initial_std", {}), **(record["initial_std"] or {})},
+                         noise.get("inputs"))
+        key, revision = None, 0
+    return state_view(tenant, asset_id, artifact.ref, model, fs, key, revision, stale=True)
 
 
 def recover(

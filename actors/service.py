@@ -40,7 +40,8 @@ from actors.ingest import (
     ingest_stream,
     table_batches,
 )
-from actors.recovery import registration_record
+from actors.failover import actor_restarting, compilation_cache
+from actors.recovery import durable_state, registration_record
 from actors.routing import shard_index, shard_name
 from actors.shard import TwinShardActor
 from actors.state import IngestReport, TwinState, UnknownTwin
@@ -126,24 +127,28 @@ class TwinService:
         batch_size: int = DEFAULT_BATCH_SIZE,
         max_task_retries: int = 5,
         takeover: bool = False,
+        stale_after_s: float = 0.25,
     ):
         """`takeover=True` takes the store from the service holding its lease: after that
-        service crashed, or to change the shard count (stop, take over, every twin recovered)."""
-        if shards < 1 or snapshot_every < 1 or allowed_lateness_s < 0:
-            raise ValueError("need shards >= 1, snapshot_every >= 1 and allowed_lateness_s >= 0")
+        service crashed, or to change the shard count (stop, take over, every twin recovered).
+        `stale_after_s`: a read not answered by then is answered from the store, marked stale,
+        if the twin's shard is restarting (see `state`)."""
+        if shards < 1 or snapshot_every < 1 or allowed_lateness_s < 0 or stale_after_s <= 0:
+            raise ValueError("need shards >= 1, snapshot_every >= 1, allowed_lateness_s >= 0 and stale_after_s > 0")
+        self.stale_after_s = stale_after_s
         self.router = ShardRouter(store_url, shards, namespace, storage_options)
         self.store = StateStore(store_url, storage_options)
         self.lease = acquire_lease(self.store, shards, namespace, takeover)
         self.max_in_flight, self.batch_size = max_in_flight, batch_size
         self._shards = [
-            TwinShardActor.options(**cpu_only(dict(
+            TwinShardActor.options(**cpu_only(compilation_cache(dict(
                 name=shard_name(store_url, i, shards),
                 namespace=namespace,
                 get_if_exists=True,
                 lifetime="detached" if detached else None,
                 max_restarts=-1,
                 max_task_retries=max_task_retries,
-            ))).remote(
+            )))).remote(
                 store_url, i, shards, allowed_lateness_s=allowed_lateness_s, snapshot_every=snapshot_every,
                 checkpoint_every=checkpoint_every, storage_options=storage_options, fence=self.lease.fence,
             )
@@ -184,7 +189,18 @@ class TwinService:
         return sorted(a for part in ray.get([s.assets.remote(tenant) for s in self._shards]) for a in part)
 
     def state(self, tenant: str, asset_id: str) -> TwinState:
-        return self._found(tenant, asset_id, ray.get(self._shard(tenant, asset_id).state.remote(tenant, asset_id)))
+        """The twin's live state; while its shard restarts, its last durable state (latest snapshot)
+        with `stale=True` instead of waiting for the restart (seconds)."""
+        shard = self._shard(tenant, asset_id)
+        ref = shard.state.remote(tenant, asset_id)
+        while True:
+            try:
+                return self._found(tenant, asset_id, ray.get(ref, timeout=self.stale_after_s))
+            except ray.exceptions.GetTimeoutError:
+                if actor_restarting(shard):  # a busy shard that is alive is waited for
+                    break
+        log.info("event=stale_read tenant=%s asset=%s", tenant, asset_id)
+        return self._found(tenant, asset_id, durable_state(self.store, tenant, asset_id))
 
     def clear_drift(self, tenant: str, asset_id: str) -> TwinState:
         """Acknowledge a twin's drift alarm: its detector restarts from zero (a persisting fault is

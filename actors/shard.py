@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
+from actors.failover import process_age_s
 from actors.heap import freeze_heap
 from actors.recovery import recover, recover_many
 from actors.routing import shard_index
@@ -81,6 +82,7 @@ class TwinShard:
         self.durable_revision: dict[tuple[str, str], int] = {}
         self.tag = str(index)  # the `shard` tag of its metrics
         self.stale: set[tuple[str, str]] = set()  # twins whose log write failed mid-batch
+        started = time.perf_counter()
         mine = [(t, a, r) for t, a, r in self.store.registrations() if shard_index(t, a, shards) == index]
         recovered = recover_many(self.store, [r for *_, r in mine], allowed_lateness_s=allowed_lateness_s,
                                  checkpoint_every=checkpoint_every)
@@ -90,7 +92,8 @@ class TwinShard:
         self.drifting = {key for key, twin in self.twins.items() if twin.fs.divergence.drift}
         metrics.TWINS.set(len(self.twins), shard=self.tag)
         metrics.TWINS_DRIFTING.set(len(self.drifting), shard=self.tag)
-        log.info("event=shard_started shard=%d pid=%d twins=%d", index, os.getpid(), len(self.twins))
+        log.info("event=shard_started shard=%d pid=%d twins=%d process_age_s=%.2f recover_s=%.2f", index, os.getpid(),
+                 len(self.twins), process_age_s(), time.perf_counter() - started)
 
     def _recover(self, record: dict[str, Any], until_us: int | None = None) -> Twin:
         return recover(self.store, record, allowed_lateness_s=self.lateness_s,

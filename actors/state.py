@@ -48,6 +48,8 @@ class TwinState(_Frozen):
     covariance: list[list[float]]
     divergence: DivergenceReport
     events_applied: int
+    stale: bool = Field(False, description="the twin's shard is restarting: this is the last durable state "
+                                           "(its latest snapshot), which may lack recent events")
 
 
 class Reject(_Frozen):

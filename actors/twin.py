@@ -28,6 +28,7 @@ from raytwin.contracts import AssetType, TelemetryEvent, normalize_measurements
 from raytwin.estimation import (Divergence, ExtendedKalmanFilter, FilterState, Run, Traces, assimilate_runs,
                                 clear_drift)
 from raytwin.registry import ModelArtifact
+from raytwin.sim.model import Declared
 from raytwin.statestore import EventKey, LoggedEvent, Snapshot, from_micros, to_micros
 from raytwin.ukf import make_filter
 
@@ -241,31 +242,37 @@ class Twin:
 
     # ------------------------------------------------------------------------ views ----
     def view(self) -> TwinState:
-        m = self.filter.model
-        fs = self.fs
-        div = fs.divergence
-        outputs = m.output_names
-        return TwinState(
-            tenant=self.tenant,
-            asset_id=self.asset_id,
-            model_ref=self.artifact.ref,
-            revision=self.events_applied,
-            event_time=None if self.last_key is None else from_micros(self.last_key[0]),
-            state=dict(zip(m.state_names, fs.x.tolist())),
-            std=dict(zip(m.state_names, np.sqrt(np.diag(fs.P)).tolist())),
-            covariance=fs.P.tolist(),
-            divergence=DivergenceReport(
-                nis_mean=div.nis_mean,
-                nis_last=div.nis_last,
-                residual_mean=dict(zip(outputs, div.residual_mean)),
-                residual_rms={n: math.sqrt(v) for n, v in zip(outputs, div.residual_ms)},
-                drift=div.drift,
-                diverged=div.diverged,
-                drift_score=div.drift_score,
-                process_noise_scale=div.q_scale,
-            ),
-            events_applied=self.events_applied,
-        )
+        return state_view(self.tenant, self.asset_id, self.artifact.ref, self.filter.model, self.fs, self.last_key,
+                          self.events_applied)
+
+
+def state_view(tenant: str, asset_id: str, model_ref: str, model: Declared, fs: FilterState, last_key: EventKey | None,
+               events_applied: int, stale: bool = False) -> TwinState:
+    """The API's view of a filter state (a live twin's, or a snapshot's while its shard restarts)."""
+    div = fs.divergence
+    outputs = model.output_names
+    return TwinState(
+        tenant=tenant,
+        asset_id=asset_id,
+        model_ref=model_ref,
+        revision=events_applied,
+        event_time=None if last_key is None else from_micros(last_key[0]),
+        state=dict(zip(model.state_names, fs.x.tolist())),
+        std=dict(zip(model.state_names, np.sqrt(np.diag(fs.P)).tolist())),
+        covariance=fs.P.tolist(),
+        divergence=DivergenceReport(
+            nis_mean=div.nis_mean,
+            nis_last=div.nis_last,
+            residual_mean=dict(zip(outputs, div.residual_mean)),
+            residual_rms={n: math.sqrt(v) for n, v in zip(outputs, div.residual_ms)},
+            drift=div.drift,
+            diverged=div.diverged,
+            drift_score=div.drift_score,
+            process_noise_scale=div.q_scale,
+        ),
+        events_applied=events_applied,
+        stale=stale,
+    )
 
 
 def _encode(fs: FilterState, max_time_us: int | None) -> dict:
@@ -281,6 +288,11 @@ def _decode(payload: dict) -> tuple[FilterState, int | None]:
     fs = FilterState(payload["t"], np.asarray(payload["x"], dtype=np.float64), np.asarray(payload["P"], dtype=np.float64),
                      np.asarray(payload["u"], dtype=np.float64), div)
     return fs, payload["max_time_us"]
+
+
+def decode_snapshot(payload: dict) -> FilterState:
+    """The filter state a snapshot's payload holds."""
+    return _decode(payload)[0]
 
 
 def apply_many(batches: list[tuple[Twin, list[Pending]]]) -> None:

@@ -37,7 +37,8 @@ MAX_SEQUENCE = 2**63 - 1
 """The largest `TelemetryEvent.sequence`: the log stores it as a signed 64-bit integer."""
 MAX_SCENARIO_STEPS = 10_000_000
 
-Identifier = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$")]
+IDENTIFIER_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$"
+Identifier = Annotated[str, Field(pattern=IDENTIFIER_PATTERN)]
 SemVer = Annotated[str, Field(pattern=r"^\d+\.\d+\.\d+$")]
 SimulatorRef = Annotated[str, Field(
     pattern=r"^([A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}|\S{0,1900}/[0-9a-f]{64}\.fmu)$",

@@ -66,6 +66,8 @@ def register(app: FastAPI) -> None:
         indicators."""
         found = await svc.twins.state(who.tenant, asset_id, at)
         response.headers["ETag"] = etag(found["revision"])
+        if found["stale"]:  # the shard is restarting: the last durable state (see serve_apps/twin_reads.py)
+            response.headers["RayTwin-Stale"] = "true"
         return found
 
     @app.get("/v1/assets/{asset_id}/divergence", response_model=Divergence, tags=tags)

@@ -16,6 +16,11 @@ Unknown twins, failures and time-travel reads (``at=``) are never cached. Why: a
 costs ~1.5 ms CPU per query between the Ingress and the shard (README, "Performance"), more
 than the rest of the query on the direct-ingress path; at 500 queries/s of one twin a 0.1 s
 window turns 500 shard calls into ~10.
+
+Failover: a shard that has not answered within ``STALE_AFTER_S`` and that Ray reports as
+restarting (its process died) is not waited for: the read is answered from the
+twin's last durable state (`actors.recovery.durable_state`, its latest snapshot), with
+``stale: true`` and the header ``RayTwin-Stale: true``.
 """
 
 from __future__ import annotations
@@ -28,10 +33,16 @@ from typing import Any
 
 import ray
 
+from actors.failover import actor_restarting
+from actors.recovery import durable_state
 from actors.routing import shard_index, shard_name
-from raytwin.statestore import HistoryPruned, to_micros
+from raytwin.statestore import HistoryPruned, StateStore, to_micros
 from serve_apps.config import ServeConfig
 from serve_apps.errors import Gone, NotFound, unwrap
+
+
+STALE_AFTER_S = 0.25
+"""How long a current-state read waits for its shard before asking whether the shard is restarting."""
 
 
 class TwinReader:
@@ -45,6 +56,7 @@ class TwinReader:
         self.max_entries = config.state_cache_entries
         self._clock = clock
         self._handles: dict[int, Any] = {}
+        self._store = StateStore(self.store_url, config.storage_options or None)
         self._recent: OrderedDict[tuple[str, str], tuple[float, asyncio.Future]] = OrderedDict()
 
     def _shard(self, tenant: str, asset_id: str) -> Any:
@@ -64,7 +76,7 @@ class TwinReader:
                 raise Gone(str(unwrap(exc))) from None
             return self._found(state, asset_id, at)
         if self.max_age_s == 0:
-            return self._found(await self._shard(tenant, asset_id).state.remote(tenant, asset_id), asset_id)
+            return await self._fetch(tenant, asset_id)
         key = (tenant, asset_id)
         now = self._clock()
         entry = self._recent.get(key)
@@ -83,7 +95,13 @@ class TwinReader:
         self._recent.pop((tenant, asset_id), None)
 
     async def _fetch(self, tenant: str, asset_id: str) -> dict[str, Any]:
-        return self._found(await self._shard(tenant, asset_id).state.remote(tenant, asset_id), asset_id)
+        shard = self._shard(tenant, asset_id)
+        call = asyncio.ensure_future(shard.state.remote(tenant, asset_id))
+        while not (await asyncio.wait({call}, timeout=STALE_AFTER_S))[0]:
+            if actor_restarting(shard):  # answer from the store; the call completes (unread) later
+                call.add_done_callback(lambda done: done.cancelled() or done.exception())
+                return self._found(await asyncio.to_thread(durable_state, self._store, tenant, asset_id), asset_id)
+        return self._found(call.result(), asset_id)
 
     def _remember(self, key: tuple[str, str], entry: tuple[float, asyncio.Future]) -> None:
         self._recent[key] = entry

@@ -1,0 +1,68 @@
+"""Fast failover of twin shards: what a restarted shard costs, and how the service bridges the gap.
+
+When a shard's process dies, Ray starts a new one, which imports JAX, compiles the filter kernels
+and rebuilds its twins from snapshot + log (`actors.recovery`); its twins cannot answer until then.
+Measured on the 2-core development machine (see actors/README.md, *Failover*): the compiles were
+most of it, so shard processes keep XLA's executables in a persistent cache on the node
+(`compilation_cache`), and reads during the gap are answered from the last durable state, marked
+stale (`actor_restarting` tells a restart from a busy shard), instead of waiting.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import ray
+
+CACHE_DIR_ENV = "RAYTWIN_JAX_CACHE_DIR"
+"""Where shard processes keep compiled kernels (default ``~/.cache/raytwin/jax``); empty: no cache."""
+
+
+def compilation_cache_dir() -> str | None:
+    """The persistent compilation cache directory of shard processes, None when switched off."""
+    configured = os.environ.get(CACHE_DIR_ENV)
+    if configured is not None:
+        return configured or None
+    return str(Path.home() / ".cache" / "raytwin" / "jax")
+
+
+def compilation_cache(options: dict[str, Any]) -> dict[str, Any]:
+    """Ray actor `options` whose process keeps JAX's compiled executables on disk.
+
+    Set through the actor's runtime environment, so only the shard processes use the cache (a
+    library importer's global JAX settings are left alone). Every kernel is cached, however fast it
+    compiled: a restarted shard otherwise recompiled each of them (~70 % of its restart)."""
+    directory = compilation_cache_dir()
+    if directory is None:
+        return options
+    runtime_env = dict(options.get("runtime_env") or {})
+    runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), "JAX_COMPILATION_CACHE_DIR": directory,
+                               "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    return {**options, "runtime_env": runtime_env}
+
+
+def actor_restarting(handle: Any) -> bool:
+    """Whether Ray's control store (GCS) reports the actor as restarting (its process died and a new
+    one is starting). Not a first start: a service just created answers from its recovered twins,
+    as before, and not a dead actor: its calls fail.
+
+    Why not an error or a timeout: calls to a restarting actor queue until it is back, and a slow
+    answer may come from a busy shard that is alive, whose state must not be replaced by an older
+    one. Ray has no public call for this without its dashboard, hence its internal state API."""
+    info = ray._private.state.actors(actor_id=handle._actor_id.hex())
+    return bool(info) and info.get("State") == "RESTARTING"
+
+
+def process_age_s() -> float:
+    """Seconds since this process started (Linux `/proc`; 0.0 elsewhere): the start-up log reports
+    it so an operator sees how much of a restart was process start and imports."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime_s = float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    return max(uptime_s - start_ticks / os.sysconf("SC_CLK_TCK"), 0.0)

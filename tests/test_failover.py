@@ -1,0 +1,92 @@
+"""Failover of a twin shard: reads while it restarts are answered from the durable store, marked
+stale; writes sent meanwhile are applied once it is back, each event exactly once.
+
+References are independent of the service: the same `Twin` code run in-process over the events
+(as in tests/test_twins.py), compared bit for bit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+
+import pytest
+import ray
+
+from actors import TwinService, UnknownTwin
+from actors.failover import compilation_cache
+from actors.recovery import durable_state
+from serve_apps.config import ServeConfig
+from serve_apps.twin_reads import TwinReader
+from tests.test_twins import (  # noqa: F401 (fixtures)
+    STEP_S,
+    artifact,
+    assert_same_state,
+    asset,
+    events,
+    jax_on_cpu_like_the_shards,
+    reference,
+)
+
+OPTS = {"allowed_lateness_s": 5 * STEP_S, "checkpoint_every": 4}
+
+
+@pytest.fixture(scope="module")
+def service(ray_session, tmp_path_factory, artifact):
+    """One shard, snapshots every 8 events; Ray's call retries off (`max_task_retries=0`), so a
+    call that meets the restarting shard fails and the service's own resend is what is tested."""
+    root = tmp_path_factory.mktemp("failover")
+    svc = TwinService(str(root / "twins"), shards=1, snapshot_every=8, max_task_retries=0, **OPTS)
+    yield svc
+    svc.close()
+
+
+def test_reads_during_a_restart_are_stale_and_writes_meanwhile_apply_exactly_once(service, artifact):
+    service.register(asset("f1"), artifact)
+    service.register(asset("f2"), artifact)  # never gets an event: no snapshot, its prior is durable
+    evs = events("f1", 60, seed=3)
+    assert service.ingest("acme", evs[:40]).accepted == 40
+    service.flush()
+    snap = service.store.latest_snapshot("acme", "f1")
+    assert snap is not None and 0 < snap.revision < 40
+    live = service.state("acme", "f1")
+    assert not live.stale and live.revision == 40
+
+    [shard] = service.shard_handles
+    os.kill(ray.get(shard.pid.remote()), signal.SIGKILL)
+    stale = service.state("acme", "f1")  # answered while the shard restarts, not after
+    assert stale.stale and stale.revision == snap.revision
+    # the API's read path (Serve ingress replicas read shards directly) answers the same
+    reader = TwinReader(ServeConfig(store_url=service.store.url.removesuffix("/twins"), keys_file="unused.json",
+                                    twin_shards=1, state_cache_s=0))
+    assert asyncio.run(reader.state("acme", "f1")) == stale.model_dump(mode="json")
+    # the snapshot's state is the uninterrupted run over the events it covers
+    assert_same_state(stale, reference(artifact, "f1", evs[:snap.revision], **OPTS).view())
+    prior = service.state("acme", "f2")
+    assert prior.stale and prior.revision == 0 and prior.state == reference(artifact, "f2", [], **OPTS).view().state
+    with pytest.raises(UnknownTwin):
+        service.state("acme", "ghost")
+
+    # sent while the shard restarts: new events and re-deliveries of acknowledged ones
+    report = service.ingest("acme", evs[30:])
+    assert (report.accepted, report.duplicates, report.rejected) == (20, 10, 0)
+    after = service.state("acme", "f1")
+    assert not after.stale and after.events_applied == 60
+    assert_same_state(after, reference(artifact, "f1", evs, **OPTS).view())
+    assert service.dead_letters("acme").num_rows == 0
+
+
+def test_durable_state_of_an_unknown_twin_is_none(service):
+    assert durable_state(service.store, "acme", "ghost") is None
+    assert durable_state(service.store, "other-tenant", "f1") is None
+    assert durable_state(service.store, "acme", "..") is None  # names no store path outside the twin's
+
+
+def test_shard_processes_keep_compiled_kernels_in_the_configured_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("RAYTWIN_JAX_CACHE_DIR", str(tmp_path))
+    env = compilation_cache({"runtime_env": {"env_vars": {"JAX_PLATFORMS": "cpu"}}})["runtime_env"]["env_vars"]
+    assert env == {"JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(tmp_path),
+                   "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    monkeypatch.setenv("RAYTWIN_JAX_CACHE_DIR", "")
+    assert compilation_cache({"name": "x"}) == {"name": "x"}
