@@ -14,14 +14,13 @@
 from __future__ import annotations
 
 import itertools
-import os
-import socket
 import tempfile
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
 from benchmarks.harness import BenchContext, BenchResult, Figure, benchmark
+from benchmarks.s3local import moto_bucket
 from raytwin.contracts import Asset, AssetType, TelemetryEvent
 from raytwin.sim import THERMAL_RC
 from serve_apps.backend import Backend
@@ -117,37 +116,22 @@ def telemetry(ctx: BenchContext, result: BenchResult) -> None:
 
 
 def group_commit(ctx: BenchContext, result: BenchResult) -> None:
-    try:
-        from moto.server import ThreadedMotoServer
-    except ImportError:
-        result.notes.append("group commit on S3: skipped (moto not installed: pip install 'moto[server]')")
-        return
-    import logging
-
-    import s3fs
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's server logs every request
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
-    os.environ.update({"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench"})
-    try:
-        options = {"client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}"}}
-        s3fs.S3FileSystem(**options, skip_instance_cache=True).mkdir("bench")
+    with moto_bucket() as s3:
+        if s3 is None:
+            result.notes.append("group commit on S3: skipped (moto not installed: pip install 'moto[server]')")
+            return
+        bucket, options = s3
         n = 8 if ctx.quick else 400
         draft = [{"kind": "twin.state", "asset_id": "zone-0", "data": {"state": {"T_in": 293.0, "T_m": 292.0}}}]
         logs = {}
 
         def serial():
-            log = logs["serial"] = ChangeLog(f"s3://bench/{uuid.uuid4().hex}", options)
+            log = logs["serial"] = ChangeLog(f"{bucket}/{uuid.uuid4().hex}", options)
             for _ in range(n):
                 log.record(TENANT, draft)
 
         def grouped():
-            log = logs["grouped"] = ChangeLog(f"s3://bench/{uuid.uuid4().hex}", options)
+            log = logs["grouped"] = ChangeLog(f"{bucket}/{uuid.uuid4().hex}", options)
             with ThreadPoolExecutor(THREADS) as pool:
                 list(pool.map(lambda _: log.record(TENANT, draft), range(n)))
 
@@ -163,13 +147,6 @@ def group_commit(ctx: BenchContext, result: BenchResult) -> None:
                                      n / t_grouped.median_s, "appends/s", baseline="one append at a time (a PUT each)",
                                      baseline_value=n / t_serial.median_s))
         result.notes.append(f"group commit wrote {n} appends as {segments} segments")
-    finally:
-        server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 @benchmark("changes", "Telemetry cost of the change log (Backend.ingest vs TwinService.ingest); group commit on S3")
