@@ -4,6 +4,7 @@ Layout under the store URL (a local directory or any fsspec URL such as ``s3://b
 
     log/tenant=T/date=YYYY-MM-DD/part-<uuid>.parquet              accepted events (asset_id column), SI values
     log/tenant=T/date=YYYY-MM-DD/compact-<uuid>-<i>.parquet       the same events, merged by `compact`
+    log/tenant=T/date=YYYY-MM-DD/_keys.parquet                    the partition's key index (`raytwin.keyindex`)
     snapshots/tenant=T/asset_id=A/snap-<event_us>-<revision>.parquet  one-row filter snapshots (`snapshot_stem`)
     dead_letters/tenant=T/date=YYYY-MM-DD/part-<uuid>.parquet     rejects: raw JSON + reason
     twins/tenant=T/asset_id=A.json                                 twin registrations
