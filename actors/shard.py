@@ -38,6 +38,7 @@ from actors.telemetry import Entries, Normalized, normalize_entries, row_event, 
 from actors.twin import CONFLICT, DUPLICATE, TOO_LATE, Pending, Twin, apply_many, conflict_reason, same_content
 from raytwin import metrics
 from raytwin.contracts import AssetType, ContractError, describe_error, normalize_measurements
+from raytwin.keyindex import Logged, LogKeyIndex, content_digest
 from raytwin.logs import component_logging
 from raytwin.statestore import LOG_BATCH_SCHEMA, StateStore
 
@@ -75,6 +76,7 @@ class TwinShard:
         fence: tuple[str, int] | None = None,
     ):
         self.store = StateStore(store_url, storage_options)
+        self.key_index = LogKeyIndex(self.store)  # loaded per partition on the first event beyond a twin's window
         self.fence = None if fence is None else (fence[0], fence[1])  # the service's lease (owner, epoch)
         self.index, self.shards = index, shards
         self.lateness_s, self.snapshot_every, self.checkpoint_every = allowed_lateness_s, snapshot_every, checkpoint_every
@@ -204,12 +206,13 @@ class TwinShard:
         code = ids.indices.to_numpy()
         entries = Entries.of(batch.column("measurements").combine_chunks())
         normalized, values = self._normalize(entries, twins, code)
-        adm = self._admit(tenant, batch, assets, twins, code, values, normalized.misfit)
+        si_values = si_map(entries, normalized)
+        adm = self._admit(tenant, batch, assets, twins, code, values, normalized.misfit, si_values)
         accepted = adm.accepted
         rejects = [self._reject(batch, i, reason, twins[code[i]]) for i, reason in adm.rejected]
 
         columns = [batch.column(n) for n in ("asset_id", "event_time", "sequence", "idempotency_key", "quality")]
-        log_rows = pa.table([*columns, si_map(entries, normalized), batch.column("ingest_time")],
+        log_rows = pa.table([*columns, si_values, batch.column("ingest_time")],
                             schema=LOG_BATCH_SCHEMA).take(pa.array(adm.accepted_rows, pa.int64()))
         try:
             n_accepted = self.store.append_log(tenant, log_rows)
@@ -267,10 +270,9 @@ class TwinShard:
         return normalized, [None if t < 0 else matrices[t] for t in asset_target.tolist()]
 
     def _admit(self, tenant: str, batch: pa.Table, assets: list[str], twins: list[Twin | None], code: np.ndarray,
-               values: list[np.ndarray | None], misfit: np.ndarray) -> Admission:
-        """Decide each row: accepted, duplicate, conflict or rejected (see `Admission`). Beyond the
-        twin's lateness window, a re-delivery is told from a new event (too late) and from a
-        conflict by the logged event with its identity."""
+               values: list[np.ndarray | None], misfit: np.ndarray, si_values: pa.MapArray) -> Admission:
+        """Decide each row: accepted, duplicate, conflict or rejected (see `Admission`). Rows beyond
+        their twin's lateness window are decided from the durable log, all at once (`_from_log`)."""
         keys = batch.column("idempotency_key").to_pylist()
         times = batch.column("event_time").cast(pa.int64()).to_numpy().tolist()
         sequences = batch.column("sequence").to_numpy().tolist()
@@ -280,6 +282,7 @@ class TwinShard:
         rows_of: dict[int, list[int]] = {}  # each twin's rows in batch order (plain lists: ~1 event a twin)
         for i, c in enumerate(code.tolist()):
             rows_of.setdefault(c, []).append(i)
+        decided: list[tuple[int, int, Pending, str | None]] = []  # (asset code, row, event, verdict)
         for c, rows in sorted(rows_of.items()):
             twin = twins[c]
             if twin is None:
@@ -293,28 +296,47 @@ class TwinShard:
                 rows = [i for i in rows if not misfits[i]]
             matrix = values[c]
             found = [Pending((times[i], sequences[i], keys[i]), matrix[i], qualities[i]) for i in rows]
-            events: list[Pending] = []
-            for i, ev, verdict in zip(rows, found, twin.classify(found)):
-                if verdict == TOO_LATE:  # a re-delivery of an event applied long ago?
-                    logged = self.store.find_event(tenant, assets[c], ev.key)
-                    if logged is not None:
-                        verdict = DUPLICATE if same_content(twin.pending(logged), ev) else CONFLICT
-                if verdict == DUPLICATE:
-                    adm.duplicates += 1
-                elif verdict == CONFLICT:
-                    adm.conflicts += 1
-                    adm.rejected.append((i, conflict_reason(ev.key)))
-                    adm.causes["conflict"] += 1
-                elif verdict == TOO_LATE:
-                    adm.rejected.append((i, TOO_LATE))
-                    adm.causes["too_late"] += 1
-                else:
-                    events.append(ev)
-                    adm.accepted_rows.append(i)
-            if events:
-                adm.accepted[c] = events
+            decided += [(c, i, ev, verdict) for i, ev, verdict in zip(rows, found, twin.classify(found))]
+        late = [(twins[c], assets[c], i, ev) for c, i, ev, verdict in decided if verdict == TOO_LATE]
+        from_log = iter(self._from_log(tenant, late, si_values))
+        for c, i, ev, verdict in decided:
+            verdict = next(from_log) if verdict == TOO_LATE else verdict
+            if verdict == DUPLICATE:
+                adm.duplicates += 1
+            elif verdict == CONFLICT:
+                adm.conflicts += 1
+                adm.rejected.append((i, conflict_reason(ev.key)))
+                adm.causes["conflict"] += 1
+            elif verdict == TOO_LATE:
+                adm.rejected.append((i, TOO_LATE))
+                adm.causes["too_late"] += 1
+            else:
+                adm.accepted.setdefault(c, []).append(ev)
+                adm.accepted_rows.append(i)
         adm.rejected.sort(key=lambda r: r[0])
         return adm
+
+    def _from_log(self, tenant: str, late: list[tuple[Twin, str, int, Pending]], si_values: pa.MapArray) -> list[str]:
+        """The verdicts of events older than their twin's watermark (twin, asset, row, event): a
+        re-delivery of a logged event (DUPLICATE), a logged identity with other content (CONFLICT)
+        or a new event (TOO_LATE). One key-index lookup for the batch (`raytwin.keyindex`); logged
+        rows are read only where the index holds other content for the identity."""
+        if not late:
+            return []
+        logged_values = si_values.take(pa.array([i for _, _, i, _ in late], pa.int64())).to_pylist()
+        answers = self.key_index.lookup(tenant, [(asset_id, ev.key, content_digest(ev.quality, v))
+                                                 for (_, asset_id, _, ev), v in zip(late, logged_values)])
+        confirm = [(asset_id, ev.key) for (_, asset_id, _, ev), a in zip(late, answers) if a is Logged.CONFIRM]
+        logged = self.store.find_events(tenant, confirm) if confirm else {}
+        verdicts = []
+        for (twin, asset_id, _, ev), answer in zip(late, answers):
+            if answer is Logged.SAME:
+                verdicts.append(DUPLICATE)
+            elif answer is Logged.ABSENT or (asset_id, ev.key) not in logged:
+                verdicts.append(TOO_LATE)
+            else:
+                verdicts.append(DUPLICATE if same_content(twin.pending(logged[asset_id, ev.key]), ev) else CONFLICT)
+        return verdicts
 
     @staticmethod
     def _reject(batch: pa.Table, i: int, reason: str | None, twin: Twin | None) -> dict[str, str]:

@@ -4,6 +4,7 @@ Layout under the store URL (a local directory or any fsspec URL such as ``s3://b
 
     log/tenant=T/date=YYYY-MM-DD/part-<uuid>.parquet              accepted events (asset_id column), SI values
     log/tenant=T/date=YYYY-MM-DD/compact-<uuid>-<i>.parquet       the same events, merged by `compact`
+    log/tenant=T/date=YYYY-MM-DD/_keys.parquet                    the partition's key index (`raytwin.keyindex`)
     snapshots/tenant=T/asset_id=A/snap-<event_us>-<revision>.parquet  one-row filter snapshots (`snapshot_stem`)
     dead_letters/tenant=T/date=YYYY-MM-DD/part-<uuid>.parquet     rejects: raw JSON + reason
     twins/tenant=T/asset_id=A.json                                 twin registrations
@@ -393,12 +394,22 @@ class StateStore:
     def find_event(self, tenant: str, asset_id: str, key: EventKey) -> LoggedEvent | None:
         """The logged event with this identity (the one recovery replays), or None; reads only
         that day's partition."""
-        t, seq, idempotency_key = key
-        flt = ((ds.field("asset_id") == asset_id) & (ds.field("idempotency_key") == idempotency_key)
-               & (ds.field("event_time") == pa.scalar(t, pa.int64()).cast(TIME)) & (ds.field("sequence") == seq))
-        table = self._scan(f"{self.root}/log/tenant={tenant}/date={_date(t)}",
-                           lambda d: d.to_table(filter=flt, columns=LOG_BATCH_SCHEMA.names), LOG_BATCH_SCHEMA.empty_table())
-        return next(iter(self._events(one_row_per_event(table), {asset_id: None})[asset_id]), None)
+        return self.find_events(tenant, [(asset_id, key)]).get((asset_id, key))
+
+    def find_events(self, tenant: str, identities: Iterable[tuple[str, EventKey]]) -> dict[tuple[str, EventKey], LoggedEvent]:
+        """`find_event` for many (asset, key) identities: one read of each day's partition they fall in."""
+        by_day: dict[str, set[tuple[str, EventKey]]] = {}
+        for asset_id, key in identities:
+            by_day.setdefault(_date(key[0]), set()).add((asset_id, key))
+        found = {}
+        for day, wanted in sorted(by_day.items()):
+            assets = sorted({a for a, _ in wanted})
+            flt = ds.field("asset_id").isin(assets) & ds.field("idempotency_key").isin(sorted({k[2] for _, k in wanted}))
+            table = self._scan(f"{self.root}/log/tenant={tenant}/date={day}",
+                               lambda d: d.to_table(filter=flt, columns=LOG_BATCH_SCHEMA.names), LOG_BATCH_SCHEMA.empty_table())
+            for asset_id, events in self._events(one_row_per_event(table), dict.fromkeys(assets)).items():
+                found.update(((asset_id, e.key), e) for e in events if (asset_id, e.key) in wanted)
+        return found
 
     # ----------------------------------------------------------------------- snapshots ----
     def write_snapshot(self, tenant: str, asset_id: str, snap: Snapshot) -> None:

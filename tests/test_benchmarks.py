@@ -164,9 +164,10 @@ def test_gpu_sweep_without_a_gpu_measures_nothing_and_says_why(monkeypatch):
 
 
 def test_bench_cli_quick_product_paths(ray_session, tmp_path):
-    """Ingestion, Serve, change-log and calibration benchmarks end to end at tiny sizes (their checks must pass)."""
+    """Ingestion, backlog replay, Serve, change-log and calibration benchmarks end to end at tiny sizes (their
+    checks must pass)."""
     out = tmp_path / "bench.json"
-    result = CliRunner().invoke(bench_app, ["run", "ingest", "calibration", "serve", "changes", "--quick",
+    result = CliRunner().invoke(bench_app, ["run", "ingest", "replay", "calibration", "serve", "changes", "--quick",
                                             "--repeat", "1", "--out", str(out), "--log-level", "WARNING"])
     assert result.exit_code == 0, result.output
     benches = json.loads(out.read_text())["benchmarks"]
@@ -181,6 +182,8 @@ def test_bench_cli_quick_product_paths(ray_session, tmp_path):
     assert log["twin_states"] > 0  # + drift flips, the type and the assets:
     assert log["changes"] == log["twin_states"] + log["drift_flips"] + 1 + log["twins"]
     assert {f["unit"] for f in benches["changes"]["figures"]} == {"requests/s", "appends/s"}
+    replayed = benches["replay"]["checks"]
+    assert set(replayed) == {"local disk", "S3 (moto, loopback)"} and all(r["events"] == 1_000 for r in replayed.values())
 
 
 def test_bench_cli_quick_fmu_sweep(ray_session, tmp_path):
