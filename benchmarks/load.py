@@ -133,11 +133,17 @@ class KeepAliveClient:
 
     async def get(self, path: str) -> tuple[int, bytes]:
         """(status, body) of ``GET path``."""
+        status, body, _ = await self.get_with_headers(path)
+        return status, body
+
+    async def get_with_headers(self, path: str) -> tuple[int, bytes, dict[str, str]]:
+        """(status, body, header fields by lower-case name) of ``GET path``."""
         async with self._slots:
             reader, writer = self._idle.pop() if self._idle else await asyncio.open_connection(self.host, self.port)
             try:
                 writer.write(f"GET {path} HTTP/1.1\r\n{self._headers}\r\n".encode("latin-1"))
-                status, length, keep = _parse_head(await reader.readuntil(b"\r\n\r\n"))
+                status, fields = _parse_head(await reader.readuntil(b"\r\n\r\n"))
+                length, keep = int(fields["content-length"]), fields.get("connection", "").lower() != "close"
                 body = await reader.readexactly(length)
             except (asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
                 writer.close()
@@ -149,7 +155,7 @@ class KeepAliveClient:
                 self._idle.append((reader, writer))
             else:
                 writer.close()
-            return status, body
+            return status, body, fields
 
     async def close(self) -> None:
         while self._idle:
@@ -158,8 +164,8 @@ class KeepAliveClient:
             await writer.wait_closed()
 
 
-def _parse_head(head: bytes) -> tuple[int, int, bool]:
-    """(status, content length, keep-alive) of a response head."""
+def _parse_head(head: bytes) -> tuple[int, dict[str, str]]:
+    """(status, header fields by lower-case name, with a numeric ``content-length``) of a response head."""
     lines = head.decode("latin-1").split("\r\n")
     parts = lines[0].split(" ", 2)
     if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
@@ -170,4 +176,4 @@ def _parse_head(head: bytes) -> tuple[int, int, bool]:
         fields[name.strip().lower()] = value.strip()
     if "content-length" not in fields or not fields["content-length"].isdigit():
         raise HttpError(f"response without a Content-Length (transfer-encoding {fields.get('transfer-encoding')!r})")
-    return int(parts[1]), int(fields["content-length"]), fields.get("connection", "").lower() != "close"
+    return int(parts[1]), fields
