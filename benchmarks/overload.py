@@ -40,6 +40,7 @@ GOODPUT_TARGET = 0.9
 P95_TARGET_X = 3.0
 FLOOD_BATCH = 1_000
 FLOOD_BACKLOG = 4 * FLOOD_BATCH
+FLOOD_CLIENTS = 8
 TIMEOUT_S = 10.0
 RESULT_PREFIX = "OVERLOAD_BENCH_RESULT "
 SERVER_PROCESSES = ("proxy", "ingress", "shard", "backend")
@@ -53,14 +54,17 @@ class Outcomes:
     elapsed_s: float = 0.0
     admitted_s: list[float] = field(default_factory=list)
     refused_s: list[float] = field(default_factory=list)
-    failed: int = 0
+    failures: dict[str, int] = field(default_factory=dict)  # by status ("timeout", "error"), no Retry-After
+
+    def fail(self, why: str) -> None:
+        self.failures[why] = self.failures.get(why, 0) + 1
 
     def summary(self) -> dict[str, float]:
         ok, refused = np.asarray(self.admitted_s), np.asarray(self.refused_s)
         q = lambda a, p: float(np.percentile(a, p) * 1e3) if a.size else float("nan")  # noqa: E731
         return {"offered_per_s": self.offered_per_s, "goodput_per_s": ok.size / self.elapsed_s,
                 "refused_per_s": refused.size / self.elapsed_s, "ok": int(ok.size), "refused": int(refused.size),
-                "failed": self.failed, "p50_ms": q(ok, 50), "p95_ms": q(ok, 95), "p99_ms": q(ok, 99),
+                "failed": sum(self.failures.values()), "failures": self.failures, "p50_ms": q(ok, 50), "p95_ms": q(ok, 95), "p99_ms": q(ok, 99),
                 "refusal_p95_ms": q(refused, 95), "refusal_max_ms": q(refused, 100)}
 
 
@@ -74,8 +78,11 @@ async def _open_loop(client: KeepAliveClient, rate: float, duration_s: float) ->
         try:
             status, body, headers = await asyncio.wait_for(client.get_with_headers(f"/v1/assets/{ASSET}/state"),
                                                            TIMEOUT_S)
-        except (TimeoutError, OSError):
-            out.failed += 1
+        except TimeoutError:
+            out.fail("timeout")
+            return
+        except OSError:
+            out.fail("error")
             return
         took = loop.time() - due
         if status == 200 and json.loads(body)["state"]["T_in"] > 0:
@@ -83,7 +90,7 @@ async def _open_loop(client: KeepAliveClient, rate: float, duration_s: float) ->
         elif status in (429, 503) and "retry-after" in headers:
             out.refused_s.append(took)
         else:
-            out.failed += 1
+            out.fail(str(status))
 
     tasks = []
     for i in range(max(1, round(rate * duration_s))):
@@ -143,8 +150,8 @@ async def _flood(base: str, key: str, duration_s: float) -> dict[str, Any]:
 
         applied_before = (await http.get(f"/v1/assets/{ASSET}/state")).json()["events_applied"]
         t0 = time.perf_counter()
-        while time.perf_counter() - t0 < duration_s:  # closed loop, 2 batches in flight
-            await asyncio.gather(post(), post())
+        while time.perf_counter() - t0 < duration_s:  # closed loop, as many in flight as a replica works on
+            await asyncio.gather(*(post() for _ in range(FLOOD_CLIENTS)))
         sustainable = counts["accepted"] / (time.perf_counter() - t0)
         closed_loop_accepted = counts["accepted"]
         counts.update(dict.fromkeys(counts, 0))
