@@ -185,8 +185,8 @@ def _backend_pid() -> int:
     return next(a.pid for a in alive if a.class_name.endswith(":Backend"))
 
 
-def measure(quick: bool) -> dict[str, Any]:
-    """Run in the server's interpreter (see the module docstring)."""
+def measure(quick: bool, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run in the server's interpreter (see the module docstring); `overrides`: `ServeConfig` fields."""
     from ray import serve
 
     from sweeps.runner import ensure_ray
@@ -194,7 +194,9 @@ def measure(quick: bool) -> dict[str, Any]:
     ensure_ray()
     duration = QUICK_DURATION_S if quick else DURATION_S
     with tempfile.TemporaryDirectory(prefix="raytwin-bench-overload-") as tmp:
-        port, key = _start(tmp, admission={"telemetry_backlog_events": FLOOD_BACKLOG})
+        overrides = overrides or {}
+        admission = {"telemetry_backlog_events": FLOOD_BACKLOG, **overrides.pop("admission", {})}
+        port, key = _start(tmp, admission=admission, **overrides)
         try:
             _create_zone(f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {key}"})
             pids = {**_process_ids(), "backend": _backend_pid()}
@@ -218,8 +220,10 @@ async def _queries(port: int, key: str, duration: float, pids: dict[str, int]) -
             before = {name: _cpu_seconds(pids[name]) for name in ("proxy", "ingress", "shard")}
             out = await _open_loop(client, multiple * capacity, duration)
             handled = max(1, len(out.admitted_s) + len(out.refused_s))
-            cpu[label] = {name: 1e3 * (_cpu_seconds(pids[name]) - t) / handled for name, t in before.items()}
-            runs.append({"label": label, "multiple": multiple, "capacity_per_s": capacity, **out.summary()})
+            spent = {name: _cpu_seconds(pids[name]) - t for name, t in before.items()}
+            cpu[label] = {name: 1e3 * seconds / handled for name, seconds in spent.items()}
+            runs.append({"label": label, "multiple": multiple, "capacity_per_s": capacity, **out.summary(),
+                         "busy_cores": {name: seconds / out.elapsed_s for name, seconds in spent.items()}})
             if label != "5x":  # recovery is measured right after 5x, without a pause
                 await asyncio.to_thread(_quiesce, [pids["proxy"], pids["ingress"]])
         return runs, cpu
@@ -252,6 +256,8 @@ def _figures(record: dict[str, Any]) -> list[Figure]:
         cpu = record["cpu_ms"][label]
         figures.append(Figure(f"{label}: CPU per answered request (proxy + ingress + shard)", sum(cpu.values()),
                               "ms", note=", ".join(f"{k} {v:.2f}" for k, v in cpu.items())))
+        figures.append(Figure(f"{label}: cores busy (proxy + ingress + shard)", sum(run["busy_cores"].values()), "cores",
+                              note=", ".join(f"{k} {v:.2f}" for k, v in run["busy_cores"].items())))
     base = record["cpu_ms"]["0.5x"]
     figures.append(Figure("state queries per core (1 s / CPU per request at 0.5x)", 1e3 / sum(base.values()), "req/s"))
     flood = record["flood"]
