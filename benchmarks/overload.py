@@ -3,7 +3,7 @@
 In a fresh interpreter with its own local Ray, the product's Serve application (default admission
 settings, one Ingress replica, one twin shard) is started and measured through the proxy:
 
-1. capacity: state queries answered per second by a closed loop of `CAPACITY_CLIENTS` connections
+1. capacity: state queries answered per second by a closed loop of `CAPACITY_CLIENTS` (8) connections
    (never more than the replica admits, so nothing is refused), and the unloaded p95 at 0.5x;
 2. open-loop state queries at 0.5x, 1x, 2x and 5x that capacity: goodput, refusals (503/429 that
    carry ``Retry-After``), failures (anything else, timeouts included), latency of admitted
@@ -34,7 +34,7 @@ from benchmarks.serve_api import ASSET, ServeCheckError, _cpu_seconds, _create_z
 
 MULTIPLES = (0.5, 1.0, 2.0, 5.0)
 DURATION_S, QUICK_DURATION_S = 5.0, 1.0
-CAPACITY_CLIENTS = 16
+CAPACITY_CLIENTS = 8
 REFUSAL_TARGET_MS = 100.0
 GOODPUT_TARGET = 0.9
 P95_TARGET_X = 3.0
@@ -44,6 +44,12 @@ FLOOD_CLIENTS = 8
 TIMEOUT_S = 10.0
 RESULT_PREFIX = "OVERLOAD_BENCH_RESULT "
 SERVER_PROCESSES = ("proxy", "ingress", "shard", "backend")
+VARIANTS: dict[str, dict[str, Any]] = {
+    "default": {},
+    # excess refused by Serve's proxy before the hop to a replica: few requests queue in the replica
+    "proxy-first": {"admission": {"max_concurrent": 8, "max_queued": 2, "proxy_max_queued": 4},
+                    "autoscaling": {"min_replicas": 1, "max_replicas": 1, "max_ongoing_requests": 10}},
+}
 
 
 @dataclass
@@ -185,29 +191,37 @@ def _backend_pid() -> int:
     return next(a.pid for a in alive if a.class_name.endswith(":Backend"))
 
 
-def measure(quick: bool, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run in the server's interpreter (see the module docstring); `overrides`: `ServeConfig` fields."""
-    from ray import serve
-
+def measure(quick: bool) -> dict[str, Any]:
+    """Run in the server's interpreter (see the module docstring): every variant of `VARIANTS` on a fresh
+    Serve application, the flood on the default one."""
     from sweeps.runner import ensure_ray
 
     ensure_ray()
     duration = QUICK_DURATION_S if quick else DURATION_S
+    variants = {name: _measure_variant(overrides, duration, flood=name == "default")
+                for name, overrides in VARIANTS.items()}
+    return {"variants": variants, "duration_s": duration, "load_avg_1m": os.getloadavg()[0]}
+
+
+def _measure_variant(overrides: dict[str, Any], duration: float, flood: bool) -> dict[str, Any]:
+    from ray import serve
+
     with tempfile.TemporaryDirectory(prefix="raytwin-bench-overload-") as tmp:
-        overrides = overrides or {}
-        admission = {"telemetry_backlog_events": FLOOD_BACKLOG, **overrides.pop("admission", {})}
-        port, key = _start(tmp, admission=admission, **overrides)
+        admission = {"telemetry_backlog_events": FLOOD_BACKLOG, **overrides.get("admission", {})}
+        port, key = _start(tmp, **{**overrides, "admission": admission})
         try:
             _create_zone(f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {key}"})
             pids = {**_process_ids(), "backend": _backend_pid()}
             runs, cpu = asyncio.run(_queries(port, key, duration, pids))
-            hwm_before = {name: _hwm_mib(pids[name]) for name in SERVER_PROCESSES}
-            flood = asyncio.run(_flood(f"http://127.0.0.1:{port}", key, duration))
-            flood["hwm_mib"] = {name: _hwm_mib(pids[name]) for name in SERVER_PROCESSES}
-            flood["hwm_before_mib"] = hwm_before
+            record = {"runs": runs, "cpu_ms": cpu}
+            if flood:
+                hwm_before = {name: _hwm_mib(pids[name]) for name in SERVER_PROCESSES}
+                record["flood"] = asyncio.run(_flood(f"http://127.0.0.1:{port}", key, duration))
+                record["flood"].update(hwm_mib={name: _hwm_mib(pids[name]) for name in SERVER_PROCESSES},
+                                       hwm_before_mib=hwm_before)
         finally:
             serve.shutdown()
-    return {"runs": runs, "cpu_ms": cpu, "flood": flood, "duration_s": duration, "load_avg_1m": os.getloadavg()[0]}
+    return record
 
 
 async def _queries(port: int, key: str, duration: float, pids: dict[str, int]) -> tuple[list[dict], dict]:
@@ -231,13 +245,14 @@ async def _queries(port: int, key: str, duration: float, pids: dict[str, int]) -
         await client.close()
 
 
-def _figures(record: dict[str, Any]) -> list[Figure]:
+def _figures(variant: str, record: dict[str, Any]) -> list[Figure]:
     runs = record["runs"]
     unloaded = runs[0]["p95_ms"]
-    figures = [Figure("capacity: state queries/s through the proxy (closed loop)", runs[0]["capacity_per_s"], "req/s"),
-               Figure("unloaded p95 (0.5x capacity)", unloaded, "ms")]
+    figures = [Figure(f"{variant}: capacity, state queries/s through the proxy (closed loop)",
+                      runs[0]["capacity_per_s"], "req/s"),
+               Figure(f"{variant}: unloaded p95 (0.5x capacity)", unloaded, "ms")]
     for run in runs:
-        label, capacity = run["label"], run["capacity_per_s"]
+        label, capacity = f"{variant}, {run['label']}", run["capacity_per_s"]
         overloaded = run["multiple"] > 1
         figures += [
             Figure(f"{label}: offered", run["offered_per_s"], "req/s"),
@@ -253,15 +268,19 @@ def _figures(record: dict[str, Any]) -> list[Figure]:
         if run["refused"]:
             figures.append(Figure(f"{label}: p95 of refusals", run["refusal_p95_ms"], "ms",
                                   target_max=REFUSAL_TARGET_MS))
-        cpu = record["cpu_ms"][label]
+        cpu = record["cpu_ms"][run["label"]]
         figures.append(Figure(f"{label}: CPU per answered request (proxy + ingress + shard)", sum(cpu.values()),
                               "ms", note=", ".join(f"{k} {v:.2f}" for k, v in cpu.items())))
         figures.append(Figure(f"{label}: cores busy (proxy + ingress + shard)", sum(run["busy_cores"].values()), "cores",
                               note=", ".join(f"{k} {v:.2f}" for k, v in run["busy_cores"].items())))
     base = record["cpu_ms"]["0.5x"]
-    figures.append(Figure("state queries per core (1 s / CPU per request at 0.5x)", 1e3 / sum(base.values()), "req/s"))
-    flood = record["flood"]
-    figures += [
+    figures.append(Figure(f"{variant}: state queries per core (1 s / CPU per request at 0.5x)",
+                          1e3 / sum(base.values()), "req/s"))
+    return figures
+
+
+def _flood_figures(flood: dict[str, Any]) -> list[Figure]:
+    figures = [
         Figure("flood: sustainable events/s (closed loop)", flood["sustainable_events_per_s"], "events/s"),
         Figure("flood: offered events/s (2x)", flood["offered_events_per_s"], "events/s"),
         Figure("flood: accepted events/s", flood["accepted_events_per_s"], "events/s"),
@@ -285,13 +304,16 @@ def overload(ctx: BenchContext) -> BenchResult:
     if not lines:
         raise ServeCheckError("the server process printed no result")
     record = json.loads(lines[-1][len(RESULT_PREFIX):])
-    if record["flood"]["loss"] != 0:
-        raise ServeCheckError(f"the flood lost {record['flood']['loss']} accepted events")
-    res = BenchResult(figures=_figures(record))
-    res.checks.update(runs=record["runs"], flood=record["flood"], load_avg_1m=record["load_avg_1m"])
+    flood = record["variants"]["default"]["flood"]
+    if flood["loss"] != 0:
+        raise ServeCheckError(f"the flood lost {flood['loss']} accepted events")
+    res = BenchResult(figures=[f for name, v in record["variants"].items() for f in _figures(name, v)]
+                      + _flood_figures(flood))
+    res.checks.update(variants=record["variants"], load_avg_1m=record["load_avg_1m"])
     res.notes.append(
         f"open loop through Serve's proxy, {record['duration_s']:g} s per rate, latency from each request's due time, "
-        f"timeout {TIMEOUT_S:g} s; default admission (8 at once per replica, 24 queued, 50 ms wait budget, proxy "
-        f"queue 32), one Ingress replica, one twin shard; flood: {FLOOD_BATCH}-event batches, backlog bound "
+        f"timeout {TIMEOUT_S:g} s; variants: default admission (8 at once per replica, 24 queued, 50 ms wait "
+        f"budget, proxy queue 32, max_ongoing_requests 32) and proxy-first ({VARIANTS['proxy-first']}); one Ingress "
+        f"replica, one twin shard; flood: {FLOOD_BATCH}-event batches, backlog bound "
         f"{FLOOD_BACKLOG} events; the load generator shares the machine's cores with the server")
     return res
