@@ -70,6 +70,7 @@ def test_gate_refuses_when_full_serves_its_queue_in_order_and_recovers():
             waiter = asyncio.create_task(http.get("/next"))
             await _until(lambda: len(gate.waiters) == 1)
             _assert_overloaded(await http.get("/refused"), retry_after=2)  # queue full: refused at once
+            assert (await http.get("/v1/changes")).status_code == 200  # long-lived streams are not gated
             assert not waiter.done()
             app.release.set()
             assert (await holder).status_code == 200
