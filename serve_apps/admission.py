@@ -30,7 +30,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from raytwin import metrics
@@ -58,6 +58,13 @@ class Admission(BaseModel):
     retry_after_s: int = Field(1, ge=1, description="`Retry-After` of every overload refusal [s].")
     telemetry_backlog_events: int = Field(50_000, ge=1, description="Events accepted over HTTP and not yet "
                                           "applied by the shards, at most; a batch beyond it gets 429.")
+
+    @field_validator("proxy_max_queued")
+    @classmethod
+    def _serve_accepts(cls, value: int) -> int:
+        if value == 0:
+            raise ValueError("proxy_max_queued must be -1 (no limit) or at least 1 (Serve's max_queued_requests)")
+        return value
 
 
 class Backlogged(ApiError):

@@ -17,11 +17,13 @@ from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
+from pydantic import ValidationError
 
 from raytwin.contracts import AssetType
 from raytwin.sim import THERMAL_RC
 from serve_apps.admission import Admission, AdmissionGate, Backlogged, BacklogGate
 from serve_apps.auth import create_key
+from serve_apps.config import ServeConfig
 from tests.conftest import free_port
 from tests.ray_metrics import total, wait_until
 
@@ -121,6 +123,12 @@ def test_a_waiter_whose_client_goes_away_leaves_the_queue():
         assert gate.running == 0 and not gate.waiters
 
     asyncio.run(scenario())
+
+
+def test_admission_settings_serve_would_refuse_are_refused_first():
+    with pytest.raises(ValidationError, match="proxy_max_queued"):
+        Admission(proxy_max_queued=0)
+    assert ServeConfig(store_url="s", keys_file="k", admission={"max_wait_s": 0.02}).admission.max_wait_s == 0.02
 
 
 def test_backlog_gate_admits_whole_batches_up_to_the_bound():
