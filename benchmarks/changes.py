@@ -84,7 +84,7 @@ def telemetry(ctx: BenchContext, result: BenchResult) -> None:
                 asset = Asset(id=f"zone-{i}", tenant=TENANT, type_name=thermal.name, type_version=thermal.version)
                 backend.create_asset(asset, None, Precondition())
             requests = Requests(twins)
-            with_log = lambda: backend.ingest(TENANT, requests.next())  # noqa: E731
+            with_log = lambda: backend.apply(TENANT, requests.next())  # noqa: E731
             without = lambda: backend.twins.ingest(TENANT, requests.next())  # noqa: E731
 
             def serial(fn):

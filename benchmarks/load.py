@@ -120,9 +120,9 @@ class KeepAliveClient:
 
     Why not httpx: the load generator shares the server's cores, and httpx's per-request Python
     cost (~0.5 ms) is of the same order as the server's. Here a request is one pre-built header
-    write and a ``Content-Length`` read. It reads what RayTwin's API answers (``Content-Length``
-    bodies), not chunked transfer encoding. A request that fails or is cancelled closes its
-    connection, so a late answer can never be read as the next request's.
+    write and a ``Content-Length`` read (or a chunked one: Serve's proxy sends its own backpressure
+    503s chunked). A request that fails or is cancelled closes its connection, so a late answer can
+    never be read as the next request's.
     """
 
     def __init__(self, host: str, port: int, headers: dict[str, str], max_connections: int = 64):
@@ -133,13 +133,22 @@ class KeepAliveClient:
 
     async def get(self, path: str) -> tuple[int, bytes]:
         """(status, body) of ``GET path``."""
+        status, body, _ = await self.get_with_headers(path)
+        return status, body
+
+    async def get_with_headers(self, path: str) -> tuple[int, bytes, dict[str, str]]:
+        """(status, body, header fields by lower-case name) of ``GET path``."""
         async with self._slots:
             reader, writer = self._idle.pop() if self._idle else await asyncio.open_connection(self.host, self.port)
             try:
                 writer.write(f"GET {path} HTTP/1.1\r\n{self._headers}\r\n".encode("latin-1"))
-                status, length, keep = _parse_head(await reader.readuntil(b"\r\n\r\n"))
-                body = await reader.readexactly(length)
-            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
+                status, fields = _parse_head(await reader.readuntil(b"\r\n\r\n"))
+                keep = fields.get("connection", "").lower() != "close"
+                if "content-length" in fields:
+                    body = await reader.readexactly(int(fields["content-length"]))
+                else:
+                    body = await _read_chunked(reader)
+            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
                 writer.close()
                 raise HttpError(f"connection closed or response too large: {exc}") from None
             except BaseException:
@@ -149,7 +158,7 @@ class KeepAliveClient:
                 self._idle.append((reader, writer))
             else:
                 writer.close()
-            return status, body
+            return status, body, fields
 
     async def close(self) -> None:
         while self._idle:
@@ -158,16 +167,29 @@ class KeepAliveClient:
             await writer.wait_closed()
 
 
-def _parse_head(head: bytes) -> tuple[int, int, bool]:
-    """(status, content length, keep-alive) of a response head."""
+async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
+    """A ``Transfer-Encoding: chunked`` body (what Serve's proxy sends for its own backpressure 503s)."""
+    parts = []
+    while size := int((await reader.readuntil(b"\r\n")).split(b";", 1)[0], 16):
+        parts.append(await reader.readexactly(size))
+        await reader.readexactly(2)
+    while await reader.readuntil(b"\r\n") != b"\r\n":  # trailer fields, then the blank line
+        pass
+    return b"".join(parts)
+
+
+def _parse_head(head: bytes) -> tuple[int, dict[str, str]]:
+    """(status, header fields by lower-case name) of a response head with a numeric ``content-length``
+    or chunked transfer encoding."""
     lines = head.decode("latin-1").split("\r\n")
     parts = lines[0].split(" ", 2)
     if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
         raise HttpError(f"malformed status line {lines[0]!r}")
     fields = {}
-    for line in lines[1:]:
+    for line in filter(None, lines[1:]):
         name, _, value = line.partition(":")
         fields[name.strip().lower()] = value.strip()
-    if "content-length" not in fields or not fields["content-length"].isdigit():
+    chunked = fields.get("transfer-encoding", "").lower() == "chunked"
+    if not chunked and not fields.get("content-length", "").isdigit():
         raise HttpError(f"response without a Content-Length (transfer-encoding {fields.get('transfer-encoding')!r})")
-    return int(parts[1]), int(fields["content-length"]), fields.get("connection", "").lower() != "close"
+    return int(parts[1]), fields

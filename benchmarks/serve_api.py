@@ -52,8 +52,9 @@ class ServeCheckError(AssertionError):
     """The service did not answer the state queries correctly."""
 
 
-def _start(tmp: str) -> tuple[int, str]:
-    """Start Serve with the RayTwin app on 127.0.0.1; returns (proxy port, admin API key)."""
+def _start(tmp: str, **overrides: Any) -> tuple[int, str]:
+    """Start Serve with the RayTwin app on 127.0.0.1 (`overrides`: `ServeConfig` fields); returns
+    (proxy port, admin API key)."""
     from ray import serve
 
     from serve_apps.app import build_app
@@ -65,7 +66,7 @@ def _start(tmp: str) -> tuple[int, str]:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     config = {"store_url": f"{tmp}/store", "keys_file": keys_file, "rate_per_s": 1e6, "rate_burst": 1_000_000,
               "twin_shards": 1, "namespace": f"bench-serve-{uuid.uuid4().hex[:8]}",
-              "autoscaling": {"min_replicas": 1, "max_replicas": 1}}
+              "autoscaling": {"min_replicas": 1, "max_replicas": 1}, **overrides}
     serve.run(build_app(config), name=APP, route_prefix="/",
               logging_config={"enable_access_log": False, "log_level": "WARNING"})
     return port, key

@@ -230,3 +230,9 @@ CONNECTOR_CONNECTED = gauge("raytwin_connector_connected", "1 while a connector 
                             "connector")
 CONNECTOR_NEWEST_EVENT = gauge("raytwin_connector_newest_event_timestamp_seconds", "Event time of the newest event a "
                                "connector applied [Unix s]: its lag is time() minus it.", "connector")
+# ---- overload (serve_apps/admission.py) ---------------------------------------------------------
+ADMISSION_REFUSED = counter("raytwin_admission_refused", "Requests refused before any work because the service "
+                            "was at capacity, by gate (ingress: 503; telemetry: 429) and reason (queue_full, "
+                            "wait_budget, backlog).", "gate", "reason")
+TELEMETRY_BACKLOG = gauge("raytwin_telemetry_backlog_events", "Telemetry events accepted over HTTP and not yet "
+                          "applied by the shards (bounded by admission.telemetry_backlog_events).")

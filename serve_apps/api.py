@@ -22,6 +22,7 @@ from serve_apps import (
     routes_scenarios,
     routes_twins,
 )
+from serve_apps.admission import Admission, AdmissionGate
 from serve_apps.deps import SVC, Services
 from serve_apps.errors import ERROR_RESPONSES, install_error_handlers
 from serve_apps.json_route import JsonRoute
@@ -31,7 +32,9 @@ from serve_apps.schemas import Health
 API_VERSION = "1.0.0"
 
 
-def create_api(max_body_bytes: int = 1_048_576) -> FastAPI:
+def create_api(max_body_bytes: int = 1_048_576, admission: Admission | None = None) -> FastAPI:
+    """The API; `admission`: the replica's overload gate (`serve_apps.admission`), outermost, so a
+    refusal costs neither the body nor authentication. None: no gate (OpenAPI, in-process use)."""
     app = FastAPI(
         title="RayTwin API", version=API_VERSION, responses=ERROR_RESPONSES,
         description=("Live digital twins and what-if scenarios. Authenticate with `Authorization: Bearer <key>`; "
@@ -43,6 +46,8 @@ def create_api(max_body_bytes: int = 1_048_576) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(RequestObserver)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
+    if admission is not None:
+        app.add_middleware(AdmissionGate, limits=admission)
     _ops_routes(app)
     for routes in (routes_catalog, routes_twins, routes_scenarios, routes_models, routes_changes):
         routes.register(app)

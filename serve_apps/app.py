@@ -10,6 +10,7 @@ from typing import Any
 
 from ray import serve
 from ray.serve import Application
+from ray.serve.config import BackpressureConfig
 from ray.serve.handle import DeploymentHandle
 
 from raytwin.logs import component_logging
@@ -48,7 +49,8 @@ class Ingress:
         )
 
     def __serve_build_asgi_app__(self):
-        app = create_api(self.services.config.max_body_bytes)
+        config = self.services.config
+        app = create_api(config.max_body_bytes, config.admission)
         app.state.services = self.services
         return app
 
@@ -60,6 +62,8 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     ingress = serve.deployment(
         Ingress, name="Ingress",
         max_ongoing_requests=scaling.max_ongoing_requests,
+        max_queued_requests=config.admission.proxy_max_queued,  # beyond: the proxy answers 503 + Retry-After
+        backpressure_config=BackpressureConfig(status_code=503, retry_after_s=config.admission.retry_after_s),
         autoscaling_config={
             "min_replicas": scaling.min_replicas, "max_replicas": scaling.max_replicas,
             "target_ongoing_requests": scaling.target_ongoing_requests,

@@ -11,6 +11,7 @@ twins are Ray actors (`actors.service.TwinService` shards), scenario jobs are Ra
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from typing import Any
@@ -22,6 +23,7 @@ from raytwin.contracts import Asset, AssetType, RelationshipKind, TelemetryEvent
 from raytwin.logs import component_logging
 from raytwin.registry import ModelArtifact, ModelRegistry, RegistryError
 from raytwin.sim.cpu import cpu_only
+from serve_apps.admission import BacklogGate
 from serve_apps.catalog import Catalog
 from serve_apps.changes import ChangeLog, ChangePage
 from serve_apps.conditional import Precondition
@@ -64,6 +66,7 @@ class Backend:
         self._publish = threading.Lock()
         self._twin_marks: dict[tuple[str, str], tuple[int, bool]] = {}  # last published (revision, drift)
         self._registries: dict[str, ModelRegistry] = {}
+        self.backlog = BacklogGate(config.admission.telemetry_backlog_events, config.admission.retry_after_s)
 
     def _registry(self, tenant: str) -> ModelRegistry:
         if tenant not in self._registries:
@@ -212,7 +215,15 @@ class Backend:
         return asset_type, self._artifact(tenant, asset)
 
     # ---- twins ---------------------------------------------------------------------------
-    def ingest(self, tenant: str, events: list[TelemetryEvent]) -> dict[str, Any]:
+    async def ingest(self, tenant: str, events: list[TelemetryEvent]) -> dict[str, Any]:
+        """`apply`, admitted by the backlog bound first (429 `Backlogged`, nothing accepted). Async so that
+        admission runs on arrival, not when a thread of Serve's pool frees up."""
+        release = self.backlog.reserve(len(events))
+        work = asyncio.ensure_future(asyncio.to_thread(self.apply, tenant, events))
+        work.add_done_callback(lambda _: release())
+        return await asyncio.shield(work)  # a caller that goes away does not stop accepted events being applied
+
+    def apply(self, tenant: str, events: list[TelemetryEvent]) -> dict[str, Any]:
         """Apply events, then record the new state (and a flipped drift flag) of each twin they changed."""
         assets = sorted({e.asset_id for e in events})
         for asset_id in assets:

@@ -13,6 +13,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from serve_apps.admission import Admission
+
 ENV_PREFIX = "RAYTWIN_SERVE_"
 
 
@@ -60,6 +62,7 @@ class ServeConfig(BaseModel):
         default_factory=list, description="Connector declarations started with the service (see connectors/README.md); "
         "credentials come from the backend's environment via `credentials_env`, never from here.")
     autoscaling: Autoscaling = Field(default_factory=Autoscaling)
+    admission: Admission = Field(default_factory=Admission)
 
     def url(self, *parts: str) -> str:
         """A location under the store: ``url("registry", tenant)`` -> ``{store_url}/registry/{tenant}``."""
@@ -71,7 +74,7 @@ class ServeConfig(BaseModel):
         values: dict[str, Any] = {}
         for name in cls.model_fields:
             env = os.environ.get(ENV_PREFIX + name.upper())
-            if env is not None and name not in ("autoscaling", "storage_options", "connectors"):
+            if env is not None and name not in ("autoscaling", "admission", "storage_options", "connectors"):
                 values[name] = env
         if "keys_file" not in values and os.environ.get("RAYTWIN_API_KEYS_FILE"):
             values["keys_file"] = os.environ["RAYTWIN_API_KEYS_FILE"]

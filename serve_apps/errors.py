@@ -112,7 +112,9 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (413, "Body too large"),
         (415, "A request body that is not `Content-Type: application/json`"),
         (422, "Invalid request (`invalid_request`), or a scenario whose simulation diverged (`diverged`)"),
-        (429, "Rate limited"),
+        (429, "Rate limited (`rate_limited`), or telemetry refused while the twin shards are behind (`backlogged`); "
+              "`Retry-After` says when to send again"),
+        (503, "At capacity (`overloaded`): refused before any work; retry after `Retry-After` seconds"),
     )
 }
 

@@ -52,16 +52,23 @@ def test_client_reuses_connections_and_reads_each_body():
     assert opened == 2  # never more than max_connections, reused across requests
 
 
-def test_client_honours_connection_close_and_refuses_unframed_bodies():
+def test_client_honours_connection_close_reads_chunked_bodies_and_refuses_unframed_ones():
     async def run():
         closing, port, connections = await _serve(lambda path: _response(b"{}", "connection: close\r\n"))
         client = KeepAliveClient("127.0.0.1", port, {"Authorization": "Bearer k"})
         assert [await client.get("/") for _ in range(3)] == [(200, b"{}")] * 3
         closing.close()
-        chunked, port2, _ = await _serve(lambda path: b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n")
-        with pytest.raises(HttpError, match="Content-Length"):
-            await KeepAliveClient("127.0.0.1", port2, {"Authorization": "Bearer k"}).get("/")
+        chunked, port2, _ = await _serve(lambda path: b"HTTP/1.1 503 Service Unavailable\r\ntransfer-encoding: chunked\r\n"
+                                         b"retry-after: 1\r\n\r\n5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\n\r\n")
+        client = KeepAliveClient("127.0.0.1", port2, {"Authorization": "Bearer k"})
+        for _ in range(2):  # the connection is reused after a chunked body
+            assert await client.get_with_headers("/") == (503, b"hello, world", {
+                "transfer-encoding": "chunked", "retry-after": "1"})
         chunked.close()
+        unframed, port3, _ = await _serve(lambda path: b"HTTP/1.1 200 OK\r\nx: y\r\n\r\nbody")
+        with pytest.raises(HttpError, match="Content-Length"):
+            await KeepAliveClient("127.0.0.1", port3, {"Authorization": "Bearer k"}).get("/")
+        unframed.close()
         return len(connections)
 
     assert asyncio.run(run()) == 3  # a new connection after every "connection: close"

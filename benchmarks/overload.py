@@ -1,0 +1,319 @@
+"""Overload through Serve's HTTP proxy: shed, don't collapse (serve_apps/admission.py).
+
+In a fresh interpreter with its own local Ray, the product's Serve application (default admission
+settings, one Ingress replica, one twin shard) is started and measured through the proxy:
+
+1. capacity: state queries answered per second by a closed loop of `CAPACITY_CLIENTS` (8) connections
+   (never more than the replica admits, so nothing is refused), and the unloaded p95 at 0.5x;
+2. open-loop state queries at 0.5x, 1x, 2x and 5x that capacity: goodput, refusals (503/429 that
+   carry ``Retry-After``), failures (anything else, timeouts included), latency of admitted
+   requests from their due time and of refusals, CPU per request of the proxy, ingress and shard;
+3. recovery: 0.5x again right after 5x;
+4. a telemetry flood at 2x the event rate the shards sustained in a closed loop: refusals, the
+   high-water mark of resident memory (``VmHWM``) of the server processes, and loss = events the
+   API accepted minus events the twin applied (must be 0).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import numpy as np
+
+from benchmarks.harness import BenchContext, BenchResult, Figure, benchmark, run_python, subprocess_env_without
+from benchmarks.load import KeepAliveClient
+from benchmarks.serve_api import ASSET, ServeCheckError, _cpu_seconds, _create_zone, _process_ids, _quiesce, _start
+
+MULTIPLES = (0.5, 1.0, 2.0, 5.0)
+DURATION_S, QUICK_DURATION_S = 5.0, 1.0
+CAPACITY_CLIENTS = 8
+REFUSAL_TARGET_MS = 100.0
+GOODPUT_TARGET = 0.9
+P95_TARGET_X = 3.0
+FLOOD_BATCH = 1_000
+FLOOD_BACKLOG = 4 * FLOOD_BATCH
+FLOOD_CLIENTS = 8
+TIMEOUT_S = 10.0
+RESULT_PREFIX = "OVERLOAD_BENCH_RESULT "
+SERVER_PROCESSES = ("proxy", "ingress", "shard", "backend")
+VARIANTS: dict[str, dict[str, Any]] = {
+    "default": {},
+    # excess refused by Serve's proxy before the hop to a replica: few requests queue in the replica
+    "proxy-first": {"admission": {"max_concurrent": 8, "max_queued": 2, "proxy_max_queued": 4},
+                    "autoscaling": {"min_replicas": 1, "max_replicas": 1, "max_ongoing_requests": 10}},
+}
+
+
+@dataclass
+class Outcomes:
+    """Every request of one open-loop run: admitted latencies, refusal latencies, failures."""
+
+    offered_per_s: float
+    elapsed_s: float = 0.0
+    admitted_s: list[float] = field(default_factory=list)
+    refused_s: list[float] = field(default_factory=list)
+    failures: dict[str, int] = field(default_factory=dict)  # by status ("timeout", "error"), no Retry-After
+
+    def fail(self, why: str) -> None:
+        self.failures[why] = self.failures.get(why, 0) + 1
+
+    def summary(self) -> dict[str, float]:
+        ok, refused = np.asarray(self.admitted_s), np.asarray(self.refused_s)
+        q = lambda a, p: float(np.percentile(a, p) * 1e3) if a.size else float("nan")  # noqa: E731
+        return {"offered_per_s": self.offered_per_s, "goodput_per_s": ok.size / self.elapsed_s,
+                "refused_per_s": refused.size / self.elapsed_s, "ok": int(ok.size), "refused": int(refused.size),
+                "failed": sum(self.failures.values()), "failures": self.failures, "p50_ms": q(ok, 50), "p95_ms": q(ok, 95), "p99_ms": q(ok, 99),
+                "refusal_p95_ms": q(refused, 95), "refusal_max_ms": q(refused, 100)}
+
+
+async def _open_loop(client: KeepAliveClient, rate: float, duration_s: float) -> Outcomes:
+    """GET the state at `rate` for `duration_s`; each latency from the request's due time."""
+    out = Outcomes(rate)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+
+    async def one(due: float) -> None:
+        try:
+            status, body, headers = await asyncio.wait_for(client.get_with_headers(f"/v1/assets/{ASSET}/state"),
+                                                           TIMEOUT_S)
+        except TimeoutError:
+            out.fail("timeout")
+            return
+        except OSError:
+            out.fail("error")
+            return
+        took = loop.time() - due
+        if status == 200 and json.loads(body)["state"]["T_in"] > 0:
+            out.admitted_s.append(took)
+        elif status in (429, 503) and "retry-after" in headers:
+            out.refused_s.append(took)
+        else:
+            out.fail(str(status))
+
+    tasks = []
+    for i in range(max(1, round(rate * duration_s))):
+        due = t0 + i / rate
+        await asyncio.sleep(max(0.0, due - loop.time()))
+        tasks.append(asyncio.create_task(one(due)))
+    await asyncio.gather(*tasks)
+    out.elapsed_s = loop.time() - t0
+    return out
+
+
+async def _capacity(client: KeepAliveClient, duration_s: float) -> float:
+    """State queries/s of a closed loop of `CAPACITY_CLIENTS` concurrent clients."""
+    done = 0
+    stop = time.perf_counter() + duration_s
+
+    async def worker() -> None:
+        nonlocal done
+        while time.perf_counter() < stop:
+            status, _, _ = await client.get_with_headers(f"/v1/assets/{ASSET}/state")
+            done += status == 200
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(CAPACITY_CLIENTS)))
+    return done / (time.perf_counter() - t0)
+
+
+def _events(start: int, n: int) -> bytes:
+    t0 = datetime.now(UTC) - timedelta(days=1)
+    return json.dumps({"events": [
+        {"sequence": k, "event_time": (t0 + timedelta(milliseconds=10 * k)).isoformat(),
+         "measurements": {"T_in": {"value": 293.0 + 1e-4 * (k % 100), "unit": "K"},
+                          "T_out": {"value": 5.0, "unit": "degC"}}} for k in range(start, start + n)]}).encode()
+
+
+async def _flood(base: str, key: str, duration_s: float) -> dict[str, Any]:
+    """Closed-loop sustainable event rate, then an open-loop flood at twice it; counts and loss."""
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    seq = 0
+    counts = {"accepted": 0, "duplicates": 0, "refused_429": 0, "refused_503": 0, "failed": 0}
+    async with httpx.AsyncClient(base_url=base, headers=headers, timeout=60.0,
+                                 limits=httpx.Limits(max_connections=64)) as http:
+        async def post() -> None:
+            nonlocal seq
+            start, seq = seq, seq + FLOOD_BATCH
+            try:
+                r = await http.post(f"/v1/assets/{ASSET}/telemetry", content=_events(start, FLOOD_BATCH))
+            except httpx.HTTPError:
+                counts["failed"] += 1
+                return
+            if r.status_code == 200:
+                counts["accepted"] += r.json()["accepted"]
+                counts["duplicates"] += r.json()["duplicates"]
+            elif r.status_code in (429, 503) and "retry-after" in r.headers:
+                counts[f"refused_{r.status_code}"] += 1
+            else:
+                counts["failed"] += 1
+
+        applied_before = (await http.get(f"/v1/assets/{ASSET}/state")).json()["events_applied"]
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < duration_s:  # closed loop, as many in flight as a replica works on
+            await asyncio.gather(*(post() for _ in range(FLOOD_CLIENTS)))
+        sustainable = counts["accepted"] / (time.perf_counter() - t0)
+        closed_loop_accepted = counts["accepted"]
+        counts.update(dict.fromkeys(counts, 0))
+        batches_per_s = 2 * sustainable / FLOOD_BATCH
+        tasks = []
+        t0 = time.perf_counter()
+        for i in range(max(1, round(batches_per_s * duration_s))):
+            await asyncio.sleep(max(0.0, t0 + i / batches_per_s - time.perf_counter()))
+            tasks.append(asyncio.create_task(post()))
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - t0
+        state = (await http.get(f"/v1/assets/{ASSET}/state")).json()
+        applied = state["events_applied"] - applied_before - closed_loop_accepted
+    return {"sustainable_events_per_s": sustainable, "offered_events_per_s": 2 * sustainable,
+            "accepted_events_per_s": counts["accepted"] / elapsed, **counts,
+            "batches": len(tasks), "loss": counts["accepted"] - applied}
+
+
+def _hwm_mib(pid: int) -> float:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _backend_pid() -> int:
+    import ray
+    from ray.util.state import list_actors
+
+    alive = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")], limit=10_000)
+    return next(a.pid for a in alive if a.class_name.endswith(":Backend"))
+
+
+def measure(quick: bool) -> dict[str, Any]:
+    """Run in the server's interpreter (see the module docstring): every variant of `VARIANTS` on a fresh
+    Serve application, the flood on the default one."""
+    from sweeps.runner import ensure_ray
+
+    ensure_ray()
+    duration = QUICK_DURATION_S if quick else DURATION_S
+    variants = {name: _measure_variant(overrides, duration, flood=name == "default")
+                for name, overrides in VARIANTS.items()}
+    return {"variants": variants, "duration_s": duration, "load_avg_1m": os.getloadavg()[0]}
+
+
+def _measure_variant(overrides: dict[str, Any], duration: float, flood: bool) -> dict[str, Any]:
+    from ray import serve
+
+    with tempfile.TemporaryDirectory(prefix="raytwin-bench-overload-") as tmp:
+        admission = {"telemetry_backlog_events": FLOOD_BACKLOG, **overrides.get("admission", {})}
+        port, key = _start(tmp, **{**overrides, "admission": admission})
+        try:
+            _create_zone(f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {key}"})
+            pids = {**_process_ids(), "backend": _backend_pid()}
+            runs, cpu = asyncio.run(_queries(port, key, duration, pids))
+            record = {"runs": runs, "cpu_ms": cpu}
+            if flood:
+                hwm_before = {name: _hwm_mib(pids[name]) for name in SERVER_PROCESSES}
+                record["flood"] = asyncio.run(_flood(f"http://127.0.0.1:{port}", key, duration))
+                record["flood"].update(hwm_mib={name: _hwm_mib(pids[name]) for name in SERVER_PROCESSES},
+                                       hwm_before_mib=hwm_before)
+        finally:
+            serve.shutdown()
+    return record
+
+
+async def _queries(port: int, key: str, duration: float, pids: dict[str, int]) -> tuple[list[dict], dict]:
+    client = KeepAliveClient("127.0.0.1", port, {"Authorization": f"Bearer {key}"}, max_connections=256)
+    try:
+        await _capacity(client, min(duration, 2.0))  # warm-up: connections, handles, caches
+        capacity = await _capacity(client, duration)
+        runs, cpu = [], {}
+        for label, multiple in [*[(f"{m:g}x", m) for m in MULTIPLES], ("0.5x after 5x", 0.5)]:
+            before = {name: _cpu_seconds(pids[name]) for name in ("proxy", "ingress", "shard")}
+            out = await _open_loop(client, multiple * capacity, duration)
+            handled = max(1, len(out.admitted_s) + len(out.refused_s))
+            spent = {name: _cpu_seconds(pids[name]) - t for name, t in before.items()}
+            cpu[label] = {name: 1e3 * seconds / handled for name, seconds in spent.items()}
+            runs.append({"label": label, "multiple": multiple, "capacity_per_s": capacity, **out.summary(),
+                         "busy_cores": {name: seconds / out.elapsed_s for name, seconds in spent.items()}})
+            if label != "5x":  # recovery is measured right after 5x, without a pause
+                await asyncio.to_thread(_quiesce, [pids["proxy"], pids["ingress"]])
+        return runs, cpu
+    finally:
+        await client.close()
+
+
+def _figures(variant: str, record: dict[str, Any]) -> list[Figure]:
+    runs = record["runs"]
+    unloaded = runs[0]["p95_ms"]
+    figures = [Figure(f"{variant}: capacity, state queries/s through the proxy (closed loop)",
+                      runs[0]["capacity_per_s"], "req/s"),
+               Figure(f"{variant}: unloaded p95 (0.5x capacity)", unloaded, "ms")]
+    for run in runs:
+        label, capacity = f"{variant}, {run['label']}", run["capacity_per_s"]
+        overloaded = run["multiple"] > 1
+        figures += [
+            Figure(f"{label}: offered", run["offered_per_s"], "req/s"),
+            Figure(f"{label}: goodput / capacity", run["goodput_per_s"] / capacity, "",
+                   target_min=GOODPUT_TARGET if run["multiple"] >= 1 else None),
+            Figure(f"{label}: refused", run["refused_per_s"], "req/s"),
+            Figure(f"{label}: failed (no Retry-After, or timed out)", float(run["failed"]), "requests",
+                   target_max=0.0),
+            Figure(f"{label}: p95 of admitted", run["p95_ms"], "ms",
+                   target_max=P95_TARGET_X * unloaded if overloaded else None),
+            Figure(f"{label}: p99 of admitted", run["p99_ms"], "ms"),
+        ]
+        if run["refused"]:
+            figures.append(Figure(f"{label}: p95 of refusals", run["refusal_p95_ms"], "ms",
+                                  target_max=REFUSAL_TARGET_MS))
+        cpu = record["cpu_ms"][run["label"]]
+        figures.append(Figure(f"{label}: CPU per answered request (proxy + ingress + shard)", sum(cpu.values()),
+                              "ms", note=", ".join(f"{k} {v:.2f}" for k, v in cpu.items())))
+        figures.append(Figure(f"{label}: cores busy (proxy + ingress + shard)", sum(run["busy_cores"].values()), "cores",
+                              note=", ".join(f"{k} {v:.2f}" for k, v in run["busy_cores"].items())))
+    base = record["cpu_ms"]["0.5x"]
+    figures.append(Figure(f"{variant}: state queries per core (1 s / CPU per request at 0.5x)",
+                          1e3 / sum(base.values()), "req/s"))
+    return figures
+
+
+def _flood_figures(flood: dict[str, Any]) -> list[Figure]:
+    figures = [
+        Figure("flood: sustainable events/s (closed loop)", flood["sustainable_events_per_s"], "events/s"),
+        Figure("flood: offered events/s (2x)", flood["offered_events_per_s"], "events/s"),
+        Figure("flood: accepted events/s", flood["accepted_events_per_s"], "events/s"),
+        Figure("flood: batches refused with 429 (backlog)", float(flood["refused_429"]), "batches"),
+        Figure("flood: batches refused with 503 (ingress gate or proxy)", float(flood["refused_503"]), "batches"),
+        Figure("flood: failed batches (no Retry-After, or errors)", float(flood["failed"]), "batches", target_max=0.0),
+        Figure("flood: events lost (accepted - applied)", float(flood["loss"]), "events", target_max=0.0),
+    ]
+    figures += [Figure(f"flood: memory high-water mark, {name}", mib, "MiB",
+                       note=f"{flood['hwm_before_mib'][name]:.0f} MiB before the flood")
+                for name, mib in flood["hwm_mib"].items()]
+    return figures
+
+
+@benchmark("overload", "Shedding through Serve's proxy at 0.5x-5x capacity, recovery, and a 2x telemetry flood")
+def overload(ctx: BenchContext) -> BenchResult:
+    code = (f"import json; from benchmarks.overload import measure, RESULT_PREFIX; "
+            f"print(RESULT_PREFIX + json.dumps(measure({ctx.quick!r})))")
+    lines = [ln for ln in run_python(code, subprocess_env_without("RAY_ADDRESS"), timeout_s=900).splitlines()
+             if ln.startswith(RESULT_PREFIX)]
+    if not lines:
+        raise ServeCheckError("the server process printed no result")
+    record = json.loads(lines[-1][len(RESULT_PREFIX):])
+    flood = record["variants"]["default"]["flood"]
+    if flood["loss"] != 0:
+        raise ServeCheckError(f"the flood lost {flood['loss']} accepted events")
+    res = BenchResult(figures=[f for name, v in record["variants"].items() for f in _figures(name, v)]
+                      + _flood_figures(flood))
+    res.checks.update(variants=record["variants"], load_avg_1m=record["load_avg_1m"])
+    res.notes.append(
+        f"open loop through Serve's proxy, {record['duration_s']:g} s per rate, latency from each request's due time, "
+        f"timeout {TIMEOUT_S:g} s; variants: default admission (8 at once per replica, 24 queued, 50 ms wait "
+        f"budget, proxy queue 32, max_ongoing_requests 32) and proxy-first ({VARIANTS['proxy-first']}); one Ingress "
+        f"replica, one twin shard; flood: {FLOOD_BATCH}-event batches, backlog bound "
+        f"{FLOOD_BACKLOG} events; the load generator shares the machine's cores with the server")
+    return res
