@@ -19,9 +19,12 @@ from ray import serve
 
 from actors.state import TwinState, UnknownTwin
 from raytwin.contracts import Asset, AssetType, RelationshipKind, TelemetryEvent
+from raytwin.graph import Direction
 from raytwin.logs import component_logging
+from raytwin.query import Expr
 from raytwin.registry import ModelArtifact, ModelRegistry, RegistryError
 from raytwin.sim.cpu import cpu_only
+from serve_apps import asset_queries
 from serve_apps.catalog import Catalog
 from serve_apps.changes import ChangeLog, ChangePage
 from serve_apps.conditional import Precondition
@@ -29,6 +32,7 @@ from serve_apps.config import ServeConfig
 from serve_apps.connector_ops import ConnectorOps
 from serve_apps.errors import NotFound, Unprocessable
 from serve_apps.jobs import Job, JobQueue, Work
+from serve_apps.query_schemas import AssetGraph
 
 log = logging.getLogger("raytwin.serve.backend")
 
@@ -179,6 +183,19 @@ class Backend:
                     relationship: RelationshipKind | None) -> list[Asset]:
         with self._lock:
             return self.catalog.list_assets(tenant, type_name, type_version, related_to, relationship)
+
+    # ---- queries (serve_apps/asset_queries.py) ---------------------------------------------
+    def query_candidates(self, tenant: str, expr: Expr) -> list[Asset]:
+        with self._lock:
+            return asset_queries.candidates(self.catalog, tenant, expr)
+
+    def asset_graph(self, tenant: str, asset_id: str, direction: Direction, kinds: list[str],
+                    depth: int) -> AssetGraph:
+        with self._lock:
+            return asset_queries.graph(self.catalog, tenant, asset_id, direction, kinds, depth)
+
+    def query_cursor_secret(self) -> bytes:
+        return asset_queries.cursor_secret(self.config.store_url, self.config.storage_options)
 
     def delete_asset(self, tenant: str, asset_id: str, pre: Precondition) -> None:
         with self._lock:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -46,8 +47,10 @@ class TwinReader:
         self._clock = clock
         self._handles: dict[int, Any] = {}
         self._recent: OrderedDict[tuple[str, str], tuple[float, asyncio.Future]] = OrderedDict()
+        self.on_forget: list[Callable[[str, str], None]] = []  # other caches of twin state (query reads)
 
-    def _shard(self, tenant: str, asset_id: str) -> Any:
+    def shard(self, tenant: str, asset_id: str) -> Any:
+        """The handle of the shard actor holding (tenant, asset) (looked up once per replica)."""
         index = shard_index(tenant, asset_id, self.shards)
         if index not in self._handles:
             self._handles[index] = ray.get_actor(shard_name(self.store_url, index, self.shards),
@@ -59,12 +62,12 @@ class TwinReader:
         unknown twins and other tenants' twins."""
         if at is not None:
             try:
-                state = await self._shard(tenant, asset_id).state_at.remote(tenant, asset_id, to_micros(at))
+                state = await self.shard(tenant, asset_id).state_at.remote(tenant, asset_id, to_micros(at))
             except HistoryPruned as exc:  # Ray's error for it is also a HistoryPruned
                 raise Gone(str(unwrap(exc))) from None
             return self._found(state, asset_id, at)
         if self.max_age_s == 0:
-            return self._found(await self._shard(tenant, asset_id).state.remote(tenant, asset_id), asset_id)
+            return self._found(await self.shard(tenant, asset_id).state.remote(tenant, asset_id), asset_id)
         key = (tenant, asset_id)
         now = self._clock()
         entry = self._recent.get(key)
@@ -81,9 +84,11 @@ class TwinReader:
     def forget(self, tenant: str, asset_id: str) -> None:
         """Drop the cached state of a twin this replica has just written to (read-your-writes)."""
         self._recent.pop((tenant, asset_id), None)
+        for forget in self.on_forget:
+            forget(tenant, asset_id)
 
     async def _fetch(self, tenant: str, asset_id: str) -> dict[str, Any]:
-        return self._found(await self._shard(tenant, asset_id).state.remote(tenant, asset_id), asset_id)
+        return self._found(await self.shard(tenant, asset_id).state.remote(tenant, asset_id), asset_id)
 
     def _remember(self, key: tuple[str, str], entry: tuple[float, asyncio.Future]) -> None:
         self._recent[key] = entry
