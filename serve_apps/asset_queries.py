@@ -18,7 +18,7 @@ from typing import Any
 from raytwin.contracts import Asset
 from raytwin.graph import Direction, adjacency, walk
 from raytwin.query import Expr, Record, evaluate
-from raytwin.storage import filesystem
+from raytwin.storage import filesystem, write_once
 from serve_apps.catalog import Catalog
 from serve_apps.query_schemas import AssetGraph, GraphNode
 from serve_apps.twin_reads import TwinReader
@@ -47,8 +47,10 @@ def cursor_secret(store_url: str, storage_options: dict[str, Any] | None) -> byt
     fs, root = filesystem(store_url, storage_options)
     path = f"{root}/secrets/query-cursor.key"
     if not fs.exists(path):
-        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        fs.pipe_file(path, secrets.token_bytes(KEY_BYTES))
+        try:
+            write_once(fs, path, secrets.token_bytes(KEY_BYTES))
+        except FileExistsError:  # made meanwhile (a restarting backend): use that one
+            pass
     return fs.cat_file(path)
 
 

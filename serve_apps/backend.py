@@ -25,6 +25,8 @@ from raytwin.query import Expr
 from raytwin.registry import ModelArtifact, ModelRegistry, RegistryError
 from raytwin.sim.cpu import cpu_only
 from serve_apps import asset_queries
+from serve_apps.audit import AuditLog
+from serve_apps.bulk import BulkWork, Caller
 from serve_apps.catalog import Catalog
 from serve_apps.changes import ChangeLog, ChangePage
 from serve_apps.conditional import Precondition
@@ -32,7 +34,7 @@ from serve_apps.config import ServeConfig
 from serve_apps.connector_ops import ConnectorOps
 from serve_apps.errors import NotFound, Unprocessable
 from serve_apps.jobs import Job, JobQueue, Work
-from serve_apps.query_schemas import AssetGraph
+from serve_apps.query_schemas import AssetGraph, BulkRequest
 
 log = logging.getLogger("raytwin.serve.backend")
 
@@ -63,6 +65,7 @@ class Backend:
         for tenant in self.catalog.tenants():
             self.changes.reserve(tenant, self.catalog.max_revision(tenant))
         self.jobs = JobQueue(config, config.max_concurrent_jobs, on_finish=self._job_finished)
+        self.audit = AuditLog(config.store_url, config.storage_options)  # bulk jobs audit each item
         self.connector_ops = ConnectorOps(self.twins, config.connectors)
         self._lock = threading.Lock()
         self._publish = threading.Lock()
@@ -310,6 +313,9 @@ class Backend:
     async def submit_job(self, tenant: str, key_id: str, asset_id: str, model_ref: str, content_hash: str,
                          work: Work) -> Job:
         return self.jobs.submit(tenant, key_id, asset_id, model_ref, content_hash, work)
+
+    async def submit_bulk(self, caller: Caller, request: BulkRequest, asset_ids: list[str]) -> Job:
+        return self.jobs.submit_bulk(BulkWork(caller, request, asset_ids, self, self.audit))
 
     async def get_job(self, tenant: str, job_id: str) -> Job:
         return self.jobs.get(tenant, job_id)

@@ -44,3 +44,49 @@ class AssetGraph(BaseModel):
     direction: Literal["descendants", "ancestors"]
     nodes: list[GraphNode]
     truncated: bool = Field(description="Assets lie beyond `depth`: ask again with a larger one")
+
+
+MAX_BULK_ITEMS = 10_000
+
+
+class BulkRequest(BaseModel):
+    """An operation on every asset a query matches (matched once, when the job is submitted)."""
+
+    model_config = ConfigDict(extra="forbid")
+    q: str = Field(max_length=MAX_QUERY_CHARS, description="The filter (as in `POST /v1/query`); required: "
+                   "`\"q\": \"\"` (every asset) must be asked for explicitly")
+    action: Literal["tag", "delete", "retype"]
+    set: dict[str, str] = Field(default_factory=dict, description="tag: metadata keys to set")
+    unset: list[str] = Field(default_factory=list, description="tag: metadata keys to remove")
+    type_version: str | None = Field(None, pattern=r"^\d+\.\d+\.\d+$", description="retype: the version of the "
+                                     "asset's own type to move it to (registered first)")
+
+
+class BulkProgress(BaseModel):
+    total: int
+    done: int = 0
+    changed: int = 0
+    unchanged: int = 0
+    failed: int = 0
+
+
+class BulkItem(BaseModel):
+    asset_id: str
+    outcome: Literal["changed", "unchanged", "failed"]
+    revision: int | None = Field(None, description="The asset's revision after the change")
+    error: str | None = None
+
+
+class BulkReport(BaseModel):
+    job_id: str
+    action: str
+    q: str
+    items: list[BulkItem]
+
+
+class BulkAccepted(BaseModel):
+    job_id: str
+    state: str
+    total: int = Field(description="Assets the query matched: the job's items")
+    status_url: str = Field(description="The job, with `bulk` progress")
+    report_url: str = Field(description="The outcome of each item, once the job finished")

@@ -4,6 +4,7 @@ the SDK; the language itself is tested against brute force in tests/test_query.p
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -129,3 +130,58 @@ def test_the_sdk_iterates_pages_sync_and_async(api, zones):  # noqa: F811
             return [i["id"] async for i in aio.query("", sort=["-state.T_in"], page_size=3)]
 
     assert asyncio.run(collect()) == order
+
+
+def finished(http, headers, job_id: str) -> dict:
+    """The job once it left the queue (polled; the job itself decides when)."""
+    for _ in range(1200):
+        job = http.get(f"/v1/jobs/{job_id}", headers=headers).json()
+        if job["state"] in ("succeeded", "failed"):
+            return job
+        time.sleep(0.25)
+    raise AssertionError(f"job {job_id} still {job['state']}")
+
+
+def test_bulk_tag_runs_as_a_job_with_a_report_of_each_item(api, http, zones):  # noqa: F811
+    writer, reader = auth(api, "writer"), auth(api, "reader")
+    body = {"q": 'metadata.site == "north" and state.T_in > 298.15', "action": "tag", "set": {"band": "warm"}}
+    r = http.post("/v1/bulk", json=body, headers=writer)
+    assert r.status_code == 202, r.text
+    accepted = r.json()
+    assert accepted["total"] == 2 and accepted["status_url"] == f"/v1/jobs/{accepted['job_id']}"
+    job = finished(http, reader, accepted["job_id"])
+    assert job["state"] == "succeeded" and job["kind"] == "bulk"
+    assert job["bulk"] == {"total": 2, "done": 2, "changed": 2, "unchanged": 0, "failed": 0}
+    report = http.get(accepted["report_url"], headers=reader).json()
+    assert [(i["asset_id"], i["outcome"]) for i in report["items"]] == [("z1", "changed"), ("z4", "changed")]
+    z1 = http.get("/v1/assets/z1", headers=reader)
+    assert z1.json()["metadata"] == {"site": "north", "band": "warm"}
+    assert z1.headers["etag"] == f'"{report["items"][0]["revision"]}"'
+    assert [i["id"] for i in query(http, reader, q='metadata.band == "warm"')["items"]] == ["z1", "z4"]
+
+    # again: nothing to change; metadata the twin refuses fails its items only
+    again = http.post("/v1/bulk", json={**body, "q": 'id in ["z1", "z2"]'}, headers=writer).json()
+    refused = http.post("/v1/bulk", json={"q": 'id == "z3"', "action": "tag", "set": {"filter": "particle"}},
+                        headers=writer).json()
+    assert finished(http, reader, again["job_id"])["bulk"]["unchanged"] == 1
+    outcomes = http.get(again["report_url"], headers=reader).json()["items"]
+    assert [(i["asset_id"], i["outcome"]) for i in outcomes] == [("z1", "unchanged"), ("z2", "changed")]
+    assert finished(http, reader, refused["job_id"])["bulk"]["failed"] == 1
+    (item,) = http.get(refused["report_url"], headers=reader).json()["items"]
+    assert item["outcome"] == "failed" and "filter='particle' is not a filter" in item["error"]
+
+    audit = http.get("/v1/audit", headers=auth(api, "admin")).json()
+    updates = [a for a in audit if a["action"] == "asset.update" and a["details"]["bulk"]["job_id"] ==
+               accepted["job_id"]]
+    assert sorted(a["target"] for a in updates) == ["z1", "z4"] and all(a["role"] == "writer" for a in updates)
+    assert any(a["action"] == "bulk.submit" and a["target"] == accepted["job_id"] for a in audit)
+
+    assert_error(http.post("/v1/bulk", json={"q": "", "action": "delete"}, headers=writer), 403, "forbidden")
+    assert_error(http.post("/v1/bulk", json={"q": "", "action": "tag", "set": {"a": "b"}}, headers=reader),
+                 403, "forbidden")
+    err = assert_error(http.post("/v1/bulk", json={"q": "id ==", "action": "tag", "set": {"a": "b"}},
+                                 headers=writer), 422, "invalid_request")
+    assert err["details"][0]["position"] == 5
+    other = assert_error(http.get(f"/v1/jobs/{accepted['job_id']}/report", headers=auth(api, "other")),
+                         404, "not_found")
+    assert accepted["job_id"] in other["message"]
