@@ -135,7 +135,7 @@ def query(ctx: BenchContext) -> BenchResult:
     from serve_apps.api import create_api
 
     ensure_ray()
-    n_assets, n_requests = (400, 10) if ctx.quick else (10_000, 200)
+    n_assets, n_requests = (400, 10) if ctx.quick else (10_000, 100)
     result = BenchResult()
     with tempfile.TemporaryDirectory(prefix="raytwin-bench-query-") as tmp:
         keys_file = Path(tmp) / "keys.json"
