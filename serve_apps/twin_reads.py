@@ -49,25 +49,28 @@ class TwinReader:
         self._recent: OrderedDict[tuple[str, str], tuple[float, asyncio.Future]] = OrderedDict()
         self.on_forget: list[Callable[[str, str], None]] = []  # other caches of twin state (query reads)
 
-    def shard(self, tenant: str, asset_id: str) -> Any:
-        """The handle of the shard actor holding (tenant, asset) (looked up once per replica)."""
+    def _shard(self, tenant: str, asset_id: str) -> Any:
         index = shard_index(tenant, asset_id, self.shards)
         if index not in self._handles:
             self._handles[index] = ray.get_actor(shard_name(self.store_url, index, self.shards),
                                                  namespace=self.namespace)
         return self._handles[index]
 
+    def shard(self, tenant: str, asset_id: str) -> Any:
+        """The handle of the shard actor holding (tenant, asset), for readers of many twins at once."""
+        return self._shard(tenant, asset_id)
+
     async def state(self, tenant: str, asset_id: str, at: datetime | None = None) -> dict[str, Any]:
         """The twin's state now (see the module's freshness rule) or as of `at`; `NotFound` for
         unknown twins and other tenants' twins."""
         if at is not None:
             try:
-                state = await self.shard(tenant, asset_id).state_at.remote(tenant, asset_id, to_micros(at))
+                state = await self._shard(tenant, asset_id).state_at.remote(tenant, asset_id, to_micros(at))
             except HistoryPruned as exc:  # Ray's error for it is also a HistoryPruned
                 raise Gone(str(unwrap(exc))) from None
             return self._found(state, asset_id, at)
         if self.max_age_s == 0:
-            return self._found(await self.shard(tenant, asset_id).state.remote(tenant, asset_id), asset_id)
+            return self._found(await self._shard(tenant, asset_id).state.remote(tenant, asset_id), asset_id)
         key = (tenant, asset_id)
         now = self._clock()
         entry = self._recent.get(key)
@@ -88,7 +91,7 @@ class TwinReader:
             forget(tenant, asset_id)
 
     async def _fetch(self, tenant: str, asset_id: str) -> dict[str, Any]:
-        return self._found(await self.shard(tenant, asset_id).state.remote(tenant, asset_id), asset_id)
+        return self._found(await self._shard(tenant, asset_id).state.remote(tenant, asset_id), asset_id)
 
     def _remember(self, key: tuple[str, str], entry: tuple[float, asyncio.Future]) -> None:
         self._recent[key] = entry
