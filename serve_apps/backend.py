@@ -219,8 +219,8 @@ class Backend:
     def _job_finished(self, job: Job) -> None:
         type_name, _, type_version = job.model_ref.partition("@")
         self.changes.record(job.tenant, [{
-            "kind": f"job.{job.state}", "asset_id": job.asset_id, "type_name": type_name,
-            "type_version": type_version, "revision": None,
+            "kind": f"job.{job.state}", "asset_id": job.asset_id or None, "type_name": type_name or None,
+            "type_version": type_version or None, "revision": None,  # None: a bulk job is about no one asset
             "data": job.model_dump(mode="json", include={"job_id", "kind", "state", "finished", "error", "run_id",
                                                         "scenarios", "n_steps", "compute_s"})}])
 

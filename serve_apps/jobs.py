@@ -100,14 +100,9 @@ class JobQueue:
         job = Job(job_id=uuid.uuid4().hex, kind="sweep" if sweep else "scenario", tenant=tenant, key_id=key_id,
                   asset_id=asset_id, model_ref=model_ref, content_hash=content_hash,
                   scenarios=work.space.size if sweep else 1, n_steps=work.n_steps, submitted=datetime.now(UTC))
-        self.jobs[job.job_id] = job
-        self._save(job)
-        self.pending.append((job.job_id, work))
-        self._publish()
         log.info("event=job_queued job_id=%s kind=%s tenant=%s scenarios=%d steps=%d", job.job_id, job.kind, tenant,
                  job.scenarios, job.n_steps)
-        self._start_next()
-        return job
+        return self._enqueue(job, work)
 
     def submit_bulk(self, work: BulkWork) -> Job:
         """Queue a bulk operation (after the jobs queued before it)."""
@@ -115,11 +110,15 @@ class JobQueue:
         job = Job(job_id=uuid.uuid4().hex, kind="bulk", tenant=c.tenant, key_id=c.key_id, asset_id="", model_ref="",
                   content_hash="", scenarios=0, n_steps=0, submitted=datetime.now(UTC),
                   bulk=BulkProgress(total=len(work.asset_ids)))
+        log.info("event=job_queued job_id=%s kind=bulk action=%s tenant=%s items=%d", job.job_id,
+                 work.request.action, c.tenant, len(work.asset_ids))
+        return self._enqueue(job, work)
+
+    def _enqueue(self, job: Job, work: Work) -> Job:
         self.jobs[job.job_id] = job
         self._save(job)
         self.pending.append((job.job_id, work))
-        log.info("event=job_queued job_id=%s kind=bulk action=%s tenant=%s items=%d", job.job_id,
-                 work.request.action, c.tenant, len(work.asset_ids))
+        self._publish()
         self._start_next()
         return job
 
