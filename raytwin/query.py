@@ -180,10 +180,14 @@ class _Parser:
                                    self.tok.pos)
         return expr
 
-    def or_expr(self) -> Expr:
+    def nest(self) -> None:
+        """Count one level down (the parser recurses: a bound keeps a hostile query from the stack limit)."""
         self.depth += 1
         if self.depth > MAX_DEPTH:
             raise QuerySyntaxError(f"query nested deeper than {MAX_DEPTH} levels", self.tok.pos)
+
+    def or_expr(self) -> Expr:
+        self.nest()
         parts = [self.and_expr()]
         while self.tok.kind == "keyword" and self.tok.text == "or":
             self.take()
@@ -201,9 +205,7 @@ class _Parser:
     def not_expr(self) -> Expr:
         if self.tok.kind == "keyword" and self.tok.text == "not":
             self.take()
-            self.depth += 1
-            if self.depth > MAX_DEPTH:
-                raise QuerySyntaxError(f"query nested deeper than {MAX_DEPTH} levels", self.tok.pos)
+            self.nest()
             operand = self.not_expr()
             self.depth -= 1
             return Not(operand)
