@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import httpx
 
 from client.calls import Call, Endpoints, T
 from client.errors import RayTwinError, from_response, retry_after_s
+from client.pages import QueryPager
 from client.retry import RETRY_STATUSES, RetryPolicy
 from client.subscription import STREAM_READ_TIMEOUT_S, Subscription
 from serve_apps.changes import Change
@@ -56,6 +57,14 @@ class AsyncRayTwinClient(Endpoints):
     async def _wait(self, attempt: int, retry_after: float | None) -> None:
         self.retries += 1
         await asyncio.sleep(self.retry.delay(attempt, retry_after))
+
+    async def query(self, q: str = "", sort: Sequence[str] = (), fields: Sequence[str] | None = None,
+                    page_size: int = 100) -> AsyncIterator[dict[str, Any]]:
+        """Every asset matching `q`, page after page (see `RayTwinClient.query`)."""
+        pager = QueryPager(q, sort, fields, page_size)
+        while not pager.done:
+            for item in pager.feed(await self._send(pager.call())):
+                yield item
 
     async def changes(self, after: int | None = None, asset_ids: tuple[str, ...] = (), type_name: str | None = None,
                       kinds: tuple[str, ...] = ()) -> AsyncIterator[Change]:

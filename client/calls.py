@@ -11,13 +11,14 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 import httpx
 from pydantic import BaseModel, TypeAdapter
 
 from actors.state import TwinState
 from raytwin.contracts import Asset, AssetType, RelationshipKind, TelemetryEvent
+from serve_apps.query_schemas import AssetGraph
 from serve_apps.schemas import AssetCreate, AssetUpdate, Divergence, Health, IngestResult
 
 T = TypeVar("T")
@@ -136,6 +137,12 @@ class Endpoints(ABC):
         """The twin's state now, or as of `at` (timezone-aware)."""
         return self._send(Call("GET", f"/v1/assets/{asset_id}/state", _revisioned(TwinState), idempotent=True,
                                params=_present(at=at.isoformat() if at is not None else None)))
+
+    def asset_graph(self, asset_id: str, direction: Literal["descendants", "ancestors"] = "descendants",
+                    kinds: Iterable[RelationshipKind] = (), depth: int = 8) -> AssetGraph:
+        """Assets reachable along relationships (`kinds`: only these; default all), with shortest paths."""
+        return self._send(Call("GET", f"/v1/assets/{asset_id}/graph", _model(AssetGraph), idempotent=True,
+                               params={"direction": direction, "kind": list(kinds), "depth": depth}))
 
     def divergence(self, asset_id: str) -> Divergence:
         return self._send(Call("GET", f"/v1/assets/{asset_id}/divergence", _model(Divergence), idempotent=True))

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import httpx
 
 from client.calls import Call, Endpoints, T
 from client.errors import RayTwinError, from_response, retry_after_s
+from client.pages import QueryPager
 from client.retry import RETRY_STATUSES, RetryPolicy
 from client.subscription import STREAM_READ_TIMEOUT_S, Subscription
 from serve_apps.changes import Change
@@ -57,6 +58,14 @@ class RayTwinClient(Endpoints):
     def _wait(self, attempt: int, retry_after: float | None) -> None:
         self.retries += 1
         time.sleep(self.retry.delay(attempt, retry_after))
+
+    def query(self, q: str = "", sort: Sequence[str] = (), fields: Sequence[str] | None = None,
+              page_size: int = 100) -> Iterator[dict[str, Any]]:
+        """Every asset matching `q` (serve_apps/README.md, "Queries"), sorted by `sort`, with `fields`
+        only, fetched `page_size` at a time following the server's cursor."""
+        pager = QueryPager(q, sort, fields, page_size)
+        while not pager.done:
+            yield from pager.feed(self._send(pager.call()))
 
     def changes(self, after: int | None = None, asset_ids: tuple[str, ...] = (), type_name: str | None = None,
                 kinds: tuple[str, ...] = ()) -> Iterator[Change]:

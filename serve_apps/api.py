@@ -19,6 +19,7 @@ from serve_apps import (
     routes_commands,
     routes_connectors,
     routes_models,
+    routes_query,
     routes_scenarios,
     routes_twins,
 )
@@ -49,7 +50,7 @@ def create_api(max_body_bytes: int = 1_048_576, admission: Admission | None = No
     if admission is not None:
         app.add_middleware(AdmissionGate, limits=admission)
     _ops_routes(app)
-    for routes in (routes_catalog, routes_twins, routes_scenarios, routes_models, routes_changes):
+    for routes in (routes_catalog, routes_twins, routes_scenarios, routes_models, routes_changes, routes_query):
         routes.register(app)
     for router in (routes_connectors.router, routes_commands.router):
         app.include_router(router)

@@ -20,10 +20,15 @@ from ray import serve
 
 from actors.state import TwinState, UnknownTwin
 from raytwin.contracts import Asset, AssetType, RelationshipKind, TelemetryEvent
+from raytwin.graph import Direction
 from raytwin.logs import component_logging
+from raytwin.query import Expr
 from raytwin.registry import ModelArtifact, ModelRegistry, RegistryError
 from raytwin.sim.cpu import cpu_only
+from serve_apps import asset_queries
 from serve_apps.admission import BacklogGate
+from serve_apps.audit import AuditLog
+from serve_apps.bulk import BulkWork, Caller
 from serve_apps.catalog import Catalog
 from serve_apps.changes import ChangeLog, ChangePage
 from serve_apps.conditional import Precondition
@@ -31,6 +36,7 @@ from serve_apps.config import ServeConfig
 from serve_apps.connector_ops import ConnectorOps
 from serve_apps.errors import NotFound, Unprocessable
 from serve_apps.jobs import Job, JobQueue, Work
+from serve_apps.query_schemas import AssetGraph, BulkRequest
 
 log = logging.getLogger("raytwin.serve.backend")
 
@@ -61,6 +67,7 @@ class Backend:
         for tenant in self.catalog.tenants():
             self.changes.reserve(tenant, self.catalog.max_revision(tenant))
         self.jobs = JobQueue(config, config.max_concurrent_jobs, on_finish=self._job_finished)
+        self.audit = AuditLog(config.store_url, config.storage_options)  # bulk jobs audit each item
         self.connector_ops = ConnectorOps(self.twins, config.connectors)
         self._lock = threading.Lock()
         self._publish = threading.Lock()
@@ -183,6 +190,19 @@ class Backend:
         with self._lock:
             return self.catalog.list_assets(tenant, type_name, type_version, related_to, relationship)
 
+    # ---- queries (serve_apps/asset_queries.py) ---------------------------------------------
+    def query_candidates(self, tenant: str, expr: Expr) -> list[Asset]:
+        with self._lock:
+            return asset_queries.candidates(self.catalog, tenant, expr)
+
+    def asset_graph(self, tenant: str, asset_id: str, direction: Direction, kinds: list[str],
+                    depth: int) -> AssetGraph:
+        with self._lock:
+            return asset_queries.graph(self.catalog, tenant, asset_id, direction, kinds, depth)
+
+    def query_cursor_secret(self) -> bytes:
+        return asset_queries.cursor_secret(self.config.store_url, self.config.storage_options)
+
     def delete_asset(self, tenant: str, asset_id: str, pre: Precondition) -> None:
         with self._lock:
             self.changes.write(tenant, lambda seq: [
@@ -202,8 +222,8 @@ class Backend:
     def _job_finished(self, job: Job) -> None:
         type_name, _, type_version = job.model_ref.partition("@")
         self.changes.record(job.tenant, [{
-            "kind": f"job.{job.state}", "asset_id": job.asset_id, "type_name": type_name,
-            "type_version": type_version, "revision": None,
+            "kind": f"job.{job.state}", "asset_id": job.asset_id or None, "type_name": type_name or None,
+            "type_version": type_version or None, "revision": None,  # None: a bulk job is about no one asset
             "data": job.model_dump(mode="json", include={"job_id", "kind", "state", "finished", "error", "run_id",
                                                         "scenarios", "n_steps", "compute_s"})}])
 
@@ -304,6 +324,9 @@ class Backend:
     async def submit_job(self, tenant: str, key_id: str, asset_id: str, model_ref: str, content_hash: str,
                          work: Work) -> Job:
         return self.jobs.submit(tenant, key_id, asset_id, model_ref, content_hash, work)
+
+    async def submit_bulk(self, caller: Caller, request: BulkRequest, asset_ids: list[str]) -> Job:
+        return self.jobs.submit_bulk(BulkWork(caller, request, asset_ids, self, self.audit))
 
     async def get_job(self, tenant: str, job_id: str) -> Job:
         return self.jobs.get(tenant, job_id)

@@ -2,7 +2,8 @@
 
 A job is a single scenario (`PreparedScenario`, run by `scenario_to_store`) or a sweep
 (`SweepSpec`, run by `sweep_to_store` as a recorded `sweeps` run; `FmuSweepSpec` for an asset
-whose simulator is an FMU, run by `fmu_sweep_to_store`). Results are Parquet files on
+whose simulator is an FMU, run by `fmu_sweep_to_store`), or a bulk operation on assets by filter
+(`serve_apps.bulk.BulkWork`, which runs in the backend itself: it writes the catalog). Results are Parquet files on
 the store, so they outlive replicas. At most `max_concurrent_jobs` run at once; the rest wait
 in order ("queued"). Job records are JSON on the store (``{store}/jobs/{tenant}/{job_id}/job.json``):
 a job that was queued or running when the backend restarted is marked failed, not silently lost.
@@ -14,17 +15,18 @@ import asyncio
 import logging
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-import ray
 from pydantic import BaseModel, ConfigDict, Field
 
 from raytwin import metrics
 from raytwin.storage import filesystem
+from serve_apps.bulk import BulkWork
 from serve_apps.config import ServeConfig
 from serve_apps.errors import ApiError, NotFound, unwrap
+from serve_apps.query_schemas import BulkProgress
 from serve_apps.scenarios import PreparedScenario, fmu_sweep_to_store, scenario_to_store, sweep_to_store
 from sweeps.fmu import FmuSweepSpec
 from sweeps.spec import SweepSpec
@@ -38,7 +40,7 @@ JOB_STATES: tuple[str, ...] = ("queued", "running", "succeeded", "failed")
 class Job(BaseModel):
     model_config = ConfigDict(extra="forbid")
     job_id: str
-    kind: Literal["scenario", "sweep"]
+    kind: Literal["scenario", "sweep", "bulk"]
     tenant: str
     key_id: str
     asset_id: str
@@ -55,9 +57,10 @@ class Job(BaseModel):
     result_url: str | None = None
     compute_s: float | None = None
     quantiles: list[dict[str, Any]] = Field(default_factory=list)
+    bulk: BulkProgress | None = Field(None, description="bulk jobs: items done so far, by outcome")
 
 
-Work = PreparedScenario | SweepSpec | FmuSweepSpec
+Work = PreparedScenario | SweepSpec | FmuSweepSpec | BulkWork
 
 
 class JobQueue:
@@ -97,16 +100,37 @@ class JobQueue:
         job = Job(job_id=uuid.uuid4().hex, kind="sweep" if sweep else "scenario", tenant=tenant, key_id=key_id,
                   asset_id=asset_id, model_ref=model_ref, content_hash=content_hash,
                   scenarios=work.space.size if sweep else 1, n_steps=work.n_steps, submitted=datetime.now(UTC))
+        log.info("event=job_queued job_id=%s kind=%s tenant=%s scenarios=%d steps=%d", job.job_id, job.kind, tenant,
+                 job.scenarios, job.n_steps)
+        return self._enqueue(job, work)
+
+    def submit_bulk(self, work: BulkWork) -> Job:
+        """Queue a bulk operation (after the jobs queued before it)."""
+        c = work.caller
+        job = Job(job_id=uuid.uuid4().hex, kind="bulk", tenant=c.tenant, key_id=c.key_id, asset_id="", model_ref="",
+                  content_hash="", scenarios=0, n_steps=0, submitted=datetime.now(UTC),
+                  bulk=BulkProgress(total=len(work.asset_ids)))
+        log.info("event=job_queued job_id=%s kind=bulk action=%s tenant=%s items=%d", job.job_id,
+                 work.request.action, c.tenant, len(work.asset_ids))
+        return self._enqueue(job, work)
+
+    def _enqueue(self, job: Job, work: Work) -> Job:
         self.jobs[job.job_id] = job
         self._save(job)
         self.pending.append((job.job_id, work))
         self._publish()
-        log.info("event=job_queued job_id=%s kind=%s tenant=%s scenarios=%d steps=%d", job.job_id, job.kind, tenant,
-                 job.scenarios, job.n_steps)
         self._start_next()
         return job
 
-    def _launch(self, job: Job, work: Work) -> ray.ObjectRef:
+    def write_file(self, job: Job, name: str, data: bytes) -> str:
+        """Store a file of the job next to its record; its URL."""
+        path = f"{self._dir(job)}/{name}"
+        self.fs.pipe_file(path, data)
+        return self.fs.unstrip_protocol(path)
+
+    def _launch(self, job: Job, work: Work) -> Awaitable[dict[str, Any]]:
+        if isinstance(work, BulkWork):
+            return asyncio.ensure_future(work.run(job, self._save, self.write_file))
         if isinstance(work, SweepSpec | FmuSweepSpec):
             task = sweep_to_store if isinstance(work, SweepSpec) else fmu_sweep_to_store
             return task.remote(work, self.config.url("runs", job.tenant), self.config.storage_options,
@@ -125,7 +149,7 @@ class JobQueue:
             asyncio.get_running_loop().create_task(self._watch(job, ref))
         self._publish()
 
-    async def _watch(self, job: Job, ref: ray.ObjectRef) -> None:
+    async def _watch(self, job: Job, ref: Awaitable[dict[str, Any]]) -> None:
         try:
             out = await ref
             job.state, job.quantiles, job.compute_s = "succeeded", out["quantiles"], out["compute_s"]

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -58,6 +59,7 @@ class TwinReader:
         self._handles: dict[int, Any] = {}
         self._store = StateStore(self.store_url, config.storage_options or None)
         self._recent: OrderedDict[tuple[str, str], tuple[float, asyncio.Future]] = OrderedDict()
+        self.on_forget: list[Callable[[str, str], None]] = []  # other caches of twin state (query reads)
 
     def _shard(self, tenant: str, asset_id: str) -> Any:
         index = shard_index(tenant, asset_id, self.shards)
@@ -65,6 +67,10 @@ class TwinReader:
             self._handles[index] = ray.get_actor(shard_name(self.store_url, index, self.shards),
                                                  namespace=self.namespace)
         return self._handles[index]
+
+    def shard(self, tenant: str, asset_id: str) -> Any:
+        """The handle of the shard actor holding (tenant, asset), for readers of many twins at once."""
+        return self._shard(tenant, asset_id)
 
     async def state(self, tenant: str, asset_id: str, at: datetime | None = None) -> dict[str, Any]:
         """The twin's state now (see the module's freshness rule) or as of `at`; `NotFound` for
@@ -93,6 +99,8 @@ class TwinReader:
     def forget(self, tenant: str, asset_id: str) -> None:
         """Drop the cached state of a twin this replica has just written to (read-your-writes)."""
         self._recent.pop((tenant, asset_id), None)
+        for forget in self.on_forget:
+            forget(tenant, asset_id)
 
     async def _fetch(self, tenant: str, asset_id: str) -> dict[str, Any]:
         shard = self._shard(tenant, asset_id)

@@ -574,6 +574,9 @@ def test_json_bodies_need_a_json_content_type_and_bounded_nesting(api, http, bui
     assert err["details"][0]["type"] == "json_invalid"
 
 
+READS = {"/v1/query"}  # POST for its body, a read: a reader may, so only the 401s apply
+
+
 def _state_changing_routes() -> list[tuple[str, str]]:
     """(method, path) of every route that changes state, path parameters filled in (from the OpenAPI
     document: routes included from an `APIRouter` are not flattened into `app.routes`)."""
@@ -591,7 +594,7 @@ def test_credentials_are_checked_before_the_body(api, http):
             ctype = {"Content-Type": content_type} if content_type else {}
             for headers, status, code in (({}, 401, "unauthorized"),
                                           ({"Authorization": "Bearer rtk_nope_nope"}, 401, "unauthorized"),
-                                          (auth(api, "prober"), 403, "forbidden")):
+                                          (auth(api, "prober"), 403, "forbidden"))[:2 if path in READS else 3]:
                 r = http.request(method, path, content=content, headers={**headers, **ctype})
                 while r.status_code == 429:  # the prober's bucket (RATE_BURST) is smaller than routes x bodies
                     time.sleep(float(r.headers["retry-after"]))

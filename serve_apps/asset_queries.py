@@ -1,0 +1,97 @@
+"""Asset queries and graph walks over the catalog, split between the two deployments.
+
+The backend (which owns the catalog) runs the catalog half: it drops every asset that no live
+state could make match (`raytwin.query.evaluate` with ``live=False``) and walks the graph. The
+ingress runs the rest: it reads the live state of the remaining candidates in bulk (one call per
+twin shard, `LiveStates`), decides them, sorts and pages. A query without `state.*`/`std.*`
+never touches a shard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections import OrderedDict, defaultdict
+from typing import Any
+
+from raytwin.contracts import Asset
+from raytwin.graph import Direction, adjacency, walk
+from raytwin.query import Expr, Record, evaluate
+from raytwin.storage import filesystem, write_once
+from serve_apps.catalog import Catalog
+from serve_apps.query_schemas import AssetGraph, GraphNode
+from serve_apps.twin_reads import TwinReader
+
+KEY_BYTES = 32
+
+
+def candidates(catalog: Catalog, tenant: str, expr: Expr) -> list[Asset]:
+    """The tenant's assets that match `expr`, or may once live state is known."""
+    return [a for a in catalog.assets.get(tenant, {}).values() if evaluate(expr, Record.of(a), live=False) is not False]
+
+
+def graph(catalog: Catalog, tenant: str, asset_id: str, direction: Direction, kinds: list[str],
+          depth: int) -> AssetGraph:
+    """The assets reachable from `asset_id` in `direction` (404 for unknown and other tenants' assets)."""
+    catalog.get_asset(tenant, asset_id)
+    found = walk(adjacency(catalog.assets.get(tenant, {}).values(), direction, kinds), asset_id, depth)
+    return AssetGraph(asset_id=asset_id, direction=direction, truncated=found.truncated,
+                      nodes=[GraphNode(id=r.id, depth=r.depth, path=list(r.path), kinds=list(r.kinds))
+                             for r in found.reached])
+
+
+def cursor_secret(store_url: str, storage_options: dict[str, Any] | None) -> bytes:
+    """The key that signs query cursors, made on first use and kept on the store, so every ingress
+    replica (and a restarted one) accepts the cursors the others issued. Called by the single backend."""
+    fs, root = filesystem(store_url, storage_options)
+    path = f"{root}/secrets/query-cursor.key"
+    if not fs.exists(path):
+        try:
+            write_once(fs, path, secrets.token_bytes(KEY_BYTES))
+        except FileExistsError:  # made meanwhile (a restarting backend): use that one
+            pass
+    return fs.cat_file(path)
+
+
+class LiveStates:
+    """Current state of many twins for queries: one `states` call per shard for the misses, and a
+    per-replica cache with the same freshness bound as single reads (`state_cache_s`, see
+    `serve_apps.twin_reads`), so repeated queries over the same twins cost no shard call."""
+
+    def __init__(self, reader: TwinReader, clock=time.monotonic):
+        self.reader = reader
+        self.max_age_s = reader.max_age_s
+        self.max_entries = reader.max_entries
+        self._clock = clock
+        self._recent: OrderedDict[tuple[str, str], tuple[float, dict[str, Any] | None]] = OrderedDict()
+        reader.on_forget.append(self.forget)  # read-your-writes, as for single reads
+
+    def forget(self, tenant: str, asset_id: str) -> None:
+        self._recent.pop((tenant, asset_id), None)
+
+    async def get(self, tenant: str, asset_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """asset id -> {"state", "std", "revision"}; twins without state are left out."""
+        now = self._clock()
+        out: dict[str, dict[str, Any]] = {}
+        by_shard: dict[Any, list[str]] = defaultdict(list)
+        for asset_id in asset_ids:
+            hit = self._recent.get((tenant, asset_id))
+            if hit is not None and now - hit[0] <= self.max_age_s:
+                if hit[1] is not None:
+                    out[asset_id] = hit[1]
+            else:
+                by_shard[self.reader.shard(tenant, asset_id)].append(asset_id)
+        replies = await asyncio.gather(*(h.states.remote(tenant, ids) for h, ids in by_shard.items()))
+        for ids, reply in zip(by_shard.values(), replies, strict=True):
+            out.update(reply)
+            if self.max_age_s > 0:
+                for asset_id in ids:
+                    self._remember((tenant, asset_id), (now, reply.get(asset_id)))
+        return out
+
+    def _remember(self, key: tuple[str, str], entry: tuple[float, dict[str, Any] | None]) -> None:
+        self._recent[key] = entry
+        self._recent.move_to_end(key)
+        while len(self._recent) > self.max_entries:
+            self._recent.popitem(last=False)

@@ -1,0 +1,152 @@
+"""Routes for asset queries (`POST /v1/query`), graph walks (`GET /v1/assets/{id}/graph`) and bulk
+operations by query (`POST /v1/bulk`, run as jobs: `serve_apps.bulk`).
+
+Every query runs on the caller's tenant only: the backend's catalog pass reads that tenant's
+assets, live state is read with the tenant in the shard call, and a cursor is bound to the
+tenant (`raytwin.query_pages.fingerprint`). A malformed query, sort or field is a 422 whose
+details give where: ``[{"in": "q", "position": 17, "reason": ...}]``.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Query, Request
+from starlette.concurrency import run_in_threadpool
+
+from raytwin.contracts import Asset, RelationshipKind
+from raytwin.graph import Direction
+from raytwin.query import RELATIONSHIP_KINDS, Expr, QuerySyntaxError, Record, evaluate, needs_state, parse
+from raytwin.query_pages import (
+    DEFAULT_FIELDS,
+    InvalidCursor,
+    SortKey,
+    fingerprint,
+    paginate,
+    parse_fields,
+    parse_sort,
+)
+from raytwin.query_pages import needs_state as shown_state
+from serve_apps.asset_queries import LiveStates
+from serve_apps.auth import Principal, Role
+from serve_apps.bulk import REPORT, Caller
+from serve_apps.deps import READER, SVC, WRITER, Services
+from serve_apps.errors import Conflict, Forbidden, NotFound, Unprocessable
+from serve_apps.jobs import Job
+from serve_apps.query_schemas import (
+    MAX_BULK_ITEMS,
+    MAX_GRAPH_DEPTH,
+    AssetGraph,
+    BulkAccepted,
+    BulkReport,
+    BulkRequest,
+    QueryPage,
+    QueryRequest,
+)
+
+
+def _checked(body: QueryRequest) -> tuple[Expr, tuple[SortKey, ...], tuple[str, ...]]:
+    """The parsed query, sort and projection; 422 naming the part and the character position."""
+    part, index = "q", None
+    try:
+        expr = parse(body.q)
+        part = "sort"
+        for index, spec in enumerate(body.sort):
+            parse_sort([spec])
+        part = "fields"
+        for index, spec in enumerate(body.fields or ()):
+            parse_fields([spec])
+    except QuerySyntaxError as exc:
+        where = part if index is None else f"{part}[{index}]"
+        raise Unprocessable(f"{where}: {exc}", details=[{"in": where, "position": exc.position,
+                                                         "reason": exc.reason}]) from None
+    return expr, parse_sort(body.sort), tuple(body.fields) if body.fields is not None else DEFAULT_FIELDS
+
+
+async def _secret(request: Request, svc: Services) -> bytes:
+    """The key that signs cursors (the backend's, fetched once per replica)."""
+    state = request.app.state
+    if getattr(state, "query_secret", None) is None:
+        state.query_secret = await svc.backend.call("query_cursor_secret")
+    return state.query_secret
+
+
+async def _matching(request: Request, svc: Services, tenant: str, expr: Expr, show_state: bool) -> list[Record]:
+    """The tenant's assets matching `expr` (with their live state when it decides or is shown)."""
+    state = request.app.state
+    if getattr(state, "live_states", None) is None:
+        state.live_states = LiveStates(svc.twins)
+    found: list[Asset] = await svc.backend.call("query_candidates", tenant, expr)
+    live = needs_state(expr) or show_state
+    states = await state.live_states.get(tenant, [a.id for a in found]) if live else {}
+    records = [Record.of(a, states.get(a.id)) for a in found]
+    return [r for r in records if evaluate(expr, r)] if needs_state(expr) else records
+
+
+def register(app: FastAPI) -> None:
+    tags = ["queries"]
+
+    @app.post("/v1/query", response_model=QueryPage, tags=tags)
+    async def query_assets(body: QueryRequest, request: Request, who: Principal = READER,
+                           svc: Services = SVC) -> QueryPage:
+        """Filter, sort, project and page the caller's assets and their twins' live state
+        (language and examples: serve_apps/README.md, "Queries"). Malformed `q`, `sort` or
+        `fields`: 422 with the position in `details`; a cursor altered or from another query: 422."""
+        expr, keys, fields = _checked(body)
+        secret = await _secret(request, svc)
+        records = await _matching(request, svc, who.tenant, expr, shown_state(keys, fields))
+        try:
+            page = paginate(records, keys, fields, body.limit, secret, fingerprint(who.tenant, body.q, body.sort),
+                            body.cursor)
+        except InvalidCursor as exc:
+            raise Unprocessable(f"cursor: {exc}", details=[{"in": "cursor", "reason": str(exc)}]) from None
+        return QueryPage(items=page.items, next_cursor=page.next_cursor, matched=page.matched)
+
+    @app.post("/v1/bulk", response_model=BulkAccepted, status_code=202, tags=["jobs"])
+    async def bulk(body: BulkRequest, request: Request, who: Principal = WRITER, svc: Services = SVC) -> BulkAccepted:
+        """Tag (writer), delete or re-register to another version of their type (admin) every asset the
+        query matches now, as a job: poll `status_url` for progress, read each item's outcome at
+        `report_url`. Every item is a conditional write, in the change log and in the audit log."""
+        if body.action != "tag" and not who.allows(Role.admin):
+            raise Forbidden(f"bulk {body.action} needs the admin role (like a single {body.action}); writers may tag")
+        if body.action == "tag" and not (body.set or body.unset):
+            raise Unprocessable("tag: give metadata keys to `set` and/or `unset`")
+        if body.action == "retype" and body.type_version is None:
+            raise Unprocessable("retype: give the `type_version` to move the assets to")
+        expr, _, _ = _checked(QueryRequest(q=body.q))
+        ids = sorted(r.id for r in await _matching(request, svc, who.tenant, expr, False))
+        if len(ids) > MAX_BULK_ITEMS:
+            raise Unprocessable(f"the query matches {len(ids)} assets, more than {MAX_BULK_ITEMS} per bulk job: "
+                                "narrow it (e.g. by metadata) and submit several jobs")
+        caller = Caller(who.tenant, who.key_id, who.role, getattr(request.state, "request_id", None))
+        job: Job = await svc.backend.call("submit_bulk", caller, body, ids)
+        await svc.record(request, who, "bulk.submit", job.job_id, q=body.q, operation=body.action, items=len(ids),
+                         set=body.set, unset=body.unset, type_version=body.type_version)
+        return BulkAccepted(job_id=job.job_id, state=job.state, total=len(ids), status_url=f"/v1/jobs/{job.job_id}",
+                            report_url=f"/v1/jobs/{job.job_id}/report")
+
+    @app.get("/v1/jobs/{job_id}/report", response_model=BulkReport, tags=["jobs"])
+    async def bulk_report(job_id: str, who: Principal = READER, svc: Services = SVC) -> Any:
+        """The outcome of each item of a finished bulk job (409 until it finished)."""
+        job: Job = await svc.backend.call("get_job", who.tenant, job_id)
+        if job.kind != "bulk":
+            raise NotFound(f"job {job_id} is a {job.kind} job: it has no bulk report")
+        if job.state != "succeeded":
+            raise Conflict(f"job {job_id} is {job.state}" + (f": {job.error}" if job.error else "")
+                           + "; the report is there once it succeeded")
+        path = svc.config.url("jobs", who.tenant, job_id, REPORT)
+        return BulkReport.model_validate_json(await run_in_threadpool(svc.fs.cat_file, path))
+
+    @app.get("/v1/assets/{asset_id}/graph", response_model=AssetGraph, tags=["assets"])
+    async def asset_graph(
+        asset_id: str, direction: Direction = "descendants",
+        kind: Annotated[list[RelationshipKind] | None, Query(description="Follow only these relationship "
+                                                                         "kinds (repeat it); default: all")] = None,
+        depth: Annotated[int, Query(ge=1, le=MAX_GRAPH_DEPTH, description="Steps from the asset at most")] = 8,
+        who: Principal = READER, svc: Services = SVC,
+    ) -> AssetGraph:
+        """Assets reachable from this one along relationships, each once at its shortest depth with
+        one shortest path: `descendants` follow `contains`/`feeds` to their targets and `part_of` to
+        its source; `ancestors` the other way. Cycles are safe; `truncated` says `depth` cut the walk."""
+        return await svc.backend.call("asset_graph", who.tenant, asset_id, direction,
+                                      list(kind or RELATIONSHIP_KINDS), depth)
