@@ -29,6 +29,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, ValidationError
 
 from raytwin.contracts import Contract, Finite, Identifier, SemVer, UtcTime, describe_error
+from raytwin.recalibration import DriftTrigger
 from raytwin.registry import ModelRegistry, RegistryError, parse_ref
 from raytwin.storage import canonical_json, filesystem, write_once
 
@@ -91,6 +92,8 @@ class Evidence(Contract):
     run_ids: list[RunId] = Field(default_factory=list, max_length=100)
     fit_report: Reference | None = None
     shadow_metrics: dict[Identifier, Finite] = Field(default_factory=dict, max_length=100)
+    triggers: list[DriftTrigger] = Field(default_factory=list, max_length=10_000, description=(
+        "The drift alarms a recalibration answered (twin, event time, detector statistics)"))
 
 
 class LifecyclePolicy(Contract):
@@ -120,7 +123,10 @@ class TransitionRecord(Contract):
     hash: str = Field(pattern=r"^[0-9a-f]{64}$")
 
     def computed_hash(self) -> str:
-        return record_hash(self.model_dump(mode="json", exclude={"hash"}))
+        body = self.model_dump(mode="json", exclude={"hash"})
+        if not body["evidence"]["triggers"]:  # records written before evidence had triggers keep their hash
+            del body["evidence"]["triggers"]
+        return record_hash(body)
 
 
 def record_hash(body: dict[str, Any]) -> str:
