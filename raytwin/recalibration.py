@@ -82,8 +82,8 @@ class DriftTrigger(Contract):
     event_time: UtcTime | None = Field(description="Event time of the twin's last applied event at the latch")
     revision: int | None = Field(None, ge=0, description="The twin's state revision at the latch")
     drift_score: Finite = Field(description="Largest CUSUM over its threshold at the latch (>= 1 latched)")
-    nis_mean: Finite
-    nis_last: Finite
+    nis_mean: Finite | None = Field(description="None when not a finite number (a diverged filter)")
+    nis_last: Finite | None
 
 
 class PolicyStore:

@@ -281,7 +281,10 @@ class Backend:
             queued = self.changes.submit(tenant, drafts)  # in revision order; written outside the lock
         self.changes.commit(tenant, queued)
         if any(d["kind"] == "twin.drift" and d["data"]["drift"] for d in drafts):
-            self.recalibration.trigger.poll(tenant)  # reads the log in order from its cursor
+            try:  # reads the log in order from its cursor; the events are applied and recorded whatever happens
+                self.recalibration.trigger.poll(tenant)
+            except Exception:
+                log.exception("event=recalibration_poll_failed tenant=%s", tenant)
 
     def flush(self) -> None:
         self.twins.flush()

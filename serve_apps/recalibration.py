@@ -19,6 +19,7 @@ changes after the cursor from the store, so a trigger is neither lost nor run tw
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -82,9 +83,14 @@ def trigger_of(change: Change) -> DriftTrigger | None:
     if change.kind != "twin.drift" or not change.data.get("drift"):
         return None
     d = change.data
+
+    def finite(x: Any) -> float | None:  # a diverged filter reports NaN or infinite statistics
+        return float(x) if isinstance(x, int | float) and math.isfinite(x) else None
+
     return DriftTrigger(seq=change.seq, asset_id=change.asset_id, type_name=change.type_name,
                         type_version=change.type_version, event_time=d.get("event_time"), revision=change.revision,
-                        drift_score=d.get("drift_score", 1.0), nis_mean=d["nis_mean"], nis_last=d["nis_last"])
+                        drift_score=finite(d.get("drift_score")) or 1.0, nis_mean=finite(d.get("nis_mean")),
+                        nis_last=finite(d.get("nis_last")))
 
 
 class Recalibrator:

@@ -181,3 +181,14 @@ def test_lifecycle_records_without_triggers_keep_their_hash():
         "seq": 1, "asset_id": "z1", "type_name": "m", "type_version": "1.0.0", "event_time": T0,
         "drift_score": 1.2, "nis_mean": 2.0, "nis_last": 3.0}])})
     assert with_trigger.computed_hash() != old.hash  # the trigger is covered by the chain
+
+
+def test_a_diverged_twins_latch_is_a_trigger_without_its_non_finite_statistics():
+    from serve_apps.recalibration import trigger_of
+
+    change = Change(seq=4, kind="twin.drift", time=T0, asset_id="z1", type_name="thermal_rc", type_version="1.0.0",
+                    revision=3, data={"drift": True, "diverged": True, "nis_mean": float("nan"),
+                                      "nis_last": float("inf"), "event_time": T0.isoformat()})
+    t = trigger_of(change)
+    assert (t.seq, t.nis_mean, t.nis_last, t.drift_score, t.event_time) == (4, None, None, 1.0, T0)
+    assert trigger_of(change.model_copy(update={"kind": "twin.state"})) is None
