@@ -122,11 +122,16 @@ class TransitionRecord(Contract):
     evidence: Evidence = Field(default_factory=Evidence)
     hash: str = Field(pattern=r"^[0-9a-f]{64}$")
 
-    def computed_hash(self) -> str:
-        body = self.model_dump(mode="json", exclude={"hash"})
-        if not body["evidence"]["triggers"]:  # records written before evidence had triggers keep their hash
+    def stored(self) -> dict[str, Any]:
+        """The record as written to the log; evidence without triggers leaves the field out, so records
+        written before evidence had triggers read, hash and verify exactly as they were written."""
+        body = self.model_dump(mode="json")
+        if not body["evidence"]["triggers"]:
             del body["evidence"]["triggers"]
-        return record_hash(body)
+        return body
+
+    def computed_hash(self) -> str:
+        return record_hash({k: v for k, v in self.stored().items() if k != "hash"})
 
 
 def record_hash(body: dict[str, Any]) -> str:
@@ -353,7 +358,7 @@ class ModelLifecycle:
         path = f"{self._log_dir(state.model)}/{record.seq:08d}.json"
         self.fs.makedirs(self._log_dir(state.model), exist_ok=True)
         try:
-            write_once(self.fs, path, canonical_json(record.model_dump(mode="json")))
+            write_once(self.fs, path, canonical_json(record.stored()))
         except FileExistsError:
             raise TransitionConflict(f"another transition of {state.model} was recorded first (revision "
                                      f"{record.seq}); reload and retry") from None
