@@ -97,11 +97,10 @@ class Recalibrator:
     """Turns drift changes into calibration jobs under the tenants' policies (one per backend)."""
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None, policies: Policies, launch: Launch,
-                 choose_version: ChooseVersion, read: ReadChanges, clock: Callable[[], float] = time.time,
-                 start_at: Callable[[str], int] = lambda tenant: 0):
+                 choose_version: ChooseVersion, read: ReadChanges, clock: Callable[[], float] = time.time):
         self.fs, self.root = filesystem(url, storage_options)
         self.policies, self.launch, self.choose_version, self.clock = policies, launch, choose_version, clock
-        self.read, self.start_at = read, start_at
+        self.read = read
         self._lock = threading.RLock()
         self._states: dict[str, TenantState] = {}
         self._saved: dict[str, int] = {}  # tenant -> cursor on the store
@@ -114,9 +113,8 @@ class Recalibrator:
         with self._lock:
             if tenant not in self._states:
                 path = self._path(tenant)
-                # no document yet: no trigger was ever admitted, so the log's past holds nothing to act on
                 self._states[tenant] = TenantState.model_validate_json(self.fs.cat_file(path)) \
-                    if self.fs.exists(path) else TenantState(cursor=self.start_at(tenant))
+                    if self.fs.exists(path) else TenantState()  # from the log's start: nothing is skipped
                 self._saved[tenant] = self._states[tenant].cursor
             return self._states[tenant]
 

@@ -43,7 +43,7 @@ class RecalibrationJobs:
         self._outcomes = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recalibration")
         self.trigger = Recalibrator(config.url("recalibration", "triggers"), config.storage_options,
                                     policies=self.policies.get, launch=self._launch,
-                                    choose_version=self._choose_version, read=self._read, start_at=changes.head)
+                                    choose_version=self._choose_version, read=self._read)
 
     def _registry(self, tenant: str) -> ModelRegistry:
         return ModelRegistry(self.config.url("registry", tenant), self.config.storage_options or None)
