@@ -88,11 +88,17 @@ def test_a_drift_latch_starts_one_calibration_whose_candidate_is_near_the_truth(
     events = [{"sequence": k, "event_time": (T0 + timedelta(seconds=float(s))).isoformat(),
                "measurements": {n: {"value": float(v), "unit": units[n]} for n, v in zip(flt.measured_names, row)}}
               for k, (s, row) in enumerate(zip(t, rows[0]))]
-    for start in range(0, len(events), 48):
-        r = http.post("/v1/assets/zone-1/telemetry", headers=http.headers_for("writer"),
-                      json={"events": events[start:start + 48]})
-        assert r.status_code == 200 and r.json()["accepted"] == len(events[start:start + 48]), r.text
-    assert http.get("/v1/assets/zone-1/divergence", headers=http.headers_for("reader")).json()["drift"]
+    batches = [events[k:k + 48] for k in range(0, len(events), 48)]
+    latched_at = None
+    for k, batch in enumerate(batches):  # until one batch after the latch (it stays latched: no new trigger)
+        r = http.post("/v1/assets/zone-1/telemetry", headers=http.headers_for("writer"), json={"events": batch})
+        assert r.status_code == 200 and r.json()["accepted"] == len(batch), r.text
+        if latched_at is None and http.get("/v1/assets/zone-1/divergence",
+                                           headers=http.headers_for("reader")).json()["drift"]:
+            latched_at = k
+        if latched_at is not None and k > latched_at:
+            break
+    assert latched_at is not None
 
     deadline = time.monotonic() + 900  # a wait for the job, not a timing assertion
     while not (state := http.get("/v1/recalibrations", headers=http.headers_for("reader")).json())["finished"]:
