@@ -126,7 +126,9 @@ class Recalibrator:
     def _save(self, tenant: str) -> None:
         state = self._states[tenant]
         self.fs.makedirs(f"{self.root}/{tenant}", exist_ok=True)
-        self.fs.pipe_file(self._path(tenant), canonical_json(state.model_dump(mode="json")))
+        path = self._path(tenant)  # whole or not at all: a crash mid-write must not leave half a document
+        self.fs.pipe_file(f"{path}.tmp", canonical_json(state.model_dump(mode="json")))
+        self.fs.mv(f"{path}.tmp", path)
         self._saved[tenant] = state.cursor
 
     # ---- acting ----------------------------------------------------------------------------
