@@ -101,15 +101,15 @@ def test_a_latch_starts_one_job_whose_triggers_carry_the_detector_statistics(tmp
 
 def test_a_storm_starts_at_most_max_concurrent_jobs_and_coalesces_the_rest_by_type(tmp_path):
     w = World(tmp_path)
-    storm = [f"z{k}" for k in range(300)]
-    w.drift(storm)  # 300 latches read in pages of 50
+    storm = [f"z{k}" for k in range(1000)]
+    w.drift(storm)  # 1,000 latches at once, read in pages of 50
     assert len(w.launched) == 2  # max_concurrent_jobs
     covered = [t.asset_id for j in w.launched for t in j.triggers]
     assert sorted(covered) != sorted(storm)  # the first pages' twins; later latches wait...
     pending = w.trigger.snapshot("acme").pending
     assert list(pending) == ["thermal_rc@1.0.0"]  # ...as one pending calibration per type
     w.drift(["z1", storm[-1]])  # latching again while covered: nothing new
-    assert len(w.launched) == 2 and len(w.trigger.snapshot("acme").pending["thermal_rc@1.0.0"]) == 300 - len(covered)
+    assert len(w.launched) == 2 and len(w.trigger.snapshot("acme").pending["thermal_rc@1.0.0"]) == 1000 - len(covered)
     w.finish(w.launched[0])  # a slot frees: ONE job covers every waiting twin, on the strongest alarm
     assert len(w.launched) == 3
     last = w.launched[2]
