@@ -29,6 +29,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, ValidationError
 
 from raytwin.contracts import Contract, Finite, Identifier, SemVer, UtcTime, describe_error
+from raytwin.recalibration import DriftTrigger
 from raytwin.registry import ModelRegistry, RegistryError, parse_ref
 from raytwin.storage import canonical_json, filesystem, write_once
 
@@ -91,6 +92,8 @@ class Evidence(Contract):
     run_ids: list[RunId] = Field(default_factory=list, max_length=100)
     fit_report: Reference | None = None
     shadow_metrics: dict[Identifier, Finite] = Field(default_factory=dict, max_length=100)
+    triggers: list[DriftTrigger] = Field(default_factory=list, max_length=10_000, description=(
+        "The drift alarms a recalibration answered (twin, event time, detector statistics)"))
 
 
 class LifecyclePolicy(Contract):
@@ -119,8 +122,16 @@ class TransitionRecord(Contract):
     evidence: Evidence = Field(default_factory=Evidence)
     hash: str = Field(pattern=r"^[0-9a-f]{64}$")
 
+    def stored(self) -> dict[str, Any]:
+        """The record as written to the log; evidence without triggers leaves the field out, so records
+        written before evidence had triggers read, hash and verify exactly as they were written."""
+        body = self.model_dump(mode="json")
+        if not body["evidence"]["triggers"]:
+            del body["evidence"]["triggers"]
+        return body
+
     def computed_hash(self) -> str:
-        return record_hash(self.model_dump(mode="json", exclude={"hash"}))
+        return record_hash({k: v for k, v in self.stored().items() if k != "hash"})
 
 
 def record_hash(body: dict[str, Any]) -> str:
@@ -347,7 +358,7 @@ class ModelLifecycle:
         path = f"{self._log_dir(state.model)}/{record.seq:08d}.json"
         self.fs.makedirs(self._log_dir(state.model), exist_ok=True)
         try:
-            write_once(self.fs, path, canonical_json(record.model_dump(mode="json")))
+            write_once(self.fs, path, canonical_json(record.stored()))
         except FileExistsError:
             raise TransitionConflict(f"another transition of {state.model} was recorded first (revision "
                                      f"{record.seq}); reload and retry") from None

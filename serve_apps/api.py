@@ -20,6 +20,8 @@ from serve_apps import (
     routes_connectors,
     routes_models,
     routes_query,
+
+    routes_recalibration,
     routes_scenarios,
     routes_twins,
 )
@@ -52,7 +54,7 @@ def create_api(max_body_bytes: int = 1_048_576, admission: Admission | None = No
     _ops_routes(app)
     for routes in (routes_catalog, routes_twins, routes_scenarios, routes_models, routes_changes, routes_query):
         routes.register(app)
-    for router in (routes_connectors.router, routes_commands.router):
+    for router in (routes_connectors.router, routes_commands.router, routes_recalibration.router):
         app.include_router(router)
     return app
 

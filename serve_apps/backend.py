@@ -38,6 +38,9 @@ from serve_apps.errors import NotFound, Unprocessable
 from serve_apps.jobs import Job, JobQueue, Work
 from serve_apps.query_schemas import AssetGraph, BulkRequest
 
+from serve_apps.recalibration import TenantState
+from serve_apps.recalibration_jobs import RecalibrationJobs
+
 log = logging.getLogger("raytwin.serve.backend")
 
 
@@ -51,7 +54,8 @@ def _drift_change(s: TwinState) -> dict[str, Any]:
     """`twin.drift`: the twin's drift flag was raised or cleared."""
     d = s.divergence
     return {**_twin_change(s), "kind": "twin.drift",
-            "data": {"drift": d.drift, "diverged": d.diverged, "nis_mean": d.nis_mean, "nis_last": d.nis_last}}
+            "data": {"drift": d.drift, "diverged": d.diverged, "nis_mean": d.nis_mean, "nis_last": d.nis_last,
+                     "drift_score": d.drift_score, "event_time": s.event_time.isoformat() if s.event_time else None}}
 
 
 class Backend:
@@ -74,6 +78,10 @@ class Backend:
         self._twin_marks: dict[tuple[str, str], tuple[int, bool]] = {}  # last published (revision, drift)
         self._registries: dict[str, ModelRegistry] = {}
         self.backlog = BacklogGate(config.admission.telemetry_backlog_events, config.admission.retry_after_s)
+
+        self.recalibration = RecalibrationJobs(config, self.twins, self.changes)
+        for tenant in self.catalog.tenants():  # relaunch what a restart interrupted; act on what it missed
+            self.recalibration.trigger.resume(tenant)
 
     def _registry(self, tenant: str) -> ModelRegistry:
         if tenant not in self._registries:
@@ -305,6 +313,11 @@ class Backend:
                 return
             queued = self.changes.submit(tenant, drafts)  # in revision order; written outside the lock
         self.changes.commit(tenant, queued)
+        if any(d["kind"] == "twin.drift" and d["data"]["drift"] for d in drafts):
+            try:  # reads the log in order from its cursor; the events are applied and recorded whatever happens
+                self.recalibration.trigger.poll(tenant)
+            except Exception:
+                log.exception("event=recalibration_poll_failed tenant=%s", tenant)
 
     def flush(self) -> None:
         self.twins.flush()
@@ -313,6 +326,10 @@ class Backend:
         with self._lock:
             tenants = list(self.catalog.assets)
         return sum(len(self.twins.assets(t)) for t in tenants)
+
+    def recalibrations(self, tenant: str) -> TenantState:
+        """The tenant's pending, running and recently finished drift recalibrations."""
+        return self.recalibration.state(tenant)
 
     # ---- connectors and commands (serve_apps/connector_ops.py) ----------------------------
     def connector(self, op: str, *args: Any) -> Any:

@@ -1,0 +1,111 @@
+"""Recalibration policies: when a twin's drift alarm may launch a calibration, and how much it may cost.
+
+Why a policy per tenant and asset type: a latched drift alarm is a request for a better model of
+that type, and a fleet can latch all at once (a firmware change, a heat wave). The policy bounds
+what a storm costs (`max_concurrent_jobs`, coalescing in the trigger), how often one twin may ask
+again (`cooldown_s`), how much telemetry a calibration reads (`window_s`, `max_samples`) and how
+hard it searches (`max_trials`). Policies are JSON documents on the store
+(``{root}/{tenant}/{type_name}.json``), so every API replica and a restarted backend read the same.
+
+`DriftTrigger` is the evidence a candidate version carries back to its cause: the twin, the event
+time of its latch, the detector's statistics and the change-log sequence number that recorded it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated, Any
+
+from pydantic import Field, ValidationError, model_validator
+
+from raytwin.contracts import Contract, Finite, Identifier, SemVer, UtcTime, describe_error
+from raytwin.storage import canonical_json, filesystem
+
+log = logging.getLogger("raytwin.recalibration")
+
+DAY_S = 86_400.0
+
+
+class PolicyError(ValueError):
+    """A policy that cannot be stored or used: the message names the field and the allowed range."""
+
+
+class RecalibrationPolicy(Contract):
+    """When and how a latched drift alarm of an asset type's twin launches a calibration."""
+
+    enabled: bool = True
+    min_drift_score: Annotated[float, Field(ge=1.0, le=1e6)] | None = Field(
+        None, description="Launch only when the detector's score at the latch is at least this (1 is the latch "
+                          "itself); null: on every latch")
+    cooldown_s: Annotated[float, Field(ge=0, le=90 * DAY_S)] = Field(
+        6 * 3600.0, description="A twin's latches within this many seconds after a calibration covering it "
+                                "started are not acted on")
+    window_s: Annotated[float, Field(ge=60, le=90 * DAY_S)] = Field(
+        DAY_S, description="Telemetry read from the durable event log, ending at the latch's event time")
+    max_samples: Annotated[int, Field(ge=10, le=1_000_000)] = Field(
+        5_000, description="Compute budget: at most this many samples of the window (the newest)")
+    max_trials: Annotated[int, Field(ge=1, le=1_000)] = Field(
+        8, description="Compute budget: Ray Tune trials per calibration")
+    max_concurrent_jobs: Annotated[int, Field(ge=1, le=64)] = Field(
+        2, description="Calibrations of this asset type running at once; further latches coalesce into one "
+                       "pending calibration")
+    free: Annotated[list[Identifier], Field(min_length=1, max_length=32)] = Field(
+        description="The model parameters to fit (checked against the asset type's model)")
+    noise_std: dict[Identifier, Annotated[float, Field(gt=0, allow_inf_nan=False)]] = Field(
+        default_factory=dict, description="Measurement noise per output, weights of the fit (default 1)")
+
+    @model_validator(mode="after")
+    def _coherent(self) -> RecalibrationPolicy:
+        if len(set(self.free)) != len(self.free):
+            raise ValueError(f"free parameters repeat: {self.free}")
+        return self
+
+    def check_model(self, param_names: tuple[str, ...] | list[str], output_names: tuple[str, ...] | list[str],
+                    type_key: str) -> None:
+        """Refuse parameters and outputs the asset type's model does not have (names the ones it has)."""
+        unknown = sorted(set(self.free) - set(param_names))
+        if unknown:
+            raise PolicyError(f"free parameters {unknown} are not parameters of {type_key}; it has "
+                              f"{list(param_names)}")
+        unknown = sorted(set(self.noise_std) - set(output_names))
+        if unknown:
+            raise PolicyError(f"noise_std names {unknown}, not outputs of {type_key}; it has {list(output_names)}")
+
+
+class DriftTrigger(Contract):
+    """A latched drift alarm that asked for a recalibration (evidence of the candidate it produced)."""
+
+    seq: int = Field(ge=1, description="The change-log sequence number of the twin.drift change")
+    asset_id: Identifier
+    type_name: Identifier
+    type_version: SemVer
+    event_time: UtcTime | None = Field(description="Event time of the twin's last applied event at the latch")
+    revision: int | None = Field(None, ge=0, description="The twin's state revision at the latch")
+    drift_score: Finite = Field(description="Largest CUSUM over its threshold at the latch (>= 1 latched)")
+    nis_mean: Finite | None = Field(description="None when not a finite number (a diverged filter)")
+    nis_last: Finite | None
+
+
+class PolicyStore:
+    """The tenants' policies as JSON documents on the store (any replica reads and writes them)."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
+        self.fs, self.root = filesystem(url, storage_options)
+
+    def _path(self, tenant: str, type_name: str) -> str:
+        return f"{self.root}/{tenant}/{type_name}.json"
+
+    def get(self, tenant: str, type_name: str) -> RecalibrationPolicy | None:
+        path = self._path(tenant, type_name)
+        if not self.fs.exists(path):
+            return None
+        try:
+            return RecalibrationPolicy.model_validate_json(self.fs.cat_file(path))
+        except ValidationError as exc:  # written by hand on the store: say which file to fix
+            raise PolicyError(f"the stored policy {path} is invalid: {describe_error(exc)}") from None
+
+    def put(self, tenant: str, type_name: str, policy: RecalibrationPolicy) -> None:
+        self.fs.makedirs(f"{self.root}/{tenant}", exist_ok=True)
+        self.fs.pipe_file(self._path(tenant, type_name), canonical_json(policy.model_dump(mode="json")))
+        log.info("event=recalibration_policy_set tenant=%s type=%s policy=%s", tenant, type_name,
+                 policy.model_dump_json())

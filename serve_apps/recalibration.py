@@ -1,0 +1,246 @@
+"""The drift -> recalibration trigger: latched drift alarms become bounded, coalesced calibration jobs.
+
+The `Recalibrator` reads each tenant's change log (`serve_apps.changes`) from a durable cursor: a
+``twin.drift`` change that raises the flag, for an asset type with an enabled policy
+(`raytwin.recalibration`), becomes a pending trigger unless the twin is cooling down or already
+covered by a pending or running calibration. Per asset type at most `max_concurrent_jobs`
+calibrations run; while more than one slot is free the strongest alarm gets a job of its own, and
+the last free slot takes every other pending trigger of the type as *one* calibration (on the
+strongest of them, its evidence naming all), so 1,000 twins latching at once start at most
+`max_concurrent_jobs` jobs and later latches wait as one pending calibration per type.
+
+Restart-safe: the cursor, the pending triggers and the running jobs (each with its candidate
+version, reserved before launch) are one JSON document per tenant, rewritten before anything
+acts on it. A restarted backend relaunches the running jobs (`sweeps.recalibration.recalibrate`
+finishes a candidate a crashed attempt registered instead of calibrating again) and reads the
+changes after the cursor from the store, so a trigger is neither lost nor run twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from raytwin.recalibration import DriftTrigger, RecalibrationPolicy
+from raytwin.storage import canonical_json, filesystem
+from serve_apps.changes import Change
+
+log = logging.getLogger("raytwin.serve.recalibration")
+KEEP_FINISHED = 100
+"""Finished jobs kept per tenant in the state document (outcomes are also in the lifecycle log)."""
+
+
+class RecalJob(BaseModel):
+    """One calibration the trigger launched (or will relaunch after a restart)."""
+
+    model_config = ConfigDict(extra="forbid")
+    job_key: str
+    tenant: str
+    model_ref: str = Field(description="The drifting twins' model, name@version")
+    asset_id: str = Field(description="The twin whose window is fitted (the strongest alarm of the group)")
+    candidate_version: str
+    triggers: list[DriftTrigger]
+    started: float = Field(description="Trigger clock (epoch s) at launch")
+    state: Literal["running", "succeeded", "failed"] = "running"
+    finished: float | None = None
+    run_id: str | None = None
+    candidate: str | None = None
+    error: str | None = None
+
+
+class TenantState(BaseModel):
+    """A tenant's trigger state, stored as one document (see module docstring)."""
+
+    model_config = ConfigDict(extra="forbid")
+    cursor: int = Field(0, description="The last change-log sequence number acted on")
+    pending: dict[str, list[DriftTrigger]] = Field(default_factory=dict, description="model ref -> triggers")
+    running: dict[str, RecalJob] = Field(default_factory=dict)
+    finished: list[RecalJob] = Field(default_factory=list)
+    covered: dict[str, float] = Field(default_factory=dict,
+                                      description="asset id -> when the last calibration covering it started")
+
+
+Policies = Callable[[str, str], RecalibrationPolicy | None]
+"""(tenant, type name) -> the policy, or None."""
+Launch = Callable[[RecalJob, RecalibrationPolicy], None]
+"""Start the job's calibration; it reports back through `Recalibrator.finish` (an exception: it failed to start)."""
+ChooseVersion = Callable[[str, str, set[str]], str]
+"""(tenant, model ref, versions reserved by running jobs) -> the candidate's version."""
+ReadChanges = Callable[[str, int], list[Change]]
+"""(tenant, after) -> the tenant's recorded changes after that sequence number, in order (a page)."""
+SAVE_EVERY = 10_000
+"""Changes without triggers between cursor writes (a restart re-reads at most these)."""
+
+
+def trigger_of(change: Change) -> DriftTrigger | None:
+    """The drift trigger a change carries: a ``twin.drift`` change that raised the flag."""
+    if change.kind != "twin.drift" or not change.data.get("drift"):
+        return None
+    d = change.data
+
+    def finite(x: Any) -> float | None:  # a diverged filter reports NaN or infinite statistics
+        return float(x) if isinstance(x, int | float) and math.isfinite(x) else None
+
+    return DriftTrigger(seq=change.seq, asset_id=change.asset_id, type_name=change.type_name,
+                        type_version=change.type_version, event_time=d.get("event_time"), revision=change.revision,
+                        drift_score=finite(d.get("drift_score")) or 1.0, nis_mean=finite(d.get("nis_mean")),
+                        nis_last=finite(d.get("nis_last")))
+
+
+class Recalibrator:
+    """Turns drift changes into calibration jobs under the tenants' policies (one per backend)."""
+
+    def __init__(self, url: str, storage_options: dict[str, Any] | None, policies: Policies, launch: Launch,
+                 choose_version: ChooseVersion, read: ReadChanges, clock: Callable[[], float] = time.time):
+        self.fs, self.root = filesystem(url, storage_options)
+        self.policies, self.launch, self.choose_version, self.clock = policies, launch, choose_version, clock
+        self.read = read
+        self._lock = threading.RLock()
+        self._states: dict[str, TenantState] = {}
+        self._saved: dict[str, int] = {}  # tenant -> cursor on the store
+
+    # ---- state ---------------------------------------------------------------------------
+    def _path(self, tenant: str) -> str:
+        return f"{self.root}/{tenant}/trigger-state.json"
+
+    def state(self, tenant: str) -> TenantState:
+        with self._lock:
+            if tenant not in self._states:
+                path = self._path(tenant)
+                self._states[tenant] = TenantState.model_validate_json(self.fs.cat_file(path)) \
+                    if self.fs.exists(path) else TenantState()  # from the log's start: nothing is skipped
+                self._saved[tenant] = self._states[tenant].cursor
+            return self._states[tenant]
+
+    def snapshot(self, tenant: str) -> TenantState:
+        """A copy of the tenant's pending, running and recently finished recalibrations."""
+        with self._lock:
+            return self.state(tenant).model_copy(deep=True)
+
+    def _save(self, tenant: str) -> None:
+        state = self._states[tenant]
+        self.fs.makedirs(f"{self.root}/{tenant}", exist_ok=True)
+        path = self._path(tenant)  # whole or not at all: a crash mid-write must not leave half a document
+        self.fs.pipe_file(f"{path}.tmp", canonical_json(state.model_dump(mode="json")))
+        self.fs.mv(f"{path}.tmp", path)
+        self._saved[tenant] = state.cursor
+
+    # ---- acting ----------------------------------------------------------------------------
+    def resume(self, tenant: str) -> None:
+        """After a restart: relaunch the running jobs, then act on the changes recorded after the cursor."""
+        with self._lock:
+            state = self.state(tenant)
+            for job in list(state.running.values()):
+                log.info("event=recalibration_relaunch tenant=%s job=%s", tenant, job.job_key)
+                self._start(state, job)
+        self.poll(tenant)
+
+    def poll(self, tenant: str) -> None:
+        """Act on every change the tenant's log recorded after the cursor, in sequence order."""
+        with self._lock:
+            while changes := self.read(tenant, self.state(tenant).cursor):
+                self.observe(tenant, changes)
+
+    def observe(self, tenant: str, changes: Iterable[Change]) -> None:
+        """Act on a page of the tenant's changes in order; those at or before the cursor are ignored."""
+        with self._lock:
+            state = self.state(tenant)
+            news = sorted((c for c in changes if c.seq > state.cursor), key=lambda c: c.seq)
+            if not news:
+                return
+            admitted = False
+            for change in news:
+                trigger = trigger_of(change)
+                if trigger is not None:
+                    admitted |= self._admit(tenant, state, trigger)
+            state.cursor = news[-1].seq
+            if admitted or state.cursor - self._saved.get(tenant, 0) >= SAVE_EVERY:
+                self._save(tenant)  # the cursor and what it admitted, in one write
+            self._pump(tenant, state)
+
+    def finish(self, tenant: str, job_key: str, *, run_id: str | None = None, candidate: str | None = None,
+               error: str | None = None) -> None:
+        """A job ended: record its outcome and start what waits for its slot."""
+        with self._lock:
+            state = self.state(tenant)
+            job = state.running.pop(job_key, None)
+            if job is None:
+                return
+            job = job.model_copy(update={"state": "failed" if error else "succeeded", "finished": self.clock(),
+                                         "run_id": run_id, "candidate": candidate, "error": error})
+            state.finished = [*state.finished, job][-KEEP_FINISHED:]
+            self._save(tenant)
+            log.info("event=recalibration_%s tenant=%s job=%s candidate=%s run_id=%s error=%s", job.state, tenant,
+                     job_key, candidate, run_id, error)
+            self._pump(tenant, state)
+
+    def _admit(self, tenant: str, state: TenantState, trigger: DriftTrigger) -> bool:
+        """Add the trigger to its type's pending calibration, unless the policy says no (logged)."""
+        policy = self.policies(tenant, trigger.type_name)
+        why = None
+        if policy is None or not policy.enabled:
+            why = "no enabled policy for its asset type"
+        elif policy.min_drift_score is not None and trigger.drift_score < policy.min_drift_score:
+            why = f"drift score {trigger.drift_score:.3g} below the policy's {policy.min_drift_score:g}"
+        elif self.clock() - state.covered.get(trigger.asset_id, -float("inf")) < policy.cooldown_s:
+            why = f"cooling down ({policy.cooldown_s:g} s after its last recalibration)"
+        elif any(trigger.asset_id in {t.asset_id for t in ts} for ts in state.pending.values()) or any(
+                trigger.asset_id in {t.asset_id for t in j.triggers} for j in state.running.values()):
+            why = "already covered by a pending or running recalibration"
+        if why is not None:
+            log.info("event=recalibration_skipped tenant=%s asset_id=%s seq=%d reason=%r", tenant,
+                     trigger.asset_id, trigger.seq, why)
+            return False
+        state.pending.setdefault(f"{trigger.type_name}@{trigger.type_version}", []).append(trigger)
+        return True
+
+    def _pump(self, tenant: str, state: TenantState) -> None:
+        """Start pending calibrations while their type has free slots (oldest trigger first)."""
+        for model_ref in sorted(state.pending, key=lambda r: state.pending[r][0].seq):
+            type_name = model_ref.partition("@")[0]
+            policy = self.policies(tenant, type_name)
+            if policy is None or not policy.enabled:
+                continue  # the policy went away: keep the triggers until it is back
+            while state.pending.get(model_ref):
+                free = policy.max_concurrent_jobs - sum(
+                    j.model_ref.partition("@")[0] == type_name for j in state.running.values())
+                if free <= 0:
+                    break
+                triggers = sorted(state.pending[model_ref], key=lambda t: (-t.drift_score, t.seq))
+                group = triggers[:1] if free > 1 else triggers  # the last slot takes all the rest
+                rest = triggers[len(group):]
+                if rest:
+                    state.pending[model_ref] = sorted(rest, key=lambda t: t.seq)
+                else:
+                    del state.pending[model_ref]
+                reserved = {j.candidate_version for j in state.running.values() if j.model_ref == model_ref}
+                job = RecalJob(job_key=f"recal-{tenant}-{min(t.seq for t in group)}", tenant=tenant,
+                               model_ref=model_ref, asset_id=group[0].asset_id,
+                               candidate_version=self.choose_version(tenant, model_ref, reserved),
+                               triggers=sorted(group, key=lambda t: t.seq), started=self.clock())
+                state.running[job.job_key] = job
+                for t in group:
+                    state.covered[t.asset_id] = job.started
+                self._save(tenant)  # reserved before it runs: a restart relaunches, never re-admits
+                self._start(state, job)
+
+    def _start(self, state: TenantState, job: RecalJob) -> None:
+        policy = self.policies(job.tenant, job.model_ref.partition("@")[0])
+        try:
+            if policy is None:
+                raise RuntimeError("its policy was removed")
+            self.launch(job, policy)
+        except Exception as exc:  # a job that cannot start fails; the trigger never stops
+            log.exception("event=recalibration_launch_failed tenant=%s job=%s", job.tenant, job.job_key)
+            self.finish(job.tenant, job.job_key, error=f"{type(exc).__name__}: {exc}"[:500])
+            return
+        log.info("event=recalibration_started tenant=%s job=%s model=%s asset_id=%s triggers=%d candidate=%s",
+                 job.tenant, job.job_key, job.model_ref, job.asset_id, len(job.triggers), job.candidate_version)
+
+

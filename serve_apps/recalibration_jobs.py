@@ -1,0 +1,88 @@
+"""Recalibration jobs in the backend: the `Recalibrator` wired to the store, the twins and Ray.
+
+A launch reads the drifting twin's window from the durable event log and its estimated state at the
+window's start (time travel), writes the window as Parquet under
+``{store}/recalibration/{tenant}/windows/{job_key}.parquet`` and runs `sweeps.recalibration.recalibrate`
+as a Ray task (0 CPUs: it coordinates; the Tune trials take the CPUs). Its outcome comes back
+through a single worker thread, which records it and starts what waited for the slot.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import ray
+
+from raytwin.recalibration import PolicyStore, RecalibrationPolicy
+from raytwin.registry import ModelRegistry
+from raytwin.sim.cpu import cpu_only
+from raytwin.statestore import StateStore
+from serve_apps.changes import Change, ChangeLog
+from serve_apps.config import ServeConfig
+from serve_apps.recalibration import RecalJob, Recalibrator, TenantState
+from sweeps.recalibration import RecalibrationWork, next_free_version, recalibrate, window_table, write_window
+
+log = logging.getLogger("raytwin.serve.recalibration")
+PAGE = 1000
+
+
+@ray.remote(num_cpus=0, max_retries=0)
+def recalibration_task(work: RecalibrationWork) -> dict[str, Any]:
+    return recalibrate(work).model_dump(mode="json")
+
+
+class RecalibrationJobs:
+    """The backend's trigger: policies from the store, jobs as Ray tasks, outcomes back in order."""
+
+    def __init__(self, config: ServeConfig, twins: Any, changes: ChangeLog):
+        self.config, self.twins, self.changes = config, twins, changes
+        self.policies = PolicyStore(config.url("recalibration", "policies"), config.storage_options)
+        self.events = StateStore(config.url("twins"), config.storage_options or None)
+        self._outcomes = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recalibration")
+        self.trigger = Recalibrator(config.url("recalibration", "triggers"), config.storage_options,
+                                    policies=self.policies.get, launch=self._launch,
+                                    choose_version=self._choose_version, read=self._read)
+
+    def _registry(self, tenant: str) -> ModelRegistry:
+        return ModelRegistry(self.config.url("registry", tenant), self.config.storage_options or None)
+
+    def _read(self, tenant: str, after: int) -> list[Change]:
+        page = self.changes.read(tenant, after, PAGE)
+        return self.changes.store.read(tenant, after, PAGE) if page.fell_behind else page.changes
+
+    def _choose_version(self, tenant: str, model_ref: str, reserved: set[str]) -> str:
+        name, _, version = model_ref.partition("@")
+        return next_free_version(self._registry(tenant), name, version, reserved)
+
+    def _launch(self, job: RecalJob, policy: RecalibrationPolicy) -> None:
+        tenant = job.tenant
+        artifact = self._registry(tenant).get(job.model_ref)
+        trigger = next(t for t in job.triggers if t.asset_id == job.asset_id)
+        until = trigger.event_time or self.twins.state(tenant, job.asset_id).event_time
+        names = [*artifact.asset_type.inputs, *artifact.asset_type.outputs]
+        table, start = window_table(self.events, tenant, job.asset_id, names, until, policy.window_s,
+                                    policy.max_samples)
+        state = self.twins.state_at(tenant, job.asset_id, start).state  # the estimate at the first sample
+        url = self.config.url("recalibration", tenant, "windows", f"{job.job_key}.parquet")
+        write_window(table, url, self.config.storage_options or None)
+        work = RecalibrationWork(
+            job_key=job.job_key, tenant=tenant, asset_id=job.asset_id, model_ref=job.model_ref,
+            candidate_version=job.candidate_version, telemetry=url, start_state=state, policy=policy,
+            triggers=job.triggers, registry_url=self.config.url("registry", tenant),
+            runs_url=self.config.url("runs", tenant), storage_options=self.config.storage_options)
+        ref = recalibration_task.options(**cpu_only({})).remote(work)
+        ref.future().add_done_callback(lambda f: self._outcomes.submit(self._finished, tenant, job.job_key, f))
+
+    def _finished(self, tenant: str, job_key: str, future: Future) -> None:
+        try:
+            out = future.result()
+        except Exception as exc:
+            cause = getattr(exc, "cause", None) or exc
+            self.trigger.finish(tenant, job_key, error=f"{type(cause).__name__}: {cause}".splitlines()[0][:500])
+            return
+        self.trigger.finish(tenant, job_key, run_id=out["run_id"], candidate=out["candidate"])
+
+    def state(self, tenant: str) -> TenantState:
+        return self.trigger.snapshot(tenant)

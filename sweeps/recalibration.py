@@ -1,0 +1,155 @@
+"""Recalibration after drift: a twin's recent telemetry window, calibrated, registered as a candidate.
+
+`window_table` reads a window of a twin's accepted events from the durable event log
+(`raytwin.statestore.StateStore`) as calibration telemetry; `recalibrate` fits the policy's free
+parameters with Ray Tune (`sweeps.runs.recorded_calibration`, so the fit has a run record),
+registers the fit as a new version of the asset type's model and submits it through the lifecycle
+as a *candidate*, with the run id, the fit report and the drift triggers as evidence.
+
+Restart-safe by construction: a `RecalibrationWork` names its candidate version and carries a
+`job_key`; the registered version records that key in its metadata, so a relaunch after a crash
+finishes the submission instead of calibrating a second time.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import Field
+
+from raytwin.contracts import Contract, Finite, Identifier, SemVer
+from raytwin.lifecycle import Actor, Evidence, ModelLifecycle
+from raytwin.recalibration import DriftTrigger, RecalibrationPolicy
+from raytwin.registry import ModelRegistry, RegistryError
+from raytwin.statestore import StateStore, from_micros, to_micros
+from raytwin.storage import filesystem
+from sweeps.calibration import CalibrationSpec
+from sweeps.runs import recorded_calibration
+
+log = logging.getLogger("raytwin.recalibration")
+AUTHOR = "recalibration"
+"""The lifecycle author of recalibrated candidates: any approver key may promote them (four eyes)."""
+JOB_KEY = "recalibration_job"
+
+
+class RecalibrationError(ValueError):
+    """A recalibration that cannot run: the message says what is missing and how to get it."""
+
+
+class RecalibrationWork(Contract):
+    """One calibration a drift trigger asked for, ready to run anywhere that reaches the store."""
+
+    job_key: Identifier = Field(description="Unique per trigger group; the candidate's registry metadata keeps it")
+    tenant: Identifier
+    asset_id: Identifier = Field(description="The twin whose window is fitted (the group's strongest alarm)")
+    model_ref: str = Field(description="The twin's model, name@version: the prior and the fixed parameters")
+    candidate_version: SemVer
+    telemetry: str = Field(description="The window as Parquet (t_s, inputs, outputs; `window_table`)")
+    start_state: dict[Identifier, Finite]
+    policy: RecalibrationPolicy
+    triggers: list[DriftTrigger] = Field(min_length=1)
+    registry_url: str
+    runs_url: str
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+
+
+class Recalibrated(Contract):
+    candidate: str = Field(description="name@version of the registered candidate")
+    run_id: str
+    parameters: dict[str, float]
+    resumed: bool = Field(description="True when a relaunch found the candidate registered already")
+
+
+def window_table(store: StateStore, tenant: str, asset_id: str, names: list[str], until: datetime,
+                 window_s: float, max_samples: int) -> tuple[pa.Table, datetime]:
+    """The twin's events in (`until` - `window_s`, `until`] as calibration telemetry: ``t_s`` from the
+    window's first sample, one column per name (the model's inputs and outputs, SI). Events without every input and
+    output, or flagged bad, are skipped; an irregular series is interpolated onto its median step
+    (calibration needs uniform samples); at most the newest `max_samples` samples are kept. Returns the
+    table and the event time of its first sample (where the fit's start state belongs)."""
+    until_us = to_micros(until)
+    since_us = until_us - round(window_s * 1e6)
+    events = store.read_events(tenant, asset_id, after=(since_us, 2**62, ""), until_us=until_us)
+    rows = [(e.time_s, [e.values.get(n, np.nan) for n in names]) for e in events if e.quality != "bad"]
+    rows = [(t, v) for t, v in rows if np.isfinite(v).all()]
+    if len(rows) < 10:
+        raise RecalibrationError(
+            f"twin {asset_id!r}: the {window_s:g} s window before {until.isoformat()} holds {len(rows)} usable "
+            f"events (each needs {names}); at least 10 are needed: send inputs with the telemetry or widen "
+            f"the policy's window_s")
+    t = np.array([r[0] for r in rows])
+    values = np.array([r[1] for r in rows])
+    steps = np.diff(t)
+    step = float(np.median(steps))
+    if not np.allclose(steps, step, rtol=1e-9, atol=0):
+        grid = np.arange(t[0], t[-1] + step / 2, step)
+        values = np.column_stack([np.interp(grid, t, values[:, j]) for j in range(len(names))])
+        t = grid
+    t, values = t[-max_samples:], values[-max_samples:]
+    table = pa.table({"t_s": t - t[0], **{n: values[:, j] for j, n in enumerate(names)}})
+    return table, from_micros(round(t[0] * 1e6))
+
+
+def write_window(table: pa.Table, url: str, storage_options: dict[str, Any] | None = None) -> None:
+    fs, path = filesystem(url, storage_options)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    fs.pipe_file(path, sink.getvalue())
+
+
+def recalibrate(work: RecalibrationWork) -> Recalibrated:
+    """Fit, register and submit the candidate (or finish what a crashed attempt started)."""
+    options = work.storage_options or None
+    registry = ModelRegistry(work.registry_url, options)
+    lifecycle = ModelLifecycle(registry)
+    name = work.model_ref.partition("@")[0]
+    candidate = f"{name}@{work.candidate_version}"
+    resumed = work.candidate_version in registry.versions(name)
+    if resumed:
+        artifact = registry.get(candidate, allow_code_change=True)
+        if artifact.metadata.get(JOB_KEY) != work.job_key:
+            raise RecalibrationError(f"{candidate} is registered already, not by recalibration {work.job_key}: "
+                                     f"publish asset type versions outside the recalibration's range or retry")
+        run_id, parameters = artifact.metadata["run_id"], artifact.parameters
+    else:
+        base = registry.get(work.model_ref)
+        spec = CalibrationSpec(
+            model=work.model_ref, registry_url=work.registry_url, tenant=work.tenant, asset_id=work.asset_id,
+            telemetry=work.telemetry, start_state=work.start_state, free=work.policy.free,
+            noise_std=work.policy.noise_std, num_samples=work.policy.max_trials, seed=0)
+        record = recorded_calibration(spec, runs=work.runs_url, storage_options=options, user=AUTHOR)
+        run_id, parameters = record.run_id, record.summary["parameters"]
+        registry.register(name, work.candidate_version, base.asset_type, parameters, metadata={
+            JOB_KEY: work.job_key, "run_id": run_id, "calibrated_from": work.model_ref,
+            "asset_id": work.asset_id, "weighted_rmse": repr(record.summary["weighted_rmse"])})
+    if work.candidate_version not in lifecycle.verify(name).versions:
+        runs_fs, runs_root = filesystem(work.runs_url, options)
+        report = f"{runs_root}/{run_id}/calibration.json"
+        scheme = runs_fs.protocol if isinstance(runs_fs.protocol, str) else runs_fs.protocol[0]
+        report = report if "://" in report else f"{'file' if scheme == 'file' else scheme}://{report}"
+        twins = sorted({t.asset_id for t in work.triggers})
+        lifecycle.submit(candidate, Actor(id=AUTHOR, tenant=work.tenant),
+                         f"recalibrated {','.join(work.policy.free)} on twin {work.asset_id} after drift of "
+                         f"{len(twins)} twin(s) of {work.model_ref}",
+                         Evidence(run_ids=[run_id], fit_report=report, triggers=work.triggers))
+    log.info("event=recalibrated job=%s tenant=%s candidate=%s run_id=%s resumed=%s triggers=%d", work.job_key,
+             work.tenant, candidate, run_id, resumed, len(work.triggers))
+    return Recalibrated(candidate=candidate, run_id=run_id, parameters=parameters, resumed=resumed)
+
+
+def next_free_version(registry: ModelRegistry, name: str, base_version: str, reserved: set[str]) -> str:
+    """The base version's next patch number that is neither registered nor reserved by a running job."""
+    major, minor, patch = (int(x) for x in base_version.split("."))
+    taken = set(registry.versions(name)) | reserved
+    for bump in range(1, 100_000):
+        version = f"{major}.{minor}.{patch + bump}"
+        if version not in taken:
+            return version
+    raise RegistryError(f"{name}: no free patch version after {base_version}")

@@ -1,0 +1,194 @@
+"""Drift-triggered recalibration without Ray: policy validation, and the trigger (`serve_apps.recalibration`)
+driven by change-log pages and a fake clock: storms bounded and coalesced, cooldowns, restarts that
+neither lose nor repeat a trigger, and old lifecycle records keeping their hashes."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from pydantic import ValidationError
+
+from raytwin.recalibration import PolicyError, PolicyStore, RecalibrationPolicy
+from serve_apps.changes import Change
+from serve_apps.recalibration import RecalJob, Recalibrator
+
+T0 = datetime(2026, 2, 1, tzinfo=UTC)
+POLICY = RecalibrationPolicy(free=["R_io"], max_concurrent_jobs=2, cooldown_s=3600.0)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("cooldown_s", -1.0, "greater than or equal to 0"),
+    ("window_s", 10.0, "greater than or equal to 60"),
+    ("window_s", float("inf"), "less than or equal to"),
+    ("max_concurrent_jobs", 0, "greater than or equal to 1"),
+    ("max_trials", 10_000, "less than or equal to 1000"),
+    ("min_drift_score", 0.5, "greater than or equal to 1"),
+    ("free", [], "at least 1 item"),
+    ("free", ["R_io", "R_io"], "free parameters repeat"),
+    ("noise_std", {"T_in": 0.0}, "greater than 0"),
+    ("budget", 3, "Extra inputs are not permitted"),
+])
+def test_policies_with_nonsense_bounds_are_refused_naming_the_field(field, value, message):
+    with pytest.raises(ValidationError) as err:
+        RecalibrationPolicy.model_validate({"free": ["R_io"], field: value})
+    assert message in str(err.value) and field in str(err.value)
+
+
+def test_policy_names_are_checked_against_the_model_and_stored_per_tenant(tmp_path):
+    with pytest.raises(PolicyError, match=r"\['R_xx'\] are not parameters of thermal_rc@1.0.0; it has"):
+        RecalibrationPolicy(free=["R_xx"]).check_model(["R_io", "C_in"], ["T_in"], "thermal_rc@1.0.0")
+    with pytest.raises(PolicyError, match=r"noise_std names \['T_m'\], not outputs"):
+        RecalibrationPolicy(free=["R_io"], noise_std={"T_m": 0.1}).check_model(["R_io"], ["T_in"], "thermal_rc@1")
+    store = PolicyStore(str(tmp_path))
+    store.put("acme", "thermal_rc", POLICY)
+    assert store.get("acme", "thermal_rc") == POLICY
+    assert store.get("globex", "thermal_rc") is None  # tenants' policies never mix
+    (tmp_path / "acme" / "thermal_rc.json").write_text('{"free": ["R_io"], "cooldown_s": -5}')
+    with pytest.raises(PolicyError, match="acme/thermal_rc.json is invalid: .*cooldown_s"):
+        store.get("acme", "thermal_rc")
+
+
+class World:
+    """A change log, a fake clock and a launcher that records jobs instead of running them."""
+
+    def __init__(self, root, policy: RecalibrationPolicy | None = POLICY):
+        self.root, self.policy = root, policy
+        self.log: list[Change] = []
+        self.now = 1_000_000.0
+        self.launched: list[RecalJob] = []
+        self.trigger = self.restart()
+
+    def restart(self) -> Recalibrator:
+        self.trigger = Recalibrator(
+            str(self.root), None, policies=lambda tenant, type_name: self.policy if tenant == "acme" else None,
+            launch=lambda job, policy: self.launched.append(job),
+            choose_version=lambda tenant, ref, reserved: f"1.0.{len(self.launched) + 1}",
+            read=lambda tenant, after: [c for c in self.log if c.seq > after][:50], clock=lambda: self.now)
+        return self.trigger
+
+    def drift(self, asset_ids: list[str], score: float = 1.5, raised: bool = True, poll: bool = True) -> None:
+        for asset_id in asset_ids:
+            self.log.append(Change(
+                seq=len(self.log) + 1, kind="twin.drift", time=T0, asset_id=asset_id, type_name="thermal_rc",
+                type_version="1.0.0", revision=7, data={
+                    "drift": raised, "diverged": False, "nis_mean": 3.0, "nis_last": 9.0,
+                    "drift_score": score + len(self.log) / 1e4,
+                    "event_time": (T0 + timedelta(hours=len(self.log))).isoformat()}))
+            self.log.append(Change(seq=len(self.log) + 1, kind="twin.state", time=T0, asset_id=asset_id,
+                                   type_name="thermal_rc", type_version="1.0.0", revision=7))
+        if poll:
+            self.trigger.poll("acme")
+
+    def finish(self, job: RecalJob) -> None:
+        self.trigger.finish("acme", job.job_key, run_id="calibration-20260201T000000Z-00000000",
+                            candidate=f"thermal_rc@{job.candidate_version}")
+
+
+def test_a_latch_starts_one_job_whose_triggers_carry_the_detector_statistics(tmp_path):
+    w = World(tmp_path)
+    w.drift(["z1"])
+    w.drift(["z1"], raised=False)  # a clear is no trigger
+    (job,) = w.launched
+    (t,) = job.triggers
+    assert (job.asset_id, job.model_ref, job.candidate_version) == ("z1", "thermal_rc@1.0.0", "1.0.1")
+    assert (t.seq, t.asset_id, t.event_time, t.revision, t.nis_mean, t.nis_last) == (1, "z1", T0, 7, 3.0, 9.0)
+    assert t.drift_score == pytest.approx(1.5)
+    w.finish(job)
+    done = w.trigger.snapshot("acme")
+    assert not done.running and not done.pending and done.finished[0].candidate == "thermal_rc@1.0.1"
+
+
+def test_a_storm_starts_at_most_max_concurrent_jobs_and_coalesces_the_rest_by_type(tmp_path):
+    w = World(tmp_path)
+    storm = [f"z{k}" for k in range(1000)]
+    w.drift(storm)  # 1,000 latches at once, read in pages of 50
+    assert len(w.launched) == 2  # max_concurrent_jobs
+    covered = [t.asset_id for j in w.launched for t in j.triggers]
+    assert sorted(covered) != sorted(storm)  # the first pages' twins; later latches wait...
+    pending = w.trigger.snapshot("acme").pending
+    assert list(pending) == ["thermal_rc@1.0.0"]  # ...as one pending calibration per type
+    w.drift(["z1", storm[-1]])  # latching again while covered: nothing new
+    assert len(w.launched) == 2 and len(w.trigger.snapshot("acme").pending["thermal_rc@1.0.0"]) == 1000 - len(covered)
+    w.finish(w.launched[0])  # a slot frees: ONE job covers every waiting twin, on the strongest alarm
+    assert len(w.launched) == 3
+    last = w.launched[2]
+    assert sorted(covered + [t.asset_id for t in last.triggers]) == sorted(storm)
+    assert last.asset_id == max(last.triggers, key=lambda t: t.drift_score).asset_id
+    assert not w.trigger.snapshot("acme").pending
+
+
+def test_cooldown_and_disabled_policies_suppress_latches(tmp_path):
+    w = World(tmp_path)
+    w.drift(["z1"])
+    w.finish(w.launched[0])
+    w.now += 3599.0
+    w.drift(["z1"])  # within the cooldown
+    assert len(w.launched) == 1
+    w.now += 2.0
+    w.drift(["z1"])
+    assert len(w.launched) == 2
+    w.policy = POLICY.model_copy(update={"min_drift_score": 5.0})
+    w.drift(["z9"])  # score 1.5 < 5
+    w.policy = None
+    w.drift(["z8"])
+    assert len(w.launched) == 2
+
+
+def test_a_restart_neither_loses_nor_repeats_a_trigger(tmp_path):
+    w = World(tmp_path, POLICY.model_copy(update={"max_concurrent_jobs": 1}))
+    w.drift(["a"])
+    w.drift(["b"])  # pending behind a's job
+    w.drift(["c"], poll=False)  # recorded in the log, the backend died before acting on it
+    (running,) = w.launched
+    w.launched.clear()
+    w.restart().resume("acme")  # a fresh trigger from the store: relaunches a, reads c after the cursor
+    assert [(j.job_key, j.candidate_version) for j in w.launched] == [(running.job_key, running.candidate_version)]
+    state = w.trigger.snapshot("acme")
+    assert state.cursor == len(w.log) and [t.asset_id for t in state.pending["thermal_rc@1.0.0"]] == ["b", "c"]
+    w.restart().resume("acme")  # again: the same job relaunched (it finishes what it registered), no new ones
+    assert len(w.launched) == 2 and w.launched[1].job_key == running.job_key
+    w.finish(w.launched[1])
+    assert [t.asset_id for t in w.launched[2].triggers] == ["b", "c"]  # b and c: one job, each once
+
+
+def test_a_job_that_cannot_start_fails_and_frees_its_slot(tmp_path):
+    w = World(tmp_path, POLICY.model_copy(update={"max_concurrent_jobs": 1}))
+
+    def refuse(job, policy):
+        raise ValueError("the window holds 3 usable events")
+
+    w.trigger.launch = refuse
+    w.drift(["a", "b"])  # one page: one job for both (one slot)
+    w.drift(["c"])
+    state = w.trigger.snapshot("acme")
+    assert [(j.state, [t.asset_id for t in j.triggers]) for j in state.finished] == [
+        ("failed", ["a", "b"]), ("failed", ["c"])]
+    assert not state.running and not state.pending and "3 usable events" in state.finished[0].error
+
+
+def test_lifecycle_records_without_triggers_keep_their_hash():
+    """Evidence gained `triggers`: a record written before must still verify."""
+    from raytwin.lifecycle import Evidence, TransitionRecord, record_hash
+
+    body = dict(seq=0, prev_hash="0" * 64, model="m", tenant="acme", version="1.0.0", action="submit",
+                from_stage=None, to_stage="candidate", displaced=None, actor="k1", actor_roles=[], automatic=False,
+                time="2026-02-01T00:00:00Z", reason="r", evidence={"run_ids": [], "fit_report": None,
+                                                                   "shadow_metrics": {}})
+    old = TransitionRecord.model_validate({**body, "hash": record_hash(body)})
+    assert old.computed_hash() == old.hash
+    with_trigger = old.model_copy(update={"evidence": Evidence(triggers=[{
+        "seq": 1, "asset_id": "z1", "type_name": "m", "type_version": "1.0.0", "event_time": T0,
+        "drift_score": 1.2, "nis_mean": 2.0, "nis_last": 3.0}])})
+    assert with_trigger.computed_hash() != old.hash  # the trigger is covered by the chain
+
+
+def test_a_diverged_twins_latch_is_a_trigger_without_its_non_finite_statistics():
+    from serve_apps.recalibration import trigger_of
+
+    change = Change(seq=4, kind="twin.drift", time=T0, asset_id="z1", type_name="thermal_rc", type_version="1.0.0",
+                    revision=3, data={"drift": True, "diverged": True, "nis_mean": float("nan"),
+                                      "nis_last": float("inf"), "event_time": T0.isoformat()})
+    t = trigger_of(change)
+    assert (t.seq, t.nis_mean, t.nis_last, t.drift_score, t.event_time) == (4, None, None, 1.0, T0)
+    assert trigger_of(change.model_copy(update={"kind": "twin.state"})) is None

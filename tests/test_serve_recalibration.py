@@ -1,0 +1,128 @@
+"""Drift-triggered recalibration over HTTP: policies (admin only, per tenant, checked against the model,
+audited), and a twin whose model has the wrong R_io latching its drift alarm, which starts exactly one
+calibration that registers a candidate near the truth with the trigger as evidence."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import pytest
+
+from serve_apps.auth import create_key
+from tests.conftest import free_port
+from tests.test_serve_api import THERMAL_TYPE, assert_error
+
+KEYS = (("admin", "acme", "admin"), ("writer", "acme", "writer"), ("reader", "acme", "reader"),
+        ("other", "globex", "admin"))
+T0 = datetime(2026, 2, 1, tzinfo=UTC)
+POLICY = {"free": ["R_io"], "noise_std": {"T_in": 0.05}, "window_s": 86400.0, "max_trials": 1,
+          "max_concurrent_jobs": 1, "cooldown_s": 86400.0}
+
+
+@pytest.fixture(scope="module")
+def api(ray_session, tmp_path_factory):
+    from ray import serve
+
+    from serve_apps.app import build_app
+
+    root = tmp_path_factory.mktemp("serve-recalibration")
+    keys_file = root / "keys.json"
+    keys = {name: create_key(keys_file, tenant, role)[1] for name, tenant, role in KEYS}
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    config = {"store_url": str(root / "store"), "keys_file": str(keys_file), "twin_shards": 1,
+              "namespace": "raytwin-recalibration-tests", "autoscaling": {"min_replicas": 1, "max_replicas": 1}}
+    serve.run(build_app(config), name="raytwin", route_prefix="/")
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120.0) as http:
+        http.headers_for = lambda name: {"Authorization": f"Bearer {keys[name]}"}  # type: ignore[attr-defined]
+        r = http.post("/v1/asset-types", json=THERMAL_TYPE, headers=http.headers_for("admin"))
+        assert r.status_code == 201, r.text
+        yield http, root / "store"
+    serve.shutdown()
+
+
+def _put(http, who: str, body: dict, type_name: str = "thermal_rc") -> httpx.Response:
+    return http.put(f"/v1/recalibration-policies/{type_name}", json=body, headers=http.headers_for(who))
+
+
+def test_policies_need_an_admin_stay_in_their_tenant_and_refuse_nonsense(api):
+    http, _ = api
+    url = "/v1/recalibration-policies/thermal_rc"
+    assert_error(http.get(url, headers=http.headers_for("reader")), 404, "not_found")
+    assert_error(_put(http, "writer", POLICY), 403, "forbidden")
+    details = assert_error(_put(http, "admin", {**POLICY, "cooldown_s": -1}), 422, "invalid_request")
+    assert "cooldown_s" in str(details)
+    assert "R_xx" in assert_error(_put(http, "admin", {**POLICY, "free": ["R_xx"]}), 422,
+                                  "invalid_request")["message"]
+    assert_error(_put(http, "admin", POLICY, "no_such_type"), 404, "not_found")
+    r = _put(http, "admin", POLICY)
+    assert r.status_code == 200, r.text
+    stored = http.get(url, headers=http.headers_for("reader")).json()
+    assert stored["free"] == ["R_io"] and stored["cooldown_s"] == 86400.0
+    # another tenant neither sees nor sets it (its PUT names a type it does not have)
+    assert_error(http.get(url, headers=http.headers_for("other")), 404, "not_found")
+    assert_error(_put(http, "other", {**POLICY, "enabled": False}), 404, "not_found")
+    assert http.get(url, headers=http.headers_for("reader")).json() == stored
+    audit = http.get("/v1/audit", headers=http.headers_for("admin")).json()
+    assert [a["target"] for a in audit if a["action"] == "recalibration_policy.update"] == ["thermal_rc"]
+
+
+def test_a_drift_latch_starts_one_calibration_whose_candidate_is_near_the_truth(api):
+    from benchmarks.drift import CASES, streams
+    from raytwin.registry import ModelRegistry
+    from raytwin.sim import THERMAL_RC
+
+    http, store = api
+    assert _put(http, "admin", POLICY).status_code == 200
+    r = http.post("/v1/assets", headers=http.headers_for("admin"), json={
+        "id": "zone-1", "type_name": "thermal_rc", "type_version": THERMAL_TYPE["version"],
+        "initial_state": {"T_in": 293.15, "T_m": 292.15}})
+    assert r.status_code == 201, r.text
+    # the building's R_io is half the registered model's from the start: a day of 5-minute telemetry
+    case = dataclasses.replace(CASES[0], days=1.0, fault_at_s=0.0)
+    t, rows, flt = streams(case, 1, noise=False, fault=("R_io", 0.5), seed=2)
+    units = {name: q["unit"] for name, q in {**THERMAL_TYPE["inputs"], **THERMAL_TYPE["outputs"]}.items()}
+    events = [{"sequence": k, "event_time": (T0 + timedelta(seconds=float(s))).isoformat(),
+               "measurements": {n: {"value": float(v), "unit": units[n]} for n, v in zip(flt.measured_names, row)}}
+              for k, (s, row) in enumerate(zip(t, rows[0]))]
+    batches = [events[k:k + 48] for k in range(0, len(events), 48)]
+    latched_at = None
+    for k, batch in enumerate(batches):  # until one batch after the latch (it stays latched: no new trigger)
+        r = http.post("/v1/assets/zone-1/telemetry", headers=http.headers_for("writer"), json={"events": batch})
+        assert r.status_code == 200 and r.json()["accepted"] == len(batch), r.text
+        if latched_at is None and http.get("/v1/assets/zone-1/divergence",
+                                           headers=http.headers_for("reader")).json()["drift"]:
+            latched_at = k
+        if latched_at is not None and k > latched_at:
+            break
+    assert latched_at is not None
+
+    deadline = time.monotonic() + 900  # a wait for the job, not a timing assertion
+    while not (state := http.get("/v1/recalibrations", headers=http.headers_for("reader")).json())["finished"]:
+        assert time.monotonic() < deadline, state
+        time.sleep(0.5)
+    assert not state["running"] and not state["pending"]
+    (job,) = state["finished"]
+    assert job["state"] == "succeeded", job["error"]
+    assert (job["asset_id"], job["candidate"]) == ("zone-1", "thermal_rc@1.0.1")
+
+    truth = 0.5 * THERMAL_RC.param_vector()[THERMAL_RC.param_names.index("R_io")]
+    candidate = ModelRegistry(str(store / "registry" / "acme")).get("thermal_rc@1.0.1")
+    assert candidate.parameters["R_io"] == pytest.approx(truth, rel=0.03)
+
+    lifecycle = http.get("/v1/models/thermal_rc/lifecycle", headers=http.headers_for("reader")).json()
+    assert [(v["version"], v["stage"], v["author"]) for v in lifecycle["versions"]] == [
+        ("1.0.0", "candidate", None), ("1.0.1", "candidate", "recalibration")]
+    (record,) = http.get("/v1/models/thermal_rc/lifecycle/log", headers=http.headers_for("reader")).json()
+    evidence = record["evidence"]
+    assert evidence["run_ids"] == [job["run_id"]] and evidence["fit_report"].endswith(
+        f"{job['run_id']}/calibration.json")
+    (trigger,) = evidence["triggers"]
+    assert trigger["asset_id"] == "zone-1" and trigger["drift_score"] >= 1.0
+    assert T0 < datetime.fromisoformat(trigger["event_time"]) <= T0 + timedelta(days=1)
+    assert http.get("/v1/models/thermal_rc/lifecycle/verify", headers=http.headers_for("reader")).json()["ok"]
+    # the other tenant sees none of it
+    assert http.get("/v1/recalibrations", headers=http.headers_for("other")).json()["finished"] == []
