@@ -20,7 +20,6 @@ from serve_apps import (
     routes_connectors,
     routes_models,
     routes_query,
-
     routes_recalibration,
     routes_scenarios,
     routes_twins,

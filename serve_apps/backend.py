@@ -37,7 +37,6 @@ from serve_apps.connector_ops import ConnectorOps
 from serve_apps.errors import NotFound, Unprocessable
 from serve_apps.jobs import Job, JobQueue, Work
 from serve_apps.query_schemas import AssetGraph, BulkRequest
-
 from serve_apps.recalibration import TenantState
 from serve_apps.recalibration_jobs import RecalibrationJobs
 
@@ -78,7 +77,6 @@ class Backend:
         self._twin_marks: dict[tuple[str, str], tuple[int, bool]] = {}  # last published (revision, drift)
         self._registries: dict[str, ModelRegistry] = {}
         self.backlog = BacklogGate(config.admission.telemetry_backlog_events, config.admission.retry_after_s)
-
         self.recalibration = RecalibrationJobs(config, self.twins, self.changes)
         for tenant in self.catalog.tenants():  # relaunch what a restart interrupted; act on what it missed
             self.recalibration.trigger.resume(tenant)
