@@ -232,7 +232,7 @@ def rerun(run_id: str, *, runs: str = DEFAULT_RUNS_ROOT, storage_options: dict |
     elif original.kind == "recommendation":
         from sweeps.recommend import RecommendSpec, recorded_recommendation  # it builds on this module
 
-        new = recorded_recommendation(RecommendSpec.model_validate(original.spec), **common)
+        new, _ = recorded_recommendation(RecommendSpec.model_validate(original.spec), **common)
     else:
         spec_type, record = (FmuCalibrationSpec, recorded_fmu_calibration) if fmu else (CalibrationSpec,
                                                                                          recorded_calibration)
