@@ -19,6 +19,7 @@ from serve_apps import (
     routes_commands,
     routes_connectors,
     routes_models,
+    routes_recommendations,
     routes_scenarios,
     routes_twins,
 )
@@ -46,7 +47,7 @@ def create_api(max_body_bytes: int = 1_048_576) -> FastAPI:
     _ops_routes(app)
     for routes in (routes_catalog, routes_twins, routes_scenarios, routes_models, routes_changes):
         routes.register(app)
-    for router in (routes_connectors.router, routes_commands.router):
+    for router in (routes_connectors.router, routes_commands.router, routes_recommendations.router):
         app.include_router(router)
     return app
 
