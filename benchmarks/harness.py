@@ -173,7 +173,7 @@ def benchmark(name: str, description: str) -> Callable[[BenchFn], BenchFn]:
 BENCHMARK_MODULES = ("benchmarks.sweep", "benchmarks.sweep_kits", "benchmarks.sweep_gpu",
                      "benchmarks.lorenz_ensemble", "benchmarks.roofline", "benchmarks.quantiles",
                      "benchmarks.model_checks", "benchmarks.ingest", "benchmarks.mqtt", "benchmarks.serve_api", "benchmarks.changes", "benchmarks.calibration",
-                     "benchmarks.fmu", "benchmarks.drift")
+                     "benchmarks.fmu", "benchmarks.drift", "benchmarks.recommend")
 """Modules that register benchmarks, in run order: the headline sweep first, the slow product paths last."""
 
 
