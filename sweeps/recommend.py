@@ -51,7 +51,7 @@ from raytwin.sim.precision import float64
 from raytwin.storage import filesystem
 from sweeps.aggregate import open_dataset
 from sweeps.calibration import CalibrationResult
-from sweeps.engine import Bases, chunk_metrics
+from sweeps.engine import chunk_metrics
 from sweeps.kits import SweepKit
 from sweeps.runner import prepare, run_sweep
 from sweeps.runs import DEFAULT_RUNS_ROOT, RunError, RunRecord, RunStore, _recorded
@@ -233,6 +233,7 @@ class ActionSchedule(Contract):
 
     input: str
     unit: str
+    block_s: float
     period_s: float
     starts_s: list[float]
     values: list[float]
@@ -422,7 +423,8 @@ def recommend(spec: RecommendSpec, out_url: str | None = None, *, runs: str | No
     answer = Recommendation(
         method=spec.method, model_ref=resolve_model(spec.model, spec.registry_url).ref, tenant=spec.tenant, asset_id=spec.asset_id,
         start_state=bases.state, horizon_s=spec.horizon_s, step_s=spec.step_s,
-        action=ActionSchedule(input=spec.control.input, unit=unit, period_s=spec.period_s, starts_s=spec.starts_s,
+        action=ActionSchedule(input=spec.control.input, unit=unit, block_s=spec.control.block_s,
+                              period_s=spec.period_s, starts_s=spec.starts_s,
                          values=values.tolist()),
         objective=spec.objective, baseline=nominal(base), recommended=nominal(planned),
         change=float(change[0]), change_pct=float(100.0 * change[0] / base[spec.objective][0]),

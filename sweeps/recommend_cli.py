@@ -7,27 +7,30 @@ Issuing a recommendation to an asset goes through the HTTP API (``POST
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from sweeps.cli import RunsOption, _load, _setup_logging
 
+if TYPE_CHECKING:
+    from sweeps.recommend import Recommendation
+
 recommend_app = typer.Typer(help="Recommended actions: optimise a control schedule under bounds.",
                             no_args_is_help=True)
 
 
-def _describe(answer) -> str:
+def _describe(answer: Recommendation) -> str:
     band = answer.change_pct_band
     values = ", ".join(f"{v:.4g}" for v in answer.action.values[:24])
     more = " ..." if len(answer.action.values) > 24 else ""
     bounds = ", ".join(f"{b.metric} {answer.baseline[b.metric]:g} -> {answer.recommended[b.metric]:g} s"
                        for b in answer.constraints)
-    return (f"{answer.objective}: {answer.baseline[answer.objective]:.6g} -> {answer.recommended[answer.objective]:.6g} "
+    objective = answer.objective
+    return (f"{objective}: {answer.baseline[objective]:.6g} -> {answer.recommended[objective]:.6g} "
             f"({answer.change_pct:+.1f} %; 90 % band {band.q05:+.1f} .. {band.q95:+.1f} %, {answer.uncertainty})\n"
             f"bounds: {bounds or 'none'}; ensemble members within them: {answer.feasible_fraction:.0%}\n"
-            f"{answer.action.input} [{answer.action.unit}] every {answer.action.starts_s[1] if len(answer.action.starts_s) > 1 else answer.action.period_s:g} s: "
-            f"{values}{more}")
+            f"{answer.action.input} [{answer.action.unit}] every {answer.action.block_s:g} s: {values}{more}")
 
 
 @recommend_app.command("run")

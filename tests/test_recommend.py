@@ -13,6 +13,7 @@ import math
 import numpy as np
 import pytest
 from scipy.integrate import solve_ivp
+from typer.testing import CliRunner
 
 from sweeps.recommend import (
     Bound,
@@ -24,6 +25,7 @@ from sweeps.recommend import (
     recommend,
     recorded_recommendation,
 )
+from sweeps.recommend_cli import recommend_app
 from sweeps.runs import rerun
 
 DAY = 86400.0
@@ -102,6 +104,9 @@ def test_a_recommendation_is_a_recorded_run_that_reruns_bit_for_bit(week):
     assert load_recommendation(record.run_id, runs=runs) == answer
     report = rerun(record.run_id, runs=runs)
     assert report.identical, report.differing
+    shown = CliRunner().invoke(recommend_app, ["show", record.run_id, "--runs", runs])
+    assert shown.exit_code == 0 and f"{answer.change_pct:+.1f} %" in shown.output, shown.output
+    assert CliRunner().invoke(recommend_app, ["show", "sweep-nope", "--runs", runs]).exit_code == 2
 
 
 @pytest.mark.usefixtures("ray_session")
