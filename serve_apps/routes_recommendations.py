@@ -13,14 +13,14 @@ from typing import Annotated, Any, Literal
 
 import ray
 from fastapi import APIRouter, Request
-from pydantic import Field
+from pydantic import Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from connectors.commands import Command
-from raytwin.contracts import Contract, Finite, Identifier
+from raytwin.contracts import Contract, Finite, Identifier, describe_error
 from serve_apps.auth import Principal
 from serve_apps.deps import READER, SVC, WRITER, Services
-from serve_apps.errors import Forbidden, NotFound, Unprocessable
+from serve_apps.errors import Forbidden, NotFound, Unprocessable, unwrap
 from serve_apps.json_route import JsonRoute
 from serve_apps.routes_scenarios import _model_and_state, _provenance
 from sweeps.recommend import Bound, Control, Ensemble, Method, Recommendation, RecommendError, RecommendSpec
@@ -40,7 +40,8 @@ class RecommendationRequest(Contract):
     control: Control
     objective: Identifier
     constraints: Annotated[list[Bound], Field(max_length=16)] = Field(default_factory=list)
-    inputs: dict[Identifier, Finite] = Field(default_factory=dict, description="Kit parameters, e.g. the baseline setpoint")
+    inputs: dict[Identifier, Finite] = Field(default_factory=dict,
+                                             description="Kit parameters, e.g. the baseline setpoint")
     method: Method = "gradient"
     iterations: Annotated[int, Field(ge=1, le=5_000)] = 400
     learning_rate: Annotated[Finite, Field(gt=0)] = 0.02
@@ -92,10 +93,13 @@ async def create_recommendation(asset_id: str, body: RecommendationRequest, requ
     try:
         spec = RecommendSpec(**fields, model=artifact.ref, registry_url=svc.config.url("registry", who.tenant),
                              tenant=who.tenant, asset_id=asset_id, start_state=state if live else body.start_state)
+    except ValidationError as exc:
+        raise Unprocessable(describe_error(exc)) from None
+    try:
         answer = await recommendation_task.remote(spec, svc.config.url("runs", who.tenant),
                                                   svc.config.storage_options, who.key_id)
-    except (RecommendError, ValueError) as exc:
-        raise Unprocessable(str(exc).splitlines()[0]) from None
+    except RecommendError as exc:  # Ray's wrapper is also one: report the cause's message
+        raise Unprocessable(str(unwrap(exc))) from None
     await svc.record(request, who, "recommendation.create", asset_id, run_id=answer.run_id, method=body.method,
                      change=answer.change, change_pct=answer.change_pct, **_provenance(artifact))
     return answer
@@ -104,7 +108,8 @@ async def create_recommendation(asset_id: str, body: RecommendationRequest, requ
 async def _own(svc: Services, who: Principal, asset_id: str, recommendation_id: str) -> Recommendation:
     """The tenant's recommendation for this asset (404 for anything else, another tenant's included)."""
     try:
-        answer = await run_in_threadpool(load_recommendation, recommendation_id, runs=svc.config.url("runs", who.tenant),
+        answer = await run_in_threadpool(load_recommendation, recommendation_id,
+                                         runs=svc.config.url("runs", who.tenant),
                                          storage_options=svc.config.storage_options or None)
     except RunError:
         raise NotFound(f"no recommendation {recommendation_id} for asset {asset_id}") from None
