@@ -98,7 +98,7 @@ async def create_recommendation(asset_id: str, body: RecommendationRequest, requ
     try:
         answer = await recommendation_task.remote(spec, svc.config.url("runs", who.tenant),
                                                   svc.config.storage_options, who.key_id)
-    except RecommendError as exc:  # Ray's wrapper is also one: report the cause's message
+    except ValueError as exc:  # a RecommendError or a spec the model refuses (Ray's wrapper is one too)
         raise Unprocessable(str(unwrap(exc))) from None
     await svc.record(request, who, "recommendation.create", asset_id, run_id=answer.run_id, method=body.method,
                      change=answer.change, change_pct=answer.change_pct, **_provenance(artifact))
