@@ -23,7 +23,7 @@ from serve_apps.deps import READER, SVC, WRITER, Services
 from serve_apps.errors import Forbidden, NotFound, Unprocessable, unwrap
 from serve_apps.json_route import JsonRoute
 from serve_apps.routes_scenarios import _model_and_state, _provenance
-from sweeps.recommend import Bound, Control, Ensemble, Method, Recommendation, RecommendError, RecommendSpec
+from sweeps.recommend import Bound, Control, Ensemble, Method, Recommendation, RecommendSpec
 from sweeps.recommend import load_recommendation, recorded_recommendation
 from sweeps.runs import RunError
 
