@@ -74,7 +74,7 @@ def spec(**changes) -> RecommendSpec:
                   inputs={"setpoint": SETPOINT}, horizon_s=7 * DAY, step_s=900.0,
                   control=Control(input="Q_h", block_s=3600.0, lower=0.0, upper=Q_MAX), objective="energy_kwh",
                   constraints=[Bound(of="T_in", low=LOW, high=HIGH, margin=0.2)],
-                  ensemble=Ensemble(rel_std={"R_io": 0.05, "C_in": 0.1}, size=16, seed=3))
+                  iterations=250, ensemble=Ensemble(rel_std={"R_io": 0.05, "C_in": 0.1}, size=8, seed=3))
     return RecommendSpec(**(fields | changes))
 
 
