@@ -31,10 +31,12 @@ quantiles of the objective's change. `recorded_recommendation` writes a run reco
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 import jax
@@ -312,49 +314,61 @@ def _evaluate(sweep: SweepSpec, names: list[str], rows: np.ndarray) -> dict[str,
     return chunk_metrics(kit, bases, dims, rows, sweep.step_s, sweep.n_steps, rows.shape[0], "float64", kernel="xla")
 
 
+@functools.cache
+def _optimiser(kit: SweepKit, n_steps: int, iterations: int, learning_rate: float, objective: int,
+               names: tuple[str, ...], band_states: tuple[int, ...]) -> Callable[..., Any]:
+    """The jitted search for one kit and shape, compiled once per process: a rerun, or the next request
+    for an asset of the same type and shape, reuses it (the values are arguments, not constants)."""
+    model, optimiser = kit.model, optax.adam(learning_rate)
+
+    def loss(theta, x0, params, fixed, lows, highs, lo, span, dt, penalty):
+        coeffs = model.coefficients(params)
+        ip = {**fixed, **dict(zip(names, lo + span * theta))}
+        run = rollout(model, x0, params, dt, n_steps, lambda k, t, x: kit.inputs(t, x, ip),
+                      accumulate=lambda acc, t, x, u, xn: kit.update(acc, xn, u, coeffs, ip, dt),
+                      acc0=kit.init(x0, ip), keep_trajectory=True)
+        value = kit.finalize(run.accumulated, dt)[objective]
+        excess = sum(dt / 3600.0 * jnp.sum(jnp.maximum(lows[j] - run.trajectory[i], 0.0) ** 2
+                                           + jnp.maximum(run.trajectory[i] - highs[j], 0.0) ** 2)
+                     for j, i in enumerate(band_states))
+        return value + penalty * excess, (value, excess)
+
+    value_and_grad = jax.value_and_grad(loss, has_aux=True)
+
+    @jax.jit
+    def optimise(theta, *args):
+        def iteration(carry, _):
+            theta, state = carry
+            _, grad = value_and_grad(theta, *args)
+            updates, state = optimiser.update(grad, state, theta)
+            return (jnp.clip(optax.apply_updates(theta, updates), 0.0, 1.0), state), None  # the box: projection
+
+        (theta, _), _ = jax.lax.scan(iteration, (theta, optimiser.init(theta)), None, length=iterations)
+        return theta, loss(theta, *args)
+
+    return optimise
+
+
 def _gradient_search(spec: RecommendSpec) -> tuple[np.ndarray, dict[str, Any]]:
     """Projected Adam on the block values (scaled to [0, 1]) of objective + penalty, float64."""
     sweep = spec.sweep_spec(_nominal_space(spec))
     simulator, bases = prepare(sweep)
+    names = tuple(spec.block_names)
+    lo, span = spec.control.lower, spec.control.upper - spec.control.lower
     with float64():
         kit: SweepKit = sweep.kit(simulator).compile(spec.horizon_s, spec.step_s)
-        model, names = kit.model, spec.block_names
-        objective = kit.metric_names.index(spec.objective)
-        x0 = tuple(jnp.asarray(bases.state[n], jnp.float64) for n in model.state_names)
-        params = tuple(jnp.asarray(bases.params[n], jnp.float64) for n in model.param_names)
-        fixed = {k: jnp.asarray(v, jnp.float64) for k, v in bases.inputs.items() if k not in names}
-        bands = [(model.state_names.index(b.of), *b.tightened()) for b in spec.constraints]
-        lo, span = spec.control.lower, spec.control.upper - spec.control.lower
-        dt = jnp.asarray(spec.step_s, jnp.float64)
-        coeffs = model.coefficients(params)
-
-        def loss(theta):
-            ip = {**fixed, **dict(zip(names, lo + span * theta))}
-            run = rollout(model, x0, params, dt, spec.n_steps, lambda k, t, x: kit.inputs(t, x, ip),
-                          accumulate=lambda acc, t, x, u, xn: kit.update(acc, xn, u, coeffs, ip, dt),
-                          acc0=kit.init(x0, ip), keep_trajectory=True)
-            value = kit.finalize(run.accumulated, dt)[objective]
-            hours = dt / 3600.0
-            excess = sum(hours * jnp.sum(jnp.maximum(low - run.trajectory[i], 0.0) ** 2
-                                         + jnp.maximum(run.trajectory[i] - high, 0.0) ** 2)
-                         for i, low, high in bands)
-            return value + spec.penalty * excess, (value, excess)
-
-        value_and_grad = jax.value_and_grad(loss, has_aux=True)
-        optimiser = optax.adam(spec.learning_rate)
-
-        def iteration(carry, _):
-            theta, state = carry
-            _, grad = value_and_grad(theta)
-            updates, state = optimiser.update(grad, state, theta)
-            return (jnp.clip(optax.apply_updates(theta, updates), 0.0, 1.0), state), None  # the box: projection
-
-        @jax.jit
-        def optimise(theta):
-            (theta, _), _ = jax.lax.scan(iteration, (theta, optimiser.init(theta)), None, length=spec.iterations)
-            return theta, loss(theta)
-
-        theta, (total, (value, excess)) = optimise(jnp.full(len(names), 0.5, jnp.float64))
+        model = kit.model
+        f64 = lambda v: jnp.asarray(v, jnp.float64)  # noqa: E731
+        optimise = _optimiser(kit, spec.n_steps, spec.iterations, spec.learning_rate,
+                              kit.metric_names.index(spec.objective), names,
+                              tuple(model.state_names.index(b.of) for b in spec.constraints))
+        bands = [b.tightened() for b in spec.constraints]
+        theta, (total, (value, excess)) = optimise(
+            jnp.full(len(names), 0.5, jnp.float64),
+            tuple(f64(bases.state[n]) for n in model.state_names), tuple(f64(bases.params[n]) for n in model.param_names),
+            {k: f64(v) for k, v in bases.inputs.items() if k not in names},
+            f64([low for low, _ in bands]), f64([high for _, high in bands]), f64(lo), f64(span), f64(spec.step_s),
+            f64(spec.penalty))
     values = lo + span * np.asarray(theta, dtype=np.float64)
     return values, {"iterations": spec.iterations, "loss": float(total), "objective": float(value),
                     "penalty_k2h": float(excess), "learning_rate": spec.learning_rate, "penalty": spec.penalty}
