@@ -1,7 +1,7 @@
 """Optimiser time for one recommendation (`sweeps.recommend`): a week of a thermal zone at 15-minute
-steps, 168 hourly heating values, projected Adam through the RK4 scan (JIT compile included: every
-recommendation traces its own objective), against one float64 forward evaluation of the same plan
-through the sweep engine measured in the same run."""
+steps, 168 hourly heating values, projected Adam through the RK4 scan: the first recommendation of a
+process (JIT compile included) and the next ones of the same kit and shape (compiled once), against one
+float64 forward evaluation of the same plan through the sweep engine measured in the same run."""
 
 from __future__ import annotations
 
@@ -37,11 +37,14 @@ def recommend_bench(ctx: BenchContext) -> BenchResult:
         **spec.inputs, **dict(zip(spec.block_names, answer.action.values))}})
     forward, _ = ctx.measure("one forward evaluation", lambda: _evaluate(plan, ["R_io"], np.ones((1, 1))),
                              repeat=3 if ctx.quick else 10)
-    median = statistics.median(times)
-    res.figures.append(Figure(
-        name=f"optimiser time, {spec.n_steps} steps x {spec.iterations} Adam iterations, {len(spec.block_names)} values",
-        value=median, unit="s", baseline="one forward evaluation of the plan (sweep engine, float64)",
-        baseline_value=forward.median_s, note=f"median of {len(times)} recommendations, compile included"))
+    label = f"{spec.n_steps} steps x {spec.iterations} Adam iterations, {len(spec.block_names)} values"
+    baseline = "one forward evaluation of the plan (sweep engine, float64)"
+    res.figures.append(Figure(name=f"optimiser time, first in the process (compile included), {label}",
+                              value=times[0], unit="s", baseline=baseline, baseline_value=forward.median_s))
+    if len(times) > 1:
+        res.figures.append(Figure(name=f"optimiser time, compiled (same kit and shape), {label}",
+                                  value=statistics.median(times[1:]), unit="s", baseline=baseline,
+                                  baseline_value=forward.median_s, note=f"median of {len(times) - 1}"))
     res.checks.update(change_pct=answer.change_pct, outside_T_in_s=answer.recommended["outside_T_in_s"],
                       optimiser_s=[round(t, 3) for t in times])
     return res
