@@ -128,3 +128,25 @@ def test_bad_requests_say_what_to_change():
         Control(input="Q_h", lower=5.0, upper=1.0)
     with pytest.raises(ValueError, match="either calibration_run .* or rel_std"):
         Ensemble()
+
+
+def test_the_band_draws_from_the_calibrations_covariance(tmp_path):
+    """The ensemble's log-factors have the calibration's relative stds and correlation (4,096 members)."""
+    from sweeps.calibration import CalibrationResult
+    from sweeps.recommend import _ensemble_scales
+
+    rel, corr = [0.1, 0.05], [[1.0, -0.8], [-0.8, 1.0]]
+    result = CalibrationResult(model_ref="thermal_rc", free=["R_io", "C_in"], parameters={"R_io": 0.01, "C_in": 2e6},
+                               std={"R_io": 1e-3, "C_in": 1e5}, rel_std={"R_io": rel[0], "C_in": rel[1]},
+                               correlation=corr, weighted_rmse=1.0, rmse={"T_in": 0.05}, n_samples=100,
+                               tune_best={}, tune_best_loss=1.0, tune_trials=1, tune_trials_stopped=0, refined=True)
+    (tmp_path / "calibration-1" / "output").mkdir(parents=True)
+    (tmp_path / "calibration-1" / "output" / "calibration.json").write_text(result.model_dump_json())
+    ensemble = Ensemble(calibration_run="calibration-1", size=4096, seed=0)
+    names, factors, source = _ensemble_scales(spec(ensemble=ensemble), {"R_io": 0.01, "C_in": 2e6, "C_m": 2e7},
+                                              str(tmp_path), None)
+    assert names == ["R_io", "C_in"] and np.all(factors[0] == 1.0) and "calibration-1" in source
+    logs = np.log(factors[1:])
+    assert np.allclose(logs.std(axis=0), rel, rtol=0.05) and abs(np.corrcoef(logs.T)[0, 1] + 0.8) < 0.03
+    with pytest.raises(RecommendError, match="no calibration result for run 'calibration-2'"):
+        _ensemble_scales(spec(ensemble=Ensemble(calibration_run="calibration-2")), {}, str(tmp_path), None)
