@@ -174,7 +174,8 @@ BENCHMARK_MODULES = ("benchmarks.sweep", "benchmarks.sweep_kits", "benchmarks.sw
                      "benchmarks.lorenz_ensemble", "benchmarks.roofline", "benchmarks.quantiles",
                      "benchmarks.model_checks", "benchmarks.ingest", "benchmarks.mqtt", "benchmarks.serve_api",
                      "benchmarks.overload", "benchmarks.changes", "benchmarks.query", "benchmarks.replay",
-                     "benchmarks.calibration", "benchmarks.fmu", "benchmarks.drift", "benchmarks.failover")
+                     "benchmarks.calibration", "benchmarks.fmu", "benchmarks.drift", "benchmarks.failover",
+                     "benchmarks.recommend")
 """Modules that register benchmarks, in run order: the headline sweep first, the slow product paths last."""
 
 

@@ -21,6 +21,7 @@ from serve_apps import (
     routes_models,
     routes_query,
     routes_recalibration,
+    routes_recommendations,
     routes_scenarios,
     routes_twins,
 )
@@ -53,7 +54,8 @@ def create_api(max_body_bytes: int = 1_048_576, admission: Admission | None = No
     _ops_routes(app)
     for routes in (routes_catalog, routes_twins, routes_scenarios, routes_models, routes_changes, routes_query):
         routes.register(app)
-    for router in (routes_connectors.router, routes_commands.router, routes_recalibration.router):
+    for router in (routes_connectors.router, routes_commands.router, routes_recalibration.router,
+                   routes_recommendations.router):
         app.include_router(router)
     return app
 

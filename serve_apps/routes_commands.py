@@ -16,6 +16,7 @@ from connectors.commands import Command, CommandValue
 from raytwin.contracts import Identifier
 from serve_apps.auth import Principal
 from serve_apps.json_route import JsonRoute
+from serve_apps.routes_recommendations import require_approver
 from serve_apps.deps import ADMIN, READER, SVC, WRITER, Services
 
 
@@ -51,7 +52,9 @@ async def propose_command(body: CommandProposal, request: Request, who: Principa
 @router.post("/{command_id}/approve", response_model=Command)
 async def approve_command(command_id: str, request: Request, who: Principal = ADMIN, svc: Services = SVC) -> Any:
     """Approve (another key than the proposer's) and send once: the answer is `sent` or `failed`;
-    an approved, sent or failed command cannot be approved again (409)."""
+    an approved, sent or failed command cannot be approved again (409). An issued recommendation
+    needs a key with the approver grant."""
+    require_approver(await svc.backend.call("connector", "command", who.tenant, command_id), who)
     command = await svc.backend.call("connector", "approve", who.tenant, command_id, who.key_id)
     await svc.record(request, who, "command.approve", command_id, status=command["status"],
                      correlation_id=command["correlation_id"])

@@ -19,6 +19,8 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
                     "recorded_fmu_calibration", "rerun"),
     "sweeps.fmu": ("FmuSweepSpec", "FmuCalibrationSpec"),
     "sweeps.twins": ("start_from_twin",),
+    "sweeps.recommend": ("RecommendSpec", "Recommendation", "recommend", "recorded_recommendation",
+                         "load_recommendation"),
     "sweeps.kits": ("Kit", "KitParameter", "kit_for", "register_kit"),
     "raytwin.scenario_metrics": ("Metric", "CustomMetric"),
 })

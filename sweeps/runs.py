@@ -33,7 +33,7 @@ log = logging.getLogger("raytwin.runs")
 DEFAULT_RUNS_ROOT = "./runs"
 RECORD_FILE = "run.json"
 
-Kind = Literal["sweep", "calibration"]
+Kind = Literal["sweep", "calibration", "recommendation"]
 
 
 class RunRecord(Contract):
@@ -229,6 +229,10 @@ def rerun(run_id: str, *, runs: str = DEFAULT_RUNS_ROOT, storage_options: dict |
         new = recorded_fmu_sweep(FmuSweepSpec.model_validate(original.spec), **common)
     elif original.kind == "sweep":
         new = recorded_sweep(SweepSpec.model_validate(original.spec), progress=progress, **common)
+    elif original.kind == "recommendation":
+        from sweeps.recommend import RecommendSpec, recorded_recommendation  # it builds on this module
+
+        new, _ = recorded_recommendation(RecommendSpec.model_validate(original.spec), **common)
     else:
         spec_type, record = (FmuCalibrationSpec, recorded_fmu_calibration) if fmu else (CalibrationSpec,
                                                                                          recorded_calibration)

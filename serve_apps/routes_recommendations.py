@@ -1,0 +1,138 @@
+"""Routes for recommended actions (`sweeps.recommend`): ask for one, read it back, issue it as a command.
+
+A recommendation is a proposal. Issuing it proposes a command through the connector command channel
+(`serve_apps/routes_commands.py`); approving that command needs another key than the issuer's, an
+admin one with the ``approver`` grant (`require_approver`). Every step is audited, and another
+tenant's asset or recommendation is a 404.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal
+
+import ray
+from fastapi import APIRouter, Request
+from pydantic import Field, ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from connectors.commands import Command
+from raytwin.contracts import Contract, Finite, Identifier, describe_error
+from serve_apps.auth import Principal
+from serve_apps.deps import READER, SVC, WRITER, Services
+from serve_apps.errors import Forbidden, NotFound, Unprocessable, unwrap
+from serve_apps.json_route import JsonRoute
+from serve_apps.routes_scenarios import _model_and_state, _provenance
+from sweeps.recommend import Bound, Control, Ensemble, Method, Recommendation, RecommendSpec
+from sweeps.recommend import load_recommendation, recorded_recommendation
+from sweeps.runs import RunError
+
+COMMAND_KEY = "recommendation"
+"""The command value's key naming the recommendation it carries (commands with it need an approver)."""
+
+
+class RecommendationRequest(Contract):
+    """What to optimise for one asset, from its twin's live state (or an explicit one)."""
+
+    start_state: Literal["live"] | dict[str, Finite] = "live"
+    horizon_s: Annotated[Finite, Field(gt=0, le=31 * 86400)]
+    step_s: Annotated[Finite, Field(gt=0)]
+    control: Control
+    objective: Identifier
+    constraints: Annotated[list[Bound], Field(max_length=16)] = Field(default_factory=list)
+    inputs: dict[Identifier, Finite] = Field(default_factory=dict,
+                                             description="Kit parameters, e.g. the baseline setpoint")
+    method: Method = "gradient"
+    iterations: Annotated[int, Field(ge=1, le=5_000)] = 400
+    learning_rate: Annotated[Finite, Field(gt=0)] = 0.02
+    penalty: Annotated[Finite, Field(gt=0)] = 1e3
+    search: Literal["random", "grid"] = "random"
+    samples: Annotated[int, Field(ge=1, le=100_000)] = 4096
+    levels: Annotated[int, Field(ge=2, le=64)] = 5
+    seed: Annotated[int, Field(ge=0)] = 0
+    ensemble: Ensemble
+
+
+class IssueRequest(Contract):
+    connector: Identifier = Field(description="The connector that reaches the asset")
+    name: Identifier = Field("schedule", description="The command's name at the asset")
+
+
+@ray.remote(num_cpus=1, max_retries=0)
+def recommendation_task(spec: RecommendSpec, runs_url: str, storage_options: dict[str, Any], user: str
+                        ) -> Recommendation:
+    """A recorded recommendation on a Ray worker (the ingress stays free)."""
+    return recorded_recommendation(spec, runs=runs_url, storage_options=storage_options or None, user=user)[1]
+
+
+def command_value(answer: Recommendation) -> dict[str, Any]:
+    """The schedule as a command value: scalars, the values as a JSON list (a command holds at most 64 keys)."""
+    action = answer.action
+    return {COMMAND_KEY: answer.run_id, "input": action.input, "unit": action.unit, "period_s": action.period_s,
+            "starts_s": json.dumps(action.starts_s), "values": json.dumps(action.values)}
+
+
+def require_approver(command: dict[str, Any], who: Principal) -> None:
+    """A command that carries a recommendation is approved only by a key with the approver grant."""
+    if COMMAND_KEY in command["value"] and "approver" not in who.grants:
+        raise Forbidden(f"command {command['id']} issues recommendation {command['value'][COMMAND_KEY]}: approving "
+                        "it needs a key with the 'approver' grant (raytwin keys create --grant approver)")
+
+
+router = APIRouter(prefix="/v1/assets/{asset_id}/recommendations", tags=["recommendations"], route_class=JsonRoute)
+
+
+@router.post("", response_model=Recommendation, status_code=201)
+async def create_recommendation(asset_id: str, body: RecommendationRequest, request: Request,
+                                who: Principal = WRITER, svc: Services = SVC) -> Any:
+    """Optimise the asset's control schedule from its twin's state; a recorded run (`run_id`), answered
+    when done (a gradient search over a week: seconds)."""
+    live = body.start_state == "live"
+    artifact, state = await _model_and_state(svc, who, asset_id, live, None)
+    fields = body.model_dump(exclude={"start_state"})
+    try:
+        spec = RecommendSpec(**fields, model=artifact.ref, registry_url=svc.config.url("registry", who.tenant),
+                             tenant=who.tenant, asset_id=asset_id, start_state=state if live else body.start_state)
+    except ValidationError as exc:
+        raise Unprocessable(describe_error(exc)) from None
+    try:
+        answer = await recommendation_task.remote(spec, svc.config.url("runs", who.tenant),
+                                                  svc.config.storage_options, who.key_id)
+    except ValueError as exc:  # a RecommendError or a spec the model refuses (Ray's wrapper is one too)
+        raise Unprocessable(str(unwrap(exc))) from None
+    await svc.record(request, who, "recommendation.create", asset_id, run_id=answer.run_id, method=body.method,
+                     change=answer.change, change_pct=answer.change_pct, **_provenance(artifact))
+    return answer
+
+
+async def _own(svc: Services, who: Principal, asset_id: str, recommendation_id: str) -> Recommendation:
+    """The tenant's recommendation for this asset (404 for anything else, another tenant's included)."""
+    try:
+        answer = await run_in_threadpool(load_recommendation, recommendation_id,
+                                         runs=svc.config.url("runs", who.tenant),
+                                         storage_options=svc.config.storage_options or None)
+    except RunError:
+        raise NotFound(f"no recommendation {recommendation_id} for asset {asset_id}") from None
+    if answer.asset_id != asset_id or answer.tenant != who.tenant:
+        raise NotFound(f"no recommendation {recommendation_id} for asset {asset_id}")
+    return answer
+
+
+@router.get("/{recommendation_id}", response_model=Recommendation)
+async def get_recommendation(asset_id: str, recommendation_id: str, who: Principal = READER,
+                             svc: Services = SVC) -> Any:
+    return await _own(svc, who, asset_id, recommendation_id)
+
+
+@router.post("/{recommendation_id}/issue", response_model=Command, status_code=201)
+async def issue_recommendation(asset_id: str, recommendation_id: str, body: IssueRequest, request: Request,
+                               who: Principal = WRITER, svc: Services = SVC) -> Any:
+    """Propose the recommended schedule as a command to the asset; nothing is sent before another key
+    with the approver grant approves it (``POST /v1/commands/{id}/approve``)."""
+    answer = await _own(svc, who, asset_id, recommendation_id)
+    value = command_value(answer)
+    command = await svc.backend.call("connector", "propose", who.tenant, body.connector, asset_id, body.name, value,
+                                     who.key_id)
+    await svc.record(request, who, "recommendation.issue", asset_id, run_id=recommendation_id,
+                     command_id=command["id"], correlation_id=command["correlation_id"], connector=body.connector)
+    return command

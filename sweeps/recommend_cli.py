@@ -1,0 +1,68 @@
+"""Command line: ``raytwin recommend run SPEC`` and ``raytwin recommend show RUN_ID`` (`sweeps.recommend`).
+
+Issuing a recommendation to an asset goes through the HTTP API (``POST
+/v1/assets/{id}/recommendations/{rid}/issue``), where keys, tenants, approval and the audit log live.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from sweeps.cli import RunsOption, _load, _setup_logging
+
+if TYPE_CHECKING:
+    from sweeps.recommend import Recommendation
+
+recommend_app = typer.Typer(help="Recommended actions: optimise a control schedule under bounds.",
+                            no_args_is_help=True)
+
+
+def _describe(answer: Recommendation) -> str:
+    band = answer.change_pct_band
+    values = ", ".join(f"{v:.4g}" for v in answer.action.values[:24])
+    more = " ..." if len(answer.action.values) > 24 else ""
+    bounds = ", ".join(f"{b.metric} {answer.baseline[b.metric]:g} -> {answer.recommended[b.metric]:g} s"
+                       for b in answer.constraints)
+    objective = answer.objective
+    return (f"{objective}: {answer.baseline[objective]:.6g} -> {answer.recommended[objective]:.6g} "
+            f"({answer.change_pct:+.1f} %; 90 % band {band.q05:+.1f} .. {band.q95:+.1f} %, {answer.uncertainty})\n"
+            f"bounds: {bounds or 'none'}; ensemble members within them: {answer.feasible_fraction:.0%}\n"
+            f"{answer.action.input} [{answer.action.unit}] every {answer.action.block_s:g} s: {values}{more}")
+
+
+@recommend_app.command("run")
+def recommend_run(
+    spec: Annotated[Path, typer.Argument(help="RecommendSpec as JSON or YAML.")],
+    runs: RunsOption = "./runs",
+) -> None:
+    """Optimise, record the run and print the recommendation with its run id."""
+    from sweeps.recommend import RecommendError, RecommendSpec, recorded_recommendation
+
+    _setup_logging()
+    parsed = _load(spec, RecommendSpec)
+    try:
+        record, answer = recorded_recommendation(parsed, runs=runs)
+    except RecommendError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    typer.echo(f"run {record.run_id}: {parsed.method} search in {record.summary['optimiser_s']} s")
+    typer.echo(_describe(answer))
+
+
+@recommend_app.command("show")
+def recommend_show(
+    run_id: Annotated[str, typer.Argument(help="A recommendation run id.")],
+    runs: RunsOption = "./runs",
+    as_json: Annotated[bool, typer.Option("--json", help="The whole recommendation as JSON.")] = False,
+) -> None:
+    """Print a recorded recommendation."""
+    from sweeps.recommend import load_recommendation
+    from sweeps.runs import RunError
+
+    try:
+        answer = load_recommendation(run_id, runs=runs)
+    except RunError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    typer.echo(answer.model_dump_json(indent=2) if as_json else _describe(answer))

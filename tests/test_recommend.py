@@ -1,0 +1,152 @@
+"""Recommendations (sweeps/recommend.py), checked by an independent forward simulation.
+
+The reference below integrates the 2R2C equations written out here (not the model's code) with
+scipy's `solve_ivp` at a tight tolerance, driven by the reference kit's weather written out here too,
+with the heating either the proposed schedule (zero-order hold per block) or the baseline thermostat
+(proportional, saturated), and measures energy and time outside the comfort band on a 60 s grid.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy.integrate import solve_ivp
+from typer.testing import CliRunner
+
+from sweeps.recommend import (
+    Bound,
+    Control,
+    Ensemble,
+    RecommendError,
+    RecommendSpec,
+    load_recommendation,
+    recommend,
+    recorded_recommendation,
+)
+from sweeps.recommend_cli import recommend_app
+from sweeps.runs import rerun
+
+DAY = 86400.0
+C_IN, C_M, R_IM, R_MO, R_IO, F_SOL = 2.0e6, 2.0e7, 2.0e-3, 5.0e-3, 1.0e-2, 0.3
+LOW, HIGH = 292.15, 297.15  # comfort band, K
+SETPOINT, GAIN, Q_MAX = 296.15, 5000.0, 10000.0  # baseline thermostat: constant 23 degC setpoint
+START = {"T_in": 294.15, "T_m": 293.15}
+
+
+def weather(t: float) -> tuple[float, float]:
+    """Outdoor temperature (daily sinusoid around 5 degC, peak at 15:00) and sun (half-sine, noon peak)."""
+    return (278.15 + 5.0 * math.sin(2 * math.pi * (t - 9 * 3600) / DAY),
+            max(0.0, 2000.0 * math.sin(2 * math.pi * (t - 6 * 3600) / DAY)))
+
+
+def reference(heating, horizon_s: float) -> dict[str, float]:
+    """Energy [kWh] and time outside the band [s] of `heating(t, T_in)` in an independent integration."""
+    def rhs(t, x):
+        t_in, t_m = x
+        t_out, sun = weather(t)
+        q = heating(t, t_in)
+        return [((t_m - t_in) / R_IM + (t_out - t_in) / R_IO + q + F_SOL * sun) / C_IN,
+                ((t_in - t_m) / R_IM + (t_out - t_m) / R_MO) / C_M]
+
+    grid = np.arange(0.0, horizon_s + 1.0, 60.0)
+    sol = solve_ivp(rhs, (0.0, horizon_s), [START["T_in"], START["T_m"]], t_eval=grid, rtol=1e-8, atol=1e-8,
+                    max_step=300.0)
+    t_in = sol.y[0]
+    power = np.array([heating(t, x) for t, x in zip(grid, t_in)])
+    energy = float(np.sum(power[:-1]) * 60.0 / 3.6e6)
+    outside = float(np.sum((t_in[1:] < LOW) | (t_in[1:] > HIGH)) * 60.0)
+    return {"energy_kwh": energy, "outside_s": outside, "T_in_min": float(t_in.min()), "T_in_max": float(t_in.max())}
+
+
+def thermostat(t: float, t_in: float) -> float:
+    return min(max(GAIN * (SETPOINT - t_in), 0.0), Q_MAX)
+
+
+def planned(answer):
+    starts, values, period = np.asarray(answer.action.starts_s), np.asarray(answer.action.values), answer.action.period_s
+    return lambda t, t_in: float(values[np.searchsorted(starts, t % period, side="right") - 1])
+
+
+def spec(**changes) -> RecommendSpec:
+    fields = dict(model="thermal_rc", tenant="acme", asset_id="zone-1", start_state=START,
+                  inputs={"setpoint": SETPOINT}, horizon_s=7 * DAY, step_s=900.0,
+                  control=Control(input="Q_h", block_s=3600.0, lower=0.0, upper=Q_MAX), objective="energy_kwh",
+                  constraints=[Bound(of="T_in", low=LOW, high=HIGH, margin=0.2)],
+                  iterations=250, ensemble=Ensemble(rel_std={"R_io": 0.05, "C_in": 0.1}, size=8, seed=3))
+    return RecommendSpec(**(fields | changes))
+
+
+@pytest.fixture(scope="module")
+def week(tmp_path_factory):
+    runs = str(tmp_path_factory.mktemp("runs"))
+    record, answer = recorded_recommendation(spec(), runs=runs)
+    return runs, record, answer
+
+
+def test_a_weeks_gradient_recommendation_saves_ten_percent_with_no_more_discomfort(week):
+    _, _, answer = week
+    base, plan = reference(thermostat, 7 * DAY), reference(planned(answer), 7 * DAY)
+    assert plan["energy_kwh"] <= 0.9 * base["energy_kwh"], (plan, base)
+    assert plan["outside_s"] <= base["outside_s"] == 0.0, (plan, base)
+    assert LOW <= plan["T_in_min"] and plan["T_in_max"] <= HIGH
+    assert all(0.0 <= v <= Q_MAX for v in answer.action.values) and len(answer.action.values) == 168
+    # the answer's own figures agree with the reference (coarse 900 s steps against solve_ivp)
+    assert answer.change_pct == pytest.approx(100 * (plan["energy_kwh"] / base["energy_kwh"] - 1), abs=1.5)
+    assert answer.change_band.q05 <= answer.change_band.q50 <= answer.change_band.q95 < 0.0
+    assert answer.uncertainty.startswith("declared")
+
+
+def test_a_recommendation_is_a_recorded_run_that_reruns_bit_for_bit(week):
+    runs, record, answer = week
+    assert record.kind == "recommendation" and answer.run_id == record.run_id
+    assert load_recommendation(record.run_id, runs=runs) == answer
+    report = rerun(record.run_id, runs=runs)
+    assert report.identical, report.differing
+    shown = CliRunner().invoke(recommend_app, ["show", record.run_id, "--runs", runs])
+    assert shown.exit_code == 0 and f"{answer.change_pct:+.1f} %" in shown.output, shown.output
+    assert CliRunner().invoke(recommend_app, ["show", "sweep-nope", "--runs", runs]).exit_code == 2
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_the_sampled_search_runs_a_sweep_and_keeps_the_band(tmp_path):
+    two_days = spec(horizon_s=2 * DAY, method="sampled", samples=512, seed=1,
+                    control=Control(input="Q_h", block_s=6 * 3600.0, period_s=DAY, lower=0.0, upper=6000.0))
+    answer, _ = recommend(two_days, str(tmp_path / "out"))
+    assert answer.search["samples"] == 512 and answer.search["within_bounds"] >= 1
+    assert all(0.0 <= v <= 6000.0 for v in answer.action.values) and len(answer.action.values) == 4
+    plan = reference(planned(answer), 2 * DAY)
+    assert plan["outside_s"] == 0.0 and LOW <= plan["T_in_min"] and plan["T_in_max"] <= HIGH, plan
+    assert (tmp_path / "out" / "search" / "part-000000.parquet").exists()
+
+
+def test_bad_requests_say_what_to_change():
+    with pytest.raises(RecommendError, match="objective 'heat' is not a metric"):
+        recommend(spec(objective="heat", iterations=1))
+    with pytest.raises(ValueError, match="lower .* must be below upper"):
+        Control(input="Q_h", lower=5.0, upper=1.0)
+    with pytest.raises(ValueError, match="either calibration_run .* or rel_std"):
+        Ensemble()
+
+
+def test_the_band_draws_from_the_calibrations_covariance(tmp_path):
+    """The ensemble's log-factors have the calibration's relative stds and correlation (4,096 members)."""
+    from sweeps.calibration import CalibrationResult
+    from sweeps.recommend import _ensemble_scales
+
+    rel, corr = [0.1, 0.05], [[1.0, -0.8], [-0.8, 1.0]]
+    result = CalibrationResult(model_ref="thermal_rc", free=["R_io", "C_in"], parameters={"R_io": 0.01, "C_in": 2e6},
+                               std={"R_io": 1e-3, "C_in": 1e5}, rel_std={"R_io": rel[0], "C_in": rel[1]},
+                               correlation=corr, weighted_rmse=1.0, rmse={"T_in": 0.05}, n_samples=100,
+                               tune_best={}, tune_best_loss=1.0, tune_trials=1, tune_trials_stopped=0, refined=True)
+    (tmp_path / "calibration-1" / "output").mkdir(parents=True)
+    (tmp_path / "calibration-1" / "output" / "calibration.json").write_text(result.model_dump_json())
+    ensemble = Ensemble(calibration_run="calibration-1", size=4096, seed=0)
+    names, factors, source = _ensemble_scales(spec(ensemble=ensemble), {"R_io": 0.01, "C_in": 2e6, "C_m": 2e7},
+                                              str(tmp_path), None)
+    assert names == ["R_io", "C_in"] and np.all(factors[0] == 1.0) and "calibration-1" in source
+    logs = np.log(factors[1:])
+    assert np.allclose(logs.std(axis=0), rel, rtol=0.05) and abs(np.corrcoef(logs.T)[0, 1] + 0.8) < 0.03
+    with pytest.raises(RecommendError, match="no calibration result for run 'calibration-2'"):
+        _ensemble_scales(spec(ensemble=Ensemble(calibration_run="calibration-2")), {}, str(tmp_path), None)

@@ -1,0 +1,136 @@
+"""Recommendations over HTTP (serve_apps/routes_recommendations.py): ask, read back, issue as a command
+that only another key with the approver grant can approve, audited; another tenant gets 404.
+
+The real API app and services with the `Backend`'s connector operations in-process (as in
+tests/test_connectors_mqtt.py), a real MQTT broker, and two-tank twins whose live state starts the plan.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from raytwin.contracts import AssetType
+from raytwin.registry import ModelRegistry
+from raytwin.sim import TWO_TANK
+from serve_apps.errors import NotFound
+from tests.fixtures_connectors import tank_twins, wait_for
+from tests.test_connectors_mqtt import PAYLOAD, InProcessBackend, Publisher, broker, plant_spec  # noqa: F401
+
+KEYS = (("writer", "acme", "writer", ()), ("approver", "acme", "admin", ("approver",)),
+        ("admin", "acme", "admin", ()), ("reader", "acme", "reader", ()), ("other", "globex", "admin", ("approver",)))
+REQUEST = {"horizon_s": 1800.0, "step_s": 2.0, "objective": "pumped_m3", "iterations": 60, "learning_rate": 0.05,
+           "control": {"input": "q_in", "block_s": 300.0, "lower": 0.0, "upper": 2.0e-4},
+           "inputs": {"q_in_mean": 1.2e-4, "q_in_swing": 0.0},
+           "constraints": [{"of": "h2", "low": 0.3, "high": 0.8, "margin": 0.01}],
+           "ensemble": {"rel_std": {"a1": 0.05}, "size": 4}}
+
+
+@pytest.fixture(scope="module")
+def api(ray_session, broker, tmp_path_factory):  # noqa: F811 (the broker fixture)
+    from fastapi.testclient import TestClient
+
+    from raytwin.storage import filesystem
+    from serve_apps.api import create_api
+    from serve_apps.audit import AuditLog
+    from serve_apps.auth import KeyStore, create_key
+    from serve_apps.backend import Backend
+    from serve_apps.config import ServeConfig
+    from serve_apps.connector_ops import ConnectorOps
+    from serve_apps.deps import BackendClient, Services
+    from serve_apps.limits import TokenBuckets
+
+    root = tmp_path_factory.mktemp("recommend-api")
+    keys_file = root / "keys.json"
+    keys = {name: create_key(keys_file, tenant, role, grants) for name, tenant, role, grants in KEYS}
+    config = ServeConfig(store_url=str(root / "store"), keys_file=str(keys_file), rate_per_s=1000, rate_burst=1000)
+    artifact = ModelRegistry(config.url("registry", "acme")).register("tank", "1.0.0", AssetType.from_model(TWO_TANK))
+
+    with tank_twins(tmp_path_factory, {"acme": ["pump-1"], "globex": ["pump-9"]}) as twins:
+        class TankBackend:  # the Backend's connector method over real ConnectorOps, and the assets' model
+            connector = Backend.connector
+            connector_ops = ConnectorOps(twins, [])
+
+            def model_of(self, tenant: str, asset_id: str):
+                if asset_id not in twins.assets(tenant):
+                    raise NotFound(f"asset {asset_id} not found")
+                return AssetType.from_model(TWO_TANK), artifact
+
+        class LiveStates:  # what `TwinReader.state` answers, from the twin service
+            async def state(self, tenant: str, asset_id: str, at=None) -> dict:
+                return {"state": dict(twins.state(tenant, asset_id).state)}
+
+        backend = TankBackend()
+        spec = {k: v for k, v in plant_spec(broker.port, name="site").items() if k != "tenant"}
+        spec["routes"] = [{"topic": "site/+/telemetry", "asset_level": 1, "payload": PAYLOAD,
+                           "command_topic": "site/{asset_id}/cmd"}]
+        spec["ack_topic"] = "site/+/ack"
+        backend.connector_ops.create("acme", spec, None)
+        app = create_api()
+        app.state.services = Services(
+            config=config, keys=KeyStore(config.keys_file), backend=BackendClient(InProcessBackend(backend)),
+            audit=AuditLog(config.store_url), buckets=TokenBuckets(1000, 1000), fs=filesystem(config.store_url)[0],
+            twins=LiveStates(), changes=None, change_store=None)
+        with TestClient(app) as client:
+            wait_for(lambda: backend.connector_ops.view("acme", "site")["status"]["connected"], "connected")
+            yield client, {n: {"Authorization": f"Bearer {key}"} for n, (_, key) in keys.items()}, \
+                {n: record.key_id for n, (record, _) in keys.items()}, app.state.services
+        backend.connector_ops.connectors.stop_all("acme")
+
+
+@pytest.fixture(scope="module")
+def recommendation(api):
+    client, auth, _, _ = api
+    r = client.post("/v1/assets/pump-1/recommendations", json=REQUEST, headers=auth["writer"])
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def test_a_recommendation_from_the_live_state_is_read_back_by_its_tenant_only(api, recommendation):
+    client, auth, _, svc = api
+    answer = recommendation
+    assert answer["start_state"] == {"h1": 0.5, "h2": 0.5}  # the twin's live state (its prior here)
+    assert answer["run_id"].startswith("recommendation-") and len(answer["action"]["values"]) == 6
+    assert all(0.0 <= v <= 2.0e-4 for v in answer["action"]["values"])
+    assert answer["change"] < 0.0 and answer["recommended"]["outside_h2_s"] == 0.0
+    url = f"/v1/assets/pump-1/recommendations/{answer['run_id']}"
+    assert client.get(url, headers=auth["reader"]).json() == answer
+    assert client.get(url, headers=auth["other"]).status_code == 404
+    assert client.get(f"/v1/assets/pump-2/recommendations/{answer['run_id']}", headers=auth["reader"]).status_code == 404
+    assert client.post("/v1/assets/pump-9/recommendations", json=REQUEST, headers=auth["writer"]).status_code == 404
+    assert client.post("/v1/assets/pump-1/recommendations", json=REQUEST, headers=auth["reader"]).status_code == 403
+    bad = client.post("/v1/assets/pump-1/recommendations", json={**REQUEST, "objective": "nope"}, headers=auth["writer"])
+    assert bad.status_code == 422 and "is not a metric" in bad.json()["error"]["message"]
+    actions = [r.action for r in svc.audit.records("acme")]
+    assert "recommendation.create" in actions
+
+
+def test_issuing_needs_an_approver_who_is_not_the_issuer(api, broker, recommendation):  # noqa: F811
+    client, auth, key_ids, svc = api
+    device = Publisher(broker.port, answer=True)
+    device.listen("site/+/cmd")
+    rid = recommendation["run_id"]
+    issue = f"/v1/assets/pump-1/recommendations/{rid}/issue"
+    assert client.post(issue, json={"connector": "site"}, headers=auth["other"]).status_code == 404
+    r = client.post(issue, json={"connector": "site"}, headers=auth["writer"])
+    assert r.status_code == 201, r.text
+    command = r.json()
+    assert (command["status"], command["proposed_by"], command["value"]["recommendation"]) == (
+        "proposed", key_ids["writer"], rid)
+    assert json.loads(command["value"]["values"]) == recommendation["action"]["values"]
+    approve = f"/v1/commands/{command['id']}/approve"
+    assert client.post(approve, headers=auth["writer"]).status_code == 403  # not an admin
+    no_grant = client.post(approve, headers=auth["admin"])
+    assert no_grant.status_code == 403 and "'approver' grant" in no_grant.json()["error"]["message"]
+    assert client.post(approve, headers=auth["other"]).status_code == 404  # another tenant's approver
+    own = client.post(issue, json={"connector": "site"}, headers=auth["approver"]).json()
+    assert client.post(f"/v1/commands/{own['id']}/approve", headers=auth["approver"]).status_code == 409  # four eyes
+    sent = client.post(approve, headers=auth["approver"])
+    assert sent.status_code == 200 and sent.json()["status"] == "sent", sent.text
+    wait_for(lambda: client.get(f"/v1/commands/{command['id']}", headers=auth["reader"]).json()["status"]
+             == "acknowledged", "the device acknowledged the schedule")
+    device.close()
+    assert [b["correlation_id"] for _, b in device.received] == [command["correlation_id"]]
+    audit = [(r.action, r.key_id) for r in svc.audit.records("acme")]
+    assert ("recommendation.issue", key_ids["writer"]) in audit and ("command.approve", key_ids["approver"]) in audit
