@@ -30,14 +30,16 @@ import pyarrow as pa
 import ray
 
 from actors.heap import freeze_heap
+from actors.migration import migrated_record
 from actors.recovery import recover, recover_many
 from actors.routing import shard_index
 from actors.state import IngestReport, Reject, TwinState
 from actors.telemetry import Entries, Normalized, normalize_entries, row_event, si_map, value_matrix
-from actors.twin import CONFLICT, DUPLICATE, TOO_LATE, Pending, Twin, apply_many, conflict_reason, same_content
+from actors.twin import BEFORE_MIGRATION, CONFLICT, DUPLICATE, TOO_LATE, Pending, Twin, apply_many, conflict_reason, same_content
 from raytwin import metrics
 from raytwin.contracts import AssetType, ContractError, describe_error, normalize_measurements
 from raytwin.logs import component_logging
+from raytwin.migration import MigrationPlan
 from raytwin.statestore import LOG_BATCH_SCHEMA, StateStore
 
 log = logging.getLogger("raytwin.twins")
@@ -131,6 +133,24 @@ class TwinShard:
         self.store.delete_registration(tenant, asset_id)
         metrics.TWINS.set(len(self.twins), shard=self.tag)
         return found
+
+    def migrate(self, tenant: str, asset_id: str, target: dict[str, Any],
+                plan: MigrationPlan) -> tuple[TwinState, TwinState] | None:
+        """Move the twin to another type version (`actors.migration`) between two ingest calls, so no
+        event is half applied or lost; (state before, state after), None: no such twin."""
+        self.store.check_lease(self.fence)
+        self._refresh_stale()
+        key = (tenant, asset_id)
+        twin = self.twins.get(key)
+        if twin is None:
+            return None
+        record = migrated_record(self.store.load_registration(tenant, asset_id), target, twin, plan)
+        self.store.save_registration(tenant, asset_id, record)
+        self.twins[key] = self._recover(record)
+        self.durable_revision[key] = self.twins[key].events_applied
+        log.info("twin_migrated tenant=%s asset=%s from=%s to=%s revision=%d", tenant, asset_id, twin.artifact.ref,
+                 self.twins[key].artifact.ref, twin.events_applied)
+        return twin.view(), self.twins[key].view()
 
     def assets(self, tenant: str) -> list[str]:
         return sorted(a for t, a in self.twins if t == tenant)
@@ -302,8 +322,8 @@ class TwinShard:
                     adm.conflicts += 1
                     adm.rejected.append((i, conflict_reason(ev.key)))
                     adm.causes["conflict"] += 1
-                elif verdict == TOO_LATE:
-                    adm.rejected.append((i, TOO_LATE))
+                elif verdict in (TOO_LATE, BEFORE_MIGRATION):
+                    adm.rejected.append((i, verdict))
                     adm.causes["too_late"] += 1
                 else:
                     events.append(ev)

@@ -21,6 +21,7 @@ breaking change and how to fix it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
@@ -73,11 +74,22 @@ def previous_version(new: str, published: Iterable[str]) -> str | None:
 def _bounds(old_lower: float | None, old_upper: float | None, new_lower: float | None,
             new_upper: float | None) -> str | None:
     """"narrowed", "widened" or None (unchanged), comparing ranges in one unit (None: unbounded)."""
-    lo_in = new_lower is not None and (old_lower is None or new_lower > old_lower)
-    hi_in = new_upper is not None and (old_upper is None or new_upper < old_upper)
+    lo_in = new_lower is not None and (old_lower is None or _above(new_lower, old_lower))
+    hi_in = new_upper is not None and (old_upper is None or _above(old_upper, new_upper))
     if lo_in or hi_in:
         return "narrowed"
-    return None if (old_lower, old_upper) == (new_lower, new_upper) else "widened"
+    same = all(a is b is None or (a is not None and b is not None and _same(a, b))
+               for a, b in ((old_lower, new_lower), (old_upper, new_upper)))
+    return None if same else "widened"
+
+
+def _same(a: float, b: float) -> bool:
+    """Equal up to unit-conversion rounding (-100 degC and 173.15 K)."""
+    return math.isclose(a, b, rel_tol=1e-12, abs_tol=1e-12)
+
+
+def _above(a: float, b: float) -> bool:
+    return a > b and not _same(a, b)
 
 
 def _si(value: float | None, unit: str) -> float | None:
@@ -122,7 +134,7 @@ def compare_types(old: AssetType, new: AssetType) -> list[SchemaChange]:
                     f"keep the range at least as wide, or {major}"))
             elif way == "widened":
                 changes.append(SchemaChange(where, "widened", False, f"{where}: range widened"))
-            if kind == "parameters" and _si(a.default, a.unit) != _si(b.default, b.unit):
+            if kind == "parameters" and not _same(_si(a.default, a.unit), _si(b.default, b.unit)):
                 changes.append(SchemaChange(where, "default", False,
                                             f"{where}: default {a.default} {a.unit} became {b.default} {b.unit}"))
     return sorted(changes, key=lambda c: not c.breaking)
