@@ -99,7 +99,9 @@ def _si(value: float | None, unit: str) -> float | None:
 def compare_types(old: AssetType, new: AssetType) -> list[SchemaChange]:
     """Every difference between two versions of a type that matters to clients, breaking first."""
     changes: list[SchemaChange] = []
-    major = f"publish it as {parse_version(old.version)[0] + 1}.0.0"
+    version = parse_version(old.version)
+    major = f"publish it as {version[0] + 1}.0.0"
+    minor = f"publish it as {version[0]}.{version[1] + 1}.0 or later (an addition needs a new minor version)"
     for kind in KINDS:
         before, after = getattr(old, kind), getattr(new, kind)
         for name in sorted(set(before) - set(after)):
@@ -113,7 +115,7 @@ def compare_types(old: AssetType, new: AssetType) -> list[SchemaChange]:
                 f"{kind}.{name}", "added", not compatible,
                 f"{kind}.{name} was added" + ("" if compatible else f" ({kind[:-1]}s have no default, so what "
                                                                     f"clients of {old.version} send is refused)"),
-                "" if compatible else f"{major} (a new {kind[:-1]} needs a new major version)"))
+                minor if compatible else f"{major} (a new {kind[:-1]} needs a new major version)"))
         for name in sorted(set(before) & set(after)):
             a, b = before[name], after[name]
             where = f"{kind}.{name}"
@@ -160,4 +162,4 @@ def check_version(old: AssetType, new: AssetType) -> list[SchemaChange]:
     shown = [c for c in changes if c.breaking] or [c for c in changes if c.change == "added"]
     raise IncompatibleVersion(
         f"asset type {new.key} is a {have} bump from {old.version} but its changes need a {need} bump: "
-        + "; ".join(f"{c.message}: {c.fix or 'publish it as a new minor version'}" for c in shown), shown)
+        + "; ".join(f"{c.message}: {c.fix}" for c in shown), shown)

@@ -18,10 +18,12 @@ from serve_apps import (
     routes_changes,
     routes_commands,
     routes_connectors,
+    routes_evolution,
     routes_models,
     routes_scenarios,
     routes_twins,
 )
+from serve_apps.deprecation import ApiDeprecationHeaders
 from serve_apps.deps import SVC, Services
 from serve_apps.errors import ERROR_RESPONSES, install_error_handlers
 from serve_apps.json_route import JsonRoute
@@ -42,9 +44,10 @@ def create_api(max_body_bytes: int = 1_048_576) -> FastAPI:
     app.router.route_class = JsonRoute
     install_error_handlers(app)
     app.add_middleware(RequestObserver)
+    app.add_middleware(ApiDeprecationHeaders)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
     _ops_routes(app)
-    for routes in (routes_catalog, routes_twins, routes_scenarios, routes_models, routes_changes):
+    for routes in (routes_catalog, routes_evolution, routes_twins, routes_scenarios, routes_models, routes_changes):
         routes.register(app)
     for router in (routes_connectors.router, routes_commands.router):
         app.include_router(router)

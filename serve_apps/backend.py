@@ -28,6 +28,7 @@ from serve_apps.conditional import Precondition
 from serve_apps.config import ServeConfig
 from serve_apps.connector_ops import ConnectorOps
 from serve_apps.errors import NotFound, Unprocessable
+from serve_apps.evolution import TypeEvolution
 from serve_apps.jobs import Job, JobQueue, Work
 
 log = logging.getLogger("raytwin.serve.backend")
@@ -60,6 +61,7 @@ class Backend:
             self.changes.reserve(tenant, self.catalog.max_revision(tenant))
         self.jobs = JobQueue(config, config.max_concurrent_jobs, on_finish=self._job_finished)
         self.connector_ops = ConnectorOps(self.twins, config.connectors)
+        self.type_evolution = TypeEvolution(self)
         self._lock = threading.Lock()
         self._publish = threading.Lock()
         self._twin_marks: dict[tuple[str, str], tuple[int, bool]] = {}  # last published (revision, drift)
@@ -288,6 +290,12 @@ class Backend:
         if op not in ConnectorOps.OPS:
             raise ValueError(f"unknown connector operation {op!r}")
         return getattr(self.connector_ops, op)(*args)
+
+    # ---- schema evolution: migrations and deprecation marks (serve_apps/evolution.py) ----------
+    def evolution(self, op: str, *args: Any) -> Any:
+        if op not in TypeEvolution.OPS:
+            raise ValueError(f"unknown schema evolution operation {op!r}")
+        return getattr(self.type_evolution, op)(*args)
 
     # ---- jobs (async: they run on the replica's event loop, which owns the queue) ---------
     async def submit_job(self, tenant: str, key_id: str, asset_id: str, model_ref: str, content_hash: str,
