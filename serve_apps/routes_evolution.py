@@ -5,17 +5,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Header, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from raytwin.compat import compare_types, previous_version, required_bump
+from raytwin.compat import compare_types, parse_version, previous_version, required_bump
 from raytwin.contracts import Asset, AssetType
 from raytwin.migration import MigrationRequest
 from serve_apps.auth import Principal
 from serve_apps.conditional import Precondition, etag, precondition
 from serve_apps.deprecation import Deprecation
 from serve_apps.deps import ADMIN, READER, SVC, Services
+from serve_apps.errors import Unprocessable
 
 PRE = Depends(precondition)
 
@@ -54,6 +55,34 @@ async def announce(svc: Services, response: Response, tenant: str, *, type_key: 
                                       else svc.backend.call("evolution", "deprecation_of_asset", tenant, asset_id))
     if mark is not None:
         response.headers.update(mark.headers())
+
+
+TYPE_VERSION_HEADER = Header(None, alias="X-RayTwin-Type-Version", pattern=r"^\d+\.\d+\.\d+$",
+                             description="The asset type version the sender was built for; telemetry for an older "
+                                         "version than the asset's is accepted or refused as that version's "
+                                         "`telemetry_policy` says")
+
+
+async def check_sender_version(svc: Services, tenant: str, asset_id: str, asset_type: AssetType,
+                               sent_for: str | None) -> None:
+    """Refuse (422, with the reason and the fix) telemetry sent for another version of the asset's type
+    than the one it is on, unless it is an older one and the current version's policy accepts it (then
+    it is checked against the current version like any other telemetry)."""
+    if sent_for is None or sent_for == asset_type.version:
+        return
+    versions = {t.version for t in await svc.backend.call("list_types", tenant, asset_type.name)}
+    if sent_for not in versions:
+        raise Unprocessable(f"X-RayTwin-Type-Version: {asset_type.name}@{sent_for} does not exist")
+    if parse_version(sent_for) > parse_version(asset_type.version):
+        raise Unprocessable(f"asset {asset_id} is on {asset_type.key}, older than {sent_for}: migrate it first "
+                            f"(POST /v1/assets/{asset_id}/migrate)")
+    if asset_type.telemetry_policy == "refuse":
+        raise Unprocessable(
+            f"asset {asset_id} is on {asset_type.key}, which refuses telemetry sent for older versions "
+            f"(telemetry_policy: refuse), and this was sent for {sent_for}: update the sender to {asset_type.key}'s "
+            f"measurements {sorted(asset_type.measurable())} and X-RayTwin-Type-Version: {asset_type.version}",
+            details=[{"header": "X-RayTwin-Type-Version", "sent_for": sent_for, "current": asset_type.version,
+                      "telemetry_policy": "refuse"}])
 
 
 def register(app: FastAPI) -> None:

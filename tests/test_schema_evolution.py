@@ -13,13 +13,14 @@ from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 
 import pytest
+import ray
 
-from actors.shard import TwinShard
 from raytwin.compat import IncompatibleVersion, bump, check_version, compare_types, previous_version, required_bump
 from raytwin.contracts import AssetType, ParameterSpec, Quantity
 from raytwin.migration import FixedValue, FromState, MigrationError, plan_migration
 from raytwin.registry import ModelArtifact
 from raytwin.sim import THERMAL_RC
+from raytwin.statestore import StateStore
 from tests.schema_models import ROOM_V1, ROOM_V2
 
 THERMAL = AssetType.from_model(THERMAL_RC)
@@ -254,10 +255,15 @@ def test_a_migrated_twin_keeps_ingesting_refuses_its_past_and_recovers_the_same(
     assert live["revision"] == applied + 4 and live["model_ref"] == "room@2.0.0"
     assert 20.0 < live["state"]["T_air"] < 23.0  # measured 21.85 degC, a prior of ~21 degC
 
+    # dropped and registered again, the shard rebuilds the twin from the store (registration, migration
+    # point, log) exactly as after a restart
     backend.flush()
-    restarted = TwinShard(backend.config.url("twins"), 0, 1, allowed_lateness_s=3600.0, snapshot_every=500)
-    again = restarted.state("acme", "room-1")  # rebuilt from the store: registration, migration point, log
-    assert again.state == live["state"] and again.revision == live["revision"]
+    record = StateStore(backend.config.url("twins")).load_registration("acme", "room-1")
+    shard = backend.twins.shard_for("acme", "room-1")
+    assert ray.get(shard.unregister.remote("acme", "room-1"))
+    ray.get(shard.register.remote("acme", "room-1", record))
+    again = client.get("/v1/assets/room-1/state", headers=auth["reader"]).json()
+    assert again["state"] == live["state"] and again["revision"] == live["revision"]
 
 
 def test_deprecated_type_versions_and_api_versions_announce_a_sunset(api, rooms):
@@ -303,3 +309,31 @@ def test_artifacts_of_types_with_the_default_policy_keep_their_hash():
     assert b"telemetry_policy" not in art.body()
     refusing = art.model_copy(update={"asset_type": V1.model_copy(update={"telemetry_policy": "refuse"})})
     assert b'"telemetry_policy":"refuse"' in refusing.body() and refusing.content_hash != art.content_hash
+
+
+def test_telemetry_for_an_older_version_is_accepted_or_refused_as_the_type_says(api, rooms):
+    client, auth, _ = api
+    assert client.get("/v1/assets/room-1", headers=auth["reader"]).json()["type_version"] == "2.0.0"  # accepts
+    old = {"X-RayTwin-Type-Version": "1.0.0", **auth["writer"]}
+    inputs_only = [{**e, "measurements": without(e["measurements"], "T")} for e in room_events(30, 2, 295.0)]
+    r = client.post("/v1/assets/room-1/telemetry", json={"events": inputs_only}, headers=old)
+    assert r.status_code == 200 and r.json()["accepted"] == 2, r.text  # T_out and Q are still 2.0.0's
+    r = client.post("/v1/assets/room-1/telemetry", json={"events": room_events(32, 1, 295.0)}, headers=old).json()
+    assert r["rejected"] == 1 and "'T' is not part of asset type room@2.0.0" in r["reasons"][0]["reason"]
+
+    strict = V2.model_copy(update={"version": "2.1.0", "telemetry_policy": "refuse"}).model_dump(mode="json")
+    assert client.post("/v1/asset-types", json=strict, headers=auth["admin"]).status_code == 201
+    r = client.post("/v1/assets/room-2/migrate", json={"type_version": "2.1.0", "states": {"T_air": {"from": "T"}}},
+                    headers=auth["admin"])
+    assert r.status_code == 200, r.text
+    r = client.post("/v1/assets/room-2/telemetry", json={"events": inputs_only}, headers=old)
+    assert r.status_code == 422 and "telemetry_policy: refuse" in r.json()["error"]["message"]
+    assert r.json()["error"]["details"][0]["current"] == "2.1.0"
+    fresh = [{**e, "sequence": e["sequence"] + 100} for e in room_events(30, 2, 295.0, v2=True)]
+    r = client.post("/v1/assets/room-2/telemetry", json={"events": fresh},
+                    headers={"X-RayTwin-Type-Version": "2.1.0", **auth["writer"]})
+    assert r.status_code == 200 and r.json()["accepted"] == 2, r.text
+    for version, why in (("3.0.0", "does not exist"), ("2.0.0", None)):
+        r = client.post("/v1/assets/room-1/telemetry", json={"events": fresh[:1]},
+                        headers={"X-RayTwin-Type-Version": version, **auth["writer"]})
+        assert (r.status_code == 422 and why in r.json()["error"]["message"]) if why else r.status_code == 200
