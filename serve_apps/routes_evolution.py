@@ -15,7 +15,7 @@ from raytwin.migration import MigrationRequest
 from serve_apps.auth import Principal
 from serve_apps.conditional import Precondition, etag, precondition
 from serve_apps.deprecation import Deprecation
-from serve_apps.deps import ADMIN, READER, SVC, Services
+from serve_apps.deps import ADMIN, SVC, Services
 from serve_apps.errors import Unprocessable
 
 PRE = Depends(precondition)
@@ -108,9 +108,9 @@ def register(app: FastAPI) -> None:
     tags = ["asset types"]
 
     @app.post("/v1/asset-types/compatibility", response_model=CompatibilityReport, tags=tags)
-    async def check_compatibility(body: AssetType, who: Principal = READER, svc: Services = SVC) -> Any:
+    async def check_compatibility(body: AssetType, who: Principal = ADMIN, svc: Services = SVC) -> Any:
         """What publishing this type version would change against the newest older version, and the
-        version bump that needs (nothing is written)."""
+        version bump that needs (nothing is written; admin, like publishing)."""
         published = {t.version: t for t in await svc.backend.call("list_types", who.tenant, body.name)}
         previous = previous_version(body.version, published)
         changes = [] if previous is None else compare_types(published[previous], body)

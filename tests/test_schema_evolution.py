@@ -189,7 +189,7 @@ def test_registration_refuses_a_breaking_change_without_a_major_version(api, roo
         ("states.T", "removed"), ("outputs.T", "removed"), ("states.T_air", "added")}
     assert all("2.0.0" in d["fix"] for d in error["details"])
     assert client.get("/v1/asset-types/room/1.1.0", headers=auth["reader"]).status_code == 404  # nothing written
-    report = client.post("/v1/asset-types/compatibility", json=minor, headers=auth["reader"]).json()
+    report = client.post("/v1/asset-types/compatibility", json=minor, headers=auth["admin"]).json()
     assert report["previous_version"] == "1.0.0" and report["required_bump"] == "major"
     # another tenant has no room@1.0.0: its 1.1.0 is a first version
     assert client.post("/v1/asset-types", json=minor, headers=auth["other"]).status_code == 201
