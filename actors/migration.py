@@ -35,7 +35,7 @@ def migrated_record(current: dict[str, Any], target: dict[str, Any], twin: Twin,
     previous = {**current}
     if "migration" in previous:  # one step of history back, not the whole chain
         previous["migration"] = {k: v for k, v in previous["migration"].items() if k != "previous"}
-    names = twin.filter.model.input_names
+    inputs = twin.filter.model.inputs
     return {
         **target,
         "initial_state": plan.apply(state.state),
@@ -43,6 +43,6 @@ def migrated_record(current: dict[str, Any], target: dict[str, Any], twin: Twin,
         "migration": {
             "key": None if twin.last_key is None else list(twin.last_key),
             "revision": twin.events_applied, "max_time_us": twin.max_time_us, "t": twin.fs.t,
-            "u": dict(zip(names, twin.fs.u.tolist())), "plan": plan.model_dump(mode="json"), "previous": previous,
+            "u": {v.name: (x, v.unit) for v, x in zip(inputs, twin.fs.u.tolist())}, "plan": plan.model_dump(mode="json"), "previous": previous,
         },
     }

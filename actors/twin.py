@@ -24,6 +24,7 @@ from typing import NamedTuple
 import numpy as np
 
 from actors.state import DivergenceReport, TwinState
+from raytwin import units
 from raytwin.contracts import AssetType, TelemetryEvent, normalize_measurements
 from raytwin.estimation import (Divergence, ExtendedKalmanFilter, FilterState, Run, Traces, assimilate_runs,
                                 clear_drift)
@@ -124,12 +125,19 @@ class Twin:
         self.floor: EventKey | None = None  # the migration point (`start_at`): nothing at or before it applies
 
     def start_at(self, key: EventKey, revision: int, max_time_us: int | None, t: float | None,
-                 u: dict[str, float]) -> None:
+                 u: dict[str, tuple[float, str]]) -> None:
         """Continue a migrated twin from the point where its previous version stopped: its prior
         (the mapped state) stands at event `key`, revision `revision`, filter time `t`, held inputs
-        `u` (by name; inputs the old version lacked keep the model's). Events at or before `key` are refused."""
-        names = self.filter.model.input_names
-        held = np.array([u.get(n, v) for n, v in zip(names, self.fs.u.tolist())], dtype=np.float64)
+        `u` (name -> (value, unit), converted to this model's units; an input the old version lacked, or
+        had in another dimension, keeps the model's nominal). Events at or before `key` are refused."""
+        def held_input(var, nominal: float) -> float:
+            value, unit = u.get(var.name, (None, None))
+            if value is None or units.dimension(unit) != units.dimension(var.unit):
+                return nominal
+            return units.to_unit(value, unit, var.unit)
+
+        held = np.array([held_input(v, n) for v, n in zip(self.filter.model.inputs, self.fs.u.tolist())],
+                        dtype=np.float64)
         self._reset(Checkpoint(tuple(key), self.fs._replace(t=t, u=held), revision))  # type: ignore[arg-type]
         self.max_time_us = max_time_us
         self.floor = tuple(key)  # type: ignore[assignment]
