@@ -43,6 +43,7 @@ def migrated_record(current: dict[str, Any], target: dict[str, Any], twin: Twin,
         "migration": {
             "key": None if twin.last_key is None else list(twin.last_key),
             "revision": twin.events_applied, "max_time_us": twin.max_time_us, "t": twin.fs.t,
-            "u": {v.name: (x, v.unit) for v, x in zip(inputs, twin.fs.u.tolist())}, "plan": plan.model_dump(mode="json"), "previous": previous,
+            "u": {v.name: (x, v.unit) for v, x in zip(inputs, twin.fs.u.tolist())},
+            "q_scale": float(twin.fs.divergence.q_scale), "plan": plan.model_dump(mode="json"), "previous": previous,
         },
     }

@@ -148,7 +148,7 @@ def build_twin(record: dict[str, Any], *, allowed_lateness_s: float, checkpoint_
     migration = record.get("migration")
     if migration is not None and migration["key"] is not None:  # a migrated twin starts where its old version stopped
         twin.start_at(tuple(migration["key"]), migration["revision"], migration["max_time_us"], migration["t"],
-                      migration["u"])
+                      migration["u"], migration["q_scale"])
     return twin
 
 

@@ -125,11 +125,12 @@ class Twin:
         self.floor: EventKey | None = None  # the migration point (`start_at`): nothing at or before it applies
 
     def start_at(self, key: EventKey, revision: int, max_time_us: int | None, t: float | None,
-                 u: dict[str, tuple[float, str]]) -> None:
+                 u: dict[str, tuple[float, str]], q_scale: float) -> None:
         """Continue a migrated twin from the point where its previous version stopped: its prior
         (the mapped state) stands at event `key`, revision `revision`, filter time `t`, held inputs
         `u` (name -> (value, unit), converted to this model's units; an input the old version lacked, or
-        had in another dimension, keeps the model's nominal). Events at or before `key` are refused."""
+        had in another dimension, keeps the model's nominal) and the adapted process-noise scale
+        `q_scale` (the drift detector restarts). Events at or before `key` are refused."""
         def held_input(var, nominal: float) -> float:
             value, unit = u.get(var.name, (None, None))
             if value is None or units.dimension(unit) != units.dimension(var.unit):
@@ -138,7 +139,8 @@ class Twin:
 
         held = np.array([held_input(v, n) for v, n in zip(self.filter.model.inputs, self.fs.u.tolist())],
                         dtype=np.float64)
-        self._reset(Checkpoint(tuple(key), self.fs._replace(t=t, u=held), revision))  # type: ignore[arg-type]
+        fs = self.fs._replace(t=t, u=held, divergence=self.fs.divergence._replace(q_scale=q_scale))
+        self._reset(Checkpoint(tuple(key), fs, revision))  # type: ignore[arg-type]
         self.max_time_us = max_time_us
         self.floor = tuple(key)  # type: ignore[assignment]
 
