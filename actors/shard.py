@@ -148,6 +148,8 @@ class TwinShard:
         self.store.save_registration(tenant, asset_id, record)
         self.twins[key] = self._recover(record)
         self.durable_revision[key] = self.twins[key].events_applied
+        self.drifting.discard(key)  # the new version's drift detector starts afresh
+        metrics.TWINS_DRIFTING.set(len(self.drifting & self.twins.keys()), shard=self.tag)
         log.info("twin_migrated tenant=%s asset=%s from=%s to=%s revision=%d", tenant, asset_id, twin.artifact.ref,
                  self.twins[key].artifact.ref, twin.events_applied)
         return twin.view(), self.twins[key].view()
@@ -370,6 +372,10 @@ class TwinShardProcess(TwinShard):
     def _register(self, tenant: str, asset_id: str, record: dict[str, Any]) -> bool:
         self.heap_frozen = False  # new twins; the first of a model compiles its kernels
         return super()._register(tenant, asset_id, record)
+
+    def migrate(self, *args: Any) -> tuple[TwinState, TwinState] | None:
+        self.heap_frozen = False  # a new twin, maybe of a model whose kernels compile now
+        return super().migrate(*args)
 
     def ingest(self, tenant: str, batch: pa.Table, states: bool = False) -> IngestReport:
         if not self.heap_frozen:
