@@ -141,12 +141,17 @@ def build_twin(record: dict[str, Any], *, allowed_lateness_s: float, checkpoint_
     """A twin at its prior, from a registration record."""
     asset = Asset.model_validate(record["asset"])
     artifact = _artifact(json.dumps(record["artifact"], sort_keys=True))
-    return Twin(
+    twin = Twin(
         asset.tenant, asset.id, artifact,
         initial_state=record["initial_state"], initial_std=record["initial_std"],
         noise=noise_from_metadata(asset.metadata), filter_kind=filter_from_metadata(asset.metadata, artifact.model()),
         allowed_lateness_s=allowed_lateness_s, checkpoint_every=checkpoint_every,
     )
+    migration = record.get("migration")
+    if migration is not None and migration["key"] is not None:  # a migrated twin starts where its old version stopped
+        twin.start_at(tuple(migration["key"]), migration["revision"], migration["max_time_us"], migration["t"],
+                      migration["u"], migration["q_scale"])
+    return twin
 
 
 _IDENTIFIER_RE = re.compile(IDENTIFIER_PATTERN)
@@ -196,6 +201,8 @@ def recover_many(
     after: dict[str, dict[str, EventKey | None]] = {}
     for twin in twins:
         snap = store.latest_snapshot(twin.tenant, twin.asset_id, at_or_before_us=until_us)
+        if snap is not None and twin.floor is not None and snap.key <= twin.floor:
+            snap = None  # the old version's snapshot: the migrated twin starts from its registration
         if snap is not None:
             twin.restore(snap)
         after.setdefault(twin.tenant, {})[twin.asset_id] = snap.key if snap else None

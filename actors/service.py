@@ -47,6 +47,7 @@ from actors.shard import TwinShardActor
 from actors.state import IngestReport, TwinState, UnknownTwin
 from actors.telemetry import validated_table
 from raytwin.contracts import Asset, Identifier, TelemetryEvent
+from raytwin.migration import MigrationPlan
 from raytwin.registry import ModelArtifact
 from raytwin.sim.cpu import cpu_only
 from raytwin.statestore import Lease, StateStore, to_micros
@@ -180,6 +181,15 @@ class TwinService:
             item = (a.tenant, a.id, registration_record(a, artifact, None, None))
             by_shard.setdefault(shard_index(a.tenant, a.id, self.router.shards), []).append(item)
         return sum(ray.get([self._shards[i].register_many.remote(items) for i, items in by_shard.items()]))
+
+    def migrate(self, asset: Asset, artifact: ModelArtifact, plan: MigrationPlan) -> tuple[TwinState, TwinState]:
+        """Move the twin of `asset` (already carrying its new type version) to `artifact`'s model,
+        its state mapped by `plan`, at a clean point in its shard; (state before, state after)."""
+        target = registration_record(asset, artifact, None, None)
+        found = ray.get(self._shard(asset.tenant, asset.id).migrate.remote(asset.tenant, asset.id, target, plan))
+        if found is None:
+            raise UnknownTwin(f"no twin {asset.id!r} for tenant {asset.tenant!r}")
+        return found
 
     def unregister(self, tenant: str, asset_id: str) -> None:
         if not ray.get(self._shard(tenant, asset_id).unregister.remote(tenant, asset_id)):

@@ -31,15 +31,27 @@ import ray
 
 from actors.failover import process_age_s
 from actors.heap import freeze_heap
+from actors.migration import migrated_record
 from actors.recovery import recover, recover_many
 from actors.routing import shard_index
 from actors.state import IngestReport, Reject, TwinState
 from actors.telemetry import Entries, Normalized, normalize_entries, row_event, si_map, value_matrix
-from actors.twin import CONFLICT, DUPLICATE, TOO_LATE, Pending, Twin, apply_many, conflict_reason, same_content
+from actors.twin import (
+    BEFORE_MIGRATION,
+    CONFLICT,
+    DUPLICATE,
+    TOO_LATE,
+    Pending,
+    Twin,
+    apply_many,
+    conflict_reason,
+    same_content,
+)
 from raytwin import metrics
 from raytwin.contracts import AssetType, ContractError, describe_error, normalize_measurements
 from raytwin.keyindex import Logged, LogKeyIndex, content_digest
 from raytwin.logs import component_logging
+from raytwin.migration import MigrationPlan
 from raytwin.statestore import LOG_BATCH_SCHEMA, StateStore
 
 log = logging.getLogger("raytwin.twins")
@@ -136,6 +148,26 @@ class TwinShard:
         self.store.delete_registration(tenant, asset_id)
         metrics.TWINS.set(len(self.twins), shard=self.tag)
         return found
+
+    def migrate(self, tenant: str, asset_id: str, target: dict[str, Any],
+                plan: MigrationPlan) -> tuple[TwinState, TwinState] | None:
+        """Move the twin to another type version (`actors.migration`) between two ingest calls, so no
+        event is half applied or lost; (state before, state after), None: no such twin."""
+        self.store.check_lease(self.fence)
+        self._refresh_stale()
+        key = (tenant, asset_id)
+        twin = self.twins.get(key)
+        if twin is None:
+            return None
+        record = migrated_record(self.store.load_registration(tenant, asset_id), target, twin, plan)
+        self.store.save_registration(tenant, asset_id, record)
+        self.twins[key] = self._recover(record)
+        self.durable_revision[key] = self.twins[key].events_applied
+        self.drifting.discard(key)  # the new version's drift detector starts afresh
+        metrics.TWINS_DRIFTING.set(len(self.drifting & self.twins.keys()), shard=self.tag)
+        log.info("twin_migrated tenant=%s asset=%s from=%s to=%s revision=%d", tenant, asset_id, twin.artifact.ref,
+                 self.twins[key].artifact.ref, twin.events_applied)
+        return twin.view(), self.twins[key].view()
 
     def assets(self, tenant: str) -> list[str]:
         return sorted(a for t, a in self.twins if t == tenant)
@@ -319,8 +351,8 @@ class TwinShard:
                 adm.conflicts += 1
                 adm.rejected.append((i, conflict_reason(ev.key)))
                 adm.causes["conflict"] += 1
-            elif verdict == TOO_LATE:
-                adm.rejected.append((i, TOO_LATE))
+            elif verdict in (TOO_LATE, BEFORE_MIGRATION):
+                adm.rejected.append((i, verdict))
                 adm.causes["too_late"] += 1
             else:
                 adm.accepted.setdefault(c, []).append(ev)
@@ -387,6 +419,10 @@ class TwinShardProcess(TwinShard):
     def _register(self, tenant: str, asset_id: str, record: dict[str, Any]) -> bool:
         self.heap_frozen = False  # new twins; the first of a model compiles its kernels
         return super()._register(tenant, asset_id, record)
+
+    def migrate(self, *args: Any) -> tuple[TwinState, TwinState] | None:
+        self.heap_frozen = False  # a new twin, maybe of a model whose kernels compile now
+        return super().migrate(*args)
 
     def ingest(self, tenant: str, batch: pa.Table, states: bool = False) -> IngestReport:
         if not self.heap_frozen:

@@ -24,6 +24,7 @@ from typing import NamedTuple
 import numpy as np
 
 from actors.state import DivergenceReport, TwinState
+from raytwin import units
 from raytwin.contracts import AssetType, TelemetryEvent, normalize_measurements
 from raytwin.estimation import (Divergence, ExtendedKalmanFilter, FilterState, Run, Traces, assimilate_runs,
                                 clear_drift)
@@ -35,6 +36,8 @@ from raytwin.ukf import make_filter
 DUPLICATE = "duplicate"
 CONFLICT = "conflict"
 TOO_LATE = "too late"
+BEFORE_MIGRATION = ("before migration: the twin moved to another asset type version after this event's time; "
+                    "events up to that point are the old version's history and cannot be applied any more")
 
 
 def logged_event(ev: TelemetryEvent, asset_type: AssetType) -> LoggedEvent:
@@ -120,6 +123,27 @@ class Twin:
                                     noise.get("inputs"))
         self._reset(Checkpoint(None, prior, 0))
         self.max_time_us: int | None = None
+        self.floor: EventKey | None = None  # the migration point (`start_at`): nothing at or before it applies
+
+    def start_at(self, key: EventKey, revision: int, max_time_us: int | None, t: float | None,
+                 u: dict[str, tuple[float, str]], q_scale: float) -> None:
+        """Continue a migrated twin from the point where its previous version stopped: its prior
+        (the mapped state) stands at event `key`, revision `revision`, filter time `t`, held inputs
+        `u` (name -> (value, unit), converted to this model's units; an input the old version lacked, or
+        had in another dimension, keeps the model's nominal) and the adapted process-noise scale
+        `q_scale` (the drift detector restarts). Events at or before `key` are refused."""
+        def held_input(var, nominal: float) -> float:
+            value, unit = u.get(var.name, (None, None))
+            if value is None or units.dimension(unit) != units.dimension(var.unit):
+                return nominal
+            return units.to_unit(value, unit, var.unit)
+
+        held = np.array([held_input(v, n) for v, n in zip(self.filter.model.inputs, self.fs.u.tolist())],
+                        dtype=np.float64)
+        fs = self.fs._replace(t=t, u=held, divergence=self.fs.divergence._replace(q_scale=q_scale))
+        self._reset(Checkpoint(tuple(key), fs, revision))  # type: ignore[arg-type]
+        self.max_time_us = max_time_us
+        self.floor = tuple(key)  # type: ignore[assignment]
 
     def _reset(self, base: Checkpoint) -> None:
         self.fs = base.fs
@@ -149,6 +173,8 @@ class Twin:
                 verdicts.append(DUPLICATE if same_content(first, ev) else CONFLICT)
             elif wm is not None and ev.key[0] < wm:
                 verdicts.append(TOO_LATE)
+            elif self.floor is not None and ev.key <= self.floor:
+                verdicts.append(BEFORE_MIGRATION)
             else:
                 taken[ev.key] = ev
                 verdicts.append(None)
@@ -225,12 +251,12 @@ class Twin:
     def sealed_revision(self) -> int | None:
         """The revision `sealed_snapshot` would have (None: nothing sealed yet), without encoding it."""
         base = self.checkpoints[0]
-        return None if base.key is None else base.events_applied
+        return None if base.key is None or base.key == self.floor else base.events_applied
 
     def sealed_snapshot(self) -> Snapshot | None:
         """The oldest retained checkpoint: final (no accepted event can precede it) and durable-safe."""
         base = self.checkpoints[0]
-        if base.key is None:
+        if base.key is None or base.key == self.floor:  # a migration point: rebuilt from the registration
             return None
         return Snapshot(base.key, base.events_applied, _encode(base.fs, self.max_time_us))
 

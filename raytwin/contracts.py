@@ -153,6 +153,10 @@ class ParameterSpec(Contract):
         return self
 
 
+TelemetryPolicy = Literal["accept", "refuse"]
+DEFAULT_TELEMETRY_POLICY: TelemetryPolicy = "accept"
+
+
 class AssetType(Contract):
     """A kind of asset: its variables with units, its parameters with bounds, its simulator (a model
     name declared in the ``raytwin.models`` entry-point group, an import path ``package.module:MODEL``,
@@ -167,6 +171,11 @@ class AssetType(Contract):
     inputs: dict[str, Quantity]
     outputs: dict[str, Quantity]
     parameters: dict[str, ParameterSpec]
+    telemetry_policy: TelemetryPolicy = Field(
+        default="accept",
+        description="Telemetry sent for an older version of this type (the `X-RayTwin-Type-Version` header) once "
+                    "an asset is on this one: `accept` it where its measurements are still this version's, or "
+                    "`refuse` it with the reason (see raytwin.compat)")
 
     @field_validator("simulator")
     @classmethod

@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import Field
 
-from raytwin.contracts import AssetType, Contract, Finite, Identifier, SemVer
+from raytwin.contracts import DEFAULT_TELEMETRY_POLICY, AssetType, Contract, Finite, Identifier, SemVer
 from raytwin.modelcode import ModelCode, code_identity, describe_change
 from raytwin.sim import ModelCheckError, get_model
 from raytwin.sim.discovery import FMU_REF
@@ -57,8 +57,12 @@ class ModelArtifact(Contract):
         return f"{self.name}@{self.version}"
 
     def body(self) -> bytes:
-        """The stored JSON; an artifact without `code` keeps the exact bytes (and hash) it had before pinning."""
-        return canonical_json(self.model_dump(mode="json", exclude={"code"} if self.code is None else None))
+        """The stored JSON; an artifact without `code` keeps the exact bytes (and hash) it had before pinning,
+        and one whose type has the default `telemetry_policy` those it had before that field."""
+        body = self.model_dump(mode="json", exclude={"code"} if self.code is None else None)
+        if self.asset_type.telemetry_policy == DEFAULT_TELEMETRY_POLICY:  # types from before the field: same hash
+            del body["asset_type"]["telemetry_policy"]
+        return canonical_json(body)
 
     @property
     def content_hash(self) -> str:

@@ -18,6 +18,7 @@ from serve_apps import (
     routes_changes,
     routes_commands,
     routes_connectors,
+    routes_evolution,
     routes_models,
     routes_query,
     routes_recalibration,
@@ -26,6 +27,7 @@ from serve_apps import (
     routes_twins,
 )
 from serve_apps.admission import Admission, AdmissionGate
+from serve_apps.deprecation import ApiDeprecationHeaders
 from serve_apps.deps import SVC, Services
 from serve_apps.errors import ERROR_RESPONSES, install_error_handlers
 from serve_apps.json_route import JsonRoute
@@ -48,11 +50,13 @@ def create_api(max_body_bytes: int = 1_048_576, admission: Admission | None = No
     app.router.route_class = JsonRoute
     install_error_handlers(app)
     app.add_middleware(RequestObserver)
+    app.add_middleware(ApiDeprecationHeaders)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
     if admission is not None:
         app.add_middleware(AdmissionGate, limits=admission)
     _ops_routes(app)
-    for routes in (routes_catalog, routes_twins, routes_scenarios, routes_models, routes_changes, routes_query):
+    for routes in (routes_catalog, routes_evolution, routes_twins, routes_scenarios, routes_models, routes_changes,
+                   routes_query):
         routes.register(app)
     for router in (routes_connectors.router, routes_commands.router, routes_recalibration.router,
                    routes_recommendations.router):

@@ -35,6 +35,7 @@ from serve_apps.conditional import Precondition
 from serve_apps.config import ServeConfig
 from serve_apps.connector_ops import ConnectorOps
 from serve_apps.errors import NotFound, Unprocessable
+from serve_apps.evolution import TypeEvolution
 from serve_apps.jobs import Job, JobQueue, Work
 from serve_apps.query_schemas import AssetGraph, BulkRequest
 from serve_apps.recalibration import TenantState
@@ -72,6 +73,7 @@ class Backend:
         self.jobs = JobQueue(config, config.max_concurrent_jobs, on_finish=self._job_finished)
         self.audit = AuditLog(config.store_url, config.storage_options)  # bulk jobs audit each item
         self.connector_ops = ConnectorOps(self.twins, config.connectors)
+        self.type_evolution = TypeEvolution(self)
         self._lock = threading.Lock()
         self._publish = threading.Lock()
         self._twin_marks: dict[tuple[str, str], tuple[int, bool]] = {}  # last published (revision, drift)
@@ -334,6 +336,12 @@ class Backend:
         if op not in ConnectorOps.OPS:
             raise ValueError(f"unknown connector operation {op!r}")
         return getattr(self.connector_ops, op)(*args)
+
+    # ---- schema evolution: migrations and deprecation marks (serve_apps/evolution.py) ----------
+    def evolution(self, op: str, *args: Any) -> Any:
+        if op not in TypeEvolution.OPS:
+            raise ValueError(f"unknown schema evolution operation {op!r}")
+        return getattr(self.type_evolution, op)(*args)
 
     # ---- jobs (async: they run on the replica's event loop, which owns the queue) ---------
     async def submit_job(self, tenant: str, key_id: str, asset_id: str, model_ref: str, content_hash: str,

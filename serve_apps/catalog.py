@@ -7,7 +7,9 @@ queries are in-memory and concurrent writers cannot interleave; the store is the
 
 Asset types are immutable per version (models are registered by ``name@version`` with a content
 hash): re-sending identical content is a no-op, different content under an existing version is
-a conflict, and "updating" a type means publishing a new version and moving assets to it.
+a conflict, and "updating" a type means publishing a new version and moving assets to it. A new
+version is checked against the newest older one (`raytwin.compat`): breaking changes need a new
+major version.
 
 Every asset and type carries a revision (stored with it: ``{"revision": 17, "asset": {...}}``),
 given by the caller: the backend passes the sequence number of the change-log entry that
@@ -20,6 +22,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from raytwin.compat import IncompatibleVersion, check_version, previous_version
 from raytwin.contracts import Asset, AssetType, RelationshipKind
 from raytwin.storage import canonical_json, filesystem
 from serve_apps.conditional import Precondition
@@ -92,9 +95,24 @@ class Catalog:
                 return False
             raise Conflict(f"asset type {asset_type.key} already exists with different content; "
                            "publish a new version instead")
+        self._check_evolution(tenant, asset_type)
         self._write(tenant, "types", asset_type.key, asset_type, revision)
         self.types.setdefault(tenant, {})[asset_type.key] = asset_type
         return True
+
+    def _check_evolution(self, tenant: str, asset_type: AssetType) -> None:
+        """Refuse (422, each breaking change with its fix in `details`) a version whose number is too
+        small a step from the newest older version for its changes (`raytwin.compat`)."""
+        published = {t.version: t for t in self.list_types(tenant, asset_type.name)}
+        previous = previous_version(asset_type.version, published)
+        if previous is None:
+            return
+        try:
+            check_version(published[previous], asset_type)
+        except IncompatibleVersion as exc:
+            raise Unprocessable(str(exc), details=[
+                {"where": c.where, "change": c.change, "message": c.message, "fix": c.fix} for c in exc.changes
+            ]) from None
 
     def get_type(self, tenant: str, name: str, version: str) -> AssetType:
         try:

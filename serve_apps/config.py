@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from serve_apps.admission import Admission
+from serve_apps.deprecation import Deprecation
 
 ENV_PREFIX = "RAYTWIN_SERVE_"
 
@@ -58,6 +59,8 @@ class ServeConfig(BaseModel):
                                  "streams asks the backend for new changes (one call per replica, all streams).")
     change_page: int = Field(500, ge=1, le=10_000, description="Changes a stream reads per call (its buffer).")
     namespace: str = "raytwin"
+    api_deprecation: Deprecation | None = Field(None, description="Marks this API version (/v1) deprecated: every "
+                                                "response carries Deprecation and Sunset headers (serve_apps.deprecation)")
     connectors: list[dict[str, Any]] = Field(
         default_factory=list, description="Connector declarations started with the service (see connectors/README.md); "
         "credentials come from the backend's environment via `credentials_env`, never from here.")
@@ -74,7 +77,8 @@ class ServeConfig(BaseModel):
         values: dict[str, Any] = {}
         for name in cls.model_fields:
             env = os.environ.get(ENV_PREFIX + name.upper())
-            if env is not None and name not in ("autoscaling", "admission", "storage_options", "connectors"):
+            if env is not None and name not in ("autoscaling", "admission", "storage_options", "connectors",
+                                                "api_deprecation"):
                 values[name] = env
         if "keys_file" not in values and os.environ.get("RAYTWIN_API_KEYS_FILE"):
             values["keys_file"] = os.environ["RAYTWIN_API_KEYS_FILE"]

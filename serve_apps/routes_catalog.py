@@ -18,6 +18,7 @@ from serve_apps.auth import Principal
 from serve_apps.conditional import Precondition, etag, not_modified, precondition
 from serve_apps.deps import ADMIN, READER, SVC, Services
 from serve_apps.errors import Unprocessable
+from serve_apps.routes_evolution import announce
 from serve_apps.schemas import AssetCreate, AssetUpdate, Related
 
 
@@ -52,6 +53,7 @@ def register(app: FastAPI) -> None:
                              who: Principal = READER, svc: Services = SVC) -> Any:
         asset_type, revision = await svc.backend.call("get_type", who.tenant, name, version)
         response.headers["ETag"] = etag(revision)
+        await announce(svc, response, who.tenant, type_key=(name, version))
         return not_modified(if_none_match, revision) or asset_type
 
     @app.delete("/v1/asset-types/{name}/{version}", status_code=204, tags=tags)
@@ -90,6 +92,7 @@ def register(app: FastAPI) -> None:
                         who: Principal = READER, svc: Services = SVC) -> Any:
         asset, revision = await svc.backend.call("get_asset_revision", who.tenant, asset_id)
         response.headers["ETag"] = etag(revision)
+        await announce(svc, response, who.tenant, asset_id=asset_id)
         return not_modified(if_none_match, revision) or asset
 
     @app.get("/v1/assets/{asset_id}/relationships", response_model=Related, tags=tags)

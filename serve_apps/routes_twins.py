@@ -22,6 +22,7 @@ from serve_apps.auth import Principal
 from serve_apps.conditional import etag
 from serve_apps.deps import READER, SVC, WRITER, Services
 from serve_apps.errors import PayloadTooLarge, Unprocessable
+from serve_apps.routes_evolution import TYPE_VERSION_HEADER, check_sender_version
 from serve_apps.schemas import Divergence, DriftClear, IngestResult, Rejection, TelemetryBatch
 
 
@@ -29,12 +30,15 @@ def register(app: FastAPI) -> None:
     tags = ["twins"]
 
     @app.post("/v1/assets/{asset_id}/telemetry", response_model=IngestResult, tags=tags)
-    async def ingest(asset_id: str, body: TelemetryBatch, who: Principal = WRITER, svc: Services = SVC) -> Any:
+    async def ingest(asset_id: str, body: TelemetryBatch, who: Principal = WRITER, svc: Services = SVC,
+                     type_version: str | None = TYPE_VERSION_HEADER) -> Any:
         """Validate and apply a batch of events; re-sent events (same idempotency key) count as duplicates.
 
         The server stamps each event's ingest time with its own clock: an event carrying `ingest_time`
         makes the request 422 (nothing applied); events more than 5 minutes ahead of the server's clock
-        are rejected as from the future (in `reasons`, the others are applied).
+        are rejected as from the future (in `reasons`, the others are applied). `X-RayTwin-Type-Version`: the
+        type version the sender was built for (an older one: accepted or refused as the asset's current version's
+        `telemetry_policy` says).
         """
         if len(body.events) > svc.config.max_events_per_batch:
             raise PayloadTooLarge(f"{len(body.events)} events exceed the limit of {svc.config.max_events_per_batch}"
@@ -45,6 +49,7 @@ def register(app: FastAPI) -> None:
                                 f"receipt); leave it out of the {len(stamped)} event(s) that carry it",
                                 details=[{"index": i, "field": "ingest_time"} for i in stamped])
         asset_type, _ = await svc.backend.call("model_of", who.tenant, asset_id)
+        await check_sender_version(svc, who.tenant, asset_id, asset_type, type_version)
         valid, rejections = _validate_events(asset_id, body.events, asset_type, datetime.now(UTC))
         report = {"accepted": 0, "duplicates": 0, "rejected": 0, "reasons": []}
         if valid:

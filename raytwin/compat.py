@@ -1,0 +1,165 @@
+"""Schema evolution of asset types: what changed between two versions, and whether the version
+number says so (semantic versioning).
+
+A client written for one version of a type keeps working with a later version exactly when every
+name it may send or read is still there with the same physical dimension, so:
+
+- removing a state, input, output or parameter is **breaking** (a rename is a removal plus an
+  addition: nothing in a type says two names are one quantity; twins move with an explicit
+  state mapping, `raytwin.migration`);
+- changing a variable's unit to another dimension (K -> W) is **breaking**;
+- adding a parameter is compatible (it has a default); adding an output is compatible (nothing
+  has to send it); adding a state or an input is **breaking** (they have no default: a start
+  state or an input set written for the old version would be refused);
+- narrowing a plausible range or a parameter's bounds is **breaking** (values accepted before
+  would be refused); a unit of the same dimension (K -> degC), a wider range or another default
+  is compatible.
+
+A breaking change needs a new major version; `check_version` refuses it otherwise, naming every
+breaking change and how to fix it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+from raytwin import units
+from raytwin.contracts import AssetType
+
+Bump = Literal["major", "minor", "patch", "none"]
+KINDS = ("states", "inputs", "outputs", "parameters")
+
+
+class IncompatibleVersion(ValueError):
+    """A new type version whose changes need a larger version bump than it has."""
+
+    def __init__(self, message: str, changes: list[SchemaChange]):
+        super().__init__(message)
+        self.changes = changes
+
+
+@dataclass(frozen=True)
+class SchemaChange:
+    """One difference between two versions of a type; `fix` says how to publish it when breaking."""
+
+    where: str  # "states.T_in"
+    change: str  # "removed", "added", "dimension", "unit", "narrowed", "widened", "default"
+    breaking: bool
+    message: str
+    fix: str = ""
+
+
+def parse_version(version: str) -> tuple[int, int, int]:
+    major, minor, patch = (int(p) for p in version.split("."))
+    return major, minor, patch
+
+
+def bump(previous: str, new: str) -> Bump:
+    """The part of the version number that grew from `previous` to `new` ("none": not newer)."""
+    old, cur = parse_version(previous), parse_version(new)
+    if cur <= old:
+        return "none"
+    return "major" if cur[0] > old[0] else "minor" if cur[1] > old[1] else "patch"
+
+
+def previous_version(new: str, published: Iterable[str]) -> str | None:
+    """The newest published version older than `new` (what `new` is checked against)."""
+    older = [v for v in published if parse_version(v) < parse_version(new)]
+    return max(older, key=parse_version, default=None)
+
+
+def _bounds(old_lower: float | None, old_upper: float | None, new_lower: float | None,
+            new_upper: float | None) -> str | None:
+    """"narrowed", "widened" or None (unchanged), comparing ranges in one unit (None: unbounded)."""
+    lo_in = new_lower is not None and (old_lower is None or _above(new_lower, old_lower))
+    hi_in = new_upper is not None and (old_upper is None or _above(old_upper, new_upper))
+    if lo_in or hi_in:
+        return "narrowed"
+    same = all(a is b is None or (a is not None and b is not None and _same(a, b))
+               for a, b in ((old_lower, new_lower), (old_upper, new_upper)))
+    return None if same else "widened"
+
+
+def _same(a: float, b: float) -> bool:
+    """Equal up to unit-conversion rounding (-100 degC and 173.15 K)."""
+    return math.isclose(a, b, rel_tol=1e-12, abs_tol=1e-12)
+
+
+def _above(a: float, b: float) -> bool:
+    return a > b and not _same(a, b)
+
+
+def _si(value: float | None, unit: str) -> float | None:
+    return None if value is None else units.to_unit(value, unit, units.unit_def(unit).canonical)
+
+
+def compare_types(old: AssetType, new: AssetType) -> list[SchemaChange]:
+    """Every difference between two versions of a type that matters to clients, breaking first."""
+    changes: list[SchemaChange] = []
+    version = parse_version(old.version)
+    major = f"publish it as {version[0] + 1}.0.0"
+    minor = f"publish it as {version[0]}.{version[1] + 1}.0 or later (an addition needs a new minor version)"
+    for kind in KINDS:
+        before, after = getattr(old, kind), getattr(new, kind)
+        for name in sorted(set(before) - set(after)):
+            changes.append(SchemaChange(
+                f"{kind}.{name}", "removed", True, f"{kind}.{name} was removed (or renamed)",
+                f"keep {name!r}, or {major} and move twins with POST /v1/assets/{{id}}/migrate, mapping the new "
+                "name to the old one"))
+        for name in sorted(set(after) - set(before)):
+            compatible = kind in ("parameters", "outputs")
+            changes.append(SchemaChange(
+                f"{kind}.{name}", "added", not compatible,
+                f"{kind}.{name} was added" + ("" if compatible else f" ({kind[:-1]}s have no default, so what "
+                                                                    f"clients of {old.version} send is refused)"),
+                minor if compatible else f"{major} (a new {kind[:-1]} needs a new major version)"))
+        for name in sorted(set(before) & set(after)):
+            a, b = before[name], after[name]
+            where = f"{kind}.{name}"
+            if units.dimension(a.unit) != units.dimension(b.unit):
+                changes.append(SchemaChange(
+                    where, "dimension", True,
+                    f"{where}: unit {a.unit!r} ({units.canonical(a.unit)}) became {b.unit!r} ({units.canonical(b.unit)})",
+                    f"keep a unit of dimension {units.canonical(a.unit)}, or {major}"))
+                continue
+            if a.unit != b.unit:
+                changes.append(SchemaChange(where, "unit", False, f"{where}: unit {a.unit!r} became {b.unit!r} "
+                                                                  "(same dimension, converted)"))
+            way = _bounds(_si(a.lower, a.unit), _si(a.upper, a.unit), _si(b.lower, b.unit), _si(b.upper, b.unit))
+            if way == "narrowed":
+                changes.append(SchemaChange(
+                    where, "narrowed", True,
+                    f"{where}: range [{a.lower}, {a.upper}] {a.unit} narrowed to [{b.lower}, {b.upper}] {b.unit}",
+                    f"keep the range at least as wide, or {major}"))
+            elif way == "widened":
+                changes.append(SchemaChange(where, "widened", False, f"{where}: range widened"))
+            if kind == "parameters" and not _same(_si(a.default, a.unit), _si(b.default, b.unit)):
+                changes.append(SchemaChange(where, "default", False,
+                                            f"{where}: default {a.default} {a.unit} became {b.default} {b.unit}"))
+    return sorted(changes, key=lambda c: not c.breaking)
+
+
+def required_bump(changes: list[SchemaChange]) -> Bump:
+    """The smallest version bump these changes allow."""
+    if any(c.breaking for c in changes):
+        return "major"
+    return "minor" if any(c.change == "added" for c in changes) else "patch"
+
+
+def check_version(old: AssetType, new: AssetType) -> list[SchemaChange]:
+    """The changes from `old` to `new`, or `IncompatibleVersion` when `new`'s number does not allow
+    them: a breaking change under a minor or patch bump, or an addition under a patch bump."""
+    if old.name != new.name:
+        raise ValueError(f"cannot compare versions of two types ({old.name}, {new.name})")
+    changes = compare_types(old, new)
+    need, have = required_bump(changes), bump(old.version, new.version)
+    order = ("none", "patch", "minor", "major")
+    if order.index(have) >= order.index(need):
+        return changes
+    shown = [c for c in changes if c.breaking] or [c for c in changes if c.change == "added"]
+    raise IncompatibleVersion(
+        f"asset type {new.key} is a {have} bump from {old.version} but its changes need a {need} bump: "
+        + "; ".join(f"{c.message}: {c.fix}" for c in shown), shown)

@@ -1,0 +1,92 @@
+"""Schema evolution on the backend: moving assets and their twins to another type version, and
+deprecation marks on type versions (`Backend.evolution(op, ...)` dispatches here).
+
+A migration runs under the backend's catalog lock, so no other catalog write interleaves: the
+mapping is checked (`raytwin.migration`), the twin moves at a clean point in its shard
+(`actors.shard.TwinShard.migrate`: between two ingest calls, no event lost or applied twice), and
+then the asset's new type version is written and recorded in the change log (`asset.updated`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from actors.state import UnknownTwin
+from raytwin.migration import MigrationError, MigrationRequest, plan_migration
+from serve_apps.conditional import Precondition
+from serve_apps.deprecation import Deprecation, TypeDeprecations
+from serve_apps.errors import NotFound, Unprocessable
+
+if TYPE_CHECKING:
+    from serve_apps.backend import Backend
+
+log = logging.getLogger("raytwin.serve.evolution")
+
+
+class TypeEvolution:
+    OPS = frozenset({"migrate", "deprecate", "undeprecate", "deprecation", "deprecation_of_asset"})
+
+    def __init__(self, backend: Backend):
+        self.backend = backend
+        self.marks = TypeDeprecations(backend.config.store_url, backend.config.storage_options)
+
+    def migrate(self, tenant: str, asset_id: str, request: MigrationRequest, pre: Precondition) -> dict[str, Any]:
+        """Move the asset and its twin to `request.type_version`; what the route answers."""
+        b = self.backend
+        with b._lock:
+            catalog = b.catalog
+            asset = catalog.get_asset(tenant, asset_id)
+            pre.check(catalog.revision(tenant, "assets", asset_id), f"asset {asset_id}")  # before the twin moves
+            if request.type_version == asset.type_version:
+                raise Unprocessable(f"asset {asset_id} is already on {asset.type_name}@{asset.type_version}")
+            if f"{asset.type_name}@{request.type_version}" not in {t.key for t in catalog.list_types(tenant, asset.type_name)}:
+                raise Unprocessable(f"asset type {asset.type_name}@{request.type_version} does not exist; publish it "
+                                    "first (POST /v1/asset-types)")
+            moved = asset.model_copy(update={"type_version": request.type_version})
+            source = b._artifact(tenant, asset).model()
+            target = b._checked_artifact(moved, None)
+            try:
+                plan = plan_migration({v.name: v.unit for v in source.states},
+                                      {v.name: v.unit for v in target.model().states}, request.states)
+            except MigrationError as exc:
+                raise Unprocessable(f"asset {asset_id} to {moved.type_name}@{moved.type_version}: {exc}") from None
+            try:
+                before, after = b.twins.migrate(moved, target, plan)
+            except UnknownTwin:
+                raise NotFound(f"asset {asset_id} has no live twin") from None
+
+            def write(seq: int) -> list[dict[str, Any]]:
+                catalog.update_asset(moved, seq)
+                return [{"kind": "asset.updated", "asset_id": moved.id, "type_name": moved.type_name,
+                         "type_version": moved.type_version, "data": {"asset": moved.model_dump(mode="json")}}]
+
+            (change,) = b.changes.write(tenant, write)
+        inverse = plan.inverse()
+        log.info("asset_migrated tenant=%s asset=%s from=%s to=%s twin_revision=%d", tenant, asset_id,
+                 asset.type_version, moved.type_version, after.revision)
+        return {
+            "asset": moved.model_dump(mode="json"), "revision": change.seq,
+            "from_version": asset.type_version, "to_version": moved.type_version,
+            "state_before": before.state, "state_after": after.state, "twin_revision": after.revision,
+            "inverse": None if inverse is None else {
+                "type_version": asset.type_version, "states": {k: v.model_dump(mode="json") for k, v in inverse.items()}},
+        }
+
+    def deprecate(self, tenant: str, name: str, version: str, mark: Deprecation) -> None:
+        with self.backend._lock:
+            self.backend.catalog.get_type(tenant, name, version)  # 404 for unknown versions
+            self.marks.put(tenant, f"{name}@{version}", mark)
+
+    def undeprecate(self, tenant: str, name: str, version: str) -> None:
+        with self.backend._lock:
+            if not self.marks.remove(tenant, f"{name}@{version}"):
+                raise NotFound(f"asset type {name}@{version} is not deprecated")
+
+    def deprecation(self, tenant: str, name: str, version: str) -> Deprecation | None:
+        return self.marks.get(tenant, f"{name}@{version}")
+
+    def deprecation_of_asset(self, tenant: str, asset_id: str) -> Deprecation | None:
+        """The mark of the type version the asset is on (None: not deprecated, or no such asset)."""
+        asset = self.backend.catalog.assets.get(tenant, {}).get(asset_id)
+        return None if asset is None else self.marks.get(tenant, f"{asset.type_name}@{asset.type_version}")

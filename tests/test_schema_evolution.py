@@ -1,0 +1,348 @@
+"""Schema evolution of asset types: the compatibility matrix (in-process), the registration's 422,
+twin migrations over HTTP (renamed state, unit change, audit, exact reverse, recovery after a restart),
+telemetry for the old version, and Deprecation/Sunset headers.
+
+The HTTP tests run the real FastAPI app and the real `Backend` in this process (twin shards are Ray
+actors of the session's Ray), without Serve: routes and backend are the same code Serve runs."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
+
+import pytest
+import ray
+
+from raytwin.compat import IncompatibleVersion, bump, check_version, compare_types, previous_version, required_bump
+from raytwin.contracts import AssetType, ParameterSpec, Quantity
+from raytwin.migration import FixedValue, FromState, MigrationError, plan_migration
+from raytwin.registry import ModelArtifact
+from raytwin.sim import THERMAL_RC
+from raytwin.statestore import StateStore
+from tests.schema_models import ROOM_V1, ROOM_V2
+
+THERMAL = AssetType.from_model(THERMAL_RC)
+V1, V2 = AssetType.from_model(ROOM_V1), AssetType.from_model(ROOM_V2)
+
+
+def changed(t: AssetType, version: str, **update) -> AssetType:
+    """`t` as another version with fields replaced (without the simulator check: only the comparison
+    is under test here)."""
+    return t.model_copy(update={"version": version, **update})
+
+
+def without(d: dict, key: str) -> dict:
+    return {k: v for k, v in d.items() if k != key}
+
+
+P = THERMAL.parameters
+R_ENV = next(iter(P))  # a parameter to play with
+MATRIX = [
+    # (what, new parameters/variables, expected (where, change, breaking) set, smallest bump)
+    ("identical", {}, set(), "patch"),
+    ("parameter default", {"parameters": {**P, R_ENV: P[R_ENV].model_copy(update={"default": P[R_ENV].upper})}},
+     {(f"parameters.{R_ENV}", "default", False)}, "patch"),
+    ("parameter added", {"parameters": {**P, "extra": ParameterSpec(unit="W", default=1.0, lower=0.0, upper=2.0)}},
+     {("parameters.extra", "added", False)}, "minor"),
+    ("output added", {"outputs": {**THERMAL.outputs, "T_m": Quantity(unit="K")}}, {("outputs.T_m", "added", False)},
+     "minor"),
+    ("state removed", {"states": without(THERMAL.states, "T_m")}, {("states.T_m", "removed", True)}, "major"),
+    ("state added", {"states": {**THERMAL.states, "T_x": Quantity(unit="K")}}, {("states.T_x", "added", True)}, "major"),
+    ("input renamed", {"inputs": {**without(THERMAL.inputs, "Q_h"), "Q_heat": THERMAL.inputs["Q_h"]}},
+     {("inputs.Q_h", "removed", True), ("inputs.Q_heat", "added", True)}, "major"),
+    ("parameter removed", {"parameters": without(P, R_ENV)}, {(f"parameters.{R_ENV}", "removed", True)}, "major"),
+    ("unit dimension", {"inputs": {**THERMAL.inputs, "T_out": Quantity(unit="W")}},
+     {("inputs.T_out", "dimension", True)}, "major"),
+    ("unit, same dimension, same range", {"states": {**THERMAL.states, "T_in": Quantity(
+        unit="degC", lower=THERMAL.states["T_in"].lower - 273.15, upper=THERMAL.states["T_in"].upper - 273.15)}},
+     {("states.T_in", "unit", False)}, "patch"),
+    ("range narrowed", {"states": {**THERMAL.states, "T_in": THERMAL.states["T_in"].model_copy(
+        update={"upper": THERMAL.states["T_in"].upper - 1.0})}}, {("states.T_in", "narrowed", True)}, "major"),
+    ("range widened", {"states": {**THERMAL.states, "T_in": THERMAL.states["T_in"].model_copy(
+        update={"upper": THERMAL.states["T_in"].upper + 1.0})}}, {("states.T_in", "widened", False)}, "patch"),
+    ("parameter bounds narrowed", {"parameters": {**P, R_ENV: P[R_ENV].model_copy(
+        update={"lower": P[R_ENV].default})}}, {(f"parameters.{R_ENV}", "narrowed", True)}, "major"),
+]
+
+
+@pytest.mark.parametrize("what,update,expected,need", MATRIX, ids=[m[0] for m in MATRIX])
+def test_the_compatibility_matrix(what, update, expected, need):
+    new = changed(THERMAL, "1.0.1", **update)
+    changes = compare_types(THERMAL, new)
+    assert {(c.where, c.change, c.breaking) for c in changes} == expected
+    assert required_bump(changes) == need
+    assert [c.breaking for c in changes] == sorted((c.breaking for c in changes), reverse=True)  # breaking first
+    for version, have in (("1.0.1", "patch"), ("1.1.0", "minor"), ("2.0.0", "major")):
+        candidate = changed(new, version)
+        if ("patch", "minor", "major").index(have) >= ("patch", "minor", "major").index(need):
+            assert check_version(THERMAL, candidate) == changes
+        else:
+            with pytest.raises(IncompatibleVersion) as err:
+                check_version(THERMAL, candidate)
+            assert all(c.fix for c in err.value.changes) and f"need a {need} bump" in str(err.value)
+
+
+def test_versions_are_compared_as_numbers_against_the_newest_older_one():
+    assert bump("1.9.0", "1.10.0") == "minor" and bump("1.2.3", "2.0.0") == "major" and bump("1.2.3", "1.2.3") == "none"
+    assert previous_version("1.10.0", ["1.9.0", "1.2.0", "2.0.0"]) == "1.9.0"
+    assert previous_version("1.0.0", ["1.2.0"]) is None
+
+
+def test_a_state_mapping_is_checked_whole_and_converts_units():
+    plan = plan_migration({"T": "K"}, {"T_air": "degC"}, {"T_air": FromState(from_="T")})
+    assert plan.apply({"T": 300.0}) == {"T_air": pytest.approx(300.0 - 273.15, abs=1e-12)}
+    assert plan.apply_std({"T": 0.5}) == {"T_air": 0.5}  # a spread has no offset
+    assert {k: v.from_ for k, v in plan.inverse().items()} == {"T": "T_air"}
+    mm = plan_migration({"h": "m"}, {"h": "mm", "k": "W"}, {"k": FixedValue(value=2.0, unit="kW")})
+    assert mm.apply({"h": 1.5}) == {"h": pytest.approx(1500.0), "k": 2000.0} and mm.inverse() is None  # k: no source
+    with pytest.raises(MigrationError) as err:
+        plan_migration({"T": "K", "P": "W"}, {"T_air": "degC", "Q": "J", "Z": "K"},
+                       {"T_air": FromState(from_="P"), "Q": FixedValue(value=1.0, unit="K"), "nope": FromState(from_="T")})
+    message = str(err.value)
+    for expected in ("['nope'] are not states of the target version", "T_air: cannot convert P [W] to [degC]",
+                     "Q: cannot convert 'K' to 'J'", "target state 'Z' has no source"):
+        assert expected in message
+
+
+# ----------------------------------------------------------------------------------- HTTP ----
+T0 = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=2)
+
+
+class InProcessHandle:
+    """A `DeploymentHandle` stand-in: `handle.method.remote(*args)` runs the backend's code here."""
+
+    def __init__(self, backend):
+        self.backend = backend
+
+    def __getattr__(self, method: str):
+        async def remote(*args):
+            result = getattr(self.backend, method)(*args)
+            return await result if inspect.isawaitable(result) else result
+        return type("Method", (), {"remote": staticmethod(remote)})
+
+
+@pytest.fixture(scope="module")
+def api(ray_session, tmp_path_factory):
+    from fastapi.testclient import TestClient
+
+    from raytwin.storage import filesystem
+    from serve_apps.api import create_api
+    from serve_apps.audit import AuditLog
+    from serve_apps.auth import KeyStore, create_key
+    from serve_apps.backend import Backend
+    from serve_apps.config import ServeConfig
+    from serve_apps.deps import BackendClient, Services
+    from serve_apps.limits import TokenBuckets
+    from serve_apps.twin_reads import TwinReader
+
+    root = tmp_path_factory.mktemp("schema")
+    keys_file = root / "keys.json"
+    keys = {name: create_key(keys_file, tenant, role)[1] for name, tenant, role in (
+        ("admin", "acme", "admin"), ("reader", "acme", "reader"), ("writer", "acme", "writer"),
+        ("other", "globex", "admin"))}
+    config = ServeConfig(store_url=str(root / "store"), keys_file=str(keys_file), twin_shards=1, rate_per_s=1000,
+                         rate_burst=1000, state_cache_s=0, namespace=f"schema-{root.name}")
+    backend = Backend(config)
+    app = create_api()
+    app.state.services = Services(
+        config=config, keys=KeyStore(config.keys_file), backend=BackendClient(InProcessHandle(backend)),
+        audit=AuditLog(config.store_url), buckets=TokenBuckets(1000, 1000), fs=filesystem(config.store_url)[0],
+        twins=TwinReader(config), changes=None, change_store=None)
+    with TestClient(app) as client:
+        yield client, {name: {"Authorization": f"Bearer {key}"} for name, key in keys.items()}, backend
+    for asset_id in backend.twins.assets("acme"):
+        backend.twins.unregister("acme", asset_id)
+
+
+def room_events(start: int, n: int, temp_k: float, v2: bool = False) -> list[dict]:
+    name, unit, value = ("T_air", "degC", temp_k - 273.15) if v2 else ("T", "K", temp_k)
+    return [{"sequence": start + k, "event_time": (T0 + timedelta(minutes=start + k)).isoformat(),
+             "measurements": {name: {"value": value, "unit": unit}, "T_out": {"value": 5.0, "unit": "degC"},
+                              "Q": {"value": 1000.0, "unit": "W"}}} for k in range(n)]
+
+
+@pytest.fixture(scope="module")
+def rooms(api):
+    """room@1.0.0, room@2.0.0 and two rooms on 1.0.0 (room-1 with telemetry)."""
+    client, auth, _ = api
+    assert client.post("/v1/asset-types", json=V1.model_dump(mode="json"), headers=auth["admin"]).status_code == 201
+    assert client.post("/v1/asset-types", json=V2.model_dump(mode="json"), headers=auth["admin"]).status_code == 201
+    for asset in ("room-1", "room-2"):
+        r = client.post("/v1/assets", json={"id": asset, "type_name": "room", "type_version": "1.0.0",
+                                            "initial_state": {"T": 293.15}}, headers=auth["admin"])
+        assert r.status_code == 201, r.text
+    for asset in ("room-1", "room-2"):  # the same history: room-2 stays on 1.0.0 as the reference
+        r = client.post(f"/v1/assets/{asset}/telemetry", json={"events": room_events(0, 5, 294.0)},
+                        headers=auth["writer"])
+        assert r.json()["accepted"] == 5, r.text
+    return "room-1"
+
+
+def test_registration_refuses_a_breaking_change_without_a_major_version(api, rooms):
+    client, auth, _ = api
+    minor = V2.model_copy(update={"version": "1.1.0"}).model_dump(mode="json")
+    r = client.post("/v1/asset-types", json=minor, headers=auth["admin"])
+    assert r.status_code == 422, r.text
+    error = r.json()["error"]
+    assert error["code"] == "invalid_request" and "room@1.1.0 is a minor bump from 1.0.0" in error["message"]
+    assert {(d["where"], d["change"]) for d in error["details"]} == {
+        ("states.T", "removed"), ("outputs.T", "removed"), ("states.T_air", "added")}
+    assert all("2.0.0" in d["fix"] for d in error["details"])
+    assert client.get("/v1/asset-types/room/1.1.0", headers=auth["reader"]).status_code == 404  # nothing written
+    report = client.post("/v1/asset-types/compatibility", json=minor, headers=auth["admin"]).json()
+    assert report["previous_version"] == "1.0.0" and report["required_bump"] == "major"
+    # another tenant has no room@1.0.0: its 1.1.0 is a first version
+    assert client.post("/v1/asset-types", json=minor, headers=auth["other"]).status_code == 201
+
+
+def test_a_migration_renames_converts_is_audited_and_reverses_exactly(api, rooms):
+    client, auth, backend = api
+    before = client.get("/v1/assets/room-1/state", headers=auth["reader"]).json()
+    r = client.post("/v1/assets/room-1/migrate", json={"type_version": "2.0.0"}, headers=auth["admin"])
+    assert r.status_code == 422 and "target state 'T_air' has no source" in r.json()["error"]["message"]
+    r = client.post("/v1/assets/room-1/migrate", json={"type_version": "2.0.0", "states": {
+        "T_air": {"value": 3.0, "unit": "W"}}}, headers=auth["admin"])
+    assert r.status_code == 422 and "cannot convert 'W' to 'degC'" in r.json()["error"]["message"]
+    assert client.post("/v1/assets/room-1/migrate", json={"type_version": "2.0.0", "states": {"T_air": {"from": "T"}}},
+                       headers=auth["reader"]).status_code == 403
+    assert client.post("/v1/assets/room-1/migrate", json={"type_version": "2.0.0", "states": {"T_air": {"from": "T"}}},
+                       headers=auth["other"]).status_code == 404
+
+    r = client.post("/v1/assets/room-1/migrate", json={"type_version": "2.0.0", "states": {"T_air": {"from": "T"}}},
+                    headers=auth["admin"])
+    assert r.status_code == 200, r.text
+    moved = r.json()
+    assert moved["state_before"] == before["state"] and moved["twin_revision"] == before["revision"] == 5
+    assert moved["state_after"]["T_air"] == pytest.approx(before["state"]["T"] - 273.15, abs=1e-9)
+    assert r.headers["etag"] == f'"{moved["revision"]}"' and moved["asset"]["type_version"] == "2.0.0"
+    now = client.get("/v1/assets/room-1/state", headers=auth["reader"]).json()
+    assert now["state"] == moved["state_after"] and now["model_ref"] == "room@2.0.0"
+    assert now["std"]["T_air"] == pytest.approx(before["std"]["T"])
+    assert client.get("/v1/assets/room-1", headers=auth["reader"]).json()["type_version"] == "2.0.0"
+    (audit,) = [a for a in backend_audit(api) if a["action"] == "asset.migrate"]
+    assert audit["target"] == "room-1" and audit["details"]["mapping"]["states"] == {"T_air": {"from": "T"}}
+    assert (audit["details"]["from_version"], audit["details"]["to_version"]) == ("1.0.0", "2.0.0")
+
+    back = client.post("/v1/assets/room-1/migrate", json=moved["inverse"], headers=auth["admin"])
+    assert back.status_code == 200, back.text
+    restored = client.get("/v1/assets/room-1/state", headers=auth["reader"]).json()
+    assert restored["state"] == before["state"] and restored["covariance"] == before["covariance"]  # exactly
+    assert restored["model_ref"] == "room@1.0.0" and restored["revision"] == 5
+
+
+def backend_audit(api) -> list[dict]:
+    client, auth, _ = api
+    return client.get("/v1/audit", headers=auth["admin"]).json()
+
+
+def test_a_migrated_twin_keeps_ingesting_refuses_its_past_and_recovers_the_same(api, rooms):
+    client, auth, backend = api
+    r = client.post("/v1/assets/room-1/migrate", json={"type_version": "2.0.0", "states": {"T_air": {"from": "T"}}},
+                    headers=auth["admin"])
+    assert r.status_code == 200, r.text
+    applied = r.json()["twin_revision"]
+    r = client.post("/v1/assets/room-1/telemetry", json={"events": room_events(5, 4, 295.0, v2=True)},
+                    headers=auth["writer"])
+    assert r.json()["accepted"] == 4, r.text
+    late = room_events(2, 1, 294.0, v2=True)
+    late[0]["sequence"] = 99  # a new event, timed before the migration
+    r = client.post("/v1/assets/room-1/telemetry", json={"events": late}, headers=auth["writer"]).json()
+    assert r["rejected"] == 1 and "before migration" in r["reasons"][0]["reason"]
+    old_names = client.post("/v1/assets/room-1/telemetry", json={"events": room_events(20, 1, 295.0)},
+                            headers=auth["writer"]).json()
+    assert old_names["rejected"] == 1 and "'T' is not part of asset type room@2.0.0" in old_names["reasons"][0]["reason"]
+    live = client.get("/v1/assets/room-1/state", headers=auth["reader"]).json()
+    assert live["revision"] == applied + 4 and live["model_ref"] == "room@2.0.0"
+    # the reference: room-2 never migrated and got the same events in K. One state, the same linear ODE
+    # and noise in either unit: the migrated twin (its state, variance, filter time and held inputs
+    # carried over) tracks it exactly, up to rounding
+    r = client.post("/v1/assets/room-2/telemetry", json={"events": room_events(5, 4, 295.0)}, headers=auth["writer"])
+    assert r.json()["accepted"] == 4, r.text
+    reference = client.get("/v1/assets/room-2/state", headers=auth["reader"]).json()
+    assert live["state"]["T_air"] == pytest.approx(reference["state"]["T"] - 273.15, abs=1e-6)
+    assert live["std"]["T_air"] == pytest.approx(reference["std"]["T"], rel=1e-9)
+
+    # dropped and registered again, the shard rebuilds the twin from the store (registration, migration
+    # point, log) exactly as after a restart
+    backend.flush()
+    record = StateStore(backend.config.url("twins")).load_registration("acme", "room-1")
+    shard = backend.twins.shard_for("acme", "room-1")
+    assert ray.get(shard.unregister.remote("acme", "room-1"))
+    ray.get(shard.register.remote("acme", "room-1", record))
+    again = client.get("/v1/assets/room-1/state", headers=auth["reader"]).json()
+    assert again["state"] == live["state"] and again["revision"] == live["revision"]
+
+
+def test_deprecated_type_versions_and_api_versions_announce_a_sunset(api, rooms):
+    client, auth, backend = api
+    sunset = "2027-06-30T00:00:00Z"
+    r = client.put("/v1/asset-types/room/1.0.0/deprecation", json={
+        "deprecated_at": "2026-12-01T00:00:00Z", "sunset": sunset, "link": "https://example.com/room-2"},
+        headers=auth["admin"])
+    assert r.status_code == 200, r.text
+    deprecated_at = int(datetime(2026, 12, 1, tzinfo=UTC).timestamp())
+    for path in ("/v1/asset-types/room/1.0.0", "/v1/assets/room-2"):  # room-2 is on 1.0.0
+        got = client.get(path, headers=auth["reader"])
+        assert got.headers["deprecation"] == f"@{deprecated_at}", path
+        assert parsedate_to_datetime(got.headers["sunset"]) == datetime(2027, 6, 30, tzinfo=UTC)
+        assert got.headers["sunset"] == "Wed, 30 Jun 2027 00:00:00 GMT"
+        assert got.headers["link"] == '<https://example.com/room-2>; rel="deprecation"'
+    assert "deprecation" not in client.get("/v1/asset-types/room/2.0.0", headers=auth["reader"]).headers
+    assert "deprecation" not in client.get("/v1/asset-types/room/1.0.0", headers=auth["other"]).headers  # tenants apart
+    assert client.put("/v1/asset-types/room/1.0.0/deprecation", json={"deprecated_at": "2026-12-01T00:00:00Z"},
+                      headers=auth["writer"]).status_code == 403
+    assert any(a["action"] == "asset_type.deprecate" for a in backend_audit(api))
+    assert client.delete("/v1/asset-types/room/1.0.0/deprecation", headers=auth["admin"]).status_code == 204
+    assert "deprecation" not in client.get("/v1/assets/room-2", headers=auth["reader"]).headers
+
+    from serve_apps.deprecation import Deprecation
+
+    svc = client.app.state.services
+    client.app.state.services = dataclasses.replace(svc, config=svc.config.model_copy(update={
+        "api_deprecation": Deprecation(deprecated_at=datetime(2026, 11, 1, tzinfo=UTC),
+                                       sunset=datetime(2027, 1, 1, tzinfo=UTC))}))
+    try:
+        got = client.get("/v1/assets/room-2", headers=auth["reader"])
+        assert got.status_code == 200 and got.headers["deprecation"] == f"@{int(datetime(2026, 11, 1, tzinfo=UTC).timestamp())}"
+        assert got.headers["sunset"] == "Fri, 01 Jan 2027 00:00:00 GMT"
+        assert "deprecation" in client.get("/v1/health").headers
+        assert "deprecation" not in client.get("/openapi.json").headers  # not an API version's resource
+    finally:
+        client.app.state.services = svc
+
+
+def test_artifacts_of_types_with_the_default_policy_keep_their_hash():
+    art = ModelArtifact(name="room", version="1.0.0", asset_type=V1, parameters={"R": 0.01, "C": 1e6})
+    assert b"telemetry_policy" not in art.body()
+    refusing = art.model_copy(update={"asset_type": V1.model_copy(update={"telemetry_policy": "refuse"})})
+    assert b'"telemetry_policy":"refuse"' in refusing.body() and refusing.content_hash != art.content_hash
+
+
+def test_telemetry_for_an_older_version_is_accepted_or_refused_as_the_type_says(api, rooms):
+    client, auth, _ = api
+    assert client.get("/v1/assets/room-1", headers=auth["reader"]).json()["type_version"] == "2.0.0"  # accepts
+    old = {"X-RayTwin-Type-Version": "1.0.0", **auth["writer"]}
+    inputs_only = [{**e, "measurements": without(e["measurements"], "T")} for e in room_events(30, 2, 295.0)]
+    r = client.post("/v1/assets/room-1/telemetry", json={"events": inputs_only}, headers=old)
+    assert r.status_code == 200 and r.json()["accepted"] == 2, r.text  # T_out and Q are still 2.0.0's
+    r = client.post("/v1/assets/room-1/telemetry", json={"events": room_events(32, 1, 295.0)}, headers=old).json()
+    assert r["rejected"] == 1 and "'T' is not part of asset type room@2.0.0" in r["reasons"][0]["reason"]
+
+    strict = V2.model_copy(update={"version": "2.1.0", "telemetry_policy": "refuse"}).model_dump(mode="json")
+    assert client.post("/v1/asset-types", json=strict, headers=auth["admin"]).status_code == 201
+    r = client.post("/v1/assets/room-2/migrate", json={"type_version": "2.1.0", "states": {"T_air": {"from": "T"}}},
+                    headers=auth["admin"])
+    assert r.status_code == 200, r.text
+    r = client.post("/v1/assets/room-2/telemetry", json={"events": inputs_only}, headers=old)
+    assert r.status_code == 422 and "telemetry_policy: refuse" in r.json()["error"]["message"]
+    assert r.json()["error"]["details"][0]["current"] == "2.1.0"
+    fresh = [{**e, "sequence": e["sequence"] + 100} for e in room_events(30, 2, 295.0, v2=True)]
+    r = client.post("/v1/assets/room-2/telemetry", json={"events": fresh},
+                    headers={"X-RayTwin-Type-Version": "2.1.0", **auth["writer"]})
+    assert r.status_code == 200 and r.json()["accepted"] == 2, r.text
+    for version, why in (("3.0.0", "does not exist"), ("2.0.0", None)):
+        r = client.post("/v1/assets/room-1/telemetry", json={"events": fresh[:1]},
+                        headers={"X-RayTwin-Type-Version": version, **auth["writer"]})
+        assert (r.status_code == 422 and why in r.json()["error"]["message"]) if why else r.status_code == 200
