@@ -11,6 +11,7 @@ import math
 from functools import lru_cache
 from typing import Any
 
+from actors.swap import swap_entries
 from actors.twin import Twin, replay_many
 from raytwin.contracts import Asset
 from raytwin.estimation import model_defaults
@@ -135,8 +136,9 @@ def _artifact(artifact_json: str) -> ModelArtifact:
     return ModelArtifact.model_validate_json(artifact_json)
 
 
-def build_twin(record: dict[str, Any], *, allowed_lateness_s: float, checkpoint_every: int) -> Twin:
-    """A twin at its prior, from a registration record."""
+def build_twin(record: dict[str, Any], *, allowed_lateness_s: float, checkpoint_every: int,
+               swaps: list[dict[str, Any]] = ()) -> Twin:
+    """A twin at its prior, from a registration record and its model swaps (`actors.swap`)."""
     asset = Asset.model_validate(record["asset"])
     artifact = _artifact(json.dumps(record["artifact"], sort_keys=True))
     return Twin(
@@ -144,6 +146,7 @@ def build_twin(record: dict[str, Any], *, allowed_lateness_s: float, checkpoint_
         initial_state=record["initial_state"], initial_std=record["initial_std"],
         noise=noise_from_metadata(asset.metadata), filter_kind=filter_from_metadata(asset.metadata, artifact.model()),
         allowed_lateness_s=allowed_lateness_s, checkpoint_every=checkpoint_every,
+        swaps=[(at_us, _artifact(json.dumps(a, sort_keys=True))) for at_us, a in swap_entries(swaps)],
     )
 
 
@@ -161,7 +164,8 @@ def recover_many(
     until_us: int | None = None,
 ) -> list[Twin]:
     """`recover` for many twins: one log scan per tenant, and their replays share filter dispatches."""
-    twins = [build_twin(r, allowed_lateness_s=allowed_lateness_s, checkpoint_every=checkpoint_every) for r in records]
+    twins = [build_twin(r, allowed_lateness_s=allowed_lateness_s, checkpoint_every=checkpoint_every,
+                        swaps=store.load_model_swaps(r["asset"]["tenant"], r["asset"]["id"])) for r in records]
     after: dict[str, dict[str, EventKey | None]] = {}
     for twin in twins:
         snap = store.latest_snapshot(twin.tenant, twin.asset_id, at_or_before_us=until_us)

@@ -40,6 +40,7 @@ from actors.ingest import (
     ingest_stream,
     table_batches,
 )
+from actors.live_models import LiveModels
 from actors.recovery import registration_record
 from actors.routing import shard_index, shard_name
 from actors.shard import TwinShardActor
@@ -160,6 +161,11 @@ class TwinService:
     @property
     def shard_handles(self) -> list:
         return list(self._shards)
+
+    @property
+    def models(self) -> LiveModels:
+        """Shadow evaluations and hot swaps of this service's twins (`actors.live_models`)."""
+        return LiveModels(self._shards)
 
     # ----------------------------------------------------------------- twins ----
     def register(self, asset: Asset, artifact: ModelArtifact, initial_state: dict[str, float] | None = None,
