@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from actors.routing import shard_index
 from actors.shadow import ShadowTwinReport
 from actors.state import TwinState
+from actors.swap import SwapRefused
 from raytwin.registry import ModelArtifact
 from raytwin.shadow import Comparison, InnovationStats, compare
 from raytwin.statestore import to_micros
@@ -40,6 +41,12 @@ class ShadowReport(BaseModel):
     done: bool = Field(description="every sampled twin scored its target events")
     comparison: Comparison
     twins: list[ShadowTwinReport]
+
+
+class SwapOutcome(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    states: list[TwinState] = Field(description="each swapped twin's state right after the swap")
+    refused: dict[str, str] = Field(description="asset id -> why its twin keeps its model")
 
 
 class LiveModels:
@@ -95,14 +102,24 @@ class LiveModels:
         return any(ray.get([h.stop_shadow.remote(tenant, ref) for h in self.handles]))
 
     def swap(self, tenant: str, artifact: ModelArtifact, at: datetime,
-             asset_ids: list[str] | None = None) -> list[TwinState]:
+             asset_ids: list[str] | None = None) -> SwapOutcome:
         """Hot-swap twins to `artifact` for events at or after `at` (timezone-aware): `asset_ids`, or every
-        twin of the tenant running a version of its model. Each twin's swap is durable before it applies."""
+        twin of the tenant running a version of its model. Each twin's swap is durable before it
+        applies; a twin that cannot take it (`actors.swap.SwapRefused`) keeps its model and is named
+        in `refused` with the reason."""
         if at.tzinfo is None:
             raise ValueError("the swap boundary needs a timezone-aware datetime")
         ids = self.twins_of_model(tenant, artifact.name) if asset_ids is None else asset_ids
         body, at_us = artifact.model_dump(mode="json"), to_micros(at)
-        states = ray.get([self._shard(tenant, a).swap_model.remote(tenant, a, body, at_us) for a in ids])
-        if missing := [a for a, s in zip(ids, states) if s is None]:
-            raise KeyError(f"no twin {missing} for tenant {tenant!r}")
-        return states
+        refs = {a: self._shard(tenant, a).swap_model.remote(tenant, a, body, at_us) for a in ids}
+        states, refused = [], {}
+        for a, ref in refs.items():
+            try:
+                state = ray.get(ref)
+            except SwapRefused as exc:  # Ray's error for it is also a SwapRefused
+                refused[a] = str(exc).strip().splitlines()[-1].removeprefix("actors.swap.SwapRefused: ")
+                continue
+            if state is None:
+                raise KeyError(f"no twin {a!r} for tenant {tenant!r}")
+            states.append(state)
+        return SwapOutcome(states=states, refused=refused)

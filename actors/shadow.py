@@ -103,8 +103,8 @@ def shadow_twin(twin: Twin, candidate: ModelArtifact, events: int) -> ShadowTwin
     """A shadow of `twin` running `candidate` from the twin's current estimate (see module docstring)."""
     if not 1 <= events <= MAX_EVENTS:
         raise ValueError(f"events must be in 1..{MAX_EVENTS}, got {events}")
+    check_compatible(twin.filter.model, candidate.model())
     seg = twin.segment(0, candidate)
-    check_compatible(twin.filter, seg.filter)
     for f in (twin.filter, seg.filter):
         check_scorable(f)
     return ShadowTwin(twin.asset_id, twin.artifact.ref, candidate.ref, events, _Side(twin.filter, twin.fs),

@@ -21,6 +21,7 @@ import numpy as np
 
 from raytwin.estimation import Divergence, ExtendedKalmanFilter, FilterState
 from raytwin.registry import ModelArtifact
+from raytwin.sim.model import Declared
 
 
 class SwapRefused(ValueError):
@@ -36,19 +37,20 @@ class Segment(NamedTuple):
     prior: FilterState
 
 
-def check_compatible(old: ExtendedKalmanFilter, new: ExtendedKalmanFilter) -> None:
+def check_compatible(old: Declared, new: Declared) -> None:
     """Refuse a new version whose telemetry columns differ (its events would not be comparable) or
-    that shares no state with the old one, or whose shared states change unit."""
-    if old.measured_names != new.measured_names:
-        raise SwapRefused(f"model {new.model.name} measures {list(new.measured_names)}, the twin's model "
-                          f"{old.model.name} {list(old.measured_names)}: a swap needs the same inputs and outputs; "
-                          "register a new twin for the new asset type instead")
-    old_units = {s.name: s.unit for s in old.model.states}
-    shared = [s for s in new.model.states if s.name in old_units]
+    that shares no state with the old one, or whose shared states change unit (before any filter
+    of the new version is built: that compiles its kernels)."""
+    measured = lambda m: tuple(dict.fromkeys((*m.input_names, *m.output_names)))  # noqa: E731 (filter columns)
+    if measured(old) != measured(new):
+        raise SwapRefused(f"model {new.name} measures {list(measured(new))}, the twin's model {old.name} "
+                          f"{list(measured(old))}: a swap needs the same inputs and outputs; register a new twin "
+                          "for the new asset type instead")
+    old_units = {s.name: s.unit for s in old.states}
+    shared = [s for s in new.states if s.name in old_units]
     if not shared:
-        raise SwapRefused(f"model {new.model.name} shares no state with {old.model.name} (states "
-                          f"{list(new.model.state_names)} vs {list(old.model.state_names)}): there is no mapping "
-                          "of the estimate; register a new twin instead")
+        raise SwapRefused(f"model {new.name} shares no state with {old.name} (states {list(new.state_names)} vs "
+                          f"{list(old.state_names)}): there is no mapping of the estimate; register a new twin instead")
     if bad := [f"{s.name} ({old_units[s.name]} -> {s.unit})" for s in shared if s.unit != old_units[s.name]]:
         raise SwapRefused(f"states change unit between the versions: {', '.join(bad)}; no mapping of the estimate")
 

@@ -169,9 +169,8 @@ class Twin:
             raise SwapRefused(f"boundary {from_micros(at_us).isoformat()} is before twin {self.tenant}/"
                               f"{self.asset_id}'s watermark {from_micros(wm).isoformat()} (newest event time minus "
                               "the allowed lateness): events before it are sealed; choose a later boundary")
-        seg = self.segment(at_us, artifact)
-        check_compatible(last.filter, seg.filter)
-        return seg
+        check_compatible(last.filter.model, artifact.model())
+        return self.segment(at_us, artifact)
 
     def enter_swap(self, seg: Segment) -> None:
         """Add a prepared swap; events at or after its boundary already applied are re-applied by it."""

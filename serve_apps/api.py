@@ -20,6 +20,7 @@ from serve_apps import (
     routes_connectors,
     routes_models,
     routes_scenarios,
+    routes_shadow,
     routes_twins,
 )
 from serve_apps.deps import SVC, Services
@@ -44,7 +45,7 @@ def create_api(max_body_bytes: int = 1_048_576) -> FastAPI:
     app.add_middleware(RequestObserver)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
     _ops_routes(app)
-    for routes in (routes_catalog, routes_twins, routes_scenarios, routes_models, routes_changes):
+    for routes in (routes_catalog, routes_twins, routes_scenarios, routes_models, routes_shadow, routes_changes):
         routes.register(app)
     for router in (routes_connectors.router, routes_commands.router):
         app.include_router(router)

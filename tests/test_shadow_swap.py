@@ -185,8 +185,9 @@ def test_hot_swap_on_the_service_survives_a_shard_restart(ray_session, tmp_path,
     try:
         svc.register(asset("h1"), old_art)
         first = svc.ingest("acme", evs[:58])
-        [state] = svc.models.swap("acme", new_art, boundary)
-        assert state.model_ref == "zone@1.0.0"
+        outcome = svc.models.swap("acme", new_art, boundary)
+        assert outcome.refused == {} and [s.model_ref for s in outcome.states] == ["zone@1.0.0"]
+        assert "must come after it" in svc.models.swap("acme", new_art, T0).refused["h1"]
         assert svc.models.twins_of_model("acme", "zone") == ["h1"]
         rest = svc.ingest("acme", evs[60:75] + evs[58:60] + evs[70:75])  # late ones and re-deliveries
         assert (first.accepted, rest.accepted, rest.duplicates) == (58, 17, 5)
