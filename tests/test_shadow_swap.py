@@ -18,7 +18,7 @@ import pytest
 from actors import TwinService
 from actors.recovery import registration_record
 from actors.shard import TwinShard
-from actors.swap import SwapRefused, map_state
+from actors.swap import SwapRefused, check_compatible, map_state
 from actors.telemetry import validated_table
 from actors.twin import Twin, logged_event, replay
 from raytwin.contracts import Asset, AssetType, TelemetryEvent
@@ -31,6 +31,7 @@ T0 = datetime(2026, 3, 1, tzinfo=UTC)
 STEP_S = 300.0
 TRUE_R_IO = 2.0e-2
 OPTS = {"allowed_lateness_s": 6 * STEP_S, "checkpoint_every": 8}
+PROCESS_STD = {"T_in": 1e-3, "T_m": 1e-4}
 
 
 @pytest.fixture(autouse=True)
@@ -55,7 +56,7 @@ def versions(registry):
 def asset(asset_id: str) -> Asset:
     """A zone whose dynamics have (almost) no process noise, and a filter told so."""
     return Asset(id=asset_id, tenant="acme", type_name="thermal_rc", type_version="1.0.0",
-                 metadata={"process_std.T_in": "1e-3", "process_std.T_m": "1e-4"})
+                 metadata={f"process_std.{k}": str(v) for k, v in PROCESS_STD.items()})
 
 
 def stream(asset_id: str, n: int, seed: int = 0) -> list[TelemetryEvent]:
@@ -124,11 +125,11 @@ def test_shadow_prefers_the_true_model_and_leaves_served_state_bit_identical(tmp
     assert lc.stage(true.ref) == "staging" and lc.verify("zone").revision == 2
 
 
-def direct_reference(old_art, new_art, evs: list[TelemetryEvent], boundary: datetime):
+def direct_reference(old_art, new_art, evs: list[TelemetryEvent], boundary: datetime, noise=None):
     """The filters run directly: the old version on events before the boundary, the estimate carried
     over, the new version on the rest."""
-    old = Twin("acme", "r", old_art, **OPTS)
-    new = Twin("acme", "r", new_art, **OPTS)
+    old = Twin("acme", "r", old_art, noise=noise, **OPTS)
+    new = Twin("acme", "r", new_art, noise=noise, **OPTS)
     rows = lambda twin, part: [twin.pending(logged_event(e, old_art.asset_type)) for e in part]  # noqa: E731
     before = sorted(rows(old, [e for e in evs if e.event_time < boundary]), key=lambda e: e.key)
     after = sorted(rows(old, [e for e in evs if e.event_time >= boundary]), key=lambda e: e.key)
@@ -163,16 +164,18 @@ def test_swap_mid_stream_with_late_events_equals_the_direct_reference(versions):
     assert again.events_applied == 80 and np.array_equal(again.fs.x, ref.x) and np.array_equal(again.fs.P, ref.P)
 
 
-def test_swap_refusals_say_why(versions, registry):
+def test_swap_refusals_say_why(versions):
     old_art, new_art = versions
     twin = Twin("acme", "z", old_art, **OPTS)
     twin.apply([twin.pending(logged_event(e, old_art.asset_type)) for e in stream("z", 40)])
     with pytest.raises(SwapRefused, match="watermark"):
         twin.add_swap(int(T0.timestamp() * 1e6), new_art)
-    battery = registry.register("cell", "1.0.0", AssetType.from_model(BATTERY_ECM))
     with pytest.raises(SwapRefused, match="same inputs and outputs"):
-        twin.add_swap(int((T0 + timedelta(days=1)).timestamp() * 1e6), battery)
+        check_compatible(THERMAL_RC, BATTERY_ECM)
     assert len(twin.segments) == 1 and twin.events_applied == 40
+    twin.add_swap(int((T0 + timedelta(days=1)).timestamp() * 1e6), new_art)
+    with pytest.raises(SwapRefused, match="must come after it"):
+        twin.add_swap(int((T0 + timedelta(hours=20)).timestamp() * 1e6), new_art)
 
 
 def test_hot_swap_on_the_service_survives_a_shard_restart(ray_session, tmp_path, versions):
@@ -196,7 +199,7 @@ def test_hot_swap_on_the_service_survives_a_shard_restart(ray_session, tmp_path,
         svc.ingest("acme", evs[75:])
         now = svc.state("acme", "h1")
         assert now.events_applied == 90 and now.model_ref == "zone@1.1.0"
-        ref = direct_reference(old_art, new_art, evs, boundary)
+        ref = direct_reference(old_art, new_art, evs, boundary, {"process_std": PROCESS_STD})
         assert now.state == dict(zip(THERMAL_RC.state_names, ref.x.tolist()))
         assert svc.state_at("acme", "h1", boundary - timedelta(seconds=1)).model_ref == "zone@1.0.0"
         assert svc.state_at("acme", "h1", boundary).model_ref == "zone@1.1.0"
