@@ -121,7 +121,7 @@ def test_bad_inputs_are_refused_with_reasons(client):
                  403, "forbidden")
     ok = http.put("/v1/lifecycle-policy", json={"keep_archived": 2}, headers=api.headers_for("admin"))
     assert ok.status_code == 200 and http.get("/v1/lifecycle-policy", headers=api.headers_for("reader")).json() \
-        == {"auto_promote": False, "keep_archived": 2, "keep_runs": 20}
+        == {"auto_promote": False, "keep_archived": 2, "keep_runs": 20, "shadow_auto_stage_margin": None}
     assert http.get("/v1/lifecycle-policy", headers=api.headers_for("other")).json()["keep_archived"] == 5
 
 
