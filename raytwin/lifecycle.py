@@ -13,7 +13,8 @@ with the ``approver`` role who is not the candidate's author (four eyes), unless
 `LifecyclePolicy` allows automatic promotion; archived versions only come back through `rollback`,
 which returns to the previous production version. `prune` keeps the last K archived versions and
 run records per model and tenant, never what production, staging, a candidate, the rollback target, a
-live twin or a kept run record references.
+live twin or a kept run record references. An `evaluate` record adds evidence (a shadow evaluation,
+`raytwin.shadow.conclude`) to a version without moving it.
 """
 
 from __future__ import annotations
