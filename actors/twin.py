@@ -132,11 +132,12 @@ class Twin:
         noise = self.noise
         try:
             f = _shared_filter(artifact, self.kind, noise.get("process_std"), noise.get("measurement_std"))
-            names = set(f.model.state_names)
-            prior = f.initial({k: v for k, v in self.initial_state.items() if k in names},
-                              {k: v for k, v in {**noise.get("initial_std", {}), **self.initial_std}.items()
-                               if k in names},
-                              {k: v for k, v in noise.get("inputs", {}).items() if k in f.model.input_names})
+            # the registered version takes the prior as given (unknown names refused); a later version
+            # takes the part of it that names its own states and inputs
+            keep = lambda d, known: d if start_us is None else {k: v for k, v in d.items() if k in known}  # noqa: E731
+            prior = f.initial(keep(self.initial_state, f.model.state_names),
+                              keep({**noise.get("initial_std", {}), **self.initial_std}, f.model.state_names),
+                              keep(noise.get("inputs", {}), f.model.input_names))
         except (KeyError, ValueError) as exc:
             if start_us is None:
                 raise
