@@ -15,7 +15,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from actors import TwinService
 from actors.recovery import registration_record
 from actors.shard import TwinShard
 from actors.swap import SwapRefused, check_compatible, map_state
@@ -178,31 +177,30 @@ def test_swap_refusals_say_why(versions):
         twin.add_swap(int((T0 + timedelta(hours=20)).timestamp() * 1e6), new_art)
 
 
-def test_hot_swap_on_the_service_survives_a_shard_restart(ray_session, tmp_path, versions):
-    import ray
-
+def test_hot_swap_on_a_shard_survives_a_restart_and_time_travels(tmp_path, versions):
+    """The shard's swap is durable before it applies: a new shard on the store (a restart: recovery
+    from snapshot + log + swaps) holds the same twin; time travel names the version that applied."""
     old_art, new_art = versions
     evs = stream("h1", 90, seed=7)
     boundary = evs[60].event_time
-    svc = TwinService(str(tmp_path / "twins"), shards=1, snapshot_every=16, **OPTS)
-    try:
-        svc.register(asset("h1"), old_art)
-        first = svc.ingest("acme", evs[:58])
-        outcome = svc.models.swap("acme", new_art, boundary)
-        assert outcome.refused == {} and [s.model_ref for s in outcome.states] == ["zone@1.0.0"]
-        assert "must come after it" in svc.models.swap("acme", new_art, T0).refused["h1"]
-        assert svc.models.twins_of_model("acme", "zone") == ["h1"]
-        rest = svc.ingest("acme", evs[60:75] + evs[58:60] + evs[70:75])  # late ones and re-deliveries
-        assert (first.accepted, rest.accepted, rest.duplicates) == (58, 17, 5)
-        [shard_handle] = svc.shard_handles
-        ray.kill(shard_handle, no_restart=False)  # the restarted shard rebuilds from the store
-        svc.ingest("acme", evs[75:])
-        now = svc.state("acme", "h1")
-        assert now.events_applied == 90 and now.model_ref == "zone@1.1.0"
-        ref = direct_reference(old_art, new_art, evs, boundary, {"process_std": PROCESS_STD})
-        assert now.state == dict(zip(THERMAL_RC.state_names, ref.x.tolist()))
-        assert svc.state_at("acme", "h1", boundary - timedelta(seconds=1)).model_ref == "zone@1.0.0"
-        assert svc.state_at("acme", "h1", boundary).model_ref == "zone@1.1.0"
-        assert svc.state_at("acme", "h1", boundary).events_applied == 61
-    finally:
-        svc.close()
+    at_us = int(boundary.timestamp() * 1e6)
+    live = shard(tmp_path)
+    live.register("acme", "h1", registration_record(asset("h1"), old_art, None, None))
+    first = live.ingest("acme", validated_table(evs[:58]))
+    assert live.swap_model("acme", "h1", new_art.model_dump(mode="json"), at_us).model_ref == "zone@1.0.0"
+    assert live.swap_model("acme", "h1", new_art.model_dump(mode="json"), at_us).model_ref == "zone@1.0.0"  # retry
+    with pytest.raises(SwapRefused, match="must come after it"):
+        live.swap_model("acme", "h1", new_art.model_dump(mode="json"), at_us - 1)
+    assert live.twins_of_model("acme", "zone") == ["h1"] and live.swap_model("acme", "x", {}, at_us) is None
+    rest = live.ingest("acme", validated_table(evs[60:75] + evs[58:60] + evs[70:75]))  # late ones, re-deliveries
+    assert (first.accepted, rest.accepted, rest.duplicates) == (58, 17, 5)
+    restarted = shard(tmp_path)
+    assert restarted.state("acme", "h1") == live.state("acme", "h1")
+    restarted.ingest("acme", validated_table(evs[75:]))
+    now = restarted.state("acme", "h1")
+    assert now.events_applied == 90 and now.model_ref == "zone@1.1.0"
+    ref = direct_reference(old_art, new_art, evs, boundary, {"process_std": PROCESS_STD})
+    assert now.state == dict(zip(THERMAL_RC.state_names, ref.x.tolist()))
+    assert restarted.state_at("acme", "h1", at_us - 1).model_ref == "zone@1.0.0"
+    then = restarted.state_at("acme", "h1", at_us)
+    assert then.model_ref == "zone@1.1.0" and then.events_applied == 61
