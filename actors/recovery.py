@@ -13,6 +13,7 @@ from functools import lru_cache
 from typing import Any
 
 from actors.state import TwinState
+from actors.swap import swap_entries
 from actors.twin import Twin, decode_snapshot, replay_many, state_view
 from raytwin.contracts import IDENTIFIER_PATTERN, Asset
 from raytwin.estimation import model_defaults
@@ -137,8 +138,9 @@ def _artifact(artifact_json: str) -> ModelArtifact:
     return ModelArtifact.model_validate_json(artifact_json)
 
 
-def build_twin(record: dict[str, Any], *, allowed_lateness_s: float, checkpoint_every: int) -> Twin:
-    """A twin at its prior, from a registration record."""
+def build_twin(record: dict[str, Any], *, allowed_lateness_s: float, checkpoint_every: int,
+               swaps: list[dict[str, Any]] = ()) -> Twin:
+    """A twin at its prior, from a registration record and its model swaps (`actors.swap`)."""
     asset = Asset.model_validate(record["asset"])
     artifact = _artifact(json.dumps(record["artifact"], sort_keys=True))
     twin = Twin(
@@ -146,6 +148,7 @@ def build_twin(record: dict[str, Any], *, allowed_lateness_s: float, checkpoint_
         initial_state=record["initial_state"], initial_std=record["initial_std"],
         noise=noise_from_metadata(asset.metadata), filter_kind=filter_from_metadata(asset.metadata, artifact.model()),
         allowed_lateness_s=allowed_lateness_s, checkpoint_every=checkpoint_every,
+        swaps=[(at_us, _artifact(json.dumps(a, sort_keys=True))) for at_us, a in swap_entries(swaps)],
     )
     migration = record.get("migration")
     if migration is not None and migration["key"] is not None:  # a migrated twin starts where its old version stopped
@@ -168,9 +171,13 @@ def durable_state(store: StateStore, tenant: str, asset_id: str) -> TwinState | 
     if record is None:
         return None
     asset = Asset.model_validate(record["asset"])
-    artifact = _artifact(json.dumps(record["artifact"], sort_keys=True))
-    model = artifact.model()
     snap = store.latest_snapshot(tenant, asset_id)
+    applied = record["artifact"]  # the model version that applied the snapshot's event (the last swap before it)
+    for at_us, later in swap_entries(store.load_model_swaps(tenant, asset_id)):
+        if snap is not None and snap.key is not None and snap.key[0] >= at_us:
+            applied = later
+    artifact = _artifact(json.dumps(applied, sort_keys=True))
+    model = artifact.model()
     if snap is not None:
         fs, key, revision = decode_snapshot(snap.payload), snap.key, snap.revision
     else:  # the prior: the filter object is cheap, only its kernels compile (on first use)
@@ -197,7 +204,8 @@ def recover_many(
     until_us: int | None = None,
 ) -> list[Twin]:
     """`recover` for many twins: one log scan per tenant, and their replays share filter dispatches."""
-    twins = [build_twin(r, allowed_lateness_s=allowed_lateness_s, checkpoint_every=checkpoint_every) for r in records]
+    twins = [build_twin(r, allowed_lateness_s=allowed_lateness_s, checkpoint_every=checkpoint_every,
+                        swaps=store.load_model_swaps(r["asset"]["tenant"], r["asset"]["id"])) for r in records]
     after: dict[str, dict[str, EventKey | None]] = {}
     for twin in twins:
         snap = store.latest_snapshot(twin.tenant, twin.asset_id, at_or_before_us=until_us)

@@ -41,6 +41,7 @@ from actors.ingest import (
     table_batches,
 )
 from actors.failover import actor_restarting, compilation_cache
+from actors.live_models import LiveModels
 from actors.recovery import durable_state, registration_record
 from actors.routing import shard_index, shard_name
 from actors.shard import TwinShardActor
@@ -166,6 +167,11 @@ class TwinService:
     @property
     def shard_handles(self) -> list:
         return list(self._shards)
+
+    @property
+    def models(self) -> LiveModels:
+        """Shadow evaluations and hot swaps of this service's twins (`actors.live_models`)."""
+        return LiveModels(self._shards)
 
     # ----------------------------------------------------------------- twins ----
     def register(self, asset: Asset, artifact: ModelArtifact, initial_state: dict[str, float] | None = None,

@@ -34,6 +34,8 @@ from actors.heap import freeze_heap
 from actors.migration import migrated_record
 from actors.recovery import recover, recover_many
 from actors.routing import shard_index
+from actors.shadow import ShadowBook
+from actors.shard_models import LiveModelOps
 from actors.state import IngestReport, Reject, TwinState
 from actors.telemetry import Entries, Normalized, normalize_entries, row_event, si_map, value_matrix
 from actors.twin import (
@@ -72,7 +74,7 @@ class Admission:
     conflicts: int = 0
 
 
-class TwinShard:
+class TwinShard(LiveModelOps):
     """Holds the twins whose (tenant, asset) hashes to `index`; every method is per asset or batch."""
 
     def __init__(
@@ -97,6 +99,7 @@ class TwinShard:
         self.tag = str(index)  # the `shard` tag of its metrics
         self.stale: set[tuple[str, str]] = set()  # twins whose log write failed mid-batch
         started = time.perf_counter()
+        self.shadows = ShadowBook()  # shadow evaluations of candidate models (`actors.shard_models`)
         mine = [(t, a, r) for t, a, r in self.store.registrations() if shard_index(t, a, shards) == index]
         recovered = recover_many(self.store, [r for *_, r in mine], allowed_lateness_s=allowed_lateness_s,
                                  checkpoint_every=checkpoint_every)
@@ -267,6 +270,8 @@ class TwinShard:
             raise
         self.store.write_dead_letters(tenant, rejects)
         apply_many([(twins[c], evs) for c, evs in accepted.items()])
+        if self.shadows.shadows:
+            self.shadows.observe(tenant, [(assets[c], evs) for c, evs in accepted.items()])
         self._observe_lag(log_rows)
         for c in accepted:
             key = (tenant, assets[c])

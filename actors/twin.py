@@ -16,6 +16,7 @@ durable snapshot. Memory per twin is therefore bounded by the events within the 
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from typing import NamedTuple
 import numpy as np
 
 from actors.state import DivergenceReport, TwinState
+from actors.swap import Segment, SwapRefused, check_compatible, map_state
 from raytwin import units
 from raytwin.contracts import AssetType, TelemetryEvent, normalize_measurements
 from raytwin.estimation import (Divergence, ExtendedKalmanFilter, FilterState, Run, Traces, assimilate_runs,
@@ -110,20 +112,24 @@ class Twin:
         filter_kind: str | None = None,
         allowed_lateness_s: float = 3600.0,
         checkpoint_every: int = 64,
+        swaps: list[tuple[int, ModelArtifact]] = (),
     ):
+        """`swaps`: (boundary in epoch microseconds, artifact) of each model swap (`actors.swap`)."""
         if allowed_lateness_s < 0 or checkpoint_every < 1:
             raise ValueError("allowed_lateness_s must be >= 0 and checkpoint_every >= 1")
-        self.tenant, self.asset_id, self.artifact = tenant, asset_id, artifact
-        noise = noise or {}
-        kind = filter_kind or artifact.model().filters[0]  # the model's default: EKF for JAX code, UKF for an FMU
-        self.filter = _shared_filter(artifact, kind, noise.get("process_std"), noise.get("measurement_std"))
+        self.tenant, self.asset_id = tenant, asset_id
+        self.noise = noise or {}
+        self.kind = filter_kind or artifact.model().filters[0]  # the model's default: EKF for JAX code, UKF for an FMU
+        self.initial_state, self.initial_std = initial_state or {}, initial_std or {}
+        self.segments = [self.segment(None, artifact)]
+        self.artifact, self.filter = artifact, self.segments[0].filter
         self.lateness_us = round(allowed_lateness_s * 1e6)
         self.checkpoint_every = checkpoint_every
-        prior = self.filter.initial(initial_state, {**noise.get("initial_std", {}), **(initial_std or {})},
-                                    noise.get("inputs"))
-        self._reset(Checkpoint(None, prior, 0))
+        self._reset(Checkpoint(None, self.segments[0].prior, 0))
         self.max_time_us: int | None = None
         self.floor: EventKey | None = None  # the migration point (`start_at`): nothing at or before it applies
+        for at_us, later in swaps:
+            self.add_swap(at_us, later)
 
     def start_at(self, key: EventKey, revision: int, max_time_us: int | None, t: float | None,
                  u: dict[str, tuple[float, str]], q_scale: float) -> None:
@@ -144,6 +150,63 @@ class Twin:
         self._reset(Checkpoint(tuple(key), fs, revision))  # type: ignore[arg-type]
         self.max_time_us = max_time_us
         self.floor = tuple(key)  # type: ignore[assignment]
+
+
+    # ------------------------------------------------------------------- model swaps ----
+    def segment(self, start_us: int | None, artifact: ModelArtifact) -> Segment:
+        """A model version for this twin: its filter (same kind and noise settings) and prior."""
+        noise = self.noise
+        try:
+            f = _shared_filter(artifact, self.kind, noise.get("process_std"), noise.get("measurement_std"))
+            # the registered version takes the prior as given (unknown names refused); a later version
+            # takes the part of it that names its own states and inputs
+            keep = lambda d, known: d if start_us is None else {k: v for k, v in d.items() if k in known}  # noqa: E731
+            prior = f.initial(keep(self.initial_state, f.model.state_names),
+                              keep({**noise.get("initial_std", {}), **self.initial_std}, f.model.state_names),
+                              keep(noise.get("inputs", {}), f.model.input_names))
+        except (KeyError, ValueError) as exc:
+            if start_us is None:
+                raise
+            raise SwapRefused(f"twin {self.tenant}/{self.asset_id} cannot run {artifact.ref}: {exc}") from None
+        return Segment(start_us, artifact, f, prior)
+
+    def _segment_of(self, key: EventKey | None) -> int:
+        """Index of the segment whose model applies the event `key` (None: the prior's, the first)."""
+        if key is None:
+            return 0
+        return bisect.bisect_right([s.start_us for s in self.segments[1:]], key[0])
+
+    def _use(self, i: int) -> None:
+        self.artifact, self.filter = self.segments[i].artifact, self.segments[i].filter
+
+    def add_swap(self, at_us: int, artifact: ModelArtifact) -> None:
+        """From event time `at_us` on, apply events with `artifact` (`prepare_swap`, then `enter_swap`)."""
+        self.enter_swap(self.prepare_swap(at_us, artifact))
+
+    def prepare_swap(self, at_us: int, artifact: ModelArtifact) -> Segment:
+        """The segment a swap to `artifact` at `at_us` adds, checked without changing the twin: refused
+        (`SwapRefused`) at or before the last swap, at or before the watermark (events before it are
+        sealed) or for a model the estimate cannot be carried over to (`actors.swap.check_compatible`)."""
+        last = self.segments[-1]
+        if last.start_us is not None and at_us <= last.start_us:
+            raise SwapRefused(f"twin {self.tenant}/{self.asset_id} already swaps to {last.artifact.ref} at "
+                              f"{from_micros(last.start_us).isoformat()}; a new swap must come after it")
+        wm = self.watermark_us
+        if wm is not None and at_us <= wm:
+            raise SwapRefused(f"boundary {from_micros(at_us).isoformat()} is before twin {self.tenant}/"
+                              f"{self.asset_id}'s watermark {from_micros(wm).isoformat()} (newest event time minus "
+                              "the allowed lateness): events before it are sealed; choose a later boundary")
+        check_compatible(last.filter.model, artifact.model())
+        return self.segment(at_us, artifact)
+
+    def enter_swap(self, seg: Segment) -> None:
+        """Add a prepared swap; events at or after its boundary already applied are re-applied by it."""
+        at_us = seg.start_us
+        redo = self._rewind_before((at_us, -1, "")) if self.last_key is not None and self.last_key[0] >= at_us else []
+        self.segments.append(seg)
+        self._use(self._segment_of(self.last_key))
+        if redo:
+            self.apply(redo)
 
     def _reset(self, base: Checkpoint) -> None:
         self.fs = base.fs
@@ -189,14 +252,25 @@ class Twin:
         """Apply accepted events (any order; already classified as applicable)."""
         apply_many([(self, events)])
 
-    def _plan(self, events: list[Pending]) -> tuple[list[Pending], Run]:
-        """The events to run through the filter, in key order (rewinding first if one is late)."""
+    def _plan(self, events: list[Pending]) -> tuple[list[Pending], Run, list[Pending]]:
+        """The events to run through the filter now, in key order (rewinding first if one is late),
+        and the rest: those after a model swap boundary, run in the next round (`apply_many`)."""
         events = sorted(events, key=_key)
         if self.last_key is not None and events[0].key < self.last_key:
             events = sorted([*self._rewind_before(events[0].key), *events], key=_key)
+        rest: list[Pending] = []
+        if len(self.segments) > 1:
+            now, first = self._segment_of(self.last_key), self._segment_of(events[0].key)
+            for i in range(now + 1, first + 1):  # carry the estimate over each boundary crossed
+                self.fs = map_state(self.fs, self.segments[i - 1].filter, self.segments[i].filter,
+                                    self.segments[i].prior)
+            self._use(first)
+            if first + 1 < len(self.segments):
+                cut = bisect.bisect_left([e.key for e in events], (self.segments[first + 1].start_us, -1, ""))
+                events, rest = events[:cut], events[cut:]
         # lists, not arrays: `assimilate_runs` packs the events of all twins of a batch at once
         return events, Run(self.filter, self.fs, [e.key[0] / 1e6 for e in events], [e.values for e in events],
-                           [e.use_outputs for e in events])
+                           [e.use_outputs for e in events]), rest
 
     def _absorb(self, events: list[Pending], traces: Traces, k: int, final: FilterState) -> None:
         """Take the filter's states after `events` (run `k` of `traces`, ending in `final`):
@@ -223,6 +297,7 @@ class Twin:
             del self.seen[e.key]
         del self.checkpoints[i + 1:]
         self.fs, self.last_key, self.events_applied = base.fs, base.key, base.events_applied
+        self._use(self._segment_of(base.key))
         return keep
 
     def _prune(self) -> None:
@@ -264,6 +339,7 @@ class Twin:
         """Start from a durable snapshot (then replay the log after it with `apply`)."""
         fs, max_time_us = _decode(snap.payload)
         self._reset(Checkpoint(snap.key, fs, snap.revision))
+        self._use(self._segment_of(snap.key))
         self.max_time_us = max_time_us
 
     # ------------------------------------------------------------------------ views ----
@@ -323,11 +399,15 @@ def decode_snapshot(payload: dict) -> FilterState:
 
 def apply_many(batches: list[tuple[Twin, list[Pending]]]) -> None:
     """Apply accepted events to many twins at once: their filter runs share kernel dispatches
-    (`raytwin.estimation.assimilate_runs`), with the same bits as applying each twin alone."""
-    plans = [(twin, *twin._plan(events)) for twin, events in batches if events]
-    traces = assimilate_runs([run for *_, run in plans])
-    for k, ((twin, events, _), final) in enumerate(zip(plans, traces.final_states())):
-        twin._absorb(events, traces, k, final)
+    (`raytwin.estimation.assimilate_runs`), with the same bits as applying each twin alone. A twin
+    whose events cross a model swap boundary runs them in one round per model version."""
+    todo = [(twin, events) for twin, events in batches if events]
+    while todo:
+        plans = [(twin, *twin._plan(events)) for twin, events in todo]
+        traces = assimilate_runs([run for _, _, run, _ in plans])
+        for k, ((twin, events, _, _), final) in enumerate(zip(plans, traces.final_states())):
+            twin._absorb(events, traces, k, final)
+        todo = [(twin, rest) for twin, _, _, rest in plans if rest]
 
 
 def replay(twin: Twin, events: list[LoggedEvent]) -> Twin:

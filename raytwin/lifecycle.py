@@ -13,7 +13,8 @@ with the ``approver`` role who is not the candidate's author (four eyes), unless
 `LifecyclePolicy` allows automatic promotion; archived versions only come back through `rollback`,
 which returns to the previous production version. `prune` keeps the last K archived versions and
 run records per model and tenant, never what production, staging, a candidate, the rollback target, a
-live twin or a kept run record references.
+live twin or a kept run record references. An `evaluate` record adds evidence (a shadow evaluation,
+`raytwin.shadow.conclude`) to a version without moving it.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ from raytwin.storage import canonical_json, filesystem, write_once
 log = logging.getLogger("raytwin.lifecycle")
 
 Stage = Literal["candidate", "staging", "production", "archived"]
-Action = Literal["submit", "stage", "promote", "archive", "rollback", "prune"]
+Action = Literal["submit", "stage", "promote", "archive", "rollback", "prune", "evaluate"]
+"""`evaluate` records evidence (a shadow evaluation) without moving the version."""
 APPROVER = "approver"
 GENESIS = "0" * 64
 NEXT: dict[Stage, tuple[Stage, ...]] = {
@@ -102,6 +104,10 @@ class LifecyclePolicy(Contract):
     auto_promote: bool = False
     keep_archived: int = Field(5, ge=0, le=10_000, description="Archived versions kept per model.")
     keep_runs: int = Field(20, ge=0, le=1_000_000, description="Run records kept per model.")
+    shadow_auto_stage_margin: float | None = Field(
+        None, ge=0, le=1e6, description="Move a candidate to staging by itself (as the system principal) when a "
+        "shadow evaluation finds its mean log-likelihood per update better than production's by at least this "
+        "(nats), with NIS no further from 1; None: never.")
 
 
 class TransitionRecord(Contract):
@@ -170,6 +176,10 @@ class ModelState:
 
     def apply(self, r: TransitionRecord) -> None:
         prior = self.versions.get(r.version)
+        if r.action == "evaluate" and prior is not None:  # evidence only: the stage stays
+            self.evidence_runs.setdefault(r.version, set()).update(r.evidence.run_ids)
+            self.tenant, self.revision, self.head_hash = r.tenant, r.seq, r.hash
+            return
         author = prior.author if prior else r.actor
         self.versions[r.version] = VersionState(r.version, r.to_stage, author, r.time, pruned=r.action == "prune")
         if r.displaced is not None:
@@ -298,6 +308,16 @@ class ModelLifecycle:
         displaced = state.production if to == "production" else None
         return self._append(state, version, action, current.stage, to, actor, reason, evidence,
                             displaced=displaced, automatic=automatic)
+
+    def evaluate(self, ref: str, actor: Actor, reason: str, evidence: Evidence) -> TransitionRecord:
+        """Record evidence about a submitted, live version (a shadow evaluation) without moving it."""
+        name, version = parse_ref(ref)
+        state = self._load(name, actor, None)
+        current = state.versions.get(version)
+        if current is None or current.pruned or current.stage == "archived":
+            raise LifecycleError(f"{ref} is {'not submitted' if current is None else current.stage}: evidence is "
+                                 "recorded for candidate, staging and production versions only")
+        return self._append(state, version, "evaluate", current.stage, current.stage, actor, reason, evidence)
 
     def rollback(self, model: str, actor: Actor, reason: str, evidence: Evidence | None = None,
                  expected_revision: int | None = None) -> TransitionRecord:

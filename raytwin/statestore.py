@@ -9,6 +9,7 @@ Layout under the store URL (a local directory or any fsspec URL such as ``s3://b
     dead_letters/tenant=T/date=YYYY-MM-DD/part-<uuid>.parquet     rejects: raw JSON + reason
     twins/tenant=T/asset_id=A.json                                 twin registrations
     drift_clears/tenant=T/asset_id=A.json                          the twin's last drift clear (`save_drift_clear`)
+    model_swaps/tenant=T/asset_id=A.json                           the twin's model swaps (`save_model_swaps`)
     retention/tenant=T.json                                        where `prune` cut the tenant's history
     lease.json                                                     the service whose shards may write (`Lease`)
 
@@ -589,6 +590,20 @@ class StateStore:
             return None
         us, sequence, idempotency_key = json.loads(self.fs.cat_file(path))["key"]
         return us, sequence, idempotency_key
+
+    def _model_swaps_path(self, tenant: str, asset_id: str) -> str:
+        return f"{self.root}/model_swaps/tenant={tenant}/asset_id={asset_id}.json"
+
+    def save_model_swaps(self, tenant: str, asset_id: str, swaps: list[dict[str, Any]]) -> None:
+        """Record the twin's model swaps (each ``{"at_us": boundary, "artifact": ModelArtifact JSON}``);
+        written before a swap takes effect, so recovery and time travel apply the same versions."""
+        path = self._model_swaps_path(tenant, asset_id)
+        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        self.fs.pipe_file(path, json.dumps({"swaps": swaps}, sort_keys=True).encode())
+
+    def load_model_swaps(self, tenant: str, asset_id: str) -> list[dict[str, Any]]:
+        path = self._model_swaps_path(tenant, asset_id)
+        return json.loads(self.fs.cat_file(path))["swaps"] if self.fs.exists(path) else []
 
     # ------------------------------------------------------------------- registrations ----
     def _registration_path(self, tenant: str, asset_id: str) -> str:

@@ -24,6 +24,7 @@ from serve_apps import (
     routes_recalibration,
     routes_recommendations,
     routes_scenarios,
+    routes_shadow,
     routes_twins,
 )
 from serve_apps.admission import Admission, AdmissionGate
@@ -55,8 +56,8 @@ def create_api(max_body_bytes: int = 1_048_576, admission: Admission | None = No
     if admission is not None:
         app.add_middleware(AdmissionGate, limits=admission)
     _ops_routes(app)
-    for routes in (routes_catalog, routes_evolution, routes_twins, routes_scenarios, routes_models, routes_changes,
-                   routes_query):
+    for routes in (routes_catalog, routes_evolution, routes_twins, routes_scenarios, routes_models, routes_shadow,
+                   routes_changes, routes_query):
         routes.register(app)
     for router in (routes_connectors.router, routes_commands.router, routes_recalibration.router,
                    routes_recommendations.router):

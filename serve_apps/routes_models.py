@@ -125,6 +125,14 @@ def _check(lc: ModelLifecycle, model: str, expected_head: str | None) -> ChainCh
                       message=None)
 
 
+async def _swap_twins(svc: Services, request: Request, who: Principal, record: TransitionRecord) -> None:
+    """The hot swap of the model's twins to the new production version (`serve_apps.routes_shadow`,
+    imported here because it builds on this module)."""
+    from serve_apps.routes_shadow import swap_on_promotion
+
+    await swap_on_promotion(svc, request, who, record)
+
+
 def register(app: FastAPI) -> None:
     tags = ["model lifecycle"]
 
@@ -145,6 +153,8 @@ def register(app: FastAPI) -> None:
                                                body.reason, body.evidence, body.expected_revision)
         await svc.record(request, who, f"model.{record.action}", f"{model}@{version}", seq=record.seq,
                          to_stage=record.to_stage, displaced=record.displaced, hash=record.hash)
+        if record.to_stage == "production":
+            await _swap_twins(svc, request, who, record)
         return record
 
     @app.post("/v1/models/{model}/rollback", response_model=TransitionRecord, status_code=201, tags=tags)
@@ -156,6 +166,7 @@ def register(app: FastAPI) -> None:
                                                body.expected_revision)
         await svc.record(request, who, "model.rollback", f"{model}@{record.version}", seq=record.seq,
                          displaced=record.displaced, hash=record.hash)
+        await _swap_twins(svc, request, who, record)
         return record
 
     @app.get("/v1/models/{model}/lifecycle/log", response_model=list[TransitionRecord], tags=tags)

@@ -121,7 +121,7 @@ def test_bad_inputs_are_refused_with_reasons(client):
                  403, "forbidden")
     ok = http.put("/v1/lifecycle-policy", json={"keep_archived": 2}, headers=api.headers_for("admin"))
     assert ok.status_code == 200 and http.get("/v1/lifecycle-policy", headers=api.headers_for("reader")).json() \
-        == {"auto_promote": False, "keep_archived": 2, "keep_runs": 20}
+        == {"auto_promote": False, "keep_archived": 2, "keep_runs": 20, "shadow_auto_stage_margin": None}
     assert http.get("/v1/lifecycle-policy", headers=api.headers_for("other")).json()["keep_archived"] == 5
 
 
@@ -141,3 +141,60 @@ def test_prune_keeps_versions_that_twins_run(client):
     status = http.get("/v1/models/thermal_rc/lifecycle", headers=api.headers_for("reader")).json()
     assert [(v["version"], v["stage"], v["pruned"]) for v in status["versions"]] == [
         (V1, "production", False), (V2, "archived", True)]
+
+
+def test_shadow_evaluation_is_recorded_and_promotion_hot_swaps_twins(client):
+    """A candidate shadowed on a live twin over HTTP: its comparison is read, recorded once on the log
+    by the system principal; promoting it swaps the twin for events from the promotion on."""
+    from datetime import UTC, datetime, timedelta
+
+    api, http = client, client.http
+    V3 = "9.9.10"
+    assert http.post("/v1/asset-types", json={**THERMAL_TYPE, "version": V3},
+                     headers=api.headers_for("admin")).status_code == 201
+    assert http.post("/v1/assets", json={"id": "zone-sh", "type_name": "thermal_rc", "type_version": V1},
+                     headers=api.headers_for("admin")).status_code == 201
+    start = datetime.now(UTC) - timedelta(hours=1)
+
+    def send(ks: range, at=lambda k: start + timedelta(minutes=5 * k)) -> dict:
+        evs = [{"asset_id": "zone-sh", "sequence": k, "event_time": at(k).isoformat(),
+                "measurements": {"T_in": {"value": 293.0 + 0.01 * k, "unit": "K"},
+                                 "T_out": {"value": 5.0, "unit": "degC"}}} for k in ks]
+        r = http.post("/v1/assets/zone-sh/telemetry", json={"events": evs}, headers=api.headers_for("writer"))
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    url = f"/v1/models/thermal_rc/versions/{V3}/shadow"
+    send(range(0, 4))
+    assert_error(http.get(url, headers=api.headers_for("reader")), 404, "not_found")
+    assert "asset_ids or sample" in assert_error(http.post(url, json={"events": 5}, headers=api.headers_for(
+        "writer")), 400, "bad_request")["message"]
+    assert_error(http.post(url, json={"sample": 1, "events": 5}, headers=api.headers_for("reader")), 403, "forbidden")
+    assert _move(api, "author", V3, "candidate").status_code == 201
+    started = http.post(url, json={"sample": 1, "events": 5}, headers=api.headers_for("writer"))
+    assert started.status_code == 201 and started.json()["asset_ids"] == ["zone-sh"], started.text
+    assert_error(http.post(url, json={"asset_ids": ["zone-sh"], "events": 5}, headers=api.headers_for("writer")),
+                 409, "conflict")
+    send(range(4, 7))
+    running = http.get(url, headers=api.headers_for("reader")).json()
+    assert not running["report"]["done"] and running["recorded"] == []
+    assert running["report"]["comparison"]["candidate"]["events"] == 3
+    send(range(7, 12))
+    done = http.get(url, headers=api.headers_for("reader")).json()
+    assert done["report"]["done"] and [r["action"] for r in done["recorded"]] == ["evaluate"]
+    assert done["recorded"][0]["actor"] == "system" and done["recorded"][0]["evidence"]["shadow_metrics"]["events"] == 5
+    assert http.get(url, headers=api.headers_for("reader")).json()["recorded"] == []  # recorded once
+    assert http.delete(url, headers=api.headers_for("writer")).status_code == 204
+
+    # promotion: the twin runs V3 for events from now on; before, V1 applied them
+    assert _move(api, "author", V3, "staging").status_code == 201
+    assert _move(api, "approver", V3, "production").status_code == 201
+    send(range(12, 13), at=lambda k: datetime.now(UTC) + timedelta(seconds=30))
+    state = http.get("/v1/assets/zone-sh/state", headers=api.headers_for("reader")).json()
+    assert state["model_ref"] == f"thermal_rc@{V3}" and state["events_applied"] == 13
+    before = http.get("/v1/assets/zone-sh/state", params={"at": (start + timedelta(minutes=56)).isoformat()},
+                      headers=api.headers_for("reader")).json()
+    assert before["model_ref"] == f"thermal_rc@{V1}" and before["events_applied"] == 12
+    swaps = [a for a in http.get("/v1/audit", headers=api.headers_for("admin")).json() if a["action"] == "model.swap"]
+    assert swaps[-1]["details"]["swapped"] == ["zone-sh"] and swaps[-1]["details"]["refused"] == {}
+    assert http.get("/v1/models/thermal_rc/lifecycle/verify", headers=api.headers_for("reader")).json()["ok"]

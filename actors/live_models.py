@@ -1,0 +1,125 @@
+"""Live model changes across a service's shards: shadow evaluations and hot swaps.
+
+`LiveModels` talks to the twin shards directly (by their handles), so the driver's `TwinService`
+and a Serve ingress (which looks the shards up by name) use the same code.
+"""
+
+from __future__ import annotations
+
+import uuid
+import zlib
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import ray
+from pydantic import BaseModel, ConfigDict, Field
+
+from actors.routing import shard_index
+from actors.shadow import ShadowTwinReport
+from actors.state import TwinState
+from actors.swap import SwapRefused
+from raytwin.registry import ModelArtifact
+from raytwin.shadow import Comparison, InnovationStats, compare
+from raytwin.statestore import to_micros
+
+
+class UnknownShadow(KeyError):
+    """No shadow evaluation of this candidate for this tenant (none started, or a shard restarted)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class ShadowReport(BaseModel):
+    """A shadow evaluation's state: each sampled twin, and the comparison over all of them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    run_id: str
+    candidate_ref: str
+    target_events: int = Field(description="events to score per twin")
+    done: bool = Field(description="every sampled twin scored its target events")
+    comparison: Comparison
+    twins: list[ShadowTwinReport]
+
+
+class SwapOutcome(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    states: list[TwinState] = Field(description="each swapped twin's state right after the swap")
+    refused: dict[str, str] = Field(description="asset id -> why its twin keeps its model")
+
+
+class LiveModels:
+    """Shadow evaluations and hot swaps of the twins held by `handles` (the shard actors, in index order)."""
+
+    def __init__(self, handles: Sequence[Any]):
+        self.handles = list(handles)
+
+    def _shard(self, tenant: str, asset_id: str) -> Any:
+        return self.handles[shard_index(tenant, asset_id, len(self.handles))]
+
+    def twins_of_model(self, tenant: str, model: str) -> list[str]:
+        """The tenant's twins now running a version of `model`."""
+        return sorted(a for part in ray.get([h.twins_of_model.remote(tenant, model) for h in self.handles])
+                      for a in part)
+
+    def start_shadow(self, tenant: str, candidate: ModelArtifact, *, events: int,
+                     asset_ids: list[str] | None = None, sample: int | None = None) -> tuple[str, list[str]]:
+        """Score `candidate` beside production on the next `events` events of each twin in `asset_ids`,
+        or of a sample of `sample` twins running a version of its model (a stable pseudo-random pick);
+        returns (run id, the twins sampled). Refused while an evaluation of `candidate` runs."""
+        if (asset_ids is None) == (sample is None):
+            raise ValueError("give either asset_ids or sample (how many of the model's twins to shadow)")
+        run_id = uuid.uuid4().hex[:16]
+        if asset_ids is None:
+            pool = self.twins_of_model(tenant, candidate.name)
+            pool.sort(key=lambda a: zlib.crc32(f"{run_id}/{a}".encode()))
+            asset_ids = sorted(pool[:sample])
+        if not asset_ids:
+            raise ValueError(f"tenant {tenant!r} has no twin of model {candidate.name} to shadow")
+        by_shard: dict[int, list[str]] = {}
+        for a in asset_ids:
+            by_shard.setdefault(shard_index(tenant, a, len(self.handles)), []).append(a)
+        body = candidate.model_dump(mode="json")
+        ray.get([self.handles[i].start_shadow.remote(run_id, tenant, ids, body, events) for i, ids in by_shard.items()])
+        return run_id, sorted(asset_ids)
+
+    def shadow(self, tenant: str, ref: str) -> ShadowReport:
+        """The evaluation of candidate `ref` so far (`UnknownShadow` if none runs)."""
+        found = [r for r in ray.get([h.shadow_report.remote(tenant, ref) for h in self.handles]) if r is not None]
+        if not found:
+            raise UnknownShadow(f"no shadow evaluation of {ref} for tenant {tenant!r}: start one first")
+        twins = sorted((t for _, part in found for t in part), key=lambda t: t.asset_id)
+        production, candidate = InnovationStats(), InnovationStats()
+        for t in twins:
+            production = production.merge(InnovationStats(*t.production_stats))
+            candidate = candidate.merge(InnovationStats(*t.candidate_stats))
+        return ShadowReport(run_id=found[0][0], candidate_ref=ref, target_events=twins[0].target_events,
+                            done=all(t.done for t in twins), comparison=compare(production, candidate), twins=twins)
+
+    def stop_shadow(self, tenant: str, ref: str) -> bool:
+        """End the evaluation of `ref` (False: none ran)."""
+        return any(ray.get([h.stop_shadow.remote(tenant, ref) for h in self.handles]))
+
+    def swap(self, tenant: str, artifact: ModelArtifact, at: datetime,
+             asset_ids: list[str] | None = None) -> SwapOutcome:
+        """Hot-swap twins to `artifact` for events at or after `at` (timezone-aware): `asset_ids`, or every
+        twin of the tenant running a version of its model. Each twin's swap is durable before it
+        applies; a twin that cannot take it (`actors.swap.SwapRefused`) keeps its model and is named
+        in `refused` with the reason."""
+        if at.tzinfo is None:
+            raise ValueError("the swap boundary needs a timezone-aware datetime")
+        ids = self.twins_of_model(tenant, artifact.name) if asset_ids is None else asset_ids
+        body, at_us = artifact.model_dump(mode="json"), to_micros(at)
+        refs = {a: self._shard(tenant, a).swap_model.remote(tenant, a, body, at_us) for a in ids}
+        states, refused = [], {}
+        for a, ref in refs.items():
+            try:
+                state = ray.get(ref)
+            except SwapRefused as exc:  # Ray's error for it is also a SwapRefused
+                refused[a] = str(exc).strip().splitlines()[-1].removeprefix("actors.swap.SwapRefused: ")
+                continue
+            if state is None:
+                raise KeyError(f"no twin {a!r} for tenant {tenant!r}")
+            states.append(state)
+        return SwapOutcome(states=states, refused=refused)

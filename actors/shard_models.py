@@ -1,0 +1,64 @@
+"""The shard's side of live model changes: shadow evaluations (`actors.shadow`) and hot swaps
+(`actors.swap`), mixed into `actors.shard.TwinShard` so the shard module stays about ingestion."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from actors.shadow import ShadowBook, ShadowTwinReport
+from actors.state import TwinState
+from actors.twin import Twin
+from raytwin.registry import ModelArtifact
+from raytwin.statestore import StateStore, from_micros
+
+log = logging.getLogger("raytwin.twins")
+
+
+class LiveModelOps:
+    """Needs the shard's `twins`, `store`, `fence`, `shadows` (a `ShadowBook`) and `_refresh_stale`."""
+
+    twins: dict[tuple[str, str], Twin]
+    store: StateStore
+    shadows: ShadowBook
+
+    def twins_of_model(self, tenant: str, model: str) -> list[str]:
+        """The tenant's twins whose current model version is a version of `model`."""
+        self._refresh_stale()
+        return sorted(a for (t, a), twin in self.twins.items() if t == tenant and twin.artifact.name == model)
+
+    def start_shadow(self, run_id: str, tenant: str, asset_ids: list[str], artifact: dict[str, Any],
+                     events: int) -> int:
+        """Shadow `artifact` beside production on these twins (all held here) for `events` events each."""
+        self._refresh_stale()
+        missing = [a for a in asset_ids if (tenant, a) not in self.twins]
+        if missing:
+            raise KeyError(f"no twin {missing} for tenant {tenant!r}")
+        return self.shadows.start(run_id, tenant, [self.twins[(tenant, a)] for a in asset_ids],
+                                  ModelArtifact.model_validate(artifact), events)
+
+    def shadow_report(self, tenant: str, ref: str) -> tuple[str, list[ShadowTwinReport]] | None:
+        return self.shadows.report(tenant, ref)
+
+    def stop_shadow(self, tenant: str, ref: str) -> bool:
+        return self.shadows.stop(tenant, ref)
+
+    def swap_model(self, tenant: str, asset_id: str, artifact: dict[str, Any], at_us: int) -> TwinState | None:
+        """Switch the twin to `artifact` for events at or after `at_us` (`actors.swap`), durably first;
+        the same swap again (a retried call) is a no-op. None: no such twin."""
+        self._refresh_stale()
+        twin = self.twins.get((tenant, asset_id))
+        if twin is None:
+            return None
+        self.store.check_lease(self.fence)
+        entry = {"at_us": at_us, "artifact": artifact}
+        swaps = self.store.load_model_swaps(tenant, asset_id)
+        if entry in swaps:
+            return twin.view()
+        seg = twin.prepare_swap(at_us, ModelArtifact.model_validate(artifact))
+        before = twin.segments[-1].artifact.ref
+        self.store.save_model_swaps(tenant, asset_id, [*swaps, entry])
+        twin.enter_swap(seg)
+        log.info("event=model_swapped tenant=%s asset=%s from=%s to=%s at=%s revision=%d", tenant, asset_id,
+                 before, seg.artifact.ref, from_micros(at_us).isoformat(), twin.events_applied)
+        return twin.view()

@@ -1,0 +1,137 @@
+"""Routes for live model changes: shadow evaluation of a candidate version, and the hot swap of a
+tenant's twins when a version is promoted (called by the lifecycle routes).
+
+The ingress talks to the twin shards directly (`actors.live_models.LiveModels` over the shard
+actors looked up by name, as `serve_apps.twin_reads` does), and to the lifecycle in the tenant's
+registry; neither needs the Backend deployment.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from collections.abc import Callable
+from typing import Any
+
+import ray
+from fastapi import FastAPI, Request
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+
+from actors.live_models import LiveModels, ShadowReport, SwapOutcome, UnknownShadow
+from actors.routing import shard_name
+from actors.shadow import MAX_EVENTS, MAX_TWINS, ShadowRunning
+from raytwin.contracts import Identifier
+from raytwin.lifecycle import TransitionRecord
+from raytwin.registry import RegistryError
+from raytwin.shadow import SYSTEM_ACTOR, conclude
+from serve_apps.auth import Principal
+from serve_apps.deps import READER, SVC, WRITER, Services
+from serve_apps.errors import BadRequest, Conflict, NotFound
+from serve_apps.routes_models import ModelName, Version, _call, _lifecycle
+
+log = logging.getLogger("raytwin.serve")
+SHADOWED_STAGES = ("candidate", "staging")
+
+
+class ShadowRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    asset_ids: list[Identifier] | None = Field(None, min_length=1, max_length=MAX_TWINS,
+                                               description="The twins to shadow (or give `sample`)")
+    sample: int | None = Field(None, ge=1, le=MAX_TWINS, description="Shadow this many of the tenant's twins "
+                               "running a version of the model (a stable pseudo-random pick)")
+    events: int = Field(ge=1, le=MAX_EVENTS, description="Events to score per twin before concluding")
+
+
+class ShadowStarted(BaseModel):
+    run_id: str
+    candidate_ref: str
+    asset_ids: list[str]
+    events: int
+
+
+class ShadowStatus(BaseModel):
+    report: ShadowReport
+    recorded: list[TransitionRecord] = Field(description="Lifecycle records this read wrote: when the evaluation "
+                                             "is done, its evidence (once per run) and, under the tenant's "
+                                             "policy, the candidate's automatic move to staging")
+
+
+def live_models(svc: Services) -> LiveModels:
+    """The shard actors of this deployment's twin service, looked up by name."""
+    url, n, ns = svc.config.url("twins"), svc.config.twin_shards, svc.config.namespace
+    return LiveModels([ray.get_actor(shard_name(url, i, n), namespace=ns) for i in range(n)])
+
+
+async def _live(svc: Services, call: Callable[[LiveModels], Any]) -> Any:
+    """Run `call` on the live models off the event loop, its refusals turned into API errors."""
+    try:
+        return await run_in_threadpool(lambda: call(live_models(svc)))
+    except UnknownShadow as exc:
+        raise NotFound(str(exc)) from None
+    except ShadowRunning as exc:
+        raise Conflict(str(exc)) from None
+    except (KeyError, ValueError) as exc:
+        raise BadRequest(str(exc).strip("'\"")) from None
+
+
+async def swap_on_promotion(svc: Services, request: Request, who: Principal, record: TransitionRecord) -> None:
+    """After a promotion or rollback: the tenant's twins of the model switch to the new production
+    version for events from now (server time) on; audited with the twins swapped and refused."""
+    try:
+        artifact = await run_in_threadpool(_lifecycle(svc, who.tenant).registry.get, f"{record.model}@{record.version}")
+    except RegistryError as exc:
+        raise NotFound(str(exc)) from None
+    at = datetime.now(UTC)
+    outcome: SwapOutcome = await _live(svc, lambda m: m.swap(who.tenant, artifact, at))
+    await svc.record(request, who, "model.swap", artifact.ref, at=at.isoformat(), seq=record.seq,
+                     swapped=[s.asset_id for s in outcome.states], refused=outcome.refused)
+
+
+def register(app: FastAPI) -> None:
+    tags = ["model lifecycle"]
+    path = "/v1/models/{model}/versions/{version}/shadow"
+
+    @app.post(path, response_model=ShadowStarted, status_code=201, tags=tags)
+    async def start_shadow(model: ModelName, version: Version, body: ShadowRequest, request: Request,
+                           who: Principal = WRITER, svc: Services = SVC) -> ShadowStarted:
+        """Score a candidate or staging version beside production on the next `events` events of the named
+        twins (or a sample of the model's twins) without changing their served state. 409: the version is in
+        another stage, or an evaluation of it runs (DELETE it first)."""
+        if (body.asset_ids is None) == (body.sample is None):
+            raise BadRequest("give either asset_ids or sample")
+        lc, ref = _lifecycle(svc, who.tenant), f"{model}@{version}"
+        stage = await _call(lc.stage, ref)
+        if stage not in SHADOWED_STAGES:
+            raise Conflict(f"{ref} is {stage}: shadow evaluation is for candidate and staging versions")
+        artifact = await _call(lc.registry.get, ref)
+        run_id, ids = await _live(svc, lambda m: m.start_shadow(who.tenant, artifact, events=body.events,
+                                                                asset_ids=body.asset_ids, sample=body.sample))
+        await svc.record(request, who, "model.shadow_start", ref, run_id=run_id, asset_ids=ids, events=body.events)
+        return ShadowStarted(run_id=run_id, candidate_ref=ref, asset_ids=ids, events=body.events)
+
+    @app.get(path, response_model=ShadowStatus, tags=tags)
+    async def shadow_status(model: ModelName, version: Version, request: Request, who: Principal = READER,
+                            svc: Services = SVC) -> ShadowStatus:
+        """Production against the candidate so far (NIS per measured value, innovation RMSE, log-likelihood).
+        Once done, the comparison is recorded on the lifecycle log by the system principal (once per run)."""
+        ref = f"{model}@{version}"
+        report: ShadowReport = await _live(svc, lambda m: m.shadow(who.tenant, ref))
+        recorded: list[TransitionRecord] = []
+        if report.done:
+            recorded = await _call(conclude, _lifecycle(svc, who.tenant), ref, who.tenant, report.run_id,
+                                   report.comparison, len(report.twins))
+            for r in recorded:
+                await svc.record(request, who, f"model.{r.action}", ref, run_id=report.run_id, seq=r.seq,
+                                 by=SYSTEM_ACTOR, to_stage=r.to_stage, hash=r.hash)
+        return ShadowStatus(report=report, recorded=recorded)
+
+    @app.delete(path, status_code=204, tags=tags)
+    async def stop_shadow(model: ModelName, version: Version, request: Request, who: Principal = WRITER,
+                          svc: Services = SVC) -> None:
+        """End the evaluation of this version (its evidence stays on the log if it was recorded)."""
+        ref = f"{model}@{version}"
+        if not await _live(svc, lambda m: m.stop_shadow(who.tenant, ref)):
+            raise NotFound(f"no shadow evaluation of {ref}")
+        await svc.record(request, who, "model.shadow_stop", ref)
+

@@ -1,0 +1,206 @@
+"""Shadow evaluation of a candidate model on live events, and hot swaps at an event-time boundary.
+
+References are independent of the code under test where possible: the kernel's own NIS for the
+scorer, the filters run directly (old version before the boundary, the carried-over estimate, new
+version after) for the swap, and a run without shadow for the served state.
+"""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime, timedelta
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from actors.recovery import registration_record
+from actors.shard import TwinShard
+from actors.swap import SwapRefused, check_compatible, map_state
+from actors.telemetry import validated_table
+from actors.twin import Twin, logged_event, replay
+from raytwin.contracts import Asset, AssetType, TelemetryEvent
+from raytwin.lifecycle import Actor, LifecyclePolicy, ModelLifecycle
+from raytwin.registry import ModelRegistry
+from raytwin.shadow import InnovationStats, compare, conclude, score_event
+from raytwin.sim import BATTERY_ECM, THERMAL_RC, simulate
+
+T0 = datetime(2026, 3, 1, tzinfo=UTC)
+STEP_S = 300.0
+TRUE_R_IO = 2.0e-2
+OPTS = {"allowed_lateness_s": 6 * STEP_S, "checkpoint_every": 8}
+PROCESS_STD = {"T_in": 1e-3, "T_m": 1e-4}
+
+
+@pytest.fixture(autouse=True)
+def jax_on_cpu_like_the_shards():
+    with jax.default_device(jax.devices("cpu")[0]):
+        yield
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory) -> ModelRegistry:
+    return ModelRegistry(str(tmp_path_factory.mktemp("registry")))
+
+
+@pytest.fixture(scope="module")
+def versions(registry):
+    """zone@1.0.0 with the default (wrong) R_io, zone@1.1.0 with the true one."""
+    at = AssetType.from_model(THERMAL_RC)
+    return (registry.register("zone", "1.0.0", at),
+            registry.register("zone", "1.1.0", at, {"R_io": TRUE_R_IO}))
+
+
+def asset(asset_id: str) -> Asset:
+    """A zone whose dynamics have (almost) no process noise, and a filter told so."""
+    return Asset(id=asset_id, tenant="acme", type_name="thermal_rc", type_version="1.0.0",
+                 metadata={f"process_std.{k}": str(v) for k, v in PROCESS_STD.items()})
+
+
+def stream(asset_id: str, n: int, seed: int = 0) -> list[TelemetryEvent]:
+    """A zone with the true R_io, heated 4 of every 10 readings, measured every 5 min with 0.05 K noise."""
+    rng = np.random.default_rng(seed)
+    t_out = 278.0 + 8.0 * np.sin(np.arange(n) / 12.0)
+    q_h = 6000.0 * (np.arange(n) % 10 < 4)
+    u = np.column_stack([t_out, q_h, np.zeros(n)])
+    params = THERMAL_RC.param_vector({"R_io": TRUE_R_IO})
+    x = simulate(THERMAL_RC, np.array([293.15, 293.15]), np.repeat(u, 5, axis=0), params, 60.0, dtype=jnp.float64)
+    return [TelemetryEvent(asset_id=asset_id, event_time=T0 + timedelta(seconds=STEP_S * k), sequence=k,
+                           measurements={"T_in": {"value": float(x[5 * k, 0] + rng.normal(0, 0.05)), "unit": "K"},
+                                         "T_out": {"value": float(t_out[k]), "unit": "K"},
+                                         "Q_h": {"value": float(q_h[k]), "unit": "W"}})
+            for k in range(n)]
+
+
+def shard(path) -> TwinShard:
+    return TwinShard(str(path), 0, 1, allowed_lateness_s=OPTS["allowed_lateness_s"], snapshot_every=16,
+                     checkpoint_every=OPTS["checkpoint_every"])
+
+
+def test_score_event_nis_is_the_filter_kernels_nis(versions):
+    twin = Twin("acme", "z", versions[0], **OPTS)
+    for e in stream("z", 12):  # the default process noise: the adapted factor is part of the prediction
+        ev = twin.pending(logged_event(e, twin.artifact.asset_type))
+        nis, sq, loglik, dims = score_event(twin.filter, twin.fs, ev.key[0] / 1e6, ev.values, True)
+        twin.apply([ev])
+        assert dims == 1 and nis == pytest.approx(twin.fs.divergence.nis_last, rel=1e-9, abs=1e-12)
+        assert loglik == pytest.approx(-0.5 * (nis + np.log(2 * np.pi * sq / nis)))  # one output: S = e^2 / NIS
+
+
+def test_shadow_prefers_the_true_model_and_leaves_served_state_bit_identical(tmp_path, registry, versions):
+    wrong, true = versions
+    with_shadow, without = shard(tmp_path / "a"), shard(tmp_path / "b")
+    for s in (with_shadow, without):
+        s.register("acme", "z1", registration_record(asset("z1"), wrong, None, None))
+    evs = stream("z1", 160)
+    for s in (with_shadow, without):
+        s.ingest("acme", validated_table(evs[:20]))
+    with_shadow.start_shadow("run-1", "acme", ["z1"], true.model_dump(mode="json"), 120)
+    for k in range(20, 160, 25):
+        batch = evs[k:k + 25]
+        random.Random(k).shuffle(batch)  # arrival order within a batch does not matter
+        for s in (with_shadow, without):
+            s.ingest("acme", validated_table(batch))
+    a, b = with_shadow.state("acme", "z1"), without.state("acme", "z1")
+    assert a == b  # every field, bit for bit: the shadow never touched the served twin
+
+    run_id, [report] = with_shadow.shadow_report("acme", true.ref)
+    assert run_id == "run-1" and report.done and report.candidate.events == report.production.events == 120
+    p, c = report.production, report.candidate
+    assert c.loglik_per_update > p.loglik_per_update + 1.0
+    assert abs(c.nis_per_dim - 1) < abs(p.nis_per_dim - 1) and c.rmse < p.rmse
+
+    # concluded on the lifecycle log as evidence; the policy's margin lets it advance to staging
+    lc = ModelLifecycle(registry)
+    author = Actor(id="calibrator", tenant="acme")
+    lc.submit(true.ref, author, "calibrated on the live stream")
+    lc.set_policy("acme", LifecyclePolicy(shadow_auto_stage_margin=1.0))
+    comparison = compare(InnovationStats(*report.production_stats), InnovationStats(*report.candidate_stats))
+    records = conclude(lc, true.ref, "acme", run_id, comparison, twins=1)
+    assert [r.action for r in records] == ["evaluate", "stage"] and all(r.actor == "system" for r in records)
+    assert records[0].evidence.shadow_metrics["loglik_gain"] == pytest.approx(comparison.loglik_gain)
+    assert conclude(lc, true.ref, "acme", run_id, comparison, twins=1) == []  # recorded once per run
+    assert lc.stage(true.ref) == "staging" and lc.verify("zone").revision == 2
+
+
+def direct_reference(old_art, new_art, evs: list[TelemetryEvent], boundary: datetime, noise=None):
+    """The filters run directly: the old version on events before the boundary, the estimate carried
+    over, the new version on the rest."""
+    old = Twin("acme", "r", old_art, noise=noise, **OPTS)
+    new = Twin("acme", "r", new_art, noise=noise, **OPTS)
+    rows = lambda twin, part: [twin.pending(logged_event(e, old_art.asset_type)) for e in part]  # noqa: E731
+    before = sorted(rows(old, [e for e in evs if e.event_time < boundary]), key=lambda e: e.key)
+    after = sorted(rows(old, [e for e in evs if e.event_time >= boundary]), key=lambda e: e.key)
+    f_old, f_new = old.filter, new.filter
+    fs = f_old.assimilate_many(old.fs, [e.key[0] / 1e6 for e in before], [e.values for e in before],
+                               [True] * len(before)).state(len(before) - 1)
+    fs = map_state(fs, f_old, f_new, new.fs)
+    return f_new.assimilate_many(fs, [e.key[0] / 1e6 for e in after], [e.values for e in after],
+                                 [True] * len(after)).state(len(after) - 1)
+
+
+def test_swap_mid_stream_with_late_events_equals_the_direct_reference(versions):
+    old_art, new_art = versions
+    evs = stream("z", 80, seed=3)
+    boundary = evs[50].event_time
+    twin = Twin("acme", "z", old_art, **OPTS)
+    feed = lambda part: twin.apply([twin.pending(logged_event(e, old_art.asset_type)) for e in part])  # noqa: E731
+    feed(evs[:47])
+    twin.add_swap(int(boundary.timestamp() * 1e6), new_art)
+    assert twin.view().model_ref == "zone@1.0.0"  # nothing at or after the boundary yet
+    late = evs[47:50]  # before the boundary, arriving after the swap and mixed with later ones
+    feed(evs[50:60] + late[:1])
+    feed(late[1:] + evs[60:])
+    ref = direct_reference(old_art, new_art, evs, boundary)
+    assert twin.events_applied == 80 and twin.view().model_ref == "zone@1.1.0"
+    assert np.array_equal(twin.fs.x, ref.x) and np.array_equal(twin.fs.P, ref.P)
+    # a swap whose boundary lies among applied events re-applies them with the new version
+    again = Twin("acme", "z", old_art, **OPTS)
+    replay(again, [logged_event(e, old_art.asset_type) for e in evs[:55]])
+    again.add_swap(int(boundary.timestamp() * 1e6), new_art)
+    replay(again, [logged_event(e, old_art.asset_type) for e in evs[55:]])
+    assert again.events_applied == 80 and np.array_equal(again.fs.x, ref.x) and np.array_equal(again.fs.P, ref.P)
+
+
+def test_swap_refusals_say_why(versions):
+    old_art, new_art = versions
+    twin = Twin("acme", "z", old_art, **OPTS)
+    twin.apply([twin.pending(logged_event(e, old_art.asset_type)) for e in stream("z", 40)])
+    with pytest.raises(SwapRefused, match="watermark"):
+        twin.add_swap(int(T0.timestamp() * 1e6), new_art)
+    with pytest.raises(SwapRefused, match="same inputs and outputs"):
+        check_compatible(THERMAL_RC, BATTERY_ECM)
+    assert len(twin.segments) == 1 and twin.events_applied == 40
+    twin.add_swap(int((T0 + timedelta(days=1)).timestamp() * 1e6), new_art)
+    with pytest.raises(SwapRefused, match="must come after it"):
+        twin.add_swap(int((T0 + timedelta(hours=20)).timestamp() * 1e6), new_art)
+
+
+def test_hot_swap_on_a_shard_survives_a_restart_and_time_travels(tmp_path, versions):
+    """The shard's swap is durable before it applies: a new shard on the store (a restart: recovery
+    from snapshot + log + swaps) holds the same twin; time travel names the version that applied."""
+    old_art, new_art = versions
+    evs = stream("h1", 90, seed=7)
+    boundary = evs[60].event_time
+    at_us = int(boundary.timestamp() * 1e6)
+    live = shard(tmp_path)
+    live.register("acme", "h1", registration_record(asset("h1"), old_art, None, None))
+    first = live.ingest("acme", validated_table(evs[:58]))
+    assert live.swap_model("acme", "h1", new_art.model_dump(mode="json"), at_us).model_ref == "zone@1.0.0"
+    assert live.swap_model("acme", "h1", new_art.model_dump(mode="json"), at_us).model_ref == "zone@1.0.0"  # retry
+    with pytest.raises(SwapRefused, match="must come after it"):
+        live.swap_model("acme", "h1", new_art.model_dump(mode="json"), at_us - 1)
+    assert live.twins_of_model("acme", "zone") == ["h1"] and live.swap_model("acme", "x", {}, at_us) is None
+    rest = live.ingest("acme", validated_table(evs[60:75] + evs[58:60] + evs[70:75]))  # late ones, re-deliveries
+    assert (first.accepted, rest.accepted, rest.duplicates) == (58, 17, 5)
+    restarted = shard(tmp_path)
+    assert restarted.state("acme", "h1") == live.state("acme", "h1")
+    restarted.ingest("acme", validated_table(evs[75:]))
+    now = restarted.state("acme", "h1")
+    assert now.events_applied == 90 and now.model_ref == "zone@1.1.0"
+    ref = direct_reference(old_art, new_art, evs, boundary, {"process_std": PROCESS_STD})
+    assert now.state == dict(zip(THERMAL_RC.state_names, ref.x.tolist()))
+    assert restarted.state_at("acme", "h1", at_us - 1).model_ref == "zone@1.0.0"
+    then = restarted.state_at("acme", "h1", at_us)
+    assert then.model_ref == "zone@1.1.0" and then.events_applied == 61
