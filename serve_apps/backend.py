@@ -67,7 +67,8 @@ class Backend:
         self.catalog = Catalog(config.store_url, config.storage_options)
         self.twins = TwinService(config.url("twins"), shards=config.twin_shards,
                                  namespace=config.namespace, storage_options=config.storage_options or None)
-        self.changes = ChangeLog(config.url("changes"), config.storage_options, memory=config.change_memory)
+        self.changes = ChangeLog(config.url("changes"), config.storage_options, memory=config.change_memory,
+                                 retention_s=config.change_retention_s)
         for tenant in self.catalog.tenants():
             self.changes.reserve(tenant, self.catalog.max_revision(tenant))
         self.jobs = JobQueue(config, config.max_concurrent_jobs, on_finish=self._job_finished)

@@ -114,6 +114,10 @@ async def sse_changes(backend: BackendClient, store: ChangeStore, watcher: HeadW
             current = await backend.call("changes_after", tenant, position, page)
         if current.fell_behind and not live:
             replay = await asyncio.to_thread(store.read, tenant, position, min(page, current.head - position))
+            if replay and replay[0].seq != position + 1:  # deleted by the retention while this stream read
+                yield frame("gone", {"last_event_id": str(position), "oldest": replay[0].seq,
+                                     "message": past_retention(position, replay[0].seq, None)})
+                return
             current = current.model_copy(update={"changes": replay, "fell_behind": False})
         if current.fell_behind:
             log.info("event=change_stream_fell_behind tenant=%s position=%d head=%d", tenant, position, current.head)
@@ -138,6 +142,13 @@ async def sse_changes(backend: BackendClient, store: ChangeStore, watcher: HeadW
             sent = position
         if not await watcher.wait(tenant, position, heartbeat_s):
             yield ": keep-alive\n\n"
+
+
+def past_retention(after: int, oldest: int, retention_s: float | None) -> str:
+    """Why a stream cannot resume after `after`, and what to do instead."""
+    kept = f" (the server keeps {retention_s / 86_400:g} days)" if retention_s else ""
+    return (f"the changes after event id {after} up to {oldest - 1} were deleted by the change log's retention{kept}: "
+            f"read the current state, then resume after {oldest - 1} or leave Last-Event-ID out to start from now")
 
 
 def frame(event: str, data: dict, event_id: int | None = None) -> str:

@@ -12,15 +12,22 @@ across replica restarts.
 The newest `memory` changes of each tenant are also kept in memory (a bounded ring), so live
 streams are served without store reads; a reader further behind reads the segments from the
 store itself (`ChangeStore`), without the backend.
+
+Retention (`retention_s`): whole directories of `PARTITION` changes whose newest change is older
+than that are deleted, oldest first, never the newest directory; a resume point before the oldest
+kept change is refused (410) rather than resumed with a gap. So the log's size is bounded by
+its rate times the retention, not by the store's age.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from itertools import islice
 from typing import Any, Literal
 
@@ -32,7 +39,11 @@ ChangeKind = Literal["twin.state", "twin.drift", "asset.created", "asset.updated
                      "asset_type.created", "asset_type.deleted", "job.succeeded", "job.failed"]
 CHANGE_KINDS: tuple[str, ...] = ChangeKind.__args__
 PARTITION = 10_000
-"""Sequence numbers per store directory: bounds the listing a reader behind the ring needs."""
+"""Sequence numbers per store directory: bounds the listing a reader behind the ring needs; the unit of retention."""
+PRUNE_EVERY_S = 600.0
+"""How often an appending backend applies the retention to a tenant's log (one listing)."""
+
+log = logging.getLogger("raytwin.serve.changes")
 
 
 class Change(BaseModel):
@@ -70,9 +81,12 @@ class Queued:
 
 
 class ChangeLog:
-    def __init__(self, url: str, storage_options: dict[str, Any] | None = None, memory: int = 1000):
+    def __init__(self, url: str, storage_options: dict[str, Any] | None = None, memory: int = 1000,
+                 retention_s: float | None = None):
+        """`retention_s`: keep at least that much history (None: everything)."""
         self.store = ChangeStore(url, storage_options)
-        self.memory = memory
+        self.memory, self.retention_s = memory, retention_s
+        self._pruned_at: dict[str, float] = {}  # tenant -> monotonic time of its last retention pass
         self._lock = threading.Lock()  # sequence numbers, segment writes, the rings
         self._queue_lock = threading.Lock()
         self._queue: dict[str, list[Queued]] = {}  # appends waiting for the next group commit
@@ -105,7 +119,23 @@ class ChangeLog:
                 self._commit(tenant, batch)
         if item.error is not None:
             raise item.error
+        self._retain(tenant)
         return item.changes or []
+
+    def _retain(self, tenant: str) -> None:
+        """Apply the retention to the tenant's log every `PRUNE_EVERY_S` (outside the lock: appends
+        go to the newest directory, which is never deleted); a failure is retried on the next pass."""
+        now = time.monotonic()
+        if self.retention_s is None or now - self._pruned_at.get(tenant, -PRUNE_EVERY_S) < PRUNE_EVERY_S:
+            return
+        self._pruned_at[tenant] = now
+        try:
+            removed = self.store.prune(tenant, datetime.now(UTC) - timedelta(seconds=self.retention_s))
+        except Exception:  # noqa: BLE001 - the appends are durable; retention waits for the next pass
+            log.warning("event=change_retention_failed tenant=%s", tenant, exc_info=True)
+            return
+        if removed:
+            log.info("event=change_retention tenant=%s removed_through=%d", tenant, removed)
 
     def _commit(self, tenant: str, batch: list[Queued]) -> None:
         """Write the queued appends as one segment (under the lock); every caller gets its changes or the error."""
@@ -204,6 +234,28 @@ class ChangeStore:
                     if len(out) == limit:
                         return out
         return out
+
+    def first_seq(self, tenant: str) -> int:
+        """The oldest change kept (1 unless the retention removed older ones; head + 1 for an empty log)."""
+        for first, _, _ in self._segments(tenant, 0):
+            return first
+        return self.last_seq(tenant) + 1
+
+    def prune(self, tenant: str, before: datetime) -> int:
+        """Delete the tenant's directories whose newest change is older than `before`, oldest first,
+        stopping at the first younger one and never deleting the newest; returns the last sequence
+        number removed (0: none)."""
+        parts = self._ls(f"{self.root}/{tenant}")
+        removed = 0
+        for part in parts[:-1]:
+            segments = self._ls(part)
+            newest = Change.model_validate_json(self.fs.cat_file(segments[-1]).splitlines()[-1]) if segments else None
+            if newest is not None and newest.time >= before:
+                break
+            self.fs.rm(part, recursive=True)
+            self._folders.discard(part)
+            removed = newest.seq if newest is not None else removed
+        return removed
 
     def last_seq(self, tenant: str) -> int:
         parts = self._ls(f"{self.root}/{tenant}")

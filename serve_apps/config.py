@@ -57,6 +57,9 @@ class ServeConfig(BaseModel):
                                "store.")
     change_poll_s: float = Field(0.1, gt=0, le=5, description="How often an ingress replica with open change "
                                  "streams asks the backend for new changes (one call per replica, all streams).")
+    change_retention_s: float | None = Field(
+        30 * 86_400, ge=3600, description="History the change log keeps (at least; deleted in directories of "
+        "10,000 changes). A stream cannot resume from before it (410). None: keep everything.")
     change_page: int = Field(500, ge=1, le=10_000, description="Changes a stream reads per call (its buffer).")
     namespace: str = "raytwin"
     api_deprecation: Deprecation | None = Field(None, description="Marks this API version (/v1) deprecated: every "

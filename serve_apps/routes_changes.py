@@ -8,10 +8,10 @@ from fastapi import FastAPI, Header, Query
 from fastapi.responses import StreamingResponse
 
 from serve_apps.auth import Principal
-from serve_apps.change_stream import ChangeFilter, first_page, sse_changes
+from serve_apps.change_stream import ChangeFilter, first_page, past_retention, sse_changes
 from serve_apps.changes import CHANGE_KINDS
 from serve_apps.deps import READER, SVC, Services
-from serve_apps.errors import Unprocessable
+from serve_apps.errors import Gone, Unprocessable
 
 KIND_FAMILIES = frozenset(k.split(".")[0] for k in CHANGE_KINDS)
 
@@ -20,7 +20,8 @@ def register(app: FastAPI) -> None:
     @app.get("/v1/changes", tags=["changes"], response_class=StreamingResponse, responses={200: {
         "content": {"text/event-stream": {"schema": {"type": "string"}}},
         "description": "`id: <seq>`, `event: <kind>`, `data: <Change as JSON>` per change; `fell_behind` once "
-                       "before the stream ends when the client reads too slowly (serve_apps/README.md)"}})
+                       "before the stream ends when the client reads too slowly, or `gone` when it read past the retention "
+                       "(serve_apps/README.md)"}})
     async def changes(
         asset_id: Annotated[list[str] | None, Query(description="Only changes of these assets")] = None,
         type_name: Annotated[str | None, Query(description="Only changes of assets of this type")] = None,
@@ -49,6 +50,8 @@ def register(app: FastAPI) -> None:
         if after > first.head:
             raise Unprocessable(f"event id {after} is ahead of this tenant's change log (newest {first.head}); "
                                 "resume from an id this stream sent, or leave it out to start from now")
+        if first.fell_behind and after + 1 < (oldest := svc.change_store.first_seq(who.tenant)):
+            raise Gone(past_retention(after, oldest, svc.config.change_retention_s))
         flt = ChangeFilter(frozenset(asset_id) if asset_id else None, type_name, frozenset(kind) if kind else None)
         stream = sse_changes(svc.backend, svc.change_store, svc.changes, who.tenant, after, first, flt, page)
         return StreamingResponse(stream,

@@ -198,3 +198,29 @@ def test_catalog_revisions_compare_and_set_and_survive_a_reload(tmp_path):
         reloaded.delete_asset("acme", "zone", stale)
     reloaded.delete_asset("acme", "zone", Precondition(if_match=EntityTags.parse('"3"')))
     assert reloaded.revision("acme", "assets", "zone") is None
+
+
+def test_retention_deletes_old_directories_and_a_stream_never_skips_what_it_deleted(tmp_path, monkeypatch):
+    monkeypatch.setattr(changes_module, "PARTITION", 4)
+    log = ChangeLog(str(tmp_path), memory=2, retention_s=3600)
+    for n in (3, 4, 2):  # one segment each, in directories 0 (1-3), 1 (4-7), 2 (8-9)
+        log.record("acme", drafts(n))  # (the first append's retention pass found nothing old enough)
+    assert log.store.first_seq("acme") == 1
+    later = changes_module.datetime.now(changes_module.UTC) + changes_module.timedelta(hours=2)
+    assert log.store.prune("acme", later) == 7  # two hours on, all but the newest directory is past the retention
+    assert log.store.first_seq("acme") == 8 and log.store.last_seq("acme") == 9
+    assert [c.seq for c in log.store.read("acme", 0, 10)] == [8, 9]
+    assert log.store.prune("acme", later) == 0  # the newest directory stays, whatever its age
+    log.record("acme", drafts(1))
+    assert log.head("acme") == 10 and ChangeLog(str(tmp_path)).head("acme") == 10  # the sequence goes on
+
+    async def resume_from(after: int) -> dict:
+        backend = LocalBackend(log)
+        stream = sse_changes(backend, log.store, HeadWatcher(backend, poll_s=0.01), "acme", after,
+                             log.read("acme", after, 5), ChangeFilter(), page=5)
+        return parse(await take(stream, 1))[0]
+
+    gone = asyncio.run(resume_from(2))  # changes 3..7 were deleted: said, not skipped
+    assert gone["event"] == "gone" and gone["id"] is None
+    assert gone["data"]["last_event_id"] == "2" and gone["data"]["oldest"] == 8
+    assert asyncio.run(resume_from(7))["id"] == "8"  # from the oldest kept change on: resumed as usual
