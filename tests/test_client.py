@@ -3,13 +3,16 @@ or answer like a load balancer (the client against the real server: tests/test_s
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import httpx
 import pytest
 
-from client import RayTwinClient, RetryPolicy
-from client.errors import RayTwinError, ServerError, Unavailable
+from client import AsyncRayTwinClient, RayTwinClient, RetryPolicy
+from client.errors import NotFound, RayTwinError, ServerError, Unauthorized, Unavailable
+from client.jobs import JobFailed, JobTimeout, JobWait
+from serve_apps.jobs import Job
 from serve_apps.schemas import AssetUpdate
 
 FAST = RetryPolicy(attempts=3, backoff_s=0.0, max_backoff_s=0.0)
@@ -78,3 +81,72 @@ def test_errors_that_are_not_the_apis_shape_map_by_status():
     with RayTwinClient("http://api", "rtk_x_y", retry=FAST, transport=transport) as api:
         with pytest.raises(ServerError):
             api.health()
+
+
+def test_the_change_stream_reconnects_from_the_last_id_and_stops_on_a_refusal():
+    frames = "id: 7\n\nid: 9\nevent: asset.updated\ndata: " + \
+        '{"seq": 9, "kind": "asset.updated", "time": "2026-01-05T12:00:00Z", "asset_id": "zone-1", "revision": 2}\n\n'
+    transport, seen = scripted(httpx.Response(503, headers={"Retry-After": "0"}),
+                               httpx.Response(200, text=frames, headers={"Content-Type": "text/event-stream"}),
+                               httpx.ConnectError("refused"),
+                               httpx.Response(401, json={"error": {"code": "unauthorized", "message": "bad key"}}))
+    with RayTwinClient("http://api", "rtk_x_y", retry=FAST, transport=transport) as api:
+        stream = api.changes(after=5)
+        change = next(stream)
+        assert (change.seq, change.kind, change.asset_id) == (9, "asset.updated", "zone-1")
+        with pytest.raises(Unauthorized, match="bad key"):
+            next(stream)
+    assert [r.headers.get("last-event-id") for r in seen] == ["5", "5", "9", "9"]
+
+
+def job_json(state: str, done: int) -> dict:
+    return {"job_id": "j1", "kind": "bulk", "tenant": "acme", "key_id": "k", "asset_id": "", "model_ref": "",
+            "content_hash": "", "scenarios": 0, "n_steps": 0, "state": state, "submitted": "2026-01-05T12:00:00Z",
+            "error": "boom" if state == "failed" else None, "bulk": {"total": 3, "done": done}}
+
+
+def test_wait_job_reports_each_change_backs_off_and_raises_on_failure_or_timeout():
+    answers = [job_json("queued", 0), job_json("running", 1), job_json("running", 1), job_json("succeeded", 3)]
+    transport, seen = scripted(*[httpx.Response(200, json=a) for a in answers])
+    progress = []
+    with RayTwinClient("http://api", "rtk_x_y", retry=FAST, transport=transport) as api:
+        job = api.wait_job("j1", timeout_s=60, on_progress=lambda j: progress.append((j.state, j.bulk.done)))
+    assert job.state == "succeeded" and [r.url.path for r in seen] == ["/v1/jobs/j1"] * 4
+    assert progress == [("queued", 0), ("running", 1), ("succeeded", 3)]  # the repeated status is not reported
+
+    wait = JobWait("j1", timeout_s=10, first_poll_s=0.5, max_poll_s=2.0, clock=lambda: 0.0)
+    delays = []
+    for _ in range(4):
+        assert not wait.finished(Job.model_validate(job_json("running", 1)))
+        delays.append(wait.delay())
+    assert delays == [0.5, 1.0, 2.0, 2.0]
+    now = [0.0]
+    wait = JobWait("j1", timeout_s=3, first_poll_s=2.0, max_poll_s=2.0, clock=lambda: now[0])
+    assert not wait.finished(Job.model_validate(job_json("running", 1))) and wait.delay() == 2.0
+    now[0] = 2.5
+    assert wait.delay() == 0.5  # the last poll is at the deadline
+    now[0] = 3.0
+    with pytest.raises(JobTimeout, match="still running after 3 s"):
+        wait.finished(Job.model_validate(job_json("running", 1)))
+    with pytest.raises(JobFailed, match="boom") as failed:
+        JobWait("j1", timeout_s=1).finished(Job.model_validate(job_json("failed", 1)))
+    assert failed.value.job.bulk.done == 1
+
+
+def test_the_async_client_waits_for_a_job_through_the_same_calls():
+    answers = iter([job_json("running", 1), job_json("succeeded", 3)])
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, json=next(answers)))
+
+    async def wait():
+        async with AsyncRayTwinClient("http://api", "rtk_x_y", retry=FAST, transport=transport) as api:
+            return await api.wait_job("j1", timeout_s=60)
+
+    assert asyncio.run(wait()).bulk.done == 3
+
+
+def test_path_parameters_are_encoded_so_an_id_cannot_reach_another_route():
+    transport, seen = scripted(httpx.Response(404, json={"error": {"code": "not_found", "message": "no"}}))
+    with RayTwinClient("http://api", "rtk_x_y", retry=FAST, transport=transport) as api:
+        with pytest.raises(NotFound):
+            api.get_asset("../asset-types/x")
+    assert seen[0].url.raw_path == b"/v1/assets/..%2Fasset-types%2Fx"
