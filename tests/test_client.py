@@ -5,15 +5,25 @@ from __future__ import annotations
 
 import asyncio
 import random
+import warnings
+from datetime import UTC, datetime
 
 import httpx
 import pytest
 
 from client import AsyncRayTwinClient, RayTwinClient, RetryPolicy
-from client.errors import NotFound, RayTwinError, ServerError, Unauthorized, Unavailable
+from client.deprecation import RayTwinDeprecationWarning
+from client.errors import (Conflict, Forbidden, InvalidRequest, NotFound, PreconditionFailed, RayTwinError,
+                           ServerError, Unauthorized, Unavailable)
 from client.jobs import JobFailed, JobTimeout, JobWait
+from raytwin.migration import MigrationRequest
+from raytwin.recalibration import RecalibrationPolicy
+from serve_apps.deprecation import Deprecation
 from serve_apps.jobs import Job
-from serve_apps.schemas import AssetUpdate
+from serve_apps.query_schemas import BulkRequest
+from serve_apps.routes_models import TransitionRequest
+from serve_apps.schemas import AssetCreate, AssetUpdate
+from tests.test_schema_evolution import V1, V2, api  # noqa: F401 (api: the in-process app fixture)
 
 FAST = RetryPolicy(attempts=3, backoff_s=0.0, max_backoff_s=0.0)
 
@@ -110,7 +120,7 @@ def test_wait_job_reports_each_change_backs_off_and_raises_on_failure_or_timeout
     transport, seen = scripted(*[httpx.Response(200, json=a) for a in answers])
     progress = []
     with RayTwinClient("http://api", "rtk_x_y", retry=FAST, transport=transport) as api:
-        job = api.wait_job("j1", timeout_s=60, on_progress=lambda j: progress.append((j.state, j.bulk.done)))
+        job = api.wait_job("j1", timeout_s=60, max_poll_s=0.1, on_progress=lambda j: progress.append((j.state, j.bulk.done)))
     assert job.state == "succeeded" and [r.url.path for r in seen] == ["/v1/jobs/j1"] * 4
     assert progress == [("queued", 0), ("running", 1), ("succeeded", 3)]  # the repeated status is not reported
 
@@ -139,7 +149,7 @@ def test_the_async_client_waits_for_a_job_through_the_same_calls():
 
     async def wait():
         async with AsyncRayTwinClient("http://api", "rtk_x_y", retry=FAST, transport=transport) as api:
-            return await api.wait_job("j1", timeout_s=60)
+            return await api.wait_job("j1", timeout_s=60, max_poll_s=0.1)
 
     assert asyncio.run(wait()).bulk.done == 3
 
@@ -150,3 +160,97 @@ def test_path_parameters_are_encoded_so_an_id_cannot_reach_another_route():
         with pytest.raises(NotFound):
             api.get_asset("../asset-types/x")
     assert seen[0].url.raw_path == b"/v1/assets/..%2Fasset-types%2Fx"
+
+
+# ---- against the real API: the FastAPI app and `Backend` in this process (tests/test_schema_evolution.py) ----
+
+@pytest.fixture(scope="module")
+def sdk(api):
+    """A client per role of tenant acme over the in-process app (its TestClient's transport)."""
+    client, auth, _ = api
+    clients = {role: RayTwinClient("http://testserver", header["Authorization"].removeprefix("Bearer "),
+                                   retry=FAST, transport=client._transport) for role, header in auth.items()}
+    admin = clients["admin"]
+    for asset_type in (V1, V2):
+        admin.create_asset_type(asset_type)
+    admin.create_asset(AssetCreate(id="sdk-room", type_name="room", type_version="1.0.0",
+                                   initial_state={"T": 293.15}))
+    yield clients
+    for c in clients.values():
+        c.close()
+
+
+def test_schema_evolution_calls_check_migrate_and_reverse(sdk):
+    admin = sdk["admin"]
+    report = admin.check_compatibility(V2.model_copy(update={"version": "1.1.0"}))
+    assert (report.previous_version, report.required_bump) == ("1.0.0", "major")
+    assert ("states.T", "removed", True) in {(c.where, c.change, c.breaking) for c in report.changes}
+    before = admin.state("sdk-room").value
+    with pytest.raises(InvalidRequest, match="target state 'T_air' has no source"):
+        admin.migrate_asset("sdk-room", MigrationRequest(type_version="2.0.0"))
+    with pytest.raises(Forbidden):
+        sdk["reader"].migrate_asset("sdk-room", MigrationRequest(type_version="2.0.0", states={"T_air": {"from": "T"}}))
+    asset = admin.get_asset("sdk-room")
+    moved = admin.migrate_asset("sdk-room", MigrationRequest(type_version="2.0.0", states={"T_air": {"from": "T"}}),
+                                if_match=asset.revision)
+    assert moved.asset.type_version == "2.0.0" and moved.revision == admin.get_asset("sdk-room").revision
+    assert moved.state_after["T_air"] == pytest.approx(before.state["T"] - 273.15, abs=1e-9)
+    with pytest.raises(PreconditionFailed):  # the migration changed the asset's revision
+        admin.migrate_asset("sdk-room", moved.inverse, if_match=asset.revision)
+    admin.migrate_asset("sdk-room", moved.inverse)
+    assert admin.state("sdk-room").value.state == before.state  # exactly back
+
+
+def test_deprecation_headers_warn_once_per_route_with_the_sunset(sdk):
+    admin, reader = sdk["admin"], sdk["reader"]
+    sunset = datetime(2027, 3, 31, 23, 59, 59, tzinfo=UTC)
+    mark = Deprecation(deprecated_at=datetime(2026, 12, 1, tzinfo=UTC), sunset=sunset,
+                       link="https://docs.example.com/room-v2")
+    assert admin.deprecate_asset_type("room", "1.0.0", mark) == mark
+    with pytest.warns(RayTwinDeprecationWarning) as caught:
+        for _ in range(3):
+            reader.get_asset_type("room", "1.0.0")
+        reader.get_asset_type("room", "2.0.0")  # not deprecated: no header, no warning
+    (warning,) = [w.message for w in caught if isinstance(w.message, RayTwinDeprecationWarning)]
+    assert warning.route == "GET /v1/asset-types/{name}/{version}" and warning.sunset == sunset
+    assert warning.deprecated_at == mark.deprecated_at and warning.link == "https://docs.example.com/room-v2"
+    assert "sunset 2027-03-31T23:59:59+00:00" in str(warning)
+    admin.undeprecate_asset_type("room", "1.0.0")
+    with pytest.raises(NotFound):
+        admin.undeprecate_asset_type("room", "1.0.0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RayTwinDeprecationWarning)
+        sdk["writer"].get_asset_type("room", "1.0.0")  # a client that never saw the mark: no header now
+
+
+def test_a_bulk_job_is_waited_for_with_progress_and_its_report_read(sdk):
+    writer = sdk["writer"]
+    accepted = writer.bulk(BulkRequest(q='id == "sdk-room"', action="tag", set={"site": "north"}))
+    seen = []
+    job = writer.wait_job(accepted.job_id, timeout_s=60, on_progress=seen.append)
+    assert job.state == "succeeded" and job.bulk.done == accepted.total == 1 and seen[-1].state == "succeeded"
+    (item,) = writer.job_report(accepted.job_id).items
+    assert item.asset_id == "sdk-room" and writer.get_asset("sdk-room").value.metadata["site"] == "north"
+    with pytest.raises(NotFound):
+        sdk["other"].job(accepted.job_id)  # another tenant's job
+
+
+def test_recalibration_policies_and_the_model_lifecycle(sdk):
+    admin, writer = sdk["admin"], sdk["writer"]
+    policy = RecalibrationPolicy(free=["R"], max_trials=4)
+    assert admin.set_recalibration_policy("room", policy) == policy == writer.recalibration_policy("room")
+    with pytest.raises(InvalidRequest, match="R_io"):
+        admin.set_recalibration_policy("room", RecalibrationPolicy(free=["R_io"]))
+    with pytest.raises(NotFound):
+        sdk["other"].recalibration_policy("room")
+    assert writer.recalibrations().running == {}
+
+    status = writer.model_lifecycle("room")
+    assert [v.version for v in status.versions] == ["1.0.0", "2.0.0"] and status.revision == -1
+    record = writer.transition_model("room", "2.0.0", TransitionRequest(to="candidate", reason="sdk test",
+                                                                        expected_revision=-1))
+    with pytest.raises(Conflict):  # stale compare-and-set
+        writer.transition_model("room", "2.0.0", TransitionRequest(to="staging", reason="x", expected_revision=-1))
+    assert [r.to_stage for r in writer.model_lifecycle_log("room")] == [record.to_stage] == ["candidate"]
+    check = writer.verify_model_lifecycle("room")
+    assert check.ok and check.records == 1 and check.head_hash == writer.model_lifecycle("room").head_hash
