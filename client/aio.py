@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from client.calls import Call, Endpoints, T
-from client.deprecation import DeprecationNotices
-from client.errors import RayTwinError, from_response, retry_after_s
+from client.base import ClientBase
+from client.calls import Call, T
+from client.errors import from_response
 from client.jobs import JobWait
-from client.model_calls import ModelCalls
 from client.pages import QueryPager
-from client.retry import RETRY_STATUSES, RetryPolicy
+from client.retry import RetryPolicy
 from client.subscription import Subscription
 from serve_apps.changes import Change
 
@@ -22,16 +21,13 @@ if TYPE_CHECKING:
     from serve_apps.jobs import Job
 
 
-class AsyncRayTwinClient(Endpoints, ModelCalls):
+class AsyncRayTwinClient(ClientBase):
     """Every operation returns an awaitable; retries and errors as in `RayTwinClient`."""
 
     def __init__(self, base_url: str, api_key: str, timeout: float = 30.0, retry: RetryPolicy = RetryPolicy(),
                  transport: httpx.AsyncBaseTransport | None = None):
-        self.retry = retry
-        self.retries = 0  # requests resent so far (observability)
-        self.deprecations = DeprecationNotices()  # routes that already warned
-        self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout, transport=transport,
-                                       headers={"Authorization": f"Bearer {api_key}"})
+        super().__init__(retry)
+        self._http = httpx.AsyncClient(**self._http_options(base_url, api_key, timeout, transport))
 
     async def __aenter__(self) -> AsyncRayTwinClient:
         return self
@@ -44,22 +40,16 @@ class AsyncRayTwinClient(Endpoints, ModelCalls):
 
     async def _send(self, call: Call[T]) -> T:
         for attempt in range(1, self.retry.attempts + 1):
-            last = attempt == self.retry.attempts
             try:
-                r = await self._http.request(call.method, call.path, params=call.params, json=call.json,
-                                             headers=dict(call.headers))
+                answer: httpx.Response | httpx.TransportError = await self._http.request(
+                    call.method, call.path, params=call.params, json=call.json, headers=dict(call.headers))
             except httpx.TransportError as exc:
-                if last or not call.idempotent:
-                    raise RayTwinError(f"{call.method} {call.path}: {exc!r}") from exc
-                await self._pause(self.retry.delay(attempt, None))
-                continue
-            if r.status_code in RETRY_STATUSES and not last:
-                await self._pause(self.retry.delay(attempt, retry_after_s(r)))
-                continue
-            self.deprecations.observe(call.method, call.route, r)
-            if r.is_error:
-                raise from_response(r)
-            return call.parse(r)
+                answer = exc
+            delay = self._resend_after(call, attempt, answer)
+            if delay is None:
+                assert isinstance(answer, httpx.Response)
+                return call.parse(answer)
+            await self._pause(delay)
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def _pause(self, seconds: float) -> None:

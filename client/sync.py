@@ -8,13 +8,12 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from client.calls import Call, Endpoints, T
-from client.deprecation import DeprecationNotices
-from client.errors import RayTwinError, from_response, retry_after_s
+from client.base import ClientBase
+from client.calls import Call, T
+from client.errors import from_response
 from client.jobs import JobWait
-from client.model_calls import ModelCalls
 from client.pages import QueryPager
-from client.retry import RETRY_STATUSES, RetryPolicy
+from client.retry import RetryPolicy
 from client.subscription import Subscription
 from serve_apps.changes import Change
 
@@ -22,17 +21,14 @@ if TYPE_CHECKING:
     from serve_apps.jobs import Job
 
 
-class RayTwinClient(Endpoints, ModelCalls):
+class RayTwinClient(ClientBase):
     """The RayTwin HTTP API. Retries 429/503 (honouring `Retry-After`) and, for requests that are safe
     to resend, network errors; raises `client.errors` exceptions for the API's errors."""
 
     def __init__(self, base_url: str, api_key: str, timeout: float = 30.0, retry: RetryPolicy = RetryPolicy(),
                  transport: httpx.BaseTransport | None = None):
-        self.retry = retry
-        self.retries = 0  # requests resent so far (observability)
-        self.deprecations = DeprecationNotices()  # routes that already warned
-        self._http = httpx.Client(base_url=base_url, timeout=timeout, transport=transport,
-                                  headers={"Authorization": f"Bearer {api_key}"})
+        super().__init__(retry)
+        self._http = httpx.Client(**self._http_options(base_url, api_key, timeout, transport))
 
     def __enter__(self) -> RayTwinClient:
         return self
@@ -45,22 +41,16 @@ class RayTwinClient(Endpoints, ModelCalls):
 
     def _send(self, call: Call[T]) -> T:
         for attempt in range(1, self.retry.attempts + 1):
-            last = attempt == self.retry.attempts
             try:
-                r = self._http.request(call.method, call.path, params=call.params, json=call.json,
-                                       headers=dict(call.headers))
+                answer: httpx.Response | httpx.TransportError = self._http.request(
+                    call.method, call.path, params=call.params, json=call.json, headers=dict(call.headers))
             except httpx.TransportError as exc:
-                if last or not call.idempotent:
-                    raise RayTwinError(f"{call.method} {call.path}: {exc!r}") from exc
-                self._pause(self.retry.delay(attempt, None))
-                continue
-            if r.status_code in RETRY_STATUSES and not last:
-                self._pause(self.retry.delay(attempt, retry_after_s(r)))
-                continue
-            self.deprecations.observe(call.method, call.route, r)
-            if r.is_error:
-                raise from_response(r)
-            return call.parse(r)
+                answer = exc
+            delay = self._resend_after(call, attempt, answer)
+            if delay is None:
+                assert isinstance(answer, httpx.Response)
+                return call.parse(answer)
+            self._pause(delay)
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     def _pause(self, seconds: float) -> None:

@@ -120,7 +120,8 @@ def test_wait_job_reports_each_change_backs_off_and_raises_on_failure_or_timeout
     transport, seen = scripted(*[httpx.Response(200, json=a) for a in answers])
     progress = []
     with RayTwinClient("http://api", "rtk_x_y", retry=FAST, transport=transport) as api:
-        job = api.wait_job("j1", timeout_s=60, max_poll_s=0.1, on_progress=lambda j: progress.append((j.state, j.bulk.done)))
+        job = api.wait_job("j1", timeout_s=60, max_poll_s=0.1,
+                           on_progress=lambda j: progress.append((j.state, j.bulk.done)))
     assert job.state == "succeeded" and [r.url.path for r in seen] == ["/v1/jobs/j1"] * 4
     assert progress == [("queued", 0), ("running", 1), ("succeeded", 3)]  # the repeated status is not reported
 
