@@ -36,7 +36,8 @@ class ClientBase(Endpoints, ModelCalls):
             return self.retry.delay(attempt, None)
         if answer.status_code in RETRY_STATUSES and not last:
             return self.retry.delay(attempt, retry_after_s(answer))
-        self.deprecations.observe(call.method, call.route, answer)
+        if call.warn_deprecated:
+            self.deprecations.observe(call.method, call.route, answer)
         if answer.is_error:
             raise from_response(answer)
         return None

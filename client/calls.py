@@ -59,6 +59,7 @@ class Call(Generic[T]):
     headers: Mapping[str, str] = field(default_factory=dict)
     idempotent: bool = False  # safe to resend after a network error (the server may have applied it)
     path_params: Mapping[str, str] = field(default_factory=dict)
+    warn_deprecated: bool = True  # False where the answer echoes a mark the caller itself just set
 
     @property
     def path(self) -> str:
@@ -208,7 +209,7 @@ class Endpoints(Sender):
     def deprecate_asset_type(self, name: str, version: str, mark: Deprecation) -> Deprecation:
         """Mark a type version deprecated: answers about it then carry `Deprecation`/`Sunset` headers."""
         return self._send(Call("PUT", "/v1/asset-types/{name}/{version}/deprecation", _model(Deprecation),
-                               json=mark.model_dump(mode="json"), idempotent=True,
+                               json=mark.model_dump(mode="json"), idempotent=True, warn_deprecated=False,
                                path_params={"name": name, "version": version}))
 
     def undeprecate_asset_type(self, name: str, version: str) -> None:

@@ -255,3 +255,21 @@ def test_recalibration_policies_and_the_model_lifecycle(sdk):
     assert [r.to_stage for r in writer.model_lifecycle_log("room")] == [record.to_stage] == ["candidate"]
     check = writer.verify_model_lifecycle("room")
     assert check.ok and check.records == 1 and check.head_hash == writer.model_lifecycle("room").head_hash
+
+
+def test_the_readme_example_of_the_new_calls_runs_as_printed(api, capsys):
+    """client/README.md's second example, against the in-process app, in a tenant of its own (globex)."""
+    from tests.guides import extract
+
+    client, auth, _ = api
+    (block,) = [b for b in extract("client/README.md") if b.first_line == "from datetime import UTC, datetime"]
+    code = block.text.replace('RayTwinClient("http://localhost:8000", "rtk_...")',
+                              'RayTwinClient("http://testserver", KEY, transport=TRANSPORT)')
+    with pytest.warns(RayTwinDeprecationWarning) as caught:
+        exec(compile(code, block.id, "exec"), {"KEY": auth["other"]["Authorization"].removeprefix("Bearer "),
+                                                "TRANSPORT": client._transport})
+    assert [str(w.message) for w in caught if w.category is RayTwinDeprecationWarning] == [
+        "GET /v1/asset-types/{name}/{version} is deprecated (sunset 2027-06-30T00:00:00+00:00)"]
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == "against 1.0.0 the changes need a patch bump"
+    assert printed[-3:] == ["job succeeded 2 of 2", "[('zone-a', 'changed'), ('zone-b', 'changed')]", "candidate"]
