@@ -24,15 +24,11 @@ STREAM_READ_TIMEOUT_S = 45.0
 
 @dataclass
 class Subscription:
-    """The stream's state and every reconnect decision; a client's loop only opens, reads and sleeps::
-
-        while True:
-            with open(**sub.connection(connect_timeout)) as r:
-                if sub.refused(r): read r, raise from_response(r)
-                for line in lines of r (when sub.readable(r)): yield sub.feed([line]); stop at sub.fell_behind
-            (a transport error: sub.dropped())
-            sleep(sub.reconnect_delay(policy))    # None: at once; raises after too many failures
-    """
+    """The stream's state and every reconnect decision, so the sync and async clients' loops only
+    open, read and sleep: open ``stream(**sub.connection(...))``; if ``sub.refused(r)`` read and raise
+    it; unless ``r.is_error``, yield ``sub.feed([line])`` per line until ``sub.fell_behind``; on a
+    transport error ``sub.dropped()``; then sleep ``sub.reconnect_delay(policy)`` (None: reconnect at
+    once) and open again. Memory stays bounded: one frame is held, never the stream."""
 
     after: int | None = None
     asset_ids: tuple[str, ...] = ()

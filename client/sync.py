@@ -58,7 +58,7 @@ class RayTwinClient(ClientBase):
         time.sleep(seconds)
 
     def wait_job(self, job_id: str, timeout_s: float = 600.0, on_progress: Callable[[Job], None] | None = None,
-                       max_poll_s: float = 5.0) -> Job:
+                 max_poll_s: float = 5.0) -> Job:
         """Poll a job until it succeeded (backing off from 0.1 s to `max_poll_s`) and return its last
         status; `on_progress(job)` on every change of state or bulk progress. Raises `JobFailed`, or
         `JobTimeout` after `timeout_s` (the job keeps running)."""
