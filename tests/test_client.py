@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import random
+import subprocess
+import sys
 import warnings
 from datetime import UTC, datetime
+from pathlib import Path
 
 import httpx
 import pytest
@@ -273,3 +276,26 @@ def test_the_readme_example_of_the_new_calls_runs_as_printed(api, capsys):
     printed = capsys.readouterr().out.splitlines()
     assert printed[0] == "against 1.0.0 the changes need a patch bump"
     assert printed[-3:] == ["job succeeded 2 of 2", "[('zone-a', 'changed'), ('zone-b', 'changed')]", "candidate"]
+
+
+def test_recommendation_calls_reach_their_routes_with_valid_bodies(sdk):
+    from serve_apps.routes_recommendations import RecommendationRequest
+
+    request = RecommendationRequest.model_validate({
+        "horizon_s": 1800.0, "step_s": 60.0, "objective": "mean_T", "control": {
+            "input": "Q", "block_s": 300.0, "lower": 0.0, "upper": 1000.0}, "ensemble": {"rel_std": {"R": 0.05}}})
+    writer = sdk["writer"]
+    with pytest.raises(NotFound, match="no-such-room"):  # the body passed the server's validation (else 422)
+        writer.recommend("no-such-room", request)
+    with pytest.raises(NotFound, match="no recommendation nope for asset sdk-room"):
+        writer.recommendation("sdk-room", "nope")
+    with pytest.raises(NotFound, match="no recommendation nope"):
+        writer.issue_recommendation("sdk-room", "nope", connector="site")
+
+
+def test_importing_the_client_loads_neither_ray_nor_jax():
+    """Answers whose server modules import Ray or JAX are loaded on first use (`client.calls._lazy`)."""
+    code = "import sys, client, client.model_calls; print(sorted({'ray', 'jax', 'fastapi'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout
+    assert out.strip() == "[]"
