@@ -182,6 +182,9 @@ def sdk(api):
     yield clients
     for c in clients.values():
         c.close()
+    backend = api[2]
+    for asset_id in backend.twins.assets("globex"):  # the README example's twins (acme's: the api fixture)
+        backend.twins.unregister("globex", asset_id)
 
 
 def test_schema_evolution_calls_check_migrate_and_reverse(sdk):
@@ -260,7 +263,7 @@ def test_recalibration_policies_and_the_model_lifecycle(sdk):
     assert check.ok and check.records == 1 and check.head_hash == writer.model_lifecycle("room").head_hash
 
 
-def test_the_readme_example_of_the_new_calls_runs_as_printed(api, capsys):
+def test_the_readme_example_of_the_new_calls_runs_as_printed(api, sdk, capsys):
     """client/README.md's second example, against the in-process app, in a tenant of its own (globex)."""
     from tests.guides import extract
 
