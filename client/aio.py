@@ -3,28 +3,31 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from client.calls import Call, Endpoints, T
-from client.errors import RayTwinError, from_response, retry_after_s
+from client.base import ClientBase
+from client.calls import Call, T
+from client.errors import from_response
+from client.jobs import JobWait
 from client.pages import QueryPager
-from client.retry import RETRY_STATUSES, RetryPolicy
-from client.subscription import STREAM_READ_TIMEOUT_S, Subscription
+from client.retry import RetryPolicy
+from client.subscription import Subscription
 from serve_apps.changes import Change
 
+if TYPE_CHECKING:
+    from serve_apps.jobs import Job
 
-class AsyncRayTwinClient(Endpoints):
+
+class AsyncRayTwinClient(ClientBase):
     """Every operation returns an awaitable; retries and errors as in `RayTwinClient`."""
 
     def __init__(self, base_url: str, api_key: str, timeout: float = 30.0, retry: RetryPolicy = RetryPolicy(),
                  transport: httpx.AsyncBaseTransport | None = None):
-        self.retry = retry
-        self.retries = 0
-        self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout, transport=transport,
-                                       headers={"Authorization": f"Bearer {api_key}"})
+        super().__init__(retry)
+        self._http = httpx.AsyncClient(**self._http_options(base_url, api_key, timeout, transport))
 
     async def __aenter__(self) -> AsyncRayTwinClient:
         return self
@@ -37,26 +40,29 @@ class AsyncRayTwinClient(Endpoints):
 
     async def _send(self, call: Call[T]) -> T:
         for attempt in range(1, self.retry.attempts + 1):
-            last = attempt == self.retry.attempts
             try:
-                r = await self._http.request(call.method, call.path, params=call.params, json=call.json,
-                                             headers=dict(call.headers))
+                answer: httpx.Response | httpx.TransportError = await self._http.request(
+                    call.method, call.path, params=call.params, json=call.json, headers=dict(call.headers))
             except httpx.TransportError as exc:
-                if last or not call.idempotent:
-                    raise RayTwinError(f"{call.method} {call.path}: {exc!r}") from exc
-                await self._wait(attempt, None)
-                continue
-            if r.status_code in RETRY_STATUSES and not last:
-                await self._wait(attempt, retry_after_s(r))
-                continue
-            if r.is_error:
-                raise from_response(r)
-            return call.parse(r)
+                answer = exc
+            delay = self._resend_after(call, attempt, answer)
+            if delay is None:
+                assert isinstance(answer, httpx.Response)
+                return call.parse(answer)
+            await self._pause(delay)
         raise AssertionError("unreachable: the last attempt returns or raises")
 
-    async def _wait(self, attempt: int, retry_after: float | None) -> None:
+    async def _pause(self, seconds: float) -> None:
         self.retries += 1
-        await asyncio.sleep(self.retry.delay(attempt, retry_after))
+        await asyncio.sleep(seconds)
+
+    async def wait_job(self, job_id: str, timeout_s: float = 600.0, on_progress: Callable[[Job], None] | None = None,
+                       max_poll_s: float = 5.0) -> Job:
+        """Poll a job until it succeeded (see `RayTwinClient.wait_job`)."""
+        wait = JobWait(job_id, timeout_s, on_progress, max_poll_s=max_poll_s)
+        while not wait.finished(job := await self._send(wait.call())):
+            await asyncio.sleep(wait.delay())
+        return job
 
     async def query(self, q: str = "", sort: Sequence[str] = (), fields: Sequence[str] | None = None,
                     page_size: int = 100) -> AsyncIterator[dict[str, Any]]:
@@ -70,29 +76,19 @@ class AsyncRayTwinClient(Endpoints):
                       kinds: tuple[str, ...] = ()) -> AsyncIterator[Change]:
         """Follow the tenant's change stream, reconnecting with `Last-Event-ID` (see `RayTwinClient.changes`)."""
         sub = Subscription(after, tuple(asset_ids), type_name, tuple(kinds))
-        failures = 0
         while True:
-            params, headers = sub.request()
             try:
-                async with self._http.stream("GET", "/v1/changes", params=params, headers=headers,
-                                             timeout=httpx.Timeout(self._http.timeout.connect,
-                                                                   read=STREAM_READ_TIMEOUT_S)) as r:
-                    if r.is_error and r.status_code not in RETRY_STATUSES:
+                async with self._http.stream(**sub.connection(self._http.timeout.connect)) as r:
+                    if sub.refused(r):
                         await r.aread()
                         raise from_response(r)
-                    wait = retry_after_s(r) if r.is_error else None
                     if not r.is_error:
                         async for line in r.aiter_lines():
-                            failures = 0
                             for change in sub.feed([line]):
                                 yield change
                             if sub.fell_behind:
                                 break
             except httpx.TransportError:
-                wait = None
-            if sub.fell_behind:  # resume from the store at once
-                continue
-            failures += 1
-            if failures >= self.retry.attempts:
-                raise RayTwinError(f"change stream: {failures} reconnections failed in a row")
-            await self._wait(failures, wait)
+                sub.dropped()
+            if (delay := sub.reconnect_delay(self.retry)) is not None:
+                await self._pause(delay)

@@ -11,15 +11,23 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Generic, Literal, TypeVar
+from importlib import import_module
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
+from urllib.parse import quote
 
 import httpx
 from pydantic import BaseModel, TypeAdapter
 
 from actors.state import TwinState
 from raytwin.contracts import Asset, AssetType, RelationshipKind, TelemetryEvent
-from serve_apps.query_schemas import AssetGraph
+from raytwin.migration import MigrationRequest
+from serve_apps.deprecation import Deprecation
+from serve_apps.query_schemas import AssetGraph, BulkAccepted, BulkReport, BulkRequest
 from serve_apps.schemas import AssetCreate, AssetUpdate, Divergence, Health, IngestResult
+
+if TYPE_CHECKING:  # answers whose server modules import Ray or JAX: loaded on first use (see `_lazy`)
+    from serve_apps.jobs import Job
+    from serve_apps.routes_evolution import CompatibilityReport, MigrationResult
 
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
@@ -39,13 +47,23 @@ class Revisioned(Generic[T]):
 
 @dataclass(frozen=True)
 class Call(Generic[T]):
+    """One request. `route` is the server's path template (``/v1/assets/{asset_id}``), filled from
+    `path_params`, each percent-encoded (an id cannot reach another route); deprecation warnings
+    are issued once per route."""
+
     method: str
-    path: str
+    route: str
     parse: Callable[[httpx.Response], T]
     params: Mapping[str, Any] | None = None
     json: Any = None
     headers: Mapping[str, str] = field(default_factory=dict)
     idempotent: bool = False  # safe to resend after a network error (the server may have applied it)
+    path_params: Mapping[str, str] = field(default_factory=dict)
+    warn_deprecated: bool = True  # False where the answer echoes a mark the caller itself just set
+
+    @property
+    def path(self) -> str:
+        return self.route.format_map({k: quote(str(v), safe="") for k, v in self.path_params.items()})
 
 
 def _model(cls: type[M]) -> Callable[[httpx.Response], M]:
@@ -55,6 +73,21 @@ def _model(cls: type[M]) -> Callable[[httpx.Response], M]:
 def _models(cls: type[M]) -> Callable[[httpx.Response], list[M]]:
     adapter = TypeAdapter(list[cls])
     return lambda r: adapter.validate_json(r.content)
+
+
+def _lazy(ref: str, many: bool = False) -> Callable[[httpx.Response], Any]:
+    """A parser for the server model ``module:Name`` whose module imports Ray, JAX or FastAPI routes:
+    imported on the first answer (`many`: a list of them), so `import client` stays light."""
+    adapters: list[TypeAdapter[Any]] = []
+
+    def parse(r: httpx.Response) -> Any:
+        if not adapters:
+            module, _, name = ref.partition(":")
+            target: Any = getattr(import_module(module), name)
+            adapters.append(TypeAdapter(list[target] if many else target))
+        return adapters[0].validate_json(r.content)
+
+    return parse
 
 
 def _revisioned(cls: type[M]) -> Callable[[httpx.Response], Revisioned[M]]:
@@ -82,11 +115,15 @@ def telemetry_body(asset_id: str, events: Iterable[TelemetryEvent | Mapping[str,
     return {"events": out}
 
 
-class Endpoints(ABC):
-    """The operations; `_send` (sync: the value, async: an awaitable of it) is the client's."""
+class Sender(ABC):
+    """Where calls go: `_send` (sync: the value, async: an awaitable of it) is the client's."""
 
     @abstractmethod
     def _send(self, call: Call[T]) -> Any: ...
+
+
+class Endpoints(Sender):
+    """The catalog, twin, schema evolution and job operations (models: `client.model_calls`)."""
 
     def health(self) -> Health:
         return self._send(Call("GET", "/v1/health", _model(Health), idempotent=True))
@@ -98,7 +135,8 @@ class Endpoints(ABC):
             mode="json"), headers=_conditions(None, create_only), idempotent=not create_only))
 
     def get_asset_type(self, name: str, version: str) -> Revisioned[AssetType]:
-        return self._send(Call("GET", f"/v1/asset-types/{name}/{version}", _revisioned(AssetType), idempotent=True))
+        return self._send(Call("GET", "/v1/asset-types/{name}/{version}", _revisioned(AssetType), idempotent=True,
+                               path_params={"name": name, "version": version}))
 
     def list_asset_types(self, name: str | None = None) -> list[AssetType]:
         return self._send(Call("GET", "/v1/asset-types", _models(AssetType), params=_present(name=name),
@@ -111,7 +149,8 @@ class Endpoints(ABC):
                                headers=_conditions(None, create_only)))
 
     def get_asset(self, asset_id: str) -> Revisioned[Asset]:
-        return self._send(Call("GET", f"/v1/assets/{asset_id}", _revisioned(Asset), idempotent=True))
+        return self._send(Call("GET", "/v1/assets/{asset_id}", _revisioned(Asset), idempotent=True,
+                               path_params={"asset_id": asset_id}))
 
     def list_assets(self, type_name: str | None = None, type_version: str | None = None,
                     related_to: str | None = None, relationship: RelationshipKind | None = None) -> list[Asset]:
@@ -120,32 +159,82 @@ class Endpoints(ABC):
 
     def update_asset(self, asset_id: str, update: AssetUpdate, if_match: int | None = None) -> Revisioned[Asset]:
         """Replace an asset; with `if_match` only at that revision (else PreconditionFailed, nothing changed)."""
-        return self._send(Call("PUT", f"/v1/assets/{asset_id}", _revisioned(Asset),
+        return self._send(Call("PUT", "/v1/assets/{asset_id}", _revisioned(Asset),
                                json=update.model_dump(mode="json"), headers=_conditions(if_match),
-                               idempotent=if_match is not None))
+                               idempotent=if_match is not None, path_params={"asset_id": asset_id}))
 
     def delete_asset(self, asset_id: str, if_match: int | None = None) -> None:
-        return self._send(Call("DELETE", f"/v1/assets/{asset_id}", _nothing, headers=_conditions(if_match)))
+        return self._send(Call("DELETE", "/v1/assets/{asset_id}", _nothing, headers=_conditions(if_match),
+                               path_params={"asset_id": asset_id}))
 
     # ---- twins ------------------------------------------------------------------------------
     def send_telemetry(self, asset_id: str, events: Iterable[TelemetryEvent | Mapping[str, Any]]) -> IngestResult:
         """Send a batch; retried safely (every event has an idempotency key): resent events count as duplicates."""
-        return self._send(Call("POST", f"/v1/assets/{asset_id}/telemetry", _model(IngestResult),
-                               json=telemetry_body(asset_id, events), idempotent=True))
+        return self._send(Call("POST", "/v1/assets/{asset_id}/telemetry", _model(IngestResult),
+                               json=telemetry_body(asset_id, events), idempotent=True,
+                               path_params={"asset_id": asset_id}))
 
     def state(self, asset_id: str, at: datetime | None = None) -> Revisioned[TwinState]:
         """The twin's state now, or as of `at` (timezone-aware)."""
-        return self._send(Call("GET", f"/v1/assets/{asset_id}/state", _revisioned(TwinState), idempotent=True,
-                               params=_present(at=at.isoformat() if at is not None else None)))
+        return self._send(Call("GET", "/v1/assets/{asset_id}/state", _revisioned(TwinState), idempotent=True,
+                               params=_present(at=at.isoformat() if at is not None else None),
+                               path_params={"asset_id": asset_id}))
 
     def asset_graph(self, asset_id: str, direction: Literal["descendants", "ancestors"] = "descendants",
                     kinds: Iterable[RelationshipKind] = (), depth: int = 8) -> AssetGraph:
         """Assets reachable along relationships (`kinds`: only these; default all), with shortest paths."""
-        return self._send(Call("GET", f"/v1/assets/{asset_id}/graph", _model(AssetGraph), idempotent=True,
-                               params={"direction": direction, "kind": list(kinds), "depth": depth}))
+        return self._send(Call("GET", "/v1/assets/{asset_id}/graph", _model(AssetGraph), idempotent=True,
+                               params={"direction": direction, "kind": list(kinds), "depth": depth},
+                               path_params={"asset_id": asset_id}))
 
     def divergence(self, asset_id: str) -> Divergence:
-        return self._send(Call("GET", f"/v1/assets/{asset_id}/divergence", _model(Divergence), idempotent=True))
+        return self._send(Call("GET", "/v1/assets/{asset_id}/divergence", _model(Divergence), idempotent=True,
+                               path_params={"asset_id": asset_id}))
+
+    # ---- schema evolution -------------------------------------------------------------------
+    def migrate_asset(self, asset_id: str, migration: MigrationRequest, if_match: int | None = None
+                      ) -> MigrationResult:
+        """Move an asset and its twin to another version of its type, mapping the state; `inverse` in
+        the answer moves it back. Not resent after a network error unless `if_match` makes it safe."""
+        return self._send(Call("POST", "/v1/assets/{asset_id}/migrate", _lazy("serve_apps.routes_evolution:"
+                               "MigrationResult"), json=migration.model_dump(mode="json"), headers=_conditions(
+                               if_match), idempotent=if_match is not None, path_params={"asset_id": asset_id}))
+
+    def check_compatibility(self, asset_type: AssetType) -> CompatibilityReport:
+        """A candidate type version's changes against the newest older one and the bump they need (writes nothing)."""
+        return self._send(Call("POST", "/v1/asset-types/compatibility",
+                               _lazy("serve_apps.routes_evolution:CompatibilityReport"),
+                               json=asset_type.model_dump(mode="json"), idempotent=True))
+
+    def deprecate_asset_type(self, name: str, version: str, mark: Deprecation) -> Deprecation:
+        """Mark a type version deprecated: answers about it then carry `Deprecation`/`Sunset` headers."""
+        return self._send(Call("PUT", "/v1/asset-types/{name}/{version}/deprecation", _model(Deprecation),
+                               json=mark.model_dump(mode="json"), idempotent=True, warn_deprecated=False,
+                               path_params={"name": name, "version": version}))
+
+    def undeprecate_asset_type(self, name: str, version: str) -> None:
+        """Withdraw a type version's deprecation mark (NotFound if it has none)."""
+        return self._send(Call("DELETE", "/v1/asset-types/{name}/{version}/deprecation", _nothing,
+                               path_params={"name": name, "version": version}))
+
+    # ---- jobs -------------------------------------------------------------------------------
+    def bulk(self, request: BulkRequest) -> BulkAccepted:
+        """Tag, delete or retype every asset `request.q` matches, as a job (wait for it with `wait_job`)."""
+        return self._send(Call("POST", "/v1/bulk", _model(BulkAccepted), json=request.model_dump(mode="json")))
+
+    def job(self, job_id: str) -> Job:
+        """A scenario, sweep or bulk job's status (bulk: `bulk` progress); `wait_job` polls it to the end."""
+        return self._send(job_call(job_id))
+
+    def job_report(self, job_id: str) -> BulkReport:
+        """The outcome of each item of a bulk job that succeeded (Conflict before)."""
+        return self._send(Call("GET", "/v1/jobs/{job_id}/report", _model(BulkReport), idempotent=True,
+                               path_params={"job_id": job_id}))
+
+
+def job_call(job_id: str) -> Call[Job]:
+    return Call("GET", "/v1/jobs/{job_id}", _lazy("serve_apps.jobs:Job"), idempotent=True,
+                path_params={"job_id": job_id})
 
 
 def _present(**params: Any) -> dict[str, Any]:

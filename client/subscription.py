@@ -12,6 +12,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
+
+from client.errors import RayTwinError, retry_after_s
+from client.retry import RETRY_STATUSES, RetryPolicy
 from serve_apps.changes import Change
 
 STREAM_READ_TIMEOUT_S = 45.0
@@ -20,12 +24,20 @@ STREAM_READ_TIMEOUT_S = 45.0
 
 @dataclass
 class Subscription:
+    """The stream's state and every reconnect decision, so the sync and async clients' loops only
+    open, read and sleep: open ``stream(**sub.connection(...))``; if ``sub.refused(r)`` read and raise
+    it; unless ``r.is_error``, yield ``sub.feed([line])`` per line until ``sub.fell_behind``; on a
+    transport error ``sub.dropped()``; then sleep ``sub.reconnect_delay(policy)`` (None: reconnect at
+    once) and open again. Memory stays bounded: one frame is held, never the stream."""
+
     after: int | None = None
     asset_ids: tuple[str, ...] = ()
     type_name: str | None = None
     kinds: tuple[str, ...] = ()
     last_id: int | None = None
     fell_behind: bool = False
+    failures: int = 0  # connections in a row that delivered nothing
+    _retry_after: float | None = None
     _frame: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -42,10 +54,36 @@ class Subscription:
             headers["Last-Event-ID"] = str(self.last_id)
         return params, headers
 
+    def connection(self, connect_timeout: float | None) -> dict[str, Any]:
+        """Keyword arguments of the next `stream()` call (method, url, params, headers, timeout)."""
+        params, headers = self.request()
+        return {"method": "GET", "url": "/v1/changes", "params": params, "headers": headers,
+                "timeout": httpx.Timeout(connect_timeout, read=STREAM_READ_TIMEOUT_S)}
+
+    def refused(self, response: httpx.Response) -> bool:
+        """An error that reconnecting will not cure (raise it); notes `Retry-After` of one it may."""
+        self._retry_after = retry_after_s(response) if response.is_error else None
+        return response.is_error and response.status_code not in RETRY_STATUSES
+
+    def dropped(self) -> None:
+        """The connection failed or broke: reconnect after a backoff (no `Retry-After` to honour)."""
+        self._retry_after = None
+
+    def reconnect_delay(self, policy: RetryPolicy) -> float | None:
+        """Seconds to wait before reconnecting (None: at once, the stream fell behind and resumes from
+        the store); raises `RayTwinError` after `policy.attempts` failed connections in a row."""
+        if self.fell_behind:
+            return None
+        self.failures += 1
+        if self.failures >= policy.attempts:
+            raise RayTwinError(f"change stream: {self.failures} reconnections failed in a row")
+        return policy.delay(self.failures, self._retry_after)
+
     def feed(self, lines: Iterable[str]) -> list[Change]:
         """The changes completed by these lines; notes ids and `fell_behind`."""
         out = []
         for line in lines:
+            self.failures = 0
             if line:
                 if not line.startswith(":"):
                     name, _, value = line.partition(":")

@@ -3,14 +3,30 @@ or answer like a load balancer (the client against the real server: tests/test_s
 
 from __future__ import annotations
 
+import asyncio
 import random
+import subprocess
+import sys
+import warnings
+from datetime import UTC, datetime
+from pathlib import Path
 
 import httpx
 import pytest
 
-from client import RayTwinClient, RetryPolicy
-from client.errors import RayTwinError, ServerError, Unavailable
-from serve_apps.schemas import AssetUpdate
+from client import AsyncRayTwinClient, RayTwinClient, RetryPolicy
+from client.deprecation import RayTwinDeprecationWarning
+from client.errors import (Conflict, Forbidden, InvalidRequest, NotFound, PreconditionFailed, RayTwinError,
+                           ServerError, Unauthorized, Unavailable)
+from client.jobs import JobFailed, JobTimeout, JobWait
+from raytwin.migration import MigrationRequest
+from raytwin.recalibration import RecalibrationPolicy
+from serve_apps.deprecation import Deprecation
+from serve_apps.jobs import Job
+from serve_apps.query_schemas import BulkRequest
+from serve_apps.routes_models import TransitionRequest
+from serve_apps.schemas import AssetCreate, AssetUpdate
+from tests.test_schema_evolution import V1, V2, api  # noqa: F401 (api: the in-process app fixture)
 
 FAST = RetryPolicy(attempts=3, backoff_s=0.0, max_backoff_s=0.0)
 
@@ -78,3 +94,211 @@ def test_errors_that_are_not_the_apis_shape_map_by_status():
     with RayTwinClient("http://api", "rtk_x_y", retry=FAST, transport=transport) as api:
         with pytest.raises(ServerError):
             api.health()
+
+
+def test_the_change_stream_reconnects_from_the_last_id_and_stops_on_a_refusal():
+    frames = "id: 7\n\nid: 9\nevent: asset.updated\ndata: " + \
+        '{"seq": 9, "kind": "asset.updated", "time": "2026-01-05T12:00:00Z", "asset_id": "zone-1", "revision": 2}\n\n'
+    transport, seen = scripted(httpx.Response(503, headers={"Retry-After": "0"}),
+                               httpx.Response(200, text=frames, headers={"Content-Type": "text/event-stream"}),
+                               httpx.ConnectError("refused"),
+                               httpx.Response(401, json={"error": {"code": "unauthorized", "message": "bad key"}}))
+    with RayTwinClient("http://api", "rtk_x_y", retry=FAST, transport=transport) as api:
+        stream = api.changes(after=5)
+        change = next(stream)
+        assert (change.seq, change.kind, change.asset_id) == (9, "asset.updated", "zone-1")
+        with pytest.raises(Unauthorized, match="bad key"):
+            next(stream)
+    assert [r.headers.get("last-event-id") for r in seen] == ["5", "5", "9", "9"]
+
+
+def job_json(state: str, done: int) -> dict:
+    return {"job_id": "j1", "kind": "bulk", "tenant": "acme", "key_id": "k", "asset_id": "", "model_ref": "",
+            "content_hash": "", "scenarios": 0, "n_steps": 0, "state": state, "submitted": "2026-01-05T12:00:00Z",
+            "error": "boom" if state == "failed" else None, "bulk": {"total": 3, "done": done}}
+
+
+def test_wait_job_reports_each_change_backs_off_and_raises_on_failure_or_timeout():
+    answers = [job_json("queued", 0), job_json("running", 1), job_json("running", 1), job_json("succeeded", 3)]
+    transport, seen = scripted(*[httpx.Response(200, json=a) for a in answers])
+    progress = []
+    with RayTwinClient("http://api", "rtk_x_y", retry=FAST, transport=transport) as api:
+        job = api.wait_job("j1", timeout_s=60, max_poll_s=0.1,
+                           on_progress=lambda j: progress.append((j.state, j.bulk.done)))
+    assert job.state == "succeeded" and [r.url.path for r in seen] == ["/v1/jobs/j1"] * 4
+    assert progress == [("queued", 0), ("running", 1), ("succeeded", 3)]  # the repeated status is not reported
+
+    wait = JobWait("j1", timeout_s=10, first_poll_s=0.5, max_poll_s=2.0, clock=lambda: 0.0)
+    delays = []
+    for _ in range(4):
+        assert not wait.finished(Job.model_validate(job_json("running", 1)))
+        delays.append(wait.delay())
+    assert delays == [0.5, 1.0, 2.0, 2.0]
+    now = [0.0]
+    wait = JobWait("j1", timeout_s=3, first_poll_s=2.0, max_poll_s=2.0, clock=lambda: now[0])
+    assert not wait.finished(Job.model_validate(job_json("running", 1))) and wait.delay() == 2.0
+    now[0] = 2.5
+    assert wait.delay() == 0.5  # the last poll is at the deadline
+    now[0] = 3.0
+    with pytest.raises(JobTimeout, match="still running after 3 s"):
+        wait.finished(Job.model_validate(job_json("running", 1)))
+    with pytest.raises(JobFailed, match="boom") as failed:
+        JobWait("j1", timeout_s=1).finished(Job.model_validate(job_json("failed", 1)))
+    assert failed.value.job.bulk.done == 1
+
+
+def test_the_async_client_waits_for_a_job_through_the_same_calls():
+    answers = iter([job_json("running", 1), job_json("succeeded", 3)])
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, json=next(answers)))
+
+    async def wait():
+        async with AsyncRayTwinClient("http://api", "rtk_x_y", retry=FAST, transport=transport) as api:
+            return await api.wait_job("j1", timeout_s=60, max_poll_s=0.1)
+
+    assert asyncio.run(wait()).bulk.done == 3
+
+
+def test_path_parameters_are_encoded_so_an_id_cannot_reach_another_route():
+    transport, seen = scripted(httpx.Response(404, json={"error": {"code": "not_found", "message": "no"}}))
+    with RayTwinClient("http://api", "rtk_x_y", retry=FAST, transport=transport) as api:
+        with pytest.raises(NotFound):
+            api.get_asset("../asset-types/x")
+    assert seen[0].url.raw_path == b"/v1/assets/..%2Fasset-types%2Fx"
+
+
+# ---- against the real API: the FastAPI app and `Backend` in this process (tests/test_schema_evolution.py) ----
+
+@pytest.fixture(scope="module")
+def sdk(api):
+    """A client per role of tenant acme over the in-process app (its TestClient's transport)."""
+    client, auth, _ = api
+    clients = {role: RayTwinClient("http://testserver", header["Authorization"].removeprefix("Bearer "),
+                                   retry=FAST, transport=client._transport) for role, header in auth.items()}
+    admin = clients["admin"]
+    for asset_type in (V1, V2):
+        admin.create_asset_type(asset_type)
+    admin.create_asset(AssetCreate(id="sdk-room", type_name="room", type_version="1.0.0",
+                                   initial_state={"T": 293.15}))
+    yield clients
+    for c in clients.values():
+        c.close()
+    backend = api[2]
+    for asset_id in backend.twins.assets("globex"):  # the README example's twins (acme's: the api fixture)
+        backend.twins.unregister("globex", asset_id)
+
+
+def test_schema_evolution_calls_check_migrate_and_reverse(sdk):
+    admin = sdk["admin"]
+    report = admin.check_compatibility(V2.model_copy(update={"version": "1.1.0"}))
+    assert (report.previous_version, report.required_bump) == ("1.0.0", "major")
+    assert ("states.T", "removed", True) in {(c.where, c.change, c.breaking) for c in report.changes}
+    before = admin.state("sdk-room").value
+    with pytest.raises(InvalidRequest, match="target state 'T_air' has no source"):
+        admin.migrate_asset("sdk-room", MigrationRequest(type_version="2.0.0"))
+    with pytest.raises(Forbidden):
+        sdk["reader"].migrate_asset("sdk-room", MigrationRequest(type_version="2.0.0", states={"T_air": {"from": "T"}}))
+    asset = admin.get_asset("sdk-room")
+    moved = admin.migrate_asset("sdk-room", MigrationRequest(type_version="2.0.0", states={"T_air": {"from": "T"}}),
+                                if_match=asset.revision)
+    assert moved.asset.type_version == "2.0.0" and moved.revision == admin.get_asset("sdk-room").revision
+    assert moved.state_after["T_air"] == pytest.approx(before.state["T"] - 273.15, abs=1e-9)
+    with pytest.raises(PreconditionFailed):  # the migration changed the asset's revision
+        admin.migrate_asset("sdk-room", moved.inverse, if_match=asset.revision)
+    admin.migrate_asset("sdk-room", moved.inverse)
+    assert admin.state("sdk-room").value.state == before.state  # exactly back
+
+
+def test_deprecation_headers_warn_once_per_route_with_the_sunset(sdk):
+    admin, reader = sdk["admin"], sdk["reader"]
+    sunset = datetime(2027, 3, 31, 23, 59, 59, tzinfo=UTC)
+    mark = Deprecation(deprecated_at=datetime(2026, 12, 1, tzinfo=UTC), sunset=sunset,
+                       link="https://docs.example.com/room-v2")
+    assert admin.deprecate_asset_type("room", "1.0.0", mark) == mark
+    with pytest.warns(RayTwinDeprecationWarning) as caught:
+        for _ in range(3):
+            reader.get_asset_type("room", "1.0.0")
+        reader.get_asset_type("room", "2.0.0")  # not deprecated: no header, no warning
+    (warning,) = [w.message for w in caught if isinstance(w.message, RayTwinDeprecationWarning)]
+    assert warning.route == "GET /v1/asset-types/{name}/{version}" and warning.sunset == sunset
+    assert warning.deprecated_at == mark.deprecated_at and warning.link == "https://docs.example.com/room-v2"
+    assert "sunset 2027-03-31T23:59:59+00:00" in str(warning)
+    admin.undeprecate_asset_type("room", "1.0.0")
+    with pytest.raises(NotFound):
+        admin.undeprecate_asset_type("room", "1.0.0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RayTwinDeprecationWarning)
+        sdk["writer"].get_asset_type("room", "1.0.0")  # a client that never saw the mark: no header now
+
+
+def test_a_bulk_job_is_waited_for_with_progress_and_its_report_read(sdk):
+    writer = sdk["writer"]
+    accepted = writer.bulk(BulkRequest(q='id == "sdk-room"', action="tag", set={"site": "north"}))
+    seen = []
+    job = writer.wait_job(accepted.job_id, timeout_s=60, on_progress=seen.append)
+    assert job.state == "succeeded" and job.bulk.done == accepted.total == 1 and seen[-1].state == "succeeded"
+    (item,) = writer.job_report(accepted.job_id).items
+    assert item.asset_id == "sdk-room" and writer.get_asset("sdk-room").value.metadata["site"] == "north"
+    with pytest.raises(NotFound):
+        sdk["other"].job(accepted.job_id)  # another tenant's job
+
+
+def test_recalibration_policies_and_the_model_lifecycle(sdk):
+    admin, writer = sdk["admin"], sdk["writer"]
+    policy = RecalibrationPolicy(free=["R"], max_trials=4)
+    assert admin.set_recalibration_policy("room", policy) == policy == writer.recalibration_policy("room")
+    with pytest.raises(InvalidRequest, match="R_io"):
+        admin.set_recalibration_policy("room", RecalibrationPolicy(free=["R_io"]))
+    with pytest.raises(NotFound):
+        sdk["other"].recalibration_policy("room")
+    assert writer.recalibrations().running == {}
+
+    status = writer.model_lifecycle("room")
+    assert [v.version for v in status.versions] == ["1.0.0", "2.0.0"] and status.revision == -1
+    record = writer.transition_model("room", "2.0.0", TransitionRequest(to="candidate", reason="sdk test",
+                                                                        expected_revision=-1))
+    with pytest.raises(Conflict):  # stale compare-and-set
+        writer.transition_model("room", "2.0.0", TransitionRequest(to="staging", reason="x", expected_revision=-1))
+    assert [r.to_stage for r in writer.model_lifecycle_log("room")] == [record.to_stage] == ["candidate"]
+    check = writer.verify_model_lifecycle("room")
+    assert check.ok and check.records == 1 and check.head_hash == writer.model_lifecycle("room").head_hash
+
+
+def test_the_readme_example_of_the_new_calls_runs_as_printed(api, sdk, capsys):
+    """client/README.md's second example, against the in-process app, in a tenant of its own (globex)."""
+    from tests.guides import extract
+
+    client, auth, _ = api
+    (block,) = [b for b in extract("client/README.md") if b.first_line == "from datetime import UTC, datetime"]
+    code = block.text.replace('RayTwinClient("http://localhost:8000", "rtk_...")',
+                              'RayTwinClient("http://testserver", KEY, transport=TRANSPORT)')
+    with pytest.warns(RayTwinDeprecationWarning) as caught:
+        exec(compile(code, block.id, "exec"), {"KEY": auth["other"]["Authorization"].removeprefix("Bearer "),
+                                                "TRANSPORT": client._transport})
+    assert [str(w.message) for w in caught if w.category is RayTwinDeprecationWarning] == [
+        "GET /v1/asset-types/{name}/{version} is deprecated (sunset 2027-06-30T00:00:00+00:00)"]
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == "against 1.0.0 the changes need a patch bump"
+    assert printed[-3:] == ["job succeeded 2 of 2", "[('zone-a', 'changed'), ('zone-b', 'changed')]", "candidate"]
+
+
+def test_recommendation_calls_reach_their_routes_with_valid_bodies(sdk):
+    from serve_apps.routes_recommendations import RecommendationRequest
+
+    request = RecommendationRequest.model_validate({
+        "horizon_s": 1800.0, "step_s": 60.0, "objective": "mean_T", "control": {
+            "input": "Q", "block_s": 300.0, "lower": 0.0, "upper": 1000.0}, "ensemble": {"rel_std": {"R": 0.05}}})
+    writer = sdk["writer"]
+    with pytest.raises(NotFound, match="no-such-room"):  # the body passed the server's validation (else 422)
+        writer.recommend("no-such-room", request)
+    with pytest.raises(NotFound, match="no recommendation nope for asset sdk-room"):
+        writer.recommendation("sdk-room", "nope")
+    with pytest.raises(NotFound, match="no recommendation nope"):
+        writer.issue_recommendation("sdk-room", "nope", connector="site")
+
+
+def test_importing_the_client_loads_neither_ray_nor_jax():
+    """Answers whose server modules import Ray or JAX are loaded on first use (`client.calls._lazy`)."""
+    code = "import sys, client, client.model_calls; print(sorted({'ray', 'jax', 'fastapi'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout
+    assert out.strip() == "[]"

@@ -66,6 +66,8 @@ NOT_RUN: dict[tuple[str, str], str] = {  # (guide, first line of the block) -> w
     ("serve_apps/README.md", "id: 42"): "the change stream's wire format; tests/test_serve_api.py reads it",
     ("client/README.md", "from client import RayTwinClient"): "needs a running API: tests/test_serve_api.py runs "
      "it against its server",
+    ("client/README.md", "from datetime import UTC, datetime"): "needs a running API: tests/test_client.py runs it "
+     "against the in-process app",
     ("benchmarks/README.md", '{"machine": {"date_utc", "cpu_model", "cpu_count", "memory_gib", '
      '"load_average_1_5_15", "jax_devices",'): "an outline of the JSON record's keys, not a record; the record "
      "is written and read back by `run` and `report` in the block above",

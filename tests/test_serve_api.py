@@ -879,7 +879,7 @@ def test_the_client_readme_runs_as_printed(api, capsys):
     """client/README.md's example, against this server and with a key of a tenant of its own."""
     from tests.guides import extract
 
-    (block,) = [b for b in extract("client/README.md") if b.lang == "python"]
+    (block,) = [b for b in extract("client/README.md") if b.first_line == "from client import RayTwinClient"]
     code = block.text.replace("http://localhost:8000", api[0]).replace("rtk_...", api[1]["sdk-readme"])
     exec(compile(code, block.id, "exec"), {})
     printed = capsys.readouterr().out.splitlines()

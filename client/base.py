@@ -1,0 +1,43 @@
+"""What the sync and async clients share besides the operations: their settings and the decision,
+after each try of a call, to return, raise or resend (and after how long)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from client.calls import Call, Endpoints
+from client.deprecation import DeprecationNotices
+from client.errors import RayTwinError, from_response, retry_after_s
+from client.model_calls import ModelCalls
+from client.retry import RETRY_STATUSES, RetryPolicy
+
+
+class ClientBase(Endpoints, ModelCalls):
+    def __init__(self, retry: RetryPolicy):
+        self.retry = retry
+        self.retries = 0  # requests resent so far (observability)
+        self.deprecations = DeprecationNotices()  # routes that already warned
+
+    @staticmethod
+    def _http_options(base_url: str, api_key: str, timeout: float, transport: Any) -> dict[str, Any]:
+        return {"base_url": base_url, "timeout": timeout, "transport": transport,
+                "headers": {"Authorization": f"Bearer {api_key}"}}
+
+    def _resend_after(self, call: Call[Any], attempt: int, answer: httpx.Response | httpx.TransportError
+                      ) -> float | None:
+        """Seconds to wait before resending `call`, or None: `answer` is its result. Raises the API's
+        error, or `RayTwinError` for a network error on a call that is not safe to resend (or the last try)."""
+        last = attempt == self.retry.attempts
+        if isinstance(answer, httpx.TransportError):
+            if last or not call.idempotent:
+                raise RayTwinError(f"{call.method} {call.path}: {answer!r}") from answer
+            return self.retry.delay(attempt, None)
+        if answer.status_code in RETRY_STATUSES and not last:
+            return self.retry.delay(attempt, retry_after_s(answer))
+        if call.warn_deprecated:
+            self.deprecations.observe(call.method, call.route, answer)
+        if answer.is_error:
+            raise from_response(answer)
+        return None

@@ -1,0 +1,108 @@
+"""The model operations: lifecycle (stages, rollback, the log and its check), drift recalibration
+policies, and recommended actions. Sync and async clients share them like `client.calls.Endpoints`.
+
+Several answers are models of server modules that import Ray or JAX (`raytwin.lifecycle`,
+`sweeps.recommend`): they are loaded on the first such call, not on `import client`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel
+
+from client.calls import Call, Sender, _lazy, _model, _present
+from connectors.commands import Command
+from raytwin.recalibration import RecalibrationPolicy
+from serve_apps.recalibration import TenantState
+
+if TYPE_CHECKING:
+    from raytwin.lifecycle import LifecyclePolicy, PruneReport, TransitionRecord
+    from serve_apps.routes_models import ChainCheck, LifecycleStatus, RollbackRequest, TransitionRequest
+    from serve_apps.routes_recommendations import RecommendationRequest
+    from sweeps.recommend import Recommendation
+
+_RECORD = "raytwin.lifecycle:TransitionRecord"
+_RECOMMENDATION = "sweeps.recommend:Recommendation"
+_MODELS = "serve_apps.routes_models"
+
+
+def _body(request: BaseModel) -> Any:
+    return request.model_dump(mode="json", exclude_none=True)
+
+
+class ModelCalls(Sender):
+    # ---- model lifecycle ----------------------------------------------------------------------
+    def model_lifecycle(self, model: str) -> LifecycleStatus:
+        """Each registered version's stage; production, rollback target, the log's `revision` and head hash."""
+        return self._send(Call("GET", "/v1/models/{model}/lifecycle", _lazy(f"{_MODELS}:LifecycleStatus"),
+                               idempotent=True, path_params={"model": model}))
+
+    def transition_model(self, model: str, version: str, request: TransitionRequest) -> TransitionRecord:
+        """Submit, stage, promote or archive a version (Forbidden: the four-eyes rule; Conflict: a move the
+        stage does not allow, or `expected_revision` is stale). Resent only with `expected_revision` set."""
+        return self._send(Call("POST", "/v1/models/{model}/versions/{version}/transitions", _lazy(_RECORD),
+                               json=_body(request), idempotent=request.expected_revision is not None,
+                               path_params={"model": model, "version": version}))
+
+    def rollback_model(self, model: str, request: RollbackRequest) -> TransitionRecord:
+        """Back to the previous production version."""
+        return self._send(Call("POST", "/v1/models/{model}/rollback", _lazy(_RECORD), json=_body(request),
+                               idempotent=request.expected_revision is not None, path_params={"model": model}))
+
+    def model_lifecycle_log(self, model: str) -> list[TransitionRecord]:
+        return self._send(Call("GET", "/v1/models/{model}/lifecycle/log", _lazy(_RECORD, many=True),
+                               idempotent=True, path_params={"model": model}))
+
+    def verify_model_lifecycle(self, model: str, expected_head: str | None = None) -> ChainCheck:
+        """The log's hash chain checked (`ok`, `first_bad_record`); `expected_head`: also against a head you kept."""
+        return self._send(Call("GET", "/v1/models/{model}/lifecycle/verify", _lazy(f"{_MODELS}:ChainCheck"),
+                               params=_present(expected_head=expected_head), idempotent=True,
+                               path_params={"model": model}))
+
+    def prune_model(self, model: str) -> PruneReport:
+        """Apply the tenant's retention to the model's archived versions and sweep run records (admin)."""
+        return self._send(Call("POST", "/v1/models/{model}/prune", _lazy("raytwin.lifecycle:PruneReport"),
+                               path_params={"model": model}))
+
+    def lifecycle_policy(self) -> LifecyclePolicy:
+        return self._send(Call("GET", "/v1/lifecycle-policy", _lazy("raytwin.lifecycle:LifecyclePolicy"),
+                               idempotent=True))
+
+    def set_lifecycle_policy(self, policy: LifecyclePolicy) -> LifecyclePolicy:
+        return self._send(Call("PUT", "/v1/lifecycle-policy", _lazy("raytwin.lifecycle:LifecyclePolicy"),
+                               json=policy.model_dump(mode="json"), idempotent=True))
+
+    # ---- drift recalibration ----------------------------------------------------------------------
+    def recalibration_policy(self, type_name: str) -> RecalibrationPolicy:
+        """The tenant's recalibration policy for an asset type (NotFound: none set)."""
+        return self._send(Call("GET", "/v1/recalibration-policies/{type_name}", _model(RecalibrationPolicy),
+                               idempotent=True, path_params={"type_name": type_name}))
+
+    def set_recalibration_policy(self, type_name: str, policy: RecalibrationPolicy) -> RecalibrationPolicy:
+        """When a latched drift alarm of this type's twins launches a calibration, and its budget (admin)."""
+        return self._send(Call("PUT", "/v1/recalibration-policies/{type_name}", _model(RecalibrationPolicy),
+                               json=policy.model_dump(mode="json"), idempotent=True,
+                               path_params={"type_name": type_name}))
+
+    def recalibrations(self) -> TenantState:
+        """Pending triggers, running and recently finished drift recalibrations of the tenant."""
+        return self._send(Call("GET", "/v1/recalibrations", _model(TenantState), idempotent=True))
+
+    # ---- recommended actions ----------------------------------------------------------------------
+    def recommend(self, asset_id: str, request: RecommendationRequest) -> Recommendation:
+        """Optimise the asset's control schedule from its twin's state: a recorded run (`run_id`)."""
+        return self._send(Call("POST", "/v1/assets/{asset_id}/recommendations", _lazy(_RECOMMENDATION),
+                               json=request.model_dump(mode="json"), path_params={"asset_id": asset_id}))
+
+    def recommendation(self, asset_id: str, recommendation_id: str) -> Recommendation:
+        return self._send(Call("GET", "/v1/assets/{asset_id}/recommendations/{rid}", _lazy(_RECOMMENDATION),
+                               idempotent=True, path_params={"asset_id": asset_id, "rid": recommendation_id}))
+
+    def issue_recommendation(self, asset_id: str, recommendation_id: str, connector: str,
+                             name: str = "schedule") -> Command:
+        """Propose the schedule as a command through `connector`; another admin key with the `approver`
+        grant approves it before anything is sent."""
+        return self._send(Call("POST", "/v1/assets/{asset_id}/recommendations/{rid}/issue", _model(Command),
+                               json={"connector": connector, "name": name},
+                               path_params={"asset_id": asset_id, "rid": recommendation_id}))
