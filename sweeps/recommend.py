@@ -58,7 +58,7 @@ from sweeps.kits import SweepKit
 from sweeps.runner import prepare, run_sweep
 from sweeps.runs import DEFAULT_RUNS_ROOT, RunError, RunRecord, RunStore, _recorded
 from sweeps.space import Dimension, ScenarioSpace
-from sweeps.spec import SweepSpec, resolve_model
+from sweeps.spec import ModelStart, SweepSpec, resolve_model
 
 log = logging.getLogger("raytwin.recommend")
 
@@ -138,17 +138,10 @@ class Ensemble(Contract):
         return self
 
 
-class RecommendSpec(Contract):
+class RecommendSpec(ModelStart):
     """One recommendation: model and start state (e.g. `sweeps.twins.start_from_twin`), horizon,
     the control, the objective (a kit metric, minimised), bounds, the search and the ensemble."""
 
-    model: Annotated[str, Field(min_length=1)]
-    registry_url: str | None = None
-    tenant: Identifier = "default"
-    asset_id: Identifier | None = None
-    start_state: dict[str, Finite] | None = None
-    parameters: dict[str, Finite] = Field(default_factory=dict)
-    inputs: dict[str, Finite] = Field(default_factory=dict, description="The kit's parameters (the baseline's too)")
     horizon_s: Annotated[Finite, Field(gt=0)]
     step_s: Annotated[Finite, Field(gt=0)]
     control: Control

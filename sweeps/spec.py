@@ -44,7 +44,21 @@ def resolve_model(model: str, registry_url: str | None = None) -> ModelArtifact:
     )
 
 
-class SweepSpec(Contract):
+class ModelStart(Contract):
+    """What a run of a model from a start point names (a sweep, a recommendation): the model (a registry
+    ref with `registry_url`, or a built-in name), whose tenant and asset, and the base values."""
+
+    model: Annotated[str, Field(min_length=1)]
+    registry_url: str | None = None
+    tenant: Identifier = "default"
+    asset_id: Identifier | None = None
+    start_state: dict[str, Finite] | None = None
+    parameters: dict[str, Finite] = Field(default_factory=dict)
+    inputs: dict[str, Finite] = Field(default_factory=dict, description="The kit's parameters (input-signal "
+                                      "parameters and metric thresholds)")
+
+
+class SweepSpec(ModelStart):
     """A what-if sweep: every scenario of `space` applied on top of the base values.
 
     Base values: `start_state` (e.g. a twin's live ``TwinState.state``; default: the kit's),
@@ -59,13 +73,6 @@ class SweepSpec(Contract):
     stability limit.
     """
 
-    model: Annotated[str, Field(min_length=1)]
-    registry_url: str | None = None
-    tenant: Identifier = "default"
-    asset_id: Identifier | None = None
-    start_state: dict[str, Finite] | None = None
-    parameters: dict[str, Finite] = Field(default_factory=dict)
-    inputs: dict[str, Finite] = Field(default_factory=dict)
     signals: dict[str, Signal] = Field(default_factory=dict)
     metrics: list[Metric] = Field(default_factory=list)
     space: ScenarioSpace
