@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import tempfile
 import threading
@@ -28,6 +29,7 @@ from actors import TwinService
 from benchmarks.connector_runs import check_exactly_once, latency_figures, wait_acknowledged
 from benchmarks.harness import BenchContext, BenchResult, Figure, benchmark
 from benchmarks.ingest import TENANT, IngestMismatch, LiveStream, ProbedTwin, TelemetryFeed
+from benchmarks.serve_api import _cpu_seconds
 from benchmarks.sweep import cluster_cpus
 from connectors.manager import Connectors
 from connectors.opcua.devserver import NAMESPACE, OpcUaServer
@@ -164,7 +166,10 @@ def opcua_ingestion(ctx: BenchContext) -> BenchResult:
             through_opcua(LiveStream(opcua_feed, latency_rate, latency_s / 2))  # warm-up: actors, imports, paths
             sustained = LiveStream(opcua_feed, throughput_rate, throughput_s)
             n_sustained = sustained.total
+            cpu = {"asyncua server": server.process.pid, "plant client (benchmark process)": os.getpid()}
+            cpu_before = {name: _cpu_seconds(pid) for name, pid in cpu.items()}
             written_s, opcua_s = through_opcua(sustained)
+            cpu_s = {name: _cpu_seconds(pid) - cpu_before[name] for name, pid in cpu.items()}
 
             def direct() -> int:
                 return service.ingest(TENANT, direct_feed.table(n_sustained)).accepted
@@ -187,7 +192,8 @@ def opcua_ingestion(ctx: BenchContext) -> BenchResult:
             status = connectors.status(TENANT, "bench")
             res.checks.update({"latency_events": {p: int(v.size) for p, v in latency.items()},
                                "write_requests": plant.requests, "connector_errors": status.errors,
-                               "sustained_written_s": written_s, "sustained_acknowledged_s": opcua_s})
+                               "sustained_written_s": written_s, "sustained_acknowledged_s": opcua_s,
+                               "sustained_cpu_s": cpu_s})
         finally:
             if plant is not None:
                 plant.close()
@@ -200,6 +206,8 @@ def opcua_ingestion(ctx: BenchContext) -> BenchResult:
                baseline="TwinService.ingest (Arrow batches)", baseline_value=n_sustained / t_direct.median_s),
         Figure("OPC UA sustained: value changes written (accepted by the asyncua server)", n_sustained / written_s,
                "events/s"),
+        *[Figure(f"OPC UA sustained: {name} CPU per event", spent / n_sustained * 1e6, "us")
+          for name, spent in cpu_s.items()],
         *latency_figures("OPC UA", f"{latency_rate:,.0f} value changes/s", latency["opcua"], latency["direct"]),
     ]
     res.notes.append(f"OPC UA: plant client (Write requests, source timestamp = event time) -> asyncua dev server "
