@@ -15,12 +15,18 @@ from connectors.manager import Connectors
 WAIT_S = 300.0
 
 
-def wait_acknowledged(connectors: Connectors, name: str, messages: int) -> float:
-    """Monotonic time at which connector `name` had acknowledged `messages` (polled every 10 ms)."""
+def wait_acknowledged(connectors: Connectors, name: str, messages: int, max_errors: int | None = None) -> float:
+    """Monotonic time at which connector `name` had acknowledged `messages` (polled every 10 ms). With
+    `max_errors`, fails at once when the connector counts more errors (e.g. a lost OPC UA session: the changes
+    made before the new subscription would never arrive, and waiting would only time out)."""
     deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline:
-        if connectors.status(TENANT, name).acknowledged >= messages:
+        status = connectors.status(TENANT, name)
+        if status.acknowledged >= messages:
             return time.monotonic()
+        if max_errors is not None and status.errors > max_errors:
+            raise IngestMismatch(f"connector {name!r} failed while delivering ({status.acknowledged} of {messages} "
+                                 f"acknowledged): {status.last_error}")
         time.sleep(0.01)
     raise IngestMismatch(f"connector {name!r} did not acknowledge {messages} messages within {WAIT_S:g} s")
 

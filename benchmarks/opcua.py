@@ -20,6 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable
+from contextlib import ExitStack
 from datetime import datetime
 
 import numpy as np
@@ -136,70 +137,68 @@ def opcua_ingestion(ctx: BenchContext) -> BenchResult:
     throughput_rate, throughput_s = (400.0, 0.5) if ctx.quick else (10_000.0, 5.0)
     latency_rate, latency_s = (200.0, 0.5) if ctx.quick else (1_000.0, 5.0)
     shards = cluster_cpus()
-    with tempfile.TemporaryDirectory(prefix="raytwin-bench-opcua-") as tmp:
+    with ExitStack() as running:  # closed in reverse: plant, connector, twins, server, directory
+        tmp = running.enter_context(tempfile.TemporaryDirectory(prefix="raytwin-bench-opcua-"))
         opcua_feed, direct_feed = TelemetryFeed(n_twins, "opcua"), TelemetryFeed(n_twins, "direct")
         server = OpcUaServer(free_port(), [node_name(a) for a in opcua_feed.assets], [], f"{USER}:{PASSWORD}")
         server.start()
+        running.callback(server.kill)
         artifact = ModelRegistry(f"{tmp}/registry").register("zone", "1.0.0", AssetType.from_model(THERMAL_RC))
         service = TwinService(f"{tmp}/store", shards=shards, namespace=f"bench-{uuid.uuid4().hex[:8]}")
+        running.callback(service.close)
         connectors = Connectors(service.router, service.assets)
-        plant = None
-        try:
-            for a in opcua_feed.assets + direct_feed.assets:
-                service.register(Asset(id=a, tenant=TENANT, type_name="thermal_rc", type_version="1.0.0"), artifact)
-            nodes = [{"node_id": f"nsu={NAMESPACE};s={node_name(a)}", "asset_id": a, "measurement": MEASUREMENT,
-                      "unit": "degC"} for a in opcua_feed.assets]
-            connectors.create({"name": "bench", "tenant": TENANT, "kind": "opcua", "endpoint": server.endpoint,
-                               "batch_size": 2000, "publishing_interval_ms": PUBLISHING_INTERVAL_MS,
-                               "queue_size": 100_000, "nodes": nodes}, Credentials(username=USER, password=PASSWORD))
-            _wait_connected(connectors, "bench")
-            plant = Plant(server)
+        running.callback(connectors.stop_all, TENANT)
+        for a in opcua_feed.assets + direct_feed.assets:
+            service.register(Asset(id=a, tenant=TENANT, type_name="thermal_rc", type_version="1.0.0"), artifact)
+        nodes = [{"node_id": f"nsu={NAMESPACE};s={node_name(a)}", "asset_id": a, "measurement": MEASUREMENT,
+                  "unit": "degC"} for a in opcua_feed.assets]
+        connectors.create({"name": "bench", "tenant": TENANT, "kind": "opcua", "endpoint": server.endpoint,
+                           "batch_size": 2000, "publishing_interval_ms": PUBLISHING_INTERVAL_MS,
+                           "queue_size": 100_000, "nodes": nodes}, Credentials(username=USER, password=PASSWORD))
+        _wait_connected(connectors, "bench")
+        plant = Plant(server)
+        running.callback(plant.close)
 
-            def through_opcua(stream: LiveStream) -> tuple[float, float]:
-                """Seconds from the stream's start to the server's acceptance of its last write, and to the
-                connector's acknowledgement of its last event."""
-                before = connectors.status(TENANT, "bench").acknowledged
-                plant.offer(stream.rows())
-                written = time.monotonic()
-                return written - stream.t0, wait_acknowledged(connectors, "bench", before + stream.total) - stream.t0
+        def through_opcua(stream: LiveStream) -> tuple[float, float]:
+            """Seconds from the stream's start to the server's acceptance of its last write, and to the
+            connector's acknowledgement of its last event."""
+            before = connectors.status(TENANT, "bench")
+            plant.offer(stream.rows())
+            written = time.monotonic()
+            done = wait_acknowledged(connectors, "bench", before.acknowledged + stream.total, max_errors=before.errors)
+            return written - stream.t0, done - stream.t0
 
-            through_opcua(LiveStream(opcua_feed, latency_rate, latency_s / 2))  # warm-up: actors, imports, paths
-            sustained = LiveStream(opcua_feed, throughput_rate, throughput_s)
-            n_sustained = sustained.total
-            cpu = {"asyncua server": server.process.pid, "plant client (benchmark process)": os.getpid()}
-            cpu_before = {name: _cpu_seconds(pid) for name, pid in cpu.items()}
-            written_s, opcua_s = through_opcua(sustained)
-            cpu_s = {name: _cpu_seconds(pid) - cpu_before[name] for name, pid in cpu.items()}
+        through_opcua(LiveStream(opcua_feed, latency_rate, latency_s / 2))  # warm-up: actors, imports, paths
+        sustained = LiveStream(opcua_feed, throughput_rate, throughput_s)
+        n_sustained = sustained.total
+        cpu = {"asyncua server": server.process.pid, "plant client (benchmark process)": os.getpid()}
+        cpu_before = {name: _cpu_seconds(pid) for name, pid in cpu.items()}
+        written_s, opcua_s = through_opcua(sustained)
+        cpu_s = {name: _cpu_seconds(pid) - cpu_before[name] for name, pid in cpu.items()}
 
-            def direct() -> int:
-                return service.ingest(TENANT, direct_feed.table(n_sustained)).accepted
+        def direct() -> int:
+            return service.ingest(TENANT, direct_feed.table(n_sustained)).accepted
 
-            t_direct, accepted = ctx.measure("opcua/direct", direct, repeat=min(ctx.repeat, 3))
-            if accepted != n_sustained:
-                raise IngestMismatch(f"{accepted} of {n_sustained} events accepted directly")
+        t_direct, accepted = ctx.measure("opcua/direct", direct, repeat=min(ctx.repeat, 3))
+        if accepted != n_sustained:
+            raise IngestMismatch(f"{accepted} of {n_sustained} events accepted directly")
 
-            latency = {}
-            for path, feed in (("direct", direct_feed), ("opcua", opcua_feed)):
-                stream = LiveStream(feed, latency_rate, latency_s)
-                with ProbedTwin(service, feed.assets[-1]) as probe:
-                    if path == "direct":
-                        service.ingest_stream(TENANT, stream.rows())
-                    else:
-                        through_opcua(stream)
-                    service.flush()
-                latency[path] = probe.latencies_s(stream.due_times(feed.assets[-1]))
-            res.checks.update(check_exactly_once(service, {"opcua": opcua_feed, "direct": direct_feed}))
-            status = connectors.status(TENANT, "bench")
-            res.checks.update({"latency_events": {p: int(v.size) for p, v in latency.items()},
-                               "write_requests": plant.requests, "connector_errors": status.errors,
-                               "sustained_written_s": written_s, "sustained_acknowledged_s": opcua_s,
-                               "sustained_cpu_s": cpu_s})
-        finally:
-            if plant is not None:
-                plant.close()
-            connectors.stop_all(TENANT)
-            service.close()
-            server.kill()
+        latency = {}
+        for path, feed in (("direct", direct_feed), ("opcua", opcua_feed)):
+            stream = LiveStream(feed, latency_rate, latency_s)
+            with ProbedTwin(service, feed.assets[-1]) as probe:
+                if path == "direct":
+                    service.ingest_stream(TENANT, stream.rows())
+                else:
+                    through_opcua(stream)
+                service.flush()
+            latency[path] = probe.latencies_s(stream.due_times(feed.assets[-1]))
+        res.checks.update(check_exactly_once(service, {"opcua": opcua_feed, "direct": direct_feed}))
+        status = connectors.status(TENANT, "bench")
+        res.checks.update({"latency_events": {p: int(v.size) for p, v in latency.items()},
+                           "write_requests": plant.requests, "connector_errors": status.errors,
+                           "sustained_written_s": written_s, "sustained_acknowledged_s": opcua_s,
+                           "sustained_cpu_s": cpu_s})
     res.figures += [
         Figure(f"OPC UA sustained, {throughput_rate:,.0f} value changes/s offered for {throughput_s:g} s, "
                f"{n_twins} twins (1 node each), {shards} shards", n_sustained / opcua_s, "events/s",
