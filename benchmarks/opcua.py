@@ -23,7 +23,6 @@ from collections.abc import Iterable
 from contextlib import ExitStack
 from datetime import datetime
 
-import numpy as np
 from asyncua import Client, ua
 
 from actors import TwinService
