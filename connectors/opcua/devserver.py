@@ -97,7 +97,8 @@ class OpcUaServer:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=f"python -m {MODULE}",
+                                     description="A local asyncua OPC UA server for development, tests and benchmarks.")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--node", action="append", default=[])
     parser.add_argument("--readonly", action="append", default=[])
