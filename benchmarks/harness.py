@@ -172,7 +172,8 @@ def benchmark(name: str, description: str) -> Callable[[BenchFn], BenchFn]:
 
 BENCHMARK_MODULES = ("benchmarks.sweep", "benchmarks.sweep_kits", "benchmarks.sweep_gpu",
                      "benchmarks.lorenz_ensemble", "benchmarks.roofline", "benchmarks.quantiles",
-                     "benchmarks.model_checks", "benchmarks.ingest", "benchmarks.mqtt", "benchmarks.serve_api",
+                     "benchmarks.model_checks", "benchmarks.ingest", "benchmarks.mqtt", "benchmarks.opcua",
+                     "benchmarks.serve_api",
                      "benchmarks.overload", "benchmarks.changes", "benchmarks.query", "benchmarks.replay",
                      "benchmarks.calibration", "benchmarks.fmu", "benchmarks.drift", "benchmarks.failover",
                      "benchmarks.recommend")

@@ -21,6 +21,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
 from actors import TwinService
+from benchmarks.connector_runs import WAIT_S, check_exactly_once, latency_figures, wait_acknowledged
 from benchmarks.harness import BenchContext, BenchResult, Figure, benchmark
 from benchmarks.ingest import TENANT, IngestMismatch, LiveStream, ProbedTwin, TelemetryFeed
 from benchmarks.sweep import cluster_cpus
@@ -32,7 +33,6 @@ from raytwin.registry import ModelRegistry
 from raytwin.sim import THERMAL_RC
 from sweeps.runner import ensure_ray
 
-WAIT_S = 300.0
 MAPPING = {"measurements": {"T_in": {"field": "T_in", "unit": "degC"}, "T_out": {"field": "T_out", "unit": "degC"},
                             "Q_h": {"field": "Q_h", "unit": "kW"}},
            "event_time": "ts", "sequence": "seq"}
@@ -63,16 +63,6 @@ class Publisher:
             self.last.wait_for_publish(WAIT_S)
         self.client.disconnect()
         self.client.loop_stop()
-
-
-def _wait_acknowledged(connectors: Connectors, name: str, messages: int) -> float:
-    """Monotonic time at which the connector had acknowledged `messages` (polled every 10 ms)."""
-    deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline:
-        if connectors.status(TENANT, name).acknowledged >= messages:
-            return time.monotonic()
-        time.sleep(0.01)
-    raise IngestMismatch(f"the connector did not acknowledge {messages} messages within {WAIT_S:g} s")
 
 
 @benchmark("mqtt", "Events/s through MQTT into twins and ingest->queryable latency, next to direct ingestion")
@@ -109,7 +99,7 @@ def mqtt_ingestion(ctx: BenchContext) -> BenchResult:
                 gateway.close()
                 t0 = time.monotonic()
                 connectors.resume(TENANT, "bench")
-                return _wait_acknowledged(connectors, "bench", before + n_messages) - t0
+                return wait_acknowledged(connectors, "bench", before + n_messages) - t0
 
             def direct() -> int:
                 return service.ingest(TENANT, direct_feed.table(n_messages)).accepted
@@ -132,18 +122,12 @@ def mqtt_ingestion(ctx: BenchContext) -> BenchResult:
                         for row in stream.rows():
                             gateway.publish(row)
                         gateway.close()
-                        _wait_acknowledged(connectors, "bench", before + stream.total)
+                        wait_acknowledged(connectors, "bench", before + stream.total)
                     service.flush()
                 latency[path] = probe.latencies_s(stream.due_times(feed.assets[-1]))
-            applied = {p: sum(service.state(TENANT, a).events_applied for a in f.assets)
-                       for p, f in (("mqtt", mqtt_feed), ("direct", direct_feed))}
-            res.checks.update({"events_sent": {"mqtt": mqtt_feed.sent, "direct": direct_feed.sent},
-                               "events_applied": applied,
-                               "latency_events": {p: int(v.size) for p, v in latency.items()},
+            res.checks.update(check_exactly_once(service, {"mqtt": mqtt_feed, "direct": direct_feed}))
+            res.checks.update({"latency_events": {p: int(v.size) for p, v in latency.items()},
                                "mqtt_runs_s": mqtt_runs})
-            sent = {"mqtt": mqtt_feed.sent, "direct": direct_feed.sent}
-            if applied != sent or not all(v.size for v in latency.values()):
-                raise IngestMismatch(f"sent {res.checks['events_sent']}, applied {applied}")
         finally:
             connectors.stop_all(TENANT)
             service.close()
@@ -154,10 +138,7 @@ def mqtt_ingestion(ctx: BenchContext) -> BenchResult:
                f"{shards} shards",
                n_messages / mqtt_s, "events/s", baseline="TwinService.ingest (Arrow batches)",
                baseline_value=direct_rate),
-        Figure(f"MQTT ingest->queryable p50 at {rate:,.0f} msg/s", np.percentile(latency["mqtt"], 50) * 1e3, "ms",
-               baseline="TwinService.ingest_stream", baseline_value=np.percentile(latency["direct"], 50) * 1e3),
-        Figure(f"MQTT ingest->queryable p95 at {rate:,.0f} msg/s", np.percentile(latency["mqtt"], 95) * 1e3, "ms",
-               baseline="TwinService.ingest_stream", baseline_value=np.percentile(latency["direct"], 95) * 1e3),
+        *latency_figures("MQTT", f"{rate:,.0f} msg/s", latency["mqtt"], latency["direct"]),
     ]
     res.notes.append("MQTT: paho publisher (QoS 1) -> Mosquitto -> connector actor (QoS 1, acks after the events "
                      "are durable, linger 20 ms) -> twin shards. Throughput: the broker holds a backlog published "

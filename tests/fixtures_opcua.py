@@ -1,40 +1,13 @@
-"""A real asyncua OPC UA server for the tests (`tests/opcua_server.py`) in a subprocess, so a test can
-kill it mid-stream (SIGKILL: no goodbye to the client) and start it again on the same port."""
+"""The plant side of the OPC UA tests: a device writing to the dev server (`connectors.opcua.devserver`)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from datetime import datetime
 
 from asyncua import ua
 from asyncua.sync import Client
 
-
-class OpcUaServer:
-    """One server process on a loopback port with the given writable and read-only variables (historized
-    in memory with `history`: a restart forgets the history, as it forgets the values)."""
-
-    def __init__(self, port: int, nodes: list[str], readonly: list[str], user: str, history: bool = False):
-        self.port, self.nodes, self.readonly, self.user, self.history = port, nodes, readonly, user, history
-        self.endpoint = f"opc.tcp://127.0.0.1:{port}/raytwin/"
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        args = [sys.executable, "-m", "tests.opcua_server", "--port", str(self.port), "--user", self.user]
-        args += [a for n in self.nodes for a in ("--node", n)] + [a for n in self.readonly for a in ("--readonly", n)]
-        args += ["--history"] if self.history else []
-        self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        line = self.process.stdout.readline()  # READY once it listens; empty if it died
-        if not line.startswith("READY"):
-            self.kill()
-            raise RuntimeError(f"the OPC UA test server did not start on port {self.port} (got {line!r})")
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(30)
-        self.process = None
+from connectors.opcua.devserver import OpcUaServer
 
 
 class Device:

@@ -27,6 +27,7 @@ from connectors.kinds import parse_spec
 from connectors.manager import Connectors, InvalidConnector
 from connectors.mapping import DeadLetter
 from connectors.opcua import MappedNode, OpcUaSpec
+from connectors.opcua.devserver import OpcUaServer
 from connectors.opcua.session import OpcUaSession
 from connectors.opcua.values import to_row
 from connectors.sink import Inbound
@@ -36,7 +37,7 @@ from raytwin.contracts import TelemetryEvent
 from raytwin.statestore import to_micros
 from raytwin.ports import free_port
 from tests.fixtures_connectors import WAIT_S, tank_twins, wait_for
-from tests.fixtures_opcua import Device, OpcUaServer
+from tests.fixtures_opcua import Device
 from tests.guides import extract
 
 T0 = datetime(2026, 4, 1, tzinfo=UTC)

@@ -1,6 +1,7 @@
-"""A real asyncua OPC UA server for the connector tests, run as a subprocess so a test can kill and restart it.
+"""A local asyncua OPC UA server for development, the connector tests and the `opcua` benchmark, run as a
+subprocess (`OpcUaServer`) so a test can kill it mid-stream and start it again on the same port.
 
-    python -m tests.opcua_server --port 4840 --node zone-1.T_in --node zone-1.T_out --readonly plant.locked \
+    python -m connectors.opcua.devserver --port 4840 --node zone-1.T_in --node zone-1.T_out --readonly plant.locked \
         [--user operator:secret] [--history]
 
 Every `--node NAME` is a writable variable `ns=<ns>;s=NAME` (namespace `urn:raytwin:test`, any data type) that
@@ -8,7 +9,7 @@ starts without a value (status BadWaitingForInitialData), like a controller that
 server starts that way again. `--readonly NAME` is a variable clients may not write. With `--user`, only that
 username and password may open a session. With `--history`, every variable's changes are historized in memory
 (HistoryRead serves them until the process ends). Prints `READY <namespace index>` once it listens, then serves
-until killed.
+until killed. It is a development server, not a plant: NoSecurity on loopback only.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import subprocess
+import sys
 from datetime import UTC, datetime
 
 from asyncua import Server, ua
@@ -23,6 +26,7 @@ from asyncua.crypto.permission_rules import SimpleRoleRuleset, User, UserRole
 from asyncua.server.user_managers import UserManager
 
 NAMESPACE = "urn:raytwin:test"
+MODULE = "connectors.opcua.devserver"
 
 
 class OneUser(UserManager):
@@ -61,8 +65,40 @@ async def serve(port: int, nodes: list[str], readonly: list[str], user: str | No
         await asyncio.Event().wait()
 
 
+class OpcUaServer:
+    """One dev server process on a loopback port with the given writable and read-only variables (historized
+    in memory with `history`: a restart forgets the history, as it forgets the values). `kill` is SIGKILL:
+    no goodbye to the clients, as a crashed controller."""
+
+    def __init__(self, port: int, nodes: list[str], readonly: list[str], user: str, history: bool = False):
+        """`user`: "username:password", the only credentials the server accepts."""
+        self.port, self.nodes, self.readonly, self.user, self.history = port, nodes, readonly, user, history
+        self.endpoint = f"opc.tcp://127.0.0.1:{port}/raytwin/"
+        self.namespace_index: int | None = None  # of NAMESPACE, known once started
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        args = [sys.executable, "-m", MODULE, "--port", str(self.port), "--user", self.user]
+        args += [a for n in self.nodes for a in ("--node", n)] + [a for n in self.readonly for a in ("--readonly", n)]
+        args += ["--history"] if self.history else []
+        self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        line = self.process.stdout.readline()  # READY once it listens; empty if it died
+        if not line.startswith("READY"):
+            self.kill()
+            raise RuntimeError(f"the OPC UA dev server did not start on port {self.port} (got {line!r}); run "
+                               f"`python -m {MODULE} --port {self.port} --node x` to see why")
+        self.namespace_index = int(line.split()[1])
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(30)
+        self.process = None
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=f"python -m {MODULE}",
+                                     description="A local asyncua OPC UA server for development, tests and benchmarks.")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--node", action="append", default=[])
     parser.add_argument("--readonly", action="append", default=[])
