@@ -99,14 +99,18 @@ def test_rk4_flop_count_matches_hand_count():
     assert rk4_flops_jaxpr(THERMAL_RC, 60.0) == 82
 
 
-def test_bench_cli_quick_end_to_end(ray_session, tmp_path):
+def quick(tmp_path, *names: str) -> dict:
+    """`raytwin bench run NAMES --quick --repeat 1`: the JSON record (the run must succeed)."""
     out = tmp_path / "bench.json"
-    result = CliRunner().invoke(bench_app, ["run", "sweep", "roofline", "sweep-kits", "model-checks", "--quick",
-                                            "--repeat", "1",
-                                            "--out", str(out), "--log-level", "WARNING"])
+    result = CliRunner().invoke(bench_app, ["run", *names, "--quick", "--repeat", "1", "--out", str(out),
+                                            "--log-level", "WARNING"])
     assert result.exit_code == 0, result.output
     assert "results written to" in result.output
-    record = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_bench_cli_quick_end_to_end(ray_session, tmp_path):
+    record = quick(tmp_path, "sweep", "roofline", "sweep-kits", "model-checks")
     assert {"cpu_model", "cpu_count", "jax_devices", "packages", "commit", "date_utc"} <= set(record["machine"])
     sweep = record["benchmarks"]["sweep"]
     assert "error" not in sweep
@@ -163,36 +167,43 @@ def test_gpu_sweep_without_a_gpu_measures_nothing_and_says_why(monkeypatch):
     assert not res.figures and res.notes[0].startswith("not run: JAX sees no GPU")
 
 
-def test_bench_cli_quick_product_paths(ray_session, tmp_path):
-    """Ingestion, backlog replay, Serve, change-log and calibration benchmarks end to end at tiny sizes (their
-    checks must pass)."""
-    out = tmp_path / "bench.json"
-    result = CliRunner().invoke(bench_app, ["run", "ingest", "replay", "calibration", "serve", "changes", "--quick",
-                                            "--repeat", "1", "--out", str(out), "--log-level", "WARNING"])
-    assert result.exit_code == 0, result.output
-    benches = json.loads(out.read_text())["benchmarks"]
-    ingest = benches["ingest"]
+# the product paths end to end at tiny sizes (their checks must pass), one test each: each has the whole timeout
+
+
+def test_bench_quick_ingest(ray_session, tmp_path):
+    ingest = quick(tmp_path, "ingest")["benchmarks"]["ingest"]
     assert ingest["checks"]["events_applied_total"] == ingest["checks"]["events_sent"] > 0
     assert ingest["checks"]["stream_accepted"] > 0 and ingest["checks"]["latency_events"] > 0
-    assert max(benches["calibration"]["checks"]["two_tank"]["relative_error"].values()) < 0.02
-    serve_load = benches["serve"]["checks"]["load@50"]
-    assert serve_load["ok"] == serve_load["sent"] > 0 and serve_load["failed"] == 0
-    assert {f["unit"] for f in benches["serve"]["figures"]} >= {"ms", "req/s"}
-    log = benches["changes"]["checks"]["log"]
+
+
+def test_bench_quick_calibration(ray_session, tmp_path):
+    calibration = quick(tmp_path, "calibration")["benchmarks"]["calibration"]
+    assert max(calibration["checks"]["two_tank"]["relative_error"].values()) < 0.02
+
+
+def test_bench_quick_serve(ray_session, tmp_path):
+    serve = quick(tmp_path, "serve")["benchmarks"]["serve"]
+    load = serve["checks"]["load@50"]
+    assert load["ok"] == load["sent"] > 0 and load["failed"] == 0
+    assert {f["unit"] for f in serve["figures"]} >= {"ms", "req/s"}
+
+
+def test_bench_quick_changes(ray_session, tmp_path):
+    changes = quick(tmp_path, "changes")["benchmarks"]["changes"]
+    log = changes["checks"]["log"]
     assert log["twin_states"] > 0  # + drift flips, the type and the assets:
     assert log["changes"] == log["twin_states"] + log["drift_flips"] + 1 + log["twins"]
-    assert {f["unit"] for f in benches["changes"]["figures"]} == {"requests/s", "appends/s"}
-    replayed = benches["replay"]["checks"]
+    assert {f["unit"] for f in changes["figures"]} == {"requests/s", "appends/s"}
+
+
+def test_bench_quick_replay(ray_session, tmp_path):
+    replayed = quick(tmp_path, "replay")["benchmarks"]["replay"]["checks"]
     assert set(replayed) == {"local disk", "S3 (moto, loopback)"} and all(r["events"] == 1_000 for r in replayed.values())
 
 
 def test_bench_cli_quick_fmu_sweep(ray_session, tmp_path):
     """The FMU benchmark builds its FMU, checks it against the reference output and JAX, then times."""
-    out = tmp_path / "bench.json"
-    result = CliRunner().invoke(bench_app, ["run", "fmu-sweep", "--quick", "--repeat", "1", "--out", str(out),
-                                            "--log-level", "WARNING"])
-    assert result.exit_code == 0, result.output
-    bench = json.loads(out.read_text())["benchmarks"]["fmu-sweep"]
+    bench = quick(tmp_path, "fmu-sweep")["benchmarks"]["fmu-sweep"]
     assert bench["checks"]["model_exchange_vs_jax"]["max_abs_error"] <= AGREEMENT_ATOL
     assert bench["checks"]["co_simulation_vs_reference_csv"]["max_abs_error"] == 0.0
     assert set(bench["checks"]["ray_instances_per_worker"].values()) == {1}
@@ -201,11 +212,7 @@ def test_bench_cli_quick_fmu_sweep(ray_session, tmp_path):
 
 
 def test_sweep_quantiles_benchmark_checks_against_numpy_and_reports_the_previous_algorithm(tmp_path):
-    out = tmp_path / "bench.json"
-    result = CliRunner().invoke(bench_app, ["run", "sweep-quantiles", "--quick", "--repeat", "1", "--out", str(out),
-                                            "--log-level", "WARNING"])
-    assert result.exit_code == 0, result.output
-    bench = json.loads(out.read_text())["benchmarks"]["sweep-quantiles"]
+    bench = quick(tmp_path, "sweep-quantiles")["benchmarks"]["sweep-quantiles"]
     assert bench["checks"]["grid_max_abs_error_vs_numpy"] == 0.0 and bench["checks"]["binned_groups"] == 20
     assert [f["baseline"] is not None for f in bench["figures"]] == [False, True, True]
     assert all(math.isfinite(f["value"]) and f["value"] > 0 for f in bench["figures"])
