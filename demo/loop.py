@@ -228,6 +228,8 @@ def run_demo(scenarios: int = 2000, twins: int = 20, workdir: str | None = None)
     """Run every section on a fresh embedded Ray; `workdir` keeps the demo's data (else a temp dir)."""
     import ray
 
+    from demo.closed_loop import section_closed_loop
+
     logging.basicConfig(level=logging.WARNING)
     rng = np.random.default_rng(2026)
     with tempfile.TemporaryDirectory(prefix="raytwin-demo-") as tmp:
@@ -240,6 +242,7 @@ def run_demo(scenarios: int = 2000, twins: int = 20, workdir: str | None = None)
             service, truths = section_twins(root, artifact, twins, rng)
             calibrated = section_calibration(root, registry, truths)
             section_sweep(root, registry, service, calibrated, scenarios)
+            section_closed_loop(root, registry, artifact, service)
             service.close()
         finally:
             ray.shutdown()
