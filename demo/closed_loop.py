@@ -136,6 +136,7 @@ def section_closed_loop(root: Path, registry, artifact, service) -> None:
     table, first = window_table(service.store, TENANT, ASSET, names, until, policy.window_s, policy.max_samples)
     telemetry = (root / "telemetry" / f"{ASSET}-window.parquet").as_uri()
     write_window(table, telemetry)
+    # seq numbers the twin's drift changes in the API's change log; here, at library level, this is the first
     trigger = DriftTrigger(seq=1, asset_id=ASSET, type_name="thermal_rc", type_version="1.0.0",
                            event_time=latched.event_time, revision=latched.revision,
                            drift_score=latched.divergence.drift_score, nis_mean=latched.divergence.nis_mean,
@@ -163,8 +164,8 @@ def section_closed_loop(root: Path, registry, artifact, service) -> None:
         shadow_table.add_row(label, str(s.events), f"{s.nis_per_dim:.2f}", f"{s.rmse:.3f}", f"{s.loglik_per_update:.2f}")
     console.print(shadow_table)
     conclude(lifecycle, fit.candidate, TENANT, run_id, c, len(report.twins))
-    console.print(f"shadow evaluation done: {report.done}, candidate preferred: {c.candidate_better} "
-                  f"(gain {c.loglik_gain:.2f} nats per update)")
+    console.print(f"log-likelihood gain {c.loglik_gain:.2f} nats per update")
+    console.print(f"shadow evaluation done: {report.done}, candidate preferred: {c.candidate_better}")
 
     # (4) staging -> production, four eyes
     lifecycle.transition(fit.candidate, "staging", alice, "shadow evaluation preferred it")
@@ -173,10 +174,11 @@ def section_closed_loop(root: Path, registry, artifact, service) -> None:
                                                                 roles=frozenset({"approver"})), "self-approval")
         console.print("author's own approval refused: False")
     except ApprovalRequired as exc:
-        console.print(f"author's own approval refused: True ({exc})")
+        console.print("author's own approval refused: True")
+        console.print(f"  {exc}")
     promoted = lifecycle.transition(fit.candidate, "production", bob, f"approved on shadow run {run_id}")
-    console.print(f"{fit.candidate} promoted by {promoted.actor} (approver, not the author); "
-                  f"{promoted.displaced} archived")
+    console.print(f"{fit.candidate} promoted by {promoted.actor} (approver, not the author)")
+    console.print(f"{promoted.displaced} archived")
 
     # (5) hot swap at an event-time boundary
     before = service.state(TENANT, ASSET)
@@ -184,20 +186,26 @@ def section_closed_loop(root: Path, registry, artifact, service) -> None:
     outcome = service.models.swap(TENANT, candidate, boundary, asset_ids=[ASSET])
     service.ingest(TENANT, after)
     now = service.state(TENANT, ASSET)
-    console.print(f"hot swap at {boundary.isoformat()}: refused={outcome.refused or 'none'}; events sent "
-                  f"{len(events)}, applied {now.events_applied}; no event lost: {now.events_applied == len(events)}; "
-                  f"now {now.model_ref}, at the boundary minus 1 s "
-                  f"{service.state_at(TENANT, ASSET, boundary - timedelta(seconds=1)).model_ref}")
-    console.print(f"mean NIS (EWMA) before the swap {before.divergence.nis_mean:.2f}, {len(after)} events after "
-                  f"{now.divergence.nis_mean:.2f}; drift after: {now.divergence.drift}; innovations nominal: "
-                  f"{now.divergence.nis_mean < 2.0 and not now.divergence.drift}")
+    console.print(f"hot swap at {boundary.isoformat()}: refused={outcome.refused or 'none'}; now {now.model_ref}, "
+                  f"at the boundary minus 1 s {service.state_at(TENANT, ASSET, boundary - timedelta(seconds=1)).model_ref}")
+    console.print(f"events sent {len(events)}, applied {now.events_applied}; no event lost: "
+                  f"{now.events_applied == len(events)}")
+    # nominal = the healthy day's level; both sit below 1 because the model's declared process noise is
+    # larger than this noise-free synthetic truth needs (the filter adapts it downwards only slowly)
+    nominal = max(1.0, healthy_state.divergence.nis_mean)
+    console.print(f"mean NIS (EWMA): healthy day {healthy_state.divergence.nis_mean:.2f}, before the swap "
+                  f"{before.divergence.nis_mean:.2f}, {len(after)} events after it {now.divergence.nis_mean:.2f}; "
+                  f"drift after: {now.divergence.drift}")
+    console.print(f"innovations back to nominal: "
+                  f"{before.divergence.nis_mean > nominal >= now.divergence.nis_mean and not now.divergence.drift}")
 
     # (6) the audit chain
     chain = lifecycle.verify(artifact.name)  # ChainBroken names the first bad record
     records = lifecycle.records(artifact.name)
     verified = chain.head_hash == records[-1].hash and chain.production == candidate.version
     console.print(f"lifecycle log of {artifact.name}: {len(records)} records ({', '.join(r.action for r in records)}), "
-                  f"production {chain.production}; audit chain verifies: {verified} (head {chain.head_hash[:16]}…)")
+                  f"production {chain.production}, head {chain.head_hash[:16]}…")
+    console.print(f"audit chain verifies: {verified}")
 
     # (7) a recommendation for the next week, confirmed independently
     fields = start_from_twin(service, TENANT, ASSET)
@@ -226,5 +234,5 @@ def section_closed_loop(root: Path, registry, artifact, service) -> None:
     console.print(f"independent forward simulation (solve_ivp, true faulted building, 60 s): baseline "
                   f"{base['energy_kwh']:.1f} kWh, {base['discomfort_s'] / HOUR:.2f} h outside the band; recommended "
                   f"{plan['energy_kwh']:.1f} kWh, {plan['discomfort_s'] / HOUR:.2f} h outside")
-    console.print(f"energy saving {100 * saving:.1f}% >= 10 % with discomfort no worse: "
-                  f"{saving >= 0.10 and plan['discomfort_s'] <= base['discomfort_s']}")
+    console.print(f"energy saving {100 * saving:.1f}%")
+    console.print(f">= 10 % with discomfort no worse: {saving >= 0.10 and plan['discomfort_s'] <= base['discomfort_s']}")

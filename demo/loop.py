@@ -6,7 +6,10 @@
    ingestion; EKF estimates compared with the hidden truth; time travel);
 4. calibrate one building's model from its telemetry with Ray Tune and publish the fit;
 5. run a recorded what-if sweep from that twin's live state with the calibrated model, and rerun
-   it to show the outputs are bit-identical.
+   it to show the outputs are bit-identical;
+6. close the loop on a building whose R_io halves (`demo.closed_loop`): drift, recalibration, shadow
+   evaluation, four-eyes promotion, hot swap, the audit chain, and a recommendation checked
+   independently.
 Every section prints figures that can be checked against the truth the demo generated.
 """
 
