@@ -87,15 +87,75 @@ def _forward(model, params: np.ndarray, x0: dict[str, float], heating, horizon_s
     return {"energy_kwh": float(power.sum() * 60.0 / 3.6e6), "discomfort_s": float(outside.sum() * 60.0)}
 
 
-def section_closed_loop(root: Path, registry, artifact, service) -> None:
-    from raytwin.contracts import Asset
-    from raytwin.lifecycle import Actor, ApprovalRequired, ModelLifecycle
+def _recalibrate(root: Path, registry, artifact, service, until: datetime, latched):
+    """What the API's drift trigger runs, at library level: the window before `until` from the durable
+    event log, fitted and registered as a candidate linked to the latch. Returns (fit, samples)."""
     from raytwin.recalibration import DriftTrigger, RecalibrationPolicy
-    from raytwin.shadow import conclude
-    from sweeps.recalibration import AUTHOR, RecalibrationWork, next_free_version, recalibrate, window_table, write_window
+    from sweeps.recalibration import RecalibrationWork, next_free_version, recalibrate, window_table, write_window
+
+    policy = RecalibrationPolicy(free=["R_io"], noise_std={"T_in": T_IN_NOISE}, window_s=WINDOW_S, max_trials=4)
+    names = [*artifact.asset_type.inputs, *artifact.asset_type.outputs]
+    table, first = window_table(service.store, TENANT, ASSET, names, until, policy.window_s, policy.max_samples)
+    telemetry = (root / "telemetry" / f"{ASSET}-window.parquet").as_uri()
+    write_window(table, telemetry)
+    # seq numbers the twin's drift changes in the API's change log; here, at library level, this is the first
+    trigger = DriftTrigger(seq=1, asset_id=ASSET, type_name="thermal_rc", type_version="1.0.0",
+                           event_time=latched.event_time, revision=latched.revision,
+                           drift_score=latched.divergence.drift_score, nis_mean=latched.divergence.nis_mean,
+                           nis_last=latched.divergence.nis_last)
+    version = next_free_version(registry, artifact.name, artifact.version, set())
+    fit = recalibrate(RecalibrationWork(
+        job_key=f"demo-{ASSET}", tenant=TENANT, asset_id=ASSET, model_ref=artifact.ref, candidate_version=version,
+        telemetry=telemetry, start_state=service.state_at(TENANT, ASSET, first).state, policy=policy,
+        triggers=[trigger], registry_url=registry.url, runs_url=str(root / "runs")))
+    return fit, len(table)
+
+
+def _recommend_and_check(root: Path, registry, service, model, truth: np.ndarray, calibration_run: str) -> None:
+    """A week's hourly heating schedule from the twin's live state (ensemble from the recalibration's
+    covariance), then plan and baseline thermostat simulated independently on the true building."""
     from sweeps.recommend import Bound, Control, Ensemble, RecommendSpec, recorded_recommendation
     from sweeps.reference_kits import THERMAL
     from sweeps.twins import start_from_twin
+
+    fields = start_from_twin(service, TENANT, ASSET)
+    band = Bound(of="T_in", low=THERMAL.parameters["comfort_low"].default,
+                 high=THERMAL.parameters["comfort_high"].default, margin=0.2)
+    spec = RecommendSpec(**fields, registry_url=registry.url, inputs={"setpoint": SETPOINT},
+                         horizon_s=7 * DAY, step_s=900.0,
+                         control=Control(input="Q_h", block_s=HOUR, lower=0.0, upper=10_000.0),
+                         objective="energy_kwh", constraints=[band],
+                         # a soft band (penalty 50, not 1e3) keeps Adam from bouncing off its walls: converged
+                         # in ~100 steps from this twin's cold start, where the default needs several hundred
+                         penalty=50.0, learning_rate=0.05, iterations=120,
+                         ensemble=Ensemble(calibration_run=calibration_run, size=8, seed=3))
+    record, answer = recorded_recommendation(spec, runs=str(root / "runs"))
+    starts, values = np.asarray(answer.action.starts_s), np.asarray(answer.action.values)
+    kit = THERMAL.parameters
+    plan = _forward(model, truth, fields["start_state"],
+                    lambda t, _t_in: float(values[np.searchsorted(starts, t, side="right") - 1]), spec.horizon_s)
+    gain, q_max = kit["heater_gain"].default, kit["Q_h_max"].default
+    base = _forward(model, truth, fields["start_state"],
+                    lambda _t, t_in: min(max(gain * (SETPOINT - t_in), 0.0), q_max), spec.horizon_s)
+    saving = 1 - plan["energy_kwh"] / base["energy_kwh"]
+    console.print(f"recommendation {record.run_id} ({answer.model_ref}, optimiser {record.summary['optimiser_s']} s): "
+                  f"optimiser's change {answer.change_pct:+.1f}% (ensemble 5-95 %: {answer.change_pct_band.q05:+.1f}% "
+                  f"to {answer.change_pct_band.q95:+.1f}%)")
+    console.print(f"independent forward simulation (solve_ivp, true faulted building, 60 s): baseline "
+                  f"{base['energy_kwh']:.1f} kWh, {base['discomfort_s'] / HOUR:.2f} h outside the band; recommended "
+                  f"{plan['energy_kwh']:.1f} kWh, {plan['discomfort_s'] / HOUR:.2f} h outside")
+    console.print(f"energy saving {100 * saving:.1f}%")
+    no_worse = plan["discomfort_s"] <= base["discomfort_s"]
+    console.print(f">= 10 % with discomfort no worse: {saving >= 0.10 and no_worse}")
+
+
+def section_closed_loop(root: Path, registry, artifact, service) -> None:
+    """Section 6 on a new twin of `service` running `artifact` (the registered model, put in production
+    first by its owner and a second approver), with run records and telemetry under `root`."""
+    from raytwin.contracts import Asset
+    from raytwin.lifecycle import Actor, ApprovalRequired, ModelLifecycle
+    from raytwin.shadow import conclude
+    from sweeps.recalibration import AUTHOR
 
     model = artifact.model()
     _section(f"6. Closed loop: {ASSET}'s true R_io halves after {FAULT_S / HOUR:g} h; the twin runs {artifact.ref}")
@@ -130,27 +190,13 @@ def section_closed_loop(root: Path, registry, artifact, service) -> None:
     service.ingest(TENANT, window[fed:])
 
     # (2) recalibration of the day after the fault
-    policy = RecalibrationPolicy(free=["R_io"], noise_std={"T_in": T_IN_NOISE}, window_s=WINDOW_S, max_trials=4)
-    names = [*artifact.asset_type.inputs, *artifact.asset_type.outputs]
-    until = window[-1].event_time
-    table, first = window_table(service.store, TENANT, ASSET, names, until, policy.window_s, policy.max_samples)
-    telemetry = (root / "telemetry" / f"{ASSET}-window.parquet").as_uri()
-    write_window(table, telemetry)
-    # seq numbers the twin's drift changes in the API's change log; here, at library level, this is the first
-    trigger = DriftTrigger(seq=1, asset_id=ASSET, type_name="thermal_rc", type_version="1.0.0",
-                           event_time=latched.event_time, revision=latched.revision,
-                           drift_score=latched.divergence.drift_score, nis_mean=latched.divergence.nis_mean,
-                           nis_last=latched.divergence.nis_last)
-    version = next_free_version(registry, artifact.name, artifact.version, set())
-    fit = recalibrate(RecalibrationWork(
-        job_key=f"demo-{ASSET}", tenant=TENANT, asset_id=ASSET, model_ref=artifact.ref, candidate_version=version,
-        telemetry=telemetry, start_state=service.state_at(TENANT, ASSET, first).state, policy=policy,
-        triggers=[trigger], registry_url=registry.url, runs_url=str(root / "runs")))
-    truth_r, fit_r = faulted[model.param_names.index("R_io")], fit.parameters["R_io"]
+    fit, samples = _recalibrate(root, registry, artifact, service, window[-1].event_time, latched)
+    r_io = model.param_names.index("R_io")
+    truth_r, fit_r = faulted[r_io], fit.parameters["R_io"]
     error = fit_r / truth_r - 1
-    console.print(f"recalibrated {len(table)} samples of the day after the fault: candidate {fit.candidate} "
+    console.print(f"recalibrated {samples} samples of the day after the fault: candidate {fit.candidate} "
                   f"({lifecycle.stage(fit.candidate)}, run {fit.run_id}); R_io truth {truth_r:.5g}, "
-                  f"fit {fit_r:.5g}, error {100 * error:+.2f}% (registered {params[model.param_names.index('R_io')]:.5g})")
+                  f"fit {fit_r:.5g}, error {100 * error:+.2f}% (registered {params[r_io]:.5g})")
     console.print(f"R_io within 3 %: {abs(error) <= 0.03}")
 
     # (3) shadow evaluation on the next live events
@@ -161,7 +207,8 @@ def section_closed_loop(root: Path, registry, artifact, service) -> None:
     c = report.comparison
     shadow_table = Table("version", "events", "mean NIS", "RMSE [K]", "log-likelihood / update")
     for label, s in ((artifact.ref, c.production), (fit.candidate, c.candidate)):
-        shadow_table.add_row(label, str(s.events), f"{s.nis_per_dim:.2f}", f"{s.rmse:.3f}", f"{s.loglik_per_update:.2f}")
+        shadow_table.add_row(label, str(s.events), f"{s.nis_per_dim:.2f}", f"{s.rmse:.3f}",
+                             f"{s.loglik_per_update:.2f}")
     console.print(shadow_table)
     conclude(lifecycle, fit.candidate, TENANT, run_id, c, len(report.twins))
     console.print(f"log-likelihood gain {c.loglik_gain:.2f} nats per update")
@@ -186,8 +233,9 @@ def section_closed_loop(root: Path, registry, artifact, service) -> None:
     outcome = service.models.swap(TENANT, candidate, boundary, asset_ids=[ASSET])
     service.ingest(TENANT, after)
     now = service.state(TENANT, ASSET)
+    just_before = service.state_at(TENANT, ASSET, boundary - timedelta(seconds=1))
     console.print(f"hot swap at {boundary.isoformat()}: refused={outcome.refused or 'none'}; now {now.model_ref}, "
-                  f"at the boundary minus 1 s {service.state_at(TENANT, ASSET, boundary - timedelta(seconds=1)).model_ref}")
+                  f"at the boundary minus 1 s {just_before.model_ref}")
     console.print(f"events sent {len(events)}, applied {now.events_applied}; no event lost: "
                   f"{now.events_applied == len(events)}")
     # nominal = the healthy day's level; both sit below 1 because the model's declared process noise is
@@ -203,36 +251,10 @@ def section_closed_loop(root: Path, registry, artifact, service) -> None:
     chain = lifecycle.verify(artifact.name)  # ChainBroken names the first bad record
     records = lifecycle.records(artifact.name)
     verified = chain.head_hash == records[-1].hash and chain.production == candidate.version
-    console.print(f"lifecycle log of {artifact.name}: {len(records)} records ({', '.join(r.action for r in records)}), "
-                  f"production {chain.production}, head {chain.head_hash[:16]}…")
+    console.print(f"lifecycle log of {artifact.name}: {len(records)} records "
+                  f"({', '.join(r.action for r in records)}), production {chain.production}, "
+                  f"head {chain.head_hash[:16]}…")
     console.print(f"audit chain verifies: {verified}")
 
     # (7) a recommendation for the next week, confirmed independently
-    fields = start_from_twin(service, TENANT, ASSET)
-    band = Bound(of="T_in", low=THERMAL.parameters["comfort_low"].default,
-                 high=THERMAL.parameters["comfort_high"].default, margin=0.2)
-    spec = RecommendSpec(**fields, registry_url=registry.url, inputs={"setpoint": SETPOINT},
-                         horizon_s=7 * DAY, step_s=900.0,
-                         control=Control(input="Q_h", block_s=HOUR, lower=0.0, upper=10_000.0),
-                         objective="energy_kwh", constraints=[band],
-                         # a soft band (penalty 50, not 1e3) keeps Adam from bouncing off its walls: converged
-                         # in ~100 steps from this twin's cold start, where the default needs several hundred
-                         penalty=50.0, learning_rate=0.05, iterations=120,
-                         ensemble=Ensemble(calibration_run=fit.run_id, size=8, seed=3))
-    record, answer = recorded_recommendation(spec, runs=str(root / "runs"))
-    starts, values = np.asarray(answer.action.starts_s), np.asarray(answer.action.values)
-    kit = THERMAL.parameters
-    plan = _forward(model, faulted, fields["start_state"],
-                    lambda t, _t_in: float(values[np.searchsorted(starts, t, side="right") - 1]), spec.horizon_s)
-    gain, q_max = kit["heater_gain"].default, kit["Q_h_max"].default
-    base = _forward(model, faulted, fields["start_state"],
-                    lambda _t, t_in: min(max(gain * (SETPOINT - t_in), 0.0), q_max), spec.horizon_s)
-    saving = 1 - plan["energy_kwh"] / base["energy_kwh"]
-    console.print(f"recommendation {record.run_id} ({answer.model_ref}, optimiser {record.summary['optimiser_s']} s): "
-                  f"optimiser's change {answer.change_pct:+.1f}% (ensemble 5-95 %: {answer.change_pct_band.q05:+.1f}% "
-                  f"to {answer.change_pct_band.q95:+.1f}%)")
-    console.print(f"independent forward simulation (solve_ivp, true faulted building, 60 s): baseline "
-                  f"{base['energy_kwh']:.1f} kWh, {base['discomfort_s'] / HOUR:.2f} h outside the band; recommended "
-                  f"{plan['energy_kwh']:.1f} kWh, {plan['discomfort_s'] / HOUR:.2f} h outside")
-    console.print(f"energy saving {100 * saving:.1f}%")
-    console.print(f">= 10 % with discomfort no worse: {saving >= 0.10 and plan['discomfort_s'] <= base['discomfort_s']}")
+    _recommend_and_check(root, registry, service, model, faulted, fit.run_id)
