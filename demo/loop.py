@@ -6,7 +6,10 @@
    ingestion; EKF estimates compared with the hidden truth; time travel);
 4. calibrate one building's model from its telemetry with Ray Tune and publish the fit;
 5. run a recorded what-if sweep from that twin's live state with the calibrated model, and rerun
-   it to show the outputs are bit-identical.
+   it to show the outputs are bit-identical;
+6. close the loop on a building whose R_io halves (`demo.closed_loop`): drift, recalibration, shadow
+   evaluation, four-eyes promotion, hot swap, the audit chain, and a recommendation checked
+   independently.
 Every section prints figures that can be checked against the truth the demo generated.
 """
 
@@ -228,6 +231,8 @@ def run_demo(scenarios: int = 2000, twins: int = 20, workdir: str | None = None)
     """Run every section on a fresh embedded Ray; `workdir` keeps the demo's data (else a temp dir)."""
     import ray
 
+    from demo.closed_loop import section_closed_loop
+
     logging.basicConfig(level=logging.WARNING)
     rng = np.random.default_rng(2026)
     with tempfile.TemporaryDirectory(prefix="raytwin-demo-") as tmp:
@@ -240,6 +245,7 @@ def run_demo(scenarios: int = 2000, twins: int = 20, workdir: str | None = None)
             service, truths = section_twins(root, artifact, twins, rng)
             calibrated = section_calibration(root, registry, truths)
             section_sweep(root, registry, service, calibrated, scenarios)
+            section_closed_loop(root, registry, artifact, service)
             service.close()
         finally:
             ray.shutdown()

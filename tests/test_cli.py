@@ -42,4 +42,13 @@ def test_demo_runs_the_whole_loop(tmp_path):
     assert "compacted the event log while the twins run" in out and "time travel:" in out
     assert "published zone-000@1.1.0" in out
     assert "outputs identical = True" in out
+    # section 6, the closed loop: each line prints a verdict the demo computed
+    assert "drift flagged within 6 h: True" in out
+    assert "R_io within 3 %: True" in out
+    assert "shadow evaluation done: True, candidate preferred: True" in out
+    assert "author's own approval refused: True" in out and "promoted by bob (approver, not the author)" in out
+    assert "refused=none" in out and "no event lost: True" in out
+    assert "innovations back to nominal: True" in out
+    assert "audit chain verifies: True" in out
+    assert "with discomfort no worse: True" in out
     assert (tmp_path / "runs").is_dir() and any((tmp_path / "runs").glob("calibration-*/output/fit.png"))
