@@ -107,7 +107,7 @@ def test_a_changed_model_is_refused_at_resolve_with_what_changed_and_how_to_proc
 
 def test_artifacts_from_before_code_pinning_keep_their_hash_and_resolve(tmp_path):
     registry = ModelRegistry(str(tmp_path))
-    legacy = registry.register("zone", "1.0.0", AssetType.from_model(THERMAL_RC)).model_dump(mode="json")
+    legacy = json.loads(registry.register("zone", "1.0.0", AssetType.from_model(THERMAL_RC)).body())
     legacy.pop("code")
     blob = canonical_json(legacy)
     digest = hashlib.sha256(blob).hexdigest()
