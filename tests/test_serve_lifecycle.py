@@ -96,7 +96,8 @@ def test_promotion_needs_a_second_approver_and_rolls_back(client):
 
     log = http.get("/v1/models/thermal_rc/lifecycle/log", headers=api.headers_for("reader")).json()
     assert [r["action"] for r in log] == ["submit", "stage", "promote", "submit", "stage", "promote", "rollback"]
-    assert log[0]["evidence"] == evidence and all(r["prev_hash"] == p["hash"] for p, r in zip(log, log[1:]))
+    assert log[0]["evidence"] == {**evidence, "triggers": []}  # served with its (empty) recalibration triggers
+    assert all(r["prev_hash"] == p["hash"] for p, r in zip(log, log[1:]))
     check = http.get("/v1/models/thermal_rc/lifecycle/verify", params={"expected_head": log[-1]["hash"]},
                      headers=api.headers_for("reader")).json()
     assert check == {"ok": True, "records": 7, "head_hash": log[-1]["hash"], "first_bad_record": None,
