@@ -389,19 +389,19 @@ def evaluate(expr: Expr, record: Record, live: bool = True) -> bool | None:
             r = evaluate(e, record, live)
             return None if r is None else not r
         case And(operands=es):
-            unknown = False
-            for e in es:
-                r = evaluate(e, record, live)
-                if r is False:
-                    return False
-                unknown |= r is None
-            return None if unknown else True
+            return _connective(es, record, live, decisive=False)
         case Or(operands=es):
-            unknown = False
-            for e in es:
-                r = evaluate(e, record, live)
-                if r is True:
-                    return True
-                unknown |= r is None
-            return None if unknown else False
+            return _connective(es, record, live, decisive=True)
     raise TypeError(f"not a query expression: {expr!r}")
+
+
+def _connective(operands: tuple[Expr, ...], record: Record, live: bool, *, decisive: bool) -> bool | None:
+    """Three-valued `and` (`decisive` False) or `or` (True): an operand equal to `decisive` decides at once;
+    otherwise any unknown operand (None: live state not read) makes the whole unknown."""
+    unknown = False
+    for e in operands:
+        r = evaluate(e, record, live)
+        if r is decisive:
+            return decisive
+        unknown |= r is None
+    return None if unknown else not decisive
