@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 Value = str | float
@@ -320,8 +320,14 @@ class Record:
         for r in asset.relationships:
             rels.setdefault(r.kind, []).append(r.target)
         return cls(asset.id, asset.type_name, asset.type_version, asset.metadata,
-                   {k: tuple(v) for k, v in rels.items()},
-                   None if state is None else state.get("state", {}), None if state is None else state.get("std", {}))
+                   {k: tuple(v) for k, v in rels.items()}).with_state(state)
+
+    def with_state(self, state: Mapping[str, Any] | None) -> Record:
+        """This record with a twin's live state (a dict with ``state`` and ``std``) attached: what the
+        catalog built once is reused by every query instead of being rebuilt per asset."""
+        if state is None:
+            return self if self.state is None else replace(self, state=None, std=None)
+        return replace(self, state=state.get("state", {}), std=state.get("std", {}))
 
     def values(self, field: Field) -> tuple[Value, ...]:
         """The field's values (none: missing; several: relationship targets)."""

@@ -15,7 +15,6 @@ import time
 from collections import OrderedDict, defaultdict
 from typing import Any
 
-from raytwin.contracts import Asset
 from raytwin.graph import Direction, adjacency, walk
 from raytwin.query import Expr, Record, evaluate
 from raytwin.storage import filesystem, write_once
@@ -26,9 +25,10 @@ from serve_apps.twin_reads import TwinReader
 KEY_BYTES = 32
 
 
-def candidates(catalog: Catalog, tenant: str, expr: Expr) -> list[Asset]:
-    """The tenant's assets that match `expr`, or may once live state is known."""
-    return [a for a in catalog.assets.get(tenant, {}).values() if evaluate(expr, Record.of(a), live=False) is not False]
+def candidates(catalog: Catalog, tenant: str, expr: Expr) -> list[Record]:
+    """What queries see of the tenant's assets that match `expr`, or may once live state is known.
+    Records, not `Asset`s, cross to the ingress: about a tenth of the cost to pickle."""
+    return [r for r in catalog.records.get(tenant, {}).values() if evaluate(expr, r, live=False) is not False]
 
 
 def graph(catalog: Catalog, tenant: str, asset_id: str, direction: Direction, kinds: list[str],

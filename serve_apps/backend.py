@@ -22,7 +22,7 @@ from actors.state import TwinState, UnknownTwin
 from raytwin.contracts import Asset, AssetType, RelationshipKind, TelemetryEvent
 from raytwin.graph import Direction
 from raytwin.logs import component_logging
-from raytwin.query import Expr
+from raytwin.query import Expr, Record
 from raytwin.registry import ModelArtifact, ModelRegistry, RegistryError
 from raytwin.sim.cpu import cpu_only
 from serve_apps import asset_queries
@@ -200,7 +200,7 @@ class Backend:
             return self.catalog.list_assets(tenant, type_name, type_version, related_to, relationship)
 
     # ---- queries (serve_apps/asset_queries.py) ---------------------------------------------
-    def query_candidates(self, tenant: str, expr: Expr) -> list[Asset]:
+    def query_candidates(self, tenant: str, expr: Expr) -> list[Record]:
         with self._lock:
             return asset_queries.candidates(self.catalog, tenant, expr)
 

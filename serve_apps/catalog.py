@@ -24,6 +24,7 @@ from typing import Any
 
 from raytwin.compat import IncompatibleVersion, check_version, previous_version
 from raytwin.contracts import Asset, AssetType, RelationshipKind
+from raytwin.query import Record
 from raytwin.storage import canonical_json, filesystem
 from serve_apps.conditional import Precondition
 from serve_apps.errors import Conflict, NotFound, Unprocessable
@@ -37,6 +38,8 @@ class Catalog:
         self.root = f"{root}/catalog"
         self.types: dict[str, dict[str, AssetType]] = {}  # tenant -> "name@version" -> type
         self.assets: dict[str, dict[str, Asset]] = {}  # tenant -> id -> asset
+        # tenant -> id -> what queries see of the asset, built once per write rather than per query
+        self.records: dict[str, dict[str, Record]] = {}
         self.revisions: dict[tuple[str, str, str], int] = {}  # (tenant, "types"|"assets", key) -> revision
         self._load()
 
@@ -57,7 +60,7 @@ class Catalog:
                 self.revisions[(tenant, kind, t.key)] = record["revision"]
             elif kind == "assets":
                 a = Asset.model_validate(record["asset"])
-                self.assets.setdefault(tenant, {})[a.id] = a
+                self._keep(a)
                 self.revisions[(tenant, kind, a.id)] = record["revision"]
 
     def _path(self, tenant: str, kind: str, name: str) -> str:
@@ -73,6 +76,10 @@ class Catalog:
     def _remove(self, tenant: str, kind: str, key: str) -> None:
         self.fs.rm_file(self._path(tenant, kind, key))
         del self.revisions[(tenant, kind, key)]
+
+    def _keep(self, asset: Asset) -> None:
+        self.assets.setdefault(asset.tenant, {})[asset.id] = asset
+        self.records.setdefault(asset.tenant, {})[asset.id] = Record.of(asset)
 
     def revision(self, tenant: str, kind: str, key: str) -> int | None:
         """The current revision of an asset (`kind` "assets", key its id) or type ("types", "name@version")."""
@@ -151,7 +158,7 @@ class Catalog:
             raise Conflict(f"asset {asset.id} already exists")
         asset_type = self._check_refs(asset)
         self._write(asset.tenant, "assets", asset.id, asset, revision)
-        self.assets.setdefault(asset.tenant, {})[asset.id] = asset
+        self._keep(asset)
         return asset_type
 
     def update_asset(self, asset: Asset, revision: int, pre: Precondition = NO_PRECONDITION) -> Asset:
@@ -160,7 +167,7 @@ class Catalog:
         before = self.get_asset(asset.tenant, asset.id)
         self._check_refs(asset)
         self._write(asset.tenant, "assets", asset.id, asset, revision)
-        self.assets[asset.tenant][asset.id] = asset
+        self._keep(asset)
         return before
 
     def get_asset(self, tenant: str, asset_id: str) -> Asset:
@@ -193,4 +200,5 @@ class Catalog:
             raise Conflict(f"asset {asset_id} is the target of relationships from {referrers[:20]}", details=referrers)
         self._remove(tenant, "assets", asset_id)
         del self.assets[tenant][asset_id]
+        del self.records[tenant][asset_id]
         return asset

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 from fastapi import FastAPI, Query, Request
 from starlette.concurrency import run_in_threadpool
 
-from raytwin.contracts import Asset, RelationshipKind
+from raytwin.contracts import RelationshipKind
 from raytwin.graph import Direction
 from raytwin.query import RELATIONSHIP_KINDS, Expr, QuerySyntaxError, Record, evaluate, needs_state, parse
 from raytwin.query_pages import (
@@ -76,10 +76,11 @@ async def _matching(request: Request, svc: Services, tenant: str, expr: Expr, sh
     state = request.app.state
     if getattr(state, "live_states", None) is None:
         state.live_states = LiveStates(svc.twins)
-    found: list[Asset] = await svc.backend.call("query_candidates", tenant, expr)
-    live = needs_state(expr) or show_state
-    states = await state.live_states.get(tenant, [a.id for a in found]) if live else {}
-    records = [Record.of(a, states.get(a.id)) for a in found]
+    found: list[Record] = await svc.backend.call("query_candidates", tenant, expr)
+    if not (needs_state(expr) or show_state):
+        return found
+    states = await state.live_states.get(tenant, [r.id for r in found])
+    records = [r.with_state(states.get(r.id)) for r in found]
     return [r for r in records if evaluate(expr, r)] if needs_state(expr) else records
 
 

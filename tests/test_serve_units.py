@@ -109,7 +109,12 @@ def test_catalog_persists_on_s3_and_keeps_tenants_apart(s3_url):
         reloaded.get_asset("globex", "zone")
     with pytest.raises(Conflict, match="zone"):
         reloaded.delete_asset("acme", "site")
+    # what queries see follows every write: the records are the catalog's own, rebuilt per write
+    reloaded.update_asset(zone.model_copy(update={"metadata": {"site": "north"}}), 6)
+    assert {r.id: dict(r.metadata) for r in reloaded.records["acme"].values()} == {"site": {}, "zone": {"site": "north"}}
+    assert reloaded.records["acme"]["zone"].relationships == {"feeds": ("site",)}
     reloaded.delete_asset("acme", "zone")
+    assert list(reloaded.records["acme"]) == ["site"]
     reloaded.delete_asset("acme", "site")
     reloaded.delete_type("acme", thermal.name, thermal.version)
     assert Catalog(s3_url).list_assets("acme") == [] and len(Catalog(s3_url).list_types("acme")) == 1
