@@ -79,7 +79,7 @@ def populate(backend: Backend, n: int, seed: int = 3) -> None:
     for i in range(n):
         asset = Asset(id=f"zone-{i:05d}", tenant=TENANT, type_name=thermal.name, type_version=thermal.version,
                       metadata={"site": SITES[i % 4], "floor": str(rng.randint(0, 9)), "band": rng.choice("ab")})
-        backend.catalog.assets.setdefault(TENANT, {})[asset.id] = asset
+        backend.catalog.hold(asset)
         assets.append(asset)
     _, artifact = backend.model_of(TENANT, assets[0].id)
     backend.twins.register_many([(a, artifact) for a in assets])

@@ -60,7 +60,7 @@ class Catalog:
                 self.revisions[(tenant, kind, t.key)] = record["revision"]
             elif kind == "assets":
                 a = Asset.model_validate(record["asset"])
-                self._keep(a)
+                self.hold(a)
                 self.revisions[(tenant, kind, a.id)] = record["revision"]
 
     def _path(self, tenant: str, kind: str, name: str) -> str:
@@ -77,7 +77,8 @@ class Catalog:
         self.fs.rm_file(self._path(tenant, kind, key))
         del self.revisions[(tenant, kind, key)]
 
-    def _keep(self, asset: Asset) -> None:
+    def hold(self, asset: Asset) -> None:
+        """Hold `asset` in memory (no store write): what loading, creating and updating share."""
         self.assets.setdefault(asset.tenant, {})[asset.id] = asset
         self.records.setdefault(asset.tenant, {})[asset.id] = Record.of(asset)
 
@@ -158,7 +159,7 @@ class Catalog:
             raise Conflict(f"asset {asset.id} already exists")
         asset_type = self._check_refs(asset)
         self._write(asset.tenant, "assets", asset.id, asset, revision)
-        self._keep(asset)
+        self.hold(asset)
         return asset_type
 
     def update_asset(self, asset: Asset, revision: int, pre: Precondition = NO_PRECONDITION) -> Asset:
@@ -167,7 +168,7 @@ class Catalog:
         before = self.get_asset(asset.tenant, asset.id)
         self._check_refs(asset)
         self._write(asset.tenant, "assets", asset.id, asset, revision)
-        self._keep(asset)
+        self.hold(asset)
         return before
 
     def get_asset(self, tenant: str, asset_id: str) -> Asset:
