@@ -25,7 +25,7 @@ from serve_apps.deprecation import Deprecation
 from serve_apps.jobs import Job
 from serve_apps.query_schemas import BulkRequest
 from serve_apps.routes_models import TransitionRequest
-from serve_apps.schemas import AssetCreate, AssetUpdate
+from serve_apps.schemas import AssetCreate, AssetUpdate, JobAccepted
 from tests.test_schema_evolution import V1, V2, api  # noqa: F401 (api: the in-process app fixture)
 
 FAST = RetryPolicy(attempts=3, backoff_s=0.0, max_backoff_s=0.0)
@@ -302,3 +302,142 @@ def test_importing_the_client_loads_neither_ray_nor_jax():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1]).stdout
     assert out.strip() == "[]"
+
+
+# ---- the remaining resources: connectors and commands, what-if runs, shadow evaluation, audit ----
+
+def _connector_spec(name: str) -> dict:
+    """An MQTT connector for the rooms; its broker port is closed, so it runs without ever connecting."""
+    from raytwin.ports import free_port
+
+    return {"name": name, "kind": "mqtt", "broker": {"host": "127.0.0.1", "port": free_port(), "reconnect_max_s": 2},
+            "routes": [{"topic": "rooms/+/telemetry", "asset_level": 1, "command_topic": "rooms/{asset_id}/cmd",
+                        "payload": {"measurements": {"T": {"field": "t", "unit": "K"}}, "event_time": "ts",
+                                    "time_format": "epoch_ms", "sequence": "seq"}}]}
+
+
+def test_connector_and_command_calls_keep_secrets_tenants_and_four_eyes(sdk):
+    from connectors.spec import Credentials
+
+    admin, writer, reader, other = sdk["admin"], sdk["writer"], sdk["reader"], sdk["other"]
+    view = admin.create_connector(_connector_spec("rooms"), Credentials(username="gw", password="hunter2-secret"))
+    assert (view.spec["tenant"], view.spec["name"], view.status.state) == ("acme", "rooms", "running")
+    assert "hunter2-secret" not in admin.connector("rooms").model_dump_json()
+    assert [c.name for c in reader.connectors()] == ["rooms"] and other.connectors() == []
+    with pytest.raises(NotFound):
+        other.connector("rooms")
+    with pytest.raises(Forbidden):
+        reader.pause_connector("rooms")
+    assert admin.pause_connector("rooms").state == "paused" and admin.resume_connector("rooms").state == "running"
+    with pytest.raises(InvalidRequest, match="topic"):
+        admin.create_connector({**_connector_spec("bad"), "routes": [{**_connector_spec("bad")["routes"][0],
+                                                                      "topic": "a/#/b"}]})
+
+    proposed = writer.propose_command("rooms", "sdk-room", "setpoint", {"T_set": 294.0})
+    assert proposed.status == "proposed" and proposed.value == {"T_set": 294.0}
+    with pytest.raises(NotFound):
+        writer.propose_command("rooms", "zone-a", "setpoint", {"T_set": 294.0})  # globex's asset
+    decided = admin.approve_command(proposed.id)  # sent, or failed: the broker is down; either way decided once
+    assert decided.status in ("sent", "failed") and decided.approved_by is not None
+    with pytest.raises(Conflict):
+        admin.approve_command(proposed.id)
+    second = writer.propose_command("rooms", "sdk-room", "setpoint", {"T_set": 295.0})
+    refused = admin.refuse_command(second.id, "not in office hours")
+    assert refused.status == "refused" and reader.command(second.id).status == "refused"
+    assert [c.id for c in reader.commands("sdk-room")] == [proposed.id, second.id]
+    with pytest.raises(NotFound):
+        other.command(proposed.id)
+    admin.delete_connector("rooms")
+    with pytest.raises(NotFound):
+        admin.connector("rooms")
+
+
+def test_scenario_runs_inline_match_the_closed_form_and_a_sweep_job_gives_results_and_files(api, sdk):
+    import io
+
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from raytwin.contracts import Scenario
+    from serve_apps.scenarios import AssetSweep
+    from tests.test_schema_evolution import THERMAL
+
+    writer = sdk["writer"]
+    scenario = Scenario(asset_id="sdk-room", start_state={"T": 300.0}, horizon_s=3600.0, step_s=60.0,
+                        inputs={"T_out": {"kind": "constant", "value": 280.0}, "Q": {"kind": "constant", "value": 0.0}})
+    run = writer.run_scenario(scenario, mode="sync")
+    tau = 0.01 * 1e6  # R C of room@1.0.0's defaults: T relaxes to T_out
+    expected = 280.0 + 20.0 * np.exp(-np.asarray(run.times_s) / tau)
+    assert run.n_steps == 60 and np.allclose(run.states["T"], expected, rtol=0, atol=1e-6)
+    with pytest.raises(InvalidRequest, match="inline limit"):
+        writer.run_scenario(scenario.model_copy(update={"horizon_s": 1e9, "step_s": 1e3}), mode="sync")
+    with pytest.raises(NotFound):
+        sdk["other"].run_scenario(scenario)
+
+    sdk["admin"].create_asset_type(THERMAL)
+    sdk["admin"].create_asset(AssetCreate(id="sdk-zone", type_name="thermal_rc", type_version=THERMAL.version))
+    sweep = AssetSweep.model_validate({
+        "asset_id": "sdk-zone", "horizon_s": 3600.0, "step_s": 60.0, "inputs": {"setpoint": 294.15},
+        "space": {"method": "grid", "dimensions": [{"name": "R_io", "target": "param", "mode": "scale",
+                                                    "values": [0.8, 1.25]}]}})
+    accepted = writer.run_sweep(sweep, mode="async")
+    assert isinstance(accepted, JobAccepted)
+    job = writer.wait_job(accepted.job_id, timeout_s=300)
+    result = writer.job_results(job.job_id, limit=1)
+    assert result.scenarios == 2 and len(result.rows) == 1 and result.run_id == job.run_id
+    files = {f.name: f.size for f in writer.job_files(job.job_id)}
+    part = next(name for name in files if name.startswith("part-"))
+    data = writer.job_file(job.job_id, part)
+    assert len(data) == files[part] and pq.read_table(io.BytesIO(data)).num_rows == 2
+    with pytest.raises(NotFound, match="no file"):
+        writer.job_file(job.job_id, "nope.parquet")
+
+
+def test_shadow_evaluation_calls_start_report_and_stop(sdk):
+    from serve_apps.routes_shadow import ShadowRequest
+    from tests.test_schema_evolution import room_events
+
+    admin, writer = sdk["admin"], sdk["writer"]
+    admin.create_asset_type(V1.model_copy(update={"version": "1.0.1"}))
+    with pytest.raises(NotFound):
+        writer.shadow("room", "1.0.1")
+    writer.transition_model("room", "1.0.1", TransitionRequest(to="candidate", reason="shadow it"))  # submitted
+    started = writer.start_shadow("room", "1.0.1", ShadowRequest(asset_ids=["sdk-room"], events=2))
+    assert started.asset_ids == ["sdk-room"] and started.candidate_ref == "room@1.0.1"
+    with pytest.raises(Conflict, match="already running"):
+        writer.start_shadow("room", "1.0.1", ShadowRequest(asset_ids=["sdk-room"], events=2))
+    assert not writer.shadow("room", "1.0.1").report.done
+    writer.send_telemetry("sdk-room", room_events(100, 2, 294.0))
+    status = writer.shadow("room", "1.0.1")
+    assert status.report.done and status.report.run_id == started.run_id and status.recorded
+    writer.stop_shadow("room", "1.0.1")
+    with pytest.raises(NotFound):
+        writer.stop_shadow("room", "1.0.1")
+
+
+def test_relationships_drift_clear_type_deletion_and_the_audit_log(sdk):
+    from raytwin.contracts import Relationship
+
+    admin, reader = sdk["admin"], sdk["reader"]
+    admin.create_asset(AssetCreate(id="sdk-child", type_name="room", type_version="1.0.0",
+                                   initial_state={"T": 293.15},
+                                   relationships=[Relationship(kind="feeds", target="sdk-room")]))
+    related = reader.relationships("sdk-room")
+    assert related.outgoing == [] and related.incoming == [{"kind": "feeds", "source": "sdk-child"}]
+    cleared = sdk["writer"].clear_drift("sdk-room", "sensor recalibrated")
+    assert cleared.asset_id == "sdk-room" and not cleared.drift
+    with pytest.raises(Conflict):  # sdk-room and sdk-child use it
+        admin.delete_asset_type("room", "1.0.0")
+    admin.create_asset_type(V1.model_copy(update={"version": "1.0.2"}))
+    admin.delete_asset_type("room", "1.0.2")
+    with pytest.raises(NotFound):
+        reader.get_asset_type("room", "1.0.2")
+    admin.delete_asset("sdk-child")
+
+    records = admin.audit(day=datetime.now(UTC).date(), limit=10_000)
+    actions = {(r.action, r.target) for r in records}
+    assert {("twin.drift_clear", "sdk-room"), ("asset_type.delete", "room@1.0.2"), ("asset.delete", "sdk-child")} <= actions
+    assert all(r.tenant == "acme" for r in records) and [r.time for r in records] == sorted(r.time for r in records)
+    assert [r.action for r in admin.audit(limit=1)] == ["asset.delete"]
+    with pytest.raises(Forbidden):
+        reader.audit()
