@@ -16,8 +16,8 @@ import pytest
 
 from client import AsyncRayTwinClient, RayTwinClient, RetryPolicy
 from client.deprecation import RayTwinDeprecationWarning
-from client.errors import (Conflict, Forbidden, InvalidRequest, NotFound, PreconditionFailed, RayTwinError,
-                           ServerError, Unauthorized, Unavailable)
+from client.errors import (Conflict, Forbidden, InvalidRequest, NotFound, PayloadTooLarge, PreconditionFailed,
+                           RayTwinError, ServerError, Unauthorized, Unavailable)
 from client.jobs import JobFailed, JobTimeout, JobWait
 from raytwin.migration import MigrationRequest
 from raytwin.recalibration import RecalibrationPolicy
@@ -352,7 +352,7 @@ def test_connector_and_command_calls_keep_secrets_tenants_and_four_eyes(sdk):
         admin.connector("rooms")
 
 
-def test_scenario_runs_inline_match_the_closed_form_and_a_sweep_job_gives_results_and_files(api, sdk):
+def test_scenario_runs_match_the_closed_form_inline_and_as_a_job_with_its_files(sdk):
     import io
 
     import numpy as np
@@ -360,37 +360,34 @@ def test_scenario_runs_inline_match_the_closed_form_and_a_sweep_job_gives_result
 
     from raytwin.contracts import Scenario
     from serve_apps.scenarios import AssetSweep
-    from tests.test_schema_evolution import THERMAL
 
     writer = sdk["writer"]
     scenario = Scenario(asset_id="sdk-room", start_state={"T": 300.0}, horizon_s=3600.0, step_s=60.0,
                         inputs={"T_out": {"kind": "constant", "value": 280.0}, "Q": {"kind": "constant", "value": 0.0}})
+    closed_form = lambda t: 280.0 + 20.0 * np.exp(-np.asarray(t) / (0.01 * 1e6))  # noqa: E731 (tau = R C)
     run = writer.run_scenario(scenario, mode="sync")
-    tau = 0.01 * 1e6  # R C of room@1.0.0's defaults: T relaxes to T_out
-    expected = 280.0 + 20.0 * np.exp(-np.asarray(run.times_s) / tau)
-    assert run.n_steps == 60 and np.allclose(run.states["T"], expected, rtol=0, atol=1e-6)
+    assert run.n_steps == 60 and np.allclose(run.states["T"], closed_form(run.times_s), rtol=0, atol=1e-6)
     with pytest.raises(InvalidRequest, match="inline limit"):
         writer.run_scenario(scenario.model_copy(update={"horizon_s": 1e9, "step_s": 1e3}), mode="sync")
     with pytest.raises(NotFound):
         sdk["other"].run_scenario(scenario)
 
-    sdk["admin"].create_asset_type(THERMAL)
-    sdk["admin"].create_asset(AssetCreate(id="sdk-zone", type_name="thermal_rc", type_version=THERMAL.version))
-    sweep = AssetSweep.model_validate({
-        "asset_id": "sdk-zone", "horizon_s": 3600.0, "step_s": 60.0, "inputs": {"setpoint": 294.15},
-        "space": {"method": "grid", "dimensions": [{"name": "R_io", "target": "param", "mode": "scale",
-                                                    "values": [0.8, 1.25]}]}})
-    accepted = writer.run_sweep(sweep, mode="async")
+    accepted = writer.run_scenario(scenario, mode="async")
     assert isinstance(accepted, JobAccepted)
-    job = writer.wait_job(accepted.job_id, timeout_s=300)
-    result = writer.job_results(job.job_id, limit=1)
-    assert result.scenarios == 2 and len(result.rows) == 1 and result.run_id == job.run_id
-    files = {f.name: f.size for f in writer.job_files(job.job_id)}
-    part = next(name for name in files if name.startswith("part-"))
-    data = writer.job_file(job.job_id, part)
-    assert len(data) == files[part] and pq.read_table(io.BytesIO(data)).num_rows == 2
+    assert writer.wait_job(accepted.job_id, timeout_s=300).kind == "scenario"
+    (row,) = writer.job_results(accepted.job_id).rows
+    assert row["T_final"] == pytest.approx(float(closed_form(3600.0)), abs=1e-6)
+    (part,) = writer.job_files(accepted.job_id)
+    data = writer.job_file(accepted.job_id, part.name)
+    assert len(data) == part.size and pq.read_table(io.BytesIO(data)).column("T_final").to_pylist() == [row["T_final"]]
     with pytest.raises(NotFound, match="no file"):
-        writer.job_file(job.job_id, "nope.parquet")
+        writer.job_file(accepted.job_id, "nope.parquet")
+
+    space = {"method": "random", "n": 10_001, "dimensions": [{"name": "R", "target": "param", "low": 0.005,
+                                                               "high": 0.02}]}
+    sweep = AssetSweep.model_validate({"asset_id": "sdk-room", "horizon_s": 3600.0, "step_s": 60.0, "space": space})
+    with pytest.raises(PayloadTooLarge, match="10001 scenarios exceed the limit of 10000"):  # the body passed
+        writer.run_sweep(sweep)
 
 
 def test_shadow_evaluation_calls_start_report_and_stop(sdk):
