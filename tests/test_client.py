@@ -438,3 +438,103 @@ def test_relationships_drift_clear_type_deletion_and_the_audit_log(sdk):
     assert [r.action for r in admin.audit(limit=1)] == ["asset.delete"]
     with pytest.raises(Forbidden):
         reader.audit()
+
+
+# ---- the `raytwin` commands that call the API, over HTTP to the same in-process app ----
+
+@pytest.fixture(scope="module")
+def cli(api, sdk):
+    """`raytwin ...` as a function of its arguments and a role, against the app served by uvicorn on a free port."""
+    import threading
+
+    import uvicorn
+    from typer.testing import CliRunner
+
+    from tests.fixtures_connectors import wait_for
+    from raytwin.cli import app
+    from raytwin.ports import free_port
+
+    client, auth, _ = api
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(client.app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_for(lambda: server.started, "the API listens")
+
+    def run(role: str, *args: str):
+        env = {"RAYTWIN_API_URL": f"http://127.0.0.1:{port}",
+               "RAYTWIN_API_KEY": auth[role]["Authorization"].removeprefix("Bearer ")}
+        return CliRunner().invoke(app, list(args), env=env)
+
+    yield run
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_cli_recalibration_policies_and_errors_as_one_line(cli, tmp_path):
+    import json
+
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("free: [R]\nmax_trials: 3\ncooldown_s: 60\n")
+    done = cli("admin", "recalibration", "policy", "set", "room", str(policy))
+    assert done.exit_code == 0, done.output
+    got = json.loads(cli("reader", "recalibration", "policy", "get", "room").stdout)
+    assert (got["free"], got["max_trials"], got["cooldown_s"]) == (["R"], 3, 60.0)
+    refused = cli("writer", "recalibration", "policy", "set", "room", str(policy))
+    assert refused.exit_code == 1 and refused.stdout == ""
+    assert refused.stderr.startswith("error 403 forbidden: ") and len(refused.stderr.splitlines()) == 1
+    missing = cli("other", "recalibration", "policy", "get", "room")  # another tenant: no such policy
+    assert missing.exit_code == 1 and missing.stderr.startswith("error 404 not_found: ")
+    policy.write_text("free: []\n")
+    bad = cli("admin", "recalibration", "policy", "set", "room", str(policy))
+    assert bad.exit_code == 2 and "free" in bad.output  # checked before anything is sent
+    assert "running" in json.loads(cli("reader", "recalibration", "list").stdout)
+
+
+def test_cli_shadow_commands_audit_and_an_unreachable_api(cli, sdk):
+    import json
+
+    from raytwin.ports import free_port
+    from serve_apps.audit import AuditRecord
+
+    sdk["admin"].create_asset_type(V1.model_copy(update={"version": "1.0.3"}))
+    sdk["writer"].transition_model("room", "1.0.3", TransitionRequest(to="candidate", reason="cli"))
+    both = cli("writer", "shadow", "start", "room", "1.0.3", "--events", "1", "--asset-id", "sdk-room", "--sample", "1")
+    assert both.exit_code == 2 and "either --asset-id" in both.output
+    started = cli("writer", "shadow", "start", "room", "1.0.3", "--events", "1", "--asset-id", "sdk-room")
+    assert started.exit_code == 0, started.output
+    run_id = json.loads(started.stdout)["run_id"]
+    assert json.loads(cli("reader", "shadow", "status", "room", "1.0.3").stdout)["report"]["run_id"] == run_id
+    assert cli("writer", "shadow", "stop", "room", "1.0.3").stdout.strip() == \
+        "stopped the shadow evaluation of room@1.0.3"
+    again = cli("writer", "shadow", "stop", "room", "1.0.3")
+    assert again.exit_code == 1 and again.stderr.startswith("error 404 not_found: no shadow evaluation of room@1.0.3")
+
+    lines = cli("admin", "audit", "--limit", "2").stdout.splitlines()
+    records = [AuditRecord.model_validate_json(line) for line in lines]
+    assert [r.action for r in records] == ["model.shadow_start", "model.shadow_stop"]
+    assert cli("reader", "audit").stderr.startswith("error 403 forbidden")
+
+    down = cli("writer", "shadow", "stop", "room", "1.0.3", "--url", f"http://127.0.0.1:{free_port()}")
+    assert down.exit_code == 1 and down.stderr.startswith("error: no answer from http://127.0.0.1:")
+    assert "check --api-url or RAYTWIN_API_URL" in down.stderr
+
+
+def test_cli_commands_refuse_and_status_through_the_client(cli, sdk):
+    import json
+
+    sdk["admin"].create_connector(_connector_spec("cli-rooms"))
+    proposed = json.loads(cli("writer", "connectors", "commands", "propose", "cli-rooms", "sdk-room", "setpoint",
+                              '{"T_set": 293.0}').stdout)
+    not_json = cli("writer", "connectors", "commands", "propose", "cli-rooms", "sdk-room", "setpoint", "[1]")
+    assert not_json.exit_code == 2 and "VALUE must be a JSON object, got list" in not_json.output
+    refused = cli("admin", "connectors", "commands", "refuse", proposed["id"], "--reason", "maintenance")
+    assert refused.exit_code == 0 and json.loads(refused.stdout)["status"] == "refused"
+    assert json.loads(cli("reader", "connectors", "commands", "status", proposed["id"]).stdout)["status"] == "refused"
+    listed = [json.loads(line) for line in cli("reader", "connectors", "commands", "list", "--asset-id",
+                                               "sdk-room").stdout.splitlines()]
+    assert proposed["id"] in {c["id"] for c in listed} and set(listed[0]) == {
+        "id", "asset_id", "name", "value", "status", "correlation_id", "ack"}
+    assert cli("admin", "connectors", "delete", "cli-rooms").stdout.strip() == "deleted cli-rooms"
+    gone = cli("reader", "connectors", "status", "cli-rooms")
+    assert gone.exit_code == 1 and gone.stderr.startswith("error 404 not_found: no connector 'cli-rooms'")
