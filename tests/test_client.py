@@ -440,6 +440,28 @@ def test_relationships_drift_clear_type_deletion_and_the_audit_log(sdk):
         reader.audit()
 
 
+def test_the_readme_example_of_the_resource_calls_runs_as_printed(api, sdk, capsys, monkeypatch):
+    """client/README.md's third example, in tenant globex, its connector's broker a closed local port."""
+    from raytwin.ports import free_port
+    from tests.guides import extract
+
+    client, auth, _ = api
+    (block,) = [b for b in extract("client/README.md") if b.first_line == "import os"]
+    code = block.text.replace('RayTwinClient("http://localhost:8000", "rtk_...")',
+                              'RayTwinClient("http://testserver", KEY, transport=TRANSPORT)')
+    code = code.replace('"host": "mqtt.example.com", "port": 1883', f'"host": "127.0.0.1", "port": {free_port()}')
+    monkeypatch.setenv("MQTT_PASSWORD", "never-printed")
+    exec(compile(code, block.id, "exec"), {"KEY": auth["other"]["Authorization"].removeprefix("Bearer "),
+                                            "TRANSPORT": client._transport})
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[1:] == ["connector site running", "a command needs another key's approval",
+                           "[('setpoint', 'refused')]",
+                           "['connector.create', 'command.propose', 'command.refuse', 'connector.delete']"]
+    cooled = float(printed[0].removeprefix("an hour unheated at -10 degC: ").removesuffix(" K colder"))
+    assert 0.0 < cooled < 31.0  # colder, never below the outdoor temperature
+    assert "never-printed" not in "".join(printed)
+
+
 # ---- the `raytwin` commands that call the API, over HTTP to the same in-process app ----
 
 @pytest.fixture(scope="module")
