@@ -412,6 +412,22 @@ def test_shadow_evaluation_calls_start_report_and_stop(sdk):
         writer.stop_shadow("room", "1.0.1")
 
 
+def test_the_async_client_has_the_same_resource_calls(api, sdk):
+    """The calls are shared `Call`s: the asyncio client over the same app (ASGI, in this event loop)."""
+    client, auth, _ = api
+    proposed = sdk["writer"].command(sdk["writer"].commands("sdk-room")[0].id)
+
+    async def read():
+        async with AsyncRayTwinClient("http://testserver", auth["admin"]["Authorization"].removeprefix("Bearer "),
+                                      retry=FAST, transport=httpx.ASGITransport(app=client.app)) as api_:
+            with pytest.raises(NotFound):
+                await api_.connector("nope")
+            return await api_.command(proposed.id), await api_.audit(limit=1), await api_.relationships("sdk-room")
+
+    command, (record,), related = asyncio.run(read())
+    assert command == proposed and record.tenant == "acme" and related.asset_id == "sdk-room"
+
+
 def test_relationships_drift_clear_type_deletion_and_the_audit_log(sdk):
     from raytwin.contracts import Relationship
 
