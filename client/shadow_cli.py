@@ -21,7 +21,7 @@ def start(
     sample: Annotated[int | None, typer.Option(help="Or: this many of the model's twins (a stable pick).")] = None,
 ) -> None:
     """Start an evaluation of MODEL@VERSION on the named twins or a sample of them."""
-    from serve_apps.routes_shadow import ShadowRequest
+    from serve_apps.routes_shadow import ShadowRequest  # a route module (FastAPI, Ray): loaded only here
 
     if bool(asset_id) == (sample is not None):
         raise typer.BadParameter("give either --asset-id (one or more) or --sample")
