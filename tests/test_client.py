@@ -364,7 +364,9 @@ def test_scenario_runs_match_the_closed_form_inline_and_as_a_job_with_its_files(
     writer = sdk["writer"]
     scenario = Scenario(asset_id="sdk-room", start_state={"T": 300.0}, horizon_s=3600.0, step_s=60.0,
                         inputs={"T_out": {"kind": "constant", "value": 280.0}, "Q": {"kind": "constant", "value": 0.0}})
-    closed_form = lambda t: 280.0 + 20.0 * np.exp(-np.asarray(t) / (0.01 * 1e6))  # noqa: E731 (tau = R C)
+    def closed_form(t):  # T relaxes to T_out with tau = R C (room@1.0.0's defaults)
+        return 280.0 + 20.0 * np.exp(-np.asarray(t) / (0.01 * 1e6))
+
     run = writer.run_scenario(scenario, mode="sync")
     assert run.n_steps == 60 and np.allclose(run.states["T"], closed_form(run.times_s), rtol=0, atol=1e-6)
     with pytest.raises(InvalidRequest, match="inline limit"):
@@ -415,17 +417,17 @@ def test_shadow_evaluation_calls_start_report_and_stop(sdk):
 def test_the_async_client_has_the_same_resource_calls(api, sdk):
     """The calls are shared `Call`s: the asyncio client over the same app (ASGI, in this event loop)."""
     client, auth, _ = api
-    proposed = sdk["writer"].command(sdk["writer"].commands("sdk-room")[0].id)
 
     async def read():
         async with AsyncRayTwinClient("http://testserver", auth["admin"]["Authorization"].removeprefix("Bearer "),
                                       retry=FAST, transport=httpx.ASGITransport(app=client.app)) as api_:
             with pytest.raises(NotFound):
                 await api_.connector("nope")
-            return await api_.command(proposed.id), await api_.audit(limit=1), await api_.relationships("sdk-room")
+            return await api_.commands("sdk-room"), await api_.audit(limit=1), await api_.relationships("sdk-room")
 
-    command, (record,), related = asyncio.run(read())
-    assert command == proposed and record.tenant == "acme" and related.asset_id == "sdk-room"
+    commands, (record,), related = asyncio.run(read())
+    assert commands == sdk["reader"].commands("sdk-room") and record.tenant == "acme"
+    assert related == sdk["reader"].relationships("sdk-room")
 
 
 def test_relationships_drift_clear_type_deletion_and_the_audit_log(sdk):
