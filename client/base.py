@@ -8,13 +8,15 @@ from typing import Any
 import httpx
 
 from client.calls import Call, Endpoints
+from client.connector_calls import ConnectorCalls
 from client.deprecation import DeprecationNotices
 from client.errors import RayTwinError, from_response, retry_after_s
 from client.model_calls import ModelCalls
 from client.retry import RETRY_STATUSES, RetryPolicy
+from client.scenario_calls import ScenarioCalls
 
 
-class ClientBase(Endpoints, ModelCalls):
+class ClientBase(Endpoints, ModelCalls, ConnectorCalls, ScenarioCalls):
     def __init__(self, retry: RetryPolicy):
         self.retry = retry
         self.retries = 0  # requests resent so far (observability)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime
 from importlib import import_module
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 from urllib.parse import quote
@@ -23,7 +23,8 @@ from raytwin.contracts import Asset, AssetType, RelationshipKind, TelemetryEvent
 from raytwin.migration import MigrationRequest
 from serve_apps.deprecation import Deprecation
 from serve_apps.query_schemas import AssetGraph, BulkAccepted, BulkReport, BulkRequest
-from serve_apps.schemas import AssetCreate, AssetUpdate, Divergence, Health, IngestResult
+from serve_apps.audit import AuditRecord
+from serve_apps.schemas import AssetCreate, AssetUpdate, Divergence, DriftClear, Health, IngestResult, Related
 
 if TYPE_CHECKING:  # answers whose server modules import Ray or JAX: loaded on first use (see `_lazy`)
     from serve_apps.jobs import Job
@@ -123,7 +124,8 @@ class Sender(ABC):
 
 
 class Endpoints(Sender):
-    """The catalog, twin, schema evolution and job operations (models: `client.model_calls`)."""
+    """The catalog, twin, schema evolution, job and audit operations (the others: `client.model_calls`,
+    `client.connector_calls`, `client.scenario_calls`)."""
 
     def health(self) -> Health:
         return self._send(Call("GET", "/v1/health", _model(Health), idempotent=True))
@@ -141,6 +143,11 @@ class Endpoints(Sender):
     def list_asset_types(self, name: str | None = None) -> list[AssetType]:
         return self._send(Call("GET", "/v1/asset-types", _models(AssetType), params=_present(name=name),
                                idempotent=True))
+
+    def delete_asset_type(self, name: str, version: str, if_match: int | None = None) -> None:
+        """Remove an unused type version (admin; Conflict while assets use it; `if_match`: only at that revision)."""
+        return self._send(Call("DELETE", "/v1/asset-types/{name}/{version}", _nothing, headers=_conditions(if_match),
+                               path_params={"name": name, "version": version}))
 
     # ---- assets -----------------------------------------------------------------------------
     def create_asset(self, asset: AssetCreate, create_only: bool = False) -> Revisioned[Asset]:
@@ -167,6 +174,11 @@ class Endpoints(Sender):
         return self._send(Call("DELETE", "/v1/assets/{asset_id}", _nothing, headers=_conditions(if_match),
                                path_params={"asset_id": asset_id}))
 
+    def relationships(self, asset_id: str) -> Related:
+        """Relationships from this asset (`outgoing`) and to it (`incoming`: kind and source)."""
+        return self._send(Call("GET", "/v1/assets/{asset_id}/relationships", _model(Related), idempotent=True,
+                               path_params={"asset_id": asset_id}))
+
     # ---- twins ------------------------------------------------------------------------------
     def send_telemetry(self, asset_id: str, events: Iterable[TelemetryEvent | Mapping[str, Any]]) -> IngestResult:
         """Send a batch; retried safely (every event has an idempotency key): resent events count as duplicates."""
@@ -189,6 +201,12 @@ class Endpoints(Sender):
 
     def divergence(self, asset_id: str) -> Divergence:
         return self._send(Call("GET", "/v1/assets/{asset_id}/divergence", _model(Divergence), idempotent=True,
+                               path_params={"asset_id": asset_id}))
+
+    def clear_drift(self, asset_id: str, reason: str) -> Divergence:
+        """Acknowledge the twin's drift alarm (its detector restarts from zero); `reason` goes to the audit log."""
+        return self._send(Call("POST", "/v1/assets/{asset_id}/drift/clear", _model(Divergence),
+                               json=DriftClear(reason=reason).model_dump(mode="json"),
                                path_params={"asset_id": asset_id}))
 
     # ---- schema evolution -------------------------------------------------------------------
@@ -230,6 +248,13 @@ class Endpoints(Sender):
         """The outcome of each item of a bulk job that succeeded (Conflict before)."""
         return self._send(Call("GET", "/v1/jobs/{job_id}/report", _model(BulkReport), idempotent=True,
                                path_params={"job_id": job_id}))
+
+
+    # ---- audit ------------------------------------------------------------------------------
+    def audit(self, day: date | None = None, limit: int = 1000) -> list[AuditRecord]:
+        """The tenant's most recent audit records (of one UTC day if given), oldest first (admin)."""
+        return self._send(Call("GET", "/v1/audit", _models(AuditRecord), idempotent=True,
+                               params=_present(day=day.isoformat() if day is not None else None, limit=limit)))
 
 
 def job_call(job_id: str) -> Call[Job]:

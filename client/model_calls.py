@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
-from client.calls import Call, Sender, _lazy, _model, _present
+from client.calls import Call, Sender, _lazy, _model, _nothing, _present
 from connectors.commands import Command
 from raytwin.recalibration import RecalibrationPolicy
 from serve_apps.recalibration import TenantState
@@ -20,11 +20,14 @@ if TYPE_CHECKING:
     from raytwin.lifecycle import LifecyclePolicy, PruneReport, TransitionRecord
     from serve_apps.routes_models import ChainCheck, LifecycleStatus, RollbackRequest, TransitionRequest
     from serve_apps.routes_recommendations import RecommendationRequest
+    from serve_apps.routes_shadow import ShadowRequest, ShadowStarted, ShadowStatus
     from sweeps.recommend import Recommendation
 
 _RECORD = "raytwin.lifecycle:TransitionRecord"
 _RECOMMENDATION = "sweeps.recommend:Recommendation"
 _MODELS = "serve_apps.routes_models"
+_SHADOW = "serve_apps.routes_shadow"
+_SHADOW_PATH = "/v1/models/{model}/versions/{version}/shadow"
 
 
 def _body(request: BaseModel) -> Any:
@@ -72,6 +75,23 @@ class ModelCalls(Sender):
     def set_lifecycle_policy(self, policy: LifecyclePolicy) -> LifecyclePolicy:
         return self._send(Call("PUT", "/v1/lifecycle-policy", _lazy("raytwin.lifecycle:LifecyclePolicy"),
                                json=policy.model_dump(mode="json"), idempotent=True))
+
+    # ---- shadow evaluation ------------------------------------------------------------------------
+    def start_shadow(self, model: str, version: str, request: ShadowRequest) -> ShadowStarted:
+        """Score a candidate or staging version beside production on the next events of some twins, without
+        changing their served state (Conflict: another stage, or an evaluation of it runs)."""
+        return self._send(Call("POST", _SHADOW_PATH, _lazy(f"{_SHADOW}:ShadowStarted"),
+                               json=_body(request), path_params={"model": model, "version": version}))
+
+    def shadow(self, model: str, version: str) -> ShadowStatus:
+        """Production against the candidate so far; once done, the evidence this read recorded on the log."""
+        return self._send(Call("GET", _SHADOW_PATH, _lazy(f"{_SHADOW}:ShadowStatus"),
+                               idempotent=True, path_params={"model": model, "version": version}))
+
+    def stop_shadow(self, model: str, version: str) -> None:
+        """End the evaluation of this version (NotFound: none runs); recorded evidence stays on the log."""
+        return self._send(Call("DELETE", _SHADOW_PATH, _nothing,
+                               path_params={"model": model, "version": version}))
 
     # ---- drift recalibration ----------------------------------------------------------------------
     def recalibration_policy(self, type_name: str) -> RecalibrationPolicy:

@@ -23,7 +23,8 @@ def test_version_lists_the_stack():
 
 def test_every_bounded_context_is_mounted():
     out = CliRunner().invoke(app, ["--help"])
-    for command in ("demo", "twins", "sweep", "calibrate", "rerun", "serve", "keys", "cluster", "job", "status", "bench", "models"):
+    for command in ("demo", "twins", "sweep", "calibrate", "rerun", "serve", "keys", "cluster", "job", "status", "bench", "models",
+                    "recalibration", "shadow", "audit"):
         assert command in out.output
 
 

@@ -16,8 +16,8 @@ import pytest
 
 from client import AsyncRayTwinClient, RayTwinClient, RetryPolicy
 from client.deprecation import RayTwinDeprecationWarning
-from client.errors import (Conflict, Forbidden, InvalidRequest, NotFound, PreconditionFailed, RayTwinError,
-                           ServerError, Unauthorized, Unavailable)
+from client.errors import (Conflict, Forbidden, InvalidRequest, NotFound, PayloadTooLarge, PreconditionFailed,
+                           RayTwinError, ServerError, Unauthorized, Unavailable)
 from client.jobs import JobFailed, JobTimeout, JobWait
 from raytwin.migration import MigrationRequest
 from raytwin.recalibration import RecalibrationPolicy
@@ -25,7 +25,7 @@ from serve_apps.deprecation import Deprecation
 from serve_apps.jobs import Job
 from serve_apps.query_schemas import BulkRequest
 from serve_apps.routes_models import TransitionRequest
-from serve_apps.schemas import AssetCreate, AssetUpdate
+from serve_apps.schemas import AssetCreate, AssetUpdate, JobAccepted
 from tests.test_schema_evolution import V1, V2, api  # noqa: F401 (api: the in-process app fixture)
 
 FAST = RetryPolicy(attempts=3, backoff_s=0.0, max_backoff_s=0.0)
@@ -302,3 +302,279 @@ def test_importing_the_client_loads_neither_ray_nor_jax():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1]).stdout
     assert out.strip() == "[]"
+
+
+# ---- the remaining resources: connectors and commands, what-if runs, shadow evaluation, audit ----
+
+def _connector_spec(name: str) -> dict:
+    """An MQTT connector for the rooms; its broker port is closed, so it runs without ever connecting."""
+    from raytwin.ports import free_port
+
+    return {"name": name, "kind": "mqtt", "broker": {"host": "127.0.0.1", "port": free_port(), "reconnect_max_s": 2},
+            "routes": [{"topic": "rooms/+/telemetry", "asset_level": 1, "command_topic": "rooms/{asset_id}/cmd",
+                        "payload": {"measurements": {"T": {"field": "t", "unit": "K"}}, "event_time": "ts",
+                                    "time_format": "epoch_ms", "sequence": "seq"}}]}
+
+
+def test_connector_and_command_calls_keep_secrets_tenants_and_four_eyes(sdk):
+    from connectors.spec import Credentials
+
+    admin, writer, reader, other = sdk["admin"], sdk["writer"], sdk["reader"], sdk["other"]
+    view = admin.create_connector(_connector_spec("rooms"), Credentials(username="gw", password="hunter2-secret"))
+    assert (view.spec["tenant"], view.spec["name"], view.status.state) == ("acme", "rooms", "running")
+    assert "hunter2-secret" not in admin.connector("rooms").model_dump_json()
+    assert [c.name for c in reader.connectors()] == ["rooms"] and other.connectors() == []
+    with pytest.raises(NotFound):
+        other.connector("rooms")
+    with pytest.raises(Forbidden):
+        reader.pause_connector("rooms")
+    assert admin.pause_connector("rooms").state == "paused" and admin.resume_connector("rooms").state == "running"
+    with pytest.raises(InvalidRequest, match="topic"):
+        admin.create_connector({**_connector_spec("bad"), "routes": [{**_connector_spec("bad")["routes"][0],
+                                                                      "topic": "a/#/b"}]})
+
+    proposed = writer.propose_command("rooms", "sdk-room", "setpoint", {"T_set": 294.0})
+    assert proposed.status == "proposed" and proposed.value == {"T_set": 294.0}
+    with pytest.raises(NotFound):
+        writer.propose_command("rooms", "zone-a", "setpoint", {"T_set": 294.0})  # globex's asset
+    decided = admin.approve_command(proposed.id)  # sent, or failed: the broker is down; either way decided once
+    assert decided.status in ("sent", "failed") and decided.approved_by is not None
+    with pytest.raises(Conflict):
+        admin.approve_command(proposed.id)
+    second = writer.propose_command("rooms", "sdk-room", "setpoint", {"T_set": 295.0})
+    refused = admin.refuse_command(second.id, "not in office hours")
+    assert refused.status == "refused" and reader.command(second.id).status == "refused"
+    assert [c.id for c in reader.commands("sdk-room")] == [proposed.id, second.id]
+    with pytest.raises(NotFound):
+        other.command(proposed.id)
+    admin.delete_connector("rooms")
+    with pytest.raises(NotFound):
+        admin.connector("rooms")
+
+
+def test_scenario_runs_match_the_closed_form_inline_and_as_a_job_with_its_files(sdk):
+    import io
+
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from raytwin.contracts import Scenario
+    from serve_apps.scenarios import AssetSweep
+
+    writer = sdk["writer"]
+    scenario = Scenario(asset_id="sdk-room", start_state={"T": 300.0}, horizon_s=3600.0, step_s=60.0,
+                        inputs={"T_out": {"kind": "constant", "value": 280.0}, "Q": {"kind": "constant", "value": 0.0}})
+    def closed_form(t):  # T relaxes to T_out with tau = R C (room@1.0.0's defaults)
+        return 280.0 + 20.0 * np.exp(-np.asarray(t) / (0.01 * 1e6))
+
+    run = writer.run_scenario(scenario, mode="sync")
+    assert run.n_steps == 60 and np.allclose(run.states["T"], closed_form(run.times_s), rtol=0, atol=1e-6)
+    with pytest.raises(InvalidRequest, match="inline limit"):
+        writer.run_scenario(scenario.model_copy(update={"horizon_s": 1e9, "step_s": 1e3}), mode="sync")
+    with pytest.raises(NotFound):
+        sdk["other"].run_scenario(scenario)
+
+    accepted = writer.run_scenario(scenario, mode="async")
+    assert isinstance(accepted, JobAccepted)
+    assert writer.wait_job(accepted.job_id, timeout_s=300).kind == "scenario"
+    (row,) = writer.job_results(accepted.job_id).rows
+    assert row["T_final"] == pytest.approx(float(closed_form(3600.0)), abs=1e-6)
+    (part,) = writer.job_files(accepted.job_id)
+    data = writer.job_file(accepted.job_id, part.name)
+    assert len(data) == part.size and pq.read_table(io.BytesIO(data)).column("T_final").to_pylist() == [row["T_final"]]
+    with pytest.raises(NotFound, match="no file"):
+        writer.job_file(accepted.job_id, "nope.parquet")
+
+    space = {"method": "random", "n": 10_001, "dimensions": [{"name": "R", "target": "param", "low": 0.005,
+                                                               "high": 0.02}]}
+    sweep = AssetSweep.model_validate({"asset_id": "sdk-room", "horizon_s": 3600.0, "step_s": 60.0, "space": space})
+    with pytest.raises(PayloadTooLarge, match="10001 scenarios exceed the limit of 10000"):  # the body passed
+        writer.run_sweep(sweep)
+
+
+def test_shadow_evaluation_calls_start_report_and_stop(sdk):
+    from serve_apps.routes_shadow import ShadowRequest
+    from tests.test_schema_evolution import room_events
+
+    admin, writer = sdk["admin"], sdk["writer"]
+    admin.create_asset_type(V1.model_copy(update={"version": "1.0.1"}))
+    with pytest.raises(NotFound):
+        writer.shadow("room", "1.0.1")
+    writer.transition_model("room", "1.0.1", TransitionRequest(to="candidate", reason="shadow it"))  # submitted
+    started = writer.start_shadow("room", "1.0.1", ShadowRequest(asset_ids=["sdk-room"], events=2))
+    assert started.asset_ids == ["sdk-room"] and started.candidate_ref == "room@1.0.1"
+    with pytest.raises(Conflict, match="already running"):
+        writer.start_shadow("room", "1.0.1", ShadowRequest(asset_ids=["sdk-room"], events=2))
+    assert not writer.shadow("room", "1.0.1").report.done
+    writer.send_telemetry("sdk-room", room_events(100, 2, 294.0))
+    status = writer.shadow("room", "1.0.1")
+    assert status.report.done and status.report.run_id == started.run_id and status.recorded
+    writer.stop_shadow("room", "1.0.1")
+    with pytest.raises(NotFound):
+        writer.stop_shadow("room", "1.0.1")
+
+
+def test_the_async_client_has_the_same_resource_calls(api, sdk):
+    """The calls are shared `Call`s: the asyncio client over the same app (ASGI, in this event loop)."""
+    client, auth, _ = api
+
+    async def read():
+        async with AsyncRayTwinClient("http://testserver", auth["admin"]["Authorization"].removeprefix("Bearer "),
+                                      retry=FAST, transport=httpx.ASGITransport(app=client.app)) as api_:
+            with pytest.raises(NotFound):
+                await api_.connector("nope")
+            return await api_.commands("sdk-room"), await api_.audit(limit=1), await api_.relationships("sdk-room")
+
+    commands, (record,), related = asyncio.run(read())
+    assert commands == sdk["reader"].commands("sdk-room") and record.tenant == "acme"
+    assert related == sdk["reader"].relationships("sdk-room")
+
+
+def test_relationships_drift_clear_type_deletion_and_the_audit_log(sdk):
+    from raytwin.contracts import Relationship
+
+    admin, reader = sdk["admin"], sdk["reader"]
+    admin.create_asset(AssetCreate(id="sdk-child", type_name="room", type_version="1.0.0",
+                                   initial_state={"T": 293.15},
+                                   relationships=[Relationship(kind="feeds", target="sdk-room")]))
+    related = reader.relationships("sdk-room")
+    assert related.outgoing == [] and related.incoming == [{"kind": "feeds", "source": "sdk-child"}]
+    cleared = sdk["writer"].clear_drift("sdk-room", "sensor recalibrated")
+    assert cleared.asset_id == "sdk-room" and not cleared.drift
+    with pytest.raises(Conflict):  # sdk-room and sdk-child use it
+        admin.delete_asset_type("room", "1.0.0")
+    admin.create_asset_type(V1.model_copy(update={"version": "1.0.2"}))
+    admin.delete_asset_type("room", "1.0.2")
+    with pytest.raises(NotFound):
+        reader.get_asset_type("room", "1.0.2")
+    admin.delete_asset("sdk-child")
+
+    records = admin.audit(day=datetime.now(UTC).date(), limit=10_000)
+    actions = {(r.action, r.target) for r in records}
+    assert {("twin.drift_clear", "sdk-room"), ("asset_type.delete", "room@1.0.2"), ("asset.delete", "sdk-child")} <= actions
+    assert all(r.tenant == "acme" for r in records) and [r.time for r in records] == sorted(r.time for r in records)
+    assert [r.action for r in admin.audit(limit=1)] == ["asset.delete"]
+    with pytest.raises(Forbidden):
+        reader.audit()
+
+
+def test_the_readme_example_of_the_resource_calls_runs_as_printed(api, sdk, capsys, monkeypatch):
+    """client/README.md's third example, in tenant globex, its connector's broker a closed local port."""
+    from raytwin.ports import free_port
+    from tests.guides import extract
+
+    client, auth, _ = api
+    (block,) = [b for b in extract("client/README.md") if b.first_line == "import os"]
+    code = block.text.replace('RayTwinClient("http://localhost:8000", "rtk_...")',
+                              'RayTwinClient("http://testserver", KEY, transport=TRANSPORT)')
+    code = code.replace('"host": "mqtt.example.com", "port": 1883', f'"host": "127.0.0.1", "port": {free_port()}')
+    monkeypatch.setenv("MQTT_PASSWORD", "never-printed")
+    exec(compile(code, block.id, "exec"), {"KEY": auth["other"]["Authorization"].removeprefix("Bearer "),
+                                            "TRANSPORT": client._transport})
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[1:] == ["connector site running", "a command needs another key's approval",
+                           "[('setpoint', 'refused')]",
+                           "['connector.create', 'command.propose', 'command.refuse', 'connector.delete']"]
+    cooled = float(printed[0].removeprefix("an hour unheated at -10 degC: ").removesuffix(" K colder"))
+    assert 0.0 < cooled < 31.0  # colder, never below the outdoor temperature
+    assert "never-printed" not in "".join(printed)
+
+
+# ---- the `raytwin` commands that call the API, over HTTP to the same in-process app ----
+
+@pytest.fixture(scope="module")
+def cli(api, sdk):
+    """`raytwin ...` as a function of its arguments and a role, against the app served by uvicorn on a free port."""
+    import threading
+
+    import uvicorn
+    from typer.testing import CliRunner
+
+    from tests.fixtures_connectors import wait_for
+    from raytwin.cli import app
+    from raytwin.ports import free_port
+
+    client, auth, _ = api
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(client.app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_for(lambda: server.started, "the API listens")
+
+    def run(role: str, *args: str):
+        env = {"RAYTWIN_API_URL": f"http://127.0.0.1:{port}",
+               "RAYTWIN_API_KEY": auth[role]["Authorization"].removeprefix("Bearer ")}
+        return CliRunner().invoke(app, list(args), env=env)
+
+    yield run
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def test_cli_recalibration_policies_and_errors_as_one_line(cli, tmp_path):
+    import json
+
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("free: [R]\nmax_trials: 3\ncooldown_s: 60\n")
+    done = cli("admin", "recalibration", "policy", "set", "room", str(policy))
+    assert done.exit_code == 0, done.output
+    got = json.loads(cli("reader", "recalibration", "policy", "get", "room").stdout)
+    assert (got["free"], got["max_trials"], got["cooldown_s"]) == (["R"], 3, 60.0)
+    refused = cli("writer", "recalibration", "policy", "set", "room", str(policy))
+    assert refused.exit_code == 1 and refused.stdout == ""
+    assert refused.stderr.startswith("error 403 forbidden: ") and len(refused.stderr.splitlines()) == 1
+    missing = cli("other", "recalibration", "policy", "get", "room")  # another tenant: no such policy
+    assert missing.exit_code == 1 and missing.stderr.startswith("error 404 not_found: ")
+    policy.write_text("free: []\n")
+    bad = cli("admin", "recalibration", "policy", "set", "room", str(policy))
+    assert bad.exit_code == 2 and "free" in bad.output  # checked before anything is sent
+    assert "running" in json.loads(cli("reader", "recalibration", "list").stdout)
+
+
+def test_cli_shadow_commands_audit_and_an_unreachable_api(cli, sdk):
+    import json
+
+    from raytwin.ports import free_port
+    from serve_apps.audit import AuditRecord
+
+    sdk["admin"].create_asset_type(V1.model_copy(update={"version": "1.0.3"}))
+    sdk["writer"].transition_model("room", "1.0.3", TransitionRequest(to="candidate", reason="cli"))
+    both = cli("writer", "shadow", "start", "room", "1.0.3", "--events", "1", "--asset-id", "sdk-room", "--sample", "1")
+    assert both.exit_code == 2 and "either --asset-id" in both.output
+    started = cli("writer", "shadow", "start", "room", "1.0.3", "--events", "1", "--asset-id", "sdk-room")
+    assert started.exit_code == 0, started.output
+    run_id = json.loads(started.stdout)["run_id"]
+    assert json.loads(cli("reader", "shadow", "status", "room", "1.0.3").stdout)["report"]["run_id"] == run_id
+    assert cli("writer", "shadow", "stop", "room", "1.0.3").stdout.strip() == \
+        "stopped the shadow evaluation of room@1.0.3"
+    again = cli("writer", "shadow", "stop", "room", "1.0.3")
+    assert again.exit_code == 1 and again.stderr.startswith("error 404 not_found: no shadow evaluation of room@1.0.3")
+
+    lines = cli("admin", "audit", "--limit", "2").stdout.splitlines()
+    records = [AuditRecord.model_validate_json(line) for line in lines]
+    assert [r.action for r in records] == ["model.shadow_start", "model.shadow_stop"]
+    assert cli("reader", "audit").stderr.startswith("error 403 forbidden")
+
+    down = cli("writer", "shadow", "stop", "room", "1.0.3", "--url", f"http://127.0.0.1:{free_port()}")
+    assert down.exit_code == 1 and down.stderr.startswith("error: no answer from http://127.0.0.1:")
+    assert "check --api-url or RAYTWIN_API_URL" in down.stderr
+
+
+def test_cli_commands_refuse_and_status_through_the_client(cli, sdk):
+    import json
+
+    sdk["admin"].create_connector(_connector_spec("cli-rooms"))
+    proposed = json.loads(cli("writer", "connectors", "commands", "propose", "cli-rooms", "sdk-room", "setpoint",
+                              '{"T_set": 293.0}').stdout)
+    not_json = cli("writer", "connectors", "commands", "propose", "cli-rooms", "sdk-room", "setpoint", "[1]")
+    assert not_json.exit_code == 2 and "VALUE must be a JSON object, got list" in not_json.output
+    refused = cli("admin", "connectors", "commands", "refuse", proposed["id"], "--reason", "maintenance")
+    assert refused.exit_code == 0 and json.loads(refused.stdout)["status"] == "refused"
+    assert json.loads(cli("reader", "connectors", "commands", "status", proposed["id"]).stdout)["status"] == "refused"
+    listed = [json.loads(line) for line in cli("reader", "connectors", "commands", "list", "--asset-id",
+                                               "sdk-room").stdout.splitlines()]
+    assert proposed["id"] in {c["id"] for c in listed} and set(listed[0]) == {
+        "id", "asset_id", "name", "value", "status", "correlation_id", "ack"}
+    assert cli("admin", "connectors", "delete", "cli-rooms").stdout.strip() == "deleted cli-rooms"
+    gone = cli("reader", "connectors", "status", "cli-rooms")
+    assert gone.exit_code == 1 and gone.stderr.startswith("error 404 not_found: no connector 'cli-rooms'")

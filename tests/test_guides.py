@@ -68,6 +68,7 @@ NOT_RUN: dict[tuple[str, str], str] = {  # (guide, first line of the block) -> w
      "it against its server",
     ("client/README.md", "from datetime import UTC, datetime"): "needs a running API: tests/test_client.py runs it "
      "against the in-process app",
+    ("client/README.md", "import os"): "needs a running API: tests/test_client.py runs it against the in-process app",
     ("benchmarks/README.md", '{"machine": {"date_utc", "cpu_model", "cpu_count", "memory_gib", '
      '"load_average_1_5_15", "jax_devices",'): "an outline of the JSON record's keys, not a record; the record "
      "is written and read back by `run` and `report` in the block above",

@@ -1,0 +1,84 @@
+"""The connector and command operations: connectors to device protocols (create, list, inspect, pause,
+resume, delete) and commands back to assets (propose, approve or refuse, list with acknowledgements).
+Sync and async clients share them like `client.calls.Endpoints`.
+
+`ConnectorStatus` lives in a module that imports Ray (`connectors.runtime`), and the connector view
+in a FastAPI route module: both are loaded on the first such answer, not on `import client`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from client.calls import Call, Sender, _lazy, _model, _models, _nothing, _present
+from connectors.commands import Command
+from connectors.spec import Credentials
+
+if TYPE_CHECKING:
+    from connectors.runtime import ConnectorStatus
+    from serve_apps.routes_connectors import ConnectorView
+
+_STATUS = "connectors.runtime:ConnectorStatus"
+
+
+class ConnectorCalls(Sender):
+    # ---- connectors -------------------------------------------------------------------------------
+    def create_connector(self, spec: Mapping[str, Any], credentials: Credentials | None = None) -> ConnectorView:
+        """Check a declaration (connectors/README.md; its tenant is the key's), store it and start the
+        connector; one of the same name is replaced, so a resend is safe. `credentials` are write-only:
+        sent once, never in an answer (admin)."""
+        body = {"spec": {k: v for k, v in spec.items() if k != "tenant"},
+                "credentials": credentials.revealed() if credentials is not None else None}
+        return self._send(Call("POST", "/v1/connectors", _lazy("serve_apps.routes_connectors:ConnectorView"),
+                               json=body, idempotent=True))
+
+    def connectors(self) -> list[ConnectorStatus]:
+        """Every connector of the tenant with its status."""
+        return self._send(Call("GET", "/v1/connectors", _lazy(_STATUS, many=True), idempotent=True))
+
+    def connector(self, name: str) -> ConnectorView:
+        """The declaration (never the credentials) and status: connected, messages, pending, lag_s, errors."""
+        return self._send(Call("GET", "/v1/connectors/{name}", _lazy("serve_apps.routes_connectors:ConnectorView"),
+                               idempotent=True, path_params={"name": name}))
+
+    def pause_connector(self, name: str) -> ConnectorStatus:
+        """Stop receiving; the source keeps what arrives meanwhile (admin)."""
+        return self._send(Call("POST", "/v1/connectors/{name}/pause", _lazy(_STATUS), idempotent=True,
+                               path_params={"name": name}))
+
+    def resume_connector(self, name: str) -> ConnectorStatus:
+        """Receive again, starting with what the source kept meanwhile (admin)."""
+        return self._send(Call("POST", "/v1/connectors/{name}/resume", _lazy(_STATUS), idempotent=True,
+                               path_params={"name": name}))
+
+    def delete_connector(self, name: str) -> None:
+        """Stop the connector and remove its declaration and credentials; its commands' records stay (admin)."""
+        return self._send(Call("DELETE", "/v1/connectors/{name}", _nothing, path_params={"name": name}))
+
+    # ---- commands ---------------------------------------------------------------------------------
+    def propose_command(self, connector: str, asset_id: str, name: str, value: Mapping[str, Any]) -> Command:
+        """Record a command for an asset through `connector`; nothing is sent before another admin
+        key approves it. Not resent after a network error (a resend would propose it twice)."""
+        return self._send(Call("POST", "/v1/commands", _model(Command), json={
+            "connector": connector, "asset_id": asset_id, "name": name, "value": dict(value)}))
+
+    def approve_command(self, command_id: str) -> Command:
+        """Approve (an admin key other than the proposer's) and send once: `sent` or `failed`; a
+        command already decided is a Conflict."""
+        return self._send(Call("POST", "/v1/commands/{command_id}/approve", _model(Command),
+                               path_params={"command_id": command_id}))
+
+    def refuse_command(self, command_id: str, reason: str) -> Command:
+        """Refuse a proposed command (admin); it is never sent."""
+        return self._send(Call("POST", "/v1/commands/{command_id}/refuse", _model(Command), json={"reason": reason},
+                               path_params={"command_id": command_id}))
+
+    def commands(self, asset_id: str | None = None) -> list[Command]:
+        """The tenant's commands (of one asset if given), oldest first, with history and acknowledgement."""
+        return self._send(Call("GET", "/v1/commands", _models(Command), params=_present(asset_id=asset_id),
+                               idempotent=True))
+
+    def command(self, command_id: str) -> Command:
+        return self._send(Call("GET", "/v1/commands/{command_id}", _model(Command), idempotent=True,
+                               path_params={"command_id": command_id}))

@@ -1,0 +1,58 @@
+"""The what-if operations: one scenario, a sweep, and the results and files of the jobs that run the
+large ones. Sync and async clients share them like `client.calls.Endpoints`.
+
+A run answers inline (200) when it is small, or as a queued job (202, `JobAccepted`: wait for it
+with `wait_job`, then read `job_results` / `job_files`), as `mode` and the server's limits decide.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Literal, TypeVar
+
+import httpx
+from pydantic import BaseModel
+
+from client.calls import Call, Sender, _model, _models
+from raytwin.contracts import Scenario
+from serve_apps.schemas import JobAccepted, ResultFile, ScenarioRun, SweepResult
+
+if TYPE_CHECKING:
+    from serve_apps.scenarios import AssetSweep
+
+Mode = Literal["auto", "sync", "async"]
+R = TypeVar("R", bound=BaseModel)
+
+
+def _inline_or_job(inline: type[R]) -> Callable[[httpx.Response], R | JobAccepted]:
+    """The inline answer (200), or the queued job (202)."""
+    return lambda r: (JobAccepted if r.status_code == 202 else inline).model_validate_json(r.content)
+
+
+class ScenarioCalls(Sender):
+    def run_scenario(self, scenario: Scenario, mode: Mode = "auto") -> ScenarioRun | JobAccepted:
+        """Run one what-if scenario from the twin's live (or past, or an explicit) state: the
+        trajectories inline, or a job (`mode`: sync insists on inline, async always queues)."""
+        return self._send(Call("POST", "/v1/scenarios", _inline_or_job(ScenarioRun),
+                               json=scenario.model_dump(mode="json"), params={"mode": mode}))
+
+    def run_sweep(self, sweep: AssetSweep, mode: Mode = "auto", limit: int = 1000) -> SweepResult | JobAccepted:
+        """Sweep an asset's model over a scenario space, as a recorded run (`run_id`): quantiles and the
+        first `limit` per-scenario rows inline, or a job. An FMU's sweep is always a job."""
+        return self._send(Call("POST", "/v1/sweeps", _inline_or_job(SweepResult),
+                               json=sweep.model_dump(mode="json"), params={"mode": mode, "limit": limit}))
+
+    def job_results(self, job_id: str, limit: int = 1000) -> SweepResult:
+        """A succeeded job's quantiles and first `limit` per-scenario rows (Conflict before it succeeded)."""
+        return self._send(Call("GET", "/v1/jobs/{job_id}/results", _model(SweepResult), params={"limit": limit},
+                               idempotent=True, path_params={"job_id": job_id}))
+
+    def job_files(self, job_id: str) -> list[ResultFile]:
+        """A succeeded job's Parquet files (per-scenario metrics ``part-*``, ``trajectories``) and sizes."""
+        return self._send(Call("GET", "/v1/jobs/{job_id}/files", _models(ResultFile), idempotent=True,
+                               path_params={"job_id": job_id}))
+
+    def job_file(self, job_id: str, name: str) -> bytes:
+        """One result file's bytes (Parquet: ``pyarrow.parquet.read_table(io.BytesIO(data))``)."""
+        return self._send(Call("GET", "/v1/jobs/{job_id}/files/{name}", lambda r: r.content, idempotent=True,
+                               path_params={"job_id": job_id, "name": name}))
