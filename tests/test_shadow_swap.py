@@ -251,3 +251,26 @@ def test_shadow_resumes_after_a_shard_restart_with_the_uninterrupted_statistics(
 
     assert restarted.stop_shadow("acme", true.ref)
     assert shard(restarted_dir).shadow_report("acme", true.ref) is None  # stopped: not resumed again
+
+
+def test_a_shadow_whose_log_after_its_checkpoint_was_pruned_restarts_its_count(tmp_path, versions):
+    """The fallback: the events after the shadow's checkpoint are gone (`prune`), so the restarted shard
+    starts that twin's statistics afresh from its recovered state and says so (`restarted_at`)."""
+    wrong, true = versions
+    evs = stream("z2", 330, seed=5)  # five-minute readings from midnight: event 288 starts the second day
+    make = lambda: TwinShard(str(tmp_path), 0, 1, snapshot_every=64, **OPTS)  # noqa: E731 (a shadow checkpoint every 64)
+    live = make()
+    live.register("acme", "z2", registration_record(asset("z2"), wrong, None, None))
+    live.ingest("acme", validated_table(evs[:260]))
+    live.start_shadow("run-p", "acme", ["z2"], true.model_dump(mode="json"), 100)  # checkpointed on day one
+    live.ingest("acme", validated_table(evs[260:310]))
+    live.flush()  # the twin's newest snapshot is on day two, so day one may go
+    assert live.store.prune("acme", (T0 + timedelta(days=1)).date()).history_from is not None
+
+    restarted = make()
+    _, [report] = restarted.shadow_report("acme", true.ref)
+    assert report.restarted_at is not None and report.resumed_at is None and report.candidate.events == 0
+    restarted.ingest("acme", validated_table(evs[310:]))
+    _, [report] = restarted.shadow_report("acme", true.ref)
+    assert report.candidate.events == report.production.events == 20 and not report.done
+    assert restarted.state("acme", "z2").events_applied == 330
