@@ -102,7 +102,8 @@ def closed_loop(ctx: BenchContext) -> BenchResult:
     if not (report.done and state.model_ref == fit.candidate and state.events_applied == sent and not outcome.refused):
         raise RuntimeError(f"the loop did not close: {res.checks}")
     for step, readings, wall_s in marks:
-        hours = (building.events[building.n_before + readings - 1].event_time - building.fault_at).total_seconds() / HOUR_S
+        latest = building.events[building.n_before + readings - 1]
+        hours = (latest.event_time - building.fault_at).total_seconds() / HOUR_S
         note = f"{readings} readings after the fault"
         res.figures.append(Figure(f"fault -> {step}: event time", hours, "h", note=note,
                                   target_max=DRIFT_TARGET_H if step == "drift flag" else None))

@@ -258,7 +258,7 @@ def test_a_shadow_whose_log_after_its_checkpoint_was_pruned_restarts_its_count(t
     starts that twin's statistics afresh from its recovered state and says so (`restarted_at`)."""
     wrong, true = versions
     evs = stream("z2", 330, seed=5)  # five-minute readings from midnight: event 288 starts the second day
-    make = lambda: TwinShard(str(tmp_path), 0, 1, snapshot_every=64, **OPTS)  # noqa: E731 (a shadow checkpoint every 64)
+    make = lambda: TwinShard(str(tmp_path), 0, 1, snapshot_every=64, **OPTS)  # noqa: E731 (shadow checkpoints too)
     live = make()
     live.register("acme", "z2", registration_record(asset("z2"), wrong, None, None))
     live.ingest("acme", validated_table(evs[:260]))
