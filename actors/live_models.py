@@ -25,7 +25,7 @@ from raytwin.statestore import to_micros
 
 
 class UnknownShadow(KeyError):
-    """No shadow evaluation of this candidate for this tenant (none started, or a shard restarted)."""
+    """No shadow evaluation of this candidate for this tenant (none started, or it was stopped)."""
 
     def __str__(self) -> str:
         return str(self.args[0])

@@ -99,7 +99,7 @@ class TwinShard(LiveModelOps):
         self.tag = str(index)  # the `shard` tag of its metrics
         self.stale: set[tuple[str, str]] = set()  # twins whose log write failed mid-batch
         started = time.perf_counter()
-        self.shadows = ShadowBook()  # shadow evaluations of candidate models (`actors.shard_models`)
+        self.shadows = ShadowBook(self.store, snapshot_every)  # shadow evaluations (`actors.shard_models`)
         mine = [(t, a, r) for t, a, r in self.store.registrations() if shard_index(t, a, shards) == index]
         recovered = recover_many(self.store, [r for *_, r in mine], allowed_lateness_s=allowed_lateness_s,
                                  checkpoint_every=checkpoint_every)
@@ -107,10 +107,11 @@ class TwinShard(LiveModelOps):
             self.twins[(tenant, asset_id)] = twin
             self.durable_revision[(tenant, asset_id)] = 0  # at worst one snapshot is rewritten as is
         self.drifting = {key for key, twin in self.twins.items() if twin.fs.divergence.drift}
+        shadowed = self.shadows.resume(self.twins)  # after the twins: a shadow catches up from the log
         metrics.TWINS.set(len(self.twins), shard=self.tag)
         metrics.TWINS_DRIFTING.set(len(self.drifting), shard=self.tag)
-        log.info("event=shard_started shard=%d pid=%d twins=%d process_age_s=%.2f recover_s=%.2f", index, os.getpid(),
-                 len(self.twins), process_age_s(), time.perf_counter() - started)
+        log.info("event=shard_started shard=%d pid=%d twins=%d shadowed=%d process_age_s=%.2f recover_s=%.2f", index,
+                 os.getpid(), len(self.twins), shadowed, process_age_s(), time.perf_counter() - started)
 
     def _recover(self, record: dict[str, Any], until_us: int | None = None) -> Twin:
         return recover(self.store, record, allowed_lateness_s=self.lateness_s,

@@ -20,6 +20,7 @@ class LiveModelOps:
 
     twins: dict[tuple[str, str], Twin]
     store: StateStore
+    fence: tuple[str, int] | None
     shadows: ShadowBook
 
     def twins_of_model(self, tenant: str, model: str) -> list[str]:
@@ -29,7 +30,9 @@ class LiveModelOps:
 
     def start_shadow(self, run_id: str, tenant: str, asset_ids: list[str], artifact: dict[str, Any],
                      events: int) -> int:
-        """Shadow `artifact` beside production on these twins (all held here) for `events` events each."""
+        """Shadow `artifact` beside production on these twins (all held here) for `events` events each;
+        recorded in the store first, so a restarted shard resumes it (`actors.shadow`)."""
+        self.store.check_lease(self.fence)
         self._refresh_stale()
         missing = [a for a in asset_ids if (tenant, a) not in self.twins]
         if missing:
@@ -41,6 +44,8 @@ class LiveModelOps:
         return self.shadows.report(tenant, ref)
 
     def stop_shadow(self, tenant: str, ref: str) -> bool:
+        """End the evaluation of `ref` on the twins held here and delete its records."""
+        self.store.check_lease(self.fence)
         return self.shadows.stop(tenant, ref)
 
     def swap_model(self, tenant: str, asset_id: str, artifact: dict[str, Any], at_us: int) -> TwinState | None:

@@ -392,6 +392,11 @@ def _decode(payload: dict) -> tuple[FilterState, int | None]:
     return fs, payload["max_time_us"]
 
 
+def encode_state(fs: FilterState) -> dict:
+    """A filter state as JSON (a snapshot's payload without the watermark); `decode_snapshot` reads it."""
+    return _encode(fs, None)
+
+
 def decode_snapshot(payload: dict) -> FilterState:
     """The filter state a snapshot's payload holds."""
     return _decode(payload)[0]

@@ -6,13 +6,18 @@ second principal's approval (the author's own refused) -> hot swap at an event-t
 lifecycle's hash chain verified -> a recommended heating schedule for the next week, confirmed by an
 independent forward simulation (scipy's solve_ivp on the true, faulted building) rather than by the
 optimiser's own figures. Each step prints a computed verdict the demo test asserts on.
+
+The steps the loop is made of (`faulted_building`, `production_lifecycle`, `ingest_until_drift`,
+`recalibrate_window`) are public: the `closed-loop` benchmark (`benchmarks.closed_loop`) times the same loop.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from rich.table import Table
@@ -32,7 +37,8 @@ APPROVER_KEY = "bob"  # the second pair of eyes
 
 
 def _faulted_truth(model, params: np.ndarray, x0: np.ndarray, seed: int):
-    """Inputs, states and noisy T_in at DT; R_io halves at FAULT_S (the dynamics switch there)."""
+    """Inputs, states and noisy T_in at DT; R_io halves at FAULT_S (the dynamics switch there); and the
+    true parameters after the fault."""
     import jax.numpy as jnp
 
     from raytwin.sim import simulate
@@ -50,13 +56,72 @@ def _faulted_truth(model, params: np.ndarray, x0: np.ndarray, seed: int):
     return u, x, y, faulted
 
 
-def _ingest_until_drift(service, events) -> tuple[int, object]:
+def ingest_until_drift(service, events) -> tuple[int, object]:
     """Feed events one by one until the twin's latched drift flag is up: (events fed, that state)."""
     for k, event in enumerate(events, start=1):
         state = service.ingest(TENANT, [event], states=True).states[-1]
         if state.divergence.drift:
             return k, state
     raise RuntimeError(f"no drift flag after {len(events)} events of the faulted building")
+
+
+@dataclass(frozen=True)
+class FaultedBuilding:
+    """The faulted building's twin and its telemetry, split where the loop's steps take it up."""
+
+    events: list[Any]  # TelemetryEvent, 5-minute readings from the start
+    fault_at: datetime
+    faulted: np.ndarray  # the true parameters after the fault
+    n_before: int  # readings at or before the fault
+    n_window: int  # readings of the recalibration window (the day after the fault)
+
+    @property
+    def healthy(self) -> list[Any]:
+        return self.events[:self.n_before]
+
+    @property
+    def window(self) -> list[Any]:
+        return self.events[self.n_before:self.n_before + self.n_window]
+
+    @property
+    def shadowed(self) -> list[Any]:
+        """Scored by both versions in the shadow evaluation."""
+        return self.events[self.n_before + self.n_window:self.n_before + self.n_window + SHADOW_EVENTS]
+
+    @property
+    def after(self) -> list[Any]:
+        """Applied after the hot swap."""
+        return self.events[self.n_before + self.n_window + SHADOW_EVENTS:]
+
+
+def faulted_building(service, artifact, seed: int = 300) -> FaultedBuilding:
+    """Register the twin `ASSET` running `artifact` on `service` and make the telemetry of its building,
+    whose true R_io halves `FAULT_S` after the start (four days ago, so every reading is in the past)."""
+    from raytwin.contracts import Asset
+
+    model = artifact.model()
+    u, x, y, faulted = _faulted_truth(model, np.array(artifact.param_vector()), np.array([293.0, 292.0]), seed=seed)
+    start = (datetime.now(UTC) - timedelta(days=4)).replace(second=0, microsecond=0)
+    service.register(Asset(id=ASSET, tenant=TENANT, type_name="thermal_rc", type_version="1.0.0"), artifact,
+                     initial_state={"T_in": float(y[0]), "T_m": float(x[0, 1])})
+    events = list(_telemetry_events(ASSET, start, u, y))
+    fault_at = start + timedelta(seconds=FAULT_S)
+    return FaultedBuilding(events, fault_at, faulted, sum(e.event_time <= fault_at for e in events),
+                           round(WINDOW_S / (DT * SAMPLE_EVERY)))
+
+
+def production_lifecycle(registry, artifact):
+    """The lifecycle with `artifact` put in production by its owner and a second approver: (lifecycle, the
+    owner, the approver), both with the approver role."""
+    from raytwin.lifecycle import Actor, ModelLifecycle
+
+    lifecycle = ModelLifecycle(registry)
+    alice = Actor(id=OWNER, tenant=TENANT, roles=frozenset({"approver"}))
+    bob = Actor(id=APPROVER_KEY, tenant=TENANT, roles=frozenset({"approver"}))
+    lifecycle.submit(artifact.ref, alice, "the reference building-zone model")
+    lifecycle.transition(artifact.ref, "staging", alice, "validated against scipy (section 2)")
+    lifecycle.transition(artifact.ref, "production", bob, "four eyes: reviewed the validation")
+    return lifecycle, alice, bob
 
 
 def _forward(model, params: np.ndarray, x0: dict[str, float], heating, horizon_s: float) -> dict[str, float]:
@@ -87,13 +152,15 @@ def _forward(model, params: np.ndarray, x0: dict[str, float], heating, horizon_s
     return {"energy_kwh": float(power.sum() * 60.0 / 3.6e6), "discomfort_s": float(outside.sum() * 60.0)}
 
 
-def _recalibrate(root: Path, registry, artifact, service, until: datetime, latched):
+def recalibrate_window(root: Path, registry, artifact, service, until: datetime, latched, max_trials: int = 4):
     """What the API's drift trigger runs, at library level: the window before `until` from the durable
-    event log, fitted and registered as a candidate linked to the latch. Returns (fit, samples)."""
+    event log, fitted (`max_trials` Tune trials) and registered as a candidate linked to the latch.
+    Returns (fit, samples)."""
     from raytwin.recalibration import DriftTrigger, RecalibrationPolicy
     from sweeps.recalibration import RecalibrationWork, next_free_version, recalibrate, window_table, write_window
 
-    policy = RecalibrationPolicy(free=["R_io"], noise_std={"T_in": T_IN_NOISE}, window_s=WINDOW_S, max_trials=4)
+    policy = RecalibrationPolicy(free=["R_io"], noise_std={"T_in": T_IN_NOISE}, window_s=WINDOW_S,
+                                 max_trials=max_trials)
     names = [*artifact.asset_type.inputs, *artifact.asset_type.outputs]
     table, first = window_table(service.store, TENANT, ASSET, names, until, policy.window_s, policy.max_samples)
     telemetry = (root / "telemetry" / f"{ASSET}-window.parquet").as_uri()
@@ -152,37 +219,21 @@ def _recommend_and_check(root: Path, registry, service, model, truth: np.ndarray
 def section_closed_loop(root: Path, registry, artifact, service) -> None:
     """Section 6 on a new twin of `service` running `artifact` (the registered model, put in production
     first by its owner and a second approver), with run records and telemetry under `root`."""
-    from raytwin.contracts import Asset
-    from raytwin.lifecycle import Actor, ApprovalRequired, ModelLifecycle
+    from raytwin.lifecycle import Actor, ApprovalRequired
     from raytwin.shadow import conclude
     from sweeps.recalibration import AUTHOR
 
     model = artifact.model()
     _section(f"6. Closed loop: {ASSET}'s true R_io halves after {FAULT_S / HOUR:g} h; the twin runs {artifact.ref}")
-    lifecycle = ModelLifecycle(registry)
-    alice = Actor(id=OWNER, tenant=TENANT, roles=frozenset({"approver"}))
-    bob = Actor(id=APPROVER_KEY, tenant=TENANT, roles=frozenset({"approver"}))
-    lifecycle.submit(artifact.ref, alice, "the reference building-zone model")
-    lifecycle.transition(artifact.ref, "staging", alice, "validated against scipy (section 2)")
-    lifecycle.transition(artifact.ref, "production", bob, "four eyes: reviewed the validation")
-
-    params = np.array(artifact.param_vector())
-    u, x, y, faulted = _faulted_truth(model, params, np.array([293.0, 292.0]), seed=300)
-    start = (datetime.now(UTC) - timedelta(days=4)).replace(second=0, microsecond=0)
-    service.register(Asset(id=ASSET, tenant=TENANT, type_name="thermal_rc", type_version="1.0.0"), artifact,
-                     initial_state={"T_in": float(y[0]), "T_m": float(x[0, 1])})
-    events = list(_telemetry_events(ASSET, start, u, y))
-    fault_at = start + timedelta(seconds=FAULT_S)
-    n_before = sum(e.event_time <= fault_at for e in events)
-    n_window = round(WINDOW_S / (DT * SAMPLE_EVERY))
-    healthy, window = events[:n_before], events[n_before:n_before + n_window]
-    shadowed = events[n_before + n_window:n_before + n_window + SHADOW_EVENTS]
-    after = events[n_before + n_window + SHADOW_EVENTS:]
-    service.ingest(TENANT, healthy)
+    lifecycle, alice, bob = production_lifecycle(registry, artifact)
+    building = faulted_building(service, artifact)
+    events, fault_at, faulted = building.events, building.fault_at, building.faulted
+    window, shadowed, after = building.window, building.shadowed, building.after
+    service.ingest(TENANT, building.healthy)
     healthy_state = service.state(TENANT, ASSET)
 
     # (1) drift
-    fed, latched = _ingest_until_drift(service, window)
+    fed, latched = ingest_until_drift(service, window)
     delay_h = (latched.event_time - fault_at).total_seconds() / HOUR
     console.print(f"healthy day: drift={healthy_state.divergence.drift}; fault at {fault_at.isoformat()}: drift flag "
                   f"latched after {fed} events ({delay_h:.2f} h), drift score {latched.divergence.drift_score:.2f}")
@@ -190,13 +241,13 @@ def section_closed_loop(root: Path, registry, artifact, service) -> None:
     service.ingest(TENANT, window[fed:])
 
     # (2) recalibration of the day after the fault
-    fit, samples = _recalibrate(root, registry, artifact, service, window[-1].event_time, latched)
+    fit, samples = recalibrate_window(root, registry, artifact, service, window[-1].event_time, latched)
     r_io = model.param_names.index("R_io")
     truth_r, fit_r = faulted[r_io], fit.parameters["R_io"]
     error = fit_r / truth_r - 1
     console.print(f"recalibrated {samples} samples of the day after the fault: candidate {fit.candidate} "
                   f"({lifecycle.stage(fit.candidate)}, run {fit.run_id}); R_io truth {truth_r:.5g}, "
-                  f"fit {fit_r:.5g}, error {100 * error:+.2f}% (registered {params[r_io]:.5g})")
+                  f"fit {fit_r:.5g}, error {100 * error:+.2f}% (registered {artifact.param_vector()[r_io]:.5g})")
     console.print(f"R_io within 3 %: {abs(error) <= 0.03}")
 
     # (3) shadow evaluation on the next live events

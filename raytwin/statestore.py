@@ -10,6 +10,7 @@ Layout under the store URL (a local directory or any fsspec URL such as ``s3://b
     twins/tenant=T/asset_id=A.json                                 twin registrations
     drift_clears/tenant=T/asset_id=A.json                          the twin's last drift clear (`save_drift_clear`)
     model_swaps/tenant=T/asset_id=A.json                           the twin's model swaps (`save_model_swaps`)
+    shadows/tenant=T/candidate=REF/asset_id=A.json                 a running shadow evaluation on the twin (`save_shadow`)
     retention/tenant=T.json                                        where `prune` cut the tenant's history
     lease.json                                                     the service whose shards may write (`Lease`)
 
@@ -604,6 +605,31 @@ class StateStore:
     def load_model_swaps(self, tenant: str, asset_id: str) -> list[dict[str, Any]]:
         path = self._model_swaps_path(tenant, asset_id)
         return json.loads(self.fs.cat_file(path))["swaps"] if self.fs.exists(path) else []
+
+    # ------------------------------------------------------------------------ shadows ----
+    def _shadow_path(self, tenant: str, ref: str, asset_id: str) -> str:
+        return f"{self.root}/shadows/tenant={tenant}/candidate={ref}/asset_id={asset_id}.json"
+
+    def save_shadow(self, tenant: str, ref: str, asset_id: str, record: dict[str, Any]) -> None:
+        """Record (replace) the twin's part of the shadow evaluation of candidate `ref`: its declaration
+        and its last checkpoint (`actors.shadow`), so a restarted shard resumes it."""
+        path = self._shadow_path(tenant, ref, asset_id)
+        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        self.fs.pipe_file(path, json.dumps(record, sort_keys=True).encode())
+
+    def load_shadows(self) -> list[tuple[str, str, str, dict[str, Any]]]:
+        """Every recorded shadow evaluation's twin part as (tenant, candidate ref, asset_id, record)."""
+        out = []
+        for path in sorted(self.fs.glob(f"{self.root}/shadows/tenant=*/candidate=*/asset_id=*.json")):
+            tenant, ref, leaf = path.rsplit("/", 3)[-3:]
+            out.append((tenant.removeprefix("tenant="), ref.removeprefix("candidate="),
+                        leaf.removeprefix("asset_id=").removesuffix(".json"), json.loads(self.fs.cat_file(path))))
+        return out
+
+    def delete_shadow(self, tenant: str, ref: str, asset_id: str) -> None:
+        path = self._shadow_path(tenant, ref, asset_id)
+        if self.fs.exists(path):
+            self.fs.rm(path)
 
     # ------------------------------------------------------------------- registrations ----
     def _registration_path(self, tenant: str, asset_id: str) -> str:

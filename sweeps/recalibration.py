@@ -29,7 +29,7 @@ from raytwin.recalibration import DriftTrigger, RecalibrationPolicy
 from raytwin.registry import ModelRegistry, RegistryError
 from raytwin.statestore import StateStore, from_micros, to_micros
 from raytwin.storage import filesystem
-from sweeps.calibration import CalibrationSpec
+from sweeps.calibration import RESULT_FILE, CalibrationSpec
 from sweeps.runs import recorded_calibration
 
 log = logging.getLogger("raytwin.recalibration")
@@ -131,7 +131,7 @@ def recalibrate(work: RecalibrationWork) -> Recalibrated:
             "asset_id": work.asset_id, "weighted_rmse": repr(record.summary["weighted_rmse"])})
     if work.candidate_version not in lifecycle.verify(name).versions:
         runs_fs, runs_root = filesystem(work.runs_url, options)
-        report = f"{runs_root}/{run_id}/calibration.json"
+        report = f"{runs_root}/{run_id}/output/{RESULT_FILE}"  # where the run record keeps it (`RunStore.output_url`)
         scheme = runs_fs.protocol if isinstance(runs_fs.protocol, str) else runs_fs.protocol[0]
         report = report if "://" in report else f"{'file' if scheme == 'file' else scheme}://{report}"
         twins = sorted({t.asset_id for t in work.triggers})

@@ -17,6 +17,13 @@ import ray
 from actors import TwinService, UnknownTwin
 from actors.failover import compilation_cache
 from actors.recovery import durable_state
+from actors.shadow import shadow_twin
+from actors.twin import logged_event, replay
+from raytwin.contracts import AssetType
+from raytwin.lifecycle import Actor, ModelLifecycle
+from raytwin.registry import ModelRegistry
+from raytwin.shadow import InnovationStats, compare, conclude
+from raytwin.sim import THERMAL_RC
 from serve_apps.config import ServeConfig
 from serve_apps.twin_reads import TwinReader
 from tests.test_twins import (  # noqa: F401 (fixtures)
@@ -75,6 +82,47 @@ def test_reads_during_a_restart_are_stale_and_writes_meanwhile_apply_exactly_onc
     assert not after.stale and after.events_applied == 60
     assert_same_state(after, reference(artifact, "f1", evs, **OPTS).view())
     assert service.dead_letters("acme").num_rows == 0
+
+
+def test_a_shadow_evaluation_survives_a_sigkilled_shard(service, artifact, tmp_path):
+    """Started, checkpointed, 5 events scored after the checkpoint, then SIGKILL: the restarted shard
+    resumes the shadow and it concludes with the statistics of an uninterrupted in-process run."""
+    registry = ModelRegistry(str(tmp_path))
+    candidate = registry.register("zone", "1.1.0", AssetType.from_model(THERMAL_RC), {"R_io": 2.0e-2})
+    service.register(asset("s1"), artifact)
+    evs = events("s1", 50, seed=5)
+    service.ingest("acme", evs[:10])
+    run_id, ids = service.models.start_shadow("acme", candidate, events=30, asset_ids=["s1"])
+    for part in (evs[10:30], evs[30:35]):  # checkpointed at 20 scored events (every 8, per batch), not at 25
+        assert service.ingest("acme", part).accepted == len(part)
+
+    [shard] = service.shard_handles
+    os.kill(ray.get(shard.pid.remote()), signal.SIGKILL)
+    report = service.ingest("acme", evs[25:])  # sent while it restarts: 10 re-deliveries, 15 new
+    assert (report.accepted, report.duplicates, report.rejected) == (15, 10, 0)
+    served = service.state("acme", "s1")
+    assert not served.stale and served.events_applied == 50  # no event lost or applied twice
+    assert_same_state(served, reference(artifact, "s1", evs, **OPTS).view())
+
+    shadow = service.models.shadow("acme", candidate.ref)
+    [twin] = shadow.twins
+    assert shadow.run_id == run_id and ids == ["s1"] and shadow.done and twin.resumed_at is not None
+    assert shadow.comparison.candidate.events == shadow.comparison.production.events == 30
+    uninterrupted = reference(artifact, "s1", evs[:10], **OPTS)
+    expected = shadow_twin(uninterrupted, candidate, 30)
+    for part in (evs[10:30], evs[30:]):
+        batch = [uninterrupted.pending(logged_event(e, artifact.asset_type)) for e in part]
+        replay(uninterrupted, [logged_event(e, artifact.asset_type) for e in part])
+        expected.observe(batch)
+    assert (twin.production_stats, twin.candidate_stats) == (tuple(expected.production.stats),
+                                                              tuple(expected.candidate.stats))
+
+    lifecycle = ModelLifecycle(registry)
+    lifecycle.submit(candidate.ref, Actor(id="calibrator", tenant="acme"), "fit on the live stream")
+    comparison = compare(InnovationStats(*twin.production_stats), InnovationStats(*twin.candidate_stats))
+    [record] = conclude(lifecycle, candidate.ref, "acme", run_id, comparison, twins=1)
+    assert record.action == "evaluate" and record.evidence.shadow_metrics["events"] == 30
+    assert service.models.stop_shadow("acme", candidate.ref)
 
 
 def test_durable_state_of_an_unknown_twin_is_none(service):

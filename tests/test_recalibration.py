@@ -192,3 +192,28 @@ def test_a_diverged_twins_latch_is_a_trigger_without_its_non_finite_statistics()
     t = trigger_of(change)
     assert (t.seq, t.nis_mean, t.nis_last, t.drift_score, t.event_time) == (4, None, None, 1.0, T0)
     assert trigger_of(change.model_copy(update={"kind": "twin.state"})) is None
+
+
+def test_the_window_a_calibration_fits_keeps_the_policys_window_and_sample_budget(tmp_path):
+    """`window_s` and `max_samples` bound what the calibration reads (the budget's data half; `max_trials`
+    is the Tune trial count, checked through the fit report in tests/test_serve_recalibration.py)."""
+    import numpy as np
+    import pyarrow as pa
+
+    from raytwin.statestore import LOG_BATCH_SCHEMA, StateStore
+    from sweeps.recalibration import window_table
+
+    store, names, step = StateStore(str(tmp_path)), ["T_out", "Q_h", "Q_sol", "T_in"], 300.0
+    times = [T0 + timedelta(seconds=step * k) for k in range(100)]
+    rows = [{"asset_id": "z1", "event_time": t, "sequence": k, "idempotency_key": f"k{k}",
+             "quality": "bad" if k == 95 else "good", "ingest_time": t,
+             "values": [(n, float(100 * k + j)) for j, n in enumerate(names)]} for k, t in enumerate(times)]
+    store.append_log("acme", pa.Table.from_pylist(rows, schema=LOG_BATCH_SCHEMA))
+    policy = RecalibrationPolicy(free=["R_io"], window_s=5 * 3600.0, max_samples=20)
+
+    table, first = window_table(store, "acme", "z1", names, times[99], policy.window_s, policy.max_samples)
+    assert table.num_rows == 20 and first == times[80]  # the newest 20 of the 59 usable in the last 5 h
+    assert table.column("t_s").to_pylist() == [step * k for k in range(20)]  # the bad one interpolated over
+    assert table.column("T_in").to_pylist()[-1] == 100 * 99 + 3
+    wide, start = window_table(store, "acme", "z1", names, times[99], 1e6, 1000)
+    assert wide.num_rows == 100 and start == times[0] and np.isfinite(wide.column("T_in").to_numpy()).all()

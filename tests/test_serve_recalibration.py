@@ -5,8 +5,10 @@ calibration that registers a candidate near the truth with the trigger as eviden
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import httpx
 import pytest
@@ -119,7 +121,9 @@ def test_a_drift_latch_starts_one_calibration_whose_candidate_is_near_the_truth(
     (record,) = http.get("/v1/models/thermal_rc/lifecycle/log", headers=http.headers_for("reader")).json()
     evidence = record["evidence"]
     assert evidence["run_ids"] == [job["run_id"]] and evidence["fit_report"].endswith(
-        f"{job['run_id']}/calibration.json")
+        f"{job['run_id']}/output/calibration.json")
+    fit = json.loads(Path(evidence["fit_report"].removeprefix("file://")).read_text())
+    assert fit["tune_trials"] == POLICY["max_trials"]  # the policy's compute budget, visible in the evidence
     (trigger,) = evidence["triggers"]
     assert trigger["asset_id"] == "zone-1" and trigger["drift_score"] >= 1.0
     assert T0 < datetime.fromisoformat(trigger["event_time"]) <= T0 + timedelta(days=1)

@@ -204,3 +204,73 @@ def test_hot_swap_on_a_shard_survives_a_restart_and_time_travels(tmp_path, versi
     assert restarted.state_at("acme", "h1", at_us - 1).model_ref == "zone@1.0.0"
     then = restarted.state_at("acme", "h1", at_us)
     assert then.model_ref == "zone@1.1.0" and then.events_applied == 61
+
+
+def test_shadow_resumes_after_a_shard_restart_with_the_uninterrupted_statistics(tmp_path, versions):
+    """A shard restarted mid-evaluation (a new shard on the store, what Ray's restart runs) resumes the
+    shadow from its checkpoint and the event log: its statistics equal those of a shard that never
+    restarted, bit for bit, and its verdict is recorded; a stopped evaluation stays stopped."""
+    wrong, true = versions
+    evs = stream("z1", 150, seed=11)
+    restarted_dir, uninterrupted = tmp_path / "a", shard(tmp_path / "b")
+    live = shard(restarted_dir)
+    for s in (live, uninterrupted):
+        s.register("acme", "z1", registration_record(asset("z1"), wrong, None, None))
+        s.ingest("acme", validated_table(evs[:20]))
+        s.start_shadow("run-r", "acme", ["z1"], true.model_dump(mode="json"), 100)
+    for part in (evs[20:45], evs[45:55]):  # checkpointed after a batch 16 scored events on: at 25, not at 35
+        for s in (live, uninterrupted):
+            s.ingest("acme", validated_table(part))
+
+    restarted = shard(restarted_dir)
+    run_id, [resumed] = restarted.shadow_report("acme", true.ref)
+    _, [reference] = uninterrupted.shadow_report("acme", true.ref)
+    assert run_id == "run-r" and resumed.resumed_at is not None and resumed.restarted_at is None
+    assert resumed.candidate_stats == reference.candidate_stats and resumed.candidate.events == 35
+    assert resumed.production_stats == reference.production_stats
+    redelivered = restarted.ingest("acme", validated_table(evs[45:110]))  # 10 re-deliveries, 55 new
+    assert (redelivered.accepted, redelivered.duplicates) == (55, 10)
+    uninterrupted.ingest("acme", validated_table(evs[55:110]))
+    for s in (restarted, uninterrupted):
+        s.ingest("acme", validated_table(evs[110:]))
+
+    served = restarted.state("acme", "z1")
+    assert served == uninterrupted.state("acme", "z1") and served.events_applied == 150  # none lost or doubled
+    _, [done] = restarted.shadow_report("acme", true.ref)
+    _, [reference] = uninterrupted.shadow_report("acme", true.ref)
+    assert done.done and done.candidate.events == done.production.events == 100
+    assert (done.production_stats, done.candidate_stats) == (reference.production_stats, reference.candidate_stats)
+
+    registry = ModelRegistry(str(tmp_path / "registry"))  # the same artifacts, a lifecycle of this test's own
+    registry.register("zone", "1.1.0", AssetType.from_model(THERMAL_RC), {"R_io": TRUE_R_IO})
+    lc = ModelLifecycle(registry)
+    lc.submit(true.ref, Actor(id="calibrator", tenant="acme"), "calibrated on the live stream")
+    comparison = compare(InnovationStats(*done.production_stats), InnovationStats(*done.candidate_stats))
+    [evaluated] = conclude(lc, true.ref, "acme", run_id, comparison, twins=1)
+    assert evaluated.action == "evaluate" and "candidate better than production over 100 events" in evaluated.reason
+
+    assert restarted.stop_shadow("acme", true.ref)
+    assert shard(restarted_dir).shadow_report("acme", true.ref) is None  # stopped: not resumed again
+
+
+def test_a_shadow_whose_log_after_its_checkpoint_was_pruned_restarts_its_count(tmp_path, versions):
+    """The fallback: the events after the shadow's checkpoint are gone (`prune`), so the restarted shard
+    starts that twin's statistics afresh from its recovered state and says so (`restarted_at`)."""
+    wrong, true = versions
+    evs = stream("z2", 330, seed=5)  # five-minute readings from midnight: event 288 starts the second day
+    make = lambda: TwinShard(str(tmp_path), 0, 1, snapshot_every=64, **OPTS)  # noqa: E731 (shadow checkpoints too)
+    live = make()
+    live.register("acme", "z2", registration_record(asset("z2"), wrong, None, None))
+    live.ingest("acme", validated_table(evs[:260]))
+    live.start_shadow("run-p", "acme", ["z2"], true.model_dump(mode="json"), 100)  # checkpointed on day one
+    live.ingest("acme", validated_table(evs[260:310]))
+    live.flush()  # the twin's newest snapshot is on day two, so day one may go
+    assert live.store.prune("acme", (T0 + timedelta(days=1)).date()).history_from is not None
+
+    restarted = make()
+    _, [report] = restarted.shadow_report("acme", true.ref)
+    assert report.restarted_at is not None and report.resumed_at is None and report.candidate.events == 0
+    restarted.ingest("acme", validated_table(evs[310:]))
+    _, [report] = restarted.shadow_report("acme", true.ref)
+    assert report.candidate.events == report.production.events == 20 and not report.done
+    assert restarted.state("acme", "z2").events_applied == 330
