@@ -76,11 +76,12 @@ NOT_RUN: dict[tuple[str, str], str] = {  # (guide, first line of the block) -> w
 NOT_RUN_COMMANDS: dict[str, str] = {  # whole command (without its comment) -> why it does not run here
     "./dev demo": "the demo runs at small sizes in tests/test_cli.py::test_demo_runs_the_whole_loop",
     "./dev test": "the test suite itself: CI runs `./dev test`",
-    "python -m benchmarks run": "every benchmark at full size (~10 minutes); tests/test_benchmarks.py runs them "
-                                "all with --quick",
-    "python -m benchmarks run --quick": "tests/test_benchmarks.py runs every benchmark with --quick (two CLI "
-                                        "calls, test_bench_cli_quick_*); running them again here would double "
-                                        "the cost in CI",
+    "python -m benchmarks run": "every benchmark at full size (~10 minutes); tests/test_benchmarks.py runs each "
+                                "product path with --quick (the service-level runs such as failover, overload "
+                                "and closed-loop are covered by the tests of what they measure)",
+    "python -m benchmarks run --quick": "tests/test_benchmarks.py runs the product paths with --quick "
+                                        "(test_bench_cli_quick_*, test_bench_quick_*); running them again here "
+                                        "would double the cost in CI",
     "pip install -e examples/dcmotor": "installs into the environment running the tests; ./dev installs the "
                                        "example package with RayTwin",
     "raytwin job submit --working-dir . --py-module examples/dcmotor/raytwin_dcmotor -- raytwin sweep run "
