@@ -1,7 +1,6 @@
-"""Command line: ``raytwin recommend run SPEC`` and ``raytwin recommend show RUN_ID`` (`sweeps.recommend`).
-
-Issuing a recommendation to an asset goes through the HTTP API (``POST
-/v1/assets/{id}/recommendations/{rid}/issue``), where keys, tenants, approval and the audit log live.
+"""Command line: ``raytwin recommend run SPEC`` and ``raytwin recommend show RUN_ID`` on this machine
+(`sweeps.recommend`); ``ask``, ``get`` and ``issue`` through the HTTP API, where keys, tenants, the
+twins' live state, approval and the audit log live (issuing proposes a command; another key approves it).
 """
 
 from __future__ import annotations
@@ -11,10 +10,13 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from client.cli_support import API_KEY, API_URL, remote, show
 from sweeps.cli import RunsOption, _load, _setup_logging
 
 if TYPE_CHECKING:
     from sweeps.recommend import Recommendation
+
+AsJson = Annotated[bool, typer.Option("--json", help="The whole recommendation as JSON.")]
 
 recommend_app = typer.Typer(help="Recommended actions: optimise a control schedule under bounds.",
                             no_args_is_help=True)
@@ -55,7 +57,7 @@ def recommend_run(
 def recommend_show(
     run_id: Annotated[str, typer.Argument(help="A recommendation run id.")],
     runs: RunsOption = "./runs",
-    as_json: Annotated[bool, typer.Option("--json", help="The whole recommendation as JSON.")] = False,
+    as_json: AsJson = False,
 ) -> None:
     """Print a recorded recommendation."""
     from sweeps.recommend import load_recommendation
@@ -66,3 +68,43 @@ def recommend_show(
     except RunError as exc:
         raise typer.BadParameter(str(exc)) from None
     typer.echo(answer.model_dump_json(indent=2) if as_json else _describe(answer))
+
+
+def _print(answer: Recommendation, as_json: bool) -> None:
+    typer.echo(answer.model_dump_json(indent=2) if as_json else f"recommendation {answer.run_id}\n{_describe(answer)}")
+
+
+@recommend_app.command("ask")
+def recommend_ask(
+    asset_id: Annotated[str, typer.Argument(help="The asset whose twin's state the search starts from.")],
+    request: Annotated[Path, typer.Argument(help="A RecommendationRequest as JSON or YAML (serve_apps/README.md, "
+                                                 "\"Recommended actions\").")],
+    url: API_URL, key: API_KEY, as_json: AsJson = False,
+) -> None:
+    """Through the API (a writer key): optimise the asset's control schedule from its twin's live state;
+    the answer is a recorded run, audited."""
+    from serve_apps.routes_recommendations import RecommendationRequest
+
+    body = _load(request, RecommendationRequest)
+    with remote(url, key) as api:
+        _print(api.recommend(asset_id, body), as_json)
+
+
+@recommend_app.command("get")
+def recommend_get(asset_id: str, recommendation_id: str, url: API_URL, key: API_KEY, as_json: AsJson = False) -> None:
+    """Through the API: a recommendation of the key's tenant for this asset."""
+    with remote(url, key) as api:
+        _print(api.recommendation(asset_id, recommendation_id), as_json)
+
+
+@recommend_app.command("issue")
+def recommend_issue(
+    asset_id: str, recommendation_id: str,
+    connector: Annotated[str, typer.Option(help="The connector that reaches the asset.")],
+    url: API_URL, key: API_KEY,
+    name: Annotated[str, typer.Option(help="The command's name at the asset.")] = "schedule",
+) -> None:
+    """Through the API: propose the recommended schedule as a command to the asset. Nothing is sent until
+    another key with the approver grant approves it (`raytwin connectors commands approve ID`)."""
+    with remote(url, key) as api:
+        show(api.issue_recommendation(asset_id, recommendation_id, connector=connector, name=name))

@@ -485,30 +485,18 @@ def test_the_readme_example_of_the_resource_calls_runs_as_printed(api, sdk, caps
 @pytest.fixture(scope="module")
 def cli(api, sdk):
     """`raytwin ...` as a function of its arguments and a role, against the app served by uvicorn on a free port."""
-    import threading
-
-    import uvicorn
     from typer.testing import CliRunner
 
-    from tests.fixtures_connectors import wait_for
     from raytwin.cli import app
-    from raytwin.ports import free_port
+    from tests.fixtures_http import served
 
     client, auth, _ = api
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(client.app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_for(lambda: server.started, "the API listens")
+    with served(client.app) as url:
+        def run(role: str, *args: str):
+            env = {"RAYTWIN_API_URL": url, "RAYTWIN_API_KEY": auth[role]["Authorization"].removeprefix("Bearer ")}
+            return CliRunner().invoke(app, list(args), env=env)
 
-    def run(role: str, *args: str):
-        env = {"RAYTWIN_API_URL": f"http://127.0.0.1:{port}",
-               "RAYTWIN_API_KEY": auth[role]["Authorization"].removeprefix("Bearer ")}
-        return CliRunner().invoke(app, list(args), env=env)
-
-    yield run
-    server.should_exit = True
-    thread.join(timeout=10)
+        yield run
 
 
 def test_cli_recalibration_policies_and_errors_as_one_line(cli, tmp_path):

@@ -69,6 +69,9 @@ NOT_RUN: dict[tuple[str, str], str] = {  # (guide, first line of the block) -> w
     ("client/README.md", "from datetime import UTC, datetime"): "needs a running API: tests/test_client.py runs it "
      "against the in-process app",
     ("client/README.md", "import os"): "needs a running API: tests/test_client.py runs it against the in-process app",
+    ("sweeps/README.md", "raytwin recommend ask pump-1 request.json            # from the twin's live state; prints "
+     "the recommendation's id"): "needs a running API, a connector and a second key: "
+     "tests/test_serve_recommend.py runs these commands against the in-process app over HTTP",
     ("benchmarks/README.md", '{"machine": {"date_utc", "cpu_model", "cpu_count", "memory_gib", '
      '"load_average_1_5_15", "jax_devices",'): "an outline of the JSON record's keys, not a record; the record "
      "is written and read back by `run` and `report` in the block above",

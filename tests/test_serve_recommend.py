@@ -134,3 +134,33 @@ def test_issuing_needs_an_approver_who_is_not_the_issuer(api, broker, recommenda
     assert [b["correlation_id"] for _, b in device.received] == [command["correlation_id"]]
     audit = [(r.action, r.key_id) for r in svc.audit.records("acme")]
     assert ("recommendation.issue", key_ids["writer"]) in audit and ("command.approve", key_ids["approver"]) in audit
+
+
+def test_the_recommend_commands_ask_read_back_and_issue_through_the_api(api, recommendation, tmp_path):
+    from typer.testing import CliRunner
+
+    from raytwin.cli import app
+    from tests.fixtures_http import served
+
+    client, auth, _, _ = api
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps({**REQUEST, "iterations": 20}))
+    with served(client.app) as url:
+        def run(role: str, *args: str):
+            key = auth[role]["Authorization"].removeprefix("Bearer ")
+            return CliRunner().invoke(app, ["recommend", *args, "--api-url", url], env={"RAYTWIN_API_KEY": key})
+
+        asked = run("writer", "ask", "pump-1", str(request), "--json")
+        assert asked.exit_code == 0, asked.output
+        answer = json.loads(asked.output)
+        assert answer["asset_id"] == "pump-1" and answer["change"] < 0.0 and answer["run_id"] != recommendation["run_id"]
+        got = run("reader", "get", "pump-1", recommendation["run_id"])
+        assert got.exit_code == 0 and got.output.startswith(f"recommendation {recommendation['run_id']}\npumped_m3: ")
+        issued = run("writer", "issue", "pump-1", recommendation["run_id"], "--connector", "site")
+        assert issued.exit_code == 0, issued.output
+        command = json.loads(issued.output)
+        assert command["status"] == "proposed" and command["value"]["recommendation"] == recommendation["run_id"]
+        refused = run("reader", "ask", "pump-1", str(request))
+        assert refused.exit_code == 1 and refused.output.startswith("error 403 forbidden: ")
+        hidden = run("other", "get", "pump-1", recommendation["run_id"])
+        assert hidden.exit_code == 1 and "error 404 not_found: " in hidden.output
