@@ -243,6 +243,16 @@ class ShadowBook:
         found = self.shadows.get((tenant, ref))
         return None if found is None else (found[0], [s.report() for _, s in sorted(found[1].items())])
 
+    def forget(self, tenant: str, asset_id: str) -> None:
+        """A twin goes away (unregistered): drop its part of every evaluation and its records, so no
+        evaluation waits for events that cannot come and no record outlives the twin; an evaluation
+        left without twins ends."""
+        for key, (_, twins) in list(self.shadows.items()):
+            if key[0] == tenant and twins.pop(asset_id, None) is not None:
+                self.store.delete_shadow(tenant, key[1], asset_id)
+                if not twins:
+                    del self.shadows[key]
+
     def stop(self, tenant: str, ref: str) -> bool:
         """End the evaluation of `ref` here and delete its records (False: none ran here)."""
         found = self.shadows.pop((tenant, ref), None)

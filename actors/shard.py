@@ -147,6 +147,7 @@ class TwinShard(LiveModelOps):
     def unregister(self, tenant: str, asset_id: str) -> bool:
         """Drop the twin and its registration (its log and snapshots stay, as history)."""
         self.store.check_lease(self.fence)
+        self.shadows.forget(tenant, asset_id)  # first: a crash from here on leaves no orphaned shadow record
         found = self.twins.pop((tenant, asset_id), None) is not None
         self.durable_revision.pop((tenant, asset_id), None)
         self.store.delete_registration(tenant, asset_id)

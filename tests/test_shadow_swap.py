@@ -274,3 +274,22 @@ def test_a_shadow_whose_log_after_its_checkpoint_was_pruned_restarts_its_count(t
     _, [report] = restarted.shadow_report("acme", true.ref)
     assert report.candidate.events == report.production.events == 20 and not report.done
     assert restarted.state("acme", "z2").events_applied == 330
+
+
+def test_an_unregistered_twin_leaves_the_shadow_and_its_records_go(tmp_path, versions):
+    """A sampled twin deleted mid-evaluation: the evaluation goes on with the others and concludes, its record
+    is deleted (a restarted shard resumes only the others), and an evaluation left without twins ends."""
+    wrong, true = versions
+    live = shard(tmp_path)
+    for a in ("u1", "u2"):
+        live.register("acme", a, registration_record(asset(a), wrong, None, None))
+    live.start_shadow("run-u", "acme", ["u1", "u2"], true.model_dump(mode="json"), 30)
+    live.ingest("acme", validated_table(stream("u1", 10, seed=3) + stream("u2", 10, seed=4)))
+    assert live.unregister("acme", "u2")
+    live.ingest("acme", validated_table(stream("u1", 40, seed=3)[10:]))
+    _, [only] = live.shadow_report("acme", true.ref)
+    assert only.asset_id == "u1" and only.done
+    _, [resumed] = shard(tmp_path).shadow_report("acme", true.ref)
+    assert resumed.asset_id == "u1"
+    assert live.unregister("acme", "u1")
+    assert live.shadow_report("acme", true.ref) is None and shard(tmp_path).shadow_report("acme", true.ref) is None
