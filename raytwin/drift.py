@@ -17,9 +17,9 @@ The detector (folded into the filter kernel, `raytwin.estimation.scan_kernels`):
   allows; `benchmarks/drift.py` measures how close that is to a detector that knows the fault);
 - the threshold h_k makes each CUSUM's in-control ARL (Siegmund's approximation, `cusum_arl`) equal
   to ``MARGIN * n_cusums * interval / gap`` updates, `gap` the twin's mean time between measurements
-  (an EWMA of the event-time gaps): together the twin's CUSUMs raise at most one false alarm per
-  `interval` (Bonferroni: conservative, as the CUSUMs of one sign are strongly correlated), whatever
-  the sample rate; the drift score is the largest g / h_k;
+  (an EWMA of the event-time gaps, each clipped to `GAP_CLIP` times the mean): together the twin's
+  CUSUMs raise at most one false alarm per `interval` (Bonferroni: conservative, as the CUSUMs of
+  one sign are strongly correlated), whatever the sample rate; the drift score is the largest g / h_k;
 - the alarm latches: `Divergence.drift` stays true until cleared (`clear_drift`), and while it is
   set the process-noise adaptation below is frozen (a fault must not be absorbed as "noise").
   Measured and rejected: freezing it earlier, while the score is above 0.5 or 0.3, so that a
@@ -57,6 +57,11 @@ SIEGMUND_OVERSHOOT = 1.166
 """Siegmund's correction for the overshoot of a Gaussian CUSUM over its threshold."""
 GAP_ALPHA = 0.05
 """Weight of the newest gap in the twin's mean time between measurements."""
+GAP_CLIP = 10.0
+"""A gap enters that mean as at most this many times the mean so far: a device silent for ten years
+made the mean gap months, so the threshold fell to its floor (a false alarm "per 30 days" allowed at
+every update) and the slow CUSUM's leftover evidence from before the silence latched the alarm. A
+real change of sample rate is still followed, by up to 45 % per event."""
 ADAPT_RATE = 0.01
 """Step of the process-noise adaptation per update (log scale): ~100 updates to move by e."""
 ADAPT_CLIP = 9.0

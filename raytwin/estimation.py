@@ -368,7 +368,8 @@ def scan_kernels(predict: Callable, update: Callable) -> _Kernels:
             dims = jnp.maximum(mask.sum(), 1.0)
             a = jnp.where(updates == 0, 1.0, EWMA_ALPHA)
             since = since + n * dt + skipped
-            gap_new = jnp.where(gap_mean > 0, gap_mean + detector.GAP_ALPHA * (since - gap_mean), since)
+            clipped = jnp.minimum(since, detector.GAP_CLIP * gap_mean)
+            gap_new = jnp.where(gap_mean > 0, gap_mean + detector.GAP_ALPHA * (clipped - gap_mean), since)
             gap = jnp.where(since > 0, gap_new, gap_mean)
             # per allowance, two one-sided CUSUMs per output on e = y / sqrt(S_ii) (`raytwin.drift`)
             e = jnp.where(measured, y / jnp.sqrt(jnp.where(measured, s_diag, 1.0)), 0.0)
