@@ -145,11 +145,13 @@ def oracle_first_alarms(case: Case, t: np.ndarray, rows: np.ndarray, fault: tupl
     use = np.ones(at, dtype=bool)
     start = assimilate_runs([Run(flts[0], flts[0].initial(), t[:at], r[:at], use) for r in rows]).final_states()
     window = slice(at, at + n)
-    observe = in_float64(jax.vmap(lambda x, u, q: (model.observe_vector(x, u, q), jax.jacfwd(model.observe_vector)(x, u, q)),
+    jac_obs = jax.jacfwd(model.observe_vector)
+    observe = in_float64(jax.vmap(lambda x, u, q: (model.observe_vector(x, u, q), jac_obs(x, u, q)),
                                   in_axes=(0, 0, None)))
     loglik = []
     for flt, q in zip(flts, (p, p_fault)):
-        traces = assimilate_runs([Run(flt, fs, t[window], r[window], np.ones(n, dtype=bool)) for fs, r in zip(start, rows)])
+        traces = assimilate_runs([Run(flt, fs, t[window], r[window], np.ones(n, dtype=bool))
+                                  for fs, r in zip(start, rows)])
         priors = [s for k, fs in enumerate(start) for s in [fs, *traces[k].states(np.arange(n - 1))]]
         # the prediction at each event from the estimate after the one before (outputs unused)
         pred = assimilate_runs([Run(flt, fs, t[at + i:at + i + 1], rows[k, at + i:at + i + 1], [False])
