@@ -25,7 +25,7 @@ Why this shape:
   measurements may carry any subset of the outputs (missing rows are masked out exactly);
 - divergence indicators (normalised innovation squared, residual mean / RMS) are exponentially
   weighted so they follow the recent behaviour of the asset; `drift` is a sequential test
-  (`raytwin.drift`: two-sided CUSUMs on the normalised innovations, threshold set by a false-alarm
+  (`raytwin.drift`: two-sided CUSUMs with two allowances on the normalised innovations, thresholds set by a false-alarm
   interval in event time) that latches until cleared (`clear_drift`), and fires whenever the state,
   its covariance or NIS stops being finite (`Divergence.diverged`: NaN > bound is false, so a broken
   filter would otherwise look healthy); the process noise adapts down from the declared value to
@@ -83,7 +83,7 @@ class Divergence(NamedTuple):
     nis_mean: float = 0.0  # EWMA of NIS / measured dimensions (1.0 for a consistent filter)
     residual_mean: tuple[float, ...] = ()
     residual_ms: tuple[float, ...] = ()
-    cusum: tuple[float, ...] = ()  # per output the upward CUSUM, then per output the downward one
+    cusum: tuple[float, ...] = ()  # per allowance (`drift.ALLOWANCES`): per output the upward, then the downward
     drift_score: float = 0.0  # largest CUSUM over its threshold at the last update (>= 1: alarm)
     alarm: bool = False  # latched when drift_score reached 1; cleared only by `clear_drift`
     gap_mean: float = 0.0  # EWMA of the event-time seconds between measurements (0: none yet)
@@ -139,7 +139,7 @@ class FilterTrace(NamedTuple):
     nis_mean: np.ndarray
     residual_mean: np.ndarray  # (n, outputs)
     residual_ms: np.ndarray
-    cusum: np.ndarray  # (n, 2 * outputs)
+    cusum: np.ndarray  # (n, allowances * 2 * outputs)
     drift_score: np.ndarray
     alarm: np.ndarray  # (n,) bool
     gap_mean: np.ndarray
@@ -170,7 +170,7 @@ class FilterTrace(NamedTuple):
 
 
 _PER_OUTPUT = ("residual_mean", "residual_ms", "cusum")
-"""The `Divergence` fields that hold one value per output (two for `cusum`)."""
+"""The `Divergence` fields that hold one value per output (two per allowance for `cusum`)."""
 
 
 @dataclass(frozen=True)
@@ -368,14 +368,18 @@ def scan_kernels(predict: Callable, update: Callable) -> _Kernels:
             dims = jnp.maximum(mask.sum(), 1.0)
             a = jnp.where(updates == 0, 1.0, EWMA_ALPHA)
             since = since + n * dt + skipped
-            gap_new = jnp.where(gap_mean > 0, gap_mean + detector.GAP_ALPHA * (since - gap_mean), since)
+            clipped = jnp.minimum(since, detector.GAP_CLIP * gap_mean)
+            gap_new = jnp.where(gap_mean > 0, gap_mean + detector.GAP_ALPHA * (clipped - gap_mean), since)
             gap = jnp.where(since > 0, gap_new, gap_mean)
-            # two one-sided CUSUMs per output on e = y / sqrt(S_ii) (`raytwin.drift`)
+            # per allowance, two one-sided CUSUMs per output on e = y / sqrt(S_ii) (`raytwin.drift`)
             e = jnp.where(measured, y / jnp.sqrt(jnp.where(measured, s_diag, 1.0)), 0.0)
-            both = jnp.concatenate([measured, measured])
-            cusum_new = jnp.where(both, jnp.maximum(cusum + jnp.concatenate([e, -e]) - detector.K, 0.0), cusum)
+            allowance = jnp.asarray(detector.ALLOWANCES)[:, None]  # one row of CUSUMs per allowance
+            both = jnp.concatenate([measured, measured])[None, :]
+            grid = cusum.reshape(allowance.shape[0], -1)
+            cusum_new = jnp.where(both, jnp.maximum(grid + jnp.concatenate([e, -e])[None, :] - allowance, 0.0), grid)
             arl = detector.required_arl(interval, jnp.where(gap > 0, gap, gap0), cusum.shape[0])
-            score_new = cusum_new.max() / detector.cusum_threshold(arl, xp=jnp)
+            score_new = (cusum_new / detector.cusum_threshold(arl, allowance, xp=jnp)).max()
+            cusum_new = cusum_new.reshape(cusum.shape)
             alarm_new = alarm | (score_new >= 1.0)
             # process noise follows the innovations' likelihood gradient, frozen while alarmed
             grad = 0.5 * jnp.where(measured, (jnp.minimum(e * e, detector.ADAPT_CLIP) - 1.0)
@@ -629,8 +633,9 @@ def _assimilate_model(runs: list[Run], n: np.ndarray) -> FilterTrace:
 
 def _pack_divergence(divs: list[Divergence], ny: int) -> list[np.ndarray]:
     """The kernel's divergence carry for these twins: one array per `Divergence` field (per-output
-    fields zero before a twin's first update)."""
-    fresh = {"residual_mean": (0.0,) * ny, "residual_ms": (0.0,) * ny, "cusum": (0.0,) * (2 * ny)}
+    fields zero before a twin's first update, and CUSUMs from a snapshot taken with other allowances)."""
+    fresh = {"residual_mean": (0.0,) * ny, "residual_ms": (0.0,) * ny,
+             "cusum": (0.0,) * (2 * ny * len(detector.ALLOWANCES))}
     columns = []
     for name in Divergence._fields:
         values = [getattr(d, name) for d in divs]
