@@ -191,8 +191,10 @@ def drift(ctx: BenchContext) -> BenchResult:
             t, rows, flt = streams(case, twins, noise=noise, fault=None)
             rate, episodes, watched = false_episodes_per_day(first_alarms(t, rows, flt), horizon)
             res.checks[f"{label}: healthy"] = {"episodes": episodes, "twin_days": watched}
+            per_10k = episodes / (watched * DAY_S / case.sample_s) * 1e4
             res.figures.append(Figure(f"{label}: false episodes per twin-day ({episodes} in {watched:.1f} twin-days)",
-                                      rate, "1/day", target_max=TARGET_FALSE_PER_DAY))
+                                      rate, "1/day", target_max=TARGET_FALSE_PER_DAY,
+                                      note=f"{per_10k:.3g} per 10k events"))
             for param, factor in case.faults:
                 t, rows, flt = streams(case, twins, noise=noise, fault=(param, factor), seed=1)
                 first = first_alarms(t, rows, flt)
@@ -205,8 +207,11 @@ def drift(ctx: BenchContext) -> BenchResult:
                 res.checks[f"{label}: {param} x{factor}"] = {"eligible": eligible, "missed": missed,
                                                              "delay_h": found.tolist()}
                 target = TARGET_THERMAL_DELAY_H if (case.model, param, factor) == ("thermal_rc", "R_io", 0.5) else None
+                events = 3600.0 / case.sample_s  # readings per hour
                 res.figures.append(Figure(f"{label}: {param} x{factor} flagged, worst of {eligible} twins "
-                                          f"(median {median:.3g} h, missed {missed})", worst, "h", target_max=target))
+                                          f"(median {median:.3g} h, missed {missed})", worst, "h", target_max=target,
+                                          note=f"events from fault to flag: median {median * events:.4g}, "
+                                               f"worst {worst * events:.4g}"))
                 if target is not None:
                     res.figures.append(Figure(f"{label}: {param} x{factor} share flagged within {target:g} h",
                                               float(np.mean(after <= target * 3600.0)), "fraction"))
