@@ -1,0 +1,106 @@
+"""The cheapest refusal on Serve's proxy path: a concurrency gate inside each Serve HTTP proxy.
+
+Serve's proxy spends ~2 ms of CPU on every request it routes, refusals from ``max_queued_requests``
+included (request id, router, metrics, access log: benchmarks/RESULTS.md, "Overload through Serve's
+proxy"), so past capacity its own core saturates on refusals and admitted requests queue behind
+them. `ProxyGate` runs in the proxy as its outermost ASGI middleware (Serve's
+``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH`` hook, set by `serve_apps.serve_env`): when more than
+``RAYTWIN_PROXY_MAX_IN_FLIGHT`` requests are in flight through this proxy, the next one gets 503
+``overloaded`` with ``Retry-After`` before Serve parses, routes or logs it.
+
+Serve's health and route probes (``/-/...``) and the change stream (long-lived SSE) pass ungated.
+Refusals are counted in ``raytwin_admission_refused_total{gate="proxy", reason="in_flight"}``,
+recorded once per `FLUSH_S` rather than per refusal (a Ray metric record costs more than the
+refusal itself).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+
+from starlette.middleware import Middleware
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from raytwin import metrics
+from serve_apps.admission import STREAM_PATHS, overload_body
+
+MAX_IN_FLIGHT_ENV = "RAYTWIN_PROXY_MAX_IN_FLIGHT"
+RETRY_AFTER_ENV = "RAYTWIN_PROXY_RETRY_AFTER_S"
+DEFAULT_MAX_IN_FLIGHT = 32
+"""Requests one proxy forwards at once: the default Ingress replica's slots (`Admission.max_concurrent` 8 +
+`max_queued` 24), so one replica can be kept busy and queued; more replicas behind a proxy need more."""
+DEFAULT_RETRY_AFTER_S = 1
+FLUSH_S = 1.0
+"""Refusals are added to the exported counter at most this often."""
+SERVE_PATHS = "/-/"
+"""Serve's own probes (``/-/healthz``, ``/-/routes``): never refused, or an overloaded proxy looks dead."""
+
+
+class ProxyGate:
+    """Pure ASGI middleware: refuse (503 + ``Retry-After``) beyond `max_in_flight` requests in flight.
+
+    Runs on the proxy's event loop only, so a plain counter needs no lock.
+    """
+
+    def __init__(self, app: ASGIApp, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+                 retry_after_s: int = DEFAULT_RETRY_AFTER_S):
+        if max_in_flight < 1 or retry_after_s < 1:
+            raise ValueError(f"{MAX_IN_FLIGHT_ENV} and {RETRY_AFTER_ENV} must be at least 1, got "
+                             f"{max_in_flight} and {retry_after_s}")
+        self.app = app
+        self.max_in_flight = max_in_flight
+        self.retry_after = str(retry_after_s).encode()
+        self.retry_after_s = retry_after_s
+        self.in_flight = 0
+        self.unrecorded: dict[str, int] = {}  # refusals by method, not yet added to the exported counters
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self._ungated(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.max_in_flight:
+            await self._refuse(scope["method"], send)
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+    @staticmethod
+    def _ungated(path: str) -> bool:
+        return path.startswith(SERVE_PATHS) or path in STREAM_PATHS
+
+    async def _refuse(self, method: str, send: Send) -> None:
+        if not self.unrecorded:
+            asyncio.get_running_loop().call_later(FLUSH_S, self._record)
+        self.unrecorded[method] = self.unrecorded.get(method, 0) + 1
+        body = overload_body("overloaded", f"the service is at capacity ({self.max_in_flight} requests in "
+                             f"progress at this proxy); retry after {self.retry_after_s} s",
+                             uuid.uuid4().hex, self.retry_after_s)
+        await send({"type": "http.response.start", "status": 503, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+            (b"retry-after", self.retry_after)]})
+        await send({"type": "http.response.body", "body": body})
+
+    def _record(self) -> None:
+        refused, self.unrecorded = self.unrecorded, {}
+        metrics.ADMISSION_REFUSED.inc(sum(refused.values()), gate="proxy", reason="in_flight")
+        for method, count in refused.items():
+            metrics.HTTP_REQUESTS.inc(count, route="refused", method=method, status="503")
+
+
+def proxy_middlewares() -> list[Middleware]:
+    """Serve's proxy callback (``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=serve_apps.proxy_gate:proxy_middlewares``):
+    the gate, sized by ``RAYTWIN_PROXY_MAX_IN_FLIGHT`` and ``RAYTWIN_PROXY_RETRY_AFTER_S`` from the proxy's
+    environment."""
+    settings = {}
+    for name, env in (("max_in_flight", MAX_IN_FLIGHT_ENV), ("retry_after_s", RETRY_AFTER_ENV)):
+        if raw := os.environ.get(env):
+            try:
+                settings[name] = int(raw)
+            except ValueError:
+                raise ValueError(f"{env} must be a whole number, got {raw!r}") from None
+    return [Middleware(ProxyGate, **settings)]
