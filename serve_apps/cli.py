@@ -57,6 +57,7 @@ def start(
 
     from serve_apps.app import build_app
     from serve_apps.config import ServeConfig
+    from serve_apps import serve_env
     from serve_apps.endpoints import DIRECT_INGRESS_ENV, http_targets
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -70,6 +71,7 @@ def start(
     settings = ServeConfig.from_args(args)
     if direct_ingress:
         os.environ[DIRECT_INGRESS_ENV] = "1"  # read by Serve's processes when they start
+    serve_env.apply()  # the proxy gate and Serve's switches, for the local Ray started below (serve_env.py)
     if not ray.is_initialized():
         ray.init(address=address)
     serve.start(http_options={"host": host, "port": port})

@@ -46,9 +46,6 @@ class ProxyGate:
 
     def __init__(self, app: ASGIApp, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
                  retry_after_s: int = DEFAULT_RETRY_AFTER_S):
-        if max_in_flight < 1 or retry_after_s < 1:
-            raise ValueError(f"{MAX_IN_FLIGHT_ENV} and {RETRY_AFTER_ENV} must be at least 1, got "
-                             f"{max_in_flight} and {retry_after_s}")
         self.app = app
         self.max_in_flight = max_in_flight
         self.retry_after = str(retry_after_s).encode()
@@ -96,11 +93,14 @@ def proxy_middlewares() -> list[Middleware]:
     """Serve's proxy callback (``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=serve_apps.proxy_gate:proxy_middlewares``):
     the gate, sized by ``RAYTWIN_PROXY_MAX_IN_FLIGHT`` and ``RAYTWIN_PROXY_RETRY_AFTER_S`` from the proxy's
     environment."""
-    settings = {}
-    for name, env in (("max_in_flight", MAX_IN_FLIGHT_ENV), ("retry_after_s", RETRY_AFTER_ENV)):
-        if raw := os.environ.get(env):
-            try:
-                settings[name] = int(raw)
-            except ValueError:
-                raise ValueError(f"{env} must be a whole number, got {raw!r}") from None
-    return [Middleware(ProxyGate, **settings)]
+    return [Middleware(ProxyGate, max_in_flight=_setting(MAX_IN_FLIGHT_ENV, DEFAULT_MAX_IN_FLIGHT),
+                       retry_after_s=_setting(RETRY_AFTER_ENV, DEFAULT_RETRY_AFTER_S))]
+
+
+def _setting(env: str, default: int) -> int:
+    raw = os.environ.get(env)
+    if not raw:
+        return default
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"{env} must be a whole number, at least 1, got {raw!r}; unset it for {default}")
+    return int(raw)

@@ -1,0 +1,136 @@
+"""The proxy gate (serve_apps/proxy_gate.py) and the Serve environment RayTwin starts with (serve_env.py).
+
+In process, without Ray: saturation is deterministic (handlers block on an event), never timed. That the
+gate runs inside Serve's proxy is Serve's callback contract, checked here with Serve's own validator;
+the benchmark (`benchmarks/overload.py`) measures it through a real proxy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import httpx
+import pytest
+from ray.serve._private.http_util import validate_http_proxy_callback_return
+
+from cluster.manifests import render_raycluster
+from cluster.spec import parse_spec
+from serve_apps import proxy_gate, serve_env
+from serve_apps.proxy_gate import ProxyGate, proxy_middlewares
+from tests.fixtures_cluster import spec_data
+from tests.test_serve_overload import BlockingApp, _until
+
+
+def _client(gate: ProxyGate) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=gate), base_url="http://proxy")
+
+
+async def _fill(gate: ProxyGate, app: BlockingApp, http: httpx.AsyncClient, n: int) -> list[asyncio.Task]:
+    held = [asyncio.create_task(http.get("/block")) for _ in range(n)]
+    await _until(lambda: app.blocked == n)
+    assert gate.in_flight == n
+    return held
+
+
+def test_beyond_the_limit_the_proxy_refuses_at_once_with_retry_after_and_recovers() -> None:
+    async def run() -> None:
+        app = BlockingApp()
+        gate = ProxyGate(app, max_in_flight=3, retry_after_s=2)
+        async with _client(gate) as http:
+            held = await _fill(gate, app, http, 3)
+            refused = await http.post("/v1/assets/a/telemetry", content=b"{}")  # answered while 3 are held
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "2"
+            error = refused.json()["error"]
+            assert error["code"] == "overloaded" and error["details"] == [{"retry_after_s": 2}]
+            assert len(error["request_id"]) == 32 and "3 requests in progress" in error["message"]
+            assert app.blocked == 3 and gate.unrecorded == {"POST": 1}  # the app never saw it
+            app.release.set()
+            assert [r.status_code for r in await asyncio.gather(*held)] == [200, 200, 200]
+            assert gate.in_flight == 0
+            assert (await http.get("/v1/health")).status_code == 200
+
+    asyncio.run(run())
+
+
+def test_serve_probes_and_the_change_stream_pass_a_full_gate() -> None:
+    async def run() -> None:
+        app = BlockingApp()
+        gate = ProxyGate(app, max_in_flight=1)
+        async with _client(gate) as http:
+            held = await _fill(gate, app, http, 1)
+            for path in ("/-/healthz", "/-/routes", "/v1/changes"):
+                assert (await http.get(path)).status_code == 200, path
+            assert (await http.get("/v1/assets")).status_code == 503
+            app.release.set()
+            await asyncio.gather(*held)
+
+    asyncio.run(run())
+
+
+def test_a_failing_request_frees_its_place() -> None:
+    async def failing(scope, receive, send) -> None:
+        raise RuntimeError("replica gone")
+
+    async def run() -> None:
+        gate = ProxyGate(failing, max_in_flight=1)
+        for _ in range(2):
+            with pytest.raises(RuntimeError):
+                await gate({"type": "http", "path": "/v1/assets", "method": "GET"}, None, None)
+        assert gate.in_flight == 0
+
+    asyncio.run(run())
+
+
+def test_refusals_are_recorded_in_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    recorded: list[tuple[str, float, dict]] = []
+
+    def counter(name: str) -> SimpleNamespace:
+        return SimpleNamespace(inc=lambda n, **tags: recorded.append((name, n, tags)))
+
+    monkeypatch.setattr(proxy_gate, "FLUSH_S", 0.0)
+    monkeypatch.setattr(proxy_gate, "metrics", SimpleNamespace(ADMISSION_REFUSED=counter("refused"),
+                                                               HTTP_REQUESTS=counter("requests")))
+
+    async def run() -> None:
+        app = BlockingApp()
+        gate = ProxyGate(app, max_in_flight=1)
+        async with _client(gate) as http:
+            held = await _fill(gate, app, http, 1)
+            await asyncio.gather(*(http.get("/v1/assets") for _ in range(3)))
+            await _until(lambda: not gate.unrecorded)
+            app.release.set()
+            await asyncio.gather(*held)
+
+    asyncio.run(run())
+    assert recorded == [("refused", 3, {"gate": "proxy", "reason": "in_flight"}),
+                        ("requests", 3, {"route": "refused", "method": "GET", "status": "503"})]
+
+
+def test_serves_callback_builds_the_gate_from_the_proxys_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(proxy_gate.MAX_IN_FLIGHT_ENV, "7")
+    monkeypatch.setenv(proxy_gate.RETRY_AFTER_ENV, "3")
+    [middleware] = validate_http_proxy_callback_return(proxy_middlewares())  # Serve's own check of the hook
+    gate = middleware.cls(BlockingApp(), *middleware.args, **middleware.kwargs)
+    assert (gate.max_in_flight, gate.retry_after_s) == (7, 3)
+    module, _, function = serve_env.SERVE_ENV[serve_env.PROXY_CALLBACK_ENV].partition(":")
+    assert (module, function) == (proxy_gate.__name__, proxy_middlewares.__name__)
+    monkeypatch.setenv(proxy_gate.MAX_IN_FLIGHT_ENV, "lots")
+    with pytest.raises(ValueError, match="RAYTWIN_PROXY_MAX_IN_FLIGHT must be a whole number, at least 1"):
+        proxy_middlewares()
+    monkeypatch.setenv(proxy_gate.MAX_IN_FLIGHT_ENV, "0")
+    with pytest.raises(ValueError, match="at least 1, got '0'"):
+        proxy_middlewares()
+
+
+def test_the_serve_environment_reaches_local_ray_and_every_kuberay_container_unless_overridden() -> None:
+    environ = {serve_env.PROXY_CALLBACK_ENV: ""}  # an operator who turned the gate off
+    serve_env.apply(environ)
+    assert environ == {**serve_env.SERVE_ENV, serve_env.PROXY_CALLBACK_ENV: ""}
+    manifest = render_raycluster(parse_spec(spec_data(env={proxy_gate.MAX_IN_FLIGHT_ENV: "64"})))
+    spec = manifest["spec"]
+    containers = [spec["headGroupSpec"]["template"]["spec"]["containers"][0],
+                  *(g["template"]["spec"]["containers"][0] for g in spec["workerGroupSpecs"])]
+    for container in containers:
+        env = {item["name"]: item["value"] for item in container["env"]}
+        assert env == {**serve_env.SERVE_ENV, proxy_gate.MAX_IN_FLIGHT_ENV: "64"}
