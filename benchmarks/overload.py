@@ -41,8 +41,9 @@ from benchmarks.serve_api import (
     _start,
 )
 from serve_apps.endpoints import DIRECT_INGRESS_ENV
-from serve_apps.proxy_gate import MAX_IN_FLIGHT_ENV
-from serve_apps.serve_env import PROXY_CALLBACK_ENV, SERVE_ENV
+from serve_apps.config import Autoscaling
+from serve_apps.proxy_gate import MAX_IN_FLIGHT_ENV, RETRY_AFTER_ENV
+from serve_apps.serve_env import PROXY_CALLBACK_ENV, environment
 
 MULTIPLES = (0.5, 1.0, 2.0, 5.0)
 DURATION_S, QUICK_DURATION_S = 5.0, 1.0
@@ -72,22 +73,20 @@ class Variant:
 
 
 NO_GATE = {PROXY_CALLBACK_ENV: ""}
+PRODUCT_ENV = environment(Autoscaling(min_replicas=1, max_replicas=1))  # what `raytwin serve` sets for this app
+SWITCHES = {"grpc": "RAY_SERVE_PROXY_USE_GRPC=1", "user code on replica loop": "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0",
+            "router on main loop": "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0",
+            "metrics every 1 s": "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS=1000"}
 VARIANTS: dict[str, Variant] = {
-    "default": Variant("the product's defaults: `serve_apps.serve_env.SERVE_ENV` and default admission", SERVE_ENV),
-    "serve defaults": Variant("before this change: Serve's own settings, no proxy gate", NO_GATE),
-    "grpc": Variant("Serve's settings + RAY_SERVE_PROXY_USE_GRPC=1", {**NO_GATE, "RAY_SERVE_PROXY_USE_GRPC": "1"}),
-    "user code on replica loop": Variant("Serve's settings + RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0",
-                                         {**NO_GATE, "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}),
-    "router on main loop": Variant("Serve's settings + RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0",
-                                   {**NO_GATE, "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0"}),
-    "metrics every 1 s": Variant("Serve's settings + RAY_SERVE_METRICS_EXPORT_INTERVAL_MS=1000",
-                                 {**NO_GATE, "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000"}),
-    "proxy gate": Variant("Serve's settings + the proxy gate (serve_apps/proxy_gate.py) alone",
-                          {PROXY_CALLBACK_ENV: SERVE_ENV[PROXY_CALLBACK_ENV]}),
-    "proxy gate 12": Variant("the proxy gate alone, 12 requests in flight per proxy (no replica queue to speak of)",
-                             {PROXY_CALLBACK_ENV: SERVE_ENV[PROXY_CALLBACK_ENV], MAX_IN_FLIGHT_ENV: "12"}),
+    "default": Variant("the product's defaults: `serve_apps.serve_env.environment()` (the proxy gate, "
+                       f"{PRODUCT_ENV[MAX_IN_FLIGHT_ENV]} in flight for one replica) and default admission", PRODUCT_ENV),
+    "serve defaults": Variant("before the proxy gate: Serve's own settings", NO_GATE),
+    **{name: Variant(f"Serve's own settings + {switch}", {**NO_GATE, **dict([switch.split("=")])})
+       for name, switch in SWITCHES.items()},
+    "proxy gate 32": Variant("the proxy gate at 32 in flight (the replica's 8 slots and its whole queue of 24)",
+                             {**PRODUCT_ENV, MAX_IN_FLIGHT_ENV: "32"}),
     "direct ingress": Variant("RAY_SERVE_ENABLE_DIRECT_INGRESS=1, requests to the replica's own port (no proxy)",
-                              {**SERVE_ENV, DIRECT_INGRESS_ENV: "1"}, direct_ingress=True),
+                              {**PRODUCT_ENV, DIRECT_INGRESS_ENV: "1"}, direct_ingress=True),
 }
 
 
@@ -345,7 +344,8 @@ def overload(ctx: BenchContext) -> BenchResult:
     for name in _selected(ctx.quick):
         code = (f"import json; from benchmarks.overload import measure, RESULT_PREFIX; "
                 f"print(RESULT_PREFIX + json.dumps(measure({ctx.quick!r}, {name!r})))")
-        env = {**subprocess_env_without("RAY_ADDRESS", *SERVE_ENV, DIRECT_INGRESS_ENV, MAX_IN_FLIGHT_ENV),
+        env = {**subprocess_env_without("RAY_ADDRESS", PROXY_CALLBACK_ENV, MAX_IN_FLIGHT_ENV, RETRY_AFTER_ENV,
+                                        DIRECT_INGRESS_ENV, *(s.split("=")[0] for s in SWITCHES.values())),
                **VARIANTS[name].env}
         lines = [ln for ln in run_python(code, env, timeout_s=900).splitlines() if ln.startswith(RESULT_PREFIX)]
         if not lines:

@@ -71,7 +71,7 @@ def start(
     settings = ServeConfig.from_args(args)
     if direct_ingress:
         os.environ[DIRECT_INGRESS_ENV] = "1"  # read by Serve's processes when they start
-    serve_env.apply()  # the proxy gate and Serve's switches, for the local Ray started below (serve_env.py)
+    serve_env.apply(serve_env.environment(settings.autoscaling, settings.admission))  # for the local Ray below
     if not ray.is_initialized():
         ray.init(address=address)
     serve.start(http_options={"host": host, "port": port})

@@ -4,9 +4,14 @@ Serve's proxy spends ~2 ms of CPU on every request it routes, refusals from ``ma
 included (request id, router, metrics, access log: benchmarks/RESULTS.md, "Overload through Serve's
 proxy"), so past capacity its own core saturates on refusals and admitted requests queue behind
 them. `ProxyGate` runs in the proxy as its outermost ASGI middleware (Serve's
-``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH`` hook, set by `serve_apps.serve_env`): when more than
+``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH`` hook, set by `serve_apps.serve_env`): when
 ``RAYTWIN_PROXY_MAX_IN_FLIGHT`` requests are in flight through this proxy, the next one gets 503
 ``overloaded`` with ``Retry-After`` before Serve parses, routes or logs it.
+
+The limit (`max_in_flight`) is what the Ingress deployment holds at its largest: ``max_replicas`` x
+(``max_concurrent`` + `QUEUE_PER_REPLICA`). Below ``max_replicas`` the replicas' own gate refuses the
+rest (after the hop) while Serve scales out; a lower limit would stop the autoscaler from ever seeing
+enough ongoing requests to add replicas.
 
 Serve's health and route probes (``/-/...``) and the change stream (long-lived SSE) pass ungated.
 Refusals are counted in ``raytwin_admission_refused_total{gate="proxy", reason="in_flight"}``,
@@ -24,14 +29,23 @@ from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from raytwin import metrics
-from serve_apps.admission import STREAM_PATHS, overload_body
+from serve_apps.admission import STREAM_PATHS, Admission, overload_body
+from serve_apps.config import Autoscaling
 
 MAX_IN_FLIGHT_ENV = "RAYTWIN_PROXY_MAX_IN_FLIGHT"
 RETRY_AFTER_ENV = "RAYTWIN_PROXY_RETRY_AFTER_S"
-DEFAULT_MAX_IN_FLIGHT = 32
-"""Requests one proxy forwards at once: the default Ingress replica's slots (`Admission.max_concurrent` 8 +
-`max_queued` 24), so one replica can be kept busy and queued; more replicas behind a proxy need more."""
-DEFAULT_RETRY_AFTER_S = 1
+QUEUE_PER_REPLICA = 4
+"""Requests a proxy lets wait per Ingress replica beyond its `Admission.max_concurrent`: measured, 4 kept
+refusals at 10-16 ms at 2x and 5x where 24 (the replica's whole queue) took 90-200 ms (benchmarks/RESULTS.md)."""
+
+
+def max_in_flight(autoscaling: Autoscaling, admission: Admission) -> int:
+    """The proxy's limit for an Ingress deployment with these settings (see the module docstring)."""
+    return autoscaling.max_replicas * (admission.max_concurrent + QUEUE_PER_REPLICA)
+
+
+DEFAULT_MAX_IN_FLIGHT = max_in_flight(Autoscaling(), Admission())
+DEFAULT_RETRY_AFTER_S = Admission().retry_after_s
 FLUSH_S = 1.0
 """Refusals are added to the exported counter at most this often."""
 SERVE_PATHS = "/-/"

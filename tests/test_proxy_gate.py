@@ -17,6 +17,8 @@ from ray.serve._private.http_util import validate_http_proxy_callback_return
 from cluster.manifests import render_raycluster
 from cluster.spec import parse_spec
 from serve_apps import proxy_gate, serve_env
+from serve_apps.admission import Admission
+from serve_apps.config import Autoscaling
 from serve_apps.proxy_gate import ProxyGate, proxy_middlewares
 from tests.fixtures_cluster import spec_data
 from tests.test_serve_overload import BlockingApp, _until
@@ -113,7 +115,7 @@ def test_serves_callback_builds_the_gate_from_the_proxys_environment(monkeypatch
     [middleware] = validate_http_proxy_callback_return(proxy_middlewares())  # Serve's own check of the hook
     gate = middleware.cls(BlockingApp(), *middleware.args, **middleware.kwargs)
     assert (gate.max_in_flight, gate.retry_after_s) == (7, 3)
-    module, _, function = serve_env.SERVE_ENV[serve_env.PROXY_CALLBACK_ENV].partition(":")
+    module, _, function = serve_env.environment()[serve_env.PROXY_CALLBACK_ENV].partition(":")
     assert (module, function) == (proxy_gate.__name__, proxy_middlewares.__name__)
     monkeypatch.setenv(proxy_gate.MAX_IN_FLIGHT_ENV, "lots")
     with pytest.raises(ValueError, match="RAYTWIN_PROXY_MAX_IN_FLIGHT must be a whole number, at least 1"):
@@ -123,14 +125,24 @@ def test_serves_callback_builds_the_gate_from_the_proxys_environment(monkeypatch
         proxy_middlewares()
 
 
+def test_the_gate_is_sized_to_the_ingress_deployment_at_its_largest() -> None:
+    assert proxy_gate.DEFAULT_MAX_IN_FLIGHT == 4 * (8 + proxy_gate.QUEUE_PER_REPLICA)  # ServeConfig's defaults
+    env = serve_env.environment(Autoscaling(max_replicas=2), Admission(max_concurrent=5, retry_after_s=3))
+    assert env == {serve_env.PROXY_CALLBACK_ENV: serve_env.PROXY_CALLBACK,
+                   proxy_gate.MAX_IN_FLIGHT_ENV: str(2 * (5 + proxy_gate.QUEUE_PER_REPLICA)),
+                   proxy_gate.RETRY_AFTER_ENV: "3"}
+
+
 def test_the_serve_environment_reaches_local_ray_and_every_kuberay_container_unless_overridden() -> None:
     environ = {serve_env.PROXY_CALLBACK_ENV: ""}  # an operator who turned the gate off
-    serve_env.apply(environ)
-    assert environ == {**serve_env.SERVE_ENV, serve_env.PROXY_CALLBACK_ENV: ""}
-    manifest = render_raycluster(parse_spec(spec_data(env={proxy_gate.MAX_IN_FLIGHT_ENV: "64"})))
-    spec = manifest["spec"]
-    containers = [spec["headGroupSpec"]["template"]["spec"]["containers"][0],
-                  *(g["template"]["spec"]["containers"][0] for g in spec["workerGroupSpecs"])]
+    serve_env.apply(serve_env.environment(), environ)
+    assert environ == {**serve_env.environment(), serve_env.PROXY_CALLBACK_ENV: ""}
+    spec = spec_data(env={proxy_gate.RETRY_AFTER_ENV: "5"})
+    spec["serve"] = {"args": {"autoscaling": {"max_replicas": 3}}}
+    manifest = render_raycluster(parse_spec(spec))["spec"]
+    containers = [manifest["headGroupSpec"]["template"]["spec"]["containers"][0],
+                  *(g["template"]["spec"]["containers"][0] for g in manifest["workerGroupSpecs"])]
     for container in containers:
         env = {item["name"]: item["value"] for item in container["env"]}
-        assert env == {**serve_env.SERVE_ENV, proxy_gate.MAX_IN_FLIGHT_ENV: "64"}
+        assert env == {serve_env.PROXY_CALLBACK_ENV: serve_env.PROXY_CALLBACK, proxy_gate.RETRY_AFTER_ENV: "5",
+                       proxy_gate.MAX_IN_FLIGHT_ENV: str(3 * (8 + proxy_gate.QUEUE_PER_REPLICA))}
