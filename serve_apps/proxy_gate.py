@@ -36,7 +36,8 @@ MAX_IN_FLIGHT_ENV = "RAYTWIN_PROXY_MAX_IN_FLIGHT"
 RETRY_AFTER_ENV = "RAYTWIN_PROXY_RETRY_AFTER_S"
 QUEUE_PER_REPLICA = 4
 """Requests a proxy lets wait per Ingress replica beyond its `Admission.max_concurrent`: measured, 4 kept
-refusals at 10-16 ms at 2x and 5x where 24 (the replica's whole queue) took 90-200 ms (benchmarks/RESULTS.md)."""
+refusals at 10-16 ms at 2x and 5x where 32 (its 8 slots and whole queue of 24) took 90-200 ms (benchmarks/RESULTS.md,
+"Refusing in the proxy, and Serve's switches")."""
 
 
 def max_in_flight(autoscaling: Autoscaling, admission: Admission) -> int:
@@ -48,6 +49,8 @@ DEFAULT_MAX_IN_FLIGHT = max_in_flight(Autoscaling(), Admission())
 DEFAULT_RETRY_AFTER_S = Admission().retry_after_s
 FLUSH_S = 1.0
 """Refusals are added to the exported counter at most this often."""
+STREAM_SUFFIXES = tuple(STREAM_PATHS)
+"""The proxy sees the full path, the app's route prefix included."""
 SERVE_PATHS = "/-/"
 """Serve's own probes (``/-/healthz``, ``/-/routes``): never refused, or an overloaded proxy looks dead."""
 
@@ -82,7 +85,8 @@ class ProxyGate:
 
     @staticmethod
     def _ungated(path: str) -> bool:
-        return path.startswith(SERVE_PATHS) or path in STREAM_PATHS
+        """Serve's probes, and the change stream under any application route prefix."""
+        return path.startswith(SERVE_PATHS) or path.endswith(STREAM_SUFFIXES)
 
     async def _refuse(self, method: str, send: Send) -> None:
         if not self.unrecorded:

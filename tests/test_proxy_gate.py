@@ -61,7 +61,7 @@ def test_serve_probes_and_the_change_stream_pass_a_full_gate() -> None:
         gate = ProxyGate(app, max_in_flight=1)
         async with _client(gate) as http:
             held = await _fill(gate, app, http, 1)
-            for path in ("/-/healthz", "/-/routes", "/v1/changes"):
+            for path in ("/-/healthz", "/-/routes", "/v1/changes", "/raytwin/v1/changes"):
                 assert (await http.get(path)).status_code == 200, path
             assert (await http.get("/v1/assets")).status_code == 503
             app.release.set()
