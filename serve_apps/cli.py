@@ -71,8 +71,9 @@ def start(
     settings = ServeConfig.from_args(args)
     if direct_ingress:
         os.environ[DIRECT_INGRESS_ENV] = "1"  # read by Serve's processes when they start
-    serve_env.apply(serve_env.environment(settings.autoscaling, settings.admission))  # for the local Ray below
     if not ray.is_initialized():
+        if address is None:  # the proxy gate, sized to this app, for the local Ray started here (serve_env.py)
+            serve_env.apply(serve_env.environment(settings.autoscaling, settings.admission))
         ray.init(address=address)
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(settings), name="raytwin", route_prefix="/")
