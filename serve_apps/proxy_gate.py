@@ -92,8 +92,8 @@ class ProxyGate:
         if not self.unrecorded:
             asyncio.get_running_loop().call_later(FLUSH_S, self._record)
         self.unrecorded[method] = self.unrecorded.get(method, 0) + 1
-        body = overload_body("overloaded", f"the service is at capacity ({self.max_in_flight} requests in "
-                             f"progress at this proxy); retry after {self.retry_after_s} s",
+        body = overload_body("overloaded", f"the service is at capacity (this proxy's limit of {self.max_in_flight} "
+                             f"requests in flight); retry after {self.retry_after_s} s",
                              uuid.uuid4().hex, self.retry_after_s)
         await send({"type": "http.response.start", "status": 503, "headers": [
             (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
