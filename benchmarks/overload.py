@@ -1,7 +1,9 @@
-"""Overload through Serve's HTTP proxy: shed, don't collapse (serve_apps/admission.py).
+"""Overload through Serve's HTTP proxy: shed, don't collapse (serve_apps/proxy_gate.py, admission.py).
 
-In a fresh interpreter with its own local Ray, the product's Serve application (default admission
-settings, one Ingress replica, one twin shard) is started and measured through the proxy:
+For each variant of `VARIANTS` (Serve's settings and RayTwin's proxy gate, which Serve reads from the
+environment when its processes start), in a fresh interpreter with its own local Ray, the product's
+Serve application (default admission settings, one Ingress replica, one twin shard) is started and
+measured through the proxy (direct ingress: the replica's own port):
 
 1. capacity: state queries answered per second by a closed loop of `CAPACITY_CLIENTS` (8) connections
    (never more than the replica admits, so nothing is refused), and the unloaded p95 at 0.5x;
@@ -40,8 +42,8 @@ from benchmarks.serve_api import (
     _replica_port,
     _start,
 )
-from serve_apps.endpoints import DIRECT_INGRESS_ENV
 from serve_apps.config import Autoscaling
+from serve_apps.endpoints import DIRECT_INGRESS_ENV
 from serve_apps.proxy_gate import MAX_IN_FLIGHT_ENV, RETRY_AFTER_ENV
 from serve_apps.serve_env import PROXY_CALLBACK_ENV, environment
 
@@ -68,15 +70,15 @@ class Variant:
 
     note: str
     env: dict[str, str] = field(default_factory=dict)  # on top of the benchmark's environment
-    overrides: dict[str, Any] = field(default_factory=dict)  # `ServeConfig` fields
     direct_ingress: bool = False  # requests to the Ingress replica's own port instead of the proxy
 
 
 NO_GATE = {PROXY_CALLBACK_ENV: ""}
 PRODUCT_ENV = environment(Autoscaling(min_replicas=1, max_replicas=1))  # what `raytwin serve` sets for this app
-SWITCHES = {"grpc": "RAY_SERVE_PROXY_USE_GRPC=1", "user code on replica loop": "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0",
+SWITCHES = {"grpc": "RAY_SERVE_PROXY_USE_GRPC=1",
+            "user code on replica loop": "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0",
             "router on main loop": "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0",
-            "metrics every 1 s": "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS=1000"}
+            "metrics every 1 s": "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS=1000"}  # Serve 2.60's, measured, not adopted
 VARIANTS: dict[str, Variant] = {
     "default": Variant("the product's defaults: `serve_apps.serve_env.environment()` (the proxy gate, "
                        f"{PRODUCT_ENV[MAX_IN_FLIGHT_ENV]} in flight for one replica) and default admission", PRODUCT_ENV),
@@ -240,8 +242,7 @@ def measure(quick: bool, variant: str) -> dict[str, Any]:
     setting = VARIANTS[variant]
     duration = QUICK_DURATION_S if quick else DURATION_S
     with tempfile.TemporaryDirectory(prefix="raytwin-bench-overload-") as tmp:
-        admission = {"telemetry_backlog_events": FLOOD_BACKLOG, **setting.overrides.get("admission", {})}
-        port, key = _start(tmp, **{**setting.overrides, "admission": admission})
+        port, key = _start(tmp, admission={"telemetry_backlog_events": FLOOD_BACKLOG})
         try:
             _create_zone(f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {key}"})
             pids = {**_process_ids(), "backend": _backend_pid()}
