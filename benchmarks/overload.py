@@ -1,7 +1,9 @@
-"""Overload through Serve's HTTP proxy: shed, don't collapse (serve_apps/admission.py).
+"""Overload through Serve's HTTP proxy: shed, don't collapse (serve_apps/proxy_gate.py, admission.py).
 
-In a fresh interpreter with its own local Ray, the product's Serve application (default admission
-settings, one Ingress replica, one twin shard) is started and measured through the proxy:
+For each variant of `VARIANTS` (Serve's settings and RayTwin's proxy gate, which Serve reads from the
+environment when its processes start), in a fresh interpreter with its own local Ray, the product's
+Serve application (default admission settings, one Ingress replica, one twin shard) is started and
+measured through the proxy (direct ingress: the replica's own port):
 
 1. capacity: state queries answered per second by a closed loop of `CAPACITY_CLIENTS` (8) connections
    (never more than the replica admits, so nothing is refused), and the unloaded p95 at 0.5x;
@@ -30,7 +32,20 @@ import numpy as np
 
 from benchmarks.harness import BenchContext, BenchResult, Figure, benchmark, run_python, subprocess_env_without
 from benchmarks.load import KeepAliveClient
-from benchmarks.serve_api import ASSET, ServeCheckError, _cpu_seconds, _create_zone, _process_ids, _quiesce, _start
+from benchmarks.serve_api import (
+    ASSET,
+    ServeCheckError,
+    _cpu_seconds,
+    _create_zone,
+    _process_ids,
+    _quiesce,
+    _replica_port,
+    _start,
+)
+from serve_apps.config import Autoscaling
+from serve_apps.endpoints import DIRECT_INGRESS_ENV
+from serve_apps.proxy_gate import MAX_IN_FLIGHT_ENV, RETRY_AFTER_ENV
+from serve_apps.serve_env import PROXY_CALLBACK_ENV, environment
 
 MULTIPLES = (0.5, 1.0, 2.0, 5.0)
 DURATION_S, QUICK_DURATION_S = 5.0, 1.0
@@ -44,11 +59,36 @@ FLOOD_CLIENTS = 8
 TIMEOUT_S = 10.0
 RESULT_PREFIX = "OVERLOAD_BENCH_RESULT "
 SERVER_PROCESSES = ("proxy", "ingress", "shard", "backend")
-VARIANTS: dict[str, dict[str, Any]] = {
-    "default": {},
-    # excess refused by Serve's proxy before the hop to a replica: few requests queue in the replica
-    "proxy-first": {"admission": {"max_concurrent": 8, "max_queued": 2, "proxy_max_queued": 4},
-                    "autoscaling": {"min_replicas": 1, "max_replicas": 1, "max_ongoing_requests": 10}},
+VARIANTS_ENV = "RAYTWIN_BENCH_OVERLOAD_VARIANTS"
+"""Comma-separated names of `VARIANTS` to run (default: all; with ``--quick``, the default alone)."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One setting measured on its own Serve application and its own local Ray (Serve reads its switches
+    from the environment when its processes start)."""
+
+    note: str
+    env: dict[str, str] = field(default_factory=dict)  # on top of the benchmark's environment
+    direct_ingress: bool = False  # requests to the Ingress replica's own port instead of the proxy
+
+
+NO_GATE = {PROXY_CALLBACK_ENV: ""}
+PRODUCT_ENV = environment(Autoscaling(min_replicas=1, max_replicas=1))  # what `raytwin serve` sets for this app
+SWITCHES = {"grpc": "RAY_SERVE_PROXY_USE_GRPC=1",
+            "user code on replica loop": "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0",
+            "router on main loop": "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0",
+            "metrics every 1 s": "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS=1000"}  # Serve 2.60's, measured, not adopted
+VARIANTS: dict[str, Variant] = {
+    "default": Variant("the product's defaults: `serve_apps.serve_env.environment()` (the proxy gate, "
+                       f"{PRODUCT_ENV[MAX_IN_FLIGHT_ENV]} in flight for one replica) and default admission", PRODUCT_ENV),
+    "serve defaults": Variant("before the proxy gate: Serve's own settings", NO_GATE),
+    **{name: Variant(f"Serve's own settings + {switch}", {**NO_GATE, **dict([switch.split("=")])})
+       for name, switch in SWITCHES.items()},
+    "proxy gate 32": Variant("the proxy gate at 32 in flight (the replica's 8 slots and its whole queue of 24)",
+                             {**PRODUCT_ENV, MAX_IN_FLIGHT_ENV: "32"}),
+    "direct ingress": Variant("RAY_SERVE_ENABLE_DIRECT_INGRESS=1, requests to the replica's own port (no proxy)",
+                              {**PRODUCT_ENV, DIRECT_INGRESS_ENV: "1"}, direct_ingress=True),
 }
 
 
@@ -191,30 +231,25 @@ def _backend_pid() -> int:
     return next(a.pid for a in alive if a.class_name.endswith(":Backend"))
 
 
-def measure(quick: bool) -> dict[str, Any]:
-    """Run in the server's interpreter (see the module docstring): every variant of `VARIANTS` on a fresh
-    Serve application, the flood on the default one."""
+def measure(quick: bool, variant: str) -> dict[str, Any]:
+    """Run in the server's interpreter (see the module docstring), whose environment carries the variant's
+    `Variant.env`: the variant on a fresh Serve application; the flood on the default one."""
+    from ray import serve
+
     from sweeps.runner import ensure_ray
 
     ensure_ray()
+    setting = VARIANTS[variant]
     duration = QUICK_DURATION_S if quick else DURATION_S
-    variants = {name: _measure_variant(overrides, duration, flood=name == "default")
-                for name, overrides in VARIANTS.items()}
-    return {"variants": variants, "duration_s": duration, "load_avg_1m": os.getloadavg()[0]}
-
-
-def _measure_variant(overrides: dict[str, Any], duration: float, flood: bool) -> dict[str, Any]:
-    from ray import serve
-
     with tempfile.TemporaryDirectory(prefix="raytwin-bench-overload-") as tmp:
-        admission = {"telemetry_backlog_events": FLOOD_BACKLOG, **overrides.get("admission", {})}
-        port, key = _start(tmp, **{**overrides, "admission": admission})
+        port, key = _start(tmp, admission={"telemetry_backlog_events": FLOOD_BACKLOG})
         try:
             _create_zone(f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {key}"})
             pids = {**_process_ids(), "backend": _backend_pid()}
-            runs, cpu = asyncio.run(_queries(port, key, duration, pids))
-            record = {"runs": runs, "cpu_ms": cpu}
-            if flood:
+            target = _replica_port(port) if setting.direct_ingress else port
+            runs, cpu = asyncio.run(_queries(target, key, duration, pids))
+            record = {"runs": runs, "cpu_ms": cpu, "load_avg_1m": os.getloadavg()[0]}
+            if variant == "default":
                 hwm_before = {name: _hwm_mib(pids[name]) for name in SERVER_PROCESSES}
                 record["flood"] = asyncio.run(_flood(f"http://127.0.0.1:{port}", key, duration))
                 record["flood"].update(hwm_mib={name: _hwm_mib(pids[name]) for name in SERVER_PROCESSES},
@@ -295,25 +330,38 @@ def _flood_figures(flood: dict[str, Any]) -> list[Figure]:
     return figures
 
 
+def _selected(quick: bool) -> list[str]:
+    """`VARIANTS_ENV`'s names; else every variant, or the default alone in a quick run."""
+    chosen = [n.strip() for n in os.environ.get(VARIANTS_ENV, "").split(",") if n.strip()]
+    names = chosen or (["default"] if quick else list(VARIANTS))
+    if unknown := set(names) - set(VARIANTS):
+        raise ValueError(f"{VARIANTS_ENV}: unknown variant(s) {sorted(unknown)}; known: {', '.join(VARIANTS)}")
+    return names
+
+
 @benchmark("overload", "Shedding through Serve's proxy at 0.5x-5x capacity, recovery, and a 2x telemetry flood")
 def overload(ctx: BenchContext) -> BenchResult:
-    code = (f"import json; from benchmarks.overload import measure, RESULT_PREFIX; "
-            f"print(RESULT_PREFIX + json.dumps(measure({ctx.quick!r})))")
-    lines = [ln for ln in run_python(code, subprocess_env_without("RAY_ADDRESS"), timeout_s=900).splitlines()
-             if ln.startswith(RESULT_PREFIX)]
-    if not lines:
-        raise ServeCheckError("the server process printed no result")
-    record = json.loads(lines[-1][len(RESULT_PREFIX):])
-    flood = record["variants"]["default"]["flood"]
-    if flood["loss"] != 0:
-        raise ServeCheckError(f"the flood lost {flood['loss']} accepted events")
-    res = BenchResult(figures=[f for name, v in record["variants"].items() for f in _figures(name, v)]
-                      + _flood_figures(flood))
-    res.checks.update(variants=record["variants"], load_avg_1m=record["load_avg_1m"])
+    variants = {}
+    for name in _selected(ctx.quick):
+        code = (f"import json; from benchmarks.overload import measure, RESULT_PREFIX; "
+                f"print(RESULT_PREFIX + json.dumps(measure({ctx.quick!r}, {name!r})))")
+        env = {**subprocess_env_without("RAY_ADDRESS", PROXY_CALLBACK_ENV, MAX_IN_FLIGHT_ENV, RETRY_AFTER_ENV,
+                                        DIRECT_INGRESS_ENV, *(s.split("=")[0] for s in SWITCHES.values())),
+               **VARIANTS[name].env}
+        lines = [ln for ln in run_python(code, env, timeout_s=900).splitlines() if ln.startswith(RESULT_PREFIX)]
+        if not lines:
+            raise ServeCheckError(f"the server process of variant {name!r} printed no result")
+        variants[name] = json.loads(lines[-1][len(RESULT_PREFIX):])
+    res = BenchResult(figures=[f for name, v in variants.items() for f in _figures(name, v)])
+    if flood := variants.get("default", {}).get("flood"):
+        if flood["loss"] != 0:
+            raise ServeCheckError(f"the flood lost {flood['loss']} accepted events")
+        res.figures += _flood_figures(flood)
+    res.checks.update(variants=variants)
     res.notes.append(
-        f"open loop through Serve's proxy, {record['duration_s']:g} s per rate, latency from each request's due time, "
-        f"timeout {TIMEOUT_S:g} s; variants: default admission (8 at once per replica, 24 queued, 50 ms wait "
-        f"budget, proxy queue 32, max_ongoing_requests 32) and proxy-first ({VARIANTS['proxy-first']}); one Ingress "
-        f"replica, one twin shard; flood: {FLOOD_BATCH}-event batches, backlog bound "
-        f"{FLOOD_BACKLOG} events; the load generator shares the machine's cores with the server")
+        f"open loop through Serve's proxy, {DURATION_S if not ctx.quick else QUICK_DURATION_S:g} s per rate, latency "
+        f"from each request's due time, timeout {TIMEOUT_S:g} s; each variant on its own local Ray: "
+        + "; ".join(f"{name}: {VARIANTS[name].note}" for name in variants)
+        + f"; one Ingress replica, one twin shard; flood (default variant): {FLOOD_BATCH}-event batches, backlog "
+        f"bound {FLOOD_BACKLOG} events; the load generator shares the machine's cores with the server")
     return res

@@ -16,6 +16,7 @@ import yaml
 
 from cluster.entrypoints import check_raytwin_entrypoint
 from cluster.spec import DNS_LABEL, ClusterSpec, WorkerGroupSpec
+from serve_apps.serve_env import environment_for_args
 
 API_VERSION = "ray.io/v1"
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -65,9 +66,10 @@ def _container(spec: ClusterSpec, name: str, image: str, cpu: float, memory: str
         "image": image,
         "resources": {"requests": dict(amounts), "limits": dict(amounts)},
     }
-    env = _env(spec)
-    if env:
-        container["env"] = [{"name": key, "value": value} for key, value in sorted(env.items())]
+    # Serve reads its switches when its processes start, so they go in every Ray container's environment
+    # (a runtime env reaches replicas, never the proxies); the spec's own `env` wins
+    env = environment_for_args(spec.serve.args) | _env(spec)
+    container["env"] = [{"name": key, "value": value} for key, value in sorted(env.items())]
     if spec.env_from_secrets:
         container["envFrom"] = [{"secretRef": {"name": secret}} for secret in spec.env_from_secrets]
     return container

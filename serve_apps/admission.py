@@ -16,6 +16,9 @@ Three layers, each refusing before any work is done, each answering with ``Retry
    of it is accepted, so a flood is slowed at the edge, memory stays bounded, and every accepted
    event is applied.
 
+In front of all three, `serve_apps.proxy_gate` bounds the requests in flight through each Serve proxy
+and refuses beyond it inside the proxy, before Serve routes the request: the cheapest refusal.
+
 Refusals are counted in ``raytwin_admission_refused_total{gate, reason}`` (`raytwin.metrics`).
 """
 

@@ -57,6 +57,7 @@ def start(
 
     from serve_apps.app import build_app
     from serve_apps.config import ServeConfig
+    from serve_apps import serve_env
     from serve_apps.endpoints import DIRECT_INGRESS_ENV, http_targets
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -71,6 +72,8 @@ def start(
     if direct_ingress:
         os.environ[DIRECT_INGRESS_ENV] = "1"  # read by Serve's processes when they start
     if not ray.is_initialized():
+        if address is None:  # the proxy gate, sized to this app, for the local Ray started here (serve_env.py)
+            serve_env.apply(serve_env.environment(settings.autoscaling, settings.admission))
         ray.init(address=address)
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(settings), name="raytwin", route_prefix="/")

@@ -1,0 +1,124 @@
+"""The cheapest refusal on Serve's proxy path: a concurrency gate inside each Serve HTTP proxy.
+
+Serve's proxy spends ~2 ms of CPU on every request it routes, refusals from ``max_queued_requests``
+included (request id, router, metrics, access log: benchmarks/RESULTS.md, "Overload through Serve's
+proxy"), so past capacity its own core saturates on refusals and admitted requests queue behind
+them. `ProxyGate` runs in the proxy as its outermost ASGI middleware (Serve's
+``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH`` hook, set by `serve_apps.serve_env`): when
+``RAYTWIN_PROXY_MAX_IN_FLIGHT`` requests are in flight through this proxy, the next one gets 503
+``overloaded`` with ``Retry-After`` before Serve parses, routes or logs it.
+
+The limit (`max_in_flight`) is what the Ingress deployment holds at its largest: ``max_replicas`` x
+(``max_concurrent`` + `QUEUE_PER_REPLICA`). Below ``max_replicas`` the replicas' own gate refuses the
+rest (after the hop) while Serve scales out; a lower limit would stop the autoscaler from ever seeing
+enough ongoing requests to add replicas.
+
+Serve's health and route probes (``/-/...``) and the change stream (long-lived SSE) pass ungated.
+Refusals are counted in ``raytwin_admission_refused_total{gate="proxy", reason="in_flight"}``,
+recorded once per `FLUSH_S` rather than per refusal (a Ray metric record costs more than the
+refusal itself).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+
+from starlette.middleware import Middleware
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from raytwin import metrics
+from serve_apps.admission import STREAM_PATHS, Admission, overload_body
+from serve_apps.config import Autoscaling
+
+MAX_IN_FLIGHT_ENV = "RAYTWIN_PROXY_MAX_IN_FLIGHT"
+RETRY_AFTER_ENV = "RAYTWIN_PROXY_RETRY_AFTER_S"
+QUEUE_PER_REPLICA = 4
+"""Requests a proxy lets wait per Ingress replica beyond its `Admission.max_concurrent`: measured, 4 kept
+refusals at 10-16 ms at 2x and 5x where 32 (its 8 slots and whole queue of 24) took 90-200 ms (benchmarks/RESULTS.md,
+"Refusing in the proxy, and Serve's switches")."""
+
+
+def max_in_flight(autoscaling: Autoscaling, admission: Admission) -> int:
+    """The proxy's limit for an Ingress deployment with these settings (see the module docstring)."""
+    return autoscaling.max_replicas * (admission.max_concurrent + QUEUE_PER_REPLICA)
+
+
+DEFAULT_MAX_IN_FLIGHT = max_in_flight(Autoscaling(), Admission())
+DEFAULT_RETRY_AFTER_S = Admission().retry_after_s
+FLUSH_S = 1.0
+"""Refusals are added to the exported counter at most this often."""
+STREAM_SUFFIXES = tuple(STREAM_PATHS)
+"""The proxy sees the full path, the app's route prefix included."""
+SERVE_PATHS = "/-/"
+"""Serve's own probes (``/-/healthz``, ``/-/routes``): never refused, or an overloaded proxy looks dead."""
+
+
+class ProxyGate:
+    """Pure ASGI middleware: refuse (503 + ``Retry-After``) beyond `max_in_flight` requests in flight.
+
+    Runs on the proxy's event loop only, so a plain counter needs no lock.
+    """
+
+    def __init__(self, app: ASGIApp, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+                 retry_after_s: int = DEFAULT_RETRY_AFTER_S):
+        self.app = app
+        self.max_in_flight = max_in_flight
+        self.retry_after = str(retry_after_s).encode()
+        self.retry_after_s = retry_after_s
+        self.in_flight = 0
+        self.unrecorded: dict[str, int] = {}  # refusals by method, not yet added to the exported counters
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self._ungated(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.max_in_flight:
+            await self._refuse(scope["method"], send)
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+    @staticmethod
+    def _ungated(path: str) -> bool:
+        """Serve's probes, and the change stream under any application route prefix."""
+        return path.startswith(SERVE_PATHS) or path.endswith(STREAM_SUFFIXES)
+
+    async def _refuse(self, method: str, send: Send) -> None:
+        if not self.unrecorded:
+            asyncio.get_running_loop().call_later(FLUSH_S, self._record)
+        self.unrecorded[method] = self.unrecorded.get(method, 0) + 1
+        body = overload_body("overloaded", f"the service is at capacity (this proxy's limit of {self.max_in_flight} "
+                             f"requests in flight); retry after {self.retry_after_s} s",
+                             uuid.uuid4().hex, self.retry_after_s)
+        await send({"type": "http.response.start", "status": 503, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+            (b"retry-after", self.retry_after)]})
+        await send({"type": "http.response.body", "body": body})
+
+    def _record(self) -> None:
+        refused, self.unrecorded = self.unrecorded, {}
+        metrics.ADMISSION_REFUSED.inc(sum(refused.values()), gate="proxy", reason="in_flight")
+        for method, count in refused.items():
+            metrics.HTTP_REQUESTS.inc(count, route="refused", method=method, status="503")
+
+
+def proxy_middlewares() -> list[Middleware]:
+    """Serve's proxy callback (``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=serve_apps.proxy_gate:proxy_middlewares``):
+    the gate, sized by ``RAYTWIN_PROXY_MAX_IN_FLIGHT`` and ``RAYTWIN_PROXY_RETRY_AFTER_S`` from the proxy's
+    environment."""
+    return [Middleware(ProxyGate, max_in_flight=_setting(MAX_IN_FLIGHT_ENV, DEFAULT_MAX_IN_FLIGHT),
+                       retry_after_s=_setting(RETRY_AFTER_ENV, DEFAULT_RETRY_AFTER_S))]
+
+
+def _setting(env: str, default: int) -> int:
+    raw = os.environ.get(env)
+    if not raw:
+        return default
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"{env} must be a whole number, at least 1, got {raw!r}; unset it for {default}")
+    return int(raw)

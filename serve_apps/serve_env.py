@@ -1,0 +1,39 @@
+"""The environment RayTwin's Serve processes start with: the proxy's overload gate and its limit.
+
+Serve reads these variables when its processes (proxies, replicas) import it, so they must be in
+the environment of every Ray node before Ray starts: ``raytwin serve`` sets them for the local Ray
+it starts (`apply`), and the KubeRay manifests put them in every Ray container's ``env``
+(`cluster.manifests`). An operator's own value of any of them wins over these.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, MutableMapping
+from typing import Any
+
+from serve_apps.admission import Admission
+from serve_apps.config import Autoscaling
+from serve_apps.proxy_gate import MAX_IN_FLIGHT_ENV, RETRY_AFTER_ENV, max_in_flight
+
+PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
+PROXY_CALLBACK = "serve_apps.proxy_gate:proxy_middlewares"
+
+
+def environment(autoscaling: Autoscaling | None = None, admission: Admission | None = None) -> dict[str, str]:
+    """The Serve environment for an app with these settings (defaults: `ServeConfig`'s): the proxy refuses
+    the excess before it routes it (serve_apps/proxy_gate.py), sized to the Ingress deployment."""
+    autoscaling, admission = autoscaling or Autoscaling(), admission or Admission()
+    return {PROXY_CALLBACK_ENV: PROXY_CALLBACK, MAX_IN_FLIGHT_ENV: str(max_in_flight(autoscaling, admission)),
+            RETRY_AFTER_ENV: str(admission.retry_after_s)}
+
+
+def environment_for_args(args: Mapping[str, Any]) -> dict[str, str]:
+    """`environment` for the app's arguments as written in a Serve config (``autoscaling``, ``admission``)."""
+    return environment(Autoscaling(**args.get("autoscaling", {})), Admission(**args.get("admission", {})))
+
+
+def apply(env: Mapping[str, str], environ: MutableMapping[str, str] = os.environ) -> None:
+    """Add `env` to `environ`, keeping any value already set there."""
+    for name, value in env.items():
+        environ.setdefault(name, value)

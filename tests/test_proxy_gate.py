@@ -1,0 +1,150 @@
+"""The proxy gate (serve_apps/proxy_gate.py) and the Serve environment RayTwin starts with (serve_env.py).
+
+In process, without Ray: saturation is deterministic (handlers block on an event), never timed. That the
+gate runs inside Serve's proxy is Serve's callback contract, checked here with Serve's own validator; a
+real proxy runs it in `python -m benchmarks run overload` (a fresh Ray per setting is ~1-2 min on 2 cores,
+too slow for the suite).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import httpx
+import pytest
+from ray.serve._private.http_util import validate_http_proxy_callback_return
+
+from cluster.manifests import render_raycluster
+from cluster.spec import parse_spec
+from serve_apps import proxy_gate, serve_env
+from serve_apps.admission import Admission
+from serve_apps.config import Autoscaling
+from serve_apps.proxy_gate import ProxyGate, proxy_middlewares
+from tests.fixtures_cluster import spec_data
+from tests.test_serve_overload import BlockingApp, _until
+
+
+def _client(gate: ProxyGate) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=gate), base_url="http://proxy")
+
+
+async def _fill(gate: ProxyGate, app: BlockingApp, http: httpx.AsyncClient, n: int) -> list[asyncio.Task]:
+    held = [asyncio.create_task(http.get("/block")) for _ in range(n)]
+    await _until(lambda: app.blocked == n)
+    assert gate.in_flight == n
+    return held
+
+
+def test_beyond_the_limit_the_proxy_refuses_at_once_with_retry_after_and_recovers() -> None:
+    async def run() -> None:
+        app = BlockingApp()
+        gate = ProxyGate(app, max_in_flight=3, retry_after_s=2)
+        async with _client(gate) as http:
+            held = await _fill(gate, app, http, 3)
+            refused = await http.post("/v1/assets/a/telemetry", content=b"{}")  # answered while 3 are held
+            assert refused.status_code == 503 and refused.headers["retry-after"] == "2"
+            error = refused.json()["error"]
+            assert error["code"] == "overloaded" and error["details"] == [{"retry_after_s": 2}]
+            assert len(error["request_id"]) == 32 and "limit of 3 requests in flight" in error["message"]
+            assert app.blocked == 3 and gate.unrecorded == {"POST": 1}  # the app never saw it
+            app.release.set()
+            assert [r.status_code for r in await asyncio.gather(*held)] == [200, 200, 200]
+            assert gate.in_flight == 0
+            assert (await http.get("/v1/health")).status_code == 200
+
+    asyncio.run(run())
+
+
+def test_serve_probes_and_the_change_stream_pass_a_full_gate() -> None:
+    async def run() -> None:
+        app = BlockingApp()
+        gate = ProxyGate(app, max_in_flight=1)
+        async with _client(gate) as http:
+            held = await _fill(gate, app, http, 1)
+            for path in ("/-/healthz", "/-/routes", "/v1/changes", "/raytwin/v1/changes"):
+                assert (await http.get(path)).status_code == 200, path
+            assert (await http.get("/v1/assets")).status_code == 503
+            app.release.set()
+            await asyncio.gather(*held)
+
+    asyncio.run(run())
+
+
+def test_a_failing_request_frees_its_place() -> None:
+    async def failing(scope, receive, send) -> None:
+        raise RuntimeError("replica gone")
+
+    async def run() -> None:
+        gate = ProxyGate(failing, max_in_flight=1)
+        for _ in range(2):
+            with pytest.raises(RuntimeError):
+                await gate({"type": "http", "path": "/v1/assets", "method": "GET"}, None, None)
+        assert gate.in_flight == 0
+
+    asyncio.run(run())
+
+
+def test_refusals_are_recorded_in_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    recorded: list[tuple[str, float, dict]] = []
+
+    def counter(name: str) -> SimpleNamespace:
+        return SimpleNamespace(inc=lambda n, **tags: recorded.append((name, n, tags)))
+
+    monkeypatch.setattr(proxy_gate, "FLUSH_S", 0.0)
+    monkeypatch.setattr(proxy_gate, "metrics", SimpleNamespace(ADMISSION_REFUSED=counter("refused"),
+                                                               HTTP_REQUESTS=counter("requests")))
+
+    async def run() -> None:
+        app = BlockingApp()
+        gate = ProxyGate(app, max_in_flight=1)
+        async with _client(gate) as http:
+            held = await _fill(gate, app, http, 1)
+            await asyncio.gather(*(http.get("/v1/assets") for _ in range(3)))
+            await _until(lambda: not gate.unrecorded)
+            app.release.set()
+            await asyncio.gather(*held)
+
+    asyncio.run(run())
+    assert recorded == [("refused", 3, {"gate": "proxy", "reason": "in_flight"}),
+                        ("requests", 3, {"route": "refused", "method": "GET", "status": "503"})]
+
+
+def test_serves_callback_builds_the_gate_from_the_proxys_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(proxy_gate.MAX_IN_FLIGHT_ENV, "7")
+    monkeypatch.setenv(proxy_gate.RETRY_AFTER_ENV, "3")
+    [middleware] = validate_http_proxy_callback_return(proxy_middlewares())  # Serve's own check of the hook
+    gate = middleware.cls(BlockingApp(), *middleware.args, **middleware.kwargs)
+    assert (gate.max_in_flight, gate.retry_after_s) == (7, 3)
+    module, _, function = serve_env.environment()[serve_env.PROXY_CALLBACK_ENV].partition(":")
+    assert (module, function) == (proxy_gate.__name__, proxy_middlewares.__name__)
+    monkeypatch.setenv(proxy_gate.MAX_IN_FLIGHT_ENV, "lots")
+    with pytest.raises(ValueError, match="RAYTWIN_PROXY_MAX_IN_FLIGHT must be a whole number, at least 1"):
+        proxy_middlewares()
+    monkeypatch.setenv(proxy_gate.MAX_IN_FLIGHT_ENV, "0")
+    with pytest.raises(ValueError, match="at least 1, got '0'"):
+        proxy_middlewares()
+
+
+def test_the_gate_is_sized_to_the_ingress_deployment_at_its_largest() -> None:
+    assert proxy_gate.DEFAULT_MAX_IN_FLIGHT == 4 * (8 + proxy_gate.QUEUE_PER_REPLICA)  # ServeConfig's defaults
+    env = serve_env.environment(Autoscaling(max_replicas=2), Admission(max_concurrent=5, retry_after_s=3))
+    assert env == {serve_env.PROXY_CALLBACK_ENV: serve_env.PROXY_CALLBACK,
+                   proxy_gate.MAX_IN_FLIGHT_ENV: str(2 * (5 + proxy_gate.QUEUE_PER_REPLICA)),
+                   proxy_gate.RETRY_AFTER_ENV: "3"}
+
+
+def test_the_serve_environment_reaches_local_ray_and_every_kuberay_container_unless_overridden() -> None:
+    environ = {serve_env.PROXY_CALLBACK_ENV: ""}  # an operator who turned the gate off
+    serve_env.apply(serve_env.environment(), environ)
+    assert environ == {**serve_env.environment(), serve_env.PROXY_CALLBACK_ENV: ""}
+    spec = spec_data(env={proxy_gate.RETRY_AFTER_ENV: "5"})
+    spec["serve"] = {"args": {"autoscaling": {"max_replicas": 3}}}
+    manifest = render_raycluster(parse_spec(spec))["spec"]
+    containers = [manifest["headGroupSpec"]["template"]["spec"]["containers"][0],
+                  *(g["template"]["spec"]["containers"][0] for g in manifest["workerGroupSpecs"])]
+    for container in containers:
+        env = {item["name"]: item["value"] for item in container["env"]}
+        assert env == {serve_env.PROXY_CALLBACK_ENV: serve_env.PROXY_CALLBACK, proxy_gate.RETRY_AFTER_ENV: "5",
+                       proxy_gate.MAX_IN_FLIGHT_ENV: str(3 * (8 + proxy_gate.QUEUE_PER_REPLICA))}
+
