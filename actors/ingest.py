@@ -4,9 +4,10 @@ Sources are read in batches of Arrow rows, each batch is checked against the `Te
 contract column-wise (`actors.telemetry.validate_table`; rows that fail go to the dead-letter
 dataset with the contract's reason), rows are grouped by shard and sent as Arrow tables in
 batched actor calls. Backpressure: at most ``max_in_flight`` shard calls (one per shard) of at
-most ``batch_size`` events are outstanding at any time (`ray.wait` on a window), and a source is
-read one batch at a time, so memory is bounded by about ``(max_in_flight + 1) * batch_size``
-events however slow a twin is: a slow shard just makes the reader wait.
+most ``batch_size`` events are outstanding at any time (`ray.wait` on a window), a source is
+read one batch at a time, and a live stream holds at most ``batch_size`` events for busy shards
+(`Dispatcher.offer`), so memory is bounded by about ``(max_in_flight + 2) * batch_size`` events
+however slow a twin is: a slow shard just makes the reader wait.
 
 Telemetry tables use `actors.telemetry.TELEMETRY_SCHEMA`; `measurements` may also be a JSON string
 column (``{"T_in": {"value": 21.3, "unit": "degC"}}``, checked row by row). `events_to_table`
@@ -139,21 +140,27 @@ class Dispatcher:
     def offer(self, table: pa.Table) -> None:
         """`send` without waiting for busy shards while at most `batch_size` rows are held: a
         live stream keeps collecting events meanwhile, and they join the busy shard's next call
-        (`pump` sends it when the shard completes)."""
+        (`await_shard`, then `dispatch` or `offer`, send it when the shard completes)."""
         self._hold(table)
-        self._dispatch(max_held=self.batch_size)
+        self.dispatch()
 
     @property
     def holding(self) -> bool:
         """Whether rows wait for a busy shard."""
         return bool(self.held)
 
-    def pump(self, timeout_s: float) -> None:
-        """Wait up to `timeout_s` for a busy shard that rows wait for (for any busy shard when they
-        wait for `max_in_flight`), and send them."""
-        waiting = [index for index in self.held if index in self.busy] or list(self.busy)
+    def await_shard(self, timeout_s: float) -> bool:
+        """Wait until a busy shard that rows wait for completes (any busy shard when they wait for
+        `max_in_flight`), for at most `timeout_s` unless every shard is busy (new rows could go
+        nowhere sooner); whether held rows can go out now (`dispatch`)."""
+        all_busy = len(self.busy) >= min(self.max_in_flight, len(self.handles))
+        waiting = [index for index in self.held if index in self.busy and not all_busy] or list(self.busy)
         if waiting:
-            self._complete(waiting, timeout_s=timeout_s)
+            self._complete(waiting, timeout_s=None if all_busy else timeout_s)
+        return len(self.busy) < self.max_in_flight and any(index not in self.busy for index in self.held)
+
+    def dispatch(self) -> None:
+        """Send held rows to the shards that are free (`offer` does too)."""
         self._dispatch(max_held=self.batch_size)
 
     def _hold(self, table: pa.Table) -> None:
@@ -316,14 +323,14 @@ class StreamBuffer:
                 return max(0.0, self._due_at() - time.monotonic())
             return 0.0 if self._ended or self._failure is not None else self.linger_s
 
-    def take(self, timeout_s: float | None = None) -> list[Any] | None:
-        """The next chunk once it is due; [] if `timeout_s` passed first; None once the source
-        ended and every item was handed over."""
+    def take(self, timeout_s: float | None = None, *, drain: bool = False) -> list[Any] | None:
+        """The next chunk once it is due (`drain`: whatever is buffered, due or not); [] if
+        `timeout_s` passed first; None once the source ended and every item was handed over."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         with self._changed:
             while True:
                 now = time.monotonic()
-                if self._items and self._due_at() <= now:
+                if self._items and (drain or self._due_at() <= now):
                     chunk, self._items = self._items, []
                     self._changed.notify_all()  # room for the reader
                     return chunk
@@ -359,22 +366,27 @@ def lingering_chunks(source: Iterable[dict[str, Any]], size: int, linger_s: floa
 def stream_rows(router: ShardRouter, tenant: str, source: Iterable[dict[str, Any]], *,
                 batch_size: int = DEFAULT_BATCH_SIZE, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
                 linger_s: float = DEFAULT_LINGER_S) -> IngestReport:
-    """The live path: chunks of `source` validated and offered to the shards as they come due;
-    while rows wait for a busy shard, its completion is awaited until the next chunk can be due,
-    so they go out the moment it is free, merged with whatever arrived meanwhile."""
+    """The live path: chunks of `source` validated and offered to the shards as they come due.
+    While rows wait for a busy shard, its completion is awaited (until the next chunk can be
+    due); the moment it is free, everything buffered so far goes out with them in one call
+    (group commit): under load a batch waits for one shard call, and the driver validates fewer,
+    larger chunks instead of one per `linger_s` for shards that cannot take them yet."""
     dispatcher = Dispatcher(router, tenant, max_in_flight=max_in_flight, batch_size=batch_size)
     buffer = StreamBuffer(source, batch_size, linger_s)
     chunks = 0
     try:
         while True:
+            free = False
             if dispatcher.holding:
-                dispatcher.pump(buffer.wait_budget())
-                chunk = buffer.take(timeout_s=0)
+                free = dispatcher.await_shard(buffer.wait_budget())
+                chunk = buffer.take(timeout_s=0, drain=free)
             else:
                 chunk = buffer.take()
             if chunk is None:
                 return dispatcher.finish()
             if not chunk:
+                if free:
+                    dispatcher.dispatch()
                 continue
             table, rejects = validate_batch(chunk)
             dispatcher.reject(rejects)
