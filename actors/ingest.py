@@ -36,7 +36,7 @@ from actors.routing import shard_index, shard_name
 from actors.state import IngestReport, Reject
 from actors.telemetry import TELEMETRY_SCHEMA as TELEMETRY_SCHEMA  # re-exported for sources
 from actors.telemetry import events_to_table as events_to_table  # re-exported for sources
-from actors.telemetry import parse_rows, rows_table, validate_table, validated_table
+from actors.telemetry import parse_rows, rows_table, table_bytes, validate_table, validated_table
 from raytwin import metrics
 from raytwin.statestore import StateStore
 from raytwin.storage import filesystem
@@ -202,7 +202,8 @@ class Dispatcher:
         _BACKLOG.add(index, part.num_rows)
 
     def _call(self, index: int, part: pa.Table, first_sent: float) -> None:
-        self.busy[index] = (self.handles[index].ingest.remote(self.tenant, part, states=self.states), part, first_sent)
+        call = self.handles[index].ingest.remote(self.tenant, table_bytes(part), states=self.states)
+        self.busy[index] = (call, part, first_sent)
 
     def _wait_for(self, shards: list[int]) -> None:
         """Backpressure: wait until one of `shards` finished its call (the wait is a metric)."""

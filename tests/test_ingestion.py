@@ -22,9 +22,11 @@ from actors.ingest import Dispatcher, ShardRouter, lingering_chunks, validate_ba
 from actors.telemetry import (
     VALIDATED_SCHEMA,
     Entries,
+    bytes_table,
     normalize_entries,
     parse_rows,
     rows_table,
+    table_bytes,
     validate_table,
     validated_table,
 )
@@ -235,11 +237,11 @@ class SlowShard:
     def ingest(self, tenant, events, states=False):
         import time
 
-        asset = events.column("asset_id")[0].as_py()
+        asset = bytes_table(events).column("asset_id")[0].as_py()
         self.log.append(("start", asset))
         time.sleep(self.delay_by_asset.get(asset, self.delay_s))
         self.log.append(("end", asset))
-        return IngestReport(accepted=len(events))
+        return IngestReport(accepted=bytes_table(events).num_rows)
 
     def calls(self) -> list[tuple[str, str]]:
         return self.log
@@ -278,6 +280,13 @@ def test_a_busy_shard_does_not_hold_up_the_rows_of_the_others(ray_session, tmp_p
     assert log[-2:] == [("start", first), ("end", first)]  # shard 0's calls one after the other
 
 
+def test_batches_travel_as_arrow_ipc_bytes_and_read_back_equal():
+    table = validated_table(tank_events("a1", 5))
+    payload = table_bytes(table)
+    assert isinstance(payload, bytes) and bytes_table(payload).equals(table)
+    assert bytes_table(payload).schema == VALIDATED_SCHEMA and bytes_table(table) is table
+
+
 @ray.remote(max_concurrency=4)
 class GatedShard:
     """Stands in for a shard whose calls block until `release` (no sleeps, no timing): it records
@@ -290,10 +299,10 @@ class GatedShard:
 
     def ingest(self, tenant, events, states=False):
         with self.arrived:
-            self.log.append(events.column("sequence").to_pylist())
+            self.log.append(bytes_table(events).column("sequence").to_pylist())
             self.arrived.notify_all()
         self.gate.wait()
-        return IngestReport(accepted=events.num_rows)
+        return IngestReport(accepted=bytes_table(events).num_rows)
 
     def release(self) -> None:
         self.gate.set()
