@@ -154,7 +154,7 @@ class Dispatcher:
         `max_in_flight`), for at most `timeout_s` unless every shard is busy (new rows could go
         nowhere sooner); whether held rows can go out now (`dispatch`)."""
         all_busy = len(self.busy) >= min(self.max_in_flight, len(self.handles))
-        waiting = [index for index in self.held if index in self.busy and not all_busy] or list(self.busy)
+        waiting = list(self.busy) if all_busy else [i for i in self.held if i in self.busy] or list(self.busy)
         if waiting:
             self._complete(waiting, timeout_s=None if all_busy else timeout_s)
         return len(self.busy) < self.max_in_flight and any(index not in self.busy for index in self.held)
