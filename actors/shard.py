@@ -37,7 +37,7 @@ from actors.routing import shard_index
 from actors.shadow import ShadowBook
 from actors.shard_models import LiveModelOps
 from actors.state import IngestReport, Reject, TwinState
-from actors.telemetry import Entries, Normalized, normalize_entries, row_event, si_map, value_matrix
+from actors.telemetry import Entries, Normalized, bytes_table, normalize_entries, row_event, si_map, value_matrix
 from actors.twin import (
     BEFORE_MIGRATION,
     CONFLICT,
@@ -241,14 +241,16 @@ class TwinShard(LiveModelOps):
         return sum(self._snapshot(key, force=True) for key in self.twins)
 
     # ------------------------------------------------------------------ ingestion ----
-    def ingest(self, tenant: str, batch: pa.Table, states: bool = False) -> IngestReport:
-        """Check a validated batch (`VALIDATED_SCHEMA`) against each twin's asset type, log the
+    def ingest(self, tenant: str, batch: pa.Table | bytes, states: bool = False) -> IngestReport:
+        """Check a validated batch (`VALIDATED_SCHEMA`, or its IPC bytes: `actors.telemetry.table_bytes`,
+        what the dispatcher sends) against each twin's asset type, log the
         accepted events durably, then apply them (see module docstring). Column-wise except for
         the per-event ordering and de-duplication decisions. Refused (`StoreFenced`) once the
         store's lease is not this shard's: it writes nothing then. `states`: the report carries
         the new state of every twin that accepted events (the API's change log records them)."""
         self.store.check_lease(self.fence)
         self._refresh_stale()
+        batch = bytes_table(batch)
         ids = batch.column("asset_id").combine_chunks().dictionary_encode()
         assets = ids.dictionary.to_pylist()
         twins = [self.twins.get((tenant, a)) for a in assets]
@@ -431,7 +433,7 @@ class TwinShardProcess(TwinShard):
         self.heap_frozen = False  # a new twin, maybe of a model whose kernels compile now
         return super().migrate(*args)
 
-    def ingest(self, tenant: str, batch: pa.Table, states: bool = False) -> IngestReport:
+    def ingest(self, tenant: str, batch: pa.Table | bytes, states: bool = False) -> IngestReport:
         if not self.heap_frozen:
             freeze_heap()
             self.heap_frozen = True

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from actors import TwinService
-from actors.ingest import DEFAULT_LINGER_S
+from actors.ingest import DEFAULT_BATCH_SIZE, DEFAULT_LINGER_S, lingering_chunks
 from actors.recovery import registration_record
 from actors.heap import freeze_heap
 from actors.shard import TwinShard
@@ -166,6 +166,29 @@ class ProbedTwin:
         return t[first[seen]] - due[seqs[seen]]
 
 
+def paced(rate_per_s: float, duration_s: float) -> Iterator[int]:
+    """`rate_per_s` integers a second for `duration_s`, in ticks of about a millisecond (as `LiveStream`)."""
+    total, sent, t0 = round(rate_per_s * duration_s), 0, time.monotonic()
+    while sent < total:
+        due = min(total, int((time.monotonic() - t0) * rate_per_s) + 1)
+        yield from range(sent, due)
+        sent = due
+        time.sleep(0.001)
+
+
+def stream_handoff(rate_per_s: float, duration_s: float) -> float:
+    """The driver's cost of handing a paced stream from its reader thread to the consumer
+    (`lingering_chunks`, no validation, no Ray): CPU seconds of this process per item. CPU time,
+    not wall time, so a busy machine inflates it little."""
+    cpu0 = time.process_time()
+    items = sum(len(chunk) for chunk in lingering_chunks(paced(rate_per_s, duration_s), DEFAULT_BATCH_SIZE,
+                                                         DEFAULT_LINGER_S))
+    cpu = time.process_time() - cpu0
+    if items != round(rate_per_s * duration_s):
+        raise IngestMismatch(f"the hand-off delivered {items} of {round(rate_per_s * duration_s)} items")
+    return cpu / items
+
+
 def stage_costs(ctx: BenchContext, artifact: ModelArtifact, n_twins: int, n_events: int) -> dict[str, float]:
     """Seconds per event of the stages every ingested event goes through, in this process
     without Ray actors, for one shard batch of `n_events` over `n_twins`: the column-wise contract
@@ -231,6 +254,7 @@ def ingestion(ctx: BenchContext) -> BenchResult:
         artifact = ModelRegistry(f"{tmp}/registry").register("zone", "1.0.0", AssetType.from_model(THERMAL_RC))
         stages = stage_costs(ctx, artifact, n_twins // shards or 1, batch // shards)
         res.checks["per_event_stage_s"] = stages
+        handoff_cpu_s = stream_handoff(latency_rate, latency_s / 2)
         service = TwinService(f"{tmp}/store", shards=shards, namespace=f"bench-{uuid.uuid4().hex[:8]}")
         try:
             feed = TelemetryFeed(n_twins)
@@ -268,6 +292,8 @@ def ingestion(ctx: BenchContext) -> BenchResult:
         Figure(f"ingest->queryable p95 at {latency_rate:,.0f} events/s offered", np.percentile(latencies, 95) * 1e3, "ms",
                target_max=LATENCY_P95_TARGET_MS),
         Figure(f"achieved rate at {latency_rate:,.0f} events/s offered", stream.sent / stream.elapsed_s, "events/s"),
+        Figure(f"stream hand-off (reader thread -> consumer) at {latency_rate:,.0f} events/s: driver CPU per event",
+               handoff_cpu_s * 1e6, "us"),
         Figure("per event: column-wise contract check (validate_table), 1 core", stages["validate_s"] * 1e6, "us"),
         Figure("per event: shard batch in-process (TwinShard.ingest), 1 core", stages["shard_s"] * 1e6, "us"),
         Figure("per event: of which twin filter (apply_many), 1 core", stages["filter_s"] * 1e6, "us"),

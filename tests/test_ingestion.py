@@ -22,9 +22,11 @@ from actors.ingest import Dispatcher, ShardRouter, lingering_chunks, validate_ba
 from actors.telemetry import (
     VALIDATED_SCHEMA,
     Entries,
+    bytes_table,
     normalize_entries,
     parse_rows,
     rows_table,
+    table_bytes,
     validate_table,
     validated_table,
 )
@@ -161,13 +163,16 @@ def test_lingering_chunks_respect_the_size_and_keep_order():
     assert [item["k"] for c in chunks for item in c] == list(range(25))
 
 
-def test_a_failing_stream_source_raises_in_the_consumer():
+def test_a_failing_stream_source_raises_in_the_consumer_after_what_it_read():
     def broken():
         yield {"k": 1}
         raise ConnectionError("stream dropped")
 
+    seen = []
     with pytest.raises(ConnectionError, match="stream dropped"):
-        list(lingering_chunks(broken(), size=10, linger_s=0.01))
+        for chunk in lingering_chunks(broken(), size=10, linger_s=60.0):
+            seen += chunk
+    assert seen == [{"k": 1}]  # handed over at once (a failed source ends its chunk), then the error
 
 
 def test_ingest_ndjson_over_http(service):
@@ -232,11 +237,11 @@ class SlowShard:
     def ingest(self, tenant, events, states=False):
         import time
 
-        asset = events.column("asset_id")[0].as_py()
+        asset = bytes_table(events).column("asset_id")[0].as_py()
         self.log.append(("start", asset))
         time.sleep(self.delay_by_asset.get(asset, self.delay_s))
         self.log.append(("end", asset))
-        return IngestReport(accepted=len(events))
+        return IngestReport(accepted=bytes_table(events).num_rows)
 
     def calls(self) -> list[tuple[str, str]]:
         return self.log
@@ -273,6 +278,76 @@ def test_a_busy_shard_does_not_hold_up_the_rows_of_the_others(ray_session, tmp_p
     assert sorted(log) == sorted([("start", first), ("end", first)] * 2 + [("start", second), ("end", second)])
     assert log.index(("start", second)) < log.index(("end", first))  # shard 1 did not wait for shard 0
     assert log[-2:] == [("start", first), ("end", first)]  # shard 0's calls one after the other
+
+
+def test_batches_travel_as_arrow_ipc_bytes_and_read_back_equal():
+    table = validated_table(tank_events("a1", 5))
+    payload = table_bytes(table)
+    assert isinstance(payload, bytes) and bytes_table(payload).equals(table)
+    assert bytes_table(payload).schema == VALIDATED_SCHEMA and bytes_table(table) is table
+
+
+@ray.remote(max_concurrency=4)
+class GatedShard:
+    """Stands in for a shard whose calls block until `release` (no sleeps, no timing): it records
+    each call's sequences in the order the calls arrive."""
+
+    def __init__(self):
+        self.gate = threading.Event()
+        self.arrived = threading.Condition()
+        self.log: list[list[int]] = []
+
+    def ingest(self, tenant, events, states=False):
+        with self.arrived:
+            self.log.append(bytes_table(events).column("sequence").to_pylist())
+            self.arrived.notify_all()
+        self.gate.wait()
+        return IngestReport(accepted=bytes_table(events).num_rows)
+
+    def release(self) -> None:
+        self.gate.set()
+
+    def calls(self, at_least: int = 0) -> list[list[int]]:
+        """The calls so far, once at least `at_least` have arrived."""
+        with self.arrived:
+            self.arrived.wait_for(lambda: len(self.log) >= at_least)
+            return list(self.log)
+
+
+def test_rows_offered_while_a_shard_is_busy_go_out_as_one_call_when_it_completes(ray_session, tmp_path):
+    """A live stream keeps collecting while a shard works: what arrives meanwhile is held, in
+    source order, and sent as one call (not one call per batch queued behind the busy one)."""
+    shard = GatedShard.remote()
+    router = ShardRouter(str(tmp_path), shards=1, namespace="unused")
+    d = Dispatcher(router, "acme", max_in_flight=2, batch_size=100, handles=[shard])
+    releaser = threading.Timer(60.0, lambda: shard.release.remote())  # a blocking `offer` fails, never hangs
+    releaser.start()
+    try:
+        d.offer(validated_table(tank_events("a1", 2)))
+        d.offer(validated_table(tank_events("a1", 3, start=2)))  # returns: the shard is busy, the rows wait
+        d.offer(validated_table(tank_events("a1", 4, start=5)))
+        assert d.holding and ray.get(shard.calls.remote(1)) == [[0, 1]]
+        shard.release.remote()
+        while not d.await_shard(timeout_s=1.0):
+            pass
+        d.dispatch()
+        assert not d.holding and d.finish().accepted == 9
+    finally:
+        releaser.cancel()
+    assert ray.get(shard.calls.remote()) == [[0, 1], list(range(2, 9))]
+
+
+def test_held_rows_are_capped_at_a_batch_and_go_out_in_calls_of_at_most_batch_size(ray_session, tmp_path):
+    shard = GatedShard.remote()
+    shard.release.remote()
+    router = ShardRouter(str(tmp_path), shards=1, namespace="unused")
+    d = Dispatcher(router, "acme", max_in_flight=1, batch_size=4, handles=[shard])
+    for k in range(0, 30, 3):
+        d.offer(validated_table(tank_events("a1", 3, start=k)))
+        assert sum(t.num_rows for parts in d.held.values() for t in parts) <= 4  # backpressure: memory bounded
+    assert d.finish().accepted == 30
+    calls = ray.get(shard.calls.remote())
+    assert [k for c in calls for k in c] == list(range(30)) and max(map(len, calls)) <= 4
 
 
 # ---------------------------------------------------------------- poison rows, verdicts, times, bounds ----
