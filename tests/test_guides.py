@@ -69,6 +69,10 @@ NOT_RUN: dict[tuple[str, str], str] = {  # (guide, first line of the block) -> w
     ("client/README.md", "from datetime import UTC, datetime"): "needs a running API: tests/test_client.py runs it "
      "against the in-process app",
     ("client/README.md", "import os"): "needs a running API: tests/test_client.py runs it against the in-process app",
+    ("cluster/README.md", "raytwin cluster up --local --workers 1"): "each step runs elsewhere on the same "
+     "commands, a second two-node cluster here would cost a minute of CI: `cluster up --local`/`down` in "
+     "tests/test_cluster_local_cli.py, `job submit --working-dir . -- raytwin sweep run ...` to its end with "
+     "`job status` and `job logs` in tests/test_cluster_sweep.py, `job logs --follow` in tests/test_cluster_local.py",
     ("sweeps/README.md", "raytwin recommend ask pump-1 request.json            # from the twin's live state; prints "
      "the recommendation's id"): "needs a running API, a connector and a second key: "
      "tests/test_serve_recommend.py runs these commands against the in-process app over HTTP",
