@@ -7,9 +7,10 @@ measured through the proxy (direct ingress: the replica's own port):
 
 1. capacity: state queries answered per second by a closed loop of `CAPACITY_CLIENTS` (8) connections
    (never more than the replica admits, so nothing is refused), and the unloaded p95 at 0.5x;
-2. open-loop state queries at 0.5x, 1x, 2x and 5x that capacity: goodput, refusals (503/429 that
-   carry ``Retry-After``), failures (anything else, timeouts included), latency of admitted
-   requests from their due time and of refusals, CPU per request of the proxy, ingress and shard;
+2. open-loop state queries at 0.5x, 1x, 2x and 5x that capacity, `--repeat` rounds over the rates
+   (each rate's runs pooled): goodput, refusals (503/429 that carry ``Retry-After``), failures
+   (anything else, timeouts included), latency of admitted requests from their due time and of
+   refusals, CPU per request of the proxy, ingress and shard, and the load generator's CPU;
 3. recovery: 0.5x again right after 5x;
 4. a telemetry flood at 2x the event rate the shards sustained in a closed loop: refusals, the
    high-water mark of resident memory (``VmHWM``) of the server processes, and loss = events the
@@ -71,6 +72,7 @@ class Variant:
     note: str
     env: dict[str, str] = field(default_factory=dict)  # on top of the benchmark's environment
     direct_ingress: bool = False  # requests to the Ingress replica's own port instead of the proxy
+    own_core_generator: bool = False  # the load generator on a core of its own, the server on the others
 
 
 NO_GATE = {PROXY_CALLBACK_ENV: ""}
@@ -87,6 +89,12 @@ VARIANTS: dict[str, Variant] = {
        for name, switch in SWITCHES.items()},
     "proxy gate 32": Variant("the proxy gate at 32 in flight (the replica's 8 slots and its whole queue of 24)",
                              {**PRODUCT_ENV, MAX_IN_FLIGHT_ENV: "32"}),
+    "proxy gate 8": Variant("the proxy gate at 8 in flight (the replica's 8 slots, no queue)",
+                            {**PRODUCT_ENV, MAX_IN_FLIGHT_ENV: "8"}),
+    "generator on its own core": Variant(
+        "the product's defaults, with the load generator pinned to the last CPU and Ray (every server process) "
+        "to the others, as if the clients ran on another machine; capacity is then that of the remaining cores",
+        PRODUCT_ENV, own_core_generator=True),
     "direct ingress": Variant("RAY_SERVE_ENABLE_DIRECT_INGRESS=1, requests to the replica's own port (no proxy)",
                               {**PRODUCT_ENV, DIRECT_INGRESS_ENV: "1"}, direct_ingress=True),
 }
@@ -104,6 +112,14 @@ class Outcomes:
 
     def fail(self, why: str) -> None:
         self.failures[why] = self.failures.get(why, 0) + 1
+
+    def add(self, other: Outcomes) -> None:
+        """Pool another run at the same offered rate into this one."""
+        self.elapsed_s += other.elapsed_s
+        self.admitted_s += other.admitted_s
+        self.refused_s += other.refused_s
+        for why, count in other.failures.items():
+            self.failures[why] = self.failures.get(why, 0) + count
 
     def summary(self) -> dict[str, float]:
         ok, refused = np.asarray(self.admitted_s), np.asarray(self.refused_s)
@@ -216,6 +232,15 @@ async def _flood(base: str, key: str, duration_s: float) -> dict[str, Any]:
             "batches": len(tasks), "loss": counts["accepted"] - applied}
 
 
+def _pin(cpus: list[int]) -> None:
+    """Pin every thread of this process to `cpus` (``sched_setaffinity`` acts on one thread at a time)."""
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except ProcessLookupError:  # the thread ended meanwhile
+            pass
+
+
 def _hwm_mib(pid: int) -> float:
     for line in open(f"/proc/{pid}/status"):
         if line.startswith("VmHWM:"):
@@ -231,23 +256,31 @@ def _backend_pid() -> int:
     return next(a.pid for a in alive if a.class_name.endswith(":Backend"))
 
 
-def measure(quick: bool, variant: str) -> dict[str, Any]:
+def measure(quick: bool, variant: str, rounds: int = 1) -> dict[str, Any]:
     """Run in the server's interpreter (see the module docstring), whose environment carries the variant's
     `Variant.env`: the variant on a fresh Serve application; the flood on the default one."""
     from ray import serve
 
     from sweeps.runner import ensure_ray
 
-    ensure_ray()
     setting = VARIANTS[variant]
+    cpus = sorted(os.sched_getaffinity(0))
+    isolate = setting.own_core_generator
+    if isolate:
+        if len(cpus) < 2:
+            raise ServeCheckError(f"variant {variant!r} needs at least 2 CPUs, this process may use {cpus}")
+        _pin(cpus[:-1])  # Ray's processes, started next, inherit this affinity
+    ensure_ray()
     duration = QUICK_DURATION_S if quick else DURATION_S
     with tempfile.TemporaryDirectory(prefix="raytwin-bench-overload-") as tmp:
         port, key = _start(tmp, admission={"telemetry_backlog_events": FLOOD_BACKLOG})
         try:
             _create_zone(f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {key}"})
             pids = {**_process_ids(), "backend": _backend_pid()}
+            if isolate:
+                _pin(cpus[-1:])
             target = _replica_port(port) if setting.direct_ingress else port
-            runs, cpu = asyncio.run(_queries(target, key, duration, pids))
+            runs, cpu = asyncio.run(_queries(target, key, duration, rounds, pids))
             record = {"runs": runs, "cpu_ms": cpu, "load_avg_1m": os.getloadavg()[0]}
             if variant == "default":
                 hwm_before = {name: _hwm_mib(pids[name]) for name in SERVER_PROCESSES}
@@ -259,22 +292,35 @@ def measure(quick: bool, variant: str) -> dict[str, Any]:
     return record
 
 
-async def _queries(port: int, key: str, duration: float, pids: dict[str, int]) -> tuple[list[dict], dict]:
+async def _queries(port: int, key: str, duration: float, rounds: int,
+                   pids: dict[str, int]) -> tuple[list[dict], dict]:
+    """Capacity, then `rounds` passes over the offered rates, each rate's runs pooled (the rates interleave,
+    so a slow minute of a shared machine is spread over all of them)."""
     client = KeepAliveClient("127.0.0.1", port, {"Authorization": f"Bearer {key}"}, max_connections=256)
+    plan = [*[(f"{m:g}x", m) for m in MULTIPLES], ("0.5x after 5x", 0.5)]
+    processes = ("proxy", "ingress", "shard", "load generator")
     try:
         await _capacity(client, min(duration, 2.0))  # warm-up: connections, handles, caches
         capacity = await _capacity(client, duration)
+        pooled = {label: Outcomes(multiple * capacity) for label, multiple in plan}
+        spent = {label: dict.fromkeys(processes, 0.0) for label, _ in plan}
+        for _ in range(rounds):
+            for label, multiple in plan:
+                before = {name: _cpu_seconds(pids[name]) for name in processes}
+                pooled[label].add(await _open_loop(client, multiple * capacity, duration))
+                for name, t in before.items():
+                    spent[label][name] += _cpu_seconds(pids[name]) - t
+                if label != "5x":  # recovery is measured right after 5x, without a pause
+                    await asyncio.to_thread(_quiesce, [pids["proxy"], pids["ingress"]])
         runs, cpu = [], {}
-        for label, multiple in [*[(f"{m:g}x", m) for m in MULTIPLES], ("0.5x after 5x", 0.5)]:
-            before = {name: _cpu_seconds(pids[name]) for name in ("proxy", "ingress", "shard")}
-            out = await _open_loop(client, multiple * capacity, duration)
+        for label, multiple in plan:
+            out, used = pooled[label], dict(spent[label])
+            generator_s = used.pop("load generator")
             handled = max(1, len(out.admitted_s) + len(out.refused_s))
-            spent = {name: _cpu_seconds(pids[name]) - t for name, t in before.items()}
-            cpu[label] = {name: 1e3 * seconds / handled for name, seconds in spent.items()}
-            runs.append({"label": label, "multiple": multiple, "capacity_per_s": capacity, **out.summary(),
-                         "busy_cores": {name: seconds / out.elapsed_s for name, seconds in spent.items()}})
-            if label != "5x":  # recovery is measured right after 5x, without a pause
-                await asyncio.to_thread(_quiesce, [pids["proxy"], pids["ingress"]])
+            cpu[label] = {name: 1e3 * seconds / handled for name, seconds in used.items()}
+            runs.append({"label": label, "multiple": multiple, "capacity_per_s": capacity, "rounds": rounds,
+                         **out.summary(), "busy_cores": {name: s / out.elapsed_s for name, s in used.items()},
+                         "generator_busy_cores": generator_s / out.elapsed_s})
         return runs, cpu
     finally:
         await client.close()
@@ -307,7 +353,8 @@ def _figures(variant: str, record: dict[str, Any]) -> list[Figure]:
         figures.append(Figure(f"{label}: CPU per answered request (proxy + ingress + shard)", sum(cpu.values()),
                               "ms", note=", ".join(f"{k} {v:.2f}" for k, v in cpu.items())))
         figures.append(Figure(f"{label}: cores busy (proxy + ingress + shard)", sum(run["busy_cores"].values()), "cores",
-                              note=", ".join(f"{k} {v:.2f}" for k, v in run["busy_cores"].items())))
+                              note=", ".join(f"{k} {v:.2f}" for k, v in run["busy_cores"].items())
+                              + f"; the load generator {run['generator_busy_cores']:.2f}"))
     base = record["cpu_ms"]["0.5x"]
     figures.append(Figure(f"{variant}: state queries per core (1 s / CPU per request at 0.5x)",
                           1e3 / sum(base.values()), "req/s"))
@@ -344,7 +391,7 @@ def overload(ctx: BenchContext) -> BenchResult:
     variants = {}
     for name in _selected(ctx.quick):
         code = (f"import json; from benchmarks.overload import measure, RESULT_PREFIX; "
-                f"print(RESULT_PREFIX + json.dumps(measure({ctx.quick!r}, {name!r})))")
+                f"print(RESULT_PREFIX + json.dumps(measure({ctx.quick!r}, {name!r}, {1 if ctx.quick else ctx.repeat})))")
         env = {**subprocess_env_without("RAY_ADDRESS", PROXY_CALLBACK_ENV, MAX_IN_FLIGHT_ENV, RETRY_AFTER_ENV,
                                         DIRECT_INGRESS_ENV, *(s.split("=")[0] for s in SWITCHES.values())),
                **VARIANTS[name].env}
@@ -359,7 +406,8 @@ def overload(ctx: BenchContext) -> BenchResult:
         res.figures += _flood_figures(flood)
     res.checks.update(variants=variants)
     res.notes.append(
-        f"open loop through Serve's proxy, {DURATION_S if not ctx.quick else QUICK_DURATION_S:g} s per rate, latency "
+        f"open loop through Serve's proxy, {DURATION_S if not ctx.quick else QUICK_DURATION_S:g} s per rate and round "
+        f"({1 if ctx.quick else ctx.repeat} rounds over the rates, each rate's runs pooled), latency "
         f"from each request's due time, timeout {TIMEOUT_S:g} s; each variant on its own local Ray: "
         + "; ".join(f"{name}: {VARIANTS[name].note}" for name in variants)
         + f"; one Ingress replica, one twin shard; flood (default variant): {FLOOD_BATCH}-event batches, backlog "
