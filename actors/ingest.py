@@ -368,25 +368,21 @@ def stream_rows(router: ShardRouter, tenant: str, source: Iterable[dict[str, Any
                 batch_size: int = DEFAULT_BATCH_SIZE, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
                 linger_s: float = DEFAULT_LINGER_S) -> IngestReport:
     """The live path: chunks of `source` validated and offered to the shards as they come due.
-
-    A chunk goes when a shard call completes, at once when no call is in flight (Nagle's
-    algorithm: an idle service has nothing to batch with, so waiting would only add latency), and
-    at the latest `linger_s` after its first event. While calls are in flight, the events that
-    arrive meanwhile form the next chunk and rows for a busy shard are held and join its next
-    call (group commit): batches grow with the load by themselves, an event waits for at most
-    one shard call, and the driver validates fewer, larger chunks when shards are behind."""
+    While rows wait for a busy shard, its completion is awaited (until the next chunk can be
+    due); the moment it is free, everything buffered so far goes out with them in one call
+    (group commit): under load a batch waits for one shard call, and the driver validates fewer,
+    larger chunks instead of one per `linger_s` for shards that cannot take them yet."""
     dispatcher = Dispatcher(router, tenant, max_in_flight=max_in_flight, batch_size=batch_size)
     buffer = StreamBuffer(source, batch_size, linger_s)
     chunks = 0
     try:
         while True:
             free = False
-            if dispatcher.busy:
-                in_flight = len(dispatcher.busy)
+            if dispatcher.holding:
                 free = dispatcher.await_shard(buffer.wait_budget())
-                chunk = buffer.take(timeout_s=0, drain=free or len(dispatcher.busy) < in_flight)
+                chunk = buffer.take(timeout_s=0, drain=free)
             else:
-                chunk = buffer.take(drain=True)
+                chunk = buffer.take()
             if chunk is None:
                 return dispatcher.finish()
             if not chunk:

@@ -18,8 +18,7 @@ import pytest
 import ray
 
 from actors import IngestReport, TwinService, events_to_table, ndjson_http_source
-from actors.ingest import Dispatcher, ShardRouter, lingering_chunks, stream_rows, validate_batch
-from actors.routing import shard_name
+from actors.ingest import Dispatcher, ShardRouter, lingering_chunks, validate_batch
 from actors.telemetry import (
     VALIDATED_SCHEMA,
     Entries,
@@ -349,46 +348,6 @@ def test_held_rows_are_capped_at_a_batch_and_go_out_in_calls_of_at_most_batch_si
     assert d.finish().accepted == 30
     calls = ray.get(shard.calls.remote())
     assert [k for c in calls for k in c] == list(range(30)) and max(map(len, calls)) <= 4
-
-
-def gated_stream_shard(tmp_path) -> tuple[ShardRouter, object]:
-    """A `GatedShard` standing in for the only shard of a store (found by name, as `stream_rows` finds shards)."""
-    router = ShardRouter(str(tmp_path), shards=1, namespace="raytwin-tests")
-    return router, GatedShard.options(name=shard_name(router.store_url, 0, 1), namespace=router.namespace).remote()
-
-
-def test_a_live_event_goes_at_once_when_no_shard_call_is_in_flight(ray_session, tmp_path):
-    """Nagle off: an idle service has nothing to batch the first event with, so it must not wait
-    for the linger time (60 s here; the call must arrive while the source waits for it)."""
-    router, shard = gated_stream_shard(tmp_path)
-    shard.release.remote()
-
-    def source():
-        yield from json_rows("a1", 1)
-        assert ray.get(shard.calls.remote(1), timeout=30) == [[0]], "the first event waited for the linger time"
-        yield from json_rows("a1", 2, start=1)
-
-    assert stream_rows(router, "acme", source(), linger_s=60.0).accepted == 3
-    calls = ray.get(shard.calls.remote())
-    assert calls[0] == [0] and [k for c in calls for k in c] == [0, 1, 2]
-
-
-def test_events_that_arrive_during_a_call_go_out_together_when_it_completes(ray_session, tmp_path):
-    """Group commit: what arrives while the shard works is one call, sent when the shard completes,
-    not after the linger time (60 s) and not one call per event."""
-    router, shard = gated_stream_shard(tmp_path)
-
-    def source():
-        yield from json_rows("a1", 1)
-        ray.get(shard.calls.remote(1), timeout=30)  # the first call is in flight, held at the gate
-        yield from json_rows("a1", 3, start=1)
-        shard.release.remote()
-        assert len(ray.get(shard.calls.remote(2), timeout=30)) == 2, "the held events waited for the linger time"
-        yield from json_rows("a1", 1, start=4)
-
-    assert stream_rows(router, "acme", source(), linger_s=60.0).accepted == 5
-    calls = ray.get(shard.calls.remote())
-    assert calls[:2] == [[0], [1, 2, 3]] and [k for c in calls for k in c] == list(range(5))
 
 
 # ---------------------------------------------------------------- poison rows, verdicts, times, bounds ----
