@@ -89,8 +89,9 @@ VARIANTS: dict[str, Variant] = {
        for name, switch in SWITCHES.items()},
     "proxy gate 32": Variant("the proxy gate at 32 in flight (the replica's 8 slots and its whole queue of 24)",
                              {**PRODUCT_ENV, MAX_IN_FLIGHT_ENV: "32"}),
-    "proxy gate 8": Variant("the proxy gate at 8 in flight (the replica's 8 slots, no queue)",
-                            {**PRODUCT_ENV, MAX_IN_FLIGHT_ENV: "8"}),
+    "proxy gate 12": Variant("the proxy gate at 12 in flight (the replica's 8 slots and 4 of its queue; the default "
+                             "until 2026-12-02)", {**PRODUCT_ENV, MAX_IN_FLIGHT_ENV: "12"}),
+    "proxy gate 4": Variant("the proxy gate at 4 in flight (half the replica's slots)", {**PRODUCT_ENV, MAX_IN_FLIGHT_ENV: "4"}),
     "generator on its own core": Variant(
         "the product's defaults, with the load generator pinned to the last CPU and Ray (every server process) "
         "to the others, as if the clients ran on another machine; capacity is then that of the remaining cores",
@@ -165,7 +166,8 @@ async def _open_loop(client: KeepAliveClient, rate: float, duration_s: float) ->
 
 
 async def _capacity(client: KeepAliveClient, duration_s: float) -> float:
-    """State queries/s of a closed loop of `CAPACITY_CLIENTS` concurrent clients."""
+    """State queries/s of a closed loop of `CAPACITY_CLIENTS` concurrent clients, fewer where the proxy gate
+    admits fewer (a refused client would spin on refusals)."""
     done = 0
     stop = time.perf_counter() + duration_s
 
@@ -175,7 +177,8 @@ async def _capacity(client: KeepAliveClient, duration_s: float) -> float:
             status, _, _ = await client.get_with_headers(f"/v1/assets/{ASSET}/state")
             done += status == 200
     t0 = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(CAPACITY_CLIENTS)))
+    clients = min(CAPACITY_CLIENTS, int(os.environ.get(MAX_IN_FLIGHT_ENV) or CAPACITY_CLIENTS))
+    await asyncio.gather(*(worker() for _ in range(clients)))
     return done / (time.perf_counter() - t0)
 
 

@@ -8,8 +8,10 @@ them. `ProxyGate` runs in the proxy as its outermost ASGI middleware (Serve's
 ``RAYTWIN_PROXY_MAX_IN_FLIGHT`` requests are in flight through this proxy, the next one gets 503
 ``overloaded`` with ``Retry-After`` before Serve parses, routes or logs it.
 
-The limit (`max_in_flight`) is what the Ingress deployment holds at its largest: ``max_replicas`` x
-(``max_concurrent`` + `QUEUE_PER_REPLICA`). Below ``max_replicas`` the replicas' own gate refuses the
+The limit (`max_in_flight`) is what the Ingress deployment works on at its largest: ``max_replicas`` x
+``max_concurrent``; a request beyond it would only wait, and waiting adds latency without adding
+throughput (measured against 4 and 24 more per replica: benchmarks/RESULTS.md, "Overload through
+Serve's proxy"). Below ``max_replicas`` the replicas' own gate refuses the
 rest (after the hop) while Serve scales out; a lower limit would stop the autoscaler from ever seeing
 enough ongoing requests to add replicas.
 
@@ -34,15 +36,11 @@ from serve_apps.config import Autoscaling
 
 MAX_IN_FLIGHT_ENV = "RAYTWIN_PROXY_MAX_IN_FLIGHT"
 RETRY_AFTER_ENV = "RAYTWIN_PROXY_RETRY_AFTER_S"
-QUEUE_PER_REPLICA = 4
-"""Requests a proxy lets wait per Ingress replica beyond its `Admission.max_concurrent`: measured, 4 kept
-refusals at 10-16 ms at 2x and 5x where 32 (its 8 slots and whole queue of 24) took 90-200 ms (benchmarks/RESULTS.md,
-"Refusing in the proxy, and Serve's switches")."""
 
 
 def max_in_flight(autoscaling: Autoscaling, admission: Admission) -> int:
     """The proxy's limit for an Ingress deployment with these settings (see the module docstring)."""
-    return autoscaling.max_replicas * (admission.max_concurrent + QUEUE_PER_REPLICA)
+    return autoscaling.max_replicas * admission.max_concurrent
 
 
 DEFAULT_MAX_IN_FLIGHT = max_in_flight(Autoscaling(), Admission())
