@@ -32,12 +32,12 @@ def _stored(tmp_path: Path) -> list[Path]:
 
 def test_stored_credentials_are_sealed_and_open_with_the_key(tmp_path: Path, key: str) -> None:
     store = ConnectorStore(str(tmp_path))
-    store.save(SPEC, Credentials(username="gw", password=SECRET))
+    store.save(SPEC, Credentials(username="plant-gateway", password=SECRET))
     files = _stored(tmp_path)
-    assert all(SECRET.encode() not in p.read_bytes() and b"gw" not in p.read_bytes() for p in files)
+    assert all(SECRET.encode() not in p.read_bytes() and b"plant-gateway" not in p.read_bytes() for p in files)
     assert {p.name for p in files} == {"spec.json", "credentials.sealed", "desired.json"}
     again = ConnectorStore(str(tmp_path)).credentials("acme", "plant")  # a fresh process, same key
-    assert (again.username, again.password.get_secret_value()) == ("gw", SECRET)
+    assert (again.username, again.password.get_secret_value()) == ("plant-gateway", SECRET)
 
 
 def test_a_value_no_configured_key_opens_names_the_key_that_sealed_it(tmp_path: Path, key: str,
