@@ -392,9 +392,10 @@ def _selected(quick: bool) -> list[str]:
 @benchmark("overload", "Shedding through Serve's proxy at 0.5x-5x capacity, recovery, and a 2x telemetry flood")
 def overload(ctx: BenchContext) -> BenchResult:
     variants = {}
+    rounds = 1 if ctx.quick else ctx.repeat
     for name in _selected(ctx.quick):
         code = (f"import json; from benchmarks.overload import measure, RESULT_PREFIX; "
-                f"print(RESULT_PREFIX + json.dumps(measure({ctx.quick!r}, {name!r}, {1 if ctx.quick else ctx.repeat})))")
+                f"print(RESULT_PREFIX + json.dumps(measure({ctx.quick!r}, {name!r}, {rounds})))")
         env = {**subprocess_env_without("RAY_ADDRESS", PROXY_CALLBACK_ENV, MAX_IN_FLIGHT_ENV, RETRY_AFTER_ENV,
                                         DIRECT_INGRESS_ENV, *(s.split("=")[0] for s in SWITCHES.values())),
                **VARIANTS[name].env}
@@ -410,7 +411,7 @@ def overload(ctx: BenchContext) -> BenchResult:
     res.checks.update(variants=variants)
     res.notes.append(
         f"open loop through Serve's proxy, {DURATION_S if not ctx.quick else QUICK_DURATION_S:g} s per rate and round "
-        f"({1 if ctx.quick else ctx.repeat} rounds over the rates, each rate's runs pooled), latency "
+        f"({rounds} rounds over the rates, each rate's runs pooled), latency "
         f"from each request's due time, timeout {TIMEOUT_S:g} s; each variant on its own local Ray: "
         + "; ".join(f"{name}: {VARIANTS[name].note}" for name in variants)
         + f"; one Ingress replica, one twin shard; flood (default variant): {FLOOD_BATCH}-event batches, backlog "
