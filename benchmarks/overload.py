@@ -73,6 +73,7 @@ class Variant:
     env: dict[str, str] = field(default_factory=dict)  # on top of the benchmark's environment
     direct_ingress: bool = False  # requests to the Ingress replica's own port instead of the proxy
     own_core_generator: bool = False  # the load generator on a core of its own, the server on the others
+    admission: dict[str, Any] = field(default_factory=dict)  # `Admission` fields on top of the defaults
 
 
 NO_GATE = {PROXY_CALLBACK_ENV: ""}
@@ -87,11 +88,15 @@ VARIANTS: dict[str, Variant] = {
     "serve defaults": Variant("before the proxy gate: Serve's own settings", NO_GATE),
     **{name: Variant(f"Serve's own settings + {switch}", {**NO_GATE, **dict([switch.split("=")])})
        for name, switch in SWITCHES.items()},
-    "proxy gate 32": Variant("the proxy gate at 32 in flight (the replica's 8 slots and its whole queue of 24)",
-                             {**PRODUCT_ENV, MAX_IN_FLIGHT_ENV: "32"}),
-    "proxy gate 12": Variant("the proxy gate at 12 in flight (the replica's 8 slots and 4 of its queue; the default "
-                             "until 2026-12-02)", {**PRODUCT_ENV, MAX_IN_FLIGHT_ENV: "12"}),
-    "proxy gate 4": Variant("the proxy gate at 4 in flight (half the replica's slots)", {**PRODUCT_ENV, MAX_IN_FLIGHT_ENV: "4"}),
+    "proxy gate 32": Variant("8 requests worked on per replica, the proxy gate at 32 in flight (the replica's 8 slots "
+                             "and its whole queue of 24)", {**PRODUCT_ENV, MAX_IN_FLIGHT_ENV: "32"},
+                             admission={"max_concurrent": 8}),
+    "proxy gate 12": Variant("8 requests worked on per replica, the proxy gate at 12 in flight (8 slots and 4 of the "
+                             "queue; the proxy gate's first default)", {**PRODUCT_ENV, MAX_IN_FLIGHT_ENV: "12"},
+                             admission={"max_concurrent": 8}),
+    "8 slots": Variant("8 requests worked on per replica, the proxy gate at 8 in flight (the second "
+                       "default, until 2026-12-02 06:00 UTC)", {**PRODUCT_ENV, MAX_IN_FLIGHT_ENV: "8"},
+                       admission={"max_concurrent": 8}),
     "generator on its own core": Variant(
         "the product's defaults, with the load generator pinned to the last CPU and Ray (every server process) "
         "to the others, as if the clients ran on another machine; capacity is then that of the remaining cores",
@@ -276,7 +281,7 @@ def measure(quick: bool, variant: str, rounds: int = 1) -> dict[str, Any]:
     ensure_ray()
     duration = QUICK_DURATION_S if quick else DURATION_S
     with tempfile.TemporaryDirectory(prefix="raytwin-bench-overload-") as tmp:
-        port, key = _start(tmp, admission={"telemetry_backlog_events": FLOOD_BACKLOG})
+        port, key = _start(tmp, admission={"telemetry_backlog_events": FLOOD_BACKLOG, **setting.admission})
         try:
             _create_zone(f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {key}"})
             pids = {**_process_ids(), "backend": _backend_pid()}

@@ -16,11 +16,14 @@ from typing import Annotated, get_args
 import typer
 
 from serve_apps.auth import GrantName, RoleName, create_key, load_keys
+from serve_apps.config import Autoscaling
 
 serve_app = typer.Typer(help="Start the RayTwin HTTP API on Ray Serve (routes under /v1, docs at /docs).",
                         invoke_without_command=True)
 keys_app = typer.Typer(help="API keys (only their SHA-256 is stored, in the keys file).", no_args_is_help=True)
 
+SCALING = Autoscaling()
+"""The option defaults: `ServeConfig`'s."""
 KEYS_FILE = Annotated[Path, typer.Option(envvar="RAYTWIN_API_KEYS_FILE", help="API keys file (JSON).")]
 
 
@@ -34,9 +37,10 @@ def start(
     host: Annotated[str, typer.Option(help="HTTP bind address.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,
     address: Annotated[str | None, typer.Option(help="Ray cluster address (default: start a local Ray).")] = None,
-    min_replicas: Annotated[int, typer.Option(help="Ingress autoscaling: fewest replicas.")] = 1,
-    max_replicas: Annotated[int, typer.Option(help="Ingress autoscaling: most replicas.")] = 4,
-    target_ongoing_requests: Annotated[float, typer.Option(help="Ingress autoscaling target per replica.")] = 8.0,
+    min_replicas: Annotated[int, typer.Option(help="Ingress autoscaling: fewest replicas.")] = SCALING.min_replicas,
+    max_replicas: Annotated[int, typer.Option(help="Ingress autoscaling: most replicas.")] = SCALING.max_replicas,
+    target_ongoing_requests: Annotated[float, typer.Option(help="Ingress autoscaling target per replica.")
+                                        ] = SCALING.target_ongoing_requests,
     config: Annotated[Path | None, typer.Option(help="JSON file with more ServeConfig fields.")] = None,
     direct_ingress: Annotated[bool, typer.Option(
         "--direct-ingress/--no-direct-ingress", envvar="RAY_SERVE_ENABLE_DIRECT_INGRESS",

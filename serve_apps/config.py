@@ -25,7 +25,7 @@ class Autoscaling(BaseModel):
     model_config = ConfigDict(extra="forbid")
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(4, ge=1)
-    target_ongoing_requests: float = Field(8.0, gt=0)
+    target_ongoing_requests: float = Field(4.0, gt=0)
     max_ongoing_requests: int = Field(32, ge=1)
 
     @model_validator(mode="after")

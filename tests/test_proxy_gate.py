@@ -127,7 +127,7 @@ def test_serves_callback_builds_the_gate_from_the_proxys_environment(monkeypatch
 
 
 def test_the_gate_is_sized_to_the_ingress_deployment_at_its_largest() -> None:
-    assert proxy_gate.DEFAULT_MAX_IN_FLIGHT == 4 * 8  # ServeConfig's defaults
+    assert proxy_gate.DEFAULT_MAX_IN_FLIGHT == 4 * 4  # ServeConfig's defaults
     env = serve_env.environment(Autoscaling(max_replicas=2), Admission(max_concurrent=5, retry_after_s=3))
     assert env == {serve_env.PROXY_CALLBACK_ENV: serve_env.PROXY_CALLBACK,
                    proxy_gate.MAX_IN_FLIGHT_ENV: str(2 * 5),
@@ -146,5 +146,5 @@ def test_the_serve_environment_reaches_local_ray_and_every_kuberay_container_unl
     for container in containers:
         env = {item["name"]: item["value"] for item in container["env"]}
         assert env == {serve_env.PROXY_CALLBACK_ENV: serve_env.PROXY_CALLBACK, proxy_gate.RETRY_AFTER_ENV: "5",
-                       proxy_gate.MAX_IN_FLIGHT_ENV: str(3 * 8)}
+                       proxy_gate.MAX_IN_FLIGHT_ENV: str(3 * 4)}
 
