@@ -52,7 +52,7 @@ class Admission(BaseModel):
     model_config = ConfigDict(extra="forbid")
     max_concurrent: int = Field(4, ge=1, description="Requests an Ingress replica works on at once: fewer keep "
                                 "latency low under overload, more raise a replica's throughput (serve_apps/README.md, "
-                                "\"Overload\"); keep `autoscaling.target_ongoing_requests` with it.")
+                                "\"Overload\"); the autoscaling target follows it unless set.")
     max_queued: int = Field(24, ge=0, description="Requests that may wait in a replica for a slot; more are "
                             "refused at once. With `max_concurrent` it should not exceed the Ingress "
                             "`max_ongoing_requests` (32), or Serve's proxy queues them instead.")

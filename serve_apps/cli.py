@@ -23,8 +23,13 @@ serve_app = typer.Typer(help="Start the RayTwin HTTP API on Ray Serve (routes un
 keys_app = typer.Typer(help="API keys (only their SHA-256 is stored, in the keys file).", no_args_is_help=True)
 
 SCALING = Autoscaling()
-"""The option defaults: `ServeConfig`'s."""
+"""`ServeConfig`'s defaults, named in the options' help."""
 KEYS_FILE = Annotated[Path, typer.Option(envvar="RAYTWIN_API_KEYS_FILE", help="API keys file (JSON).")]
+
+
+def autoscaling_args(from_file: dict, **options: float | None) -> dict:
+    """The config file's ``autoscaling`` with the options given on the command line (not None) over it."""
+    return {**from_file, **{name: value for name, value in options.items() if value is not None}}
 
 
 @serve_app.callback()
@@ -37,10 +42,15 @@ def start(
     host: Annotated[str, typer.Option(help="HTTP bind address.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,
     address: Annotated[str | None, typer.Option(help="Ray cluster address (default: start a local Ray).")] = None,
-    min_replicas: Annotated[int, typer.Option(help="Ingress autoscaling: fewest replicas.")] = SCALING.min_replicas,
-    max_replicas: Annotated[int, typer.Option(help="Ingress autoscaling: most replicas.")] = SCALING.max_replicas,
-    target_ongoing_requests: Annotated[float, typer.Option(help="Ingress autoscaling target per replica.")
-                                        ] = SCALING.target_ongoing_requests,
+    min_replicas: Annotated[int | None, typer.Option(
+        help=f"Ingress autoscaling: fewest replicas (default: the config file's, else {SCALING.min_replicas}).",
+        show_default=False)] = None,
+    max_replicas: Annotated[int | None, typer.Option(
+        help=f"Ingress autoscaling: most replicas (default: the config file's, else {SCALING.max_replicas}).",
+        show_default=False)] = None,
+    target_ongoing_requests: Annotated[float | None, typer.Option(
+        help="Ingress autoscaling target per replica (default: the config file's, else admission.max_concurrent).",
+        show_default=False)] = None,
     config: Annotated[Path | None, typer.Option(help="JSON file with more ServeConfig fields.")] = None,
     direct_ingress: Annotated[bool, typer.Option(
         "--direct-ingress/--no-direct-ingress", envvar="RAY_SERVE_ENABLE_DIRECT_INGRESS",
@@ -68,10 +78,9 @@ def start(
     args = json.loads(config.read_text()) if config else {}
     # a local store path is made absolute: Serve replicas do not run in this shell's directory
     store = store if "://" in store else str(Path(store).resolve())
-    args.update(store_url=store, keys_file=str(keys_file.resolve()), autoscaling={
-        **args.get("autoscaling", {}), "min_replicas": min_replicas, "max_replicas": max_replicas,
-        "target_ongoing_requests": target_ongoing_requests,
-    })
+    args.update(store_url=store, keys_file=str(keys_file.resolve()), autoscaling=autoscaling_args(
+        args.get("autoscaling", {}), min_replicas=min_replicas, max_replicas=max_replicas,
+        target_ongoing_requests=target_ongoing_requests))
     settings = ServeConfig.from_args(args)
     if direct_ingress:
         os.environ[DIRECT_INGRESS_ENV] = "1"  # read by Serve's processes when they start

@@ -25,7 +25,9 @@ class Autoscaling(BaseModel):
     model_config = ConfigDict(extra="forbid")
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(4, ge=1)
-    target_ongoing_requests: float = Field(4.0, gt=0)
+    target_ongoing_requests: float | None = Field(
+        None, gt=0, description="Serve's autoscaling target per replica; unset: the Ingress admission's "
+        "`max_concurrent`, so a replica is added when requests queue in one (serve_apps/README.md).")
     max_ongoing_requests: int = Field(32, ge=1)
 
     @model_validator(mode="after")
@@ -69,6 +71,13 @@ class ServeConfig(BaseModel):
         "credentials come from the backend's environment via `credentials_env`, never from here.")
     autoscaling: Autoscaling = Field(default_factory=Autoscaling)
     admission: Admission = Field(default_factory=Admission)
+
+    @model_validator(mode="after")
+    def _scale_at_admission(self) -> ServeConfig:
+        if self.autoscaling.target_ongoing_requests is None:
+            target = float(self.admission.max_concurrent)
+            self.autoscaling = self.autoscaling.model_copy(update={"target_ongoing_requests": target})
+        return self
 
     def url(self, *parts: str) -> str:
         """A location under the store: ``url("registry", tenant)`` -> ``{store_url}/registry/{tenant}``."""

@@ -15,7 +15,7 @@ from raytwin.sim import THERMAL_RC, TWO_TANK
 from serve_apps.audit import AuditLog, AuditRecord
 from serve_apps.auth import KeyStore, create_key, digest
 from serve_apps.catalog import Catalog
-from serve_apps.cli import keys_app, serve_app
+from serve_apps.cli import autoscaling_args, keys_app, serve_app
 from serve_apps.config import ServeConfig
 from serve_apps.errors import Conflict, NotFound, Unprocessable
 from serve_apps.limits import TokenBuckets
@@ -79,6 +79,21 @@ def test_config_from_args_and_environment(monkeypatch, tmp_path):
         ServeConfig.from_args({"store_url": "x", "autoscaling": {"min_replicas": 5, "max_replicas": 2}})
     with pytest.raises(ValidationError, match="extra"):
         ServeConfig.from_args({"store_url": "x", "bogus": 1})
+
+
+def test_the_autoscaling_target_follows_the_ingress_concurrency_unless_set():
+    base = {"store_url": "x", "keys_file": "keys.json"}
+    assert ServeConfig.from_args(base).autoscaling.target_ongoing_requests == 4.0
+    config = ServeConfig.from_args({**base, "admission": {"max_concurrent": 8}})
+    assert config.autoscaling.target_ongoing_requests == 8.0
+    config = ServeConfig.from_args({**base, "admission": {"max_concurrent": 8},
+                                    "autoscaling": {"target_ongoing_requests": 2}})
+    assert config.autoscaling.target_ongoing_requests == 2.0
+    # `raytwin serve`: an option given overrides the config file, one left out keeps the file's value
+    from_file = {"max_replicas": 8, "target_ongoing_requests": 6.0}
+    assert autoscaling_args(from_file, min_replicas=None, max_replicas=None, target_ongoing_requests=None) == from_file
+    assert autoscaling_args(from_file, min_replicas=2, max_replicas=None, target_ongoing_requests=3.0) == {
+        "max_replicas": 8, "target_ongoing_requests": 3.0, "min_replicas": 2}
 
 
 def test_catalog_persists_on_s3_and_keeps_tenants_apart(s3_url):
