@@ -82,6 +82,8 @@ SWITCHES = {"grpc": "RAY_SERVE_PROXY_USE_GRPC=1",
             "user code on replica loop": "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0",
             "router on main loop": "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0",
             "metrics every 1 s": "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS=1000"}  # Serve 2.60's, measured, not adopted
+EARLIER_SLOTS = {"max_concurrent": 8}
+"""The Ingress admission of the earlier defaults (8 requests worked on per replica, until 2026-12-02)."""
 VARIANTS: dict[str, Variant] = {
     "default": Variant("the product's defaults: `serve_apps.serve_env.environment()` (the proxy gate, "
                        f"{PRODUCT_ENV[MAX_IN_FLIGHT_ENV]} in flight for one replica) and default admission", PRODUCT_ENV),
@@ -90,13 +92,13 @@ VARIANTS: dict[str, Variant] = {
        for name, switch in SWITCHES.items()},
     "proxy gate 32": Variant("8 requests worked on per replica, the proxy gate at 32 in flight (the replica's 8 slots "
                              "and its whole queue of 24)", {**PRODUCT_ENV, MAX_IN_FLIGHT_ENV: "32"},
-                             admission={"max_concurrent": 8}),
+                             admission=EARLIER_SLOTS),
     "proxy gate 12": Variant("8 requests worked on per replica, the proxy gate at 12 in flight (8 slots and 4 of the "
                              "queue; the proxy gate's first default)", {**PRODUCT_ENV, MAX_IN_FLIGHT_ENV: "12"},
-                             admission={"max_concurrent": 8}),
+                             admission=EARLIER_SLOTS),
     "8 slots": Variant("8 requests worked on per replica, the proxy gate at 8 in flight (the second "
-                       "default, until 2026-12-02 06:00 UTC)", {**PRODUCT_ENV, MAX_IN_FLIGHT_ENV: "8"},
-                       admission={"max_concurrent": 8}),
+                       "default, 2026-12-02 03:38-05:49 UTC)", {**PRODUCT_ENV, MAX_IN_FLIGHT_ENV: "8"},
+                       admission=EARLIER_SLOTS),
     "generator on its own core": Variant(
         "the product's defaults, with the load generator pinned to the last CPU and Ray (every server process) "
         "to the others, as if the clients ran on another machine; capacity is then that of the remaining cores",
@@ -116,8 +118,8 @@ class Outcomes:
     refused_s: list[float] = field(default_factory=list)
     failures: dict[str, int] = field(default_factory=dict)  # by status ("timeout", "error"), no Retry-After
 
-    def fail(self, why: str) -> None:
-        self.failures[why] = self.failures.get(why, 0) + 1
+    def fail(self, why: str, count: int = 1) -> None:
+        self.failures[why] = self.failures.get(why, 0) + count
 
     def add(self, other: Outcomes) -> None:
         """Pool another run at the same offered rate into this one."""
@@ -125,7 +127,7 @@ class Outcomes:
         self.admitted_s += other.admitted_s
         self.refused_s += other.refused_s
         for why, count in other.failures.items():
-            self.failures[why] = self.failures.get(why, 0) + count
+            self.fail(why, count)
 
     def summary(self) -> dict[str, float]:
         ok, refused = np.asarray(self.admitted_s), np.asarray(self.refused_s)
