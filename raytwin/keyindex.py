@@ -34,10 +34,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from raytwin.statestore import SCAN_ATTEMPTS, EventKey, StateStore, _date
+from raytwin.statestore import LOG_PART_SUFFIX, SCAN_ATTEMPTS, EventKey, StateStore, _date, files_dataset
 
 log = logging.getLogger("raytwin.store")
 
@@ -137,8 +136,7 @@ class LogKeyIndex:
             new = sorted(listing.keys() - part.files.keys())
             try:
                 if new:
-                    part.merge(ds.dataset([f"{directory}/{n}" for n in new], filesystem=self.store.fs,
-                                          format="parquet").to_table(columns=_COLUMNS))
+                    part.merge(files_dataset(self.store.fs, [f"{directory}/{n}" for n in new]).to_table(columns=_COLUMNS))
             except FileNotFoundError:  # compacted meanwhile: list again
                 if attempt == SCAN_ATTEMPTS - 1:
                     raise
@@ -162,7 +160,7 @@ class LogKeyIndex:
         out = {}
         for e in entries:
             name = e["name"].rstrip("/").rsplit("/", 1)[-1]
-            if name.startswith(("part-", "compact-")) and name.endswith(".parquet"):
+            if name.startswith(("part-", "compact-")) and name.endswith((".parquet", LOG_PART_SUFFIX)):
                 out[name] = int(e["size"])
         return out
 

@@ -8,7 +8,9 @@ from datetime import UTC, date, datetime, timedelta
 
 import pytest
 
+from raytwin.keyindex import Logged, LogKeyIndex, content_digest
 from raytwin.statestore import (
+    LOG_PART_SUFFIX,
     HistoryPruned,
     LoggedEvent,
     Snapshot,
@@ -88,7 +90,8 @@ def test_dead_letters_and_registrations(store):
 
 def _parts(store, kind: str, tenant: str) -> list[str]:
     store.fs.invalidate_cache()
-    return sorted(p.rsplit("/", 1)[-1] for p in store.fs.glob(f"{store.root}/{kind}/tenant={tenant}/date=*/*.parquet"))
+    names = (p.rsplit("/", 1)[-1] for p in store.fs.glob(f"{store.root}/{kind}/tenant={tenant}/date=*/*"))
+    return sorted(n for n in names if n.startswith(("part-", "compact-")))
 
 
 def _log_two_days(store) -> None:
@@ -112,7 +115,7 @@ def test_compaction_merges_part_files_and_changes_no_read(store):
                          f"dead_letters/tenant=acme/date={datetime.now(UTC).date().isoformat()}"}
     day1 = done["log/tenant=acme/date=2026-03-01"]
     assert (day1.files_in, day1.files_out, day1.rows_in, day1.rows_out) == (3, 1, 5, 4)  # a:2 stored once
-    assert all(p.startswith("compact-") for p in _parts(store, "log", "acme"))
+    assert all(p.startswith("compact-") and p.endswith(".parquet") for p in _parts(store, "log", "acme"))
     assert _parts(store, "log", "beta")[0].startswith("part-")
     assert {a: store.read_events("acme", a) for a in ("a", "b")} == before
     assert store.read_dead_letters("acme").to_pylist() == letters
@@ -184,7 +187,25 @@ def _log_as(store: StateStore, ev: LoggedEvent, name: str) -> None:
     """Log one event in a part file of this name (readers list files by name)."""
     store.append_log("acme", log_table([("a", ev)]))
     [path] = [p for p in store.fs.glob(f"{store.root}/log/tenant=acme/date=*/part-*") if len(p.rsplit("/", 1)[-1]) > 20]
-    store.fs.mv(path, f"{path.rsplit('/', 1)[0]}/{name}.parquet")
+    store.fs.mv(path, f"{path.rsplit('/', 1)[0]}/{name}{LOG_PART_SUFFIX}")
+
+
+def test_part_files_written_as_parquet_by_earlier_versions_are_read_indexed_and_compacted(store):
+    """Live batches are logged as Arrow IPC files; a store written before holds Parquet part
+    files in the same partitions: reads, the key index and compaction take both."""
+    old, new = _ev(1, 10), _ev(2, 20)
+    store.append_log("acme", log_table([("a", new)]))
+    directory = f"{store.root}/log/tenant=acme/date={T0.date().isoformat()}"
+    store._write(log_table([("a", old)]), directory, "part-written-by-0.x")  # the earlier format
+    assert sorted(n.rsplit(".", 1)[-1] for n in _parts(store, "log", "acme")) == ["arrow", "parquet"]
+    assert store.read_events("acme", "a") == [old, new]
+    assert store.find_event("acme", "a", old.key) == old
+    index = LogKeyIndex(store)
+    assert index.lookup("acme", [("a", e.key, content_digest(e.quality, e.values.items())) for e in (old, new)]) \
+        == [Logged.SAME, Logged.SAME]
+    [done] = store.compact()
+    assert (done.files_in, done.rows_out) == (2, 2) and all(n.endswith(".parquet") for n in _parts(store, "log", "acme"))
+    assert store.read_events("acme", "a") == [old, new]
 
 
 @pytest.mark.parametrize("names", [["part-a", "part-b", "part-c", "part-d"], ["part-d", "part-c", "part-b", "part-a"]])

@@ -436,7 +436,7 @@ def test_failed_log_write_mid_batch_never_leaves_memory_behind_the_store(ray_ses
     for a in ("f1", "f2"):
         shard.register("acme", a, registration_record(asset(a), artifact, None, None))
     e1, e2 = events("f1", 6, seed=7), events("f2", 6, seed=8, start=24 * 60)  # f2's events are a day later
-    real_write, calls = shard.store._write, []
+    real_write, calls = shard.store._write_part, []
 
     def flaky_write(table, directory, stem):
         calls.append(directory)
@@ -444,10 +444,10 @@ def test_failed_log_write_mid_batch_never_leaves_memory_behind_the_store(ray_ses
             raise OSError("store unavailable")
         real_write(table, directory, stem)
 
-    shard.store._write = flaky_write
+    shard.store._write_part = flaky_write
     with pytest.raises(OSError):
         shard.ingest("acme", validated_table(e1 + e2))
-    shard.store._write = real_write
+    shard.store._write_part = real_write
     assert f"date={T0.date().isoformat()}" in calls[0]  # f1's day was written first
     assert shard.state("acme", "f1").events_applied == 6  # the durable half is applied
     assert shard.state("acme", "f2").events_applied == 0
