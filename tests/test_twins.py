@@ -457,6 +457,32 @@ def test_failed_log_write_mid_batch_never_leaves_memory_behind_the_store(ray_ses
         assert_same_state(shard.state("acme", a), reference(artifact, a, evs, **TWIN_OPTS).view())
 
 
+def test_twins_in_lockstep_spread_their_snapshots_over_calls(tmp_path, artifact):
+    """Twins fed at one rate reach `snapshot_every` in the same batch: one call writes at most
+    `SNAPSHOTS_PER_CALL` snapshot files, the next calls the rest, and a restart recovers the same states."""
+    from actors.shard import SNAPSHOTS_PER_CALL, TwinShard
+
+    ids = [f"l{i}" for i in range(3 * SNAPSHOTS_PER_CALL)]
+    opts = {"allowed_lateness_s": 2 * STEP_S, "checkpoint_every": 4}
+    shard = TwinShard(str(tmp_path), 0, 1, snapshot_every=8, **opts)
+    for a in ids:
+        shard.register("acme", a, registration_record(asset(a), artifact, None, None))
+    evs = {a: events(a, 40, seed=i) for i, a in enumerate(ids)}
+
+    def snapshotted() -> int:
+        return sum(shard.store.latest_snapshot("acme", a) is not None for a in ids)
+
+    written = []
+    for k in range(0, 40, 2):  # every twin two events a call, in lockstep
+        shard.ingest("acme", validated_table([e for a in ids for e in evs[a][k:k + 2]]))
+        written.append(snapshotted())
+    steps = [b - a for a, b in zip([0, *written], written)]
+    assert max(steps) == SNAPSHOTS_PER_CALL and written[-1] == len(ids)  # not vacuous: all became due together
+    restarted = TwinShard(str(tmp_path), 0, 1, snapshot_every=8, **opts)
+    for a in ids:
+        assert_same_state(restarted.state("acme", a), shard.state("acme", a))
+
+
 def test_reregistered_asset_resumes_its_history(service, artifact):
     service.register(asset("again"), artifact)
     service.ingest("acme", events("again", 5, seed=12))
