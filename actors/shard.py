@@ -18,6 +18,7 @@ instead of logging events and writing snapshots the lease holder's shards never 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -59,10 +60,18 @@ from raytwin.statestore import LOG_BATCH_SCHEMA, StateStore
 log = logging.getLogger("raytwin.twins")
 
 SNAPSHOTS_PER_CALL = 8
-"""Most snapshots one `ingest` call writes. Twins fed in lockstep (a fleet started together at one
-rate) reach `snapshot_every` in the same batch, and a snapshot file for each of them (~0.4 ms
-apiece) stalled that one call by tens of milliseconds; the others stay due and are written by the
-next calls. A snapshot only shortens recovery (the log is what makes an event durable)."""
+"""Most snapshots one `ingest` call writes; the others stay due and are written by the next calls.
+Why: a snapshot file costs ~0.4 ms, and twins that become due together (every twin of a restarted
+shard) would all be written by one call, stalling it by tens of milliseconds. A snapshot only
+shortens recovery: the log is what makes an event durable."""
+
+
+def snapshot_phase(tenant: str, asset_id: str, every: int) -> int:
+    """Where in each run of `every` events the twin's snapshot falls (0 <= phase < every): twins fed in
+    lockstep (a fleet started together at one rate) would otherwise all reach `snapshot_every` in the
+    same batch. A hash of the twin, independent of its shard's (`actors.routing`)."""
+    digest = hashlib.blake2b(f"{tenant}/{asset_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % every
 
 
 @dataclass
@@ -102,6 +111,7 @@ class TwinShard(LiveModelOps):
         self.lateness_s, self.snapshot_every, self.checkpoint_every = allowed_lateness_s, snapshot_every, checkpoint_every
         self.twins: dict[tuple[str, str], Twin] = {}
         self.durable_revision: dict[tuple[str, str], int] = {}
+        self.phases: dict[tuple[str, str], int] = {}  # each twin's `snapshot_phase`, once computed
         self.tag = str(index)  # the `shard` tag of its metrics
         self.stale: set[tuple[str, str]] = set()  # twins whose log write failed mid-batch
         started = time.perf_counter()
@@ -414,10 +424,18 @@ class TwinShard(LiveModelOps):
                 "raw": ev.model_dump_json()}
 
     def _snapshot(self, key: tuple[str, str], force: bool = False) -> bool:
+        """Write the twin's sealed checkpoint if it crossed its next snapshot point (every
+        `snapshot_every` events, at the twin's `snapshot_phase`), or if `force` and it is newer."""
         twin, last = self.twins[key], self.durable_revision[key]
         revision = twin.sealed_revision  # checked first: encoding a snapshot per twin per batch is wasted
-        if revision is None or revision <= last or (not force and revision - last < self.snapshot_every):
+        if revision is None or revision <= last:
             return False
+        if not force:
+            phase = self.phases.get(key)
+            if phase is None:
+                phase = self.phases[key] = snapshot_phase(*key, self.snapshot_every)
+            if (revision + phase) // self.snapshot_every == (last + phase) // self.snapshot_every:
+                return False
         self.store.write_snapshot(*key, twin.sealed_snapshot())
         self.durable_revision[key] = revision
         return True

@@ -128,6 +128,7 @@ class Twin:
         self._reset(Checkpoint(None, self.segments[0].prior, 0))
         self.max_time_us: int | None = None
         self.floor: EventKey | None = None  # the migration point (`start_at`): nothing at or before it applies
+        self.cleared_at: EventKey | None = None  # the last drift clear's point (`clear_drift`)
         for at_us, later in swaps:
             self.add_swap(at_us, later)
 
@@ -320,18 +321,25 @@ class Twin:
         Durable through the store (`TwinShard.clear_drift` records it; recovery replays it in place)."""
         self.fs = clear_drift(self.fs)
         self.checkpoints = [Checkpoint(c.key, clear_drift(c.fs), c.events_applied) for c in self.checkpoints]
+        self.cleared_at = self.last_key
 
     # ------------------------------------------------------------------ persistence ----
     @property
     def sealed_revision(self) -> int | None:
-        """The revision `sealed_snapshot` would have (None: nothing sealed yet), without encoding it."""
-        base = self.checkpoints[0]
-        return None if base.key is None or base.key == self.floor else base.events_applied
+        """The revision `sealed_snapshot` would have (None: nothing to snapshot), without encoding it."""
+        return None if self._unsnapshotable(self.checkpoints[0]) else self.checkpoints[0].events_applied
+
+    def _unsnapshotable(self, base: Checkpoint) -> bool:
+        """Nothing sealed yet; a migration point (rebuilt from the registration); or a checkpoint from
+        before the last drift clear, which the clear changed in memory: recovery replays the clear
+        where it happened (`actors.recovery`), so a snapshot of it would hold the clear too early."""
+        return (base.key is None or base.key == self.floor
+                or (self.cleared_at is not None and base.key < self.cleared_at))
 
     def sealed_snapshot(self) -> Snapshot | None:
         """The oldest retained checkpoint: final (no accepted event can precede it) and durable-safe."""
         base = self.checkpoints[0]
-        if base.key is None or base.key == self.floor:  # a migration point: rebuilt from the registration
+        if self._unsnapshotable(base):
             return None
         return Snapshot(base.key, base.events_applied, _encode(base.fs, self.max_time_us))
 

@@ -146,7 +146,8 @@ def test_shard_process_freezes_its_heap_before_the_first_batch_after_registratio
         logging.getLogger("raytwin").setLevel(level)
 
 
-def test_drift_clear_survives_a_shard_restart_from_an_older_snapshot(tmp_path, artifact):
+@pytest.mark.parametrize("before_clear", [80, 88, 92])
+def test_drift_clear_survives_a_shard_restart_from_an_older_snapshot(tmp_path, artifact, before_clear):
     """The clear is recorded in the store and replayed in place: the restarted shard (snapshot + log)
     holds the live one's state bit for bit, not a latched alarm; without the record it latches again."""
     from actors.shard import TwinShard
@@ -160,11 +161,13 @@ def test_drift_clear_survives_a_shard_restart_from_an_older_snapshot(tmp_path, a
 
     live = shard()
     live.register("acme", "z1", registration_record(asset("z1"), artifact, None, None))
-    live.ingest("acme", validated_table(stepped(events("z1", 80))))
+    live.ingest("acme", validated_table(stepped(events("z1", before_clear))))
     assert live.state("acme", "z1").divergence.drift
     assert not live.clear_drift("acme", "z1").divergence.drift
-    live.ingest("acme", validated_table(stepped(events("z1", 4, start=80))))  # evidence after the clear counts
-    assert live.store.latest_snapshot("acme", "z1").revision < 80  # recovery starts before the clear
+    # evidence after the clear counts; its checkpoints before the clear become sealed now, changed by
+    # the clear in memory: they are not snapshots (a restart replays the clear where it happened)
+    live.ingest("acme", validated_table(stepped(events("z1", 4, start=before_clear))))
+    assert live.store.latest_snapshot("acme", "z1").revision < before_clear  # recovery starts before the clear
     now = live.state("acme", "z1")
     assert_same_state(shard().state("acme", "z1"), now)
     live.store.fs.rm(live.store._drift_clear_path("acme", "z1"))
@@ -458,29 +461,39 @@ def test_failed_log_write_mid_batch_never_leaves_memory_behind_the_store(ray_ses
 
 
 def test_twins_in_lockstep_spread_their_snapshots_over_calls(tmp_path, artifact):
-    """Twins fed at one rate reach `snapshot_every` in the same batch: one call writes at most
-    `SNAPSHOTS_PER_CALL` snapshot files, the next calls the rest, and a restart recovers the same states."""
-    from actors.shard import SNAPSHOTS_PER_CALL, TwinShard
+    """Twins fed at one rate reach `snapshot_every` together: each writes its snapshots at a phase of
+    its own, so no call writes most of them; a restarted shard, whose twins are all due at once,
+    writes at most `SNAPSHOTS_PER_CALL` a call. Recovery gives the same states either way."""
+    from actors.shard import SNAPSHOTS_PER_CALL, TwinShard, snapshot_phase
 
-    ids = [f"l{i}" for i in range(3 * SNAPSHOTS_PER_CALL)]
-    opts = {"allowed_lateness_s": 2 * STEP_S, "checkpoint_every": 4}
-    shard = TwinShard(str(tmp_path), 0, 1, snapshot_every=8, **opts)
+    every, ids = 16, [f"l{i}" for i in range(4 * SNAPSHOTS_PER_CALL)]
+    opts = {"allowed_lateness_s": 2 * STEP_S, "checkpoint_every": 2, "snapshot_every": every}
+    assert len({snapshot_phase("acme", a, every) for a in ids}) > every // 2  # spread, not one phase
+    shard = TwinShard(str(tmp_path), 0, 1, **opts)
     for a in ids:
         shard.register("acme", a, registration_record(asset(a), artifact, None, None))
-    evs = {a: events(a, 40, seed=i) for i, a in enumerate(ids)}
+    evs = {a: events(a, 60, seed=i) for i, a in enumerate(ids)}
 
-    def snapshotted() -> int:
-        return sum(shard.store.latest_snapshot("acme", a) is not None for a in ids)
+    def files() -> int:
+        return sum(len(shard.store.fs.ls(shard.store._asset_dir("snapshots", "acme", a), detail=False))
+                   if shard.store.fs.exists(shard.store._asset_dir("snapshots", "acme", a)) else 0 for a in ids)
 
-    written = []
-    for k in range(0, 40, 2):  # every twin two events a call, in lockstep
-        shard.ingest("acme", validated_table([e for a in ids for e in evs[a][k:k + 2]]))
-        written.append(snapshotted())
-    steps = [b - a for a, b in zip([0, *written], written)]
-    assert max(steps) == SNAPSHOTS_PER_CALL and written[-1] == len(ids)  # not vacuous: all became due together
-    restarted = TwinShard(str(tmp_path), 0, 1, snapshot_every=8, **opts)
+    def lockstep(shard, start: int, stop: int) -> list[int]:
+        """Each call: every twin's next two events; returns the snapshot files each call wrote."""
+        counts = [files()]
+        for k in range(start, stop, 2):
+            shard.ingest("acme", validated_table([e for a in ids for e in evs[a][k:k + 2]]))
+            counts.append(files())
+        return [b - a for a, b in zip(counts, counts[1:])]
+
+    written = lockstep(shard, 0, 40)
+    # all snapshotted, and no call reaches the cap (in one phase, 32 twins would write 8, 8, 8, 8)
+    assert sum(written) >= len(ids) and max(written) < SNAPSHOTS_PER_CALL
+    restarted = TwinShard(str(tmp_path), 0, 1, **opts)  # its twins' last snapshots are not known: all due
+    assert lockstep(restarted, 40, 44)[0] == SNAPSHOTS_PER_CALL
+    fresh = TwinShard(str(tmp_path), 0, 1, **opts)
     for a in ids:
-        assert_same_state(restarted.state("acme", a), shard.state("acme", a))
+        assert_same_state(fresh.state("acme", a), restarted.state("acme", a))
 
 
 def test_reregistered_asset_resumes_its_history(service, artifact):
