@@ -37,11 +37,13 @@ replay across it raises `HistoryPruned` instead of silently skipping events.
 A live stream writes a small part file per shard batch (tens per second), which would make every
 later read list and open millions of files: `compact` merges a partition's part files into
 `compact-*` files of up to `COMPACT_ROWS` rows, sorted by asset and time, written before the part
-files are deleted. Part files of the log are Arrow IPC files (`LOG_PART_SUFFIX`), the compacted
-ones Parquet: a Parquet file costs ~0.35 ms to write however few its rows (writer, metadata,
-footer), an IPC file of a live batch ~0.1 ms, and a shard writes one per batch; reads take both
-(`files_dataset`), and part files written as Parquet before this change are read as before. Readers that find a file gone re-list (`_scan`), so compaction can run while
+files are deleted. Readers that find a file gone re-list (`_scan`), so compaction can run while
 shards write and read; a compactor that dies midway leaves duplicates, which readers drop anyway.
+
+Part files of the log are Arrow IPC files (`LOG_PART_SUFFIX`), the compacted ones Parquet: a
+Parquet file costs ~0.35 ms to write however few its rows (writer, metadata, footer), an IPC file
+of a live batch ~0.1 ms, and a shard writes one per batch. Readers take both (`files_dataset`), so
+part files written as Parquet by earlier versions are read as they are.
 """
 
 from __future__ import annotations
@@ -328,7 +330,7 @@ class StateStore:
             pq.write_table(table, path, filesystem=self.fs, **options)
             return
         # local disk: Arrow's own file writer and the OS rename, not fsspec's Python file objects
-        # (a shard writes a file per live batch; this is ~0.3 ms of each)
+        # (~0.1 ms of every file; a shard writes snapshots and dead letters this way)
         os.makedirs(directory, exist_ok=True)
         tmp = f"{directory}/.{stem}.tmp"
         pq.write_table(table, tmp, **options)
