@@ -384,9 +384,9 @@ class StateStore:
             return 0
         day = table.column("event_time").cast(pa.int64()).to_numpy() // _DAY_US
         name = f"part-{uuid.uuid4().hex}"
-        one_day = bool(day.min() == day.max())  # a live batch: no split needed
-        for d in [int(day[0])] if one_day else np.unique(day).tolist():
-            rows = table if one_day else table.filter(pa.array(day == d))
+        days = np.unique(day).tolist()
+        for d in days:
+            rows = table if len(days) == 1 else table.filter(pa.array(day == d))  # a live batch: one day, no split
             rows = rows.sort_by([("asset_id", "ascending"), ("event_time", "ascending")])
             self._write_part(rows, f"{self.root}/log/tenant={tenant}/date={_date(d * _DAY_US)}", name)
         return table.num_rows
