@@ -156,21 +156,19 @@ class FilterTrace(NamedTuple):
         """The states after the events `rows`, gathered field by field (one NumPy gather per field
         for all of them: a live batch takes one final state per twin it touched)."""
         rows = np.asarray(rows, dtype=np.intp)
-        t = self.t[rows].tolist()
-        x, P, u = self.x[rows], self.P[rows], self.u[rows]
         cols = [getattr(self, name)[rows].tolist() for name in Divergence._fields]
-        per_output = [Divergence._fields.index(n) for n in _PER_OUTPUT]
-        divs = []
-        for values in zip(*cols):
-            values = list(values)
-            for i in per_output:  # tuples, empty before the first update
-                values[i] = tuple(values[i]) if values[0] else ()
-            divs.append(Divergence(*values))
-        return [FilterState(t[j], x[j], P[j], u[j], div) for j, div in enumerate(divs)]
+        never = [j for j, updates in enumerate(cols[0]) if not updates]
+        for i in _PER_OUTPUT_INDEX:  # tuples, empty before the first update
+            cols[i] = list(map(tuple, cols[i]))
+            for j in never:
+                cols[i][j] = ()
+        divs = map(Divergence._make, zip(*cols))
+        return list(map(FilterState, self.t[rows].tolist(), self.x[rows], self.P[rows], self.u[rows], divs))
 
 
 _PER_OUTPUT = ("residual_mean", "residual_ms", "cusum")
 """The `Divergence` fields that hold one value per output (two per allowance for `cusum`)."""
+_PER_OUTPUT_INDEX = [Divergence._fields.index(n) for n in _PER_OUTPUT]
 
 
 @dataclass(frozen=True)
@@ -639,9 +637,9 @@ def _pack_divergence(divs: list[Divergence], ny: int) -> list[np.ndarray]:
     fresh = {"residual_mean": (0.0,) * ny, "residual_ms": (0.0,) * ny,
              "cusum": (0.0,) * (2 * ny * len(detector.ALLOWANCES))}
     columns = []
-    for name in Divergence._fields:
-        values = [getattr(d, name) for d in divs]
-        if name in fresh:  # before the first update (or from a snapshot older than the field): zeros
+    for name, values in zip(Divergence._fields, zip(*divs)):
+        if name in fresh and any(len(v) != len(fresh[name]) for v in values):
+            # before the first update (or from a snapshot older than the field): zeros
             values = [v if len(v) == len(fresh[name]) else fresh[name] for v in values]
         dtype = {"updates": np.int64, "alarm": bool}.get(name, np.float64)
         columns.append(np.array(values, dtype=dtype).reshape(len(divs), *((len(fresh[name]),) if name in fresh else ())))
