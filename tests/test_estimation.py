@@ -229,9 +229,9 @@ def test_a_ten_year_gap_is_integrated_with_bounded_work_and_the_twin_keeps_track
     def counting(model):  # spy on the sub-step counts the kernel runs (its `n_sub` argument)
         k = kernels(model)
 
-        def assimilate(*args):
-            substeps_per_dispatch.append(int(np.asarray(args[6]).sum()))
-            return k.assimilate(*args)
+        def assimilate(carry, consts, n_sub, events, **kw):
+            substeps_per_dispatch.append(int(np.asarray(n_sub).sum()))
+            return k.assimilate(carry, consts, n_sub, events, **kw)
 
         return k._replace(assimilate=assimilate)
 
