@@ -149,9 +149,16 @@ class _Layout(NamedTuple):
 
     def columns(self, group: str) -> list[slice]:
         """Each field's columns in the packed `group`."""
-        sizes = [math.prod(shape) for shape in getattr(self, group)]
-        ends = np.cumsum(sizes).tolist()
-        return [slice(end - size, end) for size, end in zip(sizes, ends)]
+        return _columns(getattr(self, group))
+
+
+def _columns(shapes: Sequence[tuple[int, ...]]) -> list[slice]:
+    """Where each field of these shapes lies along a packed array's last axis."""
+    out, start = [], 0
+    for shape in shapes:
+        out.append(slice(start, start + math.prod(shape)))
+        start += math.prod(shape)
+    return out
 
 
 _CARRY_DTYPES = (None, None, *({"updates": np.int64, "alarm": np.bool_}.get(n) for n in Divergence._fields))
@@ -159,14 +166,12 @@ _CARRY_DTYPES = (None, None, *({"updates": np.int64, "alarm": np.bool_}.get(n) f
 
 
 def _unpack(packed, shapes: tuple[tuple[int, ...], ...], dtypes: Sequence = ()):
-    """The fields of a packed array (last axis) in their shapes, leading axes kept; inside a kernel."""
-    lead, out, start = packed.shape[:-1], [], 0
-    for k, shape in enumerate(shapes):
-        size = math.prod(shape)
-        field = packed[..., start:start + size].reshape(*lead, *shape)
+    """The fields of a packed array (last axis) in their shapes, leading axes kept (JAX or NumPy)."""
+    lead, out = packed.shape[:-1], []
+    for k, (shape, cols) in enumerate(zip(shapes, _columns(shapes))):
+        field = packed[..., cols].reshape(*lead, *shape)
         dtype = dtypes[k] if k < len(dtypes) else None
         out.append(field if dtype is None else (field != 0) if dtype is np.bool_ else field.astype(dtype))
-        start += size
     return out
 
 
