@@ -128,28 +128,25 @@ class _Kernels(NamedTuple):
 
 class _Layout(NamedTuple):
     """Per-twin shapes of what `scan_kernels`' `assimilate` takes, each group packed in one float64
-    array along its last axis: the carry (x, P, then `Divergence`'s fields), the constants (params,
-    process-noise rates, measurement variances, detector settings) and each event's columns (sub-step
-    length, skipped seconds, held and new inputs, measurements, their mask). Why packed: every argument
-    and result array of a dispatch costs a gather, a conversion and a scatter (a jitted call with 24
-    arguments and 13 results took ~190 us against ~35 us with the same data in 3 and 3); a live batch's
-    filter step (100 twins, 1-2 events each) takes 0.90x the time with the same bits. A static argument
-    of the jitted kernel: one compile per model and run length, as before."""
+    array along its last axis: the carry (x, P, then `Divergence`'s fields, with the dtypes they are
+    unpacked to), the constants (params, process-noise rates, measurement variances, detector settings)
+    and each event's columns (sub-step length, skipped seconds, held and new inputs, measurements, their
+    mask). Why packed: every argument and result array of a dispatch costs a gather, a conversion and a
+    scatter (a jitted call with 24 arguments and 13 results took ~190 us against ~35 us with the same
+    data in 3 and 3); a live batch's filter step (100 twins, 1-2 events each) takes 0.90x the time with
+    the same bits. A static argument of the jitted kernel: one compile per model and run length, as
+    before. Read off the arrays packed (`of`), so it cannot disagree with them."""
 
     carry: tuple[tuple[int, ...], ...]
+    carry_dtypes: tuple[np.dtype, ...]  # int64 and bool fields cross as float64 exactly (counts below 2**53, 0/1)
     consts: tuple[tuple[int, ...], ...]
     events: tuple[tuple[int, ...], ...]
 
     @classmethod
-    def of(cls, states: int, inputs: int, outputs: int, params: int, cusum: int) -> _Layout:
-        per_output = {"residual_mean": (outputs,), "residual_ms": (outputs,), "cusum": (cusum,)}
-        return cls(carry=((states,), (states, states), *(per_output.get(n, ()) for n in Divergence._fields)),
-                   consts=((params,), (states,), (outputs,), (3,)),
-                   events=((), (), (inputs,), (inputs,), (outputs,), (outputs,)))
-
-    def columns(self, group: str) -> list[slice]:
-        """Each field's columns in the packed `group`."""
-        return _columns(getattr(self, group))
+    def of(cls, carry: Sequence[np.ndarray], consts: Sequence[np.ndarray], events: Sequence[np.ndarray]) -> _Layout:
+        """The layout of these fields: per twin (carry, consts) and per twin and event (events)."""
+        return cls(tuple(f.shape[1:] for f in carry), tuple(f.dtype for f in carry),
+                   tuple(f.shape[1:] for f in consts), tuple(f.shape[2:] for f in events))
 
 
 def _columns(shapes: Sequence[tuple[int, ...]]) -> list[slice]:
@@ -161,17 +158,14 @@ def _columns(shapes: Sequence[tuple[int, ...]]) -> list[slice]:
     return out
 
 
-_CARRY_DTYPES = (None, None, *({"updates": np.int64, "alarm": np.bool_}.get(n) for n in Divergence._fields))
-"""The carry's fields that are not float64 (converted exactly: counts below 2**53, 0/1)."""
-
-
-def _unpack(packed, shapes: tuple[tuple[int, ...], ...], dtypes: Sequence = ()):
-    """The fields of a packed array (last axis) in their shapes, leading axes kept (JAX or NumPy)."""
+def _unpack(packed, shapes: tuple[tuple[int, ...], ...], dtypes: Sequence[np.dtype] = ()):
+    """The fields of a packed array (last axis) in their shapes (and `dtypes`, if given), leading axes
+    kept (JAX or NumPy)."""
     lead, out = packed.shape[:-1], []
     for k, (shape, cols) in enumerate(zip(shapes, _columns(shapes))):
         field = packed[..., cols].reshape(*lead, *shape)
-        dtype = dtypes[k] if k < len(dtypes) else None
-        out.append(field if dtype is None else (field != 0) if dtype is np.bool_ else field.astype(dtype))
+        dtype = dtypes[k] if k < len(dtypes) else np.float64
+        out.append(field if dtype == np.float64 else (field != 0) if dtype == np.bool_ else field.astype(dtype))
     return out
 
 
@@ -461,7 +455,7 @@ def scan_kernels(predict: Callable, update: Callable) -> _Kernels:
         return carry, carry
 
     def one_twin(layout, carry, consts, n_sub, events):
-        x, P, *div = _unpack(carry, layout.carry, _CARRY_DTYPES)
+        x, P, *div = _unpack(carry, layout.carry, layout.carry_dtypes)
         consts = tuple(_unpack(consts, layout.consts))
         dt, skipped, u_held, u_new, z, mask = _unpack(events, layout.events)
         xs, Ps, divs = jax.lax.scan(lambda c, ev: event(consts, c, ev), (x, P, tuple(div)),
@@ -669,11 +663,10 @@ def _assimilate_model(runs: list[Run], n: np.ndarray) -> FilterTrace:
     mask = (~np.isnan(z) & (use & valid)[:, :, None]).astype(np.float64)
     z = np.nan_to_num(z, nan=0.0)
 
-    layout = _Layout.of(x.shape[1], u0.shape[1], ny, p.shape[1], div[Divergence._fields.index("cusum")].shape[1])
-    carry = _pack(np, [x, P, *div], (R,))
-    consts = _pack(np, [p, q, r_var, det], (R,))
-    events = _pack(np, [dt, skipped, held[:, :-1], held[:, 1:], z, mask], (R, width))
-    skipped_cols, _, _, _, mask_cols = layout.columns("events")[1:]
+    fields = ([x, P, *div], [p, q, r_var, det], [dt, skipped, held[:, :-1], held[:, 1:], z, mask])
+    layout = _Layout.of(*fields)
+    carry, consts, events = (_pack(np, f, lead) for f, lead in zip(fields, ((R,), (R,), (R, width))))
+    skipped_cols, _, _, _, mask_cols = _columns(layout.events)[1:]
     trace = np.empty((E, carry.shape[1]))
     first_event = np.cumsum(n) - n
     assimilate = f0._kernels.assimilate
@@ -695,7 +688,7 @@ def _assimilate_model(runs: list[Run], n: np.ndarray) -> FilterTrace:
             j, i = np.nonzero(live)
             trace[first_event[runs_c[j]] + offset + i] = out[j, i]
             carry[runs_c] = out[np.arange(m), steps[:m] - 1]  # where the next round of a longer run starts
-    out_x, out_P, *out_div = _unpack(trace, layout.carry, _CARRY_DTYPES)
+    out_x, out_P, *out_div = _unpack(trace, layout.carry, layout.carry_dtypes)
     return FilterTrace(t_events, out_x, out_P, held[lane, pos + 1], *out_div)
 
 
