@@ -122,7 +122,7 @@ class TwinShard(LiveModelOps):
         for (tenant, asset_id, _), twin in zip(mine, recovered):
             self.twins[(tenant, asset_id)] = twin
             self.durable_revision[(tenant, asset_id)] = 0  # at worst one snapshot is rewritten as is
-        self.drifting = {key for key, twin in self.twins.items() if twin.fs.divergence.drift}
+        self.drifting = {key for key, twin in self.twins.items() if twin.drift}
         shadowed = self.shadows.resume(self.twins)  # after the twins: a shadow catches up from the log
         metrics.TWINS.set(len(self.twins), shard=self.tag)
         metrics.TWINS_DRIFTING.set(len(self.drifting), shard=self.tag)
@@ -231,11 +231,11 @@ class TwinShard(LiveModelOps):
         if twin is None:
             return None
         self.store.check_lease(self.fence)
-        was = twin.fs.divergence.drift
+        was = twin.drift
         if twin.last_key is not None:  # recorded first: a clear acknowledged is a clear a restart keeps
             self.store.save_drift_clear(tenant, asset_id, twin.last_key)
         twin.clear_drift()
-        if not twin.fs.divergence.drift:
+        if not twin.drift:
             self.drifting.discard((tenant, asset_id))
         metrics.TWINS_DRIFTING.set(len(self.drifting & self.twins.keys()), shard=self.tag)
         log.info("drift_cleared tenant=%s asset=%s was_drifting=%s revision=%d", tenant, asset_id, was,
@@ -298,7 +298,7 @@ class TwinShard(LiveModelOps):
             key = (tenant, assets[c])
             if snapshots < SNAPSHOTS_PER_CALL:
                 snapshots += self._snapshot(key)
-            (self.drifting.add if twins[c].fs.divergence.drift else self.drifting.discard)(key)
+            (self.drifting.add if twins[c].drift else self.drifting.discard)(key)
         for outcome, count in (("accepted", n_accepted), ("duplicate", adm.duplicates),
                                ("rejected", len(rejects) - adm.conflicts), ("conflict", adm.conflicts)):
             metrics.TWIN_EVENTS.inc(count, shard=self.tag, outcome=outcome)
@@ -348,7 +348,7 @@ class TwinShard(LiveModelOps):
         times = batch.column("event_time").cast(pa.int64()).to_numpy().tolist()
         sequences = batch.column("sequence").to_numpy().tolist()
         qualities = batch.column("quality").to_pylist()
-        misfits = misfit.tolist()
+        misfits = misfit.tolist() if misfit.any() else None  # None: no row misfits (the common case, one check)
         adm = Admission()
         rows_of: dict[int, list[int]] = {}  # each twin's rows in batch order (plain lists: ~1 event a twin)
         for i, c in enumerate(code.tolist()):
@@ -360,7 +360,7 @@ class TwinShard(LiveModelOps):
                 adm.rejected += [(i, f"unknown twin {assets[c]!r} for tenant {tenant!r}") for i in rows]
                 adm.causes["unknown_twin"] += len(rows)
                 continue
-            if any(misfits[i] for i in rows):
+            if misfits is not None and any(misfits[i] for i in rows):
                 misfit_rows = [i for i in rows if misfits[i]]
                 adm.rejected += [(i, None) for i in misfit_rows]
                 adm.causes["misfit"] += len(misfit_rows)

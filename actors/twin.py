@@ -28,8 +28,8 @@ from actors.state import DivergenceReport, TwinState
 from actors.swap import Segment, SwapRefused, check_compatible, map_state
 from raytwin import units
 from raytwin.contracts import AssetType, TelemetryEvent, normalize_measurements
-from raytwin.estimation import (Divergence, ExtendedKalmanFilter, FilterState, Run, Traces, assimilate_runs,
-                                clear_drift)
+from raytwin.estimation import (Divergence, ExtendedKalmanFilter, FilterState, PackedState, Run, Traces,
+                                assimilate_runs, clear_drift)
 from raytwin.registry import ModelArtifact
 from raytwin.sim.model import Declared
 from raytwin.statestore import EventKey, LoggedEvent, Snapshot, from_micros, to_micros
@@ -209,6 +209,23 @@ class Twin:
         if redo:
             self.apply(redo)
 
+    @property
+    def fs(self) -> FilterState:
+        """The filter state after the last applied event (unpacked from the last dispatch's carry on
+        first use: `raytwin.estimation.PackedState`)."""
+        if self._fs is None:
+            self._fs = self._packed.state()
+        return self._fs
+
+    @fs.setter
+    def fs(self, fs: FilterState) -> None:
+        self._fs, self._packed = fs, None
+
+    @property
+    def drift(self) -> bool:
+        """`Divergence.drift` of the current state, without unpacking it."""
+        return self._packed.drift if self._fs is None else self._fs.divergence.drift
+
     def _reset(self, base: Checkpoint) -> None:
         self.fs = base.fs
         self.last_key = base.key
@@ -256,7 +273,8 @@ class Twin:
     def _plan(self, events: list[Pending]) -> tuple[list[Pending], Run, list[Pending]]:
         """The events to run through the filter now, in key order (rewinding first if one is late),
         and the rest: those after a model swap boundary, run in the next round (`apply_many`)."""
-        events = sorted(events, key=_key)
+        if len(events) > 1:
+            events = sorted(events, key=_key)
         if self.last_key is not None and events[0].key < self.last_key:
             events = sorted([*self._rewind_before(events[0].key), *events], key=_key)
         rest: list[Pending] = []
@@ -270,23 +288,27 @@ class Twin:
                 cut = bisect.bisect_left([e.key for e in events], (self.segments[first + 1].start_us, -1, ""))
                 events, rest = events[:cut], events[cut:]
         # lists, not arrays: `assimilate_runs` packs the events of all twins of a batch at once
-        return events, Run(self.filter, self.fs, [e.key[0] / 1e6 for e in events], [e.values for e in events],
+        start = self.fs if self._packed is None else self._packed
+        return events, Run(self.filter, start, [e.key[0] / 1e6 for e in events], [e.values for e in events],
                            [e.use_outputs for e in events]), rest
 
-    def _absorb(self, events: list[Pending], traces: Traces, k: int, final: FilterState) -> None:
+    def _absorb(self, events: list[Pending], traces: Traces, k: int, final: PackedState) -> None:
         """Take the filter's states after `events` (run `k` of `traces`, ending in `final`):
         checkpoints, window, bookkeeping."""
         first = self.events_applied
         for i in range((-first - 1) % self.checkpoint_every, len(events), self.checkpoint_every):
             self.checkpoints.append(Checkpoint(events[i].key, traces.state(k, i), first + i + 1))
-        self.fs = final
+        self._fs, self._packed = None, final
         self.last_key = events[-1].key
         self.events_applied += len(events)
         self.window.extend(events)
-        self.seen.update([(e.key, e) for e in events])
+        for e in events:
+            self.seen[e.key] = e
         newest = events[-1].key[0]
         self.max_time_us = newest if self.max_time_us is None else max(self.max_time_us, newest)
-        self._prune()
+        wm = self.max_time_us - self.lateness_us
+        if len(self.checkpoints) > 1 and self.checkpoints[1].key[0] < wm:
+            self._prune(wm)  # a checkpoint after the base is sealed now (rare in a live batch)
 
     def _rewind_before(self, key: EventKey) -> list[Pending]:
         """Restore the newest checkpoint before `key`; return the window events to re-apply."""
@@ -301,11 +323,10 @@ class Twin:
         self._use(self._segment_of(base.key))
         return keep
 
-    def _prune(self) -> None:
-        """Forget everything before the newest checkpoint older than the watermark (it is sealed)."""
-        wm, checkpoints = self.watermark_us, self.checkpoints
-        if len(checkpoints) < 2 or checkpoints[1].key[0] >= wm:
-            return  # nothing newer than the base is sealed (the common case in a live batch)
+    def _prune(self, wm: int) -> None:
+        """Forget everything before the newest checkpoint older than the watermark `wm` (it is sealed);
+        for a twin whose checkpoint after the base is older than `wm`."""
+        checkpoints = self.checkpoints
         i = max(j for j in range(1, len(checkpoints)) if checkpoints[j].key[0] < wm)
         base = checkpoints[i]
         dropped = [e for e in self.window if e.key <= base.key]
@@ -418,7 +439,7 @@ def apply_many(batches: list[tuple[Twin, list[Pending]]]) -> None:
     while todo:
         plans = [(twin, *twin._plan(events)) for twin, events in todo]
         traces = assimilate_runs([run for _, _, run, _ in plans])
-        for k, ((twin, events, _, _), final) in enumerate(zip(plans, traces.final_states())):
+        for k, ((twin, events, _, _), final) in enumerate(zip(plans, traces.final_packed())):
             twin._absorb(events, traces, k, final)
         todo = [(twin, rest) for twin, _, _, rest in plans if rest]
 

@@ -42,7 +42,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache, partial
-from itertools import chain
+from itertools import chain, repeat
 from typing import NamedTuple
 
 import jax
@@ -135,7 +135,8 @@ class _Layout(NamedTuple):
     scatter (a jitted call with 24 arguments and 13 results took ~190 us against ~35 us with the same
     data in 3 and 3); a live batch's filter step (100 twins, 1-2 events each) takes 0.90x the time with
     the same bits. A static argument of the jitted kernel: one compile per model and run length, as
-    before. Read off the arrays packed (`of`), so it cannot disagree with them."""
+    before. Read off the arrays packed (`of`), so it cannot disagree with them; a twin's carry row
+    between dispatches (`PackedState`) keeps the layout it was packed with."""
 
     carry: tuple[tuple[int, ...], ...]
     carry_dtypes: tuple[np.dtype, ...]  # int64 and bool fields cross as float64 exactly (counts below 2**53, 0/1)
@@ -143,10 +144,11 @@ class _Layout(NamedTuple):
     events: tuple[tuple[int, ...], ...]
 
     @classmethod
-    def of(cls, carry: Sequence[np.ndarray], consts: Sequence[np.ndarray], events: Sequence[np.ndarray]) -> _Layout:
-        """The layout of these fields: per twin (carry, consts) and per twin and event (events)."""
-        return cls(tuple(f.shape[1:] for f in carry), tuple(f.dtype for f in carry),
-                   tuple(f.shape[1:] for f in consts), tuple(f.shape[2:] for f in events))
+    def of(cls, carry: tuple[tuple[tuple[int, ...], ...], tuple[np.dtype, ...]], consts: Sequence[np.ndarray],
+           events: Sequence[np.ndarray]) -> _Layout:
+        """The layout of a carry's (shapes, dtypes) and of these fields: per twin (consts) and per twin
+        and event (events)."""
+        return cls(*carry, tuple(f.shape[1:] for f in consts), tuple(f.shape[2:] for f in events))
 
 
 def _columns(shapes: Sequence[tuple[int, ...]]) -> list[slice]:
@@ -220,15 +222,40 @@ _PER_OUTPUT = ("residual_mean", "residual_ms", "cusum")
 _PER_OUTPUT_INDEX = [Divergence._fields.index(n) for n in _PER_OUTPUT]
 
 
+class PackedState(NamedTuple):
+    """A twin's filter state as its last dispatch left it: its row of the kernel's packed carry (x, P
+    and `Divergence`'s fields, laid out as `layout.carry`), the time of its last event, its held inputs
+    and whether it drifts (`Divergence.drift`, which a shard reads after every call).
+
+    Why: a live twin's state goes from one dispatch into the next many times a second and is read far
+    less often (a query, a migration), so `assimilate_runs` takes and gives states in this form and
+    `state` unpacks one only when asked; packing ~100 twins' `FilterState`s into a dispatch and making
+    them again from its result was ~20 % of a live shard call. Same bits: the row is exactly what
+    packing `state()` gives back (counts and flags cross float64 exactly)."""
+
+    kernels: _Kernels  # the kernel whose dispatch left it (another kernel's dispatch unpacks it first)
+    layout: _Layout
+    t: float
+    u: np.ndarray
+    carry: np.ndarray
+    drift: bool
+
+    def state(self) -> FilterState:
+        x, P, *div = _unpack(self.carry[None], self.layout.carry, self.layout.carry_dtypes)
+        return FilterTrace(np.array([self.t]), x, P, self.u[None], *div).states([0])[0]
+
+
 @dataclass(frozen=True)
 class Traces:
     """What `assimilate_runs` returns: for each run, the state after each of its events.
 
     The runs of one model share one packed `FilterTrace` (run k is `lengths[k]` rows from
     `starts[k]`), so the final states of all runs come out of one gather per model
-    (`final_states`) instead of a slice and an object per run and field."""
+    (`final_states`, or `final_packed` for the next dispatch) instead of a slice and an object per
+    run and field."""
 
     packed: dict[_Kernels, FilterTrace]
+    carries: dict[_Kernels, tuple[np.ndarray, _Layout]]  # per model, the kernel's packed carry after each event
     groups: dict[_Kernels, list[int]]  # the runs of each kernel (model and kind of filter)
     kernels: list[_Kernels]  # the kernel of each run
     starts: np.ndarray
@@ -253,6 +280,18 @@ class Traces:
         out: dict[int, FilterState] = {}
         for kernels, ks in self.groups.items():
             out.update(zip(ks, self.packed[kernels].states(ends[ks])))
+        return [out[k] for k in range(len(self))]
+
+    def final_packed(self) -> list[PackedState]:
+        """`final_states` as the kernel left them (`PackedState`): one gather per model, no unpacking."""
+        ends = self.starts + self.lengths - 1
+        out: dict[int, PackedState] = {}
+        for kernels, ks in self.groups.items():
+            trace, (carry, layout) = self.packed[kernels], self.carries[kernels]
+            last = ends[ks]
+            drift = (~np.isfinite(trace.nis_mean[last]) | trace.alarm[last]).tolist()
+            out.update(zip(ks, map(PackedState, repeat(kernels), repeat(layout), trace.t[last].tolist(), trace.u[last],
+                                   carry[last], drift)))
         return [out[k] for k in range(len(self))]
 
 
@@ -587,11 +626,12 @@ class Run(NamedTuple):
     measured; `use_outputs` (n,) False for events whose outputs must not update the estimate
     (bad quality). Arrays or sequences (of rows, for `values`): a live batch hands over each
     twin's few events as lists and `assimilate_runs` packs all twins' events at once. Inputs are
-    held from their last measurement; an event without outputs only predicts.
+    held from their last measurement; an event without outputs only predicts. `start`: a `FilterState`,
+    or the `PackedState` a previous dispatch left (`Traces.final_packed`).
     """
 
     filter: ExtendedKalmanFilter
-    start: FilterState
+    start: FilterState | PackedState
     t: Sequence[float] | np.ndarray
     values: Sequence[np.ndarray] | np.ndarray
     use_outputs: Sequence[bool] | np.ndarray
@@ -607,16 +647,17 @@ def assimilate_runs(runs: Sequence[Run]) -> Traces:
     for k, run in enumerate(runs):
         groups.setdefault(run.filter._kernels, []).append(k)
     starts = np.zeros(len(runs), dtype=np.int64)
-    packed = {}
+    packed, carries = {}, {}
     for kernels, ks in groups.items():
         starts[ks] = np.cumsum(lengths[ks]) - lengths[ks]
-        packed[kernels] = _assimilate_model([runs[k] for k in ks], lengths[ks])
-    return Traces(packed, groups, [run.filter._kernels for run in runs], starts, lengths)
+        packed[kernels], *carries[kernels] = _assimilate_model([runs[k] for k in ks], lengths[ks])
+    return Traces(packed, carries, groups, [run.filter._kernels for run in runs], starts, lengths)
 
 
-def _assimilate_model(runs: list[Run], n: np.ndarray) -> FilterTrace:
+def _assimilate_model(runs: list[Run], n: np.ndarray) -> tuple[FilterTrace, np.ndarray, _Layout]:
     """The runs of twins of one model and kernel, packed as (run, event) arrays with NumPy fancy indexing
-    and dispatched `LANES` runs at a time; returns their traces back to back (run order)."""
+    and dispatched `LANES` runs at a time; returns their traces back to back (run order), also as the
+    kernel's packed carry after each event, and its layout."""
     f0 = runs[0].filter
     model = f0.model
     R, E = len(runs), int(n.sum())
@@ -637,10 +678,8 @@ def _assimilate_model(runs: list[Run], n: np.ndarray) -> FilterTrace:
     use[lane, pos] = np.fromiter(chain.from_iterable(r.use_outputs for r in runs), dtype=bool, count=E)
     starts = [r.start for r in runs]
     t0 = np.array([np.nan if fs.t is None else fs.t for fs in starts])
-    x = np.array([fs.x for fs in starts])
-    P = np.array([fs.P for fs in starts])
     u0 = np.array([fs.u for fs in starts])
-    div = _pack_divergence([fs.divergence for fs in starts], ny)
+    carry, carry_layout = _start_carry(starts, f0._kernels, ny)
     filters: dict[int, int] = {}
     which = np.array([filters.setdefault(id(r.filter), len(filters)) for r in runs])
     distinct = list({id(r.filter): r.filter for r in runs}.values())
@@ -663,9 +702,9 @@ def _assimilate_model(runs: list[Run], n: np.ndarray) -> FilterTrace:
     mask = (~np.isnan(z) & (use & valid)[:, :, None]).astype(np.float64)
     z = np.nan_to_num(z, nan=0.0)
 
-    fields = ([x, P, *div], [p, q, r_var, det], [dt, skipped, held[:, :-1], held[:, 1:], z, mask])
-    layout = _Layout.of(*fields)
-    carry, consts, events = (_pack(np, f, lead) for f, lead in zip(fields, ((R,), (R,), (R, width))))
+    fields = ([p, q, r_var, det], [dt, skipped, held[:, :-1], held[:, 1:], z, mask])
+    layout = _Layout.of(carry_layout, *fields)
+    consts, events = (_pack(np, f, lead) for f, lead in zip(fields, ((R,), (R, width))))
     skipped_cols, _, _, _, mask_cols = _columns(layout.events)[1:]
     trace = np.empty((E, carry.shape[1]))
     first_event = np.cumsum(n) - n
@@ -689,7 +728,25 @@ def _assimilate_model(runs: list[Run], n: np.ndarray) -> FilterTrace:
             trace[first_event[runs_c[j]] + offset + i] = out[j, i]
             carry[runs_c] = out[np.arange(m), steps[:m] - 1]  # where the next round of a longer run starts
     out_x, out_P, *out_div = _unpack(trace, layout.carry, layout.carry_dtypes)
-    return FilterTrace(t_events, out_x, out_P, held[lane, pos + 1], *out_div)
+    return FilterTrace(t_events, out_x, out_P, held[lane, pos + 1], *out_div), trace, layout
+
+
+def _start_carry(starts: list[FilterState | PackedState], kernels: _Kernels, ny: int
+                 ) -> tuple[np.ndarray, tuple[tuple[tuple[int, ...], ...], tuple[np.dtype, ...]]]:
+    """The packed carry (x, P, `Divergence`) the runs start from, with its (shapes, dtypes): the rows of
+    states this kernel left packed as they are, the others packed here."""
+    kept = np.array([type(s) is PackedState and s.kernels is kernels for s in starts])
+    if kept.all():
+        return np.array([s.carry for s in starts]), (starts[0].layout.carry, starts[0].layout.carry_dtypes)
+    states = [s.state() if type(s) is PackedState else s for s, k in zip(starts, kept) if not k]
+    fields = [np.array([fs.x for fs in states]), np.array([fs.P for fs in states]),
+              *_pack_divergence([fs.divergence for fs in states], ny)]
+    packed = _pack(np, fields, (len(states),))
+    carry = np.empty((len(starts), packed.shape[1]))
+    carry[~kept] = packed
+    if kept.any():
+        carry[kept] = [s.carry for s, k in zip(starts, kept) if k]
+    return carry, (tuple(f.shape[1:] for f in fields), tuple(f.dtype for f in fields))
 
 
 def _pack_divergence(divs: list[Divergence], ny: int) -> list[np.ndarray]:

@@ -344,9 +344,13 @@ class StateStore:
             with self.fs.open(path, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
                 writer.write_table(table)
             return
-        os.makedirs(directory, exist_ok=True)
         tmp = f"{directory}/.{stem}.tmp"
-        with pa.OSFile(tmp, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        try:
+            sink = pa.OSFile(tmp, "wb")
+        except FileNotFoundError:  # the day's first part: its directory is made then, not checked every call
+            os.makedirs(directory, exist_ok=True)
+            sink = pa.OSFile(tmp, "wb")
+        with sink, pa.ipc.new_file(sink, table.schema) as writer:
             writer.write_table(table)
         os.replace(tmp, path)
 
