@@ -216,6 +216,32 @@ def test_runs_of_several_models_in_one_call_keep_their_own_bits():
             np.testing.assert_array_equal(a, b)
 
 
+@MODELS
+def test_packed_states_continue_with_the_bits_of_unpacked_ones(model):
+    """A live twin's state goes from one dispatch into the next packed (`Traces.final_packed`): it
+    unpacks to exactly `final_states`, flags drift as its `Divergence` does, and the next runs give
+    the same bits from it as from its `FilterState`, alone or with unpacked starts in one dispatch."""
+    ekf = ExtendedKalmanFilter(model, model.param_vector())
+    events = [_random_events(model, ekf, n, seed=400 + n) for n in (1, 3, 9, 70)]
+    first = assimilate_runs([Run(ekf, ekf.initial(), t[:-1], v[:-1], u[:-1]) if len(t) > 1 else
+                             Run(ekf, ekf.initial(), t, v, u) for t, v, u in events])
+    packed, unpacked = first.final_packed(), first.final_states()
+    for p, fs in zip(packed, unpacked):
+        state = p.state()
+        assert state.t == fs.t and p.drift == fs.divergence.drift
+        for a, b in zip((state.x, state.P, state.u, *state.divergence), (fs.x, fs.P, fs.u, *fs.divergence)):
+            np.testing.assert_array_equal(a, b)  # NaN equals NaN: a diverged twin is among them
+            assert type(a) is type(b)
+    later = [(t[-1:] + model.default_dt * (len(t) == 1), v[-1:], u[-1:]) for t, v, u in events]
+    reference = assimilate_runs([Run(ekf, fs, *e) for fs, e in zip(unpacked, later)])
+    mixed = [p if k % 2 else fs for k, (p, fs) in enumerate(zip(packed, unpacked))]
+    for starts in (packed, mixed):
+        traces = assimilate_runs([Run(ekf, s, *e) for s, e in zip(starts, later)])
+        for k in range(len(later)):
+            for a, b in zip(reference[k], traces[k]):
+                np.testing.assert_array_equal(a, b)
+
+
 def test_a_ten_year_gap_is_integrated_with_bounded_work_and_the_twin_keeps_tracking(monkeypatch):
     """A device whose clock jumped 10 years used to cost 5.3M RK4 sub-steps (its shard served nobody
     meanwhile): the gap is integrated for at most `MAX_SUBSTEPS` sub-steps, the covariance grows by the
