@@ -165,6 +165,11 @@ class ProbedTwin:
         seen = first < applied.size
         return t[first[seen]] - due[seqs[seen]]
 
+    def answer_gaps_s(self) -> np.ndarray:
+        """Time between consecutive answers: the resolution of `latencies_s` (a query waits for the
+        shard's ingest call in progress, so answers come less often than every `PROBE_INTERVAL_S`)."""
+        return np.diff([t for t, _ in self.seen])
+
 
 def paced(rate_per_s: float, duration_s: float) -> Iterator[int]:
     """`rate_per_s` integers a second for `duration_s`, in ticks of about a millisecond (as `LiveStream`)."""
@@ -277,6 +282,7 @@ def ingestion(ctx: BenchContext) -> BenchResult:
             service.flush()
             applied = sum(service.state(TENANT, a).events_applied for a in feed.assets)
             latencies = probe.latencies_s(stream.due_times(feed.assets[-1]))
+            gaps = probe.answer_gaps_s()
             res.checks.update({"events_sent": feed.sent, "events_applied_total": applied,
                                "stream_accepted": stream_report.accepted, "probe_polls": probe.polls,
                                "latency_events": int(latencies.size)})
@@ -291,6 +297,8 @@ def ingestion(ctx: BenchContext) -> BenchResult:
         Figure(f"ingest->queryable p50 at {latency_rate:,.0f} events/s offered", np.percentile(latencies, 50) * 1e3, "ms"),
         Figure(f"ingest->queryable p95 at {latency_rate:,.0f} events/s offered", np.percentile(latencies, 95) * 1e3, "ms",
                target_max=LATENCY_P95_TARGET_MS),
+        Figure("probe: time between answers p50 (the resolution of ingest->queryable)", np.percentile(gaps, 50) * 1e3, "ms"),
+        Figure("probe: time between answers p95", np.percentile(gaps, 95) * 1e3, "ms"),
         Figure(f"achieved rate at {latency_rate:,.0f} events/s offered", stream.sent / stream.elapsed_s, "events/s"),
         Figure(f"stream hand-off (reader thread -> consumer) at {latency_rate:,.0f} events/s: driver CPU per event",
                handoff_cpu_s * 1e6, "us"),
