@@ -290,6 +290,7 @@ class Traces:
         for kernels, ks in self.groups.items():
             trace, (carry, layout) = self.packed[kernels], self.carries[kernels]
             last = ends[ks]
+            # `Divergence.drift` column-wise (diverged: NIS not finite; or the latched alarm): keep them one rule
             drift = (~np.isfinite(trace.nis_mean[last]) | trace.alarm[last]).tolist()
             out.update(zip(ks, map(PackedState, repeat(kernels), repeat(layout), trace.t[last].tolist(), trace.u[last],
                                    carry[last], drift)))
