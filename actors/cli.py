@@ -57,15 +57,16 @@ def dead_letters(
 def compact(
     store: str = typer.Argument(..., help="State store URL (directory or s3://...)."),
     tenant: str = typer.Option(None, help="Only this tenant."),
-    min_files: int = typer.Option(2, min=1, help="Merge a partition once it has this many part files."),
+    min_files: int = typer.Option(2, min=1, help="Merge a partition once it has this many part files (closed log "
+                                               "segments are merged whatever their number)."),
 ) -> None:
     """Merge small event-log and dead-letter files (safe while twins run; schedule it, e.g. every 15 min)."""
     from raytwin.statestore import StateStore
 
     done = StateStore(store).compact(tenant=tenant, min_files=min_files)
     for c in done:
-        typer.echo(f"{c.partition}: {c.files_in} part files -> {c.files_out}, {c.rows_in} rows -> {c.rows_out}")
-    typer.echo(f"compacted {len(done)} partition(s), {sum(c.files_in for c in done)} part files")
+        typer.echo(f"{c.partition}: {c.files_in} files -> {c.files_out}, {c.rows_in} rows -> {c.rows_out}")
+    typer.echo(f"compacted {len(done)} partition(s), {sum(c.files_in for c in done)} files")
 
 
 @twins_app.command()

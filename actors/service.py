@@ -269,7 +269,8 @@ class TwinService:
                              linger_s)
 
     def flush(self) -> None:
-        """Wait until everything ingested is applied, and persist sealed snapshots."""
+        """Wait until everything ingested is applied, persist sealed snapshots and close the log's
+        open segments (`raytwin.logsegments`: compaction takes closed ones)."""
         ray.get([s.flush.remote() for s in self._shards])
 
     def dead_letters(self, tenant: str | None = None) -> pa.Table:

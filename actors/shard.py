@@ -252,8 +252,10 @@ class TwinShard(LiveModelOps):
         return os.getpid()
 
     def flush(self) -> int:
-        """Persist every sealed checkpoint not yet durable; returns how many snapshots were written."""
+        """Persist every sealed checkpoint not yet durable and close the log's open segments (so a
+        compaction can take them); returns how many snapshots were written."""
         self.store.check_lease(self.fence)
+        self.store.close_segments()
         return sum(self._snapshot(key, force=True) for key in self.twins)
 
     # ------------------------------------------------------------------ ingestion ----

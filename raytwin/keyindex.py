@@ -15,7 +15,8 @@ Never trusted blindly:
 - Every lookup lists the partition first (one listing, no file reads when nothing changed). An
   index whose files are not all listed with their sizes (a compaction merged them), or that cannot
   be read (missing, corrupt), is rebuilt from the log files; listed files it does not cover (new
-  batches) are read and merged.
+  batches) are read and merged. A log segment (`raytwin.logsegments`) grows while it is open: the
+  index covers it up to a byte offset and reads only the messages appended after it.
 - Only an exact answer is final: an identity logged with the same content digest is a duplicate;
   one logged with other content, or with several contents (a conflicting re-delivery logged
   before a crash), is `CONFIRM`: the caller reads those rows exactly (`StateStore.find_events`).
@@ -36,7 +37,8 @@ from enum import Enum
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raytwin.statestore import LOG_PART_SUFFIX, SCAN_ATTEMPTS, EventKey, StateStore, _date, files_dataset
+from raytwin.logsegments import is_segment, read_segment
+from raytwin.statestore import LOG_BATCH_SCHEMA, LOG_PART_SUFFIX, SCAN_ATTEMPTS, EventKey, StateStore, _date, read_files
 
 log = logging.getLogger("raytwin.store")
 
@@ -70,7 +72,8 @@ def content_digest(quality: str, values: Iterable[tuple[str, float]]) -> bytes:
 
 @dataclass
 class _Partition:
-    """One day partition's identities: the log files (name -> size) they were read from."""
+    """One day partition's identities: the log files they were read from (name -> size; for a
+    segment, the offset read up to)."""
 
     files: dict[str, int] = field(default_factory=dict)
     digests: dict[Identity, bytes | None] = field(default_factory=dict)  # None: several contents
@@ -81,6 +84,11 @@ class _Partition:
             known = self.digests.setdefault(identity, digest)
             if known is not None and known != digest:
                 self.digests[identity] = None
+
+
+def _changed(name: str, covered: int, listed: int | None) -> bool:
+    """Whether a file the index covers is gone or other than it was (a segment only grows)."""
+    return listed is None or (listed < covered if is_segment(name) else listed != covered)
 
 
 def _identities(table: pa.Table) -> list[Identity]:
@@ -126,7 +134,7 @@ class LogKeyIndex:
         for attempt in range(SCAN_ATTEMPTS):
             listing = self._list(directory)
             part = self._cache.pop((tenant, day), None) or self._load(directory)
-            rebuild = part is None or any(listing.get(name) != size for name, size in part.files.items())
+            rebuild = part is None or any(_changed(name, covered, listing.get(name)) for name, covered in part.files.items())
             if rebuild:
                 if listing:
                     self.rebuilds += 1
@@ -134,20 +142,37 @@ class LogKeyIndex:
                              "missing_or_unreadable" if part is None else "log_files_changed", len(listing))
                 part = _Partition()
             new = sorted(listing.keys() - part.files.keys())
+            grown = sorted(n for n, covered in part.files.items() if is_segment(n) and listing[n] > covered)
             try:
-                if new:
-                    part.merge(files_dataset(self.store.fs, [f"{directory}/{n}" for n in new]).to_table(columns=_COLUMNS))
+                read = self._read(directory, new, grown, part.files)
             except FileNotFoundError:  # compacted meanwhile: list again
                 if attempt == SCAN_ATTEMPTS - 1:
                     raise
                 continue
-            part.files.update((n, listing[n]) for n in new)
-            part.unsaved += len(new)
+            for table, _ in read.values():
+                part.merge(table)
+            part.files.update((n, listing[n]) for n in new if not is_segment(n))
+            part.files.update((n, end) for n, (_, end) in read.items() if end is not None)
+            part.unsaved += len(new) + sum(1 for n in grown if read[n][0].num_rows)
             if part.unsaved and (rebuild or part.unsaved >= PERSIST_AFTER_FILES):
                 self._save(directory, part)
             self._cache[(tenant, day)] = part
             return part
         raise AssertionError("unreachable")
+
+    def _read(self, directory: str, new: list[str], grown: list[str], covered: dict[str, int]
+              ) -> dict[str, tuple[pa.Table, int | None]]:
+        """The identity columns of the `new` files and of what the `grown` segments gained, by name,
+        with the offset each segment was read up to (None for other files: read whole, in one scan)."""
+        out: dict[str, tuple[pa.Table, int | None]] = {}
+        files = [n for n in new if not is_segment(n)]
+        if files:
+            out[files[0]] = (read_files(self.store.fs, [f"{directory}/{n}" for n in files], columns=_COLUMNS,
+                                        empty=LOG_BATCH_SCHEMA.empty_table().select(_COLUMNS)), None)
+        for name in [n for n in new if is_segment(n)] + grown:
+            batches, end = read_segment(f"{directory}/{name}", covered.get(name, 0), fs=self.store.fs)
+            out[name] = (pa.Table.from_batches(batches, LOG_BATCH_SCHEMA).select(_COLUMNS), end)
+        return out
 
     def _list(self, directory: str) -> dict[str, int]:
         """The partition's log files (name -> size), listed afresh (no cached listing)."""
@@ -160,7 +185,8 @@ class LogKeyIndex:
         out = {}
         for e in entries:
             name = e["name"].rstrip("/").rsplit("/", 1)[-1]
-            if name.startswith(("part-", "compact-")) and name.endswith((".parquet", LOG_PART_SUFFIX)):
+            if (name.startswith(("part-", "compact-")) and name.endswith((".parquet", LOG_PART_SUFFIX))
+                    or is_segment(name)):
                 out[name] = int(e["size"])
         return out
 

@@ -2,7 +2,9 @@
 
 Layout under the store URL (a local directory or any fsspec URL such as ``s3://bucket/twins``)::
 
-    log/tenant=T/date=YYYY-MM-DD/part-<uuid>.arrow                accepted events (asset_id column), SI values
+    log/tenant=T/date=YYYY-MM-DD/seg-<uuid>.arrows                accepted events (asset_id column), SI values: on
+                                                                   local disk, a writer's appended segment
+    log/tenant=T/date=YYYY-MM-DD/part-<uuid>.arrow                the same, one file per shard batch (object stores)
     log/tenant=T/date=YYYY-MM-DD/compact-<uuid>-<i>.parquet       the same events, merged by `compact`
     log/tenant=T/date=YYYY-MM-DD/_keys.parquet                    the partition's key index (`raytwin.keyindex`)
     snapshots/tenant=T/asset_id=A/snap-<event_us>-<revision>.parquet  one-row filter snapshots (`snapshot_stem`)
@@ -14,15 +16,16 @@ Layout under the store URL (a local directory or any fsspec URL such as ``s3://b
     retention/tenant=T.json                                        where `prune` cut the tenant's history
     lease.json                                                     the service whose shards may write (`Lease`)
 
-Why: appending one immutable file per ingested shard batch and day (not per event, not
-per asset) makes writes atomic (a file is either there or not; local files are written under a
-hidden name and renamed), makes a re-delivered batch harmless, because readers keep one row per
-event identity, and keeps the write cost of a batch flat however many assets it touches (a file
-per asset per batch made the log the bottleneck of small, frequent batches). Readers prune by
-tenant and date with Hive-style directories and by asset with a filter on the `asset_id` column,
-which each file stores sorted (its row-group statistics skip files without the asset). Snapshot
-file names carry their event time so the latest snapshot before a time is found from a listing,
-without reading files.
+Why: logging each ingested shard batch and day as one unit (not per event, not per asset) makes a
+write atomic for readers (a segment's message, or an object, is there whole or not at all), makes a
+re-delivered batch harmless, because readers keep one row per event identity, and keeps the write
+cost of a batch flat however many assets it touches (a file per asset per batch made the log the
+bottleneck of small, frequent batches). On local disk a shard appends its batches to an open
+segment per day (`raytwin.logsegments`: one `write` a batch, where creating and renaming a file
+per batch cost up to a quarter of a small call); an object store cannot append, so there each
+batch is an object. Readers prune by tenant and date with Hive-style directories and by asset with
+a filter on the `asset_id` column. Snapshot file names carry their event time so the latest
+snapshot before a time is found from a listing, without reading files.
 
 An event's identity is its asset and `EventKey` (event time, sequence, idempotency key): a device
 that reboots re-uses idempotency keys with new times, and those are other events. Readers and
@@ -34,17 +37,16 @@ matches what the live twin applied (it dead-letters a re-delivery with other con
 needs (its newest snapshot and the log after it), and records the cut first, so a read that would
 replay across it raises `HistoryPruned` instead of silently skipping events.
 
-A live stream writes a small part file per shard batch (tens per second), which would make every
-later read list and open millions of files: `compact` merges a partition's part files into
-`compact-*` files of up to `COMPACT_ROWS` rows, sorted by asset and time, written before the part
-files are deleted. Readers that find a file gone re-list (`_scan`), so compaction can run while
-shards write and read; a compactor that dies midway leaves duplicates, which readers drop anyway.
+Logs in segments or small part files are slow to read (no statistics, many files): `compact` merges
+a partition's part files and closed segments into `compact-*` Parquet files of up to `COMPACT_ROWS`
+rows, sorted by asset and time, written before the files they replace are deleted. Readers that find
+a file gone re-list (`_scan`), so compaction can run while shards write and read; it leaves a segment
+alone while its writer may append to it; a compactor that dies midway leaves duplicates, which
+readers drop anyway.
 
-Part files of the log are Arrow IPC files (`LOG_PART_SUFFIX`), the compacted ones Parquet: a
-Parquet file costs ~0.35 ms to write however few its rows (writer, metadata, footer), an IPC file
-of a live batch ~0.1 ms, and a shard writes one per batch. Readers take both (`files_dataset`), so
-part files written as Parquet by earlier versions are read as they are.
-"""
+Readers take every kind of log file (`read_files`): segments, Arrow IPC part files (`LOG_PART_SUFFIX`,
+what local stores held before segments, and object stores hold) and Parquet part files of earlier
+versions."""
 
 from __future__ import annotations
 
@@ -52,10 +54,11 @@ import json
 import logging
 import os
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -63,10 +66,10 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from raytwin.logsegments import SegmentWriter, held_segment, is_segment, read_segment
 from raytwin.storage import filesystem
 
 log = logging.getLogger("raytwin.store")
-T = TypeVar("T")
 SCAN_ATTEMPTS = 3
 COMPACT_ROWS = 1_000_000
 """Most rows per compacted file: ~30 MB of log rows (merged from 500 part files in 2.8 s here),
@@ -99,7 +102,7 @@ which made a 100-event log file 0.90 ms to write instead of 0.52 ms, on the live
 shard batch."""
 
 LOG_PART_SUFFIX = ".arrow"
-"""The file type of the log's part files (one per shard batch): Arrow IPC (module docstring)."""
+"""The file type of the log's part files (one per shard batch on object stores): Arrow IPC."""
 
 
 def files_dataset(fs: Any, paths: list[str], partition_base_dir: str | None = None) -> ds.Dataset | None:
@@ -114,6 +117,53 @@ def files_dataset(fs: Any, paths: list[str], partition_base_dir: str | None = No
     if not parts:
         return None
     return parts[0] if len(parts) == 1 else ds.dataset(parts)
+
+
+def read_files(fs: Any, paths: list[str], partition_base_dir: str | None = None, *, empty: pa.Table,
+               filter: ds.Expression | None = None, columns: list[str] | None = None) -> pa.Table:
+    """The rows of store files of any kind (`files_dataset`'s, and log segments up to their last
+    complete message: `raytwin.logsegments`), filtered and projected; `empty` when there are none.
+    Hive partition columns from the paths below `partition_base_dir`, as text for segments."""
+    segments = [p for p in paths if is_segment(p.rsplit("/", 1)[-1])]
+    dataset = files_dataset(fs, [p for p in paths if not is_segment(p.rsplit("/", 1)[-1])], partition_base_dir)
+    tables = [dataset.to_table(filter=filter, columns=columns)] if dataset is not None else []
+    if segments:
+        names = list(_partitions(segments[0], partition_base_dir))
+        schema = pa.schema([*LOG_BATCH_SCHEMA, *(pa.field(n, pa.string()) for n in names)])
+        tables.append(ds.Scanner.from_batches(_segment_batches(fs, segments, partition_base_dir), schema=schema,
+                                              filter=filter, columns=columns).to_table())
+    if not tables:
+        return empty
+    return pa.concat_tables([tables[0], *(t.cast(tables[0].schema) for t in tables[1:])])
+
+
+_SCAN_ROWS = 65_536
+"""Log rows per batch a segment is scanned in (it holds one small message per shard call)."""
+
+
+def _segment_batches(fs: Any, paths: list[str], base: str | None) -> Iterator[pa.RecordBatch]:
+    for path in paths:
+        parts = _partitions(path, base)
+        batches, _ = read_segment(path, fs=fs)
+        pending, rows = [], 0
+        for batch in [*batches, None]:
+            if batch is not None:
+                pending.append(batch)
+                rows += batch.num_rows
+            if pending and (batch is None or rows >= _SCAN_ROWS):
+                merged = pa.concat_batches(pending)
+                yield pa.RecordBatch.from_arrays(
+                    [*merged.columns, *(pa.repeat(pa.scalar(v), merged.num_rows) for v in parts.values())],
+                    names=[*merged.schema.names, *parts])
+                pending, rows = [], 0
+
+
+def _partitions(path: str, base: str | None) -> dict[str, str]:
+    """The Hive partition values (``name=value`` directories) of `path` below `base`."""
+    if base is None:
+        return {}
+    dirs = path[len(base):].strip("/").split("/")[:-1]
+    return dict(d.split("=", 1) for d in dirs if "=" in d)
 
 
 EventKey = tuple[int, int, str]
@@ -319,6 +369,7 @@ class StateStore:
         self.storage_options = storage_options
         self.fs, self.root = filesystem(url, storage_options)
         self._local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
+        self._segments = SegmentWriter(LOG_BATCH_SCHEMA) if self._local else None  # the log's open segments
 
     # ------------------------------------------------------------------------ plumbing ----
     def _write(self, table: pa.Table, directory: str, stem: str, row_group_size: int | None = None) -> None:
@@ -337,42 +388,32 @@ class StateStore:
         os.replace(tmp, path)
 
     def _write_part(self, table: pa.Table, directory: str, stem: str) -> None:
-        """A log part file: Arrow IPC, written under a hidden name and renamed on local disk."""
-        path = f"{directory}/{stem}{LOG_PART_SUFFIX}"
-        if not self._local:
-            self.fs.makedirs(directory, exist_ok=True)
-            with self.fs.open(path, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-                writer.write_table(table)
-            return
-        tmp = f"{directory}/.{stem}.tmp"
-        try:
-            sink = pa.OSFile(tmp, "wb")
-        except FileNotFoundError:  # the day's first part: its directory is made then, not checked every call
-            os.makedirs(directory, exist_ok=True)
-            sink = pa.OSFile(tmp, "wb")
-        with sink, pa.ipc.new_file(sink, table.schema) as writer:
+        """A log part file (Arrow IPC) on an object store, which cannot append (a PUT is atomic)."""
+        self.fs.makedirs(directory, exist_ok=True)
+        with self.fs.open(f"{directory}/{stem}{LOG_PART_SUFFIX}", "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
             writer.write_table(table)
-        os.replace(tmp, path)
 
-    def _dataset(self, directory: str) -> ds.Dataset | None:
-        """The files under `directory` (hidden ones, ``.`` or ``_``, left out) as one dataset, or None."""
+    def _files(self, directory: str) -> list[str] | None:
+        """The files under `directory` (hidden ones, ``.`` or ``_``, left out), or None without it."""
         if not self.fs.exists(directory):
             return None
-        files = [p for p in self.fs.find(directory)
-                 if not any(n.startswith((".", "_")) for n in p[len(directory):].split("/"))]
-        return files_dataset(self.fs, files, directory)
+        return [p for p in self.fs.find(directory)
+                if not any(n.startswith((".", "_")) for n in p[len(directory):].split("/"))]
 
-    def _scan(self, directory: str, read: Callable[[ds.Dataset], T], empty: T) -> T:
-        """`read` the dataset under `directory`, listing it again if a file vanished meanwhile
-        (a compaction deleted it after writing the same rows elsewhere)."""
+    def _scan(self, directory: str, *, empty: pa.Table, filter: ds.Expression | None = None,
+              columns: list[str] | None = None, days_from: str | None = None) -> pa.Table:
+        """The rows under `directory` (`read_files`, Hive partition columns below it), listing it again
+        if a file vanished meanwhile (a compaction deleted it after writing the same rows elsewhere).
+        `days_from`: leave out log segments of earlier date partitions (files are pruned by `filter`)."""
         for attempt in range(SCAN_ATTEMPTS):
             if attempt:
                 self.fs.invalidate_cache(directory)
-            dataset = self._dataset(directory)
-            if dataset is None:
-                return empty
+            files = self._files(directory)
+            if days_from is not None:
+                files = [p for p in files or [] if not is_segment(p.rsplit("/", 1)[-1])
+                         or _partitions(p, directory).get("date", days_from) >= days_from]
             try:
-                return read(dataset)
+                return read_files(self.fs, files or [], directory, filter=filter, columns=columns, empty=empty)
             except FileNotFoundError:
                 if attempt == SCAN_ATTEMPTS - 1:
                     raise
@@ -383,7 +424,8 @@ class StateStore:
 
     # ----------------------------------------------------------------------- event log ----
     def append_log(self, tenant: str, table: pa.Table) -> int:
-        """Durably append accepted events (`LOG_BATCH_SCHEMA` rows of any assets): one file per day."""
+        """Durably append accepted events (`LOG_BATCH_SCHEMA` rows of any assets): on local disk to
+        this store's open segment of each day (`raytwin.logsegments`), elsewhere one file per day."""
         if table.num_rows == 0:
             return 0
         day = table.column("event_time").cast(pa.int64()).to_numpy() // _DAY_US
@@ -391,9 +433,18 @@ class StateStore:
         days = np.unique(day).tolist()
         for d in days:
             rows = table if len(days) == 1 else table.filter(pa.array(day == d))  # a live batch: one day, no split
-            rows = rows.sort_by([("asset_id", "ascending"), ("event_time", "ascending")])
-            self._write_part(rows, f"{self.root}/log/tenant={tenant}/date={_date(d * _DAY_US)}", name)
+            directory = f"{self.root}/log/tenant={tenant}/date={_date(d * _DAY_US)}"
+            if self._segments is not None:
+                self._segments.append(directory, rows)
+            else:
+                self._write_part(rows.sort_by([("asset_id", "ascending"), ("event_time", "ascending")]), directory, name)
         return table.num_rows
+
+    def close_segments(self) -> None:
+        """Stop appending to this store's open log segments (the next batch starts new ones), so that
+        a compaction can take them (`raytwin.logsegments`)."""
+        if self._segments is not None:
+            self._segments.close()
 
     def read_events(
         self, tenant: str, asset_id: str, *, after: EventKey | None = None, until_us: int | None = None
@@ -417,13 +468,15 @@ class StateStore:
                                         f"{from_micros(cut).isoformat()} was pruned, and no snapshot after it "
                                         f"precedes the requested time")
         flt = ds.field("asset_id").isin(list(after))
+        days_from = None
         if all(k is not None for k in after.values()):
             since = min(k[0] for k in after.values())
-            flt &= (ds.field("date") >= _date(since)) & (ds.field("event_time") >= pa.scalar(since, pa.int64()).cast(TIME))
+            days_from = _date(since)
+            flt &= (ds.field("date") >= days_from) & (ds.field("event_time") >= pa.scalar(since, pa.int64()).cast(TIME))
         if until_us is not None:
             flt &= ds.field("event_time") <= pa.scalar(until_us, pa.int64()).cast(TIME)
-        table = self._scan(f"{self.root}/log/tenant={tenant}",
-                           lambda d: d.to_table(filter=flt, columns=LOG_BATCH_SCHEMA.names), LOG_BATCH_SCHEMA.empty_table())
+        table = self._scan(f"{self.root}/log/tenant={tenant}", filter=flt, columns=LOG_BATCH_SCHEMA.names,
+                           empty=LOG_BATCH_SCHEMA.empty_table(), days_from=days_from)
         return self._events(one_row_per_event(table), after)
 
     @staticmethod
@@ -455,8 +508,8 @@ class StateStore:
         for day, wanted in sorted(by_day.items()):
             assets = sorted({a for a, _ in wanted})
             flt = ds.field("asset_id").isin(assets) & ds.field("idempotency_key").isin(sorted({k[2] for _, k in wanted}))
-            table = self._scan(f"{self.root}/log/tenant={tenant}/date={day}",
-                               lambda d: d.to_table(filter=flt, columns=LOG_BATCH_SCHEMA.names), LOG_BATCH_SCHEMA.empty_table())
+            table = self._scan(f"{self.root}/log/tenant={tenant}/date={day}", filter=flt,
+                               columns=LOG_BATCH_SCHEMA.names, empty=LOG_BATCH_SCHEMA.empty_table())
             for asset_id, events in self._events(one_row_per_event(table), dict.fromkeys(assets)).items():
                 found.update(((asset_id, e.key), e) for e in events if (asset_id, e.key) in wanted)
         return found
@@ -511,23 +564,29 @@ class StateStore:
         """All dead letters (with tenant and date columns), optionally of one tenant."""
         flt = ds.field("tenant") == tenant if tenant is not None else None
         empty = DEAD_LETTER_SCHEMA.append(pa.field("tenant", pa.string())).empty_table()
-        return self._scan(f"{self.root}/dead_letters", lambda d: d.to_table(filter=flt), empty).sort_by("dead_lettered_at")
+        return self._scan(f"{self.root}/dead_letters", filter=flt, empty=empty).sort_by("dead_lettered_at")
 
     # ---------------------------------------------------------------------- compaction ----
     def compact(self, *, tenant: str | None = None, min_files: int = 2) -> list[Compaction]:
-        """Merge the part files of every log and dead-letter partition (of `tenant`, or all) that
-        has at least `min_files` of them; see the module docstring for why it is safe online."""
+        """Merge the files of every log and dead-letter partition (of `tenant`, or all) that has at
+        least `min_files` part files or a closed log segment (one no writer may append to any more;
+        this store's own are closed first); see the module docstring for why it is safe online."""
+        self.close_segments()
         done = []
         for compacted in COMPACTED:
             pattern = f"{self.root}/{compacted.kind}/tenant={tenant or '*'}/date=*"
             for directory in sorted(self.fs.glob(pattern)):
-                parts = sorted(p for p in self.fs.ls(directory, detail=False) if p.rsplit("/", 1)[-1].startswith("part-"))
-                if len(parts) >= max(min_files, 1):
-                    done.append(self._compact_partition(directory, parts, compacted))
+                names = sorted(self.fs.ls(directory, detail=False))
+                parts = [p for p in names if p.rsplit("/", 1)[-1].startswith("part-")]
+                with ExitStack() as held:  # segments stay locked against their writers until deleted
+                    closed = [p for p in names if is_segment(p.rsplit("/", 1)[-1])
+                              and (not self._local or held.enter_context(held_segment(p)))]
+                    if closed or len(parts) >= max(min_files, 1):
+                        done.append(self._compact_partition(directory, parts + closed, compacted))
         return done
 
     def _compact_partition(self, directory: str, parts: list[str], compacted: _Compacted) -> Compaction:
-        table = files_dataset(self.fs, parts).to_table()
+        table = read_files(self.fs, parts, empty=LOG_BATCH_SCHEMA.empty_table())
         rows_in = table.num_rows
         table = one_row_per_event(table) if compacted.unique_events else table.sort_by(compacted.order)
         stem = f"compact-{uuid.uuid4().hex}"
@@ -571,11 +630,13 @@ class StateStore:
                              if d.rsplit("=", 1)[-1] < cut.isoformat()] for kind in ("log", "dead_letters")}
         pruned = set(needed) | set(recorded["assets"] if recorded else ())
         for directory in partitions["log"]:
-            pruned.update(pc.unique(self._dataset(directory).to_table(columns=["asset_id"])["asset_id"]).to_pylist())
+            pruned.update(pc.unique(self._scan(directory, columns=["asset_id"], empty=LOG_BATCH_SCHEMA.empty_table())
+                                    ["asset_id"]).to_pylist())
         self.fs.makedirs(f"{self.root}/retention", exist_ok=True)
         self.fs.pipe_file(self._retention_path(tenant),
                           json.dumps({"history_from_us": cut_us, "assets": sorted(pruned)}).encode())
         deleted = partitions["log"] + partitions["dead_letters"]
+        self.close_segments()  # no append of this store lands in a deleted partition
         for directory in deleted:  # only once the cut is recorded
             self.fs.rm(directory, recursive=True)
         old_snapshots = [p for p in self.fs.glob(f"{self.root}/snapshots/tenant={tenant}/asset_id=*/snap-*.parquet")

@@ -42,8 +42,8 @@ NOT_RUN: dict[tuple[str, str], str] = {  # (guide, first line of the block) -> w
      "pyproject.toml holds it; tests/test_example_dcmotor.py checks that the installed package is found by it",
     ("README.md", '[project.entry-points."raytwin.models"]'): "a pyproject.toml fragment: tests/test_models.py "
      "declares a model in that entry-point group of an installed distribution and finds it by name",
-    ("actors/README.md", "log/tenant=T/date=D/part-<uuid>.arrow                   accepted events (asset_id column, "
-     "SI values), one Arrow IPC file per shard batch and day"): "the store's file layout, not a command",
+    ("actors/README.md", "log/tenant=T/date=D/seg-<uuid>.arrows                   accepted events (asset_id column, "
+     "SI values): on local disk, a shard's appended Arrow IPC stream"): "the store's file layout, not a command",
     ("cluster/README.md", "apiVersion: batch/v1"): "a Kubernetes CronJob (needs an API server with the batch "
      "API); its command, `raytwin twins compact`, runs in actors/README.md's CLI block",
     ("cluster/README.md", "raytwin cluster up --local [--workers 1] [--cpus-per-node 1] [--object-store-mb 100]"):

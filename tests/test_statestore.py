@@ -8,13 +8,14 @@ from datetime import UTC, date, datetime, timedelta
 
 import pytest
 
+from raytwin import statestore
 from raytwin.keyindex import Logged, LogKeyIndex, content_digest
 from raytwin.statestore import (
-    LOG_PART_SUFFIX,
     HistoryPruned,
     LoggedEvent,
     Snapshot,
     StateStore,
+    _date,
     from_micros,
     log_table,
     parse_snapshot_name,
@@ -91,7 +92,7 @@ def test_dead_letters_and_registrations(store):
 def _parts(store, kind: str, tenant: str) -> list[str]:
     store.fs.invalidate_cache()
     names = (p.rsplit("/", 1)[-1] for p in store.fs.glob(f"{store.root}/{kind}/tenant={tenant}/date=*/*"))
-    return sorted(n for n in names if n.startswith(("part-", "compact-")))
+    return sorted(n for n in names if n.startswith(("part-", "compact-", "seg-")))
 
 
 def _log_two_days(store) -> None:
@@ -102,42 +103,46 @@ def _log_two_days(store) -> None:
 
 
 def test_compaction_merges_part_files_and_changes_no_read(store):
+    """On an object store the log is a file per batch; on local disk a segment per writer and day,
+    which compaction takes once closed however few there are."""
+    local = store._local
     _log_two_days(store)
     store.append_log("beta", log_table([("z", _ev(1, 10, "z:1"))]))  # one file: below min_files
     for i in range(3):
         store.write_dead_letters("acme", [{"asset_id": "a", "idempotency_key": f"a:{i}", "reason": "bad", "raw": "{}"}])
     before = {a: store.read_events("acme", a) for a in ("a", "b")}
     letters = store.read_dead_letters("acme").to_pylist()
-    assert len(_parts(store, "log", "acme")) == 5  # 2 + 2 + 1 files (day 1, day 2)
+    assert len(_parts(store, "log", "acme")) == (2 if local else 5)  # 2 + 2 + 1 files (day 1, day 2)
 
     done = {c.partition: c for c in store.compact()}
+    beta = {"log/tenant=beta/date=2026-03-01"} if local else set()
     assert set(done) == {"log/tenant=acme/date=2026-03-01", "log/tenant=acme/date=2026-03-02",
-                         f"dead_letters/tenant=acme/date={datetime.now(UTC).date().isoformat()}"}
+                         f"dead_letters/tenant=acme/date={datetime.now(UTC).date().isoformat()}", *beta}
     day1 = done["log/tenant=acme/date=2026-03-01"]
-    assert (day1.files_in, day1.files_out, day1.rows_in, day1.rows_out) == (3, 1, 5, 4)  # a:2 stored once
+    assert (day1.files_in, day1.files_out, day1.rows_in, day1.rows_out) == (1 if local else 3, 1, 5, 4)  # a:2 once
     assert all(p.startswith("compact-") and p.endswith(".parquet") for p in _parts(store, "log", "acme"))
-    assert _parts(store, "log", "beta")[0].startswith("part-")
+    assert _parts(store, "log", "beta")[0].startswith("compact-" if local else "part-")
     assert {a: store.read_events("acme", a) for a in ("a", "b")} == before
     assert store.read_dead_letters("acme").to_pylist() == letters
     assert store.find_event("acme", "a", before["a"][3].key) == before["a"][3]
     assert store.compact() == []  # nothing left to merge
 
 
-def test_a_read_racing_a_compaction_lists_again(store):
+def test_a_read_racing_a_compaction_lists_again(store, monkeypatch):
     """The reader lists the files, then a compaction replaces them before it opens one."""
     _log_two_days(store)
     expected = store.read_events("acme", "a")
-    scan, raced, attempts = store._scan, [], []
+    read, raced, attempts = statestore.read_files, [], []
 
-    def racing_scan(directory, read, empty):
-        def read_after_compaction(dataset):
-            attempts.append(dataset)
-            if not raced:
+    def racing_read(fs, paths, *args, **kwargs):
+        attempts.append(paths)
+        if not raced:
+            with monkeypatch.context() as m:
+                m.setattr(statestore, "read_files", read)  # the compaction's own reads
                 raced.extend(store.compact())
-            return read(dataset)
-        return scan(directory, read_after_compaction, empty)
+        return read(fs, paths, *args, **kwargs)
 
-    store._scan = racing_scan
+    monkeypatch.setattr(statestore, "read_files", racing_read)
     assert store.read_events("acme", "a") == expected
     assert raced and len(attempts) == 2  # the first listing's files were gone: listed and read again
 
@@ -150,7 +155,7 @@ def test_a_compaction_that_dies_before_deleting_loses_and_repeats_nothing(store,
         with pytest.raises(OSError, match="killed"):
             store.compact()
     assert store.read_events("acme", "a") == expected  # merged rows and part files both present
-    assert [c.files_in for c in store.compact()] == [3, 2]  # the part files again
+    assert [c.files_in for c in store.compact()] == ([1, 1] if store._local else [3, 2])  # the files again
     assert store.read_events("acme", "a") == expected
     assert all(p.startswith("compact-") for p in _parts(store, "log", "acme"))
 
@@ -185,27 +190,28 @@ def test_prune_keeps_what_recovery_needs_and_refuses_reads_across_the_cut(store)
 
 def _log_as(store: StateStore, ev: LoggedEvent, name: str) -> None:
     """Log one event in a part file of this name (readers list files by name)."""
-    store.append_log("acme", log_table([("a", ev)]))
-    [path] = [p for p in store.fs.glob(f"{store.root}/log/tenant=acme/date=*/part-*") if len(p.rsplit("/", 1)[-1]) > 20]
-    store.fs.mv(path, f"{path.rsplit('/', 1)[0]}/{name}{LOG_PART_SUFFIX}")
+    store._write_part(log_table([("a", ev)]), f"{store.root}/log/tenant=acme/date={_date(ev.key[0])}", name)
 
 
-def test_part_files_written_as_parquet_by_earlier_versions_are_read_indexed_and_compacted(store):
-    """Live batches are logged as Arrow IPC files; a store written before holds Parquet part
-    files in the same partitions: reads, the key index and compaction take both."""
-    old, new = _ev(1, 10), _ev(2, 20)
+def test_log_files_of_earlier_versions_are_read_indexed_and_compacted(store):
+    """Live batches are appended to segments on local disk (Arrow IPC part files on object stores);
+    a store written before holds Parquet and Arrow IPC part files in the same partitions: reads, the
+    key index and compaction take them all."""
+    older, old, new = _ev(1, 10), _ev(2, 20), _ev(3, 30)
     store.append_log("acme", log_table([("a", new)]))
     directory = f"{store.root}/log/tenant=acme/date={T0.date().isoformat()}"
-    store._write(log_table([("a", old)]), directory, "part-written-by-0.x")  # the earlier format
-    assert sorted(n.rsplit(".", 1)[-1] for n in _parts(store, "log", "acme")) == ["arrow", "parquet"]
-    assert store.read_events("acme", "a") == [old, new]
+    store._write(log_table([("a", older)]), directory, "part-written-by-0.x")  # Parquet
+    store._write_part(log_table([("a", old)]), directory, "part-written-by-0.y")  # an Arrow IPC file per batch
+    assert sorted(n.rsplit(".", 1)[-1] for n in _parts(store, "log", "acme")) \
+        == sorted(["arrows" if store._local else "arrow", "arrow", "parquet"])
+    assert store.read_events("acme", "a") == [older, old, new]
     assert store.find_event("acme", "a", old.key) == old
     index = LogKeyIndex(store)
-    assert index.lookup("acme", [("a", e.key, content_digest(e.quality, e.values.items())) for e in (old, new)]) \
-        == [Logged.SAME, Logged.SAME]
+    assert index.lookup("acme", [("a", e.key, content_digest(e.quality, e.values.items())) for e in (older, old, new)]) \
+        == [Logged.SAME] * 3
     [done] = store.compact()
-    assert (done.files_in, done.rows_out) == (2, 2) and all(n.endswith(".parquet") for n in _parts(store, "log", "acme"))
-    assert store.read_events("acme", "a") == [old, new]
+    assert (done.files_in, done.rows_out) == (3, 3) and all(n.endswith(".parquet") for n in _parts(store, "log", "acme"))
+    assert store.read_events("acme", "a") == [older, old, new]
 
 
 @pytest.mark.parametrize("names", [["part-a", "part-b", "part-c", "part-d"], ["part-d", "part-c", "part-b", "part-a"]])

@@ -48,12 +48,12 @@ def test_second_service_is_refused_stale_writers_are_fenced_and_reshard_keeps_ev
         with pytest.raises(ray.exceptions.RayActorError):
             first.state("acme", "m0")
         stale = TwinShard(url, 0, 1, allowed_lateness_s=600.0, snapshot_every=16, fence=first.lease.fence)
-        log_files = resharded.store.fs.glob(f"{resharded.store.root}/log/**/part-*")
+        log_files = resharded.store.fs.glob(f"{resharded.store.root}/log/**/seg-*")
         for write in (lambda: stale.ingest("acme", validated_table(evs["m0"][10:])), stale.flush,
                       lambda: stale.register("acme", "new", registration_record(asset("new"), artifact, None, None))):
             with pytest.raises(StoreFenced, match=f"epoch {first.lease.epoch}\\)"):
                 write()
-        assert log_files and resharded.store.fs.glob(f"{resharded.store.root}/log/**/part-*") == log_files  # nothing written
+        assert log_files and resharded.store.fs.glob(f"{resharded.store.root}/log/**/seg-*") == log_files  # nothing written
 
         report = resharded.ingest("acme", [e for a in TWINS for e in evs[a][5:]])  # 5 re-deliveries each
         assert (report.accepted, report.duplicates) == (60, 30)

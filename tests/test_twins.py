@@ -361,13 +361,15 @@ def test_log_compaction_while_twins_run_changes_no_state(service, artifact):
     service.register(asset("c1"), artifact)
     try:
         evs = events("c1", 30, seed=12, start=400)
-        for i in range(0, 30, 5):  # six batches: six log part files
+        for i in range(0, 30, 5):  # six batches appended to the shard's log segment
             service.ingest("acme", evs[i:i + 5])
+        service.flush()  # closes the segment: compaction takes closed ones
         before = service.state("acme", "c1")
         result = CliRunner().invoke(twins_app, ["compact", service.store.url, "--tenant", "acme"])
         assert result.exit_code == 0, result.output
-        assert "compacted" in result.stdout and "part files ->" in result.stdout
-        assert not service.store.fs.glob(f"{service.store.root}/log/tenant=acme/date=*/part-*")
+        assert "compacted" in result.stdout and "files ->" in result.stdout
+        assert not [p for p in service.store.fs.glob(f"{service.store.root}/log/tenant=acme/date=*/*")
+                    if p.rsplit("/", 1)[-1].startswith(("part-", "seg-"))]
         again = service.ingest("acme", evs[10:15])  # re-delivered after compaction: still duplicates
         assert again.accepted == 0
         assert_same_state(service.state("acme", "c1"), before)
@@ -431,26 +433,27 @@ def test_twin_before_1970_snapshots_time_travels_and_prunes(service, artifact):
 
 
 def test_failed_log_write_mid_batch_never_leaves_memory_behind_the_store(ray_session, tmp_path, artifact):
-    """A batch spanning two days is logged as two files; the second write fails after the first
-    is durable: the shard re-reads the twin whose events are durable before its next call."""
+    """A batch spanning two days is logged in two day partitions; the second write fails after the
+    first is durable: the shard re-reads the twin whose events are durable before its next call."""
     from actors.shard import TwinShard
 
     shard = TwinShard(str(tmp_path), 0, 1, allowed_lateness_s=LATENESS_S, snapshot_every=1000, checkpoint_every=8)
     for a in ("f1", "f2"):
         shard.register("acme", a, registration_record(asset(a), artifact, None, None))
     e1, e2 = events("f1", 6, seed=7), events("f2", 6, seed=8, start=24 * 60)  # f2's events are a day later
-    real_write, calls = shard.store._write_part, []
+    segments = shard.store._segments
+    real_write, calls = segments.append, []
 
-    def flaky_write(table, directory, stem):
+    def flaky_write(directory, table):
         calls.append(directory)
         if len(calls) == 2:
             raise OSError("store unavailable")
-        real_write(table, directory, stem)
+        real_write(directory, table)
 
-    shard.store._write_part = flaky_write
+    segments.append = flaky_write
     with pytest.raises(OSError):
         shard.ingest("acme", validated_table(e1 + e2))
-    shard.store._write_part = real_write
+    segments.append = real_write
     assert f"date={T0.date().isoformat()}" in calls[0]  # f1's day was written first
     assert shard.state("acme", "f1").events_applied == 6  # the durable half is applied
     assert shard.state("acme", "f2").events_applied == 0

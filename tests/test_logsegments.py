@@ -1,0 +1,146 @@
+"""Appended log segments (`raytwin.logsegments`): torn tails, reads while a writer appends, the key
+index catching up on a growing segment, compaction of closed segments only, and a writer killed
+with SIGKILL in the middle of appending."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from raytwin import logsegments
+from raytwin.keyindex import Logged, LogKeyIndex, content_digest
+from raytwin.logsegments import is_segment, read_segment
+from raytwin.statestore import LoggedEvent, StateStore, log_table, to_micros
+
+T0 = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _ev(k: int) -> LoggedEvent:
+    us = to_micros(T0 + timedelta(seconds=k))
+    return LoggedEvent((us, k, f"a:{k}"), "good", {"h1": 0.5 * k}, us)
+
+
+def _batch(*ks: int):
+    return log_table([("a", _ev(k)) for k in ks])
+
+
+def _segments(store: StateStore) -> list[str]:
+    store.fs.invalidate_cache()
+    return sorted(p for p in store.fs.glob(f"{store.root}/log/tenant=acme/date=*/*") if is_segment(p.rsplit("/", 1)[-1]))
+
+
+def _keys(store: StateStore) -> list[int]:
+    return [e.key[1] for e in store.read_events("acme", "a")]
+
+
+def test_batches_append_to_one_segment_that_readers_see_while_it_is_open(tmp_path):
+    writer, reader = StateStore(str(tmp_path)), StateStore(str(tmp_path))
+    for k in range(5):
+        writer.append_log("acme", _batch(2 * k, 2 * k + 1))
+        assert _keys(reader) == list(range(2 * k + 2))  # another process's reader, before any close
+    [segment] = _segments(writer)
+    batches, end = read_segment(segment)
+    assert [b.num_rows for b in batches] == [2] * 5 and end == os.path.getsize(segment)
+
+
+def test_a_torn_tail_is_not_read_and_nothing_is_appended_after_it(tmp_path, monkeypatch):
+    store = StateStore(str(tmp_path))
+    store.append_log("acme", _batch(0, 1))
+    [segment] = _segments(store)
+    whole = os.path.getsize(segment)
+    store.append_log("acme", _batch(2))
+    store.close_segments()
+    with open(segment, "r+b") as f:  # the second batch's message cut short, as a killed writer leaves it
+        f.truncate(os.path.getsize(segment) - 7)
+    assert _keys(StateStore(str(tmp_path))) == [0, 1]
+    assert read_segment(segment)[1] == whole
+
+    def dies_midway(fd, data):  # a write that fails after part of the message
+        os.write(fd, data[: len(data) // 2])
+        raise OSError("disk full")
+
+    monkeypatch.setattr(logsegments, "_write_all", dies_midway)
+    with pytest.raises(OSError, match="disk full"):
+        store.append_log("acme", _batch(3))
+    monkeypatch.undo()
+    store.append_log("acme", _batch(4))  # the failed segment is abandoned: a new one
+    assert len(_segments(store)) == 3 and _keys(store) == [0, 1, 4]
+
+
+def test_the_key_index_reads_only_what_a_segment_gained(tmp_path):
+    store = StateStore(str(tmp_path))
+    index = LogKeyIndex(store)
+
+    def ask(*ks: int) -> list[Logged]:
+        return index.lookup("acme", [("a", _ev(k).key, content_digest("good", _ev(k).values.items())) for k in ks])
+
+    store.append_log("acme", _batch(0, 1))
+    assert ask(0, 1, 2) == [Logged.SAME, Logged.SAME, Logged.ABSENT]
+    [segment] = _segments(store)
+    [part] = index._cache.values()
+    covered, built = part.files[segment.rsplit("/", 1)[-1]], index.rebuilds
+    store.append_log("acme", _batch(2, 3))
+    assert ask(0, 2, 3, 4) == [Logged.SAME, Logged.SAME, Logged.SAME, Logged.ABSENT]
+    assert index.rebuilds == built and part.files[segment.rsplit("/", 1)[-1]] > covered  # caught up, not rebuilt
+    assert LogKeyIndex(store).lookup("acme", [("a", _ev(3).key, content_digest("bad", {}.items()))]) == [Logged.CONFIRM]
+
+
+def test_compaction_takes_closed_segments_only(tmp_path, monkeypatch):
+    writer, compactor = StateStore(str(tmp_path)), StateStore(str(tmp_path))
+    writer.append_log("acme", _batch(0, 1))
+    assert compactor.compact() == []  # the writer may still append to its segment
+    monkeypatch.setattr(logsegments, "SEGMENT_MAX_AGE_S", 0.0)  # every append starts a new segment
+    writer.append_log("acme", _batch(2))
+    [done] = compactor.compact()  # the first segment is closed now, the second is open
+    assert (done.files_in, done.rows_in) == (1, 2) and len(_segments(writer)) == 1
+    writer.append_log("acme", _batch(3))
+    assert _keys(compactor) == [0, 1, 2, 3]
+    writer.close_segments()
+    [done] = compactor.compact()
+    assert done.files_in == 2 and not _segments(writer) and _keys(compactor) == [0, 1, 2, 3]
+
+
+WRITER = textwrap.dedent("""
+    import sys
+    from datetime import UTC, datetime, timedelta
+    from raytwin.statestore import LoggedEvent, StateStore, log_table, to_micros
+    store = StateStore(sys.argv[1])
+    t0 = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
+    for b in range(100_000):
+        rows = []
+        for k in range(50 * b, 50 * b + 50):
+            us = to_micros(t0 + timedelta(milliseconds=k))
+            rows.append(("a", LoggedEvent((us, k, f"a:{k}"), "good", {"h1": float(k)}, us)))
+        store.append_log("acme", log_table(rows))
+        print(b, flush=True)  # acknowledged
+""")
+
+
+def test_a_writer_killed_mid_append_loses_and_duplicates_nothing_acknowledged(tmp_path):
+    """SIGKILL while a writer appends as fast as it can: every acknowledged batch is read back once,
+    at most the one in flight besides, and a new writer's batches follow it."""
+    env = {**os.environ, "PYTHONPATH": REPO}
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=env)
+    acked = -1
+    for line in proc.stdout:
+        acked = int(line)
+        if acked == 300:
+            break
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    for line in proc.stdout:  # acknowledgements printed before the kill
+        acked = int(line)
+    store = StateStore(str(tmp_path))
+    keys = [e.key[1] for e in store.read_events("acme", "a")]
+    assert keys[: 50 * (acked + 1)] == list(range(50 * (acked + 1)))
+    assert keys in (list(range(50 * (acked + 1))), list(range(50 * (acked + 2))))
+    us = to_micros(T0 + timedelta(hours=5))  # the same day's partition
+    store.append_log("acme", log_table([("a", LoggedEvent((us, 0, "a:next"), "good", {"h1": 1.0}, us))]))
+    assert [e.key[2] for e in store.read_events("acme", "a")][-1] == "a:next"
