@@ -32,7 +32,7 @@ from benchmarks.sweep import cluster_cpus
 from raytwin.contracts import Asset, AssetType, TelemetryEvent
 from raytwin.registry import ModelArtifact, ModelRegistry
 from raytwin.sim import THERMAL_RC
-from raytwin.statestore import to_micros
+from raytwin.statestore import LoggedEvent, StateStore, log_table, to_micros
 from sweeps.runner import ensure_ray
 
 TENANT = "bench"
@@ -43,6 +43,7 @@ THROUGHPUT_TARGET = 100_000.0  # events/s
 LATENCY_RATE = 10_000.0  # events/s offered in the latency test
 LATENCY_P95_TARGET_MS = 50.0
 PROBE_INTERVAL_S = 0.005  # the latency test polls one twin's state this often
+LIVE_BATCH_ROWS = 100  # a shard's log batch at 10k events/s: ~100 rows per call
 
 
 class IngestMismatch(AssertionError):
@@ -246,6 +247,34 @@ def _stage_costs(ctx: BenchContext, artifact: ModelArtifact, n_twins: int, n_eve
             "shard_s": t_shard.median_s / n_events}
 
 
+def log_write_rates(rounds: int, writes: int = 100) -> tuple[float, float]:
+    """Log writes per second of one live batch (`LIVE_BATCH_ROWS` rows), wall time, interleaved in
+    `rounds` rounds of `writes` each: appended to the day's segment (`StateStore.append_log` on local
+    disk), and, the baseline, as a file per batch (the local log before segments; object stores, which
+    cannot append, still write one). Medians of the rounds."""
+    us = to_micros(T0)
+    table = log_table([(f"zone-{k % 100:03d}", LoggedEvent((us + k, k, f"k{k}"), "good", {"T_in": 293.0, "T_out": 278.0,
+                                                                                        "Q_h": 1500.0}, us))
+                       for k in range(LIVE_BATCH_ROWS)])
+    with tempfile.TemporaryDirectory(prefix="raytwin-bench-log-") as tmp:
+        store = StateStore(tmp)
+        directory = f"{tmp}/files/log/tenant={TENANT}/date={T0.date().isoformat()}"
+
+        def file_per_batch() -> None:  # the object-store path, here on local disk
+            store._write_part(table, directory, f"part-{uuid.uuid4().hex}")
+
+        rates: dict[str, list[float]] = {"segment": [], "file": []}
+        for _ in range(rounds):
+            for kind, write in (("segment", lambda: store.append_log(TENANT, table)), ("file", file_per_batch)):
+                t0 = time.perf_counter()
+                for _ in range(writes):
+                    write()
+                rates[kind].append(writes / (time.perf_counter() - t0))
+        if sum(e.key[1] == 0 for e in store.read_events(TENANT, "zone-000")) != 1:  # same identity each write: one row
+            raise IngestMismatch("the segment's rows did not read back")
+    return float(np.median(rates["segment"])), float(np.median(rates["file"]))
+
+
 @benchmark("ingest", "Events/s into live twins (batched) and ingest->queryable latency at 10k events/s")
 def ingestion(ctx: BenchContext) -> BenchResult:
     ensure_ray()
@@ -260,6 +289,7 @@ def ingestion(ctx: BenchContext) -> BenchResult:
         stages = stage_costs(ctx, artifact, n_twins // shards or 1, batch // shards)
         res.checks["per_event_stage_s"] = stages
         handoff_cpu_s = stream_handoff(latency_rate, latency_s / 2)
+        segment_rate, file_rate = log_write_rates(rounds=3 if ctx.quick else 15)
         service = TwinService(f"{tmp}/store", shards=shards, namespace=f"bench-{uuid.uuid4().hex[:8]}")
         try:
             feed = TelemetryFeed(n_twins)
@@ -302,6 +332,8 @@ def ingestion(ctx: BenchContext) -> BenchResult:
         Figure(f"achieved rate at {latency_rate:,.0f} events/s offered", stream.sent / stream.elapsed_s, "events/s"),
         Figure(f"stream hand-off (reader thread -> consumer) at {latency_rate:,.0f} events/s: driver CPU per event",
                handoff_cpu_s * 1e6, "us"),
+        Figure(f"log writes of a live batch ({LIVE_BATCH_ROWS} rows) appended to a segment", segment_rate, "writes/s",
+               baseline="a file per batch", baseline_value=file_rate),
         Figure("per event: column-wise contract check (validate_table), 1 core", stages["validate_s"] * 1e6, "us"),
         Figure("per event: shard batch in-process (TwinShard.ingest), 1 core", stages["shard_s"] * 1e6, "us"),
         Figure("per event: of which twin filter (apply_many), 1 core", stages["filter_s"] * 1e6, "us"),

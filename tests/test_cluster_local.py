@@ -128,7 +128,7 @@ def test_a_job_sweeps_the_installed_example_model(local_cluster: LocalClusterInf
     runner = CliRunner()
     example = runner.invoke(app, ["sweep", "example", "dc_motor", "--n", "4"])
     assert example.exit_code == 0, example.output
-    spec = {**json.loads(example.output), "horizon_s": 10.0}  # the kit's 5 minutes, shortened for the test
+    spec = {**json.loads(example.stdout), "horizon_s": 10.0}  # the kit's 5 minutes, shortened for the test
     assert [d["name"] for d in spec["space"]["dimensions"]] == ["R_th", "load", "T_amb"]  # the package's kit
     (tmp_path / "job").mkdir()
     (tmp_path / "job" / "spec.json").write_text(json.dumps(spec))

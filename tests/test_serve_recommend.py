@@ -152,13 +152,13 @@ def test_the_recommend_commands_ask_read_back_and_issue_through_the_api(api, rec
 
         asked = run("writer", "ask", "pump-1", str(request), "--json")
         assert asked.exit_code == 0, asked.output
-        answer = json.loads(asked.output)
+        answer = json.loads(asked.stdout)  # stdout: a log line of a server thread may reach stderr meanwhile
         assert answer["asset_id"] == "pump-1" and answer["change"] < 0.0 and answer["run_id"] != recommendation["run_id"]
         got = run("reader", "get", "pump-1", recommendation["run_id"])
-        assert got.exit_code == 0 and got.output.startswith(f"recommendation {recommendation['run_id']}\npumped_m3: ")
+        assert got.exit_code == 0 and got.stdout.startswith(f"recommendation {recommendation['run_id']}\npumped_m3: ")
         issued = run("writer", "issue", "pump-1", recommendation["run_id"], "--connector", "site")
         assert issued.exit_code == 0, issued.output
-        command = json.loads(issued.output)
+        command = json.loads(issued.stdout)
         assert command["status"] == "proposed" and command["value"]["recommendation"] == recommendation["run_id"]
         refused = run("reader", "ask", "pump-1", str(request))
         assert refused.exit_code == 1 and refused.output.startswith("error 403 forbidden: ")

@@ -273,7 +273,7 @@ def test_cli_example_run_and_quantiles(ray_session, tmp_path):
     runner = CliRunner()
     example = runner.invoke(sweep_app, ["example", "two_tank", "--n", "50"])
     assert example.exit_code == 0, example.output
-    spec = json.loads(example.output)
+    spec = json.loads(example.stdout)
     spec["horizon_s"] = 600.0
     path = tmp_path / "spec.json"
     path.write_text(json.dumps(spec))
