@@ -223,6 +223,8 @@ def test_packed_states_continue_with_the_bits_of_unpacked_ones(model):
     the same bits from it as from its `FilterState`, alone or with unpacked starts in one dispatch."""
     ekf = ExtendedKalmanFilter(model, model.param_vector())
     events = [_random_events(model, ekf, n, seed=400 + n) for n in (1, 3, 9, 70)]
+    t, v, u = _random_events(model, ekf, 4, seed=404)
+    events.append((t, np.full_like(v, np.nan), u))  # nothing measured: no update, empty per-output fields
     first = assimilate_runs([Run(ekf, ekf.initial(), t[:-1], v[:-1], u[:-1]) if len(t) > 1 else
                              Run(ekf, ekf.initial(), t, v, u) for t, v, u in events])
     packed, unpacked = first.final_packed(), first.final_states()
