@@ -146,9 +146,10 @@ def _json_shaped(row: Any) -> bool:
     version = row.get("schema_version", SCHEMA_VERSION)
     if type(version) is not int or version != SCHEMA_VERSION:
         return False
-    event_time, ingest_time = row.get("event_time"), row.get("ingest_time")
-    if not (event_time is None or isinstance(event_time, str)) or not (ingest_time is None or isinstance(ingest_time, str)):
-        return False
+    for name in _TIMES:
+        value = row.get(name)
+        if not (value is None or isinstance(value, str)):
+            return False
     m = row.get("measurements")
     if type(m) is not dict:
         return False

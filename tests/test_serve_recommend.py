@@ -152,7 +152,7 @@ def test_the_recommend_commands_ask_read_back_and_issue_through_the_api(api, rec
 
         asked = run("writer", "ask", "pump-1", str(request), "--json")
         assert asked.exit_code == 0, asked.output
-        answer = json.loads(asked.stdout)  # stdout: a log line of a server thread may reach stderr meanwhile
+        answer = json.loads(asked.stdout)  # stdout: a Ray worker's log line, forwarded to this process's stderr, may land meanwhile
         assert answer["asset_id"] == "pump-1" and answer["change"] < 0.0 and answer["run_id"] != recommendation["run_id"]
         got = run("reader", "get", "pump-1", recommendation["run_id"])
         assert got.exit_code == 0 and got.stdout.startswith(f"recommendation {recommendation['run_id']}\npumped_m3: ")
