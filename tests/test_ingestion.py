@@ -422,6 +422,9 @@ TRICKY_JSON = {
     "no measurements": {**GOOD_ROW, "measurements": {}}, "measurements text": {**GOOD_ROW, "measurements": "junk"},
     "key surrogate": {**GOOD_ROW, "idempotency_key": "\ud800"}, "key a number": {**GOOD_ROW, "idempotency_key": 5},
     "asset a number": {**GOOD_ROW, "asset_id": 5}, "asset surrogate": {**GOOD_ROW, "asset_id": "\ud800"},
+    "asset with a space": {**GOOD_ROW, "asset_id": "t 1"}, "asset empty": {**GOOD_ROW, "asset_id": ""},
+    "asset starting with a dash": {**GOOD_ROW, "asset_id": "-t1"}, "asset of 129": {**GOOD_ROW, "asset_id": "t" * 129},
+    "asset of 128": {**GOOD_ROW, "asset_id": "t" * 128},
     "name surrogate": {**GOOD_ROW, "measurements": M(1.0, name="\ud800")},
     "year 0": {**GOOD_ROW, "event_time": "0000-01-01T00:00:00Z"},
     "year 1 at +01:00": {**GOOD_ROW, "event_time": "0001-01-01T00:00:00+01:00"},
@@ -457,6 +460,14 @@ def test_a_json_rows_verdict_does_not_depend_on_its_neighbours(name):
     assert clean_valid[1:] == mixed_valid and clean_rejects == mixed_rejects[1:]
 
 
+def test_asset_id_verdicts_are_the_same_once_remembered():
+    """The column check remembers each asset id's verdict (`actors.telemetry._known_ids`): a batch
+    checked again, its ids now known, gets the same verdicts, reasons and values."""
+    rows = [GOOD_ROW, *(TRICKY_JSON[name] for name in TRICKY_JSON if name.startswith("asset"))]
+    first = _verdicts(*validate_batch(rows))
+    assert _verdicts(*validate_batch(rows)) == first and len(first[0]) == 2  # GOOD_ROW and the 128-char id
+
+
 def _ts(us: int) -> pa.Scalar:
     return pa.scalar(us, pa.int64()).cast(TIME)
 
@@ -474,6 +485,7 @@ TRICKY_ARROW = {
     "future ingest": {**GOOD_ARROW, "ingest_time": FAR},
     "ingest int64 max": {**GOOD_ARROW, "ingest_time": _ts(2**63 - 1)}, "ingest int64 min": {**GOOD_ARROW, "ingest_time": _ts(-2**63)},
     "earlier ingest": {**GOOD_ARROW, "ingest_time": T0 - timedelta(days=1)},
+    "asset null": {**GOOD_ARROW, "asset_id": None}, "asset with a newline": {**GOOD_ARROW, "asset_id": "t1\n"},
 }
 
 
