@@ -44,11 +44,12 @@ _IDENTIFIER = TypeAdapter(Identifier).json_schema()["pattern"]
 _QUALITIES = pa.array(["good", "uncertain", "bad"])
 _UNITS = pa.array(sorted(units.UNITS))
 _MAX_SKEW_US = MAX_FUTURE_SKEW // timedelta(microseconds=1)
-_KNOWN_IDS_MAX = 100_000
+_KNOWN_IDS_MAX, _KNOWN_ID_CHARS = 20_000, 256
 _known_ids: dict[str, bool] = {}
 """Asset ids already checked against `_IDENTIFIER`: a stream names the same assets in every batch, and
 Arrow compiles the pattern on every call (~0.2 ms: its {0,127} repeat), more than the rest of a small
-batch's column checks together."""
+batch's column checks together. At most `_KNOWN_IDS_MAX` ids of at most `_KNOWN_ID_CHARS` characters
+(a few MB): a stream of ever new or very long ids is checked every time instead."""
 
 
 def events_to_table(events: Iterable[TelemetryEvent], schema: pa.Schema = TELEMETRY_SCHEMA) -> pa.Table:
@@ -211,9 +212,10 @@ def _identifiers(ids: pa.Array) -> np.ndarray:
     if new:
         checked = dict(zip(new, _bools(pc.match_substring_regex(pa.array(new, pa.string()), _IDENTIFIER)).tolist()))
         verdicts = [checked[n] if v is None else v for n, v in zip(names, verdicts)]
-        if len(_known_ids) + len(new) > _KNOWN_IDS_MAX:
+        remember = [(n, v) for n, v in checked.items() if len(n) <= _KNOWN_ID_CHARS][:_KNOWN_IDS_MAX]
+        if len(_known_ids) + len(remember) > _KNOWN_IDS_MAX:
             _known_ids.clear()
-        _known_ids.update(checked)
+        _known_ids.update(remember)
     by_code = np.array([*verdicts, False], dtype=bool)  # the last: null ids
     return by_code[pc.fill_null(encoded.indices, len(names)).to_numpy()]
 

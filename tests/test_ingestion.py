@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from actors import IngestReport, TwinService, events_to_table, ndjson_http_source
+from actors import IngestReport, TwinService, events_to_table, ndjson_http_source, telemetry
 from actors.ingest import Dispatcher, ShardRouter, lingering_chunks, validate_batch
 from actors.telemetry import (
     VALIDATED_SCHEMA,
@@ -424,7 +424,7 @@ TRICKY_JSON = {
     "asset a number": {**GOOD_ROW, "asset_id": 5}, "asset surrogate": {**GOOD_ROW, "asset_id": "\ud800"},
     "asset with a space": {**GOOD_ROW, "asset_id": "t 1"}, "asset empty": {**GOOD_ROW, "asset_id": ""},
     "asset starting with a dash": {**GOOD_ROW, "asset_id": "-t1"}, "asset of 129": {**GOOD_ROW, "asset_id": "t" * 129},
-    "asset of 128": {**GOOD_ROW, "asset_id": "t" * 128},
+    "asset of 128": {**GOOD_ROW, "asset_id": "t" * 128}, "asset of 300": {**GOOD_ROW, "asset_id": "t" * 300},
     "name surrogate": {**GOOD_ROW, "measurements": M(1.0, name="\ud800")},
     "year 0": {**GOOD_ROW, "event_time": "0000-01-01T00:00:00Z"},
     "year 1 at +01:00": {**GOOD_ROW, "event_time": "0001-01-01T00:00:00+01:00"},
@@ -466,6 +466,18 @@ def test_asset_id_verdicts_are_the_same_once_remembered():
     rows = [GOOD_ROW, *(TRICKY_JSON[name] for name in TRICKY_JSON if name.startswith("asset"))]
     first = _verdicts(*validate_batch(rows))
     assert _verdicts(*validate_batch(rows)) == first and len(first[0]) == 2  # GOOD_ROW and the 128-char id
+
+
+def test_remembered_asset_ids_stay_bounded(monkeypatch):
+    """The memo holds at most `_KNOWN_IDS_MAX` ids, none longer than `_KNOWN_ID_CHARS`: a stream of ever
+    new or very long ids costs a pattern check each time, not memory; the verdicts stay the same."""
+    monkeypatch.setattr(telemetry, "_known_ids", {})
+    monkeypatch.setattr(telemetry, "_KNOWN_IDS_MAX", 3)
+    for k in range(4):
+        ids = [f"m{k}-{i}" for i in range(5)] + ["x" * 300, "bad id"]
+        valid, rejects = validate_batch([{**GOOD_ROW, "asset_id": a} for a in ids])
+        assert valid.column("asset_id").to_pylist() == ids[:5] and len(rejects) == 2
+        assert len(telemetry._known_ids) <= 3 and all(len(a) <= telemetry._KNOWN_ID_CHARS for a in telemetry._known_ids)
 
 
 def _ts(us: int) -> pa.Scalar:
