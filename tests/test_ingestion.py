@@ -18,7 +18,8 @@ import pytest
 import ray
 
 from actors import IngestReport, TwinService, events_to_table, ndjson_http_source, telemetry
-from actors.ingest import Dispatcher, ShardRouter, lingering_chunks, validate_batch
+from actors import ingest as ingest_module
+from actors.ingest import ROWS_BY_CONTRACT_BELOW, Dispatcher, ShardRouter, lingering_chunks, validate_batch
 from actors.telemetry import (
     VALIDATED_SCHEMA,
     Entries,
@@ -106,7 +107,7 @@ def test_json_rows_take_the_column_path_with_the_contracts_verdicts():
         {**good, "event_time": "2100-01-01T00:00:00Z"}, {**good, "sequence": 4, "measurements": m(2, "mm")},
     ]
     assert rows_table(checked) is not None
-    valid, rejects = validate_batch(checked)
+    valid, rejects = _by_columns(checked)  # `validate_batch` takes this path from `ROWS_BY_CONTRACT_BELOW` rows
     events, expected = parse_rows(checked)
     assert [r["reason"].split(" is more than")[0] for r in rejects] == [
         r["reason"].split(" is more than")[0] for r in expected] and len(rejects) == 6
@@ -449,23 +450,46 @@ def _verdicts(valid: pa.Table, rejects: list[dict]) -> tuple[list[str], list[tup
               r["raw"].replace('"schema_version": 1, ', "")) for r in rejects])
 
 
+def _by_columns(rows: list) -> tuple[pa.Table, list[dict]]:
+    """`validate_batch`'s column path for dict rows, whatever their number (the contract's for rows it cannot read)."""
+    table = rows_table(rows)
+    return validate_table(table, rows) if table is not None else _by_contract(rows)
+
+
+def _by_contract(rows: list) -> tuple[pa.Table, list[dict]]:
+    """The contract's row-by-row path of `validate_batch`."""
+    events, rejects = parse_rows(rows)
+    return validated_table(events), rejects
+
+
 @pytest.mark.parametrize("name", TRICKY_JSON)
 def test_a_json_rows_verdict_does_not_depend_on_its_neighbours(name):
     """`{"value": true}` was taken as 1.0 and `"sequence": 3.0` as 3 next to clean rows (the column path)
     but refused next to a row that forced the contract's row-by-row path: a row's verdict, reason and
     values must be the same whichever path its batch takes."""
     row, forcing = TRICKY_JSON[name], {"_unparsed": "forces the row-by-row path"}
-    (clean_valid, clean_rejects), (mixed_valid, mixed_rejects) = _verdicts(*validate_batch([GOOD_ROW, row])), _verdicts(
-        *validate_batch([forcing, row]))
+    (clean_valid, clean_rejects), (mixed_valid, mixed_rejects) = _verdicts(*_by_columns([GOOD_ROW, row])), _verdicts(
+        *_by_contract([forcing, row]))
     assert clean_valid[1:] == mixed_valid and clean_rejects == mixed_rejects[1:]
+
+
+def test_small_batches_are_checked_by_the_contract_with_the_same_verdicts(monkeypatch):
+    """Below `ROWS_BY_CONTRACT_BELOW` dict rows `validate_batch` skips the column check (its fixed cost is
+    more than the contract's for a few rows); at or above it the columns are used. Verdicts as above."""
+    rows = [GOOD_ROW, *TRICKY_JSON.values()]
+    small, large = rows[:ROWS_BY_CONTRACT_BELOW - 1], [*rows, *json_rows("t2", ROWS_BY_CONTRACT_BELOW)]
+    expected = [_verdicts(*_by_contract(batch)) for batch in (small, large)]
+    calls = []
+    monkeypatch.setattr(ingest_module, "rows_table", lambda batch: calls.append(len(batch)) or rows_table(batch))
+    assert [_verdicts(*validate_batch(batch)) for batch in (small, large)] == expected and calls == [len(large)]
 
 
 def test_asset_id_verdicts_are_the_same_once_remembered():
     """The column check remembers each asset id's verdict (`actors.telemetry._known_ids`): a batch
     checked again, its ids now known, gets the same verdicts, reasons and values."""
     rows = [GOOD_ROW, *(TRICKY_JSON[name] for name in TRICKY_JSON if name.startswith("asset"))]
-    first = _verdicts(*validate_batch(rows))
-    assert _verdicts(*validate_batch(rows)) == first and len(first[0]) == 2  # GOOD_ROW and the 128-char id
+    first = _verdicts(*_by_columns(rows))
+    assert _verdicts(*_by_columns(rows)) == first and len(first[0]) == 2  # GOOD_ROW and the 128-char id
 
 
 def test_remembered_asset_ids_stay_bounded(monkeypatch):
@@ -475,7 +499,7 @@ def test_remembered_asset_ids_stay_bounded(monkeypatch):
     monkeypatch.setattr(telemetry, "_KNOWN_IDS_MAX", 3)
     for k in range(4):
         ids = [f"m{k}-{i}" for i in range(5)] + ["x" * 300, "bad id"]
-        valid, rejects = validate_batch([{**GOOD_ROW, "asset_id": a} for a in ids])
+        valid, rejects = _by_columns([{**GOOD_ROW, "asset_id": a} for a in ids])
         assert valid.column("asset_id").to_pylist() == ids[:5] and len(rejects) == 2
         assert len(telemetry._known_ids) <= 3 and all(len(a) <= telemetry._KNOWN_ID_CHARS for a in telemetry._known_ids)
 
