@@ -52,9 +52,9 @@ class PayloadMapping(FrozenSpec):
 
     def rows(self, asset_id: str, payload: bytes, source: str) -> tuple[list[dict[str, Any]], list[DeadLetter]]:
         """The telemetry rows (JSON-shaped, as NDJSON lines are) of one message for `asset_id`, and a
-        dead letter for each reading the mapping cannot read. The contract checks the rows later,
-        column-wise and a batch at a time (`actors.ingest.validate_batch`, ~1 us a row against ~40 us
-        for pydantic per row)."""
+        dead letter for each reading the mapping cannot read. The contract checks the rows later, a
+        batch at a time (`actors.ingest.validate_batch`: column-wise from 32 rows, ~1 us a row plus ~1 ms a
+        batch; row by row below, 25-50 us a row)."""
         try:
             doc = json.loads(payload)
         except (ValueError, UnicodeDecodeError) as exc:
