@@ -71,8 +71,9 @@ class TwinSink:
 
     @staticmethod
     def _checked(messages: Sequence[Inbound]) -> tuple[pa.Table, list[dict[str, str | None]]]:
-        """The contract check of all rows at once (column-wise); only when some row fails, again per
-        source, so that each dead letter's reason names the topic (or node) it came from."""
+        """The contract check of all rows at once (`validate_batch`: column-wise from 32 rows); only when
+        some row fails, again per source, so that each dead letter's reason names the topic (or node) it
+        came from."""
         valid, rejects = validate_batch([r for m in messages for r in m.rows])
         if not rejects:
             return valid, []
