@@ -53,7 +53,8 @@ retries are spent) is sent again before ingestion fails: resending is safe, re-d
 duplicates."""
 
 Batch = pa.Table | list[dict[str, Any]]
-"""A source batch: Arrow rows or dict rows (parsed JSON rows go through Arrow too, `rows_table`); checked column-wise."""
+"""A source batch: Arrow rows or dict rows (parsed JSON rows go through Arrow too, `rows_table`); checked
+column-wise, except fewer dict rows than `ROWS_BY_CONTRACT_BELOW`."""
 ROWS_BY_CONTRACT_BELOW = 32
 """Fewer dict rows than this are checked by the contract row by row (`parse_rows`, 25-50 us a row): the
 column check costs ~1 ms a batch however few its rows (some 30 Arrow calls), more than the contract for

@@ -7,9 +7,11 @@ import gc
 import math
 import json
 import re
+import sys
 import threading
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from unittest import mock
 
 import numpy as np
 import pyarrow as pa
@@ -450,16 +452,20 @@ def _verdicts(valid: pa.Table, rejects: list[dict]) -> tuple[list[str], list[tup
               r["raw"].replace('"schema_version": 1, ', "")) for r in rejects])
 
 
+def _validated(rows: list, columns_from: int) -> tuple[pa.Table, list[dict]]:
+    """`validate_batch`, switching to the column check at `columns_from` rows (not `ROWS_BY_CONTRACT_BELOW`)."""
+    with mock.patch.object(ingest_module, "ROWS_BY_CONTRACT_BELOW", columns_from):
+        return validate_batch(rows)
+
+
 def _by_columns(rows: list) -> tuple[pa.Table, list[dict]]:
     """`validate_batch`'s column path for dict rows, whatever their number (the contract's for rows it cannot read)."""
-    table = rows_table(rows)
-    return validate_table(table, rows) if table is not None else _by_contract(rows)
+    return _validated(rows, 0)
 
 
 def _by_contract(rows: list) -> tuple[pa.Table, list[dict]]:
-    """The contract's row-by-row path of `validate_batch`."""
-    events, rejects = parse_rows(rows)
-    return validated_table(events), rejects
+    """`validate_batch`'s contract path, row by row, whatever the number of rows."""
+    return _validated(rows, sys.maxsize)
 
 
 @pytest.mark.parametrize("name", TRICKY_JSON)
