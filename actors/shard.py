@@ -55,6 +55,7 @@ from raytwin.contracts import AssetType, ContractError, describe_error, normaliz
 from raytwin.keyindex import Logged, LogKeyIndex, content_digest
 from raytwin.logs import component_logging
 from raytwin.migration import MigrationPlan
+from raytwin.sim.cpu import start_single_core_backend
 from raytwin.statestore import LOG_BATCH_SCHEMA, StateStore
 
 log = logging.getLogger("raytwin.twins")
@@ -444,12 +445,16 @@ class TwinShard(LiveModelOps):
 
 
 class TwinShardProcess(TwinShard):
-    """A shard as the only tenant of a Ray worker process: it owns that process's log set-up and
-    its garbage collector (`actors.heap.freeze_heap` before the first batch after start or
-    registrations)."""
+    """A shard as the only tenant of a Ray worker process: it owns that process's log set-up, its
+    garbage collector (`actors.heap.freeze_heap` before the first batch after start or
+    registrations) and its JAX backend, sized for the one core a shard has
+    (`raytwin.sim.cpu.start_single_core_backend`: XLA otherwise split each filter dispatch across
+    a thread per core of the node, each hand-off waiting for that thread to be scheduled on cores
+    the other shards and the driver keep busy)."""
 
     def __init__(self, *args: Any, **kwargs: Any):
         component_logging()
+        start_single_core_backend()  # before recovery runs the first kernel
         super().__init__(*args, **kwargs)
         self.heap_frozen = False
 

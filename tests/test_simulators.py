@@ -208,6 +208,10 @@ import jax, jax.numpy as jnp
 from raytwin.sim.cpu import start_single_core_backend
 if sys.argv[1] == "single":
     start_single_core_backend()
+elif sys.argv[1] == "shard":  # a twin shard's process, as Ray starts it
+    import tempfile
+    from actors.shard import TwinShardProcess
+    TwinShardProcess(tempfile.mkdtemp(), 0, 1, allowed_lateness_s=60.0, snapshot_every=100)
 x = jnp.ones(1 << 20, jnp.float32)
 hlo = jax.jit(lambda x: jnp.sin(x) * 2.0 + x).lower(x).compile().as_text()
 masks = set()
@@ -218,19 +222,32 @@ print(json.dumps({"split": "outer_dimension_partitions" in hlo, "masks": sorted(
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux") or len(os.sched_getaffinity(0)) < 2,
-                    reason="per-thread CPU affinity and a second CPU needed")
-def test_single_core_backend_stops_xla_splitting_loops_and_leaves_every_thread_all_cpus():
-    """A fresh process (the backend starts once per process): XLA splits a large fused loop into
-    parallel tasks by default, not after start_single_core_backend, and no thread stays pinned."""
-    def probe(mode: str) -> dict:
-        out = subprocess.run([sys.executable, "-c", _BACKEND_PROBE, mode], capture_output=True, text=True,
-                             check=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT})
-        return json.loads(out.stdout.strip().splitlines()[-1])
+def _probe_backend(mode: str) -> dict:
+    """`_BACKEND_PROBE` in a fresh process (the backend starts once per process)."""
+    out = subprocess.run([sys.executable, "-c", _BACKEND_PROBE, mode], capture_output=True, text=True,
+                         check=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT})
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
-    default, single = probe("default"), probe("single")
+
+MULTI_CPU_LINUX = pytest.mark.skipif(not sys.platform.startswith("linux") or len(os.sched_getaffinity(0)) < 2,
+                                     reason="per-thread CPU affinity and a second CPU needed")
+
+
+@MULTI_CPU_LINUX
+def test_single_core_backend_stops_xla_splitting_loops_and_leaves_every_thread_all_cpus():
+    """XLA splits a large fused loop into parallel tasks by default, not after
+    start_single_core_backend, and no thread stays pinned."""
+    default, single = _probe_backend("default"), _probe_backend("single")
     assert default["split"] and not single["split"]
     assert single["masks"] == [single["cpus"]]
+
+
+@MULTI_CPU_LINUX
+def test_a_twin_shard_process_runs_its_kernels_on_one_core_and_leaves_every_thread_all_cpus():
+    """A shard owns one core: its filter dispatches are not split across threads (`TwinShardProcess`)."""
+    shard = _probe_backend("shard")
+    assert not shard["split"]
+    assert shard["masks"] == [shard["cpus"]]
 
 
 RK4_REAL_AXIS_LIMIT = float(-min(r.real for r in np.roots([1 / 24, 1 / 6, 1 / 2, 1]) if abs(r.imag) < 1e-12))
