@@ -72,7 +72,7 @@ def batch_jit(fun: Callable, *, static_argnames: tuple[str, ...] = ()) -> Callab
 def start_single_core_backend() -> None:
     """Start this process's JAX backends sized for one core (see module docstring).
 
-    For worker processes that own one CPU (a ``num_cpus=1`` Ray task). XLA reads the CPU count
+    For worker processes that own one CPU (a ``num_cpus=1`` sweep task, a twin shard). XLA reads the CPU count
     from the affinity of the thread that starts the backend, and the threads it starts inherit
     that affinity; so the starting thread is narrowed to one CPU only while the backends start,
     then it and every thread started meanwhile get its CPU set back, and the OS schedules the
