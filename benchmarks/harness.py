@@ -261,6 +261,30 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+CPU_KINDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+"""The kinds of CPU time `/proc/stat` counts, in its order."""
+
+
+def cpu_times() -> tuple[int, ...] | None:
+    """The machine's CPU time so far by kind (`CPU_KINDS`, in `/proc/stat` ticks); None where there is none."""
+    try:
+        with open("/proc/stat") as f:
+            return tuple(int(x) for x in f.readline().split()[1:1 + len(CPU_KINDS)])
+    except (OSError, ValueError):
+        return None
+
+
+def cpu_split(before: tuple[int, ...] | None, after: tuple[int, ...] | None) -> dict[str, float] | None:
+    """How the machine's CPUs spent the time between two `cpu_times` readings, in percent by kind.
+
+    Why: these machines are shared, and one figure differs by half between a quiet and a busy hour; the
+    idle share says whether cores were left, steal whether the hypervisor took them, with every figure."""
+    if before is None or after is None or sum(after) <= sum(before):
+        return None
+    spent = [b - a for a, b in zip(before, after)]
+    return {kind: round(100 * t / sum(spent), 1) for kind, t in zip(CPU_KINDS, spent)}
+
+
 def git_short(commit: str) -> str:
     return commit[:12] + ("+dirty" if commit.endswith("+dirty") else "")
 
@@ -271,13 +295,14 @@ def run_benchmarks(names: list[str] | None, ctx: BenchContext) -> dict[str, Any]
     record: dict[str, Any] = {"machine": machine_info(), "quick": ctx.quick, "benchmarks": {}}
     for bench in selected:
         log.info("bench=%s status=start", bench.name)
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), cpu_times()
         try:
             result = bench.fn(ctx).as_dict()
         except Exception as exc:  # a broken benchmark must not hide the others' figures
             log.exception("bench=%s status=failed", bench.name)
             result = {"error": f"{type(exc).__name__}: {exc}"}
         result["wall_s"] = round(time.perf_counter() - t0, 2)
+        result["machine_cpu_pct"] = cpu_split(cpu0, cpu_times())
         record["benchmarks"][bench.name] = result
         log.info("bench=%s status=done wall_s=%.1f", bench.name, result["wall_s"])
     return record
@@ -350,6 +375,10 @@ def markdown_table(record: dict[str, Any]) -> str:
             target = "" if f["meets_target"] is None else f"{f['target']}: {'met' if f['meets_target'] else 'MISSED'}"
             lines.append(f"| {bench_name} | {f['name']} | {_fmt(f['value'], f['unit'])} | {baseline} | {ratio} "
                          f"| {target} |")
+    split = [f"{name} " + "/".join(f"{cpu[k]:g}" for k in ("user", "nice", "system", "idle", "steal"))
+             for name, result in record["benchmarks"].items() if (cpu := result.get("machine_cpu_pct"))]
+    if split:
+        lines += ["", "The machine's CPUs while each ran, user/nice/system/idle/steal %: " + "; ".join(split) + "."]
     return "\n".join(lines) + "\n"
 
 

@@ -27,7 +27,7 @@ from actors.heap import freeze_heap
 from actors.shard import TwinShard
 from actors.telemetry import TELEMETRY_SCHEMA, validate_table
 from actors.twin import Twin, apply_many, logged_event
-from benchmarks.harness import BenchContext, BenchResult, Figure, benchmark
+from benchmarks.harness import BenchContext, BenchResult, Figure, benchmark, cpu_split, cpu_times
 from benchmarks.sweep import cluster_cpus
 from raytwin.contracts import Asset, AssetType, TelemetryEvent
 from raytwin.registry import ModelArtifact, ModelRegistry
@@ -307,8 +307,10 @@ def ingestion(ctx: BenchContext) -> BenchResult:
 
             stream = LiveStream(feed, latency_rate, latency_s)
             probe = ProbedTwin(service, feed.assets[-1])
+            cpu0 = cpu_times()
             with probe:
                 stream_report = service.ingest_stream(TENANT, stream.rows())
+            res.checks["machine_cpu_pct_during_stream"] = cpu_split(cpu0, cpu_times())
             service.flush()
             applied = sum(service.state(TENANT, a).events_applied for a in feed.assets)
             latencies = probe.latencies_s(stream.due_times(feed.assets[-1]))

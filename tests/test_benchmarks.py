@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from benchmarks import lorenz_ensemble, sweep_gpu
 from benchmarks.cli import bench_app
 from benchmarks.fmu import AGREEMENT_ATOL
-from benchmarks.harness import BenchContext, Figure, measure, select
+from benchmarks.harness import CPU_KINDS, BenchContext, Figure, cpu_split, cpu_times, markdown_table, measure, select
 from benchmarks.load import paced_sync
 from benchmarks.roofline import rk4_flops_jaxpr
 from benchmarks.thermal_scenarios import (
@@ -50,6 +50,17 @@ def test_absolute_targets():
     assert Figure("p95", 8.0, "ms", target_max=10.0).meets_target
     assert not Figure("rate", 5e4, "events/s", target_min=1e5).meets_target
     assert Figure("p95", 8.0, "ms", target_max=10.0).target_text() == "<= 10 ms"
+
+
+def test_cpu_split_is_the_share_of_each_kind_of_cpu_time_between_two_readings():
+    before = (100, 50, 20, 1000, 0, 0, 5, 7)
+    after = (130, 60, 30, 1040, 0, 0, 5, 17)  # 100 ticks: 30 user, 10 nice, 10 system, 40 idle, 10 steal
+    assert cpu_split(before, after) == {"user": 30.0, "nice": 10.0, "system": 10.0, "idle": 40.0, "iowait": 0.0,
+                                        "irq": 0.0, "softirq": 0.0, "steal": 10.0}
+    assert cpu_split(None, after) is None and cpu_split(after, after) is None  # no reading, or no time between
+    now = cpu_times()
+    if now is not None:  # Linux: one count per kind
+        assert len(now) == len(CPU_KINDS)
 
 
 def test_paced_load_counts_failures_and_measures_from_due_time():
@@ -112,6 +123,11 @@ def quick(tmp_path, *names: str) -> dict:
 def test_bench_cli_quick_end_to_end(ray_session, tmp_path):
     record = quick(tmp_path, "sweep", "roofline", "sweep-kits", "model-checks")
     assert {"cpu_model", "cpu_count", "jax_devices", "packages", "commit", "date_utc"} <= set(record["machine"])
+    if cpu_times() is not None:  # each benchmark says how busy the machine's CPUs were while it ran
+        for result in record["benchmarks"].values():
+            assert set(result["machine_cpu_pct"]) == set(CPU_KINDS)
+            assert sum(result["machine_cpu_pct"].values()) == pytest.approx(100, abs=0.5)
+        assert "The machine's CPUs while each ran" in markdown_table(record)
     sweep = record["benchmarks"]["sweep"]
     assert "error" not in sweep
     # every implementation agreed with float64 NumPy before anything was timed
@@ -173,6 +189,8 @@ def test_gpu_sweep_without_a_gpu_measures_nothing_and_says_why(monkeypatch):
 def test_bench_quick_ingest(ray_session, tmp_path):
     ingest = quick(tmp_path, "ingest")["benchmarks"]["ingest"]
     assert ingest["checks"]["events_applied_total"] == ingest["checks"]["events_sent"] > 0
+    if cpu_times() is not None:
+        assert ingest["checks"]["machine_cpu_pct_during_stream"]["idle"] < 100  # the stream's own window
     assert ingest["checks"]["stream_accepted"] > 0 and ingest["checks"]["latency_events"] > 0
 
 
