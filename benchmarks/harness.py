@@ -282,7 +282,8 @@ def cpu_split(before: tuple[int, ...] | None, after: tuple[int, ...] | None) -> 
     if before is None or after is None or sum(after) <= sum(before):
         return None
     spent = [b - a for a, b in zip(before, after)]
-    return {kind: round(100 * t / sum(spent), 1) for kind, t in zip(CPU_KINDS, spent)}
+    total = sum(spent)
+    return {kind: round(100 * t / total, 1) for kind, t in zip(CPU_KINDS, spent)}
 
 
 def git_short(commit: str) -> str:
