@@ -448,9 +448,9 @@ class TwinShardProcess(TwinShard):
     """A shard as the only tenant of a Ray worker process: it owns that process's log set-up, its
     garbage collector (`actors.heap.freeze_heap` before the first batch after start or
     registrations) and its JAX backend, sized for the one core a shard has
-    (`raytwin.sim.cpu.start_single_core_backend`: XLA otherwise split each filter dispatch across
-    a thread per core of the node, each hand-off waiting for that thread to be scheduled on cores
-    the other shards and the driver keep busy)."""
+    (`raytwin.sim.cpu.start_single_core_backend`: XLA otherwise splits a dispatch's large fused loops
+    into tasks for a thread per core of the node, each hand-off waiting for that thread to be
+    scheduled on cores the other shards and the driver keep busy)."""
 
     def __init__(self, *args: Any, **kwargs: Any):
         component_logging()

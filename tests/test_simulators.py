@@ -211,7 +211,8 @@ if sys.argv[1] == "single":
 elif sys.argv[1] == "shard":  # a twin shard's process, as Ray starts it
     import tempfile
     from actors.shard import TwinShardProcess
-    TwinShardProcess(tempfile.mkdtemp(), 0, 1, allowed_lateness_s=60.0, snapshot_every=100)
+    with tempfile.TemporaryDirectory() as store:
+        TwinShardProcess(store, 0, 1, allowed_lateness_s=60.0, snapshot_every=100)
 x = jnp.ones(1 << 20, jnp.float32)
 hlo = jax.jit(lambda x: jnp.sin(x) * 2.0 + x).lower(x).compile().as_text()
 masks = set()
