@@ -279,11 +279,11 @@ def cpu_split(before: tuple[int, ...] | None, after: tuple[int, ...] | None) -> 
 
     Why: these machines are shared, and one figure differs by half between a quiet and a busy hour; the
     idle share says whether cores were left, steal whether the hypervisor took them, with every figure."""
-    if before is None or after is None or sum(after) <= sum(before):
+    if before is None or after is None:
         return None
     spent = [b - a for a, b in zip(before, after)]
     total = sum(spent)
-    return {kind: round(100 * t / total, 1) for kind, t in zip(CPU_KINDS, spent)}
+    return {kind: round(100 * t / total, 1) for kind, t in zip(CPU_KINDS, spent)} if total > 0 else None
 
 
 def git_short(commit: str) -> str:
