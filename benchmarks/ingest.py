@@ -134,14 +134,18 @@ class ProbedTwin:
     def __init__(self, service: TwinService, asset_id: str):
         self.service, self.asset_id = service, asset_id
         self.seen: list[tuple[float, int]] = []  # (monotonic time the answer arrived, events applied)
+        self.round_trips: list[float] = []  # seconds from each query to its answer
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._poll, name="bench-probe", daemon=True)
 
     def _poll(self) -> None:
         while True:
             done = self.stop.is_set()  # one last answer after the stream ended
+            asked = time.monotonic()
             applied = self.service.state(TENANT, self.asset_id).events_applied
-            self.seen.append((time.monotonic(), applied))
+            answered = time.monotonic()
+            self.seen.append((answered, applied))
+            self.round_trips.append(answered - asked)
             if done:
                 return
             self.stop.wait(PROBE_INTERVAL_S)
@@ -170,6 +174,11 @@ class ProbedTwin:
         """Time between consecutive answers: the resolution of `latencies_s` (a query waits for the
         shard's ingest call in progress, so answers come less often than every `PROBE_INTERVAL_S`)."""
         return np.diff([t for t, _ in self.seen])
+
+    def round_trips_s(self) -> np.ndarray:
+        """Each query's time to its answer: how much of `answer_gaps_s` beyond `PROBE_INTERVAL_S` is the
+        wait for the shard (an idle service answers in 1-2 ms on a 2-core VM)."""
+        return np.array(self.round_trips)
 
 
 def paced(rate_per_s: float, duration_s: float) -> Iterator[int]:
@@ -314,7 +323,7 @@ def ingestion(ctx: BenchContext) -> BenchResult:
             service.flush()
             applied = sum(service.state(TENANT, a).events_applied for a in feed.assets)
             latencies = probe.latencies_s(stream.due_times(feed.assets[-1]))
-            gaps = probe.answer_gaps_s()
+            gaps, round_trips = probe.answer_gaps_s(), probe.round_trips_s()
             res.checks.update({"events_sent": feed.sent, "events_applied_total": applied,
                                "stream_accepted": stream_report.accepted, "probe_polls": probe.polls,
                                "latency_events": int(latencies.size)})
@@ -331,6 +340,9 @@ def ingestion(ctx: BenchContext) -> BenchResult:
                target_max=LATENCY_P95_TARGET_MS),
         Figure("probe: time between answers p50 (the resolution of ingest->queryable)", np.percentile(gaps, 50) * 1e3, "ms"),
         Figure("probe: time between answers p95", np.percentile(gaps, 95) * 1e3, "ms"),
+        Figure("probe: state query round trip p50 (waits for the shard's ingest call in progress)",
+               np.percentile(round_trips, 50) * 1e3, "ms"),
+        Figure("probe: state query round trip p95", np.percentile(round_trips, 95) * 1e3, "ms"),
         Figure(f"achieved rate at {latency_rate:,.0f} events/s offered", stream.sent / stream.elapsed_s, "events/s"),
         Figure(f"stream hand-off (reader thread -> consumer) at {latency_rate:,.0f} events/s: driver CPU per event",
                handoff_cpu_s * 1e6, "us"),

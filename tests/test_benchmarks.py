@@ -192,6 +192,11 @@ def test_bench_quick_ingest(ray_session, tmp_path):
     if cpu_times() is not None:
         assert ingest["checks"]["machine_cpu_pct_during_stream"]["idle"] < 100  # the stream's own window
     assert ingest["checks"]["stream_accepted"] > 0 and ingest["checks"]["latency_events"] > 0
+    figures = {f["name"]: f["value"] for f in ingest["figures"]}
+    gap, round_trip = (figures[f"probe: {what} p50" + rest] for what, rest in (
+        ("time between answers", " (the resolution of ingest->queryable)"),
+        ("state query round trip", " (waits for the shard's ingest call in progress)")))
+    assert 0 < round_trip < gap  # an answer's gap is its round trip plus the poll interval
 
 
 def test_bench_quick_calibration(ray_session, tmp_path):
