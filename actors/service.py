@@ -215,6 +215,8 @@ class TwinService:
             except ray.exceptions.GetTimeoutError:
                 if actor_restarting(shard):  # a busy shard that is alive is waited for
                     break
+            except ray.exceptions.ActorUnavailableError:  # refused by the restarting shard (its call retries spent)
+                break
         log.info("event=stale_read tenant=%s asset=%s", tenant, asset_id)
         return self._found(tenant, asset_id, durable_state(self.store, tenant, asset_id))
 

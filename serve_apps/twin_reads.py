@@ -18,7 +18,8 @@ than the rest of the query on the direct-ingress path; at 500 queries/s of one t
 window turns 500 shard calls into ~10.
 
 Failover: a shard that has not answered within ``STALE_AFTER_S`` and that Ray reports as
-restarting (its process died) is not waited for: the read is answered from the
+restarting (its process died) is not waited for, and a call that Ray refuses because the shard is
+restarting (``ActorUnavailableError``, its retries spent) is not an error: the read is answered from the
 twin's last durable state (`actors.recovery.durable_state`, its latest snapshot), with
 ``stale: true`` and the header ``RayTwin-Stale: true``.
 """
@@ -108,8 +109,14 @@ class TwinReader:
         while not (await asyncio.wait({call}, timeout=STALE_AFTER_S))[0]:
             if actor_restarting(shard):  # answer from the store; the call completes (unread) later
                 call.add_done_callback(lambda done: done.cancelled() or done.exception())
-                return self._found(await asyncio.to_thread(durable_state, self._store, tenant, asset_id), asset_id)
+                return await self._durable(tenant, asset_id)
+        if isinstance(call.exception(), ray.exceptions.ActorUnavailableError):  # refused by the restarting shard
+            return await self._durable(tenant, asset_id)
         return self._found(call.result(), asset_id)
+
+    async def _durable(self, tenant: str, asset_id: str) -> dict[str, Any]:
+        """The twin's last durable state, marked stale (`actors.recovery.durable_state`)."""
+        return self._found(await asyncio.to_thread(durable_state, self._store, tenant, asset_id), asset_id)
 
     def _remember(self, key: tuple[str, str], entry: tuple[float, asyncio.Future]) -> None:
         self._recent[key] = entry

@@ -84,6 +84,35 @@ def test_reads_during_a_restart_are_stale_and_writes_meanwhile_apply_exactly_onc
     assert service.dead_letters("acme").num_rows == 0
 
 
+@ray.remote(max_retries=0)
+def _refused(*_args) -> None:
+    raise ray.exceptions.ActorUnavailableError("The actor is restarting.", None)
+
+
+class _RestartingShard:
+    """A shard handle whose calls Ray refuses, as it refuses a call that meets a restarting actor
+    once the call's retries are spent (in the test above that race is timing-dependent)."""
+
+    class state:  # noqa: N801 - the actor method's name
+        remote = _refused.remote
+
+
+def test_a_read_that_ray_refuses_during_a_restart_is_answered_stale(service, artifact, monkeypatch):
+    service.register(asset("r1"), artifact)
+    assert service.ingest("acme", events("r1", 40, seed=5)).accepted == 40
+    service.flush()
+    snap = service.store.latest_snapshot("acme", "r1")
+    monkeypatch.setattr(service, "_shard", lambda tenant, asset_id: _RestartingShard())
+    stale = service.state("acme", "r1")
+    assert stale.stale and stale.revision == snap.revision
+    with pytest.raises(UnknownTwin):
+        service.state("acme", "ghost")
+    reader = TwinReader(ServeConfig(store_url=service.store.url.removesuffix("/twins"), keys_file="unused.json",
+                                    twin_shards=1, state_cache_s=0))
+    reader._shard = lambda tenant, asset_id: _RestartingShard()
+    assert asyncio.run(reader.state("acme", "r1")) == stale.model_dump(mode="json")
+
+
 def test_a_shadow_evaluation_survives_a_sigkilled_shard(service, artifact, tmp_path):
     """Started, checkpointed, 5 events scored after the checkpoint, then SIGKILL: the restarted shard
     resumes the shadow and it concludes with the statistics of an uninterrupted in-process run."""
