@@ -94,7 +94,11 @@ class _RestartingShard:
     once the call's retries are spent (in the test above that race is timing-dependent)."""
 
     class state:  # noqa: N801 - the actor method's name
-        remote = _refused.remote
+        @staticmethod
+        def remote(*args: object) -> ray.ObjectRef:
+            ref = _refused.remote(*args)
+            ray.wait([ref], timeout=60)  # refused before the read looks (a task's first worker can take seconds)
+            return ref
 
 
 def test_a_read_that_ray_refuses_during_a_restart_is_answered_stale(service, artifact, monkeypatch):
