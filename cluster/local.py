@@ -24,7 +24,7 @@ from pathlib import Path
 
 import httpx
 
-from raytwin.ports import free_port
+from raytwin.ports import free_ports
 
 HOST = "127.0.0.1"
 DEFAULT_STATE_FILE = Path.home() / ".raytwin" / "local-cluster.json"
@@ -70,11 +70,8 @@ def _write_private(path: Path, text: str) -> None:
         out.write(text)
 
 
-def _node_ports() -> list[str]:
-    """Per-node ports that Ray would otherwise fix machine-wide (and so clash between nodes and other Rays)."""
-    names = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
-             "metrics-export-port")
-    return [f"--{name}={free_port(HOST)}" for name in names]
+NODE_PORTS = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+              "metrics-export-port")  # per node; Ray would otherwise fix them machine-wide and nodes would clash
 
 
 class LocalCluster:
@@ -106,34 +103,40 @@ class LocalCluster:
         """Start the head, then the workers, and return once every node is alive in the dashboard."""
         # A short path under /tmp: Ray's Unix sockets live below it and AF_UNIX paths are limited to 107 bytes.
         temp_dir = Path(tempfile.mkdtemp(prefix="rtw-", dir="/tmp" if os.path.isdir("/tmp") else None))
-        gcs_port, dashboard_port = free_port(HOST), free_port(HOST)
+        # Every node's ports at once, so that no two are the same (Ray refuses a node whose ports repeat).
+        nodes = self.num_workers + 1
+        gcs_port, dashboard_port, client_port, autoscaler_port, dashboard_metric_port, *node_ports = free_ports(
+            5 + nodes * len(NODE_PORTS), HOST)
         address = f"{HOST}:{gcs_port}"
         token = secrets.token_hex(32)
         _write_private(temp_dir / "auth_token", token)
         self.info = LocalClusterInfo(address, f"http://{HOST}:{dashboard_port}", str(temp_dir), token, ())
         deadline = time.monotonic() + self.startup_timeout_s
         try:
-            self._start_node(0, [
+            self._start_node(0, node_ports[:len(NODE_PORTS)], [
                 "--head", f"--port={gcs_port}", "--include-dashboard=true", f"--dashboard-host={HOST}",
-                f"--dashboard-port={dashboard_port}", f"--ray-client-server-port={free_port(HOST)}",
-            ], {"AUTOSCALER_METRIC_PORT": str(free_port(HOST)), "DASHBOARD_METRIC_PORT": str(free_port(HOST))})
+                f"--dashboard-port={dashboard_port}", f"--ray-client-server-port={client_port}",
+            ], {"AUTOSCALER_METRIC_PORT": str(autoscaler_port), "DASHBOARD_METRIC_PORT": str(dashboard_metric_port)})
             self._wait(lambda: (temp_dir / "node-0" / "ray_current_cluster").exists(), deadline, "head node")
-            for index in range(1, self.num_workers + 1):
-                self._start_node(index, [f"--address={address}"])
+            for index in range(1, nodes):
+                own = node_ports[index * len(NODE_PORTS):(index + 1) * len(NODE_PORTS)]
+                self._start_node(index, own, [f"--address={address}"])
             self._wait(lambda: self._alive_nodes() == self.num_workers + 1, deadline, "all nodes to join")
         except BaseException:
             self.stop()
             raise
         return self.info
 
-    def _start_node(self, index: int, role_args: list[str], role_env: dict[str, str] | None = None) -> None:
+    def _start_node(
+        self, index: int, ports: list[int], role_args: list[str], role_env: dict[str, str] | None = None,
+    ) -> None:
         assert self.info is not None
         node_dir = Path(self.info.temp_dir) / f"node-{index}"
         node_dir.mkdir()
         command = [
             sys.executable, "-m", "ray.scripts.scripts", "start", "--block", "--disable-usage-stats",
             f"--temp-dir={node_dir}", f"--num-cpus={self.cpus_per_node}",
-            "--num-gpus=0", f"--object-store-memory={self.object_store_mb * 2**20}", *_node_ports(), *role_args,
+            "--num-gpus=0", f"--object-store-memory={self.object_store_mb * 2**20}", *(f"--{name}={port}" for name, port in zip(NODE_PORTS, ports, strict=True)), *role_args,
         ]
         env = {key: value for key, value in os.environ.items() if key not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN")}
         # Ray's gRPC ports listen on the machine's IP, so the cluster always requires its own token, whatever

@@ -6,6 +6,7 @@ The pytest process never calls `ray.init()`: everything runs in the cluster's ow
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -170,3 +171,13 @@ def test_job_submit_refuses_an_invalid_raytwin_entrypoint_before_contacting_a_cl
                                           str(tmp_path / "none.json"), "--", "raytwin", "sweep", "--scenarios", "10"])
     assert result.exit_code == 1 and "is not a valid raytwin command" in result.output
     assert "see `raytwin sweep --help`" in result.output
+
+
+def test_no_two_node_ports_of_the_local_cluster_are_the_same(local_cluster: LocalClusterInfo) -> None:
+    """Ray refuses to start a node whose components share a port; across nodes they would clash on bind."""
+    given = [int(arg.split("=")[1]) for pid in local_cluster.pids
+             for arg in subprocess.run(["ps", "-ww", "-o", "args=", "-p", str(pid)], capture_output=True, text=True,
+                                       check=True).stdout.split()
+             if arg.startswith("--") and arg.split("=")[0].endswith("port")]
+    assert len(given) == 4 + 4 + 3  # four per node, and the head's GCS, dashboard and client ports
+    assert len(set(given)) == len(given)
