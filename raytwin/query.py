@@ -303,7 +303,8 @@ def needs_state(expr: Expr) -> bool:
 # --------------------------------------------------------------------------- evaluation ----
 @dataclass(frozen=True)
 class Record:
-    """What a query sees of one asset; `state`/`std` None: live state not loaded (or no twin)."""
+    """What a query sees of one asset; `state`/`std` None: live state not loaded (or no twin);
+    `stale`: the state is the twin's last durable one (its shard was restarting)."""
 
     id: str
     type: str
@@ -312,6 +313,7 @@ class Record:
     relationships: Mapping[str, tuple[str, ...]]
     state: Mapping[str, float] | None = None
     std: Mapping[str, float] | None = None
+    stale: bool = False
 
     @classmethod
     def of(cls, asset: Any, state: Mapping[str, Any] | None = None) -> Record:
@@ -323,11 +325,11 @@ class Record:
                    {k: tuple(v) for k, v in rels.items()}).with_state(state)
 
     def with_state(self, state: Mapping[str, Any] | None) -> Record:
-        """This record with a twin's live state (a dict with ``state`` and ``std``) attached: what the
-        catalog built once is reused by every query instead of being rebuilt per asset."""
+        """This record with a twin's live state (a dict with ``state``, ``std`` and optionally ``stale``)
+        attached: what the catalog built once is reused by every query instead of being rebuilt per asset."""
         if state is None:
-            return self if self.state is None else replace(self, state=None, std=None)
-        return replace(self, state=state.get("state", {}), std=state.get("std", {}))
+            return self if self.state is None else replace(self, state=None, std=None, stale=False)
+        return replace(self, state=state.get("state", {}), std=state.get("std", {}), stale=bool(state.get("stale")))
 
     def values(self, field: Field) -> tuple[Value, ...]:
         """The field's values (none: missing; several: relationship targets)."""

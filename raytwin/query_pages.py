@@ -107,7 +107,8 @@ def after(rows: Sequence[Record], keys: Sequence[SortKey], position: Sequence[An
 
 
 def project(record: Record, fields: Sequence[str] = DEFAULT_FIELDS) -> dict[str, Any]:
-    """The record as JSON with only `fields` (always its id)."""
+    """The record as JSON with only `fields` (always its id), and ``"stale": true`` where it shows
+    twin state that is the twin's last durable one (`Record.stale`)."""
     out: dict[str, Any] = {"id": record.id}
     for spec in fields:
         root, _, name = spec.partition(".")
@@ -121,6 +122,8 @@ def project(record: Record, fields: Sequence[str] = DEFAULT_FIELDS) -> dict[str,
             part.update(whole)
         elif name in whole:
             part[name] = whole[name]
+    if record.stale and ("state" in out or "std" in out):
+        out["stale"] = True
     return out
 
 

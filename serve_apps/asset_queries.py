@@ -3,7 +3,8 @@
 The backend (which owns the catalog) runs the catalog half: it drops every asset that no live
 state could make match (`raytwin.query.evaluate` with ``live=False``) and walks the graph. The
 ingress runs the rest: it reads the live state of the remaining candidates in bulk (one call per
-twin shard, `LiveStates`), decides them, sorts and pages. A query without `state.*`/`std.*`
+twin shard, `LiveStates`; a restarting shard's twins from their last durable state, marked stale),
+decides them, sorts and pages. A query without `state.*`/`std.*`
 never touches a shard.
 """
 
@@ -71,7 +72,8 @@ class LiveStates:
         self._recent.pop((tenant, asset_id), None)
 
     async def get(self, tenant: str, asset_ids: list[str]) -> dict[str, dict[str, Any]]:
-        """asset id -> {"state", "std", "revision"}; twins without state are left out."""
+        """asset id -> {"state", "std", "revision"}, and ``"stale": True`` where the twin's shard was
+        restarting and the state is its last durable one; twins without state are left out."""
         now = self._clock()
         out: dict[str, dict[str, Any]] = {}
         by_shard: dict[Any, list[str]] = defaultdict(list)
@@ -82,7 +84,7 @@ class LiveStates:
                     out[asset_id] = hit[1]
             else:
                 by_shard[self.reader.shard(tenant, asset_id)].append(asset_id)
-        replies = await asyncio.gather(*(h.states.remote(tenant, ids) for h, ids in by_shard.items()))
+        replies = await asyncio.gather(*(self.reader.states(h, tenant, ids) for h, ids in by_shard.items()))
         for ids, reply in zip(by_shard.values(), replies, strict=True):
             out.update(reply)
             if self.max_age_s > 0:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Query, Request
+from fastapi import FastAPI, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from raytwin.contracts import RelationshipKind
@@ -88,14 +88,18 @@ def register(app: FastAPI) -> None:
     tags = ["queries"]
 
     @app.post("/v1/query", response_model=QueryPage, tags=tags)
-    async def query_assets(body: QueryRequest, request: Request, who: Principal = READER,
+    async def query_assets(body: QueryRequest, request: Request, response: Response, who: Principal = READER,
                            svc: Services = SVC) -> QueryPage:
         """Filter, sort, project and page the caller's assets and their twins' live state
         (language and examples: serve_apps/README.md, "Queries"). Malformed `q`, `sort` or
-        `fields`: 422 with the position in `details`; a cursor altered or from another query: 422."""
+        `fields`: 422 with the position in `details`; a cursor altered or from another query: 422.
+        While a twin shard restarts, its twins' state is their last durable one: such items say
+        `"stale": true` and the response has the header `RayTwin-Stale: true`."""
         expr, keys, fields = _checked(body)
         secret = await _secret(request, svc)
         records = await _matching(request, svc, who.tenant, expr, shown_state(keys, fields))
+        if any(r.stale for r in records):  # state that decided or sorted the query, shown or not
+            response.headers["RayTwin-Stale"] = "true"
         try:
             page = paginate(records, keys, fields, body.limit, secret, fingerprint(who.tenant, body.q, body.sort),
                             body.cursor)

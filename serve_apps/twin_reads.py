@@ -17,11 +17,12 @@ costs ~1.5 ms CPU per query between the Ingress and the shard (README, "Performa
 than the rest of the query on the direct-ingress path; at 500 queries/s of one twin a 0.1 s
 window turns 500 shard calls into ~10.
 
-Failover: a shard that has not answered within ``STALE_AFTER_S`` and that Ray reports as
-restarting (its process died) is not waited for, and a call that Ray refuses because the shard is
-restarting (``ActorUnavailableError``, its retries spent) is not an error: the read is answered from the
-twin's last durable state (`actors.recovery.durable_state`, its latest snapshot), with
-``stale: true`` and the header ``RayTwin-Stale: true``.
+Failover (`live_or_durable`): a shard that has not answered within ``STALE_AFTER_S`` and that Ray
+reports as restarting (its process died) is not waited for, and a call that Ray refuses because the
+shard is restarting (``ActorUnavailableError``, its retries spent) is not an error: the read is answered
+from the twin's last durable state (`actors.recovery.durable_state`, its latest snapshot), with
+``stale: true`` and the header ``RayTwin-Stale: true``. Queries over many twins do the same per shard
+(`serve_apps.asset_queries.LiveStates`).
 """
 
 from __future__ import annotations
@@ -29,9 +30,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import ray
 
@@ -43,8 +44,32 @@ from serve_apps.config import ServeConfig
 from serve_apps.errors import Gone, NotFound, unwrap
 
 
+T = TypeVar("T")
+
 STALE_AFTER_S = 0.25
 """How long a current-state read waits for its shard before asking whether the shard is restarting."""
+
+
+async def live_or_durable(shard: Any, call: Awaitable[T], durable: Callable[[], Awaitable[T]]) -> T:
+    """The answer of `call` to `shard`, or, once the shard turns out to be restarting, `durable()` (the
+    twins' last durable state, marked stale) unless the restarted shard answers first.
+
+    A shard that is slow but alive is waited for; a call that Ray refuses because the shard is restarting
+    is answered by `durable()` (the call's retries are spent).
+    """
+    answer = asyncio.ensure_future(call)
+    while not (await asyncio.wait({answer}, timeout=STALE_AFTER_S))[0]:
+        if actor_restarting(shard):
+            stored = asyncio.ensure_future(durable())
+            await asyncio.wait({answer, stored}, return_when=asyncio.FIRST_COMPLETED)
+            if answer.done() and answer.exception() is None:  # back before the store answered
+                stored.cancel()
+                return answer.result()
+            answer.add_done_callback(lambda done: done.cancelled() or done.exception())  # completes unread
+            return await stored
+    if isinstance(answer.exception(), ray.exceptions.ActorUnavailableError):
+        return await durable()
+    return answer.result()
 
 
 class TwinReader:
@@ -105,18 +130,20 @@ class TwinReader:
 
     async def _fetch(self, tenant: str, asset_id: str) -> dict[str, Any]:
         shard = self._shard(tenant, asset_id)
-        call = asyncio.ensure_future(shard.state.remote(tenant, asset_id))
-        while not (await asyncio.wait({call}, timeout=STALE_AFTER_S))[0]:
-            if actor_restarting(shard):  # answer from the store; the call completes (unread) later
-                call.add_done_callback(lambda done: done.cancelled() or done.exception())
-                return await self._durable(tenant, asset_id)
-        if isinstance(call.exception(), ray.exceptions.ActorUnavailableError):  # refused by the restarting shard
-            return await self._durable(tenant, asset_id)
-        return self._found(call.result(), asset_id)
+        state = await live_or_durable(shard, shard.state.remote(tenant, asset_id),
+                                         lambda: asyncio.to_thread(durable_state, self._store, tenant, asset_id))
+        return self._found(state, asset_id)
 
-    async def _durable(self, tenant: str, asset_id: str) -> dict[str, Any]:
-        """The twin's last durable state, marked stale (`actors.recovery.durable_state`)."""
-        return self._found(await asyncio.to_thread(durable_state, self._store, tenant, asset_id), asset_id)
+    async def states(self, shard: Any, tenant: str, asset_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """`TwinShard.states` of the tenant's twins among `asset_ids`, all held by `shard`; while it
+        restarts, their last durable state, each marked ``"stale": True``."""
+        return await live_or_durable(shard, shard.states.remote(tenant, asset_ids),
+                                     lambda: asyncio.to_thread(self._durable_states, tenant, asset_ids))
+
+    def _durable_states(self, tenant: str, asset_ids: list[str]) -> dict[str, dict[str, Any]]:
+        found = ((asset_id, durable_state(self._store, tenant, asset_id)) for asset_id in asset_ids)
+        return {asset_id: {"state": s.state, "std": s.std, "revision": s.revision, "stale": True}
+                for asset_id, s in found if s is not None}
 
     def _remember(self, key: tuple[str, str], entry: tuple[float, asyncio.Future]) -> None:
         self._recent[key] = entry

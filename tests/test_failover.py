@@ -24,6 +24,7 @@ from raytwin.lifecycle import Actor, ModelLifecycle
 from raytwin.registry import ModelRegistry
 from raytwin.shadow import InnovationStats, compare, conclude
 from raytwin.sim import THERMAL_RC
+from serve_apps.asset_queries import LiveStates
 from serve_apps.config import ServeConfig
 from serve_apps.twin_reads import TwinReader
 from tests.test_twins import (  # noqa: F401 (fixtures)
@@ -64,10 +65,13 @@ def test_reads_during_a_restart_are_stale_and_writes_meanwhile_apply_exactly_onc
     os.kill(ray.get(shard.pid.remote()), signal.SIGKILL)
     stale = service.state("acme", "f1")  # answered while the shard restarts, not after
     assert stale.stale and stale.revision == snap.revision
-    # the API's read path (Serve ingress replicas read shards directly) answers the same
+    # the API's read path (Serve ingress replicas read shards directly) answers the same, also for queries
     reader = TwinReader(ServeConfig(store_url=service.store.url.removesuffix("/twins"), keys_file="unused.json",
                                     twin_shards=1, state_cache_s=0))
     assert asyncio.run(reader.state("acme", "f1")) == stale.model_dump(mode="json")
+    queried = asyncio.run(LiveStates(reader).get("acme", ["f1", "f2"]))
+    assert queried["f1"] == {"state": stale.state, "std": stale.std, "revision": snap.revision, "stale": True}
+    assert queried["f2"]["stale"] and queried["f2"]["revision"] == 0
     # the snapshot's state is the uninterrupted run over the events it covers
     assert_same_state(stale, reference(artifact, "f1", evs[:snap.revision], **OPTS).view())
     prior = service.state("acme", "f2")
@@ -100,6 +104,8 @@ class _RestartingShard:
             ray.wait([ref], timeout=60)  # refused before the read looks (a task's first worker can take seconds)
             return ref
 
+    states = state  # the bulk read of queries
+
 
 def test_a_read_that_ray_refuses_during_a_restart_is_answered_stale(service, artifact, monkeypatch):
     service.register(asset("r1"), artifact)
@@ -115,6 +121,9 @@ def test_a_read_that_ray_refuses_during_a_restart_is_answered_stale(service, art
                                     twin_shards=1, state_cache_s=0))
     reader._shard = lambda tenant, asset_id: _RestartingShard()
     assert asyncio.run(reader.state("acme", "r1")) == stale.model_dump(mode="json")
+    # queries read many twins in one call per shard: the same durable state, marked stale
+    got = asyncio.run(LiveStates(reader).get("acme", ["r1", "ghost"]))
+    assert got == {"r1": {"state": stale.state, "std": stale.std, "revision": snap.revision, "stale": True}}
 
 
 def test_a_shadow_evaluation_survives_a_sigkilled_shard(service, artifact, tmp_path):

@@ -220,3 +220,17 @@ def test_graph_walks_are_cycle_safe_and_depth_limited():
     short = walk(adjacency(assets, "ancestors", ["feeds"]), "zone1", 2)
     assert [r.id for r in short.reached] == ["ahu", "chiller"] and short.truncated
     assert [r.id for r in walk(adjacency(assets, "ancestors"), "fan", 3).reached] == ["tower", "loop", "pump"]
+
+
+def test_items_showing_state_from_the_store_say_stale():
+    asset = SimpleNamespace(id="a1", type_name="t", type_version="1.0.0", metadata={"site": "north"},
+                            relationships=[])
+    stale = Record.of(asset, {"state": {"T_in": 290.0}, "std": {"T_in": 0.5}, "stale": True})
+    live = stale.with_state({"state": {"T_in": 291.0}, "std": {"T_in": 0.4}})
+    assert stale.stale and not live.stale and not stale.with_state(None).stale
+    keys, bound = parse_sort([]), fingerprint("acme", "", [])
+    [shown] = paginate([stale], keys, ["state.T_in"], 10, SECRET, bound).items
+    assert shown == {"id": "a1", "state": {"T_in": 290.0}, "stale": True}
+    [hidden] = paginate([stale], keys, ["metadata.site"], 10, SECRET, bound).items
+    assert hidden == {"id": "a1", "metadata": {"site": "north"}}  # no state shown: nothing stale shown
+    assert paginate([live], keys, ["std"], 10, SECRET, bound).items == [{"id": "a1", "std": {"T_in": 0.4}}]

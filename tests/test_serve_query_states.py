@@ -23,7 +23,8 @@ class FakeShard:
 
 def reader(shards: list[FakeShard], max_age_s: float = 0.1):
     return SimpleNamespace(max_age_s=max_age_s, max_entries=100, on_forget=[],
-                           shard=lambda tenant, asset_id: shards[int(asset_id[1:]) % len(shards)])
+                           shard=lambda tenant, asset_id: shards[int(asset_id[1:]) % len(shards)],
+                           states=lambda shard, tenant, ids: shard.states.remote(tenant, ids))
 
 
 def test_misses_are_read_in_one_call_per_shard_and_cached_within_the_window():

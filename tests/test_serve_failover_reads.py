@@ -1,0 +1,59 @@
+"""`serve_apps.twin_reads.live_or_durable`, without Ray: when a read is answered from the store (a
+restarting shard, a call Ray refuses) and when it waits for the shard (a busy shard, or one that is
+back before the store answered)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import ray
+
+from serve_apps import twin_reads
+from serve_apps.twin_reads import STALE_AFTER_S, live_or_durable
+
+
+async def _after(delay_s: float, value: str) -> str:
+    await asyncio.sleep(delay_s)
+    return value
+
+
+async def _refused() -> str:
+    raise ray.exceptions.ActorUnavailableError("The actor is restarting.", None)
+
+
+def _read(restarting: bool, call, durable_s: float, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setattr(twin_reads, "actor_restarting", lambda shard: restarting)
+    return asyncio.run(live_or_durable(object(), call, lambda: _after(durable_s, "stored")))
+
+
+def test_a_restarting_shard_is_answered_from_the_store(monkeypatch):
+    assert _read(True, _after(10.0, "live"), 0.0, monkeypatch) == "stored"
+
+
+def test_a_shard_back_before_the_store_answers_is_read_live(monkeypatch):
+    assert _read(True, _after(STALE_AFTER_S + 0.05, "live"), 10.0, monkeypatch) == "live"
+
+
+def test_a_busy_shard_that_is_alive_is_waited_for(monkeypatch):
+    assert _read(False, _after(3 * STALE_AFTER_S, "live"), 0.0, monkeypatch) == "live"
+
+
+def test_a_call_ray_refuses_is_answered_from_the_store(monkeypatch):
+    assert _read(False, _refused(), 0.0, monkeypatch) == "stored"
+
+
+def test_a_refusal_after_the_restart_was_seen_waits_for_the_store(monkeypatch):
+    async def refused_later() -> str:
+        await asyncio.sleep(STALE_AFTER_S + 0.05)
+        return await _refused()
+
+    assert _read(True, refused_later(), 0.5, monkeypatch) == "stored"
+
+
+def test_other_errors_of_the_shard_are_raised(monkeypatch):
+    async def broken() -> str:
+        raise RuntimeError("a bug in the shard")
+
+    with pytest.raises(RuntimeError, match="a bug"):
+        _read(False, broken(), 0.0, monkeypatch)
