@@ -47,6 +47,7 @@ from actors.routing import shard_index, shard_name
 from actors.shard import TwinShardActor
 from actors.state import IngestReport, TwinState, UnknownTwin
 from actors.telemetry import validated_table
+from raytwin import metrics
 from raytwin.contracts import Asset, Identifier, TelemetryEvent
 from raytwin.migration import MigrationPlan
 from raytwin.registry import ModelArtifact
@@ -218,7 +219,9 @@ class TwinService:
             except ray.exceptions.ActorUnavailableError:  # refused by the restarting shard (its call retries spent)
                 break
         log.info("event=stale_read tenant=%s asset=%s", tenant, asset_id)
-        return self._found(tenant, asset_id, durable_state(self.store, tenant, asset_id))
+        state = self._found(tenant, asset_id, durable_state(self.store, tenant, asset_id))
+        metrics.STALE_READS.inc(read="state")
+        return state
 
     def clear_drift(self, tenant: str, asset_id: str) -> TwinState:
         """Acknowledge a twin's drift alarm: its detector restarts from zero (a persisting fault is

@@ -211,6 +211,8 @@ SHARD_BACKLOG = gauge("raytwin_shard_backlog_events", "Events sent to a shard an
 BACKPRESSURE = counter("raytwin_ingest_backpressure_seconds", "Time ingestion waited for busy shards [s].")
 TWINS = gauge("raytwin_twins", "Live twins held by a shard.", "shard")
 TWINS_DRIFTING = gauge("raytwin_twins_drifting", "Twins whose filter flags model/data drift.", "shard")
+STALE_READS = counter("raytwin_stale_reads", "Twin states answered from the twin's last durable state because "
+                      "its shard was restarting, by read (state: one twin; query: asset queries).", "read")
 # ---- scenarios, sweeps, jobs, calibration ------------------------------------------------------
 SCENARIO_STEPS = counter("raytwin_scenario_steps", "Simulated scenario-steps (scenarios x steps), by kind "
                          "(scenario: API runs and jobs; sweep: every sweep).", "kind")

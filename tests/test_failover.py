@@ -15,6 +15,7 @@ import pytest
 import ray
 
 from actors import TwinService, UnknownTwin
+from actors import service as service_module
 from actors.failover import compilation_cache
 from actors.recovery import durable_state
 from actors.shadow import shadow_twin
@@ -26,6 +27,7 @@ from raytwin.shadow import InnovationStats, compare, conclude
 from raytwin.sim import THERMAL_RC
 from serve_apps.asset_queries import LiveStates
 from serve_apps.config import ServeConfig
+from serve_apps import twin_reads
 from serve_apps.twin_reads import TwinReader
 from tests.test_twins import (  # noqa: F401 (fixtures)
     STEP_S,
@@ -107,11 +109,25 @@ class _RestartingShard:
     states = state  # the bulk read of queries
 
 
+class _Counted:
+    """Stands in for `raytwin.metrics` where a module records stale reads; keeps the counts by read."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, float] = {}
+        self.STALE_READS = self
+
+    def inc(self, value: float = 1.0, read: str = "") -> None:
+        self.counts[read] = self.counts.get(read, 0) + value
+
+
 def test_a_read_that_ray_refuses_during_a_restart_is_answered_stale(service, artifact, monkeypatch):
     service.register(asset("r1"), artifact)
     assert service.ingest("acme", events("r1", 40, seed=5)).accepted == 40
     service.flush()
     snap = service.store.latest_snapshot("acme", "r1")
+    counted = _Counted()  # operators see reads answered stale (`ray_raytwin_stale_reads_total`)
+    monkeypatch.setattr(service_module, "metrics", counted)
+    monkeypatch.setattr(twin_reads, "metrics", counted)
     monkeypatch.setattr(service, "_shard", lambda tenant, asset_id: _RestartingShard())
     stale = service.state("acme", "r1")
     assert stale.stale and stale.revision == snap.revision
@@ -124,6 +140,7 @@ def test_a_read_that_ray_refuses_during_a_restart_is_answered_stale(service, art
     # queries read many twins in one call per shard: the same durable state, marked stale
     got = asyncio.run(LiveStates(reader).get("acme", ["r1", "ghost"]))
     assert got == {"r1": {"state": stale.state, "std": stale.std, "revision": snap.revision, "stale": True}}
+    assert counted.counts == {"state": 2, "query": 1}  # the unknown twins were not answered
 
 
 def test_a_shadow_evaluation_survives_a_sigkilled_shard(service, artifact, tmp_path):
