@@ -7,7 +7,9 @@ shards, 20,000 logged events (400 per twin; snapshots every 500, so recovery rep
   shard's worker process gets SIGKILL, `--repeat` times (at least 2; p95, median and worst are
   reported); timed from each kill: the first read of a probe twin on that shard (answered stale
   from the store, `TwinService.state`), the first write to it that succeeds (a new event,
-  accepted), and the first live (not stale) read.
+  accepted), the first live (not stale) read, and the answer to a query over every twin's state
+  sent at the kill (the API's bulk read, `serve_apps.asset_queries.LiveStates`: the killed
+  shard's twins from the store, marked stale).
 - *restart*: `close()` then a new service on the same store, until every twin answers live.
 
 Both with the shards' persistent compilation cache (`actors.failover.compilation_cache`) and,
@@ -17,12 +19,14 @@ after the kills must equal its events applied once each, else the benchmark fail
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import tempfile
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, Iterator
@@ -38,6 +42,9 @@ from benchmarks.ingest import T0, TENANT, TelemetryFeed
 from raytwin.contracts import Asset, AssetType, TelemetryEvent
 from raytwin.registry import ModelArtifact, ModelRegistry
 from raytwin.sim import THERMAL_RC
+from serve_apps.asset_queries import LiveStates
+from serve_apps.config import ServeConfig
+from serve_apps.twin_reads import TwinReader
 from sweeps.runner import ensure_ray
 
 TWINS, EVENTS, SHARDS = 50, 20_000, 2
@@ -87,19 +94,29 @@ def _timed(fn: Callable[[], object], since: float) -> tuple[float, object]:
     return time.monotonic() - since, result
 
 
-def _kill_and_time(svc: TwinService, probe_k: int) -> dict[str, float]:
-    """SIGKILL the probe's shard; seconds to the first (stale) read, the first write, the first live read."""
+def _kill_and_time(svc: TwinService, probe_k: int, assets: list[str]) -> dict[str, float]:
+    """SIGKILL the probe's shard; seconds to the first (stale) read, the first write, the first live read,
+    and to the answer of a query over every twin's state (the API's bulk read), sent at the kill."""
     shard = svc.shard_for(TENANT, "probe")
     pid = ray.get(shard.pid.remote())
-    t0 = time.monotonic()
-    os.kill(pid, signal.SIGKILL)
-    read_s, first = _timed(lambda: svc.state(TENANT, "probe"), t0)
-    write_s, report = _timed(lambda: svc.ingest(TENANT, [_probe_event(probe_k)]), t0)
-    if report.accepted != 1:
-        raise FailoverMismatch(f"the write after the kill was not accepted: {report}")
-    live_s, state = _timed(lambda: svc.state(TENANT, "probe"), t0)
+    reader = TwinReader(ServeConfig(store_url=svc.store.url.removesuffix("/twins"), keys_file="unused.json",
+                                    twin_shards=SHARDS, state_cache_s=0))
+    with ThreadPoolExecutor(1) as pool:
+        t0 = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        query = pool.submit(_timed, lambda: asyncio.run(LiveStates(reader).get(TENANT, assets)), t0)
+        read_s, first = _timed(lambda: svc.state(TENANT, "probe"), t0)
+        write_s, report = _timed(lambda: svc.ingest(TENANT, [_probe_event(probe_k)]), t0)
+        if report.accepted != 1:
+            raise FailoverMismatch(f"the write after the kill was not accepted: {report}")
+        live_s, state = _timed(lambda: svc.state(TENANT, "probe"), t0)
+        query_s, states = query.result()
+    killed = [a for a in assets if shard_index(TENANT, a, SHARDS) == shard_index(TENANT, "probe", SHARDS)]
+    if len(states) != len(assets):
+        raise FailoverMismatch(f"the query after the kill answered {len(states)} of {len(assets)} twins")
     return {"read_s": read_s, "read_stale": float(first.stale), "write_s": write_s, "live_read_s": live_s,
-            "live_stale": float(state.stale)}
+            "live_stale": float(state.stale), "query_s": query_s,
+            "query_stale": float(sum(bool(states[a].get("stale")) for a in killed)), "query_killed": float(len(killed))}
 
 
 def _restart(url: str, svc: TwinService, assets: list[str]) -> tuple[float, TwinService]:
@@ -128,7 +145,7 @@ def _scenario(tmp: str, artifact: ModelArtifact, kills: int, events: int) -> dic
     stream.start()
     try:
         for k in range(1, kills + 1):
-            for name, value in _kill_and_time(svc, k).items():
+            for name, value in _kill_and_time(svc, k, [*feed.assets, "probe"]).items():
                 out.setdefault(name, []).append(value)
     finally:
         stop.set()
@@ -167,6 +184,8 @@ def failover(ctx: BenchContext) -> BenchResult:
         Figure(f"first read after SIGKILL, stale, p95 of {kills}", p95(cached, "read_s"), "s", base, p95(cold, "read_s")),
         Figure(f"first live read after SIGKILL, p95 of {kills}", p95(cached, "live_read_s"), "s", base,
                p95(cold, "live_read_s")),
+        Figure(f"query over all {TWINS + 1} twins' state sent at SIGKILL, answered after, p95 of {kills}",
+               p95(cached, "query_s"), "s", base, p95(cold, "query_s")),
         Figure(f"whole-service restart, {TWINS + 1} twins, {cached['logged_events']} logged events", cached["restart_s"],
                "s", base, cold["restart_s"], target_max=RESTART_TARGET_S),
     ]

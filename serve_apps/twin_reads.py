@@ -39,7 +39,6 @@ import ray
 from actors.failover import actor_restarting
 from actors.recovery import durable_state
 from actors.routing import shard_index, shard_name
-from actors.state import TwinState
 from raytwin import metrics
 from raytwin.statestore import HistoryPruned, StateStore, to_micros
 from serve_apps.config import ServeConfig
@@ -133,27 +132,23 @@ class TwinReader:
     async def _fetch(self, tenant: str, asset_id: str) -> dict[str, Any]:
         shard = self._shard(tenant, asset_id)
         state = await live_or_durable(shard, shard.state.remote(tenant, asset_id),
-                                      lambda: asyncio.to_thread(self._durable_state, tenant, asset_id))
-        return self._found(state, asset_id)
-
-    def _durable_state(self, tenant: str, asset_id: str) -> TwinState | None:
-        state = durable_state(self._store, tenant, asset_id)
-        if state is not None:
+                                      lambda: asyncio.to_thread(durable_state, self._store, tenant, asset_id))
+        if state is not None and state.stale:
             metrics.STALE_READS.inc(read="state")
-        return state
+        return self._found(state, asset_id)
 
     async def states(self, shard: Any, tenant: str, asset_ids: list[str]) -> dict[str, dict[str, Any]]:
         """`TwinShard.states` of the tenant's twins among `asset_ids`, all held by `shard`; while it
         restarts, their last durable state, each marked ``"stale": True``."""
-        return await live_or_durable(shard, shard.states.remote(tenant, asset_ids),
-                                     lambda: asyncio.to_thread(self._durable_states, tenant, asset_ids))
+        found = await live_or_durable(shard, shard.states.remote(tenant, asset_ids),
+                                      lambda: asyncio.to_thread(self._durable_states, tenant, asset_ids))
+        metrics.STALE_READS.inc(sum(1 for state in found.values() if state.get("stale")), read="query")
+        return found
 
     def _durable_states(self, tenant: str, asset_ids: list[str]) -> dict[str, dict[str, Any]]:
         found = ((asset_id, durable_state(self._store, tenant, asset_id)) for asset_id in asset_ids)
-        states = {asset_id: {"state": s.state, "std": s.std, "revision": s.revision, "stale": True}
-                  for asset_id, s in found if s is not None}
-        metrics.STALE_READS.inc(len(states), read="query")
-        return states
+        return {asset_id: {"state": s.state, "std": s.std, "revision": s.revision, "stale": True}
+                for asset_id, s in found if s is not None}
 
     def _remember(self, key: tuple[str, str], entry: tuple[float, asyncio.Future]) -> None:
         self._recent[key] = entry

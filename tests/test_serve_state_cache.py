@@ -16,6 +16,7 @@ from serve_apps.twin_reads import TwinReader
 class _View:
     def __init__(self, tenant: str, asset_id: str, revision: int):
         self.data = {"tenant": tenant, "asset_id": asset_id, "revision": revision}
+        self.stale = False  # a shard's answer is live
 
     def model_dump(self, mode: str) -> dict:
         return dict(self.data)
