@@ -28,6 +28,7 @@ from the twin's last durable state (`actors.recovery.durable_state`, its latest 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
@@ -140,15 +141,27 @@ class TwinReader:
     async def states(self, shard: Any, tenant: str, asset_ids: list[str]) -> dict[str, dict[str, Any]]:
         """`TwinShard.states` of the tenant's twins among `asset_ids`, all held by `shard`; while it
         restarts, their last durable state, each marked ``"stale": True``."""
-        found = await live_or_durable(shard, shard.states.remote(tenant, asset_ids),
-                                      lambda: asyncio.to_thread(self._durable_states, tenant, asset_ids))
+        stop = threading.Event()
+
+        async def durable() -> dict[str, dict[str, Any]]:
+            try:
+                return await asyncio.to_thread(self._durable_states, tenant, asset_ids, stop)
+            finally:  # the restarted shard answered first: the thread stops at its next twin
+                stop.set()
+
+        found = await live_or_durable(shard, shard.states.remote(tenant, asset_ids), durable)
         metrics.STALE_READS.inc(sum(1 for state in found.values() if state.get("stale")), read="query")
         return found
 
-    def _durable_states(self, tenant: str, asset_ids: list[str]) -> dict[str, dict[str, Any]]:
-        found = ((asset_id, durable_state(self._store, tenant, asset_id)) for asset_id in asset_ids)
-        return {asset_id: {"state": s.state, "std": s.std, "revision": s.revision, "stale": True}
-                for asset_id, s in found if s is not None}
+    def _durable_states(self, tenant: str, asset_ids: list[str], stop: threading.Event) -> dict[str, dict[str, Any]]:
+        """One store read per twin (`durable_state`), until `stop` is set."""
+        out = {}
+        for asset_id in asset_ids:
+            if stop.is_set():
+                break
+            if (s := durable_state(self._store, tenant, asset_id)) is not None:
+                out[asset_id] = {"state": s.state, "std": s.std, "revision": s.revision, "stale": True}
+        return out
 
     def _remember(self, key: tuple[str, str], entry: tuple[float, asyncio.Future]) -> None:
         self._recent[key] = entry

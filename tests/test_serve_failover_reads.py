@@ -1,16 +1,18 @@
 """`serve_apps.twin_reads.live_or_durable`, without Ray: when a read is answered from the store (a
 restarting shard, a call Ray refuses) and when it waits for the shard (a busy shard, or one that is
-back before the store answered)."""
+back before the store answered); a query's store reads stop once the shard answered."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 import ray
 
 from serve_apps import twin_reads
-from serve_apps.twin_reads import STALE_AFTER_S, live_or_durable
+from serve_apps.config import ServeConfig
+from serve_apps.twin_reads import STALE_AFTER_S, TwinReader, live_or_durable
 
 
 async def _after(delay_s: float, value: str) -> str:
@@ -57,3 +59,31 @@ def test_other_errors_of_the_shard_are_raised(monkeypatch):
 
     with pytest.raises(RuntimeError, match="a bug"):
         _read(False, broken(), 0.0, monkeypatch)
+
+
+def test_a_query_stops_reading_the_store_once_the_restarted_shard_answered(monkeypatch, tmp_path):
+    """The store is read twin by twin in a thread; a live answer first ends that thread's work early
+    (a large tenant's stale read must not keep a replica's threads busy after the restart)."""
+    read: list[str] = []
+
+    def slow_durable_state(store, tenant: str, asset_id: str):
+        read.append(asset_id)
+        time.sleep(0.02)
+        return None
+
+    class Shard:
+        class states:  # noqa: N801 - the actor method's name
+            @staticmethod
+            async def remote(tenant: str, ids: list[str]) -> dict:
+                await asyncio.sleep(STALE_AFTER_S + 0.2)
+                return {"live": {"state": {}, "std": {}, "revision": 7}}
+
+    monkeypatch.setattr(twin_reads, "actor_restarting", lambda shard: True)
+    monkeypatch.setattr(twin_reads, "durable_state", slow_durable_state)
+    reader = TwinReader(ServeConfig(store_url=str(tmp_path), keys_file="unused.json", twin_shards=1))
+    ids = [f"z{i}" for i in range(500)]  # 10 s of store reads
+    assert asyncio.run(reader.states(Shard(), "acme", ids)) == {"live": {"state": {}, "std": {}, "revision": 7}}
+    time.sleep(0.1)
+    stopped_at = len(read)
+    time.sleep(0.2)
+    assert 0 < stopped_at == len(read) < 100  # it read some, then stopped
