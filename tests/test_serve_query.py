@@ -4,10 +4,14 @@ the SDK; the language itself is tested against brute force in tests/test_query.p
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 
 import pytest
+import ray
 
+from actors.routing import shard_name
 from client import AsyncRayTwinClient, RayTwinClient
 from client.errors import InvalidRequest
 from tests.test_serve_api import THERMAL_TYPE, api, assert_error, auth, http  # noqa: F401  (module fixtures)
@@ -185,3 +189,24 @@ def test_bulk_tag_runs_as_a_job_with_a_report_of_each_item(api, http, zones):  #
     other = assert_error(http.get(f"/v1/jobs/{accepted['job_id']}/report", headers=auth(api, "other")),
                          404, "not_found")
     assert accepted["job_id"] in other["message"]
+
+
+def test_while_the_twin_shard_restarts_queries_and_reads_answer_stale_state_and_say_so(api, http, zones):  # noqa: F811
+    """Last in the module: it SIGKILLs the module's one twin shard. The query waits for no restart."""
+    reader = auth(api, "reader")
+    body = {"q": EXAMPLE, "sort": ["-state.T_in"], "fields": ["state.T_in"]}
+    live = query(http, reader, **body)
+    assert live["items"] == [{"id": "z1", "state": {"T_in": 300.0}}, {"id": "z4", "state": {"T_in": 299.5}}]
+    shard = ray.get_actor(shard_name(f"{api[2] / 'store'}/twins", 0, 1), namespace="raytwin-serve-tests")
+    os.kill(ray.get(shard.pid.remote()), signal.SIGKILL)
+    time.sleep(0.2)  # past the ingress's state cache (0.1 s)
+    r = http.post("/v1/query", json=body, headers=reader)
+    assert r.status_code == 200 and r.headers.get("RayTwin-Stale") == "true", r.text
+    assert r.json()["items"] == [{**item, "stale": True} for item in live["items"]]  # the twins' durable state
+    one = http.get("/v1/assets/z1/state", headers=reader)
+    assert one.status_code == 200 and one.headers.get("RayTwin-Stale") == "true" and one.json()["stale"]
+    deadline = time.monotonic() + 120
+    while (r := http.post("/v1/query", json=body, headers=reader)).headers.get("RayTwin-Stale"):
+        assert time.monotonic() < deadline, "the restarted shard never answered"
+        time.sleep(0.2)
+    assert r.json() == live  # live again: no item says stale
