@@ -221,8 +221,7 @@ class TwinShard(LiveModelOps):
         for asset_id in asset_ids:
             twin = self.twins.get((tenant, asset_id))
             if twin is not None:
-                view = twin.view()
-                out[asset_id] = {"state": view.state, "std": view.std, "revision": view.revision}
+                out[asset_id] = twin.view().query_view()
         return out
 
     def clear_drift(self, tenant: str, asset_id: str) -> TwinState | None:

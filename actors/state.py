@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -50,6 +51,14 @@ class TwinState(_Frozen):
     events_applied: int
     stale: bool = Field(False, description="the twin's shard is restarting: this is the last durable state "
                                            "(its latest snapshot), which may lack recent events")
+
+    def query_view(self) -> dict[str, Any]:
+        """What queries read of it (`TwinShard.states`, `serve_apps.asset_queries.LiveStates`): estimate, std
+        and revision, and ``"stale": True`` when it is the last durable state."""
+        view: dict[str, Any] = {"state": self.state, "std": self.std, "revision": self.revision}
+        if self.stale:
+            view["stale"] = True
+        return view
 
 
 class Reject(_Frozen):

@@ -121,7 +121,7 @@ class LocalCluster:
             for index in range(1, nodes):
                 own = node_ports[index * len(NODE_PORTS):(index + 1) * len(NODE_PORTS)]
                 self._start_node(index, own, [f"--address={address}"])
-            self._wait(lambda: self._alive_nodes() == self.num_workers + 1, deadline, "all nodes to join")
+            self._wait(lambda: self._alive_nodes() == nodes, deadline, "all nodes to join")
         except BaseException:
             self.stop()
             raise

@@ -159,8 +159,8 @@ class TwinReader:
         for asset_id in asset_ids:
             if stop.is_set():
                 break
-            if (s := durable_state(self._store, tenant, asset_id)) is not None:
-                out[asset_id] = {"state": s.state, "std": s.std, "revision": s.revision, "stale": True}
+            if (state := durable_state(self._store, tenant, asset_id)) is not None:
+                out[asset_id] = state.query_view()  # marked stale
         return out
 
     def _remember(self, key: tuple[str, str], entry: tuple[float, asyncio.Future]) -> None:
