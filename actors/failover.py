@@ -16,8 +16,13 @@ from typing import Any
 
 import ray
 
+from raytwin.executables import DIR_ENV
+
 CACHE_DIR_ENV = "RAYTWIN_JAX_CACHE_DIR"
 """Where shard processes keep compiled kernels (default ``~/.cache/raytwin/jax``); empty: no cache."""
+
+EXECUTABLES_SUBDIR = "raytwin-executables"
+"""The serialized filter kernels' folder in that directory (JAX's cache only touches its own files)."""
 
 
 def compilation_cache_dir() -> str | None:
@@ -33,13 +38,17 @@ def compilation_cache(options: dict[str, Any]) -> dict[str, Any]:
 
     Set through the actor's runtime environment, so only the shard processes use the cache (a
     library importer's global JAX settings are left alone). Every kernel is cached, however fast it
-    compiled: a restarted shard otherwise recompiled each of them (~70 % of its restart)."""
+    compiled: a restarted shard otherwise recompiled each of them (~70 % of its restart). The filter
+    kernels are also kept serialized (`raytwin.executables`; in `EXECUTABLES_SUBDIR`, or where
+    ``RAYTWIN_EXECUTABLES_DIR`` says, empty: not kept): loading them skips the tracing and lowering
+    that finding them in JAX's cache still costs."""
     directory = compilation_cache_dir()
     if directory is None:
         return options
     runtime_env = dict(options.get("runtime_env") or {})
+    executables = os.environ.get(DIR_ENV, str(Path(directory) / EXECUTABLES_SUBDIR))
     runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), "JAX_COMPILATION_CACHE_DIR": directory,
-                               "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+                               "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", DIR_ENV: executables}
     return {**options, "runtime_env": runtime_env}
 
 

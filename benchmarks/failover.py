@@ -12,8 +12,10 @@ shards, 20,000 logged events (400 per twin; snapshots every 500, so recovery rep
   shard's twins from the store, marked stale).
 - *restart*: `close()` then a new service on the same store, until every twin answers live.
 
-Both with the shards' persistent compilation cache (`actors.failover.compilation_cache`) and,
-as the baseline in the same run, without it (`RAYTWIN_JAX_CACHE_DIR=""`). The probe twin's state
+With the shards' caches (`actors.failover.compilation_cache`: JAX's persistent compilation cache and
+the filter kernels serialized, `raytwin.executables`), with JAX's cache alone
+(`RAYTWIN_EXECUTABLES_DIR=""`) and, as the baseline, without either (`RAYTWIN_JAX_CACHE_DIR=""`), in
+the same run. The probe twin's state
 after the kills must equal its events applied once each, else the benchmark fails.
 """
 
@@ -40,6 +42,7 @@ from actors.routing import shard_index
 from benchmarks.harness import BenchContext, BenchResult, Figure, benchmark
 from benchmarks.ingest import T0, TENANT, TelemetryFeed
 from raytwin.contracts import Asset, AssetType, TelemetryEvent
+from raytwin.executables import DIR_ENV
 from raytwin.registry import ModelArtifact, ModelRegistry
 from raytwin.sim import THERMAL_RC
 from serve_apps.asset_queries import LiveStates
@@ -57,16 +60,19 @@ class FailoverMismatch(AssertionError):
 
 
 @contextmanager
-def _cache_dir(directory: str) -> Iterator[None]:
-    saved = os.environ.get(CACHE_DIR_ENV)
-    os.environ[CACHE_DIR_ENV] = directory
+def _caches(directory: str, *, executables: bool) -> Iterator[None]:
+    """Shards started meanwhile keep compiles in `directory` ("": none), serialized kernels too if `executables`."""
+    settings = {CACHE_DIR_ENV: directory, **({} if executables else {DIR_ENV: ""})}
+    saved = {name: os.environ.get(name) for name in (CACHE_DIR_ENV, DIR_ENV)}
+    os.environ.update(settings)
     try:
         yield
     finally:
-        if saved is None:
-            os.environ.pop(CACHE_DIR_ENV, None)
-        else:
-            os.environ[CACHE_DIR_ENV] = saved
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _asset(asset_id: str) -> Asset:
@@ -167,11 +173,13 @@ def failover(ctx: BenchContext) -> BenchResult:
     events = 2_000 if ctx.quick else EVENTS
     with tempfile.TemporaryDirectory(prefix="raytwin-bench-failover-") as tmp:
         artifact = ModelRegistry(f"{tmp}/models").register("zone", "1.0.0", AssetType.from_model(THERMAL_RC))
-        with _cache_dir(f"{tmp}/jax-cache"):
+        with _caches(f"{tmp}/jax-cache", executables=True):
             cached = _scenario(f"{tmp}/cached", artifact, kills, events)
-        with _cache_dir(""):
+        with _caches(f"{tmp}/jax-cache-only", executables=False):
+            jax_only = _scenario(f"{tmp}/jax-cache-only", artifact, kills, events)
+        with _caches("", executables=False):
             cold = _scenario(f"{tmp}/uncached", artifact, kills, events)
-    res.checks.update({"cached": cached, "uncached": cold,
+    res.checks.update({"cached": cached, "jax_cache_only": jax_only, "uncached": cold,
                        "probe_shard": shard_index(TENANT, "probe", SHARDS)})
     base = "no compilation cache"
     p95 = lambda run, name: float(np.percentile(run[name], 95))  # noqa: E731
@@ -188,6 +196,10 @@ def failover(ctx: BenchContext) -> BenchResult:
                p95(cached, "query_s"), "s", base, p95(cold, "query_s")),
         Figure(f"whole-service restart, {TWINS + 1} twins, {cached['logged_events']} logged events", cached["restart_s"],
                "s", base, cold["restart_s"], target_max=RESTART_TARGET_S),
+        Figure(f"first write after SIGKILL, p95 of {kills}, serialized kernels vs JAX's cache alone",
+               p95(cached, "write_s"), "s", "JAX's compilation cache only", p95(jax_only, "write_s")),
+        Figure("whole-service restart, serialized kernels vs JAX's cache alone", cached["restart_s"], "s",
+               "JAX's compilation cache only", jax_only["restart_s"]),
     ]
     res.notes.append(f"{SHARDS} shards, stream {STREAM_RATE:.0f} events/s in batches of {STREAM_BATCH}; "
                      "lower is better: a ratio < 1 is the cache's gain")

@@ -50,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from raytwin import drift as detector
+from raytwin.executables import StoredKernel, kernel_identity, stored_kernels_dir
 from raytwin.sim import Model
 from raytwin.sim.precision import in_float64
 
@@ -428,7 +429,7 @@ def _kernels(model: Model) -> _Kernels:
         x_new = jnp.stack(model.project(tuple(x + (K * y).sum(axis=1))))
         return x_new, 0.5 * (P_new + P_new.T), innovation, nis, s_diag
 
-    return scan_kernels(predict, update)
+    return scan_kernels(predict, update, identity=kernel_identity("ekf", model))
 
 
 def skip(P: jnp.ndarray, q_var_rate: jnp.ndarray, skipped: jnp.ndarray) -> jnp.ndarray:
@@ -436,7 +437,7 @@ def skip(P: jnp.ndarray, q_var_rate: jnp.ndarray, skipped: jnp.ndarray) -> jnp.n
     return jnp.where(skipped > 0, P + jnp.diag(q_var_rate * skipped), P)
 
 
-def scan_kernels(predict: Callable, update: Callable) -> _Kernels:
+def scan_kernels(predict: Callable, update: Callable, *, identity: str | None) -> _Kernels:
     """Jitted kernels from one filter's per-twin `predict` (x, P, u, p, q_var_rate, n_sub, dt, skipped)
     -> (x, P) and `update` (x, P, u, p, z, mask, r_var) -> (x, P, innovation, NIS, diagonal of the
     innovation covariance S).
@@ -455,6 +456,10 @@ def scan_kernels(predict: Callable, update: Callable) -> _Kernels:
     each); the second and third lengths now take ~0.12 s instead of ~0.27 s to make ready. XLA
     inlines the call: the results are bit-identical to the step written inside the scan (checked for
     every built-in model and both filters).
+
+    `identity` (`raytwin.executables.kernel_identity` of what the filter's predict and update are
+    made from, None if unknown): in a process with a store of serialized kernels (twin shards), a
+    restarted process loads `assimilate`'s executables from it instead of tracing and compiling.
     """
     @jax.jit
     def event(consts, carry, ev):
@@ -513,6 +518,9 @@ def scan_kernels(predict: Callable, update: Callable) -> _Kernels:
     def assimilate(carry, consts, n_sub, events, *, layout):
         return jax.vmap(partial(one_twin, layout))(carry, consts, n_sub, events)
 
+    directory = stored_kernels_dir()
+    if directory is not None and identity is not None:
+        assimilate = StoredKernel(assimilate, identity, directory)
     return _Kernels(in_float64(jax.jit(predict)), in_float64(assimilate))
 
 

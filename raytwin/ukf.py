@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from raytwin.estimation import ExtendedKalmanFilter, _Kernels, _mm, _solve_spd, scan_kernels, skip
+from raytwin.executables import kernel_identity
 from raytwin.sim import Model, unstack
 from raytwin.sim.model import Declared
 from raytwin.sim.precision import float64_callback
@@ -189,7 +190,10 @@ def _ukf_kernels(model: Model, dynamics: Dynamics) -> _Kernels:
             x_new, P_new, *_ = correct(*linearise(x_new, P_new))
         return jnp.stack(model.project(tuple(x_new))), P_new, innovation, nis, s_diag
 
-    return scan_kernels(predict, update)
+    # a model's JAX dynamics are made from the model alone; other dynamics (an FMU's host stepper) are
+    # identified by their pickle, or not at all
+    own = dynamics is _jax_dynamics(model)
+    return scan_kernels(predict, update, identity=kernel_identity("ukf", model, *(() if own else (dynamics,))))
 
 
 class UnscentedKalmanFilter(ExtendedKalmanFilter):

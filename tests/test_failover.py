@@ -191,9 +191,13 @@ def test_durable_state_of_an_unknown_twin_is_none(service):
 
 
 def test_shard_processes_keep_compiled_kernels_in_the_configured_cache(monkeypatch, tmp_path):
+    monkeypatch.delenv("RAYTWIN_EXECUTABLES_DIR", raising=False)
     monkeypatch.setenv("RAYTWIN_JAX_CACHE_DIR", str(tmp_path))
     env = compilation_cache({"runtime_env": {"env_vars": {"JAX_PLATFORMS": "cpu"}}})["runtime_env"]["env_vars"]
     assert env == {"JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(tmp_path),
-                   "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+                   "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+                   "RAYTWIN_EXECUTABLES_DIR": str(tmp_path / "raytwin-executables")}
+    monkeypatch.setenv("RAYTWIN_EXECUTABLES_DIR", "")  # serialized kernels off, JAX's cache on
+    assert compilation_cache({})["runtime_env"]["env_vars"]["RAYTWIN_EXECUTABLES_DIR"] == ""
     monkeypatch.setenv("RAYTWIN_JAX_CACHE_DIR", "")
     assert compilation_cache({"name": "x"}) == {"name": "x"}
