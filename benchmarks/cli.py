@@ -37,7 +37,7 @@ def report(results: Path = typer.Argument(..., exists=True, dir_okay=False, help
 @bench_app.command("run")
 def run(
     names: list[str] = typer.Argument(None, help="Benchmarks to run (default: all); see `list`."),
-    quick: bool = typer.Option(False, "--quick", help="Tiny sizes: checks the harness end to end in seconds."),
+    quick: bool = typer.Option(False, "--quick", help="Tiny sizes and no warm-up runs: checks the harness end to end in seconds."),
     repeat: int = typer.Option(5, min=1, help="Timed repetitions per measurement (after warm-up)."),
     out: Path = typer.Option(None, help="JSON results file (default: runs/bench/bench-<UTC time>.json)."),
     log_level: str = typer.Option("INFO", help="Progress log level (key=value lines on stderr)."),
@@ -51,7 +51,7 @@ def run(
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
-        record = run_benchmarks(names, BenchContext(quick=quick, repeat=repeat))
+        record = run_benchmarks(names, BenchContext(quick=quick, repeat=repeat, warmup=0 if quick else 1))
     except KeyError as exc:
         raise typer.BadParameter(str(exc.args[0]), param_hint="NAMES") from None
     path = write_json(record, out or default_output_path())
