@@ -33,7 +33,7 @@ from typing import Any
 import jax
 from jax.experimental.serialize_executable import deserialize_and_load, serialize
 
-from raytwin.modelcode import ModelCodeError, code_identity
+from raytwin.modelcode import ModelCodeError, code_digest
 
 log = logging.getLogger("raytwin.executables")
 
@@ -61,7 +61,7 @@ def kernel_identity(kind: str, model: Any, *parts: Any) -> str | None:
     None when one of them cannot be identified (a model defined interactively, an object that does
     not pickle): such kernels are never stored."""
     try:
-        code = code_identity(model).sha256
+        code = code_digest(model)
         value = pickle.dumps((model, *parts), protocol=5)
     except (ModelCodeError, pickle.PicklingError, TypeError, AttributeError):
         return None

@@ -131,8 +131,8 @@ def _modules(functions: list[Callable], top_level: str) -> tuple[set[str], dict[
     return modules, loose
 
 
-def python_code(model: Any) -> ModelCode:
-    """The identity of a model written in Python: hashes of its modules' source files (see module doc)."""
+def _python_parts(model: Any) -> tuple[dict[str, str], str]:
+    """The hashed parts of a Python model's code and its top-level package (see module doc)."""
     functions = _own_callables(model)
     if not functions:
         raise ModelCodeError(f"model {getattr(model, 'name', model)!r} has no functions to identify its code by")
@@ -145,6 +145,12 @@ def python_code(model: Any) -> ModelCode:
         except (OSError, TypeError):
             raise ModelCodeError(f"model {getattr(model, 'name', model)!r}: function {name} has no source to hash; "
                                  "define the model in a module (a .py file)") from None
+    return parts, top_level
+
+
+def python_code(model: Any) -> ModelCode:
+    """The identity of a model written in Python: hashes of its modules' source files (see module doc)."""
+    parts, top_level = _python_parts(model)
     distribution, dist_version = _distribution(top_level)
     return ModelCode(kind="python", distribution=distribution, version=dist_version, sha256=_digest(parts),
                      parts=parts)
@@ -154,6 +160,14 @@ def code_identity(model: Any) -> ModelCode:
     """The model's own ``code_identity()`` when it has one (an FMU), else `python_code`."""
     own = getattr(model, "code_identity", None)
     return own() if callable(own) else python_code(model)
+
+
+def code_digest(model: Any) -> str:
+    """``code_identity(model).sha256`` without finding the distribution that ships the code: that
+    reads every installed distribution's file list (~0.6 s on the development VM, once per process),
+    which a restarting twin shard should not wait for."""
+    own = getattr(model, "code_identity", None)
+    return own().sha256 if callable(own) else _digest(_python_parts(model)[0])
 
 
 def describe_change(recorded: ModelCode, current: ModelCode) -> str:

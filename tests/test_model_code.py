@@ -15,7 +15,7 @@ import pytest
 
 import raytwin.sim
 from raytwin.contracts import AssetType
-from raytwin.modelcode import ModelCodeError, code_identity, describe_change, file_code, model_runtime_env
+from raytwin.modelcode import ModelCodeError, code_digest, code_identity, describe_change, file_code, model_runtime_env
 from raytwin.registry import ALLOW_CODE_CHANGE_ENV, ModelCodeChanged, ModelRegistry
 from raytwin.sim import THERMAL_RC
 from raytwin.storage import canonical_json
@@ -135,3 +135,13 @@ def test_a_model_without_source_code_is_refused_with_the_function_named():
     model = SimpleNamespace(name="scratch_model", derivative=scratch["derivative"])
     with pytest.raises(ModelCodeError, match="model 'scratch_model': function scratch.derivative has no source"):
         code_identity(model)
+
+
+def test_code_digest_is_the_identitys_hash_without_the_distribution_lookup(monkeypatch):
+    from raytwin import modelcode
+    from raytwin.models import get_model
+
+    models = [get_model(name) for name in ("thermal_rc", "battery_ecm", "two_tank", "dc_motor")]
+    want = [code_identity(m).sha256 for m in models]
+    monkeypatch.setattr(modelcode, "_distribution", lambda top_level: pytest.fail("looked up the distribution"))
+    assert [code_digest(m) for m in models] == want
