@@ -429,7 +429,7 @@ def _kernels(model: Model) -> _Kernels:
         x_new = jnp.stack(model.project(tuple(x + (K * y).sum(axis=1))))
         return x_new, 0.5 * (P_new + P_new.T), innovation, nis, s_diag
 
-    return scan_kernels(predict, update, identity=kernel_identity("ekf", model))
+    return scan_kernels(predict, update, identity=lambda: kernel_identity("ekf", model))
 
 
 def skip(P: jnp.ndarray, q_var_rate: jnp.ndarray, skipped: jnp.ndarray) -> jnp.ndarray:
@@ -437,7 +437,7 @@ def skip(P: jnp.ndarray, q_var_rate: jnp.ndarray, skipped: jnp.ndarray) -> jnp.n
     return jnp.where(skipped > 0, P + jnp.diag(q_var_rate * skipped), P)
 
 
-def scan_kernels(predict: Callable, update: Callable, *, identity: str | None) -> _Kernels:
+def scan_kernels(predict: Callable, update: Callable, *, identity: Callable[[], str | None]) -> _Kernels:
     """Jitted kernels from one filter's per-twin `predict` (x, P, u, p, q_var_rate, n_sub, dt, skipped)
     -> (x, P) and `update` (x, P, u, p, z, mask, r_var) -> (x, P, innovation, NIS, diagonal of the
     innovation covariance S).
@@ -457,9 +457,10 @@ def scan_kernels(predict: Callable, update: Callable, *, identity: str | None) -
     inlines the call: the results are bit-identical to the step written inside the scan (checked for
     every built-in model and both filters).
 
-    `identity` (`raytwin.executables.kernel_identity` of what the filter's predict and update are
-    made from, None if unknown): in a process with a store of serialized kernels (twin shards), a
-    restarted process loads `assimilate`'s executables from it instead of tracing and compiling.
+    `identity` gives `raytwin.executables.kernel_identity` of what the filter's predict and update
+    are made from (None if unknown; asked only where there is a store): in a process with a store of
+    serialized kernels (twin shards), a restarted process loads `assimilate`'s executables from it
+    instead of tracing and compiling.
     """
     @jax.jit
     def event(consts, carry, ev):
@@ -519,8 +520,8 @@ def scan_kernels(predict: Callable, update: Callable, *, identity: str | None) -
         return jax.vmap(partial(one_twin, layout))(carry, consts, n_sub, events)
 
     directory = stored_kernels_dir()
-    if directory is not None and identity is not None:
-        assimilate = StoredKernel(assimilate, identity, directory)
+    if directory is not None and (key := identity()) is not None:
+        assimilate = StoredKernel(assimilate, key, directory)
     return _Kernels(in_float64(jax.jit(predict)), in_float64(assimilate))
 
 

@@ -193,7 +193,8 @@ def _ukf_kernels(model: Model, dynamics: Dynamics) -> _Kernels:
     # a model's JAX dynamics are made from the model alone; other dynamics (an FMU's host stepper) are
     # identified by their pickle, or not at all
     own = dynamics is _jax_dynamics(model)
-    return scan_kernels(predict, update, identity=kernel_identity("ukf", model, *(() if own else (dynamics,))))
+    return scan_kernels(predict, update,
+                        identity=lambda: kernel_identity("ukf", model, *(() if own else (dynamics,))))
 
 
 class UnscentedKalmanFilter(ExtendedKalmanFilter):
