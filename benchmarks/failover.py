@@ -15,8 +15,8 @@ shards, 20,000 logged events (400 per twin; snapshots every 500, so recovery rep
 With the shards' caches (`actors.failover.compilation_cache`: JAX's persistent compilation cache and
 the filter kernels serialized, `raytwin.executables`), with JAX's cache alone
 (`RAYTWIN_EXECUTABLES_DIR=""`) and, as the baseline, without either (`RAYTWIN_JAX_CACHE_DIR=""`), in
-the same run. The probe twin's state
-after the kills must equal its events applied once each, else the benchmark fails.
+the same run. The probe twin's state after the kills must equal its events applied once each, else
+the benchmark fails.
 """
 
 from __future__ import annotations
