@@ -52,6 +52,7 @@ from actors.twin import (
 )
 from raytwin import metrics
 from raytwin.contracts import AssetType, ContractError, describe_error, normalize_measurements
+from raytwin.executables import kernel_counts
 from raytwin.keyindex import Logged, LogKeyIndex, content_digest
 from raytwin.logs import component_logging
 from raytwin.migration import MigrationPlan
@@ -127,8 +128,10 @@ class TwinShard(LiveModelOps):
         shadowed = self.shadows.resume(self.twins)  # after the twins: a shadow catches up from the log
         metrics.TWINS.set(len(self.twins), shard=self.tag)
         metrics.TWINS_DRIFTING.set(len(self.drifting), shard=self.tag)
-        log.info("event=shard_started shard=%d pid=%d twins=%d shadowed=%d process_age_s=%.2f recover_s=%.2f", index,
-                 os.getpid(), len(self.twins), shadowed, process_age_s(), time.perf_counter() - started)
+        kernels = kernel_counts()
+        log.info("event=shard_started shard=%d pid=%d twins=%d shadowed=%d process_age_s=%.2f recover_s=%.2f "
+                 "kernels_loaded=%d kernels_compiled=%d", index, os.getpid(), len(self.twins), shadowed,
+                 process_age_s(), time.perf_counter() - started, kernels["loaded"], kernels["compiled"])
 
     def _recover(self, record: dict[str, Any], until_us: int | None = None) -> Twin:
         return recover(self.store, record, allowed_lateness_s=self.lateness_s,

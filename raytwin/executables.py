@@ -50,6 +50,15 @@ _UNSERIALIZABLE = "unserializable"
 later processes go straight to `jax.jit` instead of compiling once more to find out."""
 
 
+_counts = {"loaded": 0, "compiled": 0, "not_storable": 0}
+
+
+def kernel_counts() -> dict[str, int]:
+    """Kernels this process loaded from its store, compiled (and stored), or found not storable: a
+    restarted shard's start-up log says whether its store served it."""
+    return dict(_counts)
+
+
 def stored_kernels_dir() -> Path | None:
     """This process's store of serialized kernels (`DIR_ENV`), None when it has none."""
     return Path(os.environ[DIR_ENV]) if os.environ.get(DIR_ENV) else None
@@ -124,6 +133,7 @@ class StoredKernel:
                 loaded = None
             else:
                 self._executables[key] = loaded
+                _counts["loaded"] += 1
                 return result
         if loaded is None:
             loaded = self._compile_and_store(path, text, args, static)
@@ -140,8 +150,10 @@ class StoredKernel:
         except (ValueError, NotImplementedError, pickle.PicklingError, AttributeError, TypeError) as exc:
             log.info("event=kernel_not_storable identity=%s reason=%r", self.identity[:12], exc)
             self._store(path, text, _UNSERIALIZABLE)
+            _counts["not_storable"] += 1
             return _UNSERIALIZABLE
         self._store(path, text, payload)
+        _counts["compiled"] += 1
         return compiled
 
     def _load(self, path: Path, text: str) -> Any:

@@ -49,12 +49,15 @@ ARGS = (np.linspace(0.0, 3.0, 16, dtype=np.float32), np.full(16, 1.5, dtype=np.f
 
 
 def test_a_new_process_loads_the_stored_kernel_without_tracing_and_gets_the_same_bits(tmp_path):
+    before = executables.kernel_counts()
     first = _Counting(_kernel)
     want = np.asarray(StoredKernel(first, "k", tmp_path)(*ARGS))
     assert first.lowered == 1 and len(list(tmp_path.glob("*.xla"))) == 1
     again = _Counting(_kernel)  # what a restarted process has: nothing in memory
     got = np.asarray(StoredKernel(again, "k", tmp_path)(*ARGS))
     assert again.lowered == 0
+    after = executables.kernel_counts()  # what a shard's start-up log reports
+    assert (after["compiled"] - before["compiled"], after["loaded"] - before["loaded"]) == (1, 1)
     assert np.array_equal(got, want) and np.array_equal(got, np.asarray(_kernel(*ARGS)))
 
 
