@@ -115,7 +115,8 @@ class StoredKernel:
         if executable is not None:
             return executable(*args)
         with self._lock:
-            return self._first_call(key, args, static)
+            executable = self._executables.get(key)  # another thread may have loaded it meanwhile
+            return executable(*args) if executable is not None else self._first_call(key, args, static)
 
     def _first_call(self, key: tuple, args: tuple, static: dict[str, Any]) -> Any:
         """Find (or make and store) the executable for `key`, keep it for the next calls and call it.

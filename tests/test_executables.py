@@ -187,3 +187,15 @@ def test_both_filters_store_their_kernels_where_the_process_has_a_store(kind, mo
     assert isinstance(kernels.assimilate.__wrapped__, StoredKernel)
     monkeypatch.delenv(executables.DIR_ENV)
     assert not isinstance(estimation._kernels.__wrapped__(THERMAL_RC).assimilate.__wrapped__, StoredKernel)
+
+
+def test_threads_calling_a_new_kernel_at_once_load_it_once(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    StoredKernel(_Counting(_kernel), "k", tmp_path)(*ARGS)
+    kernel, loads = StoredKernel(_Counting(_kernel), "k", tmp_path), []
+    load = kernel._load
+    kernel._load = lambda *a: loads.append(1) or load(*a)
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: np.asarray(kernel(*ARGS)), range(8)))
+    assert len(loads) == 1 and all(np.array_equal(r, results[0]) for r in results)
