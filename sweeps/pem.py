@@ -86,29 +86,31 @@ def pem_fit(model: Model, free_index: tuple[int, ...], n_sub: int, theta0_log, b
     `NEWTON_ITERATIONS` steps; see the module docstring. Run it under float64."""
     f = partial(innovations_nll, model, free_index, n_sub, base=base, x0=x0, P0=P0, u=u, y=y, q_var=q_var,
                 r_var=r_var, dt=dt)
-    grad = jax.grad(f)
+    value_and_grad = jax.value_and_grad(f)
 
-    def hess(phi):
-        """Central differences of the exact gradient: compiles one reverse pass (a forward-over-reverse
-        Hessian of the filter's scan took minutes to compile on a loaded 2-core machine)."""
+    def derivatives(phi):
+        """(value, gradient, Hessian) at `phi` from one batch of exact gradients: the Hessian by central
+        differences (a forward-over-reverse Hessian of the filter's scan took minutes to compile on a
+        loaded 2-core machine), and one batch so that the filter's reverse pass is compiled once."""
         steps = FD_STEP * jnp.eye(len(phi))
-        g = jax.vmap(grad)(jnp.concatenate([phi + steps, phi - steps]))
-        H = (g[:len(phi)] - g[len(phi):]) / (2 * FD_STEP)
-        return 0.5 * (H + H.T)
+        values, g = jax.vmap(value_and_grad)(jnp.concatenate([phi[None], phi + steps, phi - steps]))
+        H = (g[1:len(phi) + 1] - g[len(phi) + 1:]) / (2 * FD_STEP)
+        return values[0], g[0], 0.5 * (H + H.T)
 
     lo = jnp.full(len(free_index) + 1, -jnp.inf).at[-1].set(LOG_Q_BOUNDS[0])
     hi = jnp.full(len(free_index) + 1, jnp.inf).at[-1].set(LOG_Q_BOUNDS[1])
 
     def newton(_, state):
-        phi, value, damping = state
-        g, H = grad(phi), hess(phi)
+        """Judge the last candidate (kept if its likelihood is no worse), then step from the kept point."""
+        candidate, phi, value, g, H, damping = state
+        new_value, new_g, new_H = derivatives(candidate)
+        better = jnp.isfinite(new_value) & (new_value <= value)
+        phi, value, g, H = (jnp.where(better, new, old) for new, old in
+                            ((candidate, phi), (new_value, value), (new_g, g), (new_H, H)))
+        damping = jnp.where(better, damping * 0.3, damping * 10.0)
         # Levenberg damping on the curvature (|diag| keeps the step a descent direction far from the optimum)
         A = H + damping * jnp.diag(jnp.abs(jnp.diag(H)) + 1e-9)
-        candidate = jnp.clip(phi - jnp.linalg.solve(A, g), lo, hi)
-        new_value = f(candidate)
-        better = jnp.isfinite(new_value) & (new_value <= value)
-        return (jnp.where(better, candidate, phi), jnp.where(better, new_value, value),
-                jnp.where(better, damping * 0.3, damping * 10.0))
+        return jnp.clip(phi - jnp.linalg.solve(A, g), lo, hi), phi, value, g, H, damping
 
     # start the noise factor at the best of a coarse grid: Newton from the declared noise wandered off
     # on white data (the likelihood is flat in it there, and the parameters moved with it)
@@ -116,7 +118,11 @@ def pem_fit(model: Model, free_index: tuple[int, ...], n_sub: int, theta0_log, b
     grid = jnp.linspace(LOG_Q_BOUNDS[0], LOG_Q_BOUNDS[1], Q_GRID)
     values = jax.vmap(lambda log_q: f(jnp.concatenate([theta0, log_q[None]])))(grid)
     phi0 = jnp.concatenate([theta0, grid[jnp.nanargmin(values)][None]])
-    phi, value, _ = jax.lax.fori_loop(0, NEWTON_ITERATIONS, newton, (phi0, f(phi0), jnp.asarray(1e-3)))
-    H = hess(phi).at[-1, -1].add(LOG_Q_PRIOR_CURVATURE)
+    k = len(phi0)
+    # the first pass takes phi0 (anything finite beats +inf) and undoes the damping change it makes, so
+    # the steps, and the Hessian at the end, are those of NEWTON_ITERATIONS damped Newton steps from phi0
+    start = (phi0, phi0, jnp.asarray(jnp.inf), jnp.zeros(k), jnp.eye(k), jnp.asarray(1e-3 / 0.3))
+    _, phi, value, _, H, _ = jax.lax.fori_loop(0, NEWTON_ITERATIONS + 1, newton, start)
+    H = H.at[-1, -1].add(LOG_Q_PRIOR_CURVATURE)
     cov = jnp.linalg.inv(H)[:-1, :-1]
     return PemFit(phi[:-1], phi[-1], 0.5 * (cov + cov.T), value)
