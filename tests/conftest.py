@@ -1,10 +1,12 @@
-"""Shared fixtures: one local S3-compatible server and one local Ray instance per test session, and a real
-two-node Ray cluster per test module that asks for it."""
+"""Shared fixtures: one local S3-compatible server and one local Ray instance per test session; a real
+two-node Ray cluster and a Ray Serve instance shared by the modules that ask for them, which run back
+to back (`tests/shared_resources.py`)."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -12,6 +14,7 @@ from benchmarks.local_s3 import local_s3, new_bucket
 from cluster.local import LocalCluster, LocalClusterInfo
 from raytwin.ports import free_port
 from tests.fixtures_cluster import cluster_processes
+from tests.shared_resources import SharedResource, close_unless_next_uses, group_users
 
 
 @pytest.fixture(scope="session")
@@ -67,10 +70,57 @@ def reference_fmus(tmp_path_factory) -> dict[tuple[int, str], str]:
             for m, p in build_reference_fmus(out, v, models).items()}
 
 
-@pytest.fixture(scope="module")
-def local_cluster() -> Iterator[LocalClusterInfo]:
+@contextmanager
+def _two_node_cluster() -> Iterator[LocalClusterInfo]:
     """A head and one worker node (1 CPU each) as separate `ray start` processes, reached only over HTTP;
-    every node is stopped when the module ends, also when a test fails."""
+    every node is stopped at the end, also when a test failed."""
     with LocalCluster(num_workers=1, cpus_per_node=1, object_store_mb=100) as info:
         yield info
     assert cluster_processes(info.temp_dir) == []
+
+
+@contextmanager
+def _serve_proxy() -> Iterator[str]:
+    """Ray Serve (controller and HTTP proxy) on the session's Ray, on a free loopback port."""
+    from ray import serve
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+
+
+SHARED = {"local_cluster": SharedResource(_two_node_cluster), "serve_proxy": SharedResource(_serve_proxy)}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for fixture, resource in SHARED.items():
+        group_users(items, fixture, resource)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None):
+    try:
+        return (yield)  # the test's own fixtures first (a module's Serve application is deleted there)
+    finally:
+        close_unless_next_uses(SHARED, nextitem)
+
+
+def pytest_sessionfinish() -> None:
+    for resource in SHARED.values():  # an interrupted session
+        resource.close()
+
+
+@pytest.fixture(scope="module")
+def local_cluster() -> LocalClusterInfo:
+    """The two-node cluster (`_two_node_cluster`), shared with the modules before and after that use it."""
+    return SHARED["local_cluster"].get()
+
+
+@pytest.fixture(scope="module")
+def serve_proxy(ray_session) -> str:
+    """Base URL of Ray Serve's HTTP proxy, shared with the modules before and after that use it: a module
+    deploys its own application (`serve.run`, route prefix ``/``) and deletes it (`serve.delete`) at its end."""
+    return SHARED["serve_proxy"].get()

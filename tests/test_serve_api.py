@@ -30,7 +30,6 @@ from serve_apps.api import create_api
 from serve_apps.json_route import MAX_JSON_DEPTH
 from serve_apps.auth import create_key
 from serve_apps.schemas import AssetCreate, AssetUpdate
-from raytwin.ports import free_port
 from tests.ray_metrics import scrape, total, wait_until
 
 THERMAL_TYPE = AssetType.from_model(THERMAL_RC).model_dump(mode="json")
@@ -39,8 +38,8 @@ RATE_BURST = 60
 
 
 @pytest.fixture(scope="module")
-def api(ray_session, tmp_path_factory):
-    """Serve on a free loopback port with keys for two tenants; yields (base URL, keys by name)."""
+def api(serve_proxy, tmp_path_factory):
+    """The API on the shared Serve proxy, with keys for several tenants; yields (base URL, keys by name, data root)."""
     from ray import serve
 
     from serve_apps.app import build_app
@@ -54,14 +53,12 @@ def api(ray_session, tmp_path_factory):
         ("cas", "casco", "admin"), ("feeds", "feedco", "admin"), ("feeds-reader", "feedco", "reader"),
         ("sdk", "sdkco", "admin"), ("sdk-readme", "sdkreadme", "admin"),
     )}
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     config = {"store_url": str(root / "store"), "keys_file": str(keys_file), "max_body_bytes": 64 * 1024,
               "rate_per_s": 5.0, "rate_burst": RATE_BURST, "sync_max_steps": 5_000, "twin_shards": 1,
               "namespace": "raytwin-serve-tests", "autoscaling": {"min_replicas": 1, "max_replicas": 1}}
     serve.run(build_app(config), name="raytwin", route_prefix="/")
-    yield f"http://127.0.0.1:{port}", keys, root
-    serve.shutdown()
+    yield serve_proxy, keys, root
+    serve.delete("raytwin")
 
 
 @pytest.fixture(scope="module")
