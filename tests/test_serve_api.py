@@ -30,6 +30,7 @@ from serve_apps.api import create_api
 from serve_apps.json_route import MAX_JSON_DEPTH
 from serve_apps.auth import create_key
 from serve_apps.schemas import AssetCreate, AssetUpdate
+from tests.fixtures_serve import deployed
 from tests.ray_metrics import scrape, total, wait_until
 
 THERMAL_TYPE = AssetType.from_model(THERMAL_RC).model_dump(mode="json")
@@ -40,10 +41,6 @@ RATE_BURST = 60
 @pytest.fixture(scope="module")
 def api(serve_proxy, tmp_path_factory):
     """The API on the shared Serve proxy, with keys for several tenants; yields (base URL, keys by name, data root)."""
-    from ray import serve
-
-    from serve_apps.app import build_app
-
     root = tmp_path_factory.mktemp("serve")
     keys_file = root / "keys.json"
     keys = {name: create_key(keys_file, tenant, role)[1] for name, tenant, role in (
@@ -56,9 +53,8 @@ def api(serve_proxy, tmp_path_factory):
     config = {"store_url": str(root / "store"), "keys_file": str(keys_file), "max_body_bytes": 64 * 1024,
               "rate_per_s": 5.0, "rate_burst": RATE_BURST, "sync_max_steps": 5_000, "twin_shards": 1,
               "namespace": "raytwin-serve-tests", "autoscaling": {"min_replicas": 1, "max_replicas": 1}}
-    serve.run(build_app(config), name="raytwin", route_prefix="/")
-    yield serve_proxy, keys, root
-    serve.delete("raytwin")
+    with deployed(config):
+        yield serve_proxy, keys, root
 
 
 @pytest.fixture(scope="module")

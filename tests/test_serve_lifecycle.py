@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from serve_apps.auth import create_key
+from tests.fixtures_serve import deployed
 from tests.test_serve_api import THERMAL_TYPE, assert_error
 
 V1, V2 = THERMAL_TYPE["version"], "9.9.9"
@@ -29,24 +30,18 @@ class Api:
 @pytest.fixture(scope="module")
 def client(serve_proxy, tmp_path_factory):
     """The API on the shared Serve proxy, one asset type in two versions (both registered as thermal_rc models)."""
-    from ray import serve
-
-    from serve_apps.app import build_app
-
     root = tmp_path_factory.mktemp("serve-lifecycle")
     keys_file = root / "keys.json"
     keys = {name: create_key(keys_file, tenant, role, grants)[1] for name, tenant, role, grants in KEYS}
     config = {"store_url": str(root / "store"), "keys_file": str(keys_file), "twin_shards": 1,
               "namespace": "raytwin-lifecycle-tests", "autoscaling": {"min_replicas": 1, "max_replicas": 1}}
-    serve.run(build_app(config), name="raytwin", route_prefix="/")
-    with httpx.Client(base_url=serve_proxy, timeout=120.0) as http:
+    with deployed(config), httpx.Client(base_url=serve_proxy, timeout=120.0) as http:
         api = Api(http, keys)
         for version in (V1, V2):
             r = http.post("/v1/asset-types", json={**THERMAL_TYPE, "version": version},
                           headers=api.headers_for("admin"))
             assert r.status_code == 201, r.text
         yield api
-    serve.delete("raytwin")
 
 
 def _move(api: Api, who: str, version: str, to: str, **body) -> httpx.Response:

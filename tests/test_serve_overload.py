@@ -24,6 +24,7 @@ from raytwin.sim import THERMAL_RC
 from serve_apps.admission import Admission, AdmissionGate, Backlogged, BacklogGate
 from serve_apps.auth import create_key
 from serve_apps.config import ServeConfig
+from tests.fixtures_serve import deployed
 from tests.ray_metrics import total, wait_until
 
 T0 = datetime(2026, 3, 2, 8, 0, tzinfo=UTC)
@@ -151,10 +152,6 @@ def test_backlog_gate_admits_whole_batches_up_to_the_bound():
 @pytest.fixture(scope="module")
 def service(serve_proxy, tmp_path_factory):
     """Serve with tiny limits: 2 requests per replica at once, no queue, a backlog of 10 events."""
-    from ray import serve
-
-    from serve_apps.app import build_app
-
     root = tmp_path_factory.mktemp("overload")
     keys_file = root / "keys.json"
     _, key = create_key(keys_file, "acme", "admin")
@@ -162,16 +159,14 @@ def service(serve_proxy, tmp_path_factory):
               "rate_per_s": 1e6, "rate_burst": 1_000_000, "namespace": "raytwin-overload-tests",
               "autoscaling": {"min_replicas": 1, "max_replicas": 1, "max_ongoing_requests": 8},
               "admission": {"max_concurrent": 2, "max_queued": 0, "max_wait_s": 0, "telemetry_backlog_events": 10}}
-    serve.run(build_app(config), name="raytwin-overload", route_prefix="/")
-    with httpx.Client(base_url=serve_proxy, headers={"Authorization": f"Bearer {key}"},
-                      timeout=120.0) as http:
+    with deployed(config, "raytwin-overload"), httpx.Client(
+            base_url=serve_proxy, headers={"Authorization": f"Bearer {key}"}, timeout=120.0) as http:
         r = http.post("/v1/asset-types", json=AssetType.from_model(THERMAL_RC).model_dump(mode="json"))
         assert r.status_code == 201, r.text
         r = http.post("/v1/assets", json={"id": "zone-1", "type_name": "thermal_rc", "type_version": THERMAL_RC.version,
                                           "initial_state": {"T_in": 293.0, "T_m": 292.0}})
         assert r.status_code == 201, r.text
         yield http, config
-    serve.delete("raytwin-overload")
 
 
 def _events(start: int, n: int = 10) -> dict:

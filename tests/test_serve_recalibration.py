@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from serve_apps.auth import create_key
+from tests.fixtures_serve import deployed
 from tests.test_serve_api import THERMAL_TYPE, assert_error
 
 KEYS = (("admin", "acme", "admin"), ("writer", "acme", "writer"), ("reader", "acme", "reader"),
@@ -25,22 +26,16 @@ POLICY = {"free": ["R_io"], "noise_std": {"T_in": 0.05}, "window_s": 86400.0, "m
 
 @pytest.fixture(scope="module")
 def api(serve_proxy, tmp_path_factory):
-    from ray import serve
-
-    from serve_apps.app import build_app
-
     root = tmp_path_factory.mktemp("serve-recalibration")
     keys_file = root / "keys.json"
     keys = {name: create_key(keys_file, tenant, role)[1] for name, tenant, role in KEYS}
     config = {"store_url": str(root / "store"), "keys_file": str(keys_file), "twin_shards": 1,
               "namespace": "raytwin-recalibration-tests", "autoscaling": {"min_replicas": 1, "max_replicas": 1}}
-    serve.run(build_app(config), name="raytwin", route_prefix="/")
-    with httpx.Client(base_url=serve_proxy, timeout=120.0) as http:
+    with deployed(config), httpx.Client(base_url=serve_proxy, timeout=120.0) as http:
         http.headers_for = lambda name: {"Authorization": f"Bearer {keys[name]}"}  # type: ignore[attr-defined]
         r = http.post("/v1/asset-types", json=THERMAL_TYPE, headers=http.headers_for("admin"))
         assert r.status_code == 201, r.text
         yield http, root / "store"
-    serve.delete("raytwin")
 
 
 def _put(http, who: str, body: dict, type_name: str = "thermal_rc") -> httpx.Response:
