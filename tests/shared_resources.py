@@ -1,6 +1,7 @@
 """Expensive test resources (a two-node Ray cluster, a Ray Serve instance) shared by the test modules
 that use them, one after another: started by the first test that asks, stopped as soon as the next
-test does not ask (`tests/conftest.py`, which also runs the modules that use one back to back).
+test belongs to a module that does not use it (`tests/conftest.py`, which also runs the modules that
+use one back to back).
 
 Why not a session fixture: pytest keeps those to the end of the session, where an idle cluster or
 Serve would cost every later test CPU on a 2-core machine; a module fixture starts one per module
