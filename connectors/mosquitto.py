@@ -10,6 +10,8 @@ can show that RayTwin loses nothing either.
 from __future__ import annotations
 
 import getpass
+import glob
+import json
 import os
 import shutil
 import signal
@@ -38,17 +40,46 @@ def mosquitto_binary(install: bool = False) -> str:
                        "`brew install mosquitto`, then rerun")
 
 
+def dynsec_plugin() -> str:
+    """The Dynamic Security plugin that comes with Mosquitto 2 (Debian: in the `mosquitto` package)."""
+    for pattern in ("/usr/lib/*/mosquitto_dynamic_security.so", "/usr/lib/mosquitto_dynamic_security.so",
+                    "/usr/local/lib/mosquitto_dynamic_security.so", "/opt/homebrew/lib/mosquitto_dynamic_security.so"):
+        found = sorted(glob.glob(pattern))
+        if found:
+            return found[0]
+    raise RuntimeError("no mosquitto_dynamic_security.so found: it comes with Mosquitto 2 (`apt-get install "
+                       "mosquitto`)")
+
+
+def _subscribe_only(filters: list[str]) -> dict:
+    """A Dynamic Security configuration: every client may publish and receive, and subscribe to `filters` only."""
+    role = {"rolename": "subscribers", "acls": [{"acltype": "subscribePattern", "topic": f, "priority": 0,
+                                                 "allow": True} for f in filters]}
+    return {"defaultACLAccess": {"publishClientSend": True, "publishClientReceive": True, "subscribe": False,
+                                 "unsubscribe": True},
+            "clients": [], "roles": [role],
+            "groups": [{"groupname": "anonymous", "roles": [{"rolename": "subscribers"}], "clients": []}],
+            "anonymousGroup": "anonymous"}
+
+
 class Mosquitto:
     """One broker process on a loopback port, with persistence in `directory`."""
 
-    def __init__(self, directory: Path, port: int, install: bool = False, max_inflight: int = 20):
-        """`max_inflight`: unacknowledged QoS 1 messages per MQTT 3.1.1 client (Mosquitto's default 20)."""
+    def __init__(self, directory: Path, port: int, install: bool = False, max_inflight: int = 20, max_qos: int = 2,
+                 subscribable: list[str] | None = None):
+        """`max_inflight`: unacknowledged QoS 1 messages per MQTT 3.1.1 client (Mosquitto's default 20);
+        `max_qos`: the highest QoS the broker grants; `subscribable`: the topic filters clients may
+        subscribe to (Mosquitto's Dynamic Security plugin refuses others; None: any topic)."""
         self.directory, self.port = directory, port
         self.config = directory / "mosquitto.conf"
+        access = ""
+        if subscribable is not None:
+            (directory / "dynsec.json").write_text(json.dumps(_subscribe_only(subscribable)))
+            access = f"plugin {dynsec_plugin()}\nplugin_opt_config_file {directory}/dynsec.json\n"
         self.config.write_text(
-            f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
+            f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\nmax_qos {max_qos}\n"
             f"persistence_location {directory}/\nmax_queued_messages 0\nmax_inflight_messages {max_inflight}\n"
-            f"log_dest file {directory}/mosquitto.log\n"
+            f"log_dest file {directory}/mosquitto.log\n{access}"
             f"user {getpass.getuser()}\n")  # started as root it would switch to `mosquitto`, who cannot write here
         self.binary = mosquitto_binary(install)
         self.process: subprocess.Popen | None = None

@@ -9,6 +9,11 @@
   earlier connection is never acknowledged on a later one: the broker re-sends it there under the
   same packet id and may reuse that id afterwards, so acking the stale copy could acknowledge a
   newer, not yet durable message. The re-sent copy is acknowledged instead (a duplicate for the twins).
+- **Connected means subscribed.** `connected()` turns true when the broker has acknowledged every
+  subscription (SUBACK), not at CONNACK: on a first connection a message published before the
+  SUBSCRIBE arrives reaches no session, so "connected" must not be reported before then. A
+  subscription the broker refuses (its ACL) leaves the connector not connected, with the refusal as
+  its last error; one granted at QoS 0 (at most once: a crash could lose messages) is an error too.
 - **Reconnects** with exponential backoff (`reconnect_min_s` .. `reconnect_max_s`), also for the
   first connection; TLS and username/password (the password is a write-only credential).
 - **Commands** are published (QoS 1) to the asset's `command_topic` with a JSON body carrying the
@@ -149,6 +154,7 @@ class MqttAdapter:
         self.spec, self.put, self.on_ack = spec, put, on_ack
         self.errors, self.last_error = 0, None
         self._generation = 0  # +1 per connect and disconnect: acks go only over the connection that delivered
+        self._subscription: int | None = None  # the mid of this connection's SUBSCRIBE, until its SUBACK
         self._ack_lock = threading.Lock()
         self._connected = threading.Event()
         self._running = False  # between start and pause: the client's loop (and its reconnects) is on
@@ -168,6 +174,7 @@ class MqttAdapter:
         self.client.on_disconnect = self._on_disconnect
         self.client.on_connect_fail = self._on_connect_fail
         self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
 
     # ------------------------------------------------------------- lifecycle ----
     def start(self) -> None:
@@ -211,11 +218,30 @@ class MqttAdapter:
             return
         with self._ack_lock:
             self._generation += 1
-        topics = [(r.topic, 1) for r in self.spec.routes] + ([(self.spec.ack_topic, 1)] if self.spec.ack_topic else [])
-        client.subscribe(topics)
-        self._set_connected(True)
+        _, self._subscription = client.subscribe(self._topics())
         log.info("event=mqtt_connected tenant=%s connector=%s broker=%s session_present=%s", self.spec.tenant,
                  self.spec.name, self._where(), flags.session_present)
+
+    def _topics(self) -> list[tuple[str, int]]:
+        return [(r.topic, 1) for r in self.spec.routes] + ([(self.spec.ack_topic, 1)] if self.spec.ack_topic else [])
+
+    def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, reasons: list, properties: Any) -> None:
+        if mid != self._subscription:
+            return  # the SUBACK of an earlier connection's SUBSCRIBE
+        self._subscription = None
+        topics = [t for t, _ in self._topics()]
+        refused = [f"{t!r} ({r})" for t, r in zip(topics, reasons) if r.is_failure]
+        if refused:
+            self._error(f"broker {self._where()} refused the subscription to {', '.join(refused)}: allow client "
+                        f"{self.spec.client_id!r} to read these topics (its ACL), then pause and resume the connector")
+            return
+        at_most_once = [t for t, r in zip(topics, reasons) if r.value == 0]
+        if at_most_once:
+            self._error(f"broker {self._where()} granted QoS 0 on {', '.join(map(repr, at_most_once))}: messages "
+                        "are not redelivered after a crash; allow QoS 1 (Mosquitto: max_qos)")
+        self._set_connected(True)
+        log.info("event=mqtt_subscribed tenant=%s connector=%s topics=%d", self.spec.tenant, self.spec.name,
+                 len(topics))
 
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         with self._ack_lock:

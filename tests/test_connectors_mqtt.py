@@ -170,6 +170,41 @@ def test_connector_killed_mid_stream_recovers_exactly_once_mqtt311(twins, connec
     assert_exactly_once(twins, "pump-3", "ref-3", 320)
 
 
+@pytest.mark.parametrize("protocol, reason", [("5", "Not authorized"), ("3.1.1", "Unspecified error")])
+def test_a_refused_subscription_is_reported_not_connected(twins, connectors, tmp_path, protocol, reason):
+    """"Connected" means the broker acknowledged every subscription: one it refuses leaves the connector
+    not connected, with the refusal as its error, instead of a connection that silently gets nothing."""
+    guarded = Mosquitto(tmp_path, free_port(), subscribable=["plant/#"])
+    guarded.start()
+    name = "vault" + protocol.replace(".", "")
+    try:
+        connectors.create(plant_spec(guarded.port, protocol=protocol, name=name, ack_topic=None, routes=[
+            {"topic": "plant/+/telemetry", "asset_level": 1, "payload": PAYLOAD},
+            {"topic": "vault/+/telemetry", "asset_level": 1, "payload": PAYLOAD}]))
+        status = wait_for(lambda: (s := connectors.status("acme", name)).errors and s, "the refusal reported")
+        assert not status.connected
+        assert status.last_error == (
+            f"broker 127.0.0.1:{guarded.port} refused the subscription to 'vault/+/telemetry' ({reason}): allow "
+            f"client 'raytwin-acme-{name}' to read these topics (its ACL), then pause and resume the connector")
+    finally:
+        connectors.delete("acme", name)
+        guarded.stop()
+
+
+def test_a_subscription_granted_at_qos0_is_an_error(twins, connectors, tmp_path):
+    at_most_once = Mosquitto(tmp_path, free_port(), max_qos=0)
+    at_most_once.start()
+    try:
+        connectors.create(plant_spec(at_most_once.port, name="qos0", ack_topic=None))
+        status = wait_for(lambda: (s := connectors.status("acme", "qos0")).connected and s, "subscribed")
+        assert status.errors == 1 and status.last_error == (
+            f"broker 127.0.0.1:{at_most_once.port} granted QoS 0 on 'plant/+/telemetry': messages are not "
+            "redelivered after a crash; allow QoS 1 (Mosquitto: max_qos)")
+    finally:
+        connectors.delete("acme", "qos0")
+        at_most_once.stop()
+
+
 def test_malformed_payloads_go_to_dead_letters_with_topic_and_reason(twins, connectors, broker, plant):
     before = twins.state("acme", "pump-4").revision
     device = Publisher(broker.port)
