@@ -15,7 +15,9 @@
   subscription the broker refuses (its ACL) leaves the connector not connected, with the refusal as
   its last error; one granted at QoS 0 (at most once: a crash could lose messages) is an error too.
 - **Reconnects** with exponential backoff (`reconnect_min_s` .. `reconnect_max_s`), also for the
-  first connection; TLS and username/password (the password is a write-only credential).
+  first connection; TLS and username/password (the password is a write-only credential). A
+  reconnect on which the broker has no session for us (it restarted without persistence, or the
+  session expired) is an error: what was published meanwhile is lost, and the operator must know.
 - **Commands** are published (QoS 1) to the asset's `command_topic` with a JSON body carrying the
   correlation id (and, in MQTT 5, the CorrelationData and ResponseTopic properties); assets answer
   on `ack_topic` with ``{"correlation_id": ..., "status": "ok" | "error", "detail": ...}``.
@@ -155,6 +157,7 @@ class MqttAdapter:
         self.errors, self.last_error = 0, None
         self._generation = 0  # +1 per connect and disconnect: acks go only over the connection that delivered
         self._subscription: int | None = None  # the mid of this connection's SUBSCRIBE, until its SUBACK
+        self._connections = 0  # connections made by this process: after the first, the broker must have kept the session
         self._ack_lock = threading.Lock()
         self._connected = threading.Event()
         self._running = False  # between start and pause: the client's loop (and its reconnects) is on
@@ -218,6 +221,11 @@ class MqttAdapter:
             return
         with self._ack_lock:
             self._generation += 1
+        if self._connections and not flags.session_present and (not self.v5 or self.spec.broker.session_expiry_s):
+            self._error(f"broker {self._where()} kept no session for client {self.spec.client_id!r}: messages "
+                        "published while the connector was disconnected are lost to it (the broker restarted without "
+                        "persistence, or the session expired)")
+        self._connections += 1
         _, self._subscription = client.subscribe(self._topics())
         log.info("event=mqtt_connected tenant=%s connector=%s broker=%s session_present=%s", self.spec.tenant,
                  self.spec.name, self._where(), flags.session_present)

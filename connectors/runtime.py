@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from datetime import datetime
 from typing import Any
 
@@ -23,9 +24,11 @@ from connectors.kinds import kind_of, parse_spec
 from connectors.pump import Pump
 from connectors.sink import TwinSink
 from connectors.spec import ConnectorStore, Desired
+from raytwin import metrics
 from raytwin.logs import component_logging
 
 log = logging.getLogger("raytwin.connectors")
+DOWN_TICK_S = 1.0
 
 
 class ConnectorStatus(BaseModel):
@@ -74,8 +77,11 @@ class ConnectorRuntime:
         self.adapter = kind_of(self.spec.kind).adapter(self.spec, store.credentials(tenant, name), self.pump.put,
                                                        self._on_ack)
         self.desired = store.desired(tenant, name)
+        metrics.CONNECTOR_CONNECTED.set(0.0, connector=self.pump.name)  # a series from the start
         if self.desired is Desired.running:
             self.adapter.start()
+        self._stopped = threading.Event()
+        threading.Thread(target=self._count_down_time, name=f"down-{tenant}/{name}", daemon=True).start()
         log.info("event=connector_started tenant=%s connector=%s kind=%s state=%s", tenant, name, self.spec.kind,
                  self.desired.value)
 
@@ -91,6 +97,16 @@ class ConnectorRuntime:
         self.desired = Desired.running
         self.adapter.resume()
         return self.status()
+
+    def _count_down_time(self) -> None:
+        """Count the seconds this connector should receive and does not (the `RayTwinConnectorDown` alert):
+        a counter, so the series a stopped process leaves in Ray's export for a while stops growing."""
+        last = time.monotonic()
+        while not self._stopped.wait(DOWN_TICK_S):
+            now = time.monotonic()
+            if self.desired is Desired.running and not self.adapter.connected():
+                metrics.CONNECTOR_DOWN.inc(now - last, connector=self.pump.name)
+            last = now
 
     def status(self) -> ConnectorStatus:
         s = self.pump.stats
@@ -128,6 +144,7 @@ class ConnectorRuntime:
             self.ledger.acknowledged(self.tenant, command_id, ack, ok)
 
     def stop(self) -> None:
+        self._stopped.set()
         self.adapter.stop()
         self.pump.stop()
 

@@ -228,8 +228,11 @@ CALIBRATION_DURATION = histogram("raytwin_calibration_duration_seconds", "Wall t
 CONNECTOR_MESSAGES = counter("raytwin_connector_messages", "Device-protocol connector messages by outcome (received, "
                              "acknowledged, accepted, duplicates, rejected, dead_lettered, delivery_errors).",
                              "connector", "outcome")
-CONNECTOR_CONNECTED = gauge("raytwin_connector_connected", "1 while a connector is connected to its source.",
-                            "connector")
+CONNECTOR_CONNECTED = gauge("raytwin_connector_connected", "1 while a connector is connected to its source and "
+                            "receiving (MQTT: every subscription acknowledged; OPC UA: items monitored).", "connector")
+CONNECTOR_DOWN = counter("raytwin_connector_down_seconds", "Seconds a connector declared running was not connected "
+                         "and receiving; its rate is the share of time down (paused time does not count, and a "
+                         "stopped process's series stops growing).", "connector")
 CONNECTOR_NEWEST_EVENT = gauge("raytwin_connector_newest_event_timestamp_seconds", "Event time of the newest event a "
                                "connector applied [Unix s]: its lag is time() minus it.", "connector")
 # ---- overload (serve_apps/admission.py) ---------------------------------------------------------

@@ -171,7 +171,8 @@ def test_connector_killed_mid_stream_recovers_exactly_once_mqtt311(twins, connec
 
 
 @pytest.mark.parametrize("protocol, reason", [("5", "Not authorized"), ("3.1.1", "Unspecified error")])
-def test_a_refused_subscription_is_reported_not_connected(twins, connectors, tmp_path, protocol, reason):
+def test_a_refused_subscription_is_reported_not_connected(twins, connectors, tmp_path, ray_metrics_port, protocol,
+                                                          reason):
     """"Connected" means the broker acknowledged every subscription: one it refuses leaves the connector
     not connected, with the refusal as its error, instead of a connection that silently gets nothing."""
     guarded = Mosquitto(tmp_path, free_port(), subscribable=["plant/#"])
@@ -186,6 +187,8 @@ def test_a_refused_subscription_is_reported_not_connected(twins, connectors, tmp
         assert status.last_error == (
             f"broker 127.0.0.1:{guarded.port} refused the subscription to 'vault/+/telemetry' ({reason}): allow "
             f"client 'raytwin-acme-{name}' to read these topics (its ACL), then pause and resume the connector")
+        wait_until(ray_metrics_port, lambda m: total(m, "ray_raytwin_connector_down_seconds_total",
+                                                     connector=f"acme/{name}") >= 2.0, "the down time counted")
     finally:
         connectors.delete("acme", name)
         guarded.stop()
@@ -203,6 +206,28 @@ def test_a_subscription_granted_at_qos0_is_an_error(twins, connectors, tmp_path)
     finally:
         connectors.delete("acme", "qos0")
         at_most_once.stop()
+
+
+def test_a_broker_that_lost_the_session_is_reported(twins, connectors, tmp_path):
+    """A broker restarted without its persisted sessions has lost what was published meanwhile: the
+    connector cannot get it back, but says so instead of resuming silently."""
+    forgetful = Mosquitto(tmp_path, free_port())
+    forgetful.start()
+    try:
+        connectors.create(plant_spec(forgetful.port, protocol="3.1.1", name="amnesia", ack_topic=None))
+        wait_for(lambda: connectors.status("acme", "amnesia").connected, "connected")
+        forgetful.stop()
+        (tmp_path / "mosquitto.db").unlink()  # the sessions it saved on the way down
+        forgetful.start()
+        status = wait_for(lambda: (s := connectors.status("acme", "amnesia")).connected and "kept no session" in
+                          (s.last_error or "") and s, "the lost session reported")
+        assert status.last_error == (
+            f"broker 127.0.0.1:{forgetful.port} kept no session for client 'raytwin-acme-amnesia': messages published "
+            "while the connector was disconnected are lost to it (the broker restarted without persistence, or the "
+            "session expired)")
+    finally:
+        connectors.delete("acme", "amnesia")
+        forgetful.stop()
 
 
 def test_malformed_payloads_go_to_dead_letters_with_topic_and_reason(twins, connectors, broker, plant):

@@ -84,7 +84,7 @@ def test_dashboard_and_rules_query_only_names_raytwin_exports():
     assert {n for n in names if n.startswith("ray_raytwin_")} <= exported
     assert {n for n in names if n.startswith("raytwin:")} <= recorded
     titles = {p["title"] for p in json.loads(DASHBOARD.read_text())["panels"] if p["type"] == "row"}
-    assert titles == {"Ingestion", "Twins", "Sweeps and jobs", "API"}
+    assert titles == {"Ingestion", "Twins", "Sweeps and jobs", "API", "Connectors"}
 
 
 def test_bucket_quantile_interpolates_as_prometheus_does():
