@@ -31,6 +31,17 @@ def wait_acknowledged(connectors: Connectors, name: str, messages: int, max_erro
     raise IngestMismatch(f"connector {name!r} did not acknowledge {messages} messages within {WAIT_S:g} s")
 
 
+def wait_connected(connectors: Connectors, name: str, timeout_s: float = WAIT_S) -> None:
+    """Until connector `name` is connected and receiving (its subscription exists: values sent before it would
+    reach the twins late or not at all); answers once Ray has restarted a killed one."""
+    deadline = time.monotonic() + timeout_s
+    while not connectors.status(TENANT, name).connected:
+        if time.monotonic() > deadline:
+            raise IngestMismatch(f"connector {name!r} did not connect within {timeout_s:g} s: "
+                                 f"{connectors.status(TENANT, name).last_error}")
+        time.sleep(0.01)
+
+
 def check_exactly_once(service: TwinService, feeds: dict[str, TelemetryFeed]) -> dict[str, dict[str, int]]:
     """Events sent and applied per path; `IngestMismatch` unless every twin applied each event exactly once
     (`events_applied` counts applied events, duplicates excluded, so both a loss and a double count show)."""

@@ -26,7 +26,7 @@ from datetime import datetime
 from asyncua import Client, ua
 
 from actors import TwinService
-from benchmarks.connector_runs import check_exactly_once, latency_figures, wait_acknowledged
+from benchmarks.connector_runs import check_exactly_once, latency_figures, wait_acknowledged, wait_connected
 from benchmarks.harness import BenchContext, BenchResult, Figure, benchmark
 from benchmarks.ingest import TENANT, IngestMismatch, LiveStream, ProbedTwin, TelemetryFeed
 from benchmarks.serve_api import _cpu_seconds
@@ -118,16 +118,6 @@ class Plant:
         self._thread.join(WRITE_TIMEOUT_S)
 
 
-def _wait_connected(connectors: Connectors, name: str) -> None:
-    """Values written before the subscription exists would reach the twins only as each node's latest value."""
-    deadline = time.monotonic() + WRITE_TIMEOUT_S
-    while not connectors.status(TENANT, name).connected:
-        if time.monotonic() > deadline:
-            raise IngestMismatch(f"connector {name!r} did not connect within {WRITE_TIMEOUT_S:g} s: "
-                                 f"{connectors.status(TENANT, name).last_error}")
-        time.sleep(0.05)
-
-
 @benchmark("opcua", "Events/s through OPC UA into twins and ingest->queryable latency, next to direct ingestion")
 def opcua_ingestion(ctx: BenchContext) -> BenchResult:
     ensure_ray()
@@ -154,7 +144,7 @@ def opcua_ingestion(ctx: BenchContext) -> BenchResult:
         connectors.create({"name": "bench", "tenant": TENANT, "kind": "opcua", "endpoint": server.endpoint,
                            "batch_size": 2000, "publishing_interval_ms": PUBLISHING_INTERVAL_MS,
                            "queue_size": 100_000, "nodes": nodes}, Credentials(username=USER, password=PASSWORD))
-        _wait_connected(connectors, "bench")
+        wait_connected(connectors, "bench", WRITE_TIMEOUT_S)
         plant = Plant(server)
         running.callback(plant.close)
 
