@@ -28,6 +28,7 @@ from benchmarks.thermal_scenarios import (
     product_in_process,
     scipy_loop,
 )
+from connectors.mosquitto import mosquitto_binary
 from raytwin.sim import THERMAL_RC
 from raytwin.sim.checks import stability_limit
 
@@ -221,6 +222,14 @@ def test_bench_quick_changes(ray_session, tmp_path):
 def test_bench_quick_replay(ray_session, tmp_path):
     replayed = quick(tmp_path, "replay")["benchmarks"]["replay"]["checks"]
     assert set(replayed) == {"local disk", "S3 (moto, loopback)"} and all(r["events"] == 1_000 for r in replayed.values())
+
+
+def test_bench_quick_mqtt_kills(ray_session, tmp_path):
+    """The MQTT connector SIGKILLed at random moments of a stream (the seed is in the checks): every event once."""
+    mosquitto_binary(install=True)  # CI: a fresh machine
+    kills = quick(tmp_path, "mqtt-kills")["benchmarks"]["mqtt-kills"]["checks"]
+    assert kills["kills"] == len(kills["recovery_s"]) == 4
+    assert kills["events_applied"] == kills["events_sent"] == {"mqtt 5": 400, "mqtt 3.1.1": 400}
 
 
 def test_bench_cli_quick_fmu_sweep(ray_session, tmp_path):
