@@ -1,4 +1,4 @@
-"""`raytwin status`: the cluster, twins, ingest lag, job queue and firing alerts on one screen.
+"""`raytwin status`: the cluster, twins, ingest lag, job queue, connectors and firing alerts on one screen.
 
 It reads what the operators' tools read, so it agrees with them: Ray's state (nodes, CPUs), every
 alive node's metrics export summed (so counts are cluster-wide, as in `raytwin.metrics`), and,
@@ -38,6 +38,8 @@ class Status:
     lag_p95_s: float | None = None  # ingest time -> applied
     jobs: dict[str, int] = field(default_factory=dict)
     oldest_job_age_s: float | None = None
+    connectors: dict[str, bool] = field(default_factory=dict)  # "tenant/name" -> connected and receiving
+    connector_down_s: dict[str, float] = field(default_factory=dict)  # seconds declared running, not connected
     alerts: list[str] | None = None  # firing; None: no Prometheus given
 
 
@@ -78,6 +80,16 @@ def bucket_quantile(q: float, buckets: dict[float, float]) -> float | None:
     return lower
 
 
+def _connected(samples: Samples) -> dict[str, bool]:
+    """Each connector's connected gauge, the highest over processes: a restarted connector's dead process
+    keeps its last value in the export for a while, so a sum could read 2."""
+    out: dict[str, bool] = {}
+    for n, labels, value in samples:
+        if n == "ray_raytwin_connector_connected":
+            out[labels["connector"]] = out.get(labels["connector"], False) or value > 0
+    return out
+
+
 def collect(samples: Samples, prometheus: str | None = None, now: float | None = None) -> Status:
     """The status from Ray's state, `samples` (`scrape_nodes`) and Prometheus's alerts."""
     nodes = [n for n in ray.nodes() if n["Alive"]]
@@ -95,6 +107,8 @@ def collect(samples: Samples, prometheus: str | None = None, now: float | None =
         lag_p95_s=bucket_quantile(0.95, lag),
         jobs={k: int(v) for k, v in _by(samples, "ray_raytwin_jobs", "state").items()},
         oldest_job_age_s=(now or time.time()) - min(oldest) if oldest else None,
+        connectors=_connected(samples),
+        connector_down_s=_by(samples, "ray_raytwin_connector_down_seconds_total", "connector"),
     )
     if prometheus is not None:
         alerts = httpx.get(f"{prometheus.rstrip('/')}/api/v1/alerts", timeout=10).raise_for_status().json()
@@ -104,6 +118,15 @@ def collect(samples: Samples, prometheus: str | None = None, now: float | None =
 
 def _counts(values: dict[str, int]) -> str:
     return ", ".join(f"{k} {v:,}" for k, v in sorted(values.items())) or "none"
+
+
+def _connectors(s: Status) -> str:
+    if not s.connectors:
+        return "none"
+    down = [f"{c} (down {s.connector_down_s.get(c, 0.0):.0f} s in all)" for c, up in sorted(s.connectors.items())
+            if not up]
+    up = sum(s.connectors.values())
+    return f"{up} connected" + (f"; not connected (or paused): {', '.join(down)}" if down else "")
 
 
 def render(s: Status) -> str:
@@ -119,6 +142,7 @@ def render(s: Status) -> str:
         f"dead letters  {_counts(s.dead_letters)}",
         f"lag           {lag}",
         f"jobs          {_counts(s.jobs)}{age}",
+        f"connectors    {_connectors(s)}",
         f"alerts        {alerts}",
     ])
 
@@ -127,7 +151,7 @@ def status(
     address: Annotated[str | None, typer.Option(help="Ray cluster address (default: RAY_ADDRESS, else a running local Ray).")] = None,
     prometheus: Annotated[str | None, typer.Option(help="Prometheus URL with RayTwin's rules, for the firing alerts.")] = None,
 ) -> None:
-    """Cluster, twins, ingest lag, job queue and firing alerts, on one screen."""
+    """Cluster, twins, ingest lag, job queue, connectors and firing alerts, on one screen."""
     if not ray.is_initialized():
         try:
             ray.init(address=address or "auto", logging_level="ERROR")

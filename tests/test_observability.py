@@ -87,6 +87,18 @@ def test_dashboard_and_rules_query_only_names_raytwin_exports():
     assert titles == {"Ingestion", "Twins", "Sweeps and jobs", "API", "Connectors"}
 
 
+def test_status_lists_connectors_not_connected_with_their_down_time(ray_session):
+    samples = [("ray_raytwin_connector_connected", {"connector": "acme/plant", "WorkerId": "w1"}, 1.0),
+               ("ray_raytwin_connector_connected", {"connector": "acme/plant", "WorkerId": "dead"}, 0.0),
+               ("ray_raytwin_connector_connected", {"connector": "acme/vault", "WorkerId": "w2"}, 0.0),
+               ("ray_raytwin_connector_down_seconds_total", {"connector": "acme/vault", "WorkerId": "w2"}, 41.6),
+               ("ray_raytwin_connector_down_seconds_total", {"connector": "acme/vault", "WorkerId": "dead"}, 3.0)]
+    status = collect(samples)
+    assert status.connectors == {"acme/plant": True, "acme/vault": False}
+    assert "connectors    1 connected; not connected (or paused): acme/vault (down 45 s in all)" in render(status)
+    assert "connectors    none" in render(collect([]))
+
+
 def test_bucket_quantile_interpolates_as_prometheus_does():
     """`histogram_quantile` semantics: linear within the bucket from the previous bound (0 for the
     first), the last finite bound when the rank falls in +Inf, None without observations."""
