@@ -319,3 +319,40 @@ def test_backpressure_switches_publishing_off_and_on_again_losing_nothing(server
     for node in STREAMS["tank-2"]:
         times = [t for k, t in keys if k.endswith(node)]
         assert times == [(T0 + timedelta(seconds=k)).isoformat() for k in range(100, 130)]
+
+
+def test_a_gap_without_backfill_is_reported_with_its_length(server):
+    """Changes made while no subscription exists are not read back without `backfill_s`: the session says so
+    after it subscribes again, with how long it was without one; with `backfill_s` it reads them instead."""
+    specs = {b: OpcUaSpec.model_validate(plc_spec(server.endpoint, name=f"gap-{b}", backfill_s=b)) for b in (0, 3600)}
+
+    async def scenario() -> tuple[dict[int, OpcUaSession], float]:
+        sessions = {b: OpcUaSession(spec, Credentials(username=USER, password=PASSWORD), lambda m: m.ack())
+                    for b, spec in specs.items()}
+        runs = [asyncio.ensure_future(s.run()) for s in sessions.values()]
+
+        async def until(condition) -> None:
+            deadline = time.monotonic() + WAIT_S
+            while not condition():
+                assert time.monotonic() < deadline, "the sessions did not get there"
+                await asyncio.sleep(0.02)
+
+        await until(lambda: all(s.connected() for s in sessions.values()))
+        down = time.monotonic()
+        await asyncio.to_thread(server.kill)
+        await until(lambda: not any(s.connected() for s in sessions.values()))
+        await asyncio.sleep(1.0)
+        await asyncio.to_thread(server.start)
+        up = time.monotonic()
+        await until(lambda: all(s.connected() for s in sessions.values()))
+        for s in sessions.values():
+            s.stop()
+        await asyncio.gather(*runs)
+        return sessions, up - down
+
+    sessions, outage_s = asyncio.run(scenario())
+    without = sessions[0].last_error
+    assert without is not None and "without a subscription" in without and "set backfill_s" in without, without
+    reported_s = float(without.split("after ")[1].split(" s ")[0])
+    assert reported_s >= outage_s - 0.5, (reported_s, outage_s)
+    assert "without a subscription" not in (sessions[3600].last_error or "")

@@ -7,7 +7,9 @@ Why this shape:
   server send every item's current value again: re-deliveries with their original source timestamps, which
   the twins count as duplicates (`connectors.opcua.values`).
 - **Backfill.** Changes made while no subscription existed are not queued by OPC UA; with `backfill_s` the
-  session reads them from the nodes' history (HistoryRead) after subscribing (overlap, not a gap).
+  session reads them from the nodes' history (HistoryRead) after subscribing (overlap, not a gap). Without
+  it, a resubscription after a loss is reported as an error naming the gap (only each node's latest value
+  arrives), so an operator learns of it from `last_error` instead of from a twin that skipped changes.
 - **Bounded memory, no silent drops.** asyncua's publish loop must never block, so value changes are handed
   to the pump (`put`, which blocks when the pump is full) by one feeder task through a worker thread, in
   order. When `max_outstanding` changes are received and not yet durable, the subscription's publishing is
@@ -82,6 +84,7 @@ class OpcUaSession:
         self._sub: Subscription | None = None
         self._nodes: dict[ua.NodeId, MappedNode] = {}
         self._newest: dict[str, datetime] = {}  # node id -> newest durable source timestamp (for backfill)
+        self._unsubscribed_since: datetime | None = None  # when the last subscription was lost
 
     # ------------------------------------------------------------------ lifecycle ----
     async def run(self) -> None:
@@ -98,6 +101,8 @@ class OpcUaSession:
                         self._error("connection lost; reconnecting with backoff")
                 except LOSS as exc:
                     self._error(f"{type(exc).__name__}: {exc}; retrying in {delay:.1f} s")
+                if self._sub is not None and self._unsubscribed_since is None:
+                    self._unsubscribed_since = datetime.now(UTC)
                 await self._disconnect()
                 if self._stop.is_set():
                     break
@@ -188,6 +193,9 @@ class OpcUaSession:
         await self._apply_publishing()  # in case pause or backpressure changed while the subscription was created
         if spec.backfill_s:
             await self._backfill()
+        elif self._unsubscribed_since is not None:
+            self._report_gap(self._unsubscribed_since)
+        self._unsubscribed_since = None
         log.info("event=opcua_connected tenant=%s connector=%s endpoint=%s items=%d", spec.tenant, spec.name,
                  spec.endpoint, len(self._nodes))
 
@@ -223,6 +231,15 @@ class OpcUaSession:
                 self._on_value(nid, dv)
             log.info("event=opcua_backfill tenant=%s connector=%s node=%s since=%s changes=%d", self.spec.tenant,
                      self.spec.name, node.node_id, start.isoformat(), len(history))
+
+    def _report_gap(self, since: datetime) -> None:
+        """Without `backfill_s`, changes made while no subscription existed are gone to this connector."""
+        now = datetime.now(UTC)
+        log.warning("event=opcua_gap tenant=%s connector=%s endpoint=%s since=%s until=%s", self.spec.tenant,
+                    self.spec.name, self.spec.endpoint, since.isoformat(), now.isoformat())
+        self._error(f"subscribed again after {(now - since).total_seconds():.1f} s without a subscription (since "
+                    f"{since.isoformat(timespec='seconds')}): value changes made in that time were not read, only "
+                    f"each node's latest value; set backfill_s to read them from the server's history")
 
     async def _resolve(self, node_id: str) -> ua.NodeId:
         """A configured node id; one with a namespace URI (`nsu=`) gets this server's index for that URI."""
