@@ -97,6 +97,9 @@ VARIANTS: dict[str, Variant] = {
     "proxy gate 12": Variant("8 requests worked on per replica, the proxy gate at 12 in flight (8 slots and 4 of the "
                              "queue; the proxy gate's first default)", {**PRODUCT_ENV, MAX_IN_FLIGHT_ENV: "12"},
                              admission=EARLIER_SLOTS),
+    "3 slots": Variant("3 requests worked on per replica, the proxy gate at 3 in flight (measured 2026-12-04 "
+                       "against the default: lower latency under overload, less throughput)",
+                       {**PRODUCT_ENV, MAX_IN_FLIGHT_ENV: "3"}, admission={"max_concurrent": 3}),
     "8 slots": Variant("8 requests worked on per replica, the proxy gate at 8 in flight (the second "
                        "default, 2026-12-02 03:38-05:49 UTC)", {**PRODUCT_ENV, MAX_IN_FLIGHT_ENV: "8"},
                        admission=EARLIER_SLOTS),
