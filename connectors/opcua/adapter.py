@@ -11,6 +11,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import ray
+
 from connectors.commands import Command
 from connectors.kinds import AckHandler
 from connectors.opcua.config import OpcUaSpec
@@ -20,6 +22,14 @@ from connectors.spec import Credentials
 from raytwin import units
 
 STOP_TIMEOUT_S = 30.0
+
+
+def _restarted_by_ray() -> bool:
+    """In a connector actor that Ray restarted after its process died (False in-process, outside an actor)."""
+    if not ray.is_initialized():
+        return False
+    context = ray.get_runtime_context()
+    return context.get_actor_id() is not None and context.was_current_actor_reconstructed
 
 
 class OpcUaAdapter:
@@ -46,7 +56,7 @@ class OpcUaAdapter:
 
     def start(self) -> None:
         async def begin() -> None:
-            self._session = OpcUaSession(self.spec, self.credentials, self.put)
+            self._session = OpcUaSession(self.spec, self.credentials, self.put, restarted=_restarted_by_ray())
             self._run = asyncio.ensure_future(self._session.run())
         if self._session is None:
             self._call(begin())

@@ -8,8 +8,9 @@ Why this shape:
   the twins count as duplicates (`connectors.opcua.values`).
 - **Backfill.** Changes made while no subscription existed are not queued by OPC UA; with `backfill_s` the
   session reads them from the nodes' history (HistoryRead) after subscribing (overlap, not a gap). Without
-  it, a resubscription after a loss is reported as an error naming the gap (only each node's latest value
-  arrives), so an operator learns of it from `last_error` instead of from a twin that skipped changes.
+  it, a resubscription after a loss or after a restart of the connector's process is reported as an error
+  naming the gap (only each node's latest value arrives), so an operator learns of it from `last_error`
+  instead of from a twin that skipped changes.
 - **Bounded memory, no silent drops.** asyncua's publish loop must never block, so value changes are handed
   to the pump (`put`, which blocks when the pump is full) by one feeder task through a worker thread, in
   order. When `max_outstanding` changes are received and not yet durable, the subscription's publishing is
@@ -64,7 +65,9 @@ class _Handler:
 class OpcUaSession:
     """Runs one connector's OPC UA side in the current event loop until `stop()`."""
 
-    def __init__(self, spec: OpcUaSpec, credentials: Credentials, put: Callable[[Inbound], None]):
+    def __init__(self, spec: OpcUaSpec, credentials: Credentials, put: Callable[[Inbound], None], *,
+                 restarted: bool = False):
+        """`restarted`: this process replaces one that died (its changes since then are a gap to report)."""
         self.spec, self.credentials, self.put = spec, credentials, put
         self.errors, self.last_error = 0, None
         self._state = "starting"
@@ -85,6 +88,7 @@ class OpcUaSession:
         self._nodes: dict[ua.NodeId, MappedNode] = {}
         self._newest: dict[str, datetime] = {}  # node id -> newest durable source timestamp (for backfill)
         self._unsubscribed_since: datetime | None = None  # when the last subscription was lost
+        self._restarted = restarted
 
     # ------------------------------------------------------------------ lifecycle ----
     async def run(self) -> None:
@@ -193,9 +197,9 @@ class OpcUaSession:
         await self._apply_publishing()  # in case pause or backpressure changed while the subscription was created
         if spec.backfill_s:
             await self._backfill()
-        elif self._unsubscribed_since is not None:
+        elif self._unsubscribed_since is not None or self._restarted:
             self._report_gap(self._unsubscribed_since)
-        self._unsubscribed_since = None
+        self._unsubscribed_since, self._restarted = None, False
         log.info("event=opcua_connected tenant=%s connector=%s endpoint=%s items=%d", spec.tenant, spec.name,
                  spec.endpoint, len(self._nodes))
 
@@ -232,14 +236,17 @@ class OpcUaSession:
             log.info("event=opcua_backfill tenant=%s connector=%s node=%s since=%s changes=%d", self.spec.tenant,
                      self.spec.name, node.node_id, start.isoformat(), len(history))
 
-    def _report_gap(self, since: datetime) -> None:
-        """Without `backfill_s`, changes made while no subscription existed are gone to this connector."""
+    def _report_gap(self, since: datetime | None) -> None:
+        """Without `backfill_s`, changes made while no subscription existed are gone to this connector: since
+        the loss of the last one, or (`since` None) since this process's predecessor died, a time it cannot know."""
         now = datetime.now(UTC)
         log.warning("event=opcua_gap tenant=%s connector=%s endpoint=%s since=%s until=%s", self.spec.tenant,
-                    self.spec.name, self.spec.endpoint, since.isoformat(), now.isoformat())
-        self._error(f"subscribed again after {(now - since).total_seconds():.1f} s without a subscription (since "
-                    f"{since.isoformat(timespec='seconds')}): value changes made in that time were not read, only "
-                    f"each node's latest value; set backfill_s to read them from the server's history")
+                    self.spec.name, self.spec.endpoint, since.isoformat() if since else "restart", now.isoformat())
+        gap = (f"after {(now - since).total_seconds():.1f} s without a subscription (since "
+               f"{since.isoformat(timespec='seconds')})" if since else
+               "after this connector's process was restarted (its predecessor died)")
+        self._error(f"subscribed again {gap}: value changes made in that time were not read, only each node's "
+                    f"latest value; set backfill_s to read them from the server's history")
 
     async def _resolve(self, node_id: str) -> ua.NodeId:
         """A configured node id; one with a namespace URI (`nsu=`) gets this server's index for that URI."""
