@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any, Protocol
 
 from connectors.commands import Command
@@ -44,7 +45,9 @@ class Kind(Protocol):
         """What is wrong with `spec` given the tenant's registered `assets` (empty: fine)."""
 
     def adapter(self, spec: ConnectorSpec, credentials: Credentials, put: Callable[[Inbound], None],
-                on_ack: AckHandler) -> Adapter: ...
+                on_ack: AckHandler, *, predecessor_seen: datetime | None = None) -> Adapter:
+        """`predecessor_seen`: when an earlier process of this connector was last alive (None: this is the
+        first), for protocols that lose what the source sends while no connector runs."""
 
 
 class UnknownKind(ValueError):

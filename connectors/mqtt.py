@@ -337,7 +337,9 @@ class MqttKind:
                 for r in spec.routes if r.asset_id is not None and r.asset_id not in assets]
 
     def adapter(self, spec: MqttSpec, credentials: Credentials, put: Callable[[Inbound], None],
-                on_ack: AckHandler) -> MqttAdapter:
+                on_ack: AckHandler, *, predecessor_seen: datetime | None = None) -> MqttAdapter:
+        """(`predecessor_seen` is not needed: the broker keeps the session's messages while no connector runs,
+        and a reconnect that finds no session is reported as such.)"""
         return MqttAdapter(spec, credentials, put, on_ack)
 
 

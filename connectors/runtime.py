@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import ray
@@ -29,6 +29,9 @@ from raytwin.logs import component_logging
 
 log = logging.getLogger("raytwin.connectors")
 DOWN_TICK_S = 1.0
+ALIVE_EVERY_S = 10.0
+"""How often a running connector records that it is alive: a restarted one's gap starts within this of the time."""
+ALIVE_JOIN_S = 30.0
 
 
 class ConnectorStatus(BaseModel):
@@ -74,14 +77,17 @@ class ConnectorRuntime:
                           if c.connector == name and c.status is CommandStatus.sent}
         sink = TwinSink(router, tenant, batch_size=self.spec.batch_size)
         self.pump = Pump(sink, f"{tenant}/{name}", batch_size=self.spec.batch_size, linger_s=self.spec.linger_s)
+        predecessor_seen = store.last_alive(tenant, name)  # an earlier process of this connector ran until then
+        store.mark_alive(tenant, name, datetime.now(UTC))
         self.adapter = kind_of(self.spec.kind).adapter(self.spec, store.credentials(tenant, name), self.pump.put,
-                                                       self._on_ack)
+                                                       self._on_ack, predecessor_seen=predecessor_seen)
         self.desired = store.desired(tenant, name)
         metrics.CONNECTOR_CONNECTED.set(0.0, connector=self.pump.name)  # a series from the start
         if self.desired is Desired.running:
             self.adapter.start()
         self._stopped = threading.Event()
-        threading.Thread(target=self._count_down_time, name=f"down-{tenant}/{name}", daemon=True).start()
+        self._ticker = threading.Thread(target=self._tick, name=f"down-{tenant}/{name}", daemon=True)
+        self._ticker.start()
         log.info("event=connector_started tenant=%s connector=%s kind=%s state=%s", tenant, name, self.spec.kind,
                  self.desired.value)
 
@@ -98,15 +104,23 @@ class ConnectorRuntime:
         self.adapter.resume()
         return self.status()
 
-    def _count_down_time(self) -> None:
+    def _tick(self) -> None:
         """Count the seconds this connector should receive and does not (the `RayTwinConnectorDown` alert):
-        a counter, so the series a stopped process leaves in Ray's export for a while stops growing."""
-        last = time.monotonic()
+        a counter, so the series a stopped process leaves in Ray's export for a while stops growing. Every
+        `ALIVE_EVERY_S`, record that this process is alive: where the next one's gap starts if it dies."""
+        last = alive = time.monotonic()
         while not self._stopped.wait(DOWN_TICK_S):
             now = time.monotonic()
             if self.desired is Desired.running and not self.adapter.connected():
                 metrics.CONNECTOR_DOWN.inc(now - last, connector=self.pump.name)
             last = now
+            if now - alive >= ALIVE_EVERY_S:
+                alive = now
+                try:
+                    self.store.mark_alive(self.tenant, self.name, datetime.now(UTC))
+                except Exception as exc:  # noqa: BLE001 - a store hiccup only blurs a later gap's start
+                    log.warning("event=connector_alive_failed tenant=%s connector=%s error=%r", self.tenant,
+                                self.name, exc)
 
     def status(self) -> ConnectorStatus:
         s = self.pump.stats
@@ -145,8 +159,10 @@ class ConnectorRuntime:
 
     def stop(self) -> None:
         self._stopped.set()
+        self._ticker.join(ALIVE_JOIN_S)  # no `alive.json` written after this returns (a deletion follows a stop)
         self.adapter.stop()
         self.pump.stop()
+        self.store.mark_alive(self.tenant, self.name, datetime.now(UTC))
 
 
 ConnectorActor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=3)(ConnectorRuntime)

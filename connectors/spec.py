@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
@@ -62,7 +63,7 @@ class Desired(StrEnum):
 class ConnectorStore:
     """Declarations under `{store}/connectors/declared/tenant=T/<name>/`: spec.json (public),
     credentials.sealed (secret, kept apart, encrypted), desired.json (running or paused, kept across
-    restarts). A `credentials.json` in plain text, as earlier versions wrote, is sealed when first read."""
+    restarts), alive.json (when a process of the connector last ran: a restart's gap starts there). A `credentials.json` in plain text, as earlier versions wrote, is sealed when first read."""
 
     def __init__(self, store_url: str, storage_options: dict[str, Any] | None = None):
         self.fs, root = filesystem(store_url, storage_options)
@@ -86,6 +87,8 @@ class ConnectorStore:
         self._save_credentials(d, credentials)
         write_atomically(self.fs, f"{d}/spec.json", spec.model_dump_json().encode())
         self.set_desired(spec.tenant, spec.name, Desired.running)
+        if self.fs.exists(alive := f"{d}/alive.json"):  # a new declaration: no earlier process's gap to report
+            self.fs.rm(alive)
 
     def _save_credentials(self, d: str, credentials: Credentials) -> None:
         sealed = self.sealer.seal(json.dumps(credentials.revealed()).encode())
@@ -127,6 +130,16 @@ class ConnectorStore:
     def set_desired(self, tenant: str, name: str, desired: Desired) -> None:
         write_atomically(self.fs, f"{self._dir(tenant, name)}/desired.json",
                          json.dumps({"state": desired.value}).encode())
+
+    def last_alive(self, tenant: str, name: str) -> datetime | None:
+        """When a process of this connector last said it was running (None: none has run since it was declared)."""
+        try:
+            return datetime.fromisoformat(json.loads(self.fs.cat_file(f"{self._dir(tenant, name)}/alive.json"))["at"])
+        except FileNotFoundError:
+            return None
+
+    def mark_alive(self, tenant: str, name: str, at: datetime) -> None:
+        write_atomically(self.fs, f"{self._dir(tenant, name)}/alive.json", json.dumps({"at": at.isoformat()}).encode())
 
     def names(self, tenant: str) -> list[str]:
         try:

@@ -359,17 +359,28 @@ def test_a_gap_without_backfill_is_reported_with_its_length(server):
 
 
 def test_a_restarted_connector_without_backfill_reports_the_gap(connectors, server, twins):
-    """A connector process that Ray restarted after a crash cannot know what changed while it was down;
-    without `backfill_s` it says so once it has subscribed again (with `backfill_s` it reads history: above)."""
+    """A connector process that Ray restarted after a crash, or that was started again from its declaration,
+    cannot know what changed while none ran; without `backfill_s` it says so once it has subscribed again, with
+    how long ago the one before was last alive (with `backfill_s` it reads history: above)."""
     node = {"node_id": "ns=2;s=tank-2.h1", "asset_id": "tank-2", "measurement": "h1", "unit": "m"}
     connectors.create(plc_spec(server.endpoint, name="plc-latest", backfill_s=0, nodes=[node], commands=[]),
                       Credentials(username=USER, password=PASSWORD))
     wait_for(lambda: connectors.status("acme", "plc-latest").connected, "the connector is connected")
     assert connectors.status("acme", "plc-latest").last_error is None  # a first start is no gap
 
-    ray.kill(ray.get_actor(actor_name("acme", "plc-latest"), namespace=twins.router.namespace), no_restart=False)
-    wait_for(lambda: "process was restarted" in (connectors.status("acme", "plc-latest").last_error or ""),
-             "the restarted connector reports the gap")
+    handle = ray.get_actor(actor_name("acme", "plc-latest"), namespace=twins.router.namespace)
+    ray.kill(handle, no_restart=False)  # a crash: Ray restarts it
+    wait_for(lambda: "after a restart" in (connectors.status("acme", "plc-latest").last_error or ""),
+             "the connector restarted by Ray reports the gap")
     status = connectors.status("acme", "plc-latest")
     assert status.connected and "set backfill_s" in status.last_error
+
+    ray.kill(handle, no_restart=True)  # gone for good, then started again from its declaration
+    time.sleep(2.0)
+    connectors.status("acme", "plc-latest")
+    wait_for(lambda: "after a restart" in (connectors.status("acme", "plc-latest").last_error or ""),
+             "the connector started again from its declaration reports the gap")
+    error = connectors.status("acme", "plc-latest").last_error
+    assert float(error.split("last seen ")[1].split(" s ")[0]) >= 2.0, error
     connectors.delete("acme", "plc-latest")
+    assert "plc-latest" not in connectors.names("acme")  # nothing written after the deletion

@@ -9,9 +9,8 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable
+from datetime import datetime
 from typing import Any
-
-import ray
 
 from connectors.commands import Command
 from connectors.kinds import AckHandler
@@ -24,19 +23,13 @@ from raytwin import units
 STOP_TIMEOUT_S = 30.0
 
 
-def _restarted_by_ray() -> bool:
-    """In a connector actor that Ray restarted after its process died (False in-process, outside an actor)."""
-    if not ray.is_initialized():
-        return False
-    context = ray.get_runtime_context()
-    return context.get_actor_id() is not None and context.was_current_actor_reconstructed
-
-
 class OpcUaAdapter:
     """One OPC UA session in a daemon thread: monitored items into the pump, commands written to nodes."""
 
-    def __init__(self, spec: OpcUaSpec, credentials: Credentials, put: Callable[[Inbound], None], on_ack: AckHandler):
+    def __init__(self, spec: OpcUaSpec, credentials: Credentials, put: Callable[[Inbound], None], on_ack: AckHandler,
+                 predecessor_seen: datetime | None = None):
         self.spec, self.credentials, self.put, self.on_ack = spec, credentials, put, on_ack
+        self.predecessor_seen = predecessor_seen
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"opcua-{spec.name}", daemon=True)
         self._thread.start()
@@ -56,7 +49,7 @@ class OpcUaAdapter:
 
     def start(self) -> None:
         async def begin() -> None:
-            self._session = OpcUaSession(self.spec, self.credentials, self.put, restarted=_restarted_by_ray())
+            self._session = OpcUaSession(self.spec, self.credentials, self.put, gap_since=self.predecessor_seen)
             self._run = asyncio.ensure_future(self._session.run())
         if self._session is None:
             self._call(begin())
@@ -112,8 +105,9 @@ class OpcUaKind:
         return [f"asset {a!r} is not a registered twin of tenant {spec.tenant!r}" for a in used if a not in assets]
 
     def adapter(self, spec: OpcUaSpec, credentials: Credentials,  # type: ignore[override]
-                put: Callable[[Inbound], None], on_ack: AckHandler) -> OpcUaAdapter:
-        return OpcUaAdapter(spec, credentials, put, on_ack)
+                put: Callable[[Inbound], None], on_ack: AckHandler, *,
+                predecessor_seen: datetime | None = None) -> OpcUaAdapter:
+        return OpcUaAdapter(spec, credentials, put, on_ack, predecessor_seen)
 
 
 OPCUA = OpcUaKind()

@@ -66,8 +66,9 @@ class OpcUaSession:
     """Runs one connector's OPC UA side in the current event loop until `stop()`."""
 
     def __init__(self, spec: OpcUaSpec, credentials: Credentials, put: Callable[[Inbound], None], *,
-                 restarted: bool = False):
-        """`restarted`: this process replaces one that died (its changes since then are a gap to report)."""
+                 gap_since: datetime | None = None):
+        """`gap_since`: when an earlier process of this connector was last alive (its subscription ended then,
+        give or take the connector's heartbeat), a gap to report at the first subscription without backfill."""
         self.spec, self.credentials, self.put = spec, credentials, put
         self.errors, self.last_error = 0, None
         self._state = "starting"
@@ -87,8 +88,8 @@ class OpcUaSession:
         self._sub: Subscription | None = None
         self._nodes: dict[ua.NodeId, MappedNode] = {}
         self._newest: dict[str, datetime] = {}  # node id -> newest durable source timestamp (for backfill)
-        self._unsubscribed_since: datetime | None = None  # when the last subscription was lost
-        self._restarted = restarted
+        self._unsubscribed_since = gap_since  # when the last subscription (this process's or an earlier one's) ended
+        self._after_restart = gap_since is not None
 
     # ------------------------------------------------------------------ lifecycle ----
     async def run(self) -> None:
@@ -197,9 +198,9 @@ class OpcUaSession:
         await self._apply_publishing()  # in case pause or backpressure changed while the subscription was created
         if spec.backfill_s:
             await self._backfill()
-        elif self._unsubscribed_since is not None or self._restarted:
+        elif self._unsubscribed_since is not None:
             self._report_gap(self._unsubscribed_since)
-        self._unsubscribed_since, self._restarted = None, False
+        self._unsubscribed_since, self._after_restart = None, False
         log.info("event=opcua_connected tenant=%s connector=%s endpoint=%s items=%d", spec.tenant, spec.name,
                  spec.endpoint, len(self._nodes))
 
@@ -236,15 +237,14 @@ class OpcUaSession:
             log.info("event=opcua_backfill tenant=%s connector=%s node=%s since=%s changes=%d", self.spec.tenant,
                      self.spec.name, node.node_id, start.isoformat(), len(history))
 
-    def _report_gap(self, since: datetime | None) -> None:
-        """Without `backfill_s`, changes made while no subscription existed are gone to this connector: since
-        the loss of the last one, or (`since` None) since this process's predecessor died, a time it cannot know."""
+    def _report_gap(self, since: datetime) -> None:
+        """Without `backfill_s`, changes made while no subscription existed are gone to this connector."""
         now = datetime.now(UTC)
-        log.warning("event=opcua_gap tenant=%s connector=%s endpoint=%s since=%s until=%s", self.spec.tenant,
-                    self.spec.name, self.spec.endpoint, since.isoformat() if since else "restart", now.isoformat())
-        gap = (f"after {(now - since).total_seconds():.1f} s without a subscription (since "
-               f"{since.isoformat(timespec='seconds')})" if since else
-               "after this connector's process was restarted (its predecessor died)")
+        log.warning("event=opcua_gap tenant=%s connector=%s endpoint=%s since=%s until=%s restart=%s", self.spec.tenant,
+                    self.spec.name, self.spec.endpoint, since.isoformat(), now.isoformat(), self._after_restart)
+        seconds, at = (now - since).total_seconds(), since.isoformat(timespec="seconds")
+        gap = (f"after a restart of this connector's process (the one before was last seen {seconds:.1f} s before, "
+               f"at {at})" if self._after_restart else f"after {seconds:.1f} s without a subscription (since {at})")
         self._error(f"subscribed again {gap}: value changes made in that time were not read, only each node's "
                     f"latest value; set backfill_s to read them from the server's history")
 
