@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import stat
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -128,3 +129,15 @@ def test_one_connector_holds_each_broker_session(tmp_path: Path) -> None:
     store.release(first.session_key(), "a-b", "c")
     store.claim(second.session_key(), "a", "b-c")
     assert ConnectorSpec(name="plc", tenant="a", kind="opcua").session_key() is None
+
+
+def test_the_last_alive_time_is_kept_until_a_new_declaration(tmp_path: Path, key: str) -> None:
+    """A restarted connector's gap starts at its predecessor's last sign of life; a new declaration has none."""
+    store = ConnectorStore(str(tmp_path))
+    store.save(SPEC, Credentials())
+    assert store.last_alive("acme", "plant") is None
+    at = datetime(2026, 12, 4, 14, 0, 5, 250_000, tzinfo=UTC)
+    store.mark_alive("acme", "plant", at)
+    assert ConnectorStore(str(tmp_path)).last_alive("acme", "plant") == at  # another process reads it
+    store.save(SPEC, Credentials())
+    assert store.last_alive("acme", "plant") is None
