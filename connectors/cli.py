@@ -18,7 +18,7 @@ import yaml
 from client.cli_support import API_KEY, API_URL, json_object, remote, show
 from connectors.spec import Credentials
 
-connectors_app = typer.Typer(help="Connectors to device protocols (MQTT) and commands back to assets.",
+connectors_app = typer.Typer(help="Connectors to device protocols (MQTT, OPC UA) and commands back to assets.",
                              no_args_is_help=True)
 commands_app = typer.Typer(help="Commands to assets: propose, approve (sends once), list with acknowledgements.",
                            no_args_is_help=True)
@@ -50,7 +50,7 @@ def check(path: Annotated[Path, typer.Argument(help="A connector declaration (YA
     except UnknownKind as exc:
         typer.echo(f"{path}: {exc}", err=True)
         raise typer.Exit(1) from None
-    typer.echo(f"{path}: ok ({spec.kind} connector {spec.name!r}, {len(getattr(spec, 'routes', []))} route(s))")
+    typer.echo(f"{path}: ok ({spec.describe()})")
 
 
 @connectors_app.command()

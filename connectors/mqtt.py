@@ -138,6 +138,9 @@ class MqttSpec(ConnectorSpec):
     def client_id(self) -> str:
         return self.broker.client_id or f"raytwin-{self.tenant}-{self.name}"
 
+    def describe(self) -> str:
+        return f"{super().describe()}, {len(self.routes)} route(s)"
+
     def session_key(self) -> str:
         """The broker keys persistent sessions by client id."""
         return f"mqtt://{self.broker.host.lower()}:{self.broker.port}#{self.client_id}"

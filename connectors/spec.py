@@ -35,6 +35,10 @@ class ConnectorSpec(BaseModel):
     batch_size: Annotated[int, Field(ge=1, le=100_000)] = 1000
     linger_s: Annotated[float, Field(ge=0, le=5)] = 0.02
 
+    def describe(self) -> str:
+        """One line for people: kind, name and what it maps (`raytwin connectors check`)."""
+        return f"{self.kind} connector {self.name!r}"
+
     def session_key(self) -> str | None:
         """The identity a server keys this connector's session by (None: sessions are per connection).
         Two connectors with one key would take over each other's session and its queued messages, so the

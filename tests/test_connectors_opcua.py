@@ -21,7 +21,9 @@ import pytest
 import ray
 from asyncua import ua
 from pydantic import ValidationError
+from typer.testing import CliRunner
 
+from connectors.cli import connectors_app
 from connectors.commands import CommandError, CommandStatus, UnknownCommand
 from connectors.kinds import parse_spec
 from connectors.manager import Connectors, InvalidConnector
@@ -268,10 +270,15 @@ def test_a_value_without_source_timestamp_is_dead_lettered():
     assert "no source timestamp" in no_time.reason and no_time.idempotency_key == NODE.node_id
 
 
-def test_the_readme_declaration_is_valid():
+def test_the_readme_declaration_is_valid(tmp_path):
     block = next(b for b in extract("connectors/README.md") if b.lang == "json" and '"opcua"' in b.text)
     spec = parse_spec(json.loads(block.text))
     assert isinstance(spec, OpcUaSpec) and spec.command("tank-1", "inflow").unit == "m^3/s"
+    (path := tmp_path / "plc.json").write_text(block.text)
+    checked = CliRunner().invoke(connectors_app, ["check", str(path)])
+    assert checked.exit_code == 0 and checked.stdout.strip() == (
+        f"{path}: ok (opcua connector {spec.name!r}, {len(spec.nodes)} node(s), {len(spec.commands)} command(s), "
+        f"backfill {spec.backfill_s:g} s)")
 
 
 def test_backpressure_switches_publishing_off_and_on_again_losing_nothing(server, device):

@@ -78,6 +78,10 @@ class OpcUaSpec(ConnectorSpec):
     session_timeout_s: Annotated[float, Field(gt=0)] = 60.0
     request_timeout_s: Annotated[float, Field(gt=0)] = 10.0
 
+    def describe(self) -> str:
+        backfill = f"backfill {self.backfill_s:g} s" if self.backfill_s else "no backfill"
+        return f"{super().describe()}, {len(self.nodes)} node(s), {len(self.commands)} command(s), {backfill}"
+
     @field_validator("endpoint")
     @classmethod
     def _endpoint(cls, v: str) -> str:
