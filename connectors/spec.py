@@ -67,7 +67,8 @@ class Desired(StrEnum):
 class ConnectorStore:
     """Declarations under `{store}/connectors/declared/tenant=T/<name>/`: spec.json (public),
     credentials.sealed (secret, kept apart, encrypted), desired.json (running or paused, kept across
-    restarts), alive.json (when a process of the connector last ran: a restart's gap starts there). A `credentials.json` in plain text, as earlier versions wrote, is sealed when first read."""
+    restarts), alive.json (when a process of the connector last ran: a restart's gap starts there). A
+    `credentials.json` in plain text, as earlier versions wrote, is sealed when first read."""
 
     def __init__(self, store_url: str, storage_options: dict[str, Any] | None = None):
         self.fs, root = filesystem(store_url, storage_options)

@@ -281,18 +281,20 @@ def test_the_readme_declaration_is_valid(tmp_path):
         f"backfill {spec.backfill_s:g} s)")
 
 
+async def until(condition, what: str) -> None:
+    """`wait_for` for a test's own event loop: poll `condition` until `WAIT_S` has passed (then fail naming `what`)."""
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {WAIT_S:g} s: {what}"
+        await asyncio.sleep(0.02)
+
+
 def test_backpressure_switches_publishing_off_and_on_again_losing_nothing(server, device):
     """With `max_outstanding` changes not yet durable the connector switches publishing off; once they are
     durable it switches it on again (else the second wave would never arrive); every change arrives once."""
     spec = OpcUaSpec.model_validate(plc_spec(server.endpoint, max_outstanding=4, backfill_s=0))
     since = (T0 + timedelta(seconds=100)).isoformat()
     received: list[Inbound] = []
-
-    async def until(condition) -> None:
-        deadline = time.monotonic() + WAIT_S
-        while not condition():
-            assert time.monotonic() < deadline, "the connector did not get there"
-            await asyncio.sleep(0.02)
 
     def written() -> list[tuple[str, str]]:
         """(node id, source time) of the changes this test wrote (each node's current value comes first)."""
@@ -307,13 +309,15 @@ def test_backpressure_switches_publishing_off_and_on_again_losing_nothing(server
     async def scenario() -> OpcUaSession:
         session = OpcUaSession(spec, Credentials(username=USER, password=PASSWORD), received.append)
         run = asyncio.ensure_future(session.run())
-        await until(session.connected)
+        await until(session.connected, "the session is connected")
         await asyncio.to_thread(write, device, "tank-2", range(100, 110))
-        await until(lambda: session.held)
+        await until(lambda: session.held, "publishing switched off")
         ack_all()
-        await until(lambda: ack_all() or not session.held)  # (changes in flight when it switched off come too)
+        # (changes in flight when it switched off come too)
+        await until(lambda: ack_all() or not session.held, "publishing switched on again")
         await asyncio.to_thread(write, device, "tank-2", range(110, 130))
-        await until(lambda: ack_all() or (len(written()) == 60 and session.outstanding() == 0))  # ack as they come
+        await until(lambda: ack_all() or (len(written()) == 60 and session.outstanding() == 0),
+                    "all 60 changes received and durable")  # ack as they come
         session.stop()
         await run
         return session
@@ -338,20 +342,14 @@ def test_a_gap_without_backfill_is_reported_with_its_length(server):
                     for b, spec in specs.items()}
         runs = [asyncio.ensure_future(s.run()) for s in sessions.values()]
 
-        async def until(condition) -> None:
-            deadline = time.monotonic() + WAIT_S
-            while not condition():
-                assert time.monotonic() < deadline, "the sessions did not get there"
-                await asyncio.sleep(0.02)
-
-        await until(lambda: all(s.connected() for s in sessions.values()))
+        await until(lambda: all(s.connected() for s in sessions.values()), "both sessions connected")
         down = time.monotonic()
         await asyncio.to_thread(server.kill)
-        await until(lambda: not any(s.connected() for s in sessions.values()))
+        await until(lambda: not any(s.connected() for s in sessions.values()), "both see the server gone")
         await asyncio.sleep(1.0)
         await asyncio.to_thread(server.start)
         up = time.monotonic()
-        await until(lambda: all(s.connected() for s in sessions.values()))
+        await until(lambda: all(s.connected() for s in sessions.values()), "both subscribed again")
         for s in sessions.values():
             s.stop()
         await asyncio.gather(*runs)
