@@ -171,7 +171,8 @@ def benchmark(name: str, description: str) -> Callable[[BenchFn], BenchFn]:
 
 
 BENCHMARK_MODULES = ("benchmarks.sweep", "benchmarks.sweep_kits", "benchmarks.sweep_gpu",
-                     "benchmarks.lorenz_ensemble", "benchmarks.roofline", "benchmarks.quantiles",
+                     "benchmarks.lorenz_ensemble", "benchmarks.fused_tuning", "benchmarks.roofline",
+                     "benchmarks.quantiles",
                      "benchmarks.model_checks", "benchmarks.ingest", "benchmarks.mqtt", "benchmarks.opcua",
                      "benchmarks.serve_api",
                      "benchmarks.overload", "benchmarks.changes", "benchmarks.query", "benchmarks.replay",

@@ -43,7 +43,7 @@ def _per_scenario(leaf: Any) -> bool:
     return jnp.ndim(leaf) == 1
 
 
-def _kernel_call(kit: SweepKit, n_steps: int, block: int, interpret: bool, x0, params, ip, dt):
+def _kernel_call(kit: SweepKit, n_steps: int, block: int, num_warps: int, interpret: bool, x0, params, ip, dt):
     """(metrics..., diverged) of every scenario: one Pallas program per block of `block` scenarios
     computes the final accumulators (the last block padded with copies of the last scenario);
     `finish` turns them into metrics as on the XLA path."""
@@ -90,7 +90,7 @@ def _kernel_call(kit: SweepKit, n_steps: int, block: int, interpret: bool, x0, p
     if not interpret:
         from jax.experimental.pallas import triton as plt
 
-        compiler_params = plt.CompilerParams(num_warps=NUM_WARPS, num_stages=1)
+        compiler_params = plt.CompilerParams(num_warps=num_warps, num_stages=1)
     out = pl.pallas_call(
         kernel,
         grid=(padded // block,),
@@ -106,7 +106,7 @@ def _kernel_call(kit: SweepKit, n_steps: int, block: int, interpret: bool, x0, p
     return finish(kit, acc, dt)
 
 
-_fused = jax.jit(_kernel_call, static_argnames=("kit", "n_steps", "block", "interpret"))
+_fused = jax.jit(_kernel_call, static_argnames=("kit", "n_steps", "block", "num_warps", "interpret"))
 
 
 def _signature(*args) -> tuple:
@@ -115,32 +115,36 @@ def _signature(*args) -> tuple:
 
 
 @functools.cache
-def _compile(kit: SweepKit, n_steps: int, block: int, interpret: bool, signature: tuple, platform: str):
+def _compile(kit: SweepKit, n_steps: int, block: int, num_warps: int, interpret: bool, signature: tuple,
+             platform: str):
     tree, shapes = signature
     specs = jax.tree_util.tree_unflatten(tree, [jax.ShapeDtypeStruct(s, d) for s, d in shapes])
     try:
-        return _fused.lower(kit, n_steps, block, interpret, *specs).compile()
+        return _fused.lower(kit, n_steps, block, num_warps, interpret, *specs).compile()
     except Exception as exc:  # noqa: BLE001 (any lowering failure means: run the XLA path)
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         log.warning("event=fused_kernel_fallback model=%s platform=%s reason=%r", kit.model.name, platform, reason)
         return reason
 
 
-def compiled(kit: SweepKit, n_steps: int, x0, params, ip, dt, *, block: int = BLOCK):
+def compiled(kit: SweepKit, n_steps: int, x0, params, ip, dt, *, block: int = BLOCK, num_warps: int = NUM_WARPS):
     """The fused kernel compiled for these arguments' shapes on the platform they live on (interpret
     mode on a CPU), as ``fn(x0, params, ip, dt) -> (metrics..., diverged)``; or, where Pallas refuses
-    the kit, a string saying why (the caller runs the XLA path). Cached per kit, steps and shapes."""
+    the kit, a string saying why (the caller runs the XLA path). Cached per kit, steps and shapes.
+    `block` scenarios per program, `num_warps` warps each: the launch shape (`benchmarks/fused_tuning.py`)."""
     (device,) = x0[0].devices()
-    return _compile(kit, n_steps, block, device.platform == "cpu", _signature(x0, params, ip, dt), device.platform)
+    return _compile(kit, n_steps, block, num_warps, device.platform == "cpu", _signature(x0, params, ip, dt),
+                    device.platform)
 
 
-def triton_lowering(kit: SweepKit, n_steps: int, x0, params, ip, dt, *, block: int = BLOCK) -> str:
+def triton_lowering(kit: SweepKit, n_steps: int, x0, params, ip, dt, *, block: int = BLOCK,
+                    num_warps: int = NUM_WARPS) -> str:
     """The kernel lowered for CUDA GPUs (StableHLO text holding the Triton kernel), computed on any
     machine: JAX lowers across platforms, so a CPU-only CI proves that Pallas' Triton lowering accepts
     the kit (it raises where it does not). Compiling the Triton IR to GPU code needs a GPU."""
     specs = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)),
                                    (x0, params, ip, dt))
-    return _fused.trace(kit, n_steps, block, False, *specs).lower(lowering_platforms=("cuda",)).as_text()
+    return _fused.trace(kit, n_steps, block, num_warps, False, *specs).lower(lowering_platforms=("cuda",)).as_text()
 
 
 class FusedKernelUnsupported(ValueError):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from benchmarks import lorenz_ensemble, sweep_gpu
+from benchmarks import fused_tuning, lorenz_ensemble, sweep_gpu
 from benchmarks.cli import bench_app
 from benchmarks.fmu import AGREEMENT_ATOL
 from benchmarks.harness import CPU_KINDS, BenchContext, Figure, cpu_split, cpu_times, markdown_table, measure, select
@@ -176,6 +176,17 @@ def test_lorenz_ensemble_gpu_path_checks_and_reports_on_any_device():
     assert published["DiffEqGPU GPUTsit5 (published, V100)"]["baseline_value"] == pytest.approx(8 * 1000 / 0.231724e-3)
     names = [f["name"] for f in res["figures"]]
     assert "N=8 RayTwin fused kernel (Pallas), CPU cpu" in names and "N=8 JAX/diffrax vmap (measured), CPU cpu" in names
+
+
+def test_fused_tuning_checks_every_shape_against_the_xla_path():
+    """`fused-tuning` as a GPU runs it, on the CPU device (interpret mode) at tiny sizes: each shape's
+    results are checked before it is timed, and each shape is reported for both problems."""
+    res = fused_tuning.shapes_on(BenchContext(quick=True, repeat=1), jax.devices("cpu")[0]).as_dict()
+    shapes = fused_tuning.QUICK.shapes
+    assert set(res["checks"]) == {f"{p} N=64 ({b}, {w}) vs xla" for p in ("Lorenz/Tsit5", "thermal RK4")
+                                  for b, w in shapes}
+    assert res["checks"]["Lorenz/Tsit5 N=64 (16, 1) vs xla"]["max_scaled_error"] <= 1e-6
+    assert len(res["figures"]) == 2 * len(shapes) and all(f["value"] > 0 for f in res["figures"])
 
 
 def test_gpu_sweep_without_a_gpu_measures_nothing_and_says_why(monkeypatch):
