@@ -183,9 +183,18 @@ def product_on_ray(sweep: ThermalSweep, workers: int | None) -> np.ndarray:
     """`sweeps.runner.run_sweep` with at most `workers` chunk tasks in flight (None: the runner's
     default, twice the tasks that can run at once), read back in order."""
     with tempfile.TemporaryDirectory(prefix="raytwin-bench-") as tmp:
-        url = f"{tmp}/sweep"
-        run_sweep(sweep.spec, url, max_in_flight=workers, progress=False, log_every_s=3600.0)
-        table = open_dataset(url).to_table(columns=["scenario", *METRICS]).sort_by("scenario")
+        run_on_ray(sweep, f"{tmp}/sweep", workers)
+        return read_metrics(f"{tmp}/sweep")
+
+
+def run_on_ray(sweep: ThermalSweep, url: str, workers: int | None) -> None:
+    """`sweeps.runner.run_sweep` into `url` (see `product_on_ray`), without reading anything back."""
+    run_sweep(sweep.spec, url, max_in_flight=workers, progress=False, log_every_s=3600.0)
+
+
+def read_metrics(url: str) -> np.ndarray:
+    """The metrics of a sweep's dataset at `url`, in scenario order, float64."""
+    table = open_dataset(url).to_table(columns=["scenario", *METRICS]).sort_by("scenario")
     return np.stack([table[m].to_numpy() for m in METRICS], axis=1).astype(np.float64)
 
 

@@ -157,9 +157,14 @@ _trajectories = batch_jit(_trajectories_fn, static_argnames=("kit", "n_steps", "
 
 def _padded(rows: np.ndarray, size: int) -> np.ndarray:
     """Pad to `size` rows by repeating the last row (valid values; the padding is dropped)."""
-    if rows.shape[0] > size:
-        raise ValueError(f"{rows.shape[0]} rows do not fit a chunk of {size}")
-    return np.concatenate([rows, np.repeat(rows[-1:], size - rows.shape[0], axis=0)])
+    n = rows.shape[0]
+    if n > size:
+        raise ValueError(f"{n} rows do not fit a chunk of {size}")
+    if n == size:
+        return rows
+    out = np.empty((size, rows.shape[1]), order="F")  # column-major, as `ScenarioSpace.rows` gives them
+    out[:n], out[n:] = rows, rows[-1]
+    return out
 
 
 @in_dtype_precision

@@ -122,10 +122,13 @@ def compiled_kit(spec: SweepSpec, simulator: str) -> SweepKit:
     return spec.kit(simulator).compile(spec.horizon_s, spec.step_s)
 
 
-def _chunk_task(spec: SweepSpec, simulator: str, bases: Bases, chunk: int, rows: np.ndarray, url: str,
+def _chunk_task(spec: SweepSpec, simulator: str, bases: Bases, chunk: int, rows: np.ndarray | None, url: str,
                 storage_options: dict | None, fault: tuple[int, str] | None) -> tuple[int, str, int, int]:
     _crash_if_injected(chunk, fault)
     _start_backend()
+    if rows is None:  # an indexed space: the task draws its own rows, off the driver's critical path
+        start = chunk * spec.batch_size
+        rows = spec.space.rows(start, min(start + spec.batch_size, spec.space.size))
     metrics = engine.chunk_metrics(
         compiled_kit(spec, simulator), bases, spec.space.dimensions, rows, spec.step_s, spec.n_steps,
         spec.batch_size, spec.dtype
@@ -155,19 +158,24 @@ _trajectory_remote = ray.remote(max_retries=TASK_RETRIES, retry_exceptions=[OSEr
 """Retried on lost workers and storage errors (OSError); a bad spec fails at once."""
 
 
-GPU_TASKS_PER_GPU = 2
-"""Chunk tasks sharing one GPU, so one computes while another writes its Parquet part."""
+GPU_TASKS_PER_GPU = (2, 8)
+"""Chunk tasks sharing one GPU: one per CPU the node has per GPU, within these bounds. A chunk's
+host work (drawing its rows, preparing its arrays, writing its Parquet part) takes ~10x its fused
+kernel's GPU time (2^20 thermal scenarios over a week: ~45 ms on an H200), so the tasks' host work
+overlaps the others' kernels; each task takes a CPU."""
 GPU_TASK_ENV = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
 """Tasks sharing a GPU must not each preallocate most of its memory (JAX's default)."""
 
 
-def _task_plan() -> tuple[dict[str, Any], int]:
+def task_plan() -> tuple[dict[str, Any], int]:
     """Chunk-task options and how many run at once: GPU tasks when the cluster has GPUs,
     otherwise one single-threaded XLA per CPU."""
     resources = ray.cluster_resources()
     if resources.get("GPU", 0) > 0:
-        options = {"num_gpus": 1 / GPU_TASKS_PER_GPU, "runtime_env": {"env_vars": GPU_TASK_ENV}}
-        return options, int(resources["GPU"] * GPU_TASKS_PER_GPU)
+        low, high = GPU_TASKS_PER_GPU
+        per_gpu = max(low, min(high, int(resources.get("CPU", 0) // resources["GPU"])))
+        options = {"num_gpus": 1 / per_gpu, "runtime_env": {"env_vars": GPU_TASK_ENV}}
+        return options, int(resources["GPU"] * per_gpu)
     return cpu_only({"num_cpus": 1, "runtime_env": {"env_vars": {"XLA_FLAGS": SINGLE_THREADED_XLA}}}), int(resources["CPU"])
 
 
@@ -254,7 +262,7 @@ def run_sweep(
     ensure_ray()
     n, size = spec.space.size, spec.batch_size
     n_chunks = -(-n // size)
-    options, slots = _task_plan()
+    options, slots = task_plan()
     if "num_gpus" in options and "chunk_size" not in spec.model_fields_set and spec.batch_size < n:
         log.warning("sweep chunk_size=%d (the CPU default) underfills a GPU: set chunk_size to 262144-1048576 "
                     "(on an H100, chunks of 2^20 ran 2.2x faster than 2^16; benchmarks/RESULTS.md)", size)
@@ -280,7 +288,7 @@ def run_sweep(
         while next_chunk < n_chunks or pending:
             while next_chunk < n_chunks and len(pending) < window:
                 start = next_chunk * size
-                rows = spec.space.rows(start, min(start + size, n))
+                rows = None if spec.space.indexed else spec.space.rows(start, min(start + size, n))
                 ref = chunk_task.remote(spec_ref, simulator, bases_ref, next_chunk, rows,
                                         f"{out_url}/{part_name(next_chunk)}", storage_options, fault)
                 pending[ref] = next_chunk

@@ -114,31 +114,41 @@ class ScenarioSpace(Contract):
     def _lhs_design(self) -> np.ndarray:
         return qmc.LatinHypercube(d=len(self.dimensions), rng=np.random.default_rng(self.seed)).random(self.size)
 
+    @property
+    def indexed(self) -> bool:
+        """Whether a scenario's values follow from its index alone (grid, random), so any process can
+        compute any chunk's rows; an LHS design is drawn for the whole space at once."""
+        return self.method != "lhs"
+
     def rows(self, start: int, stop: int) -> np.ndarray:
-        """Values of scenarios ``start..stop-1``, shape (stop - start, n_dimensions), float64."""
+        """Values of scenarios ``start..stop-1``, shape (stop - start, n_dimensions), float64, in
+        column-major order (each dimension's values contiguous: chunks read them column by column)."""
         if not 0 <= start <= stop <= self.size:
             raise IndexError(f"scenarios {start}..{stop} outside 0..{self.size}")
         idx = np.arange(start, stop, dtype=np.int64)
+        out = np.empty((stop - start, len(self.dimensions)), order="F")
         if self.method == "grid":
             grids = [d.grid_values() for d in self.dimensions]
-            multi = np.unravel_index(idx, [len(g) for g in grids])
-            return np.column_stack([g[i] for g, i in zip(grids, multi)])
-        if self.method == "random":
-            unit = _uniform_rows(self.seed, idx, len(self.dimensions))
-        else:
-            unit = self._lhs_design[start:stop]
-        return np.column_stack([d.from_unit(unit[:, j]) for j, d in enumerate(self.dimensions)])
+            for j, (g, i) in enumerate(zip(grids, np.unravel_index(idx, [len(g) for g in grids]), strict=True)):
+                out[:, j] = g[i]
+            return out
+        unit = (_uniform_columns(self.seed, idx, len(self.dimensions)) if self.method == "random"
+                else self._lhs_design[start:stop].T)
+        for j, d in enumerate(self.dimensions):
+            out[:, j] = d.from_unit(unit[j])
+        return out
 
 
 @jax.jit
 def _uniform_per_index(key, idx, template):
     draw = lambda i: jax.random.uniform(jax.random.fold_in(key, i), template.shape, dtype=template.dtype)  # noqa: E731
-    return jax.vmap(draw)(idx)
+    return jax.vmap(draw)(idx).T  # (dimension, scenario): each dimension's samples contiguous
 
 
 @in_float64  # float64 samples, as recorded runs were drawn
-def _uniform_rows(seed: int, idx: np.ndarray, n_dims: int) -> np.ndarray:
-    """Uniform [0, 1) samples, one row per scenario index, from the key fold_in(seed, index)."""
+def _uniform_columns(seed: int, idx: np.ndarray, n_dims: int) -> np.ndarray:
+    """Uniform [0, 1) samples, shape (n_dims, len(idx)): column i is drawn from the key
+    fold_in(seed, idx[i]), so a scenario's values do not depend on the chunk it is drawn in."""
     template = np.zeros(n_dims, dtype=np.float64)
     key = jax.random.key(seed, impl="threefry2x32")
     return np.asarray(_uniform_per_index(key, idx.astype(np.uint32), template))

@@ -303,7 +303,7 @@ assert not jax.config.jax_enable_x64, "an import turned jax_enable_x64 on"
 from raytwin.estimation import ExtendedKalmanFilter
 from raytwin.sim import THERMAL_RC, simulate
 from raytwin.sim.reference import model_rhs
-from sweeps.space import _uniform_rows
+from sweeps.space import _uniform_columns
 
 p = THERMAL_RC.param_vector()
 u = np.tile([278.15, 1000.0, 0.0], (1440, 1))
@@ -315,7 +315,7 @@ prior = ekf.initial()._replace(t=0.0)
 fs = ekf.predict(prior, 1e-3)  # a change of 5e-7 K that float32 (ulp 3e-5 K at 293 K) would round away
 assert fs.x.dtype == np.float64 and 0 < prior.x[0] - fs.x[0] < 1e-6
 assert model_rhs(THERMAL_RC, p)(np.array([293.15, 293.15 + 1e-9]), np.zeros(3)).dtype == np.float64
-assert _uniform_rows(0, np.arange(4), 2).dtype == np.float64
+assert _uniform_columns(0, np.arange(4), 2).dtype == np.float64
 assert jnp.zeros(1).dtype == jnp.float32 and not jax.config.jax_enable_x64
 print("ok", len(names))
 '''

@@ -316,11 +316,14 @@ def test_a_diverging_scenario_is_reported_and_left_out_of_the_quantiles(ray_sess
 
 def test_chunk_tasks_share_each_gpu_without_preallocating_it(monkeypatch):
     monkeypatch.setattr(runner.ray, "cluster_resources", lambda: {"CPU": 16.0, "GPU": 2.0})
-    options, slots = runner._task_plan()
-    assert options["num_gpus"] == 1 / runner.GPU_TASKS_PER_GPU and slots == 2 * runner.GPU_TASKS_PER_GPU
+    options, slots = runner.task_plan()  # a task per CPU the node has per GPU
+    assert options["num_gpus"] == 1 / 8 and slots == 16
     assert options["runtime_env"]["env_vars"]["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+    for cpus, per_gpu in ((2.0, 2), (6.0, 3), (64.0, 8)):  # within GPU_TASKS_PER_GPU's bounds
+        monkeypatch.setattr(runner.ray, "cluster_resources", lambda cpus=cpus: {"CPU": cpus, "GPU": 2.0})
+        assert runner.task_plan()[1] == 2 * per_gpu
     monkeypatch.setattr(runner.ray, "cluster_resources", lambda: {"CPU": 2.0})
-    options, slots = runner._task_plan()
+    options, slots = runner.task_plan()
     assert options["num_cpus"] == 1 and slots == 2 and "num_gpus" not in options
     assert options["runtime_env"]["env_vars"]["JAX_PLATFORMS"] == "cpu"
 
