@@ -88,20 +88,6 @@ def sweep_gpu(ctx: BenchContext) -> BenchResult:
         res.notes.append(f"not run: JAX sees no GPU (backend {jax.default_backend()!r}, devices "
                          f"{[str(d) for d in jax.devices()]}); install jax[cuda] on a machine with a GPU")
         return res
-
-
-def timed_on_ray(ctx: BenchContext, label: str, sweep: ThermalSweep, workers: int | None, folder: str
-                 ) -> tuple[Timing, str]:
-    """`run_sweep` timed until its dataset is written, each run into a fresh folder under `folder`;
-    the timing and the last run's dataset (read back after the timing, not within it)."""
-    urls: list[str] = []
-
-    def run() -> None:
-        urls.append(f"{folder}-{len(urls)}")
-        run_on_ray(sweep, urls[-1], workers)
-
-    t, _ = ctx.measure(label, run)
-    return t, urls[-1]
     return accelerator_sweep(ctx, gpus[0])
 
 
