@@ -15,8 +15,8 @@ Rows:
   (the same array operations every step), and a week would cost minutes of the lent machine.
 
 Every GPU path's metrics on the first `REFERENCE_N` scenarios are compared with float64 NumPy
-(`DISCRETE_TOLERANCE`): in-process runs as they are timed, Ray runs' datasets after their timing. Where JAX sees no GPU the benchmark says so
-and measures nothing.
+(`DISCRETE_TOLERANCE`): in-process runs as they are timed, Ray runs' datasets after their timing.
+Where JAX sees no GPU the benchmark says so and measures nothing.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from benchmarks.thermal_scenarios import (
     run_on_ray,
 )
 from sweeps.engine import Kernel, kernel_for
-from sweeps.runner import task_plan, ensure_ray
+from sweeps.runner import ensure_ray, task_plan
 
 
 @dataclass(frozen=True)
