@@ -46,7 +46,7 @@ from benchmarks.serve_api import (
 )
 from serve_apps.config import Autoscaling
 from serve_apps.endpoints import DIRECT_INGRESS_ENV
-from serve_apps.proxy_gate import MAX_IN_FLIGHT_ENV, RETRY_AFTER_ENV
+from serve_apps.proxy_gate import MAX_IN_FLIGHT_ENV, RETRY_AFTER_ENV, SATURATED_IN_FLIGHT_ENV
 from serve_apps.serve_env import PROXY_CALLBACK_ENV, environment
 
 MULTIPLES = (0.5, 1.0, 2.0, 5.0)
@@ -97,6 +97,8 @@ VARIANTS: dict[str, Variant] = {
     "proxy gate 12": Variant("8 requests worked on per replica, the proxy gate at 12 in flight (8 slots and 4 of the "
                              "queue; the proxy gate's first default)", {**PRODUCT_ENV, MAX_IN_FLIGHT_ENV: "12"},
                              admission=EARLIER_SLOTS),
+    "saturated 3": Variant("the product's defaults, the proxy gate at 3 in flight while it refuses (4 otherwise)",
+                           {**PRODUCT_ENV, SATURATED_IN_FLIGHT_ENV: "3"}),
     "3 slots": Variant("3 requests worked on per replica, the proxy gate at 3 in flight (measured 2026-12-04 "
                        "against the default: lower latency under overload, less throughput)",
                        {**PRODUCT_ENV, MAX_IN_FLIGHT_ENV: "3"}, admission={"max_concurrent": 3}),

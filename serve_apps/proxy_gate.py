@@ -35,6 +35,7 @@ from serve_apps.admission import STREAM_PATHS, Admission, overload_body
 from serve_apps.config import Autoscaling
 
 MAX_IN_FLIGHT_ENV = "RAYTWIN_PROXY_MAX_IN_FLIGHT"
+SATURATED_IN_FLIGHT_ENV = "RAYTWIN_PROXY_SATURATED_IN_FLIGHT"
 RETRY_AFTER_ENV = "RAYTWIN_PROXY_RETRY_AFTER_S"
 
 
@@ -47,6 +48,8 @@ DEFAULT_MAX_IN_FLIGHT = max_in_flight(Autoscaling(), Admission())
 DEFAULT_RETRY_AFTER_S = Admission().retry_after_s
 FLUSH_S = 1.0
 """Refusals are added to the exported counter at most this often."""
+CALM_S = 1.0
+"""After a refusal the gate holds its saturated limit until this long has passed without one."""
 STREAM_SUFFIXES = tuple(STREAM_PATHS)
 """The proxy sees the full path, the app's route prefix included."""
 SERVE_PATHS = "/-/"
@@ -54,15 +57,21 @@ SERVE_PATHS = "/-/"
 
 
 class ProxyGate:
-    """Pure ASGI middleware: refuse (503 + ``Retry-After``) beyond `max_in_flight` requests in flight.
+    """Pure ASGI middleware: refuse (503 + ``Retry-After``) beyond `max_in_flight` requests in flight,
+    and beyond `saturated_in_flight` (default: the same) while it is refusing: once the service is at
+    capacity, fewer requests in flight keep admitted requests' queueing short, while below capacity the
+    full depth absorbs bursts instead of refusing them. The gate stays saturated until `CALM_S` passes
+    without a refusal.
 
-    Runs on the proxy's event loop only, so a plain counter needs no lock.
+    Runs on the proxy's event loop only, so plain counters need no lock.
     """
 
     def __init__(self, app: ASGIApp, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
-                 retry_after_s: int = DEFAULT_RETRY_AFTER_S):
+                 retry_after_s: int = DEFAULT_RETRY_AFTER_S, saturated_in_flight: int | None = None):
         self.app = app
         self.max_in_flight = max_in_flight
+        self.saturated_in_flight = min(saturated_in_flight or max_in_flight, max_in_flight)
+        self.saturated_until = float("-inf")  # event-loop time until which the saturated limit holds
         self.retry_after = str(retry_after_s).encode()
         self.retry_after_s = retry_after_s
         self.in_flight = 0
@@ -72,8 +81,11 @@ class ProxyGate:
         if scope["type"] != "http" or self._ungated(scope["path"]):
             await self.app(scope, receive, send)
             return
-        if self.in_flight >= self.max_in_flight:
-            await self._refuse(scope["method"], send)
+        now = asyncio.get_running_loop().time()
+        limit = self.saturated_in_flight if now < self.saturated_until else self.max_in_flight
+        if self.in_flight >= limit:
+            self.saturated_until = now + CALM_S
+            await self._refuse(scope["method"], send, limit)
             return
         self.in_flight += 1
         try:
@@ -86,11 +98,11 @@ class ProxyGate:
         """Serve's probes, and the change stream under any application route prefix."""
         return path.startswith(SERVE_PATHS) or path.endswith(STREAM_SUFFIXES)
 
-    async def _refuse(self, method: str, send: Send) -> None:
+    async def _refuse(self, method: str, send: Send, limit: int) -> None:
         if not self.unrecorded:
             asyncio.get_running_loop().call_later(FLUSH_S, self._record)
         self.unrecorded[method] = self.unrecorded.get(method, 0) + 1
-        body = overload_body("overloaded", f"the service is at capacity (this proxy's limit of {self.max_in_flight} "
+        body = overload_body("overloaded", f"the service is at capacity (this proxy's limit of {limit} "
                              f"requests in flight); retry after {self.retry_after_s} s",
                              uuid.uuid4().hex, self.retry_after_s)
         await send({"type": "http.response.start", "status": 503, "headers": [
@@ -109,8 +121,9 @@ def proxy_middlewares() -> list[Middleware]:
     """Serve's proxy callback (``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=serve_apps.proxy_gate:proxy_middlewares``):
     the gate, sized by ``RAYTWIN_PROXY_MAX_IN_FLIGHT`` and ``RAYTWIN_PROXY_RETRY_AFTER_S`` from the proxy's
     environment."""
-    return [Middleware(ProxyGate, max_in_flight=_setting(MAX_IN_FLIGHT_ENV, DEFAULT_MAX_IN_FLIGHT),
-                       retry_after_s=_setting(RETRY_AFTER_ENV, DEFAULT_RETRY_AFTER_S))]
+    limit = _setting(MAX_IN_FLIGHT_ENV, DEFAULT_MAX_IN_FLIGHT)
+    return [Middleware(ProxyGate, max_in_flight=limit, retry_after_s=_setting(RETRY_AFTER_ENV, DEFAULT_RETRY_AFTER_S),
+                       saturated_in_flight=_setting(SATURATED_IN_FLIGHT_ENV, limit))]
 
 
 def _setting(env: str, default: int) -> int:

@@ -56,6 +56,39 @@ def test_beyond_the_limit_the_proxy_refuses_at_once_with_retry_after_and_recover
     asyncio.run(run())
 
 
+def test_while_refusing_the_gate_holds_its_saturated_limit_then_returns_to_the_full_one(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(proxy_gate, "CALM_S", 0.2)
+
+    async def run() -> None:
+        app = BlockingApp()
+        gate = ProxyGate(app, max_in_flight=3, saturated_in_flight=2)
+        async with _client(gate) as http:
+            held = await _fill(gate, app, http, 3)  # below capacity the full depth is admitted
+            first = await http.get("/v1/assets")
+            assert first.status_code == 503 and "limit of 3 requests" in first.json()["error"]["message"]
+            app.release.set()
+            await asyncio.gather(*held)
+            app.release.clear()
+            app.blocked = 0
+            held = await _fill(gate, app, http, 2)  # within CALM_S of the refusal: 2 in flight is the limit
+            second = await http.get("/v1/assets")
+            assert second.status_code == 503 and "limit of 2 requests" in second.json()["error"]["message"]
+            await asyncio.sleep(0.3)  # CALM_S without a refusal: the full limit again
+            held.append(asyncio.create_task(http.get("/block")))
+            await _until(lambda: app.blocked == 3)
+            assert gate.in_flight == 3
+            app.release.set()
+            assert [r.status_code for r in await asyncio.gather(*held)] == [200, 200, 200]
+
+    asyncio.run(run())
+
+
+def test_the_saturated_limit_is_never_above_the_full_one() -> None:
+    assert ProxyGate(BlockingApp(), max_in_flight=2, saturated_in_flight=5).saturated_in_flight == 2
+    assert ProxyGate(BlockingApp(), max_in_flight=4).saturated_in_flight == 4
+
+
 def test_serve_probes_and_the_change_stream_pass_a_full_gate() -> None:
     async def run() -> None:
         app = BlockingApp()
