@@ -87,7 +87,8 @@ EARLIER_SLOTS = {"max_concurrent": 8}
 """The Ingress admission of the earlier defaults (8 requests worked on per replica, until 2026-12-02)."""
 VARIANTS: dict[str, Variant] = {
     "default": Variant("the product's defaults: `serve_apps.serve_env.environment()` (the proxy gate, "
-                       f"{PRODUCT_ENV[MAX_IN_FLIGHT_ENV]} in flight for one replica) and default admission", PRODUCT_ENV),
+                       f"{PRODUCT_ENV[MAX_IN_FLIGHT_ENV]} in flight for one replica, "
+                       f"{PRODUCT_ENV[SATURATED_IN_FLIGHT_ENV]} while it refuses) and default admission", PRODUCT_ENV),
     "serve defaults": Variant("before the proxy gate: Serve's own settings", NO_GATE),
     **{name: Variant(f"Serve's own settings + {switch}", {**NO_GATE, **dict([switch.split("=")])})
        for name, switch in SWITCHES.items()},
@@ -97,8 +98,8 @@ VARIANTS: dict[str, Variant] = {
     "proxy gate 12": Variant("8 requests worked on per replica, the proxy gate at 12 in flight (8 slots and 4 of the "
                              "queue; the proxy gate's first default)", {**PRODUCT_ENV, MAX_IN_FLIGHT_ENV: "12"},
                              admission=EARLIER_SLOTS),
-    "saturated 3": Variant("the product's defaults, the proxy gate at 3 in flight while it refuses (4 otherwise)",
-                           {**PRODUCT_ENV, SATURATED_IN_FLIGHT_ENV: "3"}),
+    "no saturated limit": Variant("the product's defaults but 4 in flight through the proxy gate also while it "
+                                  "refuses (the default until 2026-12-04)", {**PRODUCT_ENV, SATURATED_IN_FLIGHT_ENV: "4"}),
     "3 slots": Variant("3 requests worked on per replica, the proxy gate at 3 in flight (measured 2026-12-04 "
                        "against the default: lower latency under overload, less throughput)",
                        {**PRODUCT_ENV, MAX_IN_FLIGHT_ENV: "3"}, admission={"max_concurrent": 3}),
@@ -180,7 +181,7 @@ async def _open_loop(client: KeepAliveClient, rate: float, duration_s: float) ->
 
 async def _capacity(client: KeepAliveClient, duration_s: float) -> float:
     """State queries/s of a closed loop of `CAPACITY_CLIENTS` concurrent clients, fewer where the proxy gate
-    admits fewer (a refused client would spin on refusals)."""
+    admits fewer, its saturated limit if it has one (a refused client would spin on refusals)."""
     done = 0
     stop = time.perf_counter() + duration_s
 
@@ -190,7 +191,8 @@ async def _capacity(client: KeepAliveClient, duration_s: float) -> float:
             status, _, _ = await client.get_with_headers(f"/v1/assets/{ASSET}/state")
             done += status == 200
     t0 = time.perf_counter()
-    clients = min(CAPACITY_CLIENTS, int(os.environ.get(MAX_IN_FLIGHT_ENV) or CAPACITY_CLIENTS))
+    gate = os.environ.get(SATURATED_IN_FLIGHT_ENV) or os.environ.get(MAX_IN_FLIGHT_ENV)
+    clients = min(CAPACITY_CLIENTS, int(gate or CAPACITY_CLIENTS))
     await asyncio.gather(*(worker() for _ in range(clients)))
     return done / (time.perf_counter() - t0)
 

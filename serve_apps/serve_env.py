@@ -14,7 +14,13 @@ from typing import Any
 
 from serve_apps.admission import Admission
 from serve_apps.config import Autoscaling
-from serve_apps.proxy_gate import MAX_IN_FLIGHT_ENV, RETRY_AFTER_ENV, max_in_flight
+from serve_apps.proxy_gate import (
+    MAX_IN_FLIGHT_ENV,
+    RETRY_AFTER_ENV,
+    SATURATED_IN_FLIGHT_ENV,
+    max_in_flight,
+    saturated_in_flight,
+)
 
 PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 PROXY_CALLBACK = "serve_apps.proxy_gate:proxy_middlewares"
@@ -25,6 +31,7 @@ def environment(autoscaling: Autoscaling | None = None, admission: Admission | N
     the excess before it routes it (serve_apps/proxy_gate.py), sized to the Ingress deployment."""
     autoscaling, admission = autoscaling or Autoscaling(), admission or Admission()
     return {PROXY_CALLBACK_ENV: PROXY_CALLBACK, MAX_IN_FLIGHT_ENV: str(max_in_flight(autoscaling, admission)),
+            SATURATED_IN_FLIGHT_ENV: str(saturated_in_flight(autoscaling, admission)),
             RETRY_AFTER_ENV: str(admission.retry_after_s)}
 
 

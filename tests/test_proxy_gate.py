@@ -148,7 +148,10 @@ def test_serves_callback_builds_the_gate_from_the_proxys_environment(monkeypatch
     monkeypatch.setenv(proxy_gate.RETRY_AFTER_ENV, "3")
     [middleware] = validate_http_proxy_callback_return(proxy_middlewares())  # Serve's own check of the hook
     gate = middleware.cls(BlockingApp(), *middleware.args, **middleware.kwargs)
-    assert (gate.max_in_flight, gate.retry_after_s) == (7, 3)
+    assert (gate.max_in_flight, gate.saturated_in_flight, gate.retry_after_s) == (7, 7, 3)  # unset: no lower limit
+    monkeypatch.setenv(proxy_gate.SATURATED_IN_FLIGHT_ENV, "5")
+    [middleware] = proxy_middlewares()
+    assert middleware.cls(BlockingApp(), *middleware.args, **middleware.kwargs).saturated_in_flight == 5
     module, _, function = serve_env.environment()[serve_env.PROXY_CALLBACK_ENV].partition(":")
     assert (module, function) == (proxy_gate.__name__, proxy_middlewares.__name__)
     monkeypatch.setenv(proxy_gate.MAX_IN_FLIGHT_ENV, "lots")
@@ -164,7 +167,10 @@ def test_the_gate_is_sized_to_the_ingress_deployment_at_its_largest() -> None:
     env = serve_env.environment(Autoscaling(max_replicas=2), Admission(max_concurrent=5, retry_after_s=3))
     assert env == {serve_env.PROXY_CALLBACK_ENV: serve_env.PROXY_CALLBACK,
                    proxy_gate.MAX_IN_FLIGHT_ENV: str(2 * 5),
+                   proxy_gate.SATURATED_IN_FLIGHT_ENV: str(2 * 4),  # one fewer per replica while refusing
                    proxy_gate.RETRY_AFTER_ENV: "3"}
+    one_slot = serve_env.environment(Autoscaling(max_replicas=3), Admission(max_concurrent=1))
+    assert one_slot[proxy_gate.SATURATED_IN_FLIGHT_ENV] == "3"  # never below one per replica
 
 
 def test_the_serve_environment_reaches_local_ray_and_every_kuberay_container_unless_overridden() -> None:
@@ -179,5 +185,5 @@ def test_the_serve_environment_reaches_local_ray_and_every_kuberay_container_unl
     for container in containers:
         env = {item["name"]: item["value"] for item in container["env"]}
         assert env == {serve_env.PROXY_CALLBACK_ENV: serve_env.PROXY_CALLBACK, proxy_gate.RETRY_AFTER_ENV: "5",
-                       proxy_gate.MAX_IN_FLIGHT_ENV: str(3 * 4)}
+                       proxy_gate.MAX_IN_FLIGHT_ENV: str(3 * 4), proxy_gate.SATURATED_IN_FLIGHT_ENV: str(3 * 3)}
 
