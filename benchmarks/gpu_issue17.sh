@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 17's GPU figures, on one NVIDIA GPU (H100/H200 class), from the repository root:
 #
-#   benchmarks/gpu_issue17.sh [OUT_DIR]        # about 6-8 minutes on one H100
+#   benchmarks/gpu_issue17.sh [OUT_DIR]        # about 6 minutes on one H200 (2026-12-04)
 #
 # Needs a CUDA jaxlib of the installed jax's version, e.g.
 #   pip install "jax[cuda12]==$(python -c 'import jax; print(jax.__version__)')"
