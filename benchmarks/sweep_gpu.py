@@ -15,7 +15,7 @@ Rows:
   (the same array operations every step), and a week would cost minutes of the lent machine.
 
 Every GPU path's metrics on the first `REFERENCE_N` scenarios are compared with float64 NumPy
-(`DISCRETE_TOLERANCE`): in-process runs as they are timed, Ray runs' datasets after their timing.
+(`DISCRETE_TOLERANCE`): in-process runs as they are timed, the last timed Ray run's dataset after it.
 Where JAX sees no GPU the benchmark says so and measures nothing.
 """
 
@@ -160,7 +160,7 @@ def accelerator_sweep(ctx: BenchContext, device: jax.Device, kernel: Kernel = "a
     options, slots = task_plan()
     res.notes.append(f"Ray rows: `run_sweep` as a user runs it (chunk tasks of {options.get('num_gpus', 0):g} GPU, "
                      f"{slots} at once, twice as many in flight), timed until its Parquet dataset is written; "
-                     f"read back and checked after each timing")
+                     f"the last run's dataset read back and checked after the timing")
     return res
 
 
