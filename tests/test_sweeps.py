@@ -215,6 +215,24 @@ def test_sweep_on_ray_writes_the_dataset_and_retries_a_lost_worker(ray_session, 
     assert faulty.outputs == clean.outputs
 
 
+@pytest.mark.parametrize("method", ["random", "grid"])
+def test_chunk_tasks_draw_the_rows_the_driver_would(ray_session, tmp_path, method):
+    """Grid and random scenarios follow from their index, so each chunk task draws its own rows (an LHS
+    design travels from the driver, above): the dataset holds exactly `ScenarioSpace.rows`' values."""
+    space = _space("random", n=600) if method == "random" else ScenarioSpace(method="grid", dimensions=[
+        Dimension(name="C_in", target="param", mode="scale", low=0.7, high=1.3, levels=30),
+        Dimension(name="T_out_mean", target="input", low=263.15, high=283.15, levels=20)])
+    spec = _thermal_spec(space=space)
+    assert space.indexed and run_sweep(spec, str(tmp_path / "out"), progress=False).n_chunks == 3
+    table = open_dataset(str(tmp_path / "out")).to_table().sort_by("scenario")
+    rows = space.rows(0, 600)
+    for j, column in enumerate(space.columns):
+        np.testing.assert_array_equal(table[column].to_numpy(), rows[:, j])
+    bases = Bases(THERMAL_KIT.start_state, THERMAL_RC.default_params(), THERMAL_KIT.default_inputs())
+    local = chunk_metrics(THERMAL_KIT, bases, space.dimensions, space.rows(512, 600), 120.0, 720, 256, "float32")
+    np.testing.assert_array_equal(table["energy_kwh"].to_numpy()[512:], local["energy_kwh"])
+
+
 def test_ctrl_c_cancels_outstanding_chunks(ray_session, tmp_path, monkeypatch):
     import ray
 
