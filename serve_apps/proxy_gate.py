@@ -52,7 +52,7 @@ def max_in_flight(autoscaling: Autoscaling, admission: Admission) -> int:
 def saturated_in_flight(autoscaling: Autoscaling, admission: Admission) -> int:
     """The proxy's limit while it refuses: one request fewer per replica (at least one). Measured on one
     replica (benchmarks/RESULTS.md, "A lower limit while refusing"): at 2x and 5x capacity the admitted
-    p95 fell from 22-35 to 19-25 ms for ~8 % fewer answers, with no refusals at half load."""
+    p95 fell from 22-35 to 18-26 ms for ~6 % fewer answers, with no refusals at half load."""
     return autoscaling.max_replicas * max(1, admission.max_concurrent - 1)
 
 
