@@ -81,13 +81,14 @@ def shapes_on(ctx: BenchContext, device: jax.Device) -> BenchResult:
     res = BenchResult()
     res.notes.append(f"{name}; shapes (scenarios per program, warps): {list(size.shapes)}; default "
                      f"({fused.BLOCK}, {fused.NUM_WARPS}); every shape checked against the XLA path first")
-    problems = {
+    problems = {  # (kit, args), steps, how results are read, compared with the XLA path's, and within what
         f"Lorenz/Tsit5 N={size.lorenz:,}": (ensemble(size.lorenz, size.lorenz_steps, device), size.lorenz_steps,
-                                             end_states, "trajectory-steps/s"),
+                                             end_states, check, SAME_STEPS_ATOL, "trajectory-steps/s"),
         f"thermal RK4 N={size.thermal:,}": (thermal_chunk(size.thermal, size.thermal_steps, device),
-                                            size.thermal_steps, metrics, "scenario-steps/s"),
+                                            size.thermal_steps, metrics, check_agreement, ROUNDING_TOLERANCE,
+                                            "scenario-steps/s"),
     }
-    for problem, ((kit, args), steps, read, unit) in problems.items():
+    for problem, ((kit, args), steps, read, agree, tolerance, unit) in problems.items():
         n = args[0][0].shape[0]
         want = read(jax.block_until_ready(engine._metrics(kit, steps, engine.scan_unroll(args[0][0]), *args)))
         rates = {}
@@ -97,11 +98,7 @@ def shapes_on(ctx: BenchContext, device: jax.Device) -> BenchResult:
                 res.notes.append(f"{problem} ({block}, {warps}): not compiled: {kernel}")
                 continue
             label = f"{problem} ({block}, {warps})"
-            got = read(jax.block_until_ready(kernel(*args)))
-            if read is end_states:
-                check(f"{label} vs xla", got, want, SAME_STEPS_ATOL, res.checks)
-            else:
-                check_agreement(f"{label} vs xla", got, want, ROUNDING_TOLERANCE, res.checks)
+            agree(f"{label} vs xla", read(jax.block_until_ready(kernel(*args))), want, tolerance, res.checks)
             t, _ = ctx.measure(f"fused-tuning/{label}", lambda: jax.block_until_ready(kernel(*args)))  # noqa: B023
             res.timings[label] = t
             rates[(block, warps)] = n * steps / t.median_s

@@ -99,7 +99,8 @@ VARIANTS: dict[str, Variant] = {
                              "queue; the proxy gate's first default)", {**PRODUCT_ENV, MAX_IN_FLIGHT_ENV: "12"},
                              admission=EARLIER_SLOTS),
     "no saturated limit": Variant("the product's defaults but 4 in flight through the proxy gate also while it "
-                                  "refuses (the default until 2026-12-04)", {**PRODUCT_ENV, SATURATED_IN_FLIGHT_ENV: "4"}),
+                                  "refuses (the default until 2026-12-04)",
+                                  {**PRODUCT_ENV, SATURATED_IN_FLIGHT_ENV: PRODUCT_ENV[MAX_IN_FLIGHT_ENV]}),
     "3 slots": Variant("3 requests worked on per replica, the proxy gate at 3 in flight (measured 2026-12-04 "
                        "against the default: lower latency under overload, less throughput)",
                        {**PRODUCT_ENV, MAX_IN_FLIGHT_ENV: "3"}, admission={"max_concurrent": 3}),

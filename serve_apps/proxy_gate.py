@@ -131,8 +131,8 @@ class ProxyGate:
 
 def proxy_middlewares() -> list[Middleware]:
     """Serve's proxy callback (``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=serve_apps.proxy_gate:proxy_middlewares``):
-    the gate, sized by ``RAYTWIN_PROXY_MAX_IN_FLIGHT`` and ``RAYTWIN_PROXY_RETRY_AFTER_S`` from the proxy's
-    environment."""
+    the gate, sized by ``RAYTWIN_PROXY_MAX_IN_FLIGHT``, ``RAYTWIN_PROXY_SATURATED_IN_FLIGHT`` (unset: no lower
+    limit while refusing) and ``RAYTWIN_PROXY_RETRY_AFTER_S`` from the proxy's environment."""
     limit = _setting(MAX_IN_FLIGHT_ENV, DEFAULT_MAX_IN_FLIGHT)
     return [Middleware(ProxyGate, max_in_flight=limit, retry_after_s=_setting(RETRY_AFTER_ENV, DEFAULT_RETRY_AFTER_S),
                        saturated_in_flight=_setting(SATURATED_IN_FLIGHT_ENV, limit))]

@@ -117,6 +117,12 @@ def _start_backend() -> None:
         start_single_core_backend()
 
 
+def chunk_rows(spec: SweepSpec, chunk: int) -> np.ndarray:
+    """The scenario values of chunk number `chunk` (`ScenarioSpace.rows` of its scenarios)."""
+    start = chunk * spec.batch_size
+    return spec.space.rows(start, min(start + spec.batch_size, spec.space.size))
+
+
 def compiled_kit(spec: SweepSpec, simulator: str) -> SweepKit:
     """The kernel functions of the sweep's kit for its horizon and step (cached per process)."""
     return spec.kit(simulator).compile(spec.horizon_s, spec.step_s)
@@ -127,8 +133,7 @@ def _chunk_task(spec: SweepSpec, simulator: str, bases: Bases, chunk: int, rows:
     _crash_if_injected(chunk, fault)
     _start_backend()
     if rows is None:  # an indexed space: the task draws its own rows, off the driver's critical path
-        start = chunk * spec.batch_size
-        rows = spec.space.rows(start, min(start + spec.batch_size, spec.space.size))
+        rows = chunk_rows(spec, chunk)
     metrics = engine.chunk_metrics(
         compiled_kit(spec, simulator), bases, spec.space.dimensions, rows, spec.step_s, spec.n_steps,
         spec.batch_size, spec.dtype
@@ -287,8 +292,7 @@ def run_sweep(
     try:
         while next_chunk < n_chunks or pending:
             while next_chunk < n_chunks and len(pending) < window:
-                start = next_chunk * size
-                rows = None if spec.space.indexed else spec.space.rows(start, min(start + size, n))
+                rows = None if spec.space.indexed else chunk_rows(spec, next_chunk)
                 ref = chunk_task.remote(spec_ref, simulator, bases_ref, next_chunk, rows,
                                         f"{out_url}/{part_name(next_chunk)}", storage_options, fault)
                 pending[ref] = next_chunk
