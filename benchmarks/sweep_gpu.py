@@ -17,12 +17,16 @@ Rows:
 Every GPU path's metrics on the first `REFERENCE_N` scenarios are compared with float64 NumPy
 (`DISCRETE_TOLERANCE`): in-process runs as they are timed, the last timed Ray run's dataset after it.
 Where JAX sees no GPU the benchmark says so and measures nothing.
+
+``RAYTWIN_BENCH_GPU_CHUNK=262144`` (`CHUNK_ENV`) sets the full run's chunk size (default 2^20), to
+compare chunk sizes on one GPU (e.g. 2^18, 2^19, 2^20), with the same agreement checks.
 """
 
 from __future__ import annotations
 
+import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import jax
 import numpy as np
@@ -59,6 +63,7 @@ class Sizes:
 FULL = Sizes(sweeps=(100_000, 1_000_000, 10_000_000), chunk=1_048_576, steps=WEEK_STEPS, baseline=100_000,
              baseline_steps=1_440, reference=4_096)
 """Chunks of 2^20 scenarios: enough independent lanes to fill an H100 at every scan step."""
+CHUNK_ENV = "RAYTWIN_BENCH_GPU_CHUNK"
 QUICK = Sizes(sweeps=(512,), chunk=256, steps=240, baseline=512, baseline_steps=240, reference=512)
 FEWER_TASKS = 2
 RAY_PLANS = {"": None, f" ({FEWER_TASKS} tasks in flight)": FEWER_TASKS}
@@ -70,6 +75,14 @@ ROUNDING_TOLERANCE = Tolerance(kelvin=1e-3, energy_rel=1e-4, discomfort_mean_s=6
 multiply-adds over 10,080 steps. Energy is a plain float32 sum of 10,080 terms (rounding bound n u ~
 6e-4 relative); the two paths differed by up to 1.01e-5 over 1e7 scenarios on an H200 (2026-12-04),
 which the first bound, 1e-5, set before any GPU run, missed."""
+
+
+def full_sizes() -> Sizes:
+    """`FULL`, with the chunk size `CHUNK_ENV` gives (a positive integer) where it is set."""
+    chunk = int(os.environ.get(CHUNK_ENV, FULL.chunk))
+    if chunk < 1:
+        raise ValueError(f"{CHUNK_ENV} must be a positive number of scenarios, got {chunk}")
+    return replace(FULL, chunk=chunk)
 
 
 def gpu_devices() -> list[jax.Device]:
@@ -94,7 +107,7 @@ def sweep_gpu(ctx: BenchContext) -> BenchResult:
 def accelerator_sweep(ctx: BenchContext, device: jax.Device, kernel: Kernel = "auto") -> BenchResult:
     """The GPU benchmark on `device` with the in-process `kernel` (the tests run it on the CPU device
     at tiny sizes, the fused kernel in interpret mode)."""
-    size = QUICK if ctx.quick else FULL
+    size = QUICK if ctx.quick else full_sizes()
     name = f"{device.platform.upper()} {device.device_kind}"
     unit = "scenario-steps/s"
     res = BenchResult()
