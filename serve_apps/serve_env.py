@@ -16,6 +16,9 @@ from serve_apps.admission import Admission
 from serve_apps.config import Autoscaling
 from serve_apps.proxy_gate import (
     MAX_IN_FLIGHT_ENV,
+    ONE_REPLICA,
+    REPLICA_MAX_IN_FLIGHT_ENV,
+    REPLICA_SATURATED_IN_FLIGHT_ENV,
     RETRY_AFTER_ENV,
     SATURATED_IN_FLIGHT_ENV,
     max_in_flight,
@@ -28,10 +31,13 @@ PROXY_CALLBACK = "serve_apps.proxy_gate:proxy_middlewares"
 
 def environment(autoscaling: Autoscaling | None = None, admission: Admission | None = None) -> dict[str, str]:
     """The Serve environment for an app with these settings (defaults: `ServeConfig`'s): the proxy refuses
-    the excess before it routes it (serve_apps/proxy_gate.py), sized to the Ingress deployment."""
+    the excess before it routes it (serve_apps/proxy_gate.py), sized to the Ingress deployment, and so does
+    each replica's own HTTP server where replicas answer HTTP (direct ingress, HAProxy), sized to one replica."""
     autoscaling, admission = autoscaling or Autoscaling(), admission or Admission()
     return {PROXY_CALLBACK_ENV: PROXY_CALLBACK, MAX_IN_FLIGHT_ENV: str(max_in_flight(autoscaling, admission)),
             SATURATED_IN_FLIGHT_ENV: str(saturated_in_flight(autoscaling, admission)),
+            REPLICA_MAX_IN_FLIGHT_ENV: str(max_in_flight(ONE_REPLICA, admission)),
+            REPLICA_SATURATED_IN_FLIGHT_ENV: str(saturated_in_flight(ONE_REPLICA, admission)),
             RETRY_AFTER_ENV: str(admission.retry_after_s)}
 
 

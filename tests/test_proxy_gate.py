@@ -118,6 +118,37 @@ def test_a_failing_request_frees_its_place() -> None:
     asyncio.run(run())
 
 
+def test_a_request_frees_its_place_with_its_last_byte() -> None:
+    """Serve's servers return from the ASGI call a little after the response's last byte (metrics, hand-offs
+    between threads): a request sent right after an answer must not find its place still taken."""
+    lingering = asyncio.Event()
+
+    async def app(scope, receive, send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+        await lingering.wait()
+
+    async def run() -> None:
+        gate = ProxyGate(app, max_in_flight=1)
+        sent: list[dict] = []
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        scope = {"type": "http", "path": "/v1/assets", "method": "GET"}
+        first = asyncio.create_task(gate(scope, None, send))
+        await _until(lambda: len(sent) == 2)
+        assert gate.in_flight == 0
+        second = asyncio.create_task(gate(scope, None, send))
+        await _until(lambda: len(sent) == 4)
+        assert sent[2]["status"] == 200  # admitted, not refused
+        lingering.set()
+        await asyncio.gather(first, second)
+        assert gate.in_flight == 0  # each released once
+
+    asyncio.run(run())
+
+
 def test_refusals_are_recorded_in_batches(monkeypatch: pytest.MonkeyPatch) -> None:
     recorded: list[tuple[str, float, dict]] = []
 
@@ -152,6 +183,13 @@ def test_serves_callback_builds_the_gate_from_the_proxys_environment(monkeypatch
     monkeypatch.setenv(proxy_gate.SATURATED_IN_FLIGHT_ENV, "5")
     [middleware] = proxy_middlewares()
     assert middleware.cls(BlockingApp(), *middleware.args, **middleware.kwargs).saturated_in_flight == 5
+    monkeypatch.setenv(proxy_gate.REPLICA_MAX_IN_FLIGHT_ENV, "2")
+    monkeypatch.setattr(proxy_gate, "_in_replica", lambda: True)  # Serve calls the hook in a replica's own server
+    [middleware] = proxy_middlewares()
+    gate = middleware.cls(BlockingApp(), *middleware.args, **middleware.kwargs)
+    assert (gate.max_in_flight, gate.saturated_in_flight, gate.server) == (2, 2, "replica")
+    monkeypatch.undo()
+    assert not proxy_gate._in_replica()  # this test's process is no Serve replica
     module, _, function = serve_env.environment()[serve_env.PROXY_CALLBACK_ENV].partition(":")
     assert (module, function) == (proxy_gate.__name__, proxy_middlewares.__name__)
     monkeypatch.setenv(proxy_gate.MAX_IN_FLIGHT_ENV, "lots")
@@ -168,6 +206,8 @@ def test_the_gate_is_sized_to_the_ingress_deployment_at_its_largest() -> None:
     assert env == {serve_env.PROXY_CALLBACK_ENV: serve_env.PROXY_CALLBACK,
                    proxy_gate.MAX_IN_FLIGHT_ENV: str(2 * 5),
                    proxy_gate.SATURATED_IN_FLIGHT_ENV: str(2 * 4),  # one fewer per replica while refusing
+                   proxy_gate.REPLICA_MAX_IN_FLIGHT_ENV: "5",  # a replica's own HTTP server: that replica alone
+                   proxy_gate.REPLICA_SATURATED_IN_FLIGHT_ENV: "4",
                    proxy_gate.RETRY_AFTER_ENV: "3"}
     one_slot = serve_env.environment(Autoscaling(max_replicas=3), Admission(max_concurrent=1))
     assert one_slot[proxy_gate.SATURATED_IN_FLIGHT_ENV] == "3"  # never below one per replica
@@ -185,5 +225,6 @@ def test_the_serve_environment_reaches_local_ray_and_every_kuberay_container_unl
     for container in containers:
         env = {item["name"]: item["value"] for item in container["env"]}
         assert env == {serve_env.PROXY_CALLBACK_ENV: serve_env.PROXY_CALLBACK, proxy_gate.RETRY_AFTER_ENV: "5",
-                       proxy_gate.MAX_IN_FLIGHT_ENV: str(3 * 4), proxy_gate.SATURATED_IN_FLIGHT_ENV: str(3 * 3)}
+                       proxy_gate.MAX_IN_FLIGHT_ENV: str(3 * 4), proxy_gate.SATURATED_IN_FLIGHT_ENV: str(3 * 3),
+                       proxy_gate.REPLICA_MAX_IN_FLIGHT_ENV: "4", proxy_gate.REPLICA_SATURATED_IN_FLIGHT_ENV: "3"}
 

@@ -1,0 +1,117 @@
+"""Serve's HAProxy mode (``raytwin serve --haproxy``): HAProxy answers on the API's port, forwards to the
+Ingress replica's own HTTP server, and the proxy gate runs there sized to one replica.
+
+Serve reads the switch when its processes start, so this runs in a fresh interpreter with its own local Ray
+(`_check_in_fresh_ray`), ~40 s on 2 cores. The gate's refusal is made deterministic by stopping the twin
+shard's process: a state query then holds the replica's one place until the shard continues.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import tempfile
+import threading
+import time
+
+import httpx
+
+from benchmarks.harness import run_python, subprocess_env_without
+from serve_apps.admission import Admission
+from serve_apps.config import Autoscaling
+from serve_apps.endpoints import HAPROXY_ENV
+from serve_apps.proxy_gate import REPLICA_MAX_IN_FLIGHT_ENV
+from serve_apps.serve_env import environment
+
+RESULT = "HAPROXY_CHECK "
+
+
+def _listener(port: int) -> str:
+    """The name of the process listening on 127.0.0.1:`port` (Linux /proc)."""
+    inodes = set()
+    for line in open("/proc/net/tcp").read().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].split(":")[1], 16) == port and fields[3] == "0A":  # LISTEN
+            inodes.add(fields[9])
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                if os.readlink(f"/proc/{pid}/fd/{fd}").removeprefix("socket:[").rstrip("]") in inodes:
+                    return open(f"/proc/{pid}/comm").read().strip()
+        except OSError:  # the process ended, or its descriptors are not ours to read
+            continue
+    return ""
+
+
+def _check_in_fresh_ray() -> None:
+    """In the fresh interpreter: start the app under HAProxy mode, check, print the findings."""
+    import ray
+    from ray import serve
+
+    from actors.routing import shard_name
+    from raytwin.contracts import AssetType
+    from raytwin.ports import free_port
+    from raytwin.sim import THERMAL_RC
+    from serve_apps.app import build_app
+    from serve_apps.auth import create_key
+    from serve_apps.endpoints import http_targets
+
+    tmp = tempfile.mkdtemp(prefix="raytwin-haproxy-")
+    _, key = create_key(f"{tmp}/keys.json", "acme", "admin")
+    port = free_port()
+    ray.init(num_cpus=2, include_dashboard=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    config = {"store_url": f"{tmp}/store", "keys_file": f"{tmp}/keys.json", "twin_shards": 1, "state_cache_s": 0,
+              "namespace": "raytwin-haproxy-test", "autoscaling": {"min_replicas": 1, "max_replicas": 1}}
+    serve.run(build_app(config), name="raytwin", route_prefix="/")
+    found: dict = {"listener": _listener(port), "targets": [p for _, p in http_targets("raytwin")], "port": port}
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {key}"},
+                      timeout=60.0) as http:
+        for path, body in (("/v1/asset-types", AssetType.from_model(THERMAL_RC).model_dump(mode="json")),
+                           ("/v1/assets", {"id": "zone-1", "type_name": "thermal_rc",
+                                           "type_version": THERMAL_RC.version,
+                                           "initial_state": {"T_in": 293.0, "T_m": 292.0}})):
+            created = http.post(path, json=body)
+            assert created.status_code == 201, f"POST {path}: {created.status_code} {created.text}"
+        state = http.get("/v1/assets/zone-1/state")
+        assert state.status_code == 200, f"GET state: {state.status_code} {state.headers} {state.text}"
+        found["state"] = state.json()["state"]
+        shard = ray.get_actor(shard_name(f"{tmp}/store/twins", 0, 1), namespace=config["namespace"])
+        pid = ray.get(shard.pid.remote())
+        os.kill(pid, signal.SIGSTOP)
+        held: list[int] = []
+        try:
+            holder = threading.Thread(target=lambda: held.append(http.get("/v1/assets/zone-1/state").status_code))
+            holder.start()
+            deadline = time.monotonic() + 30.0
+            while time.monotonic() < deadline:  # until the held query has the replica's one place
+                refused = http.get("/v1/assets/zone-1/state")
+                if refused.status_code == 503:
+                    break
+                time.sleep(0.1)
+            found["refused"] = {"status": refused.status_code, "retry_after": refused.headers.get("retry-after"),
+                                "body": refused.json()}
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        holder.join(60.0)
+        found["held"] = held
+    print(RESULT + json.dumps(found))
+
+
+def test_haproxy_forwards_to_the_replica_whose_gate_refuses_beyond_one_replicas_limit() -> None:
+    env = {**subprocess_env_without("RAY_ADDRESS"),
+           **environment(Autoscaling(min_replicas=1, max_replicas=1), Admission()),
+           HAPROXY_ENV: "1", REPLICA_MAX_IN_FLIGHT_ENV: "1"}
+    out = run_python("from tests.test_serve_haproxy import _check_in_fresh_ray; _check_in_fresh_ray()", env,
+                     timeout_s=300)
+    [line] = [ln for ln in out.splitlines() if ln.startswith(RESULT)]
+    found = json.loads(line[len(RESULT):])
+    assert found["listener"] == "haproxy"  # not Serve's Python proxy
+    assert found["targets"] == [found["port"]]  # Serve's target groups name HAProxy
+    assert found["state"] == {"T_in": 293.0, "T_m": 292.0}
+    refused = found["refused"]
+    assert refused["status"] == 503 and refused["retry_after"] == str(Admission().retry_after_s)
+    assert refused["body"]["error"]["code"] == "overloaded"
+    assert "this replica's limit of 1 requests in flight" in refused["body"]["error"]["message"]
+    assert found["held"] == [200]  # the held query was answered once the shard continued
