@@ -37,8 +37,10 @@ from benchmarks.load import KeepAliveClient
 from benchmarks.serve_api import (
     ASSET,
     ServeCheckError,
+    _actor_pid,
     _cpu_seconds,
     _create_zone,
+    _haproxy_pids,
     _process_ids,
     _quiesce,
     _replica_port,
@@ -286,32 +288,6 @@ def _hwm_mib(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def _actor_pid(suffix: str) -> int:
-    import ray
-    from ray.util.state import list_actors
-
-    alive = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")], limit=10_000)
-    return next(a.pid for a in alive if a.class_name.endswith(suffix))
-
-
-def _haproxy_pids() -> dict[str, int]:
-    """Serve's HAProxy manager actor and the HAProxy process it runs now (it starts a new one on every
-    configuration change, so this is read once the application is up)."""
-    manager = _actor_pid("HAProxyManager")
-    haproxy = []
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            status = dict(line.split(":\t", 1) for line in open(f"/proc/{entry}/status").read().splitlines()
-                          if ":\t" in line)
-        except OSError:  # the process ended meanwhile
-            continue
-        if status.get("Name") == "haproxy" and int(status.get("PPid", 0)) == manager:
-            haproxy.append(int(entry))
-    if len(haproxy) != 1:
-        raise ServeCheckError(f"expected one HAProxy process under Serve's HAProxy manager, found {haproxy}")
-    return {"haproxy manager": manager, "haproxy": haproxy[0]}
 
 
 def measure(quick: bool, variant: str, rounds: int = 1) -> dict[str, Any]:

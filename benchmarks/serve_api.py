@@ -2,15 +2,18 @@
 
 Starts the product's Serve application (`serve_apps.app.build_app`) on a free 127.0.0.1 port with
 a fresh store and API key, creates a thermal zone, then runs bounded open-loop loads of
-``GET /v1/assets/{id}/state`` at each offered rate over both HTTP paths of the product,
+``GET /v1/assets/{id}/state`` at each offered rate over the product's three HTTP paths,
 interleaved, in the same server:
 
-- ``via proxy``: client -> Serve proxy actor -> Ingress replica -> twin shard (Serve's default);
+- ``via proxy``: client -> Serve's Python proxy actor -> Ingress replica -> twin shard (Serve's default;
+  here the head node's proxy that HAProxy mode keeps as its fallback, the same actor on another port);
+- ``via HAProxy``: client -> HAProxy -> the Ingress replica's own HTTP server -> twin shard
+  (``RAY_SERVE_ENABLE_HA_PROXY=1``, ``raytwin serve --haproxy``, see serve_apps/endpoints.py);
 - ``direct ingress``: client -> the Ingress replica's own HTTP server -> twin shard
-  (``RAY_SERVE_ENABLE_DIRECT_INGRESS=1``, see serve_apps/endpoints.py).
+  (``RAY_SERVE_ENABLE_DIRECT_INGRESS=1``, which HAProxy mode implies).
 
-Serve reads the direct-ingress switch when its processes start, so the server runs in a fresh
-interpreter with its own local Ray and that variable set; the figures come back as JSON. Only 200
+Serve reads these switches when its processes start, so the server runs in a fresh interpreter with
+its own local Ray and them set; the figures come back as JSON. Only 200
 responses that carry the zone's state count as successes. The load generator is a lean
 keep-alive client (`benchmarks.load.KeepAliveClient`) because it shares the machine's cores with
 the server; its CPU is reported with the server processes'.
@@ -46,7 +49,8 @@ P95_TARGET_MS = 10.0
 TARGET_RATE = 500.0
 ASSET = "zone-1"
 APP = "raytwin-bench"
-PATHS = ("direct ingress", "via proxy")
+PATHS = ("direct ingress", "via HAProxy", "via proxy")
+FALLBACK_PROXY_PORT_ENV = "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"
 RESULT_PREFIX = "SERVE_BENCH_RESULT "
 PROCESSES = {"proxy": "ProxyActor", "ingress": f"ServeReplica:{APP}:Ingress", "shard": "TwinShardProcess"}
 
@@ -86,12 +90,19 @@ def _create_zone(base: str, headers: dict[str, str]) -> None:
                 raise ServeCheckError(f"POST {path}: {r.status_code} {r.text[:300]}")
 
 
+def fallback_proxy_port() -> int:
+    """Where the head node's Python proxy listens in HAProxy mode (HAProxy's fallback; Serve's default 8500)."""
+    return int(os.environ.get(FALLBACK_PROXY_PORT_ENV, "8500"))
+
+
 def _replica_port(proxy_port: int) -> int:
     """The Ingress replica's own HTTP port (direct ingress), waiting for the controller to publish it."""
-    from serve_apps.endpoints import http_targets
+    from serve_apps.endpoints import HAPROXY_ENV, http_targets
 
+    behind_haproxy = os.environ.get(HAPROXY_ENV) == "1"
+    proxies = {proxy_port, fallback_proxy_port()}
     for _ in range(60):
-        ports = [port for _, port in http_targets(APP) if port != proxy_port]
+        ports = [port for _, port in http_targets(APP, behind_haproxy=behind_haproxy) if port not in proxies]
         if ports:
             return ports[0]
         time.sleep(0.5)
@@ -128,6 +139,32 @@ def _process_ids() -> dict[str, int]:
     return {**pids, "load generator": os.getpid()}
 
 
+def _actor_pid(suffix: str) -> int:
+    import ray
+    from ray.util.state import list_actors
+
+    alive = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")], limit=10_000)
+    return next(a.pid for a in alive if a.class_name.endswith(suffix))
+
+
+def _haproxy_pids() -> dict[str, int]:
+    """Serve's HAProxy manager actor and the HAProxy process it runs now (it starts a new one on every
+    configuration change, so this is read once the application is up)."""
+    manager = _actor_pid("HAProxyManager")
+    haproxy = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            status = dict(line.split(":\t", 1) for line in open(f"/proc/{entry}/status").read().splitlines()
+                          if ":\t" in line)
+        except OSError:  # the process ended meanwhile
+            continue
+        if status.get("Name") == "haproxy" and int(status.get("PPid", 0)) == manager:
+            haproxy.append(int(entry))
+    if len(haproxy) != 1:
+        raise ServeCheckError(f"expected one HAProxy process under Serve's HAProxy manager, found {haproxy}")
+    return {"haproxy manager": manager, "haproxy": haproxy[0]}
+
+
 def _cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far (Linux /proc)."""
     fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
@@ -155,11 +192,13 @@ def measure(quick: bool, rounds: int) -> dict[str, Any]:
     rates = QUICK_RATES if quick else RATES
     duration = QUICK_DURATION_S if quick else DURATION_S
     with tempfile.TemporaryDirectory(prefix="raytwin-bench-serve-") as tmp:
-        proxy_port, key = _start(tmp)
+        haproxy_port, key = _start(tmp)
         try:
-            _create_zone(f"http://127.0.0.1:{proxy_port}", {"Authorization": f"Bearer {key}"})
-            ports = {"direct ingress": _replica_port(proxy_port), "via proxy": proxy_port}
-            pids = _process_ids()
+            _create_zone(f"http://127.0.0.1:{haproxy_port}", {"Authorization": f"Bearer {key}"})
+            ports = {"direct ingress": _replica_port(haproxy_port), "via HAProxy": haproxy_port,
+                     "via proxy": fallback_proxy_port()}
+            time.sleep(3.0)  # the last reload's old HAProxy process drains and exits
+            pids = {**_process_ids(), **_haproxy_pids()}
             for port in ports.values():  # warm-up: JIT, connections, handles
                 asyncio.run(_load(port, key, rates[0], min(duration, 2.0)))
             runs: dict[tuple[str, float], list[LoadResult]] = {}
@@ -209,11 +248,12 @@ def _figures(run: dict[str, Any]) -> list[Figure]:
 
 @benchmark("serve", "State-query latency, throughput and CPU per request at fixed offered rates (loopback HTTP)")
 def serve_latency(ctx: BenchContext) -> BenchResult:
-    from serve_apps.endpoints import DIRECT_INGRESS_ENV
+    from serve_apps.endpoints import HAPROXY_ENV
 
-    # the replica's drain at `serve.shutdown()` (at least 30 s by default with direct ingress) only
-    # delays the benchmark's end: nothing is in flight by then
-    env = {**subprocess_env_without("RAY_ADDRESS"), DIRECT_INGRESS_ENV: "1",
+    # HAProxy mode (it implies direct ingress) keeps Serve's Python proxy up as HAProxy's fallback, so one
+    # server has all three paths; the replica's drain at `serve.shutdown()` (at least 30 s by default with
+    # direct ingress) only delays the benchmark's end: nothing is in flight by then
+    env = {**subprocess_env_without("RAY_ADDRESS"), HAPROXY_ENV: "1", FALLBACK_PROXY_PORT_ENV: str(free_port()),
            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}
     rounds = 1 if ctx.quick else ROUNDS
     code = (f"import json; from benchmarks.serve_api import measure, RESULT_PREFIX; "
@@ -224,7 +264,8 @@ def serve_latency(ctx: BenchContext) -> BenchResult:
     record = json.loads(lines[-1][len(RESULT_PREFIX):])
     res = BenchResult()
     for run in record["runs"]:
-        prefix = "load" if run["path"] == "via proxy" else "direct ingress load"  # "load@R": Serve's default path
+        # "load@R": Serve's default path
+        prefix = {"via proxy": "load", "via HAProxy": "haproxy load"}.get(run["path"], "direct ingress load")
         res.checks[f"{prefix}@{run['rate']:g}"] = run["summary"]
         if run["summary"]["ok"] == 0:
             raise ServeCheckError(f"no successful state query at {run['rate']:g} req/s {run['path']}")

@@ -25,14 +25,17 @@ DIRECT_INGRESS_ENV = "RAY_SERVE_ENABLE_DIRECT_INGRESS"
 HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"
 
 
-def http_targets(app_name: str) -> list[tuple[str, int]]:
+def http_targets(app_name: str, *, behind_haproxy: bool = False) -> list[tuple[str, int]]:
     """(node IP, port) of every HTTP target of `app_name`: its Ingress replicas under direct ingress,
-    else the proxies. A target listens on Serve's ``http_options.host`` at that port.
+    else the proxies (HAProxy in HAProxy mode). A target listens on Serve's ``http_options.host`` at that
+    port. `behind_haproxy`: in HAProxy mode, what HAProxy forwards to instead (the replicas' own servers and
+    the head node's fallback proxy).
 
     Serve 2.60 lists targets only on its controller (the call its load-balancer integrations
     use), not in `serve.status()`.
     """
     from ray.serve.context import _get_global_client
 
-    groups = ray.get(_get_global_client()._controller.get_target_groups.remote(app_name))
+    groups = ray.get(_get_global_client()._controller.get_target_groups.remote(
+        app_name, from_proxy_manager=behind_haproxy))
     return [(t.ip, t.port) for g in groups if g.protocol == "HTTP" for t in g.targets]

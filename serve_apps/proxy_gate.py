@@ -40,7 +40,7 @@ import os
 import uuid
 
 from starlette.middleware import Middleware
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from raytwin import metrics
 from serve_apps.admission import STREAM_PATHS, Admission, overload_body
@@ -87,6 +87,12 @@ class ProxyGate:
     full depth absorbs bursts instead of refusing them. The gate stays saturated until `CALM_S` passes
     without a refusal.
 
+    A place is held until Serve's ASGI call returns, a little after the response's last byte (Serve's own
+    work per request): freeing it with the last byte was measured (2026-12-04, benchmarks/RESULTS.md, "HAProxy
+    in front of the replicas") and let in more than the server could finish: ~16 % fewer answers at 5x
+    capacity through the proxy, more refusals at 1x. So a client that sends the next request the moment an
+    answer arrives can be refused at a limit of 1.
+
     Runs on the proxy's event loop only, so plain counters need no lock.
     """
 
@@ -114,23 +120,10 @@ class ProxyGate:
             await self._refuse(scope["method"], send, limit)
             return
         self.in_flight += 1
-        held = True
-
-        def release() -> None:
-            nonlocal held
-            if held:
-                held = False
-                self.in_flight -= 1
-
-        async def send_then_release(message: Message) -> None:
-            await send(message)
-            if message["type"] == "http.response.body" and not message.get("more_body", False):
-                release()  # the last byte is out: Serve's bookkeeping after it holds no place
-
         try:
-            await self.app(scope, receive, send_then_release)
+            await self.app(scope, receive, send)
         finally:
-            release()
+            self.in_flight -= 1
 
     @staticmethod
     def _ungated(path: str) -> bool:

@@ -219,8 +219,9 @@ def test_bench_quick_calibration(ray_session, tmp_path):
 
 def test_bench_quick_serve(ray_session, tmp_path):
     serve = quick(tmp_path, "serve")["benchmarks"]["serve"]
-    load = serve["checks"]["load@20"]
-    assert load["ok"] == load["sent"] > 0 and load["failed"] == 0
+    for path in ("load", "haproxy load", "direct ingress load"):  # Serve's proxy, HAProxy, the replica's server
+        load = serve["checks"][f"{path}@20"]
+        assert load["ok"] == load["sent"] > 0 and load["failed"] == 0, path
     assert {f["unit"] for f in serve["figures"]} >= {"ms", "req/s"}
 
 

@@ -2,8 +2,8 @@
 Ingress replica's own HTTP server, and the proxy gate runs there sized to one replica.
 
 Serve reads the switch when its processes start, so this runs in a fresh interpreter with its own local Ray
-(`_check_in_fresh_ray`), ~40 s on 2 cores. The gate's refusal is made deterministic by stopping the twin
-shard's process: a state query then holds the replica's one place until the shard continues.
+(`_check_in_fresh_ray`), ~20 s on 2 cores. The gate's refusal is made deterministic by stopping the twin
+shard's process: two state queries then hold the replica's two places until the shard continues.
 """
 
 from __future__ import annotations
@@ -21,10 +21,13 @@ from benchmarks.harness import run_python, subprocess_env_without
 from serve_apps.admission import Admission
 from serve_apps.config import Autoscaling
 from serve_apps.endpoints import HAPROXY_ENV
-from serve_apps.proxy_gate import REPLICA_MAX_IN_FLIGHT_ENV
+from serve_apps.proxy_gate import REPLICA_MAX_IN_FLIGHT_ENV, REPLICA_SATURATED_IN_FLIGHT_ENV
 from serve_apps.serve_env import environment
 
 RESULT = "HAPROXY_CHECK "
+PLACES = 2
+"""The replica gate's limit here: with 1, a request sent the moment the previous answer arrived could find
+its place still held by Serve's work after the answer (serve_apps/proxy_gate.py)."""
 
 
 def _listener(port: int) -> str:
@@ -82,10 +85,12 @@ def _check_in_fresh_ray() -> None:
         os.kill(pid, signal.SIGSTOP)
         held: list[int] = []
         try:
-            holder = threading.Thread(target=lambda: held.append(http.get("/v1/assets/zone-1/state").status_code))
-            holder.start()
+            holders = [threading.Thread(target=lambda: held.append(http.get("/v1/assets/zone-1/state").status_code))
+                       for _ in range(PLACES)]
+            for holder in holders:
+                holder.start()
             deadline = time.monotonic() + 30.0
-            while time.monotonic() < deadline:  # until the held query has the replica's one place
+            while time.monotonic() < deadline:  # until the held queries have the replica's places
                 refused = http.get("/v1/assets/zone-1/state")
                 if refused.status_code == 503:
                     break
@@ -94,7 +99,8 @@ def _check_in_fresh_ray() -> None:
                                 "body": refused.json()}
         finally:
             os.kill(pid, signal.SIGCONT)
-        holder.join(60.0)
+        for holder in holders:
+            holder.join(60.0)
         found["held"] = held
     print(RESULT + json.dumps(found))
 
@@ -102,7 +108,7 @@ def _check_in_fresh_ray() -> None:
 def test_haproxy_forwards_to_the_replica_whose_gate_refuses_beyond_one_replicas_limit() -> None:
     env = {**subprocess_env_without("RAY_ADDRESS"),
            **environment(Autoscaling(min_replicas=1, max_replicas=1), Admission()),
-           HAPROXY_ENV: "1", REPLICA_MAX_IN_FLIGHT_ENV: "1"}
+           HAPROXY_ENV: "1", REPLICA_MAX_IN_FLIGHT_ENV: str(PLACES), REPLICA_SATURATED_IN_FLIGHT_ENV: str(PLACES)}
     out = run_python("from tests.test_serve_haproxy import _check_in_fresh_ray; _check_in_fresh_ray()", env,
                      timeout_s=300)
     [line] = [ln for ln in out.splitlines() if ln.startswith(RESULT)]
@@ -113,5 +119,5 @@ def test_haproxy_forwards_to_the_replica_whose_gate_refuses_beyond_one_replicas_
     refused = found["refused"]
     assert refused["status"] == 503 and refused["retry_after"] == str(Admission().retry_after_s)
     assert refused["body"]["error"]["code"] == "overloaded"
-    assert "this replica's limit of 1 requests in flight" in refused["body"]["error"]["message"]
-    assert found["held"] == [200]  # the held query was answered once the shard continued
+    assert f"this replica's limit of {PLACES} requests in flight" in refused["body"]["error"]["message"]
+    assert found["held"] == [200] * PLACES  # the held queries were answered once the shard continued
