@@ -2,6 +2,7 @@
 # Issue 17's GPU figures, on one NVIDIA GPU (H100/H200 class), from the repository root:
 #
 #   benchmarks/gpu_issue17.sh [OUT_DIR]        # about 6 minutes on one H200 (2026-12-04)
+#   RAYTWIN_BENCH_GPU_CHUNK=524288 python -m benchmarks run sweep-gpu --repeat 2   # another chunk size
 #
 # Needs a CUDA jaxlib of the installed jax's version, e.g.
 #   pip install "jax[cuda12]==$(python -c 'import jax; print(jax.__version__)')"
