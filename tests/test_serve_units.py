@@ -60,6 +60,24 @@ def test_cli_creates_keys_and_writes_the_committed_openapi(tmp_path):
     assert CliRunner().invoke(serve_app, ["--port", "1"]).exit_code == 2  # no store/keys: a usage error
 
 
+def test_serve_haproxy_without_a_binary_is_a_usage_error_before_ray_starts(tmp_path, monkeypatch):
+    import ray
+    from ray.serve._private import haproxy
+
+    def missing() -> str:
+        raise FileNotFoundError("Could not find an HAProxy binary.")
+
+    monkeypatch.setattr(haproxy, "get_haproxy_binary", missing)
+    keys = tmp_path / "keys.json"
+    create_key(keys, "acme", "admin")
+    result = CliRunner().invoke(serve_app, ["--store", str(tmp_path / "store"), "--keys-file", str(keys), "--haproxy",
+                                            "--no-block"])
+    said = " ".join(result.output.replace("│", " ").split())  # the message as one line, without its box
+    assert result.exit_code == 2 and "--haproxy: Could not find an HAProxy binary." in said
+    assert "RAY_SERVE_HAPROXY_BINARY_PATH" in said
+    assert not ray.is_initialized()
+
+
 def test_token_bucket_refuses_after_the_burst():
     buckets = TokenBuckets(rate=0.01, burst=3)
     assert [buckets.take("k1") for _ in range(3)] == [0.0, 0.0, 0.0]
