@@ -45,6 +45,7 @@ from benchmarks.serve_api import (
     _quiesce,
     _replica_port,
     _start,
+    haproxy_ports_env,
 )
 from serve_apps.config import Autoscaling
 from serve_apps.endpoints import DIRECT_INGRESS_ENV, HAPROXY_ENV
@@ -83,7 +84,7 @@ class Variant:
     direct_ingress: bool = False  # requests to the Ingress replica's own port instead of the proxy
     own_core_generator: bool = False  # the load generator on a core of its own, the server on the others
     admission: dict[str, Any] = field(default_factory=dict)  # `Admission` fields on top of the defaults
-    haproxy: bool = False  # Serve's HAProxy mode: HAProxy on the proxy's port, forwarding to the replica's own
+    haproxy: bool = False  # Serve's HAProxy mode: HAProxy on the proxy's port, forwarding to the replica's server
 
 
 NO_GATE = {PROXY_CALLBACK_ENV: ""}
@@ -442,7 +443,7 @@ def overload(ctx: BenchContext) -> BenchResult:
         env = {**subprocess_env_without("RAY_ADDRESS", PROXY_CALLBACK_ENV, MAX_IN_FLIGHT_ENV, SATURATED_IN_FLIGHT_ENV,
                                         REPLICA_MAX_IN_FLIGHT_ENV, REPLICA_SATURATED_IN_FLIGHT_ENV, RETRY_AFTER_ENV,
                                         DIRECT_INGRESS_ENV, HAPROXY_ENV, *(s.split("=")[0] for s in SWITCHES.values())),
-               **VARIANTS[name].env}
+               **VARIANTS[name].env, **(haproxy_ports_env() if VARIANTS[name].haproxy else {})}
         lines = [ln for ln in run_python(code, env, timeout_s=900).splitlines() if ln.startswith(RESULT_PREFIX)]
         if not lines:
             raise ServeCheckError(f"the server process of variant {name!r} printed no result")

@@ -51,6 +51,7 @@ ASSET = "zone-1"
 APP = "raytwin-bench"
 PATHS = ("direct ingress", "via HAProxy", "via proxy")
 FALLBACK_PROXY_PORT_ENV = "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"
+HAPROXY_PORT_ENVS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
 RESULT_PREFIX = "SERVE_BENCH_RESULT "
 PROCESSES = {"proxy": "ProxyActor", "ingress": f"ServeReplica:{APP}:Ingress", "shard": "TwinShardProcess"}
 
@@ -88,6 +89,12 @@ def _create_zone(base: str, headers: dict[str, str]) -> None:
             r = http.post(path, json=body)
             if r.status_code != 201:
                 raise ServeCheckError(f"POST {path}: {r.status_code} {r.text[:300]}")
+
+
+def haproxy_ports_env() -> dict[str, str]:
+    """Free ports for what Serve's HAProxy mode binds at fixed ports on every node (HAProxy's statistics 8404 and
+    metrics 9101, the fallback Python proxy 8500), so that it can start beside another Ray on this machine."""
+    return {name: str(free_port()) for name in (*HAPROXY_PORT_ENVS, FALLBACK_PROXY_PORT_ENV)}
 
 
 def fallback_proxy_port() -> int:
@@ -253,7 +260,7 @@ def serve_latency(ctx: BenchContext) -> BenchResult:
     # HAProxy mode (it implies direct ingress) keeps Serve's Python proxy up as HAProxy's fallback, so one
     # server has all three paths; the replica's drain at `serve.shutdown()` (at least 30 s by default with
     # direct ingress) only delays the benchmark's end: nothing is in flight by then
-    env = {**subprocess_env_without("RAY_ADDRESS"), HAPROXY_ENV: "1", FALLBACK_PROXY_PORT_ENV: str(free_port()),
+    env = {**subprocess_env_without("RAY_ADDRESS"), HAPROXY_ENV: "1", **haproxy_ports_env(),
            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}
     rounds = 1 if ctx.quick else ROUNDS
     code = (f"import json; from benchmarks.serve_api import measure, RESULT_PREFIX; "

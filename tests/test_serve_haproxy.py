@@ -3,7 +3,8 @@ Ingress replica's own HTTP server, and the proxy gate runs there sized to one re
 
 Serve reads the switch when its processes start, so this runs in a fresh interpreter with its own local Ray
 (`_check_in_fresh_ray`), ~20 s on 2 cores. The gate's refusal is made deterministic by stopping the twin
-shard's process: two state queries then hold the replica's two places until the shard continues.
+shard's process: of three state queries sent then, two hold the replica's two places until the shard
+continues and the third is refused.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import time
 import httpx
 
 from benchmarks.harness import run_python, subprocess_env_without
+from benchmarks.serve_api import haproxy_ports_env
 from serve_apps.admission import Admission
 from serve_apps.config import Autoscaling
 from serve_apps.endpoints import HAPROXY_ENV
@@ -82,33 +84,33 @@ def _check_in_fresh_ray() -> None:
         found["state"] = state.json()["state"]
         shard = ray.get_actor(shard_name(f"{tmp}/store/twins", 0, 1), namespace=config["namespace"])
         pid = ray.get(shard.pid.remote())
+        time.sleep(0.5)  # Serve's work after the last answer has freed its place
         os.kill(pid, signal.SIGSTOP)
-        held: list[int] = []
+        answers: list[httpx.Response] = []
+        queries = [threading.Thread(target=lambda: answers.append(http.get("/v1/assets/zone-1/state", timeout=300)))
+                   for _ in range(PLACES + 1)]
         try:
-            holders = [threading.Thread(target=lambda: held.append(http.get("/v1/assets/zone-1/state").status_code))
-                       for _ in range(PLACES)]
-            for holder in holders:
-                holder.start()
-            deadline = time.monotonic() + 30.0
-            while time.monotonic() < deadline:  # until the held queries have the replica's places
-                refused = http.get("/v1/assets/zone-1/state")
-                if refused.status_code == 503:
-                    break
-                time.sleep(0.1)
-            found["refused"] = {"status": refused.status_code, "retry_after": refused.headers.get("retry-after"),
-                                "body": refused.json()}
+            for query in queries:
+                query.start()
+            deadline = time.monotonic() + 120.0
+            while not answers and time.monotonic() < deadline:  # PLACES wait on the shard, the one more is refused
+                time.sleep(0.05)
         finally:
             os.kill(pid, signal.SIGCONT)
-        for holder in holders:
-            holder.join(60.0)
-        found["held"] = held
+        for query in queries:
+            query.join(300.0)
+        found["statuses"] = sorted(a.status_code for a in answers)
+        refused = next((a for a in answers if a.status_code == 503), None)
+        if refused is not None:
+            found["refused"] = {"retry_after": refused.headers.get("retry-after"), "body": refused.json()}
     print(RESULT + json.dumps(found))
 
 
 def test_haproxy_forwards_to_the_replica_whose_gate_refuses_beyond_one_replicas_limit() -> None:
     env = {**subprocess_env_without("RAY_ADDRESS"),
            **environment(Autoscaling(min_replicas=1, max_replicas=1), Admission()),
-           HAPROXY_ENV: "1", REPLICA_MAX_IN_FLIGHT_ENV: str(PLACES), REPLICA_SATURATED_IN_FLIGHT_ENV: str(PLACES)}
+           HAPROXY_ENV: "1", **haproxy_ports_env(),
+           REPLICA_MAX_IN_FLIGHT_ENV: str(PLACES), REPLICA_SATURATED_IN_FLIGHT_ENV: str(PLACES)}
     out = run_python("from tests.test_serve_haproxy import _check_in_fresh_ray; _check_in_fresh_ray()", env,
                      timeout_s=300)
     [line] = [ln for ln in out.splitlines() if ln.startswith(RESULT)]
@@ -116,8 +118,8 @@ def test_haproxy_forwards_to_the_replica_whose_gate_refuses_beyond_one_replicas_
     assert found["listener"] == "haproxy"  # not Serve's Python proxy
     assert found["targets"] == [found["port"]]  # Serve's target groups name HAProxy
     assert found["state"] == {"T_in": 293.0, "T_m": 292.0}
+    assert found["statuses"] == [200] * PLACES + [503]  # the queries on the stopped shard answered once it went on
     refused = found["refused"]
-    assert refused["status"] == 503 and refused["retry_after"] == str(Admission().retry_after_s)
+    assert refused["retry_after"] == str(Admission().retry_after_s)
     assert refused["body"]["error"]["code"] == "overloaded"
     assert f"this replica's limit of {PLACES} requests in flight" in refused["body"]["error"]["message"]
-    assert found["held"] == [200] * PLACES  # the held queries were answered once the shard continued
