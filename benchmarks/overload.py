@@ -13,7 +13,7 @@ measured through the proxy (direct ingress: the replica's own port):
    (anything else, timeouts included), latency of admitted requests from their due time and of
    refusals, CPU per request of the proxy, ingress and shard, and the load generator's CPU;
 3. recovery: 0.5x again right after 5x;
-4. a telemetry flood at 2x the event rate the shards sustained in a closed loop: refusals, the
+4. a telemetry flood (`FLOOD_VARIANTS`) at 2x the event rate the shards sustained in a closed loop: refusals, the
    high-water mark of resident memory (``VmHWM``) of the server processes, and loss = events the
    API accepted minus events the twin applied (must be 0).
 """
@@ -71,6 +71,8 @@ TIMEOUT_S = 10.0
 RESULT_PREFIX = "OVERLOAD_BENCH_RESULT "
 SERVER_PROCESSES = ("proxy", "ingress", "shard", "backend")
 VARIANTS_ENV = "RAYTWIN_BENCH_OVERLOAD_VARIANTS"
+FLOOD_VARIANTS = ("default", "haproxy")
+"""The variants flooded with telemetry too: the product's default path and the HAProxy path it offers."""
 """Comma-separated names of `VARIANTS` to run (default: all; with ``--quick``, the default alone)."""
 
 
@@ -293,7 +295,7 @@ def _hwm_mib(pid: int) -> float:
 
 def measure(quick: bool, variant: str, rounds: int = 1) -> dict[str, Any]:
     """Run in the server's interpreter (see the module docstring), whose environment carries the variant's
-    `Variant.env`: the variant on a fresh Serve application; the flood on the default one."""
+    `Variant.env`: the variant on a fresh Serve application; the flood on those of `FLOOD_VARIANTS`."""
     from ray import serve
 
     from sweeps.runner import ensure_ray
@@ -320,7 +322,7 @@ def measure(quick: bool, variant: str, rounds: int = 1) -> dict[str, Any]:
             target = _replica_port(port) if setting.direct_ingress else port
             runs, cpu = asyncio.run(_queries(target, key, duration, rounds, pids, _capacity_clients(setting)))
             record = {"runs": runs, "cpu_ms": cpu, "load_avg_1m": os.getloadavg()[0]}
-            if variant == "default":
+            if variant in FLOOD_VARIANTS:
                 hwm_before = {name: _hwm_mib(pids[name]) for name in SERVER_PROCESSES}
                 record["flood"] = asyncio.run(_flood(f"http://127.0.0.1:{port}", key, duration))
                 record["flood"].update(hwm_mib={name: _hwm_mib(pids[name]) for name in SERVER_PROCESSES},
@@ -408,17 +410,18 @@ def _figures(variant: str, record: dict[str, Any]) -> list[Figure]:
     return figures
 
 
-def _flood_figures(flood: dict[str, Any]) -> list[Figure]:
+def _flood_figures(variant: str, flood: dict[str, Any]) -> list[Figure]:
+    label = "flood" if variant == "default" else f"{variant}: flood"
     figures = [
-        Figure("flood: sustainable events/s (closed loop)", flood["sustainable_events_per_s"], "events/s"),
-        Figure("flood: offered events/s (2x)", flood["offered_events_per_s"], "events/s"),
-        Figure("flood: accepted events/s", flood["accepted_events_per_s"], "events/s"),
-        Figure("flood: batches refused with 429 (backlog)", float(flood["refused_429"]), "batches"),
-        Figure("flood: batches refused with 503 (ingress gate or proxy)", float(flood["refused_503"]), "batches"),
-        Figure("flood: failed batches (no Retry-After, or errors)", float(flood["failed"]), "batches", target_max=0.0),
-        Figure("flood: events lost (accepted - applied)", float(flood["loss"]), "events", target_max=0.0),
+        Figure(f"{label}: sustainable events/s (closed loop)", flood["sustainable_events_per_s"], "events/s"),
+        Figure(f"{label}: offered events/s (2x)", flood["offered_events_per_s"], "events/s"),
+        Figure(f"{label}: accepted events/s", flood["accepted_events_per_s"], "events/s"),
+        Figure(f"{label}: batches refused with 429 (backlog)", float(flood["refused_429"]), "batches"),
+        Figure(f"{label}: batches refused with 503 (ingress gate or proxy)", float(flood["refused_503"]), "batches"),
+        Figure(f"{label}: failed batches (no Retry-After, or errors)", float(flood["failed"]), "batches", target_max=0.0),
+        Figure(f"{label}: events lost (accepted - applied)", float(flood["loss"]), "events", target_max=0.0),
     ]
-    figures += [Figure(f"flood: memory high-water mark, {name}", mib, "MiB",
+    figures += [Figure(f"{label}: memory high-water mark, {name}", mib, "MiB",
                        note=f"{flood['hwm_before_mib'][name]:.0f} MiB before the flood")
                 for name, mib in flood["hwm_mib"].items()]
     return figures
@@ -449,16 +452,17 @@ def overload(ctx: BenchContext) -> BenchResult:
             raise ServeCheckError(f"the server process of variant {name!r} printed no result")
         variants[name] = json.loads(lines[-1][len(RESULT_PREFIX):])
     res = BenchResult(figures=[f for name, v in variants.items() for f in _figures(name, v)])
-    if flood := variants.get("default", {}).get("flood"):
-        if flood["loss"] != 0:
-            raise ServeCheckError(f"the flood lost {flood['loss']} accepted events")
-        res.figures += _flood_figures(flood)
+    for name, variant in variants.items():
+        if flood := variant.get("flood"):
+            if flood["loss"] != 0:
+                raise ServeCheckError(f"the flood through {name!r} lost {flood['loss']} accepted events")
+            res.figures += _flood_figures(name, flood)
     res.checks.update(variants=variants)
     res.notes.append(
         f"open loop through Serve's proxy, {DURATION_S if not ctx.quick else QUICK_DURATION_S:g} s per rate and round "
         f"({rounds} rounds over the rates, each rate's runs pooled), latency "
         f"from each request's due time, timeout {TIMEOUT_S:g} s; each variant on its own local Ray: "
         + "; ".join(f"{name}: {VARIANTS[name].note}" for name in variants)
-        + f"; one Ingress replica, one twin shard; flood (default variant): {FLOOD_BATCH}-event batches, backlog "
+        + f"; one Ingress replica, one twin shard; flood ({', '.join(FLOOD_VARIANTS)}): {FLOOD_BATCH}-event batches, backlog "
         f"bound {FLOOD_BACKLOG} events; the load generator shares the machine's cores with the server")
     return res
