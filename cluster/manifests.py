@@ -16,6 +16,7 @@ import yaml
 
 from cluster.entrypoints import check_raytwin_entrypoint
 from cluster.spec import DNS_LABEL, ClusterSpec, WorkerGroupSpec
+from serve_apps.endpoints import HAPROXY_ENV
 from serve_apps.serve_env import environment_for_args
 
 API_VERSION = "ray.io/v1"
@@ -68,11 +69,16 @@ def _container(spec: ClusterSpec, name: str, image: str, cpu: float, memory: str
     }
     # Serve reads its switches when its processes start, so they go in every Ray container's environment
     # (a runtime env reaches replicas, never the proxies); the spec's own `env` wins
-    env = environment_for_args(spec.serve.args) | _env(spec)
+    env = environment_for_args(spec.serve.args) | _ingress_env(spec) | _env(spec)
     container["env"] = [{"name": key, "value": value} for key, value in sorted(env.items())]
     if spec.env_from_secrets:
         container["envFrom"] = [{"secretRef": {"name": secret}} for secret in spec.env_from_secrets]
     return container
+
+
+def _ingress_env(spec: ClusterSpec) -> dict[str, str]:
+    """Serve's HAProxy switch where the spec asks for it (`ServeSpec.ingress`)."""
+    return {HAPROXY_ENV: "1"} if spec.serve.ingress == "haproxy" else {}
 
 
 def _start_params(spec: ClusterSpec, params: dict[str, str]) -> dict[str, str]:

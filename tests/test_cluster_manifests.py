@@ -34,6 +34,7 @@ VALID_SPECS = {
     ),
     "fixed-size": spec_data(worker_groups=[worker(min_replicas=2, max_replicas=2)], autoscaling={"enabled": False}),
     "model-code": spec_data(pip=["pump-models==1.2.0"], py_modules=["s3://models/pumpkit-1.0.zip"]),
+    "haproxy": spec_data(serve={"ingress": "haproxy"}),
 }
 MODEL_CODE = {"pip": ["pump-models==1.2.0"], "py_modules": ["s3://models/pumpkit-1.0.zip"]}
 
@@ -83,6 +84,18 @@ def test_gpu_group_gets_gpu_limits_start_params_image_and_toleration() -> None:
     for container in (head, _container(gpu), _container(cpu)):  # secrets by reference, never by value
         assert container["envFrom"] == [{"secretRef": {"name": "raytwin-secrets"}}]
     assert "envFrom" not in _container(_workers(render_raycluster(parse_spec(VALID_SPECS["cpu-only"])))["cpu"])
+
+
+def test_haproxy_ingress_switches_serve_to_haproxy_in_every_ray_container() -> None:
+    manifest = render_raycluster(parse_spec(VALID_SPECS["haproxy"]))
+    head = manifest["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    for container in (head, _container(_workers(manifest)["cpu"])):  # Serve reads it where each process starts
+        assert {"name": "RAY_SERVE_ENABLE_HA_PROXY", "value": "1"} in container["env"]
+    default = render_raycluster(parse_spec(VALID_SPECS["cpu-only"]))
+    assert "RAY_SERVE_ENABLE_HA_PROXY" not in yaml.safe_dump(default)  # Serve's Python proxy unless asked
+    off = spec_data(serve={"ingress": "haproxy"}, env={"RAY_SERVE_ENABLE_HA_PROXY": "0"})  # the spec's env wins
+    assert {"name": "RAY_SERVE_ENABLE_HA_PROXY", "value": "0"} in _container(_workers(
+        render_raycluster(parse_spec(off)))["cpu"])["env"]
 
 
 def test_autoscaling_bounds_and_options_reach_the_raycluster() -> None:
@@ -185,6 +198,7 @@ INVALID_SPECS = {
     "duplicate group names": (spec_data(worker_groups=[worker(), worker()]), "repeated: cpu"),
     "local py_modules path": (spec_data(py_modules=["./pumpkit"]), "py_modules.0: String should match pattern"),
     "empty pip requirement": (spec_data(pip=[""]), "pip.0: String should have at least 1 character"),
+    "unknown ingress": (spec_data(serve={"ingress": "nginx"}), "serve.ingress: Input should be 'proxy' or 'haproxy'"),
 }
 
 
