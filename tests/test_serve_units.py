@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -67,7 +68,12 @@ def test_serve_haproxy_without_a_binary_is_a_usage_error_before_ray_starts(tmp_p
     def missing() -> str:
         raise FileNotFoundError("Could not find an HAProxy binary.")
 
+    def started(*args, **kwargs) -> None:
+        raise AssertionError("Ray was started")
+
     monkeypatch.setattr(haproxy, "get_haproxy_binary", missing)
+    monkeypatch.setattr(ray, "init", started)
+    monkeypatch.delenv("RAY_SERVE_ENABLE_HA_PROXY", raising=False)
     keys = tmp_path / "keys.json"
     create_key(keys, "acme", "admin")
     result = CliRunner().invoke(serve_app, ["--store", str(tmp_path / "store"), "--keys-file", str(keys), "--haproxy",
@@ -75,7 +81,7 @@ def test_serve_haproxy_without_a_binary_is_a_usage_error_before_ray_starts(tmp_p
     said = " ".join(result.output.replace("│", " ").split())  # the message as one line, without its box
     assert result.exit_code == 2 and "--haproxy: Could not find an HAProxy binary." in said
     assert "RAY_SERVE_HAPROXY_BINARY_PATH" in said
-    assert not ray.is_initialized()
+    assert "RAY_SERVE_ENABLE_HA_PROXY" not in os.environ  # nothing switched for a Ray started later
 
 
 def test_token_bucket_refuses_after_the_burst():
