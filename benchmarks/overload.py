@@ -97,7 +97,7 @@ SWITCHES = {"grpc": "RAY_SERVE_PROXY_USE_GRPC=1",
             "metrics every 1 s": "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS=1000"}  # Serve 2.60's, measured, not adopted
 EARLIER_SLOTS = {"max_concurrent": 8}
 """The Ingress admission of the earlier defaults (8 requests worked on per replica, until 2026-12-02)."""
-VARIANTS: dict[str, Variant] = {
+VARIANTS: dict[str, Variant] = {  # names without commas: `VARIANTS_ENV` separates them with commas
     "default": Variant("the product's defaults: `serve_apps.serve_env.environment()` (the proxy gate, "
                        f"{PRODUCT_ENV[MAX_IN_FLIGHT_ENV]} in flight for one replica, "
                        f"{PRODUCT_ENV[SATURATED_IN_FLIGHT_ENV]} while it refuses) and default admission", PRODUCT_ENV),
@@ -127,7 +127,10 @@ VARIANTS: dict[str, Variant] = {
                        "port, forwarding to the Ingress replica's own HTTP server (direct ingress), where the proxy "
                        "gate runs as the server's outermost middleware", {**PRODUCT_ENV, HAPROXY_ENV: "1"},
                        haproxy=True),
-    "haproxy, no gate": Variant("as `haproxy`, without the proxy gate: the Ingress's admission gate refuses the excess",
+    "haproxy with the generator on its own core": Variant(
+        "as `haproxy`, with the load generator pinned to the last CPU and Ray to the others (as `generator on its "
+        "own core`)", {**PRODUCT_ENV, HAPROXY_ENV: "1"}, haproxy=True, own_core_generator=True),
+    "haproxy without the gate": Variant("as `haproxy`, without the proxy gate: the Ingress's admission gate refuses the excess",
                                 {**NO_GATE, HAPROXY_ENV: "1"}, haproxy=True),
     "direct ingress": Variant("RAY_SERVE_ENABLE_DIRECT_INGRESS=1, requests to the replica's own port (no proxy)",
                               {**PRODUCT_ENV, DIRECT_INGRESS_ENV: "1"}, direct_ingress=True),
