@@ -318,7 +318,6 @@ def measure(quick: bool, variant: str, rounds: int = 1) -> dict[str, Any]:
             _create_zone(f"http://127.0.0.1:{port}", {"Authorization": f"Bearer {key}"})
             pids = {**_process_ids(), "backend": _actor_pid(":Backend")}
             if setting.haproxy:
-                time.sleep(3.0)  # the last reload's old HAProxy process drains and exits
                 pids.update(_haproxy_pids())
             if isolate:
                 _pin(cpus[-1:])

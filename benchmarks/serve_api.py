@@ -154,10 +154,8 @@ def _actor_pid(suffix: str) -> int:
     return next(a.pid for a in alive if a.class_name.endswith(suffix))
 
 
-def _haproxy_pids() -> dict[str, int]:
-    """Serve's HAProxy manager actor and the HAProxy process it runs now (it starts a new one on every
-    configuration change, so this is read once the application is up)."""
-    manager = _actor_pid("HAProxyManager")
+def _haproxy_children(manager: int) -> list[int]:
+    """The HAProxy processes Serve's HAProxy manager (process `manager`) runs now."""
     haproxy = []
     for entry in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -167,6 +165,16 @@ def _haproxy_pids() -> dict[str, int]:
             continue
         if status.get("Name") == "haproxy" and int(status.get("PPid", 0)) == manager:
             haproxy.append(int(entry))
+    return haproxy
+
+
+def _haproxy_pids(timeout_s: float = 10.0) -> dict[str, int]:
+    """Serve's HAProxy manager actor and the HAProxy process it runs now: it starts a new one on every
+    configuration change and the old one drains and exits, so this waits (up to `timeout_s`) for one alone."""
+    manager = _actor_pid("HAProxyManager")
+    deadline = time.monotonic() + timeout_s
+    while len(haproxy := _haproxy_children(manager)) != 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
     if len(haproxy) != 1:
         raise ServeCheckError(f"expected one HAProxy process under Serve's HAProxy manager, found {haproxy}")
     return {"haproxy manager": manager, "haproxy": haproxy[0]}
@@ -204,7 +212,6 @@ def measure(quick: bool, rounds: int) -> dict[str, Any]:
             _create_zone(f"http://127.0.0.1:{haproxy_port}", {"Authorization": f"Bearer {key}"})
             ports = {"direct ingress": _replica_port(haproxy_port), "via HAProxy": haproxy_port,
                      "via proxy": fallback_proxy_port()}
-            time.sleep(3.0)  # the last reload's old HAProxy process drains and exits
             pids = {**_process_ids(), **_haproxy_pids()}
             for port in ports.values():  # warm-up: JIT, connections, handles
                 asyncio.run(_load(port, key, rates[0], min(duration, 2.0)))
