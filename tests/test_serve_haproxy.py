@@ -1,5 +1,7 @@
 """Serve's HAProxy mode (``raytwin serve --haproxy``): HAProxy answers on the API's port, forwards to the
-Ingress replica's own HTTP server, and the proxy gate runs there sized to one replica.
+Ingress replica's own HTTP server, and the proxy gate runs there sized to one replica, with the app on the
+replica's own event loop as ``raytwin serve --haproxy`` runs it (a state query waiting on the shard must not hold
+that loop, or the gate could not refuse).
 
 Serve reads the switch when its processes start, so this runs in a fresh interpreter with its own local Ray
 (`_check_in_fresh_ray`), ~20 s on 2 cores. The gate's refusal is made deterministic by stopping the twin
@@ -24,7 +26,7 @@ from serve_apps.admission import Admission
 from serve_apps.config import Autoscaling
 from serve_apps.endpoints import HAPROXY_ENV
 from serve_apps.proxy_gate import REPLICA_MAX_IN_FLIGHT_ENV, REPLICA_SATURATED_IN_FLIGHT_ENV
-from serve_apps.serve_env import environment
+from serve_apps.serve_env import environment, replica_server_environment
 
 RESULT = "HAPROXY_CHECK "
 PLACES = 2
@@ -109,7 +111,7 @@ def _check_in_fresh_ray() -> None:
 def test_haproxy_forwards_to_the_replica_whose_gate_refuses_beyond_one_replicas_limit() -> None:
     env = {**subprocess_env_without("RAY_ADDRESS"),
            **environment(Autoscaling(min_replicas=1, max_replicas=1), Admission()),
-           HAPROXY_ENV: "1", **haproxy_ports_env(),
+           HAPROXY_ENV: "1", **replica_server_environment(), **haproxy_ports_env(),
            REPLICA_MAX_IN_FLIGHT_ENV: str(PLACES), REPLICA_SATURATED_IN_FLIGHT_ENV: str(PLACES)}
     out = run_python("from tests.test_serve_haproxy import _check_in_fresh_ray; _check_in_fresh_ray()", env,
                      timeout_s=300)
