@@ -112,7 +112,7 @@ class ServeSpec(_Strict):
     args: dict[str, Any] = Field(default_factory=dict, description="Arguments passed to the application builder.")
     ingress: Literal["proxy", "haproxy"] = Field(
         default="proxy", description="What answers on the Serve port: Serve's Python proxy, or HAProxy forwarding "
-        "to the Ingress replicas' own servers (Serve's HAProxy mode, ~6x the requests per core: serve_apps/README.md).")
+        "to the Ingress replicas' own servers (Serve's HAProxy mode, ~10x the requests per core: serve_apps/README.md).")
 
 
 class ClusterSpec(_Strict):
