@@ -102,6 +102,10 @@ VARIANTS: dict[str, Variant] = {  # names without commas: `VARIANTS_ENV` separat
     "default": Variant("the product's defaults: `serve_apps.serve_env.environment()` (the proxy gate, "
                        f"{PRODUCT_ENV[MAX_IN_FLIGHT_ENV]} in flight for one replica, "
                        f"{PRODUCT_ENV[SATURATED_IN_FLIGHT_ENV]} while it refuses) and default admission", PRODUCT_ENV),
+    "default with the app on the replica's loop": Variant(
+        "the product's defaults with the app on the Ingress replica's own event loop "
+        "(`serve_env.replica_server_environment`, which `--haproxy` and `--direct-ingress` set)",
+        {**PRODUCT_ENV, **replica_server_environment()}),
     "serve defaults": Variant("before the proxy gate: Serve's own settings", NO_GATE),
     **{name: Variant(f"Serve's own settings + {switch}", {**NO_GATE, **dict([switch.split("=")])})
        for name, switch in SWITCHES.items()},
