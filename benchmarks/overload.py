@@ -36,6 +36,7 @@ from benchmarks.harness import BenchContext, BenchResult, Figure, benchmark, run
 from benchmarks.load import KeepAliveClient
 from benchmarks.serve_api import (
     ASSET,
+    THROUGHPUT_OPTIMIZED_ENV,
     ServeCheckError,
     _actor_pid,
     _cpu_seconds,
@@ -93,7 +94,7 @@ NO_GATE = {PROXY_CALLBACK_ENV: ""}
 PRODUCT_ENV = environment(Autoscaling(min_replicas=1, max_replicas=1))  # what `raytwin serve` sets for this app
 HAPROXY_PRODUCT_ENV = {**PRODUCT_ENV, HAPROXY_ENV: "1", **replica_server_environment()}  # ... with `--haproxy`
 SWITCHES = {"grpc": "RAY_SERVE_PROXY_USE_GRPC=1",
-            "user code on replica loop": "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0",
+            "user code on replica loop": f"{USER_CODE_THREAD_ENV}=0",
             "router on main loop": "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0",
             "metrics every 1 s": "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS=1000"}  # Serve 2.60's, measured, not adopted
 EARLIER_SLOTS = {"max_concurrent": 8}
@@ -143,13 +144,14 @@ VARIANTS: dict[str, Variant] = {  # names without commas: `VARIANTS_ENV` separat
     "haproxy throughput optimized": Variant("as `haproxy`, with Serve's RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (the app on "
                                             "the replica's loop and more: the router on the main loop, gRPC between "
                                             "deployments, request-path logs buffered)",
-                                            {**HAPROXY_PRODUCT_ENV, "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+                                            {**HAPROXY_PRODUCT_ENV, THROUGHPUT_OPTIMIZED_ENV: "1"},
                                             haproxy=True),
     "haproxy with the generator on its own core": Variant(
         "as `haproxy`, with the load generator pinned to the last CPU and Ray to the others (as `generator on its "
         "own core`)", HAPROXY_PRODUCT_ENV, haproxy=True, own_core_generator=True),
-    "haproxy without the gate": Variant("as `haproxy`, without the proxy gate: the Ingress's admission gate refuses the excess",
-                                {**HAPROXY_PRODUCT_ENV, **NO_GATE}, haproxy=True),
+    "haproxy without the gate": Variant(
+        "as `haproxy`, without the proxy gate: the Ingress's admission gate refuses the excess",
+        {**HAPROXY_PRODUCT_ENV, **NO_GATE}, haproxy=True),
     "direct ingress": Variant("what `raytwin serve --direct-ingress` runs: RAY_SERVE_ENABLE_DIRECT_INGRESS=1, requests "
                               "to the replica's own port (no proxy), the app on the replica's own loop",
                               {**PRODUCT_ENV, DIRECT_INGRESS_ENV: "1", **replica_server_environment()},
@@ -467,7 +469,7 @@ def overload(ctx: BenchContext) -> BenchResult:
                 f"print(RESULT_PREFIX + json.dumps(measure({ctx.quick!r}, {name!r}, {rounds})))")
         env = {**subprocess_env_without("RAY_ADDRESS", PROXY_CALLBACK_ENV, MAX_IN_FLIGHT_ENV, SATURATED_IN_FLIGHT_ENV,
                                         REPLICA_MAX_IN_FLIGHT_ENV, REPLICA_SATURATED_IN_FLIGHT_ENV, RETRY_AFTER_ENV,
-                                        DIRECT_INGRESS_ENV, HAPROXY_ENV, "RAY_SERVE_THROUGHPUT_OPTIMIZED",
+                                        DIRECT_INGRESS_ENV, HAPROXY_ENV, THROUGHPUT_OPTIMIZED_ENV,
                                         *(s.split("=")[0] for s in SWITCHES.values())),
                **VARIANTS[name].env, **(haproxy_ports_env() if VARIANTS[name].haproxy else {})}
         lines = [ln for ln in run_python(code, env, timeout_s=900).splitlines() if ln.startswith(RESULT_PREFIX)]

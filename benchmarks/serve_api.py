@@ -52,6 +52,9 @@ APP = "raytwin-bench"
 PATHS = ("direct ingress", "via HAProxy", "via proxy")
 FALLBACK_PROXY_PORT_ENV = "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"
 HAPROXY_PORT_ENVS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
+THROUGHPUT_OPTIMIZED_ENV = "RAY_SERVE_THROUGHPUT_OPTIMIZED"
+"""Serve's bundle of throughput switches (it sets the replica-loop switch too): measured, not adopted; kept out
+of the benchmarks' servers unless a variant sets it."""
 RESULT_PREFIX = "SERVE_BENCH_RESULT "
 PROCESSES = {"proxy": "ProxyActor", "ingress": f"ServeReplica:{APP}:Ingress", "shard": "TwinShardProcess"}
 
@@ -269,7 +272,7 @@ def serve_latency(ctx: BenchContext) -> BenchResult:
     # server has all three paths, set up as `raytwin serve --haproxy` sets it (the app on the replica's loop);
     # the replica's drain at `serve.shutdown()` (at least 30 s by default with direct ingress) only delays the
     # benchmark's end: nothing is in flight by then
-    env = {**subprocess_env_without("RAY_ADDRESS", "RAY_SERVE_THROUGHPUT_OPTIMIZED"), HAPROXY_ENV: "1",
+    env = {**subprocess_env_without("RAY_ADDRESS", THROUGHPUT_OPTIMIZED_ENV), HAPROXY_ENV: "1",
            **replica_server_environment(), **haproxy_ports_env(),
            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}
     rounds = 1 if ctx.quick else ROUNDS

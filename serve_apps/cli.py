@@ -62,9 +62,9 @@ def start(
         "--haproxy/--no-haproxy", envvar="RAY_SERVE_ENABLE_HA_PROXY",
         help="Serve's HAProxy mode: HAProxy on HOST:PORT forwards to the Ingress replicas' own HTTP servers "
              "instead of Serve's Python proxy (~10x the state queries per core; implies direct ingress; the app "
-             "runs on each replica's own event loop). Applies to the local Ray this command starts; a cluster needs RAY_SERVE_ENABLE_HA_PROXY=1 and "
-             "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0 in every node's environment (the cluster spec's "
-             "serve.ingress: haproxy sets both).")] = False,
+             "runs on each replica's own event loop). Applies to the local Ray this command starts; a cluster "
+             "needs RAY_SERVE_ENABLE_HA_PROXY=1 and RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0 in every node's "
+             "environment (the cluster spec's serve.ingress: haproxy sets both).")] = False,
     block: Annotated[bool, typer.Option(help="Keep running until Ctrl-C.")] = True,
 ) -> None:
     """Start the API on Ray Serve at http://HOST:PORT (routes under /v1, docs at /docs)."""

@@ -45,9 +45,9 @@ def environment(autoscaling: Autoscaling | None = None, admission: Admission | N
 def replica_server_environment() -> dict[str, str]:
     """Serve's switch where the Ingress replicas answer HTTP themselves (direct ingress, HAProxy): the app runs
     on the replica's own event loop, beside its HTTP server, not on a thread and loop of its own. Through
-    HAProxy that took the server CPU per state query from 1.11-1.13 to 0.68-0.74 ms and the replica's
-    closed-loop capacity from 0.87-0.88k to 1.5-1.6k queries/s (benchmarks/RESULTS.md, "The app on the
-    replica's loop"); through Serve's Python proxy it changed nothing measurable, so it is not set there. The
+    HAProxy that took the server CPU per state query at half load from 1.32-1.33 to 0.87-0.90 ms and the
+    replica's closed-loop capacity from 907-909 to 1,644-1,688 queries/s (benchmarks/RESULTS.md, "The app on
+    the replica's loop"); through Serve's Python proxy it changed nothing measurable, so it is not set there. The
     cost: the replica's gate refuses on the loop that also runs the app, so refusals wait behind admitted
     work when the offered rate is far beyond capacity. Serve still runs the backend's sync methods in its
     thread pool (``RAY_SERVE_RUN_SYNC_IN_THREADPOOL``, on by default), so they do not block the loop."""
