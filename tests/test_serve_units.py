@@ -84,6 +84,38 @@ def test_serve_haproxy_without_a_binary_is_a_usage_error_before_ray_starts(tmp_p
     assert "RAY_SERVE_ENABLE_HA_PROXY" not in os.environ  # nothing switched for a Ray started later
 
 
+@pytest.mark.parametrize("flags, on_loop", [([], False), (["--direct-ingress"], True), (["--haproxy"], True)])
+def test_serve_runs_the_app_on_the_replicas_loop_where_replicas_answer_http(tmp_path, monkeypatch, flags, on_loop):
+    """`raytwin serve` puts `serve_env.replica_server_environment` in the environment of the local Ray it starts
+    with `--direct-ingress` or `--haproxy` (Serve reads it when its processes start), and not by default."""
+    import ray
+    from ray.serve._private import haproxy
+
+    from serve_apps.endpoints import DIRECT_INGRESS_ENV, HAPROXY_ENV
+    from serve_apps.serve_env import USER_CODE_THREAD_ENV, environment, replica_server_environment
+
+    class Started(Exception):
+        pass
+
+    seen: dict[str, str | None] = {}
+
+    def started(*args, **kwargs) -> None:
+        seen.update({name: os.environ.get(name) for name in replica_server_environment()})
+        raise Started
+
+    for name in (DIRECT_INGRESS_ENV, HAPROXY_ENV, USER_CODE_THREAD_ENV, *environment()):  # restored afterwards
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(haproxy, "get_haproxy_binary", lambda: "/usr/sbin/haproxy")
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", started)
+    keys = tmp_path / "keys.json"
+    create_key(keys, "acme", "admin")
+    result = CliRunner().invoke(serve_app, ["--store", str(tmp_path / "store"), "--keys-file", str(keys), *flags,
+                                            "--no-block"])
+    assert isinstance(result.exception, Started), result.output
+    assert seen == (replica_server_environment() if on_loop else dict.fromkeys(replica_server_environment()))
+
+
 def test_token_bucket_refuses_after_the_burst():
     buckets = TokenBuckets(rate=0.01, burst=3)
     assert [buckets.take("k1") for _ in range(3)] == [0.0, 0.0, 0.0]
