@@ -83,7 +83,7 @@ NOT_RUN: dict[tuple[str, str], str] = {  # (guide, first line of the block) -> w
 NOT_RUN_COMMANDS: dict[str, str] = {  # whole command (without its comment) -> why it does not run here
     "./dev demo": "the demo runs at small sizes in tests/test_cli.py::test_demo_runs_the_whole_loop",
     "./dev test": "the test suite itself: CI runs `./dev test`",
-    "python -m benchmarks run": "every benchmark at full size (~10 minutes); tests/test_benchmarks.py runs each "
+    "python -m benchmarks run": "every benchmark at full size (over an hour); tests/test_benchmarks.py runs each "
                                 "product path with --quick (the service-level runs such as failover, overload "
                                 "and closed-loop are covered by the tests of what they measure)",
     "python -m benchmarks run --quick": "tests/test_benchmarks.py runs the product paths with --quick "
