@@ -237,7 +237,7 @@ CONNECTOR_NEWEST_EVENT = gauge("raytwin_connector_newest_event_timestamp_seconds
                                "connector applied [Unix s]: its lag is time() minus it.", "connector")
 # ---- overload (serve_apps/admission.py) ---------------------------------------------------------
 ADMISSION_REFUSED = counter("raytwin_admission_refused", "Requests refused before any work because the service "
-                            "was at capacity, by gate (ingress: 503; telemetry: 429) and reason (queue_full, "
-                            "wait_budget, backlog).", "gate", "reason")
+                            "was at capacity, by gate (proxy, replica, ingress: 503; telemetry: 429) and reason "
+                            "(in_flight, queue_full, wait_budget, backlog).", "gate", "reason")
 TELEMETRY_BACKLOG = gauge("raytwin_telemetry_backlog_events", "Telemetry events accepted over HTTP and not yet "
                           "applied by the shards (bounded by admission.telemetry_backlog_events).")

@@ -28,7 +28,8 @@ it, past capacity requests queued in the replica's server for seconds before the
 refuse them (benchmarks/RESULTS.md, "HAProxy in front of the replicas").
 
 Serve's health and route probes (``/-/...``) and the change stream (long-lived SSE) pass ungated.
-Refusals are counted in ``raytwin_admission_refused_total{gate="proxy", reason="in_flight"}``,
+Refusals are counted in ``raytwin_admission_refused_total{gate="proxy", reason="in_flight"}``
+(``gate="replica"`` for a replica's own server, so an operator sees which one shed),
 recorded once per `FLUSH_S` rather than per refusal (a Ray metric record costs more than the
 refusal itself).
 """
@@ -144,7 +145,7 @@ class ProxyGate:
 
     def _record(self) -> None:
         refused, self.unrecorded = self.unrecorded, {}
-        metrics.ADMISSION_REFUSED.inc(sum(refused.values()), gate="proxy", reason="in_flight")
+        metrics.ADMISSION_REFUSED.inc(sum(refused.values()), gate=self.server, reason="in_flight")
         for method, count in refused.items():
             metrics.HTTP_REQUESTS.inc(count, route="refused", method=method, status="503")
 

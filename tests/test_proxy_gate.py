@@ -118,7 +118,9 @@ def test_a_failing_request_frees_its_place() -> None:
     asyncio.run(run())
 
 
-def test_refusals_are_recorded_in_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("server", ["proxy", "replica"])
+def test_refusals_are_recorded_in_batches_under_the_gate_that_refused(monkeypatch: pytest.MonkeyPatch,
+                                                                      server: str) -> None:
     recorded: list[tuple[str, float, dict]] = []
 
     def counter(name: str) -> SimpleNamespace:
@@ -130,7 +132,7 @@ def test_refusals_are_recorded_in_batches(monkeypatch: pytest.MonkeyPatch) -> No
 
     async def run() -> None:
         app = BlockingApp()
-        gate = ProxyGate(app, max_in_flight=1)
+        gate = ProxyGate(app, max_in_flight=1, server=server)
         async with _client(gate) as http:
             held = await _fill(gate, app, http, 1)
             await asyncio.gather(*(http.get("/v1/assets") for _ in range(3)))
@@ -139,7 +141,7 @@ def test_refusals_are_recorded_in_batches(monkeypatch: pytest.MonkeyPatch) -> No
             await asyncio.gather(*held)
 
     asyncio.run(run())
-    assert recorded == [("refused", 3, {"gate": "proxy", "reason": "in_flight"}),
+    assert recorded == [("refused", 3, {"gate": server, "reason": "in_flight"}),
                         ("requests", 3, {"route": "refused", "method": "GET", "status": "503"})]
 
 
