@@ -57,7 +57,13 @@ from serve_apps.proxy_gate import (
     RETRY_AFTER_ENV,
     SATURATED_IN_FLIGHT_ENV,
 )
-from serve_apps.serve_env import PROXY_CALLBACK_ENV, USER_CODE_THREAD_ENV, environment, replica_server_environment
+from serve_apps.serve_env import (
+    PROXY_CALLBACK_ENV,
+    USER_CODE_THREAD_ENV,
+    environment,
+    haproxy_environment,
+    replica_server_environment,
+)
 
 MULTIPLES = (0.5, 1.0, 2.0, 5.0)
 DURATION_S, QUICK_DURATION_S = 5.0, 1.0
@@ -92,7 +98,7 @@ class Variant:
 
 NO_GATE = {PROXY_CALLBACK_ENV: ""}
 PRODUCT_ENV = environment(Autoscaling(min_replicas=1, max_replicas=1))  # what `raytwin serve` sets for this app
-HAPROXY_PRODUCT_ENV = {**PRODUCT_ENV, HAPROXY_ENV: "1", **replica_server_environment()}  # ... with `--haproxy`
+HAPROXY_PRODUCT_ENV = {**PRODUCT_ENV, **haproxy_environment()}  # ... with `--haproxy`
 SWITCHES = {"grpc": "RAY_SERVE_PROXY_USE_GRPC=1",
             "user code on replica loop": f"{USER_CODE_THREAD_ENV}=0",
             "router on main loop": "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0",

@@ -265,15 +265,14 @@ def _figures(run: dict[str, Any]) -> list[Figure]:
 
 @benchmark("serve", "State-query latency, throughput and CPU per request at fixed offered rates (loopback HTTP)")
 def serve_latency(ctx: BenchContext) -> BenchResult:
-    from serve_apps.endpoints import HAPROXY_ENV
-    from serve_apps.serve_env import replica_server_environment
+    from serve_apps.serve_env import haproxy_environment
 
     # HAProxy mode (it implies direct ingress) keeps Serve's Python proxy up as HAProxy's fallback, so one
     # server has all three paths, set up as `raytwin serve --haproxy` sets it (the app on the replica's loop);
     # the replica's drain at `serve.shutdown()` (at least 30 s by default with direct ingress) only delays the
     # benchmark's end: nothing is in flight by then
-    env = {**subprocess_env_without("RAY_ADDRESS", THROUGHPUT_OPTIMIZED_ENV), HAPROXY_ENV: "1",
-           **replica_server_environment(), **haproxy_ports_env(),
+    env = {**subprocess_env_without("RAY_ADDRESS", THROUGHPUT_OPTIMIZED_ENV), **haproxy_environment(),
+           **haproxy_ports_env(),
            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}
     rounds = 1 if ctx.quick else ROUNDS
     code = (f"import json; from benchmarks.serve_api import measure, RESULT_PREFIX; "

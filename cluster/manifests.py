@@ -16,8 +16,7 @@ import yaml
 
 from cluster.entrypoints import check_raytwin_entrypoint
 from cluster.spec import DNS_LABEL, ClusterSpec, WorkerGroupSpec
-from serve_apps.endpoints import HAPROXY_ENV
-from serve_apps.serve_env import environment_for_args, replica_server_environment
+from serve_apps.serve_env import environment_for_args, haproxy_environment
 
 API_VERSION = "ray.io/v1"
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -77,9 +76,9 @@ def _container(spec: ClusterSpec, name: str, image: str, cpu: float, memory: str
 
 
 def _ingress_env(spec: ClusterSpec) -> dict[str, str]:
-    """Serve's HAProxy switch where the spec asks for it (`ServeSpec.ingress`), with the app on each replica's
-    own loop (`serve_apps.serve_env.replica_server_environment`)."""
-    return {HAPROXY_ENV: "1", **replica_server_environment()} if spec.serve.ingress == "haproxy" else {}
+    """Serve's HAProxy mode where the spec asks for it (`ServeSpec.ingress`;
+    `serve_apps.serve_env.haproxy_environment`)."""
+    return haproxy_environment() if spec.serve.ingress == "haproxy" else {}
 
 
 def _start_params(spec: ClusterSpec, params: dict[str, str]) -> dict[str, str]:

@@ -14,6 +14,7 @@ from typing import Any
 
 from serve_apps.admission import Admission
 from serve_apps.config import Autoscaling
+from serve_apps.endpoints import HAPROXY_ENV
 from serve_apps.proxy_gate import (
     MAX_IN_FLIGHT_ENV,
     ONE_REPLICA,
@@ -52,6 +53,12 @@ def replica_server_environment() -> dict[str, str]:
     work when the offered rate is far beyond capacity. Serve still runs the backend's sync methods in its
     thread pool (``RAY_SERVE_RUN_SYNC_IN_THREADPOOL``, on by default), so they do not block the loop."""
     return {USER_CODE_THREAD_ENV: "0"}
+
+
+def haproxy_environment() -> dict[str, str]:
+    """Serve's HAProxy mode as RayTwin runs it (`raytwin serve --haproxy`, the cluster spec's ``serve.ingress:
+    haproxy``): HAProxy in front of the Ingress replicas' own HTTP servers, the app on each replica's loop."""
+    return {HAPROXY_ENV: "1", **replica_server_environment()}
 
 
 def environment_for_args(args: Mapping[str, Any]) -> dict[str, str]:

@@ -24,9 +24,8 @@ from benchmarks.harness import run_python, subprocess_env_without
 from benchmarks.serve_api import haproxy_ports_env
 from serve_apps.admission import Admission
 from serve_apps.config import Autoscaling
-from serve_apps.endpoints import HAPROXY_ENV
 from serve_apps.proxy_gate import REPLICA_MAX_IN_FLIGHT_ENV, REPLICA_SATURATED_IN_FLIGHT_ENV
-from serve_apps.serve_env import environment, replica_server_environment
+from serve_apps.serve_env import environment, haproxy_environment
 
 RESULT = "HAPROXY_CHECK "
 PLACES = 2
@@ -111,7 +110,7 @@ def _check_in_fresh_ray() -> None:
 def test_haproxy_forwards_to_the_replica_whose_gate_refuses_beyond_one_replicas_limit() -> None:
     env = {**subprocess_env_without("RAY_ADDRESS"),
            **environment(Autoscaling(min_replicas=1, max_replicas=1), Admission()),
-           HAPROXY_ENV: "1", **replica_server_environment(), **haproxy_ports_env(),
+           **haproxy_environment(), **haproxy_ports_env(),
            REPLICA_MAX_IN_FLIGHT_ENV: str(PLACES), REPLICA_SATURATED_IN_FLIGHT_ENV: str(PLACES)}
     out = run_python("from tests.test_serve_haproxy import _check_in_fresh_ray; _check_in_fresh_ray()", env,
                      timeout_s=300)
