@@ -9,7 +9,8 @@ from __future__ import annotations
 from raytwin.lazy import lazy_exports
 
 __all__, __getattr__, __dir__ = lazy_exports(__name__, {
-    "actors.service": ("StoreLeased", "TwinService"),
+    "actors.lease": ("StoreLeased",),
+    "actors.service": ("TwinService",),
     "actors.telemetry": ("events_to_table",),
     "actors.ingest": ("ndjson_http_source",),
     "actors.state": ("DivergenceReport", "IngestReport", "Reject", "TwinState", "UnknownTwin"),

@@ -7,22 +7,18 @@ twin lives. Tenants are isolated by key: a twin is addressed by (tenant, asset_i
 One service writes a store: it holds the store's lease (`raytwin.statestore.Lease`), and its
 shards write with the lease's epoch. Why: a second service with another shard count routes twins
 to other shards, and each set of shards would log events and write snapshots the other never
-sees, so recovery would miss events for good. Service objects with the same shard count and
-namespace are the same service (the Serve backend, the CLI, a driver restarted after a crash):
-they attach. Anything else is refused until it takes the store over (`takeover=True`), which
-stops the holder's shards and fences any it cannot reach.
+sees, so recovery would miss events for good. Service objects in one Ray cluster with the same
+shard count and namespace are the same service (the Serve backend, the CLI, a driver restarted
+after a crash): they attach. Anything else is refused until it takes the store over
+(`takeover=True`), which stops the holder's shards and fences any it cannot reach, or, for a
+service of another Ray cluster, until that service stops renewing its heartbeat (`actors.lease`).
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import socket
-import time
-import uuid
 from collections.abc import Iterable
-from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import pyarrow as pa
@@ -41,6 +37,7 @@ from actors.ingest import (
     table_batches,
 )
 from actors.failover import actor_restarting, compilation_cache
+from actors.lease import StoreLeased, acquire_lease, release_lease
 from actors.live_models import LiveModels
 from actors.recovery import durable_state, registration_record
 from actors.routing import shard_index, shard_name
@@ -52,64 +49,10 @@ from raytwin.contracts import Asset, Identifier, TelemetryEvent
 from raytwin.migration import MigrationPlan
 from raytwin.registry import ModelArtifact
 from raytwin.sim.cpu import cpu_only
-from raytwin.statestore import Lease, StateStore, to_micros
+from raytwin.statestore import StateStore, to_micros
 
 _IDENTIFIER = TypeAdapter(Identifier)
 log = logging.getLogger("raytwin.twins")
-STOP_WAIT_S = 30.0
-"""How long a takeover waits for the previous holder's shard actors to be gone."""
-
-
-class StoreLeased(RuntimeError):
-    """The store is leased to another live service (another shard count or namespace)."""
-
-
-def _stop_shards(store_url: str, lease: Lease) -> None:
-    """Kill the lease holder's shard actors found in this Ray cluster and wait until they are gone
-    (a new actor of the same name must not attach to a dying one)."""
-    names = [shard_name(store_url, i, lease.shards) for i in range(lease.shards)]
-    for name in names:
-        try:
-            ray.kill(ray.get_actor(name, namespace=lease.namespace), no_restart=True)
-        except ValueError:  # not running here
-            continue
-    deadline = time.monotonic() + STOP_WAIT_S
-    for name in names:
-        while time.monotonic() < deadline:
-            try:
-                ray.get_actor(name, namespace=lease.namespace)
-            except ValueError:
-                break
-            time.sleep(0.05)
-
-
-def acquire_lease(store: StateStore, shards: int, namespace: str, takeover: bool) -> Lease:
-    """The lease this service writes with: the live one if it is the same service (same shard
-    count and namespace), else a new epoch if the store is free or `takeover`; else `StoreLeased`."""
-    held = store.read_lease()
-    live = held is not None and not held.released
-    if live and (held.shards, held.namespace) == (shards, namespace) and not takeover:
-        return held
-    if live and not takeover:
-        raise StoreLeased(
-            f"store {store.url} is leased to service {held.owner} (epoch {held.epoch}, {held.shards} shards in "
-            f"namespace {held.namespace!r}, since {held.acquired_at}, by {held.acquired_by}): attach with "
-            f"shards={held.shards}, namespace={held.namespace!r}, or take it over (after a crash, or to change the "
-            "shard count) with takeover=True, which stops its shards")
-    if live:
-        _stop_shards(store.url, held)
-    lease = Lease(owner=uuid.uuid4().hex, epoch=(held.epoch if held else 0) + 1, shards=shards, namespace=namespace,
-                  acquired_at=datetime.now(UTC).isoformat(timespec="seconds"),
-                  acquired_by=f"{socket.gethostname()}:{os.getpid()}")
-    store.write_lease(lease)
-    won = store.read_lease()
-    if won != lease:  # another service wrote at the same moment: its lease stands
-        if (won.shards, won.namespace) == (shards, namespace):
-            return won
-        raise StoreLeased(f"store {store.url} was leased to service {won.owner} meanwhile ({won.shards} shards); retry")
-    log.info("event=store_leased store=%s owner=%s epoch=%d shards=%d takeover=%s", store.url, lease.owner,
-             lease.epoch, shards, bool(live))
-    return lease
 
 
 class TwinService:
@@ -287,7 +230,5 @@ class TwinService:
         for s in self._shards:
             ray.kill(s, no_restart=True)
         self._shards = []
-        held = self.store.read_lease()
-        if held is not None and held.fence == self.lease.fence and not held.released:
-            self.store.write_lease(replace(held, released=True))
+        release_lease(self.store, self.lease.fence)
 

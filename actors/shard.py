@@ -13,7 +13,9 @@ as duplicates, so nothing is applied twice.
 Every writing call first checks the store's lease (`StateStore.check_lease`, one small file read)
 against the shard's `fence` (the owner and epoch of its service's lease): a shard of a service that
 was taken over, or of a second service started on the store, is refused with `StoreFenced`
-instead of logging events and writing snapshots the lease holder's shards never see.
+instead of logging events and writing snapshots the lease holder's shards never see. A shard
+process renews the lease's heartbeat (`actors.lease.renew_heartbeat`), by which a service in
+another Ray cluster tells a live holder from a crashed one.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import ray
 
 from actors.failover import process_age_s
 from actors.heap import freeze_heap
+from actors.lease import renew_heartbeat
 from actors.migration import migrated_record
 from actors.recovery import recover, recover_many
 from actors.routing import shard_index
@@ -458,6 +461,8 @@ class TwinShardProcess(TwinShard):
         component_logging()
         start_single_core_backend()  # before recovery runs the first kernel
         super().__init__(*args, **kwargs)
+        if self.fence is not None:
+            renew_heartbeat(self.store, self.fence)  # the service is alive while any of its shards is
         self.heap_frozen = False
 
     def _register(self, tenant: str, asset_id: str, record: dict[str, Any]) -> bool:

@@ -264,10 +264,26 @@ class Lease:
     acquired_at: str  # ISO time
     acquired_by: str  # host:pid
     released: bool = False
+    cluster: str = ""  # the Ray session whose shards write with it ("": a lease written before it was recorded)
 
     @property
     def fence(self) -> tuple[str, int]:
         return self.owner, self.epoch
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """The lease holder's shards saying they are alive (`lease-heartbeat.json`, renewed every few
+    seconds): how a service in another Ray cluster tells a live holder, which it must not fence, from
+    one that crashed, whose lease it may take (`actors.lease.acquire_lease`)."""
+
+    owner: str
+    epoch: int
+    cluster: str
+    at_s: float  # Unix time of the renewal
+
+    def renews(self, lease: Lease) -> bool:
+        return (self.owner, self.epoch, self.cluster) == (lease.owner, lease.epoch, lease.cluster)
 
 
 class HistoryPruned(LookupError):
@@ -652,6 +668,10 @@ class StateStore:
     def _lease_path(self) -> str:
         return f"{self.root}/lease.json"
 
+    @property
+    def _heartbeat_path(self) -> str:
+        return f"{self.root}/lease-heartbeat.json"
+
     def read_lease(self) -> Lease | None:
         try:
             return Lease(**json.loads(self.fs.cat_file(self._lease_path)))
@@ -660,14 +680,28 @@ class StateStore:
 
     def write_lease(self, lease: Lease) -> None:
         """Replace the lease (atomically: a writer checking it never reads half a file)."""
-        data = json.dumps(asdict(lease)).encode()
+        self._replace_json(self._lease_path, asdict(lease))
+
+    def read_heartbeat(self) -> Heartbeat | None:
+        try:
+            return Heartbeat(**json.loads(self.fs.cat_file(self._heartbeat_path)))
+        except FileNotFoundError:
+            return None
+
+    def write_heartbeat(self, beat: Heartbeat) -> None:
+        self._replace_json(self._heartbeat_path, asdict(beat))
+
+    def _replace_json(self, path: str, value: dict[str, Any]) -> None:
+        """Write `path` whole: renamed into place on a local disk (an object-store PUT is atomic already)."""
+        data = json.dumps(value).encode()
         self.fs.makedirs(self.root, exist_ok=True)
         if not self._local:
-            self.fs.pipe_file(self._lease_path, data)
+            self.fs.pipe_file(path, data)
             return
-        tmp = f"{self.root}/.lease.json.tmp-{uuid.uuid4().hex}"
+        directory, name = path.rsplit("/", 1)
+        tmp = f"{directory}/.{name}.tmp-{uuid.uuid4().hex}"
         self.fs.pipe_file(tmp, data)
-        self.fs.mv(tmp, self._lease_path)
+        self.fs.mv(tmp, path)
 
     def check_lease(self, fence: tuple[str, int] | None) -> None:
         """Raise `StoreFenced` unless the store's live lease is (owner, epoch) `fence` (None: a

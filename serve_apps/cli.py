@@ -77,6 +77,8 @@ def start(
     import ray
     from ray import serve
 
+    from actors.lease import StoreLeased, check_not_served_elsewhere, release_lease
+    from raytwin.statestore import StateStore
     from serve_apps.app import build_app
     from serve_apps.config import ServeConfig
     from serve_apps import serve_env
@@ -104,6 +106,11 @@ def start(
             if direct_ingress or haproxy:
                 serve_env.apply(serve_env.replica_server_environment())
         ray.init(address=address)
+    twins = StateStore(settings.url("twins"), settings.storage_options or None)
+    try:  # before the app starts: its backend would be refused, and Serve would retry it for ever
+        check_not_served_elsewhere(twins)
+    except StoreLeased as e:
+        raise typer.BadParameter(f"--store: {e}") from e
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(settings), name="raytwin", route_prefix="/")
     typer.echo(f"RayTwin API at http://{host}:{port}/v1 (OpenAPI: /docs)" + (" through HAProxy" if haproxy else ""))
@@ -120,6 +127,8 @@ def start(
             time.sleep(3600)
     except KeyboardInterrupt:
         serve.shutdown()
+        # the twins' shards went with the app: free the store now, not when their heartbeat expires
+        release_lease(twins)
         typer.echo("stopped")
 
 

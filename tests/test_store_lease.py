@@ -1,17 +1,23 @@
-"""One service writes a store: a second one (another shard count) is refused, a stale shard is
-fenced, and a change of shard count is an explicit takeover that recovers every twin."""
+"""One service writes a store: a second one (another shard count, or another Ray cluster while the
+holder renews its heartbeat) is refused, a stale shard is fenced, a change of shard count is an
+explicit takeover that recovers every twin, and a crashed holder's lease expires."""
 
 from __future__ import annotations
+
+import threading
+import time
+from dataclasses import replace
 
 import pytest
 import ray
 
 from actors import StoreLeased, TwinService
-from actors.service import acquire_lease
+from actors import lease
+from actors.lease import acquire_lease
 from actors.recovery import registration_record
 from actors.shard import TwinShard
 from actors.telemetry import validated_table
-from raytwin.statestore import StoreFenced
+from raytwin.statestore import Heartbeat, StateStore, StoreFenced
 from tests.test_twins import (  # noqa: F401 (a fixture)
     TWIN_OPTS,
     artifact,
@@ -88,3 +94,55 @@ def test_reshard_command_moves_a_live_store_to_a_new_shard_count(ray_session, tm
             new.close()
     finally:
         old.close()
+
+
+def test_a_service_of_another_ray_cluster_is_refused_while_the_holder_renews_and_takes_over_once_it_stops(
+        ray_session, tmp_path, artifact, monkeypatch):
+    """Two `raytwin serve` on one store, each with its own Ray, both attached to one lease and answered on one
+    port: the lease now names its Ray session, and a service of another one waits for the holder's heartbeat."""
+    monkeypatch.setattr(lease, "EXPIRY_S", 1.5)
+    monkeypatch.setattr(lease, "HEARTBEAT_S", 0.1)
+    url = str(tmp_path / "store")
+    service = TwinService(url, shards=1, **TWIN_OPTS)
+    try:
+        service.register_many([(asset("m0"), artifact)])
+        first = service.store.read_heartbeat()
+        assert first is not None and first.renews(service.lease) and service.lease.cluster == ray_session.get_runtime_context().get_session_name()
+        time.sleep(2.5)  # the shard process renews every 2 s (its own `HEARTBEAT_S`)
+        assert service.store.read_heartbeat().at_s > first.at_s
+    finally:
+        service.close()
+
+    # a holder in another cluster that keeps renewing (its shards, simulated here) is not taken over
+    store = StateStore(url)
+    other = replace(store.read_lease(), owner="other", epoch=9, cluster="session_other", released=False)
+    store.write_lease(other)
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.is_set():
+            store.write_heartbeat(Heartbeat(other.owner, other.epoch, other.cluster, time.time()))
+            time.sleep(0.1)
+
+    renewer = threading.Thread(target=renew, daemon=True)
+    renewer.start()
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreLeased, match="from another Ray cluster .*session_other.*stop that service first"):
+            TwinService(url, shards=1, **TWIN_OPTS)
+        assert time.monotonic() - started >= 1.5  # it waited for a crash to show before refusing
+        assert store.read_lease() == other
+    finally:
+        stop.set()
+        renewer.join()
+
+    # once it stops renewing (crashed), the store is taken with a new epoch and its shards are fenced
+    taken = TwinService(url, shards=1, **TWIN_OPTS)
+    try:
+        assert taken.lease.epoch == other.epoch + 1 and taken.lease.cluster != other.cluster
+        assert taken.state("acme", "m0") is not None
+        stale = TwinShard(url, 0, 1, allowed_lateness_s=600.0, snapshot_every=16, fence=other.fence)
+        with pytest.raises(StoreFenced, match="epoch 9\\)"):
+            stale.flush()
+    finally:
+        taken.close()

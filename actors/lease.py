@@ -1,0 +1,166 @@
+"""Which service writes a state store: acquiring, attaching to and taking over its lease.
+
+One service writes a store (`raytwin.statestore.Lease`; why: `actors.service`). Service objects in
+one Ray cluster with the same shard count and namespace are one service (the Serve backend, the
+CLI, a driver restarted after a crash): they attach to the lease and share its named shard actors.
+A service in *another* Ray cluster is not: its shards would be other actors writing with the same
+epoch, two writers the fence cannot tell apart (two `raytwin serve` on one store both answered on
+one port and would both have logged events). So the lease records its Ray session, the holder's
+shards renew a heartbeat every `HEARTBEAT_S`, and another cluster waits up to `EXPIRY_S` for a
+holder that just crashed to go quiet, then takes the store with a new epoch (fencing any of the
+holder's shards that still run), and is refused while the holder keeps renewing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import replace
+from datetime import UTC, datetime
+
+import ray
+
+from actors.routing import shard_name
+from raytwin.statestore import Heartbeat, Lease, StateStore, StoreFenced
+
+log = logging.getLogger("raytwin.twins")
+
+STOP_WAIT_S = 30.0
+"""How long a takeover waits for the previous holder's shard actors to be gone."""
+HEARTBEAT_S = 2.0
+"""How often a holder's shards renew the store's heartbeat (a small file write each)."""
+EXPIRY_S = 10.0
+"""A holder whose heartbeat is older than this is gone (crashed, or its cluster stopped): five
+missed renewals, far more than a busy shard's thread is held up, and the wait of a service started
+again right after a crash."""
+
+
+class StoreLeased(RuntimeError):
+    """The store is leased to another live service (another shard count, namespace or Ray cluster)."""
+
+
+def ray_cluster() -> str:
+    """This process's Ray cluster: its session name, new at every start of the cluster."""
+    return ray.get_runtime_context().get_session_name()
+
+
+def _stop_shards(store_url: str, lease: Lease) -> None:
+    """Kill the lease holder's shard actors found in this Ray cluster and wait until they are gone
+    (a new actor of the same name must not attach to a dying one)."""
+    names = [shard_name(store_url, i, lease.shards) for i in range(lease.shards)]
+    for name in names:
+        try:
+            ray.kill(ray.get_actor(name, namespace=lease.namespace), no_restart=True)
+        except ValueError:  # not running here
+            continue
+    deadline = time.monotonic() + STOP_WAIT_S
+    for name in names:
+        while time.monotonic() < deadline:
+            try:
+                ray.get_actor(name, namespace=lease.namespace)
+            except ValueError:
+                break
+            time.sleep(0.05)
+
+
+def _refuse_if_renewed(store: StateStore, held: Lease) -> None:
+    """`StoreLeased` if the shards of `held` (a live lease of another cluster) still renew its heartbeat
+    after waiting until it would have expired (a holder that crashed a moment ago)."""
+    deadline = time.monotonic() + EXPIRY_S
+    while True:
+        beat = store.read_heartbeat()
+        if beat is None or not beat.renews(held) or time.time() - beat.at_s > EXPIRY_S:
+            return
+        if time.monotonic() >= deadline:
+            raise StoreLeased(
+                f"store {store.url} is served by service {held.owner} from another Ray cluster (session "
+                f"{held.cluster}, started by {held.acquired_by}; its shards renewed the lease "
+                f"{time.time() - beat.at_s:.1f} s ago): stop that service first, or connect to its cluster to use "
+                "it; takeover=True takes the store from it and fences its shards")
+        log.info("event=store_lease_wait store=%s holder=%s cluster=%s heartbeat_age_s=%.1f", store.url, held.owner,
+                 held.cluster, time.time() - beat.at_s)
+        time.sleep(HEARTBEAT_S)
+
+
+def check_not_served_elsewhere(store: StateStore) -> None:
+    """`StoreLeased` if a service of another Ray cluster serves the store (see `acquire_lease`): for a
+    command to refuse before it starts an app whose service would only be refused later."""
+    held = store.read_lease()
+    if held is not None and not held.released and held.cluster != ray_cluster():
+        _refuse_if_renewed(store, held)
+
+
+def acquire_lease(store: StateStore, shards: int, namespace: str, takeover: bool, *,
+                  cluster: str | None = None) -> Lease:
+    """The lease this service writes with: the live one if it is the same service (this Ray
+    `cluster`, same shard count and namespace), else a new epoch if the store is free, its holder in
+    another cluster stopped renewing its heartbeat, or `takeover`; else `StoreLeased`."""
+    cluster = ray_cluster() if cluster is None else cluster
+    held = store.read_lease()
+    live = held is not None and not held.released
+    if live and held.cluster != cluster and not takeover:
+        _refuse_if_renewed(store, held)
+        log.warning("event=store_lease_expired store=%s owner=%s epoch=%d cluster=%s: its holder stopped renewing "
+                    "its heartbeat, the store is taken with a new epoch", store.url, held.owner, held.epoch,
+                    held.cluster)
+        live = False
+    if live and (held.shards, held.namespace) == (shards, namespace) and not takeover:
+        return held
+    if live and not takeover:
+        raise StoreLeased(
+            f"store {store.url} is leased to service {held.owner} (epoch {held.epoch}, {held.shards} shards in "
+            f"namespace {held.namespace!r}, since {held.acquired_at}, by {held.acquired_by}): attach with "
+            f"shards={held.shards}, namespace={held.namespace!r}, or take it over (after a crash, or to change the "
+            "shard count) with takeover=True, which stops its shards")
+    if live:
+        _stop_shards(store.url, held)
+    lease = Lease(owner=uuid.uuid4().hex, epoch=(held.epoch if held else 0) + 1, shards=shards, namespace=namespace,
+                  acquired_at=datetime.now(UTC).isoformat(timespec="seconds"),
+                  acquired_by=f"{socket.gethostname()}:{os.getpid()}", cluster=cluster)
+    store.write_lease(lease)
+    won = store.read_lease()
+    if won != lease:  # another service wrote at the same moment: its lease stands
+        if (won.shards, won.namespace, won.cluster) == (shards, namespace, cluster):
+            return won
+        raise StoreLeased(f"store {store.url} was leased to service {won.owner} meanwhile ({won.shards} shards); retry")
+    store.write_heartbeat(Heartbeat(lease.owner, lease.epoch, cluster, time.time()))  # live before its shards start
+    log.info("event=store_leased store=%s owner=%s epoch=%d shards=%d cluster=%s takeover=%s", store.url, lease.owner,
+             lease.epoch, shards, cluster, bool(live))
+    return lease
+
+
+def release_lease(store: StateStore, fence: tuple[str, int] | None = None) -> bool:
+    """Mark the store's lease released, so that any service takes it at once (no takeover, no wait
+    for its heartbeat): if it is `fence`'s (a service closing), or, without `fence`, if it belongs to
+    this process's Ray cluster (`raytwin serve` stopping its app, whose shards go with it). A shard
+    still running then has its writes refused (`StoreFenced`). True if it released one."""
+    held = store.read_lease()
+    if held is None or held.released or (held.fence != fence if fence else held.cluster != ray_cluster()):
+        return False
+    store.write_lease(replace(held, released=True))
+    log.info("event=store_released store=%s owner=%s epoch=%d", store.url, held.owner, held.epoch)
+    return True
+
+
+def renew_heartbeat(store: StateStore, fence: tuple[str, int]) -> None:
+    """Renew the store's heartbeat for `fence` every `HEARTBEAT_S` on a daemon thread of this shard
+    process, until the lease is no longer `fence`'s (a takeover): the holder is alive while any of
+    its shards is."""
+    cluster = ray_cluster()
+
+    def beat() -> None:
+        while True:
+            try:
+                store.check_lease(fence)
+                store.write_heartbeat(Heartbeat(fence[0], fence[1], cluster, time.time()))
+            except StoreFenced:
+                return
+            except Exception:  # noqa: BLE001 - a failed renewal is retried; an expired one lets another cluster in
+                log.warning("event=lease_heartbeat_failed store=%s", store.url, exc_info=True)
+            time.sleep(HEARTBEAT_S)
+
+    threading.Thread(target=beat, name="raytwin-lease-heartbeat", daemon=True).start()
