@@ -15,7 +15,7 @@ from typing import Any
 from actors.state import TwinState
 from actors.swap import swap_entries
 from actors.twin import Twin, decode_snapshot, replay_many, state_view
-from raytwin.contracts import IDENTIFIER_PATTERN, Asset
+from raytwin.contracts import IDENTIFIER_PATTERN, Asset, implausible_states
 from raytwin.estimation import model_defaults
 from raytwin.registry import ModelArtifact
 from raytwin.sim.model import Declared
@@ -82,6 +82,8 @@ def check_registration(asset: Asset, artifact: ModelArtifact, initial_state: dic
         allowed, rule = _RANGES.get(kind, (lambda v: True, "finite"))
         if bad := {n: v for n, v in values.items() if not (math.isfinite(v) and allowed(v))}:
             problems.append(f"{what}: {bad} must be {rule}")
+    finite = {n: v for n, v in (initial_state or {}).items() if n in model.state_names and math.isfinite(v)}
+    problems += implausible_states(finite, {v.name: v.unit for v in model.states}, artifact.asset_type, "initial_state")
     if problems:
         raise RegistrationError(f"asset {asset.id} on model {artifact.ref}: " + "; ".join(problems))
 

@@ -432,8 +432,20 @@ def start_state_problems(start_state: dict[str, float], asset_type: AssetType) -
     problems = []
     if set(start_state) != set(asset_type.states):
         problems.append(f"start_state must give exactly {sorted(asset_type.states)}")
-    problems += [f"start_state.{name}={value:g} {q.unit} {_range(q)}" for name, q in asset_type.states.items()
-                 if (value := start_state.get(name)) is not None and q.outside(value)]
+    return problems + implausible_states(start_state, {n: q.unit for n, q in asset_type.states.items()}, asset_type,
+                                         "start_state")
+
+
+def implausible_states(values: dict[str, float], value_units: dict[str, str], asset_type: AssetType,
+                       label: str) -> list[str]:
+    """One line per value (in `value_units`: the type's, or its simulator's) outside its state's plausible
+    range on `asset_type`, said in the type's units: a twin or scenario must not start from a state its
+    telemetry would be refused for (a -65 K building)."""
+    problems = []
+    for name, value in values.items():
+        q = asset_type.states.get(name)
+        if q is not None and q.outside(converted := units.to_unit(value, value_units[name], q.unit)):
+            problems.append(f"{label}.{name}={converted:g} {q.unit} {_range(q)}")
     return problems
 
 

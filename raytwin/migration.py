@@ -15,7 +15,7 @@ from typing import Annotated
 from pydantic import Field
 
 from raytwin import units
-from raytwin.contracts import SemVer
+from raytwin.contracts import AssetType, SemVer, implausible_states
 from raytwin.fields import Contract, Finite, Unit
 
 
@@ -83,9 +83,10 @@ class MigrationPlan(Contract):
 
 
 def plan_migration(source_units: dict[str, str], target_units: dict[str, str],
-                   states: dict[str, StateSource]) -> MigrationPlan:
+                   states: dict[str, StateSource], target_type: AssetType | None = None) -> MigrationPlan:
     """Check `states` (target state -> source) against the two versions' state units (of their
-    simulators: what a twin's state is in); `MigrationError` lists every problem and its fix."""
+    simulators: what a twin's state is in) and fixed values against the plausible ranges of
+    `target_type`; `MigrationError` lists every problem and its fix."""
     problems: list[str] = []
     if unknown := sorted(set(states) - set(target_units)):
         problems.append(f"states {unknown} are not states of the target version (its states: {sorted(target_units)})")
@@ -114,6 +115,9 @@ def plan_migration(source_units: dict[str, str], target_units: dict[str, str],
                 sources[target] = units.to_unit(given.value, given.unit, unit)
             except units.UnitError as exc:
                 problems.append(f"{target}: {exc}")
+    if target_type is not None:
+        fixed = {t: v for t, v in sources.items() if not isinstance(v, str)}
+        problems += implausible_states(fixed, target_units, target_type, "states")
     if problems:
         raise MigrationError("state mapping refused: " + "; ".join(problems))
     return MigrationPlan(sources=sources, source_units=source_units, target_units=target_units)

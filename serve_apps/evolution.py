@@ -48,7 +48,8 @@ class TypeEvolution:
             target = b._checked_artifact(moved, None)
             try:
                 plan = plan_migration({v.name: v.unit for v in source.states},
-                                      {v.name: v.unit for v in target.model().states}, request.states)
+                                      {v.name: v.unit for v in target.model().states}, request.states,
+                                      target.asset_type)
             except MigrationError as exc:
                 raise Unprocessable(f"asset {asset_id} to {moved.type_name}@{moved.type_version}: {exc}") from None
             try:

@@ -106,6 +106,15 @@ def test_a_state_mapping_is_checked_whole_and_converts_units():
         assert expected in message
 
 
+def test_a_fixed_value_outside_the_target_types_plausible_range_is_refused():
+    """A migrated twin must not start from a state its telemetry would be refused for (5000 K ended at -65 K)."""
+    target, kelvin = AssetType.from_model(THERMAL_RC), {"T_in": "K", "T_m": "K"}
+    with pytest.raises(MigrationError, match=r"states.T_in=5000 K outside the plausible range \[173.15, 473.15\] K"):
+        plan_migration(kelvin, kelvin, {"T_in": FixedValue(value=5000.0, unit="K")}, target)
+    assert plan_migration(kelvin, kelvin, {"T_in": FixedValue(value=25.0, unit="degC")}, target).apply(
+        {"T_in": 290.0, "T_m": 291.0}) == {"T_in": pytest.approx(298.15), "T_m": 291.0}
+
+
 # ----------------------------------------------------------------------------------- HTTP ----
 T0 = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=2)
 

@@ -169,6 +169,10 @@ def test_catalog_crud_and_queries(api, http, building):
                            "invalid_request")
         assert reason in err["message"], err["message"]
         assert_error(http.get("/v1/assets/tmp-1", headers=admin), 404, "not_found")
+    hot = {**bad_start, "initial_state": {"T_in": 2930.0, "T_m": 292.0}}  # its telemetry would be refused there
+    err = assert_error(http.post("/v1/assets", json=hot, headers=admin), 422, "invalid_request")
+    assert "initial_state.T_in=2930 K outside the plausible range [173.15, 473.15] K" in err["message"], err["message"]
+    assert_error(http.get("/v1/assets/tmp-1", headers=admin), 404, "not_found")
     err = assert_error(http.put(f"/v1/assets/{building}", json={**update, "metadata": {"input.T_out": "cold"}},
                                 headers=admin), 422, "invalid_request")
     assert "input.T_out='cold': not a number" in err["message"]

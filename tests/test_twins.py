@@ -189,6 +189,14 @@ def service(ray_session, tmp_path_factory, artifact):
     svc.close()
 
 
+def test_a_prior_outside_the_types_plausible_ranges_is_refused_before_anything_is_stored(artifact):
+    """A twin must not start where its telemetry would be refused: 2930 K and -1e308 K were accepted."""
+    with pytest.raises(ValueError, match=r"initial_state.T_in=2930 K outside the plausible range \[173.15, 473.15\] "
+                                         r"K; initial_state.T_m=-1e\+308 K outside"):
+        registration_record(asset("hot"), artifact, {"T_in": 2930.0, "T_m": -1e308}, None)
+    assert registration_record(asset("ok"), artifact, {"T_in": 473.15, "T_m": 173.15}, None)["initial_state"]
+
+
 def test_register_is_idempotent_and_tenants_are_isolated(service, artifact):
     service.register(asset("z1"), artifact)  # attach: no error, no reset
     with pytest.raises(ValueError, match="different"):
