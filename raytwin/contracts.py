@@ -275,7 +275,9 @@ class TelemetryEvent(Contract):
     """One timestamped set of measurements from an asset.
 
     `sequence` is the source's per-asset counter; `idempotency_key` (default
-    ``"{asset_id}:{sequence}"``) identifies the event so re-deliveries are applied once.
+    ``"{asset_id}:{sequence}"``) with `event_time` and `sequence` identifies the event, so
+    re-deliveries (the same three) are applied once. Not the key alone: a device that reboots
+    restarts its sequence and re-uses its default keys with new times, and those are new events.
 
     Times are the server's to bound: `event_time` and a given `ingest_time` may lie at most
     `MAX_FUTURE_SKEW` after the server's clock (whatever the other says: a client-chosen far-future
