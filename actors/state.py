@@ -19,34 +19,43 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class DivergenceReport(_Frozen):
-    """Filter-consistency indicators: NIS/dof is ~1 and residuals are ~zero-mean for a healthy twin."""
+_DIVERGED_NULL = "; null when the filter diverged (`diverged: true`) and left it not a finite number"
+"""Said of every statistic and estimate a broken filter can leave non-finite: NaN in Python, null in JSON."""
 
-    nis_mean: float = Field(description="EWMA of normalised innovation squared per measured dimension")
-    nis_last: float = Field(description="NIS of the latest update")
-    residual_mean: dict[str, float]
-    residual_rms: dict[str, float]
+
+class DivergenceReport(_Frozen):
+    """Filter-consistency indicators: NIS/dof is ~1 and residuals are ~zero-mean for a healthy twin. A
+    diverged filter's statistics are not numbers: null in an answer (NaN in Python; JSON has no NaN)."""
+
+    nis_mean: float | None = Field(description="EWMA of normalised innovation squared per measured dimension"
+                                   + _DIVERGED_NULL)
+    nis_last: float | None = Field(description="NIS of the latest update" + _DIVERGED_NULL)
+    residual_mean: dict[str, float | None] = Field(description="EWMA of each output's residual" + _DIVERGED_NULL)
+    residual_rms: dict[str, float | None] = Field(description="EWMA root mean square of each output's residual"
+                                                  + _DIVERGED_NULL)
     drift: bool = Field(description="the sequential drift test (CUSUMs on the normalised innovations, at most one "
                               "false alarm per 30 days of event time by default) fired and was not cleared since, "
                               "or the filter diverged")
     diverged: bool = Field(description="the filter broke down: its state, covariance or NIS is not a finite number")
-    drift_score: float = Field(0.0, description="largest drift CUSUM over its threshold at the last update "
-                                                "(>= 1 raises drift)")
-    process_noise_scale: float = Field(1.0, description="factor on the declared process-noise variance, "
-                                                        "adapted from the innovations (<= 1)")
+    drift_score: float | None = Field(0.0, description="largest drift CUSUM over its threshold at the last "
+                                                       "update (>= 1 raises drift)" + _DIVERGED_NULL)
+    process_noise_scale: float | None = Field(1.0, description="factor on the declared process-noise variance, "
+                                                               "adapted from the innovations (<= 1)" + _DIVERGED_NULL)
 
 
 class TwinState(_Frozen):
-    """A twin's estimated state (SI units) as of its last applied event."""
+    """A twin's estimated state (SI units) as of its last applied event. Once the filter diverged
+    (`divergence.diverged`), its estimates may not be numbers either: null in an answer (NaN in Python)."""
 
     tenant: str
     asset_id: str
     model_ref: str
     revision: int = Field(description="state version; +1 per accepted event, survives recovery")
     event_time: datetime | None = Field(description="time of the last applied event (None: prior only)")
-    state: dict[str, float]
-    std: dict[str, float]
-    covariance: list[list[float]]
+    state: dict[str, float | None] = Field(description="estimated mean" + _DIVERGED_NULL)
+    std: dict[str, float | None] = Field(description="standard deviation of the estimate" + _DIVERGED_NULL)
+    covariance: list[list[float | None]] = Field(description="covariance of the estimate (rows and columns in "
+                                                 "the order of `state`)" + _DIVERGED_NULL)
     divergence: DivergenceReport
     events_applied: int
     stale: bool = Field(False, description="the twin's shard is restarting: this is the last durable state "

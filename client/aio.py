@@ -48,7 +48,7 @@ class AsyncRayTwinClient(ClientBase):
             delay = self._resend_after(call, attempt, answer)
             if delay is None:
                 assert isinstance(answer, httpx.Response)
-                return call.parse(answer)
+                return call.result(answer)
             await self._pause(delay)
         raise AssertionError("unreachable: the last attempt returns or raises")
 

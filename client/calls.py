@@ -7,6 +7,7 @@ renames is a type error here, not a silent `KeyError` in a user's code.
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -16,10 +17,11 @@ from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 from urllib.parse import quote
 
 import httpx
-from pydantic import BaseModel, TypeAdapter
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from actors.state import TwinState
-from raytwin.contracts import Asset, AssetType, RelationshipKind, TelemetryEvent
+from client.errors import InvalidArgument, UnexpectedAnswer
+from raytwin.contracts import IDENTIFIER_PATTERN, Asset, AssetType, RelationshipKind, TelemetryEvent
 from raytwin.migration import MigrationRequest
 from serve_apps.deprecation import Deprecation
 from serve_apps.query_schemas import AssetGraph, BulkAccepted, BulkReport, BulkRequest
@@ -32,6 +34,7 @@ if TYPE_CHECKING:  # answers whose server modules import Ray or JAX: loaded on f
 
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
+_IDENTIFIER = re.compile(IDENTIFIER_PATTERN)
 
 
 @dataclass(frozen=True)
@@ -49,8 +52,12 @@ class Revisioned(Generic[T]):
 @dataclass(frozen=True)
 class Call(Generic[T]):
     """One request. `route` is the server's path template (``/v1/assets/{asset_id}``), filled from
-    `path_params`, each percent-encoded (an id cannot reach another route); deprecation warnings
-    are issued once per route."""
+    `path_params`; deprecation warnings are issued once per route.
+
+    Every path parameter must be an identifier (`raytwin.contracts.IDENTIFIER_PATTERN`: asset, type,
+    model and connector names, versions, job, command and run ids all are), else `InvalidArgument`
+    before anything is sent. Percent-encoding alone would not keep an id on its route: the server
+    decodes ``%2F`` before routing, so ``zone-1/state`` would read the state route."""
 
     method: str
     route: str
@@ -62,9 +69,25 @@ class Call(Generic[T]):
     path_params: Mapping[str, str] = field(default_factory=dict)
     warn_deprecated: bool = True  # False where the answer echoes a mark the caller itself just set
 
+    def __post_init__(self) -> None:
+        for name, value in self.path_params.items():
+            if not (isinstance(value, str) and _IDENTIFIER.fullmatch(value)):
+                raise InvalidArgument(
+                    f"{self.method} {self.route}: {name}={value!r} is not an identifier, so it names nothing "
+                    f"on the server and nothing was sent; pass the {name} as the API gave it: a letter or "
+                    f"digit, then up to 127 letters, digits, '_', '.', ':' or '-' ({IDENTIFIER_PATTERN})")
+
     @property
     def path(self) -> str:
-        return self.route.format_map({k: quote(str(v), safe="") for k, v in self.path_params.items()})
+        return self.route.format_map({k: quote(v, safe="") for k, v in self.path_params.items()})
+
+    def result(self, response: httpx.Response) -> T:
+        """The answer as the client's model; one that does not fit it raises `UnexpectedAnswer` naming
+        the fields, never pydantic's own error (callers catch `client.errors` only)."""
+        try:
+            return self.parse(response)
+        except ValidationError as exc:
+            raise UnexpectedAnswer(f"{self.method} {self.path}", exc, response.headers.get("x-request-id")) from exc
 
 
 def _model(cls: type[M]) -> Callable[[httpx.Response], M]:

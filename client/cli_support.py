@@ -15,7 +15,7 @@ from typing import Annotated, Any
 import typer
 from pydantic import TypeAdapter
 
-from client.errors import ApiError, RayTwinError
+from client.errors import ApiError, InvalidArgument, RayTwinError, UnexpectedAnswer
 from client.sync import RayTwinClient
 
 API_URL = Annotated[str, typer.Option("--api-url", "--url", envvar="RAYTWIN_API_URL",
@@ -29,11 +29,14 @@ _JSON = TypeAdapter(Any)
 @contextmanager
 def remote(url: str, key: str) -> Iterator[RayTwinClient]:
     """A client for one command. An API error prints ``error <status> <code>: <message> (request_id ...)``,
-    no answer at all prints where it tried; either way the command exits with code 1."""
+    an answer that does not fit the client's contract says so, no answer at all prints where it tried;
+    each exits with code 1. An argument the client refuses before sending is a usage error (code 2)."""
     try:
         with RayTwinClient(url.rstrip("/"), key, timeout=TIMEOUT_S) as api:
             yield api
-    except ApiError as exc:
+    except InvalidArgument as exc:
+        raise typer.BadParameter(str(exc)) from None
+    except (ApiError, UnexpectedAnswer) as exc:
         typer.echo(f"error {exc}", err=True)
         raise typer.Exit(1) from None
     except RayTwinError as exc:

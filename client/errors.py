@@ -10,10 +10,40 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
+from pydantic import ValidationError
 
 
 class RayTwinError(Exception):
-    """Base class: the client could not get an answer (network, timeout), or the API refused."""
+    """Base class: the client could not get an answer (network, timeout), the API refused, or a call or
+    an answer did not fit the API's contracts."""
+
+
+class InvalidArgument(RayTwinError, ValueError):
+    """An argument no server can accept, refused before anything is sent: e.g. a path id that is not an
+    identifier (the server decodes ``%2F`` before routing, so ``zone-1/state`` would reach another route)."""
+
+
+class UnexpectedAnswer(RayTwinError):
+    """The server answered, but not in the shape of the client's models (the server's contracts as of
+    this client's version): usually a client and a server of different versions. `errors` are pydantic's,
+    one per field that did not fit."""
+
+    SHOWN = 5  # fields named in the message (an answer of another route mismatches in every field)
+
+    def __init__(self, request: str, error: ValidationError, request_id: str | None = None):
+        self.errors = error.errors(include_url=False, include_input=False)
+        self.request_id = request_id
+        fields = "; ".join(f"{_where(e['loc'])}: {e['msg']}" for e in self.errors[:self.SHOWN])
+        more = f"; and {len(self.errors) - self.SHOWN} more" if len(self.errors) > self.SHOWN else ""
+        super().__init__(
+            f"{request}: the server's answer did not match the client's contract: {fields}{more}. "
+            "Use the client of the server's version (raytwin on both ends from one release); if they match, "
+            "report it" + (f" with request_id {request_id}" if request_id else ""))
+
+
+def _where(loc: tuple[int | str, ...]) -> str:
+    """A field's place in the answer, as in JSON paths: ``items[0].state``."""
+    return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".") or "(the answer)"
 
 
 class ApiError(RayTwinError):

@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+from pydantic import ValidationError
 
-from client.errors import RayTwinError, retry_after_s
+from client.errors import RayTwinError, UnexpectedAnswer, retry_after_s
 from client.retry import RETRY_STATUSES, RetryPolicy
 from serve_apps.changes import Change
 
@@ -80,7 +81,8 @@ class Subscription:
         return policy.delay(self.failures, self._retry_after)
 
     def feed(self, lines: Iterable[str]) -> list[Change]:
-        """The changes completed by these lines; notes ids and `fell_behind`."""
+        """The changes completed by these lines; notes ids and `fell_behind`. A change that does not fit
+        the client's `Change` raises `UnexpectedAnswer` (not pydantic's error)."""
         out = []
         for line in lines:
             self.failures = 0
@@ -95,5 +97,8 @@ class Subscription:
             if frame.get("event") == "fell_behind":
                 self.fell_behind = True
             elif "data" in frame and frame.get("event"):
-                out.append(Change.model_validate_json(frame["data"]))
+                try:
+                    out.append(Change.model_validate_json(frame["data"]))
+                except ValidationError as exc:
+                    raise UnexpectedAnswer(f"GET /v1/changes (event id {frame.get('id')})", exc) from exc
         return out

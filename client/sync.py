@@ -49,7 +49,7 @@ class RayTwinClient(ClientBase):
             delay = self._resend_after(call, attempt, answer)
             if delay is None:
                 assert isinstance(answer, httpx.Response)
-                return call.parse(answer)
+                return call.result(answer)
             self._pause(delay)
         raise AssertionError("unreachable: the last attempt returns or raises")
 

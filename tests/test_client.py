@@ -16,8 +16,8 @@ import pytest
 
 from client import AsyncRayTwinClient, RayTwinClient, RetryPolicy
 from client.deprecation import RayTwinDeprecationWarning
-from client.errors import (Conflict, Forbidden, InvalidRequest, NotFound, PayloadTooLarge, PreconditionFailed,
-                           RayTwinError, ServerError, Unauthorized, Unavailable)
+from client.errors import (Conflict, Forbidden, InvalidArgument, InvalidRequest, NotFound, PayloadTooLarge,
+                           PreconditionFailed, RayTwinError, ServerError, Unauthorized, Unavailable, UnexpectedAnswer)
 from client.jobs import JobFailed, JobTimeout, JobWait
 from raytwin.migration import MigrationRequest
 from raytwin.recalibration import RecalibrationPolicy
@@ -158,12 +158,63 @@ def test_the_async_client_waits_for_a_job_through_the_same_calls():
     assert asyncio.run(wait()).bulk.done == 3
 
 
-def test_path_parameters_are_encoded_so_an_id_cannot_reach_another_route():
+def test_path_ids_that_are_not_identifiers_are_refused_before_any_request():
+    """The server decodes %2F before routing (`GET /v1/assets/zone-1%2Fstate` is the state route), so only an
+    identifier is sent: anything else raises InvalidArgument, a ValueError, naming the parameter and the rule."""
     transport, seen = scripted(httpx.Response(404, json={"error": {"code": "not_found", "message": "no"}}))
     with RayTwinClient("http://api", "rtk_x_y", retry=FAST, transport=transport) as api:
-        with pytest.raises(NotFound):
-            api.get_asset("../asset-types/x")
-    assert seen[0].url.raw_path == b"/v1/assets/..%2Fasset-types%2Fx"
+        for bad in ("zone-1/state", "../asset-types/x", "", "-zone", "zone 1", "zone-1\n", "z" * 129):
+            with pytest.raises(InvalidArgument, match=r"asset_id=.* is not an identifier") as refused:
+                api.get_asset(bad)
+            assert isinstance(refused.value, ValueError) and "nothing was sent" in str(refused.value)
+        with pytest.raises(InvalidArgument, match=r"GET /v1/asset-types/\{name\}/\{version\}: version='1.0.0/x'"):
+            api.get_asset_type("room", "1.0.0/x")
+        assert seen == []
+        with pytest.raises(NotFound):  # the longest identifier, with every character it may hold, is sent
+            api.get_asset("a" * 121 + "_.:-Z09")
+    assert seen[0].url.path == "/v1/assets/" + "a" * 121 + "_.:-Z09"
+
+    async def refused_by_the_async_client() -> list[httpx.Request]:
+        transport, sent = scripted()
+        async with AsyncRayTwinClient("http://api", "rtk_x_y", retry=FAST, transport=transport) as api:
+            with pytest.raises(InvalidArgument, match="asset_id='zone-2/relationships'"):
+                await api.get_asset("zone-2/relationships")
+        return sent
+
+    assert asyncio.run(refused_by_the_async_client()) == []
+
+
+def test_an_answer_that_does_not_fit_the_clients_models_is_an_unexpected_answer():
+    """A wrong-shaped answer (here a state where an asset was expected) is a client.errors exception naming
+    the fields, whichever client and whichever parser (a model, a list, a lazily imported one, the stream)."""
+    state = {"tenant": "acme", "asset_id": "zone-1", "model_ref": "thermal_rc@1.0.0", "revision": 1}
+    transport, _ = scripted(httpx.Response(200, json=state, headers={"ETag": '"1"', "X-Request-ID": "r-42"}),
+                            httpx.Response(200, json=[{"name": 3}]), httpx.Response(200, json={"job_id": "j1"}))
+    with RayTwinClient("http://api", "rtk_x_y", retry=FAST, transport=transport) as api:
+        with pytest.raises(UnexpectedAnswer) as wrong:
+            api.get_asset("zone-1")
+        message = str(wrong.value)
+        assert message.startswith("GET /v1/assets/zone-1: the server's answer did not match the client's contract: ")
+        assert "request_id r-42" in message and "the server's version" in message
+        assert "id: Field required" in message and "model_ref: Extra inputs are not permitted" in message
+        assert len(wrong.value.errors) > UnexpectedAnswer.SHOWN and f"and {len(wrong.value.errors) - 5} more" in message
+        with pytest.raises(UnexpectedAnswer, match=r"GET /v1/asset-types: .*: \[0\]\.name: Input should be a valid str"):
+            api.list_asset_types()
+        with pytest.raises(UnexpectedAnswer, match="GET /v1/jobs/j1: .*kind: Field required"):
+            api.job("j1")
+
+    async def read_async() -> None:
+        transport, _ = scripted(httpx.Response(200, json={"status": "ok"}))
+        async with AsyncRayTwinClient("http://api", "rtk_x_y", retry=FAST, transport=transport) as api:
+            await api.health()
+
+    with pytest.raises(UnexpectedAnswer, match=r"GET /v1/health: .*: live_twins: Field required; jobs: Field req"):
+        asyncio.run(read_async())
+    frames = 'id: 3\nevent: asset.updated\ndata: {"seq": 3, "kind": "asset.updated"}\n\n'
+    transport, _ = scripted(httpx.Response(200, text=frames, headers={"Content-Type": "text/event-stream"}))
+    with RayTwinClient("http://api", "rtk_x_y", retry=FAST, transport=transport) as api:
+        with pytest.raises(UnexpectedAnswer, match=r"GET /v1/changes \(event id 3\): .*time: Field required"):
+            next(api.changes(after=0))
 
 
 # ---- against the real API: the FastAPI app and `Backend` in this process (tests/test_schema_evolution.py) ----
@@ -414,6 +465,31 @@ def test_shadow_evaluation_calls_start_report_and_stop(sdk):
         writer.stop_shadow("room", "1.0.1")
 
 
+def test_a_diverged_twins_state_and_divergence_parse_with_none_for_what_is_not_a_number(api, sdk, monkeypatch):
+    """Through the real routes: NaN and infinity of a diverged filter are null in the answer, which the schema
+    allows, so the client reads None where the server has no number (it used to raise pydantic's error)."""
+    from actors.state import DivergenceReport, TwinState
+
+    nan, inf = float("nan"), float("inf")
+    report = DivergenceReport(nis_mean=nan, nis_last=inf, residual_mean={"T": -1e308}, residual_rms={"T": inf},
+                              drift=True, diverged=True, drift_score=nan, process_noise_scale=nan)
+    diverged = TwinState(tenant="acme", asset_id="sdk-room", model_ref="room@1.0.0", revision=7, event_time=None,
+                         state={"T": nan}, std={"T": inf}, covariance=[[nan]], divergence=report, events_applied=7)
+
+    async def read(tenant: str, asset_id: str, at: datetime | None = None) -> dict:
+        return diverged.model_dump(mode="json")  # what `TwinReader.state` hands the routes
+
+    monkeypatch.setattr(api[0].app.state.services.twins, "state", read)
+    got = sdk["reader"].state("sdk-room")
+    assert got.revision == 7 and got.value.divergence.diverged and got.value.divergence.drift
+    assert got.value.state == {"T": None} and got.value.std == {"T": None} and got.value.covariance == [[None]]
+    parsed = got.value.divergence
+    assert (parsed.nis_mean, parsed.nis_last, parsed.drift_score, parsed.process_noise_scale) == (None,) * 4
+    assert parsed.residual_mean == {"T": -1e308} and parsed.residual_rms == {"T": None}
+    assert sdk["reader"].divergence("sdk-room").model_dump(exclude={"asset_id", "revision", "event_time"}) == \
+        parsed.model_dump()
+
+
 def test_the_async_client_has_the_same_resource_calls(api, sdk):
     """The calls are shared `Call`s: the asyncio client over the same app (ASGI, in this event loop)."""
     client, auth, _ = api
@@ -566,3 +642,10 @@ def test_cli_commands_refuse_and_status_through_the_client(cli, sdk):
     assert cli("admin", "connectors", "delete", "cli-rooms").stdout.strip() == "deleted cli-rooms"
     gone = cli("reader", "connectors", "status", "cli-rooms")
     assert gone.exit_code == 1 and gone.stderr.startswith("error 404 not_found: no connector 'cli-rooms'")
+
+
+def test_cli_refuses_an_id_that_is_not_an_identifier_as_a_usage_error(cli):
+    """Refused by the client before anything is sent: exit code 2 like the other argument checks, not 'no answer'."""
+    refused = cli("reader", "recalibration", "policy", "get", "room/x")
+    assert refused.exit_code == 2 and "no answer" not in refused.output
+    assert "type_name='room/x' is not an identifier" in " ".join(refused.output.replace("│", " ").split())
