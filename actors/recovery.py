@@ -208,15 +208,18 @@ def recover_many(
     """`recover` for many twins: one log scan per tenant, and their replays share filter dispatches."""
     twins = [build_twin(r, allowed_lateness_s=allowed_lateness_s, checkpoint_every=checkpoint_every,
                         swaps=store.load_model_swaps(r["asset"]["tenant"], r["asset"]["id"])) for r in records]
+    floors = {tenant: store.history_floors(tenant) for tenant in {twin.tenant for twin in twins}}
     after: dict[str, dict[str, EventKey | None]] = {}
     for twin in twins:
+        twin.history_floor_us = floors[twin.tenant].get(twin.asset_id)
         snap = store.latest_snapshot(twin.tenant, twin.asset_id, at_or_before_us=until_us)
         if snap is not None and twin.floor is not None and snap.key <= twin.floor:
             snap = None  # the old version's snapshot: the migrated twin starts from its registration
         if snap is not None:
             twin.restore(snap)
         after.setdefault(twin.tenant, {})[twin.asset_id] = snap.key if snap else None
-    logged = {tenant: store.read_events_many(tenant, assets, until_us=until_us) for tenant, assets in after.items()}
+    logged = {tenant: store.read_events_many(tenant, assets, until_us=until_us, floors=floors[tenant])
+              for tenant, assets in after.items()}
     # a drift clear is replayed where it happened: events up to it, the clear, then the rest (a
     # snapshot after the clear already holds it; a clear after `until_us` had not happened then)
     cleared = [_clear_to_replay(store.load_drift_clear(twin.tenant, twin.asset_id),

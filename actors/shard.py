@@ -26,6 +26,7 @@ import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -69,6 +70,15 @@ SNAPSHOTS_PER_CALL = 8
 Why: a snapshot file costs ~0.4 ms, and twins that become due together (every twin of a restarted
 shard) would all be written by one call, stalling it by tens of milliseconds. A snapshot only
 shortens recovery: the log is what makes an event durable."""
+
+
+def before_recreation(ingest_us: int, floor_us: int) -> str:
+    """The dead letter's reason for an event stamped no later than the deletion of its asset's previous
+    twin: it cannot be told from that twin's history (`StateStore.save_deletion`), and only a clock behind
+    the shard's stamps one so (the asset was created again after the deletion, and the event after that)."""
+    stamp = lambda us: datetime.fromtimestamp(us / 1e6, UTC).isoformat()  # noqa: E731
+    return (f"clock_skew: ingest time {stamp(ingest_us)} is not after the deletion of the asset's previous twin at "
+            f"{stamp(floor_us)}: the clock that stamped it is behind the twin's shard; send the event again")
 
 
 def snapshot_phase(tenant: str, asset_id: str, every: int) -> int:
@@ -119,6 +129,7 @@ class TwinShard(LiveModelOps):
         self.phases: dict[tuple[str, str], int] = {}  # each twin's `snapshot_phase`, once computed
         self.tag = str(index)  # the `shard` tag of its metrics
         self.stale: set[tuple[str, str]] = set()  # twins whose log write failed mid-batch
+        self.newest_ingest_us = 0  # the latest ingest time this process logged (a deleted twin's history ends there)
         started = time.perf_counter()
         self.shadows = ShadowBook(self.store, snapshot_every)  # shadow evaluations (`actors.shard_models`)
         mine = [(t, a, r) for t, a, r in self.store.registrations() if shard_index(t, a, shards) == index]
@@ -153,8 +164,10 @@ class TwinShard(LiveModelOps):
                              "unregister it first")
         if (tenant, asset_id) in self.twins:
             return False
-        # an asset registered again after `unregister` resumes its stored history, exactly as a
-        # restarted shard would (memory and store never disagree)
+        if existing is None and asset_id in self.store.history_floors(tenant):
+            # registered again after `unregister`: a new twin, which recovery starts after the deleted one's
+            # history; what that one derived goes first, should its deletion have stopped before removing it
+            self.store.forget_twin(tenant, asset_id)
         twin = self._recover(record)
         self.store.save_registration(tenant, asset_id, record)
         self.twins[(tenant, asset_id)] = twin
@@ -168,12 +181,17 @@ class TwinShard(LiveModelOps):
         return sum(self._register(*item) for item in items)
 
     def unregister(self, tenant: str, asset_id: str) -> bool:
-        """Drop the twin and its registration (its log and snapshots stay, as history)."""
+        """Drop the twin and its registration. Its log stays, as history; a twin registered again under
+        the same id starts afresh, after it (`StateStore.save_deletion`), and what it derived from that
+        history (snapshots, drift clear, model swaps) is removed."""
         self.store.check_lease(self.fence)
         self.shadows.forget(tenant, asset_id)  # first: a crash from here on leaves no orphaned shadow record
         found = self.twins.pop((tenant, asset_id), None) is not None
         self.durable_revision.pop((tenant, asset_id), None)
         self.store.delete_registration(tenant, asset_id)
+        if found:  # its history ends at the latest ingest time logged here (a clock ahead of this one's too)
+            self.store.save_deletion(tenant, asset_id, max(time.time_ns() // 1000, self.newest_ingest_us))
+            self.store.forget_twin(tenant, asset_id)
         metrics.TWINS.set(len(self.twins), shard=self.tag)
         return found
 
@@ -322,14 +340,14 @@ class TwinShard(LiveModelOps):
             states=[twins[c].view() for c in accepted] if states else [],
         )
 
-    @staticmethod
-    def _observe_lag(applied: pa.Table) -> None:
-        """Event time -> applied and ingest time -> applied of the rows just applied."""
+    def _observe_lag(self, applied: pa.Table) -> None:
+        """Event time -> applied and ingest time -> applied of the rows just applied; the newest ingest time."""
         if applied.num_rows:
             now_us = time.time_ns() // 1000
             for column, metric in (("event_time", metrics.EVENT_TO_APPLIED), ("ingest_time", metrics.INGEST_TO_APPLIED)):
                 us = applied.column(column).cast(pa.int64()).to_numpy()
                 metric.observe_many(np.maximum(now_us - us, 0) / 1e6)
+            self.newest_ingest_us = max(self.newest_ingest_us, int(us.max()))
 
     @staticmethod
     def _normalize(entries: Entries, twins: list[Twin | None], code: np.ndarray) -> tuple[Normalized, list[np.ndarray | None]]:
@@ -357,6 +375,7 @@ class TwinShard(LiveModelOps):
         sequences = batch.column("sequence").to_numpy().tolist()
         qualities = batch.column("quality").to_pylist()
         misfits = misfit.tolist() if misfit.any() else None  # None: no row misfits (the common case, one check)
+        ingest_us = None  # read only for a twin registered again after a deletion (rare)
         adm = Admission()
         rows_of: dict[int, list[int]] = {}  # each twin's rows in batch order (plain lists: ~1 event a twin)
         for i, c in enumerate(code.tolist()):
@@ -373,6 +392,13 @@ class TwinShard(LiveModelOps):
                 adm.rejected += [(i, None) for i in misfit_rows]
                 adm.causes["misfit"] += len(misfit_rows)
                 rows = [i for i in rows if not misfits[i]]
+            if twin.history_floor_us is not None:
+                if ingest_us is None:
+                    ingest_us = batch.column("ingest_time").cast(pa.int64()).to_numpy()
+                early = [i for i in rows if ingest_us[i] <= twin.history_floor_us]
+                adm.rejected += [(i, before_recreation(int(ingest_us[i]), twin.history_floor_us)) for i in early]
+                adm.causes["clock_skew"] += len(early)
+                rows = [i for i in rows if ingest_us[i] > twin.history_floor_us]
             matrix = values[c]
             found = [Pending((times[i], sequences[i], keys[i]), matrix[i], qualities[i]) for i in rows]
             decided += [(c, i, ev, verdict) for i, ev, verdict in zip(rows, found, twin.classify(found))]
@@ -406,7 +432,8 @@ class TwinShard(LiveModelOps):
         answers = self.key_index.lookup(tenant, [(asset_id, ev.key, content_digest(ev.quality, v))
                                                  for (_, asset_id, _, ev), v in zip(late, logged_values)])
         confirm = [(asset_id, ev.key) for (_, asset_id, _, ev), a in zip(late, answers) if a is Logged.CONFIRM]
-        logged = self.store.find_events(tenant, confirm) if confirm else {}
+        floors = {asset_id: twin.history_floor_us for twin, asset_id, _, _ in late if twin.history_floor_us is not None}
+        logged = self.store.find_events(tenant, confirm, floors) if confirm else {}
         verdicts = []
         for (twin, asset_id, _, ev), answer in zip(late, answers):
             if answer is Logged.SAME:

@@ -128,6 +128,9 @@ class Twin:
         self._reset(Checkpoint(None, self.segments[0].prior, 0))
         self.max_time_us: int | None = None
         self.floor: EventKey | None = None  # the migration point (`start_at`): nothing at or before it applies
+        # when a previous twin of this asset id was deleted (`StateStore.history_floors`): events ingested
+        # until then are its history, not this twin's
+        self.history_floor_us: int | None = None
         self.cleared_at: EventKey | None = None  # the last drift clear's point (`clear_drift`)
         for at_us, later in swaps:
             self.add_swap(at_us, later)

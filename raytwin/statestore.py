@@ -10,6 +10,7 @@ Layout under the store URL (a local directory or any fsspec URL such as ``s3://b
     snapshots/tenant=T/asset_id=A/snap-<event_us>-<revision>.parquet  one-row filter snapshots (`snapshot_stem`)
     dead_letters/tenant=T/date=YYYY-MM-DD/part-<uuid>.parquet     rejects: raw JSON + reason
     twins/tenant=T/asset_id=A.json                                 twin registrations
+    deleted/tenant=T/asset_id=A.json                               when a twin was deleted: its history ends (`save_deletion`)
     drift_clears/tenant=T/asset_id=A.json                          the twin's last drift clear (`save_drift_clear`)
     model_swaps/tenant=T/asset_id=A.json                           the twin's model swaps (`save_model_swaps`)
     shadows/tenant=T/candidate=REF/asset_id=A.json                 a running shadow evaluation on the twin (`save_shadow`)
@@ -321,19 +322,29 @@ def _content_order(row: dict[str, Any]) -> str:
     return json.dumps([row["quality"], sorted(row["values"])])
 
 
-def one_row_per_event(table: pa.Table) -> pa.Table:
+def one_row_per_event(table: pa.Table, floors: dict[str, int] | None = None) -> pa.Table:
     """The log rows (`LOG_BATCH_SCHEMA`) with one row per event identity (asset, event time,
     sequence, idempotency key): the first ingested (least `ingest_time`, then least content), so
     the row kept never depends on the order of the files read. Returned sorted by identity.
 
     Rows of one identity are a re-delivered batch logged twice (same content) or, rarely, a
     conflicting re-delivery that a shard logged before it crashed: the live twin applied the
-    first ingested one, so recovery and compaction keep it."""
-    table = table.sort_by([(c, "ascending") for c in (*_IDENTITY, "ingest_time")])
+    first ingested one, so recovery and compaction keep it. `floors` (`StateStore.history_floors`):
+    rows of a deleted twin's history and rows of the twin registered again under its id are other
+    events even where their identities match (the same file ingested again after a re-creation),
+    so one of each is kept."""
+    identity = list(_IDENTITY)
+    if floors:
+        table = table.append_column("_current", pa.array(_after_floors(table, floors)))
+        identity.append("_current")
+    table = table.sort_by([(c, "ascending") for c in (*identity, "ingest_time")])
     if table.num_rows < 2:
-        return table
-    cols = [table.column(c) for c in (*_IDENTITY, "ingest_time")]
+        return table.drop_columns(["_current"]) if floors else table
+    cols = [table.column(c) for c in (*identity, "ingest_time")]
     same = [pc.equal(c.slice(1), c.slice(0, table.num_rows - 1)).to_numpy() for c in cols]
+    if floors:
+        table = table.drop_columns(["_current"])
+        same = [np.logical_and(same[0], same[-2]), *same[1:-2], same[-1]]  # the identity includes the incarnation
     repeat = np.concatenate([[False], np.logical_and.reduce(same[:4])])
     if not repeat.any():
         return table
@@ -347,6 +358,19 @@ def one_row_per_event(table: pa.Table) -> pa.Table:
         best = min(range(len(rows)), key=lambda j: _content_order(rows[j]))
         keep[start], keep[start + best] = False, True
     return table.filter(pa.array(keep))
+
+
+def _after_floors(table: pa.Table, floors: dict[str, int]) -> np.ndarray:
+    """Whether each log row was ingested after its asset's floor (its twin's last deletion): rows of
+    assets never deleted are all after."""
+    ids = table.column("asset_id").combine_chunks().dictionary_encode()
+    floor = np.array([floors.get(a, np.iinfo(np.int64).min) for a in ids.dictionary.to_pylist()], dtype=np.int64)
+    return table.column("ingest_time").cast(pa.int64()).to_numpy() > floor[ids.indices.to_numpy()]
+
+
+def current_rows(table: pa.Table, floors: dict[str, int] | None) -> pa.Table:
+    """The log rows that belong to the twins registered now: none of a deleted twin's history."""
+    return table.filter(pa.array(_after_floors(table, floors))) if floors else table
 
 
 _BEFORE_1970 = "."
@@ -470,9 +494,11 @@ class StateStore:
         return self.read_events_many(tenant, {asset_id: after}, until_us=until_us)[asset_id]
 
     def read_events_many(
-        self, tenant: str, after: dict[str, EventKey | None], *, until_us: int | None = None
+        self, tenant: str, after: dict[str, EventKey | None], *, until_us: int | None = None,
+        floors: dict[str, int] | None = None,
     ) -> dict[str, list[LoggedEvent]]:
-        """`read_events` for many assets of a tenant in one scan of the log (recovery of a shard)."""
+        """`read_events` for many assets of a tenant in one scan of the log (recovery of a shard), without
+        the history of deleted twins before their `floors` (`history_floors`)."""
         if not after:
             return {}
         retention = self._retention(tenant)
@@ -493,7 +519,7 @@ class StateStore:
             flt &= ds.field("event_time") <= pa.scalar(until_us, pa.int64()).cast(TIME)
         table = self._scan(f"{self.root}/log/tenant={tenant}", filter=flt, columns=LOG_BATCH_SCHEMA.names,
                            empty=LOG_BATCH_SCHEMA.empty_table(), days_from=days_from)
-        return self._events(one_row_per_event(table), after)
+        return self._events(one_row_per_event(current_rows(table, floors)), after)
 
     @staticmethod
     def _events(table: pa.Table, after: dict[str, EventKey | None]) -> dict[str, list[LoggedEvent]]:
@@ -515,8 +541,10 @@ class StateStore:
         that day's partition."""
         return self.find_events(tenant, [(asset_id, key)]).get((asset_id, key))
 
-    def find_events(self, tenant: str, identities: Iterable[tuple[str, EventKey]]) -> dict[tuple[str, EventKey], LoggedEvent]:
-        """`find_event` for many (asset, key) identities: one read of each day's partition they fall in."""
+    def find_events(self, tenant: str, identities: Iterable[tuple[str, EventKey]], floors: dict[str, int] | None = None
+                    ) -> dict[tuple[str, EventKey], LoggedEvent]:
+        """`find_event` for many (asset, key) identities: one read of each day's partition they fall in
+        (none of a deleted twin's history before its floor, `history_floors`)."""
         by_day: dict[str, set[tuple[str, EventKey]]] = {}
         for asset_id, key in identities:
             by_day.setdefault(_date(key[0]), set()).add((asset_id, key))
@@ -526,7 +554,8 @@ class StateStore:
             flt = ds.field("asset_id").isin(assets) & ds.field("idempotency_key").isin(sorted({k[2] for _, k in wanted}))
             table = self._scan(f"{self.root}/log/tenant={tenant}/date={day}", filter=flt,
                                columns=LOG_BATCH_SCHEMA.names, empty=LOG_BATCH_SCHEMA.empty_table())
-            for asset_id, events in self._events(one_row_per_event(table), dict.fromkeys(assets)).items():
+            for asset_id, events in self._events(one_row_per_event(current_rows(table, floors)),
+                                                 dict.fromkeys(assets)).items():
                 found.update(((asset_id, e.key), e) for e in events if (asset_id, e.key) in wanted)
         return found
 
@@ -604,7 +633,11 @@ class StateStore:
     def _compact_partition(self, directory: str, parts: list[str], compacted: _Compacted) -> Compaction:
         table = read_files(self.fs, parts, empty=LOG_BATCH_SCHEMA.empty_table())
         rows_in = table.num_rows
-        table = one_row_per_event(table) if compacted.unique_events else table.sort_by(compacted.order)
+        if compacted.unique_events:
+            tenant = directory.rsplit("/", 2)[-2].removeprefix("tenant=")
+            table = one_row_per_event(table, self.history_floors(tenant))
+        else:
+            table = table.sort_by(compacted.order)
         stem = f"compact-{uuid.uuid4().hex}"
         starts = range(0, table.num_rows, COMPACT_ROWS)
         for i, start in enumerate(starts):
@@ -773,6 +806,34 @@ class StateStore:
         path = self._shadow_path(tenant, ref, asset_id)
         if self.fs.exists(path):
             self.fs.rm(path)
+
+    # ------------------------------------------------------------------- deleted twins ----
+    def _deletion_path(self, tenant: str, asset_id: str) -> str:
+        return f"{self.root}/deleted/tenant={tenant}/asset_id={asset_id}.json"
+
+    def save_deletion(self, tenant: str, asset_id: str, floor_us: int) -> None:
+        """Record that the twin was deleted: log rows of the asset ingested until `floor_us` are its
+        history, which a twin registered again under the same id does not resume (they stay in the log;
+        compaction keeps them apart from the new twin's). Only the last deletion matters."""
+        path = self._deletion_path(tenant, asset_id)
+        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        self.fs.pipe_file(path, json.dumps({"floor_us": floor_us}).encode())
+
+    def history_floors(self, tenant: str) -> dict[str, int]:
+        """The floor of each of the tenant's deleted twins (`save_deletion`): one listing, usually empty."""
+        out = {}
+        for path in self.fs.glob(f"{self.root}/deleted/tenant={tenant}/asset_id=*.json"):
+            asset_id = path.rsplit("/", 1)[-1].removeprefix("asset_id=").removesuffix(".json")
+            out[asset_id] = json.loads(self.fs.cat_file(path))["floor_us"]
+        return out
+
+    def forget_twin(self, tenant: str, asset_id: str) -> None:
+        """Remove what a deleted twin derived from its history (snapshots, drift clear, model swaps),
+        which a twin registered again under its id must not start from."""
+        for path in (f"{self.root}/snapshots/tenant={tenant}/asset_id={asset_id}",
+                     self._drift_clear_path(tenant, asset_id), self._model_swaps_path(tenant, asset_id)):
+            if self.fs.exists(path):
+                self.fs.rm(path, recursive=True)
 
     # ------------------------------------------------------------------- registrations ----
     def _registration_path(self, tenant: str, asset_id: str) -> str:

@@ -22,7 +22,7 @@ import pytest
 
 from actors import TwinService, TwinState, UnknownTwin
 from actors.recovery import registration_record
-from actors.shard import TwinShardProcess
+from actors.shard import TwinShard, TwinShardProcess
 from actors.telemetry import validated_table
 from actors.twin import CONFLICT, DUPLICATE, TOO_LATE, Twin, logged_event, replay
 from raytwin.contracts import Asset, AssetType, TelemetryEvent
@@ -507,9 +507,39 @@ def test_twins_in_lockstep_spread_their_snapshots_over_calls(tmp_path, artifact)
         assert_same_state(fresh.state("acme", a), restarted.state("acme", a))
 
 
-def test_reregistered_asset_resumes_its_history(service, artifact):
-    service.register(asset("again"), artifact)
-    service.ingest("acme", events("again", 5, seed=12))
-    service.unregister("acme", "again")
-    service.register(asset("again"), artifact)
-    assert service.state("acme", "again").events_applied == 5
+def test_an_asset_created_again_after_its_deletion_is_a_new_twin_whatever_its_old_history(tmp_path, artifact):
+    """Deleted and created again, an asset id is a new twin: its revision restarts at its prior, the same file
+    ingested again is its events (not duplicates of the deleted twin's), and that holds after a restart and
+    after a compaction merged the two histories' rows of equal identity; the old rows stay in the log."""
+    opts = dict(allowed_lateness_s=LATENESS_S, snapshot_every=4, checkpoint_every=8)  # the old twin snapshots
+    old = events("again", 12, seed=12)
+    shard = TwinShard(str(tmp_path), 0, 1, **opts)
+    shard.register("acme", "again", registration_record(asset("again"), artifact, None, None))
+    assert shard.ingest("acme", validated_table(old)).accepted == 12
+    shard.flush()
+    assert shard.unregister("acme", "again")
+    prior = {"T_in": 280.0, "T_m": 281.0}
+    shard.register("acme", "again", registration_record(asset("again"), artifact, prior, None))
+    fresh = shard.state("acme", "again")
+    assert (fresh.revision, fresh.event_time, fresh.state) == (0, None, prior)
+
+    resent = events("again", 12, seed=12) + events("again", 2, seed=14, start=12)  # stamped now, as a server does
+    again = shard.ingest("acme", validated_table(resent))
+    assert (again.accepted, again.duplicates) == (14, 0)  # the same file again: the new twin's events
+    expected = reference(artifact, "again", resent, initial_state=prior, allowed_lateness_s=LATENESS_S,
+                         checkpoint_every=8).view()
+    assert_same_state(shard.state("acme", "again"), expected)
+    late = TelemetryEvent(asset_id="again", event_time=T0 + timedelta(seconds=STEP_S * 20), sequence=20,
+                          ingest_time=datetime(2026, 3, 1, tzinfo=UTC), measurements={"T_in": {"value": 21.0, "unit": "degC"}})
+    skewed = shard.ingest("acme", validated_table([late, *old[:1]]))  # stamped before the deletion: not the new twin's
+    assert skewed.accepted == 0 and skewed.reasons[0].reason.startswith("clock_skew: ingest time 2026-03-01")
+    assert len(skewed.reasons) == 2 and "not after the deletion of the asset's previous twin" in skewed.reasons[1].reason
+    shard.flush()
+
+    restarted = TwinShard(str(tmp_path), 0, 1, **opts)
+    assert_same_state(restarted.state("acme", "again"), expected)
+    compacted = restarted.store.compact(tenant="acme")
+    assert [(c.rows_in, c.rows_out) for c in compacted if c.partition.startswith("log/")] == [(26, 26)]  # both kept
+    assert_same_state(TwinShard(str(tmp_path), 0, 1, **opts).state("acme", "again"), expected)
+
+
