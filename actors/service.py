@@ -43,7 +43,7 @@ from actors.recovery import durable_state, registration_record
 from actors.routing import shard_index, shard_name
 from actors.shard import TwinShardActor
 from actors.state import IngestReport, TwinState, UnknownTwin
-from actors.telemetry import validated_table
+from actors.telemetry import ROW_COLUMN, validated_table
 from raytwin import metrics
 from raytwin.contracts import Asset, Identifier, TelemetryEvent
 from raytwin.migration import MigrationPlan
@@ -201,7 +201,8 @@ class TwinService:
             return ingest_rows(self.router, self._tenant(tenant), table_batches(events, self.batch_size),
                                max_in_flight=self.max_in_flight, batch_size=self.batch_size, states=states)
         dispatcher = self._dispatcher(tenant, states)
-        dispatcher.send(validated_table(events))
+        table = validated_table(events)  # each row's position rides along, for the rejects to name (`Reject.index`)
+        dispatcher.send(table.append_column(ROW_COLUMN, pa.array(range(table.num_rows), pa.int64())))
         return dispatcher.finish()
 
     def ingest_parquet(self, tenant: str, url: str, storage_options: dict[str, Any] | None = None) -> IngestReport:

@@ -42,7 +42,16 @@ from actors.routing import shard_index
 from actors.shadow import ShadowBook
 from actors.shard_models import LiveModelOps
 from actors.state import IngestReport, Reject, TwinState
-from actors.telemetry import Entries, Normalized, bytes_table, normalize_entries, row_event, si_map, value_matrix
+from actors.telemetry import (
+    ROW_COLUMN,
+    Entries,
+    Normalized,
+    bytes_table,
+    normalize_entries,
+    row_event,
+    si_map,
+    value_matrix,
+)
 from actors.twin import (
     BEFORE_MIGRATION,
     CONFLICT,
@@ -70,6 +79,15 @@ SNAPSHOTS_PER_CALL = 8
 Why: a snapshot file costs ~0.4 ms, and twins that become due together (every twin of a restarted
 shard) would all be written by one call, stalling it by tens of milliseconds. A snapshot only
 shortens recovery: the log is what makes an event durable."""
+
+
+def too_late_reason(event_us: int, twin: Twin) -> str:
+    """A too-late event's dead-letter reason: what the window was and what a producer can do."""
+    stamp = lambda us: datetime.fromtimestamp(us / 1e6, UTC).isoformat()  # noqa: E731
+    return (f"{TOO_LATE}: event time {stamp(event_us)} is more than the allowed lateness "
+            f"({twin.lateness_us / 1e6:g} s) before the newest event time the twin applied "
+            f"({stamp(twin.max_time_us)}), and the event is not in the log; a twin applies events in time order, "
+            "so send events within the lateness window (the service's allowed_lateness_s)")
 
 
 def before_recreation(ingest_us: int, floor_us: int) -> str:
@@ -303,6 +321,8 @@ class TwinShard(LiveModelOps):
         adm = self._admit(tenant, batch, assets, twins, code, values, normalized.misfit, si_values)
         accepted = adm.accepted
         rejects = [self._reject(batch, i, reason, twins[code[i]]) for i, reason in adm.rejected]
+        positions = (batch.column(ROW_COLUMN).to_pylist() if ROW_COLUMN in batch.column_names
+                     else [None] * batch.num_rows)
 
         columns = [batch.column(n) for n in ("asset_id", "event_time", "sequence", "idempotency_key", "quality")]
         log_rows = pa.table([*columns, si_values, batch.column("ingest_time")],
@@ -336,7 +356,8 @@ class TwinShard(LiveModelOps):
                      self.index, tenant, len(rejects), rejects[0]["reason"])
         return IngestReport(
             accepted=n_accepted, duplicates=adm.duplicates, rejected=len(rejects), conflicts=adm.conflicts,
-            reasons=[Reject(idempotency_key=r["idempotency_key"], reason=r["reason"]) for r in rejects],
+            reasons=[Reject(idempotency_key=r["idempotency_key"], reason=r["reason"], index=positions[i])
+                     for r, (i, _) in zip(rejects, adm.rejected)],
             states=[twins[c].view() for c in accepted] if states else [],
         )
 
@@ -413,7 +434,7 @@ class TwinShard(LiveModelOps):
                 adm.rejected.append((i, conflict_reason(ev.key)))
                 adm.causes["conflict"] += 1
             elif verdict in (TOO_LATE, BEFORE_MIGRATION):
-                adm.rejected.append((i, verdict))
+                adm.rejected.append((i, too_late_reason(ev.key[0], twins[c]) if verdict == TOO_LATE else verdict))
                 adm.causes["too_late"] += 1
             else:
                 adm.accepted.setdefault(c, []).append(ev)

@@ -73,6 +73,8 @@ class TwinState(_Frozen):
 class Reject(_Frozen):
     idempotency_key: str | None
     reason: str
+    index: int | None = Field(None, description="the event's position in the list given to `TwinService.ingest` "
+                              "(None for events from a stream, a table or a file)")
 
 
 class IngestReport(_Frozen):

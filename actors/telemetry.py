@@ -235,10 +235,16 @@ def _python_rows(table: pa.Table) -> list[dict[str, Any]]:
         return table.to_pylist()
 
 
+ROW_COLUMN = "_row"
+"""An optional column of a validated table sent to a shard: each event's position in the caller's list,
+which the shard's rejects carry back (`actors.state.Reject.index`)."""
+
+
 def row_event(table: pa.Table, i: int) -> TelemetryEvent:
     """Row `i` of a validated table as a `TelemetryEvent` (for the rare row that needs one), judged by
     the clock it was validated at (its ingest time), not by this process's."""
     row = table.slice(i, 1).to_pylist()[0]
+    row.pop(ROW_COLUMN, None)
     return TelemetryEvent.model_validate({**row, "measurements": dict(row["measurements"])},
                                          context={"now": row["ingest_time"]})
 

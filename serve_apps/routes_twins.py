@@ -50,7 +50,7 @@ def register(app: FastAPI) -> None:
                                 details=[{"index": i, "field": "ingest_time"} for i in stamped])
         asset_type, _ = await svc.backend.call("model_of", who.tenant, asset_id)
         await check_sender_version(svc, who.tenant, asset_id, asset_type, type_version)
-        valid, rejections = _validate_events(asset_id, body.events, asset_type, datetime.now(UTC))
+        valid, positions, rejections = _validate_events(asset_id, body.events, asset_type, datetime.now(UTC))
         report = {"accepted": 0, "duplicates": 0, "rejected": 0, "reasons": []}
         if valid:
             report = await svc.backend.call("ingest", who.tenant, valid)
@@ -59,7 +59,8 @@ def register(app: FastAPI) -> None:
         return IngestResult(
             accepted=report["accepted"], duplicates=report["duplicates"],
             rejected=report["rejected"] + len(rejections),
-            reasons=rejections + [Rejection(**r) for r in report["reasons"]],
+            reasons=sorted(rejections + [Rejection(**{**r, "index": None if r["index"] is None else positions[r["index"]]})
+                                         for r in report["reasons"]], key=lambda r: (r.index is None, r.index or 0)),
         )
 
     @app.get("/v1/assets/{asset_id}/state", response_model=TwinState, tags=tags)
@@ -100,9 +101,10 @@ def register(app: FastAPI) -> None:
 
 
 def _validate_events(asset_id: str, events: list[dict[str, Any]], asset_type: AssetType, now: datetime
-                     ) -> tuple[list[TelemetryEvent], list[Rejection]]:
-    """Valid events, stamped with ingest time `now` (which also decides what is from the future), and rejections."""
-    valid, rejections = [], []
+                     ) -> tuple[list[TelemetryEvent], list[int], list[Rejection]]:
+    """Valid events, stamped with ingest time `now` (which also decides what is from the future), their
+    positions in the request, and rejections."""
+    valid, positions, rejections = [], [], []
     for i, raw in enumerate(events):
         key = raw.get("idempotency_key") if isinstance(raw.get("idempotency_key"), str) else None
         try:
@@ -114,4 +116,5 @@ def _validate_events(asset_id: str, events: list[dict[str, Any]], asset_type: As
             rejections.append(Rejection(index=i, idempotency_key=key, reason=describe_error(exc)))
             continue
         valid.append(event)
-    return valid, rejections
+        positions.append(i)
+    return valid, positions, rejections

@@ -213,6 +213,16 @@ def test_telemetry_is_validated_and_idempotent(api, http, building):
     assert report["reasons"][0]["index"] == 5 and "pressure" in report["reasons"][0]["reason"]
     again = http.post(f"/v1/assets/{building}/telemetry", json={"events": batch}, headers=writer).json()
     assert (again["accepted"], again["duplicates"], again["rejected"]) == (0, 5, 1)
+    # every rejected event is named by its position, whichever check refused it (the API's or the twin's)
+    conflicting = {**batch[1], "measurements": {"T_in": {"value": 99.0, "unit": "degC"}}}
+    old = {**batch[0], "sequence": 7, "event_time": (T0 - timedelta(hours=2)).isoformat()}
+    mixed = http.post(f"/v1/assets/{building}/telemetry", headers=writer,
+                      json={"events": [batch[5], conflicting, events(1, start=6)[0], old]}).json()
+    assert (mixed["accepted"], mixed["rejected"]) == (1, 3)
+    (invalid, conflict, late) = mixed["reasons"]
+    assert [invalid["index"], conflict["index"], late["index"]] == [0, 1, 3] and "'pressure'" in invalid["reason"]
+    assert conflict["reason"].startswith("conflict: ") and late["reason"].startswith("too late: event time ")
+    assert "send events within the lateness window" in late["reason"]
 
 
 def test_state_now_and_in_the_past(api, http, building):
