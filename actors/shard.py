@@ -321,8 +321,7 @@ class TwinShard(LiveModelOps):
         adm = self._admit(tenant, batch, assets, twins, code, values, normalized.misfit, si_values)
         accepted = adm.accepted
         rejects = [self._reject(batch, i, reason, twins[code[i]]) for i, reason in adm.rejected]
-        positions = (batch.column(ROW_COLUMN).to_pylist() if ROW_COLUMN in batch.column_names
-                     else [None] * batch.num_rows)
+        positions = batch.column(ROW_COLUMN).to_pylist() if rejects and ROW_COLUMN in batch.column_names else None
 
         columns = [batch.column(n) for n in ("asset_id", "event_time", "sequence", "idempotency_key", "quality")]
         log_rows = pa.table([*columns, si_values, batch.column("ingest_time")],
@@ -356,7 +355,7 @@ class TwinShard(LiveModelOps):
                      self.index, tenant, len(rejects), rejects[0]["reason"])
         return IngestReport(
             accepted=n_accepted, duplicates=adm.duplicates, rejected=len(rejects), conflicts=adm.conflicts,
-            reasons=[Reject(idempotency_key=r["idempotency_key"], reason=r["reason"], index=positions[i])
+            reasons=[Reject(idempotency_key=r["idempotency_key"], reason=r["reason"], index=positions and positions[i])
                      for r, (i, _) in zip(rejects, adm.rejected)],
             states=[twins[c].view() for c in accepted] if states else [],
         )
