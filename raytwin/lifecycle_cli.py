@@ -39,7 +39,8 @@ def _run(call: Callable[[], T]) -> T:
     try:
         return call()
     except RegistryError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        where = f" (registry {exc.registry_url})" if exc.registry_url else ""
+        typer.echo(f"error: {exc}{where}", err=True)
         raise typer.Exit(1) from None
     except ValidationError as exc:
         typer.echo(f"error: {describe_error(exc)}", err=True)

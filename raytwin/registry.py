@@ -33,7 +33,12 @@ ALLOW_CODE_CHANGE_ENV = "RAYTWIN_ALLOW_MODEL_CODE_CHANGE"
 
 
 class RegistryError(ValueError):
-    """A refused registration or an unknown model reference."""
+    """A refused registration or an unknown model reference. The message never names where the
+    registry lies (the HTTP API answers with it); `registry_url` does, for logs and the CLI."""
+
+    def __init__(self, message: str, registry_url: str | None = None):
+        super().__init__(message)
+        self.registry_url = registry_url
 
 
 class ModelCodeChanged(RegistryError):
@@ -157,7 +162,7 @@ class ModelRegistry:
         fs, path = filesystem(simulator)
         if fs.protocol != self.fs.protocol or not path.startswith(f"{self.root}/fmus/"):
             raise RegistryError(f"{ref}: FMU {simulator} is not stored in this registry; store it first with "
-                                f"raytwin.fmu.store_fmu(path, {self.url!r}) and use the model it returns")
+                                "raytwin.fmu.store_fmu(path, registry_url) and use the model it returns", self.url)
 
     def _read(self, name: str, version: str, digest: str) -> ModelArtifact:
         artifact = ModelArtifact.model_validate_json(self.fs.cat_file(self._blob(digest)))
@@ -173,7 +178,7 @@ class ModelRegistry:
         name, version = parse_ref(ref)
         pointer = self._pointer(name, version)
         if not self.fs.exists(pointer):
-            raise RegistryError(f"no model {ref} in {self.url}")
+            raise RegistryError(f"no model {ref} in this registry", self.url)
         digest = json.loads(self.fs.cat_file(pointer))["sha256"]
         self.fs.rm(pointer)
         shared = any(json.loads(self.fs.cat_file(self._pointer(n, v)))["sha256"] == digest
@@ -192,7 +197,8 @@ class ModelRegistry:
         pointer = self._pointer(name, version)
         if not self.fs.exists(pointer):
             known = self.versions(name)
-            raise RegistryError(f"no model {ref} in {self.url}" + (f"; versions: {known}" if known else ""))
+            raise RegistryError(f"no model {ref} in this registry" + (f"; versions: {known}" if known else ""),
+                                self.url)
         artifact = self._read(name, version, json.loads(self.fs.cat_file(pointer))["sha256"])
         if (change := artifact.code_change()) is not None:
             if allow_code_change is None:

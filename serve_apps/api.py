@@ -38,9 +38,12 @@ from serve_apps.schemas import Health
 API_VERSION = "1.0.0"
 
 
-def create_api(max_body_bytes: int = 1_048_576, admission: Admission | None = None) -> FastAPI:
+def create_api(max_body_bytes: int = 1_048_576, admission: Admission | None = None,
+               behind_serve: bool = False) -> FastAPI:
     """The API; `admission`: the replica's overload gate (`serve_apps.admission`), outermost, so a
-    refusal costs neither the body nor authentication. None: no gate (OpenAPI, in-process use)."""
+    refusal costs neither the body nor authentication. None: no gate (OpenAPI, in-process use).
+    `behind_serve`: in a Serve replica, where Serve may have made up the ``X-Request-ID`` (see
+    `serve_apps.limits.BodyLimitMiddleware`)."""
     app = FastAPI(
         title="RayTwin API", version=API_VERSION, responses=ERROR_RESPONSES,
         description=("Live digital twins and what-if scenarios. Authenticate with `Authorization: Bearer <key>`; "
@@ -52,7 +55,7 @@ def create_api(max_body_bytes: int = 1_048_576, admission: Admission | None = No
     install_error_handlers(app)
     app.add_middleware(RequestObserver)
     app.add_middleware(ApiDeprecationHeaders)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes, behind_serve=behind_serve)
     if admission is not None:
         app.add_middleware(AdmissionGate, limits=admission)
     _ops_routes(app)

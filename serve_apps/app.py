@@ -1,6 +1,6 @@
 """The Serve application: `build_app(args)` -> HTTP ingress (autoscaled) + one stateful backend.
 
-Used by ``raytwin serve start``, by ``serve run serve_apps.app:build_app store_url=... keys_file=...``
+Used by ``raytwin serve``, by ``serve run serve_apps.app:build_app store_url=... keys_file=...``
 and by the KubeRay RayService manifest (``import_path: serve_apps.app:build_app`` with ``args``).
 """
 
@@ -50,7 +50,7 @@ class Ingress:
 
     def __serve_build_asgi_app__(self):
         config = self.services.config
-        app = create_api(config.max_body_bytes, config.admission)
+        app = create_api(config.max_body_bytes, config.admission, behind_serve=True)
         app.state.services = self.services
         return app
 

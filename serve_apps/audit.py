@@ -22,7 +22,8 @@ class AuditRecord(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     time: datetime
     request_id: str | None = Field(description="the server's id of the request (X-RayTwin-Request-ID)")
-    client_request_id: str | None = Field(None, description="the incoming X-Request-ID, if 1-128 printable chars")
+    client_request_id: str | None = Field(None, description="the client's own X-Request-ID if 1-128 printable "
+                                          "chars, else none; never one Serve's proxy made up")
     key_id: str
     tenant: str
     role: str

@@ -36,7 +36,7 @@ from serve_apps.config import ServeConfig
 from serve_apps.connector_ops import ConnectorOps
 from serve_apps.errors import NotFound, Unprocessable
 from serve_apps.evolution import TypeEvolution
-from serve_apps.jobs import Job, JobQueue, Work
+from serve_apps.jobs import Job, JobQueue, JobRecord, Work
 from serve_apps.query_schemas import AssetGraph, BulkRequest
 from serve_apps.recalibration import TenantState
 from serve_apps.recalibration_jobs import RecalibrationJobs
@@ -160,6 +160,7 @@ class Backend:
     def update_asset(self, asset: Asset, pre: Precondition) -> int:
         """Replace the asset if `pre` holds (compare-and-set under the lock); its new revision."""
         with self._lock:
+            self.type_evolution.require_version(asset.tenant, [asset.type_name], asset.type_version)
             artifact = self._checked_artifact(asset, None)  # metadata the twin would refuse: 422, nothing changed
             before: list[Asset] = []
 
@@ -228,7 +229,7 @@ class Backend:
         """From memory only: streams read older changes from the store themselves."""
         return self.changes.read(tenant, after, limit)
 
-    def _job_finished(self, job: Job) -> None:
+    def _job_finished(self, job: JobRecord) -> None:
         type_name, _, type_version = job.model_ref.partition("@")
         self.changes.record(job.tenant, [{
             "kind": f"job.{job.state}", "asset_id": job.asset_id or None, "type_name": type_name or None,
@@ -352,7 +353,8 @@ class Backend:
     async def submit_bulk(self, caller: Caller, request: BulkRequest, asset_ids: list[str]) -> Job:
         return self.jobs.submit_bulk(BulkWork(caller, request, asset_ids, self, self.audit))
 
-    async def get_job(self, tenant: str, job_id: str) -> Job:
+    async def get_job(self, tenant: str, job_id: str) -> JobRecord:
+        """The record, store location included: routes answer its `status()`."""
         return self.jobs.get(tenant, job_id)
 
     async def job_stats(self) -> dict[str, Any]:

@@ -152,12 +152,22 @@ def keys_create(
 
 
 @serve_app.command("openapi")
-def openapi(out: Annotated[Path, typer.Option(help="Where to write the document.")] = Path("serve_apps/openapi.json")
-            ) -> None:
-    """Write the OpenAPI document of the API (committed as serve_apps/openapi.json)."""
+def openapi(out: Annotated[Path | None, typer.Option(
+        help="Write the document to this file instead of standard output (the repository's copy: "
+             "--out serve_apps/openapi.json).", show_default=False)] = None) -> None:
+    """Print the OpenAPI document of the API, or write it to --out; standard output by default, so the
+    command works in any directory (the committed copy is regenerated with --out serve_apps/openapi.json)."""
     from serve_apps.api import create_api
 
-    out.write_text(json.dumps(create_api().openapi(), indent=2, sort_keys=True) + "\n")
+    document = json.dumps(create_api().openapi(), indent=2, sort_keys=True) + "\n"
+    if out is None:
+        typer.echo(document, nl=False)
+        return
+    try:
+        out.write_text(document)
+    except OSError as exc:  # one line, no traceback: the path is the user's to fix
+        typer.echo(f"error: --out {out}: {exc.strerror}; give a file in an existing, writable directory", err=True)
+        raise typer.Exit(2) from None
     typer.echo(f"wrote {out}")
 
 

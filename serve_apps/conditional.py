@@ -33,9 +33,10 @@ class EntityTags:
     raw: str = ""
 
     @classmethod
-    def parse(cls, value: str | None) -> EntityTags | None:
-        """None for an absent header. Weak (``W/"3"``) and malformed tags never match a strong
-        comparison, as RFC 9110 requires for writes; the 412 message then shows the expected form."""
+    def parse(cls, value: str | None, weak: bool = False) -> EntityTags | None:
+        """None for an absent header. Malformed tags never match. Weak tags (``W/"3"``) match only
+        with `weak`: RFC 9110 (13.1.2) compares If-None-Match weakly, since a cache or proxy may have
+        weakened the ETag, while If-Match compares strongly; the 412 message then shows the expected form."""
         if value is None:
             return None
         if value.strip() == "*":
@@ -43,6 +44,8 @@ class EntityTags:
         found = set()
         for tag in value.split(","):
             tag = tag.strip()
+            if weak:
+                tag = tag.removeprefix("W/")
             if len(tag) > 2 and tag[0] == tag[-1] == '"' and tag[1:-1].isdigit():
                 found.add(int(tag[1:-1]))
         return cls(revisions=frozenset(found), raw=value)
@@ -64,12 +67,17 @@ class Precondition:
 
     def check(self, current: int | None, what: str) -> None:
         """Evaluate against the resource's current revision (None: it does not exist)."""
-        if self.if_match is not None and not self.if_match.matches(current):
-            state = "does not exist" if current is None else f"is at revision {current} (ETag {etag(current)})"
+        if self.if_match is not None and current is None:
             raise PreconditionFailed(
-                f"{what} {state}, which does not match If-Match: {self.if_match.raw}; nothing was changed. "
-                f"Read it again (GET returns its ETag), reapply your change and send If-Match with that ETag, "
-                f"quoted as returned, e.g. If-Match: {etag(current or 1)}",
+                f"{what} does not exist, so If-Match: {self.if_match.raw} (a condition on an existing one) does "
+                "not hold; nothing was changed. Check the id, or create it first (POST, or for an asset PUT with "
+                "If-None-Match: *)",
+                details=[{"header": "If-Match", "current_revision": None}])
+        if self.if_match is not None and not self.if_match.matches(current):
+            raise PreconditionFailed(
+                f"{what} is at revision {current} (ETag {etag(current)}), which does not match If-Match: "
+                f"{self.if_match.raw}; nothing was changed. Read it again (GET returns its ETag), reapply your "
+                f"change and send If-Match with that ETag, quoted as returned, e.g. If-Match: {etag(current)}",
                 details=[{"header": "If-Match", "current_revision": current}])
         if self.if_none_match is not None and self.if_none_match.matches(current):
             raise PreconditionFailed(
@@ -82,7 +90,7 @@ def not_modified(if_none_match: str | None, revision: int) -> Response | None:
     """304 for a conditional read whose `If-None-Match` names the current revision (or `*`): the
     client's copy is current, nothing is sent again. Catalog revisions only grow, so a tag never
     names an older or a deleted-and-recreated resource."""
-    tags = EntityTags.parse(if_none_match)
+    tags = EntityTags.parse(if_none_match, weak=True)
     if tags is None or not (tags.any or revision in tags.revisions):
         return None
     return Response(status_code=304, headers={"ETag": etag(revision)})
@@ -94,4 +102,4 @@ async def precondition(
     if_none_match: str | None = Header(None, description="`*`: create only, 412 if the resource exists"),
 ) -> Precondition:
     """A route dependency: the request's preconditions (evaluated where the write happens)."""
-    return Precondition(EntityTags.parse(if_match), EntityTags.parse(if_none_match))
+    return Precondition(EntityTags.parse(if_match), EntityTags.parse(if_none_match, weak=True))

@@ -11,25 +11,53 @@ replica (read once at start, written through); the API version's mark is configu
 from __future__ import annotations
 
 import json
+import logging
 from datetime import datetime
 from email.utils import format_datetime
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, ValidationError, field_validator, model_validator
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from raytwin.contracts import DateTime
+from raytwin.contracts import DateTime, describe_error
 from raytwin.fields import Contract
 from raytwin.storage import canonical_json, filesystem
+
+log = logging.getLogger("raytwin.serve.deprecation")
+
+LINK_DELIMITERS = '<>";,'
+"""Characters that end a URL in a ``Link`` header or start another parameter or link there."""
 
 
 class Deprecation(Contract):
     """A deprecation mark: since when, until when it keeps working, where to read how to move on."""
 
     deprecated_at: DateTime = Field(description="Since when it is deprecated (RFC 3339)")
-    sunset: DateTime | None = Field(None, description="When it may stop working (RFC 3339); none: not decided")
-    link: str | None = Field(None, max_length=2000, pattern=r"^https?://\S+$",
-                             description="A page on how to move off it (sent as Link: <...>; rel=\"deprecation\")")
+    sunset: DateTime | None = Field(None, description="When it may stop working (RFC 3339, not before "
+                                    "deprecated_at); none: not decided")
+    link: str | None = Field(None, max_length=2000, pattern=r"^https?://.+",
+                             description="A page on how to move off it (sent as Link: <...>; rel=\"deprecation\"): "
+                             "printable ASCII without spaces or any of <>\";, (percent-encode them)")
+
+    @field_validator("link")
+    @classmethod
+    def _one_plain_url(cls, link: str | None) -> str | None:
+        """The link is sent as is inside ``Link: <...>; rel="deprecation"``: a delimiter there would let the
+        admin's text add parameters or other links, and a non-ASCII character cannot be sent in a header."""
+        bad = sorted({c for c in link or "" if c in LINK_DELIMITERS or not "!" <= c <= "~"})
+        if bad:
+            raise ValueError(f"characters not allowed in link: {' '.join(map(repr, bad))} (whitespace, control and "
+                             f"non-ASCII characters and {LINK_DELIMITERS} would end the URL or add parameters or "
+                             "links to the Link header); percent-encode them, e.g. a space as %20, ',' as %2C")
+        return link
+
+    @model_validator(mode="after")
+    def _sunset_not_before_deprecation(self) -> Deprecation:
+        if self.sunset is not None and self.sunset < self.deprecated_at:
+            raise ValueError(f"sunset {self.sunset.isoformat()} is before deprecated_at "
+                             f"{self.deprecated_at.isoformat()}: a version stops working only after it was "
+                             "deprecated; give a later sunset, or none while it is not decided")
+        return self
 
     def headers(self) -> dict[str, str]:
         """The response headers that announce it."""
@@ -57,8 +85,13 @@ class TypeDeprecations:
             for path in self.fs.find(self.root):
                 if path.endswith(".json"):
                     tenant, name = path[len(self.root) + 1:].split("/")[:2]
-                    self.marks[(tenant, name.removesuffix(".json"))] = Deprecation.model_validate(
-                        json.loads(self.fs.cat_file(path)))
+                    try:
+                        mark = Deprecation.model_validate(json.loads(self.fs.cat_file(path)))
+                    except ValidationError as exc:  # stored before the checks it now fails: one must not stop the rest
+                        log.error("event=deprecation_skipped path=%s error=%s; PUT the type version's deprecation "
+                                  "again", path, describe_error(exc))
+                        continue
+                    self.marks[(tenant, name.removesuffix(".json"))] = mark
 
     def _path(self, tenant: str, key: str) -> str:
         return f"{self.root}/{tenant}/{key}.json"

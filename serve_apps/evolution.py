@@ -10,6 +10,7 @@ then the asset's new type version is written and recorded in the change log (`as
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 from actors.state import UnknownTwin
@@ -25,7 +26,7 @@ log = logging.getLogger("raytwin.serve.evolution")
 
 
 class TypeEvolution:
-    OPS = frozenset({"migrate", "deprecate", "undeprecate", "deprecation", "deprecation_of_asset"})
+    OPS = frozenset({"migrate", "require_version", "deprecate", "undeprecate", "deprecation", "deprecation_of_asset"})
 
     def __init__(self, backend: Backend):
         self.backend = backend
@@ -40,9 +41,7 @@ class TypeEvolution:
             pre.check(catalog.revision(tenant, "assets", asset_id), f"asset {asset_id}")  # before the twin moves
             if request.type_version == asset.type_version:
                 raise Unprocessable(f"asset {asset_id} is already on {asset.type_name}@{asset.type_version}")
-            if f"{asset.type_name}@{request.type_version}" not in {t.key for t in catalog.list_types(tenant, asset.type_name)}:
-                raise Unprocessable(f"asset type {asset.type_name}@{request.type_version} does not exist; publish it "
-                                    "first (POST /v1/asset-types)")
+            self.require_version(tenant, [asset.type_name], request.type_version)
             moved = asset.model_copy(update={"type_version": request.type_version})
             source = b._artifact(tenant, asset).model()
             target = b._checked_artifact(moved, None)
@@ -73,6 +72,18 @@ class TypeEvolution:
             "inverse": None if inverse is None else {
                 "type_version": asset.type_version, "states": {k: v.model_dump(mode="json") for k, v in inverse.items()}},
         }
+
+    def require_version(self, tenant: str, type_names: Iterable[str], version: str) -> None:
+        """422 unless every named type has `version` published: asked before anything moves (a migration,
+        a bulk retype at submission, each asset update), so a missing version is the client's to fix,
+        never an internal error. A read of the catalog: callers that write hold the lock."""
+        published = self.backend.catalog.types.get(tenant, {})
+        missing = sorted({key for name in type_names if (key := f"{name}@{version}") not in published})
+        if len(missing) == 1:
+            raise Unprocessable(f"asset type {missing[0]} does not exist; publish it first (POST /v1/asset-types)")
+        if missing:
+            raise Unprocessable(f"asset types {', '.join(missing)} do not exist; publish them first "
+                                "(POST /v1/asset-types)")
 
     def deprecate(self, tenant: str, name: str, version: str, mark: Deprecation) -> None:
         with self.backend._lock:

@@ -7,6 +7,10 @@ whose simulator is an FMU, run by `fmu_sweep_to_store`), or a bulk operation on 
 the store, so they outlive replicas. At most `max_concurrent_jobs` run at once; the rest wait
 in order ("queued"). Job records are JSON on the store (``{store}/jobs/{tenant}/{job_id}/job.json``):
 a job that was queued or running when the backend restarted is marked failed, not silently lost.
+
+A record (`JobRecord`) knows where its results lie on the store; its status as the API answers it
+(`Job`) names them by API paths only, and a job that failed on an unexpected error says so without
+the error's text (which may name store paths): the cause is in the log, under the job id.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ JobState = Literal["queued", "running", "succeeded", "failed"]
 JOB_STATES: tuple[str, ...] = ("queued", "running", "succeeded", "failed")
 
 
-class Job(BaseModel):
+class _JobFields(BaseModel):
     model_config = ConfigDict(extra="forbid")
     job_id: str
     kind: Literal["scenario", "sweep", "bulk"]
@@ -54,10 +58,30 @@ class Job(BaseModel):
     finished: datetime | None = None
     error: str | None = None
     run_id: str | None = Field(None, description="sweeps: the run record (`raytwin rerun RUN_ID`)")
-    result_url: str | None = None
     compute_s: float | None = None
     quantiles: list[dict[str, Any]] = Field(default_factory=list)
     bulk: BulkProgress | None = Field(None, description="bulk jobs: items done so far, by outcome")
+
+
+class Job(_JobFields):
+    """A job's status as the API answers it: its results by API path, never by store location."""
+
+    results_url: str | None = Field(None, description="scenario and sweep jobs: quantiles and rows once it "
+                                    "succeeded (409 before); its Parquet files at `/v1/jobs/{job_id}/files`")
+    report_url: str | None = Field(None, description="bulk jobs: each item's outcome once it succeeded (409 before)")
+
+
+class JobRecord(_JobFields):
+    """A job as the queue keeps it (``job.json``): its status and where its results lie on the store
+    (`result_url`, for the routes that read them and for operators; `status` leaves it out)."""
+
+    result_url: str | None = None
+
+    def status(self) -> Job:
+        """What `GET /v1/jobs/{job_id}` answers."""
+        path = f"/v1/jobs/{self.job_id}"
+        links = {"report_url": f"{path}/report"} if self.kind == "bulk" else {"results_url": f"{path}/results"}
+        return Job(**self.model_dump(exclude={"result_url"}), **links)
 
 
 Work = PreparedScenario | SweepSpec | FmuSweepSpec | BulkWork
@@ -66,12 +90,13 @@ Work = PreparedScenario | SweepSpec | FmuSweepSpec | BulkWork
 class JobQueue:
     """The job table and FIFO queue (lives in the `Backend` replica; methods run on its event loop)."""
 
-    def __init__(self, config: ServeConfig, max_concurrent: int, on_finish: Callable[[Job], None] | None = None):
+    def __init__(self, config: ServeConfig, max_concurrent: int,
+                 on_finish: Callable[[JobRecord], None] | None = None):
         self.config = config
         self.on_finish = on_finish
         self.fs, self.root = filesystem(config.url("jobs"), config.storage_options)
         self.max_concurrent = max_concurrent
-        self.jobs: dict[str, Job] = {}
+        self.jobs: dict[str, JobRecord] = {}
         self.pending: deque[tuple[str, Work]] = deque()
         self.running = 0
         self._recover()
@@ -81,25 +106,25 @@ class JobQueue:
         if not self.fs.exists(self.root):
             return
         for path in self.fs.glob(f"{self.root}/*/*/job.json"):
-            job = Job.model_validate_json(self.fs.cat_file(path))
+            job = JobRecord.model_validate_json(self.fs.cat_file(path))
             if job.state in ("queued", "running"):
                 job = job.model_copy(update={"state": "failed", "finished": datetime.now(UTC),
                                              "error": "the job service restarted before this job finished; resubmit"})
                 self._save(job)
             self.jobs[job.job_id] = job
 
-    def _dir(self, job: Job) -> str:
+    def _dir(self, job: JobRecord) -> str:
         return f"{self.root}/{job.tenant}/{job.job_id}"
 
-    def _save(self, job: Job) -> None:
+    def _save(self, job: JobRecord) -> None:
         self.fs.makedirs(self._dir(job), exist_ok=True)
         self.fs.pipe_file(f"{self._dir(job)}/job.json", job.model_dump_json(indent=2).encode())
 
     def submit(self, tenant: str, key_id: str, asset_id: str, model_ref: str, content_hash: str, work: Work) -> Job:
         sweep = isinstance(work, SweepSpec | FmuSweepSpec)
-        job = Job(job_id=uuid.uuid4().hex, kind="sweep" if sweep else "scenario", tenant=tenant, key_id=key_id,
-                  asset_id=asset_id, model_ref=model_ref, content_hash=content_hash,
-                  scenarios=work.space.size if sweep else 1, n_steps=work.n_steps, submitted=datetime.now(UTC))
+        job = JobRecord(job_id=uuid.uuid4().hex, kind="sweep" if sweep else "scenario", tenant=tenant,
+                        key_id=key_id, asset_id=asset_id, model_ref=model_ref, content_hash=content_hash,
+                        scenarios=work.space.size if sweep else 1, n_steps=work.n_steps, submitted=datetime.now(UTC))
         log.info("event=job_queued job_id=%s kind=%s tenant=%s scenarios=%d steps=%d", job.job_id, job.kind, tenant,
                  job.scenarios, job.n_steps)
         return self._enqueue(job, work)
@@ -107,28 +132,28 @@ class JobQueue:
     def submit_bulk(self, work: BulkWork) -> Job:
         """Queue a bulk operation (after the jobs queued before it)."""
         c = work.caller
-        job = Job(job_id=uuid.uuid4().hex, kind="bulk", tenant=c.tenant, key_id=c.key_id, asset_id="", model_ref="",
-                  content_hash="", scenarios=0, n_steps=0, submitted=datetime.now(UTC),
-                  bulk=BulkProgress(total=len(work.asset_ids)))
+        job = JobRecord(job_id=uuid.uuid4().hex, kind="bulk", tenant=c.tenant, key_id=c.key_id, asset_id="",
+                        model_ref="", content_hash="", scenarios=0, n_steps=0, submitted=datetime.now(UTC),
+                        bulk=BulkProgress(total=len(work.asset_ids)))
         log.info("event=job_queued job_id=%s kind=bulk action=%s tenant=%s items=%d", job.job_id,
                  work.request.action, c.tenant, len(work.asset_ids))
         return self._enqueue(job, work)
 
-    def _enqueue(self, job: Job, work: Work) -> Job:
+    def _enqueue(self, job: JobRecord, work: Work) -> Job:
         self.jobs[job.job_id] = job
         self._save(job)
         self.pending.append((job.job_id, work))
         self._publish()
         self._start_next()
-        return job
+        return job.status()
 
-    def write_file(self, job: Job, name: str, data: bytes) -> str:
+    def write_file(self, job: JobRecord, name: str, data: bytes) -> str:
         """Store a file of the job next to its record; its URL."""
         path = f"{self._dir(job)}/{name}"
         self.fs.pipe_file(path, data)
         return self.fs.unstrip_protocol(path)
 
-    def _launch(self, job: Job, work: Work) -> Awaitable[dict[str, Any]]:
+    def _launch(self, job: JobRecord, work: Work) -> Awaitable[dict[str, Any]]:
         if isinstance(work, BulkWork):
             return asyncio.ensure_future(work.run(job, self._save, self.write_file))
         if isinstance(work, SweepSpec | FmuSweepSpec):
@@ -149,20 +174,25 @@ class JobQueue:
             asyncio.get_running_loop().create_task(self._watch(job, ref))
         self._publish()
 
-    async def _watch(self, job: Job, ref: Awaitable[dict[str, Any]]) -> None:
+    async def _watch(self, job: JobRecord, ref: Awaitable[dict[str, Any]]) -> None:
         try:
             out = await ref
             job.state, job.quantiles, job.compute_s = "succeeded", out["quantiles"], out["compute_s"]
             job.result_url, job.run_id = out["result_url"], out["run_id"]
         except Exception as exc:  # a failed task fails its job, never the service
             err = unwrap(exc)
-            reason = f"{err.code}: {err.message}" if isinstance(err, ApiError) else f"{type(err).__name__}: {err}"
+            if isinstance(err, ApiError):
+                reason = f"{err.code}: {err.message}"
+            else:  # as for a request: the text (store paths, internals) is the operators', in the log
+                log.error("event=job_error job_id=%s tenant=%s", job.job_id, job.tenant, exc_info=err)
+                reason = f"internal error ({type(err).__name__}); quote the job_id when reporting it"
             job.state, job.error = "failed", reason.splitlines()[0][:500]
         job.finished = datetime.now(UTC)
         self.running -= 1
         self._save(job)
         self._publish()
-        log.info("event=job_%s job_id=%s compute_s=%s error=%s", job.state, job.job_id, job.compute_s, job.error)
+        log.info("event=job_%s job_id=%s compute_s=%s error=%s result_url=%s", job.state, job.job_id, job.compute_s,
+                 job.error, job.result_url)
         if self.on_finish is not None:
             try:
                 self.on_finish(job)
@@ -170,7 +200,8 @@ class JobQueue:
                 log.exception("event=job_notify_failed job_id=%s", job.job_id)
         self._start_next()
 
-    def get(self, tenant: str, job_id: str) -> Job:
+    def get(self, tenant: str, job_id: str) -> JobRecord:
+        """The tenant's job record (with its store location: answer `status()` to clients)."""
         job = self.jobs.get(job_id)
         if job is None or job.tenant != tenant:
             raise NotFound(f"job {job_id} not found")

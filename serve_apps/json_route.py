@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -72,10 +73,28 @@ async def _parsed(request: Request) -> Request:
                 error = TooDeeplyNested(f"the JSON body nests deeper than {MAX_JSON_DEPTH} levels",
                                         details=[{"max_depth": MAX_JSON_DEPTH}])
             else:
-                error = Unprocessable(f"<body>: malformed JSON: {exc}", details=[
+                problem = (f"NaN and Infinity are not JSON numbers and must not be sent ({exc}); send finite "
+                           "numbers only (Python's json.dumps writes them unless allow_nan=False)"
+                           if _non_finite_literal(body, str(exc)) else f"malformed JSON: {exc}")
+                error = Unprocessable(f"<body>: {problem}", details=[
                     {"loc": ["body"], "msg": f"JSON decode error: {exc}", "type": "json_invalid"}])
     request.state.body_error = error
     return _ParsedRequest(request, b"", None)
+
+
+_ERROR_AT = re.compile(r"at line (?P<line>\d+) column (?P<column>\d+)$")
+"""Where pydantic-core's JSON parser reports an error."""
+
+
+def _non_finite_literal(body: bytes, error: str) -> bool:
+    """Whether the parser stopped at a ``NaN``, ``Infinity`` or ``-Infinity`` literal: some encoders write
+    them for non-finite floats (Python's `json` does by default), and "expected value" does not say so."""
+    where = _ERROR_AT.search(error)
+    if where is None:
+        return False
+    line, column = int(where["line"]), int(where["column"])  # 1-based; columns count bytes
+    lines = body.split(b"\n")
+    return line <= len(lines) and lines[line - 1][column - 1:].startswith((b"NaN", b"Infinity"))
 
 
 def _is_json(content_type: str) -> bool:

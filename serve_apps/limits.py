@@ -16,12 +16,46 @@ import threading
 import time
 import uuid
 
+from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 
 REQUEST_ID_HEADER = b"x-raytwin-request-id"
 CLIENT_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
-"""What is kept of an incoming ``X-Request-ID``: 1-128 printable ASCII characters, no spaces."""
+"""What is kept of a client's ``X-Request-ID``: 1-128 printable ASCII characters, no spaces."""
+X_REQUEST_ID = b"x-request-id"
+CLIENT_ID_HEADER = b"x-raytwin-client-request-id"
+"""How the client's own ``X-Request-ID`` reaches an app behind Serve (`ClientRequestIdMarker`): empty
+when the client sent none."""
+
+
+class ClientRequestIdMarker:
+    """Pure ASGI middleware for Serve's HTTP servers: copies the client's ``X-Request-ID`` to
+    `CLIENT_ID_HEADER` (empty when it sent none), replacing any such header the client sent.
+
+    Serve's own ``RequestIdMiddleware`` (Ray 2.60, ``serve/_private/http_util.py``) fills a missing
+    ``X-Request-ID`` with an id it makes up before the request reaches a replica, so the app cannot
+    tell the client's id from Serve's. Serve applies the proxy callback's middlewares (see
+    `serve_apps.proxy_gate.proxy_middlewares`) outside its own, so this one sees the request as the
+    client sent it; the proxy forwards the changed headers to the replica with the request.
+    """
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != CLIENT_ID_HEADER]
+            given = next((v for k, v in headers if k.lower() == X_REQUEST_ID), b"")
+            scope = {**scope, "headers": [*headers, (CLIENT_ID_HEADER, given)]}
+        await self.app(scope, receive, send)
+
+
+def client_request_id_middlewares() -> list[Middleware]:
+    """A Serve proxy callback with `ClientRequestIdMarker` alone, for a Serve without RayTwin's overload gate
+    (``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=serve_apps.limits:client_request_id_middlewares``); RayTwin's
+    own callback, `serve_apps.proxy_gate.proxy_middlewares`, includes it."""
+    return [Middleware(ClientRequestIdMarker)]
 
 
 class BodyLimitMiddleware:
@@ -29,15 +63,17 @@ class BodyLimitMiddleware:
 
     The request id (``request.state.request_id``) is generated here, whatever the client sends:
     it is what the audit log, error bodies and the ``X-RayTwin-Request-ID`` response header
-    carry. The incoming ``X-Request-ID`` (the client's, or the one Serve's proxy assigned when the
-    client sent none; Serve echoes it in the response's ``X-Request-ID`` and its access log) is
-    kept as ``request.state.client_request_id`` only if it matches `CLIENT_REQUEST_ID`, else
-    dropped: a client cannot choose, forge or bloat the ids in the audit log.
+    carry. The client's own ``X-Request-ID`` is kept as ``request.state.client_request_id`` only
+    if it matches `CLIENT_REQUEST_ID`, else dropped: a client cannot choose, forge or bloat the ids
+    in the audit log. `behind_serve`: the app runs in a Serve replica, where ``X-Request-ID`` may be
+    one Serve made up, so the client's id is read from `CLIENT_ID_HEADER` (none without the proxy
+    callback that sets it); else (in-process) ``X-Request-ID`` is the client's.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    def __init__(self, app: ASGIApp, max_bytes: int, behind_serve: bool = False):
         self.app = app
         self.max_bytes = max_bytes
+        self.client_id_header = (CLIENT_ID_HEADER if behind_serve else X_REQUEST_ID).decode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -45,7 +81,7 @@ class BodyLimitMiddleware:
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         request_id = uuid.uuid4().hex
-        given = headers.get("x-request-id")
+        given = headers.get(self.client_id_header)
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         state["client_request_id"] = given if given and CLIENT_REQUEST_ID.fullmatch(given) else None

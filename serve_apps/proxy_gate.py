@@ -46,6 +46,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from raytwin import metrics
 from serve_apps.admission import STREAM_PATHS, Admission, overload_body
 from serve_apps.config import Autoscaling
+from serve_apps.limits import client_request_id_middlewares
 
 MAX_IN_FLIGHT_ENV = "RAYTWIN_PROXY_MAX_IN_FLIGHT"
 SATURATED_IN_FLIGHT_ENV = "RAYTWIN_PROXY_SATURATED_IN_FLIGHT"
@@ -152,14 +153,16 @@ class ProxyGate:
 
 def proxy_middlewares() -> list[Middleware]:
     """Serve's proxy callback (``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=serve_apps.proxy_gate:proxy_middlewares``):
-    the gate, sized by ``RAYTWIN_PROXY_MAX_IN_FLIGHT``, ``RAYTWIN_PROXY_SATURATED_IN_FLIGHT`` (unset: no lower
-    limit while refusing) and ``RAYTWIN_PROXY_RETRY_AFTER_S`` from the proxy's environment; in a replica's own
-    HTTP server by the ``RAYTWIN_REPLICA_*`` pair instead."""
+    `serve_apps.limits.ClientRequestIdMarker` (the client's own request id), then the gate, sized by
+    ``RAYTWIN_PROXY_MAX_IN_FLIGHT``, ``RAYTWIN_PROXY_SATURATED_IN_FLIGHT`` (unset: no lower limit while refusing)
+    and ``RAYTWIN_PROXY_RETRY_AFTER_S`` from the proxy's environment; in a replica's own HTTP server by the
+    ``RAYTWIN_REPLICA_*`` pair instead."""
     server, (full, saturated, default) = (
         ("replica", (REPLICA_MAX_IN_FLIGHT_ENV, REPLICA_SATURATED_IN_FLIGHT_ENV, DEFAULT_REPLICA_MAX_IN_FLIGHT))
         if _in_replica() else ("proxy", (MAX_IN_FLIGHT_ENV, SATURATED_IN_FLIGHT_ENV, DEFAULT_MAX_IN_FLIGHT)))
     limit = _setting(full, default)
-    return [Middleware(ProxyGate, max_in_flight=limit, retry_after_s=_setting(RETRY_AFTER_ENV, DEFAULT_RETRY_AFTER_S),
+    return [*client_request_id_middlewares(),  # Serve wraps each in the next: the gate stays outermost
+            Middleware(ProxyGate, max_in_flight=limit, retry_after_s=_setting(RETRY_AFTER_ENV, DEFAULT_RETRY_AFTER_S),
                        saturated_in_flight=_setting(saturated, limit), server=server)]
 
 

@@ -6,6 +6,7 @@ and `If-None-Match: *` (`serve_apps.conditional`), evaluated by the backend wher
 
 from __future__ import annotations
 
+from datetime import date
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Query, Request, Response
@@ -137,6 +138,12 @@ def register(app: FastAPI) -> None:
                         limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
                         who: Principal = ADMIN, svc: Services = SVC) -> list[dict[str, Any]]:
         """The tenant's audit records, oldest first (admin only)."""
+        if day is not None:
+            try:
+                date.fromisoformat(day)
+            except ValueError as exc:
+                raise Unprocessable(f"query.day: {day} is not a calendar date ({exc}); give a UTC day as "
+                                    "YYYY-MM-DD, e.g. 2026-01-05", details=[{"loc": ["query", "day"]}]) from None
         records = await run_in_threadpool(svc.audit.records, who.tenant, day, limit)
         return [r.model_dump(mode="json") for r in records]
 

@@ -32,7 +32,7 @@ from serve_apps.auth import Principal, Role
 from serve_apps.bulk import REPORT, Caller
 from serve_apps.deps import READER, SVC, WRITER, Services
 from serve_apps.errors import Conflict, Forbidden, NotFound, Unprocessable
-from serve_apps.jobs import Job
+from serve_apps.jobs import Job, JobRecord
 from serve_apps.query_schemas import (
     MAX_BULK_ITEMS,
     MAX_GRAPH_DEPTH,
@@ -116,13 +116,20 @@ def register(app: FastAPI) -> None:
             raise Forbidden(f"bulk {body.action} needs the admin role (like a single {body.action}); writers may tag")
         if body.action == "tag" and not (body.set or body.unset):
             raise Unprocessable("tag: give metadata keys to `set` and/or `unset`")
+        if body.action == "tag" and (both := sorted(body.set.keys() & set(body.unset))):
+            raise Unprocessable(f"tag: {both} in both `set` and `unset`; a key is either set or removed: "
+                                "keep each key in one of them", details=[{"in_set_and_unset": both}])
         if body.action == "retype" and body.type_version is None:
             raise Unprocessable("retype: give the `type_version` to move the assets to")
         expr, _, _ = _checked(QueryRequest(q=body.q))
-        ids = sorted(r.id for r in await _matching(request, svc, who.tenant, expr, False))
+        matched = await _matching(request, svc, who.tenant, expr, False)
+        ids = sorted(r.id for r in matched)
         if len(ids) > MAX_BULK_ITEMS:
             raise Unprocessable(f"the query matches {len(ids)} assets, more than {MAX_BULK_ITEMS} per bulk job: "
                                 "narrow it (e.g. by metadata) and submit several jobs")
+        if body.action == "retype":  # a version that does not exist: 422 now, as for one asset, not a failed job
+            await svc.backend.call("evolution", "require_version", who.tenant, sorted({r.type for r in matched}),
+                                   body.type_version)
         caller = Caller(who.tenant, who.key_id, who.role, getattr(request.state, "request_id", None))
         job: Job = await svc.backend.call("submit_bulk", caller, body, ids)
         await svc.record(request, who, "bulk.submit", job.job_id, q=body.q, operation=body.action, items=len(ids),
@@ -132,13 +139,16 @@ def register(app: FastAPI) -> None:
 
     @app.get("/v1/jobs/{job_id}/report", response_model=BulkReport, tags=["jobs"])
     async def bulk_report(job_id: str, who: Principal = READER, svc: Services = SVC) -> Any:
-        """The outcome of each item of a finished bulk job (409 until it finished)."""
-        job: Job = await svc.backend.call("get_job", who.tenant, job_id)
+        """The outcome of each item of a bulk job that succeeded (409 before; a failed job has none)."""
+        job: JobRecord = await svc.backend.call("get_job", who.tenant, job_id)
         if job.kind != "bulk":
             raise NotFound(f"job {job_id} is a {job.kind} job: it has no bulk report")
+        if job.state == "failed":
+            raise Conflict(f"job {job_id} failed: {job.error}; a failed job has no report (`bulk` in "
+                           f"GET /v1/jobs/{job_id} counts the items done before it failed)")
         if job.state != "succeeded":
-            raise Conflict(f"job {job_id} is {job.state}" + (f": {job.error}" if job.error else "")
-                           + "; the report is there once it succeeded")
+            raise Conflict(f"job {job_id} is {job.state}; its report is there once it succeeded: poll "
+                           f"GET /v1/jobs/{job_id}")
         path = svc.config.url("jobs", who.tenant, job_id, REPORT)
         return BulkReport.model_validate_json(await run_in_threadpool(svc.fs.cat_file, path))
 

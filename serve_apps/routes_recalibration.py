@@ -38,7 +38,10 @@ async def get_recalibration_policy(type_name: TypeName, who: Principal = READER,
     except PolicyError as exc:
         raise Unprocessable(str(exc)) from None
     if policy is None:
-        raise NotFound(f"no recalibration policy for asset type {type_name}: PUT one (admin)")
+        published = await svc.backend.call("list_types", who.tenant, type_name)
+        raise NotFound(f"no recalibration policy for asset type {type_name}: PUT one (admin)" if published else
+                       f"no asset type {type_name}, so no recalibration policy: publish the type "
+                       "(POST /v1/asset-types), then PUT its policy (admin)")
     return policy
 
 

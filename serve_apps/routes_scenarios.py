@@ -19,7 +19,7 @@ from raytwin.storage import filesystem
 from serve_apps.auth import Principal
 from serve_apps.deps import READER, SVC, WRITER, Services
 from serve_apps.errors import Conflict, NotFound, PayloadTooLarge, Unprocessable
-from serve_apps.jobs import Job
+from serve_apps.jobs import Job, JobRecord
 from serve_apps.scenarios import AssetSweep, fmu_sweep_spec, is_fmu, prepare, run, sweep_spec, sweep_to_store
 from serve_apps.schemas import JobAccepted, ResultFile, ScenarioRun, SweepResult
 from sweeps.aggregate import open_dataset
@@ -76,7 +76,7 @@ def register(app: FastAPI) -> None:
                                     "use mode=async or mode=auto")
             fmu_spec = await run_in_threadpool(fmu_sweep_spec, body, who.tenant, registry_url, artifact, live)
             return await _queue(request, who, svc, "sweep", body.asset_id, artifact, fmu_spec, details)
-        spec = sweep_spec(body, who.tenant, registry_url, artifact, live)
+        spec = await run_in_threadpool(sweep_spec, body, who.tenant, registry_url, artifact, live)
         if not _inline(svc, mode, body.work):
             return await _queue(request, who, svc, "sweep", body.asset_id, artifact, spec, details)
         out = await sweep_to_store.remote(spec, svc.config.url("runs", who.tenant), svc.config.storage_options,
@@ -87,8 +87,10 @@ def register(app: FastAPI) -> None:
                            scenarios=body.space.size, n_steps=spec.n_steps, rows=rows, quantiles=out["quantiles"])
 
     @app.get("/v1/jobs/{job_id}", response_model=Job, tags=tags)
-    async def job_status(job_id: str, who: Principal = READER, svc: Services = SVC) -> Any:
-        return await svc.backend.call("get_job", who.tenant, job_id)
+    async def job_status(job_id: str, who: Principal = READER, svc: Services = SVC) -> Job:
+        """The job's state, progress and results' API paths (never where the store keeps them)."""
+        job: JobRecord = await svc.backend.call("get_job", who.tenant, job_id)
+        return job.status()
 
     @app.get("/v1/jobs/{job_id}/results", response_model=SweepResult, tags=tags)
     async def job_results(job_id: str, limit: ROW_LIMIT = 1000, who: Principal = READER,
@@ -156,8 +158,8 @@ async def _queue(request: Request, who: Principal, svc: Services, kind: str, ass
     return JSONResponse(accepted.model_dump(), status_code=202, headers={"Location": accepted.status_url})
 
 
-async def _finished(svc: Services, who: Principal, job_id: str) -> Job:
-    job: Job = await svc.backend.call("get_job", who.tenant, job_id)
+async def _finished(svc: Services, who: Principal, job_id: str) -> JobRecord:
+    job: JobRecord = await svc.backend.call("get_job", who.tenant, job_id)
     if job.state != "succeeded":
         raise Conflict(f"job {job_id} is {job.state}" + (f": {job.error}" if job.error else ""),
                        details=[{"state": job.state}])

@@ -194,12 +194,14 @@ def _spec_fields(sweep: AssetSweep, tenant: str, registry_url: str, artifact: Mo
 
 def sweep_spec(sweep: AssetSweep, tenant: str, registry_url: str, artifact: ModelArtifact,
                live_state: dict[str, float] | None) -> SweepSpec:
-    """The `SweepSpec` for an asset sweep (422 on names the model or its sweep kit lacks, or on an
-    explicit start state outside the asset type's plausible ranges)."""
+    """The `SweepSpec` for an asset sweep, checked before it runs or is queued (422 on names the model
+    or its sweep kit lacks, values outside the parameters' bounds or the plausible ranges, a step beyond
+    the stability limit of its parameter box, or an explicit start state outside the asset type's
+    plausible ranges). Blocking (the stability check may compile): call it off the event loop."""
     fields = _spec_fields(sweep, tenant, registry_url, artifact, live_state)
     try:
         spec = SweepSpec(**fields, trajectories=sweep.trajectories)
-        spec.check_names(artifact.asset_type.simulator)
+        spec.check_against(artifact.asset_type.simulator, artifact.parameters)
     except (ValidationError, ValueError) as exc:
         raise Unprocessable(describe_error(exc)) from None
     return spec

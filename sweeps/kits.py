@@ -25,11 +25,12 @@ Models without a registered kit get `Kit.generic`: each input held at its declar
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from raytwin import units
 from raytwin.fields import Contract, Finite
@@ -40,11 +41,21 @@ from sweeps.space import Dimension
 
 
 class KitParameter(Contract):
-    """A named, sweepable value used by the kit's signals or metric thresholds."""
+    """A named, sweepable value used by the kit's signals or metric thresholds. `lower` and `upper`
+    bound the plausible values (a setpoint: those of the state it controls): a sweep that sets one
+    outside them is refused, since its results would look like valid data."""
 
     default: Finite
     unit: str = ""
     description: str = ""
+    lower: float = -math.inf
+    upper: float = math.inf
+
+    @model_validator(mode="after")
+    def _ordered(self) -> KitParameter:
+        if not self.lower <= self.upper:
+            raise ValueError(f"need lower <= upper, got [{self.lower}, {self.upper}]")
+        return self
 
 
 @dataclass(frozen=True)
@@ -151,10 +162,11 @@ class Kit:
 
     @classmethod
     def generic(cls, model: Model) -> Kit:
-        """Inputs held at their nominal values (one sweepable parameter per input, named after it);
-        metrics: min, max and final value of each state."""
+        """Inputs held at their nominal values (one sweepable parameter per input, named after it, with
+        the input's plausible range); metrics: min, max and final value of each state."""
         held = {i.name: KitParameter(default=0.0 if i.nominal is None else i.nominal, unit=i.unit,
-                                     description=f"{i.description} (held)") for i in model.inputs}
+                                     description=f"{i.description} (held)", lower=i.lower, upper=i.upper)
+                for i in model.inputs}
         metrics = tuple(Metric(name=f"{s.name}_{kind}", kind=kind, of=s.name, unit=s.unit)
                         for s in model.states for kind in ("min", "max", "final"))
         return cls(model, {name: Constant(value=name) for name in held}, metrics, held)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from raytwin.sim import BATTERY_ECM, THERMAL_RC, TWO_TANK
+from raytwin.sim import BATTERY_ECM, THERMAL_RC, TWO_TANK, Model
 from raytwin.scenario_metrics import Metric
 from raytwin.signals import DAY_S, TWO_PI, Proportional, RandomLevels, RandomWalk, Sinusoid, Square
 from sweeps.kits import ExampleSweep, Kit, KitParameter, register_kit
@@ -17,17 +17,31 @@ from sweeps.kits import ExampleSweep, Kit, KitParameter, register_kit
 HOUR_S = 3600.0
 SCALE_30 = {"mode": "scale", "low": 0.7, "high": 1.3}
 
+
+def _values_of(model: Model, name: str) -> dict[str, float]:
+    """The plausible range of a kit parameter that takes values of the model's variable `name` (the
+    setpoint of a state, the mean of an input, a threshold on an output): that variable's."""
+    var = next(v for v in (*model.states, *model.inputs, *model.outputs) if v.name == name)
+    return {"lower": var.lower, "upper": var.upper}
+
+
 THERMAL = register_kit(Kit(
     model=THERMAL_RC,
     parameters={
-        "T_out_mean": KitParameter(default=278.15, unit="K", description="daily mean outdoor temperature"),
+        "T_out_mean": KitParameter(default=278.15, unit="K", description="daily mean outdoor temperature",
+                                   **_values_of(THERMAL_RC, "T_out")),
         "T_out_amplitude": KitParameter(default=5.0, unit="K", description="daily outdoor swing (peak at 15:00)"),
-        "solar_peak": KitParameter(default=2000.0, unit="W", description="solar gain at noon (half-sine by day)"),
-        "setpoint": KitParameter(default=294.15, unit="K", description="thermostat setpoint"),
-        "heater_gain": KitParameter(default=5000.0, unit="W/K", description="proportional thermostat gain"),
-        "Q_h_max": KitParameter(default=10000.0, unit="W", description="heater capacity"),
-        "comfort_low": KitParameter(default=292.15, unit="K", description="lower edge of the comfort band"),
-        "comfort_high": KitParameter(default=297.15, unit="K", description="upper edge of the comfort band"),
+        "solar_peak": KitParameter(default=2000.0, unit="W", description="solar gain at noon (half-sine by day)",
+                                   **_values_of(THERMAL_RC, "Q_sol")),
+        "setpoint": KitParameter(default=294.15, unit="K", description="thermostat setpoint",
+                                 **_values_of(THERMAL_RC, "T_in")),
+        "heater_gain": KitParameter(default=5000.0, unit="W/K", description="proportional thermostat gain", lower=0.0),
+        "Q_h_max": KitParameter(default=10000.0, unit="W", description="heater capacity",
+                                **_values_of(THERMAL_RC, "Q_h")),
+        "comfort_low": KitParameter(default=292.15, unit="K", description="lower edge of the comfort band",
+                                    **_values_of(THERMAL_RC, "T_in")),
+        "comfort_high": KitParameter(default=297.15, unit="K", description="upper edge of the comfort band",
+                                     **_values_of(THERMAL_RC, "T_in")),
     },
     inputs={
         "T_out": Sinusoid(mean="T_out_mean", amplitude="T_out_amplitude", period_s=DAY_S, phase_s=-9 * HOUR_S),
@@ -59,10 +73,13 @@ THERMAL = register_kit(Kit(
 BATTERY = register_kit(Kit(
     model=BATTERY_ECM,
     parameters={
-        "current_a": KitParameter(default=2.5, unit="A", description="discharge pulse current"),
+        "current_a": KitParameter(default=2.5, unit="A", description="discharge pulse current",
+                                  **_values_of(BATTERY_ECM, "i")),
         "pulse_period_s": KitParameter(default=600.0, unit="s", description="pulse period"),
-        "duty": KitParameter(default=0.5, unit="-", description="fraction of each period under load"),
-        "v_limit": KitParameter(default=3.2, unit="V", description="undervoltage limit"),
+        "duty": KitParameter(default=0.5, unit="-", description="fraction of each period under load", lower=0.0,
+                             upper=1.0),
+        "v_limit": KitParameter(default=3.2, unit="V", description="undervoltage limit",
+                                **_values_of(BATTERY_ECM, "v_terminal")),
     },
     inputs={"i": Square(high="current_a", period_s="pulse_period_s", duty="duty")},
     metrics=(
@@ -92,10 +109,11 @@ def _tank_inflow(t, x, p):
 TANKS = register_kit(Kit(
     model=TWO_TANK,
     parameters={
-        "q_in_mean": KitParameter(default=1.0e-4, unit="m^3/s", description="mean pump inflow"),
+        "q_in_mean": KitParameter(default=1.0e-4, unit="m^3/s", description="mean pump inflow",
+                                  **_values_of(TWO_TANK, "q_in")),
         "q_in_swing": KitParameter(default=0.5, unit="-", description="relative square-wave swing of the inflow"),
         "swing_period_s": KitParameter(default=1800.0, unit="s", description="period of the inflow square wave"),
-        "h_limit": KitParameter(default=0.8, unit="m", description="overflow level"),
+        "h_limit": KitParameter(default=0.8, unit="m", description="overflow level", **_values_of(TWO_TANK, "h1")),
     },
     inputs={"q_in": _tank_inflow},
     metrics=(

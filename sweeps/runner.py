@@ -31,7 +31,6 @@ from sweeps import engine
 from sweeps.engine import Bases
 from sweeps.kits import SweepKit
 from sweeps.spec import SweepSpec, resolve_model
-from sweeps.stability import check_sweep_step
 
 log = logging.getLogger("raytwin.sweeps")
 
@@ -237,9 +236,8 @@ def prepare(spec: SweepSpec) -> tuple[str, Bases]:
     """Resolve the model and the base values of `spec` (simulator name, bases)."""
     artifact = resolve_model(spec.model, spec.registry_url)
     simulator = artifact.asset_type.simulator
-    spec.check_names(simulator)
     if "@" in spec.model:  # a registry model (the spec checked a bare one): its box is around its parameters
-        check_sweep_step(spec, simulator, artifact.parameters)
+        spec.check_against(simulator, artifact.parameters)
     kit = spec.kit(simulator)
     return simulator, Bases(
         state=dict(spec.start_state or kit.states0),

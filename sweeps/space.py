@@ -59,6 +59,16 @@ class Dimension(Contract):
                 raise ValueError(f"dimension {self.name}: log sampling needs low > 0")
         return self
 
+    def extremes(self) -> tuple[float, float]:
+        """Its least and greatest value: every grid point and sample lies between them."""
+        if self.values is not None:
+            return min(self.values), max(self.values)
+        return float(self.low), float(self.high)  # type: ignore[arg-type]  # both given: `_range` checked
+
+    def applied(self, value: float, base: float) -> float:
+        """What `value` of this dimension sets its target to, the target's base value being `base`."""
+        return value * base if self.mode == "scale" else value
+
     def grid_values(self) -> np.ndarray:
         if self.values is not None:
             return np.asarray(self.values, dtype=np.float64)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
@@ -97,8 +99,7 @@ class SweepSpec(ModelStart):
     def _check(self) -> SweepSpec:
         whole_steps(self.horizon_s, self.step_s)
         if "@" not in self.model:
-            self.check_names(get_model(self.model).name)
-            check_sweep_step(self, self.model)
+            self.check_against(get_model(self.model).name)
         bad = [i for i in self.trajectories if i >= self.space.size]
         if bad:
             raise ValueError(f"trajectories {bad} outside the {self.space.size} scenarios")
@@ -119,8 +120,18 @@ class SweepSpec(ModelStart):
         metrics = json.dumps([m.model_dump() for m in self.metrics])
         return _custom_kit(simulator, signals, metrics, declared, self.solver)
 
-    def check_names(self, simulator: str) -> None:
-        """Refuse names the simulator or its kit does not have (also run once a registry model is resolved)."""
+    def check_against(self, simulator: str, base_parameters: Mapping[str, float] | None = None) -> None:
+        """Refuse names the simulator or its kit does not have, values they do not admit, and a step
+        beyond the RK4 stability limit of the parameter box (`check_sweep_step`): run by the spec itself
+        for a bare simulator, and once a registry model is resolved (by the runner and the HTTP API)
+        around the artifact's `base_parameters`."""
+        self._check_names(simulator)
+        problems = self._value_problems(self.kit(simulator), base_parameters or {})
+        if problems:
+            raise ValueError(f"sweep over {simulator}: " + "; ".join(problems))
+        check_sweep_step(self, simulator, dict(base_parameters or {}))
+
+    def _check_names(self, simulator: str) -> None:
         kit = self.kit(simulator)
         known = {"state": set(kit.model.state_names), "param": set(kit.model.param_names), "input": set(kit.parameters)}
         problems = []
@@ -135,6 +146,61 @@ class SweepSpec(ModelStart):
                 problems.append(f"dimension {d.column}: unknown; known {d.target}s: {sorted(known[d.target])}")
         if problems:
             raise ValueError(f"sweep over {simulator}: " + "; ".join(problems))
+
+    def _value_problems(self, kit: Kit, base_parameters: Mapping[str, float]) -> list[str]:
+        """`parameters`, `inputs` and each dimension's values (with mode "scale": times its target's base
+        value) outside the parameters' bounds or the kit parameters' and states' plausible ranges: a
+        negative resistance is no what-if, and its results would look like valid data. The base start
+        state is not checked here: a twin's live state is what it is (an explicit one is checked by the
+        API), and a scenario whose state leaves its plausible range is reported as diverged."""
+        model = kit.model
+        allowed = {"param": {p.name: _Allowed(p.name, p.lower, p.upper, p.unit, "bounds") for p in model.params},
+                   "input": {n: _Allowed(n, p.lower, p.upper, p.unit, "plausible range")
+                             for n, p in kit.parameters.items()},
+                   "state": {v.name: _Allowed(v.name, v.lower, v.upper, v.unit, "plausible range")
+                             for v in model.states}}
+        base = {"param": {**model.default_params(), **base_parameters, **self.parameters},
+                "input": {**kit.default_inputs(), **self.inputs}, "state": self.start_state or kit.states0}
+        problems = [f"{field}.{name}={value:g} outside {allowed[target][name]}"
+                    for field, target, given in (("parameters", "param", self.parameters),
+                                                 ("inputs", "input", self.inputs))
+                    for name, value in given.items() if value not in allowed[target][name]]
+        for d in self.space.dimensions:
+            ok, b = allowed[d.target][d.name], base[d.target][d.name]
+            bad = ", ".join(f"{v:g}" for v in dict.fromkeys(d.extremes()) if d.applied(v, b) not in ok)
+            if not bad:
+                continue
+            if d.mode == "absolute":
+                problems.append(f"dimension {d.column}: value {bad} outside {ok}")
+            elif b == 0:
+                problems.append(f"dimension {d.column}: scales {d.name}=0, which stays 0, outside {ok}; "
+                                "sweep it with mode \"absolute\"")
+            else:
+                low, high = sorted((ok.lower / b, ok.upper / b))
+                problems.append(f"dimension {d.column}: scale {bad} of {d.name}={b:g}{ok.unit_text} outside "
+                                f"[{low:g}, {high:g}] ({ok})")
+        return problems
+
+
+@dataclass(frozen=True)
+class _Allowed:
+    """The values a sweep may give one parameter (its bounds), kit parameter or state (its plausible range)."""
+
+    name: str
+    lower: float
+    upper: float
+    unit: str
+    kind: str
+
+    def __contains__(self, value: float) -> bool:
+        return self.lower <= value <= self.upper
+
+    @property
+    def unit_text(self) -> str:
+        return f" {self.unit}" if self.unit not in ("", "-") else ""
+
+    def __str__(self) -> str:
+        return f"{self.name}'s {self.kind} [{self.lower:g}, {self.upper:g}]{self.unit_text}"
 
 
 @functools.cache

@@ -24,7 +24,6 @@ def check_sweep_step(spec: SweepSpec, simulator: str, base_parameters: dict[str,
     values = {name: [value] for name, value in base.items()}
     for d in spec.space.dimensions:
         if d.target == "param" and d.name in base:
-            points = np.asarray(d.values if d.values is not None else [d.low, d.high], dtype=np.float64)
-            values[d.name] = list(points * base[d.name] if d.mode == "scale" else points)
+            values[d.name] = [d.applied(v, base[d.name]) for v in d.extremes()]
     box = [np.array([min(values[n]), max(values[n])]) for n in model.param_names]
     return check_step(model, spec.step_s, box, allow_unstable=spec.allow_unstable, what="step_s")

@@ -45,11 +45,18 @@ def ray_metrics_port() -> int:
 @pytest.fixture(scope="session")
 def ray_session(s3_endpoint, ray_metrics_port):
     """One local Ray for the whole session (a start costs seconds); workers see the S3 endpoint.
-    Its metrics agent exports on `ray_metrics_port` every second (Ray's default: 10 s)."""
+    Its metrics agent exports on `ray_metrics_port` every second (Ray's default: 10 s). Its Serve proxy
+    passes the client's own X-Request-ID on as RayTwin's proxy callback does (`serve_apps.limits`), without
+    the overload gate, which its tests build themselves."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, namespace="raytwin-tests", logging_level="WARNING",
-             _metrics_export_port=ray_metrics_port, _system_config={"metrics_report_interval_ms": 1000})
+    from serve_apps import limits
+    from serve_apps.serve_env import PROXY_CALLBACK_ENV
+
+    with pytest.MonkeyPatch.context() as env:  # read by the processes Ray starts, not by later subprocesses
+        env.setenv(PROXY_CALLBACK_ENV, f"{limits.__name__}:{limits.client_request_id_middlewares.__name__}")
+        ray.init(num_cpus=2, include_dashboard=False, namespace="raytwin-tests", logging_level="WARNING",
+                 _metrics_export_port=ray_metrics_port, _system_config={"metrics_report_interval_ms": 1000})
     yield ray
     ray.shutdown()
 

@@ -287,6 +287,8 @@ def test_cli_moves_verifies_and_refuses_with_reasons(tmp_path, monkeypatch):
     assert "zone@1.0.0\tproduction\talice" in run("status", "zone")
     assert lc.records("zone")[0].evidence.shadow_metrics == {"nis": 1.02}
     assert "ok: 3 records" in run("verify", "zone")
+    assert (f"error: no model zone@9.9.9 in this registry; versions: ['1.0.0'] (registry {tmp_path / 'registry'})"
+            in run("stage", "zone@9.9.9", "--reason", "typo", "--actor", "alice", code=1))
     assert "keep_archived" in run("policy", "--keep-archived", "-2", code=2)
     log = tmp_path / "registry" / "lifecycle" / "zone" / "log" / "00000001.json"
     log.write_text(log.read_text().replace("shadow ok", "shadow great"))

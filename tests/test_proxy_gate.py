@@ -13,13 +13,14 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
-from ray.serve._private.http_util import validate_http_proxy_callback_return
+from ray.serve._private.http_util import _apply_middlewares, validate_http_proxy_callback_return
 
 from cluster.manifests import render_raycluster
 from cluster.spec import parse_spec
 from serve_apps import proxy_gate, serve_env
 from serve_apps.admission import Admission
 from serve_apps.config import Autoscaling
+from serve_apps.limits import CLIENT_ID_HEADER, BodyLimitMiddleware, ClientRequestIdMarker
 from serve_apps.proxy_gate import ProxyGate, proxy_middlewares
 from tests.fixtures_cluster import spec_data
 from tests.test_serve_overload import BlockingApp, _until
@@ -148,15 +149,16 @@ def test_refusals_are_recorded_in_batches_under_the_gate_that_refused(monkeypatc
 def test_serves_callback_builds_the_gate_from_the_proxys_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(proxy_gate.MAX_IN_FLIGHT_ENV, "7")
     monkeypatch.setenv(proxy_gate.RETRY_AFTER_ENV, "3")
-    [middleware] = validate_http_proxy_callback_return(proxy_middlewares())  # Serve's own check of the hook
+    [marker, middleware] = validate_http_proxy_callback_return(proxy_middlewares())  # Serve's own check of the hook
+    assert marker.cls is ClientRequestIdMarker  # Serve wraps the gate around it: the gate is outermost
     gate = middleware.cls(BlockingApp(), *middleware.args, **middleware.kwargs)
     assert (gate.max_in_flight, gate.saturated_in_flight, gate.retry_after_s) == (7, 7, 3)  # unset: no lower limit
     monkeypatch.setenv(proxy_gate.SATURATED_IN_FLIGHT_ENV, "5")
-    [middleware] = proxy_middlewares()
+    [_, middleware] = proxy_middlewares()
     assert middleware.cls(BlockingApp(), *middleware.args, **middleware.kwargs).saturated_in_flight == 5
     monkeypatch.setenv(proxy_gate.REPLICA_MAX_IN_FLIGHT_ENV, "2")
     monkeypatch.setattr(proxy_gate, "_in_replica", lambda: True)  # Serve calls the hook in a replica's own server
-    [middleware] = proxy_middlewares()
+    [_, middleware] = proxy_middlewares()
     gate = middleware.cls(BlockingApp(), *middleware.args, **middleware.kwargs)
     assert (gate.max_in_flight, gate.saturated_in_flight, gate.server) == (2, 2, "replica")
     monkeypatch.undo()
@@ -169,6 +171,38 @@ def test_serves_callback_builds_the_gate_from_the_proxys_environment(monkeypatch
     monkeypatch.setenv(proxy_gate.MAX_IN_FLIGHT_ENV, "0")
     with pytest.raises(ValueError, match="at least 1, got '0'"):
         proxy_middlewares()
+
+
+def test_the_app_behind_serve_records_the_clients_request_id_never_the_one_serve_makes_up() -> None:
+    """Serve's own middleware (run here as Serve stacks it, inside the proxy callback's) fills a missing
+    X-Request-ID with an id of its own before the app sees the request."""
+    seen: list[tuple[list, str | None]] = []
+
+    async def app(scope, receive, send) -> None:
+        seen.append((scope["headers"], scope["state"]["client_request_id"]))
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def ids(stack, *sent: dict[str, str]) -> list[str | None]:
+        seen.clear()
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=stack), base_url="http://proxy") as http:
+            for headers in sent:
+                await http.get("/v1/assets", headers=headers)
+        return [client_id for _, client_id in seen]
+
+    async def run() -> None:
+        behind_serve = BodyLimitMiddleware(app, 1024, behind_serve=True)
+        proxy = _apply_middlewares(behind_serve, proxy_middlewares())
+        forged = {"X-RayTwin-Client-Request-ID": "forged"}
+        assert await ids(proxy, {}, {"X-Request-ID": "trace-1", **forged}, {"X-Request-ID": "a b"}) == [
+            None, "trace-1", None]
+        made_up, marked = dict(seen[0][0])[b"x-request-id"], seen[1][0]
+        assert made_up and [v for k, v in marked if k == CLIENT_ID_HEADER] == [b"trace-1"]  # the forged one replaced
+        # without the callback the app cannot tell Serve's id from the client's: it records neither
+        assert await ids(_apply_middlewares(behind_serve, []), {}, {"X-Request-ID": "trace-2"}) == [None, None]
+        assert await ids(BodyLimitMiddleware(app, 1024), {"X-Request-ID": "trace-3"}, {}) == ["trace-3", None]
+
+    asyncio.run(run())
 
 
 def test_the_gate_is_sized_to_the_ingress_deployment_at_its_largest() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import pytest
 
 from raytwin.contracts import AssetType
@@ -40,8 +42,13 @@ def test_different_content_under_an_existing_version_is_refused(registry):
 
 def test_errors_are_clear(registry):
     registry.register("cell", "0.1.0", AssetType.from_model(BATTERY_ECM))
-    with pytest.raises(RegistryError, match="no model cell@0.2.0 .*versions: \\['0.1.0'\\]"):
+    versions = "; versions: \\['0.1.0'\\]"
+    with pytest.raises(RegistryError, match=f"^no model cell@0.2.0 in this registry{versions}$") as unknown:
         registry.get("cell@0.2.0")
+    with pytest.raises(RegistryError, match="^no model cell@0.2.0 in this registry$") as unremovable:
+        registry.remove("cell@0.2.0")
+    for refused in (unknown.value, unremovable.value, pickle.loads(pickle.dumps(unknown.value))):  # Ray pickles it
+        assert refused.registry_url == registry.url  # where it looked: for operators, not in the HTTP answer
     with pytest.raises(RegistryError, match="must look like name@1.2.3"):
         registry.get("cell")
     with pytest.raises(RegistryError, match="outside"):

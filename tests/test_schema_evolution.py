@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
+import logging
+import time
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 
@@ -20,7 +23,6 @@ from raytwin.contracts import AssetType, ParameterSpec, Quantity
 from raytwin.migration import FixedValue, FromState, MigrationError, plan_migration
 from raytwin.registry import ModelArtifact
 from raytwin.sim import THERMAL_RC
-from raytwin.statestore import StateStore
 from tests.schema_models import ROOM_V1, ROOM_V2
 
 THERMAL = AssetType.from_model(THERMAL_RC)
@@ -273,14 +275,13 @@ def test_a_migrated_twin_keeps_ingesting_refuses_its_past_and_recovers_the_same(
     assert live["state"]["T_air"] == pytest.approx(reference["state"]["T"] - 273.15, abs=1e-6)
     assert live["std"]["T_air"] == pytest.approx(reference["std"]["T"], rel=1e-9)
 
-    # dropped and registered again, the shard rebuilds the twin from the store (registration, migration
-    # point, log) exactly as after a restart
+    # restarted, the shard rebuilds the twin from the store (registration, migration point, log) exactly
     backend.flush()
-    record = StateStore(backend.config.url("twins")).load_registration("acme", "room-1")
-    shard = backend.twins.shard_for("acme", "room-1")
-    assert ray.get(shard.unregister.remote("acme", "room-1"))
-    ray.get(shard.register.remote("acme", "room-1", record))
-    again = client.get("/v1/assets/room-1/state", headers=auth["reader"]).json()
+    ray.kill(backend.twins.shard_for("acme", "room-1"), no_restart=False)
+    deadline = time.monotonic() + 120
+    while (again := client.get("/v1/assets/room-1/state", headers=auth["reader"]).json())["stale"]:
+        assert time.monotonic() < deadline, "the shard did not come back"  # read from the store meanwhile
+        time.sleep(0.2)
     assert again["state"] == live["state"] and again["revision"] == live["revision"]
 
 
@@ -322,6 +323,38 @@ def test_deprecated_type_versions_and_api_versions_announce_a_sunset(api, rooms)
         client.app.state.services = svc
 
 
+def test_a_deprecation_link_adds_nothing_to_the_link_header_and_a_sunset_follows_the_deprecation(api, rooms):
+    client, auth, _ = api
+    url, since = "/v1/asset-types/room/1.0.0/deprecation", "2026-12-01T00:00:00Z"
+    for link, named in (('https://a.com/>;rel="alternate",<https://evil.example/', """'"' ',' ';' '<' '>'"""),
+                        ("https://a.com/a b", "' '"), ("https://a.com/\u00fcber", "'\u00fc'")):
+        r = client.put(url, json={"deprecated_at": since, "link": link}, headers=auth["admin"])
+        assert r.status_code == 422, r.text
+        message = r.json()["error"]["message"]
+        assert f"characters not allowed in link: {named} " in message and "percent-encode" in message
+    r = client.put(url, json={"deprecated_at": since, "sunset": "2020-06-30T00:00:00Z"}, headers=auth["admin"])
+    assert r.status_code == 422 and "sunset 2020-06-30T00:00:00+00:00 is before deprecated_at" in r.text, r.text
+    assert "deprecation" not in client.get("/v1/asset-types/room/1.0.0", headers=auth["reader"]).headers
+    ok = client.put(url, json={"deprecated_at": since, "sunset": since, "link": "https://a.com/x?y=%2C%20"},
+                    headers=auth["admin"])
+    assert ok.status_code == 200 and ok.headers["link"] == '<https://a.com/x?y=%2C%20>; rel="deprecation"'
+    assert client.delete(url, headers=auth["admin"]).status_code == 204
+
+
+def test_a_stored_deprecation_mark_that_fails_the_checks_is_skipped_with_an_error_logged(tmp_path, caplog):
+    import json
+
+    from serve_apps.deprecation import Deprecation, TypeDeprecations
+
+    marks = TypeDeprecations(str(tmp_path))
+    marks.put("acme", "room@2.0.0", Deprecation(deprecated_at=datetime(2026, 12, 1, tzinfo=UTC)))
+    old = tmp_path / "deprecations" / "acme" / "room@1.0.0.json"  # written before links were checked
+    old.write_text(json.dumps({"deprecated_at": "2026-12-01T00:00:00Z", "link": "https://a.com/>,<https://b.example/"}))
+    reloaded = TypeDeprecations(str(tmp_path))
+    assert reloaded.get("acme", "room@1.0.0") is None and reloaded.get("acme", "room@2.0.0") is not None
+    assert "event=deprecation_skipped" in caplog.text and "room@1.0.0.json" in caplog.text
+
+
 def test_artifacts_of_types_with_the_default_policy_keep_their_hash():
     art = ModelArtifact(name="room", version="1.0.0", asset_type=V1, parameters={"R": 0.01, "C": 1e6})
     assert b"telemetry_policy" not in art.body()
@@ -355,3 +388,46 @@ def test_telemetry_for_an_older_version_is_accepted_or_refused_as_the_type_says(
         r = client.post("/v1/assets/room-1/telemetry", json={"events": fresh[:1]},
                         headers={"X-RayTwin-Type-Version": version, **auth["writer"]})
         assert (r.status_code == 422 and why in r.json()["error"]["message"]) if why else r.status_code == 200
+
+
+def test_bulk_jobs_refuse_a_missing_version_at_submission_name_api_paths_and_keep_internal_errors_in_the_log(
+        api, rooms, monkeypatch, caplog):
+    """A bulk retype to a version its assets' type lacks is a 422 at submission, as one migration is (not
+    a job that fails later). A job's status names its report by API path, never by store location; one
+    that fails on an unexpected error says so without the error's text (a store path here), which the
+    log keeps, and its report is a 409 that says it failed (no report will come)."""
+    client, auth, backend = api
+    admin, store = auth["admin"], backend.config.store_url
+    refused = client.post("/v1/bulk", json={"q": 'type == "room"', "action": "retype", "type_version": "9.9.9"},
+                          headers=admin)
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["error"]["message"] == ("asset type room@9.9.9 does not exist; publish it first "
+                                                  "(POST /v1/asset-types)")
+
+    def bulk_job(body: dict) -> dict:
+        accepted = client.post("/v1/bulk", json=body, headers=admin)
+        assert accepted.status_code == 202, accepted.text
+        for _ in range(600):
+            job = client.get(accepted.json()["status_url"], headers=auth["reader"]).json()
+            if job["state"] in ("succeeded", "failed"):
+                return job
+            time.sleep(0.05)
+        raise AssertionError(f"job still {job['state']}")
+
+    tag = {"q": 'id == "room-2"', "action": "tag", "set": {"bulk": "yes"}}
+    done = bulk_job(tag)
+    assert done["report_url"] == f"/v1/jobs/{done['job_id']}/report" and "result_url" not in done
+    assert client.get(done["report_url"], headers=auth["reader"]).json()["items"][0]["outcome"] == "changed"
+
+    def broken(asset, pre):
+        raise PermissionError(13, "Permission denied", f"{store}/catalog/acme/assets/room-2.json")
+
+    monkeypatch.setattr(backend, "update_asset", broken)
+    with caplog.at_level(logging.ERROR, logger="raytwin.serve.jobs"):
+        failed = bulk_job({**tag, "set": {"bulk": "again"}})
+    assert failed["error"] == "internal error (PermissionError); quote the job_id when reporting it"
+    assert store not in json.dumps(failed) and f"{store}/catalog" in caplog.text and failed["job_id"] in caplog.text
+    report = client.get(failed["report_url"], headers=auth["reader"])
+    assert report.status_code == 409 and report.json()["error"]["message"] == (
+        f"job {failed['job_id']} failed: {failed['error']}; a failed job has no report (`bulk` in "
+        f"GET /v1/jobs/{failed['job_id']} counts the items done before it failed)")

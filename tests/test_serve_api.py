@@ -103,7 +103,7 @@ def events(n: int, start: int = 0, asset: str = "zone-1") -> list[dict]:
 # --------------------------------------------------------------------------------- tests ----
 def test_openapi_is_committed_and_served(http):
     committed = json.loads((Path(__file__).parents[1] / "serve_apps" / "openapi.json").read_text())
-    assert committed == create_api().openapi(), "regenerate with `raytwin serve openapi`"
+    assert committed == create_api().openapi(), "regenerate with `raytwin serve openapi --out serve_apps/openapi.json`"
     served = http.get("/openapi.json")
     assert served.status_code == 200 and served.json()["paths"].keys() == committed["paths"].keys()
     assert http.get("/v1/health").json()["status"] == "ok"
@@ -311,7 +311,8 @@ def test_async_scenario_job_runs_to_completion(api, http, building):
     job_id = r.json()["job_id"]
     job = wait_for(http, job_id, writer)
     assert job["state"] == "succeeded" and job["kind"] == "scenario", job
-    summary = http.get(f"/v1/jobs/{job_id}/results", headers=writer).json()
+    assert job["results_url"] == f"/v1/jobs/{job_id}/results" and str(api[2]) not in json.dumps(job)  # no store path
+    summary = http.get(job["results_url"], headers=writer).json()
     sync = http.post("/v1/scenarios", json=_scenario(building, 100, x0), headers=writer).json()
     assert summary["rows"][0]["T_in_final"] == pytest.approx(sync["states"]["T_in"][-1], rel=1e-12)
     assert summary["rows"][0]["T_m_max"] == pytest.approx(max(sync["states"]["T_m"]), rel=1e-12)
@@ -496,20 +497,27 @@ def test_the_server_decides_ingest_time_and_refuses_future_events(api, http, bui
     assert (after["revision"], after["event_time"]) == (before["revision"], before["event_time"])  # nothing applied
 
 
-def test_the_audit_log_records_the_servers_request_id(api, http, building):
+def test_the_audit_log_records_the_servers_request_id_and_only_the_clients_own(api, http, building):
     admin = auth(api, "admin")
     update = {"type_name": "thermal_rc", "type_version": THERMAL_TYPE["version"], "metadata": {"floor": "4"},
               "relationships": [{"kind": "part_of", "target": "site-1"}]}
-    sent = {"client-trace-42": "client-trace-42", "x" * 8192: None, "a b": None}  # sent -> kept as the client's
+    sent = {"client-trace-42": "client-trace-42", "x" * 8192: None, "a b": None, None: None}  # -> the client's
     ids = {}
     for client_id in sent:
-        r = http.put(f"/v1/assets/{building}", json=update, headers={**admin, "X-Request-ID": client_id})
+        r = http.put(f"/v1/assets/{building}", json=update,
+                     headers=admin if client_id is None else {**admin, "X-Request-ID": client_id})
         assert r.status_code == 200, r.text
+        assert r.headers["x-request-id"]  # Serve's proxy made one up when the client sent none: not the client's
         ids[r.headers["x-raytwin-request-id"]] = sent[client_id]
-    assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids) and len(ids) == 3
+    assert all(re.fullmatch(r"[0-9a-f]{32}", i) for i in ids) and len(ids) == 4
     records = {r["request_id"]: r for r in http.get("/v1/audit", headers=admin).json()}
     assert {i: records[i]["client_request_id"] for i in ids} == ids
     assert not any(len(r.get("client_request_id") or "") > 128 for r in records.values())
+    for day in ("2026-13-01", "2026-02-30"):
+        err = assert_error(http.get("/v1/audit", params={"day": day}, headers=admin), 422, "invalid_request")
+        assert f"{day} is not a calendar date" in err["message"] and "YYYY-MM-DD" in err["message"]
+    leap_day = http.get("/v1/audit", params={"day": "2020-02-29"}, headers=admin)
+    assert leap_day.status_code == 200 and leap_day.json() == []  # a calendar day without records
 
 
 def _fixed(value_k: float, q_h: float = 0.0) -> dict:
@@ -543,6 +551,20 @@ def test_scenario_values_are_bounded_and_results_finite(api, http, building):
         {"name": "R_io", "target": "param", "mode": "scale", "values": [1.0]}]}), "start_state": {**x0, "T_m": -1e300}}
     assert "start_state.T_m" in assert_error(http.post("/v1/sweeps", json=sweep, headers=writer),
                                              422, "invalid_request")["message"]
+    # a parameter outside its bounds (R_io in [1e-05, 1], 0.01 registered) or an implausible kit input:
+    # refused before it runs or is queued, never a run whose results look valid
+    r_io = {"method": "grid", "dimensions": [{"name": "R_io", "target": "param", "mode": "scale",
+                                              "values": [-1.0, 1.0, 1e308]}]}
+    for body, message in (
+        (_sweep(building, r_io), "dimension param.R_io: scale -1, 1e+308 of R_io=0.01 K/W outside [0.001, 100] "
+                                 "(R_io's bounds [1e-05, 1] K/W)"),
+        ({**sweep, "start_state": x0, "inputs": {"setpoint": 1e308}},
+         "inputs.setpoint=1e+308 outside setpoint's plausible range [173.15, 473.15] K"),
+    ):
+        for mode in ("sync", "async"):
+            err = assert_error(http.post("/v1/sweeps", params={"mode": mode}, json=body, headers=writer),
+                               422, "invalid_request")
+            assert message in err["message"], err
 
 
 def test_state_at_takes_only_rfc3339_date_times(api, http, building):
@@ -576,9 +598,14 @@ def test_json_bodies_need_a_json_content_type_and_bounded_nesting(api, http, bui
     err = assert_error(http.post(url, content=nested(20_000), headers=as_json), 400, "too_deeply_nested")
     assert err["details"] == [{"max_depth": MAX_JSON_DEPTH}]
     assert_error(http.post(url, content=nested(MAX_JSON_DEPTH), headers=as_json), 422, "invalid_request")
-    err = assert_error(http.post(url, content=b'{"events": [{"value": NaN}]}', headers=as_json), 422,
-                       "invalid_request")
-    assert err["details"][0]["type"] == "json_invalid"
+    for literal in (b"NaN", b"Infinity", b"-Infinity"):  # what Python's json.dumps writes for non-finite floats
+        err = assert_error(http.post(url, content=b'{"events": [{"value":\n ' + literal + b'}]}', headers=as_json), 422,
+                           "invalid_request")
+        assert err["details"][0]["type"] == "json_invalid"
+        assert err["message"].startswith("<body>: NaN and Infinity are not JSON numbers and must not be sent (")
+    other = assert_error(http.post(url, content=b'{"events": [{"value": Nope}]}', headers=as_json), 422,
+                         "invalid_request")
+    assert other["message"].startswith("<body>: malformed JSON: expected value at line 1 column 23")
 
 
 READS = {"/v1/query"}  # POST for its body, a read: a reader may, so only the 401s apply
@@ -668,6 +695,8 @@ def test_reads_carry_revisions_as_etags_and_conditional_writes_compare_and_set(a
     assert state.headers["etag"] == f'"{state.json()["revision"]}"'
     same = http.get("/v1/assets/pump-1", headers={**admin, "If-None-Match": r.headers["etag"]})
     assert same.status_code == 304 and same.content == b"" and same.headers["etag"] == r.headers["etag"]
+    weakened = http.get("/v1/assets/pump-1", headers={**admin, "If-None-Match": "W/" + r.headers["etag"]})
+    assert weakened.status_code == 304  # If-None-Match compares weakly (RFC 9110, 13.1.2): a proxy may weaken tags
     assert http.get(type_url, headers={**admin, "If-None-Match": f'"0", {created.headers["etag"]}'}).status_code == 304
 
     update = {"type_name": "thermal_rc", "type_version": THERMAL_TYPE["version"]}
@@ -694,14 +723,16 @@ def test_reads_carry_revisions_as_etags_and_conditional_writes_compare_and_set(a
 
     stale = {**admin, "If-Match": '"1"'}
     assert_error(http.delete(url, headers=stale), 412, "precondition_failed")
-    assert_error(http.put("/v1/assets/nowhere", json=update, headers={**admin, "If-Match": "*"}),
-                 412, "precondition_failed")
+    nowhere = assert_error(http.put("/v1/assets/nowhere", json=update, headers={**admin, "If-Match": "*"}),
+                           412, "precondition_failed")
+    assert "asset nowhere does not exist" in nowhere["message"] and 'If-Match: "' not in nowhere["message"]
     made = http.put("/v1/assets/pump-2", json=update, headers={**admin, "If-None-Match": "*"})
     assert made.status_code == 201 and http.get("/v1/assets/pump-2/state", headers=admin).status_code == 200
     assert_error(http.put("/v1/assets/pump-2", json=update, headers={**admin, "If-None-Match": "*"}),
                  412, "precondition_failed")
     assert_error(http.get("/v1/assets/pump-2", headers=auth(api, "other")), 404, "not_found")
     current = http.get(url, headers=admin).headers["etag"]
+    assert_error(http.delete(url, headers={**admin, "If-Match": "W/" + current}), 412, "precondition_failed")  # strong
     assert http.delete(url, headers={**admin, "If-Match": current}).status_code == 204
     recreated = http.post("/v1/assets", json=body, headers=admin)  # revisions only grow: an old ETag never matches
     assert int(recreated.headers["etag"].strip('"')) > int(made.headers["etag"].strip('"'))

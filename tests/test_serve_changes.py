@@ -163,14 +163,17 @@ def test_stream_resumes_exactly_and_a_slow_reader_falls_behind_once(tmp_path):
 def test_entity_tags_and_preconditions():
     assert EntityTags.parse('"3", "5"').matches(5) and not EntityTags.parse('"3"').matches(5)
     assert not EntityTags.parse('W/"5"').matches(5)  # weak tags never match for writes
+    assert EntityTags.parse('W/"5"', weak=True).matches(5) and EntityTags.parse('"3", W/"5"', weak=True).matches(5)
+    assert not EntityTags.parse("5", weak=True).matches(5) and not EntityTags.parse('W/"4"', weak=True).matches(5)
     assert not EntityTags.parse("5").matches(5)  # unquoted: not an entity tag
     assert EntityTags.parse("*").matches(1) and not EntityTags.parse("*").matches(None)
     Precondition(if_match=EntityTags.parse('"4"')).check(4, "asset x")
     with pytest.raises(PreconditionFailed, match="revision 5") as err:
         Precondition(if_match=EntityTags.parse('"4"')).check(5, "asset x")
     assert err.value.details == [{"header": "If-Match", "current_revision": 5}]
-    with pytest.raises(PreconditionFailed, match="does not exist"):
+    with pytest.raises(PreconditionFailed, match="asset x does not exist") as err:
         Precondition(if_match=EntityTags.parse("*")).check(None, "asset x")
+    assert "If-None-Match: *" in str(err.value) and 'If-Match: "' not in str(err.value)  # no ETag to quote
     create_only = Precondition(if_none_match=EntityTags.parse("*"))
     create_only.check(None, "asset x")
     with pytest.raises(PreconditionFailed, match="already exists"):

@@ -68,7 +68,8 @@ def test_promotion_needs_a_second_approver_and_rolls_back(client):
 
     # another tenant sees no such model, and cannot submit one of ours
     assert_error(http.get("/v1/models/thermal_rc/lifecycle", headers=api.headers_for("other")), 404, "not_found")
-    assert_error(_move(api, "other", V2, "candidate"), 404, "not_found")
+    missing = assert_error(_move(api, "other", V2, "candidate"), 404, "not_found")["message"]
+    assert missing == f"no model thermal_rc@{V2} in this registry"  # never where the server's registry lies
 
     assert _move(api, "author", V2, "candidate").status_code == 201
     assert _move(api, "author", V2, "staging").status_code == 201

@@ -186,6 +186,10 @@ def test_bulk_tag_runs_as_a_job_with_a_report_of_each_item(api, http, zones):  #
     err = assert_error(http.post("/v1/bulk", json={"q": "id ==", "action": "tag", "set": {"a": "b"}},
                                  headers=writer), 422, "invalid_request")
     assert err["details"][0]["position"] == 5
+    both = assert_error(http.post("/v1/bulk", json={"q": "", "action": "tag", "set": {"site": "x", "floor": "2"},
+                                                    "unset": ["floor"]}, headers=writer), 422, "invalid_request")
+    assert "['floor'] in both `set` and `unset`" in both["message"]
+    assert both["details"] == [{"in_set_and_unset": ["floor"]}]
     other = assert_error(http.get(f"/v1/jobs/{accepted['job_id']}/report", headers=auth(api, "other")),
                          404, "not_found")
     assert accepted["job_id"] in other["message"]

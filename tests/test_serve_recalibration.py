@@ -45,7 +45,12 @@ def _put(http, who: str, body: dict, type_name: str = "thermal_rc") -> httpx.Res
 def test_policies_need_an_admin_stay_in_their_tenant_and_refuse_nonsense(api):
     http, _ = api
     url = "/v1/recalibration-policies/thermal_rc"
-    assert_error(http.get(url, headers=http.headers_for("reader")), 404, "not_found")
+    none_set = assert_error(http.get(url, headers=http.headers_for("reader")), 404, "not_found")
+    assert none_set["message"].endswith("PUT one (admin)")
+    unpublished = assert_error(http.get("/v1/recalibration-policies/no_such_type", headers=http.headers_for("reader")),
+                               404, "not_found")  # a PUT would be 404 too (below): publish the type first
+    assert "PUT one" not in unpublished["message"]
+    assert "publish the type (POST /v1/asset-types)" in unpublished["message"]
     assert_error(_put(http, "writer", POLICY), 403, "forbidden")
     details = assert_error(_put(http, "admin", {**POLICY, "cooldown_s": -1}), 422, "invalid_request")
     assert "cooldown_s" in str(details)

@@ -61,6 +61,18 @@ def test_cli_creates_keys_and_writes_the_committed_openapi(tmp_path):
     assert CliRunner().invoke(serve_app, ["--port", "1"]).exit_code == 2  # no store/keys: a usage error
 
 
+def test_openapi_cli_prints_the_document_in_any_directory_and_refuses_an_unwritable_out(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # outside the repository: no serve_apps/ here
+    printed = CliRunner().invoke(serve_app, ["openapi"])
+    assert printed.exit_code == 0, printed.output
+    committed = Path(__file__).parents[1] / "serve_apps" / "openapi.json"
+    assert json.loads(printed.stdout) == json.loads(committed.read_text()) and not list(tmp_path.iterdir())
+    refused = CliRunner().invoke(serve_app, ["openapi", "--out", "no-such-dir/openapi.json"])
+    assert refused.exit_code == 2 and refused.stdout == ""
+    assert refused.stderr == ("error: --out no-such-dir/openapi.json: No such file or directory; give a file in an "
+                              "existing, writable directory\n")
+
+
 def test_serve_haproxy_without_a_binary_is_a_usage_error_before_ray_starts(tmp_path, monkeypatch):
     import ray
     from ray.serve._private import haproxy

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -83,6 +84,42 @@ def test_spaces_and_specs_refuse_bad_input():
         _thermal_spec(trajectories=[600])
     with pytest.raises(ValueError, match="too many"):
         _thermal_spec(trajectories=list(range(600)), horizon_s=86400.0 * 365, step_s=60.0)
+
+
+def test_values_outside_the_bounds_and_plausible_ranges_are_refused_naming_dimension_value_and_range(tmp_path):
+    """A negative or huge resistance and a setpoint of 1e308 K are no what-ifs (their results would look
+    valid): each scaled or absolute dimension value, `parameters` and `inputs` entry is checked, for a
+    simulator name by the spec, for a registry model around the artifact's parameters by the runner."""
+    from raytwin.contracts import AssetType
+    from raytwin.registry import ModelRegistry
+
+    def spec(*dims: Dimension, model: str = "thermal_rc", **kw) -> SweepSpec:
+        return SweepSpec(model=model, space=ScenarioSpace(method="grid", dimensions=list(dims)), horizon_s=3600.0,
+                         step_s=60.0, **kw)
+
+    r_io = Dimension(name="R_io", target="param", mode="scale", values=[1.0])
+    for dims, kw, message in (
+        ([Dimension(name="R_io", target="param", mode="scale", values=[-1.0, 1.0, 1e308])], {},
+         "dimension param.R_io: scale -1, 1e+308 of R_io=0.01 K/W outside [0.001, 100] (R_io's bounds [1e-05, 1] K/W)"),
+        ([Dimension(name="R_io", target="param", values=[0.5, 2.0])], {},
+         "dimension param.R_io: value 2 outside R_io's bounds [1e-05, 1] K/W"),
+        ([Dimension(name="setpoint", target="input", low=290.0, high=1e308, levels=2)], {},
+         "dimension input.setpoint: value 1e+308 outside setpoint's plausible range [173.15, 473.15] K"),
+        ([r_io], {"inputs": {"setpoint": 1e308}, "parameters": {"C_in": -5.0}},
+         "parameters.C_in=-5 outside C_in's bounds [100000, 1e+08] J/K; "
+         "inputs.setpoint=1e+308 outside setpoint's plausible range [173.15, 473.15] K"),
+    ):
+        with pytest.raises(ValueError, match=re.escape(f"sweep over thermal_rc: {message}")):
+            spec(*dims, **kw)
+    spec(Dimension(name="R_io", target="param", mode="scale", values=[0.01, 100.0]), inputs={"setpoint": 473.15})
+
+    registry = str(tmp_path / "models")  # R_io 0.02 there: the allowed scales halve
+    ModelRegistry(registry).register("zone", "1.0.0", AssetType.from_model(THERMAL_RC), {"R_io": 0.02})
+    huge = spec(Dimension(name="R_io", target="param", mode="scale", values=[1.0, 60.0]), model="zone@1.0.0",
+                registry_url=registry)  # the spec alone cannot know the artifact's R_io
+    with pytest.raises(ValueError, match=re.escape("dimension param.R_io: scale 60 of R_io=0.02 K/W outside "
+                                                   "[0.0005, 50] (R_io's bounds [1e-05, 1] K/W)")):
+        runner.prepare(huge)
 
 
 # ------------------------------------------------------------------------ engine ----
