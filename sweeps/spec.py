@@ -99,7 +99,7 @@ class SweepSpec(ModelStart):
     def _check(self) -> SweepSpec:
         whole_steps(self.horizon_s, self.step_s)
         if "@" not in self.model:
-            self.check_against(get_model(self.model).name)
+            self.check_against(self.model)
         bad = [i for i in self.trajectories if i >= self.space.size]
         if bad:
             raise ValueError(f"trajectories {bad} outside the {self.space.size} scenarios")

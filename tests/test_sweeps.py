@@ -86,6 +86,16 @@ def test_spaces_and_specs_refuse_bad_input():
         _thermal_spec(trajectories=list(range(600)), horizon_s=86400.0 * 365, step_s=60.0)
 
 
+def test_a_model_named_by_its_import_path_sweeps():
+    """README, "Add your own model": a model may be named by its import path; the spec checked it under its
+    bare name, which only an installed entry point resolves."""
+    spec = SweepSpec(model="tests.schema_models:ROOM_V1", horizon_s=3600.0, step_s=60.0,
+                     space=ScenarioSpace(method="grid", dimensions=[Dimension(name="R", target="param", mode="scale",
+                                                                              values=[0.5, 2.0])]))
+    simulator, bases = runner.prepare(spec)
+    assert simulator == "tests.schema_models:ROOM_V1" and bases.params["R"] == 0.01
+
+
 def test_values_outside_the_bounds_and_plausible_ranges_are_refused_naming_dimension_value_and_range(tmp_path):
     """A negative or huge resistance and a setpoint of 1e308 K are no what-ifs (their results would look
     valid): each scaled or absolute dimension value, `parameters` and `inputs` entry is checked, for a
