@@ -26,6 +26,7 @@ import ray
 
 from raytwin.metrics import SCENARIO_STEPS, SWEEP_RATE, SWEEP_SCENARIOS
 from raytwin.sim.cpu import cpu_only, start_single_core_backend
+from raytwin.sim.integrate import integration_dtype
 from raytwin.storage import filesystem
 from sweeps import engine
 from sweeps.engine import Bases
@@ -171,10 +172,9 @@ def _chunk_task(spec: SweepSpec, simulator: str, bases: Bases, chunk: int, rows:
     _start_backend()
     if rows is None:  # an indexed space: the task draws its own rows, off the driver's critical path
         rows = chunk_rows(spec, chunk)
-    metrics = engine.chunk_metrics(
-        compiled_kit(spec, simulator), bases, spec.space.dimensions, rows, spec.step_s, spec.n_steps,
-        spec.batch_size, spec.dtype
-    )
+    kit = compiled_kit(spec, simulator)
+    metrics = engine.chunk_metrics(kit, bases, spec.space.dimensions, rows, spec.step_s, spec.n_steps,
+                                   spec.batch_size, integration_dtype(kit.model, spec.dtype).name)
     digest = write_parquet(_scenario_table(spec, chunk * spec.batch_size, rows, metrics), url, storage_options)
     return chunk, digest, rows.shape[0], int(np.count_nonzero(metrics[engine.DIVERGED]))
 
@@ -183,8 +183,9 @@ def _trajectory_task(spec: SweepSpec, simulator: str, bases: Bases, rows: np.nda
                      storage_options: dict | None) -> str:
     _start_backend()
     index = np.asarray(spec.trajectories, dtype=np.int64)
-    states = engine.trajectories(compiled_kit(spec, simulator), bases, spec.space.dimensions, rows, spec.step_s,
-                                 spec.n_steps, spec.dtype)
+    kit = compiled_kit(spec, simulator)
+    states = engine.trajectories(kit, bases, spec.space.dimensions, rows, spec.step_s, spec.n_steps,
+                                 integration_dtype(kit.model, spec.dtype).name)
     steps = spec.n_steps + 1
     table = pa.table({
         "scenario": np.repeat(index, steps),

@@ -82,6 +82,30 @@ def test_an_fmu_with_array_variables_is_refused(reference_fmus):
         FmuModel.load(reference_fmus[(3, "StateSpace")])
 
 
+@pytest.mark.parametrize("step", ["0", "-0.01"])
+def test_an_fmu_whose_default_step_is_not_positive_is_refused_at_load(reference_fmus, monkeypatch, step):
+    import fmpy
+
+    read = fmpy.read_model_description
+
+    def with_step(*args, **kwargs):
+        md = read(*args, **kwargs)
+        md.defaultExperiment.stepSize = step
+        return md
+
+    monkeypatch.setattr(fmpy, "read_model_description", with_step)
+    with pytest.raises(FmuError, match=f"^FMU VanDerPol.fmu: DefaultExperiment stepSize {float(step):g} must be a "
+                                       "finite number of seconds > 0; fix it in the FMU's modelDescription.xml$"):
+        FmuModel.load(reference_fmus[(2, "VanDerPol")])
+
+
+def test_a_file_that_is_not_a_zip_is_not_an_fmu(tmp_path):
+    path = tmp_path / "pump.fmu"
+    path.write_text("not a zip")
+    with pytest.raises(FmuError, match=f"^FMU pump.fmu: not an FMU: {path} is not a zip archive"):
+        FmuModel.load(path)
+
+
 def test_the_fmu_file_is_stored_content_hashed(reference_fmus, tmp_path, s3_url):
     path = reference_fmus[(2, "VanDerPol")]
     for where in (str(tmp_path / "store"), s3_url):
@@ -143,6 +167,9 @@ def test_bad_scenarios_are_refused_with_their_reason(reference_fmus):
         instance.run(FmuScenario(3), ("Float64_fixed_parameter",))
     with pytest.raises(FmuError, match="input Float64_continuous_input needs 3 values, got shape"):
         instance.run(FmuScenario(3, inputs={"Float64_continuous_input": np.zeros(2)}))
+    with pytest.raises(FmuError, match="^scenario: input Float64_continuous_input is nan at step 1; inputs must be "
+                                       "finite numbers$"):  # not "... = nan at step 1 ...: the run diverged"
+        instance.run(FmuScenario(3, inputs={"Float64_continuous_input": np.array([1.0, np.nan, 2.0])}))
     with pytest.raises(FmuError, match=r"does not provide ModelExchange; it provides \['CoSimulation'\]"):
         FmuInstance(dataclasses.replace(model, interfaces=("CoSimulation",)), "ModelExchange")
 

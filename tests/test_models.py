@@ -25,6 +25,7 @@ from raytwin.models import (
 )
 from raytwin.registry import ModelRegistry, RegistryError
 from raytwin.sim import MODELS, THERMAL_RC, model_ref, rollout, simulate, simulate_batch, unstack
+from tests.stiff_models import robertson
 
 RK4_REAL = 2.785293563405282  # |z| where 1 + z + z^2/2 + z^3/6 + z^4/24 returns to 1 on the negative real axis
 
@@ -147,6 +148,29 @@ def test_bad_declarations_are_refused_at_construction(changes, expected):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize(("module", "declaration", "expected"), [
+    ("reversed_bounds", 'Param("m", "kg", 1.0, 2.0, 0.5)',
+     "params.m: lower bound 2 is above upper bound 0.5: swap them"),
+    ("default_outside", 'Param("m", "kg", 5.0, 0.5, 2.0)', r"params.m: default 5 is outside its bounds \[0.5, 2\]"),
+    ("nominal_outside", 'State("x", "m", "", -10.0, 10.0, nominal=50.0)',
+     r"states.x: nominal 50 is outside its range \[-10, 10\]"),
+    ("negative_std", 'Output("y", "m", measurement_std=-1e-3)',
+     "outputs.y: measurement_std must be a finite number > 0, got -0.001"),
+])
+def test_a_declaration_refused_while_its_module_loads_is_one_line_naming_the_model_and_field(
+        tmp_path, monkeypatch, module, declaration, expected):
+    """A `Param` or variable is refused when constructed, before any model holds it: loading its
+    module names the model by its path."""
+    (tmp_path / f"{module}.py").write_text(f"from raytwin.models import Output, Param, State\nBAD = {declaration}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ModelCheckError, match=f"^model {module}:BAD: {expected}$"):
+        load_model(f"{module}:BAD")
+    for command in ("check", "show"):
+        result = CliRunner().invoke(app, ["models", command, f"{module}:BAD"])
+        assert result.exit_code == 2 and result.output.count("\n") == 1
+        assert result.output.startswith(f"error: model {module}:BAD: {expected.split(':')[0]}: ")
+
+
 def _branchy(x, u, c):
     if x[0] > 0:  # Python control flow on a traced value
         return (-c[0] * x[0],)
@@ -219,6 +243,32 @@ def test_batches_and_rollouts_are_checked_over_their_parameter_box():
     assert simulate_batch(model, np.ones((2, 1)), np.zeros((10, 1)), params[:2], 2.0).shape == (2, 11, 1)
     with pytest.raises(UnstableStepError, match="^model decay: dt: step 2 s"):
         rollout(model, (jnp.ones(3),), unstack(params), 2.0, 10, (jnp.zeros((10, 3)),))
+
+
+def test_a_step_that_is_not_a_positive_number_a_non_finite_start_and_an_empty_batch_are_refused():
+    model, inputs = _model(), np.zeros((10, 1))
+    for dt in (0.0, -0.1, math.nan, math.inf):  # -0.1 would integrate backwards, 0 never move
+        with pytest.raises(ModelCheckError, match=f"^model decay: dt: must be a finite number of seconds > 0, "
+                                                  f"got {dt:g}$"):
+            simulate(model, [1.0], inputs, [1.0], dt)
+    with pytest.raises(ModelCheckError, match="^model decay: dt: must be a finite number of seconds > 0, got 0$"):
+        rollout(model, (jnp.ones(3),), (jnp.ones(3),), 0.0, 10, (jnp.zeros((10, 3)),))
+    with pytest.raises(ModelCheckError, match="^model decay: x0: the start value of x is not finite; give finite"):
+        simulate_batch(model, [[1.0], [math.nan]], inputs, [[1.0], [1.0]], 0.1)
+    with pytest.raises(ModelCheckError, match="^model decay: params: batch is empty: give at least one scenario$"):
+        simulate_batch(model, np.zeros((0, 1)), inputs, np.zeros((0, 1)), 0.1)
+
+
+def test_a_non_finite_jacobian_names_every_parameter_value_and_does_not_blame_the_step(user_package):
+    spring, x0, inputs = get_model("acme_models.spring:SPRING"), [0.1, 0.0], np.zeros((10, 1))
+    with pytest.raises(UnstableStepError, match=r"^model spring: params: parameters m=0, k=4, c=0.4 make the "
+                                                r"derivative non-finite \(its Jacobian at the nominal state\): "
+                                                r"m=0 is outside its bounds \[0.5, 2\] "
+                                                r"\(allow_unstable=True runs it anyway\)$"):
+        simulate(spring, x0, inputs, [0.0, 4.0, 0.4], 0.01)
+    with pytest.raises(UnstableStepError, match=r"^model spring: params: parameters m=0, k=4, c=0.4 \(a corner of the "
+                                                r"parameter box\) make the derivative non-finite"):
+        simulate_batch(spring, [x0, x0], inputs, [[-1.0, 4.0, 0.4], [0.0, 4.0, 0.4]], 0.01)
 
 
 def test_the_admissible_thermal_corner_that_diverged_to_1e266_is_refused():
@@ -365,21 +415,6 @@ def test_float64_callbacks_leave_the_precision_of_xlas_threads_alone(monkeypatch
 
 
 # ------------------------------------------------------------------------ stiff models ----
-def _robertson(**changes) -> Model:
-    """Robertson's chemical kinetics: rate constants 0.04, 1e4 and 3e7 (time scales 1e-4 s to 1e3 s)."""
-    fields = dict(
-        name="robertson", version="1.0.0",
-        states=tuple(State(n, "-", "", -0.1, 1.1, nominal=v) for n, v in (("y1", 0.9), ("y2", 3e-5), ("y3", 0.1))),
-        inputs=(), outputs=(Output("y3", "-", "", -0.1, 1.1),),
-        params=(Param("k1", "1/s", 0.04, 0.01, 0.1), Param("k2", "-", 1e4, 1e3, 1e5), Param("k3", "-", 3e7, 1e7, 1e8)),
-        coefficients=lambda p: p, output=lambda x, u, c: (x[2],),
-        derivative=lambda x, u, c: (-c[0] * x[0] + c[1] * x[1] * x[2],
-                                    c[0] * x[0] - c[1] * x[1] * x[2] - c[2] * x[1] * x[1], c[2] * x[1] * x[1]),
-        default_dt=10.0,
-    )
-    return Model(**{**fields, **changes})
-
-
 def test_a_stiff_model_declares_an_adaptive_implicit_solver_and_matches_radau():
     from raytwin.sim.checks import check_step
     from raytwin.sim.reference import model_rhs, reference_trajectory, relative_error
@@ -387,8 +422,8 @@ def test_a_stiff_model_declares_an_adaptive_implicit_solver_and_matches_radau():
 
     with pytest.raises(ModelCheckError, match=r"^model robertson: default_dt: step 10 s is beyond the RK4 stability "
                                               r"limit 0.00\d+ s"):
-        check_model(_robertson())  # RK4 would need steps of a millisecond for 40 s
-    stiff = _robertson(solver=Adaptive(rtol=1e-8, atol=1e-12))
+        check_model(robertson())  # RK4 would need steps of a millisecond for 40 s
+    stiff = robertson(solver=Adaptive(rtol=1e-8, atol=1e-12))
     assert check_step(stiff, 10.0).dt_max == np.inf  # its own step control, no RK4 limit (check_model: ~10 s compile)
     params, x0, inputs = stiff.param_vector(), [1.0, 0.0, 0.0], np.zeros((40, 0))
     traj = simulate(stiff, x0, inputs, params, 10.0, dtype=jnp.float64)
@@ -398,6 +433,26 @@ def test_a_stiff_model_declares_an_adaptive_implicit_solver_and_matches_radau():
     np.testing.assert_allclose(traj.sum(axis=1), 1.0, atol=1e-9)  # mass is conserved
     with pytest.raises(ValueError, match="'Nope' is not a diffrax solver"):
         Adaptive(method="Nope")
+
+
+def test_a_stiff_model_runs_in_float64_when_float32_is_asked_for_and_a_float32_rollout_is_refused():
+    """Kvaerno5 fails in float32 (max_steps reached), which simulations and sweeps use by default."""
+    from raytwin.sim.reference import model_rhs, reference_trajectory, relative_error
+    from raytwin.sim.stiff import Adaptive
+
+    stiff = robertson(solver=Adaptive())
+    params, x0, inputs = stiff.param_vector(), [1.0, 0.0, 0.0], np.zeros((10, 0))
+    traj = simulate(stiff, x0, inputs, params, 10.0)  # the default dtype, float32
+    reference = reference_trajectory(model_rhs(stiff, params), np.array(x0), inputs, 10.0, method="Radau",
+                                     rtol=1e-11, atol=1e-14)
+    assert traj.dtype == np.float32 and relative_error(traj, reference) < 1e-5
+    batch = simulate_batch(stiff, [x0, x0], inputs[:5], [params, params], 10.0)
+    assert batch.dtype == np.float32 and relative_error(batch[1], reference[:6]) < 1e-5
+    with pytest.raises(ModelCheckError, match=r'^model robertson: solver: Adaptive\(Kvaerno5\) integrates in float64 '
+                                              r'only, not float32: run it in float64 \(simulate, simulate_batch and sweeps'):
+        rollout(stiff, tuple(jnp.float32(v) for v in x0), tuple(jnp.float32(v) for v in params), 10.0, 3, ())
+    assert "in float64 only: simulate, simulate_batch and sweeps choose float64 for it" in \
+        check_model(stiff).lines()[1]
 
 
 def test_a_model_with_unbounded_parameters_is_refused_by_the_checks_not_at_construction():

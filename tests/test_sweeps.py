@@ -262,6 +262,25 @@ def test_sweep_on_ray_writes_the_dataset_and_retries_a_lost_worker(ray_session, 
     assert faulty.outputs == clean.outputs
 
 
+def test_a_stiff_model_sweeps_in_float64_when_float32_is_asked_for(ray_session, tmp_path):
+    """A model declared with `Adaptive()` (README: how stiff models are declared) fails in float32 (its
+    steps run out); a sweep, float32 by default, integrates it in float64 and matches Radau."""
+    from tests.stiff_models import ROBERTSON
+
+    spec = SweepSpec(model="tests.stiff_models:ROBERTSON", horizon_s=40.0, step_s=10.0, space=ScenarioSpace(
+        method="grid", dimensions=[Dimension(name="k1", target="param", mode="scale", values=[0.5, 1.0])]))
+    assert spec.dtype == "float32"
+    run_sweep(spec, str(tmp_path / "out"), progress=False)
+    table = open_dataset(str(tmp_path / "out")).to_table().sort_by("scenario")
+    params = ROBERTSON.param_vector()
+    for row, scale in enumerate((0.5, 1.0)):
+        x = reference_trajectory(model_rhs(ROBERTSON, params * np.array([scale, 1.0, 1.0])),
+                                 np.array([s.nominal for s in ROBERTSON.states]), np.zeros((4, 0)), 10.0,
+                                 method="Radau", rtol=1e-11, atol=1e-14)
+        assert table.column("y3_final")[row].as_py() == pytest.approx(x[-1, 2], rel=1e-6)
+    assert table.schema.field("y3_final").type == "double"  # computed, and kept, in float64
+
+
 @pytest.mark.parametrize("method", ["random", "grid"])
 def test_chunk_tasks_draw_the_rows_the_driver_would(ray_session, tmp_path, method):
     """Grid and random scenarios follow from their index, so each chunk task draws its own rows (an LHS

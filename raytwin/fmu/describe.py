@@ -25,6 +25,7 @@ import math
 import os
 import re
 import tempfile
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,8 +102,12 @@ class FmuModel(Declared):
 
         url = str(url)
         path = _local_copy(url, expected_hash)
-        md = read_model_description(path, validate=False)
         where = f"FMU {Path(url).name}"
+        try:
+            md = read_model_description(path, validate=False)
+        except zipfile.BadZipFile:
+            raise FmuError(f"{where}: not an FMU: {url} is not a zip archive (an FMU is a zip of "
+                           "modelDescription.xml and binaries)") from None
         states, inputs, params, outputs = [], [], [], []
         state_names = {d.variable.derivative.name for d in md.derivatives if d.variable.derivative is not None}
         for v in md.modelVariables:
@@ -138,11 +143,14 @@ class FmuModel(Declared):
             raise FmuError(f"{where}: neither co-simulation nor model exchange is provided")
         capable = [d for d in (md.coSimulation, md.modelExchange) if d is not None]
         experiment = md.defaultExperiment
+        default_dt = _float(experiment.stepSize if experiment else None, 1.0)
+        if not (math.isfinite(default_dt) and default_dt > 0):  # every run would fail in fmi2DoStep
+            raise FmuError(f"{where}: DefaultExperiment stepSize {default_dt:g} must be a finite number of seconds "
+                           "> 0; fix it in the FMU's modelDescription.xml")
         return cls(
             url=url, fmu_hash=sha256_file(path), name=md.modelName, fmi_version=md.fmiVersion,
             interfaces=interfaces, states=tuple(states), inputs=tuple(inputs), params=tuple(params),
-            outputs=tuple(outputs),
-            default_dt=_float(experiment.stepSize if experiment else None, 1.0),
+            outputs=tuple(outputs), default_dt=default_dt,
             start_time=_float(experiment.startTime if experiment else None, 0.0),
             can_get_set_state=all(bool(d.canGetAndSetFMUstate) for d in capable),
             description=md.description or "",

@@ -49,7 +49,7 @@ class FmuScenario:
     start_time: float | None = None
 
     def check(self, model: FmuModel) -> None:
-        """Refuse names the FMU does not declare and input series of the wrong length."""
+        """Refuse names the FMU does not declare and input series of the wrong length or not finite."""
         if self.n_steps < 1:
             raise FmuError(f"scenario: n_steps must be >= 1, got {self.n_steps}")
         if self.dt is not None and not self.dt > 0:
@@ -62,6 +62,10 @@ class FmuScenario:
         for name, series in self.inputs.items():
             if np.shape(series) != (self.n_steps,):
                 raise FmuError(f"scenario: input {name} needs {self.n_steps} values, got shape {np.shape(series)}")
+            bad = ~np.isfinite(np.asarray(series, dtype=np.float64))
+            if bad.any():  # the FMU would pass it on, and the run would be reported as a divergence
+                k = int(np.argmax(bad))
+                raise FmuError(f"scenario: input {name} is {series[k]} at step {k}; inputs must be finite numbers")
 
 
 class FmuInstance:

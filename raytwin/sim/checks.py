@@ -39,6 +39,7 @@ import numpy as np
 
 from raytwin.sim.model import Model, ModelCheckError, model_step, unstack
 from raytwin.sim.precision import float64
+from raytwin.sim.stiff import Adaptive
 
 log = logging.getLogger("raytwin.sim")
 
@@ -165,29 +166,61 @@ def describe_params(model: Model, values: Sequence[float]) -> str:
     return ", ".join(changed) if changed else "the default parameters"
 
 
+def check_start(model: Model, x0: Sequence[Any]) -> None:
+    """Refuse a start state (one value or array per state) with NaN or inf: the run would be NaN
+    from the first step and read as a divergence."""
+    bad = [n for n, v in zip(model.state_names, x0) if not np.all(np.isfinite(np.asarray(v, dtype=np.float64)))]
+    if bad:
+        raise ModelCheckError(model.name, "x0", f"the start value of {', '.join(bad)} is not finite; "
+                              "give finite values")
+
+
+def _non_finite_at(model: Model, values: Sequence[float], corner: bool) -> str:
+    """Why the stability check cannot run at parameter `values`: every value (any of them may be the
+    cause), and those outside their declared bounds, the usual reason. A smaller step cannot help."""
+    named = ", ".join(f"{p.name}={v:g}" for p, v in zip(model.params, values))
+    outside = [f"{p.name}={v:g} is outside its bounds [{p.lower:g}, {p.upper:g}]"
+               for p, v in zip(model.params, values) if not p.lower <= v <= p.upper]
+    hint = "; ".join(outside) if outside else "use values at which the model's equations are defined"
+    where = " (a corner of the parameter box)" if corner else ""
+    return f"parameters {named}{where} make the derivative non-finite (its Jacobian at the nominal state): {hint}"
+
+
 def check_step(
     model: Model, dt: float, params: Sequence[Any] | None = None, *, allow_unstable: bool = False, what: str = "dt",
 ) -> BoxLimit:
     """Refuse (or, with `allow_unstable`, warn loudly about) a step `dt` beyond the RK4 stability limit
     of `params`: one value or one array per parameter (a batch: checked over its box), default
-    the model's defaults. `what` names the field in the message. Returns the limit."""
+    the model's defaults. `what` names the field in the message. Returns the limit.
+
+    A step that is not a finite number of seconds > 0 and an empty batch are refused first (a
+    negative step would integrate backwards in time, a zero one never move)."""
+    if not (math.isfinite(float(dt)) and float(dt) > 0):
+        raise ModelCheckError(model.name, what, f"must be a finite number of seconds > 0, got {float(dt):g}")
     values = model.param_vector() if params is None else params
-    if model.solver is not None:  # an adaptive solver chooses its own steps
-        return BoxLimit(math.inf, tuple(model.param_vector()), 0)
     if len(values) != len(model.params):
         raise ValueError(f"{model.name}: {len(values)} parameter values, expected {model.param_names}")
     arrays = [np.asarray(v, dtype=np.float64) for v in values]
+    if any(a.size == 0 for a in arrays):
+        raise ModelCheckError(model.name, "params", "batch is empty: give at least one scenario")
+    if model.solver is not None:  # an adaptive solver chooses its own steps
+        return BoxLimit(math.inf, tuple(model.param_vector()), 0)
     lows = tuple(float(a.min()) for a in arrays)
     highs = tuple(float(a.max()) for a in arrays)
     limit = box_limit(model, lows, highs)
     if not float(dt) <= limit.dt_max:
-        where = describe_params(model, limit.corner)
-        where = f"the parameter corner {where}" if lows != highs else where
-        reason = (f"step {float(dt):g} s is beyond the RK4 stability limit {limit.dt_max:.4g} s at {where}"
-                  if not math.isnan(limit.dt_max) else f"the Jacobian is not finite at {where}")
+        if math.isnan(limit.dt_max):  # no step is stable or unstable there: the parameters are the problem
+            field_, reason = "params", _non_finite_at(model, limit.corner, lows != highs)
+            fix = "allow_unstable=True runs it anyway"
+        else:
+            corner = "the parameter corner " if lows != highs else ""
+            field_, reason = what, (f"step {float(dt):g} s is beyond the RK4 stability limit {limit.dt_max:.4g} s "
+                                    f"at {corner}{describe_params(model, limit.corner)}")
+            fix = "use a smaller step, or allow_unstable=True"
         if not allow_unstable:
-            raise UnstableStepError(model.name, what, reason + " (use a smaller step, or allow_unstable=True)")
-        warnings.warn(f"model {model.name}: {what}: {reason}: the run may diverge", UnstableStepWarning, stacklevel=3)
+            raise UnstableStepError(model.name, field_, f"{reason} ({fix})")
+        warnings.warn(f"model {model.name}: {field_}: {reason}: the run may diverge", UnstableStepWarning,
+                      stacklevel=3)
         log.warning("event=unstable_step model=%s dt=%g limit=%g", model.name, float(dt), limit.dt_max)
     return limit
 
@@ -204,12 +237,15 @@ class ModelReport:
     box_corner: dict[str, float]
     corners: int
     warnings: tuple[str, ...] = field(default=())
+    adaptive: str | None = None  # the model's `Adaptive` solver, which has no RK4 limit and runs in float64 only
 
     def lines(self) -> list[str]:
-        return [f"model {self.model}: ok",
-                f"step {self.dt:g} s; RK4 stability limit {self.dt_max:.4g} s at the default parameters, "
-                f"{self.box_dt_max:.4g} s over {self.corners} corners of the parameter bounds",
-                *(f"warning: {w}" for w in self.warnings)]
+        step = (f"step {self.dt:g} s; RK4 stability limit {self.dt_max:.4g} s at the default parameters, "
+                f"{self.box_dt_max:.4g} s over {self.corners} corners of the parameter bounds")
+        if self.adaptive is not None:
+            step = (f"step {self.dt:g} s, integrated by {self.adaptive} under its own step control (no RK4 limit), "
+                    "in float64 only: simulate, simulate_batch and sweeps choose float64 for it")
+        return [f"model {self.model}: ok", step, *(f"warning: {w}" for w in self.warnings)]
 
 
 def _first_line(exc: BaseException) -> str:
@@ -341,8 +377,9 @@ def _check(model: Model, dt: float) -> ModelReport:
         notes.append(f"{field_} {dt:g} s is beyond the RK4 stability limit {limits[1 + k]:.4g} s at the parameter "
                      f"corner {describe_params(model, corners[k])}: artifacts and sweeps with such values are "
                      "refused at this step")
+    adaptive = f"Adaptive({model.solver.method})" if isinstance(model.solver, Adaptive) else None
     return ModelReport(model.name, dt, float(limits[0]), float(limits[1 + k]),
-                       dict(zip(model.param_names, corners[k].tolist())), len(corners), tuple(notes))
+                       dict(zip(model.param_names, corners[k].tolist())), len(corners), tuple(notes), adaptive)
 
 
 def clear_caches() -> None:

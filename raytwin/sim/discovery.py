@@ -28,7 +28,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from raytwin.sim.model import Model
+from raytwin.sim.model import DeclarationError, Model, ModelCheckError
 
 if TYPE_CHECKING:
     from raytwin.fmu.describe import FmuModel
@@ -132,7 +132,8 @@ def _load_fmu(url: str, sha256: str) -> FmuModel:
 
 
 def load_model(path: str, *, expected_name: str | None = None) -> Model:
-    """Import the `Model` at ``package.module:ATTR`` (ATTR may be dotted); one-line errors."""
+    """Import the `Model` at ``package.module:ATTR`` (ATTR may be dotted); one-line errors (a declaration
+    refused while the module runs: `ModelCheckError` naming `path`, as the model has no name yet)."""
     module_name, _, attr = path.partition(":")
     if not module_name or not attr:
         raise UnknownModelError(f"model path {path!r} must look like package.module:MODEL")
@@ -140,6 +141,8 @@ def load_model(path: str, *, expected_name: str | None = None) -> Model:
         obj = importlib.import_module(module_name)
     except ImportError as exc:
         raise UnknownModelError(f"model path {path!r}: cannot import {module_name}: {exc}") from None
+    except DeclarationError as exc:  # a Param or variable refused while the module built the model
+        raise ModelCheckError(path, exc.field, exc.reason) from None
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise UnknownModelError(f"model path {path!r}: {module_name} has no attribute {attr!r}")

@@ -27,9 +27,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from raytwin.sim.checks import check_step
+from raytwin.sim.checks import check_start, check_step
 from raytwin.sim.model import Arrays, Model, after_step, model_step, rk4_step, unstack
 from raytwin.sim.precision import precision
+from raytwin.sim.stiff import Adaptive
 
 InputFn = Callable[[jax.Array, jax.Array, Arrays], Arrays]
 """inputs(k, t, state) -> input tuple, for generated or closed-loop inputs."""
@@ -79,12 +80,16 @@ def rollout(
     `compensated_states` in float32, none in float64); the others are exactly `rk4_step`'s.
 
     Called with concrete `dt` and `params`, a step beyond the RK4 stability limit of the parameters
-    is refused (`raytwin.sim.checks.check_step`; ``allow_unstable=True`` warns instead). Traced
-    calls (inside the caller's jit/vmap) cannot look at values: their entry points check
-    (`simulate`, `simulate_batch`, sweeps).
+    is refused (`raytwin.sim.checks.check_step`; ``allow_unstable=True`` warns instead), as is a
+    concrete `x0` that is not finite. Traced calls (inside the caller's jit/vmap) cannot look at
+    values: their entry points check (`simulate`, `simulate_batch`, sweeps). A model with an
+    `Adaptive` solver runs only in float64 (`raytwin.sim.stiff`); `simulate` and `simulate_batch`
+    choose it for such a model (`integration_dtype`).
     """
     if not any(isinstance(v, jax.core.Tracer) for v in (dt, *params)):
         check_step(model, dt, params, allow_unstable=allow_unstable)
+    if not any(isinstance(v, jax.core.Tracer) for v in x0):
+        check_start(model, x0)
     coeffs = model.coefficients(params)
     dtype = jnp.result_type(*x0)
     dt_ = jnp.asarray(dt, dtype)
@@ -162,11 +167,19 @@ def _simulate_one(model: Model, x0: jax.Array, inputs: jax.Array, params: jax.Ar
     return jnp.concatenate([x0[None, :], traj], axis=0)
 
 
+def integration_dtype(model: Model, dtype: Any) -> np.dtype:
+    """The dtype `model` is integrated in when results in `dtype` are asked for: float64 for an
+    `Adaptive` solver (its implicit steps fail in float32, `raytwin.sim.stiff`), else `dtype`."""
+    return np.dtype(np.float64) if isinstance(model.solver, Adaptive) else np.dtype(dtype)
+
+
 def _as_arrays(model: Model, dtype: Any, *arrays) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(x0, inputs, params) as arrays of `dtype`, with their last axes checked against the model."""
+    """(x0, inputs, params) as arrays of `dtype`, with their last axes checked against the model
+    and the start state checked to be finite."""
     x0, inputs, params = (np.asarray(a, dtype=dtype) for a in arrays)
     if x0.shape[-1] != len(model.states):
         raise ValueError(f"{model.name}: state has {x0.shape[-1]} values, expected {model.state_names}")
+    check_start(model, np.moveaxis(x0, -1, 0))
     if inputs.shape[-1] != len(model.inputs):
         raise ValueError(f"{model.name}: inputs have {inputs.shape[-1]} columns, expected {model.input_names}")
     if params.shape[-1] != len(model.params):
@@ -187,13 +200,16 @@ def simulate(
     """Trajectory of one scenario, shape (n_steps + 1, n_states), from state `x0`.
 
     `inputs` has shape (n_steps, n_inputs), held constant over each step; `params` is in model
-    order (`Model.param_vector`). float32 by default; pass ``dtype=jnp.float64`` for validation.
+    order (`Model.param_vector`). float32 by default; pass ``dtype=jnp.float64`` for validation
+    (a model with an `Adaptive` solver is integrated in float64 either way, `integration_dtype`).
     A step beyond the RK4 stability limit of `params` is refused (``allow_unstable=True``: a warning).
     """
-    x0, inputs, params = _as_arrays(model, dtype, x0, inputs, params)
+    work = integration_dtype(model, dtype)
+    x0, inputs, params = _as_arrays(model, work, x0, inputs, params)
     check_step(model, dt, params, allow_unstable=allow_unstable)
-    with precision(dtype):
-        return np.asarray(_simulate_one(model, x0, inputs, params, jnp.asarray(dt, dtype)))
+    with precision(work):
+        traj = np.asarray(_simulate_one(model, x0, inputs, params, jnp.asarray(dt, work)))
+    return traj.astype(dtype, copy=False)
 
 
 @partial(jax.jit, static_argnames=("model", "shared_inputs"))
@@ -218,10 +234,12 @@ def simulate_batch(
     shared by all scenarios, or (batch, n_steps, n_inputs). The step is checked against the RK4
     stability limit over the box of the batch's parameters (its corners; cached per box).
     """
-    x0, inputs, params = _as_arrays(model, dtype, x0, inputs, params)
+    work = integration_dtype(model, dtype)
+    x0, inputs, params = _as_arrays(model, work, x0, inputs, params)
     if x0.ndim != 2 or params.ndim != 2 or x0.shape[0] != params.shape[0]:
         raise ValueError(f"x0 {x0.shape} and params {params.shape} must be (batch, n) with the same batch")
     check_step(model, dt, tuple(params.T), allow_unstable=allow_unstable)
     shared = inputs.ndim == 2
-    with precision(dtype):
-        return np.asarray(_simulate_many(model, x0, inputs, params, jnp.asarray(dt, dtype), shared))
+    with precision(work):
+        traj = np.asarray(_simulate_many(model, x0, inputs, params, jnp.asarray(dt, work), shared))
+    return traj.astype(dtype, copy=False)

@@ -56,15 +56,16 @@ class Var:
     upper: float = math.inf
 
     def __post_init__(self) -> None:
+        fail = lambda reason: DeclarationError(declared_field(self), reason)  # noqa: E731
         if not self.lower < self.upper:
-            raise ValueError(f"variable {self.name}: need lower < upper, got [{self.lower}, {self.upper}]")
+            raise fail(_range_problem(self.lower, self.upper))
         nominal = getattr(self, "nominal", None)
         if nominal is not None and not self.lower <= nominal <= self.upper:
-            raise ValueError(f"variable {self.name}: nominal {nominal} outside [{self.lower}, {self.upper}]")
+            raise fail(f"nominal {nominal:g} is outside its range [{self.lower:g}, {self.upper:g}]")
         for name in ("prior_std", "process_std", "measurement_std"):
             value = getattr(self, name, None)
             if value is not None and not (math.isfinite(value) and value > 0):
-                raise ValueError(f"variable {self.name}: {name} must be a finite number > 0, got {value}")
+                raise fail(f"{name} must be a finite number > 0, got {value:g}")
 
 
 @dataclass(frozen=True)
@@ -108,10 +109,37 @@ class Param:
     description: str = ""
 
     def __post_init__(self) -> None:
+        fail = lambda reason: DeclarationError(declared_field(self), reason)  # noqa: E731
         if not math.isfinite(self.default) or math.isnan(self.lower) or math.isnan(self.upper):
-            raise ValueError(f"parameter {self.name}: the default must be finite and the bounds numbers")
+            raise fail(f"the default must be finite and the bounds numbers, got default {self.default:g} "
+                       f"in [{self.lower:g}, {self.upper:g}]")
+        if self.lower > self.upper:
+            raise fail(_range_problem(self.lower, self.upper))
         if not self.lower <= self.default <= self.upper:
-            raise ValueError(f"parameter {self.name}: default {self.default} outside [{self.lower}, {self.upper}]")
+            raise fail(f"default {self.default:g} is outside its bounds [{self.lower:g}, {self.upper:g}]")
+
+
+class DeclarationError(ValueError):
+    """A variable or parameter declared with values it cannot have, raised when it is constructed
+    (before any model holds it, so it names the field, e.g. ``params.m``, and loading the model
+    module adds the model: `raytwin.sim.discovery.load_model`)."""
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"{field}: {reason}")
+        self.field, self.reason = field, reason
+
+
+def declared_field(v: Var | Param) -> str:
+    """Where a declaration sits in a model: ``states.x``, ``params.m`` (the kind's `Model` field)."""
+    kind = next((k for k, cls in _KINDS if isinstance(v, cls)), "variables")
+    return f"{kind}.{v.name}"
+
+
+def _range_problem(lower: float, upper: float) -> str:
+    """Why [lower, upper] is not a range, saying a reversed one is reversed."""
+    if lower > upper:
+        return f"lower bound {lower:g} is above upper bound {upper:g}: swap them"
+    return f"range [{lower:g}, {upper:g}] needs lower < upper"
 
 
 def _identity(x: Arrays) -> Arrays:
