@@ -33,10 +33,11 @@ STOP_WAIT_S = 30.0
 """How long a takeover waits for the previous holder's shard actors to be gone."""
 HEARTBEAT_S = 2.0
 """How often a holder's shards renew the store's heartbeat (a small file write each)."""
-EXPIRY_S = 10.0
-"""A holder whose heartbeat is older than this is gone (crashed, or its cluster stopped): five
-missed renewals, far more than a busy shard's thread is held up, and the wait of a service started
-again right after a crash."""
+EXPIRY_S = 6.0
+"""A holder whose heartbeat is older than this is gone (crashed, or its cluster stopped): three
+missed renewals, more than a busy shard's thread is held up, and at most the wait of a service
+started again right after a crash (less the seconds its Ray takes to start). Taking the store from
+a holder that was only slow is safe: its shards' next writes are fenced."""
 
 
 class StoreLeased(RuntimeError):
