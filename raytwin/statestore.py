@@ -706,23 +706,23 @@ class StateStore:
         return f"{self.root}/lease-heartbeat.json"
 
     def read_lease(self) -> Lease | None:
-        try:
-            return Lease(**json.loads(self.fs.cat_file(self._lease_path)))
-        except FileNotFoundError:
-            return None
+        return None if (found := self._read_json(self._lease_path)) is None else Lease(**found)
 
     def write_lease(self, lease: Lease) -> None:
         """Replace the lease (atomically: a writer checking it never reads half a file)."""
         self._replace_json(self._lease_path, asdict(lease))
 
     def read_heartbeat(self) -> Heartbeat | None:
-        try:
-            return Heartbeat(**json.loads(self.fs.cat_file(self._heartbeat_path)))
-        except FileNotFoundError:
-            return None
+        return None if (found := self._read_json(self._heartbeat_path)) is None else Heartbeat(**found)
 
     def write_heartbeat(self, beat: Heartbeat) -> None:
         self._replace_json(self._heartbeat_path, asdict(beat))
+
+    def _read_json(self, path: str) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.fs.cat_file(path))
+        except FileNotFoundError:
+            return None
 
     def _replace_json(self, path: str, value: dict[str, Any]) -> None:
         """Write `path` whole: renamed into place on a local disk (an object-store PUT is atomic already)."""
