@@ -14,14 +14,20 @@ import typer
 models_app = typer.Typer(no_args_is_help=True)
 
 
-def _resolve(ref: str):
-    """The model at `ref` (a declared name or package.module:MODEL), or exit 2 with the one-line reason.
-    The working directory is importable, as with ``python -m`` (a model module next to you loads)."""
+def importable_working_directory() -> None:
+    """Model modules in the working directory import, as with ``python -m`` (a model module next to you
+    loads), for every command that names a model (here and in `sweeps.cli`; Ray's workers get the
+    driver's ``sys.path``)."""
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+
+
+def resolve_model(ref: str):
+    """The model at `ref` (a declared name or package.module:MODEL), or exit 2 with the one-line reason."""
     from raytwin.sim import UnknownModelError, get_model
     from raytwin.sim.model import ModelCheckError
 
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    importable_working_directory()
     try:
         return get_model(ref)
     except (UnknownModelError, ModelCheckError) as exc:
@@ -35,7 +41,7 @@ def list_models() -> None:
     from raytwin.sim.discovery import declared
 
     for name, path in sorted(declared().items()):
-        model = _resolve(name)
+        model = resolve_model(name)
         typer.echo(f"{name}\t{model.version}\t{path}\t{model.description}")
 
 
@@ -47,7 +53,7 @@ def _bounds(lower: float, upper: float) -> str:
 @models_app.command("show")
 def show(ref: str = typer.Argument(..., help="A declared model name or an import path package.module:MODEL.")) -> None:
     """A model's declaration: variables with units and ranges, parameters with defaults and bounds, step."""
-    model = _resolve(ref)
+    model = resolve_model(ref)
     typer.echo(f"{model.name} {model.version}: {model.description}")
     typer.echo(f"default_dt {model.default_dt:g} s" + (f" ({model.dt_limit})" if model.dt_limit else ""))
     for kind, variables in (("states", model.states), ("inputs", model.inputs), ("outputs", model.outputs)):
@@ -72,7 +78,7 @@ def check(
     from raytwin.sim.checks import check_model
     from raytwin.sim.model import ModelCheckError
 
-    model = _resolve(ref)
+    model = resolve_model(ref)
     try:
         report = check_model(model, dt=dt)
     except ModelCheckError as exc:

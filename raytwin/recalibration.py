@@ -52,7 +52,8 @@ class RecalibrationPolicy(Contract):
     free: Annotated[list[Identifier], Field(min_length=1, max_length=32)] = Field(
         description="The model parameters to fit (checked against the asset type's model)")
     noise_std: dict[Identifier, Annotated[float, Field(gt=0, allow_inf_nan=False)]] = Field(
-        default_factory=dict, description="Measurement noise per output, weights of the fit (default 1)")
+        default_factory=dict, description="Measurement noise per output, weights of the fit (default: the "
+                                          "output's declared measurement_std, else 1)")
 
     @model_validator(mode="after")
     def _coherent(self) -> RecalibrationPolicy:

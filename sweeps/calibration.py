@@ -14,6 +14,8 @@
    correlated (process noise in the asset: least squares' intervals were ~10x too narrow there);
    ``least_squares`` keeps ``cov = s^2 (J^T J)^-1`` at the least-squares optimum, right only for
    white residuals. Both are for the log-parameters: diagonal square roots are relative stds.
+   Refinement and the prediction-error fit stay within the model's declared bounds, and a fit that
+   ends on one is refused (the bound, not the data, put it there).
 
 With ``max_concurrent_trials=1`` (the default; trials are cheap) the Tune phase is deterministic
 for a seed, so a calibration reruns bit-for-bit: with concurrent trials ASHA's decisions depend
@@ -72,7 +74,8 @@ class CalibrationSpec(Contract):
     start_state: dict[str, Finite]
     free: Annotated[list[str], Field(min_length=1)]
     parameters: dict[str, Finite] = Field(default_factory=dict)  # prior / fixed values over the model's
-    noise_std: dict[str, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)  # per output; default 1
+    noise_std: dict[str, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)
+    """Sigma of each output's residuals; an output not named: its declared ``measurement_std``, else 1."""
     search: Literal["random", "grid", "optuna", "hyperopt"] = "random"
     num_samples: Annotated[int, Field(ge=1)] = 16
     grid_levels: Annotated[int, Field(ge=2)] = 3
@@ -116,6 +119,11 @@ class CalibrationResult(Contract):
     uncertainty: str = "least_squares"
     process_noise_scale: float | None = None
     """Prediction-error fits: the fitted factor on the declared process-noise variance."""
+    noise_std: dict[str, float] = Field(default_factory=dict)
+    """The sigma each output's residuals were weighted with (empty in results from before it was recorded)."""
+    noise_std_assumed: list[str] = Field(default_factory=list)
+    """Outputs with neither a spec `noise_std` nor a declared ``measurement_std``: sigma 1 was assumed, so
+    their weight, and the reported uncertainty, are only as right as that guess."""
 
 
 @dataclass(frozen=True)
@@ -131,6 +139,7 @@ class Problem:
     y: np.ndarray  # (N, n_outputs)
     sigma: np.ndarray  # (n_outputs,)
     dt: float
+    sigma_assumed: tuple[str, ...] = ()  # outputs whose sigma is the fallback 1 (nothing given or declared)
 
     @property
     def model(self) -> Model:
@@ -195,10 +204,14 @@ _jacobian = jax.jit(jax.jacfwd(_residuals_fn, argnums=2), static_argnames=("mode
 
 
 def read_telemetry(url: str, storage_options: dict | None = None) -> tuple[pa.Table, str]:
-    """The telemetry table at `url` and the SHA-256 of its bytes (the run record's input hash)."""
+    """The telemetry table at `url` and the SHA-256 of its bytes (the run record's input hash); a file
+    that is missing or not Parquet is a `CalibrationError` (one line, not a traceback)."""
     fs, path = filesystem(url, storage_options)
-    data = fs.cat_file(path)
-    return pq.read_table(io.BytesIO(data)), hashlib.sha256(data).hexdigest()
+    try:
+        data = fs.cat_file(path)
+        return pq.read_table(io.BytesIO(data)), hashlib.sha256(data).hexdigest()
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise CalibrationError(f"cannot read telemetry {url}: {exc}") from None
 
 
 def build_problem(spec: CalibrationSpec, table: pa.Table, artifact_params: dict[str, float], simulator: str) -> Problem:
@@ -208,6 +221,10 @@ def build_problem(spec: CalibrationSpec, table: pa.Table, artifact_params: dict[
         raise CalibrationError(f"free parameters {sorted(unknown)} not in {simulator}: {model.param_names}")
     if set(spec.start_state) != set(model.state_names):
         raise CalibrationError(f"start_state must give exactly {list(model.state_names)}")
+    unknown = set(spec.noise_std) - set(model.output_names)
+    if unknown:
+        raise CalibrationError(f"noise_std names {sorted(unknown)}, not outputs of {simulator}: "
+                               f"{list(model.output_names)}")
     if "t_s" not in table.column_names and "event_time" in table.column_names:
         micros = table["event_time"].cast(pa.timestamp("us", tz="UTC")).cast(pa.int64()).to_numpy()
         table = table.append_column("t_s", pa.array((micros - micros[0]) / 1e6))
@@ -224,6 +241,8 @@ def build_problem(spec: CalibrationSpec, table: pa.Table, artifact_params: dict[
     if not (np.isfinite(u).all() and np.isfinite(y).all()):
         raise CalibrationError("telemetry contains NaN/inf; drop or fill those samples first")
     base = np.asarray(model.param_vector({**artifact_params, **spec.parameters}), dtype=np.float64)
+    declared = {o.name: o.measurement_std for o in model.outputs if o.measurement_std is not None}
+    sigma = {**declared, **spec.noise_std}
     return Problem(
         simulator=simulator,
         free_names=tuple(spec.free),
@@ -232,8 +251,9 @@ def build_problem(spec: CalibrationSpec, table: pa.Table, artifact_params: dict[
         x0=np.asarray([spec.start_state[s] for s in model.state_names], dtype=np.float64),
         u=u,
         y=y,
-        sigma=np.asarray([spec.noise_std.get(o, 1.0) for o in model.output_names]),
+        sigma=np.asarray([sigma.get(o, 1.0) for o in model.output_names]),
         dt=float(steps[0]),
+        sigma_assumed=tuple(o for o in model.output_names if o not in sigma),
     )
 
 
@@ -247,11 +267,19 @@ def _trial(config: dict[str, float], problem: Problem, windows: list[int]) -> No
         tune.report({"loss": problem.loss(theta, n), "window": n})
 
 
-def _bounds(spec: CalibrationSpec, problem: Problem) -> tuple[np.ndarray, np.ndarray]:
+def _bounds(problem: Problem) -> tuple[np.ndarray, np.ndarray]:
+    """The model's declared (lower, upper) bounds of the free parameters."""
     specs = {p.name: p for p in problem.model.params}
     lo = np.array([specs[n].lower for n in problem.free_names])
     hi = np.array([specs[n].upper for n in problem.free_names])
     return lo, hi
+
+
+def _log_bounds(problem: Problem) -> tuple[np.ndarray, np.ndarray]:
+    """`_bounds` for the log-parameters that refinement and the prediction-error fit move (a lower bound 0: -inf)."""
+    lo, hi = _bounds(problem)
+    with np.errstate(divide="ignore"):
+        return np.log(lo), np.log(hi)
 
 
 def _search(spec: CalibrationSpec, problem: Problem) -> tuple[dict, Any, int]:
@@ -261,7 +289,7 @@ def _search(spec: CalibrationSpec, problem: Problem) -> tuple[dict, Any, int]:
 
     limit = spec.max_concurrent_trials
     prior = problem.base_params[problem.free_index]
-    lo, hi = _bounds(spec, problem)
+    lo, hi = _bounds(problem)
     s_lo = np.maximum(prior / spec.search_width, lo)
     s_hi = np.minimum(prior * spec.search_width, hi)
     names = problem.free_names
@@ -332,12 +360,10 @@ def tune_search(spec: CalibrationSpec, problem: Problem) -> tuple[dict[str, floa
 
 
 # --------------------------------------------------------------------- refinement ----
-def refine(problem: Problem, theta0_log: np.ndarray, spec: CalibrationSpec) -> tuple[np.ndarray, int]:
+def refine(problem: Problem, theta0_log: np.ndarray) -> tuple[np.ndarray, int]:
     """Least squares on the log-parameters with the jax.jacfwd Jacobian; (theta, evaluations)."""
     n = problem.n
-    lo, hi = _bounds(spec, problem)
-    with np.errstate(divide="ignore"):
-        bounds = (np.log(lo), np.log(hi))
+    bounds = _log_bounds(problem)
     fit = least_squares(
         lambda th: problem.residuals(th, n),
         np.clip(theta0_log, bounds[0] + 1e-12, bounds[1] - 1e-12),
@@ -373,12 +399,33 @@ def prediction_error(problem: Problem, theta_log: np.ndarray) -> tuple[np.ndarra
     fit = pem_fit(model, tuple(problem.free_index.tolist()), n_sub, theta_log, problem.base_params, problem.x0,
                   np.diag((START_STD_FRACTION * declared("initial_std", model.state_names, 1.0)) ** 2),
                   problem.u, problem.y,
-                  declared("process_std", model.state_names, 0.0) ** 2, problem.sigma**2, problem.dt / n_sub)
+                  declared("process_std", model.state_names, 0.0) ** 2, problem.sigma**2, problem.dt / n_sub,
+                  theta_bounds=_log_bounds(problem))
     if not np.isfinite(float(fit.nll)):
         raise CalibrationError("the prediction-error fit failed (non-finite likelihood); "
                                "use uncertainty='least_squares' or check the data")
     return (np.asarray(fit.theta_log), float(np.exp(fit.log_q_scale)),
             *_std_and_correlation(np.asarray(fit.cov)))
+
+
+BOUND_TOLERANCE = 1e-6
+"""A fitted log-parameter this close to the log of a declared bound sits on it (the bounded least squares
+ends within ~1e-12 of a bound that stops it, the prediction-error fit exactly on it)."""
+
+
+def _refuse_fit_on_bounds(problem: Problem, theta_log: np.ndarray) -> None:
+    """Refuse a fit that ends on a declared bound: the bound stopped it there, not the data, so its value
+    and uncertainty would mislead (and registering it would publish it as a fit)."""
+    lo, hi = _log_bounds(problem)
+    units = {p.name: "" if p.unit in ("", "-") else f" {p.unit}" for p in problem.model.params}
+    hits = [f"{name}={np.exp(t):.6g}{units[name]} at its {'lower' if abs(t - a) <= BOUND_TOLERANCE else 'upper'} "
+            f"bound (declared [{np.exp(a):g}, {np.exp(b):g}])"
+            for name, t, a, b in zip(problem.free_names, theta_log, lo, hi)
+            if min(abs(t - a), abs(t - b)) <= BOUND_TOLERANCE]
+    if hits:
+        raise CalibrationError(f"the fit of {problem.simulator} reached declared bounds: {'; '.join(hits)}; "
+                               "the data want a value outside them: widen the model's bounds if such a value is "
+                               "plausible, else check the telemetry, start_state and fixed parameters")
 
 
 def _std_and_correlation(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -449,13 +496,15 @@ def _calibrate(spec: CalibrationSpec, out_url: str,
     theta = np.log([best[n] for n in problem.free_names])
     evaluations = 0
     if spec.refine:
-        theta, evaluations = refine(problem, theta, spec)
+        theta, evaluations = refine(problem, theta)
     q_scale = None
     if spec.uncertainty == "prediction_error":
         theta, q_scale, rel_std, corr = prediction_error(problem, theta)
         log.info("calibration prediction_error process_noise_scale=%.3g", q_scale)
     else:
         rel_std, corr = uncertainty(problem, theta)
+    if spec.refine or spec.uncertainty == "prediction_error":  # an optimum (a Tune grid point may lie on a bound)
+        _refuse_fit_on_bounds(problem, theta)
     fitted = np.asarray(problem.params(theta))
     r = problem.residuals(theta, problem.n).reshape(problem.n, -1) * problem.sigma
     model = problem.model
@@ -478,15 +527,12 @@ def _calibrate(spec: CalibrationSpec, out_url: str,
         refine_evaluations=evaluations,
         uncertainty=spec.uncertainty,
         process_noise_scale=q_scale,
+        noise_std=dict(zip(model.output_names, map(float, problem.sigma))),
+        noise_std_assumed=list(problem.sigma_assumed),
     )
     log.info("calibration done weighted_rmse=%.6g %s", result.weighted_rmse,
              " ".join(f"{n}={values[n]:.6g}+-{100 * s:.2g}%" for n, s in result.rel_std.items()))
-    fs, root = filesystem(out_url, storage_options)
-    fs.makedirs(root, exist_ok=True)
-    files = {RESULT_FILE: canonical_json(result.model_dump(mode="json")), PLOT_FILE: plot_fit(problem, theta)}
-    for name, data in files.items():
-        fs.pipe_file(f"{root}/{name}", data)
-    if spec.register_as is not None:
+    if spec.register_as is not None:  # before the outputs: a refused registration leaves no outputs of a failed run
         name, version = spec.register_as.split("@")
         ModelRegistry(spec.registry_url).register(
             name, version, artifact.asset_type, result.parameters,
@@ -494,4 +540,9 @@ def _calibrate(spec: CalibrationSpec, out_url: str,
                       "weighted_rmse": repr(result.weighted_rmse)},
         )
         log.info("calibration registered model=%s", spec.register_as)
+    fs, root = filesystem(out_url, storage_options)
+    fs.makedirs(root, exist_ok=True)
+    files = {RESULT_FILE: canonical_json(result.model_dump(mode="json")), PLOT_FILE: plot_fit(problem, theta)}
+    for name, data in files.items():
+        fs.pipe_file(f"{root}/{name}", data)
     return result, {k: hashlib.sha256(v).hexdigest() for k, v in files.items()}, data_hash

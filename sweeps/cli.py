@@ -7,17 +7,24 @@ spec.yaml``) or starts a local Ray. Specs are JSON or YAML files holding a `Swee
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
+import signal
 from pathlib import Path
-from collections.abc import Callable
-from typing import Annotated, TypeVar
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 import yaml
 from pydantic import ValidationError
 
 from raytwin.contracts import describe_error
+from raytwin.models_cli import importable_working_directory
+
+if TYPE_CHECKING:
+    from sweeps.space import ScenarioSpace
 
 sweep_app = typer.Typer(help="What-if scenario sweeps over a model.", no_args_is_help=True)
 calibrate_app = typer.Typer(help="Fit model parameters to telemetry (Ray Tune + least squares).", no_args_is_help=True)
@@ -25,23 +32,60 @@ runs_app = typer.Typer(help="Recorded sweep and calibration runs.", no_args_is_h
 
 T = TypeVar("T")
 RunsOption = Annotated[str, typer.Option("--runs", help="Runs root: a directory or fsspec URL.")]
+MAX_SCENARIOS = 100_000_000
+"""`sweep run` refuses bigger sweeps unless ``--max-scenarios`` allows them: 10^12 scenarios were accepted
+and wrote 30 MB/s towards ~100 TB; 10^8 scenarios of a dozen metrics write ~10 GB."""
 
 
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
 
 
-def _recorded(run: Callable[[], T], refused: type[Exception]) -> T:
-    """`run()`; a spec it refuses is a usage error (exit 2) that shows the reason."""
+def _recorded(run: Callable[[], T], *refused: type[Exception]) -> T:
+    """`run()`; a spec it refuses (`refused`, or a model that does not resolve or register: an unknown or
+    unimportable model, a registry's refusal) is a usage error (exit 2) that shows the reason in one line."""
+    from raytwin.registry import RegistryError
+    from raytwin.sim import UnknownModelError
+
     try:
         return run()
-    except refused as exc:
+    except (*refused, RegistryError, UnknownModelError) as exc:
         raise typer.BadParameter(str(exc)) from None
+
+
+class RunTerminated(SystemExit):
+    """SIGTERM (a scheduler's kill, `timeout`) during a run: the run record's error says so (`sweeps.runs`
+    records the exception's text), and the process exits 143 (128 + SIGTERM), as one killed by it would."""
+
+    def __init__(self) -> None:
+        super().__init__(128 + signal.SIGTERM)
+
+    def __str__(self) -> str:
+        return "terminated by SIGTERM"
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise RunTerminated
+
+
+@contextlib.contextmanager
+def _sigterm_recorded() -> Iterator[None]:
+    """Within it, SIGTERM raises `RunTerminated`. Ray is started first: `ray.init` installs its own handler
+    (``sys.exit``), under which a terminated run was recorded with the error "1" or "15"."""
+    from sweeps.runner import ensure_ray
+
+    ensure_ray()
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def _load(path: Path, spec_type, fmu_spec_type=None):
     """The spec in `path` (JSON or YAML); with `fmu_spec_type`, a spec saying ``engine: fmu`` is one
     of those (a registered FMU's run, `sweeps.fmu`), so the same command and Ray job run either."""
+    importable_working_directory()
     try:
         text = path.read_text()
     except OSError as exc:
@@ -55,28 +99,58 @@ def _load(path: Path, spec_type, fmu_spec_type=None):
         raise typer.BadParameter(f"{path}: {describe_error(exc)}") from None
 
 
+def _check_size(space: ScenarioSpace, n_steps: int, metric_columns: int, max_scenarios: int) -> None:
+    """Refuse a sweep of more than `max_scenarios` scenarios before it starts, with what it would write
+    (8 bytes a value: sweep metrics are random floats that barely compress) and compute."""
+    n = space.size
+    if n <= max_scenarios:
+        return
+    values = 1 + len(space.columns) + metric_columns  # the scenario index, its dimension values, its metrics
+    raise typer.BadParameter(
+        f"{n:,} scenarios of {n_steps:,} steps would write about {_size(8 * values * n)} ({values} values a "
+        f"scenario) and compute {n * n_steps:.3g} scenario-steps: more than --max-scenarios {max_scenarios:,}; "
+        f"pass --max-scenarios {n} to run it")
+
+
+def _size(n_bytes: float) -> str:
+    """`n_bytes` in decimal units (``72 TB``)."""
+    exponent = min(int(math.log10(max(n_bytes, 1)) // 3), 5)
+    return f"{n_bytes / 1000 ** exponent:.3g} {('B', 'kB', 'MB', 'GB', 'TB', 'PB')[exponent]}"
+
+
 @sweep_app.command("run")
 def sweep_run(
     spec: Annotated[Path, typer.Argument(help="SweepSpec as JSON or YAML.")],
     runs: RunsOption = "./runs",
     progress: Annotated[bool | None, typer.Option("--progress/--no-progress", help="Progress bar.")] = None,
+    max_scenarios: Annotated[int, typer.Option(
+        min=1, help="Refuse a sweep of more scenarios (saying what it would write); raise it for a bigger one.")
+    ] = MAX_SCENARIOS,
 ) -> None:
     """Run a sweep, write its metrics dataset and run record; print the run id."""
-    from sweeps.fmu import FmuSpecError, FmuSweepSpec
-    from sweeps.runner import SweepCancelled
+    from raytwin.fmu.batch import METRICS
+    from sweeps.fmu import FmuSpecError, FmuSweepSpec, registered_fmu
+    from sweeps.runner import SweepCancelled, prepare
     from sweeps.runs import recorded_fmu_sweep, recorded_sweep
     from sweeps.spec import SweepSpec
 
     _setup_logging()
     parsed = _load(spec, SweepSpec, FmuSweepSpec)
     if isinstance(parsed, FmuSweepSpec):
-        record = _recorded(lambda: recorded_fmu_sweep(parsed, runs=runs), FmuSpecError)
+        _, fmu = _recorded(lambda: registered_fmu(parsed.model, parsed.registry_url), FmuSpecError)
+        _check_size(parsed.space, parsed.n_steps, len(fmu.output_names) * len(METRICS) + 1, max_scenarios)  # + error
+        with _sigterm_recorded():
+            record = _recorded(lambda: recorded_fmu_sweep(parsed, runs=runs), FmuSpecError)
         s = record.summary
         typer.echo(f"run {record.run_id}: {s['scenarios']} FMU scenarios ({s['failed']} failed) in {s['elapsed_s']} s "
                    f"on {s['workers']} worker(s) -> {record.output_url}")
         return
+    # a registry model's names, values and step are checked once it resolves: here, as a bare simulator's are on load
+    simulator, _ = _recorded(lambda: prepare(parsed), ValueError)
+    _check_size(parsed.space, parsed.n_steps, len(parsed.kit(simulator).metrics) + 1, max_scenarios)  # + diverged
     try:
-        record = recorded_sweep(parsed, runs=runs, progress=progress)
+        with _sigterm_recorded():
+            record = recorded_sweep(parsed, runs=runs, progress=progress)
     except SweepCancelled as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(130) from None
@@ -90,19 +164,16 @@ def sweep_run(
 
 @sweep_app.command("example")
 def sweep_example(
-    model: Annotated[str, typer.Argument(help="Simulator name (e.g. thermal_rc).")],
+    model: Annotated[str, typer.Argument(help="Simulator name (e.g. thermal_rc) or import path package.module:MODEL.")],
     n: Annotated[int, typer.Option(help="Scenarios (Latin hypercube).")] = 1000,
 ) -> None:
     """Print an example SweepSpec (JSON) to start from: the model kit's example, or one derived
     from the model's declaration."""
-    from raytwin.sim import UnknownModelError, get_model
+    from raytwin.models_cli import resolve_model
     from sweeps.kits import example_sweep, kit_for
     from sweeps.spec import SweepSpec
 
-    try:
-        example = example_sweep(kit_for(get_model(model)))
-    except UnknownModelError as exc:
-        raise typer.BadParameter(str(exc)) from None
+    example = example_sweep(kit_for(resolve_model(model)))
     spec = SweepSpec(model=model, horizon_s=example.horizon_s, step_s=example.step_s,
                      space={"method": "lhs", "n": n, "seed": 0, "dimensions": example.dimensions})
     typer.echo(spec.model_dump_json(indent=2, exclude_defaults=True))
@@ -165,24 +236,29 @@ def calibrate_run(
     _setup_logging()
     parsed = _load(spec, CalibrationSpec, FmuCalibrationSpec)
     if isinstance(parsed, FmuCalibrationSpec):
-        record = _recorded(lambda: recorded_fmu_calibration(parsed, runs=runs), FmuSpecError)
+        with _sigterm_recorded():
+            record = _recorded(lambda: recorded_fmu_calibration(parsed, runs=runs), FmuSpecError, CalibrationError)
         s = record.summary
         typer.echo(f"run {record.run_id}: loss {s['loss']:.4g} after {s['evaluations']} FMU runs -> {record.output_url}")
         for name, value in s["parameters"].items():
             typer.echo(f"  {name} = {value:.6g}")
         return
-    record = _recorded(lambda: recorded_calibration(parsed, runs=runs), CalibrationError)
+    with _sigterm_recorded():
+        record = _recorded(lambda: recorded_calibration(parsed, runs=runs), CalibrationError)
     typer.echo(f"run {record.run_id}: weighted RMSE {record.summary['weighted_rmse']:.4g} -> {record.output_url}")
     for name, rel in record.summary["rel_std"].items():
         typer.echo(f"  {name} = {record.summary['parameters'][name]:.6g} (+- {100 * rel:.2g}%)")
+    if record.summary["noise_std_assumed"]:
+        typer.echo(f"note: outputs {record.summary['noise_std_assumed']} declare no measurement_std and the spec "
+                   "gives no noise_std: sigma 1 was assumed, so the +- above are only as right as that; set noise_std")
 
 
 @calibrate_app.command("synthetic")
 def calibrate_synthetic(
-    model: Annotated[str, typer.Argument(help="Simulator name (e.g. thermal_rc).")],
+    model: Annotated[str, typer.Argument(help="Simulator name (e.g. thermal_rc) or import path package.module:MODEL.")],
     out: Annotated[Path, typer.Option(help="Parquet file to write.")],
-    steps: Annotated[int, typer.Option(help="Samples.")] = 2000,
-    dt: Annotated[float | None, typer.Option(help="Sample period [s]; default the model's step.")] = None,
+    steps: Annotated[int, typer.Option(min=3, help="Samples (a calibration needs 3 or more).")] = 2000,
+    dt: Annotated[float | None, typer.Option(help="Sample period [s] > 0; default the model's step.")] = None,
     param: Annotated[list[str] | None, typer.Option(help="True parameter NAME=VALUE (repeatable).")] = None,
     noise: Annotated[list[str] | None, typer.Option(help="Output noise std OUTPUT=STD (repeatable).")] = None,
     seed: int = 0,
@@ -191,20 +267,37 @@ def calibrate_synthetic(
     which a CalibrationSpec of the data needs."""
     import pyarrow.parquet as pq
 
-    from raytwin.sim import get_model
+    from raytwin.models_cli import resolve_model
     from sweeps.kits import kit_for
     from sweeps.synthetic import synthetic_telemetry
 
-    def pairs(items: list[str] | None) -> dict[str, float]:
-        try:
-            return {k: float(v) for k, v in (item.split("=", 1) for item in items or [])}
-        except ValueError:
-            raise typer.BadParameter(f"expected NAME=VALUE pairs, got {items}") from None
+    sim = resolve_model(model)
 
-    sim = get_model(model)
+    def pairs(items: list[str] | None, option: str, known: tuple[str, ...], nonnegative: bool) -> dict[str, float]:
+        """``NAME=VALUE`` options as a dict; `known` names and finite values (`nonnegative` ones) only."""
+        try:
+            values = {k: float(v) for k, v in (item.split("=", 1) for item in items or [])}
+        except ValueError:
+            raise typer.BadParameter(f"expected NAME=VALUE pairs, got {items}", param_hint=option) from None
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise typer.BadParameter(f"unknown name(s) {unknown}; {sim.name} has {list(known)}", param_hint=option)
+        bad = {k: v for k, v in values.items() if not math.isfinite(v) or (nonnegative and v < 0)}
+        if bad:
+            raise typer.BadParameter(f"{bad}: values must be finite numbers" + (" >= 0" if nonnegative else ""),
+                                     param_hint=option)
+        return values
+
+    if dt is not None and not (math.isfinite(dt) and dt > 0):
+        raise typer.BadParameter(f"{dt} is not a finite number of seconds > 0", param_hint="--dt")
+    truth = pairs(param, "--param", sim.param_names, nonnegative=False)
+    noise_std = pairs(noise, "--noise", sim.output_names, nonnegative=True)
     start = kit_for(sim).states0
-    table = synthetic_telemetry(model, pairs(param), start, steps, dt or sim.default_dt, pairs(noise), seed)
-    pq.write_table(table, out)
+    table = synthetic_telemetry(model, truth, start, steps, sim.default_dt if dt is None else dt, noise_std, seed)
+    try:
+        pq.write_table(table, out)
+    except OSError as exc:
+        raise typer.BadParameter(f"cannot write {out}: {exc}", param_hint="--out") from None
     typer.echo(f"wrote {table.num_rows} samples of {model} to {out}")
     typer.echo(f"start_state: {json.dumps(start)}")  # what a CalibrationSpec of this data needs (YAML or JSON)
 
@@ -218,6 +311,7 @@ def rerun(
     from sweeps.runs import rerun as do_rerun
 
     _setup_logging()
+    importable_working_directory()
     try:
         report = do_rerun(run_id, runs=runs)
     except RunError as exc:

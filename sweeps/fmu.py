@@ -20,6 +20,7 @@ registry pins), the scenarios are a seeded `ScenarioSpace`, and `sweeps.runs` wr
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from typing import Annotated, Literal
 
@@ -41,7 +42,8 @@ CALIBRATION_FILE = "calibration.json"
 
 
 class FmuSpecError(ValueError):
-    """An FMU sweep or calibration that does not fit its model (unknown names, not an FMU)."""
+    """An FMU sweep or calibration that does not fit its model (unknown names, not an FMU, free ranges
+    outside the declared bounds) or that no trial could fit."""
 
 
 def registered_fmu(model: str, registry_url: str) -> tuple[ModelArtifact, FmuModel]:
@@ -159,12 +161,22 @@ class FmuCalibrationSpec(_FmuRunSpec):
         return self
 
 
+def _outside_bounds(free: dict[str, tuple[float, float]], artifact: ModelArtifact) -> list[str]:
+    """The free ranges that leave the parameters' declared bounds (the registered asset type's, from
+    `FmuModel.declare`): a search there runs the FMU where it is not meant to work."""
+    declared = artifact.asset_type.parameters
+    return [f"free {name} [{lo:g}, {hi:g}] leaves its declared bounds [{declared[name].lower:g}, "
+            f"{declared[name].upper:g}]: search within them" for name, (lo, hi) in free.items()
+            if name in declared and not declared[name].lower <= lo < hi <= declared[name].upper]
+
+
 def calibrate_fmu_spec(spec: FmuCalibrationSpec, out_url: str, storage_options: dict | None = None) -> tuple[dict, dict]:
     """Fit the free parameters to the telemetry and write ``calibration.json``: (file -> sha256, summary)."""
     artifact, fmu = registered_fmu(spec.model, spec.registry_url)
     table, _ = read_telemetry(spec.telemetry, storage_options)
     problems = (_unknown("parameter", set(spec.free) | set(spec.parameters), fmu.param_names)
-                + _unknown("state", set(spec.start_state), fmu.state_names))
+                + _unknown("state", set(spec.start_state), fmu.state_names)
+                + _outside_bounds(spec.free, artifact))
     if "t_s" not in table.column_names:
         problems.append(f"telemetry {spec.telemetry} has no t_s column")
     observed = [c for c in table.column_names if c in fmu.output_names]
@@ -183,6 +195,9 @@ def calibrate_fmu_spec(spec: FmuCalibrationSpec, out_url: str, storage_options: 
     ensure_ray()
     fit = calibrate_fmu(fmu, scenario, {n: column(n) for n in observed}, spec.free, num_samples=spec.num_samples,
                         seed=spec.seed, interface=spec.interface, max_evaluations=spec.max_evaluations)
+    if not math.isfinite(fit.loss):
+        raise FmuSpecError(f"calibration of FMU {fmu.name}: no trial produced a finite loss: every FMU run failed "
+                           "(e.g. diverged); narrow the free ranges or check start_state and parameters")
     body = canonical_json({"parameters": fit.params, "loss": fit.loss, "observed": observed})
     fs, root = filesystem(out_url, storage_options)
     fs.makedirs(root, exist_ok=True)

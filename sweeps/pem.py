@@ -81,9 +81,11 @@ def innovations_nll(model: Model, free_index: tuple[int, ...], n_sub: int, phi, 
 
 @partial(jax.jit, static_argnames=("model", "free_index", "n_sub"))
 def pem_fit(model: Model, free_index: tuple[int, ...], n_sub: int, theta0_log, base, x0, P0, u, y, q_var, r_var,
-            dt) -> PemFit:
+            dt, theta_bounds: tuple[jax.Array, jax.Array] | None = None) -> PemFit:
     """Damped Newton on `innovations_nll` from `theta0_log` (and the declared process noise),
-    `NEWTON_ITERATIONS` steps; see the module docstring. Run it under float64."""
+    `NEWTON_ITERATIONS` steps, each clipped into `theta_bounds` (lower, upper log-parameters: the
+    model's declared bounds, which the steps left unbounded had crossed); see the module docstring.
+    Run it under float64."""
     f = partial(innovations_nll, model, free_index, n_sub, base=base, x0=x0, P0=P0, u=u, y=y, q_var=q_var,
                 r_var=r_var, dt=dt)
     value_and_grad = jax.value_and_grad(f)
@@ -97,8 +99,10 @@ def pem_fit(model: Model, free_index: tuple[int, ...], n_sub: int, theta0_log, b
         H = (g[1:len(phi) + 1] - g[len(phi) + 1:]) / (2 * FD_STEP)
         return values[0], g[0], 0.5 * (H + H.T)
 
-    lo = jnp.full(len(free_index) + 1, -jnp.inf).at[-1].set(LOG_Q_BOUNDS[0])
-    hi = jnp.full(len(free_index) + 1, jnp.inf).at[-1].set(LOG_Q_BOUNDS[1])
+    unbounded = jnp.full(len(free_index), jnp.inf)
+    theta_lo, theta_hi = (-unbounded, unbounded) if theta_bounds is None else theta_bounds
+    lo = jnp.append(jnp.asarray(theta_lo, dtype=jnp.float64), LOG_Q_BOUNDS[0])
+    hi = jnp.append(jnp.asarray(theta_hi, dtype=jnp.float64), LOG_Q_BOUNDS[1])
 
     def newton(_, state):
         """Judge the last candidate (kept if its likelihood is no worse), then step from the kept point."""

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from client.cli_support import API_KEY, API_URL, remote, show
-from sweeps.cli import RunsOption, _load, _setup_logging
+from sweeps.cli import RunsOption, _load, _setup_logging, _sigterm_recorded
 
 if TYPE_CHECKING:
     from sweeps.recommend import Recommendation
@@ -46,7 +46,8 @@ def recommend_run(
     _setup_logging()
     parsed = _load(spec, RecommendSpec)
     try:
-        record, answer = recorded_recommendation(parsed, runs=runs)
+        with _sigterm_recorded():
+            record, answer = recorded_recommendation(parsed, runs=runs)
     except RecommendError as exc:
         raise typer.BadParameter(str(exc)) from None
     typer.echo(f"run {record.run_id}: {parsed.method} search in {record.summary['optimiser_s']} s")

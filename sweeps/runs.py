@@ -134,7 +134,9 @@ def _recorded(
         outputs, summary = execute(store.output_url(run_id))
     except BaseException as exc:
         status = "cancelled" if isinstance(exc, (SweepCancelled, KeyboardInterrupt)) else "failed"
-        store.save(RunRecord(**fields, status=status, finished=datetime.now(UTC), error=str(exc) or type(exc).__name__))
+        error = str(exc) or type(exc).__name__
+        store.save(RunRecord(**fields, status=status, finished=datetime.now(UTC), error=error))
+        log.warning("run %s run_id=%s error=%s", status, run_id, error)
         raise
     record = RunRecord(**fields, status="succeeded", finished=datetime.now(UTC), outputs=outputs, summary=summary)
     store.save(record)
@@ -202,7 +204,7 @@ def recorded_calibration(
     def execute(out_url: str) -> tuple[dict, dict]:
         result, outputs, _ = calibrate(spec, out_url, storage_options=storage_options)
         return outputs, {"weighted_rmse": result.weighted_rmse, "parameters": result.parameters,
-                         "rel_std": result.rel_std}
+                         "rel_std": result.rel_std, "noise_std_assumed": result.noise_std_assumed}
 
     return _recorded(store, "calibration", spec, execute, input_url=spec.telemetry, input_hash=input_hash,
                      seeds={"search": spec.seed}, user=user, rerun_of=rerun_of)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from datetime import UTC, datetime, timedelta
 
@@ -107,3 +108,50 @@ def test_model_based_search_without_its_package_says_what_to_install(ray_session
     spec = _spec("two_tank", _telemetry(tmp_path, "two_tank"), search="optuna")
     with pytest.raises(CalibrationError, match="pip install optuna"):
         calibrate(spec, str(tmp_path / "out"))
+
+
+def test_noise_std_names_outputs_and_defaults_to_the_declared_measurement_std(tmp_path):
+    """A `noise_std` name that is no output is refused (it was ignored); an output it leaves out is weighted by
+    its declared measurement_std (it was sigma 1: uncertainties ~1000x too wide for a 1 mm sensor), and sigma 1
+    is assumed, and listed, only where the model declares none."""
+    path = _telemetry(tmp_path, "two_tank")
+    table = pq.read_table(path)
+    with pytest.raises(CalibrationError, match=r"noise_std names \['y'\], not outputs of two_tank: \['h1', 'h2'\]"):
+        build_problem(_spec("two_tank", path, noise_std={"y": 0.1}), table, {}, "two_tank")
+    problem = build_problem(_spec("two_tank", path, noise_std={"h1": 0.002}), table, {}, "two_tank")
+    assert problem.sigma.tolist() == [0.002, 1e-3] and problem.sigma_assumed == ()
+    undeclared = f"{__name__}:TANK_WITHOUT_SENSOR_NOISE"
+    problem = build_problem(_spec("two_tank", path, model=undeclared, noise_std={"h2": 0.003}), table, {}, undeclared)
+    assert problem.sigma.tolist() == [1.0, 0.003] and problem.sigma_assumed == ("h1",)
+
+
+TANK_WITHOUT_SENSOR_NOISE = dataclasses.replace(get_model("two_tank"), outputs=tuple(
+    dataclasses.replace(o, measurement_std=None) for o in get_model("two_tank").outputs))
+
+
+def test_a_fit_that_ends_on_a_declared_bound_is_refused_before_anything_is_written_or_registered(ray_session, tmp_path):
+    """Data of cd = 1.2, beyond two_tank's bounds [0.1, 1]: least squares stopped on the bound, then the
+    prediction-error stage, unbounded, moved on to ~1.2, which was reported, written, and then refused by the
+    registry with a traceback."""
+    true = {**CASES["two_tank"]["true"], "cd": 1.2}
+    path = tmp_path / "tank.parquet"
+    pq.write_table(synthetic_telemetry("two_tank", true, CASES["two_tank"]["x0"], 600, 1.0,
+                                       {"h1": 1e-3, "h2": 1e-3}, seed=1), path)
+    registry = tmp_path / "registry"
+    spec = CalibrationSpec(model="two_tank", telemetry=str(path), start_state=CASES["two_tank"]["x0"], free=["cd"],
+                           parameters={n: v for n, v in true.items() if n != "cd"}, num_samples=2, seed=7,
+                           registry_url=str(registry), register_as="tank-fitted@1.0.0")
+    with pytest.raises(CalibrationError, match=r"cd=1 at its upper bound \(declared \[0.1, 1\]\).*widen the model's "
+                                               r"bounds"):
+        calibrate(spec, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists() and ModelRegistry(str(registry)).names() == []
+
+
+def test_the_result_records_each_outputs_sigma_and_which_were_assumed(ray_session, tmp_path):
+    undeclared = f"{__name__}:TANK_WITHOUT_SENSOR_NOISE"
+    path = _telemetry(tmp_path, "two_tank")
+    spec = _spec("two_tank", path, model=undeclared, free=["a1"], noise_std={"h2": 0.003}, num_samples=2,
+                 parameters={n: v for n, v in CASES["two_tank"]["true"].items() if n != "a1"})
+    result, _, _ = calibrate(spec, str(tmp_path / "out"))
+    assert result.noise_std == {"h1": 1.0, "h2": 0.003} and result.noise_std_assumed == ["h1"]
+    assert json.loads((tmp_path / "out" / "calibration.json").read_text())["noise_std_assumed"] == ["h1"]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from raytwin.cli import app
@@ -53,3 +55,90 @@ def test_demo_runs_the_whole_loop(tmp_path):
     assert "audit chain verifies: True" in out
     assert "with discomfort no worse: True" in out
     assert (tmp_path / "runs").is_dir() and any((tmp_path / "runs").glob("calibration-*/output/fit.png"))
+
+
+def _said(result) -> str:
+    """The command's output with the error box's borders and line breaks taken out."""
+    return " ".join(result.output.replace("│", " ").split())
+
+
+def test_calibrate_synthetic_imports_a_model_from_the_working_directory(tmp_path, monkeypatch):
+    """As `raytwin models` does: the README's guide writes my_models.py and runs the commands next to it."""
+    import pyarrow.parquet as pq
+
+    from tests.test_models import USER_PACKAGE
+
+    (tmp_path / "cli_cwd_spring.py").write_text(USER_PACKAGE)
+    monkeypatch.chdir(tmp_path)
+    # as for the console script: the working directory is not on sys.path ("" is, under `python -m pytest`)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", os.getcwd())])
+    made = CliRunner().invoke(app, ["calibrate", "synthetic", "cli_cwd_spring:SPRING", "--out", "s.parquet",
+                                    "--steps", "5"])
+    assert made.exit_code == 0, made.output
+    assert pq.read_table(tmp_path / "s.parquet").column_names == ["t_s", "F", "x"]
+    missing = CliRunner().invoke(app, ["calibrate", "synthetic", "no_such_module:SPRING", "--out", "s.parquet"])
+    assert missing.exit_code == 2 and "cannot import no_such_module" in missing.output
+
+
+@pytest.mark.parametrize("args, reason", [
+    (["--param", "kk=1"], "Invalid value for --param: unknown name(s) ['kk']; two_tank has ['a1_tank', "),
+    (["--noise", "y=0.1"], "Invalid value for --noise: unknown name(s) ['y']; two_tank has ['h1', 'h2']"),
+    (["--noise", "h1=-1"], "Invalid value for --noise: {'h1': -1.0}: values must be finite numbers >= 0"),
+    (["--dt", "0"], "Invalid value for --dt: 0.0 is not a finite number of seconds > 0"),  # was replaced by 1 s
+    (["--dt", "-1"], "Invalid value for --dt: -1.0 is not a finite number of seconds > 0"),
+    (["--steps", "0"], "'--steps': Input should be greater than or equal to 3"),
+    (["--out", "missing/s.parquet"], "Invalid value for --out: cannot write missing/s.parquet"),
+])
+def test_calibrate_synthetic_refuses_bad_arguments_in_one_line(tmp_path, monkeypatch, args, reason):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["calibrate", "synthetic", "two_tank", "--out", "s.parquet", *args])
+    assert result.exit_code == 2 and reason in _said(result), result.output
+    assert not (tmp_path / "s.parquet").exists()
+
+
+def _spec_file(tmp_path, **spec) -> str:
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps({"horizon_s": 500.0, "step_s": 1.0, **spec}))
+    return str(path)
+
+
+def test_sweep_run_refuses_an_absurd_size_up_front_saying_what_it_would_write(tmp_path):
+    """10^12 scenarios were accepted and wrote 30 MB/s towards ~100 TB until the disk filled."""
+    dims = [{"name": "a1", "target": "param", "mode": "scale", "low": 0.9, "high": 1.1}]
+    runs = str(tmp_path / "runs")
+    small = _spec_file(tmp_path, model="two_tank", space={"method": "lhs", "n": 3, "dimensions": dims})
+    result = CliRunner().invoke(app, ["sweep", "run", small, "--runs", runs, "--max-scenarios", "2"])
+    assert result.exit_code == 2 and "3 scenarios of 500 steps would write about" in _said(result), result.output
+    assert "more than --max-scenarios 2; pass --max-scenarios 3 to run it" in _said(result)
+    huge = _spec_file(tmp_path, model="two_tank", space={"method": "random", "n": 10**12, "dimensions": dims})
+    result = CliRunner().invoke(app, ["sweep", "run", huge, "--runs", runs])
+    assert result.exit_code == 2, result.output
+    assert "1,000,000,000,000 scenarios of 500 steps would write about " in _said(result)
+    assert " TB (" in _said(result) and "scenario-steps: more than --max-scenarios 100,000,000" in _said(result)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_sweep_run_of_a_registry_model_refuses_spec_mistakes_in_one_line_before_recording(tmp_path):
+    """As for a built-in simulator's spec (checked on load); they were tracebacks and failed run records."""
+    from raytwin.contracts import AssetType
+    from raytwin.registry import ModelRegistry
+    from raytwin.sim import TWO_TANK
+
+    registry = str(tmp_path / "registry")
+    ModelRegistry(registry).register("tank", "1.0.0", AssetType.from_model(TWO_TANK, name="tank"))
+    space = {"method": "lhs", "n": 3, "dimensions": [{"name": "nope", "target": "param", "low": 1.0, "high": 2.0}]}
+    for model, reason in (("tank@1.0.0", "sweep over two_tank: dimension param.nope: unknown; known params: "),
+                          ("tank@9.9.9", "no model tank@9.9.9 in this registry; versions: ['1.0.0']")):
+        spec = _spec_file(tmp_path, model=model, registry_url=registry, space=space)
+        result = CliRunner().invoke(app, ["sweep", "run", spec, "--runs", str(tmp_path / "runs")])
+        assert result.exit_code == 2 and reason in _said(result), result.output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_calibrate_run_with_missing_telemetry_says_so_in_one_line(ray_session, tmp_path):
+    spec = tmp_path / "calib.yaml"
+    spec.write_text(json.dumps({"model": "two_tank", "telemetry": str(tmp_path / "nope.parquet"),
+                                "start_state": {"h1": 0.3, "h2": 0.3}, "free": ["a1"]}))
+    result = CliRunner().invoke(app, ["calibrate", "run", str(spec), "--runs", str(tmp_path / "runs")])
+    assert result.exit_code == 2 and f"cannot read telemetry {tmp_path / 'nope.parquet'}: " in _said(result), \
+        result.output

@@ -114,3 +114,23 @@ def test_the_sweep_command_runs_an_fmu_spec_so_ray_jobs_can(ray_session, registr
     path.write_text(spec.model_copy(update={"parameters": {"gain": 1.0}}).model_dump_json())
     out = CliRunner().invoke(app, ["sweep", "run", str(path), "--runs", runs])
     assert out.exit_code == 2 and "unknown parameter" in out.output and "'gain'" in out.output  # (a boxed message)
+
+
+def test_an_fmu_calibration_searches_within_the_declared_bounds_and_says_when_no_trial_fitted(
+        ray_session, registry, tmp_path, monkeypatch):
+    """A free range beyond `declare(mu={"lower": 0.1, "upper": 5.0})` was searched (and every run there diverged);
+    a search whose every trial failed ended in "Out of range float values are not JSON compliant"."""
+    import sweeps.fmu
+    from raytwin.fmu.batch import FmuCalibration
+    from sweeps.fmu import calibrate_fmu_spec
+
+    telemetry = str(tmp_path / "osc.parquet")
+    pq.write_table(pa.table({"t_s": 0.02 * np.arange(11), "x0": np.linspace(2.0, 1.9, 11)}), telemetry)
+    spec = FmuCalibrationSpec(model="vdp@1.0.0", registry_url=registry.url, telemetry=telemetry,
+                              start_state={"x0": 2.0, "x1": 0.0}, free={"mu": (-4.0, -0.3)})
+    with pytest.raises(FmuSpecError, match=r"free mu \[-4, -0.3\] leaves its declared bounds \[0.1, 5\]"):
+        calibrate_fmu_spec(spec, str(tmp_path / "out"))
+    monkeypatch.setattr(sweeps.fmu, "calibrate_fmu", lambda *a, **kw: FmuCalibration({"mu": 1.0}, float("inf"), 4, 8))
+    with pytest.raises(FmuSpecError, match="no trial produced a finite loss: every FMU run failed"):
+        calibrate_fmu_spec(spec.model_copy(update={"free": {"mu": (0.3, 4.0)}}), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()

@@ -143,3 +143,28 @@ def test_unknown_runs_are_reported(tmp_path):
         RunStore(str(tmp_path)).load("sweep-nope")
     result = CliRunner().invoke(rerun_app, ["sweep-nope", "--runs", str(tmp_path)])
     assert result.exit_code != 0 and "no run 'sweep-nope'" in result.output
+
+
+def test_a_run_stopped_by_sigterm_is_recorded_as_terminated(ray_session, tmp_path, monkeypatch):
+    """A scheduler's SIGTERM (or `timeout`) mid-sweep: the record said "1" or "15" (Ray's handler's exit code)."""
+    import os
+    import signal
+    import time
+
+    import sweeps.runs
+    from sweeps.cli import sweep_app
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)  # the handler interrupts this
+
+    monkeypatch.setattr(sweeps.runs, "run_sweep", terminated)
+    space = ScenarioSpace(method="grid", dimensions=[Dimension(name="a1", target="param", mode="scale", values=[1.0])])
+    path = tmp_path / "spec.json"
+    path.write_text(SweepSpec(model="two_tank", space=space, horizon_s=10.0, step_s=1.0).model_dump_json())
+    runs, before = str(tmp_path / "runs"), signal.getsignal(signal.SIGTERM)
+    result = CliRunner().invoke(sweep_app, ["run", str(path), "--runs", runs, "--no-progress"])
+    assert result.exit_code == 128 + signal.SIGTERM, result.output
+    record, = RunStore(runs).list()
+    assert (record.status, record.error) == ("failed", "terminated by SIGTERM")
+    assert signal.getsignal(signal.SIGTERM) is before  # the command put the previous handler back
