@@ -26,7 +26,6 @@ import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -70,7 +69,7 @@ from raytwin.keyindex import Logged, LogKeyIndex, content_digest
 from raytwin.logs import component_logging
 from raytwin.migration import MigrationPlan
 from raytwin.sim.cpu import start_single_core_backend
-from raytwin.statestore import LOG_BATCH_SCHEMA, StateStore
+from raytwin.statestore import LOG_BATCH_SCHEMA, StateStore, from_micros
 
 log = logging.getLogger("raytwin.twins")
 
@@ -83,10 +82,9 @@ shortens recovery: the log is what makes an event durable."""
 
 def too_late_reason(event_us: int, twin: Twin) -> str:
     """A too-late event's dead-letter reason: what the window was and what a producer can do."""
-    stamp = lambda us: datetime.fromtimestamp(us / 1e6, UTC).isoformat()  # noqa: E731
-    return (f"{TOO_LATE}: event time {stamp(event_us)} is more than the allowed lateness "
+    return (f"{TOO_LATE}: event time {from_micros(event_us).isoformat()} is more than the allowed lateness "
             f"({twin.lateness_us / 1e6:g} s) before the newest event time the twin applied "
-            f"({stamp(twin.max_time_us)}), and the event is not in the log; a twin applies events in time order, "
+            f"({from_micros(twin.max_time_us).isoformat()}), and the event is not in the log; a twin applies events in time order, "
             "so send events within the lateness window (the service's allowed_lateness_s)")
 
 
@@ -94,9 +92,8 @@ def before_recreation(ingest_us: int, floor_us: int) -> str:
     """The dead letter's reason for an event stamped no later than the deletion of its asset's previous
     twin: it cannot be told from that twin's history (`StateStore.save_deletion`), and only a clock behind
     the shard's stamps one so (the asset was created again after the deletion, and the event after that)."""
-    stamp = lambda us: datetime.fromtimestamp(us / 1e6, UTC).isoformat()  # noqa: E731
-    return (f"clock_skew: ingest time {stamp(ingest_us)} is not after the deletion of the asset's previous twin at "
-            f"{stamp(floor_us)}: the clock that stamped it is behind the twin's shard; send the event again")
+    return (f"clock_skew: ingest time {from_micros(ingest_us).isoformat()} is not after the deletion of the asset's previous twin at "
+            f"{from_micros(floor_us).isoformat()}: the clock that stamped it is behind the twin's shard; send the event again")
 
 
 def snapshot_phase(tenant: str, asset_id: str, every: int) -> int:
