@@ -59,6 +59,11 @@ log = logging.getLogger("raytwin.calibration")
 BAD_LOSS = 1.0e30  # reported for parameter sets whose simulation blows up (NaN)
 
 
+MAX_TRIALS = 100_000
+"""Tune trials one calibration may ask for (`num_samples`, or a grid's `grid_levels` ** free parameters):
+Tune holds every trial in the driver's memory, and past this a search is a typo, not a plan."""
+
+
 class CalibrationError(ValueError):
     """Calibration input that cannot work (unknown names, unusable telemetry, missing searcher)."""
 
@@ -77,7 +82,7 @@ class CalibrationSpec(Contract):
     noise_std: dict[str, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)
     """Sigma of each output's residuals; an output not named: its declared ``measurement_std``, else 1."""
     search: Literal["random", "grid", "optuna", "hyperopt"] = "random"
-    num_samples: Annotated[int, Field(ge=1)] = 16
+    num_samples: Annotated[int, Field(ge=1, le=MAX_TRIALS)] = 16
     grid_levels: Annotated[int, Field(ge=2)] = 3
     scheduler: Literal["asha", "hyperband", "fifo"] = "asha"
     windows: Annotated[int, Field(ge=1, le=10)] = 3
@@ -95,6 +100,10 @@ class CalibrationSpec(Contract):
             raise ValueError(f"free parameters repeat: {self.free}")
         if self.register_as is not None and self.registry_url is None:
             raise ValueError("register_as needs registry_url")
+        if self.search == "grid" and self.grid_levels ** len(self.free) > MAX_TRIALS:
+            raise ValueError(f"a grid of {self.grid_levels} levels over {len(self.free)} free parameters is "
+                             f"{self.grid_levels ** len(self.free):,} trials, over {MAX_TRIALS:,}: use fewer levels, "
+                             "or search random / optuna with num_samples")
         return self
 
 

@@ -19,23 +19,26 @@ registry pins), the scenarios are a seeded `ScenarioSpace`, and `sweeps.runs` wr
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import time
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import pyarrow as pa
 from pydantic import Field, model_validator
 
+from raytwin import units
 from raytwin.contracts import Contract, Finite, Identifier, whole_steps
 from raytwin.fmu import FmuModel, FmuScenario, calibrate_fmu, run_fmu_sweep
 from raytwin.registry import ModelArtifact
+from raytwin.sim.model import Input, Param, State
 from raytwin.storage import canonical_json, filesystem
-from sweeps.calibration import read_telemetry
+from sweeps.calibration import MAX_TRIALS, read_telemetry
 from sweeps.runner import ensure_ray, part_name, write_parquet
 from sweeps.space import ScenarioSpace
-from sweeps.spec import resolve_model
+from sweeps.spec import allowed_values, range_problems, resolve_model
 
 Interface = Literal["CoSimulation", "ModelExchange"]
 CALIBRATION_FILE = "calibration.json"
@@ -59,6 +62,24 @@ def registered_fmu(model: str, registry_url: str) -> tuple[ModelArtifact, FmuMod
 def _unknown(kind: str, given: set[str], known: tuple[str, ...]) -> list[str]:
     extra = sorted(given - set(known))
     return [f"unknown {kind}(s) {extra}; known: {list(known)}"] if extra else []
+
+
+def _registered_ranges(artifact: ModelArtifact, fmu: FmuModel
+                       ) -> tuple[dict[str, Param], dict[str, Input], dict[str, State]]:
+    """The FMU's parameters, inputs and states with the bounds and plausible ranges its registered asset
+    type declares (the FMU's min/max unless declared otherwise), in the FMU's units: what a sweep may
+    give them, as for a JAX model."""
+    declared = artifact.asset_type
+
+    def ranged(var, q) -> Any:
+        if q is None:
+            return var
+        bound = lambda b, default: default if b is None else units.to_unit(b, q.unit, var.unit)  # noqa: E731
+        return dataclasses.replace(var, lower=bound(q.lower, -math.inf), upper=bound(q.upper, math.inf))
+
+    return ({p.name: ranged(p, declared.parameters.get(p.name)) for p in fmu.params},
+            {i.name: ranged(i, declared.inputs.get(i.name)) for i in fmu.inputs},
+            {s.name: ranged(s, declared.states.get(s.name)) for s in fmu.states})
 
 
 class _FmuRunSpec(Contract):
@@ -107,6 +128,11 @@ class FmuSweepSpec(_FmuRunSpec):
         inputs = {i.name: i.nominal for i in fmu.inputs if i.nominal is not None}
         base = {"param": {**artifact.parameters, **self.parameters}, "state": {**start, **self.start_state},
                 "input": {**inputs, **self.inputs}}
+        problems = range_problems(allowed_values(*_registered_ranges(artifact, fmu)), base,
+                                  {"parameters": ("param", self.parameters), "inputs": ("input", self.inputs)},
+                                  self.space.dimensions)
+        if problems:  # as for a JAX model, the start state (a twin's live one) is not checked: it is what it is
+            raise FmuSpecError(f"sweep over FMU {fmu.name}: " + "; ".join(problems))
         out = []
         for row in self.space.rows(0, self.space.size):
             values = {target: dict(v) for target, v in base.items()}
@@ -149,8 +175,8 @@ class FmuCalibrationSpec(_FmuRunSpec):
 
     telemetry: Annotated[str, Field(min_length=1)]
     free: Annotated[dict[str, tuple[Finite, Finite]], Field(min_length=1)]  # name -> (lower, upper)
-    num_samples: Annotated[int, Field(ge=1)] = 4
-    max_evaluations: Annotated[int, Field(ge=1)] = 200
+    num_samples: Annotated[int, Field(ge=1, le=MAX_TRIALS)] = 4
+    max_evaluations: Annotated[int, Field(ge=1, le=MAX_TRIALS)] = 200
     seed: Annotated[int, Field(ge=0)] = 0
 
     @model_validator(mode="after")

@@ -11,9 +11,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -24,7 +24,7 @@ from raytwin.sim.tableau import TABLEAUS
 from raytwin.scenario_metrics import Metric
 from raytwin.signals import Signal
 from sweeps.kits import Kit, KitParameter, kit_for
-from sweeps.space import ScenarioSpace
+from sweeps.space import Dimension, ScenarioSpace
 from sweeps.stability import check_sweep_step
 
 MAX_CHUNK = 16384
@@ -148,38 +148,52 @@ class SweepSpec(ModelStart):
             raise ValueError(f"sweep over {simulator}: " + "; ".join(problems))
 
     def _value_problems(self, kit: Kit, base_parameters: Mapping[str, float]) -> list[str]:
-        """`parameters`, `inputs` and each dimension's values (with mode "scale": times its target's base
-        value) outside the parameters' bounds or the kit parameters' and states' plausible ranges: a
-        negative resistance is no what-if, and its results would look like valid data. The base start
-        state is not checked here: a twin's live state is what it is (an explicit one is checked by the
-        API), and a scenario whose state leaves its plausible range is reported as diverged."""
+        """`parameters`, `inputs` and each dimension's values against the parameters' bounds and the kit
+        parameters' and states' plausible ranges (`range_problems`). The base start state is not checked
+        here: a twin's live state is what it is (an explicit one is checked by the API), and a scenario
+        whose state leaves its plausible range is reported as diverged."""
         model = kit.model
-        allowed = {"param": {p.name: _Allowed(p.name, p.lower, p.upper, p.unit, "bounds") for p in model.params},
-                   "input": {n: _Allowed(n, p.lower, p.upper, p.unit, "plausible range")
-                             for n, p in kit.parameters.items()},
-                   "state": {v.name: _Allowed(v.name, v.lower, v.upper, v.unit, "plausible range")
-                             for v in model.states}}
+        allowed = allowed_values({p.name: p for p in model.params}, kit.parameters, {v.name: v for v in model.states})
         base = {"param": {**model.default_params(), **base_parameters, **self.parameters},
                 "input": {**kit.default_inputs(), **self.inputs}, "state": self.start_state or kit.states0}
-        problems = [f"{field}.{name}={value:g} outside {allowed[target][name]}"
-                    for field, target, given in (("parameters", "param", self.parameters),
-                                                 ("inputs", "input", self.inputs))
-                    for name, value in given.items() if value not in allowed[target][name]]
-        for d in self.space.dimensions:
-            ok, b = allowed[d.target][d.name], base[d.target][d.name]
-            bad = ", ".join(f"{v:g}" for v in dict.fromkeys(d.extremes()) if d.applied(v, b) not in ok)
-            if not bad:
-                continue
-            if d.mode == "absolute":
-                problems.append(f"dimension {d.column}: value {bad} outside {ok}")
-            elif b == 0:
-                problems.append(f"dimension {d.column}: scales {d.name}=0, which stays 0, outside {ok}; "
-                                "sweep it with mode \"absolute\"")
-            else:
-                low, high = sorted((ok.lower / b, ok.upper / b))
-                problems.append(f"dimension {d.column}: scale {bad} of {d.name}={b:g}{ok.unit_text} outside "
-                                f"[{low:g}, {high:g}] ({ok})")
-        return problems
+        return range_problems(allowed, base, {"parameters": ("param", self.parameters),
+                                              "inputs": ("input", self.inputs)}, self.space.dimensions)
+
+
+def allowed_values(params: Mapping[str, Any], inputs: Mapping[str, Any], states: Mapping[str, Any]
+                   ) -> dict[str, dict[str, _Allowed]]:
+    """Per dimension target, the values a sweep may give each name: a parameter's bounds, an input's
+    or a state's plausible range (declarations by name, with ``lower``, ``upper`` and ``unit``)."""
+    return {target: {n: _Allowed(n, v.lower, v.upper, v.unit, kind) for n, v in declared.items()}
+            for target, declared, kind in (("param", params, "bounds"), ("input", inputs, "plausible range"),
+                                           ("state", states, "plausible range"))}
+
+
+def range_problems(allowed: Mapping[str, Mapping[str, _Allowed]], base: Mapping[str, Mapping[str, float]],
+                   fixed: Mapping[str, tuple[str, Mapping[str, float]]], dimensions: Iterable[Dimension]) -> list[str]:
+    """Fixed values (spec field -> (target, values)) and each dimension's extremes (with mode "scale":
+    times its target's `base` value) outside `allowed`: a negative resistance is no what-if, and its
+    results would look like valid data."""
+    problems = [f"{field}.{name}={value:g} outside {allowed[target][name]}"
+                for field, (target, given) in fixed.items()
+                for name, value in given.items() if name in allowed[target] and value not in allowed[target][name]]
+    for d in dimensions:
+        ok, b = allowed[d.target].get(d.name), base[d.target].get(d.name)
+        if ok is None or (b is None and d.mode == "scale"):
+            continue
+        bad = ", ".join(f"{v:g}" for v in dict.fromkeys(d.extremes()) if d.applied(v, b) not in ok)
+        if not bad:
+            continue
+        if d.mode == "absolute":
+            problems.append(f"dimension {d.column}: value {bad} outside {ok}")
+        elif b == 0:
+            problems.append(f"dimension {d.column}: scales {d.name}=0, which stays 0, outside {ok}; "
+                            "sweep it with mode \"absolute\"")
+        else:
+            low, high = sorted((ok.lower / b, ok.upper / b))
+            problems.append(f"dimension {d.column}: scale {bad} of {d.name}={b:g}{ok.unit_text} outside "
+                            f"[{low:g}, {high:g}] ({ok})")
+    return problems
 
 
 @dataclass(frozen=True)

@@ -96,6 +96,10 @@ def test_calibration_refuses_unusable_input(tmp_path):
         build_problem(_spec("two_tank", path), shuffled, {}, "two_tank")
     with pytest.raises(ValueError, match="repeat"):
         _spec("two_tank", path, free=["a1", "a1"])
+    with pytest.raises(ValueError, match="less than or equal to 100000"):
+        _spec("two_tank", path, num_samples=1_000_000_000)
+    with pytest.raises(ValueError, match=r"a grid of 400 levels over 2 free parameters is 160,000 trials, over 100,000"):
+        _spec("two_tank", path, free=["a1", "cd"], search="grid", grid_levels=400)
 
 
 def test_model_based_search_without_its_package_says_what_to_install(ray_session, tmp_path):

@@ -87,6 +87,15 @@ def test_fmu_specs_refuse_what_their_model_lacks(registry, tmp_path):
     with pytest.raises(FmuSpecError, match=r"unknown parameter\(s\) \['gain'\]; known: \['mu'\]; dimension param.k: "
                                            r"unknown; known params: \['mu'\]"):
         spec.scenarios(artifact, artifact.model())
+    # values outside the declared bounds (mu in [0.1, 5], the artifact's 1.2) are no what-if either
+    scaled = ScenarioSpace(method="grid", dimensions=[Dimension(name="mu", target="param", mode="scale",
+                                                                values=[0.5, 10.0])])
+    with pytest.raises(FmuSpecError, match=r"dimension param.mu: scale 10 of mu=1.2 outside \[0.0833333, 4.16667\] "
+                                           r"\(mu's bounds \[0.1, 5\]\)"):
+        spec.model_copy(update={"parameters": {}, "space": scaled}).scenarios(artifact, artifact.model())
+    with pytest.raises(FmuSpecError, match=r"parameters.mu=-1 outside mu's bounds \[0.1, 5\]"):
+        spec.model_copy(update={"parameters": {"mu": -1.0}, "space": space.model_copy(update={"dimensions": []})}
+                        ).scenarios(artifact, artifact.model())
     with pytest.raises(FmuSpecError, match=r"jax@1.0.0: simulator 'benchmarks.fmu:VAN_DER_POL' is not an FMU; "
                                            r"sweep it with sweeps.SweepSpec"):
         recorded_fmu_sweep(spec.model_copy(update={"model": "jax@1.0.0"}), runs=str(tmp_path / "runs"))
