@@ -18,7 +18,8 @@ from connectors.spec import ConnectorSpec, Credentials
 KINDS: dict[str, str] = {"mqtt": "connectors.mqtt:MQTT", "opcua": "connectors.opcua:OPCUA"}
 """kind name -> `module:attribute` of its `Kind` (OPC UA registers ``"opcua"`` here)."""
 
-AckHandler = Callable[[str, dict[str, Any]], None]
+AckHandler = Callable[[str, dict[str, Any], str | None], None]
+"""(correlation id, the asset's answer, the asset whose topic it came on, if the protocol says)."""
 """Called with (correlation id, the asset's acknowledgement as JSON) when an asset answers a command."""
 
 

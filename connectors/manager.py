@@ -97,6 +97,20 @@ class Connectors:
         if key := spec.session_key():
             self.store.release(key, tenant, name)
 
+    def start_declared(self) -> int:
+        """Start the actor of every stored declaration that has none (a service started again on its store:
+        connectors run without anyone asking for them, a paused one stays paused); how many it asked for.
+        A declaration whose actor cannot be created is logged, not fatal: the others still start."""
+        started = 0
+        for tenant in self.store.tenants():
+            for name in self.names(tenant):
+                try:
+                    self._actor(tenant, name)
+                    started += 1
+                except Exception:  # noqa: BLE001 - one broken declaration must not keep the service down
+                    log.exception("event=connector_start_failed tenant=%s connector=%s", tenant, name)
+        return started
+
     def stop_all(self, tenant: str) -> None:
         """Stop the tenant's connector actors (declarations stay; `handle` starts them again)."""
         for name in self.names(tenant):

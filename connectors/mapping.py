@@ -59,6 +59,9 @@ class PayloadMapping(FrozenSpec):
             doc = json.loads(payload)
         except (ValueError, UnicodeDecodeError) as exc:
             return [], [DeadLetter.of(source, asset_id, None, f"payload is not JSON: {exc}", payload)]
+        except RecursionError:
+            return [], [DeadLetter.of(source, asset_id, None, "payload nests deeper than JSON decoding allows "
+                                      "(past the interpreter's recursion limit)", payload)]
         readings = doc if isinstance(doc, list) else [doc]
         if len(readings) > MAX_EVENTS_PER_MESSAGE:
             return [], [DeadLetter.of(source, asset_id, None, f"{len(readings)} readings in one message exceed "

@@ -20,7 +20,8 @@
   session expired) is an error: what was published meanwhile is lost, and the operator must know.
 - **Commands** are published (QoS 1) to the asset's `command_topic` with a JSON body carrying the
   correlation id (and, in MQTT 5, the CorrelationData and ResponseTopic properties); assets answer
-  on `ack_topic` with ``{"correlation_id": ..., "status": "ok" | "error", "detail": ...}``.
+  on `ack_topic` with ``{"correlation_id": ..., "status": "ok" | "error", "detail": ...}``, and with
+  ``{asset_id}`` in it (``plant/{asset_id}/ack``) only the commanded asset's answer counts.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ log = logging.getLogger("raytwin.connectors")
 _IDENTIFIER = TypeAdapter(Identifier)
 PUBLISH_TIMEOUT_S = 10.0
 TopicFilter = Annotated[str, Field(min_length=1, max_length=1024)]
+ASSET_LEVEL = "{asset_id}"
 
 
 def _filter_problem(topic: str) -> str | None:
@@ -132,7 +134,8 @@ class MqttSpec(ConnectorSpec):
     broker: BrokerSettings
     routes: Annotated[list[TopicRoute], Field(min_length=1)]
     ack_topic: TopicFilter | None = Field(
-        None, description="filter on which assets answer commands, e.g. `plant/+/ack`")
+        None, description="where assets answer commands: `plant/{asset_id}/ack` takes an answer only from the "
+        "commanded asset's topic; a plain filter (`plant/+/ack`) from any topic it matches")
 
     @property
     def client_id(self) -> str:
@@ -142,13 +145,28 @@ class MqttSpec(ConnectorSpec):
         return f"{super().describe()}, {len(self.routes)} route(s)"
 
     def session_key(self) -> str:
-        """The broker keys persistent sessions by client id."""
-        return f"mqtt://{self.broker.host.lower()}:{self.broker.port}#{self.client_id}"
+        """A broker keys persistent sessions by client id; the claim leaves the broker out, as one broker
+        answers to many names (127.0.0.1, localhost, a DNS alias) that RayTwin cannot tell apart."""
+        return f"MQTT client id {self.client_id!r}"
+
+    @property
+    def ack_filter(self) -> str | None:
+        """The subscription for `ack_topic` (its ``{asset_id}`` level a ``+``)."""
+        return None if self.ack_topic is None else self.ack_topic.replace(ASSET_LEVEL, "+")
+
+    def ack_asset(self, topic: str) -> str | None:
+        """The asset an answer on `topic` comes from, when `ack_topic` names its level (``{asset_id}``)."""
+        levels = (self.ack_topic or "").split("/")
+        return topic.split("/")[levels.index(ASSET_LEVEL)] if ASSET_LEVEL in levels else None
 
     @model_validator(mode="after")
     def _valid(self) -> MqttSpec:
-        if self.ack_topic and _filter_problem(self.ack_topic):
-            raise ValueError(_filter_problem(self.ack_topic))
+        if self.ack_topic is not None:
+            if self.ack_topic.count(ASSET_LEVEL) > 1 or (ASSET_LEVEL in self.ack_topic
+                                                         and ASSET_LEVEL not in self.ack_topic.split("/")):
+                raise ValueError(f"ack_topic {self.ack_topic!r}: {ASSET_LEVEL} must be one whole level")
+            if problem := _filter_problem(self.ack_filter):
+                raise ValueError(problem)
         return self
 
 
@@ -234,7 +252,7 @@ class MqttAdapter:
                  self.spec.name, self._where(), flags.session_present)
 
     def _topics(self) -> list[tuple[str, int]]:
-        return [(r.topic, 1) for r in self.spec.routes] + ([(self.spec.ack_topic, 1)] if self.spec.ack_topic else [])
+        return [(r.topic, 1) for r in self.spec.routes] + ([(self.spec.ack_filter, 1)] if self.spec.ack_topic else [])
 
     def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, reasons: list, properties: Any) -> None:
         if mid != self._subscription:
@@ -272,11 +290,20 @@ class MqttAdapter:
     # --------------------------------------------------------------- receive ----
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         ack = self._acker(msg.mid, msg.qos, self._generation)
-        if self.spec.ack_topic and paho.topic_matches_sub(self.spec.ack_topic, msg.topic):
+        source = f"mqtt://{self.spec.name}/{msg.topic}"
+        try:
+            self._receive(msg, source, ack)
+        except Exception as exc:  # noqa: BLE001 - an exception here ends paho's network thread: the connector
+            # would stay silent for good and the unacked message would come first again after a restart
+            reason = f"message could not be read: {type(exc).__name__}: {exc}"
+            self._error(f"{reason} (topic {msg.topic!r}; dead-lettered)")
+            self.put(Inbound(source, [], [DeadLetter.of(source, None, None, reason, msg.payload)], ack))
+
+    def _receive(self, msg: paho.MQTTMessage, source: str, ack: Callable[[], None]) -> None:
+        if self.spec.ack_topic and paho.topic_matches_sub(self.spec.ack_filter, msg.topic):
             self._command_ack(msg)
             ack()
             return
-        source = f"mqtt://{self.spec.name}/{msg.topic}"
         route = next((r for r in self.spec.routes if paho.topic_matches_sub(r.topic, msg.topic)), None)
         try:
             if route is None:
@@ -303,10 +330,10 @@ class MqttAdapter:
                 correlation_id = msg.properties.CorrelationData.decode()
             if not isinstance(correlation_id, str):
                 raise ValueError("no correlation_id")
-        except (ValueError, UnicodeDecodeError, AttributeError) as exc:
+        except (ValueError, UnicodeDecodeError, AttributeError, RecursionError) as exc:
             self._error(f"unusable command acknowledgement on {msg.topic!r}: {exc}")
             return
-        self.on_ack(correlation_id, body)
+        self.on_ack(correlation_id, body, self.spec.ack_asset(msg.topic))
 
     # ---------------------------------------------------------------- commands ----
     def send(self, command: Command) -> None:
@@ -322,8 +349,9 @@ class MqttAdapter:
         if self.v5:
             props = Properties(PacketTypes.PUBLISH)
             props.CorrelationData = command.correlation_id.encode()
-            if self.spec.ack_topic and "+" not in self.spec.ack_topic and "#" not in self.spec.ack_topic:
-                props.ResponseTopic = self.spec.ack_topic
+            response = (self.spec.ack_topic or "+").replace(ASSET_LEVEL, command.asset_id)
+            if "+" not in response and "#" not in response:
+                props.ResponseTopic = response
         info = self.client.publish(route.command_topic.format(asset_id=command.asset_id), json.dumps(body), qos=1,
                                    properties=props)
         info.wait_for_publish(PUBLISH_TIMEOUT_S)

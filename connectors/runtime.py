@@ -73,7 +73,7 @@ class ConnectorRuntime:
         self.ledger = CommandLedger(store_url, storage_options)
         self._commands = threading.Lock()  # an ack (receive thread) must not interleave with a send
         self.ledger.recover(tenant, name)
-        self._awaiting = {c.correlation_id: c.id for c in self.ledger.list(tenant)
+        self._awaiting = {c.correlation_id: (c.id, c.asset_id) for c in self.ledger.list(tenant)
                           if c.connector == name and c.status is CommandStatus.sent}
         sink = TwinSink(router, tenant, batch_size=self.spec.batch_size)
         self.pump = Pump(sink, f"{tenant}/{name}", batch_size=self.spec.batch_size, linger_s=self.spec.linger_s)
@@ -144,16 +144,17 @@ class ConnectorRuntime:
                 self.adapter.send(command)
             except Exception as exc:  # noqa: BLE001 - recorded on the command, which is then final
                 return self.ledger.failed(command, f"not sent: {type(exc).__name__}: {str(exc)[:300]}")
-            self._awaiting[command.correlation_id] = command.id
+            self._awaiting[command.correlation_id] = (command.id, command.asset_id)
             return self.ledger.sent(command)
 
-    def _on_ack(self, correlation_id: str, ack: dict[str, Any]) -> None:
+    def _on_ack(self, correlation_id: str, ack: dict[str, Any], from_asset: str | None) -> None:
         with self._commands:
-            command_id = self._awaiting.pop(correlation_id, None)
-            if command_id is None:
-                log.warning("event=command_ack_unmatched tenant=%s connector=%s correlation_id=%.64s",
-                            self.tenant, self.name, correlation_id)
+            command_id, asset_id = self._awaiting.get(correlation_id, (None, None))
+            if command_id is None or from_asset not in (None, asset_id):
+                log.warning("event=command_ack_unmatched tenant=%s connector=%s correlation_id=%.64s from_asset=%.64s",
+                            self.tenant, self.name, correlation_id, from_asset)
                 return
+            del self._awaiting[correlation_id]
             ok = str(ack.get("status", "ok")).lower() in ("ok", "done", "accepted", "success")
             self.ledger.acknowledged(self.tenant, command_id, ack, ok)
 

@@ -20,7 +20,7 @@ from connectors.kinds import UnknownKind
 from connectors.manager import Connectors, InvalidConnector
 from connectors.spec import Credentials, SessionTaken, UnknownConnector
 from raytwin.contracts import describe_error
-from serve_apps.errors import Conflict, NotFound, Unprocessable
+from serve_apps.errors import Conflict, NotFound, Unprocessable, unwrap
 
 if TYPE_CHECKING:
     from actors.service import TwinService
@@ -33,13 +33,13 @@ def _api_errors(call: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return call(*args, **kwargs)
         except (UnknownConnector, UnknownCommand, PermissionError) as exc:
-            raise NotFound(str(exc)) from None
+            raise NotFound(str(unwrap(exc))) from None
         except ValidationError as exc:
             raise Unprocessable(f"connector: {describe_error(exc)}") from None
         except (InvalidConnector, UnknownKind) as exc:
-            raise Unprocessable(str(exc)) from None
+            raise Unprocessable(str(unwrap(exc))) from None
         except (CommandError, SessionTaken) as exc:
-            raise Conflict(str(exc)) from None
+            raise Conflict(str(unwrap(exc))) from None
     wrapped.__doc__ = call.__doc__
     return wrapped
 
@@ -54,6 +54,7 @@ class ConnectorOps:
         self.connectors = Connectors(twins.router, twins.assets)
         for declaration in declared:
             self._declare(declaration)
+        self.connectors.start_declared()  # those created through the API before a restart, too
 
     def _declare(self, declaration: dict[str, Any]) -> None:
         spec = {k: v for k, v in declaration.items() if k != "credentials_env"}

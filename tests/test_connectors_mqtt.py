@@ -49,7 +49,7 @@ def as_event(asset: str, k: int) -> TelemetryEvent:
 class Publisher:
     """A device side: QoS 1 publishes (each confirmed by the broker) and a command listener that acks."""
 
-    def __init__(self, port: int, answer: bool = False):
+    def __init__(self, port: int, answer: bool | str = False):
         self.port, self.received, self.lock = port, [], threading.Lock()
         self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"device-{free_port()}")
         self.client.on_message = self._on_message
@@ -69,6 +69,9 @@ class Publisher:
         body = json.loads(msg.payload)
         with self.lock:
             self.received.append((msg.topic, body))
+        if self.answer == "spoofed":  # another asset's topic claims the command failed: not the commanded asset
+            lie = {"correlation_id": body["correlation_id"], "status": "error", "detail": "spoofed"}
+            client.publish("plant/pump-3/ack", json.dumps(lie), qos=1)
         if self.answer:
             ack = {"correlation_id": body["correlation_id"], "status": "ok", "applied": True}
             client.publish(msg.topic.rsplit("/", 1)[0] + "/ack", json.dumps(ack), qos=1)
@@ -106,7 +109,7 @@ def plant_spec(port: int, protocol: str = "5", **overrides) -> dict:
                        **({"receive_maximum": 20} if protocol == "5" else {})},  # a stream of many batches
             "routes": [{"topic": "plant/+/telemetry", "asset_level": 1, "payload": PAYLOAD,
                         "command_topic": "plant/{asset_id}/cmd"}],
-            "ack_topic": "plant/+/ack"}
+            "ack_topic": "plant/{asset_id}/ack"}
     return {**spec, **overrides}
 
 
@@ -168,6 +171,23 @@ def test_connector_killed_mid_stream_recovers_exactly_once_mqtt311(twins, connec
     wait_for(lambda: settled(connectors, "line", twins, {"pump-3": 320}), "all 320 events applied")
     assert connectors.status("acme", "line").messages <= 320 - before.acknowledged  # a new process, fresh counters
     assert_exactly_once(twins, "pump-3", "ref-3", 320)
+
+    # the service started again (a new Ray: no actor survives): the stored declaration runs with no request
+    ray.kill(ray.get_actor(actor_name("acme", "line"), namespace=twins.router.namespace), no_restart=True)
+    wait_for(lambda: not _alive("acme", "line", twins), "the actor gone")
+    device = Publisher(broker.port)
+    device.publish("line/pump-3/telemetry", [reading(k) for k in range(320, 340)])  # kept by the broker's session
+    device.close()
+    assert Connectors(twins.router, twins.assets).start_declared() >= 1
+    wait_for(lambda: twins.state("acme", "pump-3").revision == 340, "what was published meanwhile applied")
+
+
+def _alive(tenant: str, name: str, twins) -> bool:
+    try:
+        ray.get_actor(actor_name(tenant, name), namespace=twins.router.namespace)
+        return True
+    except ValueError:
+        return False
 
 
 @pytest.mark.parametrize("protocol, reason", [("5", "Not authorized"), ("3.1.1", "Unspecified error")])
@@ -236,6 +256,7 @@ def test_malformed_payloads_go_to_dead_letters_with_topic_and_reason(twins, conn
     device.publish("plant/pump-4/telemetry", [b"not json", {"ts": reading(1)["ts"], "seq": 1},
                                               {**reading(2), "level": "high"}, [reading(3), 7]])
     device.publish("plant/bad id!/telemetry", [reading(4)])
+    device.publish("plant/pump-4/telemetry", [b"[" * 200_000 + b"]" * 200_000])  # RecursionError in json.loads
     device.publish("plant/pump-4/telemetry", [reading(5)])
     device.close()
     wait_for(lambda: twins.state("acme", "pump-4").revision == before + 2, "the two good readings applied")
@@ -247,7 +268,8 @@ def test_malformed_payloads_go_to_dead_letters_with_topic_and_reason(twins, conn
     assert any(r.startswith(src + "measurements.h1.value.float: Input should be a valid number") for r in letters)
     assert src + "a reading must be a JSON object, not int" in letters
     assert "mqtt://plant/plant/bad id!/telemetry: topic level 1 'bad id!' is not an asset id" in letters
-    assert connectors.status("acme", "plant").dead_lettered == 5
+    assert src + "payload nests deeper than JSON decoding allows (past the interpreter's recursion limit)" in letters
+    assert connectors.status("acme", "plant").dead_lettered == 6
 
 
 def test_paused_connector_gets_what_was_published_meanwhile(twins, connectors, broker, plant):
@@ -263,7 +285,7 @@ def test_paused_connector_gets_what_was_published_meanwhile(twins, connectors, b
 
 
 def test_commands_need_approval_are_sent_once_and_acknowledged(twins, connectors, broker, plant):
-    device = Publisher(broker.port, answer=True)
+    device = Publisher(broker.port, answer="spoofed")
     device.listen("plant/+/cmd")
     held = connectors.propose("acme", "plant", "pump-1", "setpoint", {"q_in": 0.2}, by="key-alice")
     sent = connectors.propose("acme", "plant", "pump-2", "setpoint", {"q_in": 0.3}, by="key-alice")
@@ -316,6 +338,10 @@ def test_declarations_are_checked_and_credentials_stay_secret(twins, connectors,
                                                                  "payload": PAYLOAD}]))
     with pytest.raises(ValidationError, match="exactly one of asset_id"):
         MqttSpec.model_validate(plant_spec(broker.port, routes=[{"topic": "a/b", "payload": PAYLOAD}]))
+    with pytest.raises(ValidationError, match=r"ack_topic 'plant/x\{asset_id\}/ack': \{asset_id\} must be one whole"):
+        MqttSpec.model_validate(plant_spec(broker.port, ack_topic="plant/x{asset_id}/ack"))
+    spec = MqttSpec.model_validate(plant_spec(broker.port))
+    assert (spec.ack_filter, spec.ack_asset("plant/pump-2/ack")) == ("plant/+/ack", "pump-2")
     with pytest.raises(UnknownConnector):
         connectors.status("globex", "plant")
     shown = connectors.spec("acme", "plant").model_dump_json() + connectors.status("acme", "plant").model_dump_json()
@@ -427,7 +453,9 @@ def test_http_commands_propose_approve_once_and_show_the_ack(api, broker):
     assert client.post(f"/v1/commands/{command['id']}/approve", headers=auth["writer"]).status_code == 403
     assert client.post(f"/v1/commands/{command['id']}/approve", headers=auth["other"]).status_code == 404
     own = client.post("/v1/commands", json=body, headers=auth["admin"]).json()
-    assert client.post(f"/v1/commands/{own['id']}/approve", headers=auth["admin"]).status_code == 409
+    refused = client.post(f"/v1/commands/{own['id']}/approve", headers=auth["admin"])  # (raised in the connector actor)
+    assert refused.status_code == 409 and refused.json()["error"]["message"] == (
+        f"command {own['id']} was proposed by {key_ids['admin']}: another key must approve it (four eyes)")
     sent = client.post(f"/v1/commands/{command['id']}/approve", headers=auth["admin"])
     assert sent.status_code == 200 and sent.json()["status"] == "sent"
     again = client.post(f"/v1/commands/{command['id']}/approve", headers=auth["admin2"])
