@@ -69,10 +69,12 @@ from raytwin.keyindex import Logged, LogKeyIndex, content_digest
 from raytwin.logs import component_logging
 from raytwin.migration import MigrationPlan
 from raytwin.sim.cpu import start_single_core_backend
-from raytwin.statestore import LOG_BATCH_SCHEMA, StateStore, from_micros
+from raytwin.statestore import LOG_BATCH_SCHEMA, StateStore, StoreFenced, from_micros
 
 log = logging.getLogger("raytwin.twins")
 
+RECOVERY_RETRY_S = 2.0
+"""Pause before a restarted shard whose recovery failed exits to be started again (no hot loop on the store)."""
 SNAPSHOTS_PER_CALL = 8
 """Most snapshots one `ingest` call writes; the others stay due and are written by the next calls.
 Why: a snapshot file costs ~0.4 ms, and twins that become due together (every twin of a restarted
@@ -501,10 +503,22 @@ class TwinShardProcess(TwinShard):
     into tasks for a thread per core of the node, each hand-off waiting for that thread to be
     scheduled on cores the other shards and the driver keep busy)."""
 
-    def __init__(self, *args: Any, **kwargs: Any):
+    def __init__(self, store_url: str, index: int, *args: Any, **kwargs: Any):
         component_logging()
         start_single_core_backend()  # before recovery runs the first kernel
-        super().__init__(*args, **kwargs)
+        try:
+            super().__init__(store_url, index, *args, **kwargs)
+        except StoreFenced:
+            raise  # a newer service holds the store: this shard must stay down
+        except Exception:
+            if not ray.get_runtime_context().was_current_actor_reconstructed:
+                raise  # a first start: its error is the starting service's to report
+            # Ray does not restart an actor whose constructor raised: it would be dead for good, its twins
+            # unanswered, on a store error that may pass (an S3 timeout). Exiting is a crash Ray restarts from,
+            # and the shard stays RESTARTING (paged as RayTwinShardDown) until its store reads succeed.
+            log.exception("event=shard_recovery_failed shard=%d retry_in_s=%g", index, RECOVERY_RETRY_S)
+            time.sleep(RECOVERY_RETRY_S)
+            os._exit(1)
         if self.fence is not None:
             renew_heartbeat(self.store, self.fence)  # the service is alive while any of its shards is
         self.heap_frozen = False

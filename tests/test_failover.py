@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 
 import pytest
 import ray
@@ -190,6 +191,34 @@ def test_durable_state_of_an_unknown_twin_is_none(service):
     assert durable_state(service.store, "acme", "ghost") is None
     assert durable_state(service.store, "other-tenant", "f1") is None
     assert durable_state(service.store, "acme", "..") is None  # names no store path outside the twin's
+
+
+def test_a_restart_whose_recovery_fails_is_tried_again_not_left_dead(service, artifact):
+    """A store error while a restarted shard recovers (an S3 timeout) must not leave it dead for good: Ray
+    does not restart an actor whose constructor raised, so the process exits, Ray starts it again, and once
+    the store reads the shard is back (RESTARTING meanwhile, which the shard-down alert pages)."""
+    service.register(asset("f9"), artifact)
+    path = f"{service.store.root}/twins/tenant=acme/asset_id=f9.json"
+    good = service.store.fs.cat_file(path)
+    [shard] = service.shard_handles
+    actor_id = shard._actor_id.hex()
+    restarts = lambda: ray._private.state.actors(actor_id=actor_id)["NumRestarts"]  # noqa: E731
+    before = restarts()
+    service.store.fs.pipe_file(path, b"{ not json")
+    try:
+        os.kill(ray.get(shard.pid.remote()), signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while restarts() < before + 2:  # the first restart's recovery failed, and it was started again
+            assert ray._private.state.actors(actor_id=actor_id)["State"] != "DEAD", "the shard died for good"
+            assert time.monotonic() < deadline, "no second restart"
+            time.sleep(0.2)
+    finally:
+        service.store.fs.pipe_file(path, good)
+    deadline = time.monotonic() + 120
+    while (state := service.state("acme", "f9")).stale:
+        assert time.monotonic() < deadline, "the shard is not back"
+        time.sleep(0.2)
+    assert state.revision == 0 and not state.stale
 
 
 def test_shard_processes_keep_compiled_kernels_in_the_configured_cache(monkeypatch, tmp_path):
