@@ -31,7 +31,7 @@ from raytwin.lifecycle import Actor as LifecycleActor
 from raytwin.registry import ModelRegistry, RegistryError
 from serve_apps.auth import Principal
 from serve_apps.deps import ADMIN, READER, SVC, WRITER, Services
-from serve_apps.errors import Conflict, Forbidden, NotFound
+from serve_apps.errors import Conflict, Forbidden, NotFound, unwrap
 
 ModelName = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$")]
 Version = Annotated[str, Path(pattern=r"^\d+\.\d+\.\d+$")]
@@ -93,11 +93,11 @@ async def _call(fn: Any, *args: Any) -> Any:
     try:
         return await run_in_threadpool(fn, *args)
     except (ApprovalRequired, TenantMismatch) as exc:
-        raise Forbidden(str(exc)) from None
+        raise Forbidden(str(unwrap(exc))) from None
     except LifecycleError as exc:
-        raise Conflict(str(exc)) from None
+        raise Conflict(str(unwrap(exc))) from None
     except RegistryError as exc:
-        raise NotFound(str(exc)) from None
+        raise NotFound(str(unwrap(exc))) from None
 
 
 def _status(lc: ModelLifecycle, model: str) -> LifecycleStatus:

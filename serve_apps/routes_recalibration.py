@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from raytwin.recalibration import PolicyError, PolicyStore, RecalibrationPolicy
 from serve_apps.auth import Principal
 from serve_apps.deps import ADMIN, READER, SVC, Services
-from serve_apps.errors import NotFound, Unprocessable
+from serve_apps.errors import NotFound, Unprocessable, unwrap
 from serve_apps.json_route import JsonRoute
 from serve_apps.recalibration import TenantState
 
@@ -36,7 +36,7 @@ async def get_recalibration_policy(type_name: TypeName, who: Principal = READER,
     try:
         policy = await run_in_threadpool(_policies(svc).get, who.tenant, type_name)
     except PolicyError as exc:
-        raise Unprocessable(str(exc)) from None
+        raise Unprocessable(str(unwrap(exc))) from None
     if policy is None:
         published = await svc.backend.call("list_types", who.tenant, type_name)
         raise NotFound(f"no recalibration policy for asset type {type_name}: PUT one (admin)" if published else
@@ -57,7 +57,7 @@ async def put_recalibration_policy(type_name: TypeName, body: RecalibrationPolic
         try:
             body.check_model(list(asset_type.parameters), list(asset_type.outputs), asset_type.key)
         except PolicyError as exc:
-            raise Unprocessable(str(exc)) from None
+            raise Unprocessable(str(unwrap(exc))) from None
     await run_in_threadpool(_policies(svc).put, who.tenant, type_name, body)
     await svc.record(request, who, "recalibration_policy.update", type_name, policy=body.model_dump(mode="json"))
     return body

@@ -27,7 +27,7 @@ from raytwin.registry import RegistryError
 from raytwin.shadow import SYSTEM_ACTOR, conclude
 from serve_apps.auth import Principal
 from serve_apps.deps import READER, SVC, WRITER, Services
-from serve_apps.errors import BadRequest, Conflict, NotFound
+from serve_apps.errors import BadRequest, Conflict, NotFound, unwrap
 from serve_apps.routes_models import ModelName, Version, _call, _lifecycle
 
 log = logging.getLogger("raytwin.serve")
@@ -68,9 +68,9 @@ async def _live(svc: Services, call: Callable[[LiveModels], Any]) -> Any:
     try:
         return await run_in_threadpool(lambda: call(live_models(svc)))
     except UnknownShadow as exc:
-        raise NotFound(str(exc)) from None
+        raise NotFound(str(unwrap(exc))) from None
     except ShadowRunning as exc:
-        raise Conflict(str(exc)) from None
+        raise Conflict(str(unwrap(exc))) from None
     except (KeyError, ValueError) as exc:
         raise BadRequest(str(exc).strip("'\"")) from None
 
@@ -81,7 +81,7 @@ async def swap_on_promotion(svc: Services, request: Request, who: Principal, rec
     try:
         artifact = await run_in_threadpool(_lifecycle(svc, who.tenant).registry.get, f"{record.model}@{record.version}")
     except RegistryError as exc:
-        raise NotFound(str(exc)) from None
+        raise NotFound(str(unwrap(exc))) from None
     at = datetime.now(UTC)
     outcome: SwapOutcome = await _live(svc, lambda m: m.swap(who.tenant, artifact, at))
     await svc.record(request, who, "model.swap", artifact.ref, at=at.isoformat(), seq=record.seq,

@@ -41,7 +41,7 @@ from raytwin.sim import get_model, simulate, unstack
 from raytwin.sim.checks import UnstableStepError, check_step
 from raytwin.sim.precision import in_float64
 from raytwin.storage import filesystem
-from serve_apps.errors import Diverged, Unprocessable
+from serve_apps.errors import Diverged, Unprocessable, unwrap
 from sweeps.aggregate import open_dataset, quantiles
 from sweeps.fmu import FmuSweepSpec
 from sweeps.runner import part_name
@@ -80,7 +80,7 @@ def prepare(scenario: Scenario, artifact: ModelArtifact, live_state: dict[str, f
         params = model.param_vector({**artifact.parameters, **scenario.parameter_overrides})
         check_step(model, scenario.step_s, params, what="step_s")
     except (ContractError, KeyError, UnstableStepError) as exc:
-        raise Unprocessable(str(exc)) from None
+        raise Unprocessable(str(unwrap(exc))) from None
     start = live_state if scenario.start_state == "live" else scenario.start_state
     return PreparedScenario(
         simulator=artifact.asset_type.simulator, model_ref=artifact.ref, content_hash=artifact.content_hash,

@@ -100,6 +100,16 @@ class TwinReader:
         """The handle of the shard actor holding (tenant, asset), for readers of many twins at once."""
         return self._shard(tenant, asset_id)
 
+    async def _live(self, shard: Any, call: Awaitable[T], durable: Callable[[], Awaitable[T]]) -> T:
+        """`live_or_durable`, and for a shard actor dead for good (its owner, a backend replica, died: the
+        restarted replica made new shards under the same names) the durable answer, the handle forgotten so
+        that the next read looks the new shard up."""
+        try:
+            return await live_or_durable(shard, call, durable)
+        except ray.exceptions.ActorDiedError:
+            self._handles = {i: h for i, h in self._handles.items() if h is not shard}
+            return await durable()
+
     async def state(self, tenant: str, asset_id: str, at: datetime | None = None) -> dict[str, Any]:
         """The twin's state now (see the module's freshness rule) or as of `at`; `NotFound` for
         unknown twins and other tenants' twins."""
@@ -108,6 +118,9 @@ class TwinReader:
                 state = await self._shard(tenant, asset_id).state_at.remote(tenant, asset_id, to_micros(at))
             except HistoryPruned as exc:  # Ray's error for it is also a HistoryPruned
                 raise Gone(str(unwrap(exc))) from None
+            except ray.exceptions.ActorDiedError:  # a restarted backend's new shard (see `_live`): once more
+                self._handles.pop(shard_index(tenant, asset_id, self.shards), None)
+                state = await self._shard(tenant, asset_id).state_at.remote(tenant, asset_id, to_micros(at))
             return self._found(state, asset_id, at)
         if self.max_age_s == 0:
             return await self._fetch(tenant, asset_id)
@@ -132,8 +145,8 @@ class TwinReader:
 
     async def _fetch(self, tenant: str, asset_id: str) -> dict[str, Any]:
         shard = self._shard(tenant, asset_id)
-        state = await live_or_durable(shard, shard.state.remote(tenant, asset_id),
-                                      lambda: asyncio.to_thread(durable_state, self._store, tenant, asset_id))
+        state = await self._live(shard, shard.state.remote(tenant, asset_id),
+                                 lambda: asyncio.to_thread(durable_state, self._store, tenant, asset_id))
         if state is not None and state.stale:
             metrics.STALE_READS.inc(read="state")
         return self._found(state, asset_id)
@@ -149,7 +162,7 @@ class TwinReader:
             finally:  # the restarted shard answered first: the thread stops at its next twin
                 stop.set()
 
-        found = await live_or_durable(shard, shard.states.remote(tenant, asset_ids), durable)
+        found = await self._live(shard, shard.states.remote(tenant, asset_ids), durable)
         metrics.STALE_READS.inc(sum(1 for state in found.values() if state.get("stale")), read="query")
         return found
 

@@ -87,3 +87,41 @@ def test_a_query_stops_reading_the_store_once_the_restarted_shard_answered(monke
     stopped_at = len(read)
     time.sleep(0.2)
     assert 0 < stopped_at == len(read) < 100  # it read some, then stopped
+
+
+def test_a_shard_dead_for_good_is_answered_from_the_store_and_looked_up_again(monkeypatch, tmp_path):
+    """A backend replica that died took its shard actors with it (their owner); the restarted replica made
+    new ones under the same names. A reader holding the dead handle answers from the store, then reads the new."""
+    class Shard:
+        def __init__(self, answer):
+            self.answer = answer
+            shard = self
+
+            class state:  # noqa: N801 - the actor method's name
+                @staticmethod
+                async def remote(tenant: str, asset_id: str):
+                    if isinstance(shard.answer, Exception):
+                        raise shard.answer
+                    return shard.answer
+
+            self.state = state
+
+    class Found:
+        stale = False
+
+        def __init__(self, where: str):
+            self.where = where
+
+        def model_dump(self, mode: str) -> dict:
+            return {"from": self.where}
+
+    stored = Found("store")
+    stored.stale = True
+    monkeypatch.setattr(twin_reads, "actor_restarting", lambda shard: False)
+    monkeypatch.setattr(twin_reads, "durable_state", lambda store, tenant, asset_id: stored)
+    new = Shard(Found("new shard"))
+    monkeypatch.setattr(twin_reads.ray, "get_actor", lambda name, namespace: new)
+    reader = TwinReader(ServeConfig(store_url=str(tmp_path), keys_file="unused.json", twin_shards=1, state_cache_s=0))
+    reader._handles[0] = Shard(ray.exceptions.ActorDiedError())
+    assert asyncio.run(reader.state("acme", "z1")) == {"from": "store"}
+    assert asyncio.run(reader.state("acme", "z1")) == {"from": "new shard"}
