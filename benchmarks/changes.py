@@ -79,7 +79,7 @@ def telemetry(ctx: BenchContext, result: BenchResult) -> None:
         backend = Backend(config)
         try:
             thermal = AssetType.from_model(THERMAL_RC)
-            backend.put_type(TENANT, thermal, Precondition())
+            backend.put_type(TENANT, thermal, Precondition(), "benchmark")
             for i in range(twins):
                 asset = Asset(id=f"zone-{i}", tenant=TENANT, type_name=thermal.name, type_version=thermal.version)
                 backend.create_asset(asset, None, Precondition())

@@ -74,7 +74,7 @@ def populate(backend: Backend, n: int, seed: int = 3) -> None:
     """`n` assets with live twins, written straight into the catalog and shards (setup, not measured)."""
     rng = random.Random(seed)
     thermal = AssetType.from_model(THERMAL_RC)
-    backend.put_type(TENANT, thermal, Precondition())
+    backend.put_type(TENANT, thermal, Precondition(), "benchmark")
     assets = []
     for i in range(n):
         asset = Asset(id=f"zone-{i:05d}", tenant=TENANT, type_name=thermal.name, type_version=thermal.version,

@@ -31,7 +31,7 @@ from pydantic import Field, ValidationError
 
 from raytwin.contracts import Contract, Finite, Identifier, SemVer, UtcTime, describe_error
 from raytwin.recalibration import DriftTrigger
-from raytwin.registry import ModelRegistry, RegistryError, parse_ref
+from raytwin.registry import PUBLISHED_BY, ModelRegistry, RegistryError, parse_ref
 from raytwin.storage import canonical_json, filesystem, write_once
 
 log = logging.getLogger("raytwin.lifecycle")
@@ -341,8 +341,10 @@ class ModelLifecycle:
         """Whether production is reached by policy (True) or by a second pair of eyes (False); else refuse."""
         ref = f"{state.model}@{version.version}"
         if APPROVER in actor.roles:
-            if actor.id == version.author:
-                raise ApprovalRequired(f"{actor.id} is the author of {ref} and may not approve it (four eyes): "
+            publisher = self.registry.get(ref, allow_code_change=True).metadata.get(PUBLISHED_BY)
+            if actor.id in (version.author, publisher):
+                role = "author" if actor.id == version.author else "publisher (its declaration and parameters)"
+                raise ApprovalRequired(f"{actor.id} is the {role} of {ref} and may not approve it (four eyes): "
                                        f"another principal with the {APPROVER!r} role must promote it")
             return False
         if self.policy(actor.tenant).auto_promote:

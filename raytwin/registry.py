@@ -45,6 +45,11 @@ class ModelCodeChanged(RegistryError):
     """An artifact whose simulator's code differs from the code it was registered with."""
 
 
+PUBLISHED_BY = "published_by"
+"""Artifact metadata: who published the version's content (an API key id); the four-eyes rule keeps them
+from approving it (`raytwin.lifecycle`)."""
+
+
 class ModelArtifact(Contract):
     """What a registered model is: its asset type (with the simulator) and parameter values."""
 
@@ -118,12 +123,14 @@ class ModelRegistry:
         *,
         allow_unstable: bool = False,
     ) -> ModelArtifact:
-        """Store an artifact; parameters default to the simulator's typical values. The simulator must
+        """Store an artifact; parameters not given take the asset type's declared defaults (a published
+        type's values are what its version runs, not the simulator's typical ones). The simulator must
         pass its registration check (a JAX model: `check_model` and an RK4-stable default step at
         these parameter values, ``allow_unstable=True``: a loud warning instead; an FMU: a probe run)."""
         self.check_fmu_store(f"{name}@{version}", asset_type.simulator)
         model = get_model(asset_type.simulator)
-        params = dict(zip(model.param_names, model.param_vector(parameters)))
+        declared = {n: p.default for n, p in asset_type.parameters.items()}
+        params = dict(zip(model.param_names, model.param_vector({**declared, **(parameters or {})})))
         for pname, value in params.items():
             spec = asset_type.parameters[pname]
             if not spec.lower <= value <= spec.upper:

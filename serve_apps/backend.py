@@ -23,7 +23,7 @@ from raytwin.contracts import Asset, AssetType, RelationshipKind, TelemetryEvent
 from raytwin.graph import Direction
 from raytwin.logs import component_logging
 from raytwin.query import Expr, Record
-from raytwin.registry import ModelArtifact, ModelRegistry, RegistryError
+from raytwin.registry import PUBLISHED_BY, ModelArtifact, ModelRegistry, RegistryError
 from raytwin.sim.cpu import cpu_only
 from serve_apps import asset_queries
 from serve_apps.admission import BacklogGate
@@ -34,7 +34,7 @@ from serve_apps.changes import ChangeLog, ChangePage
 from serve_apps.conditional import Precondition
 from serve_apps.config import ServeConfig
 from serve_apps.connector_ops import ConnectorOps
-from serve_apps.errors import NotFound, Unprocessable
+from serve_apps.errors import NotFound, Unprocessable, unwrap
 from serve_apps.evolution import TypeEvolution
 from serve_apps.jobs import Job, JobQueue, JobRecord, Work
 from serve_apps.query_schemas import AssetGraph, BulkRequest
@@ -94,13 +94,14 @@ class Backend:
         return self._registry(tenant).get(f"{asset.type_name}@{asset.type_version}")
 
     # ---- asset types -------------------------------------------------------------------
-    def put_type(self, tenant: str, asset_type: AssetType, pre: Precondition) -> tuple[bool, int]:
-        """Store the type and register its model (default parameters) as ``name@version``;
-        (created, revision). An FMU outside the tenant's registry is refused before anything is written."""
+    def put_type(self, tenant: str, asset_type: AssetType, pre: Precondition, published_by: str) -> tuple[bool, int]:
+        """Store the type and register its model (its default parameters, `published_by` the key: the four-eyes
+        rule keeps it from approving its own content) as ``name@version``; (created, revision). An FMU
+        outside the tenant's registry is refused before anything is written."""
         try:
             self._registry(tenant).check_fmu_store(asset_type.key, asset_type.simulator)
         except RegistryError as exc:
-            raise Unprocessable(str(exc)) from None
+            raise Unprocessable(str(unwrap(exc))) from None
         with self._lock:
             def write(seq: int) -> list[dict[str, Any]]:
                 if not self.catalog.put_type(tenant, asset_type, seq, pre):
@@ -110,7 +111,8 @@ class Backend:
 
             created = bool(self.changes.write(tenant, write))
             if created:  # outside the log's lock: checking a model can take seconds
-                self._registry(tenant).register(asset_type.name, asset_type.version, asset_type)
+                self._registry(tenant).register(asset_type.name, asset_type.version, asset_type,
+                                                metadata={PUBLISHED_BY: published_by})
             return created, self.catalog.revision(tenant, "types", asset_type.key)
 
     def get_type(self, tenant: str, name: str, version: str) -> tuple[AssetType, int]:
@@ -183,7 +185,7 @@ class Backend:
         try:
             check_registration(asset, artifact, initial_state, None)
         except RegistrationError as exc:
-            raise Unprocessable(str(exc)) from None
+            raise Unprocessable(str(unwrap(exc))) from None
         return artifact
 
     def get_asset(self, tenant: str, asset_id: str) -> Asset:
@@ -237,9 +239,13 @@ class Backend:
             "data": job.model_dump(mode="json", include={"job_id", "kind", "state", "finished", "error", "run_id",
                                                         "scenarios", "n_steps", "compute_s"})}])
 
-    def model_of(self, tenant: str, asset_id: str) -> tuple[AssetType, ModelArtifact]:
-        """The asset's type and registered model (for validating telemetry and running scenarios)."""
+    def model_of(self, tenant: str, asset_id: str, model_ref: str | None = None) -> tuple[AssetType, ModelArtifact]:
+        """The asset's type and registered model (for validating telemetry), or with `model_ref` (what its twin
+        runs, for scenarios: a promotion swaps it) that version's type and model."""
         asset = self.get_asset(tenant, asset_id)
+        if model_ref is not None:
+            artifact = self._registry(tenant).get(model_ref)
+            return artifact.asset_type, artifact
         with self._lock:
             asset_type = self.catalog.get_type(tenant, asset.type_name, asset.type_version)
         return asset_type, self._artifact(tenant, asset)

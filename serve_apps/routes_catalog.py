@@ -39,7 +39,7 @@ def register(app: FastAPI) -> None:
         """Publish an asset type version (immutable: a changed type is a new version).
 
         `If-None-Match: *`: 412 if the version exists, even with identical content."""
-        created, revision = await svc.backend.call("put_type", who.tenant, body, pre)
+        created, revision = await svc.backend.call("put_type", who.tenant, body, pre, who.key_id)
         if created:
             await svc.record(request, who, "asset_type.create", body.key, asset_type=body.model_dump(mode="json"))
         return JSONResponse(body.model_dump(mode="json"), status_code=201 if created else 200,

@@ -129,10 +129,12 @@ def register(app: FastAPI) -> None:
 
 async def _model_and_state(svc: Services, who: Principal, asset_id: str, live: bool, at: datetime | None
                            ) -> tuple[ModelArtifact, dict[str, float] | None]:
-    """The asset's registered model and, for runs from "live", the twin's state (now or at `at`)."""
-    _, artifact = await svc.backend.call("model_of", who.tenant, asset_id)
-    state = (await svc.twins.state(who.tenant, asset_id, at))["state"] if live else None
-    return artifact, state
+    """The model the twin runs (at `at`, for a run from then) and, for runs from "live", the twin's state:
+    a promotion or rollback swaps the twin's model, while the catalog's asset keeps its type version, and
+    a state estimated by one model must not be propagated by another."""
+    twin = await svc.twins.state(who.tenant, asset_id, at if live else None)
+    _, artifact = await svc.backend.call("model_of", who.tenant, asset_id, twin["model_ref"])
+    return artifact, twin["state"] if live else None
 
 
 def _provenance(artifact: ModelArtifact) -> dict[str, Any]:

@@ -30,6 +30,15 @@ def test_register_and_get_returns_the_identical_artifact(registry):
     assert registry.register("office-zone", "1.0.0", THERMAL, {"C_in": 2.4e6}, {"site": "berlin"}) == art
 
 
+def test_parameters_not_given_are_the_asset_types_declared_defaults(registry):
+    """A published type's defaults are what its version runs (not the simulator's typical values)."""
+    declared = THERMAL.model_copy(update={"parameters": {**THERMAL.parameters, "R_io": THERMAL.parameters[
+        "R_io"].model_copy(update={"default": 0.02})}})
+    art = registry.register("office-zone", "1.2.0", declared, {"C_in": 2.4e6})
+    assert THERMAL_RC.default_params()["R_io"] != 0.02
+    assert (art.parameters["R_io"], art.parameters["C_in"]) == (0.02, 2.4e6)
+
+
 def test_different_content_under_an_existing_version_is_refused(registry):
     registry.register("office-zone", "1.0.0", THERMAL, {"C_in": 2.4e6})
     with pytest.raises(RegistryError, match="already registered with different content"):

@@ -15,7 +15,8 @@ from tests.test_serve_api import THERMAL_TYPE, assert_error
 V1, V2 = THERMAL_TYPE["version"], "9.9.9"
 KEYS = (("admin", "acme", "admin", ()), ("author", "acme", "writer", ("approver",)),
         ("approver", "acme", "writer", ("approver",)), ("writer", "acme", "writer", ()),
-        ("reader", "acme", "reader", ()), ("other", "globex", "admin", ("approver",)))
+        ("reader", "acme", "reader", ()), ("other", "globex", "admin", ("approver",)),
+        ("chief", "acme", "admin", ("approver",)))
 
 
 @dataclass
@@ -167,8 +168,10 @@ def test_shadow_evaluation_is_recorded_and_promotion_hot_swaps_twins(client):
     assert _move(api, "author", V3, "candidate").status_code == 201
     started = http.post(url, json={"sample": 1, "events": 5}, headers=api.headers_for("writer"))
     assert started.status_code == 201 and started.json()["asset_ids"] == ["zone-sh"], started.text
-    assert_error(http.post(url, json={"asset_ids": ["zone-sh"], "events": 5}, headers=api.headers_for("writer")),
-                 409, "conflict")
+    twice = assert_error(http.post(url, json={"asset_ids": ["zone-sh"], "events": 5},
+                                   headers=api.headers_for("writer")), 409, "conflict")  # raised in the shard actor
+    assert twice["message"] == (f"a shadow evaluation of thermal_rc@{V3} is already running (run "
+                                f"{started.json()['run_id']}); stop it first to start another")
     send(range(4, 7))
     running = http.get(url, headers=api.headers_for("reader")).json()
     assert not running["report"]["done"] and running["recorded"] == []
@@ -186,9 +189,30 @@ def test_shadow_evaluation_is_recorded_and_promotion_hot_swaps_twins(client):
     send(range(12, 13), at=lambda k: datetime.now(UTC) + timedelta(seconds=30))
     state = http.get("/v1/assets/zone-sh/state", headers=api.headers_for("reader")).json()
     assert state["model_ref"] == f"thermal_rc@{V3}" and state["events_applied"] == 13
+    what_if = {"asset_id": "zone-sh", "horizon_s": 600.0, "step_s": 60.0,
+               "inputs": {n: {"kind": "constant", "value": 0.0, "unit": "W"} for n in ("Q_h", "Q_sol")}
+               | {"T_out": {"kind": "constant", "value": 5.0, "unit": "degC"}}}
+    for origin in ("live", {"T_in": 293.0, "T_m": 292.0}):  # the model the twin runs now, not the catalog's V1
+        run = http.post("/v1/scenarios", json={**what_if, "start_state": origin}, headers=api.headers_for("writer"))
+        assert run.status_code == 200 and run.json()["model_ref"] == f"thermal_rc@{V3}", run.text
     before = http.get("/v1/assets/zone-sh/state", params={"at": (start + timedelta(minutes=56)).isoformat()},
                       headers=api.headers_for("reader")).json()
     assert before["model_ref"] == f"thermal_rc@{V1}" and before["events_applied"] == 12
     swaps = [a for a in http.get("/v1/audit", headers=api.headers_for("admin")).json() if a["action"] == "model.swap"]
     assert swaps[-1]["details"]["swapped"] == ["zone-sh"] and swaps[-1]["details"]["refused"] == {}
     assert http.get("/v1/models/thermal_rc/lifecycle/verify", headers=api.headers_for("reader")).json()["ok"]
+
+
+def test_the_publisher_of_a_version_may_not_approve_it(client):
+    """Four eyes over the content: an approver who published a version's declaration and parameters cannot
+    promote it, even when another key submitted it."""
+    api, http = client, client.http
+    own = "9.9.20"
+    assert http.post("/v1/asset-types", json={**THERMAL_TYPE, "version": own},
+                     headers=api.headers_for("chief")).status_code == 201
+    assert _move(api, "writer", own, "candidate").status_code == 201
+    assert _move(api, "writer", own, "staging").status_code == 201
+    refused = assert_error(_move(api, "chief", own, "production"), 403, "forbidden")["message"]
+    chief = api.keys["chief"].split("_")[1]
+    assert refused.startswith(f"{chief} is the publisher (its declaration and parameters) of thermal_rc@{own} and "
+                              "may not approve it (four eyes)")

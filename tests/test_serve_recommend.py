@@ -11,6 +11,7 @@ import json
 
 import pytest
 
+from actors import UnknownTwin
 from raytwin.contracts import AssetType
 from raytwin.registry import ModelRegistry
 from raytwin.sim import TWO_TANK
@@ -52,14 +53,17 @@ def api(ray_session, broker, tmp_path_factory):  # noqa: F811 (the broker fixtur
             connector = Backend.connector
             connector_ops = ConnectorOps(twins, [])
 
-            def model_of(self, tenant: str, asset_id: str):
+            def model_of(self, tenant: str, asset_id: str, model_ref: str | None = None):
                 if asset_id not in twins.assets(tenant):
                     raise NotFound(f"asset {asset_id} not found")
                 return AssetType.from_model(TWO_TANK), artifact
 
         class LiveStates:  # what `TwinReader.state` answers, from the twin service
             async def state(self, tenant: str, asset_id: str, at=None) -> dict:
-                return {"state": dict(twins.state(tenant, asset_id).state)}
+                try:
+                    return twins.state(tenant, asset_id).model_dump(mode="json")
+                except UnknownTwin as exc:
+                    raise NotFound(str(exc)) from None
 
         backend = TankBackend()
         spec = {k: v for k, v in plant_spec(broker.port, name="site").items() if k != "tenant"}
