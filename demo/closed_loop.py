@@ -157,12 +157,14 @@ def recalibrate_window(root: Path, registry, artifact, service, until: datetime,
     event log, fitted (`max_trials` Tune trials) and registered as a candidate linked to the latch.
     Returns (fit, samples)."""
     from raytwin.recalibration import DriftTrigger, RecalibrationPolicy
-    from sweeps.recalibration import RecalibrationWork, next_free_version, recalibrate, window_table, write_window
+    from sweeps.recalibration import (RecalibrationWork, held_inputs, next_free_version, recalibrate, window_table,
+                                      write_window)
 
     policy = RecalibrationPolicy(free=["R_io"], noise_std={"T_in": T_IN_NOISE}, window_s=WINDOW_S,
                                  max_trials=max_trials)
     names = [*artifact.asset_type.inputs, *artifact.asset_type.outputs]
-    table, first = window_table(service.store, TENANT, ASSET, names, until, policy.window_s, policy.max_samples)
+    table, first = window_table(service.store, TENANT, ASSET, names, until, policy.window_s, policy.max_samples,
+                                held=held_inputs(artifact))
     telemetry = (root / "telemetry" / f"{ASSET}-window.parquet").as_uri()
     write_window(table, telemetry)
     # seq numbers the twin's drift changes in the API's change log; here, at library level, this is the first

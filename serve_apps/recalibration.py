@@ -34,6 +34,8 @@ from serve_apps.changes import Change
 log = logging.getLogger("raytwin.serve.recalibration")
 KEEP_FINISHED = 100
 """Finished jobs kept per tenant in the state document (outcomes are also in the lifecycle log)."""
+MAX_ATTEMPTS = 3
+"""Launches of one job, relaunches after a restart or a lost worker or node included: then it fails."""
 
 
 class RecalJob(BaseModel):
@@ -47,6 +49,7 @@ class RecalJob(BaseModel):
     candidate_version: str
     triggers: list[DriftTrigger]
     started: float = Field(description="Trigger clock (epoch s) at launch")
+    attempts: int = Field(1, description="Launches so far (relaunches after a restart or a lost worker count)")
     state: Literal["running", "succeeded", "failed"] = "running"
     finished: float | None = None
     run_id: str | None = None
@@ -135,11 +138,27 @@ class Recalibrator:
     def resume(self, tenant: str) -> None:
         """After a restart: relaunch the running jobs, then act on the changes recorded after the cursor."""
         with self._lock:
-            state = self.state(tenant)
-            for job in list(state.running.values()):
-                log.info("event=recalibration_relaunch tenant=%s job=%s", tenant, job.job_key)
-                self._start(state, job)
+            for job_key in list(self.state(tenant).running):
+                self.relaunch(tenant, job_key, "the backend restarted")
         self.poll(tenant)
+
+    def relaunch(self, tenant: str, job_key: str, why: str) -> None:
+        """Launch a running job again (`recalibrate` finishes a candidate an earlier attempt registered):
+        after a restart, or when its task was lost with its worker or node; at most `MAX_ATTEMPTS` launches,
+        counted before each, so a job that kills its worker every time fails instead of looping."""
+        with self._lock:
+            state = self.state(tenant)
+            job = state.running.get(job_key)
+            if job is None:
+                return
+            if job.attempts >= MAX_ATTEMPTS:
+                self.finish(tenant, job_key, error=f"{why}; gave up after {job.attempts} attempts")
+                return
+            job = state.running[job_key] = job.model_copy(update={"attempts": job.attempts + 1})
+            self._save(tenant)
+            log.info("event=recalibration_relaunch tenant=%s job=%s attempt=%d why=%r", tenant, job_key,
+                     job.attempts, why)
+            self._start(state, job)
 
     def poll(self, tenant: str) -> None:
         """Act on every change the tenant's log recorded after the cursor, in sequence order."""

@@ -22,10 +22,14 @@ from raytwin.statestore import StateStore
 from serve_apps.changes import Change, ChangeLog
 from serve_apps.config import ServeConfig
 from serve_apps.recalibration import RecalJob, Recalibrator, TenantState
-from sweeps.recalibration import RecalibrationWork, next_free_version, recalibrate, window_table, write_window
+from sweeps.recalibration import (RecalibrationWork, held_inputs, next_free_version, recalibrate, window_table,
+                                  write_window)
 
 log = logging.getLogger("raytwin.serve.recalibration")
 PAGE = 1000
+LOST = (ray.exceptions.NodeDiedError, ray.exceptions.WorkerCrashedError, ray.exceptions.ObjectLostError,
+        ray.exceptions.LocalRayletDiedError, ray.exceptions.OutOfMemoryError)
+"""A recalibration task's failures that say nothing of the fit: it is launched again (`Recalibrator.relaunch`)."""
 
 
 @ray.remote(num_cpus=0, max_retries=0)
@@ -63,7 +67,7 @@ class RecalibrationJobs:
         until = trigger.event_time or self.twins.state(tenant, job.asset_id).event_time
         names = [*artifact.asset_type.inputs, *artifact.asset_type.outputs]
         table, start = window_table(self.events, tenant, job.asset_id, names, until, policy.window_s,
-                                    policy.max_samples)
+                                    policy.max_samples, held=held_inputs(artifact))
         state = self.twins.state_at(tenant, job.asset_id, start).state  # the estimate at the first sample
         url = self.config.url("recalibration", tenant, "windows", f"{job.job_key}.parquet")
         write_window(table, url, self.config.storage_options or None)
@@ -80,7 +84,11 @@ class RecalibrationJobs:
             out = future.result()
         except Exception as exc:
             cause = getattr(exc, "cause", None) or exc
-            self.trigger.finish(tenant, job_key, error=f"{type(cause).__name__}: {cause}".splitlines()[0][:500])
+            error = f"{type(cause).__name__}: {cause}".splitlines()[0][:500]
+            if isinstance(exc, LOST) or isinstance(cause, LOST):  # the task's worker or node, not the fit, failed
+                self.trigger.relaunch(tenant, job_key, error)
+            else:
+                self.trigger.finish(tenant, job_key, error=error)
             return
         self.trigger.finish(tenant, job_key, run_id=out["run_id"], candidate=out["candidate"])
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
@@ -26,7 +27,8 @@ from pydantic import Field
 from raytwin.contracts import Contract, Finite, Identifier, SemVer
 from raytwin.lifecycle import Actor, Evidence, ModelLifecycle
 from raytwin.recalibration import DriftTrigger, RecalibrationPolicy
-from raytwin.registry import ModelRegistry, RegistryError
+from raytwin.estimation import model_defaults
+from raytwin.registry import ModelArtifact, ModelRegistry, RegistryError
 from raytwin.statestore import StateStore, from_micros, to_micros
 from raytwin.storage import filesystem
 from sweeps.calibration import RESULT_FILE, CalibrationSpec
@@ -67,22 +69,35 @@ class Recalibrated(Contract):
 
 
 def window_table(store: StateStore, tenant: str, asset_id: str, names: list[str], until: datetime,
-                 window_s: float, max_samples: int) -> tuple[pa.Table, datetime]:
+                 window_s: float, max_samples: int, *, held: Mapping[str, float] | None = None
+                 ) -> tuple[pa.Table, datetime]:
     """The twin's events in (`until` - `window_s`, `until`] as calibration telemetry: ``t_s`` from the
-    window's first sample, one column per name (the model's inputs and outputs, SI). Events without every input and
-    output, or flagged bad, are skipped; an irregular series is interpolated onto its median step
-    (calibration needs uniform samples); at most the newest `max_samples` samples are kept. Returns the
-    table and the event time of its first sample (where the fit's start state belongs)."""
+    window's first sample, one column per name (the model's inputs and outputs, SI). The names in `held`
+    (the inputs, with the value each holds until first measured) are zero-order held as the filter holds
+    them: the last value measured, before the first one the first one, never measured the `held` value; an
+    event without every other name, or flagged bad, is skipped. An irregular series is interpolated onto its
+    median step (calibration needs uniform samples); at most the newest `max_samples` samples are kept.
+    Returns the table and the event time of its first sample (where the fit's start state belongs)."""
+    held = held or {}
     until_us = to_micros(until)
     since_us = until_us - round(window_s * 1e6)
-    events = store.read_events(tenant, asset_id, after=(since_us, 2**62, ""), until_us=until_us)
-    rows = [(e.time_s, [e.values.get(n, np.nan) for n in names]) for e in events if e.quality != "bad"]
-    rows = [(t, v) for t, v in rows if np.isfinite(v).all()]
+    events = [e for e in store.read_events(tenant, asset_id, after=(since_us, 2**62, ""), until_us=until_us)
+              if e.quality != "bad"]
+    raw = np.array([[e.values.get(n, np.nan) for n in names] for e in events], dtype=np.float64).reshape(-1, len(names))
+    for j, name in enumerate(names):
+        if name in held:
+            raw[:, j] = _zero_order_hold(raw[:, j], held[name])
+    usable = np.isfinite(raw).all(axis=1)
+    rows = [(e.time_s, list(v)) for e, v, ok in zip(events, raw, usable) if ok]
     if len(rows) < 10:
+        needed = [n for n in names if n not in held]
+        unmeasured = [n for j, n in enumerate(names) if n not in held and not np.isfinite(raw[:, j]).any()]
         raise RecalibrationError(
             f"twin {asset_id!r}: the {window_s:g} s window before {until.isoformat()} holds {len(rows)} usable "
-            f"events (each needs {names}); at least 10 are needed: send inputs with the telemetry or widen "
-            f"the policy's window_s")
+            f"events of {len(events)} (each needs {needed} measured"
+            + (f"; never measured in it: {unmeasured}" if unmeasured else "")
+            + "); at least 10 are needed: send those measurements with the telemetry"
+            + ("" if unmeasured else ", or widen the policy's window_s"))
     t = np.array([r[0] for r in rows])
     values = np.array([r[1] for r in rows])
     steps = np.diff(t)
@@ -94,6 +109,24 @@ def window_table(store: StateStore, tenant: str, asset_id: str, names: list[str]
     t, values = t[-max_samples:], values[-max_samples:]
     table = pa.table({"t_s": t - t[0], **{n: values[:, j] for j, n in enumerate(names)}})
     return table, from_micros(round(t[0] * 1e6))
+
+
+def held_inputs(artifact: ModelArtifact) -> dict[str, float]:
+    """Each input of the artifact's model with the value the twin's filter holds it at until first
+    measured (`Input.nominal`, else 0): `window_table`'s `held`."""
+    model = artifact.model()
+    declared = model_defaults(model)["inputs"]
+    return {name: float(declared.get(name, 0.0)) for name in model.input_names}
+
+
+def _zero_order_hold(column: np.ndarray, default: float) -> np.ndarray:
+    """NaNs replaced by the last finite value before them (leading ones by the first finite value,
+    an all-NaN column by `default`)."""
+    finite = np.isfinite(column)
+    if not finite.any():
+        return np.full_like(column, default)
+    last = np.maximum.accumulate(np.where(finite, np.arange(column.size), -1))
+    return np.where(last >= 0, column[np.maximum(last, 0)], column[finite][0])
 
 
 def write_window(table: pa.Table, url: str, storage_options: dict[str, Any] | None = None) -> None:

@@ -152,6 +152,38 @@ def test_a_restart_neither_loses_nor_repeats_a_trigger(tmp_path):
     assert [t.asset_id for t in w.launched[2].triggers] == ["b", "c"]  # b and c: one job, each once
 
 
+def test_a_job_lost_with_its_worker_is_launched_again_at_most_three_times(tmp_path):
+    """A task that died with its worker or node (SIGKILL, OOM) says nothing of the fit: launched again,
+    a bounded number of times, rather than failed with the drift trigger lost (the twin stays latched)."""
+    from concurrent.futures import Future
+
+    import ray
+
+    from serve_apps.recalibration_jobs import RecalibrationJobs
+
+    w = World(tmp_path)
+    w.drift(["a"])
+    (job,) = w.launched
+    jobs = RecalibrationJobs.__new__(RecalibrationJobs)  # only its outcome handling, over this trigger
+    jobs.trigger = w.trigger
+    lost = Future()
+    lost.set_exception(ray.exceptions.NodeDiedError("the node it was running on is dead"))
+    jobs._finished("acme", job.job_key, lost)
+    jobs._finished("acme", job.job_key, lost)
+    assert [j.job_key for j in w.launched] == [job.job_key] * 3
+    assert w.trigger.snapshot("acme").running[job.job_key].attempts == 3
+    jobs._finished("acme", job.job_key, lost)
+    state = w.trigger.snapshot("acme")
+    assert not state.running and len(w.launched) == 3
+    assert state.finished[-1].error.endswith("the node it was running on is dead; gave up after 3 attempts")
+
+    w.drift(["b"])
+    failed_fit = Future()
+    failed_fit.set_exception(ValueError("the window holds 3 usable events"))
+    jobs._finished("acme", w.launched[-1].job_key, failed_fit)  # the fit's own failure: final at once
+    assert w.trigger.snapshot("acme").finished[-1].error == "ValueError: the window holds 3 usable events"
+
+
 def test_a_job_that_cannot_start_fails_and_frees_its_slot(tmp_path):
     w = World(tmp_path, POLICY.model_copy(update={"max_concurrent_jobs": 1}))
 
@@ -217,3 +249,35 @@ def test_the_window_a_calibration_fits_keeps_the_policys_window_and_sample_budge
     assert table.column("T_in").to_pylist()[-1] == 100 * 99 + 3
     wide, start = window_table(store, "acme", "z1", names, times[99], 1e6, 1000)
     assert wide.num_rows == 100 and start == times[0] and np.isfinite(wide.column("T_in").to_numpy()).all()
+
+
+def test_the_window_holds_inputs_as_the_filter_does(tmp_path):
+    """Inputs measured now and then (or never: a site without a solar sensor) are zero-order held as the twin's
+    filter holds them; an output never measured is named in the error."""
+    import pyarrow as pa
+
+    from raytwin.statestore import LOG_BATCH_SCHEMA, StateStore
+    from sweeps.recalibration import RecalibrationError, held_inputs, window_table
+
+    store, step = StateStore(str(tmp_path)), 300.0
+    times = [T0 + timedelta(seconds=step * k) for k in range(12)]
+
+    def values(k: int) -> list:  # Q_h every third event from the second, Q_sol never
+        return [("T_in", 293.0 + k), ("T_out", 270.0 + k)] + ([("Q_h", 100.0 * k)] if k % 3 == 1 else [])
+
+    rows = [{"asset_id": "z1", "event_time": t, "sequence": k, "idempotency_key": f"k{k}", "quality": "good",
+             "ingest_time": t, "values": values(k)} for k, t in enumerate(times)]
+    store.append_log("acme", pa.Table.from_pylist(rows, schema=LOG_BATCH_SCHEMA))
+    from sweeps.spec import resolve_model
+
+    held = held_inputs(resolve_model("thermal_rc"))
+    assert set(held) == {"T_out", "Q_h", "Q_sol"}
+    names = ["T_out", "Q_h", "Q_sol", "T_in"]
+    table, first = window_table(store, "acme", "z1", names, times[-1], 1e6, 1000, held=held)
+    assert first == times[0] and table.num_rows == 12
+    assert table.column("Q_h").to_pylist() == [100.0] * 4 + [400.0] * 3 + [700.0] * 3 + [1000.0] * 2
+    assert table.column("Q_sol").to_pylist() == [held["Q_sol"]] * 12
+    assert table.column("T_in").to_pylist() == [293.0 + k for k in range(12)]
+    with pytest.raises(RecalibrationError, match=r"holds 0 usable events of 12 \(each needs \['T_out', 'Q_h', "
+                                                 r"'Q_sol', 'T_in'\] measured; never measured in it: \['Q_sol'\]\)"):
+        window_table(store, "acme", "z1", names, times[-1], 1e6, 1000)  # nothing held
