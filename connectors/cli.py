@@ -27,7 +27,14 @@ _LISTED = {"id", "asset_id", "name", "value", "status", "correlation_id", "ack"}
 
 
 def _declaration(path: Path) -> dict[str, Any]:
-    data = yaml.safe_load(path.read_text())
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise typer.BadParameter(f"{path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:  # one line: where the file stops being YAML
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise typer.BadParameter(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
     if not isinstance(data, dict):
         raise typer.BadParameter(f"{path}: expected one connector declaration (a mapping), got {type(data).__name__}")
     return data

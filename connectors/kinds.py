@@ -19,8 +19,8 @@ KINDS: dict[str, str] = {"mqtt": "connectors.mqtt:MQTT", "opcua": "connectors.op
 """kind name -> `module:attribute` of its `Kind` (OPC UA registers ``"opcua"`` here)."""
 
 AckHandler = Callable[[str, dict[str, Any], str | None], None]
-"""(correlation id, the asset's answer, the asset whose topic it came on, if the protocol says)."""
-"""Called with (correlation id, the asset's acknowledgement as JSON) when an asset answers a command."""
+"""Called when an asset answers a command: (correlation id, the answer as JSON, the asset whose topic it came
+on, where the protocol says)."""
 
 
 class Adapter(Protocol):
@@ -49,6 +49,14 @@ class Kind(Protocol):
                 on_ack: AckHandler, *, predecessor_seen: datetime | None = None) -> Adapter:
         """`predecessor_seen`: when an earlier process of this connector was last alive (None: this is the
         first), for protocols that lose what the source sends while no connector runs."""
+
+    def command_problem(self, spec: ConnectorSpec, asset_id: str, name: str, value: dict[str, Any]) -> str | None:
+        """Why command `name` with `value` cannot go to `asset_id` through this connector, or None (checked
+        when it is proposed: an approver must never approve what could not or must not be sent)."""
+
+    def end_session(self, spec: ConnectorSpec, credentials: Credentials) -> bool:
+        """For a deleted connector: discard what the source keeps for it (a broker's session and the messages
+        queued there, which whoever opened that session next would receive); False if it could not."""
 
 
 class UnknownKind(ValueError):

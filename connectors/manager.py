@@ -91,11 +91,20 @@ class Connectors:
         return self.store.names(tenant)
 
     def delete(self, tenant: str, name: str) -> None:
+        """Stop the connector, discard its session at the source, remove its declaration and credentials. A
+        session that could not be discarded (the broker unreachable) stays claimed by this name: its queued
+        messages must never reach a connector of another tenant that names the same client id."""
         spec = self.spec(tenant, name)
+        credentials = self.store.credentials(tenant, name)
         self._kill(tenant, name)
+        ended = kind_of(spec.kind).end_session(spec, credentials)
         self.store.delete(tenant, name)
-        if key := spec.session_key():
+        if (key := spec.session_key()) and ended:
             self.store.release(key, tenant, name)
+        elif key:
+            log.warning("event=connector_session_kept tenant=%s connector=%s session=%r: claimed until a "
+                        "connector of this name is declared and deleted again with the source reachable",
+                        tenant, name, key)
 
     def start_declared(self) -> int:
         """Start the actor of every stored declaration that has none (a service started again on its store:
@@ -105,6 +114,8 @@ class Connectors:
         for tenant in self.store.tenants():
             for name in self.names(tenant):
                 try:
+                    if key := self.spec(tenant, name).session_key():  # declarations of older versions: claimed now
+                        self.store.claim(key, tenant, name)
                     self._actor(tenant, name)
                     started += 1
                 except Exception:  # noqa: BLE001 - one broken declaration must not keep the service down
@@ -120,9 +131,11 @@ class Connectors:
     def propose(self, tenant: str, connector: str, asset_id: str, name: str, value: dict[str, Any],
                 by: str) -> Command:
         """Record a command for an asset this tenant's connector serves; nothing is sent before approval."""
-        self.store.spec_json(tenant, connector)
+        spec = self.spec(tenant, connector)
         if self._assets and asset_id not in set(self._assets(tenant)):
             raise UnknownConnector(f"no asset {asset_id!r} for tenant {tenant!r}")
+        if problem := kind_of(spec.kind).command_problem(spec, asset_id, name, value):
+            raise InvalidConnector(f"command {name!r} for {asset_id}: {problem}")
         return self.ledger.propose(tenant, connector, asset_id, name, value, by)
 
     def approve(self, tenant: str, command_id: str, by: str) -> Command:

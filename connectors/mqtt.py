@@ -161,6 +161,10 @@ class MqttSpec(ConnectorSpec):
 
     @model_validator(mode="after")
     def _valid(self) -> MqttSpec:
+        own = f"raytwin-{self.tenant}-{self.name}"
+        if (self.broker.client_id or own).startswith("raytwin-") and self.broker.client_id not in (None, own):
+            raise ValueError(f"broker.client_id {self.broker.client_id!r}: ids starting with 'raytwin-' are RayTwin's "
+                             f"own (this connector's is {own!r}); leave it out, or choose one without that prefix")
         if self.ack_topic is not None:
             if self.ack_topic.count(ASSET_LEVEL) > 1 or (ASSET_LEVEL in self.ack_topic
                                                          and ASSET_LEVEL not in self.ack_topic.split("/")):
@@ -181,19 +185,12 @@ class MqttAdapter:
         self._connections = 0  # connections made by this process: after the first, the broker must have kept the session
         self._ack_lock = threading.Lock()
         self._connected = threading.Event()
+        self._refused = False  # the broker refused the last connection attempt (kept as `last_error`)
         self._running = False  # between start and pause: the client's loop (and its reconnects) is on
         b = spec.broker
         self.v5 = b.protocol == "5"
-        self.client = paho.Client(
-            CallbackAPIVersion.VERSION2, client_id=spec.client_id,
-            protocol=MQTTProtocolVersion.MQTTv5 if self.v5 else MQTTProtocolVersion.MQTTv311,
-            clean_session=None if self.v5 else False, manual_ack=True, reconnect_on_failure=True)
+        self.client = _client(spec, credentials, persistent=True)
         self.client.reconnect_delay_set(b.reconnect_min_s, max(b.reconnect_min_s, b.reconnect_max_s))
-        if credentials.username or credentials.password:
-            creds = credentials.revealed()
-            self.client.username_pw_set(creds["username"], creds["password"])
-        if b.tls is not None:
-            self.client.tls_set(ca_certs=b.tls.ca_file, certfile=b.tls.cert_file, keyfile=b.tls.key_file)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_connect_fail = self._on_connect_fail
@@ -238,8 +235,11 @@ class MqttAdapter:
 
     def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         if reason.is_failure:
-            self._error(f"broker {self._where()} refused the connection: {reason}")
+            self._refused = True  # the disconnect that follows must not hide why (a wrong password, an ACL)
+            self._error(f"broker {self._where()} refused the connection: {reason}; check the credentials and "
+                        "the broker's ACL for this client id")
             return
+        self._refused = False
         with self._ack_lock:
             self._generation += 1
         if self._connections and not flags.session_present and (not self.v5 or self.spec.broker.session_expiry_s):
@@ -276,7 +276,7 @@ class MqttAdapter:
         with self._ack_lock:
             self._generation += 1
         self._set_connected(False)
-        if reason.is_failure:
+        if reason.is_failure and not self._refused:
             self._error(f"disconnected from broker {self._where()}: {reason}; reconnecting with backoff")
 
     def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
@@ -360,8 +360,59 @@ class MqttAdapter:
                                "(it may still deliver it; assets must ignore a correlation id they have executed)")
 
 
+def _client(spec: MqttSpec, credentials: Credentials, *, persistent: bool) -> paho.Client:
+    """A paho client as the connector (its client id, protocol, credentials, TLS). `persistent`: a session the
+    broker keeps, messages acknowledged by hand and reconnects (MQTT 5 sets the session at connect)."""
+    b = spec.broker
+    v5 = b.protocol == "5"
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=spec.client_id,
+                         protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
+                         clean_session=None if v5 else not persistent, manual_ack=persistent,
+                         reconnect_on_failure=persistent)
+    if credentials.username or credentials.password:
+        creds = credentials.revealed()
+        client.username_pw_set(creds["username"], creds["password"])
+    if b.tls is not None:
+        client.tls_set(ca_certs=b.tls.ca_file, certfile=b.tls.cert_file, keyfile=b.tls.key_file)
+    return client
+
+
+def end_session(spec: MqttSpec, credentials: Credentials, timeout_s: float = 10.0) -> bool:
+    """Connect once as the connector with a clean start and no session expiry, then leave: the broker drops
+    the session and what it queued for it. False if the broker could not be reached or refused."""
+    b = spec.broker
+    v5 = b.protocol == "5"
+    client = _client(spec, credentials, persistent=False)
+    answered, accepted = threading.Event(), []
+    client.on_connect = lambda c, u, flags, reason, props: (accepted.append(not reason.is_failure), answered.set())
+    kwargs: dict[str, Any] = {}
+    if v5:
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 0
+        kwargs = {"clean_start": True, "properties": props}
+    try:
+        client.connect(b.host, b.port, b.keepalive_s, **kwargs)
+        client.loop_start()
+        ended = answered.wait(timeout_s) and accepted == [True]
+        client.disconnect()
+        client.loop_stop()
+    except OSError as exc:
+        log.warning("event=mqtt_session_kept connector=%s/%s broker=%s:%d error=%r", spec.tenant, spec.name, b.host,
+                    b.port, str(exc))
+        return False
+    return ended
+
+
 class MqttKind:
     spec_type = MqttSpec
+
+    def command_problem(self, spec: MqttSpec, asset_id: str, name: str, value: dict[str, Any]) -> str | None:
+        if not any(r.serves(asset_id) for r in spec.routes):  # the body is the device's own JSON: not checked
+            return f"no route of connector {spec.name!r} has a command_topic for asset {asset_id!r}"
+        return None
+
+    def end_session(self, spec: MqttSpec, credentials: Credentials) -> bool:
+        return end_session(spec, credentials)
 
     def problems(self, spec: MqttSpec, assets: set[str]) -> list[str]:
         return [f"route {r.topic!r}: asset {r.asset_id!r} is not a registered twin of tenant {spec.tenant!r}"

@@ -45,6 +45,17 @@ class Delivery:
     newest_event_time: datetime | None = None
 
 
+def _applied(valid: pa.Table, report: IngestReport) -> pa.Table:
+    """The rows of `valid` the twins did not refuse (unknown twin, too late, conflict): the connector's newest
+    event time, its lag, counts only what reached a twin. Rejections come back by idempotency key."""
+    if not report.rejected:
+        return valid
+    refused = {r.idempotency_key for r in report.reasons if r.idempotency_key is not None}
+    if len(refused) < report.rejected:
+        return valid.slice(0, 0)  # some rejection without its key: which rows were applied is unknown
+    return valid.filter(pc.invert(pc.is_in(valid.column("idempotency_key"), value_set=pa.array(sorted(refused)))))
+
+
 class TwinSink:
     """Feeds one tenant's twins of the service reached through `router` (a `TwinService`'s)."""
 
@@ -66,7 +77,9 @@ class TwinSink:
         delivery = Delivery(dead_lettered=len(dead))
         if valid.num_rows:
             delivery.report = self._ingest(valid)
-            delivery.newest_event_time = pc.max(valid.column("event_time")).as_py()
+            applied = _applied(valid, delivery.report)
+            if applied.num_rows:
+                delivery.newest_event_time = pc.max(applied.column("event_time")).as_py()
         return delivery
 
     @staticmethod

@@ -44,6 +44,12 @@ def _api_errors(call: Callable[..., Any]) -> Callable[..., Any]:
     return wrapped
 
 
+def missing_credentials(declaration: dict[str, Any]) -> list[str]:
+    """The environment variables a connector declared in the service config names for its credentials
+    that this process lacks (`raytwin serve` checks before it deploys; the backend logs and skips it)."""
+    return sorted(v for v in (declaration.get("credentials_env") or {}).values() if v not in os.environ)
+
+
 class ConnectorOps:
     """What the `Backend` deployment runs for the routes (results as JSON-ready dicts)."""
 
@@ -53,16 +59,19 @@ class ConnectorOps:
     def __init__(self, twins: TwinService, declared: list[dict[str, Any]]):
         self.connectors = Connectors(twins.router, twins.assets)
         for declaration in declared:
-            self._declare(declaration)
+            try:
+                self._declare(declaration)
+            except Exception:  # noqa: BLE001 - one device connector's missing secret must not take the API down
+                log.exception("event=connector_declaration_failed connector=%r", declaration.get("name"))
         self.connectors.start_declared()  # those created through the API before a restart, too
 
     def _declare(self, declaration: dict[str, Any]) -> None:
+        missing = missing_credentials(declaration)
+        if missing:
+            raise ValueError(f"connector {declaration.get('name')!r}: set the environment variable(s) {missing} "
+                             "on the backend replica (they hold its credentials)")
         spec = {k: v for k, v in declaration.items() if k != "credentials_env"}
         env = declaration.get("credentials_env") or {}
-        missing = sorted(v for v in env.values() if v not in os.environ)
-        if missing:
-            raise ValueError(f"connector {spec.get('name')!r}: set the environment variable(s) {missing} "
-                             "on the backend replica (they hold its credentials)")
         self.connectors.create(spec, Credentials(**{field: os.environ[var] for field, var in env.items()}))
 
     @_api_errors

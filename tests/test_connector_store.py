@@ -142,3 +142,31 @@ def test_the_last_alive_time_is_kept_until_a_new_declaration(tmp_path: Path, key
     assert ConnectorStore(str(tmp_path)).last_alive("acme", "plant") == at  # another process reads it
     store.save(SPEC, Credentials())
     assert store.last_alive("acme", "plant") is None
+
+
+def test_a_declaration_that_is_no_yaml_or_no_file_is_one_line(tmp_path: Path, monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    from connectors.cli import connectors_app
+
+    monkeypatch.chdir(tmp_path)  # short paths: the usage error's box wraps long lines
+    Path("plant.yaml").write_text("name: x\nkind: mqtt\nbroker: {host: 127.0.0.1\n")
+    for path, message in (("plant.yaml", "not valid YAML (line 4, column 1)"), ("nope.yaml", "No such file")):
+        out = CliRunner().invoke(connectors_app, ["check", path])  # (a usage error in a box: no traceback)
+        assert out.exit_code == 2 and message in out.output and "Traceback" not in out.output
+
+
+def test_a_connectors_newest_event_time_counts_only_what_the_twins_applied() -> None:
+    """A reading for an unknown twin (or too late, or conflicting) must not make a stalled connector look current."""
+    from actors.ingest import validate_batch
+    from actors.state import IngestReport, Reject
+    from connectors.sink import _applied
+
+    rows = [{"asset_id": a, "event_time": f"2026-12-05T0{h}:00:00Z", "sequence": h,
+             "measurements": {"T_in": {"value": 293.0, "unit": "K"}}} for a, h in (("z1", 1), ("z1", 2), ("ghost", 6))]
+    valid, refused = validate_batch(rows)
+    assert valid.num_rows == 3 and refused == []
+    report = IngestReport(accepted=2, rejected=1, reasons=[Reject(idempotency_key="ghost:6", reason="unknown twin")])
+    assert _applied(valid, report).column("asset_id").to_pylist() == ["z1", "z1"]
+    unkeyed = IngestReport(accepted=2, rejected=1, reasons=[Reject(idempotency_key=None, reason="unknown twin")])
+    assert _applied(valid, unkeyed).num_rows == 0  # which rows were applied is unknown: none counts

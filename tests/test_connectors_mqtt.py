@@ -272,6 +272,30 @@ def test_malformed_payloads_go_to_dead_letters_with_topic_and_reason(twins, conn
     assert connectors.status("acme", "plant").dead_lettered == 6
 
 
+def test_a_deleted_connector_leaves_no_session_at_the_broker(twins, connectors, broker):
+    """What the broker queued for a deleted connector must not reach whoever opens that client id next
+    (another tenant's connector naming it): the deletion ends the session."""
+    spec = plant_spec(broker.port, name="brief", ack_topic=None, broker={
+        **plant_spec(broker.port)["broker"], "client_id": "gw-brief"},
+        routes=[{"topic": "brief/pump-2/telemetry", "asset_id": "pump-2", "payload": PAYLOAD}])
+    connectors.create(spec)
+    wait_for(lambda: connectors.status("acme", "brief").connected, "connected")
+    connectors.pause("acme", "brief")
+    device = Publisher(broker.port)
+    device.publish("brief/pump-2/telemetry", [reading(k) for k in range(900, 905)])  # queued in its session
+    device.close()
+    connectors.delete("acme", "brief")
+    sessions: list[bool] = []  # the next client with that id, resuming whatever session the broker kept
+    probe = paho.Client(CallbackAPIVersion.VERSION2, client_id="gw-brief", protocol=paho.MQTTv5)
+    probe.on_connect = lambda c, u, flags, reason, props: sessions.append(flags.session_present)
+    probe.connect("127.0.0.1", broker.port, clean_start=False)
+    probe.loop_start()
+    wait_for(lambda: sessions, "the probe connected")
+    probe.disconnect()
+    probe.loop_stop()
+    assert sessions == [False]  # the broker kept nothing for the deleted connector
+
+
 def test_paused_connector_gets_what_was_published_meanwhile(twins, connectors, broker, plant):
     start = twins.state("acme", "pump-4").revision
     paused = connectors.pause("acme", "plant")
@@ -433,7 +457,8 @@ def test_http_connectors_keep_credentials_write_only_and_tenants_apart(api, brok
     assert bad.status_code == 422 and "'#' the whole last level" in bad.json()["error"]["message"]
     hijack = {**spec, "name": "mine", "broker": {**spec["broker"], "client_id": "raytwin-acme-web"}}
     taken = client.post("/v1/connectors", json={"spec": hijack}, headers=auth["other"])  # acme's session on this broker
-    assert taken.status_code == 409 and "another tenant's connector" in taken.json()["error"]["message"]
+    assert taken.status_code == 422 and "ids starting with 'raytwin-' are RayTwin's own (this connector's is " \
+        "'raytwin-globex-mine')" in taken.json()["error"]["message"]
     assert client.get("/v1/connectors/mine", headers=auth["other"]).status_code == 404
     exported = wait_until(ray_metrics_port, lambda m: total(m, "ray_raytwin_connector_connected", connector="acme/web")
                           == 1.0, "the connector's connected gauge")
@@ -471,12 +496,15 @@ def test_http_commands_propose_approve_once_and_show_the_ack(api, broker):
 
 def test_connectors_declared_in_the_service_config_start_with_credentials_from_the_environment(
         twins, connectors, broker, monkeypatch):
-    from serve_apps.connector_ops import ConnectorOps
+    from serve_apps.connector_ops import ConnectorOps, missing_credentials
+    from serve_apps.errors import NotFound
 
     declared = {**plant_spec(broker.port, name="declared"), "credentials_env": {"password": "DECLARED_PW"}}
     declared["routes"] = [{**declared["routes"][0], "topic": "declared/+/telemetry"}]
-    with pytest.raises(ValueError, match=r"set the environment variable\(s\) \['DECLARED_PW'\]"):
-        ConnectorOps(twins, [declared])
+    unset = ConnectorOps(twins, [declared])  # logged and skipped: one connector's secret must not stop the API
+    with pytest.raises(NotFound):
+        unset.view("acme", "declared")
+    assert missing_credentials(declared) == ["DECLARED_PW"]
     monkeypatch.setenv("DECLARED_PW", "from-a-k8s-secret")
     ops = ConnectorOps(twins, [declared])
     assert ops.view("acme", "declared")["spec"]["name"] == "declared"

@@ -83,9 +83,8 @@ class OpcUaAdapter:
         """Write the command's `value` (in its `unit`, default the node's) and correlation id to the declared
         nodes; returns once the server accepted both, then records that as the acknowledgement."""
         target = self.spec.command(command.asset_id, command.name)
-        if "value" not in command.value or isinstance(command.value["value"], bool | str):
-            raise ValueError(f"an OPC UA command needs a numeric 'value' (and optionally a 'unit'), got "
-                             f"{sorted(command.value)}")
+        if problem := target.value_problem(command.value):  # checked at proposal; the declaration may have changed
+            raise ValueError(problem)
         unit = str(command.value.get("unit", target.unit))
         value = units.to_unit(float(command.value["value"]), unit, target.unit)
         if self._session is None:
@@ -108,6 +107,16 @@ class OpcUaKind:
                 put: Callable[[Inbound], None], on_ack: AckHandler, *,
                 predecessor_seen: datetime | None = None) -> OpcUaAdapter:
         return OpcUaAdapter(spec, credentials, put, on_ack, predecessor_seen)
+
+    def command_problem(self, spec: OpcUaSpec, asset_id: str, name: str,  # type: ignore[override]
+                        value: dict[str, Any]) -> str | None:
+        try:
+            return spec.command(asset_id, name).value_problem(value)
+        except LookupError as exc:
+            return str(exc)
+
+    def end_session(self, spec: OpcUaSpec, credentials: Credentials) -> bool:  # type: ignore[override]
+        return True  # a server keeps nothing for a client that is gone
 
 
 OPCUA = OpcUaKind()

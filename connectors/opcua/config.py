@@ -7,7 +7,8 @@ part of it (`connectors.spec.Credentials`, kept apart and never returned).
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import math
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
 from asyncua import ua
@@ -15,7 +16,8 @@ from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from connectors.mapping import FrozenSpec
 from connectors.spec import ConnectorSpec
-from raytwin.contracts import Identifier, Unit
+from raytwin import units
+from raytwin.contracts import Finite, Identifier, Unit
 
 
 def _node_id(text: str) -> str:
@@ -53,6 +55,25 @@ class CommandNode(FrozenSpec):
     node_id: NodeIdText
     correlation_node_id: NodeIdText
     unit: Unit
+    lower: Finite | None = Field(None, description="the least value the node may be given (in `unit`)")
+    upper: Finite | None = Field(None, description="the greatest value the node may be given (in `unit`)")
+
+    def value_problem(self, value: dict[str, Any]) -> str | None:
+        """Why `value` (``{"value": number, "unit": optional}``) cannot be written here, or None: checked when
+        a command is proposed, so an approver never approves what could not or must not be sent."""
+        number = value.get("value")
+        if set(value) - {"value", "unit"} or isinstance(number, bool) or not isinstance(number, int | float):
+            return f"an OPC UA command's value is {{\"value\": number, \"unit\": optional}}, got {value}"
+        try:
+            converted = units.to_unit(float(number), str(value.get("unit", self.unit)), self.unit)
+        except (ValueError, KeyError) as exc:
+            return f"value {number} {value.get('unit')}: {exc}"
+        if not math.isfinite(converted) or (self.lower is not None and converted < self.lower) or (
+                self.upper is not None and converted > self.upper):
+            low, high = ("-inf" if self.lower is None else f"{self.lower:g}"), ("inf" if self.upper is None
+                                                                                else f"{self.upper:g}")
+            return f"value {converted:g} {self.unit} for {self.node_id} outside [{low}, {high}] {self.unit}"
+        return None
 
 
 class OpcUaSpec(ConnectorSpec):
