@@ -15,6 +15,21 @@ twins_app = typer.Typer(help="Live twins: time travel, dead letters, compaction,
                         no_args_is_help=True)
 
 
+def _twin_store(store: str):
+    """The `StateStore` at `store`, refused (exit 2) where no twin service ever ran: a maintenance command
+    on a wrong path (a Serve store's root instead of its ``twins``, a typo) must not report success."""
+    from raytwin.statestore import StateStore
+
+    st = StateStore(store)
+    if not (st.fs.exists(f"{st.root}/lease.json") or st.fs.exists(f"{st.root}/log")
+            or st.fs.glob(f"{st.root}/twins/tenant=*")):
+        hint = f"; a Serve store's twins are at {store.rstrip('/')}/twins" \
+            if st.fs.exists(f"{st.root}/twins/lease.json") else ""
+        typer.echo(f"no twin store at {store} (no lease.json, log/ or registered twins in it){hint}", err=True)
+        raise typer.Exit(2)
+    return st
+
+
 @twins_app.command("state-at")
 def state_at(
     store: str = typer.Argument(..., help="State store URL (directory or s3://...)."),
@@ -45,9 +60,7 @@ def dead_letters(
     limit: int = typer.Option(20, min=1, help="Show at most this many (newest)."),
 ) -> None:
     """List rejected telemetry with the reason (newest last)."""
-    from raytwin.statestore import StateStore
-
-    rows = StateStore(store).read_dead_letters(tenant).to_pylist()
+    rows = _twin_store(store).read_dead_letters(tenant).to_pylist()
     typer.echo(f"{len(rows)} dead letter(s)")
     for r in rows[-limit:]:
         typer.echo(json.dumps({k: str(v) if k == "dead_lettered_at" else v for k, v in r.items()}))
@@ -61,9 +74,7 @@ def compact(
                                                "segments are merged whatever their number)."),
 ) -> None:
     """Merge small event-log and dead-letter files (safe while twins run; schedule it, e.g. every 15 min)."""
-    from raytwin.statestore import StateStore
-
-    done = StateStore(store).compact(tenant=tenant, min_files=min_files)
+    done = _twin_store(store).compact(tenant=tenant, min_files=min_files)
     for c in done:
         typer.echo(f"{c.partition}: {c.files_in} files -> {c.files_out}, {c.rows_in} rows -> {c.rows_out}")
     typer.echo(f"compacted {len(done)} partition(s), {sum(c.files_in for c in done)} files")
@@ -79,12 +90,10 @@ def prune(
     """Delete a tenant's history before a date, keeping what recovery needs (time travel before it: HTTP 410)."""
     from datetime import UTC, timedelta
 
-    from raytwin.statestore import StateStore
-
     if (before is None) == (keep_days is None):
         raise typer.BadParameter("give exactly one of --before and --keep-days")
     day = before.date() if before is not None else datetime.now(UTC).date() - timedelta(days=keep_days)
-    done = StateStore(store).prune(tenant, day)
+    done = _twin_store(store).prune(tenant, day)
     if done.held_back_by:
         typer.echo(f"held back by {len(done.held_back_by)} twin(s) whose newest snapshot is older or missing: "
                    f"{', '.join(done.held_back_by[:10])}{' ...' if len(done.held_back_by) > 10 else ''}")

@@ -80,18 +80,20 @@ def _refuse_if_renewed(store: StateStore, held: Lease) -> None:
             raise StoreLeased(
                 f"store {store.url} is served by service {held.owner} from another Ray cluster (session "
                 f"{held.cluster}, started by {held.acquired_by}; its shards renewed the lease "
-                f"{time.time() - beat.at_s:.1f} s ago): stop that service first, or connect to its cluster to use "
-                "it; takeover=True takes the store from it and fences its shards")
+                f"{time.time() - beat.at_s:.1f} s ago): stop that service first, or serve from its cluster "
+                "(`raytwin serve --address`); to take the store from it anyway, fencing its shards: "
+                "`TwinService(..., takeover=True)` from Python")
         log.info("event=store_lease_wait store=%s holder=%s cluster=%s heartbeat_age_s=%.1f", store.url, held.owner,
                  held.cluster, time.time() - beat.at_s)
         time.sleep(HEARTBEAT_S)
 
 
-def check_not_served_elsewhere(store: StateStore) -> None:
-    """`StoreLeased` if a service of another Ray cluster serves the store (see `acquire_lease`): for a
-    command to refuse before it starts an app whose service would only be refused later."""
+def check_not_served_elsewhere(store: StateStore, cluster: str | None = None) -> None:
+    """`StoreLeased` if a service of another Ray cluster than `cluster` (default: this process's; "" for a
+    cluster not started yet) serves the store (see `acquire_lease`): for a command to refuse before it
+    starts an app whose service would only be refused later."""
     held = store.read_lease()
-    if held is not None and not held.released and held.cluster != ray_cluster():
+    if held is not None and not held.released and held.cluster != (ray_cluster() if cluster is None else cluster):
         _refuse_if_renewed(store, held)
 
 

@@ -13,7 +13,7 @@ from ray.job_submission import JobStatus
 
 from cluster.crd_validation import CRDS_ENV, CrdError, CrdSchemas
 from cluster.entrypoints import check_raytwin_entrypoint
-from cluster.jobs import JobClient, JobError, resolve_cluster
+from cluster.jobs import JobClient, JobError, UnknownJob, resolve_cluster
 from cluster.kube import KubeConfigError, KubeRayClient, KubeRayNotFound, api_client_from_kubeconfig
 from cluster.local import (
     DEFAULT_STATE_FILE,
@@ -242,7 +242,10 @@ JOB_STATUS_EXIT = {JobStatus.FAILED: 3, JobStatus.STOPPED: 4}
 @job_app.command("status")
 def job_status_command(job_id: str, address: AddressOpt = None, state_file: StateFileOpt = DEFAULT_STATE_FILE) -> None:
     """Print a job's status (and Ray's message about it); exit 3 if it FAILED, 4 if it was STOPPED."""
-    info = _jobs(address, state_file).info(job_id)
+    try:
+        info = _jobs(address, state_file).info(job_id)
+    except UnknownJob as exc:
+        _fail(str(exc), code=2)
     typer.echo(info.status.value + (f": {info.message}" if info.message else ""))
     if info.status in JOB_STATUS_EXIT:
         raise typer.Exit(JOB_STATUS_EXIT[info.status])
@@ -257,11 +260,14 @@ def logs_command(
 ) -> None:
     """Print a job's driver logs."""
     jobs = _jobs(address, state_file)
-    if follow:
-        for chunk in jobs.follow_logs(job_id):
-            typer.echo(chunk, nl=False)
-    else:
-        typer.echo(jobs.logs(job_id), nl=False)
+    try:
+        if follow:
+            for chunk in jobs.follow_logs(job_id):
+                typer.echo(chunk, nl=False)
+        else:
+            typer.echo(jobs.logs(job_id), nl=False)
+    except UnknownJob as exc:
+        _fail(str(exc), code=2)
 
 
 @job_app.command("list")

@@ -13,7 +13,7 @@ import os
 import shlex
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,23 @@ TERMINAL = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
 
 class JobError(RuntimeError):
     """No cluster to talk to, or a job that did not finish in time."""
+
+
+class UnknownJob(LookupError):
+    """No job of that id on the cluster."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def _known(job_id: str, call: Callable[[], Any]) -> Any:
+    """`call`, Ray's 404 for an unknown job id as `UnknownJob` (it raises a bare RuntimeError)."""
+    try:
+        return call()
+    except RuntimeError as exc:
+        if "does not exist" not in str(exc):
+            raise
+        raise UnknownJob(f"no job {job_id!r} on this cluster (`raytwin job list` shows its jobs)") from None
 
 
 def project_runtime_env(
@@ -105,10 +122,10 @@ class JobClient:
         return self.client.get_job_status(job_id)
 
     def info(self, job_id: str) -> JobDetails:
-        return self.client.get_job_info(job_id)
+        return _known(job_id, lambda: self.client.get_job_info(job_id))
 
     def logs(self, job_id: str) -> str:
-        return self.client.get_job_logs(job_id)
+        return _known(job_id, lambda: self.client.get_job_logs(job_id))
 
     def follow_logs(self, job_id: str) -> Iterator[str]:
         """Log chunks as the job writes them, ending when the job ends."""

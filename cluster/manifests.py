@@ -15,12 +15,13 @@ from typing import Any
 import yaml
 
 from cluster.entrypoints import check_raytwin_entrypoint
-from cluster.spec import DNS_LABEL, ClusterSpec, WorkerGroupSpec
+from cluster.spec import DNS_LABEL, KEYS_DIR, KEYS_FILE, ClusterSpec, WorkerGroupSpec
 from serve_apps.serve_env import environment_for_args, haproxy_environment
 
 API_VERSION = "ray.io/v1"
 GPU_RESOURCE = "nvidia.com/gpu"
 STORAGE_ENV = "RAYTWIN_STORAGE_URL"
+KEYS_VOLUME = "raytwin-api-keys"
 HEAD_PORTS = (("gcs-server", 6379), ("dashboard", 8265), ("client", 10001), ("serve", 8000))
 
 
@@ -69,10 +70,21 @@ def _container(spec: ClusterSpec, name: str, image: str, cpu: float, memory: str
     # Serve reads its switches when its processes start, so they go in every Ray container's environment
     # (a runtime env reaches replicas, never the proxies); the spec's own `env` wins
     env = environment_for_args(spec.serve.args) | _ingress_env(spec) | _env(spec)
+    if spec.keys_secret:
+        env = {"RAYTWIN_API_KEYS_FILE": KEYS_FILE} | env
+        container["volumeMounts"] = [{"name": KEYS_VOLUME, "mountPath": KEYS_DIR, "readOnly": True}]
     container["env"] = [{"name": key, "value": value} for key, value in sorted(env.items())]
     if spec.env_from_secrets:
         container["envFrom"] = [{"secretRef": {"name": secret}} for secret in spec.env_from_secrets]
     return container
+
+
+def _pod(spec: ClusterSpec, container: dict[str, Any]) -> dict[str, Any]:
+    """A pod template's spec around `container`, with the keys Secret's volume where the spec names one."""
+    pod: dict[str, Any] = {"containers": [container]}
+    if spec.keys_secret:
+        pod["volumes"] = [{"name": KEYS_VOLUME, "secret": {"secretName": spec.keys_secret, "defaultMode": 0o400}}]
+    return pod
 
 
 def _ingress_env(spec: ClusterSpec) -> dict[str, str]:
@@ -89,9 +101,7 @@ def _start_params(spec: ClusterSpec, params: dict[str, str]) -> dict[str, str]:
 
 def _worker_group(spec: ClusterSpec, group: WorkerGroupSpec) -> dict[str, Any]:
     params = {"num-gpus": str(group.gpus)} if group.gpus else {}
-    pod: dict[str, Any] = {
-        "containers": [_container(spec, "ray-worker", group.image or spec.image, group.cpu, group.memory, group.gpus)]
-    }
+    pod = _pod(spec, _container(spec, "ray-worker", group.image or spec.image, group.cpu, group.memory, group.gpus))
     if group.node_selector:
         pod["nodeSelector"] = dict(group.node_selector)
     if group.gpus:
@@ -124,7 +134,7 @@ def ray_cluster_spec(spec: ClusterSpec) -> dict[str, Any]:
         }
     cluster["headGroupSpec"] = {
         "rayStartParams": _start_params(spec, head_params),
-        "template": {"spec": {"containers": [head_container]}},
+        "template": {"spec": _pod(spec, head_container)},
     }
     cluster["workerGroupSpecs"] = [_worker_group(spec, group) for group in spec.worker_groups]
     return cluster
@@ -157,7 +167,12 @@ def serve_config(spec: ClusterSpec) -> dict[str, Any]:
 
 
 def render_rayservice(spec: ClusterSpec) -> dict[str, Any]:
-    """A RayService running the `serve_apps` application on its own cluster, upgraded by KubeRay."""
+    """A RayService running the `serve_apps` application on its own cluster, upgraded by KubeRay; refused
+    when the application would have no API keys file (it could not start)."""
+    if not (spec.keys_secret or "keys_file" in spec.serve.args or "RAYTWIN_API_KEYS_FILE" in spec.env):
+        raise ValueError("a RayService's API needs its keys file: set keys_secret to a Kubernetes Secret holding "
+                         "keys.json (`kubectl create secret generic raytwin-keys --from-file=keys.json`), or "
+                         "serve.args.keys_file to a path mounted some other way")
     return {
         "apiVersion": API_VERSION,
         "kind": "RayService",

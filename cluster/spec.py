@@ -130,6 +130,12 @@ class ClusterSpec(_Strict):
         description="Kubernetes Secrets whose keys become environment variables of every Ray container "
                     "(`envFrom`), e.g. RAYTWIN_SECRETS_KEY or S3 credentials: secrets stay out of the spec.",
     )
+    keys_secret: Name | None = Field(
+        default=None,
+        description="Kubernetes Secret holding the API keys file under the key `keys.json` (`kubectl create secret "
+                    "generic raytwin-keys --from-file=keys.json`): mounted read-only in every Ray container, the "
+                    "RayService's API reads its keys there (an updated Secret is picked up without a restart).",
+    )
     pip: list[Annotated[str, Field(min_length=1)]] = Field(
         default_factory=list,
         description="Extra packages (pip requirements, e.g. user model packages) installed for RayJobs and the "
@@ -172,20 +178,36 @@ class ClusterSpec(_Strict):
         return None if self.object_store_memory is None else int(quantity_value(self.object_store_memory))
 
 
+KEYS_DIR = "/etc/raytwin/keys"
+KEYS_FILE = f"{KEYS_DIR}/keys.json"
+"""Where `ClusterSpec.keys_secret` is mounted, and the keys file the RayService's API reads."""
+
+
 class SpecError(ValueError):
     """A cluster spec that cannot be used, with one readable line per problem."""
 
 
 def parse_spec(data: Any, source: str = "cluster spec") -> ClusterSpec:
-    """Validate already-loaded spec data, turning pydantic's report into a `SpecError`."""
+    """Validate already-loaded spec data, turning pydantic's report into a `SpecError`; `serve.args` are
+    checked as the Serve application will check them (a mistake there otherwise shows only on the
+    cluster, as a deployment Serve retries for ever)."""
     try:
-        return ClusterSpec.model_validate(data)
+        spec = ClusterSpec.model_validate(data)
     except ValidationError as exc:
-        lines = []
-        for error in exc.errors():
-            where = ".".join(str(part) for part in error["loc"]) or "(top level)"
-            lines.append(f"  {where}: {error['msg'].removeprefix('Value error, ')}")
-        raise SpecError(f"invalid {source}:\n" + "\n".join(lines)) from None
+        raise SpecError(f"invalid {source}:\n" + _lines(exc)) from None
+    from serve_apps.config import ServeConfig  # the application's own settings class
+
+    placeholders = {"store_url": spec.storage_url or "s3://bucket/store", "keys_file": KEYS_FILE}
+    try:
+        ServeConfig.model_validate(placeholders | spec.serve.args)
+    except ValidationError as exc:
+        raise SpecError(f"invalid {source}:\n" + _lines(exc, "serve.args.")) from None
+    return spec
+
+
+def _lines(exc: ValidationError, prefix: str = "") -> str:
+    return "\n".join(f"  {prefix}{'.'.join(str(part) for part in error['loc']) or '(top level)'}: "
+                     f"{error['msg'].removeprefix('Value error, ')}" for error in exc.errors())
 
 
 def load_spec(path: str | Path) -> ClusterSpec:

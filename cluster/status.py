@@ -10,6 +10,7 @@ and the dashboard give rates over windows.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -153,10 +154,18 @@ def status(
 ) -> None:
     """Cluster, twins, ingest lag, job queue, connectors and firing alerts, on one screen."""
     if not ray.is_initialized():
+        if address is None and not os.environ.get("RAY_ADDRESS"):
+            from ray._private.services import find_gcs_addresses  # what address="auto" picks one of
+
+            if len(found := sorted(find_gcs_addresses())) > 1:
+                typer.echo(f"several Ray clusters run on this machine ({', '.join(found)}): pass --address, the "
+                           "one `raytwin serve` or `raytwin cluster up --local` printed", err=True)
+                raise typer.Exit(1)
         try:
             ray.init(address=address or "auto", logging_level="ERROR")
         except ConnectionError as exc:
             typer.echo(f"no Ray cluster to report on ({exc}); pass --address or set RAY_ADDRESS to a running "
-                       "cluster (`raytwin cluster up --local` starts a local one)", err=True)
+                       "cluster (`raytwin cluster up --local` starts a local one); a cluster that requires a token "
+                       "also needs RAY_AUTH_MODE=token (and RAY_AUTH_TOKEN_PATH, as its start printed)", err=True)
             raise typer.Exit(1) from None
     typer.echo(render(collect(scrape_nodes(), prometheus)))

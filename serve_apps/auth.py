@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import secrets
 from enum import IntEnum
 from pathlib import Path
@@ -22,6 +23,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from raytwin.contracts import Identifier
+from serve_apps.errors import ServiceUnavailable
+
+log = logging.getLogger("raytwin.serve.auth")
 
 
 class Role(IntEnum):
@@ -73,6 +77,10 @@ def load_keys(path: str | Path) -> list[KeyRecord]:
     return _RECORDS.validate_json(p.read_bytes())
 
 
+class KeysUnavailable(ServiceUnavailable):
+    """The keys file cannot be read: every request is refused, none is let through unchecked."""
+
+
 class KeyStore:
     """Authenticates presented keys against the hashed records of a keys file.
 
@@ -86,13 +94,26 @@ class KeyStore:
             raise FileNotFoundError(f"API keys file {path} does not exist; create keys with `raytwin keys create`")
         self._mtime = -1.0
         self._by_digest: dict[str, KeyRecord] = {}
+        self._broken: str | None = None
         self._refresh()
 
     def _refresh(self) -> None:
+        """Re-read a changed file. One that does not parse (a hand edit's typo, a write caught half done)
+        refuses every key until it is fixed (`KeysUnavailable`): keeping the old keys would keep a key valid
+        that the edit revoked."""
         mtime = self.path.stat().st_mtime
         if mtime != self._mtime:
-            self._by_digest = {r.sha256: r for r in load_keys(self.path)}
             self._mtime = mtime
+            try:
+                self._by_digest = {r.sha256: r for r in load_keys(self.path)}
+                self._broken = None
+            except ValueError as exc:
+                self._broken = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+                log.error("event=keys_file_invalid path=%s error=%r: every request is refused (503) until it is "
+                          "fixed; `raytwin keys create/revoke` rewrite it atomically", self.path, self._broken)
+        if self._broken is not None:
+            raise KeysUnavailable("the server's API keys file is invalid: no key can be checked until its "
+                                  "operator fixes it")
 
     def authenticate(self, key: str) -> Principal | None:
         self._refresh()
@@ -109,14 +130,27 @@ def create_key(path: str | Path, tenant: str, role: RoleName,
     key_id = secrets.token_hex(6)
     key = f"rtk_{key_id}_{secrets.token_urlsafe(32)}"
     record = KeyRecord(key_id=key_id, sha256=digest(key), tenant=tenant, role=role, grants=tuple(sorted(set(grants))))
-    p = Path(path)
-    records = load_keys(p) + [record]
+    _write_keys(Path(path), load_keys(path) + [record])
+    return record, key
+
+
+def revoke_key(path: str | Path, key_id: str) -> KeyRecord:
+    """Remove key `key_id` from `path` (a running server refuses it from its next request); `KeyError` if absent."""
+    records = load_keys(path)
+    gone = [r for r in records if r.key_id == key_id]
+    if not gone:
+        raise KeyError(f"no key {key_id!r} in {path}; `raytwin keys list` shows the key ids")
+    _write_keys(Path(path), [r for r in records if r.key_id != key_id])
+    return gone[0]
+
+
+def _write_keys(p: Path, records: list[KeyRecord]) -> None:
+    """Whole or not at all (a server re-reads the file on change and must never see half of it), owner-only."""
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_suffix(p.suffix + ".tmp")
     tmp.write_bytes(_RECORDS.dump_json(records, indent=2))
     tmp.chmod(0o600)
     tmp.replace(p)
-    return record, key
 
 
 def parse_credentials(authorization: str | None, x_api_key: str | None) -> str | None:

@@ -15,7 +15,7 @@ from typing import Annotated, get_args
 
 import typer
 
-from serve_apps.auth import GrantName, RoleName, create_key, load_keys
+from serve_apps.auth import GrantName, RoleName, create_key, load_keys, revoke_key
 from serve_apps.config import Autoscaling
 
 serve_app = typer.Typer(help="Start the RayTwin HTTP API on Ray Serve (routes under /v1, docs at /docs).",
@@ -30,6 +30,15 @@ KEYS_FILE = Annotated[Path, typer.Option(envvar="RAYTWIN_API_KEYS_FILE", help="A
 def autoscaling_args(from_file: dict, **options: float | None) -> dict:
     """The config file's ``autoscaling`` with the options given on the command line (not None) over it."""
     return {**from_file, **{name: value for name, value in options.items() if value is not None}}
+
+
+def _auth_hint() -> str:
+    """What a Ray client outside this process needs besides the address, when the cluster requires a token."""
+    try:
+        from ray._private.authentication.authentication_utils import is_token_auth_enabled  # no public call yet
+    except ImportError:
+        return ""
+    return " RAY_AUTH_MODE=token" if is_token_auth_enabled() else ""
 
 
 @serve_app.callback()
@@ -65,6 +74,12 @@ def start(
              "runs on each replica's own event loop). Applies to the local Ray this command starts; a cluster "
              "needs RAY_SERVE_ENABLE_HA_PROXY=1 and RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0 in every node's "
              "environment (the cluster spec's serve.ingress: haproxy sets both).")] = False,
+    metrics_export_port: Annotated[int | None, typer.Option(
+        min=1, max=65535, help="Port of Ray's Prometheus export on the local Ray this command starts (default: a "
+        "free one, different on every start: give it for a static scrape config).", show_default=False)] = None,
+    dashboard_port: Annotated[int | None, typer.Option(
+        min=1, max=65535, help="Port of the Ray dashboard on the local Ray this command starts (default: 8265, "
+        "or the next free one).", show_default=False)] = None,
     block: Annotated[bool, typer.Option(help="Keep running until Ctrl-C.")] = True,
 ) -> None:
     """Start the API on Ray Serve at http://HOST:PORT (routes under /v1, docs at /docs)."""
@@ -83,6 +98,7 @@ def start(
     from serve_apps.config import ServeConfig
     from serve_apps import serve_env
     from serve_apps.endpoints import DIRECT_INGRESS_ENV, HAPROXY_ENV, haproxy_binary, http_targets
+    from serve_apps.connector_ops import missing_credentials
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     args = json.loads(config.read_text()) if config else {}
@@ -100,20 +116,33 @@ def start(
         except RuntimeError as e:
             raise typer.BadParameter(f"--haproxy: {e}") from e
         os.environ[HAPROXY_ENV] = "1"
+    if address is None:  # the local Ray started here inherits this environment: check what its backend will read
+        for declaration in settings.connectors:
+            if missing := missing_credentials(declaration):
+                raise typer.BadParameter(f"connector {declaration.get('name')!r} in --config: set the environment "
+                                         f"variable(s) {missing} (its credentials) before starting")
+    twins = StateStore(settings.url("twins"), settings.storage_options or None)
+    starts_ray = address is None and not ray.is_initialized()
+    try:  # before the app starts (its backend would be refused, Serve retrying it for ever), and before a Ray of
+        # its own starts (tens of seconds) when it starts one: that cluster is not the one serving the store
+        check_not_served_elsewhere(twins, cluster="" if starts_ray else None)
+    except StoreLeased as e:
+        raise typer.BadParameter(f"--store: {e}") from e
     if not ray.is_initialized():
         if address is None:  # the proxy gate, sized to this app, for the local Ray started here (serve_env.py)
             serve_env.apply(serve_env.environment(settings.autoscaling, settings.admission))
             if direct_ingress or haproxy:
                 serve_env.apply(serve_env.replica_server_environment())
-        ray.init(address=address)
-    twins = StateStore(settings.url("twins"), settings.storage_options or None)
-    try:  # before the app starts: its backend would be refused, and Serve would retry it for ever
-        check_not_served_elsewhere(twins)
-    except StoreLeased as e:
-        raise typer.BadParameter(f"--store: {e}") from e
+        ports = {"_metrics_export_port": metrics_export_port, "dashboard_port": dashboard_port}
+        if address is not None and any(v is not None for v in ports.values()):
+            raise typer.BadParameter("--metrics-export-port and --dashboard-port apply to a Ray this command "
+                                     "starts; a running cluster's are set where it starts (`ray start`, KubeRay)")
+        ray.init(address=address, **{k: v for k, v in ports.items() if v is not None})
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(settings), name="raytwin", route_prefix="/")
     typer.echo(f"RayTwin API at http://{host}:{port}/v1 (OpenAPI: /docs)" + (" through HAProxy" if haproxy else ""))
+    typer.echo(f"Ray cluster at {ray.get_runtime_context().gcs_address} (`raytwin status --address` it; "
+               f"`ray` commands: export RAY_ADDRESS=it{_auth_hint()})")
     exports = [f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics" for n in ray.nodes() if n["Alive"]]
     typer.echo("metrics (Prometheus, every Ray node; ops/README.md): " + ", ".join(exports))
     replicas = [p for _, p in http_targets("raytwin") if p != port]
@@ -169,6 +198,19 @@ def openapi(out: Annotated[Path | None, typer.Option(
         typer.echo(f"error: --out {out}: {exc.strerror}; give a file in an existing, writable directory", err=True)
         raise typer.Exit(2) from None
     typer.echo(f"wrote {out}")
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key_id: Annotated[str, typer.Argument(help="The key's id (`raytwin keys list`; the part after rtk_ of the key).")],
+    keys_file: KEYS_FILE = Path("raytwin-keys.json"),
+) -> None:
+    """Remove a key: a running server refuses it from its next request (the file is rewritten atomically)."""
+    try:
+        record = revoke_key(keys_file, key_id)
+    except KeyError as exc:
+        raise typer.BadParameter(str(exc.args[0])) from None
+    typer.echo(f"revoked {record.key_id} ({record.tenant} {record.role})")
 
 
 @keys_app.command("list")

@@ -91,6 +91,12 @@ class RateLimited(ApiError):
     status, code = 429, "rate_limited"
 
 
+class ServiceUnavailable(ApiError):
+    """The server cannot answer any request now for a reason its operator must fix (not load)."""
+
+    status, code = 503, "unavailable"
+
+
 class ErrorBody(BaseModel):
     code: str
     message: str
@@ -114,7 +120,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (422, "Invalid request (`invalid_request`), or a scenario whose simulation diverged (`diverged`)"),
         (429, "Rate limited (`rate_limited`), or telemetry refused while the twin shards are behind (`backlogged`); "
               "`Retry-After` says when to send again"),
-        (503, "At capacity (`overloaded`): refused before any work; retry after `Retry-After` seconds"),
+        (503, "At capacity (`overloaded`): refused before any work; retry after `Retry-After` seconds; or "
+              "`unavailable`: the server cannot check keys (its keys file is invalid) until its operator fixes it"),
     )
 }
 

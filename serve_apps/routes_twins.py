@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -50,12 +51,13 @@ def register(app: FastAPI) -> None:
                                 details=[{"index": i, "field": "ingest_time"} for i in stamped])
         asset_type, _ = await svc.backend.call("model_of", who.tenant, asset_id)
         await check_sender_version(svc, who.tenant, asset_id, asset_type, type_version)
-        valid, positions, rejections = _validate_events(asset_id, body.events, asset_type, datetime.now(UTC))
+        valid, positions, rejections, causes = _validate_events(asset_id, body.events, asset_type, datetime.now(UTC))
         report = {"accepted": 0, "duplicates": 0, "rejected": 0, "reasons": []}
         if valid:
             report = await svc.backend.call("ingest", who.tenant, valid)
             svc.twins.forget(who.tenant, asset_id)
-        metrics.DEAD_LETTERS.inc(len(rejections), stage="api", reason="invalid")  # the shards count theirs
+        for cause, n in causes.items():  # the shards count theirs; the sender has the reasons in this answer
+            metrics.DEAD_LETTERS.inc(n, stage="api", reason=cause)
         return IngestResult(
             accepted=report["accepted"], duplicates=report["duplicates"],
             rejected=report["rejected"] + len(rejections),
@@ -101,20 +103,24 @@ def register(app: FastAPI) -> None:
 
 
 def _validate_events(asset_id: str, events: list[dict[str, Any]], asset_type: AssetType, now: datetime
-                     ) -> tuple[list[TelemetryEvent], list[int], list[Rejection]]:
+                     ) -> tuple[list[TelemetryEvent], list[int], list[Rejection], Counter[str]]:
     """Valid events, stamped with ingest time `now` (which also decides what is from the future), their
-    positions in the request, and rejections."""
-    valid, positions, rejections = [], [], []
+    positions in the request, rejections, and their count by the shards' dead-letter reasons: ``invalid``
+    (malformed), ``misfit`` (names or units the asset type does not have)."""
+    valid, positions, rejections, causes = [], [], [], Counter[str]()
     for i, raw in enumerate(events):
         key = raw.get("idempotency_key") if isinstance(raw.get("idempotency_key"), str) else None
+        cause = "invalid"
         try:
             event = TelemetryEvent.model_validate({"asset_id": asset_id, **raw, "ingest_time": now})
             if event.asset_id != asset_id:
                 raise ContractError(f"event for asset {event.asset_id} posted to asset {asset_id}")
+            cause = "misfit"
             normalize_measurements(event, asset_type)
         except (ValidationError, ContractError) as exc:
             rejections.append(Rejection(index=i, idempotency_key=key, reason=describe_error(exc)))
+            causes[cause] += 1
             continue
         valid.append(event)
         positions.append(i)
-    return valid, positions, rejections
+    return valid, positions, rejections, causes

@@ -23,6 +23,7 @@ _BASE: dict[str, Any] = {
     "ray_version": "2.60.0",
     "head": {"cpu": 1, "memory": "4Gi"},
     "worker_groups": [{"name": "cpu", "cpu": 2, "memory": "8Gi", "min_replicas": 1, "max_replicas": 4}],
+    "keys_secret": "raytwin-keys",
 }
 
 

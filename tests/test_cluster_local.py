@@ -112,6 +112,10 @@ def test_job_cli_submit_status_logs_list(local_cluster: LocalClusterInfo, tmp_pa
     assert succeeded.exit_code == 0 and succeeded.output.startswith("SUCCEEDED")
     failed = runner.invoke(job_app, ["status", failing_id, *address])
     assert failed.exit_code == 3 and failed.output.startswith("FAILED") and "exit code 3" in failed.output
+    for command in ("status", "logs"):  # a mistyped id: one line, exit 2 (1 is for no cluster)
+        unknown = runner.invoke(job_app, [command, "raysubmit_nosuchjob", *address])
+        assert unknown.exit_code == 2 and unknown.output.strip() == (
+            "no job 'raysubmit_nosuchjob' on this cluster (`raytwin job list` shows its jobs)"), unknown.output
     assert "said: hello there with greetkit" in runner.invoke(job_app, ["logs", ok_id, *address]).output
     followed = runner.invoke(job_app, ["logs", failing_id, "--follow", *address])
     assert followed.exit_code == 0 and "giving up" in followed.output

@@ -364,3 +364,30 @@ def test_generate_name_stands_in_for_name(crds: CrdSchemas) -> None:
     del manifest["metadata"]["generateName"]
     with pytest.raises(ManifestInvalid, match=r"metadata.name: required \(or metadata.generateName\)"):
         crds.validate(manifest)
+
+
+def test_a_rayservice_gets_its_keys_secret_mounted_and_is_refused_without_keys() -> None:
+    service = render_rayservice(parse_spec(spec_data()))
+    for pod in [service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"],
+                *(g["template"]["spec"] for g in service["spec"]["rayClusterConfig"]["workerGroupSpecs"])]:
+        assert pod["volumes"] == [{"name": "raytwin-api-keys", "secret": {"secretName": "raytwin-keys",
+                                                                         "defaultMode": 0o400}}]
+        (container,) = pod["containers"]
+        assert container["volumeMounts"] == [{"name": "raytwin-api-keys", "mountPath": "/etc/raytwin/keys",
+                                              "readOnly": True}]
+        assert {"name": "RAYTWIN_API_KEYS_FILE", "value": "/etc/raytwin/keys/keys.json"} in container["env"]
+    without = {k: v for k, v in spec_data().items() if k != "keys_secret"}
+    with pytest.raises(ValueError, match="a RayService's API needs its keys file: set keys_secret"):
+        render_rayservice(parse_spec(without))
+    render_raycluster(parse_spec(without))  # a cluster for jobs needs no API keys
+
+
+def test_serve_args_are_checked_as_the_application_checks_them() -> None:
+    bad = spec_data(serve={"args": {"stor_url": "s3://x", "rate_per_s": -5, "keys_file": 42}})
+    with pytest.raises(SpecError) as err:
+        parse_spec(bad, "cluster spec bad.yaml")
+    assert str(err.value).splitlines() == [
+        "invalid cluster spec bad.yaml:",
+        "  serve.args.keys_file: Input should be a valid string",
+        "  serve.args.rate_per_s: Input should be greater than 0",
+        "  serve.args.stor_url: Extra inputs are not permitted"]

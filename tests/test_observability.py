@@ -109,6 +109,21 @@ def test_status_lists_connectors_not_connected_with_their_down_time(ray_session)
     assert "connectors    none" in render(collect([]))
 
 
+def test_status_refuses_to_guess_among_several_local_clusters(monkeypatch):
+    """Ray's "auto" takes any one of the machine's clusters: another user's numbers, shown as this one's."""
+    import ray._private.services
+    from typer.testing import CliRunner
+
+    from raytwin.cli import app
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray._private.services, "find_gcs_addresses", lambda: {"10.0.0.5:6379", "10.0.0.5:45745"})
+    monkeypatch.setattr("cluster.status.ray.is_initialized", lambda: False)
+    out = CliRunner().invoke(app, ["status"])
+    assert out.exit_code == 1 and "several Ray clusters run on this machine (10.0.0.5:45745, 10.0.0.5:6379): " \
+                                  "pass --address" in out.output
+
+
 def test_bucket_quantile_interpolates_as_prometheus_does():
     """`histogram_quantile` semantics: linear within the bucket from the previous bound (0 for the
     first), the last finite bound when the rank falls in +Inf, None without observations."""
@@ -233,7 +248,8 @@ def test_prometheus_sees_raytwin_loads_the_rules_and_alerts_on_a_dead_letter_flo
     # Ray's own series that dashboards and rules query are in the export too
     live = scrape(ray_metrics_port)
     exprs = _dashboard_exprs() + [r["expr"] for r in _rules()]
-    ray_names = {n for e in exprs for n in _SERIES_NAME.findall(e) if n.startswith("ray_") and "raytwin" not in n}
+    ray_names = {n for e in exprs for n in _SERIES_NAME.findall(e)  # Serve's only where it runs: test_serve_api
+                 if n.startswith("ray_") and "raytwin" not in n and not n.startswith("ray_serve_")}
     assert ray_names and ray_names <= live.keys()
     assert {"ray_raytwin_twins", "ray_raytwin_twin_events_total", "ray_raytwin_ingest_to_applied_seconds_bucket_total",
             "ray_raytwin_dead_letters_total"} <= live.keys()  # gauge, counter, batch histogram as `exported` says

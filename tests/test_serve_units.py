@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from raytwin.contracts import Asset, AssetType, Relationship
 from raytwin.sim import THERMAL_RC, TWO_TANK
 from serve_apps.audit import AuditLog, AuditRecord
-from serve_apps.auth import KeyStore, create_key, digest
+from serve_apps.auth import KeyStore, KeysUnavailable, create_key, digest
 from serve_apps.catalog import Catalog
 from serve_apps.cli import autoscaling_args, keys_app, serve_app
 from serve_apps.config import ServeConfig
@@ -35,6 +35,29 @@ def test_keys_are_stored_hashed_and_reloaded(tmp_path):
     assert oct(path.stat().st_mode & 0o777) == "0o600"
     _, approver = create_key(path, "acme", "writer", ("approver",))  # a grant: outside the role order
     assert store.authenticate(approver).grants == ("approver",) and store.authenticate(key).grants == ()
+
+
+def test_a_revoked_key_is_refused_and_a_broken_keys_file_refuses_every_key(tmp_path):
+    """Rotation without a restart; a hand edit that does not parse fails closed with a 503 saying so, not a
+    500 per request, and never keeps a key the edit meant to revoke."""
+    path = tmp_path / "keys.json"
+    old, old_key = create_key(path, "acme", "writer")
+    _, new_key = create_key(path, "acme", "writer")
+    store = KeyStore(path)
+    out = CliRunner().invoke(keys_app, ["revoke", old.key_id, "--keys-file", str(path)])
+    assert out.exit_code == 0 and f"revoked {old.key_id} (acme writer)" in out.output
+    assert store.authenticate(old_key) is None and store.authenticate(new_key).tenant == "acme"
+    again = CliRunner().invoke(keys_app, ["revoke", old.key_id, "--keys-file", str(path)])
+    assert again.exit_code == 2 and f"no key '{old.key_id}'" in again.output
+
+    good = path.read_text()
+    path.write_text(good[:-20])  # an editor's half-written save
+    os.utime(path, (1, 1))  # a new modification time, whatever the clock's resolution
+    with pytest.raises(KeysUnavailable, match="API keys file is invalid") as refused:
+        store.authenticate(new_key)
+    assert (refused.value.status, refused.value.code) == (503, "unavailable")
+    path.write_text(good)
+    assert store.authenticate(new_key).tenant == "acme"
 
 
 def test_cli_creates_keys_and_writes_the_committed_openapi(tmp_path):

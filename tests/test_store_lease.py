@@ -131,6 +131,8 @@ def test_a_service_of_another_ray_cluster_is_refused_while_the_holder_renews_and
         with pytest.raises(StoreLeased, match="from another Ray cluster .*session_other.*stop that service first"):
             TwinService(url, shards=1, **TWIN_OPTS)
         assert time.monotonic() - started >= 1.5  # it waited for a crash to show before refusing
+        with pytest.raises(StoreLeased, match=r"serve from its cluster \(`raytwin serve --address`\)"):
+            lease.check_not_served_elsewhere(store, cluster="")  # `raytwin serve` before starting a Ray of its own
         assert store.read_lease() == other
     finally:
         stop.set()

@@ -378,6 +378,10 @@ def test_log_compaction_while_twins_run_changes_no_state(service, artifact):
             service.ingest("acme", evs[i:i + 5])
         service.flush()  # closes the segment: compaction takes closed ones
         before = service.state("acme", "c1")
+        parent = service.store.url.rsplit("/", 1)[0]  # a wrong path (a typo, the directory above): refused
+        for wrong in (service.store.url + "x", parent):
+            refused = CliRunner().invoke(twins_app, ["compact", wrong, "--tenant", "acme"])
+            assert refused.exit_code == 2 and f"no twin store at {wrong} " in refused.output
         result = CliRunner().invoke(twins_app, ["compact", service.store.url, "--tenant", "acme"])
         assert result.exit_code == 0, result.output
         assert "compacted" in result.stdout and "files ->" in result.stdout
@@ -548,3 +552,25 @@ def test_an_asset_created_again_after_its_deletion_is_a_new_twin_whatever_its_ol
     assert_same_state(TwinShard(str(tmp_path), 0, 1, **opts).state("acme", "again"), expected)
 
 
+
+
+def test_a_new_type_version_replays_the_twins_history_on_its_model(tmp_path, artifact):
+    """An asset's PUT with another type version keeps its twin's history: the new model replays every
+    event from the same prior (what the old model derived, its snapshots, goes); after a restart too."""
+    opts = dict(allowed_lateness_s=LATENESS_S, snapshot_every=4, checkpoint_every=8)
+    registry = ModelRegistry(str(tmp_path / "models"))
+    newer = registry.register("zone", "1.1.0", AssetType.from_model(THERMAL_RC, version="1.1.0"), {"R_io": 0.02})
+    prior = {"T_in": 290.0, "T_m": 289.0}
+    evs = events("rt", 12, seed=15)
+    shard = TwinShard(str(tmp_path / "store"), 0, 1, **opts)
+    shard.register("acme", "rt", registration_record(asset("rt"), artifact, prior, None))
+    assert shard.ingest("acme", validated_table(evs)).accepted == 12
+    shard.flush()
+    moved = asset("rt").model_copy(update={"type_version": "1.1.0"})
+    assert shard.retype("acme", "rt", registration_record(moved, newer, prior, None))
+    expected = reference(newer, "rt", evs, initial_state=prior, allowed_lateness_s=LATENESS_S, checkpoint_every=8)
+    assert shard.state("acme", "rt").revision == 12 and shard.state("acme", "rt").model_ref == newer.ref
+    assert_same_state(shard.state("acme", "rt"), expected.view())
+    shard.flush()
+    assert_same_state(TwinShard(str(tmp_path / "store"), 0, 1, **opts).state("acme", "rt"), expected.view())
+    assert not shard.retype("acme", "ghost", registration_record(moved, newer, None, None))
