@@ -58,10 +58,10 @@ class LiveModels:
     def _shard(self, tenant: str, asset_id: str) -> Any:
         return self.handles[shard_index(tenant, asset_id, len(self.handles))]
 
-    def twins_of_model(self, tenant: str, model: str) -> list[str]:
-        """The tenant's twins now running a version of `model`."""
-        return sorted(a for part in ray.get([h.twins_of_model.remote(tenant, model) for h in self.handles])
-                      for a in part)
+    def twins_of_model(self, tenant: str, model: str, other_than: str | None = None) -> list[str]:
+        """The tenant's twins now running a version of `model` (other than `other_than`, ``name@version``)."""
+        return sorted(a for part in ray.get([h.twins_of_model.remote(tenant, model, other_than)
+                                             for h in self.handles]) for a in part)
 
     def start_shadow(self, tenant: str, candidate: ModelArtifact, *, events: int,
                      asset_ids: list[str] | None = None, sample: int | None = None) -> tuple[str, list[str]]:

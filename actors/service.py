@@ -141,6 +141,18 @@ class TwinService:
             raise UnknownTwin(f"no twin {asset.id!r} for tenant {asset.tenant!r}")
         return found
 
+    def retype(self, asset: Asset, artifact: ModelArtifact) -> None:
+        """The twin of `asset`, whose type version changed, on `artifact`'s model: its history replayed
+        from the same prior (`initial_state`/`initial_std` kept where the new model has those states)."""
+        old = self.store.load_registration(asset.tenant, asset.id)
+        if old is None:
+            raise UnknownTwin(f"no twin {asset.id!r} for tenant {asset.tenant!r}")
+        states = set(artifact.model().state_names)
+        keep = lambda prior: prior if prior and set(prior) <= states else None  # noqa: E731
+        record = registration_record(asset, artifact, keep(old.get("initial_state")), keep(old.get("initial_std")))
+        if not ray.get(self._shard(asset.tenant, asset.id).retype.remote(asset.tenant, asset.id, record)):
+            raise UnknownTwin(f"no twin {asset.id!r} for tenant {asset.tenant!r}")
+
     def unregister(self, tenant: str, asset_id: str) -> None:
         if not ray.get(self._shard(tenant, asset_id).unregister.remote(tenant, asset_id)):
             raise UnknownTwin(f"no twin {asset_id!r} for tenant {tenant!r}")

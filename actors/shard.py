@@ -212,6 +212,27 @@ class TwinShard(LiveModelOps):
         metrics.TWINS.set(len(self.twins), shard=self.tag)
         return found
 
+    def retype(self, tenant: str, asset_id: str, record: dict[str, Any]) -> bool:
+        """Put the twin on another type version's model (its asset's type version changed): its stored
+        history replayed by the new model from `record`'s prior, its state not mapped (`migrate` maps
+        it). What the old model derived from that history (snapshots, drift clear, model swaps, a shadow
+        evaluation) goes first: a crash before the new registration is saved recovers the old twin whole.
+        False: no such twin."""
+        self.store.check_lease(self.fence)
+        key = (tenant, asset_id)
+        if self.store.load_registration(tenant, asset_id) is None:
+            return False
+        self.shadows.forget(tenant, asset_id)
+        self.twins.pop(key, None)
+        self.durable_revision.pop(key, None)
+        self.drifting.discard(key)
+        self.store.forget_twin(tenant, asset_id)
+        self.store.save_registration(tenant, asset_id, record)
+        self.twins[key] = self._recover(record)
+        self.durable_revision[key] = 0
+        metrics.TWINS_DRIFTING.set(len(self.drifting & self.twins.keys()), shard=self.tag)
+        return True
+
     def migrate(self, tenant: str, asset_id: str, target: dict[str, Any],
                 plan: MigrationPlan) -> tuple[TwinState, TwinState] | None:
         """Move the twin to another type version (`actors.migration`) between two ingest calls, so no
@@ -530,6 +551,10 @@ class TwinShardProcess(TwinShard):
     def migrate(self, *args: Any) -> tuple[TwinState, TwinState] | None:
         self.heap_frozen = False  # a new twin, maybe of a model whose kernels compile now
         return super().migrate(*args)
+
+    def retype(self, *args: Any) -> bool:
+        self.heap_frozen = False  # as `migrate`
+        return super().retype(*args)
 
     def ingest(self, tenant: str, batch: pa.Table | bytes, states: bool = False) -> IngestReport:
         if not self.heap_frozen:

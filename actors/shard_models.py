@@ -23,10 +23,12 @@ class LiveModelOps:
     fence: tuple[str, int] | None
     shadows: ShadowBook
 
-    def twins_of_model(self, tenant: str, model: str) -> list[str]:
-        """The tenant's twins whose current model version is a version of `model`."""
+    def twins_of_model(self, tenant: str, model: str, other_than: str | None = None) -> list[str]:
+        """The tenant's twins whose current model version is a version of `model` (whose version for events
+        from now on is not `other_than`, ``name@version``, if given)."""
         self._refresh_stale()
-        return sorted(a for (t, a), twin in self.twins.items() if t == tenant and twin.artifact.name == model)
+        return sorted(a for (t, a), twin in self.twins.items() if t == tenant and twin.artifact.name == model
+                      and twin.segments[-1].artifact.ref != other_than)
 
     def start_shadow(self, run_id: str, tenant: str, asset_ids: list[str], artifact: dict[str, Any],
                      events: int) -> int:

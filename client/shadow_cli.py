@@ -16,18 +16,26 @@ shadow_app = typer.Typer(help="Shadow evaluation: score a candidate or staging m
 @shadow_app.command()
 def start(
     model: str, version: str, url: API_URL, key: API_KEY,
-    events: Annotated[int, typer.Option(help="Events to score per twin before concluding.")],
+    events: Annotated[int, typer.Option(min=1, help="Events to score per twin before concluding.")],
     asset_id: Annotated[list[str] | None, typer.Option(help="A twin to shadow (repeat for more).")] = None,
-    sample: Annotated[int | None, typer.Option(help="Or: this many of the model's twins (a stable pick).")] = None,
+    sample: Annotated[int | None, typer.Option(min=1, help="Or: this many of the model's twins (a stable pick).")
+                      ] = None,
 ) -> None:
     """Start an evaluation of MODEL@VERSION on the named twins or a sample of them."""
     from serve_apps.routes_shadow import ShadowRequest  # a route module (FastAPI, Ray): loaded only here
 
+    from pydantic import ValidationError
+
+    from raytwin.contracts import describe_error
+
     if bool(asset_id) == (sample is not None):
         raise typer.BadParameter("give either --asset-id (one or more) or --sample")
+    try:
+        request = ShadowRequest(asset_ids=asset_id or None, sample=sample, events=events)
+    except ValidationError as exc:  # beyond the API's bounds: one line, as the API would answer
+        raise typer.BadParameter(describe_error(exc)) from None
     with remote(url, key) as api:
-        show(api.start_shadow(model, version, ShadowRequest(asset_ids=asset_id or None, sample=sample,
-                                                            events=events)))
+        show(api.start_shadow(model, version, request))
 
 
 @shadow_app.command()

@@ -215,6 +215,13 @@ class ModelLifecycle:
     def _policy_path(self, tenant: str) -> str:
         return f"{self.root}/policies/{tenant}.json"
 
+    def models(self) -> list[str]:
+        """The models that have a lifecycle log in this registry."""
+        base = f"{self.root}/lifecycle"
+        if not self.fs.exists(base):
+            return []
+        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(base, detail=False))
+
     def records(self, model: str) -> list[TransitionRecord]:
         """The model's records in sequence-number order, each validated (not yet chain-checked)."""
         base = self._log_dir(model)

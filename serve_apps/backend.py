@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
 from typing import Any
 
@@ -23,6 +24,7 @@ from raytwin.contracts import Asset, AssetType, RelationshipKind, TelemetryEvent
 from raytwin.graph import Direction
 from raytwin.logs import component_logging
 from raytwin.query import Expr, Record
+from raytwin.lifecycle import ModelLifecycle
 from raytwin.registry import PUBLISHED_BY, ModelArtifact, ModelRegistry, RegistryError
 from raytwin.sim.cpu import cpu_only
 from serve_apps import asset_queries
@@ -35,6 +37,7 @@ from serve_apps.conditional import Precondition
 from serve_apps.config import ServeConfig
 from serve_apps.connector_ops import ConnectorOps
 from serve_apps.errors import NotFound, Unprocessable, unwrap
+from serve_apps.promotions import finish_interrupted_swaps
 from serve_apps.evolution import TypeEvolution
 from serve_apps.jobs import Job, JobQueue, JobRecord, Work
 from serve_apps.query_schemas import AssetGraph, BulkRequest
@@ -80,9 +83,16 @@ class Backend:
         self._twin_marks: dict[tuple[str, str], tuple[int, bool]] = {}  # last published (revision, drift)
         self._registries: dict[str, ModelRegistry] = {}
         self.backlog = BacklogGate(config.admission.telemetry_backlog_events, config.admission.retry_after_s)
-        self.recalibration = RecalibrationJobs(config, self.twins, self.changes)
+        self.recalibration = RecalibrationJobs(config, self.twins, self.changes, self.audit)
         for tenant in self.catalog.tenants():  # relaunch what a restart interrupted; act on what it missed
-            self.recalibration.trigger.resume(tenant)
+            try:
+                self.recalibration.trigger.resume(tenant)
+            except Exception:  # noqa: BLE001 - one tenant's trigger state must not keep every tenant's API down
+                log.exception("event=recalibration_resume_failed tenant=%s", tenant)
+            try:  # a promotion recorded before a crash whose swap of the twins was not
+                finish_interrupted_swaps(ModelLifecycle(self._registry(tenant)), self.twins.models, tenant, self.audit)
+            except Exception:  # noqa: BLE001 - the API serves meanwhile; the next start tries again
+                log.exception("event=interrupted_swaps_unfinished tenant=%s", tenant)
 
     def _registry(self, tenant: str) -> ModelRegistry:
         if tenant not in self._registries:
@@ -172,8 +182,7 @@ class Backend:
 
             (change,) = self.changes.write(asset.tenant, write)
             if (before[0].type_name, before[0].type_version) != (asset.type_name, asset.type_version):
-                self.twins.unregister(asset.tenant, asset.id)
-                self.twins.register(asset, artifact)
+                self.twins.retype(asset, artifact)  # its history replayed on the new model, not deleted
             return change.seq
 
     def _checked_artifact(self, asset: Asset, initial_state: dict[str, float] | None) -> ModelArtifact:
@@ -313,7 +322,9 @@ class Backend:
                 d = s.divergence
                 drafts.append({**_twin_change(s), "kind": "twin.state", "data": {
                     "event_time": s.event_time.isoformat() if s.event_time else None, "state": s.state, "std": s.std,
-                    "events_applied": s.events_applied, "drift": d.drift, "diverged": d.diverged}})
+                    "events_applied": s.events_applied, "drift": d.drift, "diverged": d.diverged,
+                    "drift_score": d.drift_score if d.drift_score is not None and math.isfinite(d.drift_score)
+                    else None}})
                 if d.drift != drift:
                     drafts.append(_drift_change(s))
                 self._twin_marks[(tenant, asset_id)] = (s.revision, d.drift)
@@ -321,7 +332,8 @@ class Backend:
                 return
             queued = self.changes.submit(tenant, drafts)  # in revision order; written outside the lock
         self.changes.commit(tenant, queued)
-        if any(d["kind"] == "twin.drift" and d["data"]["drift"] for d in drafts):
+        if any(d["kind"] == "twin.drift" and d["data"]["drift"] for d in drafts) or \
+                self.recalibration.trigger.waiting(tenant):  # a latch, or triggers waiting for event time
             try:  # reads the log in order from its cursor; the events are applied and recorded whatever happens
                 self.recalibration.trigger.poll(tenant)
             except Exception:

@@ -31,7 +31,8 @@ from raytwin.lifecycle import Actor as LifecycleActor
 from raytwin.registry import ModelRegistry, RegistryError
 from serve_apps.auth import Principal
 from serve_apps.deps import ADMIN, READER, SVC, WRITER, Services
-from serve_apps.errors import Conflict, Forbidden, NotFound, unwrap
+from serve_apps.errors import Conflict, Forbidden, NotFound, Unprocessable, unwrap
+from sweeps.runs import RunError, RunStore
 
 ModelName = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$")]
 Version = Annotated[str, Path(pattern=r"^\d+\.\d+\.\d+$")]
@@ -86,6 +87,23 @@ def _lifecycle(svc: Services, tenant: str) -> ModelLifecycle:
 
 def _actor(who: Principal) -> LifecycleActor:
     return LifecycleActor(id=who.key_id, tenant=who.tenant, roles=frozenset(who.grants))
+
+
+def _check_evidence(svc: Services, tenant: str, evidence: Evidence) -> None:
+    """Evidence a key gives must be what it says: its run ids are the tenant's runs, and what only the system
+    measures (a shadow evaluation's metrics, the drift alarms a recalibration answered) it cannot state: an
+    approver reading the log must not take a client's numbers for the system's."""
+    system_only = [name for name in ("shadow_metrics", "triggers") if getattr(evidence, name)]
+    if system_only:
+        raise Unprocessable(f"evidence.{system_only[0]} is recorded by the system (a shadow evaluation, a drift "
+                            "recalibration), not given by a key; run `POST .../shadow` for shadow metrics")
+    runs = RunStore(svc.config.url("runs", tenant), svc.config.storage_options or None)
+    for run_id in evidence.run_ids:
+        try:
+            runs.load(run_id)
+        except RunError:
+            raise Unprocessable(f"evidence.run_ids: no run {run_id!r} of this tenant (its sweeps, calibrations "
+                                "and recalibrations record theirs)") from None
 
 
 async def _call(fn: Any, *args: Any) -> Any:
@@ -149,6 +167,7 @@ def register(app: FastAPI) -> None:
         the version (403 otherwise), unless the tenant's policy promotes automatically; the previous
         production version is archived. 409: a move the version's stage does not allow, or a lost race."""
         lc = _lifecycle(svc, who.tenant)
+        await run_in_threadpool(_check_evidence, svc, who.tenant, body.evidence)
         record: TransitionRecord = await _call(lc.transition, f"{model}@{version}", body.to, _actor(who),
                                                body.reason, body.evidence, body.expected_revision)
         await svc.record(request, who, f"model.{record.action}", f"{model}@{version}", seq=record.seq,
@@ -162,6 +181,7 @@ def register(app: FastAPI) -> None:
                        svc: Services = SVC) -> TransitionRecord:
         """Return to the previous production version (needs the `approver` grant, or automatic promotion)."""
         lc = _lifecycle(svc, who.tenant)
+        await run_in_threadpool(_check_evidence, svc, who.tenant, body.evidence)
         record: TransitionRecord = await _call(lc.rollback, model, _actor(who), body.reason, body.evidence,
                                                body.expected_revision)
         await svc.record(request, who, "model.rollback", f"{model}@{record.version}", seq=record.seq,

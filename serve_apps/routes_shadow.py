@@ -72,7 +72,7 @@ async def _live(svc: Services, call: Callable[[LiveModels], Any]) -> Any:
     except ShadowRunning as exc:
         raise Conflict(str(unwrap(exc))) from None
     except (KeyError, ValueError) as exc:
-        raise BadRequest(str(exc).strip("'\"")) from None
+        raise BadRequest(str(unwrap(exc)).strip("'\"")) from None
 
 
 async def swap_on_promotion(svc: Services, request: Request, who: Principal, record: TransitionRecord) -> None:

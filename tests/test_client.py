@@ -605,6 +605,8 @@ def test_cli_shadow_commands_audit_and_an_unreachable_api(cli, sdk):
     sdk["writer"].transition_model("room", "1.0.3", TransitionRequest(to="candidate", reason="cli"))
     both = cli("writer", "shadow", "start", "room", "1.0.3", "--events", "1", "--asset-id", "sdk-room", "--sample", "1")
     assert both.exit_code == 2 and "either --asset-id" in both.output
+    beyond = cli("writer", "shadow", "start", "room", "1.0.3", "--events", "10000000", "--asset-id", "sdk-room")
+    assert beyond.exit_code == 2 and "events" in beyond.output and "Traceback" not in beyond.output
     started = cli("writer", "shadow", "start", "room", "1.0.3", "--events", "1", "--asset-id", "sdk-room")
     assert started.exit_code == 0, started.output
     run_id = json.loads(started.stdout)["run_id"]

@@ -221,6 +221,31 @@ def test_a_restart_whose_recovery_fails_is_tried_again_not_left_dead(service, ar
     assert state.revision == 0 and not state.stale
 
 
+def test_a_promotion_whose_swap_a_crash_interrupted_is_finished_at_start(service, tmp_path):
+    """The log says 1.1.0 is in production, the twin still runs 1.0.0 (the backend died between the two):
+    the start finishes the swap, audited as the system's, and a second start changes nothing."""
+    from serve_apps.audit import AuditLog
+    from serve_apps.promotions import finish_interrupted_swaps
+
+    registry = ModelRegistry(str(tmp_path / "models"))
+    old = registry.register("office", "1.0.0", AssetType.from_model(THERMAL_RC))
+    new = registry.register("office", "1.1.0", AssetType.from_model(THERMAL_RC), {"R_io": 0.02})
+    service.register(asset("p1"), old)
+    lifecycle = ModelLifecycle(registry)
+    author, approver = Actor(id="alice", tenant="acme"), Actor(id="bob", tenant="acme", roles=frozenset({"approver"}))
+    lifecycle.submit(new.ref, author, "calibrated")
+    lifecycle.transition(new.ref, "staging", author, "looks right")
+    lifecycle.transition(new.ref, "production", approver, "approved")  # ...and the backend died here
+    audit = AuditLog(str(tmp_path / "store"))
+    done = finish_interrupted_swaps(lifecycle, service.models, "acme", audit)
+    assert [s.asset_id for s in done[new.ref].states] == ["p1"] and done[new.ref].refused == {}
+    assert service.models.twins_of_model("acme", "office", other_than=new.ref) == []  # events from now: 1.1.0
+    (record,) = audit.records("acme")
+    assert (record.action, record.key_id, record.target, record.details["swapped"]) == (
+        "model.swap", "system", new.ref, ["p1"])
+    assert finish_interrupted_swaps(lifecycle, service.models, "acme", audit) == {}
+
+
 def test_shard_processes_keep_compiled_kernels_in_the_configured_cache(monkeypatch, tmp_path):
     monkeypatch.delenv("RAYTWIN_EXECUTABLES_DIR", raising=False)
     monkeypatch.setenv("RAYTWIN_JAX_CACHE_DIR", str(tmp_path))

@@ -4,6 +4,7 @@ four eyes, another tenant, compare-and-set, rollback, the log's check and the au
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
@@ -23,6 +24,7 @@ KEYS = (("admin", "acme", "admin", ()), ("author", "acme", "writer", ("approver"
 class Api:
     http: httpx.Client
     keys: dict[str, str]
+    store: Path
 
     def headers_for(self, name: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.keys[name]}"}
@@ -37,12 +39,27 @@ def client(serve_proxy, tmp_path_factory):
     config = {"store_url": str(root / "store"), "keys_file": str(keys_file), "twin_shards": 1,
               "namespace": "raytwin-lifecycle-tests", "autoscaling": {"min_replicas": 1, "max_replicas": 1}}
     with deployed(config), httpx.Client(base_url=serve_proxy, timeout=120.0) as http:
-        api = Api(http, keys)
+        api = Api(http, keys, root / "store")
         for version in (V1, V2):
             r = http.post("/v1/asset-types", json={**THERMAL_TYPE, "version": version},
                           headers=api.headers_for("admin"))
             assert r.status_code == 201, r.text
         yield api
+
+
+def _recorded_run(runs: Path) -> str:
+    """A run record of the tenant's (a sweep whose simulation is skipped: only the record matters here)."""
+    from types import SimpleNamespace
+    from unittest import mock
+
+    import sweeps.runs
+    from sweeps import Dimension, ScenarioSpace, SweepSpec
+
+    space = ScenarioSpace(method="random", n=2, dimensions=[Dimension(name="a1", target="param", low=1e-5, high=2e-5)])
+    with mock.patch.object(sweeps.runs, "run_sweep", lambda *a, **k: SimpleNamespace(
+            outputs={}, n_scenarios=2, n_diverged=0, n_chunks=1, elapsed_s=0.1, scenarios_per_s=20.0)):
+        return sweeps.runs.recorded_sweep(SweepSpec(model="two_tank", space=space, horizon_s=10.0, step_s=1.0),
+                                          runs=str(runs)).run_id
 
 
 def _move(api: Api, who: str, version: str, to: str, **body) -> httpx.Response:
@@ -55,9 +72,14 @@ def test_promotion_needs_a_second_approver_and_rolls_back(client):
     status = http.get("/v1/models/thermal_rc/lifecycle", headers=api.headers_for("reader")).json()
     assert [(v["version"], v["stage"], v["submitted"]) for v in status["versions"]] == [
         (V1, "candidate", False), (V2, "candidate", False)]
-    evidence = {"run_ids": ["calibration-20260105T120000Z-1a2b3c4d"], "shadow_metrics": {"nis_ratio": 0.8},
-                "fit_report": "s3://reports/fit-1.json"}
-    assert _move(api, "author", V1, "candidate", evidence=evidence).status_code == 201
+    evidence = {"run_ids": [_recorded_run(api.store / "runs" / "acme")], "fit_report": "s3://reports/fit-1.json"}
+    for bad, why in (({"run_ids": ["calibration-20260105T120000Z-1a2b3c4d"]}, "no run 'calibration-2026"),
+                     ({"shadow_metrics": {"nis_ratio": 0.8}}, "evidence.shadow_metrics is recorded by the system"),
+                     (evidence, None)):
+        answer = _move(api, "author", V1, "candidate", evidence=bad)  # checked before anything is recorded
+        if why is not None:
+            assert why in assert_error(answer, 422, "invalid_request")["message"]
+    assert answer.status_code == 201
     assert _move(api, "author", V1, "staging").status_code == 201
     assert "four eyes" in assert_error(_move(api, "author", V1, "production"), 403, "forbidden")["message"]
     assert "'approver' role" in assert_error(_move(api, "writer", V1, "production"), 403, "forbidden")["message"]
@@ -90,7 +112,7 @@ def test_promotion_needs_a_second_approver_and_rolls_back(client):
 
     log = http.get("/v1/models/thermal_rc/lifecycle/log", headers=api.headers_for("reader")).json()
     assert [r["action"] for r in log] == ["submit", "stage", "promote", "submit", "stage", "promote", "rollback"]
-    assert log[0]["evidence"] == {**evidence, "triggers": []}  # served with its (empty) recalibration triggers
+    assert log[0]["evidence"] == {**evidence, "shadow_metrics": {}, "triggers": []}  # served with the empty ones
     assert all(r["prev_hash"] == p["hash"] for p, r in zip(log, log[1:]))
     check = http.get("/v1/models/thermal_rc/lifecycle/verify", params={"expected_head": log[-1]["hash"]},
                      headers=api.headers_for("reader")).json()

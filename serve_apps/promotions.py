@@ -1,0 +1,48 @@
+"""Promotions whose hot swap a crash interrupted, finished when the backend starts.
+
+A promotion (or rollback) is recorded on the model's lifecycle log first, then the tenant's twins of
+the model are swapped to the new production version (`serve_apps.routes_shadow.swap_on_promotion`).
+A backend killed between the two left the log saying one version is in production while the twins ran
+another, for good: the transition cannot be sent again (409). At start, every twin still running
+another version of a model with a production version is swapped to it, for events from then on,
+and the swap is audited as the system's.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+
+from actors.live_models import LiveModels, SwapOutcome
+from raytwin.lifecycle import ChainBroken, ModelLifecycle
+from serve_apps.audit import AuditLog, AuditRecord
+
+log = logging.getLogger("raytwin.serve.promotions")
+
+
+def finish_interrupted_swaps(lifecycle: ModelLifecycle, models: LiveModels, tenant: str,
+                             audit: AuditLog) -> dict[str, SwapOutcome]:
+    """Swap the tenant's twins that do not run their model's production version to it; the outcomes by
+    production ref (twins refused a swap, e.g. another state layout, keep their model and are named)."""
+    done: dict[str, SwapOutcome] = {}
+    for model in lifecycle.models():
+        try:
+            production = lifecycle.verify(model).production
+        except ChainBroken as exc:  # transitions are refused too; `lifecycle/verify` names the record
+            log.error("event=production_check_skipped tenant=%s model=%s error=%r", tenant, model, str(exc))
+            continue
+        ref = f"{model}@{production}"
+        behind = [] if production is None else models.twins_of_model(tenant, model, other_than=ref)
+        if not behind:
+            continue
+        at = datetime.now(UTC)
+        outcome = models.swap(tenant, lifecycle.registry.get(ref), at, asset_ids=behind)
+        done[ref] = outcome
+        swapped = [s.asset_id for s in outcome.states]
+        audit.append(AuditRecord(time=at, request_id=None, key_id="system", tenant=tenant, role="system",
+                                 action="model.swap", target=ref, details={
+                                     "at": at.isoformat(), "swapped": swapped, "refused": outcome.refused,
+                                     "reason": "the promotion's swap was interrupted; finished at start"}))
+        log.warning("event=interrupted_swap_finished tenant=%s model=%s swapped=%d refused=%d", tenant, ref,
+                    len(swapped), len(outcome.refused))
+    return done
