@@ -3,8 +3,8 @@
 Why a policy per tenant and asset type: a latched drift alarm is a request for a better model of
 that type, and a fleet can latch all at once (a firmware change, a heat wave). The policy bounds
 what a storm costs (`max_concurrent_jobs`, coalescing in the trigger), how often one twin may ask
-again (`cooldown_s`), how much telemetry a calibration reads (`window_s`, `max_samples`) and how
-hard it searches (`max_trials`). Policies are JSON documents on the store
+again (`cooldown_s`), which telemetry a calibration reads (`window_s` ending `settle_s` after the
+latch, `max_samples`) and how hard it searches (`max_trials`). Policies are JSON documents on the store
 (``{root}/{tenant}/{type_name}.json``), so every API replica and a restarted backend read the same.
 
 `DriftTrigger` is the evidence a candidate version carries back to its cause: the twin, the event
@@ -41,7 +41,12 @@ class RecalibrationPolicy(Contract):
         6 * 3600.0, description="A twin's latches within this many seconds after a calibration covering it "
                                 "started are not acted on")
     window_s: Annotated[float, Field(ge=60, le=90 * DAY_S)] = Field(
-        DAY_S, description="Telemetry read from the durable event log, ending at the latch's event time")
+        DAY_S, description="Telemetry read from the durable event log, ending `settle_s` after the latch's event time")
+    settle_s: Annotated[float, Field(ge=0, le=90 * DAY_S)] | None = Field(
+        None, description="Event time the twin must run past the latch before its calibration starts; the window "
+                          "ends there. null: window_s, so the window is the telemetry after the latch (a fault "
+                          "precedes its latch by hours: a window ending at the latch is mostly the model's old, "
+                          "right data, and the fit a blend). 0: start at once, fit the window before the latch")
     max_samples: Annotated[int, Field(ge=10, le=1_000_000)] = Field(
         5_000, description="Compute budget: at most this many samples of the window (the newest)")
     max_trials: Annotated[int, Field(ge=1, le=1_000)] = Field(
@@ -54,6 +59,11 @@ class RecalibrationPolicy(Contract):
     noise_std: dict[Identifier, Annotated[float, Field(gt=0, allow_inf_nan=False)]] = Field(
         default_factory=dict, description="Measurement noise per output, weights of the fit (default: the "
                                           "output's declared measurement_std, else 1)")
+
+    @property
+    def settle(self) -> float:
+        """Seconds of event time after the latch before a calibration starts (`settle_s`, default `window_s`)."""
+        return self.window_s if self.settle_s is None else self.settle_s
 
     @model_validator(mode="after")
     def _coherent(self) -> RecalibrationPolicy:

@@ -23,6 +23,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterable
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -41,7 +42,7 @@ MAX_ATTEMPTS = 3
 class RecalJob(BaseModel):
     """One calibration the trigger launched (or will relaunch after a restart)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="ignore")  # a stored document: one a newer version wrote still loads
     job_key: str
     tenant: str
     model_ref: str = Field(description="The drifting twins' model, name@version")
@@ -49,6 +50,7 @@ class RecalJob(BaseModel):
     candidate_version: str
     triggers: list[DriftTrigger]
     started: float = Field(description="Trigger clock (epoch s) at launch")
+    window_end: datetime | None = Field(None, description="Event time the fitted window ends at (latch + settle_s)")
     attempts: int = Field(1, description="Launches so far (relaunches after a restart or a lost worker count)")
     state: Literal["running", "succeeded", "failed"] = "running"
     finished: float | None = None
@@ -60,7 +62,7 @@ class RecalJob(BaseModel):
 class TenantState(BaseModel):
     """A tenant's trigger state, stored as one document (see module docstring)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="ignore")  # as `RecalJob`: a rollback to an older version must still start
     cursor: int = Field(0, description="The last change-log sequence number acted on")
     pending: dict[str, list[DriftTrigger]] = Field(default_factory=dict, description="model ref -> triggers")
     running: dict[str, RecalJob] = Field(default_factory=dict)
@@ -107,6 +109,8 @@ class Recalibrator:
         self._lock = threading.RLock()
         self._states: dict[str, TenantState] = {}
         self._saved: dict[str, int] = {}  # tenant -> cursor on the store
+        self._reached: dict[tuple[str, str], datetime] = {}  # (tenant, asset) -> newest event time seen changed
+        self._scores: dict[tuple[str, str], float] = {}  # (tenant, asset) -> highest drift score of this episode
 
     # ---- state ---------------------------------------------------------------------------
     def _path(self, tenant: str) -> str:
@@ -175,6 +179,14 @@ class Recalibrator:
                 return
             admitted = False
             for change in news:
+                key = (tenant, change.asset_id)
+                if (at := change.data.get("event_time")) and change.kind in ("twin.state", "twin.drift"):
+                    self._reached[key] = max(datetime.fromisoformat(at) if isinstance(at, str) else at,
+                                             self._reached.get(key, datetime.min.replace(tzinfo=UTC)))
+                if change.kind == "twin.drift" and not change.data.get("drift"):
+                    self._scores.pop(key, None)  # cleared: a later latch counts its own episode's scores
+                elif isinstance(score := change.data.get("drift_score"), int | float) and math.isfinite(score):
+                    self._scores[key] = max(score, self._scores.get(key, 0.0))
                 trigger = trigger_of(change)
                 if trigger is not None:
                     admitted |= self._admit(tenant, state, trigger)
@@ -205,8 +217,6 @@ class Recalibrator:
         why = None
         if policy is None or not policy.enabled:
             why = "no enabled policy for its asset type"
-        elif policy.min_drift_score is not None and trigger.drift_score < policy.min_drift_score:
-            why = f"drift score {trigger.drift_score:.3g} below the policy's {policy.min_drift_score:g}"
         elif self.clock() - state.covered.get(trigger.asset_id, -float("inf")) < policy.cooldown_s:
             why = f"cooling down ({policy.cooldown_s:g} s after its last recalibration)"
         elif any(trigger.asset_id in {t.asset_id for t in ts} for ts in state.pending.values()) or any(
@@ -219,30 +229,70 @@ class Recalibrator:
         state.pending.setdefault(f"{trigger.type_name}@{trigger.type_version}", []).append(trigger)
         return True
 
+    def waiting(self, tenant: str) -> bool:
+        """Whether triggers wait (for a slot, or for their twin's event time to pass the latch by `settle_s`):
+        the backend then polls on every state change, not only on latches."""
+        with self._lock:
+            return bool(self.state(tenant).pending)
+
+    def _settled(self, tenant: str, trigger: DriftTrigger, policy: RecalibrationPolicy) -> bool:
+        """Whether the twin's event time has run `settle_s` past the trigger's latch."""
+        if trigger.event_time is None or policy.settle == 0:
+            return True
+        reached = self._reached.get((tenant, trigger.asset_id))
+        return reached is not None and reached >= trigger.event_time + timedelta(seconds=policy.settle)
+
+    def _strong(self, tenant: str, trigger: DriftTrigger, policy: RecalibrationPolicy) -> bool:
+        """Whether the alarm reached the policy's `min_drift_score`: checked once the twin settled, against the
+        highest score seen while latched (at the latch itself the score is ~1, whatever the fault)."""
+        if policy.min_drift_score is None:
+            return True
+        return max(trigger.drift_score, self._scores.get((tenant, trigger.asset_id), 0.0)) >= policy.min_drift_score
+
+    def _drop(self, tenant: str, state: TenantState, model_ref: str, weak: list[DriftTrigger],
+              policy: RecalibrationPolicy) -> None:
+        for t in weak:
+            log.info("event=recalibration_skipped tenant=%s asset_id=%s seq=%d reason=%r", tenant, t.asset_id, t.seq,
+                     f"drift score {max(t.drift_score, self._scores.get((tenant, t.asset_id), 0.0)):.3g} below the "
+                     f"policy's {policy.min_drift_score:g}")
+        rest = [t for t in state.pending[model_ref] if t not in weak]
+        if rest:
+            state.pending[model_ref] = rest
+        else:
+            del state.pending[model_ref]
+        self._save(tenant)
+
     def _pump(self, tenant: str, state: TenantState) -> None:
-        """Start pending calibrations while their type has free slots (oldest trigger first)."""
+        """Start pending calibrations whose twins have settled while their type has free slots (strongest
+        alarm first)."""
         for model_ref in sorted(state.pending, key=lambda r: state.pending[r][0].seq):
             type_name = model_ref.partition("@")[0]
             policy = self.policies(tenant, type_name)
             if policy is None or not policy.enabled:
                 continue  # the policy went away: keep the triggers until it is back
-            while state.pending.get(model_ref):
+            while True:
+                ready = [t for t in state.pending.get(model_ref, []) if self._settled(tenant, t, policy)]
+                if weak := [t for t in ready if not self._strong(tenant, t, policy)]:
+                    self._drop(tenant, state, model_ref, weak, policy)
+                    ready = [t for t in ready if t not in weak]
                 free = policy.max_concurrent_jobs - sum(
                     j.model_ref.partition("@")[0] == type_name for j in state.running.values())
-                if free <= 0:
+                if not ready or free <= 0:
                     break
-                triggers = sorted(state.pending[model_ref], key=lambda t: (-t.drift_score, t.seq))
-                group = triggers[:1] if free > 1 else triggers  # the last slot takes all the rest
-                rest = triggers[len(group):]
+                triggers = sorted(ready, key=lambda t: (-t.drift_score, t.seq))
+                group = triggers[:1] if free > 1 else triggers  # the last slot takes all the ready rest
+                rest = [t for t in state.pending[model_ref] if t not in group]
                 if rest:
                     state.pending[model_ref] = sorted(rest, key=lambda t: t.seq)
                 else:
                     del state.pending[model_ref]
                 reserved = {j.candidate_version for j in state.running.values() if j.model_ref == model_ref}
+                lead = group[0]
+                end = None if lead.event_time is None else lead.event_time + timedelta(seconds=policy.settle)
                 job = RecalJob(job_key=f"recal-{tenant}-{min(t.seq for t in group)}", tenant=tenant,
-                               model_ref=model_ref, asset_id=group[0].asset_id,
+                               model_ref=model_ref, asset_id=lead.asset_id,
                                candidate_version=self.choose_version(tenant, model_ref, reserved),
-                               triggers=sorted(group, key=lambda t: t.seq), started=self.clock())
+                               triggers=sorted(group, key=lambda t: t.seq), started=self.clock(), window_end=end)
                 state.running[job.job_key] = job
                 for t in group:
                     state.covered[t.asset_id] = job.started

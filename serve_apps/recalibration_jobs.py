@@ -3,7 +3,8 @@
 A launch reads the drifting twin's window from the durable event log and its estimated state at the
 window's start (time travel), writes the window as Parquet under
 ``{store}/recalibration/{tenant}/windows/{job_key}.parquet`` and runs `sweeps.recalibration.recalibrate`
-as a Ray task (0 CPUs: it coordinates; the Tune trials take the CPUs). Its outcome comes back
+as a Ray task (1 CPU: the one its Tune trials, which reserve next to none, compute on; a worker killed
+mid-search leaves only Tune's tiny placement group behind). Its outcome comes back
 through a single worker thread, which records it and starts what waited for the slot.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import UTC, datetime
 from typing import Any
 
 import ray
@@ -19,11 +21,12 @@ from raytwin.recalibration import PolicyStore, RecalibrationPolicy
 from raytwin.registry import ModelRegistry
 from raytwin.sim.cpu import cpu_only
 from raytwin.statestore import StateStore
+from serve_apps.audit import AuditLog, AuditRecord
 from serve_apps.changes import Change, ChangeLog
 from serve_apps.config import ServeConfig
 from serve_apps.recalibration import RecalJob, Recalibrator, TenantState
-from sweeps.recalibration import (RecalibrationWork, held_inputs, next_free_version, recalibrate, window_table,
-                                  write_window)
+from sweeps.recalibration import (RecalibrationWork, held_inputs, next_free_version, recalibrate, start_std,
+                                  window_table, write_window)
 
 log = logging.getLogger("raytwin.serve.recalibration")
 PAGE = 1000
@@ -32,7 +35,7 @@ LOST = (ray.exceptions.NodeDiedError, ray.exceptions.WorkerCrashedError, ray.exc
 """A recalibration task's failures that say nothing of the fit: it is launched again (`Recalibrator.relaunch`)."""
 
 
-@ray.remote(num_cpus=0, max_retries=0)
+@ray.remote(num_cpus=1, max_retries=0)  # the CPU its Tune trials compute on (`sweeps.recalibration.TRIAL_CPUS`)
 def recalibration_task(work: RecalibrationWork) -> dict[str, Any]:
     return recalibrate(work).model_dump(mode="json")
 
@@ -40,8 +43,8 @@ def recalibration_task(work: RecalibrationWork) -> dict[str, Any]:
 class RecalibrationJobs:
     """The backend's trigger: policies from the store, jobs as Ray tasks, outcomes back in order."""
 
-    def __init__(self, config: ServeConfig, twins: Any, changes: ChangeLog):
-        self.config, self.twins, self.changes = config, twins, changes
+    def __init__(self, config: ServeConfig, twins: Any, changes: ChangeLog, audit: AuditLog):
+        self.config, self.twins, self.changes, self.audit = config, twins, changes, audit
         self.policies = PolicyStore(config.url("recalibration", "policies"), config.storage_options)
         self.events = StateStore(config.url("twins"), config.storage_options or None)
         self._outcomes = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recalibration")
@@ -64,19 +67,23 @@ class RecalibrationJobs:
         tenant = job.tenant
         artifact = self._registry(tenant).get(job.model_ref)
         trigger = next(t for t in job.triggers if t.asset_id == job.asset_id)
-        until = trigger.event_time or self.twins.state(tenant, job.asset_id).event_time
+        until = job.window_end or trigger.event_time or self.twins.state(tenant, job.asset_id).event_time
         names = [*artifact.asset_type.inputs, *artifact.asset_type.outputs]
         table, start = window_table(self.events, tenant, job.asset_id, names, until, policy.window_s,
                                     policy.max_samples, held=held_inputs(artifact))
-        state = self.twins.state_at(tenant, job.asset_id, start).state  # the estimate at the first sample
+        estimate = self.twins.state_at(tenant, job.asset_id, start)  # the estimate at the first sample
         url = self.config.url("recalibration", tenant, "windows", f"{job.job_key}.parquet")
         write_window(table, url, self.config.storage_options or None)
         work = RecalibrationWork(
             job_key=job.job_key, tenant=tenant, asset_id=job.asset_id, model_ref=job.model_ref,
-            candidate_version=job.candidate_version, telemetry=url, start_state=state, policy=policy,
+            candidate_version=job.candidate_version, telemetry=url, start_state=estimate.state,
+            start_std=start_std(artifact, estimate.std), policy=policy,
             triggers=job.triggers, registry_url=self.config.url("registry", tenant),
             runs_url=self.config.url("runs", tenant), storage_options=self.config.storage_options)
         ref = recalibration_task.options(**cpu_only({})).remote(work)
+        self._audit(tenant, "recalibration.start", job.model_ref, job_key=job.job_key, asset_id=job.asset_id,
+                    candidate_version=job.candidate_version, attempt=job.attempts,
+                    triggers=[t.seq for t in job.triggers], window_end=until.isoformat())
         ref.future().add_done_callback(lambda f: self._outcomes.submit(self._finished, tenant, job.job_key, f))
 
     def _finished(self, tenant: str, job_key: str, future: Future) -> None:
@@ -85,12 +92,22 @@ class RecalibrationJobs:
         except Exception as exc:
             cause = getattr(exc, "cause", None) or exc
             error = f"{type(cause).__name__}: {cause}".splitlines()[0][:500]
-            if isinstance(exc, LOST) or isinstance(cause, LOST):  # the task's worker or node, not the fit, failed
+            lost = isinstance(exc, LOST) or isinstance(cause, LOST)  # the task's worker or node, not the fit, failed
+            self._audit(tenant, "recalibration.lost" if lost else "recalibration.fail", job_key, error=error)
+            if lost:
                 self.trigger.relaunch(tenant, job_key, error)
             else:
                 self.trigger.finish(tenant, job_key, error=error)
             return
+        # the candidate was registered and submitted by the system principal `recalibration`
+        self._audit(tenant, "model.submit", out["candidate"], job_key=job_key, run_id=out["run_id"],
+                    by="recalibration", resumed=out["resumed"])
         self.trigger.finish(tenant, job_key, run_id=out["run_id"], candidate=out["candidate"])
+
+    def _audit(self, tenant: str, action: str, target: str, **details: Any) -> None:
+        """The system's own actions in the tenant's audit log, as the API's requests are."""
+        self.audit.append(AuditRecord(time=datetime.now(UTC), request_id=None, key_id="system", tenant=tenant,
+                                      role="system", action=action, target=target, details=details))
 
     def state(self, tenant: str) -> TenantState:
         return self.trigger.snapshot(tenant)

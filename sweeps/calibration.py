@@ -77,6 +77,9 @@ class CalibrationSpec(Contract):
     asset_id: Identifier | None = None
     telemetry: Annotated[str, Field(min_length=1)]  # Parquet: t_s (uniform) + model inputs + outputs, SI units
     start_state: dict[str, Finite]
+    start_std: dict[str, Annotated[float, Field(gt=0, allow_inf_nan=False)]] = Field(default_factory=dict)
+    """Std of `start_state` per state where it is an estimate (a twin's at the window start): the
+    prediction-error filter starts with it and corrects those states from the data; unnamed: exact."""
     free: Annotated[list[str], Field(min_length=1)]
     parameters: dict[str, Finite] = Field(default_factory=dict)  # prior / fixed values over the model's
     noise_std: dict[str, Annotated[float, Field(gt=0)]] = Field(default_factory=dict)
@@ -90,6 +93,8 @@ class CalibrationSpec(Contract):
     refine: bool = True
     uncertainty: Literal["prediction_error", "least_squares"] = "prediction_error"
     max_concurrent_trials: Annotated[int, Field(ge=1)] = 1
+    trial_cpus: Annotated[float, Field(gt=0, le=64)] = 1.0
+    """CPUs each Tune trial reserves (its placement group)."""
     seed: Annotated[int, Field(ge=0)] = 0
     register_as: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:\-]*@\d+\.\d+\.\d+$")] | None = None
     """Publish the fitted parameters as this ``name@version`` in `registry_url` (what sweeps then use)."""
@@ -144,6 +149,7 @@ class Problem:
     free_index: np.ndarray
     base_params: np.ndarray
     x0: np.ndarray
+    x0_std: np.ndarray  # the prediction-error filter's start std (NaN: exact, `START_STD_FRACTION` of the prior)
     u: np.ndarray  # (N, n_inputs)
     y: np.ndarray  # (N, n_outputs)
     sigma: np.ndarray  # (n_outputs,)
@@ -230,6 +236,8 @@ def build_problem(spec: CalibrationSpec, table: pa.Table, artifact_params: dict[
         raise CalibrationError(f"free parameters {sorted(unknown)} not in {simulator}: {model.param_names}")
     if set(spec.start_state) != set(model.state_names):
         raise CalibrationError(f"start_state must give exactly {list(model.state_names)}")
+    if unknown := sorted(set(spec.start_std) - set(model.state_names)):
+        raise CalibrationError(f"start_std names {unknown}, not states of {simulator}: {list(model.state_names)}")
     unknown = set(spec.noise_std) - set(model.output_names)
     if unknown:
         raise CalibrationError(f"noise_std names {sorted(unknown)}, not outputs of {simulator}: "
@@ -258,6 +266,7 @@ def build_problem(spec: CalibrationSpec, table: pa.Table, artifact_params: dict[
         free_index=np.asarray([model.param_names.index(n) for n in spec.free]),
         base_params=base,
         x0=np.asarray([spec.start_state[s] for s in model.state_names], dtype=np.float64),
+        x0_std=np.asarray([spec.start_std.get(s, np.nan) for s in model.state_names], dtype=np.float64),
         u=u,
         y=y,
         sigma=np.asarray([sigma.get(o, 1.0) for o in model.output_names]),
@@ -346,7 +355,8 @@ def tune_search(spec: CalibrationSpec, problem: Problem) -> tuple[dict[str, floa
     storage = tempfile.mkdtemp(prefix="raytwin-tune-")
     try:
         tuner = tune.Tuner(
-            tune.with_resources(tune.with_parameters(_trial, problem=problem, windows=windows), {"cpu": 1}),
+            tune.with_resources(tune.with_parameters(_trial, problem=problem, windows=windows),
+                                {"cpu": spec.trial_cpus}),
             param_space=space,
             tune_config=tune.TuneConfig(
                 metric="loss", mode="min", search_alg=search_alg, scheduler=_scheduler(spec),
@@ -405,8 +415,9 @@ def prediction_error(problem: Problem, theta_log: np.ndarray) -> tuple[np.ndarra
     defaults = model_defaults(model)
     n_sub = max(math.ceil(problem.dt / model.default_dt - 1e-9), 1)
     declared = lambda kind, names, fallback: np.array([defaults[kind].get(v, fallback) for v in names])  # noqa: E731
+    exact = START_STD_FRACTION * declared("initial_std", model.state_names, 1.0)
     fit = pem_fit(model, tuple(problem.free_index.tolist()), n_sub, theta_log, problem.base_params, problem.x0,
-                  np.diag((START_STD_FRACTION * declared("initial_std", model.state_names, 1.0)) ** 2),
+                  np.diag(np.where(np.isnan(problem.x0_std), exact, problem.x0_std) ** 2),
                   problem.u, problem.y,
                   declared("process_std", model.state_names, 0.0) ** 2, problem.sigma**2, problem.dt / n_sub,
                   theta_bounds=_log_bounds(problem))

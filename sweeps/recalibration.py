@@ -40,6 +40,12 @@ AUTHOR = "recalibration"
 JOB_KEY = "recalibration_job"
 
 
+TRIAL_CPUS = 0.01
+"""CPUs a recalibration's Tune trial reserves: next to none, as the task running the search holds the CPU
+the trials compute on (one at a time). Tune's placement groups outlive a task whose worker was killed
+(an OOM kill): a trial's full CPU, left reserved by one, stalled every later attempt for good."""
+
+
 class RecalibrationError(ValueError):
     """A recalibration that cannot run: the message says what is missing and how to get it."""
 
@@ -54,6 +60,8 @@ class RecalibrationWork(Contract):
     candidate_version: SemVer
     telemetry: str = Field(description="The window as Parquet (t_s, inputs, outputs; `window_table`)")
     start_state: dict[Identifier, Finite]
+    start_std: dict[Identifier, Finite] = Field(default_factory=dict, description="The std of start_state: the "
+                                                "twin's, at least the model's declared prior (`start_std`)")
     policy: RecalibrationPolicy
     triggers: list[DriftTrigger] = Field(min_length=1)
     registry_url: str
@@ -119,6 +127,15 @@ def held_inputs(artifact: ModelArtifact) -> dict[str, float]:
     return {name: float(declared.get(name, 0.0)) for name in model.input_names}
 
 
+def start_std(artifact: ModelArtifact, estimated: Mapping[str, float]) -> dict[str, float]:
+    """The std a recalibration's filter starts from: the twin's own, at least the model's declared prior. A
+    drifted twin's estimate is overconfident (its model was wrong: that is what the latch says), and an
+    unmeasured state such as a building's mass temperature carries the old model's error into the window."""
+    prior = model_defaults(artifact.model())["initial_std"]
+    widened = {n: max(float(v), float(prior.get(n, 0.0))) for n, v in estimated.items()}
+    return {n: v for n, v in widened.items() if v > 0}
+
+
 def _zero_order_hold(column: np.ndarray, default: float) -> np.ndarray:
     """NaNs replaced by the last finite value before them (leading ones by the first finite value,
     an all-NaN column by `default`)."""
@@ -155,8 +172,8 @@ def recalibrate(work: RecalibrationWork) -> Recalibrated:
         base = registry.get(work.model_ref)
         spec = CalibrationSpec(
             model=work.model_ref, registry_url=work.registry_url, tenant=work.tenant, asset_id=work.asset_id,
-            telemetry=work.telemetry, start_state=work.start_state, free=work.policy.free,
-            noise_std=work.policy.noise_std, num_samples=work.policy.max_trials, seed=0)
+            telemetry=work.telemetry, start_state=work.start_state, start_std=work.start_std, free=work.policy.free,
+            noise_std=work.policy.noise_std, num_samples=work.policy.max_trials, seed=0, trial_cpus=TRIAL_CPUS)
         record = recorded_calibration(spec, runs=work.runs_url, storage_options=options, user=AUTHOR)
         run_id, parameters = record.run_id, record.summary["parameters"]
         registry.register(name, work.candidate_version, base.asset_type, parameters, metadata={

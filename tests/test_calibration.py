@@ -91,6 +91,8 @@ def test_calibration_refuses_unusable_input(tmp_path):
         build_problem(_spec("two_tank", path), table.drop(["h2"]), {}, "two_tank")
     with pytest.raises(CalibrationError, match="not in two_tank"):
         build_problem(_spec("two_tank", path, free=["nope"]), table, {}, "two_tank")
+    with pytest.raises(CalibrationError, match=r"start_std names \['h3'\], not states of two_tank: \['h1', 'h2'\]"):
+        build_problem(_spec("two_tank", path, start_std={"h3": 0.01}), table, {}, "two_tank")
     shuffled = table.take(np.r_[1, 0, 2:table.num_rows])
     with pytest.raises(CalibrationError, match="uniformly spaced"):
         build_problem(_spec("two_tank", path), shuffled, {}, "two_tank")

@@ -14,7 +14,7 @@ from serve_apps.changes import Change
 from serve_apps.recalibration import RecalJob, Recalibrator
 
 T0 = datetime(2026, 2, 1, tzinfo=UTC)
-POLICY = RecalibrationPolicy(free=["R_io"], max_concurrent_jobs=2, cooldown_s=3600.0)
+POLICY = RecalibrationPolicy(free=["R_io"], max_concurrent_jobs=2, cooldown_s=3600.0, settle_s=0.0)
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -99,6 +99,28 @@ def test_a_latch_starts_one_job_whose_triggers_carry_the_detector_statistics(tmp
     assert not done.running and not done.pending and done.finished[0].candidate == "thermal_rc@1.0.1"
 
 
+def test_a_calibration_waits_until_its_twin_ran_settle_s_past_the_latch(tmp_path):
+    """A fault precedes its latch by hours: by default the window is the `window_s` after the latch (the
+    policy's `settle_s`), so the job starts once the twin's event time got there, and fits up to there."""
+    w = World(tmp_path, POLICY.model_copy(update={"settle_s": None, "window_s": 6 * 3600.0}))
+    w.drift(["z1"])  # latched at T0
+    assert w.launched == [] and w.trigger.waiting("acme")
+
+    def state_change(hours: float) -> None:
+        w.log.append(Change(seq=len(w.log) + 1, kind="twin.state", time=T0, asset_id="z1", type_name="thermal_rc",
+                            type_version="1.0.0", revision=8, data={"event_time": (T0 + timedelta(hours=hours))
+                                                                    .isoformat()}))
+        w.trigger.poll("acme")
+
+    state_change(5.9)
+    assert w.launched == []
+    w.restart()  # what it waits for survives a restart: the trigger is pending on the store
+    state_change(6.0)
+    (job,) = w.launched
+    assert job.window_end == T0 + timedelta(hours=6) and not w.trigger.waiting("acme")
+    assert RecalibrationPolicy(free=["R_io"], window_s=3600.0).settle == 3600.0  # null: window_s
+
+
 def test_a_storm_starts_at_most_max_concurrent_jobs_and_coalesces_the_rest_by_type(tmp_path):
     w = World(tmp_path)
     storm = [f"z{k}" for k in range(1000)]
@@ -159,13 +181,14 @@ def test_a_job_lost_with_its_worker_is_launched_again_at_most_three_times(tmp_pa
 
     import ray
 
+    from serve_apps.audit import AuditLog
     from serve_apps.recalibration_jobs import RecalibrationJobs
 
     w = World(tmp_path)
     w.drift(["a"])
     (job,) = w.launched
     jobs = RecalibrationJobs.__new__(RecalibrationJobs)  # only its outcome handling, over this trigger
-    jobs.trigger = w.trigger
+    jobs.trigger, jobs.audit = w.trigger, AuditLog(str(tmp_path / "store"))
     lost = Future()
     lost.set_exception(ray.exceptions.NodeDiedError("the node it was running on is dead"))
     jobs._finished("acme", job.job_key, lost)
@@ -182,6 +205,8 @@ def test_a_job_lost_with_its_worker_is_launched_again_at_most_three_times(tmp_pa
     failed_fit.set_exception(ValueError("the window holds 3 usable events"))
     jobs._finished("acme", w.launched[-1].job_key, failed_fit)  # the fit's own failure: final at once
     assert w.trigger.snapshot("acme").finished[-1].error == "ValueError: the window holds 3 usable events"
+    audited = [(r.action, r.key_id) for r in jobs.audit.records("acme")]  # the system's actions are audited too
+    assert audited == [("recalibration.lost", "system")] * 3 + [("recalibration.fail", "system")]
 
 
 def test_a_job_that_cannot_start_fails_and_frees_its_slot(tmp_path):
@@ -281,3 +306,39 @@ def test_the_window_holds_inputs_as_the_filter_does(tmp_path):
     with pytest.raises(RecalibrationError, match=r"holds 0 usable events of 12 \(each needs \['T_out', 'Q_h', "
                                                  r"'Q_sol', 'T_in'\] measured; never measured in it: \['Q_sol'\]\)"):
         window_table(store, "acme", "z1", names, times[-1], 1e6, 1000)  # nothing held
+
+
+def test_a_state_document_a_newer_version_wrote_still_loads(tmp_path):
+    """A rollback to an older version must start: fields it does not know are left out, not refused."""
+    import json
+
+    w = World(tmp_path)
+    w.drift(["z1"])
+    path = tmp_path / "acme" / "trigger-state.json"
+    doc = json.loads(path.read_text())
+    (job,) = doc["running"].values()
+    job["field_of_a_later_version"] = 1
+    doc["another_later_field"] = {}
+    path.write_text(json.dumps(doc))
+    assert list(w.restart().snapshot("acme").running) == [job["job_key"]]
+
+
+def test_min_drift_score_is_the_score_the_alarm_reached_not_the_score_at_the_latch(tmp_path):
+    """A live stream latches at a score of ~1 whatever the fault: a policy's min_drift_score is checked once
+    the twin settled, against the highest score seen while latched."""
+    w = World(tmp_path, POLICY.model_copy(update={"settle_s": 3600.0, "min_drift_score": 2.0}))
+    w.drift(["strong", "weak"], score=1.05)  # latched at T0 + 0 h and T0 + 2 h (World's event times)
+
+    def state_change(asset_id: str, hours: float, score: float) -> None:
+        w.log.append(Change(seq=len(w.log) + 1, kind="twin.state", time=T0, asset_id=asset_id, type_name="thermal_rc",
+                            type_version="1.0.0", revision=9, data={
+                                "event_time": (T0 + timedelta(hours=hours)).isoformat(), "drift_score": score}))
+        w.trigger.poll("acme")
+
+    state_change("strong", 0.5, 3.4)
+    state_change("weak", 2.5, 1.3)
+    assert w.launched == []  # neither settled yet
+    state_change("strong", 1.0, 3.6)
+    state_change("weak", 3.0, 1.4)
+    (job,) = w.launched
+    assert job.asset_id == "strong" and not w.trigger.snapshot("acme").pending  # the weak alarm was dropped

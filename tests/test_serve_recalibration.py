@@ -21,7 +21,7 @@ KEYS = (("admin", "acme", "admin"), ("writer", "acme", "writer"), ("reader", "ac
         ("other", "globex", "admin"))
 T0 = datetime(2026, 2, 1, tzinfo=UTC)
 POLICY = {"free": ["R_io"], "noise_std": {"T_in": 0.05}, "window_s": 86400.0, "max_trials": 1,
-          "max_concurrent_jobs": 1, "cooldown_s": 86400.0}
+          "max_concurrent_jobs": 1, "cooldown_s": 86400.0}  # settle_s: null, the day after the latch is fitted
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,7 @@ def test_a_drift_latch_starts_one_calibration_whose_candidate_is_near_the_truth(
         "initial_state": {"T_in": 293.15, "T_m": 292.15}})
     assert r.status_code == 201, r.text
     # the building's R_io is half the registered model's from the start: a day of 5-minute telemetry
-    case = dataclasses.replace(CASES[0], days=1.0, fault_at_s=0.0)
+    case = dataclasses.replace(CASES[0], days=2.0, fault_at_s=0.0)
     t, rows, flt = streams(case, 1, noise=False, fault=("R_io", 0.5), seed=2)
     units = {name: q["unit"] for name, q in {**THERMAL_TYPE["inputs"], **THERMAL_TYPE["outputs"]}.items()}
     events = [{"sequence": k, "event_time": (T0 + timedelta(seconds=float(s))).isoformat(),
@@ -89,15 +89,17 @@ def test_a_drift_latch_starts_one_calibration_whose_candidate_is_near_the_truth(
               for k, (s, row) in enumerate(zip(t, rows[0]))]
     batches = [events[k:k + 48] for k in range(0, len(events), 48)]
     latched_at = None
-    for k, batch in enumerate(batches):  # until one batch after the latch (it stays latched: no new trigger)
+    for k, batch in enumerate(batches):  # until a day after the latch (it stays latched: no new trigger)
         r = http.post("/v1/assets/zone-1/telemetry", headers=http.headers_for("writer"), json={"events": batch})
         assert r.status_code == 200 and r.json()["accepted"] == len(batch), r.text
         if latched_at is None and http.get("/v1/assets/zone-1/divergence",
                                            headers=http.headers_for("reader")).json()["drift"]:
             latched_at = k
-        if latched_at is not None and k > latched_at:
+            pending = http.get("/v1/recalibrations", headers=http.headers_for("reader")).json()
+            assert not pending["running"] and pending["pending"], pending  # waits for the day after the latch
+        if latched_at is not None and k >= latched_at + 6:  # 6 batches of 4 h
             break
-    assert latched_at is not None
+    assert latched_at is not None and k == latched_at + 6
 
     deadline = time.monotonic() + 900  # a wait for the job, not a timing assertion
     while not (state := http.get("/v1/recalibrations", headers=http.headers_for("reader")).json())["finished"]:
@@ -124,6 +126,12 @@ def test_a_drift_latch_starts_one_calibration_whose_candidate_is_near_the_truth(
     (trigger,) = evidence["triggers"]
     assert trigger["asset_id"] == "zone-1" and trigger["drift_score"] >= 1.0
     assert T0 < datetime.fromisoformat(trigger["event_time"]) <= T0 + timedelta(days=1)
+    assert job["window_end"] == (datetime.fromisoformat(trigger["event_time"]) + timedelta(days=1)).isoformat() \
+        .replace("+00:00", "Z")
     assert http.get("/v1/models/thermal_rc/lifecycle/verify", headers=http.headers_for("reader")).json()["ok"]
+    audit = [(a["action"], a["key_id"], a["target"]) for a in http.get("/v1/audit", headers=http.headers_for(
+        "admin")).json() if a["key_id"] == "system"]  # the system's actions are audited as requests are
+    assert audit == [("recalibration.start", "system", "thermal_rc@1.0.0"),
+                     ("model.submit", "system", "thermal_rc@1.0.1")]
     # the other tenant sees none of it
     assert http.get("/v1/recalibrations", headers=http.headers_for("other")).json()["finished"] == []
