@@ -91,9 +91,9 @@ NOT_RUN_COMMANDS: dict[str, str] = {  # whole command (without its comment) -> w
                                         "would double the cost in CI",
     "pip install -e examples/dcmotor": "installs into the environment running the tests; ./dev installs the "
                                        "example package with RayTwin",
-    "raytwin job submit --working-dir . --py-module examples/dcmotor/raytwin_dcmotor -- raytwin sweep run "
-    "spec.json --runs ./runs": "needs a running cluster's job API; tests/test_cluster_local.py submits the same job "
-                               "to the local two-node cluster",
+    'raytwin job submit --working-dir . --py-module examples/dcmotor/raytwin_dcmotor -- raytwin sweep run '
+    '"$PWD/spec.json" --runs "$PWD/runs"': "needs a running cluster's job API; tests/test_cluster_local.py submits "
+                                           "the same job to the local two-node cluster",
     'raytwin job submit --working-dir . -- raytwin sweep run "$PWD/spec.json" --runs s3://bucket/runs':
         "needs a running cluster's job API; the same submission runs on a local cluster in cluster/README.md's "
         "job block",
