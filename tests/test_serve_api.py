@@ -395,8 +395,9 @@ def test_metrics_reach_rays_export_exactly(api, http, building, ray_metrics_port
     route = {"route": "/v1/assets/{asset_id}", "method": "GET", "status": "200"}
     before = scrape(ray_metrics_port)
     http.get(f"/v1/assets/{building}", headers=auth(api, "reader"))
-    bad = {**events(1, start=60)[0], "measurements": {"T_in": {"value": 1.0, "unit": "furlong"}}}
-    http.post(f"/v1/assets/{building}/telemetry", json={"events": [*events(2, start=50), bad]},
+    bad = {**events(1, start=60)[0], "measurements": {"T_in": {"value": 1.0, "unit": "furlong"}}}  # no unit
+    misfit = {**events(1, start=61)[0], "measurements": {"T_in": {"value": 1.0, "unit": "W"}}}  # not a temperature
+    http.post(f"/v1/assets/{building}/telemetry", json={"events": [*events(2, start=50), bad, misfit]},
               headers=auth(api, "writer"))
 
     def grown(name: str, by: int, **labels: str):
@@ -406,14 +407,16 @@ def test_metrics_reach_rays_export_exactly(api, http, building, ray_metrics_port
               grown("ray_raytwin_twin_events_total", 2, outcome="accepted"),
               grown("ray_raytwin_event_to_applied_seconds_count_total", 2),
               grown("ray_raytwin_ingest_to_applied_seconds_bucket_total", 2, le="+Inf"),
-              grown("ray_raytwin_dead_letters_total", 1, stage="api", reason="invalid")]
+              grown("ray_raytwin_dead_letters_total", 1, stage="api", reason="invalid"),
+              grown("ray_raytwin_dead_letters_total", 1, stage="api", reason="misfit")]
     after = wait_until(ray_metrics_port, lambda s: all(c(s) for c in checks), "the requests' metrics")
     for name, labels, by in (("ray_raytwin_http_requests_total", route, 1),
                              ("ray_raytwin_twin_events_total", {"outcome": "accepted"}, 2),
-                             ("ray_raytwin_dead_letters_total", {"stage": "api"}, 1)):
+                             ("ray_raytwin_dead_letters_total", {"stage": "api"}, 2)):
         assert total(after, name, **labels) == total(before, name, **labels) + by, name  # exact, not at least
     assert total(after, "ray_raytwin_http_request_duration_seconds_count", route=route["route"]) >= 1
     assert total(after, "ray_raytwin_twins") >= 1 and "ray_raytwin_jobs" in after  # gauges stay exported
+    assert "ray_serve_num_http_requests_total" in after  # Serve's proxy series the proxy-error alert divides by
     assert http.get("/metrics").status_code == 404  # Prometheus scrapes Ray's export, not the API
 
 
