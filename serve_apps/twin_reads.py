@@ -144,9 +144,13 @@ class TwinReader:
             forget(tenant, asset_id)
 
     async def _fetch(self, tenant: str, asset_id: str) -> dict[str, Any]:
-        shard = self._shard(tenant, asset_id)
-        state = await self._live(shard, shard.state.remote(tenant, asset_id),
-                                 lambda: asyncio.to_thread(durable_state, self._store, tenant, asset_id))
+        durable = lambda: asyncio.to_thread(durable_state, self._store, tenant, asset_id)  # noqa: E731
+        try:
+            shard = self._shard(tenant, asset_id)
+        except ValueError:  # no shard of that name yet: a restarted backend replica is creating them
+            state = await durable()
+        else:
+            state = await self._live(shard, shard.state.remote(tenant, asset_id), durable)
         if state is not None and state.stale:
             metrics.STALE_READS.inc(read="state")
         return self._found(state, asset_id)

@@ -120,8 +120,16 @@ def test_a_shard_dead_for_good_is_answered_from_the_store_and_looked_up_again(mo
     monkeypatch.setattr(twin_reads, "actor_restarting", lambda shard: False)
     monkeypatch.setattr(twin_reads, "durable_state", lambda store, tenant, asset_id: stored)
     new = Shard(Found("new shard"))
-    monkeypatch.setattr(twin_reads.ray, "get_actor", lambda name, namespace: new)
+    created = iter([False, True])  # the restarted replica has not created its shards yet, then has
+
+    def get_actor(name: str, namespace: str) -> Shard:
+        if not next(created):
+            raise ValueError(f"Failed to look up actor with name {name!r}")
+        return new
+
+    monkeypatch.setattr(twin_reads.ray, "get_actor", get_actor)
     reader = TwinReader(ServeConfig(store_url=str(tmp_path), keys_file="unused.json", twin_shards=1, state_cache_s=0))
     reader._handles[0] = Shard(ray.exceptions.ActorDiedError())
-    assert asyncio.run(reader.state("acme", "z1")) == {"from": "store"}
+    assert asyncio.run(reader.state("acme", "z1")) == {"from": "store"}  # the dead handle
+    assert asyncio.run(reader.state("acme", "z1")) == {"from": "store"}  # no shard of that name yet
     assert asyncio.run(reader.state("acme", "z1")) == {"from": "new shard"}
