@@ -98,6 +98,15 @@ def trigger_of(change: Change) -> DriftTrigger | None:
                         nis_last=finite(d.get("nis_last")))
 
 
+def _take_pending(state: TenantState, model_ref: str, taken: list[DriftTrigger]) -> None:
+    """Remove `taken` from the model's pending triggers (the rest in sequence order; none left: the entry)."""
+    rest = sorted((t for t in state.pending[model_ref] if t not in taken), key=lambda t: t.seq)
+    if rest:
+        state.pending[model_ref] = rest
+    else:
+        del state.pending[model_ref]
+
+
 class Recalibrator:
     """Turns drift changes into calibration jobs under the tenants' policies (one per backend)."""
 
@@ -255,11 +264,7 @@ class Recalibrator:
             log.info("event=recalibration_skipped tenant=%s asset_id=%s seq=%d reason=%r", tenant, t.asset_id, t.seq,
                      f"drift score {max(t.drift_score, self._scores.get((tenant, t.asset_id), 0.0)):.3g} below the "
                      f"policy's {policy.min_drift_score:g}")
-        rest = [t for t in state.pending[model_ref] if t not in weak]
-        if rest:
-            state.pending[model_ref] = rest
-        else:
-            del state.pending[model_ref]
+        _take_pending(state, model_ref, weak)
         self._save(tenant)
 
     def _pump(self, tenant: str, state: TenantState) -> None:
@@ -281,11 +286,7 @@ class Recalibrator:
                     break
                 triggers = sorted(ready, key=lambda t: (-t.drift_score, t.seq))
                 group = triggers[:1] if free > 1 else triggers  # the last slot takes all the ready rest
-                rest = [t for t in state.pending[model_ref] if t not in group]
-                if rest:
-                    state.pending[model_ref] = sorted(rest, key=lambda t: t.seq)
-                else:
-                    del state.pending[model_ref]
+                _take_pending(state, model_ref, group)
                 reserved = {j.candidate_version for j in state.running.values() if j.model_ref == model_ref}
                 lead = group[0]
                 end = None if lead.event_time is None else lead.event_time + timedelta(seconds=policy.settle)
