@@ -69,22 +69,29 @@ def _stop_shards(store_url: str, lease: Lease) -> None:
 
 
 def _refuse_if_renewed(store: StateStore, held: Lease) -> None:
-    """`StoreLeased` if the shards of `held` (a live lease of another cluster) still renew its heartbeat
-    after waiting until it would have expired (a holder that crashed a moment ago)."""
+    """`StoreLeased` if the shards of `held` (a live lease of another cluster) renew its heartbeat within
+    `EXPIRY_S` (a holder that crashed a moment ago goes quiet meanwhile). A heartbeat file that is not
+    `held`'s is no sign of a crash: a previous holder's dying shard may have overwritten it a moment
+    ago, so only a renewal as old as `EXPIRY_S`, or none seen in that time, lets the caller take it."""
     deadline = time.monotonic() + EXPIRY_S
+    renewed_age_s: float | None = None
     while True:
         beat = store.read_heartbeat()
-        if beat is None or not beat.renews(held) or time.time() - beat.at_s > EXPIRY_S:
-            return
+        if beat is not None and beat.renews(held):
+            renewed_age_s = time.time() - beat.at_s
+            if renewed_age_s > EXPIRY_S:
+                return
         if time.monotonic() >= deadline:
+            if renewed_age_s is None:
+                return
             raise StoreLeased(
                 f"store {store.url} is served by service {held.owner} from another Ray cluster (session "
                 f"{held.cluster}, started by {held.acquired_by}; its shards renewed the lease "
-                f"{time.time() - beat.at_s:.1f} s ago): stop that service first, or serve from its cluster "
+                f"{renewed_age_s:.1f} s ago): stop that service first, or serve from its cluster "
                 "(`raytwin serve --address`); to take the store from it anyway, fencing its shards: "
                 "`TwinService(..., takeover=True)` from Python")
-        log.info("event=store_lease_wait store=%s holder=%s cluster=%s heartbeat_age_s=%.1f", store.url, held.owner,
-                 held.cluster, time.time() - beat.at_s)
+        log.info("event=store_lease_wait store=%s holder=%s cluster=%s heartbeat_age_s=%s", store.url, held.owner,
+                 held.cluster, "none" if renewed_age_s is None else f"{renewed_age_s:.1f}")
         time.sleep(HEARTBEAT_S)
 
 

@@ -17,7 +17,7 @@ from actors.lease import acquire_lease
 from actors.recovery import registration_record
 from actors.shard import TwinShard
 from actors.telemetry import validated_table
-from raytwin.statestore import Heartbeat, StateStore, StoreFenced
+from raytwin.statestore import Heartbeat, Lease, StateStore, StoreFenced
 from tests.test_twins import (  # noqa: F401 (a fixture)
     TWIN_OPTS,
     artifact,
@@ -124,6 +124,7 @@ def test_a_service_of_another_ray_cluster_is_refused_while_the_holder_renews_and
             store.write_heartbeat(Heartbeat(other.owner, other.epoch, other.cluster, time.time()))
             time.sleep(0.1)
 
+    store.write_heartbeat(Heartbeat(other.owner, other.epoch, other.cluster, time.time()))
     renewer = threading.Thread(target=renew, daemon=True)
     renewer.start()
     try:
@@ -148,3 +149,30 @@ def test_a_service_of_another_ray_cluster_is_refused_while_the_holder_renews_and
             stale.flush()
     finally:
         taken.close()
+
+
+class _Beats:
+    """A store whose heartbeat reads answer `beats` in turn (then the last one again)."""
+
+    url = "memory://store"
+
+    def __init__(self, *beats: Heartbeat | None) -> None:
+        self.beats = list(beats)
+
+    def read_heartbeat(self) -> Heartbeat | None:
+        return self.beats.pop(0) if len(self.beats) > 1 else self.beats[0]
+
+
+def test_a_heartbeat_overwritten_by_a_previous_holders_shard_is_no_crash_of_the_live_holder(monkeypatch):
+    """The previous service's dying shard can write its heartbeat once after the new holder's: that
+    moment must not let a third cluster take a store whose holder keeps renewing (CI saw it)."""
+    monkeypatch.setattr(lease, "EXPIRY_S", 0.3)
+    monkeypatch.setattr(lease, "HEARTBEAT_S", 0.05)
+    held = Lease(owner="b", epoch=2, shards=1, namespace="raytwin", acquired_at="", acquired_by="", cluster="B")
+    previous = Heartbeat("a", 1, "A", time.time())
+    renewal = Heartbeat("b", 2, "B", time.time() + 10)  # renewed all the time: never older than the expiry
+    with pytest.raises(StoreLeased, match="from another Ray cluster"):
+        lease._refuse_if_renewed(_Beats(previous, renewal), held)
+    lease._refuse_if_renewed(_Beats(previous), held)  # no renewal of it in a whole expiry: gone
+    lease._refuse_if_renewed(_Beats(None), held)
+    lease._refuse_if_renewed(_Beats(replace(renewal, at_s=time.time() - 1)), held)  # stopped renewing
