@@ -24,7 +24,7 @@ from raytwin.contracts import Asset, AssetType, RelationshipKind, TelemetryEvent
 from raytwin.graph import Direction
 from raytwin.logs import component_logging
 from raytwin.query import Expr, Record
-from raytwin.lifecycle import ModelLifecycle
+from raytwin.lifecycle import LifecycleError, ModelLifecycle
 from raytwin.registry import PUBLISHED_BY, ModelArtifact, ModelRegistry, RegistryError
 from raytwin.sim.cpu import cpu_only
 from serve_apps import asset_queries
@@ -36,7 +36,7 @@ from serve_apps.changes import ChangeLog, ChangePage
 from serve_apps.conditional import Precondition
 from serve_apps.config import ServeConfig
 from serve_apps.connector_ops import ConnectorOps
-from serve_apps.errors import NotFound, Unprocessable, unwrap
+from serve_apps.errors import Conflict, NotFound, Unprocessable, unwrap
 from serve_apps.promotions import finish_interrupted_swaps
 from serve_apps.evolution import TypeEvolution
 from serve_apps.jobs import Job, JobQueue, JobRecord, Work
@@ -146,6 +146,7 @@ class Backend:
     def create_asset(self, asset: Asset, initial_state: dict[str, float] | None, pre: Precondition) -> int:
         """Create the asset and register its twin; its revision."""
         with self._lock:
+            self._require_production(asset)
             checked: list[ModelArtifact] = []  # the model, once the twin's registration is known to fit it
 
             def write(seq: int) -> list[dict[str, Any]]:
@@ -173,6 +174,9 @@ class Backend:
         """Replace the asset if `pre` holds (compare-and-set under the lock); its new revision."""
         with self._lock:
             self.type_evolution.require_version(asset.tenant, [asset.type_name], asset.type_version)
+            current = self.catalog.get_asset(asset.tenant, asset.id)
+            if (current.type_name, current.type_version) != (asset.type_name, asset.type_version):
+                self._require_production(asset)
             artifact = self._checked_artifact(asset, None)  # metadata the twin would refuse: 422, nothing changed
             before: list[Asset] = []
 
@@ -184,6 +188,20 @@ class Backend:
             if (before[0].type_name, before[0].type_version) != (asset.type_name, asset.type_version):
                 self.twins.retype(asset, artifact)  # its history replayed on the new model, not deleted
             return change.seq
+
+    def _require_production(self, asset: Asset) -> None:
+        """`Conflict` unless the asset's version may run on a new twin: once its model has a production
+        version, only that one. Promotion swaps a model's twins to production; a twin created on (or moved
+        to) a candidate nobody approved, or an archived version, would run what no approver let run."""
+        try:
+            production = ModelLifecycle(self._registry(asset.tenant)).verify(asset.type_name).production
+        except LifecycleError as exc:  # a broken transition log: which version may run is unknown
+            raise Conflict(str(unwrap(exc))) from None
+        if production is not None and production != asset.type_version:
+            raise Conflict(
+                f"{asset.type_name}@{asset.type_version} is not the production version of model {asset.type_name} "
+                f"({production}), and twins of a model under the lifecycle run its production version: use "
+                f"type_version {production!r}, or promote {asset.type_version} first")
 
     def _checked_artifact(self, asset: Asset, initial_state: dict[str, float] | None) -> ModelArtifact:
         """The asset's model, once its twin's registration is known to fit it: a filter name, noise

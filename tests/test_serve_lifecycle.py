@@ -142,17 +142,27 @@ def test_bad_inputs_are_refused_with_reasons(client):
     assert http.get("/v1/lifecycle-policy", headers=api.headers_for("other")).json()["keep_archived"] == 5
 
 
-def test_prune_keeps_versions_that_twins_run(client):
-    """After the rollback above, V2 is archived; while an asset's twin runs it, retention keeps it."""
+def test_new_twins_run_the_production_version_and_prune_keeps_versions_assets_name(client):
+    """After the rollback above, V1 is production and V2 archived: a twin is neither created on V2 nor moved
+    to it (no approver let it run); retention keeps a version while an asset names it."""
     api, http = client, client.http
     assert http.put("/v1/lifecycle-policy", json={"keep_archived": 0},
                     headers=api.headers_for("admin")).status_code == 200
-    asset = {"id": "zone-v2", "type_name": "thermal_rc", "type_version": V2}
-    assert http.post("/v1/assets", json=asset, headers=api.headers_for("admin")).status_code == 201
+    refused = assert_error(http.post("/v1/assets", json={"id": "zone-v2", "type_name": "thermal_rc",
+                                                         "type_version": V2}, headers=api.headers_for("admin")),
+                           409, "conflict")["message"]
+    assert refused == (f"thermal_rc@{V2} is not the production version of model thermal_rc ({V1}), and twins of a "
+                       f"model under the lifecycle run its production version: use type_version '{V1}', or promote "
+                       f"{V2} first")
+    asset = {"type_name": "thermal_rc", "type_version": V1}
+    assert http.post("/v1/assets", json={"id": "zone-v1", **asset}, headers=api.headers_for("admin")).status_code == 201
+    moved = http.put("/v1/assets/zone-v1", json={**asset, "type_version": V2}, headers=api.headers_for("admin"))
+    assert "is not the production version" in assert_error(moved, 409, "conflict")["message"]
+    assert http.get("/v1/assets/zone-v1", headers=api.headers_for("reader")).json()["type_version"] == V1
+    assert http.put("/v1/assets/zone-v1", json={**asset, "metadata": {"site": "north"}},  # same version: fine
+                    headers=api.headers_for("admin")).status_code == 200
     assert_error(http.post("/v1/models/thermal_rc/prune", headers=api.headers_for("writer")), 403, "forbidden")
-    kept = http.post("/v1/models/thermal_rc/prune", headers=api.headers_for("admin"))
-    assert kept.status_code == 200 and kept.json()["versions_removed"] == []
-    assert http.delete("/v1/assets/zone-v2", headers=api.headers_for("admin")).status_code == 204
+    assert http.delete("/v1/assets/zone-v1", headers=api.headers_for("admin")).status_code == 204
     removed = http.post("/v1/models/thermal_rc/prune", headers=api.headers_for("admin")).json()
     assert removed["versions_removed"] == [V2]
     status = http.get("/v1/models/thermal_rc/lifecycle", headers=api.headers_for("reader")).json()
