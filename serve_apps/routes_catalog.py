@@ -70,8 +70,8 @@ def register(app: FastAPI) -> None:
     @app.post("/v1/assets", response_model=Asset, status_code=201, tags=tags)
     async def create_asset(body: AssetCreate, request: Request, response: Response, who: Principal = ADMIN,
                            pre: Precondition = PRE, svc: Services = SVC) -> Any:
-        """Create an asset of the caller's tenant and start its live twin (409 if it exists; with
-        `If-None-Match: *`, 412)."""
+        """Create an asset of the caller's tenant and start its live twin (409 if it exists, or if its model has
+        a production version other than `type_version`; with `If-None-Match: *`, 412)."""
         asset = _asset(who.tenant, body.id, body)
         revision = await svc.backend.call("create_asset", asset, body.initial_state, pre)
         await svc.record(request, who, "asset.create", asset.id, asset=asset.model_dump(mode="json"),
@@ -111,7 +111,8 @@ def register(app: FastAPI) -> None:
         """Replace an asset's type version, metadata and relationships.
 
         `If-Match: "<revision>"` replaces it only at that revision (else 412, nothing changed): the
-        way to avoid lost updates. `If-None-Match: *` creates it instead (201; 412 if it exists)."""
+        way to avoid lost updates. `If-None-Match: *` creates it instead (201; 412 if it exists). 409: a
+        `type_version` other than the production version of a model under the lifecycle."""
         asset = _asset(who.tenant, asset_id, body)
         if pre.create_only:
             revision = await svc.backend.call("create_asset", asset, None, pre)
