@@ -263,11 +263,11 @@ class ChangeStore:
         return int(segments[-1].rsplit("-", 1)[1].removesuffix(".jsonl")) if segments else 0
 
     def _segments(self, tenant: str, seq: int):
-        """(first, last, path) of the segments that may hold `seq` and later, in order."""
+        """(first, last, path) of the segments that may hold `seq` and later, in order. A segment lies in the
+        folder of its first change, so the folder before `seq`'s may hold a segment that reaches past it."""
         parts = self._ls(f"{self.root}/{tenant}")
-        start = max((p for p in parts if int(p.rsplit("/", 1)[1]) <= seq // PARTITION), default=None,
-                    key=lambda p: int(p.rsplit("/", 1)[1]))
-        for part in parts[parts.index(start) if start is not None else 0:]:
+        held = [i for i, p in enumerate(parts) if int(p.rsplit("/", 1)[1]) <= seq // PARTITION]
+        for part in parts[max(held[-1] - 1, 0) if held else 0:]:
             for path in self._ls(part):
                 first, last = (int(x) for x in path.rsplit("/", 1)[1].removesuffix(".jsonl").split("-"))
                 yield first, last, path

@@ -227,3 +227,15 @@ def test_retention_deletes_old_directories_and_a_stream_never_skips_what_it_dele
     assert gone["event"] == "gone" and gone["id"] is None
     assert gone["data"]["last_event_id"] == "2" and gone["data"]["oldest"] == 8
     assert asyncio.run(resume_from(7))["id"] == "8"  # from the oldest kept change on: resumed as usual
+
+
+def test_a_segment_that_reaches_into_the_next_directory_is_read_from_any_point_inside_it(tmp_path, monkeypatch):
+    """A group commit's segment lies in the directory of its first change: resuming inside it, past the
+    directory boundary, reads the rest of it (it was skipped, and a stream called the changes deleted)."""
+    monkeypatch.setattr(changes_module, "PARTITION", 4)
+    log = ChangeLog(str(tmp_path), memory=1)
+    for n in (2, 3, 2, 3):  # 1-2 and 3-5 in directory 0 (the latter reaching into 1's numbers), 6-7, 8-10
+        log.record("acme", drafts(n))
+    for after in range(0, 10):
+        assert [c.seq for c in log.store.read("acme", after, 20)] == list(range(after + 1, 11)), after
+    assert log.store.first_seq("acme") == 1
