@@ -39,13 +39,15 @@ class AsyncRayTwinClient(ClientBase):
         await self._http.aclose()
 
     async def _send(self, call: Call[T]) -> T:
+        maybe_applied = False
         for attempt in range(1, self.retry.attempts + 1):
             try:
                 answer: httpx.Response | httpx.TransportError = await self._http.request(
                     call.method, call.path, params=call.params, json=call.json, headers=dict(call.headers))
             except httpx.TransportError as exc:
                 answer = exc
-            delay = self._resend_after(call, attempt, answer)
+            delay = self._resend_after(call, attempt, answer, maybe_applied)
+            maybe_applied = maybe_applied or self.maybe_sent(answer)
             if delay is None:
                 assert isinstance(answer, httpx.Response)
                 return call.result(answer)

@@ -10,7 +10,7 @@ import httpx
 from client.calls import Call, Endpoints
 from client.connector_calls import ConnectorCalls
 from client.deprecation import DeprecationNotices
-from client.errors import RayTwinError, from_response, retry_after_s
+from client.errors import ApiError, OutcomeUnknown, RayTwinError, from_response, retry_after_s
 from client.model_calls import ModelCalls
 from client.retry import RETRY_STATUSES, RetryPolicy
 from client.scenario_calls import ScenarioCalls
@@ -27,10 +27,12 @@ class ClientBase(Endpoints, ModelCalls, ConnectorCalls, ScenarioCalls):
         return {"base_url": base_url, "timeout": timeout, "transport": transport,
                 "headers": {"Authorization": f"Bearer {api_key}"}}
 
-    def _resend_after(self, call: Call[Any], attempt: int, answer: httpx.Response | httpx.TransportError
-                      ) -> float | None:
+    def _resend_after(self, call: Call[Any], attempt: int, answer: httpx.Response | httpx.TransportError,
+                      maybe_applied: bool = False) -> float | None:
         """Seconds to wait before resending `call`, or None: `answer` is its result. Raises the API's
-        error, or `RayTwinError` for a network error on a call that is not safe to resend (or the last try)."""
+        error, or `RayTwinError` for a network error on a call that is not safe to resend (or the last try).
+        `maybe_applied`: an earlier try may have reached the server (see `maybe_sent`); a compare-and-set
+        refused then raises `OutcomeUnknown`, not the refusal that invites applying it again."""
         last = attempt == self.retry.attempts
         if isinstance(answer, httpx.TransportError):
             if last or not call.idempotent:
@@ -41,5 +43,15 @@ class ClientBase(Endpoints, ModelCalls, ConnectorCalls, ScenarioCalls):
         if call.warn_deprecated:
             self.deprecations.observe(call.method, call.route, answer)
         if answer.is_error:
-            raise from_response(answer)
+            error = from_response(answer)
+            if maybe_applied and call.conditional and isinstance(error, ApiError) and error.status in (409, 412):
+                raise OutcomeUnknown(f"{call.method} {call.path}", error) from error
+            raise error
         return None
+
+    @staticmethod
+    def maybe_sent(answer: httpx.Response | httpx.TransportError) -> bool:
+        """Whether a try that ended with `answer` may have reached the server: every network error but
+        a failed connect (the request never left)."""
+        return isinstance(answer, httpx.TransportError) and not isinstance(answer, (httpx.ConnectError,
+                                                                                    httpx.ConnectTimeout))

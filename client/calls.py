@@ -66,6 +66,7 @@ class Call(Generic[T]):
     json: Any = None
     headers: Mapping[str, str] = field(default_factory=dict)
     idempotent: bool = False  # safe to resend after a network error (the server may have applied it)
+    conditional: bool = False  # a compare-and-set (If-Match, expected_revision): a resend may find its own write
     path_params: Mapping[str, str] = field(default_factory=dict)
     warn_deprecated: bool = True  # False where the answer echoes a mark the caller itself just set
 
@@ -191,7 +192,8 @@ class Endpoints(Sender):
         """Replace an asset; with `if_match` only at that revision (else PreconditionFailed, nothing changed)."""
         return self._send(Call("PUT", "/v1/assets/{asset_id}", _revisioned(Asset),
                                json=update.model_dump(mode="json"), headers=_conditions(if_match),
-                               idempotent=if_match is not None, path_params={"asset_id": asset_id}))
+                               idempotent=if_match is not None, conditional=if_match is not None,
+                               path_params={"asset_id": asset_id}))
 
     def delete_asset(self, asset_id: str, if_match: int | None = None) -> None:
         return self._send(Call("DELETE", "/v1/assets/{asset_id}", _nothing, headers=_conditions(if_match),
@@ -239,7 +241,8 @@ class Endpoints(Sender):
         the answer moves it back. Not resent after a network error unless `if_match` makes it safe."""
         return self._send(Call("POST", "/v1/assets/{asset_id}/migrate", _lazy("serve_apps.routes_evolution:"
                                "MigrationResult"), json=migration.model_dump(mode="json"), headers=_conditions(
-                               if_match), idempotent=if_match is not None, path_params={"asset_id": asset_id}))
+                               if_match), idempotent=if_match is not None, conditional=if_match is not None,
+                               path_params={"asset_id": asset_id}))
 
     def check_compatibility(self, asset_type: AssetType) -> CompatibilityReport:
         """A candidate type version's changes against the newest older one and the bump they need (writes nothing)."""

@@ -41,6 +41,21 @@ class UnexpectedAnswer(RayTwinError):
             "report it" + (f" with request_id {request_id}" if request_id else ""))
 
 
+class OutcomeUnknown(RayTwinError):
+    """A compare-and-set write (`if_match`, `expected_revision`) whose answer was lost in the network was
+    sent again, and the server refused the resend because the resource changed (`refusal`, its 412 or
+    409): by this write's first try, or by another writer. Do not simply re-apply it (a read-modify-write
+    would apply twice): read the resource and check whether it already holds your change."""
+
+    def __init__(self, request: str, refusal: ApiError):
+        self.refusal = refusal
+        self.request_id = refusal.request_id
+        super().__init__(
+            f"{request}: the first try's answer was lost and the resend was refused ({refusal.status} "
+            f"{refusal.code}: {refusal.message}): the first try may have been applied; read the resource and "
+            "check whether it holds your change before you apply it again")
+
+
 def _where(loc: tuple[int | str, ...]) -> str:
     """A field's place in the answer, as in JSON paths: ``items[0].state``."""
     return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".") or "(the answer)"

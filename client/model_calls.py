@@ -46,12 +46,14 @@ class ModelCalls(Sender):
         stage does not allow, or `expected_revision` is stale). Resent only with `expected_revision` set."""
         return self._send(Call("POST", "/v1/models/{model}/versions/{version}/transitions", _lazy(_RECORD),
                                json=_body(request), idempotent=request.expected_revision is not None,
+                               conditional=request.expected_revision is not None,
                                path_params={"model": model, "version": version}))
 
     def rollback_model(self, model: str, request: RollbackRequest) -> TransitionRecord:
         """Back to the previous production version."""
         return self._send(Call("POST", "/v1/models/{model}/rollback", _lazy(_RECORD), json=_body(request),
-                               idempotent=request.expected_revision is not None, path_params={"model": model}))
+                               idempotent=request.expected_revision is not None,
+                               conditional=request.expected_revision is not None, path_params={"model": model}))
 
     def model_lifecycle_log(self, model: str) -> list[TransitionRecord]:
         return self._send(Call("GET", "/v1/models/{model}/lifecycle/log", _lazy(_RECORD, many=True),

@@ -8,6 +8,7 @@ no gap and no duplicate (serve_apps/README.md, "Change stream").
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 import httpx
 from pydantic import ValidationError
 
-from client.errors import RayTwinError, UnexpectedAnswer, retry_after_s
+from client.errors import Gone, RayTwinError, UnexpectedAnswer, retry_after_s
 from client.retry import RETRY_STATUSES, RetryPolicy
 from serve_apps.changes import Change
 
@@ -82,7 +83,8 @@ class Subscription:
 
     def feed(self, lines: Iterable[str]) -> list[Change]:
         """The changes completed by these lines; notes ids and `fell_behind`. A change that does not fit
-        the client's `Change` raises `UnexpectedAnswer` (not pydantic's error)."""
+        the client's `Change` raises `UnexpectedAnswer` (not pydantic's error); a `gone` event (the changes
+        after the resume point were deleted by the retention) raises `Gone`, as a 410 at connect does."""
         out = []
         for line in lines:
             self.failures = 0
@@ -96,6 +98,10 @@ class Subscription:
                 self.last_id = int(frame["id"])
             if frame.get("event") == "fell_behind":
                 self.fell_behind = True
+            elif frame.get("event") == "gone":
+                body = json.loads(frame.get("data") or "{}")
+                raise Gone(410, "gone", str(body.get("message", "the changes after the resume point were deleted")),
+                           [body])
             elif "data" in frame and frame.get("event"):
                 try:
                     out.append(Change.model_validate_json(frame["data"]))

@@ -16,8 +16,9 @@ import pytest
 
 from client import AsyncRayTwinClient, RayTwinClient, RetryPolicy
 from client.deprecation import RayTwinDeprecationWarning
-from client.errors import (Conflict, Forbidden, InvalidArgument, InvalidRequest, NotFound, PayloadTooLarge,
-                           PreconditionFailed, RayTwinError, ServerError, Unauthorized, Unavailable, UnexpectedAnswer)
+from client.errors import (Conflict, Forbidden, Gone, InvalidArgument, InvalidRequest, NotFound, OutcomeUnknown,
+                           PayloadTooLarge, PreconditionFailed, RayTwinError, ServerError, Unauthorized, Unavailable,
+                           UnexpectedAnswer)
 from client.jobs import JobFailed, JobTimeout, JobWait
 from raytwin.migration import MigrationRequest
 from raytwin.recalibration import RecalibrationPolicy
@@ -71,6 +72,39 @@ def test_network_errors_are_retried_only_where_a_resend_is_safe():
     assert len(seen) == 1
 
 
+def test_a_compare_and_set_refused_after_a_lost_answer_is_an_unknown_outcome_not_a_lost_race():
+    """A PUT with If-Match whose answer was lost may have been applied: its resend's 412 must not read as
+    "someone else wrote, re-apply" (a read-modify-write then applied twice). A resend after a failed
+    connect (nothing left the client) is an ordinary 412, and so is a first try's."""
+    refused = httpx.Response(412, json={"error": {"code": "precondition_failed", "message": "at revision 8",
+                                                  "details": [{"current_revision": 8}], "request_id": "r2"}})
+    update = AssetUpdate(type_name="thermal_rc", type_version="1.0.0")
+    for first, error in ((httpx.ReadTimeout("answer lost"), OutcomeUnknown), (httpx.RemoteProtocolError("dropped"),
+                         OutcomeUnknown), (httpx.ConnectError("refused"), PreconditionFailed)):
+        transport, seen = scripted(first, refused)
+        with RayTwinClient("http://api", "rtk_x_y", retry=FAST, transport=transport) as api:
+            with pytest.raises(RayTwinError) as err:
+                api.update_asset("zone-1", update, if_match=7)
+        assert type(err.value) is error and len(seen) == 2
+        assert seen[1].headers["If-Match"] == seen[0].headers["If-Match"]
+    assert not isinstance(err.value, OutcomeUnknown)
+    transport, _ = scripted(httpx.ReadTimeout("answer lost"), refused)
+    with RayTwinClient("http://api", "rtk_x_y", retry=FAST, transport=transport) as api:
+        with pytest.raises(OutcomeUnknown, match="may have been applied; read the resource") as unknown:
+            api.update_asset("zone-1", update, if_match=7)
+    assert unknown.value.refusal.current_revision == 8 and unknown.value.request_id == "r2"
+    conflict = httpx.Response(409, json={"error": {"code": "conflict", "message": "reload and retry"}})
+    transport, _ = scripted(httpx.ReadTimeout("answer lost"), conflict)
+    request = TransitionRequest(to="production", reason="checked", expected_revision=3)
+
+    async def promote() -> None:
+        async with AsyncRayTwinClient("http://api", "rtk_x_y", retry=FAST, transport=transport) as api:
+            await api.transition_model("zone", "1.0.0", request)
+
+    with pytest.raises(OutcomeUnknown, match="409 conflict"):
+        asyncio.run(promote())
+
+
 def test_telemetry_resends_the_same_idempotency_keys_after_a_timeout():
     result = httpx.Response(200, json={"accepted": 0, "duplicates": 2, "rejected": 0, "reasons": []})
     transport, seen = scripted(httpx.ReadTimeout("slow"), httpx.Response(503, headers={"Retry-After": "0"}), result)
@@ -111,6 +145,19 @@ def test_the_change_stream_reconnects_from_the_last_id_and_stops_on_a_refusal():
             next(stream)
     assert [r.headers.get("last-event-id") for r in seen] == ["5", "5", "9", "9"]
 
+
+
+def test_a_gone_event_in_the_change_stream_raises_gone_with_the_servers_message():
+    """The server ends a replay whose next changes the retention deleted with a `gone` event (no id):
+    the documented `Gone`, never `UnexpectedAnswer` ("use the client of the server's version")."""
+    frames = 'id: 10000\n\nevent: gone\ndata: {"last_event_id": "10000", "oldest": 10004, "message": ' \
+        '"the changes after event id 10000 up to 10003 were deleted"}\n\n'
+    transport, _ = scripted(httpx.Response(200, text=frames, headers={"Content-Type": "text/event-stream"}))
+    with RayTwinClient("http://api", "rtk_x_y", retry=FAST, transport=transport) as api:
+        with pytest.raises(Gone, match="up to 10003 were deleted") as err:
+            next(api.changes(after=10000))
+    assert err.value.status == 410 and err.value.details == [{"last_event_id": "10000", "oldest": 10004,
+                                                              "message": err.value.message}]
 
 def job_json(state: str, done: int) -> dict:
     return {"job_id": "j1", "kind": "bulk", "tenant": "acme", "key_id": "k", "asset_id": "", "model_ref": "",
