@@ -311,6 +311,8 @@ class ModelLifecycle:
         automatic = False
         if to == "production":
             automatic = self._approve(state, current, actor)
+        elif current.stage == "production":  # out of production, with no way back in: as grave as a promotion
+            automatic = self._approver_or_policy(state, actor, f"archiving {ref}, the production version,")
         action: Action = {"staging": "stage", "production": "promote", "archived": "archive"}[to]
         displaced = state.production if to == "production" else None
         return self._append(state, version, action, current.stage, to, actor, reason, evidence,
@@ -337,12 +339,19 @@ class ModelLifecycle:
                                  + ("" if state.production else " (and no production version)"))
         if state.versions[target].pruned:
             raise LifecycleError(f"{model}@{target}, the previous production version, was removed by retention")
-        automatic = self.policy(state.tenant or actor.tenant).auto_promote and APPROVER not in actor.roles
-        if APPROVER not in actor.roles and not automatic:
-            raise ApprovalRequired(f"rolling {model} back needs the {APPROVER!r} role (actor {actor.id} has "
-                                   f"{sorted(actor.roles) or 'none'})")
+        automatic = self._approver_or_policy(state, actor, f"rolling {model} back")
         return self._append(state, target, "rollback", "archived", "production", actor, reason, evidence,
                             displaced=state.production, automatic=automatic)
+
+    def _approver_or_policy(self, state: ModelState, actor: Actor, what: str) -> bool:
+        """Whether `what` (a change of the production version that needs no second pair of eyes) happens by
+        the tenant's automatic promotion (True) or by an approver (False); else refuse."""
+        if APPROVER in actor.roles:
+            return False
+        if self.policy(state.tenant or actor.tenant).auto_promote:
+            return True
+        raise ApprovalRequired(f"{what} needs the {APPROVER!r} role (actor {actor.id} has "
+                               f"{sorted(actor.roles) or 'none'})")
 
     def _approve(self, state: ModelState, version: VersionState, actor: Actor) -> bool:
         """Whether production is reached by policy (True) or by a second pair of eyes (False); else refuse."""

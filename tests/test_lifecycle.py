@@ -93,6 +93,14 @@ def test_stages_four_eyes_and_rollback(lc):
                                                      "rollback"]
     assert state.revision == 6 and state.versions["1.1.0"].author == "alice"
 
+    # production left with no way back in (archived versions are never promoted again) needs an approver too
+    with pytest.raises(ApprovalRequired, match="archiving zone@1.0.0, the production version, needs the 'approver' "
+                                               "role \\(actor alice has none\\)"):
+        lc.transition("zone@1.0.0", "archived", ALICE, "retire")
+    assert lc.stage("zone@1.0.0") == "production"
+    retired = lc.transition("zone@1.0.0", "archived", BOB, "retire")
+    assert (retired.action, retired.automatic, lc.verify("zone").production) == ("archive", False, None)
+
 
 def test_another_tenants_model_and_bad_evidence_are_refused(lc):
     _to_staging(lc, "1.0.0")
