@@ -8,6 +8,7 @@ before anything is stored or started.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import ray
@@ -25,6 +26,20 @@ class InvalidConnector(ValueError):
     """A declaration that cannot work (unknown assets, bad topics): the message lists every problem."""
 
 
+START_RETRY_S = 30.0
+"""How long a connector whose actor could not start is reported down before its start is tried again (each
+try is a new worker process: a reader listing connectors must not start one per request)."""
+
+
+class ConnectorDown(RuntimeError):
+    """A declared connector whose actor cannot start (e.g. its TLS files were removed since)."""
+
+
+def _died_because(exc: BaseException) -> str:
+    """The last line of an actor's death: its constructor's exception (Ray puts the traceback before it)."""
+    return next((line.strip() for line in reversed(str(exc).splitlines()) if line.strip()), type(exc).__name__)
+
+
 class Connectors:
     """Create, pause, resume, inspect and delete connectors feeding the twins behind `router`."""
 
@@ -33,6 +48,7 @@ class Connectors:
         self.router, self._assets = router, assets
         self.store = ConnectorStore(router.store_url, router.storage_options)
         self.ledger = CommandLedger(router.store_url, router.storage_options)
+        self._down: dict[tuple[str, str], tuple[float, str]] = {}  # (tenant, name) -> (retry at, why)
 
     def create(self, spec: ConnectorSpec | dict[str, Any], credentials: Credentials | None = None) -> ConnectorStatus:
         """Check, store and start a connector (an existing one of that name is replaced and restarted)."""
@@ -48,8 +64,19 @@ class Connectors:
         self.store.save(spec, credentials or Credentials())
         if replaced and (old := replaced.session_key()) and old != key:
             self.store.release(old, spec.tenant, spec.name)
+        self._down.pop((spec.tenant, spec.name), None)
+        try:
+            status = self._ask(spec.tenant, spec.name, "status")
+        except ConnectorDown as exc:  # it cannot start: not kept, or every later call would fail
+            self._kill(spec.tenant, spec.name)
+            self.store.delete(spec.tenant, spec.name)
+            self._down.pop((spec.tenant, spec.name), None)
+            if key:
+                self.store.release(key, spec.tenant, spec.name)
+            raise InvalidConnector(f"connector {spec.name!r} could not start, so it was not kept: {exc.args[1]}") \
+                from None
         log.info("event=connector_created tenant=%s connector=%s kind=%s", spec.tenant, spec.name, spec.kind)
-        return ray.get(self._actor(spec.tenant, spec.name).status.remote())
+        return status
 
     def _declared(self, tenant: str, name: str) -> ConnectorSpec | None:
         try:
@@ -74,14 +101,39 @@ class Connectors:
             log.warning("event=connector_stop_failed tenant=%s connector=%s", tenant, name)
         ray.kill(handle, no_restart=True)
 
+    def _ask(self, tenant: str, name: str, method: str) -> ConnectorStatus:
+        """`method` of the connector's actor; `ConnectorDown` if the actor cannot start (not tried again for
+        `START_RETRY_S`)."""
+        if (down := self._down.get((tenant, name))) is not None and time.monotonic() < down[0]:
+            raise ConnectorDown(f"connector {name!r} cannot start: {down[1]}; declare it again or delete it", down[1])
+        try:
+            answer = ray.get(getattr(self._actor(tenant, name), method).remote())
+        except ray.exceptions.ActorDiedError as exc:
+            why = _died_because(exc)
+            self._down[(tenant, name)] = (time.monotonic() + START_RETRY_S, why)
+            log.error("event=connector_down tenant=%s connector=%s error=%r", tenant, name, why)
+            raise ConnectorDown(f"connector {name!r} cannot start: {why}; declare it again or delete it", why) \
+                from None
+        self._down.pop((tenant, name), None)
+        return answer
+
     def pause(self, tenant: str, name: str) -> ConnectorStatus:
-        return ray.get(self._actor(tenant, name).pause.remote())
+        return self._ask(tenant, name, "pause")
 
     def resume(self, tenant: str, name: str) -> ConnectorStatus:
-        return ray.get(self._actor(tenant, name).resume.remote())
+        return self._ask(tenant, name, "resume")
 
     def status(self, tenant: str, name: str) -> ConnectorStatus:
-        return ray.get(self._actor(tenant, name).status.remote())
+        """Its actor's status; for a declaration whose actor cannot start, a status saying why (so that it
+        can still be seen among the tenant's connectors, and deleted)."""
+        try:
+            return self._ask(tenant, name, "status")
+        except ConnectorDown as exc:
+            return ConnectorStatus(
+                tenant=tenant, name=name, kind=self.spec(tenant, name).kind, state=self.store.desired(tenant, name),
+                connected=False, messages=0, acknowledged=0, pending=0, accepted=0, duplicates=0, rejected=0,
+                dead_lettered=0, errors=1, last_error=f"cannot start: {exc.args[1]}", lag_s=None,
+                newest_event_time=None)
 
     def spec(self, tenant: str, name: str) -> ConnectorSpec:
         """The declaration (never the credentials)."""
@@ -99,6 +151,7 @@ class Connectors:
         self._kill(tenant, name)
         ended = kind_of(spec.kind).end_session(spec, credentials)
         self.store.delete(tenant, name)
+        self._down.pop((tenant, name), None)
         if (key := spec.session_key()) and ended:
             self.store.release(key, tenant, name)
         elif key:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import ssl
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -106,9 +107,35 @@ class TopicRoute(FrozenSpec):
 
 
 class TlsSettings(FrozenSpec):
+    """Files on the nodes that run connectors (through the API: names in the operator's directory for the
+    tenant, `ServeConfig.connector_tls_dir`)."""
+
     ca_file: str | None = Field(None, description="CA bundle to verify the broker (None: the system's)")
     cert_file: str | None = Field(None, description="client certificate, for brokers that require one")
     key_file: str | None = None
+
+    def problems(self) -> list[str]:
+        """Why these files cannot make a TLS client (missing, unreadable, not PEM of the right kind), found
+        before a connector is stored rather than by its actor failing to start."""
+        out = []
+        if self.ca_file is not None:
+            try:
+                ssl.create_default_context(cafile=self.ca_file)
+            except (OSError, ValueError) as exc:
+                out.append(f"broker.tls.ca_file {self.ca_file!r} cannot be loaded as a CA bundle: {_why(exc)}")
+        if self.key_file is not None and self.cert_file is None:
+            out.append("broker.tls.key_file needs broker.tls.cert_file (the client certificate it belongs to)")
+        elif self.cert_file is not None:
+            try:
+                ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(self.cert_file, self.key_file)
+            except (OSError, ValueError) as exc:
+                out.append(f"broker.tls.cert_file {self.cert_file!r} (key_file {self.key_file!r}) cannot be loaded "
+                           f"as a client certificate and key: {_why(exc)}")
+        return out
+
+
+def _why(exc: BaseException) -> str:
+    return getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc) or type(exc).__name__
 
 
 class BrokerSettings(FrozenSpec):
@@ -382,7 +409,12 @@ def end_session(spec: MqttSpec, credentials: Credentials, timeout_s: float = 10.
     the session and what it queued for it. False if the broker could not be reached or refused."""
     b = spec.broker
     v5 = b.protocol == "5"
-    client = _client(spec, credentials, persistent=False)
+    try:
+        client = _client(spec, credentials, persistent=False)
+    except (OSError, ValueError) as exc:  # TLS files gone since it was declared: the session cannot be reached
+        log.warning("event=mqtt_session_kept connector=%s/%s broker=%s:%d error=%r", spec.tenant, spec.name, b.host,
+                    b.port, str(exc))
+        return False
     answered, accepted = threading.Event(), []
     client.on_connect = lambda c, u, flags, reason, props: (accepted.append(not reason.is_failure), answered.set())
     kwargs: dict[str, Any] = {}
@@ -416,7 +448,8 @@ class MqttKind:
 
     def problems(self, spec: MqttSpec, assets: set[str]) -> list[str]:
         return [f"route {r.topic!r}: asset {r.asset_id!r} is not a registered twin of tenant {spec.tenant!r}"
-                for r in spec.routes if r.asset_id is not None and r.asset_id not in assets]
+                for r in spec.routes if r.asset_id is not None and r.asset_id not in assets] + (
+                    spec.broker.tls.problems() if spec.broker.tls is not None else [])
 
     def adapter(self, spec: MqttSpec, credentials: Credentials, put: Callable[[Inbound], None],
                 on_ack: AckHandler, *, predecessor_seen: datetime | None = None) -> MqttAdapter:

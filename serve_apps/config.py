@@ -69,6 +69,10 @@ class ServeConfig(BaseModel):
     connectors: list[dict[str, Any]] = Field(
         default_factory=list, description="Connector declarations started with the service (see connectors/README.md); "
         "credentials come from the backend's environment via `credentials_env`, never from here.")
+    connector_tls_dir: str | None = Field(
+        None, description="Directory of the TLS files of connectors created through the API, on every node that "
+        "runs connectors (e.g. a mounted Secret): a tenant names files of `{dir}/{tenant}/`, never another path "
+        "(None: such connectors cannot use TLS files). Declared connectors (`connectors`) name any path.")
     autoscaling: Autoscaling = Field(default_factory=Autoscaling)
     admission: Admission = Field(default_factory=Admission)
 

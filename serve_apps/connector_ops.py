@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -17,7 +18,7 @@ from pydantic import ValidationError
 
 from connectors.commands import CommandError, UnknownCommand
 from connectors.kinds import UnknownKind
-from connectors.manager import Connectors, InvalidConnector
+from connectors.manager import ConnectorDown, Connectors, InvalidConnector
 from connectors.spec import Credentials, SessionTaken, UnknownConnector
 from raytwin.contracts import describe_error
 from serve_apps.errors import Conflict, NotFound, Unprocessable, unwrap
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
     from actors.service import TwinService
 
 log = logging.getLogger("raytwin.serve.connectors")
+TLS_FILES = ("ca_file", "cert_file", "key_file")
+_FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 
 
 def _api_errors(call: Callable[..., Any]) -> Callable[..., Any]:
@@ -40,6 +43,8 @@ def _api_errors(call: Callable[..., Any]) -> Callable[..., Any]:
             raise Unprocessable(str(unwrap(exc))) from None
         except (CommandError, SessionTaken) as exc:
             raise Conflict(str(unwrap(exc))) from None
+        except ConnectorDown as exc:
+            raise Conflict(exc.args[0]) from None
     wrapped.__doc__ = call.__doc__
     return wrapped
 
@@ -56,8 +61,9 @@ class ConnectorOps:
     OPS = frozenset({"create", "pause", "resume", "view", "list_all", "delete", "propose", "approve", "refuse",
                      "commands", "command"})
 
-    def __init__(self, twins: TwinService, declared: list[dict[str, Any]]):
+    def __init__(self, twins: TwinService, declared: list[dict[str, Any]], tls_dir: str | None = None):
         self.connectors = Connectors(twins.router, twins.assets)
+        self.tls_dir = tls_dir
         for declaration in declared:
             try:
                 self._declare(declaration)
@@ -76,8 +82,28 @@ class ConnectorOps:
 
     @_api_errors
     def create(self, tenant: str, spec: dict[str, Any], credentials: Credentials | None) -> dict[str, Any]:
-        created = self.connectors.create({**spec, "tenant": tenant}, credentials)
+        created = self.connectors.create(self._tenant_files({**spec, "tenant": tenant}), credentials)
         return self.view(tenant, created.name) | {"status": created.model_dump(mode="json")}
+
+    def _tenant_files(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """`spec` with its TLS file names resolved in the tenant's directory of `tls_dir`: a tenant names no
+        path of the server's (another tenant's client key, the server's own files)."""
+        tls = (spec.get("broker") or {}).get("tls") if isinstance(spec.get("broker"), dict) else None
+        if not isinstance(tls, dict) or not any(tls.get(f) for f in TLS_FILES):
+            return spec
+        if self.tls_dir is None:
+            raise Unprocessable("broker.tls: this server takes no TLS files for connectors created through the API "
+                                "(its operator sets ServeConfig.connector_tls_dir and places them in its directory "
+                                "for your tenant); leave tls out or ask them to declare the connector")
+        resolved = dict(tls)
+        for field in TLS_FILES:
+            if (value := tls.get(field)) is None:
+                continue
+            if not isinstance(value, str) or not _FILE_NAME.fullmatch(value):
+                raise Unprocessable(f"broker.tls.{field} {value!r}: name a file of your tenant's TLS directory "
+                                    f"(letters, digits, '.', '_', '-'; no path)")
+            resolved[field] = f"{self.tls_dir.rstrip('/')}/{spec['tenant']}/{value}"
+        return {**spec, "broker": {**spec["broker"], "tls": resolved}}
 
     @_api_errors
     def view(self, tenant: str, name: str) -> dict[str, Any]:

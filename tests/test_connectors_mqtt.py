@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import threading
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
+import httpx
 import paho.mqtt.client as paho
 import pytest
 import ray
@@ -409,7 +411,7 @@ def api(twins, tmp_path_factory):
     config = ServeConfig(store_url=str(root / "store"), keys_file=str(keys_file), rate_per_s=1000, rate_burst=1000)
     class ConnectorBackend:  # the Backend's connector method over real ConnectorOps; no jobs here
         connector = Backend.connector
-        connector_ops = ConnectorOps(twins, [])
+        connector_ops = ConnectorOps(twins, [], tls_dir=str(root / "tls"))
 
         def live_twins(self) -> int:
             return len(twins.assets("acme"))
@@ -464,6 +466,51 @@ def test_http_connectors_keep_credentials_write_only_and_tenants_apart(api, brok
                           == 1.0, "the connector's connected gauge")
     assert not any(secret in str(labels) for samples in exported.values() for labels, _ in samples)
 
+
+
+def test_http_tls_files_are_the_tenants_own_and_a_connector_that_cannot_start_is_not_kept(api, broker, connectors):
+    """A tenant names files of its own TLS directory, never a server path; files that cannot make a TLS client
+    are refused before anything is stored; a connector whose files went missing since is listed as down (once
+    per retry period, not a worker per request) and can be deleted."""
+    import shutil
+
+    import certifi
+
+    client, auth, _, svc = api
+    tls_dir = Path(svc.config.store_url).parent / "tls"
+    (tls_dir / "acme").mkdir(parents=True)
+    (tls_dir / "acme" / "junk.pem").write_text("not a certificate\n")
+    shutil.copy(certifi.where(), tls_dir / "acme" / "ca.pem")
+    spec = plant_spec(broker.port, name="tls", routes=[{"topic": "tls/+/t", "asset_level": 1, "payload": PAYLOAD}])
+    del spec["tenant"], spec["ack_topic"]
+
+    def create(**tls) -> httpx.Response:
+        return client.post("/v1/connectors", json={"spec": {**spec, "broker": {**spec["broker"], "tls": tls}}},
+                           headers=auth["admin"])
+
+    for tls, why in (({"ca_file": str(svc.config.keys_file)}, "broker.tls.ca_file '/"),
+                     ({"ca_file": "../globex/ca.pem"}, "name a file of your tenant's TLS directory"),
+                     ({"ca_file": "missing.pem"}, "cannot be loaded as a CA bundle: No such file or directory"),
+                     ({"ca_file": "junk.pem"}, "cannot be loaded as a CA bundle: [X509"),
+                     ({"key_file": "ca.pem"}, "broker.tls.key_file needs broker.tls.cert_file")):
+        refused = create(**tls)
+        assert refused.status_code == 422 and why in refused.json()["error"]["message"], (tls, refused.text)
+        assert client.get("/v1/connectors/tls", headers=auth["reader"]).status_code == 404  # nothing stored
+    assert "keys.json" not in json.dumps([rec.model_dump(mode="json") for rec in svc.audit.records("acme")])
+
+    made = create(ca_file="ca.pem")
+    assert made.status_code == 201, made.text
+    assert made.json()["spec"]["broker"]["tls"]["ca_file"] == str(tls_dir / "acme" / "ca.pem")
+    (tls_dir / "acme" / "ca.pem").unlink()  # removed while it runs: its next start fails
+    connectors._kill("acme", "tls")
+    listed = client.get("/v1/connectors", headers=auth["reader"])
+    assert listed.status_code == 200, listed.text
+    down = next(c for c in listed.json() if c["name"] == "tls")
+    assert not down["connected"] and down["last_error"].startswith("cannot start: FileNotFoundError")
+    paused = client.post("/v1/connectors/tls/pause", headers=auth["admin"])
+    assert paused.status_code == 409 and "declare it again or delete it" in paused.json()["error"]["message"]
+    assert client.delete("/v1/connectors/tls", headers=auth["admin"]).status_code == 204
+    assert client.get("/v1/connectors/tls", headers=auth["reader"]).status_code == 404
 
 def test_http_commands_propose_approve_once_and_show_the_ack(api, broker):
     client, auth, key_ids, _ = api
