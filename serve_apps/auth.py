@@ -92,7 +92,7 @@ class KeyStore:
         self.path = Path(path)
         if not self.path.exists():
             raise FileNotFoundError(f"API keys file {path} does not exist; create keys with `raytwin keys create`")
-        self._mtime = -1.0
+        self._mtime: float | None = -1.0
         self._by_digest: dict[str, KeyRecord] = {}
         self._broken: str | None = None
         self._refresh()
@@ -101,8 +101,14 @@ class KeyStore:
         """Re-read a changed file. One that does not parse (a hand edit's typo, a write caught half done)
         refuses every key until it is fixed (`KeysUnavailable`): keeping the old keys would keep a key valid
         that the edit revoked."""
-        mtime = self.path.stat().st_mtime
-        if mtime != self._mtime:
+        try:
+            mtime: float | None = self.path.stat().st_mtime
+        except OSError as exc:  # moved away, or a Secret being remounted: no key can be checked
+            if self._mtime is not None:  # said once; read again whenever it is back (a move keeps its mtime)
+                log.error("event=keys_file_invalid path=%s error=%r: every request is refused (503) until it is "
+                          "back", self.path, exc.strerror or str(exc))
+            mtime, self._mtime, self._broken = None, None, f"{type(exc).__name__}: {exc.strerror or exc}"
+        if mtime is not None and mtime != self._mtime:
             self._mtime = mtime
             try:
                 self._by_digest = {r.sha256: r for r in load_keys(self.path)}
@@ -112,7 +118,7 @@ class KeyStore:
                 log.error("event=keys_file_invalid path=%s error=%r: every request is refused (503) until it is "
                           "fixed; `raytwin keys create/revoke` rewrite it atomically", self.path, self._broken)
         if self._broken is not None:
-            raise KeysUnavailable("the server's API keys file is invalid: no key can be checked until its "
+            raise KeysUnavailable("the server's API keys file is missing or invalid: no key can be checked until its "
                                   "operator fixes it")
 
     def authenticate(self, key: str) -> Principal | None:

@@ -53,10 +53,16 @@ def test_a_revoked_key_is_refused_and_a_broken_keys_file_refuses_every_key(tmp_p
     good = path.read_text()
     path.write_text(good[:-20])  # an editor's half-written save
     os.utime(path, (1, 1))  # a new modification time, whatever the clock's resolution
-    with pytest.raises(KeysUnavailable, match="API keys file is invalid") as refused:
+    with pytest.raises(KeysUnavailable, match="API keys file is missing or invalid") as refused:
         store.authenticate(new_key)
     assert (refused.value.status, refused.value.code) == (503, "unavailable")
     path.write_text(good)
+    assert store.authenticate(new_key).tenant == "acme"
+
+    path.rename(tmp_path / "moved.json")  # moved away (a Secret remounted): 503 as well, not a 500 per request
+    with pytest.raises(KeysUnavailable, match="missing or invalid"):
+        store.authenticate(new_key)
+    (tmp_path / "moved.json").rename(path)  # back, with the modification time it had
     assert store.authenticate(new_key).tenant == "acme"
 
 
