@@ -7,7 +7,7 @@ import logging
 from typing import Any
 
 from actors.shadow import ShadowBook, ShadowTwinReport
-from actors.state import TwinState
+from actors.state import TwinState, UnknownTwin
 from actors.twin import Twin
 from raytwin.registry import ModelArtifact
 from raytwin.statestore import StateStore, from_micros
@@ -38,7 +38,7 @@ class LiveModelOps:
         self._refresh_stale()
         missing = [a for a in asset_ids if (tenant, a) not in self.twins]
         if missing:
-            raise KeyError(f"no twin {missing} for tenant {tenant!r}")
+            raise UnknownTwin(f"no twin {', '.join(missing)} for tenant {tenant!r}")
         return self.shadows.start(run_id, tenant, [self.twins[(tenant, a)] for a in asset_ids],
                                   ModelArtifact.model_validate(artifact), events)
 

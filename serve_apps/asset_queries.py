@@ -11,6 +11,7 @@ never touches a shard.
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
 import time
 from collections import OrderedDict, defaultdict
@@ -52,6 +53,8 @@ def cursor_secret(store_url: str, storage_options: dict[str, Any] | None) -> byt
             write_once(fs, path, secrets.token_bytes(KEY_BYTES))
         except FileExistsError:  # made meanwhile (a restarting backend): use that one
             pass
+    if "file" in ((fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol):  # whoever has it forges cursors
+        os.chmod(path, 0o600)
     return fs.cat_file(path)
 
 

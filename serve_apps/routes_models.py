@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from raytwin.lifecycle import (
+    APPROVER,
     ApprovalRequired,
     ChainBroken,
     Evidence,
@@ -222,8 +223,15 @@ def register(app: FastAPI) -> None:
     @app.put("/v1/lifecycle-policy", response_model=LifecyclePolicy, tags=tags)
     async def put_policy(body: LifecyclePolicy, request: Request, who: Principal = ADMIN,
                          svc: Services = SVC) -> LifecyclePolicy:
-        """Replace the tenant's lifecycle policy (admin only; audited)."""
-        await _call(_lifecycle(svc, who.tenant).set_policy, who.tenant, body)
+        """Replace the tenant's lifecycle policy (admin only; audited). Turning `auto_promote` on or off also
+        needs the `approver` grant: it decides whether production needs a second key at all."""
+        lifecycle = _lifecycle(svc, who.tenant)
+        current = await _call(lifecycle.policy, who.tenant)
+        if body.auto_promote != current.auto_promote and APPROVER not in who.grants:
+            raise Forbidden(f"turning auto_promote {'on' if body.auto_promote else 'off'} needs the {APPROVER!r} "
+                            f"grant (with it any writer promotes without a second key); key {who.key_id} has "
+                            f"{sorted(who.grants) or 'none'}")
+        await _call(lifecycle.set_policy, who.tenant, body)
         await svc.record(request, who, "lifecycle_policy.update", who.tenant, policy=body.model_dump(mode="json"))
         return body
 

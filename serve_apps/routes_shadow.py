@@ -21,6 +21,7 @@ from starlette.concurrency import run_in_threadpool
 from actors.live_models import LiveModels, ShadowReport, SwapOutcome, UnknownShadow
 from actors.routing import shard_name
 from actors.shadow import MAX_EVENTS, MAX_TWINS, ShadowRunning
+from actors.state import UnknownTwin
 from raytwin.contracts import Identifier
 from raytwin.lifecycle import TransitionRecord
 from raytwin.registry import RegistryError
@@ -71,6 +72,8 @@ async def _live(svc: Services, call: Callable[[LiveModels], Any]) -> Any:
         raise NotFound(str(unwrap(exc))) from None
     except ShadowRunning as exc:
         raise Conflict(str(unwrap(exc))) from None
+    except UnknownTwin as exc:  # a missing twin, or another tenant's
+        raise NotFound(str(unwrap(exc))) from None
     except (KeyError, ValueError) as exc:
         raise BadRequest(str(unwrap(exc)).strip("'\"")) from None
 

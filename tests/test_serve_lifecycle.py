@@ -197,6 +197,9 @@ def test_shadow_evaluation_is_recorded_and_promotion_hot_swaps_twins(client):
     assert "asset_ids or sample" in assert_error(http.post(url, json={"events": 5}, headers=api.headers_for(
         "writer")), 400, "bad_request")["message"]
     assert_error(http.post(url, json={"sample": 1, "events": 5}, headers=api.headers_for("reader")), 403, "forbidden")
+    unknown = assert_error(http.post(url, json={"asset_ids": ["no-such"], "events": 5},
+                                     headers=api.headers_for("writer")), 404, "not_found")["message"]
+    assert unknown == "no twin no-such for tenant 'acme'"
     assert _move(api, "author", V3, "candidate").status_code == 201
     started = http.post(url, json={"sample": 1, "events": 5}, headers=api.headers_for("writer"))
     assert started.status_code == 201 and started.json()["asset_ids"] == ["zone-sh"], started.text
@@ -248,3 +251,18 @@ def test_the_publisher_of_a_version_may_not_approve_it(client):
     chief = api.keys["chief"].split("_")[1]
     assert refused.startswith(f"{chief} is the publisher (its declaration and parameters) of thermal_rc@{own} and "
                               "may not approve it (four eyes)")
+
+
+def test_only_an_approver_turns_automatic_promotion_on_or_off(client):
+    """`auto_promote` decides whether production needs a second key at all: an admin without the approver
+    grant could switch it on, promote its own version alone and switch it off again."""
+    api, http = client, client.http
+    refused = assert_error(http.put("/v1/lifecycle-policy", json={"auto_promote": True},
+                                    headers=api.headers_for("admin")), 403, "forbidden")["message"]
+    assert refused.startswith("turning auto_promote on needs the 'approver' grant")
+    assert http.get("/v1/lifecycle-policy", headers=api.headers_for("reader")).json()["auto_promote"] is False
+    for on in (True, False):
+        assert http.put("/v1/lifecycle-policy", json={"auto_promote": on},
+                        headers=api.headers_for("chief")).status_code == 200
+    assert http.put("/v1/lifecycle-policy", json={"keep_runs": 7},  # the rest of the policy: any admin
+                    headers=api.headers_for("admin")).status_code == 200

@@ -244,3 +244,13 @@ def test_audit_log_is_append_only_and_ordered_on_s3(s3_url):
     assert [r.action for r in log.records("acme", day="2026-03-02")] == ["scenario.run", "asset.delete"]
     assert [r.details["k"] for r in log.records("acme", limit=2)] == [1, 2]
     assert [r.target for r in log.records("globex")] == ["other"]
+
+
+def test_the_query_cursor_key_is_readable_by_its_owner_only(tmp_path):
+    """Whoever reads it forges cursors (page positions): on a local store it is 0600, as the keys file is."""
+    from serve_apps.asset_queries import cursor_secret
+
+    key = cursor_secret(str(tmp_path), None)
+    path = tmp_path / "secrets" / "query-cursor.key"
+    path.chmod(0o644)  # made by an earlier version
+    assert cursor_secret(str(tmp_path), None) == key and path.stat().st_mode & 0o777 == 0o600
