@@ -174,8 +174,12 @@ class Backend:
         """Replace the asset if `pre` holds (compare-and-set under the lock); its new revision."""
         with self._lock:
             self.type_evolution.require_version(asset.tenant, [asset.type_name], asset.type_version)
-            current = self.catalog.get_asset(asset.tenant, asset.id)
-            if (current.type_name, current.type_version) != (asset.type_name, asset.type_version):
+            try:
+                current: Asset | None = self.catalog.get_asset(asset.tenant, asset.id)
+            except NotFound:  # the write answers for it (404, or 412 under If-Match)
+                current = None
+            if current is not None and (current.type_name, current.type_version) != (asset.type_name,
+                                                                                    asset.type_version):
                 self._require_production(asset)
             artifact = self._checked_artifact(asset, None)  # metadata the twin would refuse: 422, nothing changed
             before: list[Asset] = []
