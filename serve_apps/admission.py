@@ -63,6 +63,11 @@ class Admission(BaseModel):
     retry_after_s: int = Field(1, ge=1, description="`Retry-After` of every overload refusal [s].")
     telemetry_backlog_events: int = Field(50_000, ge=1, description="Events accepted over HTTP and not yet "
                                           "applied by the shards, at most; a batch beyond it gets 429.")
+    max_streams: int | None = Field(None, ge=1, description="Change streams an Ingress replica holds open, at most "
+                                    "(503 beyond): below the Ingress `max_ongoing_requests`, whose other slots stay "
+                                    "for requests (serve_apps/stream_slots.py). None: half of it.")
+    max_streams_per_tenant: int = Field(8, ge=1, description="Change streams one tenant holds open on an Ingress "
+                                        "replica, at most (429 beyond).")
 
     @field_validator("proxy_max_queued")
     @classmethod

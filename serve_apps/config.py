@@ -81,6 +81,13 @@ class ServeConfig(BaseModel):
         if self.autoscaling.target_ongoing_requests is None:
             target = float(self.admission.max_concurrent)
             self.autoscaling = self.autoscaling.model_copy(update={"target_ongoing_requests": target})
+        if self.admission.max_streams is None:
+            streams = max(1, self.autoscaling.max_ongoing_requests // 2)
+            self.admission = self.admission.model_copy(update={"max_streams": streams})
+        elif self.admission.max_streams >= self.autoscaling.max_ongoing_requests:
+            raise ValueError(f"admission.max_streams ({self.admission.max_streams}) must be below "
+                             f"autoscaling.max_ongoing_requests ({self.autoscaling.max_ongoing_requests}): open change "
+                             "streams would take every request slot of a replica")
         return self
 
     def url(self, *parts: str) -> str:

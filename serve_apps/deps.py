@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -17,6 +17,7 @@ from serve_apps.changes import ChangeStore
 from serve_apps.config import ServeConfig
 from serve_apps.errors import Forbidden, RateLimited, Unauthorized, unwrap
 from serve_apps.limits import TokenBuckets
+from serve_apps.stream_slots import StreamSlots
 from serve_apps.twin_reads import TwinReader
 
 
@@ -48,6 +49,10 @@ class Services:
     twins: TwinReader  # state reads straight from the twin shards
     changes: HeadWatcher  # wakes this replica's change streams
     change_store: ChangeStore  # the change log on the store, for streams replaying history
+    streams: StreamSlots = field(init=False)  # this replica's open change streams
+
+    def __post_init__(self) -> None:
+        self.streams = StreamSlots(self.config.admission)
 
     async def record(self, request: Request, who: Principal, action: str, target: str, **details: Any) -> None:
         """Append an audit record (blocking store I/O runs off the event loop)."""

@@ -54,6 +54,6 @@ def register(app: FastAPI) -> None:
             raise Gone(past_retention(after, oldest, svc.config.change_retention_s))
         flt = ChangeFilter(frozenset(asset_id) if asset_id else None, type_name, frozenset(kind) if kind else None)
         stream = sse_changes(svc.backend, svc.change_store, svc.changes, who.tenant, after, first, flt, page)
-        return StreamingResponse(stream,
+        return StreamingResponse(svc.streams.hold(who.tenant, stream),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -239,3 +239,41 @@ def test_a_segment_that_reaches_into_the_next_directory_is_read_from_any_point_i
     for after in range(0, 10):
         assert [c.seq for c in log.store.read("acme", after, 20)] == list(range(after + 1, 11)), after
     assert log.store.first_seq("acme") == 1
+
+
+def test_open_streams_are_bounded_per_replica_and_tenant_and_freed_however_they_end():
+    """Streams hold request slots for hours: one reader's ~130 idle streams hung every request of every tenant.
+    A replica keeps slots for requests (config refuses max_streams >= max_ongoing_requests)."""
+    import gc
+
+    from serve_apps.admission import Admission
+    from serve_apps.config import ServeConfig
+    from serve_apps.errors import RateLimited
+    from serve_apps.stream_slots import StreamSlots, StreamsOverloaded
+
+    async def frames():
+        yield "id: 1\n\n"
+        yield "id: 2\n\n"
+
+    slots = StreamSlots(Admission(max_streams=3, max_streams_per_tenant=2, retry_after_s=2))
+
+    async def scenario() -> None:
+        a1, a2 = slots.hold("acme", frames()), slots.hold("acme", frames())
+        with pytest.raises(RateLimited, match="your tenant has 2 change streams open on this replica") as limited:
+            slots.hold("acme", frames())
+        assert limited.value.headers == {"Retry-After": "2"}
+        b1 = slots.hold("globex", frames())
+        with pytest.raises(StreamsOverloaded, match="3 change streams open, its limit") as full:
+            slots.hold("initech", frames())
+        assert (full.value.status, full.value.code) == (503, "overloaded")
+        assert [f async for f in a1] == ["id: 1\n\n", "id: 2\n\n"]  # ended: its slot is free
+        assert slots.open == {"acme": 1, "globex": 1}
+        await anext(b1)
+        await b1.aclose()  # the client went away mid-stream
+        del a2  # dropped before its first frame
+        gc.collect()
+        assert not slots.open
+
+    asyncio.run(scenario())
+    with pytest.raises(ValueError, match=r"admission.max_streams \(32\) must be below autoscaling.max_ongoing"):
+        ServeConfig(store_url="s", keys_file="k", admission={"max_streams": 32})
