@@ -88,7 +88,8 @@ class Call(Generic[T]):
         try:
             return self.parse(response)
         except ValidationError as exc:
-            raise UnexpectedAnswer(f"{self.method} {self.path}", exc, response.headers.get("x-request-id")) from exc
+            raise UnexpectedAnswer(f"{self.method} {self.path}", exc,
+                                   response.headers.get("x-raytwin-request-id")) from exc
 
 
 def _model(cls: type[M]) -> Callable[[httpx.Response], M]:
@@ -128,6 +129,14 @@ def _conditions(if_match: int | None, create_only: bool = False) -> dict[str, st
     return {**headers, "If-None-Match": "*"} if create_only else headers
 
 
+def _aware(at: datetime) -> datetime:
+    """`at`, refused before anything is sent unless it names its time zone (whose "12:00" would it be?)."""
+    if at.tzinfo is None or at.utcoffset() is None:
+        raise InvalidArgument(f"at={at.isoformat()} has no time zone: give a timezone-aware datetime, e.g. "
+                              "datetime(2026, 1, 5, 12, tzinfo=UTC)")
+    return at
+
+
 def telemetry_body(asset_id: str, events: Iterable[TelemetryEvent | Mapping[str, Any]]) -> dict[str, Any]:
     """The batch with an explicit idempotency key on every event (default ``asset:sequence``, the
     server's own), so a batch resent after a timeout is recognised event by event and applied once."""
@@ -135,6 +144,9 @@ def telemetry_body(asset_id: str, events: Iterable[TelemetryEvent | Mapping[str,
     for e in events:
         raw = e.model_dump(mode="json", exclude={"ingest_time"}, exclude_none=True) if isinstance(e, BaseModel) \
             else dict(e)
+        if "sequence" not in raw:
+            raise InvalidArgument(f"event {len(out)} of the batch has no 'sequence' (the device's counter; with the "
+                                  "event time and key it identifies the event, so a resent batch applies once)")
         raw.setdefault("idempotency_key", f"{raw.get('asset_id', asset_id)}:{raw['sequence']}")
         out.append(raw)
     return {"events": out}
@@ -214,7 +226,7 @@ class Endpoints(Sender):
     def state(self, asset_id: str, at: datetime | None = None) -> Revisioned[TwinState]:
         """The twin's state now, or as of `at` (timezone-aware)."""
         return self._send(Call("GET", "/v1/assets/{asset_id}/state", _revisioned(TwinState), idempotent=True,
-                               params=_present(at=at.isoformat() if at is not None else None),
+                               params=_present(at=_aware(at).isoformat() if at is not None else None),
                                path_params={"asset_id": asset_id}))
 
     def asset_graph(self, asset_id: str, direction: Literal["descendants", "ancestors"] = "descendants",

@@ -39,6 +39,7 @@ class Subscription:
     last_id: int | None = None
     fell_behind: bool = False
     failures: int = 0  # connections in a row that delivered nothing
+    delivered: bool = False  # some connection delivered a line: the server exists, outages end
     _retry_after: float | None = None
     _frame: dict[str, str] = field(default_factory=dict)
 
@@ -73,13 +74,15 @@ class Subscription:
 
     def reconnect_delay(self, policy: RetryPolicy) -> float | None:
         """Seconds to wait before reconnecting (None: at once, the stream fell behind and resumes from
-        the store); raises `RayTwinError` after `policy.attempts` failed connections in a row."""
+        the store). Once a connection has delivered, it reconnects for as long as the server is away (a
+        restart, a rolling upgrade), backing off up to `policy.max_backoff_s`; before that (a wrong URL, a
+        server that never answered) it raises `RayTwinError` after `policy.attempts` failed connections."""
         if self.fell_behind:
             return None
         self.failures += 1
-        if self.failures >= policy.attempts:
-            raise RayTwinError(f"change stream: {self.failures} reconnections failed in a row")
-        return policy.delay(self.failures, self._retry_after)
+        if self.failures >= policy.attempts and not self.delivered:
+            raise RayTwinError(f"change stream: {self.failures} connections failed in a row, none delivered")
+        return policy.delay(min(self.failures, 32), self._retry_after)
 
     def feed(self, lines: Iterable[str]) -> list[Change]:
         """The changes completed by these lines; notes ids and `fell_behind`. A change that does not fit
@@ -87,7 +90,7 @@ class Subscription:
         after the resume point were deleted by the retention) raises `Gone`, as a 410 at connect does."""
         out = []
         for line in lines:
-            self.failures = 0
+            self.failures, self.delivered = 0, True
             if line:
                 if not line.startswith(":"):
                     name, _, value = line.partition(":")

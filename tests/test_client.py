@@ -105,6 +105,17 @@ def test_a_compare_and_set_refused_after_a_lost_answer_is_an_unknown_outcome_not
         asyncio.run(promote())
 
 
+
+def test_arguments_no_server_accepts_are_refused_before_anything_is_sent():
+    transport, seen = scripted()
+    with RayTwinClient("http://api", "rtk_x_y", retry=FAST, transport=transport) as api:
+        with pytest.raises(InvalidArgument, match="event 1 of the batch has no 'sequence'"):
+            api.send_telemetry("zone-1", [{"sequence": 1, "event_time": "2026-01-05T12:00:00Z", "measurements": {}},
+                                          {"event_time": "2026-01-05T12:01:00Z", "measurements": {}}])
+        with pytest.raises(InvalidArgument, match=r"at=2026-01-05T12:00:00 has no time zone"):
+            api.state("zone-1", at=datetime(2026, 1, 5, 12))
+    assert seen == []
+
 def test_telemetry_resends_the_same_idempotency_keys_after_a_timeout():
     result = httpx.Response(200, json={"accepted": 0, "duplicates": 2, "rejected": 0, "reasons": []})
     transport, seen = scripted(httpx.ReadTimeout("slow"), httpx.Response(503, headers={"Retry-After": "0"}), result)
@@ -146,6 +157,25 @@ def test_the_change_stream_reconnects_from_the_last_id_and_stops_on_a_refusal():
     assert [r.headers.get("last-event-id") for r in seen] == ["5", "5", "9", "9"]
 
 
+
+
+def test_the_change_stream_outlasts_a_server_restart_but_not_a_server_that_never_answered():
+    """Documented to run forever: once it delivered, any number of failed reconnects (a restart takes ~40 s)
+    is waited out; a stream whose server never answered (a wrong URL) gives up after the policy's attempts."""
+    frame = 'id: {0}\nevent: asset.updated\ndata: {{"seq": {0}, "kind": "asset.updated", "time": ' \
+        '"2026-01-05T12:00:00Z", "asset_id": "zone-1", "revision": 2}}\n\n'
+    sse = {"Content-Type": "text/event-stream"}
+    down = [httpx.ConnectError("refused")] * 7 + [httpx.Response(503, headers={"Retry-After": "0"})]
+    transport, seen = scripted(httpx.Response(200, text=frame.format(9), headers=sse), *down,
+                               httpx.Response(200, text=frame.format(10), headers=sse))
+    with RayTwinClient("http://api", "rtk_x_y", retry=FAST, transport=transport) as api:
+        stream = api.changes(after=5)
+        assert [next(stream).seq, next(stream).seq] == [9, 10]
+    assert len(seen) == 10 and seen[-1].headers["last-event-id"] == "9"
+    transport, seen = scripted(*[httpx.ConnectError("refused")] * 3)
+    with RayTwinClient("http://api", "rtk_x_y", retry=FAST, transport=transport) as api:
+        with pytest.raises(RayTwinError, match="3 connections failed in a row, none delivered"):
+            next(api.changes())
 
 def test_a_gone_event_in_the_change_stream_raises_gone_with_the_servers_message():
     """The server ends a replay whose next changes the retention deleted with a `gone` event (no id):
@@ -235,14 +265,15 @@ def test_an_answer_that_does_not_fit_the_clients_models_is_an_unexpected_answer(
     """A wrong-shaped answer (here a state where an asset was expected) is a client.errors exception naming
     the fields, whichever client and whichever parser (a model, a list, a lazily imported one, the stream)."""
     state = {"tenant": "acme", "asset_id": "zone-1", "model_ref": "thermal_rc@1.0.0", "revision": 1}
-    transport, _ = scripted(httpx.Response(200, json=state, headers={"ETag": '"1"', "X-Request-ID": "r-42"}),
+    transport, _ = scripted(httpx.Response(200, json=state, headers={  # Serve's proxy id, then the server's
+        "ETag": '"1"', "X-Request-ID": "serve-proxy-id", "X-RayTwin-Request-ID": "r-42"}),
                             httpx.Response(200, json=[{"name": 3}]), httpx.Response(200, json={"job_id": "j1"}))
     with RayTwinClient("http://api", "rtk_x_y", retry=FAST, transport=transport) as api:
         with pytest.raises(UnexpectedAnswer) as wrong:
             api.get_asset("zone-1")
         message = str(wrong.value)
         assert message.startswith("GET /v1/assets/zone-1: the server's answer did not match the client's contract: ")
-        assert "request_id r-42" in message and "the server's version" in message
+        assert "request_id r-42" in message and "the server's version" in message and wrong.value.request_id == "r-42"
         assert "id: Field required" in message and "model_ref: Extra inputs are not permitted" in message
         assert len(wrong.value.errors) > UnexpectedAnswer.SHOWN and f"and {len(wrong.value.errors) - 5} more" in message
         with pytest.raises(UnexpectedAnswer, match=r"GET /v1/asset-types: .*: \[0\]\.name: Input should be a valid str"):
