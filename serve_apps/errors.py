@@ -126,6 +126,11 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+CONFLICT: dict[int | str, dict[str, Any]] = {409: {"model": ErrorResponse, "description": (
+    "Conflicts with the resource's current state (`conflict`): the operation's description says when")}}
+"""For the routes that answer 409 (`responses=CONFLICT`); `ERROR_RESPONSES` are every route's."""
+
+
 def unwrap(exc: BaseException) -> BaseException:
     """The exception a backend deployment raised, without Ray's `RayTaskError` wrapper."""
     from ray.exceptions import RayTaskError

@@ -18,7 +18,7 @@ from raytwin.contracts import Asset, AssetType, RelationshipKind, describe_error
 from serve_apps.auth import Principal
 from serve_apps.conditional import Precondition, etag, not_modified, precondition
 from serve_apps.deps import ADMIN, READER, SVC, Services
-from serve_apps.errors import Unprocessable
+from serve_apps.errors import CONFLICT, Unprocessable
 from serve_apps.routes_evolution import announce
 from serve_apps.schemas import AssetCreate, AssetUpdate, Related
 
@@ -33,7 +33,8 @@ def register(app: FastAPI) -> None:
     tags = ["asset types"]
 
     @app.post("/v1/asset-types", response_model=AssetType, status_code=201, tags=tags,
-              responses={200: {"model": AssetType, "description": "Identical type already existed"}})
+              responses=CONFLICT | {200: {"model": AssetType,
+                                          "description": "Identical type already existed"}})
     async def create_asset_type(body: AssetType, request: Request, who: Principal = ADMIN,
                                 pre: Precondition = PRE, svc: Services = SVC) -> Any:
         """Publish an asset type version (immutable: a changed type is a new version).
@@ -57,7 +58,7 @@ def register(app: FastAPI) -> None:
         await announce(svc, response, who.tenant, type_key=(name, version))
         return not_modified(if_none_match, revision) or asset_type
 
-    @app.delete("/v1/asset-types/{name}/{version}", status_code=204, tags=tags)
+    @app.delete("/v1/asset-types/{name}/{version}", status_code=204, tags=tags, responses=CONFLICT)
     async def delete_asset_type(name: str, version: str, request: Request, who: Principal = ADMIN,
                                 pre: Precondition = PRE, svc: Services = SVC) -> Response:
         """Delete an unused asset type version (409 while assets use it; `If-Match`: 412 if changed)."""
@@ -67,7 +68,7 @@ def register(app: FastAPI) -> None:
 
     tags = ["assets"]
 
-    @app.post("/v1/assets", response_model=Asset, status_code=201, tags=tags)
+    @app.post("/v1/assets", response_model=Asset, status_code=201, tags=tags, responses=CONFLICT)
     async def create_asset(body: AssetCreate, request: Request, response: Response, who: Principal = ADMIN,
                            pre: Precondition = PRE, svc: Services = SVC) -> Any:
         """Create an asset of the caller's tenant and start its live twin (409 if it exists, or if its model has
@@ -105,7 +106,8 @@ def register(app: FastAPI) -> None:
         return Related(asset_id=asset_id, outgoing=asset.relationships, incoming=incoming)
 
     @app.put("/v1/assets/{asset_id}", response_model=Asset, tags=tags,
-             responses={201: {"model": Asset, "description": "Created (`If-None-Match: *` on a new id)"}})
+             responses=CONFLICT | {201: {"model": Asset,
+                                         "description": "Created (`If-None-Match: *` on a new id)"}})
     async def update_asset(asset_id: str, body: AssetUpdate, request: Request, response: Response,
                            who: Principal = ADMIN, pre: Precondition = PRE, svc: Services = SVC) -> Any:
         """Replace an asset's type version, metadata and relationships.
@@ -125,7 +127,7 @@ def register(app: FastAPI) -> None:
         response.headers["ETag"] = etag(revision)
         return asset
 
-    @app.delete("/v1/assets/{asset_id}", status_code=204, tags=tags)
+    @app.delete("/v1/assets/{asset_id}", status_code=204, tags=tags, responses=CONFLICT)
     async def delete_asset(asset_id: str, request: Request, who: Principal = ADMIN, pre: Precondition = PRE,
                            svc: Services = SVC) -> Response:
         """Delete an asset and stop its twin (409 while other assets point at it; `If-Match`: 412 if changed)."""

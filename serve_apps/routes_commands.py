@@ -18,6 +18,7 @@ from serve_apps.auth import Principal
 from serve_apps.json_route import JsonRoute
 from serve_apps.routes_recommendations import require_approver
 from serve_apps.deps import ADMIN, READER, SVC, WRITER, Services
+from serve_apps.errors import CONFLICT
 
 
 class CommandProposal(BaseModel):
@@ -49,7 +50,7 @@ async def propose_command(body: CommandProposal, request: Request, who: Principa
     return command
 
 
-@router.post("/{command_id}/approve", response_model=Command)
+@router.post("/{command_id}/approve", response_model=Command, responses=CONFLICT)
 async def approve_command(command_id: str, request: Request, who: Principal = ADMIN, svc: Services = SVC) -> Any:
     """Approve (another key than the proposer's) and send once: the answer is `sent` or `failed`;
     an approved, sent or failed command cannot be approved again (409). An issued recommendation
@@ -61,7 +62,7 @@ async def approve_command(command_id: str, request: Request, who: Principal = AD
     return command
 
 
-@router.post("/{command_id}/refuse", response_model=Command)
+@router.post("/{command_id}/refuse", response_model=Command, responses=CONFLICT)
 async def refuse_command(command_id: str, body: Refusal, request: Request, who: Principal = ADMIN,
                          svc: Services = SVC) -> Any:
     command = await svc.backend.call("connector", "refuse", who.tenant, command_id, who.key_id, body.reason)

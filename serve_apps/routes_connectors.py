@@ -17,6 +17,7 @@ from connectors.spec import Credentials
 from serve_apps.auth import Principal
 from serve_apps.json_route import JsonRoute
 from serve_apps.deps import ADMIN, READER, SVC, Services
+from serve_apps.errors import CONFLICT
 
 
 class ConnectorCreate(BaseModel):
@@ -35,7 +36,7 @@ class ConnectorView(BaseModel):
 router = APIRouter(prefix="/v1/connectors", tags=["connectors"], route_class=JsonRoute)
 
 
-@router.post("", response_model=ConnectorView, status_code=201)
+@router.post("", response_model=ConnectorView, status_code=201, responses=CONFLICT)
 async def create_connector(body: ConnectorCreate, request: Request, who: Principal = ADMIN,
                            svc: Services = SVC) -> Any:
     """Check the declaration (its routes' assets must be this tenant's twins), store it and start the
@@ -57,7 +58,7 @@ async def get_connector(name: str, who: Principal = READER, svc: Services = SVC)
     return await svc.backend.call("connector", "view", who.tenant, name)
 
 
-@router.post("/{name}/pause", response_model=ConnectorStatus)
+@router.post("/{name}/pause", response_model=ConnectorStatus, responses=CONFLICT)
 async def pause_connector(name: str, request: Request, who: Principal = ADMIN, svc: Services = SVC) -> Any:
     """Stop receiving; the source keeps what arrives meanwhile (an MQTT persistent session)."""
     status = await svc.backend.call("connector", "pause", who.tenant, name)
@@ -65,7 +66,7 @@ async def pause_connector(name: str, request: Request, who: Principal = ADMIN, s
     return status
 
 
-@router.post("/{name}/resume", response_model=ConnectorStatus)
+@router.post("/{name}/resume", response_model=ConnectorStatus, responses=CONFLICT)
 async def resume_connector(name: str, request: Request, who: Principal = ADMIN, svc: Services = SVC) -> Any:
     status = await svc.backend.call("connector", "resume", who.tenant, name)
     await svc.record(request, who, "connector.resume", name)

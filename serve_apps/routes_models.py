@@ -32,7 +32,7 @@ from raytwin.lifecycle import Actor as LifecycleActor
 from raytwin.registry import ModelRegistry, RegistryError
 from serve_apps.auth import Principal
 from serve_apps.deps import ADMIN, READER, SVC, WRITER, Services
-from serve_apps.errors import Conflict, Forbidden, NotFound, Unprocessable, unwrap
+from serve_apps.errors import CONFLICT, Conflict, Forbidden, NotFound, Unprocessable, unwrap
 from sweeps.runs import RunError, RunStore
 
 ModelName = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$")]
@@ -161,7 +161,7 @@ def register(app: FastAPI) -> None:
         return await _call(_status, _lifecycle(svc, who.tenant), model)
 
     @app.post("/v1/models/{model}/versions/{version}/transitions", response_model=TransitionRecord,
-              status_code=201, tags=tags)
+              status_code=201, tags=tags, responses=CONFLICT)
     async def transition(model: ModelName, version: Version, body: TransitionRequest, request: Request,
                          who: Principal = WRITER, svc: Services = SVC) -> TransitionRecord:
         """Move a version to another stage. Production: a key with the `approver` grant that did not submit
@@ -177,7 +177,8 @@ def register(app: FastAPI) -> None:
             await _swap_twins(svc, request, who, record)
         return record
 
-    @app.post("/v1/models/{model}/rollback", response_model=TransitionRecord, status_code=201, tags=tags)
+    @app.post("/v1/models/{model}/rollback", response_model=TransitionRecord, status_code=201, tags=tags,
+              responses=CONFLICT)
     async def rollback(model: ModelName, body: RollbackRequest, request: Request, who: Principal = WRITER,
                        svc: Services = SVC) -> TransitionRecord:
         """Return to the previous production version (needs the `approver` grant, or automatic promotion)."""

@@ -31,7 +31,7 @@ from serve_apps.asset_queries import LiveStates
 from serve_apps.auth import Principal, Role
 from serve_apps.bulk import REPORT, Caller
 from serve_apps.deps import READER, SVC, WRITER, Services
-from serve_apps.errors import Conflict, Forbidden, NotFound, Unprocessable
+from serve_apps.errors import CONFLICT, Conflict, Forbidden, NotFound, Unprocessable
 from serve_apps.jobs import Job, JobRecord
 from serve_apps.query_schemas import (
     MAX_BULK_ITEMS,
@@ -137,7 +137,7 @@ def register(app: FastAPI) -> None:
         return BulkAccepted(job_id=job.job_id, state=job.state, total=len(ids), status_url=f"/v1/jobs/{job.job_id}",
                             report_url=f"/v1/jobs/{job.job_id}/report")
 
-    @app.get("/v1/jobs/{job_id}/report", response_model=BulkReport, tags=["jobs"])
+    @app.get("/v1/jobs/{job_id}/report", response_model=BulkReport, tags=["jobs"], responses=CONFLICT)
     async def bulk_report(job_id: str, who: Principal = READER, svc: Services = SVC) -> Any:
         """The outcome of each item of a bulk job that succeeded (409 before; a failed job has none)."""
         job: JobRecord = await svc.backend.call("get_job", who.tenant, job_id)

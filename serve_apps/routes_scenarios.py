@@ -18,7 +18,7 @@ from raytwin.sim import get_model
 from raytwin.storage import filesystem
 from serve_apps.auth import Principal
 from serve_apps.deps import READER, SVC, WRITER, Services
-from serve_apps.errors import Conflict, NotFound, PayloadTooLarge, Unprocessable
+from serve_apps.errors import CONFLICT, Conflict, NotFound, PayloadTooLarge, Unprocessable
 from serve_apps.jobs import Job, JobRecord
 from serve_apps.scenarios import AssetSweep, fmu_sweep_spec, is_fmu, prepare, run, sweep_spec, sweep_to_store
 from serve_apps.schemas import JobAccepted, ResultFile, ScenarioRun, SweepResult
@@ -92,7 +92,7 @@ def register(app: FastAPI) -> None:
         job: JobRecord = await svc.backend.call("get_job", who.tenant, job_id)
         return job.status()
 
-    @app.get("/v1/jobs/{job_id}/results", response_model=SweepResult, tags=tags)
+    @app.get("/v1/jobs/{job_id}/results", response_model=SweepResult, tags=tags, responses=CONFLICT)
     async def job_results(job_id: str, limit: ROW_LIMIT = 1000, who: Principal = READER,
                           svc: Services = SVC) -> Any:
         """A finished job's quantiles and first `limit` per-scenario rows (409 until it succeeded)."""

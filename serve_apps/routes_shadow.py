@@ -28,7 +28,7 @@ from raytwin.registry import RegistryError
 from raytwin.shadow import SYSTEM_ACTOR, conclude
 from serve_apps.auth import Principal
 from serve_apps.deps import READER, SVC, WRITER, Services
-from serve_apps.errors import BadRequest, Conflict, NotFound, unwrap
+from serve_apps.errors import CONFLICT, BadRequest, Conflict, NotFound, unwrap
 from serve_apps.routes_models import ModelName, Version, _call, _lifecycle
 
 log = logging.getLogger("raytwin.serve")
@@ -95,7 +95,7 @@ def register(app: FastAPI) -> None:
     tags = ["model lifecycle"]
     path = "/v1/models/{model}/versions/{version}/shadow"
 
-    @app.post(path, response_model=ShadowStarted, status_code=201, tags=tags)
+    @app.post(path, response_model=ShadowStarted, status_code=201, tags=tags, responses=CONFLICT)
     async def start_shadow(model: ModelName, version: Version, body: ShadowRequest, request: Request,
                            who: Principal = WRITER, svc: Services = SVC) -> ShadowStarted:
         """Score a candidate or staging version beside production on the next `events` events of the named
