@@ -24,8 +24,9 @@ from typing import Any, Protocol
 from raytwin.contracts import Asset
 from serve_apps.audit import AuditLog, AuditRecord
 from serve_apps.conditional import EntityTags, Precondition
-from serve_apps.errors import ApiError, PreconditionFailed
+from serve_apps.errors import ApiError, PreconditionFailed, Unprocessable
 from serve_apps.query_schemas import BulkItem, BulkProgress, BulkReport, BulkRequest
+from serve_apps.schemas import MAX_METADATA_KEYS
 
 log = logging.getLogger("raytwin.serve.bulk")
 SAVE_EVERY = 50
@@ -111,6 +112,9 @@ class BulkWork:
         if req.action == "retype":
             return asset.model_copy(update={"type_version": req.type_version})
         metadata = {k: v for k, v in {**asset.metadata, **req.set}.items() if k not in req.unset}
+        if len(metadata) > MAX_METADATA_KEYS > len(asset.metadata):
+            raise Unprocessable(f"tagging would give the asset {len(metadata)} metadata keys, more than "
+                                f"{MAX_METADATA_KEYS}")
         return asset.model_copy(update={"metadata": metadata})
 
     def _audit(self, action: str, target: str, details: dict[str, Any]) -> None:

@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from raytwin.contracts import RelationshipKind
 from raytwin.query import MAX_QUERY_CHARS
+from serve_apps.schemas import Metadata
 
 MAX_PAGE = 1000
 MAX_GRAPH_DEPTH = 32
@@ -56,7 +57,7 @@ class BulkRequest(BaseModel):
     q: str = Field(max_length=MAX_QUERY_CHARS, description="The filter (as in `POST /v1/query`); required: "
                    "`\"q\": \"\"` (every asset) must be asked for explicitly")
     action: Literal["tag", "delete", "retype"]
-    set: dict[str, str] = Field(default_factory=dict, description="tag: metadata keys to set")
+    set: Metadata = Field(default_factory=dict, description="tag: metadata keys to set")
     unset: list[str] = Field(default_factory=list, description="tag: metadata keys to remove")
     type_version: str | None = Field(None, pattern=r"^\d+\.\d+\.\d+$", description="retype: the version of the "
                                      "asset's own type to move it to (registered first)")

@@ -3,12 +3,28 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from actors.state import DivergenceReport
 from raytwin.contracts import Finite, Identifier, Relationship, SemVer
+
+
+MAX_METADATA_KEYS = 100
+"""Metadata keys of an asset, at most: the catalog holds every asset's in the backend's memory."""
+
+
+def _one_line(text: str) -> str:
+    """Refuse control characters: a newline or NUL in metadata forges lines of logs and exports."""
+    if (bad := next((c for c in text if ord(c) < 32 or ord(c) == 127), None)) is not None:
+        raise ValueError(f"contains the control character {bad!r}: metadata is one line of printable text")
+    return text
+
+
+MetadataKey = Annotated[str, Field(min_length=1, max_length=128), AfterValidator(_one_line)]
+MetadataValue = Annotated[str, Field(max_length=4096), AfterValidator(_one_line)]
+Metadata = Annotated[dict[MetadataKey, MetadataValue], Field(max_length=MAX_METADATA_KEYS)]
 
 
 class Body(BaseModel):
@@ -18,7 +34,7 @@ class Body(BaseModel):
 class AssetUpdate(Body):
     type_name: Identifier
     type_version: SemVer
-    metadata: dict[str, str] = Field(default_factory=dict)
+    metadata: Metadata = Field(default_factory=dict)
     relationships: list[Relationship] = Field(default_factory=list)
 
 

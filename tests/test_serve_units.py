@@ -254,3 +254,24 @@ def test_the_query_cursor_key_is_readable_by_its_owner_only(tmp_path):
     path = tmp_path / "secrets" / "query-cursor.key"
     path.chmod(0o644)  # made by an earlier version
     assert cursor_secret(str(tmp_path), None) == key and path.stat().st_mode & 0o777 == 0o600
+
+
+def test_asset_metadata_is_bounded_one_line_text():
+    """The catalog holds every asset's metadata in the backend's memory, and a newline or NUL in it forges log
+    lines: 10,000 keys and control characters were accepted (only the 1 MiB body bounded it)."""
+    from pydantic import ValidationError
+
+    from serve_apps.query_schemas import BulkRequest
+    from serve_apps.schemas import MAX_METADATA_KEYS, AssetCreate
+
+    def create(metadata: dict) -> AssetCreate:
+        return AssetCreate(id="a", type_name="t", type_version="1.0.0", metadata=metadata)
+
+    assert create({"process_std.T_in": "0.1", "site": "north", "Site name": "Nord – Halle 2"}).metadata["site"]
+    for metadata, why in (({"site": "a\nb"}, "control character '\\\\n'"), ({"x\x00": "v"}, "control character"),
+                          ({"k": "v" * 4097}, "at most 4096 characters"), ({"k" * 129: "v"}, "at most 128"),
+                          ({f"k{i}": "v" for i in range(MAX_METADATA_KEYS + 1)}, "at most 100 items")):
+        with pytest.raises(ValidationError, match=why):
+            create(metadata)
+    with pytest.raises(ValidationError, match="control character"):
+        BulkRequest(q="", action="tag", set={"site": "a\rb"})
