@@ -115,6 +115,28 @@ def test_unknown_models_are_one_line_errors_naming_the_field():
     assert message.startswith("simulator: Value error, unknown simulator 'pump'") and "\n" not in message
 
 
+def test_a_model_module_that_fails_to_run_and_a_scripts_own_model_are_one_line_errors(tmp_path, monkeypatch):
+    """A syntax error or an exception while the model's module runs is one line naming the file (it was a
+    69-line traceback); a model defined in a script (`__main__`, which multiprocessing, imported by Ray,
+    also names `__mp_main__`) has no import path a worker could use: said so, not a path that cannot work."""
+    import sys
+    import types
+
+    (tmp_path / "m_syntax.py").write_text("def deriv(x, u, c)\n    return x\n")
+    (tmp_path / "m_raises.py").write_text("RATE = 1 / 0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(UnknownModelError, match=r"m_syntax does not parse: expected ':' \(.*m_syntax.py, line 1\)"):
+        get_model("m_syntax:M")
+    with pytest.raises(UnknownModelError, match="importing m_raises raised ZeroDivisionError: division by zero"):
+        get_model("m_raises:M")
+    script = types.ModuleType("__main__")
+    script.SPRING = spring = _model(name="scripted")
+    monkeypatch.setitem(sys.modules, "__main__", script)
+    monkeypatch.setitem(sys.modules, "__mp_main__", script)
+    with pytest.raises(UnknownModelError, match="a script's own names are not"):
+        AssetType.from_model(spring)
+
+
 # ----------------------------------------------------------------- declarations refused ----
 def _model(**changes) -> Model:
     """A valid one-state decay model dx/dt = -k x (+ u), with `changes`."""

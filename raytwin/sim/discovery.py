@@ -143,6 +143,12 @@ def load_model(path: str, *, expected_name: str | None = None) -> Model:
         raise UnknownModelError(f"model path {path!r}: cannot import {module_name}: {exc}") from None
     except DeclarationError as exc:  # a Param or variable refused while the module built the model
         raise ModelCheckError(path, exc.field, exc.reason) from None
+    except SyntaxError as exc:
+        raise UnknownModelError(f"model path {path!r}: {module_name} does not parse: {exc.msg} "
+                                f"({exc.filename}, line {exc.lineno})") from None
+    except Exception as exc:  # noqa: BLE001 - the module failed while it ran: say where, in one line
+        raise UnknownModelError(f"model path {path!r}: importing {module_name} raised "
+                                f"{type(exc).__name__}: {exc}") from None
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise UnknownModelError(f"model path {path!r}: {module_name} has no attribute {attr!r}")
@@ -165,8 +171,9 @@ def model_ref(model: Any) -> str:
     paths = declared()
     if model.name in paths and get_model(model.name) is model:
         return model.name
+    script = sys.modules.get("__main__")
     for module_name, module in list(sys.modules.items()):
-        if module_name == "__main__":
+        if module is script:  # also as `__mp_main__` (multiprocessing, imported with Ray): no path imports it
             continue
         for attr, value in list(getattr(module, "__dict__", {}).items()):
             if value is model:
@@ -174,8 +181,9 @@ def model_ref(model: Any) -> str:
                 _REFS[id(model)] = ref
                 _LOADED[ref] = model
                 return ref
-    raise UnknownModelError(f"model {model.name} is neither declared (entry point group {GROUP}) nor a module "
-                            "attribute; define it at module level or declare it")
+    raise UnknownModelError(f"model {model.name} is neither declared (entry point group {GROUP}) nor an attribute "
+                            "of an importable module (a script's own names are not: workers cannot import it); "
+                            "define it at module level of a module on the path, or declare it")
 
 
 class Catalog(Mapping[str, Model]):
