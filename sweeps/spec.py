@@ -179,6 +179,10 @@ def range_problems(allowed: Mapping[str, Mapping[str, _Allowed]], base: Mapping[
                 for name, value in given.items() if name in allowed[target] and value not in allowed[target][name]]
     for d in dimensions:
         ok, b = allowed[d.target].get(d.name), base[d.target].get(d.name)
+        if d.mode == "scale" and b == 0:
+            problems.append(f"dimension {d.column}: scales {d.name}, whose base value is 0, so every scenario "
+                            f"has {d.name}=0 (its column would show the factors); sweep it with mode \"absolute\"")
+            continue
         if ok is None or (b is None and d.mode == "scale"):
             continue
         bad = ", ".join(f"{v:g}" for v in dict.fromkeys(d.extremes()) if d.applied(v, b) not in ok)
@@ -186,9 +190,6 @@ def range_problems(allowed: Mapping[str, Mapping[str, _Allowed]], base: Mapping[
             continue
         if d.mode == "absolute":
             problems.append(f"dimension {d.column}: value {bad} outside {ok}")
-        elif b == 0:
-            problems.append(f"dimension {d.column}: scales {d.name}=0, which stays 0, outside {ok}; "
-                            "sweep it with mode \"absolute\"")
         else:
             low, high = sorted((ok.lower / b, ok.upper / b))
             problems.append(f"dimension {d.column}: scale {bad} of {d.name}={b:g}{ok.unit_text} outside "
