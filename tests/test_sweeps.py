@@ -118,7 +118,8 @@ def test_values_outside_the_bounds_and_plausible_ranges_are_refused_naming_dimen
         ([r_io], {"inputs": {"setpoint": 1e308}, "parameters": {"C_in": -5.0}},
          "parameters.C_in=-5 outside C_in's bounds [100000, 1e+08] J/K; "
          "inputs.setpoint=1e+308 outside setpoint's plausible range [173.15, 473.15] K"),
-        ([Dimension(name="solar_peak", target="input", mode="scale", values=[0.5, 2.0])], {"inputs": {"solar_peak": 0.0}},
+        ([Dimension(name="solar_peak", target="input", mode="scale", values=[0.5, 2.0])],
+         {"inputs": {"solar_peak": 0.0}},
          "dimension input.solar_peak: scales solar_peak, whose base value is 0, so every scenario has solar_peak=0 "
          "(its column would show the factors); sweep it with mode \"absolute\""),
     ):
