@@ -78,7 +78,7 @@ def prepare(scenario: Scenario, artifact: ModelArtifact, live_state: dict[str, f
     try:
         inputs = scenario.input_series(artifact.asset_type)
         params = model.param_vector({**artifact.parameters, **scenario.parameter_overrides})
-        check_step(model, scenario.step_s, params, what="step_s")
+        check_step(model, scenario.step_s, params, inputs=inputs, what="step_s")
     except (ContractError, KeyError, UnstableStepError) as exc:
         raise Unprocessable(str(unwrap(exc))) from None
     start = live_state if scenario.start_state == "live" else scenario.start_state

@@ -1,4 +1,4 @@
-"""A sweep's step against the RK4 stability limit of the parameter box its scenarios span."""
+"""A sweep's step against the RK4 stability limit of the parameter and input box its scenarios span."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from raytwin.sim import get_model
-from raytwin.sim.checks import BoxLimit, check_step
+from raytwin.sim.checks import BoxLimit, check_step, nominal_point
+from raytwin.sim.model import Model
 
 if TYPE_CHECKING:
     from sweeps.spec import SweepSpec
@@ -26,4 +27,22 @@ def check_sweep_step(spec: SweepSpec, simulator: str, base_parameters: dict[str,
         if d.target == "param" and d.name in base:
             values[d.name] = [d.applied(v, base[d.name]) for v in d.extremes()]
     box = [np.array([min(values[n]), max(values[n])]) for n in model.param_names]
-    return check_step(model, spec.step_s, box, allow_unstable=spec.allow_unstable, what="step_s")
+    return check_step(model, spec.step_s, box, inputs=_input_box(spec, simulator, model),
+                      allow_unstable=spec.allow_unstable, what="step_s")
+
+
+def _input_box(spec: SweepSpec, simulator: str, model: Model) -> np.ndarray:
+    """The model inputs' extremes over the sweep, (2, m): an input its kit holds at a kit value of the same
+    name (a bring-your-own model's kit) spans that value (`inputs`, else the kit's default) widened by its
+    ``input`` dimensions; an input the kit drives by a signal stays at its nominal value."""
+    kit = spec.kit(simulator).default_inputs()
+    nominal = nominal_point(model)[1]
+    out = np.repeat(nominal[None, :], 2, axis=0)
+    for i, name in enumerate(model.input_names):
+        if name not in kit:
+            continue
+        base = float(spec.inputs.get(name, kit[name]))
+        values = [base] + [d.applied(v, base) for d in spec.space.dimensions if d.target == "input" and d.name == name
+                           for v in d.extremes()]
+        out[:, i] = min(values), max(values)
+    return out

@@ -267,18 +267,52 @@ def test_batches_and_rollouts_are_checked_over_their_parameter_box():
         rollout(model, (jnp.ones(3),), unstack(params), 2.0, 10, (jnp.zeros((10, 3)),))
 
 
-def test_a_step_that_is_not_a_positive_number_a_non_finite_start_and_an_empty_batch_are_refused():
-    model, inputs = _model(), np.zeros((10, 1))
-    for dt in (0.0, -0.1, math.nan, math.inf):  # -0.1 would integrate backwards, 0 never move
-        with pytest.raises(ModelCheckError, match=f"^model decay: dt: must be a finite number of seconds > 0, "
-                                                  f"got {dt:g}$"):
-            simulate(model, [1.0], inputs, [1.0], dt)
-    with pytest.raises(ModelCheckError, match="^model decay: dt: must be a finite number of seconds > 0, got 0$"):
-        rollout(model, (jnp.ones(3),), (jnp.ones(3),), 0.0, 10, (jnp.zeros((10, 3)),))
-    with pytest.raises(ModelCheckError, match="^model decay: x0: the start value of x is not finite; give finite"):
-        simulate_batch(model, [[1.0], [math.nan]], inputs, [[1.0], [1.0]], 0.1)
-    with pytest.raises(ModelCheckError, match="^model decay: params: batch is empty: give at least one scenario$"):
-        simulate_batch(model, np.zeros((0, 1)), inputs, np.zeros((0, 1)), 0.1)
+
+def test_a_step_is_checked_over_the_inputs_it_runs_with_not_only_the_nominal_ones(tmp_path, monkeypatch):
+    """A tank drained through a valve stiffens as it opens: dh/dt = -opening k h. At the nominal opening 0.05
+    the 0.1 s step is stable (limit 1.11 s); fully open, the limit is 0.056 s and RK4 returned 1e113 with no
+    word, and a sweep over the opening reported finite garbage as valid. NaN inputs are refused too."""
+    from sweeps import Dimension, ScenarioSpace, SweepSpec
+
+    valve = _model(name="valve", inputs=(Input("opening", "-", "valve opening", 0.0, 1.0, nominal=0.05),),
+                   params=(Param("k", "1/s", 50.0, 10.0, 60.0, "drain rate when open"),),
+                   derivative=lambda x, u, c: (-u[0] * c[0] * x[0],))
+    report = check_model(valve)
+    assert report.dt_max == pytest.approx(2.785 / 2.5, rel=1e-3) and any(
+        "beyond the RK4 stability limit 0.05571 s at opening=1 (within the inputs' declared ranges)" in w for w in report.warnings), report.warnings
+    half_open = np.full((20, 1), 0.05)
+    assert abs(simulate(valve, [1.0], half_open, [50.0], 0.1, dtype=jnp.float64)[-1, 0]) < 1.0
+    with pytest.raises(UnstableStepError, match=r"step 0.1 s is beyond the RK4 stability limit 0.05571 s at "
+                                                r"opening=1 \(use a smaller step"):
+        simulate(valve, [1.0], np.full((20, 1), 1.0), [50.0], 0.1, dtype=jnp.float64)
+    with pytest.raises(UnstableStepError, match="at the corner k=60, opening=1"):
+        simulate_batch(valve, np.ones((2, 1)), np.concatenate([half_open, np.ones((20, 1))]).reshape(2, 20, 1),
+                       np.array([[50.0], [60.0]]), 0.1)
+    with pytest.raises(UnstableStepError, match="at opening=1"):
+        rollout(valve, (jnp.ones(1),), (jnp.full(1, 50.0),), 0.1, 20, (jnp.ones((20, 1)),))
+    with pytest.raises(ModelCheckError, match="inputs: opening: not finite"):
+        simulate(valve, [1.0], np.full((20, 1), np.nan), [50.0], 0.01)
+    with pytest.raises(TypeError, match=r"not a mapping: pass model.param_vector\(your_dict\)"):
+        simulate(valve, [1.0], half_open, {"k": 50.0}, 0.01)
+    (tmp_path / "valve_mod.py").write_text(textwrap.dedent("""
+        from raytwin.models import Input, Model, Output, Param, State
+        VALVE = Model(name="valve", version="1.0.0", states=(State("h", "m", "level", -10.0, 10.0, nominal=1.0),),
+                      inputs=(Input("opening", "-", "valve opening", 0.0, 1.0, nominal=0.05),),
+                      params=(Param("k", "1/s", 50.0, 10.0, 60.0, "drain rate when open"),),
+                      outputs=(Output("y", "m", "level", -10.0, 10.0),), coefficients=lambda p: p,
+                      derivative=lambda x, u, c: (-u[0] * c[0] * x[0],), output=lambda x, u, c: (x[0],),
+                      default_dt=0.1)
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def sweep(*openings: float) -> SweepSpec:
+        return SweepSpec(model="valve_mod:VALVE", space=ScenarioSpace(method="grid", dimensions=[
+            Dimension(name="opening", target="input", values=list(openings))]), horizon_s=2.0, step_s=0.1)
+
+    sweep(0.02, 0.05)
+    with pytest.raises(ValidationError, match="step_s: step 0.1 s is beyond the RK4 stability limit 0.05571 s at "
+                                              "the corner opening=1"):
+        sweep(0.05, 1.0)
 
 
 def test_a_non_finite_jacobian_names_every_parameter_value_and_does_not_blame_the_step(user_package):

@@ -115,20 +115,23 @@ def box_corners(lows: Sequence[float], highs: Sequence[float], *, seed: int = 0)
 
 @cache
 def _jacobians(model: Model) -> Callable:
-    """jit(vmap over parameter rows of d derivative / d state), for one model."""
+    """jit(vmap over rows of (inputs, parameters) of d derivative / d state), for one model."""
 
     def f(x, u, p):
         return jnp.stack(model.derivative(unstack(x), unstack(u), model.coefficients(unstack(p))))
 
-    return jax.jit(jax.vmap(jax.jacfwd(f), in_axes=(None, None, 0)))
+    return jax.jit(jax.vmap(jax.jacfwd(f), in_axes=(None, 0, 0)))
 
 
-def stability_limits(model: Model, param_rows: np.ndarray) -> np.ndarray:
-    """The RK4 step limit [s] for each row of parameter values (k, p), at the nominal state and inputs;
-    NaN where the Jacobian is not finite."""
+def stability_limits(model: Model, param_rows: np.ndarray, input_rows: np.ndarray | None = None) -> np.ndarray:
+    """The RK4 step limit [s] for each row of parameter values (k, p), at the nominal state and at the
+    nominal inputs or the same row of `input_rows` (k, m); NaN where the Jacobian is not finite."""
     x, u = nominal_point(model)
+    rows = np.atleast_2d(np.asarray(param_rows, dtype=np.float64))
+    inputs = np.broadcast_to(u, (len(rows), len(u))) if input_rows is None else \
+        np.atleast_2d(np.asarray(input_rows, dtype=np.float64))
     with float64():
-        jac = np.asarray(_jacobians(model)(x, u, np.atleast_2d(np.asarray(param_rows, dtype=np.float64))))
+        jac = np.asarray(_jacobians(model)(x, inputs, rows))
     finite = np.all(np.isfinite(jac), axis=(1, 2))
     n = len(model.states)
     eig = np.linalg.eigvals(np.where(finite[:, None, None], jac, 0.0))
@@ -144,25 +147,39 @@ def stability_limit(model: Model, params: Sequence[float] | None = None) -> floa
 
 @dataclass(frozen=True)
 class BoxLimit:
-    """The smallest RK4 step limit over a parameter box and the corner where it is reached."""
+    """The smallest RK4 step limit over a box of parameters (and inputs) and the corner where it is reached."""
 
     dt_max: float
     corner: tuple[float, ...]
     corners: int
+    inputs: tuple[float, ...] | None = None  # the inputs at that corner (None: the nominal ones)
 
 
 @lru_cache(maxsize=4096)
-def box_limit(model: Model, lows: tuple[float, ...], highs: tuple[float, ...]) -> BoxLimit:
-    """`BoxLimit` of the box [lows, highs] (cached: entry points check every call against it)."""
-    corners = box_corners(lows, highs)
-    limits = stability_limits(model, corners)
+def box_limit(model: Model, lows: tuple[float, ...], highs: tuple[float, ...],
+              input_lows: tuple[float, ...] | None = None, input_highs: tuple[float, ...] | None = None) -> BoxLimit:
+    """`BoxLimit` of the parameter box [lows, highs], at the nominal inputs or over the input box [input_lows,
+    input_highs] (one box of both: the stiffness of a valve's tank grows with its opening; cached: entry
+    points check every call against it)."""
+    if input_lows is None or input_highs is None:
+        corners = box_corners(lows, highs)
+        limits = stability_limits(model, corners)
+        inputs = None
+    else:
+        both = box_corners((*lows, *input_lows), (*highs, *input_highs))
+        corners, inputs = both[:, :len(lows)], both[:, len(lows):]
+        limits = stability_limits(model, corners, inputs)
     k = int(np.argmin(np.where(np.isnan(limits), -np.inf, limits)))
-    return BoxLimit(float(limits[k]), tuple(float(v) for v in corners[k]), len(corners))
+    return BoxLimit(float(limits[k]), tuple(float(v) for v in corners[k]), len(corners),
+                    None if inputs is None else tuple(float(v) for v in inputs[k]))
 
 
-def describe_params(model: Model, values: Sequence[float]) -> str:
-    """'C_in=1e+05, R_im=1e-05' for the parameters that differ from their defaults."""
+def describe_params(model: Model, values: Sequence[float], inputs: Sequence[float] | None = None) -> str:
+    """'C_in=1e+05, R_im=1e-05' for the parameters that differ from their defaults (and 'opening=1' for the
+    `inputs` that differ from their nominal values)."""
     changed = [f"{p.name}={v:g}" for p, v in zip(model.params, values) if v != p.default]
+    if inputs is not None:
+        changed += [f"{n}={v:g}" for n, v, u in zip(model.input_names, inputs, nominal_point(model)[1]) if v != u]
     return ", ".join(changed) if changed else "the default parameters"
 
 
@@ -187,14 +204,18 @@ def _non_finite_at(model: Model, values: Sequence[float], corner: bool) -> str:
 
 
 def check_step(
-    model: Model, dt: float, params: Sequence[Any] | None = None, *, allow_unstable: bool = False, what: str = "dt",
+    model: Model, dt: float, params: Sequence[Any] | None = None, *, inputs: Any = None,
+    allow_unstable: bool = False, what: str = "dt",
 ) -> BoxLimit:
     """Refuse (or, with `allow_unstable`, warn loudly about) a step `dt` beyond the RK4 stability limit
     of `params`: one value or one array per parameter (a batch: checked over its box), default
-    the model's defaults. `what` names the field in the message. Returns the limit.
+    the model's defaults, with `inputs` (an array whose last axis is the model's inputs, e.g. a
+    series (n_steps, m): checked over the box of their values; default the nominal inputs). `what`
+    names the field in the message. Returns the limit.
 
-    A step that is not a finite number of seconds > 0 and an empty batch are refused first (a
-    negative step would integrate backwards in time, a zero one never move)."""
+    A step that is not a finite number of seconds > 0, an empty batch and inputs that are not finite
+    are refused first (a negative step would integrate backwards in time, a zero one never move, a
+    NaN input makes the whole run NaN)."""
     if not (math.isfinite(float(dt)) and float(dt) > 0):
         raise ModelCheckError(model.name, what, f"must be a finite number of seconds > 0, got {float(dt):g}")
     values = model.param_vector() if params is None else params
@@ -203,19 +224,30 @@ def check_step(
     arrays = [np.asarray(v, dtype=np.float64) for v in values]
     if any(a.size == 0 for a in arrays):
         raise ModelCheckError(model.name, "params", "batch is empty: give at least one scenario")
+    input_lows = input_highs = None
+    if inputs is not None and len(model.inputs):
+        table = np.asarray(inputs, dtype=np.float64).reshape(-1, len(model.inputs))
+        if not np.all(np.isfinite(table)):
+            bad = [n for n, col in zip(model.input_names, table.T) if not np.all(np.isfinite(col))]
+            raise ModelCheckError(model.name, "inputs", f"{', '.join(bad)}: not finite (NaN or inf) in the input "
+                                  "series; the whole run would be NaN")
+        if len(table):
+            input_lows, input_highs = tuple(table.min(axis=0).tolist()), tuple(table.max(axis=0).tolist())
     if model.solver is not None:  # an adaptive solver chooses its own steps
         return BoxLimit(math.inf, tuple(model.param_vector()), 0)
     lows = tuple(float(a.min()) for a in arrays)
     highs = tuple(float(a.max()) for a in arrays)
-    limit = box_limit(model, lows, highs)
+    limit = box_limit(model, lows, highs, input_lows, input_highs)
+    if input_lows is not None and (nominal := box_limit(model, lows, highs)).dt_max <= limit.dt_max * (1 + 1e-9):
+        limit, input_lows, input_highs = nominal, None, None  # the inputs do not set it: name the parameters only
     if not float(dt) <= limit.dt_max:
         if math.isnan(limit.dt_max):  # no step is stable or unstable there: the parameters are the problem
             field_, reason = "params", _non_finite_at(model, limit.corner, lows != highs)
             fix = "allow_unstable=True runs it anyway"
         else:
-            corner = "the parameter corner " if lows != highs else ""
+            corner = "the corner " if input_lows != input_highs else "the parameter corner " if lows != highs else ""
             field_, reason = what, (f"step {float(dt):g} s is beyond the RK4 stability limit {limit.dt_max:.4g} s "
-                                    f"at {corner}{describe_params(model, limit.corner)}")
+                                    f"at {corner}{describe_params(model, limit.corner, limit.inputs)}")
             fix = "use a smaller step, or allow_unstable=True"
         if not allow_unstable:
             raise UnstableStepError(model.name, field_, f"{reason} ({fix})")
@@ -336,7 +368,12 @@ def _finite(model: Model, x: np.ndarray, u: np.ndarray, rows: np.ndarray, limits
             bad = ~np.isfinite(np.broadcast_to(np.asarray(v), (n,)))
             if np.any(bad):
                 k = int(np.argmax(bad))
-                raise ModelCheckError(model.name, f"{name}.{label}", f"not finite at {describe_params(model, rows[k])}")
+                hint = "" if not name.startswith("probe run") else (
+                    f" after {PROBE_STEPS} steps of {steps[k]:g} s: a step beyond the stability limit of where the "
+                    "state goes (a stiff model whose fast modes are absent at its nominal state) diverges; use a "
+                    "smaller default_dt, or solver=Adaptive()")
+                raise ModelCheckError(model.name, f"{name}.{label}",
+                                      f"not finite at {describe_params(model, rows[k])}{hint}")
 
 
 def check_model(model: Any, *, dt: float | None = None) -> ModelReport:
@@ -377,6 +414,16 @@ def _check(model: Model, dt: float) -> ModelReport:
         notes.append(f"{field_} {dt:g} s is beyond the RK4 stability limit {limits[1 + k]:.4g} s at the parameter "
                      f"corner {describe_params(model, corners[k])}: artifacts and sweeps with such values are "
                      "refused at this step")
+    if model.solver is None and len(model.inputs):  # the declared input ranges, at the default parameters
+        declared = [(v.lower if math.isfinite(v.lower) else n, v.upper if math.isfinite(v.upper) else n)
+                    for v, n in zip(model.inputs, u)]
+        at = tuple(float(v) for v in p)
+        by_inputs = box_limit(model, at, at, tuple(lo for lo, _ in declared), tuple(hi for _, hi in declared))
+        if dt > by_inputs.dt_max:
+            notes.append(f"{field_} {dt:g} s is beyond the RK4 stability limit {by_inputs.dt_max:.4g} s at "
+                         f"{describe_params(model, at, by_inputs.inputs)} (within the inputs' declared ranges): "
+                         "simulations and sweeps with such inputs are refused at this step, and a twin fed them "
+                         "predicts garbage; use a smaller step or solver=Adaptive()")
     adaptive = f"Adaptive({model.solver.method})" if isinstance(model.solver, Adaptive) else None
     return ModelReport(model.name, dt, float(limits[0]), float(limits[1 + k]),
                        dict(zip(model.param_names, corners[k].tolist())), len(corners), tuple(notes), adaptive)

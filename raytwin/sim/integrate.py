@@ -19,7 +19,7 @@ addition is compensated.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -87,7 +87,9 @@ def rollout(
     choose it for such a model (`integration_dtype`).
     """
     if not any(isinstance(v, jax.core.Tracer) for v in (dt, *params)):
-        check_step(model, dt, params, allow_unstable=allow_unstable)
+        series = None if callable(inputs) or not len(inputs) or any(isinstance(v, jax.core.Tracer) for v in inputs) \
+            else np.stack([np.asarray(v, dtype=np.float64) for v in inputs], axis=-1)
+        check_step(model, dt, params, inputs=series, allow_unstable=allow_unstable)
     if not any(isinstance(v, jax.core.Tracer) for v in x0):
         check_start(model, x0)
     coeffs = model.coefficients(params)
@@ -176,6 +178,9 @@ def integration_dtype(model: Model, dtype: Any) -> np.dtype:
 def _as_arrays(model: Model, dtype: Any, *arrays) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(x0, inputs, params) as arrays of `dtype`, with their last axes checked against the model
     and the start state checked to be finite."""
+    if isinstance(arrays[2], Mapping):
+        raise TypeError(f"{model.name}: params must be values in model order {model.param_names}, not a mapping: "
+                        "pass model.param_vector(your_dict)")
     x0, inputs, params = (np.asarray(a, dtype=dtype) for a in arrays)
     if x0.shape[-1] != len(model.states):
         raise ValueError(f"{model.name}: state has {x0.shape[-1]} values, expected {model.state_names}")
@@ -206,7 +211,7 @@ def simulate(
     """
     work = integration_dtype(model, dtype)
     x0, inputs, params = _as_arrays(model, work, x0, inputs, params)
-    check_step(model, dt, params, allow_unstable=allow_unstable)
+    check_step(model, dt, params, inputs=inputs, allow_unstable=allow_unstable)
     with precision(work):
         traj = np.asarray(_simulate_one(model, x0, inputs, params, jnp.asarray(dt, work)))
     return traj.astype(dtype, copy=False)
@@ -238,7 +243,7 @@ def simulate_batch(
     x0, inputs, params = _as_arrays(model, work, x0, inputs, params)
     if x0.ndim != 2 or params.ndim != 2 or x0.shape[0] != params.shape[0]:
         raise ValueError(f"x0 {x0.shape} and params {params.shape} must be (batch, n) with the same batch")
-    check_step(model, dt, tuple(params.T), allow_unstable=allow_unstable)
+    check_step(model, dt, tuple(params.T), inputs=inputs, allow_unstable=allow_unstable)
     shared = inputs.ndim == 2
     with precision(work):
         traj = np.asarray(_simulate_many(model, x0, inputs, params, jnp.asarray(dt, work), shared))
