@@ -5,8 +5,10 @@ behind its numbers and an artifact whose code has changed since registration is 
 instead of silently running different physics.
 
 - A JAX model's code is the source files of the modules that define its functions (``coefficients``,
-  ``derivative``, ``output``, ...) and of the functions and modules of the same top-level package
-  that those call, found through their global names. Whole files, so that module-level constants
+  ``derivative``, ``output``, ...) and of the functions and modules that those call, found through
+  their global names, transitively: those of the same top-level package, and any other that is
+  user code (not in the standard library, an installed distribution or RayTwin's own packages: a
+  flat ``helpers.py`` beside ``my_models.py``, whose change would otherwise run silently). Whole files, so that module-level constants
   count; callables left at their framework default (e.g. the identity ``project``) are the framework's,
   not the model's, and are left out.
 - A model object may provide its own identity with a ``code_identity() -> ModelCode`` method: an FMU
@@ -23,6 +25,7 @@ import functools
 import hashlib
 import inspect
 import sys
+import sysconfig
 import types
 from collections.abc import Callable, Iterable
 from importlib.metadata import PackageNotFoundError, packages_distributions, version
@@ -34,6 +37,11 @@ from pydantic import Field
 from raytwin.contracts import Contract
 
 CORE_DISTRIBUTION = "raytwin"
+CORE_PACKAGES = frozenset({"raytwin", "client", "actors", "connectors", "serve_apps", "sweeps", "cluster", "benchmarks",
+                           "demo"})
+"""RayTwin's own top-level packages (pyproject.toml): code a model calls there is RayTwin's, versioned with it."""
+_INSTALLED = tuple(sorted({str(Path(sysconfig.get_paths()[k]).resolve()) for k in ("stdlib", "platstdlib", "purelib",
+                                                                                   "platlib")}))
 
 
 class ModelCodeError(ValueError):
@@ -124,11 +132,23 @@ def _modules(functions: list[Callable], top_level: str) -> tuple[set[str], dict[
             continue
         for name in _global_names(fn.__code__):
             ref = fn.__globals__.get(name)
-            if isinstance(ref, types.ModuleType) and ref.__name__.split(".")[0] == top_level:
+            if isinstance(ref, types.ModuleType) and _user_code(ref.__name__, top_level):
                 modules.add(ref.__name__)
-            elif isinstance(ref, types.FunctionType) and ref.__module__.split(".")[0] == top_level:
+            elif isinstance(ref, types.FunctionType) and _user_code(ref.__module__, top_level):
                 todo.append(ref)
     return modules, loose
+
+
+def _user_code(module_name: str, top_level: str) -> bool:
+    """Whether a module the model calls is part of its code: its own package's, or one outside the standard
+    library, installed distributions and RayTwin (a helper module beside the model's)."""
+    top = module_name.split(".")[0]
+    if top == top_level:
+        return True
+    if top in CORE_PACKAGES or top in sys.stdlib_module_names or top in sys.builtin_module_names:
+        return False
+    file = getattr(sys.modules.get(module_name), "__file__", None)
+    return bool(file) and not str(Path(file).resolve()).startswith(_INSTALLED)
 
 
 def _python_parts(model: Any) -> tuple[dict[str, str], str]:
@@ -192,11 +212,14 @@ def model_runtime_env(models: Iterable[Any]) -> dict[str, list[str]]:
         code = code_identity(model)
         if code.kind != "python":
             continue
-        if code.distribution is None:
-            module = sys.modules[_module_name(_own_callables(model)[0]).split(".")[0]]
+        own = _module_name(_own_callables(model)[0]).split(".")[0]
+        helpers = sorted({name.split(".")[0] for name in code.parts if name in sys.modules} - {own})  # beside it
+        if code.distribution is not None and code.distribution != CORE_DISTRIBUTION and \
+                (req := f"{code.distribution}=={code.version}") not in pip:
+            pip.append(req)
+        for top in ([own] if code.distribution is None else []) + helpers:
+            module = sys.modules[top]
             path = str(Path(module.__file__).parent if hasattr(module, "__path__") else Path(module.__file__))
             if path not in py_modules:
                 py_modules.append(path)
-        elif code.distribution != CORE_DISTRIBUTION and (req := f"{code.distribution}=={code.version}") not in pip:
-            pip.append(req)
     return {key: value for key, value in (("py_modules", py_modules), ("pip", pip)) if value}

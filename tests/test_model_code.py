@@ -83,6 +83,37 @@ def test_a_user_model_pins_its_modules_and_the_helpers_it_calls(tmp_path, pumpki
     assert model_runtime_env([model, THERMAL_RC]) == {"py_modules": [str(package)]}
 
 
+
+def test_a_flat_model_module_pins_the_helper_module_beside_it_and_ships_it(tmp_path, monkeypatch):
+    """`my_models.py` calling `helpers.py` (the README's flat layout): a changed helper changed the physics
+    under the same registered version, silently, and workers were not given it."""
+    (tmp_path / "casing_helpers.py").write_text(PHYSICS)
+    (tmp_path / "casing_model.py").write_text(MODEL.replace("from pumpkit.physics import leak",
+                                                            "from casing_helpers import leak"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        model = importlib.import_module("casing_model").MODEL
+        registry = ModelRegistry(str(tmp_path / "models"))
+        registry.register("casing", "1.0.0", AssetType.from_model(model))
+        assert set(registry.get("casing@1.0.0").code.parts) == {"casing_model", "casing_helpers"}
+        assert model_runtime_env([model]) == {"py_modules": [str(tmp_path / "casing_model.py"),
+                                                             str(tmp_path / "casing_helpers.py")]}
+        (tmp_path / "casing_helpers.py").write_text(PHYSICS.replace("/ r", "/ (5 * r)"))
+        with pytest.raises(ModelCodeChanged, match="module casing_helpers changed"):
+            registry.get("casing@1.0.0")
+    finally:
+        for name in ("casing_model", "casing_helpers"):
+            sys.modules.pop(name, None)
+
+
+def test_the_core_packages_are_those_the_distribution_ships():
+    import tomllib
+
+    from raytwin.modelcode import CORE_PACKAGES
+
+    found = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert {p.rstrip("*") for p in found["tool"]["setuptools"]["packages"]["find"]["include"]} == CORE_PACKAGES
+
 def test_a_changed_model_is_refused_at_resolve_with_what_changed_and_how_to_proceed(tmp_path, pumpkit, monkeypatch):
     package, model = pumpkit
     registry = ModelRegistry(str(tmp_path / "models"))
