@@ -156,6 +156,11 @@ def test_inputs_are_held_over_each_step(reference_fmus, interface):
     y = FmuInstance(model, interface).run(FmuScenario(4, 0.5, inputs={"Float64_continuous_input": u}),
                                           ("Float64_continuous_output",))
     np.testing.assert_array_equal(y[:, 0], [*u, u[-1]])
+    if interface == "CoSimulation":  # Float32 variables through FMI 3.0's Float32 calls (Float64 ones fail there)
+        both = {"Float64_continuous_input": u, "Float32_continuous_input": -u}
+        y = FmuInstance(model, interface).run(FmuScenario(4, 0.5, inputs=both),
+                                              ("Float32_continuous_output", "Float64_continuous_output"))
+        np.testing.assert_array_equal(y, np.column_stack([[*-u, -u[-1]], [*u, u[-1]]]))
 
 
 def test_bad_scenarios_are_refused_with_their_reason(reference_fmus):

@@ -19,6 +19,7 @@ import weakref
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -85,20 +86,34 @@ class FmuInstance:
         self.fmu = instantiate_fmu(self.unzipdir, self.md, fmi_type=interface)
         self.fmi3 = self.md.fmiVersion.startswith("3")
         self.vr = {v.name: v.valueReference for v in self.md.modelVariables}
+        self.float32 = {v.name for v in self.md.modelVariables if v.type == "Float32"}  # FMI 3.0 only
         self._fresh = True
         INSTANTIATIONS[model.fmu_hash] += 1
         log.info("event=fmu_instantiated fmu=%s hash=%s interface=%s", model.name, model.fmu_hash[:12], interface)
 
     # ---- low-level access, shared with the stepper ------------------------------------------
     def set(self, values: Mapping[str, float]) -> None:
-        if values:
-            refs = [self.vr[n] for n in values]
-            vals = [float(v) for v in values.values()]
-            (self.fmu.setFloat64 if self.fmi3 else self.fmu.setReal)(refs, vals)
+        """Set real variables, each through its type's call (FMI 3.0 has one per float width)."""
+        for names, setter in self._by_width(tuple(values), "set"):
+            setter([self.vr[n] for n in names], [float(values[n]) for n in names])
 
     def get(self, names: tuple[str, ...]) -> np.ndarray:
-        refs = [self.vr[n] for n in names]
-        return np.asarray((self.fmu.getFloat64 if self.fmi3 else self.fmu.getReal)(refs), dtype=np.float64)
+        """Real variables in the order of `names`, each read through its type's call."""
+        out = np.empty(len(names), dtype=np.float64)
+        index = {n: i for i, n in enumerate(names)}
+        for group, getter in self._by_width(names, "get"):
+            out[[index[n] for n in group]] = getter([self.vr[n] for n in group])
+        return out
+
+    def _by_width(self, names: tuple[str, ...], verb: str) -> list[tuple[list[str], Any]]:
+        """`names` grouped by the FMI call that reads or writes them: getReal/setReal (FMI 2.0), or
+        get/setFloat64 and get/setFloat32 (FMI 3.0: calling Float64 on a Float32 variable is an error)."""
+        if not self.fmi3:
+            return [(list(names), getattr(self.fmu, f"{verb}Real"))] if names else []
+        wide = [n for n in names if n not in self.float32]
+        narrow = [n for n in names if n in self.float32]
+        return [(group, getattr(self.fmu, f"{verb}{width}")) for group, width in ((wide, "Float64"),
+                                                                                  (narrow, "Float32")) if group]
 
     def _reset(self) -> None:
         if not self._fresh:
