@@ -61,7 +61,7 @@ def ray_session(s3_endpoint, ray_metrics_port):
     ray.shutdown()
 
 
-REFERENCE_FMU_MODELS = {2: ("VanDerPol", "Dahlquist", "BouncingBall", "Feedthrough"),
+REFERENCE_FMU_MODELS = {2: ("VanDerPol", "Dahlquist", "BouncingBall", "Feedthrough", "Stair"),
                         3: ("VanDerPol", "Dahlquist", "Feedthrough", "StateSpace")}
 """The Reference FMUs the session builds, per FMI version."""
 

@@ -236,3 +236,10 @@ def test_the_stepper_steps_like_the_fmus_own_simulation(reference_fmus, version)
     with pytest.raises(FmuError, match=r"x needs 2 values \['x0', 'x1'\], got shape \(3,\)"):
         stepper.step(np.zeros(3), [], p, dt)
 
+
+
+def test_an_fmu_with_nothing_real_to_simulate_is_refused_at_load(reference_fmus):
+    """Stair counts with an Integer: it loaded with no states or outputs and failed at its first run."""
+    with pytest.raises(FmuError, match=r"^FMU Stair.fmu: no real-valued state or output RayTwin can use \(it maps "
+                                       r"Real/Float64/Float32 variables only; this FMU has Integer ones\)$"):
+        FmuModel.load(reference_fmus[(2, "Stair")])

@@ -138,6 +138,10 @@ class FmuModel(Declared):
                     params.append(Param(v.name, unit, start, lower, upper, text))
             except ValueError as e:
                 raise FmuError(f"{where}: {e}") from None
+        if not states and not outputs:  # nothing to simulate, track or sweep: every run would fail later
+            kinds = sorted({v.type for v in md.modelVariables if v.causality in ("output", "local")} - set(REAL_TYPES))
+            raise FmuError(f"{where}: no real-valued state or output RayTwin can use (it maps Real/Float64/Float32 "
+                           f"variables only{'; this FMU has ' + ', '.join(kinds) + ' ones' if kinds else ''})")
         interfaces = tuple(i for i, d in zip(INTERFACES, (md.coSimulation, md.modelExchange)) if d is not None)
         if not interfaces:
             raise FmuError(f"{where}: neither co-simulation nor model exchange is provided")
