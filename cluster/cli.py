@@ -230,8 +230,12 @@ def submit_command(
         check_raytwin_entrypoint(entrypoint)
     except ValueError as exc:
         _fail(str(exc))
-    job_id = _jobs(address, state_file).submit(entrypoint, working_dir, {k: v for k, _, v in pairs}, submission_id,
-                                               py_modules=py_module or (), pip=pip or ())
+    jobs = _jobs(address, state_file)
+    try:
+        job_id = jobs.submit(entrypoint, working_dir, {k: v for k, _, v in pairs}, submission_id,
+                             py_modules=py_module or (), pip=pip or ())
+    except (ValueError, RuntimeError) as exc:  # Ray refused the runtime env or the submission: its own words
+        _fail(f"the cluster refused the job: {str(exc).strip().splitlines()[-1]}")
     typer.echo(job_id)
 
 

@@ -9,9 +9,11 @@ requirements (installed on the cluster); `raytwin.modelcode.model_runtime_env` s
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import shlex
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -73,10 +75,24 @@ def project_runtime_env(
         runtime_env["working_dir"] = str(Path(working_dir).resolve())
         runtime_env["excludes"] = WORKING_DIR_EXCLUDES
     if py_modules:
-        runtime_env["py_modules"] = [m if "://" in str(m) else str(Path(m).resolve()) for m in py_modules]
+        runtime_env["py_modules"] = [m if "://" in str(m) else _uploadable(Path(m)) for m in py_modules]
     if pip:
         runtime_env["pip"] = list(pip)
     return runtime_env
+
+
+def _uploadable(path: Path) -> str:
+    """A local `py_modules` entry as Ray's job submission uploads it: a directory. A module file
+    ``my_models.py`` becomes the package ``my_models`` (its code as ``__init__.py``, imported by the same
+    name), in a directory named by the file's hash under the temporary directory."""
+    path = path.resolve()
+    if path.is_dir() or path.suffix != ".py":
+        return str(path)
+    code = path.read_bytes()
+    package = Path(tempfile.gettempdir()) / "raytwin-py-modules" / hashlib.sha256(code).hexdigest()[:16] / path.stem
+    package.mkdir(parents=True, exist_ok=True)
+    (package / "__init__.py").write_bytes(code)
+    return str(package)
 
 
 def resolve_cluster(address: str | None, local_state_file: Path | None = None) -> tuple[str | None, dict[str, str]]:

@@ -33,9 +33,10 @@ nodes = sorted(node["NodeID"] for node in ray.nodes() if node["Alive"])
 
 @ray.remote(num_cpus=1)
 def node_id():
-    import probekit  # user model code: only in the job's py_modules
+    import probekit  # user model code: only in the job's py_modules (a package and a module file)
+    import probeflat
 
-    return ray.get_runtime_context().get_node_id(), probekit.NAME
+    return ray.get_runtime_context().get_node_id(), probekit.NAME + "+" + probeflat.NAME
 
 pinned = [node_id.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote() for n in nodes]
 ran = ray.get(pinned)
@@ -61,17 +62,24 @@ def _package(root: Path, name: str) -> Path:
     return root / name
 
 
+def _module(root: Path, name: str) -> Path:
+    """A user's flat module file (`my_models.py`): Ray's job upload takes directories only."""
+    root.mkdir(parents=True)
+    (root / f"{name}.py").write_text(f"NAME = {name!r}\n")
+    return root / f"{name}.py"
+
+
 def test_submitted_job_runs_tasks_on_both_nodes(local_cluster: LocalClusterInfo, tmp_path: Path) -> None:
     (tmp_path / "job").mkdir()
     (tmp_path / "job" / "probe.py").write_text(PROBE)
     jobs = JobClient(local_cluster.dashboard_url, local_cluster.auth_headers)
     job_id = jobs.submit([sys.executable, "probe.py"], working_dir=tmp_path / "job", env={"PROBE_FLAG": "on"},
-                         py_modules=[_package(tmp_path / "code", "probekit")])
+                         py_modules=[_package(tmp_path / "code", "probekit"), _module(tmp_path / "flat", "probeflat")])
     assert jobs.wait(job_id, timeout_s=180) == JobStatus.SUCCEEDED, jobs.logs(job_id)
     logs = jobs.logs(job_id)
     report = json.loads(next(line for line in logs.splitlines() if line.startswith("PROBE "))[len("PROBE "):])
     assert report["ran_on"] == alive_node_ids(local_cluster)
-    assert report["code"] == ["probekit"]  # the user code reached the workers of both nodes
+    assert report["code"] == ["probekit+probeflat"]  # the user code reached the workers of both nodes
     assert (report["flag"], report["xla_prealloc"]) == ("on", "false")
 
 
