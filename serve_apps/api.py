@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from fastapi import FastAPI, Response
+from fastapi import FastAPI, Header, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from raytwin import metrics
@@ -28,9 +28,10 @@ from serve_apps import (
     routes_twins,
 )
 from serve_apps.admission import Admission, AdmissionGate
+from serve_apps.auth import parse_credentials
 from serve_apps.deprecation import ApiDeprecationHeaders
 from serve_apps.deps import SVC, Services
-from serve_apps.errors import ERROR_RESPONSES, install_error_handlers
+from serve_apps.errors import ERROR_RESPONSES, ApiError, install_error_handlers
 from serve_apps.json_route import JsonRoute
 from serve_apps.limits import BodyLimitMiddleware
 from serve_apps.schemas import Health
@@ -104,8 +105,20 @@ class RequestObserver:
 
 
 def _ops_routes(app: FastAPI) -> None:
-    @app.get("/v1/health", response_model=Health, tags=["operations"])
-    async def health(svc: Services = SVC) -> Health:
-        """Liveness and the cluster-wide counts (no API key needed)."""
-        jobs = await svc.backend.call("job_stats")
-        return Health(status="ok", live_twins=await svc.backend.call("live_twins"), jobs=jobs["states"])
+    @app.get("/v1/health", response_model=Health, tags=["operations"], response_model_exclude_none=True)
+    async def health(authorization: str | None = Header(None, description="`Bearer <API key>` (optional)"),
+                     x_api_key: str | None = Header(None, description="The API key (optional)"),
+                     svc: Services = SVC) -> Health:
+        """Liveness, no API key needed (the backend answered); with a valid key also the caller's tenant's twin
+        and job counts. Counts summed over tenants would show every tenant's activity to anyone."""
+        key = parse_credentials(authorization, x_api_key)
+        try:
+            who = svc.keys.authenticate(key) if key else None
+        except ApiError:  # the keys cannot be checked: still alive, counts for nobody
+            who = None
+        if who is None:
+            await svc.backend.call("job_stats", None)
+            return Health(status="ok")
+        jobs = await svc.backend.call("job_stats", who.tenant)
+        return Health(status="ok", tenant=who.tenant, live_twins=await svc.backend.call("live_twins", who.tenant),
+                      jobs=jobs["states"])

@@ -364,9 +364,10 @@ class Backend:
     def flush(self) -> None:
         self.twins.flush()
 
-    def live_twins(self) -> int:
+    def live_twins(self, tenant: str | None = None) -> int:
+        """Live twins of `tenant` (None: of every tenant)."""
         with self._lock:
-            tenants = list(self.catalog.assets)
+            tenants = list(self.catalog.assets) if tenant is None else [tenant]
         return sum(len(self.twins.assets(t)) for t in tenants)
 
     def recalibrations(self, tenant: str) -> TenantState:
@@ -397,8 +398,8 @@ class Backend:
         """The record, store location included: routes answer its `status()`."""
         return self.jobs.get(tenant, job_id)
 
-    async def job_stats(self) -> dict[str, Any]:
-        return self.jobs.stats()
+    async def job_stats(self, tenant: str | None = None) -> dict[str, Any]:
+        return self.jobs.stats(tenant)
 
 
 BackendDeployment = serve.deployment(Backend, name="Backend", num_replicas=1, max_ongoing_requests=64,

@@ -207,11 +207,12 @@ class JobQueue:
             raise NotFound(f"job {job_id} not found")
         return job.model_copy()
 
-    def stats(self) -> dict[str, Any]:
-        """Jobs by state."""
+    def stats(self, tenant: str | None = None) -> dict[str, Any]:
+        """Jobs by state (of `tenant`; None: of every tenant)."""
         states = dict.fromkeys(JOB_STATES, 0)
         for job in self.jobs.values():
-            states[job.state] += 1
+            if tenant is None or job.tenant == tenant:
+                states[job.state] += 1
         return {"states": states}
 
     def _publish(self) -> None:

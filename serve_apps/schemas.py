@@ -128,6 +128,9 @@ class DriftClear(BaseModel):
 
 
 class Health(BaseModel):
+    """Liveness; with a valid key also the caller's tenant's counts (never other tenants')."""
+
     status: str
-    live_twins: int
-    jobs: dict[str, int]
+    tenant: str | None = None
+    live_twins: int | None = None
+    jobs: dict[str, int] | None = None

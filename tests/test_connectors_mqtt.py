@@ -413,10 +413,10 @@ def api(twins, tmp_path_factory):
         connector = Backend.connector
         connector_ops = ConnectorOps(twins, [], tls_dir=str(root / "tls"))
 
-        def live_twins(self) -> int:
+        def live_twins(self, tenant: str | None = None) -> int:
             return len(twins.assets("acme"))
 
-        def job_stats(self) -> dict:
+        def job_stats(self, tenant: str | None = None) -> dict:
             return {"states": {}, "steps": 0, "compute_s": 0.0}
 
     backend = ConnectorBackend()
