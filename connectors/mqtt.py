@@ -171,6 +171,9 @@ class MqttSpec(ConnectorSpec):
     def describe(self) -> str:
         return f"{super().describe()}, {len(self.routes)} route(s)"
 
+    def source_host(self) -> str:
+        return self.broker.host
+
     def session_key(self) -> str:
         """A broker keys persistent sessions by client id; the claim leaves the broker out, as one broker
         answers to many names (127.0.0.1, localhost, a DNS alias) that RayTwin cannot tell apart."""

@@ -39,6 +39,10 @@ class ConnectorSpec(BaseModel):
         """One line for people: kind, name and what it maps (`raytwin connectors check`)."""
         return f"{self.kind} connector {self.name!r}"
 
+    def source_host(self) -> str | None:
+        """The host this connector connects to (a broker, a server), for the service's reach policy."""
+        return None
+
     def session_key(self) -> str | None:
         """The identity a server keys this connector's session by (None: sessions are per connection).
         Two connectors with one key would take over each other's session and its queued messages, so the

@@ -76,7 +76,8 @@ class Backend:
             self.changes.reserve(tenant, self.catalog.max_revision(tenant))
         self.jobs = JobQueue(config, config.max_concurrent_jobs, on_finish=self._job_finished)
         self.audit = AuditLog(config.store_url, config.storage_options)  # bulk jobs audit each item
-        self.connector_ops = ConnectorOps(self.twins, config.connectors, config.connector_tls_dir)
+        self.connector_ops = ConnectorOps(self.twins, config.connectors, config.connector_tls_dir,
+                                          config.connector_hosts)
         self.type_evolution = TypeEvolution(self)
         self._lock = threading.Lock()
         self._publish = threading.Lock()

@@ -73,6 +73,11 @@ class ServeConfig(BaseModel):
         None, description="Directory of the TLS files of connectors created through the API, on every node that "
         "runs connectors (e.g. a mounted Secret): a tenant names files of `{dir}/{tenant}/`, never another path "
         "(None: such connectors cannot use TLS files). Declared connectors (`connectors`) name any path.")
+    connector_hosts: list[str] | None = Field(
+        None, description="Hosts that connectors created through the API may connect to: names, addresses or "
+        "networks (`broker.plant.example`, `10.20.0.0/16`); None: any but link-local ones (169.254.0.0/16, "
+        "fe80::/10: cloud metadata services). A tenant's connector is a TCP client inside your network: list "
+        "the brokers and servers it may reach. Declared connectors (`connectors`) reach any host.")
     autoscaling: Autoscaling = Field(default_factory=Autoscaling)
     admission: Admission = Field(default_factory=Admission)
 

@@ -8,16 +8,18 @@ of the backend replica (`credentials_env`, e.g. from a Kubernetes Secret), never
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import re
+import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from connectors.commands import CommandError, UnknownCommand
-from connectors.kinds import UnknownKind
+from connectors.kinds import UnknownKind, parse_spec
 from connectors.manager import ConnectorDown, Connectors, InvalidConnector
 from connectors.spec import Credentials, SessionTaken, UnknownConnector
 from raytwin.contracts import describe_error
@@ -49,6 +51,40 @@ def _api_errors(call: Callable[..., Any]) -> Callable[..., Any]:
     return wrapped
 
 
+class Reach:
+    """Which hosts a tenant's connector may connect to (`ServeConfig.connector_hosts`): without a list, any
+    but link-local addresses (a cloud's metadata service hands out the node's credentials)."""
+
+    def __init__(self, hosts: list[str] | None):
+        self.names = None if hosts is None else {h.lower() for h in hosts if not _network(h)}
+        self.networks = [n for h in hosts or () if (n := _network(h))]
+
+    def refusal(self, host: str) -> str | None:
+        """Why `host` may not be reached, or None. Names are resolved now: a listed name is reachable
+        whatever it resolves to; an unlisted one by the addresses it has."""
+        if self.names is not None and host.lower() in self.names:
+            return None
+        try:
+            addresses = {ipaddress.ip_address(info[4][0].split("%")[0]) for info in socket.getaddrinfo(host, None)}
+        except (socket.gaierror, UnicodeError, ValueError):
+            addresses = set()
+        if self.names is None:
+            local = sorted(str(a) for a in addresses if a.is_link_local)
+            return f"host {host!r} is link-local ({', '.join(local)}), which connectors may not reach" if local \
+                else None
+        if addresses and all(any(a in n for n in self.networks) for a in addresses):
+            return None
+        return (f"host {host!r} is not among the hosts this service lets connectors reach "
+                "(ServeConfig.connector_hosts, its operator's list)")
+
+
+def _network(host: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
+    try:
+        return ipaddress.ip_network(host, strict=False)
+    except ValueError:
+        return None
+
+
 def missing_credentials(declaration: dict[str, Any]) -> list[str]:
     """The environment variables a connector declared in the service config names for its credentials
     that this process lacks (`raytwin serve` checks before it deploys; the backend logs and skips it)."""
@@ -61,9 +97,10 @@ class ConnectorOps:
     OPS = frozenset({"create", "pause", "resume", "view", "list_all", "delete", "propose", "approve", "refuse",
                      "commands", "command"})
 
-    def __init__(self, twins: TwinService, declared: list[dict[str, Any]], tls_dir: str | None = None):
+    def __init__(self, twins: TwinService, declared: list[dict[str, Any]], tls_dir: str | None = None,
+                 hosts: list[str] | None = None):
         self.connectors = Connectors(twins.router, twins.assets)
-        self.tls_dir = tls_dir
+        self.tls_dir, self.reach = tls_dir, Reach(hosts)
         for declaration in declared:
             try:
                 self._declare(declaration)
@@ -82,7 +119,10 @@ class ConnectorOps:
 
     @_api_errors
     def create(self, tenant: str, spec: dict[str, Any], credentials: Credentials | None) -> dict[str, Any]:
-        created = self.connectors.create(self._tenant_files({**spec, "tenant": tenant}), credentials)
+        declared = parse_spec(self._tenant_files({**spec, "tenant": tenant}))
+        if (host := declared.source_host()) is not None and (why := self.reach.refusal(host)):
+            raise Unprocessable(f"connector {declared.name!r}: {why}")
+        created = self.connectors.create(declared, credentials)
         return self.view(tenant, created.name) | {"status": created.model_dump(mode="json")}
 
     def _tenant_files(self, spec: dict[str, Any]) -> dict[str, Any]:

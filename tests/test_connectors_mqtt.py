@@ -498,6 +498,10 @@ def test_http_tls_files_are_the_tenants_own_and_a_connector_that_cannot_start_is
         assert client.get("/v1/connectors/tls", headers=auth["reader"]).status_code == 404  # nothing stored
     assert "keys.json" not in json.dumps([rec.model_dump(mode="json") for rec in svc.audit.records("acme")])
 
+    metadata = client.post("/v1/connectors", json={"spec": {**spec, "broker": {**spec["broker"],
+                                                                               "host": "169.254.169.254"}}},
+                           headers=auth["admin"])
+    assert metadata.status_code == 422 and "link-local" in metadata.json()["error"]["message"]
     made = create(ca_file="ca.pem")
     assert made.status_code == 201, made.text
     assert made.json()["spec"]["broker"]["tls"]["ca_file"] == str(tls_dir / "acme" / "ca.pem")
@@ -511,6 +515,21 @@ def test_http_tls_files_are_the_tenants_own_and_a_connector_that_cannot_start_is
     assert paused.status_code == 409 and "declare it again or delete it" in paused.json()["error"]["message"]
     assert client.delete("/v1/connectors/tls", headers=auth["admin"]).status_code == 204
     assert client.get("/v1/connectors/tls", headers=auth["reader"]).status_code == 404
+
+
+def test_a_tenants_connector_reaches_only_the_hosts_the_operator_allows():
+    """A connector is a TCP client inside the operator's network: reporting "cannot connect" or "protocol
+    error" made it a port scanner, and 169.254.169.254 is where a cloud hands out the node's credentials."""
+    from serve_apps.connector_ops import Reach
+
+    anywhere = Reach(None)
+    assert "link-local (169.254.169.254)" in anywhere.refusal("169.254.169.254")
+    assert anywhere.refusal("127.0.0.1") is None and anywhere.refusal("no-such-host.invalid") is None
+    listed = Reach(["broker.plant.example", "10.20.0.0/16", "127.0.0.1"])
+    for host in ("broker.plant.example", "BROKER.plant.example", "10.20.3.4", "127.0.0.1"):
+        assert listed.refusal(host) is None, host
+    for host in ("10.21.0.1", "169.254.169.254", "no-such-host.invalid", "example.org"):
+        assert "not among the hosts this service lets connectors reach" in listed.refusal(host), host
 
 def test_http_commands_propose_approve_once_and_show_the_ack(api, broker):
     client, auth, key_ids, _ = api

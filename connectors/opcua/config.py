@@ -103,6 +103,9 @@ class OpcUaSpec(ConnectorSpec):
         backfill = f"backfill {self.backfill_s:g} s" if self.backfill_s else "no backfill"
         return f"{super().describe()}, {len(self.nodes)} node(s), {len(self.commands)} command(s), {backfill}"
 
+    def source_host(self) -> str | None:
+        return urlsplit(self.endpoint).hostname
+
     @field_validator("endpoint")
     @classmethod
     def _endpoint(cls, v: str) -> str:
