@@ -117,7 +117,8 @@ def _lazy(ref: str, many: bool = False) -> Callable[[httpx.Response], Any]:
 
 
 def _revisioned(cls: type[M]) -> Callable[[httpx.Response], Revisioned[M]]:
-    return lambda r: Revisioned(cls.model_validate_json(r.content), int(r.headers["etag"].strip('"')))
+    return lambda r: Revisioned(cls.model_validate_json(r.content),  # a twin's state carries a weak one
+                                int(r.headers["etag"].removeprefix("W/").strip('"')))
 
 
 def _nothing(r: httpx.Response) -> None:

@@ -19,9 +19,10 @@ from fastapi import Header, Response
 from serve_apps.errors import PreconditionFailed
 
 
-def etag(revision: int) -> str:
-    """The strong entity tag of `revision`."""
-    return f'"{revision}"'
+def etag(revision: int, *, weak: bool = False) -> str:
+    """The entity tag of `revision`: strong (one revision is one representation), or weak for a twin's state,
+    whose revision counts applied events while a drift clear or a migration changes the body too."""
+    return f'W/"{revision}"' if weak else f'"{revision}"'
 
 
 @dataclass(frozen=True)

@@ -70,10 +70,10 @@ def register(app: FastAPI) -> None:
                     at: Annotated[DateTime | None, Query(description="RFC 3339 date-time with offset (e.g. "
                                                          "2026-01-05T12:00:00Z): the state then")] = None,
                     who: Principal = READER, svc: Services = SVC) -> Any:
-        """The twin's state: mean, std, covariance, revision (also the `ETag`), last event time and divergence
+        """The twin's state: mean, std, covariance, revision (also the weak `ETag`), last event time and divergence
         indicators."""
         found = await svc.twins.state(who.tenant, asset_id, at)
-        response.headers["ETag"] = etag(found["revision"])
+        response.headers["ETag"] = etag(found["revision"], weak=True)
         if found["stale"]:  # the shard is restarting: the last durable state (see serve_apps/twin_reads.py)
             response.headers["RayTwin-Stale"] = "true"
         return found
@@ -83,7 +83,7 @@ def register(app: FastAPI) -> None:
                          svc: Services = SVC) -> Divergence:
         """Model/data divergence: normalised innovation (NIS) statistics, residuals and the drift flag."""
         found = await svc.twins.state(who.tenant, asset_id)
-        response.headers["ETag"] = etag(found["revision"])
+        response.headers["ETag"] = etag(found["revision"], weak=True)
         return Divergence(asset_id=asset_id, revision=found["revision"], event_time=found["event_time"],
                           **found["divergence"])
 
@@ -97,7 +97,7 @@ def register(app: FastAPI) -> None:
         svc.twins.forget(who.tenant, asset_id)
         await svc.record(request, who, "twin.drift_clear", asset_id, reason=body.reason,
                          revision=found["revision"])
-        response.headers["ETag"] = etag(found["revision"])
+        response.headers["ETag"] = etag(found["revision"], weak=True)
         return Divergence(asset_id=asset_id, revision=found["revision"], event_time=found["event_time"],
                           **found["divergence"])
 

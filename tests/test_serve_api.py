@@ -702,7 +702,7 @@ def test_reads_carry_revisions_as_etags_and_conditional_writes_compare_and_set(a
                  412, "precondition_failed")
     assert_error(http.post("/v1/assets", json=body, headers=admin), 409, "conflict")  # unconditional: as before
     state = http.get("/v1/assets/pump-1/state", headers=admin)
-    assert state.headers["etag"] == f'"{state.json()["revision"]}"'
+    assert state.headers["etag"] == f'W/"{state.json()["revision"]}"'  # weak: a drift clear changes the body too
     same = http.get("/v1/assets/pump-1", headers={**admin, "If-None-Match": r.headers["etag"]})
     assert same.status_code == 304 and same.content == b"" and same.headers["etag"] == r.headers["etag"]
     weakened = http.get("/v1/assets/pump-1", headers={**admin, "If-None-Match": "W/" + r.headers["etag"]})
@@ -863,7 +863,7 @@ def test_clearing_a_drift_alarm_is_audited_streamed_and_tenant_isolated(api, htt
     assert_error(http.post(path, json={"reason": "x"}, headers=auth(api, "other")), 404, "not_found")
     assert_error(http.post(path, json={}, headers=admin), 422, "invalid_request")
     r = http.post(path, json={"reason": "sensor re-seated"}, headers=admin)
-    assert r.status_code == 200 and r.headers["etag"] == '"34"'
+    assert r.status_code == 200 and r.headers["etag"] == 'W/"34"'
     assert (r.json()["drift"], r.json()["drift_score"], r.json()["revision"]) == (False, 0.0, 34)
     assert http.get("/v1/assets/f-1/divergence", headers=admin).json()["drift"] is False
     (change,) = read_changes(api[0], admin, 1, after=9)
