@@ -237,6 +237,20 @@ def test_the_stepper_steps_like_the_fmus_own_simulation(reference_fmus, version)
         stepper.step(np.zeros(3), [], p, dt)
 
 
+def test_a_step_shorter_than_the_fmus_own_is_reported_not_silently_skipped(reference_fmus, caplog):
+    """The Reference FMUs take no step shorter than theirs (0.01 s): a twin fed events 0.015 s apart predicted
+    nothing (sub-steps of 0.0075 s) and its estimate copied the measurements, with no word."""
+    model = FmuModel.load(reference_fmus[(2, "VanDerPol")])
+    stepper, x = FmuStepper(model), np.array([1.5, -0.5])
+    with caplog.at_level("ERROR", logger="raytwin.fmu"):
+        stepper.step(x, [], np.array([1.2]), model.default_dt)
+        assert not caplog.records
+        np.testing.assert_array_equal(stepper.step(x, [], np.array([1.2]), 0.0075), x)  # it stood still
+        stepper.step(x, [], np.array([1.2]), 0.0075)
+    assert [r.message.split(":")[0] for r in caplog.records] == [
+        f"event=fmu_step_short fmu={model.name!r} asked_s=0.0075 reached_s=0"]  # once per process, not per step
+
+
 
 def test_an_fmu_with_nothing_real_to_simulate_is_refused_at_load(reference_fmus):
     """Stair counts with an Integer: it loaded with no states or outputs and failed at its first run."""

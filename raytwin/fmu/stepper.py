@@ -11,6 +11,7 @@ That costs one reset and initialisation per call: microseconds for the small FMU
 from __future__ import annotations
 
 import functools
+import logging
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -20,6 +21,8 @@ from raytwin.fmu.instance import FmuInstance
 
 if TYPE_CHECKING:
     from raytwin.ukf import Dynamics
+
+log = logging.getLogger("raytwin.fmu")
 
 
 class FmuStepper:
@@ -39,6 +42,8 @@ class FmuStepper:
                            "calculated), so a filter cannot set them")
         self.model = model
         self.instance = FmuInstance(model, "CoSimulation")
+        self._time = next((v.name for v in md.modelVariables if v.causality == "independent"), None)
+        self._warned_short = False
         state_index = {n: i for i, n in enumerate(model.state_names)}
         self._outputs_from_states = (np.array([state_index[n] for n in model.output_names], dtype=np.intp)
                                      if set(model.output_names) <= set(state_index) else None)
@@ -60,7 +65,26 @@ class FmuStepper:
             return np.stack([self.step(row, u, p, dt) for row in x])
         self._start(x, np.asarray(u, float), np.asarray(p, float))
         self.instance.do_step(0.0, float(dt))
+        self._check_reached(float(dt))
         return self.instance.get(self.model.state_names)
+
+    def _check_reached(self, dt: float) -> None:
+        """Say (once per process, as an error) when the FMU did not advance by `dt`: a fixed-step FMU takes no
+        step shorter than its own, so a twin fed events whose gaps are no multiple of it predicts nothing
+        and its estimate copies the measurements. Read from the FMU's time, where it exposes it."""
+        if self._time is None or self._warned_short:
+            return
+        try:
+            reached = float(self.instance.get((self._time,))[0])
+        except Exception:  # noqa: BLE001 - an FMU that does not expose its time: nothing to check
+            self._time = None
+            return
+        if reached < dt * (1 - 1e-9) - 1e-12:
+            self._warned_short = True
+            log.error("event=fmu_step_short fmu=%r asked_s=%g reached_s=%g: the FMU takes steps of its own and did "
+                      "not advance by the twin's sub-step; feed its twins events whose gaps are multiples of its "
+                      "step (DefaultExperiment stepSize %g s), or its predictions stand still", self.model.name, dt,
+                      reached, self.model.default_dt)
 
     def observe(self, x: np.ndarray, u: np.ndarray, p: np.ndarray) -> np.ndarray:
         x = np.asarray(x, dtype=np.float64)
