@@ -20,7 +20,7 @@ from serve_apps.conditional import Precondition, etag, not_modified, preconditio
 from serve_apps.deps import ADMIN, READER, SVC, Services
 from serve_apps.errors import CONFLICT, Unprocessable
 from serve_apps.routes_evolution import announce
-from serve_apps.schemas import AssetCreate, AssetUpdate, Related
+from serve_apps.schemas import AssetCreate, AssetUpdate, Incoming, Related
 
 
 PRE = Depends(precondition)
@@ -102,7 +102,8 @@ def register(app: FastAPI) -> None:
         """Relationships from this asset and to it."""
         asset: Asset = await svc.backend.call("get_asset", who.tenant, asset_id)
         sources: list[Asset] = await svc.backend.call("list_assets", who.tenant, None, None, asset_id, None)
-        incoming = [{"kind": r.kind, "source": a.id} for a in sources for r in a.relationships if r.target == asset_id]
+        incoming = [Incoming(kind=r.kind, source=a.id)
+                    for a in sources for r in a.relationships if r.target == asset_id]
         return Related(asset_id=asset_id, outgoing=asset.relationships, incoming=incoming)
 
     @app.put("/v1/assets/{asset_id}", response_model=Asset, tags=tags,

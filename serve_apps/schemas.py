@@ -8,7 +8,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from actors.state import DivergenceReport
-from raytwin.contracts import Finite, Identifier, Relationship, SemVer
+from raytwin.contracts import Finite, Identifier, Relationship, RelationshipKind, SemVer
 
 
 MAX_METADATA_KEYS = 100
@@ -45,10 +45,17 @@ class AssetCreate(AssetUpdate):
     initial_state: dict[str, Finite] | None = None
 
 
+class Incoming(BaseModel):
+    """A relationship of another asset (`source`) pointing at this one."""
+
+    kind: RelationshipKind
+    source: Identifier
+
+
 class Related(BaseModel):
     asset_id: str
     outgoing: list[Relationship]
-    incoming: list[dict[str, str]] = Field(description="[{kind, source}] relationships pointing at this asset")
+    incoming: list[Incoming] = Field(description="Relationships pointing at this asset")
 
 
 class TelemetryBatch(Body):
