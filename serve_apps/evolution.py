@@ -43,6 +43,7 @@ class TypeEvolution:
                 raise Unprocessable(f"asset {asset_id} is already on {asset.type_name}@{asset.type_version}")
             self.require_version(tenant, [asset.type_name], request.type_version)
             moved = asset.model_copy(update={"type_version": request.type_version})
+            b._require_production(moved)
             source = b._artifact(tenant, asset).model()
             target = b._checked_artifact(moved, None)
             try:

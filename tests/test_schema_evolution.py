@@ -431,3 +431,26 @@ def test_bulk_jobs_refuse_a_missing_version_at_submission_name_api_paths_and_kee
     assert report.status_code == 409 and report.json()["error"]["message"] == (
         f"job {failed['job_id']} failed: {failed['error']}; a failed job has no report (`bulk` in "
         f"GET /v1/jobs/{failed['job_id']} counts the items done before it failed)")
+
+
+def test_a_migration_moves_no_asset_off_its_models_production_version(api):
+    """Under the lifecycle, twins run the production version: a migration to another one (a candidate nobody
+    approved) is refused as creating or replacing an asset on it is."""
+    from raytwin.lifecycle import Actor, ModelLifecycle
+
+    client, auth, backend = api
+    for version in (V1, V2):
+        body = version.model_copy(update={"name": "hall"}).model_dump(mode="json")
+        assert client.post("/v1/asset-types", json=body, headers=auth["admin"]).status_code == 201
+    r = client.post("/v1/assets", json={"id": "hall-1", "type_name": "hall", "type_version": "1.0.0",
+                                        "initial_state": {"T": 293.15}}, headers=auth["admin"])
+    assert r.status_code == 201, r.text
+    lifecycle = ModelLifecycle(backend._registry("acme"))
+    author, approver = Actor(id="alice", tenant="acme"), Actor(id="bob", tenant="acme", roles=frozenset({"approver"}))
+    lifecycle.submit("hall@1.0.0", author, "first fit")
+    lifecycle.transition("hall@1.0.0", "staging", author, "checked")
+    lifecycle.transition("hall@1.0.0", "production", approver, "approved")
+    r = client.post("/v1/assets/hall-1/migrate", json={"type_version": "2.0.0", "states": {"T_air": {"from": "T"}}},
+                    headers=auth["admin"])
+    assert r.status_code == 409 and "hall@2.0.0 is not the production version of model hall (1.0.0)" in r.text
+    assert client.get("/v1/assets/hall-1", headers=auth["reader"]).json()["type_version"] == "1.0.0"
