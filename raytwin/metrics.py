@@ -9,7 +9,9 @@ metric named ``raytwin_x`` as ``ray_raytwin_x`` and appends ``_total`` to counte
 
 Adding a metric is one line at the end of this module (``NAME = counter("raytwin_...", "why",
 "tag", ...)``); code elsewhere calls ``NAME.inc(tag="...")``. Tags must be low-cardinality
-(shard, route, reason, state): never an asset, tenant or request id.
+(shard, route, reason, state): never an asset, tenant or request id. One exception: a connector is
+named ``tenant/name`` (few per tenant, and an operator must know which one is down), so the export
+names tenants and must reach Prometheus only (ops/README.md).
 
 `batch_histogram` exists because a shard applies thousands of events per call: a Ray
 `Histogram` costs ~2 us per observed value (measured: 2.3 us; +50 % on a 10k-event batch), so a
