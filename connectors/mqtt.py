@@ -106,6 +106,9 @@ class TopicRoute(FrozenSpec):
         return self.command_topic is not None and self.asset_id in (None, asset_id)
 
 
+TLS_FILE_FIELDS = ("ca_file", "cert_file", "key_file")
+
+
 class TlsSettings(FrozenSpec):
     """Files on the nodes that run connectors (through the API: names in the operator's directory for the
     tenant, `ServeConfig.connector_tls_dir`)."""
@@ -173,6 +176,19 @@ class MqttSpec(ConnectorSpec):
 
     def source_host(self) -> str:
         return self.broker.host
+
+    def files(self) -> dict[str, str]:
+        tls = self.broker.tls
+        return {} if tls is None else {f"broker.tls.{name}": value for name in TLS_FILE_FIELDS
+                                       if (value := getattr(tls, name)) is not None}
+
+    def with_files(self, files: dict[str, str]) -> MqttSpec:
+        tls = self.broker.tls
+        if tls is None:
+            return self
+        changed = {name: files.get(f"broker.tls.{name}", getattr(tls, name)) for name in TLS_FILE_FIELDS}
+        return self.model_copy(update={"broker": self.broker.model_copy(update={"tls": tls.model_copy(
+            update=changed)})})
 
     def session_key(self) -> str:
         """A broker keys persistent sessions by client id; the claim leaves the broker out, as one broker

@@ -43,6 +43,17 @@ class ConnectorSpec(BaseModel):
         """The host this connector connects to (a broker, a server), for the service's reach policy."""
         return None
 
+    def files(self) -> dict[str, str]:
+        """The files it reads (certificates, keys), by the field that names them: opened on the nodes that
+        run connectors, so a tenant names files of its own directory (`serve_apps.connector_ops`)."""
+        return {}
+
+    def with_files(self, files: dict[str, str]) -> ConnectorSpec:
+        """A copy naming `files` (by the fields of `files()`) instead."""
+        if files:
+            raise ValueError(f"{self.kind} connectors name no files")
+        return self
+
     def session_key(self) -> str | None:
         """The identity a server keys this connector's session by (None: sessions are per connection).
         Two connectors with one key would take over each other's session and its queued messages, so the

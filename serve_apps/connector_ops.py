@@ -14,6 +14,7 @@ import os
 import re
 import socket
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
@@ -21,7 +22,7 @@ from pydantic import ValidationError
 from connectors.commands import CommandError, UnknownCommand
 from connectors.kinds import UnknownKind, parse_spec
 from connectors.manager import ConnectorDown, Connectors, InvalidConnector
-from connectors.spec import Credentials, SessionTaken, UnknownConnector
+from connectors.spec import ConnectorSpec, Credentials, SessionTaken, UnknownConnector
 from raytwin.contracts import describe_error
 from serve_apps.errors import Conflict, NotFound, Unprocessable, unwrap
 
@@ -29,7 +30,6 @@ if TYPE_CHECKING:
     from actors.service import TwinService
 
 log = logging.getLogger("raytwin.serve.connectors")
-TLS_FILES = ("ca_file", "cert_file", "key_file")
 _FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 
 
@@ -69,13 +69,28 @@ class Reach:
         except (socket.gaierror, UnicodeError, ValueError):
             addresses = set()
         if self.names is None:
-            local = sorted(str(a) for a in addresses if a.is_link_local)
+            local = sorted(str(a) for a in addresses if _link_local(a))
             return f"host {host!r} is link-local ({', '.join(local)}), which connectors may not reach" if local \
                 else None
         if addresses and all(any(a in n for n in self.networks) for a in addresses):
             return None
         return (f"host {host!r} is not among the hosts this service lets connectors reach "
                 "(ServeConfig.connector_hosts, its operator's list)")
+
+
+def _link_local(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Link-local, also as an IPv4 address inside an IPv6 one (``::ffff:169.254.169.254``, NAT64's
+    ``64:ff9b::/96``, 6to4), which reaches the IPv4 host."""
+    if address.is_link_local:
+        return True
+    if isinstance(address, ipaddress.IPv6Address):
+        inner = address.ipv4_mapped or address.sixtofour or (
+            ipaddress.IPv4Address(int(address) & 0xFFFFFFFF) if address in _NAT64 else None)
+        return inner is not None and inner.is_link_local
+    return False
+
+
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
 
 def _network(host: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
@@ -119,31 +134,33 @@ class ConnectorOps:
 
     @_api_errors
     def create(self, tenant: str, spec: dict[str, Any], credentials: Credentials | None) -> dict[str, Any]:
-        declared = parse_spec(self._tenant_files({**spec, "tenant": tenant}))
+        declared = self._tenant_files(parse_spec({**spec, "tenant": tenant}))
         if (host := declared.source_host()) is not None and (why := self.reach.refusal(host)):
             raise Unprocessable(f"connector {declared.name!r}: {why}")
         created = self.connectors.create(declared, credentials)
         return self.view(tenant, created.name) | {"status": created.model_dump(mode="json")}
 
-    def _tenant_files(self, spec: dict[str, Any]) -> dict[str, Any]:
-        """`spec` with its TLS file names resolved in the tenant's directory of `tls_dir`: a tenant names no
-        path of the server's (another tenant's client key, the server's own files)."""
-        tls = (spec.get("broker") or {}).get("tls") if isinstance(spec.get("broker"), dict) else None
-        if not isinstance(tls, dict) or not any(tls.get(f) for f in TLS_FILES):
+    def _tenant_files(self, spec: ConnectorSpec) -> ConnectorSpec:
+        """`spec` with the files it names (`ConnectorSpec.files`: MQTT TLS files, an OPC UA security string's
+        certificate and key) resolved in the tenant's directory of `tls_dir`: a tenant names no path of the
+        server's (another tenant's client key, the server's own files), nor one a link leads out of it."""
+        files = spec.files()
+        if not files:
             return spec
         if self.tls_dir is None:
-            raise Unprocessable("broker.tls: this server takes no TLS files for connectors created through the API "
-                                "(its operator sets ServeConfig.connector_tls_dir and places them in its directory "
-                                "for your tenant); leave tls out or ask them to declare the connector")
-        resolved = dict(tls)
-        for field in TLS_FILES:
-            if (value := tls.get(field)) is None:
-                continue
-            if not isinstance(value, str) or not _FILE_NAME.fullmatch(value):
-                raise Unprocessable(f"broker.tls.{field} {value!r}: name a file of your tenant's TLS directory "
-                                    f"(letters, digits, '.', '_', '-'; no path)")
-            resolved[field] = f"{self.tls_dir.rstrip('/')}/{spec['tenant']}/{value}"
-        return {**spec, "broker": {**spec["broker"], "tls": resolved}}
+            raise Unprocessable(f"{', '.join(files)}: this server takes no certificate or key files for connectors "
+                                "created through the API (its operator sets ServeConfig.connector_tls_dir and places "
+                                "them in its directory for your tenant); leave them out or ask them to declare the "
+                                "connector")
+        own = Path(self.tls_dir, spec.tenant)
+        resolved = {}
+        for field, value in files.items():
+            path = own / value
+            if not _FILE_NAME.fullmatch(value) or not path.resolve().is_relative_to(own.resolve()):
+                raise Unprocessable(f"{field} {value!r}: name a file of your tenant's TLS directory "
+                                    f"(letters, digits, '.', '_', '-'; no path, no link out of it)")
+            resolved[field] = str(path)
+        return spec.with_files(resolved)
 
     @_api_errors
     def view(self, tenant: str, name: str) -> dict[str, Any]:

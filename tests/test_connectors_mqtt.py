@@ -498,6 +498,17 @@ def test_http_tls_files_are_the_tenants_own_and_a_connector_that_cannot_start_is
         assert client.get("/v1/connectors/tls", headers=auth["reader"]).status_code == 404  # nothing stored
     assert "keys.json" not in json.dumps([rec.model_dump(mode="json") for rec in svc.audit.records("acme")])
 
+    opcua = {"name": "plc", "kind": "opcua", "endpoint": "opc.tcp://127.0.0.1:4840/", "nodes": [
+        {"node_id": "ns=2;s=pump-1.h1", "asset_id": "pump-1", "measurement": "h1", "unit": "m"}]}
+    (tls_dir / "acme" / "outside.pem").symlink_to(svc.config.keys_file)  # a link out of the tenant's directory
+    for security, why in ((f"Basic256Sha256,SignAndEncrypt,{tls_dir}/globex/client.pem,client.key",
+                           "security.certificate '/"), ("Basic256Sha256,SignAndEncrypt,outside.pem,ca.pem",
+                                                        "no link out of it"),
+                          ("Basic256Sha256,SignAndEncrypt,ca.pem,junk.pem", "security.private_key "),
+                          ("Basic256Sha256,SignAndEncrypt,junk.pem,missing.key", "is no certificate (PEM or DER)")):
+        refused = client.post("/v1/connectors", json={"spec": {**opcua, "security": security}}, headers=auth["admin"])
+        assert refused.status_code == 422 and why in refused.json()["error"]["message"], (security, refused.text)
+    assert client.get("/v1/connectors/plc", headers=auth["reader"]).status_code == 404
     metadata = client.post("/v1/connectors", json={"spec": {**spec, "broker": {**spec["broker"],
                                                                                "host": "169.254.169.254"}}},
                            headers=auth["admin"])
@@ -524,6 +535,8 @@ def test_a_tenants_connector_reaches_only_the_hosts_the_operator_allows():
 
     anywhere = Reach(None)
     assert "link-local (169.254.169.254)" in anywhere.refusal("169.254.169.254")
+    for inside in ("::ffff:169.254.169.254", "64:ff9b::a9fe:a9fe", "2002:a9fe:a9fe::1", "fe80::1"):
+        assert "link-local" in anywhere.refusal(inside), inside  # IPv4 inside IPv6 reaches the IPv4 host
     assert anywhere.refusal("127.0.0.1") is None and anywhere.refusal("no-such-host.invalid") is None
     listed = Reach(["broker.plant.example", "10.20.0.0/16", "127.0.0.1"])
     for host in ("broker.plant.example", "BROKER.plant.example", "10.20.3.4", "127.0.0.1"):

@@ -101,7 +101,8 @@ class OpcUaKind:
 
     def problems(self, spec: OpcUaSpec, assets: set[str]) -> list[str]:  # type: ignore[override]
         used = sorted({n.asset_id for n in spec.nodes} | {c.asset_id for c in spec.commands})
-        return [f"asset {a!r} is not a registered twin of tenant {spec.tenant!r}" for a in used if a not in assets]
+        return [f"asset {a!r} is not a registered twin of tenant {spec.tenant!r}" for a in used if a not in assets] \
+            + spec.security_problems()
 
     def adapter(self, spec: OpcUaSpec, credentials: Credentials,  # type: ignore[override]
                 put: Callable[[Inbound], None], on_ack: AckHandler, *,

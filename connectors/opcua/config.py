@@ -8,6 +8,7 @@ part of it (`connectors.spec.Credentials`, kept apart and never returned).
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
@@ -76,6 +77,25 @@ class CommandNode(FrozenSpec):
         return None
 
 
+SECURITY_FILES = ("certificate", "private_key", "server_certificate")
+"""The files of an asyncua security string ``Policy,Mode,certificate,private_key[,server_certificate]``."""
+
+
+def _parses(data: bytes, kind: str) -> bool:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    loaders = (serialization.load_pem_private_key, serialization.load_der_private_key) if kind == "private key" \
+        else (x509.load_pem_x509_certificate, x509.load_der_x509_certificate)
+    for load in loaders:
+        try:
+            load(data, None) if kind == "private key" else load(data)
+            return True
+        except (ValueError, TypeError):
+            continue
+    return False
+
+
 class OpcUaSpec(ConnectorSpec):
     """One OPC UA server, the nodes monitored on it and the command nodes that may be written."""
 
@@ -105,6 +125,35 @@ class OpcUaSpec(ConnectorSpec):
 
     def source_host(self) -> str | None:
         return urlsplit(self.endpoint).hostname
+
+    def files(self) -> dict[str, str]:
+        parts = [p.strip() for p in (self.security or "").split(",")]
+        return {f"security.{name}": parts[i] for i, name in enumerate(SECURITY_FILES, start=2)
+                if i < len(parts) and parts[i]}
+
+    def with_files(self, files: dict[str, str]) -> OpcUaSpec:
+        if not files:
+            return self
+        parts = [p.strip() for p in (self.security or "").split(",")]
+        for i, name in enumerate(SECURITY_FILES, start=2):
+            if i < len(parts) and f"security.{name}" in files:
+                parts[i] = files[f"security.{name}"]
+        return self.model_copy(update={"security": ",".join(parts)})
+
+    def security_problems(self) -> list[str]:
+        """Why the security string's files cannot make a secure channel (missing, unreadable, not a certificate
+        or key), found when the connector is declared rather than by a session that ends with no word."""
+        out = []
+        for field, path in self.files().items():
+            kind = "private key" if field == "security.private_key" else "certificate"
+            try:
+                data = Path(path).read_bytes()
+            except OSError as exc:
+                out.append(f"{field} {path!r} cannot be read: {exc.strerror or exc}")
+                continue
+            if not _parses(data, kind):
+                out.append(f"{field} {path!r} is no {kind} (PEM or DER)")
+        return out
 
     @field_validator("endpoint")
     @classmethod

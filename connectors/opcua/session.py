@@ -106,6 +106,9 @@ class OpcUaSession:
                         self._error("connection lost; reconnecting with backoff")
                 except LOSS as exc:
                     self._error(f"{type(exc).__name__}: {exc}; retrying in {delay:.1f} s")
+                except Exception as exc:  # noqa: BLE001 - e.g. a certificate asyncua cannot parse: said, and retried
+                    self._error(f"{type(exc).__name__}: {exc}; retrying in {delay:.1f} s")
+                    log.exception("event=opcua_connect_failed connector=%s/%s", self.spec.tenant, self.spec.name)
                 if self._sub is not None and self._unsubscribed_since is None:
                     self._unsubscribed_since = datetime.now(UTC)
                 await self._disconnect()
