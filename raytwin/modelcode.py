@@ -8,7 +8,8 @@ instead of silently running different physics.
   ``derivative``, ``output``, ...) and of the functions and modules that those call, found through
   their global names, transitively: those of the same top-level package, and any other that is
   user code (not in the standard library, an installed distribution or RayTwin's own packages: a
-  flat ``helpers.py`` beside ``my_models.py``, whose change would otherwise run silently). Whole files, so that module-level constants
+  flat ``helpers.py`` beside ``my_models.py``, whose change would otherwise run silently); and the
+  modules of user code those modules import (a ``constants.py`` whose numbers the model uses). Whole files, so that module-level constants
   count; callables left at their framework default (e.g. the identity ``project``) are the framework's,
   not the model's, and are left out.
 - A model object may provide its own identity with a ``code_identity() -> ModelCode`` method: an FMU
@@ -20,9 +21,11 @@ travels as ``py_modules``; an installed distribution other than RayTwin is a ``p
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import functools
 import hashlib
+import importlib.util
 import inspect
 import sys
 import sysconfig
@@ -139,6 +142,30 @@ def _modules(functions: list[Callable], top_level: str) -> tuple[set[str], dict[
     return modules, loose
 
 
+def _imported(modules: set[str], top_level: str) -> set[str]:
+    """`modules` and the modules of user code they import (read from their source), transitively: a constant
+    the model takes from a ``constants.py`` is its code as much as a function is. RayTwin's own modules
+    (the reference models') are pinned by RayTwin's version, not followed."""
+    found, todo = set(modules), [m for m in modules if m.split(".")[0] not in CORE_PACKAGES]
+    while todo:
+        module = sys.modules[todo.pop()]
+        for node in ast.walk(ast.parse(Path(module.__file__).read_bytes())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                base = importlib.util.resolve_name("." * node.level + (node.module or ""), module.__package__) \
+                    if node.level else node.module or ""
+                names = [base, *(f"{base}.{alias.name}" for alias in node.names)]  # a submodule imported by name
+            else:
+                continue
+            for name in names:
+                if name not in found and getattr(sys.modules.get(name), "__file__", None) and \
+                        _user_code(name, top_level) and name.split(".")[0] not in CORE_PACKAGES:
+                    found.add(name)
+                    todo.append(name)
+    return found
+
+
 def _user_code(module_name: str, top_level: str) -> bool:
     """Whether a module the model calls is part of its code: its own package's, or one outside the standard
     library, installed distributions and RayTwin (a helper module beside the model's)."""
@@ -158,6 +185,7 @@ def _python_parts(model: Any) -> tuple[dict[str, str], str]:
         raise ModelCodeError(f"model {getattr(model, 'name', model)!r} has no functions to identify its code by")
     top_level = _module_name(functions[0]).split(".")[0]
     modules, loose = _modules(functions, top_level)
+    modules = _imported(modules, top_level)
     parts = {name: hashlib.sha256(Path(sys.modules[name].__file__).read_bytes()).hexdigest() for name in modules}
     for name, fn in loose.items():
         try:

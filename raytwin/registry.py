@@ -83,7 +83,10 @@ class ModelArtifact(Contract):
         if self.code is None:
             return None
         current = code_identity(self.model())
-        return None if current.sha256 == self.code.sha256 else describe_change(self.code, current)
+        if current.sha256 == self.code.sha256 or (current.kind == self.code.kind == "python" and all(
+                current.parts.get(name) == digest for name, digest in self.code.parts.items())):
+            return None  # every part it pinned is unchanged (a newer RayTwin may pin more: helpers, imports)
+        return describe_change(self.code, current)
 
     def model(self) -> Declared:
         """The simulator: a JAX `raytwin.sim.Model`, or an `raytwin.fmu.FmuModel` for a stored FMU."""

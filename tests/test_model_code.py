@@ -106,6 +106,30 @@ def test_a_flat_model_module_pins_the_helper_module_beside_it_and_ships_it(tmp_p
             sys.modules.pop(name, None)
 
 
+
+def test_a_constant_from_a_helper_module_is_pinned_and_an_older_narrower_pin_still_resolves(tmp_path, monkeypatch):
+    """`from casing_constants import FACTOR` is code as much as a function (a changed number ran silently under
+    the same version); an artifact pinned before this rule (fewer parts, all unchanged) still resolves."""
+    (tmp_path / "casing_constants.py").write_text("FACTOR = 1.0\n")
+    (tmp_path / "casing_const_model.py").write_text(MODEL.replace(
+        "from pumpkit.physics import leak", "from casing_constants import FACTOR\n" + PHYSICS).replace(
+        "+ u[1]) / c[0]", "+ u[1]) * FACTOR / c[0]"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        model = importlib.import_module("casing_const_model").MODEL
+        registry = ModelRegistry(str(tmp_path / "models"))
+        registered = registry.register("casing", "1.0.0", AssetType.from_model(model))
+        assert set(registered.code.parts) == {"casing_const_model", "casing_constants"}
+        older = registered.model_copy(update={"code": registered.code.model_copy(update={
+            "parts": {"casing_const_model": registered.code.parts["casing_const_model"]}, "sha256": "0" * 64})})
+        assert older.code_change() is None  # its one part is unchanged
+        (tmp_path / "casing_constants.py").write_text("FACTOR = 5.0\n")
+        with pytest.raises(ModelCodeChanged, match="module casing_constants changed"):
+            registry.get("casing@1.0.0")
+    finally:
+        for name in ("casing_const_model", "casing_constants"):
+            sys.modules.pop(name, None)
+
 def test_the_core_packages_are_those_the_distribution_ships():
     import tomllib
 
