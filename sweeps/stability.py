@@ -34,12 +34,14 @@ def check_sweep_step(spec: SweepSpec, simulator: str, base_parameters: dict[str,
 def _input_box(spec: SweepSpec, simulator: str, model: Model) -> np.ndarray:
     """The model inputs' extremes over the sweep, (2, m): an input its kit holds at a kit value of the same
     name (a bring-your-own model's kit) spans that value (`inputs`, else the kit's default) widened by its
-    ``input`` dimensions; an input the kit drives by a signal stays at its nominal value."""
+    ``input`` dimensions; an input the kit drives by a signal (a sinusoid, a schedule, a controller) spans
+    its declared range, where that is finite (a signal may reach any of it)."""
     kit = spec.kit(simulator).default_inputs()
     nominal = nominal_point(model)[1]
     out = np.repeat(nominal[None, :], 2, axis=0)
-    for i, name in enumerate(model.input_names):
-        if name not in kit:
+    for i, (name, declared) in enumerate(zip(model.input_names, model.inputs)):
+        if name not in kit or name in spec.signals:
+            out[:, i] = [b if np.isfinite(b) else nominal[i] for b in (declared.lower, declared.upper)]
             continue
         base = float(spec.inputs.get(name, kit[name]))
         values = [base] + [d.applied(v, base) for d in spec.space.dimensions if d.target == "input" and d.name == name

@@ -313,6 +313,11 @@ def test_a_step_is_checked_over_the_inputs_it_runs_with_not_only_the_nominal_one
     with pytest.raises(ValidationError, match="step_s: step 0.1 s is beyond the RK4 stability limit 0.05571 s at "
                                               "the corner opening=1"):
         sweep(0.05, 1.0)
+    with pytest.raises(ValidationError, match="beyond the RK4 stability limit 0.05571 s at the corner opening=1"):
+        SweepSpec(model="valve_mod:VALVE", inputs={"op_mean": 0.05}, signals={"opening": {  # may reach its range
+            "kind": "sinusoid", "mean": "op_mean", "amplitude": 0.02, "period_s": 0.4}},
+            space=ScenarioSpace(method="grid", dimensions=[Dimension(name="op_mean", target="input", values=[0.05])]),
+            horizon_s=2.0, step_s=0.1)
 
 
 def test_a_non_finite_jacobian_names_every_parameter_value_and_does_not_blame_the_step(user_package):
