@@ -8,7 +8,9 @@ before anything is stored or started.
 from __future__ import annotations
 
 import logging
+import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -159,15 +161,23 @@ class Connectors:
                         "connector of this name is declared and deleted again with the source reachable",
                         tenant, name, key)
 
-    def start_declared(self) -> int:
+    def start_declared(self, refuse: Callable[[ConnectorSpec], str | None] | None = None) -> int:
         """Start the actor of every stored declaration that has none (a service started again on its store:
         connectors run without anyone asking for them, a paused one stays paused); how many it asked for.
-        A declaration whose actor cannot be created is logged, not fatal: the others still start."""
+        A declaration whose actor cannot be created is logged, not fatal: the others still start. One that
+        `refuse` gives a reason for (a policy that changed since it was declared) is not started: it is
+        listed as down with that reason until it is declared again or deleted."""
         started = 0
         for tenant in self.store.tenants():
             for name in self.names(tenant):
                 try:
-                    if key := self.spec(tenant, name).session_key():  # declarations of older versions: claimed now
+                    spec = self.spec(tenant, name)
+                    if refuse is not None and (why := refuse(spec)):
+                        self._kill(tenant, name)  # one still running from before a backend restart, too
+                        self._down[(tenant, name)] = (math.inf, why)
+                        log.warning("event=connector_refused tenant=%s connector=%s reason=%r", tenant, name, why)
+                        continue
+                    if key := spec.session_key():  # declarations of older versions: claimed now
                         self.store.claim(key, tenant, name)
                     self._actor(tenant, name)
                     started += 1

@@ -116,12 +116,20 @@ class ConnectorOps:
                  hosts: list[str] | None = None):
         self.connectors = Connectors(twins.router, twins.assets)
         self.tls_dir, self.reach = tls_dir, Reach(hosts)
+        self.operators = {(d.get("tenant"), d.get("name")) for d in declared}  # declared in the service config
         for declaration in declared:
             try:
                 self._declare(declaration)
             except Exception:  # noqa: BLE001 - one device connector's missing secret must not take the API down
                 log.exception("event=connector_declaration_failed connector=%r", declaration.get("name"))
-        self.connectors.start_declared()  # those created through the API before a restart, too
+        self.connectors.start_declared(self._refusal)  # those created through the API before a restart, too
+
+    def _refusal(self, spec: ConnectorSpec) -> str | None:
+        """Why a stored connector of a tenant may not run under this service's policy (its host list may
+        have been set or narrowed since it was created); the operator's own (config) run anywhere."""
+        if (spec.tenant, spec.name) in self.operators or (host := spec.source_host()) is None:
+            return None
+        return self.reach.refusal(host)
 
     def _declare(self, declaration: dict[str, Any]) -> None:
         missing = missing_credentials(declaration)

@@ -638,3 +638,25 @@ def test_cli_checks_declarations_and_manages_connectors_through_the_api(api, bro
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def test_a_host_list_set_after_a_connector_was_created_stops_it_at_the_next_start(twins, connectors, broker):
+    """`connector_hosts` set (or narrowed) by an operator who learned of a probing tenant: a restarted backend
+    does not start that tenant's stored connectors to unlisted hosts (they ran on), nor keeps them running;
+    the operator's own declarations reach any host. (Last in this module: it stops acme's connectors.)"""
+    from serve_apps.connector_ops import ConnectorOps
+
+    connectors.create(plant_spec(broker.port, name="probe", routes=[{"topic": "probe/+/t", "asset_level": 1,
+                                                                     "payload": PAYLOAD}]))
+    wait_for(lambda: connectors.status("acme", "probe").connected, "the connector is connected")
+    operator = plant_spec(broker.port, name="ops", routes=[{"topic": "ops/+/t", "asset_level": 1, "payload": PAYLOAD}])
+    ops = ConnectorOps(twins, [operator], hosts=["10.20.0.0/16"])  # a backend started with the list
+    down = ops.connectors.status("acme", "probe")
+    assert not down.connected and down.last_error == (
+        "cannot start: host '127.0.0.1' is not among the hosts this service lets connectors reach "
+        "(ServeConfig.connector_hosts, its operator's list)")
+    with pytest.raises(ValueError):
+        ray.get_actor(actor_name("acme", "probe"), namespace=twins.router.namespace)  # not left running
+    wait_for(lambda: ops.connectors.status("acme", "ops").connected, "the operator's connector is connected")
+    for name in ("probe", "ops"):
+        ops.connectors.delete("acme", name)
