@@ -39,7 +39,7 @@ class Subscription:
     last_id: int | None = None
     fell_behind: bool = False
     failures: int = 0  # connections in a row that delivered nothing
-    delivered: bool = False  # some connection delivered a line: the server exists, outages end
+    answered: bool = False  # some connection was answered: the server exists, outages end
     _retry_after: float | None = None
     _frame: dict[str, str] = field(default_factory=dict)
 
@@ -64,8 +64,10 @@ class Subscription:
                 "timeout": httpx.Timeout(connect_timeout, read=STREAM_READ_TIMEOUT_S)}
 
     def refused(self, response: httpx.Response) -> bool:
-        """An error that reconnecting will not cure (raise it); notes `Retry-After` of one it may."""
+        """An error that reconnecting will not cure (raise it); notes `Retry-After` of one it may (the server
+        answered: it exists, and a full replica or the tenant's stream limit is waited out like an outage)."""
         self._retry_after = retry_after_s(response) if response.is_error else None
+        self.answered = True
         return response.is_error and response.status_code not in RETRY_STATUSES
 
     def dropped(self) -> None:
@@ -74,14 +76,14 @@ class Subscription:
 
     def reconnect_delay(self, policy: RetryPolicy) -> float | None:
         """Seconds to wait before reconnecting (None: at once, the stream fell behind and resumes from
-        the store). Once a connection has delivered, it reconnects for as long as the server is away (a
+        the store). Once the server has answered, it reconnects for as long as the server is away (a
         restart, a rolling upgrade), backing off up to `policy.max_backoff_s`; before that (a wrong URL, a
         server that never answered) it raises `RayTwinError` after `policy.attempts` failed connections."""
         if self.fell_behind:
             return None
         self.failures += 1
-        if self.failures >= policy.attempts and not self.delivered:
-            raise RayTwinError(f"change stream: {self.failures} connections failed in a row, none delivered")
+        if self.failures >= policy.attempts and not self.answered:
+            raise RayTwinError(f"change stream: {self.failures} connections failed in a row, none answered")
         return policy.delay(min(self.failures, 32), self._retry_after)
 
     def feed(self, lines: Iterable[str]) -> list[Change]:
@@ -90,7 +92,7 @@ class Subscription:
         after the resume point were deleted by the retention) raises `Gone`, as a 410 at connect does."""
         out = []
         for line in lines:
-            self.failures, self.delivered = 0, True
+            self.failures, self.answered = 0, True
             if line:
                 if not line.startswith(":"):
                     name, _, value = line.partition(":")
