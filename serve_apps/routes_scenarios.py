@@ -162,6 +162,9 @@ async def _queue(request: Request, who: Principal, svc: Services, kind: str, ass
 
 async def _finished(svc: Services, who: Principal, job_id: str) -> JobRecord:
     job: JobRecord = await svc.backend.call("get_job", who.tenant, job_id)
+    if job.kind == "bulk":  # no result files: its outcome per asset is its report
+        raise NotFound(f"job {job_id} is a bulk job: it has no results or files; its outcome per asset is at "
+                       f"/v1/jobs/{job_id}/report")
     if job.state != "succeeded":
         raise Conflict(f"job {job_id} is {job.state}" + (f": {job.error}" if job.error else ""),
                        details=[{"state": job.state}])

@@ -158,6 +158,8 @@ def test_bulk_tag_runs_as_a_job_with_a_report_of_each_item(api, http, zones):  #
     assert job["bulk"] == {"total": 2, "done": 2, "changed": 2, "unchanged": 0, "failed": 0}
     report = http.get(accepted["report_url"], headers=reader).json()
     assert [(i["asset_id"], i["outcome"]) for i in report["items"]] == [("z1", "changed"), ("z4", "changed")]
+    results = assert_error(http.get(f"/v1/jobs/{accepted['job_id']}/results", headers=reader), 404, "not_found")
+    assert results["message"].endswith(f"its outcome per asset is at /v1/jobs/{accepted['job_id']}/report")
     z1 = http.get("/v1/assets/z1", headers=reader)
     assert z1.json()["metadata"] == {"site": "north", "band": "warm"}
     assert z1.headers["etag"] == f'"{report["items"][0]["revision"]}"'
