@@ -120,6 +120,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (422, "Invalid request (`invalid_request`), or a scenario whose simulation diverged (`diverged`)"),
         (429, "Rate limited (`rate_limited`), or telemetry refused while the twin shards are behind (`backlogged`); "
               "`Retry-After` says when to send again"),
+        (500, "A fault of the server's (`internal`): nothing to change in the request; quote its `request_id`"),
         (503, "At capacity (`overloaded`): refused before any work; retry after `Retry-After` seconds; or "
               "`unavailable`: the server cannot check keys (its keys file is invalid) until its operator fixes it"),
     )
