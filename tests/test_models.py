@@ -313,11 +313,19 @@ def test_a_step_is_checked_over_the_inputs_it_runs_with_not_only_the_nominal_one
     with pytest.raises(ValidationError, match="step_s: step 0.1 s is beyond the RK4 stability limit 0.05571 s at "
                                               "the corner opening=1"):
         sweep(0.05, 1.0)
-    with pytest.raises(ValidationError, match="beyond the RK4 stability limit 0.05571 s at the corner opening=1"):
-        SweepSpec(model="valve_mod:VALVE", inputs={"op_mean": 0.05}, signals={"opening": {  # may reach its range
-            "kind": "sinusoid", "mean": "op_mean", "amplitude": 0.02, "period_s": 0.4}},
-            space=ScenarioSpace(method="grid", dimensions=[Dimension(name="op_mean", target="input", values=[0.05])]),
-            horizon_s=2.0, step_s=0.1)
+
+    def driven(*means: float, amplitude: float = 0.02) -> SweepSpec:  # the opening follows a sinusoid
+        return SweepSpec(model="valve_mod:VALVE", signals={"opening": {"kind": "sinusoid", "mean": "op_mean",
+                         "amplitude": amplitude, "period_s": 0.4}}, inputs={"op_mean": means[0]},
+                         space=ScenarioSpace(method="grid", dimensions=[Dimension(name="op_mean", target="input",
+                                                                                  values=list(means))]),
+                         horizon_s=2.0, step_s=0.1)
+
+    driven(0.05, 0.08)  # reaches 0.1: stable
+    with pytest.raises(ValidationError, match="beyond the RK4 stability limit 0.08985 s at the corner opening=0.62"):
+        driven(0.05, 0.6)  # h_max 27.7 for a true 1e-13 was reported not diverged
+    with pytest.raises(ValidationError, match="at the corner opening=1.15"):  # past its declared range
+        driven(1.0, amplitude=0.15)
 
 
 def test_a_non_finite_jacobian_names_every_parameter_value_and_does_not_blame_the_step(user_package):
