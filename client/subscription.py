@@ -67,7 +67,7 @@ class Subscription:
         """An error that reconnecting will not cure (raise it); notes `Retry-After` of one it may (the server
         answered: it exists, and a full replica or the tenant's stream limit is waited out like an outage)."""
         self._retry_after = retry_after_s(response) if response.is_error else None
-        self.answered = True
+        self.answered = self.answered or "x-raytwin-request-id" in response.headers  # RayTwin, not a bare proxy
         return response.is_error and response.status_code not in RETRY_STATUSES
 
     def dropped(self) -> None:

@@ -43,12 +43,12 @@ def _link_local(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
         return True
     if isinstance(address, ipaddress.IPv6Address):
         inner = address.ipv4_mapped or address.sixtofour or (
-            ipaddress.IPv4Address(int(address) & 0xFFFFFFFF) if address in _NAT64 else None)
+            ipaddress.IPv4Address(int(address) & 0xFFFFFFFF) if any(address in n for n in _NAT64) else None)
         return inner is not None and inner.is_link_local
     return False
 
 
-_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+_NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))  # RFC 6052, RFC 8215
 
 
 def _network(host: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:

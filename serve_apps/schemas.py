@@ -16,13 +16,11 @@ MAX_METADATA_KEYS = 100
 """Metadata keys of an asset, at most: the catalog holds every asset's in the backend's memory."""
 
 
-_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
-
-
 def _one_line(text: str) -> str:
-    """Refuse control characters, line and paragraph separators and bidirectional overrides: a newline, NUL,
-    NEL or U+2028 in metadata forges lines of logs and exports, a U+202E makes it read as other text."""
-    bad = next((c for c in text if unicodedata.category(c) in ("Cc", "Zl", "Zp") or c in _BIDI_CONTROLS), None)
+    """Refuse control and format characters and line and paragraph separators: a newline, NUL, NEL or U+2028
+    in metadata forges lines of logs and exports, a U+202E makes it read as other text, a U+200B makes two
+    keys that look the same."""
+    bad = next((c for c in text if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp")), None)
     if bad is not None:
         raise ValueError(f"contains the control character {bad!r}: metadata is one line of printable text")
     return text

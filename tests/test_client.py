@@ -177,11 +177,15 @@ def test_the_change_stream_outlasts_a_server_restart_but_not_a_server_that_never
     with RayTwinClient("http://api", "rtk_x_y", retry=FAST, transport=transport) as api:
         with pytest.raises(RayTwinError, match="3 connections failed in a row, none answered"):
             next(api.changes())
-    limited = httpx.Response(429, headers={"Retry-After": "0"}, json={"error": {"code": "rate_limited",
-                                                                              "message": "8 streams open"}})
+    limited = httpx.Response(429, headers={"Retry-After": "0", "X-RayTwin-Request-ID": "r1"},
+                             json={"error": {"code": "rate_limited", "message": "8 streams open"}})
     transport, seen = scripted(*[limited] * 4, httpx.Response(200, text=frame.format(9), headers=sse))
     with RayTwinClient("http://api", "rtk_x_y", retry=FAST, transport=transport) as api:  # the stream limit
         assert next(api.changes(after=5)).seq == 9  # waited out: the server answered, it will make room
+    transport, _ = scripted(*[httpx.Response(503, headers={"Retry-After": "0"}, text="no backend")] * 3)
+    with RayTwinClient("http://api", "rtk_x_y", retry=FAST, transport=transport) as api:  # a bare proxy, no RayTwin
+        with pytest.raises(RayTwinError, match="3 connections failed in a row, none answered"):
+            next(api.changes())
 
 def test_a_gone_event_in_the_change_stream_raises_gone_with_the_servers_message():
     """The server ends a replay whose next changes the retention deleted with a `gone` event (no id):

@@ -481,6 +481,7 @@ def test_http_tls_files_are_the_tenants_own_and_a_connector_that_cannot_start_is
     (tls_dir / "acme").mkdir(parents=True)
     (tls_dir / "acme" / "junk.pem").write_text("not a certificate\n")
     shutil.copy(certifi.where(), tls_dir / "acme" / "ca.pem")
+    shutil.copy(certifi.where(), tls_dir / "acme" / "ca.der")  # PEM under another name: asyncua reads it as DER
     spec = plant_spec(broker.port, name="tls", routes=[{"topic": "tls/+/t", "asset_level": 1, "payload": PAYLOAD}])
     del spec["tenant"], spec["ack_topic"]
 
@@ -505,7 +506,9 @@ def test_http_tls_files_are_the_tenants_own_and_a_connector_that_cannot_start_is
                            "security.certificate '/"), ("Basic256Sha256,SignAndEncrypt,outside.pem,ca.pem",
                                                         "no link out of it"),
                           ("Basic256Sha256,SignAndEncrypt,ca.pem,junk.pem", "security.private_key "),
-                          ("Basic256Sha256,SignAndEncrypt,junk.pem,missing.key", "is no certificate (PEM or DER)")):
+                          ("Basic256Sha256,SignAndEncrypt,junk.pem,missing.key", "is no certificate in PEM"),
+                          ("Basic256Sha256,SignAndEncrypt,ca.der,ca.pem", "security.certificate "),  # not DER
+                          ("Basic256Sha256,Sign", "give 'Policy,Mode,certificate,private_key")):
         refused = client.post("/v1/connectors", json={"spec": {**opcua, "security": security}}, headers=auth["admin"])
         assert refused.status_code == 422 and why in refused.json()["error"]["message"], (security, refused.text)
     assert client.get("/v1/connectors/plc", headers=auth["reader"]).status_code == 404
@@ -535,7 +538,8 @@ def test_a_tenants_connector_reaches_only_the_hosts_the_operator_allows():
 
     anywhere = Reach(None)
     assert "link-local (169.254.169.254)" in anywhere.refusal("169.254.169.254")
-    for inside in ("::ffff:169.254.169.254", "64:ff9b::a9fe:a9fe", "2002:a9fe:a9fe::1", "fe80::1"):
+    for inside in ("::ffff:169.254.169.254", "64:ff9b::a9fe:a9fe", "64:ff9b:1::a9fe:a9fe", "2002:a9fe:a9fe::1",
+                   "fe80::1"):
         assert "link-local" in anywhere.refusal(inside), inside  # IPv4 inside IPv6 reaches the IPv4 host
     assert anywhere.refusal("127.0.0.1") is None and anywhere.refusal("no-such-host.invalid") is None
     listed = Reach(["broker.plant.example", "10.20.0.0/16", "127.0.0.1"])

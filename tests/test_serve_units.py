@@ -271,6 +271,7 @@ def test_asset_metadata_is_bounded_one_line_text():
     for metadata, why in (({"site": "a\nb"}, "control character '\\\\n'"), ({"x\x00": "v"}, "control character"),
                           ({"site": "a\x85b"}, "control character"), ({"site": "a\u2028b"}, "control character"),
                           ({"site": "nimda\u202e"}, "control character"),
+                          ({"si\u200bte": "v"}, "control character"),
                           ({"k": "v" * 4097}, "at most 4096 characters"), ({"k" * 129: "v"}, "at most 128"),
                           ({f"k{i}": "v" for i in range(MAX_METADATA_KEYS + 1)}, "at most 100 items")):
         with pytest.raises(ValidationError, match=why):

@@ -81,19 +81,18 @@ SECURITY_FILES = ("certificate", "private_key", "server_certificate")
 """The files of an asyncua security string ``Policy,Mode,certificate,private_key[,server_certificate]``."""
 
 
-def _parses(data: bytes, kind: str) -> bool:
+def _parses(data: bytes, kind: str, pem: bool) -> bool:
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
 
-    loaders = (serialization.load_pem_private_key, serialization.load_der_private_key) if kind == "private key" \
-        else (x509.load_pem_x509_certificate, x509.load_der_x509_certificate)
-    for load in loaders:
-        try:
-            load(data, None) if kind == "private key" else load(data)
-            return True
-        except (ValueError, TypeError):
-            continue
-    return False
+    try:
+        if kind == "private key":
+            (serialization.load_pem_private_key if pem else serialization.load_der_private_key)(data, None)
+        else:
+            (x509.load_pem_x509_certificate if pem else x509.load_der_x509_certificate)(data)
+        return True
+    except (ValueError, TypeError):
+        return False
 
 
 class OpcUaSpec(ConnectorSpec):
@@ -151,9 +150,23 @@ class OpcUaSpec(ConnectorSpec):
             except OSError as exc:
                 out.append(f"{field} {path!r} cannot be read: {exc.strerror or exc}")
                 continue
-            if not _parses(data, kind):
-                out.append(f"{field} {path!r} is no {kind} (PEM or DER)")
+            pem = path.endswith(".pem")  # how asyncua reads it: PEM by that suffix only, else DER
+            if not _parses(data, kind, pem):
+                out.append(f"{field} {path!r} is no {kind} in {'PEM' if pem else 'DER'} (asyncua reads a file "
+                           "named *.pem as PEM, any other as DER)")
         return out
+
+    @field_validator("security")
+    @classmethod
+    def _security(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        parts = [p.strip() for p in v.split(",")]
+        if len(parts) not in (4, 5) or not all(parts) or parts[1] not in ("Sign", "SignAndEncrypt"):
+            raise ValueError(f"security {v!r}: give 'Policy,Mode,certificate,private_key[,server_certificate]' "
+                             "with Mode Sign or SignAndEncrypt, e.g. 'Basic256Sha256,SignAndEncrypt,client.der,"
+                             "client.pem' (leave it out for no security)")
+        return v
 
     @field_validator("endpoint")
     @classmethod
