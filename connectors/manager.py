@@ -34,7 +34,14 @@ try is a new worker process: a reader listing connectors must not start one per 
 
 
 class ConnectorDown(RuntimeError):
-    """A declared connector whose actor cannot start (e.g. its TLS files were removed since)."""
+    """A declared connector whose actor cannot start (e.g. its TLS files were removed since); `why` says why."""
+
+    def __init__(self, name: str, why: str):
+        super().__init__(f"connector {name!r} cannot start: {why}; declare it again or delete it")
+        self.name, self.why = name, why
+
+    def __reduce__(self):
+        return (type(self), (self.name, self.why))
 
 
 def _died_because(exc: BaseException) -> str:
@@ -75,8 +82,7 @@ class Connectors:
             self._down.pop((spec.tenant, spec.name), None)
             if key:
                 self.store.release(key, spec.tenant, spec.name)
-            raise InvalidConnector(f"connector {spec.name!r} could not start, so it was not kept: {exc.args[1]}") \
-                from None
+            raise InvalidConnector(f"connector {spec.name!r} could not start, so it was not kept: {exc.why}") from None
         log.info("event=connector_created tenant=%s connector=%s kind=%s", spec.tenant, spec.name, spec.kind)
         return status
 
@@ -107,15 +113,14 @@ class Connectors:
         """`method` of the connector's actor; `ConnectorDown` if the actor cannot start (not tried again for
         `START_RETRY_S`)."""
         if (down := self._down.get((tenant, name))) is not None and time.monotonic() < down[0]:
-            raise ConnectorDown(f"connector {name!r} cannot start: {down[1]}; declare it again or delete it", down[1])
+            raise ConnectorDown(name, down[1])
         try:
             answer = ray.get(getattr(self._actor(tenant, name), method).remote())
         except ray.exceptions.ActorDiedError as exc:
             why = _died_because(exc)
             self._down[(tenant, name)] = (time.monotonic() + START_RETRY_S, why)
             log.error("event=connector_down tenant=%s connector=%s error=%r", tenant, name, why)
-            raise ConnectorDown(f"connector {name!r} cannot start: {why}; declare it again or delete it", why) \
-                from None
+            raise ConnectorDown(name, why) from None
         self._down.pop((tenant, name), None)
         return answer
 
@@ -134,7 +139,7 @@ class Connectors:
             return ConnectorStatus(
                 tenant=tenant, name=name, kind=self.spec(tenant, name).kind, state=self.store.desired(tenant, name),
                 connected=False, messages=0, acknowledged=0, pending=0, accepted=0, duplicates=0, rejected=0,
-                dead_lettered=0, errors=1, last_error=f"cannot start: {exc.args[1]}", lag_s=None,
+                dead_lettered=0, errors=1, last_error=f"cannot start: {exc.why}", lag_s=None,
                 newest_event_time=None)
 
     def spec(self, tenant: str, name: str) -> ConnectorSpec:

@@ -427,27 +427,22 @@ def end_session(spec: MqttSpec, credentials: Credentials, timeout_s: float = 10.
     """Connect once as the connector with a clean start and no session expiry, then leave: the broker drops
     the session and what it queued for it. False if the broker could not be reached or refused."""
     b = spec.broker
-    v5 = b.protocol == "5"
-    try:
-        client = _client(spec, credentials, persistent=False)
-    except (OSError, ValueError) as exc:  # TLS files gone since it was declared: the session cannot be reached
-        log.warning("event=mqtt_session_kept connector=%s/%s broker=%s:%d error=%r", spec.tenant, spec.name, b.host,
-                    b.port, str(exc))
-        return False
     answered, accepted = threading.Event(), []
-    client.on_connect = lambda c, u, flags, reason, props: (accepted.append(not reason.is_failure), answered.set())
     kwargs: dict[str, Any] = {}
-    if v5:
+    if b.protocol == "5":
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = 0
         kwargs = {"clean_start": True, "properties": props}
     try:
+        client = _client(spec, credentials, persistent=False)  # (TLS files gone since it was declared: ValueError)
+        client.on_connect = lambda c, u, flags, reason, props: (accepted.append(not reason.is_failure),
+                                                                 answered.set())
         client.connect(b.host, b.port, b.keepalive_s, **kwargs)
         client.loop_start()
         ended = answered.wait(timeout_s) and accepted == [True]
         client.disconnect()
         client.loop_stop()
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         log.warning("event=mqtt_session_kept connector=%s/%s broker=%s:%d error=%r", spec.tenant, spec.name, b.host,
                     b.port, str(exc))
         return False

@@ -9,9 +9,9 @@ instead of silently running different physics.
   their global names, transitively: those of the same top-level package, and any other that is
   user code (not in the standard library, an installed distribution or RayTwin's own packages: a
   flat ``helpers.py`` beside ``my_models.py``, whose change would otherwise run silently); and the
-  modules of user code those modules import (a ``constants.py`` whose numbers the model uses). Whole files, so that module-level constants
-  count; callables left at their framework default (e.g. the identity ``project``) are the framework's,
-  not the model's, and are left out.
+  modules of user code those modules import (a ``constants.py`` whose numbers the model uses). Whole
+  files, so that module-level constants count; callables left at their framework default (e.g. the
+  identity ``project``) are the framework's, not the model's, and are left out.
 - A model object may provide its own identity with a ``code_identity() -> ModelCode`` method: an FMU
   model returns `file_code` of its ``.fmu`` file.
 
@@ -160,7 +160,7 @@ def _imported(modules: set[str], top_level: str) -> set[str]:
                 continue
             for name in names:
                 if name not in found and getattr(sys.modules.get(name), "__file__", None) and \
-                        _user_code(name, top_level) and name.split(".")[0] not in CORE_PACKAGES:
+                        _user_code(name, top_level):
                     found.add(name)
                     todo.append(name)
     return found

@@ -45,7 +45,7 @@ def _api_errors(call: Callable[..., Any]) -> Callable[..., Any]:
         except (CommandError, SessionTaken) as exc:
             raise Conflict(str(unwrap(exc))) from None
         except ConnectorDown as exc:
-            raise Conflict(exc.args[0]) from None
+            raise Conflict(str(exc)) from None
     wrapped.__doc__ = call.__doc__
     return wrapped
 

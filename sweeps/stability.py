@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import itertools
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from raytwin.signals import signal_function
 from raytwin.sim import get_model
-from raytwin.sim.checks import BoxLimit, check_step, nominal_point
+from raytwin.sim.checks import BoxLimit, box_corners, check_step, declared_inputs
 from raytwin.sim.model import Model
 
 if TYPE_CHECKING:
@@ -39,32 +38,29 @@ MAX_SIGNAL_SAMPLES = 100_000
 
 def _input_box(spec: SweepSpec, simulator: str, model: Model) -> np.ndarray:
     """The model inputs' extremes over the sweep, (2, m): each input's signal in the kit (a held kit value, a
-    sinusoid, a schedule, ...) evaluated over the horizon at the start state, for the base kit values and
-    their ``input`` dimensions' extremes (all corners up to 16, else each dimension's alone). A signal that
-    cannot be evaluated outside a kernel spans its input's declared range where that is finite."""
+    sinusoid, a schedule, ...) evaluated over the horizon at the start state, at the corners of the kit values
+    the sweep's ``input`` dimensions span. A signal that cannot be evaluated outside a kernel spans its
+    input's declared range where that is finite (`declared_inputs`)."""
     kit = spec.kit(simulator)
     base = {**kit.default_inputs(), **spec.inputs}
-    nominal = nominal_point(model)[1]
     state = {n: float(v) for n, v in (spec.start_state or kit.states0).items()}
     times = np.linspace(0.0, spec.horizon_s, min(spec.n_steps, MAX_SIGNAL_SAMPLES), endpoint=False)
     settings = _kit_corners(spec, base)
-    out = np.repeat(nominal[None, :], 2, axis=0)
+    out = np.array(declared_inputs(model))  # where a signal cannot be evaluated outside a kernel
     for i, declared in enumerate(model.inputs):
         try:
             f = signal_function(kit.inputs[declared.name], horizon_s=spec.horizon_s, step_s=spec.step_s,
                                 unit=declared.unit, xp=np)
             values = [np.asarray(f(times, state, ip), dtype=np.float64) for ip in settings]
-            out[:, i] = min(float(np.min(v)) for v in values), max(float(np.max(v)) for v in values)
         except Exception:  # noqa: BLE001 - a JAX-only function: its declared range, or nominal where unbounded
-            out[:, i] = [b if np.isfinite(b) else nominal[i] for b in (declared.lower, declared.upper)]
+            continue
+        out[:, i] = min(float(np.min(v)) for v in values), max(float(np.max(v)) for v in values)
     return out
 
 
 def _kit_corners(spec: SweepSpec, base: dict[str, float]) -> list[dict[str, float]]:
-    """Kit values at the corners of the sweep's ``input`` dimensions (or each dimension's extremes alone)."""
+    """Kit values at the corners of the box the sweep's ``input`` dimensions span (`box_corners`)."""
     dims = [d for d in spec.space.dimensions if d.target == "input" and d.name in base]
-    extremes = [[d.applied(v, float(base[d.name])) for v in d.extremes()] for d in dims]
-    if 2 ** len(dims) <= 16:
-        return [{**base, **{d.name: e[bit] for d, e, bit in zip(dims, extremes, bits)}}
-                for bits in itertools.product((0, 1), repeat=len(dims))]
-    return [dict(base)] + [{**base, d.name: v} for d, e in zip(dims, extremes) for v in e]
+    applied = [[d.applied(v, float(base[d.name])) for v in d.extremes()] for d in dims]
+    corners = box_corners([min(a) for a in applied], [max(a) for a in applied])
+    return [{**base, **{d.name: float(v) for d, v in zip(dims, row)}} for row in corners]

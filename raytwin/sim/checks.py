@@ -99,6 +99,14 @@ def nominal_point(model: Model) -> tuple[np.ndarray, np.ndarray]:
             np.array([value(v) for v in model.inputs], dtype=np.float64))
 
 
+def declared_inputs(model: Model) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The box of the inputs' declared ranges, (lows, highs); an unbounded side at the nominal value."""
+    u = nominal_point(model)[1]
+    lows = tuple(v.lower if math.isfinite(v.lower) else float(n) for v, n in zip(model.inputs, u))
+    highs = tuple(v.upper if math.isfinite(v.upper) else float(n) for v, n in zip(model.inputs, u))
+    return lows, highs
+
+
 def box_corners(lows: Sequence[float], highs: Sequence[float], *, seed: int = 0) -> np.ndarray:
     """Corners of the box [lows, highs], shape (k, p): all of them up to `MAX_CORNERS`, else that many
     drawn with a fixed seed (reproducible reports)."""
@@ -415,10 +423,8 @@ def _check(model: Model, dt: float) -> ModelReport:
                      f"corner {describe_params(model, corners[k])}: artifacts and sweeps with such values are "
                      "refused at this step")
     if model.solver is None and len(model.inputs):  # the declared input ranges, at the default parameters
-        declared = [(v.lower if math.isfinite(v.lower) else n, v.upper if math.isfinite(v.upper) else n)
-                    for v, n in zip(model.inputs, u)]
         at = tuple(float(v) for v in p)
-        by_inputs = box_limit(model, at, at, tuple(lo for lo, _ in declared), tuple(hi for _, hi in declared))
+        by_inputs = box_limit(model, at, at, *declared_inputs(model))
         if dt > by_inputs.dt_max:
             notes.append(f"{field_} {dt:g} s is beyond the RK4 stability limit {by_inputs.dt_max:.4g} s at "
                          f"{describe_params(model, at, by_inputs.inputs)} (within the inputs' declared ranges): "
