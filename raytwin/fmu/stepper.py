@@ -23,6 +23,9 @@ if TYPE_CHECKING:
     from raytwin.ukf import Dynamics
 
 log = logging.getLogger("raytwin.fmu")
+MAX_PROBES = 20
+"""Doublings of the probe step `FmuStepper` tries to find a fixed-step FMU's next step (2**20 times the
+model's default step)."""
 
 
 class FmuStepper:
@@ -43,7 +46,7 @@ class FmuStepper:
         self.model = model
         self.instance = FmuInstance(model, "CoSimulation")
         self._time = next((v.name for v in md.modelVariables if v.causality == "independent"), None)
-        self._warned_short = False
+        self._logged_interpolation = False
         state_index = {n: i for i, n in enumerate(model.state_names)}
         self._outputs_from_states = (np.array([state_index[n] for n in model.output_names], dtype=np.intp)
                                      if set(model.output_names) <= set(state_index) else None)
@@ -64,27 +67,46 @@ class FmuStepper:
         if x.ndim == 2:
             return np.stack([self.step(row, u, p, dt) for row in x])
         self._start(x, np.asarray(u, float), np.asarray(p, float))
-        self.instance.do_step(0.0, float(dt))
-        self._check_reached(float(dt))
-        return self.instance.get(self.model.state_names)
+        dt = float(dt)
+        self.instance.do_step(0.0, dt)
+        x_next = self.instance.get(self.model.state_names)
+        reached = self._reached()
+        if reached is None or reached >= dt * (1 - 1e-9) - 1e-12:
+            return x_next
+        return self._interpolated(reached, x_next, dt)
 
-    def _check_reached(self, dt: float) -> None:
-        """Say (once per process, as an error) when the FMU did not advance by `dt`: a fixed-step FMU takes no
-        step shorter than its own, so a twin fed events whose gaps are no multiple of it predicts nothing
-        and its estimate copies the measurements. Read from the FMU's time, where it exposes it."""
-        if self._time is None or self._warned_short:
-            return
+    def _reached(self) -> float | None:
+        """The FMU's time, where it exposes it (None where it does not)."""
+        if self._time is None:
+            return None
         try:
-            reached = float(self.instance.get((self._time,))[0])
+            return float(self.instance.get((self._time,))[0])
         except Exception:  # noqa: BLE001 - an FMU that does not expose its time: nothing to check
             self._time = None
-            return
-        if reached < dt * (1 - 1e-9) - 1e-12:
-            self._warned_short = True
-            log.error("event=fmu_step_short fmu=%r asked_s=%g reached_s=%g: the FMU takes steps of its own and did "
-                      "not advance by the twin's sub-step; feed its twins events whose gaps are multiples of its "
-                      "step (DefaultExperiment stepSize %g s), or its predictions stand still", self.model.name, dt,
-                      reached, self.model.default_dt)
+            return None
+
+    def _interpolated(self, reached: float, x_reached: np.ndarray, dt: float) -> np.ndarray:
+        """The state at `dt` of a fixed-step FMU that stopped at `reached`, its last whole step before `dt`: take
+        its next step and interpolate linearly in between. Such an FMU takes no step shorter than its own, so a
+        twin fed events whose gaps are no multiple of it predicted nothing and its estimate copied the
+        measurements; interpolating errs by O(h^2) per call, the order of the FMU's own fixed step h."""
+        if not self._logged_interpolation:
+            self._logged_interpolation = True
+            log.info("event=fmu_step_interpolated fmu=%r asked_s=%g reached_s=%g: the FMU takes fixed steps longer "
+                     "than the twin's sub-step; states between its steps are interpolated (feed events whose gaps "
+                     "are multiples of its step, DefaultExperiment stepSize %g s, to avoid it)", self.model.name,
+                     dt, reached, self.model.default_dt)
+        t, size = dt, max(self.model.default_dt, dt - reached)
+        for _ in range(MAX_PROBES):  # the FMU's step is not declared anywhere: grow the probe until it takes one
+            self.instance.do_step(t, size)
+            t += size
+            after = self._reached()
+            if after is not None and after > dt:
+                x_after = self.instance.get(self.model.state_names)
+                return x_reached + (dt - reached) / (after - reached) * (x_after - x_reached)
+            size *= 2
+        raise FmuError(f"FMU {self.model.name}: its time stays at {reached:g} s after steps up to {t:g} s; it does "
+                       "not advance, so a filter cannot step it")
 
     def observe(self, x: np.ndarray, u: np.ndarray, p: np.ndarray) -> np.ndarray:
         x = np.asarray(x, dtype=np.float64)
