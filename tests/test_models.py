@@ -25,6 +25,7 @@ from raytwin.models import (
 )
 from raytwin.registry import ModelRegistry, RegistryError
 from raytwin.sim import MODELS, THERMAL_RC, model_ref, rollout, simulate, simulate_batch, unstack
+from raytwin.sim.checks import check_step
 from tests.stiff_models import robertson
 
 RK4_REAL = 2.785293563405282  # |z| where 1 + z + z^2/2 + z^3/6 + z^4/24 returns to 1 on the negative real axis
@@ -329,15 +330,26 @@ def test_a_step_is_checked_over_the_inputs_it_runs_with_not_only_the_nominal_one
 
 
 def test_a_non_finite_jacobian_names_every_parameter_value_and_does_not_blame_the_step(user_package):
-    spring, x0, inputs = get_model("acme_models.spring:SPRING"), [0.1, 0.0], np.zeros((10, 1))
+    spring = get_model("acme_models.spring:SPRING")
     with pytest.raises(UnstableStepError, match=r"^model spring: params: parameters m=0, k=4, c=0.4 make the "
                                                 r"derivative non-finite \(its Jacobian at the nominal state\): "
                                                 r"m=0 is outside its bounds \[0.5, 2\] "
                                                 r"\(allow_unstable=True runs it anyway\)$"):
-        simulate(spring, x0, inputs, [0.0, 4.0, 0.4], 0.01)
+        check_step(spring, 0.01, [0.0, 4.0, 0.4])
     with pytest.raises(UnstableStepError, match=r"^model spring: params: parameters m=0, k=4, c=0.4 \(a corner of the "
                                                 r"parameter box\) make the derivative non-finite"):
-        simulate_batch(spring, [x0, x0], inputs, [[-1.0, 4.0, 0.4], [0.0, 4.0, 0.4]], 0.01)
+        check_step(spring, 0.01, (np.array([-1.0, 0.0]), np.array([4.0, 4.0]), np.array([0.4, 0.4])))
+
+
+def test_simulate_refuses_parameters_outside_their_bounds(user_package):
+    """`simulate` ran them without a word, where sweeps, calibration, the registry and the API refuse them."""
+    spring, x0, inputs = get_model("acme_models.spring:SPRING"), [0.1, 0.0], np.zeros((10, 1))
+    with pytest.raises(ModelCheckError, match=r"^model spring: params: m=0.1 is outside its bounds \[0.5, 2\]: give "
+                                              r"values within them, or widen the parameter's bounds in the model"):
+        simulate(spring, x0, inputs, [0.1, 4.0, 0.4], 0.01)
+    with pytest.raises(ModelCheckError, match=r"m=3 is outside its bounds \[0.5, 2\]: give"):  # one scenario of many
+        simulate_batch(spring, [x0, x0], inputs, [[1.0, 4.0, 0.4], [3.0, 4.0, 0.4]], 0.01)
+    assert simulate(spring, x0, inputs, [2.0, 4.0, 0.4], 0.01).shape == (11, 2)  # the bound itself is admissible
 
 
 def test_the_admissible_thermal_corner_that_diverged_to_1e266_is_refused():

@@ -200,6 +200,21 @@ def check_start(model: Model, x0: Sequence[Any]) -> None:
                               "give finite values")
 
 
+def check_params(model: Model, params: np.ndarray) -> None:
+    """Refuse parameter values (an array whose last axis is the model's parameters) outside their declared
+    bounds, as sweeps, calibration and the registry do: the bounds are the values the model is valid for,
+    and a run outside them is a result of equations nobody vouched for."""
+    values = np.asarray(params, dtype=np.float64).reshape(-1, len(model.params))
+    if not values.size:
+        return
+    low, high = values.min(axis=0), values.max(axis=0)
+    outside = [f"{p.name}={v:g} is outside its bounds [{p.lower:g}, {p.upper:g}]"
+               for p, lo, hi in zip(model.params, low, high) for v in (lo, hi) if not p.lower <= v <= p.upper]
+    if outside:
+        raise ModelCheckError(model.name, "params", "; ".join(dict.fromkeys(outside)) + ": give values within "
+                              "them, or widen the parameter's bounds in the model if they are admissible")
+
+
 def _non_finite_at(model: Model, values: Sequence[float], corner: bool) -> str:
     """Why the stability check cannot run at parameter `values`: every value (any of them may be the
     cause), and those outside their declared bounds, the usual reason. A smaller step cannot help."""

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from raytwin.sim.checks import check_start, check_step
+from raytwin.sim.checks import check_params, check_start, check_step
 from raytwin.sim.model import Arrays, Model, after_step, model_step, rk4_step, unstack
 from raytwin.sim.precision import precision
 from raytwin.sim.stiff import Adaptive
@@ -176,8 +176,8 @@ def integration_dtype(model: Model, dtype: Any) -> np.dtype:
 
 
 def _as_arrays(model: Model, dtype: Any, *arrays) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(x0, inputs, params) as arrays of `dtype`, with their last axes checked against the model
-    and the start state checked to be finite."""
+    """(x0, inputs, params) as arrays of `dtype`, with their last axes checked against the model,
+    the start state checked to be finite and the parameters to be within their bounds."""
     if isinstance(arrays[2], Mapping):
         raise TypeError(f"{model.name}: params must be values in model order {model.param_names}, not a mapping: "
                         "pass model.param_vector(your_dict)")
@@ -189,6 +189,7 @@ def _as_arrays(model: Model, dtype: Any, *arrays) -> tuple[np.ndarray, np.ndarra
         raise ValueError(f"{model.name}: inputs have {inputs.shape[-1]} columns, expected {model.input_names}")
     if params.shape[-1] != len(model.params):
         raise ValueError(f"{model.name}: params have {params.shape[-1]} values, expected {model.param_names}")
+    check_params(model, params)
     return x0, inputs, params
 
 
@@ -207,7 +208,8 @@ def simulate(
     `inputs` has shape (n_steps, n_inputs), held constant over each step; `params` is in model
     order (`Model.param_vector`). float32 by default; pass ``dtype=jnp.float64`` for validation
     (a model with an `Adaptive` solver is integrated in float64 either way, `integration_dtype`).
-    A step beyond the RK4 stability limit of `params` is refused (``allow_unstable=True``: a warning).
+    A step beyond the RK4 stability limit of `params` is refused (``allow_unstable=True``: a warning),
+    and so are parameters outside their declared bounds (`raytwin.sim.checks.check_params`).
     """
     work = integration_dtype(model, dtype)
     x0, inputs, params = _as_arrays(model, work, x0, inputs, params)
