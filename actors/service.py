@@ -157,8 +157,10 @@ class TwinService:
         if not ray.get(self._shard(tenant, asset_id).unregister.remote(tenant, asset_id)):
             raise UnknownTwin(f"no twin {asset_id!r} for tenant {tenant!r}")
 
-    def assets(self, tenant: str) -> list[str]:
-        return sorted(a for part in ray.get([s.assets.remote(tenant) for s in self._shards]) for a in part)
+    def assets(self, tenant: str, timeout_s: float | None = None) -> list[str]:
+        """The tenant's twins; `ray.exceptions.GetTimeoutError` when a shard has not answered within `timeout_s`."""
+        return sorted(a for part in ray.get([s.assets.remote(tenant) for s in self._shards], timeout=timeout_s)
+                      for a in part)
 
     def state(self, tenant: str, asset_id: str) -> TwinState:
         """The twin's live state; while its shard restarts, its last durable state (latest snapshot)

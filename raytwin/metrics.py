@@ -214,7 +214,10 @@ BACKPRESSURE = counter("raytwin_ingest_backpressure_seconds", "Time ingestion wa
 TWINS = gauge("raytwin_twins", "Live twins held by a shard.", "shard")
 TWINS_DRIFTING = gauge("raytwin_twins_drifting", "Twins whose filter flags model/data drift.", "shard")
 STALE_READS = counter("raytwin_stale_reads", "Twin states answered from the twin's last durable state because "
-                      "its shard was restarting, by read (state: one twin; query: asset queries).", "read")
+                      "its shard was restarting or left a call unanswered past its deadline, by read (state: one "
+                      "twin; query: asset queries).", "read")
+SHARD_UNANSWERED = counter("raytwin_shard_unanswered", "Times an Ingress replica found a twin shard leaving a call "
+                           "unanswered past its deadline (hung or stalled; serve_apps/shard_deadline.py).", "shard")
 # ---- scenarios, sweeps, jobs, calibration ------------------------------------------------------
 SCENARIO_STEPS = counter("raytwin_scenario_steps", "Simulated scenario-steps (scenarios x steps), by kind "
                          "(scenario: API runs and jobs; sweep: every sweep).", "kind")

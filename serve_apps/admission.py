@@ -41,9 +41,11 @@ from serve_apps.errors import ApiError
 
 SERVICE_TIME_WEIGHT = 0.1
 """Weight of the newest request in the moving average of the time a request holds a slot."""
-STREAM_PATHS = frozenset({"/v1/changes"})
-"""Long-lived streams (the SSE change stream): never gated. A stream would hold a slot for hours, so a
-few open streams would shut a replica; Serve's `max_ongoing_requests` bounds them per replica."""
+UNGATED_PATHS = frozenset({"/v1/changes", "/v1/health"})
+"""Never gated: long-lived streams (the SSE change stream: a stream would hold a slot for hours, so a few
+open streams would shut a replica; Serve's `max_ongoing_requests` and `max_streams` bound them per replica)
+and the health route (a liveness probe must not take a full replica for a dead one: restarting it sheds
+its work onto the others)."""
 
 
 class Admission(BaseModel):
@@ -94,7 +96,7 @@ class AdmissionGate:
 
     Runs on the replica's event loop only (no locks). A slot freed by a finished request is
     handed straight to the oldest waiter, so the queue is served in order and never starved.
-    Refusals (503 ``overloaded`` + ``Retry-After``) happen before the body is read. `STREAM_PATHS` pass.
+    Refusals (503 ``overloaded`` + ``Retry-After``) happen before the body is read. `UNGATED_PATHS` pass.
     """
 
     def __init__(self, app: ASGIApp, limits: Admission):
@@ -105,7 +107,7 @@ class AdmissionGate:
         self.service_s = 0.0  # moving average of the time a request holds a slot (0 until one finished)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"].removeprefix(scope.get("root_path", "")) in STREAM_PATHS:
+        if scope["type"] != "http" or scope["path"].removeprefix(scope.get("root_path", "")) in UNGATED_PATHS:
             await self.app(scope, receive, send)
             return
         refused = await self._acquire()

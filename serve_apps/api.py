@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from fastapi import FastAPI, Header, Response
@@ -37,6 +38,9 @@ from serve_apps.limits import BodyLimitMiddleware
 from serve_apps.schemas import Health
 
 API_VERSION = "1.0.0"
+CLIENT_CLOSED = 499
+"""The status recorded for a request whose client went away before an answer (nginx's, as Serve logs it): not
+a server error, so it does not burn the availability SLO's budget."""
 
 
 def create_api(max_body_bytes: int = 1_048_576, admission: Admission | None = None,
@@ -87,16 +91,20 @@ class RequestObserver:
             await self.app(scope, receive, send)
             return
         t0 = time.perf_counter()
-        status = 500
+        status, started = 500, False
 
         async def send_status(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
             await send(message)
 
         try:
             await self.app(scope, receive, send_status)
+        except asyncio.CancelledError:  # the client went away first: no server error (nginx's 499, as Serve logs it)
+            if not started:
+                status = CLIENT_CLOSED
+            raise
         finally:
             seconds = time.perf_counter() - t0
             route, method = getattr(scope.get("route"), "path", "unmatched"), scope["method"]
@@ -110,7 +118,9 @@ def _ops_routes(app: FastAPI) -> None:
                      x_api_key: str | None = Header(None, description="The API key (optional)"),
                      svc: Services = SVC) -> Health:
         """Liveness, no API key needed (the backend answered); with a valid key also the caller's tenant's twin
-        and job counts. Counts summed over tenants would show every tenant's activity to anyone."""
+        and job counts. Counts summed over tenants would show every tenant's activity to anyone. Twins are
+        counted by their shards: one that leaves the count unanswered past `shard_read_timeout_s` makes the
+        status `degraded`, without `live_twins` (still 200: the service is alive)."""
         key = parse_credentials(authorization, x_api_key)
         try:
             who = svc.keys.authenticate(key) if key else None
@@ -120,5 +130,6 @@ def _ops_routes(app: FastAPI) -> None:
             await svc.backend.call("job_stats", None)
             return Health(status="ok")
         jobs = await svc.backend.call("job_stats", who.tenant)
-        return Health(status="ok", tenant=who.tenant, live_twins=await svc.backend.call("live_twins", who.tenant),
+        count = await svc.backend.call("live_twins", who.tenant, svc.config.shard_read_timeout_s)
+        return Health(status="ok" if count is not None else "degraded", tenant=who.tenant, live_twins=count,
                       jobs=jobs["states"])

@@ -17,6 +17,7 @@ import math
 import threading
 from typing import Any
 
+import ray
 from ray import serve
 
 from actors.state import TwinState, UnknownTwin
@@ -365,11 +366,13 @@ class Backend:
     def flush(self) -> None:
         self.twins.flush()
 
-    def live_twins(self, tenant: str | None = None) -> int:
-        """Live twins of `tenant` (None: of every tenant)."""
-        with self._lock:
-            tenants = list(self.catalog.assets) if tenant is None else [tenant]
-        return sum(len(self.twins.assets(t)) for t in tenants)
+    async def live_twins(self, tenant: str, timeout_s: float) -> int | None:
+        """Live twins of `tenant`, as its shards count them; None when one leaves the count unanswered for
+        `timeout_s` (a hung shard: a thread waits that long, never the replica's event loop)."""
+        try:
+            return len(await asyncio.to_thread(self.twins.assets, tenant, timeout_s))
+        except ray.exceptions.GetTimeoutError:
+            return None
 
     def recalibrations(self, tenant: str) -> TenantState:
         """The tenant's pending, running and recently finished drift recalibrations."""

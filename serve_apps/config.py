@@ -54,6 +54,13 @@ class ServeConfig(BaseModel):
     state_cache_s: float = Field(0.1, ge=0, le=10, description="Current-state reads may be this old (seconds, "
                                  "per ingress replica; writes through a replica refresh it there); 0: no cache.")
     state_cache_entries: int = Field(10_000, ge=1, description="Twins whose latest state a replica keeps.")
+    shard_read_timeout_s: float = Field(5.0, gt=0, description="A twin read its shard leaves unanswered this long "
+                                        "(a hung or stalled process) is answered from the store, marked stale, and "
+                                        "the shard's twins are read so and their telemetry refused (503) until it "
+                                        "answers (serve_apps/shard_deadline.py).")
+    shard_write_timeout_s: float = Field(15.0, gt=0, description="Telemetry its twin's shard has not applied this "
+                                         "long is answered 503 `twin_unavailable` (resend it: events are "
+                                         "idempotent); the shard's breaker opens as for reads.")
     change_memory: int = Field(1000, ge=1, description="Newest changes per tenant the backend keeps in memory "
                                "for live streams; a stream further behind gets `fell_behind` and resumes from the "
                                "store.")

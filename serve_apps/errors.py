@@ -121,8 +121,10 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         (429, "Rate limited (`rate_limited`), or telemetry refused while the twin shards are behind (`backlogged`); "
               "`Retry-After` says when to send again"),
         (500, "A fault of the server's (`internal`): nothing to change in the request; quote its `request_id`"),
-        (503, "At capacity (`overloaded`): refused before any work; retry after `Retry-After` seconds; or "
-              "`unavailable`: the server cannot check keys (its keys file is invalid) until its operator fixes it"),
+        (503, "At capacity (`overloaded`): refused before any work; retry after `Retry-After` seconds; "
+              "`twin_unavailable`: the twin's shard leaves calls unanswered (telemetry refused after its deadline may "
+              "still be applied: resend it after `Retry-After`, events are idempotent); or `unavailable`: the "
+              "server cannot check keys (its keys file is invalid) until its operator fixes it"),
     )
 }
 

@@ -27,7 +27,7 @@ sits in front of Serve's hand-off to the app and is sized to one replica (``RAYT
 it, past capacity requests queued in the replica's server for seconds before the app's own gate could
 refuse them (benchmarks/RESULTS.md, "HAProxy in front of the replicas").
 
-Serve's health and route probes (``/-/...``) and the change stream (long-lived SSE) pass ungated.
+Serve's health and route probes (``/-/...``), the change stream (long-lived SSE) and ``/v1/health`` pass ungated.
 Refusals are counted in ``raytwin_admission_refused_total{gate="proxy", reason="in_flight"}``
 (``gate="replica"`` for a replica's own server, so an operator sees which one shed),
 recorded once per `FLUSH_S` rather than per refusal (a Ray metric record costs more than the
@@ -44,7 +44,7 @@ from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from raytwin import metrics
-from serve_apps.admission import STREAM_PATHS, Admission, overload_body
+from serve_apps.admission import UNGATED_PATHS, Admission, overload_body
 from serve_apps.config import Autoscaling
 from serve_apps.limits import client_request_id_middlewares
 
@@ -76,7 +76,7 @@ FLUSH_S = 1.0
 """Refusals are added to the exported counter at most this often."""
 CALM_S = 1.0
 """After a refusal the gate holds its saturated limit until this long has passed without one."""
-STREAM_SUFFIXES = tuple(STREAM_PATHS)
+UNGATED_SUFFIXES = tuple(UNGATED_PATHS)
 """The proxy sees the full path, the app's route prefix included."""
 SERVE_PATHS = "/-/"
 """Serve's own probes (``/-/healthz``, ``/-/routes``): never refused, or an overloaded proxy looks dead."""
@@ -129,8 +129,8 @@ class ProxyGate:
 
     @staticmethod
     def _ungated(path: str) -> bool:
-        """Serve's probes, and the change stream under any application route prefix."""
-        return path.startswith(SERVE_PATHS) or path.endswith(STREAM_SUFFIXES)
+        """Serve's probes, and the change stream and health route under any application route prefix."""
+        return path.startswith(SERVE_PATHS) or path.endswith(UNGATED_SUFFIXES)
 
     async def _refuse(self, method: str, send: Send, limit: int) -> None:
         if not self.unrecorded:

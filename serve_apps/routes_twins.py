@@ -54,7 +54,7 @@ def register(app: FastAPI) -> None:
         valid, positions, rejections, causes = _validate_events(asset_id, body.events, asset_type, datetime.now(UTC))
         report = {"accepted": 0, "duplicates": 0, "rejected": 0, "reasons": []}
         if valid:
-            report = await svc.backend.call("ingest", who.tenant, valid)
+            report = await svc.twins.write(who.tenant, asset_id, lambda: svc.backend.call("ingest", who.tenant, valid))
             svc.twins.forget(who.tenant, asset_id)
         for cause, n in causes.items():  # the shards count theirs; the sender has the reasons in this answer
             metrics.DEAD_LETTERS.inc(n, stage="api", reason=cause)

@@ -22,12 +22,15 @@ reports as restarting (its process died) is not waited for, and a call that Ray 
 shard is restarting (``ActorUnavailableError``, its retries spent) is not an error: the read is answered
 from the twin's last durable state (`actors.recovery.durable_state`, its latest snapshot), with
 ``stale: true`` and the header ``RayTwin-Stale: true``. Queries over many twins do the same per shard
-(`serve_apps.asset_queries.LiveStates`).
+(`serve_apps.asset_queries.LiveStates`). So does a shard that is alive but has left the call unanswered
+past ``ServeConfig.shard_read_timeout_s`` (hung or stalled): until it answers, its twins are read from
+the store at once and their telemetry is refused (`serve_apps.shard_deadline`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -44,6 +47,7 @@ from raytwin import metrics
 from raytwin.statestore import HistoryPruned, StateStore, to_micros
 from serve_apps.config import ServeConfig
 from serve_apps.errors import Gone, NotFound, unwrap
+from serve_apps.shard_deadline import ShardBreakers, ignore_outcome
 
 
 T = TypeVar("T")
@@ -52,22 +56,29 @@ STALE_AFTER_S = 0.25
 """How long a current-state read waits for its shard before asking whether the shard is restarting."""
 
 
-async def live_or_durable(shard: Any, call: Awaitable[T], durable: Callable[[], Awaitable[T]]) -> T:
-    """The answer of `call` to `shard`, or, once the shard turns out to be restarting, `durable()` (the
-    twins' last durable state, marked stale) unless the restarted shard answers first.
+async def live_or_durable(shard: Any, call: Awaitable[T], durable: Callable[[], Awaitable[T]], *,
+                          deadline_s: float = math.inf,
+                          unanswered: Callable[[asyncio.Future], None] | None = None) -> T:
+    """The answer of `call` to `shard`, or, once the shard turns out to be restarting or has not answered
+    within `deadline_s` (then `unanswered` gets the call), `durable()` (the twins' last durable state,
+    marked stale) unless the shard answers first.
 
-    A shard that is slow but alive is waited for; a call that Ray refuses because the shard is restarting
-    is answered by `durable()` (the call's retries are spent).
+    A shard that is slow but alive is waited for up to `deadline_s`; a call that Ray refuses because the
+    shard is restarting is answered by `durable()` (the call's retries are spent).
     """
     answer = asyncio.ensure_future(call)
+    started = time.monotonic()
     while not (await asyncio.wait({answer}, timeout=STALE_AFTER_S))[0]:
-        if actor_restarting(shard):
+        late = time.monotonic() - started >= deadline_s
+        if late or actor_restarting(shard):
+            if late and unanswered is not None:
+                unanswered(answer)
             stored = asyncio.ensure_future(durable())
             await asyncio.wait({answer, stored}, return_when=asyncio.FIRST_COMPLETED)
             if answer.done() and answer.exception() is None:  # back before the store answered
                 stored.cancel()
                 return answer.result()
-            answer.add_done_callback(lambda done: done.cancelled() or done.exception())  # completes unread
+            answer.add_done_callback(ignore_outcome)  # completes unread
             return await stored
     if isinstance(answer.exception(), ray.exceptions.ActorUnavailableError):
         return await durable()
@@ -83,14 +94,19 @@ class TwinReader:
         self.namespace = config.namespace
         self.max_age_s = config.state_cache_s
         self.max_entries = config.state_cache_entries
+        self.read_timeout_s, self.write_timeout_s = config.shard_read_timeout_s, config.shard_write_timeout_s
+        self.breakers = ShardBreakers()
         self._clock = clock
         self._handles: dict[int, Any] = {}
         self._store = StateStore(self.store_url, config.storage_options or None)
         self._recent: OrderedDict[tuple[str, str], tuple[float, asyncio.Future]] = OrderedDict()
         self.on_forget: list[Callable[[str, str], None]] = []  # other caches of twin state (query reads)
 
+    def shard_index(self, tenant: str, asset_id: str) -> int:
+        return shard_index(tenant, asset_id, self.shards)
+
     def _shard(self, tenant: str, asset_id: str) -> Any:
-        index = shard_index(tenant, asset_id, self.shards)
+        index = self.shard_index(tenant, asset_id)
         if index not in self._handles:
             self._handles[index] = ray.get_actor(shard_name(self.store_url, index, self.shards),
                                                  namespace=self.namespace)
@@ -100,12 +116,21 @@ class TwinReader:
         """The handle of the shard actor holding (tenant, asset), for readers of many twins at once."""
         return self._shard(tenant, asset_id)
 
-    async def _live(self, shard: Any, call: Awaitable[T], durable: Callable[[], Awaitable[T]]) -> T:
-        """`live_or_durable`, and for a shard actor dead for good (its owner, a backend replica, died: the
-        restarted replica made new shards under the same names) the durable answer, the handle forgotten so
-        that the next read looks the new shard up."""
+    async def write(self, tenant: str, asset_id: str, call: Callable[[], Awaitable[T]]) -> T:
+        """`call()`, a write to the twin's shard (through the backend): refused with 503 while the shard leaves
+        calls unanswered, and after `shard_write_timeout_s` without an answer (`serve_apps.shard_deadline`)."""
+        return await self.breakers.within(self.shard_index(tenant, asset_id), asset_id, call, self.write_timeout_s)
+
+    async def _live(self, index: int, shard: Any, call: Callable[[], Awaitable[T]],
+                    durable: Callable[[], Awaitable[T]]) -> T:
+        """`live_or_durable` (straight `durable()` while the shard leaves a call unanswered), and for a shard
+        actor dead for good (its owner, a backend replica, died: the restarted replica made new shards under the
+        same names) the durable answer, the handle forgotten so that the next read looks the new shard up."""
+        if self.breakers.is_open(index):
+            return await durable()
         try:
-            return await live_or_durable(shard, call, durable)
+            return await live_or_durable(shard, call(), durable, deadline_s=self.read_timeout_s,
+                                         unanswered=lambda f: self.breakers.trip(index, f, self.read_timeout_s))
         except ray.exceptions.ActorDiedError:
             self._handles = {i: h for i, h in self._handles.items() if h is not shard}
             return await durable()
@@ -114,13 +139,19 @@ class TwinReader:
         """The twin's state now (see the module's freshness rule) or as of `at`; `NotFound` for
         unknown twins and other tenants' twins."""
         if at is not None:
+            index, micros = self.shard_index(tenant, asset_id), to_micros(at)
+
+            def past() -> Awaitable[Any]:
+                return self._shard(tenant, asset_id).state_at.remote(tenant, asset_id, micros)
+
             try:
-                state = await self._shard(tenant, asset_id).state_at.remote(tenant, asset_id, to_micros(at))
+                try:
+                    state = await self.breakers.within(index, asset_id, past, self.read_timeout_s)
+                except ray.exceptions.ActorDiedError:  # a restarted backend's new shard (see `_live`): once more
+                    self._handles.pop(index, None)
+                    state = await self.breakers.within(index, asset_id, past, self.read_timeout_s)
             except HistoryPruned as exc:  # Ray's error for it is also a HistoryPruned
                 raise Gone(str(unwrap(exc))) from None
-            except ray.exceptions.ActorDiedError:  # a restarted backend's new shard (see `_live`): once more
-                self._handles.pop(shard_index(tenant, asset_id, self.shards), None)
-                state = await self._shard(tenant, asset_id).state_at.remote(tenant, asset_id, to_micros(at))
             return self._found(state, asset_id, at)
         if self.max_age_s == 0:
             return await self._fetch(tenant, asset_id)
@@ -129,6 +160,7 @@ class TwinReader:
         entry = self._recent.get(key)
         if entry is None or now - entry[0] > self.max_age_s:
             entry = (now, asyncio.ensure_future(self._fetch(tenant, asset_id)))
+            entry[1].add_done_callback(ignore_outcome)  # its requests may all be gone (clients that gave up)
             self._remember(key, entry)
         try:
             return await asyncio.shield(entry[1])  # a cancelled request does not cancel the shared call
@@ -150,7 +182,8 @@ class TwinReader:
         except ValueError:  # no shard of that name yet: a restarted backend replica is creating them
             state = await durable()
         else:
-            state = await self._live(shard, shard.state.remote(tenant, asset_id), durable)
+            state = await self._live(self.shard_index(tenant, asset_id), shard,
+                                     lambda: shard.state.remote(tenant, asset_id), durable)
         if state is not None and state.stale:
             metrics.STALE_READS.inc(read="state")
         return self._found(state, asset_id)
@@ -166,7 +199,8 @@ class TwinReader:
             finally:  # the restarted shard answered first: the thread stops at its next twin
                 stop.set()
 
-        found = await self._live(shard, shard.states.remote(tenant, asset_ids), durable)
+        found = await self._live(self.shard_index(tenant, asset_ids[0]), shard,
+                                 lambda: shard.states.remote(tenant, asset_ids), durable)
         metrics.STALE_READS.inc(sum(1 for state in found.values() if state.get("stale")), read="query")
         return found
 

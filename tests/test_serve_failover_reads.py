@@ -12,6 +12,7 @@ import ray
 
 from serve_apps import twin_reads
 from serve_apps.config import ServeConfig
+from serve_apps.shard_deadline import ShardBreakers, TwinUnavailable
 from serve_apps.twin_reads import STALE_AFTER_S, TwinReader, live_or_durable
 
 
@@ -133,3 +134,95 @@ def test_a_shard_dead_for_good_is_answered_from_the_store_and_looked_up_again(mo
     assert asyncio.run(reader.state("acme", "z1")) == {"from": "store"}  # the dead handle
     assert asyncio.run(reader.state("acme", "z1")) == {"from": "store"}  # no shard of that name yet
     assert asyncio.run(reader.state("acme", "z1")) == {"from": "new shard"}
+
+
+# ---- a shard alive to Ray that answers nothing (serve_apps/shard_deadline.py) ------------------------------
+def test_an_alive_shard_unanswered_past_the_deadline_is_read_from_the_store_and_reported(monkeypatch):
+    monkeypatch.setattr(twin_reads, "actor_restarting", lambda shard: False)
+    unanswered: list[asyncio.Future] = []
+
+    async def read() -> str:
+        return await live_or_durable(object(), _after(10.0, "live"), lambda: _after(0.0, "stored"),
+                                     deadline_s=2 * STALE_AFTER_S, unanswered=unanswered.append)
+
+    assert asyncio.run(read()) == "stored" and len(unanswered) == 1
+
+
+def test_a_breaker_opens_on_a_late_call_refuses_until_that_call_ends_and_names_the_twin():
+    async def scenario() -> None:
+        breakers, release = ShardBreakers(), asyncio.Event()
+
+        async def hung() -> str:
+            await release.wait()
+            return "applied"
+
+        with pytest.raises(TwinUnavailable, match=r"^the shard holding twin z1 has not answered within 0.05 s .*"
+                                                  r"resending it is safe") as late:
+            await breakers.within(3, "z1", hung, 0.05)
+        assert late.value.headers == {"Retry-After": "2"} and late.value.status == 503
+        assert breakers.is_open(3) and not breakers.is_open(0)  # that shard's twins only
+        made: list[str] = []
+        with pytest.raises(TwinUnavailable, match="leaves calls unanswered"):
+            await breakers.within(3, "z2", lambda: made.append("call") or _after(0.0, "x"), 10.0)
+        assert made == []  # refused before a call is made
+        assert await breakers.within(0, "z9", lambda: _after(0.0, "live"), 10.0) == "live"
+        release.set()
+        await asyncio.sleep(0.01)
+        assert not breakers.is_open(3)  # the late call ended: live again
+        assert await breakers.within(3, "z1", lambda: _after(0.0, "live"), 10.0) == "live"
+
+    asyncio.run(scenario())
+
+
+def test_reads_of_a_shard_whose_breaker_is_open_go_to_the_store_without_calling_it(monkeypatch, tmp_path):
+    class Stored:
+        stale = True
+
+        def model_dump(self, mode: str) -> dict:
+            return {"from": "store"}
+
+    class Shard:
+        class state:  # noqa: N801 - the actor method's name
+            @staticmethod
+            def remote(tenant: str, asset_id: str):
+                raise AssertionError("a shard whose breaker is open was called")
+
+    monkeypatch.setattr(twin_reads, "durable_state", lambda store, tenant, asset_id: Stored())
+    reader = TwinReader(ServeConfig(store_url=str(tmp_path), keys_file="unused.json", twin_shards=1, state_cache_s=0))
+    reader._handles[0] = Shard()
+
+    async def scenario() -> dict:
+        reader.breakers.trip(0, asyncio.get_running_loop().create_future(), 1.0)
+        return await reader.state("acme", "z1")
+
+    assert asyncio.run(scenario()) == {"from": "store"}
+
+
+def test_a_request_whose_client_went_away_is_counted_499_not_500(monkeypatch):
+    """Serve cancels the request when its client disconnects: that is no server error (the SLO's budget)."""
+    from serve_apps import api
+
+    counted: list[str] = []
+
+    class Metrics:  # stands in for `raytwin.metrics` in the API module
+        class HTTP_REQUESTS:  # noqa: N801
+            inc = staticmethod(lambda **tags: counted.append(tags["status"]))
+
+        class HTTP_LATENCY:  # noqa: N801
+            observe = staticmethod(lambda seconds, **tags: None)
+
+    monkeypatch.setattr(api, "metrics", Metrics)
+
+    async def slow_app(scope, receive, send) -> None:
+        await asyncio.sleep(10.0)
+
+    async def scenario() -> None:
+        observer = api.RequestObserver(slow_app)
+        request = asyncio.ensure_future(observer({"type": "http", "method": "GET", "path": "/v1/x"}, None, None))
+        await asyncio.sleep(0.01)
+        request.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await request
+
+    asyncio.run(scenario())
+    assert counted == ["499"]

@@ -125,6 +125,22 @@ def test_a_waiter_whose_client_goes_away_leaves_the_queue():
     asyncio.run(scenario())
 
 
+def test_the_health_route_passes_a_full_gate():
+    """A liveness probe refused as overloaded reads as a dead replica, and restarting one sheds its work on the rest."""
+    async def scenario() -> None:
+        app = BlockingApp()
+        gate = AdmissionGate(app, Admission(max_concurrent=1, max_queued=0, max_wait_s=0.0, retry_after_s=1))
+        async with _client(gate) as client:
+            held = asyncio.ensure_future(client.get("/block"))
+            await _until(lambda: app.blocked == 1)
+            _assert_overloaded(await client.get("/v1/assets"), retry_after=1)
+            assert (await client.get("/v1/health")).status_code == 200
+            app.release.set()
+            assert (await held).status_code == 200
+
+    asyncio.run(scenario())
+
+
 def test_admission_settings_serve_would_refuse_are_refused_first():
     with pytest.raises(ValidationError, match="proxy_max_queued"):
         Admission(proxy_max_queued=0)
@@ -158,7 +174,8 @@ def service(serve_proxy, tmp_path_factory):
     config = {"store_url": str(root / "store"), "keys_file": str(keys_file), "twin_shards": 1, "state_cache_s": 0,
               "rate_per_s": 1e6, "rate_burst": 1_000_000, "namespace": "raytwin-overload-tests",
               "autoscaling": {"min_replicas": 1, "max_replicas": 1, "max_ongoing_requests": 8},
-              "admission": {"max_concurrent": 2, "max_queued": 0, "max_wait_s": 0, "telemetry_backlog_events": 10}}
+              "admission": {"max_concurrent": 2, "max_queued": 0, "max_wait_s": 0, "telemetry_backlog_events": 10},
+              "shard_read_timeout_s": 3.0, "shard_write_timeout_s": 6.0}
     with deployed(config, "raytwin-overload"), httpx.Client(
             base_url=serve_proxy, headers={"Authorization": f"Bearer {key}"}, timeout=120.0) as http:
         r = http.post("/v1/asset-types", json=AssetType.from_model(THERMAL_RC).model_dump(mode="json"))
@@ -225,3 +242,31 @@ def test_shards_behind_get_429_then_the_gate_refuses_with_503_and_nothing_accept
     wait_until(ray_metrics_port, lambda s: total(s, "ray_raytwin_admission_refused_total", gate="telemetry",
                                                   reason="backlog") >= 1
                and total(s, "ray_raytwin_admission_refused_total", gate="ingress") >= 1, "the refusals counted")
+
+
+def test_a_hung_shard_is_read_stale_and_refuses_telemetry_until_it_answers_then_nothing_is_lost(service):
+    """A shard alive to Ray but answering nothing (SIGSTOP: a frozen process) held every request to its twins
+    without end, each holding an admission slot: a few of them and the replica refused everything, health
+    included. Now a call it leaves unanswered past its deadline opens its breaker in the replica."""
+    http, config = service
+    post = lambda start: http.post("/v1/assets/zone-1/telemetry", json=_events(start))  # noqa: E731
+    applied = http.get("/v1/assets/zone-1/state").json()["events_applied"]
+    with stopped_shard(config):
+        late = post(100)  # waits out shard_write_timeout_s
+        assert late.status_code == 503 and late.headers["retry-after"] == "2", late.text
+        error = late.json()["error"]
+        assert error["code"] == "twin_unavailable" and "resending it is safe" in error["message"]
+        read = http.get("/v1/assets/zone-1/state")  # the breaker is open: from the store at once
+        assert read.status_code == 200 and read.headers["raytwin-stale"] == "true" and read.json()["stale"]
+        refused = post(110)  # at once, before any work
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "twin_unavailable"
+        health = http.get("/v1/health")  # alive; its twin count waits for no hung shard
+        assert health.status_code == 200 and health.json()["status"] == "degraded", health.text
+    for _ in range(600):  # the held batch is applied when the shard answers, which closes the breaker
+        state = http.get("/v1/assets/zone-1/state")
+        if not state.json()["stale"]:
+            break
+    assert state.status_code == 200 and "raytwin-stale" not in state.headers
+    resent = [post(start).json() for start in (100, 110)]
+    assert [(r["accepted"], r["duplicates"]) for r in resent] == [(0, 10), (10, 0)]  # late: applied; refused: not
+    assert http.get("/v1/assets/zone-1/state").json()["events_applied"] == applied + 20
