@@ -223,12 +223,13 @@ class MqttSpec(ConnectorSpec):
 class MqttAdapter:
     """One paho client: subscriptions into the pump, commands out."""
 
-    def __init__(self, spec: MqttSpec, credentials: Credentials, put: Callable[[Inbound], None], on_ack: AckHandler):
+    def __init__(self, spec: MqttSpec, credentials: Credentials, put: Callable[[Inbound], None], on_ack: AckHandler,
+                 *, resumes_session: bool = False):
         self.spec, self.put, self.on_ack = spec, put, on_ack
         self.errors, self.last_error = 0, None
         self._generation = 0  # +1 per connect and disconnect: acks go only over the connection that delivered
         self._subscription: int | None = None  # the mid of this connection's SUBSCRIBE, until its SUBACK
-        self._connections = 0  # connections made by this process: after the first, the broker must have kept the session
+        self._session_expected = resumes_session  # this process or an earlier one connected: the broker keeps a session
         self._ack_lock = threading.Lock()
         self._connected = threading.Event()
         self._refused = False  # the broker refused the last connection attempt (kept as `last_error`)
@@ -288,11 +289,11 @@ class MqttAdapter:
         self._refused = False
         with self._ack_lock:
             self._generation += 1
-        if self._connections and not flags.session_present and (not self.v5 or self.spec.broker.session_expiry_s):
+        if self._session_expected and not flags.session_present and (not self.v5 or self.spec.broker.session_expiry_s):
             self._error(f"broker {self._where()} kept no session for client {self.spec.client_id!r}: messages "
                         "published while the connector was disconnected are lost to it (the broker restarted without "
                         "persistence, or the session expired)")
-        self._connections += 1
+        self._session_expected = True
         _, self._subscription = client.subscribe(self._topics())
         log.info("event=mqtt_connected tenant=%s connector=%s broker=%s session_present=%s", self.spec.tenant,
                  self.spec.name, self._where(), flags.session_present)
@@ -467,9 +468,10 @@ class MqttKind:
 
     def adapter(self, spec: MqttSpec, credentials: Credentials, put: Callable[[Inbound], None],
                 on_ack: AckHandler, *, predecessor_seen: datetime | None = None) -> MqttAdapter:
-        """(`predecessor_seen` is not needed: the broker keeps the session's messages while no connector runs,
-        and a reconnect that finds no session is reported as such.)"""
-        return MqttAdapter(spec, credentials, put, on_ack)
+        """The broker keeps the session's messages while no connector runs; a connection that finds no session
+        after an earlier one, of this process or of a predecessor (`predecessor_seen`: a restarted actor or
+        service), is reported: what was published meanwhile is lost."""
+        return MqttAdapter(spec, credentials, put, on_ack, resumes_session=predecessor_seen is not None)
 
 
 MQTT = MqttKind()

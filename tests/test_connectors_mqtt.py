@@ -252,6 +252,24 @@ def test_a_broker_that_lost_the_session_is_reported(twins, connectors, tmp_path)
         forgetful.stop()
 
 
+def test_a_new_process_that_finds_no_session_after_an_earlier_one_reports_it():
+    """Only this process's own reconnects were checked: after Ray restarted the connector's actor, or the service
+    restarted, while the broker lost its sessions, 212 of 300 messages were lost with the status `connected`."""
+    from types import SimpleNamespace
+
+    from connectors.mqtt import MQTT
+
+    spec = MqttSpec.model_validate(plant_spec(1, protocol="3.1.1", name="amnesia", ack_topic=None))
+    no_session, accepted = SimpleNamespace(session_present=False), SimpleNamespace(is_failure=False)
+    for predecessor_seen, errors in ((None, 0), (datetime.now(UTC), 1)):
+        adapter = MQTT.adapter(spec, Credentials(), lambda inbound: None, lambda *ack: None,
+                               predecessor_seen=predecessor_seen)
+        adapter._on_connect(adapter.client, None, no_session, accepted, None)  # this process's first connection
+        assert adapter.errors == errors and (errors == 0 or "kept no session" in adapter.last_error)
+        adapter._on_connect(adapter.client, None, no_session, accepted, None)  # and any later one
+        assert adapter.errors == errors + 1
+
+
 def test_malformed_payloads_go_to_dead_letters_with_topic_and_reason(twins, connectors, broker, plant):
     before = twins.state("acme", "pump-4").revision
     device = Publisher(broker.port)
@@ -413,7 +431,7 @@ def api(twins, tmp_path_factory):
         connector = Backend.connector
         connector_ops = ConnectorOps(twins, [], tls_dir=str(root / "tls"))
 
-        def live_twins(self, tenant: str | None = None) -> int:
+        def live_twins(self, tenant: str, timeout_s: float) -> int:
             return len(twins.assets("acme"))
 
         def job_stats(self, tenant: str | None = None) -> dict:
