@@ -398,7 +398,7 @@ def uncertainty(problem: Problem, theta_log: np.ndarray) -> tuple[np.ndarray, np
     r = problem.residuals(theta_log, n)
     jac = problem.jacobian(theta_log, n)
     dof = max(r.size - theta_log.size, 1)
-    return _std_and_correlation((r @ r / dof) * np.linalg.pinv(jac.T @ jac))
+    return _std_and_correlation(problem, (r @ r / dof) * np.linalg.pinv(jac.T @ jac))
 
 
 START_STD_FRACTION = 1e-3
@@ -425,7 +425,7 @@ def prediction_error(problem: Problem, theta_log: np.ndarray) -> tuple[np.ndarra
         raise CalibrationError("the prediction-error fit failed (non-finite likelihood); "
                                "use uncertainty='least_squares' or check the data")
     return (np.asarray(fit.theta_log), float(np.exp(fit.log_q_scale)),
-            *_std_and_correlation(np.asarray(fit.cov)))
+            *_std_and_correlation(problem, np.asarray(fit.cov)))
 
 
 BOUND_TOLERANCE = 1e-6
@@ -448,11 +448,36 @@ def _refuse_fit_on_bounds(problem: Problem, theta_log: np.ndarray) -> None:
                                "plausible, else check the telemetry, start_state and fixed parameters")
 
 
-def _std_and_correlation(cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    rel_std = np.sqrt(np.clip(np.diag(cov), 0.0, None))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        corr = cov / np.outer(rel_std, rel_std)
-    return rel_std, np.nan_to_num(corr)
+COLLINEAR_EIGENVALUE = 1e-8
+"""Smallest eigenvalue of the parameters' correlation matrix below which the data do not tell them apart
+(correlations within ~1e-8 of +-1): a direction of parameter space that leaves the outputs unchanged."""
+
+
+def _std_and_correlation(problem: Problem, cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(relative std, correlation) from the log-parameters' covariance, refused (`CalibrationError`) when
+    the data do not identify the parameters: a covariance that is not positive definite (the inverse of a
+    singular Hessian: negative or infinite variances, which read as "+- 0 %") or whose correlations are +-1
+    along some direction (the pseudo-inverse of a singular J^T J: finite, and as false)."""
+    cov = 0.5 * (cov + cov.T)
+    var = np.diag(cov)
+    if not np.all(np.isfinite(cov)) or np.any(var <= 0):
+        _refuse_unidentified(problem, [n for n, v in zip(problem.free_names, var) if not v > 0 or not np.isfinite(v)])
+    rel_std = np.sqrt(var)
+    corr = cov / np.outer(rel_std, rel_std)
+    eigenvalues, vectors = np.linalg.eigh(corr)
+    if eigenvalues[0] < COLLINEAR_EIGENVALUE:
+        weights = np.abs(vectors[:, 0])
+        _refuse_unidentified(problem, [n for n, w in zip(problem.free_names, weights) if w >= 0.3 * weights.max()])
+    return rel_std, corr
+
+
+def _refuse_unidentified(problem: Problem, names: list[str]) -> None:
+    them = "them together" if len(names) > 1 else "it"
+    raise CalibrationError(
+        f"the telemetry does not identify {', '.join(names)} of {problem.simulator}: changing {them} leaves the "
+        "outputs (almost) unchanged, so fitted values would be arbitrary and their uncertainty "
+        "unbounded; fix all but one of parameters that enter only together (`parameters`), or add telemetry that "
+        "moves them differently (see the identifiability notes in sweeps/README.md)")
 
 
 # ----------------------------------------------------------------------- outputs ----

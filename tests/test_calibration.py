@@ -153,6 +153,19 @@ def test_a_fit_that_ends_on_a_declared_bound_is_refused_before_anything_is_writt
     assert not (tmp_path / "out").exists() and ModelRegistry(str(registry)).names() == []
 
 
+@pytest.mark.parametrize("uncertainty", ["prediction_error", "least_squares"])
+def test_parameters_the_data_cannot_tell_apart_are_refused_not_reported_with_zero_uncertainty(
+        ray_session, tmp_path, uncertainty):
+    """two_tank's cd enters only as cd*a1 and cd*a2: with all three free the fit reported each "+- 0 %" (the
+    prediction-error Hessian's inverse had negative variances, clipped to 0) and a correlation of -1.8e308."""
+    spec = _spec("two_tank", _telemetry(tmp_path, "two_tank"), free=["a1", "a2", "cd", "a2_tank"], num_samples=2,
+                 uncertainty=uncertainty, parameters={"a1_tank": CASES["two_tank"]["true"]["a1_tank"]})
+    with pytest.raises(CalibrationError, match=r"^the telemetry does not identify (\w+, )*cd(, \w+)* of two_tank: "
+                                               r"changing them together leaves the outputs \(almost\) unchanged"):
+        calibrate(spec, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_result_records_each_outputs_sigma_and_which_were_assumed(ray_session, tmp_path):
     undeclared = f"{__name__}:TANK_WITHOUT_SENSOR_NOISE"
     path = _telemetry(tmp_path, "two_tank")
