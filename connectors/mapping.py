@@ -12,6 +12,8 @@ never fail its batch, or an at-least-once source re-delivering it would be stuck
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -49,6 +51,14 @@ class PayloadMapping(FrozenSpec):
         "seq", description="the device's per-asset counter; None: the event time in microseconds is the sequence")
     idempotency_key: FieldPath | None = Field(None, description="a field with the event's unique key, if any")
     quality: FieldPath | None = Field(None, description="a field with good/uncertain/bad, if any")
+
+    @functools.cached_property
+    def _measured(self) -> str:
+        """What a reading of this mapping measures, in the default key of events without a sequence: two
+        routes of one asset (a topic per signal) stamp their readings with the same times. Hashed when long
+        (keys have at most 256 characters)."""
+        names = ",".join(sorted(self.measurements))
+        return names if len(names) <= 64 else hashlib.sha256(names.encode()).hexdigest()[:16]
 
     def rows(self, asset_id: str, payload: bytes, source: str) -> tuple[list[dict[str, Any]], list[DeadLetter]]:
         """The telemetry rows (JSON-shaped, as NDJSON lines are) of one message for `asset_id`, and a
@@ -88,6 +98,8 @@ class PayloadMapping(FrozenSpec):
         }
         if self.idempotency_key:
             row["idempotency_key"] = _required(reading, self.idempotency_key)
+        elif not self.sequence:  # the time alone would make readings of other measurements at that time conflicts
+            row["idempotency_key"] = f"{asset_id}:{row['sequence']}:{self._measured}"
         if self.quality:
             row["quality"] = _required(reading, self.quality)
         return row

@@ -292,6 +292,33 @@ def test_malformed_payloads_go_to_dead_letters_with_topic_and_reason(twins, conn
     assert connectors.status("acme", "plant").dead_lettered == 6
 
 
+def test_readings_without_a_sequence_from_two_routes_at_one_time_are_both_applied(twins, connectors, broker):
+    """Without `sequence` the event time was the whole identity: a topic per signal, stamped with one sample
+    time, made every reading but one per time a conflict (5 of 10 dead-lettered); redeliveries stay duplicates."""
+    timed = {"event_time": "ts", "time_format": "epoch_ms", "sequence": None}
+    spec = plant_spec(broker.port, name="split", ack_topic=None, routes=[
+        {"topic": "split/+/h1", "asset_level": 1, "payload": {**timed, "measurements": {"h1": {"field": "v", "unit": "mm"}}}},
+        {"topic": "split/+/h2", "asset_level": 1, "payload": {**timed, "measurements": {"h2": {"field": "v", "unit": "mm"}}}}])
+    connectors.create(spec)
+    try:
+        wait_for(lambda: connectors.status("acme", "split").connected, "connected")
+        before = twins.state("acme", "pump-3").revision
+        device = Publisher(broker.port)
+        for k in range(5):
+            ts = int((T0 + timedelta(hours=1, seconds=k)).timestamp() * 1000)
+            for level in ("h1", "h2", "h1"):  # h1 twice: a redelivery
+                device.publish(f"split/pump-3/{level}", [{"ts": ts, "v": 400.0 + k}])
+        device.close()
+        wait_for(lambda: connectors.status("acme", "split").pending == 0 and
+                 connectors.status("acme", "split").accepted + connectors.status("acme", "split").duplicates == 15,
+                 "everything applied")
+        status = connectors.status("acme", "split")
+        assert (status.accepted, status.duplicates, status.rejected) == (10, 5, 0)
+        assert twins.state("acme", "pump-3").revision == before + 10
+    finally:
+        connectors.delete("acme", "split")
+
+
 def test_a_deleted_connector_leaves_no_session_at_the_broker(twins, connectors, broker):
     """What the broker queued for a deleted connector must not reach whoever opens that client id next
     (another tenant's connector naming it): the deletion ends the session."""
