@@ -110,14 +110,26 @@ def reshard(
     shards: int = typer.Option(..., "--shards", min=1, help="The new shard count."),
     address: str = typer.Option(None, "--address", help="Ray cluster to run on (default: a new local Ray)."),
     namespace: str = typer.Option("raytwin", "--namespace", help="Ray namespace of the twin service."),
+    force: bool = typer.Option(False, "--force", help="Take the store even from a service whose shards still "
+                               "renew its lease (a hung one): they are fenced, and every write it takes fails."),
 ) -> None:
     """Take the store over with a new shard count, recover and persist every twin, then release it.
 
-    Stop the service (e.g. the Serve app) first; then start it with the new count. Shards of the old
-    service still running in another Ray cluster are fenced: their writes are refused."""
+    Stop the service (e.g. the Serve app) first; then start it with the new count. A service still serving
+    the store is refused (its writes would all fail once fenced), unless `--force`."""
     import ray
 
+    from actors.lease import StoreLeased, check_not_served
     from actors.service import TwinService
+    from raytwin.statestore import StateStore
+
+    if not force:
+        try:
+            check_not_served(StateStore(store.rstrip("/")), f"stop it first (e.g. Ctrl-C `raytwin serve`), reshard, "
+                             f"then start it with {shards} shard(s); `--force` takes the store from it anyway, and "
+                             "every write it takes then fails")
+        except StoreLeased as e:
+            raise typer.BadParameter(str(e), param_hint="STORE") from None
 
     ray.init(address=address, namespace=namespace, include_dashboard=False, logging_level="WARNING",
              ignore_reinit_error=True)

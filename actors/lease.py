@@ -68,7 +68,13 @@ def _stop_shards(store_url: str, lease: Lease) -> None:
             time.sleep(0.05)
 
 
-def _refuse_if_renewed(store: StateStore, held: Lease) -> None:
+SERVED_ELSEWHERE = ("that is another Ray cluster than this one: stop that service first, or serve from its cluster "
+                    "(`raytwin serve --address`); to take the store from it anyway, fencing its shards: "
+                    "`TwinService(..., takeover=True)` from Python")
+"""What to do about a store another Ray cluster's service serves, for a command that would serve it."""
+
+
+def _refuse_if_renewed(store: StateStore, held: Lease, advice: str = SERVED_ELSEWHERE) -> None:
     """`StoreLeased` if the shards of `held` (a live lease of another cluster) renew its heartbeat within
     `EXPIRY_S` (a holder that crashed a moment ago goes quiet meanwhile). A heartbeat file that is not
     `held`'s is no sign of a crash: a previous holder's dying shard may have overwritten it a moment
@@ -85,14 +91,19 @@ def _refuse_if_renewed(store: StateStore, held: Lease) -> None:
             if renewed_age_s is None:
                 return
             raise StoreLeased(
-                f"store {store.url} is served by service {held.owner} from another Ray cluster (session "
-                f"{held.cluster}, started by {held.acquired_by}; its shards renewed the lease "
-                f"{renewed_age_s:.1f} s ago): stop that service first, or serve from its cluster "
-                "(`raytwin serve --address`); to take the store from it anyway, fencing its shards: "
-                "`TwinService(..., takeover=True)` from Python")
+                f"store {store.url} is served by service {held.owner} of Ray cluster session {held.cluster} "
+                f"(started by {held.acquired_by}; its shards renewed the lease {renewed_age_s:.1f} s ago): {advice}")
         log.info("event=store_lease_wait store=%s holder=%s cluster=%s heartbeat_age_s=%s", store.url, held.owner,
                  held.cluster, "none" if renewed_age_s is None else f"{renewed_age_s:.1f}")
         time.sleep(HEARTBEAT_S)
+
+
+def check_not_served(store: StateStore, advice: str) -> None:
+    """`StoreLeased` (with `advice`) if any service, of any Ray cluster, serves the store: for a command that
+    takes it over (a reshard), which would fence a live service's shards and fail every write it takes."""
+    held = store.read_lease()
+    if held is not None and not held.released:
+        _refuse_if_renewed(store, held, advice)
 
 
 def check_not_served_elsewhere(store: StateStore, cluster: str | None = None) -> None:

@@ -122,22 +122,23 @@ def start(
                 raise typer.BadParameter(f"connector {declaration.get('name')!r} in --config: set the environment "
                                          f"variable(s) {missing} (its credentials) before starting")
     twins = StateStore(settings.url("twins"), settings.storage_options or None)
+    ports = {"_metrics_export_port": metrics_export_port, "dashboard_port": dashboard_port}
+    if address is not None and any(v is not None for v in ports.values()):
+        raise typer.BadParameter("--metrics-export-port and --dashboard-port apply to a Ray this command "
+                                 "starts; a running cluster's are set where it starts (`ray start`, KubeRay)")
     starts_ray = address is None and not ray.is_initialized()
+    if address is not None and not ray.is_initialized():  # first: the lease names the cluster that serves it
+        ray.init(address=address)
     try:  # before the app starts (its backend would be refused, Serve retrying it for ever), and before a Ray of
         # its own starts (tens of seconds) when it starts one: that cluster is not the one serving the store
         check_not_served_elsewhere(twins, cluster="" if starts_ray else None)
     except StoreLeased as e:
         raise typer.BadParameter(f"--store: {e}") from e
-    if not ray.is_initialized():
-        if address is None:  # the proxy gate, sized to this app, for the local Ray started here (serve_env.py)
-            serve_env.apply(serve_env.environment(settings.autoscaling, settings.admission))
-            if direct_ingress or haproxy:
-                serve_env.apply(serve_env.replica_server_environment())
-        ports = {"_metrics_export_port": metrics_export_port, "dashboard_port": dashboard_port}
-        if address is not None and any(v is not None for v in ports.values()):
-            raise typer.BadParameter("--metrics-export-port and --dashboard-port apply to a Ray this command "
-                                     "starts; a running cluster's are set where it starts (`ray start`, KubeRay)")
-        ray.init(address=address, **{k: v for k, v in ports.items() if v is not None})
+    if not ray.is_initialized():  # the proxy gate, sized to this app, for the local Ray started here (serve_env.py)
+        serve_env.apply(serve_env.environment(settings.autoscaling, settings.admission))
+        if direct_ingress or haproxy:
+            serve_env.apply(serve_env.replica_server_environment())
+        ray.init(**{k: v for k, v in ports.items() if v is not None})
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(settings), name="raytwin", route_prefix="/")
     typer.echo(f"RayTwin API at http://{host}:{port}/v1 (OpenAPI: /docs)" + (" through HAProxy" if haproxy else ""))

@@ -18,6 +18,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from raytwin.statestore import StoreFenced
+
 log = logging.getLogger("raytwin.serve")
 
 
@@ -122,6 +124,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
               "`Retry-After` says when to send again"),
         (500, "A fault of the server's (`internal`): nothing to change in the request; quote its `request_id`"),
         (503, "At capacity (`overloaded`): refused before any work; retry after `Retry-After` seconds; "
+              "`store_fenced`: another service took the store over (a reshard, a takeover): resend the request to "
+              "the service that holds it now; "
               "`twin_unavailable`: the twin's shard leaves calls unanswered (telemetry refused after its deadline may "
               "still be applied: resend it after `Retry-After`, events are idempotent); or `unavailable`: the "
               "server cannot check keys (its keys file is invalid) until its operator fixes it"),
@@ -183,6 +187,11 @@ def install_error_handlers(app: FastAPI) -> None:
         err = unwrap(exc)
         if isinstance(err, ApiError):
             return error_response(request, err.status, err.code, err.message, err.details, err.headers)
+        if isinstance(err, StoreFenced):  # another service took the store: an operator's act, not a bug
+            log.error("event=store_fenced request_id=%s path=%s error=%s", getattr(request.state, "request_id", None),
+                      request.url.path, err)
+            return error_response(request, 503, "store_fenced", f"this service no longer holds its store ({err}); "
+                                  "its operator must restart it (`raytwin serve` on the store) before it can write")
         log.exception("event=unhandled_error request_id=%s path=%s", getattr(request.state, "request_id", None),
                       request.url.path, exc_info=err)
         return error_response(request, 500, "internal", "internal error; quote the request_id when reporting it")

@@ -278,3 +278,24 @@ def test_asset_metadata_is_bounded_one_line_text():
             create(metadata)
     with pytest.raises(ValidationError, match="control character"):
         BulkRequest(q="", action="tag", set={"site": "a\rb"})
+
+
+def test_a_store_taken_by_another_service_answers_503_naming_it_not_an_internal_error():
+    """A reshard took a live service's store: every write it took answered 500 `internal`, the reason only in
+    the replica's log."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from raytwin.statestore import StoreFenced
+    from serve_apps.errors import install_error_handlers
+
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.post("/write")
+    async def write() -> None:
+        raise StoreFenced("store s is leased to service b (epoch 3), not to this writer (epoch 2)")
+
+    answer = TestClient(app, raise_server_exceptions=False).post("/write")  # (Starlette re-raises to the server)
+    assert answer.status_code == 503 and answer.json()["error"]["code"] == "store_fenced"
+    assert "leased to service b (epoch 3)" in answer.json()["error"]["message"] and "restart it" in answer.text

@@ -4,6 +4,7 @@ explicit takeover that recovers every twin, and a crashed holder's lease expires
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from dataclasses import replace
@@ -29,6 +30,27 @@ from tests.test_twins import (  # noqa: F401 (a fixture)
 )
 
 TWINS = [f"m{i}" for i in range(6)]
+
+
+def test_reshard_refuses_a_store_a_live_service_serves(ray_session, tmp_path, artifact):
+    """The runbook's `raytwin twins reshard` took a live service's store at once: every write that service took
+    then failed (500 `internal`, until someone restarted it)."""
+    from typer.testing import CliRunner
+
+    from actors.cli import twins_app
+
+    url = str(tmp_path / "store")
+    live = TwinService(url, shards=1, **TWIN_OPTS)
+    try:
+        live.register_many([(asset("m0"), artifact)])
+        result = CliRunner().invoke(twins_app, ["reshard", url, "--shards", "2"])
+        said = " ".join(re.sub("[│╭╮╰╯─]", " ", result.output).split())  # the message, out of its box
+        assert result.exit_code == 2 and "its shards renewed the lease" in said, result.output
+        assert "stop it first" in said and "`--force` takes the store from it anyway" in said
+        assert live.store.read_lease() == live.lease  # untouched: the service writes on
+        assert live.ingest("acme", events("m0", 3)).accepted == 3
+    finally:
+        live.close()
 
 
 def test_second_service_is_refused_stale_writers_are_fenced_and_reshard_keeps_every_event(ray_session, tmp_path,
@@ -83,7 +105,7 @@ def test_reshard_command_moves_a_live_store_to_a_new_shard_count(ray_session, tm
     try:
         old.register_many([(asset(a), artifact) for a in evs])
         old.ingest("acme", [e for a in evs for e in evs[a]])
-        result = CliRunner().invoke(app, ["twins", "reshard", url, "--shards", "2"])
+        result = CliRunner().invoke(app, ["twins", "reshard", url, "--shards", "2", "--force"])  # `old` still serves
         assert result.exit_code == 0, result.output
         assert "3 twin(s) recovered on 2 shard(s)" in result.output and "free for a service with 2" in result.output
         new = TwinService(url, shards=2, **TWIN_OPTS)  # no takeover needed: the command released the store
@@ -129,7 +151,7 @@ def test_a_service_of_another_ray_cluster_is_refused_while_the_holder_renews_and
     renewer.start()
     try:
         started = time.monotonic()
-        with pytest.raises(StoreLeased, match="from another Ray cluster .*session_other.*stop that service first"):
+        with pytest.raises(StoreLeased, match="of Ray cluster session session_other .*another Ray cluster than this one: stop that service first"):
             TwinService(url, shards=1, **TWIN_OPTS)
         assert time.monotonic() - started >= 1.5  # it waited for a crash to show before refusing
         with pytest.raises(StoreLeased, match=r"serve from its cluster \(`raytwin serve --address`\)"):
@@ -171,7 +193,7 @@ def test_a_heartbeat_overwritten_by_a_previous_holders_shard_is_no_crash_of_the_
     held = Lease(owner="b", epoch=2, shards=1, namespace="raytwin", acquired_at="", acquired_by="", cluster="B")
     previous = Heartbeat("a", 1, "A", time.time())
     renewal = Heartbeat("b", 2, "B", time.time() + 10)  # renewed all the time: never older than the expiry
-    with pytest.raises(StoreLeased, match="from another Ray cluster"):
+    with pytest.raises(StoreLeased, match="another Ray cluster than this one"):
         lease._refuse_if_renewed(_Beats(previous, renewal), held)
     lease._refuse_if_renewed(_Beats(previous), held)  # no renewal of it in a whole expiry: gone
     lease._refuse_if_renewed(_Beats(None), held)
