@@ -47,7 +47,7 @@ from raytwin import metrics
 from raytwin.statestore import HistoryPruned, StateStore, to_micros
 from serve_apps.config import ServeConfig
 from serve_apps.errors import Gone, NotFound, unwrap
-from serve_apps.shard_deadline import ShardBreakers, ignore_outcome
+from serve_apps.shard_deadline import ShardBreakers, TwinUnavailable, ignore_outcome
 
 
 T = TypeVar("T")
@@ -118,8 +118,16 @@ class TwinReader:
 
     async def write(self, tenant: str, asset_id: str, call: Callable[[], Awaitable[T]]) -> T:
         """`call()`, a write to the twin's shard (through the backend): refused with 503 while the shard leaves
-        calls unanswered, and after `shard_write_timeout_s` without an answer (`serve_apps.shard_deadline`)."""
-        return await self.breakers.within(self.shard_index(tenant, asset_id), asset_id, call, self.write_timeout_s)
+        calls unanswered, and after `shard_write_timeout_s` without an answer (`serve_apps.shard_deadline`);
+        503 too when the process handling it died meanwhile (a backend replica, a shard), whose events may or
+        may not have been applied: a 500 there made clients drop batches that were never applied."""
+        try:
+            return await self.breakers.within(self.shard_index(tenant, asset_id), asset_id, call,
+                                              self.write_timeout_s)
+        except ray.exceptions.RayActorError as exc:
+            raise TwinUnavailable(f"the process applying telemetry of twin {asset_id} was lost ({type(exc).__name__});"
+                                  " some of these events may have been applied: resend them (events are idempotent)",
+                                  headers={"Retry-After": "1"}) from None
 
     async def _live(self, index: int, shard: Any, call: Callable[[], Awaitable[T]],
                     durable: Callable[[], Awaitable[T]]) -> T:

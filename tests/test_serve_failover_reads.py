@@ -226,3 +226,18 @@ def test_a_request_whose_client_went_away_is_counted_499_not_500(monkeypatch):
 
     asyncio.run(scenario())
     assert counted == ["499"]
+
+
+def test_telemetry_whose_backend_died_with_it_answers_503_resend_not_500(tmp_path):
+    """Some of three batches in flight when the backend replica was SIGKILLed had been applied, one had not, and
+    all three answered 500, which the SDK does not resend: that batch was lost for an SDK producer."""
+    reader = TwinReader(ServeConfig(store_url=str(tmp_path), keys_file="unused.json", twin_shards=1))
+
+    async def lost() -> dict:
+        raise ray.exceptions.ActorDiedError()
+
+    with pytest.raises(TwinUnavailable, match=r"^the process applying telemetry of twin z1 was lost \(ActorDiedError\); "
+                                              r"some of these events may have been applied: resend them") as refused:
+        asyncio.run(reader.write("acme", "z1", lost))
+    assert refused.value.status == 503 and refused.value.headers == {"Retry-After": "1"}
+    assert not reader.breakers.is_open(0)  # an answer, not a silence: the shard is not taken for hung
