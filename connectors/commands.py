@@ -47,6 +47,11 @@ class CommandError(RuntimeError):
     """A command transition that is not allowed (the message says which and why)."""
 
 
+class Unconfirmed(TimeoutError):
+    """A command handed to the protocol's client that the source did not confirm in time: it may still be
+    delivered (the client keeps it), so it is recorded as sent, and the asset's answer still counts."""
+
+
 class UnknownCommand(KeyError):
     """No such command for this tenant (another tenant's looks the same)."""
 
@@ -155,8 +160,8 @@ class CommandLedger:
                                "and only once")
         return self._save(command.moved(CommandStatus.sending, f"connector:{connector}"))
 
-    def sent(self, command: Command) -> Command:
-        return self._save(command.moved(CommandStatus.sent, f"connector:{command.connector}"))
+    def sent(self, command: Command, detail: str | None = None) -> Command:
+        return self._save(command.moved(CommandStatus.sent, f"connector:{command.connector}", detail))
 
     def failed(self, command: Command, reason: str) -> Command:
         return self._save(command.moved(CommandStatus.failed, f"connector:{command.connector}", reason))
@@ -172,6 +177,9 @@ class CommandLedger:
 
     def recover(self, tenant: str, connector: str) -> list[Command]:
         """After a connector (re)starts: its commands left in *sending* are failed as "outcome unknown"
-        (they may or may not have reached the asset, and are never re-sent)."""
-        return [self.failed(c, "outcome unknown: the connector stopped while sending; not re-sent")
-                for c in self.list(tenant) if c.connector == connector and c.status is CommandStatus.sending]
+        (they may or may not have reached the asset, and are never re-sent), those left *approved* (it stopped
+        between the approval and the claim) as not sent: nothing is sent before the claim is persisted."""
+        reasons = {CommandStatus.sending: "outcome unknown: the connector stopped while sending; not re-sent",
+                   CommandStatus.approved: "not sent: the connector stopped before sending; propose it again"}
+        return [self.failed(c, reasons[c.status])
+                for c in self.list(tenant) if c.connector == connector and c.status in reasons]

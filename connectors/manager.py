@@ -16,7 +16,7 @@ from typing import Any
 import ray
 
 from actors.ingest import ShardRouter
-from connectors.commands import Command, CommandLedger
+from connectors.commands import Command, CommandError, CommandLedger
 from connectors.kinds import kind_of, parse_spec
 from connectors.runtime import ConnectorActor, ConnectorStatus, actor_name
 from connectors.spec import ConnectorSpec, ConnectorStore, Credentials, UnknownConnector
@@ -209,7 +209,13 @@ class Connectors:
     def approve(self, tenant: str, command_id: str, by: str) -> Command:
         """Approve (by another key than the proposer's) and send through the connector's actor."""
         command = self.ledger.get(tenant, command_id)
-        return ray.get(self._actor(tenant, command.connector).approve.remote(tenant, command.id, by))
+        try:
+            return ray.get(self._actor(tenant, command.connector).approve.remote(tenant, command.id, by))
+        except ray.exceptions.RayActorError:  # its process died: the restarted one settles the record, never resends
+            now = self.ledger.get(tenant, command_id)
+            raise CommandError(f"outcome unknown: connector {command.connector!r} stopped while approving command "
+                               f"{command_id} (it is {now.status.value}); it is never sent again: read the command "
+                               "for its final status") from None
 
     def refuse(self, tenant: str, command_id: str, by: str, reason: str) -> Command:
         return self.ledger.refuse(tenant, command_id, by, reason)

@@ -40,7 +40,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from pydantic import Field, TypeAdapter, ValidationError, model_validator
 
-from connectors.commands import Command
+from connectors.commands import Command, Unconfirmed
 from connectors.kinds import AckHandler
 from connectors.mapping import DeadLetter, PayloadMapping, FrozenSpec
 from connectors.sink import Inbound
@@ -403,8 +403,9 @@ class MqttAdapter:
                                    properties=props)
         info.wait_for_publish(PUBLISH_TIMEOUT_S)
         if not info.is_published():
-            raise TimeoutError(f"broker {self._where()} did not confirm the command within {PUBLISH_TIMEOUT_S:g} s "
-                               "(it may still deliver it; assets must ignore a correlation id they have executed)")
+            raise Unconfirmed(f"broker {self._where()} did not confirm the command within {PUBLISH_TIMEOUT_S:g} s "
+                              "(the client keeps it and may still deliver it; assets must ignore a correlation id "
+                              "they have executed)")
 
 
 def _client(spec: MqttSpec, credentials: Credentials, *, persistent: bool) -> paho.Client:

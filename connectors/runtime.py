@@ -19,7 +19,7 @@ import ray
 from pydantic import BaseModel, ConfigDict
 
 from actors.ingest import ShardRouter
-from connectors.commands import Command, CommandLedger, CommandStatus
+from connectors.commands import Command, CommandLedger, CommandStatus, Unconfirmed
 from connectors.kinds import kind_of, parse_spec
 from connectors.pump import Pump
 from connectors.sink import TwinSink
@@ -132,20 +132,26 @@ class ConnectorRuntime:
             last_error=self.adapter.last_error or s.last_error, lag_s=s.lag_s(),
             newest_event_time=s.newest_event_time)
 
+    @ray.method(max_task_retries=0)  # a retry on a restarted actor would find the command no longer proposed
     def approve(self, tenant: str, command_id: str, by: str) -> Command:
         """Approve a proposed command of this connector's tenant and send it: the approval and the claim
-        are persisted before anything is sent, and a claimed command is never sent again."""
+        are persisted before anything is sent, and a claimed command is never sent again. One the source
+        did not confirm in time (`Unconfirmed`) is recorded as sent, with the reason: it may still arrive, and
+        the asset's answer is recorded when it does."""
         if tenant != self.tenant:
             raise PermissionError(f"connector {self.name!r} serves tenant {self.tenant!r}, not {tenant!r}")
         with self._commands:
             self.ledger.approve(tenant, command_id, by)
             command = self.ledger.claim(tenant, command_id, self.name)
+            detail = None
             try:
                 self.adapter.send(command)
+            except Unconfirmed as exc:
+                detail = f"unconfirmed: {str(exc)[:300]}"
             except Exception as exc:  # noqa: BLE001 - recorded on the command, which is then final
                 return self.ledger.failed(command, f"not sent: {type(exc).__name__}: {str(exc)[:300]}")
             self._awaiting[command.correlation_id] = (command.id, command.asset_id)
-            return self.ledger.sent(command)
+            return self.ledger.sent(command, detail)
 
     def _on_ack(self, correlation_id: str, ack: dict[str, Any], from_asset: str | None) -> None:
         with self._commands:

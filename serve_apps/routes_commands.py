@@ -56,7 +56,11 @@ async def approve_command(command_id: str, request: Request, who: Principal = AD
     an approved, sent or failed command cannot be approved again (409). An issued recommendation
     needs a key with the approver grant."""
     require_approver(await svc.backend.call("connector", "command", who.tenant, command_id), who)
-    command = await svc.backend.call("connector", "approve", who.tenant, command_id, who.key_id)
+    try:
+        command = await svc.backend.call("connector", "approve", who.tenant, command_id, who.key_id)
+    except Exception as exc:  # an approval that may have moved an asset is audited whatever answer it gets
+        await svc.record(request, who, "command.approve", command_id, status="error", error=str(exc)[:300])
+        raise
     await svc.record(request, who, "command.approve", command_id, status=command["status"],
                      correlation_id=command["correlation_id"])
     return command

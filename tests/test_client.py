@@ -638,7 +638,8 @@ def test_the_readme_example_of_the_resource_calls_runs_as_printed(api, sdk, caps
     printed = capsys.readouterr().out.splitlines()
     assert printed[1:] == ["connector site running", "a command needs another key's approval",
                            "[('setpoint', 'refused')]",
-                           "['connector.create', 'command.propose', 'command.refuse', 'connector.delete']"]
+                           "['connector.create', 'command.propose', 'command.approve', 'command.refuse', "
+                           "'connector.delete']"]
     cooled = float(printed[0].removeprefix("an hour unheated at -10 degC: ").removesuffix(" K colder"))
     assert 0.0 < cooled < 31.0  # colder, never below the outdoor temperature
     assert "never-printed" not in "".join(printed)

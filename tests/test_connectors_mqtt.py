@@ -383,6 +383,55 @@ def test_commands_need_approval_are_sent_once_and_acknowledged(twins, connectors
     assert connectors.commands("globex") == []
 
 
+def test_a_command_the_broker_confirms_late_is_sent_unconfirmed_and_its_ack_still_counts(twins, connectors, tmp_path):
+    """A frozen broker did not confirm the PUBLISH in 10 s: the command was recorded failed, "not sent", then
+    delivered and executed anyway, and the asset's ok was thrown away (the record stayed failed)."""
+    import os
+    import signal
+
+    frozen = Mosquitto(tmp_path, free_port())
+    frozen.start()
+    device = None
+    try:
+        connectors.create(plant_spec(frozen.port, name="slow"))
+        wait_for(lambda: connectors.status("acme", "slow").connected, "connected")
+        device = Publisher(frozen.port, answer=True)
+        device.listen("plant/+/cmd")
+        proposed = connectors.propose("acme", "slow", "pump-3", "setpoint", {"q_in": 0.25}, by="key-alice")
+        os.kill(frozen.process.pid, signal.SIGSTOP)
+        try:
+            approved = connectors.approve("acme", proposed.id, by="key-bob")  # waits out the confirmation
+        finally:
+            os.kill(frozen.process.pid, signal.SIGCONT)
+        assert approved.status is CommandStatus.sent
+        assert approved.history[-1].detail.startswith(f"unconfirmed: broker 127.0.0.1:{frozen.port} did not confirm")
+        done = wait_for(lambda: (c := connectors.command("acme", proposed.id)).status is CommandStatus.acknowledged
+                        and c, "the late command's acknowledgement recorded")
+        assert done.ack["correlation_id"] == proposed.correlation_id and len(device.received) == 1
+    finally:
+        if device is not None:
+            device.close()
+        connectors.delete("acme", "slow")
+        frozen.stop()
+
+
+def test_a_restarted_connector_settles_commands_it_left_approved_or_sending(tmp_path):
+    """A crash between the approval and the claim left a command `approved` for good (recovery failed only
+    `sending` ones); nothing is sent before the claim is persisted, so it was not sent."""
+    from connectors.commands import CommandLedger
+
+    ledger = CommandLedger(str(tmp_path))
+    approved = ledger.approve("acme", ledger.propose("acme", "c", "a1", "setpoint", {"x": 1}, by="k1").id, by="k2")
+    sending = ledger.propose("acme", "c", "a1", "setpoint", {"x": 2}, by="k1")
+    ledger.approve("acme", sending.id, by="k2")
+    ledger.claim("acme", sending.id, "c")
+    other = ledger.propose("acme", "d", "a1", "setpoint", {"x": 3}, by="k1")
+    settled = {c.id: c.history[-1].detail for c in ledger.recover("acme", "c")}
+    assert settled == {approved.id: "not sent: the connector stopped before sending; propose it again",
+                       sending.id: "outcome unknown: the connector stopped while sending; not re-sent"}
+    assert ledger.get("acme", other.id).status is CommandStatus.proposed
+
+
 def test_the_readme_declaration_is_valid():
     import re
     from pathlib import Path
