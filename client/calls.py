@@ -283,6 +283,12 @@ class Endpoints(Sender):
         """A scenario, sweep or bulk job's status (bulk: `bulk` progress); `wait_job` polls it to the end."""
         return self._send(job_call(job_id))
 
+    def cancel_job(self, job_id: str) -> Job:
+        """Cancel a queued or running scenario or sweep job (Conflict once it finished, and for bulk jobs); its
+        state becomes `cancelled` (`wait_job` then raises `JobFailed`). Resending is safe (a second try: Conflict)."""
+        return self._send(Call("POST", "/v1/jobs/{job_id}/cancel", _lazy("serve_apps.jobs:Job"),
+                               path_params={"job_id": job_id}))
+
     def job_report(self, job_id: str) -> BulkReport:
         """The outcome of each item of a bulk job that succeeded (Conflict before)."""
         return self._send(Call("GET", "/v1/jobs/{job_id}/report", _model(BulkReport), idempotent=True,

@@ -20,10 +20,10 @@ if TYPE_CHECKING:
 
 
 class JobFailed(RayTwinError):
-    """The job ended in `failed`; `job` is its last status (`job.error` says why)."""
+    """The job ended in `failed` or `cancelled`; `job` is its last status (`job.error` says why)."""
 
     def __init__(self, job: Job):
-        super().__init__(f"job {job.job_id} ({job.kind}) failed: {job.error}")
+        super().__init__(f"job {job.job_id} ({job.kind}) {job.state}: {job.error}")
         self.job = job
 
 
@@ -58,13 +58,14 @@ class JobWait:
         return job_call(self.job_id)
 
     def finished(self, job: Job) -> bool:
-        """Report progress when it changed; True once the job succeeded (raises if it failed or time is up)."""
+        """Report progress when it changed; True once the job succeeded (raises if it failed, was cancelled or
+        time is up)."""
         self._polls += 1
         seen = (job.state, job.bulk)
         if self.on_progress is not None and seen != self._seen:
             self.on_progress(job)
         self._seen = seen
-        if job.state == "failed":
+        if job.state in ("failed", "cancelled"):
             raise JobFailed(job)
         if job.state == "succeeded":
             return True

@@ -27,7 +27,7 @@ from pydantic import (
 
 from raytwin import units
 from raytwin.fields import Contract, Finite, Unit
-from raytwin.signals import OpenLoopSignal, Series, signal_function
+from raytwin.signals import OpenLoopSignal, Series, signal_function, started_at
 
 SCHEMA_VERSION = 1
 MAX_FUTURE_SKEW = timedelta(minutes=5)
@@ -378,23 +378,24 @@ class Scenario(Contract):
     def check_against(self, asset_type: AssetType) -> None:
         """Refuse inputs, states or parameters the asset type does not have, in wrong units, or
         outside its plausible ranges (an explicit start state, and each input over the horizon)."""
-        self._checked_inputs(asset_type)
+        self._checked_inputs(asset_type, 0.0)
 
-    def input_series(self, asset_type: AssetType) -> np.ndarray:
+    def input_series(self, asset_type: AssetType, clock_s: float = 0.0) -> np.ndarray:
         """Inputs per step, shape (n_steps, n_inputs), in the asset type's units (zero-order hold),
-        after `check_against`."""
-        return self._checked_inputs(asset_type)
+        after `check_against`; clock signals started `clock_s` after a Monday 00:00 UTC
+        (`raytwin.signals.clock_seconds` of the start state's time)."""
+        return self._checked_inputs(asset_type, clock_s)
 
-    def input_values(self, name: str, unit: str | None = None) -> np.ndarray:
+    def input_values(self, name: str, unit: str | None = None, clock_s: float = 0.0) -> np.ndarray:
         """Input `name` at the start of each step, in `unit` (default: the signal's), in float64: the
         formulas a sweep compiles into its scan, evaluated with NumPy (random signals drawn from
         their seed plus the scenario's `seed`)."""
-        fn = signal_function(self.inputs[name], horizon_s=self.horizon_s, step_s=self.step_s, offset=self.seed,
-                             unit=unit, xp=np)
+        fn = signal_function(started_at(self.inputs[name], clock_s), horizon_s=self.horizon_s, step_s=self.step_s,
+                             offset=self.seed, unit=unit, xp=np)
         with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused by the range check
             return np.asarray(fn(self.step_s * np.arange(self.n_steps, dtype=np.float64), None, {}), np.float64)
 
-    def _checked_inputs(self, asset_type: AssetType) -> np.ndarray:
+    def _checked_inputs(self, asset_type: AssetType, clock_s: float) -> np.ndarray:
         """`check_against`, returning the input series it evaluated to check their ranges."""
         problems = []
         for name, sig in self.inputs.items():
@@ -417,7 +418,7 @@ class Scenario(Contract):
         if not problems:  # every input is known and convertible: evaluate, then check the ranges
             cols = []
             for name, q in asset_type.inputs.items():
-                col = self.input_values(name, q.unit)
+                col = self.input_values(name, q.unit, clock_s)
                 low, high = float(np.min(col)), float(np.max(col))
                 if not (math.isfinite(low) and math.isfinite(high)) or q.outside(low) or q.outside(high):
                     problems.append(f"input {name} spans [{low:g}, {high:g}] {q.unit} over the horizon, {_range(q)}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
@@ -34,6 +35,30 @@ InputFn = Callable[[Any, Any, Params], Any]
 """A compiled or custom input: ``fn(t, state, params) -> value`` in JAX (states and parameters by name)."""
 TWO_PI = 2.0 * math.pi
 DAY_S = 86400.0
+WEEK_S = 7 * DAY_S
+CLOCK_ORIGIN = datetime(1970, 1, 5, tzinfo=UTC)
+"""A Monday 00:00 UTC: clock signals count their time from the Monday midnight (UTC) before a run's start."""
+CLOCK = ("true: the signal follows the wall clock (UTC) of the run's start_time, its t counted from the Monday "
+         "00:00 UTC before it (a daily signal: from midnight), not from the start; false: from the start")
+
+
+def clock_seconds(start_time: datetime | None) -> float:
+    """Seconds from the Monday 00:00 UTC before `start_time` to it (0 for None): where clock signals start."""
+    if start_time is None:
+        return 0.0
+    return (start_time - CLOCK_ORIGIN).total_seconds() % WEEK_S
+
+
+def started_at(sig: Any, clock_s: float) -> Any:
+    """`sig` for a run whose t = 0 is `clock_s` seconds after a Monday 00:00 UTC: a clock signal shifted by
+    it (its phase, reduced by its period where that is a number), any other returned as it is."""
+    if not clock_s or not getattr(sig, "clock", False):
+        return sig
+    period = sig.period_s if isinstance(sig.period_s, float | int) else None
+    shift = clock_s % period if period else clock_s
+    if isinstance(sig, Square):  # high from t = phase_s: the clock's t = phase_s is run time phase_s - clock_s
+        shift = -shift
+    return sig.model_copy(update={"phase_s": sig.phase_s + shift})
 
 
 class _Signal(Contract):
@@ -70,15 +95,19 @@ class Sinusoid(_Signal):
     amplitude: Value
     period_s: Annotated[Finite, Field(gt=0)] = DAY_S
     phase_s: Finite = 0.0
+    clock: bool = Field(False, description=CLOCK)
 
 
 class Schedule(_Signal):
-    """Piecewise constant within each period (a day by default): `values[i]` from `starts_s[i]`."""
+    """Piecewise constant within each period (a day by default): `values[i]` from `starts_s[i]` after the
+    period's start (at t = -`phase_s`, and every `period_s` from there)."""
 
     kind: Literal["schedule"] = "schedule"
     period_s: Annotated[Finite, Field(gt=0)] = DAY_S
     starts_s: Annotated[list[Finite], Field(min_length=1)]
     values: Annotated[list[Value], Field(min_length=1)]
+    phase_s: Finite = 0.0
+    clock: bool = Field(False, description=CLOCK)
 
     @model_validator(mode="after")
     def _consistent(self) -> Schedule:
@@ -114,6 +143,7 @@ class Square(_Signal):
     period_s: Value
     duty: Value = 0.5
     phase_s: Finite = 0.0
+    clock: bool = Field(False, description=CLOCK)
 
 
 class PiecewiseLinear(_Signal):
@@ -286,7 +316,8 @@ def _raw(sig: Any, horizon_s: float | None, step_s: float | None, offset: int, x
         starts = np.asarray(sig.starts_s)
 
         def schedule(t, x, ip):
-            idx = xp.searchsorted(xp.asarray(starts, t.dtype), xp.mod(t, sig.period_s), side="right") - 1
+            within = xp.mod(t + sig.phase_s if sig.phase_s else t, sig.period_s)
+            idx = xp.searchsorted(xp.asarray(starts, t.dtype), within, side="right") - 1
             return xp.stack(xp.broadcast_arrays(*(xp.asarray(v(s, ip)) for s in sig.values)))[idx]
         return schedule
     if isinstance(sig, Step):

@@ -398,6 +398,9 @@ class Backend:
     async def submit_bulk(self, caller: Caller, request: BulkRequest, asset_ids: list[str]) -> Job:
         return self.jobs.submit_bulk(BulkWork(caller, request, asset_ids, self, self.audit))
 
+    async def cancel_job(self, tenant: str, job_id: str, key_id: str) -> Job:
+        return self.jobs.cancel(tenant, job_id, key_id)
+
     async def get_job(self, tenant: str, job_id: str) -> JobRecord:
         """The record, store location included: routes answer its `status()`."""
         return self.jobs.get(tenant, job_id)

@@ -36,7 +36,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from raytwin.storage import filesystem
 
 ChangeKind = Literal["twin.state", "twin.drift", "asset.created", "asset.updated", "asset.deleted",
-                     "asset_type.created", "asset_type.deleted", "job.succeeded", "job.failed"]
+                     "asset_type.created", "asset_type.deleted", "job.succeeded", "job.failed",
+                     "job.cancelled"]
 CHANGE_KINDS: tuple[str, ...] = ChangeKind.__args__
 PARTITION = 10_000
 """Sequence numbers per store directory: bounds the listing a reader behind the ring needs; the unit of retention."""

@@ -49,6 +49,8 @@ class ServeConfig(BaseModel):
     max_events_per_batch: int = Field(10_000, ge=1)
     sync_max_steps: int = Field(50_000, ge=1, description="Scenario work (scenarios x steps) answered inline.")
     max_sweep_scenarios: int = Field(10_000, ge=1)
+    max_run_work: int = Field(10**10, ge=1, description="Scenario-steps one sweep or scenario may ask for "
+                              "(scenarios x steps: ~10 min of a 2-core node's sweep throughput); more is 413.")
     max_concurrent_jobs: int = Field(2, ge=1)
     twin_shards: int = Field(2, ge=1)
     state_cache_s: float = Field(0.1, ge=0, le=10, description="Current-state reads may be this old (seconds, "

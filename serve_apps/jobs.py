@@ -23,13 +23,14 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+import ray
 from pydantic import BaseModel, ConfigDict, Field
 
 from raytwin import metrics
 from raytwin.storage import filesystem
 from serve_apps.bulk import BulkWork
 from serve_apps.config import ServeConfig
-from serve_apps.errors import ApiError, NotFound, unwrap
+from serve_apps.errors import ApiError, Conflict, NotFound, unwrap
 from serve_apps.query_schemas import BulkProgress
 from serve_apps.scenarios import PreparedScenario, fmu_sweep_to_store, scenario_to_store, sweep_to_store
 from sweeps.fmu import FmuSweepSpec
@@ -37,8 +38,8 @@ from sweeps.spec import SweepSpec
 
 log = logging.getLogger("raytwin.serve.jobs")
 
-JobState = Literal["queued", "running", "succeeded", "failed"]
-JOB_STATES: tuple[str, ...] = ("queued", "running", "succeeded", "failed")
+JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+JOB_STATES: tuple[str, ...] = ("queued", "running", "succeeded", "failed", "cancelled")
 
 
 class _JobFields(BaseModel):
@@ -99,6 +100,8 @@ class JobQueue:
         self.jobs: dict[str, JobRecord] = {}
         self.pending: deque[tuple[str, Work]] = deque()
         self.running = 0
+        self.tasks: dict[str, Awaitable[dict[str, Any]]] = {}  # running scenario and sweep jobs' Ray tasks
+        self.cancelled: dict[str, str] = {}  # running jobs being cancelled -> by which key
         self._recover()
         self._publish()
 
@@ -171,6 +174,8 @@ class JobQueue:
             self._save(job)
             self.running += 1
             ref = self._launch(job, work)
+            if not isinstance(work, BulkWork):
+                self.tasks[job_id] = ref
             asyncio.get_running_loop().create_task(self._watch(job, ref))
         self._publish()
 
@@ -187,6 +192,9 @@ class JobQueue:
                 log.error("event=job_error job_id=%s tenant=%s", job.job_id, job.tenant, exc_info=err)
                 reason = f"internal error ({type(err).__name__}); quote the job_id when reporting it"
             job.state, job.error = "failed", reason.splitlines()[0][:500]
+        if (by := self.cancelled.pop(job.job_id, None)) is not None:  # its partial results are not its results
+            job.state, job.error = "cancelled", f"cancelled by key {by}"
+        self.tasks.pop(job.job_id, None)
         job.finished = datetime.now(UTC)
         self.running -= 1
         self._save(job)
@@ -199,6 +207,30 @@ class JobQueue:
             except Exception:  # a failed notification must not stop the queue
                 log.exception("event=job_notify_failed job_id=%s", job.job_id)
         self._start_next()
+
+    def cancel(self, tenant: str, job_id: str, key_id: str) -> Job:
+        """Cancel the tenant's queued or running scenario or sweep job: a queued one leaves the queue, a
+        running one's task is interrupted (a sweep records its run as cancelled and stops its chunk tasks);
+        409 for a finished or bulk job (bulk items are applied one by one: its report says which)."""
+        job = self.jobs.get(job_id)
+        if job is None or job.tenant != tenant:
+            raise NotFound(f"job {job_id} not found")
+        if job.state not in ("queued", "running") or job.job_id in self.cancelled:
+            raise Conflict(f"job {job_id} is {'being cancelled' if job.job_id in self.cancelled else job.state}: "
+                           "only a queued or running job can be cancelled")
+        if job.kind == "bulk":
+            raise Conflict(f"job {job_id} is a bulk job: it runs to its end (its items are applied one by one, "
+                           "and its report says which)")
+        log.info("event=job_cancel job_id=%s tenant=%s key_id=%s state=%s", job_id, tenant, key_id, job.state)
+        if job.state == "queued":
+            self.pending = deque((i, w) for i, w in self.pending if i != job_id)
+            job.state, job.error, job.finished = "cancelled", f"cancelled by key {key_id}", datetime.now(UTC)
+            self._save(job)
+            self._publish()
+            return job.status()
+        self.cancelled[job_id] = key_id
+        ray.cancel(self.tasks[job_id])  # an interrupt in the task: a sweep stops its chunks and records itself
+        return job.status()
 
     def get(self, tenant: str, job_id: str) -> JobRecord:
         """The tenant's job record (with its store location: answer `status()` to clients)."""

@@ -88,11 +88,12 @@ async def create_recommendation(asset_id: str, body: RecommendationRequest, requ
     """Optimise the asset's control schedule from its twin's state; a recorded run (`run_id`), answered
     when done (a gradient search over a week: seconds)."""
     live = body.start_state == "live"
-    artifact, state = await _model_and_state(svc, who, asset_id, live, None)
+    artifact, state, clock = await _model_and_state(svc, who, asset_id, live, None)
     fields = body.model_dump(exclude={"start_state"})
     try:
         spec = RecommendSpec(**fields, model=artifact.ref, registry_url=svc.config.url("registry", who.tenant),
-                             tenant=who.tenant, asset_id=asset_id, start_state=state if live else body.start_state)
+                             tenant=who.tenant, asset_id=asset_id, start_state=state if live else body.start_state,
+                             start_time=clock)
     except ValidationError as exc:
         raise Unprocessable(describe_error(exc)) from None
     try:

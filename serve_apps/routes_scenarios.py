@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -38,8 +38,10 @@ def register(app: FastAPI) -> None:
     async def run_scenario(body: Scenario, request: Request, mode: Mode = MODE, who: Principal = WRITER,
                            svc: Services = SVC) -> Any:
         """Run one what-if scenario from the twin's live (or past, or an explicit) state."""
-        artifact, live = await _model_and_state(svc, who, body.asset_id, body.start_state == "live", body.start_time)
-        prepared = prepare(body, artifact, live)
+        _bounded_work(svc, body.n_steps)
+        artifact, live, clock = await _model_and_state(svc, who, body.asset_id, body.start_state == "live",
+                                                       body.start_time)
+        prepared = prepare(body, artifact, live, clock)
         details = {"scenario": body.model_dump(mode="json"), **_provenance(artifact)}
         if not _inline(svc, mode, prepared.n_steps):
             return await _queue(request, who, svc, "scenario", body.asset_id, artifact, prepared, details)
@@ -67,7 +69,9 @@ def register(app: FastAPI) -> None:
         if body.space.size > svc.config.max_sweep_scenarios:
             raise PayloadTooLarge(f"{body.space.size} scenarios exceed the limit of "
                                   f"{svc.config.max_sweep_scenarios} per sweep")
-        artifact, live = await _model_and_state(svc, who, body.asset_id, body.start_state == "live", body.start_time)
+        _bounded_work(svc, body.work)
+        artifact, live, clock = await _model_and_state(svc, who, body.asset_id, body.start_state == "live",
+                                                       body.start_time)
         registry_url = svc.config.url("registry", who.tenant)
         details = {"sweep": body.model_dump(mode="json"), **_provenance(artifact)}
         if await run_in_threadpool(is_fmu, artifact):
@@ -76,7 +80,7 @@ def register(app: FastAPI) -> None:
                                     "use mode=async or mode=auto")
             fmu_spec = await run_in_threadpool(fmu_sweep_spec, body, who.tenant, registry_url, artifact, live)
             return await _queue(request, who, svc, "sweep", body.asset_id, artifact, fmu_spec, details)
-        spec = await run_in_threadpool(sweep_spec, body, who.tenant, registry_url, artifact, live)
+        spec = await run_in_threadpool(sweep_spec, body, who.tenant, registry_url, artifact, live, clock)
         if not _inline(svc, mode, body.work):
             return await _queue(request, who, svc, "sweep", body.asset_id, artifact, spec, details)
         out = await sweep_to_store.remote(spec, svc.config.url("runs", who.tenant), svc.config.storage_options,
@@ -91,6 +95,15 @@ def register(app: FastAPI) -> None:
         """The job's state, progress and results' API paths (never where the store keeps them)."""
         job: JobRecord = await svc.backend.call("get_job", who.tenant, job_id)
         return job.status()
+
+    @app.post("/v1/jobs/{job_id}/cancel", response_model=Job, tags=tags, responses=CONFLICT)
+    async def cancel_job(job_id: str, request: Request, who: Principal = WRITER, svc: Services = SVC) -> Job:
+        """Cancel a queued or running scenario or sweep job (409 once it finished, and for bulk jobs): a
+        running sweep stops its chunk tasks and records its run as cancelled; the job's state becomes
+        `cancelled` (at once for a queued job, when its task has stopped for a running one)."""
+        job: Job = await svc.backend.call("cancel_job", who.tenant, job_id, who.key_id)
+        await svc.record(request, who, "job.cancel", job_id, state=job.state)
+        return job
 
     @app.get("/v1/jobs/{job_id}/results", response_model=SweepResult, tags=tags, responses=CONFLICT)
     async def job_results(job_id: str, limit: ROW_LIMIT = 1000, who: Principal = READER,
@@ -128,18 +141,30 @@ def register(app: FastAPI) -> None:
 
 
 async def _model_and_state(svc: Services, who: Principal, asset_id: str, live: bool, at: datetime | None
-                           ) -> tuple[ModelArtifact, dict[str, float] | None]:
-    """The model the twin runs (at `at`, for a run from then) and, for runs from "live", the twin's state:
+                           ) -> tuple[ModelArtifact, dict[str, float] | None, datetime | None]:
+    """The model the twin runs (at `at`, for a run from then) and, for runs from "live", the twin's state and
+    its time (its last event's; a twin without events: `at`, or now), where the run's clock signals start:
     a promotion or rollback swaps the twin's model, while the catalog's asset keeps its type version, and
     a state estimated by one model must not be propagated by another."""
     twin = await svc.twins.state(who.tenant, asset_id, at if live else None)
     _, artifact = await svc.backend.call("model_of", who.tenant, asset_id, twin["model_ref"])
-    return artifact, twin["state"] if live else None
+    if not live:
+        return artifact, None, None
+    when = datetime.fromisoformat(twin["event_time"]) if twin.get("event_time") else at or datetime.now(UTC)
+    return artifact, twin["state"], when
 
 
 def _provenance(artifact: ModelArtifact) -> dict[str, Any]:
     return {"model_ref": artifact.ref, "content_hash": artifact.content_hash, "versions": package_versions(),
             "code_version": code_version()}
+
+
+def _bounded_work(svc: Services, work: int) -> None:
+    """413 for more scenario-steps than `max_run_work`: a job nobody can stop otherwise holds a job slot and
+    its nodes' memory for hours."""
+    if work > svc.config.max_run_work:
+        raise PayloadTooLarge(f"{work:,} scenario-steps exceed the limit of {svc.config.max_run_work:,} per run "
+                              "(scenarios x horizon_s / step_s): split the run, or use a longer step_s")
 
 
 def _inline(svc: Services, mode: Mode, work: int) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import time
 from dataclasses import dataclass
+from datetime import datetime
 from functools import cache
 from typing import Annotated, Any, Literal
 
@@ -37,6 +38,7 @@ from raytwin.contracts import (
 )
 from raytwin.fmu import FmuModel
 from raytwin.registry import ModelArtifact
+from raytwin.signals import clock_seconds
 from raytwin.sim import get_model, simulate, unstack
 from raytwin.sim.checks import UnstableStepError, check_step
 from raytwin.sim.precision import in_float64
@@ -68,15 +70,16 @@ class PreparedScenario:
         return self.inputs.shape[0]
 
 
-def prepare(scenario: Scenario, artifact: ModelArtifact, live_state: dict[str, float] | None) -> PreparedScenario:
+def prepare(scenario: Scenario, artifact: ModelArtifact, live_state: dict[str, float] | None,
+            clock: datetime | None = None) -> PreparedScenario:
     """Arrays for `scenario` (checked against the artifact's asset type: 422 on misfit).
 
     `live_state` is the twin's state (now or at ``scenario.start_time``) when the scenario
-    starts from "live".
+    starts from "live", and `clock` its time, where clock signals start (`raytwin.signals.started_at`).
     """
     model = artifact.model()
     try:
-        inputs = scenario.input_series(artifact.asset_type)
+        inputs = scenario.input_series(artifact.asset_type, clock_seconds(clock))
         params = model.param_vector({**artifact.parameters, **scenario.parameter_overrides})
         check_step(model, scenario.step_s, params, inputs=inputs, what="step_s")
     except (ContractError, KeyError, UnstableStepError) as exc:
@@ -193,14 +196,14 @@ def _spec_fields(sweep: AssetSweep, tenant: str, registry_url: str, artifact: Mo
 
 
 def sweep_spec(sweep: AssetSweep, tenant: str, registry_url: str, artifact: ModelArtifact,
-               live_state: dict[str, float] | None) -> SweepSpec:
+               live_state: dict[str, float] | None, clock: datetime | None = None) -> SweepSpec:
     """The `SweepSpec` for an asset sweep, checked before it runs or is queued (422 on names the model
     or its sweep kit lacks, values outside the parameters' bounds or the plausible ranges, a step beyond
     the stability limit of its parameter box, or an explicit start state outside the asset type's
     plausible ranges). Blocking (the stability check may compile): call it off the event loop."""
     fields = _spec_fields(sweep, tenant, registry_url, artifact, live_state)
     try:
-        spec = SweepSpec(**fields, trajectories=sweep.trajectories)
+        spec = SweepSpec(**fields, trajectories=sweep.trajectories, start_time=clock)
         spec.check_against(artifact.asset_type.simulator, artifact.parameters)
     except (ValidationError, ValueError) as exc:
         raise Unprocessable(describe_error(exc)) from None

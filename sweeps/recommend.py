@@ -194,13 +194,14 @@ class RecommendSpec(ModelStart):
             inputs={**self.inputs, **dict.fromkeys(self.block_names, mid)},
             signals={self.control.input: Schedule(period_s=self.period_s, starts_s=self.starts_s,
                                                   values=self.block_names)},
-            metrics=self._metrics(), space=space, horizon_s=self.horizon_s, step_s=self.step_s, dtype=dtype)
+            metrics=self._metrics(), space=space, horizon_s=self.horizon_s, step_s=self.step_s, dtype=dtype,
+            start_time=self.start_time)
 
     def baseline_spec(self, space: ScenarioSpace) -> SweepSpec:
         return SweepSpec(
             model=self.model, registry_url=self.registry_url, tenant=self.tenant, asset_id=self.asset_id,
             start_state=self.start_state, parameters=self.parameters, inputs=self.inputs, metrics=self._metrics(),
-            space=space, horizon_s=self.horizon_s, step_s=self.step_s, dtype="float64")
+            space=space, horizon_s=self.horizon_s, step_s=self.step_s, dtype="float64", start_time=self.start_time)
 
     def _metrics(self) -> list[Metric]:
         """The kit's metrics and one time-outside metric per bound."""

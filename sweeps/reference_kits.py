@@ -44,9 +44,10 @@ THERMAL = register_kit(Kit(
                                      **_values_of(THERMAL_RC, "T_in")),
     },
     inputs={
-        "T_out": Sinusoid(mean="T_out_mean", amplitude="T_out_amplitude", period_s=DAY_S, phase_s=-9 * HOUR_S),
+        "T_out": Sinusoid(mean="T_out_mean", amplitude="T_out_amplitude", period_s=DAY_S, phase_s=-9 * HOUR_S,
+                          clock=True),
         "Q_h": Proportional(state="T_in", setpoint="setpoint", gain="heater_gain", lower=0.0, upper="Q_h_max"),
-        "Q_sol": Sinusoid(amplitude="solar_peak", period_s=DAY_S, phase_s=-6 * HOUR_S, lower=0.0),
+        "Q_sol": Sinusoid(amplitude="solar_peak", period_s=DAY_S, phase_s=-6 * HOUR_S, lower=0.0, clock=True),
     },
     metrics=(
         Metric(name="T_in_max", kind="max", of="T_in", unit="K", description="peak indoor temperature"),

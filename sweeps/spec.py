@@ -17,12 +17,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
-from raytwin.contracts import AssetType, Contract, Finite, Identifier, whole_steps
+from raytwin.contracts import AssetType, Contract, DateTime, Finite, Identifier, whole_steps
 from raytwin.registry import ModelArtifact, ModelRegistry
 from raytwin.sim import get_model
 from raytwin.sim.tableau import TABLEAUS
 from raytwin.scenario_metrics import Metric
-from raytwin.signals import Signal
+from raytwin.signals import Signal, clock_seconds, started_at
 from sweeps.kits import Kit, KitParameter, kit_for
 from sweeps.space import Dimension, ScenarioSpace
 from sweeps.stability import check_sweep_step
@@ -58,6 +58,14 @@ class ModelStart(Contract):
     parameters: dict[str, Finite] = Field(default_factory=dict)
     inputs: dict[str, Finite] = Field(default_factory=dict, description="The kit's parameters (input-signal "
                                       "parameters and metric thresholds)")
+    start_time: DateTime | None = Field(None, description="The wall-clock time of t = 0 (a twin's state's event "
+                                        "time): signals with `clock: true` follow it (the thermal kit's outdoor "
+                                        "temperature and sun); None: t = 0 is a Monday 00:00 UTC")
+
+
+MAX_FLOAT32_STEPS = 1 << 24
+"""Steps a float32 sweep may take: float32 holds whole numbers exactly up to 2^24, and past it sums of
+per-step increments (time, integral metrics) stall."""
 
 
 class SweepSpec(ModelStart):
@@ -98,6 +106,10 @@ class SweepSpec(ModelStart):
     @model_validator(mode="after")
     def _check(self) -> SweepSpec:
         whole_steps(self.horizon_s, self.step_s)
+        if self.dtype == "float32" and self.n_steps > MAX_FLOAT32_STEPS:
+            raise ValueError(f"{self.n_steps} steps: in float32 a run's time and its integral metrics stop adding "
+                             f"up beyond {MAX_FLOAT32_STEPS} steps (2^24; a 1e9-step energy came out 35x too low); "
+                             "use a longer step_s, a shorter horizon_s, or dtype float64")
         if "@" not in self.model:
             self.check_against(self.model)
         bad = [i for i in self.trajectories if i >= self.space.size]
@@ -118,7 +130,7 @@ class SweepSpec(ModelStart):
         declared = tuple(sorted(used & set(self.inputs)))
         signals = json.dumps({k: v.model_dump() for k, v in sorted(self.signals.items())})
         metrics = json.dumps([m.model_dump() for m in self.metrics])
-        return _custom_kit(simulator, signals, metrics, declared, self.solver)
+        return _custom_kit(simulator, signals, metrics, declared, self.solver, clock_seconds(self.start_time))
 
     def check_against(self, simulator: str, base_parameters: Mapping[str, float] | None = None) -> None:
         """Refuse names the simulator or its kit does not have, values they do not admit, and a step
@@ -220,19 +232,21 @@ class _Allowed:
 
 @functools.cache
 def _custom_kit(simulator: str, signals: str, metrics: str, declared: tuple[str, ...],
-                solver: str | None = None) -> Kit:
-    """The model's kit with replaced signals / metrics (JSON), new parameters `declared` and, if
-    named, the `solver` tableau in its model."""
+                solver: str | None = None, clock_s: float = 0.0) -> Kit:
+    """The model's kit with replaced signals / metrics (JSON), new parameters `declared`, if named, the
+    `solver` tableau in its model, and its clock signals started `clock_s` after a Monday 00:00 UTC."""
     kit = kit_for(get_model(simulator))
     if solver is not None:
         kit = dataclasses.replace(kit, model=dataclasses.replace(kit.model, solver=TABLEAUS[solver]))
-    if signals == "{}" and metrics == "[]":
-        return kit
-    unknown = set(json.loads(signals)) - set(kit.model.input_names)
-    if unknown:
-        raise ValueError(f"signals for unknown input(s) {sorted(unknown)}; inputs: {list(kit.model.input_names)}")
-    extra = {name: KitParameter(default=0.0, description="declared by the sweep") for name in declared
-             if name not in kit.parameters}
-    return dataclasses.replace(kit, inputs={**kit.inputs, **json.loads(signals)},
-                               metrics=tuple(json.loads(metrics)) or kit.metrics,
-                               parameters={**kit.parameters, **extra})
+    if signals != "{}" or metrics != "[]":
+        unknown = set(json.loads(signals)) - set(kit.model.input_names)
+        if unknown:
+            raise ValueError(f"signals for unknown input(s) {sorted(unknown)}; inputs: {list(kit.model.input_names)}")
+        extra = {name: KitParameter(default=0.0, description="declared by the sweep") for name in declared
+                 if name not in kit.parameters}
+        kit = dataclasses.replace(kit, inputs={**kit.inputs, **json.loads(signals)},
+                                  metrics=tuple(json.loads(metrics)) or kit.metrics,
+                                  parameters={**kit.parameters, **extra})
+    if clock_s:
+        kit = dataclasses.replace(kit, inputs={name: started_at(sig, clock_s) for name, sig in kit.inputs.items()})
+    return kit

@@ -24,6 +24,7 @@ import pytest
 
 from client import AsyncRayTwinClient, RayTwinClient, RetryPolicy
 from raytwin.contracts import AssetType
+from raytwin.signals import clock_seconds
 from raytwin.sim import THERMAL_RC
 from raytwin.sim.reference import model_rhs, reference_trajectory
 from serve_apps.api import create_api
@@ -290,8 +291,21 @@ def test_sync_scenario_matches_an_independent_solver(api, http, building):
     assert np.max(np.abs(got[-1] - got[0])) > 0.1  # the scenario actually moved the state
 
     live = http.post("/v1/scenarios", json=_scenario(building, 10), headers=auth(api, "writer")).json()
-    state = http.get(f"/v1/assets/{building}/state", headers=auth(api, "reader")).json()["state"]
-    assert live["start_state"] == pytest.approx(state)
+    state = http.get(f"/v1/assets/{building}/state", headers=auth(api, "reader")).json()
+    assert live["start_state"] == pytest.approx(state["state"])
+
+    # a clock signal from the live state follows the wall clock of the state's time, not of midnight
+    clocked = _scenario(building, 120)
+    clocked["inputs"]["Q_h"] = {**clocked["inputs"]["Q_h"], "period_s": 25200.0, "starts_s": [0.0, 12600.0],
+                                "clock": True}
+    run = http.post("/v1/scenarios", json=clocked, headers=auth(api, "writer")).json()
+    clock_s = clock_seconds(datetime.fromisoformat(state["event_time"]))
+    assert clock_s % 25200.0 != 0.0  # else the clock would not show
+    t = clock_s + 60.0 * np.arange(120)
+    inputs = np.column_stack([np.full(120, 278.15), np.where(t % 25200 < 12600, 2000.0, 0.0), np.zeros(120)])
+    x0 = np.array([run["start_state"]["T_in"], run["start_state"]["T_m"]])
+    ref = reference_trajectory(model_rhs(THERMAL_RC, params), x0, inputs, 60.0)
+    assert np.max(np.abs(np.column_stack([run["states"]["T_in"], run["states"]["T_m"]]) - ref)) < 1e-6
 
 
 def wait_for(http, job_id: str, headers: dict) -> dict:
@@ -350,6 +364,9 @@ def test_sweeps_from_live_state_sync_and_async(api, http, building):
     live = http.get(f"/v1/assets/{building}/state", headers=auth(api, "reader")).json()["state"]
     record = next(Path(api[2]).glob(f"store/runs/acme/{result['run_id']}/run.json"))
     assert json.loads(record.read_text())["spec"]["start_state"] == pytest.approx(live)
+    event_time = http.get(f"/v1/assets/{building}/state", headers=auth(api, "reader")).json()["event_time"]
+    recorded = json.loads(record.read_text())["spec"]["start_time"]  # the kit's daily signals start there
+    assert datetime.fromisoformat(recorded) == datetime.fromisoformat(event_time)
 
     lhs = {"method": "lhs", "n": 40, "seed": 7, "dimensions": [
         {"name": "T_out_mean", "target": "input", "low": 268.0, "high": 283.0},
@@ -361,6 +378,33 @@ def test_sweeps_from_live_state_sync_and_async(api, http, building):
     table = download(http, job["job_id"], writer)
     assert table.num_rows == 40 and sorted(table.column("scenario").to_pylist()) == list(range(40))
     assert {"input.T_out_mean", "param.C_in", "T_in_min"} <= set(table.column_names)
+
+
+def test_queued_and_running_jobs_can_be_cancelled(api, http, building):
+    """There was no way to stop a job short of stopping the server (DELETE 405, no cancel route)."""
+    writer = auth(api, "writer")
+    lhs = {"method": "lhs", "n": 10_000, "seed": 3, "dimensions": [{"name": "R_io", "target": "param",
+                                                                     "mode": "scale", "low": 0.5, "high": 1.5}]}
+    long = {**_sweep(building, lhs), "horizon_s": 60.0 * 1_000_000}  # 1e10 scenario-steps: minutes
+    submitted = [http.post("/v1/sweeps", params={"mode": "async"}, json=long, headers=writer) for _ in range(3)]
+    assert all(r.status_code == 202 for r in submitted), submitted[0].text
+    ids = [r.json()["job_id"] for r in submitted]  # two run (max_concurrent_jobs), one waits
+    queued = http.post(f"/v1/jobs/{ids[2]}/cancel", headers=writer)
+    assert queued.status_code == 200 and queued.json()["state"] == "cancelled", queued.text
+    assert_error(http.post(f"/v1/jobs/{ids[2]}/cancel", headers=writer), 409, "conflict")
+    assert_error(http.post(f"/v1/jobs/{ids[0]}/cancel", headers=auth(api, "other")), 404, "not_found")
+    assert_error(http.post(f"/v1/jobs/{ids[0]}/cancel", headers=auth(api, "reader")), 403, "forbidden")
+    for job_id in ids[:2]:
+        assert http.post(f"/v1/jobs/{job_id}/cancel", headers=writer).status_code == 200
+    for job_id in ids:
+        job = wait_for(http, job_id, writer)
+        assert job["state"] == "cancelled" and job["error"].startswith("cancelled by key "), job
+        assert_error(http.get(f"/v1/jobs/{job_id}/results", headers=writer), 409, "conflict")
+    records = [json.loads(p.read_text()) for p in Path(api[2]).glob("store/runs/acme/*/run.json")]
+    statuses = [r["status"] for r in records if r["spec"]["horizon_s"] == long["horizon_s"]]
+    assert statuses and set(statuses) == {"cancelled"}, statuses  # a run that started recorded itself cancelled
+    audit = http.get("/v1/audit", headers=auth(api, "admin")).json()
+    assert sum(r["action"] == "job.cancel" for r in audit) == 3
 
 
 def test_limits_and_error_shapes(api, http, building):
@@ -383,6 +427,18 @@ def test_limits_and_error_shapes(api, http, building):
     too_big = _scenario(building, 10_000, {"T_in": 294.0, "T_m": 291.0})
     assert_error(http.post("/v1/scenarios", params={"mode": "sync"}, json=too_big, headers=writer),
                  422, "invalid_request")
+    # a sweep nobody could stop: 10,000 scenarios of 2e9 steps took 7.9 GB in a minute; one of 1e9 "succeeded"
+    grid = {"method": "grid", "dimensions": [{"name": "R_io", "target": "param", "mode": "scale",
+                                              "values": [0.9 + 0.01 * k for k in range(20)]}]}
+    endless = {**_sweep(building, grid), "horizon_s": 60.0 * 2e9}
+    err = assert_error(http.post("/v1/sweeps", params={"mode": "async"}, json=endless, headers=writer), 413,
+                       "payload_too_large")
+    assert "40,000,000,000 scenario-steps exceed the limit of 10,000,000,000" in err["message"]
+    single = {**_sweep(building, {**grid, "dimensions": [{**grid["dimensions"][0], "values": [1.0]}]}),
+              "horizon_s": 60.0 * 1e9}
+    err = assert_error(http.post("/v1/sweeps", params={"mode": "async"}, json=single, headers=writer), 422,
+                       "invalid_request")
+    assert "beyond 16777216 steps (2^24" in err["message"]
     assert http.get("/v1/health").status_code == 200  # the replica survived all of it
 
 

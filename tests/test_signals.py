@@ -6,6 +6,7 @@ sweep kit's compiled input function (JAX, the one the engine fuses into its scan
 from __future__ import annotations
 
 import math
+from datetime import UTC, datetime
 
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +15,9 @@ from pydantic import ValidationError
 
 from raytwin.contracts import AssetType, ContractError, Scenario
 from raytwin.scenario_metrics import Metric
-from raytwin.signals import Constant, Proportional, Series, signal_function
+from raytwin.signals import (
+    Constant, Proportional, Schedule, Series, Sinusoid, Square, clock_seconds, signal_function, started_at,
+)
 from raytwin.sim import THERMAL_RC
 from sweeps.engine import Bases, chunk_metrics
 from sweeps.kits import Kit
@@ -127,3 +130,22 @@ def test_signals_compile_in_either_precision_and_convert_units_affinely():
     feedback = signal_function(Proportional(state="T_in", setpoint=294.0, gain=10.0, lower=0.0))
     assert float(feedback(0.0, {"T_in": jnp.float32(295.0)}, {})) == 0.0
     assert math.isclose(float(feedback(0.0, {"T_in": 293.5}, {})), 5.0)
+
+
+def test_clock_signals_started_at_a_time_equal_the_unstarted_signal_at_that_time_of_week():
+    """A sweep from a live twin at 12:07 saw its daily outdoor temperature and sun as at midnight: every clock
+    signal is the same signal read at the time of week of the run's start plus t; others start at t = 0."""
+    start = datetime(2026, 12, 3, 12, 7, tzinfo=UTC)  # a Thursday
+    clock_s = clock_seconds(start)
+    assert clock_s == 3 * 86400 + 12 * 3600 + 7 * 60 and clock_seconds(datetime(2026, 11, 30, tzinfo=UTC)) == 0.0
+    t = np.arange(0.0, 2 * 86400, 450.0)
+    ip = {"p": 1800.0}
+    for sig in (Sinusoid(mean=5.0, amplitude=3.0, phase_s=-9 * 3600, clock=True),
+                Schedule(period_s=86400 * 7, starts_s=[0.0, 3600.0 * 80], values=[1.0, 2.0], clock=True),
+                Schedule(starts_s=[0.0, 8 * 3600, 18 * 3600], values=[1.0, 2.0, 1.0], phase_s=600.0, clock=True),
+                Square(high=4.0, period_s="p", duty=0.25, phase_s=100.0, clock=True),
+                Square(high=4.0, period_s=7000.0, duty=0.25, clock=True)):
+            started = signal_function(started_at(sig, clock_s), xp=np)(t, None, ip)
+            np.testing.assert_allclose(started, signal_function(sig, xp=np)(clock_s + t, None, ip), atol=1e-9)
+    relative = Square(high=4.0, period_s=600.0)  # a pulse train from the run's start
+    assert started_at(relative, clock_s) is relative
