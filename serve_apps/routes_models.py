@@ -46,6 +46,9 @@ class TransitionRequest(BaseModel):
     evidence: Evidence = Field(default_factory=Evidence)
     expected_revision: int | None = Field(None, ge=-1, description="Refuse (409) unless the model's log is at "
                                           "this revision (compare-and-set; see `revision` in the status).")
+    fleet: bool = Field(False, description="Promote a version fitted on some twins' telemetry (a drift "
+                        "recalibration's) although promotion swaps every twin of the model to it: their parameters "
+                        "become the fitted ones too (409 without it while other twins run the model)")
 
 
 class RollbackRequest(BaseModel):
@@ -152,6 +155,26 @@ async def _swap_twins(svc: Services, request: Request, who: Principal, record: T
     await swap_on_promotion(svc, request, who, record)
 
 
+async def _refuse_partial_fit(svc: Services, who: Principal, lc: ModelLifecycle, model: str, version: str) -> None:
+    """409 for promoting a version fitted on some twins' telemetry (the triggers of the drift recalibration that
+    submitted it) while other twins run the model: promotion swaps all of them, and one zone's fit became every
+    zone's parameters, with only its own fit report before the approver."""
+    from serve_apps.routes_shadow import live_models
+
+    records = await _call(lc.records, model)
+    fitted = {t.asset_id for r in records if r.version == version for t in r.evidence.triggers}
+    if not fitted:
+        return
+    running = await run_in_threadpool(lambda: live_models(svc).twins_of_model(who.tenant, model))
+    others = sorted(set(running) - fitted)
+    if others:
+        named = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        raise Conflict(f"{model}@{version} was fitted on the telemetry of {', '.join(sorted(fitted))} (a drift "
+                       f"recalibration); promotion swaps every twin of {model}, so {len(others)} other twin(s) ({named}) "
+                       "would run its parameters too: send \"fleet\": true if they share them, or give assets whose "
+                       "parameters differ a type of their own")
+
+
 def register(app: FastAPI) -> None:
     tags = ["model lifecycle"]
 
@@ -169,6 +192,8 @@ def register(app: FastAPI) -> None:
         production version is archived. 409: a move the version's stage does not allow, or a lost race."""
         lc = _lifecycle(svc, who.tenant)
         await run_in_threadpool(_check_evidence, svc, who.tenant, body.evidence)
+        if body.to == "production" and not body.fleet:
+            await _refuse_partial_fit(svc, who, lc, model, version)
         record: TransitionRecord = await _call(lc.transition, f"{model}@{version}", body.to, _actor(who),
                                                body.reason, body.evidence, body.expected_revision)
         await svc.record(request, who, f"model.{record.action}", f"{model}@{version}", seq=record.seq,
