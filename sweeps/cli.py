@@ -235,6 +235,8 @@ def calibrate_run(
 
     _setup_logging()
     parsed = _load(spec, CalibrationSpec, FmuCalibrationSpec)
+    if "://" not in parsed.telemetry and not Path(parsed.telemetry).is_absolute():  # the record reruns anywhere
+        parsed = parsed.model_copy(update={"telemetry": str(Path(parsed.telemetry).resolve())})
     if isinstance(parsed, FmuCalibrationSpec):
         with _sigterm_recorded():
             record = _recorded(lambda: recorded_fmu_calibration(parsed, runs=runs), FmuSpecError, CalibrationError)
@@ -314,8 +316,8 @@ def rerun(
     importable_working_directory()
     try:
         report = do_rerun(run_id, runs=runs)
-    except RunError as exc:
-        raise typer.BadParameter(str(exc)) from None
+    except (RunError, ValueError) as exc:  # a spec or input that no longer resolves (CalibrationError, ...)
+        raise typer.BadParameter(f"{run_id}: {exc}") from None
     if report.code_version_then != report.code_version_now:
         typer.echo(f"note: code version changed {report.code_version_then} -> {report.code_version_now}")
     if report.identical:

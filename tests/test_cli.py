@@ -142,3 +142,30 @@ def test_calibrate_run_with_missing_telemetry_says_so_in_one_line(ray_session, t
     result = CliRunner().invoke(app, ["calibrate", "run", str(spec), "--runs", str(tmp_path / "runs")])
     assert result.exit_code == 2 and f"cannot read telemetry {tmp_path / 'nope.parquet'}: " in _said(result), \
         result.output
+
+
+def test_a_calibration_given_a_relative_path_reruns_from_anywhere_and_a_lost_input_is_one_line(
+        ray_session, tmp_path, monkeypatch):
+    """The record kept `zone-17.parquet` as given: `raytwin rerun` from another directory failed with a 69-line
+    traceback."""
+    import pyarrow.parquet as pq
+
+    from sweeps.synthetic import synthetic_telemetry
+
+    work = tmp_path / "work"
+    work.mkdir()
+    pq.write_table(synthetic_telemetry("two_tank", {"a1": 5.6e-5}, {"h1": 0.3, "h2": 0.3}, 300, 1.0,
+                                       {"h1": 1e-3, "h2": 1e-3}, seed=1), work / "tank.parquet")
+    (work / "calib.yaml").write_text(json.dumps({"model": "two_tank", "telemetry": "tank.parquet", "num_samples": 1,
+                                                 "start_state": {"h1": 0.3, "h2": 0.3}, "free": ["a1"]}))
+    monkeypatch.chdir(work)
+    result = CliRunner().invoke(app, ["calibrate", "run", "calib.yaml", "--runs", str(tmp_path / "runs")])
+    assert result.exit_code == 0, result.output
+    run_id = result.output.split()[1].rstrip(":")
+    record = json.loads((tmp_path / "runs" / run_id / "run.json").read_text())
+    assert record["spec"]["telemetry"] == str(work / "tank.parquet")
+    monkeypatch.chdir(tmp_path)
+    (work / "tank.parquet").rename(tmp_path / "moved.parquet")
+    result = CliRunner().invoke(app, ["rerun", run_id, "--runs", str(tmp_path / "runs")])
+    assert result.exit_code == 2 and f"{run_id}: cannot read telemetry" in _said(result), result.output
+    assert "Traceback" not in result.output
