@@ -35,7 +35,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import ray
@@ -46,7 +46,7 @@ from actors.routing import shard_index, shard_name
 from raytwin import metrics
 from raytwin.statestore import HistoryPruned, StateStore, to_micros
 from serve_apps.config import ServeConfig
-from serve_apps.errors import Gone, NotFound, unwrap
+from serve_apps.errors import Gone, NotFound, Unprocessable, unwrap
 from serve_apps.shard_deadline import ShardBreakers, TwinUnavailable, ignore_outcome
 
 
@@ -147,6 +147,10 @@ class TwinReader:
         """The twin's state now (see the module's freshness rule) or as of `at`; `NotFound` for
         unknown twins and other tenants' twins."""
         if at is not None:
+            if at > (now := datetime.now(UTC)):  # the state then is not known: today's would pass for it
+                raise Unprocessable(f"at {at.isoformat()} is after the server's time "
+                                    f"{now.isoformat(timespec='seconds')}: a twin's state is known up to now (leave "
+                                    "`at` out for the current state)")
             index, micros = self.shard_index(tenant, asset_id), to_micros(at)
 
             def past() -> Awaitable[Any]:

@@ -248,6 +248,10 @@ def test_state_now_and_in_the_past(api, http, building):
     assert {"nis_mean", "drift", "residual_rms"} <= set(drift)
     assert_error(http.get(f"/v1/assets/{building}/state", params={"at": "yesterday"}, headers=reader),
                  422, "invalid_request")
+    future = (datetime.now(UTC) + timedelta(days=365)).isoformat()  # answered with today's state, as if known
+    err = assert_error(http.get(f"/v1/assets/{building}/state", params={"at": future}, headers=reader), 422,
+                       "invalid_request")
+    assert "is after the server's time" in err["message"]
 
 
 def test_state_reads_see_writes_through_the_same_replica(api, http, building):
