@@ -149,11 +149,17 @@ def shadow_twin(twin: Twin, candidate: ModelArtifact, events: int) -> ShadowTwin
     """A shadow of `twin` running `candidate` from the twin's current estimate (see module docstring)."""
     if not 1 <= events <= MAX_EVENTS:
         raise ValueError(f"events must be in 1..{MAX_EVENTS}, got {events}")
-    check_compatible(twin.filter.model, candidate.model())
+    production = twin.segments[-1]  # the version that applies the next events (a swap may not have applied any)
+    if production.artifact.ref == candidate.ref:
+        raise ValueError(f"twin {twin.asset_id} runs {candidate.ref} from its next event on: shadow a version it "
+                         "does not run")
+    check_compatible(production.filter.model, candidate.model())
     seg = twin.segment(0, candidate)
-    for f in (twin.filter, seg.filter):
+    for f in (production.filter, seg.filter):
         check_scorable(f)
-    return ShadowTwin(twin.asset_id, twin.artifact, candidate, events, _Side(twin.filter, twin.fs),
+    served = twin.fs if production.filter is twin.filter else map_state(twin.fs, twin.filter, production.filter,
+                                                                        production.prior)
+    return ShadowTwin(twin.asset_id, production.artifact, candidate, events, _Side(production.filter, served),
                       _Side(seg.filter, map_state(twin.fs, twin.filter, seg.filter, seg.prior)), twin.last_key)
 
 

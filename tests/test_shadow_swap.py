@@ -293,3 +293,21 @@ def test_an_unregistered_twin_leaves_the_shadow_and_its_records_go(tmp_path, ver
     assert resumed.asset_id == "u1"
     assert live.unregister("acme", "u1")
     assert live.shadow_report("acme", true.ref) is None and shard(tmp_path).shadow_report("acme", true.ref) is None
+
+
+def test_a_shadow_after_a_swap_compares_with_the_version_that_applies_the_next_events(versions):
+    """After a promotion swapped a twin that had applied no event since, its shadow named the old version as
+    production (the one of its last event) and scored it on events the new one applies; shadowing that old
+    version then compared a model with itself and wrote an `evaluate` record that it won."""
+    from actors.shadow import shadow_twin
+
+    old_art, new_art = versions
+    evs = stream("z", 10, seed=5)
+    twin = Twin("acme", "z", old_art, **OPTS)
+    twin.apply([twin.pending(logged_event(e, old_art.asset_type)) for e in evs])
+    twin.add_swap(int((evs[-1].event_time + timedelta(minutes=1)).timestamp() * 1e6), new_art)
+    assert twin.view().model_ref == "zone@1.0.0"  # no event applied by the new version yet
+    shadow = shadow_twin(twin, old_art, events=5)
+    assert shadow.report().production_ref == "zone@1.1.0" and shadow.report().candidate_ref == "zone@1.0.0"
+    with pytest.raises(ValueError, match=r"^twin z runs zone@1.1.0 from its next event on: shadow a version"):
+        shadow_twin(twin, new_art, events=5)
