@@ -127,8 +127,9 @@ def start(
         raise typer.BadParameter("--metrics-export-port and --dashboard-port apply to a Ray this command "
                                  "starts; a running cluster's are set where it starts (`ray start`, KubeRay)")
     starts_ray = address is None and not ray.is_initialized()
+    context = None  # the Ray this command starts or joins (its dashboard's URL)
     if address is not None and not ray.is_initialized():  # first: the lease names the cluster that serves it
-        ray.init(address=address)
+        context = ray.init(address=address)
     try:  # before the app starts (its backend would be refused, Serve retrying it for ever), and before a Ray of
         # its own starts (tens of seconds) when it starts one: that cluster is not the one serving the store
         check_not_served_elsewhere(twins, cluster="" if starts_ray else None)
@@ -138,12 +139,16 @@ def start(
         serve_env.apply(serve_env.environment(settings.autoscaling, settings.admission))
         if direct_ingress or haproxy:
             serve_env.apply(serve_env.replica_server_environment())
-        ray.init(**{k: v for k, v in ports.items() if v is not None})
+        context = ray.init(**{k: v for k, v in ports.items() if v is not None})
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_app(settings), name="raytwin", route_prefix="/")
     typer.echo(f"RayTwin API at http://{host}:{port}/v1 (OpenAPI: /docs)" + (" through HAProxy" if haproxy else ""))
-    typer.echo(f"Ray cluster at {ray.get_runtime_context().gcs_address} (`raytwin status --address` it; "
-               f"`ray` commands: export RAY_ADDRESS=it{_auth_hint()})")
+    auth = _auth_hint()
+    typer.echo(f"Ray cluster at {ray.get_runtime_context().gcs_address} (`{auth.strip() + ' ' if auth else ''}raytwin "
+               f"status --address` it; `ray` commands: export RAY_ADDRESS=it{auth})")
+    if context is not None and context.dashboard_url:
+        typer.echo(f"Ray dashboard at http://{context.dashboard_url} (`{auth.strip() + ' ' if auth else ''}serve "
+                   f"status -a http://{context.dashboard_url}`)")
     exports = [f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics" for n in ray.nodes() if n["Alive"]]
     typer.echo("metrics (Prometheus, every Ray node; ops/README.md): " + ", ".join(exports))
     replicas = [p for _, p in http_targets("raytwin") if p != port]

@@ -66,6 +66,8 @@ def _dashboard_exprs() -> list[str]:
 def test_rules_pass_promtool_and_every_alert_is_tested_both_ways(prometheus_tools):
     promtool = prometheus_tools[0]
     subprocess.run([promtool, "check", "rules", str(RULES)], check=True, capture_output=True)
+    subprocess.run([promtool, "check", "config", str(RULES.parent / "prometheus.yml")], check=True,
+                   capture_output=True)  # the shipped scrape configuration, with the rules it loads
     out = subprocess.run([promtool, "test", "rules", str(RULES_TEST)], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
     alerts = {r["alert"] for r in _rules() if "alert" in r}
