@@ -90,8 +90,16 @@ class ConnectorOps:
         env = declaration.get("credentials_env") or {}
         self.connectors.create(spec, Credentials(**{field: os.environ[var] for field, var in env.items()}))
 
+    def _refuse_operators(self, tenant: str, name: str, verb: str) -> None:
+        """A connector declared in the service config is the operator's: a tenant key replaced it (dropping the
+        operator's credentials: the device feed was down until the next restart) or deleted it."""
+        if (tenant, name) in self.operators:
+            raise Conflict(f"connector {name!r} is declared in the service's configuration by its operator: a key "
+                           f"cannot {verb} it (ask the operator to change the declaration, or use another name)")
+
     @_api_errors
     def create(self, tenant: str, spec: dict[str, Any], credentials: Credentials | None) -> dict[str, Any]:
+        self._refuse_operators(tenant, spec.get("name"), "replace")
         declared = self._tenant_files(parse_spec({**spec, "tenant": tenant}))
         if (host := declared.source_host()) is not None and (why := self.reach.refusal(host)):
             raise Unprocessable(f"connector {declared.name!r}: {why}")
@@ -140,6 +148,7 @@ class ConnectorOps:
 
     @_api_errors
     def delete(self, tenant: str, name: str) -> None:
+        self._refuse_operators(tenant, name, "delete")
         self.connectors.delete(tenant, name)
 
     @_api_errors

@@ -674,7 +674,7 @@ def test_http_commands_propose_approve_once_and_show_the_ack(api, broker):
 def test_connectors_declared_in_the_service_config_start_with_credentials_from_the_environment(
         twins, connectors, broker, monkeypatch):
     from serve_apps.connector_ops import ConnectorOps, missing_credentials
-    from serve_apps.errors import NotFound
+    from serve_apps.errors import Conflict, NotFound
 
     declared = {**plant_spec(broker.port, name="declared"), "credentials_env": {"password": "DECLARED_PW"}}
     declared["routes"] = [{**declared["routes"][0], "topic": "declared/+/telemetry"}]
@@ -687,7 +687,12 @@ def test_connectors_declared_in_the_service_config_start_with_credentials_from_t
     assert ops.view("acme", "declared")["spec"]["name"] == "declared"
     assert connectors.store.credentials("acme", "declared").password.get_secret_value() == "from-a-k8s-secret"
     assert "declared" in {c["name"] for c in ops.list_all("acme")}
-    ops.delete("acme", "declared")
+    for refused in (lambda: ops.delete("acme", "declared"),  # a tenant key replaced or deleted the operator's
+                    lambda: ops.create("acme", {**plant_spec(broker.port, name="declared")}, None)):
+        with pytest.raises(Conflict, match="is declared in the service's configuration by its operator"):
+            refused()
+    assert connectors.store.credentials("acme", "declared").password.get_secret_value() == "from-a-k8s-secret"
+    connectors.delete("acme", "declared")
 
 
 def test_cli_checks_declarations_and_manages_connectors_through_the_api(api, broker, tmp_path, monkeypatch):
