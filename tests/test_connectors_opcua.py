@@ -389,3 +389,40 @@ def test_a_restarted_connector_without_backfill_reports_the_gap(connectors, serv
     assert float(error.split("last seen ")[1].split(" s ")[0]) >= 2.0, error
     connectors.delete("acme", "plc-latest")
     assert "plc-latest" not in connectors.names("acme")  # nothing written after the deletion
+
+
+def test_a_pause_longer_than_the_item_queue_is_read_back_from_history(server, device):
+    """Paused, the server keeps `queue_size` changes per item and discards the older ones: 15 of 20 per node were
+    lost with no error, although `backfill_s` was set and the server kept the history."""
+    spec = OpcUaSpec.model_validate(plc_spec(server.endpoint, name="plcq", queue_size=3, commands=[]))
+    since = (T0 + timedelta(seconds=200)).isoformat()
+    received: list[Inbound] = []
+
+    def written() -> set[tuple[str, str]]:
+        rows = [m.rows[0] for m in received if m.rows]
+        return {(r["idempotency_key"], r["event_time"]) for r in rows if r["event_time"] >= since}
+
+    async def scenario() -> OpcUaSession:
+        session = OpcUaSession(spec, Credentials(username=USER, password=PASSWORD), received.append)
+        run = asyncio.ensure_future(session.run())
+        await until(session.connected, "the session is connected")
+        def ack_all() -> None:
+            for m in received[acked[0]:]:
+                m.ack()
+            acked[0] = len(received)
+
+        await until(lambda: ack_all() or session.outstanding() == 0, "current values durable")
+        await session.set_paused(True)
+        await asyncio.to_thread(write, device, "tank-2", range(200, 210))  # 10 per node, its queue keeps 3
+        await session.set_paused(False)
+        await until(lambda: ack_all() or len(written()) == 20, "all 20 changes read back")
+        session.stop()
+        await run
+        return session
+
+    acked = [0]
+    session = asyncio.run(scenario())
+    assert session.errors == 0, session.last_error
+    for node in STREAMS["tank-2"]:
+        assert sorted(t for k, t in written() if k.endswith(node)) == [
+            (T0 + timedelta(seconds=k)).isoformat() for k in range(200, 210)]

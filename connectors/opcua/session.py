@@ -16,7 +16,10 @@ Why this shape:
   order. When `max_outstanding` changes are received and not yet durable, the subscription's publishing is
   switched off (`SetPublishingMode`): the server then keeps new values in each monitored item's own queue
   (`queue_size`; beyond it OPC UA discards the oldest) until half have become durable, and publishing is
-  switched on again. The connector holds at most `max_outstanding` plus one publish response.
+  switched on again. The connector holds at most `max_outstanding` plus one publish response. With
+  `backfill_s`, switching publishing on again (a resume, the end of backpressure) reads each node's history
+  since its newest durable change, so what a queue discarded is read back; without it, a value the server
+  flags as following an overflow is reported as an error.
 """
 
 from __future__ import annotations
@@ -42,6 +45,9 @@ from raytwin import metrics
 
 log = logging.getLogger("raytwin.connectors")
 LOSS = (OSError, ConnectionError, asyncio.TimeoutError, ua.UaError)
+OVERFLOW = 0x480
+"""A DataValue status's info bits saying its monitored item's queue discarded values before it (InfoType
+DataValue, bit 10, with Overflow, bit 7: OPC UA Part 4, 7.39)."""
 """What a lost or refused connection raises (asyncua's status-code errors are `UaError`s)."""
 
 
@@ -273,6 +279,10 @@ class OpcUaSession:
         node = self._nodes.get(nodeid)
         if node is None:
             return
+        if dv.StatusCode is not None and dv.StatusCode.value & OVERFLOW == OVERFLOW and not self.spec.backfill_s:
+            self._error(f"node {node.node_id}: the server's queue for it overflowed (more than queue_size "
+                        f"{self.spec.queue_size} changes while publishing was off): older changes were discarded; "
+                        "raise queue_size or set backfill_s to read them from the server's history")
         out = to_row(self.spec.name, node, dv)
         if out is None:  # a status without a value: nothing to deliver
             return
@@ -317,6 +327,9 @@ class OpcUaSession:
             except LOSS as exc:
                 self._error(f"could not switch publishing {'on' if want else 'off'}: {exc}")
                 self._lost.set()
+                return
+        if want and self.spec.backfill_s:  # what each item's queue discarded meanwhile (beyond `queue_size`)
+            await self._backfill()
 
     async def _feed(self) -> None:
         """Hand value changes to the pump in arrival order; `put` may block (a full pump), so in a thread."""
