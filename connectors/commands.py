@@ -176,10 +176,14 @@ class CommandLedger:
         return self._save(command.moved(status, f"asset:{command.asset_id}", detail, ack=ack))
 
     def recover(self, tenant: str, connector: str) -> list[Command]:
-        """After a connector (re)starts: its commands left in *sending* are failed as "outcome unknown"
-        (they may or may not have reached the asset, and are never re-sent), those left *approved* (it stopped
-        between the approval and the claim) as not sent: nothing is sent before the claim is persisted."""
+        """After a connector (re)starts: its commands left in *sending*, or *sent* unconfirmed (the client that
+        kept them is gone), are failed as "outcome unknown" (they may or may not have reached the asset, and are
+        never re-sent), those left *approved* (it stopped between the approval and the claim) as not sent:
+        nothing is sent before the claim is persisted."""
         reasons = {CommandStatus.sending: "outcome unknown: the connector stopped while sending; not re-sent",
-                   CommandStatus.approved: "not sent: the connector stopped before sending; propose it again"}
-        return [self.failed(c, reasons[c.status])
-                for c in self.list(tenant) if c.connector == connector and c.status in reasons]
+                   CommandStatus.approved: "not sent: the connector stopped before sending; propose it again",
+                   CommandStatus.sent: "outcome unknown: the connector stopped before the broker confirmed the "
+                                       "command; not re-sent"}
+        return [self.failed(c, reasons[c.status]) for c in self.list(tenant) if c.connector == connector and (
+            c.status in (CommandStatus.sending, CommandStatus.approved)
+            or (c.status is CommandStatus.sent and (c.history[-1].detail or "").startswith("unconfirmed")))]

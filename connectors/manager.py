@@ -16,7 +16,7 @@ from typing import Any
 import ray
 
 from actors.ingest import ShardRouter
-from connectors.commands import Command, CommandError, CommandLedger
+from connectors.commands import Command, CommandError, CommandLedger, CommandStatus
 from connectors.kinds import kind_of, parse_spec
 from connectors.runtime import ConnectorActor, ConnectorStatus, actor_name
 from connectors.spec import ConnectorSpec, ConnectorStore, Credentials, UnknownConnector
@@ -213,6 +213,10 @@ class Connectors:
             return ray.get(self._actor(tenant, command.connector).approve.remote(tenant, command.id, by))
         except ray.exceptions.RayActorError:  # its process died: the restarted one settles the record, never resends
             now = self.ledger.get(tenant, command_id)
+            if now.status is CommandStatus.proposed:  # it stopped before it took the approval: nothing was sent
+                raise CommandError(f"connector {command.connector!r} stopped before it took the approval of command "
+                                   f"{command_id}: nothing was sent and it is still proposed; approve it again once "
+                                   "the connector is back") from None
             raise CommandError(f"outcome unknown: connector {command.connector!r} stopped while approving command "
                                f"{command_id} (it is {now.status.value}); it is never sent again: read the command "
                                "for its final status") from None

@@ -60,9 +60,12 @@ class ServeConfig(BaseModel):
                                         "(a hung or stalled process) is answered from the store, marked stale, and "
                                         "the shard's twins are read so and their telemetry refused (503) until it "
                                         "answers (serve_apps/shard_deadline.py).")
-    shard_write_timeout_s: float = Field(15.0, gt=0, description="Telemetry its twin's shard has not applied this "
-                                         "long is answered 503 `twin_unavailable` (resend it: events are "
-                                         "idempotent); the shard's breaker opens as for reads.")
+    shard_write_timeout_s: float = Field(15.0, gt=0, description="Telemetry (or a drift clear, an asset deletion) "
+                                         "its twin's shard has not applied this long is answered 503 "
+                                         "`twin_unavailable` (resend telemetry: events are idempotent); the shard's "
+                                         "breaker opens as for reads.")
+    shard_create_timeout_s: float = Field(60.0, gt=0, description="The same for an asset's creation or change, "
+                                          "whose twin may compile its model's kernels first (seconds on a busy node).")
     change_memory: int = Field(1000, ge=1, description="Newest changes per tenant the backend keeps in memory "
                                "for live streams; a stream further behind gets `fell_behind` and resumes from the "
                                "store.")

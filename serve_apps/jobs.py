@@ -192,8 +192,10 @@ class JobQueue:
                 log.error("event=job_error job_id=%s tenant=%s", job.job_id, job.tenant, exc_info=err)
                 reason = f"internal error ({type(err).__name__}); quote the job_id when reporting it"
             job.state, job.error = "failed", reason.splitlines()[0][:500]
-        if (by := self.cancelled.pop(job.job_id, None)) is not None:  # its partial results are not its results
-            job.state, job.error = "cancelled", f"cancelled by key {by}"
+        if (by := self.cancelled.pop(job.job_id, None)) is not None and job.state != "succeeded":
+            job.state, job.error = "cancelled", f"cancelled by key {by}"  # its partial results are not its results
+        elif by is not None:  # it finished before the interrupt reached it: its results (and run record) stand
+            log.info("event=job_cancel_late job_id=%s key_id=%s", job.job_id, by)
         self.tasks.pop(job.job_id, None)
         job.finished = datetime.now(UTC)
         self.running -= 1
@@ -210,7 +212,8 @@ class JobQueue:
 
     def cancel(self, tenant: str, job_id: str, key_id: str) -> Job:
         """Cancel the tenant's queued or running scenario or sweep job: a queued one leaves the queue, a
-        running one's task is interrupted (a sweep records its run as cancelled and stops its chunk tasks);
+        running one's task is interrupted (a sweep records its run as cancelled and stops its chunk tasks; one
+        that finished before the interrupt reached it stays succeeded, its run record too);
         409 for a finished or bulk job (bulk items are applied one by one: its report says which)."""
         job = self.jobs.get(job_id)
         if job is None or job.tenant != tenant:

@@ -74,7 +74,8 @@ def register(app: FastAPI) -> None:
         """Create an asset of the caller's tenant and start its live twin (409 if it exists, or if its model has
         a production version other than `type_version`; with `If-None-Match: *`, 412)."""
         asset = _asset(who.tenant, body.id, body)
-        revision = await svc.backend.call("create_asset", asset, body.initial_state, pre)
+        revision = await svc.twins.write(who.tenant, asset.id, lambda: svc.backend.call(
+            "create_asset", asset, body.initial_state, pre), svc.twins.create_timeout_s)
         await svc.record(request, who, "asset.create", asset.id, asset=asset.model_dump(mode="json"),
                          initial_state=body.initial_state)
         response.headers["ETag"] = etag(revision)
@@ -118,11 +119,13 @@ def register(app: FastAPI) -> None:
         `type_version` other than the production version of a model under the lifecycle."""
         asset = _asset(who.tenant, asset_id, body)
         if pre.create_only:
-            revision = await svc.backend.call("create_asset", asset, None, pre)
+            revision = await svc.twins.write(who.tenant, asset.id, lambda: svc.backend.call(
+                "create_asset", asset, None, pre), svc.twins.create_timeout_s)
             await svc.record(request, who, "asset.create", asset_id, asset=asset.model_dump(mode="json"))
             response.status_code = 201
         else:
-            revision = await svc.backend.call("update_asset", asset, pre)
+            revision = await svc.twins.write(who.tenant, asset.id, lambda: svc.backend.call(
+                "update_asset", asset, pre), svc.twins.create_timeout_s)
             svc.twins.forget(who.tenant, asset_id)
             await svc.record(request, who, "asset.update", asset_id, asset=asset.model_dump(mode="json"))
         response.headers["ETag"] = etag(revision)
@@ -132,7 +135,8 @@ def register(app: FastAPI) -> None:
     async def delete_asset(asset_id: str, request: Request, who: Principal = ADMIN, pre: Precondition = PRE,
                            svc: Services = SVC) -> Response:
         """Delete an asset and stop its twin (409 while other assets point at it; `If-Match`: 412 if changed)."""
-        await svc.backend.call("delete_asset", who.tenant, asset_id, pre)
+        await svc.twins.write(who.tenant, asset_id,
+                              lambda: svc.backend.call("delete_asset", who.tenant, asset_id, pre))
         svc.twins.forget(who.tenant, asset_id)
         await svc.record(request, who, "asset.delete", asset_id)
         return Response(status_code=204)

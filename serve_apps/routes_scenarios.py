@@ -20,6 +20,7 @@ from serve_apps.auth import Principal
 from serve_apps.deps import READER, SVC, WRITER, Services
 from serve_apps.errors import CONFLICT, Conflict, NotFound, PayloadTooLarge, Unprocessable
 from serve_apps.jobs import Job, JobRecord
+from serve_apps.shard_deadline import RETRY_AFTER_S, TwinUnavailable
 from serve_apps.scenarios import AssetSweep, fmu_sweep_spec, is_fmu, prepare, run, sweep_spec, sweep_to_store
 from serve_apps.schemas import JobAccepted, ResultFile, ScenarioRun, SweepResult
 from sweeps.aggregate import open_dataset
@@ -147,6 +148,11 @@ async def _model_and_state(svc: Services, who: Principal, asset_id: str, live: b
     a promotion or rollback swaps the twin's model, while the catalog's asset keeps its type version, and
     a state estimated by one model must not be propagated by another."""
     twin = await svc.twins.state(who.tenant, asset_id, at if live else None)
+    if live and twin.get("stale"):  # its last snapshot (or prior) would pass for the live state
+        raise TwinUnavailable(f"the shard of twin {asset_id} is restarting or not answering, so its live state is "
+                              f"not known (only its last snapshot, revision {twin['revision']}); retry after "
+                              f"{RETRY_AFTER_S} s, or give an explicit start_state",
+                              headers={"Retry-After": str(RETRY_AFTER_S)})
     _, artifact = await svc.backend.call("model_of", who.tenant, asset_id, twin["model_ref"])
     if not live:
         return artifact, None, None

@@ -54,7 +54,8 @@ def register(app: FastAPI) -> None:
         valid, positions, rejections, causes = _validate_events(asset_id, body.events, asset_type, datetime.now(UTC))
         report = {"accepted": 0, "duplicates": 0, "rejected": 0, "reasons": []}
         if valid:
-            report = await svc.twins.write(who.tenant, asset_id, lambda: svc.backend.call("ingest", who.tenant, valid))
+            report = await svc.twins.write(who.tenant, asset_id,
+                                           lambda: svc.backend.call("ingest", who.tenant, valid))
             svc.twins.forget(who.tenant, asset_id)
         for cause, n in causes.items():  # the shards count theirs; the sender has the reasons in this answer
             metrics.DEAD_LETTERS.inc(n, stage="api", reason=cause)
@@ -84,6 +85,8 @@ def register(app: FastAPI) -> None:
         """Model/data divergence: normalised innovation (NIS) statistics, residuals and the drift flag."""
         found = await svc.twins.state(who.tenant, asset_id)
         response.headers["ETag"] = etag(found["revision"], weak=True)
+        if found["stale"]:  # the shard is restarting or hung: its last durable state's indicators
+            response.headers["RayTwin-Stale"] = "true"
         return Divergence(asset_id=asset_id, revision=found["revision"], event_time=found["event_time"],
                           **found["divergence"])
 
@@ -93,7 +96,8 @@ def register(app: FastAPI) -> None:
         """Acknowledge the twin's drift alarm: its detector restarts from zero (a fault that persists is
         flagged again after its detection delay). Durable across restarts, audited with the reason,
         and recorded as a `twin.drift` change when the flag falls; answers the new divergence report."""
-        found = await svc.backend.call("clear_drift", who.tenant, asset_id)
+        found = await svc.twins.write(who.tenant, asset_id, lambda: svc.backend.call("clear_drift", who.tenant,
+                                                                                  asset_id))
         svc.twins.forget(who.tenant, asset_id)
         await svc.record(request, who, "twin.drift_clear", asset_id, reason=body.reason,
                          revision=found["revision"])

@@ -81,9 +81,9 @@ class ShardBreakers:
 
 def _refusal(asset_id: str, why: str) -> TwinUnavailable:
     return TwinUnavailable(f"the shard holding twin {asset_id} {why} (a hung or stalled process; other twins are "
-                           f"unaffected); retry after {RETRY_AFTER_S} s. Telemetry sent may still be applied when it "
-                           "answers: resending it is safe (events are idempotent)",
-                           headers={"Retry-After": str(RETRY_AFTER_S)})
+                           f"unaffected); retry after {RETRY_AFTER_S} s. A write may still be applied when it answers: "
+                           "resending telemetry is safe (events are idempotent); read the asset before repeating "
+                           "another change", headers={"Retry-After": str(RETRY_AFTER_S)})
 
 
 def ignore_outcome(call: asyncio.Future) -> None:

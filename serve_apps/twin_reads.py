@@ -95,6 +95,7 @@ class TwinReader:
         self.max_age_s = config.state_cache_s
         self.max_entries = config.state_cache_entries
         self.read_timeout_s, self.write_timeout_s = config.shard_read_timeout_s, config.shard_write_timeout_s
+        self.create_timeout_s = config.shard_create_timeout_s
         self.breakers = ShardBreakers()
         self._clock = clock
         self._handles: dict[int, Any] = {}
@@ -116,17 +117,20 @@ class TwinReader:
         """The handle of the shard actor holding (tenant, asset), for readers of many twins at once."""
         return self._shard(tenant, asset_id)
 
-    async def write(self, tenant: str, asset_id: str, call: Callable[[], Awaitable[T]]) -> T:
-        """`call()`, a write to the twin's shard (through the backend): refused with 503 while the shard leaves
-        calls unanswered, and after `shard_write_timeout_s` without an answer (`serve_apps.shard_deadline`);
+    async def write(self, tenant: str, asset_id: str, call: Callable[[], Awaitable[T]],
+                    timeout_s: float | None = None) -> T:
+        """`call()`, a write to the twin's shard (through the backend: telemetry, a drift clear, an asset's
+        creation, change or deletion): refused with 503 while the shard leaves calls unanswered, and after
+        `timeout_s` (default `shard_write_timeout_s`) without an answer (`serve_apps.shard_deadline`);
         503 too when the process handling it died meanwhile (a backend replica, a shard), whose events may or
         may not have been applied: a 500 there made clients drop batches that were never applied."""
         try:
             return await self.breakers.within(self.shard_index(tenant, asset_id), asset_id, call,
-                                              self.write_timeout_s)
+                                              timeout_s or self.write_timeout_s)
         except ray.exceptions.RayActorError as exc:
-            raise TwinUnavailable(f"the process applying telemetry of twin {asset_id} was lost ({type(exc).__name__});"
-                                  " some of these events may have been applied: resend them (events are idempotent)",
+            raise TwinUnavailable(f"the process applying this write to twin {asset_id} was lost "
+                                  f"({type(exc).__name__}); it may have been applied: resend telemetry (events are "
+                                  "idempotent); read the asset before repeating another change",
                                   headers={"Retry-After": "1"}) from None
 
     async def _live(self, index: int, shard: Any, call: Callable[[], Awaitable[T]],

@@ -460,24 +460,34 @@ def _std_and_correlation(problem: Problem, cov: np.ndarray) -> tuple[np.ndarray,
     along some direction (the pseudo-inverse of a singular J^T J: finite, and as false)."""
     cov = 0.5 * (cov + cov.T)
     var = np.diag(cov)
-    if not np.all(np.isfinite(cov)) or np.any(var <= 0):
-        _refuse_unidentified(problem, [n for n, v in zip(problem.free_names, var) if not v > 0 or not np.isfinite(v)])
+    finite = np.all(np.isfinite(cov))
+    if not finite or np.any(var <= 0):
+        _refuse_unidentified(problem, cov if finite else None)
     rel_std = np.sqrt(var)
     corr = cov / np.outer(rel_std, rel_std)
-    eigenvalues, vectors = np.linalg.eigh(corr)
-    if eigenvalues[0] < COLLINEAR_EIGENVALUE:
-        weights = np.abs(vectors[:, 0])
-        _refuse_unidentified(problem, [n for n, w in zip(problem.free_names, weights) if w >= 0.3 * weights.max()])
+    if np.linalg.eigvalsh(corr)[0] < COLLINEAR_EIGENVALUE:
+        _refuse_unidentified(problem, cov)
     return rel_std, corr
 
 
-def _refuse_unidentified(problem: Problem, names: list[str]) -> None:
-    them = "them together" if len(names) > 1 else "it"
+def _refuse_unidentified(problem: Problem, cov: np.ndarray | None) -> None:
+    """`CalibrationError` naming the parameters along the direction the data do not see: the weakest one of
+    the information (the covariance's pseudo-inverse), or every free parameter when the covariance is not
+    even finite."""
+    names = list(problem.free_names)
+    if cov is not None:
+        _, vectors = np.linalg.eigh(np.linalg.pinv(cov, hermitian=True))
+        weights = np.abs(vectors[:, 0])
+        names = [n for n, w in zip(names, weights) if w >= 0.3 * weights.max()]
+    if len(names) == 1:
+        fix = "fix it (`parameters`) or add telemetry that moves it"
+    else:
+        fix = "fix all but one of them (`parameters`), or add telemetry that moves them differently"
     raise CalibrationError(
-        f"the telemetry does not identify {', '.join(names)} of {problem.simulator}: changing {them} leaves the "
-        "outputs (almost) unchanged, so fitted values would be arbitrary and their uncertainty "
-        "unbounded; fix all but one of parameters that enter only together (`parameters`), or add telemetry that "
-        "moves them differently (see the identifiability notes in sweeps/README.md)")
+        f"the telemetry does not identify {', '.join(names)} of {problem.simulator}: changing "
+        f"{'them together' if len(names) > 1 else 'it'} leaves the outputs (almost) unchanged, so fitted values "
+        f"would be arbitrary and their uncertainty unbounded; {fix} (see the identifiability notes in "
+        "sweeps/README.md)")
 
 
 # ----------------------------------------------------------------------- outputs ----

@@ -109,7 +109,8 @@ class SweepSpec(ModelStart):
         if self.dtype == "float32" and self.n_steps > MAX_FLOAT32_STEPS:
             raise ValueError(f"{self.n_steps} steps: in float32 a run's time and its integral metrics stop adding "
                              f"up beyond {MAX_FLOAT32_STEPS} steps (2^24; a 1e9-step energy came out 35x too low); "
-                             "use a longer step_s, a shorter horizon_s, or dtype float64")
+                             "use a longer step_s or a shorter horizon_s (or, outside the HTTP API, dtype "
+                             "float64)")
         if "@" not in self.model:
             self.check_against(self.model)
         bad = [i for i in self.trajectories if i >= self.space.size]

@@ -174,3 +174,23 @@ def test_the_result_records_each_outputs_sigma_and_which_were_assumed(ray_sessio
     result, _, _ = calibrate(spec, str(tmp_path / "out"))
     assert result.noise_std == {"h1": 1.0, "h2": 0.003} and result.noise_std_assumed == ["h1"]
     assert json.loads((tmp_path / "out" / "calibration.json").read_text())["noise_std_assumed"] == ["h1"]
+
+
+def test_the_refusal_names_only_the_parameters_the_data_do_not_see():
+    """One unidentified parameter (f_sol on night-time data) was refused naming all six, with advice for
+    parameters that enter only together."""
+    from types import SimpleNamespace
+
+    from sweeps.calibration import _std_and_correlation
+
+    problem = SimpleNamespace(free_names=("a", "b", "c"), simulator="m")
+    alone = np.linalg.pinv(np.diag([4.0, 2.0, 0.0]))  # c moves nothing
+    with pytest.raises(CalibrationError, match=r"^the telemetry does not identify c of m: changing it leaves the "
+                                               r"outputs \(almost\) unchanged.*; fix it \(`parameters`\)"):
+        _std_and_correlation(problem, alone)
+    together = np.linalg.pinv(np.array([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 3.0]]))  # a and b as a sum
+    with pytest.raises(CalibrationError, match=r"identify a, b of m: changing them together .*fix all but one"):
+        _std_and_correlation(problem, together)
+    rel_std, corr = _std_and_correlation(problem, np.linalg.inv(np.diag([4.0, 2.0, 1.0])))
+    np.testing.assert_allclose(rel_std, [0.5, 2 ** -0.5, 1.0])
+    np.testing.assert_allclose(corr, np.eye(3), atol=1e-15)

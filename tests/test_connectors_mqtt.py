@@ -426,9 +426,16 @@ def test_a_restarted_connector_settles_commands_it_left_approved_or_sending(tmp_
     ledger.approve("acme", sending.id, by="k2")
     ledger.claim("acme", sending.id, "c")
     other = ledger.propose("acme", "d", "a1", "setpoint", {"x": 3}, by="k1")
+    unconfirmed, confirmed = (ledger.propose("acme", "c", "a1", "setpoint", {"x": x}, by="k1") for x in (4, 5))
+    for command, detail in ((unconfirmed, "unconfirmed: broker b did not confirm"), (confirmed, None)):
+        ledger.approve("acme", command.id, by="k2")
+        ledger.sent(ledger.claim("acme", command.id, "c"), detail)
     settled = {c.id: c.history[-1].detail for c in ledger.recover("acme", "c")}
     assert settled == {approved.id: "not sent: the connector stopped before sending; propose it again",
-                       sending.id: "outcome unknown: the connector stopped while sending; not re-sent"}
+                       sending.id: "outcome unknown: the connector stopped while sending; not re-sent",
+                       unconfirmed.id: "outcome unknown: the connector stopped before the broker confirmed the "
+                                       "command; not re-sent"}  # the client that kept it died with the process
+    assert ledger.get("acme", confirmed.id).status is CommandStatus.sent
     assert ledger.get("acme", other.id).status is CommandStatus.proposed
 
 

@@ -255,11 +255,18 @@ def test_a_hung_shard_is_read_stale_and_refuses_telemetry_until_it_answers_then_
         late = post(100)  # waits out shard_write_timeout_s
         assert late.status_code == 503 and late.headers["retry-after"] == "2", late.text
         error = late.json()["error"]
-        assert error["code"] == "twin_unavailable" and "resending it is safe" in error["message"]
+        assert error["code"] == "twin_unavailable" and "resending telemetry is safe" in error["message"]
         read = http.get("/v1/assets/zone-1/state")  # the breaker is open: from the store at once
         assert read.status_code == 200 and read.headers["raytwin-stale"] == "true" and read.json()["stale"]
         refused = post(110)  # at once, before any work
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "twin_unavailable"
+        cleared = http.post("/v1/assets/zone-1/drift/clear", json={"reason": "checked"})  # held a slot 23 s
+        assert cleared.status_code == 503 and cleared.json()["error"]["code"] == "twin_unavailable", cleared.text
+        what_if = http.post("/v1/scenarios", json={  # ran from the snapshot as if it were the live state
+            "asset_id": "zone-1", "horizon_s": 600.0, "step_s": 60.0,
+            "inputs": {n: {"kind": "constant", "value": 0.0, "unit": "W"} for n in ("Q_h", "Q_sol")}
+            | {"T_out": {"kind": "constant", "value": 5.0, "unit": "degC"}}})
+        assert what_if.status_code == 503 and "its live state is not known" in what_if.json()["error"]["message"]
         health = http.get("/v1/health")  # alive; its twin count waits for no hung shard
         assert health.status_code == 200 and health.json()["status"] == "degraded", health.text
     for _ in range(600):  # the held batch is applied when the shard answers, which closes the breaker
