@@ -51,12 +51,15 @@ def dynsec_plugin() -> str:
                        "mosquitto`)")
 
 
-def _subscribe_only(filters: list[str]) -> dict:
-    """A Dynamic Security configuration: every client may publish and receive, and subscribe to `filters` only."""
-    role = {"rolename": "subscribers", "acls": [{"acltype": "subscribePattern", "topic": f, "priority": 0,
-                                                 "allow": True} for f in filters]}
-    return {"defaultACLAccess": {"publishClientSend": True, "publishClientReceive": True, "subscribe": False,
-                                 "unsubscribe": True},
+def _dynsec(subscribable: list[str] | None, publishable: list[str] | None) -> dict:
+    """A Dynamic Security configuration: every client receives anything, and subscribes to `subscribable` and
+    publishes to `publishable` only (None: any topic)."""
+    acls = [{"acltype": kind, "topic": f, "priority": 0, "allow": True}
+            for kind, filters in (("subscribePattern", subscribable), ("publishClientSend", publishable))
+            for f in filters or ()]
+    role = {"rolename": "subscribers", "acls": acls}
+    return {"defaultACLAccess": {"publishClientSend": publishable is None, "publishClientReceive": True,
+                                 "subscribe": subscribable is None, "unsubscribe": True},
             "clients": [], "roles": [role],
             "groups": [{"groupname": "anonymous", "roles": [{"rolename": "subscribers"}], "clients": []}],
             "anonymousGroup": "anonymous"}
@@ -66,15 +69,15 @@ class Mosquitto:
     """One broker process on a loopback port, with persistence in `directory`."""
 
     def __init__(self, directory: Path, port: int, install: bool = False, max_inflight: int = 20, max_qos: int = 2,
-                 subscribable: list[str] | None = None):
+                 subscribable: list[str] | None = None, publishable: list[str] | None = None):
         """`max_inflight`: unacknowledged QoS 1 messages per MQTT 3.1.1 client (Mosquitto's default 20);
-        `max_qos`: the highest QoS the broker grants; `subscribable`: the topic filters clients may
-        subscribe to (Mosquitto's Dynamic Security plugin refuses others; None: any topic)."""
+        `max_qos`: the highest QoS the broker grants; `subscribable` / `publishable`: the topic filters clients
+        may subscribe / publish to (Mosquitto's Dynamic Security plugin refuses others; None: any topic)."""
         self.directory, self.port = directory, port
         self.config = directory / "mosquitto.conf"
         access = ""
-        if subscribable is not None:
-            (directory / "dynsec.json").write_text(json.dumps(_subscribe_only(subscribable)))
+        if subscribable is not None or publishable is not None:
+            (directory / "dynsec.json").write_text(json.dumps(_dynsec(subscribable, publishable)))
             access = f"plugin {dynsec_plugin()}\nplugin_opt_config_file {directory}/dynsec.json\n"
         self.config.write_text(
             f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\nmax_qos {max_qos}\n"

@@ -243,6 +243,8 @@ class MqttAdapter:
         self.client.on_connect_fail = self._on_connect_fail
         self.client.on_message = self._on_message
         self.client.on_subscribe = self._on_subscribe
+        self.client.on_publish = self._on_publish
+        self._refusals: dict[int, str] = {}  # command PUBLISH mid -> the broker's refusal (MQTT 5 PUBACK reason)
 
     # ------------------------------------------------------------- lifecycle ----
     def start(self) -> None:
@@ -297,6 +299,12 @@ class MqttAdapter:
         _, self._subscription = client.subscribe(self._topics())
         log.info("event=mqtt_connected tenant=%s connector=%s broker=%s session_present=%s", self.spec.tenant,
                  self.spec.name, self._where(), flags.session_present)
+
+    def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
+        """A PUBACK: MQTT 5 says there whether the broker accepted the PUBLISH (0x87 Not authorized: its ACL
+        denied the topic, and nothing was delivered)."""
+        if reason is not None and reason.is_failure:
+            self._refusals[mid] = str(reason)
 
     def _topics(self) -> list[tuple[str, int]]:
         return [(r.topic, 1) for r in self.spec.routes] + ([(self.spec.ack_filter, 1)] if self.spec.ack_topic else [])
@@ -402,6 +410,9 @@ class MqttAdapter:
         info = self.client.publish(route.command_topic.format(asset_id=command.asset_id), json.dumps(body), qos=1,
                                    properties=props)
         info.wait_for_publish(PUBLISH_TIMEOUT_S)
+        if (refusal := self._refusals.pop(info.mid, None)) is not None:  # acknowledged, and not accepted
+            raise PermissionError(f"broker {self._where()} refused the command: {refusal} (its ACL for this "
+                                  "client id and the command topic)")
         if not info.is_published():
             raise Unconfirmed(f"broker {self._where()} did not confirm the command within {PUBLISH_TIMEOUT_S:g} s "
                               "(the client keeps it and may still deliver it; assets must ignore a correlation id "

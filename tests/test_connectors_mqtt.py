@@ -415,6 +415,25 @@ def test_a_command_the_broker_confirms_late_is_sent_unconfirmed_and_its_ack_stil
         frozen.stop()
 
 
+def test_a_command_the_broker_refuses_is_failed_not_sent(twins, connectors, tmp_path):
+    """A PUBLISH the broker's ACL denies is acknowledged with MQTT 5's 0x87 Not authorized and delivered to nobody:
+    the command was recorded and audited `sent`."""
+    guarded = Mosquitto(tmp_path, free_port(), publishable=["plant/+/ack"])  # commands may not be published
+    guarded.start()
+    try:
+        connectors.create(plant_spec(guarded.port, name="denied"))
+        wait_for(lambda: connectors.status("acme", "denied").connected, "connected")
+        proposed = connectors.propose("acme", "denied", "pump-3", "setpoint", {"q_in": 0.25}, by="key-alice")
+        decided = connectors.approve("acme", proposed.id, by="key-bob")
+        assert decided.status is CommandStatus.failed
+        assert decided.history[-1].detail == (f"not sent: PermissionError: broker 127.0.0.1:{guarded.port} refused "
+                                              "the command: Not authorized (its ACL for this client id and the "
+                                              "command topic)")
+    finally:
+        connectors.delete("acme", "denied")
+        guarded.stop()
+
+
 def test_a_restarted_connector_settles_commands_it_left_approved_or_sending(tmp_path):
     """A crash between the approval and the claim left a command `approved` for good (recovery failed only
     `sending` ones); nothing is sent before the claim is persisted, so it was not sent."""
