@@ -8,9 +8,10 @@ refused every request of every tenant as "overloaded", its health route included
 So a call that a shard leaves unanswered past its deadline (`ServeConfig.shard_read_timeout_s`,
 `shard_write_timeout_s`) opens that shard's breaker in the replica until the call completes: reads
 of its twins are answered from their last durable state, marked stale (as while a killed shard
-restarts), time-travel reads and telemetry are refused at once with 503 ``twin_unavailable`` and
-`Retry-After`. Telemetry refused after its deadline may still be applied when the shard answers;
-resending it is safe (events are idempotent: `raytwin.contracts.TelemetryEvent`), and the SDK does.
+restarts), time-travel reads and writes (telemetry, drift clears, asset changes) are refused at once with
+503 ``twin_unavailable`` and `Retry-After`. A write refused after its deadline may still be applied when
+the shard answers; resending telemetry is safe (events are idempotent: `raytwin.contracts.TelemetryEvent`),
+and the SDK does.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ class ShardBreakers:
         self._unanswered[index] = call
         metrics.SHARD_UNANSWERED.inc(shard=str(index))
         log.warning("event=shard_unanswered shard=%d deadline_s=%g: its twins are read from the store (stale) and "
-                    "their telemetry refused with 503 until it answers", index, deadline_s)
+                    "their writes refused with 503 until it answers", index, deadline_s)
 
         def closed(_: asyncio.Future) -> None:
             if self._unanswered.get(index) is call:
