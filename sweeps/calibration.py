@@ -470,6 +470,10 @@ def _std_and_correlation(problem: Problem, cov: np.ndarray) -> tuple[np.ndarray,
     return rel_std, corr
 
 
+class Unidentified(CalibrationError):
+    """The telemetry does not identify some free parameters (their covariance is singular)."""
+
+
 def _refuse_unidentified(problem: Problem, cov: np.ndarray | None) -> None:
     """`CalibrationError` naming the parameters along the direction the data do not see: the weakest one of
     the information (the covariance's pseudo-inverse), or every free parameter when the covariance is not
@@ -483,7 +487,7 @@ def _refuse_unidentified(problem: Problem, cov: np.ndarray | None) -> None:
         fix = "fix it (`parameters`) or add telemetry that moves it"
     else:
         fix = "fix all but one of them (`parameters`), or add telemetry that moves them differently"
-    raise CalibrationError(
+    raise Unidentified(
         f"the telemetry does not identify {', '.join(names)} of {problem.simulator}: changing "
         f"{'them together' if len(names) > 1 else 'it'} leaves the outputs (almost) unchanged, so fitted values "
         f"would be arbitrary and their uncertainty unbounded; {fix} (see the identifiability notes in "
@@ -553,11 +557,16 @@ def _calibrate(spec: CalibrationSpec, out_url: str,
     if spec.refine:
         theta, evaluations = refine(problem, theta)
     q_scale = None
-    if spec.uncertainty == "prediction_error":
-        theta, q_scale, rel_std, corr = prediction_error(problem, theta)
-        log.info("calibration prediction_error process_noise_scale=%.3g", q_scale)
-    else:
-        rel_std, corr = uncertainty(problem, theta)
+    try:
+        if spec.uncertainty == "prediction_error":
+            theta, q_scale, rel_std, corr = prediction_error(problem, theta)
+            log.info("calibration prediction_error process_noise_scale=%.3g", q_scale)
+        else:
+            rel_std, corr = uncertainty(problem, theta)
+    except Unidentified:  # a fit a bound stopped has a singular covariance too: the bound is the cause to name
+        if spec.refine:
+            _refuse_fit_on_bounds(problem, theta)
+        raise
     if spec.refine or spec.uncertainty == "prediction_error":  # an optimum (a Tune grid point may lie on a bound)
         _refuse_fit_on_bounds(problem, theta)
     fitted = np.asarray(problem.params(theta))
