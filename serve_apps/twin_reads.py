@@ -24,7 +24,7 @@ from the twin's last durable state (`actors.recovery.durable_state`, its latest 
 ``stale: true`` and the header ``RayTwin-Stale: true``. Queries over many twins do the same per shard
 (`serve_apps.asset_queries.LiveStates`). So does a shard that is alive but has left the call unanswered
 past ``ServeConfig.shard_read_timeout_s`` (hung or stalled): until it answers, its twins are read from
-the store at once and their telemetry is refused (`serve_apps.shard_deadline`).
+the store at once and writes to them are refused (`serve_apps.shard_deadline`).
 """
 
 from __future__ import annotations
