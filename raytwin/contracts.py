@@ -27,7 +27,7 @@ from pydantic import (
 
 from raytwin import units
 from raytwin.fields import Contract, Finite, Unit
-from raytwin.signals import OpenLoopSignal, Series, signal_function, started_at
+from raytwin.signals import CLOCK_INPUT, OpenLoopSignal, Series, signal_function
 
 SCHEMA_VERSION = 1
 MAX_FUTURE_SKEW = timedelta(minutes=5)
@@ -390,10 +390,11 @@ class Scenario(Contract):
         """Input `name` at the start of each step, in `unit` (default: the signal's), in float64: the
         formulas a sweep compiles into its scan, evaluated with NumPy (random signals drawn from
         their seed plus the scenario's `seed`)."""
-        fn = signal_function(started_at(self.inputs[name], clock_s), horizon_s=self.horizon_s, step_s=self.step_s,
+        fn = signal_function(self.inputs[name], horizon_s=self.horizon_s, step_s=self.step_s,
                              offset=self.seed, unit=unit, xp=np)
         with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused by the range check
-            return np.asarray(fn(self.step_s * np.arange(self.n_steps, dtype=np.float64), None, {}), np.float64)
+            t = self.step_s * np.arange(self.n_steps, dtype=np.float64)
+            return np.asarray(fn(t, None, {CLOCK_INPUT: clock_s}), np.float64)
 
     def _checked_inputs(self, asset_type: AssetType, clock_s: float) -> np.ndarray:
         """`check_against`, returning the input series it evaluated to check their ranges."""

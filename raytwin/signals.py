@@ -49,16 +49,22 @@ def clock_seconds(start_time: datetime | None) -> float:
     return (start_time - CLOCK_ORIGIN).total_seconds() % WEEK_S
 
 
-def started_at(sig: Any, clock_s: float) -> Any:
-    """`sig` for a run whose t = 0 is `clock_s` seconds after a Monday 00:00 UTC: a clock signal shifted by
-    it (its phase, reduced by its period where that is a number), any other returned as it is."""
-    if not clock_s or not getattr(sig, "clock", False):
-        return sig
-    period = sig.period_s if isinstance(sig.period_s, float | int) else None
-    shift = clock_s % period if period else clock_s
-    if isinstance(sig, Square):  # high from t = phase_s: the clock's t = phase_s is run time phase_s - clock_s
-        shift = -shift
-    return sig.model_copy(update={"phase_s": sig.phase_s + shift})
+CLOCK_INPUT = "clock_s"
+"""The kit parameter clock signals read: seconds from a Monday 00:00 UTC to the run's t = 0. A traced value
+(`clock_seconds` of a sweep's `start_time`, or swept itself), so one compiled kernel serves every start time."""
+
+
+def _clock(sig: Any, ip: Params, period: Any, xp: Any) -> Any:
+    """Seconds on the clock at the run's t = 0 for `sig`, reduced by its period (so float32 keeps its
+    precision); 0 for a signal that does not follow the clock."""
+    if not getattr(sig, "clock", False) or CLOCK_INPUT not in ip:
+        return 0.0
+    return xp.mod(ip[CLOCK_INPUT], period)
+
+
+def _shifted(t: Any, shift: Any) -> Any:
+    """``t + shift``, without the addition where `shift` is a plain zero (a kernel with one operation less)."""
+    return t if isinstance(shift, float | int) and shift == 0 else t + shift
 
 
 class _Signal(Contract):
@@ -309,14 +315,14 @@ def _raw(sig: Any, horizon_s: float | None, step_s: float | None, offset: int, x
         omega, zero_mean = TWO_PI / sig.period_s, sig.mean == 0.0
 
         def sinusoid(t, x, ip):
-            wave = v(sig.amplitude, ip) * xp.sin(omega * (t + sig.phase_s))
+            wave = v(sig.amplitude, ip) * xp.sin(omega * (t + sig.phase_s + _clock(sig, ip, sig.period_s, xp)))
             return wave if zero_mean else v(sig.mean, ip) + wave
         return sinusoid
     if isinstance(sig, Schedule):
         starts = np.asarray(sig.starts_s)
 
         def schedule(t, x, ip):
-            within = xp.mod(t + sig.phase_s if sig.phase_s else t, sig.period_s)
+            within = xp.mod(_shifted(t, sig.phase_s + _clock(sig, ip, sig.period_s, xp)), sig.period_s)
             idx = xp.searchsorted(xp.asarray(starts, t.dtype), within, side="right") - 1
             return xp.stack(xp.broadcast_arrays(*(xp.asarray(v(s, ip)) for s in sig.values)))[idx]
         return schedule
@@ -325,7 +331,7 @@ def _raw(sig: Any, horizon_s: float | None, step_s: float | None, offset: int, x
     if isinstance(sig, Square):
         def square(t, x, ip):
             period = v(sig.period_s, ip)
-            on = xp.mod(t - sig.phase_s if sig.phase_s else t, period) < v(sig.duty, ip) * period
+            on = xp.mod(_shifted(t, _clock(sig, ip, period, xp) - sig.phase_s), period) < v(sig.duty, ip) * period
             return xp.where(on, v(sig.high, ip), v(sig.low, ip))
         return square
     if isinstance(sig, Proportional):

@@ -75,7 +75,7 @@ def prepare(scenario: Scenario, artifact: ModelArtifact, live_state: dict[str, f
     """Arrays for `scenario` (checked against the artifact's asset type: 422 on misfit).
 
     `live_state` is the twin's state (now or at ``scenario.start_time``) when the scenario
-    starts from "live", and `clock` its time, where clock signals start (`raytwin.signals.started_at`).
+    starts from "live", and `clock` its time, where clock signals start (`raytwin.signals.CLOCK_INPUT`).
     """
     model = artifact.model()
     try:

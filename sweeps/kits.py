@@ -35,7 +35,7 @@ from pydantic import Field, model_validator
 from raytwin import units
 from raytwin.fields import Contract, Finite
 from raytwin.scenario_metrics import CustomMetric, Metric, metric_functions
-from raytwin.signals import SIGNAL, Constant, Params, Proportional, signal_function
+from raytwin.signals import CLOCK_INPUT, SIGNAL, WEEK_S, Constant, Params, Proportional, signal_function
 from raytwin.sim import Model
 from sweeps.space import Dimension
 
@@ -56,6 +56,13 @@ class KitParameter(Contract):
         if not self.lower <= self.upper:
             raise ValueError(f"need lower <= upper, got [{self.lower}, {self.upper}]")
         return self
+
+
+CLOCK_PARAMETER = KitParameter(
+    default=0.0, unit="s", lower=0.0, upper=WEEK_S,
+    description="seconds from the Monday 00:00 UTC before t = 0 to it, where signals with clock: true start: set "
+                "from a sweep's start_time (or given, or swept, without one)")
+"""Declared by every kit with a clock signal (`raytwin.signals.CLOCK_INPUT`)."""
 
 
 @dataclass(frozen=True)
@@ -123,7 +130,10 @@ class Kit:
         object.__setattr__(self, "inputs", inputs)
         object.__setattr__(self, "metrics", tuple(m if isinstance(m, CustomMetric) else Metric.model_validate(m)
                                                   for m in self.metrics))
-        object.__setattr__(self, "parameters", {k: KitParameter.model_validate(v) for k, v in self.parameters.items()})
+        parameters = {k: KitParameter.model_validate(v) for k, v in self.parameters.items()}
+        if any(getattr(sig, "clock", False) for sig in inputs.values()):
+            parameters.setdefault(CLOCK_INPUT, CLOCK_PARAMETER)
+        object.__setattr__(self, "parameters", parameters)
         if set(inputs) != set(self.model.input_names):
             raise ValueError(f"{name}: inputs must give exactly {list(self.model.input_names)}, got {sorted(inputs)}")
         known = set(self.model.state_names) | set(self.model.input_names) | set(self.model.output_names)

@@ -243,7 +243,7 @@ def prepare(spec: SweepSpec) -> tuple[str, Bases]:
     return simulator, Bases(
         state=dict(spec.start_state or kit.states0),
         params={**artifact.parameters, **spec.parameters},
-        inputs={**kit.default_inputs(), **spec.inputs},
+        inputs=spec.kit_inputs(kit),
     )
 
 

@@ -22,7 +22,7 @@ from raytwin.registry import ModelArtifact, ModelRegistry
 from raytwin.sim import get_model
 from raytwin.sim.tableau import TABLEAUS
 from raytwin.scenario_metrics import Metric
-from raytwin.signals import Signal, clock_seconds, started_at
+from raytwin.signals import CLOCK_INPUT, Signal, clock_seconds
 from sweeps.kits import Kit, KitParameter, kit_for
 from sweeps.space import Dimension, ScenarioSpace
 from sweeps.stability import check_sweep_step
@@ -60,7 +60,21 @@ class ModelStart(Contract):
                                       "parameters and metric thresholds)")
     start_time: DateTime | None = Field(None, description="The wall-clock time of t = 0 (a twin's state's event "
                                         "time): signals with `clock: true` follow it (the thermal kit's outdoor "
-                                        "temperature and sun); None: t = 0 is a Monday 00:00 UTC")
+                                        "temperature and sun); None: t = 0 is a Monday 00:00 UTC, or "
+                                        f"inputs.{CLOCK_INPUT} seconds after it")
+
+    @model_validator(mode="after")
+    def _one_clock(self) -> ModelStart:
+        if self.start_time is not None and CLOCK_INPUT in self.inputs:
+            raise ValueError(f"give start_time or inputs.{CLOCK_INPUT}, not both: start_time sets the clock")
+        return self
+
+    def kit_inputs(self, kit: Kit) -> dict[str, float]:
+        """The kit parameters' base values: the kit's defaults, the clock of `start_time` (a traced value:
+        one compiled kernel serves every start time), then `inputs`."""
+        clock = {CLOCK_INPUT: clock_seconds(self.start_time)} \
+            if self.start_time is not None and CLOCK_INPUT in kit.parameters else {}
+        return {**kit.default_inputs(), **clock, **self.inputs}
 
 
 MAX_FLOAT32_STEPS = 1 << 24
@@ -111,6 +125,8 @@ class SweepSpec(ModelStart):
                              f"up beyond {MAX_FLOAT32_STEPS} steps (2^24; a 1e9-step energy came out 35x too low); "
                              "use a longer step_s or a shorter horizon_s (or, outside the HTTP API, dtype "
                              "float64)")
+        if self.start_time is not None and any(d.name == CLOCK_INPUT for d in self.space.dimensions):
+            raise ValueError(f"a dimension sweeps {CLOCK_INPUT} and start_time sets it: give one of them")
         if "@" not in self.model:
             self.check_against(self.model)
         bad = [i for i in self.trajectories if i >= self.space.size]
@@ -131,7 +147,7 @@ class SweepSpec(ModelStart):
         declared = tuple(sorted(used & set(self.inputs)))
         signals = json.dumps({k: v.model_dump() for k, v in sorted(self.signals.items())})
         metrics = json.dumps([m.model_dump() for m in self.metrics])
-        return _custom_kit(simulator, signals, metrics, declared, self.solver, clock_seconds(self.start_time))
+        return _custom_kit(simulator, signals, metrics, declared, self.solver)
 
     def check_against(self, simulator: str, base_parameters: Mapping[str, float] | None = None) -> None:
         """Refuse names the simulator or its kit does not have, values they do not admit, and a step
@@ -168,7 +184,7 @@ class SweepSpec(ModelStart):
         model = kit.model
         allowed = allowed_values({p.name: p for p in model.params}, kit.parameters, {v.name: v for v in model.states})
         base = {"param": {**model.default_params(), **base_parameters, **self.parameters},
-                "input": {**kit.default_inputs(), **self.inputs}, "state": self.start_state or kit.states0}
+                "input": self.kit_inputs(kit), "state": self.start_state or kit.states0}
         return range_problems(allowed, base, {"parameters": ("param", self.parameters),
                                               "inputs": ("input", self.inputs)}, self.space.dimensions)
 
@@ -233,9 +249,9 @@ class _Allowed:
 
 @functools.cache
 def _custom_kit(simulator: str, signals: str, metrics: str, declared: tuple[str, ...],
-                solver: str | None = None, clock_s: float = 0.0) -> Kit:
-    """The model's kit with replaced signals / metrics (JSON), new parameters `declared`, if named, the
-    `solver` tableau in its model, and its clock signals started `clock_s` after a Monday 00:00 UTC."""
+                solver: str | None = None) -> Kit:
+    """The model's kit with replaced signals / metrics (JSON), new parameters `declared` and, if named, the
+    `solver` tableau in its model."""
     kit = kit_for(get_model(simulator))
     if solver is not None:
         kit = dataclasses.replace(kit, model=dataclasses.replace(kit.model, solver=TABLEAUS[solver]))
@@ -248,6 +264,4 @@ def _custom_kit(simulator: str, signals: str, metrics: str, declared: tuple[str,
         kit = dataclasses.replace(kit, inputs={**kit.inputs, **json.loads(signals)},
                                   metrics=tuple(json.loads(metrics)) or kit.metrics,
                                   parameters={**kit.parameters, **extra})
-    if clock_s:
-        kit = dataclasses.replace(kit, inputs={name: started_at(sig, clock_s) for name, sig in kit.inputs.items()})
     return kit

@@ -42,7 +42,7 @@ def _input_box(spec: SweepSpec, simulator: str, model: Model) -> np.ndarray:
     the sweep's ``input`` dimensions span. A signal that cannot be evaluated outside a kernel spans its
     input's declared range where that is finite (`declared_inputs`)."""
     kit = spec.kit(simulator)
-    base = {**kit.default_inputs(), **spec.inputs}
+    base = spec.kit_inputs(kit)
     state = {n: float(v) for n, v in (spec.start_state or kit.states0).items()}
     times = np.linspace(0.0, spec.horizon_s, min(spec.n_steps, MAX_SIGNAL_SAMPLES), endpoint=False)
     settings = _kit_corners(spec, base)

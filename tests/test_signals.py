@@ -16,12 +16,14 @@ from pydantic import ValidationError
 from raytwin.contracts import AssetType, ContractError, Scenario
 from raytwin.scenario_metrics import Metric
 from raytwin.signals import (
-    Constant, Proportional, Schedule, Series, Sinusoid, Square, clock_seconds, signal_function, started_at,
+    CLOCK_INPUT, Constant, Proportional, Schedule, Series, Sinusoid, Square, clock_seconds, signal_function,
 )
 from raytwin.sim import THERMAL_RC
 from sweeps.engine import Bases, chunk_metrics
 from sweeps.kits import Kit
+from sweeps.runner import compiled_kit, prepare
 from sweeps.space import Dimension
+from sweeps.spec import SweepSpec
 
 THERMAL = AssetType.from_model(THERMAL_RC)
 DT, N = 300.0, 2 * 288  # two days of 5-minute steps
@@ -145,7 +147,53 @@ def test_clock_signals_started_at_a_time_equal_the_unstarted_signal_at_that_time
                 Schedule(starts_s=[0.0, 8 * 3600, 18 * 3600], values=[1.0, 2.0, 1.0], phase_s=600.0, clock=True),
                 Square(high=4.0, period_s="p", duty=0.25, phase_s=100.0, clock=True),
                 Square(high=4.0, period_s=7000.0, duty=0.25, clock=True)):
-            started = signal_function(started_at(sig, clock_s), xp=np)(t, None, ip)
+            started = signal_function(sig, xp=np)(t, None, {**ip, CLOCK_INPUT: clock_s})
             np.testing.assert_allclose(started, signal_function(sig, xp=np)(clock_s + t, None, ip), atol=1e-9)
-    relative = Square(high=4.0, period_s=600.0)  # a pulse train from the run's start
-    assert started_at(relative, clock_s) is relative
+    relative = signal_function(Square(high=4.0, period_s=600.0, phase_s=100.0), xp=np)  # a pulse train from t = 0
+    np.testing.assert_array_equal(relative(t, None, {CLOCK_INPUT: clock_s}), relative(t, None, {}))
+
+
+def test_a_sweeps_start_time_is_a_traced_input_so_one_kernel_serves_every_start_time():
+    """Live sweeps baked their start time into the kit, a static argument of the jitted kernel: each new start
+    time compiled the kernel again and grew the caches. The clock is now a kit parameter: one kit (so one
+    kernel) for every start time, whose metrics equal those of the same signals shifted by hand."""
+    times = (datetime(2026, 12, 3, 12, 7, tzinfo=UTC), datetime(2026, 12, 5, 3, 30, tzinfo=UTC))
+    metric = [Metric(name="T_out_mean", kind="mean", of="T_out"), Metric(name="sun", kind="integral", of="Q_sol")]
+    common = dict(model="thermal_rc", horizon_s=6 * 3600.0, step_s=60.0, metrics=metric, space=ONE_SCENARIO)
+    specs = [SweepSpec(**common, start_time=at) for at in times]
+    kits = [s.kit("thermal_rc") for s in specs]
+    assert kits[0] is kits[1] and compiled_kit(specs[0], "thermal_rc") is compiled_kit(specs[1], "thermal_rc")
+    assert [s.kit_inputs(kits[0])[CLOCK_INPUT] for s in specs] == [clock_seconds(at) for at in times]
+    for spec, at in zip(specs, times):
+        day_s = clock_seconds(at) % 86400.0
+        shifted = {name: sig.model_copy(update={"clock": False, "phase_s": sig.phase_s + day_s})
+                   for name, sig in kits[0].inputs.items() if name != "Q_h"}
+        got, want = _sweep_metrics(spec), _sweep_metrics(SweepSpec(**common, signals=shifted))
+        for name in ("T_out_mean", "sun"):
+            assert got[name][0] == pytest.approx(want[name][0], rel=1e-5), (at, name)
+    assert _sweep_metrics(specs[0])["sun"][0] != pytest.approx(_sweep_metrics(specs[1])["sun"][0], rel=1e-2)
+
+
+ONE_SCENARIO = {"method": "grid", "dimensions": [{"name": "C_in", "target": "param", "mode": "scale", "values": [1.0]}]}
+
+
+def _sweep_metrics(spec) -> dict[str, np.ndarray]:
+    simulator, bases = prepare(spec)
+    return chunk_metrics(compiled_kit(spec, simulator), bases, spec.space.dimensions, spec.space.rows(0, 1),
+                         spec.step_s, spec.n_steps, 1, "float32")
+
+
+def test_the_clock_is_set_once():
+    """`start_time` sets the clock: giving its value too, or sweeping it, would leave one of them unused."""
+    common = dict(model="thermal_rc", horizon_s=3600.0, step_s=60.0, start_time=datetime(2026, 12, 3, tzinfo=UTC))
+    with pytest.raises(ValidationError, match="start_time or inputs.clock_s"):
+        SweepSpec(**common, inputs={CLOCK_INPUT: 3600.0}, space=ONE_SCENARIO)
+    hours = {"method": "grid", "dimensions": [{"name": CLOCK_INPUT, "target": "input", "mode": "absolute", "values": [0.0, 43200.0]}]}
+    with pytest.raises(ValidationError, match="sweeps clock_s and start_time sets it"):
+        SweepSpec(**common, space=hours)
+    sun = [Metric(name="sun", kind="integral", of="Q_sol")]
+    swept = SweepSpec(**{k: v for k, v in common.items() if k != "start_time"}, space=hours, metrics=sun)
+    simulator, bases = prepare(swept)
+    got = chunk_metrics(compiled_kit(swept, simulator), bases, swept.space.dimensions, swept.space.rows(0, 2),
+                        swept.step_s, swept.n_steps, 2, "float32")["sun"]
+    assert got[0] == 0.0 and got[1] > 0.0  # the hour from Monday midnight, from Monday noon
