@@ -154,7 +154,7 @@ class TwinShard(LiveModelOps):
                                  checkpoint_every=checkpoint_every)
         for (tenant, asset_id, _), twin in zip(mine, recovered):
             self.twins[(tenant, asset_id)] = twin
-            self.durable_revision[(tenant, asset_id)] = 0  # at worst one snapshot is rewritten as is
+            self.durable_revision[(tenant, asset_id)] = twin.restored_revision
         self.drifting = {key for key, twin in self.twins.items() if twin.drift}
         shadowed = self.shadows.resume(self.twins)  # after the twins: a shadow catches up from the log
         metrics.TWINS.set(len(self.twins), shard=self.tag)
@@ -188,7 +188,7 @@ class TwinShard(LiveModelOps):
         twin = self._recover(record)
         self.store.save_registration(tenant, asset_id, record)
         self.twins[(tenant, asset_id)] = twin
-        self.durable_revision[(tenant, asset_id)] = 0
+        self.durable_revision[(tenant, asset_id)] = twin.restored_revision
         metrics.TWINS.set(len(self.twins), shard=self.tag)
         return existing is None
 
@@ -499,13 +499,15 @@ class TwinShard(LiveModelOps):
                 "raw": ev.model_dump_json()}
 
     def _snapshot(self, key: tuple[str, str], force: bool = False) -> bool:
-        """Write the twin's sealed checkpoint if it crossed its next snapshot point (every
-        `snapshot_every` events, at the twin's `snapshot_phase`), or if `force` and it is newer."""
+        """Write the twin's sealed checkpoint if it has none yet, if it crossed its next snapshot point
+        (every `snapshot_every` events, at the twin's `snapshot_phase`), or if `force` and it is newer.
+        Why the first at once: while its shard restarts a twin is read from its snapshot
+        (`actors.recovery.durable_state`), and one without would answer its prior, as if it had no data."""
         twin, last = self.twins[key], self.durable_revision[key]
         revision = twin.sealed_revision  # checked first: encoding a snapshot per twin per batch is wasted
         if revision is None or revision <= last:
             return False
-        if not force:
+        if not force and last > 0:
             phase = self.phases.get(key)
             if phase is None:
                 phase = self.phases[key] = snapshot_phase(*key, self.snapshot_every)

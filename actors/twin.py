@@ -126,6 +126,7 @@ class Twin:
         self.lateness_us = round(allowed_lateness_s * 1e6)
         self.checkpoint_every = checkpoint_every
         self._reset(Checkpoint(None, self.segments[0].prior, 0))
+        self.restored_revision = 0  # the revision of the snapshot it started from (`restore`; 0: none)
         self.max_time_us: int | None = None
         self.floor: EventKey | None = None  # the migration point (`start_at`): nothing at or before it applies
         # when a previous twin of this asset id was deleted (`StateStore.history_floors`): events ingested
@@ -371,6 +372,7 @@ class Twin:
         """Start from a durable snapshot (then replay the log after it with `apply`)."""
         fs, max_time_us = _decode(snap.payload)
         self._reset(Checkpoint(snap.key, fs, snap.revision))
+        self.restored_revision = snap.revision
         self._use(self._segment_of(snap.key))
         self.max_time_us = max_time_us
 
