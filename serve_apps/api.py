@@ -120,16 +120,18 @@ def _ops_routes(app: FastAPI) -> None:
         """Liveness, no API key needed (the backend answered); with a valid key also the caller's tenant's twin
         and job counts. Counts summed over tenants would show every tenant's activity to anyone. Twins are
         counted by their shards: one that leaves the count unanswered past `shard_read_timeout_s` makes the
-        status `degraded`, without `live_twins` (still 200: the service is alive)."""
+        status `degraded`, without `live_twins` (still 200: the service is alive). A service whose store another
+        service took over (every write refused, 503 `store_fenced`) is `fenced`, with why and the store's holder
+        now in `fenced`, for anyone (an operator's matter, no tenant's), without asking the shards."""
         key = parse_credentials(authorization, x_api_key)
         try:
             who = svc.keys.authenticate(key) if key else None
         except ApiError:  # the keys cannot be checked: still alive, counts for nobody
             who = None
+        jobs = await svc.backend.call("job_stats", who.tenant if who else None)
+        fenced = await svc.backend.call("store_fence")
         if who is None:
-            await svc.backend.call("job_stats", None)
-            return Health(status="ok")
-        jobs = await svc.backend.call("job_stats", who.tenant)
-        count = await svc.backend.call("live_twins", who.tenant, svc.config.shard_read_timeout_s)
-        return Health(status="ok" if count is not None else "degraded", tenant=who.tenant, live_twins=count,
-                      jobs=jobs["states"])
+            return Health(status="fenced" if fenced else "ok", fenced=fenced)
+        count = None if fenced else await svc.backend.call("live_twins", who.tenant, svc.config.shard_read_timeout_s)
+        status = "fenced" if fenced else "ok" if count is not None else "degraded"
+        return Health(status=status, tenant=who.tenant, live_twins=count, jobs=jobs["states"], fenced=fenced)

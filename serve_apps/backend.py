@@ -28,6 +28,7 @@ from raytwin.query import Expr, Record
 from raytwin.lifecycle import LifecycleError, ModelLifecycle
 from raytwin.registry import PUBLISHED_BY, ModelArtifact, ModelRegistry, RegistryError
 from raytwin.sim.cpu import cpu_only
+from raytwin.statestore import Lease, StateStore
 from serve_apps import asset_queries
 from serve_apps.admission import BacklogGate
 from serve_apps.audit import AuditLog
@@ -44,8 +45,24 @@ from serve_apps.jobs import Job, JobQueue, JobRecord, Work
 from serve_apps.query_schemas import AssetGraph, BulkRequest
 from serve_apps.recalibration import TenantState
 from serve_apps.recalibration_jobs import RecalibrationJobs
+from serve_apps.schemas import StoreFence
 
 log = logging.getLogger("raytwin.serve.backend")
+
+
+def lost_lease(store: StateStore, mine: Lease) -> StoreFence | None:
+    """Why `mine` no longer holds `store` (None while it does): one small file read and no shard call, so
+    that health reports a fenced service at once, where each of its writes fails (503 `store_fenced`)."""
+    now = store.read_lease()
+    if now is not None and not now.released and now.fence == mine.fence:
+        return None
+    if now is None or now.released:
+        return StoreFence(reason=f"this service's lease on store {store.url} (epoch {mine.epoch}) was released: "
+                                 "its writes are refused; restart it (`raytwin serve` on the store)")
+    return StoreFence(reason=f"service {now.owner} (epoch {now.epoch}) took store {store.url} over from this service "
+                             f"(epoch {mine.epoch}): its writes are refused; send requests to that service, or "
+                             "restart this one on the store once that one stopped",
+                      holder=now.owner, epoch=now.epoch, acquired_at=now.acquired_at, acquired_by=now.acquired_by)
 
 
 def _twin_change(s: TwinState) -> dict[str, Any]:
@@ -373,6 +390,10 @@ class Backend:
             return len(await asyncio.to_thread(self.twins.assets, tenant, timeout_s))
         except ray.exceptions.GetTimeoutError:
             return None
+
+    def store_fence(self) -> StoreFence | None:
+        """Why this service no longer holds its store (None while it does): see `lost_lease`."""
+        return lost_lease(self.twins.store, self.twins.lease)
 
     def recalibrations(self, tenant: str) -> TenantState:
         """The tenant's pending, running and recently finished drift recalibrations."""

@@ -138,10 +138,24 @@ class DriftClear(BaseModel):
     reason: str = Field(min_length=1, max_length=2000)
 
 
+class StoreFence(BaseModel):
+    """Why this service may no longer write its store: its lease was taken (a takeover, a reshard) or released.
+    Every write it takes is refused (503 `store_fenced`) until its operator restarts it on the store."""
+
+    reason: str
+    holder: str | None = Field(None, description="The service holding the store's lease now (null: none)")
+    epoch: int | None = Field(None, description="That lease's epoch")
+    acquired_at: str | None = Field(None, description="When it took the lease (ISO time)")
+    acquired_by: str | None = Field(None, description="Where it runs (host:pid)")
+
+
 class Health(BaseModel):
-    """Liveness; with a valid key also the caller's tenant's counts (never other tenants')."""
+    """Liveness; with a valid key also the caller's tenant's counts (never other tenants'). `status`: `ok`,
+    `degraded` (a shard left the twin count unanswered) or `fenced` (this service lost its store: `fenced` says
+    to whom)."""
 
     status: str
     tenant: str | None = None
     live_twins: int | None = None
     jobs: dict[str, int] | None = None
+    fenced: StoreFence | None = None

@@ -1,10 +1,17 @@
-"""The RayTwin application on the shared Serve proxy (the `serve_proxy` fixture of `tests/conftest.py`)."""
+"""The RayTwin application on the shared Serve proxy (the `serve_proxy` fixture of `tests/conftest.py`), and the
+app in this process in front of a backend object (`in_process`: routes tested without Serve)."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
+
+KEYS = (("admin", "acme", "admin", ()), ("approver", "acme", "admin", ("approver",)),
+        ("writer", "acme", "writer", ()), ("reader", "acme", "reader", ()), ("other", "globex", "admin", ()))
+"""The keys `in_process` makes: (name, tenant, role, grants)."""
 
 
 @contextmanager
@@ -20,3 +27,43 @@ def deployed(config: dict[str, Any], name: str = "raytwin") -> Iterator[None]:
         yield
     finally:
         serve.delete(name)
+
+
+class InProcessHandle:
+    """A `DeploymentHandle` stand-in: `handle.method.remote(*args)` runs the backend's code here."""
+
+    def __init__(self, backend: Any):
+        self.backend = backend
+
+    def __getattr__(self, method: str) -> Any:
+        async def remote(*args: Any) -> Any:
+            result = getattr(self.backend, method)(*args)
+            return await result if inspect.isawaitable(result) else result
+        return type("Method", (), {"remote": staticmethod(remote)})
+
+
+@contextmanager
+def in_process(backend: Any, root: Path) -> Iterator[tuple[Any, dict[str, dict[str, str]], Any]]:
+    """The API app in this process in front of `backend` (an object with the `Backend` methods the tested routes
+    call; no Ray needed), its store and keys (`KEYS`) under `root`: (test client, headers by key name, services)."""
+    from fastapi.testclient import TestClient
+
+    from raytwin.storage import filesystem
+    from serve_apps.api import create_api
+    from serve_apps.audit import AuditLog
+    from serve_apps.auth import KeyStore, create_key
+    from serve_apps.config import ServeConfig
+    from serve_apps.deps import BackendClient, Services
+    from serve_apps.limits import TokenBuckets
+    from serve_apps.twin_reads import TwinReader
+
+    keys_file = root / "keys.json"
+    keys = {name: create_key(keys_file, tenant, role, grants)[1] for name, tenant, role, grants in KEYS}
+    config = ServeConfig(store_url=str(root / "store"), keys_file=str(keys_file), rate_per_s=1000, rate_burst=1000)
+    app = create_api()
+    app.state.services = Services(
+        config=config, keys=KeyStore(config.keys_file), backend=BackendClient(InProcessHandle(backend)),
+        audit=AuditLog(config.store_url), buckets=TokenBuckets(1000, 1000), fs=filesystem(config.store_url)[0],
+        twins=TwinReader(config), changes=None, change_store=None)
+    with TestClient(app, raise_server_exceptions=False) as client:
+        yield client, {name: {"Authorization": f"Bearer {key}"} for name, key in keys.items()}, app.state.services

@@ -29,6 +29,7 @@ from connectors.spec import Credentials, Desired, UnknownConnector
 from raytwin.contracts import TelemetryEvent
 from raytwin.ports import free_port
 from tests.fixtures_connectors import tank_twins, wait_for
+from tests.fixtures_serve import InProcessHandle
 from tests.ray_metrics import total, wait_until
 
 T0 = datetime(2026, 4, 1, tzinfo=UTC)
@@ -496,18 +497,6 @@ def test_declarations_are_checked_and_credentials_stay_secret(twins, connectors,
 
 
 # ---------------------------------------------------------------------------------------- HTTP API ----
-class InProcessBackend:
-    """A `DeploymentHandle` stand-in: `handle.method.remote(*args)` runs the backend's code in this process."""
-
-    def __init__(self, ops):
-        self.ops = ops
-
-    def __getattr__(self, method: str):
-        async def remote(*args):
-            return getattr(self.ops, method)(*args)
-        return type("Method", (), {"remote": staticmethod(remote)})
-
-
 @pytest.fixture(scope="module")
 def api(twins, tmp_path_factory):
     """The real API app and services, the `Backend`'s connector operations run in-process (no Serve)."""
@@ -542,7 +531,7 @@ def api(twins, tmp_path_factory):
     backend = ConnectorBackend()
     app = create_api()
     app.state.services = Services(
-        config=config, keys=KeyStore(config.keys_file), backend=BackendClient(InProcessBackend(backend)),
+        config=config, keys=KeyStore(config.keys_file), backend=BackendClient(InProcessHandle(backend)),
         audit=AuditLog(config.store_url), buckets=TokenBuckets(1000, 1000),
         fs=filesystem(config.store_url)[0], twins=None, changes=None, change_store=None)  # no change stream here
     with TestClient(app) as client:

@@ -8,7 +8,6 @@ actors of the session's Ray), without Serve: routes and backend are the same cod
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import logging
 import time
@@ -23,6 +22,7 @@ from raytwin.contracts import AssetType, ParameterSpec, Quantity
 from raytwin.migration import FixedValue, FromState, MigrationError, plan_migration
 from raytwin.registry import ModelArtifact
 from raytwin.sim import THERMAL_RC
+from tests.fixtures_serve import InProcessHandle
 from tests.schema_models import ROOM_V1, ROOM_V2
 
 THERMAL = AssetType.from_model(THERMAL_RC)
@@ -119,19 +119,6 @@ def test_a_fixed_value_outside_the_target_types_plausible_range_is_refused():
 
 # ----------------------------------------------------------------------------------- HTTP ----
 T0 = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=2)
-
-
-class InProcessHandle:
-    """A `DeploymentHandle` stand-in: `handle.method.remote(*args)` runs the backend's code here."""
-
-    def __init__(self, backend):
-        self.backend = backend
-
-    def __getattr__(self, method: str):
-        async def remote(*args):
-            result = getattr(self.backend, method)(*args)
-            return await result if inspect.isawaitable(result) else result
-        return type("Method", (), {"remote": staticmethod(remote)})
 
 
 @pytest.fixture(scope="module")

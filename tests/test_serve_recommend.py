@@ -17,7 +17,8 @@ from raytwin.registry import ModelRegistry
 from raytwin.sim import TWO_TANK
 from serve_apps.errors import NotFound
 from tests.fixtures_connectors import tank_twins, wait_for
-from tests.test_connectors_mqtt import PAYLOAD, InProcessBackend, Publisher, broker, plant_spec  # noqa: F401
+from tests.fixtures_serve import InProcessHandle
+from tests.test_connectors_mqtt import PAYLOAD, Publisher, broker, plant_spec  # noqa: F401
 
 KEYS = (("writer", "acme", "writer", ()), ("approver", "acme", "admin", ("approver",)),
         ("admin", "acme", "admin", ()), ("reader", "acme", "reader", ()), ("other", "globex", "admin", ("approver",)))
@@ -73,7 +74,7 @@ def api(ray_session, broker, tmp_path_factory):  # noqa: F811 (the broker fixtur
         backend.connector_ops.create("acme", spec, None)
         app = create_api()
         app.state.services = Services(
-            config=config, keys=KeyStore(config.keys_file), backend=BackendClient(InProcessBackend(backend)),
+            config=config, keys=KeyStore(config.keys_file), backend=BackendClient(InProcessHandle(backend)),
             audit=AuditLog(config.store_url), buckets=TokenBuckets(1000, 1000), fs=filesystem(config.store_url)[0],
             twins=LiveStates(), changes=None, change_store=None)
         with TestClient(app) as client:

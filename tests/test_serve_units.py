@@ -299,3 +299,47 @@ def test_a_store_taken_by_another_service_answers_503_naming_it_not_an_internal_
     answer = TestClient(app, raise_server_exceptions=False).post("/write")  # (Starlette re-raises to the server)
     assert answer.status_code == 503 and answer.json()["error"]["code"] == "store_fenced"
     assert "leased to service b (epoch 3)" in answer.json()["error"]["message"] and "restart it" in answer.text
+
+
+class HealthBackend:
+    """The backend calls of the health route, over a real store lease: the shards must not be asked once fenced."""
+
+    def __init__(self, store, lease):
+        from serve_apps.backend import lost_lease
+
+        self.store_fence = lambda: lost_lease(store, lease)
+
+    def job_stats(self, tenant: str | None = None) -> dict:
+        return {"states": {"running": 1}}
+
+    def live_twins(self, tenant: str, timeout_s: float) -> int:
+        assert self.store_fence() is None, "a fenced service's health asked its shards"
+        return 2
+
+
+def test_health_says_fenced_naming_the_stores_new_holder_once_another_service_took_it(tmp_path):
+    """A service whose store was taken over answered every write 503 `store_fenced`, and health `ok`."""
+    from dataclasses import replace
+
+    from raytwin.statestore import Lease, StateStore
+    from tests.fixtures_serve import in_process
+
+    store = StateStore(str(tmp_path / "twins"))
+    mine = Lease(owner="svc-a", epoch=1, shards=1, namespace="ns", acquired_at="2026-12-05T14:00:00+00:00",
+                 acquired_by="host-a:1")
+    store.write_lease(mine)
+    with in_process(HealthBackend(store, mine), tmp_path) as (http, auth, _):
+        assert http.get("/v1/health").json() == {"status": "ok"}
+        assert http.get("/v1/health", headers=auth["reader"]).json() == {
+            "status": "ok", "tenant": "acme", "live_twins": 2, "jobs": {"running": 1}}
+        store.write_lease(replace(mine, owner="svc-b", epoch=2, acquired_by="host-b:7"))  # a takeover (a reshard)
+        for headers in ({}, auth["reader"]):
+            answer = http.get("/v1/health", headers=headers)
+            assert answer.status_code == 200 and answer.json()["status"] == "fenced", answer.text
+            fenced = answer.json()["fenced"]
+            assert (fenced["holder"], fenced["epoch"], fenced["acquired_by"]) == ("svc-b", 2, "host-b:7")
+            assert "took store" in fenced["reason"] and "(epoch 1)" in fenced["reason"]
+        assert "live_twins" not in answer.json() and answer.json()["tenant"] == "acme"
+        store.write_lease(replace(mine, released=True))  # its own lease released under it (the service closed)
+        fenced = http.get("/v1/health").json()["fenced"]
+        assert "holder" not in fenced and "was released" in fenced["reason"]
