@@ -88,11 +88,16 @@ def require(role: Role):
             raise RateLimited(f"rate limit of {svc.config.rate_per_s:g} requests/s per key exceeded",
                               details=[{"retry_after_s": wait}],
                               headers={"Retry-After": TokenBuckets.retry_after(wait)})
-        if not who.allows(role):
-            raise Forbidden(f"role {who.role!r} may not do this (needs {role.name})")
+        require_role(who, role)
         return who
 
     return dependency
+
+
+def require_role(who: Principal, role: Role) -> None:
+    """403 unless `who` has at least `role`; for routes that check it themselves, to audit a refusal too."""
+    if not who.allows(role):
+        raise Forbidden(f"role {who.role!r} may not do this (needs {role.name})")
 
 
 READER = Depends(require(Role.reader))

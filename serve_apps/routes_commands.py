@@ -14,11 +14,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from connectors.commands import Command, CommandValue
 from raytwin.contracts import Identifier
-from serve_apps.auth import Principal
+from serve_apps.auth import Principal, Role
 from serve_apps.json_route import JsonRoute
 from serve_apps.routes_recommendations import require_approver
-from serve_apps.deps import ADMIN, READER, SVC, WRITER, Services
-from serve_apps.errors import CONFLICT
+from serve_apps.deps import ADMIN, READER, SVC, WRITER, Services, require_role
+from serve_apps.errors import CONFLICT, ApiError
 
 
 class CommandProposal(BaseModel):
@@ -51,19 +51,28 @@ async def propose_command(body: CommandProposal, request: Request, who: Principa
 
 
 @router.post("/{command_id}/approve", response_model=Command, responses=CONFLICT)
-async def approve_command(command_id: str, request: Request, who: Principal = ADMIN, svc: Services = SVC) -> Any:
-    """Approve (another key than the proposer's) and send once: the answer is `sent` or `failed`;
+async def approve_command(command_id: str, request: Request, who: Principal = READER, svc: Services = SVC) -> Any:
+    """Approve (an admin key other than the proposer's) and send once: the answer is `sent` or `failed`;
     an approved, sent or failed command cannot be approved again (409). An issued recommendation
-    needs a key with the approver grant."""
-    require_approver(await svc.backend.call("connector", "command", who.tenant, command_id), who)
+    needs a key with the approver grant. Every attempt is audited (`command.approve`), refused ones too."""
     try:
+        require_role(who, Role.admin)  # here, not in the dependency: a refused approval is audited as well
+        require_approver(await svc.backend.call("connector", "command", who.tenant, command_id), who)
         command = await svc.backend.call("connector", "approve", who.tenant, command_id, who.key_id)
     except Exception as exc:  # an approval that may have moved an asset is audited whatever answer it gets
-        await svc.record(request, who, "command.approve", command_id, status="error", error=str(exc)[:300])
+        await svc.record(request, who, "command.approve", command_id, **_outcome(exc))
         raise
     await svc.record(request, who, "command.approve", command_id, status=command["status"],
                      correlation_id=command["correlation_id"])
     return command
+
+
+def _outcome(exc: Exception) -> dict[str, Any]:
+    """An approval's audited outcome when it raised: `refused` (the request's fault: role, grant, four eyes,
+    state, another tenant's) with the answer's status, code and reason, or `error`."""
+    if isinstance(exc, ApiError) and exc.status < 500:
+        return {"status": "refused", "http_status": exc.status, "code": exc.code, "reason": exc.message[:300]}
+    return {"status": "error", "error": str(exc)[:300]}
 
 
 @router.post("/{command_id}/refuse", response_model=Command, responses=CONFLICT)

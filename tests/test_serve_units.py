@@ -343,3 +343,69 @@ def test_health_says_fenced_naming_the_stores_new_holder_once_another_service_to
         store.write_lease(replace(mine, released=True))  # its own lease released under it (the service closed)
         fenced = http.get("/v1/health").json()["fenced"]
         assert "holder" not in fenced and "was released" in fenced["reason"]
+
+
+class LedgerBackend:
+    """The backend's command operations over a real command ledger; `approve` takes the approval and the claim,
+    then sends (counted in `sent`) as a connector's actor does, and with `dies` set its process dies after."""
+
+    def __init__(self, root: Path):
+        from connectors.commands import CommandLedger
+
+        self.ledger = CommandLedger(str(root / "store"))
+        self.sent: list[str] = []
+        self.dies: Exception | None = None
+
+    def connector(self, op: str, tenant: str, command_id: str, *args: str) -> dict:
+        from serve_apps.connector_ops import _api_errors  # the backend's errors: 404, 409
+
+        return _api_errors(getattr(self, op))(tenant, command_id, *args).model_dump(mode="json")
+
+    def command(self, tenant: str, command_id: str):
+        return self.ledger.get(tenant, command_id)
+
+    def approve(self, tenant: str, command_id: str, by: str):
+        self.ledger.approve(tenant, command_id, by)
+        command = self.ledger.claim(tenant, command_id, self.ledger.get(tenant, command_id).connector)
+        self.sent.append(command.correlation_id)
+        if self.dies is not None:
+            raise self.dies
+        return self.ledger.sent(command)
+
+
+def _approval_audit(svc, command_id: str, tenant: str) -> list[dict]:
+    return [{"key_id": r.key_id, "role": r.role, **r.details} for r in svc.audit.records(tenant)
+            if r.action == "command.approve" and r.target == command_id]
+
+
+def test_every_approval_attempt_is_audited_refused_ones_too(tmp_path):
+    """A writer's approval, refused by its role (403), left no audit record: only admins' attempts were kept."""
+    from tests.fixtures_serve import in_process
+
+    backend = LedgerBackend(tmp_path)
+    with in_process(backend, tmp_path) as (http, auth, svc):
+        key_ids = {name: svc.keys.authenticate(h["Authorization"].split()[1]).key_id for name, h in auth.items()}
+        plain = backend.ledger.propose("acme", "web", "pump-1", "setpoint", {"q": 1.0}, key_ids["writer"]).id
+        issued = backend.ledger.propose("acme", "web", "pump-1", "setpoint", {"recommendation": "r1"},
+                                        key_ids["writer"]).id
+        for name, command_id, status in (("reader", plain, 403), ("writer", plain, 403), ("admin", issued, 403),
+                                         ("other", plain, 404), ("approver", plain, 200), ("admin", plain, 409)):
+            answer = http.post(f"/v1/commands/{command_id}/approve", headers=auth[name])
+            assert answer.status_code == status, (name, answer.text)
+        assert backend.sent == [backend.ledger.get("acme", plain).correlation_id]
+        by_key = {}
+        for record in _approval_audit(svc, plain, "acme") + _approval_audit(svc, plain, "globex"):
+            by_key.setdefault(record.pop("key_id"), []).append(record)
+        forbidden = {"status": "refused", "http_status": 403, "code": "forbidden"}
+        assert by_key[key_ids["writer"]] == [{"role": "writer", **forbidden,
+                                              "reason": "role 'writer' may not do this (needs admin)"}]
+        assert by_key[key_ids["reader"]] == [{"role": "reader", **forbidden,
+                                              "reason": "role 'reader' may not do this (needs admin)"}]
+        (other,) = by_key[key_ids["other"]]  # in its own tenant's log, as a missing command
+        assert (other["status"], other["http_status"]) == ("refused", 404)
+        sent, again = by_key[key_ids["approver"]] + by_key[key_ids["admin"]]
+        assert sent["status"] == "sent" and sent["correlation_id"] == backend.sent[0]
+        assert (again["status"], again["code"]) == ("refused", "conflict") and "only a proposed" in again["reason"]
+        (grantless,) = _approval_audit(svc, issued, "acme")
+        assert grantless["key_id"] == key_ids["admin"] and grantless["code"] == "forbidden"
+        assert "'approver' grant" in grantless["reason"]
