@@ -158,7 +158,12 @@ class ConnectorOps:
 
     @_api_errors
     def approve(self, tenant: str, command_id: str, by: str) -> dict[str, Any]:
-        return self.connectors.approve(tenant, command_id, by).model_dump(mode="json")
+        """Approve and send; the approving key's resend (its answer was lost: a backend replica died) answers the
+        command as it is now, never sending it again, where a 409 "only a proposed command ..." invited a new one."""
+        command = self.connectors.command(tenant, command_id)
+        if command.approved_by != by:
+            command = self.connectors.approve(tenant, command_id, by)
+        return command.model_dump(mode="json")
 
     @_api_errors
     def refuse(self, tenant: str, command_id: str, by: str, reason: str) -> dict[str, Any]:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import ray
 from fastapi import Depends, Header, Request
 from fsspec import AbstractFileSystem
 from starlette.concurrency import run_in_threadpool
@@ -15,10 +16,14 @@ from serve_apps.auth import KeyStore, Principal, Role, parse_credentials
 from serve_apps.change_stream import HeadWatcher
 from serve_apps.changes import ChangeStore
 from serve_apps.config import ServeConfig
-from serve_apps.errors import Forbidden, RateLimited, Unauthorized, unwrap
+from serve_apps.errors import BackendUnavailable, Forbidden, RateLimited, Unauthorized, unwrap
 from serve_apps.limits import TokenBuckets
 from serve_apps.stream_slots import StreamSlots
 from serve_apps.twin_reads import TwinReader
+
+
+BACKEND_RETRY_AFTER_S = 5
+"""`Retry-After` when the backend replica died: Serve starts another, which reopens the store in seconds."""
 
 
 class BackendClient:
@@ -36,6 +41,17 @@ class BackendClient:
             return await getattr(self.handle, method).remote(*args)
         except Exception as exc:
             raise unwrap(exc) from None
+
+    async def call_or_unavailable(self, method: str, *args: Any, lost: str) -> Any:
+        """`call`, with the backend replica dying meanwhile answered 503 `backend_unavailable` and `Retry-After`
+        (a 500 says the request is at fault); `lost` tells the client whether its request may have taken effect
+        and whether resending it is safe."""
+        try:
+            return await self.call(method, *args)
+        except ray.exceptions.RayActorError as exc:
+            raise BackendUnavailable(f"the backend process handling this request was lost ({type(exc).__name__}); "
+                                     f"{lost}; retry after {BACKEND_RETRY_AFTER_S} s",
+                                     headers={"Retry-After": str(BACKEND_RETRY_AFTER_S)}) from None
 
 
 @dataclass

@@ -99,6 +99,12 @@ class ServiceUnavailable(ApiError):
     status, code = 503, "unavailable"
 
 
+class BackendUnavailable(ApiError):
+    """503: the backend replica handling the request died (Serve starts another); retry after `Retry-After`."""
+
+    status, code = 503, "backend_unavailable"
+
+
 class ErrorBody(BaseModel):
     code: str
     message: str
@@ -127,7 +133,9 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
               "`store_fenced`: another service took the store over (a reshard, a takeover): resend the request to "
               "the service that holds it now; "
               "`twin_unavailable`: the twin's shard leaves calls unanswered (telemetry refused after its deadline may "
-              "still be applied: resend it after `Retry-After`, events are idempotent); or `unavailable`: the "
+              "still be applied: resend it after `Retry-After`, events are idempotent); `backend_unavailable`: the "
+              "backend replica handling the request died (the message says whether resending is safe); or "
+              "`unavailable`: the "
               "server cannot check keys (its keys file is invalid) until its operator fixes it"),
     )
 }

@@ -53,18 +53,33 @@ async def propose_command(body: CommandProposal, request: Request, who: Principa
 @router.post("/{command_id}/approve", response_model=Command, responses=CONFLICT)
 async def approve_command(command_id: str, request: Request, who: Principal = READER, svc: Services = SVC) -> Any:
     """Approve (an admin key other than the proposer's) and send once: the answer is `sent` or `failed`;
-    an approved, sent or failed command cannot be approved again (409). An issued recommendation
-    needs a key with the approver grant. Every attempt is audited (`command.approve`), refused ones too."""
+    an approved, sent or failed command cannot be approved again (409; the approving key's own resend answers
+    the command as it is, sending nothing). An issued recommendation needs a key with the approver grant.
+    Every attempt is audited (`command.approve`), refused ones too. The backend dying meanwhile answers 503
+    `backend_unavailable` with `Retry-After`: approving again is safe."""
     try:
         require_role(who, Role.admin)  # here, not in the dependency: a refused approval is audited as well
-        require_approver(await svc.backend.call("connector", "command", who.tenant, command_id), who)
-        command = await svc.backend.call("connector", "approve", who.tenant, command_id, who.key_id)
+        require_approver(await svc.backend.call_or_unavailable("connector", "command", who.tenant, command_id,
+                                                               lost=NOTHING_TAKEN), who)
+        command = await svc.backend.call_or_unavailable("connector", "approve", who.tenant, command_id, who.key_id,
+                                                        lost=_approval_lost(command_id))
     except Exception as exc:  # an approval that may have moved an asset is audited whatever answer it gets
         await svc.record(request, who, "command.approve", command_id, **_outcome(exc))
         raise
     await svc.record(request, who, "command.approve", command_id, status=command["status"],
                      correlation_id=command["correlation_id"])
     return command
+
+
+NOTHING_TAKEN = "nothing was approved: approve again"
+
+
+def _approval_lost(command_id: str) -> str:
+    """What a client whose approval's backend died should know: approving again is safe (the command ledger takes
+    an approval once: a taken one answers 409, never a second send)."""
+    return (f"the approval of command {command_id} may have been taken and the command sent: approving again is safe "
+            f"(a command is approved and sent at most once: 409 if it was), and GET /v1/commands/{command_id} shows "
+            "its status")
 
 
 def _outcome(exc: Exception) -> dict[str, Any]:

@@ -345,9 +345,9 @@ def test_health_says_fenced_naming_the_stores_new_holder_once_another_service_to
         assert "holder" not in fenced and "was released" in fenced["reason"]
 
 
-class LedgerBackend:
-    """The backend's command operations over a real command ledger; `approve` takes the approval and the claim,
-    then sends (counted in `sent`) as a connector's actor does, and with `dies` set its process dies after."""
+class LedgerConnectors:
+    """`connectors.manager.Connectors`' command calls over a real command ledger: `approve` takes the approval and
+    the claim, then sends (counted in `sent`) as a connector's actor does; with `dies` set, the process dies then."""
 
     def __init__(self, root: Path):
         from connectors.commands import CommandLedger
@@ -355,11 +355,6 @@ class LedgerBackend:
         self.ledger = CommandLedger(str(root / "store"))
         self.sent: list[str] = []
         self.dies: Exception | None = None
-
-    def connector(self, op: str, tenant: str, command_id: str, *args: str) -> dict:
-        from serve_apps.connector_ops import _api_errors  # the backend's errors: 404, 409
-
-        return _api_errors(getattr(self, op))(tenant, command_id, *args).model_dump(mode="json")
 
     def command(self, tenant: str, command_id: str):
         return self.ledger.get(tenant, command_id)
@@ -371,6 +366,22 @@ class LedgerBackend:
         if self.dies is not None:
             raise self.dies
         return self.ledger.sent(command)
+
+
+class LedgerBackend:
+    """The `Backend`'s connector operations (the real `ConnectorOps` calls) over `LedgerConnectors`."""
+
+    def __init__(self, root: Path):
+        from serve_apps.connector_ops import ConnectorOps
+
+        self.connector_ops = ConnectorOps.__new__(ConnectorOps)  # without connectors to start
+        self.connector_ops.connectors = self.connectors = LedgerConnectors(root)
+        self.ledger, self.sent = self.connectors.ledger, self.connectors.sent
+
+    def connector(self, op: str, *args: str) -> dict:
+        from serve_apps.backend import Backend
+
+        return Backend.connector(self, op, *args)
 
 
 def _approval_audit(svc, command_id: str, tenant: str) -> list[dict]:
@@ -409,3 +420,31 @@ def test_every_approval_attempt_is_audited_refused_ones_too(tmp_path):
         (grantless,) = _approval_audit(svc, issued, "acme")
         assert grantless["key_id"] == key_ids["admin"] and grantless["code"] == "forbidden"
         assert "'approver' grant" in grantless["reason"]
+
+
+@pytest.mark.parametrize("death", ["died", "unavailable"])
+def test_a_backend_dying_during_an_approval_answers_503_and_a_resend_never_sends_again(tmp_path, death):
+    """A backend replica that died during an approval answered 500 `internal`, and a resend 409 "only a proposed
+    command can be approved (propose a new one to send again)" for a command that may have been sent."""
+    import ray
+
+    from tests.fixtures_serve import in_process
+
+    backend = LedgerBackend(tmp_path)
+    with in_process(backend, tmp_path) as (http, auth, svc):
+        command = backend.ledger.propose("acme", "web", "pump-1", "setpoint", {"q": 1.0}, "a-writer")
+        approve = f"/v1/commands/{command.id}/approve"
+        backend.connectors.dies = (ray.exceptions.ActorDiedError() if death == "died" else
+                                   ray.exceptions.ActorUnavailableError("the replica is unreachable", None))
+        lost = http.post(approve, headers=auth["approver"])  # died after the claim and the send
+        assert lost.status_code == 503 and lost.headers["retry-after"] == "5", lost.text
+        error = lost.json()["error"]
+        assert error["code"] == "backend_unavailable" and "approving again is safe" in error["message"]
+        backend.connectors.dies = None
+        again = http.post(approve, headers=auth["approver"])  # the approving key's resend: the command as it is now
+        assert again.status_code == 200 and again.json()["status"] == "sending", again.text
+        assert backend.sent == [command.correlation_id]  # sent once
+        assert http.post(approve, headers=auth["admin"]).status_code == 409  # another key's: decided already
+        statuses = [r.details["status"] for r in svc.audit.records("acme") if r.action == "command.approve"]
+        assert statuses == ["error", "sending", "refused"]
+        assert backend.sent == [command.correlation_id]
