@@ -9,11 +9,13 @@ in a FastAPI route module: both are loaded on the first such answer, not on `imp
 from __future__ import annotations
 
 from collections.abc import Mapping
+from datetime import date
 from typing import TYPE_CHECKING, Any
 
 from client.calls import Call, Sender, _lazy, _model, _models, _nothing, _present
 from connectors.commands import Command
 from connectors.spec import Credentials
+from serve_apps.schemas import DeadLetter
 
 if TYPE_CHECKING:
     from connectors.runtime import ConnectorStatus
@@ -41,6 +43,13 @@ class ConnectorCalls(Sender):
         """The declaration (never the credentials) and status: connected, messages, pending, lag_s, errors."""
         return self._send(Call("GET", "/v1/connectors/{name}", _lazy("serve_apps.routes_connectors:ConnectorView"),
                                idempotent=True, path_params={"name": name}))
+
+    def connector_dead_letters(self, name: str, day: date | None = None, limit: int = 1000) -> list[DeadLetter]:
+        """The connector's most recent dead letters (of one UTC day if given), oldest first: each message that did
+        not become telemetry, with its source and reason, and the message as received."""
+        return self._send(Call("GET", "/v1/connectors/{name}/dead-letters", _models(DeadLetter), idempotent=True,
+                               path_params={"name": name},
+                               params=_present(day=day.isoformat() if day is not None else None, limit=limit)))
 
     def pause_connector(self, name: str) -> ConnectorStatus:
         """Stop receiving; the source keeps what arrives meanwhile (admin)."""

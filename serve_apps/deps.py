@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any
+from datetime import UTC, date, datetime
+from typing import Annotated, Any
 
 import ray
-from fastapi import Depends, Header, Request
+from fastapi import Depends, Header, Query, Request
 from fsspec import AbstractFileSystem
 from starlette.concurrency import run_in_threadpool
 
@@ -16,7 +16,7 @@ from serve_apps.auth import KeyStore, Principal, Role, parse_credentials
 from serve_apps.change_stream import HeadWatcher
 from serve_apps.changes import ChangeStore
 from serve_apps.config import ServeConfig
-from serve_apps.errors import BackendUnavailable, Forbidden, RateLimited, Unauthorized, unwrap
+from serve_apps.errors import BackendUnavailable, Forbidden, RateLimited, Unauthorized, Unprocessable, unwrap
 from serve_apps.limits import TokenBuckets
 from serve_apps.stream_slots import StreamSlots
 from serve_apps.twin_reads import TwinReader
@@ -116,7 +116,23 @@ def require_role(who: Principal, role: Role) -> None:
         raise Forbidden(f"role {who.role!r} may not do this (needs {role.name})")
 
 
+async def utc_day(day: Annotated[str | None, Query(pattern=r"^\d{4}-\d{2}-\d{2}$")] = None) -> str | None:
+    """The `day` query parameter of the routes that read one day's records (audit, dead letters): a calendar date
+    (a pattern alone passes 2026-02-30), or None for the newest records of any day."""
+    if day is not None:
+        try:
+            date.fromisoformat(day)
+        except ValueError as exc:
+            raise Unprocessable(f"query.day: {day} is not a calendar date ({exc}); give a UTC day as "
+                                "YYYY-MM-DD, e.g. 2026-01-05", details=[{"loc": ["query", "day"]}]) from None
+    return day
+
+
+Limit = Annotated[int, Query(ge=1, le=10_000)]
+"""How many of the newest records a read of records (audit, dead letters) answers."""
+
 READER = Depends(require(Role.reader))
 WRITER = Depends(require(Role.writer))
 ADMIN = Depends(require(Role.admin))
 SVC = Depends(services)
+DAY = Depends(utc_day)

@@ -6,7 +6,6 @@ and `If-None-Match: *` (`serve_apps.conditional`), evaluated by the backend wher
 
 from __future__ import annotations
 
-from datetime import date
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Query, Request, Response
@@ -17,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from raytwin.contracts import Asset, AssetType, RelationshipKind, describe_error
 from serve_apps.auth import Principal
 from serve_apps.conditional import Precondition, etag, not_modified, precondition
-from serve_apps.deps import ADMIN, READER, SVC, Services
+from serve_apps.deps import ADMIN, DAY, READER, SVC, Limit, Services
 from serve_apps.errors import CONFLICT, Unprocessable
 from serve_apps.routes_evolution import announce
 from serve_apps.schemas import AssetCreate, AssetUpdate, Incoming, Related
@@ -142,16 +141,9 @@ def register(app: FastAPI) -> None:
         return Response(status_code=204)
 
     @app.get("/v1/audit", tags=["audit"])
-    async def audit_log(day: Annotated[str | None, Query(pattern=r"^\d{4}-\d{2}-\d{2}$")] = None,
-                        limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+    async def audit_log(day: str | None = DAY, limit: Limit = 1000,
                         who: Principal = ADMIN, svc: Services = SVC) -> list[dict[str, Any]]:
         """The tenant's audit records, oldest first (admin only)."""
-        if day is not None:
-            try:
-                date.fromisoformat(day)
-            except ValueError as exc:
-                raise Unprocessable(f"query.day: {day} is not a calendar date ({exc}); give a UTC day as "
-                                    "YYYY-MM-DD, e.g. 2026-01-05", details=[{"loc": ["query", "day"]}]) from None
         records = await run_in_threadpool(svc.audit.records, who.tenant, day, limit)
         return [r.model_dump(mode="json") for r in records]
 

@@ -11,13 +11,17 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 
 from connectors.runtime import ConnectorStatus
 from connectors.spec import Credentials
+from raytwin.statestore import StateStore
 from serve_apps.auth import Principal
 from serve_apps.json_route import JsonRoute
-from serve_apps.deps import ADMIN, READER, SVC, Services
+from serve_apps.dead_letters import connector_dead_letters
+from serve_apps.deps import ADMIN, DAY, READER, SVC, Limit, Services
 from serve_apps.errors import CONFLICT
+from serve_apps.schemas import DeadLetter
 
 
 class ConnectorCreate(BaseModel):
@@ -56,6 +60,16 @@ async def list_connectors(who: Principal = READER, svc: Services = SVC) -> Any:
 async def get_connector(name: str, who: Principal = READER, svc: Services = SVC) -> Any:
     """The declaration and status: connected, messages, pending (lag in messages), lag_s, error counts."""
     return await svc.backend.call("connector", "view", who.tenant, name)
+
+
+@router.get("/{name}/dead-letters", response_model=list[DeadLetter])
+async def connector_dead_letter_log(name: str, day: str | None = DAY, limit: Limit = 1000, who: Principal = READER,
+                                    svc: Services = SVC) -> Any:
+    """The connector's most recent dead letters (of one UTC day if given), oldest first: messages that did not
+    become telemetry, with the source they came from and why, and the message as received."""
+    await svc.backend.call("connector", "view", who.tenant, name)  # 404: not this tenant's connector
+    store = StateStore(svc.config.url("twins"), svc.config.storage_options or None)
+    return await run_in_threadpool(connector_dead_letters, store, who.tenant, name, day, limit)
 
 
 @router.post("/{name}/pause", response_model=ConnectorStatus, responses=CONFLICT)

@@ -138,6 +138,16 @@ class DriftClear(BaseModel):
     reason: str = Field(min_length=1, max_length=2000)
 
 
+class DeadLetter(BaseModel):
+    """A message of a connector that did not become telemetry: where it came from and why, and the message."""
+
+    asset_id: str | None
+    idempotency_key: str | None
+    reason: str = Field(description="Led by the source it came from (`mqtt://NAME/topic`, `opcua://NAME/node`)")
+    raw: str = Field(description="The message as received (bytes that are not UTF-8 as `\\x..` escapes)")
+    dead_lettered_at: datetime
+
+
 class StoreFence(BaseModel):
     """Why this service may no longer write its store: its lease was taken (a takeover, a reshard) or released.
     Every write it takes is refused (503 `store_fenced`) until its operator restarts it on the store."""

@@ -11,6 +11,8 @@ import pytest
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
+from client import RayTwinClient
+from client.errors import NotFound as ClientNotFound
 from raytwin.contracts import Asset, AssetType, Relationship
 from raytwin.sim import THERMAL_RC, TWO_TANK
 from serve_apps.audit import AuditLog, AuditRecord
@@ -448,3 +450,61 @@ def test_a_backend_dying_during_an_approval_answers_503_and_a_resend_never_sends
         statuses = [r.details["status"] for r in svc.audit.records("acme") if r.action == "command.approve"]
         assert statuses == ["error", "sending", "refused"]
         assert backend.sent == [command.correlation_id]
+
+
+class ConnectorsOf:
+    """The backend's connector view: 404 for any connector but `names` (tenant, name)."""
+
+    def __init__(self, names: set[tuple[str, str]]):
+        self.names = names
+
+    def connector(self, op: str, tenant: str, name: str) -> dict:
+        if op != "view" or (tenant, name) not in self.names:
+            raise NotFound(f"no connector {name!r} for tenant {tenant!r}")
+        return {"spec": {"name": name}, "status": {}}
+
+
+def test_a_tenant_reads_its_own_connectors_dead_letters_and_never_another_tenants(tmp_path, monkeypatch):
+    from raytwin import statestore
+    from raytwin.statestore import StateStore
+    from tests.fixtures_serve import in_process
+
+    store = StateStore(str(tmp_path / "store" / "twins"))
+    day1, day2 = datetime(2026, 12, 4, 10, tzinfo=UTC), datetime(2026, 12, 5, 9, tzinfo=UTC)
+
+    def letters(tenant: str, when: datetime, *reasons: str) -> None:
+        monkeypatch.setattr(statestore, "datetime", type("Clock", (datetime,), {"now": staticmethod(lambda tz: when)}))
+        store.write_dead_letters(tenant, [{"asset_id": "pump-1", "idempotency_key": None, "reason": r,
+                                           "raw": f"{tenant}:{r}"} for r in reasons])
+
+    letters("acme", day1, "mqtt://web/site/pump-1/telemetry: payload is not JSON",
+            "opcua://plc/ns=2;i=7: unit 'bar' is not convertible")
+    letters("acme", day2, "mqtt://web/site/pump-1/telemetry: no reading", "mqtt://webx/a: not its own",
+            "event too late for the twin")  # (a shard's: no source)
+    letters("globex", day2, "mqtt://web/g/telemetry: globex's own")
+    with in_process(ConnectorsOf({("acme", "web"), ("acme", "plc"), ("globex", "web")}), tmp_path) as (http, auth, _):
+        def read(name: str, key: str = "reader", **params) -> list[dict]:
+            answer = http.get(f"/v1/connectors/{name}/dead-letters", headers=auth[key], params=params)
+            assert answer.status_code == 200, answer.text
+            return answer.json()
+
+        web = read("web")
+        assert [(d["reason"].split(": ")[1], d["dead_lettered_at"][:10]) for d in web] == [
+            ("payload is not JSON", "2026-12-04"), ("no reading", "2026-12-05")]  # oldest first; not webx's
+        assert web[0] == {"asset_id": "pump-1", "idempotency_key": None, "reason": web[0]["reason"],
+                          "raw": f"acme:{web[0]['reason']}", "dead_lettered_at": "2026-12-04T10:00:00Z"}
+        assert [d["reason"] for d in read("web", limit=1)] == [web[1]["reason"]]  # the newest
+        assert [d["reason"] for d in read("web", day="2026-12-04")] == [web[0]["reason"]]
+        assert read("web", day="2026-12-03") == [] and len(read("plc")) == 1
+        assert [d["raw"] for d in read("web", "other")] == ["globex:mqtt://web/g/telemetry: globex's own"]
+        for name, key in (("plc", "other"), ("nope", "reader")):  # another tenant's connector is a missing one
+            assert http.get(f"/v1/connectors/{name}/dead-letters", headers=auth[key]).status_code == 404
+        bad = http.get("/v1/connectors/web/dead-letters", headers=auth["reader"], params={"day": "2026-02-30"})
+        assert bad.status_code == 422 and "not a calendar date" in bad.json()["error"]["message"]
+        assert http.get("/v1/connectors/web/dead-letters").status_code == 401
+        sdk = RayTwinClient("http://testserver", auth["reader"]["Authorization"].removeprefix("Bearer "),
+                            transport=http._transport)
+        (newest,) = sdk.connector_dead_letters("web", day=day2.date(), limit=5)
+        assert newest.reason == web[1]["reason"] and newest.dead_lettered_at == datetime(2026, 12, 5, 9, tzinfo=UTC)
+        with pytest.raises(ClientNotFound):
+            sdk.connector_dead_letters("webx")

@@ -1,0 +1,38 @@
+"""A connector's dead letters, read from the store's dead-letter log by the ingress replica (no backend call).
+
+The store keeps one tenant's dead letters together (`raytwin.statestore`: partitioned by tenant and day), without
+the connector: a connector leads each reason with the source URI it came from (`mqtt://NAME/topic`,
+`opcua://NAME/node`, `connectors.mapping.DeadLetter`), so a connector's are those whose reason names it there.
+Rows the twin shards refuse later (e.g. too late for a twin) carry no source and are not a connector's.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from raytwin.statestore import StateStore
+from serve_apps.schemas import DeadLetter
+
+
+def source_pattern(name: str) -> str:
+    """The regular expression a reason of connector `name` starts with: a URI scheme, then ``://NAME/`` (a
+    connector name has no ``/``, so ``web`` never matches ``webx``'s)."""
+    return rf"^[a-z][a-z0-9+.-]*://{re.escape(name)}/"
+
+
+def connector_dead_letters(store: StateStore, tenant: str, name: str, day: str | None,
+                           limit: int) -> list[DeadLetter]:
+    """The newest `limit` dead letters of `tenant`'s connector `name` (of one UTC ``YYYY-MM-DD`` `day`), oldest
+    first, like the audit log's records. Only `tenant`'s partition is read: tenants never see each other's."""
+    table = store.read_dead_letters(tenant)
+    if table.num_rows == 0:  # (no partition columns either)
+        return []
+    keep = pc.match_substring_regex(table["reason"], source_pattern(name))
+    if day is not None:
+        keep = pc.and_(keep, pc.equal(pc.cast(table["date"], pa.string()), day))
+    table = table.filter(keep)
+    newest = table.slice(max(0, table.num_rows - limit))
+    return [DeadLetter.model_validate(row) for row in newest.select(list(DeadLetter.model_fields)).to_pylist()]
