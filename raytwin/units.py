@@ -4,7 +4,8 @@ Every accepted unit maps to an SI expression by ``si = value * scale + offset``.
 (``N*m/A``, ``kg*m^2``, ``1/s``) is a product of powers of SI units whose dimensions over the base
 units m, kg, s, A, K are known (`ATOMS`), so two units are compatible exactly when their
 dimensions are equal: ``V*s/rad`` converts to ``N*m/A`` (a motor's back-EMF and torque constants
-are one number in SI), ``J`` to ``N*m``, ``K`` never to ``W``. The radian is dimensionless, as in SI.
+are one number in SI), ``J`` to ``N*m``, ``K`` never to ``W``. The radian is dimensionless, as in SI
+(so an angle in ``rad`` or ``deg`` converts to ``-`` too, as ``rad/s`` does to ``1/s``).
 Nothing is guessed: a spelling is accepted only if it is in `UNITS`; extend the table to accept
 more, with the SI expression it means.
 """
@@ -85,7 +86,10 @@ UNITS: dict[str, UnitDef] = {
     "N*s/m": UnitDef("N*s/m", 1.0),
     "N*m": UnitDef("N*m", 1.0),
     "kg*m^2": UnitDef("kg*m^2", 1.0),
+    "rad": UnitDef("rad", 1.0),
+    "deg": UnitDef("rad", math.pi / 180.0),
     "rad/s": UnitDef("rad/s", 1.0),
+    "deg/s": UnitDef("rad/s", math.pi / 180.0),
     "rpm": UnitDef("rad/s", 2.0 * math.pi / 60.0),
     "Pa": UnitDef("Pa", 1.0),
     "kPa": UnitDef("Pa", 1e3),

@@ -109,6 +109,17 @@ def test_units_are_compared_by_si_dimension():
         to_unit(1.0, "N*m/A", "N*m*s/rad")
 
 
+def test_angles_are_in_radians_or_degrees():
+    """`rad` itself was unknown (only inside `rad/s`, `V*s/rad`): an angle state or measurement could not be declared."""
+    assert to_unit(180.0, "deg", "rad") == pytest.approx(math.pi, rel=1e-15)
+    assert to_unit(math.pi / 2, "rad", "deg") == pytest.approx(90.0, rel=1e-15)
+    assert to_unit(360.0, "deg/s", "rpm") == pytest.approx(60.0, rel=1e-15)
+    assert canonical("rad") == canonical("deg") == "1" and canonical("deg/s") == canonical("rad/s") == "1/s"
+    with pytest.raises(UnitError, match="cannot convert 'deg' to 'm'"):
+        to_unit(1.0, "deg", "m")
+    assert Quantity(unit="rad").unit == "rad"
+
+
 def test_asset_type_must_match_its_simulator():
     data = THERMAL.model_dump()
     data["states"].pop("T_m")
