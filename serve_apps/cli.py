@@ -97,7 +97,14 @@ def start(
     from serve_apps.app import build_app
     from serve_apps.config import ServeConfig
     from serve_apps import serve_env
-    from serve_apps.endpoints import DIRECT_INGRESS_ENV, HAPROXY_ENV, haproxy_binary, http_targets
+    from serve_apps.endpoints import (
+        DIRECT_INGRESS_ENV,
+        HAPROXY_ENV,
+        api_address,
+        haproxy_binary,
+        http_targets,
+        serving_at,
+    )
     from serve_apps.connector_ops import missing_credentials
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -140,9 +147,10 @@ def start(
         if direct_ingress or haproxy:
             serve_env.apply(serve_env.replica_server_environment())
         context = ray.init(**{k: v for k, v in ports.items() if v is not None})
-    serve.start(http_options={"host": host, "port": port})
+    serve.start(http_options={"host": host, "port": port})  # a Serve already running keeps its own
     serve.run(build_app(settings), name="raytwin", route_prefix="/")
-    typer.echo(f"RayTwin API at http://{host}:{port}/v1 (OpenAPI: /docs)" + (" through HAProxy" if haproxy else ""))
+    asked, (host, port) = (host, port), serving_at()
+    typer.echo(api_address((host, port), asked, haproxy))
     auth = _auth_hint()
     typer.echo(f"Ray cluster at {ray.get_runtime_context().gcs_address} (`{auth.strip() + ' ' if auth else ''}raytwin "
                f"status --address` it; `ray` commands: export RAY_ADDRESS=it{auth})")

@@ -41,6 +41,26 @@ def http_targets(app_name: str, *, behind_haproxy: bool = False) -> list[tuple[s
     return [(t.ip, t.port) for g in groups if g.protocol == "HTTP" for t in g.targets]
 
 
+def serving_at() -> tuple[str, int]:
+    """(host, port) Serve's HTTP proxies (or HAProxy) listen on: its controller's HTTP options. On a cluster whose
+    Serve already runs, `serve.start` keeps them whatever it is asked (it only logs that it ignored them)."""
+    from ray.serve.context import _get_global_client
+
+    options = _get_global_client().http_config
+    return options.host, options.port
+
+
+def api_address(serving: tuple[str, int], asked: tuple[str, int], haproxy: bool = False) -> str:
+    """What `raytwin serve` prints about where the API answers: the address Serve listens on, and when that is
+    not the one asked for (`--host`, `--port`), that it is not and why, rather than an address nothing serves."""
+    (host, port), (asked_host, asked_port) = serving, asked
+    line = f"RayTwin API at http://{host}:{port}/v1 (OpenAPI: /docs)" + (" through HAProxy" if haproxy else "")
+    if serving == asked:
+        return line
+    return (f"{line}\n  not at {asked_host}:{asked_port} as asked: this cluster's Serve was already running and keeps "
+            f"its own HTTP host and port; to move it, stop its Serve (`serve shutdown`) and start again")
+
+
 def haproxy_binary() -> str:
     """The HAProxy binary Serve's HAProxy mode would start; raises `RuntimeError` saying how to get one.
 

@@ -508,3 +508,23 @@ def test_a_tenant_reads_its_own_connectors_dead_letters_and_never_another_tenant
         assert newest.reason == web[1]["reason"] and newest.dead_lettered_at == datetime(2026, 12, 5, 9, tzinfo=UTC)
         with pytest.raises(ClientNotFound):
             sdk.connector_dead_letters("webx")
+
+
+def test_serve_prints_the_port_serve_listens_on_and_says_when_it_is_not_the_one_asked(monkeypatch):
+    """On a cluster whose Serve already ran, `raytwin serve --port 8000` printed 8000 while the proxy kept its own
+    port (Serve ignores the new HTTP options, logging a warning only)."""
+    from types import SimpleNamespace
+
+    from ray.serve import context
+    from ray.serve.config import HTTPOptions
+
+    from serve_apps.endpoints import api_address, serving_at
+
+    running = SimpleNamespace(http_config=HTTPOptions(host="0.0.0.0", port=8123))
+    monkeypatch.setattr(context, "_get_global_client", lambda: running)
+    assert serving_at() == ("0.0.0.0", 8123)
+    assert api_address(("127.0.0.1", 8000), ("127.0.0.1", 8000)) == (
+        "RayTwin API at http://127.0.0.1:8000/v1 (OpenAPI: /docs)")
+    first, second = api_address(serving_at(), ("127.0.0.1", 8000), haproxy=True).splitlines()
+    assert first == "RayTwin API at http://0.0.0.0:8123/v1 (OpenAPI: /docs) through HAProxy"
+    assert "not at 127.0.0.1:8000 as asked" in second and "`serve shutdown`" in second
