@@ -121,8 +121,8 @@ def _ops_routes(app: FastAPI) -> None:
         and job counts. Counts summed over tenants would show every tenant's activity to anyone. Twins are
         counted by their shards: one that leaves the count unanswered past `shard_read_timeout_s` makes the
         status `degraded`, without `live_twins` (still 200: the service is alive). A service whose store another
-        service took over (every write refused, 503 `store_fenced`) is `fenced`, with why and the store's holder
-        now in `fenced`, for anyone (an operator's matter, no tenant's), without asking the shards."""
+        service took over (every write refused, 503 `store_fenced`) is `fenced` without asking the shards; with a
+        key, `fenced` says why and which service holds the store now (not to anonymous callers: it names hosts)."""
         key = parse_credentials(authorization, x_api_key)
         try:
             who = svc.keys.authenticate(key) if key else None
@@ -130,8 +130,8 @@ def _ops_routes(app: FastAPI) -> None:
             who = None
         jobs = await svc.backend.call("job_stats", who.tenant if who else None)
         fenced = await svc.backend.call("store_fence")
-        if who is None:
-            return Health(status="fenced" if fenced else "ok", fenced=fenced)
+        if who is None:  # the store's URL and its holder's host are for the service's users only
+            return Health(status="fenced" if fenced else "ok")
         count = None if fenced else await svc.backend.call("live_twins", who.tenant, svc.config.shard_read_timeout_s)
         status = "fenced" if fenced else "ok" if count is not None else "degraded"
         return Health(status=status, tenant=who.tenant, live_twins=count, jobs=jobs["states"], fenced=fenced)
