@@ -1,5 +1,5 @@
-"""The model operations: lifecycle (stages, rollback, the log and its check), drift recalibration
-policies, and recommended actions. Sync and async clients share them like `client.calls.Endpoints`.
+"""The model operations: lifecycle (stages, rollback, the log and its check), run records (the evidence),
+drift recalibration policies, and recommended actions. Sync and async clients share them like `client.calls.Endpoints`.
 
 Several answers are models of server modules that import Ray or JAX (`raytwin.lifecycle`,
 `sweeps.recommend`): they are loaded on the first such call, not on `import client`.
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from raytwin.lifecycle import LifecyclePolicy, PruneReport, TransitionRecord
     from serve_apps.routes_models import ChainCheck, LifecycleStatus, RollbackRequest, TransitionRequest
     from serve_apps.routes_recommendations import RecommendationRequest
+    from serve_apps.routes_runs import RunPublic
     from serve_apps.routes_shadow import ShadowRequest, ShadowStarted, ShadowStatus
     from sweeps.recommend import Recommendation
 
@@ -110,6 +111,18 @@ class ModelCalls(Sender):
     def recalibrations(self) -> TenantState:
         """Pending triggers, running and recently finished drift recalibrations of the tenant."""
         return self._send(Call("GET", "/v1/recalibrations", _model(TenantState), idempotent=True))
+
+    # ---- run records ------------------------------------------------------------------------------
+    def run(self, run_id: str) -> RunPublic:
+        """A run record of the tenant's (the evidence a transition names): model, spec, seeds, code, data hash,
+        summary and each output file's SHA-256; no store location."""
+        return self._send(Call("GET", "/v1/runs/{run_id}", _lazy("serve_apps.routes_runs:RunPublic"),
+                               idempotent=True, path_params={"run_id": run_id}))
+
+    def run_file(self, run_id: str, name: str) -> bytes:
+        """One output file of a run (e.g. a calibration's fit report ``calibration.json``), as its record hashed it."""
+        return self._send(Call("GET", "/v1/runs/{run_id}/files/{name}", lambda r: r.content, idempotent=True,
+                               path_params={"run_id": run_id, "name": name}))
 
     # ---- recommended actions ----------------------------------------------------------------------
     def recommend(self, asset_id: str, request: RecommendationRequest) -> Recommendation:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import fsspec
@@ -29,6 +30,13 @@ def filesystem(url: str, options: dict[str, Any] | None = None) -> tuple[Abstrac
     """The filesystem and the path within it for `url` (a plain path means the local disk)."""
     fs, path = fsspec.core.url_to_fs(url, **storage_options_for(url, options))
     return fs, path.rstrip("/")
+
+
+def read_chunks(fs: AbstractFileSystem, path: str, size: int = 1 << 20) -> Iterator[bytes]:
+    """`path`'s bytes in chunks of `size`: a download streamed to a client, never held whole in memory."""
+    with fs.open(path, "rb") as f:
+        while chunk := f.read(size):
+            yield chunk
 
 
 def canonical_json(obj: Any) -> bytes:

@@ -24,6 +24,7 @@ from serve_apps import (
     routes_query,
     routes_recalibration,
     routes_recommendations,
+    routes_runs,
     routes_scenarios,
     routes_shadow,
     routes_twins,
@@ -68,7 +69,7 @@ def create_api(max_body_bytes: int = 1_048_576, admission: Admission | None = No
                    routes_changes, routes_query):
         routes.register(app)
     for router in (routes_connectors.router, routes_commands.router, routes_recalibration.router,
-                   routes_recommendations.router):
+                   routes_recommendations.router, routes_runs.router):
         app.include_router(router)
     return app
 

@@ -15,7 +15,7 @@ from raytwin.contracts import Scenario
 from raytwin.provenance import code_version, package_versions
 from raytwin.registry import ModelArtifact
 from raytwin.sim import get_model
-from raytwin.storage import filesystem
+from raytwin.storage import filesystem, read_chunks
 from serve_apps.auth import Principal
 from serve_apps.deps import READER, SVC, WRITER, Services
 from serve_apps.errors import CONFLICT, Conflict, NotFound, PayloadTooLarge, Unprocessable
@@ -130,13 +130,7 @@ def register(app: FastAPI) -> None:
         if name not in files:
             raise NotFound(f"job {job_id} has no file {name!r}; files: {sorted(files)}")
         fs, root = filesystem(job.result_url, svc.config.storage_options)
-
-        def chunks():
-            with fs.open(f"{root}/{name}", "rb") as f:
-                while chunk := f.read(1 << 20):
-                    yield chunk
-
-        return StreamingResponse(chunks(), media_type=PARQUET, headers={
+        return StreamingResponse(read_chunks(fs, f"{root}/{name}"), media_type=PARQUET, headers={
             "Content-Disposition": f'attachment; filename="{job_id}-{name}"',
             "Content-Length": str(files[name].size)})
 

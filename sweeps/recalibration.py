@@ -4,7 +4,7 @@
 (`raytwin.statestore.StateStore`) as calibration telemetry; `recalibrate` fits the policy's free
 parameters with Ray Tune (`sweeps.runs.recorded_calibration`, so the fit has a run record),
 registers the fit as a new version of the asset type's model and submits it through the lifecycle
-as a *candidate*, with the run id, the fit report and the drift triggers as evidence.
+as a *candidate*, with the run id (its record holds the fit report) and the drift triggers as evidence.
 
 Restart-safe by construction: a `RecalibrationWork` names its candidate version and carries a
 `job_key`; the registered version records that key in its metadata, so a relaunch after a crash
@@ -31,7 +31,7 @@ from raytwin.estimation import model_defaults
 from raytwin.registry import ModelArtifact, ModelRegistry, RegistryError
 from raytwin.statestore import StateStore, from_micros, to_micros
 from raytwin.storage import filesystem
-from sweeps.calibration import RESULT_FILE, CalibrationSpec
+from sweeps.calibration import CalibrationSpec
 from sweeps.runs import recorded_calibration
 
 log = logging.getLogger("raytwin.recalibration")
@@ -180,15 +180,11 @@ def recalibrate(work: RecalibrationWork) -> Recalibrated:
             JOB_KEY: work.job_key, "run_id": run_id, "calibrated_from": work.model_ref,
             "asset_id": work.asset_id, "weighted_rmse": repr(record.summary["weighted_rmse"])})
     if work.candidate_version not in lifecycle.verify(name).versions:
-        runs_fs, runs_root = filesystem(work.runs_url, options)
-        report = f"{runs_root}/{run_id}/output/{RESULT_FILE}"  # where the run record keeps it (`RunStore.output_url`)
-        scheme = runs_fs.protocol if isinstance(runs_fs.protocol, str) else runs_fs.protocol[0]
-        report = report if "://" in report else f"{'file' if scheme == 'file' else scheme}://{report}"
         twins = sorted({t.asset_id for t in work.triggers})
         lifecycle.submit(candidate, Actor(id=AUTHOR, tenant=work.tenant),
                          f"recalibrated {','.join(work.policy.free)} on twin {work.asset_id} after drift of "
                          f"{len(twins)} twin(s) of {work.model_ref}",
-                         Evidence(run_ids=[run_id], fit_report=report, triggers=work.triggers))
+                         Evidence(run_ids=[run_id], triggers=work.triggers))  # its fit: GET /v1/runs/{id}
     log.info("event=recalibrated job=%s tenant=%s candidate=%s run_id=%s resumed=%s triggers=%d", work.job_key,
              work.tenant, candidate, run_id, resumed, len(work.triggers))
     return Recalibrated(candidate=candidate, run_id=run_id, parameters=parameters, resumed=resumed)

@@ -5,10 +5,8 @@ calibration that registers a candidate near the truth with the trigger as eviden
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import httpx
 import pytest
@@ -119,9 +117,10 @@ def test_a_drift_latch_starts_one_calibration_whose_candidate_is_near_the_truth(
         ("1.0.0", "candidate", None), ("1.0.1", "candidate", "recalibration")]
     (record,) = http.get("/v1/models/thermal_rc/lifecycle/log", headers=http.headers_for("reader")).json()
     evidence = record["evidence"]
-    assert evidence["run_ids"] == [job["run_id"]] and evidence["fit_report"].endswith(
-        f"{job['run_id']}/output/calibration.json")
-    fit = json.loads(Path(evidence["fit_report"].removeprefix("file://")).read_text())
+    assert evidence["run_ids"] == [job["run_id"]] and evidence["fit_report"] is None  # no store location
+    run = http.get(f"/v1/runs/{job['run_id']}", headers=http.headers_for("reader")).json()
+    assert run["kind"] == "calibration" and run["asset_id"] == "zone-1" and "calibration.json" in run["outputs"]
+    fit = http.get(f"/v1/runs/{job['run_id']}/files/calibration.json", headers=http.headers_for("reader")).json()
     assert fit["tune_trials"] == POLICY["max_trials"]  # the policy's compute budget, visible in the evidence
     (trigger,) = evidence["triggers"]
     assert trigger["asset_id"] == "zone-1" and trigger["drift_score"] >= 1.0

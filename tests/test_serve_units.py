@@ -528,3 +528,44 @@ def test_serve_prints_the_port_serve_listens_on_and_says_when_it_is_not_the_one_
     first, second = api_address(serving_at(), ("127.0.0.1", 8000), haproxy=True).splitlines()
     assert first == "RayTwin API at http://0.0.0.0:8123/v1 (OpenAPI: /docs) through HAProxy"
     assert "not at 127.0.0.1:8000 as asked" in second and "`serve shutdown`" in second
+
+
+def test_a_run_record_is_read_by_its_tenant_without_store_locations_and_its_files_by_name(tmp_path):
+    """The evidence a transition names (a drift recalibration's run and its fit report) could be read only by
+    whoever had the store: the recalibration named the report by its store URL, which tenants must not see."""
+    import hashlib
+    from datetime import UTC, datetime
+
+    from sweeps.runs import RunRecord, RunStore
+    from tests.fixtures_serve import in_process
+
+    runs = RunStore(str(tmp_path / "store" / "runs" / "acme"))
+    run_id = "calibration-20261205T150000Z-1a2b3c4d"
+    report = b'{"parameters": {"R_io": 0.02}, "tune_trials": 8}'
+    runs.fs.makedirs(runs.output_url(run_id), exist_ok=True)
+    runs.fs.pipe_file(f"{runs.output_url(run_id)}/calibration.json", report)
+    now = datetime.now(UTC)
+    runs.save(RunRecord(
+        run_id=run_id, kind="calibration", status="succeeded", user="recalibration", tenant="acme",
+        asset_id="zone-1", model_ref="thermal_rc@1.0.0", model_hash="ab" * 32, input_data_url="s3://bucket/acme/t",
+        input_data_hash="cd" * 32, seeds={"tune": 0}, package_versions={}, code_version="x", started=now,
+        finished=now, output_url=runs.output_url(run_id), summary={"weighted_rmse": 0.1},
+        outputs={"calibration.json": hashlib.sha256(report).hexdigest()},
+        spec={"model": "thermal_rc@1.0.0", "registry_url": "s3://bucket/registry/acme", "telemetry": "/srv/t.parquet",
+              "signals": {"u": {"kind": "series", "path": "s3://bucket/u.parquet"}}, "free": ["R_io"]}))
+    with in_process(object(), tmp_path) as (http, auth, _):
+        answer = http.get(f"/v1/runs/{run_id}", headers=auth["reader"])
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        assert "bucket" not in answer.text and "/srv/" not in answer.text and str(tmp_path) not in answer.text
+        assert body["spec"] == {"model": "thermal_rc@1.0.0", "signals": {"u": {"kind": "series"}}, "free": ["R_io"]}
+        assert body["outputs"] == {"calibration.json": hashlib.sha256(report).hexdigest()}
+        file = http.get(f"/v1/runs/{run_id}/files/calibration.json", headers=auth["reader"])
+        assert file.status_code == 200 and file.content == report
+        assert file.headers["X-RayTwin-SHA256"] == body["outputs"]["calibration.json"]
+        for path, headers, status in ((f"/v1/runs/{run_id}", auth["other"], 404),  # another tenant's run
+                                      (f"/v1/runs/{run_id}/files/calibration.json", auth["other"], 404),
+                                      (f"/v1/runs/{run_id}/files/run.json", auth["reader"], 404),  # not an output
+                                      ("/v1/runs/a-b", auth["reader"], 422),  # a run id, no other name under the runs
+                                      (f"/v1/runs/{run_id}", {}, 401)):
+            assert http.get(path, headers=headers).status_code == status, path

@@ -1,0 +1,100 @@
+"""Routes for run records: what a tenant's sweeps, calibrations and recommendations ran and produced.
+
+A run record (`sweeps.runs.RunRecord`) is the evidence a model transition names (`evidence.run_ids`, a drift
+recalibration's fit): an approver must be able to read it, and the fit report it holds, through the API. The
+answer never says where the store keeps anything: store URLs (the outputs', the model registry's, the
+telemetry's) are left out, and output files are served by name.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Path
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
+
+from raytwin.modelcode import ModelCode
+from raytwin.storage import filesystem, read_chunks
+from serve_apps.auth import Principal
+from serve_apps.deps import READER, SVC, Services
+from serve_apps.errors import NotFound
+from serve_apps.json_route import JsonRoute
+from sweeps.runs import RunError, RunRecord, RunStore
+
+router = APIRouter(prefix="/v1/runs", tags=["runs"], route_class=JsonRoute)
+
+RunIdPath = Annotated[str, Path(pattern=r"^(sweep|calibration|recommendation)-\d{8}T\d{6}Z-[0-9a-f]{8}$",
+                                description="e.g. calibration-20260105T120000Z-1a2b3c4d")]
+LOCATION_KEYS = frozenset({"registry_url", "telemetry", "path", "runs_url"})
+"""Spec fields that name store locations (and any field ending in ``_url``): left out of an answer."""
+MEDIA_TYPES = {".json": "application/json", ".parquet": "application/vnd.apache.parquet"}
+
+
+class RunPublic(BaseModel):
+    """A run record as a tenant reads it: who ran what, on which model and data (by hash), with which spec,
+    seeds and code, and each output file's name and SHA-256; no store location."""
+
+    run_id: str
+    kind: str
+    status: str
+    user: str
+    asset_id: str | None
+    model_ref: str
+    model_hash: str
+    model_code: ModelCode | None
+    input_data_hash: str | None
+    spec: dict[str, Any]
+    seeds: dict[str, int]
+    package_versions: dict[str, str]
+    code_version: str
+    started: str
+    finished: str
+    outputs: dict[str, str]
+    summary: dict[str, Any]
+    rerun_of: str | None
+    error: str | None
+
+
+def without_locations(value: Any) -> Any:
+    """`value` with every field that names a store location left out, at any depth."""
+    if isinstance(value, dict):
+        return {k: without_locations(v) for k, v in value.items() if k not in LOCATION_KEYS and not k.endswith("_url")}
+    if isinstance(value, list):
+        return [without_locations(v) for v in value]
+    return value
+
+
+def _record(svc: Services, tenant: str, run_id: str) -> RunRecord:
+    """The tenant's run record (404 for another tenant's: each tenant's runs have their own root)."""
+    try:
+        return RunStore(svc.config.url("runs", tenant), svc.config.storage_options or None).load(run_id)
+    except RunError:
+        raise NotFound(f"no run {run_id!r} of this tenant") from None
+
+
+@router.get("/{run_id}", response_model=RunPublic)
+async def get_run(run_id: RunIdPath, who: Principal = READER, svc: Services = SVC) -> Any:
+    """A run record: what ran (model, spec, seeds, code, input data hash) and what it produced (its output
+    files' names and SHA-256, its summary), e.g. the evidence a model transition names."""
+    record = await run_in_threadpool(_record, svc, who.tenant, run_id)
+    body = record.model_dump(mode="json")
+    return RunPublic.model_validate({**body, "spec": without_locations(body["spec"]),
+                                     "summary": without_locations(body["summary"])})
+
+
+@router.get("/{run_id}/files/{name}", response_class=StreamingResponse,
+            responses={200: {"content": {t: {} for t in sorted(set(MEDIA_TYPES.values()))},
+                             "description": "An output file of the run, as its record hashed it"}})
+async def get_run_file(run_id: RunIdPath, name: str, who: Principal = READER,
+                       svc: Services = SVC) -> StreamingResponse:
+    """Download one of the run's output files (`outputs` in its record; e.g. a calibration's
+    ``calibration.json``, its fit report), streamed from the store."""
+    record = await run_in_threadpool(_record, svc, who.tenant, run_id)
+    if name not in record.outputs:
+        raise NotFound(f"run {run_id} has no output file {name!r}; files: {sorted(record.outputs)}")
+    fs, root = filesystem(record.output_url, svc.config.storage_options)
+    media = MEDIA_TYPES.get(name[name.rfind("."):], "application/octet-stream")
+    return StreamingResponse(read_chunks(fs, f"{root}/{name}"), media_type=media, headers={
+        "Content-Disposition": f'attachment; filename="{run_id}-{name}"', "X-RayTwin-SHA256": record.outputs[name]})
