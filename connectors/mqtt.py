@@ -1,6 +1,6 @@
 """MQTT connector (paho-mqtt 2, MQTT 3.1.1 and 5): subscriptions into twins, commands back to assets.
 
-- **Persistent session, QoS 1.** The client id is stable (`raytwin-<tenant>-<name>` unless given)
+- **Persistent session, QoS 1.** The client id is stable (`raytwin-<tenant>@<name>` unless given)
   and the session survives disconnects (3.1.1: ``clean_session=False``; 5: ``clean_start=False`` and
   a session expiry), so the broker keeps what is published while RayTwin is away or paused and
   delivers it on reconnect.
@@ -53,6 +53,19 @@ _IDENTIFIER = TypeAdapter(Identifier)
 PUBLISH_TIMEOUT_S = 10.0
 TopicFilter = Annotated[str, Field(min_length=1, max_length=1024)]
 ASSET_LEVEL = "{asset_id}"
+OWN_PREFIX = "raytwin-"
+
+
+def default_client_id(tenant: str, name: str) -> str:
+    """A connector's own client id: `@` is no identifier character, so (tenant, name) is read back from it
+    unambiguously (the `-` of `raytwin-<tenant>-<name>`, used before, made tenant `a`'s `b-c` and tenant `a-b`'s
+    `c` one session)."""
+    return f"{OWN_PREFIX}{tenant}@{name}"
+
+
+def legacy_client_id(tenant: str, name: str) -> str:
+    """The default of earlier versions: choosable as `broker.client_id` to resume a session kept under it."""
+    return f"{OWN_PREFIX}{tenant}-{name}"
 
 
 def _filter_problem(topic: str) -> str | None:
@@ -169,7 +182,7 @@ class MqttSpec(ConnectorSpec):
 
     @property
     def client_id(self) -> str:
-        return self.broker.client_id or f"raytwin-{self.tenant}-{self.name}"
+        return self.broker.client_id or default_client_id(self.tenant, self.name)
 
     def describe(self) -> str:
         return f"{super().describe()}, {len(self.routes)} route(s)"
@@ -207,10 +220,11 @@ class MqttSpec(ConnectorSpec):
 
     @model_validator(mode="after")
     def _valid(self) -> MqttSpec:
-        own = f"raytwin-{self.tenant}-{self.name}"
-        if (self.broker.client_id or own).startswith("raytwin-") and self.broker.client_id not in (None, own):
-            raise ValueError(f"broker.client_id {self.broker.client_id!r}: ids starting with 'raytwin-' are RayTwin's "
-                             f"own (this connector's is {own!r}); leave it out, or choose one without that prefix")
+        own = (default_client_id(self.tenant, self.name), legacy_client_id(self.tenant, self.name))
+        if self.client_id.startswith(OWN_PREFIX) and self.client_id not in own:
+            raise ValueError(f"broker.client_id {self.broker.client_id!r}: ids starting with {OWN_PREFIX!r} are "
+                             f"RayTwin's own (this connector's is {own[0]!r}, or {own[1]!r} to resume a session of an "
+                             "earlier version); leave it out, or choose one without that prefix")
         if self.ack_topic is not None:
             if self.ack_topic.count(ASSET_LEVEL) > 1 or (ASSET_LEVEL in self.ack_topic
                                                          and ASSET_LEVEL not in self.ack_topic.split("/")):

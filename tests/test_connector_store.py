@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from connectors.mqtt import MqttSpec
 from connectors.spec import ConnectorSpec, ConnectorStore, Credentials, SessionTaken
@@ -111,10 +112,20 @@ def _mqtt(tenant: str, name: str, client_id: str | None = None, host: str = "bro
                              "payload": {"event_time": "ts", "measurements": {"h1": {"field": "level", "unit": "mm"}}}}])
 
 
+def test_default_client_ids_of_different_connectors_differ() -> None:
+    """`raytwin-<tenant>-<name>` made tenant "a-b"'s "c" and tenant "a"'s "b-c" one broker session: the second
+    connector was refused (or, on separate stores, took the first one's queued messages)."""
+    ids = {_mqtt(tenant, name).client_id for tenant, name in (("a-b", "c"), ("a", "b-c"), ("a", "b.c"), ("a.b", "c"))}
+    assert len(ids) == 4 and _mqtt("a", "b-c").client_id == "raytwin-a@b-c"
+    assert _mqtt("a", "b-c", client_id="raytwin-a-b-c").client_id == "raytwin-a-b-c"  # an earlier version's session
+    with pytest.raises(ValidationError, match="RayTwin's own .this connector's is 'raytwin-a@b'"):
+        _mqtt("a", "b", client_id="raytwin-x@b")
+
+
 def test_one_connector_holds_each_broker_session(tmp_path: Path) -> None:
     store = ConnectorStore(str(tmp_path))
-    # the default client ids of tenant "a-b"'s "c" and tenant "a"'s "b-c" are the same string
-    first, second = _mqtt("a-b", "c"), _mqtt("a", "b-c")
+    # the client ids of earlier versions, chosen to resume their sessions, are the same string
+    first, second = _mqtt("a-b", "c", client_id="raytwin-a-b-c"), _mqtt("a", "b-c", client_id="raytwin-a-b-c")
     assert first.session_key() == second.session_key() == "MQTT client id 'raytwin-a-b-c'"
     store.claim(first.session_key(), "a-b", "c")
     store.claim(first.session_key(), "a-b", "c")  # re-declaring the same connector keeps its session
@@ -123,7 +134,7 @@ def test_one_connector_holds_each_broker_session(tmp_path: Path) -> None:
     with pytest.raises(SessionTaken, match="connector 'c'"):
         store.claim(first.session_key(), "a-b", "d")
     with pytest.raises(SessionTaken, match="another tenant's connector"):  # another name of the same broker, maybe
-        store.claim(_mqtt("a", "b-c", host="10.0.0.7").session_key(), "a", "b-c")
+        store.claim(_mqtt("a", "b-c", "raytwin-a-b-c", host="10.0.0.7").session_key(), "a", "b-c")
     store.release(first.session_key(), "a", "b-c")  # not its holder: nothing happens
     with pytest.raises(SessionTaken):
         store.claim(first.session_key(), "a", "b-c")

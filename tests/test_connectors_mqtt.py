@@ -209,7 +209,7 @@ def test_a_refused_subscription_is_reported_not_connected(twins, connectors, tmp
         assert not status.connected
         assert status.last_error == (
             f"broker 127.0.0.1:{guarded.port} refused the subscription to 'vault/+/telemetry' ({reason}): allow "
-            f"client 'raytwin-acme-{name}' to read these topics (its ACL), then pause and resume the connector")
+            f"client 'raytwin-acme@{name}' to read these topics (its ACL), then pause and resume the connector")
         wait_until(ray_metrics_port, lambda m: total(m, "ray_raytwin_connector_down_seconds_total",
                                                      connector=f"acme/{name}") >= 2.0, "the down time counted")
     finally:
@@ -245,7 +245,7 @@ def test_a_broker_that_lost_the_session_is_reported(twins, connectors, tmp_path)
         status = wait_for(lambda: (s := connectors.status("acme", "amnesia")).connected and "kept no session" in
                           (s.last_error or "") and s, "the lost session reported")
         assert status.last_error == (
-            f"broker 127.0.0.1:{forgetful.port} kept no session for client 'raytwin-acme-amnesia': messages published "
+            f"broker 127.0.0.1:{forgetful.port} kept no session for client 'raytwin-acme@amnesia': messages published "
             "while the connector was disconnected are lost to it (the broker restarted without persistence, or the "
             "session expired)")
     finally:
@@ -566,10 +566,10 @@ def test_http_connectors_keep_credentials_write_only_and_tenants_apart(api, brok
     bad = client.post("/v1/connectors", json={"spec": {**spec, "routes": [{**spec["routes"][0], "topic": "a/#/b"}]}},
                       headers=auth["admin"])
     assert bad.status_code == 422 and "'#' the whole last level" in bad.json()["error"]["message"]
-    hijack = {**spec, "name": "mine", "broker": {**spec["broker"], "client_id": "raytwin-acme-web"}}
+    hijack = {**spec, "name": "mine", "broker": {**spec["broker"], "client_id": "raytwin-acme@web"}}
     taken = client.post("/v1/connectors", json={"spec": hijack}, headers=auth["other"])  # acme's session on this broker
     assert taken.status_code == 422 and "ids starting with 'raytwin-' are RayTwin's own (this connector's is " \
-        "'raytwin-globex-mine')" in taken.json()["error"]["message"]
+        "'raytwin-globex@mine'" in taken.json()["error"]["message"]
     assert client.get("/v1/connectors/mine", headers=auth["other"]).status_code == 404
     exported = wait_until(ray_metrics_port, lambda m: total(m, "ray_raytwin_connector_connected", connector="acme/web")
                           == 1.0, "the connector's connected gauge")
