@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import ssl
 import threading
 from collections.abc import Callable
@@ -234,6 +235,59 @@ class MqttSpec(ConnectorSpec):
         return self
 
 
+class _Client(paho.Client):
+    """paho's client, keeping why the last connection attempt failed (paho's `on_connect_fail` is told nothing)."""
+
+    connect_error: OSError | None = None
+
+    def reconnect(self) -> paho.MQTTErrorCode:
+        try:
+            return super().reconnect()
+        except OSError as exc:
+            self.connect_error = exc
+            raise
+
+
+def connect_failure(host: str, port: int, exc: OSError | None, timeout_s: float) -> str:
+    """What kept a connection to `host:port` from opening, and how to fix it."""
+    where = f"{host}:{port}"
+    if isinstance(exc, socket.gaierror):
+        return (f"cannot resolve broker host {host!r} ({exc.strerror}): check broker.host and the DNS of the nodes "
+                "that run connectors")
+    if isinstance(exc, ConnectionRefusedError):
+        return (f"broker {where} refused the TCP connection (nothing listens on port {port}): check broker.host, "
+                "broker.port and that the broker runs")
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return (f"TLS: the certificate of broker {where} cannot be verified ({exc.verify_message}): set "
+                "broker.tls.ca_file to the CA that signed it, and connect by a name the certificate is for")
+    if isinstance(exc, ssl.SSLError):
+        return (f"TLS handshake with broker {where} failed ({exc.reason or exc}): check that port {port} speaks TLS "
+                "(often 8883, not 1883) and that the broker accepts this client's certificate, if it needs one")
+    if isinstance(exc, TimeoutError):
+        return (f"no answer from broker {where} within {timeout_s:g} s: the host is down, or a firewall drops the "
+                "connection")
+    why = f" ({_why(exc)})" if exc is not None else ""
+    return f"cannot connect to broker {where}{why}"
+
+
+CONNACK_FIXES = {
+    0x84: "set broker.protocol to the MQTT version the broker speaks",
+    0x85: "the broker refuses this client id: choose broker.client_id as it allows (23 letters and digits are "
+          "always allowed)",
+    0x86: "bad credentials: declare the connector again with the right username and password",
+    0x87: "the broker does not let this client (its username, its client id) connect: its ACL or auth plugin",
+    0x8C: "the broker wants another authentication method",
+}
+"""How to fix a refused CONNACK, by reason code (MQTT 5's; paho gives 3.1.1's return codes the same)."""
+
+
+def connect_refusal(where: str, client_id: str, reason: Any) -> str:
+    """The broker's refusal of a connection, with its reason code and what to do."""
+    fix = CONNACK_FIXES.get(reason.value, "the broker refused for its own reasons: see its log")
+    return (f"broker {where} refused the connection of client {client_id!r}: {reason} (reason code "
+            f"0x{reason.value:02X}); {fix}")
+
+
 class MqttAdapter:
     """One paho client: subscriptions into the pump, commands out."""
 
@@ -299,8 +353,7 @@ class MqttAdapter:
     def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         if reason.is_failure:
             self._refused = True  # the disconnect that follows must not hide why (a wrong password, an ACL)
-            self._error(f"broker {self._where()} refused the connection: {reason}; check the credentials and "
-                        "the broker's ACL for this client id")
+            self._error(connect_refusal(self._where(), self.spec.client_id, reason))
             return
         self._refused = False
         with self._ack_lock:
@@ -349,7 +402,9 @@ class MqttAdapter:
             self._error(f"disconnected from broker {self._where()}: {reason}; reconnecting with backoff")
 
     def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
-        self._error(f"cannot connect to broker {self._where()}; retrying with backoff")
+        b = self.spec.broker
+        why = connect_failure(b.host, b.port, self.client.connect_error, self.client.connect_timeout)
+        self._error(f"{why}; retrying with backoff")
 
     def _error(self, message: str) -> None:
         self.errors += 1
@@ -433,12 +488,12 @@ class MqttAdapter:
                               "they have executed)")
 
 
-def _client(spec: MqttSpec, credentials: Credentials, *, persistent: bool) -> paho.Client:
+def _client(spec: MqttSpec, credentials: Credentials, *, persistent: bool) -> _Client:
     """A paho client as the connector (its client id, protocol, credentials, TLS). `persistent`: a session the
     broker keeps, messages acknowledged by hand and reconnects (MQTT 5 sets the session at connect)."""
     b = spec.broker
     v5 = b.protocol == "5"
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=spec.client_id,
+    client = _Client(CallbackAPIVersion.VERSION2, client_id=spec.client_id,
                          protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
                          clean_session=None if v5 else not persistent, manual_ack=persistent,
                          reconnect_on_failure=persistent)

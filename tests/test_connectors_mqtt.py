@@ -9,7 +9,10 @@ through `TwinService.ingest` (the filter's state is bit-identical for any delive
 from __future__ import annotations
 
 import json
+import socket
+import ssl
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -269,6 +272,92 @@ def test_a_new_process_that_finds_no_session_after_an_earlier_one_reports_it():
         assert adapter.errors == errors and (errors == 0 or "kept no session" in adapter.last_error)
         adapter._on_connect(adapter.client, None, no_session, accepted, None)  # and any later one
         assert adapter.errors == errors + 1
+
+
+def _first_error(broker: dict) -> str:
+    """The first `last_error` of an adapter (no Ray) connecting to `broker` (settings over `plant_spec`'s)."""
+    from connectors.mqtt import MQTT
+
+    spec = MqttSpec.model_validate(plant_spec(1, name="probe", broker={**plant_spec(1)["broker"], **broker}))
+    adapter = MQTT.adapter(spec, Credentials(), lambda inbound: None, lambda *ack: None)
+    adapter.start()
+    try:
+        return wait_for(lambda: adapter.last_error, "the connection's failure reported")
+    finally:
+        adapter.stop()
+
+
+def _tls_server(answer: Callable[[socket.socket], None]) -> int:
+    """A port where each connection gets `answer` (in a thread); the listener lives as long as the test process."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            connection, _ = listener.accept()
+            with connection:
+                try:
+                    answer(connection)
+                except OSError:
+                    pass  # the client gave up the handshake
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener.getsockname()[1]
+
+
+def _self_signed(directory: Path) -> ssl.SSLContext:
+    """A TLS server context with a certificate no CA signed."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.now(UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now - timedelta(days=1)).not_valid_after(now + timedelta(days=1))
+            .sign(key, hashes.SHA256()))
+    (directory / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (directory / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                          serialization.NoEncryption()))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(directory / "cert.pem", directory / "key.pem")
+    return context
+
+
+def test_a_failed_connection_says_why_and_how_to_fix_it(tmp_path):
+    """Every failure read `cannot connect to broker ...; retrying with backoff`, whether nothing listened, the
+    name did not resolve or TLS failed."""
+    closed = free_port()
+    assert _first_error({"port": closed}) == (
+        f"broker 127.0.0.1:{closed} refused the TCP connection (nothing listens on port {closed}): check broker.host, "
+        "broker.port and that the broker runs; retrying with backoff")
+    unresolved = _first_error({"host": "nonexistent.invalid"})
+    assert unresolved.startswith("cannot resolve broker host 'nonexistent.invalid' (") and unresolved.endswith(
+        "): check broker.host and the DNS of the nodes that run connectors; retrying with backoff")
+    plain = _tls_server(lambda connection: connection.sendall(b"HTTP/1.0 400 Bad Request\r\n\r\n"))
+    assert _first_error({"port": plain, "tls": {}}) == (
+        f"TLS handshake with broker 127.0.0.1:{plain} failed (WRONG_VERSION_NUMBER): check that port {plain} speaks "
+        "TLS (often 8883, not 1883) and that the broker accepts this client's certificate, if it needs one; retrying "
+        "with backoff")
+    context = _self_signed(tmp_path)
+    untrusted = _tls_server(lambda connection: context.wrap_socket(connection, server_side=True).recv(1))
+    assert _first_error({"port": untrusted, "tls": {}}) == (
+        f"TLS: the certificate of broker 127.0.0.1:{untrusted} cannot be verified (self-signed certificate): set "
+        "broker.tls.ca_file to the CA that signed it, and connect by a name the certificate is for; retrying with "
+        "backoff")
+
+
+def test_a_refused_connection_names_the_reason_code_and_the_fix():
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    from connectors.mqtt import connect_refusal
+
+    bad_password = ReasonCode(PacketTypes.CONNACK, identifier=0x86)  # 3.1.1's return code 4 reads the same
+    assert connect_refusal("b:1883", "gw", bad_password) == (
+        "broker b:1883 refused the connection of client 'gw': Bad user name or password (reason code 0x86); bad "
+        "credentials: declare the connector again with the right username and password")
 
 
 def test_malformed_payloads_go_to_dead_letters_with_topic_and_reason(twins, connectors, broker, plant):
