@@ -28,6 +28,7 @@ class Adapter(Protocol):
 
     errors: int
     last_error: str | None
+    last_error_at: datetime | None  # when `last_error` happened (UTC); both None again once the source works
 
     def start(self) -> None: ...
     def pause(self) -> None: ...

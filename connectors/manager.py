@@ -11,6 +11,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import Any
 
 import ray
@@ -36,12 +37,12 @@ try is a new worker process: a reader listing connectors must not start one per 
 class ConnectorDown(RuntimeError):
     """A declared connector whose actor cannot start (e.g. its TLS files were removed since); `why` says why."""
 
-    def __init__(self, name: str, why: str):
+    def __init__(self, name: str, why: str, since: datetime):
         super().__init__(f"connector {name!r} cannot start: {why}; declare it again or delete it")
-        self.name, self.why = name, why
+        self.name, self.why, self.since = name, why, since
 
     def __reduce__(self):
-        return (type(self), (self.name, self.why))
+        return (type(self), (self.name, self.why, self.since))
 
 
 def _died_because(exc: BaseException) -> str:
@@ -57,7 +58,7 @@ class Connectors:
         self.router, self._assets = router, assets
         self.store = ConnectorStore(router.store_url, router.storage_options)
         self.ledger = CommandLedger(router.store_url, router.storage_options)
-        self._down: dict[tuple[str, str], tuple[float, str]] = {}  # (tenant, name) -> (retry at, why)
+        self._down: dict[tuple[str, str], tuple[float, str, datetime]] = {}  # (tenant, name) -> (retry at, why, since)
 
     def create(self, spec: ConnectorSpec | dict[str, Any], credentials: Credentials | None = None) -> ConnectorStatus:
         """Check, store and start a connector (an existing one of that name is replaced and restarted)."""
@@ -113,14 +114,15 @@ class Connectors:
         """`method` of the connector's actor; `ConnectorDown` if the actor cannot start (not tried again for
         `START_RETRY_S`)."""
         if (down := self._down.get((tenant, name))) is not None and time.monotonic() < down[0]:
-            raise ConnectorDown(name, down[1])
+            raise ConnectorDown(name, down[1], down[2])
         try:
             answer = ray.get(getattr(self._actor(tenant, name), method).remote())
         except ray.exceptions.ActorDiedError as exc:
             why = _died_because(exc)
-            self._down[(tenant, name)] = (time.monotonic() + START_RETRY_S, why)
+            since = datetime.now(UTC)
+            self._down[(tenant, name)] = (time.monotonic() + START_RETRY_S, why, since)
             log.error("event=connector_down tenant=%s connector=%s error=%r", tenant, name, why)
-            raise ConnectorDown(name, why) from None
+            raise ConnectorDown(name, why, since) from None
         self._down.pop((tenant, name), None)
         return answer
 
@@ -139,8 +141,8 @@ class Connectors:
             return ConnectorStatus(
                 tenant=tenant, name=name, kind=self.spec(tenant, name).kind, state=self.store.desired(tenant, name),
                 connected=False, messages=0, acknowledged=0, pending=0, accepted=0, duplicates=0, rejected=0,
-                dead_lettered=0, errors=1, last_error=f"cannot start: {exc.why}", lag_s=None,
-                newest_event_time=None)
+                dead_lettered=0, errors=1, last_error=f"cannot start: {exc.why}", last_error_at=exc.since,
+                lag_s=None, newest_event_time=None)
 
     def spec(self, tenant: str, name: str) -> ConnectorSpec:
         """The declaration (never the credentials)."""
@@ -179,7 +181,7 @@ class Connectors:
                     spec = self.spec(tenant, name)
                     if refuse is not None and (why := refuse(spec)):
                         self._kill(tenant, name)  # one still running from before a backend restart, too
-                        self._down[(tenant, name)] = (math.inf, why)
+                        self._down[(tenant, name)] = (math.inf, why, datetime.now(UTC))
                         log.warning("event=connector_refused tenant=%s connector=%s reason=%r", tenant, name, why)
                         continue
                     if key := spec.session_key():  # declarations of older versions: claimed now

@@ -294,7 +294,7 @@ class MqttAdapter:
     def __init__(self, spec: MqttSpec, credentials: Credentials, put: Callable[[Inbound], None], on_ack: AckHandler,
                  *, resumes_session: bool = False):
         self.spec, self.put, self.on_ack = spec, put, on_ack
-        self.errors, self.last_error = 0, None
+        self.errors, self.last_error, self.last_error_at = 0, None, None
         self._generation = 0  # +1 per connect and disconnect: acks go only over the connection that delivered
         self._subscription: int | None = None  # the mid of this connection's SUBSCRIBE, until its SUBACK
         self._session_expected = resumes_session  # this process or an earlier one connected: the broker keeps a session
@@ -356,6 +356,7 @@ class MqttAdapter:
             self._error(connect_refusal(self._where(), self.spec.client_id, reason))
             return
         self._refused = False
+        self.last_error = self.last_error_at = None  # connected again: what went wrong before is over
         with self._ack_lock:
             self._generation += 1
         if self._session_expected and not flags.session_present and (not self.v5 or self.spec.broker.session_expiry_s):
@@ -408,7 +409,7 @@ class MqttAdapter:
 
     def _error(self, message: str) -> None:
         self.errors += 1
-        self.last_error = message
+        self.last_error, self.last_error_at = message, datetime.now(UTC)
         log.warning("event=mqtt_error tenant=%s connector=%s error=%r", self.spec.tenant, self.spec.name, message)
 
     # --------------------------------------------------------------- receive ----

@@ -26,7 +26,7 @@ RETRY_MIN_S, RETRY_MAX_S = 0.2, 10.0
 
 @dataclass
 class PumpStats:
-    """Counters since the connector (process) started, and the latest error."""
+    """Counters since the connector (process) started, and the latest delivery error (until a delivery works)."""
 
     messages: int = 0
     acknowledged: int = 0
@@ -36,6 +36,7 @@ class PumpStats:
     dead_lettered: int = 0
     delivery_errors: int = 0
     last_error: str | None = None
+    last_error_at: datetime | None = None
     newest_event_time: datetime | None = None
 
     def lag_s(self) -> float | None:
@@ -109,6 +110,7 @@ class Pump:
                 self.stats.delivery_errors += 1
                 metrics.CONNECTOR_MESSAGES.inc(connector=self.name, outcome="delivery_errors")
                 self.stats.last_error = f"delivery failed: {type(exc).__name__}: {str(exc)[:300]}"
+                self.stats.last_error_at = datetime.now(UTC)
                 log.warning("event=connector_delivery_failed connector=%s messages=%d retry_in_s=%.1f error=%r",
                             self.name, len(batch), wait, self.stats.last_error)
                 self._stop.wait(wait)
@@ -118,6 +120,7 @@ class Pump:
         for message in batch:
             message.ack()
         s, r = self.stats, delivery.report
+        s.last_error = s.last_error_at = None  # delivered: a failure before is over
         s.acknowledged += len(batch)
         s.accepted += r.accepted
         s.duplicates += r.duplicates

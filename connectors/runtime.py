@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import ray
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from actors.ingest import ShardRouter
 from connectors.commands import Command, CommandLedger, CommandStatus, Unconfirmed
@@ -52,7 +52,9 @@ class ConnectorStatus(BaseModel):
     rejected: int
     dead_lettered: int
     errors: int
-    last_error: str | None
+    last_error: str | None = Field(description="the latest error, until the connector connects or delivers again "
+                                   "(`errors` keeps counting)")
+    last_error_at: datetime | None = Field(None, description="when `last_error` happened (the server's clock, UTC)")
     lag_s: float | None
     newest_event_time: datetime | None
 
@@ -129,8 +131,15 @@ class ConnectorRuntime:
             connected=self.adapter.connected(), messages=s.messages, acknowledged=s.acknowledged,
             pending=self.pump.pending(), accepted=s.accepted, duplicates=s.duplicates, rejected=s.rejected,
             dead_lettered=s.dead_lettered, errors=s.delivery_errors + self.adapter.errors,
-            last_error=self.adapter.last_error or s.last_error, lag_s=s.lag_s(),
-            newest_event_time=s.newest_event_time)
+            **self._last_error(), lag_s=s.lag_s(), newest_event_time=s.newest_event_time)
+
+    def _last_error(self) -> dict[str, Any]:
+        """The newer of the source's and the delivery's current errors."""
+        current = [(at, message) for message, at in ((self.adapter.last_error, self.adapter.last_error_at),
+                                                     (self.pump.stats.last_error, self.pump.stats.last_error_at))
+                   if message is not None]
+        at, message = max(current, default=(None, None))
+        return {"last_error": message, "last_error_at": at}
 
     @ray.method(max_task_retries=0)  # a retry on a restarted actor would find the command no longer proposed
     def approve(self, tenant: str, command_id: str, by: str) -> Command:

@@ -181,3 +181,34 @@ def test_a_connectors_newest_event_time_counts_only_what_the_twins_applied() -> 
     assert _applied(valid, report).column("asset_id").to_pylist() == ["z1", "z1"]
     unkeyed = IngestReport(accepted=2, rejected=1, reasons=[Reject(idempotency_key=None, reason="unknown twin")])
     assert _applied(valid, unkeyed).num_rows == 0  # which rows were applied is unknown: none counts
+
+
+def test_a_delivery_error_says_when_and_is_cleared_by_the_next_delivery() -> None:
+    """A store outage's `delivery failed` stayed the connector's `last_error` long after deliveries worked again."""
+    import threading
+
+    from connectors.pump import Pump, PumpStats
+    from connectors.sink import Delivery, Inbound
+
+    class Flaky:  # fails its first delivery, as a shard that is restarting; notes the error the retry finds
+        stats: PumpStats
+        seen: list[tuple[str | None, datetime | None]] = []
+
+        def deliver(self, batch: list[Inbound]) -> Delivery:
+            self.seen.append((self.stats.last_error, self.stats.last_error_at))
+            if len(self.seen) == 1:
+                raise ConnectionError("shard restarting")
+            return Delivery()
+
+    sink, acked = Flaky(), threading.Event()
+    pump = Pump(sink, "acme/flaky", linger_s=0.0)
+    sink.stats = pump.stats
+    before = datetime.now(UTC)
+    try:
+        pump.put(Inbound("test", [], [], acked.set))
+        assert acked.wait(10)
+    finally:
+        pump.stop()
+    (error, at), = sink.seen[1:]
+    assert error == "delivery failed: ConnectionError: shard restarting" and before <= at <= datetime.now(UTC)
+    assert (pump.stats.last_error, pump.stats.last_error_at, pump.stats.delivery_errors) == (None, None, 1)

@@ -44,6 +44,10 @@ class OpcUaAdapter:
     def last_error(self) -> str | None:
         return self._session.last_error if self._session else None
 
+    @property
+    def last_error_at(self) -> datetime | None:
+        return self._session.last_error_at if self._session else None
+
     def _call(self, coro: Any, timeout: float | None = None) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 

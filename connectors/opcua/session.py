@@ -76,7 +76,7 @@ class OpcUaSession:
         """`gap_since`: when an earlier process of this connector was last alive (its subscription ended then,
         give or take the connector's heartbeat), a gap to report at the first subscription without backfill."""
         self.spec, self.credentials, self.put = spec, credentials, put
-        self.errors, self.last_error = 0, None
+        self.errors, self.last_error, self.last_error_at = 0, None, None
         self._state = "starting"
         self.backpressure_pauses = 0
         self._received = 0
@@ -162,7 +162,7 @@ class OpcUaSession:
 
     def _error(self, message: str) -> None:
         self.errors += 1
-        self.last_error = message
+        self.last_error, self.last_error_at = message, datetime.now(UTC)
         log.warning("event=opcua_error tenant=%s connector=%s endpoint=%s error=%r", self.spec.tenant,
                     self.spec.name, self.spec.endpoint, message)
 
@@ -191,6 +191,7 @@ class OpcUaSession:
         client.connection_lost_callback = lost
         self._client = client
         await client.connect()
+        self.last_error = self.last_error_at = None  # connected again: what went wrong before is over
         self._nodes = {await self._resolve(n.node_id): n for n in spec.nodes}
         params = ua.CreateSubscriptionParameters(
             RequestedPublishingInterval=spec.publishing_interval_ms, RequestedLifetimeCount=10_000,
