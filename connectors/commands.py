@@ -1,6 +1,6 @@
 """Commands back to assets: a durable record per command, whose state only moves forward.
 
-proposed -> approved -> sending -> sent -> acknowledged | failed    (or proposed -> refused)
+proposed -> approved -> sending -> sent -> acknowledged | failed | expired    (or proposed -> refused)
 
 Why each rule:
 - **Approval required, by someone else.** A command moves a physical asset; the key that proposed
@@ -12,6 +12,10 @@ Why each rule:
 - **Tenant-checked.** Records live under their tenant and are looked up by (tenant, id): another
   tenant's command is indistinguishable from a missing one, and a connector only sends its own
   tenant's commands.
+- **Never waiting for good.** A sent command no asset acknowledges within its connector's `ack_timeout_s`
+  is *expired*: whether the asset executed it is unknown, and an operator must look. An answer that comes
+  after that is kept (`ack`, and a history entry saying it was late) but the command stays expired: a
+  status that turns back to acknowledged long after people acted on "expired" would mislead them.
 - **Audited.** Every transition is kept in the record's history with who and when.
 """
 
@@ -19,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Annotated, Any
 
@@ -41,6 +45,7 @@ class CommandStatus(StrEnum):
     acknowledged = "acknowledged"
     failed = "failed"
     refused = "refused"
+    expired = "expired"
 
 
 class CommandError(RuntimeError):
@@ -84,6 +89,8 @@ class Command(BaseModel):
     proposed_by: str
     approved_by: str | None = None
     ack: dict[str, Any] | None = Field(None, description="the asset's acknowledgement, as it sent it")
+    ack_deadline: datetime | None = Field(None, description="when a sent command that no asset acknowledged "
+                                          "expires (sent + the connector's ack_timeout_s)")
     history: list[Transition]
 
     def moved(self, status: CommandStatus, by: str, detail: str | None = None, **changes: Any) -> Command:
@@ -160,20 +167,38 @@ class CommandLedger:
                                "and only once")
         return self._save(command.moved(CommandStatus.sending, f"connector:{connector}"))
 
-    def sent(self, command: Command, detail: str | None = None) -> Command:
-        return self._save(command.moved(CommandStatus.sent, f"connector:{command.connector}", detail))
+    def sent(self, command: Command, ack_timeout_s: float, detail: str | None = None) -> Command:
+        """sending -> sent, to be acknowledged within `ack_timeout_s` (its `ack_deadline`)."""
+        sent = command.moved(CommandStatus.sent, f"connector:{command.connector}", detail)
+        return self._save(sent.model_copy(update={
+            "ack_deadline": sent.history[-1].at + timedelta(seconds=ack_timeout_s)}))
+
+    def expire(self, tenant: str, command_id: str, deadline: datetime) -> Command:
+        """sent -> expired, its `deadline` passed without an acknowledgement (anything else: unchanged)."""
+        command = self.get(tenant, command_id)
+        if command.status is not CommandStatus.sent:
+            return command
+        return self._save(command.moved(
+            CommandStatus.expired, f"connector:{command.connector}",
+            f"no acknowledgement from asset {command.asset_id} by {deadline.isoformat(timespec='seconds')} "
+            "(the connector's ack_timeout_s): whether it executed the command is unknown; check the asset"))
 
     def failed(self, command: Command, reason: str) -> Command:
         return self._save(command.moved(CommandStatus.failed, f"connector:{command.connector}", reason))
 
     def acknowledged(self, tenant: str, command_id: str, ack: dict[str, Any], ok: bool) -> Command:
-        """Record the asset's answer (the first one counts; a repeated ack changes nothing)."""
+        """Record the asset's answer (the first one counts; a repeated ack changes nothing). One that comes after
+        the command expired is kept, and it stays expired."""
         command = self.get(tenant, command_id)
+        answer = f"the asset answered: {str(ack.get('detail') or ack.get('status'))[:300]}"
+        if command.status is CommandStatus.expired and command.ack is None:
+            return self._save(command.moved(CommandStatus.expired, f"asset:{command.asset_id}",
+                                            f"late acknowledgement ({'ok' if ok else answer}) after the deadline: "
+                                            "the command stays expired", ack=ack))
         if command.status not in (CommandStatus.sending, CommandStatus.sent):
             return command
         status = CommandStatus.acknowledged if ok else CommandStatus.failed
-        detail = None if ok else f"the asset answered: {str(ack.get('detail') or ack.get('status'))[:300]}"
-        return self._save(command.moved(status, f"asset:{command.asset_id}", detail, ack=ack))
+        return self._save(command.moved(status, f"asset:{command.asset_id}", None if ok else answer, ack=ack))
 
     def recover(self, tenant: str, connector: str) -> list[Command]:
         """After a connector (re)starts: its commands left in *sending*, or *sent* unconfirmed (the client that

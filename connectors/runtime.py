@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import ray
@@ -75,8 +75,10 @@ class ConnectorRuntime:
         self.ledger = CommandLedger(store_url, storage_options)
         self._commands = threading.Lock()  # an ack (receive thread) must not interleave with a send
         self.ledger.recover(tenant, name)
-        self._awaiting = {c.correlation_id: (c.id, c.asset_id) for c in self.ledger.list(tenant)
-                          if c.connector == name and c.status is CommandStatus.sent}
+        mine = [c for c in self.ledger.list(tenant) if c.connector == name]
+        self._awaiting = {c.correlation_id: (c.id, c.asset_id) for c in mine  # an expired one: for a late answer
+                          if c.status is CommandStatus.sent or (c.status is CommandStatus.expired and c.ack is None)}
+        self._deadlines = {c.correlation_id: self._deadline(c) for c in mine if c.status is CommandStatus.sent}
         sink = TwinSink(router, tenant, batch_size=self.spec.batch_size)
         self.pump = Pump(sink, f"{tenant}/{name}", batch_size=self.spec.batch_size, linger_s=self.spec.linger_s)
         predecessor_seen = store.last_alive(tenant, name)  # an earlier process of this connector ran until then
@@ -116,6 +118,7 @@ class ConnectorRuntime:
             if self.desired is Desired.running and not self.adapter.connected():
                 metrics.CONNECTOR_DOWN.inc(now - last, connector=self.pump.name)
             last = now
+            self._expire_overdue()
             if now - alive >= ALIVE_EVERY_S:
                 alive = now
                 try:
@@ -123,6 +126,24 @@ class ConnectorRuntime:
                 except Exception as exc:  # noqa: BLE001 - a store hiccup only blurs a later gap's start
                     log.warning("event=connector_alive_failed tenant=%s connector=%s error=%r", self.tenant,
                                 self.name, exc)
+
+    def _deadline(self, command: Command) -> datetime:
+        """When a sent command expires (one sent by an earlier version has no deadline: its sent time + the timeout)."""
+        return command.ack_deadline or command.history[-1].at + timedelta(seconds=self.spec.ack_timeout_s)
+
+    def _expire_overdue(self) -> None:
+        """Sent commands past their deadline without an acknowledgement become `expired` (a late answer is still
+        matched, and recorded on the expired command)."""
+        now = datetime.now(UTC)
+        with self._commands:
+            for correlation_id, deadline in [(c, d) for c, d in self._deadlines.items() if d <= now]:
+                try:
+                    self.ledger.expire(self.tenant, self._awaiting[correlation_id][0], deadline)
+                except Exception as exc:  # noqa: BLE001 - a store hiccup: tried again at the next tick
+                    log.warning("event=command_expire_failed tenant=%s connector=%s error=%r", self.tenant, self.name,
+                                exc)
+                    continue
+                del self._deadlines[correlation_id]
 
     def status(self) -> ConnectorStatus:
         s = self.pump.stats
@@ -160,7 +181,9 @@ class ConnectorRuntime:
             except Exception as exc:  # noqa: BLE001 - recorded on the command, which is then final
                 return self.ledger.failed(command, f"not sent: {type(exc).__name__}: {str(exc)[:300]}")
             self._awaiting[command.correlation_id] = (command.id, command.asset_id)
-            return self.ledger.sent(command, detail)
+            sent = self.ledger.sent(command, self.spec.ack_timeout_s, detail)
+            self._deadlines[command.correlation_id] = sent.ack_deadline
+            return sent
 
     def _on_ack(self, correlation_id: str, ack: dict[str, Any], from_asset: str | None) -> None:
         with self._commands:
@@ -170,6 +193,7 @@ class ConnectorRuntime:
                             self.tenant, self.name, correlation_id, from_asset)
                 return
             del self._awaiting[correlation_id]
+            self._deadlines.pop(correlation_id, None)
             ok = str(ack.get("status", "ok")).lower() in ("ok", "done", "accepted", "success")
             self.ledger.acknowledged(self.tenant, command_id, ack, ok)
 

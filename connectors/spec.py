@@ -34,6 +34,8 @@ class ConnectorSpec(BaseModel):
     kind: str
     batch_size: Annotated[int, Field(ge=1, le=100_000)] = 1000
     linger_s: Annotated[float, Field(ge=0, le=5)] = 0.02
+    ack_timeout_s: Annotated[float, Field(gt=0, le=7 * 86_400)] = Field(
+        300.0, description="how long a sent command waits for its asset's acknowledgement before it is `expired`")
 
     def describe(self) -> str:
         """One line for people: kind, name and what it maps (`raytwin connectors check`)."""

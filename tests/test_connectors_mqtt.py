@@ -560,7 +560,7 @@ def test_a_restarted_connector_settles_commands_it_left_approved_or_sending(tmp_
     unconfirmed, confirmed = (ledger.propose("acme", "c", "a1", "setpoint", {"x": x}, by="k1") for x in (4, 5))
     for command, detail in ((unconfirmed, "unconfirmed: broker b did not confirm"), (confirmed, None)):
         ledger.approve("acme", command.id, by="k2")
-        ledger.sent(ledger.claim("acme", command.id, "c"), detail)
+        ledger.sent(ledger.claim("acme", command.id, "c"), 300.0, detail)
     settled = {c.id: c.history[-1].detail for c in ledger.recover("acme", "c")}
     assert settled == {approved.id: "not sent: the connector stopped before sending; propose it again",
                        sending.id: "outcome unknown: the connector stopped while sending; not re-sent",
@@ -568,6 +568,37 @@ def test_a_restarted_connector_settles_commands_it_left_approved_or_sending(tmp_
                                        "command; not re-sent"}  # the client that kept it died with the process
     assert ledger.get("acme", confirmed.id).status is CommandStatus.sent
     assert ledger.get("acme", other.id).status is CommandStatus.proposed
+
+
+def test_a_command_no_asset_acknowledges_expires_and_a_late_answer_does_not_revive_it(twins, connectors, broker):
+    """A sent command nobody acknowledged stayed `sent` for good: nobody learned that the asset never answered."""
+    connectors.create(plant_spec(broker.port, name="mute", ack_timeout_s=1.0, ack_topic="mute/{asset_id}/ack",
+                                 routes=[{"topic": "mute/+/t", "asset_level": 1, "payload": PAYLOAD,
+                                          "command_topic": "mute/{asset_id}/cmd"}]))
+    try:
+        wait_for(lambda: connectors.status("acme", "mute").connected, "connected")
+        proposed = connectors.propose("acme", "mute", "pump-1", "setpoint", {"q_in": 0.2}, by="key-alice")
+        sent = connectors.approve("acme", proposed.id, by="key-bob")
+        assert sent.status is CommandStatus.sent
+        assert sent.ack_deadline == sent.history[-1].at + timedelta(seconds=1.0)
+        expired = wait_for(lambda: (c := connectors.command("acme", proposed.id)).status is CommandStatus.expired
+                           and c, "the command expired")
+        assert expired.history[-1].by == "connector:mute" and expired.history[-1].detail == (
+            f"no acknowledgement from asset pump-1 by {sent.ack_deadline.isoformat(timespec='seconds')} (the "
+            "connector's ack_timeout_s): whether it executed the command is unknown; check the asset")
+        device = Publisher(broker.port)
+        device.publish("mute/pump-1/ack", [{"correlation_id": proposed.correlation_id, "status": "ok"}] * 2)
+        device.close()
+        late = wait_for(lambda: (c := connectors.command("acme", proposed.id)).ack and c, "the late answer recorded")
+        assert late.status is CommandStatus.expired and late.ack == {"correlation_id": proposed.correlation_id,
+                                                                     "status": "ok"}
+        assert [(t.status, t.by) for t in late.history[-2:]] == [("expired", "connector:mute"),
+                                                                 ("expired", "asset:pump-1")]
+        assert late.history[-1].detail == "late acknowledgement (ok) after the deadline: the command stays expired"
+        again = connectors.ledger.acknowledged("acme", proposed.id, {"status": "error"}, ok=False)
+        assert again == connectors.command("acme", proposed.id) and again.ack == late.ack  # the first answer counts
+    finally:
+        connectors.delete("acme", "mute")
 
 
 def test_the_readme_declaration_is_valid():
