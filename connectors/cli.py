@@ -42,7 +42,8 @@ def _declaration(path: Path) -> dict[str, Any]:
 
 @connectors_app.command()
 def check(path: Annotated[Path, typer.Argument(help="A connector declaration (YAML or JSON).")]) -> None:
-    """Validate a declaration offline (its kind's schema; the assets are checked when it is created)."""
+    """Validate a declaration offline (its kind's schema; its assets and their measurements are checked when it is
+    created)."""
     from pydantic import ValidationError
 
     from connectors.kinds import UnknownKind, parse_spec

@@ -7,13 +7,17 @@ lazily by name, so a deployment without a protocol's client library can still ru
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any, Protocol
 
 from connectors.commands import Command
 from connectors.sink import Inbound
 from connectors.spec import ConnectorSpec, Credentials
+from raytwin.contracts import AssetType
+
+AssetTypes = Mapping[str, AssetType | None]
+"""A tenant's registered twins, by asset id, with their asset types (None: not known)."""
 
 KINDS: dict[str, str] = {"mqtt": "connectors.mqtt:MQTT", "opcua": "connectors.opcua:OPCUA"}
 """kind name -> `module:attribute` of its `Kind` (OPC UA registers ``"opcua"`` here)."""
@@ -43,7 +47,7 @@ class Adapter(Protocol):
 class Kind(Protocol):
     spec_type: type[ConnectorSpec]
 
-    def problems(self, spec: ConnectorSpec, assets: set[str]) -> list[str]:
+    def problems(self, spec: ConnectorSpec, assets: AssetTypes) -> list[str]:
         """What is wrong with `spec` given the tenant's registered `assets` (empty: fine)."""
 
     def adapter(self, spec: ConnectorSpec, credentials: Credentials, put: Callable[[Inbound], None],
@@ -58,6 +62,22 @@ class Kind(Protocol):
     def end_session(self, spec: ConnectorSpec, credentials: Credentials) -> bool:
         """For a deleted connector: discard what the source keeps for it (a broker's session and the messages
         queued there, which whoever opened that session next would receive); False if it could not."""
+
+
+def unmeasured(where: str, measurement: str, asset_id: str | None, assets: AssetTypes) -> str | None:
+    """Why `asset_id` (None: whichever asset a message names) cannot take `measurement`, or None. Such a mapping
+    would feed the twins nothing: every reading is dead-lettered by them, message by message, for good."""
+    if asset_id is not None:
+        asset_type = assets.get(asset_id)
+        if asset_type is None or measurement in asset_type.measurable():
+            return None
+        return (f"{where}: asset {asset_id!r} (type {asset_type.key}) has no measurement {measurement!r}; its "
+                f"measurements: {', '.join(sorted(asset_type.measurable()))}")
+    types = {t.key: t for t in assets.values() if t is not None}
+    if not types or any(measurement in t.measurable() for t in types.values()):
+        return None
+    offered = "; ".join(f"{key}: {', '.join(sorted(t.measurable()))}" for key, t in sorted(types.items()))
+    return f"{where}: no asset type of the tenant's twins has measurement {measurement!r} ({offered})"
 
 
 class UnknownKind(ValueError):

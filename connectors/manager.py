@@ -18,9 +18,11 @@ import ray
 
 from actors.ingest import ShardRouter
 from connectors.commands import Command, CommandError, CommandLedger, CommandStatus
-from connectors.kinds import kind_of, parse_spec
+from connectors.kinds import AssetTypes, kind_of, parse_spec
 from connectors.runtime import ConnectorActor, ConnectorStatus, actor_name
 from connectors.spec import ConnectorSpec, ConnectorStore, Credentials, UnknownConnector
+from raytwin.contracts import AssetType
+from raytwin.statestore import StateStore
 
 log = logging.getLogger("raytwin.connectors")
 
@@ -57,14 +59,14 @@ class Connectors:
         """`assets(tenant) -> list[str]`: the tenant's registered twins (e.g. `TwinService.assets`)."""
         self.router, self._assets = router, assets
         self.store = ConnectorStore(router.store_url, router.storage_options)
+        self.twins = StateStore(router.store_url, router.storage_options)
         self.ledger = CommandLedger(router.store_url, router.storage_options)
         self._down: dict[tuple[str, str], tuple[float, str, datetime]] = {}  # (tenant, name) -> (retry at, why, since)
 
     def create(self, spec: ConnectorSpec | dict[str, Any], credentials: Credentials | None = None) -> ConnectorStatus:
         """Check, store and start a connector (an existing one of that name is replaced and restarted)."""
         spec = spec if isinstance(spec, ConnectorSpec) else parse_spec(spec)
-        assets = set(self._assets(spec.tenant)) if self._assets else set()
-        problems = kind_of(spec.kind).problems(spec, assets)
+        problems = kind_of(spec.kind).problems(spec, self._asset_types(spec.tenant))
         if problems:
             raise InvalidConnector(f"connector {spec.name!r}: " + "; ".join(problems))
         replaced = self._declared(spec.tenant, spec.name)
@@ -86,6 +88,14 @@ class Connectors:
             raise InvalidConnector(f"connector {spec.name!r} could not start, so it was not kept: {exc.why}") from None
         log.info("event=connector_created tenant=%s connector=%s kind=%s", spec.tenant, spec.name, spec.kind)
         return status
+
+    def _asset_types(self, tenant: str) -> AssetTypes:
+        """The tenant's twins (live, from the shards) with the asset types they were registered with."""
+        if not self._assets:
+            return {}
+        records = self.twins.registrations_of(tenant)
+        return {a: AssetType.model_construct(**records[a]["artifact"]["asset_type"]) if a in records else None
+                for a in self._assets(tenant)}  # (constructed: validated when registered; only its names are read)
 
     def _declared(self, tenant: str, name: str) -> ConnectorSpec | None:
         try:

@@ -42,7 +42,7 @@ from paho.mqtt.properties import Properties
 from pydantic import Field, TypeAdapter, ValidationError, model_validator
 
 from connectors.commands import Command, Unconfirmed
-from connectors.kinds import AckHandler
+from connectors.kinds import AckHandler, AssetTypes, unmeasured
 from connectors.mapping import DeadLetter, PayloadMapping, FrozenSpec
 from connectors.sink import Inbound
 from connectors.spec import ConnectorSpec, Credentials
@@ -543,10 +543,12 @@ class MqttKind:
     def end_session(self, spec: MqttSpec, credentials: Credentials) -> bool:
         return end_session(spec, credentials)
 
-    def problems(self, spec: MqttSpec, assets: set[str]) -> list[str]:
-        return [f"route {r.topic!r}: asset {r.asset_id!r} is not a registered twin of tenant {spec.tenant!r}"
-                for r in spec.routes if r.asset_id is not None and r.asset_id not in assets] + (
-                    spec.broker.tls.problems() if spec.broker.tls is not None else [])
+    def problems(self, spec: MqttSpec, assets: AssetTypes) -> list[str]:
+        unknown = [f"route {r.topic!r}: asset {r.asset_id!r} is not a registered twin of tenant {spec.tenant!r}"
+                   for r in spec.routes if r.asset_id is not None and r.asset_id not in assets]
+        unmapped = [problem for r in spec.routes for m in r.payload.measurements
+                    if (problem := unmeasured(f"route {r.topic!r}", m, r.asset_id, assets))]
+        return unknown + unmapped + (spec.broker.tls.problems() if spec.broker.tls is not None else [])
 
     def adapter(self, spec: MqttSpec, credentials: Credentials, put: Callable[[Inbound], None],
                 on_ack: AckHandler, *, predecessor_seen: datetime | None = None) -> MqttAdapter:

@@ -622,6 +622,15 @@ def test_declarations_are_checked_and_credentials_stay_secret(twins, connectors,
     with pytest.raises(InvalidConnector, match="asset 'pump-9' is not a registered twin of tenant 'acme'"):
         connectors.create(plant_spec(broker.port, name="x", routes=[
             {"topic": "a/b", "asset_id": "pump-9", "payload": PAYLOAD}]))
+    wrong = {**PAYLOAD, "measurements": {"level": {"field": "level", "unit": "mm"}}}  # every reading dead-lettered
+    with pytest.raises(InvalidConnector, match="route 'a/b': asset 'pump-1' .type two_tank@1.0.0. has no measurement "
+                       "'level'; its measurements: h1, h2, q_in"):
+        connectors.create(plant_spec(broker.port, name="x", routes=[{"topic": "a/b", "asset_id": "pump-1",
+                                                                     "payload": wrong}]))
+    with pytest.raises(InvalidConnector, match=r"route 'a/\+': no asset type of the tenant's twins has measurement "
+                       r"'level' \(two_tank@1.0.0: h1, h2, q_in\)"):
+        connectors.create(plant_spec(broker.port, name="x", routes=[{"topic": "a/+", "asset_level": 1,
+                                                                     "payload": wrong}]))
     with pytest.raises(ValidationError, match="'#' the whole last level"):
         MqttSpec.model_validate(plant_spec(broker.port, routes=[{"topic": "a/#/b", "asset_id": "pump-1",
                                                                  "payload": PAYLOAD}]))
@@ -708,6 +717,10 @@ def test_http_connectors_keep_credentials_write_only_and_tenants_apart(api, brok
     bad = client.post("/v1/connectors", json={"spec": {**spec, "routes": [{**spec["routes"][0], "topic": "a/#/b"}]}},
                       headers=auth["admin"])
     assert bad.status_code == 422 and "'#' the whole last level" in bad.json()["error"]["message"]
+    unmeasured = {**spec["routes"][0], "payload": {**PAYLOAD, "measurements": {"lvl": {"field": "l", "unit": "mm"}}}}
+    bad = client.post("/v1/connectors", json={"spec": {**spec, "routes": [unmeasured]}}, headers=auth["admin"])
+    assert bad.status_code == 422 and "no asset type of the tenant's twins has measurement 'lvl' (two_tank@1.0.0: " \
+        "h1, h2, q_in)" in bad.json()["error"]["message"], bad.text
     hijack = {**spec, "name": "mine", "broker": {**spec["broker"], "client_id": "raytwin-acme@web"}}
     taken = client.post("/v1/connectors", json={"spec": hijack}, headers=auth["other"])  # acme's session on this broker
     assert taken.status_code == 422 and "ids starting with 'raytwin-' are RayTwin's own (this connector's is " \

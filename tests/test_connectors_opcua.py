@@ -226,6 +226,10 @@ def test_declarations_are_checked_and_credentials_stay_secret(connectors, server
     with pytest.raises(InvalidConnector, match="'tank-7' is not a registered twin"):
         connectors.create(plc_spec(server.endpoint, name="other", nodes=[
             {"node_id": "ns=2;s=x", "asset_id": "tank-7", "measurement": "h1", "unit": "m"}]))
+    with pytest.raises(InvalidConnector, match=r"node 'ns=2;s=x': asset 'tank-1' \(type two_tank@1.0.0\) has no "
+                       "measurement 'level'; its measurements: h1, h2, q_in"):  # every change dead-lettered, for good
+        connectors.create(plc_spec(server.endpoint, name="other", nodes=[
+            {"node_id": "ns=2;s=x", "asset_id": "tank-1", "measurement": "level", "unit": "m"}]))
     with pytest.raises(ValidationError, match="not in the endpoint"):
         connectors.create(plc_spec(f"opc.tcp://{USER}:{PASSWORD}@127.0.0.1:{server.port}/"))
     with pytest.raises(ValidationError, match="duplicate node_id"):

@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from connectors.commands import Command
-from connectors.kinds import AckHandler
+from connectors.kinds import AckHandler, AssetTypes, unmeasured
 from connectors.opcua.config import OpcUaSpec
 from connectors.opcua.session import OpcUaSession
 from connectors.sink import Inbound
@@ -103,10 +103,12 @@ class OpcUaAdapter:
 class OpcUaKind:
     spec_type = OpcUaSpec
 
-    def problems(self, spec: OpcUaSpec, assets: set[str]) -> list[str]:  # type: ignore[override]
+    def problems(self, spec: OpcUaSpec, assets: AssetTypes) -> list[str]:  # type: ignore[override]
         used = sorted({n.asset_id for n in spec.nodes} | {c.asset_id for c in spec.commands})
+        unmapped = [problem for n in spec.nodes
+                    if (problem := unmeasured(f"node {n.node_id!r}", n.measurement, n.asset_id, assets))]
         return [f"asset {a!r} is not a registered twin of tenant {spec.tenant!r}" for a in used if a not in assets] \
-            + spec.security_problems()
+            + unmapped + spec.security_problems()
 
     def adapter(self, spec: OpcUaSpec, credentials: Credentials,  # type: ignore[override]
                 put: Callable[[Inbound], None], on_ack: AckHandler, *,
