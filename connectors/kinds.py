@@ -27,6 +27,10 @@ AckHandler = Callable[[str, dict[str, Any], str | None], None]
 on, where the protocol says)."""
 
 
+def ignore() -> None:
+    """A callback that nobody needs (an adapter made outside a connector's actor, e.g. in a test)."""
+
+
 class Adapter(Protocol):
     """One connection to a source: receives (`put` each mapped message), sends commands."""
 
@@ -51,9 +55,11 @@ class Kind(Protocol):
         """What is wrong with `spec` given the tenant's registered `assets` (empty: fine)."""
 
     def adapter(self, spec: ConnectorSpec, credentials: Credentials, put: Callable[[Inbound], None],
-                on_ack: AckHandler, *, predecessor_seen: datetime | None = None) -> Adapter:
-        """`predecessor_seen`: when an earlier process of this connector was last alive (None: this is the
-        first), for protocols that lose what the source sends while no connector runs."""
+                on_ack: AckHandler, *, predecessor_seen: datetime | None = None,
+                on_connected: Callable[[], None] = ignore) -> Adapter:
+        """`predecessor_seen`: when an earlier process of this connector that had connected was last alive (None:
+        none had), for protocols that lose what the source sends while no connector runs; `on_connected`: called
+        (from any thread) at each connection, before the adapter reports it connected."""
 
     def command_problem(self, spec: ConnectorSpec, asset_id: str, name: str, value: dict[str, Any]) -> str | None:
         """Why command `name` with `value` cannot go to `asset_id` through this connector, or None (checked

@@ -42,7 +42,7 @@ from paho.mqtt.properties import Properties
 from pydantic import Field, TypeAdapter, ValidationError, model_validator
 
 from connectors.commands import Command, Unconfirmed
-from connectors.kinds import AckHandler, AssetTypes, unmeasured
+from connectors.kinds import AckHandler, AssetTypes, ignore, unmeasured
 from connectors.mapping import DeadLetter, PayloadMapping, FrozenSpec
 from connectors.sink import Inbound
 from connectors.spec import ConnectorSpec, Credentials
@@ -292,8 +292,8 @@ class MqttAdapter:
     """One paho client: subscriptions into the pump, commands out."""
 
     def __init__(self, spec: MqttSpec, credentials: Credentials, put: Callable[[Inbound], None], on_ack: AckHandler,
-                 *, resumes_session: bool = False):
-        self.spec, self.put, self.on_ack = spec, put, on_ack
+                 *, resumes_session: bool = False, on_connected: Callable[[], None] = ignore):
+        self.spec, self.put, self.on_ack, self.on_connected = spec, put, on_ack, on_connected
         self.errors, self.last_error, self.last_error_at = 0, None, None
         self._generation = 0  # +1 per connect and disconnect: acks go only over the connection that delivered
         self._subscription: int | None = None  # the mid of this connection's SUBSCRIBE, until its SUBACK
@@ -364,6 +364,7 @@ class MqttAdapter:
                         "published while the connector was disconnected are lost to it (the broker restarted without "
                         "persistence, or the session expired)")
         self._session_expected = True
+        self.on_connected()  # the broker holds a session of ours from now on
         _, self._subscription = client.subscribe(self._topics())
         log.info("event=mqtt_connected tenant=%s connector=%s broker=%s session_present=%s", self.spec.tenant,
                  self.spec.name, self._where(), flags.session_present)
@@ -551,11 +552,13 @@ class MqttKind:
         return unknown + unmapped + (spec.broker.tls.problems() if spec.broker.tls is not None else [])
 
     def adapter(self, spec: MqttSpec, credentials: Credentials, put: Callable[[Inbound], None],
-                on_ack: AckHandler, *, predecessor_seen: datetime | None = None) -> MqttAdapter:
+                on_ack: AckHandler, *, predecessor_seen: datetime | None = None,
+                on_connected: Callable[[], None] = ignore) -> MqttAdapter:
         """The broker keeps the session's messages while no connector runs; a connection that finds no session
-        after an earlier one, of this process or of a predecessor (`predecessor_seen`: a restarted actor or
-        service), is reported: what was published meanwhile is lost."""
-        return MqttAdapter(spec, credentials, put, on_ack, resumes_session=predecessor_seen is not None)
+        after an earlier one, of this process or of a predecessor that had connected (`predecessor_seen`: a
+        restarted actor or service), is reported: what was published meanwhile is lost."""
+        return MqttAdapter(spec, credentials, put, on_ack, resumes_session=predecessor_seen is not None,
+                           on_connected=on_connected)
 
 
 MQTT = MqttKind()

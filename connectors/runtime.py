@@ -81,10 +81,13 @@ class ConnectorRuntime:
         self._deadlines = {c.correlation_id: self._deadline(c) for c in mine if c.status is CommandStatus.sent}
         sink = TwinSink(router, tenant, batch_size=self.spec.batch_size)
         self.pump = Pump(sink, f"{tenant}/{name}", batch_size=self.spec.batch_size, linger_s=self.spec.linger_s)
-        predecessor_seen = store.last_alive(tenant, name)  # an earlier process of this connector ran until then
-        store.mark_alive(tenant, name, datetime.now(UTC))
+        self._connected_once = store.had_connected(tenant, name)  # this declaration's source has a session of it
+        # an earlier process that had connected ran until then (one that never had left no session to lose)
+        predecessor_seen = store.last_alive(tenant, name) if self._connected_once else None
+        store.mark_alive(tenant, name, datetime.now(UTC), self._connected_once)
         self.adapter = kind_of(self.spec.kind).adapter(self.spec, store.credentials(tenant, name), self.pump.put,
-                                                       self._on_ack, predecessor_seen=predecessor_seen)
+                                                       self._on_ack, predecessor_seen=predecessor_seen,
+                                                       on_connected=self._on_connected)
         self.desired = store.desired(tenant, name)
         metrics.CONNECTOR_CONNECTED.set(0.0, connector=self.pump.name)  # a series from the start
         if self.desired is Desired.running:
@@ -122,10 +125,22 @@ class ConnectorRuntime:
             if now - alive >= ALIVE_EVERY_S:
                 alive = now
                 try:
-                    self.store.mark_alive(self.tenant, self.name, datetime.now(UTC))
+                    self.store.mark_alive(self.tenant, self.name, datetime.now(UTC), self._connected_once)
                 except Exception as exc:  # noqa: BLE001 - a store hiccup only blurs a later gap's start
                     log.warning("event=connector_alive_failed tenant=%s connector=%s error=%r", self.tenant,
                                 self.name, exc)
+
+    def _on_connected(self) -> None:
+        """The source has a session (a subscription) of this declaration now: recorded before the adapter reports
+        connected, so that the next process, even if this one dies at once, knows there is one to find lost."""
+        if self._connected_once:
+            return
+        try:
+            self.store.mark_alive(self.tenant, self.name, datetime.now(UTC), True)
+        except Exception as exc:  # noqa: BLE001 - tried again at the next connection; never ends the source's thread
+            log.warning("event=connector_alive_failed tenant=%s connector=%s error=%r", self.tenant, self.name, exc)
+            return
+        self._connected_once = True
 
     def _deadline(self, command: Command) -> datetime:
         """When a sent command expires (one sent by an earlier version has no deadline: its sent time + the timeout)."""
@@ -202,7 +217,7 @@ class ConnectorRuntime:
         self._ticker.join(ALIVE_JOIN_S)  # no `alive.json` written after this returns (a deletion follows a stop)
         self.adapter.stop()
         self.pump.stop()
-        self.store.mark_alive(self.tenant, self.name, datetime.now(UTC))
+        self.store.mark_alive(self.tenant, self.name, datetime.now(UTC), self._connected_once)
 
 
 ConnectorActor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=3)(ConnectorRuntime)

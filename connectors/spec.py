@@ -153,15 +153,27 @@ class ConnectorStore:
         write_atomically(self.fs, f"{self._dir(tenant, name)}/desired.json",
                          json.dumps({"state": desired.value}).encode())
 
-    def last_alive(self, tenant: str, name: str) -> datetime | None:
-        """When a process of this connector last said it was running (None: none has run since it was declared)."""
+    def _alive(self, tenant: str, name: str) -> dict[str, Any] | None:
         try:
-            return datetime.fromisoformat(json.loads(self.fs.cat_file(f"{self._dir(tenant, name)}/alive.json"))["at"])
+            return json.loads(self.fs.cat_file(f"{self._dir(tenant, name)}/alive.json"))
         except FileNotFoundError:
             return None
 
-    def mark_alive(self, tenant: str, name: str, at: datetime) -> None:
-        write_atomically(self.fs, f"{self._dir(tenant, name)}/alive.json", json.dumps({"at": at.isoformat()}).encode())
+    def last_alive(self, tenant: str, name: str) -> datetime | None:
+        """When a process of this connector last said it was running (None: none has run since it was declared)."""
+        alive = self._alive(tenant, name)
+        return None if alive is None else datetime.fromisoformat(alive["at"])
+
+    def had_connected(self, tenant: str, name: str) -> bool:
+        """Whether a process of this declaration connected to its source (so the source has a session or a
+        subscription of it to lose); a record of an earlier version does not say: True, as that version assumed."""
+        alive = self._alive(tenant, name)
+        return alive is not None and alive.get("connected", True)
+
+    def mark_alive(self, tenant: str, name: str, at: datetime, connected: bool) -> None:
+        """Record that a process of this connector runs at `at`, and whether one has `connected` to its source."""
+        write_atomically(self.fs, f"{self._dir(tenant, name)}/alive.json",
+                         json.dumps({"at": at.isoformat(), "connected": connected}).encode())
 
     def names(self, tenant: str) -> list[str]:
         try:

@@ -149,10 +149,15 @@ def test_the_last_alive_time_is_kept_until_a_new_declaration(tmp_path: Path, key
     store.save(SPEC, Credentials())
     assert store.last_alive("acme", "plant") is None
     at = datetime(2026, 12, 4, 14, 0, 5, 250_000, tzinfo=UTC)
-    store.mark_alive("acme", "plant", at)
+    store.mark_alive("acme", "plant", at, connected=False)
     assert ConnectorStore(str(tmp_path)).last_alive("acme", "plant") == at  # another process reads it
+    assert not store.had_connected("acme", "plant")  # no session at the source to find lost
+    store.mark_alive("acme", "plant", at, connected=True)
+    assert store.had_connected("acme", "plant")
+    (tmp_path / "connectors/declared/tenant=acme/plant/alive.json").write_text(json.dumps({"at": at.isoformat()}))
+    assert store.had_connected("acme", "plant")  # written by an earlier version: it may have had a session
     store.save(SPEC, Credentials())
-    assert store.last_alive("acme", "plant") is None
+    assert store.last_alive("acme", "plant") is None and not store.had_connected("acme", "plant")
 
 
 def test_a_declaration_that_is_no_yaml_or_no_file_is_one_line(tmp_path: Path, monkeypatch) -> None:

@@ -256,6 +256,24 @@ def test_a_broker_that_lost_the_session_is_reported(twins, connectors, tmp_path)
         forgetful.stop()
 
 
+def test_a_restarted_connector_that_never_connected_reports_no_lost_session(twins, connectors, tmp_path):
+    """A process restarted before the connector's first connection found a predecessor and reported `kept no session`
+    on connecting: there had never been a session to keep."""
+    port = free_port()
+    connectors.create(plant_spec(port, protocol="3.1.1", name="newborn", ack_topic=None))
+    late = Mosquitto(tmp_path, port)
+    try:
+        wait_for(lambda: "refused the TCP" in (connectors.status("acme", "newborn").last_error or ""), "not connected")
+        ray.kill(ray.get_actor(actor_name("acme", "newborn"), namespace=twins.router.namespace), no_restart=False)
+        wait_for(lambda: connectors.status("acme", "newborn").errors, "the restarted process tries to connect")
+        late.start()
+        status = wait_for(lambda: (s := connectors.status("acme", "newborn")).connected and s, "connected")
+        assert status.last_error is None, status.last_error
+    finally:
+        connectors.delete("acme", "newborn")
+        late.stop()
+
+
 def test_a_new_process_that_finds_no_session_after_an_earlier_one_reports_it():
     """Only this process's own reconnects were checked: after Ray restarted the connector's actor, or the service
     restarted, while the broker lost its sessions, 212 of 300 messages were lost with the status `connected`."""

@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from connectors.commands import Command
-from connectors.kinds import AckHandler, AssetTypes, unmeasured
+from connectors.kinds import AckHandler, AssetTypes, ignore, unmeasured
 from connectors.opcua.config import OpcUaSpec
 from connectors.opcua.session import OpcUaSession
 from connectors.sink import Inbound
@@ -27,8 +27,9 @@ class OpcUaAdapter:
     """One OPC UA session in a daemon thread: monitored items into the pump, commands written to nodes."""
 
     def __init__(self, spec: OpcUaSpec, credentials: Credentials, put: Callable[[Inbound], None], on_ack: AckHandler,
-                 predecessor_seen: datetime | None = None):
+                 predecessor_seen: datetime | None = None, on_connected: Callable[[], None] = ignore):
         self.spec, self.credentials, self.put, self.on_ack = spec, credentials, put, on_ack
+        self.on_connected = on_connected
         self.predecessor_seen = predecessor_seen
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"opcua-{spec.name}", daemon=True)
@@ -53,7 +54,8 @@ class OpcUaAdapter:
 
     def start(self) -> None:
         async def begin() -> None:
-            self._session = OpcUaSession(self.spec, self.credentials, self.put, gap_since=self.predecessor_seen)
+            self._session = OpcUaSession(self.spec, self.credentials, self.put, gap_since=self.predecessor_seen,
+                                         on_connected=self.on_connected)
             self._run = asyncio.ensure_future(self._session.run())
         if self._session is None:
             self._call(begin())
@@ -112,8 +114,8 @@ class OpcUaKind:
 
     def adapter(self, spec: OpcUaSpec, credentials: Credentials,  # type: ignore[override]
                 put: Callable[[Inbound], None], on_ack: AckHandler, *,
-                predecessor_seen: datetime | None = None) -> OpcUaAdapter:
-        return OpcUaAdapter(spec, credentials, put, on_ack, predecessor_seen)
+                predecessor_seen: datetime | None = None, on_connected: Callable[[], None] = ignore) -> OpcUaAdapter:
+        return OpcUaAdapter(spec, credentials, put, on_ack, predecessor_seen, on_connected)
 
     def command_problem(self, spec: OpcUaSpec, asset_id: str, name: str,  # type: ignore[override]
                         value: dict[str, Any]) -> str | None:

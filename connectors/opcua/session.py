@@ -36,6 +36,7 @@ from typing import Any
 from asyncua import Client, ua
 from asyncua.common.subscription import Subscription
 
+from connectors.kinds import ignore
 from connectors.mapping import DeadLetter
 from connectors.opcua.config import CommandNode, MappedNode, OpcUaSpec
 from connectors.opcua.values import source, to_row
@@ -72,10 +73,11 @@ class OpcUaSession:
     """Runs one connector's OPC UA side in the current event loop until `stop()`."""
 
     def __init__(self, spec: OpcUaSpec, credentials: Credentials, put: Callable[[Inbound], None], *,
-                 gap_since: datetime | None = None):
+                 gap_since: datetime | None = None, on_connected: Callable[[], None] = ignore):
         """`gap_since`: when an earlier process of this connector was last alive (its subscription ended then,
-        give or take the connector's heartbeat), a gap to report at the first subscription without backfill."""
-        self.spec, self.credentials, self.put = spec, credentials, put
+        give or take the connector's heartbeat), a gap to report at the first subscription without backfill;
+        `on_connected`: called (in a worker thread) at each subscription, before the session reports connected."""
+        self.spec, self.credentials, self.put, self.on_connected = spec, credentials, put, on_connected
         self.errors, self.last_error, self.last_error_at = 0, None, None
         self._state = "starting"
         self.backpressure_pauses = 0
@@ -204,6 +206,7 @@ class OpcUaSession:
         for nid, result in zip(self._nodes, results):
             if isinstance(result, ua.StatusCode):
                 self._error(f"node {self._nodes[nid].node_id} cannot be monitored: {result.name}")
+        await asyncio.to_thread(self.on_connected)
         self._set_state("connected")
         await self._apply_publishing()  # in case pause or backpressure changed while the subscription was created
         if spec.backfill_s:
