@@ -57,6 +57,11 @@ class Unconfirmed(TimeoutError):
     delivered (the client keeps it), so it is recorded as sent, and the asset's answer still counts."""
 
 
+class Refused(RuntimeError):
+    """The source took the command and answered that it refused it (the message is its answer): the command was
+    sent, not "not sent", and part of it may have taken effect (e.g. one of the two nodes of an OPC UA write)."""
+
+
 class UnknownCommand(KeyError):
     """No such command for this tenant (another tenant's looks the same)."""
 

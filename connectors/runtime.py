@@ -19,7 +19,7 @@ import ray
 from pydantic import BaseModel, ConfigDict, Field
 
 from actors.ingest import ShardRouter
-from connectors.commands import Command, CommandLedger, CommandStatus, Unconfirmed
+from connectors.commands import Command, CommandLedger, CommandStatus, Refused, Unconfirmed
 from connectors.kinds import kind_of, parse_spec
 from connectors.pump import Pump
 from connectors.sink import TwinSink
@@ -193,6 +193,8 @@ class ConnectorRuntime:
                 self.adapter.send(command)
             except Unconfirmed as exc:
                 detail = f"unconfirmed: {str(exc)[:300]}"
+            except Refused as exc:  # it reached the source, whose answer is final
+                return self.ledger.failed(command, f"sent and refused: {str(exc)[:300]}")
             except Exception as exc:  # noqa: BLE001 - recorded on the command, which is then final
                 return self.ledger.failed(command, f"not sent: {type(exc).__name__}: {str(exc)[:300]}")
             self._awaiting[command.correlation_id] = (command.id, command.asset_id)

@@ -201,7 +201,7 @@ def test_paused_connector_gets_the_changes_queued_by_the_server(twins, connector
     assert got.revision == ref.revision == 20 and got.state == ref.state
 
 
-def test_commands_are_written_with_correlation_id_once_and_acknowledged(connectors, device, plc):
+def test_commands_are_written_with_correlation_id_once_and_acknowledged(connectors, server, device, plc):
     command = connectors.propose("acme", "plc", "tank-1", "inflow", {"value": 2.5, "unit": "L/s"}, by="alice")
     assert command.status is CommandStatus.proposed and device.read("tank-1.q_set.id") is None
     with pytest.raises(CommandError, match="another key must approve"):
@@ -217,7 +217,10 @@ def test_commands_are_written_with_correlation_id_once_and_acknowledged(connecto
 
     refused = connectors.propose("acme", "plc", "tank-1", "lock", {"value": 1.0}, by="alice")
     failed = connectors.approve("acme", refused.id, by="bob")
-    assert failed.status is CommandStatus.failed and "BadUserAccessDenied" in failed.history[-1].detail
+    assert failed.status is CommandStatus.failed and failed.history[-1].detail == (  # it read "not sent"
+        f"sent and refused: server {server.endpoint} answered the write with "
+        "ns=2;s=tank-1.locked: BadUserAccessDenied, ns=2;s=tank-1.locked.id: Good")
+    assert device.read("tank-1.locked.id") == refused.correlation_id  # written, as the detail says
     with pytest.raises(UnknownCommand):
         connectors.approve("globex", command.id, by="bob")
 

@@ -36,6 +36,7 @@ from typing import Any
 from asyncua import Client, ua
 from asyncua.common.subscription import Subscription
 
+from connectors.commands import Refused
 from connectors.kinds import ignore
 from connectors.mapping import DeadLetter
 from connectors.opcua.config import CommandNode, MappedNode, OpcUaSpec
@@ -50,10 +51,6 @@ OVERFLOW = 0x480
 """A DataValue status's info bits saying its monitored item's queue discarded values before it (InfoType
 DataValue, bit 10, with Overflow, bit 7: OPC UA Part 4, 7.39)."""
 """What a lost or refused connection raises (asyncua's status-code errors are `UaError`s)."""
-
-
-class CommandRefused(RuntimeError):
-    """The server answered a command's Write request with a bad status for the value or the correlation id."""
 
 
 class _Handler:
@@ -355,7 +352,7 @@ class OpcUaSession:
     # ------------------------------------------------------------------ commands ----
     async def write_command(self, target: CommandNode, correlation_id: str, value: float) -> str:
         """Write `value` (in the target's unit) and the correlation id in one Write request; the server's
-        status for both is the acknowledgement. Raises `CommandRefused` (a bad status) or a connection error."""
+        status for both is the acknowledgement. Raises `Refused` (a bad status for either) or a connection error."""
         client = self._client
         if client is None or self.state != "connected":
             raise ConnectionError(f"not connected to {self.spec.endpoint} ({self.state})")
@@ -367,7 +364,7 @@ class OpcUaSession:
             ua.AttributeIds.Value)
         detail = ", ".join(f"{n}: {c.name}" for n, c in zip((target.node_id, target.correlation_node_id), codes))
         if not all(c.is_good() for c in codes):
-            raise CommandRefused(f"the server refused the write ({detail})")
+            raise Refused(f"server {self.spec.endpoint} answered the write with {detail}")
         return detail
 
 
