@@ -66,7 +66,8 @@ class ModelStart(Contract):
     @model_validator(mode="after")
     def _one_clock(self) -> ModelStart:
         if self.start_time is not None and CLOCK_INPUT in self.inputs:
-            raise ValueError(f"give start_time or inputs.{CLOCK_INPUT}, not both: start_time sets the clock")
+            raise ValueError(f"inputs.{CLOCK_INPUT} and start_time both set the clock (a run from a twin's live "
+                             f"state starts at its state's time): give one of them")
         return self
 
     def kit_inputs(self, kit: Kit) -> dict[str, float]:

@@ -186,7 +186,7 @@ def _sweep_metrics(spec) -> dict[str, np.ndarray]:
 def test_the_clock_is_set_once():
     """`start_time` sets the clock: giving its value too, or sweeping it, would leave one of them unused."""
     common = dict(model="thermal_rc", horizon_s=3600.0, step_s=60.0, start_time=datetime(2026, 12, 3, tzinfo=UTC))
-    with pytest.raises(ValidationError, match="start_time or inputs.clock_s"):
+    with pytest.raises(ValidationError, match="inputs.clock_s and start_time both set the clock"):
         SweepSpec(**common, inputs={CLOCK_INPUT: 3600.0}, space=ONE_SCENARIO)
     hours = {"method": "grid", "dimensions": [{"name": CLOCK_INPUT, "target": "input", "mode": "absolute", "values": [0.0, 43200.0]}]}
     with pytest.raises(ValidationError, match="sweeps clock_s and start_time sets it"):
