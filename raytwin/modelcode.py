@@ -11,7 +11,10 @@ instead of silently running different physics.
   flat ``helpers.py`` beside ``my_models.py``, whose change would otherwise run silently); and the
   modules of user code those modules import (a ``constants.py`` whose numbers the model uses). Whole
   files, so that module-level constants count; callables left at their framework default (e.g. the
-  identity ``project``) are the framework's, not the model's, and are left out.
+  identity ``project``) are the framework's, not the model's, and are left out. A user package's data
+  files count too (every file in it but sources, caches, docs and hidden files, by ``package/path``: a table,
+  coefficients in a ``.json``), since numbers a model reads from a file are its code as much as a constant;
+  they travel to Ray workers with the package (`model_runtime_env`), which a flat module's neighbours do not.
 - A model object may provide its own identity with a ``code_identity() -> ModelCode`` method: an FMU
   model returns `file_code` of its ``.fmu`` file.
 
@@ -166,6 +169,32 @@ def _imported(modules: set[str], top_level: str) -> set[str]:
     return found
 
 
+NOT_DATA = frozenset({".py", ".pyc", ".pyo", ".md", ".rst", ".typed"})
+"""Suffixes of a package's files that are not model data: sources (hashed as modules), caches, docs, markers."""
+
+
+def _package_data(modules: set[str]) -> dict[str, str]:
+    """The data files of the user packages `modules` belong to, by ``package/relative/path`` (see module doc);
+    none for flat modules and RayTwin's own packages."""
+    parts = {}
+    for top in sorted({m.split(".")[0] for m in modules} - CORE_PACKAGES):
+        roots = getattr(sys.modules.get(top), "__path__", None)
+        for root in map(Path, roots or ()):
+            for path in sorted(root.rglob("*")):
+                rel = path.relative_to(root)
+                hidden = any(p.startswith(".") or p == "__pycache__" for p in rel.parts)
+                if not hidden and path.suffix not in NOT_DATA and path.is_file():
+                    stat = path.stat()
+                    parts[f"{top}/{rel.as_posix()}"] = _file_sha256(str(path), stat.st_size, stat.st_mtime_ns)
+    return parts
+
+
+@functools.lru_cache(maxsize=4096)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    """A file's SHA-256, once per version of it in a process (a restarting shard re-identifies its models)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def _user_code(module_name: str, top_level: str) -> bool:
     """Whether a module the model calls is part of its code: its own package's, or one outside the standard
     library, installed distributions and RayTwin (a helper module beside the model's)."""
@@ -187,6 +216,7 @@ def _python_parts(model: Any) -> tuple[dict[str, str], str]:
     modules, loose = _modules(functions, top_level)
     modules = _imported(modules, top_level)
     parts = {name: hashlib.sha256(Path(sys.modules[name].__file__).read_bytes()).hexdigest() for name in modules}
+    parts |= _package_data(modules)
     for name, fn in loose.items():
         try:
             parts[name] = hashlib.sha256(inspect.getsource(fn).encode()).hexdigest()
@@ -221,13 +251,17 @@ def code_digest(model: Any) -> str:
 def describe_change(recorded: ModelCode, current: ModelCode) -> str:
     """What differs between two identities, e.g. ``module pumpkit.physics changed (registered: pumpkit 1.0.0,
     sha256 1f2e...; now: pumpkit 1.1.0, sha256 9a8b...)``."""
-    noun = "module" if recorded.kind == "python" else "file"
-    changes = [f"{noun} {name} " + ("removed" if name not in current.parts else
-                                     "added" if name not in recorded.parts else "changed")
+    changes = [f"{_noun(recorded, name)} {name} " + ("removed" if name not in current.parts else
+                                                     "added" if name not in recorded.parts else "changed")
                for name in sorted(set(recorded.parts) | set(current.parts))
                if recorded.parts.get(name) != current.parts.get(name)]
     text = ", ".join(changes) or f"{recorded.kind} code replaced by {current.kind} code"
     return f"{text} (registered: {recorded.describe()}; now: {current.describe()})"
+
+
+def _noun(code: ModelCode, part: str) -> str:
+    """A part of Python code is a module (dotted name) or a package's data file (``package/path``)."""
+    return "module" if code.kind == "python" and "/" not in part else "file"
 
 
 def model_runtime_env(models: Iterable[Any]) -> dict[str, list[str]]:
