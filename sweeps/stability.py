@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from raytwin.signals import signal_function
+from raytwin.signals import Proportional, signal_function
 from raytwin.sim import get_model
 from raytwin.sim.checks import BoxLimit, box_corners, check_step, declared_inputs
 from raytwin.sim.model import Model
@@ -38,9 +38,10 @@ MAX_SIGNAL_SAMPLES = 100_000
 
 def _input_box(spec: SweepSpec, simulator: str, model: Model) -> np.ndarray:
     """The model inputs' extremes over the sweep, (2, m): each input's signal in the kit (a held kit value, a
-    sinusoid, a schedule, ...) evaluated over the horizon at the start state, at the corners of the kit values
-    the sweep's ``input`` dimensions span. A signal that cannot be evaluated outside a kernel spans its
-    input's declared range where that is finite (`declared_inputs`)."""
+    sinusoid, a schedule, ...) evaluated over the horizon at the start state (feedback: over its state's
+    plausible range, `_feedback_states`), at the corners of the kit values the sweep's ``input`` dimensions
+    span. A signal that cannot be evaluated outside a kernel spans its input's declared range where that is
+    finite (`declared_inputs`)."""
     kit = spec.kit(simulator)
     base = spec.kit_inputs(kit)
     state = {n: float(v) for n, v in (spec.start_state or kit.states0).items()}
@@ -48,14 +49,27 @@ def _input_box(spec: SweepSpec, simulator: str, model: Model) -> np.ndarray:
     settings = _kit_corners(spec, base)
     out = np.array(declared_inputs(model))  # where a signal cannot be evaluated outside a kernel
     for i, declared in enumerate(model.inputs):
+        sig = kit.inputs[declared.name]
         try:
-            f = signal_function(kit.inputs[declared.name], horizon_s=spec.horizon_s, step_s=spec.step_s,
-                                unit=declared.unit, xp=np)
-            values = [np.asarray(f(times, state, ip), dtype=np.float64) for ip in settings]
+            f = signal_function(sig, horizon_s=spec.horizon_s, step_s=spec.step_s, unit=declared.unit, xp=np)
+            values = [np.asarray(f(times, x, ip), dtype=np.float64) for ip in settings
+                      for x in _feedback_states(sig, state, model)]
         except Exception:  # noqa: BLE001 - a JAX-only function: its declared range, or nominal where unbounded
             continue
-        out[:, i] = min(float(np.min(v)) for v in values), max(float(np.max(v)) for v in values)
+        low, high = min(float(np.min(v)) for v in values), max(float(np.max(v)) for v in values)
+        if np.isfinite(low) and np.isfinite(high):  # else (feedback on an unbounded state) its declared range
+            out[:, i] = low, high
     return out
+
+
+def _feedback_states(sig: Any, state: dict[str, float], model: Model) -> list[dict[str, float]]:
+    """The states a signal is evaluated at: the start state, and for feedback on a state (linear in it) that
+    state at its plausible range's ends too, where the feedback takes its extremes during the run; a
+    thermostat read at the start state alone spanned one value, however far the state would move."""
+    if not isinstance(sig, Proportional):
+        return [state]
+    bounds = next(v for v in model.states if v.name == sig.state)
+    return [state, {**state, sig.state: bounds.lower}, {**state, sig.state: bounds.upper}]
 
 
 def _kit_corners(spec: SweepSpec, base: dict[str, float]) -> list[dict[str, float]]:

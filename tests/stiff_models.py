@@ -4,7 +4,7 @@ implicit solver, importable by path (`tests.stiff_models:ROBERTSON`) for sweeps 
 
 from __future__ import annotations
 
-from raytwin.models import Model, Output, Param, State
+from raytwin.models import Input, Model, Output, Param, State
 from raytwin.sim.stiff import Adaptive
 
 
@@ -33,3 +33,18 @@ def robertson(**changes) -> Model:
 
 
 ROBERTSON = robertson(solver=Adaptive())
+
+
+def _decay(x, u, c):
+    return (c[0] - u[0] * x[0],)
+
+
+FEEDBACK_DECAY = Model(
+    name="feedback_decay", version="1.0.0",
+    states=(State("x", "-", "a level", 0.0, 10.0, nominal=1.0),),
+    inputs=(Input("k", "1/s", "its decay rate, e.g. set by a controller on x", 0.0, 1000.0, nominal=0.0),),
+    outputs=(Output("x", "-", "", 0.0, 10.0),), params=(Param("inflow", "1/s", 0.1, 0.0, 1.0),),
+    coefficients=_coefficients, output=lambda x, u, c: (x[0],), derivative=_decay, default_dt=0.001,
+)
+"""Stiff only through its input: a decay whose rate a feedback on its own state sets (0 at the nominal level,
+1000/s at the top of its range), for the stability check of state-dependent signals."""

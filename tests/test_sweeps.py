@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from raytwin.sim import BATTERY_ECM, THERMAL_RC
@@ -441,3 +442,16 @@ def test_a_sweep_of_a_registry_model_is_checked_around_the_artifacts_parameters(
         runner.prepare(spec)
     stable = spec.model_copy(update={"step_s": 60.0, "horizon_s": 3600.0})
     assert runner.prepare(stable)[0] == "thermal_rc"
+
+
+def test_a_feedback_input_is_checked_for_stability_over_its_states_range_not_at_the_start_state():
+    """A controller's input was evaluated at the start state only for the step check: a feedback that is 0 there
+    and drives the model stiff once its state moves let a step 30x beyond the stability limit through."""
+    from raytwin.signals import Proportional
+
+    feedback = {"k": Proportional(state="x", setpoint=1.0, gain=-100.0, lower=0.0, upper=1000.0)}
+    space = ScenarioSpace(method="grid", dimensions=[Dimension(name="inflow", target="param", values=[0.1])])
+    common = dict(model="tests.stiff_models:FEEDBACK_DECAY", horizon_s=10.0, signals=feedback, space=space)
+    with pytest.raises(ValidationError, match="step_s"):
+        SweepSpec(**common, step_s=0.1)
+    SweepSpec(**common, step_s=0.002)  # within the limit at k = 1000/s (2.79 / 1000 s)
