@@ -31,6 +31,9 @@ log = logging.getLogger("raytwin.connectors")
 DOWN_TICK_S = 1.0
 ALIVE_EVERY_S = 10.0
 """How often a running connector records that it is alive: a restarted one's gap starts within this of the time."""
+LATE_ACK_KEPT = timedelta(days=1)
+"""How long after it expired a command's late answer is still matched and recorded on it: the connector keeps
+each such command in memory meanwhile, so not for good."""
 ALIVE_JOIN_S = 30.0
 
 
@@ -76,9 +79,12 @@ class ConnectorRuntime:
         self._commands = threading.Lock()  # an ack (receive thread) must not interleave with a send
         self.ledger.recover(tenant, name)
         mine = [c for c in self.ledger.list(tenant) if c.connector == name]
-        self._awaiting = {c.correlation_id: (c.id, c.asset_id) for c in mine  # an expired one: for a late answer
-                          if c.status is CommandStatus.sent or (c.status is CommandStatus.expired and c.ack is None)}
+        now = datetime.now(UTC)
         self._deadlines = {c.correlation_id: self._deadline(c) for c in mine if c.status is CommandStatus.sent}
+        self._late = {c.correlation_id: c.history[-1].at + LATE_ACK_KEPT for c in mine  # expired, for a late answer
+                      if c.status is CommandStatus.expired and c.ack is None and c.history[-1].at + LATE_ACK_KEPT > now}
+        self._awaiting = {c.correlation_id: (c.id, c.asset_id) for c in mine
+                          if c.correlation_id in self._deadlines or c.correlation_id in self._late}
         sink = TwinSink(router, tenant, batch_size=self.spec.batch_size)
         self.pump = Pump(sink, f"{tenant}/{name}", batch_size=self.spec.batch_size, linger_s=self.spec.linger_s)
         self._connected_once = store.had_connected(tenant, name)  # this declaration's source has a session of it
@@ -147,8 +153,8 @@ class ConnectorRuntime:
         return command.ack_deadline or command.history[-1].at + timedelta(seconds=self.spec.ack_timeout_s)
 
     def _expire_overdue(self) -> None:
-        """Sent commands past their deadline without an acknowledgement become `expired` (a late answer is still
-        matched, and recorded on the expired command)."""
+        """Sent commands past their deadline without an acknowledgement become `expired`; a late answer is still
+        matched (and recorded on the expired command) for `LATE_ACK_KEPT`, then forgotten (logged unmatched)."""
         now = datetime.now(UTC)
         with self._commands:
             for correlation_id, deadline in [(c, d) for c, d in self._deadlines.items() if d <= now]:
@@ -159,6 +165,10 @@ class ConnectorRuntime:
                                 exc)
                     continue
                 del self._deadlines[correlation_id]
+                self._late[correlation_id] = now + LATE_ACK_KEPT
+            for correlation_id in [c for c, until in self._late.items() if until <= now]:
+                del self._late[correlation_id]
+                self._awaiting.pop(correlation_id, None)
 
     def status(self) -> ConnectorStatus:
         s = self.pump.stats
@@ -211,6 +221,7 @@ class ConnectorRuntime:
                 return
             del self._awaiting[correlation_id]
             self._deadlines.pop(correlation_id, None)
+            self._late.pop(correlation_id, None)
             ok = str(ack.get("status", "ok")).lower() in ("ok", "done", "accepted", "success")
             self.ledger.acknowledged(self.tenant, command_id, ack, ok)
 
