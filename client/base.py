@@ -10,9 +10,9 @@ import httpx
 from client.calls import Call, Endpoints
 from client.connector_calls import ConnectorCalls
 from client.deprecation import DeprecationNotices
-from client.errors import ApiError, OutcomeUnknown, RayTwinError, from_response, retry_after_s
+from client.errors import ApiError, OutcomeUnknown, RayTwinError, error_code, from_response, retry_after_s
 from client.model_calls import ModelCalls
-from client.retry import RETRY_STATUSES, RetryPolicy
+from client.retry import MAYBE_APPLIED_CODES, RETRY_STATUSES, RetryPolicy
 from client.scenario_calls import ScenarioCalls
 
 
@@ -31,14 +31,15 @@ class ClientBase(Endpoints, ModelCalls, ConnectorCalls, ScenarioCalls):
                       maybe_applied: bool = False) -> float | None:
         """Seconds to wait before resending `call`, or None: `answer` is its result. Raises the API's
         error, or `RayTwinError` for a network error on a call that is not safe to resend (or the last try).
-        `maybe_applied`: an earlier try may have reached the server (see `maybe_sent`); a compare-and-set
+        `maybe_applied`: an earlier try may have reached the server (see `may_have_applied`); a compare-and-set
         refused then raises `OutcomeUnknown`, not the refusal that invites applying it again."""
         last = attempt == self.retry.attempts
         if isinstance(answer, httpx.TransportError):
             if last or not call.idempotent:
                 raise RayTwinError(f"{call.method} {call.path}: {answer!r}") from answer
             return self.retry.delay(attempt, None)
-        if answer.status_code in RETRY_STATUSES and not last:
+        safe = call.idempotent or not self.may_have_applied(answer)  # a 503 after which it may have taken effect
+        if answer.status_code in RETRY_STATUSES and not last and safe:
             return self.retry.delay(attempt, retry_after_s(answer))
         if call.warn_deprecated:
             self.deprecations.observe(call.method, call.route, answer)
@@ -50,8 +51,9 @@ class ClientBase(Endpoints, ModelCalls, ConnectorCalls, ScenarioCalls):
         return None
 
     @staticmethod
-    def maybe_sent(answer: httpx.Response | httpx.TransportError) -> bool:
-        """Whether a try that ended with `answer` may have reached the server: every network error but
-        a failed connect (the request never left)."""
-        return isinstance(answer, httpx.TransportError) and not isinstance(answer, (httpx.ConnectError,
-                                                                                    httpx.ConnectTimeout))
+    def may_have_applied(answer: httpx.Response | httpx.TransportError) -> bool:
+        """Whether a try that ended with `answer` may have taken effect without answering so: every network error
+        but a failed connect (the request never left), and a 503 saying the process applying it was lost."""
+        if isinstance(answer, httpx.Response):
+            return answer.status_code == 503 and error_code(answer) in MAYBE_APPLIED_CODES
+        return not isinstance(answer, (httpx.ConnectError, httpx.ConnectTimeout))

@@ -75,8 +75,9 @@ class ConnectorCalls(Sender):
     def approve_command(self, command_id: str) -> Command:
         """Approve (an admin key other than the proposer's) and send once: `sent` or `failed`; a
         command already decided is a Conflict, except for this key's own approval, answered as the command
-        is now (so the resend after a 503, when the server's backend died mid-approval, sends nothing twice)."""
-        return self._send(Call("POST", "/v1/commands/{command_id}/approve", _model(Command),
+        is now: so it is resent safely (after a network error, or a 503 when the server's backend died
+        mid-approval), sending nothing twice."""
+        return self._send(Call("POST", "/v1/commands/{command_id}/approve", _model(Command), idempotent=True,
                                path_params={"command_id": command_id}))
 
     def refuse_command(self, command_id: str, reason: str) -> Command:

@@ -123,7 +123,9 @@ class RateLimited(ApiError):
 
 
 class Unavailable(ApiError):
-    """503: the service is overloaded or starting (retried by the client before it is raised)."""
+    """503: the service is overloaded or starting (retried by the client before it is raised), or the process
+    applying the request was lost (`backend_unavailable`, `twin_unavailable`): retried only for calls that are
+    safe to resend, raised at once for others, whose message says how to check whether it took effect."""
 
     code = "unavailable"
 
@@ -150,14 +152,29 @@ def retry_after_s(response: httpx.Response) -> float | None:
         return None
 
 
-def from_response(response: httpx.Response) -> ApiError:
-    """The exception for an error answer, from the API's error shape (or the status when the body is not it)."""
+def _error_body(response: httpx.Response) -> dict[str, Any] | None:
+    """The API's error shape's ``error`` object, or None when a proxy or load balancer answered instead."""
     try:
         body = response.json()["error"]
-        code, message = str(body["code"]), str(body["message"])
-        details, request_id = body.get("details") or [], body.get("request_id")
-    except (ValueError, KeyError, TypeError):  # not RayTwin's shape: a proxy or load balancer answered
+        return {"code": str(body["code"]), "message": str(body["message"]), "details": body.get("details") or [],
+                "request_id": body.get("request_id")}
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
+def error_code(response: httpx.Response) -> str | None:
+    """The API's error code of an error answer (None: not the API's shape)."""
+    body = _error_body(response)
+    return None if body is None else body["code"]
+
+
+def from_response(response: httpx.Response) -> ApiError:
+    """The exception for an error answer, from the API's error shape (or the status when the body is not it)."""
+    body = _error_body(response)
+    if body is None:  # not RayTwin's shape: a proxy or load balancer answered
         code, message, details, request_id = "", response.text[:500] or response.reason_phrase, [], None
+    else:
+        code, message, details, request_id = body["code"], body["message"], body["details"], body["request_id"]
     cls = _BY_CODE.get(code) or _BY_STATUS.get(response.status_code) or (
         ServerError if response.status_code >= 500 else ApiError)
     return cls(response.status_code, code or cls.code, message, details, request_id, retry_after_s(response))

@@ -7,7 +7,10 @@ from dataclasses import dataclass
 
 _RNG = random.Random()
 RETRY_STATUSES = frozenset({429, 503})
-"""Statuses that mean "not processed, try later": rate limited, or no replica could take it."""
+"""Statuses that mean "try later": rate limited, or no replica could take it (see `MAYBE_APPLIED_CODES`)."""
+MAYBE_APPLIED_CODES = frozenset({"backend_unavailable", "twin_unavailable"})
+"""503 codes after which the request may have taken effect (the process applying it died or stalled): resent only
+if the call is safe to resend, as after a network error."""
 
 
 @dataclass(frozen=True)

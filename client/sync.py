@@ -48,7 +48,7 @@ class RayTwinClient(ClientBase):
             except httpx.TransportError as exc:
                 answer = exc
             delay = self._resend_after(call, attempt, answer, maybe_applied)
-            maybe_applied = maybe_applied or self.maybe_sent(answer)
+            maybe_applied = maybe_applied or self.may_have_applied(answer)
             if delay is None:
                 assert isinstance(answer, httpx.Response)
                 return call.result(answer)

@@ -22,36 +22,32 @@ from serve_apps.stream_slots import StreamSlots
 from serve_apps.twin_reads import TwinReader
 
 
-BACKEND_RETRY_AFTER_S = 5
-"""`Retry-After` when the backend replica died: Serve starts another, which reopens the store in seconds."""
-
-
 class BackendClient:
     """Calls into the `Backend` deployment: ``await backend.call("get_asset", tenant, id)``.
 
     Errors raised there (`ApiError`s) come back wrapped by Ray; they are re-raised unwrapped so
-    the error handlers see the original status and message.
+    the error handlers see the original status and message. The backend replica itself dying meanwhile
+    is 503 `BackendUnavailable` on every route (a 500 would say the request is at fault).
     """
 
     def __init__(self, handle: Any):
         self.handle = handle
 
-    async def call(self, method: str, *args: Any) -> Any:
+    async def call(self, method: str, *args: Any, lost: str | None = None) -> Any:
+        """The backend's `method(*args)`; `lost`: what the client should know, should the replica die meanwhile,
+        about whether its request took effect and may be resent (default: by the request, `resend.advice`)."""
         try:
             return await getattr(self.handle, method).remote(*args)
         except Exception as exc:
+            if replica_died(exc):
+                raise BackendUnavailable(type(exc).__name__, lost) from None
             raise unwrap(exc) from None
 
-    async def call_or_unavailable(self, method: str, *args: Any, lost: str) -> Any:
-        """`call`, with the backend replica dying meanwhile answered 503 `backend_unavailable` and `Retry-After`
-        (a 500 says the request is at fault); `lost` tells the client whether its request may have taken effect
-        and whether resending it is safe."""
-        try:
-            return await self.call(method, *args)
-        except ray.exceptions.RayActorError as exc:
-            raise BackendUnavailable(f"the backend process handling this request was lost ({type(exc).__name__}); "
-                                     f"{lost}; retry after {BACKEND_RETRY_AFTER_S} s",
-                                     headers={"Retry-After": str(BACKEND_RETRY_AFTER_S)}) from None
+
+def replica_died(exc: BaseException) -> bool:
+    """Whether a backend call's `exc` is the replica's own death (`ActorDiedError`, `ActorUnavailableError`),
+    not an actor that the backend called dying (that one arrives wrapped in a `RayTaskError`)."""
+    return isinstance(exc, ray.exceptions.RayActorError) and not isinstance(exc, ray.exceptions.RayTaskError)
 
 
 @dataclass

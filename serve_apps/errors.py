@@ -19,6 +19,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from raytwin.statestore import StoreFenced
+from serve_apps.resend import advice
 
 log = logging.getLogger("raytwin.serve")
 
@@ -35,6 +36,10 @@ class ApiError(Exception):
 
     def __reduce__(self):  # keep message/details/headers across Ray's pickling
         return (type(self), (self.message, self.details, self.headers))
+
+    def message_for(self, request: Request) -> str:
+        """The message answered to `request` (some errors advise by what the request was)."""
+        return self.message
 
 
 class BadRequest(ApiError):
@@ -99,10 +104,28 @@ class ServiceUnavailable(ApiError):
     status, code = 503, "unavailable"
 
 
+BACKEND_RETRY_AFTER_S = 5
+"""`Retry-After` when the backend replica died: Serve starts another, which reopens the store in seconds."""
+
+
 class BackendUnavailable(ApiError):
-    """503: the backend replica handling the request died (Serve starts another); retry after `Retry-After`."""
+    """503: the backend replica handling the request died (Serve starts another); retry after `Retry-After`.
+
+    Whether the request took effect is unknown, so the answer says whether resending it is safe: `lost` where the
+    route knows better, else what the request is (`serve_apps.resend.advice`: a read, an idempotent write, ...)."""
 
     status, code = 503, "backend_unavailable"
+
+    def __init__(self, cause: str, lost: str | None = None):
+        super().__init__(f"the backend process handling this request was lost ({cause})",
+                         headers={"Retry-After": str(BACKEND_RETRY_AFTER_S)})
+        self.cause, self.lost = cause, lost
+
+    def __reduce__(self):
+        return (type(self), (self.cause, self.lost))
+
+    def message_for(self, request: Request) -> str:
+        return f"{self.message}; {self.lost or advice(request)}; retry after {BACKEND_RETRY_AFTER_S} s"
 
 
 class ErrorBody(BaseModel):
@@ -173,7 +196,7 @@ def install_error_handlers(app: FastAPI) -> None:
         err = unwrap(exc)
         if not isinstance(err, ApiError):
             return await unexpected(request, err)
-        return error_response(request, err.status, err.code, err.message, err.details, err.headers)
+        return error_response(request, err.status, err.code, err.message_for(request), err.details, err.headers)
 
     async def validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         body_error = getattr(request.state, "body_error", None)  # set by `json_route.JsonRoute`: reported after auth
@@ -194,7 +217,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         err = unwrap(exc)
         if isinstance(err, ApiError):
-            return error_response(request, err.status, err.code, err.message, err.details, err.headers)
+            return error_response(request, err.status, err.code, err.message_for(request), err.details, err.headers)
         if isinstance(err, StoreFenced):  # another service took the store: an operator's act, not a bug
             log.error("event=store_fenced request_id=%s path=%s error=%s", getattr(request.state, "request_id", None),
                       request.url.path, err)

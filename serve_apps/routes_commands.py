@@ -44,7 +44,7 @@ async def propose_command(body: CommandProposal, request: Request, who: Principa
                           svc: Services = SVC) -> Any:
     """Record a command for one of this tenant's assets; nothing is sent before an approval."""
     command = await svc.backend.call("connector", "propose", who.tenant, body.connector, body.asset_id, body.name,
-                                     body.value, who.key_id)
+                                     body.value, who.key_id, lost=_proposal_lost(body.asset_id))
     await svc.record(request, who, "command.propose", command["id"], asset_id=body.asset_id, name=body.name,
                      value=body.value, correlation_id=command["correlation_id"])
     return command
@@ -59,10 +59,10 @@ async def approve_command(command_id: str, request: Request, who: Principal = RE
     `backend_unavailable` with `Retry-After`: approving again is safe."""
     try:
         require_role(who, Role.admin)  # here, not in the dependency: a refused approval is audited as well
-        require_approver(await svc.backend.call_or_unavailable("connector", "command", who.tenant, command_id,
-                                                               lost=NOTHING_TAKEN), who)
-        command = await svc.backend.call_or_unavailable("connector", "approve", who.tenant, command_id, who.key_id,
-                                                        lost=_approval_lost(command_id))
+        require_approver(await svc.backend.call("connector", "command", who.tenant, command_id,
+                                                lost=NOTHING_TAKEN), who)
+        command = await svc.backend.call("connector", "approve", who.tenant, command_id, who.key_id,
+                                         lost=_approval_lost(command_id))
     except Exception as exc:  # an approval that may have moved an asset is audited whatever answer it gets
         await svc.record(request, who, "command.approve", command_id, **_outcome(exc))
         raise
@@ -80,6 +80,12 @@ def _approval_lost(command_id: str) -> str:
     return (f"the approval of command {command_id} may have been taken and the command sent: approving again is safe "
             f"(a command is approved and sent at most once: 409 if it was), and GET /v1/commands/{command_id} shows "
             "its status")
+
+
+def _proposal_lost(asset_id: str) -> str:
+    """A proposal is not idempotent (each is a new command), but nothing is sent before an approval."""
+    return (f"the command may have been recorded (nothing is sent before an approval): GET /v1/commands?asset_id="
+            f"{asset_id} lists it if so; propose it again only if it is not there")
 
 
 def _outcome(exc: Exception) -> dict[str, Any]:

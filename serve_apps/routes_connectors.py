@@ -21,6 +21,7 @@ from serve_apps.json_route import JsonRoute
 from serve_apps.dead_letters import connector_dead_letters
 from serve_apps.deps import ADMIN, DAY, READER, SVC, Limit, Services
 from serve_apps.errors import CONFLICT
+from serve_apps.resend import resend_safe
 from serve_apps.schemas import DeadLetter
 
 
@@ -38,9 +39,11 @@ class ConnectorView(BaseModel):
 
 
 router = APIRouter(prefix="/v1/connectors", tags=["connectors"], route_class=JsonRoute)
+SWITCH = resend_safe("pausing a paused connector, or resuming a receiving one, changes nothing")
 
 
-@router.post("", response_model=ConnectorView, status_code=201, responses=CONFLICT)
+@router.post("", response_model=ConnectorView, status_code=201, responses=CONFLICT,
+             dependencies=[resend_safe("one of the same name is replaced")])
 async def create_connector(body: ConnectorCreate, request: Request, who: Principal = ADMIN,
                            svc: Services = SVC) -> Any:
     """Check the declaration (its routes' assets must be this tenant's twins), store it and start the
@@ -72,7 +75,7 @@ async def connector_dead_letter_log(name: str, day: str | None = DAY, limit: Lim
     return await run_in_threadpool(connector_dead_letters, store, who.tenant, name, day, limit)
 
 
-@router.post("/{name}/pause", response_model=ConnectorStatus, responses=CONFLICT)
+@router.post("/{name}/pause", response_model=ConnectorStatus, responses=CONFLICT, dependencies=[SWITCH])
 async def pause_connector(name: str, request: Request, who: Principal = ADMIN, svc: Services = SVC) -> Any:
     """Stop receiving; the source keeps what arrives meanwhile (an MQTT persistent session)."""
     status = await svc.backend.call("connector", "pause", who.tenant, name)
@@ -80,7 +83,7 @@ async def pause_connector(name: str, request: Request, who: Principal = ADMIN, s
     return status
 
 
-@router.post("/{name}/resume", response_model=ConnectorStatus, responses=CONFLICT)
+@router.post("/{name}/resume", response_model=ConnectorStatus, responses=CONFLICT, dependencies=[SWITCH])
 async def resume_connector(name: str, request: Request, who: Principal = ADMIN, svc: Services = SVC) -> Any:
     status = await svc.backend.call("connector", "resume", who.tenant, name)
     await svc.record(request, who, "connector.resume", name)

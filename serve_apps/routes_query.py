@@ -33,6 +33,7 @@ from serve_apps.bulk import REPORT, Caller
 from serve_apps.deps import READER, SVC, WRITER, Services
 from serve_apps.errors import CONFLICT, Conflict, Forbidden, NotFound, Unprocessable
 from serve_apps.jobs import Job, JobRecord
+from serve_apps.resend import resend_safe
 from serve_apps.query_schemas import (
     MAX_BULK_ITEMS,
     MAX_GRAPH_DEPTH,
@@ -87,7 +88,7 @@ async def _matching(request: Request, svc: Services, tenant: str, expr: Expr, sh
 def register(app: FastAPI) -> None:
     tags = ["queries"]
 
-    @app.post("/v1/query", response_model=QueryPage, tags=tags)
+    @app.post("/v1/query", response_model=QueryPage, tags=tags, dependencies=[resend_safe("a query changes nothing")])
     async def query_assets(body: QueryRequest, request: Request, response: Response, who: Principal = READER,
                            svc: Services = SVC) -> QueryPage:
         """Filter, sort, project and page the caller's assets and their twins' live state

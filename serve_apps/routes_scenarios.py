@@ -175,10 +175,14 @@ def _inline(svc: Services, mode: Mode, work: int) -> bool:
     return mode == "sync" or (mode == "auto" and work <= limit)
 
 
+JOB_LOST = ("a job may have been queued, its id lost with this answer: resending queues another run (it costs "
+            "compute only; a run changes no asset or twin)")
+
+
 async def _queue(request: Request, who: Principal, svc: Services, kind: str, asset_id: str,
                  artifact: ModelArtifact, work: Any, details: dict[str, Any]) -> JSONResponse:
     job: Job = await svc.backend.call("submit_job", who.tenant, who.key_id, asset_id, artifact.ref,
-                                      artifact.content_hash, work)
+                                      artifact.content_hash, work, lost=JOB_LOST)
     await svc.record(request, who, f"{kind}.submit", asset_id, job_id=job.job_id, **details)
     accepted = JobAccepted(job_id=job.job_id, state=job.state, status_url=f"/v1/jobs/{job.job_id}",
                            results_url=f"/v1/jobs/{job.job_id}/results")

@@ -23,6 +23,7 @@ from serve_apps.auth import Principal
 from serve_apps.conditional import etag
 from serve_apps.deps import READER, SVC, WRITER, Services
 from serve_apps.errors import PayloadTooLarge, Unprocessable
+from serve_apps.resend import resend_safe
 from serve_apps.routes_evolution import TYPE_VERSION_HEADER, check_sender_version
 from serve_apps.schemas import Divergence, DriftClear, IngestResult, Rejection, TelemetryBatch
 
@@ -30,7 +31,8 @@ from serve_apps.schemas import Divergence, DriftClear, IngestResult, Rejection, 
 def register(app: FastAPI) -> None:
     tags = ["twins"]
 
-    @app.post("/v1/assets/{asset_id}/telemetry", response_model=IngestResult, tags=tags)
+    @app.post("/v1/assets/{asset_id}/telemetry", response_model=IngestResult, tags=tags,
+              dependencies=[resend_safe("every event has an idempotency key: resent ones count as duplicates")])
     async def ingest(asset_id: str, body: TelemetryBatch, who: Principal = WRITER, svc: Services = SVC,
                      type_version: str | None = TYPE_VERSION_HEADER) -> Any:
         """Validate and apply a batch of events; re-sent events (same idempotency key) count as duplicates.

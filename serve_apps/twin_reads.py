@@ -46,7 +46,7 @@ from actors.routing import shard_index, shard_name
 from raytwin import metrics
 from raytwin.statestore import HistoryPruned, StateStore, to_micros
 from serve_apps.config import ServeConfig
-from serve_apps.errors import Gone, NotFound, Unprocessable, unwrap
+from serve_apps.errors import BackendUnavailable, Gone, NotFound, Unprocessable, unwrap
 from serve_apps.shard_deadline import ShardBreakers, TwinUnavailable, ignore_outcome
 
 
@@ -127,7 +127,7 @@ class TwinReader:
         try:
             return await self.breakers.within(self.shard_index(tenant, asset_id), asset_id, call,
                                               timeout_s or self.write_timeout_s)
-        except ray.exceptions.RayActorError as exc:
+        except (ray.exceptions.RayActorError, BackendUnavailable) as exc:  # a shard's death, or the backend's
             raise TwinUnavailable(f"the process applying this write to twin {asset_id} was lost "
                                   f"({type(exc).__name__}); it may have been applied: resend telemetry (events are "
                                   "idempotent); read the asset before repeating another change",

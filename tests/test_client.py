@@ -106,6 +106,37 @@ def test_a_compare_and_set_refused_after_a_lost_answer_is_an_unknown_outcome_not
 
 
 
+def _lost(code: str = "backend_unavailable") -> httpx.Response:
+    return httpx.Response(503, headers={"Retry-After": "0"}, json={"error": {
+        "code": code, "message": "the backend process handling this request was lost; it may or may not have taken "
+                                 "effect"}})
+
+
+def test_a_503_after_which_the_request_may_have_taken_effect_is_resent_only_where_that_is_safe():
+    """Every 503 was resent: a proposal whose backend replica died after recording it was proposed twice."""
+    transport, seen = scripted(_lost())
+    with RayTwinClient("http://api", "rtk_x_y", retry=FAST, transport=transport) as api:
+        with pytest.raises(Unavailable, match="may or may not have taken effect") as err:
+            api.propose_command("rooms", "zone-1", "setpoint", {"T_set": 294.0})
+    assert err.value.code == "backend_unavailable" and len(seen) == 1 and api.retries == 0
+    overloaded = httpx.Response(503, headers={"Retry-After": "0"}, json={"error": {"code": "overloaded",
+                                                                                   "message": "at capacity"}})
+    transport, seen = scripted(overloaded, _lost("twin_unavailable"))  # refused before any work: resent; then lost
+    with RayTwinClient("http://api", "rtk_x_y", retry=FAST, transport=transport) as api:
+        with pytest.raises(Unavailable, match="may or may not"):
+            api.clear_drift("zone-1", "checked")
+    assert len(seen) == 2
+    transport, seen = scripted(_lost(), HEALTH)  # a read: resent
+    with RayTwinClient("http://api", "rtk_x_y", retry=FAST, transport=transport) as api:
+        assert api.health().status == "ok" and len(seen) == 2
+    refused = httpx.Response(412, json={"error": {"code": "precondition_failed", "message": "at revision 8"}})
+    transport, seen = scripted(_lost(), refused)  # a compare-and-set resent: its own write may have moved on
+    with RayTwinClient("http://api", "rtk_x_y", retry=FAST, transport=transport) as api:
+        with pytest.raises(OutcomeUnknown):
+            api.update_asset("zone-1", AssetUpdate(type_name="thermal_rc", type_version="1.0.0"), if_match=7)
+    assert len(seen) == 2
+
+
 def test_arguments_no_server_accepts_are_refused_before_anything_is_sent():
     transport, seen = scripted()
     with RayTwinClient("http://api", "rtk_x_y", retry=FAST, transport=transport) as api:

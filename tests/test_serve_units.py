@@ -569,3 +569,68 @@ def test_a_run_record_is_read_by_its_tenant_without_store_locations_and_its_file
                                       ("/v1/runs/a-b", auth["reader"], 422),  # a run id, no other name under the runs
                                       (f"/v1/runs/{run_id}", {}, 401)):
             assert http.get(path, headers=headers).status_code == status, path
+
+
+class DyingBackend:
+    """A backend whose replica dies in every call (`death`, as Ray's handle raises it)."""
+
+    def __init__(self, death: Exception):
+        self.death = death
+
+    def __getattr__(self, method: str):
+        def call(*args):
+            raise self.death
+        return call
+
+
+_SAFE, _CHECK = "resending it is safe", "may or may not have taken effect"
+BACKEND_LOST = [  # (key, method, path, body, headers, what the 503 advises)
+    ("reader", "GET", "/v1/assets", None, {}, "a read changes nothing: resending it is safe"),
+    ("admin", "DELETE", "/v1/asset-types/pump/1.0.0", None, {}, _SAFE + " (DELETE is idempotent"),
+    ("admin", "PUT", "/v1/asset-types/pump/1.0.0/deprecation", {"deprecated_at": "2026-12-01T00:00:00Z"}, {}, _SAFE),
+    ("writer", "POST", "/v1/assets/pump-1/telemetry", {"events": [{"sequence": 1}]}, {}, _SAFE + " (every event has an idempotency"),
+    ("reader", "POST", "/v1/query", {"q": ""}, {}, _SAFE + " (a query changes nothing)"),
+    ("admin", "POST", "/v1/connectors/rooms/pause", None, {}, _SAFE),
+    ("writer", "POST", "/v1/bulk", {"q": "", "action": "tag", "set": {"a": "b"}}, {}, _CHECK),
+    ("writer", "POST", "/v1/commands", {"connector": "rooms", "asset_id": "pump-1", "name": "setpoint",
+                                        "value": {"q": 1.0}}, {}, "GET /v1/commands?asset_id=pump-1 lists it"),
+    ("admin", "POST", "/v1/assets/pump-1/migrate", {"type_version": "2.0.0"}, {"If-Match": '"3"'},
+     _SAFE + " (it is conditional"),
+    ("admin", "POST", "/v1/assets/pump-1/migrate", {"type_version": "2.0.0"}, {}, _CHECK),
+]
+
+
+@pytest.mark.parametrize("death", ["died", "unavailable"])
+def test_a_backend_replica_dying_answers_503_on_every_route_saying_whether_a_resend_is_safe(tmp_path, death):
+    """Routes but the approval answered 500 `internal` (the request's fault, said the answer) when the backend
+    replica died mid-call; non-idempotent POSTs may have taken effect, so only the others are told to resend."""
+    import ray
+
+    from tests.fixtures_serve import in_process
+
+    backend = DyingBackend(ray.exceptions.ActorDiedError() if death == "died" else
+                           ray.exceptions.ActorUnavailableError("the replica is unreachable", None))
+    with in_process(backend, tmp_path) as (http, auth, _):
+        for key, method, path, body, headers, advice in BACKEND_LOST:
+            answer = http.request(method, path, json=body, headers={**auth[key], **headers})
+            assert answer.status_code == 503 and answer.headers["retry-after"] == "5", (path, answer.text)
+            error = answer.json()["error"]
+            assert error["code"] == "backend_unavailable" and advice in error["message"], (method, path, error)
+            assert "the backend process handling this request was lost" in error["message"]
+            assert (_CHECK in error["message"]) == (advice == _CHECK)
+        change = http.put("/v1/assets/pump-1", json={"type_name": "pump", "type_version": "1.0.0"},
+                          headers=auth["admin"])  # a twin write: the twin path's own 503, as before
+        assert change.status_code == 503 and change.json()["error"]["code"] == "twin_unavailable", change.text
+
+
+def test_an_actor_dying_under_the_backend_is_not_the_backends_death(tmp_path):
+    """An actor the backend called dying (Ray wraps it: `RayTaskError(ActorDiedError)`) is not a lost backend:
+    its resend advice would be about the wrong process."""
+    import ray
+
+    wrapped = ray.exceptions.RayTaskError("list_assets", "traceback", ray.exceptions.ActorDiedError())
+    from tests.fixtures_serve import in_process
+
+    with in_process(DyingBackend(wrapped.as_instanceof_cause()), tmp_path) as (http, auth, _):
+        answer = http.get("/v1/assets", headers=auth["reader"])
+    assert answer.status_code == 500 and answer.json()["error"]["code"] == "internal", answer.text
