@@ -46,6 +46,7 @@ from serve_apps.query_schemas import AssetGraph, BulkRequest
 from serve_apps.recalibration import TenantState
 from serve_apps.recalibration_jobs import RecalibrationJobs
 from serve_apps.schemas import StoreFence
+from serve_apps.unawaited import outlived
 
 log = logging.getLogger("raytwin.serve.backend")
 
@@ -307,7 +308,8 @@ class Backend:
         release = self.backlog.reserve(len(events))
         work = asyncio.ensure_future(asyncio.to_thread(self.apply, tenant, events))
         work.add_done_callback(lambda _: release())
-        return await asyncio.shield(work)  # a caller that goes away does not stop accepted events being applied
+        # a caller that goes away does not stop accepted events being applied, nor hears of their failure: logged
+        return await outlived(work, f"applying {len(events)} accepted events of tenant {tenant}", logging.ERROR)
 
     def apply(self, tenant: str, events: list[TelemetryEvent]) -> dict[str, Any]:
         """Apply events, then record the new state (and a flipped drift flag) of each twin they changed."""

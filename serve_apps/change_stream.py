@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from serve_apps.changes import Change, ChangePage, ChangeStore
+from serve_apps.unawaited import orphan
 
 if TYPE_CHECKING:  # deps imports this module for its Services
     from serve_apps.deps import BackendClient
@@ -64,6 +65,7 @@ class HeadWatcher:
         self._waiting[tenant] = self._waiting.get(tenant, 0) + 1
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._poll())
+            orphan(self._task, "change head poll", logging.WARNING)  # the streams' own waits do not read it
         try:
             async with asyncio.timeout(timeout_s):
                 while self._heads.get(tenant, -1) <= after:

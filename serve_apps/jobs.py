@@ -33,6 +33,7 @@ from serve_apps.config import ServeConfig
 from serve_apps.errors import ApiError, Conflict, NotFound, unwrap
 from serve_apps.query_schemas import BulkProgress
 from serve_apps.scenarios import PreparedScenario, fmu_sweep_to_store, scenario_to_store, sweep_to_store
+from serve_apps.unawaited import orphan
 from sweeps.fmu import FmuSweepSpec
 from sweeps.spec import SweepSpec
 
@@ -176,7 +177,9 @@ class JobQueue:
             ref = self._launch(job, work)
             if not isinstance(work, BulkWork):
                 self.tasks[job_id] = ref
-            asyncio.get_running_loop().create_task(self._watch(job, ref))
+            # nobody awaits the watch: its own failure (the store refusing the job's record) is logged, not lost
+            orphan(asyncio.get_running_loop().create_task(self._watch(job, ref)), f"watch of job {job_id}",
+                   logging.ERROR)
         self._publish()
 
     async def _watch(self, job: JobRecord, ref: Awaitable[dict[str, Any]]) -> None:

@@ -23,6 +23,7 @@ from typing import TypeVar
 
 from raytwin import metrics
 from serve_apps.errors import ApiError
+from serve_apps.unawaited import orphan
 
 log = logging.getLogger("raytwin.serve")
 
@@ -50,7 +51,7 @@ class ShardBreakers:
 
     def trip(self, index: int, call: asyncio.Future, deadline_s: float) -> None:
         """Open shard `index`'s breaker until `call` (unanswered after `deadline_s`) completes."""
-        call.add_done_callback(ignore_outcome)  # its outcome is nobody's now: never "exception never retrieved"
+        orphan(call, f"call to twin shard {index} past its {deadline_s:g} s deadline")
         if index in self._unanswered:
             return
         self._unanswered[index] = call
@@ -74,7 +75,12 @@ class ShardBreakers:
         (the call goes on, the breaker open until it ends)."""
         self.refuse_if_open(index, asset_id)
         pending = asyncio.ensure_future(call())
-        if not (await asyncio.wait({pending}, timeout=deadline_s))[0]:
+        try:
+            done, _ = await asyncio.wait({pending}, timeout=deadline_s)
+        except asyncio.CancelledError:  # the client went away: the call goes on (a write is not undone), unawaited
+            orphan(pending, f"call to the shard of twin {asset_id}")
+            raise
+        if not done:
             self.trip(index, pending, deadline_s)
             raise _refusal(asset_id, f"has not answered within {deadline_s:g} s")
         return pending.result()
@@ -85,10 +91,3 @@ def _refusal(asset_id: str, why: str) -> TwinUnavailable:
                            f"unaffected); retry after {RETRY_AFTER_S} s. A write may still be applied when it answers: "
                            "resending telemetry is safe (events are idempotent); read the asset before repeating "
                            "another change", headers={"Retry-After": str(RETRY_AFTER_S)})
-
-
-def ignore_outcome(call: asyncio.Future) -> None:
-    """A done callback for a call whose outcome nobody awaits any more: retrieved, so that asyncio does not log
-    "exception was never retrieved" for it."""
-    if not call.cancelled():
-        call.exception()

@@ -47,7 +47,8 @@ from raytwin import metrics
 from raytwin.statestore import HistoryPruned, StateStore, to_micros
 from serve_apps.config import ServeConfig
 from serve_apps.errors import BackendUnavailable, Gone, NotFound, Unprocessable, unwrap
-from serve_apps.shard_deadline import ShardBreakers, TwinUnavailable, ignore_outcome
+from serve_apps.shard_deadline import ShardBreakers, TwinUnavailable
+from serve_apps.unawaited import ignore_outcome
 
 
 T = TypeVar("T")
@@ -64,9 +65,11 @@ async def live_or_durable(shard: Any, call: Awaitable[T], durable: Callable[[], 
     marked stale) unless the shard answers first.
 
     A shard that is slow but alive is waited for up to `deadline_s`; a call that Ray refuses because the
-    shard is restarting is answered by `durable()` (the call's retries are spent).
+    shard is restarting is answered by `durable()` (the call's retries are spent). Either may be left unread (the
+    other answered first, the reader went away): their failures are then nobody's (`ignore_outcome`).
     """
     answer = asyncio.ensure_future(call)
+    answer.add_done_callback(ignore_outcome)
     started = time.monotonic()
     while not (await asyncio.wait({answer}, timeout=STALE_AFTER_S))[0]:
         late = time.monotonic() - started >= deadline_s
@@ -74,11 +77,11 @@ async def live_or_durable(shard: Any, call: Awaitable[T], durable: Callable[[], 
             if late and unanswered is not None:
                 unanswered(answer)
             stored = asyncio.ensure_future(durable())
+            stored.add_done_callback(ignore_outcome)
             await asyncio.wait({answer, stored}, return_when=asyncio.FIRST_COMPLETED)
             if answer.done() and answer.exception() is None:  # back before the store answered
                 stored.cancel()
                 return answer.result()
-            answer.add_done_callback(ignore_outcome)  # completes unread
             return await stored
     if isinstance(answer.exception(), ray.exceptions.ActorUnavailableError):
         return await durable()
