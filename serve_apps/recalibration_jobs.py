@@ -3,8 +3,10 @@
 A launch reads the drifting twin's window from the durable event log and its estimated state at the
 window's start (time travel), writes the window as Parquet under
 ``{store}/recalibration/{tenant}/windows/{job_key}.parquet`` and runs `sweeps.recalibration.recalibrate`
-as a Ray task (1 CPU: the one its Tune trials, which reserve next to none, compute on; a worker killed
-mid-search leaves only Tune's tiny placement group behind). Its outcome comes back
+as a Ray task (1 CPU: the one its Tune trials, which reserve next to none, compute on). A worker killed
+mid-search leaves Tune's placement groups behind (Ray keeps them for the life of the job): they are named after
+the job and removed when it failed or was lost, and before it is launched again (a backend restart's
+relaunch: the old replica's task died with it). Its outcome comes back
 through a single worker thread, which records it and starts what waited for the slot.
 """
 
@@ -26,7 +28,8 @@ from serve_apps.changes import Change, ChangeLog
 from serve_apps.config import ServeConfig
 from serve_apps.recalibration import RecalJob, Recalibrator, TenantState
 from sweeps.recalibration import (RecalibrationWork, held_inputs, next_free_version, recalibrate, start_std,
-                                  window_table, write_window)
+                                  tune_owner, window_table, write_window)
+from sweeps.tune_groups import remove_groups
 
 log = logging.getLogger("raytwin.serve.recalibration")
 PAGE = 1000
@@ -65,6 +68,7 @@ class RecalibrationJobs:
 
     def _launch(self, job: RecalJob, policy: RecalibrationPolicy) -> None:
         tenant = job.tenant
+        remove_groups(tune_owner(tenant, job.job_key))  # an earlier attempt's, killed with a restarted backend
         artifact = self._registry(tenant).get(job.model_ref)
         trigger = next(t for t in job.triggers if t.asset_id == job.asset_id)
         until = job.window_end or trigger.event_time or self.twins.state(tenant, job.asset_id).event_time
@@ -93,6 +97,7 @@ class RecalibrationJobs:
             cause = getattr(exc, "cause", None) or exc
             error = f"{type(cause).__name__}: {cause}".splitlines()[0][:500]
             lost = isinstance(exc, LOST) or isinstance(cause, LOST)  # the task's worker or node, not the fit, failed
+            remove_groups(tune_owner(tenant, job_key))  # what a killed search left reserved
             self._audit(tenant, "recalibration.lost" if lost else "recalibration.fail", job_key, error=error)
             if lost:
                 self.trigger.relaunch(tenant, job_key, error)

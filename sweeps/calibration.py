@@ -348,6 +348,7 @@ def tune_search(spec: CalibrationSpec, problem: Problem) -> tuple[dict[str, floa
     from ray import tune
 
     from sweeps.runner import ensure_ray
+    from sweeps.tune_groups import trial_resources
 
     ensure_ray()
     space, search_alg, num_samples = _search(spec, problem)
@@ -356,7 +357,7 @@ def tune_search(spec: CalibrationSpec, problem: Problem) -> tuple[dict[str, floa
     try:
         tuner = tune.Tuner(
             tune.with_resources(tune.with_parameters(_trial, problem=problem, windows=windows),
-                                {"cpu": spec.trial_cpus}),
+                                trial_resources(spec.trial_cpus)),  # named: a killed search's can be removed
             param_space=space,
             tune_config=tune.TuneConfig(
                 metric="loss", mode="min", search_alg=search_alg, scheduler=_scheduler(spec),

@@ -33,6 +33,7 @@ from raytwin.statestore import StateStore, from_micros, to_micros
 from raytwin.storage import filesystem
 from sweeps.calibration import CalibrationSpec
 from sweeps.runs import recorded_calibration
+from sweeps.tune_groups import owned_by
 
 log = logging.getLogger("raytwin.recalibration")
 AUTHOR = "recalibration"
@@ -43,7 +44,13 @@ JOB_KEY = "recalibration_job"
 TRIAL_CPUS = 0.01
 """CPUs a recalibration's Tune trial reserves: next to none, as the task running the search holds the CPU
 the trials compute on (one at a time). Tune's placement groups outlive a task whose worker was killed
-(an OOM kill): a trial's full CPU, left reserved by one, stalled every later attempt for good."""
+(an OOM kill): a trial's full CPU, left reserved by one, stalled every later attempt for good. They are
+named after the job (`tune_owner`), and removed once it failed or before it is launched again."""
+
+
+def tune_owner(tenant: str, job_key: str) -> str:
+    """Whose Tune placement groups a recalibration's are (`sweeps.tune_groups`)."""
+    return f"recalibration:{tenant}:{job_key}"
 
 
 class RecalibrationError(ValueError):
@@ -174,7 +181,8 @@ def recalibrate(work: RecalibrationWork) -> Recalibrated:
             model=work.model_ref, registry_url=work.registry_url, tenant=work.tenant, asset_id=work.asset_id,
             telemetry=work.telemetry, start_state=work.start_state, start_std=work.start_std, free=work.policy.free,
             noise_std=work.policy.noise_std, num_samples=work.policy.max_trials, seed=0, trial_cpus=TRIAL_CPUS)
-        record = recorded_calibration(spec, runs=work.runs_url, storage_options=options, user=AUTHOR)
+        with owned_by(tune_owner(work.tenant, work.job_key)):
+            record = recorded_calibration(spec, runs=work.runs_url, storage_options=options, user=AUTHOR)
         run_id, parameters = record.run_id, record.summary["parameters"]
         registry.register(name, work.candidate_version, base.asset_type, parameters, metadata={
             JOB_KEY: work.job_key, "run_id": run_id, "calibrated_from": work.model_ref,

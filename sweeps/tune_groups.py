@@ -1,0 +1,77 @@
+"""Tune's placement groups named after the search's owner, so that a killed search's can be found and removed.
+
+Tune removes a trial's placement group when the trial ends, and all of them when the search ends (on an error
+too), but a search whose process is killed (an OOM kill, its owner's death, ``ray.cancel(force=True)``) leaves
+them reserved for the life of the Ray job: for a search the `Backend` started, for good, one more with each
+killed attempt. A search run under `owned_by(owner)` names each of its placement groups
+``raytwin-tune:{owner}:{unique}``; `remove_groups(owner)` removes whatever is left of them once the search is
+known to be over (failed, killed, or about to be launched again).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Any
+
+import ray
+from ray.tune import PlacementGroupFactory
+from ray.util.placement_group import PlacementGroup, placement_group, placement_group_table, remove_placement_group
+
+log = logging.getLogger("raytwin.calibration")
+
+PREFIX = "raytwin-tune:"
+_OWNER: ContextVar[str | None] = ContextVar("tune_owner", default=None)
+
+
+@contextmanager
+def owned_by(owner: str) -> Iterator[None]:
+    """Tune searches started inside name their placement groups after `owner` (unique per search: a job key)."""
+    token = _OWNER.set(owner)
+    try:
+        yield
+    finally:
+        _OWNER.reset(token)
+
+
+class NamedGroups(PlacementGroupFactory):
+    """A trial's resources (one bundle) whose placement groups are named ``{PREFIX}{owner}:{unique}``
+    (names are unique in a namespace, and Tune may hold several groups of one request at once)."""
+
+    def __init__(self, bundle: dict[str, float], owner: str):
+        super().__init__([bundle])
+        self.owner = owner
+
+    def to_placement_group(self) -> PlacementGroup:
+        return placement_group(*self._bound.args, **{**self._bound.kwargs,
+                                                     "name": f"{PREFIX}{self.owner}:{uuid.uuid4().hex}"})
+
+
+def trial_resources(cpus: float) -> NamedGroups:
+    """A trial's resources, its groups named after the current owner (`owned_by`), else after this search alone."""
+    return NamedGroups({"CPU": cpus}, _OWNER.get() or f"search-{uuid.uuid4().hex}")
+
+
+def remove_groups(owner: str) -> int:
+    """Remove the placement groups that searches of `owner` left (call it only when none of them runs);
+    how many. Without Ray connected there are none."""
+    if not ray.is_initialized():
+        return 0
+    prefix = f"{PREFIX}{owner}:"
+    left = [pg_id for pg_id, group in placement_group_table().items()
+            if group["name"].startswith(prefix) and group["state"] != "REMOVED"]
+    for pg_id in left:
+        remove_placement_group(_group(pg_id))
+    if left:
+        log.warning("event=tune_groups_removed owner=%s groups=%d: left by a search whose process was killed",
+                    owner, len(left))
+    return len(left)
+
+
+def _group(pg_id: str) -> Any:
+    from ray._raylet import PlacementGroupID
+
+    return PlacementGroup(PlacementGroupID(bytes.fromhex(pg_id)))
