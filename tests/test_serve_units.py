@@ -367,7 +367,7 @@ class LedgerConnectors:
         self.sent.append(command.correlation_id)
         if self.dies is not None:
             raise self.dies
-        return self.ledger.sent(command)
+        return self.ledger.sent(command, ack_timeout_s=300.0)
 
 
 class LedgerBackend:
