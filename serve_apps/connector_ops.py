@@ -22,7 +22,7 @@ from connectors.kinds import UnknownKind, parse_spec
 from connectors.manager import ConnectorDown, Connectors, InvalidConnector
 from connectors.spec import ConnectorSpec, Credentials, SessionTaken, UnknownConnector
 from raytwin.contracts import describe_error
-from serve_apps.connector_reach import Reach
+from connectors.reach import Reach
 from serve_apps.errors import Conflict, NotFound, Unprocessable, unwrap
 
 if TYPE_CHECKING:

@@ -816,7 +816,7 @@ def test_http_tls_files_are_the_tenants_own_and_a_connector_that_cannot_start_is
 def test_a_tenants_connector_reaches_only_the_hosts_the_operator_allows():
     """A connector is a TCP client inside the operator's network: reporting "cannot connect" or "protocol
     error" made it a port scanner, and 169.254.169.254 is where a cloud hands out the node's credentials."""
-    from serve_apps.connector_reach import Reach
+    from connectors.reach import Reach
 
     anywhere = Reach(None)
     assert "link-local (169.254.169.254)" in anywhere.refusal("169.254.169.254")
