@@ -1,12 +1,28 @@
 """Which hosts a tenant's connector may connect to: a connector is a TCP client inside the operator's
 network, so an API-created one reaches only the hosts `ServeConfig.connector_hosts` lists (names,
 addresses, networks), and without a list none that is link-local (169.254.0.0/16, fe80::/10: where a
-cloud hands out its nodes' credentials), also when an IPv6 address carries the IPv4 one."""
+cloud hands out its nodes' credentials), also when an IPv6 address carries the IPv4 one.
+
+A name is checked when the connector is declared (`Reach.refusal`) and again at every connection attempt,
+in the connector's process, on the address connected to (`Reach.vetted`, `open_connection`): a name whose
+DNS answered a public address at the declaration can answer 169.254.169.254 later (DNS rebinding), and
+a client that resolved the name again to connect would go there.
+"""
 
 from __future__ import annotations
 
 import ipaddress
 import socket
+from typing import Any
+
+Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+AddrInfo = tuple[socket.AddressFamily, socket.SocketKind, int, str, tuple[Any, ...]]
+"""One entry of `socket.getaddrinfo`: family, type, protocol, canonical name, socket address."""
+
+
+class Unreachable(OSError):
+    """A connection attempt the reach policy refused: the host resolved to no address it allows (an
+    `OSError`, so clients report it and retry as any failed connection)."""
 
 
 class Reach:
@@ -20,20 +36,69 @@ class Reach:
     def refusal(self, host: str) -> str | None:
         """Why `host` may not be reached, or None. Names are resolved now: a listed name is reachable
         whatever it resolves to; an unlisted one by the addresses it has."""
-        if self.names is not None and host.lower() in self.names:
+        if self._listed(host):
             return None
         try:
-            addresses = {ipaddress.ip_address(info[4][0].split("%")[0]) for info in socket.getaddrinfo(host, None)}
+            addresses = {_address(info) for info in socket.getaddrinfo(host, None)}
         except (socket.gaierror, UnicodeError, ValueError):
             addresses = set()
         if self.names is None:
-            local = sorted(str(a) for a in addresses if _link_local(a))
+            local = sorted(str(a) for a in addresses if self._refuses(a))
             return f"host {host!r} is link-local ({', '.join(local)}), which connectors may not reach" if local \
                 else None
-        if addresses and all(any(a in n for n in self.networks) for a in addresses):
+        if addresses and not any(self._refuses(a) for a in addresses):
             return None
-        return (f"host {host!r} is not among the hosts this service lets connectors reach "
-                "(ServeConfig.connector_hosts, its operator's list)")
+        return f"host {host!r} is {_UNLISTED}"
+
+    def vetted(self, host: str, port: int) -> list[AddrInfo]:
+        """The addresses of `host` one connection attempt may go to, resolved once, now: connect to these and
+        never resolve the name again (DNS may answer otherwise the next time). `Unreachable`, naming each
+        address and why, if none is allowed; `socket.gaierror` if the name does not resolve."""
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        if self._listed(host):
+            return infos
+        allowed = [info for info in infos if not self._refuses(_address(info))]
+        if not allowed:
+            refused = "; ".join(dict.fromkeys(f"{a} ({self._refuses(a)})" for a in map(_address, infos)))
+            raise Unreachable(f"host {host!r} resolved to {refused}: not connected (it is checked again at every "
+                              "connection attempt, so a name that resolves to an allowed address connects)")
+        return allowed
+
+    def _listed(self, host: str) -> bool:
+        """The operator listed this name: its DNS is theirs, whatever it resolves to."""
+        return self.names is not None and host.lower() in self.names
+
+    def _refuses(self, address: Address) -> str | None:
+        """Why no connection may go to `address` (None: it may)."""
+        if self.names is None:
+            return "link-local, which connectors may not reach" if _link_local(address) else None
+        return None if any(address in n for n in self.networks) else _UNLISTED
+
+
+_UNLISTED = "not among the hosts this service lets connectors reach (ServeConfig.connector_hosts, its operator's list)"
+
+
+def open_connection(infos: list[AddrInfo], timeout: float | None,
+                    source: tuple[str, int] | None = None) -> socket.socket:
+    """A TCP socket connected to the first of `infos` that answers, as `socket.create_connection` does but
+    without resolving a name: the address connected to is one that was vetted."""
+    error: OSError = Unreachable("no address to connect to")
+    for family, kind, proto, _, sockaddr in infos:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(timeout)
+            if source:
+                sock.bind(source)
+            sock.connect(sockaddr)
+            return sock
+        except OSError as exc:
+            sock.close()
+            error = exc
+    raise error
+
+
+def _address(info: AddrInfo) -> Address:
+    return ipaddress.ip_address(info[4][0].split("%")[0])  # (an IPv6 scope, "%eth0", is no part of the address)
 
 
 def _link_local(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
