@@ -44,6 +44,7 @@ from pydantic import Field, TypeAdapter, ValidationError, model_validator
 from connectors.commands import Command, Unconfirmed
 from connectors.kinds import AckHandler, AssetTypes, ignore, unmeasured
 from connectors.mapping import DeadLetter, PayloadMapping, FrozenSpec
+from connectors.reach import Reach, Unreachable, open_connection
 from connectors.sink import Inbound
 from connectors.spec import ConnectorSpec, Credentials
 from raytwin import metrics
@@ -236,9 +237,20 @@ class MqttSpec(ConnectorSpec):
 
 
 class _Client(paho.Client):
-    """paho's client, keeping why the last connection attempt failed (paho's `on_connect_fail` is told nothing)."""
+    """paho's client, keeping why the last connection attempt failed (paho's `on_connect_fail` is told nothing),
+    and connecting a tenant's connector only where its `reach` allows."""
 
     connect_error: OSError | None = None
+    reach: Reach | None = None  # None: the operator's connector, which reaches any host
+
+    def _create_socket_connection(self) -> socket.socket:
+        """With a `reach`, the broker's name is resolved once per attempt and the socket connected to an address
+        it allows: paho resolving the name again could get another answer (DNS rebinding: 169.254.169.254). TLS
+        still checks the certificate against the name (`_ssl_wrap_socket` uses it). No proxy is used for these."""
+        if self.reach is None:
+            return super()._create_socket_connection()
+        return open_connection(self.reach.vetted(self._host, self._port), self._connect_timeout,
+                               (self._bind_address, self._bind_port))
 
     def reconnect(self) -> paho.MQTTErrorCode:
         try:
@@ -251,6 +263,8 @@ class _Client(paho.Client):
 def connect_failure(host: str, port: int, exc: OSError | None, timeout_s: float) -> str:
     """What kept a connection to `host:port` from opening, and how to fix it."""
     where = f"{host}:{port}"
+    if isinstance(exc, Unreachable):
+        return f"refused to connect to broker {where}: {exc}"
     if isinstance(exc, socket.gaierror):
         return (f"cannot resolve broker host {host!r} ({exc.strerror}): check broker.host and the DNS of the nodes "
                 "that run connectors")
@@ -292,7 +306,9 @@ class MqttAdapter:
     """One paho client: subscriptions into the pump, commands out."""
 
     def __init__(self, spec: MqttSpec, credentials: Credentials, put: Callable[[Inbound], None], on_ack: AckHandler,
-                 *, resumes_session: bool = False, on_connected: Callable[[], None] = ignore):
+                 *, resumes_session: bool = False, on_connected: Callable[[], None] = ignore,
+                 reach: Reach | None = None):
+        """`reach`: where a tenant's connector may connect, checked at every connection attempt (None: anywhere)."""
         self.spec, self.put, self.on_ack, self.on_connected = spec, put, on_ack, on_connected
         self.errors, self.last_error, self.last_error_at = 0, None, None
         self._generation = 0  # +1 per connect and disconnect: acks go only over the connection that delivered
@@ -304,7 +320,7 @@ class MqttAdapter:
         self._running = False  # between start and pause: the client's loop (and its reconnects) is on
         b = spec.broker
         self.v5 = b.protocol == "5"
-        self.client = _client(spec, credentials, persistent=True)
+        self.client = _client(spec, credentials, persistent=True, reach=reach)
         self.client.reconnect_delay_set(b.reconnect_min_s, max(b.reconnect_min_s, b.reconnect_max_s))
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
@@ -490,15 +506,17 @@ class MqttAdapter:
                               "they have executed)")
 
 
-def _client(spec: MqttSpec, credentials: Credentials, *, persistent: bool) -> _Client:
+def _client(spec: MqttSpec, credentials: Credentials, *, persistent: bool, reach: Reach | None) -> _Client:
     """A paho client as the connector (its client id, protocol, credentials, TLS). `persistent`: a session the
-    broker keeps, messages acknowledged by hand and reconnects (MQTT 5 sets the session at connect)."""
+    broker keeps, messages acknowledged by hand and reconnects (MQTT 5 sets the session at connect); `reach`:
+    the hosts it may connect to (None: any)."""
     b = spec.broker
     v5 = b.protocol == "5"
     client = _Client(CallbackAPIVersion.VERSION2, client_id=spec.client_id,
                          protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
                          clean_session=None if v5 else not persistent, manual_ack=persistent,
                          reconnect_on_failure=persistent)
+    client.reach = reach
     if credentials.username or credentials.password:
         creds = credentials.revealed()
         client.username_pw_set(creds["username"], creds["password"])
@@ -507,7 +525,7 @@ def _client(spec: MqttSpec, credentials: Credentials, *, persistent: bool) -> _C
     return client
 
 
-def end_session(spec: MqttSpec, credentials: Credentials, timeout_s: float = 10.0) -> bool:
+def end_session(spec: MqttSpec, credentials: Credentials, reach: Reach | None = None, timeout_s: float = 10.0) -> bool:
     """Connect once as the connector with a clean start and no session expiry, then leave: the broker drops
     the session and what it queued for it. False if the broker could not be reached or refused."""
     b = spec.broker
@@ -518,7 +536,8 @@ def end_session(spec: MqttSpec, credentials: Credentials, timeout_s: float = 10.
         props.SessionExpiryInterval = 0
         kwargs = {"clean_start": True, "properties": props}
     try:
-        client = _client(spec, credentials, persistent=False)  # (TLS files gone since it was declared: ValueError)
+        # (TLS files gone since it was declared: ValueError)
+        client = _client(spec, credentials, persistent=False, reach=reach)
         client.on_connect = lambda c, u, flags, reason, props: (accepted.append(not reason.is_failure),
                                                                  answered.set())
         client.connect(b.host, b.port, b.keepalive_s, **kwargs)
@@ -541,8 +560,8 @@ class MqttKind:
             return f"no route of connector {spec.name!r} has a command_topic for asset {asset_id!r}"
         return None
 
-    def end_session(self, spec: MqttSpec, credentials: Credentials) -> bool:
-        return end_session(spec, credentials)
+    def end_session(self, spec: MqttSpec, credentials: Credentials, reach: Reach | None = None) -> bool:
+        return end_session(spec, credentials, reach)
 
     def problems(self, spec: MqttSpec, assets: AssetTypes) -> list[str]:
         unknown = [f"route {r.topic!r}: asset {r.asset_id!r} is not a registered twin of tenant {spec.tenant!r}"
@@ -553,12 +572,12 @@ class MqttKind:
 
     def adapter(self, spec: MqttSpec, credentials: Credentials, put: Callable[[Inbound], None],
                 on_ack: AckHandler, *, predecessor_seen: datetime | None = None,
-                on_connected: Callable[[], None] = ignore) -> MqttAdapter:
+                on_connected: Callable[[], None] = ignore, reach: Reach | None = None) -> MqttAdapter:
         """The broker keeps the session's messages while no connector runs; a connection that finds no session
         after an earlier one, of this process or of a predecessor that had connected (`predecessor_seen`: a
         restarted actor or service), is reported: what was published meanwhile is lost."""
         return MqttAdapter(spec, credentials, put, on_ack, resumes_session=predecessor_seen is not None,
-                           on_connected=on_connected)
+                           on_connected=on_connected, reach=reach)
 
 
 MQTT = MqttKind()

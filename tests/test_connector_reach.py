@@ -6,11 +6,24 @@ answered by a stand-in for `socket.getaddrinfo`, connections go to a local liste
 from __future__ import annotations
 
 import socket
+import ssl
+import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
+from connectors.mosquitto import Mosquitto
+from connectors.mqtt import MQTT, MqttSpec, _client
 from connectors.reach import Reach, Unreachable, open_connection
+from connectors.spec import Credentials
+from raytwin.ports import free_port
+from tests.fixtures_connectors import wait_for
 
 REBOUND = "broker.tenant.example"
 METADATA = "169.254.169.254"
@@ -62,3 +75,77 @@ def test_an_attempt_keeps_only_the_addresses_the_policy_allows(monkeypatch):
     assert len(Reach([REBOUND]).vetted(REBOUND, 1883)) == 2  # a listed name: the operator's DNS, any address
     with pytest.raises(Unreachable, match=rf"{METADATA} \(not among the hosts .*\); 10.20.0.7 \(not among"):
         Reach(["10.30.0.0/16"]).vetted(REBOUND, 1883)
+
+
+def mqtt_spec(port: int, **broker) -> MqttSpec:
+    """A tenant's MQTT connector whose broker is `REBOUND`."""
+    return MqttSpec.model_validate({
+        "name": "rebound", "tenant": "acme", "broker": {"host": REBOUND, "port": port, "reconnect_max_s": 1, **broker},
+        "routes": [{"topic": "plant/+/telemetry", "asset_level": 1,
+                    "payload": {"measurements": {"h1": {"field": "level", "unit": "mm"}}}}]})
+
+
+def certificate_for(name: str, directory: Path) -> ssl.SSLContext:
+    """A TLS server context whose self-signed certificate is for `name` (written to `directory`/cert.pem)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.now(UTC)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(1).not_valid_before(now - timedelta(days=1)).not_valid_after(now + timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    (directory / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (directory / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                          serialization.NoEncryption()))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(directory / "cert.pem", directory / "key.pem")
+    return context
+
+
+def test_mqtt_connects_to_the_vetted_address_and_verifies_tls_against_the_name(monkeypatch, listener, tmp_path):
+    """paho resolved the broker's name again for every (re)connect: checked at the declaration, the name could then
+    answer 169.254.169.254. The socket goes to the address vetted for this attempt; TLS (SNI and the certificate
+    check) still uses the name, so a certificate for the name, served on the vetted address, verifies."""
+    context, server_names = certificate_for(REBOUND, tmp_path), []
+    context.sni_callback = lambda sock, name, ctx: server_names.append(name)
+    port = listener.getsockname()[1]
+
+    def serve() -> None:
+        connection, _ = listener.accept()
+        with context.wrap_socket(connection, server_side=True) as tls:
+            tls.recv(1)  # the CONNECT packet: the handshake is done
+
+    threading.Thread(target=serve, daemon=True).start()
+    asked = answer(monkeypatch, "127.0.0.1", METADATA)
+    client = _client(mqtt_spec(port, tls={"ca_file": str(tmp_path / "cert.pem")}), Credentials(), persistent=True,
+                     reach=Reach(None))
+    client.connect(REBOUND, port)
+    try:
+        assert client.socket().getpeername() == ("127.0.0.1", port) and asked == [REBOUND]
+        assert server_names == [REBOUND]  # SNI: the name; the certificate for it verified on the vetted address
+        with pytest.raises(Unreachable, match=f"resolved to {METADATA} .link-local"):
+            client.reconnect()  # the next attempt: the name answers the metadata service now
+        assert asked == [REBOUND, REBOUND] and isinstance(client.connect_error, Unreachable)
+    finally:
+        client.disconnect()
+
+
+def test_a_refused_address_is_the_connectors_last_error_and_a_fixed_name_connects(monkeypatch, tmp_path):
+    """The refusal names host, address and why; the connector keeps retrying, so DNS answering an allowed
+    address again connects it."""
+    broker = Mosquitto(tmp_path, free_port())
+    broker.start()
+    answer(monkeypatch, METADATA, "127.0.0.1")
+    adapter = MQTT.adapter(mqtt_spec(broker.port), Credentials(), lambda inbound: None, lambda *ack: None,
+                           reach=Reach(None))
+    adapter.start()
+    try:
+        refused = wait_for(lambda: adapter.last_error, "the refused connection reported")
+        assert refused.startswith(f"refused to connect to broker {REBOUND}:{broker.port}: host {REBOUND!r} resolved "
+                                  f"to {METADATA} (link-local, which connectors may not reach): not connected")
+        assert refused.endswith("; retrying with backoff")
+        wait_for(adapter.connected, "connected once the name resolves to an allowed address")
+    finally:
+        adapter.stop()
+        broker.stop()
