@@ -5,6 +5,7 @@ answered by a stand-in for `socket.getaddrinfo`, connections go to a local liste
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import ssl
 import threading
@@ -20,10 +21,15 @@ from cryptography.x509.oid import NameOID
 
 from connectors.mosquitto import Mosquitto
 from connectors.mqtt import MQTT, MqttSpec, _client
+from connectors.opcua.config import OpcUaSpec
+from connectors.opcua.devserver import OpcUaServer
+from connectors.opcua.session import OpcUaSession
+from connectors.opcua.session import _Client as OpcUaClient
 from connectors.reach import Reach, Unreachable, open_connection
 from connectors.spec import Credentials
 from raytwin.ports import free_port
 from tests.fixtures_connectors import wait_for
+from tests.test_connectors_opcua import until
 
 REBOUND = "broker.tenant.example"
 METADATA = "169.254.169.254"
@@ -149,3 +155,51 @@ def test_a_refused_address_is_the_connectors_last_error_and_a_fixed_name_connect
     finally:
         adapter.stop()
         broker.stop()
+
+
+def test_opcua_connects_each_attempt_to_the_vetted_address_and_keeps_the_endpoint_name(monkeypatch):
+    """asyncua resolved the server's name again at every (re)connect; the socket goes to the vetted address while
+    the endpoint URL (hello, session) keeps the name."""
+    asked = answer(monkeypatch, "127.0.0.1", METADATA)
+    client = OpcUaClient(f"opc.tcp://{REBOUND}:4840/raytwin/")
+    client.reach, opened = Reach(None), []
+
+    async def connect_socket(host: str, port: int) -> None:
+        opened.append((host, port))
+
+    monkeypatch.setattr(client.uaclient, "connect_socket", connect_socket)
+    asyncio.run(client.connect_socket())
+    assert opened == [("127.0.0.1", 4840)] and client.server_url.hostname == REBOUND
+    with pytest.raises(Unreachable, match=f"resolved to {METADATA} .link-local"):
+        asyncio.run(client.connect_socket())  # the next attempt: the name answers the metadata service now
+    assert opened == [("127.0.0.1", 4840)] and asked == [REBOUND, REBOUND]
+
+
+def test_an_opcua_session_reports_a_refused_address_and_connects_once_the_name_is_fixed(monkeypatch):
+    server = OpcUaServer(free_port(), ["t.h1"], [], "u:p")
+    server.start()
+    answer(monkeypatch, METADATA, METADATA, "127.0.0.1")
+    spec = OpcUaSpec.model_validate({
+        "name": "rebound", "tenant": "acme", "endpoint": f"opc.tcp://{REBOUND}:{server.port}/raytwin/",
+        "backoff_initial_s": 0.2, "nodes": [{"node_id": "ns=2;s=t.h1", "asset_id": "t", "measurement": "h1",
+                                             "unit": "m"}]})
+
+    async def scenario() -> str:
+        session = OpcUaSession(spec, Credentials(username="u", password="p"), lambda inbound: None,
+                               reach=Reach(None))
+        run = asyncio.ensure_future(session.run())
+        try:
+            await until(lambda: session.last_error, "the refused connection reported")
+            refused = session.last_error
+            await until(session.connected, "connected once the name resolves to an allowed address")
+            return refused
+        finally:
+            session.stop()
+            await run
+
+    try:
+        refused = asyncio.run(scenario())
+    finally:
+        server.kill()
+    assert refused.startswith(f"Unreachable: host {REBOUND!r} resolved to {METADATA} (link-local, which connectors "
+                              "may not reach): not connected")

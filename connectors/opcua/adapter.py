@@ -16,6 +16,7 @@ from connectors.commands import Command
 from connectors.kinds import AckHandler, AssetTypes, ignore, unmeasured
 from connectors.opcua.config import OpcUaSpec
 from connectors.opcua.session import OpcUaSession
+from connectors.reach import Reach
 from connectors.sink import Inbound
 from connectors.spec import Credentials
 from raytwin import units
@@ -27,8 +28,10 @@ class OpcUaAdapter:
     """One OPC UA session in a daemon thread: monitored items into the pump, commands written to nodes."""
 
     def __init__(self, spec: OpcUaSpec, credentials: Credentials, put: Callable[[Inbound], None], on_ack: AckHandler,
-                 predecessor_seen: datetime | None = None, on_connected: Callable[[], None] = ignore):
+                 predecessor_seen: datetime | None = None, on_connected: Callable[[], None] = ignore,
+                 reach: Reach | None = None):
         self.spec, self.credentials, self.put, self.on_ack = spec, credentials, put, on_ack
+        self.reach = reach
         self.on_connected = on_connected
         self.predecessor_seen = predecessor_seen
         self._loop = asyncio.new_event_loop()
@@ -55,7 +58,7 @@ class OpcUaAdapter:
     def start(self) -> None:
         async def begin() -> None:
             self._session = OpcUaSession(self.spec, self.credentials, self.put, gap_since=self.predecessor_seen,
-                                         on_connected=self.on_connected)
+                                         on_connected=self.on_connected, reach=self.reach)
             self._run = asyncio.ensure_future(self._session.run())
         if self._session is None:
             self._call(begin())
@@ -114,8 +117,9 @@ class OpcUaKind:
 
     def adapter(self, spec: OpcUaSpec, credentials: Credentials,  # type: ignore[override]
                 put: Callable[[Inbound], None], on_ack: AckHandler, *,
-                predecessor_seen: datetime | None = None, on_connected: Callable[[], None] = ignore) -> OpcUaAdapter:
-        return OpcUaAdapter(spec, credentials, put, on_ack, predecessor_seen, on_connected)
+                predecessor_seen: datetime | None = None, on_connected: Callable[[], None] = ignore,
+                reach: Reach | None = None) -> OpcUaAdapter:
+        return OpcUaAdapter(spec, credentials, put, on_ack, predecessor_seen, on_connected, reach)
 
     def command_problem(self, spec: OpcUaSpec, asset_id: str, name: str,  # type: ignore[override]
                         value: dict[str, Any]) -> str | None:
@@ -124,7 +128,8 @@ class OpcUaKind:
         except LookupError as exc:
             return str(exc)
 
-    def end_session(self, spec: OpcUaSpec, credentials: Credentials) -> bool:  # type: ignore[override]
+    def end_session(self, spec: OpcUaSpec, credentials: Credentials,  # type: ignore[override]
+                    reach: Reach | None = None) -> bool:
         return True  # a server keeps nothing for a client that is gone
 
 

@@ -11,6 +11,9 @@ Why this shape:
   it, a resubscription after a loss or after a restart of the connector's process is reported as an error
   naming the gap (only each node's latest value arrives), so an operator learns of it from `last_error`
   instead of from a twin that skipped changes.
+- **Only where the reach policy allows.** A tenant's connector (`reach`) resolves the server's name once per
+  connection attempt and connects the socket to an address the policy allows (`connectors.reach`), never
+  resolving it again; the endpoint URL, which names the server in the session, stays the declared one.
 - **Bounded memory, no silent drops.** asyncua's publish loop must never block, so value changes are handed
   to the pump (`put`, which blocks when the pump is full) by one feeder task through a worker thread, in
   order. When `max_outstanding` changes are received and not yet durable, the subscription's publishing is
@@ -41,6 +44,7 @@ from connectors.kinds import ignore
 from connectors.mapping import DeadLetter
 from connectors.opcua.config import CommandNode, MappedNode, OpcUaSpec
 from connectors.opcua.values import source, to_row
+from connectors.reach import Reach
 from connectors.sink import Inbound
 from connectors.spec import Credentials
 from raytwin import metrics
@@ -51,6 +55,27 @@ OVERFLOW = 0x480
 """A DataValue status's info bits saying its monitored item's queue discarded values before it (InfoType
 DataValue, bit 10, with Overflow, bit 7: OPC UA Part 4, 7.39)."""
 """What a lost or refused connection raises (asyncua's status-code errors are `UaError`s)."""
+
+
+class _Client(Client):
+    """asyncua's client, connecting a tenant's connector only where its `reach` allows."""
+
+    reach: Reach | None = None  # None: the operator's connector, which reaches any host
+
+    async def connect_socket(self) -> None:
+        """With a `reach`, the server's name is resolved once for this attempt and the socket connected to an
+        address it allows: asyncua resolving it again could get another answer (DNS rebinding:
+        169.254.169.254). Every (re)connect comes here; the endpoint URL (hello, session) keeps the name."""
+        if self.reach is None:
+            return await super().connect_socket()
+        url = self.server_url
+        error: OSError | None = None
+        for info in await asyncio.to_thread(self.reach.vetted, url.hostname, url.port):
+            try:
+                return await self.uaclient.connect_socket(info[4][0], url.port)
+            except OSError as exc:  # (a timeout is one) the next vetted address, as a name's addresses are tried
+                error = exc
+        raise error
 
 
 class _Handler:
@@ -70,11 +95,14 @@ class OpcUaSession:
     """Runs one connector's OPC UA side in the current event loop until `stop()`."""
 
     def __init__(self, spec: OpcUaSpec, credentials: Credentials, put: Callable[[Inbound], None], *,
-                 gap_since: datetime | None = None, on_connected: Callable[[], None] = ignore):
+                 gap_since: datetime | None = None, on_connected: Callable[[], None] = ignore,
+                 reach: Reach | None = None):
         """`gap_since`: when an earlier process of this connector was last alive (its subscription ended then,
         give or take the connector's heartbeat), a gap to report at the first subscription without backfill;
-        `on_connected`: called (in a worker thread) at each subscription, before the session reports connected."""
+        `on_connected`: called (in a worker thread) at each subscription, before the session reports connected;
+        `reach`: where a tenant's connector may connect, checked at every connection attempt (None: anywhere)."""
         self.spec, self.credentials, self.put, self.on_connected = spec, credentials, put, on_connected
+        self.reach = reach
         self.errors, self.last_error, self.last_error_at = 0, None, None
         self._state = "starting"
         self.backpressure_pauses = 0
@@ -174,7 +202,8 @@ class OpcUaSession:
         # a server or host busy for a second would count as lost, and a reconnect loses the changes made
         # before the new subscription exists (seen under load in the `opcua` benchmark). A closed socket is
         # still noticed at once; a silent server within a request timeout, as any request.
-        client = Client(spec.endpoint, timeout=spec.request_timeout_s, watchdog_intervall=spec.request_timeout_s)
+        client = _Client(spec.endpoint, timeout=spec.request_timeout_s, watchdog_intervall=spec.request_timeout_s)
+        client.reach = self.reach
         client.session_timeout = int(spec.session_timeout_s * 1000)
         creds = self.credentials.revealed()
         if creds["username"] is not None:
