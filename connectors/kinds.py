@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from connectors.commands import Command
+from connectors.reach import Reach
 from connectors.sink import Inbound
 from connectors.spec import ConnectorSpec, Credentials
 from raytwin.contracts import AssetType
@@ -56,18 +57,21 @@ class Kind(Protocol):
 
     def adapter(self, spec: ConnectorSpec, credentials: Credentials, put: Callable[[Inbound], None],
                 on_ack: AckHandler, *, predecessor_seen: datetime | None = None,
-                on_connected: Callable[[], None] = ignore) -> Adapter:
+                on_connected: Callable[[], None] = ignore, reach: Reach | None = None) -> Adapter:
         """`predecessor_seen`: when an earlier process of this connector that had connected was last alive (None:
         none had), for protocols that lose what the source sends while no connector runs; `on_connected`: called
-        (from any thread) at each connection, before the adapter reports it connected."""
+        (from any thread) at each connection, before the adapter reports it connected; `reach`: the hosts a
+        tenant's connector may connect to, enforced at every connection attempt on the address connected to
+        (None: any, the operator's)."""
 
     def command_problem(self, spec: ConnectorSpec, asset_id: str, name: str, value: dict[str, Any]) -> str | None:
         """Why command `name` with `value` cannot go to `asset_id` through this connector, or None (checked
         when it is proposed: an approver must never approve what could not or must not be sent)."""
 
-    def end_session(self, spec: ConnectorSpec, credentials: Credentials) -> bool:
+    def end_session(self, spec: ConnectorSpec, credentials: Credentials, reach: Reach | None = None) -> bool:
         """For a deleted connector: discard what the source keeps for it (a broker's session and the messages
-        queued there, which whoever opened that session next would receive); False if it could not."""
+        queued there, which whoever opened that session next would receive), connecting only where `reach`
+        allows; False if it could not."""
 
 
 def unmeasured(where: str, measurement: str, asset_id: str | None, assets: AssetTypes) -> str | None:

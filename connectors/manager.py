@@ -19,6 +19,7 @@ import ray
 from actors.ingest import ShardRouter
 from connectors.commands import Command, CommandError, CommandLedger, CommandStatus
 from connectors.kinds import AssetTypes, kind_of, parse_spec
+from connectors.reach import Reach
 from connectors.runtime import ConnectorActor, ConnectorStatus, actor_name
 from connectors.spec import ConnectorSpec, ConnectorStore, Credentials, UnknownConnector
 from raytwin.contracts import AssetType
@@ -47,6 +48,11 @@ class ConnectorDown(RuntimeError):
         return (type(self), (self.name, self.why, self.since))
 
 
+def anywhere(tenant: str, name: str) -> Reach | None:
+    """No reach policy: the connector connects to any host (the operator's, the CLI's and tests' own)."""
+    return None
+
+
 def _died_because(exc: BaseException) -> str:
     """The last line of an actor's death: its constructor's exception (Ray puts the traceback before it)."""
     return next((line.strip() for line in reversed(str(exc).splitlines()) if line.strip()), type(exc).__name__)
@@ -55,9 +61,11 @@ def _died_because(exc: BaseException) -> str:
 class Connectors:
     """Create, pause, resume, inspect and delete connectors feeding the twins behind `router`."""
 
-    def __init__(self, router: ShardRouter, assets: Any = None):
-        """`assets(tenant) -> list[str]`: the tenant's registered twins (e.g. `TwinService.assets`)."""
-        self.router, self._assets = router, assets
+    def __init__(self, router: ShardRouter, assets: Any = None,
+                 reach: Callable[[str, str], Reach | None] = anywhere):
+        """`assets(tenant) -> list[str]`: the tenant's registered twins (e.g. `TwinService.assets`); `reach(tenant,
+        name)`: the hosts a connector may connect to, enforced by its process at every connection attempt."""
+        self.router, self._assets, self._reach = router, assets, reach
         self.store = ConnectorStore(router.store_url, router.storage_options)
         self.twins = StateStore(router.store_url, router.storage_options)
         self.ledger = CommandLedger(router.store_url, router.storage_options)
@@ -107,7 +115,7 @@ class Connectors:
         self.store.spec_json(tenant, name)  # UnknownConnector if not declared
         return ConnectorActor.options(name=actor_name(tenant, name), namespace=self.router.namespace,
                                       get_if_exists=True, lifetime="detached").remote(
-            self.router.store_url, self.router, tenant, name, self.router.storage_options)
+            self.router.store_url, self.router, tenant, name, self.router.storage_options, self._reach(tenant, name))
 
     def _kill(self, tenant: str, name: str) -> None:
         try:
@@ -168,7 +176,7 @@ class Connectors:
         spec = self.spec(tenant, name)
         credentials = self.store.credentials(tenant, name)
         self._kill(tenant, name)
-        ended = kind_of(spec.kind).end_session(spec, credentials)
+        ended = kind_of(spec.kind).end_session(spec, credentials, self._reach(tenant, name))
         self.store.delete(tenant, name)
         self._down.pop((tenant, name), None)
         if (key := spec.session_key()) and ended:

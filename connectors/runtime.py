@@ -22,6 +22,7 @@ from actors.ingest import ShardRouter
 from connectors.commands import Command, CommandLedger, CommandStatus, Refused, Unconfirmed
 from connectors.kinds import kind_of, parse_spec
 from connectors.pump import Pump
+from connectors.reach import Reach
 from connectors.sink import TwinSink
 from connectors.spec import ConnectorStore, Desired
 from raytwin import metrics
@@ -70,7 +71,9 @@ class ConnectorRuntime:
     """The actor's body (a plain class, so it can also run in-process)."""
 
     def __init__(self, store_url: str, router: ShardRouter, tenant: str, name: str,
-                 storage_options: dict[str, Any] | None = None):
+                 storage_options: dict[str, Any] | None = None, reach: Reach | None = None):
+        """`reach`: the hosts a tenant's connector may connect to, checked at every connection attempt (None: any,
+        the operator's); an argument, so a restart of the actor by Ray keeps it."""
         component_logging()
         store = ConnectorStore(store_url, storage_options)
         self.store, self.tenant, self.name = store, tenant, name
@@ -93,7 +96,7 @@ class ConnectorRuntime:
         store.mark_alive(tenant, name, datetime.now(UTC), self._connected_once)
         self.adapter = kind_of(self.spec.kind).adapter(self.spec, store.credentials(tenant, name), self.pump.put,
                                                        self._on_ack, predecessor_seen=predecessor_seen,
-                                                       on_connected=self._on_connected)
+                                                       on_connected=self._on_connected, reach=reach)
         self.desired = store.desired(tenant, name)
         metrics.CONNECTOR_CONNECTED.set(0.0, connector=self.pump.name)  # a series from the start
         if self.desired is Desired.running:

@@ -64,9 +64,9 @@ class ConnectorOps:
 
     def __init__(self, twins: TwinService, declared: list[dict[str, Any]], tls_dir: str | None = None,
                  hosts: list[str] | None = None):
-        self.connectors = Connectors(twins.router, twins.assets)
         self.tls_dir, self.reach = tls_dir, Reach(hosts)
         self.operators = {(d.get("tenant"), d.get("name")) for d in declared}  # declared in the service config
+        self.connectors = Connectors(twins.router, twins.assets, self._reach_of)
         for declaration in declared:
             try:
                 self._declare(declaration)
@@ -74,12 +74,17 @@ class ConnectorOps:
                 log.exception("event=connector_declaration_failed connector=%r", declaration.get("name"))
         self.connectors.start_declared(self._refusal)  # those created through the API before a restart, too
 
+    def _reach_of(self, tenant: str, name: str) -> Reach | None:
+        """The policy a connector runs under, its process checking it at every connection attempt (a name can
+        resolve elsewhere after it was checked here); the operator's own (config) reach any host."""
+        return None if (tenant, name) in self.operators else self.reach
+
     def _refusal(self, spec: ConnectorSpec) -> str | None:
         """Why a stored connector of a tenant may not run under this service's policy (its host list may
-        have been set or narrowed since it was created); the operator's own (config) run anywhere."""
-        if (spec.tenant, spec.name) in self.operators or (host := spec.source_host()) is None:
+        have been set or narrowed since it was created)."""
+        if (reach := self._reach_of(spec.tenant, spec.name)) is None or (host := spec.source_host()) is None:
             return None
-        return self.reach.refusal(host)
+        return reach.refusal(host)
 
     def _declare(self, declaration: dict[str, Any]) -> None:
         missing = missing_credentials(declaration)

@@ -949,5 +949,13 @@ def test_a_host_list_set_after_a_connector_was_created_stops_it_at_the_next_star
     with pytest.raises(ValueError):
         ray.get_actor(actor_name("acme", "probe"), namespace=twins.router.namespace)  # not left running
     wait_for(lambda: ops.connectors.status("acme", "ops").connected, "the operator's connector is connected")
-    for name in ("probe", "ops"):
+    # a tenant's connector whose name passed the check and resolves elsewhere since (DNS rebinding, here skipped
+    # by storing it past the check): its process refuses the address at every connection attempt
+    ops.connectors.create(plant_spec(broker.port, name="rebound", routes=[{"topic": "rebound/+/t", "asset_level": 1,
+                                                                           "payload": PAYLOAD}]))
+    refused = wait_for(lambda: ops.connectors.status("acme", "rebound").last_error, "the refused connection reported")
+    assert refused.startswith(f"refused to connect to broker 127.0.0.1:{broker.port}: host '127.0.0.1' resolved to "
+                              "127.0.0.1 (not among the hosts this service lets connectors reach")
+    assert not ops.connectors.status("acme", "rebound").connected
+    for name in ("probe", "ops", "rebound"):
         ops.connectors.delete("acme", name)
