@@ -191,7 +191,9 @@ class Connectors:
         connectors run without anyone asking for them, a paused one stays paused); how many it asked for.
         A declaration whose actor cannot be created is logged, not fatal: the others still start. One that
         `refuse` gives a reason for (a policy that changed since it was declared) is not started: it is
-        listed as down with that reason until it is declared again or deleted."""
+        listed as down with that reason until it is declared again or deleted. A running actor that enforces
+        another reach policy than the current one (started before the operator changed it, or by a version
+        that checked no address at connect time) is restarted under the current one."""
         started = 0
         for tenant in self.store.tenants():
             for name in self.names(tenant):
@@ -204,11 +206,24 @@ class Connectors:
                         continue
                     if key := spec.session_key():  # declarations of older versions: claimed now
                         self.store.claim(key, tenant, name)
+                    if self._other_policy(tenant, name):
+                        self._kill(tenant, name)
                     self._actor(tenant, name)
                     started += 1
                 except Exception:  # noqa: BLE001 - one broken declaration must not keep the service down
                     log.exception("event=connector_start_failed tenant=%s connector=%s", tenant, name)
         return started
+
+    def _other_policy(self, tenant: str, name: str) -> bool:
+        """Whether the connector's running actor, if any, enforces another reach policy than `self._reach`'s."""
+        try:
+            handle = ray.get_actor(actor_name(tenant, name), namespace=self.router.namespace)
+        except ValueError:
+            return False  # none runs
+        try:
+            return ray.get(handle.reach.remote(), timeout=30) != self._reach(tenant, name)
+        except (AttributeError, ray.exceptions.RayError):  # an older version's actor (no `reach`), or a dying one
+            return True
 
     def stop_all(self, tenant: str) -> None:
         """Stop the tenant's connector actors (declarations stay; `handle` starts them again)."""

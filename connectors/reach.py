@@ -33,6 +33,10 @@ class Reach:
         self.names = None if hosts is None else {h.lower() for h in hosts if not _network(h)}
         self.networks = [n for h in hosts or () if (n := _network(h))]
 
+    def __eq__(self, other: object) -> bool:
+        """The same policy (a running connector's against the service's current one)."""
+        return isinstance(other, Reach) and (self.names, self.networks) == (other.names, other.networks)
+
     def refusal(self, host: str) -> str | None:
         """Why `host` may not be reached, or None. Names are resolved now: a listed name is reachable
         whatever it resolves to; an unlisted one by the addresses it has."""

@@ -75,6 +75,7 @@ class ConnectorRuntime:
         """`reach`: the hosts a tenant's connector may connect to, checked at every connection attempt (None: any,
         the operator's); an argument, so a restart of the actor by Ray keeps it."""
         component_logging()
+        self._reach = reach
         store = ConnectorStore(store_url, storage_options)
         self.store, self.tenant, self.name = store, tenant, name
         self.spec = parse_spec(store.spec_json(tenant, name))
@@ -106,6 +107,10 @@ class ConnectorRuntime:
         self._ticker.start()
         log.info("event=connector_started tenant=%s connector=%s kind=%s state=%s", tenant, name, self.spec.kind,
                  self.desired.value)
+
+    def reach(self) -> Reach | None:
+        """The policy this process enforces (`Connectors.start_declared` restarts one started under another)."""
+        return self._reach
 
     def pause(self) -> ConnectorStatus:
         """Stop receiving (the source keeps what arrives meanwhile: a persistent session, a subscription)."""

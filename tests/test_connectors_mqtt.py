@@ -931,6 +931,26 @@ def test_cli_checks_declarations_and_manages_connectors_through_the_api(api, bro
         thread.join(timeout=10)
 
 
+def test_a_connector_running_under_another_reach_policy_is_restarted_under_the_current_one(twins, connectors,
+                                                                                           broker):
+    """An actor keeps the policy it was started with (an argument): one started before the operator changed
+    `connector_hosts`, or by a version that checked no address at connect time, would run on under that. (Before
+    the last test: it restarts the running connectors.)"""
+    from connectors.reach import Reach
+    from serve_apps.connector_ops import ConnectorOps
+
+    connectors.create(plant_spec(broker.port, name="older", routes=[{"topic": "older/+/t", "asset_level": 1,
+                                                                     "payload": PAYLOAD}]))  # (no policy)
+    started = ray.get_actor(actor_name("acme", "older"), namespace=twins.router.namespace)
+    ops = ConnectorOps(twins, [], hosts=["127.0.0.0/8"])  # a backend started with a list
+    current = ray.get_actor(actor_name("acme", "older"), namespace=twins.router.namespace)
+    assert current._actor_id != started._actor_id and ray.get(current.reach.remote()) == Reach(["127.0.0.0/8"])
+    ConnectorOps(twins, [], hosts=["127.0.0.0/8"])  # another replica, the same policy: nothing restarted
+    assert ray.get_actor(actor_name("acme", "older"), namespace=twins.router.namespace)._actor_id == current._actor_id
+    wait_for(lambda: ops.connectors.status("acme", "older").connected, "connected under the current policy")
+    ops.connectors.delete("acme", "older")
+
+
 def test_a_host_list_set_after_a_connector_was_created_stops_it_at_the_next_start(twins, connectors, broker):
     """`connector_hosts` set (or narrowed) by an operator who learned of a probing tenant: a restarted backend
     does not start that tenant's stored connectors to unlisted hosts (they ran on), nor keeps them running;
