@@ -89,7 +89,8 @@ class ServeConfig(BaseModel):
         None, description="Hosts that connectors created through the API may connect to: names, addresses or "
         "networks (`broker.plant.example`, `10.20.0.0/16`); None: any but link-local ones (169.254.0.0/16, "
         "fe80::/10: cloud metadata services). A tenant's connector is a TCP client inside your network: list "
-        "the brokers and servers it may reach. Declared connectors (`connectors`) reach any host.")
+        "the brokers and servers it may reach. Names are checked again at every connection, on the address "
+        "connected to. Declared connectors (`connectors`) reach any host.")
     autoscaling: Autoscaling = Field(default_factory=Autoscaling)
     admission: Admission = Field(default_factory=Admission)
 
