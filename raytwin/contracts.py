@@ -160,7 +160,8 @@ DEFAULT_TELEMETRY_POLICY: TelemetryPolicy = "accept"
 class AssetType(Contract):
     """A kind of asset: its variables with units, its parameters with bounds, its simulator (a model
     name declared in the ``raytwin.models`` entry-point group, an import path ``package.module:MODEL``,
-    or a stored FMU's URL ``<store>/fmus/<sha256>.fmu``)."""
+    or a stored FMU's URL ``<store>/fmus/<sha256>.fmu``). Its units are its simulator's (a twin's values
+    are its model's numbers); telemetry in another unit of the same dimension is converted on ingest."""
 
     schema_version: Literal[1] = SCHEMA_VERSION
     name: Identifier
@@ -199,8 +200,13 @@ class AssetType(Contract):
             if set(declared) != set(names):
                 raise ValueError(f"{kind} {sorted(declared)} do not match simulator {model.name}: {names}")
             for v in expected:
-                if units.canonical(declared[v.name].unit) != units.canonical(v.unit):
-                    raise ValueError(f"{kind}.{v.name}: unit {declared[v.name].unit!r} is not {v.unit!r}")
+                unit = declared[v.name].unit
+                if units.canonical(unit) != units.canonical(v.unit):
+                    raise ValueError(f"{kind}.{v.name}: unit {unit!r} is not {v.unit!r}")
+                if not units.same_unit(unit, v.unit):  # a twin's values are its model's numbers, never converted
+                    raise ValueError(f"{kind}.{v.name}: unit {unit!r} is not the simulator's {v.unit!r}: an asset "
+                                     f"type declares the units its model computes in; declare {v.unit!r} (telemetry "
+                                     f"in {unit!r} is converted on ingest, each value naming its unit)")
             # keep the simulator's variable order, whatever order the data came in; a variable's
             # plausible range defaults to the simulator's
             if kind == "parameters":

@@ -167,6 +167,13 @@ def canonical(unit: str) -> str:
     return _format(dimension(unit))
 
 
+def same_unit(a: str, b: str) -> bool:
+    """Whether `a` and `b` are one unit spelled two ways (``J`` and ``N*m``), not merely of one dimension
+    (``degC`` and ``K``: values need converting)."""
+    da, db = unit_def(a), unit_def(b)
+    return dimension(a) == dimension(b) and math.isclose(da.scale, db.scale, rel_tol=1e-12) and da.offset == db.offset
+
+
 def to_unit(value: float, unit: str, target: str) -> float:
     """Convert `value` from `unit` to `target`, refusing incompatible dimensions."""
     src, dst = unit_def(unit), unit_def(target)

@@ -20,7 +20,7 @@ from raytwin.contracts import (
     normalize_measurements,
 )
 from raytwin.sim import BATTERY_ECM, THERMAL_RC
-from raytwin.units import UnitError, canonical, to_unit
+from raytwin.units import UnitError, canonical, same_unit, to_unit
 
 THERMAL = AssetType.from_model(THERMAL_RC)
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
@@ -193,10 +193,10 @@ def test_asset_type_variables_carry_plausible_ranges_from_the_simulator_in_decla
     at = AssetType.from_model(THERMAL_RC)
     assert at.states["T_in"].lower == THERMAL_RC.states[0].lower
     data = at.model_dump(mode="json")
-    data["states"]["T_in"] = {"unit": "degC"}  # range left out: the simulator's, converted
+    data["states"]["T_in"] = {"unit": "K"}  # range left out: the simulator's
     data["states"]["T_m"] = {"unit": "K", "lower": 250.0}  # narrowed by the asset type
     typed = AssetType.model_validate(data)
-    assert typed.states["T_in"].lower == pytest.approx(THERMAL_RC.states[0].lower - 273.15)
+    assert typed.states["T_in"].lower == THERMAL_RC.states[0].lower
     assert (typed.states["T_m"].lower, typed.states["T_m"].upper) == (250.0, THERMAL_RC.states[1].upper)
     assert typed.states["T_m"].outside(249.0) and not typed.states["T_m"].outside(300.0)
     assert typed.states["T_m"].outside(float("nan"))
@@ -261,3 +261,16 @@ def test_telemetry_times_are_rfc3339_date_times_not_unix_seconds(when):
     row = {"asset_id": "a", "event_time": when, "sequence": 1, "measurements": {"T_in": {"value": 1.0, "unit": "K"}}}
     with pytest.raises(ValidationError, match="RFC 3339"):
         TelemetryEvent.model_validate(row)
+
+
+def test_an_asset_type_declares_its_simulators_units_not_others_of_their_dimension():
+    """A type declaring degC for a model computing in K (deg for rad, kW for W) was accepted: telemetry was
+    converted to degC and fed to the model as kelvins, and states, scenarios and initial states were read in
+    the model's unit under the declared one's name (a pendulum's NIS 399,606 instead of 0.69)."""
+    data = AssetType.from_model(THERMAL_RC).model_dump(mode="json")
+    for kind, name, unit, simulators in (("states", "T_in", "degC", "K"), ("inputs", "Q_h", "kW", "W")):
+        wrong = {**data, kind: {**data[kind], name: {"unit": unit}}}
+        with pytest.raises(ValidationError, match=f"{kind}.{name}: unit '{unit}' is not the simulator's "
+                                                  f"'{simulators}'.*converted on ingest"):
+            AssetType.model_validate(wrong)
+    assert same_unit("J", "J") and not same_unit("degC", "K") and not same_unit("deg", "rad")
