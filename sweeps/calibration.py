@@ -462,12 +462,14 @@ def _std_and_correlation(problem: Problem, cov: np.ndarray) -> tuple[np.ndarray,
     cov = 0.5 * (cov + cov.T)
     var = np.diag(cov)
     finite = np.all(np.isfinite(cov))
-    if not finite or np.any(var <= 0):
-        _refuse_unidentified(problem, cov if finite else None)
+    if not finite or np.any(var <= 0):  # the unseen direction: the covariance's smallest eigenvalue (0 where a
+        # pseudo-inverse cut it, negative from an inverted singular Hessian)
+        _refuse_unidentified(problem, np.linalg.eigh(cov)[1][:, 0] if finite else None)
     rel_std = np.sqrt(var)
     corr = cov / np.outer(rel_std, rel_std)
-    if np.linalg.eigvalsh(corr)[0] < COLLINEAR_EIGENVALUE:
-        _refuse_unidentified(problem, cov)
+    values, vectors = np.linalg.eigh(corr)  # scale-free: no parameter's units decide the direction
+    if values[0] < COLLINEAR_EIGENVALUE:
+        _refuse_unidentified(problem, vectors[:, 0])
     return rel_std, corr
 
 
@@ -475,14 +477,14 @@ class Unidentified(CalibrationError):
     """The telemetry does not identify some free parameters (their covariance is singular)."""
 
 
-def _refuse_unidentified(problem: Problem, cov: np.ndarray | None) -> None:
-    """`CalibrationError` naming the parameters along the direction the data do not see: the weakest one of
-    the information (the covariance's pseudo-inverse), or every free parameter when the covariance is not
-    even finite."""
+def _refuse_unidentified(problem: Problem, direction: np.ndarray | None) -> None:
+    """`CalibrationError` naming the parameters along `direction`, the one in (log-)parameter space the data
+    do not see, or every free parameter when it is not known (a covariance that is not even finite). Not
+    from the information matrix as the covariance's pseudo-inverse: that cuts the covariance's smallest
+    eigenvalues, the best-identified directions, and named a well-identified parameter."""
     names = list(problem.free_names)
-    if cov is not None:
-        _, vectors = np.linalg.eigh(np.linalg.pinv(cov, hermitian=True))
-        weights = np.abs(vectors[:, 0])
+    if direction is not None:
+        weights = np.abs(direction)
         names = [n for n, w in zip(names, weights) if w >= 0.3 * weights.max()]
     if len(names) == 1:
         fix = "fix it (`parameters`) or add telemetry that moves it"

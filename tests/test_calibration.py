@@ -194,3 +194,22 @@ def test_the_refusal_names_only_the_parameters_the_data_do_not_see():
     rel_std, corr = _std_and_correlation(problem, np.linalg.inv(np.diag([4.0, 2.0, 1.0])))
     np.testing.assert_allclose(rel_std, [0.5, 2 ** -0.5, 1.0])
     np.testing.assert_allclose(corr, np.eye(3), atol=1e-15)
+
+
+@pytest.mark.parametrize("inverse", ["pinv", "inv"])
+def test_an_unidentified_pair_is_named_not_the_best_identified_parameter(inverse):
+    """A pendulum's damping c and mass m enter as c/m: the data see log c - log m, not log c + log m, while
+    L is well identified. The refusal read the unseen direction off the covariance's pseudo-inverse, which
+    cuts the covariance's smallest eigenvalues (the best-identified directions), and named L."""
+    from types import SimpleNamespace
+
+    from sweeps.calibration import Unidentified, _std_and_correlation
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=200), rng.normal(size=200)
+    jac = np.column_stack([-a, 50.0 * b, a + 1e-9 * rng.normal(size=200)])  # d/dlog m, d/dlog L, d/dlog c
+    info = jac.T @ jac
+    cov = np.linalg.pinv(info) if inverse == "pinv" else np.linalg.inv(info)
+    problem = SimpleNamespace(free_names=("m", "L", "c"), simulator="pendulum")
+    with pytest.raises(Unidentified, match=r"does not identify m, c of pendulum"):
+        _std_and_correlation(problem, 1e-4 * cov)
