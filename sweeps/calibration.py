@@ -68,6 +68,11 @@ class CalibrationError(ValueError):
     """Calibration input that cannot work (unknown names, unusable telemetry, missing searcher)."""
 
 
+class FitRefused(CalibrationError):
+    """A fit that ran and whose result is refused (it ended on a declared bound, or the data do not identify
+    its parameters): the spec was valid, the data decided; no result is written."""
+
+
 class CalibrationSpec(Contract):
     """What to fit, to which data, and how to search (see module docstring)."""
 
@@ -444,7 +449,7 @@ def _refuse_fit_on_bounds(problem: Problem, theta_log: np.ndarray) -> None:
             for name, t, a, b in zip(problem.free_names, theta_log, lo, hi)
             if min(abs(t - a), abs(t - b)) <= BOUND_TOLERANCE]
     if hits:
-        raise CalibrationError(f"the fit of {problem.simulator} reached declared bounds: {'; '.join(hits)}; "
+        raise FitRefused(f"the fit of {problem.simulator} reached declared bounds: {'; '.join(hits)}; "
                                "the data want a value outside them: widen the model's bounds if such a value is "
                                "plausible, else check the telemetry, start_state and fixed parameters")
 
@@ -473,7 +478,7 @@ def _std_and_correlation(problem: Problem, cov: np.ndarray) -> tuple[np.ndarray,
     return rel_std, corr
 
 
-class Unidentified(CalibrationError):
+class Unidentified(FitRefused):
     """The telemetry does not identify some free parameters (their covariance is singular)."""
 
 

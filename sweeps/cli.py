@@ -53,6 +53,18 @@ def _recorded(run: Callable[[], T], *refused: type[Exception]) -> T:
         raise typer.BadParameter(str(exc)) from None
 
 
+def _unless_refused(run: Callable[[], T]) -> T:
+    """`run()`; a fit the data refused (`sweeps.calibration.FitRefused`: it ran, on a valid spec) is no usage
+    error: one line, exit 1."""
+    from sweeps.calibration import FitRefused
+
+    try:
+        return run()
+    except FitRefused as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
 class RunTerminated(SystemExit):
     """SIGTERM (a scheduler's kill, `timeout`) during a run: the run record's error says so (`sweeps.runs`
     records the exception's text), and the process exits 143 (128 + SIGTERM), as one killed by it would."""
@@ -239,14 +251,15 @@ def calibrate_run(
         parsed = parsed.model_copy(update={"telemetry": str(Path(parsed.telemetry).resolve())})
     if isinstance(parsed, FmuCalibrationSpec):
         with _sigterm_recorded():
-            record = _recorded(lambda: recorded_fmu_calibration(parsed, runs=runs), FmuSpecError, CalibrationError)
+            record = _recorded(lambda: _unless_refused(lambda: recorded_fmu_calibration(parsed, runs=runs)),
+                               FmuSpecError, CalibrationError)
         s = record.summary
         typer.echo(f"run {record.run_id}: loss {s['loss']:.4g} after {s['evaluations']} FMU runs -> {record.output_url}")
         for name, value in s["parameters"].items():
             typer.echo(f"  {name} = {value:.6g}")
         return
     with _sigterm_recorded():
-        record = _recorded(lambda: recorded_calibration(parsed, runs=runs), CalibrationError)
+        record = _recorded(lambda: _unless_refused(lambda: recorded_calibration(parsed, runs=runs)), CalibrationError)
     typer.echo(f"run {record.run_id}: weighted RMSE {record.summary['weighted_rmse']:.4g} -> {record.output_url}")
     for name, rel in record.summary["rel_std"].items():
         typer.echo(f"  {name} = {record.summary['parameters'][name]:.6g} (+- {100 * rel:.2g}%)")

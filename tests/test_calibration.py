@@ -164,6 +164,16 @@ def test_parameters_the_data_cannot_tell_apart_are_refused_not_reported_with_zer
                                                r"changing them together leaves the outputs \(almost\) unchanged"):
         calibrate(spec, str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+    if uncertainty == "least_squares":  # the CLI: a fit the data refused, not a usage error (it printed one)
+        from typer.testing import CliRunner
+
+        from raytwin.cli import app
+
+        (tmp_path / "spec.json").write_text(spec.model_dump_json())
+        result = CliRunner().invoke(app, ["calibrate", "run", str(tmp_path / "spec.json"), "--runs",
+                                          str(tmp_path / "runs")])
+        assert result.exit_code == 1 and "error: the telemetry does not identify" in result.output, result.output
+        assert "Usage" not in result.output
 
 
 def test_the_result_records_each_outputs_sigma_and_which_were_assumed(ray_session, tmp_path):
