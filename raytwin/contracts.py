@@ -347,13 +347,18 @@ def normalize_measurements(event: TelemetryEvent, asset_type: AssetType) -> dict
 
 
 # ---------------------------------------------------------------------------- scenarios ----
+START_TIME = ("with start_state 'live': the twin's state at this time (clock signals start at the state's time); "
+              "with an explicit start_state: the wall-clock time of t = 0, where clock signals start (default: a "
+              "Monday 00:00 UTC)")
+
+
 class Scenario(Contract):
     """A what-if run: from a start state (or the twin's live state) under given inputs."""
 
     schema_version: Literal[1] = SCHEMA_VERSION
     asset_id: Identifier
     start_state: Literal["live"] | dict[str, Finite] = "live"
-    start_time: DateTime | None = None
+    start_time: DateTime | None = Field(None, description=START_TIME)
     horizon_s: Annotated[Finite, Field(gt=0)]
     step_s: Annotated[Finite, Field(gt=0)]
     inputs: dict[str, OpenLoopSignal] = Field(

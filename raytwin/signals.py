@@ -55,8 +55,9 @@ CLOCK_INPUT = "clock_s"
 
 
 def _clock(sig: Any, ip: Params, period: Any, xp: Any) -> Any:
-    """Seconds on the clock at the run's t = 0 for `sig`, reduced by its period (so float32 keeps its
-    precision); 0 for a signal that does not follow the clock."""
+    """Seconds on the clock at the run's t = 0 for `sig`, reduced by its period; 0 for a signal that does not
+    follow the clock. In float32 the clock itself holds ~0.03 s within a week (a daily signal up to ~30 ms late:
+    a phase error of ~4e-7 of its period)."""
     if not getattr(sig, "clock", False) or CLOCK_INPUT not in ip:
         return 0.0
     return xp.mod(ip[CLOCK_INPUT], period)

@@ -140,7 +140,8 @@ async def _model_and_state(svc: Services, who: Principal, asset_id: str, live: b
     """The model the twin runs (at `at`, for a run from then) and, for runs from "live", the twin's state and
     its time (its last event's; a twin without events: `at`, or now), where the run's clock signals start:
     a promotion or rollback swaps the twin's model, while the catalog's asset keeps its type version, and
-    a state estimated by one model must not be propagated by another."""
+    a state estimated by one model must not be propagated by another. From an explicit state, the model the
+    twin runs now, and the clock starts at `at` (None: a Monday 00:00 UTC)."""
     twin = await svc.twins.state(who.tenant, asset_id, at if live else None)
     if live and twin.get("stale"):  # its last snapshot (or prior) would pass for the live state
         raise TwinUnavailable(f"the shard of twin {asset_id} is restarting or not answering, so its live state is "
@@ -149,7 +150,7 @@ async def _model_and_state(svc: Services, who: Principal, asset_id: str, live: b
                               headers={"Retry-After": str(RETRY_AFTER_S)})
     _, artifact = await svc.backend.call("model_of", who.tenant, asset_id, twin["model_ref"])
     if not live:
-        return artifact, None, None
+        return artifact, None, at
     when = datetime.fromisoformat(twin["event_time"]) if twin.get("event_time") else at or datetime.now(UTC)
     return artifact, twin["state"], when
 

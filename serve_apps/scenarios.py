@@ -27,6 +27,7 @@ from pydantic import Field, ValidationError
 
 from raytwin import metrics
 from raytwin.contracts import (
+    START_TIME,
     Contract,
     ContractError,
     DateTime,
@@ -169,7 +170,7 @@ class AssetSweep(Contract):
 
     asset_id: Identifier
     start_state: Literal["live"] | dict[str, Finite] = "live"
-    start_time: DateTime | None = Field(None, description="with start_state 'live': the twin's state at this time")
+    start_time: DateTime | None = Field(None, description=START_TIME)
     horizon_s: Annotated[Finite, Field(gt=0)]
     step_s: Annotated[Finite, Field(gt=0)]
     inputs: dict[str, Finite] = Field(default_factory=dict, description="input-signal parameters of the sweep kit")

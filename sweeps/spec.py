@@ -127,7 +127,8 @@ class SweepSpec(ModelStart):
                              "use a longer step_s or a shorter horizon_s (or, outside the HTTP API, dtype "
                              "float64)")
         if self.start_time is not None and any(d.name == CLOCK_INPUT for d in self.space.dimensions):
-            raise ValueError(f"a dimension sweeps {CLOCK_INPUT} and start_time sets it: give one of them")
+            raise ValueError(f"a dimension sweeps {CLOCK_INPUT} and start_time sets it (a run from a twin's live "
+                             "state starts at its state's time; sweep the start hour from an explicit start_state)")
         if "@" not in self.model:
             self.check_against(self.model)
         bad = [i for i in self.trajectories if i >= self.space.size]
