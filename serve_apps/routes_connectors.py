@@ -69,7 +69,8 @@ async def get_connector(name: str, who: Principal = READER, svc: Services = SVC)
 async def connector_dead_letter_log(name: str, day: str | None = DAY, limit: Limit = 1000, who: Principal = READER,
                                     svc: Services = SVC) -> Any:
     """The connector's most recent dead letters (of one UTC day if given), oldest first: messages that did not
-    become telemetry, with the source they came from and why, and the message as received."""
+    become telemetry, with the source they came from and why, and what was refused (the message as received, or
+    the reading as mapped when the data contract refused it)."""
     await svc.backend.call("connector", "view", who.tenant, name)  # 404: not this tenant's connector
     store = StateStore(svc.config.url("twins"), svc.config.storage_options or None)
     return await run_in_threadpool(connector_dead_letters, store, who.tenant, name, day, limit)

@@ -144,7 +144,9 @@ class DeadLetter(BaseModel):
     asset_id: str | None
     idempotency_key: str | None
     reason: str = Field(description="Led by the source it came from (`mqtt://NAME/topic`, `opcua://NAME/node`)")
-    raw: str = Field(description="The message as received (bytes that are not UTF-8 as `\\x..` escapes)")
+    raw: str = Field(description="What was refused: the message (or its reading) as received where the mapping could "
+                                 "not read it (bytes that are not UTF-8 as `\\x..` escapes); the reading as mapped "
+                                 "(names, values, units, times) where the data contract refused it")
     dead_lettered_at: datetime
 
 
