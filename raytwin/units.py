@@ -174,10 +174,17 @@ def same_unit(a: str, b: str) -> bool:
     return dimension(a) == dimension(b) and math.isclose(da.scale, db.scale, rel_tol=1e-12) and da.offset == db.offset
 
 
+def _dimension_text(unit: str) -> str:
+    """`unit`'s dimension for a message: ``kg*m^2/s``, or "dimensionless (an angle, a ratio)"."""
+    text = canonical(unit)
+    return "dimensionless (an angle, a ratio)" if text == "1" else text
+
+
 def to_unit(value: float, unit: str, target: str) -> float:
     """Convert `value` from `unit` to `target`, refusing incompatible dimensions."""
     src, dst = unit_def(unit), unit_def(target)
     if dimension(unit) != dimension(target):
-        raise UnitError(f"cannot convert {unit!r} to {target!r}: {canonical(unit)} is not {canonical(target)}")
+        raise UnitError(f"cannot convert {unit!r} to {target!r}: {_dimension_text(unit)} is not "
+                        f"{_dimension_text(target)}")
     si = value * src.scale + src.offset
     return (si - dst.offset) / dst.scale
