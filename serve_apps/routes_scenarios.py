@@ -52,7 +52,7 @@ def register(app: FastAPI) -> None:
         model = get_model(prepared.simulator)
         return ScenarioRun(
             model_ref=artifact.ref, content_hash=artifact.content_hash, n_steps=prepared.n_steps,
-            step_s=prepared.step_s, start_state=dict(zip(model.state_names, prepared.x0.tolist())),
+            step_s=prepared.step_s, start_state=dict(zip(model.state_names, prepared.x0.tolist())), start_time=clock,
             times_s=(prepared.step_s * np.arange(prepared.n_steps + 1)).tolist(),
             states={n: result.states[:, j].tolist() for j, n in enumerate(model.state_names)},
             outputs={n: result.outputs[:, j].tolist() for j, n in enumerate(model.output_names)},

@@ -95,6 +95,9 @@ class ScenarioRun(BaseModel):
     n_steps: int
     step_s: float
     start_state: dict[str, float]
+    start_time: datetime | None = Field(None, description="The wall-clock time of t = 0, where clock signals started "
+                                        "(the live state's time, or the request's start_time; null: a Monday 00:00 "
+                                        "UTC)")
     times_s: list[float] = Field(description="Times of the state samples (n_steps + 1, from 0).")
     states: dict[str, list[float]] = Field(description="State trajectories, SI units, from the start state.")
     outputs: dict[str, list[float]] = Field(description="Outputs at the start of each step (n_steps values).")

@@ -315,6 +315,7 @@ def test_sync_scenario_matches_an_independent_solver(api, http, building):
     at = datetime(2026, 12, 3, 13, 0, 7, tzinfo=UTC)
     explicit = {**clocked, "start_state": {"T_in": 294.0, "T_m": 291.0}, "start_time": at.isoformat()}
     run = http.post("/v1/scenarios", json=explicit, headers=auth(api, "writer")).json()
+    assert datetime.fromisoformat(run["start_time"]) == at  # the clock it ran on, echoed
     t = clock_seconds(at) + 60.0 * np.arange(120)
     inputs = np.column_stack([np.full(120, 278.15), np.where(t % 25200 < 12600, 2000.0, 0.0), np.zeros(120)])
     ref = reference_trajectory(model_rhs(THERMAL_RC, params), np.array([294.0, 291.0]), inputs, 60.0)
