@@ -7,17 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import ssl
 import threading
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from connectors.mosquitto import Mosquitto
 from connectors.mqtt import MQTT, MqttSpec, _client
@@ -28,7 +21,7 @@ from connectors.opcua.session import _Client as OpcUaClient
 from connectors.reach import Reach, Unreachable, open_connection
 from connectors.spec import Credentials
 from raytwin.ports import free_port
-from tests.fixtures_connectors import wait_for
+from tests.fixtures_connectors import certificate_for, wait_for
 from tests.test_connectors_opcua import until
 
 REBOUND = "broker.tenant.example"
@@ -89,24 +82,6 @@ def mqtt_spec(port: int, **broker) -> MqttSpec:
         "name": "rebound", "tenant": "acme", "broker": {"host": REBOUND, "port": port, "reconnect_max_s": 1, **broker},
         "routes": [{"topic": "plant/+/telemetry", "asset_level": 1,
                     "payload": {"measurements": {"h1": {"field": "level", "unit": "mm"}}}}]})
-
-
-def certificate_for(name: str, directory: Path) -> ssl.SSLContext:
-    """A TLS server context whose self-signed certificate is for `name` (written to `directory`/cert.pem)."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.now(UTC)
-    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
-            .serial_number(1).not_valid_before(now - timedelta(days=1)).not_valid_after(now + timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    (directory / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (directory / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                          serialization.NoEncryption()))
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(directory / "cert.pem", directory / "key.pem")
-    return context
 
 
 def test_mqtt_connects_to_the_vetted_address_and_verifies_tls_against_the_name(monkeypatch, listener, tmp_path):

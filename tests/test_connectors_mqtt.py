@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import socket
-import ssl
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -31,7 +30,7 @@ from connectors.runtime import actor_name
 from connectors.spec import Credentials, Desired, UnknownConnector
 from raytwin.contracts import TelemetryEvent
 from raytwin.ports import free_port
-from tests.fixtures_connectors import tank_twins, wait_for
+from tests.fixtures_connectors import certificate_for, tank_twins, wait_for
 from tests.fixtures_serve import InProcessHandle
 from tests.ray_metrics import total, wait_until
 
@@ -322,27 +321,6 @@ def _tls_server(answer: Callable[[socket.socket], None]) -> int:
     return listener.getsockname()[1]
 
 
-def _self_signed(directory: Path) -> ssl.SSLContext:
-    """A TLS server context with a certificate no CA signed."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.now(UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(1).not_valid_before(now - timedelta(days=1)).not_valid_after(now + timedelta(days=1))
-            .sign(key, hashes.SHA256()))
-    (directory / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (directory / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                          serialization.NoEncryption()))
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(directory / "cert.pem", directory / "key.pem")
-    return context
-
-
 def test_a_failed_connection_says_why_and_how_to_fix_it(tmp_path):
     """Every failure read `cannot connect to broker ...; retrying with backoff`, whether nothing listened, the
     name did not resolve or TLS failed."""
@@ -358,7 +336,7 @@ def test_a_failed_connection_says_why_and_how_to_fix_it(tmp_path):
         f"TLS handshake with broker 127.0.0.1:{plain} failed (WRONG_VERSION_NUMBER): check that port {plain} speaks "
         "TLS (often 8883, not 1883) and that the broker accepts this client's certificate, if it needs one; retrying "
         "with backoff")
-    context = _self_signed(tmp_path)
+    context = certificate_for("localhost", tmp_path)  # no CA the client trusts signed it
     untrusted = _tls_server(lambda connection: context.wrap_socket(connection, server_side=True).recv(1))
     assert _first_error({"port": untrusted, "tls": {}}) == (
         f"TLS: the certificate of broker 127.0.0.1:{untrusted} cannot be verified (self-signed certificate): set "
