@@ -15,6 +15,7 @@ import asyncio
 import logging
 import math
 import threading
+import time
 from typing import Any
 
 import ray
@@ -28,7 +29,7 @@ from raytwin.query import Expr, Record
 from raytwin.lifecycle import LifecycleError, ModelLifecycle
 from raytwin.registry import PUBLISHED_BY, ModelArtifact, ModelRegistry, RegistryError
 from raytwin.sim.cpu import cpu_only
-from raytwin.statestore import Lease, StateStore
+from raytwin.statestore import Lease, StateStore, StoreFenced
 from serve_apps import asset_queries
 from serve_apps.admission import BacklogGate
 from serve_apps.audit import AuditLog
@@ -49,6 +50,8 @@ from serve_apps.schemas import StoreFence
 from serve_apps.unawaited import outlived
 
 log = logging.getLogger("raytwin.serve.backend")
+FENCE_CHECK_S = 1.0
+"""How long a read of the store's lease answers `Backend.check_writable` (one small file read per second at most)."""
 
 
 def lost_lease(store: StateStore, mine: Lease) -> StoreFence | None:
@@ -100,6 +103,8 @@ class Backend:
         self.type_evolution = TypeEvolution(self)
         self._lock = threading.Lock()
         self._publish = threading.Lock()
+        self._fence: StoreFence | None = None
+        self._fence_checked = -math.inf  # when the lease was last read (`check_writable`)
         self._twin_marks: dict[tuple[str, str], tuple[int, bool]] = {}  # last published (revision, drift)
         self._registries: dict[str, ModelRegistry] = {}
         self.backlog = BacklogGate(config.admission.telemetry_backlog_events, config.admission.retry_after_s)
@@ -128,6 +133,7 @@ class Backend:
         """Store the type and register its model (its default parameters, `published_by` the key: the four-eyes
         rule keeps it from approving its own content) as ``name@version``; (created, revision). An FMU
         outside the tenant's registry is refused before anything is written."""
+        self.check_writable()
         try:
             self._registry(tenant).check_fmu_store(asset_type.key, asset_type.simulator)
         except RegistryError as exc:
@@ -156,6 +162,7 @@ class Backend:
             return self.catalog.list_types(tenant, name)
 
     def delete_type(self, tenant: str, name: str, version: str, pre: Precondition) -> None:
+        self.check_writable()
         with self._lock:
             self.changes.write(tenant, lambda seq: [{
                 "kind": "asset_type.deleted", "type_name": name, "type_version": version,
@@ -165,6 +172,7 @@ class Backend:
     # ---- assets ------------------------------------------------------------------------
     def create_asset(self, asset: Asset, initial_state: dict[str, float] | None, pre: Precondition) -> int:
         """Create the asset and register its twin; its revision."""
+        self.check_writable()
         with self._lock:
             self._require_production(asset)
             checked: list[ModelArtifact] = []  # the model, once the twin's registration is known to fit it
@@ -192,6 +200,7 @@ class Backend:
 
     def update_asset(self, asset: Asset, pre: Precondition) -> int:
         """Replace the asset if `pre` holds (compare-and-set under the lock); its new revision."""
+        self.check_writable()
         with self._lock:
             self.type_evolution.require_version(asset.tenant, [asset.type_name], asset.type_version)
             try:
@@ -267,6 +276,7 @@ class Backend:
         return asset_queries.cursor_secret(self.config.store_url, self.config.storage_options)
 
     def delete_asset(self, tenant: str, asset_id: str, pre: Precondition) -> None:
+        self.check_writable()
         with self._lock:
             self.changes.write(tenant, lambda seq: [
                 _asset_change("asset.deleted", self.catalog.delete_asset(tenant, asset_id, pre))])
@@ -397,6 +407,16 @@ class Backend:
         """Why this service no longer holds its store (None while it does): see `lost_lease`."""
         return lost_lease(self.twins.store, self.twins.lease)
 
+    def check_writable(self) -> None:
+        """`StoreFenced` (503 `store_fenced`) once another service took the store over: a fenced service must not
+        act beside its successor (send a command, start a connector, queue or record a run), not only leave the
+        twins alone (their shards refuse by themselves). The lease is read at most every `FENCE_CHECK_S`."""
+        now = time.monotonic()
+        if now - self._fence_checked >= FENCE_CHECK_S:
+            self._fence, self._fence_checked = self.store_fence(), now
+        if self._fence is not None:
+            raise StoreFenced(self._fence.reason)
+
     def recalibrations(self, tenant: str) -> TenantState:
         """The tenant's pending, running and recently finished drift recalibrations."""
         return self.recalibration.state(tenant)
@@ -405,20 +425,26 @@ class Backend:
     def connector(self, op: str, *args: Any) -> Any:
         if op not in ConnectorOps.OPS:
             raise ValueError(f"unknown connector operation {op!r}")
+        if op not in ConnectorOps.READS:
+            self.check_writable()
         return getattr(self.connector_ops, op)(*args)
 
     # ---- schema evolution: migrations and deprecation marks (serve_apps/evolution.py) ----------
     def evolution(self, op: str, *args: Any) -> Any:
         if op not in TypeEvolution.OPS:
             raise ValueError(f"unknown schema evolution operation {op!r}")
+        if op in TypeEvolution.WRITES:
+            self.check_writable()
         return getattr(self.type_evolution, op)(*args)
 
     # ---- jobs (async: they run on the replica's event loop, which owns the queue) ---------
     async def submit_job(self, tenant: str, key_id: str, asset_id: str, model_ref: str, content_hash: str,
                          work: Work) -> Job:
+        self.check_writable()
         return self.jobs.submit(tenant, key_id, asset_id, model_ref, content_hash, work)
 
     async def submit_bulk(self, caller: Caller, request: BulkRequest, asset_ids: list[str]) -> Job:
+        self.check_writable()
         return self.jobs.submit_bulk(BulkWork(caller, request, asset_ids, self, self.audit))
 
     async def cancel_job(self, tenant: str, job_id: str, key_id: str) -> Job:

@@ -61,6 +61,8 @@ class ConnectorOps:
 
     OPS = frozenset({"create", "pause", "resume", "view", "list_all", "delete", "propose", "approve", "refuse",
                      "commands", "command"})
+    READS = frozenset({"view", "list_all", "commands", "command"})
+    """The operations that change nothing (a fenced service still answers them)."""
 
     def __init__(self, twins: TwinService, declared: list[dict[str, Any]], tls_dir: str | None = None,
                  hosts: list[str] | None = None):

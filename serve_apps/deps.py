@@ -124,6 +124,12 @@ async def utc_day(day: Annotated[str | None, Query(pattern=r"^\d{4}-\d{2}-\d{2}$
     return day
 
 
+async def writable(request: Request) -> None:
+    """503 `store_fenced` once another service took the store over (`Backend.check_writable`), for routes that
+    write the store from this replica (run records, the lifecycle log, policies) rather than through the backend."""
+    await (await services(request)).backend.call("check_writable")
+
+
 Limit = Annotated[int, Query(ge=1, le=10_000)]
 """How many of the newest records a read of records (audit, dead letters) answers."""
 
@@ -132,3 +138,4 @@ WRITER = Depends(require(Role.writer))
 ADMIN = Depends(require(Role.admin))
 SVC = Depends(services)
 DAY = Depends(utc_day)
+WRITABLE = Depends(writable)

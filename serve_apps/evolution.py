@@ -27,6 +27,7 @@ log = logging.getLogger("raytwin.serve.evolution")
 
 class TypeEvolution:
     OPS = frozenset({"migrate", "require_version", "deprecate", "undeprecate", "deprecation", "deprecation_of_asset"})
+    WRITES = frozenset({"migrate", "deprecate", "undeprecate"})
 
     def __init__(self, backend: Backend):
         self.backend = backend

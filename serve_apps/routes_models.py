@@ -31,7 +31,7 @@ from raytwin.lifecycle import (
 from raytwin.lifecycle import Actor as LifecycleActor
 from raytwin.registry import ModelRegistry, RegistryError
 from serve_apps.auth import Principal
-from serve_apps.deps import ADMIN, READER, SVC, WRITER, Services
+from serve_apps.deps import ADMIN, READER, SVC, WRITABLE, WRITER, Services
 from serve_apps.errors import CONFLICT, Conflict, Forbidden, NotFound, Unprocessable, unwrap
 from sweeps.runs import RunError, RunStore
 
@@ -186,7 +186,8 @@ def register(app: FastAPI) -> None:
     @app.post("/v1/models/{model}/versions/{version}/transitions", response_model=TransitionRecord,
               status_code=201, tags=tags, responses=CONFLICT)
     async def transition(model: ModelName, version: Version, body: TransitionRequest, request: Request,
-                         who: Principal = WRITER, svc: Services = SVC) -> TransitionRecord:
+                         who: Principal = WRITER, svc: Services = SVC,
+                         _writable: None = WRITABLE) -> TransitionRecord:
         """Move a version to another stage. Production: a key with the `approver` grant that did not submit
         the version (403 otherwise), unless the tenant's policy promotes automatically; the previous
         production version is archived. 409: a move the version's stage does not allow, or a lost race."""
@@ -205,7 +206,7 @@ def register(app: FastAPI) -> None:
     @app.post("/v1/models/{model}/rollback", response_model=TransitionRecord, status_code=201, tags=tags,
               responses=CONFLICT)
     async def rollback(model: ModelName, body: RollbackRequest, request: Request, who: Principal = WRITER,
-                       svc: Services = SVC) -> TransitionRecord:
+                       svc: Services = SVC, _writable: None = WRITABLE) -> TransitionRecord:
         """Return to the previous production version (needs the `approver` grant, or automatic promotion)."""
         lc = _lifecycle(svc, who.tenant)
         await run_in_threadpool(_check_evidence, svc, who.tenant, body.evidence)
@@ -231,7 +232,8 @@ def register(app: FastAPI) -> None:
         return await _call(_check, _lifecycle(svc, who.tenant), model, expected_head)
 
     @app.post("/v1/models/{model}/prune", response_model=PruneReport, tags=tags)
-    async def prune(model: ModelName, request: Request, who: Principal = ADMIN, svc: Services = SVC) -> Any:
+    async def prune(model: ModelName, request: Request, who: Principal = ADMIN, svc: Services = SVC,
+                    _writable: None = WRITABLE) -> Any:
         """Apply the tenant's retention to the model's archived versions and to the tenant's sweep run records
         of the model (``{store}/runs/{tenant}``); versions the tenant's assets (live twins) use stay (admin only)."""
         assets = await svc.backend.call("list_assets", who.tenant, model, None, None, None)
@@ -248,7 +250,7 @@ def register(app: FastAPI) -> None:
 
     @app.put("/v1/lifecycle-policy", response_model=LifecyclePolicy, tags=tags)
     async def put_policy(body: LifecyclePolicy, request: Request, who: Principal = ADMIN,
-                         svc: Services = SVC) -> LifecyclePolicy:
+                         svc: Services = SVC, _writable: None = WRITABLE) -> LifecyclePolicy:
         """Replace the tenant's lifecycle policy (admin only; audited). Turning `auto_promote` on or off also
         needs the `approver` grant: it decides whether production needs a second key at all."""
         lifecycle = _lifecycle(svc, who.tenant)

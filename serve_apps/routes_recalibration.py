@@ -16,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 
 from raytwin.recalibration import PolicyError, PolicyStore, RecalibrationPolicy
 from serve_apps.auth import Principal
-from serve_apps.deps import ADMIN, READER, SVC, Services
+from serve_apps.deps import ADMIN, READER, SVC, WRITABLE, Services
 from serve_apps.errors import NotFound, Unprocessable, unwrap
 from serve_apps.json_route import JsonRoute
 from serve_apps.recalibration import TenantState
@@ -47,7 +47,8 @@ async def get_recalibration_policy(type_name: TypeName, who: Principal = READER,
 
 @router.put("/v1/recalibration-policies/{type_name}", response_model=RecalibrationPolicy)
 async def put_recalibration_policy(type_name: TypeName, body: RecalibrationPolicy, request: Request,
-                                   who: Principal = ADMIN, svc: Services = SVC) -> RecalibrationPolicy:
+                                   who: Principal = ADMIN, svc: Services = SVC,
+                                   _writable: None = WRITABLE) -> RecalibrationPolicy:
     """Set when a latched drift alarm of this asset type's twins launches a calibration, and its budget
     (admin only; audited). Every published version of the type must have the policy's parameters."""
     versions = await svc.backend.call("list_types", who.tenant, type_name)

@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from connectors.commands import Command
 from raytwin.contracts import Contract, Finite, Identifier, describe_error
 from serve_apps.auth import Principal
-from serve_apps.deps import READER, SVC, WRITER, Services
+from serve_apps.deps import READER, SVC, WRITABLE, WRITER, Services
 from serve_apps.errors import Forbidden, NotFound, Unprocessable, unwrap
 from serve_apps.json_route import JsonRoute
 from serve_apps.routes_scenarios import _model_and_state, _provenance
@@ -84,7 +84,7 @@ router = APIRouter(prefix="/v1/assets/{asset_id}/recommendations", tags=["recomm
 
 @router.post("", response_model=Recommendation, status_code=201)
 async def create_recommendation(asset_id: str, body: RecommendationRequest, request: Request,
-                                who: Principal = WRITER, svc: Services = SVC) -> Any:
+                                who: Principal = WRITER, svc: Services = SVC, _writable: None = WRITABLE) -> Any:
     """Optimise the asset's control schedule from its twin's state; a recorded run (`run_id`), answered
     when done (a gradient search over a week: seconds)."""
     live = body.start_state == "live"

@@ -17,7 +17,7 @@ from raytwin.registry import ModelArtifact
 from raytwin.sim import get_model
 from raytwin.storage import filesystem, read_chunks
 from serve_apps.auth import Principal
-from serve_apps.deps import READER, SVC, WRITER, Services
+from serve_apps.deps import READER, SVC, WRITABLE, WRITER, Services
 from serve_apps.errors import CONFLICT, Conflict, NotFound, PayloadTooLarge, Unprocessable
 from serve_apps.jobs import Job, JobRecord
 from serve_apps.shard_deadline import RETRY_AFTER_S, TwinUnavailable
@@ -60,7 +60,7 @@ def register(app: FastAPI) -> None:
 
     @app.post("/v1/sweeps", response_model=SweepResult, tags=tags, responses=queued)
     async def run_sweep(body: AssetSweep, request: Request, mode: Mode = MODE, limit: ROW_LIMIT = 1000,
-                        who: Principal = WRITER, svc: Services = SVC) -> Any:
+                        who: Principal = WRITER, svc: Services = SVC, _writable: None = WRITABLE) -> Any:
         """Sweep an asset's model over a scenario space (grid, random, Latin hypercube) with `sweeps`.
 
         Every sweep is a recorded run (`run_id`, reproducible with ``raytwin rerun``). An asset whose

@@ -27,7 +27,7 @@ from raytwin.lifecycle import TransitionRecord
 from raytwin.registry import RegistryError
 from raytwin.shadow import SYSTEM_ACTOR, conclude
 from serve_apps.auth import Principal
-from serve_apps.deps import READER, SVC, WRITER, Services
+from serve_apps.deps import READER, SVC, WRITABLE, WRITER, Services
 from serve_apps.errors import CONFLICT, BadRequest, Conflict, NotFound, unwrap
 from serve_apps.routes_models import ModelName, Version, _call, _lifecycle
 
@@ -97,7 +97,7 @@ def register(app: FastAPI) -> None:
 
     @app.post(path, response_model=ShadowStarted, status_code=201, tags=tags, responses=CONFLICT)
     async def start_shadow(model: ModelName, version: Version, body: ShadowRequest, request: Request,
-                           who: Principal = WRITER, svc: Services = SVC) -> ShadowStarted:
+                           who: Principal = WRITER, svc: Services = SVC, _writable: None = WRITABLE) -> ShadowStarted:
         """Score a candidate or staging version beside production on the next `events` events of the named
         twins (or a sample of the model's twins) without changing their served state. 409: the version is in
         another stage, or an evaluation of it runs (DELETE it first)."""
@@ -131,7 +131,7 @@ def register(app: FastAPI) -> None:
 
     @app.delete(path, status_code=204, tags=tags)
     async def stop_shadow(model: ModelName, version: Version, request: Request, who: Principal = WRITER,
-                          svc: Services = SVC) -> None:
+                          svc: Services = SVC, _writable: None = WRITABLE) -> None:
         """End the evaluation of this version (its evidence stays on the log if it was recorded)."""
         ref = f"{model}@{version}"
         if not await _live(svc, lambda m: m.stop_shadow(who.tenant, ref)):

@@ -669,6 +669,9 @@ def api(twins, tmp_path_factory):
         connector = Backend.connector
         connector_ops = ConnectorOps(twins, [], tls_dir=str(root / "tls"))
 
+        def check_writable(self) -> None:
+            """This stand-in's store has no other service."""
+
         def live_twins(self, tenant: str, timeout_s: float) -> int:
             return len(twins.assets("acme"))
 

@@ -54,6 +54,9 @@ def api(ray_session, broker, tmp_path_factory):  # noqa: F811 (the broker fixtur
             connector = Backend.connector
             connector_ops = ConnectorOps(twins, [])
 
+            def check_writable(self) -> None:
+                """This stand-in's store has no other service."""
+
             def model_of(self, tenant: str, asset_id: str, model_ref: str | None = None):
                 if asset_id not in twins.assets(tenant):
                     raise NotFound(f"asset {asset_id} not found")

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from pydantic import ValidationError
@@ -16,6 +19,7 @@ from client.errors import NotFound as ClientNotFound
 from raytwin.contracts import Asset, AssetType, Relationship
 from raytwin.sim import THERMAL_RC, TWO_TANK
 from serve_apps.audit import AuditLog, AuditRecord
+from serve_apps.backend import FENCE_CHECK_S
 from serve_apps.auth import KeyStore, KeysUnavailable, create_key, digest
 from serve_apps.catalog import Catalog
 from serve_apps.cli import autoscaling_args, keys_app, serve_app
@@ -304,12 +308,25 @@ def test_a_store_taken_by_another_service_answers_503_naming_it_not_an_internal_
 
 
 class HealthBackend:
-    """The backend calls of the health route, over a real store lease: the shards must not be asked once fenced."""
+    """The backend calls of the health route, over a real store lease: the shards must not be asked once fenced;
+    and the real gate of its writes (`Backend.check_writable`) in front of a connector operation."""
 
     def __init__(self, store, lease):
         from serve_apps.backend import lost_lease
 
         self.store_fence = lambda: lost_lease(store, lease)
+        self._fence, self._fence_checked, self.proposed = None, -math.inf, []
+
+    def check_writable(self) -> None:
+        from serve_apps.backend import Backend
+
+        Backend.check_writable(self)
+
+    def connector(self, op: str, *args):
+        from serve_apps.backend import Backend
+
+        self.connector_ops = SimpleNamespace(propose=lambda *a: self.proposed.append(a) or {"id": "c1"})
+        return Backend.connector(self, op, *args)
 
     def job_stats(self, tenant: str | None = None) -> dict:
         return {"states": {"running": 1}}
@@ -330,7 +347,8 @@ def test_health_says_fenced_naming_the_stores_new_holder_once_another_service_to
     mine = Lease(owner="svc-a", epoch=1, shards=1, namespace="ns", acquired_at="2026-12-05T14:00:00+00:00",
                  acquired_by="host-a:1")
     store.write_lease(mine)
-    with in_process(HealthBackend(store, mine), tmp_path) as (http, auth, _):
+    backend = HealthBackend(store, mine)
+    with in_process(backend, tmp_path) as (http, auth, _):
         assert http.get("/v1/health").json() == {"status": "ok"}
         assert http.get("/v1/health", headers=auth["reader"]).json() == {
             "status": "ok", "tenant": "acme", "live_twins": 2, "jobs": {"running": 1}}
@@ -342,6 +360,11 @@ def test_health_says_fenced_naming_the_stores_new_holder_once_another_service_to
         assert (fenced["holder"], fenced["epoch"], fenced["acquired_by"]) == ("svc-b", 2, "host-b:7")
         assert "took store" in fenced["reason"] and "(epoch 1)" in fenced["reason"]
         assert "live_twins" not in answer.json() and answer.json()["tenant"] == "acme"
+        time.sleep(FENCE_CHECK_S)  # the write gate reads the lease once a second at most
+        proposal = {"connector": "plant", "asset_id": "pump-1", "name": "setpoint", "value": {"q": 1.0}}
+        refused = http.post("/v1/commands", json=proposal, headers=auth["writer"])  # a command sent beside the
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "store_fenced"  # successor: no
+        assert "took store" in refused.json()["error"]["message"] and not backend.proposed
         store.write_lease(replace(mine, released=True))  # its own lease released under it (the service closed)
         fenced = http.get("/v1/health", headers=auth["reader"]).json()["fenced"]
         assert "holder" not in fenced and "was released" in fenced["reason"]
@@ -384,6 +407,9 @@ class LedgerBackend:
         from serve_apps.backend import Backend
 
         return Backend.connector(self, op, *args)
+
+    def check_writable(self) -> None:
+        """This stand-in's store has no other service."""
 
 
 def _approval_audit(svc, command_id: str, tenant: str) -> list[dict]:
@@ -513,8 +539,6 @@ def test_a_tenant_reads_its_own_connectors_dead_letters_and_never_another_tenant
 def test_serve_prints_the_port_serve_listens_on_and_says_when_it_is_not_the_one_asked(monkeypatch):
     """On a cluster whose Serve already ran, `raytwin serve --port 8000` printed 8000 while the proxy kept its own
     port (Serve ignores the new HTTP options, logging a warning only)."""
-    from types import SimpleNamespace
-
     from ray.serve import context
     from ray.serve.config import HTTPOptions
 
