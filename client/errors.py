@@ -41,6 +41,10 @@ class UnexpectedAnswer(RayTwinError):
             "report it" + (f" with request_id {request_id}" if request_id else ""))
 
 
+class CorruptDownload(RayTwinError):
+    """A downloaded file's bytes do not have the hash the server recorded for them (a transfer cut short)."""
+
+
 class OutcomeUnknown(RayTwinError):
     """A compare-and-set write (`if_match`, `expected_revision`) whose answer was lost in the network was
     sent again, and the server refused the resend because the resource changed (`refusal`, its 412 or

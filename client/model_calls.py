@@ -7,11 +7,14 @@ Several answers are models of server modules that import Ray or JAX (`raytwin.li
 
 from __future__ import annotations
 
+import hashlib
 from typing import TYPE_CHECKING, Any
 
+import httpx
 from pydantic import BaseModel
 
 from client.calls import Call, Sender, _lazy, _model, _nothing, _present
+from client.errors import CorruptDownload
 from connectors.commands import Command
 from raytwin.recalibration import RecalibrationPolicy
 from serve_apps.recalibration import TenantState
@@ -25,6 +28,15 @@ if TYPE_CHECKING:
     from sweeps.recommend import Recommendation
 
 _RECORD = "raytwin.lifecycle:TransitionRecord"
+
+
+def _hashed(r: httpx.Response) -> bytes:
+    """A run's output file, refused unless its bytes have the SHA-256 its record holds (a stream cut short)."""
+    recorded, got = r.headers.get("X-RayTwin-SHA256"), hashlib.sha256(r.content).hexdigest()
+    if recorded is not None and got != recorded:
+        raise CorruptDownload(f"{r.request.url}: {len(r.content)} bytes with SHA-256 {got}, but the run recorded "
+                              f"{recorded}: download it again")
+    return r.content
 _RECOMMENDATION = "sweeps.recommend:Recommendation"
 _MODELS = "serve_apps.routes_models"
 _SHADOW = "serve_apps.routes_shadow"
@@ -120,8 +132,9 @@ class ModelCalls(Sender):
                                idempotent=True, path_params={"run_id": run_id}))
 
     def run_file(self, run_id: str, name: str) -> bytes:
-        """One output file of a run (e.g. a calibration's fit report ``calibration.json``), as its record hashed it."""
-        return self._send(Call("GET", "/v1/runs/{run_id}/files/{name}", lambda r: r.content, idempotent=True,
+        """One output file of a run (e.g. a calibration's fit report ``calibration.json``), checked against the
+        SHA-256 its record holds (`client.errors.CorruptDownload` if the bytes differ)."""
+        return self._send(Call("GET", "/v1/runs/{run_id}/files/{name}", _hashed, idempotent=True,
                                path_params={"run_id": run_id, "name": name}))
 
     # ---- recommended actions ----------------------------------------------------------------------

@@ -8,6 +8,7 @@ telemetry's) are left out, and output files are served by name.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path
@@ -19,7 +20,7 @@ from raytwin.modelcode import ModelCode
 from raytwin.storage import filesystem, read_chunks
 from serve_apps.auth import Principal
 from serve_apps.deps import READER, SVC, Services
-from serve_apps.errors import NotFound
+from serve_apps.errors import Gone, NotFound
 from serve_apps.json_route import JsonRoute
 from sweeps.runs import RunError, RunRecord, RunStore
 
@@ -57,6 +58,19 @@ class RunPublic(BaseModel):
     error: str | None
 
 
+LOCATION = re.compile(r"[a-z][a-z0-9+.-]*://\S+|(?<![\w.])/[^\s:'\",)]+", re.IGNORECASE)
+"""A URL or an absolute path in a message."""
+
+
+def scrubbed_error(error: str | None) -> str | None:
+    """A failed or cancelled run's error as its last line (the exception's message, not a worker's traceback with
+    its files, node address and pid), store locations replaced by ``<store>``."""
+    if error is None:
+        return None
+    lines = [line.strip() for line in error.strip().splitlines() if line.strip()]
+    return LOCATION.sub("<store>", lines[-1] if lines else "")
+
+
 def without_locations(value: Any) -> Any:
     """`value` with every field that names a store location left out, at any depth."""
     if isinstance(value, dict):
@@ -81,20 +95,24 @@ async def get_run(run_id: RunIdPath, who: Principal = READER, svc: Services = SV
     record = await run_in_threadpool(_record, svc, who.tenant, run_id)
     body = record.model_dump(mode="json")
     return RunPublic.model_validate({**body, "spec": without_locations(body["spec"]),
-                                     "summary": without_locations(body["summary"])})
+                                     "summary": without_locations(body["summary"]),
+                                     "error": scrubbed_error(body["error"])})
 
 
-@router.get("/{run_id}/files/{name}", response_class=StreamingResponse,
+@router.get("/{run_id}/files/{name:path}", response_class=StreamingResponse,
             responses={200: {"content": {t: {} for t in sorted(set(MEDIA_TYPES.values()))},
                              "description": "An output file of the run, as its record hashed it"}})
 async def get_run_file(run_id: RunIdPath, name: str, who: Principal = READER,
                        svc: Services = SVC) -> StreamingResponse:
-    """Download one of the run's output files (`outputs` in its record; e.g. a calibration's
-    ``calibration.json``, its fit report), streamed from the store."""
+    """Download one of the run's output files (`outputs` in its record, e.g. a calibration's ``calibration.json``,
+    its fit report, or ``search/part-000000.parquet``), streamed from the store; 410 if it is no longer there."""
     record = await run_in_threadpool(_record, svc, who.tenant, run_id)
     if name not in record.outputs:
         raise NotFound(f"run {run_id} has no output file {name!r}; files: {sorted(record.outputs)}")
     fs, root = filesystem(record.output_url, svc.config.storage_options)
+    if not await run_in_threadpool(fs.isfile, f"{root}/{name}"):  # else a 200 whose stream fails after its headers
+        raise Gone(f"run {run_id}'s output file {name!r} is no longer in the store (removed by retention or by "
+                   "hand); `raytwin rerun` makes it again")
     media = MEDIA_TYPES.get(name[name.rfind("."):], "application/octet-stream")
     return StreamingResponse(read_chunks(fs, f"{root}/{name}"), media_type=media, headers={
         "Content-Disposition": f'attachment; filename="{run_id}-{name}"', "X-RayTwin-SHA256": record.outputs[name]})

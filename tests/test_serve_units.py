@@ -574,25 +574,48 @@ def test_a_run_record_is_read_by_its_tenant_without_store_locations_and_its_file
         asset_id="zone-1", model_ref="thermal_rc@1.0.0", model_hash="ab" * 32, input_data_url="s3://bucket/acme/t",
         input_data_hash="cd" * 32, seeds={"tune": 0}, package_versions={}, code_version="x", started=now,
         finished=now, output_url=runs.output_url(run_id), summary={"weighted_rmse": 0.1},
-        outputs={"calibration.json": hashlib.sha256(report).hexdigest()},
+        outputs={"calibration.json": hashlib.sha256(report).hexdigest(),
+                 "search/part-000000.parquet": hashlib.sha256(b"PAR1").hexdigest()},
         spec={"model": "thermal_rc@1.0.0", "registry_url": "s3://bucket/registry/acme", "telemetry": "/srv/t.parquet",
               "signals": {"u": {"kind": "series", "path": "s3://bucket/u.parquet"}}, "free": ["R_io"]}))
+    runs.fs.makedirs(f"{runs.output_url(run_id)}/search", exist_ok=True)
+    runs.fs.pipe_file(f"{runs.output_url(run_id)}/search/part-000000.parquet", b"PAR1")
+    failed_id = "sweep-20261205T150000Z-5e6f7a8b"  # a worker's traceback names files, its node and pid
+    runs.save(RunRecord(**{**runs.load(run_id).model_dump(), "run_id": failed_id, "kind": "sweep", "status": "failed",
+                           "outputs": {}, "error": "ray::_chunk_task() (pid=31020, ip=192.0.2.2)\n  File "
+                           "\"/srv/raytwin/sweeps/runner.py\", line 9\nValueError: series s3://bucket/u.parquet:T: "
+                           "needs increasing times (partial output in /srv/store/runs/acme/x/output)"}))
     with in_process(object(), tmp_path) as (http, auth, _):
         answer = http.get(f"/v1/runs/{run_id}", headers=auth["reader"])
         assert answer.status_code == 200, answer.text
         body = answer.json()
         assert "bucket" not in answer.text and "/srv/" not in answer.text and str(tmp_path) not in answer.text
         assert body["spec"] == {"model": "thermal_rc@1.0.0", "signals": {"u": {"kind": "series"}}, "free": ["R_io"]}
-        assert body["outputs"] == {"calibration.json": hashlib.sha256(report).hexdigest()}
+        assert body["outputs"]["calibration.json"] == hashlib.sha256(report).hexdigest()
         file = http.get(f"/v1/runs/{run_id}/files/calibration.json", headers=auth["reader"])
         assert file.status_code == 200 and file.content == report
         assert file.headers["X-RayTwin-SHA256"] == body["outputs"]["calibration.json"]
+        nested = http.get(f"/v1/runs/{run_id}/files/search/part-000000.parquet", headers=auth["reader"])
+        assert nested.status_code == 200 and nested.content == b"PAR1"  # a recorded name with a "/" in it
+        runs.fs.rm(f"{runs.output_url(run_id)}/calibration.json")  # gone from the store: not a 200 cut short
+        assert http.get(f"/v1/runs/{run_id}/files/calibration.json", headers=auth["reader"]).status_code == 410
+        failed = http.get(f"/v1/runs/{failed_id}", headers=auth["reader"]).json()
+        assert failed["error"] == "ValueError: series <store> needs increasing times (partial output in <store>)"
         for path, headers, status in ((f"/v1/runs/{run_id}", auth["other"], 404),  # another tenant's run
                                       (f"/v1/runs/{run_id}/files/calibration.json", auth["other"], 404),
                                       (f"/v1/runs/{run_id}/files/run.json", auth["reader"], 404),  # not an output
                                       ("/v1/runs/a-b", auth["reader"], 422),  # a run id, no other name under the runs
                                       (f"/v1/runs/{run_id}", {}, 401)):
             assert http.get(path, headers=headers).status_code == status, path
+    import httpx
+
+    from client.errors import CorruptDownload
+    from client.model_calls import _hashed
+
+    cut = httpx.Response(200, content=report[:10], headers={"X-RayTwin-SHA256": hashlib.sha256(report).hexdigest()},
+                         request=httpx.Request("GET", f"http://api/v1/runs/{run_id}/files/calibration.json"))
+    with pytest.raises(CorruptDownload, match="download it again"):  # the SDK checks what it got
+        _hashed(cut)
 
 
 class DyingBackend:
