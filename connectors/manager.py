@@ -20,7 +20,7 @@ from actors.ingest import ShardRouter
 from connectors.commands import Command, CommandError, CommandLedger, CommandStatus
 from connectors.kinds import AssetTypes, kind_of, parse_spec
 from connectors.reach import Reach
-from connectors.runtime import ConnectorActor, ConnectorStatus, actor_name
+from connectors.runtime import ACTOR_PREFIX, ConnectorActor, ConnectorStatus, actor_name
 from connectors.spec import ConnectorSpec, ConnectorStore, Credentials, UnknownConnector
 from raytwin.contracts import AssetType
 from raytwin.statestore import StateStore
@@ -46,6 +46,20 @@ class ConnectorDown(RuntimeError):
 
     def __reduce__(self):
         return (type(self), (self.name, self.why, self.since))
+
+
+def stop_connector_actors(namespace: str) -> int:
+    """Kill every connector actor of a service's Ray `namespace` (declarations stay in the store); how many. For a
+    service that stops or lost its store: its detached connectors would go on receiving and sending beside the
+    service that holds the store now, under the same MQTT client ids (the two kick each other off the broker)."""
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["namespace"] == namespace and a["name"].startswith(ACTOR_PREFIX)]
+    for name in names:
+        try:
+            ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
+        except ValueError:  # gone meanwhile
+            pass
+    return len(names)
 
 
 def anywhere(tenant: str, name: str) -> Reach | None:

@@ -63,8 +63,11 @@ class ConnectorStatus(BaseModel):
     newest_event_time: datetime | None
 
 
+ACTOR_PREFIX = "raytwin-connector:"
+
+
 def actor_name(tenant: str, name: str) -> str:
-    return f"raytwin-connector:{tenant}:{name}"
+    return f"{ACTOR_PREFIX}{tenant}:{name}"
 
 
 class ConnectorRuntime:

@@ -21,7 +21,9 @@ from typing import Any
 import ray
 from ray import serve
 
+from actors.lease import ray_cluster
 from actors.state import TwinState, UnknownTwin
+from connectors.manager import stop_connector_actors
 from raytwin.contracts import Asset, AssetType, RelationshipKind, TelemetryEvent
 from raytwin.graph import Direction
 from raytwin.logs import component_logging
@@ -52,6 +54,8 @@ from serve_apps.unawaited import outlived
 log = logging.getLogger("raytwin.serve.backend")
 FENCE_CHECK_S = 1.0
 """How long a read of the store's lease answers `Backend.check_writable` (one small file read per second at most)."""
+FENCE_WATCH_S = 5.0
+"""How often the backend reads the lease to stop its connectors once another cluster's service holds the store."""
 
 
 def lost_lease(store: StateStore, mine: Lease) -> StoreFence | None:
@@ -105,6 +109,7 @@ class Backend:
         self._publish = threading.Lock()
         self._fence: StoreFence | None = None
         self._fence_checked = -math.inf  # when the lease was last read (`check_writable`)
+        threading.Thread(target=self._watch_fence, name="fence-watch", daemon=True).start()
         self._twin_marks: dict[tuple[str, str], tuple[int, bool]] = {}  # last published (revision, drift)
         self._registries: dict[str, ModelRegistry] = {}
         self.backlog = BacklogGate(config.admission.telemetry_backlog_events, config.admission.retry_after_s)
@@ -406,6 +411,25 @@ class Backend:
     def store_fence(self) -> StoreFence | None:
         """Why this service no longer holds its store (None while it does): see `lost_lease`."""
         return lost_lease(self.twins.store, self.twins.lease)
+
+    def _watch_fence(self) -> None:
+        """Once a service of another Ray cluster holds the store, stop this service's connectors (a daemon thread,
+        checking every `FENCE_WATCH_S`): detached, they would keep receiving and sending beside the successor's,
+        under the same MQTT client ids. A successor in this cluster shares them by name, so they stay."""
+        while True:
+            time.sleep(FENCE_WATCH_S)
+            try:
+                held = self.twins.store.read_lease()
+                if held is None or held.released or held.fence == self.twins.lease.fence \
+                        or held.cluster == ray_cluster():
+                    continue
+                stopped = stop_connector_actors(self.config.namespace)
+            except Exception:  # noqa: BLE001 - a store hiccup: the next check tries again
+                log.warning("event=fence_watch_failed", exc_info=True)
+                continue
+            log.warning("event=store_fenced_connectors_stopped holder=%s epoch=%d connectors=%d", held.owner,
+                        held.epoch, stopped)
+            return
 
     def check_writable(self) -> None:
         """`StoreFenced` (503 `store_fenced`) once another service took the store over: a fenced service must not

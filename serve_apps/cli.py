@@ -93,6 +93,7 @@ def start(
     from ray import serve
 
     from actors.lease import StoreLeased, check_not_served_elsewhere, release_lease
+    from connectors.manager import stop_connector_actors
     from raytwin.statestore import StateStore
     from serve_apps.app import build_app
     from serve_apps.config import ServeConfig
@@ -170,8 +171,10 @@ def start(
             time.sleep(3600)
     except KeyboardInterrupt:
         serve.shutdown()
-        # the twins' shards went with the app: free the store now, not when their heartbeat expires
+        # the twins' shards went with the app: free the store now, not when their heartbeat expires; its connectors
+        # are detached (they outlive backend restarts): stop them, or they would run beside the next service
         release_lease(twins)
+        stop_connector_actors(settings.namespace)
         typer.echo("stopped")
 
 

@@ -960,3 +960,31 @@ def test_a_host_list_set_after_a_connector_was_created_stops_it_at_the_next_star
     assert not ops.connectors.status("acme", "rebound").connected
     for name in ("probe", "ops", "rebound"):
         ops.connectors.delete("acme", name)
+
+
+def test_a_service_that_stops_or_loses_its_store_stops_its_connector_actors_only(ray_session):
+    """Detached, a stopped or fenced service's connectors went on receiving and sending beside the next service's,
+    under the same MQTT client ids (the two kicked each other off the broker once a second)."""
+    import uuid
+
+    from connectors.manager import stop_connector_actors
+
+    @ray.remote(num_cpus=0)
+    class Idle:
+        def ping(self) -> int:
+            return 1
+
+    ns = f"stop-{uuid.uuid4().hex[:8]}"
+    actors = [Idle.options(name=name, namespace=space, lifetime="detached").remote()
+              for space, name in ((ns, "raytwin-connector:acme:plant"), (ns, "raytwin-connector:globex:plc"),
+                                  (f"{ns}-next", "raytwin-connector:acme:plant"), (ns, "raytwin-shard-0"))]
+    ray.get([a.ping.remote() for a in actors])
+    assert stop_connector_actors(ns) == 2
+
+    def named() -> set[tuple[str, str]]:
+        return {(a["namespace"], a["name"]) for a in ray.util.list_named_actors(all_namespaces=True)}
+    wait_for(lambda: not {(ns, "raytwin-connector:acme:plant"), (ns, "raytwin-connector:globex:plc")} & named(),
+             "the service's connectors gone")
+    assert {(f"{ns}-next", "raytwin-connector:acme:plant"), (ns, "raytwin-shard-0")} <= named()  # others' stay
+    for a in actors[2:]:
+        ray.kill(a)
