@@ -77,7 +77,7 @@ def register(app: FastAPI) -> None:
         a production version other than `type_version`; with `If-None-Match: *`, 412)."""
         asset = _asset(who.tenant, body.id, body)
         revision = await svc.twins.write(who.tenant, asset.id, lambda: svc.backend.call(
-            "create_asset", asset, body.initial_state, pre), svc.twins.create_timeout_s)
+            "create_asset", asset, body.initial_state, pre), svc.twins.create_timeout_s, _created(asset.id))
         await svc.record(request, who, "asset.create", asset.id, asset=asset.model_dump(mode="json"),
                          initial_state=body.initial_state)
         response.headers["ETag"] = etag(revision)
@@ -122,12 +122,12 @@ def register(app: FastAPI) -> None:
         asset = _asset(who.tenant, asset_id, body)
         if pre.create_only:
             revision = await svc.twins.write(who.tenant, asset.id, lambda: svc.backend.call(
-                "create_asset", asset, None, pre), svc.twins.create_timeout_s)
+                "create_asset", asset, None, pre), svc.twins.create_timeout_s, _created(asset.id))
             await svc.record(request, who, "asset.create", asset_id, asset=asset.model_dump(mode="json"))
             response.status_code = 201
         else:
             revision = await svc.twins.write(who.tenant, asset.id, lambda: svc.backend.call(
-                "update_asset", asset, pre), svc.twins.create_timeout_s)
+                "update_asset", asset, pre), svc.twins.create_timeout_s, IDEMPOTENT_LOST)
             svc.twins.forget(who.tenant, asset_id)
             await svc.record(request, who, "asset.update", asset_id, asset=asset.model_dump(mode="json"))
         response.headers["ETag"] = etag(revision)
@@ -138,7 +138,7 @@ def register(app: FastAPI) -> None:
                            svc: Services = SVC) -> Response:
         """Delete an asset and stop its twin (409 while other assets point at it; `If-Match`: 412 if changed)."""
         await svc.twins.write(who.tenant, asset_id,
-                              lambda: svc.backend.call("delete_asset", who.tenant, asset_id, pre))
+                              lambda: svc.backend.call("delete_asset", who.tenant, asset_id, pre), lost=IDEMPOTENT_LOST)
         svc.twins.forget(who.tenant, asset_id)
         await svc.record(request, who, "asset.delete", asset_id)
         return Response(status_code=204)
@@ -157,3 +157,12 @@ def _asset(tenant: str, asset_id: str, body: AssetUpdate) -> Asset:
                      metadata=body.metadata, relationships=body.relationships)
     except ValidationError as exc:
         raise Unprocessable(describe_error(exc)) from None
+
+
+IDEMPOTENT_LOST = "resend it (a PUT or DELETE is idempotent: a replaced asset answers the same, a deleted one 404)"
+
+
+def _created(asset_id: str) -> str:
+    """What a client whose asset creation was lost with its process should do."""
+    return (f"GET /v1/assets/{asset_id} shows the asset if it was created; create it again only if not (or resend "
+            "with If-None-Match: *, which answers 412 if it exists)")

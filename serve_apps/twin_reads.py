@@ -53,6 +53,8 @@ from serve_apps.unawaited import ignore_outcome
 
 T = TypeVar("T")
 
+TELEMETRY_LOST = "resend it (events are idempotent)"
+"""`TwinReader.write`'s advice once the process applying a write died: for telemetry and drift clears."""
 STALE_AFTER_S = 0.25
 """How long a current-state read waits for its shard before asking whether the shard is restarting."""
 
@@ -121,19 +123,19 @@ class TwinReader:
         return self._shard(tenant, asset_id)
 
     async def write(self, tenant: str, asset_id: str, call: Callable[[], Awaitable[T]],
-                    timeout_s: float | None = None) -> T:
+                    timeout_s: float | None = None, lost: str = TELEMETRY_LOST) -> T:
         """`call()`, a write to the twin's shard (through the backend: telemetry, a drift clear, an asset's
         creation, change or deletion): refused with 503 while the shard leaves calls unanswered, and after
         `timeout_s` (default `shard_write_timeout_s`) without an answer (`serve_apps.shard_deadline`);
         503 too when the process handling it died meanwhile (a backend replica, a shard), whose events may or
-        may not have been applied: a 500 there made clients drop batches that were never applied."""
+        may not have been applied: a 500 there made clients drop batches that were never applied. `lost`: what
+        the client should do then (resend telemetry; read an asset before creating it again)."""
         try:
             return await self.breakers.within(self.shard_index(tenant, asset_id), asset_id, call,
                                               timeout_s or self.write_timeout_s)
         except (ray.exceptions.RayActorError, BackendUnavailable) as exc:  # a shard's death, or the backend's
             raise TwinUnavailable(f"the process applying this write to twin {asset_id} was lost "
-                                  f"({type(exc).__name__}); it may have been applied: resend telemetry (events are "
-                                  "idempotent); read the asset before repeating another change",
+                                  f"({type(exc).__name__}); it may have been applied: {lost}",
                                   headers={"Retry-After": "1"}) from None
 
     async def _live(self, index: int, shard: Any, call: Callable[[], Awaitable[T]],

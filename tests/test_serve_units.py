@@ -668,6 +668,10 @@ def test_a_backend_replica_dying_answers_503_on_every_route_saying_whether_a_res
         change = http.put("/v1/assets/pump-1", json={"type_name": "pump", "type_version": "1.0.0"},
                           headers=auth["admin"])  # a twin write: the twin path's own 503, as before
         assert change.status_code == 503 and change.json()["error"]["code"] == "twin_unavailable", change.text
+        assert "a PUT or DELETE is idempotent" in change.json()["error"]["message"]
+        created = http.post("/v1/assets", json={"id": "pump-2", "type_name": "pump", "type_version": "1.0.0"},
+                            headers=auth["admin"])  # told to look before creating again, not to "resend telemetry"
+        assert "GET /v1/assets/pump-2 shows the asset if it was created" in created.json()["error"]["message"]
 
 
 def test_an_actor_dying_under_the_backend_is_not_the_backends_death(tmp_path):
