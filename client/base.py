@@ -32,7 +32,8 @@ class ClientBase(Endpoints, ModelCalls, ConnectorCalls, ScenarioCalls):
         """Seconds to wait before resending `call`, or None: `answer` is its result. Raises the API's
         error, or `RayTwinError` for a network error on a call that is not safe to resend (or the last try).
         `maybe_applied`: an earlier try may have reached the server (see `may_have_applied`); a compare-and-set
-        refused then raises `OutcomeUnknown`, not the refusal that invites applying it again."""
+        refused then raises `OutcomeUnknown`, not the refusal that invites applying it again, and so does a write
+        whose resends all failed (a 503 `overloaded` read as "nothing happened" after an approval was sent)."""
         last = attempt == self.retry.attempts
         if isinstance(answer, httpx.TransportError):
             if last or not call.idempotent:
@@ -45,8 +46,10 @@ class ClientBase(Endpoints, ModelCalls, ConnectorCalls, ScenarioCalls):
             self.deprecations.observe(call.method, call.route, answer)
         if answer.is_error:
             error = from_response(answer)
-            if maybe_applied and call.conditional and isinstance(error, ApiError) and error.status in (409, 412):
-                raise OutcomeUnknown(f"{call.method} {call.path}", error) from error
+            if maybe_applied and isinstance(error, ApiError) and (
+                    call.conditional and error.status in (409, 412)  # the resend found the change made
+                    or call.method != "GET" and error.status in RETRY_STATUSES):  # it kept failing after a try
+                raise OutcomeUnknown(f"{call.method} {call.path}", error) from error  # that may have been applied
             raise error
         return None
 

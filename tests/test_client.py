@@ -126,6 +126,10 @@ def test_a_503_after_which_the_request_may_have_taken_effect_is_resent_only_wher
         with pytest.raises(Unavailable, match="may or may not"):
             api.clear_drift("zone-1", "checked")
     assert len(seen) == 2
+    transport, seen = scripted(*[_lost("backend_unavailable")] + [overloaded] * 3)  # a safe resend that kept failing:
+    with RayTwinClient("http://api", "rtk_x_y", retry=FAST, transport=transport) as api:  # the first try may have
+        with pytest.raises(OutcomeUnknown, match="503 overloaded"):  # sent the command: not a bare "overloaded"
+            api.approve_command("c1")
     transport, seen = scripted(_lost(), HEALTH)  # a read: resent
     with RayTwinClient("http://api", "rtk_x_y", retry=FAST, transport=transport) as api:
         assert api.health().status == "ok" and len(seen) == 2
