@@ -260,8 +260,8 @@ class _Client(paho.Client):
             raise
 
 
-def connect_failure(host: str, port: int, exc: OSError | None, timeout_s: float) -> str:
-    """What kept a connection to `host:port` from opening, and how to fix it."""
+def connect_failure(host: str, port: int, exc: OSError | None, timeout_s: float, tls: bool = False) -> str:
+    """What kept a connection to `host:port` (`tls`: over TLS) from opening, and how to fix it."""
     where = f"{host}:{port}"
     if isinstance(exc, Unreachable):
         return f"refused to connect to broker {where}: {exc}"
@@ -274,9 +274,10 @@ def connect_failure(host: str, port: int, exc: OSError | None, timeout_s: float)
     if isinstance(exc, ssl.SSLCertVerificationError):
         return (f"TLS: the certificate of broker {where} cannot be verified ({exc.verify_message}): set "
                 "broker.tls.ca_file to the CA that signed it, and connect by a name the certificate is for")
-    if isinstance(exc, ssl.SSLError):
-        return (f"TLS handshake with broker {where} failed ({exc.reason or exc}): check that port {port} speaks TLS "
-                "(often 8883, not 1883) and that the broker accepts this client's certificate, if it needs one")
+    if isinstance(exc, ssl.SSLError) or tls and isinstance(exc, ConnectionResetError | EOFError):
+        return (f"TLS handshake with broker {where} failed ({getattr(exc, 'reason', None) or exc}): check that port "
+                f"{port} speaks TLS (often 8883, not 1883) and that the broker accepts this client's certificate, if "
+                "it needs one")
     if isinstance(exc, TimeoutError):
         return (f"no answer from broker {where} within {timeout_s:g} s: the host is down, or a firewall drops the "
                 "connection")
@@ -421,7 +422,7 @@ class MqttAdapter:
 
     def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
         b = self.spec.broker
-        why = connect_failure(b.host, b.port, self.client.connect_error, self.client.connect_timeout)
+        why = connect_failure(b.host, b.port, self.client.connect_error, self.client.connect_timeout, b.tls is not None)
         self._error(f"{why}; retrying with backoff")
 
     def _error(self, message: str) -> None:

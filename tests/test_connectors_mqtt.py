@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import socket
+import struct
 import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -332,6 +333,10 @@ def test_a_failed_connection_says_why_and_how_to_fix_it(tmp_path):
     assert unresolved.startswith("cannot resolve broker host 'nonexistent.invalid' (") and unresolved.endswith(
         "): check broker.host and the DNS of the nodes that run connectors; retrying with backoff")
     plain = _tls_server(lambda connection: connection.sendall(b"HTTP/1.0 400 Bad Request\r\n\r\n"))
+    reset = _tls_server(lambda connection: connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                                                 struct.pack("ii", 1, 0)))  # closed with a reset
+    assert _first_error({"port": reset, "tls": {}}).startswith(  # a plain MQTT broker resets a TLS hello
+        f"TLS handshake with broker 127.0.0.1:{reset} failed (")
     assert _first_error({"port": plain, "tls": {}}) == (
         f"TLS handshake with broker 127.0.0.1:{plain} failed (WRONG_VERSION_NUMBER): check that port {plain} speaks "
         "TLS (often 8883, not 1883) and that the broker accepts this client's certificate, if it needs one; retrying "
