@@ -65,9 +65,9 @@ def lost_lease(store: StateStore, mine: Lease) -> StoreFence | None:
     if now is not None and not now.released and now.fence == mine.fence:
         return None
     if now is None or now.released:
-        return StoreFence(reason=f"this service's lease on store {store.url} (epoch {mine.epoch}) was released: "
-                                 "its writes are refused; restart it (`raytwin serve` on the store)")
-    return StoreFence(reason=f"service {now.owner} (epoch {now.epoch}) took store {store.url} over from this service "
+        return StoreFence(reason=f"this service's lease on its store (epoch {mine.epoch}) was released: its writes "
+                                 "are refused; restart it (`raytwin serve` on the store)")
+    return StoreFence(reason=f"service {now.owner} (epoch {now.epoch}) took the store over from this service "
                              f"(epoch {mine.epoch}): its writes are refused; send requests to that service, or "
                              "restart this one on the store once that one stopped",
                       holder=now.owner, epoch=now.epoch, acquired_at=now.acquired_at, acquired_by=now.acquired_by)

@@ -10,6 +10,7 @@ backend deployment arrive wrapped in Ray's `RayTaskError`; `unwrap` recovers the
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -128,6 +129,16 @@ class BackendUnavailable(ApiError):
         return f"{self.message}; {self.lost or advice(request)}; retry after {BACKEND_RETRY_AFTER_S} s"
 
 
+LOCATION = re.compile(r"[a-z][a-z0-9+.-]*://\S+|(?<![\w.])/[^\s:'\",)]+", re.IGNORECASE)
+"""A URL or an absolute path in a message."""
+
+
+def scrub_locations(text: str) -> str:
+    """`text` with URLs and absolute paths as ``<store>``: an answer names no store location (tenants must not
+    learn the operator's buckets and paths; the log keeps them)."""
+    return LOCATION.sub("<store>", text)
+
+
 class ErrorBody(BaseModel):
     code: str
     message: str
@@ -221,8 +232,9 @@ def install_error_handlers(app: FastAPI) -> None:
         if isinstance(err, StoreFenced):  # another service took the store: an operator's act, not a bug
             log.error("event=store_fenced request_id=%s path=%s error=%s", getattr(request.state, "request_id", None),
                       request.url.path, err)
-            return error_response(request, 503, "store_fenced", f"this service no longer holds its store ({err}); "
-                                  "its operator must restart it (`raytwin serve` on the store) before it can write")
+            return error_response(request, 503, "store_fenced", f"this service no longer holds its store "
+                                  f"({scrub_locations(str(err))}); its operator must restart it (`raytwin serve` on "
+                                  "the store) before it can write")
         log.exception("event=unhandled_error request_id=%s path=%s", getattr(request.state, "request_id", None),
                       request.url.path, exc_info=err)
         return error_response(request, 500, "internal", "internal error; quote the request_id when reporting it")

@@ -8,7 +8,6 @@ telemetry's) are left out, and output files are served by name.
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path
@@ -20,7 +19,7 @@ from raytwin.modelcode import ModelCode
 from raytwin.storage import filesystem, read_chunks
 from serve_apps.auth import Principal
 from serve_apps.deps import READER, SVC, Services
-from serve_apps.errors import Gone, NotFound
+from serve_apps.errors import Gone, NotFound, scrub_locations
 from serve_apps.json_route import JsonRoute
 from sweeps.runs import RunError, RunRecord, RunStore
 
@@ -58,17 +57,13 @@ class RunPublic(BaseModel):
     error: str | None
 
 
-LOCATION = re.compile(r"[a-z][a-z0-9+.-]*://\S+|(?<![\w.])/[^\s:'\",)]+", re.IGNORECASE)
-"""A URL or an absolute path in a message."""
-
-
 def scrubbed_error(error: str | None) -> str | None:
     """A failed or cancelled run's error as its last line (the exception's message, not a worker's traceback with
     its files, node address and pid), store locations replaced by ``<store>``."""
     if error is None:
         return None
     lines = [line.strip() for line in error.strip().splitlines() if line.strip()]
-    return LOCATION.sub("<store>", lines[-1] if lines else "")
+    return scrub_locations(lines[-1] if lines else "")
 
 
 def without_locations(value: Any) -> Any:

@@ -300,10 +300,11 @@ def test_a_store_taken_by_another_service_answers_503_naming_it_not_an_internal_
 
     @app.post("/write")
     async def write() -> None:
-        raise StoreFenced("store s is leased to service b (epoch 3), not to this writer (epoch 2)")
+        raise StoreFenced("store s3://ops-bucket/twins is leased to service b (epoch 3), not to this writer (epoch 2)")
 
     answer = TestClient(app, raise_server_exceptions=False).post("/write")  # (Starlette re-raises to the server)
     assert answer.status_code == 503 and answer.json()["error"]["code"] == "store_fenced"
+    assert "ops-bucket" not in answer.text  # the operator's store location is not the tenants' to see
     assert "leased to service b (epoch 3)" in answer.json()["error"]["message"] and "restart it" in answer.text
 
 
@@ -358,13 +359,14 @@ def test_health_says_fenced_naming_the_stores_new_holder_once_another_service_to
         assert answer.status_code == 200 and answer.json()["status"] == "fenced", answer.text
         fenced = answer.json()["fenced"]
         assert (fenced["holder"], fenced["epoch"], fenced["acquired_by"]) == ("svc-b", 2, "host-b:7")
-        assert "took store" in fenced["reason"] and "(epoch 1)" in fenced["reason"]
+        assert "took the store over" in fenced["reason"] and "(epoch 1)" in fenced["reason"]
+        assert str(tmp_path) not in answer.text  # the store's location is the operator's, not the tenants''
         assert "live_twins" not in answer.json() and answer.json()["tenant"] == "acme"
         time.sleep(FENCE_CHECK_S)  # the write gate reads the lease once a second at most
         proposal = {"connector": "plant", "asset_id": "pump-1", "name": "setpoint", "value": {"q": 1.0}}
         refused = http.post("/v1/commands", json=proposal, headers=auth["writer"])  # a command sent beside the
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "store_fenced"  # successor: no
-        assert "took store" in refused.json()["error"]["message"] and not backend.proposed
+        assert "took the store over" in refused.json()["error"]["message"] and not backend.proposed
         store.write_lease(replace(mine, released=True))  # its own lease released under it (the service closed)
         fenced = http.get("/v1/health", headers=auth["reader"]).json()["fenced"]
         assert "holder" not in fenced and "was released" in fenced["reason"]
