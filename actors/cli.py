@@ -123,9 +123,14 @@ def reshard(
     from actors.service import TwinService
     from raytwin.statestore import StateStore
 
+    twins = StateStore(store.rstrip("/"))
+    if twins.read_lease() is None and StateStore(f"{store.rstrip('/')}/twins").read_lease() is not None:
+        raise typer.BadParameter(f"{store} is a `raytwin serve` store: its twins are at {store.rstrip('/')}/twins; "
+                                 "reshard that (this would lease the wrong directory and fence nothing)",
+                                 param_hint="STORE")
     if not force:
         try:
-            check_not_served(StateStore(store.rstrip("/")), f"stop it first (e.g. Ctrl-C `raytwin serve`), reshard, "
+            check_not_served(twins, f"stop it first (e.g. Ctrl-C `raytwin serve`), reshard, "
                              f"then start it with {shards} shard(s); `--force` takes the store from it anyway, and "
                              "every write it takes then fails")
         except StoreLeased as e:

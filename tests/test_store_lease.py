@@ -49,6 +49,12 @@ def test_reshard_refuses_a_store_a_live_service_serves(ray_session, tmp_path, ar
         assert "stop it first" in said and "`--force` takes the store from it anyway" in said
         assert live.store.read_lease() == live.lease  # untouched: the service writes on
         assert live.ingest("acme", events("m0", 3)).accepted == 3
+        root = str(tmp_path / "served")  # a `raytwin serve` store, its twins under twins/: leased afresh, it
+        StateStore(f"{root}/twins").write_lease(live.lease)  # "succeeded" with 0 twins and fenced nothing
+        result = CliRunner().invoke(twins_app, ["reshard", root, "--shards", "2", "--force"])
+        said = "".join(re.sub("[│╭╮╰╯─]", " ", result.output).split())  # the message, out of its box
+        assert result.exit_code == 2 and f"itstwinsareat{root}/twins" in said, result.output
+        assert StateStore(root).read_lease() is None
     finally:
         live.close()
 
