@@ -30,7 +30,7 @@ class Reach:
     but link-local addresses (a cloud's metadata service hands out the node's credentials)."""
 
     def __init__(self, hosts: list[str] | None):
-        self.names = None if hosts is None else {h.lower() for h in hosts if not _network(h)}
+        self.names = None if hosts is None else {_name(h) for h in hosts if not _network(h)}
         self.networks = [n for h in hosts or () if (n := _network(h))]
 
     def __eq__(self, other: object) -> bool:
@@ -70,7 +70,7 @@ class Reach:
 
     def _listed(self, host: str) -> bool:
         """The operator listed this name: its DNS is theirs, whatever it resolves to."""
-        return self.names is not None and host.lower() in self.names
+        return self.names is not None and _name(host) in self.names
 
     def _refuses(self, address: Address) -> str | None:
         """Why no connection may go to `address` (None: it may)."""
@@ -107,17 +107,20 @@ def _address(info: AddrInfo) -> Address:
 
 def _link_local(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     """Link-local, also as an IPv4 address inside an IPv6 one (``::ffff:169.254.169.254``, NAT64's
-    ``64:ff9b::/96``, 6to4), which reaches the IPv4 host."""
+    ``64:ff9b::/96``, 6to4, Teredo's client, the deprecated IPv4-compatible ``::169.254.169.254``), which
+    reaches the IPv4 host."""
     if address.is_link_local:
         return True
     if isinstance(address, ipaddress.IPv6Address):
-        inner = address.ipv4_mapped or address.sixtofour or (
-            ipaddress.IPv4Address(int(address) & 0xFFFFFFFF) if any(address in n for n in _NAT64) else None)
+        embeds = any(address in n for n in _EMBEDDING)
+        inner = address.ipv4_mapped or address.sixtofour or (address.teredo or (None, None))[1] or (
+            ipaddress.IPv4Address(int(address) & 0xFFFFFFFF) if embeds else None)
         return inner is not None and inner.is_link_local
     return False
 
 
-_NAT64 = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"))  # RFC 6052, RFC 8215
+_EMBEDDING = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"),  # NAT64: RFC 6052, 8215
+              ipaddress.ip_network("::/96"))  # IPv4-compatible (RFC 4291, deprecated; still routed by some stacks)
 
 
 def _network(host: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
@@ -125,3 +128,8 @@ def _network(host: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network | None:
         return ipaddress.ip_network(host, strict=False)
     except ValueError:
         return None
+
+
+def _name(host: str) -> str:
+    """A host name as DNS compares it: case-insensitive, the root's trailing dot dropped (``Broker.Example.``)."""
+    return host.lower().rstrip(".")

@@ -807,11 +807,11 @@ def test_a_tenants_connector_reaches_only_the_hosts_the_operator_allows():
     anywhere = Reach(None)
     assert "link-local (169.254.169.254)" in anywhere.refusal("169.254.169.254")
     for inside in ("::ffff:169.254.169.254", "64:ff9b::a9fe:a9fe", "64:ff9b:1::a9fe:a9fe", "2002:a9fe:a9fe::1",
-                   "fe80::1"):
+                   "fe80::1", "::169.254.169.254", "2001:0:4136:e378::5601:5601"):  # IPv4-compatible, Teredo
         assert "link-local" in anywhere.refusal(inside), inside  # IPv4 inside IPv6 reaches the IPv4 host
     assert anywhere.refusal("127.0.0.1") is None and anywhere.refusal("no-such-host.invalid") is None
     listed = Reach(["broker.plant.example", "10.20.0.0/16", "127.0.0.1"])
-    for host in ("broker.plant.example", "BROKER.plant.example", "10.20.3.4", "127.0.0.1"):
+    for host in ("broker.plant.example", "BROKER.plant.example", "broker.plant.example.", "10.20.3.4", "127.0.0.1"):
         assert listed.refusal(host) is None, host
     for host in ("10.21.0.1", "169.254.169.254", "no-such-host.invalid", "example.org"):
         assert "not among the hosts this service lets connectors reach" in listed.refusal(host), host
