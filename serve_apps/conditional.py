@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fastapi import Header, Response
+from fastapi import Header, Request, Response
 
 from serve_apps.errors import PreconditionFailed
 
@@ -98,9 +98,15 @@ def not_modified(if_none_match: str | None, revision: int) -> Response | None:
 
 
 async def precondition(
+    request: Request,
     if_match: str | None = Header(None, description='Write only if the resource\'s ETag is one of these (`"17"`) '
                                   "or it exists (`*`); else 412"),
     if_none_match: str | None = Header(None, description="`*`: create only, 412 if the resource exists"),
 ) -> Precondition:
-    """A route dependency: the request's preconditions (evaluated where the write happens)."""
-    return Precondition(EntityTags.parse(if_match), EntityTags.parse(if_none_match, weak=True))
+    """A route dependency: the request's preconditions (evaluated where the write happens). A conditional write
+    is safe to resend after its backend died (`serve_apps.resend`): 412 if its first try took effect."""
+    pre = Precondition(EntityTags.parse(if_match), EntityTags.parse(if_none_match, weak=True))
+    if if_match is not None or if_none_match is not None:
+        request.state.resend_advice = ("it may have taken effect; resending it is safe (it is conditional: 412 if it "
+                                       "took effect)")
+    return pre

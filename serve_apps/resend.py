@@ -1,8 +1,9 @@
 """Whether a request whose backend replica died mid-call may be resent: the advice in its 503 `backend_unavailable`.
 
 The replica may have died before, during or after the request's change: the client cannot know whether it
-took effect. Reads and idempotent writes (PUT, DELETE, conditional requests, POSTs a route declares safe to
-resend, such as telemetry, whose events carry idempotency keys) are safe to resend; any other POST may take
+took effect. Reads and idempotent writes (PUT, DELETE, conditional requests of the routes that honour conditions,
+`serve_apps.conditional.precondition`, POSTs a route declares safe to resend, such as telemetry, whose events carry
+idempotency keys) are safe to resend; any other POST may take
 effect twice, so the client is told to check first, and how.
 """
 
@@ -33,7 +34,5 @@ def advice(request: Request) -> str:
     if request.method in IDEMPOTENT_METHODS:
         return (f"it may have taken effect; resending it is safe ({request.method} is idempotent; a conditional one "
                 "that took effect answers 412, a DELETE 404: then read the resource)")
-    if "if-match" in request.headers or "if-none-match" in request.headers:
-        return "it may have taken effect; resending it is safe (it is conditional: 412 if it took effect)"
     return ("it may or may not have taken effect, and resending it may apply it twice: first read what it creates "
             "or changes (the matching GET) and resend it only if the change is not there")

@@ -641,6 +641,8 @@ BACKEND_LOST = [  # (key, method, path, body, headers, what the 503 advises)
     ("reader", "POST", "/v1/query", {"q": ""}, {}, _SAFE + " (a query changes nothing)"),
     ("admin", "POST", "/v1/connectors/rooms/pause", None, {}, _SAFE),
     ("writer", "POST", "/v1/bulk", {"q": "", "action": "tag", "set": {"a": "b"}}, {}, _CHECK),
+    ("writer", "POST", "/v1/bulk", {"q": "", "action": "tag", "set": {"a": "b"}}, {"If-Match": '"3"'},
+     _CHECK),  # a route that ignores conditions is not made safe by one
     ("writer", "POST", "/v1/commands", {"connector": "rooms", "asset_id": "pump-1", "name": "setpoint",
                                         "value": {"q": 1.0}}, {}, "GET /v1/commands?asset_id=pump-1 lists it"),
     ("admin", "POST", "/v1/assets/pump-1/migrate", {"type_version": "2.0.0"}, {"If-Match": '"3"'},
