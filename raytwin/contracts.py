@@ -200,13 +200,8 @@ class AssetType(Contract):
             if set(declared) != set(names):
                 raise ValueError(f"{kind} {sorted(declared)} do not match simulator {model.name}: {names}")
             for v in expected:
-                unit = declared[v.name].unit
-                if units.canonical(unit) != units.canonical(v.unit):
-                    raise ValueError(f"{kind}.{v.name}: unit {unit!r} is not {v.unit!r}")
-                if not units.same_unit(unit, v.unit):  # a twin's values are its model's numbers, never converted
-                    raise ValueError(f"{kind}.{v.name}: unit {unit!r} is not the simulator's {v.unit!r}: an asset "
-                                     f"type declares the units its model computes in; declare {v.unit!r} (telemetry "
-                                     f"in {unit!r} is converted on ingest, each value naming its unit)")
+                if units.canonical(declared[v.name].unit) != units.canonical(v.unit):
+                    raise ValueError(f"{kind}.{v.name}: unit {declared[v.name].unit!r} is not {v.unit!r}")
             # keep the simulator's variable order, whatever order the data came in; a variable's
             # plausible range defaults to the simulator's
             if kind == "parameters":
@@ -214,6 +209,23 @@ class AssetType(Contract):
             else:
                 object.__setattr__(self, kind, {v.name: _quantity(v, declared[v.name]) for v in expected})
         return self
+
+    def check_units(self) -> None:
+        """`ValueError` naming each variable declared in another unit than its simulator's, though of its dimension
+        (`degC` for a model in K): a twin's values are its model's numbers, never converted, so telemetry converted
+        to the declared unit would be fed to the model as its own. Checked where a type is published or registered,
+        not where a stored one is read: a store written before this check still loads."""
+        from raytwin.sim import get_model
+
+        model = get_model(self.simulator)
+        wrong = [f"{kind}.{v.name}: unit {declared[v.name].unit!r} is not the simulator's {v.unit!r}"
+                 for kind, variables in (("states", model.states), ("inputs", model.inputs),
+                                         ("outputs", model.outputs), ("parameters", model.params))
+                 for declared in (getattr(self, kind),) for v in variables
+                 if not units.same_unit(declared[v.name].unit, v.unit)]
+        if wrong:
+            raise ValueError("; ".join(wrong) + ": an asset type declares the units its model computes in (telemetry "
+                             "in other units of the same dimension is converted on ingest, each value naming its unit)")
 
     @classmethod
     def from_model(cls, model: Any, name: str | None = None, version: str | None = None) -> AssetType:

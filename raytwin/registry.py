@@ -131,6 +131,10 @@ class ModelRegistry:
         pass its registration check (a JAX model: `check_model` and an RK4-stable default step at
         these parameter values, ``allow_unstable=True``: a loud warning instead; an FMU: a probe run)."""
         self.check_fmu_store(f"{name}@{version}", asset_type.simulator)
+        try:
+            asset_type.check_units()
+        except ValueError as exc:
+            raise RegistryError(f"{name}@{version}: {exc}") from None
         model = get_model(asset_type.simulator)
         declared = {n: p.default for n, p in asset_type.parameters.items()}
         params = dict(zip(model.param_names, model.param_vector({**declared, **(parameters or {})})))

@@ -141,7 +141,8 @@ class Backend:
         self.check_writable()
         try:
             self._registry(tenant).check_fmu_store(asset_type.key, asset_type.simulator)
-        except RegistryError as exc:
+            asset_type.check_units()
+        except (RegistryError, ValueError) as exc:
             raise Unprocessable(str(unwrap(exc))) from None
         with self._lock:
             def write(seq: int) -> list[dict[str, Any]]:

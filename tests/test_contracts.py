@@ -19,6 +19,7 @@ from raytwin.contracts import (
     describe_error,
     normalize_measurements,
 )
+from raytwin.registry import ModelRegistry, RegistryError
 from raytwin.sim import BATTERY_ECM, THERMAL_RC
 from raytwin.units import UnitError, canonical, same_unit, to_unit
 
@@ -263,14 +264,17 @@ def test_telemetry_times_are_rfc3339_date_times_not_unix_seconds(when):
         TelemetryEvent.model_validate(row)
 
 
-def test_an_asset_type_declares_its_simulators_units_not_others_of_their_dimension():
+def test_an_asset_type_declares_its_simulators_units_not_others_of_their_dimension(tmp_path):
     """A type declaring degC for a model computing in K (deg for rad, kW for W) was accepted: telemetry was
     converted to degC and fed to the model as kelvins, and states, scenarios and initial states were read in
     the model's unit under the declared one's name (a pendulum's NIS 399,606 instead of 0.69)."""
     data = AssetType.from_model(THERMAL_RC).model_dump(mode="json")
     for kind, name, unit, simulators in (("states", "T_in", "degC", "K"), ("inputs", "Q_h", "kW", "W")):
-        wrong = {**data, kind: {**data[kind], name: {"unit": unit}}}
-        with pytest.raises(ValidationError, match=f"{kind}.{name}: unit '{unit}' is not the simulator's "
-                                                  f"'{simulators}'.*converted on ingest"):
-            AssetType.model_validate(wrong)
+        stored = AssetType.model_validate({**data, kind: {**data[kind], name: {"unit": unit}}})  # one written before
+        with pytest.raises(ValueError, match=f"{kind}.{name}: unit '{unit}' is not the simulator's "  # still loads:
+                                             f"'{simulators}'.*converted on ingest"):  # a store must not brick the
+            stored.check_units()  # service; it is refused where it is published or registered
+        with pytest.raises(RegistryError, match=f"unit '{unit}' is not the simulator's"):
+            ModelRegistry(str(tmp_path / kind)).register("zone", "1.0.0", stored)
+    AssetType.from_model(THERMAL_RC).check_units()
     assert same_unit("J", "J") and not same_unit("degC", "K") and not same_unit("deg", "rad")

@@ -135,6 +135,9 @@ def test_asset_types_name_only_fmus_stored_in_the_servers_registry(api, http):
         err = assert_error(http.post("/v1/asset-types", json={**THERMAL_TYPE, "simulator": url},
                                      headers=auth(api, "admin")), 422, "invalid_request")
         assert "opens only FMUs stored in its registry" in err["message"], err
+    kelvins = {**THERMAL_TYPE, "name": "zone_c", "states": {**THERMAL_TYPE["states"], "T_in": {"unit": "degC"}}}
+    err = assert_error(http.post("/v1/asset-types", json=kelvins, headers=auth(api, "admin")), 422, "invalid_request")
+    assert "states.T_in: unit 'degC' is not the simulator's 'K'" in err["message"], err  # its model computes in K
 
 
 def test_catalog_crud_and_queries(api, http, building):
