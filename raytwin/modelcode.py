@@ -12,8 +12,9 @@ instead of silently running different physics.
   modules of user code those modules import (a ``constants.py`` whose numbers the model uses). Whole
   files, so that module-level constants count; callables left at their framework default (e.g. the
   identity ``project``) are the framework's, not the model's, and are left out. A user package's data
-  files count too (every file in it but sources, caches, docs and hidden files, by ``package/path``: a table,
-  coefficients in a ``.json``), since numbers a model reads from a file are its code as much as a constant;
+  files count too (those with a data suffix, `DATA_SUFFIXES`, but READMEs, licences and the like, and not in
+  caches or hidden directories, by ``package/path``: a table, coefficients in a ``.json``), since numbers a model
+  reads from a file are its code as much as a constant;
   they travel to Ray workers with the package (`model_runtime_env`), which a flat module's neighbours do not.
 - A model object may provide its own identity with a ``code_identity() -> ModelCode`` method: an FMU
   model returns `file_code` of its ``.fmu`` file.
@@ -169,8 +170,13 @@ def _imported(modules: set[str], top_level: str) -> set[str]:
     return found
 
 
-NOT_DATA = frozenset({".py", ".pyc", ".pyo", ".md", ".rst", ".typed"})
-"""Suffixes of a package's files that are not model data: sources (hashed as modules), caches, docs, markers."""
+DATA_SUFFIXES = frozenset({".csv", ".tsv", ".txt", ".dat", ".json", ".yaml", ".yml", ".toml", ".ini", ".npy",
+                           ".npz", ".parquet", ".feather", ".arrow", ".h5", ".hdf5", ".nc", ".mat", ".pkl",
+                           ".pickle", ".bin", ".xml", ".fmu"})
+"""Suffixes of the files a model reads numbers from: those a package's files are pinned by (a README, a notebook,
+an editor's backup are no model's numbers, and a change to them must not stop its twins)."""
+NOT_DATA_NAMES = frozenset({"README", "LICENSE", "LICENCE", "COPYING", "NOTICE", "CHANGELOG", "CHANGES", "HISTORY",
+                            "AUTHORS", "CONTRIBUTING", "REQUIREMENTS"})
 
 
 def _package_data(modules: set[str]) -> dict[str, str]:
@@ -183,7 +189,8 @@ def _package_data(modules: set[str]) -> dict[str, str]:
             for path in sorted(root.rglob("*")):
                 rel = path.relative_to(root)
                 hidden = any(p.startswith(".") or p == "__pycache__" for p in rel.parts)
-                if not hidden and path.suffix not in NOT_DATA and path.is_file():
+                data = path.suffix.lower() in DATA_SUFFIXES and path.stem.upper() not in NOT_DATA_NAMES
+                if data and not hidden and path.is_file():
                     stat = path.stat()
                     parts[f"{top}/{rel.as_posix()}"] = _file_sha256(str(path), stat.st_size, stat.st_mtime_ns)
     return parts

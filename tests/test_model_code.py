@@ -204,14 +204,15 @@ def test_code_digest_is_the_identitys_hash_without_the_distribution_lookup(monke
 
 def test_a_data_file_of_the_model_package_is_pinned(tmp_path, pumpkit):
     """A model reading its coefficients from a file in its package ran changed numbers under the same version:
-    the package's data files are part of its code; caches, docs and hidden files are not."""
+    the package's data files are part of its code; caches, docs, notebooks, backups and hidden files are not."""
     package, model = pumpkit
     (package / "tables").mkdir()
     (package / "tables" / "losses.csv").write_text("T,P\n300,100\n")
     (package / "__pycache__").mkdir(exist_ok=True)
     (package / "__pycache__" / "model.cpython-311.pyc").write_bytes(b"\0")
     (package / ".notes").write_text("scratch")
-    (package / "README.md").write_text("# pumpkit")
+    for doc in ("README.md", "README.txt", "LICENSE", "notes.ipynb", "losses.csv.orig"):  # no model's numbers:
+        (package / doc).write_text("# pumpkit")  # a change to them must not stop its twins
     registry = ModelRegistry(str(tmp_path / "models"))
     registered = registry.register("pump", "1.0.0", AssetType.from_model(model))
     assert registered.code.parts["pumpkit/tables/losses.csv"] == _sha(package / "tables" / "losses.csv")
