@@ -24,6 +24,7 @@ from ray import serve
 from actors.lease import ray_cluster
 from actors.state import TwinState, UnknownTwin
 from connectors.manager import stop_connector_actors
+from raytwin import units
 from raytwin.contracts import Asset, AssetType, RelationshipKind, TelemetryEvent
 from raytwin.graph import Direction
 from raytwin.logs import component_logging
@@ -216,6 +217,7 @@ class Backend:
             if current is not None and (current.type_name, current.type_version) != (asset.type_name,
                                                                                     asset.type_version):
                 self._require_production(asset)
+                self._require_same_units(current, asset)
             artifact = self._checked_artifact(asset, None)  # metadata the twin would refuse: 422, nothing changed
             before: list[Asset] = []
 
@@ -227,6 +229,21 @@ class Backend:
             if (before[0].type_name, before[0].type_version) != (asset.type_name, asset.type_version):
                 self.twins.retype(asset, artifact)  # its history replayed on the new model, not deleted
             return change.seq
+
+    def _require_same_units(self, current: Asset, asset: Asset) -> None:
+        """`Unprocessable` if `asset`'s type version names a variable in another unit than `current`'s: a type
+        change replays the twin's logged history, in the old version's units, on the new model unconverted (a room
+        read 294.55 degC); `POST .../migrate` maps and converts."""
+        old = self.catalog.get_type(current.tenant, current.type_name, current.type_version)
+        new = self.catalog.get_type(asset.tenant, asset.type_name, asset.type_version)
+        changed = [f"{kind}.{name} ({was.unit} -> {getattr(new, kind)[name].unit})"
+                   for kind in ("states", "inputs", "outputs") for name, was in getattr(old, kind).items()
+                   if name in getattr(new, kind) and not units.same_unit(was.unit, getattr(new, kind)[name].unit)]
+        if changed:
+            raise Unprocessable(f"asset {asset.id}: {asset.type_name}@{asset.type_version} has other units than "
+                                f"{current.type_name}@{current.type_version} for {', '.join(changed)}: its twin's "
+                                f"history would be replayed unconverted; move it with POST /v1/assets/{asset.id}/"
+                                "migrate, which converts its state")
 
     def _require_production(self, asset: Asset) -> None:
         """`Conflict` unless the asset's version may run on a new twin: once its model has a production

@@ -198,6 +198,9 @@ def test_registration_refuses_a_breaking_change_without_a_major_version(api, roo
 def test_a_migration_renames_converts_is_audited_and_reverses_exactly(api, rooms):
     client, auth, backend = api
     before = client.get("/v1/assets/room-1/state", headers=auth["reader"]).json()
+    r = client.put("/v1/assets/room-1", json={"type_name": "room", "type_version": "2.0.0"}, headers=auth["admin"])
+    assert r.status_code == 422 and "inputs.T_out (K -> degC)" in r.json()["error"]["message"]  # replayed in K as
+    assert "POST /v1/assets/room-1/migrate" in r.json()["error"]["message"]  # degC, a room read 294.55 degC
     r = client.post("/v1/assets/room-1/migrate", json={"type_version": "2.0.0"}, headers=auth["admin"])
     assert r.status_code == 422 and "target state 'T_air' has no source" in r.json()["error"]["message"]
     r = client.post("/v1/assets/room-1/migrate", json={"type_version": "2.0.0", "states": {
