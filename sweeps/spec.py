@@ -66,8 +66,9 @@ class ModelStart(Contract):
     @model_validator(mode="after")
     def _one_clock(self) -> ModelStart:
         if self.start_time is not None and CLOCK_INPUT in self.inputs:
-            raise ValueError(f"inputs.{CLOCK_INPUT} and start_time both set the clock (a run from a twin's live "
-                             f"state starts at its state's time): give one of them")
+            raise ValueError(f"inputs.{CLOCK_INPUT} and start_time both set the clock: leave {CLOCK_INPUT} out (a "
+                             "run from a twin's live state starts at its state's time; from an explicit state, "
+                             "give one of them)")
         return self
 
     def kit_inputs(self, kit: Kit) -> dict[str, float]:
