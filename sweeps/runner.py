@@ -346,7 +346,7 @@ def run_sweep(
                 outputs[part_name(chunk)] = digest
                 diverged += n_bad
                 bar.advance(count)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, ray.exceptions.TaskCancelledError):  # Ctrl-C; a cancelled task interrupted in a wait
         _cancel(pending)
         raise SweepCancelled(f"sweep cancelled after {bar.done}/{n} scenarios; partial output in {out_url}") from None
     except BaseException:

@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import Field
+from ray.exceptions import TaskCancelledError
 
 from raytwin.contracts import Contract, UtcTime
 from raytwin.modelcode import ModelCode, code_identity, describe_change
@@ -133,7 +134,7 @@ def _recorded(
     try:
         outputs, summary = execute(store.output_url(run_id))
     except BaseException as exc:
-        status = "cancelled" if isinstance(exc, (SweepCancelled, KeyboardInterrupt)) else "failed"
+        status = "cancelled" if isinstance(exc, (SweepCancelled, KeyboardInterrupt, TaskCancelledError)) else "failed"
         error = str(exc) or type(exc).__name__
         store.save(RunRecord(**fields, status=status, finished=datetime.now(UTC), error=error))
         log.warning("run %s run_id=%s error=%s", status, run_id, error)

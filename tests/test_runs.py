@@ -168,3 +168,24 @@ def test_a_run_stopped_by_sigterm_is_recorded_as_terminated(ray_session, tmp_pat
     record, = RunStore(runs).list()
     assert (record.status, record.error) == ("failed", "terminated by SIGTERM")
     assert signal.getsignal(signal.SIGTERM) is before  # the command put the previous handler back
+
+
+def test_a_sweep_whose_task_is_cancelled_in_a_wait_is_recorded_cancelled(tmp_path):
+    """A job cancelled while its sweep task waited on Ray surfaced as `TaskCancelledError`, not the interrupt,
+    and its run was recorded `failed` (once in a CI run of the job cancellation test)."""
+    from ray.exceptions import TaskCancelledError
+
+    from sweeps import Dimension, ScenarioSpace, SweepSpec
+    from sweeps.runs import RunStore, _recorded
+
+    space = ScenarioSpace(method="grid", dimensions=[Dimension(name="a1", target="param", values=[1e-5])])
+    spec = SweepSpec(model="two_tank", space=space, horizon_s=10.0, step_s=1.0)
+    store = RunStore(str(tmp_path / "runs"))
+
+    def interrupted(url: str):
+        raise TaskCancelledError()
+
+    with pytest.raises(TaskCancelledError):
+        _recorded(store, "sweep", spec, interrupted, input_url=None, input_hash=None, seeds={}, user="u", rerun_of=None)
+    (record,) = store.list()
+    assert record.status == "cancelled"
