@@ -18,7 +18,7 @@ DAY_S = 86_400.0
 def _spec(days: float, iterations: int) -> RecommendSpec:
     return RecommendSpec(
         model="thermal_rc", start_state={"T_in": 294.15, "T_m": 293.15}, inputs={"setpoint": 296.15},
-        horizon_s=days * DAY_S, step_s=900.0, control=Control(input="Q_h", block_s=3600.0, lower=0.0, upper=1e4),
+        horizon_s=days * DAY_S, step_s=600.0, control=Control(input="Q_h", block_s=3600.0, lower=0.0, upper=1e4),
         objective="energy_kwh", constraints=[Bound(of="T_in", low=292.15, high=297.15, margin=0.2)],
         iterations=iterations, ensemble=Ensemble(rel_std={"R_io": 0.05}, size=2))
 

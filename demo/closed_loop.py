@@ -191,7 +191,7 @@ def _recommend_and_check(root: Path, registry, service, model, truth: np.ndarray
     band = Bound(of="T_in", low=THERMAL.parameters["comfort_low"].default,
                  high=THERMAL.parameters["comfort_high"].default, margin=0.2)
     spec = RecommendSpec(**fields, registry_url=registry.url, inputs={"setpoint": SETPOINT},
-                         horizon_s=7 * DAY, step_s=900.0,
+                         horizon_s=7 * DAY, step_s=600.0,
                          control=Control(input="Q_h", block_s=HOUR, lower=0.0, upper=10_000.0),
                          objective="energy_kwh", constraints=[band],
                          # a soft band (penalty 50, not 1e3) keeps Adam from bouncing off its walls: converged

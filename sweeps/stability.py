@@ -8,10 +8,11 @@ import numpy as np
 
 from raytwin.signals import Proportional, signal_function
 from raytwin.sim import get_model
-from raytwin.sim.checks import BoxLimit, box_corners, check_step, declared_inputs
+from raytwin.sim.checks import BoxLimit, box_corners, check_sampled_loop, check_step, declared_inputs
 from raytwin.sim.model import Model
 
 if TYPE_CHECKING:
+    from sweeps.kits import Kit
     from sweeps.spec import SweepSpec
 
 
@@ -28,25 +29,31 @@ def check_sweep_step(spec: SweepSpec, simulator: str, base_parameters: dict[str,
         if d.target == "param" and d.name in base:
             values[d.name] = [d.applied(v, base[d.name]) for v in d.extremes()]
     box = [np.array([min(values[n]), max(values[n])]) for n in model.param_names]
-    return check_step(model, spec.step_s, box, inputs=_input_box(spec, simulator, model),
-                      allow_unstable=spec.allow_unstable, what="step_s")
+    kit = spec.kit(simulator)
+    state = {n: float(v) for n, v in (spec.start_state or kit.states0).items()}
+    settings = _kit_corners(spec, spec.kit_inputs(kit))
+    inputs = _input_box(spec, kit, model, state, settings)
+    limit = check_step(model, spec.step_s, box, inputs=inputs, allow_unstable=spec.allow_unstable, what="step_s")
+    if (feedback := _feedback_gains(kit, model, state, settings)) is not None:
+        gains, loop = feedback
+        check_sampled_loop(model, spec.step_s, [b[0] for b in box], [b[1] for b in box], inputs[0], inputs[1],
+                           state=[state[n] for n in model.state_names], gains=gains, loop=loop,
+                           allow_unstable=spec.allow_unstable, what="step_s")
+    return limit
 
 
 MAX_SIGNAL_SAMPLES = 100_000
 """Times at which a signal is evaluated for its range, at most (evenly spread over the horizon)."""
 
 
-def _input_box(spec: SweepSpec, simulator: str, model: Model) -> np.ndarray:
+def _input_box(spec: SweepSpec, kit: Kit, model: Model, state: dict[str, float],
+               settings: list[dict[str, float]]) -> np.ndarray:
     """The model inputs' extremes over the sweep, (2, m): each input's signal in the kit (a held kit value, a
     sinusoid, a schedule, ...) evaluated over the horizon at the start state (feedback: over its state's
     plausible range, `_feedback_states`), at the corners of the kit values the sweep's ``input`` dimensions
     span. A signal that cannot be evaluated outside a kernel spans its input's declared range where that is
     finite (`declared_inputs`)."""
-    kit = spec.kit(simulator)
-    base = spec.kit_inputs(kit)
-    state = {n: float(v) for n, v in (spec.start_state or kit.states0).items()}
     times = np.linspace(0.0, spec.horizon_s, min(spec.n_steps, MAX_SIGNAL_SAMPLES), endpoint=False)
-    settings = _kit_corners(spec, base)
     out = np.array(declared_inputs(model))  # where a signal cannot be evaluated outside a kernel
     for i, declared in enumerate(model.inputs):
         sig = kit.inputs[declared.name]
@@ -70,6 +77,31 @@ def _feedback_states(sig: Any, state: dict[str, float], model: Model) -> list[di
         return [state]
     bounds = next(v for v in model.states if v.name == sig.state)
     return [state, {**state, sig.state: bounds.lower}, {**state, sig.state: bounds.upper}]
+
+
+def _feedback_gains(kit: Kit, model: Model, state: dict[str, float],
+                    settings: list[dict[str, float]]) -> tuple[np.ndarray, str] | None:
+    """The kit's feedback as d input / d state (m, n) in the model's units, unsaturated (the loop's gain
+    where it acts), at the kit values that make it strongest, and a line naming it; None without feedback."""
+    loops = [(i, sig) for i, d in enumerate(model.inputs) if isinstance(sig := kit.inputs[d.name], Proportional)]
+    if not loops:
+        return None
+    strongest: tuple[float, np.ndarray, dict[str, float]] | None = None
+    for ip in settings:
+        gains = np.zeros((len(model.inputs), len(model.states)))
+        for i, sig in loops:
+            f = signal_function(sig.model_copy(update={"lower": None, "upper": None}), unit=model.inputs[i].unit,
+                                xp=np)
+            j = model.state_names.index(sig.state)
+            gains[i, j] = float(f(0.0, {**state, sig.state: 1.0}, ip)) - float(f(0.0, {**state, sig.state: 0.0}, ip))
+        norm = float(np.abs(gains).sum())
+        if strongest is None or norm > strongest[0]:
+            strongest = (norm, gains, ip)
+    assert strongest is not None
+    _, gains, ip = strongest
+    named = [f"{model.inputs[i].name} = {sig.gain} ({sig.setpoint} - {sig.state})"
+             + (f" with {sig.gain}={ip[sig.gain]:g}" if isinstance(sig.gain, str) else "") for i, sig in loops]
+    return gains, "; ".join(named)
 
 
 def _kit_corners(spec: SweepSpec, base: dict[str, float]) -> list[dict[str, float]]:

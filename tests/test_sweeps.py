@@ -440,7 +440,7 @@ def test_a_sweep_of_a_registry_model_is_checked_around_the_artifacts_parameters(
     spec = SweepSpec(model="zone@1.0.0", registry_url=registry, space=space, horizon_s=7200.0, step_s=3600.0)
     with pytest.raises(UnstableStepError, match="step_s"):
         runner.prepare(spec)
-    stable = spec.model_copy(update={"step_s": 60.0, "horizon_s": 3600.0})
+    stable = spec.model_copy(update={"step_s": 30.0, "horizon_s": 3600.0})  # 60 s: the thermostat's loop rings
     assert runner.prepare(stable)[0] == "thermal_rc"
 
 
@@ -455,3 +455,38 @@ def test_a_feedback_input_is_checked_for_stability_over_its_states_range_not_at_
     with pytest.raises(ValidationError, match="step_s"):
         SweepSpec(**common, step_s=0.1)
     SweepSpec(**common, step_s=0.002)  # within the limit at k = 1000/s (2.79 / 1000 s)
+
+
+def test_a_thermostat_too_strong_for_the_step_is_refused_where_the_sampled_loop_starts_to_ring():
+    """The step check saw the model's own modes only: at C_in 1e5 J/K the kit's 5 kW/K thermostat, computed at
+    each step's start and held through it, swung the heater between its bounds at 60 s steps (far within the
+    open-loop RK4 limit there, 463 s) and a sweep reported hours outside the comfort band that 2 s steps did
+    not. The refusal names the largest stable step; the kernel settles
+    just below it and rings just above it."""
+    space = ScenarioSpace(method="grid", dimensions=[Dimension(name="R_io", target="param", mode="scale",
+                                                               values=[1.0])])
+
+    def spec(step_s: float, **kw) -> SweepSpec:
+        return SweepSpec(model="thermal_rc", parameters={"C_in": 1e5}, horizon_s=2 * 86400.0, step_s=step_s,
+                         space=space, **kw)
+
+    with pytest.raises(ValidationError, match=r"step_s: step 60 s makes the sampled feedback loop unstable: Q_h = "
+                                              r"heater_gain \(setpoint - T_in\) with heater_gain=5000, .* grows "
+                                              r"1.8\dx per step at C_in=100000.*largest stable step is 40.2 s"):
+        spec(60.0)
+    with pytest.raises(ValidationError, match="largest stable step is 40.2 s"):
+        spec(45.0)
+    spec(36.0)
+    with pytest.warns(UserWarning, match="the sampled feedback loop unstable"):
+        spec(45.0, allow_unstable=True)
+
+    bases = Bases(THERMAL_KIT.start_state, {**THERMAL_RC.default_params(), "C_in": 1e5}, THERMAL_KIT.default_inputs())
+
+    def coldest(step_s: float) -> float:
+        n = round(2 * 86400.0 / step_s)
+        return float(chunk_metrics(THERMAL_KIT, bases, space.dimensions, space.rows(0, 1), step_s, n, 1,
+                                   "float64")["T_in_min"][0])
+
+    start = THERMAL_KIT.start_state["T_in"]  # below the setpoint: a settling loop never goes under it
+    assert coldest(36.0) >= start - 1e-6
+    assert coldest(45.0) < start - 0.5  # overshoots, then undershoots by more each step until it saturates

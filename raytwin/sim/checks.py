@@ -280,6 +280,75 @@ def check_step(
     return limit
 
 
+# ----------------------------------------------------------------------- sampled feedback ----
+@cache
+def _loop_jacobians(model: Model) -> Callable:
+    """jit(vmap over rows of (inputs, parameters) of d next state / d state for one step whose inputs follow
+    the state at the step's start, ``u0 + gains (x - x0)``, held through the step), for one model."""
+
+    def step(xv, x0, u0, p, gains, dt):
+        u = u0 + gains @ (xv - x0)
+        return jnp.stack(model_step(model, unstack(xv), unstack(u), model.coefficients(unstack(p)), dt))
+
+    return jax.jit(jax.vmap(jax.jacfwd(step), in_axes=(None, None, 0, 0, None, None)))
+
+
+def _loop_radii(model: Model, x: np.ndarray, rows: np.ndarray, inputs: np.ndarray, gains: np.ndarray,
+                dt: float) -> np.ndarray:
+    """The spectral radius of each row's one-step map of the sampled loop (NaN where not finite)."""
+    with float64():
+        jac = np.asarray(_loop_jacobians(model)(x, x, inputs, rows, gains, jnp.float64(dt)))
+    finite = np.all(np.isfinite(jac), axis=(1, 2))
+    radii = np.abs(np.linalg.eigvals(np.where(finite[:, None, None], jac, 0.0))).max(axis=1)
+    return np.where(finite, radii, np.nan)
+
+
+def check_sampled_loop(
+    model: Model, dt: float, lows: Sequence[float], highs: Sequence[float], input_lows: Sequence[float],
+    input_highs: Sequence[float], *, state: Sequence[float], gains: np.ndarray, loop: str,
+    allow_unstable: bool = False, what: str = "dt",
+) -> float:
+    """Refuse (or, with `allow_unstable`, warn loudly about) a step at which inputs computed from the state at
+    each step's start and held through the step (a sampled feedback loop: `gains` is d input / d state,
+    (m, n), where no input saturates) make the loop unstable, anywhere in the box of parameters and inputs
+    [lows, highs] x [input_lows, input_highs], linearised at `state`. Returns the largest stable step at the
+    worst corner (inf when the step is stable at every corner).
+
+    The open-loop RK4 limit (`check_step`) does not see this: a thermostat whose gain is large against the
+    room's heat capacity overshoots when it acts on a state a whole step old, and from step to step the
+    heater swings between its bounds (thermal_rc at C_in 1e5 J/K with a 5 kW/K thermostat: open-loop limit
+    463 s, loop stable up to 40.2 s; at 60 s, 2.7 h of two days outside the comfort band where 2 s steps
+    gave none). Corners where the continuous loop itself grows
+    (a tiny step's map grows too) are left alone: there the growth is the system's, not the step's.
+    `loop` names the loop in the message."""
+    p = len(lows)
+    both = box_corners((*lows, *input_lows), (*highs, *input_highs))
+    rows, inputs = both[:, :p], both[:, p:]
+    x, gains = np.asarray(state, dtype=np.float64), np.asarray(gains, dtype=np.float64)
+    tiny = float(dt) * 1e-4
+    radii = _loop_radii(model, x, rows, inputs, gains, dt)
+    growing = _loop_radii(model, x, rows, inputs, gains, tiny) > 1.0 + 1e-12
+    unstable = (radii > 1.0 + 1e-9) & ~growing
+    if not np.any(unstable):
+        return math.inf
+    k = int(np.argmax(np.where(unstable, radii, -np.inf)))
+    lo, hi = tiny, float(dt)  # the step is unstable at hi, stable at lo
+    for _ in range(40):
+        mid = 0.5 * (lo + hi)
+        stable = _loop_radii(model, x, rows[k:k + 1], inputs[k:k + 1], gains, mid)[0] <= 1.0 + 1e-9
+        lo, hi = (mid, hi) if stable else (lo, mid)
+    at = describe_params(model, rows[k], inputs[k])
+    reason = (f"step {float(dt):g} s makes the sampled feedback loop unstable: {loop}, computed at each step's "
+              f"start and held through it, grows {radii[k]:.3g}x per step at {at}, where the largest stable step "
+              f"is {lo:.4g} s (the run would oscillate instead of settling, swinging between the input's bounds "
+              "where it saturates)")
+    if not allow_unstable:
+        raise UnstableStepError(model.name, what, f"{reason} (use a smaller step or gain, or allow_unstable=True)")
+    warnings.warn(f"model {model.name}: {what}: {reason}", UnstableStepWarning, stacklevel=3)
+    log.warning("event=unstable_loop model=%s dt=%g limit=%g", model.name, float(dt), lo)
+    return lo
+
+
 # ------------------------------------------------------------------------------- check_model ----
 @dataclass(frozen=True)
 class ModelReport:
