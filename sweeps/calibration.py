@@ -431,7 +431,7 @@ def prediction_error(problem: Problem, theta_log: np.ndarray) -> tuple[np.ndarra
         raise CalibrationError("the prediction-error fit failed (non-finite likelihood); "
                                "use uncertainty='least_squares' or check the data")
     return (np.asarray(fit.theta_log), float(np.exp(fit.log_q_scale)),
-            *_std_and_correlation(problem, np.asarray(fit.cov)))
+            *_std_and_correlation(problem, np.asarray(fit.cov), np.asarray(fit.information)))
 
 
 BOUND_TOLERANCE = 1e-6
@@ -459,23 +459,33 @@ COLLINEAR_EIGENVALUE = 1e-8
 (correlations within ~1e-8 of +-1): a direction of parameter space that leaves the outputs unchanged."""
 
 
-def _std_and_correlation(problem: Problem, cov: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _std_and_correlation(problem: Problem, cov: np.ndarray,
+                         information: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(relative std, correlation) from the log-parameters' covariance, refused (`CalibrationError`) when
     the data do not identify the parameters: a covariance that is not positive definite (the inverse of a
     singular Hessian: negative or infinite variances, which read as "+- 0 %") or whose correlations are +-1
-    along some direction (the pseudo-inverse of a singular J^T J: finite, and as false)."""
+    along some direction (the pseudo-inverse of a singular J^T J: finite, and as false). Where the
+    covariance is not even finite, the `information` matrix it was inverted from (if given) names the
+    direction: its smallest eigenvalue's (a parameter that moves nothing has a zero row there)."""
     cov = 0.5 * (cov + cov.T)
     var = np.diag(cov)
     finite = np.all(np.isfinite(cov))
     if not finite or np.any(var <= 0):  # the unseen direction: the covariance's smallest eigenvalue (0 where a
-        # pseudo-inverse cut it, negative from an inverted singular Hessian)
-        _refuse_unidentified(problem, np.linalg.eigh(cov)[1][:, 0] if finite else None)
+        # pseudo-inverse cut it, negative from an inverted singular Hessian), or the information's smallest
+        _refuse_unidentified(problem, np.linalg.eigh(cov)[1][:, 0] if finite else _null_direction(information))
     rel_std = np.sqrt(var)
     corr = cov / np.outer(rel_std, rel_std)
     values, vectors = np.linalg.eigh(corr)  # scale-free: no parameter's units decide the direction
     if values[0] < COLLINEAR_EIGENVALUE:
         _refuse_unidentified(problem, vectors[:, 0])
     return rel_std, corr
+
+
+def _null_direction(information: np.ndarray | None) -> np.ndarray | None:
+    """The direction of the information matrix's smallest eigenvalue, or None where it is not known (finite)."""
+    if information is None or not np.all(np.isfinite(information)):
+        return None
+    return np.linalg.eigh(0.5 * (information + information.T))[1][:, 0]
 
 
 class Unidentified(FitRefused):

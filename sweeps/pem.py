@@ -40,12 +40,14 @@ FD_STEP = 1e-4
 class PemFit(NamedTuple):
     """The prediction-error fit: free log-parameters, log process-noise factor, covariance of the
     log-parameters (its diagonal square roots are relative standard deviations), negative
-    log-likelihood."""
+    log-likelihood, and the log-parameters' information (the Hessian with the noise factor profiled out:
+    the covariance's inverse, and where it is singular, what names the direction the data do not see)."""
 
     theta_log: jax.Array
     log_q_scale: jax.Array
     cov: jax.Array
     nll: jax.Array
+    information: jax.Array
 
 
 def innovations_nll(model: Model, free_index: tuple[int, ...], n_sub: int, phi, base, x0, P0, u, y, q_var, r_var, dt):
@@ -129,4 +131,5 @@ def pem_fit(model: Model, free_index: tuple[int, ...], n_sub: int, theta0_log, b
     _, phi, value, _, H, _ = jax.lax.fori_loop(0, NEWTON_ITERATIONS + 1, newton, start)
     H = H.at[-1, -1].add(LOG_Q_PRIOR_CURVATURE)
     cov = jnp.linalg.inv(H)[:-1, :-1]
-    return PemFit(phi[:-1], phi[-1], 0.5 * (cov + cov.T), value)
+    information = H[:-1, :-1] - jnp.outer(H[:-1, -1], H[-1, :-1]) / H[-1, -1]
+    return PemFit(phi[:-1], phi[-1], 0.5 * (cov + cov.T), value, information)

@@ -201,6 +201,13 @@ def test_the_refusal_names_only_the_parameters_the_data_do_not_see():
     together = np.linalg.pinv(np.array([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 3.0]]))  # a and b as a sum
     with pytest.raises(CalibrationError, match=r"identify a, b of m: changing them together .*fix all but one"):
         _std_and_correlation(problem, together)
+    # the prediction-error fit inverts its Hessian, which gives no finite covariance here: the information
+    # names the parameter (the refusal named all of them)
+    singular = np.diag([4.0, 2.0, 0.0])
+    with pytest.raises(CalibrationError, match=r"^the telemetry does not identify c of m: changing it leaves"):
+        _std_and_correlation(problem, np.full((3, 3), np.nan), singular)
+    with pytest.raises(CalibrationError, match=r"^the telemetry does not identify a, b, c of m"):  # unknown: all
+        _std_and_correlation(problem, np.full((3, 3), np.nan))
     rel_std, corr = _std_and_correlation(problem, np.linalg.inv(np.diag([4.0, 2.0, 1.0])))
     np.testing.assert_allclose(rel_std, [0.5, 2 ** -0.5, 1.0])
     np.testing.assert_allclose(corr, np.eye(3), atol=1e-15)
