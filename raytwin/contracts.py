@@ -85,9 +85,17 @@ DateTime = Annotated[UtcTime, BeforeValidator(_rfc3339)]
 """A point in time as OpenAPI's `date-time` format means it (RFC 3339, with an offset), in UTC."""
 
 
+MAX_WHOLE_STEPS = 2**53
+"""Steps a horizon may hold at most: beyond, a float no longer tells whole numbers apart (and no run ends)."""
+
+
 def whole_steps(horizon_s: float, step_s: float) -> int:
-    """The number of steps of `step_s` in `horizon_s`, refusing a horizon that is not a whole number."""
+    """The number of steps of `step_s` in `horizon_s`, refusing a horizon that is not a whole number, and a
+    count no run could take (`MAX_WHOLE_STEPS`: 1e300 s of 1e-300 s steps overflowed into a 500)."""
     n = horizon_s / step_s
+    if not n <= MAX_WHOLE_STEPS:
+        raise ValueError(f"horizon_s {horizon_s:g} in steps of {step_s:g} s is {n:.3g} steps, more than any run "
+                         f"can take (at most {MAX_WHOLE_STEPS:.3g}); use a longer step_s or a shorter horizon_s")
     if abs(n - round(n)) > 1e-9 * max(n, 1.0):
         raise ValueError(f"horizon_s {horizon_s} is not a whole number of steps of {step_s} s")
     return round(n)

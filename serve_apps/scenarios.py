@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, model_validator
 
 from raytwin import metrics
 from raytwin.contracts import (
@@ -36,6 +36,7 @@ from raytwin.contracts import (
     Scenario,
     describe_error,
     start_state_problems,
+    whole_steps,
 )
 from raytwin.fmu import FmuModel
 from raytwin.registry import ModelArtifact
@@ -177,6 +178,11 @@ class AssetSweep(Contract):
     parameters: dict[str, Finite] = Field(default_factory=dict, description="overrides of the model's parameters")
     space: ScenarioSpace
     trajectories: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list, max_length=100)
+
+    @model_validator(mode="after")
+    def _steps(self) -> AssetSweep:
+        whole_steps(self.horizon_s, self.step_s)
+        return self
 
     @property
     def work(self) -> int:

@@ -45,7 +45,7 @@ import numpy as np
 import optax
 from pydantic import Field, model_validator
 
-from raytwin.contracts import Contract, Finite, Identifier
+from raytwin.contracts import Contract, Finite, Identifier, whole_steps
 from raytwin.scenario_metrics import Metric
 from raytwin.signals import Schedule
 from raytwin.sim import rollout
@@ -176,8 +176,9 @@ class RecommendSpec(ModelStart):
 
     @model_validator(mode="after")
     def _shape(self) -> RecommendSpec:
+        whole_steps(self.horizon_s, self.step_s)
         blocks = self.period_s / self.control.block_s
-        if abs(blocks - round(blocks)) > 1e-9 or round(blocks) > 10_000:
+        if not blocks <= 10_000 or abs(blocks - round(blocks)) > 1e-9:
             raise ValueError(f"control: block_s ({self.control.block_s:g}) must divide the period "
                              f"({self.period_s:g} s) into at most 10,000 blocks")
         if self.method == "sampled" and self.search == "grid" and self.levels ** round(blocks) > 1_000_000:

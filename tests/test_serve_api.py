@@ -630,6 +630,14 @@ def test_scenario_values_are_bounded_and_results_finite(api, http, building):
         err = assert_error(http.post("/v1/scenarios", params={"mode": mode}, json=unstable, headers=writer),
                            422, "invalid_request")
         assert "step" in err["message"] and "stab" in err["message"], err
+    # a step count no run can take is refused in a line (1e300 s of 1e-300 s steps overflowed into a 500)
+    grid = {"method": "grid", "dimensions": [{"name": "R_io", "target": "param", "mode": "scale", "values": [1.0]}]}
+    for path, body in (("/v1/scenarios", base), ("/v1/sweeps", {**_sweep(building, grid), "start_state": x0})):
+        for horizon_s, step_s in ((1e300, 1e-300), (1e300, 1.0)):
+            answer = http.post(path, params={"mode": "sync"}, headers=writer,
+                               json={**body, "horizon_s": horizon_s, "step_s": step_s})
+            err = assert_error(answer, 422, "invalid_request")
+            assert "more than any run can take" in err["message"] and len(err["message"]) < 400, err
     sweep = {**_sweep(building, {"method": "grid", "dimensions": [
         {"name": "R_io", "target": "param", "mode": "scale", "values": [1.0]}]}), "start_state": {**x0, "T_m": -1e300}}
     assert "start_state.T_m" in assert_error(http.post("/v1/sweeps", json=sweep, headers=writer),
