@@ -121,6 +121,14 @@ def _counts(values: dict[str, int]) -> str:
     return ", ".join(f"{k} {v:,}" for k, v in sorted(values.items())) or "none"
 
 
+def _shards(shards: dict[str, int]) -> str:
+    """Alive shards first; the others by state, DEAD explained: Ray keeps every shard process the cluster ever
+    ran, so it counts earlier services' and replaced processes too, not shards missing now."""
+    others = {k: v for k, v in shards.items() if k != "ALIVE"}
+    dead = " (processes of earlier services and replaced ones: not shards missing now)" if "DEAD" in others else ""
+    return f"{shards.get('ALIVE', 0):,} alive" + (f"; {_counts(others)}{dead}" if others else "")
+
+
 def _connectors(s: Status) -> str:
     if not s.connectors:
         return "none"
@@ -137,7 +145,7 @@ def render(s: Status) -> str:
               else ", ".join(s.alerts) if s.alerts else "none firing")
     return "\n".join([
         f"cluster       {s.nodes} node(s), {s.cpus_free:g} of {s.cpus:g} CPUs free",
-        f"shards        {_counts(s.shards)}",
+        f"shards        {_shards(s.shards)}",
         f"twins         {s.twins:,} live, {s.drifting:,} drifting",
         f"events        {_counts(s.events)}",
         f"dead letters  {_counts(s.dead_letters)}",

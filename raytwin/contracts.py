@@ -209,7 +209,9 @@ class AssetType(Contract):
                 raise ValueError(f"{kind} {sorted(declared)} do not match simulator {model.name}: {names}")
             for v in expected:
                 if units.canonical(declared[v.name].unit) != units.canonical(v.unit):
-                    raise ValueError(f"{kind}.{v.name}: unit {declared[v.name].unit!r} is not {v.unit!r}")
+                    raise ValueError(f"{kind}.{v.name}: unit {declared[v.name].unit!r} is not {v.unit!r}, the "
+                                     f"simulator {model.name}'s: declare {v.unit!r} (telemetry in other units of its "
+                                     "dimension is converted on ingest)")
             # keep the simulator's variable order, whatever order the data came in; a variable's
             # plausible range defaults to the simulator's
             if kind == "parameters":

@@ -45,7 +45,8 @@ def register(app: FastAPI) -> None:
         """
         if len(body.events) > svc.config.max_events_per_batch:
             raise PayloadTooLarge(f"{len(body.events)} events exceed the limit of {svc.config.max_events_per_batch}"
-                                  " per batch")
+                                  " per batch: split them into batches of at most that many, each sent with its "
+                                  "own idempotency key (the service's `max_events_per_batch` sets the limit)")
         stamped = [i for i, raw in enumerate(body.events) if "ingest_time" in raw]
         if stamped:
             raise Unprocessable(f"events[{stamped[0]}].ingest_time: the server sets ingest_time (its clock on "

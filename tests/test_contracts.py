@@ -276,5 +276,8 @@ def test_an_asset_type_declares_its_simulators_units_not_others_of_their_dimensi
             stored.check_units()  # service; it is refused where it is published or registered
         with pytest.raises(RegistryError, match=f"unit '{unit}' is not the simulator's"):
             ModelRegistry(str(tmp_path / kind)).register("zone", "1.0.0", stored)
+    with pytest.raises(ValidationError, match=r"inputs.Q_h: unit 'm' is not 'W', the simulator thermal_rc's: "
+                                              r"declare 'W'"):  # another dimension: refused on load, with the fix
+        AssetType.model_validate({**data, "inputs": {**data["inputs"], "Q_h": {"unit": "m"}}})
     AssetType.from_model(THERMAL_RC).check_units()
     assert same_unit("J", "J") and not same_unit("degC", "K") and not same_unit("deg", "rad")

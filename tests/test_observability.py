@@ -21,7 +21,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from actors import TwinService
-from cluster.status import bucket_quantile, collect, render, scrape_nodes
+from cluster.status import Status, bucket_quantile, collect, render, scrape_nodes
 from raytwin import metrics
 from raytwin.contracts import Asset, AssetType, TelemetryEvent
 from raytwin.registry import ModelRegistry
@@ -109,6 +109,10 @@ def test_status_lists_connectors_not_connected_with_their_down_time(ray_session)
     assert status.connectors == {"acme/plant": True, "acme/vault": False}
     assert "connectors    1 connected; not connected (or paused): acme/vault (down 45 s in all)" in render(status)
     assert "connectors    none" in render(collect([]))
+    # Ray keeps every shard process it ran: dead ones are earlier services', not shards missing now
+    assert "shards        2 alive; DEAD 6 (processes of earlier services and replaced ones" in render(
+        Status(nodes=1, cpus=2.0, cpus_free=1.0, shards={"ALIVE": 2, "DEAD": 6}))
+    assert "shards        0 alive\n" in render(Status(nodes=1, cpus=2.0, cpus_free=1.0))
 
 
 def test_status_refuses_to_guess_among_several_local_clusters(monkeypatch):

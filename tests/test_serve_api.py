@@ -427,7 +427,9 @@ def test_queued_and_running_jobs_can_be_cancelled(api, http, building):
 def test_limits_and_error_shapes(api, http, building):
     writer = auth(api, "writer")
     big = {"events": events(1) * 2000}
-    assert_error(http.post(f"/v1/assets/{building}/telemetry", json=big, headers=writer), 413, "payload_too_large")
+    err = assert_error(http.post(f"/v1/assets/{building}/telemetry", json=big, headers=writer), 413,
+                       "payload_too_large")
+    assert "split it" in err["message"] and "max_body_bytes" in err["message"], err  # how to fix it, not only why
 
     def chunks():  # no Content-Length: the streamed size is what counts
         for _ in range(100):
