@@ -14,7 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fastapi import Header, Request, Response
+from typing import Any
+
+from fastapi import Depends, Header, Request, Response
 
 from serve_apps.errors import PreconditionFailed
 
@@ -110,3 +112,20 @@ async def precondition(
         request.state.resend_advice = ("it may have taken effect; resending it is safe (it is conditional: 412 if it "
                                        "took effect)")
     return pre
+
+
+def unconditional(what: str, why: str) -> Any:
+    """A route dependency for a write that takes no precondition: `If-Match` / `If-None-Match` get 412, not
+    silence (a client that sends one believes the write is conditional, and telemetry with a stale If-Match
+    was applied). `what` names the write, `why` says what orders it instead."""
+
+    async def refuse(if_match: str | None = Header(None, include_in_schema=False),
+                     if_none_match: str | None = Header(None, include_in_schema=False)) -> None:
+        for header, value in (("If-Match", if_match), ("If-None-Match", if_none_match)):
+            if value is not None:
+                raise PreconditionFailed(
+                    f"{what} is not a conditional write ({why}), so {header}: {value} is refused rather than "
+                    "ignored; nothing was applied. Send it without If-Match / If-None-Match",
+                    details=[{"header": header, "current_revision": None}])
+
+    return Depends(refuse)

@@ -20,7 +20,7 @@ from raytwin.contracts import (
     normalize_measurements,
 )
 from serve_apps.auth import Principal
-from serve_apps.conditional import etag
+from serve_apps.conditional import etag, unconditional
 from serve_apps.deps import READER, SVC, WRITER, Services
 from serve_apps.errors import PayloadTooLarge, Unprocessable
 from serve_apps.resend import resend_safe
@@ -32,7 +32,9 @@ def register(app: FastAPI) -> None:
     tags = ["twins"]
 
     @app.post("/v1/assets/{asset_id}/telemetry", response_model=IngestResult, tags=tags,
-              dependencies=[resend_safe("every event has an idempotency key: resent ones count as duplicates")])
+              dependencies=[resend_safe("every event has an idempotency key: resent ones count as duplicates"),
+                            unconditional("telemetry", "events are ordered by their event time and told apart by "
+                                          "idempotency key, not by the twin's revision")])
     async def ingest(asset_id: str, body: TelemetryBatch, who: Principal = WRITER, svc: Services = SVC,
                      type_version: str | None = TYPE_VERSION_HEADER) -> Any:
         """Validate and apply a batch of events; re-sent events (same idempotency key) count as duplicates.

@@ -831,6 +831,20 @@ def test_reads_carry_revisions_as_etags_and_conditional_writes_compare_and_set(a
     assert int(recreated.headers["etag"].strip('"')) > int(made.headers["etag"].strip('"'))
 
 
+def test_telemetry_refuses_a_precondition_instead_of_ignoring_it(api, http, building):
+    """Telemetry sent with a stale If-Match was applied: a client that sends one believes the write is conditional."""
+    writer = auth(api, "writer")
+    url = f"/v1/assets/{building}/telemetry"
+    state = f"/v1/assets/{building}/state"
+    before = http.get(state, headers=auth(api, "reader")).json()["revision"]
+    batch = {"events": events(1, asset=building)}
+    for header, value in (("If-Match", '"1"'), ("If-Match", "*"), ("If-None-Match", "*")):
+        err = assert_error(http.post(url, json=batch, headers={**writer, header: value}), 412, "precondition_failed")
+        assert "telemetry is not a conditional write" in err["message"] and f"{header}: {value}" in err["message"]
+        assert "nothing was applied" in err["message"], err
+    assert http.get(state, headers=auth(api, "reader")).json()["revision"] == before
+
+
 # ---------------------------------------------------------------------------- change stream ----
 def sse_events(resp: httpx.Response, n: int) -> list[dict]:
     """The next `n` events (frames with an `event:` line) of an open SSE response, fields parsed."""
