@@ -8,6 +8,10 @@ the store, so they outlive replicas. At most `max_concurrent_jobs` run at once; 
 in order ("queued"). Job records are JSON on the store (``{store}/jobs/{tenant}/{job_id}/job.json``):
 a job that was queued or running when the backend restarted is marked failed, not silently lost.
 
+A sweep job names its run when it starts (`JobRecord.planned_run_id`, passed to the task): its `run_id` links
+the run record whenever the run left one, succeeded, failed or cancelled (``GET /v1/runs/{run_id}`` says
+how it ended), and stays null only for a job whose run never began (cancelled while queued).
+
 A record (`JobRecord`) knows where its results lie on the store; its status as the API answers it
 (`Job`) names them by API paths only, and a job that failed on an unexpected error says so without
 the error's text (which may name store paths): the cause is in the log, under the job id.
@@ -35,6 +39,7 @@ from serve_apps.query_schemas import BulkProgress
 from serve_apps.scenarios import PreparedScenario, fmu_sweep_to_store, scenario_to_store, sweep_to_store
 from serve_apps.unawaited import orphan
 from sweeps.fmu import FmuSweepSpec
+from sweeps.runs import RunStore, new_run_id
 from sweeps.spec import SweepSpec
 
 log = logging.getLogger("raytwin.serve.jobs")
@@ -59,7 +64,10 @@ class _JobFields(BaseModel):
     started: datetime | None = None
     finished: datetime | None = None
     error: str | None = None
-    run_id: str | None = Field(None, description="sweeps: the run record (`raytwin rerun RUN_ID`)")
+    run_id: str | None = Field(None, description=(
+        "sweeps: the run record (`GET /v1/runs/{run_id}`; `raytwin rerun RUN_ID`) once the run ended, succeeded, "
+        "failed or cancelled; null: none (yet) - a job queued or running, one whose run never began (cancelled "
+        "while queued), or a scenario or bulk job"))
     compute_s: float | None = None
     quantiles: list[dict[str, Any]] = Field(default_factory=list)
     bulk: BulkProgress | None = Field(None, description="bulk jobs: items done so far, by outcome")
@@ -75,15 +83,17 @@ class Job(_JobFields):
 
 class JobRecord(_JobFields):
     """A job as the queue keeps it (``job.json``): its status and where its results lie on the store
-    (`result_url`, for the routes that read them and for operators; `status` leaves it out)."""
+    (`result_url`, for the routes that read them and for operators; `status` leaves it out), and the id a sweep's
+    run records itself under (`planned_run_id`: published as `run_id` once that record exists)."""
 
     result_url: str | None = None
+    planned_run_id: str | None = None
 
     def status(self) -> Job:
         """What `GET /v1/jobs/{job_id}` answers."""
         path = f"/v1/jobs/{self.job_id}"
         links = {"report_url": f"{path}/report"} if self.kind == "bulk" else {"results_url": f"{path}/results"}
-        return Job(**self.model_dump(exclude={"result_url"}), **links)
+        return Job(**self.model_dump(exclude={"result_url", "planned_run_id"}), **links)
 
 
 Work = PreparedScenario | SweepSpec | FmuSweepSpec | BulkWork
@@ -114,11 +124,24 @@ class JobQueue:
             if job.state in ("queued", "running"):
                 job = job.model_copy(update={"state": "failed", "finished": datetime.now(UTC),
                                              "error": "the job service restarted before this job finished; resubmit"})
+                self._link_run(job)
                 self._save(job)
             self.jobs[job.job_id] = job
 
     def _dir(self, job: JobRecord) -> str:
         return f"{self.root}/{job.tenant}/{job.job_id}"
+
+    def _link_run(self, job: JobRecord) -> None:
+        """Name the run record of a sweep job that ended without its task's answer (failed, cancelled, lost with a
+        restart): its run recorded itself under the planned id if it began, else it has none (`run_id` null)."""
+        if job.run_id is not None or job.planned_run_id is None:
+            return
+        try:
+            if RunStore(self.config.url("runs", job.tenant), self.config.storage_options or None).exists(
+                    job.planned_run_id):
+                job.run_id = job.planned_run_id
+        except Exception:  # the job's own outcome must still be recorded
+            log.exception("event=job_run_unknown job_id=%s run_id=%s", job.job_id, job.planned_run_id)
 
     def _save(self, job: JobRecord) -> None:
         self.fs.makedirs(self._dir(job), exist_ok=True)
@@ -163,7 +186,7 @@ class JobQueue:
         if isinstance(work, SweepSpec | FmuSweepSpec):
             task = sweep_to_store if isinstance(work, SweepSpec) else fmu_sweep_to_store
             return task.remote(work, self.config.url("runs", job.tenant), self.config.storage_options,
-                                         job.key_id)
+                               job.key_id, job.planned_run_id)
         return scenario_to_store.remote(work, self.config.url("jobs", job.tenant, job.job_id, "results"),
                                         self.config.storage_options)
 
@@ -172,6 +195,8 @@ class JobQueue:
             job_id, work = self.pending.popleft()
             job = self.jobs[job_id]
             job.state, job.started = "running", datetime.now(UTC)
+            if job.kind == "sweep":  # named now, so that a run cancelled or failed can be linked (`_link_run`)
+                job.planned_run_id = new_run_id("sweep")
             self._save(job)
             self.running += 1
             ref = self._launch(job, work)
@@ -195,8 +220,11 @@ class JobQueue:
                 log.error("event=job_error job_id=%s tenant=%s", job.job_id, job.tenant, exc_info=err)
                 reason = f"internal error ({type(err).__name__}); quote the job_id when reporting it"
             job.state, job.error = "failed", reason.splitlines()[0][:500]
+            self._link_run(job)
         if (by := self.cancelled.pop(job.job_id, None)) is not None and job.state != "succeeded":
             job.state, job.error = "cancelled", f"cancelled by key {by}"  # its partial results are not its results
+            if job.kind == "sweep" and job.run_id is None:
+                job.error += " before its run began, so it has no run record"
         elif by is not None:  # it finished before the interrupt reached it: its results (and run record) stand
             log.info("event=job_cancel_late job_id=%s key_id=%s", job.job_id, by)
         self.tasks.pop(job.job_id, None)
@@ -230,7 +258,8 @@ class JobQueue:
         log.info("event=job_cancel job_id=%s tenant=%s key_id=%s state=%s", job_id, tenant, key_id, job.state)
         if job.state == "queued":
             self.pending = deque((i, w) for i, w in self.pending if i != job_id)
-            job.state, job.error, job.finished = "cancelled", f"cancelled by key {key_id}", datetime.now(UTC)
+            job.state, job.finished = "cancelled", datetime.now(UTC)
+            job.error = f"cancelled by key {key_id} while queued: it never ran, so it has no run record"
             self._save(job)
             self._publish()
             return job.status()

@@ -218,10 +218,13 @@ def sweep_spec(sweep: AssetSweep, tenant: str, registry_url: str, artifact: Mode
 
 
 @ray.remote(num_cpus=0, max_retries=0)
-def sweep_to_store(spec: SweepSpec, runs_url: str, storage_options: dict[str, Any], user: str) -> dict[str, Any]:
-    """A sweep as a recorded run; it only coordinates (0 CPUs), its chunk tasks do the work (and retry)."""
+def sweep_to_store(spec: SweepSpec, runs_url: str, storage_options: dict[str, Any], user: str,
+                   run_id: str | None = None) -> dict[str, Any]:
+    """A sweep as a recorded run (under `run_id`: a job names its run before it starts, so that a cancelled or
+    failed one still links its record); it only coordinates (0 CPUs), its chunk tasks do the work (and retry)."""
     t0 = time.perf_counter()
-    record = recorded_sweep(spec, runs=runs_url, storage_options=storage_options or None, user=user, progress=False)
+    record = recorded_sweep(spec, runs=runs_url, storage_options=storage_options or None, user=user, progress=False,
+                            run_id=run_id)
     return {"quantiles": quantiles(record.output_url, storage_options=storage_options or None).to_pylist(),
             "compute_s": time.perf_counter() - t0, "steps": spec.space.size * spec.n_steps,
             "result_url": record.output_url, "run_id": record.run_id}
@@ -254,15 +257,17 @@ def fmu_sweep_spec(sweep: AssetSweep, tenant: str, registry_url: str, artifact: 
 
 
 @ray.remote(num_cpus=0, max_retries=0)
-def fmu_sweep_to_store(spec: FmuSweepSpec, runs_url: str, storage_options: dict[str, Any], user: str
-                       ) -> dict[str, Any]:
-    """An FMU sweep as a recorded run (coordinates only; `raytwin.fmu`'s worker tasks step the FMU).
+def fmu_sweep_to_store(spec: FmuSweepSpec, runs_url: str, storage_options: dict[str, Any], user: str,
+                       run_id: str | None = None) -> dict[str, Any]:
+    """An FMU sweep as a recorded run under `run_id`, as `sweep_to_store` (coordinates only; `raytwin.fmu`'s
+    worker tasks step the FMU).
 
     Quantiles cover the metric columns; scenarios the FMU failed on have NaN metrics and a reason
     in the table's ``error`` column.
     """
     t0 = time.perf_counter()
-    record = recorded_fmu_sweep(spec, runs=runs_url, storage_options=storage_options or None, user=user)
+    record = recorded_fmu_sweep(spec, runs=runs_url, storage_options=storage_options or None, user=user,
+                                run_id=run_id)
     schema = open_dataset(record.output_url, storage_options or None).schema
     columns = [f.name for f in schema if pa.types.is_floating(f.type) and "." not in f.name]
     bands = quantiles(record.output_url, columns, storage_options=storage_options or None)

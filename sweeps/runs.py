@@ -84,15 +84,16 @@ class RunStore:
         self.storage_options = storage_options
         self.fs, self.path = filesystem(self.root, storage_options)
 
-    def new_id(self, kind: Kind) -> str:
-        return f"{kind}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
-
     def output_url(self, run_id: str) -> str:
         return f"{self.root}/{run_id}/output"
 
     def save(self, record: RunRecord) -> None:
         self.fs.makedirs(f"{self.path}/{record.run_id}", exist_ok=True)
         self.fs.pipe_file(f"{self.path}/{record.run_id}/{RECORD_FILE}", canonical_json(record.model_dump(mode="json")))
+
+    def exists(self, run_id: str) -> bool:
+        """Whether run `run_id` left its record (a run stopped before it began has none)."""
+        return self.fs.exists(f"{self.path}/{run_id}/{RECORD_FILE}")
 
     def load(self, run_id: str) -> RunRecord:
         path = f"{self.path}/{run_id}/{RECORD_FILE}"
@@ -108,6 +109,12 @@ class RunStore:
         return sorted(records, key=lambda r: r.started)
 
 
+def new_run_id(kind: Kind) -> str:
+    """A fresh run id (``sweep-20260105T120000Z-1a2b3c4d``): a caller that must name a run before it ends (a job
+    whose run may be cancelled) takes one and passes it as `run_id`."""
+    return f"{kind}-{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
+
+
 def _current_user() -> str:
     return os.environ.get("RAYTWIN_USER") or getpass.getuser()
 
@@ -118,10 +125,12 @@ AnySpec = SweepSpec | CalibrationSpec | FmuSweepSpec | FmuCalibrationSpec
 def _recorded(
     store: RunStore, kind: Kind, spec: AnySpec, execute: Callable[[str], tuple[dict, dict]],
     *, input_url: str | None, input_hash: str | None, seeds: dict[str, int], user: str | None, rerun_of: str | None,
+    run_id: str | None = None,
 ) -> RunRecord:
-    """Run `execute(output_url) -> (outputs, summary)` and write its record, whatever the outcome."""
+    """Run `execute(output_url) -> (outputs, summary)` and write its record under `run_id` (None: a new one),
+    whatever the outcome."""
     artifact = resolve_model(spec.model, spec.registry_url)
-    run_id = store.new_id(kind)
+    run_id = run_id or new_run_id(kind)
     fields = dict(
         run_id=run_id, kind=kind, user=user or _current_user(), tenant=spec.tenant, asset_id=spec.asset_id,
         model_ref=artifact.ref, model_hash=artifact.content_hash, model_code=code_identity(artifact.model()),
@@ -147,9 +156,9 @@ def _recorded(
 
 def recorded_sweep(
     spec: SweepSpec, *, runs: str = DEFAULT_RUNS_ROOT, storage_options: dict | None = None,
-    user: str | None = None, progress: bool | None = None, rerun_of: str | None = None,
+    user: str | None = None, progress: bool | None = None, rerun_of: str | None = None, run_id: str | None = None,
 ) -> RunRecord:
-    """Run a sweep into a new run directory and record it."""
+    """Run a sweep into a new run directory and record it (under `run_id`, default a new id)."""
     store = RunStore(runs, storage_options)
 
     def execute(out_url: str) -> tuple[dict, dict]:
@@ -160,18 +169,18 @@ def recorded_sweep(
         return result.outputs, summary
 
     return _recorded(store, "sweep", spec, execute, input_url=None, input_hash=None,
-                     seeds={"space": spec.space.seed}, user=user, rerun_of=rerun_of)
+                     seeds={"space": spec.space.seed}, user=user, rerun_of=rerun_of, run_id=run_id)
 
 
 def recorded_fmu_sweep(
     spec: FmuSweepSpec, *, runs: str = DEFAULT_RUNS_ROOT, storage_options: dict | None = None,
-    user: str | None = None, rerun_of: str | None = None,
+    user: str | None = None, rerun_of: str | None = None, run_id: str | None = None,
 ) -> RunRecord:
-    """Run a sweep of a registered FMU (`sweeps.fmu`) into a new run directory and record it: the
-    same record as a JAX sweep, its ``model_code`` the FMU file's SHA-256."""
+    """Run a sweep of a registered FMU (`sweeps.fmu`) into a new run directory and record it (under `run_id`,
+    default a new id): the same record as a JAX sweep, its ``model_code`` the FMU file's SHA-256."""
     return _recorded(RunStore(runs, storage_options), "sweep", spec,
                      lambda out_url: run_fmu_spec(spec, out_url, storage_options), input_url=None, input_hash=None,
-                     seeds={"space": spec.space.seed}, user=user, rerun_of=rerun_of)
+                     seeds={"space": spec.space.seed}, user=user, rerun_of=rerun_of, run_id=run_id)
 
 
 def recorded_fmu_calibration(

@@ -413,13 +413,22 @@ def test_queued_and_running_jobs_can_be_cancelled(api, http, building):
     assert_error(http.post(f"/v1/jobs/{ids[0]}/cancel", headers=auth(api, "reader")), 403, "forbidden")
     for job_id in ids[:2]:
         assert http.post(f"/v1/jobs/{job_id}/cancel", headers=writer).status_code == 200
+    linked = []  # a cancelled job showed run_id null: its user could not find the run record saying so
     for job_id in ids:
         job = wait_for(http, job_id, writer)
         assert job["state"] == "cancelled" and job["error"].startswith("cancelled by key "), job
         assert_error(http.get(f"/v1/jobs/{job_id}/results", headers=writer), 409, "conflict")
+        if job["run_id"] is None:  # its run never began: the job says so
+            assert job["error"].endswith("so it has no run record"), job
+        else:
+            run = http.get(f"/v1/runs/{job['run_id']}", headers=auth(api, "reader"))
+            assert run.status_code == 200 and run.json()["status"] == "cancelled", run.text
+            linked.append(job["run_id"])
+    assert "while queued: it never ran" in http.get(f"/v1/jobs/{ids[2]}", headers=writer).json()["error"]
     records = [json.loads(p.read_text()) for p in Path(api[2]).glob("store/runs/acme/*/run.json")]
-    statuses = [r["status"] for r in records if r["spec"]["horizon_s"] == long["horizon_s"]]
-    assert statuses and set(statuses) == {"cancelled"}, statuses  # a run that started recorded itself cancelled
+    mine = [r for r in records if r["spec"]["horizon_s"] == long["horizon_s"]]
+    assert mine and {r["status"] for r in mine} == {"cancelled"}, mine  # a run that started recorded itself cancelled
+    assert sorted(linked) == sorted(r["run_id"] for r in mine)  # each run record is linked from its job
     audit = http.get("/v1/audit", headers=auth(api, "admin")).json()
     assert sum(r["action"] == "job.cancel" for r in audit) == 3
 

@@ -620,6 +620,32 @@ def test_a_run_record_is_read_by_its_tenant_without_store_locations_and_its_file
         _hashed(cut)
 
 
+def test_a_sweep_job_lost_with_a_restart_links_the_run_record_its_run_left(tmp_path):
+    """A job learnt its run_id only from its task's answer: a sweep cancelled, failed or lost with its service
+    showed run_id null although its run had recorded how it ended."""
+    from serve_apps.jobs import JobQueue, JobRecord
+    from sweeps.runs import RunRecord, RunStore, new_run_id
+
+    config = ServeConfig(store_url=str(tmp_path), keys_file="unused.json")
+    queue = JobQueue(config, max_concurrent=1)
+    ran, never = new_run_id("sweep"), new_run_id("sweep")
+    now = datetime.now(UTC)
+    for job_id, run_id in (("j-ran", ran), ("j-never", never)):
+        queue._save(JobRecord(job_id=job_id, kind="sweep", tenant="acme", key_id="k", asset_id="zone-1",
+                              model_ref="thermal_rc@1.0.0", content_hash="h", scenarios=3, n_steps=10, state="running",
+                              submitted=now, started=now, planned_run_id=run_id))
+    runs = RunStore(config.url("runs", "acme"))
+    runs.save(RunRecord(run_id=ran, kind="sweep", status="cancelled", user="k", tenant="acme",
+                        model_ref="thermal_rc@1.0.0", model_hash="ab" * 32, spec={}, seeds={}, package_versions={},
+                        code_version="x", started=now, finished=now, output_url=runs.output_url(ran),
+                        error="sweep cancelled after 0/3 scenarios"))
+    restarted = JobQueue(config, max_concurrent=1)  # its jobs were running: failed, not lost
+    linked, unlinked = (restarted.get("acme", j).status() for j in ("j-ran", "j-never"))
+    assert (linked.state, linked.run_id) == ("failed", ran)  # GET /v1/runs/{run_id} says how it ended
+    assert (unlinked.state, unlinked.run_id) == ("failed", None)  # its run never left a record: none to name
+    assert "planned_run_id" not in linked.model_dump()  # not an answer's field before its record exists
+
+
 class DyingBackend:
     """A backend whose replica dies in every call (`death`, as Ray's handle raises it)."""
 
