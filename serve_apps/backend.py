@@ -16,6 +16,7 @@ import logging
 import math
 import threading
 import time
+from datetime import datetime
 from typing import Any
 
 import ray
@@ -481,9 +482,9 @@ class Backend:
 
     # ---- jobs (async: they run on the replica's event loop, which owns the queue) ---------
     async def submit_job(self, tenant: str, key_id: str, asset_id: str, model_ref: str, content_hash: str,
-                         work: Work) -> Job:
+                         work: Work, start_time: datetime | None = None) -> Job:
         self.check_writable()
-        return self.jobs.submit(tenant, key_id, asset_id, model_ref, content_hash, work)
+        return self.jobs.submit(tenant, key_id, asset_id, model_ref, content_hash, work, start_time)
 
     async def submit_bulk(self, caller: Caller, request: BulkRequest, asset_ids: list[str]) -> Job:
         self.check_writable()

@@ -36,6 +36,7 @@ from serve_apps.bulk import BulkWork
 from serve_apps.config import ServeConfig
 from serve_apps.errors import ApiError, Conflict, NotFound, unwrap
 from serve_apps.query_schemas import BulkProgress
+from serve_apps.schemas import START_TIME_USED
 from serve_apps.scenarios import PreparedScenario, fmu_sweep_to_store, scenario_to_store, sweep_to_store
 from serve_apps.unawaited import orphan
 from sweeps.fmu import FmuSweepSpec
@@ -59,6 +60,7 @@ class _JobFields(BaseModel):
     content_hash: str
     scenarios: int
     n_steps: int
+    start_time: datetime | None = Field(None, description=f"scenario and sweep jobs: {START_TIME_USED}")
     state: JobState = "queued"
     submitted: datetime
     started: datetime | None = None
@@ -147,11 +149,14 @@ class JobQueue:
         self.fs.makedirs(self._dir(job), exist_ok=True)
         self.fs.pipe_file(f"{self._dir(job)}/job.json", job.model_dump_json(indent=2).encode())
 
-    def submit(self, tenant: str, key_id: str, asset_id: str, model_ref: str, content_hash: str, work: Work) -> Job:
+    def submit(self, tenant: str, key_id: str, asset_id: str, model_ref: str, content_hash: str, work: Work,
+               start_time: datetime | None = None) -> Job:
+        """Queue a scenario or sweep (`start_time`: the clock it runs on, echoed with its results)."""
         sweep = isinstance(work, SweepSpec | FmuSweepSpec)
         job = JobRecord(job_id=uuid.uuid4().hex, kind="sweep" if sweep else "scenario", tenant=tenant,
                         key_id=key_id, asset_id=asset_id, model_ref=model_ref, content_hash=content_hash,
-                        scenarios=work.space.size if sweep else 1, n_steps=work.n_steps, submitted=datetime.now(UTC))
+                        scenarios=work.space.size if sweep else 1, n_steps=work.n_steps, start_time=start_time,
+                        submitted=datetime.now(UTC))
         log.info("event=job_queued job_id=%s kind=%s tenant=%s scenarios=%d steps=%d", job.job_id, job.kind, tenant,
                  job.scenarios, job.n_steps)
         return self._enqueue(job, work)

@@ -45,7 +45,7 @@ def register(app: FastAPI) -> None:
         prepared = prepare(body, artifact, live, clock)
         details = {"scenario": body.model_dump(mode="json"), **_provenance(artifact)}
         if not _inline(svc, mode, prepared.n_steps):
-            return await _queue(request, who, svc, "scenario", body.asset_id, artifact, prepared, details)
+            return await _queue(request, who, svc, "scenario", body.asset_id, artifact, prepared, clock, details)
         result = await run_in_threadpool(run, prepared)
         metrics.SCENARIO_STEPS.inc(prepared.n_steps, kind="scenario")
         await svc.record(request, who, "scenario.run", body.asset_id, **details)
@@ -80,16 +80,17 @@ def register(app: FastAPI) -> None:
                 raise Unprocessable("an FMU sweep steps the FMU on Ray workers and always runs as a job; "
                                     "use mode=async or mode=auto")
             fmu_spec = await run_in_threadpool(fmu_sweep_spec, body, who.tenant, registry_url, artifact, live)
-            return await _queue(request, who, svc, "sweep", body.asset_id, artifact, fmu_spec, details)
+            return await _queue(request, who, svc, "sweep", body.asset_id, artifact, fmu_spec, clock, details)
         spec = await run_in_threadpool(sweep_spec, body, who.tenant, registry_url, artifact, live, clock)
         if not _inline(svc, mode, body.work):
-            return await _queue(request, who, svc, "sweep", body.asset_id, artifact, spec, details)
+            return await _queue(request, who, svc, "sweep", body.asset_id, artifact, spec, clock, details)
         out = await sweep_to_store.remote(spec, svc.config.url("runs", who.tenant), svc.config.storage_options,
                                           who.key_id)
         await svc.record(request, who, "sweep.run", body.asset_id, run_id=out["run_id"], **details)
         rows = await run_in_threadpool(_read_rows, svc, out["result_url"], limit)
         return SweepResult(model_ref=artifact.ref, content_hash=artifact.content_hash, run_id=out["run_id"],
-                           scenarios=body.space.size, n_steps=spec.n_steps, rows=rows, quantiles=out["quantiles"])
+                           scenarios=body.space.size, n_steps=spec.n_steps, start_time=clock, rows=rows,
+                           quantiles=out["quantiles"])
 
     @app.get("/v1/jobs/{job_id}", response_model=Job, tags=tags)
     async def job_status(job_id: str, who: Principal = READER, svc: Services = SVC) -> Job:
@@ -113,7 +114,8 @@ def register(app: FastAPI) -> None:
         job = await _finished(svc, who, job_id)
         rows = await run_in_threadpool(_read_rows, svc, job.result_url, limit)
         return SweepResult(model_ref=job.model_ref, content_hash=job.content_hash, run_id=job.run_id,
-                           scenarios=job.scenarios, n_steps=job.n_steps, rows=rows, quantiles=job.quantiles)
+                           scenarios=job.scenarios, n_steps=job.n_steps, start_time=job.start_time, rows=rows,
+                           quantiles=job.quantiles)
 
     @app.get("/v1/jobs/{job_id}/files", response_model=list[ResultFile], tags=tags)
     async def job_files(job_id: str, who: Principal = READER, svc: Services = SVC) -> Any:
@@ -181,9 +183,9 @@ JOB_LOST = ("a job may have been queued, its id lost with this answer: resending
 
 
 async def _queue(request: Request, who: Principal, svc: Services, kind: str, asset_id: str,
-                 artifact: ModelArtifact, work: Any, details: dict[str, Any]) -> JSONResponse:
+                 artifact: ModelArtifact, work: Any, clock: datetime | None, details: dict[str, Any]) -> JSONResponse:
     job: Job = await svc.backend.call("submit_job", who.tenant, who.key_id, asset_id, artifact.ref,
-                                      artifact.content_hash, work, lost=JOB_LOST)
+                                      artifact.content_hash, work, clock, lost=JOB_LOST)
     await svc.record(request, who, f"{kind}.submit", asset_id, job_id=job.job_id, **details)
     accepted = JobAccepted(job_id=job.job_id, state=job.state, status_url=f"/v1/jobs/{job.job_id}",
                            results_url=f"/v1/jobs/{job.job_id}/results")

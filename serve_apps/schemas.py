@@ -89,15 +89,18 @@ class IngestResult(BaseModel):
     reasons: list[Rejection]
 
 
+START_TIME_USED = ("The wall-clock time of t = 0, where clock signals started (the live state's time, or the request's "
+                   "start_time; null: a Monday 00:00 UTC)")
+"""What-if answers echo the clock they ran on: the server decides it (from the twin's live state), not the caller."""
+
+
 class ScenarioRun(BaseModel):
     model_ref: str
     content_hash: str
     n_steps: int
     step_s: float
     start_state: dict[str, float]
-    start_time: datetime | None = Field(None, description="The wall-clock time of t = 0, where clock signals started "
-                                        "(the live state's time, or the request's start_time; null: a Monday 00:00 "
-                                        "UTC)")
+    start_time: datetime | None = Field(None, description=START_TIME_USED)
     times_s: list[float] = Field(description="Times of the state samples (n_steps + 1, from 0).")
     states: dict[str, list[float]] = Field(description="State trajectories, SI units, from the start state.")
     outputs: dict[str, list[float]] = Field(description="Outputs at the start of each step (n_steps values).")
@@ -109,6 +112,7 @@ class SweepResult(BaseModel):
     run_id: str | None = Field(description="sweeps: the run record, reproducible with `raytwin rerun RUN_ID`")
     scenarios: int
     n_steps: int
+    start_time: datetime | None = Field(None, description=START_TIME_USED)
     rows: list[dict[str, Any]] = Field(description="Per-scenario metrics (the first `limit` rows).")
     quantiles: list[dict[str, Any]] = Field(description="Per metric: count, mean and 5/50/95% over the scenarios.")
 

@@ -384,6 +384,11 @@ def test_sweeps_from_live_state_sync_and_async(api, http, building):
     event_time = http.get(f"/v1/assets/{building}/state", headers=auth(api, "reader")).json()["event_time"]
     recorded = json.loads(record.read_text())["spec"]["start_time"]  # the kit's daily signals start there
     assert datetime.fromisoformat(recorded) == datetime.fromisoformat(event_time)
+    assert datetime.fromisoformat(result["start_time"]) == datetime.fromisoformat(event_time)  # and it says so
+    at = datetime(2026, 12, 3, 13, 0, 7, tzinfo=UTC)
+    explicit = {**_sweep(building, grid), "start_state": {"T_in": 294.0, "T_m": 291.0}, "start_time": at.isoformat()}
+    r = http.post("/v1/sweeps", params={"mode": "sync"}, json=explicit, headers=writer)
+    assert r.status_code == 200 and datetime.fromisoformat(r.json()["start_time"]) == at, r.text
 
     lhs = {"method": "lhs", "n": 40, "seed": 7, "dimensions": [
         {"name": "T_out_mean", "target": "input", "low": 268.0, "high": 283.0},
@@ -392,6 +397,9 @@ def test_sweeps_from_live_state_sync_and_async(api, http, building):
     assert r.status_code == 202, r.text
     job = wait_for(http, r.json()["job_id"], writer)
     assert job["state"] == "succeeded" and job["kind"] == "sweep" and job["run_id"], job
+    assert datetime.fromisoformat(job["start_time"]) == datetime.fromisoformat(event_time)
+    with RayTwinClient(api[0], api[1]["writer"]) as sdk:  # the SDK's answer carries the clock too
+        assert sdk.job_results(job["job_id"], limit=0).start_time == datetime.fromisoformat(event_time)
     table = download(http, job["job_id"], writer)
     assert table.num_rows == 40 and sorted(table.column("scenario").to_pylist()) == list(range(40))
     assert {"input.T_out_mean", "param.C_in", "T_in_min"} <= set(table.column_names)
