@@ -30,7 +30,7 @@ from serve_apps import (
     routes_twins,
 )
 from serve_apps.admission import Admission, AdmissionGate
-from serve_apps.auth import parse_credentials
+from serve_apps.auth import BEARER_CHALLENGE, parse_credentials
 from serve_apps.deprecation import ApiDeprecationHeaders
 from serve_apps.deps import SVC, Services
 from serve_apps.errors import ERROR_RESPONSES, ApiError, Unauthorized, install_error_handlers
@@ -119,18 +119,19 @@ def _ops_routes(app: FastAPI) -> None:
                      x_api_key: str | None = Header(None, description="The API key (optional)"),
                      svc: Services = SVC) -> Health:
         """Liveness, no API key needed (the backend answered); with a valid key also the caller's tenant's twin
-        and job counts (an unknown key: 401). Counts summed over tenants would show every tenant's activity to anyone. Twins are
-        counted by their shards: one that leaves the count unanswered past `shard_read_timeout_s` makes the
+        and job counts (an unknown key, or a credential that holds none such as `Authorization: Basic ...`: 401,
+        as on every route; no credential at all: liveness alone). Counts summed over tenants would show every
+        tenant's activity to anyone. Twins are counted by their shards: one that leaves the count unanswered past `shard_read_timeout_s` makes the
         status `degraded`, without `live_twins` (still 200: the service is alive). A service whose store another
         service took over (every write refused, 503 `store_fenced`) is `fenced` without asking the shards; with a
         key, `fenced` says why and which service holds the store now (not to anonymous callers: it names hosts)."""
-        key = parse_credentials(authorization, x_api_key)
+        key = parse_credentials(authorization, x_api_key)  # a credential that holds no key: 401, as on every route
         try:
             who = svc.keys.authenticate(key) if key else None
         except ApiError:  # the keys cannot be checked: still alive, counts for nobody
             who, key = None, None
         if key and who is None:  # a monitor holding a revoked or mistyped key must learn it, not read "ok"
-            raise Unauthorized("unknown API key (leave it out for liveness alone)", headers={"WWW-Authenticate": "Bearer"})
+            raise Unauthorized("unknown API key (leave it out for liveness alone)", headers=BEARER_CHALLENGE)
         jobs = await svc.backend.call("job_stats", who.tenant if who else None)
         fenced = await svc.backend.call("store_fence")
         if who is None:  # the store's URL and its holder's host are for the service's users only

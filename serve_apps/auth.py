@@ -23,7 +23,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from raytwin.contracts import Identifier
-from serve_apps.errors import ServiceUnavailable
+from serve_apps.errors import ServiceUnavailable, Unauthorized
 
 log = logging.getLogger("raytwin.serve.auth")
 
@@ -159,13 +159,25 @@ def _write_keys(p: Path, records: list[KeyRecord]) -> None:
     tmp.replace(p)
 
 
+SEND_A_KEY = "send `Authorization: Bearer <key>` or `X-API-Key: <key>`"
+BEARER_CHALLENGE = {"WWW-Authenticate": "Bearer"}
+
+
 def parse_credentials(authorization: str | None, x_api_key: str | None) -> str | None:
-    """The presented key from either header (``Bearer`` scheme only)."""
-    if x_api_key:
+    """The presented key (`X-API-Key` first, else ``Authorization: Bearer``), or None when neither header is sent.
+
+    A credential sent that holds no key (another scheme, e.g. ``Basic``; ``Bearer`` without a key; an empty
+    `X-API-Key`) is 401 on every route, health included: read as no key, health answered it as an anonymous
+    "ok", so a monitor with a broken credential never learnt it. The message never repeats the header."""
+    if x_api_key is not None:
+        if not x_api_key.strip():
+            raise Unauthorized(f"the X-API-Key header is empty: {SEND_A_KEY}", headers=BEARER_CHALLENGE)
         return x_api_key.strip()
-    if authorization:
-        scheme, _, value = authorization.partition(" ")
-        if scheme.lower() == "bearer" and value.strip():
-            return value.strip()
-    return None
+    if authorization is None:
+        return None
+    scheme, _, value = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        raise Unauthorized("the Authorization header holds no API key (only the Bearer scheme is read, e.g. not "
+                           f"Basic): {SEND_A_KEY}", headers=BEARER_CHALLENGE)
+    return value.strip()
 

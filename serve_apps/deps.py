@@ -12,7 +12,7 @@ from fsspec import AbstractFileSystem
 from starlette.concurrency import run_in_threadpool
 
 from serve_apps.audit import AuditLog, AuditRecord
-from serve_apps.auth import KeyStore, Principal, Role, parse_credentials
+from serve_apps.auth import BEARER_CHALLENGE, SEND_A_KEY, KeyStore, Principal, Role, parse_credentials
 from serve_apps.change_stream import HeadWatcher
 from serve_apps.changes import ChangeStore
 from serve_apps.config import ServeConfig
@@ -88,13 +88,12 @@ def require(role: Role):
         x_api_key: str | None = Header(None, description="The API key (alternative to Authorization)"),
         svc: Services = Depends(services),
     ) -> Principal:
-        key = parse_credentials(authorization, x_api_key)
+        key = parse_credentials(authorization, x_api_key)  # 401 for a credential that holds no key
         if key is None:
-            raise Unauthorized("missing API key: send `Authorization: Bearer <key>` or `X-API-Key: <key>`",
-                               headers={"WWW-Authenticate": "Bearer"})
+            raise Unauthorized(f"missing API key: {SEND_A_KEY}", headers=BEARER_CHALLENGE)
         who = svc.keys.authenticate(key)
         if who is None:
-            raise Unauthorized("unknown API key", headers={"WWW-Authenticate": "Bearer"})
+            raise Unauthorized("unknown API key", headers=BEARER_CHALLENGE)
         wait = svc.buckets.take(who.key_id)
         if wait > 0:
             raise RateLimited(f"rate limit of {svc.config.rate_per_s:g} requests/s per key exceeded",

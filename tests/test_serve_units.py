@@ -372,6 +372,35 @@ def test_health_says_fenced_naming_the_stores_new_holder_once_another_service_to
         assert "holder" not in fenced and "was released" in fenced["reason"]
 
 
+def test_health_refuses_a_credential_that_holds_no_key_as_every_route_does(tmp_path):
+    """Health answered `Authorization: Basic ...` (or `Bearer` alone, an empty X-API-Key) as an anonymous "ok",
+    where every other route refused it with 401: a monitor sending a broken credential never learnt it."""
+    from raytwin.statestore import Lease, StateStore
+    from tests.fixtures_serve import in_process
+
+    store = StateStore(str(tmp_path / "twins"))
+    lease = Lease(owner="svc-a", epoch=1, shards=1, namespace="ns", acquired_at="2026-12-05T14:00:00+00:00",
+                  acquired_by="host-a:1")
+    store.write_lease(lease)
+    with in_process(HealthBackend(store, lease), tmp_path) as (http, auth, _):
+        key = auth["reader"]["Authorization"].removeprefix("Bearer ")
+        for headers in ({"Authorization": "Basic cmVhZGVyOnMzY3JldA=="}, {"Authorization": "Digest username=x"},
+                        {"Authorization": key}, {"Authorization": "Bearer"}, {"Authorization": ""},
+                        {"X-API-Key": ""}, {"X-API-Key": "", "Authorization": f"Bearer {key}"}):
+            health, assets = http.get("/v1/health", headers=headers), http.get("/v1/assets", headers=headers)
+            assert health.status_code == assets.status_code == 401, (headers, health.text)
+            assert health.json()["error"]["code"] == assets.json()["error"]["code"] == "unauthorized"
+            assert health.json()["error"]["message"] == assets.json()["error"]["message"]  # the same problem
+            assert "send `Authorization: Bearer <key>` or `X-API-Key: <key>`" in health.json()["error"]["message"]
+            assert health.headers["www-authenticate"] == "Bearer"
+            assert "cmVhZGVy" not in health.text and key not in health.text  # the credential is not repeated
+        assert http.get("/v1/health").json() == {"status": "ok"}  # no credential at all: liveness, as before
+        unknown = http.get("/v1/health", headers={"Authorization": "Bearer rtk_nope_nope"})
+        assert unknown.status_code == 401 and "unknown API key" in unknown.text
+        behind_a_proxy = http.get("/v1/health", headers={"X-API-Key": key, "Authorization": "Basic cHJveHk6eA=="})
+        assert behind_a_proxy.json()["tenant"] == "acme"  # the key in X-API-Key is read first, as on every route
+
+
 class LedgerConnectors:
     """`connectors.manager.Connectors`' command calls over a real command ledger: `approve` takes the approval and
     the claim, then sends (counted in `sent`) as a connector's actor does; with `dies` set, the process dies then."""
