@@ -57,7 +57,9 @@ class Call(Generic[T]):
     Every path parameter must be an identifier (`raytwin.contracts.IDENTIFIER_PATTERN`: asset, type,
     model and connector names, versions, job, command and run ids all are), else `InvalidArgument`
     before anything is sent. Percent-encoding alone would not keep an id on its route: the server
-    decodes ``%2F`` before routing, so ``zone-1/state`` would read the state route."""
+    decodes ``%2F`` before routing, so ``zone-1/state`` would read the state route. A parameter named in
+    `relative_paths` fills a ``{name:path}`` route (a run's output file ``search/part-000000.parquet``):
+    each of its ``/``-separated parts must be an identifier (so never ``..``), and its ``/`` are sent as such."""
 
     method: str
     route: str
@@ -69,18 +71,22 @@ class Call(Generic[T]):
     conditional: bool = False  # a compare-and-set (If-Match, expected_revision): a resend may find its own write
     path_params: Mapping[str, str] = field(default_factory=dict)
     warn_deprecated: bool = True  # False where the answer echoes a mark the caller itself just set
+    relative_paths: frozenset[str] = frozenset()  # path parameters that may hold "/" between identifiers
 
     def __post_init__(self) -> None:
         for name, value in self.path_params.items():
-            if not (isinstance(value, str) and _IDENTIFIER.fullmatch(value)):
+            parts = value.split("/") if isinstance(value, str) and name in self.relative_paths else [value]
+            if not all(isinstance(part, str) and _IDENTIFIER.fullmatch(part) for part in parts):
+                what = "a path of identifiers joined by '/'" if name in self.relative_paths else "an identifier"
                 raise InvalidArgument(
-                    f"{self.method} {self.route}: {name}={value!r} is not an identifier, so it names nothing "
+                    f"{self.method} {self.route}: {name}={value!r} is not {what}, so it names nothing "
                     f"on the server and nothing was sent; pass the {name} as the API gave it: a letter or "
                     f"digit, then up to 127 letters, digits, '_', '.', ':' or '-' ({IDENTIFIER_PATTERN})")
 
     @property
     def path(self) -> str:
-        return self.route.format_map({k: quote(v, safe="") for k, v in self.path_params.items()})
+        return self.route.format_map({k: quote(v, safe="/" if k in self.relative_paths else "")
+                                      for k, v in self.path_params.items()})
 
     def result(self, response: httpx.Response) -> T:
         """The answer as the client's model; one that does not fit it raises `UnexpectedAnswer` naming

@@ -8,12 +8,13 @@ Several answers are models of server modules that import Ray or JAX (`raytwin.li
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import httpx
 from pydantic import BaseModel
 
-from client.calls import Call, Sender, _lazy, _model, _nothing, _present
+from client.calls import Call, Sender, T, _lazy, _model, _nothing, _present
 from client.errors import CorruptDownload
 from connectors.commands import Command
 from raytwin.recalibration import RecalibrationPolicy
@@ -37,6 +38,14 @@ def _hashed(r: httpx.Response) -> bytes:
         raise CorruptDownload(f"{r.request.url}: {len(r.content)} bytes with SHA-256 {got}, but the run recorded "
                               f"{recorded}: download it again")
     return r.content
+
+
+def run_file_call(run_id: str, name: str, parse: Callable[[httpx.Response], T]) -> Call[T]:
+    """The request for a run's output file `name` (its record's name: may be nested, ``search/part-000000.parquet``)."""
+    return Call("GET", "/v1/runs/{run_id}/files/{name}", parse, idempotent=True,
+                path_params={"run_id": run_id, "name": name}, relative_paths=frozenset({"name"}))
+
+
 _RECOMMENDATION = "sweeps.recommend:Recommendation"
 _MODELS = "serve_apps.routes_models"
 _SHADOW = "serve_apps.routes_shadow"
@@ -132,10 +141,10 @@ class ModelCalls(Sender):
                                idempotent=True, path_params={"run_id": run_id}))
 
     def run_file(self, run_id: str, name: str) -> bytes:
-        """One output file of a run (e.g. a calibration's fit report ``calibration.json``), checked against the
-        SHA-256 its record holds (`client.errors.CorruptDownload` if the bytes differ)."""
-        return self._send(Call("GET", "/v1/runs/{run_id}/files/{name}", _hashed, idempotent=True,
-                               path_params={"run_id": run_id, "name": name}))
+        """One output file of a run (e.g. a calibration's fit report ``calibration.json``, or a nested name its
+        record lists, ``search/part-000000.parquet``), checked against the SHA-256 its record holds
+        (`client.errors.CorruptDownload` if the bytes differ)."""
+        return self._send(run_file_call(run_id, name, _hashed))
 
     # ---- recommended actions ----------------------------------------------------------------------
     def recommend(self, asset_id: str, request: RecommendationRequest) -> Recommendation:

@@ -306,6 +306,28 @@ def test_path_ids_that_are_not_identifiers_are_refused_before_any_request():
     assert asyncio.run(refused_by_the_async_client()) == []
 
 
+RUN_ID = "calibration-20261205T150000Z-1a2b3c4d"
+
+
+def test_a_run_files_nested_name_is_sent_as_a_path_and_nothing_else_is():
+    """A run record lists nested output names (``search/part-000000.parquet``) and the server serves them, but
+    `run_file` refused every name with a "/" before sending; a part that is not an identifier stays refused."""
+    import hashlib
+
+    data = b"PAR1"
+    transport, seen = scripted(httpx.Response(200, content=data,
+                                              headers={"X-RayTwin-SHA256": hashlib.sha256(data).hexdigest()}))
+    with RayTwinClient("http://api", "rtk_x_y", retry=FAST, transport=transport) as api:
+        for bad in ("../run.json", "search/../../keys.json", "search//part.parquet", "/etc/passwd", "search/", ""):
+            with pytest.raises(InvalidArgument, match=r"name=.* is not a path of identifiers joined by '/'"):
+                api.run_file(RUN_ID, bad)
+        with pytest.raises(InvalidArgument, match=r"run_id='sweep/x' is not an identifier"):
+            api.run_file("sweep/x", "calibration.json")
+        assert seen == []
+        assert api.run_file(RUN_ID, "search/part-000000.parquet") == data
+    assert seen[0].url.raw_path == f"/v1/runs/{RUN_ID}/files/search/part-000000.parquet".encode()
+
+
 def test_an_answer_that_does_not_fit_the_clients_models_is_an_unexpected_answer():
     """A wrong-shaped answer (here a state where an asset was expected) is a client.errors exception naming
     the fields, whichever client and whichever parser (a model, a list, a lazily imported one, the stream)."""

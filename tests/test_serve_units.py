@@ -628,6 +628,9 @@ def test_a_run_record_is_read_by_its_tenant_without_store_locations_and_its_file
         assert file.headers["X-RayTwin-SHA256"] == body["outputs"]["calibration.json"]
         nested = http.get(f"/v1/runs/{run_id}/files/search/part-000000.parquet", headers=auth["reader"])
         assert nested.status_code == 200 and nested.content == b"PAR1"  # a recorded name with a "/" in it
+        sdk = RayTwinClient("http://testserver", auth["reader"]["Authorization"].removeprefix("Bearer "),
+                            transport=http._transport)
+        assert sdk.run_file(run_id, "search/part-000000.parquet") == b"PAR1"  # the SDK refused it before sending
         runs.fs.rm(f"{runs.output_url(run_id)}/calibration.json")  # gone from the store: not a 200 cut short
         assert http.get(f"/v1/runs/{run_id}/files/calibration.json", headers=auth["reader"]).status_code == 410
         failed = http.get(f"/v1/runs/{failed_id}", headers=auth["reader"]).json()
