@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from client.base import ClientBase
-from client.calls import Call, T
+from client.calls import Call, T, _nothing
+from client.downloads import CHUNK_BYTES, SHA256_HEADER, StreamedFile, download_target
 from client.errors import from_response
 from client.jobs import JobWait
+from client.model_calls import run_file_call
 from client.pages import QueryPager
 from client.retry import RetryPolicy
 from client.subscription import Subscription
@@ -65,6 +69,27 @@ class AsyncRayTwinClient(ClientBase):
         while not wait.finished(job := await self._send(wait.call())):
             await asyncio.sleep(wait.delay())
         return job
+
+    async def download_run_file(self, run_id: str, name: str, path: str | os.PathLike[str]) -> Path:
+        """Stream a run's output file to `path` (see `RayTwinClient.download_run_file`), writing it off the
+        event loop."""
+        call, target = run_file_call(run_id, name, _nothing), download_target(path)
+        for attempt in range(1, self.retry.attempts + 1):
+            try:
+                async with self._http.stream(call.method, call.path, headers=dict(call.headers)) as r:
+                    if r.is_error:
+                        await r.aread()  # the problem's body, for the error `_resend_after` raises
+                    delay = self._resend_after(call, attempt, r)
+                    if delay is None:
+                        with StreamedFile(target, r.url, r.headers.get(SHA256_HEADER)) as out:
+                            async for chunk in r.aiter_bytes(CHUNK_BYTES):
+                                await asyncio.to_thread(out.write, chunk)
+                            return await asyncio.to_thread(out.commit)
+            except httpx.TransportError as exc:
+                delay = self._resend_after(call, attempt, exc)
+            assert delay is not None  # the last attempt returns or raises
+            await self._pause(delay)
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def query(self, q: str = "", sort: Sequence[str] = (), fields: Sequence[str] | None = None,
                     page_size: int = 100) -> AsyncIterator[dict[str, Any]]:

@@ -15,7 +15,7 @@ import httpx
 from pydantic import BaseModel
 
 from client.calls import Call, Sender, T, _lazy, _model, _nothing, _present
-from client.errors import CorruptDownload
+from client.downloads import SHA256_HEADER, check_sha256
 from connectors.commands import Command
 from raytwin.recalibration import RecalibrationPolicy
 from serve_apps.recalibration import TenantState
@@ -33,10 +33,7 @@ _RECORD = "raytwin.lifecycle:TransitionRecord"
 
 def _hashed(r: httpx.Response) -> bytes:
     """A run's output file, refused unless its bytes have the SHA-256 its record holds (a stream cut short)."""
-    recorded, got = r.headers.get("X-RayTwin-SHA256"), hashlib.sha256(r.content).hexdigest()
-    if recorded is not None and got != recorded:
-        raise CorruptDownload(f"{r.request.url}: {len(r.content)} bytes with SHA-256 {got}, but the run recorded "
-                              f"{recorded}: download it again")
+    check_sha256(r.request.url, len(r.content), hashlib.sha256(r.content).hexdigest(), r.headers.get(SHA256_HEADER))
     return r.content
 
 

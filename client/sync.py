@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from client.base import ClientBase
-from client.calls import Call, T
+from client.calls import Call, T, _nothing
+from client.downloads import CHUNK_BYTES, SHA256_HEADER, StreamedFile, download_target
 from client.errors import from_response
 from client.jobs import JobWait
+from client.model_calls import run_file_call
 from client.pages import QueryPager
 from client.retry import RetryPolicy
 from client.subscription import Subscription
@@ -68,6 +72,29 @@ class RayTwinClient(ClientBase):
         while not wait.finished(job := self._send(wait.call())):
             time.sleep(wait.delay())
         return job
+
+    def download_run_file(self, run_id: str, name: str, path: str | os.PathLike[str]) -> Path:
+        """Stream a run's output file (a name its record lists) to `path`, never whole in memory
+        (`client.downloads`): checked against the SHA-256 its record holds as it comes (`CorruptDownload`, and no
+        file written), then renamed into place at once. Resent like any read after a network error or a 429/503
+        (the partial file dropped first). Returns the path."""
+        call, target = run_file_call(run_id, name, _nothing), download_target(path)
+        for attempt in range(1, self.retry.attempts + 1):
+            try:
+                with self._http.stream(call.method, call.path, headers=dict(call.headers)) as r:
+                    if r.is_error:
+                        r.read()  # the problem's body, for the error `_resend_after` raises
+                    delay = self._resend_after(call, attempt, r)
+                    if delay is None:
+                        with StreamedFile(target, r.url, r.headers.get(SHA256_HEADER)) as out:
+                            for chunk in r.iter_bytes(CHUNK_BYTES):
+                                out.write(chunk)
+                            return out.commit()
+            except httpx.TransportError as exc:
+                delay = self._resend_after(call, attempt, exc)
+            assert delay is not None  # the last attempt returns or raises
+            self._pause(delay)
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def query(self, q: str = "", sort: Sequence[str] = (), fields: Sequence[str] | None = None,
               page_size: int = 100) -> Iterator[dict[str, Any]]:

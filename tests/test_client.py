@@ -328,6 +328,73 @@ def test_a_run_files_nested_name_is_sent_as_a_path_and_nothing_else_is():
     assert seen[0].url.raw_path == f"/v1/runs/{RUN_ID}/files/search/part-000000.parquet".encode()
 
 
+def _file_answer(body, recorded: bytes) -> httpx.Response:
+    import hashlib
+
+    return httpx.Response(200, content=body, headers={"X-RayTwin-SHA256": hashlib.sha256(recorded).hexdigest()})
+
+
+def test_a_run_file_downloads_to_a_path_streamed_checked_and_renamed_into_place(tmp_path):
+    """`run_file` held the whole file in memory: `download_run_file` streams it to a file beside the target,
+    hashing as it comes, and renames it into place only with the recorded SHA-256 (resent like a read)."""
+    from client.downloads import CHUNK_BYTES
+    from client.errors import CorruptDownload
+
+    data = random.Random(7).randbytes(3 * CHUNK_BYTES + 5)
+    on_disk: list[int] = []
+
+    def body(fail: bool):
+        for start in range(0, len(data), CHUNK_BYTES):
+            if start == 2 * CHUNK_BYTES:  # the first chunks are on disk, not held back in memory
+                on_disk.append(sum(p.stat().st_size for p in tmp_path.glob(".fit.parquet.*.part")))
+                if fail:
+                    raise httpx.ReadError("connection reset mid-file")
+            yield data[start:start + CHUNK_BYTES]
+
+    target = tmp_path / "fit.parquet"
+    target.write_bytes(b"the previous fit")
+    busy = httpx.Response(503, headers={"Retry-After": "0"}, json={"error": {"code": "overloaded", "message": "busy"}})
+    transport, seen = scripted(busy, _file_answer(body(fail=True), data), _file_answer(body(fail=False), data))
+    with RayTwinClient("http://api", "rtk_x_y", retry=FAST, transport=transport) as api:
+        assert api.download_run_file(RUN_ID, "search/part-000000.parquet", target) == target
+        assert target.read_bytes() == data and len(seen) == 3 and api.retries == 2  # a 503, a cut: resent
+        assert on_disk == [2 * CHUNK_BYTES] * 2 and sorted(p.name for p in tmp_path.iterdir()) == ["fit.parquet"]
+        assert seen[-1].url.path == f"/v1/runs/{RUN_ID}/files/search/part-000000.parquet"
+
+
+    transport, seen = scripted(_file_answer(data[:-1] + b"x", data), _file_answer(data[:10], data),  # not the
+                               httpx.Response(404, json={"error": {"code": "not_found", "message": "no output file"}}))
+    with RayTwinClient("http://api", "rtk_x_y", retry=FAST, transport=transport) as api:  # record's bytes, cut short
+        with pytest.raises(CorruptDownload, match=r"SHA-256 .*, but the run recorded .*: download it again"):
+            api.download_run_file(RUN_ID, "fit.parquet", tmp_path / "new.parquet")
+        with pytest.raises(CorruptDownload):
+            api.download_run_file(RUN_ID, "fit.parquet", target)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["fit.parquet"] and target.read_bytes() == data
+        with pytest.raises(NotFound, match="no output file"):
+            api.download_run_file(RUN_ID, "nope.json", tmp_path / "nope.json")
+        for bad, why in ((tmp_path, "is a directory"), (tmp_path / "no" / "x.json", "is not a directory")):
+            with pytest.raises(InvalidArgument, match=why):
+                api.download_run_file(RUN_ID, "fit.parquet", bad)
+    assert len(seen) == 3 and sorted(p.name for p in tmp_path.iterdir()) == ["fit.parquet"]
+
+
+def test_the_async_client_downloads_a_run_file_the_same_way(tmp_path):
+    from client.errors import CorruptDownload
+
+    data = b"PAR1" * 1000
+    transport, _ = scripted(_file_answer(data, data), _file_answer(data[1:], data))
+
+    async def download() -> bytes:
+        async with AsyncRayTwinClient("http://api", "rtk_x_y", retry=FAST, transport=transport) as api:
+            written = (await api.download_run_file(RUN_ID, "calibration.json", tmp_path / "fit.json")).read_bytes()
+            with pytest.raises(CorruptDownload):  # a stream cut short
+                await api.download_run_file(RUN_ID, "calibration.json", tmp_path / "fit.json")
+            return written
+
+    assert asyncio.run(download()) == data and (tmp_path / "fit.json").read_bytes() == data
+    assert [p.name for p in tmp_path.iterdir()] == ["fit.json"]  # nothing partial left beside it
+
+
 def test_an_answer_that_does_not_fit_the_clients_models_is_an_unexpected_answer():
     """A wrong-shaped answer (here a state where an asset was expected) is a client.errors exception naming
     the fields, whichever client and whichever parser (a model, a list, a lazily imported one, the stream)."""

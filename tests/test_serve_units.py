@@ -591,6 +591,7 @@ def test_a_run_record_is_read_by_its_tenant_without_store_locations_and_its_file
     import hashlib
     from datetime import UTC, datetime
 
+    from client.errors import CorruptDownload
     from sweeps.runs import RunRecord, RunStore
     from tests.fixtures_serve import in_process
 
@@ -631,6 +632,12 @@ def test_a_run_record_is_read_by_its_tenant_without_store_locations_and_its_file
         sdk = RayTwinClient("http://testserver", auth["reader"]["Authorization"].removeprefix("Bearer "),
                             transport=http._transport)
         assert sdk.run_file(run_id, "search/part-000000.parquet") == b"PAR1"  # the SDK refused it before sending
+        assert sdk.download_run_file(run_id, "calibration.json", tmp_path / "fit.json").read_bytes() == report
+        part = sdk.download_run_file(run_id, "search/part-000000.parquet", tmp_path / "part.parquet")
+        runs.fs.pipe_file(f"{runs.output_url(run_id)}/search/part-000000.parquet", b"PAR2")  # not what it recorded
+        with pytest.raises(CorruptDownload, match="download it again"):
+            sdk.download_run_file(run_id, "search/part-000000.parquet", part)
+        assert part.read_bytes() == b"PAR1" and not list(tmp_path.glob(".*.part"))  # as it was, nothing partial
         runs.fs.rm(f"{runs.output_url(run_id)}/calibration.json")  # gone from the store: not a 200 cut short
         assert http.get(f"/v1/runs/{run_id}/files/calibration.json", headers=auth["reader"]).status_code == 410
         failed = http.get(f"/v1/runs/{failed_id}", headers=auth["reader"]).json()
@@ -643,7 +650,6 @@ def test_a_run_record_is_read_by_its_tenant_without_store_locations_and_its_file
             assert http.get(path, headers=headers).status_code == status, path
     import httpx
 
-    from client.errors import CorruptDownload
     from client.model_calls import _hashed
 
     cut = httpx.Response(200, content=report[:10], headers={"X-RayTwin-SHA256": hashlib.sha256(report).hexdigest()},
