@@ -25,7 +25,8 @@ def check_sha256(url: object, size: int, got: str, recorded: str | None) -> None
     """Refuse bytes whose SHA-256 is not the one the run recorded (`recorded` None: the answer named none)."""
     if recorded is not None and got != recorded:
         raise CorruptDownload(f"{url}: {size} bytes with SHA-256 {got}, but the run recorded {recorded}: "
-                              "download it again")
+                              "download it again; if the same bytes come again, the stored file itself is damaged "
+                              "(the service streams it as stored): `raytwin rerun <run id>` makes it again")
 
 
 def download_target(path: str | os.PathLike[str]) -> Path:

@@ -42,7 +42,8 @@ class UnexpectedAnswer(RayTwinError):
 
 
 class CorruptDownload(RayTwinError):
-    """A downloaded file's bytes do not have the hash the server recorded for them (a transfer cut short)."""
+    """A downloaded file's bytes do not have the hash the server recorded for them: a transfer cut short, or,
+    when a second download brings the same bytes, a file damaged in the store (rerun the run to make it again)."""
 
 
 class OutcomeUnknown(RayTwinError):
