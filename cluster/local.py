@@ -25,6 +25,7 @@ from pathlib import Path
 import httpx
 
 from raytwin.ports import free_ports
+from serve_apps import serve_env
 
 HOST = "127.0.0.1"
 DEFAULT_STATE_FILE = Path.home() / ".raytwin" / "local-cluster.json"
@@ -144,6 +145,7 @@ class LocalCluster:
         env["RAY_AUTH_MODE"] = "token"
         env["RAY_AUTH_TOKEN_PATH"] = str(Path(self.info.temp_dir) / "auth_token")
         env.update(role_env or {})
+        serve_env.apply(serve_env.environment(), env)  # Serve's proxies get RayTwin's gate; an operator's value wins
         # Draining on SIGTERM protects Serve traffic in production; here it only delays `down`.
         env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
         with open(Path(self.info.temp_dir) / f"node-{index}.log", "wb") as log:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import signal
 import time
 from pathlib import Path
@@ -137,7 +138,13 @@ def start(
     starts_ray = address is None and not ray.is_initialized()
     context = None  # the Ray this command starts or joins (its dashboard's URL)
     if address is not None and not ray.is_initialized():  # first: the lease names the cluster that serves it
-        context = ray.init(address=address)
+        try:
+            context = ray.init(address=address)
+        except Exception as e:  # noqa: BLE001 - Ray raises several kinds; each is one line for the operator
+            line = next((x.strip() for x in str(e).splitlines() if x.strip()), type(e).__name__)
+            typer.echo(f"error: cannot connect to the Ray cluster at {address}: {line} (is it running? a cluster "
+                       "that requires a token needs RAY_AUTH_MODE=token and its token in this environment)", err=True)
+            raise typer.Exit(1) from None
     try:  # before the app starts (its backend would be refused, Serve retrying it for ever), and before a Ray of
         # its own starts (tens of seconds) when it starts one: that cluster is not the one serving the store
         check_not_served_elsewhere(twins, cluster="" if starts_ray else None)
@@ -148,6 +155,11 @@ def start(
         if direct_ingress or haproxy:
             serve_env.apply(serve_env.replica_server_environment())
         context = ray.init(**{k: v for k, v in ports.items() if v is not None})
+    if address is not None and (bare := serve_env.nodes_without_proxy_callback()):
+        typer.echo(f"warning: Ray node(s) {', '.join(bare)} started without RayTwin's proxy environment: their Serve "
+                   "proxies have no overload gate (the excess queues instead of a fast 503) and keep no client "
+                   "X-Request-ID; start their `ray start` with the variables `raytwin serve env` prints "
+                   "(serve_apps/README.md, \"The proxy gate\")", err=True)
     serve.start(http_options={"host": host, "port": port})  # a Serve already running keeps its own
     serve.run(build_app(settings), name="raytwin", route_prefix="/")
     asked, (host, port) = (host, port), serving_at()
@@ -195,6 +207,24 @@ def keys_create(
     typer.echo(key)
     typer.echo(f"key_id={record.key_id} tenant={record.tenant} role={record.role} "
                f"grants={','.join(record.grants) or '-'} file={keys_file}", err=True)
+
+
+@serve_app.command("env")
+def env(config: Annotated[Path | None, typer.Option(help="JSON file with ServeConfig fields (its `autoscaling` and "
+                                                     "`admission` size the gate).")] = None,
+        replica_servers: Annotated[bool, typer.Option(
+            "--replica-servers/--no-replica-servers", help="Also the switch for direct ingress and HAProxy mode "
+            "(the app on each replica's own event loop).")] = False) -> None:
+    """Print the environment every Ray node must start with for RayTwin's proxy gate (`export` lines for
+    `ray start` on a cluster RayTwin did not start: the overload gate and client request ids live in Serve's
+    proxies, which read it when they start)."""
+    from serve_apps import serve_env
+
+    variables = serve_env.environment_for_args(json.loads(config.read_text()) if config else {})
+    if replica_servers:
+        variables |= serve_env.replica_server_environment()
+    for name, value in variables.items():
+        typer.echo(f"export {name}={shlex.quote(value)}")
 
 
 @serve_app.command("openapi")

@@ -70,3 +70,20 @@ def apply(env: Mapping[str, str], environ: MutableMapping[str, str] = os.environ
     """Add `env` to `environ`, keeping any value already set there."""
     for name, value in env.items():
         environ.setdefault(name, value)
+
+
+def nodes_without_proxy_callback(timeout_s: float = 30.0) -> list[str]:
+    """Alive nodes of the connected cluster whose processes start without RayTwin's proxy callback (a cluster
+    started by ``ray start`` without `environment`): their Serve proxies have no overload gate and keep no
+    client request ids. Read by a zero-CPU task pinned to each node (workers inherit the node's environment)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    @ray.remote(num_cpus=0)
+    def callback() -> str | None:
+        return os.environ.get(PROXY_CALLBACK_ENV)
+
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    refs = [callback.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote()
+            for n in nodes]
+    return [n["NodeManagerAddress"] for n, value in zip(nodes, ray.get(refs, timeout=timeout_s)) if value is None]

@@ -108,6 +108,23 @@ def test_openapi_cli_prints_the_document_in_any_directory_and_refuses_an_unwrita
                               "existing, writable directory\n")
 
 
+def test_serve_env_prints_what_a_cluster_s_nodes_start_with_and_the_session_ray_has_it(ray_session, tmp_path):
+    """A cluster RayTwin did not start had Serve proxies without the overload gate and nothing said so: `raytwin
+    serve --address` warns of such nodes, and `raytwin serve env` prints what their `ray start` needs."""
+    from serve_apps import serve_env
+
+    config = tmp_path / "serve.json"
+    config.write_text(json.dumps({"autoscaling": {"max_replicas": 3}, "admission": {"max_concurrent": 2}}))
+    printed = CliRunner().invoke(serve_app, ["env", "--config", str(config), "--replica-servers"])
+    assert printed.exit_code == 0, printed.output
+    lines = printed.stdout.splitlines()
+    assert "export RAYTWIN_PROXY_MAX_IN_FLIGHT=6" in lines  # 3 replicas x 2 at once
+    assert "export RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=serve_apps.proxy_gate:proxy_middlewares" in lines
+    assert "export RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0" in lines
+    assert len(lines) == len(serve_env.environment()) + 1
+    assert serve_env.nodes_without_proxy_callback() == []  # the session's Ray started with a callback
+
+
 def test_serve_haproxy_without_a_binary_is_a_usage_error_before_ray_starts(tmp_path, monkeypatch):
     import ray
     from ray.serve._private import haproxy
