@@ -10,9 +10,9 @@ import httpx
 from client.calls import Call, Endpoints
 from client.connector_calls import ConnectorCalls
 from client.deprecation import DeprecationNotices
-from client.errors import ApiError, OutcomeUnknown, RayTwinError, error_code, from_response, retry_after_s
+from client.errors import NOT_RAYTWIN, OutcomeUnknown, RayTwinError, Unreachable, from_response, retry_after_s
 from client.model_calls import ModelCalls
-from client.retry import MAYBE_APPLIED_CODES, RETRY_STATUSES, RetryPolicy
+from client.retry import NOT_SENT, RetryPolicy, Verdict, verdict
 from client.scenario_calls import ScenarioCalls
 
 
@@ -29,34 +29,38 @@ class ClientBase(Endpoints, ModelCalls, ConnectorCalls, ScenarioCalls):
 
     def _resend_after(self, call: Call[Any], attempt: int, answer: httpx.Response | httpx.TransportError,
                       maybe_applied: bool = False) -> float | None:
-        """Seconds to wait before resending `call`, or None: `answer` is its result. Raises the API's
-        error, or `RayTwinError` for a network error on a call that is not safe to resend (or the last try).
-        `maybe_applied`: an earlier try may have reached the server (see `may_have_applied`); a compare-and-set
-        refused then raises `OutcomeUnknown`, not the refusal that invites applying it again, and so does a write
-        whose resends all failed (a 503 `overloaded` read as "nothing happened" after an approval was sent)."""
-        last = attempt == self.retry.attempts
+        """Seconds to wait before resending `call`, or None: `answer` is its result. A try that may succeed when
+        sent again (`client.retry.verdict`) is resent, while tries are left, if it was not applied or the call is
+        safe to resend. Otherwise raises the API's error, or for a network error `Unreachable` (no connection:
+        nothing applied), `OutcomeUnknown` (a write that may have been applied) or `RayTwinError` (a read).
+        `maybe_applied`: an earlier try of this write may have taken effect (see `may_have_applied`): then a
+        compare-and-set refused, or a write safe to resend whose tries all failed, raises `OutcomeUnknown` (a
+        telemetry batch's names its idempotency keys), not an error that reads as "nothing happened"; so does a
+        write that is not resent after a proxy's 5xx. RayTwin's own 503 `backend_unavailable` to such a write
+        is raised as it is: its message says how to check whether it took effect."""
+        found = verdict(answer)
+        if found is not None and attempt < self.retry.attempts and (found is Verdict.NOT_APPLIED or call.idempotent):
+            return self.retry.delay(attempt, retry_after_s(answer) if isinstance(answer, httpx.Response) else None)
+        request = f"{call.method} {call.path}"
+        applied = call.method != "GET" and (maybe_applied or found is Verdict.MAYBE_APPLIED)
         if isinstance(answer, httpx.TransportError):
-            if last or not call.idempotent:
-                raise RayTwinError(f"{call.method} {call.path}: {answer!r}") from answer
-            return self.retry.delay(attempt, None)
-        safe = call.idempotent or not self.may_have_applied(answer)  # a 503 after which it may have taken effect
-        if answer.status_code in RETRY_STATUSES and not last and safe:
-            return self.retry.delay(attempt, retry_after_s(answer))
+            if applied:
+                raise OutcomeUnknown(request, answer, attempt, call.resend_advice, call.idempotency_keys) from answer
+            if isinstance(answer, NOT_SENT):
+                raise Unreachable(request, answer, attempt) from answer
+            raise RayTwinError(f"{request}: {answer!r}") from answer
         if call.warn_deprecated:
             self.deprecations.observe(call.method, call.route, answer)
-        if answer.is_error:
-            error = from_response(answer)
-            if maybe_applied and isinstance(error, ApiError) and (
-                    call.conditional and error.status in (409, 412)  # the resend found the change made
-                    or call.method != "GET" and error.status in RETRY_STATUSES):  # it kept failing after a try
-                raise OutcomeUnknown(f"{call.method} {call.path}", error) from error  # that may have been applied
-            raise error
-        return None
+        if not answer.is_error:
+            return None
+        error = from_response(answer)
+        found_own_change = maybe_applied and call.conditional and error.status in (409, 412)
+        gave_up = found is not None and (call.idempotent or error.code == NOT_RAYTWIN)  # resends failed; a proxy's 5xx
+        if applied and (found_own_change or gave_up):
+            raise OutcomeUnknown(request, error, attempt, call.resend_advice, call.idempotency_keys) from error
+        raise error
 
     @staticmethod
     def may_have_applied(answer: httpx.Response | httpx.TransportError) -> bool:
-        """Whether a try that ended with `answer` may have taken effect without answering so: every network error
-        but a failed connect (the request never left), and a 503 saying the process applying it was lost."""
-        if isinstance(answer, httpx.Response):
-            return answer.status_code == 503 and error_code(answer) in MAYBE_APPLIED_CODES
-        return not isinstance(answer, (httpx.ConnectError, httpx.ConnectTimeout))
+        """Whether a try that ended with `answer` may have taken effect without answering so (`Verdict`)."""
+        return verdict(answer) is Verdict.MAYBE_APPLIED

@@ -72,6 +72,7 @@ class Call(Generic[T]):
     path_params: Mapping[str, str] = field(default_factory=dict)
     warn_deprecated: bool = True  # False where the answer echoes a mark the caller itself just set
     relative_paths: frozenset[str] = frozenset()  # path parameters that may hold "/" between identifiers
+    idempotency_keys: tuple[str, ...] = ()  # a telemetry batch's: named when its outcome is unknown
 
     def __post_init__(self) -> None:
         for name, value in self.path_params.items():
@@ -87,6 +88,21 @@ class Call(Generic[T]):
     def path(self) -> str:
         return self.route.format_map({k: quote(v, safe="/" if k in self.relative_paths else "")
                                       for k, v in self.path_params.items()})
+
+    @property
+    def resend_advice(self) -> str:
+        """What to do with this write when a try may have been applied and the client could not learn whether
+        (`client.errors.OutcomeUnknown`)."""
+        if self.conditional:
+            return "read the resource and check whether it holds your change before you apply it again"
+        if self.idempotency_keys:
+            keys = self.idempotency_keys
+            shown = ", ".join(keys) if len(keys) <= 2 else f"{keys[0]} ... {keys[-1]}, {len(keys)} events"
+            return (f"resend the batch as it was, with the same idempotency keys ({shown}) and event times: the "
+                    "server applies each event once and counts the others as duplicates")
+        if self.idempotent:
+            return "send it again as it was: sent again, it takes effect once"
+        return "check whether it took effect before you send it again (sent again, it could take effect twice)"
 
     def result(self, response: httpx.Response) -> T:
         """The answer as the client's model; one that does not fit it raises `UnexpectedAnswer` naming
@@ -225,10 +241,12 @@ class Endpoints(Sender):
 
     # ---- twins ------------------------------------------------------------------------------
     def send_telemetry(self, asset_id: str, events: Iterable[TelemetryEvent | Mapping[str, Any]]) -> IngestResult:
-        """Send a batch; retried safely (every event has an idempotency key): resent events count as duplicates."""
-        return self._send(Call("POST", "/v1/assets/{asset_id}/telemetry", _model(IngestResult),
-                               json=telemetry_body(asset_id, events), idempotent=True,
-                               path_params={"asset_id": asset_id}))
+        """Send a batch; retried safely (every event has an idempotency key): resent events count as duplicates.
+        `OutcomeUnknown` when a try may have been applied and the resends failed: resend the batch as it was."""
+        body = telemetry_body(asset_id, events)
+        return self._send(Call("POST", "/v1/assets/{asset_id}/telemetry", _model(IngestResult), json=body,
+                               idempotent=True, path_params={"asset_id": asset_id},
+                               idempotency_keys=tuple(str(e["idempotency_key"]) for e in body["events"])))
 
     def state(self, asset_id: str, at: datetime | None = None) -> Revisioned[TwinState]:
         """The twin's state now, or as of `at` (timezone-aware)."""

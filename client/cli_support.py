@@ -15,7 +15,8 @@ from typing import Annotated, Any
 import typer
 from pydantic import TypeAdapter
 
-from client.errors import ApiError, InvalidArgument, RayTwinError, UnexpectedAnswer
+from client.errors import (ApiError, InvalidArgument, OutcomeUnknown, RayTwinError, UnexpectedAnswer,
+                           Unreachable)
 from client.sync import RayTwinClient
 
 API_URL = Annotated[str, typer.Option("--api-url", "--url", envvar="RAYTWIN_API_URL",
@@ -29,13 +30,20 @@ _JSON = TypeAdapter(Any)
 @contextmanager
 def remote(url: str, key: str) -> Iterator[RayTwinClient]:
     """A client for one command. An API error prints ``error <status> <code>: <message> (request_id ...)``,
-    an answer that does not fit the client's contract says so, no answer at all prints where it tried;
-    each exits with code 1. An argument the client refuses before sending is a usage error (code 2)."""
+    an answer that does not fit the client's contract says so, no answer at all prints where it tried, a write
+    whose answer was lost says how to check whether it took effect; each exits with code 1. An argument the
+    client refuses before sending is a usage error (code 2)."""
     try:
         with RayTwinClient(url.rstrip("/"), key, timeout=TIMEOUT_S) as api:
             yield api
     except InvalidArgument as exc:
         raise typer.BadParameter(str(exc)) from None
+    except Unreachable as exc:
+        typer.echo(f"error: no answer from {url} ({exc}); check --api-url or RAYTWIN_API_URL", err=True)
+        raise typer.Exit(1) from None
+    except OutcomeUnknown as exc:  # an answer was lost: its message says how to check, not a wrong URL
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
     except (ApiError, UnexpectedAnswer) as exc:
         typer.echo(f"error {exc}", err=True)
         raise typer.Exit(1) from None

@@ -2,7 +2,8 @@
 
 The server answers every 4xx/5xx with ``{"error": {code, message, details, request_id}}``
 (serve_apps/README.md, "Errors"); `from_response` turns it into the matching subclass, so callers
-catch `PreconditionFailed` or `NotFound` instead of comparing status codes.
+catch `PreconditionFailed` or `NotFound` instead of comparing status codes. An answer without that shape came
+from a proxy in front of RayTwin, not from RayTwin: it never means "not found" (`from_response`).
 """
 
 from __future__ import annotations
@@ -47,18 +48,33 @@ class CorruptDownload(RayTwinError):
 
 
 class OutcomeUnknown(RayTwinError):
-    """A compare-and-set write (`if_match`, `expected_revision`) whose answer was lost in the network was
-    sent again, and the server refused the resend because the resource changed (`refusal`, its 412 or
-    409): by this write's first try, or by another writer. Do not simply re-apply it (a read-modify-write
-    would apply twice): read the resource and check whether it already holds your change."""
+    """A write that may have been applied, and the client could not learn whether it was: a try's answer was lost
+    (the connection broke once the request was sent, a timeout, RayTwin's 503 `backend_unavailable` or
+    `twin_unavailable`, a proxy's 500, 502 or 504) and the resends of a call that is safe to resend all failed too
+    (connections refused while the service restarted, `overloaded`), or a compare-and-set's resend was refused
+    because the resource changed (`refusal`, its 412 or 409: by this write's first try, or by another writer).
 
-    def __init__(self, request: str, refusal: ApiError):
-        self.refusal = refusal
-        self.request_id = refusal.request_id
-        super().__init__(
-            f"{request}: the first try's answer was lost and the resend was refused ({refusal.status} "
-            f"{refusal.code}: {refusal.message}): the first try may have been applied; read the resource and "
-            "check whether it holds your change before you apply it again")
+    The message says what to do. A telemetry batch: resend it as it was, with the same `idempotency_keys` (the
+    server applies each event once and counts the others as duplicates); never drop it as refused. A
+    compare-and-set: do not simply re-apply it (a read-modify-write would apply twice): read the resource and check
+    whether it already holds your change. Any other write: check whether it took effect before sending it again.
+    `refusal` is the server's last error (None: the last try got no answer, `cause` is its network error)."""
+
+    def __init__(self, request: str, last: ApiError | httpx.TransportError, tries: int, advice: str,
+                 idempotency_keys: tuple[str, ...] = ()):
+        self.refusal = last if isinstance(last, ApiError) else None
+        self.cause = None if isinstance(last, ApiError) else last
+        self.request_id = self.refusal.request_id if self.refusal is not None else None
+        self.idempotency_keys = idempotency_keys
+        outcome = (f"was answered ({last.status} {last.code}: {last.message})" if isinstance(last, ApiError)
+                   else f"got no answer ({last!r})")
+        tried = "the try" if tries == 1 else f"{_tries(tries)}, the last"
+        which = "it" if tries == 1 else "one of them"
+        super().__init__(f"{request}: {tried} {outcome}, and {which} may have been applied; {advice}")
+
+
+def _tries(n: int) -> str:
+    return f"{n} {'try' if n == 1 else 'tries'}"
 
 
 def _where(loc: tuple[int | str, ...]) -> str:
@@ -128,11 +144,32 @@ class RateLimited(ApiError):
 
 
 class Unavailable(ApiError):
-    """503: the service is overloaded or starting (retried by the client before it is raised), or the process
-    applying the request was lost (`backend_unavailable`, `twin_unavailable`): retried only for calls that are
-    safe to resend, raised at once for others, whose message says how to check whether it took effect."""
+    """The service is away or busy: RayTwin's 503 (overloaded or starting; retried by the client before it is
+    raised), or an answer a proxy gave instead of RayTwin (`code` `NOT_RAYTWIN`: Serve's ``404 Path ... not found``
+    while the app deploys, a load balancer's 502, 503 or 504), or no connection at all (`Unreachable`). A 503 whose
+    process applying the request was lost (`backend_unavailable`, `twin_unavailable`) is retried only for calls
+    that are safe to resend, and raised at once for others, its message saying how to check whether it took
+    effect; a write safe to resend that may have been applied by an earlier try raises `OutcomeUnknown` instead."""
 
     code = "unavailable"
+
+
+class Unreachable(Unavailable):
+    """No connection could be made on the client's last try (refused, a name that did not resolve, a connect
+    timeout) and no earlier try may have been applied: nothing took effect, so the call may be sent again as it
+    was, later (a restarting service refuses connections for a while). An `Unavailable`, so one ``except
+    Unavailable`` catches every "the service is away, nothing applied, try later"."""
+
+    code = "unreachable"
+
+    def __init__(self, request: str, cause: httpx.TransportError, tries: int):
+        self.cause = cause
+        super().__init__(0, self.code, f"{request}: could not connect ({cause!r}); {_tries(tries)}, none took "
+                                       "effect: send it again later (a restarting service refuses connections for a "
+                                       "while), and check the URL if it persists")
+
+    def __str__(self) -> str:
+        return self.message  # no status: nothing answered
 
 
 class ServerError(ApiError):
@@ -173,13 +210,21 @@ def error_code(response: httpx.Response) -> str | None:
     return None if body is None else body["code"]
 
 
+NOT_RAYTWIN = "not_raytwin"
+"""The `code` of an error answer without RayTwin's error body: a proxy or load balancer in front of it answered."""
+
+
 def from_response(response: httpx.Response) -> ApiError:
-    """The exception for an error answer, from the API's error shape (or the status when the body is not it)."""
-    body = _error_body(response)
-    if body is None:  # not RayTwin's shape: a proxy or load balancer answered
-        code, message, details, request_id = "", response.text[:500] or response.reason_phrase, [], None
-    else:
-        code, message, details, request_id = body["code"], body["message"], body["details"], body["request_id"]
-    cls = _BY_CODE.get(code) or _BY_STATUS.get(response.status_code) or (
-        ServerError if response.status_code >= 500 else ApiError)
-    return cls(response.status_code, code or cls.code, message, details, request_id, retry_after_s(response))
+    """The exception for an error answer, from the API's error shape. An answer without it is not RayTwin's, so
+    its status says nothing about the resource: a 404 (Serve's proxy while the app deploys: no route yet) or a 5xx
+    is `Unavailable`; other statuses map by status (an auth proxy's 401, a body limit's 413). Its code is
+    `NOT_RAYTWIN`, never one of RayTwin's (a bare 404 is not `not_found`: the asset may well exist)."""
+    status, body = response.status_code, _error_body(response)
+    if body is None:
+        cls = Unavailable if status == 404 or status >= 500 else _BY_STATUS.get(status, ApiError)
+        text = " ".join(response.text[:500].split()) or response.reason_phrase
+        return cls(status, NOT_RAYTWIN, f"{text} (a proxy answered, not RayTwin: the service may be deploying or "
+                                        "restarting; if it persists, check that the URL is RayTwin's API)",
+                   retry_after_s=retry_after_s(response))
+    cls = _BY_CODE.get(body["code"]) or _BY_STATUS.get(status) or (ServerError if status >= 500 else ApiError)
+    return cls(status, body["code"], body["message"], body["details"], body["request_id"], retry_after_s(response))

@@ -1,16 +1,49 @@
-"""When to retry a request, and how long to wait first."""
+"""When to retry a request, and how long to wait first: what a failed try says about the request (`Verdict`)."""
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from enum import Enum
+
+import httpx
+
+from client.errors import error_code
 
 _RNG = random.Random()
-RETRY_STATUSES = frozenset({429, 503})
-"""Statuses that mean "try later": rate limited, or no replica could take it (see `MAYBE_APPLIED_CODES`)."""
 MAYBE_APPLIED_CODES = frozenset({"backend_unavailable", "twin_unavailable"})
-"""503 codes after which the request may have taken effect (the process applying it died or stalled): resent only
-if the call is safe to resend, as after a network error."""
+"""RayTwin's 503 codes after which the request may have taken effect (the process applying it died or stalled)."""
+NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+"""Network errors raised before any byte of the request left the client: the server never saw it."""
+
+
+class Verdict(Enum):
+    """A failed try that may succeed when sent again, and whether it may have taken effect meanwhile."""
+
+    NOT_APPLIED = "not_applied"  # refused before any work, or never reached RayTwin: any call may be resent
+    MAYBE_APPLIED = "maybe_applied"  # may have taken effect: resent only if the call is safe to resend
+
+
+def verdict(answer: httpx.Response | httpx.TransportError) -> Verdict | None:
+    """What `answer` says, or None where it is final (a success, or an error no resend cures).
+
+    Not applied: a failed connect; 429; RayTwin's own 503 but `MAYBE_APPLIED_CODES` (overloaded, store fenced);
+    a proxy's bare 503 or 404 (Serve's proxy answers ``404 Path ... not found`` while the app deploys: no RayTwin
+    route saw it; RayTwin's own 404 carries its error body and is final). Maybe applied: any other network error
+    (the request may have been written before the connection broke), RayTwin's `MAYBE_APPLIED_CODES`, a proxy's
+    other 5xx (500, 502, 504: the upstream failed or timed out after it got the request)."""
+    if isinstance(answer, httpx.TransportError):
+        return Verdict.NOT_APPLIED if isinstance(answer, NOT_SENT) else Verdict.MAYBE_APPLIED
+    status, code = answer.status_code, error_code(answer)
+    if status == 429:
+        return Verdict.NOT_APPLIED
+    if code is not None:  # RayTwin answered: only its 503s are "try later"
+        if status != 503:
+            return None
+        return Verdict.MAYBE_APPLIED if code in MAYBE_APPLIED_CODES else Verdict.NOT_APPLIED
+    if status in (404, 503):
+        return Verdict.NOT_APPLIED
+    return Verdict.MAYBE_APPLIED if status >= 500 else None
 
 
 @dataclass(frozen=True)

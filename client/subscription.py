@@ -17,7 +17,7 @@ import httpx
 from pydantic import ValidationError
 
 from client.errors import Gone, RayTwinError, UnexpectedAnswer, retry_after_s
-from client.retry import RETRY_STATUSES, RetryPolicy
+from client.retry import RetryPolicy, verdict
 from serve_apps.changes import Change
 
 STREAM_READ_TIMEOUT_S = 45.0
@@ -65,10 +65,11 @@ class Subscription:
 
     def refused(self, response: httpx.Response) -> bool:
         """An error that reconnecting will not cure (raise it); notes `Retry-After` of one it may (the server
-        answered: it exists, and a full replica or the tenant's stream limit is waited out like an outage)."""
+        answered: it exists, and a full replica or the tenant's stream limit is waited out like an outage; so is
+        a proxy's answer while the service restarts, such as Serve's bare 404 while the app deploys)."""
         self._retry_after = retry_after_s(response) if response.is_error else None
         self.answered = self.answered or "x-raytwin-request-id" in response.headers  # RayTwin, not a bare proxy
-        return response.is_error and response.status_code not in RETRY_STATUSES
+        return response.is_error and verdict(response) is None
 
     def dropped(self) -> None:
         """The connection failed or broke: reconnect after a backoff (no `Retry-After` to honour)."""

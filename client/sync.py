@@ -26,8 +26,9 @@ if TYPE_CHECKING:
 
 
 class RayTwinClient(ClientBase):
-    """The RayTwin HTTP API. Retries 429/503 (honouring `Retry-After`) and, for requests that are safe
-    to resend, network errors; raises `client.errors` exceptions for the API's errors."""
+    """The RayTwin HTTP API. Resends a try that was not applied (429, 503, a proxy's bare 404, a failed connect;
+    honouring `Retry-After`) and, for requests that are safe to resend, one that may have been (a network error,
+    a lost backend: `client.retry.verdict`); raises `client.errors` exceptions (client/README.md, "Errors")."""
 
     def __init__(self, base_url: str, api_key: str, timeout: float = 30.0, retry: RetryPolicy = RetryPolicy(),
                  transport: httpx.BaseTransport | None = None):

@@ -16,9 +16,9 @@ import pytest
 
 from client import AsyncRayTwinClient, RayTwinClient, RetryPolicy
 from client.deprecation import RayTwinDeprecationWarning
-from client.errors import (Conflict, Forbidden, Gone, InvalidArgument, InvalidRequest, NotFound, OutcomeUnknown,
-                           PayloadTooLarge, PreconditionFailed, RayTwinError, ServerError, Unauthorized, Unavailable,
-                           UnexpectedAnswer)
+from client.errors import (NOT_RAYTWIN, Conflict, Forbidden, Gone, InvalidArgument, InvalidRequest, NotFound,
+                           OutcomeUnknown, PayloadTooLarge, PreconditionFailed, RayTwinError, ServerError, Unauthorized,
+                           Unavailable, UnexpectedAnswer, Unreachable, from_response)
 from client.jobs import JobFailed, JobTimeout, JobWait
 from raytwin.migration import MigrationRequest
 from raytwin.recalibration import RecalibrationPolicy
@@ -67,7 +67,8 @@ def test_network_errors_are_retried_only_where_a_resend_is_safe():
     update = AssetUpdate(type_name="thermal_rc", type_version="1.0.0")
     transport, seen = scripted(httpx.ReadTimeout("slow"))
     with RayTwinClient("http://api", "rtk_x_y", retry=FAST, transport=transport) as api:
-        with pytest.raises(RayTwinError, match="ReadTimeout"):  # no If-Match: a resend could undo someone's write
+        with pytest.raises(OutcomeUnknown, match="the try got no answer .ReadTimeout.*and it may have been "
+                           "applied; check whether it took effect"):  # no If-Match: a resend could undo someone's write
             api.update_asset("zone-1", update)
     assert len(seen) == 1
 
@@ -163,16 +164,136 @@ def test_telemetry_resends_the_same_idempotency_keys_after_a_timeout():
     assert b'"idempotency_key":"zone-1:1"' in bodies[0] and b'"idempotency_key":"mine"' in bodies[0]
 
 
-def test_errors_that_are_not_the_apis_shape_map_by_status():
-    transport, _ = scripted(httpx.Response(503, text="upstream down"), httpx.Response(503, text="upstream down"),
-                            httpx.Response(503, text="upstream down"))
+EVENTS = [{"sequence": 1, "event_time": "2026-01-05T12:00:00Z", "measurements": {}},
+          {"sequence": 2, "event_time": "2026-01-05T12:01:00Z", "measurements": {}, "idempotency_key": "mine"}]
+
+
+def ingested() -> httpx.Response:  # a fresh answer per transport: a client that read one binds its stream
+    return httpx.Response(200, json={"accepted": 2, "duplicates": 0, "rejected": 0, "reasons": []})
+
+
+ZONE = AssetCreate(id="zone-1", type_name="thermal_rc", type_version="1.0.0")
+CREATED = {"id": "zone-1", "tenant": "acme", "type_name": "thermal_rc", "type_version": "1.0.0"}
+
+
+def overloaded() -> httpx.Response:
+    return httpx.Response(503, headers={"Retry-After": "0"}, json={"error": {"code": "overloaded",
+                                                                             "message": "at capacity"}})
+
+
+def serve_404(path: str = "/v1/assets/rt-0/telemetry") -> httpx.Response:
+    """What Serve's HTTP proxy answers while the app deploys (no route yet): plain text, not RayTwin's body."""
+    return httpx.Response(404, text=f"Path '{path}' not found. Ping http://.../-/routes for available routes.")
+
+
+def send(api: RayTwinClient | AsyncRayTwinClient, asset_id: str = "rt-0"):
+    """`send_telemetry(EVENTS)` on either client, run to its end (the async one in a fresh loop), then closed."""
+    if isinstance(api, RayTwinClient):
+        with api:
+            return api.send_telemetry(asset_id, EVENTS)
+
+    async def run():
+        async with api:
+            return await api.send_telemetry(asset_id, EVENTS)
+
+    return asyncio.run(run())
+
+
+def both(transport_of):
+    """The sync and the async client on a fresh scripted transport each: `transport_of()` -> (transport, seen)."""
+    for make in (RayTwinClient, AsyncRayTwinClient):
+        transport, seen = transport_of()
+        yield make("http://api", "rtk_x_y", retry=FAST, transport=transport), seen
+
+
+def test_a_proxys_404_while_the_service_restarts_is_resent_not_a_missing_asset():
+    """After `raytwin serve` restarted, Serve's proxy answered ``404 Path ... not found`` (plain text) while the app
+    deployed: the client raised NotFound("not_found"), like a missing asset, and did not resend; a producer that drops
+    batches of unknown assets lost them. Only RayTwin's own 404 (its error body) means "not found"."""
+    for api, seen in both(lambda: scripted(serve_404(), serve_404(), ingested())):
+        assert send(api).accepted == 2 and api.retries == 2
+        assert len(seen) == 3 and seen[0].content == seen[1].content == seen[2].content  # the same keys each time
+    for api, seen in both(lambda: scripted(serve_404(), serve_404(), serve_404())):
+        with pytest.raises(Unavailable, match="a proxy answered, not RayTwin") as err:
+            send(api)
+        assert not isinstance(err.value, NotFound) and len(seen) == 3
+        assert (err.value.status, err.value.code) == (404, NOT_RAYTWIN) and "Path '/v1/assets/rt-0/" in str(err.value)
+    transport, seen = scripted(serve_404("/v1/assets"), httpx.Response(503, text="no healthy upstream"),
+                               httpx.Response(201, json=CREATED, headers={"ETag": '"1"'}))
+    with RayTwinClient("http://api", "rtk_x_y", retry=FAST, transport=transport) as api:  # no RayTwin route saw it:
+        assert api.create_asset(ZONE).revision == 1  # even a create is resent
+    assert len(seen) == 3
+
+
+def test_raytwins_own_404_is_not_found_at_once():
+    missing = {"error": {"code": "not_found", "message": "no asset 'rt-0'", "request_id": "r9"}}
+    for api, seen in both(lambda: scripted(httpx.Response(404, json=missing))):
+        with pytest.raises(NotFound, match="no asset 'rt-0'") as err:
+            send(api)
+        assert (err.value.code, err.value.request_id, len(seen), api.retries) == ("not_found", "r9", 1, 0)
+
+
+def test_connection_errors_after_a_try_that_may_have_been_applied_are_an_unknown_outcome():
+    """The same restart's other lost batches: the service applied one whose answer was lost, the resends found it
+    down (connection refused) and the client raised a bare RayTwinError, read as "not sent": 1480 events applied,
+    1475 acknowledged. A try that may have been applied (written before the connection broke, a 503/504 after
+    which it may have taken effect) makes the failure an OutcomeUnknown that names the keys to resend with."""
+    refused = httpx.ConnectError("[Errno 111] Connection refused")
+    lost_answers = (lambda: httpx.RemoteProtocolError("Server disconnected without sending a response."),
+                    lambda: httpx.ReadTimeout("timed out"), _lost, lambda: httpx.Response(504, text="timeout"))
+    for first in lost_answers:
+        for api, seen in both(lambda: scripted(first(), refused, refused)):
+            with pytest.raises(OutcomeUnknown, match=r"resend the batch as it was, with the same idempotency keys "
+                                                     r"\(rt-0:1, mine\)") as err:
+                send(api)
+            assert len(seen) == 3 and err.value.idempotency_keys == ("rt-0:1", "mine")
+            assert err.value.cause is refused and err.value.refusal is None and "3 tries" in str(err.value)
+    for api, _ in both(lambda: scripted(overloaded(), refused, httpx.ReadTimeout("timed out"))):  # the last try's
+        with pytest.raises(OutcomeUnknown, match="ReadTimeout"):  # own lost answer is enough
+            send(api)
+    transport, seen = scripted(httpx.Response(502, text="bad gateway"))  # a create is not resent after a proxy's
+    with RayTwinClient("http://api", "rtk_x_y", retry=FAST, transport=transport) as api:  # 5xx: it may have been
+        with pytest.raises(OutcomeUnknown, match="check whether it took effect before you send it again") as err:
+            api.create_asset(ZONE)  # applied
+    assert len(seen) == 1 and err.value.refusal.status == 502 and err.value.refusal.code == NOT_RAYTWIN
+
+
+def test_a_connection_refused_before_anything_was_sent_is_retryable_unavailability():
+    """Nothing left the client on any try: not an unknown outcome, but `Unreachable` (an `Unavailable`), so
+    one ``except Unavailable`` keeps a batch for later whatever phase of a restart the client met."""
+    refused = httpx.ConnectError("[Errno 111] Connection refused")
+    for answers in (lambda: (refused, refused, refused),
+                    lambda: (serve_404(), overloaded(), httpx.ConnectTimeout("timed out connecting"))):
+        for api, seen in both(lambda: scripted(*answers())):
+            with pytest.raises(Unreachable, match="could not connect .*3 tries, none took effect: send it again later"
+                               ) as err:
+                send(api)
+            assert isinstance(err.value, Unavailable) and not isinstance(err.value, OutcomeUnknown)
+            assert len(seen) == 3 and err.value.code == "unreachable" and not str(err.value).startswith("0 ")
+    transport, seen = scripted(refused, httpx.Response(201, json=CREATED, headers={"ETag": '"1"'}))
+    with RayTwinClient("http://api", "rtk_x_y", retry=FAST, transport=transport) as api:  # nothing was sent: a
+        assert api.create_asset(ZONE).revision == 1  # create is resent
+    assert len(seen) == 2
+
+
+def test_errors_that_are_not_the_apis_shape_are_not_raytwins_codes():
+    """A proxy's answer maps by status where its status means the same from a proxy (an auth proxy's 401, a body
+    limit's 413) but never carries one of RayTwin's codes; its 404 and 5xx are `Unavailable`."""
+    for status, cls in ((401, Unauthorized), (413, PayloadTooLarge), (404, Unavailable), (500, Unavailable),
+                        (502, Unavailable), (503, Unavailable), (504, Unavailable)):
+        error = from_response(httpx.Response(status, text="<html>nginx</html>\n"))
+        assert type(error) is cls and error.code == NOT_RAYTWIN and error.message.startswith("<html>nginx</html> (")
+    transport, _ = scripted(*[httpx.Response(503, text="upstream down")] * 3)
     with RayTwinClient("http://api", "rtk_x_y", retry=FAST, transport=transport) as api:
         with pytest.raises(Unavailable, match="upstream down") as err:
             api.health()
     assert err.value.status == 503 and err.value.request_id is None and api.retries == 2
-    transport, _ = scripted(httpx.Response(502, text="bad gateway"))
+    transport, _ = scripted(httpx.Response(502, text="bad gateway"), HEALTH)  # a read: resent
     with RayTwinClient("http://api", "rtk_x_y", retry=FAST, transport=transport) as api:
-        with pytest.raises(ServerError):
+        assert api.health().status == "ok"
+    transport, _ = scripted(httpx.Response(500, json={"error": {"code": "internal", "message": "boom"}}))
+    with RayTwinClient("http://api", "rtk_x_y", retry=FAST, transport=transport) as api:  # RayTwin's own fault:
+        with pytest.raises(ServerError, match="boom"):  # final, not resent
             api.health()
 
 
@@ -196,18 +317,20 @@ def test_the_change_stream_reconnects_from_the_last_id_and_stops_on_a_refusal():
 
 def test_the_change_stream_outlasts_a_server_restart_but_not_a_server_that_never_answered():
     """Documented to run forever: once the server answered, any number of failed reconnects (a restart takes
-    ~40 s, a full replica or the tenant's stream limit answers 503/429) is waited out; a stream whose server
-    never answered (a wrong URL) gives up after the policy's attempts."""
+    ~40 s, during which Serve's proxy answers a bare 404 while the app deploys; a full replica or the tenant's
+    stream limit answers 503/429) is waited out; a stream whose server never answered (a wrong URL) gives up
+    after the policy's attempts."""
     frame = 'id: {0}\nevent: asset.updated\ndata: {{"seq": {0}, "kind": "asset.updated", "time": ' \
         '"2026-01-05T12:00:00Z", "asset_id": "zone-1", "revision": 2}}\n\n'
     sse = {"Content-Type": "text/event-stream"}
-    down = [httpx.ConnectError("refused")] * 7 + [httpx.Response(503, headers={"Retry-After": "0"})]
-    transport, seen = scripted(httpx.Response(200, text=frame.format(9), headers=sse), *down,
-                               httpx.Response(200, text=frame.format(10), headers=sse))
+    down = [httpx.ConnectError("refused")] * 7 + [httpx.Response(503, headers={"Retry-After": "0"}),
+                                                  serve_404("/v1/changes"), httpx.Response(502, text="bad gateway")]
+    transport, seen = scripted(httpx.Response(200, text=frame.format(9), headers=sse), *down,  # Serve's proxy
+                               httpx.Response(200, text=frame.format(10), headers=sse))  # while the app deploys
     with RayTwinClient("http://api", "rtk_x_y", retry=FAST, transport=transport) as api:
         stream = api.changes(after=5)
         assert [next(stream).seq, next(stream).seq] == [9, 10]
-    assert len(seen) == 10 and seen[-1].headers["last-event-id"] == "9"
+    assert len(seen) == 12 and seen[-1].headers["last-event-id"] == "9"
     transport, seen = scripted(*[httpx.ConnectError("refused")] * 3)
     with RayTwinClient("http://api", "rtk_x_y", retry=FAST, transport=transport) as api:
         with pytest.raises(RayTwinError, match="3 connections failed in a row, none answered"):
