@@ -34,6 +34,8 @@ def verdict(answer: httpx.Response | httpx.TransportError) -> Verdict | None:
     other 5xx (500, 502, 504: the upstream failed or timed out after it got the request)."""
     if isinstance(answer, httpx.TransportError):
         return Verdict.NOT_APPLIED if isinstance(answer, NOT_SENT) else Verdict.MAYBE_APPLIED
+    if not answer.is_error:  # a success may be a stream not read yet: its body is the caller's
+        return None
     status, code = answer.status_code, error_code(answer)
     if status == 429:
         return Verdict.NOT_APPLIED
