@@ -1,7 +1,10 @@
 """Which hosts a tenant's connector may connect to: a connector is a TCP client inside the operator's
 network, so an API-created one reaches only the hosts `ServeConfig.connector_hosts` lists (names,
-addresses, networks), and without a list none that is link-local (169.254.0.0/16, fe80::/10: where a
-cloud hands out its nodes' credentials), also when an IPv6 address carries the IPv4 one.
+addresses, networks), and without a list none that is the node itself or link-local: loopback
+(127.0.0.0/8, ::1, a `localhost` name: Ray's GCS, dashboard and metrics ports, other tenants' brokers on
+the node), unspecified (0.0.0.0/8, ::, which connect to the node too), link-local (169.254.0.0/16,
+fe80::/10: where a cloud hands out its nodes' credentials), also when an IPv6 address carries the IPv4 one.
+An operator who wants connectors to reach a broker on the node lists it.
 
 A name is checked when the connector is declared (`Reach.refusal`) and again at every connection attempt,
 in the connector's process, on the address connected to (`Reach.vetted`, `open_connection`): a name whose
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from collections.abc import Callable
 from typing import Any
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -27,7 +31,8 @@ class Unreachable(OSError):
 
 class Reach:
     """Which hosts a tenant's connector may connect to (`ServeConfig.connector_hosts`): without a list, any
-    but link-local addresses (a cloud's metadata service hands out the node's credentials)."""
+    but the node itself (loopback, unspecified) and link-local addresses (a cloud's metadata service hands out
+    the node's credentials): a tenant reaches nothing on the node its operator did not open to it."""
 
     def __init__(self, hosts: list[str] | None):
         self.names = None if hosts is None else {_name(h) for h in hosts if not _network(h)}
@@ -42,14 +47,18 @@ class Reach:
         whatever it resolves to; an unlisted one by the addresses it has."""
         if self._listed(host):
             return None
+        if self.names is None and _localhost(host):
+            return f"host {host!r} is loopback (a localhost name), which connectors may not reach: {_opening(host)}"
         try:
-            addresses = {_address(info) for info in socket.getaddrinfo(host, None)}
+            addresses = [_address(info) for info in socket.getaddrinfo(host, None)]
         except (socket.gaierror, UnicodeError, ValueError):
-            addresses = set()
+            addresses = []
         if self.names is None:
-            local = sorted(str(a) for a in addresses if self._refuses(a))
-            return f"host {host!r} is link-local ({', '.join(local)}), which connectors may not reach" if local \
-                else None
+            if not (closed := _by_reason(addresses, _closed)):
+                return None
+            kinds = " and ".join(f"{kind} ({', '.join(map(str, each))})" for kind, each in closed.items())
+            first = next(iter(closed.values()))[0]
+            return f"host {host!r} is {kinds}, which connectors may not reach: {_opening(first)}"
         if addresses and not any(self._refuses(a) for a in addresses):
             return None
         return f"host {host!r} is {_UNLISTED}"
@@ -58,14 +67,20 @@ class Reach:
         """The addresses of `host` one connection attempt may go to, resolved once, now: connect to these and
         never resolve the name again (DNS may answer otherwise the next time). `Unreachable`, naming each
         address and why, if none is allowed; `socket.gaierror` if the name does not resolve."""
+        if self.names is None and _localhost(host):
+            raise Unreachable(f"host {host!r} is loopback (a localhost name), which connectors may not reach: not "
+                              f"connected; {_opening(host)}")
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         if self._listed(host):
             return infos
         allowed = [info for info in infos if not self._refuses(_address(info))]
         if not allowed:
-            refused = "; ".join(dict.fromkeys(f"{a} ({self._refuses(a)})" for a in map(_address, infos)))
+            addresses = [_address(info) for info in infos]
+            refused = "; ".join(f"{', '.join(map(str, each))} ({why})"
+                                for why, each in _by_reason(addresses, self._refuses).items())
+            opening = f"; {_opening(min(addresses, key=_order))}" if self.names is None else ""
             raise Unreachable(f"host {host!r} resolved to {refused}: not connected (it is checked again at every "
-                              "connection attempt, so a name that resolves to an allowed address connects)")
+                              f"connection attempt, so a name that resolves to an allowed address connects){opening}")
         return allowed
 
     def _listed(self, host: str) -> bool:
@@ -75,11 +90,20 @@ class Reach:
     def _refuses(self, address: Address) -> str | None:
         """Why no connection may go to `address` (None: it may)."""
         if self.names is None:
-            return "link-local, which connectors may not reach" if _link_local(address) else None
+            return f"{kind}, which connectors may not reach" if (kind := _closed(address)) else None
         return None if any(address in n for n in self.networks) else _UNLISTED
 
 
 _UNLISTED = "not among the hosts this service lets connectors reach (ServeConfig.connector_hosts, its operator's list)"
+
+
+def _opening(host: str | Address) -> str:
+    """How the operator opens a host the default refuses (the tenant who reads it cannot: the service config is
+    the operator's), with the setting that does it for `host`."""
+    example = f"{host}/{host.max_prefixlen}" if isinstance(host, Address) else _name(host)
+    return (f"the service's operator can open it to connectors by listing it in ServeConfig.connector_hosts, e.g. "
+            f"connector_hosts: [\"{example}\"] (a listed network admits its addresses, a listed name whatever it "
+            "resolves to; with a list, connectors reach only the hosts it names)")
 
 
 def open_connection(infos: list[AddrInfo], timeout: float | None,
@@ -105,21 +129,55 @@ def _address(info: AddrInfo) -> Address:
     return ipaddress.ip_address(info[4][0].split("%")[0])  # (an IPv6 scope, "%eth0", is no part of the address)
 
 
-def _link_local(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-    """Link-local, also as an IPv4 address inside an IPv6 one (``::ffff:169.254.169.254``, NAT64's
-    ``64:ff9b::/96``, 6to4, Teredo's client, the deprecated IPv4-compatible ``::169.254.169.254``), which
-    reaches the IPv4 host."""
-    if address.is_link_local:
-        return True
-    if isinstance(address, ipaddress.IPv6Address):
-        embeds = any(address in n for n in _EMBEDDING)
-        inner = address.ipv4_mapped or address.sixtofour or (address.teredo or (None, None))[1] or (
-            ipaddress.IPv4Address(int(address) & 0xFFFFFFFF) if embeds else None)
-        return inner is not None and inner.is_link_local
-    return False
+def _closed(address: Address) -> str | None:
+    """What `address` is if no tenant's connector may reach it without the operator's list: the node itself
+    (loopback; unspecified, 0.0.0.0/8 and ::, which connect to the node) or link-local; also as an IPv4 address
+    inside an IPv6 one (``::ffff:127.0.0.1``, NAT64's ``64:ff9b::/96``, 6to4, Teredo's client, SIIT's
+    ``::ffff:0:0:0/96``, the deprecated IPv4-compatible ``::127.0.0.1``), which reaches the IPv4 host."""
+    for each in (address, _inner(address)):
+        if each is None:
+            continue
+        if each.is_loopback:
+            return "loopback"
+        if each.is_unspecified or each in _THIS_NETWORK:
+            return "unspecified"
+        if each.is_link_local:
+            return "link-local"
+    return None
 
 
+def _inner(address: Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one carries (None: none)."""
+    if not isinstance(address, ipaddress.IPv6Address):
+        return None
+    embeds = any(address in n for n in _EMBEDDING)
+    return address.ipv4_mapped or address.sixtofour or (address.teredo or (None, None))[1] or (
+        ipaddress.IPv4Address(int(address) & 0xFFFFFFFF) if embeds else None)
+
+
+def _localhost(host: str) -> bool:
+    """A localhost name (``localhost``, ``x.localhost``, any case, with the root's dot): loopback whatever this
+    node's resolver answers for it (RFC 6761), which may be nothing at the declaration and 127.0.0.1 later."""
+    name = _name(host)
+    return name == "localhost" or name.endswith(".localhost")
+
+
+def _by_reason(addresses: list[Address], why: Callable[[Address], str | None]) -> dict[str, list[Address]]:
+    """The distinct `addresses` that `why` gives a reason for, in order, by reason."""
+    reasons: dict[str, list[Address]] = {}
+    for address in sorted(set(addresses), key=_order):
+        if (reason := why(address)) is not None:
+            reasons.setdefault(reason, []).append(address)
+    return reasons
+
+
+def _order(address: Address) -> tuple[int, Address]:
+    return address.version, address  # (IPv4 and IPv6 addresses do not compare)
+
+
+_THIS_NETWORK = ipaddress.ip_network("0.0.0.0/8")  # "this network" (RFC 1122): no destination; 0.0.0.0 is the node
 _EMBEDDING = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"),  # NAT64: RFC 6052, 8215
+              ipaddress.ip_network("::ffff:0:0:0/96"),  # SIIT's IPv4-translated addresses (RFC 2765)
               ipaddress.ip_network("::/96"))  # IPv4-compatible (RFC 4291, deprecated; still routed by some stacks)
 
 

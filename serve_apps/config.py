@@ -87,10 +87,13 @@ class ServeConfig(BaseModel):
         "(None: such connectors cannot use TLS files). Declared connectors (`connectors`) name any path.")
     connector_hosts: list[str] | None = Field(
         None, description="Hosts that connectors created through the API may connect to: names, addresses or "
-        "networks (`broker.plant.example`, `10.20.0.0/16`); None: any but link-local ones (169.254.0.0/16, "
-        "fe80::/10: cloud metadata services). A tenant's connector is a TCP client inside your network: list "
-        "the brokers and servers it may reach. Names are checked again at every connection, on the address "
-        "connected to. Declared connectors (`connectors`) reach any host.")
+        "networks (`broker.plant.example`, `10.20.0.0/16`, `127.0.0.1/32` for a broker on the node); a listed name "
+        "is reachable whatever it resolves to, a listed network admits its addresses. None: any host but the node "
+        "itself and link-local ones: loopback (127.0.0.0/8, ::1, `localhost`: Ray's and other tenants' services on "
+        "the node), unspecified (0.0.0.0/8, ::) and link-local (169.254.0.0/16, fe80::/10: cloud metadata "
+        "services), also inside IPv6 (`::ffff:127.0.0.1`). A tenant's connector is a TCP client inside your "
+        "network: list the brokers and servers it may reach. Names are checked again at every connection, on the "
+        "address connected to. Declared connectors (`connectors`) reach any host.")
     autoscaling: Autoscaling = Field(default_factory=Autoscaling)
     admission: Admission = Field(default_factory=Admission)
 

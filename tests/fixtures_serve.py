@@ -12,6 +12,10 @@ from typing import Any
 KEYS = (("admin", "acme", "admin", ()), ("approver", "acme", "admin", ("approver",)),
         ("writer", "acme", "writer", ()), ("reader", "acme", "reader", ()), ("other", "globex", "admin", ()))
 """The keys `in_process` makes: (name, tenant, role, grants)."""
+NODE_BROKERS = ["127.0.0.1/32"]
+"""`ServeConfig.connector_hosts` of the services whose tenants' connectors use a broker or server on this machine:
+the default refuses loopback (a tenant reaches nothing on the node), so these list it, as an operator opens a
+broker on the node."""
 
 
 @contextmanager

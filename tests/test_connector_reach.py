@@ -1,11 +1,13 @@
 """A tenant's connector connects only where the reach policy allows, at every connection attempt, on the
 address it connects to: a name that resolved to a public address when it was declared can resolve to
-169.254.169.254 (a cloud's metadata service) later (DNS rebinding). No external network: names are
-answered by a stand-in for `socket.getaddrinfo`, connections go to a local listener."""
+169.254.169.254 (a cloud's metadata service) or 127.0.0.1 (the node's own services) later (DNS rebinding).
+No external network: names are answered by a stand-in for `socket.getaddrinfo`, connections go to a local
+listener or broker, which the operator's list (`NODE_BROKERS`) opens: the default refuses loopback."""
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import socket
 import threading
 from collections.abc import Iterator
@@ -22,10 +24,15 @@ from connectors.reach import Reach, Unreachable, open_connection
 from connectors.spec import Credentials
 from raytwin.ports import free_port
 from tests.fixtures_connectors import certificate_for, wait_for
+from tests.fixtures_serve import NODE_BROKERS
 from tests.test_connectors_opcua import until
 
 REBOUND = "broker.tenant.example"
 METADATA = "169.254.169.254"
+PUBLIC = "192.0.2.7"  # (TEST-NET-1: what the name answered when it was declared; never connected to here)
+NODE = Reach(NODE_BROKERS)
+"""The operator's list that opens this machine's loopback (the local listener and broker) to connectors."""
+UNLISTED = r"\(not among the hosts this service lets connectors reach"
 
 
 def answer(monkeypatch: pytest.MonkeyPatch, *addresses: str) -> list[str]:
@@ -56,12 +63,46 @@ def listener() -> Iterator[socket.socket]:
 def test_each_attempt_resolves_once_and_connects_to_the_address_it_vetted(monkeypatch, listener):
     asked = answer(monkeypatch, "127.0.0.1", METADATA)
     port = listener.getsockname()[1]
-    with open_connection(Reach(None).vetted(REBOUND, port), timeout=5) as sock:
+    with open_connection(NODE.vetted(REBOUND, port), timeout=5) as sock:
         assert sock.getpeername() == ("127.0.0.1", port)
     assert asked == [REBOUND]  # the socket was connected to the vetted address, not to a second answer
-    with pytest.raises(Unreachable, match=rf"host '{REBOUND}' resolved to {METADATA} \(link-local, which "
-                                          "connectors may not reach\): not connected"):
-        Reach(None).vetted(REBOUND, port)  # the next attempt, after the DNS answer changed
+    with pytest.raises(Unreachable, match=rf"host '{REBOUND}' resolved to {METADATA} {UNLISTED}.*\): not connected"):
+        NODE.vetted(REBOUND, port)  # the next attempt, after the DNS answer changed
+
+
+@pytest.mark.parametrize("address, kind", [
+    ("127.0.0.1", "loopback"), ("127.8.9.10", "loopback"), ("::1", "loopback"), ("::ffff:127.0.0.1", "loopback"),
+    ("64:ff9b::7f00:1", "loopback"), ("0.0.0.0", "unspecified"), ("::", "unspecified"), (METADATA, "link-local"),
+    ("fe80::1", "link-local")])
+def test_by_default_a_name_that_later_resolves_to_the_node_itself_is_refused_at_the_attempt(monkeypatch, address,
+                                                                                            kind):
+    """Accepted when it was declared (a public address then), the name answers loopback, 0.0.0.0 or link-local at
+    a connection attempt: refused without a socket, naming the setting that would open it."""
+    asked = answer(monkeypatch, PUBLIC, address)
+    assert Reach(None).refusal(REBOUND) is None  # the declaration
+    with pytest.raises(Unreachable) as refused:
+        Reach(None).vetted(REBOUND, 1883)
+    shown = str(ipaddress.ip_address(address))
+    assert str(refused.value).startswith(f"host {REBOUND!r} resolved to {shown} ({kind}, which connectors may not "
+                                         "reach): not connected (it is checked again at every connection attempt"), \
+        refused.value
+    assert f"listing it in ServeConfig.connector_hosts, e.g. connector_hosts: [\"{shown}/" in str(refused.value)
+    assert asked == [REBOUND, REBOUND]
+    assert [info[4][0] for info in Reach([f"{shown}/128" if ":" in shown else f"{shown}/32"]).vetted(
+        REBOUND, 1883)] == [address]  # the operator's list opens that address
+
+
+def test_by_default_a_localhost_name_is_refused_whatever_the_resolver_answers(monkeypatch):
+    """`localhost.` did not resolve on some nodes when it was declared (so it passed) and resolves to 127.0.0.1 on
+    others: a localhost name is loopback (RFC 6761) and refused before it is resolved; listed, it is reachable."""
+    real, asked = socket.getaddrinfo, []
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, *a, **k: asked.append(host) or real(host, *a, **k))
+    for host in ("localhost", "localhost.", "Broker.LocalHost"):
+        with pytest.raises(Unreachable, match=rf"host '{host}' is loopback \(a localhost name\), which connectors "
+                                              r'may not reach: not connected; .*connector_hosts: \["'):
+            Reach(None).vetted(host, 1883)
+    assert asked == []
+    assert Reach(["localhost"]).refusal("localhost.") is None and Reach(["localhost"]).vetted("localhost", 1883)
 
 
 def test_an_attempt_keeps_only_the_addresses_the_policy_allows(monkeypatch):
@@ -72,7 +113,7 @@ def test_an_attempt_keeps_only_the_addresses_the_policy_allows(monkeypatch):
     assert [info[4][0] for info in Reach(None).vetted(REBOUND, 1883)] == ["10.20.0.7"]
     assert [info[4][0] for info in Reach(["10.20.0.0/16"]).vetted(REBOUND, 1883)] == ["10.20.0.7"]
     assert len(Reach([REBOUND]).vetted(REBOUND, 1883)) == 2  # a listed name: the operator's DNS, any address
-    with pytest.raises(Unreachable, match=rf"{METADATA} \(not among the hosts .*\); 10.20.0.7 \(not among"):
+    with pytest.raises(Unreachable, match=rf"resolved to 10.20.0.7, {METADATA} {UNLISTED}"):  # (by reason)
         Reach(["10.30.0.0/16"]).vetted(REBOUND, 1883)
 
 
@@ -100,36 +141,57 @@ def test_mqtt_connects_to_the_vetted_address_and_verifies_tls_against_the_name(m
     threading.Thread(target=serve, daemon=True).start()
     asked = answer(monkeypatch, "127.0.0.1", METADATA)
     client = _client(mqtt_spec(port, tls={"ca_file": str(tmp_path / "cert.pem")}), Credentials(), persistent=True,
-                     reach=Reach(None))
+                     reach=NODE)
     client.connect(REBOUND, port)
     try:
         assert client.socket().getpeername() == ("127.0.0.1", port) and asked == [REBOUND]
         assert server_names == [REBOUND]  # SNI: the name; the certificate for it verified on the vetted address
-        with pytest.raises(Unreachable, match=f"resolved to {METADATA} .link-local"):
+        with pytest.raises(Unreachable, match=f"resolved to {METADATA} {UNLISTED}"):
             client.reconnect()  # the next attempt: the name answers the metadata service now
         assert asked == [REBOUND, REBOUND] and isinstance(client.connect_error, Unreachable)
     finally:
         client.disconnect()
 
 
-def test_a_refused_address_is_the_connectors_last_error_and_a_fixed_name_connects(monkeypatch, tmp_path):
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory) -> Iterator[Mosquitto]:
+    b = Mosquitto(tmp_path_factory.mktemp("mosquitto"), free_port())
+    b.start()
+    yield b
+    b.stop()
+
+
+def test_a_refused_address_is_the_connectors_last_error_and_a_fixed_name_connects(monkeypatch, broker):
     """The refusal names host, address and why; the connector keeps retrying, so DNS answering an allowed
     address again connects it."""
-    broker = Mosquitto(tmp_path, free_port())
-    broker.start()
     answer(monkeypatch, METADATA, "127.0.0.1")
-    adapter = MQTT.adapter(mqtt_spec(broker.port), Credentials(), lambda inbound: None, lambda *ack: None,
-                           reach=Reach(None))
+    adapter = MQTT.adapter(mqtt_spec(broker.port), Credentials(), lambda inbound: None, lambda *ack: None, reach=NODE)
     adapter.start()
     try:
         refused = wait_for(lambda: adapter.last_error, "the refused connection reported")
         assert refused.startswith(f"refused to connect to broker {REBOUND}:{broker.port}: host {REBOUND!r} resolved "
-                                  f"to {METADATA} (link-local, which connectors may not reach): not connected")
+                                  f"to {METADATA} (not among the hosts this service lets connectors reach")
         assert refused.endswith("; retrying with backoff")
         wait_for(adapter.connected, "connected once the name resolves to an allowed address")
     finally:
         adapter.stop()
-        broker.stop()
+
+
+def test_by_default_a_connector_never_reaches_the_broker_on_the_node(monkeypatch, broker):
+    """What the outside tester found: a tenant's connector to a broker listening on the node's loopback. Without
+    a list, attempt after attempt is refused before a socket opens: it reports no port as open or closed."""
+    asked = answer(monkeypatch, "127.0.0.1")
+    adapter = MQTT.adapter(mqtt_spec(broker.port), Credentials(), lambda inbound: None, lambda *ack: None,
+                           reach=Reach(None))
+    adapter.start()
+    try:
+        wait_for(lambda: len(asked) >= 2, "a second connection attempt")
+        refused = adapter.last_error
+        assert refused.startswith(f"refused to connect to broker {REBOUND}:{broker.port}: host {REBOUND!r} resolved "
+                                  "to 127.0.0.1 (loopback, which connectors may not reach): not connected"), refused
+        assert 'connector_hosts: ["127.0.0.1/32"]' in refused and not adapter.connected()
+    finally:
+        adapter.stop()
 
 
 def test_opcua_connects_each_attempt_to_the_vetted_address_and_keeps_the_endpoint_name(monkeypatch):
@@ -137,7 +199,7 @@ def test_opcua_connects_each_attempt_to_the_vetted_address_and_keeps_the_endpoin
     the endpoint URL (hello, session) keeps the name."""
     asked = answer(monkeypatch, "127.0.0.1", METADATA)
     client = OpcUaClient(f"opc.tcp://{REBOUND}:4840/raytwin/")
-    client.reach, opened = Reach(None), []
+    client.reach, opened = NODE, []
 
     async def connect_socket(host: str, port: int) -> None:
         opened.append((host, port))
@@ -145,7 +207,7 @@ def test_opcua_connects_each_attempt_to_the_vetted_address_and_keeps_the_endpoin
     monkeypatch.setattr(client.uaclient, "connect_socket", connect_socket)
     asyncio.run(client.connect_socket())
     assert opened == [("127.0.0.1", 4840)] and client.server_url.hostname == REBOUND
-    with pytest.raises(Unreachable, match=f"resolved to {METADATA} .link-local"):
+    with pytest.raises(Unreachable, match=f"resolved to {METADATA} {UNLISTED}"):
         asyncio.run(client.connect_socket())  # the next attempt: the name answers the metadata service now
     assert opened == [("127.0.0.1", 4840)] and asked == [REBOUND, REBOUND]
 
@@ -160,8 +222,7 @@ def test_an_opcua_session_reports_a_refused_address_and_connects_once_the_name_i
                                              "unit": "m"}]})
 
     async def scenario() -> str:
-        session = OpcUaSession(spec, Credentials(username="u", password="p"), lambda inbound: None,
-                               reach=Reach(None))
+        session = OpcUaSession(spec, Credentials(username="u", password="p"), lambda inbound: None, reach=NODE)
         run = asyncio.ensure_future(session.run())
         try:
             await until(lambda: session.last_error, "the refused connection reported")
@@ -176,5 +237,5 @@ def test_an_opcua_session_reports_a_refused_address_and_connects_once_the_name_i
         refused = asyncio.run(scenario())
     finally:
         server.kill()
-    assert refused.startswith(f"Unreachable: host {REBOUND!r} resolved to {METADATA} (link-local, which connectors "
-                              "may not reach): not connected")
+    assert refused.startswith(f"Unreachable: host {REBOUND!r} resolved to {METADATA} (not among the hosts this "
+                              "service lets connectors reach")

@@ -32,7 +32,7 @@ from connectors.spec import Credentials, Desired, UnknownConnector
 from raytwin.contracts import TelemetryEvent
 from raytwin.ports import free_port
 from tests.fixtures_connectors import certificate_for, tank_twins, wait_for
-from tests.fixtures_serve import InProcessHandle
+from tests.fixtures_serve import NODE_BROKERS, InProcessHandle
 from tests.ray_metrics import total, wait_until
 
 T0 = datetime(2026, 4, 1, tzinfo=UTC)
@@ -651,7 +651,8 @@ def test_declarations_are_checked_and_credentials_stay_secret(twins, connectors,
 # ---------------------------------------------------------------------------------------- HTTP API ----
 @pytest.fixture(scope="module")
 def api(twins, tmp_path_factory):
-    """The real API app and services, the `Backend`'s connector operations run in-process (no Serve)."""
+    """The real API app and services, the `Backend`'s connector operations run in-process (no Serve); its operator
+    lets tenants' connectors reach the broker on this machine (`connector_hosts`: the default refuses loopback)."""
     from fastapi.testclient import TestClient
 
     from serve_apps.api import create_api
@@ -669,10 +670,12 @@ def api(twins, tmp_path_factory):
     keys = {name: create_key(keys_file, tenant, role) for name, tenant, role in (
         ("admin", "acme", "admin"), ("admin2", "acme", "admin"), ("writer", "acme", "writer"),
         ("reader", "acme", "reader"), ("other", "globex", "admin"))}
-    config = ServeConfig(store_url=str(root / "store"), keys_file=str(keys_file), rate_per_s=1000, rate_burst=1000)
+    config = ServeConfig(store_url=str(root / "store"), keys_file=str(keys_file), rate_per_s=1000, rate_burst=1000,
+                         connector_hosts=NODE_BROKERS)
+
     class ConnectorBackend:  # the Backend's connector method over real ConnectorOps; no jobs here
         connector = Backend.connector
-        connector_ops = ConnectorOps(twins, [], tls_dir=str(root / "tls"))
+        connector_ops = ConnectorOps(twins, [], tls_dir=str(root / "tls"), hosts=config.connector_hosts)
 
         def check_writable(self) -> None:
             """This stand-in's store has no other service."""
@@ -780,10 +783,6 @@ def test_http_tls_files_are_the_tenants_own_and_a_connector_that_cannot_start_is
         refused = client.post("/v1/connectors", json={"spec": {**opcua, "security": security}}, headers=auth["admin"])
         assert refused.status_code == 422 and why in refused.json()["error"]["message"], (security, refused.text)
     assert client.get("/v1/connectors/plc", headers=auth["reader"]).status_code == 404
-    metadata = client.post("/v1/connectors", json={"spec": {**spec, "broker": {**spec["broker"],
-                                                                               "host": "169.254.169.254"}}},
-                           headers=auth["admin"])
-    assert metadata.status_code == 422 and "link-local" in metadata.json()["error"]["message"]
     made = create(ca_file="ca.pem")
     assert made.status_code == 201, made.text
     assert made.json()["spec"]["broker"]["tls"]["ca_file"] == str(tls_dir / "acme" / "ca.pem")
@@ -801,7 +800,9 @@ def test_http_tls_files_are_the_tenants_own_and_a_connector_that_cannot_start_is
 
 def test_a_tenants_connector_reaches_only_the_hosts_the_operator_allows():
     """A connector is a TCP client inside the operator's network: reporting "cannot connect" or "protocol
-    error" made it a port scanner, and 169.254.169.254 is where a cloud hands out the node's credentials."""
+    error" made it a port scanner, and 169.254.169.254 is where a cloud hands out the node's credentials.
+    Without a list it reaches nothing on the node either: loopback and 0.0.0.0 are Ray's GCS, dashboard and
+    metrics ports and other tenants' brokers, in any spelling the resolver takes."""
     from connectors.reach import Reach
 
     anywhere = Reach(None)
@@ -809,12 +810,69 @@ def test_a_tenants_connector_reaches_only_the_hosts_the_operator_allows():
     for inside in ("::ffff:169.254.169.254", "64:ff9b::a9fe:a9fe", "64:ff9b:1::a9fe:a9fe", "2002:a9fe:a9fe::1",
                    "fe80::1", "::169.254.169.254", "2001:0:4136:e378::5601:5601"):  # IPv4-compatible, Teredo
         assert "link-local" in anywhere.refusal(inside), inside  # IPv4 inside IPv6 reaches the IPv4 host
-    assert anywhere.refusal("127.0.0.1") is None and anywhere.refusal("no-such-host.invalid") is None
+    for host, kind in (("127.0.0.1", "loopback (127.0.0.1)"), ("0x7f.1", "loopback (127.0.0.1)"),
+                       ("2130706433", "loopback (127.0.0.1)"), ("127.1", "loopback (127.0.0.1)"),
+                       ("127.8.9.10", "loopback (127.8.9.10)"), ("::1", "loopback (::1)"),
+                       ("::ffff:127.0.0.1", "loopback (::ffff:7f00:1)"), ("64:ff9b::7f00:1", "loopback"),
+                       ("::127.0.0.1", "loopback"), ("2002:7f00:1::1", "loopback"), ("::ffff:0:7f00:1", "loopback"),
+                       ("2001:0:4136:e378:8000:63bf:80ff:fffe", "loopback"),  # Teredo's client 127.0.0.1
+                       ("localhost", "loopback (a localhost name)"), ("localhost.", "loopback (a localhost name)"),
+                       ("Plant.LOCALHOST", "loopback (a localhost name)"),  # whatever this node's resolver answers
+                       ("0.0.0.0", "unspecified (0.0.0.0)"), ("0.0.0.7", "unspecified (0.0.0.7)"),
+                       ("::", "unspecified (::)"), ("::ffff:0.0.0.0", "unspecified (::ffff:0:0)")):
+        why = anywhere.refusal(host)
+        assert why is not None and why.startswith(f"host {host!r} is {kind}"), (host, why)
+        assert "which connectors may not reach: the service's operator can open it to connectors by listing it " \
+               "in ServeConfig.connector_hosts, e.g. connector_hosts: [" in why, why
+    assert anywhere.refusal("0x7f.1").endswith(
+        'connector_hosts: ["127.0.0.1/32"] (a listed network admits its addresses, a listed name whatever it '
+        "resolves to; with a list, connectors reach only the hosts it names)")
+    assert 'connector_hosts: ["localhost"]' in anywhere.refusal("LocalHost.")
+    for host in ("10.20.3.4", "192.0.2.7", "2001:db8::7", "no-such-host.invalid", "localhost.example"):
+        assert anywhere.refusal(host) is None, host
     listed = Reach(["broker.plant.example", "10.20.0.0/16", "127.0.0.1"])
-    for host in ("broker.plant.example", "BROKER.plant.example", "broker.plant.example.", "10.20.3.4", "127.0.0.1"):
+    for host in ("broker.plant.example", "BROKER.plant.example", "broker.plant.example.", "10.20.3.4", "127.0.0.1",
+                 "0x7f.1", "2130706433"):  # a listed address in any spelling that resolves to it
         assert listed.refusal(host) is None, host
-    for host in ("10.21.0.1", "169.254.169.254", "no-such-host.invalid", "example.org"):
+    for host in ("10.21.0.1", "169.254.169.254", "no-such-host.invalid", "example.org", "127.0.0.2", "::1",
+                 "0.0.0.0"):
         assert "not among the hosts this service lets connectors reach" in listed.refusal(host), host
+    node = Reach(["localhost", "::1/128"])  # a listed name: reachable whatever it resolves to
+    assert [node.refusal(h) for h in ("localhost", "LOCALHOST.", "::1")] == [None, None, None]
+    assert "not among the hosts" in node.refusal("127.0.0.1")
+
+
+def test_http_without_a_host_list_a_tenant_reaches_nothing_on_the_node(api, broker):
+    """Found by an outside tester: the default refused only link-local addresses, so a tenant admin's connector
+    went to 127.0.0.1, ::1, localhost., 0x7f.1 and 2130706433, Ray's and other tenants' services on the node,
+    and its `last_error` said which ports answer. Refused at the declaration (422 naming the setting that opens
+    it), nothing stored; the operator's list opens the broker on the node (the other HTTP tests' connectors)."""
+    from connectors.reach import Reach
+
+    client, auth, _, svc = api
+    ops = svc.backend.handle.backend.connector_ops
+    spec = plant_spec(broker.port, name="node", routes=[{"topic": "node/+/t", "asset_level": 1, "payload": PAYLOAD}])
+    del spec["tenant"], spec["ack_topic"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ops, "reach", Reach(None))  # what a backend without `connector_hosts` checks declarations by
+        for host, kind in (("127.0.0.1", "loopback (127.0.0.1)"), ("::1", "loopback (::1)"),
+                           ("localhost.", "loopback (a localhost name)"), ("0x7f.1", "loopback (127.0.0.1)"),
+                           ("2130706433", "loopback (127.0.0.1)"), ("::ffff:127.0.0.1", "loopback (::ffff:7f00:1)"),
+                           ("0.0.0.0", "unspecified (0.0.0.0)"), ("::", "unspecified (::)"),
+                           ("169.254.169.254", "link-local (169.254.169.254)")):
+            refused = client.post("/v1/connectors", json={"spec": {**spec, "broker": {**spec["broker"], "host": host}}},
+                                  headers=auth["admin"])
+            assert refused.status_code == 422, (host, refused.text)
+            message = refused.json()["error"]["message"]
+            assert message.startswith(f"connector 'node': host {host!r} is {kind}, which connectors may not reach: "
+                                      "the service's operator can open it to connectors by listing it in "
+                                      "ServeConfig.connector_hosts, e.g. connector_hosts: ["), message
+        assert client.get("/v1/connectors/node", headers=auth["reader"]).status_code == 404  # nothing stored
+    listed = client.post("/v1/connectors", json={"spec": {**spec, "broker": {**spec["broker"], "host": "0x7f.1"}}},
+                         headers=auth["admin"])  # connector_hosts ["127.0.0.1/32"]: that address, in any spelling
+    assert listed.status_code == 201, listed.text
+    assert client.delete("/v1/connectors/node", headers=auth["admin"]).status_code == 204
+
 
 def test_http_commands_propose_approve_once_and_show_the_ack(api, broker):
     client, auth, key_ids, _ = api
@@ -852,12 +910,15 @@ def test_connectors_declared_in_the_service_config_start_with_credentials_from_t
 
     declared = {**plant_spec(broker.port, name="declared"), "credentials_env": {"password": "DECLARED_PW"}}
     declared["routes"] = [{**declared["routes"][0], "topic": "declared/+/telemetry"}]
-    unset = ConnectorOps(twins, [declared])  # logged and skipped: one connector's secret must not stop the API
+    # (NODE_BROKERS: the tenants' connectors stored by the tests above keep running; without a list, the
+    # default stops them, see the last test)
+    unset = ConnectorOps(twins, [declared], hosts=NODE_BROKERS)  # logged and skipped: one connector's secret
+    # must not stop the API
     with pytest.raises(NotFound):
         unset.view("acme", "declared")
     assert missing_credentials(declared) == ["DECLARED_PW"]
     monkeypatch.setenv("DECLARED_PW", "from-a-k8s-secret")
-    ops = ConnectorOps(twins, [declared])
+    ops = ConnectorOps(twins, [declared], hosts=NODE_BROKERS)
     assert ops.view("acme", "declared")["spec"]["name"] == "declared"
     assert connectors.store.credentials("acme", "declared").password.get_secret_value() == "from-a-k8s-secret"
     assert "declared" in {c["name"] for c in ops.list_all("acme")}
@@ -937,31 +998,43 @@ def test_a_connector_running_under_another_reach_policy_is_restarted_under_the_c
     ops.connectors.delete("acme", "older")
 
 
-def test_a_host_list_set_after_a_connector_was_created_stops_it_at_the_next_start(twins, connectors, broker):
-    """`connector_hosts` set (or narrowed) by an operator who learned of a probing tenant: a restarted backend
-    does not start that tenant's stored connectors to unlisted hosts (they ran on), nor keeps them running;
-    the operator's own declarations reach any host. (Last in this module: it stops acme's connectors.)"""
+OPENING = ("which connectors may not reach: the service's operator can open it to connectors by listing it in "
+           'ServeConfig.connector_hosts, e.g. connector_hosts: ["127.0.0.1/32"]')
+
+
+@pytest.mark.parametrize("hosts, declared, attempted", [
+    (["10.20.0.0/16"], "is not among the hosts this service lets connectors reach (ServeConfig.connector_hosts, its "
+     "operator's list)", "(not among the hosts this service lets connectors reach"),
+    (None, f"is loopback (127.0.0.1), {OPENING}", "(loopback, which connectors may not reach): not connected")],
+    ids=["a list set since", "the default, upgraded to"])
+def test_a_policy_that_refuses_a_stored_connector_stops_it_at_the_next_start(twins, connectors, broker, hosts,
+                                                                             declared, attempted):
+    """`connector_hosts` set (or narrowed) by an operator who learned of a probing tenant, or a backend upgraded
+    to the default that refuses the node itself (loopback: Ray's ports, other tenants' brokers): a restarted
+    backend does not start that tenant's stored connectors to hosts it refuses (they ran on), nor keeps them
+    running; the operator's own declarations reach any host, the node's too. (Last in this module: it stops
+    acme's connectors.)"""
     from serve_apps.connector_ops import ConnectorOps
 
     connectors.create(plant_spec(broker.port, name="probe", routes=[{"topic": "probe/+/t", "asset_level": 1,
                                                                      "payload": PAYLOAD}]))
     wait_for(lambda: connectors.status("acme", "probe").connected, "the connector is connected")
     operator = plant_spec(broker.port, name="ops", routes=[{"topic": "ops/+/t", "asset_level": 1, "payload": PAYLOAD}])
-    ops = ConnectorOps(twins, [operator], hosts=["10.20.0.0/16"])  # a backend started with the list
+    ops = ConnectorOps(twins, [operator], hosts=hosts)  # a backend started with this policy
     down = ops.connectors.status("acme", "probe")
-    assert not down.connected and down.last_error == (
-        "cannot start: host '127.0.0.1' is not among the hosts this service lets connectors reach "
-        "(ServeConfig.connector_hosts, its operator's list)")
+    assert not down.connected and down.last_error.startswith(f"cannot start: host '127.0.0.1' {declared}"), \
+        down.last_error
     with pytest.raises(ValueError):
         ray.get_actor(actor_name("acme", "probe"), namespace=twins.router.namespace)  # not left running
     wait_for(lambda: ops.connectors.status("acme", "ops").connected, "the operator's connector is connected")
     # a tenant's connector whose name passed the check and resolves elsewhere since (DNS rebinding, here skipped
-    # by storing it past the check): its process refuses the address at every connection attempt
+    # by storing it past the check): its process refuses the address at every connection attempt, though the
+    # broker listens there
     ops.connectors.create(plant_spec(broker.port, name="rebound", routes=[{"topic": "rebound/+/t", "asset_level": 1,
                                                                            "payload": PAYLOAD}]))
     refused = wait_for(lambda: ops.connectors.status("acme", "rebound").last_error, "the refused connection reported")
     assert refused.startswith(f"refused to connect to broker 127.0.0.1:{broker.port}: host '127.0.0.1' resolved to "
-                              "127.0.0.1 (not among the hosts this service lets connectors reach")
+                              f"127.0.0.1 {attempted}"), refused
     assert not ops.connectors.status("acme", "rebound").connected
     for name in ("probe", "ops", "rebound"):
         ops.connectors.delete("acme", name)

@@ -22,7 +22,7 @@ from raytwin.contracts import AssetType, ParameterSpec, Quantity
 from raytwin.migration import FixedValue, FromState, MigrationError, plan_migration
 from raytwin.registry import ModelArtifact
 from raytwin.sim import THERMAL_RC
-from tests.fixtures_serve import InProcessHandle
+from tests.fixtures_serve import NODE_BROKERS, InProcessHandle
 from tests.schema_models import ROOM_V1, ROOM_V2
 
 THERMAL = AssetType.from_model(THERMAL_RC)
@@ -141,7 +141,8 @@ def api(ray_session, tmp_path_factory):
         ("admin", "acme", "admin"), ("reader", "acme", "reader"), ("writer", "acme", "writer"),
         ("other", "globex", "admin"))}
     config = ServeConfig(store_url=str(root / "store"), keys_file=str(keys_file), twin_shards=1, rate_per_s=1000,
-                         rate_burst=1000, state_cache_s=0, namespace=f"schema-{root.name}")
+                         rate_burst=1000, state_cache_s=0, namespace=f"schema-{root.name}",
+                         connector_hosts=NODE_BROKERS)  # tests/test_client.py's connectors: a port on this machine
     backend = Backend(config)
     app = create_api()
     app.state.services = Services(

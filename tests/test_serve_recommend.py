@@ -17,7 +17,7 @@ from raytwin.registry import ModelRegistry
 from raytwin.sim import TWO_TANK
 from serve_apps.errors import NotFound
 from tests.fixtures_connectors import tank_twins, wait_for
-from tests.fixtures_serve import InProcessHandle
+from tests.fixtures_serve import NODE_BROKERS, InProcessHandle
 from tests.test_connectors_mqtt import PAYLOAD, Publisher, broker, plant_spec  # noqa: F401
 
 KEYS = (("writer", "acme", "writer", ()), ("approver", "acme", "admin", ("approver",)),
@@ -46,13 +46,14 @@ def api(ray_session, broker, tmp_path_factory):  # noqa: F811 (the broker fixtur
     root = tmp_path_factory.mktemp("recommend-api")
     keys_file = root / "keys.json"
     keys = {name: create_key(keys_file, tenant, role, grants) for name, tenant, role, grants in KEYS}
-    config = ServeConfig(store_url=str(root / "store"), keys_file=str(keys_file), rate_per_s=1000, rate_burst=1000)
+    config = ServeConfig(store_url=str(root / "store"), keys_file=str(keys_file), rate_per_s=1000, rate_burst=1000,
+                         connector_hosts=NODE_BROKERS)  # the tenant's connector: to the broker on this machine
     artifact = ModelRegistry(config.url("registry", "acme")).register("tank", "1.0.0", AssetType.from_model(TWO_TANK))
 
     with tank_twins(tmp_path_factory, {"acme": ["pump-1"], "globex": ["pump-9"]}) as twins:
         class TankBackend:  # the Backend's connector method over real ConnectorOps, and the assets' model
             connector = Backend.connector
-            connector_ops = ConnectorOps(twins, [])
+            connector_ops = ConnectorOps(twins, [], hosts=config.connector_hosts)
 
             def check_writable(self) -> None:
                 """This stand-in's store has no other service."""
