@@ -217,7 +217,7 @@ class TwinShard(LiveModelOps):
         history replayed by the new model from `record`'s prior, its state not mapped (`migrate` maps
         it). What the old model derived from that history (snapshots, drift clear, model swaps, a shadow
         evaluation) goes first: a crash before the new registration is saved recovers the old twin whole.
-        False: no such twin."""
+        The replay's sealed state is snapshotted at once (`_first_snapshot`). False: no such twin."""
         self.store.check_lease(self.fence)
         key = (tenant, asset_id)
         if self.store.load_registration(tenant, asset_id) is None:
@@ -230,8 +230,20 @@ class TwinShard(LiveModelOps):
         self.store.save_registration(tenant, asset_id, record)
         self.twins[key] = self._recover(record)
         self.durable_revision[key] = 0
+        self._first_snapshot(key)
         metrics.TWINS_DRIFTING.set(len(self.drifting & self.twins.keys()), shard=self.tag)
         return True
+
+    def _first_snapshot(self, key: tuple[str, str]) -> None:
+        """Snapshot a twin rebuilt from its log without one (a retype removed the old model's): until its next
+        events it would have none, and a read while its shard is down or restarting (`durable_state`) answered
+        its prior, as if it had no data. Only a shortcut: a crash before it, or a failed write (logged; the
+        next `ingest` or `flush` writes it), leaves the log, which recovery replays as before."""
+        try:
+            self._snapshot(key, force=True)
+        except Exception:
+            log.warning("event=snapshot_failed shard=%d tenant=%s asset=%s: recovery replays its log until the "
+                        "next snapshot", self.index, *key, exc_info=True)
 
     def migrate(self, tenant: str, asset_id: str, target: dict[str, Any],
                 plan: MigrationPlan) -> tuple[TwinState, TwinState] | None:

@@ -580,6 +580,50 @@ def test_a_new_type_version_replays_the_twins_history_on_its_model(tmp_path, art
     assert not shard.retype("acme", "ghost", registration_record(moved, newer, None, None))
 
 
+def test_a_retyped_twin_read_while_its_shard_is_down_shows_its_replayed_history(tmp_path, artifact, monkeypatch,
+                                                                                 caplog):
+    """A retype removes the old model's snapshots and replays the history on the new one, which had none until
+    its next events: a read while its shard was down (`durable_state`) answered its prior (revision 0, no event
+    time) though it had 2000 events. The replay's sealed state is snapshotted at once; a retype whose snapshot
+    is not written (a crash, a store error) loses nothing: recovery replays the log, the next flush writes it."""
+    from actors.recovery import durable_state
+    from actors.twin import state_view
+
+    opts = dict(allowed_lateness_s=LATENESS_S, snapshot_every=1000, checkpoint_every=8)
+    newer = ModelRegistry(str(tmp_path / "models")).register(
+        "zone", "1.1.0", AssetType.from_model(THERMAL_RC, version="1.1.0"), {"R_io": 0.02})
+    shard = TwinShard(str(tmp_path / "store"), 0, 1, **opts)
+    history = {a: events(a, 40, seed=17) for a in ("rs", "broken")}
+    for asset_id, evs in history.items():
+        shard.register("acme", asset_id, registration_record(asset(asset_id), artifact, None, None))
+        assert shard.ingest("acme", validated_table(evs)).accepted == 40
+    moved = {a: registration_record(asset(a).model_copy(update={"type_version": "1.1.0"}), newer, None, None)
+             for a in history}
+    expected = {a: reference(newer, a, evs, allowed_lateness_s=LATENESS_S, checkpoint_every=8)
+                for a, evs in history.items()}
+
+    assert shard.retype("acme", "rs", moved["rs"])
+    sealed = expected["rs"].checkpoints[0]  # the oldest checkpoint kept: no accepted event can precede it
+    assert 0 < sealed.events_applied < 40 and sealed.key is not None
+    assert_same_state(durable_state(shard.store, "acme", "rs"), state_view(
+        "acme", "rs", newer.ref, newer.model(), sealed.fs, sealed.key, sealed.events_applied, stale=True))
+
+    def store_down(*args):
+        raise OSError("store unreachable")
+
+    monkeypatch.setattr(shard.store, "write_snapshot", store_down)
+    with caplog.at_level(logging.WARNING, logger="raytwin.twins"):
+        assert shard.retype("acme", "broken", moved["broken"])  # the retype holds: its registration is saved
+    assert "event=snapshot_failed" in caplog.text and "asset=broken" in caplog.text
+    assert_same_state(shard.state("acme", "broken"), expected["broken"].view())
+    assert durable_state(shard.store, "acme", "broken").revision == 0  # the old model's snapshots gone, no new one
+    assert_same_state(TwinShard(str(tmp_path / "store"), 0, 1, **opts).state("acme", "broken"),
+                      expected["broken"].view())  # recovered from the log
+    monkeypatch.undo()
+    assert shard.flush() == 1
+    assert durable_state(shard.store, "acme", "broken").revision == expected["broken"].checkpoints[0].events_applied
+
+
 def test_a_twin_read_while_its_shard_restarts_shows_its_events_before_its_first_snapshot_point(tmp_path, artifact):
     """A twin with fewer events than `snapshot_every` had no snapshot, so a read while its shard restarted
     (`durable_state`) answered its prior, as if no event had been applied: its first snapshot is taken at once."""
