@@ -163,3 +163,33 @@ def check_version(old: AssetType, new: AssetType) -> list[SchemaChange]:
     raise IncompatibleVersion(
         f"asset type {new.key} is a {have} bump from {old.version} but its changes need a {need} bump: "
         + "; ".join(f"{c.message}: {c.fix}" for c in shown), shown)
+
+
+def replay_differences(old: AssetType, new: AssetType) -> list[SchemaChange]:
+    """Why a twin's logged history would not mean on `new` what it meant on `old` (empty: it would). A type
+    version changed in place (`PUT` of an asset, a bulk retype) replays the twin's log on `new`'s model as
+    logged: values by name, in `old`'s units, unconverted (`actors.twin.Twin.pending`). So `new` must have
+    `old`'s states in the same units, and every input and output of `old` (what telemetry carried) as the same
+    kind in the same unit: a name `new` lacks drops that history, one in another unit is read as `new`'s, an
+    output become an input drives the model instead of correcting it. Added inputs and outputs are fine (the
+    history never had them); other changes are a migration's (`raytwin.migration`), which maps the state."""
+    differences: list[SchemaChange] = []
+
+    def differ(where: str, change: str, message: str) -> None:
+        differences.append(SchemaChange(where, change, True, message))
+
+    for kind, other in (("states", None), ("inputs", "outputs"), ("outputs", "inputs")):
+        before, after = getattr(old, kind), getattr(new, kind)
+        for name, was in before.items():
+            where = f"{kind}.{name}"
+            if name in after:
+                if not units.same_unit(was.unit, after[name].unit):
+                    differ(where, "unit", f"{where} ({was.unit} -> {after[name].unit})")
+            elif other is not None and name in getattr(new, other):
+                differ(where, "kind", f"{where} is one of the {other} of {new.version}")
+            else:
+                differ(where, "removed", f"{where} removed (or renamed)")
+        if kind == "states":  # a state the history never estimated
+            for name in (n for n in after if n not in before):
+                differ(f"states.{name}", "added", f"states.{name} added")
+    return differences

@@ -25,7 +25,7 @@ from ray import serve
 from actors.lease import ray_cluster
 from actors.state import TwinState, UnknownTwin
 from connectors.manager import stop_connector_actors
-from raytwin import units
+from raytwin.compat import replay_differences
 from raytwin.contracts import Asset, AssetType, RelationshipKind, TelemetryEvent
 from raytwin.graph import Direction
 from raytwin.logs import component_logging
@@ -218,7 +218,7 @@ class Backend:
             if current is not None and (current.type_name, current.type_version) != (asset.type_name,
                                                                                     asset.type_version):
                 self._require_production(asset)
-                self._require_same_units(current, asset)
+                self._require_replayable(current, asset)
             artifact = self._checked_artifact(asset, None)  # metadata the twin would refuse: 422, nothing changed
             before: list[Asset] = []
 
@@ -231,20 +231,21 @@ class Backend:
                 self.twins.retype(asset, artifact)  # its history replayed on the new model, not deleted
             return change.seq
 
-    def _require_same_units(self, current: Asset, asset: Asset) -> None:
-        """`Unprocessable` if `asset`'s type version names a variable in another unit than `current`'s: a type
-        change replays the twin's logged history, in the old version's units, on the new model unconverted (a room
-        read 294.55 degC); `POST .../migrate` maps and converts."""
+    def _require_replayable(self, current: Asset, asset: Asset) -> None:
+        """`Unprocessable` unless the twin's history means on `asset`'s type version what it meant on `current`'s
+        (`raytwin.compat.replay_differences`): a type change in place replays the logged history on the new
+        model as logged, so a tank model replayed a room's temperatures (all zero, diverged), other units read
+        unconverted (a room read 294.55 degC). `POST .../migrate` maps and converts the state instead."""
         old = self.catalog.get_type(current.tenant, current.type_name, current.type_version)
         new = self.catalog.get_type(asset.tenant, asset.type_name, asset.type_version)
-        changed = [f"{kind}.{name} ({was.unit} -> {getattr(new, kind)[name].unit})"
-                   for kind in ("states", "inputs", "outputs") for name, was in getattr(old, kind).items()
-                   if name in getattr(new, kind) and not units.same_unit(was.unit, getattr(new, kind)[name].unit)]
-        if changed:
-            raise Unprocessable(f"asset {asset.id}: {asset.type_name}@{asset.type_version} has other units than "
-                                f"{current.type_name}@{current.type_version} for {', '.join(changed)}: its twin's "
-                                f"history would be replayed unconverted; move it with POST /v1/assets/{asset.id}/"
-                                "migrate, which converts its state")
+        if differences := replay_differences(old, new):
+            raise Unprocessable(
+                f"asset {asset.id}: its twin's history cannot be replayed unchanged on {new.key}, which differs from "
+                f"{old.key} in {', '.join(d.message for d in differences)}: a change of type version by PUT (or bulk "
+                "retype) replays the logged history on the new model as logged, so it needs the same states in the "
+                f"same units and every input and output of {old.key} in the same unit; move it with POST /v1/assets/"
+                f"{asset.id}/migrate, which maps and converts its state",
+                details=[{"where": d.where, "change": d.change} for d in differences])
 
     def _require_production(self, asset: Asset) -> None:
         """`Conflict` unless the asset's version may run on a new twin: once its model has a production

@@ -17,13 +17,21 @@ from email.utils import parsedate_to_datetime
 import pytest
 import ray
 
-from raytwin.compat import IncompatibleVersion, bump, check_version, compare_types, previous_version, required_bump
+from raytwin.compat import (
+    IncompatibleVersion,
+    bump,
+    check_version,
+    compare_types,
+    previous_version,
+    replay_differences,
+    required_bump,
+)
 from raytwin.contracts import AssetType, ParameterSpec, Quantity
 from raytwin.migration import FixedValue, FromState, MigrationError, plan_migration
 from raytwin.registry import ModelArtifact
-from raytwin.sim import THERMAL_RC
+from raytwin.sim import THERMAL_RC, TWO_TANK
 from tests.fixtures_serve import NODE_BROKERS, InProcessHandle
-from tests.schema_models import ROOM_V1, ROOM_V2
+from tests.schema_models import ROOM_HEAT, ROOM_SURFACE, ROOM_V1, ROOM_V2
 
 THERMAL = AssetType.from_model(THERMAL_RC)
 V1, V2 = AssetType.from_model(ROOM_V1), AssetType.from_model(ROOM_V2)
@@ -84,6 +92,28 @@ def test_the_compatibility_matrix(what, update, expected, need):
             with pytest.raises(IncompatibleVersion) as err:
                 check_version(THERMAL, candidate)
             assert all(c.fix for c in err.value.changes) and f"need a {need} bump" in str(err.value)
+
+
+REPLAY = [
+    # (what, new variables, what keeps the history from replaying unchanged on the new version)
+    ("identical", {}, []),
+    ("output added", {"outputs": {**THERMAL.outputs, "T_m": Quantity(unit="K")}}, []),
+    ("input added", {"inputs": {**THERMAL.inputs, "Q_int": Quantity(unit="W")}}, []),
+    ("state added", {"states": {**THERMAL.states, "T_x": Quantity(unit="K")}}, [("states.T_x", "added")]),
+    ("state renamed", {"states": {"T_air": THERMAL.states["T_in"], "T_m": THERMAL.states["T_m"]}},
+     [("states.T_in", "removed"), ("states.T_air", "added")]),
+    ("unit, same dimension", {"inputs": {**THERMAL.inputs, "T_out": Quantity(unit="degC")}},
+     [("inputs.T_out", "unit")]),
+    ("input removed", {"inputs": without(THERMAL.inputs, "Q_sol")}, [("inputs.Q_sol", "removed")]),
+    ("output become an input", {"outputs": {}, "inputs": {**THERMAL.inputs, "T_in": Quantity(unit="K")}},
+     [("outputs.T_in", "kind")]),
+]
+
+
+@pytest.mark.parametrize("what,update,expected", REPLAY, ids=[r[0] for r in REPLAY])
+def test_a_type_change_in_place_needs_the_same_states_and_every_measurement_in_the_same_unit(what, update, expected):
+    """What a twin's history, replayed as logged on a new version's model, needs of that version."""
+    assert [(d.where, d.change) for d in replay_differences(THERMAL, changed(THERMAL, "2.0.0", **update))] == expected
 
 
 def test_versions_are_compared_as_numbers_against_the_newest_older_one():
@@ -155,9 +185,10 @@ def api(ray_session, tmp_path_factory):
         backend.twins.unregister("acme", asset_id)
 
 
-def room_events(start: int, n: int, temp_k: float, v2: bool = False) -> list[dict]:
+def room_events(start: int, n: int, temp_k: float, v2: bool = False, at: datetime = T0) -> list[dict]:
+    """One a minute from `at` (sequence 0)."""
     name, unit, value = ("T_air", "degC", temp_k - 273.15) if v2 else ("T", "K", temp_k)
-    return [{"sequence": start + k, "event_time": (T0 + timedelta(minutes=start + k)).isoformat(),
+    return [{"sequence": start + k, "event_time": (at + timedelta(minutes=start + k)).isoformat(),
              "measurements": {name: {"value": value, "unit": unit}, "T_out": {"value": 5.0, "unit": "degC"},
                               "Q": {"value": 1000.0, "unit": "W"}}} for k in range(n)]
 
@@ -200,8 +231,10 @@ def test_a_migration_renames_converts_is_audited_and_reverses_exactly(api, rooms
     client, auth, backend = api
     before = client.get("/v1/assets/room-1/state", headers=auth["reader"]).json()
     r = client.put("/v1/assets/room-1", json={"type_name": "room", "type_version": "2.0.0"}, headers=auth["admin"])
-    assert r.status_code == 422 and "inputs.T_out (K -> degC)" in r.json()["error"]["message"]  # replayed in K as
-    assert "POST /v1/assets/room-1/migrate" in r.json()["error"]["message"]  # degC, a room read 294.55 degC
+    assert r.status_code == 422, r.text  # its history replayed unconverted: a room read 294.55 degC
+    assert ("differs from room@1.0.0 in states.T removed (or renamed), states.T_air added, inputs.T_out (K -> degC), "
+            "outputs.T removed (or renamed)") in r.json()["error"]["message"]
+    assert "POST /v1/assets/room-1/migrate" in r.json()["error"]["message"]
     r = client.post("/v1/assets/room-1/migrate", json={"type_version": "2.0.0"}, headers=auth["admin"])
     assert r.status_code == 422 and "target state 'T_air' has no source" in r.json()["error"]["message"]
     r = client.post("/v1/assets/room-1/migrate", json={"type_version": "2.0.0", "states": {
@@ -381,6 +414,19 @@ def test_telemetry_for_an_older_version_is_accepted_or_refused_as_the_type_says(
         assert (r.status_code == 422 and why in r.json()["error"]["message"]) if why else r.status_code == 200
 
 
+def bulk_job(api, body: dict) -> dict:
+    """The finished bulk job `body` submitted as admin."""
+    client, auth, _ = api
+    accepted = client.post("/v1/bulk", json=body, headers=auth["admin"])
+    assert accepted.status_code == 202, accepted.text
+    for _ in range(600):
+        job = client.get(accepted.json()["status_url"], headers=auth["reader"]).json()
+        if job["state"] in ("succeeded", "failed"):
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"job still {job['state']}")
+
+
 def test_bulk_jobs_refuse_a_missing_version_at_submission_name_api_paths_and_keep_internal_errors_in_the_log(
         api, rooms, monkeypatch, caplog):
     """A bulk retype to a version its assets' type lacks is a 422 at submission, as one migration is (not
@@ -395,18 +441,8 @@ def test_bulk_jobs_refuse_a_missing_version_at_submission_name_api_paths_and_kee
     assert refused.json()["error"]["message"] == ("asset type room@9.9.9 does not exist; publish it first "
                                                   "(POST /v1/asset-types)")
 
-    def bulk_job(body: dict) -> dict:
-        accepted = client.post("/v1/bulk", json=body, headers=admin)
-        assert accepted.status_code == 202, accepted.text
-        for _ in range(600):
-            job = client.get(accepted.json()["status_url"], headers=auth["reader"]).json()
-            if job["state"] in ("succeeded", "failed"):
-                return job
-            time.sleep(0.05)
-        raise AssertionError(f"job still {job['state']}")
-
     tag = {"q": 'id == "room-2"', "action": "tag", "set": {"bulk": "yes"}}
-    done = bulk_job(tag)
+    done = bulk_job(api, tag)
     assert done["report_url"] == f"/v1/jobs/{done['job_id']}/report" and "result_url" not in done
     assert client.get(done["report_url"], headers=auth["reader"]).json()["items"][0]["outcome"] == "changed"
 
@@ -415,7 +451,7 @@ def test_bulk_jobs_refuse_a_missing_version_at_submission_name_api_paths_and_kee
 
     monkeypatch.setattr(backend, "update_asset", broken)
     with caplog.at_level(logging.ERROR, logger="raytwin.serve.jobs"):
-        failed = bulk_job({**tag, "set": {"bulk": "again"}})
+        failed = bulk_job(api, {**tag, "set": {"bulk": "again"}})
     assert failed["error"] == "internal error (PermissionError); quote the job_id when reporting it"
     assert store not in json.dumps(failed) and f"{store}/catalog" in caplog.text and failed["job_id"] in caplog.text
     report = client.get(failed["report_url"], headers=auth["reader"])
@@ -445,3 +481,74 @@ def test_a_migration_moves_no_asset_off_its_models_production_version(api):
                     headers=auth["admin"])
     assert r.status_code == 409 and "hall@2.0.0 is not the production version of model hall (1.0.0)" in r.text
     assert client.get("/v1/assets/hall-1", headers=auth["reader"]).json()["type_version"] == "1.0.0"
+
+
+WARDS = [  # versions of a type of their own, apart from the rooms the other tests move
+    AssetType.from_model(ROOM_V1, name="ward"),
+    AssetType.from_model(ROOM_SURFACE, name="ward"),  # 1.1.0: a second sensor; the rest as 1.0.0
+    AssetType.from_model(TWO_TANK, name="ward", version="2.0.0"),  # another model: tank levels, a pump's inflow
+    AssetType.from_model(ROOM_HEAT, name="ward"),  # 3.0.0: the input Q renamed Q_heat
+]
+
+
+def test_a_type_version_changes_in_place_only_to_one_its_twins_history_replays_on_unchanged(api):
+    """A PUT (or bulk retype) to another version of the asset's type replays its twin's logged history on the
+    new model as logged. A version of another model (a room's temperatures replayed on two tanks: the twin read
+    levels 0, diverged) or without one of its measurements is refused, naming each difference and the migrate
+    endpoint; one that only adds a sensor is taken, and the replayed twin is durable at once: read from the
+    store (while its shard is down or restarting) it answered its prior, revision 0, as if it had no data."""
+    from actors.recovery import durable_state
+
+    client, auth, backend = api
+    admin, reader = auth["admin"], auth["reader"]
+    for t in WARDS:
+        assert client.post("/v1/asset-types", json=t.model_dump(mode="json"), headers=admin).status_code == 201
+    start = T0 - timedelta(hours=1)
+    history = room_events(0, 130, 294.0, at=start)  # 130 min, more than the allowed lateness: some of it sealed
+    for ward in ("ward-1", "ward-2"):  # the same history: ward-2 stays on 1.0.0 as the reference
+        r = client.post("/v1/assets", json={"id": ward, "type_name": "ward", "type_version": "1.0.0",
+                                            "initial_state": {"T": 293.15}}, headers=admin)
+        assert r.status_code == 201, r.text
+        r = client.post(f"/v1/assets/{ward}/telemetry", json={"events": history}, headers=auth["writer"])
+        assert r.json()["accepted"] == 130, r.text
+    before = client.get("/v1/assets/ward-1/state", headers=reader).json()
+
+    for version, differences in (
+            ("2.0.0", [("states.T", "removed"), ("states.h1", "added"), ("states.h2", "added"),
+                       ("inputs.T_out", "removed"), ("inputs.Q", "removed"), ("outputs.T", "removed")]),
+            ("3.0.0", [("inputs.Q", "removed")])):
+        r = client.put("/v1/assets/ward-1", json={"type_name": "ward", "type_version": version}, headers=admin)
+        assert r.status_code == 422, r.text
+        error = r.json()["error"]
+        assert [(d["where"], d["change"]) for d in error["details"]] == differences
+        assert f"cannot be replayed unchanged on ward@{version}, which differs from ward@1.0.0 in " in error["message"]
+        assert "inputs.Q removed (or renamed)" in error["message"]
+        assert "move it with POST /v1/assets/ward-1/migrate" in error["message"]
+    assert client.get("/v1/assets/ward-1", headers=reader).json()["type_version"] == "1.0.0"
+    now = client.get("/v1/assets/ward-1/state", headers=reader).json()
+    assert (now["model_ref"], now["revision"], now["state"]) == (before["model_ref"], 130, before["state"])
+
+    refused = bulk_job(api, {"q": 'type == "ward"', "action": "retype", "type_version": "3.0.0"})
+    items = client.get(refused["report_url"], headers=reader).json()["items"]
+    assert [(i["asset_id"], i["outcome"]) for i in items] == [("ward-1", "failed"), ("ward-2", "failed")]
+    assert all("inputs.Q removed" in i["error"] and "POST /v1/assets/" in i["error"] for i in items)
+
+    r = client.put("/v1/assets/ward-1", json={"type_name": "ward", "type_version": "1.1.0"}, headers=admin)
+    assert r.status_code == 200, r.text
+    moved = client.get("/v1/assets/ward-1/state", headers=reader).json()
+    assert (moved["model_ref"], moved["revision"]) == ("ward@1.1.0", 130)
+    # the same estimate to within what a second output changes in the drift detector's thresholds
+    assert moved["state"]["T"] == pytest.approx(before["state"]["T"], abs=1e-3)
+    # what a read answers while the shard is down: the replay's sealed state, as for the never retyped twin
+    stale, reference = (durable_state(backend.twins.store, "acme", ward) for ward in ("ward-1", "ward-2"))
+    assert stale.stale and stale.model_ref == "ward@1.1.0"
+    assert stale.revision == reference.revision == 64  # the checkpoint (every 64) over an hour before the last
+    assert stale.event_time == reference.event_time == start + timedelta(minutes=63)
+    then = client.get("/v1/assets/ward-1/state", params={"at": stale.event_time.isoformat()}, headers=reader).json()
+    assert (then["revision"], then["model_ref"]) == (64, "ward@1.1.0")
+    assert stale.state == pytest.approx(then["state"], abs=1e-9) and stale.std == pytest.approx(then["std"], abs=1e-9)
+
+    done = bulk_job(api, {"q": 'type == "ward"', "action": "retype", "type_version": "1.1.0"})
+    items = client.get(done["report_url"], headers=reader).json()["items"]
+    assert [(i["asset_id"], i["outcome"]) for i in items] == [("ward-1", "unchanged"), ("ward-2", "changed")]
+    assert client.get("/v1/assets/ward-2/state", headers=reader).json()["model_ref"] == "ward@1.1.0"
