@@ -163,17 +163,22 @@ _IDENTIFIER_RE = re.compile(IDENTIFIER_PATTERN)
 
 
 def durable_state(store: StateStore, tenant: str, asset_id: str) -> TwinState | None:
-    """The twin's last durable state, marked stale: its latest snapshot (or its prior), without
-    replaying the log or compiling a kernel. Why: while the twin's shard restarts (process start,
-    JAX import, compiles, replay: seconds) a read is answered from it instead of failing or waiting.
-    None: no such twin (or names that are no identifiers: they name store paths)."""
+    """The twin's last durable state, marked stale: its latest snapshot (or its prior; for a migrated twin
+    without a snapshot of its own, its mapped state at the migration point, never the previous version's
+    snapshot), without replaying the log or compiling a kernel. Why: while the twin's shard restarts
+    (process start, JAX import, compiles, replay: seconds) a read is answered from it instead of failing
+    or waiting. None: no such twin (or names that are no identifiers: they name store paths)."""
     if not (_IDENTIFIER_RE.fullmatch(tenant) and _IDENTIFIER_RE.fullmatch(asset_id)):
         return None
     record = store.load_registration(tenant, asset_id)
     if record is None:
         return None
     asset = Asset.model_validate(record["asset"])
+    migration = record.get("migration")
+    start = None if migration is None or migration["key"] is None else tuple(migration["key"])
     snap = store.latest_snapshot(tenant, asset_id)
+    if snap is not None and start is not None and snap.key <= start:
+        snap = None  # the previous version's, in its model's states and units (`recover_many` skips it too)
     applied = record["artifact"]  # the model version that applied the snapshot's event (the last swap before it)
     for at_us, later in swap_entries(store.load_model_swaps(tenant, asset_id)):
         if snap is not None and snap.key is not None and snap.key[0] >= at_us:
@@ -189,6 +194,9 @@ def durable_state(store: StateStore, tenant: str, asset_id: str) -> TwinState | 
         fs = flt.initial(record["initial_state"], {**noise.get("initial_std", {}), **(record["initial_std"] or {})},
                          noise.get("inputs"))
         key, revision = None, 0
+        if start is not None:  # a migrated twin's prior is its mapped state at the migration point (`Twin.start_at`)
+            fs = fs._replace(divergence=fs.divergence._replace(q_scale=migration["q_scale"]))
+            key, revision = start, migration["revision"]
     return state_view(tenant, asset_id, artifact.ref, model, fs, key, revision, stale=True)
 
 

@@ -552,3 +552,31 @@ def test_a_type_version_changes_in_place_only_to_one_its_twins_history_replays_o
     items = client.get(done["report_url"], headers=reader).json()["items"]
     assert [(i["asset_id"], i["outcome"]) for i in items] == [("ward-1", "unchanged"), ("ward-2", "changed")]
     assert client.get("/v1/assets/ward-2/state", headers=reader).json()["model_ref"] == "ward@1.1.0"
+
+
+def test_a_migrated_twin_read_while_its_shard_is_down_answers_its_migrated_state(api):
+    """Read from the store (its shard down or restarting), a migrated twin answered the previous version's last
+    snapshot under the new version's names: a room at 294 K read T_air 294 degC, at that snapshot's revision.
+    Until it has a snapshot of its own, it answers what it does live: its mapped state at the migration point."""
+    from actors.recovery import durable_state
+
+    client, auth, backend = api
+    admin, reader = auth["admin"], auth["reader"]
+    for version in (V1, V2):  # a type of its own, apart from the rooms the other tests move
+        body = version.model_copy(update={"name": "annex"}).model_dump(mode="json")
+        assert client.post("/v1/asset-types", json=body, headers=admin).status_code == 201
+    r = client.post("/v1/assets", json={"id": "annex-1", "type_name": "annex", "type_version": "1.0.0",
+                                        "initial_state": {"T": 293.15}}, headers=admin)
+    assert r.status_code == 201, r.text
+    history = room_events(0, 130, 294.0, at=T0 - timedelta(hours=1))  # more than the allowed lateness: a snapshot
+    r = client.post("/v1/assets/annex-1/telemetry", json={"events": history}, headers=auth["writer"])
+    assert r.json()["accepted"] == 130, r.text
+    assert durable_state(backend.twins.store, "acme", "annex-1").revision == 64  # 1.0.0's, in K
+    r = client.post("/v1/assets/annex-1/migrate", json={"type_version": "2.0.0", "states": {"T_air": {"from": "T"}}},
+                    headers=admin)
+    assert r.status_code == 200, r.text
+    live = client.get("/v1/assets/annex-1/state", headers=reader).json()
+    stale = durable_state(backend.twins.store, "acme", "annex-1").model_dump(mode="json")
+    assert stale["stale"] and live["state"]["T_air"] == pytest.approx(294.0 - 273.15, abs=0.5)
+    for field in ("model_ref", "revision", "event_time", "state", "std", "covariance", "divergence"):
+        assert stale[field] == live[field], field
