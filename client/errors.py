@@ -226,5 +226,13 @@ def from_response(response: httpx.Response) -> ApiError:
         return cls(status, NOT_RAYTWIN, f"{text} (a proxy answered, not RayTwin: the service may be deploying or "
                                         "restarting; if it persists, check that the URL is RayTwin's API)",
                    retry_after_s=retry_after_s(response))
-    cls = _BY_CODE.get(body["code"]) or _BY_STATUS.get(status) or (ServerError if status >= 500 else ApiError)
-    return cls(status, body["code"], body["message"], body["details"], body["request_id"], retry_after_s(response))
+    return from_error(status, body, retry_after_s(response))
+
+
+def from_error(status: int, body: dict[str, Any], retry_after: float | None = None) -> ApiError:
+    """The exception for the error shape's ``error`` object `body` (``code``, ``message``, ``details``,
+    ``request_id``) with `status`: an error answer's, or a change stream's final `error` event's."""
+    code = str(body.get("code") or "")
+    cls = _BY_CODE.get(code) or _BY_STATUS.get(status) or (ServerError if status >= 500 else ApiError)
+    return cls(status, code or cls.code, str(body.get("message", "")), body.get("details") or [],
+               body.get("request_id"), retry_after)

@@ -3,7 +3,9 @@
 The client keeps the id of the last frame it received (events, and the bare `id:` frames the
 server sends at the start and after filtered changes) and reconnects with `Last-Event-ID` after
 a dropped connection, a restarted replica or a `fell_behind` event: the stream continues with
-no gap and no duplicate (serve_apps/README.md, "Change stream").
+no gap and no duplicate (serve_apps/README.md, "Change stream"). A stream the server ends with an
+`error` event (its key was revoked: 401) raises that error, as a refused connection does, instead
+of reconnecting.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 import httpx
 from pydantic import ValidationError
 
-from client.errors import Gone, RayTwinError, UnexpectedAnswer, retry_after_s
+from client.errors import Gone, RayTwinError, UnexpectedAnswer, from_error, retry_after_s
 from client.retry import RetryPolicy, verdict
 from serve_apps.changes import Change
 
@@ -90,7 +92,9 @@ class Subscription:
     def feed(self, lines: Iterable[str]) -> list[Change]:
         """The changes completed by these lines; notes ids and `fell_behind`. A change that does not fit
         the client's `Change` raises `UnexpectedAnswer` (not pydantic's error); a `gone` event (the changes
-        after the resume point were deleted by the retention) raises `Gone`, as a 410 at connect does."""
+        after the resume point were deleted by the retention) raises `Gone`, as a 410 at connect does; an
+        `error` event raises its error (`Unauthorized` for a revoked key), unless a later connection may
+        succeed (429, 503: the stream ends and is reconnected after a backoff, as a refused connect is)."""
         out = []
         for line in lines:
             self.failures, self.answered = 0, True
@@ -108,6 +112,12 @@ class Subscription:
                 body = json.loads(frame.get("data") or "{}")
                 raise Gone(410, "gone", str(body.get("message", "the changes after the resume point were deleted")),
                            [body])
+            elif frame.get("event") == "error":  # 429/503: the server ends the stream; reconnected after a backoff
+                body = json.loads(frame.get("data") or "{}")
+                error = from_error(int(body.get("status") or 500),
+                                   body.get("error") or {"message": "the server ended the change stream"})
+                if error.status not in (429, 503):
+                    raise error
             elif "data" in frame and frame.get("event"):
                 try:
                     out.append(Change.model_validate_json(frame["data"]))

@@ -122,10 +122,14 @@ class KeyStore:
                                   "operator fixes it")
 
     def authenticate(self, key: str) -> Principal | None:
+        return self.principal(digest(key))
+
+    def principal(self, key_sha256: str) -> Principal | None:
+        """Who holds the key of this digest now (None: unknown or revoked): what an open stream re-checks
+        without keeping the key itself. A stat of the file; it is read again only when it changed."""
         self._refresh()
-        d = digest(key)
-        record = self._by_digest.get(d)
-        if record is None or not hmac.compare_digest(record.sha256, d):
+        record = self._by_digest.get(key_sha256)
+        if record is None or not hmac.compare_digest(record.sha256, key_sha256):
             return None
         return Principal(key_id=record.key_id, tenant=record.tenant, role=record.role, grants=record.grants)
 
@@ -141,7 +145,8 @@ def create_key(path: str | Path, tenant: str, role: RoleName,
 
 
 def revoke_key(path: str | Path, key_id: str) -> KeyRecord:
-    """Remove key `key_id` from `path` (a running server refuses it from its next request); `KeyError` if absent."""
+    """Remove key `key_id` from `path` (a running server refuses it from its next request and ends its open change
+    streams within `serve_apps.stream_auth.STREAM_AUTH_RECHECK_S`); `KeyError` if absent."""
     records = load_keys(path)
     gone = [r for r in records if r.key_id == key_id]
     if not gone:

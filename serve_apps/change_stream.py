@@ -9,7 +9,8 @@ poller that asks the backend for the heads of their tenants every `change_poll_s
 that has caught up reads only the backend's in-memory window (`change_memory` changes per
 tenant); when its position has left that window, because its client reads slower than the
 tenant changes, it gets one `fell_behind` event and ends, and the client resumes from the store
-with its `Last-Event-ID`. Ingestion never waits for a stream.
+with its `Last-Event-ID`. Ingestion never waits for a stream. A stream whose key is revoked ends
+with an `error` event within `STREAM_AUTH_RECHECK_S` (`serve_apps.stream_auth`).
 """
 
 from __future__ import annotations
@@ -18,10 +19,13 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from serve_apps.changes import Change, ChangePage, ChangeStore
+from serve_apps.errors import error_body
+from serve_apps.stream_auth import StreamCredential
 from serve_apps.unawaited import orphan
 
 if TYPE_CHECKING:  # deps imports this module for its Services
@@ -101,9 +105,33 @@ async def first_page(backend: BackendClient, tenant: str, after: int, page: int)
 
 
 async def sse_changes(backend: BackendClient, store: ChangeStore, watcher: HeadWatcher, tenant: str, after: int,
-                      first: ChangePage, flt: ChangeFilter, page: int,
+                      first: ChangePage, flt: ChangeFilter, page: int, credential: StreamCredential,
                       heartbeat_s: float = HEARTBEAT_S) -> AsyncIterator[str]:
-    """SSE frames of the tenant's changes after `after`, starting with the already-read page `first`.
+    """SSE frames of the tenant's changes after `after`, starting with the already-read page `first`, until the
+    stream's key no longer allows it: then one `error` event with the error a new request would get, and the end.
+    The key is checked before any frame once `credential.recheck_s` has passed since its last check, and while idle
+    at least that often (`serve_apps.stream_auth`); a comment after `heartbeat_s` without a frame keeps proxies
+    from closing the stream."""
+    quiet_since = credential.clock()
+    frames = _changes(backend, store, watcher, tenant, after, first, flt, page, credential.recheck_s)
+    async with aclosing(frames):
+        async for out in frames:
+            refusal = await credential.ended()
+            if refusal is not None:
+                yield frame("error", {"status": refusal.status, **error_body(
+                    refusal.code, refusal.message, refusal.details, credential.request_id)})
+                return
+            if out is None:  # idle
+                if credential.clock() - quiet_since < heartbeat_s:
+                    continue
+                out = ": keep-alive\n\n"
+            quiet_since = credential.clock()
+            yield out
+
+
+async def _changes(backend: BackendClient, store: ChangeStore, watcher: HeadWatcher, tenant: str, after: int,
+                   first: ChangePage, flt: ChangeFilter, page: int, idle_s: float) -> AsyncIterator[str | None]:
+    """The frames of `sse_changes`, and None after each `idle_s` in which the log did not move.
 
     Behind the backend's memory window, a stream that has not caught up yet reads the store here
     (off the event loop); one that had caught up falls behind instead."""
@@ -142,8 +170,8 @@ async def sse_changes(backend: BackendClient, store: ChangeStore, watcher: HeadW
         if sent != position:  # changes the filter skipped: move the client's resume point past them
             yield f"id: {position}\n\n"
             sent = position
-        if not await watcher.wait(tenant, position, heartbeat_s):
-            yield ": keep-alive\n\n"
+        if not await watcher.wait(tenant, position, idle_s):
+            yield None
 
 
 def past_retention(after: int, oldest: int, retention_s: float | None) -> str:
@@ -154,6 +182,7 @@ def past_retention(after: int, oldest: int, retention_s: float | None) -> str:
 
 
 def frame(event: str, data: dict, event_id: int | None = None) -> str:
-    """One SSE event: `id` (absent on `fell_behind`, so the client's resume point stays), `event`, `data`."""
+    """One SSE event: `id` (absent on `fell_behind`, `gone` and `error`, so the client's resume point stays),
+    `event`, `data`."""
     head = f"id: {event_id}\n" if event_id is not None else ""
     return f"{head}event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"

@@ -12,12 +12,14 @@ from fsspec import AbstractFileSystem
 from starlette.concurrency import run_in_threadpool
 
 from serve_apps.audit import AuditLog, AuditRecord
-from serve_apps.auth import BEARER_CHALLENGE, SEND_A_KEY, KeyStore, Principal, Role, parse_credentials
+from serve_apps.auth import BEARER_CHALLENGE, SEND_A_KEY, KeyStore, Principal, Role, digest, parse_credentials
 from serve_apps.change_stream import HeadWatcher
 from serve_apps.changes import ChangeStore
 from serve_apps.config import ServeConfig
-from serve_apps.errors import BackendUnavailable, Forbidden, RateLimited, Unauthorized, Unprocessable, unwrap
+from serve_apps.errors import (ApiError, BackendUnavailable, Forbidden, RateLimited, Unauthorized, Unprocessable,
+                               unwrap)
 from serve_apps.limits import TokenBuckets
+from serve_apps.stream_auth import StreamCredential
 from serve_apps.stream_slots import StreamSlots
 from serve_apps.twin_reads import TwinReader
 
@@ -105,6 +107,26 @@ def require(role: Role):
     return dependency
 
 
+def streaming(role: Role, stream: str):
+    """A dependency for a route that streams for as long as its client listens: `require(role)`, and the key for
+    the stream to check again while it lasts (`serve_apps.stream_auth`); its end by the key is audited as
+    ``{stream}.end``."""
+
+    async def dependency(request: Request, who: Principal = Depends(require(role)),
+                         svc: Services = Depends(services)) -> StreamCredential:
+        key = parse_credentials(request.headers.get("authorization"), request.headers.get("x-api-key"))
+        assert key is not None  # `require` refused the request otherwise
+
+        async def audit(refusal: ApiError) -> None:
+            await svc.record(request, who, f"{stream}.end", request.url.path, http_status=refusal.status,
+                             code=refusal.code, reason=refusal.message)
+
+        return StreamCredential(svc.keys, who, digest(key), role, stream, getattr(request.state, "request_id", None),
+                                audit)
+
+    return dependency
+
+
 def require_role(who: Principal, role: Role) -> None:
     """403 unless `who` has at least `role`; for routes that check it themselves, to audit a refusal too."""
     if not who.allows(role):
@@ -135,6 +157,7 @@ Limit = Annotated[int, Query(ge=1, le=10_000)]
 READER = Depends(require(Role.reader))
 WRITER = Depends(require(Role.writer))
 ADMIN = Depends(require(Role.admin))
+CHANGE_STREAM = Depends(streaming(Role.reader, "change_stream"))
 SVC = Depends(services)
 DAY = Depends(utc_day)
 WRITABLE = Depends(writable)

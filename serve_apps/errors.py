@@ -189,11 +189,16 @@ def unwrap(exc: BaseException) -> BaseException:
     return exc
 
 
+def error_body(code: str, message: str, details: list[Any] | None, request_id: str | None) -> dict[str, Any]:
+    """The error shape as JSON: an answer's body, and the data of a stream's final `error` event."""
+    body = ErrorResponse(error=ErrorBody(code=code, message=message, details=details or [], request_id=request_id))
+    return body.model_dump(mode="json")
+
+
 def error_response(request: Request | None, status: int, code: str, message: str,
                    details: list[Any] | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
     request_id = getattr(request.state, "request_id", None) if request is not None else None
-    body = ErrorResponse(error=ErrorBody(code=code, message=message, details=details or [], request_id=request_id))
-    return JSONResponse(body.model_dump(mode="json"), status_code=status, headers=headers)
+    return JSONResponse(error_body(code, message, details, request_id), status_code=status, headers=headers)
 
 
 _STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",

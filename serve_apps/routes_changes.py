@@ -7,11 +7,11 @@ from typing import Annotated
 from fastapi import FastAPI, Header, Query
 from fastapi.responses import StreamingResponse
 
-from serve_apps.auth import Principal
 from serve_apps.change_stream import ChangeFilter, first_page, past_retention, sse_changes
 from serve_apps.changes import CHANGE_KINDS
-from serve_apps.deps import READER, SVC, Services
+from serve_apps.deps import CHANGE_STREAM, SVC, Services
 from serve_apps.errors import Gone, Unprocessable
+from serve_apps.stream_auth import STREAM_AUTH_RECHECK_S, StreamCredential
 
 KIND_FAMILIES = frozenset(k.split(".")[0] for k in CHANGE_KINDS)
 
@@ -20,7 +20,9 @@ def register(app: FastAPI) -> None:
     @app.get("/v1/changes", tags=["changes"], response_class=StreamingResponse, responses={200: {
         "content": {"text/event-stream": {"schema": {"type": "string"}}},
         "description": "`id: <seq>`, `event: <kind>`, `data: <Change as JSON>` per change; `fell_behind` once "
-                       "before the stream ends when the client reads too slowly, or `gone` when it read past the retention "
+                       "before the stream ends when the client reads too slowly, `gone` when it read past the "
+                       "retention, or `error` (data: `status` and the error shape a new request would get, e.g. 401 "
+                       f"`unauthorized`) within {STREAM_AUTH_RECHECK_S:g} s of its key's revocation "
                        "(serve_apps/README.md)"}})
     async def changes(
         asset_id: Annotated[list[str] | None, Query(description="Only changes of these assets")] = None,
@@ -31,9 +33,11 @@ def register(app: FastAPI) -> None:
                                            "change); default: from now")] = None,
         last_event_id: Annotated[str | None, Header(description="Resume after this event id (sent by SSE "
                                                     "clients on reconnect; wins over `after`)")] = None,
-        who: Principal = READER, svc: Services = SVC,
+        credential: StreamCredential = CHANGE_STREAM, svc: Services = SVC,
     ) -> StreamingResponse:
-        """The caller's tenant's changes as Server-Sent Events: twin states, drift flags, catalog, jobs."""
+        """The caller's tenant's changes as Server-Sent Events: twin states, drift flags, catalog, jobs; for as
+        long as the key is valid (a revoked key's stream ends with an `error` event)."""
+        who = credential.who
         unknown = sorted(set(kind or ()) - set(CHANGE_KINDS) - KIND_FAMILIES)
         if unknown:
             raise Unprocessable(f"kind: unknown {unknown}; use any of {sorted(CHANGE_KINDS)} or the families "
@@ -53,7 +57,8 @@ def register(app: FastAPI) -> None:
         if first.fell_behind and after + 1 < (oldest := svc.change_store.first_seq(who.tenant)):
             raise Gone(past_retention(after, oldest, svc.config.change_retention_s))
         flt = ChangeFilter(frozenset(asset_id) if asset_id else None, type_name, frozenset(kind) if kind else None)
-        stream = sse_changes(svc.backend, svc.change_store, svc.changes, who.tenant, after, first, flt, page)
+        stream = sse_changes(svc.backend, svc.change_store, svc.changes, who.tenant, after, first, flt, page,
+                             credential)
         return StreamingResponse(svc.streams.hold(who.tenant, stream),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -46,12 +46,10 @@ class InProcessHandle:
         return type("Method", (), {"remote": staticmethod(remote)})
 
 
-@contextmanager
-def in_process(backend: Any, root: Path) -> Iterator[tuple[Any, dict[str, dict[str, str]], Any]]:
+def in_process_app(backend: Any, root: Path) -> tuple[Any, dict[str, dict[str, str]]]:
     """The API app in this process in front of `backend` (an object with the `Backend` methods the tested routes
-    call; no Ray needed), its store and keys (`KEYS`) under `root`: (test client, headers by key name, services)."""
-    from fastapi.testclient import TestClient
-
+    call; no Ray needed), its store and keys (`KEYS`, in ``root/keys.json``) under `root`: (app, headers by key
+    name); its services are ``app.state.services``."""
     from raytwin.storage import filesystem
     from serve_apps.api import create_api
     from serve_apps.audit import AuditLog
@@ -69,5 +67,14 @@ def in_process(backend: Any, root: Path) -> Iterator[tuple[Any, dict[str, dict[s
         config=config, keys=KeyStore(config.keys_file), backend=BackendClient(InProcessHandle(backend)),
         audit=AuditLog(config.store_url), buckets=TokenBuckets(1000, 1000), fs=filesystem(config.store_url)[0],
         twins=TwinReader(config), changes=None, change_store=None)
+    return app, {name: {"Authorization": f"Bearer {key}"} for name, key in keys.items()}
+
+
+@contextmanager
+def in_process(backend: Any, root: Path) -> Iterator[tuple[Any, dict[str, dict[str, str]], Any]]:
+    """`in_process_app` behind a test client: (test client, headers by key name, services)."""
+    from fastapi.testclient import TestClient
+
+    app, auth = in_process_app(backend, root)
     with TestClient(app, raise_server_exceptions=False) as client:
-        yield client, {name: {"Authorization": f"Bearer {key}"} for name, key in keys.items()}, app.state.services
+        yield client, auth, app.state.services

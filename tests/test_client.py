@@ -357,6 +357,33 @@ def test_a_gone_event_in_the_change_stream_raises_gone_with_the_servers_message(
     assert err.value.status == 410 and err.value.details == [{"last_event_id": "10000", "oldest": 10004,
                                                               "message": err.value.message}]
 
+
+def test_an_error_event_ends_the_change_stream_with_its_error_and_no_reconnect_unless_one_may_succeed():
+    """The server ends the stream of a key revoked while it was open with an `error` event (the 401 a new request
+    gets): raised at once with the server's message and request id, not parsed as a change ("use the client of the
+    server's version") nor reconnected. A 503 there (the keys file unreadable) is waited out like one at connect."""
+    sse = {"Content-Type": "text/event-stream"}
+    change = 'id: 9\nevent: asset.updated\ndata: {"seq": 9, "kind": "asset.updated", "time": ' \
+        '"2026-01-05T12:00:00Z", "asset_id": "zone-1", "revision": 2}\n\n'
+
+    def ended(status: int, code: str) -> str:
+        return f'event: error\ndata: {{"status": {status}, "error": {{"code": "{code}", "message": "ended ' \
+            f'({code})", "details": [], "request_id": "req-7"}}}}\n\n'
+
+    transport, seen = scripted(httpx.Response(200, text=change + ended(401, "unauthorized"), headers=sse))
+    with RayTwinClient("http://api", "rtk_x_y", retry=FAST, transport=transport) as api:
+        stream = api.changes(after=5)
+        assert next(stream).seq == 9
+        with pytest.raises(Unauthorized, match=r"ended \(unauthorized\)") as err:
+            next(stream)
+    assert (err.value.status, err.value.request_id) == (401, "req-7") and len(seen) == 1
+    transport, seen = scripted(httpx.Response(200, text=ended(503, "unavailable"), headers=sse),
+                               httpx.Response(200, text=change, headers=sse))
+    with RayTwinClient("http://api", "rtk_x_y", retry=FAST, transport=transport) as api:
+        assert next(api.changes(after=5)).seq == 9
+    assert [r.headers.get("last-event-id") for r in seen] == ["5", "5"]
+
+
 def job_json(state: str, done: int) -> dict:
     return {"job_id": "j1", "kind": "bulk", "tenant": "acme", "key_id": "k", "asset_id": "", "model_ref": "",
             "content_hash": "", "scenarios": 0, "n_steps": 0, "state": state, "submitted": "2026-01-05T12:00:00Z",

@@ -1,38 +1,75 @@
-"""The change log, the change stream's resume and fell-behind rules, preconditions and the catalog's
-compare-and-set, without Ray (the same code over HTTP: tests/test_serve_api.py)."""
+"""The change log, the change stream's resume and fell-behind rules, its end when its key is revoked,
+preconditions and the catalog's compare-and-set, without Ray (the same code over HTTP: tests/test_serve_api.py;
+the revocation also over HTTP here, the app served in this process)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
+import httpx
 import pytest
 
 import serve_apps.changes as changes_module
 from raytwin.contracts import Asset, AssetType
 from raytwin.sim import THERMAL_RC
+from serve_apps.auth import KeyStore, Principal, Role, create_key, digest, load_keys, revoke_key
+from serve_apps.backend import _asset_change
 from serve_apps.catalog import Catalog
 from serve_apps.change_stream import ChangeFilter, HeadWatcher, sse_changes
 from serve_apps.changes import ChangeLog
 from serve_apps.conditional import EntityTags, Precondition
-from serve_apps.errors import PreconditionFailed
+from serve_apps.errors import ApiError, PreconditionFailed
+from serve_apps.stream_auth import STREAM_AUTH_RECHECK_S, StreamCredential
 
 
 def drafts(n: int, asset: str = "a", kind: str = "twin.state") -> list[dict]:
     return [{"kind": kind, "asset_id": asset, "type_name": "thermal_rc", "data": {"k": i}} for i in range(n)]
 
 
-class LocalBackend:
-    """What `BackendClient.call` does for the stream, against a ChangeLog in this process."""
+class ChangeLogBackend:
+    """The `Backend` methods the change stream and `PUT /v1/assets/{id}` call, over a ChangeLog in this process:
+    the log's heads and pages, and an update recording `asset.updated` as `Backend.update_asset` does."""
 
     def __init__(self, log: ChangeLog):
         self.log = log
 
+    def change_heads(self, tenants: list[str]) -> dict[str, int]:
+        return self.log.heads(tenants)
+
+    def changes_after(self, tenant: str, after: int, limit: int):
+        return self.log.read(tenant, after, limit)
+
+    def update_asset(self, asset: Asset, pre: Precondition) -> int:
+        (change,) = self.log.record(asset.tenant, [_asset_change("asset.updated", asset)])
+        return change.seq
+
+
+class LocalBackend(ChangeLogBackend):
+    """What `BackendClient.call` does for the stream, against a ChangeLog in this process."""
+
     async def call(self, method: str, *args):
-        return {"change_heads": self.log.heads, "changes_after": self.log.read}[method](*args)
+        return getattr(self, method)(*args)
+
+
+def key_credential(root: Path, role: str = "reader", **options) -> tuple[StreamCredential, Path, list[ApiError]]:
+    """A stream's credential (as `deps.streaming` makes it, needing `role`) of a new key of tenant acme with `role`
+    in ``root/keys.json`` (`options`: `recheck_s`, `clock`), that file, and the stream ends the credential audits."""
+    keys_file = root / "keys.json"
+    record, key = create_key(keys_file, "acme", role)
+    audited: list[ApiError] = []
+
+    async def audit(refusal: ApiError) -> None:
+        audited.append(refusal)
+
+    who = Principal(key_id=record.key_id, tenant="acme", role=role)
+    return (StreamCredential(KeyStore(keys_file), who, digest(key), Role[role], "change_stream", "r-1", audit,
+                             **options), keys_file, audited)
 
 
 def parse(frames: list[str]) -> list[dict]:
@@ -128,10 +165,12 @@ def test_stream_resumes_exactly_and_a_slow_reader_falls_behind_once(tmp_path):
         log = ChangeLog(str(tmp_path), memory=5)
         backend = LocalBackend(log)
         watcher = HeadWatcher(backend, poll_s=0.01)
+        credential = key_credential(tmp_path)[0]
         log.record("acme", drafts(3))
 
         def open_stream(after: int, flt: ChangeFilter = ChangeFilter()):
-            return sse_changes(backend, log.store, watcher, "acme", after, log.read("acme", after, 2), flt, page=2)
+            return sse_changes(backend, log.store, watcher, "acme", after, log.read("acme", after, 2), flt, 2,
+                               credential)
 
         stream = open_stream(0)
         first = parse(await take(stream, 3))
@@ -220,7 +259,7 @@ def test_retention_deletes_old_directories_and_a_stream_never_skips_what_it_dele
     async def resume_from(after: int) -> dict:
         backend = LocalBackend(log)
         stream = sse_changes(backend, log.store, HeadWatcher(backend, poll_s=0.01), "acme", after,
-                             log.read("acme", after, 5), ChangeFilter(), page=5)
+                             log.read("acme", after, 5), ChangeFilter(), 5, key_credential(tmp_path)[0])
         return parse(await take(stream, 1))[0]
 
     gone = asyncio.run(resume_from(2))  # changes 3..7 were deleted: said, not skipped
@@ -277,3 +316,154 @@ def test_open_streams_are_bounded_per_replica_and_tenant_and_freed_however_they_
     asyncio.run(scenario())
     with pytest.raises(ValueError, match=r"admission.max_streams \(32\) must be below autoscaling.max_ongoing"):
         ServeConfig(store_url="s", keys_file="k", admission={"max_streams": 32})
+
+
+def test_a_stream_checks_its_key_once_per_interval_and_refuses_as_a_new_request_would(tmp_path):
+    """The key was checked only when the stream connected. Now each interval's check answers what a new request with
+    the key would get: 401 once revoked, 503 while the keys file cannot be read; 403 for a key moved to another
+    tenant (its event ids were the old tenant's) or below the stream's role."""
+    now = [0.0]
+    credential, keys_file, audited = key_credential(tmp_path, clock=lambda: now[0])
+
+    async def ended_at(t: float) -> ApiError | None:
+        now[0] = t
+        return await credential.ended()
+
+    assert asyncio.run(ended_at(STREAM_AUTH_RECHECK_S)) is None  # still valid
+    revoke_key(keys_file, credential.who.key_id)
+    assert asyncio.run(ended_at(1.9 * STREAM_AUTH_RECHECK_S)) is None  # checked less than an interval ago
+    revoked = asyncio.run(ended_at(2 * STREAM_AUTH_RECHECK_S))
+    assert (revoked.status, revoked.code) == (401, "unauthorized") and revoked.headers["WWW-Authenticate"] == "Bearer"
+    assert "revoked" in revoked.message and audited == [revoked]
+
+    def edited(credential: StreamCredential, **change: str) -> ApiError | None:
+        (record,) = [r for r in load_keys(keys_file) if r.key_id == credential.who.key_id]
+        others = [r for r in load_keys(keys_file) if r.key_id != credential.who.key_id]
+        keys_file.write_text(json.dumps([r.model_dump(mode="json") for r in [*others, record.model_copy(
+            update=change)]]))
+        return credential.refusal()
+
+    moved = edited(key_credential(tmp_path)[0], tenant="globex")
+    assert (moved.status, moved.code) == (403, "forbidden") and "moved from tenant 'acme'" in moved.message
+    writer = key_credential(tmp_path, "writer")[0]
+    lowered = edited(writer, role="reader")
+    assert lowered.status == 403 and "role 'reader' may not do this (needs writer)" in lowered.message
+    keys_file.write_text("[{")  # a hand edit's typo: no key can be checked, none goes on
+    broken = writer.refusal()
+    assert (broken.status, broken.code) == (503, "unavailable")
+
+
+def test_an_idle_stream_wakes_to_check_its_key_and_ends_with_an_error_event(tmp_path, caplog):
+    """An idle stream waited `HEARTBEAT_S` (15 s) for its tenant's log, checking nothing: it wakes every interval
+    now, sends its keep-alive no more often than before, and ends within an interval of the revocation."""
+
+    async def scenario() -> tuple[list[dict], float, float, list[ApiError]]:
+        log = ChangeLog(str(tmp_path / "changes"))
+        backend = LocalBackend(log)
+        credential, keys_file, audited = key_credential(tmp_path, recheck_s=0.05)
+        stream = sse_changes(backend, log.store, HeadWatcher(backend, poll_s=0.01), "acme", 0, log.read("acme", 0, 5),
+                             ChangeFilter(), 5, credential, heartbeat_s=0.3)
+        assert await anext(stream) == "id: 0\n\n"
+        t0 = time.monotonic()
+        assert await anext(stream) == ": keep-alive\n\n"  # one per heartbeat, though it woke every 0.05 s
+        quiet = time.monotonic() - t0
+        revoke_key(keys_file, credential.who.key_id)
+        revoked = time.monotonic()
+        async with asyncio.timeout(20 * credential.recheck_s):  # without the check: keep-alives forever
+            frames = [f async for f in stream]
+        return parse(frames), quiet, time.monotonic() - revoked, audited
+
+    with caplog.at_level(logging.WARNING, logger="raytwin.serve.auth"):
+        frames, quiet, took, audited = asyncio.run(scenario())
+    assert quiet >= 0.3 and took < 1.0
+    (end,) = frames
+    assert end["event"] == "error" and end["id"] is None
+    assert end["data"]["status"] == 401 and end["data"]["error"]["code"] == "unauthorized"
+    assert end["data"]["error"]["request_id"] == "r-1" and "revoked" in end["data"]["error"]["message"]
+    assert [a.code for a in audited] == ["unauthorized"]
+    assert "event=stream_ended_by_auth stream=change_stream" in caplog.text
+
+
+def test_a_revoked_key_ends_its_open_change_stream_over_http_and_the_sdk_raises(tmp_path, caplog):
+    """An outside tester's find: a key revoked while its stream was open kept receiving its tenant's changes for as
+    long as the stream stayed open (`/v1/health` with it answered 401 at once). Now no change reaches it later than
+    `STREAM_AUTH_RECHECK_S` after the revocation, though another key keeps changing the tenant; the stream ends
+    with an `error` event of the 401 a new request gets, logged and audited; the SDK raises it, not reconnecting."""
+    from client import RayTwinClient
+    from client.errors import Unauthorized
+    from tests.fixtures_http import served
+    from tests.fixtures_serve import in_process_app
+
+    backend = ChangeLogBackend(ChangeLog(str(tmp_path / "changes")))
+    app, auth = in_process_app(backend, tmp_path)
+    svc = app.state.services
+    svc.changes, svc.change_store = HeadWatcher(svc.backend, poll_s=0.01), backend.log.store
+    keys = {name: headers["Authorization"].split()[1] for name, headers in auth.items()}
+    key_ids = {name: svc.keys.authenticate(key).key_id for name, key in keys.items()}
+    slack_s = 1.0  # from the server's decision to the client's read, on a busy machine
+    stop = threading.Event()
+
+    def keep_changing(base: str) -> None:  # the admin key updates pump-1 every 50 ms
+        with httpx.Client(base_url=base, timeout=30.0) as admin:
+            n = 0
+            while not stop.is_set():
+                body = {"type_name": "thermal_rc", "type_version": "1.0.0", "metadata": {"n": str(n)}}
+                assert admin.put("/v1/assets/pump-1", json=body, headers=auth["admin"]).status_code == 200
+                n += 1
+                time.sleep(0.05)
+
+    with served(app) as base, ThreadPoolExecutor(1) as pool, caplog.at_level(logging.WARNING):
+        changing = pool.submit(keep_changing, base)
+        try:
+            with httpx.Client(base_url=base, timeout=30.0) as http:
+                with http.stream("GET", "/v1/changes", headers=auth["reader"]) as stream:
+                    assert stream.status_code == 200
+                    events = iter_events(stream)
+                    assert next(events)[1]["event"] == "asset.updated"  # the stream delivers
+                    revoke_key(tmp_path / "keys.json", key_ids["reader"])
+                    revoked = time.monotonic()
+                    assert http.get("/v1/health", headers=auth["reader"]).status_code == 401
+                    after = []
+                    for at, event in events:  # until it ends, or long past the bound (without the check: forever)
+                        after.append((at, event))
+                        if at - revoked > 3 * STREAM_AUTH_RECHECK_S:
+                            break
+                request_id = stream.headers["x-raytwin-request-id"]
+                with RayTwinClient(base, keys["writer"]) as sdk:
+                    follow = sdk.changes()
+                    assert next(follow).kind == "asset.updated"
+                    revoke_key(tmp_path / "keys.json", key_ids["writer"])
+                    sdk_revoked = time.monotonic()
+                    with pytest.raises(Unauthorized, match="revoked .* while this stream was open") as raised:
+                        for _ in follow:
+                            if time.monotonic() - sdk_revoked > 3 * STREAM_AUTH_RECHECK_S:
+                                break
+                    sdk_took = time.monotonic() - sdk_revoked
+        finally:
+            stop.set()
+        changing.result()
+    *delivered, (ended, end) = after
+    assert end["event"] == "error" and end["data"]["status"] == 401
+    assert end["data"]["error"]["code"] == "unauthorized" and end["data"]["error"]["request_id"] == request_id
+    assert ended - revoked < STREAM_AUTH_RECHECK_S + slack_s
+    assert all(at - revoked < STREAM_AUTH_RECHECK_S + slack_s for at, _ in delivered)
+    last = max([int(e["id"]) for _, e in delivered] or [0])
+    assert backend.log.head("acme") > last + 5  # changes went on after the stream's last one, and did not reach it
+    assert raised.value.status == 401 and sdk_took < STREAM_AUTH_RECHECK_S + slack_s
+    ends = [r for r in svc.audit.records("acme") if r.action == "change_stream.end"]
+    assert sorted(r.key_id for r in ends) == sorted([key_ids["reader"], key_ids["writer"]])
+    assert all((r.details["http_status"], r.details["code"]) == (401, "unauthorized") for r in ends)
+    assert f"key_id={key_ids['reader']} tenant=acme status=401" in caplog.text
+
+
+def iter_events(response: httpx.Response):
+    """(monotonic time received, event) for each frame with an `event:` line of an open SSE response."""
+    frame: dict = {}
+    for line in response.iter_lines():
+        if line == "":
+            if "event" in frame:
+                yield time.monotonic(), frame
+            frame = {}
+        elif not line.startswith(":"):
+            key, _, value = line.partition(": ")
+            frame[key] = json.loads(value) if key == "data" else value
