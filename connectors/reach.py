@@ -1,10 +1,12 @@
 """Which hosts a tenant's connector may connect to: a connector is a TCP client inside the operator's
 network, so an API-created one reaches only the hosts `ServeConfig.connector_hosts` lists (names,
-addresses, networks), and without a list none that is the node itself or link-local: loopback
-(127.0.0.0/8, ::1, a `localhost` name: Ray's GCS, dashboard and metrics ports, other tenants' brokers on
-the node), unspecified (0.0.0.0/8, ::, which connect to the node too), link-local (169.254.0.0/16,
-fe80::/10: where a cloud hands out its nodes' credentials), also when an IPv6 address carries the IPv4 one.
-An operator who wants connectors to reach a broker on the node lists it.
+addresses, networks), and without a list none that is the node itself, another machine of the Ray cluster or
+link-local: loopback (127.0.0.0/8, ::1, a `localhost` name: Ray's GCS, dashboard and metrics ports, other
+tenants' brokers on the node), unspecified (0.0.0.0/8, ::, which connect to the node too), a Ray node's address
+(this machine's own on any interface, and the cluster's alive nodes': the same services listen there,
+`connectors.ray_nodes`), link-local (169.254.0.0/16, fe80::/10: where a cloud hands out its nodes'
+credentials), also when an IPv6 address carries the IPv4 one. An operator who wants connectors to reach a
+broker on the node lists it.
 
 A name is checked when the connector is declared (`Reach.refusal`) and again at every connection attempt,
 in the connector's process, on the address connected to (`Reach.vetted`, `open_connection`): a name whose
@@ -19,7 +21,8 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+from connectors.ray_nodes import Address, is_ray_node
+
 AddrInfo = tuple[socket.AddressFamily, socket.SocketKind, int, str, tuple[Any, ...]]
 """One entry of `socket.getaddrinfo`: family, type, protocol, canonical name, socket address."""
 
@@ -31,8 +34,9 @@ class Unreachable(OSError):
 
 class Reach:
     """Which hosts a tenant's connector may connect to (`ServeConfig.connector_hosts`): without a list, any
-    but the node itself (loopback, unspecified) and link-local addresses (a cloud's metadata service hands out
-    the node's credentials): a tenant reaches nothing on the node its operator did not open to it."""
+    but the node itself (loopback, unspecified), the Ray cluster's machines (Ray's and other tenants' services
+    listen on their addresses) and link-local addresses (a cloud's metadata service hands out the node's
+    credentials): a tenant reaches nothing on the cluster its operator did not open to it."""
 
     def __init__(self, hosts: list[str] | None):
         self.names = None if hosts is None else {_name(h) for h in hosts if not _network(h)}
@@ -56,7 +60,8 @@ class Reach:
         if self.names is None:
             if not (closed := _by_reason(addresses, _closed)):
                 return None
-            kinds = " and ".join(f"{kind} ({', '.join(map(str, each))})" for kind, each in closed.items())
+            kinds = " and ".join(f"{kind} ({', '.join(map(str, each))}{_note(kind, ': ')})"
+                                 for kind, each in closed.items())
             first = next(iter(closed.values()))[0]
             return f"host {host!r} is {kinds}, which connectors may not reach: {_opening(first)}"
         if addresses and not any(self._refuses(a) for a in addresses):
@@ -90,8 +95,17 @@ class Reach:
     def _refuses(self, address: Address) -> str | None:
         """Why no connection may go to `address` (None: it may)."""
         if self.names is None:
-            return f"{kind}, which connectors may not reach" if (kind := _closed(address)) else None
+            return f"{kind}, which connectors may not reach{_note(kind, ': ')}" if (kind := _closed(address)) else None
         return None if any(address in n for n in self.networks) else _UNLISTED
+
+
+RAY_NODE = "an address of a Ray node of this cluster"
+_NOTES = {RAY_NODE: "its internal services listen there"}
+"""Why a kind of address is closed, where its name does not say it."""
+
+
+def _note(kind: str, separator: str) -> str:
+    return f"{separator}{_NOTES[kind]}" if kind in _NOTES else ""
 
 
 _UNLISTED = "not among the hosts this service lets connectors reach (ServeConfig.connector_hosts, its operator's list)"
@@ -131,19 +145,19 @@ def _address(info: AddrInfo) -> Address:
 
 def _closed(address: Address) -> str | None:
     """What `address` is if no tenant's connector may reach it without the operator's list: the node itself
-    (loopback; unspecified, 0.0.0.0/8 and ::, which connect to the node) or link-local; also as an IPv4 address
-    inside an IPv6 one (``::ffff:127.0.0.1``, NAT64's ``64:ff9b::/96``, 6to4, Teredo's client, SIIT's
-    ``::ffff:0:0:0/96``, the deprecated IPv4-compatible ``::127.0.0.1``), which reaches the IPv4 host."""
-    for each in (address, _inner(address)):
-        if each is None:
-            continue
-        if each.is_loopback:
+    (loopback; unspecified, 0.0.0.0/8 and ::, which connect to the node), a machine of the Ray cluster (checked
+    last: it binds a socket, or asks Ray, though both are cached) or link-local; also as an IPv4 address inside an
+    IPv6 one (``::ffff:127.0.0.1``, NAT64's ``64:ff9b::/96``, 6to4, Teredo's client, SIIT's ``::ffff:0:0:0/96``,
+    the deprecated IPv4-compatible ``::127.0.0.1``), which reaches the IPv4 host."""
+    carried = [a for a in (address, _inner(address)) if a is not None]
+    for one in carried:
+        if one.is_loopback:
             return "loopback"
-        if each.is_unspecified or each in _THIS_NETWORK:
+        if one.is_unspecified or one in _THIS_NETWORK:
             return "unspecified"
-        if each.is_link_local:
+        if one.is_link_local:
             return "link-local"
-    return None
+    return RAY_NODE if any(map(is_ray_node, carried)) else None
 
 
 def _inner(address: Address) -> ipaddress.IPv4Address | None:

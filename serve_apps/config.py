@@ -88,12 +88,14 @@ class ServeConfig(BaseModel):
     connector_hosts: list[str] | None = Field(
         None, description="Hosts that connectors created through the API may connect to: names, addresses or "
         "networks (`broker.plant.example`, `10.20.0.0/16`, `127.0.0.1/32` for a broker on the node); a listed name "
-        "is reachable whatever it resolves to, a listed network admits its addresses. None: any host but the node "
-        "itself and link-local ones: loopback (127.0.0.0/8, ::1, `localhost`: Ray's and other tenants' services on "
-        "the node), unspecified (0.0.0.0/8, ::) and link-local (169.254.0.0/16, fe80::/10: cloud metadata "
-        "services), also inside IPv6 (`::ffff:127.0.0.1`). A tenant's connector is a TCP client inside your "
-        "network: list the brokers and servers it may reach. Names are checked again at every connection, on the "
-        "address connected to. Declared connectors (`connectors`) reach any host.")
+        "is reachable whatever it resolves to, a listed network admits its addresses. None: any host but the Ray "
+        "cluster's own machines and link-local ones: loopback (127.0.0.0/8, ::1, `localhost`), unspecified "
+        "(0.0.0.0/8, ::), the Ray nodes' addresses (any address of the machine that checks, the alive nodes' "
+        "addresses Ray knows: Ray's GCS, dashboard and metrics ports and other tenants' services listen there) and "
+        "link-local (169.254.0.0/16, fe80::/10: cloud metadata services), also inside IPv6 (`::ffff:127.0.0.1`). "
+        "A tenant's connector is a TCP client inside your network: list the brokers and servers it may reach. "
+        "Names are checked again at every connection, on the address connected to. Declared connectors "
+        "(`connectors`) reach any host.")
     autoscaling: Autoscaling = Field(default_factory=Autoscaling)
     admission: Admission = Field(default_factory=Admission)
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import ipaddress
+import socket
 import ssl
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+
+import pytest
 
 from actors import TwinService
 from raytwin.contracts import Asset, AssetType
@@ -65,3 +69,31 @@ def certificate_for(name: str, directory: Path) -> ssl.SSLContext:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(directory / "cert.pem", directory / "key.pem")
     return context
+
+
+CONSTRUCTED_NODE = "198.51.100.9"
+"""The address `own_address` makes this machine's own where it has none but loopback (TEST-NET-2: no real host)."""
+
+
+def own_address(monkeypatch: pytest.MonkeyPatch) -> str:
+    """A non-loopback address of this machine: the one its traffic leaves from (a connected UDP socket, which sends
+    nothing), else its host name's. With loopback only (no network), `CONSTRUCTED_NODE`, which the test of this
+    machine's addresses (`connectors.ray_nodes`) is made to take for one."""
+    from connectors import ray_nodes
+
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect(("203.0.113.1", 9))  # (TEST-NET-3: a route's source, never a packet)
+            found = probe.getsockname()[0]
+    except OSError:
+        try:
+            found = socket.gethostbyname(socket.gethostname())
+        except OSError:
+            found = "127.0.0.1"
+    if not ipaddress.ip_address(found).is_loopback:
+        return found
+    for test in ("_binds", "_routed_here"):  # (its two tests of an address: a socket binds to it, routed here)
+        real = getattr(ray_nodes, test)
+        monkeypatch.setattr(ray_nodes, test,
+                            lambda address, real=real: str(address) == CONSTRUCTED_NODE or real(address))
+    return CONSTRUCTED_NODE

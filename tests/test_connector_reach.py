@@ -2,7 +2,8 @@
 address it connects to: a name that resolved to a public address when it was declared can resolve to
 169.254.169.254 (a cloud's metadata service) or 127.0.0.1 (the node's own services) later (DNS rebinding).
 No external network: names are answered by a stand-in for `socket.getaddrinfo`, connections go to a local
-listener or broker, which the operator's list (`NODE_BROKERS`) opens: the default refuses loopback."""
+listener or broker, which the operator's list (`NODE_BROKERS`) opens: the default refuses loopback, and the
+addresses of the Ray cluster's machines (this one's, the alive nodes' that Ray knows)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ import threading
 from collections.abc import Iterator
 
 import pytest
+import ray
 
+from connectors import ray_nodes
 from connectors.mosquitto import Mosquitto
 from connectors.mqtt import MQTT, MqttSpec, _client
 from connectors.opcua.config import OpcUaSpec
@@ -23,7 +26,7 @@ from connectors.opcua.session import _Client as OpcUaClient
 from connectors.reach import Reach, Unreachable, open_connection
 from connectors.spec import Credentials
 from raytwin.ports import free_port
-from tests.fixtures_connectors import certificate_for, wait_for
+from tests.fixtures_connectors import certificate_for, own_address, wait_for
 from tests.fixtures_serve import NODE_BROKERS
 from tests.test_connectors_opcua import until
 
@@ -33,6 +36,14 @@ PUBLIC = "192.0.2.7"  # (TEST-NET-1: what the name answered when it was declared
 NODE = Reach(NODE_BROKERS)
 """The operator's list that opens this machine's loopback (the local listener and broker) to connectors."""
 UNLISTED = r"\(not among the hosts this service lets connectors reach"
+RAY_NODE = "an address of a Ray node of this cluster"
+
+
+@pytest.fixture(autouse=True)
+def unknown_nodes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test learns this machine's addresses and the cluster's nodes anew (nothing cached by another)."""
+    monkeypatch.setattr(ray_nodes, "_LOCAL", ray_nodes.LocalAddresses())
+    monkeypatch.setattr(ray_nodes, "_CLUSTER", ray_nodes.ClusterNodes())
 
 
 def answer(monkeypatch: pytest.MonkeyPatch, *addresses: str) -> list[str]:
@@ -239,3 +250,108 @@ def test_an_opcua_session_reports_a_refused_address_and_connects_once_the_name_i
         server.kill()
     assert refused.startswith(f"Unreachable: host {REBOUND!r} resolved to {METADATA} (not among the hosts this "
                               "service lets connectors reach")
+
+
+def test_by_default_this_machines_own_address_is_refused_at_the_declaration_and_at_every_attempt(monkeypatch):
+    """Ray's GCS, raylet, dashboard and metrics agent and other tenants' connectors' services listen on the node's
+    own address (10.x.x.x) too, not only on loopback: a connector's `last_error` there was a port scanner of the
+    cluster. Refused at the declaration and at the attempt, naming why and the setting that opens it; an address
+    that is no machine's of the cluster (the name's earlier answer) is not."""
+    own = own_address(monkeypatch)
+    why = Reach(None).refusal(own)
+    assert why is not None and why.startswith(
+        f"host {own!r} is {RAY_NODE} ({own}: its internal services listen there), which connectors may not reach: "
+        f"the service's operator can open it to connectors by listing it in ServeConfig.connector_hosts, e.g. "
+        f'connector_hosts: ["{own}/32"]'), why
+    assert Reach(None).refusal(f"::ffff:{own}").startswith(f"host '::ffff:{own}' is {RAY_NODE}")  # (inside IPv6)
+    asked = answer(monkeypatch, PUBLIC, own)
+    assert Reach(None).refusal(REBOUND) is None  # declared while the name answered another address
+    with pytest.raises(Unreachable) as refused:
+        Reach(None).vetted(REBOUND, 1883)
+    assert str(refused.value).startswith(
+        f"host {REBOUND!r} resolved to {own} ({RAY_NODE}, which connectors may not reach: its internal services "
+        f"listen there): not connected (it is checked again at every connection attempt"), refused.value
+    assert f'connector_hosts: ["{own}/32"]' in str(refused.value) and asked == [REBOUND, REBOUND]
+    opened = Reach([f"{own}/32"])  # the operator's list: the whole policy, that address admitted
+    assert opened.refusal(own) is None and [info[4][0] for info in opened.vetted(REBOUND, 1883)] == [own]
+
+
+def test_on_a_node_where_any_address_binds_the_route_tells_its_own(monkeypatch):
+    """`net.ipv4.ip_nonlocal_bind` (a node that takes over virtual addresses) lets a socket bind to any address:
+    taken as this machine's, every host would be refused. There the kernel's route tells: the source address it
+    picks to reach an address is that address only if it is this machine's."""
+    own = own_address(monkeypatch)
+    monkeypatch.setattr(ray_nodes, "_nonlocal_bind", lambda version: True)
+    monkeypatch.setattr(ray_nodes, "_binds", lambda address: True)  # (what binding answers there)
+    assert Reach(None).refusal(PUBLIC) is None and Reach(None).refusal("10.20.3.4") is None
+    assert Reach(None).refusal(own).startswith(f"host {own!r} is {RAY_NODE}")
+
+
+def test_a_connector_is_refused_its_nodes_address_at_every_attempt_testing_it_once(monkeypatch):
+    """A tenant's MQTT connector (the connector's process, as in its actor) to a name answering this machine's own
+    address: each attempt refused before a socket opens, the address tested once (cached), not at every attempt."""
+    own, port = own_address(monkeypatch), free_port()
+    binds, tested = ray_nodes._binds, []
+    monkeypatch.setattr(ray_nodes, "_binds", lambda address: tested.append(address) or binds(address))
+    monkeypatch.setattr(ray_nodes, "_nonlocal_bind", lambda version: False)
+    asked = answer(monkeypatch, own)
+    adapter = MQTT.adapter(mqtt_spec(port), Credentials(), lambda inbound: None, lambda *ack: None, reach=Reach(None))
+    adapter.start()
+    try:
+        wait_for(lambda: len(asked) >= 2, "a second connection attempt")
+        refused = adapter.last_error
+        assert refused.startswith(f"refused to connect to broker {REBOUND}:{port}: host {REBOUND!r} resolved to {own} "
+                                  f"({RAY_NODE}, which connectors may not reach: its internal services listen "
+                                  "there): not connected"), refused
+        assert not adapter.connected() and tested == [ipaddress.ip_address(own)]
+    finally:
+        adapter.stop()
+
+
+NODE_A, NODE_GONE, NODE_V6 = "198.51.100.5", "198.51.100.6", "2001:db8:5::5"
+"""Addresses of the cluster's other machines, as `ray.nodes()` gives them (TEST-NET-2, documentation IPv6)."""
+
+
+def test_by_default_the_clusters_alive_nodes_are_refused_asking_ray_at_most_once_a_minute(monkeypatch):
+    """Another node's GCS, raylet and dashboard are one hop away: its address (`NodeManagerAddress`) is refused
+    like this machine's while it is alive, at the declaration and at the attempt; a node that left is not. The
+    check is on the connection path: Ray is asked once a minute, and its last answer is kept while it cannot
+    answer."""
+    now, calls, nodes = [1000.0], [], [{"Alive": True, "NodeManagerAddress": NODE_A},
+                                       {"Alive": False, "NodeManagerAddress": NODE_GONE},
+                                       {"Alive": True, "NodeManagerAddress": NODE_V6}]
+
+    def ray_nodes_answer() -> list[dict]:
+        calls.append(now[0])
+        if isinstance(nodes, Exception):
+            raise nodes
+        return nodes
+
+    monkeypatch.setattr(ray_nodes, "monotonic", lambda: now[0])
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    assert Reach(None).refusal(NODE_A) is None and calls == []  # no Ray in this process: no node list to ask
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "nodes", ray_nodes_answer)
+    for host in (NODE_A, NODE_V6):
+        assert Reach(None).refusal(host).startswith(f"host {host!r} is {RAY_NODE} ({host}: its internal services "
+                                                    "listen there), which connectors may not reach"), host
+    assert Reach(None).refusal(NODE_GONE) is None  # (not alive)
+    asked = answer(monkeypatch, PUBLIC, NODE_A, NODE_A, NODE_A)
+    assert Reach(None).refusal(REBOUND) is None
+    with pytest.raises(Unreachable, match=rf"resolved to {NODE_A} \({RAY_NODE}, which connectors may not reach"):
+        Reach(None).vetted(REBOUND, 6379)
+    assert [info[4][0] for info in Reach(["198.51.100.0/24"]).vetted(REBOUND, 6379)] == [NODE_A]  # listed
+    assert calls == [1000.0] and len(asked) == 3  # one question to Ray for all of them
+    now[0] += ray_nodes.NODES_TTL_S
+    nodes = RuntimeError("GCS unreachable")  # asked again a minute later, which fails: its last answer is kept
+    with pytest.raises(Unreachable, match=RAY_NODE):
+        Reach(None).vetted(REBOUND, 6379)
+    assert Reach(None).refusal(NODE_A) is not None and calls == [1000.0, 1060.0]  # (and not asked at each check)
+    now[0] += ray_nodes.NODES_TTL_S
+    nodes = [{"Alive": False, "NodeManagerAddress": NODE_A}]  # that node left
+    assert Reach(None).refusal(NODE_A) is None and calls == [1000.0, 1060.0, 1120.0]
+
+
+def test_the_session_rays_node_is_among_the_clusters_nodes(ray_session):
+    """`ray.nodes()` as this Ray version answers it: the node's address is where `ClusterNodes` reads it."""
+    assert ipaddress.ip_address(ray.util.get_node_ip_address()) in ray_nodes.ClusterNodes().addresses()

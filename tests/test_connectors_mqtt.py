@@ -8,6 +8,7 @@ through `TwinService.ingest` (the filter's state is bit-identical for any delive
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import socket
 import struct
@@ -31,7 +32,7 @@ from connectors.runtime import actor_name
 from connectors.spec import Credentials, Desired, UnknownConnector
 from raytwin.contracts import TelemetryEvent
 from raytwin.ports import free_port
-from tests.fixtures_connectors import certificate_for, tank_twins, wait_for
+from tests.fixtures_connectors import certificate_for, own_address, tank_twins, wait_for
 from tests.fixtures_serve import NODE_BROKERS, InProcessHandle
 from tests.ray_metrics import total, wait_until
 
@@ -845,8 +846,12 @@ def test_a_tenants_connector_reaches_only_the_hosts_the_operator_allows():
 def test_http_without_a_host_list_a_tenant_reaches_nothing_on_the_node(api, broker):
     """Found by an outside tester: the default refused only link-local addresses, so a tenant admin's connector
     went to 127.0.0.1, ::1, localhost., 0x7f.1 and 2130706433, Ray's and other tenants' services on the node,
-    and its `last_error` said which ports answer. Refused at the declaration (422 naming the setting that opens
-    it), nothing stored; the operator's list opens the broker on the node (the other HTTP tests' connectors)."""
+    and its `last_error` said which ports answer; the same services listen on the node's own address and on the
+    other Ray nodes'. Refused at the declaration (422 naming the setting that opens it), nothing stored; the
+    operator's list opens the broker on the node (the other HTTP tests' connectors)."""
+    from types import SimpleNamespace
+
+    from connectors import ray_nodes
     from connectors.reach import Reach
 
     client, auth, _, svc = api
@@ -867,6 +872,17 @@ def test_http_without_a_host_list_a_tenant_reaches_nothing_on_the_node(api, brok
             assert message.startswith(f"connector 'node': host {host!r} is {kind}, which connectors may not reach: "
                                       "the service's operator can open it to connectors by listing it in "
                                       "ServeConfig.connector_hosts, e.g. connector_hosts: ["), message
+        other_node = "198.51.100.5"  # another node of the cluster, as `ray.nodes()` would give it
+        patch.setattr(ray_nodes, "_LOCAL", ray_nodes.LocalAddresses())
+        patch.setattr(ray_nodes, "_CLUSTER", SimpleNamespace(addresses=lambda: {ipaddress.ip_address(other_node)}))
+        for host in (own_address(patch), other_node):  # this machine's own address (where the backend checks)
+            refused = client.post("/v1/connectors", json={"spec": {**spec, "broker": {**spec["broker"], "host": host}}},
+                                  headers=auth["admin"])
+            assert refused.status_code == 422, (host, refused.text)
+            assert refused.json()["error"]["message"].startswith(
+                f"connector 'node': host {host!r} is an address of a Ray node of this cluster ({host}: its internal "
+                "services listen there), which connectors may not reach: the service's operator can open it to "
+                f'connectors by listing it in ServeConfig.connector_hosts, e.g. connector_hosts: ["{host}/32"]'), host
         assert client.get("/v1/connectors/node", headers=auth["reader"]).status_code == 404  # nothing stored
     listed = client.post("/v1/connectors", json={"spec": {**spec, "broker": {**spec["broker"], "host": "0x7f.1"}}},
                          headers=auth["admin"])  # connector_hosts ["127.0.0.1/32"]: that address, in any spelling
