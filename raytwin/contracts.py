@@ -89,6 +89,11 @@ MAX_WHOLE_STEPS = 2**53
 """Steps a horizon may hold at most: beyond, a float no longer tells whole numbers apart (and no run ends)."""
 
 
+def _absolute_zero(unit: str) -> float | None:
+    """Absolute zero in `unit` if it is a temperature unit (K, degC, degF), else None."""
+    return units.to_unit(0.0, "K", unit) if units.canonical(unit) == units.canonical("K") else None
+
+
 def whole_steps(horizon_s: float, step_s: float) -> int:
     """The number of steps of `step_s` in `horizon_s`, refusing a horizon that is not a whole number, and a
     count no run could take (`MAX_WHOLE_STEPS`: 1e300 s of 1e-300 s steps overflowed into a 500)."""
@@ -222,7 +227,7 @@ class AssetType(Contract):
 
     def check_units(self) -> None:
         """`ValueError` naming each variable declared in another unit than its simulator's, though of its dimension
-        (`degC` for a model in K): a twin's values are its model's numbers, never converted, so telemetry converted
+        (`degC` for a model in K), or whose plausible range reaches below absolute zero: a twin's values are its model's numbers, never converted, so telemetry converted
         to the declared unit would be fed to the model as its own. Checked where a type is published or registered,
         not where a stored one is read: a store written before this check still loads."""
         from raytwin.sim import get_model
@@ -236,6 +241,12 @@ class AssetType(Contract):
         if wrong:
             raise ValueError("; ".join(wrong) + ": an asset type declares the units its model computes in (telemetry "
                              "in other units of the same dimension is converted on ingest, each value naming its unit)")
+        cold = [f"{kind}.{name}: lower {q.lower:g} {q.unit} is below absolute zero ({zero:g} {q.unit})"
+                for kind in ("states", "inputs", "outputs") for name, q in getattr(self, kind).items()
+                if q.lower is not None and (zero := _absolute_zero(q.unit)) is not None and q.lower < zero - 1e-9]
+        if cold:
+            raise ValueError("; ".join(cold) + ": a plausible range holds only values that can be measured (no "
+                             "temperature lies below absolute zero); raise the lower bound")
 
     @classmethod
     def from_model(cls, model: Any, name: str | None = None, version: str | None = None) -> AssetType:

@@ -279,5 +279,9 @@ def test_an_asset_type_declares_its_simulators_units_not_others_of_their_dimensi
     with pytest.raises(ValidationError, match=r"inputs.Q_h: unit 'm' is not 'W', the simulator thermal_rc's: "
                                               r"declare 'W'"):  # another dimension: refused on load, with the fix
         AssetType.model_validate({**data, "inputs": {**data["inputs"], "Q_h": {"unit": "m"}}})
+    cold = AssetType.model_validate({**data, "states": {**data["states"], "T_in": {"unit": "K", "lower": -1000.0}}})
+    with pytest.raises(ValueError, match=r"states.T_in: lower -1000 K is below absolute zero \(0 K\).*raise the "
+                                         r"lower bound"):  # a tester's type took it
+        cold.check_units()
     AssetType.from_model(THERMAL_RC).check_units()
     assert same_unit("J", "J") and not same_unit("degC", "K") and not same_unit("deg", "rad")
