@@ -50,6 +50,10 @@ class QuerySyntaxError(ValueError):
         self.reason = message
         self.position = position
 
+    def __reduce__(self) -> tuple[type[QuerySyntaxError], tuple[str, int]]:
+        """Rebuilt from its parts when it crosses processes (Ray, Serve), as the default pickle cannot."""
+        return type(self), (self.reason, self.position)
+
 
 # ------------------------------------------------------------------------------- the tree ----
 @dataclass(frozen=True)

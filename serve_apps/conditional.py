@@ -120,12 +120,14 @@ def unconditional(what: str, why: str) -> Any:
     was applied). `what` names the write, `why` says what orders it instead."""
 
     async def refuse(if_match: str | None = Header(None, include_in_schema=False),
-                     if_none_match: str | None = Header(None, include_in_schema=False)) -> None:
-        for header, value in (("If-Match", if_match), ("If-None-Match", if_none_match)):
+                     if_none_match: str | None = Header(None, include_in_schema=False),
+                     if_unmodified_since: str | None = Header(None, include_in_schema=False)) -> None:
+        for header, value in (("If-Match", if_match), ("If-None-Match", if_none_match),
+                              ("If-Unmodified-Since", if_unmodified_since)):
             if value is not None:
                 raise PreconditionFailed(
                     f"{what} is not a conditional write ({why}), so {header}: {value} is refused rather than "
-                    "ignored; nothing was applied. Send it without If-Match / If-None-Match",
+                    "ignored; nothing was applied. Send it without If-Match / If-None-Match / If-Unmodified-Since",
                     details=[{"header": header, "current_revision": None}])
 
     return Depends(refuse)

@@ -123,9 +123,9 @@ class BodyLimitMiddleware:
     async def _refuse(self, send: Send, request_id: str, size: str) -> None:
         body = json.dumps({"error": {
             "code": "payload_too_large",
-            "message": f"request body of {size} bytes exceeds the limit of {self.max_bytes} bytes: split it (a "
-                       "telemetry batch into several, each sent with its own idempotency key; the service's "
-                       "`max_body_bytes` sets the limit)",
+            "message": f"request body of {size} bytes exceeds the limit of {self.max_bytes} bytes: split it into "
+                       "smaller requests (e.g. a telemetry batch into several, each sent with its own idempotency "
+                       "key; the service's `max_body_bytes` sets the limit)",
             "details": [{"limit_bytes": self.max_bytes}], "request_id": request_id,
         }}).encode()
         await send({"type": "http.response.start", "status": 413,

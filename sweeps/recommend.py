@@ -59,6 +59,7 @@ from sweeps.runner import prepare, run_sweep
 from sweeps.runs import DEFAULT_RUNS_ROOT, RunError, RunRecord, RunStore, _recorded
 from sweeps.space import Dimension, ScenarioSpace
 from sweeps.spec import ModelStart, SweepSpec, resolve_model
+from sweeps.stability import check_sweep_step
 
 log = logging.getLogger("raytwin.recommend")
 
@@ -398,6 +399,21 @@ def _sampled_search(spec: RecommendSpec, out_url: str, storage_options: dict | N
                     "best_scenario": best, "sweep_outputs": result.outputs}
 
 
+def _check_members_step(specs: tuple[SweepSpec, ...], simulator: str, params: dict[str, float], names: list[str],
+                        rows: np.ndarray) -> None:
+    """`sweeps.stability.check_sweep_step` of the plan and the baseline over the box the ensemble's members span
+    (each factor's range), before the search: the nominal model passing said nothing of a member with 0.77 its
+    C_in, whose thermostat rang at the step and went into the change band unchecked."""
+    dims = [Dimension(name=n, target="param", mode="scale", values=sorted({float(rows[:, j].min()),
+                                                                            float(rows[:, j].max())}))
+            for j, n in enumerate(names)]
+    if not dims:
+        return
+    space = ScenarioSpace(method="grid", dimensions=dims)
+    for sweep in specs:
+        check_sweep_step(sweep.model_copy(update={"space": space}), simulator, params)
+
+
 def _band(values: np.ndarray) -> Band:
     q = np.quantile(values, QUANTILES)
     return Band(q05=float(q[0]), q50=float(q[1]), q95=float(q[2]))
@@ -407,6 +423,11 @@ def recommend(spec: RecommendSpec, out_url: str | None = None, *, runs: str | No
               storage_options: dict | None = None) -> tuple[Recommendation, float]:
     """The recommendation for `spec` and the optimiser's wall time (s). `out_url`: where the sampled
     search writes its sweep (required for ``sampled``); `runs`: the root holding `ensemble.calibration_run`."""
+    one = _nominal_space(spec)
+    baseline = spec.baseline_spec(one)
+    simulator, bases = prepare(baseline)
+    names, rows, source = _ensemble_scales(spec, bases.params, runs, storage_options)
+    _check_members_step((baseline, spec.sweep_spec(one)), simulator, bases.params, names, rows)
     started = time.perf_counter()
     if spec.method == "gradient":
         values, search = _gradient_search(spec)
@@ -415,12 +436,8 @@ def recommend(spec: RecommendSpec, out_url: str | None = None, *, runs: str | No
             raise RecommendError("the sampled search writes a sweep dataset: give out_url")
         values, search = _sampled_search(spec, f"{out_url.rstrip('/')}/{SEARCH_DIR}", storage_options)
     optimiser_s = time.perf_counter() - started
-    one = _nominal_space(spec)
     plan = spec.sweep_spec(one).model_copy(update={"inputs": {**spec.inputs, **dict(zip(spec.block_names,
                                                                                         values.tolist()))}})
-    baseline = spec.baseline_spec(one)
-    simulator, bases = prepare(plan)
-    names, rows, source = _ensemble_scales(spec, bases.params, runs, storage_options)
     planned, base = _evaluate(plan, names, rows), _evaluate(baseline, names, rows)
     change = planned[spec.objective] - base[spec.objective]
     feasible = np.ones(rows.shape[0], bool)

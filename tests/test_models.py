@@ -550,3 +550,18 @@ def test_a_model_with_unbounded_parameters_is_refused_by_the_checks_not_at_const
         check_model(model)
     with pytest.raises(ValueError, match="default must be finite"):
         Param("p", "-", math.inf, 0.0, 1.0)
+
+
+def test_model_errors_cross_processes_as_themselves():
+    """An `UnstableStepError` raised in a Ray task (a recommendation's check) could not be unpickled: Ray handed
+    the route an unserializable error and the client a 500 instead of the 422 naming the stable step."""
+    import pickle
+
+    from raytwin.query import QuerySyntaxError
+    from raytwin.sim.model import DeclarationError
+
+    for error in (UnstableStepError("thermal_rc", "step_s", "step 900 s ... largest stable step is 804.2 s"),
+                  ModelCheckError("pump", "states[1]", "unit 'bar' is unknown"),
+                  DeclarationError("params.m", "lower > upper"), QuerySyntaxError("unexpected ')'", 7)):
+        back = pickle.loads(pickle.dumps(error))
+        assert type(back) is type(error) and str(back) == str(error) and vars(back) == vars(error)

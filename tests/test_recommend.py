@@ -150,3 +150,14 @@ def test_the_band_draws_from_the_calibrations_covariance(tmp_path):
     assert np.allclose(logs.std(axis=0), rel, rtol=0.05) and abs(np.corrcoef(logs.T)[0, 1] + 0.8) < 0.03
     with pytest.raises(RecommendError, match="no calibration result for run 'calibration-2'"):
         _ensemble_scales(spec(ensemble=Ensemble(calibration_run="calibration-2")), {}, str(tmp_path), None)
+
+
+def test_an_ensemble_member_whose_thermostat_rings_at_the_step_is_refused_before_the_search(tmp_path):
+    """Only the nominal model's step was checked: at 720 s (its loop's limit 804 s) an ensemble with C_in
+    +-50 % had members whose thermostat rang, and their baselines went into the change band unchecked."""
+    from raytwin.sim.checks import UnstableStepError
+
+    wide = spec(step_s=720.0, ensemble=Ensemble(rel_std={"C_in": 0.5}, size=8, seed=3))
+    with pytest.raises(UnstableStepError, match=r"step 720 s makes the sampled feedback loop unstable: Q_h = "
+                                                r"heater_gain \(setpoint - T_in\).* at C_in="):
+        recommend(wide, runs=str(tmp_path))

@@ -446,7 +446,7 @@ def test_limits_and_error_shapes(api, http, building):
     big = {"events": events(1) * 2000}
     err = assert_error(http.post(f"/v1/assets/{building}/telemetry", json=big, headers=writer), 413,
                        "payload_too_large")
-    assert "split it" in err["message"] and "max_body_bytes" in err["message"], err  # how to fix it, not only why
+    assert "split it into smaller requests" in err["message"] and "max_body_bytes" in err["message"], err  # how to fix it, not only why
 
     def chunks():  # no Content-Length: the streamed size is what counts
         for _ in range(100):
@@ -855,7 +855,8 @@ def test_telemetry_refuses_a_precondition_instead_of_ignoring_it(api, http, buil
     state = f"/v1/assets/{building}/state"
     before = http.get(state, headers=auth(api, "reader")).json()["revision"]
     batch = {"events": events(1, asset=building)}
-    for header, value in (("If-Match", '"1"'), ("If-Match", "*"), ("If-None-Match", "*")):
+    for header, value in (("If-Match", '"1"'), ("If-Match", "*"), ("If-None-Match", "*"),
+                          ("If-Unmodified-Since", "Sat, 05 Dec 2026 12:00:00 GMT")):
         err = assert_error(http.post(url, json=batch, headers={**writer, header: value}), 412, "precondition_failed")
         assert "telemetry is not a conditional write" in err["message"] and f"{header}: {value}" in err["message"]
         assert "nothing was applied" in err["message"], err

@@ -472,7 +472,7 @@ def test_a_thermostat_too_strong_for_the_step_is_refused_where_the_sampled_loop_
 
     with pytest.raises(ValidationError, match=r"step_s: step 60 s makes the sampled feedback loop unstable: Q_h = "
                                               r"heater_gain \(setpoint - T_in\) with heater_gain=5000, .* grows "
-                                              r"1.8\dx per step at C_in=100000.*largest stable step is 40.2 s"):
+                                              r"1.8\d+x per step at C_in=100000.*largest stable step is 40.2 s"):
         spec(60.0)
     with pytest.raises(ValidationError, match="largest stable step is 40.2 s"):
         spec(45.0)

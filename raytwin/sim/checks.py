@@ -339,7 +339,7 @@ def check_sampled_loop(
         lo, hi = (mid, hi) if stable else (lo, mid)
     at = describe_params(model, rows[k], inputs[k])
     reason = (f"step {float(dt):g} s makes the sampled feedback loop unstable: {loop}, computed at each step's "
-              f"start and held through it, grows {radii[k]:.3g}x per step at {at}, where the largest stable step "
+              f"start and held through it, grows {radii[k]:.4g}x per step at {at}, where the largest stable step "
               f"is {lo:.4g} s (the run would oscillate instead of settling, swinging between the input's bounds "
               "where it saturates)")
     if not allow_unstable:

@@ -128,6 +128,10 @@ class DeclarationError(ValueError):
         super().__init__(f"{field}: {reason}")
         self.field, self.reason = field, reason
 
+    def __reduce__(self) -> tuple[type[DeclarationError], tuple[str, str]]:
+        """Rebuilt from its parts when it crosses processes (Ray, Serve), as the default pickle cannot."""
+        return type(self), (self.field, self.reason)
+
 
 def declared_field(v: Var | Param) -> str:
     """Where a declaration sits in a model: ``states.x``, ``params.m`` (the kind's `Model` field)."""
@@ -153,6 +157,11 @@ class ModelCheckError(ValueError):
     def __init__(self, model: str, field: str, reason: str):
         super().__init__(f"model {model}: {field}: {reason}")
         self.model, self.field, self.reason = model, field, reason
+
+    def __reduce__(self) -> tuple[type[ModelCheckError], tuple[str, str, str]]:
+        """Rebuilt from its three parts: raised in a Ray task, it reaches the caller as itself (the default pickle
+        passed only the message, and Ray handed over an unserializable error: a 500 instead of a 422)."""
+        return type(self), (self.model, self.field, self.reason)
 
 
 class Solver(Protocol):
