@@ -185,9 +185,16 @@ def sweep_example(
     from sweeps.kits import example_sweep, kit_for
     from sweeps.spec import SweepSpec
 
+    from raytwin.contracts import describe_error
+
     example = example_sweep(kit_for(resolve_model(model)))
-    spec = SweepSpec(model=model, horizon_s=example.horizon_s, step_s=example.step_s,
-                     space={"method": "lhs", "n": n, "seed": 0, "dimensions": example.dimensions})
+    try:
+        spec = SweepSpec(model=model, horizon_s=example.horizon_s, step_s=example.step_s,
+                         space={"method": "lhs", "n": n, "seed": 0, "dimensions": example.dimensions})
+    except ValueError as exc:  # the model's declaration leaves the derived example nothing valid: one line, no trace
+        typer.echo(f"error: the example derived from {model} is refused by its own checks: {describe_error(exc)}; "
+                   "write the spec's dimensions by hand (sweeps/README.md)", err=True)
+        raise typer.Exit(1) from None
     typer.echo(spec.model_dump_json(indent=2, exclude_defaults=True))
 
 

@@ -250,10 +250,24 @@ def kit_for(model: Model) -> Kit:
 
 def example_sweep(kit: Kit) -> ExampleSweep:
     """The kit's own example, or one derived from the model: 1,000 default steps; the first three
-    parameters and the nonzero kit parameters (up to three) scaled by 0.7..1.3."""
+    parameters and the nonzero kit parameters (up to three) scaled by 0.7..1.3, within their bounds and
+    plausible ranges (a temperature of 283 K in [230, 330] K by 0.81..1.17: 0.7 was refused by the example's own
+    check); a value the range leaves no room to scale is not swept."""
     if kit.example is not None:
         return kit.example
-    scale = {"mode": "scale", "low": 0.7, "high": 1.3}
-    dims = [Dimension(name=p.name, target="param", **scale) for p in kit.model.params[:3]]
-    dims += [Dimension(name=k, target="input", **scale) for k, p in kit.parameters.items() if p.default != 0.0][:3]
+    dims = [Dimension(name=p.name, target="param", mode="scale", low=r[0], high=r[1]) for p in kit.model.params[:3]
+            if (r := _example_scales(p.default, p.lower, p.upper)) is not None]
+    dims += [Dimension(name=k, target="input", mode="scale", low=r[0], high=r[1]) for k, p in kit.parameters.items()
+             if (r := _example_scales(p.default, p.lower, p.upper)) is not None][:3]
     return ExampleSweep(horizon_s=1000 * kit.model.default_dt, step_s=kit.model.default_dt, dimensions=dims)
+
+
+def _example_scales(default: float, lower: float, upper: float) -> tuple[float, float] | None:
+    """0.7..1.3 of `default`, narrowed to the scales that keep it within [lower, upper] (rounded inwards to 4
+    decimals); None for 0 or where no room is left."""
+    if default == 0.0:
+        return None
+    ends = sorted(b / default for b in (lower, upper))
+    low, high = math.ceil(max(0.7, ends[0]) * 1e4) / 1e4, math.floor(min(1.3, ends[1]) * 1e4) / 1e4
+    return (low, high) if low < high else None
+

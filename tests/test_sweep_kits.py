@@ -176,6 +176,19 @@ def test_a_model_without_a_kit_gets_one_from_its_declaration():
     assert got["h1_max"][1] > got["h1_max"][0] >= 0.5 and not got["diverged"].any()
 
 
+def test_a_derived_example_scales_each_value_within_its_range():
+    """`raytwin sweep example` of a model without a kit scaled every value by 0.7..1.3, and its own check refused
+    an input whose plausible range is narrower (a temperature of 283.15 K in [230, 330] K: 0.7 is 198 K)."""
+    narrow = dataclasses.replace(TWO_TANK.inputs[0], nominal=1e-4, lower=0.9e-4, upper=1.2e-4)
+    kit = kit_for(dataclasses.replace(TWO_TANK, name="my_narrow_tanks", inputs=(narrow,)))
+    (q_in,) = [d for d in example_sweep(kit).dimensions if d.target == "input"]
+    assert (q_in.low, q_in.high) == (0.9, 1.2)
+    assert narrow.lower <= q_in.low * narrow.nominal and q_in.high * narrow.nominal <= narrow.upper
+    pinned = dataclasses.replace(narrow, lower=1e-4, upper=1e-4 * (1 + 1e-6))  # no room to scale: not swept
+    kit = kit_for(dataclasses.replace(TWO_TANK, name="my_pinned_tanks", inputs=(pinned,)))
+    assert [d.target for d in example_sweep(kit).dimensions] == ["param", "param", "param"]
+
+
 def test_unstable_parameters_are_flagged_per_scenario_never_reported_as_results():
     """Admissible thermal parameters (C_in 1e5, R_im 2e-4) diverge at the default 60 s step (to
     ~1e266 K unchecked): that scenario is flagged and gets NaN metrics; its neighbour is unaffected."""
