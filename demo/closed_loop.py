@@ -96,12 +96,14 @@ class FaultedBuilding:
 
 def faulted_building(service, artifact, seed: int = 300) -> FaultedBuilding:
     """Register the twin `ASSET` running `artifact` on `service` and make the telemetry of its building,
-    whose true R_io halves `FAULT_S` after the start (four days ago, so every reading is in the past)."""
+    whose true R_io halves `FAULT_S` after the start (midnight UTC four to five days ago: every reading is in the
+    past, and the recommendation, which starts at the twin's last state's time of day, runs the same whenever the
+    demo does)."""
     from raytwin.contracts import Asset
 
     model = artifact.model()
     u, x, y, faulted = _faulted_truth(model, np.array(artifact.param_vector()), np.array([293.0, 292.0]), seed=seed)
-    start = (datetime.now(UTC) - timedelta(days=4)).replace(second=0, microsecond=0)
+    start = (datetime.now(UTC) - timedelta(days=4)).replace(hour=0, minute=0, second=0, microsecond=0)
     service.register(Asset(id=ASSET, tenant=TENANT, type_name="thermal_rc", type_version="1.0.0"), artifact,
                      initial_state={"T_in": float(y[0]), "T_m": float(x[0, 1])})
     events = list(_telemetry_events(ASSET, start, u, y))
@@ -124,9 +126,11 @@ def production_lifecycle(registry, artifact):
     return lifecycle, alice, bob
 
 
-def _forward(model, params: np.ndarray, x0: dict[str, float], heating, horizon_s: float) -> dict[str, float]:
+def _forward(model, params: np.ndarray, x0: dict[str, float], heating, horizon_s: float,
+             clock_s: float) -> dict[str, float]:
     """Heating energy [kWh] and time outside the kit's comfort band [s] of `heating(t, T_in)` [W] under
-    the thermal kit's weather, integrated by solve_ivp on the model's equations (60 s grid)."""
+    the thermal kit's weather from `clock_s` after a Monday 00:00 UTC (the twin's time of day, where the
+    recommendation started), integrated by solve_ivp on the model's equations (60 s grid)."""
     from scipy.integrate import solve_ivp
 
     from raytwin.sim.reference import model_rhs
@@ -136,8 +140,8 @@ def _forward(model, params: np.ndarray, x0: dict[str, float], heating, horizon_s
     rhs = model_rhs(model, params)
 
     def inputs(t: float, t_in: float) -> np.ndarray:
-        t_out = kit["T_out_mean"] + kit["T_out_amplitude"] * math.sin(2 * math.pi * (t - 9 * HOUR) / DAY)
-        sun = max(0.0, kit["solar_peak"] * math.sin(2 * math.pi * (t - 6 * HOUR) / DAY))
+        t_out = kit["T_out_mean"] + kit["T_out_amplitude"] * math.sin(2 * math.pi * (t + clock_s - 9 * HOUR) / DAY)
+        sun = max(0.0, kit["solar_peak"] * math.sin(2 * math.pi * (t + clock_s - 6 * HOUR) / DAY))
         return np.array([t_out, heating(t, t_in), sun])
 
     grid = np.arange(0.0, horizon_s + 1.0, 60.0)
@@ -183,6 +187,7 @@ def recalibrate_window(root: Path, registry, artifact, service, until: datetime,
 def _recommend_and_check(root: Path, registry, service, model, truth: np.ndarray, calibration_run: str) -> None:
     """A week's hourly heating schedule from the twin's live state (ensemble from the recalibration's
     covariance), then plan and baseline thermostat simulated independently on the true building."""
+    from raytwin.signals import clock_seconds
     from sweeps.recommend import Bound, Control, Ensemble, RecommendSpec, recorded_recommendation
     from sweeps.reference_kits import THERMAL
     from sweeps.twins import start_from_twin
@@ -200,12 +205,13 @@ def _recommend_and_check(root: Path, registry, service, model, truth: np.ndarray
                          ensemble=Ensemble(calibration_run=calibration_run, size=8, seed=3))
     record, answer = recorded_recommendation(spec, runs=str(root / "runs"))
     starts, values = np.asarray(answer.action.starts_s), np.asarray(answer.action.values)
-    kit = THERMAL.parameters
+    kit, clock_s = THERMAL.parameters, clock_seconds(fields["start_time"])
     plan = _forward(model, truth, fields["start_state"],
-                    lambda t, _t_in: float(values[np.searchsorted(starts, t, side="right") - 1]), spec.horizon_s)
+                    lambda t, _t_in: float(values[np.searchsorted(starts, t, side="right") - 1]), spec.horizon_s,
+                    clock_s)
     gain, q_max = kit["heater_gain"].default, kit["Q_h_max"].default
     base = _forward(model, truth, fields["start_state"],
-                    lambda _t, t_in: min(max(gain * (SETPOINT - t_in), 0.0), q_max), spec.horizon_s)
+                    lambda _t, t_in: min(max(gain * (SETPOINT - t_in), 0.0), q_max), spec.horizon_s, clock_s)
     saving = 1 - plan["energy_kwh"] / base["energy_kwh"]
     console.print(f"recommendation {record.run_id} ({answer.model_ref}, optimiser {record.summary['optimiser_s']} s): "
                   f"optimiser's change {answer.change_pct:+.1f}% (ensemble 5-95 %: {answer.change_pct_band.q05:+.1f}% "

@@ -25,7 +25,7 @@ def test_sweep_from_a_twins_live_state(ray_session, tmp_path):
                      initial_state={"h1": 0.42, "h2": 0.17})
         fields = start_from_twin(svc, "acme", "t1")
         assert fields == {"model": "tank@1.0.0", "tenant": "acme", "asset_id": "t1",
-                          "start_state": svc.state("acme", "t1").state}
+                          "start_state": svc.state("acme", "t1").state, "start_time": None}  # no event yet
         assert fields["start_state"]["h1"] == pytest.approx(0.42)
         with pytest.raises(KeyError):
             start_from_twin(svc, "other-tenant", "t1")
@@ -36,3 +36,18 @@ def test_sweep_from_a_twins_live_state(ray_session, tmp_path):
     run_sweep(spec, str(tmp_path / "out"), progress=False)
     row = open_dataset(str(tmp_path / "out")).to_table().to_pylist()[0]
     assert row["h1_max"] == pytest.approx(0.42, rel=1e-6)  # no inflow: the start level is the peak
+
+
+def test_a_twins_start_carries_its_states_time_for_the_clock_signals():
+    """`start_from_twin` left out the state's time: a live sweep or recommendation ran a twin at noon from the
+    Monday midnight's outdoor temperature and no sun (twice the heating energy in 6 h)."""
+    from datetime import UTC, datetime
+    from types import SimpleNamespace
+
+    noon = datetime(2026, 3, 4, 12, 7, tzinfo=UTC)
+    twin = SimpleNamespace(model_ref="thermal_rc", tenant="acme", asset_id="z1", state={"T_in": 294.15, "T_m": 293.15},
+                           event_time=noon)
+    fields = start_from_twin(SimpleNamespace(state=lambda tenant, asset_id: twin), "acme", "z1")
+    assert fields["start_time"] == noon
+    space = ScenarioSpace(method="grid", dimensions=[Dimension(name="T_out_mean", target="input", values=[278.15])])
+    assert SweepSpec(**fields, space=space, horizon_s=3600.0, step_s=60.0).start_time == noon
