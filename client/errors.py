@@ -18,6 +18,19 @@ class RayTwinError(Exception):
     """Base class: the client could not get an answer (network, timeout), the API refused, or a call or
     an answer did not fit the API's contracts."""
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Rebuilt as it is, class, message and attributes, where it crosses processes (a Ray task or a worker
+        pool that calls the API): the default pickle calls the class with the message alone, which every error
+        with its own arguments (`NotFound`, `OutcomeUnknown`, ...) refused, so the caller got a TypeError."""
+        return _rebuilt, (type(self), self.args, self.__dict__)
+
+
+def _rebuilt(cls: type[RayTwinError], args: tuple[Any, ...], state: dict[str, Any]) -> RayTwinError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, *args)
+    error.__dict__.update(state)
+    return error
+
 
 class InvalidArgument(RayTwinError, ValueError):
     """An argument no server can accept, refused before anything is sent: e.g. a path id that is not an

@@ -1015,3 +1015,22 @@ def test_cli_refuses_an_id_that_is_not_an_identifier_as_a_usage_error(cli):
     refused = cli("reader", "recalibration", "policy", "get", "room/x")
     assert refused.exit_code == 2 and "no answer" not in refused.output
     assert "type_name='room/x' is not an identifier" in " ".join(refused.output.replace("│", " ").split())
+
+
+def test_client_errors_cross_processes_as_themselves():
+    """A client error raised in a Ray task or a worker pool that calls the API could not be unpickled (the default
+    pickle called `NotFound(message)`): the caller got a TypeError instead of the error and its fields."""
+    import pickle
+
+    from client.errors import NotFound, OutcomeUnknown, Unavailable, Unreachable
+
+    down = Unavailable(503, "backend_unavailable", "the backend restarted", [], "req-1", 1.0)
+    for error in (NotFound(404, "not_found", "no asset 'zone-9'", [{"asset_id": "zone-9"}], "req-2"),
+                  OutcomeUnknown("POST /v1/assets/zone-1/telemetry", down, 3, "resend the batch", ("k1", "k2")),
+                  Unreachable("GET /v1/health", httpx.ConnectError("connection refused"), 4)):
+        back = pickle.loads(pickle.dumps(error))
+        assert type(back) is type(error) and str(back) == str(error)
+        assert {k: v for k, v in vars(back).items() if k not in ("refusal", "cause")} == \
+            {k: v for k, v in vars(error).items() if k not in ("refusal", "cause")}
+    back = pickle.loads(pickle.dumps(OutcomeUnknown("POST /x", down, 3, "resend", ("k1",))))
+    assert back.refusal.code == "backend_unavailable" and back.idempotency_keys == ("k1",)
