@@ -86,22 +86,20 @@ def _feedback_gains(kit: Kit, model: Model, state: dict[str, float],
     loops = [(i, sig) for i, d in enumerate(model.inputs) if isinstance(sig := kit.inputs[d.name], Proportional)]
     if not loops:
         return None
-    strongest: tuple[float, np.ndarray, dict[str, float]] | None = None
-    for ip in settings:
+    unsaturated = [(i, model.state_names.index(sig.state), sig.state,
+                    signal_function(sig.model_copy(update={"lower": None, "upper": None}), unit=model.inputs[i].unit,
+                                    xp=np)) for i, sig in loops]
+
+    def gains_at(ip: dict[str, float]) -> np.ndarray:
         gains = np.zeros((len(model.inputs), len(model.states)))
-        for i, sig in loops:
-            f = signal_function(sig.model_copy(update={"lower": None, "upper": None}), unit=model.inputs[i].unit,
-                                xp=np)
-            j = model.state_names.index(sig.state)
-            gains[i, j] = float(f(0.0, {**state, sig.state: 1.0}, ip)) - float(f(0.0, {**state, sig.state: 0.0}, ip))
-        norm = float(np.abs(gains).sum())
-        if strongest is None or norm > strongest[0]:
-            strongest = (norm, gains, ip)
-    assert strongest is not None
-    _, gains, ip = strongest
+        for i, j, name, f in unsaturated:
+            gains[i, j] = float(f(0.0, {**state, name: 1.0}, ip)) - float(f(0.0, {**state, name: 0.0}, ip))
+        return gains
+
+    ip = max(settings, key=lambda ip: float(np.abs(gains_at(ip)).sum()))
     named = [f"{model.inputs[i].name} = {sig.gain} ({sig.setpoint} - {sig.state})"
              + (f" with {sig.gain}={ip[sig.gain]:g}" if isinstance(sig.gain, str) else "") for i, sig in loops]
-    return gains, "; ".join(named)
+    return gains_at(ip), "; ".join(named)
 
 
 def _kit_corners(spec: SweepSpec, base: dict[str, float]) -> list[dict[str, float]]:

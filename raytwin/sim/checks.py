@@ -163,6 +163,13 @@ class BoxLimit:
     inputs: tuple[float, ...] | None = None  # the inputs at that corner (None: the nominal ones)
 
 
+def joint_corners(lows: Sequence[float], highs: Sequence[float], input_lows: Sequence[float],
+                  input_highs: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """(parameter rows, input rows) at the corners of one box of parameters and inputs (`box_corners`)."""
+    both = box_corners((*lows, *input_lows), (*highs, *input_highs))
+    return both[:, :len(lows)], both[:, len(lows):]
+
+
 @lru_cache(maxsize=4096)
 def box_limit(model: Model, lows: tuple[float, ...], highs: tuple[float, ...],
               input_lows: tuple[float, ...] | None = None, input_highs: tuple[float, ...] | None = None) -> BoxLimit:
@@ -174,8 +181,7 @@ def box_limit(model: Model, lows: tuple[float, ...], highs: tuple[float, ...],
         limits = stability_limits(model, corners)
         inputs = None
     else:
-        both = box_corners((*lows, *input_lows), (*highs, *input_highs))
-        corners, inputs = both[:, :len(lows)], both[:, len(lows):]
+        corners, inputs = joint_corners(lows, highs, input_lows, input_highs)
         limits = stability_limits(model, corners, inputs)
     k = int(np.argmin(np.where(np.isnan(limits), -np.inf, limits)))
     return BoxLimit(float(limits[k]), tuple(float(v) for v in corners[k]), len(corners),
@@ -321,9 +327,7 @@ def check_sampled_loop(
     gave none). Corners where the continuous loop itself grows
     (a tiny step's map grows too) are left alone: there the growth is the system's, not the step's.
     `loop` names the loop in the message."""
-    p = len(lows)
-    both = box_corners((*lows, *input_lows), (*highs, *input_highs))
-    rows, inputs = both[:, :p], both[:, p:]
+    rows, inputs = joint_corners(lows, highs, input_lows, input_highs)
     x, gains = np.asarray(state, dtype=np.float64), np.asarray(gains, dtype=np.float64)
     tiny = float(dt) * 1e-4
     radii = _loop_radii(model, x, rows, inputs, gains, dt)
