@@ -34,7 +34,7 @@ import httpx
 from benchmarks.harness import BenchContext, BenchResult, Figure, benchmark, run_python, subprocess_env_without
 from benchmarks.load import KeepAliveClient, LoadResult, paced_async
 from raytwin.contracts import AssetType
-from raytwin.ports import free_port
+from raytwin.ports import free_port, free_ports
 from raytwin.sim import THERMAL_RC
 
 RATES = (100.0, 500.0)
@@ -97,7 +97,8 @@ def _create_zone(base: str, headers: dict[str, str]) -> None:
 def haproxy_ports_env() -> dict[str, str]:
     """Free ports for what Serve's HAProxy mode binds at fixed ports on every node (HAProxy's statistics 8404 and
     metrics 9101, the fallback Python proxy 8500), so that it can start beside another Ray on this machine."""
-    return {name: str(free_port()) for name in (*HAPROXY_PORT_ENVS, FALLBACK_PROXY_PORT_ENV)}
+    names = (*HAPROXY_PORT_ENVS, FALLBACK_PROXY_PORT_ENV)
+    return {name: str(port) for name, port in zip(names, free_ports(len(names)))}
 
 
 def fallback_proxy_port() -> int:

@@ -48,3 +48,26 @@ def test_free_ports_can_be_bound() -> None:
     for port in chosen:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", port))
+
+
+def test_ports_are_drawn_below_the_ephemeral_range(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The OS gives ephemeral ports to every outgoing connection: one of those could take a chosen port before
+    the process it was chosen for binds it (HAProxy's "Address already in use" in CI)."""
+    (tmp_path / "range").write_text("32768\t60999\n")
+    monkeypatch.setattr(ports, "EPHEMERAL_RANGE_FILE", str(tmp_path / "range"))
+    assert all(ports.BAND_START <= port < 32768 for port in free_ports(50))
+
+
+def test_a_port_in_use_is_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        monkeypatch.setattr(ports, "_band", lambda: range(port, port + 1))
+        assert free_port() != port  # every draw hit the port in use: the OS chose
+
+
+def test_a_narrow_band_is_left_to_the_os(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "range").write_text(f"{ports.BAND_START + 10} 60999\n")
+    monkeypatch.setattr(ports, "EPHEMERAL_RANGE_FILE", str(tmp_path / "range"))
+    assert ports._band() is None
+    assert free_port() >= 1
