@@ -121,6 +121,7 @@ def reshard(
 
     from actors.lease import StoreLeased, check_not_served
     from actors.service import TwinService
+    from raytwin.ray_connect import unreachable
     from raytwin.statestore import StateStore
 
     twins = StateStore(store.rstrip("/"))
@@ -136,6 +137,8 @@ def reshard(
         except StoreLeased as e:
             raise typer.BadParameter(str(e), param_hint="STORE") from None
 
+    if reason := unreachable(address):  # at once, not after ray.init's minutes of retries
+        raise typer.BadParameter(f"cannot connect to the Ray cluster at {address}: {reason}", param_hint="--address")
     ray.init(address=address, namespace=namespace, include_dashboard=False, logging_level="WARNING",
              ignore_reinit_error=True)
     service = TwinService(store, shards=shards, namespace=namespace, takeover=True)

@@ -21,6 +21,8 @@ import ray
 import typer
 from prometheus_client.parser import text_string_to_metric_families
 
+from raytwin.ray_connect import unreachable
+
 Samples = list[tuple[str, dict[str, str], float]]
 
 
@@ -170,6 +172,8 @@ def status(
                            "one `raytwin serve` or `raytwin cluster up --local` printed", err=True)
                 raise typer.Exit(1)
         try:
+            if reason := unreachable(address or os.environ.get("RAY_ADDRESS")):  # not after minutes of retries
+                raise ConnectionError(reason)
             ray.init(address=address or "auto", logging_level="ERROR")
         except ConnectionError as exc:
             typer.echo(f"no Ray cluster to report on ({exc}); pass --address or set RAY_ADDRESS to a running "

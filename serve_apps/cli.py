@@ -16,6 +16,7 @@ from typing import Annotated, get_args
 
 import typer
 
+from raytwin.ray_connect import unreachable
 from serve_apps.auth import GrantName, RoleName, create_key, load_keys, revoke_key
 from serve_apps.config import Autoscaling
 
@@ -139,6 +140,8 @@ def start(
     context = None  # the Ray this command starts or joins (its dashboard's URL)
     if address is not None and not ray.is_initialized():  # first: the lease names the cluster that serves it
         try:
+            if reason := unreachable(address):  # at once, not after ray.init's minutes of retries
+                raise ConnectionError(reason)
             context = ray.init(address=address)
         except Exception as e:  # noqa: BLE001 - Ray raises several kinds; each is one line for the operator
             line = next((x.strip() for x in str(e).splitlines() if x.strip()), type(e).__name__)

@@ -1,0 +1,44 @@
+"""Joining a running Ray cluster from a command: refuse at once where nothing listens at its address.
+
+`ray.init(address=...)` to an address where no Ray answers retries for minutes (over 3 minutes with Ray 2.60)
+before it raises, with a log line every few seconds; a command an operator typed should say in seconds that
+nothing listens there. A port that accepts is left to Ray (it may be a Ray that requires a token, whose refusal
+is quick, or not a Ray at all, which Ray reports in its own time).
+"""
+
+from __future__ import annotations
+
+import socket
+
+__all__ = ["PROBE_TIMEOUT_S", "unreachable"]
+
+PROBE_TIMEOUT_S = 5.0
+
+
+def unreachable(address: str | None, timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
+    """Why nothing answers at the Ray cluster `address` (as `ray.init` would take it), or None.
+
+    None also where the address is not one this can check: None/"auto" (Ray finds the cluster), "local", or a
+    `ray://` client address whose server is checked alike (its host and port).
+    """
+    from ray._private.services import canonicalize_bootstrap_address, parse_address
+
+    if address is None or address in ("auto", "local"):
+        return None
+    if address.startswith("ray://"):
+        target = parse_address(address.removeprefix("ray://"))
+    else:
+        try:  # where Ray will connect: a loopback name becomes this node's address, as Ray rewrites it
+            canonical = canonicalize_bootstrap_address(address)
+        except Exception:  # noqa: BLE001 - an address Ray cannot parse: ray.init's own error says why
+            return None
+        target = parse_address(canonical) if canonical else None
+    if target is None:
+        return None
+    host, port = target
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            return None
+    except OSError as e:
+        reason = "timed out" if isinstance(e, TimeoutError) else (e.strerror or type(e).__name__).lower()
+        return f"nothing answers at {host}:{port} ({reason})"
