@@ -159,10 +159,11 @@ class RateLimited(ApiError):
 class Unavailable(ApiError):
     """The service is away or busy: RayTwin's 503 (overloaded or starting; retried by the client before it is
     raised), or an answer a proxy gave instead of RayTwin (`code` `NOT_RAYTWIN`: Serve's ``404 Path ... not found``
-    while the app deploys, a load balancer's 502, 503 or 504), or no connection at all (`Unreachable`). A 503 whose
-    process applying the request was lost (`backend_unavailable`, `twin_unavailable`) is retried only for calls
-    that are safe to resend, and raised at once for others, its message saying how to check whether it took
-    effect; a write safe to resend that may have been applied by an earlier try raises `OutcomeUnknown` instead."""
+    while the app deploys or its ``408`` once its request timeout passed, a load balancer's 502, 503 or 504), or
+    no connection at all (`Unreachable`). A 503 whose process applying the request was lost (`backend_unavailable`,
+    `twin_unavailable`) is retried only for calls that are safe to resend, and raised at once for others, its
+    message saying how to check whether it took effect; a proxy's 408 or 5xx to a write that is not resent, and a
+    write safe to resend that may have been applied by an earlier try, raise `OutcomeUnknown` instead."""
 
     code = "unavailable"
 
@@ -223,18 +224,21 @@ def error_code(response: httpx.Response) -> str | None:
     return None if body is None else body["code"]
 
 
+PROXY_TIMEOUT = 408
+"""A proxy's bare status once its wait for RayTwin's answer ran out (Serve's `request_timeout_s`): RayTwin may
+still have applied the request."""
 NOT_RAYTWIN = "not_raytwin"
 """The `code` of an error answer without RayTwin's error body: a proxy or load balancer in front of it answered."""
 
 
 def from_response(response: httpx.Response) -> ApiError:
     """The exception for an error answer, from the API's error shape. An answer without it is not RayTwin's, so
-    its status says nothing about the resource: a 404 (Serve's proxy while the app deploys: no route yet) or a 5xx
-    is `Unavailable`; other statuses map by status (an auth proxy's 401, a body limit's 413). Its code is
+    its status says nothing about the resource: a 404 (Serve's proxy while the app deploys: no route yet), a 408
+    (Serve's proxy gave up waiting for the answer) or a 5xx is `Unavailable`; other statuses map by status (an auth proxy's 401, a body limit's 413). Its code is
     `NOT_RAYTWIN`, never one of RayTwin's (a bare 404 is not `not_found`: the asset may well exist)."""
     status, body = response.status_code, _error_body(response)
     if body is None:
-        cls = Unavailable if status == 404 or status >= 500 else _BY_STATUS.get(status, ApiError)
+        cls = Unavailable if status in (404, PROXY_TIMEOUT) or status >= 500 else _BY_STATUS.get(status, ApiError)
         text = " ".join(response.text[:500].split()) or response.reason_phrase
         return cls(status, NOT_RAYTWIN, f"{text} (a proxy answered, not RayTwin: the service may be deploying or "
                                         "restarting; if it persists, check that the URL is RayTwin's API)",

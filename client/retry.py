@@ -8,7 +8,7 @@ from enum import Enum
 
 import httpx
 
-from client.errors import error_code
+from client.errors import PROXY_TIMEOUT, error_code
 
 _RNG = random.Random()
 MAYBE_APPLIED_CODES = frozenset({"backend_unavailable", "twin_unavailable"})
@@ -31,7 +31,9 @@ def verdict(answer: httpx.Response | httpx.TransportError) -> Verdict | None:
     a proxy's bare 503 or 404 (Serve's proxy answers ``404 Path ... not found`` while the app deploys: no RayTwin
     route saw it; RayTwin's own 404 carries its error body and is final). Maybe applied: any other network error
     (the request may have been written before the connection broke), RayTwin's `MAYBE_APPLIED_CODES`, a proxy's
-    other 5xx (500, 502, 504: the upstream failed or timed out after it got the request)."""
+    bare 408 (Serve's proxy answers ``408 Request ... timed out`` once its `request_timeout_s` passed while the
+    replica still worked on it) and its other 5xx (500, 502, 504: the upstream failed or timed out after it got
+    the request)."""
     if isinstance(answer, httpx.TransportError):
         return Verdict.NOT_APPLIED if isinstance(answer, NOT_SENT) else Verdict.MAYBE_APPLIED
     if not answer.is_error:  # a success may be a stream not read yet: its body is the caller's
@@ -45,7 +47,7 @@ def verdict(answer: httpx.Response | httpx.TransportError) -> Verdict | None:
         return Verdict.MAYBE_APPLIED if code in MAYBE_APPLIED_CODES else Verdict.NOT_APPLIED
     if status in (404, 503):
         return Verdict.NOT_APPLIED
-    return Verdict.MAYBE_APPLIED if status >= 500 else None
+    return Verdict.MAYBE_APPLIED if status >= 500 or status == PROXY_TIMEOUT else None
 
 
 @dataclass(frozen=True)

@@ -233,6 +233,53 @@ def test_raytwins_own_404_is_not_found_at_once():
         assert (err.value.code, err.value.request_id, len(seen), api.retries) == ("not_found", "r9", 1, 0)
 
 
+def serve_408() -> httpx.Response:
+    """What Serve's HTTP proxy answers once its `request_timeout_s` passed before the replica answered: plain text,
+    while the replica may still apply the request."""
+    return httpx.Response(408, text="Request 3f1c9b timed out after 30.0s.")
+
+
+def test_a_proxys_408_is_resent_where_that_is_safe_and_a_write_it_may_have_applied_is_an_unknown_outcome():
+    """Serve's bare 408 (its request timeout) was raised at once as a plain `ApiError`: a read or a telemetry batch
+    (idempotency keys) was not resent, though resending them is safe. Now it is a proxy's maybe-applied answer, as a
+    504 is: resent for calls safe to resend (sync, async, the change stream); a write without keys is not resent and
+    raises `OutcomeUnknown`; a read whose tries all timed out raises `Unavailable`."""
+    for api, seen in both(lambda: scripted(serve_408(), serve_408(), ingested())):
+        assert send(api).accepted == 2 and api.retries == 2
+        assert len(seen) == 3 and seen[0].content == seen[2].content  # the same keys each time
+    refused = httpx.ConnectError("[Errno 111] Connection refused")
+    for api, seen in both(lambda: scripted(serve_408(), refused, refused)):  # it may have applied the first try
+        with pytest.raises(OutcomeUnknown, match=r"same idempotency keys \(rt-0:1, mine\)") as err:
+            send(api)
+        assert len(seen) == 3 and err.value.idempotency_keys == ("rt-0:1", "mine")
+
+    async def create(api: AsyncRayTwinClient) -> None:
+        async with api:
+            await api.create_asset(ZONE)
+
+    for api, seen in both(lambda: scripted(serve_408())):
+        with pytest.raises(OutcomeUnknown, match="check whether it took effect before you send it again") as err:
+            api.create_asset(ZONE) if isinstance(api, RayTwinClient) else asyncio.run(create(api))
+        assert len(seen) == 1 and (err.value.refusal.status, err.value.refusal.code) == (408, NOT_RAYTWIN)
+        assert isinstance(err.value.refusal, Unavailable) and "timed out after 30.0s" in str(err.value)
+    transport, seen = scripted(serve_408(), HEALTH)
+    with RayTwinClient("http://api", "rtk_x_y", retry=FAST, transport=transport) as api:
+        assert api.health().status == "ok" and len(seen) == 2
+    transport, seen = scripted(*[serve_408()] * 3)
+    with RayTwinClient("http://api", "rtk_x_y", retry=FAST, transport=transport) as api:
+        with pytest.raises(Unavailable, match="a proxy answered, not RayTwin") as unavailable:
+            api.health()
+    assert unavailable.value.status == 408 and not isinstance(unavailable.value, OutcomeUnknown) and len(seen) == 3
+    frame = 'id: 9\nevent: asset.updated\ndata: {"seq": 9, "kind": "asset.updated", "time": "2026-01-05T12:00:00Z", ' \
+        '"asset_id": "zone-1", "revision": 2}\n\n'
+    answered = httpx.Response(200, text=frame, headers={"Content-Type": "text/event-stream",
+                                                        "X-RayTwin-Request-ID": "r1"})
+    transport, seen = scripted(serve_408(), answered)
+    with RayTwinClient("http://api", "rtk_x_y", retry=FAST, transport=transport) as api:
+        assert next(api.changes(after=5)).seq == 9  # reconnected, not raised
+    assert [r.headers.get("last-event-id") for r in seen] == ["5", "5"]
+
+
 def test_connection_errors_after_a_try_that_may_have_been_applied_are_an_unknown_outcome():
     """The same restart's other lost batches: the service applied one whose answer was lost, the resends found it
     down (connection refused) and the client raised a bare RayTwinError, read as "not sent": 1480 events applied,
