@@ -12,7 +12,7 @@ import httpx
 
 from client.base import ClientBase
 from client.calls import Call, T, _nothing
-from client.downloads import CHUNK_BYTES, SHA256_HEADER, StreamedFile, download_target
+from client.downloads import CHUNK_BYTES, RUN_FILE, FileDownload, download_target
 from client.errors import from_response
 from client.jobs import JobWait
 from client.model_calls import run_file_call
@@ -70,10 +70,16 @@ class AsyncRayTwinClient(ClientBase):
             await asyncio.sleep(wait.delay())
         return job
 
-    async def download_run_file(self, run_id: str, name: str, path: str | os.PathLike[str]) -> Path:
+    async def download_run_file(self, run_id: str, name: str, path: str | os.PathLike[str],
+                                verify: bool = True) -> Path:
         """Stream a run's output file to `path` (see `RayTwinClient.download_run_file`), writing it off the
         event loop."""
-        call, target = run_file_call(run_id, name, _nothing), download_target(path)
+        return await self._download(FileDownload(run_file_call(run_id, name, _nothing), download_target(path),
+                                                 RUN_FILE, verify))
+
+    async def _download(self, download: FileDownload) -> Path:
+        """Stream `download`'s file to its target (see `RayTwinClient._download`)."""
+        call = download.call
         for attempt in range(1, self.retry.attempts + 1):
             try:
                 async with self._http.stream(call.method, call.path, headers=dict(call.headers)) as r:
@@ -81,7 +87,7 @@ class AsyncRayTwinClient(ClientBase):
                         await r.aread()  # the problem's body, for the error `_resend_after` raises
                     delay = self._resend_after(call, attempt, r)
                     if delay is None:
-                        with StreamedFile(target, r.url, r.headers.get(SHA256_HEADER)) as out:
+                        with download.file(r) as out:
                             async for chunk in r.aiter_bytes(CHUNK_BYTES):
                                 await asyncio.to_thread(out.write, chunk)
                             return await asyncio.to_thread(out.commit)

@@ -60,6 +60,12 @@ class CorruptDownload(RayTwinError):
     when a second download brings the same bytes, a file damaged in the store (rerun the run to make it again)."""
 
 
+class MissingChecksum(RayTwinError):
+    """A file's answer came without the SHA-256 header the server sends with every such file, so its bytes could not
+    be checked: a proxy in front of RayTwin stripped the header, or the URL is not RayTwin's API. Let the header
+    through the proxy (or fix the URL); ``verify=False`` accepts such a file unchecked."""
+
+
 class OutcomeUnknown(RayTwinError):
     """A write that may have been applied, and the client could not learn whether it was: a try's answer was lost
     (the connection broke once the request was sent, a timeout, RayTwin's 503 `backend_unavailable` or

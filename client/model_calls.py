@@ -7,7 +7,6 @@ Several answers are models of server modules that import Ray or JAX (`raytwin.li
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -15,7 +14,7 @@ import httpx
 from pydantic import BaseModel
 
 from client.calls import Call, Sender, T, _lazy, _model, _nothing, _present
-from client.downloads import SHA256_HEADER, check_sha256
+from client.downloads import RUN_FILE, hashed
 from connectors.commands import Command
 from raytwin.recalibration import RecalibrationPolicy
 from serve_apps.recalibration import TenantState
@@ -29,12 +28,6 @@ if TYPE_CHECKING:
     from sweeps.recommend import Recommendation
 
 _RECORD = "raytwin.lifecycle:TransitionRecord"
-
-
-def _hashed(r: httpx.Response) -> bytes:
-    """A run's output file, refused unless its bytes have the SHA-256 its record holds (a stream cut short)."""
-    check_sha256(r.request.url, len(r.content), hashlib.sha256(r.content).hexdigest(), r.headers.get(SHA256_HEADER))
-    return r.content
 
 
 def run_file_call(run_id: str, name: str, parse: Callable[[httpx.Response], T]) -> Call[T]:
@@ -137,11 +130,12 @@ class ModelCalls(Sender):
         return self._send(Call("GET", "/v1/runs/{run_id}", _lazy("serve_apps.routes_runs:RunPublic"),
                                idempotent=True, path_params={"run_id": run_id}))
 
-    def run_file(self, run_id: str, name: str) -> bytes:
+    def run_file(self, run_id: str, name: str, verify: bool = True) -> bytes:
         """One output file of a run (e.g. a calibration's fit report ``calibration.json``, or a nested name its
-        record lists, ``search/part-000000.parquet``), checked against the SHA-256 its record holds
-        (`client.errors.CorruptDownload` if the bytes differ)."""
-        return self._send(run_file_call(run_id, name, _hashed))
+        record lists, ``search/part-000000.parquet``), loaded into memory (large files: `download_run_file`),
+        checked against the SHA-256 its record holds (`client.errors.CorruptDownload` if the bytes differ;
+        `MissingChecksum` if the answer has no SHA-256 header, unless `verify` is False: accepted unchecked)."""
+        return self._send(run_file_call(run_id, name, hashed(RUN_FILE, verify)))
 
     # ---- recommended actions ----------------------------------------------------------------------
     def recommend(self, asset_id: str, request: RecommendationRequest) -> Recommendation:

@@ -12,7 +12,7 @@ import httpx
 
 from client.base import ClientBase
 from client.calls import Call, T, _nothing
-from client.downloads import CHUNK_BYTES, SHA256_HEADER, StreamedFile, download_target
+from client.downloads import CHUNK_BYTES, RUN_FILE, FileDownload, download_target
 from client.errors import from_response
 from client.jobs import JobWait
 from client.model_calls import run_file_call
@@ -74,12 +74,18 @@ class RayTwinClient(ClientBase):
             time.sleep(wait.delay())
         return job
 
-    def download_run_file(self, run_id: str, name: str, path: str | os.PathLike[str]) -> Path:
+    def download_run_file(self, run_id: str, name: str, path: str | os.PathLike[str], verify: bool = True) -> Path:
         """Stream a run's output file (a name its record lists) to `path`, never whole in memory
         (`client.downloads`): checked against the SHA-256 its record holds as it comes (`CorruptDownload`, and no
         file written), then renamed into place at once. Resent like any read after a network error or a 429/503
-        (the partial file dropped first). Returns the path."""
-        call, target = run_file_call(run_id, name, _nothing), download_target(path)
+        (the partial file dropped first). An answer without the SHA-256 header raises `MissingChecksum` unless
+        `verify` is False (then the file is accepted unchecked). Returns the path."""
+        return self._download(FileDownload(run_file_call(run_id, name, _nothing), download_target(path), RUN_FILE,
+                                           verify))
+
+    def _download(self, download: FileDownload) -> Path:
+        """Stream `download`'s file to its target, checked, resent like a read (`client.downloads`)."""
+        call = download.call
         for attempt in range(1, self.retry.attempts + 1):
             try:
                 with self._http.stream(call.method, call.path, headers=dict(call.headers)) as r:
@@ -87,7 +93,7 @@ class RayTwinClient(ClientBase):
                         r.read()  # the problem's body, for the error `_resend_after` raises
                     delay = self._resend_after(call, attempt, r)
                     if delay is None:
-                        with StreamedFile(target, r.url, r.headers.get(SHA256_HEADER)) as out:
+                        with download.file(r) as out:
                             for chunk in r.iter_bytes(CHUNK_BYTES):
                                 out.write(chunk)
                             return out.commit()

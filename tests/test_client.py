@@ -592,6 +592,45 @@ def test_the_async_client_downloads_a_run_file_the_same_way(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["fit.json"]  # nothing partial left beside it
 
 
+def test_a_run_file_without_its_sha256_header_is_refused_unless_the_caller_opts_out(tmp_path):
+    """An answer without ``X-RayTwin-SHA256`` was accepted unchecked, though the server sends it with every run file:
+    a proxy that stripped it, or a wrong server, went unnoticed. Now `MissingChecksum` (in memory, streamed sync and
+    async; nothing written, not resent) names the header and what to check; ``verify=False`` accepts the file."""
+    from client.errors import CorruptDownload, MissingChecksum
+
+    data = b"PAR1" * 1000
+    target = tmp_path / "fit.parquet"
+    target.write_bytes(b"the previous fit")
+
+    def bare() -> httpx.Response:
+        return httpx.Response(200, content=data)
+
+    transport, seen = scripted(bare(), bare(), bare(), bare(), _file_answer(data[1:], data))
+    with RayTwinClient("http://api", "rtk_x_y", retry=FAST, transport=transport) as api:
+        with pytest.raises(MissingChecksum, match=r"no X-RayTwin-SHA256 header, which RayTwin sends with every run "
+                                                  r"file.*a proxy in front of RayTwin stripped it.*verify=False"):
+            api.run_file(RUN_ID, "calibration.json")
+        with pytest.raises(MissingChecksum, match="cannot be checked"):
+            api.download_run_file(RUN_ID, "calibration.json", target)
+        assert len(seen) == 2 and sorted(p.name for p in tmp_path.iterdir()) == ["fit.parquet"]  # none resent
+        assert target.read_bytes() == b"the previous fit"
+        assert api.run_file(RUN_ID, "calibration.json", verify=False) == data
+        assert api.download_run_file(RUN_ID, "calibration.json", target, verify=False).read_bytes() == data
+        with pytest.raises(CorruptDownload):  # a header that is there is still checked
+            api.download_run_file(RUN_ID, "calibration.json", target, verify=False)
+
+    async def download() -> bytes:
+        transport, _ = scripted(bare(), bare())
+        async with AsyncRayTwinClient("http://api", "rtk_x_y", retry=FAST, transport=transport) as api:
+            with pytest.raises(MissingChecksum):
+                await api.download_run_file(RUN_ID, "calibration.json", tmp_path / "new.json")
+            return (await api.download_run_file(RUN_ID, "calibration.json", tmp_path / "new.json",
+                                                verify=False)).read_bytes()
+
+    assert asyncio.run(download()) == data
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fit.parquet", "new.json"]
+
+
 def test_an_answer_that_does_not_fit_the_clients_models_is_an_unexpected_answer():
     """A wrong-shaped answer (here a state where an asset was expected) is a client.errors exception naming
     the fields, whichever client and whichever parser (a model, a list, a lazily imported one, the stream)."""

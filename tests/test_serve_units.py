@@ -667,13 +667,13 @@ def test_a_run_record_is_read_by_its_tenant_without_store_locations_and_its_file
             assert http.get(path, headers=headers).status_code == status, path
     import httpx
 
-    from client.model_calls import _hashed
+    from client.downloads import RUN_FILE, hashed
 
     cut = httpx.Response(200, content=report[:10], headers={"X-RayTwin-SHA256": hashlib.sha256(report).hexdigest()},
                          request=httpx.Request("GET", f"http://api/v1/runs/{run_id}/files/calibration.json"))
     with pytest.raises(CorruptDownload, match="download it again; if the same bytes come again, the stored file "
                                               "itself is damaged.*raytwin rerun"):  # the SDK checks what it got
-        _hashed(cut)
+        hashed(RUN_FILE, verify=True)(cut)
 
 
 def test_a_sweep_job_lost_with_a_restart_links_the_run_record_its_run_left(tmp_path):
