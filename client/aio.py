@@ -12,12 +12,13 @@ import httpx
 
 from client.base import ClientBase
 from client.calls import Call, T, _nothing
-from client.downloads import CHUNK_BYTES, RUN_FILE, FileDownload, download_target
+from client.downloads import CHUNK_BYTES, JOB_FILE, RUN_FILE, FileDownload, download_target
 from client.errors import from_response
 from client.jobs import JobWait
 from client.model_calls import run_file_call
 from client.pages import QueryPager
 from client.retry import RetryPolicy
+from client.scenario_calls import job_file_call
 from client.subscription import Subscription
 from serve_apps.changes import Change
 
@@ -76,6 +77,12 @@ class AsyncRayTwinClient(ClientBase):
         event loop."""
         return await self._download(FileDownload(run_file_call(run_id, name, _nothing), download_target(path),
                                                  RUN_FILE, verify))
+
+    async def download_job_file(self, job_id: str, name: str, path: str | os.PathLike[str],
+                                verify: bool = True) -> Path:
+        """Stream a succeeded job's result file to `path` (see `RayTwinClient.download_job_file`)."""
+        return await self._download(FileDownload(job_file_call(job_id, name, _nothing), download_target(path),
+                                                 JOB_FILE, verify))
 
     async def _download(self, download: FileDownload) -> Path:
         """Stream `download`'s file to its target (see `RayTwinClient._download`)."""

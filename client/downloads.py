@@ -1,5 +1,6 @@
-"""Downloads of run output files, checked against the SHA-256 the server recorded: in memory (`run_file`), or
-streamed to a path (`download_run_file` of the sync and async clients).
+"""Downloads of run output files and job result files, checked against the SHA-256 the server recorded: in memory
+(`run_file`, `job_file`), or streamed to a path (`download_run_file`, `download_job_file` of the sync and async
+clients).
 
 The server sends a file's recorded SHA-256 as the ``X-RayTwin-SHA256`` header, always: an answer without it is
 refused (`MissingChecksum`: a proxy stripped it, or the URL is not RayTwin's) unless the caller passes
@@ -38,6 +39,7 @@ class Origin:
 
 
 RUN_FILE = Origin("run", "`raytwin rerun <run id>` makes it again")
+JOB_FILE = Origin("job", "run the scenario or sweep again (a sweep job's run: `raytwin rerun <its run_id>`)")
 
 
 def recorded_sha256(answer: httpx.Response, origin: Origin, verify: bool) -> str | None:

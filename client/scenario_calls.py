@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Literal, TypeVar
 import httpx
 from pydantic import BaseModel
 
-from client.calls import Call, Sender, _model, _models
+from client.calls import Call, Sender, T, _model, _models
+from client.downloads import JOB_FILE, hashed
 from raytwin.contracts import Scenario
 from serve_apps.schemas import JobAccepted, ResultFile, ScenarioRun, SweepResult
 
@@ -22,6 +23,12 @@ if TYPE_CHECKING:
 
 Mode = Literal["auto", "sync", "async"]
 R = TypeVar("R", bound=BaseModel)
+
+
+def job_file_call(job_id: str, name: str, parse: Callable[[httpx.Response], T]) -> Call[T]:
+    """The request for a succeeded job's result file `name` (as `job_files` lists it)."""
+    return Call("GET", "/v1/jobs/{job_id}/files/{name}", parse, idempotent=True,
+                path_params={"job_id": job_id, "name": name})
 
 
 def _inline_or_job(inline: type[R]) -> Callable[[httpx.Response], R | JobAccepted]:
@@ -52,7 +59,9 @@ class ScenarioCalls(Sender):
         return self._send(Call("GET", "/v1/jobs/{job_id}/files", _models(ResultFile), idempotent=True,
                                path_params={"job_id": job_id}))
 
-    def job_file(self, job_id: str, name: str) -> bytes:
-        """One result file's bytes (Parquet: ``pyarrow.parquet.read_table(io.BytesIO(data))``)."""
-        return self._send(Call("GET", "/v1/jobs/{job_id}/files/{name}", lambda r: r.content, idempotent=True,
-                               path_params={"job_id": job_id, "name": name}))
+    def job_file(self, job_id: str, name: str, verify: bool = True) -> bytes:
+        """One result file's bytes, loaded whole into memory: for small files (Parquet:
+        ``pyarrow.parquet.read_table(io.BytesIO(data))``); a large one goes to disk with `download_job_file`.
+        Checked against the SHA-256 the job recorded (`CorruptDownload`; `MissingChecksum` for an answer without
+        it, unless `verify` is False)."""
+        return self._send(job_file_call(job_id, name, hashed(JOB_FILE, verify)))

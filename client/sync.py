@@ -12,12 +12,13 @@ import httpx
 
 from client.base import ClientBase
 from client.calls import Call, T, _nothing
-from client.downloads import CHUNK_BYTES, RUN_FILE, FileDownload, download_target
+from client.downloads import CHUNK_BYTES, JOB_FILE, RUN_FILE, FileDownload, download_target
 from client.errors import from_response
 from client.jobs import JobWait
 from client.model_calls import run_file_call
 from client.pages import QueryPager
 from client.retry import RetryPolicy
+from client.scenario_calls import job_file_call
 from client.subscription import Subscription
 from serve_apps.changes import Change
 
@@ -81,6 +82,12 @@ class RayTwinClient(ClientBase):
         (the partial file dropped first). An answer without the SHA-256 header raises `MissingChecksum` unless
         `verify` is False (then the file is accepted unchecked). Returns the path."""
         return self._download(FileDownload(run_file_call(run_id, name, _nothing), download_target(path), RUN_FILE,
+                                           verify))
+
+    def download_job_file(self, job_id: str, name: str, path: str | os.PathLike[str], verify: bool = True) -> Path:
+        """Stream a succeeded job's result file (a name `job_files` lists) to `path`, as `download_run_file` does a
+        run's: checked against the SHA-256 the job recorded, renamed into place once whole. Returns the path."""
+        return self._download(FileDownload(job_file_call(job_id, name, _nothing), download_target(path), JOB_FILE,
                                            verify))
 
     def _download(self, download: FileDownload) -> Path:

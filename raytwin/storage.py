@@ -7,6 +7,7 @@ set ``RAYTWIN_S3_ENDPOINT_URL``; credentials come from the usual AWS environment
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import uuid
@@ -37,6 +38,14 @@ def read_chunks(fs: AbstractFileSystem, path: str, size: int = 1 << 20) -> Itera
     with fs.open(path, "rb") as f:
         while chunk := f.read(size):
             yield chunk
+
+
+def file_sha256(fs: AbstractFileSystem, path: str) -> str:
+    """`path`'s SHA-256, read in chunks (for a file whose writer kept no hash)."""
+    digest = hashlib.sha256()
+    for chunk in read_chunks(fs, path):
+        digest.update(chunk)
+    return digest.hexdigest()
 
 
 def canonical_json(obj: Any) -> bytes:

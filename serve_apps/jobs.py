@@ -90,12 +90,15 @@ class JobRecord(_JobFields):
 
     result_url: str | None = None
     planned_run_id: str | None = None
+    outputs: dict[str, str] = Field(default_factory=dict, description=(
+        "result file name -> SHA-256 as the job wrote it (a sweep's as its run record holds them), sent with each "
+        "download; empty in records from before it was kept"))
 
     def status(self) -> Job:
         """What `GET /v1/jobs/{job_id}` answers."""
         path = f"/v1/jobs/{self.job_id}"
         links = {"report_url": f"{path}/report"} if self.kind == "bulk" else {"results_url": f"{path}/results"}
-        return Job(**self.model_dump(exclude={"result_url", "planned_run_id"}), **links)
+        return Job(**self.model_dump(exclude={"result_url", "planned_run_id", "outputs"}), **links)
 
 
 Work = PreparedScenario | SweepSpec | FmuSweepSpec | BulkWork
@@ -216,7 +219,7 @@ class JobQueue:
         try:
             out = await ref
             job.state, job.quantiles, job.compute_s = "succeeded", out["quantiles"], out["compute_s"]
-            job.result_url, job.run_id = out["result_url"], out["run_id"]
+            job.result_url, job.run_id, job.outputs = out["result_url"], out["run_id"], out.get("outputs", {})
         except Exception as exc:  # a failed task fails its job, never the service
             err = unwrap(exc)
             if isinstance(err, ApiError):

@@ -16,9 +16,10 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from raytwin.modelcode import ModelCode
-from raytwin.storage import filesystem, read_chunks
+from raytwin.storage import filesystem
 from serve_apps.auth import Principal
 from serve_apps.deps import READER, SVC, Services
+from serve_apps.downloads import file_response, file_responses
 from serve_apps.errors import Gone, NotFound, scrub_locations
 from serve_apps.json_route import JsonRoute
 from sweeps.runs import RunError, RunRecord, RunStore
@@ -95,8 +96,7 @@ async def get_run(run_id: RunIdPath, who: Principal = READER, svc: Services = SV
 
 
 @router.get("/{run_id}/files/{name:path}", response_class=StreamingResponse,
-            responses={200: {"content": {t: {} for t in sorted(set(MEDIA_TYPES.values()))},
-                             "description": "An output file of the run, as its record hashed it"}})
+            responses=file_responses(set(MEDIA_TYPES.values()), "An output file of the run, as its record hashed it"))
 async def get_run_file(run_id: RunIdPath, name: str, who: Principal = READER,
                        svc: Services = SVC) -> StreamingResponse:
     """Download one of the run's output files (`outputs` in its record, e.g. a calibration's ``calibration.json``,
@@ -109,5 +109,4 @@ async def get_run_file(run_id: RunIdPath, name: str, who: Principal = READER,
         raise Gone(f"run {run_id}'s output file {name!r} is no longer in the store (removed by retention or by "
                    "hand); `raytwin rerun` makes it again")
     media = MEDIA_TYPES.get(name[name.rfind("."):], "application/octet-stream")
-    return StreamingResponse(read_chunks(fs, f"{root}/{name}"), media_type=media, headers={
-        "Content-Disposition": f'attachment; filename="{run_id}-{name}"', "X-RayTwin-SHA256": record.outputs[name]})
+    return file_response(fs, f"{root}/{name}", record.outputs[name], media, f"{run_id}-{name}")

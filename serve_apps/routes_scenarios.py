@@ -15,9 +15,10 @@ from raytwin.contracts import Scenario
 from raytwin.provenance import code_version, package_versions
 from raytwin.registry import ModelArtifact
 from raytwin.sim import get_model
-from raytwin.storage import filesystem, read_chunks
+from raytwin.storage import file_sha256, filesystem
 from serve_apps.auth import Principal
 from serve_apps.deps import READER, SVC, WRITABLE, WRITER, Services
+from serve_apps.downloads import file_response, file_responses
 from serve_apps.errors import CONFLICT, Conflict, NotFound, PayloadTooLarge, Unprocessable
 from serve_apps.jobs import Job, JobRecord
 from serve_apps.shard_deadline import RETRY_AFTER_S, TwinUnavailable
@@ -124,17 +125,17 @@ def register(app: FastAPI) -> None:
         return await run_in_threadpool(_list_files, svc, job.result_url)
 
     @app.get("/v1/jobs/{job_id}/files/{name}", tags=tags, response_class=StreamingResponse,
-             responses={200: {"content": {PARQUET: {}}, "description": "A Parquet file"}})
+             responses=file_responses({PARQUET}, "A Parquet file, as the job wrote it"))
     async def job_file(job_id: str, name: str, who: Principal = READER, svc: Services = SVC) -> StreamingResponse:
-        """Download one result file (streamed from the store)."""
+        """Download one result file (streamed from the store), with the SHA-256 the job recorded when it wrote it
+        (a job recorded before it kept them: computed from the stored file first)."""
         job = await _finished(svc, who, job_id)
         files = {f.name: f for f in await run_in_threadpool(_list_files, svc, job.result_url)}
         if name not in files:
             raise NotFound(f"job {job_id} has no file {name!r}; files: {sorted(files)}")
         fs, root = filesystem(job.result_url, svc.config.storage_options)
-        return StreamingResponse(read_chunks(fs, f"{root}/{name}"), media_type=PARQUET, headers={
-            "Content-Disposition": f'attachment; filename="{job_id}-{name}"',
-            "Content-Length": str(files[name].size)})
+        sha256 = job.outputs.get(name) or await run_in_threadpool(file_sha256, fs, f"{root}/{name}")
+        return file_response(fs, f"{root}/{name}", sha256, PARQUET, f"{job_id}-{name}", files[name].size)
 
 
 async def _model_and_state(svc: Services, who: Principal, asset_id: str, live: bool, at: datetime | None

@@ -10,6 +10,7 @@ writes a reproducible run record (``raytwin rerun RUN_ID``).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import time
 from dataclasses import dataclass
@@ -150,7 +151,8 @@ def summary_table(prepared: PreparedScenario, result: ScenarioResult) -> pa.Tabl
 
 @ray.remote(max_retries=2)
 def scenario_to_store(prepared: PreparedScenario, out_url: str, storage_options: dict[str, Any]) -> dict[str, Any]:
-    """An async scenario job: simulate, write the summary as ``part-000000.parquet`` under `out_url`."""
+    """An async scenario job: simulate, write the summary as ``part-000000.parquet`` under `out_url` (its SHA-256 in
+    `outputs`, as a sweep's run records its files', for the download to be checked)."""
     t0 = time.perf_counter()
     table = summary_table(prepared, run(prepared))
     seconds = time.perf_counter() - t0
@@ -161,7 +163,8 @@ def scenario_to_store(prepared: PreparedScenario, out_url: str, storage_options:
     pq.write_table(table, buf)
     fs.pipe_file(f"{root}/{part_name(0)}", buf.getvalue())
     return {"quantiles": quantiles(out_url, storage_options=storage_options).to_pylist(), "compute_s": seconds,
-            "steps": prepared.n_steps, "result_url": out_url, "run_id": None}
+            "steps": prepared.n_steps, "result_url": out_url, "run_id": None,
+            "outputs": {part_name(0): hashlib.sha256(buf.getvalue()).hexdigest()}}
 
 
 # ----------------------------------------------------------------------------------- sweeps --
@@ -227,7 +230,7 @@ def sweep_to_store(spec: SweepSpec, runs_url: str, storage_options: dict[str, An
                             run_id=run_id)
     return {"quantiles": quantiles(record.output_url, storage_options=storage_options or None).to_pylist(),
             "compute_s": time.perf_counter() - t0, "steps": spec.space.size * spec.n_steps,
-            "result_url": record.output_url, "run_id": record.run_id}
+            "result_url": record.output_url, "run_id": record.run_id, "outputs": record.outputs}
 
 
 # ------------------------------------------------------------------------------- FMU sweeps --
@@ -272,4 +275,5 @@ def fmu_sweep_to_store(spec: FmuSweepSpec, runs_url: str, storage_options: dict[
     columns = [f.name for f in schema if pa.types.is_floating(f.type) and "." not in f.name]
     bands = quantiles(record.output_url, columns, storage_options=storage_options or None)
     return {"quantiles": bands.to_pylist(), "compute_s": time.perf_counter() - t0,
-            "steps": spec.space.size * spec.n_steps, "result_url": record.output_url, "run_id": record.run_id}
+            "steps": spec.space.size * spec.n_steps, "result_url": record.output_url, "run_id": record.run_id,
+            "outputs": record.outputs}

@@ -78,3 +78,30 @@ def in_process(backend: Any, root: Path) -> Iterator[tuple[Any, dict[str, dict[s
     app, auth = in_process_app(backend, root)
     with TestClient(app, raise_server_exceptions=False) as client:
         yield client, auth, app.state.services
+
+
+def succeeded_job(results: Path, outputs: dict[str, str], job_id: str = "j1") -> Any:
+    """A succeeded scenario job (`JobRecord`) of tenant acme whose result files lie in `results`, with their recorded
+    `outputs`."""
+    from datetime import UTC, datetime
+
+    from serve_apps.jobs import JobRecord
+
+    return JobRecord(job_id=job_id, kind="scenario", tenant="acme", key_id="k", asset_id="zone-1",
+                     model_ref="thermal_rc@1.0.0", content_hash="ab" * 32, scenarios=1, n_steps=60, state="succeeded",
+                     submitted=datetime.now(UTC), result_url=str(results), outputs=outputs)
+
+
+class JobFiles:
+    """A stand-in backend that knows some succeeded jobs (the job file routes ask it for `get_job` only)."""
+
+    def __init__(self, *jobs: Any):
+        self.jobs = {job.job_id: job for job in jobs}
+
+    def get_job(self, tenant: str, job_id: str) -> Any:
+        from serve_apps.errors import NotFound
+
+        job = self.jobs.get(job_id)
+        if job is None or job.tenant != tenant:
+            raise NotFound(f"job {job_id} not found")
+        return job

@@ -631,6 +631,31 @@ def test_a_run_file_without_its_sha256_header_is_refused_unless_the_caller_opts_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fit.parquet", "new.json"]
 
 
+def test_a_job_file_is_checked_in_memory_and_streamed_to_a_path_by_both_clients(tmp_path):
+    """Job files share the run files' download: the job's recorded SHA-256 checked, `MissingChecksum` without it."""
+    from client.errors import CorruptDownload, MissingChecksum
+
+    data = b"PAR1" * 1000
+    transport, seen = scripted(httpx.Response(200, content=data), _file_answer(data, data),
+                               _file_answer(data, data), _file_answer(data[:-1], data))
+    with RayTwinClient("http://api", "rtk_x_y", retry=FAST, transport=transport) as api:
+        with pytest.raises(MissingChecksum, match="which RayTwin sends with every job file"):
+            api.job_file("j1", "part-000000.parquet")
+        assert api.job_file("j1", "part-000000.parquet") == data
+        assert api.download_job_file("j1", "part-000000.parquet", tmp_path / "part.parquet").read_bytes() == data
+        with pytest.raises(CorruptDownload, match="but the job recorded"):
+            api.download_job_file("j1", "part-000000.parquet", tmp_path / "part.parquet")
+    assert {r.url.path for r in seen} == {"/v1/jobs/j1/files/part-000000.parquet"}
+
+    async def download() -> bytes:
+        transport, _ = scripted(_file_answer(data, data))
+        async with AsyncRayTwinClient("http://api", "rtk_x_y", retry=FAST, transport=transport) as api:
+            return (await api.download_job_file("j1", "part-000000.parquet", tmp_path / "a.parquet")).read_bytes()
+
+    assert asyncio.run(download()) == data
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.parquet", "part.parquet"]
+
+
 def test_an_answer_that_does_not_fit_the_clients_models_is_an_unexpected_answer():
     """A wrong-shaped answer (here a state where an asset was expected) is a client.errors exception naming
     the fields, whichever client and whichever parser (a model, a list, a lazily imported one, the stream)."""
@@ -852,7 +877,7 @@ def test_connector_and_command_calls_keep_secrets_tenants_and_four_eyes(sdk):
         admin.connector("rooms")
 
 
-def test_scenario_runs_match_the_closed_form_inline_and_as_a_job_with_its_files(sdk):
+def test_scenario_runs_match_the_closed_form_inline_and_as_a_job_with_its_files(sdk, tmp_path):
     import io
 
     import numpy as np
@@ -880,8 +905,9 @@ def test_scenario_runs_match_the_closed_form_inline_and_as_a_job_with_its_files(
     (row,) = writer.job_results(accepted.job_id).rows
     assert row["T_final"] == pytest.approx(float(closed_form(3600.0)), abs=1e-6)
     (part,) = writer.job_files(accepted.job_id)
-    data = writer.job_file(accepted.job_id, part.name)
+    data = writer.job_file(accepted.job_id, part.name)  # checked against the SHA-256 the job recorded
     assert len(data) == part.size and pq.read_table(io.BytesIO(data)).column("T_final").to_pylist() == [row["T_final"]]
+    assert writer.download_job_file(accepted.job_id, part.name, tmp_path / part.name).read_bytes() == data
     with pytest.raises(NotFound, match="no file"):
         writer.job_file(accepted.job_id, "nope.parquet")
 

@@ -676,6 +676,82 @@ def test_a_run_record_is_read_by_its_tenant_without_store_locations_and_its_file
         hashed(RUN_FILE, verify=True)(cut)
 
 
+def test_a_job_file_comes_with_the_sha256_its_job_recorded_and_the_sdk_streams_it_to_disk_checked(tmp_path):
+    """Job files had no hash, and `job_file` held a whole file in memory: a file cut short or damaged in the store went
+    unnoticed, and a large one filled the caller's memory. A job now records its files' SHA-256 as it writes them
+    (a sweep's as its run record holds them), the route sends it as ``X-RayTwin-SHA256`` (for a job recorded
+    before, computed from the stored file), and `download_job_file` streams to disk, checked, renamed into place."""
+    import hashlib
+    import random
+
+    from client.downloads import CHUNK_BYTES
+    from client.errors import CorruptDownload
+    from tests.fixtures_serve import JobFiles, in_process, succeeded_job
+
+    results = tmp_path / "results"
+    results.mkdir()
+    data = random.Random(3).randbytes(2 * CHUNK_BYTES + 7)
+    (results / "part-000000.parquet").write_bytes(data)
+    recorded = hashlib.sha256(data).hexdigest()
+    before = succeeded_job(results, {}, job_id="j0")  # recorded before jobs kept their files' hashes
+    with in_process(JobFiles(succeeded_job(results, {"part-000000.parquet": recorded}), before), tmp_path) as (
+            http, auth, _):
+        for job_id in ("j1", "j0"):
+            answer = http.get(f"/v1/jobs/{job_id}/files/part-000000.parquet", headers=auth["reader"])
+            assert answer.status_code == 200 and answer.content == data
+            assert answer.headers["X-RayTwin-SHA256"] == recorded
+        sdk = RayTwinClient("http://testserver", auth["reader"]["Authorization"].removeprefix("Bearer "),
+                            transport=http._transport)
+        target = tmp_path / "out" / "part.parquet"
+        target.parent.mkdir()
+        assert sdk.download_job_file("j1", "part-000000.parquet", target) == target and target.read_bytes() == data
+        assert sdk.job_file("j0", "part-000000.parquet") == data
+        (results / "part-000000.parquet").write_bytes(data[:-1] + b"x")  # damaged in the store after it was written
+        with pytest.raises(CorruptDownload, match="but the job recorded .*: download it again.*run the scenario or "
+                                                  "sweep again"):
+            sdk.download_job_file("j1", "part-000000.parquet", target)
+        with pytest.raises(CorruptDownload):
+            sdk.job_file("j1", "part-000000.parquet")
+        assert target.read_bytes() == data and [p.name for p in target.parent.iterdir()] == ["part.parquet"]
+        with pytest.raises(ClientNotFound, match="no file 'nope.parquet'"):
+            sdk.download_job_file("j1", "nope.parquet", tmp_path / "out" / "nope.parquet")
+        assert http.get("/v1/jobs/j1/files/part-000000.parquet", headers=auth["other"]).status_code == 404
+
+
+def test_a_scenario_job_records_the_sha256_of_the_file_it_wrote(tmp_path):
+    """The hash a job file is sent with is the one of the bytes its job wrote (a sweep's: its run record's), kept in
+    the job's record."""
+    import asyncio
+    import hashlib
+
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from serve_apps.jobs import JobQueue, JobRecord
+    from serve_apps.scenarios import PreparedScenario, scenario_to_store
+    from tests.fixtures_serve import succeeded_job
+
+    prepared = PreparedScenario(simulator="thermal_rc", model_ref="thermal_rc@1.0.0", content_hash="ab" * 32,
+                                step_s=60.0, x0=np.array([294.0, 293.0]), inputs=np.tile([278.0, 0.0, 0.0], (10, 1)),
+                                params=np.asarray(THERMAL_RC.param_vector()), overrides={})
+    out = scenario_to_store._function(prepared, str(tmp_path / "results"), {})
+    written = (tmp_path / "results" / "part-000000.parquet").read_bytes()
+    assert out["outputs"] == {"part-000000.parquet": hashlib.sha256(written).hexdigest()}
+    assert pq.read_table(tmp_path / "results" / "part-000000.parquet").num_rows == 1
+
+    queue = JobQueue(ServeConfig(store_url=str(tmp_path / "store"), keys_file="unused.json"), max_concurrent=1)
+    job = succeeded_job(tmp_path / "results", {}).model_copy(update={"state": "running", "result_url": None})
+    queue.jobs[job.job_id], queue.running = job, 1
+
+    async def answered() -> dict:
+        return out
+
+    asyncio.run(queue._watch(job, answered()))
+    saved = JobRecord.model_validate_json((tmp_path / "store" / "jobs" / "acme" / "j1" / "job.json").read_text())
+    assert saved.state == "succeeded" and saved.outputs == out["outputs"]  # kept with the job, for its downloads
+    assert "outputs" not in saved.status().model_dump()  # not part of the job's status
+
+
 def test_a_sweep_job_lost_with_a_restart_links_the_run_record_its_run_left(tmp_path):
     """A job learnt its run_id only from its task's answer: a sweep cancelled, failed or lost with its service
     showed run_id null although its run had recorded how it ended."""
