@@ -158,6 +158,8 @@ READER = Depends(require(Role.reader))
 WRITER = Depends(require(Role.writer))
 ADMIN = Depends(require(Role.admin))
 CHANGE_STREAM = Depends(streaming(Role.reader, "change_stream"))
+FILE_DOWNLOAD = Depends(streaming(Role.reader, "file_download"))
+"""A file download's key, checked again while the file streams (`serve_apps.downloads`)."""
 SVC = Depends(services)
 DAY = Depends(utc_day)
 WRITABLE = Depends(writable)

@@ -18,10 +18,11 @@ from starlette.concurrency import run_in_threadpool
 from raytwin.modelcode import ModelCode
 from raytwin.storage import filesystem
 from serve_apps.auth import Principal
-from serve_apps.deps import READER, SVC, Services
+from serve_apps.deps import FILE_DOWNLOAD, READER, SVC, Services
 from serve_apps.downloads import file_response, file_responses
 from serve_apps.errors import Gone, NotFound, scrub_locations
 from serve_apps.json_route import JsonRoute
+from serve_apps.stream_auth import StreamCredential
 from sweeps.runs import RunError, RunRecord, RunStore
 
 router = APIRouter(prefix="/v1/runs", tags=["runs"], route_class=JsonRoute)
@@ -97,11 +98,12 @@ async def get_run(run_id: RunIdPath, who: Principal = READER, svc: Services = SV
 
 @router.get("/{run_id}/files/{name:path}", response_class=StreamingResponse,
             responses=file_responses(set(MEDIA_TYPES.values()), "An output file of the run, as its record hashed it"))
-async def get_run_file(run_id: RunIdPath, name: str, who: Principal = READER,
+async def get_run_file(run_id: RunIdPath, name: str, credential: StreamCredential = FILE_DOWNLOAD,
                        svc: Services = SVC) -> StreamingResponse:
     """Download one of the run's output files (`outputs` in its record, e.g. a calibration's ``calibration.json``,
-    its fit report, or ``search/part-000000.parquet``), streamed from the store; 410 if it is no longer there."""
-    record = await run_in_threadpool(_record, svc, who.tenant, run_id)
+    its fit report, or ``search/part-000000.parquet``), streamed from the store; 410 if it is no longer there. A key
+    revoked meanwhile ends the download (the connection is cut; a new request gets the 401)."""
+    record = await run_in_threadpool(_record, svc, credential.who.tenant, run_id)
     if name not in record.outputs:
         raise NotFound(f"run {run_id} has no output file {name!r}; files: {sorted(record.outputs)}")
     fs, root = filesystem(record.output_url, svc.config.storage_options)
@@ -109,4 +111,4 @@ async def get_run_file(run_id: RunIdPath, name: str, who: Principal = READER,
         raise Gone(f"run {run_id}'s output file {name!r} is no longer in the store (removed by retention or by "
                    "hand); `raytwin rerun` makes it again")
     media = MEDIA_TYPES.get(name[name.rfind("."):], "application/octet-stream")
-    return file_response(fs, f"{root}/{name}", record.outputs[name], media, f"{run_id}-{name}")
+    return file_response(fs, f"{root}/{name}", record.outputs[name], media, f"{run_id}-{name}", credential)

@@ -17,11 +17,12 @@ from raytwin.registry import ModelArtifact
 from raytwin.sim import get_model
 from raytwin.storage import file_sha256, filesystem
 from serve_apps.auth import Principal
-from serve_apps.deps import READER, SVC, WRITABLE, WRITER, Services
+from serve_apps.deps import FILE_DOWNLOAD, READER, SVC, WRITABLE, WRITER, Services
 from serve_apps.downloads import file_response, file_responses
 from serve_apps.errors import CONFLICT, Conflict, NotFound, PayloadTooLarge, Unprocessable
 from serve_apps.jobs import Job, JobRecord
 from serve_apps.shard_deadline import RETRY_AFTER_S, TwinUnavailable
+from serve_apps.stream_auth import StreamCredential
 from serve_apps.scenarios import AssetSweep, fmu_sweep_spec, is_fmu, prepare, run, sweep_spec, sweep_to_store
 from serve_apps.schemas import JobAccepted, ResultFile, ScenarioRun, SweepResult
 from sweeps.aggregate import open_dataset
@@ -126,16 +127,18 @@ def register(app: FastAPI) -> None:
 
     @app.get("/v1/jobs/{job_id}/files/{name}", tags=tags, response_class=StreamingResponse,
              responses=file_responses({PARQUET}, "A Parquet file, as the job wrote it"))
-    async def job_file(job_id: str, name: str, who: Principal = READER, svc: Services = SVC) -> StreamingResponse:
+    async def job_file(job_id: str, name: str, credential: StreamCredential = FILE_DOWNLOAD,
+                       svc: Services = SVC) -> StreamingResponse:
         """Download one result file (streamed from the store), with the SHA-256 the job recorded when it wrote it
-        (a job recorded before it kept them: computed from the stored file first)."""
-        job = await _finished(svc, who, job_id)
+        (a job recorded before it kept them: computed from the stored file first). A key revoked meanwhile ends the
+        download (the connection is cut; a new request gets the 401)."""
+        job = await _finished(svc, credential.who, job_id)
         files = {f.name: f for f in await run_in_threadpool(_list_files, svc, job.result_url)}
         if name not in files:
             raise NotFound(f"job {job_id} has no file {name!r}; files: {sorted(files)}")
         fs, root = filesystem(job.result_url, svc.config.storage_options)
         sha256 = job.outputs.get(name) or await run_in_threadpool(file_sha256, fs, f"{root}/{name}")
-        return file_response(fs, f"{root}/{name}", sha256, PARQUET, f"{job_id}-{name}", files[name].size)
+        return file_response(fs, f"{root}/{name}", sha256, PARQUET, f"{job_id}-{name}", credential, files[name].size)
 
 
 async def _model_and_state(svc: Services, who: Principal, asset_id: str, live: bool, at: datetime | None

@@ -456,6 +456,67 @@ def test_a_revoked_key_ends_its_open_change_stream_over_http_and_the_sdk_raises(
     assert f"key_id={key_ids['reader']} tenant=acme status=401" in caplog.text
 
 
+def test_a_revoked_key_ends_its_file_downloads_mid_transfer_and_the_sdk_raises_unauthorized(tmp_path, monkeypatch,
+                                                                                            caplog):
+    """File downloads checked their key at the start only: a key revoked while it downloaded a large run or job file
+    kept receiving it to the end. Now a download checks its key as a change stream does, every
+    `STREAM_AUTH_RECHECK_S` (0.2 s here; the client's disk paced so that the whole file would take many of them):
+    once revoked, the server cuts the connection, and the SDK's resend gets the 401 and raises `Unauthorized` (not
+    `CorruptDownload`), with nothing written; the end is logged and audited as ``file_download.end``."""
+    import functools
+    import random
+
+    import serve_apps.deps as deps
+    from client import RayTwinClient
+    from client.downloads import CHUNK_BYTES, StreamedFile
+    from client.errors import Unauthorized
+    from tests.fixtures_http import served
+    from tests.fixtures_serve import JobFiles, in_process_app, saved_run, succeeded_job
+
+    recheck_s = 0.2
+    monkeypatch.setattr(deps, "StreamCredential", functools.partial(StreamCredential, recheck_s=recheck_s))
+    data = random.Random(5).randbytes(40 * CHUNK_BYTES)
+    run_id, results = "calibration-20261205T150000Z-1a2b3c4d", tmp_path / "results"
+    saved_run(tmp_path / "store" / "runs" / "acme", run_id, {"search/part-000000.parquet": data})
+    results.mkdir()
+    (results / "part-000000.parquet").write_bytes(data)
+    app, auth = in_process_app(JobFiles(succeeded_job(results, {})), tmp_path)
+    svc = app.state.services
+    keys = {name: headers["Authorization"].split()[1] for name, headers in auth.items()}
+    written: list[int] = []
+    revoking: list[str] = []
+    revoked_at: list[float] = []
+    write = StreamedFile.write
+
+    def slow_disk(self: StreamedFile, chunk: bytes) -> None:  # 50 ms a MiB: the whole file would take 2 s
+        write(self, chunk)
+        written.append(len(chunk))
+        if len(written) == 2:  # mid-download: the key is revoked
+            revoke_key(tmp_path / "keys.json", svc.keys.authenticate(revoking[0]).key_id)
+            revoked_at.append(time.monotonic())
+        time.sleep(0.05)
+
+    monkeypatch.setattr(StreamedFile, "write", slow_disk)
+    downloads = (("reader", lambda sdk, target: sdk.download_run_file(run_id, "search/part-000000.parquet", target)),
+                 ("writer", lambda sdk, target: sdk.download_job_file("j1", "part-000000.parquet", target)))
+    with served(app) as base, caplog.at_level(logging.WARNING):
+        for name, download in downloads:
+            written.clear(), revoking.clear(), revoked_at.clear()
+            revoking.append(keys[name])
+            target = tmp_path / f"{name}.parquet"
+            with RayTwinClient(base, keys[name]) as sdk, pytest.raises(Unauthorized, match="unknown API key") as err:
+                download(sdk, target)
+            took = time.monotonic() - revoked_at[0]
+            assert err.value.status == 401 and sum(written) < len(data) / 2, (name, sum(written), took)
+            assert took < 10 * recheck_s + 1.0, took  # the rest of the file would have taken 1.9 s
+            assert not target.exists() and not list(tmp_path.glob(".*.part"))
+    ends = [r for r in svc.audit.records("acme") if r.action == "file_download.end"]
+    assert sorted(r.target for r in ends) == sorted([f"/v1/runs/{run_id}/files/search/part-000000.parquet",
+                                                     "/v1/jobs/j1/files/part-000000.parquet"])
+    assert all((r.details["http_status"], r.details["code"]) == (401, "unauthorized") for r in ends)
+    assert "event=stream_ended_by_auth stream=file_download" in caplog.text
+
+
 def iter_events(response: httpx.Response):
     """(monotonic time received, event) for each frame with an `event:` line of an open SSE response."""
     frame: dict = {}
