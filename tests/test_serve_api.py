@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import json
 import os
@@ -334,11 +335,13 @@ def wait_for(http, job_id: str, headers: dict) -> dict:
 
 
 def download(http, job_id: str, headers: dict) -> pa.Table:
+    """A job's part files as one table, each checked against the SHA-256 its job recorded (a sweep's run record's)."""
     files = http.get(f"/v1/jobs/{job_id}/files", headers=headers).json()
     parts = [f["name"] for f in files if f["name"].startswith("part-")]
     assert parts
-    return pa.concat_tables(pq.read_table(pa.BufferReader(http.get(f"/v1/jobs/{job_id}/files/{name}",
-                                                                       headers=headers).content)) for name in parts)
+    answers = [http.get(f"/v1/jobs/{job_id}/files/{name}", headers=headers) for name in parts]
+    assert all(a.headers["X-RayTwin-SHA256"] == hashlib.sha256(a.content).hexdigest() for a in answers)
+    return pa.concat_tables(pq.read_table(pa.BufferReader(a.content)) for a in answers)
 
 
 def test_async_scenario_job_runs_to_completion(api, http, building):
