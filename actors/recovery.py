@@ -12,6 +12,7 @@ import re
 from functools import lru_cache
 from typing import Any
 
+from actors import retype
 from actors.state import TwinState
 from actors.swap import swap_entries
 from actors.twin import Twin, decode_snapshot, replay_many, state_view
@@ -19,7 +20,7 @@ from raytwin.contracts import IDENTIFIER_PATTERN, Asset, implausible_states
 from raytwin.estimation import model_defaults
 from raytwin.registry import ModelArtifact
 from raytwin.sim.model import Declared
-from raytwin.statestore import EventKey, StateStore
+from raytwin.statestore import EventKey, Snapshot, StateStore
 from raytwin.ukf import FILTERS, make_filter
 
 NOISE_PREFIXES = {"process_std.": "process_std", "measurement_std.": "measurement_std", "input.": "inputs",
@@ -165,9 +166,9 @@ _IDENTIFIER_RE = re.compile(IDENTIFIER_PATTERN)
 def durable_state(store: StateStore, tenant: str, asset_id: str) -> TwinState | None:
     """The twin's last durable state, marked stale: its latest snapshot (or its prior; for a migrated twin
     without a snapshot of its own, its mapped state at the migration point, never the previous version's
-    snapshot), without replaying the log or compiling a kernel. Why: while the twin's shard restarts
-    (process start, JAX import, compiles, replay: seconds) a read is answered from it instead of failing
-    or waiting. None: no such twin (or names that are no identifiers: they name store paths)."""
+    snapshot; for a retype not yet finished, the replay's snapshot, never the old model's), without
+    replaying the log or compiling a kernel. Why: while the twin's shard restarts (process start, JAX
+    import, compiles, replay: seconds) a read is answered from it instead of failing or waiting. None: no such twin (or names that are no identifiers: they name store paths)."""
     if not (_IDENTIFIER_RE.fullmatch(tenant) and _IDENTIFIER_RE.fullmatch(asset_id)):
         return None
     record = store.load_registration(tenant, asset_id)
@@ -176,11 +177,11 @@ def durable_state(store: StateStore, tenant: str, asset_id: str) -> TwinState | 
     asset = Asset.model_validate(record["asset"])
     migration = record.get("migration")
     start = None if migration is None or migration["key"] is None else tuple(migration["key"])
-    snap = store.latest_snapshot(tenant, asset_id)
+    snap = _latest_snapshot(store, record)
     if snap is not None and start is not None and snap.key <= start:
         snap = None  # the previous version's, in its model's states and units (`recover_many` skips it too)
     applied = record["artifact"]  # the model version that applied the snapshot's event (the last swap before it)
-    for at_us, later in swap_entries(store.load_model_swaps(tenant, asset_id)):
+    for at_us, later in swap_entries(_model_swaps(store, record)):
         if snap is not None and snap.key is not None and snap.key[0] >= at_us:
             applied = later
     artifact = _artifact(json.dumps(applied, sort_keys=True))
@@ -215,12 +216,12 @@ def recover_many(
 ) -> list[Twin]:
     """`recover` for many twins: one log scan per tenant, and their replays share filter dispatches."""
     twins = [build_twin(r, allowed_lateness_s=allowed_lateness_s, checkpoint_every=checkpoint_every,
-                        swaps=store.load_model_swaps(r["asset"]["tenant"], r["asset"]["id"])) for r in records]
+                        swaps=_model_swaps(store, r)) for r in records]
     floors = {tenant: store.history_floors(tenant) for tenant in {twin.tenant for twin in twins}}
     after: dict[str, dict[str, EventKey | None]] = {}
-    for twin in twins:
+    for twin, record in zip(twins, records):
         twin.history_floor_us = floors[twin.tenant].get(twin.asset_id)
-        snap = store.latest_snapshot(twin.tenant, twin.asset_id, at_or_before_us=until_us)
+        snap = _latest_snapshot(store, record, until_us)
         if snap is not None and twin.floor is not None and snap.key <= twin.floor:
             snap = None  # the old version's snapshot: the migrated twin starts from its registration
         if snap is not None:
@@ -230,8 +231,9 @@ def recover_many(
               for tenant, assets in after.items()}
     # a drift clear is replayed where it happened: events up to it, the clear, then the rest (a
     # snapshot after the clear already holds it; a clear after `until_us` had not happened then)
-    cleared = [_clear_to_replay(store.load_drift_clear(twin.tenant, twin.asset_id),
-                                after[twin.tenant][twin.asset_id], until_us) for twin in twins]
+    cleared = [None if retype.pending(record) else _clear_to_replay(
+        store.load_drift_clear(twin.tenant, twin.asset_id), after[twin.tenant][twin.asset_id], until_us)
+        for twin, record in zip(twins, records)]
     events = [logged[twin.tenant][twin.asset_id] for twin in twins]
     replay_many([(twin, evs if key is None else [e for e in evs if e.key <= key])
                  for twin, evs, key in zip(twins, events, cleared)])
@@ -241,6 +243,19 @@ def recover_many(
     replay_many([(twin, [e for e in evs if e.key > key])
                  for twin, evs, key in zip(twins, events, cleared) if key is not None])
     return twins
+
+
+def _latest_snapshot(store: StateStore, record: dict[str, Any], until_us: int | None = None) -> Snapshot | None:
+    """The snapshot the twin of `record` starts from: its latest, or a pending retype's own (`actors.retype`:
+    those in the store may still be the old model's, in its states)."""
+    if retype.pending(record):
+        return retype.marked_snapshot(record, until_us)
+    return store.latest_snapshot(record["asset"]["tenant"], record["asset"]["id"], at_or_before_us=until_us)
+
+
+def _model_swaps(store: StateStore, record: dict[str, Any]) -> list[dict[str, Any]]:
+    """The twin's model swaps; none for a pending retype (those stored are the old model's)."""
+    return [] if retype.pending(record) else store.load_model_swaps(record["asset"]["tenant"], record["asset"]["id"])
 
 
 def _clear_to_replay(key: EventKey | None, snapshot_key: EventKey | None, until_us: int | None) -> EventKey | None:

@@ -45,6 +45,7 @@ from actors.shard import TwinShardActor
 from actors.state import IngestReport, TwinState, UnknownTwin
 from actors.telemetry import ROW_COLUMN, validated_table
 from raytwin import metrics
+from raytwin.compat import require_replayable
 from raytwin.contracts import Asset, Identifier, TelemetryEvent
 from raytwin.migration import MigrationPlan
 from raytwin.registry import ModelArtifact
@@ -143,10 +144,15 @@ class TwinService:
 
     def retype(self, asset: Asset, artifact: ModelArtifact) -> None:
         """The twin of `asset`, whose type version changed, on `artifact`'s model: its history replayed
-        from the same prior (`initial_state`/`initial_std` kept where the new model has those states)."""
+        from the same prior (`initial_state`/`initial_std` kept where the new model has those states).
+        All or nothing (`actors.retype`): if it raises, the twin is on its old version, serving as before.
+        `raytwin.compat.IncompatibleReplay`, naming each difference, for a version the twin's logged history
+        does not replay on unchanged (checked here, so every caller is: the HTTP API maps it to 422);
+        `migrate` moves such a twin, mapping its state."""
         old = self.store.load_registration(asset.tenant, asset.id)
         if old is None:
             raise UnknownTwin(f"no twin {asset.id!r} for tenant {asset.tenant!r}")
+        require_replayable(asset.id, ModelArtifact.model_validate(old["artifact"]).asset_type, artifact.asset_type)
         states = set(artifact.model().state_names)
         keep = lambda prior: prior if prior and set(prior) <= states else None  # noqa: E731
         record = registration_record(asset, artifact, keep(old.get("initial_state")), keep(old.get("initial_std")))

@@ -32,6 +32,7 @@ import numpy as np
 import pyarrow as pa
 import ray
 
+from actors import retype as retyping
 from actors.failover import process_age_s
 from actors.heap import freeze_heap
 from actors.lease import renew_heartbeat
@@ -147,14 +148,18 @@ class TwinShard(LiveModelOps):
         self.tag = str(index)  # the `shard` tag of its metrics
         self.stale: set[tuple[str, str]] = set()  # twins whose log write failed mid-batch
         self.newest_ingest_us = 0  # the latest ingest time this process logged (a deleted twin's history ends there)
+        self.retyping: dict[tuple[str, str], dict[str, Any]] = {}  # committed retypes not finished: marked records
         started = time.perf_counter()
         self.shadows = ShadowBook(self.store, snapshot_every)  # shadow evaluations (`actors.shard_models`)
         mine = [(t, a, r) for t, a, r in self.store.registrations() if shard_index(t, a, shards) == index]
         recovered = recover_many(self.store, [r for *_, r in mine], allowed_lateness_s=allowed_lateness_s,
                                  checkpoint_every=checkpoint_every)
-        for (tenant, asset_id, _), twin in zip(mine, recovered):
+        for (tenant, asset_id, record), twin in zip(mine, recovered):
             self.twins[(tenant, asset_id)] = twin
             self.durable_revision[(tenant, asset_id)] = twin.restored_revision
+            if retyping.pending(record):  # a crash interrupted its retype: the registration says it was committed
+                self.retyping[(tenant, asset_id)] = record
+                self._try_finish_retype((tenant, asset_id))
         self.drifting = {key for key, twin in self.twins.items() if twin.drift}
         shadowed = self.shadows.resume(self.twins)  # after the twins: a shadow catches up from the log
         metrics.TWINS.set(len(self.twins), shard=self.tag)
@@ -176,7 +181,7 @@ class TwinShard(LiveModelOps):
 
     def _register(self, tenant: str, asset_id: str, record: dict[str, Any]) -> bool:
         existing = self.store.load_registration(tenant, asset_id)
-        if existing is not None and existing != record:
+        if existing is not None and retyping.unmarked(existing) != record:
             raise ValueError(f"twin {tenant}/{asset_id} is already registered with a different model or prior; "
                              "unregister it first")
         if (tenant, asset_id) in self.twins:
@@ -205,6 +210,7 @@ class TwinShard(LiveModelOps):
         self.shadows.forget(tenant, asset_id)  # first: a crash from here on leaves no orphaned shadow record
         found = self.twins.pop((tenant, asset_id), None) is not None
         self.durable_revision.pop((tenant, asset_id), None)
+        self.retyping.pop((tenant, asset_id), None)  # what it would remove goes below
         self.store.delete_registration(tenant, asset_id)
         if found:  # its history ends at the latest ingest time logged here (a clock ahead of this one's too)
             self.store.save_deletion(tenant, asset_id, max(time.time_ns() // 1000, self.newest_ingest_us))
@@ -215,35 +221,54 @@ class TwinShard(LiveModelOps):
     def retype(self, tenant: str, asset_id: str, record: dict[str, Any]) -> bool:
         """Put the twin on another type version's model (its asset's type version changed): its stored
         history replayed by the new model from `record`'s prior, its state not mapped (`migrate` maps
-        it). What the old model derived from that history (snapshots, drift clear, model swaps, a shadow
-        evaluation) goes first: a crash before the new registration is saved recovers the old twin whole.
-        The replay's sealed state is snapshotted at once (`_first_snapshot`). False: no such twin."""
+        it). All or nothing, in the order `actors.retype` gives: the replay first, in memory (if it raises,
+        the old twin stays registered and serving, and the error is the caller's); then the registration,
+        marked with the replay's sealed snapshot, is the commit; then the swap and the removal of what the
+        old model derived. The same retype again (a retried call) changes nothing. False: no such twin."""
         self.store.check_lease(self.fence)
         key = (tenant, asset_id)
-        if self.store.load_registration(tenant, asset_id) is None:
+        existing = self.store.load_registration(tenant, asset_id)
+        if existing is None:
             return False
+        if retyping.unmarked(existing) == record:  # done (a retried call), or committed and still to finish
+            if key in self.retyping:
+                self._finish_retype(key)
+            return True
+        twin = retyping.replayed(record, self._recover)
+        committed = retyping.marked(record, twin.sealed_snapshot())
         self.shadows.forget(tenant, asset_id)
-        self.twins.pop(key, None)
-        self.durable_revision.pop(key, None)
-        self.drifting.discard(key)
-        self.store.forget_twin(tenant, asset_id)
-        self.store.save_registration(tenant, asset_id, record)
-        self.twins[key] = self._recover(record)
-        self.durable_revision[key] = 0
-        self._first_snapshot(key)
+        self.store.save_registration(tenant, asset_id, committed)
+        self.twins[key], self.retyping[key], self.durable_revision[key] = twin, committed, 0
+        (self.drifting.add if twin.drift else self.drifting.discard)(key)
         metrics.TWINS_DRIFTING.set(len(self.drifting & self.twins.keys()), shard=self.tag)
+        log.info("event=twin_retyped tenant=%s asset=%s from=%s@%s to=%s revision=%d", tenant, asset_id,
+                 existing["artifact"]["name"], existing["artifact"]["version"], twin.artifact.ref, twin.events_applied)
+        self._try_finish_retype(key)
         return True
 
-    def _first_snapshot(self, key: tuple[str, str]) -> None:
-        """Snapshot a twin rebuilt from its log without one (a retype removed the old model's): until its next
-        events it would have none, and a read while its shard is down or restarting (`durable_state`) answered
-        its prior, as if it had no data. Only a shortcut: a crash before it, or a failed write (logged; the
-        next `ingest` or `flush` writes it), leaves the log, which recovery replays as before."""
+    def _finish_retype(self, key: tuple[str, str]) -> None:
+        """Finish the twin's committed retype (`actors.retype.finish`); raises what the store raised."""
+        self.store.check_lease(self.fence)
+        self.durable_revision[key] = retyping.finish(self.store, *key, self.retyping[key])
+        del self.retyping[key]
+
+    def _try_finish_retype(self, key: tuple[str, str]) -> bool:
+        """`_finish_retype`, a failure logged: the retype holds (its marked registration is the new version's),
+        and the shard's next write of the twin's derived state (snapshot, drift clear, model swap) finishes it."""
         try:
-            self._snapshot(key, force=True)
+            self._finish_retype(key)
+            return True
         except Exception:
-            log.warning("event=snapshot_failed shard=%d tenant=%s asset=%s: recovery replays its log until the "
-                        "next snapshot", self.index, *key, exc_info=True)
+            log.warning("event=retype_unfinished shard=%d tenant=%s asset=%s: its registration is the new "
+                        "version's; the old model's snapshots are removed by the twin's next write",
+                        self.index, *key, exc_info=True)
+            return False
+
+    def _settle(self, key: tuple[str, str]) -> None:
+        """Before the twin's derived state is written: its retype finished (raises if it cannot be),
+        so that finishing it later cannot remove what the new model wrote."""
+        if key in self.retyping:
+            self._finish_retype(key)
 
     def migrate(self, tenant: str, asset_id: str, target: dict[str, Any],
                 plan: MigrationPlan) -> tuple[TwinState, TwinState] | None:
@@ -255,6 +280,7 @@ class TwinShard(LiveModelOps):
         twin = self.twins.get(key)
         if twin is None:
             return None
+        self._settle(key)
         record = migrated_record(self.store.load_registration(tenant, asset_id), target, twin, plan)
         self.store.save_registration(tenant, asset_id, record)
         self.twins[key] = self._recover(record)
@@ -305,6 +331,7 @@ class TwinShard(LiveModelOps):
         if twin is None:
             return None
         self.store.check_lease(self.fence)
+        self._settle((tenant, asset_id))
         was = twin.drift
         if twin.last_key is not None:  # recorded first: a clear acknowledged is a clear a restart keeps
             self.store.save_drift_clear(tenant, asset_id, twin.last_key)
@@ -515,6 +542,8 @@ class TwinShard(LiveModelOps):
         (every `snapshot_every` events, at the twin's `snapshot_phase`), or if `force` and it is newer.
         Why the first at once: while its shard restarts a twin is read from its snapshot
         (`actors.recovery.durable_state`), and one without would answer its prior, as if it had no data."""
+        if key in self.retyping and not self._try_finish_retype(key):
+            return False  # the store's snapshots may still be the old model's
         twin, last = self.twins[key], self.durable_revision[key]
         revision = twin.sealed_revision  # checked first: encoding a snapshot per twin per batch is wasted
         if revision is None or revision <= last:

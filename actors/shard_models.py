@@ -16,7 +16,7 @@ log = logging.getLogger("raytwin.twins")
 
 
 class LiveModelOps:
-    """Needs the shard's `twins`, `store`, `fence`, `shadows` (a `ShadowBook`) and `_refresh_stale`."""
+    """Needs the shard's `twins`, `store`, `fence`, `shadows` (a `ShadowBook`), `_refresh_stale` and `_settle`."""
 
     twins: dict[tuple[str, str], Twin]
     store: StateStore
@@ -58,6 +58,7 @@ class LiveModelOps:
         if twin is None:
             return None
         self.store.check_lease(self.fence)
+        self._settle((tenant, asset_id))
         entry = {"at_us": at_us, "artifact": artifact}
         swaps = self.store.load_model_swaps(tenant, asset_id)
         if entry in swaps:

@@ -165,6 +165,33 @@ def check_version(old: AssetType, new: AssetType) -> list[SchemaChange]:
         + "; ".join(f"{c.message}: {c.fix}" for c in shown), shown)
 
 
+class IncompatibleReplay(ValueError):
+    """A retype (`actors.service.TwinService.retype`, a `PUT` of an asset, a bulk retype) to a type version its
+    twin's history does not replay on unchanged (`replay_differences`, each in `differences`); a migration
+    moves the twin instead; `old` and `new` are the versions' keys (``name@version``). `explain(how)` words it
+    for a caller who migrates with `how` (HTTP: the endpoint)."""
+
+    def __init__(self, asset_id: str, old: str, new: str, differences: list[SchemaChange]):
+        self.asset_id, self.old, self.new, self.differences = asset_id, old, new, differences
+        super().__init__(self.explain("TwinService.migrate with a MigrationPlan"))
+
+    def __reduce__(self):  # pickled as itself (a Ray task's caller gets it), not as its message alone
+        return type(self), (self.asset_id, self.old, self.new, self.differences)
+
+    def explain(self, how: str) -> str:
+        return (f"asset {self.asset_id}: its twin's history cannot be replayed unchanged on {self.new}, which differs "
+                f"from {self.old} in {', '.join(d.message for d in self.differences)}: a change of type version in "
+                "place (a retype) replays the logged history on the new model as logged, so it needs the same states "
+                f"in the same units and every input and output of {self.old} in the same unit; move it with {how}, "
+                "which maps and converts its state")
+
+
+def require_replayable(asset_id: str, old: AssetType, new: AssetType) -> None:
+    """`IncompatibleReplay` unless the twin of `asset_id`'s history, logged on `old`, replays on `new` unchanged."""
+    if differences := replay_differences(old, new):
+        raise IncompatibleReplay(asset_id, old.key, new.key, differences)
+
+
 def replay_differences(old: AssetType, new: AssetType) -> list[SchemaChange]:
     """Why a twin's logged history would not mean on `new` what it meant on `old` (empty: it would). A type
     version changed in place (`PUT` of an asset, a bulk retype) replays the twin's log on `new`'s model as

@@ -23,9 +23,10 @@ import ray
 from ray import serve
 
 from actors.lease import ray_cluster
+from actors.retype import RetypeFailed
 from actors.state import TwinState, UnknownTwin
 from connectors.manager import stop_connector_actors
-from raytwin.compat import replay_differences
+from raytwin.compat import IncompatibleReplay
 from raytwin.contracts import Asset, AssetType, RelationshipKind, TelemetryEvent
 from raytwin.graph import Direction
 from raytwin.logs import component_logging
@@ -207,7 +208,14 @@ class Backend:
             return change.seq
 
     def update_asset(self, asset: Asset, pre: Precondition) -> int:
-        """Replace the asset if `pre` holds (compare-and-set under the lock); its new revision."""
+        """Replace the asset if `pre` holds (compare-and-set under the lock); its new revision.
+
+        Another type version retypes its twin (`TwinService.retype`, all or nothing) after every check of the
+        write and before it: a twin that cannot move (a history that does not replay on the version: 422; a
+        replay that fails: 409) leaves the asset and its twin as they were, and nothing is recorded. Why not the
+        catalog first: it then named a version the twin did not run, and a PUT sent again saw no change of
+        version and never moved the twin; this way only a failed catalog write after the move (a store error,
+        a crash) leaves the twin ahead, and the same PUT again finishes it (the retype is then a no-op)."""
         self.check_writable()
         with self._lock:
             self.type_evolution.require_version(asset.tenant, [asset.type_name], asset.type_version)
@@ -215,37 +223,38 @@ class Backend:
                 current: Asset | None = self.catalog.get_asset(asset.tenant, asset.id)
             except NotFound:  # the write answers for it (404, or 412 under If-Match)
                 current = None
-            if current is not None and (current.type_name, current.type_version) != (asset.type_name,
-                                                                                    asset.type_version):
+            retype = current is not None and (current.type_name, current.type_version) != (asset.type_name,
+                                                                                          asset.type_version)
+            if retype:
                 self._require_production(asset)
-                self._require_replayable(current, asset)
             artifact = self._checked_artifact(asset, None)  # metadata the twin would refuse: 422, nothing changed
-            before: list[Asset] = []
+            if retype:
+                self.catalog.check_update(asset, pre)  # 404, 412 or 422 before the twin moves
+                self._retype_twin(asset, artifact)
 
             def write(seq: int) -> list[dict[str, Any]]:
-                before.append(self.catalog.update_asset(asset, seq, pre))
+                self.catalog.update_asset(asset, seq, pre)
                 return [_asset_change("asset.updated", asset)]
 
-            (change,) = self.changes.write(asset.tenant, write)
-            if (before[0].type_name, before[0].type_version) != (asset.type_name, asset.type_version):
-                self.twins.retype(asset, artifact)  # its history replayed on the new model, not deleted
+            try:
+                (change,) = self.changes.write(asset.tenant, write)
+            except Exception:
+                if retype:
+                    log.error("event=retype_not_recorded tenant=%s asset=%s type_version=%s: the twin runs the new "
+                              "version, the catalog still names %s; the same PUT again records it", asset.tenant,
+                              asset.id, asset.type_version, current.type_version, exc_info=True)
+                raise
             return change.seq
 
-    def _require_replayable(self, current: Asset, asset: Asset) -> None:
-        """`Unprocessable` unless the twin's history means on `asset`'s type version what it meant on `current`'s
-        (`raytwin.compat.replay_differences`): a type change in place replays the logged history on the new
-        model as logged, so a tank model replayed a room's temperatures (all zero, diverged), other units read
-        unconverted (a room read 294.55 degC). `POST .../migrate` maps and converts the state instead."""
-        old = self.catalog.get_type(current.tenant, current.type_name, current.type_version)
-        new = self.catalog.get_type(asset.tenant, asset.type_name, asset.type_version)
-        if differences := replay_differences(old, new):
-            raise Unprocessable(
-                f"asset {asset.id}: its twin's history cannot be replayed unchanged on {new.key}, which differs from "
-                f"{old.key} in {', '.join(d.message for d in differences)}: a change of type version by PUT (or bulk "
-                "retype) replays the logged history on the new model as logged, so it needs the same states in the "
-                f"same units and every input and output of {old.key} in the same unit; move it with POST /v1/assets/"
-                f"{asset.id}/migrate, which maps and converts its state",
-                details=[{"where": d.where, "change": d.change} for d in differences])
+    def _retype_twin(self, asset: Asset, artifact: ModelArtifact) -> None:
+        """The twin on `asset`'s type version (`TwinService.retype`), its refusals as the API's errors."""
+        try:
+            self.twins.retype(asset, artifact)
+        except IncompatibleReplay as exc:
+            raise Unprocessable(exc.explain(f"POST /v1/assets/{asset.id}/migrate"),
+                                details=[{"where": d.where, "change": d.change} for d in exc.differences]) from None
+        except RetypeFailed as exc:
+            raise Conflict(str(unwrap(exc))) from None
 
     def _require_production(self, asset: Asset) -> None:
         """`Conflict` unless the asset's version may run on a new twin: once its model has a production

@@ -162,11 +162,17 @@ class Catalog:
         self.hold(asset)
         return asset_type
 
-    def update_asset(self, asset: Asset, revision: int, pre: Precondition = NO_PRECONDITION) -> Asset:
-        """Replace an asset (compare-and-set with `pre`); returns the asset as it was before."""
+    def check_update(self, asset: Asset, pre: Precondition = NO_PRECONDITION) -> Asset:
+        """What `update_asset` checks, without writing (`pre` holds, the asset exists, its references resolve);
+        the asset as it is. Why apart: a retype moves the twin between the check and the write."""
         pre.check(self.revision(asset.tenant, "assets", asset.id), f"asset {asset.id}")
         before = self.get_asset(asset.tenant, asset.id)
         self._check_refs(asset)
+        return before
+
+    def update_asset(self, asset: Asset, revision: int, pre: Precondition = NO_PRECONDITION) -> Asset:
+        """Replace an asset (compare-and-set with `pre`); returns the asset as it was before."""
+        before = self.check_update(asset, pre)
         self._write(asset.tenant, "assets", asset.id, asset, revision)
         self.hold(asset)
         return before

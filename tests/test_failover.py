@@ -20,6 +20,7 @@ from actors import service as service_module
 from actors.failover import compilation_cache
 from actors.recovery import durable_state
 from actors.shadow import shadow_twin
+from actors.shard import TwinShardProcess
 from actors.twin import logged_event, replay
 from raytwin.contracts import AssetType
 from raytwin.lifecycle import Actor, ModelLifecycle
@@ -37,7 +38,9 @@ from tests.test_twins import (  # noqa: F401 (fixtures)
     asset,
     events,
     jax_on_cpu_like_the_shards,
+    newer_version,
     reference,
+    sealed_view,
 )
 
 OPTS = {"allowed_lateness_s": 5 * STEP_S, "checkpoint_every": 4}
@@ -185,6 +188,61 @@ def test_a_shadow_evaluation_survives_a_sigkilled_shard(service, artifact, tmp_p
     [record] = conclude(lifecycle, candidate.ref, "acme", run_id, comparison, twins=1)
     assert record.action == "evaluate" and record.evidence.shadow_metrics["events"] == 30
     assert service.models.stop_shadow("acme", candidate.ref)
+
+
+def armed(store_url: str) -> str:
+    """The file that arms `_KilledAtItsNextSnapshot` (beside its store)."""
+    return f"{store_url}.kill-at-next-snapshot"
+
+
+class _KilledAtItsNextSnapshot(TwinShardProcess):
+    """A shard whose process is SIGKILLed as it next writes a snapshot once `armed` exists: the crash between a
+    retype and its snapshot, a window a kill sent from outside cannot aim at. Its restart is not killed."""
+
+    def __init__(self, store_url: str, *args, **kwargs):
+        super().__init__(store_url, *args, **kwargs)
+        write = self.store.write_snapshot
+
+        def killed_when_armed(*snapshot):
+            if os.path.exists(armed(store_url)):
+                os.remove(armed(store_url))
+                os.kill(os.getpid(), signal.SIGKILL)
+            write(*snapshot)
+
+        self.store.write_snapshot = killed_when_armed
+
+
+def test_a_shard_killed_between_a_retype_and_its_snapshot_comes_back_on_the_new_version(
+        ray_session, tmp_path, artifact, monkeypatch):
+    """Killed after a retype's registration and before its snapshot: read from the store while the shard was
+    down, the twin answered its prior (revision 0), and so it did after the restart until its next ingest (a
+    restart wrote no snapshot). The registration carries the replay's snapshot now: a read while the shard is
+    down answers the replayed state on the new version, and the restart recovers it and writes its snapshot."""
+    monkeypatch.setattr(service_module, "TwinShardActor", ray.remote(_KilledAtItsNextSnapshot))
+    store_url = str(tmp_path / "twins")
+    svc = TwinService(store_url, shards=1, snapshot_every=8, max_task_retries=0, **OPTS)
+    try:
+        svc.register(asset("k1"), artifact)
+        evs = events("k1", 40, seed=31)
+        assert svc.ingest("acme", evs).accepted == 40
+        newer, moved = newer_version(tmp_path), asset("k1").model_copy(update={"type_version": "1.1.0"})
+        open(armed(store_url), "w").close()
+        with pytest.raises((ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)):
+            svc.retype(moved, newer)  # the call died with its shard (no retries here)
+        assert not os.path.exists(armed(store_url))  # it was killed where armed
+        expected = reference(newer, "k1", evs, **OPTS)
+        assert_same_state(durable_state(svc.store, "acme", "k1"), sealed_view(expected))  # what a stale read answers
+        deadline = time.monotonic() + 120
+        while (state := svc.state("acme", "k1")).stale:
+            assert time.monotonic() < deadline, "the shard is not back"
+            time.sleep(0.2)
+        assert state.model_ref == newer.ref
+        assert_same_state(state, expected.view())
+        assert_same_state(durable_state(svc.store, "acme", "k1"), sealed_view(expected))  # before any ingest
+        svc.retype(moved, newer)  # the caller, not told the outcome, sends it again: done already
+        assert_same_state(svc.state("acme", "k1"), expected.view())
+    finally:
+        svc.close()
 
 
 def test_durable_state_of_an_unknown_twin_is_none(service):

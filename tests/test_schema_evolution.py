@@ -554,6 +554,58 @@ def test_a_type_version_changes_in_place_only_to_one_its_twins_history_replays_o
     assert client.get("/v1/assets/ward-2/state", headers=reader).json()["model_ref"] == "ward@1.1.0"
 
 
+def test_a_retype_whose_twin_cannot_move_changes_nothing_and_one_left_unrecorded_is_finished_by_a_resend(
+        api, monkeypatch):
+    """The catalog was written first: a type version change whose twin could not move (its replay raised) left
+    the asset on the new version and the twin on the old one, and the same PUT again saw no change of version
+    and never moved the twin. The twin moves first now: its failure is a 409 that changes nothing (no revision,
+    no change recorded), and a catalog write that fails after the twin moved is finished by the same PUT again."""
+    from actors.retype import RetypeFailed
+    from serve_apps.catalog import NO_PRECONDITION
+
+    client, auth, backend = api
+    admin, reader = auth["admin"], auth["reader"]
+    for t in (ROOM_V1, ROOM_SURFACE):  # a type of its own, apart from the rooms the other tests move
+        body = AssetType.from_model(t, name="wing").model_dump(mode="json")
+        assert client.post("/v1/asset-types", json=body, headers=admin).status_code == 201
+    r = client.post("/v1/assets", json={"id": "wing-1", "type_name": "wing", "type_version": "1.0.0",
+                                        "initial_state": {"T": 293.15}}, headers=admin)
+    assert r.status_code == 201, r.text
+    r = client.post("/v1/assets/wing-1/telemetry", json={"events": room_events(0, 20, 294.0)}, headers=auth["writer"])
+    assert r.json()["accepted"] == 20, r.text
+    etag, head = client.get("/v1/assets/wing-1", headers=reader).headers["etag"], backend.changes.head("acme")
+    before = client.get("/v1/assets/wing-1/state", headers=reader).json()
+    move = {"type_name": "wing", "type_version": "1.1.0"}
+
+    def diverged(asset, artifact):
+        raise RetypeFailed("twin acme/wing-1 stays on its type version, serving as before: replaying its history "
+                           "on wing@1.1.0 failed (FloatingPointError: diverged), and nothing was changed")
+
+    monkeypatch.setattr(backend.twins, "retype", diverged)
+    r = client.put("/v1/assets/wing-1", json=move, headers=admin)
+    assert r.status_code == 409 and r.json()["error"]["message"].startswith("twin acme/wing-1 stays on its type"), r.text
+    got = client.get("/v1/assets/wing-1", headers=reader)
+    assert (got.json()["type_version"], got.headers["etag"], backend.changes.head("acme")) == ("1.0.0", etag, head)
+    assert client.get("/v1/assets/wing-1/state", headers=reader).json() == before
+    monkeypatch.undo()
+
+    def store_down(*args):
+        raise OSError("catalog store unreachable")
+
+    monkeypatch.setattr(backend.catalog, "update_asset", store_down)
+    wing = backend.get_asset("acme", "wing-1").model_copy(update={"type_version": "1.1.0"})
+    with pytest.raises(OSError):
+        backend.update_asset(wing, NO_PRECONDITION)  # the twin moved, the catalog did not
+    assert client.get("/v1/assets/wing-1/state", headers=reader).json()["model_ref"] == "wing@1.1.0"
+    assert client.get("/v1/assets/wing-1", headers=reader).json()["type_version"] == "1.0.0"
+    monkeypatch.undo()
+    r = client.put("/v1/assets/wing-1", json=move, headers=admin)
+    assert r.status_code == 200, r.text
+    assert client.get("/v1/assets/wing-1", headers=reader).json()["type_version"] == "1.1.0"
+    moved = client.get("/v1/assets/wing-1/state", headers=reader).json()
+    assert (moved["model_ref"], moved["revision"]) == ("wing@1.1.0", 20)
+
+
 def test_a_migrated_twin_read_while_its_shard_is_down_answers_its_migrated_state(api):
     """Read from the store (its shard down or restarting), a migrated twin answered the previous version's last
     snapshot under the new version's names: a room at 294 K read T_air 294 degC, at that snapshot's revision.

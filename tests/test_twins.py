@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import pickle
 import random
 import signal
 import time
@@ -26,7 +27,8 @@ from actors.shard import TwinShard, TwinShardProcess
 from actors.telemetry import validated_table
 from actors.twin import CONFLICT, DUPLICATE, TOO_LATE, Twin, logged_event, replay
 from raytwin.contracts import Asset, AssetType, TelemetryEvent
-from raytwin.registry import ModelRegistry
+from raytwin.registry import ModelArtifact, ModelRegistry
+from raytwin.statestore import StateStore
 from raytwin.sim import THERMAL_RC
 
 T0 = datetime(2026, 2, 1, tzinfo=UTC)
@@ -295,6 +297,39 @@ def test_unknown_assets_and_bad_units_are_dead_lettered(service):
     reasons = {r.idempotency_key: r.reason for r in report.reasons}
     assert reasons["ghost:0"] == "unknown twin 'ghost' for tenant 'acme'"
     assert "cannot convert 'V' to 'K'" in reasons["bad-unit"]
+
+
+def test_the_python_api_refuses_a_retype_the_twins_history_does_not_replay_on(service, artifact, tmp_path):
+    """Only the HTTP API checked that a twin's logged history means the same on the new type version:
+    `TwinService.retype` replayed a room's temperatures on a two-tank model. The service checks now, so
+    every caller is refused alike (`IncompatibleReplay`, naming each difference and the migration), with
+    nothing changed; a version the history replays on is taken."""
+    from raytwin.compat import IncompatibleReplay
+    from raytwin.sim.tanks import TWO_TANK
+
+    registry = ModelRegistry(str(tmp_path / "models"))
+    tanks = registry.register("zone", "2.0.0", AssetType.from_model(TWO_TANK, name="thermal_rc", version="2.0.0"))
+    service.register(asset("rt-api"), artifact)
+    assert service.ingest("acme", events("rt-api", 20, seed=29)).accepted == 20
+    before, record = service.state("acme", "rt-api"), service.store.load_registration("acme", "rt-api")
+    with pytest.raises(IncompatibleReplay) as refused:
+        service.retype(asset("rt-api").model_copy(update={"type_version": "2.0.0"}), tanks)
+    assert [(d.where, d.change) for d in refused.value.differences] == [
+        ("states.T_in", "removed"), ("states.T_m", "removed"), ("states.h1", "added"), ("states.h2", "added"),
+        ("inputs.T_out", "removed"), ("inputs.Q_h", "removed"), ("inputs.Q_sol", "removed"),
+        ("outputs.T_in", "removed")]
+    message = str(refused.value)
+    assert message.startswith("asset rt-api: its twin's history cannot be replayed unchanged on thermal_rc@2.0.0, "
+                              "which differs from thermal_rc@1.0.0 in states.T_in removed (or renamed), ")
+    assert "outputs.T_in removed (or renamed)" in message and "move it with TwinService.migrate" in message
+    again = pickle.loads(pickle.dumps(refused.value))  # raised in a Ray task, it reaches the caller as itself
+    assert (type(again), str(again), again.differences) == (IncompatibleReplay, message, refused.value.differences)
+    assert service.state("acme", "rt-api") == before and service.store.load_registration("acme", "rt-api") == record
+
+    newer = newer_version(tmp_path)
+    service.retype(asset("rt-api").model_copy(update={"type_version": "1.1.0"}), newer)
+    moved = service.state("acme", "rt-api")
+    assert (moved.model_ref, moved.revision) == (newer.ref, 20)
 
 
 def test_killed_shard_recovers_without_losing_or_double_applying(ray_session, tmp_path, artifact):
@@ -580,18 +615,34 @@ def test_a_new_type_version_replays_the_twins_history_on_its_model(tmp_path, art
     assert not shard.retype("acme", "ghost", registration_record(moved, newer, None, None))
 
 
+def newer_version(tmp_path) -> ModelArtifact:
+    """Version 1.1.0 of the zones' type: the same states, inputs and outputs (a retype replays on it), other parameters."""
+    return ModelRegistry(str(tmp_path / "models")).register(
+        "zone", "1.1.0", AssetType.from_model(THERMAL_RC, version="1.1.0"), {"R_io": 0.02})
+
+
+def sealed_view(twin: Twin, tenant: str = "acme") -> TwinState:
+    """What a read from the store answers for `twin` once its sealed checkpoint is durable (`durable_state`)."""
+    from actors.twin import state_view
+
+    sealed = twin.checkpoints[0]  # the oldest checkpoint kept: no accepted event can precede it
+    assert 0 < sealed.events_applied < twin.events_applied and sealed.key is not None
+    return state_view(tenant, twin.asset_id, twin.artifact.ref, twin.filter.model, sealed.fs, sealed.key,
+                      sealed.events_applied, stale=True)
+
+
 def test_a_retyped_twin_read_while_its_shard_is_down_shows_its_replayed_history(tmp_path, artifact, monkeypatch,
                                                                                  caplog):
     """A retype removes the old model's snapshots and replays the history on the new one, which had none until
     its next events: a read while its shard was down (`durable_state`) answered its prior (revision 0, no event
-    time) though it had 2000 events. The replay's sealed state is snapshotted at once; a retype whose snapshot
-    is not written (a crash, a store error) loses nothing: recovery replays the log, the next flush writes it."""
+    time) though it had 2000 events. The replay's sealed state is committed with the new registration, so a
+    read answers it whether or not its snapshot file was written: a store error then holds the retype
+    (logged), a restart recovers it, and the next flush finishes it (the old model's snapshots removed)."""
+    from actors import retype as retyping
     from actors.recovery import durable_state
-    from actors.twin import state_view
 
-    opts = dict(allowed_lateness_s=LATENESS_S, snapshot_every=1000, checkpoint_every=8)
-    newer = ModelRegistry(str(tmp_path / "models")).register(
-        "zone", "1.1.0", AssetType.from_model(THERMAL_RC, version="1.1.0"), {"R_io": 0.02})
+    opts = dict(allowed_lateness_s=LATENESS_S, snapshot_every=8, checkpoint_every=8)
+    newer = newer_version(tmp_path)
     shard = TwinShard(str(tmp_path / "store"), 0, 1, **opts)
     history = {a: events(a, 40, seed=17) for a in ("rs", "broken")}
     for asset_id, evs in history.items():
@@ -603,10 +654,8 @@ def test_a_retyped_twin_read_while_its_shard_is_down_shows_its_replayed_history(
                 for a, evs in history.items()}
 
     assert shard.retype("acme", "rs", moved["rs"])
-    sealed = expected["rs"].checkpoints[0]  # the oldest checkpoint kept: no accepted event can precede it
-    assert 0 < sealed.events_applied < 40 and sealed.key is not None
-    assert_same_state(durable_state(shard.store, "acme", "rs"), state_view(
-        "acme", "rs", newer.ref, newer.model(), sealed.fs, sealed.key, sealed.events_applied, stale=True))
+    assert_same_state(durable_state(shard.store, "acme", "rs"), sealed_view(expected["rs"]))
+    assert shard.store.load_registration("acme", "rs") == moved["rs"]  # finished: no retype mark left
 
     def store_down(*args):
         raise OSError("store unreachable")
@@ -614,14 +663,112 @@ def test_a_retyped_twin_read_while_its_shard_is_down_shows_its_replayed_history(
     monkeypatch.setattr(shard.store, "write_snapshot", store_down)
     with caplog.at_level(logging.WARNING, logger="raytwin.twins"):
         assert shard.retype("acme", "broken", moved["broken"])  # the retype holds: its registration is saved
-    assert "event=snapshot_failed" in caplog.text and "asset=broken" in caplog.text
+    assert "event=retype_unfinished" in caplog.text and "asset=broken" in caplog.text
     assert_same_state(shard.state("acme", "broken"), expected["broken"].view())
-    assert durable_state(shard.store, "acme", "broken").revision == 0  # the old model's snapshots gone, no new one
-    assert_same_state(TwinShard(str(tmp_path / "store"), 0, 1, **opts).state("acme", "broken"),
-                      expected["broken"].view())  # recovered from the log
+    assert retyping.pending(shard.store.load_registration("acme", "broken"))
+    assert_same_state(durable_state(shard.store, "acme", "broken"), sealed_view(expected["broken"]))
+    with caplog.at_level(logging.WARNING, logger="raytwin.twins"):
+        shard.ingest("acme", validated_table(events("broken", 1, seed=17, start=40)))  # snapshots wait: no write
+    assert retyping.pending(shard.store.load_registration("acme", "broken"))
     monkeypatch.undo()
-    assert shard.flush() == 1
-    assert durable_state(shard.store, "acme", "broken").revision == expected["broken"].checkpoints[0].events_applied
+    shard.flush()
+    assert shard.store.load_registration("acme", "broken") == moved["broken"]
+    assert durable_state(shard.store, "acme", "broken").model_ref == newer.ref
+    assert_same_state(TwinShard(str(tmp_path / "store"), 0, 1, **opts).state("acme", "broken"),
+                      shard.state("acme", "broken"))
+
+
+def test_a_retype_whose_replay_fails_leaves_the_twin_on_its_old_version(tmp_path, artifact, monkeypatch):
+    """A retype whose replay raised had saved the new registration and dropped the twin from memory: it
+    answered nothing (unknown) until its shard restarted, then on a model it never ran live. The replay comes
+    first now: it fails with `RetypeFailed`, the twin serves its old version as before, its registration,
+    snapshots and drift clear untouched, and a restart recovers the same twin."""
+    import actors.shard as shard_module
+    from actors.recovery import durable_state
+    from actors.retype import RetypeFailed
+
+    opts = dict(allowed_lateness_s=LATENESS_S, snapshot_every=8, checkpoint_every=8)
+    newer = newer_version(tmp_path)
+    shard = TwinShard(str(tmp_path / "store"), 0, 1, **opts)
+    record = registration_record(asset("rf"), artifact, None, None)
+    shard.register("acme", "rf", record)
+    evs = events("rf", 60, seed=19)
+    assert shard.ingest("acme", validated_table(evs[:40])).accepted == 40
+    shard.clear_drift("acme", "rf")
+    before, snap = shard.state("acme", "rf"), shard.store.latest_snapshot("acme", "rf")
+    clear, durable = shard.store.load_drift_clear("acme", "rf"), durable_state(shard.store, "acme", "rf")
+    assert snap is not None and clear is not None
+
+    real = shard_module.recover
+
+    def diverging(store, record, **kw):
+        if record["artifact"]["version"] == "1.1.0":
+            raise FloatingPointError("the new model's replay diverged")
+        return real(store, record, **kw)
+
+    monkeypatch.setattr(shard_module, "recover", diverging)
+    moved = registration_record(asset("rf").model_copy(update={"type_version": "1.1.0"}), newer, None, None)
+    with pytest.raises(RetypeFailed, match=r"twin acme/rf stays on its type version, serving as before: replaying "
+                                           r"its history on zone@1.1.0 failed \(FloatingPointError: the new model"):
+        shard.retype("acme", "rf", moved)
+    assert shard.store.load_registration("acme", "rf") == record
+    assert shard.store.latest_snapshot("acme", "rf") == snap and shard.store.load_drift_clear("acme", "rf") == clear
+    assert_same_state(shard.state("acme", "rf"), before)
+    assert durable_state(shard.store, "acme", "rf") == durable
+    assert shard.ingest("acme", validated_table(evs[40:])).accepted == 20  # served as before
+    live = shard.state("acme", "rf")
+    assert live.model_ref == artifact.ref and live.events_applied == 60
+    monkeypatch.undo()
+    assert_same_state(TwinShard(str(tmp_path / "store"), 0, 1, **opts).state("acme", "rf"), live)
+
+
+class _Crash(BaseException):
+    """The shard's process dying at that point: nothing after it runs, no handler catches it."""
+
+
+def test_a_retype_a_crash_cut_short_after_its_commit_is_finished_by_the_restarted_shard(tmp_path, artifact,
+                                                                                          monkeypatch):
+    """Killed after the new registration was written and before the old model's snapshots and drift clear
+    were removed: a read from the store answers the new model's replayed state (not the old model's
+    snapshot under the new version), and the restarted shard recovers the twin on the new version, removes
+    what the old model derived and keeps the replay's snapshot. The same retype sent again changes nothing."""
+    from actors import retype as retyping
+    from actors.recovery import durable_state
+
+    opts = dict(allowed_lateness_s=LATENESS_S, snapshot_every=8, checkpoint_every=8)
+    newer = newer_version(tmp_path)
+    shard = TwinShard(str(tmp_path / "store"), 0, 1, **opts)
+    shard.register("acme", "rc", registration_record(asset("rc"), artifact, None, None))
+    evs = events("rc", 40, seed=23)
+    assert shard.ingest("acme", validated_table(evs)).accepted == 40
+    shard.clear_drift("acme", "rc")
+    old_snapshot = shard.store.latest_snapshot("acme", "rc")
+    assert old_snapshot is not None and shard.store.load_drift_clear("acme", "rc") is not None
+
+    def crash(*args):
+        raise _Crash
+
+    monkeypatch.setattr(shard.store, "forget_twin", crash)
+    moved = registration_record(asset("rc").model_copy(update={"type_version": "1.1.0"}), newer, None, None)
+    with pytest.raises(_Crash):
+        shard.retype("acme", "rc", moved)
+    monkeypatch.undo()
+    del shard
+    expected = reference(newer, "rc", evs, allowed_lateness_s=LATENESS_S, checkpoint_every=8)
+    store = StateStore(str(tmp_path / "store"))
+    assert retyping.pending(store.load_registration("acme", "rc"))
+    assert store.latest_snapshot("acme", "rc") == old_snapshot  # still there: the old model's, not read
+    down = durable_state(store, "acme", "rc")
+    assert down.model_ref == newer.ref
+    assert_same_state(down, sealed_view(expected))
+
+    restarted = TwinShard(str(tmp_path / "store"), 0, 1, **opts)
+    assert_same_state(restarted.state("acme", "rc"), expected.view())
+    assert store.load_registration("acme", "rc") == moved and store.load_drift_clear("acme", "rc") is None
+    assert store.latest_snapshot("acme", "rc").revision == expected.checkpoints[0].events_applied
+    assert_same_state(durable_state(store, "acme", "rc"), sealed_view(expected))
+    assert restarted.retype("acme", "rc", moved)  # the caller's retry: done already
+    assert_same_state(restarted.state("acme", "rc"), expected.view())
 
 
 def test_a_twin_read_while_its_shard_restarts_shows_its_events_before_its_first_snapshot_point(tmp_path, artifact):

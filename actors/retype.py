@@ -1,0 +1,84 @@
+"""Retyping a twin all or nothing: its asset's type version changed in place (`TwinShard.retype`).
+
+The order, and why. The registration record is what a restarted shard rebuilds the twin from, so
+writing it is the commit, and everything that can fail comes before it:
+1. the new model replays the twin's whole log in memory (nothing written): a replay that raises
+   leaves the old twin registered, in memory and serving, and the caller gets the error;
+2. the old model's shadow evaluation of the twin ends (it cannot go on across the retype);
+3. commit: one write of the new registration, *marked* (`MARK`) with the replay's sealed snapshot;
+4. the new twin replaces the old one in memory;
+5. what the old model derived from the history (snapshots, drift clear, model swaps) is removed,
+   the replay's snapshot written, and the mark dropped (`finish`; each step can be redone).
+A crash before 3 leaves the old twin whole. From 3 on the record is the new version's: until 5 is
+done, recovery and reads from the store (`actors.recovery`) honour the mark: they ignore the old
+model's snapshots, drift clear and swaps and start from the marked snapshot, so a shard killed
+right after a retype comes back on the new version, and a read while it is down answers the
+replayed state (not the prior, nor the old model's). A restarted shard, or the shard's next write
+after a failed step 5, finishes it. The other order (write the registration first and roll it back
+when the replay fails) leaves a window in which the store names a model the twin does not run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from actors.twin import Twin
+from raytwin.statestore import Snapshot, StateStore
+
+MARK = "retyping"
+"""Key of a registration record whose retype is committed but not finished: {"snapshot": the
+replay's sealed snapshot as JSON, or None}."""
+
+
+class RetypeFailed(RuntimeError):
+    """A retype whose replay on the new model raised: nothing was changed, the twin serves its old version."""
+
+
+def replayed(record: dict[str, Any], replay: Callable[[dict[str, Any]], Twin]) -> Twin:
+    """Step 1: the twin of `record` replayed from its log alone by `replay` (the store's snapshots, drift
+    clear and swaps are the old model's); `RetypeFailed`, saying nothing changed, if that raises."""
+    try:
+        return replay(marked(record, None))
+    except Exception as exc:
+        asset, artifact = record["asset"], record["artifact"]
+        raise RetypeFailed(
+            f"twin {asset['tenant']}/{asset['id']} stays on its type version, serving as before: replaying its "
+            f"history on {artifact['name']}@{artifact['version']} failed ({type(exc).__name__}: {exc}), and nothing "
+            "was changed; fix the cause and retype again, or migrate it (which maps its state)") from exc
+
+
+def marked(record: dict[str, Any], snap: Snapshot | None) -> dict[str, Any]:
+    """`record` committed as a retype not yet finished, with the replay's sealed snapshot."""
+    encoded = None if snap is None else {"key": list(snap.key), "revision": snap.revision, "payload": snap.payload}
+    return {**unmarked(record), MARK: {"snapshot": encoded}}
+
+
+def unmarked(record: dict[str, Any]) -> dict[str, Any]:
+    """The registration itself, without a retype's mark."""
+    return {k: v for k, v in record.items() if k != MARK}
+
+
+def pending(record: dict[str, Any]) -> bool:
+    """Whether `record` is a retype whose old model's derived state may still be in the store."""
+    return MARK in record
+
+
+def marked_snapshot(record: dict[str, Any], at_or_before_us: int | None = None) -> Snapshot | None:
+    """A pending retype's snapshot (at or before `at_or_before_us`, if given); None: none."""
+    encoded = record[MARK]["snapshot"]
+    if encoded is None or (at_or_before_us is not None and encoded["key"][0] > at_or_before_us):
+        return None
+    return Snapshot(tuple(encoded["key"]), encoded["revision"], encoded["payload"])
+
+
+def finish(store: StateStore, tenant: str, asset_id: str, record: dict[str, Any]) -> int:
+    """Step 5 of a pending retype (`record` marked): the old model's derived state removed, the
+    replay's snapshot written, the mark dropped; the durable revision it leaves (0: no snapshot).
+    Idempotent: a crash part way through is finished by running it again."""
+    snap = marked_snapshot(record)
+    store.forget_twin(tenant, asset_id)
+    if snap is not None:
+        store.write_snapshot(tenant, asset_id, snap)
+    store.save_registration(tenant, asset_id, unmarked(record))
+    return 0 if snap is None else snap.revision
