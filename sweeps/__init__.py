@@ -12,7 +12,7 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "sweeps.space": ("Dimension", "ScenarioSpace"),
     "sweeps.spec": ("SweepSpec", "resolve_model"),
     "sweeps.runner": ("run_sweep", "SweepResult", "SweepCancelled"),
-    "sweeps.aggregate": ("open_dataset", "quantiles"),
+    "sweeps.aggregate": ("IncompleteRun", "open_dataset", "quantiles"),
     "sweeps.calibration": ("CalibrationSpec", "CalibrationResult", "CalibrationError", "calibrate"),
     "sweeps.synthetic": ("synthetic_telemetry",),
     "sweeps.runs": ("RunRecord", "RunStore", "RunError", "recorded_sweep", "recorded_calibration", "recorded_fmu_sweep",

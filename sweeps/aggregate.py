@@ -20,6 +20,7 @@ have the column) how many of the group's scenarios diverged; a group with none v
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping, Sequence
 
@@ -36,18 +37,53 @@ PART_FILE = re.compile(r"part-\d+\.parquet")
 """The exact name of a result part; anything else in the directory (a killed writer's temporary
 file, trajectories) is never read as results."""
 
+RUN_RECORD = "run.json"
+"""A recorded run's record (`sweeps.runs`), beside its output directory `RUN_OUTPUT`."""
+RUN_OUTPUT = "output"
+
 Bins = int | Sequence[float]
 DIVERGED = "diverged"
 """The per-scenario divergence column (`sweeps.engine.DIVERGED`)."""
 
 
-def open_dataset(url: str, storage_options: dict | None = None) -> ds.Dataset:
-    """The sweep's metrics dataset: exactly the ``part-<n>.parquet`` files (trajectories are separate)."""
+class IncompleteRun(ValueError):
+    """The dataset is the output of a recorded run that did not finish: it holds only the scenarios written before
+    the run stopped, in index order (a grid's first rows: one corner of its space), so its bands are not the sweep's."""
+
+
+def open_dataset(url: str, storage_options: dict | None = None, *, partial: bool = False) -> ds.Dataset:
+    """The sweep's metrics dataset: exactly the ``part-<n>.parquet`` files (trajectories are separate).
+
+    The output of a recorded run (``<runs>/<id>/output``, its record beside it) is refused with `IncompleteRun`
+    unless the run succeeded and every part it recorded is there; `partial` reads what is there anyway.
+    """
     fs, root = filesystem(url, storage_options)
     parts = sorted(p for p in fs.ls(root, detail=False) if PART_FILE.fullmatch(p.rsplit("/", 1)[-1]))
     if not parts:
         raise FileNotFoundError(f"no sweep results (part-*.parquet) under {url}")
-    return ds.dataset(parts, format="parquet", filesystem=fs)
+    dataset = ds.dataset(parts, format="parquet", filesystem=fs)
+    if not partial:
+        _check_complete(fs, root.rstrip("/"), url, {p.rsplit("/", 1)[-1] for p in parts}, dataset)
+    return dataset
+
+
+def _check_complete(fs, root: str, url: str, present: set[str], dataset: ds.Dataset) -> None:
+    """Raise `IncompleteRun` where `root` is a recorded run's output and that run did not write all of it."""
+    run_dir, name = root.rsplit("/", 1) if "/" in root else ("", root)
+    record_path = f"{run_dir}/{RUN_RECORD}"
+    if name != RUN_OUTPUT or not fs.exists(record_path):
+        return  # not a recorded run's output (run_sweep's own directory): nothing says what complete is
+    record = json.loads(fs.cat_file(record_path))
+    recorded = {n for n in record.get("outputs", {}) if PART_FILE.fullmatch(n)}
+    if record.get("status") == "succeeded" and recorded <= present:
+        return
+    why = (f"run {record.get('run_id')} {record.get('status')}" + (f" ({record['error']})" if record.get("error")
+                                                                   else "")
+           if record.get("status") != "succeeded" else
+           f"run {record.get('run_id')} recorded {len(recorded)} part(s), {len(recorded - present)} of them missing")
+    raise IncompleteRun(f"{url}: {why}; it holds {dataset.count_rows()} scenario(s), those written before it "
+                        "stopped, in index order (a grid's first rows), so bands over them are not the sweep's: "
+                        "rerun the sweep, or read what is there with partial=True (CLI: --partial)")
 
 
 def quantiles(
@@ -59,6 +95,7 @@ def quantiles(
     bins: Mapping[str, Bins] | None = None,
     max_groups: int = MAX_GROUPS,
     storage_options: dict | None = None,
+    partial: bool = False,
 ) -> pa.Table:
     """One row per (group, metric): the group's dimension values, metric, count, mean and ``q<p>`` columns.
 
@@ -67,8 +104,9 @@ def quantiles(
     `bins` maps a `by` column to a number of equal-width bins over its range, or to bin edges
     (increasing; every value must lie within them); a binned column appears as ``<col>.low`` and
     ``<col>.high`` (each bin half-open, the last one closed). Groups without scenarios are left out.
+    `partial`: see `open_dataset` (a recorded run that did not finish is refused without it).
     """
-    dataset = open_dataset(url, storage_options)
+    dataset = open_dataset(url, storage_options, partial=partial)
     names = dataset.schema.names
     bins = dict(bins or {})
     unknown = [c for c in (*by, *(metrics or ())) if c not in names]

@@ -211,6 +211,9 @@ def sweep_quantiles(
     max_groups: Annotated[int | None, typer.Option(
         help="Refuse more groups than this (default sweeps.aggregate.MAX_GROUPS, 10000): bin continuous columns.")
     ] = None,
+    partial: Annotated[bool, typer.Option(
+        help="Read a cancelled or failed run's output anyway (only the scenarios it wrote, in index order).")
+    ] = False,
 ) -> None:
     """Quantiles (uncertainty bands) of the sweep metrics, optionally per group."""
     from sweeps.aggregate import DEFAULT_QUANTILES, MAX_GROUPS, quantiles
@@ -224,7 +227,7 @@ def sweep_quantiles(
             raise typer.BadParameter(str(exc)) from None
     try:
         table = quantiles(url, metric or None, q=q or DEFAULT_QUANTILES, by=by or (), bins=_bins(bins or []),
-                          max_groups=max_groups or MAX_GROUPS)
+                          max_groups=max_groups or MAX_GROUPS, partial=partial)
     except (KeyError, ValueError, FileNotFoundError) as exc:
         raise typer.BadParameter(str(exc)) from None
     names = table.column_names

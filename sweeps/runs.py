@@ -25,6 +25,7 @@ from raytwin.contracts import Contract, UtcTime
 from raytwin.modelcode import ModelCode, code_identity, describe_change
 from raytwin.provenance import code_version, package_versions
 from raytwin.storage import canonical_json, filesystem
+from sweeps.aggregate import RUN_OUTPUT, RUN_RECORD
 from sweeps.calibration import CalibrationSpec, calibrate, read_telemetry
 from sweeps.fmu import FmuCalibrationSpec, FmuSweepSpec, calibrate_fmu_spec, run_fmu_spec
 from sweeps.runner import SweepCancelled, absolute_url, run_sweep
@@ -32,7 +33,6 @@ from sweeps.spec import SweepSpec, resolve_model
 
 log = logging.getLogger("raytwin.runs")
 DEFAULT_RUNS_ROOT = "./runs"
-RECORD_FILE = "run.json"
 
 Kind = Literal["sweep", "calibration", "recommendation"]
 
@@ -85,18 +85,18 @@ class RunStore:
         self.fs, self.path = filesystem(self.root, storage_options)
 
     def output_url(self, run_id: str) -> str:
-        return f"{self.root}/{run_id}/output"
+        return f"{self.root}/{run_id}/{RUN_OUTPUT}"
 
     def save(self, record: RunRecord) -> None:
         self.fs.makedirs(f"{self.path}/{record.run_id}", exist_ok=True)
-        self.fs.pipe_file(f"{self.path}/{record.run_id}/{RECORD_FILE}", canonical_json(record.model_dump(mode="json")))
+        self.fs.pipe_file(f"{self.path}/{record.run_id}/{RUN_RECORD}", canonical_json(record.model_dump(mode="json")))
 
     def exists(self, run_id: str) -> bool:
         """Whether run `run_id` left its record (a run stopped before it began has none)."""
-        return self.fs.exists(f"{self.path}/{run_id}/{RECORD_FILE}")
+        return self.fs.exists(f"{self.path}/{run_id}/{RUN_RECORD}")
 
     def load(self, run_id: str) -> RunRecord:
-        path = f"{self.path}/{run_id}/{RECORD_FILE}"
+        path = f"{self.path}/{run_id}/{RUN_RECORD}"
         if not self.fs.exists(path):
             raise RunError(f"no run {run_id!r} under {self.root}")
         return RunRecord.model_validate_json(self.fs.cat_file(path))
@@ -105,7 +105,7 @@ class RunStore:
         if not self.fs.exists(self.path):
             return []
         records = [RunRecord.model_validate_json(self.fs.cat_file(p))
-                   for p in self.fs.glob(f"{self.path}/*/{RECORD_FILE}")]
+                   for p in self.fs.glob(f"{self.path}/*/{RUN_RECORD}")]
         return sorted(records, key=lambda r: r.started)
 
 

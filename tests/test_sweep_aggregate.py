@@ -5,14 +5,17 @@ No Ray: the datasets are written with the runner's own Parquet writer, as a fini
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import numpy as np
 import pyarrow as pa
 import pytest
 from typer.testing import CliRunner
 
-from sweeps.aggregate import open_dataset, quantiles
+from sweeps.aggregate import IncompleteRun, open_dataset, quantiles
 from sweeps.cli import sweep_app
 from sweeps.runner import part_name, write_parquet
+from sweeps.runs import RunRecord, RunStore
 
 Q = (0.0, 0.05, 0.25, 0.5, 0.95, 1.0)
 
@@ -147,3 +150,38 @@ def test_diverged_scenarios_are_counted_but_never_part_of_a_band(tmp_path):
         assert r["count"] == valid.size and r["diverged"] == int(np.sum(group & diverged)) > 0
         assert [r["q0.05"], r["q0.5"]] == pytest.approx(np.quantile(valid, [0.05, 0.5]), rel=1e-12)
         assert np.isfinite(r["mean"])
+
+
+def _recorded_run(tmp_path, status: str, recorded_parts: int, written_parts: int) -> str:
+    """A run's directory as `sweeps.runs` leaves it: its output's parts and its record beside them."""
+    output = tmp_path / "runs" / "sweep-1" / "output"
+    output.mkdir(parents=True)
+    _write_sweep(output, n=written_parts * 1000)
+    now = datetime.now(UTC)
+    RunStore(str(tmp_path / "runs")).save(RunRecord(
+        run_id="sweep-1", kind="sweep", status=status, user="u", tenant="t", model_ref="thermal_rc", model_hash="h",
+        spec={}, seeds={}, package_versions={}, code_version="c", started=now, finished=now, output_url=str(output),
+        outputs={part_name(c): "0" * 64 for c in range(recorded_parts)},
+        error=None if status == "succeeded" else "cancelled by user"))
+    return str(output)
+
+
+def test_a_cancelled_runs_output_is_refused_unless_partial(tmp_path):
+    """A grid writes its scenarios in index order: a cancelled run's parts are one corner of its space, and the
+    researcher's median read 276.6 K where the whole sweep's is 328.9 K, without a word."""
+    output = _recorded_run(tmp_path, "cancelled", recorded_parts=0, written_parts=1)
+    with pytest.raises(IncompleteRun, match=r"run sweep-1 cancelled \(cancelled by user\); it holds 1000 scenario"):
+        quantiles(output, q=Q)
+    assert quantiles(output, q=Q, partial=True)["count"].to_pylist() == [1000, 1000]
+    refused = CliRunner().invoke(sweep_app, ["quantiles", "sweep-1", "--runs", str(tmp_path / "runs")])
+    assert refused.exit_code == 2 and "--partial" in refused.output
+    read = CliRunner().invoke(sweep_app, ["quantiles", "sweep-1", "--runs", str(tmp_path / "runs"), "--partial"])
+    assert read.exit_code == 0, read.output
+
+
+def test_a_succeeded_run_missing_a_recorded_part_is_refused(tmp_path):
+    complete = _recorded_run(tmp_path / "a", "succeeded", recorded_parts=3, written_parts=3)
+    assert quantiles(complete, q=Q)["count"].to_pylist() == [3000, 3000]
+    (tmp_path / "a" / "runs" / "sweep-1" / "output" / part_name(2)).unlink()
+    with pytest.raises(IncompleteRun, match=r"recorded 3 part\(s\), 1 of them missing"):
+        open_dataset(complete)
