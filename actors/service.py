@@ -168,6 +168,20 @@ class TwinService:
         return sorted(a for part in ray.get([s.assets.remote(tenant) for s in self._shards], timeout=timeout_s)
                       for a in part)
 
+    def shards_answering(self, timeout_s: float) -> int:
+        """How many shards answer a call within `timeout_s` (all asked at once; a dead, restarting or hung one does
+        not): 0 means no twin can be read or written (the readiness route)."""
+        calls = [s.twin_count.remote() for s in self._shards]
+        done, _ = ray.wait(calls, num_returns=len(calls), timeout=timeout_s)
+        answered = 0
+        for call in done:
+            try:
+                ray.get(call)
+                answered += 1
+            except ray.exceptions.RayError:
+                pass
+        return answered
+
     def state(self, tenant: str, asset_id: str) -> TwinState:
         """The twin's live state; while its shard restarts, its last durable state (latest snapshot)
         with `stale=True` instead of waiting for the restart (seconds)."""

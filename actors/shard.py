@@ -81,6 +81,8 @@ SNAPSHOTS_PER_CALL = 8
 Why: a snapshot file costs ~0.4 ms, and twins that become due together (every twin of a restarted
 shard) would all be written by one call, stalling it by tens of milliseconds. A snapshot only
 shortens recovery: the log is what makes an event durable."""
+TWIN_OUTCOMES = ("accepted", "duplicate", "rejected", "conflict")
+"""The `outcome` tags of `metrics.TWIN_EVENTS`."""
 
 
 def too_late_reason(event_us: int, twin: Twin) -> str:
@@ -164,6 +166,10 @@ class TwinShard(LiveModelOps):
         shadowed = self.shadows.resume(self.twins)  # after the twins: a shadow catches up from the log
         metrics.TWINS.set(len(self.twins), shard=self.tag)
         metrics.TWINS_DRIFTING.set(len(self.drifting), shard=self.tag)
+        metrics.SHARD_STARTED.set(time.time(), shard=self.tag)  # a new value per restart: a crash loop's count
+        # exported at 0 now: a burst that creates a series would not show in `rate()` (`Metric.zero`)
+        metrics.TWIN_EVENTS.zero(*({"shard": self.tag, "outcome": o} for o in TWIN_OUTCOMES))
+        metrics.zero_dead_letters("shard")
         kernels = kernel_counts()
         log.info("event=shard_started shard=%d pid=%d twins=%d shadowed=%d process_age_s=%.2f recover_s=%.2f "
                  "kernels_loaded=%d kernels_compiled=%d", index, os.getpid(), len(self.twins), shadowed,
@@ -403,8 +409,8 @@ class TwinShard(LiveModelOps):
             if snapshots < SNAPSHOTS_PER_CALL:
                 snapshots += self._snapshot(key)
             (self.drifting.add if twins[c].drift else self.drifting.discard)(key)
-        for outcome, count in (("accepted", n_accepted), ("duplicate", adm.duplicates),
-                               ("rejected", len(rejects) - adm.conflicts), ("conflict", adm.conflicts)):
+        for outcome, count in zip(TWIN_OUTCOMES, (n_accepted, adm.duplicates, len(rejects) - adm.conflicts,
+                                                  adm.conflicts), strict=True):
             metrics.TWIN_EVENTS.inc(count, shard=self.tag, outcome=outcome)
         for cause, count in adm.causes.items():
             metrics.DEAD_LETTERS.inc(count, stage="shard", reason=cause)

@@ -1,4 +1,5 @@
-"""`raytwin status`: the cluster, twins, ingest lag, job queue, connectors and firing alerts on one screen.
+"""`raytwin status`: the service (down, fenced), cluster, shards, twins, ingest lag, job queue, connectors and firing
+alerts on one screen.
 
 It reads what the operators' tools read, so it agrees with them: Ray's state (nodes, CPUs), every
 alive node's metrics export summed (so counts are cluster-wide, as in `raytwin.metrics`), and,
@@ -34,6 +35,8 @@ class Status:
     cpus: float
     cpus_free: float
     shards: dict[str, int] = field(default_factory=dict)  # TwinShardProcess actors by Ray state
+    unanswered: dict[str, int] = field(default_factory=dict)  # shard -> calls it left past their deadline (hung)
+    fenced: bool | None = None  # the backend's store lease lost to another service; None: no backend exports it
     twins: int = 0
     drifting: int = 0
     events: dict[str, int] = field(default_factory=dict)  # by outcome
@@ -93,6 +96,17 @@ def _connected(samples: Samples) -> dict[str, bool]:
     return out
 
 
+def _nonzero(values: dict[str, float]) -> dict[str, int]:
+    """The counts above 0: processes export their counters' series at 0 from the start (`Metric.zero`)."""
+    return {k: int(v) for k, v in values.items() if v}
+
+
+def _fenced(samples: Samples) -> bool | None:
+    """Whether any backend process exports its store as fenced; None when none exports the gauge."""
+    values = [v for n, _, v in samples if n == "ray_raytwin_store_fenced"]
+    return any(v > 0 for v in values) if values else None
+
+
 def collect(samples: Samples, prometheus: str | None = None, now: float | None = None) -> Status:
     """The status from Ray's state, `samples` (`scrape_nodes`) and Prometheus's alerts."""
     nodes = [n for n in ray.nodes() if n["Alive"]]
@@ -103,10 +117,12 @@ def collect(samples: Samples, prometheus: str | None = None, now: float | None =
         nodes=len(nodes), cpus=total.get("CPU", 0.0), cpus_free=free.get("CPU", 0.0),
         shards={k: int(v) for k, v in _by(samples, "ray_actors", "State", Name="TwinShardProcess",
                                           Source="gcs").items() if v},
+        unanswered=_nonzero(_by(samples, "ray_raytwin_shard_unanswered_total", "shard")),
+        fenced=_fenced(samples),
         twins=int(sum(_by(samples, "ray_raytwin_twins").values())),
         drifting=int(sum(_by(samples, "ray_raytwin_twins_drifting").values())),
-        events={k: int(v) for k, v in _by(samples, "ray_raytwin_twin_events_total", "outcome").items()},
-        dead_letters={k: int(v) for k, v in _by(samples, "ray_raytwin_dead_letters_total", "stage", "reason").items()},
+        events=_nonzero(_by(samples, "ray_raytwin_twin_events_total", "outcome")),
+        dead_letters=_nonzero(_by(samples, "ray_raytwin_dead_letters_total", "stage", "reason")),
         lag_p95_s=bucket_quantile(0.95, lag),
         jobs={k: int(v) for k, v in _by(samples, "ray_raytwin_jobs", "state").items()},
         oldest_job_age_s=(now or time.time()) - min(oldest) if oldest else None,
@@ -123,12 +139,33 @@ def _counts(values: dict[str, int]) -> str:
     return ", ".join(f"{k} {v:,}" for k, v in sorted(values.items())) or "none"
 
 
-def _shards(shards: dict[str, int]) -> str:
-    """Alive shards first; the others by state, DEAD explained: Ray keeps every shard process the cluster ever
-    ran, so it counts earlier services' and replaced processes too, not shards missing now."""
-    others = {k: v for k, v in shards.items() if k != "ALIVE"}
-    dead = " (processes of earlier services and replaced ones: not shards missing now)" if "DEAD" in others else ""
-    return f"{shards.get('ALIVE', 0):,} alive" + (f"; {_counts(others)}{dead}" if others else "")
+def _shards(s: Status) -> str:
+    """Alive shards first, none said plainly; RESTARTING ones are missing now; DEAD explained: Ray keeps every
+    shard process the cluster ever ran, so it counts earlier services' and replaced processes too; then the
+    shards that left calls unanswered (hung or stalled while Ray shows them alive)."""
+    alive = s.shards.get("ALIVE", 0)
+    parts = [f"{alive:,} alive" if alive else "NONE ALIVE (the API is down: no twin can be read or written)"]
+    if n := s.shards.get("RESTARTING"):
+        parts.append(f"RESTARTING {n:,} (missing now: their twins' reads are stale, their writes wait)")
+    if others := {k: v for k, v in s.shards.items() if k not in ("ALIVE", "RESTARTING", "DEAD")}:
+        parts.append(_counts(others))
+    if n := s.shards.get("DEAD"):
+        parts.append(f"DEAD {n:,} (processes of earlier services and replaced ones)")
+    if s.unanswered:
+        hung = ", ".join(f"shard {k} {v:,}x" for k, v in sorted(s.unanswered.items()))
+        parts.append(f"left calls unanswered past their deadline (hung or stalled; in all): {hung}")
+    return "; ".join(parts)
+
+
+def _service(s: Status) -> str:
+    """The answer to "is the API up?": the problems that make it down or read-only, else what was checked."""
+    problems = []
+    if s.shards.get("ALIVE", 0) == 0:
+        problems.append("DOWN: no twin shard alive")
+    if s.fenced:
+        problems.append("FENCED: another service holds its store, every write is refused (503 store_fenced; "
+                        "ops/README.md#store-fenced)")
+    return "; ".join(problems) or "up: twin shards alive" + ("" if s.fenced is None else ", store held")
 
 
 def _connectors(s: Status) -> str:
@@ -147,7 +184,8 @@ def render(s: Status) -> str:
               else ", ".join(s.alerts) if s.alerts else "none firing")
     return "\n".join([
         f"cluster       {s.nodes} node(s), {s.cpus_free:g} of {s.cpus:g} CPUs free",
-        f"shards        {_shards(s.shards)}",
+        f"service       {_service(s)}",
+        f"shards        {_shards(s)}",
         f"twins         {s.twins:,} live, {s.drifting:,} drifting",
         f"events        {_counts(s.events)}",
         f"dead letters  {_counts(s.dead_letters)}",

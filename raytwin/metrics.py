@@ -75,6 +75,17 @@ class Metric:
         if value and (m := _recorders(self)):
             m[0].inc(value, tags)
 
+    def zero(self, *tag_sets: dict[str, str]) -> None:
+        """Export each of a counter's `tag_sets` at 0 now, before its first count: a series Prometheus first sees
+        at a value above 0 hides that value from `rate()` and `increase()`, so a burst that creates its series
+        (a dead-letter reason's first refusals in a process) would never show in a rate-based alert. Ray's
+        `Counter.inc` refuses 0; its `_record` does not, and the exporter then sends the series at 0."""
+        if self.kind != "counter":
+            raise TypeError(f"{self.name} is a {self.kind}: only a counter's series are exported at 0 before use")
+        if m := _recorders(self):
+            for tags in tag_sets:
+                m[0]._record(0.0, tags)
+
     def set(self, value: float, **tags: str) -> None:
         """Set a gauge (kept, and re-recorded until the process ends)."""
         if m := _recorders(self):
@@ -216,13 +227,17 @@ TWINS_DRIFTING = gauge("raytwin_twins_drifting", "Twins whose filter flags model
 STALE_READS = counter("raytwin_stale_reads", "Twin states answered from the twin's last durable state because "
                       "its shard was restarting or left a call unanswered past its deadline, by read (state: one "
                       "twin; query: asset queries).", "read")
+SHARD_STARTED = gauge("raytwin_shard_started_timestamp_seconds", "When this twin shard process finished starting "
+                      "(recovering its twins) [Unix s]: a new value per restart, so `changes()` counts a crash loop.",
+                      "shard")
 SHARD_UNANSWERED = counter("raytwin_shard_unanswered", "Times an Ingress replica found a twin shard leaving a call "
                            "unanswered past its deadline (hung or stalled; serve_apps/shard_deadline.py).", "shard")
 # ---- scenarios, sweeps, jobs, calibration ------------------------------------------------------
 SCENARIO_STEPS = counter("raytwin_scenario_steps", "Simulated scenario-steps (scenarios x steps), by kind "
                          "(scenario: API runs and jobs; sweep: every sweep).", "kind")
-SWEEP_SCENARIOS = counter("raytwin_sweep_scenarios", "Scenarios finished by what-if sweeps.", "model")
-SWEEP_RATE = gauge("raytwin_sweep_scenarios_per_second", "Throughput of the running sweep.", "model")
+SWEEP_SCENARIOS = counter("raytwin_sweep_scenarios", "Scenarios finished by what-if sweeps, by simulator (a declared "
+                          "model's name, custom or fmu: `raytwin.sim.discovery.simulator_label`).", "simulator")
+SWEEP_RATE = gauge("raytwin_sweep_scenarios_per_second", "Throughput of the running sweep.", "simulator")
 JOBS = gauge("raytwin_jobs", "API jobs by state (queued = the queue's depth).", "state")
 JOB_QUEUE_OLDEST = gauge("raytwin_job_queue_oldest_submitted_timestamp_seconds", "Submission time of the oldest "
                          "queued job [Unix s], 0 when none waits: its age is time() minus it.")
@@ -246,3 +261,17 @@ ADMISSION_REFUSED = counter("raytwin_admission_refused", "Requests refused befor
                             "(in_flight, queue_full, wait_budget, backlog).", "gate", "reason")
 TELEMETRY_BACKLOG = gauge("raytwin_telemetry_backlog_events", "Telemetry events accepted over HTTP and not yet "
                           "applied by the shards (bounded by admission.telemetry_backlog_events).")
+STORE_FENCED = gauge("raytwin_store_fenced", "1 while this service's store is leased to another service (a takeover, a "
+                     "reshard) or its lease was released: every write is refused (503 store_fenced); 0 while it holds it.")
+
+DEAD_LETTER_REASONS: dict[str, tuple[str, ...]] = {
+    "api": ("invalid", "misfit"),
+    "ingest": ("invalid",),
+    "shard": ("unknown_twin", "misfit", "clock_skew", "conflict", "too_late"),
+}
+"""The reasons each stage dead-letters events for (`DEAD_LETTERS`), exported at 0 where the stage runs."""
+
+
+def zero_dead_letters(stage: str) -> None:
+    """Export `stage`'s dead-letter series at 0 (see `Metric.zero`): once per process that refuses events."""
+    DEAD_LETTERS.zero(*({"stage": stage, "reason": r} for r in DEAD_LETTER_REASONS[stage]))

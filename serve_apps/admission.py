@@ -41,11 +41,11 @@ from serve_apps.errors import ApiError
 
 SERVICE_TIME_WEIGHT = 0.1
 """Weight of the newest request in the moving average of the time a request holds a slot."""
-UNGATED_PATHS = frozenset({"/v1/changes", "/v1/health"})
+UNGATED_PATHS = frozenset({"/v1/changes", "/v1/health", "/v1/health/ready"})
 """Never gated: long-lived streams (the SSE change stream: a stream would hold a slot for hours, so a few
 open streams would shut a replica; Serve's `max_ongoing_requests` and `max_streams` bound them per replica)
-and the health route (a liveness probe must not take a full replica for a dead one: restarting it sheds
-its work onto the others)."""
+and the health routes (a liveness probe must not take a full replica for a dead one: restarting it sheds
+its work onto the others; nor a readiness probe take it out of the load balancer for being busy)."""
 
 
 class Admission(BaseModel):

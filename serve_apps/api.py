@@ -139,3 +139,20 @@ def _ops_routes(app: FastAPI) -> None:
         count = None if fenced else await svc.backend.call("live_twins", who.tenant, svc.config.shard_read_timeout_s)
         status = "fenced" if fenced else "ok" if count is not None else "degraded"
         return Health(status=status, tenant=who.tenant, live_twins=count, jobs=jobs["states"], fenced=fenced)
+
+    @app.get("/v1/health/ready", response_model=Health, tags=["operations"], response_model_exclude_none=True,
+             responses={503: {"model": Health, "description": "Not ready: `fenced` or `unavailable`"}})
+    async def ready(response: Response, svc: Services = SVC) -> Health:
+        """Readiness, for a load balancer's health check or an orchestrator's readiness probe; no API key, and, like
+        anonymous health, only a status. 200 `ok` while the service holds its store and a twin shard answers within
+        `shard_read_timeout_s`; 503 `fenced` once another service took its store over (every write would fail with
+        `store_fenced`) or `unavailable` when no shard answers (every one down, restarting or hung). `/v1/health`
+        stays the liveness check: a fenced or shardless service is alive, and restarting it fixes neither."""
+        if await svc.backend.call("store_fence"):
+            status = "fenced"
+        elif not await svc.backend.call("shards_answering", svc.config.shard_read_timeout_s):
+            status = "unavailable"
+        else:
+            return Health(status="ok")
+        response.status_code = 503
+        return Health(status=status)

@@ -13,6 +13,7 @@ from ray.serve import Application
 from ray.serve.config import BackpressureConfig
 from ray.serve.handle import DeploymentHandle
 
+from raytwin import metrics
 from raytwin.logs import component_logging
 from raytwin.sim.cpu import cpu_only
 from raytwin.sim.discovery import restrict_fmu_sources
@@ -38,6 +39,7 @@ class Ingress:
         # requests are parsed here (the Backend gets parsed objects): a request must not make the server
         # fetch any URL. Process-wide, so only in this replica's own process, never in-process users.
         restrict_fmu_sources([config.url("registry")])
+        metrics.zero_dead_letters("api")  # a burst of refusals shows in the dead-letter ratio from its first count
         client = BackendClient(backend)
         self.services = Services(
             config=config, keys=KeyStore(config.keys_file), backend=client,

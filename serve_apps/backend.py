@@ -26,6 +26,7 @@ from actors.lease import ray_cluster
 from actors.retype import RetypeFailed
 from actors.state import TwinState, UnknownTwin
 from connectors.manager import stop_connector_actors
+from raytwin import metrics
 from raytwin.compat import IncompatibleReplay
 from raytwin.contracts import Asset, AssetType, RelationshipKind, TelemetryEvent
 from raytwin.graph import Direction
@@ -61,11 +62,16 @@ FENCE_WATCH_S = 5.0
 """How often the backend reads the lease to stop its connectors once another cluster's service holds the store."""
 
 
+def holds(now: Lease | None, mine: Lease) -> bool:
+    """Whether the store's lease as read (`now`) is still `mine`: not taken over, not released."""
+    return now is not None and not now.released and now.fence == mine.fence
+
+
 def lost_lease(store: StateStore, mine: Lease) -> StoreFence | None:
     """Why `mine` no longer holds `store` (None while it does): one small file read and no shard call, so
     that health reports a fenced service at once, where each of its writes fails (503 `store_fenced`)."""
     now = store.read_lease()
-    if now is not None and not now.released and now.fence == mine.fence:
+    if holds(now, mine):
         return None
     if now is None or now.released:
         return StoreFence(reason=f"this service's lease on its store (epoch {mine.epoch}) was released: its writes "
@@ -437,28 +443,37 @@ class Backend:
         except ray.exceptions.GetTimeoutError:
             return None
 
+    async def shards_answering(self, timeout_s: float) -> int:
+        """How many twin shards answer within `timeout_s` (a thread waits, never the replica's event loop)."""
+        return await asyncio.to_thread(self.twins.shards_answering, timeout_s)
+
     def store_fence(self) -> StoreFence | None:
         """Why this service no longer holds its store (None while it does): see `lost_lease`."""
         return lost_lease(self.twins.store, self.twins.lease)
 
     def _watch_fence(self) -> None:
-        """Once a service of another Ray cluster holds the store, stop this service's connectors (a daemon thread,
-        checking every `FENCE_WATCH_S`): detached, they would keep receiving and sending beside the successor's,
-        under the same MQTT client ids. A successor in this cluster shares them by name, so they stay."""
+        """Every `FENCE_WATCH_S` (a daemon thread): export whether the service is fenced (`metrics.STORE_FENCED`,
+        for an alert and the dashboard: its writes all fail while health's anonymous answer stays terse), and once
+        a service of another Ray cluster holds the store, stop this service's connectors: detached, they would keep
+        receiving and sending beside the successor's, under the same MQTT client ids. A successor in this cluster
+        shares them by name, so they stay."""
+        stopped = False
+        metrics.STORE_FENCED.set(0)
         while True:
             time.sleep(FENCE_WATCH_S)
             try:
                 held = self.twins.store.read_lease()
-                if held is None or held.released or held.fence == self.twins.lease.fence \
-                        or held.cluster == ray_cluster():
-                    continue
-                stopped = stop_connector_actors(self.config.namespace)
+                fenced = not holds(held, self.twins.lease)
+                metrics.STORE_FENCED.set(1 if fenced else 0)
+                if stopped or not fenced or held is None or held.released or held.cluster == ray_cluster():
+                    continue  # a released lease has no successor whose connectors would run beside these
+                count = stop_connector_actors(self.config.namespace)
             except Exception:  # noqa: BLE001 - a store hiccup: the next check tries again
                 log.warning("event=fence_watch_failed", exc_info=True)
                 continue
+            stopped = True
             log.warning("event=store_fenced_connectors_stopped holder=%s epoch=%d connectors=%d", held.owner,
-                        held.epoch, stopped)
-            return
+                        held.epoch, count)
 
     def check_writable(self) -> None:
         """`StoreFenced` (503 `store_fenced`) once another service took the store over: a fenced service must not

@@ -43,8 +43,10 @@ class ShardBreakers:
     """The shards (by index) that left a call unanswered past its deadline, each until that call completes;
     per replica, on its event loop only."""
 
-    def __init__(self) -> None:
+    def __init__(self, shards: int = 0) -> None:
         self._unanswered: dict[int, asyncio.Future] = {}
+        # exported at 0 from the start, or a replica's first unanswered call to a shard would not show in `increase()`
+        metrics.SHARD_UNANSWERED.zero(*({"shard": str(i)} for i in range(shards)))
 
     def is_open(self, index: int) -> bool:
         return index in self._unanswered

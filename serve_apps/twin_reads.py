@@ -101,7 +101,7 @@ class TwinReader:
         self.max_entries = config.state_cache_entries
         self.read_timeout_s, self.write_timeout_s = config.shard_read_timeout_s, config.shard_write_timeout_s
         self.create_timeout_s = config.shard_create_timeout_s
-        self.breakers = ShardBreakers()
+        self.breakers = ShardBreakers(self.shards)
         self._clock = clock
         self._handles: dict[int, Any] = {}
         self._store = StateStore(self.store_url, config.storage_options or None)

@@ -26,6 +26,7 @@ import ray
 
 from raytwin.metrics import SCENARIO_STEPS, SWEEP_RATE, SWEEP_SCENARIOS
 from raytwin.sim.cpu import cpu_only, start_single_core_backend
+from raytwin.sim.discovery import simulator_label
 from raytwin.sim.integrate import integration_dtype
 from raytwin.storage import filesystem
 from sweeps import engine
@@ -251,8 +252,8 @@ class _Progress:
     """A rich progress bar on a terminal, a structured log line every `every_s` seconds, Ray metrics
     (`raytwin.metrics`: scenarios, scenario-steps, throughput)."""
 
-    def __init__(self, model: str, total: int, n_steps: int, every_s: float, show_bar: bool):
-        self.model, self.n_steps = model, n_steps
+    def __init__(self, simulator: str, total: int, n_steps: int, every_s: float, show_bar: bool):
+        self.simulator, self.n_steps = simulator, n_steps  # the metrics' tag (`simulator_label`)
         self.total, self.every_s, self.done = total, every_s, 0
         self.t0 = self.last = time.monotonic()
         self.bar = None
@@ -265,7 +266,7 @@ class _Progress:
 
     def advance(self, n: int) -> None:
         self.done += n
-        SWEEP_SCENARIOS.inc(n, model=self.model)
+        SWEEP_SCENARIOS.inc(n, simulator=self.simulator)
         SCENARIO_STEPS.inc(n * self.n_steps, kind="sweep")
         if self.bar is not None:
             self.bar.update(self.task, completed=self.done)
@@ -273,7 +274,7 @@ class _Progress:
         if now - self.last >= self.every_s or self.done == self.total:
             self.last = now
             rate = self.done / max(now - self.t0, 1e-9)
-            SWEEP_RATE.set(rate, model=self.model)
+            SWEEP_RATE.set(rate, simulator=self.simulator)
             log.info("sweep progress done=%d total=%d scenarios_per_s=%.0f", self.done, self.total, rate)
 
     def close(self) -> None:
@@ -324,7 +325,7 @@ def run_sweep(
                                                             storage_options)
         pending[traj] = -1
     show = sys.stderr.isatty() if progress is None else progress
-    bar = _Progress(spec.model, n, spec.n_steps, log_every_s, show)
+    bar = _Progress(simulator_label(simulator), n, spec.n_steps, log_every_s, show)
     next_chunk = diverged = 0
     try:
         while next_chunk < n_chunks or pending:

@@ -89,7 +89,8 @@ def test_dashboard_and_rules_query_only_names_raytwin_exports():
     assert titles == {"Ingestion", "Twins", "Sweeps and jobs", "API", "Connectors"}
 
 
-NOT_ON_THE_DASHBOARD = {"ray_raytwin_sweep_scenarios_per_second"}  # the rate of ray_raytwin_sweep_scenarios_total
+NOT_ON_THE_DASHBOARD = {"ray_raytwin_sweep_scenarios_per_second",  # the rate of ray_raytwin_sweep_scenarios_total
+                        "ray_raytwin_shard_started_timestamp_seconds"}  # its changes, as raytwin:shard_started_...
 
 
 def test_every_raytwin_metric_is_on_the_dashboard():
@@ -97,6 +98,24 @@ def test_every_raytwin_metric_is_on_the_dashboard():
     names = {n for e in _dashboard_exprs() for n in _SERIES_NAME.findall(e)}
     missing = {m.exported[0] for m in metrics.ALL if not set(m.exported) & names} - NOT_ON_THE_DASHBOARD
     assert not missing
+
+
+def test_sweep_metrics_tag_a_bounded_simulator_never_the_tenants_reference():
+    """Sweeps were tagged with the tenant's registry reference (thermal_rc@1.0.0): a new series per model version
+    and a name the tenant chose, in an export that reaches Prometheus only."""
+    from raytwin.sim.discovery import declared, simulator_label
+
+    assert "thermal_rc" in declared() and simulator_label("thermal_rc") == "thermal_rc"  # installed by the operator
+    assert simulator_label("acme_models.plant:PUMP") == "custom"
+    assert simulator_label(f"s3://acme-bucket/registry/fmus/{'ab' * 32}.fmu") == "fmu"
+    assert simulator_label("thermal_rc@1.0.0") == "custom"  # a registry reference is never a tag value
+    assert metrics.SWEEP_SCENARIOS.tags == metrics.SWEEP_RATE.tags == ("simulator",)
+
+
+def test_only_a_counter_is_exported_at_zero_before_use():
+    """A gauge recorded at 0 would say 0 twins, not "none counted yet": `Metric.zero` refuses it."""
+    with pytest.raises(TypeError, match="raytwin_twins is a gauge"):
+        metrics.TWINS.zero({"shard": "0"})
 
 
 def test_status_lists_connectors_not_connected_with_their_down_time(ray_session):
@@ -109,10 +128,43 @@ def test_status_lists_connectors_not_connected_with_their_down_time(ray_session)
     assert status.connectors == {"acme/plant": True, "acme/vault": False}
     assert "connectors    1 connected; not connected (or paused): acme/vault (down 45 s in all)" in render(status)
     assert "connectors    none" in render(collect([]))
-    # Ray keeps every shard process it ran: dead ones are earlier services', not shards missing now
-    assert "shards        2 alive; DEAD 6 (processes of earlier services and replaced ones" in render(
-        Status(nodes=1, cpus=2.0, cpus_free=1.0, shards={"ALIVE": 2, "DEAD": 6}))
-    assert "shards        0 alive\n" in render(Status(nodes=1, cpus=2.0, cpus_free=1.0))
+    # the backend's fence gauge (any process at 1: fenced; none exported: unknown) and hung shards, by shard
+    shards = [("ray_actors", {"Name": "TwinShardProcess", "Source": "gcs", "State": "ALIVE"}, 2.0),
+              ("ray_raytwin_shard_unanswered_total", {"shard": "1", "WorkerId": "ingress-a"}, 3.0),
+              ("ray_raytwin_shard_unanswered_total", {"shard": "1", "WorkerId": "ingress-b"}, 1.0),
+              ("ray_raytwin_shard_unanswered_total", {"shard": "0", "WorkerId": "ingress-a"}, 0.0)]
+    fenced = collect([*shards, ("ray_raytwin_store_fenced", {"WorkerId": "backend"}, 1.0)])
+    assert (fenced.fenced, fenced.unanswered) == (True, {"1": 4})
+    assert collect([*shards, ("ray_raytwin_store_fenced", {}, 0.0)]).fenced is False
+    assert collect(shards).fenced is None
+
+
+def _screen(**status) -> dict[str, str]:
+    """`render` of a one-node Status with `status`: line title -> its text."""
+    lines = render(Status(nodes=1, cpus=2.0, cpus_free=1.0, **status)).splitlines()
+    return {line[:14].strip(): line[14:] for line in lines}
+
+
+def test_status_says_plainly_when_the_api_is_down_fenced_or_a_shard_missing_or_hung():
+    # `serve shutdown` with Ray up: every shard process DEAD, none alive
+    down = _screen(shards={"DEAD": 6})
+    assert down["service"] == "DOWN: no twin shard alive"
+    assert down["shards"] == ("NONE ALIVE (the API is down: no twin can be read or written); "
+                              "DEAD 6 (processes of earlier services and replaced ones)")
+    assert _screen()["service"] == "DOWN: no twin shard alive"
+    # Ray keeps every shard process it ran: dead ones are earlier services', not missing; restarting ones are
+    healthy = _screen(shards={"ALIVE": 2, "DEAD": 6}, fenced=False)
+    assert healthy["service"] == "up: twin shards alive, store held"
+    assert healthy["shards"] == "2 alive; DEAD 6 (processes of earlier services and replaced ones)"
+    restarting = _screen(shards={"ALIVE": 1, "RESTARTING": 1, "DEAD": 3})["shards"]
+    assert restarting == ("1 alive; RESTARTING 1 (missing now: their twins' reads are stale, their writes wait); "
+                          "DEAD 3 (processes of earlier services and replaced ones)")
+    fenced = _screen(shards={"ALIVE": 2}, fenced=True)["service"]
+    assert fenced.startswith("FENCED: another service holds its store, every write is refused (503 store_fenced")
+    hung = _screen(shards={"ALIVE": 2}, unanswered={"1": 4, "0": 1})
+    assert hung["service"] == "up: twin shards alive"  # no backend's fence gauge in the export: not claimed
+    assert hung["shards"] == "2 alive; left calls unanswered past their deadline (hung or stalled; in all): " \
+                             "shard 0 1x, shard 1 4x"
 
 
 def test_status_refuses_to_guess_among_several_local_clusters(monkeypatch):
@@ -233,11 +285,11 @@ def _alert_evaluations(prom: httpx.Client) -> float:
 
 def test_prometheus_sees_raytwin_loads_the_rules_and_alerts_on_a_dead_letter_flood(twins, prometheus,
                                                                                    ray_metrics_port):
-    # healthy: events applied, 1 in 101 for an unknown twin (under the 5 % threshold; it also makes
-    # the dead-letter series exist before the flood, so the flood is an increase Prometheus can rate)
-    twins.ingest("ops", [*_events("tank-1", 50, 0), *_events("tank-2", 50, 0), *_events("ghost", 1, 0)])
-    _until(lambda: _query(prometheus, 'ray_raytwin_dead_letters_total{stage="shard",reason="unknown_twin"}'),
-           "the dead-letter series in Prometheus")
+    # healthy: events applied, none refused; the shard exported its dead-letter series at 0 when it started
+    # (`Metric.zero`), so the flood below is an increase Prometheus can rate, not a new series' first value
+    twins.ingest("ops", [*_events("tank-1", 50, 0), *_events("tank-2", 50, 0)])
+    _until(lambda: _query(prometheus, 'ray_raytwin_dead_letters_total{stage="shard",reason="unknown_twin"} == 0'),
+           "the dead-letter series in Prometheus at 0")
     twins.ingest("ops", [*_events("tank-1", 50, 50), *_events("tank-2", 50, 50)])
     _until(lambda: _query(prometheus, "raytwin:events:rate5m > 0"), "the events' rate recorded")
     _until(lambda: _query(prometheus, "raytwin:ingest_to_applied_seconds:p95_5m >= 0"), "the ingest lag p95 recorded")
@@ -249,7 +301,9 @@ def test_prometheus_sees_raytwin_loads_the_rules_and_alerts_on_a_dead_letter_flo
     done = _alert_evaluations(prometheus)  # three more over healthy data: with `for:` 1 s a bad rule fires
     _until(lambda: _alert_evaluations(prometheus) >= done + 3, "three evaluations of the alert rules")
     assert _alerts(prometheus) == {}
-    assert _query(prometheus, "raytwin:dead_letters:ratio_rate5m < 0.05")
+    assert _query(prometheus, "raytwin:dead_letters:ratio_rate5m == 0")
+    assert twins.shards_answering(10.0) == 1  # what the readiness route asks (serve_apps.api)
+    assert _query(prometheus, 'ray_raytwin_shard_started_timestamp_seconds{shard="0"} > 0')
 
     # Ray's own series that dashboards and rules query are in the export too
     live = scrape(ray_metrics_port)
@@ -260,7 +314,7 @@ def test_prometheus_sees_raytwin_loads_the_rules_and_alerts_on_a_dead_letter_flo
     assert {"ray_raytwin_twins", "ray_raytwin_twin_events_total", "ray_raytwin_ingest_to_applied_seconds_bucket_total",
             "ray_raytwin_dead_letters_total"} <= live.keys()  # gauge, counter, batch histogram as `exported` says
 
-    # the fault: a producer floods events for twins that do not exist
+    # the fault: a burst of events for twins that do not exist, the first this process refuses
     twins.ingest("ops", _events("ghost", 300, 1))
     firing = _until(lambda: {n for n, s in _alerts(prometheus).items() if s == "firing"},
                     "an alert firing")
@@ -275,7 +329,8 @@ def test_prometheus_sees_raytwin_loads_the_rules_and_alerts_on_a_dead_letter_flo
                              "the same lag p95 in `raytwin status` and Prometheus")
     status = collect(scrape_nodes(), prometheus=str(prometheus.base_url))
     assert status.alerts == ["RayTwinDeadLettersHigh"] and status.twins >= 3 and status.nodes == 1
-    assert status.dead_letters["shard/unknown_twin"] >= 301 and status.events["accepted"] >= 200
+    assert status.dead_letters["shard/unknown_twin"] >= 300 and status.events["accepted"] >= 200
+    assert all(status.dead_letters.values()) and all(status.events.values())  # the zeros exported are left out
     assert status.shards.get("ALIVE", 0) >= 1
     screen = render(status)
     assert "alerts        RayTwinDeadLettersHigh" in screen and f"p95 {ours * 1000:.0f} ms" in screen

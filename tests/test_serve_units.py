@@ -334,6 +334,7 @@ class HealthBackend:
 
         self.store_fence = lambda: lost_lease(store, lease)
         self._fence, self._fence_checked, self.proposed = None, -math.inf, []
+        self.answering = 2  # twin shards that answer (`Backend.shards_answering`)
 
     def check_writable(self) -> None:
         from serve_apps.backend import Backend
@@ -353,19 +354,53 @@ class HealthBackend:
         assert self.store_fence() is None, "a fenced service's health asked its shards"
         return 2
 
+    def shards_answering(self, timeout_s: float) -> int:
+        assert self.store_fence() is None, "a fenced service's readiness asked its shards"
+        return self.answering
+
+
+def _leased_backend(tmp_path) -> tuple:
+    """(store, its lease, the health routes' backend): a service holding a store under `tmp_path`."""
+    from raytwin.statestore import Lease, StateStore
+
+    store = StateStore(str(tmp_path / "twins"))
+    mine = Lease(owner="svc-a", epoch=1, shards=2, namespace="ns", acquired_at="2026-12-05T14:00:00+00:00",
+                 acquired_by="host-a:1")
+    store.write_lease(mine)
+    return store, mine, HealthBackend(store, mine)
+
+
+def test_readiness_fails_a_fenced_service_and_one_whose_shards_all_fail_to_answer(tmp_path):
+    """Anonymous health answers a status only, and liveness must stay 200 for a service that is alive; so a
+    fenced service (every write refused) or one with no shard answering passed every probe, and stayed in the
+    load balancer."""
+    from dataclasses import replace
+
+    from tests.fixtures_serve import in_process
+
+    store, mine, backend = _leased_backend(tmp_path)
+    with in_process(backend, tmp_path) as (http, _, _):
+        ready = http.get("/v1/health/ready")
+        assert (ready.status_code, ready.json()) == (200, {"status": "ok"})
+        backend.answering = 1  # one shard down or hung: its twins are unavailable, the others served
+        assert http.get("/v1/health/ready").status_code == 200
+        backend.answering = 0  # every shard down, restarting or hung (`serve shutdown` of the shards, a crash loop)
+        down = http.get("/v1/health/ready")
+        assert (down.status_code, down.json()) == (503, {"status": "unavailable"})
+        assert http.get("/v1/health").status_code == 200  # alive: a restart would not bring shards back
+        backend.answering = 2
+        store.write_lease(replace(mine, owner="svc-b", epoch=2, acquired_by="host-b:7"))  # a takeover (a reshard)
+        fenced = http.get("/v1/health/ready")
+        assert (fenced.status_code, fenced.json()) == (503, {"status": "fenced"})  # no holder, no host: anonymous
+
 
 def test_health_says_fenced_naming_the_stores_new_holder_once_another_service_took_it(tmp_path):
     """A service whose store was taken over answered every write 503 `store_fenced`, and health `ok`."""
     from dataclasses import replace
 
-    from raytwin.statestore import Lease, StateStore
     from tests.fixtures_serve import in_process
 
-    store = StateStore(str(tmp_path / "twins"))
-    mine = Lease(owner="svc-a", epoch=1, shards=1, namespace="ns", acquired_at="2026-12-05T14:00:00+00:00",
-                 acquired_by="host-a:1")
-    store.write_lease(mine)
-    backend = HealthBackend(store, mine)
+    store, mine, backend = _leased_backend(tmp_path)
     with in_process(backend, tmp_path) as (http, auth, _):
         assert http.get("/v1/health").json() == {"status": "ok"}
         assert http.get("/v1/health", headers=auth["reader"]).json() == {

@@ -25,6 +25,7 @@ from sweeps.reference_kits import BATTERY, THERMAL
 from sweeps.runner import FAULT_ENV, TRAJECTORY_FILE, run_sweep
 from sweeps.space import Dimension, ScenarioSpace
 from sweeps.spec import SweepSpec
+from tests.ray_metrics import total, wait_until
 
 
 THERMAL_KIT, BATTERY_KIT = THERMAL.compile(), BATTERY.compile()
@@ -235,9 +236,14 @@ def test_values_no_dimension_sets_are_chunk_scalars_with_the_same_metrics():
 
 
 # ------------------------------------------------------------------------- Ray runs ----
-def test_sweep_on_ray_writes_the_dataset_and_retries_a_lost_worker(ray_session, tmp_path, monkeypatch):
+def test_sweep_on_ray_writes_the_dataset_and_retries_a_lost_worker(ray_session, ray_metrics_port, tmp_path,
+                                                                   monkeypatch):
     spec = _thermal_spec(trajectories=[0, 599])
     clean = run_sweep(spec, str(tmp_path / "clean"), progress=False)
+    # its scenarios are counted by simulator (a bounded tag: raytwin.sim.discovery.simulator_label), never by model
+    done = wait_until(ray_metrics_port, lambda s: total(s, "ray_raytwin_sweep_scenarios_total", simulator="thermal_rc")
+                      >= 600, "the sweep's scenarios by simulator")
+    assert not any("model" in labels for labels, _ in done["ray_raytwin_sweep_scenarios_total"])
     assert clean.n_chunks == 3 and set(clean.outputs) == {
         "part-000000.parquet", "part-000001.parquet", "part-000002.parquet", TRAJECTORY_FILE}
     table = open_dataset(str(tmp_path / "clean")).to_table().sort_by("scenario")

@@ -98,6 +98,15 @@ def _check_fmu_source(url: str) -> None:
                                 "FMU there (raytwin.fmu.store_fmu) and use the URL it returns")
 
 
+def simulator_label(ref: str) -> str:
+    """A metric tag for the simulator `ref`: a declared model's name (installed by the operator: a bounded set),
+    else ``fmu`` or ``custom`` (an import path). Never the reference itself: an FMU's URL or a tenant's import
+    path is theirs to choose, and each new one would be a new series."""
+    if FMU_REF.match(ref):
+        return "fmu"
+    return ref if ref in declared() else "custom"
+
+
 def get_model(ref: str) -> Model | FmuModel:
     """The model declared under the name `ref`, at the import path ``package.module:ATTR``, or the
     FMU stored at `ref` (`FMU_REF`). The one place a simulator reference becomes a model object."""
