@@ -15,6 +15,15 @@ twins_app = typer.Typer(help="Live twins: time travel, dead letters, compaction,
                         no_args_is_help=True)
 
 
+@twins_app.callback()
+def _models_importable() -> None:
+    """Twins name their models: a model module in the working directory imports, as for `raytwin models`,
+    `sweep` and `calibrate` (`state-at` of a twin of such a model dumped a validation error)."""
+    from raytwin.models_cli import importable_working_directory
+
+    importable_working_directory()
+
+
 def _twin_store(store: str):
     """The `StateStore` at `store`, refused (exit 2) where no twin service ever ran: a maintenance command
     on a wrong path (a Serve store's root instead of its ``twins``, a typo) must not report success."""
