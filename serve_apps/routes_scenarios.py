@@ -121,9 +121,11 @@ def register(app: FastAPI) -> None:
 
     @app.get("/v1/jobs/{job_id}/files", response_model=list[ResultFile], tags=tags)
     async def job_files(job_id: str, who: Principal = READER, svc: Services = SVC) -> Any:
-        """The job's Parquet files: ``part-*.parquet`` (per-scenario metrics), ``trajectories.parquet``."""
+        """The job's Parquet files: ``part-*.parquet`` (per-scenario metrics), ``trajectories.parquet``, each with
+        its size and the SHA-256 the job recorded as it wrote it (null for a job recorded before it kept them: a
+        listing reads no file, and an old sweep's would read all of them)."""
         job = await _finished(svc, who, job_id)
-        return await run_in_threadpool(_list_files, svc, job.result_url)
+        return await run_in_threadpool(_list_files, svc, job)
 
     @app.get("/v1/jobs/{job_id}/files/{name}", tags=tags, response_class=StreamingResponse,
              responses=file_responses({PARQUET}, "A Parquet file, as the job wrote it"))
@@ -133,11 +135,11 @@ def register(app: FastAPI) -> None:
         (a job recorded before it kept them: computed from the stored file first). A key revoked meanwhile ends the
         download (the connection is cut; a new request gets the 401)."""
         job = await _finished(svc, credential.who, job_id)
-        files = {f.name: f for f in await run_in_threadpool(_list_files, svc, job.result_url)}
+        files = {f.name: f for f in await run_in_threadpool(_list_files, svc, job)}
         if name not in files:
             raise NotFound(f"job {job_id} has no file {name!r}; files: {sorted(files)}")
         fs, root = filesystem(job.result_url, svc.config.storage_options)
-        sha256 = job.outputs.get(name) or await run_in_threadpool(file_sha256, fs, f"{root}/{name}")
+        sha256 = files[name].sha256 or await run_in_threadpool(file_sha256, fs, f"{root}/{name}")
         return file_response(fs, f"{root}/{name}", sha256, PARQUET, f"{job_id}-{name}", credential, files[name].size)
 
 
@@ -211,8 +213,9 @@ def _read_rows(svc: Services, url: str, limit: int) -> list[dict[str, Any]]:
     return open_dataset(url, svc.config.storage_options or None).head(limit).to_pylist() if limit else []
 
 
-def _list_files(svc: Services, url: str) -> list[ResultFile]:
-    fs, root = filesystem(url, svc.config.storage_options)
-    return [ResultFile(name=info["name"].rsplit("/", 1)[-1], size=info["size"])
-            for info in sorted(fs.ls(root, detail=True), key=lambda i: i["name"])
-            if info["name"].endswith(".parquet")]
+def _list_files(svc: Services, job: JobRecord) -> list[ResultFile]:
+    """`job`'s Parquet files in the store, with the SHA-256 it recorded for each (None where it kept none)."""
+    fs, root = filesystem(job.result_url, svc.config.storage_options)
+    names = ((info["name"].rsplit("/", 1)[-1], info["size"])
+             for info in sorted(fs.ls(root, detail=True), key=lambda i: i["name"]) if info["name"].endswith(".parquet"))
+    return [ResultFile(name=name, size=size, sha256=job.outputs.get(name)) for name, size in names]

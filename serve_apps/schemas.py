@@ -118,8 +118,14 @@ class SweepResult(BaseModel):
 
 
 class ResultFile(BaseModel):
+    """A job's result file as `GET /v1/jobs/{job_id}/files` lists it."""
+
     name: str
     size: int
+    sha256: str | None = Field(None, description=(
+        "the SHA-256 (hex) the job recorded as it wrote the file (a sweep's: its run record's), the one its download "
+        "sends as X-RayTwin-SHA256; null for a job recorded before jobs kept them (the listing reads no file: its "
+        "download sends the hash computed from the stored file)"))
 
 
 class JobAccepted(BaseModel):

@@ -878,6 +878,7 @@ def test_connector_and_command_calls_keep_secrets_tenants_and_four_eyes(sdk):
 
 
 def test_scenario_runs_match_the_closed_form_inline_and_as_a_job_with_its_files(sdk, tmp_path):
+    import hashlib
     import io
 
     import numpy as np
@@ -907,6 +908,7 @@ def test_scenario_runs_match_the_closed_form_inline_and_as_a_job_with_its_files(
     (part,) = writer.job_files(accepted.job_id)
     data = writer.job_file(accepted.job_id, part.name)  # checked against the SHA-256 the job recorded
     assert len(data) == part.size and pq.read_table(io.BytesIO(data)).column("T_final").to_pylist() == [row["T_final"]]
+    assert part.sha256 == hashlib.sha256(data).hexdigest()  # listed as the job recorded it
     assert writer.download_job_file(accepted.job_id, part.name, tmp_path / part.name).read_bytes() == data
     with pytest.raises(NotFound, match="no file"):
         writer.job_file(accepted.job_id, "nope.parquet")

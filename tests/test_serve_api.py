@@ -335,12 +335,14 @@ def wait_for(http, job_id: str, headers: dict) -> dict:
 
 
 def download(http, job_id: str, headers: dict) -> pa.Table:
-    """A job's part files as one table, each checked against the SHA-256 its job recorded (a sweep's run record's)."""
+    """A job's part files as one table, each checked against the SHA-256 its job recorded (a sweep's run record's), as
+    its file listing names it too."""
     files = http.get(f"/v1/jobs/{job_id}/files", headers=headers).json()
-    parts = [f["name"] for f in files if f["name"].startswith("part-")]
+    parts = [f for f in files if f["name"].startswith("part-")]
     assert parts
-    answers = [http.get(f"/v1/jobs/{job_id}/files/{name}", headers=headers) for name in parts]
-    assert all(a.headers["X-RayTwin-SHA256"] == hashlib.sha256(a.content).hexdigest() for a in answers)
+    answers = [http.get(f"/v1/jobs/{job_id}/files/{f['name']}", headers=headers) for f in parts]
+    assert all(a.headers["X-RayTwin-SHA256"] == hashlib.sha256(a.content).hexdigest() == f["sha256"]
+               for a, f in zip(answers, parts, strict=True))
     return pa.concat_tables(pq.read_table(pa.BufferReader(a.content)) for a in answers)
 
 

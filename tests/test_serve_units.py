@@ -753,6 +753,34 @@ def test_a_job_file_comes_with_the_sha256_its_job_recorded_and_the_sdk_streams_i
         assert http.get("/v1/jobs/j1/files/part-000000.parquet", headers=auth["other"]).status_code == 404
 
 
+def test_a_job_file_listing_names_the_sha256_each_file_was_recorded_with(tmp_path):
+    """`GET /v1/jobs/{id}/files` listed names and sizes only, although the job records each file's SHA-256 (as a run
+    record lists its files'): it lists the recorded hash, the one the download sends, and null for a file the job
+    recorded none for (a job from before), without reading the file; the SDK's `job_files` carries it."""
+    import hashlib
+
+    from tests.fixtures_serve import JobFiles, in_process, succeeded_job
+
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "part-000000.parquet").write_bytes(b"PAR1 metrics")
+    (results / "trajectories.parquet").write_bytes(b"PAR1 trajectories")
+    recorded = {n: hashlib.sha256((results / n).read_bytes()).hexdigest()
+                for n in ("part-000000.parquet", "trajectories.parquet")}
+    jobs = JobFiles(succeeded_job(results, recorded), succeeded_job(results, {}, job_id="j0"))
+    with in_process(jobs, tmp_path) as (http, auth, _):
+        listed = http.get("/v1/jobs/j1/files", headers=auth["reader"])
+        assert listed.status_code == 200 and listed.json() == [
+            {"name": n, "size": (results / n).stat().st_size, "sha256": recorded[n]} for n in sorted(recorded)]
+        assert http.get("/v1/jobs/j1/files/trajectories.parquet", headers=auth["reader"]).headers[
+            "X-RayTwin-SHA256"] == recorded["trajectories.parquet"]
+        assert [f["sha256"] for f in http.get("/v1/jobs/j0/files", headers=auth["reader"]).json()] == [None, None]
+        sdk = RayTwinClient("http://testserver", auth["reader"]["Authorization"].removeprefix("Bearer "),
+                            transport=http._transport)
+        assert {f.name: f.sha256 for f in sdk.job_files("j1")} == recorded
+        assert http.get("/v1/jobs/j1/files", headers=auth["other"]).status_code == 404
+
+
 def test_a_scenario_job_records_the_sha256_of_the_file_it_wrote(tmp_path):
     """The hash a job file is sent with is the one of the bytes its job wrote (a sweep's: its run record's), kept in
     the job's record."""
