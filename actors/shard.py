@@ -44,6 +44,7 @@ from actors.shard_models import LiveModelOps
 from actors.state import IngestReport, Reject, TwinState
 from actors.telemetry import (
     ROW_COLUMN,
+    SOURCE_COLUMN,
     Entries,
     Normalized,
     bytes_table,
@@ -531,7 +532,8 @@ class TwinShard(LiveModelOps):
 
     @staticmethod
     def _reject(batch: pa.Table, i: int, reason: str | None, twin: Twin | None) -> dict[str, str]:
-        """The dead letter of row `i`; reason None: the contract's reason why it does not fit the twin's type."""
+        """The dead letter of row `i`; reason None: the contract's reason why it does not fit the twin's type.
+        Led by the row's source where the batch names it (`SOURCE_COLUMN`: a connector's dead letters)."""
         ev = row_event(batch, i)
         if reason is None:
             try:
@@ -540,6 +542,8 @@ class TwinShard(LiveModelOps):
                 reason = describe_error(exc)
             else:
                 raise RuntimeError(f"column check and contract disagree on event {ev.idempotency_key!r}")
+        if SOURCE_COLUMN in batch.column_names:
+            reason = f"{batch.column(SOURCE_COLUMN)[i].as_py()}: {reason}"
         return {"asset_id": ev.asset_id, "idempotency_key": ev.idempotency_key, "reason": reason,
                 "raw": ev.model_dump_json()}
 

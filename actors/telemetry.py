@@ -238,6 +238,10 @@ def _python_rows(table: pa.Table) -> list[dict[str, Any]]:
 ROW_COLUMN = "_row"
 """An optional column of a validated table sent to a shard: each event's position in the caller's list,
 which the shard's rejects carry back (`actors.state.Reject.index`)."""
+SOURCE_COLUMN = "_source"
+"""An optional column of a validated table sent to a shard: where each event came from (a connector's
+``mqtt://NAME/topic``), which leads the reason of the shard's dead letter of it, as a connector's own dead
+letters are led: a connector's dead letters are then also those the twins wrote (unknown twin, too late)."""
 
 
 def row_event(table: pa.Table, i: int) -> TelemetryEvent:
@@ -245,6 +249,7 @@ def row_event(table: pa.Table, i: int) -> TelemetryEvent:
     the clock it was validated at (its ingest time), not by this process's."""
     row = table.slice(i, 1).to_pylist()[0]
     row.pop(ROW_COLUMN, None)
+    row.pop(SOURCE_COLUMN, None)
     return TelemetryEvent.model_validate({**row, "measurements": dict(row["measurements"])},
                                          context={"now": row["ingest_time"]})
 

@@ -45,9 +45,9 @@ class ConnectorCalls(Sender):
                                idempotent=True, path_params={"name": name}))
 
     def connector_dead_letters(self, name: str, day: date | None = None, limit: int = 1000) -> list[DeadLetter]:
-        """The connector's most recent dead letters (of one UTC day if given), oldest first: each message that did
-        not become telemetry, with its source and reason, and what was refused (the message as received, or the
-        reading as mapped when the data contract refused it)."""
+        """The connector's most recent dead letters (of one UTC day if given, `limit` at most 1000), oldest first:
+        each message that did not become telemetry, with its source and reason, and what was refused (the message
+        as received, or the reading as mapped when the data contract or the twin refused it; its first 4 KiB)."""
         return self._send(Call("GET", "/v1/connectors/{name}/dead-letters", _models(DeadLetter), idempotent=True,
                                path_params={"name": name},
                                params=_present(day=day.isoformat() if day is not None else None, limit=limit)))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
@@ -28,6 +29,13 @@ FieldPath = Annotated[str, Field(pattern=r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$
                                  description="a dotted path into the JSON payload, e.g. `data.temp`")]
 MAX_EVENTS_PER_MESSAGE = 10_000
 """A payload may carry a JSON array of readings; more than this is refused (bounded memory)."""
+DEFAULT_PAYLOAD_BYTES = 1 << 20
+"""A connector's default `max_payload_bytes`: 10,000 readings of ~100 bytes, the most one message may carry."""
+MAX_PAYLOAD_BYTES = 256 << 20
+"""The most `max_payload_bytes` may be: MQTT's largest packet (256 MiB)."""
+RAW_KEPT = 4096
+"""A dead letter keeps at most this many bytes of what was refused (then its length and SHA-256): 40 random
+5 MB payloads grew the dead-letter store by 190 MB and one page of the API's dead letters to 200 MB."""
 
 
 class FrozenSpec(BaseModel):
@@ -67,12 +75,18 @@ class PayloadMapping(FrozenSpec):
         batch; row by row below, 25-50 us a row)."""
         try:
             doc = json.loads(payload)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             return [], [DeadLetter.of(source, asset_id, None, f"payload is not JSON: {exc}", payload)]
+        except ValueError:  # the only other: an integer of more digits than Python converts (4300)
+            return [], [DeadLetter.of(source, asset_id, None, "payload has an integer of more than "
+                                      f"{sys.get_int_max_str_digits()} digits: out of range for any field (a "
+                                      f"sequence is at most {MAX_SEQUENCE})", payload)]
         except RecursionError:
             return [], [DeadLetter.of(source, asset_id, None, "payload nests deeper than JSON decoding allows "
                                       "(past the interpreter's recursion limit)", payload)]
         readings = doc if isinstance(doc, list) else [doc]
+        if not readings:  # acknowledged, it would be counted nowhere but in `messages`
+            return [], [DeadLetter.of(source, asset_id, None, "payload is an empty JSON array: no readings", payload)]
         if len(readings) > MAX_EVENTS_PER_MESSAGE:
             return [], [DeadLetter.of(source, asset_id, None, f"{len(readings)} readings in one message exceed "
                                       f"the limit of {MAX_EVENTS_PER_MESSAGE}", payload)]
@@ -83,7 +97,8 @@ class PayloadMapping(FrozenSpec):
             except ValueError as exc:
                 raw = json.dumps(reading, allow_nan=True, default=str).encode()
                 key = _lookup(reading, self.idempotency_key) if isinstance(reading, dict) else None
-                dead.append(DeadLetter.of(source, asset_id, key if isinstance(key, str) else None, str(exc), raw))
+                key = key if isinstance(key, str) else str(key) if _integer(key) else None
+                dead.append(DeadLetter.of(source, asset_id, key, str(exc), raw))
         return rows, dead
 
     def _row(self, asset_id: str, reading: Any) -> dict[str, Any]:
@@ -97,7 +112,7 @@ class PayloadMapping(FrozenSpec):
                              for name, m in self.measurements.items()},
         }
         if self.idempotency_key:
-            row["idempotency_key"] = _required(reading, self.idempotency_key)
+            row["idempotency_key"] = _key(_required(reading, self.idempotency_key), self.idempotency_key)
         elif not self.sequence:  # the time alone would make readings of other measurements at that time conflicts
             row["idempotency_key"] = f"{asset_id}:{row['sequence']}:{self._measured}"
         if self.quality:
@@ -137,6 +152,22 @@ def _lookup(doc: dict[str, Any], path: str | None) -> Any:
     return node
 
 
+def _integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _key(value: Any, path: str) -> str:
+    """An idempotency key: text, or a JSON integer as its decimal text (`12345` -> "12345", so devices that number
+    their messages need no quotes). Not a fraction or a boolean: `1.0` and `1` would be one key or two by accident."""
+    if isinstance(value, str):
+        return value
+    if _integer(value):
+        return str(value)
+    kind = "a boolean" if isinstance(value, bool) else "a fractional number" if isinstance(value, float) else \
+        f"a JSON {'array' if isinstance(value, list) else 'object'}"
+    raise ValueError(f"{path}: an idempotency key must be text or an integer, not {kind} ({json.dumps(value)[:80]})")
+
+
 def _required(doc: dict[str, Any], path: str) -> Any:
     value = _lookup(doc, path)
     if value is None:
@@ -156,10 +187,21 @@ class DeadLetter:
 
     @classmethod
     def of(cls, source: str, asset_id: str | None, key: str | None, reason: str, raw: bytes) -> DeadLetter:
-        return cls(source, asset_id, key, reason, raw.decode("utf-8", "backslashreplace"))
+        return cls(source, asset_id, key, reason, kept(raw))
 
     def row(self) -> dict[str, str | None]:
         """The dead-letter store's row (`StateStore.write_dead_letters`): the source leads the reason."""
         return {"asset_id": self.asset_id, "idempotency_key": self.idempotency_key,
                 "reason": f"{self.source}: {self.reason}", "raw": self.raw}
 
+
+def kept(raw: bytes | str) -> str:
+    """What a dead letter keeps of `raw` (bytes that are not UTF-8 as ``\\x..`` escapes): all of it up to
+    `RAW_KEPT` bytes, else its first `RAW_KEPT` bytes and a last line with its length and SHA-256 (of its UTF-8
+    bytes, for text), ``[cut: the first 4096 of 5242880 bytes kept; SHA-256 of all: 9f86d0...]``."""
+    data = raw if isinstance(raw, bytes) else raw.encode("utf-8", "surrogatepass")
+    if len(data) <= RAW_KEPT:
+        return raw if isinstance(raw, str) else data.decode("utf-8", "backslashreplace")
+    head = data[:RAW_KEPT].decode("utf-8", "backslashreplace")  # a character cut in two shows as escapes
+    digest = hashlib.sha256(data).hexdigest()
+    return f"{head}\n[cut: the first {RAW_KEPT} of {len(data)} bytes kept; SHA-256 of all: {digest}]"

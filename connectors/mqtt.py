@@ -43,7 +43,7 @@ from pydantic import Field, TypeAdapter, ValidationError, model_validator
 
 from connectors.commands import Command, Unconfirmed
 from connectors.kinds import AckHandler, AssetTypes, ignore, unmeasured
-from connectors.mapping import DeadLetter, PayloadMapping, FrozenSpec
+from connectors.mapping import DEFAULT_PAYLOAD_BYTES, MAX_PAYLOAD_BYTES, DeadLetter, FrozenSpec, PayloadMapping
 from connectors.reach import Reach, Unreachable, open_connection
 from connectors.sink import Inbound
 from connectors.spec import ConnectorSpec, Credentials
@@ -181,6 +181,9 @@ class MqttSpec(ConnectorSpec):
     ack_topic: TopicFilter | None = Field(
         None, description="where assets answer commands: `plant/{asset_id}/ack` takes an answer only from the "
         "commanded asset's topic; a plain filter (`plant/+/ack`) from any topic it matches")
+    max_payload_bytes: Annotated[int, Field(ge=1, le=MAX_PAYLOAD_BYTES)] = Field(
+        DEFAULT_PAYLOAD_BYTES, description="a larger message is dead-lettered (its size and this limit the reason; "
+        "the first bytes, length and SHA-256 kept) and acknowledged, never parsed")
 
     @property
     def client_id(self) -> str:
@@ -443,6 +446,12 @@ class MqttAdapter:
             self.put(Inbound(source, [], [DeadLetter.of(source, None, None, reason, msg.payload)], ack))
 
     def _receive(self, msg: paho.MQTTMessage, source: str, ack: Callable[[], None]) -> None:
+        limit = self.spec.max_payload_bytes
+        if (size := len(msg.payload)) > limit:  # never parsed: bounded memory and work
+            reason = (f"message of {size} bytes exceeds the connector's max_payload_bytes ({limit}); not read: send "
+                      "smaller messages, or raise max_payload_bytes")
+            self.put(Inbound(source, [], [DeadLetter.of(source, None, None, reason, msg.payload)], ack))
+            return
         if self.spec.ack_topic and paho.topic_matches_sub(self.spec.ack_filter, msg.topic):
             self._command_ack(msg)
             ack()
@@ -456,7 +465,7 @@ class MqttAdapter:
             self.put(Inbound(source, [], [DeadLetter.of(source, None, None, str(exc), msg.payload)], ack))
             return
         rows, dead = route.payload.rows(asset, msg.payload, source)
-        self.put(Inbound(source, rows, dead, ack))
+        self.put(Inbound(source, rows, dead, ack, size=len(msg.payload)))
 
     def _acker(self, mid: int, qos: int, generation: int) -> Callable[[], None]:
         def ack() -> None:

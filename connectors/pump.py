@@ -1,19 +1,20 @@
 """The pump between a protocol adapter and the sink: bounded, batched, acknowledge-after-durable.
 
-An adapter's receive thread `put`s mapped messages; when the queue is full it blocks, so the
-source (the broker's in-flight window, the OPC UA subscription) is held back instead of memory
-growing. The pump's thread takes up to `batch_size` events, or whatever arrived within
-`linger_s` of the oldest, delivers them and only then acknowledges each message. A failed
-delivery (shards restarting, the store unreachable) is retried with backoff, never dropped and
-never acknowledged, so a message leaves the source's care only once its events are durable.
+An adapter's receive thread `put`s mapped messages; when the queue is full (`max_queued` messages,
+or `max_queued_bytes` of them as received) it blocks, so the source (the broker's in-flight window,
+the OPC UA subscription) is held back instead of memory growing. The pump's thread takes up to
+`batch_size` events, or whatever arrived within `linger_s` of the oldest, delivers them and only
+then acknowledges each message. A failed delivery (shards restarting, the store unreachable) is
+retried with backoff, never dropped and never acknowledged, so a message leaves the source's care
+only once its events are durable.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -22,6 +23,8 @@ from raytwin import metrics
 
 log = logging.getLogger("raytwin.connectors")
 RETRY_MIN_S, RETRY_MAX_S = 0.2, 10.0
+MAX_QUEUED, MAX_QUEUED_BYTES = 10_000, 64 << 20
+"""The queue's bounds: messages, and their bytes as received (`Inbound.size`); one message always fits."""
 
 
 @dataclass
@@ -50,23 +53,43 @@ class Pump:
     """Moves `Inbound` messages into `sink` in batches, acknowledging each after its delivery."""
 
     def __init__(self, sink: TwinSink, name: str, *, batch_size: int = 1000, linger_s: float = 0.02,
-                 max_queued: int = 10_000):
+                 max_queued: int = MAX_QUEUED, max_queued_bytes: int = MAX_QUEUED_BYTES):
         self.sink, self.name = sink, name
         self.batch_size, self.linger_s = batch_size, linger_s
+        self.max_queued, self.max_queued_bytes = max_queued, max_queued_bytes
         self.stats = PumpStats()
-        self._queue: queue.Queue[Inbound] = queue.Queue(maxsize=max_queued)
+        self._queue: deque[Inbound] = deque()
+        self._queued_bytes = 0
+        self._changed = threading.Condition()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"pump-{name}", daemon=True)
         self._thread.start()
 
     def put(self, message: Inbound) -> None:
         """Called from the adapter's receive thread; blocks while the queue is full (backpressure)."""
-        while not self._stop.is_set():
-            try:
-                self._queue.put(message, timeout=0.5)
-                return
-            except queue.Full:
-                continue
+        with self._changed:
+            while self._queue and (len(self._queue) >= self.max_queued
+                                   or self._queued_bytes + message.size > self.max_queued_bytes):
+                if self._stop.is_set():
+                    return
+                self._changed.wait(0.5)
+            self._queue.append(message)
+            self._queued_bytes += message.size
+            self._changed.notify_all()
+
+    def _get(self, timeout_s: float) -> Inbound | None:
+        """The oldest queued message, waiting at most `timeout_s` for one (None: none came)."""
+        deadline = time.monotonic() + timeout_s
+        with self._changed:
+            while not self._queue:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._changed.wait(left)
+            message = self._queue.popleft()
+            self._queued_bytes -= message.size
+            self._changed.notify_all()
+            return message
 
     def pending(self) -> int:
         """Messages received and not yet acknowledged (queued or being delivered)."""
@@ -83,16 +106,12 @@ class Pump:
                 self._deliver(batch)
 
     def _take(self) -> list[Inbound]:
-        try:
-            first = self._queue.get(timeout=0.2)
-        except queue.Empty:
+        if (first := self._get(0.2)) is None:
             return []
         batch, events = [first], len(first.rows)
         deadline = time.monotonic() + self.linger_s
         while events < self.batch_size:
-            try:
-                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
+            if (item := self._get(max(0.0, deadline - time.monotonic()))) is None:
                 break
             batch.append(item)
             events += len(item.rows)

@@ -20,7 +20,8 @@ import pyarrow.compute as pc
 
 from actors.ingest import DEFAULT_MAX_IN_FLIGHT, Dispatcher, ShardRouter, validate_batch
 from actors.state import IngestReport
-from connectors.mapping import DeadLetter
+from actors.telemetry import SOURCE_COLUMN
+from connectors.mapping import DeadLetter, kept
 
 log = logging.getLogger("raytwin.connectors")
 
@@ -34,6 +35,8 @@ class Inbound:
     rows: list[dict[str, Any]]
     dead: list[DeadLetter]
     ack: Callable[[], None]
+    size: int = 0
+    """The bytes of the message as received, which the pump's memory bound counts (0: negligible)."""
 
 
 @dataclass
@@ -54,6 +57,10 @@ def _applied(valid: pa.Table, report: IngestReport) -> pa.Table:
     if len(refused) < report.rejected:
         return valid.slice(0, 0)  # some rejection without its key: which rows were applied is unknown
     return valid.filter(pc.invert(pc.is_in(valid.column("idempotency_key"), value_set=pa.array(sorted(refused)))))
+
+
+def _sourced(valid: pa.Table, sources: list[str]) -> pa.Table:
+    return valid.append_column(SOURCE_COLUMN, pa.array(sources, pa.string()))
 
 
 class TwinSink:
@@ -86,18 +93,18 @@ class TwinSink:
     def _checked(messages: Sequence[Inbound]) -> tuple[pa.Table, list[dict[str, str | None]]]:
         """The contract check of all rows at once (`validate_batch`: column-wise from 32 rows); only when
         some row fails, again per source, so that each dead letter's reason names the topic (or node) it
-        came from."""
+        came from. The valid rows carry their source (`SOURCE_COLUMN`) for the same in what the shards refuse."""
         valid, rejects = validate_batch([r for m in messages for r in m.rows])
-        if not rejects:
-            return valid, []
+        if not rejects:  # every row valid, in order
+            return _sourced(valid, [m.source for m in messages for _ in m.rows]), []
         by_source: dict[str, list[dict[str, Any]]] = {}
         for m in messages:
             by_source.setdefault(m.source, []).extend(m.rows)
         parts, rejects = [], []
         for source, rows in by_source.items():
             part, refused = validate_batch(rows)
-            parts.append(part)
-            rejects += [{**r, "reason": f"{source}: {r['reason']}"} for r in refused]
+            parts.append(_sourced(part, [source] * part.num_rows))
+            rejects += [{**r, "reason": f"{source}: {r['reason']}", "raw": kept(r["raw"])} for r in refused]
         return pa.concat_tables(parts), rejects
 
     def _ingest(self, table: pa.Table) -> IngestReport:

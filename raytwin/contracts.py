@@ -116,9 +116,21 @@ def describe_error(exc: Exception) -> str:
         parts = []
         for err in exc.errors(include_url=False):
             loc = ".".join(str(p) for p in err["loc"]) or "<root>"
-            parts.append(f"{loc}: {err['msg']}")
+            parts.append(f"{loc}: {_message(err)}")
         return "; ".join(parts)
     return str(exc)
+
+
+def _message(err: Any) -> str:
+    """Pydantic's message, but a length of text in characters: a constrained `Text` (a validator, then the length)
+    says "Value should have at most 256 items after validation"."""
+    ctx, text = err.get("ctx") or {}, isinstance(err.get("input"), str)
+    if text and err["type"] in ("too_short", "too_long") and "actual_length" in ctx:
+        least = err["type"] == "too_short"
+        bound = ctx["min_length"] if least else ctx["max_length"]
+        return (f"text should have {'at least' if least else 'at most'} {bound} character{'s' * (bound != 1)}, "
+                f"not {ctx['actual_length']}")
+    return err["msg"]
 
 
 # ---------------------------------------------------------------- asset types and assets ----

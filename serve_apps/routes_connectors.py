@@ -19,7 +19,7 @@ from raytwin.statestore import StateStore
 from serve_apps.auth import Principal
 from serve_apps.json_route import JsonRoute
 from serve_apps.dead_letters import connector_dead_letters
-from serve_apps.deps import ADMIN, DAY, READER, SVC, Limit, Services
+from serve_apps.deps import ADMIN, DAY, READER, SVC, DeadLetterLimit, Services
 from serve_apps.errors import CONFLICT
 from serve_apps.resend import resend_safe
 from serve_apps.schemas import DeadLetter
@@ -66,11 +66,12 @@ async def get_connector(name: str, who: Principal = READER, svc: Services = SVC)
 
 
 @router.get("/{name}/dead-letters", response_model=list[DeadLetter])
-async def connector_dead_letter_log(name: str, day: str | None = DAY, limit: Limit = 1000, who: Principal = READER,
-                                    svc: Services = SVC) -> Any:
-    """The connector's most recent dead letters (of one UTC day if given), oldest first: messages that did not
-    become telemetry, with the source they came from and why, and what was refused (the message as received, or
-    the reading as mapped when the data contract refused it)."""
+async def connector_dead_letter_log(name: str, day: str | None = DAY, limit: DeadLetterLimit = 1000,
+                                    who: Principal = READER, svc: Services = SVC) -> Any:
+    """The connector's most recent dead letters (of one UTC day if given), oldest first, at most 1000: messages
+    that did not become telemetry, with the source they came from and why, and what was refused (the message as
+    received, or the reading as mapped when the data contract or the twin refused it: unknown asset, too late,
+    implausible value, conflict), its first 4 KiB with its length and SHA-256 where it was longer."""
     await svc.backend.call("connector", "view", who.tenant, name)  # 404: not this tenant's connector
     store = StateStore(svc.config.url("twins"), svc.config.storage_options or None)
     return await run_in_threadpool(connector_dead_letters, store, who.tenant, name, day, limit)

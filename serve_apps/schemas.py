@@ -156,10 +156,13 @@ class DeadLetter(BaseModel):
 
     asset_id: str | None
     idempotency_key: str | None
-    reason: str = Field(description="Led by the source it came from (`mqtt://NAME/topic`, `opcua://NAME/node`)")
+    reason: str = Field(description="Led by the source it came from (`mqtt://NAME/topic`, `opcua://NAME/node`), also "
+                        "where the twin refused the reading (unknown asset, too late, implausible value, conflict)")
     raw: str = Field(description="What was refused: the message (or its reading) as received where the mapping could "
                                  "not read it (bytes that are not UTF-8 as `\\x..` escapes); the reading as mapped "
-                                 "(names, values, units, times) where the data contract refused it")
+                                 "(names, values, units, times) where the data contract or the twin refused it. Its "
+                                 "first 4096 bytes where it was longer, then a line `[cut: the first 4096 of N bytes "
+                                 "kept; SHA-256 of all: HEX]`")
     dead_lettered_at: datetime
 
 

@@ -217,3 +217,38 @@ def test_a_delivery_error_says_when_and_is_cleared_by_the_next_delivery() -> Non
     (error, at), = sink.seen[1:]
     assert error == "delivery failed: ConnectionError: shard restarting" and before <= at <= datetime.now(UTC)
     assert (pump.stats.last_error, pump.stats.last_error_at, pump.stats.delivery_errors) == (None, None, 1)
+
+
+def test_the_pump_bounds_the_bytes_it_queues_not_only_the_messages() -> None:
+    """10,000 queued messages of up to 5 MB each were the only bound (a tester's connector grew to 1 GB): a message
+    that would take the queue past `max_queued_bytes` waits until the pump has taken the ones before it."""
+    import threading
+
+    from connectors.pump import Pump
+    from connectors.sink import Delivery, Inbound
+
+    class Held:  # a delivery that waits to be let go, as slow shards
+        release, delivering = threading.Event(), threading.Event()
+
+        def deliver(self, batch: list[Inbound]) -> Delivery:
+            self.delivering.set()
+            assert self.release.wait(30)
+            return Delivery()
+
+    sink = Held()
+    pump = Pump(sink, "acme/bytes", linger_s=0.0, max_queued_bytes=100)
+    put: list[int] = []
+    try:
+        pump.put(Inbound("t", [], [], lambda: None, size=1000))  # larger than the bound: an empty queue takes it
+        assert sink.delivering.wait(10)  # taken: being delivered, the queue empty again
+        pump.put(Inbound("t", [], [], lambda: None, size=60))
+        third = threading.Thread(target=lambda: (pump.put(Inbound("t", [], [], lambda: None, size=60)), put.append(3)))
+        third.start()
+        third.join(0.5)
+        assert put == [] and third.is_alive()  # 60 + 60 > 100: it waits
+        sink.release.set()
+        third.join(10)
+        assert put == [3]
+    finally:
+        sink.release.set()
+        pump.stop()

@@ -8,8 +8,10 @@ through `TwinService.ingest` (the filter's state is bit-identical for any delive
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import json
+import os
 import socket
 import struct
 import threading
@@ -404,6 +406,78 @@ def test_malformed_payloads_go_to_dead_letters_with_topic_and_reason(twins, conn
     assert "mqtt://plant/plant/bad id!/telemetry: topic level 1 'bad id!' is not an asset id" in letters
     assert src + "payload nests deeper than JSON decoding allows (past the interpreter's recursion limit)" in letters
     assert connectors.status("acme", "plant").dead_lettered == 6
+
+
+def test_oversized_empty_and_odd_payloads_are_dead_lettered_bounded_and_saying_why(twins, connectors, broker):
+    """Found by an outside tester: 40 random 5 MB payloads grew the dead letters by 190 MB (each kept whole, and
+    parsed); `[]` was acknowledged and counted nowhere; a numeric key dead-lettered every reading; a key's length
+    said "items", and a 5,001-digit number said to call sys.set_int_max_str_digits()."""
+    spec = plant_spec(broker.port, name="lean", ack_topic=None, max_payload_bytes=20_000, routes=[
+        {"topic": "lean/pump-4/telemetry", "asset_id": "pump-4", "payload": {**PAYLOAD, "idempotency_key": "id"}}])
+    connectors.create(spec)
+    try:
+        wait_for(lambda: connectors.status("acme", "lean").connected, "connected")
+        before = twins.state("acme", "pump-4").revision
+        big = os.urandom(50_000)
+        device = Publisher(broker.port)
+        device.publish("lean/pump-4/telemetry", [
+            big, b"[]", {**reading(3000), "id": 12345}, {**reading(3001), "id": 1.5}, {**reading(3002), "id": True},
+            {**reading(3003), "id": ""}, {**reading(3004), "id": "k" * 300}, b'{"seq": ' + b"7" * 5001 + b"}"])
+        device.close()
+        wait_for(lambda: connectors.status("acme", "lean").pending == 0 and
+                 connectors.status("acme", "lean").acknowledged == 8, "every message acknowledged")
+        status = connectors.status("acme", "lean")
+        assert (status.messages, status.accepted, status.dead_lettered) == (8, 1, 7)
+        assert twins.state("acme", "pump-4").revision == before + 1  # the integer key's reading
+        src = "mqtt://lean/lean/pump-4/telemetry: "
+        letters = {r["reason"].removeprefix(src): r for r in twins.dead_letters("acme").to_pylist()
+                   if r["reason"].startswith(src)}
+        too_big = ("message of 50000 bytes exceeds the connector's max_payload_bytes (20000); not read: send smaller "
+                   "messages, or raise max_payload_bytes")
+        head, cut = letters[too_big]["raw"].rsplit("\n", 1)
+        assert cut == f"[cut: the first 4096 of 50000 bytes kept; SHA-256 of all: {hashlib.sha256(big).hexdigest()}]"
+        assert head == big[:4096].decode("utf-8", "backslashreplace")
+        assert sorted(letters) == sorted([
+            too_big, "payload is an empty JSON array: no readings",
+            "id: an idempotency key must be text or an integer, not a fractional number (1.5)",
+            "id: an idempotency key must be text or an integer, not a boolean (true)",
+            "idempotency_key: text should have at least 1 character, not 0",
+            "idempotency_key: text should have at most 256 characters, not 300",
+            "payload has an integer of more than 4300 digits: out of range for any field (a sequence is at most "
+            "9223372036854775807)"])
+        assert len(letters["payload has an integer of more than 4300 digits: out of range for any field (a sequence "
+                           "is at most 9223372036854775807)"]["raw"]) < 4300  # cut too
+        with pytest.raises(ValidationError, match="max_payload_bytes"):
+            MqttSpec.model_validate({**spec, "max_payload_bytes": 0})
+    finally:
+        connectors.delete("acme", "lean")
+
+
+def test_what_the_twins_refuse_is_in_the_connectors_own_dead_letters(twins, connectors, broker):
+    """An integrator saw `rejected: 6000` and no reason: the shards wrote the dead letters of a topic typo's
+    readings without the connector, so its dead letters (the API's, by source) left them out."""
+    from serve_apps.dead_letters import connector_dead_letters
+
+    spec = plant_spec(broker.port, name="typo", ack_topic=None,
+                      routes=[{"topic": "typo/+/telemetry", "asset_level": 1, "payload": PAYLOAD}])
+    connectors.create(spec)
+    try:
+        wait_for(lambda: connectors.status("acme", "typo").connected, "connected")
+        device = Publisher(broker.port)
+        device.publish("typo/pump-77/telemetry", [reading(4000), reading(4001)])  # no such twin
+        device.publish("typo/pump-4/telemetry", [{**reading(4002), "level": 5e6}])  # 5 km: implausible
+        device.close()
+        wait_for(lambda: connectors.status("acme", "typo").rejected == 3, "the twins refused all three")
+        letters = connector_dead_letters(twins.store, "acme", "typo", None, 1000)
+        assert [(d.asset_id, d.reason.split(": ")[0]) for d in letters] == [
+            ("pump-77", "mqtt://typo/typo/pump-77/telemetry"), ("pump-77", "mqtt://typo/typo/pump-77/telemetry"),
+            ("pump-4", "mqtt://typo/typo/pump-4/telemetry")]
+        assert letters[0].reason.endswith(": unknown twin 'pump-77' for tenant 'acme'")
+        assert "h1" in letters[2].reason and json.loads(letters[2].raw)["asset_id"] == "pump-4"
+        assert connector_dead_letters(twins.store, "globex", "typo", None, 1000) == []  # tenants apart
+        assert connectors.status("acme", "typo").dead_lettered == 0  # the mapping's count: none of its own
+    finally:
+        connectors.delete("acme", "typo")
 
 
 def test_readings_without_a_sequence_from_two_routes_at_one_time_are_both_applied(twins, connectors, broker):

@@ -183,6 +183,7 @@ def test_malformed_and_out_of_range_values_go_to_dead_letters_with_node_id(twins
         malformed["reason"]
     assert malformed["asset_id"] == "tank-1" and '"node_id": "ns=2;s=tank-1.h2"' in malformed["raw"]
     assert "outside the plausible range" in implausible["reason"] and implausible["asset_id"] == "tank-2"
+    assert implausible["reason"].startswith("opcua://plc/ns=2;s=tank-2.h1: ")  # the twin's refusal: the connector's
     future = by_key["nsu=urn:raytwin:test;s=tank-2.q_in"]
     assert "opcua://plc/nsu=urn:raytwin:test;s=tank-2.q_in" in future["reason"]
     assert "after the server's clock" in future["reason"]

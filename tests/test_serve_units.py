@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -591,7 +592,10 @@ def test_a_tenant_reads_its_own_connectors_dead_letters_and_never_another_tenant
     letters("acme", day2, "mqtt://web/site/pump-1/telemetry: no reading", "mqtt://webx/a: not its own",
             "event too late for the twin")  # (a shard's: no source)
     letters("globex", day2, "mqtt://web/g/telemetry: globex's own")
-    with in_process(ConnectorsOf({("acme", "web"), ("acme", "plc"), ("globex", "web")}), tmp_path) as (http, auth, _):
+    store.write_dead_letters("acme", [{"asset_id": None, "idempotency_key": None, "raw": "x" * 5_000_000,
+                                       "reason": "mqtt://big/t: payload is not JSON"}])  # kept whole before
+    with in_process(ConnectorsOf({("acme", "web"), ("acme", "plc"), ("acme", "big"), ("globex", "web")}),
+                    tmp_path) as (http, auth, _):
         def read(name: str, key: str = "reader", **params) -> list[dict]:
             answer = http.get(f"/v1/connectors/{name}/dead-letters", headers=auth[key], params=params)
             assert answer.status_code == 200, answer.text
@@ -610,6 +614,11 @@ def test_a_tenant_reads_its_own_connectors_dead_letters_and_never_another_tenant
             assert http.get(f"/v1/connectors/{name}/dead-letters", headers=auth[key]).status_code == 404
         bad = http.get("/v1/connectors/web/dead-letters", headers=auth["reader"], params={"day": "2026-02-30"})
         assert bad.status_code == 422 and "not a calendar date" in bad.json()["error"]["message"]
+        (big,) = read("big")
+        digest = hashlib.sha256(b"x" * 5_000_000).hexdigest()
+        assert big["raw"] == "x" * 4096 + f"\n[cut: the first 4096 of 5000000 bytes kept; SHA-256 of all: {digest}]"
+        many = http.get("/v1/connectors/web/dead-letters", headers=auth["reader"], params={"limit": 1001})
+        assert many.status_code == 422 and "less than or equal to 1000" in many.text  # was 10,000 (of up to 5 MB each)
         assert http.get("/v1/connectors/web/dead-letters").status_code == 401
         sdk = RayTwinClient("http://testserver", auth["reader"]["Authorization"].removeprefix("Bearer "),
                             transport=http._transport)
