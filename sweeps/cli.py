@@ -171,7 +171,7 @@ def sweep_run(
                f"({s['scenarios_per_s']:.0f}/s) -> {record.output_url}")
     if s["diverged"]:
         typer.echo(f"diverged: {s['diverged']} of {s['scenarios']} scenarios left their states' plausible range "
-                   "(metrics NaN, column `diverged`; left out of quantiles)")
+                   "or turned NaN (metrics NaN, column `diverged`; left out of quantiles)")
 
 
 @sweep_app.command("example")

@@ -359,8 +359,10 @@ def run_sweep(
     log.info("sweep done scenarios=%d diverged=%d elapsed_s=%.2f scenarios_per_s=%.0f", n, diverged, elapsed,
              n / max(elapsed, 1e-9))
     if diverged:
-        log.warning("sweep diverged=%d of scenarios=%d: their states left the plausible range (metrics NaN, "
-                    "column diverged); a smaller step_s or other parameters may help", diverged, n)
+        log.warning("sweep diverged=%d of scenarios=%d: their states left the plausible range or were not finite "
+                    "(metrics NaN, column diverged); a smaller step_s or other parameters may help, and a state that "
+                    "turns NaN inside its range is the model's own (e.g. a square root of a negative number)",
+                    diverged, n)
     return SweepResult(out_url, n, n_chunks, size, dict(sorted(outputs.items())), elapsed, diverged)
 
 

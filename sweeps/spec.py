@@ -181,15 +181,17 @@ class SweepSpec(ModelStart):
 
     def _value_problems(self, kit: Kit, base_parameters: Mapping[str, float]) -> list[str]:
         """`parameters`, `inputs` and each dimension's values against the parameters' bounds and the kit
-        parameters' and states' plausible ranges (`range_problems`). The base start state is not checked
-        here: a twin's live state is what it is (an explicit one is checked by the API), and a scenario
-        whose state leaves its plausible range is reported as diverged."""
+        parameters' and states' plausible ranges (`range_problems`), and `start_state`: a scenario whose
+        state is outside its plausible range is reported as diverged, so a start outside it (given, or a
+        twin's live state) would report every scenario diverged at its first step instead of saying why."""
         model = kit.model
         allowed = allowed_values({p.name: p for p in model.params}, kit.parameters, {v.name: v for v in model.states})
         base = {"param": {**model.default_params(), **base_parameters, **self.parameters},
                 "input": self.kit_inputs(kit), "state": self.start_state or kit.states0}
         return range_problems(allowed, base, {"parameters": ("param", self.parameters),
-                                              "inputs": ("input", self.inputs)}, self.space.dimensions)
+                                              "inputs": ("input", self.inputs),
+                                              "start_state": ("state", self.start_state or {})},
+                              self.space.dimensions)
 
 
 def allowed_values(params: Mapping[str, Any], inputs: Mapping[str, Any], states: Mapping[str, Any]

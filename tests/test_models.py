@@ -209,7 +209,7 @@ def _branchy(x, u, c):
     ({"output": lambda x, u, c: (jnp.log(c[0] - 0.5),)}, "model decay: output.y: not finite at k=0.5"),
     ({"derivative": _branchy}, r"model decay: derivative \(under jax.jit\): raised TracerBoolConversionError"),
     ({"default_dt": 3.0}, "model decay: default_dt: step 3 s is beyond the RK4 stability limit 2.785 s at the "
-                          "default parameters"),
+                          r"default parameters \(declare default_dt at most 2.78 s, or solver=raytwin.sim.stiff.Adaptive\(\)"),
 ])
 def test_wrong_models_fail_the_checks_with_one_line_reasons(changes, expected):
     with pytest.raises(ModelCheckError, match="^" + expected) as info:

@@ -124,6 +124,8 @@ def test_values_outside_the_bounds_and_plausible_ranges_are_refused_naming_dimen
          {"inputs": {"solar_peak": 0.0}},
          "dimension input.solar_peak: scales solar_peak, whose base value is 0, so every scenario has solar_peak=0 "
          "(its column would show the factors); sweep it with mode \"absolute\""),
+        ([r_io], {"start_state": {"T_in": 1e6, "T_m": 293.15}},  # every scenario was "diverged" at its start
+         "start_state.T_in=1e+06 outside T_in's plausible range [173.15, 473.15] K"),
     ):
         with pytest.raises(ValueError, match=re.escape(f"sweep over thermal_rc: {message}")):
             spec(*dims, **kw)

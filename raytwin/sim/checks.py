@@ -277,13 +277,27 @@ def check_step(
             corner = "the corner " if input_lows != input_highs else "the parameter corner " if lows != highs else ""
             field_, reason = what, (f"step {float(dt):g} s is beyond the RK4 stability limit {limit.dt_max:.4g} s "
                                     f"at {corner}{describe_params(model, limit.corner, limit.inputs)}")
-            fix = "use a smaller step, or allow_unstable=True"
+            fix = _step_fix(what, limit.dt_max)
         if not allow_unstable:
             raise UnstableStepError(model.name, field_, f"{reason} ({fix})")
         warnings.warn(f"model {model.name}: {field_}: {reason}: the run may diverge", UnstableStepWarning,
                       stacklevel=3)
         log.warning("event=unstable_step model=%s dt=%g limit=%g", model.name, float(dt), limit.dt_max)
     return limit
+
+
+def _step_fix(what: str, dt_max: float) -> str:
+    """How to get within the limit: the model's declared step names the value to declare."""
+    if what != "default_dt":
+        return "use a smaller step, or allow_unstable=True"
+    return (f"declare default_dt at most {_round_down(dt_max):g} s, or solver=raytwin.sim.stiff.Adaptive() for a "
+            "stiff model")
+
+
+def _round_down(x: float, digits: int = 3) -> float:
+    """`x` cut to `digits` significant digits, never rounded up: a step to declare must stay within its limit."""
+    scale = 10.0 ** (math.floor(math.log10(x)) - digits + 1)
+    return math.floor(x / scale) * scale
 
 
 # ----------------------------------------------------------------------- sampled feedback ----
@@ -502,7 +516,8 @@ def _check(model: Model, dt: float) -> ModelReport:
         raise ModelCheckError(model.name, "derivative", "its Jacobian is not finite at the default parameters")
     if dt > limits[0]:
         raise UnstableStepError(model.name, field_, f"step {dt:g} s is beyond the RK4 stability limit "
-                                                    f"{limits[0]:.4g} s at the default parameters")
+                                                    f"{limits[0]:.4g} s at the default parameters "
+                                                    f"({_step_fix(field_, limits[0])})")
     box = np.where(np.isnan(limits[1:]), -np.inf, limits[1:])
     k = int(np.argmin(box))
     notes = []
