@@ -80,7 +80,7 @@ def mqtt_ingestion(ctx: BenchContext) -> BenchResult:
     rate, duration_s = (200.0, 0.5) if ctx.quick else (2_000.0, 5.0)
     shards = cluster_cpus()
     with tempfile.TemporaryDirectory(prefix="raytwin-bench-mqtt-") as tmp:
-        broker = Mosquitto(Path(tmp), free_port(), max_inflight=1000)
+        broker = Mosquitto(Path(tmp), free_port(), max_inflight=1000, autosave_changes=None)  # (not killed: saves would be measured)
         broker.start()
         artifact = ModelRegistry(f"{tmp}/registry").register("zone", "1.0.0", AssetType.from_model(THERMAL_RC))
         service = TwinService(f"{tmp}/store", shards=shards, namespace=f"bench-{uuid.uuid4().hex[:8]}")
@@ -167,7 +167,7 @@ def mqtt_connector_kills(ctx: BenchContext) -> BenchResult:
     rng = np.random.default_rng(seed)
     recoveries, walls = [], {}
     with tempfile.TemporaryDirectory(prefix="raytwin-bench-mqtt-kills-") as tmp:
-        broker = Mosquitto(Path(tmp), free_port(), max_inflight=1000)
+        broker = Mosquitto(Path(tmp), free_port(), max_inflight=1000, autosave_changes=None)  # (not killed: saves would be measured)
         broker.start()
         artifact = ModelRegistry(f"{tmp}/registry").register("zone", "1.0.0", AssetType.from_model(THERMAL_RC))
         service = TwinService(f"{tmp}/store", shards=cluster_cpus(), namespace=f"bench-{uuid.uuid4().hex[:8]}")

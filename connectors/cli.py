@@ -43,10 +43,11 @@ def _declaration(path: Path) -> dict[str, Any]:
 @connectors_app.command()
 def check(path: Annotated[Path, typer.Argument(help="A connector declaration (YAML or JSON).")]) -> None:
     """Validate a declaration offline (its kind's schema; its assets and their measurements are checked when it is
-    created)."""
+    created). Files named by a path are a warning: `create` (the API) takes names of the tenant's TLS directory."""
     from pydantic import ValidationError
 
     from connectors.kinds import UnknownKind, parse_spec
+    from connectors.tenant_files import FILE_NAME
     from raytwin.contracts import describe_error
 
     data = {"tenant": "check", **_declaration(path)}
@@ -58,6 +59,13 @@ def check(path: Annotated[Path, typer.Argument(help="A connector declaration (YA
     except UnknownKind as exc:
         typer.echo(f"{path}: {exc}", err=True)
         raise typer.Exit(1) from None
+    for field, value in spec.files().items():
+        if not FILE_NAME.fullmatch(value):
+            typer.echo(f"{path}: warning: {field} {value!r} is a path: a connector created through the API (`raytwin "
+                       "connectors create`) names a file of its tenant's TLS directory by its name alone (e.g. "
+                       f"{field} {value.rsplit('/', 1)[-1]!r}), which the service's operator places there "
+                       "(ServeConfig.connector_tls_dir); paths are for connectors the operator declares in the service "
+                       "config", err=True)
     typer.echo(f"{path}: ok ({spec.describe()})")
 
 

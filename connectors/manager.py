@@ -20,8 +20,9 @@ from actors.ingest import ShardRouter
 from connectors.commands import Command, CommandError, CommandLedger, CommandStatus
 from connectors.kinds import AssetTypes, kind_of, parse_spec
 from connectors.reach import Reach
-from connectors.runtime import ACTOR_PREFIX, ConnectorActor, ConnectorStatus, actor_name
+from connectors.runtime import ACTOR_PREFIX, ConnectorActor, ConnectorState, ConnectorStatus, actor_name
 from connectors.spec import ConnectorSpec, ConnectorStore, Credentials, UnknownConnector
+from connectors.tenant_files import Spec, TenantFiles
 from raytwin.contracts import AssetType
 from raytwin.statestore import StateStore
 
@@ -67,6 +68,11 @@ def anywhere(tenant: str, name: str) -> Reach | None:
     return None
 
 
+def paths(tenant: str, name: str) -> TenantFiles | None:
+    """No tenant directory: the connector's files are the paths it names (the operator's, the CLI's, tests')."""
+    return None
+
+
 def _died_because(exc: BaseException) -> str:
     """The last line of an actor's death: its constructor's exception (Ray puts the traceback before it)."""
     return next((line.strip() for line in reversed(str(exc).splitlines()) if line.strip()), type(exc).__name__)
@@ -76,10 +82,12 @@ class Connectors:
     """Create, pause, resume, inspect and delete connectors feeding the twins behind `router`."""
 
     def __init__(self, router: ShardRouter, assets: Any = None,
-                 reach: Callable[[str, str], Reach | None] = anywhere):
+                 reach: Callable[[str, str], Reach | None] = anywhere,
+                 files: Callable[[str, str], TenantFiles | None] = paths):
         """`assets(tenant) -> list[str]`: the tenant's registered twins (e.g. `TwinService.assets`); `reach(tenant,
-        name)`: the hosts a connector may connect to, enforced by its process at every connection attempt."""
-        self.router, self._assets, self._reach = router, assets, reach
+        name)`: the hosts a connector may connect to, enforced by its process at every connection attempt;
+        `files(tenant, name)`: where the files it names are (kept as names, opened as paths)."""
+        self.router, self._assets, self._reach, self._files = router, assets, reach, files
         self.store = ConnectorStore(router.store_url, router.storage_options)
         self.twins = StateStore(router.store_url, router.storage_options)
         self.ledger = CommandLedger(router.store_url, router.storage_options)
@@ -88,7 +96,9 @@ class Connectors:
     def create(self, spec: ConnectorSpec | dict[str, Any], credentials: Credentials | None = None) -> ConnectorStatus:
         """Check, store and start a connector (an existing one of that name is replaced and restarted)."""
         spec = spec if isinstance(spec, ConnectorSpec) else parse_spec(spec)
-        problems = kind_of(spec.kind).problems(spec, self._asset_types(spec.tenant))
+        problems = kind_of(spec.kind).problems(self._opened(spec), self._asset_types(spec.tenant))
+        if (files := self._files(spec.tenant, spec.name)) is not None:
+            problems = [files.shown(problem, spec) for problem in problems]  # the tenant's names, not our paths
         if problems:
             raise InvalidConnector(f"connector {spec.name!r}: " + "; ".join(problems))
         replaced = self._declared(spec.tenant, spec.name)
@@ -119,6 +129,16 @@ class Connectors:
         return {a: AssetType.model_construct(**records[a]["artifact"]["asset_type"]) if a in records else None
                 for a in self._assets(tenant)}  # (constructed: validated when registered; only its names are read)
 
+    def _opened(self, spec: Spec) -> Spec:
+        """`spec` naming the paths of the files it names, to open them (`InvalidConnector`: names that are no
+        files of its tenant)."""
+        if (files := self._files(spec.tenant, spec.name)) is None:
+            return spec
+        try:
+            return files.opened(spec)
+        except ValueError as exc:
+            raise InvalidConnector(f"connector {spec.name!r}: {exc}") from None
+
     def _declared(self, tenant: str, name: str) -> ConnectorSpec | None:
         try:
             return self.spec(tenant, name)
@@ -129,7 +149,8 @@ class Connectors:
         self.store.spec_json(tenant, name)  # UnknownConnector if not declared
         return ConnectorActor.options(name=actor_name(tenant, name), namespace=self.router.namespace,
                                       get_if_exists=True, lifetime="detached").remote(
-            self.router.store_url, self.router, tenant, name, self.router.storage_options, self._reach(tenant, name))
+            self.router.store_url, self.router, tenant, name, self.router.storage_options, self._reach(tenant, name),
+            self._files(tenant, name))
 
     def _kill(self, tenant: str, name: str) -> None:
         try:
@@ -171,14 +192,15 @@ class Connectors:
             return self._ask(tenant, name, "status")
         except ConnectorDown as exc:
             return ConnectorStatus(
-                tenant=tenant, name=name, kind=self.spec(tenant, name).kind, state=self.store.desired(tenant, name),
+                tenant=tenant, name=name, kind=self.spec(tenant, name).kind, state=ConnectorState.down,
                 connected=False, messages=0, acknowledged=0, pending=0, accepted=0, duplicates=0, rejected=0,
                 dead_lettered=0, errors=1, last_error=f"cannot start: {exc.why}", last_error_at=exc.since,
                 lag_s=None, newest_event_time=None)
 
     def spec(self, tenant: str, name: str) -> ConnectorSpec:
-        """The declaration (never the credentials)."""
-        return parse_spec(self.store.spec_json(tenant, name))
+        """The declaration (never the credentials), a tenant's files by the names it gave."""
+        spec = parse_spec(self.store.spec_json(tenant, name))
+        return spec if self._files(tenant, name) is None else TenantFiles.named(spec)
 
     def names(self, tenant: str) -> list[str]:
         return self.store.names(tenant)
@@ -190,7 +212,10 @@ class Connectors:
         spec = self.spec(tenant, name)
         credentials = self.store.credentials(tenant, name)
         self._kill(tenant, name)
-        ended = kind_of(spec.kind).end_session(spec, credentials, self._reach(tenant, name))
+        try:
+            ended = kind_of(spec.kind).end_session(self._opened(spec), credentials, self._reach(tenant, name))
+        except InvalidConnector:  # its files are no longer its tenant's: it cannot connect to end the session
+            ended = False
         self.store.delete(tenant, name)
         self._down.pop((tenant, name), None)
         if (key := spec.session_key()) and ended:
@@ -229,13 +254,15 @@ class Connectors:
         return started
 
     def _other_policy(self, tenant: str, name: str) -> bool:
-        """Whether the connector's running actor, if any, enforces another reach policy than `self._reach`'s."""
+        """Whether the connector's running actor, if any, enforces another reach policy than `self._reach`'s, or
+        opens its files in another directory than `self._files`'s."""
         try:
             handle = ray.get_actor(actor_name(tenant, name), namespace=self.router.namespace)
         except ValueError:
             return False  # none runs
         try:
-            return ray.get(handle.reach.remote(), timeout=30) != self._reach(tenant, name)
+            return (ray.get(handle.reach.remote(), timeout=30) != self._reach(tenant, name)
+                    or ray.get(handle.files.remote(), timeout=30) != self._files(tenant, name))
         except (AttributeError, ray.exceptions.RayError):  # an older version's actor (no `reach`), or a dying one
             return True
 

@@ -2,9 +2,13 @@
 
 Mosquitto comes from the Debian package (`apt-get install mosquitto`); on a fresh machine without
 it `mosquitto_binary(install=True)` installs it with apt-get when run as root (CI runs `./dev
-test` as root). The broker keeps its sessions and queued messages on disk (`persistence true`),
-which it writes when it is stopped (SIGTERM): a stop and restart then loses nothing, so the tests
-can show that RayTwin loses nothing either.
+test` as root). The broker keeps its sessions and queued messages on disk (`persistence true`), which
+Mosquitto writes only when it is stopped (SIGTERM) or by `autosave_interval`: by default every 1800 s, so a
+broker that crashes (SIGKILL, the machine lost) loses every message it acknowledged to its publishers since,
+and nobody is told. This one saves after each change (`autosave_on_changes true`, `autosave_interval 1`: the
+interval counts changes, each a write of the whole database), as connectors/README.md asks of a production
+broker: a stop and restart, or a crash, then loses nothing, so the tests can show that RayTwin loses nothing
+either.
 """
 
 from __future__ import annotations
@@ -69,10 +73,13 @@ class Mosquitto:
     """One broker process on a loopback port, with persistence in `directory`."""
 
     def __init__(self, directory: Path, port: int, install: bool = False, max_inflight: int = 20, max_qos: int = 2,
-                 subscribable: list[str] | None = None, publishable: list[str] | None = None):
+                 subscribable: list[str] | None = None, publishable: list[str] | None = None,
+                 autosave_changes: int | None = 1):
         """`max_inflight`: unacknowledged QoS 1 messages per MQTT 3.1.1 client (Mosquitto's default 20);
         `max_qos`: the highest QoS the broker grants; `subscribable` / `publishable`: the topic filters clients
-        may subscribe / publish to (Mosquitto's Dynamic Security plugin refuses others; None: any topic)."""
+        may subscribe / publish to (Mosquitto's Dynamic Security plugin refuses others; None: any topic);
+        `autosave_changes`: save to disk once this many changes (messages queued, subscriptions, retained messages)
+        are unsaved (None: Mosquitto's default, every 1800 s and when stopped; a crash loses what was unsaved)."""
         self.directory, self.port = directory, port
         self.config = directory / "mosquitto.conf"
         access = ""
@@ -82,6 +89,7 @@ class Mosquitto:
         self.config.write_text(
             f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\nmax_qos {max_qos}\n"
             f"persistence_location {directory}/\nmax_queued_messages 0\nmax_inflight_messages {max_inflight}\n"
+            + (f"autosave_on_changes true\nautosave_interval {autosave_changes}\n" if autosave_changes else "") +
             f"log_dest file {directory}/mosquitto.log\n{access}"
             f"user {getpass.getuser()}\n")  # started as root it would switch to `mosquitto`, who cannot write here
         self.binary = mosquitto_binary(install)
@@ -102,9 +110,10 @@ class Mosquitto:
                 time.sleep(0.05)
         raise RuntimeError(f"mosquitto did not listen on port {self.port} within {START_TIMEOUT_S:g} s")
 
-    def stop(self) -> None:
-        """SIGTERM: the broker writes its sessions and queued messages to disk and exits."""
+    def stop(self, crash: bool = False) -> None:
+        """SIGTERM: the broker writes its sessions and queued messages to disk and exits. `crash`: SIGKILL, as a
+        crash or a lost machine, which keeps only what it had saved."""
         if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+            self.process.send_signal(signal.SIGKILL if crash else signal.SIGTERM)
             self.process.wait(timeout=30)
         self.process = None

@@ -3,7 +3,8 @@
 - **Persistent session, QoS 1.** The client id is stable (`raytwin-<tenant>@<name>` unless given)
   and the session survives disconnects (3.1.1: ``clean_session=False``; 5: ``clean_start=False`` and
   a session expiry), so the broker keeps what is published while RayTwin is away or paused and
-  delivers it on reconnect.
+  delivers it on reconnect (as far as the broker saved it to disk: a broker crash loses the rest, unseen).
+  With MQTT 5 a reconnect's SUBSCRIBE asks for retained messages on a new subscription only.
 - **Acknowledged after durable.** With paho's manual acks a PUBACK is sent only once the message's
   events are in the twins' logs (or its dead letters are written). A message delivered on an
   earlier connection is never acknowledged on a later one: the broker re-sends it there under the
@@ -39,6 +40,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 from pydantic import Field, TypeAdapter, ValidationError, model_validator
 
 from connectors.commands import Command, Unconfirmed
@@ -192,8 +194,8 @@ class MqttSpec(ConnectorSpec):
     def describe(self) -> str:
         return f"{super().describe()}, {len(self.routes)} route(s)"
 
-    def source_host(self) -> str:
-        return self.broker.host
+    def source(self) -> tuple[str, int]:
+        return self.broker.host, self.broker.port
 
     def files(self) -> dict[str, str]:
         tls = self.broker.tls
@@ -385,7 +387,7 @@ class MqttAdapter:
                         "persistence, or the session expired)")
         self._session_expected = True
         self.on_connected()  # the broker holds a session of ours from now on
-        _, self._subscription = client.subscribe(self._topics())
+        _, self._subscription = client.subscribe(self._subscriptions())
         log.info("event=mqtt_connected tenant=%s connector=%s broker=%s session_present=%s", self.spec.tenant,
                  self.spec.name, self._where(), flags.session_present)
 
@@ -395,14 +397,24 @@ class MqttAdapter:
         if reason is not None and reason.is_failure:
             self._refusals[mid] = str(reason)
 
-    def _topics(self) -> list[tuple[str, int]]:
-        return [(r.topic, 1) for r in self.spec.routes] + ([(self.spec.ack_filter, 1)] if self.spec.ack_topic else [])
+    def _topics(self) -> list[str]:
+        return [r.topic for r in self.spec.routes] + ([self.spec.ack_filter] if self.spec.ack_topic else [])
+
+    def _subscriptions(self) -> list[tuple[str, int | SubscribeOptions]]:
+        """QoS 1; with MQTT 5, retained messages only for a subscription the session does not hold yet
+        (retainHandling 1): every reconnect subscribes again, and a broker sends a topic's retained message at each
+        SUBSCRIBE otherwise, so a retained reading came back as a duplicate and a retained bad payload was
+        dead-lettered again at every broker or connector restart. MQTT 3.1.1 has no such option (documented)."""
+        if self.v5:
+            return [(t, SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB))
+                    for t in self._topics()]
+        return [(t, 1) for t in self._topics()]
 
     def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, reasons: list, properties: Any) -> None:
         if mid != self._subscription:
             return  # the SUBACK of an earlier connection's SUBSCRIBE
         self._subscription = None
-        topics = [t for t, _ in self._topics()]
+        topics = self._topics()
         refused = [f"{t!r} ({r})" for t, r in zip(topics, reasons) if r.is_failure]
         if refused:
             self._error(f"broker {self._where()} refused the subscription to {', '.join(refused)}: allow client "

@@ -6,7 +6,8 @@ tenants' brokers on the node), unspecified (0.0.0.0/8, ::, which connect to the 
 (this machine's own on any interface, and the cluster's alive nodes': the same services listen there,
 `connectors.ray_nodes`), link-local (169.254.0.0/16, fe80::/10: where a cloud hands out its nodes'
 credentials), also when an IPv6 address carries the IPv4 one. An operator who wants connectors to reach a
-broker on the node lists it.
+broker on the node lists it, with its port (`127.0.0.1:1883`): an entry without a port opens every port of that
+host, Ray's own included.
 
 A name is checked when the connector is declared (`Reach.refusal`) and again at every connection attempt,
 in the connector's process, on the address connected to (`Reach.vetted`, `open_connection`): a name whose
@@ -17,6 +18,7 @@ a client that resolved the name again to connect would go there.
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 from collections.abc import Callable
 from typing import Any
@@ -39,20 +41,28 @@ class Reach:
     credentials): a tenant reaches nothing on the cluster its operator did not open to it."""
 
     def __init__(self, hosts: list[str] | None):
-        self.names = None if hosts is None else {_name(h) for h in hosts if not _network(h)}
-        self.networks = [n for h in hosts or () if (n := _network(h))]
+        """`hosts`: entries as `parse_entry` reads them (ValueError for one that is none)."""
+        entries = [parse_entry(h) for h in hosts or ()]
+        self.names: dict[str, set[int | None]] | None = None if hosts is None else {}
+        for host, port in entries:
+            if isinstance(host, str):
+                self.names.setdefault(host, set()).add(port)
+        self.networks = [(host, port) for host, port in entries if not isinstance(host, str)]
+        self._ported = any(port is not None for _, port in entries)
 
     def __eq__(self, other: object) -> bool:
         """The same policy (a running connector's against the service's current one)."""
         return isinstance(other, Reach) and (self.names, self.networks) == (other.names, other.networks)
 
-    def refusal(self, host: str) -> str | None:
-        """Why `host` may not be reached, or None. Names are resolved now: a listed name is reachable
-        whatever it resolves to; an unlisted one by the addresses it has."""
-        if self._listed(host):
+    def refusal(self, host: str, port: int | None = None) -> str | None:
+        """Why `host` (on `port`; None: an entry must admit any port) may not be reached, or None. Names are
+        resolved now: a listed name is reachable whatever it resolves to; an unlisted one by the addresses it
+        has."""
+        if self._listed(host, port):
             return None
         if self.names is None and _localhost(host):
-            return f"host {host!r} is loopback (a localhost name), which connectors may not reach: {_opening(host)}"
+            return (f"host {host!r} is loopback (a localhost name), which connectors may not reach: "
+                    f"{_opening(host, port)}")
         try:
             addresses = [_address(info) for info in socket.getaddrinfo(host, None)]
         except (socket.gaierror, UnicodeError, ValueError):
@@ -63,10 +73,10 @@ class Reach:
             kinds = " and ".join(f"{kind} ({', '.join(map(str, each))}{_note(kind, ': ')})"
                                  for kind, each in closed.items())
             first = next(iter(closed.values()))[0]
-            return f"host {host!r} is {kinds}, which connectors may not reach: {_opening(first)}"
-        if addresses and not any(self._refuses(a) for a in addresses):
+            return f"host {host!r} is {kinds}, which connectors may not reach: {_opening(first, port)}"
+        if addresses and not any(self._refuses(a, port) for a in addresses):
             return None
-        return f"host {host!r} is {_UNLISTED}"
+        return f"host {host!r} is {self._unlisted(port)}"
 
     def vetted(self, host: str, port: int) -> list[AddrInfo]:
         """The addresses of `host` one connection attempt may go to, resolved once, now: connect to these and
@@ -74,29 +84,34 @@ class Reach:
         address and why, if none is allowed; `socket.gaierror` if the name does not resolve."""
         if self.names is None and _localhost(host):
             raise Unreachable(f"host {host!r} is loopback (a localhost name), which connectors may not reach: not "
-                              f"connected; {_opening(host)}")
+                              f"connected; {_opening(host, port)}")
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        if self._listed(host):
+        if self._listed(host, port):
             return infos
-        allowed = [info for info in infos if not self._refuses(_address(info))]
+        allowed = [info for info in infos if not self._refuses(_address(info), port)]
         if not allowed:
             addresses = [_address(info) for info in infos]
             refused = "; ".join(f"{', '.join(map(str, each))} ({why})"
-                                for why, each in _by_reason(addresses, self._refuses).items())
-            opening = f"; {_opening(min(addresses, key=_order))}" if self.names is None else ""
+                                for why, each in _by_reason(addresses, lambda a: self._refuses(a, port)).items())
+            opening = f"; {_opening(min(addresses, key=_order), port)}" if self.names is None else ""
             raise Unreachable(f"host {host!r} resolved to {refused}: not connected (it is checked again at every "
                               f"connection attempt, so a name that resolves to an allowed address connects){opening}")
         return allowed
 
-    def _listed(self, host: str) -> bool:
-        """The operator listed this name: its DNS is theirs, whatever it resolves to."""
-        return self.names is not None and _name(host) in self.names
+    def _listed(self, host: str, port: int | None) -> bool:
+        """The operator listed this name (for `port`, or without one): its DNS is theirs, whatever it resolves to."""
+        return self.names is not None and bool(self.names.get(_name(host), set()) & {None, port})
 
-    def _refuses(self, address: Address) -> str | None:
-        """Why no connection may go to `address` (None: it may)."""
+    def _refuses(self, address: Address, port: int | None) -> str | None:
+        """Why no connection may go to `address` on `port` (None: it may). Checked before any connection, so a
+        refused port reads the same whether something listens on it or not."""
         if self.names is None:
             return f"{kind}, which connectors may not reach{_note(kind, ': ')}" if (kind := _closed(address)) else None
-        return None if any(address in n for n in self.networks) else _UNLISTED
+        return None if any(address in n and p in (None, port) for n, p in self.networks) else self._unlisted(port)
+
+    def _unlisted(self, port: int | None) -> str:
+        """Not admitted by the list; with entries that name ports, on which port (never which ports are open)."""
+        return _UNLISTED if not self._ported or port is None else _UNLISTED.replace(" (", f" on port {port} (", 1)
 
 
 RAY_NODE = "an address of a Ray node of this cluster"
@@ -111,13 +126,45 @@ def _note(kind: str, separator: str) -> str:
 _UNLISTED = "not among the hosts this service lets connectors reach (ServeConfig.connector_hosts, its operator's list)"
 
 
-def _opening(host: str | Address) -> str:
+def _opening(host: str | Address, port: int | None) -> str:
     """How the operator opens a host the default refuses (the tenant who reads it cannot: the service config is
-    the operator's), with the setting that does it for `host`."""
-    example = f"{host}/{host.max_prefixlen}" if isinstance(host, Address) else _name(host)
+    the operator's), with the setting that does it for `host` on `port` (that port only: an entry without one opens
+    every port of the host, Ray's too)."""
+    shown = str(host) if isinstance(host, Address) else _name(host)
+    if port is None:
+        example = f"{host}/{host.max_prefixlen}" if isinstance(host, Address) else shown
+    else:
+        example = f"[{shown}]:{port}" if ":" in shown else f"{shown}:{port}"
     return (f"the service's operator can open it to connectors by listing it in ServeConfig.connector_hosts, e.g. "
             f"connector_hosts: [\"{example}\"] (a listed network admits its addresses, a listed name whatever it "
-            "resolves to; with a list, connectors reach only the hosts it names)")
+            "resolves to, on the entry's port or, without one, on every port; with a list, connectors reach only the "
+            "hosts it names)")
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+_PORTED = re.compile(r"\[(?P<bracketed>[^\]]+)\](?::(?P<port6>\d+))?|(?P<plain>[^:\[\]]+):(?P<port>\d+)")
+
+
+def parse_entry(entry: str) -> tuple[str | Network, int | None]:
+    """One entry of `ServeConfig.connector_hosts`: a name (compared as DNS does) or a network, and the one port it
+    opens (None: every port). `broker.example`, `10.20.0.0/16`, `::1`; with a port `broker.example:1883`,
+    `127.0.0.1:1883`, `10.20.0.0/16:8883`, `[::1]:1883`, `[fd00::/64]:1883`. ValueError: none of these."""
+    text = entry.strip()
+    if (network := _network(text)) is not None:
+        return network, None
+    port: int | None = None
+    if (match := _PORTED.fullmatch(text)) is not None:
+        text = match["bracketed"] or match["plain"]
+        digits = match["port6"] or match["port"]
+        port = int(digits) if digits else None
+        if port is not None and not 1 <= port <= 65535:
+            raise ValueError(f"connector_hosts entry {entry!r}: port {port} is not 1-65535")
+        if (network := _network(text)) is None and match["bracketed"]:
+            raise ValueError(f"connector_hosts entry {entry!r}: brackets hold an IPv6 address or network")
+    if network is None and (not text or any(c in text for c in ":/[] ")):
+        raise ValueError(f"connector_hosts entry {entry!r} is no host name, address or network (with an optional "
+                         "port: 'broker.example:1883', '127.0.0.1:1883', '[::1]:1883', '10.20.0.0/16:8883')")
+    return (network if network is not None else _name(text)), port
 
 
 def open_connection(infos: list[AddrInfo], timeout: float | None,

@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from datetime import UTC, datetime, timedelta
+from enum import StrEnum
 from typing import Any
 
 import ray
@@ -25,6 +26,7 @@ from connectors.pump import Pump
 from connectors.reach import Reach
 from connectors.sink import TwinSink
 from connectors.spec import ConnectorStore, Desired
+from connectors.tenant_files import TenantFiles
 from raytwin import metrics
 from raytwin.logs import component_logging
 
@@ -38,6 +40,16 @@ each such command in memory meanwhile, so not for good."""
 ALIVE_JOIN_S = 30.0
 
 
+class ConnectorState(StrEnum):
+    """What a connector does: its declared state (running, paused) while its process runs, else `down`."""
+
+    running = "running"
+    paused = "paused"
+    down = "down"
+    """Declared, and no process of it runs: the service's host policy refuses its host, or it cannot start (its
+    files gone); `last_error` says why. Declared again (or the policy changed and the service restarted), it runs."""
+
+
 class ConnectorStatus(BaseModel):
     """What an operator needs to see: is it connected, is it keeping up, what went wrong."""
 
@@ -46,7 +58,7 @@ class ConnectorStatus(BaseModel):
     tenant: str
     name: str
     kind: str
-    state: Desired
+    state: ConnectorState
     connected: bool
     messages: int
     acknowledged: int
@@ -74,14 +86,18 @@ class ConnectorRuntime:
     """The actor's body (a plain class, so it can also run in-process)."""
 
     def __init__(self, store_url: str, router: ShardRouter, tenant: str, name: str,
-                 storage_options: dict[str, Any] | None = None, reach: Reach | None = None):
+                 storage_options: dict[str, Any] | None = None, reach: Reach | None = None,
+                 files: TenantFiles | None = None):
         """`reach`: the hosts a tenant's connector may connect to, checked at every connection attempt (None: any,
-        the operator's); an argument, so a restart of the actor by Ray keeps it."""
+        the operator's); `files`: where a tenant's connector finds the files it names (None: they are paths);
+        arguments, so a restart of the actor by Ray keeps them."""
         component_logging()
-        self._reach = reach
+        self._reach, self._files = reach, files
         store = ConnectorStore(store_url, storage_options)
         self.store, self.tenant, self.name = store, tenant, name
         self.spec = parse_spec(store.spec_json(tenant, name))
+        if files is not None:  # (ValueError: names that are no longer its tenant's files; it does not start)
+            self.spec = files.opened(TenantFiles.named(self.spec))
         self.ledger = CommandLedger(store_url, storage_options)
         self._commands = threading.Lock()  # an ack (receive thread) must not interleave with a send
         self.ledger.recover(tenant, name)
@@ -114,6 +130,10 @@ class ConnectorRuntime:
     def reach(self) -> Reach | None:
         """The policy this process enforces (`Connectors.start_declared` restarts one started under another)."""
         return self._reach
+
+    def files(self) -> TenantFiles | None:
+        """Where this process opens the files its declaration names (`Connectors.start_declared` compares)."""
+        return self._files
 
     def pause(self) -> ConnectorStatus:
         """Stop receiving (the source keeps what arrives meanwhile: a persistent session, a subscription)."""

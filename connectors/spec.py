@@ -41,8 +41,8 @@ class ConnectorSpec(BaseModel):
         """One line for people: kind, name and what it maps (`raytwin connectors check`)."""
         return f"{self.kind} connector {self.name!r}"
 
-    def source_host(self) -> str | None:
-        """The host this connector connects to (a broker, a server), for the service's reach policy."""
+    def source(self) -> tuple[str, int] | None:
+        """The host and port this connector connects to (a broker, a server), for the service's reach policy."""
         return None
 
     def files(self) -> dict[str, str]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from serve_apps.admission import Admission
 from serve_apps.deprecation import Deprecation
@@ -87,7 +87,7 @@ class ServeConfig(BaseModel):
         "(None: such connectors cannot use TLS files). Declared connectors (`connectors`) name any path.")
     connector_hosts: list[str] | None = Field(
         None, description="Hosts that connectors created through the API may connect to: names, addresses or "
-        "networks (`broker.plant.example`, `10.20.0.0/16`, `127.0.0.1/32` for a broker on the node); a listed name "
+        "networks (`broker.plant.example`, `10.20.0.0/16`, `127.0.0.1:1883` for a broker on the node); a listed name "
         "is reachable whatever it resolves to, a listed network admits its addresses. None: any host but the Ray "
         "cluster's own machines and link-local ones: loopback (127.0.0.0/8, ::1, `localhost`), unspecified "
         "(0.0.0.0/8, ::), the Ray nodes' addresses (any address of the machine that checks, the alive nodes' "
@@ -95,7 +95,19 @@ class ServeConfig(BaseModel):
         "link-local (169.254.0.0/16, fe80::/10: cloud metadata services), also inside IPv6 (`::ffff:127.0.0.1`). "
         "A tenant's connector is a TCP client inside your network: list the brokers and servers it may reach. "
         "Names are checked again at every connection, on the address connected to. Declared connectors "
-        "(`connectors`) reach any host.")
+        "(`connectors`) reach any host. An entry may name the one port it opens: `broker.plant.example:8883`, "
+        "`127.0.0.1:1883`, `10.20.0.0/16:1883`, `[::1]:1883`; without one it opens every port of the host (for "
+        "a broker on a node: Ray's GCS, dashboard and raylet ports too), so give the port.")
+
+    @field_validator("connector_hosts")
+    @classmethod
+    def _host_entries(cls, hosts: list[str] | None) -> list[str] | None:
+        """Entries that are no host, network or port fail when the service starts, not at a tenant's request."""
+        from connectors.reach import parse_entry
+
+        for entry in hosts or ():
+            parse_entry(entry)
+        return hosts
     autoscaling: Autoscaling = Field(default_factory=Autoscaling)
     admission: Admission = Field(default_factory=Admission)
 

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
@@ -23,13 +21,13 @@ from connectors.manager import ConnectorDown, Connectors, InvalidConnector
 from connectors.spec import ConnectorSpec, Credentials, SessionTaken, UnknownConnector
 from raytwin.contracts import describe_error
 from connectors.reach import Reach
+from connectors.tenant_files import TenantFiles
 from serve_apps.errors import Conflict, NotFound, Unprocessable, unwrap
 
 if TYPE_CHECKING:
     from actors.service import TwinService
 
 log = logging.getLogger("raytwin.serve.connectors")
-_FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 
 
 def _api_errors(call: Callable[..., Any]) -> Callable[..., Any]:
@@ -66,9 +64,9 @@ class ConnectorOps:
 
     def __init__(self, twins: TwinService, declared: list[dict[str, Any]], tls_dir: str | None = None,
                  hosts: list[str] | None = None):
-        self.tls_dir, self.reach = tls_dir, Reach(hosts)
+        self.files, self.reach = TenantFiles(tls_dir), Reach(hosts)
         self.operators = {(d.get("tenant"), d.get("name")) for d in declared}  # declared in the service config
-        self.connectors = Connectors(twins.router, twins.assets, self._reach_of)
+        self.connectors = Connectors(twins.router, twins.assets, self._reach_of, self._files_of)
         for declaration in declared:
             try:
                 self._declare(declaration)
@@ -81,12 +79,17 @@ class ConnectorOps:
         resolve elsewhere after it was checked here); the operator's own (config) reach any host."""
         return None if (tenant, name) in self.operators else self.reach
 
+    def _files_of(self, tenant: str, name: str) -> TenantFiles | None:
+        """Where a tenant's connector finds the files it names (their names are kept, shown and sent back as given;
+        `connectors.tenant_files`); the operator's (config) name paths."""
+        return None if (tenant, name) in self.operators else self.files
+
     def _refusal(self, spec: ConnectorSpec) -> str | None:
         """Why a stored connector of a tenant may not run under this service's policy (its host list may
         have been set or narrowed since it was created)."""
-        if (reach := self._reach_of(spec.tenant, spec.name)) is None or (host := spec.source_host()) is None:
+        if (reach := self._reach_of(spec.tenant, spec.name)) is None or (source := spec.source()) is None:
             return None
-        return reach.refusal(host)
+        return reach.refusal(*source)
 
     def _declare(self, declaration: dict[str, Any]) -> None:
         missing = missing_credentials(declaration)
@@ -107,33 +110,11 @@ class ConnectorOps:
     @_api_errors
     def create(self, tenant: str, spec: dict[str, Any], credentials: Credentials | None) -> dict[str, Any]:
         self._refuse_operators(tenant, spec.get("name"), "replace")
-        declared = self._tenant_files(parse_spec({**spec, "tenant": tenant}))
-        if (host := declared.source_host()) is not None and (why := self.reach.refusal(host)):
+        declared = parse_spec({**spec, "tenant": tenant})
+        if (source := declared.source()) is not None and (why := self.reach.refusal(*source)):
             raise Unprocessable(f"connector {declared.name!r}: {why}")
         created = self.connectors.create(declared, credentials)
         return self.view(tenant, created.name) | {"status": created.model_dump(mode="json")}
-
-    def _tenant_files(self, spec: ConnectorSpec) -> ConnectorSpec:
-        """`spec` with the files it names (`ConnectorSpec.files`: MQTT TLS files, an OPC UA security string's
-        certificate and key) resolved in the tenant's directory of `tls_dir`: a tenant names no path of the
-        server's (another tenant's client key, the server's own files), nor one a link leads out of it."""
-        files = spec.files()
-        if not files:
-            return spec
-        if self.tls_dir is None:
-            raise Unprocessable(f"{', '.join(files)}: this server takes no certificate or key files for connectors "
-                                "created through the API (its operator sets ServeConfig.connector_tls_dir and places "
-                                "them in its directory for your tenant); leave them out or ask them to declare the "
-                                "connector")
-        own = Path(self.tls_dir, spec.tenant)
-        resolved = {}
-        for field, value in files.items():
-            path = own / value
-            if not _FILE_NAME.fullmatch(value) or not path.resolve().is_relative_to(own.resolve()):
-                raise Unprocessable(f"{field} {value!r}: name a file of your tenant's TLS directory "
-                                    f"(letters, digits, '.', '_', '-'; no path, no link out of it)")
-            resolved[field] = str(path)
-        return spec.with_files(resolved)
 
     @_api_errors
     def view(self, tenant: str, name: str) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from connectors.opcua.config import OpcUaSpec
 from connectors.opcua.devserver import OpcUaServer
 from connectors.opcua.session import OpcUaSession
 from connectors.opcua.session import _Client as OpcUaClient
-from connectors.reach import Reach, Unreachable, open_connection
+from connectors.reach import Reach, Unreachable, open_connection, parse_entry
 from connectors.spec import Credentials
 from raytwin.ports import free_port
 from tests.fixtures_connectors import certificate_for, own_address, wait_for
@@ -97,7 +97,8 @@ def test_by_default_a_name_that_later_resolves_to_the_node_itself_is_refused_at_
     assert str(refused.value).startswith(f"host {REBOUND!r} resolved to {shown} ({kind}, which connectors may not "
                                          "reach): not connected (it is checked again at every connection attempt"), \
         refused.value
-    assert f"listing it in ServeConfig.connector_hosts, e.g. connector_hosts: [\"{shown}/" in str(refused.value)
+    example = f"[{shown}]:1883" if ":" in shown else f"{shown}:1883"  # that port: an entry without one opens them all
+    assert f"listing it in ServeConfig.connector_hosts, e.g. connector_hosts: [\"{example}\"]" in str(refused.value)
     assert asked == [REBOUND, REBOUND]
     assert [info[4][0] for info in Reach([f"{shown}/128" if ":" in shown else f"{shown}/32"]).vetted(
         REBOUND, 1883)] == [address]  # the operator's list opens that address
@@ -114,6 +115,53 @@ def test_by_default_a_localhost_name_is_refused_whatever_the_resolver_answers(mo
             Reach(None).vetted(host, 1883)
     assert asked == []
     assert Reach(["localhost"]).refusal("localhost.") is None and Reach(["localhost"]).vetted("localhost", 1883)
+
+
+def test_an_entry_with_a_port_opens_that_port_only_and_others_are_refused_before_anything_connects(monkeypatch,
+                                                                                                  listener):
+    """Found by an outside tester: `connector_hosts` opened hosts, not ports, so listing the broker's host
+    (`127.0.0.1/32`, the guide's example) opened Ray's GCS, dashboard and raylet ports on it to every tenant, and
+    `last_error` told which of them answer. An entry with a port opens that port; another one is refused before a
+    socket connects, so a port where something listens and one where nothing does read the same."""
+    broker, listening, closed = free_port(), listener.getsockname()[1], free_port()
+    connected = []
+    real_connect = socket.socket.connect
+    monkeypatch.setattr(socket.socket, "connect", lambda sock, address: connected.append(address) or real_connect(
+        sock, address))
+    for entries, host in (([f"127.0.0.1:{broker}"], "127.0.0.1"), ([f"127.0.0.0/8:{broker}"], "127.0.0.1"),
+                          ([f"localhost:{broker}"], "localhost"), ([f"[::1]:{broker}"], "::1")):
+        reach = Reach(entries)
+        assert reach.refusal(host, broker) is None and reach.vetted(host, broker), entries
+        refusals = []
+        for port in (listening, closed):
+            assert f"not among the hosts this service lets connectors reach on port {port}" in reach.refusal(host, port)
+            with pytest.raises(Unreachable) as refused:
+                reach.vetted(host, port)
+            refusals.append(str(refused.value).replace(str(port), "PORT"))
+        assert refusals[0] == refusals[1] and "PORT" in refusals[0], refusals
+    assert connected == []  # nothing connected to find out
+    assert Reach(["127.0.0.1/32"]).refusal("127.0.0.1", listening) is None  # no port: every port (documented)
+    assert Reach(["127.0.0.1:1883"]) != Reach(["127.0.0.1/32"])  # (a running connector under the other restarts)
+
+
+@pytest.mark.parametrize("entry, parsed", [
+    ("broker.example", ("broker.example", None)), ("Broker.Example.:8883", ("broker.example", 8883)),
+    ("127.0.0.1/32", (ipaddress.ip_network("127.0.0.1/32"), None)),
+    ("127.0.0.1:1883", (ipaddress.ip_network("127.0.0.1/32"), 1883)),
+    ("10.20.0.0/16:1883", (ipaddress.ip_network("10.20.0.0/16"), 1883)), ("::1", (ipaddress.ip_network("::1"), None)),
+    ("[::1]:1883", (ipaddress.ip_network("::1"), 1883)), ("[fd00::/64]:1883", (ipaddress.ip_network("fd00::/64"), 1883))])
+def test_host_entries_name_a_host_or_network_and_optionally_a_port(entry, parsed):
+    assert parse_entry(entry) == parsed
+
+
+@pytest.mark.parametrize("entry, why", [("127.0.0.1:0", "port 0 is not 1-65535"), ("h:70000", "port 70000"),
+                                        ("[broker]:1883", "brackets hold an IPv6"), ("a:b", "is no host name"),
+                                        ("a/b", "is no host name"), ("", "is no host name")])
+def test_a_service_with_a_host_entry_that_is_none_does_not_start(entry, why):
+    from serve_apps.config import ServeConfig
+
+    with pytest.raises(ValueError, match=why):
+        ServeConfig(store_url="store", keys_file="keys.json", connector_hosts=[entry])
 
 
 def test_an_attempt_keeps_only_the_addresses_the_policy_allows(monkeypatch):
@@ -200,7 +248,7 @@ def test_by_default_a_connector_never_reaches_the_broker_on_the_node(monkeypatch
         refused = adapter.last_error
         assert refused.startswith(f"refused to connect to broker {REBOUND}:{broker.port}: host {REBOUND!r} resolved "
                                   "to 127.0.0.1 (loopback, which connectors may not reach): not connected"), refused
-        assert 'connector_hosts: ["127.0.0.1/32"]' in refused and not adapter.connected()
+        assert f'connector_hosts: ["127.0.0.1:{broker.port}"]' in refused and not adapter.connected()  # that port
     finally:
         adapter.stop()
 
@@ -271,7 +319,7 @@ def test_by_default_this_machines_own_address_is_refused_at_the_declaration_and_
     assert str(refused.value).startswith(
         f"host {REBOUND!r} resolved to {own} ({RAY_NODE}, which connectors may not reach: its internal services "
         f"listen there): not connected (it is checked again at every connection attempt"), refused.value
-    assert f'connector_hosts: ["{own}/32"]' in str(refused.value) and asked == [REBOUND, REBOUND]
+    assert f'connector_hosts: ["{own}:1883"]' in str(refused.value) and asked == [REBOUND, REBOUND]
     opened = Reach([f"{own}/32"])  # the operator's list: the whole policy, that address admitted
     assert opened.refusal(own) is None and [info[4][0] for info in opened.vetted(REBOUND, 1883)] == [own]
 

@@ -125,7 +125,7 @@ def plant_spec(port: int, protocol: str = "5", **overrides) -> dict:
 @pytest.fixture(scope="module")
 def plant(connectors, broker):
     status = connectors.create(plant_spec(broker.port), Credentials(username="raytwin", password="s3cret-pw"))
-    assert status.state is Desired.running
+    assert status.state == Desired.running
     wait_for(lambda: connectors.status("acme", "plant").connected, "the connector is connected")
     return "plant"
 
@@ -257,6 +257,39 @@ def test_a_broker_that_lost_the_session_is_reported(twins, connectors, tmp_path)
     finally:
         connectors.delete("acme", "amnesia")
         forgetful.stop()
+
+
+def _saved(database: Path, payload: bytes) -> bool:
+    """Whether Mosquitto's database on disk holds `payload` (it stores payloads as they are)."""
+    return database.exists() and payload in database.read_bytes()
+
+
+def test_a_killed_broker_keeps_what_it_acknowledged_while_the_connector_was_paused(twins, connectors, tmp_path):
+    """Found by an outside tester: Mosquitto with `persistence true` alone writes its database every 1800 s and at
+    SIGTERM, so a broker killed (SIGKILL) while the connector was paused lost the 500 messages it had acknowledged,
+    and nobody could tell (its last save held the session). Configured as connectors/README.md asks
+    (`autosave_on_changes true`, `autosave_interval 1`, as the test broker is), it saves each change and keeps them."""
+    crashing = Mosquitto(tmp_path, free_port())
+    crashing.start()
+    try:
+        connectors.create(plant_spec(crashing.port, name="crash", ack_topic=None, routes=[
+            {"topic": "crash/+/t", "asset_level": 1, "payload": PAYLOAD}]))
+        wait_for(lambda: connectors.status("acme", "crash").connected, "connected")
+        start = twins.state("acme", "pump-3").revision
+        connectors.pause("acme", "crash")
+        device = Publisher(crashing.port)
+        device.publish("crash/pump-3/t", [reading(k) for k in range(1000, 1200)])  # each one acknowledged (PUBACK)
+        device.close()
+        last = json.dumps(reading(1199)).encode()
+        wait_for(lambda: _saved(tmp_path / "mosquitto.db", last), "the broker saved what it acknowledged")
+        crashing.stop(crash=True)
+        crashing.start()
+        connectors.resume("acme", "crash")
+        wait_for(lambda: twins.state("acme", "pump-3").revision == start + 200, "the 200 acknowledged readings applied")
+        assert "kept no session" not in (connectors.status("acme", "crash").last_error or "")
+    finally:
+        connectors.delete("acme", "crash")
+        crashing.stop()
 
 
 def test_a_restarted_connector_that_never_connected_reports_no_lost_session(twins, connectors, tmp_path):
@@ -534,13 +567,38 @@ def test_a_deleted_connector_leaves_no_session_at_the_broker(twins, connectors, 
 def test_paused_connector_gets_what_was_published_meanwhile(twins, connectors, broker, plant):
     start = twins.state("acme", "pump-4").revision
     paused = connectors.pause("acme", "plant")
-    assert paused.state is Desired.paused and not paused.connected
+    assert paused.state == Desired.paused and not paused.connected
     device = Publisher(broker.port)
     device.publish("plant/pump-4/telemetry", [reading(k) for k in range(100, 120)])
     device.close()
     assert twins.state("acme", "pump-4").revision == start
-    assert connectors.resume("acme", "plant").state is Desired.running
+    assert connectors.resume("acme", "plant").state == Desired.running
     wait_for(lambda: twins.state("acme", "pump-4").revision == start + 20, "the 20 queued events applied")
+
+
+def test_a_retained_message_is_read_once_not_at_every_reconnect(twins, connectors, broker):
+    """Found by an outside tester: a broker sends a topic's retained message at every SUBSCRIBE, and a connector
+    subscribes at every connection, so each resume, broker or connector restart dead-lettered a retained bad payload
+    again (and counted a retained reading again as a duplicate). MQTT 5 asks for them on a new subscription only."""
+    device = Publisher(broker.port)
+    device.client.publish("retain/pump-4/t", b"not json", qos=1, retain=True).wait_for_publish(30)
+    connectors.create(plant_spec(broker.port, name="retain", ack_topic=None, routes=[
+        {"topic": "retain/+/t", "asset_level": 1, "payload": PAYLOAD}]))
+    try:
+        wait_for(lambda: connectors.status("acme", "retain").dead_lettered == 1, "the retained payload dead-lettered")
+        connectors.pause("acme", "retain")
+        connectors.resume("acme", "retain")  # a reconnect to the session that holds the subscription
+        for k, expected in ((2000, 2), (2001, 1)):  # then the connector's process restarted (its counts start at 0)
+            wait_for(lambda: connectors.status("acme", "retain").connected, "connected again")
+            device.publish("retain/pump-4/t", [reading(k)])
+            status = wait_for(lambda: (s := connectors.status("acme", "retain")).acknowledged >= expected and s,
+                              "the reading acknowledged")
+            assert (status.messages, status.dead_lettered) == (expected, expected - 1), status
+            connectors._kill("acme", "retain")
+    finally:
+        device.client.publish("retain/pump-4/t", b"", qos=1, retain=True).wait_for_publish(30)  # (retained: cleared)
+        device.close()
+        connectors.delete("acme", "retain")
 
 
 def test_commands_need_approval_are_sent_once_and_acknowledged(twins, connectors, broker, plant):
@@ -837,11 +895,13 @@ def test_http_tls_files_are_the_tenants_own_and_a_connector_that_cannot_start_is
 
     for tls, why in (({"ca_file": str(svc.config.keys_file)}, "broker.tls.ca_file '/"),
                      ({"ca_file": "../globex/ca.pem"}, "name a file of your tenant's TLS directory"),
-                     ({"ca_file": "missing.pem"}, "cannot be loaded as a CA bundle: No such file or directory"),
+                     ({"ca_file": "missing.pem"}, "broker.tls.ca_file 'missing.pem' cannot be loaded as a CA bundle: "
+                                                  "No such file or directory"),  # its name, not the server's path
                      ({"ca_file": "junk.pem"}, "cannot be loaded as a CA bundle: [X509"),
                      ({"key_file": "ca.pem"}, "broker.tls.key_file needs broker.tls.cert_file")):
         refused = create(**tls)
         assert refused.status_code == 422 and why in refused.json()["error"]["message"], (tls, refused.text)
+        assert str(tls_dir) not in refused.text
         assert client.get("/v1/connectors/tls", headers=auth["reader"]).status_code == 404  # nothing stored
     assert "keys.json" not in json.dumps([rec.model_dump(mode="json") for rec in svc.audit.records("acme")])
 
@@ -857,16 +917,29 @@ def test_http_tls_files_are_the_tenants_own_and_a_connector_that_cannot_start_is
                           ("Basic256Sha256,Sign", "give 'Policy,Mode,certificate,private_key")):
         refused = client.post("/v1/connectors", json={"spec": {**opcua, "security": security}}, headers=auth["admin"])
         assert refused.status_code == 422 and why in refused.json()["error"]["message"], (security, refused.text)
+        assert f"{tls_dir}/acme" not in refused.text
     assert client.get("/v1/connectors/plc", headers=auth["reader"]).status_code == 404
     made = create(ca_file="ca.pem")
     assert made.status_code == 201, made.text
-    assert made.json()["spec"]["broker"]["tls"]["ca_file"] == str(tls_dir / "acme" / "ca.pem")
+    assert made.json()["spec"]["broker"]["tls"]["ca_file"] == "ca.pem"  # the tenant's name, not the server's path
+    read = client.get("/v1/connectors/tls", headers=auth["reader"]).json()
+    assert read["spec"]["broker"]["tls"]["ca_file"] == "ca.pem" and str(tls_dir) not in json.dumps(read)
+    again = client.post("/v1/connectors", json={"spec": read["spec"]}, headers=auth["admin"])  # sent back as read
+    assert again.status_code == 201 and again.json()["spec"] == read["spec"], again.text
+    ops = svc.backend.handle.backend.connector_ops
+    for stored in (tls_dir / "acme" / "ca.pem", Path("/moved/since/acme/ca.pem")):  # as earlier versions stored it
+        ops.connectors.store.save(ops.connectors.spec("acme", "tls").with_files({"broker.tls.ca_file": str(stored)}),
+                                  Credentials())
+        connectors._kill("acme", "tls")  # started again from the stored declaration: opens ca.pem of today's dir
+        read = client.get("/v1/connectors/tls", headers=auth["reader"]).json()
+        assert read["spec"]["broker"]["tls"]["ca_file"] == "ca.pem" and read["status"]["state"] == "running", read
     (tls_dir / "acme" / "ca.pem").unlink()  # removed while it runs: its next start fails
     connectors._kill("acme", "tls")
     listed = client.get("/v1/connectors", headers=auth["reader"])
     assert listed.status_code == 200, listed.text
     down = next(c for c in listed.json() if c["name"] == "tls")
-    assert not down["connected"] and down["last_error"].startswith("cannot start: FileNotFoundError")
+    assert down["state"] == "down" and not down["connected"], down
+    assert down["last_error"].startswith("cannot start: FileNotFoundError"), down
     paused = client.post("/v1/connectors/tls/pause", headers=auth["admin"])
     assert paused.status_code == 409 and "declare it again or delete it" in paused.json()["error"]["message"]
     assert client.delete("/v1/connectors/tls", headers=auth["admin"]).status_code == 204
@@ -901,7 +974,10 @@ def test_a_tenants_connector_reaches_only_the_hosts_the_operator_allows():
                "in ServeConfig.connector_hosts, e.g. connector_hosts: [" in why, why
     assert anywhere.refusal("0x7f.1").endswith(
         'connector_hosts: ["127.0.0.1/32"] (a listed network admits its addresses, a listed name whatever it '
-        "resolves to; with a list, connectors reach only the hosts it names)")
+        "resolves to, on the entry's port or, without one, on every port; with a list, connectors reach only the "
+        "hosts it names)")
+    assert 'connector_hosts: ["127.0.0.1:1883"] (' in anywhere.refusal("0x7f.1", 1883)  # that port, not the host
+    assert 'connector_hosts: ["[::1]:1883"] (' in anywhere.refusal("::1", 1883)
     assert 'connector_hosts: ["localhost"]' in anywhere.refusal("LocalHost.")
     for host in ("10.20.3.4", "192.0.2.7", "2001:db8::7", "no-such-host.invalid", "localhost.example"):
         assert anywhere.refusal(host) is None, host
@@ -956,7 +1032,8 @@ def test_http_without_a_host_list_a_tenant_reaches_nothing_on_the_node(api, brok
             assert refused.json()["error"]["message"].startswith(
                 f"connector 'node': host {host!r} is an address of a Ray node of this cluster ({host}: its internal "
                 "services listen there), which connectors may not reach: the service's operator can open it to "
-                f'connectors by listing it in ServeConfig.connector_hosts, e.g. connector_hosts: ["{host}/32"]'), host
+                f'connectors by listing it in ServeConfig.connector_hosts, e.g. connector_hosts: ["{host}:{broker.port}"]'
+            ), host
         assert client.get("/v1/connectors/node", headers=auth["reader"]).status_code == 404  # nothing stored
     listed = client.post("/v1/connectors", json={"spec": {**spec, "broker": {**spec["broker"], "host": "0x7f.1"}}},
                          headers=auth["admin"])  # connector_hosts ["127.0.0.1/32"]: that address, in any spelling
@@ -1047,6 +1124,13 @@ def test_cli_checks_declarations_and_manages_connectors_through_the_api(api, bro
         assert checked.stdout.strip() == f"{good}: ok (mqtt connector 'cli', 1 route(s))"
         checked = run(connectors_app, ["check", str(bad)])
         assert checked.exit_code == 1 and "exactly one of asset_id" in checked.output
+        pathed = tmp_path / "pathed.yaml"  # the guide's first declaration named a path: created through the API, a 422
+        pathed.write_text(yaml.safe_dump({**spec, "broker": {**spec["broker"], "tls": {"ca_file": "/etc/ssl/ca.pem"}}}))
+        checked = run(connectors_app, ["check", str(pathed)])
+        assert checked.exit_code == 0 and f"{pathed}: ok" in checked.stdout
+        assert f"{pathed}: warning: broker.tls.ca_file '/etc/ssl/ca.pem' is a path: a connector created through the " \
+               "API (`raytwin connectors create`) names a file of its tenant's TLS directory by its name alone (e.g. " \
+               "broker.tls.ca_file 'ca.pem')" in checked.output
         created = run(connectors_app, ["create", str(good), "--username", "gw", "--password-env", "GW_PASSWORD"])
         assert created.exit_code == 0, created.output
         assert "cli-secret-value" not in created.output and json.loads(created.stdout)["spec"]["name"] == "cli"
@@ -1089,7 +1173,7 @@ def test_a_connector_running_under_another_reach_policy_is_restarted_under_the_c
 
 
 OPENING = ("which connectors may not reach: the service's operator can open it to connectors by listing it in "
-           'ServeConfig.connector_hosts, e.g. connector_hosts: ["127.0.0.1/32"]')
+           'ServeConfig.connector_hosts, e.g. connector_hosts: ["127.0.0.1:')  # (the broker's port: that one only)
 
 
 @pytest.mark.parametrize("hosts, declared, attempted", [
@@ -1112,7 +1196,7 @@ def test_a_policy_that_refuses_a_stored_connector_stops_it_at_the_next_start(twi
     operator = plant_spec(broker.port, name="ops", routes=[{"topic": "ops/+/t", "asset_level": 1, "payload": PAYLOAD}])
     ops = ConnectorOps(twins, [operator], hosts=hosts)  # a backend started with this policy
     down = ops.connectors.status("acme", "probe")
-    assert not down.connected and down.last_error.startswith(f"cannot start: host '127.0.0.1' {declared}"), \
+    assert down.state == "down" and not down.connected and down.last_error.startswith(f"cannot start: host '127.0.0.1' {declared}"), \
         down.last_error
     with pytest.raises(ValueError):
         ray.get_actor(actor_name("acme", "probe"), namespace=twins.router.namespace)  # not left running

@@ -77,6 +77,8 @@ class CommandNode(FrozenSpec):
         return None
 
 
+OPC_UA_PORT = 4840
+"""The port of an `opc.tcp://` endpoint that names none (IANA's for OPC UA)."""
 SECURITY_FILES = ("certificate", "private_key", "server_certificate")
 """The files of an asyncua security string ``Policy,Mode,certificate,private_key[,server_certificate]``."""
 
@@ -122,8 +124,9 @@ class OpcUaSpec(ConnectorSpec):
         backfill = f"backfill {self.backfill_s:g} s" if self.backfill_s else "no backfill"
         return f"{super().describe()}, {len(self.nodes)} node(s), {len(self.commands)} command(s), {backfill}"
 
-    def source_host(self) -> str | None:
-        return urlsplit(self.endpoint).hostname
+    def source(self) -> tuple[str, int] | None:
+        url = urlsplit(self.endpoint)
+        return None if url.hostname is None else (url.hostname, url.port or OPC_UA_PORT)
 
     def files(self) -> dict[str, str]:
         parts = [p.strip() for p in (self.security or "").split(",")]

@@ -42,7 +42,7 @@ from asyncua.common.subscription import Subscription
 from connectors.commands import Refused
 from connectors.kinds import ignore
 from connectors.mapping import DeadLetter
-from connectors.opcua.config import CommandNode, MappedNode, OpcUaSpec
+from connectors.opcua.config import OPC_UA_PORT, CommandNode, MappedNode, OpcUaSpec
 from connectors.opcua.values import source, to_row
 from connectors.reach import Reach
 from connectors.sink import Inbound
@@ -70,7 +70,7 @@ class _Client(Client):
             return await super().connect_socket()
         url = self.server_url
         error: OSError | None = None
-        for info in await asyncio.to_thread(self.reach.vetted, url.hostname, url.port):
+        for info in await asyncio.to_thread(self.reach.vetted, url.hostname, url.port or OPC_UA_PORT):
             try:
                 return await self.uaclient.connect_socket(info[4][0], url.port)
             except OSError as exc:  # (a timeout is one) the next vetted address, as a name's addresses are tried
