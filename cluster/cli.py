@@ -24,6 +24,7 @@ from cluster.local import (
     stop_local_cluster,
 )
 from cluster.manifests import Kind, render, to_yaml
+from cluster.network_policy import render_network_policy, validate_network_policy
 from cluster.spec import load_spec
 
 cluster_app = typer.Typer(
@@ -61,16 +62,23 @@ def _fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
-def _validated_manifest(
+def _validated_manifests(
     spec_file: Path, kind: Kind, crds: Path, entrypoint: list[str] | None, job_name: str | None
-) -> dict[str, Any]:
-    """Spec -> manifest -> CRD validation; any failure ends the command before anything is written or sent."""
+) -> list[dict[str, Any]]:
+    """Spec -> the KubeRay manifest (validated against the CRDs), then its NetworkPolicy where the spec has one
+    (checked against the networking.k8s.io/v1 shape); any failure ends the command before anything is written
+    or sent."""
     try:
-        manifest = render(load_spec(spec_file), kind, entrypoint or (), job_name)
+        spec = load_spec(spec_file)
+        manifest = render(spec, kind, entrypoint or (), job_name)
         CrdSchemas.from_dir(crds).validate(manifest)
+        manifests = [manifest]
+        if spec.network_policy.enabled:
+            manifests.append(render_network_policy(spec))
+            validate_network_policy(manifests[-1])
     except (ValueError, CrdError) as exc:
         _fail(str(exc))
-    return manifest
+    return manifests
 
 
 def _kube(namespace: str, kubeconfig: Path | None, context: str | None) -> KubeRayClient:
@@ -90,13 +98,15 @@ def render_command(
     job_name: JobNameOpt = None,
     entrypoint: EntrypointArg = None,
 ) -> None:
-    """Render a RayCluster, RayService or RayJob manifest from a spec, validated against the KubeRay CRDs."""
-    text = to_yaml(_validated_manifest(spec_file, kind, crds, entrypoint, job_name))
+    """Render a RayCluster, RayService or RayJob manifest from a spec, validated against the KubeRay CRDs, followed
+    by the spec's NetworkPolicy (a second YAML document) unless `network_policy.enabled` is false."""
+    manifests = _validated_manifests(spec_file, kind, crds, entrypoint, job_name)
+    text = "---\n".join(to_yaml(manifest) for manifest in manifests)
     if output is None:
         typer.echo(text, nl=False)
     else:
         output.write_text(text)
-        typer.echo(f"wrote {kind.kind} to {output}", err=True)
+        typer.echo(f"wrote {' and '.join(m['kind'] for m in manifests)} to {output}", err=True)
 
 
 @cluster_app.command("apply")
@@ -109,10 +119,13 @@ def apply_command(
     job_name: JobNameOpt = None,
     entrypoint: EntrypointArg = None,
 ) -> None:
-    """Create the rendered resource in the spec's namespace, or replace it if it already exists."""
-    manifest = _validated_manifest(spec_file, kind, crds, entrypoint, job_name)
-    action, _ = _kube(manifest["metadata"]["namespace"], kubeconfig, context).apply(manifest)
-    typer.echo(f"{kind.kind} {manifest['metadata']['namespace']}/{manifest['metadata']['name']} {action}")
+    """Create the rendered resources (the KubeRay one, then its NetworkPolicy) in the spec's namespace, or replace
+    those that already exist."""
+    manifests = _validated_manifests(spec_file, kind, crds, entrypoint, job_name)
+    kube = _kube(manifests[0]["metadata"]["namespace"], kubeconfig, context)
+    for manifest in manifests:
+        action, _ = kube.apply(manifest)
+        typer.echo(f"{manifest['kind']} {manifest['metadata']['namespace']}/{manifest['metadata']['name']} {action}")
 
 
 @cluster_app.command("status")

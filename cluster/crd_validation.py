@@ -41,8 +41,8 @@ class CrdError(RuntimeError):
 class ManifestInvalid(ValueError):
     """A manifest that the KubeRay CRD schema refuses, with one line per violation."""
 
-    def __init__(self, manifest_name: str, problems: list[str]) -> None:
-        super().__init__(f"{manifest_name} does not match its KubeRay CRD schema:\n" + "\n".join(problems))
+    def __init__(self, manifest_name: str, problems: list[str], schema: str = "its KubeRay CRD schema") -> None:
+        super().__init__(f"{manifest_name} does not match {schema}:\n" + "\n".join(problems))
         self.problems = problems
 
 
@@ -134,16 +134,17 @@ class CrdSchemas:
             known = ", ".join(f"{kind} ({api})" for api, kind in sorted(self.validators))
             raise ManifestInvalid(name, [f"  no CRD for apiVersion={key[0]!r} kind={key[1]!r}; known: {known}"])
         defaulted = apply_defaults(validator.schema, manifest)
-        problems = [_describe(error) for error in sorted(validator.iter_errors(defaulted), key=lambda e: list(e.path))]
+        problems = schema_problems(validator, defaulted)
         if not metadata.get("name") and not metadata.get("generateName"):
             problems.append("  metadata.name: required (or metadata.generateName)")
         if problems:
             raise ManifestInvalid(name, problems)
 
 
-def _describe(error: jsonschema.ValidationError) -> str:
-    where = ".".join(str(part) for part in error.absolute_path) or "(root)"
-    return f"  {where}: {error.message}"
+def schema_problems(validator: jsonschema.protocols.Validator, instance: Any) -> list[str]:
+    """One line per violation, in document order, each naming the field's path."""
+    return [f"  {'.'.join(str(part) for part in error.absolute_path) or '(root)'}: {error.message}"
+            for error in sorted(validator.iter_errors(instance), key=lambda e: list(e.path))]
 
 
 @cache

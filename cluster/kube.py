@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import yaml
@@ -55,19 +56,24 @@ class KubeRayClient:
         """Create the object, or replace it if it exists; returns ("created" | "replaced", server object).
 
         A replace carries the current `resourceVersion`, so a concurrent change makes it fail (409) instead of
-        silently overwriting someone else's edit.
+        silently overwriting someone else's edit. A NetworkPolicy (rendered beside the KubeRay resource) goes
+        through the networking API the same way.
         """
-        kind = Kind(manifest["kind"].lower())
         name = manifest["metadata"]["name"]
-        try:
-            return "created", self.api.create_namespaced_custom_object(body=manifest, **self._args(kind))
-        except ApiException as exc:
-            if exc.status != 409:
-                raise
-        current = self.get(kind, name)
-        version = current["metadata"]["resourceVersion"]
-        body = {**manifest, "metadata": {**manifest["metadata"], "resourceVersion": version}}
-        return "replaced", self.api.replace_namespaced_custom_object(name=name, body=body, **self._args(kind))
+        if manifest["kind"] == "NetworkPolicy":
+            net = client.NetworkingV1Api(self.api.api_client)
+            plain = self.api.api_client.sanitize_for_serialization
+            return _create_or_replace(
+                manifest,
+                lambda body: plain(net.create_namespaced_network_policy(self.namespace, body)),
+                lambda: net.read_namespaced_network_policy(name, self.namespace).metadata.resource_version,
+                lambda body: plain(net.replace_namespaced_network_policy(name, self.namespace, body)))
+        kind = Kind(manifest["kind"].lower())
+        return _create_or_replace(
+            manifest,
+            lambda body: self.api.create_namespaced_custom_object(body=body, **self._args(kind)),
+            lambda: self.get(kind, name)["metadata"]["resourceVersion"],
+            lambda body: self.api.replace_namespaced_custom_object(name=name, body=body, **self._args(kind)))
 
     def get(self, kind: Kind, name: str) -> dict[str, Any]:
         """The object as stored by the API server; `KubeRayNotFound` if absent."""
@@ -91,3 +97,16 @@ class KubeRayClient:
                 return False
             raise
         return True
+
+
+def _create_or_replace(manifest: dict[str, Any], create: Callable[[dict[str, Any]], Any],
+                       current_version: Callable[[], str],
+                       replace: Callable[[dict[str, Any]], Any]) -> tuple[str, Any]:
+    """Create; on 409 replace carrying the stored `resourceVersion` (a concurrent change then fails, 409)."""
+    try:
+        return "created", create(manifest)
+    except ApiException as exc:
+        if exc.status != 409:
+            raise
+    body = {**manifest, "metadata": {**manifest["metadata"], "resourceVersion": current_version()}}
+    return "replaced", replace(body)

@@ -22,7 +22,17 @@ API_VERSION = "ray.io/v1"
 GPU_RESOURCE = "nvidia.com/gpu"
 STORAGE_ENV = "RAYTWIN_STORAGE_URL"
 KEYS_VOLUME = "raytwin-api-keys"
+TMP_VOLUME = "ray-tmp"
 HEAD_PORTS = (("gcs-server", 6379), ("dashboard", 8265), ("client", 10001), ("serve", 8000))
+CLUSTER_LABEL = "raytwin.io/cluster"
+"""On every Ray pod of a spec (its RayCluster, RayService and RayJob clusters): what the NetworkPolicy selects."""
+CLIENT_LABEL = "raytwin.io/client-of"
+"""On a RayJob's submitter pod: the NetworkPolicy lets it reach the dashboard's job API."""
+WRITABLE_ENV = {"RAYTWIN_JAX_CACHE_DIR": "/tmp/raytwin/jax", "XDG_CACHE_HOME": "/tmp/cache"}
+"""Caches moved from the read-only home directory to the /tmp emptyDir (`security.read_only_root_filesystem`)."""
+RAY_UPGRADE_NONE = {"type": "None"}
+"""A RayService's upgrade strategy: never a second cluster beside the serving one (see `render_rayservice`)."""
+SUBMITTER_RESOURCES = {"cpu": "500m", "memory": "512Mi"}
 
 
 class Kind(str, Enum):
@@ -58,33 +68,70 @@ def runtime_env(spec: ClusterSpec) -> dict[str, Any]:
     return {key: value for key, value in fields.items() if value}
 
 
-def _container(spec: ClusterSpec, name: str, image: str, cpu: float, memory: str, gpus: int = 0) -> dict[str, Any]:
+def container_security(spec: ClusterSpec) -> dict[str, Any]:
+    """The securityContext of every container RayTwin renders: the Ray user, no privilege, no capability."""
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": spec.security.run_as_user,
+        "runAsGroup": spec.security.run_as_group,
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": spec.security.read_only_root_filesystem,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _pod_security(spec: ClusterSpec) -> dict[str, Any]:
+    """Pod-level: `fsGroup` makes mounted Secrets (the API keys file, mode 0400 otherwise root's) group-readable."""
+    return {"runAsNonRoot": True, "runAsUser": spec.security.run_as_user, "runAsGroup": spec.security.run_as_group,
+            "fsGroup": spec.security.run_as_group, "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+_TMP_MOUNT = {"name": TMP_VOLUME, "mountPath": "/tmp"}  # Ray's session dir, logs, runtime envs
+
+
+def _tmp_volume() -> dict[str, Any]:
+    return {"name": TMP_VOLUME, "emptyDir": {}}
+
+
+def _hardened(name: str, image: str, spec: ClusterSpec, amounts: dict[str, Any]) -> dict[str, Any]:
+    """A container with requests = limits = `amounts`, the spec's securityContext and the /tmp emptyDir."""
+    return {"name": name, "image": image, "resources": {"requests": dict(amounts), "limits": dict(amounts)},
+            "securityContext": container_security(spec), "volumeMounts": [dict(_TMP_MOUNT)]}
+
+
+def _container(spec: ClusterSpec, name: str, image: str, cpu: float, memory: str, gpus: int = 0, *,
+               api_keys: bool = True) -> dict[str, Any]:
     amounts: dict[str, Any] = {"cpu": _cpu(cpu), "memory": memory}
     if gpus:
         amounts[GPU_RESOURCE] = gpus
-    container: dict[str, Any] = {
-        "name": name,
-        "image": image,
-        "resources": {"requests": dict(amounts), "limits": dict(amounts)},
-    }
+    container = _hardened(name, image, spec, amounts)
     # Serve reads its switches when its processes start, so they go in every Ray container's environment
     # (a runtime env reaches replicas, never the proxies); the spec's own `env` wins
-    env = environment_for_args(spec.serve.args) | _ingress_env(spec) | _env(spec)
-    if spec.keys_secret:
+    writable = WRITABLE_ENV if spec.security.read_only_root_filesystem else {}
+    env = writable | environment_for_args(spec.serve.args) | _ingress_env(spec) | _env(spec)
+    if spec.keys_secret and api_keys:
         env = {"RAYTWIN_API_KEYS_FILE": KEYS_FILE} | env
-        container["volumeMounts"] = [{"name": KEYS_VOLUME, "mountPath": KEYS_DIR, "readOnly": True}]
+        container["volumeMounts"].append({"name": KEYS_VOLUME, "mountPath": KEYS_DIR, "readOnly": True})
     container["env"] = [{"name": key, "value": value} for key, value in sorted(env.items())]
     if spec.env_from_secrets:
         container["envFrom"] = [{"secretRef": {"name": secret}} for secret in spec.env_from_secrets]
     return container
 
 
-def _pod(spec: ClusterSpec, container: dict[str, Any]) -> dict[str, Any]:
-    """A pod template's spec around `container`, with the keys Secret's volume where the spec names one."""
-    pod: dict[str, Any] = {"containers": [container]}
-    if spec.keys_secret:
-        pod["volumes"] = [{"name": KEYS_VOLUME, "secret": {"secretName": spec.keys_secret, "defaultMode": 0o400}}]
+def _pod(spec: ClusterSpec, container: dict[str, Any], *, api_keys: bool = True) -> dict[str, Any]:
+    """A pod template's spec around `container`: the Ray user, a /tmp emptyDir, and the keys Secret's volume
+    where the spec names one and the pod serves the API (`api_keys`)."""
+    pod: dict[str, Any] = {"securityContext": _pod_security(spec), "containers": [container],
+                           "volumes": [_tmp_volume()]}
+    if spec.keys_secret and api_keys:
+        pod["volumes"].append({"name": KEYS_VOLUME, "secret": {"secretName": spec.keys_secret, "defaultMode": 0o400}})
     return pod
+
+
+def _template(spec: ClusterSpec, pod: dict[str, Any]) -> dict[str, Any]:
+    """A pod template labelled with the spec's name, which the NetworkPolicy selects."""
+    return {"metadata": {"labels": {CLUSTER_LABEL: spec.name}}, "spec": pod}
 
 
 def _ingress_env(spec: ClusterSpec) -> dict[str, str]:
@@ -99,9 +146,11 @@ def _start_params(spec: ClusterSpec, params: dict[str, str]) -> dict[str, str]:
     return params
 
 
-def _worker_group(spec: ClusterSpec, group: WorkerGroupSpec) -> dict[str, Any]:
+def _worker_group(spec: ClusterSpec, group: WorkerGroupSpec, api_keys: bool) -> dict[str, Any]:
     params = {"num-gpus": str(group.gpus)} if group.gpus else {}
-    pod = _pod(spec, _container(spec, "ray-worker", group.image or spec.image, group.cpu, group.memory, group.gpus))
+    container = _container(spec, "ray-worker", group.image or spec.image, group.cpu, group.memory, group.gpus,
+                           api_keys=api_keys)
+    pod = _pod(spec, container, api_keys=api_keys)
     if group.node_selector:
         pod["nodeSelector"] = dict(group.node_selector)
     if group.gpus:
@@ -113,30 +162,42 @@ def _worker_group(spec: ClusterSpec, group: WorkerGroupSpec) -> dict[str, Any]:
         "minReplicas": group.min_replicas,
         "maxReplicas": group.max_replicas,
         "rayStartParams": _start_params(spec, params),
-        "template": {"spec": pod},
+        "template": _template(spec, pod),
     }
 
 
-def ray_cluster_spec(spec: ClusterSpec) -> dict[str, Any]:
+def auth_options(spec: ClusterSpec) -> dict[str, Any]:
+    """KubeRay's `authOptions`: Ray token authentication with the token from the spec's Secret, which KubeRay
+    puts in every Ray container as RAY_AUTH_TOKEN (with RAY_AUTH_MODE=token), as `raytwin serve` does locally."""
+    if spec.security.auth == "disabled":
+        return {"mode": "disabled"}
+    return {"mode": "token", "secretName": spec.auth_secret}
+
+
+def ray_cluster_spec(spec: ClusterSpec, *, api_keys: bool = True) -> dict[str, Any]:
     """The `RayCluster.spec` shared by all three kinds (as `RayService.spec.rayClusterConfig` and
-    `RayJob.spec.rayClusterSpec` too)."""
-    head_container = _container(spec, "ray-head", spec.image, spec.head.cpu, spec.head.memory)
+    `RayJob.spec.rayClusterSpec` too); `api_keys=False` leaves the API keys Secret out (a job's cluster serves
+    no API)."""
+    head_container = _container(spec, "ray-head", spec.image, spec.head.cpu, spec.head.memory, api_keys=api_keys)
     head_container["ports"] = [{"name": name, "containerPort": port} for name, port in HEAD_PORTS]
     head_params = {} if spec.head.schedule_tasks else {"num-cpus": "0"}
     cluster: dict[str, Any] = {
         "rayVersion": spec.ray_version,
+        "authOptions": auth_options(spec),
         "enableInTreeAutoscaling": spec.autoscaling.enabled,
     }
     if spec.autoscaling.enabled:
         cluster["autoscalerOptions"] = {
             "idleTimeoutSeconds": spec.autoscaling.idle_timeout_seconds,
             "upscalingMode": spec.autoscaling.upscaling_mode,
+            "securityContext": container_security(spec),  # the autoscaler sidecar KubeRay adds to the head pod
+            "volumeMounts": [dict(_TMP_MOUNT)],
         }
     cluster["headGroupSpec"] = {
         "rayStartParams": _start_params(spec, head_params),
-        "template": {"spec": _pod(spec, head_container)},
+        "template": _template(spec, _pod(spec, head_container, api_keys=api_keys)),
     }
-    cluster["workerGroupSpecs"] = [_worker_group(spec, group) for group in spec.worker_groups]
+    cluster["workerGroupSpecs"] = [_worker_group(spec, group, api_keys) for group in spec.worker_groups]
     return cluster
 
 
@@ -167,8 +228,15 @@ def serve_config(spec: ClusterSpec) -> dict[str, Any]:
 
 
 def render_rayservice(spec: ClusterSpec) -> dict[str, Any]:
-    """A RayService running the `serve_apps` application on its own cluster, upgraded by KubeRay; refused
-    when the application would have no API keys file (it could not start)."""
+    """A RayService running the `serve_apps` application on its own cluster; refused when the application would
+    have no API keys file (it could not start).
+
+    Its upgrade strategy is `None`: KubeRay's default (`NewCluster`) starts a second cluster on the same store
+    and switches traffic once that cluster's application is healthy, but the serving cluster keeps renewing
+    the store's single-writer lease (actors/lease.py), so the new Backend is refused (`StoreLeased`) for as
+    long as the old one serves and the switch never comes. With `None` a change of the Serve config is applied
+    in place (the new replicas attach to the lease of their own cluster) and a change of the cluster (image,
+    resources) waits for a delete-and-apply (cluster/README.md, "Upgrade and rollback")."""
     if not (spec.keys_secret or "keys_file" in spec.serve.args or "RAYTWIN_API_KEYS_FILE" in spec.env):
         raise ValueError("a RayService's API needs its keys file: set keys_secret to a Kubernetes Secret holding "
                          "keys.json (`kubectl create secret generic raytwin-keys --from-file=keys.json`), or "
@@ -178,10 +246,26 @@ def render_rayservice(spec: ClusterSpec) -> dict[str, Any]:
         "kind": "RayService",
         "metadata": _metadata(spec, spec.name),
         "spec": {
+            "upgradeStrategy": dict(RAY_UPGRADE_NONE),
             "serveConfigV2": yaml.safe_dump(serve_config(spec), sort_keys=False),
             "rayClusterConfig": ray_cluster_spec(spec),
         },
     }
+
+
+def submitter_pod_template(spec: ClusterSpec) -> dict[str, Any]:
+    """The RayJob's submitter pod (`ray job submit` against the head), written out rather than KubeRay's default
+    so that it carries none of the cluster's Secrets (store credentials, API keys): only the Ray token it
+    submits with. KubeRay fills in the command and the dashboard address."""
+    container = _hardened("ray-job-submitter", spec.image, spec, SUBMITTER_RESOURCES)
+    if spec.security.auth == "token":
+        container["env"] = [
+            {"name": "RAY_AUTH_MODE", "value": "token"},
+            {"name": "RAY_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {"name": spec.auth_secret, "key": "auth_token"}}},
+        ]
+    pod = {"restartPolicy": "Never", "securityContext": _pod_security(spec), "containers": [container],
+           "volumes": [_tmp_volume()]}
+    return {"metadata": {"labels": {CLIENT_LABEL: spec.name}}, "spec": pod}
 
 
 def render_rayjob(
@@ -201,7 +285,9 @@ def render_rayjob(
         "entrypoint": shlex.join(entrypoint),
         "shutdownAfterJobFinishes": True,
         "ttlSecondsAfterFinished": ttl_seconds_after_finished,
-        "rayClusterSpec": ray_cluster_spec(spec),
+        "activeDeadlineSeconds": spec.job.active_deadline_seconds,
+        "rayClusterSpec": ray_cluster_spec(spec, api_keys=False),
+        "submitterPodTemplate": submitter_pod_template(spec),
     }
     if env := runtime_env(spec):
         job["runtimeEnvYAML"] = yaml.safe_dump(env, sort_keys=False)

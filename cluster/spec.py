@@ -6,6 +6,7 @@ its CUDA image, a negative CPU count) is refused with a message that names the o
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -115,6 +116,69 @@ class ServeSpec(_Strict):
         "to the Ingress replicas' own servers (Serve's HAProxy mode, ~10x the requests per core: serve_apps/README.md).")
 
 
+TOKEN_AUTH_MIN_RAY = (2, 52, 0)
+"""The first Ray release with token authentication (`RAY_AUTH_MODE=token`)."""
+
+
+def _cidr(value: str) -> str:
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a CIDR such as '10.0.0.0/8' or '203.0.113.7/32'") from None
+    return value
+
+
+Cidr = Annotated[str, AfterValidator(_cidr)]
+
+
+class SecuritySpec(_Strict):
+    """Who may talk to Ray and what its processes may do: every pod carries the store's credentials, so the
+    cluster's control plane (dashboard, job API, Ray client) must not be open to whoever reaches the pods."""
+
+    auth: Literal["token", "disabled"] = Field(
+        default="token", description="Ray token authentication (KubeRay `authOptions`); `disabled` only for a "
+        "throw-away cluster on a private network.")
+    auth_secret: Name | None = Field(
+        default=None, description="Secret holding the Ray token under the key `auth_token` (default: "
+        "`<name>-ray-token`); create it before applying: `kubectl create secret generic NAME "
+        "--from-literal=auth_token=$(openssl rand -base64 32)`.")
+    run_as_user: int = Field(default=1000, ge=1, description="UID of every Ray container (the Ray images' `ray` user).")
+    run_as_group: int = Field(default=100, ge=0, description="GID and fsGroup (the Ray images' `users` group), so "
+                              "mounted Secrets are readable by the Ray user.")
+    read_only_root_filesystem: bool = Field(
+        default=True, description="Read-only image file system; Ray writes under /tmp, an emptyDir in every pod.")
+
+
+class Peers(_Strict):
+    """Who may open a connection: pods of these namespaces and clients of these CIDRs (NetworkPolicy peers)."""
+
+    namespaces: list[Name] = Field(default_factory=list)
+    cidrs: list[Cidr] = Field(default_factory=list)
+
+
+class NetworkPolicySpec(_Strict):
+    """The NetworkPolicy rendered beside the KubeRay resource: only the Serve API port is meant for clients."""
+
+    enabled: bool = True
+    api_from: Peers | None = Field(
+        default=None, description="Who may reach the Serve API port (8000); unset: anyone who reaches the pods.")
+    operator_from: Peers = Field(
+        default_factory=Peers, description="Who may reach the dashboard/job API (8265) and the Ray client port "
+        "(10001) besides the KubeRay operator and the cluster's own job submitters; empty: nobody else.")
+    kuberay_namespace: Name = Field(
+        default="default", description="Namespace of the KubeRay operator, which calls the dashboard (8265).")
+    prometheus_namespace: Name | None = Field(
+        default="monitoring", description="Namespace whose pods may scrape Ray's metrics port (8080); null: none.")
+
+
+class RayJobSettings(_Strict):
+    """Limits of a RayJob rendered from the spec."""
+
+    active_deadline_seconds: int = Field(
+        default=86400, gt=0, le=2**31 - 1, description="KubeRay stops the job and its cluster after this long "
+        "(a hung sweep otherwise keeps its pods for ever).")
+
+
 class ClusterSpec(_Strict):
     """A RayTwin cluster: image, head, worker groups, environment, storage and Serve config."""
 
@@ -155,6 +219,9 @@ class ClusterSpec(_Strict):
     )
     autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec)
     serve: ServeSpec = Field(default_factory=ServeSpec)
+    security: SecuritySpec = Field(default_factory=SecuritySpec)
+    network_policy: NetworkPolicySpec = Field(default_factory=NetworkPolicySpec)
+    job: RayJobSettings = Field(default_factory=RayJobSettings)
 
     @model_validator(mode="after")
     def _check_groups_and_object_store(self) -> ClusterSpec:
@@ -171,7 +238,16 @@ class ClusterSpec(_Strict):
                         f"object_store_memory ({self.object_store_memory}) must be smaller than the memory "
                         f"of the {where} ({memory})"
                     )
+        version = tuple(int(part) for part in re.findall(r"\d+", self.ray_version)[:3])
+        if self.security.auth == "token" and version < TOKEN_AUTH_MIN_RAY:
+            raise ValueError(f"security.auth: token needs Ray 2.52.0 or newer, the image has {self.ray_version}: "
+                             "upgrade the image, or set security.auth: disabled on a private network only")
         return self
+
+    @property
+    def auth_secret(self) -> str:
+        """The Secret holding the Ray token (`security.auth_secret`, default `<name>-ray-token`)."""
+        return self.security.auth_secret or f"{self.name}-ray-token"
 
     @property
     def object_store_bytes(self) -> int | None:

@@ -1,4 +1,5 @@
-"""A fake Kubernetes API server for the ray.io custom-resource REST paths, recording every request."""
+"""A fake Kubernetes API server for the ray.io custom-resource and NetworkPolicy REST paths, recording every
+request."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 _PATH = re.compile(
-    r"^/apis/ray\.io/v1/namespaces/(?P<ns>[^/]+)/(?P<plural>rayclusters|rayservices|rayjobs)(/(?P<name>[^/?]+))?"
+    r"^/apis/(ray\.io|networking\.k8s\.io)/v1/namespaces/(?P<ns>[^/]+)/"
+    r"(?P<plural>rayclusters|rayservices|rayjobs|networkpolicies)(/(?P<name>[^/?]+))?"
 )
 
 

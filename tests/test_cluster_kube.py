@@ -19,6 +19,7 @@ from tests.fixtures_cluster import CRD_DIR, spec_data
 from tests.fixtures_cluster_kube import FakeKubeApi
 
 CLUSTERS = "/apis/ray.io/v1/namespaces/sim/rayclusters"
+POLICIES = "/apis/networking.k8s.io/v1/namespaces/sim/networkpolicies"
 
 
 @pytest.fixture
@@ -114,7 +115,15 @@ def test_cli_apply_status_delete_through_a_kubeconfig(fake_api: FakeKubeApi, tmp
     again = runner.invoke(cluster_app, ["apply", str(spec_file), "--crds", str(CRD_DIR), *common])
     assert (first.exit_code, again.exit_code) == (0, 0), first.output + again.output
     assert "RayCluster sim/twin created" in first.output and "RayCluster sim/twin replaced" in again.output
+    # the spec's NetworkPolicy goes with it, created then replaced with its resourceVersion
+    assert "NetworkPolicy sim/twin-raytwin created" in first.output
+    assert "NetworkPolicy sim/twin-raytwin replaced" in again.output
     assert fake_api.requests[0].body["kind"] == "RayCluster"
+    assert _calls(fake_api)[-3:] == [("POST", POLICIES), ("GET", f"{POLICIES}/twin-raytwin"),
+                                     ("PUT", f"{POLICIES}/twin-raytwin")]
+    assert fake_api.requests[-1].body["metadata"]["resourceVersion"] == "2"
+    assert fake_api.objects[("sim", "networkpolicies", "twin-raytwin")]["spec"]["podSelector"] == {
+        "matchLabels": {"raytwin.io/cluster": "twin"}}
 
     fake_api.objects[("sim", "rayclusters", "twin")]["status"] = {"state": "ready"}
     status = runner.invoke(cluster_app, ["status", "twin", "-n", "sim", *common])
@@ -128,8 +137,8 @@ def test_cli_apply_status_delete_through_a_kubeconfig(fake_api: FakeKubeApi, tmp
     job = runner.invoke(cluster_app, ["apply", str(spec_file), "--crds", str(CRD_DIR), "--kind", "rayjob", *common,
                                       "--", "raytwin", "sweep", "run", "spec.json"])
     assert job.exit_code == 0, job.output
-    assert fake_api.requests[-1].path.startswith("/apis/ray.io/v1/namespaces/sim/rayjobs")
-    assert fake_api.requests[-1].body["spec"]["entrypoint"] == "raytwin sweep run spec.json"
+    [submitted] = [r for r in fake_api.requests if r.path.startswith("/apis/ray.io/v1/namespaces/sim/rayjobs")]
+    assert submitted.body["spec"]["entrypoint"] == "raytwin sweep run spec.json"
 
 
 def test_cli_apply_refuses_an_invalid_spec_without_calling_the_api(fake_api: FakeKubeApi, tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from cluster.cli import cluster_app
 from cluster.crd_validation import CrdSchemas, ManifestInvalid, apply_defaults, kubernetes_to_json_schema
 from cluster.manifests import Kind, render, render_raycluster, render_rayjob, render_rayservice
+from cluster.network_policy import render_network_policy, validate_network_policy
 from cluster.spec import SpecError, load_spec, parse_spec
 from tests.fixtures_cluster import CRD_DIR, REPO_ROOT, spec_data, worker
 
@@ -107,7 +108,8 @@ def test_autoscaling_bounds_and_options_reach_the_raycluster() -> None:
     assert (groups["cpu"]["minReplicas"], groups["cpu"]["replicas"], groups["cpu"]["maxReplicas"]) == (2, 3, 8)
     assert (groups["burst"]["minReplicas"], groups["burst"]["replicas"], groups["burst"]["maxReplicas"]) == (1, 1, 20)
     assert manifest["spec"]["enableInTreeAutoscaling"] is True
-    assert manifest["spec"]["autoscalerOptions"] == {"idleTimeoutSeconds": 300, "upscalingMode": "Conservative"}
+    options = manifest["spec"]["autoscalerOptions"]
+    assert (options["idleTimeoutSeconds"], options["upscalingMode"]) == (300, "Conservative")
     fixed = render_raycluster(parse_spec(VALID_SPECS["fixed-size"]))
     assert fixed["spec"]["enableInTreeAutoscaling"] is False and "autoscalerOptions" not in fixed["spec"]
 
@@ -292,8 +294,9 @@ def test_committed_gpu_example_equals_a_fresh_render(crds: CrdSchemas, tmp_path:
     )
     assert result.exit_code == 0, result.output
     assert out.read_text() == (EXAMPLES / "gpu-raycluster.yaml").read_text()
-    manifest = yaml.safe_load(out.read_text())
+    manifest, policy = yaml.safe_load_all(out.read_text())
     crds.validate(manifest)
+    validate_network_policy(policy)
     assert _workers(manifest)["gpu"]["rayStartParams"]["num-gpus"] == "1"
 
 
@@ -314,8 +317,9 @@ def test_render_rayjob_to_stdout_through_the_cli() -> None:
          *SWEEP_JOB],
     )
     assert result.exit_code == 0, result.output
-    manifest = yaml.safe_load(result.output)
+    manifest, policy = yaml.safe_load_all(result.output)
     assert (manifest["kind"], manifest["metadata"]["name"]) == ("RayJob", "sweep-1")
+    assert (policy["kind"], policy["metadata"]["name"]) == ("NetworkPolicy", "raytwin-gpu-raytwin")
     assert manifest["spec"]["entrypoint"] == "raytwin sweep run /data/spec.json --runs s3://bucket/runs --no-progress"
     invalid = CliRunner().invoke(cluster_app, ["render", str(spec_file), "--crds", str(CRD_DIR), "--kind", "rayjob",
                                                "--", "raytwin", "sweep", "--scenarios", "100000"])
@@ -370,11 +374,11 @@ def test_a_rayservice_gets_its_keys_secret_mounted_and_is_refused_without_keys()
     service = render_rayservice(parse_spec(spec_data()))
     for pod in [service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"],
                 *(g["template"]["spec"] for g in service["spec"]["rayClusterConfig"]["workerGroupSpecs"])]:
-        assert pod["volumes"] == [{"name": "raytwin-api-keys", "secret": {"secretName": "raytwin-keys",
-                                                                         "defaultMode": 0o400}}]
+        assert {"name": "raytwin-api-keys", "secret": {"secretName": "raytwin-keys", "defaultMode": 0o400}} \
+            in pod["volumes"]
         (container,) = pod["containers"]
-        assert container["volumeMounts"] == [{"name": "raytwin-api-keys", "mountPath": "/etc/raytwin/keys",
-                                              "readOnly": True}]
+        assert {"name": "raytwin-api-keys", "mountPath": "/etc/raytwin/keys", "readOnly": True} \
+            in container["volumeMounts"]
         assert {"name": "RAYTWIN_API_KEYS_FILE", "value": "/etc/raytwin/keys/keys.json"} in container["env"]
     without = {k: v for k, v in spec_data().items() if k != "keys_secret"}
     with pytest.raises(ValueError, match="a RayService's API needs its keys file: set keys_secret"):

@@ -44,6 +44,13 @@ NOT_RUN: dict[tuple[str, str], str] = {  # (guide, first line of the block) -> w
      "declares a model in that entry-point group of an installed distribution and finds it by name",
     ("actors/README.md", "log/tenant=T/date=D/seg-<uuid>.arrows                   accepted events (asset_id column, "
      "SI values): on local disk, a shard's appended Arrow IPC stream"): "the store's file layout, not a command",
+    ("cluster/README.md", "kubectl -n raytwin create secret generic raytwin-gpu-ray-token "
+     "--from-literal=auth_token=\"$(openssl rand -base64 32)\""): "needs a Kubernetes cluster running KubeRay; "
+     "tests/test_cluster_security.py checks that the rendered pods and RayJob submitters take the token from "
+     "that Secret",
+    ("cluster/README.md", "raytwin cluster render new-spec.yaml --kind rayservice -o rayservice.yaml     # refused "
+     "here, not half-way"): "needs a Kubernetes cluster running KubeRay (`kubectl wait` on its pods); render, "
+     "apply, status and delete run against a fake API server in this guide's \"Render and apply\" block",
     ("cluster/README.md", "apiVersion: batch/v1"): "a Kubernetes CronJob (needs an API server with the batch "
      "API); its command, `raytwin twins compact`, runs in actors/README.md's CLI block",
     ("cluster/README.md", "raytwin cluster up --local [--workers 1] [--cpus-per-node 1] [--object-store-mb 100]"):

@@ -1,0 +1,122 @@
+"""The NetworkPolicy rendered beside a spec's KubeRay resource, and a check of its `networking.k8s.io/v1` shape.
+
+Every Ray pod holds the store's credentials (`env_from_secrets`), and Ray's control plane runs any code it
+is handed, so only the Serve API is meant for clients: Ray's own ports are open between the cluster's pods,
+the dashboard/job API and the Ray client port to the KubeRay operator, the spec's job submitters and the
+operators the spec names, the metrics port to Prometheus. Egress is left open (the store, brokers and
+package indexes are the spec's business); cluster/README.md, "Network policy", says how to close it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jsonschema
+
+from cluster.crd_validation import ManifestInvalid, kubernetes_to_json_schema, schema_problems
+from cluster.manifests import CLIENT_LABEL, CLUSTER_LABEL
+from cluster.spec import ClusterSpec, Peers
+
+API_VERSION = "networking.k8s.io/v1"
+SERVE_PORT, DASHBOARD_PORT, CLIENT_PORT, METRICS_PORT = 8000, 8265, 10001, 8080
+KUBERAY_OPERATOR_LABELS = {"app.kubernetes.io/name": "kuberay-operator"}
+"""The labels of the KubeRay operator's pods as its Helm chart installs it."""
+NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
+
+
+def _namespace(name: str) -> dict[str, Any]:
+    return {"namespaceSelector": {"matchLabels": {NAMESPACE_NAME_LABEL: name}}}
+
+
+def _peers(peers: Peers) -> list[dict[str, Any]]:
+    return [_namespace(name) for name in peers.namespaces] + [{"ipBlock": {"cidr": cidr}} for cidr in peers.cidrs]
+
+
+def _ports(*numbers: int) -> list[dict[str, Any]]:
+    return [{"protocol": "TCP", "port": number} for number in numbers]
+
+
+def policy_name(spec: ClusterSpec) -> str:
+    return f"{spec.name}-raytwin"
+
+
+def render_network_policy(spec: ClusterSpec) -> dict[str, Any]:
+    """The ingress NetworkPolicy of every Ray pod of `spec` (its RayCluster, RayService and RayJob clusters)."""
+    settings = spec.network_policy
+    kuberay = {**_namespace(settings.kuberay_namespace), "podSelector": {"matchLabels": dict(KUBERAY_OPERATOR_LABELS)}}
+    operators = [
+        kuberay,
+        {"podSelector": {"matchLabels": {CLIENT_LABEL: spec.name}}},  # the spec's RayJob submitters
+        *_peers(settings.operator_from),
+    ]
+    api: dict[str, Any] = {"ports": _ports(SERVE_PORT)}
+    if settings.api_from is not None:  # KubeRay checks the Serve proxies' health on this port
+        api["from"] = [*_peers(settings.api_from), kuberay]
+    ingress = [
+        {"from": [{"podSelector": {"matchLabels": {CLUSTER_LABEL: spec.name}}}]},  # Ray's own ports, all of them
+        api,
+        {"from": operators, "ports": _ports(DASHBOARD_PORT, CLIENT_PORT)},
+    ]
+    if settings.prometheus_namespace:
+        ingress.append({"from": [_namespace(settings.prometheus_namespace)], "ports": _ports(METRICS_PORT)})
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "NetworkPolicy",
+        "metadata": {"name": policy_name(spec), "namespace": spec.namespace,
+                     "labels": {"app.kubernetes.io/part-of": "raytwin"}},
+        "spec": {"podSelector": {"matchLabels": {CLUSTER_LABEL: spec.name}}, "policyTypes": ["Ingress"],
+                 "ingress": ingress},
+    }
+
+
+def _selector() -> dict[str, Any]:
+    requirement = {"type": "object", "required": ["key", "operator"], "properties": {
+        "key": {"type": "string"}, "operator": {"type": "string", "enum": ["In", "NotIn", "Exists", "DoesNotExist"]},
+        "values": {"type": "array", "items": {"type": "string"}}}}
+    return {"type": "object", "properties": {
+        "matchLabels": {"type": "object", "additionalProperties": {"type": "string"}},
+        "matchExpressions": {"type": "array", "items": requirement}}}
+
+
+def _peer() -> dict[str, Any]:
+    ip_block = {"type": "object", "required": ["cidr"], "properties": {
+        "cidr": {"type": "string"}, "except": {"type": "array", "items": {"type": "string"}}}}
+    return {"type": "object", "minProperties": 1, "properties": {
+        "podSelector": _selector(), "namespaceSelector": _selector(), "ipBlock": ip_block}}
+
+
+_PORT = {"type": "object", "properties": {
+    "protocol": {"type": "string", "enum": ["TCP", "UDP", "SCTP"]},
+    "port": {"x-kubernetes-int-or-string": True, "anyOf": [{"type": "integer"}, {"type": "string"}]},
+    "endPort": {"type": "integer", "format": "int32"}}}
+
+
+def _rule(direction: str) -> dict[str, Any]:
+    return {"type": "object", "properties": {direction: {"type": "array", "items": _peer()},
+                                              "ports": {"type": "array", "items": _PORT}}}
+
+
+NETWORK_POLICY_SCHEMA = kubernetes_to_json_schema({
+    "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"], "properties": {
+        "apiVersion": {"type": "string", "enum": [API_VERSION]},
+        "kind": {"type": "string", "enum": ["NetworkPolicy"]},
+        "metadata": {"type": "object", "required": ["name"], "properties": {
+            "name": {"type": "string", "pattern": r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$"},
+            "namespace": {"type": "string"},
+            "labels": {"type": "object", "additionalProperties": {"type": "string"}}}},
+        "spec": {"type": "object", "required": ["podSelector"], "properties": {
+            "podSelector": _selector(),
+            "policyTypes": {"type": "array", "items": {"type": "string", "enum": ["Ingress", "Egress"]}},
+            "ingress": {"type": "array", "items": _rule("from")},
+            "egress": {"type": "array", "items": _rule("to")}}}}})
+"""The parts of Kubernetes' `networking.k8s.io/v1` NetworkPolicy that RayTwin renders, unknown fields refused (as
+the API server's strict field validation does); no cluster is needed to check a rendered policy."""
+_VALIDATOR = jsonschema.Draft4Validator(NETWORK_POLICY_SCHEMA)
+
+
+def validate_network_policy(manifest: dict[str, Any]) -> None:
+    """Raise `ManifestInvalid` unless `manifest` has the shape of a `networking.k8s.io/v1` NetworkPolicy."""
+    problems = schema_problems(_VALIDATOR, manifest)
+    if problems:
+        name = (manifest.get("metadata") or {}).get("name", "<unnamed>")
+        raise ManifestInvalid(f"NetworkPolicy {name}", problems, schema="the networking.k8s.io/v1 NetworkPolicy shape")
