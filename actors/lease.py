@@ -74,12 +74,14 @@ SERVED_ELSEWHERE = ("that is another Ray cluster than this one: stop that servic
 """What to do about a store another Ray cluster's service serves, for a command that would serve it."""
 
 
-def _refuse_if_renewed(store: StateStore, held: Lease, advice: str = SERVED_ELSEWHERE) -> None:
-    """`StoreLeased` if the shards of `held` (a live lease of another cluster) renew its heartbeat within
-    `EXPIRY_S` (a holder that crashed a moment ago goes quiet meanwhile). A heartbeat file that is not
-    `held`'s is no sign of a crash: a previous holder's dying shard may have overwritten it a moment
-    ago, so only a renewal as old as `EXPIRY_S`, or none seen in that time, lets the caller take it."""
-    deadline = time.monotonic() + EXPIRY_S
+def _refuse_if_renewed(store: StateStore, held: Lease, advice: str = SERVED_ELSEWHERE,
+                       wait_s: float | None = None) -> None:
+    """`StoreLeased` if the shards of `held` (a live lease of another cluster) still renew its heartbeat
+    after `wait_s` (None: `EXPIRY_S`, and never less: a holder that crashed a moment ago goes quiet meanwhile; longer
+    for a holder that is being stopped, such as a cluster whose pods are terminating). A heartbeat file
+    that is not `held`'s is no sign of a crash: a previous holder's dying shard may have overwritten it a
+    moment ago, so only a renewal as old as `EXPIRY_S`, or none seen in that time, lets the caller take it."""
+    deadline = time.monotonic() + (EXPIRY_S if wait_s is None else max(EXPIRY_S, wait_s))
     renewed_age_s: float | None = None
     while True:
         beat = store.read_heartbeat()
@@ -93,8 +95,9 @@ def _refuse_if_renewed(store: StateStore, held: Lease, advice: str = SERVED_ELSE
             raise StoreLeased(
                 f"store {store.url} is served by service {held.owner} of Ray cluster session {held.cluster} "
                 f"(started by {held.acquired_by}; its shards renewed the lease {renewed_age_s:.1f} s ago): {advice}")
-        log.info("event=store_lease_wait store=%s holder=%s cluster=%s heartbeat_age_s=%s", store.url, held.owner,
-                 held.cluster, "none" if renewed_age_s is None else f"{renewed_age_s:.1f}")
+        log.info("event=store_lease_wait store=%s holder=%s cluster=%s heartbeat_age_s=%s wait_left_s=%.0f", store.url,
+                 held.owner, held.cluster, "none" if renewed_age_s is None else f"{renewed_age_s:.1f}",
+                 deadline - time.monotonic())
         time.sleep(HEARTBEAT_S)
 
 
@@ -116,15 +119,15 @@ def check_not_served_elsewhere(store: StateStore, cluster: str | None = None) ->
 
 
 def acquire_lease(store: StateStore, shards: int, namespace: str, takeover: bool, *,
-                  cluster: str | None = None) -> Lease:
+                  cluster: str | None = None, wait_s: float | None = None) -> Lease:
     """The lease this service writes with: the live one if it is the same service (this Ray
     `cluster`, same shard count and namespace), else a new epoch if the store is free, its holder in
-    another cluster stopped renewing its heartbeat, or `takeover`; else `StoreLeased`."""
+    another cluster stopped renewing its heartbeat (within `wait_s`), or `takeover`; else `StoreLeased`."""
     cluster = ray_cluster() if cluster is None else cluster
     held = store.read_lease()
     live = held is not None and not held.released
     if live and held.cluster != cluster and not takeover:
-        _refuse_if_renewed(store, held)
+        _refuse_if_renewed(store, held, wait_s=wait_s)
         log.warning("event=store_lease_expired store=%s owner=%s epoch=%d cluster=%s: its holder stopped renewing "
                     "its heartbeat, the store is taken with a new epoch", store.url, held.owner, held.epoch,
                     held.cluster)

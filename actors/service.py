@@ -75,9 +75,12 @@ class TwinService:
         max_task_retries: int = 5,
         takeover: bool = False,
         stale_after_s: float = 0.25,
+        lease_wait_s: float | None = None,
     ):
         """`takeover=True` takes the store from the service holding its lease: after that
         service crashed, or to change the shard count (stop, take over, every twin recovered).
+        `lease_wait_s`: how long a store served by another Ray cluster is waited for (its holder
+        stopping) before `StoreLeased` (None: `actors.lease.EXPIRY_S`, a crash's silence).
         `stale_after_s`: a read not answered by then is answered from the store, marked stale,
         if the twin's shard is restarting (see `state`)."""
         if shards < 1 or snapshot_every < 1 or allowed_lateness_s < 0 or stale_after_s <= 0:
@@ -85,7 +88,7 @@ class TwinService:
         self.stale_after_s = stale_after_s
         self.router = ShardRouter(store_url, shards, namespace, storage_options)
         self.store = StateStore(store_url, storage_options)
-        self.lease = acquire_lease(self.store, shards, namespace, takeover)
+        self.lease = acquire_lease(self.store, shards, namespace, takeover, wait_s=lease_wait_s)
         self.max_in_flight, self.batch_size = max_in_flight, batch_size
         self._shards = [
             TwinShardActor.options(**cpu_only(compilation_cache(dict(

@@ -104,7 +104,8 @@ class Backend:
         self.config = config
         self.catalog = Catalog(config.store_url, config.storage_options)
         self.twins = TwinService(config.url("twins"), shards=config.twin_shards,
-                                 namespace=config.namespace, storage_options=config.storage_options or None)
+                                 namespace=config.namespace, storage_options=config.storage_options or None,
+                                 lease_wait_s=config.store_lease_wait_s)
         self.changes = ChangeLog(config.url("changes"), config.storage_options, memory=config.change_memory,
                                  retention_s=config.change_retention_s)
         for tenant in self.catalog.tenants():

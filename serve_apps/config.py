@@ -53,6 +53,10 @@ class ServeConfig(BaseModel):
                               "(scenarios x steps: ~10 min of a 2-core node's sweep throughput); more is 413.")
     max_concurrent_jobs: int = Field(2, ge=1)
     twin_shards: int = Field(2, ge=1)
+    store_lease_wait_s: float = Field(600.0, ge=0, description="How long the backend, starting, waits for a "
+                                      "service of another Ray cluster to stop renewing the store's lease (a "
+                                      "replaced RayService whose pods are still terminating), logging "
+                                      "`event=store_lease_wait`, before it is refused (StoreLeased).")
     state_cache_s: float = Field(0.1, ge=0, le=10, description="Current-state reads may be this old (seconds, "
                                  "per ingress replica; writes through a replica refresh it there); 0: no cache.")
     state_cache_entries: int = Field(10_000, ge=1, description="Twins whose latest state a replica keeps.")

@@ -204,3 +204,33 @@ def test_a_heartbeat_overwritten_by_a_previous_holders_shard_is_no_crash_of_the_
     lease._refuse_if_renewed(_Beats(previous), held)  # no renewal of it in a whole expiry: gone
     lease._refuse_if_renewed(_Beats(None), held)
     lease._refuse_if_renewed(_Beats(replace(renewal, at_s=time.time() - 1)), held)  # stopped renewing
+
+
+def test_a_starting_service_waits_for_another_clusters_holder_that_is_stopping(tmp_path, monkeypatch):
+    """A replaced RayService's pods renew the store's lease while they terminate: the new cluster's backend
+    waits for them (`lease_wait_s`, serve's `store_lease_wait_s`) and takes the store once they stop, where
+    it was refused after one expiry before."""
+    monkeypatch.setattr(lease, "EXPIRY_S", 0.5)
+    monkeypatch.setattr(lease, "HEARTBEAT_S", 0.05)
+    store = StateStore(str(tmp_path / "twins"))
+    old = Lease(owner="old", epoch=3, shards=1, namespace="raytwin", acquired_at="", acquired_by="", cluster="A")
+    store.write_lease(old)
+    stops_at = time.monotonic() + 1.5
+
+    def terminating() -> None:
+        while time.monotonic() < stops_at:
+            store.write_heartbeat(Heartbeat(old.owner, old.epoch, old.cluster, time.time()))
+            time.sleep(0.05)
+
+    store.write_heartbeat(Heartbeat(old.owner, old.epoch, old.cluster, time.time()))
+    renewer = threading.Thread(target=terminating, daemon=True)
+    renewer.start()
+    try:
+        with pytest.raises(StoreLeased, match="another Ray cluster than this one"):
+            acquire_lease(store, 1, "raytwin", False, cluster="B")  # by default: one expiry, then refused
+        assert time.monotonic() < stops_at
+        taken = acquire_lease(store, 1, "raytwin", False, cluster="B", wait_s=30.0)
+        assert time.monotonic() >= stops_at  # it waited for the holder to stop, not for the whole wait
+        assert (taken.epoch, taken.cluster) == (old.epoch + 1, "B") and store.read_lease() == taken
+    finally:
+        renewer.join()
