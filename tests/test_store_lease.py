@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 
 import pytest
@@ -146,15 +147,7 @@ def test_a_service_of_another_ray_cluster_is_refused_while_the_holder_renews_and
     other = replace(store.read_lease(), owner="other", epoch=9, cluster="session_other", released=False)
     store.write_lease(other)
     stop = threading.Event()
-
-    def renew() -> None:
-        while not stop.is_set():
-            store.write_heartbeat(Heartbeat(other.owner, other.epoch, other.cluster, time.time()))
-            time.sleep(0.1)
-
-    store.write_heartbeat(Heartbeat(other.owner, other.epoch, other.cluster, time.time()))
-    renewer = threading.Thread(target=renew, daemon=True)
-    renewer.start()
+    renewer = _renewing(store, other, stop.is_set)
     try:
         started = time.monotonic()
         with pytest.raises(StoreLeased, match="of Ray cluster session session_other .*another Ray cluster than this one: stop that service first"):
@@ -177,6 +170,19 @@ def test_a_service_of_another_ray_cluster_is_refused_while_the_holder_renews_and
             stale.flush()
     finally:
         taken.close()
+
+
+def _renewing(store: StateStore, held: Lease, until: Callable[[], bool]) -> threading.Thread:
+    """A started thread renewing `held`'s heartbeat as its shards would (every 0.05 s), until `until()`."""
+    def renew() -> None:
+        while not until():
+            store.write_heartbeat(Heartbeat(held.owner, held.epoch, held.cluster, time.time()))
+            time.sleep(0.05)
+
+    store.write_heartbeat(Heartbeat(held.owner, held.epoch, held.cluster, time.time()))
+    renewer = threading.Thread(target=renew, daemon=True)
+    renewer.start()
+    return renewer
 
 
 class _Beats:
@@ -216,15 +222,7 @@ def test_a_starting_service_waits_for_another_clusters_holder_that_is_stopping(t
     old = Lease(owner="old", epoch=3, shards=1, namespace="raytwin", acquired_at="", acquired_by="", cluster="A")
     store.write_lease(old)
     stops_at = time.monotonic() + 1.5
-
-    def terminating() -> None:
-        while time.monotonic() < stops_at:
-            store.write_heartbeat(Heartbeat(old.owner, old.epoch, old.cluster, time.time()))
-            time.sleep(0.05)
-
-    store.write_heartbeat(Heartbeat(old.owner, old.epoch, old.cluster, time.time()))
-    renewer = threading.Thread(target=terminating, daemon=True)
-    renewer.start()
+    renewer = _renewing(store, old, lambda: time.monotonic() >= stops_at)  # its pods terminating
     try:
         with pytest.raises(StoreLeased, match="another Ray cluster than this one"):
             acquire_lease(store, 1, "raytwin", False, cluster="B")  # by default: one expiry, then refused
