@@ -29,6 +29,7 @@ from serve_apps.audit import AuditRecord
 from serve_apps.schemas import AssetCreate, AssetUpdate, Divergence, DriftClear, Health, IngestResult, Related
 
 if TYPE_CHECKING:  # answers whose server modules import Ray or JAX: loaded on first use (see `_lazy`)
+    from serve_apps.job_listing import JobPage
     from serve_apps.jobs import Job
     from serve_apps.routes_evolution import CompatibilityReport, MigrationResult
 
@@ -306,6 +307,13 @@ class Endpoints(Sender):
     def job(self, job_id: str) -> Job:
         """A scenario, sweep or bulk job's status (bulk: `bulk` progress); `wait_job` polls it to the end."""
         return self._send(job_call(job_id))
+
+    def jobs(self, state: str | None = None, limit: int = 100, cursor: str | None = None) -> JobPage:
+        """A page of the tenant's jobs, newest first (of one `state` if given: queued, running, succeeded, failed,
+        cancelled); pass its `next_cursor` back as `cursor` for the next page. A queued job's `queue` says why it
+        waits."""
+        return self._send(Call("GET", "/v1/jobs", _lazy("serve_apps.job_listing:JobPage"), idempotent=True,
+                               params=_present(state=state, limit=limit, cursor=cursor)))
 
     def cancel_job(self, job_id: str) -> Job:
         """Cancel a queued or running scenario or sweep job (Conflict once it finished, and for bulk jobs); its

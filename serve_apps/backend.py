@@ -48,6 +48,7 @@ from serve_apps.connector_ops import ConnectorOps
 from serve_apps.errors import Conflict, NotFound, Unprocessable, unwrap
 from serve_apps.promotions import finish_interrupted_swaps
 from serve_apps.evolution import TypeEvolution
+from serve_apps.job_listing import JobPage, select
 from serve_apps.jobs import Job, JobQueue, JobRecord, Work
 from serve_apps.query_schemas import AssetGraph, BulkRequest
 from serve_apps.recalibration import TenantState
@@ -522,6 +523,15 @@ class Backend:
     async def get_job(self, tenant: str, job_id: str) -> JobRecord:
         """The record, store location included: routes answer its `status()`."""
         return self.jobs.get(tenant, job_id)
+
+    async def job_status(self, tenant: str, job_id: str) -> Job:
+        """The job's status as answered: while queued, its place and what it waits for."""
+        return self.jobs.status(self.jobs.get(tenant, job_id))
+
+    async def list_jobs(self, tenant: str, state: str | None, limit: int, cursor: str | None) -> JobPage:
+        """A page of the tenant's jobs, newest first."""
+        shown, next_cursor = select(self.jobs.records(tenant), state, limit, cursor)
+        return JobPage(jobs=[self.jobs.status(job) for job in shown], next_cursor=next_cursor)
 
     async def job_stats(self, tenant: str | None = None) -> dict[str, Any]:
         return self.jobs.stats(tenant)

@@ -1,6 +1,7 @@
-"""`raytwin serve`: start the HTTP API on Ray; `raytwin keys create`; `raytwin serve openapi`.
+"""`raytwin serve`: start the HTTP API on Ray; `raytwin keys create`; `raytwin serve openapi`; `raytwin jobs list`.
 
-The integrator mounts `serve_app` as ``serve`` and `keys_app` as ``keys`` on the `raytwin` app.
+The integrator mounts `serve_app` as ``serve``, `keys_app` as ``keys`` and `jobs_app` as ``jobs`` on the `raytwin`
+app.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from serve_apps.config import Autoscaling
 serve_app = typer.Typer(help="Start the RayTwin HTTP API on Ray Serve (routes under /v1, docs at /docs).",
                         invoke_without_command=True)
 keys_app = typer.Typer(help="API keys (only their SHA-256 is stored, in the keys file).", no_args_is_help=True)
+jobs_app = typer.Typer(help="The service's jobs (scenario, sweep, bulk) of every tenant, read from the store.",
+                       no_args_is_help=True)
 
 SCALING = Autoscaling()
 """`ServeConfig`'s defaults, named in the options' help."""
@@ -268,3 +271,29 @@ def keys_list(keys_file: KEYS_FILE = Path("raytwin-keys.json")) -> None:
     """Show key ids, tenants, roles and grants (never hashes)."""
     for record in load_keys(keys_file):
         typer.echo(f"{record.key_id}\t{record.tenant}\t{record.role}\t{','.join(record.grants) or '-'}")
+
+
+@jobs_app.command("list")
+def jobs_list(
+    store: Annotated[str, typer.Option(envvar="RAYTWIN_SERVE_STORE_URL", help="Store URL (dir or s3://...).")],
+    tenant: Annotated[str | None, typer.Option(help="Only this tenant's jobs.")] = None,
+    state: Annotated[str | None, typer.Option(help="Only jobs in this state: queued, running, succeeded, failed, "
+                                              "cancelled.")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="The newest this many.")] = 100,
+) -> None:
+    """Every tenant's jobs as their records on the store say (a running service writes each change there), newest
+    first, one JSON record a line: who submitted it (tenant, key_id), its state and times, its error. For an
+    operator (it reads the store, no API key); a tenant lists its own with `GET /v1/jobs`."""
+    from raytwin.storage import filesystem
+    from serve_apps.job_listing import select
+    from serve_apps.jobs import JOB_STATES, read_records
+
+    if state is not None and state not in JOB_STATES:
+        raise typer.BadParameter(f"unknown state {state!r}; one of {', '.join(JOB_STATES)}", param_hint="--state")
+    fs, root = filesystem(store.rstrip("/") + "/jobs")
+    records = (r for r in read_records(fs, root) if tenant is None or r.tenant == tenant)
+    shown, more = select(records, state, limit)
+    for record in shown:
+        typer.echo(record.model_dump_json(exclude={"quantiles"}))
+    if more is not None:
+        typer.echo(f"(the newest {limit} shown; more with --limit)", err=True)

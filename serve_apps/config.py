@@ -51,7 +51,12 @@ class ServeConfig(BaseModel):
     max_sweep_scenarios: int = Field(10_000, ge=1)
     max_run_work: int = Field(10**10, ge=1, description="Scenario-steps one sweep or scenario may ask for "
                               "(scenarios x steps: ~10 min of a 2-core node's sweep throughput); more is 413.")
-    max_concurrent_jobs: int = Field(2, ge=1)
+    max_concurrent_jobs: int = Field(2, ge=1, description="Jobs (scenario, sweep, bulk) running at once; the rest "
+                                     "wait, tenants taking turns (serve_apps/job_scheduling.py).")
+    max_running_jobs_per_tenant: int | None = Field(
+        None, ge=1, description="Jobs of one tenant running at once, at most `max_concurrent_jobs`; unset: "
+        "`max_concurrent_jobs` - 1 (at least 1), so one tenant cannot hold every slot while another's job waits. "
+        "A service with one tenant may set it to `max_concurrent_jobs`.")
     twin_shards: int = Field(2, ge=1)
     store_lease_wait_s: float = Field(600.0, ge=0, description="How long the backend, starting, waits for a "
                                       "service of another Ray cluster to stop renewing the store's lease (a "
@@ -114,6 +119,16 @@ class ServeConfig(BaseModel):
         return hosts
     autoscaling: Autoscaling = Field(default_factory=Autoscaling)
     admission: Admission = Field(default_factory=Admission)
+
+    @model_validator(mode="after")
+    def _tenant_job_limit(self) -> ServeConfig:
+        if self.max_running_jobs_per_tenant is None:
+            self.max_running_jobs_per_tenant = max(1, self.max_concurrent_jobs - 1)
+        elif self.max_running_jobs_per_tenant > self.max_concurrent_jobs:
+            raise ValueError(f"max_running_jobs_per_tenant ({self.max_running_jobs_per_tenant}) must be at most "
+                             f"max_concurrent_jobs ({self.max_concurrent_jobs}): a tenant cannot run more jobs than "
+                             "the service runs; raise max_concurrent_jobs or lower it")
+        return self
 
     @model_validator(mode="after")
     def _scale_at_admission(self) -> ServeConfig:

@@ -4,8 +4,9 @@ A job is a single scenario (`PreparedScenario`, run by `scenario_to_store`) or a
 (`SweepSpec`, run by `sweep_to_store` as a recorded `sweeps` run; `FmuSweepSpec` for an asset
 whose simulator is an FMU, run by `fmu_sweep_to_store`), or a bulk operation on assets by filter
 (`serve_apps.bulk.BulkWork`, which runs in the backend itself: it writes the catalog). Results are Parquet files on
-the store, so they outlive replicas. At most `max_concurrent_jobs` run at once; the rest wait
-in order ("queued"). Job records are JSON on the store (``{store}/jobs/{tenant}/{job_id}/job.json``):
+the store, so they outlive replicas. At most `max_concurrent_jobs` run at once, at most
+`max_running_jobs_per_tenant` of one tenant's; the rest wait ("queued"), each tenant's in order, tenants taking turns
+for free slots (`serve_apps.job_scheduling`), and a queued job's status says why it waits (`queue`). Job records are JSON on the store (``{store}/jobs/{tenant}/{job_id}/job.json``):
 a job that was queued or running when the backend restarted is marked failed, not silently lost.
 
 A sweep job names its run when it starts (`JobRecord.planned_run_id`, passed to the task): its `run_id` links
@@ -22,8 +23,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections import deque
-from collections.abc import Awaitable, Callable
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -34,7 +35,10 @@ from raytwin import metrics
 from raytwin.storage import filesystem
 from serve_apps.bulk import BulkWork
 from serve_apps.config import ServeConfig
+from fsspec import AbstractFileSystem
+
 from serve_apps.errors import ApiError, Conflict, NotFound, unwrap
+from serve_apps.job_scheduling import QueueWait, TenantQueues, queue_wait
 from serve_apps.query_schemas import BulkProgress
 from serve_apps.schemas import START_TIME_USED
 from serve_apps.scenarios import PreparedScenario, fmu_sweep_to_store, scenario_to_store, sweep_to_store
@@ -81,6 +85,7 @@ class Job(_JobFields):
     results_url: str | None = Field(None, description="scenario and sweep jobs: quantiles and rows once it "
                                     "succeeded (409 before); its Parquet files at `/v1/jobs/{job_id}/files`")
     report_url: str | None = Field(None, description="bulk jobs: each item's outcome once it succeeded (409 before)")
+    queue: QueueWait | None = Field(None, description="a queued job: its place and what it waits for")
 
 
 class JobRecord(_JobFields):
@@ -94,38 +99,46 @@ class JobRecord(_JobFields):
         "result file name -> SHA-256 as the job wrote it (a sweep's as its run record holds them), sent with each "
         "download; empty in records from before it was kept"))
 
-    def status(self) -> Job:
-        """What `GET /v1/jobs/{job_id}` answers."""
+    def status(self, queue: QueueWait | None = None) -> Job:
+        """What `GET /v1/jobs/{job_id}` answers (`queue`: why it waits, while queued)."""
         path = f"/v1/jobs/{self.job_id}"
         links = {"report_url": f"{path}/report"} if self.kind == "bulk" else {"results_url": f"{path}/results"}
-        return Job(**self.model_dump(exclude={"result_url", "planned_run_id", "outputs"}), **links)
+        return Job(**self.model_dump(exclude={"result_url", "planned_run_id", "outputs"}), **links, queue=queue)
+
+
+def read_records(fs: AbstractFileSystem, root: str) -> Iterator[JobRecord]:
+    """Every job record stored under `root` (a store's ``jobs`` folder: ``{tenant}/{job_id}/job.json``), in no
+    order: what a restarted backend recovers, and what `raytwin jobs list` lists."""
+    if not fs.exists(root):
+        return
+    for path in fs.glob(f"{root}/*/*/job.json"):
+        yield JobRecord.model_validate_json(fs.cat_file(path))
 
 
 Work = PreparedScenario | SweepSpec | FmuSweepSpec | BulkWork
 
 
 class JobQueue:
-    """The job table and FIFO queue (lives in the `Backend` replica; methods run on its event loop)."""
+    """The job table and the tenants' queues (lives in the `Backend` replica; methods run on its event loop)."""
 
     def __init__(self, config: ServeConfig, max_concurrent: int,
-                 on_finish: Callable[[JobRecord], None] | None = None):
+                 on_finish: Callable[[JobRecord], None] | None = None, tenant_limit: int | None = None):
         self.config = config
         self.on_finish = on_finish
         self.fs, self.root = filesystem(config.url("jobs"), config.storage_options)
         self.max_concurrent = max_concurrent
+        self.tenant_limit = min(max_concurrent, tenant_limit or config.max_running_jobs_per_tenant or max_concurrent)
         self.jobs: dict[str, JobRecord] = {}
-        self.pending: deque[tuple[str, Work]] = deque()
+        self.pending: TenantQueues[Work] = TenantQueues()
         self.running = 0
+        self.running_by: Counter[str] = Counter()  # running jobs per tenant
         self.tasks: dict[str, Awaitable[dict[str, Any]]] = {}  # running scenario and sweep jobs' Ray tasks
         self.cancelled: dict[str, str] = {}  # running jobs being cancelled -> by which key
         self._recover()
         self._publish()
 
     def _recover(self) -> None:
-        if not self.fs.exists(self.root):
-            return
-        for path in self.fs.glob(f"{self.root}/*/*/job.json"):
-            job = JobRecord.model_validate_json(self.fs.cat_file(path))
+        for job in read_records(self.fs, self.root):
             if job.state in ("queued", "running"):
                 job = job.model_copy(update={"state": "failed", "finished": datetime.now(UTC),
                                              "error": "the job service restarted before this job finished; resubmit"})
@@ -177,10 +190,10 @@ class JobQueue:
     def _enqueue(self, job: JobRecord, work: Work) -> Job:
         self.jobs[job.job_id] = job
         self._save(job)
-        self.pending.append((job.job_id, work))
+        self.pending.push(job.tenant, job.job_id, work)
         self._publish()
         self._start_next()
-        return job.status()
+        return self.status(job)
 
     def write_file(self, job: JobRecord, name: str, data: bytes) -> str:
         """Store a file of the job next to its record; its URL."""
@@ -199,14 +212,20 @@ class JobQueue:
                                         self.config.storage_options)
 
     def _start_next(self) -> None:
-        while self.pending and self.running < self.max_concurrent:
-            job_id, work = self.pending.popleft()
+        while self.running < self.max_concurrent:
+            chosen = self.pending.pop_next(self.running_by, self.tenant_limit)
+            if chosen is None:  # nothing queued, or only jobs of tenants at their limit
+                break
+            tenant, job_id, work = chosen
             job = self.jobs[job_id]
             job.state, job.started = "running", datetime.now(UTC)
             if job.kind == "sweep":  # named now, so that a run cancelled or failed can be linked (`_link_run`)
                 job.planned_run_id = new_run_id("sweep")
             self._save(job)
             self.running += 1
+            self.running_by[tenant] += 1
+            log.info("event=job_started job_id=%s kind=%s tenant=%s key_id=%s running=%d tenant_running=%d",
+                     job_id, job.kind, tenant, job.key_id, self.running, self.running_by[tenant])
             ref = self._launch(job, work)
             if not isinstance(work, BulkWork):
                 self.tasks[job_id] = ref
@@ -238,6 +257,7 @@ class JobQueue:
         self.tasks.pop(job.job_id, None)
         job.finished = datetime.now(UTC)
         self.running -= 1
+        self.running_by[job.tenant] -= 1
         self._save(job)
         self._publish()
         log.info("event=job_%s job_id=%s compute_s=%s error=%s result_url=%s", job.state, job.job_id, job.compute_s,
@@ -265,15 +285,15 @@ class JobQueue:
                            "and its report says which)")
         log.info("event=job_cancel job_id=%s tenant=%s key_id=%s state=%s", job_id, tenant, key_id, job.state)
         if job.state == "queued":
-            self.pending = deque((i, w) for i, w in self.pending if i != job_id)
+            self.pending.remove(tenant, job_id)
             job.state, job.finished = "cancelled", datetime.now(UTC)
             job.error = f"cancelled by key {key_id} while queued: it never ran, so it has no run record"
             self._save(job)
             self._publish()
-            return job.status()
+            return self.status(job)
         self.cancelled[job_id] = key_id
         ray.cancel(self.tasks[job_id])  # an interrupt in the task: a sweep stops its chunks and records itself
-        return job.status()
+        return self.status(job)
 
     def get(self, tenant: str, job_id: str) -> JobRecord:
         """The tenant's job record (with its store location: answer `status()` to clients)."""
@@ -281,6 +301,18 @@ class JobQueue:
         if job is None or job.tenant != tenant:
             raise NotFound(f"job {job_id} not found")
         return job.model_copy()
+
+    def status(self, job: JobRecord) -> Job:
+        """The job's status as answered, with why it waits while queued."""
+        position = self.pending.position(job.tenant, job.job_id) if job.state == "queued" else None
+        if position is None:
+            return job.status()
+        return job.status(queue_wait(position, self.running_by[job.tenant], self.tenant_limit, self.running,
+                                     self.max_concurrent))
+
+    def records(self, tenant: str) -> list[JobRecord]:
+        """The tenant's job records, in no order (for `serve_apps.job_listing.page`)."""
+        return [job for job in self.jobs.values() if job.tenant == tenant]
 
     def stats(self, tenant: str | None = None) -> dict[str, Any]:
         """Jobs by state (of `tenant`; None: of every tenant)."""
@@ -295,5 +327,5 @@ class JobQueue:
         replica is the only one, so the gauges are the cluster's values."""
         for state, n in self.stats()["states"].items():
             metrics.JOBS.set(n, state=state)
-        oldest = min((self.jobs[job_id].submitted for job_id, _ in self.pending), default=None)
+        oldest = min((self.jobs[job_id].submitted for job_id in self.pending.job_ids()), default=None)
         metrics.JOB_QUEUE_OLDEST.set(0.0 if oldest is None else oldest.timestamp())

@@ -20,7 +20,8 @@ from serve_apps.auth import Principal
 from serve_apps.deps import FILE_DOWNLOAD, READER, SVC, WRITABLE, WRITER, Services
 from serve_apps.downloads import file_response, file_responses
 from serve_apps.errors import CONFLICT, Conflict, NotFound, PayloadTooLarge, Unprocessable
-from serve_apps.jobs import Job, JobRecord
+from serve_apps.job_listing import JobPage
+from serve_apps.jobs import Job, JobRecord, JobState
 from serve_apps.shard_deadline import RETRY_AFTER_S, TwinUnavailable
 from serve_apps.stream_auth import StreamCredential
 from serve_apps.scenarios import AssetSweep, fmu_sweep_spec, is_fmu, prepare, run, sweep_spec, sweep_to_store
@@ -94,11 +95,21 @@ def register(app: FastAPI) -> None:
                            scenarios=body.space.size, n_steps=spec.n_steps, start_time=clock, rows=rows,
                            quantiles=out["quantiles"])
 
+    @app.get("/v1/jobs", response_model=JobPage, tags=tags)
+    async def list_jobs(state: Annotated[JobState | None, Query(description="only jobs in this state")] = None,
+                        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+                        cursor: Annotated[str | None, Query(max_length=512, description=(
+                            "`next_cursor` of the previous page, unchanged"))] = None,
+                        who: Principal = READER, svc: Services = SVC) -> JobPage:
+        """The caller's tenant's jobs, newest first (by submission), a page at a time; a queued one says why it
+        waits (`queue`). Jobs submitted after the first page are not on later pages: list again to see them."""
+        return await svc.backend.call("list_jobs", who.tenant, state, limit, cursor)
+
     @app.get("/v1/jobs/{job_id}", response_model=Job, tags=tags)
     async def job_status(job_id: str, who: Principal = READER, svc: Services = SVC) -> Job:
-        """The job's state, progress and results' API paths (never where the store keeps them)."""
-        job: JobRecord = await svc.backend.call("get_job", who.tenant, job_id)
-        return job.status()
+        """The job's state, progress and results' API paths (never where the store keeps them); while it is
+        queued, `queue` says its place among its tenant's queued jobs and what it waits for."""
+        return await svc.backend.call("job_status", who.tenant, job_id)
 
     @app.post("/v1/jobs/{job_id}/cancel", response_model=Job, tags=tags, responses=CONFLICT)
     async def cancel_job(job_id: str, request: Request, who: Principal = WRITER, svc: Services = SVC) -> Job:

@@ -106,6 +106,9 @@ class JobFiles:
             raise NotFound(f"job {job_id} not found")
         return job
 
+    def job_status(self, tenant: str, job_id: str) -> Any:
+        return self.get_job(tenant, job_id).status()
+
 
 def saved_run(runs_root: Path, run_id: str, files: dict[str, bytes]) -> None:
     """A succeeded calibration run of tenant acme in `runs_root` (a store's ``runs/acme``) whose output `files` are

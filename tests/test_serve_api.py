@@ -54,7 +54,8 @@ def api(serve_proxy, tmp_path_factory):
     )}
     config = {"store_url": str(root / "store"), "keys_file": str(keys_file), "max_body_bytes": 64 * 1024,
               "rate_per_s": 5.0, "rate_burst": RATE_BURST, "sync_max_steps": 5_000, "twin_shards": 1,
-              "namespace": "raytwin-serve-tests", "autoscaling": {"min_replicas": 1, "max_replicas": 1}}
+              "namespace": "raytwin-serve-tests", "autoscaling": {"min_replicas": 1, "max_replicas": 1},
+              "max_running_jobs_per_tenant": 2}  # acme's jobs use both slots (fair turns: tests/test_serve_jobs.py)
     with deployed(config):
         yield serve_proxy, keys, root
 

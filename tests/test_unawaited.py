@@ -123,7 +123,7 @@ def test_a_job_watch_that_fails_is_logged_once_not_left_unretrieved(tmp_path, ca
         queue.jobs["j1"] = JobRecord(job_id="j1", kind="scenario", tenant="acme", key_id="k", asset_id="z1",
                                      model_ref="m@1.0.0", content_hash="h", scenarios=1, n_steps=1,
                                      submitted=datetime.now(UTC))
-        queue.pending.append(("j1", object()))
+        queue.pending.push("acme", "j1", object())
         queue._start_next()
         await asyncio.sleep(0.05)
         gc.collect()

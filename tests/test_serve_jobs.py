@@ -1,0 +1,178 @@
+"""The job queue without Ray: fair turns between tenants, why a queued job waits, listing jobs (API, SDK, CLI)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from client import RayTwinClient
+from serve_apps.config import ServeConfig
+from serve_apps.jobs import JobQueue, JobRecord
+
+
+class HeldJobs:
+    """`JobQueue._launch` stand-in: each started job runs until the test finishes it (`finish`)."""
+
+    def __init__(self, queue: JobQueue):
+        self.futures: dict[str, asyncio.Future[dict[str, Any]]] = {}
+        queue._launch = self.launch
+
+    def launch(self, job: JobRecord, work: object) -> asyncio.Future[dict[str, Any]]:
+        self.futures[job.job_id] = asyncio.get_running_loop().create_future()
+        return self.futures[job.job_id]
+
+    async def finish(self, job_id: str) -> None:
+        self.futures[job_id].set_result({"quantiles": [], "compute_s": 1.0, "result_url": None, "run_id": None})
+        for _ in range(3):  # the watch saves the job and starts the next
+            await asyncio.sleep(0)
+
+
+def _submit(queue: JobQueue, tenant: str) -> str:
+    """A scenario job of `tenant` (never run: `HeldJobs` launches nothing)."""
+    import numpy as np
+
+    from raytwin.sim import THERMAL_RC
+    from serve_apps.scenarios import PreparedScenario
+
+    work = PreparedScenario(simulator="thermal_rc", model_ref="thermal_rc@1.0.0", content_hash="ab" * 32, step_s=60.0,
+                            x0=np.array([294.0, 293.0]), inputs=np.tile([278.0, 0.0, 0.0], (10, 1)),
+                            params=np.asarray(THERMAL_RC.param_vector()), overrides={})
+    return queue.submit(tenant, f"key-{tenant}", "zone-1", "thermal_rc@1.0.0", "h", work).job_id
+
+
+def _states(queue: JobQueue, *job_ids: str) -> list[str]:
+    return [queue.jobs[j].state for j in job_ids]
+
+
+def test_one_tenants_long_sweeps_leave_a_slot_for_another_tenant_whose_queued_job_says_why_it_waits(tmp_path):
+    """Tenant beta's three long sweeps held both slots of a FIFO queue, and tenant acme's job sat queued with no
+    explanation. By default a tenant runs at most max_concurrent_jobs - 1 jobs, and tenants take turns."""
+    config = ServeConfig(store_url=str(tmp_path), keys_file="unused.json")
+    assert (config.max_concurrent_jobs, config.max_running_jobs_per_tenant) == (2, 1)
+
+    async def scenario() -> None:
+        queue = JobQueue(config, config.max_concurrent_jobs)
+        held = HeldJobs(queue)
+        b1, b2, b3 = (_submit(queue, "beta") for _ in range(3))
+        a1 = _submit(queue, "acme")
+        assert _states(queue, b1, b2, b3, a1) == ["running", "queued", "queued", "running"]
+        wait = queue.status(queue.jobs[b3]).queue
+        assert (wait.position, wait.waiting_for, wait.tenant_running, wait.tenant_limit) == (2, "tenant_limit", 1, 1)
+        assert "1 of this tenant's queued jobs start before it" in wait.reason
+        assert "max_running_jobs_per_tenant=1" in wait.reason
+        assert queue.status(queue.jobs[a1]).queue is None  # running: nothing to wait for
+        a2 = _submit(queue, "acme")
+        assert queue.status(queue.jobs[a2]).queue.waiting_for == "tenant_limit"
+        await held.finish(b1)
+        assert _states(queue, b2, b3, a2) == ["running", "queued", "queued"]
+        await held.finish(a1)
+        assert _states(queue, b3, a2) == ["queued", "running"]
+        assert JobRecord.model_validate_json((tmp_path / "jobs" / "acme" / a2 / "job.json").read_text()).state == \
+            "running"  # every change on the store, as before
+
+    asyncio.run(scenario())
+
+
+def test_tenants_take_turns_for_a_free_slot_even_without_a_per_tenant_cap(tmp_path):
+    """With the cap at max_concurrent_jobs (one tenant's service), a freed slot goes to the tenant running fewest
+    jobs, not to the oldest queued job: acme's job does not wait behind all of beta's."""
+    config = ServeConfig(store_url=str(tmp_path), keys_file="unused.json", max_running_jobs_per_tenant=2)
+
+    async def scenario() -> None:
+        queue = JobQueue(config, config.max_concurrent_jobs)
+        held = HeldJobs(queue)
+        b1, b2, b3, b4 = (_submit(queue, "beta") for _ in range(4))
+        a1 = _submit(queue, "acme")
+        wait = queue.status(queue.jobs[a1]).queue
+        assert (wait.position, wait.waiting_for, wait.tenant_running) == (1, "slot", 0)
+        assert "all 2 job slots are busy (max_concurrent_jobs), 0 with this tenant's jobs" in wait.reason
+        await held.finish(b1)
+        assert _states(queue, a1, b3, b4) == ["running", "queued", "queued"]
+        assert queue.status(queue.jobs[b4]).queue.position == 2
+
+    asyncio.run(scenario())
+
+
+def test_a_tenant_cap_above_the_slots_is_refused_naming_both_settings():
+    with pytest.raises(ValueError, match=r"max_running_jobs_per_tenant \(3\) must be at most max_concurrent_jobs"):
+        ServeConfig(store_url="s", keys_file="k", max_concurrent_jobs=2, max_running_jobs_per_tenant=3)
+    assert ServeConfig(store_url="s", keys_file="k", max_concurrent_jobs=1).max_running_jobs_per_tenant == 1
+
+
+class ListingBackend:
+    """The backend's job calls (the real `Backend` methods) over a real `JobQueue`."""
+
+    def __init__(self, queue: JobQueue):
+        self.jobs = queue
+
+    def __getattr__(self, method: str) -> Any:
+        from serve_apps.backend import Backend
+
+        return getattr(Backend, method).__get__(self)
+
+
+def _recorded(tmp_path, jobs: list[tuple[str, str, str]]) -> JobQueue:
+    """A queue over a store holding `jobs` (job id, tenant, state), submitted a minute apart in that order."""
+    config = ServeConfig(store_url=str(tmp_path / "store"), keys_file="unused.json")
+    queue = JobQueue(config, 2)
+    t0 = datetime(2026, 12, 5, 12, tzinfo=UTC)
+    for i, (job_id, tenant, state) in enumerate(jobs):
+        job = JobRecord(job_id=job_id, kind="sweep", tenant=tenant, key_id="k", asset_id="zone-1",
+                        model_ref="thermal_rc@1.0.0", content_hash="h", scenarios=3, n_steps=10, state=state,
+                        submitted=t0 + timedelta(minutes=i), result_url=f"{tmp_path}/results/{job_id}")
+        queue.jobs[job_id] = job
+        queue._save(job)
+    return queue
+
+
+JOBS = [("j1", "acme", "succeeded"), ("j2", "acme", "failed"), ("g1", "globex", "succeeded"),
+        ("j3", "acme", "succeeded"), ("j4", "acme", "cancelled")]
+
+
+def test_a_tenant_lists_its_jobs_newest_first_by_state_and_page_and_never_another_tenants(tmp_path):
+    """The job-queue runbook said to check the running jobs, but nothing listed jobs."""
+    from tests.fixtures_serve import in_process
+
+    queue = _recorded(tmp_path, JOBS)
+    with in_process(ListingBackend(queue), tmp_path) as (http, auth, _):
+        first = http.get("/v1/jobs?limit=2", headers=auth["reader"])
+        assert first.status_code == 200, first.text
+        assert [j["job_id"] for j in first.json()["jobs"]] == ["j4", "j3"]
+        assert str(tmp_path) not in first.text  # job statuses, never store locations
+        rest = http.get("/v1/jobs", params={"limit": 2, "cursor": first.json()["next_cursor"]}, headers=auth["reader"])
+        assert [j["job_id"] for j in rest.json()["jobs"]] == ["j2", "j1"] and rest.json()["next_cursor"] is None
+        done = http.get("/v1/jobs?state=succeeded", headers=auth["reader"]).json()
+        assert [j["job_id"] for j in done["jobs"]] == ["j3", "j1"]
+        assert [j["job_id"] for j in http.get("/v1/jobs", headers=auth["other"]).json()["jobs"]] == ["g1"]
+        bad = http.get("/v1/jobs?cursor=bm9wZQ", headers=auth["reader"])
+        assert bad.status_code == 422 and "next_cursor" in bad.json()["error"]["message"]
+        assert http.get("/v1/jobs?state=lost", headers=auth["reader"]).status_code == 422
+        assert http.get("/v1/jobs").status_code == 401
+        sdk = RayTwinClient("http://testserver", auth["reader"]["Authorization"].removeprefix("Bearer "),
+                            transport=http._transport)
+        page = sdk.jobs(state="succeeded", limit=1)
+        assert [j.job_id for j in page.jobs] == ["j3"]
+        assert [j.job_id for j in sdk.jobs(state="succeeded", cursor=page.next_cursor).jobs] == ["j1"]
+
+
+def test_an_operator_lists_every_tenants_jobs_from_the_store(tmp_path):
+    from raytwin.cli import app
+
+    _recorded(tmp_path, JOBS)
+    runner = CliRunner()
+    out = runner.invoke(app, ["jobs", "list", "--store", str(tmp_path / "store")])
+    assert out.exit_code == 0, out.output
+    listed = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [(j["job_id"], j["tenant"]) for j in listed] == [("j4", "acme"), ("j3", "acme"), ("g1", "globex"),
+                                                            ("j2", "acme"), ("j1", "acme")]
+    out = runner.invoke(app, ["jobs", "list", "--store", str(tmp_path / "store"), "--tenant", "acme", "--state",
+                                   "succeeded", "--limit", "1"])
+    assert [json.loads(line)["job_id"] for line in out.stdout.splitlines()] == ["j3"]
+    assert "more with --limit" in out.stderr
+    refused = runner.invoke(app, ["jobs", "list", "--store", str(tmp_path / "store"), "--state", "lost"])
+    assert refused.exit_code == 2 and "one of queued, running" in refused.output
