@@ -32,10 +32,11 @@ from serve_apps import (
 from serve_apps.admission import Admission, AdmissionGate
 from serve_apps.auth import BEARER_CHALLENGE, parse_credentials
 from serve_apps.deprecation import ApiDeprecationHeaders
-from serve_apps.deps import SVC, Services
-from serve_apps.errors import ERROR_RESPONSES, ApiError, Unauthorized, install_error_handlers
+from serve_apps.deps import SVC, Services, audit_refusal
+from serve_apps.errors import ERROR_RESPONSES, ApiError, Forbidden, Unauthorized, install_error_handlers
 from serve_apps.json_route import JsonRoute
 from serve_apps.limits import BodyLimitMiddleware
+from serve_apps.request_log import log_answer
 from serve_apps.schemas import Health
 
 API_VERSION = "1.0.0"
@@ -59,6 +60,7 @@ def create_api(max_body_bytes: int = 1_048_576, admission: Admission | None = No
     )
     app.router.route_class = JsonRoute
     install_error_handlers(app)
+    app.add_exception_handler(Forbidden, audit_refusal)
     app.add_middleware(RequestObserver)
     app.add_middleware(ApiDeprecationHeaders)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes, behind_serve=behind_serve)
@@ -80,8 +82,9 @@ class RequestObserver:
 
     Pure ASGI rather than ``@app.middleware("http")``: Starlette's `BaseHTTPMiddleware` runs the
     rest of the app in a separate task with a memory stream per request, which cost more CPU
-    than the whole state route (README, "Performance"). The per-request log line is Serve's
-    access log (request id, method, route, status, latency; on by default, see README).
+    than the whole state route (README, "Performance"). Errors and state changes are logged with
+    RayTwin's request id (`serve_apps.request_log`); Serve's access log has every request under
+    Serve's own id.
     """
 
     def __init__(self, app: ASGIApp):
@@ -111,6 +114,7 @@ class RequestObserver:
             route, method = getattr(scope.get("route"), "path", "unmatched"), scope["method"]
             metrics.HTTP_REQUESTS.inc(route=route, method=method, status=str(status))
             metrics.HTTP_LATENCY.observe(seconds, route=route, method=method)
+            log_answer(scope, status, seconds, route)
 
 
 def _ops_routes(app: FastAPI) -> None:

@@ -8,14 +8,22 @@ with `hmac.compare_digest` (constant time). Keys look like ``rtk_<key_id>_<secre
 A key's `role` is its rank (reader < writer < admin); its `grants` are roles outside that order, such
 as ``approver`` (may approve a model version into production, `raytwin.lifecycle`): an admin is not an
 approver unless granted, so that approving stays a separate, deliberate duty.
+
+Every key created or revoked (`create_key`, `revoke_key`: ``raytwin keys create/revoke``) is audited in the keys
+file's audit trail, ``{keys file}.audit.jsonl`` beside it (`key_audit_trail`): the keys file is where keys change, and
+the command is given no store (keys are made before the service's store exists, on a machine that may not reach it).
 """
 
 from __future__ import annotations
 
+import getpass
 import hashlib
 import hmac
 import logging
+import os
 import secrets
+import socket
+from datetime import UTC, datetime
 from enum import IntEnum
 from pathlib import Path
 from typing import Literal
@@ -141,6 +149,7 @@ def create_key(path: str | Path, tenant: str, role: RoleName,
     key = f"rtk_{key_id}_{secrets.token_urlsafe(32)}"
     record = KeyRecord(key_id=key_id, sha256=digest(key), tenant=tenant, role=role, grants=tuple(sorted(set(grants))))
     _write_keys(Path(path), load_keys(path) + [record])
+    _audit_key_change(Path(path), "key.create", record)
     return record, key
 
 
@@ -152,7 +161,28 @@ def revoke_key(path: str | Path, key_id: str) -> KeyRecord:
     if not gone:
         raise KeyError(f"no key {key_id!r} in {path}; `raytwin keys list` shows the key ids")
     _write_keys(Path(path), [r for r in records if r.key_id != key_id])
+    _audit_key_change(Path(path), "key.revoke", gone[0])
     return gone[0]
+
+
+def key_audit_trail(keys_file: str | Path) -> Path:
+    """The keys file's audit trail: one `serve_apps.audit.AuditRecord` a line, appended, never rewritten."""
+    p = Path(keys_file)
+    return p.with_name(p.name + ".audit.jsonl")
+
+
+def _audit_key_change(keys_file: Path, action: str, record: KeyRecord) -> None:
+    """Append `action` on the key of `record` to the trail: `key_id`, `tenant` and `role` are the key's own (it made
+    no request), `details.by` the user and host that ran the command."""
+    from serve_apps.audit import AuditRecord
+
+    entry = AuditRecord(time=datetime.now(UTC), request_id=None, key_id=record.key_id, tenant=record.tenant,
+                        role=record.role, action=action, target=record.key_id,
+                        details={"grants": list(record.grants), "by": f"{getpass.getuser()}@{socket.gethostname()}",
+                                 "keys_file": keys_file.name})
+    fd = os.open(key_audit_trail(keys_file), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "a") as trail:
+        trail.write(entry.model_dump_json() + "\n")
 
 
 def _write_keys(p: Path, records: list[KeyRecord]) -> None:

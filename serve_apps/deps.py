@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Annotated, Any
 
 import ray
 from fastapi import Depends, Header, Query, Request
+from fastapi.responses import JSONResponse
 from fsspec import AbstractFileSystem
 from starlette.concurrency import run_in_threadpool
 
@@ -17,11 +19,14 @@ from serve_apps.change_stream import HeadWatcher
 from serve_apps.changes import ChangeStore
 from serve_apps.config import ServeConfig
 from serve_apps.errors import (ApiError, BackendUnavailable, Forbidden, RateLimited, Unauthorized, Unprocessable,
-                               unwrap)
+                               error_response, unwrap)
 from serve_apps.limits import TokenBuckets
+from serve_apps.request_log import PRINCIPAL
 from serve_apps.stream_auth import StreamCredential
 from serve_apps.stream_slots import StreamSlots
 from serve_apps.twin_reads import TwinReader
+
+log = logging.getLogger("raytwin.serve")
 
 
 class BackendClient:
@@ -86,6 +91,7 @@ def require(role: Role):
     """A dependency: the authenticated caller, rate limited, with at least `role` (401/429/403)."""
 
     async def dependency(
+        request: Request,
         authorization: str | None = Header(None, description="`Bearer <API key>`"),
         x_api_key: str | None = Header(None, description="The API key (alternative to Authorization)"),
         svc: Services = Depends(services),
@@ -96,6 +102,7 @@ def require(role: Role):
         who = svc.keys.authenticate(key)
         if who is None:
             raise Unauthorized("unknown API key", headers=BEARER_CHALLENGE)
+        setattr(request.state, PRINCIPAL, who)  # for the request's log line and a refusal's audit record
         wait = svc.buckets.take(who.key_id)
         if wait > 0:
             raise RateLimited(f"rate limit of {svc.config.rate_per_s:g} requests/s per key exceeded",
@@ -125,6 +132,23 @@ def streaming(role: Role, stream: str):
                                 audit)
 
     return dependency
+
+
+async def audit_refusal(request: Request, exc: Exception) -> JSONResponse:
+    """The handler of 403 `Forbidden`: answered as every error, and audited as ``access.denied`` (target: the path;
+    details: method, route, reason) when the caller's key is known, so the audit log shows denied attempts too."""
+    assert isinstance(exc, ApiError)
+    who: Principal | None = getattr(request.state, PRINCIPAL, None)
+    if who is not None:
+        route = getattr(request.scope.get("route"), "path", "unmatched")
+        try:
+            await request.app.state.services.record(request, who, "access.denied", request.url.path,
+                                                    method=request.method, route=route, http_status=exc.status,
+                                                    reason=exc.message)
+        except Exception:  # noqa: BLE001 - the refusal is answered whatever the store does; the log keeps it
+            log.exception("event=audit_failed action=access.denied request_id=%s tenant=%s key_id=%s",
+                          getattr(request.state, "request_id", None), who.tenant, who.key_id)
+    return error_response(request, exc.status, exc.code, exc.message_for(request), exc.details, exc.headers)
 
 
 def require_role(who: Principal, role: Role) -> None:

@@ -19,6 +19,8 @@ import uuid
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from serve_apps.request_log import log_answer
+
 
 REQUEST_ID_HEADER = b"x-raytwin-request-id"
 CLIENT_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
@@ -93,7 +95,7 @@ class BodyLimitMiddleware:
 
         declared = headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            await self._refuse(send_with_id, request_id, declared)
+            await self._refuse(scope, send_with_id, request_id, declared)
             return
         body, more = [], True
         size = 0
@@ -104,7 +106,7 @@ class BodyLimitMiddleware:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_bytes:
-                await self._refuse(send_with_id, request_id, f">{self.max_bytes}")
+                await self._refuse(scope, send_with_id, request_id, f">{self.max_bytes}")
                 return
             body.append(chunk)
             more = message.get("more_body", False)
@@ -120,7 +122,8 @@ class BodyLimitMiddleware:
 
         await self.app(scope, replay_receive, send_with_id)
 
-    async def _refuse(self, send: Send, request_id: str, size: str) -> None:
+    async def _refuse(self, scope: Scope, send: Send, request_id: str, size: str) -> None:
+        log_answer(scope, 413, 0.0, "unmatched")  # refused before routing, so before the request observer
         body = json.dumps({"error": {
             "code": "payload_too_large",
             "message": f"request body of {size} bytes exceeds the limit of {self.max_bytes} bytes: split it into "

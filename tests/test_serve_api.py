@@ -460,6 +460,23 @@ def test_queued_and_running_jobs_can_be_cancelled(api, http, building):
     assert sum(r["action"] == "job.cancel" for r in audit) == 3
 
 
+def test_an_errors_request_id_is_in_the_ingress_replicas_log_as_the_runbook_says(api, http):
+    """The request id of an error body was in no log: Serve's access log carries Serve's own x-request-id. The
+    Ingress writes one line per error under RayTwin's id, in the Ray logs of the node it runs on (ops/README.md)."""
+    import ray
+
+    denied = assert_error(http.post("/v1/asset-types", json={}, headers=auth(api, "reader")), 403, "forbidden")
+    request_id = denied["request_id"]
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    deadline, found = time.monotonic() + 30, []
+    while not found and time.monotonic() < deadline:
+        found = [line for path in logs.rglob("*") if path.is_file()
+                 for line in path.read_text(errors="replace").splitlines() if f"request_id={request_id}" in line]
+        time.sleep(0.5)
+    assert len(found) == 1, found  # one line, not a copy per handler
+    assert "route=/v1/asset-types method=POST status=403 tenant=acme" in found[0], found
+
+
 def test_limits_and_error_shapes(api, http, building):
     writer = auth(api, "writer")
     big = {"events": events(1) * 2000}
