@@ -2,8 +2,10 @@
 
 The order, and why. The registration record is what a restarted shard rebuilds the twin from, so
 writing it is the commit, and everything that can fail comes before it:
-1. the new model replays the twin's whole log in memory (nothing written): a replay that raises
-   leaves the old twin registered, in memory and serving, and the caller gets the error;
+1. the new model replays the twin's log in memory (nothing written): a replay that raises
+   leaves the old twin registered, in memory and serving, and the caller gets the error. A migrated
+   twin's record keeps its migration (`carried`): the replay starts where the migration did, from
+   its mapped state, not from the start of a log whose earlier events the older version logged;
 2. the old model's shadow evaluation of the twin ends (it cannot go on across the retype);
 3. commit: one write of the new registration, *marked* (`MARK`) with the replay's sealed snapshot;
 4. the new twin replaces the old one in memory;
@@ -33,6 +35,19 @@ replay's sealed snapshot as JSON, or None}."""
 
 class RetypeFailed(RuntimeError):
     """A retype whose replay on the new model raised: nothing was changed, the twin serves its old version."""
+
+
+def carried(existing: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
+    """`record` (the new version's registration) keeping the migration of `existing` (the twin's current one):
+    its starting point (the mapped prior, the event, revision, filter time and inputs it starts at). Why: a
+    migrated twin's history before that point was logged under an older type version's names and units, and
+    its state there was mapped, not replayed; a retype requires the same states in the same units
+    (`raytwin.compat.replay_differences`), so the mapped prior stands on the new version as it was."""
+    migration = existing.get("migration")
+    if migration is None:
+        return record
+    return {**record, "initial_state": existing["initial_state"], "initial_std": existing["initial_std"],
+            "migration": migration}
 
 
 def replayed(record: dict[str, Any], replay: Callable[[dict[str, Any]], Twin]) -> Twin:

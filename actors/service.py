@@ -147,7 +147,8 @@ class TwinService:
 
     def retype(self, asset: Asset, artifact: ModelArtifact) -> None:
         """The twin of `asset`, whose type version changed, on `artifact`'s model: its history replayed
-        from the same prior (`initial_state`/`initial_std` kept where the new model has those states).
+        from the same prior (`initial_state`/`initial_std` kept where the new model has those states; a
+        migrated twin's from its migration's mapped state and point, `actors.retype.carried`).
         All or nothing (`actors.retype`): if it raises, the twin is on its old version, serving as before.
         `raytwin.compat.IncompatibleReplay`, naming each difference, for a version the twin's logged history
         does not replay on unchanged (checked here, so every caller is: the HTTP API maps it to 422);

@@ -227,8 +227,8 @@ class TwinShard(LiveModelOps):
 
     def retype(self, tenant: str, asset_id: str, record: dict[str, Any]) -> bool:
         """Put the twin on another type version's model (its asset's type version changed): its stored
-        history replayed by the new model from `record`'s prior, its state not mapped (`migrate` maps
-        it). All or nothing, in the order `actors.retype` gives: the replay first, in memory (if it raises,
+        history replayed by the new model from `record`'s prior (a migrated twin's: from its migration's
+        mapped state and point, `actors.retype.carried`), its state not mapped (`migrate` maps it). All or nothing, in the order `actors.retype` gives: the replay first, in memory (if it raises,
         the old twin stays registered and serving, and the error is the caller's); then the registration,
         marked with the replay's sealed snapshot, is the commit; then the swap and the removal of what the
         old model derived. The same retype again (a retried call) changes nothing. False: no such twin."""
@@ -237,6 +237,7 @@ class TwinShard(LiveModelOps):
         existing = self.store.load_registration(tenant, asset_id)
         if existing is None:
             return False
+        record = retyping.carried(existing, record)
         if retyping.unmarked(existing) == record:  # done (a retried call), or committed and still to finish
             if key in self.retyping:
                 self._finish_retype(key)

@@ -771,6 +771,42 @@ def test_a_retype_a_crash_cut_short_after_its_commit_is_finished_by_the_restarte
     assert_same_state(restarted.state("acme", "rc"), expected.view())
 
 
+def test_a_migrated_twin_retyped_continues_from_its_migration_point(tmp_path, artifact):
+    """A retype's registration dropped the migration's starting point: the new model replayed the whole log,
+    the events before the migration too, from the mapped state (as if they came after it). It keeps the
+    migration now: the retyped twin equals one migrated straight to the new version at the same point with
+    the same mapping and fed the same later events, live, after a restart and read from the store."""
+    from actors.recovery import durable_state
+    from raytwin.migration import FixedValue, plan_migration
+
+    opts = dict(allowed_lateness_s=LATENESS_S, snapshot_every=8, checkpoint_every=8)
+    registry = ModelRegistry(str(tmp_path / "models"))
+    two, newer = (registry.register("zone", v, AssetType.from_model(THERMAL_RC, version=v), params)
+                  for v, params in (("2.0.0", None), ("2.1.0", {"R_io": 0.02})))
+    on = lambda asset_id, art: registration_record(  # noqa: E731
+        asset(asset_id).model_copy(update={"type_version": art.asset_type.version}), art, None, None)
+    kelvin = {"T_in": "K", "T_m": "K"}
+    plan = plan_migration(kelvin, kelvin, {"T_m": FixedValue(value=25.0, unit="degC")}, two.asset_type)
+    shard = TwinShard(str(tmp_path / "store"), 0, 1, **opts)
+    for asset_id, target in (("mr", two), ("ref", newer)):  # the same history; "ref" migrates straight to 2.1.0
+        shard.register("acme", asset_id, registration_record(asset(asset_id), artifact, None, None))
+        assert shard.ingest("acme", validated_table(events(asset_id, 40, seed=31))).accepted == 40
+        shard.migrate("acme", asset_id, on(asset_id, target), plan)
+        assert shard.ingest("acme", validated_table(events(asset_id, 20, seed=32, start=40))).accepted == 20
+    assert shard.state("acme", "mr").state != shard.state("acme", "ref").state  # the models differ
+
+    assert shard.retype("acme", "mr", on("mr", newer))
+    expected = shard.state("acme", "ref")
+    retyped = shard.state("acme", "mr")
+    assert retyped.model_ref == newer.ref and retyped.events_applied == 60
+    assert_same_state(retyped, expected)
+    assert shard.retype("acme", "mr", on("mr", newer))  # the same retype again: nothing changes
+    assert_same_state(shard.state("acme", "mr"), expected)
+    shard.flush()
+    assert_same_state(durable_state(shard.store, "acme", "mr"), durable_state(shard.store, "acme", "ref"))
+    assert_same_state(TwinShard(str(tmp_path / "store"), 0, 1, **opts).state("acme", "mr"), expected)
+
+
 def test_a_twin_read_while_its_shard_restarts_shows_its_events_before_its_first_snapshot_point(tmp_path, artifact):
     """A twin with fewer events than `snapshot_every` had no snapshot, so a read while its shard restarted
     (`durable_state`) answered its prior, as if no event had been applied: its first snapshot is taken at once."""
