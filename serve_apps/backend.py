@@ -38,6 +38,7 @@ from raytwin.sim.cpu import cpu_only
 from raytwin.statestore import Lease, StateStore, StoreFenced
 from serve_apps import asset_queries
 from serve_apps.admission import BacklogGate
+from serve_apps.asset_moves import AssetMoves
 from serve_apps.audit import AuditLog
 from serve_apps.bulk import BulkWork, Caller
 from serve_apps.catalog import Catalog
@@ -134,6 +135,8 @@ class Backend:
                 finish_interrupted_swaps(ModelLifecycle(self._registry(tenant)), self.twins.models, tenant, self.audit)
             except Exception:  # noqa: BLE001 - the API serves meanwhile; the next start tries again
                 log.exception("event=interrupted_swaps_unfinished tenant=%s", tenant)
+        self.moves = AssetMoves(self)  # twins moved to a type version their catalog write did not follow
+        self.moves.settle_all()
 
     def _registry(self, tenant: str) -> ModelRegistry:
         if tenant not in self._registries:
@@ -222,10 +225,12 @@ class Backend:
         write and before it: a twin that cannot move (a history that does not replay on the version: 422; a
         replay that fails: 409) leaves the asset and its twin as they were, and nothing is recorded. Why not the
         catalog first: it then named a version the twin did not run, and a PUT sent again saw no change of
-        version and never moved the twin; this way only a failed catalog write after the move (a store error,
-        a crash) leaves the twin ahead, and the same PUT again finishes it (the retype is then a no-op)."""
+        version and never moved the twin. The move is journaled before the twin moves (`serve_apps.asset_moves`):
+        a failed catalog write after it (a store error, a crash) is finished at the backend's start or before the
+        asset's next read or write, and the same PUT again finishes it too (the retype is then a no-op)."""
         self.check_writable()
         with self._lock:
+            self.moves.settle(asset.tenant, asset.id)  # a move left unrecorded first: this write comes after it
             self.type_evolution.require_version(asset.tenant, [asset.type_name], asset.type_version)
             try:
                 current: Asset | None = self.catalog.get_asset(asset.tenant, asset.id)
@@ -238,6 +243,7 @@ class Backend:
             artifact = self._checked_artifact(asset, None)  # metadata the twin would refuse: 422, nothing changed
             if retype:
                 self.catalog.check_update(asset, pre)  # 404, 412 or 422 before the twin moves
+                self.moves.begin(asset, "retype")
                 self._retype_twin(asset, artifact)
 
             def write(seq: int) -> list[dict[str, Any]]:
@@ -249,19 +255,24 @@ class Backend:
             except Exception:
                 if retype:
                     log.error("event=retype_not_recorded tenant=%s asset=%s type_version=%s: the twin runs the new "
-                              "version, the catalog still names %s; the same PUT again records it", asset.tenant,
-                              asset.id, asset.type_version, current.type_version, exc_info=True)
+                              "version, the catalog still names %s; recorded at the backend's start or before the "
+                              "asset's next read or write", asset.tenant, asset.id, asset.type_version,
+                              current.type_version, exc_info=True)
                 raise
+            self.moves.end(asset.tenant, asset.id)
             return change.seq
 
     def _retype_twin(self, asset: Asset, artifact: ModelArtifact) -> None:
-        """The twin on `asset`'s type version (`TwinService.retype`), its refusals as the API's errors."""
+        """The twin on `asset`'s type version (`TwinService.retype`), its refusals as the API's errors (the journaled
+        move dropped: nothing moved; any other error leaves it journaled, the twin may have moved)."""
         try:
             self.twins.retype(asset, artifact)
         except IncompatibleReplay as exc:
+            self.moves.end(asset.tenant, asset.id)
             raise Unprocessable(exc.explain(f"POST /v1/assets/{asset.id}/migrate"),
                                 details=[{"where": d.where, "change": d.change} for d in exc.differences]) from None
         except RetypeFailed as exc:
+            self.moves.end(asset.tenant, asset.id)
             raise Conflict(str(unwrap(exc))) from None
 
     def _require_production(self, asset: Asset) -> None:
@@ -292,11 +303,13 @@ class Backend:
 
     def get_asset(self, tenant: str, asset_id: str) -> Asset:
         with self._lock:
+            self.moves.try_settle(tenant, asset_id)
             return self.catalog.get_asset(tenant, asset_id)
 
     def get_asset_revision(self, tenant: str, asset_id: str) -> tuple[Asset, int]:
-        """The asset and its revision (its ETag)."""
+        """The asset and its revision (its ETag); a journaled move of it settled first (`serve_apps.asset_moves`)."""
         with self._lock:
+            self.moves.try_settle(tenant, asset_id)
             return self.catalog.get_asset(tenant, asset_id), self.catalog.revision(tenant, "assets", asset_id)
 
     def list_assets(self, tenant: str, type_name: str | None, type_version: str | None, related_to: str | None,
@@ -323,6 +336,7 @@ class Backend:
             self.changes.write(tenant, lambda seq: [
                 _asset_change("asset.deleted", self.catalog.delete_asset(tenant, asset_id, pre))])
             self.twins.unregister(tenant, asset_id)
+            self.moves.end(tenant, asset_id)  # a move of it left unrecorded is moot
             with self._publish:
                 self._twin_marks.pop((tenant, asset_id), None)
 

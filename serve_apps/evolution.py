@@ -4,7 +4,9 @@ deprecation marks on type versions (`Backend.evolution(op, ...)` dispatches here
 A migration runs under the backend's catalog lock, so no other catalog write interleaves: the
 mapping is checked (`raytwin.migration`), the twin moves at a clean point in its shard
 (`actors.shard.TwinShard.migrate`: between two ingest calls, no event lost or applied twice), and
-then the asset's new type version is written and recorded in the change log (`asset.updated`).
+then the asset's new type version is written and recorded in the change log (`asset.updated`). The
+move is journaled before the twin moves (`serve_apps.asset_moves`), so a catalog write that does not
+follow (a store error, a crash) is finished by the backend, not left for the client to send again.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class TypeEvolution:
         """Move the asset and its twin to `request.type_version`; what the route answers."""
         b = self.backend
         with b._lock:
+            b.moves.settle(tenant, asset_id)  # a move left unrecorded first (`serve_apps.asset_moves`)
             catalog = b.catalog
             asset = catalog.get_asset(tenant, asset_id)
             pre.check(catalog.revision(tenant, "assets", asset_id), f"asset {asset_id}")  # before the twin moves
@@ -53,9 +56,11 @@ class TypeEvolution:
                                       target.asset_type)
             except MigrationError as exc:
                 raise Unprocessable(f"asset {asset_id} to {moved.type_name}@{moved.type_version}: {exc}") from None
+            b.moves.begin(moved, "migrate")  # the twin moves before the catalog is written
             try:
                 before, after = b.twins.migrate(moved, target, plan)
             except UnknownTwin:
+                b.moves.end(tenant, asset_id)
                 raise NotFound(f"asset {asset_id} has no live twin") from None
 
             def write(seq: int) -> list[dict[str, Any]]:
@@ -64,6 +69,7 @@ class TypeEvolution:
                          "type_version": moved.type_version, "data": {"asset": moved.model_dump(mode="json")}}]
 
             (change,) = b.changes.write(tenant, write)
+            b.moves.end(tenant, asset_id)
         inverse = plan.inverse()
         log.info("asset_migrated tenant=%s asset=%s from=%s to=%s twin_revision=%d", tenant, asset_id,
                  asset.type_version, moved.type_version, after.revision)

@@ -632,3 +632,75 @@ def test_a_migrated_twin_read_while_its_shard_is_down_answers_its_migrated_state
     assert stale["stale"] and live["state"]["T_air"] == pytest.approx(294.0 - 273.15, abs=0.5)
     for field in ("model_ref", "revision", "event_time", "state", "std", "covariance", "divergence"):
         assert stale[field] == live[field], field
+
+
+class _Crash(BaseException):
+    """The backend's process dying at that point: nothing after it runs, no handler catches it."""
+
+
+def test_a_twin_moved_before_a_catalog_write_that_did_not_follow_is_recorded_by_the_backend(api, monkeypatch):
+    """The twin moves before the catalog is written: a failed catalog write, or a backend killed in between, left
+    the twin on the new type version and the asset on the old until the same PUT was sent again, and nothing
+    reconciled them at start. The move (a retype, a migration) is journaled now: a running backend records it on
+    the asset's next read, a restarted one at start (audited as the system's, `recovered`); a move whose twin never
+    moved is dropped.
+    Another tenant's assets (globex), last in the module: the second backend bumps that tenant's revisions."""
+    from raytwin.migration import MigrationRequest
+    from serve_apps.backend import Backend
+    from serve_apps.catalog import NO_PRECONDITION
+
+    client, auth, backend = api
+    admin = auth["other"]
+    for t in (ROOM_V1, ROOM_SURFACE):
+        body = AssetType.from_model(t, name="hall").model_dump(mode="json")
+        assert client.post("/v1/asset-types", json=body, headers=admin).status_code == 201
+    halls = ("hall-1", "hall-2", "hall-3", "hall-4")
+    for hall in halls:
+        r = client.post("/v1/assets", json={"id": hall, "type_name": "hall", "type_version": "1.0.0",
+                                            "initial_state": {"T": 293.15}}, headers=admin)
+        assert r.status_code == 201, r.text
+        r = client.post(f"/v1/assets/{hall}/telemetry", json={"events": room_events(0, 12, 294.0)}, headers=admin)
+        assert r.json()["accepted"] == 12, r.text
+    moved = {hall: backend.get_asset("globex", hall).model_copy(update={"type_version": "1.1.0"}) for hall in halls}
+
+    def crash(*args):
+        raise _Crash
+
+    def store_down(*args):
+        raise OSError("catalog store unreachable")
+
+    monkeypatch.setattr(backend.catalog, "update_asset", store_down)
+    with pytest.raises(OSError):
+        backend.update_asset(moved["hall-1"], NO_PRECONDITION)  # the twin moved, the catalog write failed
+    with pytest.raises(OSError):  # a migration: the twin moved, the catalog write failed
+        backend.evolution("migrate", "globex", "hall-4", MigrationRequest(type_version="1.1.0"), NO_PRECONDITION)
+    monkeypatch.setattr(backend.catalog, "update_asset", crash)
+    with pytest.raises(_Crash):
+        backend.update_asset(moved["hall-2"], NO_PRECONDITION)  # the twin moved, the backend died
+    monkeypatch.setattr(backend.twins, "retype", crash)
+    with pytest.raises(_Crash):
+        backend.update_asset(moved["hall-3"], NO_PRECONDITION)  # died after the journal, before the twin moved
+    monkeypatch.undo()
+    twin_versions = {hall: backend.twins.state("globex", hall).model_ref for hall in halls}
+    assert twin_versions == {"hall-1": "hall@1.1.0", "hall-2": "hall@1.1.0", "hall-3": "hall@1.0.0",
+                             "hall-4": "hall@1.1.0"}
+    head = backend.changes.head("globex")
+
+    got = client.get("/v1/assets/hall-1", headers=admin)  # the running backend records it on the next read
+    assert got.json()["type_version"] == "1.1.0" and got.headers["etag"] == f'"{head + 1}"'
+    assert client.get("/v1/assets/hall-4", headers=admin).json()["type_version"] == "1.1.0"
+    assert backend.changes.head("globex") == head + 2
+
+    restarted = Backend(backend.config)  # what a new backend process finds in the store
+    assert restarted.get_asset("globex", "hall-2").type_version == "1.1.0"
+    assert restarted.get_asset("globex", "hall-3").type_version == "1.0.0"  # its twin never moved: nothing to do
+    assert not restarted.moves.pending and not restarted.moves.fs.glob(f"{restarted.moves.root}/*/*.json")
+    changes = restarted.changes.store.read("globex", head, 10)  # the durable log
+    assert [(c.kind, c.asset_id, c.type_version) for c in changes] == [
+        ("asset.updated", hall, "1.1.0") for hall in ("hall-1", "hall-4", "hall-2")]
+    recovered = [a for a in client.get("/v1/audit", headers=admin).json() if a["details"].get("recovered")]
+    assert [(a["action"], a["target"], a["key_id"], a["details"]["from_version"], a["details"]["to_version"])
+            for a in recovered] == [("asset.update", "hall-1", "system", "1.0.0", "1.1.0"),
+                                    ("asset.migrate", "hall-4", "system", "1.0.0", "1.1.0"),
+                                    ("asset.update", "hall-2", "system", "1.0.0", "1.1.0")]
+    assert restarted.twins.state("globex", "hall-2").model_ref == "hall@1.1.0"
