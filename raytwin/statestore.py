@@ -840,9 +840,20 @@ class StateStore:
         return f"{self.root}/twins/tenant={tenant}/asset_id={asset_id}.json"
 
     def save_registration(self, tenant: str, asset_id: str, record: dict[str, Any]) -> None:
+        """Replace the twin's registration whole. On local disk through a file beside it and the OS rename: the
+        record is rewritten while others read it (a restarted shard finishing a retype while the driver answers
+        stale reads from it, `actors.recovery.durable_state`), and a file written in place is empty or partial
+        meanwhile, or for good if the writer dies; an object-store PUT is atomic already."""
         path = self._registration_path(tenant, asset_id)
-        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        self.fs.pipe_file(path, json.dumps(record, sort_keys=True).encode())
+        directory, name = path.rsplit("/", 1)
+        self.fs.makedirs(directory, exist_ok=True)
+        data = json.dumps(record, sort_keys=True).encode()
+        if not self._local:
+            self.fs.pipe_file(path, data)
+            return
+        tmp = f"{directory}/.{name}.{os.getpid()}.tmp"  # not a registration's name: `registrations` skips it
+        self.fs.pipe_file(tmp, data)
+        os.replace(tmp, path)
 
     def load_registration(self, tenant: str, asset_id: str) -> dict[str, Any] | None:
         path = self._registration_path(tenant, asset_id)
