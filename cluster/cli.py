@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -13,7 +15,7 @@ from ray.job_submission import JobStatus
 
 from cluster.crd_validation import CRDS_ENV, CrdError, CrdSchemas
 from cluster.entrypoints import check_raytwin_entrypoint
-from cluster.jobs import JobClient, JobError, UnknownJob, resolve_cluster
+from cluster.jobs import JobClient, JobError, UnknownJob, project_runtime_env, resolve_cluster
 from cluster.kube import KubeConfigError, KubeRayClient, KubeRayNotFound, api_client_from_kubeconfig
 from cluster.local import (
     DEFAULT_STATE_FILE,
@@ -26,6 +28,7 @@ from cluster.local import (
 from cluster.manifests import Kind, render, to_yaml
 from cluster.network_policy import render_network_policy, validate_network_policy
 from cluster.spec import load_spec
+from cluster.upload import check_uploads
 
 cluster_app = typer.Typer(
     help="Ray on Kubernetes through KubeRay, and local multi-node Ray clusters.", no_args_is_help=True
@@ -233,6 +236,9 @@ def submit_command(
     )] = None,
     pip: Annotated[list[str] | None, typer.Option(
         "--pip", help="Requirement installed for the job, e.g. pump-models==1.2.0 (repeatable).")] = None,
+    exclude: Annotated[list[str] | None, typer.Option(
+        "--exclude", help="Leave paths out of the upload: a gitignore-style pattern, e.g. jobruns (repeatable).")
+    ] = None,
     state_file: StateFileOpt = DEFAULT_STATE_FILE,
 ) -> None:
     """Submit a job to a Ray cluster's job API; prints the job id."""
@@ -241,12 +247,13 @@ def submit_command(
         _fail(f"--env expects KEY=VALUE, got: {', '.join(bad) or '(empty)'}")
     try:
         check_raytwin_entrypoint(entrypoint)
-    except ValueError as exc:
+        check_uploads(project_runtime_env(working_dir, py_modules=py_module or (), excludes=exclude or ()))
+    except ValueError as exc:  # an unknown command, or an upload the job API would refuse (UploadTooLarge)
         _fail(str(exc))
     jobs = _jobs(address, state_file)
     try:
         job_id = jobs.submit(entrypoint, working_dir, {k: v for k, _, v in pairs}, submission_id,
-                             py_modules=py_module or (), pip=pip or ())
+                             py_modules=py_module or (), pip=pip or (), excludes=exclude or ())
     except (ValueError, RuntimeError) as exc:  # Ray refused the runtime env or the submission: its own words
         _fail(f"the cluster refused the job: {str(exc).strip().splitlines()[-1]}")
     typer.echo(job_id)
@@ -256,13 +263,20 @@ JOB_STATUS_EXIT = {JobStatus.FAILED: 3, JobStatus.STOPPED: 4}
 """`job status` exit codes: 0 SUCCEEDED, PENDING or RUNNING; 3 FAILED; 4 STOPPED (1: no cluster, 2: usage)."""
 
 
+@contextlib.contextmanager
+def _job_id_usage() -> Iterator[None]:
+    """An empty or unknown job id is a usage error (exit 2) in one line."""
+    try:
+        yield
+    except (UnknownJob, ValueError) as exc:
+        _fail(str(exc), code=2)
+
+
 @job_app.command("status")
 def job_status_command(job_id: str, address: AddressOpt = None, state_file: StateFileOpt = DEFAULT_STATE_FILE) -> None:
     """Print a job's status (and Ray's message about it); exit 3 if it FAILED, 4 if it was STOPPED."""
-    try:
+    with _job_id_usage():
         info = _jobs(address, state_file).info(job_id)
-    except UnknownJob as exc:
-        _fail(str(exc), code=2)
     typer.echo(info.status.value + (f": {info.message}" if info.message else ""))
     if info.status in JOB_STATUS_EXIT:
         raise typer.Exit(JOB_STATUS_EXIT[info.status])
@@ -277,14 +291,32 @@ def logs_command(
 ) -> None:
     """Print a job's driver logs."""
     jobs = _jobs(address, state_file)
-    try:
+    with _job_id_usage():
         if follow:
             for chunk in jobs.follow_logs(job_id):
                 typer.echo(chunk, nl=False)
         else:
             typer.echo(jobs.logs(job_id), nl=False)
-    except UnknownJob as exc:
-        _fail(str(exc), code=2)
+
+
+@job_app.command("stop")
+def stop_command(
+    job_id: str,
+    wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait until the job has ended.")] = True,
+    timeout_s: Annotated[float, typer.Option("--timeout", min=0, help="Seconds to wait.")] = 60.0,
+    address: AddressOpt = None,
+    state_file: StateFileOpt = DEFAULT_STATE_FILE,
+) -> None:
+    """Stop a job: Ray sends its entrypoint SIGTERM (a sweep or calibration cancels its tasks and records its
+    run `cancelled`), SIGKILL 3 s later. Prints the job's status: STOPPED, or how it had already ended."""
+    jobs = _jobs(address, state_file)
+    with _job_id_usage():
+        stopping = jobs.stop(job_id)
+    try:
+        status = jobs.wait(job_id, timeout_s) if stopping and wait else jobs.status(job_id)
+    except JobError as exc:
+        _fail(str(exc))
+    typer.echo(status.value if stopping else f"{status.value} (it had ended; nothing to stop)")
 
 
 @job_app.command("list")

@@ -22,6 +22,7 @@ from typing import Any
 from ray.job_submission import JobDetails, JobStatus, JobSubmissionClient
 
 from cluster.local import LocalClusterInfo
+from cluster.upload import check_uploads
 
 # Forwarded from the submitting shell when set, so the job sees the same JAX/XLA configuration.
 FORWARDED_ENV = ("PYTHONPATH", "XLA_FLAGS", "JAX_PLATFORMS", "JAX_ENABLE_X64", "RAYTWIN_STORAGE_URL")
@@ -43,8 +44,18 @@ class UnknownJob(LookupError):
         return str(self.args[0])
 
 
+def _valid(job_id: str) -> str:
+    """`job_id`, refused when empty: Ray asks for ``/api/jobs/`` then, the list of all jobs, and fails on it
+    with a TypeError ("JobDetails() argument after ** must be a mapping, not list")."""
+    if not isinstance(job_id, str) or not job_id.strip():
+        raise ValueError(f"a job id must be a non-empty string, got {job_id!r}: `raytwin job submit` prints it, "
+                         "`raytwin job list` shows the cluster's")
+    return job_id
+
+
 def _known(job_id: str, call: Callable[[], Any]) -> Any:
     """`call`, Ray's 404 for an unknown job id as `UnknownJob` (it raises a bare RuntimeError)."""
+    _valid(job_id)
     try:
         return call()
     except RuntimeError as exc:
@@ -58,10 +69,12 @@ def project_runtime_env(
     env: Mapping[str, str] | None = None,
     py_modules: Sequence[str | Path] = (),
     pip: Sequence[str] = (),
+    excludes: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The runtime env of a RayTwin job: project env vars, forwarded JAX/XLA settings, `env`, the working dir,
     and model code: `py_modules` (local directories or files, uploaded; or remote .zip/.whl URIs) and `pip`
-    (requirements installed for the job, e.g. ``pump-models==1.2.0``).
+    (requirements installed for the job, e.g. ``pump-models==1.2.0``). Uploads leave out
+    `WORKING_DIR_EXCLUDES` and `excludes` (gitignore-style patterns relative to each uploaded directory).
 
     The submitting interpreter's scripts directory goes first on the job's PATH (before `env`'s PATH, else
     the cluster's: Ray expands ``${PATH}`` on the node), so an entrypoint ``raytwin ...`` or ``python ...``
@@ -73,7 +86,8 @@ def project_runtime_env(
     runtime_env: dict[str, Any] = {"env_vars": env_vars}
     if working_dir is not None:
         runtime_env["working_dir"] = str(Path(working_dir).resolve())
-        runtime_env["excludes"] = WORKING_DIR_EXCLUDES
+    if working_dir is not None or excludes:
+        runtime_env["excludes"] = [*WORKING_DIR_EXCLUDES, *excludes]
     if py_modules:
         runtime_env["py_modules"] = [m if "://" in str(m) else _uploadable(Path(m)) for m in py_modules]
     if pip:
@@ -127,15 +141,20 @@ class JobClient:
         submission_id: str | None = None,
         py_modules: Sequence[str | Path] = (),
         pip: Sequence[str] = (),
+        excludes: Sequence[str] = (),
     ) -> str:
         """Start `entrypoint` (a shell command string, or an argv list that is quoted for you) with
-        `project_runtime_env`; returns the job id."""
+        `project_runtime_env`; returns the job id. `cluster.upload.UploadTooLarge` before uploading a working
+        dir or model code bigger than the job API takes."""
+        if submission_id is not None:
+            _valid(submission_id)
         command = entrypoint if isinstance(entrypoint, str) else shlex.join(entrypoint)
-        runtime_env = project_runtime_env(working_dir, env, py_modules, pip)
+        runtime_env = project_runtime_env(working_dir, env, py_modules, pip, excludes)
+        check_uploads(runtime_env)
         return self.client.submit_job(entrypoint=command, runtime_env=runtime_env, submission_id=submission_id)
 
     def status(self, job_id: str) -> JobStatus:
-        return self.client.get_job_status(job_id)
+        return _known(job_id, lambda: self.client.get_job_status(job_id))
 
     def info(self, job_id: str) -> JobDetails:
         return _known(job_id, lambda: self.client.get_job_info(job_id))
@@ -144,7 +163,11 @@ class JobClient:
         return _known(job_id, lambda: self.client.get_job_logs(job_id))
 
     def follow_logs(self, job_id: str) -> Iterator[str]:
-        """Log chunks as the job writes them, ending when the job ends."""
+        """Log chunks as the job writes them, ending when the job ends (a bad id is refused here, not at the
+        first chunk)."""
+        return self._follow(_valid(job_id))
+
+    def _follow(self, job_id: str) -> Iterator[str]:
         loop = asyncio.new_event_loop()
         chunks = self.client.tail_job_logs(job_id)
         try:
@@ -160,8 +183,15 @@ class JobClient:
     def list(self) -> list[JobDetails]:
         return self.client.list_jobs()
 
+    def stop(self, job_id: str) -> bool:
+        """Ask Ray to stop the job: it sends the entrypoint SIGTERM (a RayTwin sweep or calibration then cancels
+        its tasks and records its run `cancelled`), SIGKILL after ``RAY_JOB_STOP_WAIT_TIME_S`` (3 s by default),
+        and the job ends STOPPED. False when the job had already ended."""
+        return _known(job_id, lambda: self.client.stop_job(job_id))
+
     def wait(self, job_id: str, timeout_s: float = 600.0, poll_s: float = 1.0) -> JobStatus:
         """Poll until the job is SUCCEEDED, FAILED or STOPPED; `JobError` after `timeout_s`."""
+        _valid(job_id)
         deadline = time.monotonic() + timeout_s
         while (status := self.status(job_id)) not in TERMINAL:
             if time.monotonic() > deadline:

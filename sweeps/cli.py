@@ -65,25 +65,17 @@ def _unless_refused(run: Callable[[], T]) -> T:
         raise typer.Exit(1) from None
 
 
-class RunTerminated(SystemExit):
-    """SIGTERM (a scheduler's kill, `timeout`) during a run: the run record's error says so (`sweeps.runs`
-    records the exception's text), and the process exits 143 (128 + SIGTERM), as one killed by it would."""
-
-    def __init__(self) -> None:
-        super().__init__(128 + signal.SIGTERM)
-
-    def __str__(self) -> str:
-        return "terminated by SIGTERM"
-
-
 def _terminate(signum: int, frame: object) -> None:
+    from sweeps.runner import RunTerminated
+
     raise RunTerminated
 
 
 @contextlib.contextmanager
 def _sigterm_recorded() -> Iterator[None]:
-    """Within it, SIGTERM raises `RunTerminated`. Ray is started first: `ray.init` installs its own handler
-    (``sys.exit``), under which a terminated run was recorded with the error "1" or "15"."""
+    """Within it, SIGTERM (`raytwin job stop`) raises `sweeps.runner.RunTerminated`: the run is recorded
+    `cancelled` and a sweep's chunk tasks are cancelled, as on Ctrl-C. Ray is started first: `ray.init` installs
+    its own handler (``sys.exit``), under which a terminated run was recorded with the error "1" or "15"."""
     from sweeps.runner import ensure_ray
 
     ensure_ray()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -47,6 +48,19 @@ TASK_RETRIES = 3
 
 class SweepCancelled(RuntimeError):
     """The sweep was interrupted (Ctrl-C); outstanding tasks were cancelled."""
+
+
+class RunTerminated(SystemExit):
+    """SIGTERM during a run (`raytwin job stop` and `ray job stop` send it, as do schedulers and `timeout`): a
+    cancellation, recorded `cancelled` with this text by `sweeps.runs`. A `SystemExit`, so no ``except
+    Exception`` on the way swallows it, and the process exits 143 (128 + SIGTERM) as one killed by it would."""
+
+    def __init__(self, reason: str = "cancelled by SIGTERM") -> None:
+        super().__init__(128 + signal.SIGTERM)
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return self.reason
 
 
 @dataclass
@@ -347,9 +361,11 @@ def run_sweep(
                 outputs[part_name(chunk)] = digest
                 diverged += n_bad
                 bar.advance(count)
-    except (KeyboardInterrupt, ray.exceptions.TaskCancelledError):  # Ctrl-C; a cancelled task interrupted in a wait
-        _cancel(pending)
-        raise SweepCancelled(f"sweep cancelled after {bar.done}/{n} scenarios; partial output in {out_url}") from None
+    except (KeyboardInterrupt, ray.exceptions.TaskCancelledError, RunTerminated) as exc:  # Ctrl-C, SIGTERM, or a
+        _cancel(pending)  # cancelled task interrupted in a wait: the chunks in flight are cancelled alike
+        how = "sweep cancelled by SIGTERM" if isinstance(exc, RunTerminated) else "sweep cancelled"
+        reason = f"{how} after {bar.done}/{n} scenarios; partial output in {out_url}"
+        raise (RunTerminated(reason) if isinstance(exc, RunTerminated) else SweepCancelled(reason)) from None
     except BaseException:
         _cancel(pending)
         raise

@@ -28,13 +28,15 @@ from raytwin.storage import canonical_json, filesystem
 from sweeps.aggregate import RUN_OUTPUT, RUN_RECORD
 from sweeps.calibration import CalibrationSpec, calibrate, read_telemetry
 from sweeps.fmu import FmuCalibrationSpec, FmuSweepSpec, calibrate_fmu_spec, run_fmu_spec
-from sweeps.runner import SweepCancelled, absolute_url, run_sweep
+from sweeps.runner import RunTerminated, SweepCancelled, absolute_url, run_sweep
 from sweeps.spec import SweepSpec, resolve_model
 
 log = logging.getLogger("raytwin.runs")
 DEFAULT_RUNS_ROOT = "./runs"
 
 Kind = Literal["sweep", "calibration", "recommendation"]
+CANCELLATIONS = (SweepCancelled, KeyboardInterrupt, TaskCancelledError, RunTerminated)
+"""What ends a run as `cancelled` rather than `failed`: Ctrl-C, SIGTERM (`raytwin job stop`), a cancelled task."""
 
 
 class RunRecord(Contract):
@@ -143,7 +145,7 @@ def _recorded(
     try:
         outputs, summary = execute(store.output_url(run_id))
     except BaseException as exc:
-        status = "cancelled" if isinstance(exc, (SweepCancelled, KeyboardInterrupt, TaskCancelledError)) else "failed"
+        status = "cancelled" if isinstance(exc, CANCELLATIONS) else "failed"
         error = str(exc) or type(exc).__name__
         store.save(RunRecord(**fields, status=status, finished=datetime.now(UTC), error=error))
         log.warning("run %s run_id=%s error=%s", status, run_id, error)

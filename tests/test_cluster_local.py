@@ -6,8 +6,10 @@ The pytest process never calls `ray.init()`: everything runs in the cluster's ow
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -21,6 +23,7 @@ from cluster.cli import cluster_app, job_app
 from cluster.jobs import JobClient, project_runtime_env
 from cluster.local import LocalClusterInfo
 from raytwin.cli import app
+from sweeps.runs import RunStore
 from tests.fixtures_cluster import alive_node_ids
 
 PROBE = '''
@@ -120,10 +123,14 @@ def test_job_cli_submit_status_logs_list(local_cluster: LocalClusterInfo, tmp_pa
     assert succeeded.exit_code == 0 and succeeded.output.startswith("SUCCEEDED")
     failed = runner.invoke(job_app, ["status", failing_id, *address])
     assert failed.exit_code == 3 and failed.output.startswith("FAILED") and "exit code 3" in failed.output
-    for command in ("status", "logs"):  # a mistyped id: one line, exit 2 (1 is for no cluster)
+    for command in ("status", "logs", "stop"):  # a mistyped or empty id: one line, exit 2 (1 is for no cluster)
         unknown = runner.invoke(job_app, [command, "raysubmit_nosuchjob", *address])
         assert unknown.exit_code == 2 and unknown.output.strip() == (
             "no job 'raysubmit_nosuchjob' on this cluster (`raytwin job list` shows its jobs)"), unknown.output
+        empty = runner.invoke(job_app, [command, "", *address])
+        assert empty.exit_code == 2 and "a job id must be a non-empty string" in empty.output, empty.output
+    ended = runner.invoke(job_app, ["stop", ok_id, *address])
+    assert ended.exit_code == 0 and ended.output.strip() == "SUCCEEDED (it had ended; nothing to stop)", ended.output
     assert "said: hello there with greetkit" in runner.invoke(job_app, ["logs", ok_id, *address]).output
     followed = runner.invoke(job_app, ["logs", failing_id, "--follow", *address])
     assert followed.exit_code == 0 and "giving up" in followed.output
@@ -163,6 +170,80 @@ def test_a_job_sweeps_the_installed_example_model(local_cluster: LocalClusterInf
     assert metrics.num_rows == 4 and not any(metrics["diverged"].to_pylist())
     assert all(np.isfinite(metrics[name].to_numpy()).all() for name in ("T_w_max", "omega_min", "i_max", "overtemp_s"))
     assert (metrics["T_w_max"].to_numpy() >= 298.15 - 1e-3).all()  # the hottest point includes the start
+
+
+def test_an_empty_job_id_is_refused_by_every_call(local_cluster: LocalClusterInfo) -> None:
+    """`wait("")` raised "JobDetails() argument after ** must be a mapping, not list" (Ray fetched all jobs)."""
+    jobs = JobClient(local_cluster.dashboard_url, local_cluster.auth_headers)
+    for call in (jobs.status, jobs.info, jobs.logs, jobs.follow_logs, jobs.wait, jobs.stop):
+        with pytest.raises(ValueError, match="a job id must be a non-empty string, got ''"):
+            call("")
+    with pytest.raises(ValueError, match="non-empty"):
+        jobs.submit(["true"], submission_id=" ")
+
+
+def test_job_stop_cancels_a_running_sweep_and_records_it_cancelled(
+    local_cluster: LocalClusterInfo, tmp_path: Path
+) -> None:
+    """A job stopped with `ray job stop` was recorded `failed` "terminated by SIGTERM", like a crash; `raytwin job
+    stop` sends the same SIGTERM, and the sweep cancels its chunks and records the run `cancelled`."""
+    runner = CliRunner()
+    example = runner.invoke(app, ["sweep", "example", "thermal_rc", "--n", "400000"])
+    assert example.exit_code == 0, example.output
+    (tmp_path / "job").mkdir()
+    (tmp_path / "job" / "spec.json").write_text(json.dumps({**json.loads(example.stdout), "chunk_size": 2000}))
+    state, runs = tmp_path / "state.json", tmp_path / "runs"
+    local_cluster.save(state)
+    address = ["--address", local_cluster.dashboard_url, "--state-file", str(state)]
+    submitted = runner.invoke(job_app, ["submit", *address, "--working-dir", str(tmp_path / "job"), "--",
+                                        "raytwin", "sweep", "run", "spec.json", "--runs", str(runs), "--no-progress"])
+    assert submitted.exit_code == 0, submitted.output
+    job_id = submitted.output.strip().splitlines()[-1]
+    jobs = JobClient(local_cluster.dashboard_url, local_cluster.auth_headers)
+    deadline = time.monotonic() + 180
+    while not list(runs.glob("*/output/part-*.parquet")):  # chunks are being written: the sweep is under way
+        status = jobs.status(job_id)
+        assert status in (JobStatus.PENDING, JobStatus.RUNNING) and time.monotonic() < deadline, jobs.logs(job_id)
+        time.sleep(0.5)
+    stopped = runner.invoke(job_app, ["stop", job_id, *address])
+    assert stopped.exit_code == 0 and stopped.output.strip() == "STOPPED", stopped.output
+    assert runner.invoke(job_app, ["status", job_id, *address]).exit_code == 4
+    (record,) = RunStore(str(runs)).list()
+    assert record.status == "cancelled" and record.outputs == {}, record
+    # the runner's own words: it caught the signal in its loop and cancelled the chunks in flight
+    assert re.fullmatch(r"sweep cancelled by SIGTERM after \d+/400000 scenarios; partial output in .+", record.error)
+
+
+def test_job_submit_refuses_an_upload_over_rays_limit_naming_what_to_exclude(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 114 MB `jobruns/` in the working dir: the dashboard answered a bare 413 "Maximum request body size
+    exceeded". The size is Ray's zip of the directory (its excludes, .gitignore and .rayignore applied)."""
+    from ray._private.runtime_env.packaging import create_package
+
+    import cluster.upload
+
+    assert cluster.upload.UPLOAD_LIMIT_BYTES == 100 * 2**20  # the dashboard's client_max_size (Ray 2.60)
+    job = tmp_path / "job"
+    for name, mib in (("jobruns/a/part-0.bin", 2), ("runs/r.bin", 3), ("scratch/s.bin", 3), ("spec.json", 0)):
+        (job / name).parent.mkdir(parents=True, exist_ok=True)
+        (job / name).write_bytes(np.random.default_rng(0).bytes(mib * 2**20))
+    (job / ".gitignore").write_text("scratch/\n")  # Ray honours it (unless RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1)
+    excludes = project_runtime_env(job)["excludes"]
+    sizes = cluster.upload.package_sizes(job, excludes)
+    assert sorted(sizes) == [".gitignore", "jobruns/", "spec.json"]
+    create_package(str(job), tmp_path / "pkg.zip", include_gitignore=True, excludes=excludes)
+    assert 0 <= (tmp_path / "pkg.zip").stat().st_size - sum(sizes.values()) < 100  # + the zip's 22-byte end record
+
+    monkeypatch.setattr(cluster.upload, "UPLOAD_LIMIT_BYTES", 2**20)
+    submit = ["submit", "--address", "http://127.0.0.1:9", "--state-file", str(tmp_path / "none.json"),
+              "--working-dir", str(job)]
+    refused = CliRunner().invoke(job_app, [*submit, "--", "true"])
+    assert refused.exit_code == 1 and "over the job API's 1.0 MiB limit" in refused.output, refused.output
+    assert "Largest: jobruns/ 2.0 MiB, .gitignore" in refused.output and "--exclude PATTERN" in refused.output
+    excluded = CliRunner().invoke(job_app, [*submit, "--exclude", "jobruns", "--", "true"])
+    assert excluded.exit_code == 1 and "packs to" not in excluded.output  # on to the (absent) cluster
+    assert project_runtime_env(job, excludes=["jobruns"])["excludes"][-1] == "jobruns"
 
 
 def test_job_commands_need_an_address(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -56,9 +56,10 @@ NOT_RUN: dict[tuple[str, str], str] = {  # (guide, first line of the block) -> w
     ("cluster/README.md", "raytwin cluster up --local [--workers 1] [--cpus-per-node 1] [--object-store-mb 100]"):
         "the synopsis of the local cluster's commands: `cluster up --local --workers 1` and `cluster down --local` run "
         "in \"A sweep as a Ray job on the local cluster\" below, where the printed addresses are checked",
-    ("cluster/README.md", "raytwin job submit [--address http://HOST:8265] [--working-dir .] [-e KEY=VALUE] "
-     "[--id ID] -- raytwin sweep ..."): "the synopsis of the job commands; each runs with real arguments in the "
-     "next block, \"A sweep as a Ray job on the local cluster\"",
+    ("cluster/README.md", "raytwin job submit [--address http://HOST:8265] [--working-dir .] [--exclude PATTERN] "
+     "[-e KEY=VALUE] [--id ID] -- raytwin sweep ..."): "the synopsis of the job commands; each runs with real "
+     "arguments in the next block, \"A sweep as a Ray job on the local cluster\", but `job stop` "
+     "(tests/test_cluster_local.py stops a running sweep job with it)",
     ("serve_apps/README.md", "serve run serve_apps.app:build_app store_url=s3://bucket/raytwin "
      "keys_file=/etc/raytwin/keys.json"): "Ray's own `serve run` blocks in the foreground with its own Ray; the "
      "same application is started by `raytwin serve` in the quick start above, and its arguments are "

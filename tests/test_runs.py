@@ -145,8 +145,9 @@ def test_unknown_runs_are_reported(tmp_path):
     assert result.exit_code != 0 and "no run 'sweep-nope'" in result.output
 
 
-def test_a_run_stopped_by_sigterm_is_recorded_as_terminated(ray_session, tmp_path, monkeypatch):
-    """A scheduler's SIGTERM (or `timeout`) mid-sweep: the record said "1" or "15" (Ray's handler's exit code)."""
+def test_a_run_stopped_by_sigterm_is_recorded_as_cancelled(ray_session, tmp_path, monkeypatch):
+    """SIGTERM mid-sweep (`raytwin job stop`, a scheduler's kill, `timeout`): the record said "1" or "15" (Ray's
+    handler's exit code), then `failed` "terminated by SIGTERM", as a crash would be; it is a cancellation."""
     import os
     import signal
     import time
@@ -166,7 +167,7 @@ def test_a_run_stopped_by_sigterm_is_recorded_as_terminated(ray_session, tmp_pat
     result = CliRunner().invoke(sweep_app, ["run", str(path), "--runs", runs, "--no-progress"])
     assert result.exit_code == 128 + signal.SIGTERM, result.output
     record, = RunStore(runs).list()
-    assert (record.status, record.error) == ("failed", "terminated by SIGTERM")
+    assert (record.status, record.error) == ("cancelled", "cancelled by SIGTERM")
     assert signal.getsignal(signal.SIGTERM) is before  # the command put the previous handler back
 
 
