@@ -48,7 +48,8 @@ from raytwin.contracts import Contract, Finite, Identifier
 from raytwin.estimation import model_defaults
 from raytwin.metrics import CALIBRATION_DURATION, CALIBRATIONS
 from raytwin.registry import ModelRegistry
-from raytwin.sim import Model, get_model, rollout, unstack
+from raytwin.sim import Model, ModelCheckError, get_model, rollout, unstack
+from raytwin.sim.checks import check_params
 from raytwin.sim.cpu import use_cpu_backend
 from raytwin.sim.precision import in_float64
 from raytwin.storage import canonical_json, filesystem
@@ -71,6 +72,24 @@ class CalibrationError(ValueError):
 class FitRefused(CalibrationError):
     """A fit that ran and whose result is refused (it ended on a declared bound, or the data do not identify
     its parameters): the spec was valid, the data decided; no result is written."""
+
+
+class NoFiniteLoss(FitRefused):
+    """The model gave NaN/inf at every parameter set the search tried (or at the refinement's start)."""
+
+
+NO_FINITE_LOSS = "no trial produced a finite loss"
+
+
+def no_finite_loss(what: str, why: str, check: str) -> str:
+    """The one wording of a calibration none of whose trials could be scored (JAX models here, FMUs in
+    `sweeps.fmu`): which model, what failed, and what to check."""
+    return f"calibration of {what}: {NO_FINITE_LOSS}: {why}; {check}"
+
+
+CHECK_DOMAIN = ("check the model's domain at those values (e.g. a sqrt or log of a quantity that turns negative, "
+                "a state leaving its declared range) and that the telemetry lies in the plausible range of the model's "
+                "inputs and outputs (SI units); narrow search_width or fix the parameters that leave it")
 
 
 class CalibrationSpec(Contract):
@@ -143,6 +162,9 @@ class CalibrationResult(Contract):
     noise_std_assumed: list[str] = Field(default_factory=list)
     """Outputs with neither a spec `noise_std` nor a declared ``measurement_std``: sigma 1 was assumed, so
     their weight, and the reported uncertainty, are only as right as that guess."""
+    warnings: list[str] = Field(default_factory=list)
+    """What makes the reported uncertainty doubtful (a fit that does not match the data: `misfit_warning`);
+    written to ``calibration.json`` only when there is one, so a fit without keeps its bytes."""
 
 
 @dataclass(frozen=True)
@@ -262,7 +284,13 @@ def build_problem(spec: CalibrationSpec, table: pa.Table, artifact_params: dict[
     u, y = col(model.input_names), col(model.output_names)
     if not (np.isfinite(u).all() and np.isfinite(y).all()):
         raise CalibrationError("telemetry contains NaN/inf; drop or fill those samples first")
+    _refuse_implausible(model, {**dict(zip(model.input_names, u.T)), **dict(zip(model.output_names, y.T))})
     base = np.asarray(model.param_vector({**artifact_params, **spec.parameters}), dtype=np.float64)
+    try:  # as simulate, sweeps and the registry do: a fixed value out of bounds was run, and a free one blamed
+        check_params(model, base)
+    except ModelCheckError as exc:
+        reason = exc.reason.replace("give values", "give `parameters` values")
+        raise CalibrationError(f"calibration of {simulator}: {reason}") from None
     declared = {o.name: o.measurement_std for o in model.outputs if o.measurement_std is not None}
     sigma = {**declared, **spec.noise_std}
     return Problem(
@@ -278,6 +306,31 @@ def build_problem(spec: CalibrationSpec, table: pa.Table, artifact_params: dict[
         dt=float(steps[0]),
         sigma_assumed=tuple(o for o in model.output_names if o not in sigma),
     )
+
+
+IMPLAUSIBLE_FRACTION = 0.5
+"""Telemetry columns with more than this fraction of samples outside their variable's declared range are
+refused: the bulk of the data, not a few noisy samples near a bound, is where the model is not meant to be
+(a temperature in degC against a range in K)."""
+
+
+def _refuse_implausible(model: Model, columns: dict[str, np.ndarray]) -> None:
+    """`CalibrationError` naming the telemetry columns (model inputs and outputs) that lie mostly outside
+    their declared range: the fit would chase values the model cannot produce (or NaN at them), and the
+    refusal named parameters at their bounds instead of the units."""
+    declared = {v.name: v for v in (*model.inputs, *model.outputs)}
+    bad = []
+    for name, values in columns.items():
+        var = declared[name]
+        outside = int(np.count_nonzero((values < var.lower) | (values > var.upper)))
+        if outside > IMPLAUSIBLE_FRACTION * values.size:
+            unit = f" {var.unit}" if var.unit not in ("", "-") else ""
+            bad.append(f"{name} spans [{values.min():g}, {values.max():g}] ({outside} of {values.size} samples "
+                       f"outside its declared range [{var.lower:g}, {var.upper:g}]{unit})")
+    if bad:
+        raise CalibrationError(f"telemetry for {model.name} is implausible: {'; '.join(bad)}; telemetry is in SI "
+                               "units (check the column's units, e.g. degC for K), else widen the model's declared "
+                               "range if such values are plausible")
 
 
 # ------------------------------------------------------------------------ Tune phase ----
@@ -379,7 +432,14 @@ def tune_search(spec: CalibrationSpec, problem: Problem) -> tuple[dict[str, floa
     if not finished:
         errors = [str(r.error) for r in grid if r.error is not None][:3]
         raise CalibrationError(f"no Tune trial completed the full data window; errors: {errors}")
-    best = min(finished, key=lambda r: r.metrics["loss"])
+    scored = [r for r in finished if math.isfinite(r.metrics["loss"]) and r.metrics["loss"] < BAD_LOSS]
+    if not scored:  # a NaN/inf simulation scores BAD_LOSS: such a "best" made scipy fail on its start point
+        tried = "; ".join(_named(problem, np.log([r.config[n] for n in problem.free_names])) for r in list(grid)[:3])
+        tried += f"{'; ...' if len(grid) > 3 else ''}, {len(grid)} in all"
+        raise NoFiniteLoss(no_finite_loss(
+            problem.simulator, f"its simulation was NaN/inf at every parameter set tried ({tried}; fixed: "
+            f"{_named(problem, None)})", CHECK_DOMAIN))
+    best = min(scored, key=lambda r: r.metrics["loss"])
     return ({n: float(best.config[n]) for n in problem.free_names}, float(best.metrics["loss"]),
             len(grid), len(grid) - len(finished))
 
@@ -389,13 +449,25 @@ def refine(problem: Problem, theta0_log: np.ndarray) -> tuple[np.ndarray, int]:
     """Least squares on the log-parameters with the jax.jacfwd Jacobian; (theta, evaluations)."""
     n = problem.n
     bounds = _log_bounds(problem)
+    start = np.clip(theta0_log, bounds[0] + 1e-12, bounds[1] - 1e-12)
+    if not np.all(np.isfinite(problem.residuals(start, n))):  # scipy said only "not finite in the initial point"
+        raise NoFiniteLoss(f"calibration of {problem.simulator}: the refinement's start ({_named(problem, start)}) "
+                           f"gives NaN/inf outputs; {CHECK_DOMAIN}")
     fit = least_squares(
         lambda th: problem.residuals(th, n),
-        np.clip(theta0_log, bounds[0] + 1e-12, bounds[1] - 1e-12),
+        start,
         jac=lambda th: problem.jacobian(th, n),
         bounds=bounds, method="trf", x_scale="jac", xtol=1e-12, ftol=1e-12, gtol=1e-12, max_nfev=200,
     )
     return fit.x, int(fit.nfev)
+
+
+def _named(problem: Problem, theta_log: np.ndarray | None) -> str:
+    """``C_a=1.2e+06, R_aw=0.004``: the free parameters at `theta_log`, or with None the fixed ones."""
+    if theta_log is None:
+        free = set(problem.free_names)
+        return ", ".join(f"{n}={v:g}" for n, v in zip(problem.model.param_names, problem.base_params) if n not in free)
+    return ", ".join(f"{n}={v:.4g}" for n, v in zip(problem.free_names, np.exp(theta_log)))
 
 
 def uncertainty(problem: Problem, theta_log: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -466,50 +538,91 @@ def _std_and_correlation(problem: Problem, cov: np.ndarray,
     singular Hessian: negative or infinite variances, which read as "+- 0 %") or whose correlations are +-1
     along some direction (the pseudo-inverse of a singular J^T J: finite, and as false). Where the
     covariance is not even finite, the `information` matrix it was inverted from (if given) names the
-    direction: its smallest eigenvalue's (a parameter that moves nothing has a zero row there)."""
+    directions: its smallest eigenvalues' (a parameter that moves nothing has a zero row there)."""
     cov = 0.5 * (cov + cov.T)
     var = np.diag(cov)
     finite = np.all(np.isfinite(cov))
-    if not finite or np.any(var <= 0):  # the unseen direction: the covariance's smallest eigenvalue (0 where a
-        # pseudo-inverse cut it, negative from an inverted singular Hessian), or the information's smallest
-        _refuse_unidentified(problem, np.linalg.eigh(cov)[1][:, 0] if finite else _null_direction(information))
+    if not finite or np.any(var <= 0):  # the unseen directions: the covariance's (almost) non-positive eigenvalues'
+        # (0 where a pseudo-inverse cut them, negative from an inverted singular Hessian), or the information's smallest
+        _refuse_unidentified(problem, _unseen(cov, 1e-12 * np.abs(cov).max()) if finite
+                             else _null_directions(information))
     rel_std = np.sqrt(var)
     corr = cov / np.outer(rel_std, rel_std)
-    values, vectors = np.linalg.eigh(corr)  # scale-free: no parameter's units decide the direction
-    if values[0] < COLLINEAR_EIGENVALUE:
-        _refuse_unidentified(problem, vectors[:, 0])
+    if np.linalg.eigvalsh(corr)[0] < COLLINEAR_EIGENVALUE:  # scale-free: no parameter's units decide the direction
+        _refuse_unidentified(problem, _unseen(corr, COLLINEAR_EIGENVALUE))
     return rel_std, corr
 
 
-def _null_direction(information: np.ndarray | None) -> np.ndarray | None:
-    """The direction of the information matrix's smallest eigenvalue, or None where it is not known (finite)."""
+def _unseen(matrix: np.ndarray, below: float) -> np.ndarray:
+    """The eigenvectors (columns) of the symmetric `matrix` whose eigenvalues are under `below`, at least the
+    smallest one's: the directions the data do not see, as many as they are."""
+    values, vectors = np.linalg.eigh(matrix)
+    return vectors[:, :max(int(np.count_nonzero(values < below)), 1)]
+
+
+def _null_directions(information: np.ndarray | None) -> np.ndarray | None:
+    """The information matrix's null space (eigenvalues under `COLLINEAR_EIGENVALUE` times its largest, at least
+    the smallest one's direction), or None where it is not known (not finite)."""
     if information is None or not np.all(np.isfinite(information)):
         return None
-    return np.linalg.eigh(0.5 * (information + information.T))[1][:, 0]
+    information = 0.5 * (information + information.T)
+    return _unseen(information, COLLINEAR_EIGENVALUE * max(float(np.abs(information).max()), 0.0))
 
 
 class Unidentified(FitRefused):
     """The telemetry does not identify some free parameters (their covariance is singular)."""
 
 
-def _refuse_unidentified(problem: Problem, direction: np.ndarray | None) -> None:
-    """`CalibrationError` naming the parameters along `direction`, the one in (log-)parameter space the data
-    do not see, or every free parameter when it is not known (a covariance that is not even finite). Not
+def _refuse_unidentified(problem: Problem, directions: np.ndarray | None) -> None:
+    """`CalibrationError` naming the parameters along `directions` (columns: the (log-)parameter space the data
+    do not see), or every free parameter when it is not known (a covariance that is not even finite). Not
     from the information matrix as the covariance's pseudo-inverse: that cuts the covariance's smallest
-    eigenvalues, the best-identified directions, and named a well-identified parameter."""
+    eigenvalues, the best-identified directions, and named a well-identified parameter. The advice follows
+    the unseen space's dimension: one direction is pinned by fixing any one parameter along it (fixing all
+    but one, as it said, threw away parameters the data identify)."""
     names = list(problem.free_names)
-    if direction is not None:
-        weights = np.abs(direction)
+    unseen = len(names) if directions is None else directions.shape[1]
+    if directions is not None:
+        weights = np.linalg.norm(directions, axis=1)
         names = [n for n, w in zip(names, weights) if w >= 0.3 * weights.max()]
+    unseen = min(unseen, len(names))
     if len(names) == 1:
         fix = "fix it (`parameters`) or add telemetry that moves it"
+    elif directions is None:
+        fix = "fix some of them (`parameters`), or add telemetry that moves them differently"
+    elif unseen == len(names):
+        fix = "fix them (`parameters`), or add telemetry that moves them"
+    elif unseen == 1:
+        fix = ("fix any one of them (`parameters`: they move along one direction the data do not see, which one "
+               "fixed value pins), or add telemetry that moves them differently")
     else:
-        fix = "fix all but one of them (`parameters`), or add telemetry that moves them differently"
+        fix = (f"fix {unseen} of them (`parameters`: the data do not see {unseen} independent directions; fix ones "
+               "whose remaining set the data then identify), or add telemetry that moves them differently")
     raise Unidentified(
         f"the telemetry does not identify {', '.join(names)} of {problem.simulator}: changing "
         f"{'them together' if len(names) > 1 else 'it'} leaves the outputs (almost) unchanged, so fitted values "
         f"would be arbitrary and their uncertainty unbounded; {fix} (see the identifiability notes in "
         "sweeps/README.md)")
+
+
+MISFIT_RMSE = 1.5
+"""Weighted RMSE above which a fit is reported as not matching the data (`misfit_warning`). With the declared
+noise right and a model that fits, it is ~1 (within ~1/sqrt(2N): 0.03 at 720 samples), so 1.5 (residual
+variance 2.25x the declared noise's) is no chance. Not a chi-square test (p < 1e-3): at 4320 samples that
+flags a weighted RMSE of 1.03, a noise_std 3 % off or the correlated residuals that process noise gives,
+where the prediction-error intervals are still right."""
+
+
+def misfit_warning(problem: Problem, weighted_rmse: float) -> str | None:
+    """Why the reported intervals may be far too narrow, or None: they assume a model that fits the data, and
+    a weighted RMSE well above 1 says it does not (an outside test: 3.29, C_a +- 1.2 %, the truth 8 sigma
+    away). The intervals are left as computed; the warning goes into the result, the run record and the CLI."""
+    if not weighted_rmse > MISFIT_RMSE:
+        return None
+    return (f"the fit does not match the data: weighted RMSE {weighted_rmse:.3g} where ~1 is expected for the "
+            f"declared noise ({', '.join(f'{o}={s:g}' for o, s in zip(problem.model.output_names, problem.sigma))}, "
+            f"over {MISFIT_RMSE:g} flagged): the intervals assume a model that fits and are likely far too narrow; "
+            "check the fixed parameters, noise_std and the model (a missing input or dynamics)")
 
 
 # ----------------------------------------------------------------------- outputs ----
@@ -591,6 +704,10 @@ def _calibrate(spec: CalibrationSpec, out_url: str,
     r = problem.residuals(theta, problem.n).reshape(problem.n, -1) * problem.sigma
     model = problem.model
     values = dict(zip(model.param_names, map(float, fitted)))
+    weighted_rmse = problem.loss(theta, problem.n)
+    warnings = [w for w in (misfit_warning(problem, weighted_rmse),) if w is not None]
+    for warning in warnings:
+        log.warning("calibration %s", warning)
     result = CalibrationResult(
         model_ref=artifact.ref,
         free=list(problem.free_names),
@@ -598,7 +715,7 @@ def _calibrate(spec: CalibrationSpec, out_url: str,
         std={n: float(values[n] * s) for n, s in zip(problem.free_names, rel_std)},
         rel_std={n: float(s) for n, s in zip(problem.free_names, rel_std)},
         correlation=corr.tolist(),
-        weighted_rmse=problem.loss(theta, problem.n),
+        weighted_rmse=weighted_rmse,
         rmse={o: float(np.sqrt(np.mean(r[:, j] ** 2))) for j, o in enumerate(model.output_names)},
         n_samples=problem.n,
         tune_best=best,
@@ -611,6 +728,7 @@ def _calibrate(spec: CalibrationSpec, out_url: str,
         process_noise_scale=q_scale,
         noise_std=dict(zip(model.output_names, map(float, problem.sigma))),
         noise_std_assumed=list(problem.sigma_assumed),
+        warnings=warnings,
     )
     log.info("calibration done weighted_rmse=%.6g %s", result.weighted_rmse,
              " ".join(f"{n}={values[n]:.6g}+-{100 * s:.2g}%" for n, s in result.rel_std.items()))
@@ -624,7 +742,8 @@ def _calibrate(spec: CalibrationSpec, out_url: str,
         log.info("calibration registered model=%s", spec.register_as)
     fs, root = filesystem(out_url, storage_options)
     fs.makedirs(root, exist_ok=True)
-    files = {RESULT_FILE: canonical_json(result.model_dump(mode="json")), PLOT_FILE: plot_fit(problem, theta)}
+    body = result.model_dump(mode="json", exclude=None if result.warnings else {"warnings"})
+    files = {RESULT_FILE: canonical_json(body), PLOT_FILE: plot_fit(problem, theta)}
     for name, data in files.items():
         fs.pipe_file(f"{root}/{name}", data)
     return result, {k: hashlib.sha256(v).hexdigest() for k, v in files.items()}, data_hash

@@ -268,6 +268,8 @@ def calibrate_run(
     if record.summary["noise_std_assumed"]:
         typer.echo(f"note: outputs {record.summary['noise_std_assumed']} declare no measurement_std and the spec "
                    "gives no noise_std: sigma 1 was assumed, so the +- above are only as right as that; set noise_std")
+    for warning in record.summary.get("warnings", []):
+        typer.echo(f"warning: {warning}", err=True)
 
 
 @calibrate_app.command("synthetic")

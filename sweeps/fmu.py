@@ -35,7 +35,7 @@ from raytwin.fmu import FmuModel, FmuScenario, calibrate_fmu, run_fmu_sweep
 from raytwin.registry import ModelArtifact
 from raytwin.sim.model import Input, Param, State
 from raytwin.storage import canonical_json, filesystem
-from sweeps.calibration import MAX_TRIALS, read_telemetry
+from sweeps.calibration import MAX_TRIALS, no_finite_loss, read_telemetry
 from sweeps.runner import ensure_ray, part_name, write_parquet
 from sweeps.space import ScenarioSpace
 from sweeps.spec import allowed_values, range_problems, resolve_model
@@ -222,8 +222,8 @@ def calibrate_fmu_spec(spec: FmuCalibrationSpec, out_url: str, storage_options: 
     fit = calibrate_fmu(fmu, scenario, {n: column(n) for n in observed}, spec.free, num_samples=spec.num_samples,
                         seed=spec.seed, interface=spec.interface, max_evaluations=spec.max_evaluations)
     if not math.isfinite(fit.loss):
-        raise FmuSpecError(f"calibration of FMU {fmu.name}: no trial produced a finite loss: every FMU run failed "
-                           "(e.g. diverged); narrow the free ranges or check start_state and parameters")
+        raise FmuSpecError(no_finite_loss(f"FMU {fmu.name}", "every FMU run failed (e.g. diverged)",
+                                          "narrow the free ranges or check start_state and parameters"))
     body = canonical_json({"parameters": fit.params, "loss": fit.loss, "observed": observed})
     fs, root = filesystem(out_url, storage_options)
     fs.makedirs(root, exist_ok=True)

@@ -16,6 +16,7 @@ import os
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import PurePath
 from typing import Any, Literal
 
 from pydantic import Field
@@ -26,7 +27,7 @@ from raytwin.modelcode import ModelCode, code_identity, describe_change
 from raytwin.provenance import code_version, package_versions
 from raytwin.storage import canonical_json, filesystem
 from sweeps.aggregate import RUN_OUTPUT, RUN_RECORD
-from sweeps.calibration import CalibrationSpec, calibrate, read_telemetry
+from sweeps.calibration import CalibrationError, CalibrationSpec, calibrate, read_telemetry
 from sweeps.fmu import FmuCalibrationSpec, FmuSweepSpec, calibrate_fmu_spec, run_fmu_spec
 from sweeps.runner import RunTerminated, SweepCancelled, absolute_url, run_sweep
 from sweeps.spec import SweepSpec, resolve_model
@@ -190,14 +191,46 @@ def recorded_fmu_calibration(
     user: str | None = None, rerun_of: str | None = None, expected_input_hash: str | None = None,
 ) -> RunRecord:
     """Calibrate a registered FMU (`sweeps.fmu`) into a new run directory and record it (with the telemetry's hash)."""
-    input_hash = _input_hash(spec.telemetry, storage_options, expected_input_hash)
-    return _recorded(RunStore(runs, storage_options), "calibration", spec,
+    store = RunStore(runs, storage_options)
+    input_hash = _input_hash(spec.telemetry, storage_options, expected_input_hash, store)
+    return _recorded(store, "calibration", spec,
                      lambda out_url: calibrate_fmu_spec(spec, out_url, storage_options), input_url=spec.telemetry,
                      input_hash=input_hash, seeds={"search": spec.seed}, user=user, rerun_of=rerun_of)
 
 
-def _input_hash(telemetry: str, storage_options: dict | None, expected: str | None) -> str:
-    """The telemetry's SHA-256; a rerun refuses telemetry that changed since the recorded run."""
+RUNTIME_ENV_DIR = "runtime_resources"
+"""The folder under a Ray session's directory that holds runtime envs: a job's uploaded working dir
+(``.../runtime_resources/working_dir_files/_ray_pkg_<hash>/``), deleted with the cluster."""
+
+
+def runtime_env_dir(url: str) -> str | None:
+    """The Ray runtime-env package directory that the local path `url` lies in, or None (a URL, elsewhere)."""
+    if "://" in url:
+        return None
+    parts = PurePath(os.path.abspath(url)).parts
+    if RUNTIME_ENV_DIR not in parts[:-1]:
+        return None
+    i = parts.index(RUNTIME_ENV_DIR)
+    return str(PurePath(*parts[:min(i + 3, len(parts) - 1)]))  # .../runtime_resources/<kind>_files/<package>
+
+
+def _refuse_transient_telemetry(telemetry: str, store: RunStore) -> None:
+    """Refuse telemetry that lives in a Ray job's runtime-env working dir when the record lives elsewhere: the
+    record would name a file that `raytwin cluster down` deletes, and `raytwin rerun` could never read it."""
+    transient = runtime_env_dir(telemetry)
+    if transient is None or runtime_env_dir(store.root) == transient:
+        return
+    raise CalibrationError(
+        f"telemetry {telemetry} lies in a Ray job's uploaded working directory ({transient}), which is deleted with "
+        f"the cluster, while the run record goes to {store.root}: `raytwin rerun` could never read it again; give "
+        "the job the telemetry as an absolute path outside the working directory (\"$PWD/telemetry.parquet\" on a "
+        "file system the cluster shares) or an s3:// URL")
+
+
+def _input_hash(telemetry: str, storage_options: dict | None, expected: str | None, store: RunStore) -> str:
+    """The telemetry's SHA-256 (telemetry a rerun can read again: `_refuse_transient_telemetry`); a rerun refuses
+    telemetry that changed since the recorded run."""
+    _refuse_transient_telemetry(telemetry, store)
     _, input_hash = read_telemetry(telemetry, storage_options)
     if expected is not None and input_hash != expected:
         raise RunError(f"telemetry {telemetry} changed since the recorded run "
@@ -211,12 +244,13 @@ def recorded_calibration(
 ) -> RunRecord:
     """Calibrate into a new run directory and record it (with the telemetry's hash)."""
     store = RunStore(runs, storage_options)
-    input_hash = _input_hash(spec.telemetry, storage_options, expected_input_hash)
+    input_hash = _input_hash(spec.telemetry, storage_options, expected_input_hash, store)
 
     def execute(out_url: str) -> tuple[dict, dict]:
         result, outputs, _ = calibrate(spec, out_url, storage_options=storage_options)
         return outputs, {"weighted_rmse": result.weighted_rmse, "parameters": result.parameters,
-                         "rel_std": result.rel_std, "noise_std_assumed": result.noise_std_assumed}
+                         "rel_std": result.rel_std, "noise_std_assumed": result.noise_std_assumed,
+                         "warnings": result.warnings}
 
     return _recorded(store, "calibration", spec, execute, input_url=spec.telemetry, input_hash=input_hash,
                      seeds={"search": spec.seed}, user=user, rerun_of=rerun_of)

@@ -6,8 +6,10 @@ import dataclasses
 import json
 from datetime import UTC, datetime, timedelta
 
+import jax.numpy as jnp
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 import pytest
 
@@ -183,7 +185,9 @@ def test_the_result_records_each_outputs_sigma_and_which_were_assumed(ray_sessio
                  parameters={n: v for n, v in CASES["two_tank"]["true"].items() if n != "a1"})
     result, _, _ = calibrate(spec, str(tmp_path / "out"))
     assert result.noise_std == {"h1": 1.0, "h2": 0.003} and result.noise_std_assumed == ["h1"]
-    assert json.loads((tmp_path / "out" / "calibration.json").read_text())["noise_std_assumed"] == ["h1"]
+    written = json.loads((tmp_path / "out" / "calibration.json").read_text())
+    assert written["noise_std_assumed"] == ["h1"]
+    assert result.warnings == [] and "warnings" not in written  # a fit that matches: the bytes it had before
 
 
 def test_the_refusal_names_only_the_parameters_the_data_do_not_see():
@@ -199,15 +203,16 @@ def test_the_refusal_names_only_the_parameters_the_data_do_not_see():
                                                r"outputs \(almost\) unchanged.*; fix it \(`parameters`\)"):
         _std_and_correlation(problem, alone)
     together = np.linalg.pinv(np.array([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 3.0]]))  # a and b as a sum
-    with pytest.raises(CalibrationError, match=r"identify a, b of m: changing them together .*fix all but one"):
+    with pytest.raises(CalibrationError, match=r"identify a, b of m: changing them together .*; fix any one of them "
+                                               r"\(`parameters`: they move along one direction"):
         _std_and_correlation(problem, together)
     # the prediction-error fit inverts its Hessian, which gives no finite covariance here: the information
     # names the parameter (the refusal named all of them)
     singular = np.diag([4.0, 2.0, 0.0])
     with pytest.raises(CalibrationError, match=r"^the telemetry does not identify c of m: changing it leaves"):
         _std_and_correlation(problem, np.full((3, 3), np.nan), singular)
-    with pytest.raises(CalibrationError, match=r"^the telemetry does not identify a, b, c of m"):  # unknown: all
-        _std_and_correlation(problem, np.full((3, 3), np.nan))
+    with pytest.raises(CalibrationError, match=r"^the telemetry does not identify a, b, c of m.*; fix some of them"):
+        _std_and_correlation(problem, np.full((3, 3), np.nan))  # unknown: all
     rel_std, corr = _std_and_correlation(problem, np.linalg.inv(np.diag([4.0, 2.0, 1.0])))
     np.testing.assert_allclose(rel_std, [0.5, 2 ** -0.5, 1.0])
     np.testing.assert_allclose(corr, np.eye(3), atol=1e-15)
@@ -230,3 +235,106 @@ def test_an_unidentified_pair_is_named_not_the_best_identified_parameter(inverse
     problem = SimpleNamespace(free_names=("m", "L", "c"), simulator="pendulum")
     with pytest.raises(Unidentified, match=r"does not identify m, c of pendulum"):
         _std_and_correlation(problem, 1e-4 * cov)
+
+
+def _unseen_advice(problem, information):
+    from sweeps.calibration import Unidentified, _std_and_correlation
+
+    with pytest.raises(Unidentified) as refused:
+        _std_and_correlation(problem, np.linalg.pinv(information))
+    with pytest.raises(Unidentified) as refused_pem:  # the prediction-error fit's path: from the information
+        _std_and_correlation(problem, np.full(information.shape, np.nan), information)
+    assert str(refused.value) == str(refused_pem.value)
+    return str(refused.value)
+
+
+def test_the_advice_fixes_as_many_parameters_as_the_data_leave_unseen():
+    """Five parameters along one unseen direction were told to "fix all but one of them"; an outside test fixed
+    one (eta) and the other four fitted within 1 sigma. One direction: fix any one; k directions: fix k."""
+    from types import SimpleNamespace
+
+    problem = SimpleNamespace(free_names=("a", "b", "c", "d", "e"), simulator="m")
+    one = _unseen_advice(problem, np.eye(5) - np.ones((5, 5)) / 5)  # sees all but a+b+c+d+e
+    assert "identify a, b, c, d, e of m" in one and "fix any one of them" in one and "all but one" not in one
+    two = np.zeros((5, 5))
+    two[np.ix_([0, 1], [0, 1])] = 1.0  # a, b enter as a + b ...
+    two[np.ix_([2, 3], [2, 3])] = 1.0  # ... and c, d as c + d: two unseen directions
+    two[4, 4] = 2.0
+    advice = _unseen_advice(problem, two)
+    assert "identify a, b, c, d of m" in advice and "fix 2 of them" in advice, advice
+    both = np.diag([0.0, 0.0, 1.0, 2.0, 3.0])  # a and b each move nothing
+    assert "identify a, b of m" in (advice := _unseen_advice(problem, both)) and "; fix them (" in advice, advice
+
+
+def _nan_derivative(x, u, c):
+    return tuple(d + 0.0 * jnp.sqrt(-1.0 - x[0]) for d in get_model("two_tank").derivative(x, u, c))
+
+
+NAN_TANK = dataclasses.replace(get_model("two_tank"), name="nan_tank", derivative=_nan_derivative)
+"""two_tank whose derivative takes the square root of a negative number: NaN at every parameter set."""
+
+
+def test_a_model_that_is_nan_everywhere_is_refused_naming_the_model_and_values_not_with_scipys_error(
+        ray_session, tmp_path):
+    """Trials whose simulation is NaN score BAD_LOSS (1e30), which `min` took as the best: the refinement then
+    stopped on scipy's "Residuals are not finite in the initial point.", and the run record kept that."""
+    from sweeps.calibration import NO_FINITE_LOSS, NoFiniteLoss, refine
+    from sweeps.runs import RunStore, recorded_calibration
+
+    nan_model = f"{__name__}:NAN_TANK"
+    spec = _spec("two_tank", _telemetry(tmp_path, "two_tank"), model=nan_model, free=["a1", "a2"], num_samples=2)
+    runs = str(tmp_path / "runs")
+    with pytest.raises(NoFiniteLoss, match=rf"^calibration of {nan_model}: {NO_FINITE_LOSS}: its simulation was "
+                                           r"NaN/inf at every parameter set tried \(a1=[\d.e+-]+, a2=[\d.e+-]+; .*, "
+                                           r"2 in all; fixed: a1_tank=.*\); check the model's domain"):
+        recorded_calibration(spec, runs=runs)
+    (record,) = RunStore(runs).list()
+    assert record.status == "failed" and NO_FINITE_LOSS in record.error and "initial point" not in record.error
+    problem = build_problem(spec, pq.read_table(spec.telemetry), {}, nan_model)
+    with pytest.raises(NoFiniteLoss, match=r"the refinement's start \(a1=5e-05, a2=5e-05\) gives NaN/inf outputs; "
+                                           r"check the model's domain"):
+        refine(problem, np.log([5e-5, 5e-5]))
+
+
+def test_fixed_parameters_out_of_bounds_and_telemetry_in_other_units_are_refused_up_front(tmp_path):
+    """A fixed eta=5 (bounds [0.5, 1]) was run, and the refusal blamed the free parameters at their bounds;
+    T_a in degC against a range in K was fitted into bounds too."""
+    path = _telemetry(tmp_path, "two_tank")
+    table = pq.read_table(path)
+    with pytest.raises(CalibrationError, match=r"^calibration of two_tank: cd=5 is outside its bounds \[0.1, 1\]: "
+                                               r"give `parameters` values within them"):
+        build_problem(_spec("two_tank", path, free=["a1"], parameters={"cd": 5.0}), table, {}, "two_tank")
+    thermal = synthetic_telemetry("thermal_rc", {}, {"T_in": 293.15, "T_m": 291.15}, 50, 60.0, {"T_in": 0.05}, 1)
+    celsius = thermal.set_column(thermal.schema.get_field_index("T_in"), "T_in",
+                                 pa.compute.subtract(thermal["T_in"], 273.15))
+    spec = CalibrationSpec(model="thermal_rc", telemetry=path, start_state={"T_in": 293.15, "T_m": 291.15},
+                           free=["C_in"])
+    build_problem(spec, thermal, {}, "thermal_rc")  # in K: accepted
+    with pytest.raises(CalibrationError, match=r"telemetry for thermal_rc is implausible: T_in spans \[2\d\.\d+, "
+                                               r"2\d\.\d+\] \(50 of 50 samples outside its declared range "
+                                               r"\[173.15, 473.15\] K\); telemetry is in SI units"):
+        build_problem(spec, celsius, {}, "thermal_rc")
+
+
+def test_a_fit_that_does_not_match_the_data_warns_that_its_intervals_assume_one_that_does(ray_session, tmp_path):
+    """Weighted RMSE 3.29 (about 1 expected) was reported with C_a +- 1.2 % and no warning, the truth 8 sigma away:
+    the warning goes into the result, the run record and the CLI; the intervals are reported as computed."""
+    from typer.testing import CliRunner
+
+    from raytwin.cli import app
+    from sweeps.calibration import MISFIT_RMSE
+
+    true = CASES["two_tank"]["true"]
+    wrong = {**true, "a2": 0.9 * true["a2"]}  # a fixed parameter 10 % off: a1 cannot make up for it
+    spec = _spec("two_tank", _telemetry(tmp_path, "two_tank"), free=["a1"], num_samples=2,
+                 parameters={n: v for n, v in wrong.items() if n != "a1"}, uncertainty="least_squares")
+    (tmp_path / "spec.json").write_text(spec.model_dump_json())
+    out = CliRunner().invoke(app, ["calibrate", "run", str(tmp_path / "spec.json"), "--runs", str(tmp_path / "runs")])
+    assert out.exit_code == 0, out.output
+    assert "warning: the fit does not match the data: weighted RMSE" in out.output, out.output
+    assert "check the fixed parameters, noise_std and the model" in out.output
+    (record,) = [json.loads(p.read_text()) for p in (tmp_path / "runs").glob("*/run.json")]
+    (warning,) = record["summary"]["warnings"]
+    result = json.loads((tmp_path / "runs" / record["run_id"] / "output" / "calibration.json").read_text())
+    assert result["warnings"] == [warning] and result["weighted_rmse"] > MISFIT_RMSE
+    assert 0 < result["rel_std"]["a1"] < 0.05  # the intervals as computed, not widened or dropped

@@ -190,3 +190,29 @@ def test_a_sweep_whose_task_is_cancelled_in_a_wait_is_recorded_cancelled(tmp_pat
         _recorded(store, "sweep", spec, interrupted, input_url=None, input_hash=None, seeds={}, user="u", rerun_of=None)
     (record,) = store.list()
     assert record.status == "cancelled"
+
+
+def test_telemetry_in_a_ray_jobs_working_dir_is_refused_when_the_record_outlives_it(tmp_path, monkeypatch):
+    """A job's relative `telemetry:` resolved into its runtime-env working dir, which `cluster down` deletes: the
+    record named that path, and `raytwin rerun` could never run it again."""
+    from sweeps.runs import runtime_env_dir
+    from sweeps.synthetic import synthetic_telemetry
+
+    package = tmp_path / "session_1" / "runtime_resources" / "working_dir_files" / "_ray_pkg_ab12"
+    package.mkdir(parents=True)
+    pq.write_table(synthetic_telemetry("two_tank", {}, {"h1": 0.3, "h2": 0.3}, 20, 1.0, {"h1": 1e-3}),
+                   package / "t.parquet")
+    (package / "calib.yaml").write_text(yaml.safe_dump({
+        "model": "two_tank", "telemetry": "t.parquet", "start_state": {"h1": 0.3, "h2": 0.3}, "free": ["a1"]}))
+    monkeypatch.chdir(package)  # as a job's driver runs
+    assert runtime_env_dir("t.parquet") == runtime_env_dir(str(package / "runs")) == str(package)
+    assert runtime_env_dir(str(tmp_path / "t.parquet")) is None
+    assert runtime_env_dir("s3://b/runtime_resources/working_dir_files/_ray_pkg_1/t.parquet") is None
+    runs = tmp_path / "runs"
+    refused = CliRunner().invoke(calibrate_app, ["run", "calib.yaml", "--runs", str(runs)])
+    assert refused.exit_code == 2, refused.output
+    compact = lambda text: "".join(text.replace("│", "").split())  # noqa: E731  (rich wraps the usage error's box)
+    message = compact(refused.output)
+    assert compact(f"lies in a Ray job's uploaded working directory ({package})") in message, message
+    assert compact("absolute path outside the working directory") in message and "s3://URL" in message
+    assert not runs.exists()  # refused before anything ran or was recorded
