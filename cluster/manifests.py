@@ -168,7 +168,12 @@ def _worker_group(spec: ClusterSpec, group: WorkerGroupSpec, api_keys: bool) -> 
 
 def auth_options(spec: ClusterSpec) -> dict[str, Any]:
     """KubeRay's `authOptions`: Ray token authentication with the token from the spec's Secret, which KubeRay
-    puts in every Ray container as RAY_AUTH_TOKEN (with RAY_AUTH_MODE=token), as `raytwin serve` does locally."""
+    puts in every Ray container as RAY_AUTH_TOKEN (with RAY_AUTH_MODE=token), as `raytwin serve` does locally.
+
+    `secretName` needs KubeRay 1.6.0 (1.5.1 has `mode` only; the CRD validation refuses the field against
+    older CRDs). With it KubeRay creates no Secret: the pods wait until one exists. Without it KubeRay would
+    generate a token per RayCluster, and a RayService's or RayJob's RayCluster has a generated name, so
+    clients could not know the Secret beforehand."""
     if spec.security.auth == "disabled":
         return {"mode": "disabled"}
     return {"mode": "token", "secretName": spec.auth_secret}
@@ -235,8 +240,10 @@ def render_rayservice(spec: ClusterSpec) -> dict[str, Any]:
     and switches traffic once that cluster's application is healthy, but the serving cluster keeps renewing
     the store's single-writer lease (actors/lease.py), so the new Backend is refused (`StoreLeased`) for as
     long as the old one serves and the switch never comes. With `None` a change of the Serve config is applied
-    in place (the new replicas attach to the lease of their own cluster) and a change of the cluster (image,
-    resources) waits for a delete-and-apply (cluster/README.md, "Upgrade and rollback")."""
+    in place (KubeRay's `reconcileServe` re-submits a `serveConfigV2` that differs from the one it cached for the
+    cluster; the new replicas attach to the lease of their own cluster), while a change of the cluster (image,
+    resources) is not applied at all (`shouldUpdateCluster` is false unless worker groups were only appended)
+    and needs a delete-and-apply (cluster/README.md, "Upgrade and rollback")."""
     if not (spec.keys_secret or "keys_file" in spec.serve.args or "RAYTWIN_API_KEYS_FILE" in spec.env):
         raise ValueError("a RayService's API needs its keys file: set keys_secret to a Kubernetes Secret holding "
                          "keys.json (`kubectl create secret generic raytwin-keys --from-file=keys.json`), or "
@@ -256,7 +263,16 @@ def render_rayservice(spec: ClusterSpec) -> dict[str, Any]:
 def submitter_pod_template(spec: ClusterSpec) -> dict[str, Any]:
     """The RayJob's submitter pod (`ray job submit` against the head), written out rather than KubeRay's default
     so that it carries none of the cluster's Secrets (store credentials, API keys): only the Ray token it
-    submits with. KubeRay fills in the command and the dashboard address."""
+    submits with.
+
+    Its one container has no `command`/`args` on purpose: KubeRay's RayJob controller (K8sJobMode,
+    `getSubmitterTemplate` -> `configureSubmitterContainer`) takes the first container of a user's template,
+    whatever its name, and only when its `command` is empty writes the `ray job submit` script
+    (`common.BuildJobSubmitCommand`: waits for the dashboard, `--address http://<Status.DashboardURL>`, the
+    runtime env, submission id); it always appends RAY_DASHBOARD_ADDRESS and RAY_JOB_SUBMISSION_ID. With token
+    auth it adds RAY_AUTH_MODE and RAY_AUTH_TOKEN from `authOptions.secretName` (`SetContainerTokenAuthEnvVars`)
+    unless the container already has them: ours are the same, written out so the pod's token does not hang on
+    that injection."""
     container = _hardened("ray-job-submitter", spec.image, spec, SUBMITTER_RESOURCES)
     if spec.security.auth == "token":
         container["env"] = [

@@ -2,9 +2,16 @@
 
 Every Ray pod holds the store's credentials (`env_from_secrets`), and Ray's control plane runs any code it
 is handed, so only the Serve API is meant for clients: Ray's own ports are open between the cluster's pods,
-the dashboard/job API and the Ray client port to the KubeRay operator, the spec's job submitters and the
-operators the spec names, the metrics port to Prometheus. Egress is left open (the store, brokers and
-package indexes are the spec's business); cluster/README.md, "Network policy", says how to close it.
+the dashboard/job API to the KubeRay operator, the spec's job submitters and the operators the spec names,
+the Ray client port to those operators only, the metrics port to Prometheus. Egress is left open (the store,
+brokers and package indexes are the spec's business); cluster/README.md, "Network policy", says how to close it.
+
+What the KubeRay operator itself connects to (ray-project/kuberay, ray-operator/controllers/ray): the
+dashboard, 8265 (`utils.FetchHeadServiceURL(..., utils.DashboardPortName)`: RayJob status, RayService
+`updateServeDeployment`/`getAndCheckServeStatus`), and the head pod's Serve proxy, 8000
+(`RayHttpProxyClient.CheckProxyActorHealth` from `updateHeadPodServeLabel`). Never the GCS (6379) nor the Ray
+client port (10001); its pods' probes are exec'd inside the pods or sent by the kubelet, which a
+NetworkPolicy does not stop.
 """
 
 from __future__ import annotations
@@ -19,8 +26,6 @@ from cluster.spec import ClusterSpec, Peers
 
 API_VERSION = "networking.k8s.io/v1"
 SERVE_PORT, DASHBOARD_PORT, CLIENT_PORT, METRICS_PORT = 8000, 8265, 10001, 8080
-KUBERAY_OPERATOR_LABELS = {"app.kubernetes.io/name": "kuberay-operator"}
-"""The labels of the KubeRay operator's pods as its Helm chart installs it."""
 NAMESPACE_NAME_LABEL = "kubernetes.io/metadata.name"
 
 
@@ -43,20 +48,20 @@ def policy_name(spec: ClusterSpec) -> str:
 def render_network_policy(spec: ClusterSpec) -> dict[str, Any]:
     """The ingress NetworkPolicy of every Ray pod of `spec` (its RayCluster, RayService and RayJob clusters)."""
     settings = spec.network_policy
-    kuberay = {**_namespace(settings.kuberay_namespace), "podSelector": {"matchLabels": dict(KUBERAY_OPERATOR_LABELS)}}
-    operators = [
-        kuberay,
-        {"podSelector": {"matchLabels": {CLIENT_LABEL: spec.name}}},  # the spec's RayJob submitters
-        *_peers(settings.operator_from),
-    ]
+    kuberay = {**_namespace(settings.kuberay_namespace),
+               "podSelector": {"matchLabels": dict(settings.kuberay_pod_labels)}}
+    submitters = {"podSelector": {"matchLabels": {CLIENT_LABEL: spec.name}}}  # `ray job submit` uses only 8265
+    operators = _peers(settings.operator_from)
     api: dict[str, Any] = {"ports": _ports(SERVE_PORT)}
-    if settings.api_from is not None:  # KubeRay checks the Serve proxies' health on this port
+    if settings.api_from is not None:  # KubeRay checks the head's Serve proxy on this port
         api["from"] = [*_peers(settings.api_from), kuberay]
     ingress = [
         {"from": [{"podSelector": {"matchLabels": {CLUSTER_LABEL: spec.name}}}]},  # Ray's own ports, all of them
         api,
-        {"from": operators, "ports": _ports(DASHBOARD_PORT, CLIENT_PORT)},
+        {"from": [kuberay, submitters, *operators], "ports": _ports(DASHBOARD_PORT)},
     ]
+    if operators:  # a rule with no `from` would admit everyone
+        ingress.append({"from": operators, "ports": _ports(CLIENT_PORT)})
     if settings.prometheus_namespace:
         ingress.append({"from": [_namespace(settings.prometheus_namespace)], "ports": _ports(METRICS_PORT)})
     return {

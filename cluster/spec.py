@@ -38,6 +38,10 @@ def _positive_quantity(quantity: str) -> str:
 
 Quantity = Annotated[str, AfterValidator(_positive_quantity)]
 Name = Annotated[str, Field(pattern=DNS_LABEL, max_length=63)]
+_LABEL_NAME = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+LabelKey = Annotated[str, Field(pattern=rf"^([a-z0-9]([-a-z0-9.]{{0,251}}[a-z0-9])?/)?{_LABEL_NAME}$")]
+LabelValue = Annotated[str, Field(pattern=rf"^({_LABEL_NAME})?$")]
+"""A Kubernetes label's key (optional DNS prefix, then a name) and value, as the API server checks them."""
 
 
 class _Strict(BaseModel):
@@ -164,9 +168,15 @@ class NetworkPolicySpec(_Strict):
         default=None, description="Who may reach the Serve API port (8000); unset: anyone who reaches the pods.")
     operator_from: Peers = Field(
         default_factory=Peers, description="Who may reach the dashboard/job API (8265) and the Ray client port "
-        "(10001) besides the KubeRay operator and the cluster's own job submitters; empty: nobody else.")
+        "(10001); the KubeRay operator and the cluster's own job submitters reach 8265 without it; empty: nobody "
+        "else.")
     kuberay_namespace: Name = Field(
-        default="default", description="Namespace of the KubeRay operator, which calls the dashboard (8265).")
+        default="default", description="Namespace of the KubeRay operator (its Helm release's), which calls the "
+        "dashboard (8265) and the head's Serve proxy (8000).")
+    kuberay_pod_labels: dict[LabelKey, LabelValue] = Field(
+        default_factory=lambda: {"app.kubernetes.io/name": "kuberay-operator"}, min_length=1,
+        description="Labels of the KubeRay operator's pods: the Helm chart's default; with the chart's "
+        "`nameOverride` it is `app.kubernetes.io/name: <nameOverride>`.")
     prometheus_namespace: Name | None = Field(
         default="monitoring", description="Namespace whose pods may scrape Ray's metrics port (8080); null: none.")
 

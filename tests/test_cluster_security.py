@@ -115,6 +115,37 @@ def test_ray_token_authentication_is_on_with_the_specs_secret(kind: Kind) -> Non
     assert _cluster(off)["authOptions"] == {"mode": "disabled"}
 
 
+def _drop_auth_secret_name(node: Any) -> int:
+    """Remove `secretName` from every `authOptions` schema under `node`; how many were removed."""
+    if isinstance(node, list):
+        return sum(_drop_auth_secret_name(item) for item in node)
+    if not isinstance(node, dict):
+        return 0
+    auth = node.get("authOptions")
+    dropped = int(isinstance(auth, dict) and auth.get("properties", {}).pop("secretName", None) is not None)
+    return dropped + sum(_drop_auth_secret_name(value) for value in node.values())
+
+
+def _crds_without_secret_name(tmp_path: Path) -> Path:
+    """The shared CRDs as KubeRay 1.5.x has them: `authOptions` without `secretName` (added in 1.6.0)."""
+    for source in CRD_DIR.glob("ray.io_*.yaml"):
+        crd = yaml.safe_load(source.read_text())
+        assert _drop_auth_secret_name(crd) >= 1, source.name
+        (tmp_path / source.name).write_text(yaml.safe_dump(crd))
+    return tmp_path
+
+
+@pytest.mark.parametrize("kind", list(Kind))
+def test_crds_of_a_kuberay_without_auth_secret_names_refuse_the_manifests(tmp_path: Path, kind: Kind) -> None:
+    """KubeRay before 1.6.0 would drop `authOptions.secretName` and generate a token of its own, which no client
+    knows: validating against that release's CRDs says so before anything is applied."""
+    older = CrdSchemas.from_dir(_crds_without_secret_name(tmp_path))
+    with pytest.raises(ManifestInvalid, match="'secretName' was unexpected"):
+        older.validate(_render("default", kind))
+    off = render(parse_spec(spec_data(security={"auth": "disabled"})), kind, SWEEP_JOB if kind is Kind.RAYJOB else ())
+    older.validate(off)  # without a Secret named, the older CRDs take it
+
+
 def test_token_auth_needs_a_ray_that_has_it() -> None:
     with pytest.raises(SpecError, match="security.auth: token needs Ray 2.52.0 or newer, the image has 2.51.1"):
         parse_spec(spec_data(ray_version="2.51.1"))
@@ -129,6 +160,8 @@ def test_a_rayjob_keeps_secrets_off_its_submitter_and_the_api_keys_off_its_clust
     submitter = job["spec"]["submitterPodTemplate"]
     assert submitter["spec"]["restartPolicy"] == "Never"
     (container,) = submitter["spec"]["containers"]
+    # KubeRay writes `ray job submit` into the first container only when it has no command of its own
+    assert "command" not in container and "args" not in container
     assert "envFrom" not in container and "raytwin-secrets" not in yaml.safe_dump(submitter)
     assert "raytwin-keys" not in yaml.safe_dump(submitter)
     assert _env(container) == {"RAY_AUTH_MODE": "token",  # only what `ray job submit` needs
@@ -217,6 +250,12 @@ def test_the_network_policy_opens_only_the_api_to_clients() -> None:
     assert not _admits(policy, 8265, pod={"app": "x"}, namespace="default")
     assert _admits(policy, 8265, pod={"raytwin.io/client-of": "twin"})
     assert not _admits(policy, 8265, pod={"raytwin.io/client-of": "twin"}, namespace="other")
+    # the Ray client port: neither the operator nor `ray job submit` uses it, and nobody else is named
+    assert not _admits(policy, 10001, pod=OPERATOR, namespace="default")
+    assert not _admits(policy, 10001, pod={"raytwin.io/client-of": "twin"})
+    assert not _admits(policy, 10001, ip="10.20.0.5")
+    assert [rule for rule in policy["spec"]["ingress"] if "from" not in rule] == [  # open to all: the API only
+        {"ports": [{"protocol": "TCP", "port": 8000}]}]
     assert _admits(policy, 8080, pod={"app": "prometheus"}, namespace="monitoring")
     assert not _admits(policy, 8080, pod={"app": "prometheus"}, namespace="web")
     assert not _admits(policy, 8265, pod={"app": "prometheus"}, namespace="monitoring")
@@ -229,12 +268,28 @@ def test_the_network_policy_follows_the_specs_peers() -> None:
     assert not _admits(policy, 8000, pod={"app": "x"}, namespace="web")
     assert _admits(policy, 8000, pod=OPERATOR, namespace="ray-system")  # KubeRay's health checks of the proxies
     assert _admits(policy, 8265, ip="10.20.0.5") and not _admits(policy, 8265, ip="10.20.0.6")
-    assert _admits(policy, 10001, pod={"app": "x"}, namespace="ops")
+    assert _admits(policy, 10001, pod={"app": "x"}, namespace="ops") and _admits(policy, 10001, ip="10.20.0.5")
     assert _admits(policy, 8265, pod=OPERATOR, namespace="ray-system")
+    assert not _admits(policy, 10001, pod=OPERATOR, namespace="ray-system")
     assert not _admits(policy, 8265, pod=OPERATOR, namespace="default")
     assert not _admits(policy, 8080, pod={"app": "prometheus"}, namespace="monitoring")  # no Prometheus named
     with pytest.raises(SpecError, match="network_policy.operator_from.cidrs.0: '10.0.0.300/8' is not a CIDR"):
         parse_spec(spec_data(network_policy={"operator_from": {"cidrs": ["10.0.0.300/8"]}}))
+
+
+def test_the_operator_is_found_by_the_labels_its_helm_release_gives_it() -> None:
+    """The chart labels its pods `app.kubernetes.io/name: <nameOverride or kuberay-operator>`."""
+    renamed = {"app.kubernetes.io/name": "ray-operator"}
+    policy = render_network_policy(parse_spec(spec_data(network_policy={"kuberay_pod_labels": renamed,
+                                                                         "api_from": {"cidrs": ["192.0.2.0/24"]}})))
+    for port in (8265, 8000):
+        assert _admits(policy, port, pod=renamed, namespace="default")
+        assert not _admits(policy, port, pod=OPERATOR, namespace="default")
+    for labels, message in (({}, "should have at least 1 item"),
+                            ({"app kubernetes": "x"}, "String should match pattern"),
+                            ({"app.kubernetes.io/name": "-x"}, "String should match pattern")):
+        with pytest.raises(SpecError, match=f"network_policy.kuberay_pod_labels.*{message}"):
+            parse_spec(spec_data(network_policy={"kuberay_pod_labels": labels}))
 
 
 BROKEN_POLICIES = {
