@@ -45,10 +45,10 @@ JOB_FILE = Origin("job", "run the scenario or sweep again (a sweep job's run: `r
 def recorded_sha256(answer: httpx.Response, origin: Origin, verify: bool) -> str | None:
     """The SHA-256 the server recorded for the file `answer` brings; `MissingChecksum` where it names none (RayTwin
     always does) unless `verify` is False (then None: the file is accepted unchecked)."""
-    recorded = answer.headers.get(SHA256_HEADER)
+    recorded = (answer.headers.get(SHA256_HEADER) or "").strip().lower() or None  # hex digits in either case
     if recorded is None and verify:
         raise MissingChecksum(
-            f"{answer.request.url}: the answer has no {SHA256_HEADER} header, which RayTwin sends with every "
+            f"{answer.request.url}: the answer has no (or an empty) {SHA256_HEADER} header, which RayTwin sends with every "
             f"{origin.owner} file, so its bytes cannot be checked: a proxy in front of RayTwin stripped it (let the "
             "header through), or the URL is not RayTwin's API (check it); verify=False accepts the file unchecked")
     return recorded

@@ -18,8 +18,8 @@ PROBE_TIMEOUT_S = 5.0
 def unreachable(address: str | None, timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
     """Why nothing answers at the Ray cluster `address` (as `ray.init` would take it), or None.
 
-    None also where the address is not one this can check: None/"auto" (Ray finds the cluster), "local", or a
-    `ray://` client address whose server is checked alike (its host and port).
+    None where Ray finds or starts the cluster itself (None, "auto", "local"); a `ray://` client address is
+    checked alike (its server's host and port), and an address without a port is refused as one.
     """
     from ray._private.services import canonicalize_bootstrap_address, parse_address
 
@@ -30,11 +30,11 @@ def unreachable(address: str | None, timeout_s: float = PROBE_TIMEOUT_S) -> str 
     else:
         try:  # where Ray will connect: a loopback name becomes this node's address, as Ray rewrites it
             canonical = canonicalize_bootstrap_address(address)
-        except Exception:  # noqa: BLE001 - an address Ray cannot parse: ray.init's own error says why
-            return None
+        except Exception:  # noqa: BLE001 - Ray raises ValueError (no port) or a resolver's error
+            canonical = None
         target = parse_address(canonical) if canonical else None
     if target is None:
-        return None
+        return f"{address!r} is not a Ray cluster address (host:port, ray://host:port or auto)"
     host, port = target
     try:
         with socket.create_connection((host, int(port)), timeout=timeout_s):

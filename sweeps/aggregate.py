@@ -55,7 +55,8 @@ def open_dataset(url: str, storage_options: dict | None = None, *, partial: bool
     """The sweep's metrics dataset: exactly the ``part-<n>.parquet`` files (trajectories are separate).
 
     The output of a recorded run (``<runs>/<id>/output``, its record beside it) is refused with `IncompleteRun`
-    unless the run succeeded and every part it recorded is there; `partial` reads what is there anyway.
+    unless the run succeeded and its parts are exactly those it recorded (the files' hashes are not read here:
+    `raytwin rerun` and the downloads check them); `partial` reads what is there anyway.
     """
     fs, root = filesystem(url, storage_options)
     parts = sorted(p for p in fs.ls(root, detail=False) if PART_FILE.fullmatch(p.rsplit("/", 1)[-1]))
@@ -75,12 +76,17 @@ def _check_complete(fs, root: str, url: str, present: set[str], dataset: ds.Data
         return  # not a recorded run's output (run_sweep's own directory): nothing says what complete is
     record = json.loads(fs.cat_file(record_path))
     recorded = {n for n in record.get("outputs", {}) if PART_FILE.fullmatch(n)}
-    if record.get("status") == "succeeded" and recorded <= present:
+    if record.get("status") == "succeeded" and recorded == present:
         return
-    why = (f"run {record.get('run_id')} {record.get('status')}" + (f" ({record['error']})" if record.get("error")
-                                                                   else "")
-           if record.get("status") != "succeeded" else
-           f"run {record.get('run_id')} recorded {len(recorded)} part(s), {len(recorded - present)} of them missing")
+    if record.get("status") != "succeeded":
+        why = f"run {record.get('run_id')} {record.get('status')}" + (f" ({record['error']})" if record.get("error")
+                                                                      else "")
+    elif recorded - present:
+        why = f"run {record.get('run_id')} recorded {len(recorded)} part(s), {len(recorded - present)} of them missing"
+    else:  # a part the run never wrote (a leftover, a copy): its rows would be counted as the sweep's
+        raise IncompleteRun(f"{url}: part(s) {sorted(present - recorded)} are not among the {len(recorded)} run "
+                            f"{record.get('run_id')} recorded: remove them, or read the files as they are with "
+                            "partial=True (CLI: --partial)")
     raise IncompleteRun(f"{url}: {why}; it holds {dataset.count_rows()} scenario(s), those written before it "
                         "stopped, in index order (a grid's first rows), so bands over them are not the sweep's: "
                         "rerun the sweep, or read what is there with partial=True (CLI: --partial)")

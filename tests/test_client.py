@@ -607,7 +607,7 @@ def test_a_run_file_without_its_sha256_header_is_refused_unless_the_caller_opts_
 
     transport, seen = scripted(bare(), bare(), bare(), bare(), _file_answer(data[1:], data))
     with RayTwinClient("http://api", "rtk_x_y", retry=FAST, transport=transport) as api:
-        with pytest.raises(MissingChecksum, match=r"no X-RayTwin-SHA256 header, which RayTwin sends with every run "
+        with pytest.raises(MissingChecksum, match=r"no \(or an empty\) X-RayTwin-SHA256 header, which RayTwin sends with every run "
                                                   r"file.*a proxy in front of RayTwin stripped it.*verify=False"):
             api.run_file(RUN_ID, "calibration.json")
         with pytest.raises(MissingChecksum, match="cannot be checked"):
@@ -629,6 +629,23 @@ def test_a_run_file_without_its_sha256_header_is_refused_unless_the_caller_opts_
 
     assert asyncio.run(download()) == data
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fit.parquet", "new.json"]
+
+
+def test_an_empty_sha256_header_is_missing_and_upper_case_hex_is_the_same_hash():
+    """An empty header read as a recorded hash of "" (CorruptDownload, "recorded :"), and the right hash in upper
+    case as corrupt."""
+    import hashlib
+
+    from client.errors import MissingChecksum
+
+    data = b"PAR1" * 10
+    upper = hashlib.sha256(data).hexdigest().upper()
+    transport, _ = scripted(httpx.Response(200, content=data, headers={"X-RayTwin-SHA256": ""}),
+                            httpx.Response(200, content=data, headers={"X-RayTwin-SHA256": upper}))
+    with RayTwinClient("http://api", "rtk_x_y", retry=FAST, transport=transport) as api:
+        with pytest.raises(MissingChecksum, match="no \\(or an empty\\)"):
+            api.run_file(RUN_ID, "calibration.json")
+        assert api.run_file(RUN_ID, "calibration.json") == data
 
 
 def test_a_job_file_is_checked_in_memory_and_streamed_to_a_path_by_both_clients(tmp_path):

@@ -23,6 +23,13 @@ def test_a_port_where_nothing_listens_is_unreachable_and_a_listening_one_is_left
         listening.listen()
         assert unreachable(f"127.0.0.1:{listening.getsockname()[1]}") is None
     assert [unreachable(a) for a in (None, "auto", "local")] == [None, None, None]  # Ray finds or starts its own
+    assert unreachable("127.0.0.1") == "'127.0.0.1' is not a Ray cluster address (host:port, ray://host:port or auto)"
+
+
+def test_status_given_an_address_without_a_port_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    out = CliRunner().invoke(app, ["status", "--address", "127.0.0.1"])
+    assert out.exit_code == 1 and "is not a Ray cluster address" in out.output, out.output  # was Ray's traceback
 
 
 @pytest.mark.parametrize("command", [["serve", "--store", "{tmp}/store", "--keys-file", "{tmp}/keys.json"],

@@ -185,3 +185,11 @@ def test_a_succeeded_run_missing_a_recorded_part_is_refused(tmp_path):
     (tmp_path / "a" / "runs" / "sweep-1" / "output" / part_name(2)).unlink()
     with pytest.raises(IncompleteRun, match=r"recorded 3 part\(s\), 1 of them missing"):
         open_dataset(complete)
+
+
+def test_a_part_the_run_did_not_record_is_refused(tmp_path):
+    """A leftover or copied part file beside a succeeded run's output doubled its count and moved its median."""
+    output = _recorded_run(tmp_path, "succeeded", recorded_parts=2, written_parts=3)
+    with pytest.raises(IncompleteRun, match=r"part\(s\) \['part-000002.parquet'\] are not among the 2 run sweep-1"):
+        quantiles(output, q=Q)
+    assert quantiles(output, q=Q, partial=True)["count"].to_pylist() == [3000, 3000]
