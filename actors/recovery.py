@@ -7,10 +7,13 @@ and tests call it directly): the result is the same pure function of the logged 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from functools import lru_cache
 from typing import Any
+
+import numpy as np
 
 from actors import retype
 from actors.state import TwinState
@@ -20,7 +23,7 @@ from raytwin.contracts import IDENTIFIER_PATTERN, Asset, implausible_states
 from raytwin.estimation import model_defaults
 from raytwin.registry import ModelArtifact
 from raytwin.sim.model import Declared
-from raytwin.statestore import EventKey, Snapshot, StateStore
+from raytwin.statestore import EventKey, Snapshot, StateStore, from_micros
 from raytwin.ukf import FILTERS, make_filter
 
 NOISE_PREFIXES = {"process_std.": "process_std", "measurement_std.": "measurement_std", "input.": "inputs",
@@ -32,6 +35,9 @@ FILTER_KEY = "filter"
 """Asset metadata key choosing a twin's filter by name (`raytwin.ukf.FILTERS`: ``ekf`` or ``ukf``;
 default: the model's first, ``ekf`` for a JAX model, ``ukf`` for an FMU). The registration record
 keeps the asset, so recovery rebuilds the same one."""
+
+
+log = logging.getLogger("raytwin.twins")
 
 
 class RegistrationError(ValueError):
@@ -246,11 +252,26 @@ def recover_many(
 
 
 def _latest_snapshot(store: StateStore, record: dict[str, Any], until_us: int | None = None) -> Snapshot | None:
-    """The snapshot the twin of `record` starts from: its latest, or a pending retype's own (`actors.retype`:
-    those in the store may still be the old model's, in its states)."""
+    """The snapshot the twin of `record` starts from: its latest with a finite state, or a pending retype's own
+    (`actors.retype`: those in the store may still be the old model's, in its states)."""
     if retype.pending(record):
         return retype.marked_snapshot(record, until_us)
-    return store.latest_snapshot(record["asset"]["tenant"], record["asset"]["id"], at_or_before_us=until_us)
+    tenant, asset_id = record["asset"]["tenant"], record["asset"]["id"]
+    return store.latest_snapshot(tenant, asset_id, at_or_before_us=until_us,
+                                 usable=lambda snap: _finite(snap, f"{tenant}/{asset_id}"))
+
+
+def _finite(snap: Snapshot, twin: str) -> bool:
+    """Whether a snapshot's state and covariance are finite. Why: a version before refused updates
+    (`raytwin.estimation.scan_kernels`) stored a twin whose model gave NaN as NaN for good; passing over
+    such a snapshot to an earlier one (or the prior) replays the log, which now refuses the events that
+    broke it, so the twin recovers without losing any event."""
+    fs = decode_snapshot(snap.payload)
+    if np.isfinite(fs.x).all() and np.isfinite(fs.P).all():
+        return True
+    log.warning("event=snapshot_not_finite twin=%s event_time=%s revision=%d action=replay_from_earlier_snapshot",
+                twin, from_micros(snap.key[0]).isoformat(), snap.revision)
+    return False
 
 
 def _model_swaps(store: StateStore, record: dict[str, Any]) -> list[dict[str, Any]]:

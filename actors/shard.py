@@ -59,6 +59,7 @@ from actors.twin import (
     DUPLICATE,
     TOO_LATE,
     Pending,
+    Refused,
     Twin,
     apply_many,
     conflict_reason,
@@ -388,7 +389,6 @@ class TwinShard(LiveModelOps):
         adm = self._admit(tenant, batch, assets, twins, code, values, normalized.misfit, si_values)
         accepted = adm.accepted
         rejects = [self._reject(batch, i, reason, twins[code[i]]) for i, reason in adm.rejected]
-        positions = batch.column(ROW_COLUMN).to_pylist() if rejects and ROW_COLUMN in batch.column_names else None
 
         columns = [batch.column(n) for n in ("asset_id", "event_time", "sequence", "idempotency_key", "quality")]
         log_rows = pa.table([*columns, si_values, batch.column("ingest_time")],
@@ -400,8 +400,12 @@ class TwinShard(LiveModelOps):
             # call so memory never lacks an event a recovery would replay
             self.stale.update((tenant, assets[c]) for c in accepted)
             raise
+        refused = apply_many([(twins[c], evs) for c, evs in accepted.items()])
+        refused = self._refused(tenant, batch, adm, assets, refused)
+        n_accepted -= len(refused)
+        rejects += refused
         self.store.write_dead_letters(tenant, rejects)
-        apply_many([(twins[c], evs) for c, evs in accepted.items()])
+        positions = batch.column(ROW_COLUMN).to_pylist() if rejects and ROW_COLUMN in batch.column_names else None
         if self.shadows.shadows:
             self.shadows.observe(tenant, [(assets[c], evs) for c, evs in accepted.items()])
         self._observe_lag(log_rows)
@@ -426,6 +430,27 @@ class TwinShard(LiveModelOps):
                      for r, (i, _) in zip(rejects, adm.rejected)],
             states=[twins[c].view() for c in accepted] if states else [],
         )
+
+    def _refused(self, tenant: str, batch: pa.Table, adm: Admission, assets: list[str],
+                 refused: list[Refused]) -> list[dict[str, str]]:
+        """The dead letters of this batch's events the filter refused (`actors.twin.Refused`), each also moved
+        from accepted to rejected in `adm`; each refusal logged as a warning. They stay in the log: a replay
+        refuses them again (the same kernel), so a recovered twin equals the live one."""
+        if not refused:
+            return []
+        rows = iter(adm.accepted_rows)  # in the order `_admit` accepted them: asset by asset
+        row_of = {(assets[c], ev.key): next(rows) for c, evs in adm.accepted.items() for ev in evs}
+        out = []
+        for r in refused:
+            row, reason = row_of.get((r.twin.asset_id, r.event.key)), r.reason()  # row None: an earlier batch's event
+            log.warning("event=update_refused shard=%d tenant=%s asset=%s event_time=%s this_batch=%s reason=%r",
+                        self.index, tenant, r.twin.asset_id, from_micros(r.event.key[0]).isoformat(), row is not None,
+                        reason)
+            if row is not None:
+                adm.rejected.append((row, reason))
+                adm.causes["non_finite"] += 1
+                out.append(self._reject(batch, row, reason, r.twin))
+        return out
 
     def _observe_lag(self, applied: pa.Table) -> None:
         """Event time -> applied and ingest time -> applied of the rows just applied; the newest ingest time."""

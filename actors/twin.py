@@ -29,7 +29,7 @@ from actors.swap import Segment, SwapRefused, check_compatible, map_state
 from raytwin import units
 from raytwin.contracts import AssetType, TelemetryEvent, normalize_measurements
 from raytwin.estimation import (Divergence, ExtendedKalmanFilter, FilterState, PackedState, Run, Traces,
-                                assimilate_runs, clear_drift)
+                                assimilate_runs, clear_drift, refused_names)
 from raytwin.registry import ModelArtifact
 from raytwin.sim.model import Declared
 from raytwin.statestore import EventKey, LoggedEvent, Snapshot, from_micros, to_micros
@@ -38,6 +38,7 @@ from raytwin.ukf import make_filter
 DUPLICATE = "duplicate"
 CONFLICT = "conflict"
 TOO_LATE = "too late"
+NON_FINITE = "non-finite update"
 BEFORE_MIGRATION = ("before migration: the twin moved to another asset type version after this event's time; "
                     "events up to that point are the old version's history and cannot be applied any more")
 
@@ -436,17 +437,42 @@ def decode_snapshot(payload: dict) -> FilterState:
     return _decode(payload)[0]
 
 
-def apply_many(batches: list[tuple[Twin, list[Pending]]]) -> None:
+class Refused(NamedTuple):
+    """An event the filter refused (`raytwin.estimation.scan_kernels`: the model's update of the twin's
+    state was not finite there), with why (`Divergence.refused_states`)."""
+
+    twin: Twin
+    event: Pending
+    why: int
+
+    def reason(self) -> str:
+        """The dead letter's reason: where, which states, and that the twin kept its state."""
+        names, step = refused_names(self.why, self.twin.filter.model.state_names)
+        what = ("a state from which one step of the model is not finite (NaN)" if step
+                else "a non-finite state (NaN)")
+        return (f"{NON_FINITE}: the model's update of {self.twin.asset_id} at "
+                f"{from_micros(self.event.key[0]).isoformat()} gave {what} for {', '.join(names)}: the model is not "
+                "defined there (check its domain, e.g. a square root of a negative number); the twin keeps its "
+                "state before this event")
+
+
+def apply_many(batches: list[tuple[Twin, list[Pending]]]) -> list[Refused]:
     """Apply accepted events to many twins at once: their filter runs share kernel dispatches
     (`raytwin.estimation.assimilate_runs`), with the same bits as applying each twin alone. A twin
-    whose events cross a model swap boundary runs them in one round per model version."""
+    whose events cross a model swap boundary runs them in one round per model version. Returns the
+    events the filter refused (events of the window a late one re-applies included): they keep their
+    place in the order (and the revision), the state is the one before them."""
     todo = [(twin, events) for twin, events in batches if events]
+    refused: list[Refused] = []
     while todo:
         plans = [(twin, *twin._plan(events)) for twin, events in todo]
         traces = assimilate_runs([run for _, _, run, _ in plans])
+        for k, found in traces.refused().items():
+            refused += [Refused(plans[k][0], plans[k][1][i], why) for i, why in found]
         for k, ((twin, events, _, _), final) in enumerate(zip(plans, traces.final_packed())):
             twin._absorb(events, traces, k, final)
         todo = [(twin, rest) for twin, _, _, rest in plans if rest]
+    return refused
 
 
 def replay(twin: Twin, events: list[LoggedEvent]) -> Twin:

@@ -90,6 +90,8 @@ class Divergence(NamedTuple):
     gap_mean: float = 0.0  # EWMA of the event-time seconds between measurements (0: none yet)
     since: float = 0.0  # event-time seconds since the last measurement
     q_scale: float = 1.0  # adapted factor on the declared process-noise variance, in (0, 1]
+    refused: int = 0  # events refused because the model's update of the state was not finite (`scan_kernels`)
+    refused_states: int = 0  # why the last event was refused, as bits (`refused_names`); 0: it was not
 
     @property
     def diverged(self) -> bool:
@@ -197,6 +199,8 @@ class FilterTrace(NamedTuple):
     gap_mean: np.ndarray
     since: np.ndarray
     q_scale: np.ndarray
+    refused: np.ndarray  # (n,) int
+    refused_states: np.ndarray  # (n,) int: why this event was refused (`refused_names`), 0 if it was not
 
     def __len__(self) -> int:
         return len(self.t)
@@ -289,6 +293,19 @@ class Traces:
         for kernels, ks in self.groups.items():
             out.update(zip(ks, self.packed[kernels].states(ends[ks])))
         return [out[k] for k in range(len(self))]
+
+    def refused(self) -> dict[int, list[tuple[int, int]]]:
+        """For each run with events refused (`scan_kernels`), their (index in the run, `refused_states`):
+        one scan per model, nothing more in the common case of none."""
+        out: dict[int, list[tuple[int, int]]] = {}
+        for kernels, ks in self.groups.items():
+            why = self.packed[kernels].refused_states
+            rows = np.flatnonzero(why)
+            if rows.size:
+                ends = self.starts[ks] + self.lengths[ks]
+                for row, w in zip(rows.tolist(), np.searchsorted(ends, rows, side="right").tolist()):
+                    out.setdefault(ks[w], []).append((row - int(self.starts[ks[w]]), int(why[row])))
+        return out
 
     def final_packed(self) -> list[PackedState]:
         """`final_states` as the kernel left them (`PackedState`): one gather per model, no unpacking."""
@@ -429,7 +446,30 @@ def _kernels(model: Model) -> _Kernels:
         x_new = jnp.stack(model.project(tuple(x + (K * y).sum(axis=1))))
         return x_new, 0.5 * (P_new + P_new.T), innovation, nis, s_diag
 
-    return scan_kernels(predict, update, identity=lambda: kernel_identity("ekf", model))
+    return scan_kernels(predict, update, identity=lambda: kernel_identity("ekf", model), look_ahead=True)
+
+
+STATE_BITS = 50
+"""States named one bit each in `Divergence.refused_states` (the carry crosses float64: exact below 2**53);
+a state after them sets bit `STATE_BITS` ("more")."""
+STEP_BIT = 2 ** (STATE_BITS + 1)
+"""Set in `refused_states` when the update was finite but the filter's step from it is not (`scan_kernels`)."""
+
+
+def _state_bits(bad: jnp.ndarray) -> jnp.ndarray:
+    """The states flagged in `bad` as `refused_states` bits (int64)."""
+    idx = jnp.arange(bad.shape[0])
+    bits = jnp.where(bad & (idx < STATE_BITS), 2 ** jnp.minimum(idx, STATE_BITS - 1), 0).astype(jnp.int64).sum()
+    return bits + jnp.where(jnp.any(bad & (idx >= STATE_BITS)), 2 ** STATE_BITS, 0)
+
+
+def refused_names(why: int, state_names: Sequence[str]) -> tuple[list[str], bool]:
+    """The states an event was refused for (`Divergence.refused_states`), and whether it was the filter's
+    step from its finite update (True) rather than the update itself that was not finite."""
+    names = [n for j, n in enumerate(state_names[:STATE_BITS]) if why >> j & 1]
+    if why >> STATE_BITS & 1:
+        names.append(f"{len(state_names) - STATE_BITS} more")
+    return names, bool(why & STEP_BIT)
 
 
 def skip(P: jnp.ndarray, q_var_rate: jnp.ndarray, skipped: jnp.ndarray) -> jnp.ndarray:
@@ -437,7 +477,8 @@ def skip(P: jnp.ndarray, q_var_rate: jnp.ndarray, skipped: jnp.ndarray) -> jnp.n
     return jnp.where(skipped > 0, P + jnp.diag(q_var_rate * skipped), P)
 
 
-def scan_kernels(predict: Callable, update: Callable, *, identity: Callable[[], str | None]) -> _Kernels:
+def scan_kernels(predict: Callable, update: Callable, *, identity: Callable[[], str | None],
+                 look_ahead: bool = False) -> _Kernels:
     """Jitted kernels from one filter's per-twin `predict` (x, P, u, p, q_var_rate, n_sub, dt, skipped)
     -> (x, P) and `update` (x, P, u, p, z, mask, r_var) -> (x, P, innovation, NIS, diagonal of the
     innovation covariance S).
@@ -457,6 +498,21 @@ def scan_kernels(predict: Callable, update: Callable, *, identity: Callable[[], 
     inlines the call: the results are bit-identical to the step written inside the scan (checked for
     every built-in model and both filters).
 
+    **An event whose update is not finite is refused** (a model not defined there: a square root of a
+    negative number, an overflow): its step keeps the state before it, with the covariance grown by the
+    process noise of the event's gap (as a capped gap's skipped seconds, `skip`), counts it in
+    `Divergence.refused` and says why (`refused_states`, `refused_names`); the next event predicts from
+    there. With `look_ahead` it also refuses a finite update from which the filter's next step (one
+    sub-step of ``default_dt`` with the new inputs: a model step, and for the EKF its Jacobian) is not
+    finite: the filter can step from every state a twin keeps, so one measurement beyond the model's
+    domain (an air temperature above a square root's bound, a tank level projected to 0 where the
+    EKF's Jacobian of ``sqrt(h)`` is infinite) is refused instead of every event after it. Its cost:
+    one predict sub-step per event, for every twin (not measured; a filter whose step is a host
+    callback, an FMU, runs without it).
+    Deterministic, so a log replay refuses the same events. A state that is already not finite (a
+    snapshot of an older version) is not "kept": it stays flagged (`Divergence.diverged`) and recovery
+    starts from an earlier finite snapshot (`actors.recovery`).
+
     `identity` gives `raytwin.executables.kernel_identity` of what the filter's predict and update
     are made from (None if unknown; asked only where there is a store): in a process with a store of
     serialized kernels (twin shards), a restarted process loads `assimilate`'s executables from it
@@ -466,10 +522,10 @@ def scan_kernels(predict: Callable, update: Callable, *, identity: Callable[[], 
     def event(consts, carry, ev):
         p, q_var_rate, r_var, det = consts
         interval, gap0, log_q_min = det[0], det[1], det[2]
-        x, P, div = carry
-        updates, nis_last, nis_mean, res_mean, res_ms, cusum, score, alarm, gap_mean, since, q_scale = div
+        x0, P0, div0 = carry
+        updates, nis_last, nis_mean, res_mean, res_ms, cusum, score, alarm, gap_mean, since, q_scale, refused, _ = div0
         n, dt, skipped, u_held, u_new, z, mask = ev
-        x, P = predict(x, P, u_held, p, q_var_rate * q_scale, n, dt, skipped)
+        x, P = predict(x0, P0, u_held, p, q_var_rate * q_scale, n, dt, skipped)
         x_upd, P_upd, y, nis, s_diag = update(x, P, u_new, p, z, mask, r_var)
         measured = mask > 0
         has = jnp.any(measured)
@@ -498,13 +554,22 @@ def scan_kernels(predict: Callable, update: Callable, *, identity: Callable[[], 
             updates + 1, nis, nis_mean + a * (nis / dims - nis_mean),
             jnp.where(measured, res_mean + a * (y - res_mean), res_mean),
             jnp.where(measured, res_ms + a * (y * y - res_ms), res_ms),
-            cusum_new, score_new, alarm_new, gap, jnp.zeros_like(since), q_scale_new,
+            cusum_new, score_new, alarm_new, gap, jnp.zeros_like(since), q_scale_new, refused, 0,
         )
         x, P = jnp.where(has, x_upd, x), jnp.where(has, P_upd, P)
-        div = jax.tree.map(lambda new, old: jnp.where(has, new, old), div_new, (*div[:-2], since, q_scale))
+        kept_div = (*div0[:9], since, q_scale, refused, 0)  # no update: the statistics stay
+        div = jax.tree.map(lambda new, old: jnp.where(has, new, old), div_new, kept_div)
         finite = jnp.all(jnp.isfinite(x)) & jnp.all(jnp.isfinite(P))  # else flag it (`Divergence.diverged`)
         div = (*div[:2], jnp.where(finite, div[2], jnp.nan), *div[3:])
-        carry = (x, P, div)
+        bad = ~jnp.isfinite(x) | ~jnp.all(jnp.isfinite(P), axis=1)
+        step_bad = jnp.zeros_like(bad)
+        if look_ahead:
+            x_next, P_next = predict(x, P, u_new, p, q_var_rate * q_scale, 1, gap0, 0.0)
+            step_bad = ~jnp.isfinite(x_next) | ~jnp.all(jnp.isfinite(P_next), axis=1)
+        why = jnp.where(finite, _state_bits(step_bad) + jnp.where(jnp.any(step_bad), STEP_BIT, 0), _state_bits(bad))
+        refuse = (why != 0) & jnp.all(jnp.isfinite(x0)) & jnp.all(jnp.isfinite(P0))  # see the docstring
+        kept = (x0, skip(P0, q_var_rate * q_scale, n * dt + skipped), (*kept_div[:-2], refused + 1, why))
+        carry = jax.tree.map(lambda old, new: jnp.where(refuse, old, new), kept, (x, P, div))
         return carry, carry
 
     def one_twin(layout, carry, consts, n_sub, events):
@@ -776,7 +841,8 @@ def _pack_divergence(divs: list[Divergence], ny: int) -> list[np.ndarray]:
         if name in fresh and any(len(v) != len(fresh[name]) for v in values):
             # before the first update (or from a snapshot older than the field): zeros
             values = [v if len(v) == len(fresh[name]) else fresh[name] for v in values]
-        dtype = {"updates": np.int64, "alarm": bool}.get(name, np.float64)
+        dtype = {"updates": np.int64, "alarm": bool, "refused": np.int64, "refused_states": np.int64}.get(
+            name, np.float64)
         columns.append(np.array(values, dtype=dtype).reshape(len(divs), *((len(fresh[name]),) if name in fresh else ())))
     return columns
 

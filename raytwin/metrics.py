@@ -267,7 +267,7 @@ STORE_FENCED = gauge("raytwin_store_fenced", "1 while this service's store is le
 DEAD_LETTER_REASONS: dict[str, tuple[str, ...]] = {
     "api": ("invalid", "misfit"),
     "ingest": ("invalid",),
-    "shard": ("unknown_twin", "misfit", "clock_skew", "conflict", "too_late"),
+    "shard": ("unknown_twin", "misfit", "clock_skew", "conflict", "too_late", "non_finite"),
 }
 """The reasons each stage dead-letters events for (`DEAD_LETTERS`), exported at 0 where the stage runs."""
 

@@ -55,7 +55,7 @@ import json
 import logging
 import os
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime
@@ -571,8 +571,10 @@ class StateStore:
         }, schema=SNAPSHOT_SCHEMA)
         self._write(table, self._asset_dir("snapshots", tenant, asset_id), snapshot_stem(us, snap.revision))
 
-    def latest_snapshot(self, tenant: str, asset_id: str, at_or_before_us: int | None = None) -> Snapshot | None:
-        """The newest snapshot whose event time is <= `at_or_before_us` (any, if None)."""
+    def latest_snapshot(self, tenant: str, asset_id: str, at_or_before_us: int | None = None,
+                        usable: Callable[[Snapshot], bool] | None = None) -> Snapshot | None:
+        """The newest snapshot whose event time is <= `at_or_before_us` (any, if None) and, if given, that is
+        `usable` (older ones are read until one is: rare, a damaged state)."""
         directory = self._asset_dir("snapshots", tenant, asset_id)
         if not self.fs.exists(directory):
             return None
@@ -580,14 +582,16 @@ class StateStore:
                         if n.startswith("snap-")), key=parse_snapshot_name)
         if at_or_before_us is not None:
             names = [n for n in names if parse_snapshot_name(n)[0] <= at_or_before_us]
-        if not names:
-            return None
-        row = pq.read_table(f"{directory}/{names[-1]}", filesystem=self.fs).to_pylist()[0]
-        return Snapshot(
-            key=(to_micros(row["event_time"]), row["sequence"], row["idempotency_key"]),
-            revision=row["revision"],
-            payload=json.loads(row["payload"]),
-        )
+        for name in reversed(names):
+            row = pq.read_table(f"{directory}/{name}", filesystem=self.fs).to_pylist()[0]
+            snap = Snapshot(
+                key=(to_micros(row["event_time"]), row["sequence"], row["idempotency_key"]),
+                revision=row["revision"],
+                payload=json.loads(row["payload"]),
+            )
+            if usable is None or usable(snap):
+                return snap
+        return None
 
     # -------------------------------------------------------------------- dead letters ----
     def write_dead_letters(self, tenant: str, rejects: list[dict[str, str]]) -> None:

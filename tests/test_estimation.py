@@ -7,8 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from raytwin.estimation import LANES, ExtendedKalmanFilter, Run, assimilate_runs
+from raytwin.estimation import LANES, ExtendedKalmanFilter, Run, assimilate_runs, refused_names
 from raytwin.sim import BATTERY_ECM, THERMAL_RC, TWO_TANK, simulate
+from raytwin.ukf import make_filter
+from tests.domain_models import BOUNDED_RC
 
 
 def _run_filter(model, params, truth_x0, filter_x0, inputs, noise_std, seed=0, filter_params=None):
@@ -301,3 +303,36 @@ def test_a_filter_that_stops_being_finite_is_flagged():
     healthy = ekf.assimilate(ekf.initial(), 0.0, {"T_in": 293.0})
     broken = ekf.assimilate(healthy._replace(x=np.array([np.nan, 293.0])), 60.0, {"T_out": 280.0})  # no update
     assert broken.divergence.updates == 1 and broken.divergence.diverged and broken.divergence.drift
+
+
+@pytest.mark.parametrize("kind", ["ekf", "ukf"])
+def test_an_update_the_model_is_not_defined_for_is_refused_and_the_twin_keeps_its_state(kind):
+    """`BOUNDED_RC` is NaN above 300 K. A measurement of 313 K would put the estimate where the model cannot
+    step (refused by the look-ahead step); an hour's heating crosses the bound within the prediction (the
+    update itself is NaN, refused). Each refused event keeps the state before it, its covariance grown by
+    the process noise of its gap, and later events apply: before, the twin stayed NaN for good. The same
+    events split into calls refuse the same events with the same bits (what a log replay relies on)."""
+    f = make_filter(kind, BOUNDED_RC, BOUNDED_RC.param_vector())
+    cols = f.measured_names
+    t = np.array([0.0, 60, 120, 180, 240, 300, 3900, 3960])
+    values = np.full((len(t), len(cols)), np.nan)
+    values[:, cols.index("T_in")] = [293.0, 293.1, 313.0, 293.2, 293.3, 293.3, np.nan, 293.3]
+    values[5, cols.index("Q_h")], values[7, cols.index("Q_h")] = 2e4, 0.0  # 0.01 K/s: 300 K within the hour
+    whole = f.assimilate_many(f.initial({"T_in": 293.0, "T_m": 293.0}), t, values, np.ones(len(t), dtype=bool))
+    np.testing.assert_array_equal(np.flatnonzero(whole.refused_states), [2, 6])
+    assert whole.refused.tolist() == [0, 0, 1, 1, 1, 1, 2, 2]
+    assert refused_names(int(whole.refused_states[2]), BOUNDED_RC.state_names) == (["T_in", "T_m"], True)
+    assert refused_names(int(whole.refused_states[6]), BOUNDED_RC.state_names)[1] is False
+    for i in (2, 6):
+        np.testing.assert_array_equal(whole.x[i], whole.x[i - 1])
+        grown = whole.P[i - 1] + np.diag(f.q_var_rate * whole.q_scale[i - 1] * (t[i] - t[i - 1]))
+        np.testing.assert_allclose(whole.P[i], grown, rtol=1e-12)
+    final = whole.state(len(t) - 1)
+    assert np.isfinite(final.x).all() and not final.divergence.diverged and final.divergence.refused == 2
+    assert abs(final.x[0] - 293.3) < 0.1  # tracking again
+    fs, xs = f.initial({"T_in": 293.0, "T_m": 293.0}), []
+    for i in range(len(t)):
+        fs = f.assimilate_many(fs, t[i:i + 1], values[i:i + 1], np.ones(1, dtype=bool)).state(0)
+        xs.append(fs.x)
+    np.testing.assert_array_equal(np.array(xs), whole.x)
+    assert fs.divergence == final.divergence

@@ -42,9 +42,10 @@ from raytwin.storage import filesystem
 T0 = datetime(2026, 4, 1, tzinfo=UTC)
 
 
-def tank_events(asset_id: str, n: int, start: int = 0) -> list[TelemetryEvent]:
+def tank_events(asset_id: str, n: int, start: int = 0, level_mm: float = 500.0) -> list[TelemetryEvent]:
+    """Event k measures the upper tank at `level_mm` - k mm (below 0 the two-tank EKF refuses the update)."""
     return [TelemetryEvent(asset_id=asset_id, event_time=T0 + timedelta(seconds=k), sequence=k,
-                           measurements={"h1": {"value": 500.0 - k, "unit": "mm"}, "q_in": {"value": 0.1, "unit": "L/s"}})
+                           measurements={"h1": {"value": level_mm - k, "unit": "mm"}, "q_in": {"value": 0.1, "unit": "L/s"}})
             for k in range(start, start + n)]
 
 
@@ -210,7 +211,7 @@ def test_a_stream_is_consumed_with_the_heap_frozen_and_left_as_it_was(service):
 
     def source():
         frozen_while_read.append(gc.get_freeze_count())
-        yield from (json.loads(e.model_dump_json()) for e in tank_events("t2", 5, start=500))
+        yield from (json.loads(e.model_dump_json()) for e in tank_events("t2", 5, start=500, level_mm=1000.0))
 
     assert gc.get_freeze_count() == 0
     assert service.ingest_stream("acme", source()).accepted == 5
@@ -220,7 +221,7 @@ def test_a_stream_is_consumed_with_the_heap_frozen_and_left_as_it_was(service):
 def test_ingest_table_task_and_table_through_the_service(service):
     from actors.ingest import ingest_table
 
-    table = events_to_table(tank_events("t3", 10, start=1000))
+    table = events_to_table(tank_events("t3", 10, start=1000, level_mm=1500.0))
     report = ray.get(ingest_table.remote(service.router, "acme", table.slice(0, 6), batch_size=4))
     assert (report.accepted, report.duplicates, report.rejected) == (6, 0, 0)
     report = service.ingest("acme", table)  # a pyarrow.Table straight into the facade

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import os
 import pickle
 import random
@@ -28,8 +29,9 @@ from actors.telemetry import validated_table
 from actors.twin import CONFLICT, DUPLICATE, TOO_LATE, Twin, logged_event, replay
 from raytwin.contracts import Asset, AssetType, TelemetryEvent
 from raytwin.registry import ModelArtifact, ModelRegistry
-from raytwin.statestore import StateStore
+from raytwin.statestore import Snapshot, StateStore, parse_snapshot_name, to_micros
 from raytwin.sim import THERMAL_RC
+from tests.domain_models import BOUNDED_RC
 
 T0 = datetime(2026, 2, 1, tzinfo=UTC)
 STEP_S = 60.0
@@ -174,6 +176,109 @@ def test_drift_clear_survives_a_shard_restart_from_an_older_snapshot(tmp_path, a
     assert_same_state(shard().state("acme", "z1"), now)
     live.store.fs.rm(live.store._drift_clear_path("acme", "z1"))
     assert shard().state("acme", "z1").divergence.drift  # what a restart did before the clear was durable
+
+
+@pytest.fixture(scope="module")
+def bounded(tmp_path_factory):
+    """`tests.domain_models.BOUNDED_RC`: NaN above 300 K."""
+    registry = ModelRegistry(str(tmp_path_factory.mktemp("bounded")))
+    return registry.register("bounded", "1.0.0", AssetType.from_model(BOUNDED_RC))
+
+
+def heated(evs: list[TelemetryEvent], degc: float) -> list[TelemetryEvent]:
+    """The events with the room air measured at `degc`."""
+    return [e.model_copy(update={"measurements": {**e.measurements, "T_in": e.measurements["T_in"].model_copy(
+        update={"value": degc})}}) for e in evs]
+
+
+class CountedDeadLetters:
+    """Records `metrics.DEAD_LETTERS.inc` by (stage, reason) in this process."""
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, str], float] = {}
+
+    def inc(self, value: float = 1.0, *, stage: str, reason: str) -> None:
+        self.counts[stage, reason] = self.counts.get((stage, reason), 0.0) + value
+
+    def zero(self, *tag_sets: dict[str, str]) -> None:
+        pass
+
+
+BOUNDED_OPTS = {"allowed_lateness_s": 2 * STEP_S, "snapshot_every": 4, "checkpoint_every": 2}
+
+
+def bounded_shard(store: str, bounded) -> TwinShard:
+    """A shard (snapshots every 4 events, sealed after 2 minutes) holding twin b1 of `BOUNDED_RC`."""
+    shard = TwinShard(store, 0, 1, **BOUNDED_OPTS)
+    shard.register("acme", "b1", registration_record(
+        Asset(id="b1", tenant="acme", type_name="bounded_rc", type_version="1.0.0"), bounded, None, None))
+    return shard
+
+
+def test_events_the_model_is_not_defined_for_are_refused_and_later_ones_apply(tmp_path, bounded, caplog,
+                                                                               monkeypatch):
+    """The researcher's case: the air measured at 40 degC, where the model's derivative is NaN. Before, the
+    twin became NaN for good and ingest said "accepted". Now each such event is refused (dead letter, report,
+    warning, metric reason `non_finite`), the twin keeps its last finite state, later events apply, and a
+    restarted shard (snapshot + log replay, which refuses the same events) holds the live state bit for bit."""
+    from raytwin import metrics
+
+    counted = CountedDeadLetters()
+    monkeypatch.setattr(metrics, "DEAD_LETTERS", counted)
+    live = bounded_shard(str(tmp_path), bounded)
+    evs = events("b1", 25)
+    assert live.ingest("acme", validated_table(evs[:10])).accepted == 10
+    before = live.state("acme", "b1")
+    with caplog.at_level(logging.WARNING, logger="raytwin.twins"):
+        report = live.ingest("acme", validated_table(heated(evs[10:20], 40.0)))
+    assert (report.accepted, report.rejected) == (0, 10)
+    first = report.reasons[0].reason
+    assert first.startswith("non-finite update: the model's update of b1 at 2026-02-01T00:10:00+00:00 gave ")
+    assert "for T_in, T_m: the model is not defined there" in first and "keeps its state before this event" in first
+    assert caplog.text.count("event=update_refused") == 10
+    assert counted.counts["shard", "non_finite"] == 10
+    letters = live.store.read_dead_letters("acme").column("reason").to_pylist()
+    assert len(letters) == 10 and all(r.startswith("non-finite update") for r in letters)
+    kept = live.state("acme", "b1")
+    assert kept.state == before.state and not kept.divergence.diverged
+    assert all(kept.std[n] > before.std[n] for n in kept.std)  # less certain for the time it could not follow
+
+    report = live.ingest("acme", validated_table(evs[20:]))
+    assert (report.accepted, report.rejected) == (5, 0)
+    now = live.state("acme", "b1")
+    assert all(math.isfinite(v) for v in now.state.values()) and not now.divergence.diverged
+    assert now.revision == 25  # refused events keep their place in the order (they are logged)
+    assert live.store.latest_snapshot("acme", "b1").revision > 10  # recovery replays some refused events
+    assert_same_state(TwinShard(str(tmp_path), 0, 1, **BOUNDED_OPTS).state("acme", "b1"), now)
+
+
+def test_a_twin_an_older_version_left_nan_recovers_from_its_last_finite_snapshot(tmp_path, bounded):
+    """A version before refused updates stored such a twin's NaN state in its snapshots. Recovery (a shard
+    restart) and reads while the shard is down pass over non-finite snapshots to the last finite one (or the
+    prior): the log replay refuses the events that broke it, so the twin recovers with every event kept."""
+    from actors.recovery import durable_state
+    from actors.twin import decode_snapshot
+
+    live = bounded_shard(str(tmp_path), bounded)
+    evs = events("b1", 30)
+    for part in (evs[:10], heated(evs[10:20], 40.0), evs[20:]):
+        live.ingest("acme", validated_table(part))
+    now, store = live.state("acme", "b1"), live.store
+    fault_us = to_micros(evs[10].event_time)
+    directory = store._asset_dir("snapshots", "acme", "b1")
+    corrupted = 0
+    for name in store.fs.ls(directory, detail=False):  # every snapshot from the fault on, as that version left them
+        us, _ = parse_snapshot_name(name.rsplit("/", 1)[-1])
+        if us >= fault_us:
+            snap = store.latest_snapshot("acme", "b1", at_or_before_us=us)
+            store.write_snapshot("acme", "b1", Snapshot(snap.key, snap.revision, {
+                **snap.payload, "x": [math.nan] * 2, "P": [[math.nan] * 2] * 2}))
+            corrupted += 1
+    assert corrupted >= 2 and not np.isfinite(decode_snapshot(store.latest_snapshot("acme", "b1").payload).x).any()
+    restarted = TwinShard(str(tmp_path), 0, 1, **BOUNDED_OPTS)
+    assert_same_state(restarted.state("acme", "b1"), now)
+    stale = durable_state(store, "acme", "b1")
+    assert all(math.isfinite(v) for v in stale.state.values()) and 0 < stale.revision <= 10
 
 
 # ------------------------------------------------------------------------ on Ray ----
