@@ -29,9 +29,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from connectors.files import write_atomically
 from raytwin.contracts import Identifier
-from raytwin.storage import filesystem
+from raytwin.storage import filesystem, replace_file
 
 log = logging.getLogger("raytwin.connectors")
 CommandValue = Annotated[dict[Identifier, float | int | str | bool], Field(min_length=1, max_length=64)]
@@ -117,8 +116,7 @@ class CommandLedger:
         return f"{self.root}/tenant={tenant}/{command_id}.json"
 
     def _save(self, command: Command) -> Command:
-        self.fs.makedirs(f"{self.root}/tenant={command.tenant}", exist_ok=True)
-        write_atomically(self.fs, self._path(command.tenant, command.id), command.model_dump_json().encode())
+        replace_file(self.fs, self._path(command.tenant, command.id), command.model_dump_json().encode())
         log.info("event=command_%s tenant=%s command=%s correlation_id=%s connector=%s asset=%s by=%s",
                  command.status.value, command.tenant, command.id, command.correlation_id, command.connector,
                  command.asset_id, command.history[-1].by)

@@ -17,9 +17,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from connectors.files import write_atomically
 from raytwin.contracts import Identifier
-from raytwin.storage import write_once
+from raytwin.storage import replace_file, write_once
 from raytwin.sealing import Sealer
 from raytwin.storage import filesystem
 
@@ -105,16 +104,15 @@ class ConnectorStore:
 
     def save(self, spec: ConnectorSpec, credentials: Credentials) -> None:
         d = self._dir(spec.tenant, spec.name)
-        self.fs.makedirs(d, exist_ok=True)
         self._save_credentials(d, credentials)
-        write_atomically(self.fs, f"{d}/spec.json", spec.model_dump_json().encode())
+        replace_file(self.fs, f"{d}/spec.json", spec.model_dump_json().encode())
         self.set_desired(spec.tenant, spec.name, Desired.running)
         if self.fs.exists(alive := f"{d}/alive.json"):  # a new declaration: no earlier process's gap to report
             self.fs.rm(alive)
 
     def _save_credentials(self, d: str, credentials: Credentials) -> None:
         sealed = self.sealer.seal(json.dumps(credentials.revealed()).encode())
-        write_atomically(self.fs, f"{d}/credentials.sealed", sealed)
+        replace_file(self.fs, f"{d}/credentials.sealed", sealed)
         if self.fs.exists(legacy := f"{d}/credentials.json"):
             self.fs.rm(legacy)
 
@@ -150,8 +148,8 @@ class ConnectorStore:
             return Desired.running
 
     def set_desired(self, tenant: str, name: str, desired: Desired) -> None:
-        write_atomically(self.fs, f"{self._dir(tenant, name)}/desired.json",
-                         json.dumps({"state": desired.value}).encode())
+        replace_file(self.fs, f"{self._dir(tenant, name)}/desired.json",
+                     json.dumps({"state": desired.value}).encode())
 
     def _alive(self, tenant: str, name: str) -> dict[str, Any] | None:
         try:
@@ -172,8 +170,8 @@ class ConnectorStore:
 
     def mark_alive(self, tenant: str, name: str, at: datetime, connected: bool) -> None:
         """Record that a process of this connector runs at `at`, and whether one has `connected` to its source."""
-        write_atomically(self.fs, f"{self._dir(tenant, name)}/alive.json",
-                         json.dumps({"at": at.isoformat(), "connected": connected}).encode())
+        replace_file(self.fs, f"{self._dir(tenant, name)}/alive.json",
+                     json.dumps({"at": at.isoformat(), "connected": connected}).encode())
 
     def names(self, tenant: str) -> list[str]:
         try:

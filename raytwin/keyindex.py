@@ -28,8 +28,6 @@ import hashlib
 import io
 import json
 import logging
-import os
-import uuid
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -38,6 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raytwin.logsegments import is_segment, read_segment
+from raytwin.storage import replace_file
 from raytwin.statestore import LOG_BATCH_SCHEMA, LOG_PART_SUFFIX, SCAN_ATTEMPTS, EventKey, StateStore, _date, read_files
 
 log = logging.getLogger("raytwin.store")
@@ -216,7 +215,7 @@ class LogKeyIndex:
         table = table.replace_schema_metadata({"files": json.dumps(part.files), "rows": str(table.num_rows)})
         buf = io.BytesIO()
         pq.write_table(table, buf, write_page_checksum=True)
-        _put_atomically(self.store, f"{directory}/{INDEX_FILE}", buf.getvalue())
+        replace_file(self.store.fs, f"{directory}/{INDEX_FILE}", buf.getvalue())
         part.unsaved = 0
 
     def _evict(self, keep: set[tuple[str, str]]) -> None:
@@ -227,17 +226,4 @@ class LogKeyIndex:
             if key not in keep:
                 rows -= len(self._cache.pop(key).digests)
 
-
-def _put_atomically(store: StateStore, path: str, data: bytes) -> None:
-    """Replace `path` so that a reader sees the old or the new bytes, never half of them."""
-    fs = store.fs
-    directory = path.rsplit("/", 1)[0]
-    fs.makedirs(directory, exist_ok=True)
-    if "file" not in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
-        fs.pipe_file(path, data)  # an object-store PUT is atomic
-        return
-    tmp = f"{directory}/.{uuid.uuid4().hex}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 

@@ -32,7 +32,7 @@ from pydantic import Field, ValidationError
 from raytwin.contracts import Contract, Finite, Identifier, SemVer, UtcTime, describe_error
 from raytwin.recalibration import DriftTrigger
 from raytwin.registry import PUBLISHED_BY, ModelRegistry, RegistryError, parse_ref
-from raytwin.storage import canonical_json, filesystem, write_once
+from raytwin.storage import canonical_json, filesystem, replace_file, write_once
 
 log = logging.getLogger("raytwin.lifecycle")
 
@@ -274,8 +274,7 @@ class ModelLifecycle:
             else LifecyclePolicy()
 
     def set_policy(self, tenant: str, policy: LifecyclePolicy) -> None:
-        self.fs.makedirs(f"{self.root}/policies", exist_ok=True)
-        self.fs.pipe_file(self._policy_path(tenant), canonical_json(policy.model_dump(mode="json")))
+        replace_file(self.fs, self._policy_path(tenant), canonical_json(policy.model_dump(mode="json")))
         log.info("event=lifecycle_policy_set tenant=%s policy=%s", tenant, policy.model_dump_json())
 
     # ------------------------------------------------------------------ transitions -----

@@ -19,7 +19,7 @@ from typing import Annotated, Any
 from pydantic import Field, ValidationError, model_validator
 
 from raytwin.contracts import Contract, Finite, Identifier, SemVer, UtcTime, describe_error
-from raytwin.storage import canonical_json, filesystem
+from raytwin.storage import canonical_json, filesystem, replace_file
 
 log = logging.getLogger("raytwin.recalibration")
 
@@ -116,7 +116,6 @@ class PolicyStore:
             raise PolicyError(f"the stored policy {path} is invalid: {describe_error(exc)}") from None
 
     def put(self, tenant: str, type_name: str, policy: RecalibrationPolicy) -> None:
-        self.fs.makedirs(f"{self.root}/{tenant}", exist_ok=True)
-        self.fs.pipe_file(self._path(tenant, type_name), canonical_json(policy.model_dump(mode="json")))
+        replace_file(self.fs, self._path(tenant, type_name), canonical_json(policy.model_dump(mode="json")))
         log.info("event=recalibration_policy_set tenant=%s type=%s policy=%s", tenant, type_name,
                  policy.model_dump_json())

@@ -24,7 +24,7 @@ from raytwin.modelcode import ModelCode, code_identity, describe_change
 from raytwin.sim import ModelCheckError, get_model
 from raytwin.sim.discovery import FMU_REF
 from raytwin.sim.model import Declared
-from raytwin.storage import canonical_json, filesystem
+from raytwin.storage import canonical_json, filesystem, replace_file
 
 
 log = logging.getLogger("raytwin.registry")
@@ -162,10 +162,8 @@ class ModelRegistry:
                     + (f"; the model code changed: {change}" if change else "") + "; register a new version"
                 )
             return artifact
-        self.fs.makedirs(f"{self.root}/blobs/sha256", exist_ok=True)
-        self.fs.makedirs(f"{self.root}/models/{name}", exist_ok=True)
-        self.fs.pipe_file(self._blob(digest), artifact.body())
-        self.fs.pipe_file(pointer, canonical_json({"name": name, "version": version, "sha256": digest}))
+        replace_file(self.fs, self._blob(digest), artifact.body())  # whole before the pointer names it
+        replace_file(self.fs, pointer, canonical_json({"name": name, "version": version, "sha256": digest}))
         return artifact
 
     def check_fmu_store(self, ref: str, simulator: str) -> None:
@@ -237,5 +235,6 @@ class ModelRegistry:
         base = f"{self.root}/models/{name}"
         if not self.fs.exists(base):
             return []
-        found = [p.rsplit("/", 1)[-1].removesuffix(".json") for p in self.fs.ls(base, detail=False)]
+        found = [p.rsplit("/", 1)[-1].removesuffix(".json") for p in self.fs.ls(base, detail=False)
+                 if p.endswith(".json")]  # not a hidden file a killed writer left (`replace_file`)
         return sorted(found, key=lambda v: tuple(int(x) for x in v.split(".")))

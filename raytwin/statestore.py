@@ -68,7 +68,7 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from raytwin.logsegments import SegmentWriter, held_segment, is_segment, read_segment
-from raytwin.storage import filesystem
+from raytwin.storage import filesystem, replace_file
 
 log = logging.getLogger("raytwin.store")
 SCAN_ATTEMPTS = 3
@@ -685,9 +685,8 @@ class StateStore:
         for directory in partitions["log"]:
             pruned.update(pc.unique(self._scan(directory, columns=["asset_id"], empty=LOG_BATCH_SCHEMA.empty_table())
                                     ["asset_id"]).to_pylist())
-        self.fs.makedirs(f"{self.root}/retention", exist_ok=True)
-        self.fs.pipe_file(self._retention_path(tenant),
-                          json.dumps({"history_from_us": cut_us, "assets": sorted(pruned)}).encode())
+        replace_file(self.fs, self._retention_path(tenant),
+                     json.dumps({"history_from_us": cut_us, "assets": sorted(pruned)}).encode())
         deleted = partitions["log"] + partitions["dead_letters"]
         self.close_segments()  # no append of this store lands in a deleted partition
         for directory in deleted:  # only once the cut is recorded
@@ -729,16 +728,8 @@ class StateStore:
             return None
 
     def _replace_json(self, path: str, value: dict[str, Any]) -> None:
-        """Write `path` whole: renamed into place on a local disk (an object-store PUT is atomic already)."""
-        data = json.dumps(value).encode()
-        self.fs.makedirs(self.root, exist_ok=True)
-        if not self._local:
-            self.fs.pipe_file(path, data)
-            return
-        directory, name = path.rsplit("/", 1)
-        tmp = f"{directory}/.{name}.tmp-{uuid.uuid4().hex}"
-        self.fs.pipe_file(tmp, data)
-        self.fs.mv(tmp, path)
+        """Write `path` whole (`replace_file`): a writer checking the lease never reads half of it."""
+        replace_file(self.fs, path, json.dumps(value).encode())
 
     def check_lease(self, fence: tuple[str, int] | None) -> None:
         """Raise `StoreFenced` unless the store's live lease is (owner, epoch) `fence` (None: a
@@ -761,8 +752,7 @@ class StateStore:
         log up to it, clears, then replays the rest, so a restart does not latch the cleared alarm again.
         Only the last clear matters (a clear resets all the evidence before it)."""
         path = self._drift_clear_path(tenant, asset_id)
-        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        self.fs.pipe_file(path, json.dumps({"key": list(key)}).encode())
+        replace_file(self.fs, path, json.dumps({"key": list(key)}).encode())
 
     def load_drift_clear(self, tenant: str, asset_id: str) -> EventKey | None:
         """The key of the last event before the twin's last drift clear (None: never cleared)."""
@@ -779,8 +769,7 @@ class StateStore:
         """Record the twin's model swaps (each ``{"at_us": boundary, "artifact": ModelArtifact JSON}``);
         written before a swap takes effect, so recovery and time travel apply the same versions."""
         path = self._model_swaps_path(tenant, asset_id)
-        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        self.fs.pipe_file(path, json.dumps({"swaps": swaps}, sort_keys=True).encode())
+        replace_file(self.fs, path, json.dumps({"swaps": swaps}, sort_keys=True).encode())
 
     def load_model_swaps(self, tenant: str, asset_id: str) -> list[dict[str, Any]]:
         path = self._model_swaps_path(tenant, asset_id)
@@ -794,8 +783,7 @@ class StateStore:
         """Record (replace) the twin's part of the shadow evaluation of candidate `ref`: its declaration
         and its last checkpoint (`actors.shadow`), so a restarted shard resumes it."""
         path = self._shadow_path(tenant, ref, asset_id)
-        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        self.fs.pipe_file(path, json.dumps(record, sort_keys=True).encode())
+        replace_file(self.fs, path, json.dumps(record, sort_keys=True).encode())
 
     def load_shadows(self) -> list[tuple[str, str, str, dict[str, Any]]]:
         """Every recorded shadow evaluation's twin part as (tenant, candidate ref, asset_id, record)."""
@@ -820,8 +808,7 @@ class StateStore:
         history, which a twin registered again under the same id does not resume (they stay in the log;
         compaction keeps them apart from the new twin's). Only the last deletion matters."""
         path = self._deletion_path(tenant, asset_id)
-        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        self.fs.pipe_file(path, json.dumps({"floor_us": floor_us}).encode())
+        replace_file(self.fs, path, json.dumps({"floor_us": floor_us}).encode())
 
     def history_floors(self, tenant: str) -> dict[str, int]:
         """The floor of each of the tenant's deleted twins (`save_deletion`): one listing, usually empty."""
@@ -844,20 +831,9 @@ class StateStore:
         return f"{self.root}/twins/tenant={tenant}/asset_id={asset_id}.json"
 
     def save_registration(self, tenant: str, asset_id: str, record: dict[str, Any]) -> None:
-        """Replace the twin's registration whole. On local disk through a file beside it and the OS rename: the
-        record is rewritten while others read it (a restarted shard finishing a retype while the driver answers
-        stale reads from it, `actors.recovery.durable_state`), and a file written in place is empty or partial
-        meanwhile, or for good if the writer dies; an object-store PUT is atomic already."""
-        path = self._registration_path(tenant, asset_id)
-        directory, name = path.rsplit("/", 1)
-        self.fs.makedirs(directory, exist_ok=True)
-        data = json.dumps(record, sort_keys=True).encode()
-        if not self._local:
-            self.fs.pipe_file(path, data)
-            return
-        tmp = f"{directory}/.{name}.{os.getpid()}.tmp"  # not a registration's name: `registrations` skips it
-        self.fs.pipe_file(tmp, data)
-        os.replace(tmp, path)
+        """Replace the twin's registration whole (`replace_file`): it is rewritten while others read it (a restarted
+        shard finishing a retype while the driver answers stale reads from it, `actors.recovery.durable_state`)."""
+        replace_file(self.fs, self._registration_path(tenant, asset_id), json.dumps(record, sort_keys=True).encode())
 
     def load_registration(self, tenant: str, asset_id: str) -> dict[str, Any] | None:
         path = self._registration_path(tenant, asset_id)

@@ -12,6 +12,7 @@ import json
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import suppress
 from typing import Any
 
 import fsspec
@@ -53,6 +54,61 @@ def canonical_json(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
 
 
+def is_local(fs: AbstractFileSystem) -> bool:
+    """Whether `fs` is the local disk (where a file is written in place, unlike an object-store PUT)."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    return isinstance(fs, LocalFileSystem)
+
+
+def replace_file(fs: AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write `path` whole, replacing what it held: a reader sees the old bytes or the new, never part of them.
+
+    Why: the store's small records (registrations, catalog entries, model swaps, job records...) are read while
+    they are rewritten, and one written in place is empty or partial meanwhile, or for good if its writer dies.
+    Local disk: a hidden file beside it (``.<name>.<pid>.<hex>.tmp``, which no reader's ``*.json`` listing
+    matches), synced, renamed over it, and the folder synced so the rename survives a power cut. Object stores
+    (and other filesystems): one PUT, atomic already. Parent folders are created.
+    """
+    if not is_local(fs):
+        fs.pipe_file(path, data)
+        return
+    tmp = _synced_copy(path, data)
+    try:
+        os.replace(tmp, path)
+    except Exception:
+        os.unlink(tmp)
+        raise
+    _sync_folder(os.path.dirname(path))
+
+
+def _synced_copy(path: str, data: bytes) -> str:
+    """`data` in a hidden file beside `path` (its folder created), on disk: the file's name."""
+    folder, name = os.path.split(path)
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except Exception:  # a failed write (disk full...) leaves no file behind; a killed writer leaves a hidden one
+        with suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return tmp
+
+
+def _sync_folder(folder: str) -> None:
+    """Persist a rename in `folder` (best effort: some platforms cannot open a folder)."""
+    with suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def write_once(fs: AbstractFileSystem, path: str, data: bytes) -> None:
     """Write `path` only if it does not exist yet, atomically; `FileExistsError` if it does.
 
@@ -60,18 +116,10 @@ def write_once(fs: AbstractFileSystem, path: str, data: bytes) -> None:
     Local disk: a complete temporary file is hard-linked to the name (`link` fails if the name exists,
     and a reader never sees half a file). Object stores: a conditional PUT (``If-None-Match: *``).
     """
-    from fsspec.implementations.local import LocalFileSystem
-
-    if not isinstance(fs, LocalFileSystem):
+    if not is_local(fs):
         fs.pipe_file(path, data, mode="create")
         return
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    tmp = _synced_copy(path, data)
     try:
         os.link(tmp, path)
     finally:

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 from raytwin.contracts import Asset
-from raytwin.storage import canonical_json, filesystem
+from raytwin.storage import canonical_json, filesystem, replace_file
 from serve_apps.audit import AuditRecord
 from serve_apps.errors import NotFound
 
@@ -73,8 +73,7 @@ class AssetMoves:
         """Journal the move before the twin moves (the catalog's revision of the asset is the one checked)."""
         move = Move(asset=asset, revision=self.backend.catalog.revision(asset.tenant, "assets", asset.id), kind=kind)
         path = self._path(asset.tenant, asset.id)
-        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        self.fs.pipe_file(path, canonical_json(move.model_dump(mode="json")))
+        replace_file(self.fs, path, canonical_json(move.model_dump(mode="json")))
         self.pending[(asset.tenant, asset.id)] = move
 
     def end(self, tenant: str, asset_id: str) -> None:

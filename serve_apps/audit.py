@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from raytwin.storage import filesystem
+from raytwin.storage import filesystem, replace_file
 
 
 class AuditRecord(BaseModel):
@@ -40,9 +40,8 @@ class AuditLog:
     def append(self, record: AuditRecord) -> None:
         t = record.time.astimezone(UTC)
         folder = f"{self.root}/{record.tenant}/{t:%Y-%m-%d}"
-        self.fs.makedirs(folder, exist_ok=True)
         line = json.dumps(record.model_dump(mode="json"), sort_keys=True, allow_nan=False) + "\n"
-        self.fs.pipe_file(f"{folder}/{t:%Y%m%dT%H%M%S.%fZ}-{uuid.uuid4().hex}.jsonl", line.encode())
+        replace_file(self.fs, f"{folder}/{t:%Y%m%dT%H%M%S.%fZ}-{uuid.uuid4().hex}.jsonl", line.encode())
 
     def records(self, tenant: str, day: str | None = None, limit: int = 1000) -> list[AuditRecord]:
         """The tenant's most recent records (of one ``YYYY-MM-DD`` day if given), oldest first."""

@@ -25,7 +25,7 @@ from typing import Any
 from raytwin.compat import IncompatibleVersion, check_version, previous_version
 from raytwin.contracts import Asset, AssetType, RelationshipKind
 from raytwin.query import Record
-from raytwin.storage import canonical_json, filesystem
+from raytwin.storage import canonical_json, filesystem, replace_file
 from serve_apps.conditional import Precondition
 from serve_apps.errors import Conflict, NotFound, Unprocessable
 
@@ -67,10 +67,8 @@ class Catalog:
         return f"{self.root}/{tenant}/{kind}/{name}.json"
 
     def _write(self, tenant: str, kind: str, key: str, obj: Asset | AssetType, revision: int) -> None:
-        path = self._path(tenant, kind, key)
-        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         field = "asset" if kind == "assets" else "asset_type"
-        self.fs.pipe_file(path, canonical_json({"revision": revision, field: obj.model_dump(mode="json")}))
+        replace_file(self.fs, self._path(tenant, kind, key), canonical_json({"revision": revision, field: obj.model_dump(mode="json")}))
         self.revisions[(tenant, kind, key)] = revision
 
     def _remove(self, tenant: str, kind: str, key: str) -> None:

@@ -33,7 +33,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from raytwin.storage import filesystem
+from raytwin.storage import filesystem, replace_file
 
 ChangeKind = Literal["twin.state", "twin.drift", "asset.created", "asset.updated", "asset.deleted",
                      "asset_type.created", "asset_type.deleted", "job.succeeded", "job.failed",
@@ -219,8 +219,8 @@ class ChangeStore:
         if folder not in self._folders:  # once per folder: on S3 each makedirs is a request
             self.fs.makedirs(folder, exist_ok=True)
             self._folders.add(folder)
-        self.fs.pipe_file(f"{folder}/{first:016d}-{last:016d}.jsonl",
-                          "".join(c.model_dump_json() + "\n" for c in changes).encode())
+        replace_file(self.fs, f"{folder}/{first:016d}-{last:016d}.jsonl",
+                     "".join(c.model_dump_json() + "\n" for c in changes).encode())
 
     def read(self, tenant: str, after: int, limit: int) -> list[Change]:
         """Up to `limit` changes with seq > `after`, oldest first."""
@@ -276,4 +276,5 @@ class ChangeStore:
     def _ls(self, folder: str) -> list[str]:
         if not self.fs.exists(folder):
             return []
-        return sorted(p.rstrip("/") for p in self.fs.ls(folder, detail=False))
+        paths = (p.rstrip("/") for p in self.fs.ls(folder, detail=False))
+        return sorted(p for p in paths if not p.rsplit("/", 1)[1].startswith("."))  # what a killed writer left

@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from raytwin.contracts import DateTime, describe_error
 from raytwin.fields import Contract
-from raytwin.storage import canonical_json, filesystem
+from raytwin.storage import canonical_json, filesystem, replace_file
 
 log = logging.getLogger("raytwin.serve.deprecation")
 
@@ -101,8 +101,7 @@ class TypeDeprecations:
 
     def put(self, tenant: str, key: str, mark: Deprecation) -> None:
         path = self._path(tenant, key)
-        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        self.fs.pipe_file(path, canonical_json(mark.model_dump(mode="json")))
+        replace_file(self.fs, path, canonical_json(mark.model_dump(mode="json")))
         self.marks[(tenant, key)] = mark
 
     def remove(self, tenant: str, key: str) -> bool:

@@ -32,7 +32,7 @@ import ray
 from pydantic import BaseModel, ConfigDict, Field
 
 from raytwin import metrics
-from raytwin.storage import filesystem
+from raytwin.storage import filesystem, replace_file
 from serve_apps.bulk import BulkWork
 from serve_apps.config import ServeConfig
 from fsspec import AbstractFileSystem
@@ -162,8 +162,7 @@ class JobQueue:
             log.exception("event=job_run_unknown job_id=%s run_id=%s", job.job_id, job.planned_run_id)
 
     def _save(self, job: JobRecord) -> None:
-        self.fs.makedirs(self._dir(job), exist_ok=True)
-        self.fs.pipe_file(f"{self._dir(job)}/job.json", job.model_dump_json(indent=2).encode())
+        replace_file(self.fs, f"{self._dir(job)}/job.json", job.model_dump_json(indent=2).encode())
 
     def submit(self, tenant: str, key_id: str, asset_id: str, model_ref: str, content_hash: str, work: Work,
                start_time: datetime | None = None) -> Job:
@@ -198,7 +197,7 @@ class JobQueue:
     def write_file(self, job: JobRecord, name: str, data: bytes) -> str:
         """Store a file of the job next to its record; its URL."""
         path = f"{self._dir(job)}/{name}"
-        self.fs.pipe_file(path, data)
+        replace_file(self.fs, path, data)
         return self.fs.unstrip_protocol(path)
 
     def _launch(self, job: JobRecord, work: Work) -> Awaitable[dict[str, Any]]:

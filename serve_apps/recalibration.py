@@ -29,7 +29,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from raytwin.recalibration import DriftTrigger, RecalibrationPolicy
-from raytwin.storage import canonical_json, filesystem
+from raytwin.storage import canonical_json, filesystem, replace_file
 from serve_apps.changes import Change
 
 log = logging.getLogger("raytwin.serve.recalibration")
@@ -141,10 +141,8 @@ class Recalibrator:
 
     def _save(self, tenant: str) -> None:
         state = self._states[tenant]
-        self.fs.makedirs(f"{self.root}/{tenant}", exist_ok=True)
-        path = self._path(tenant)  # whole or not at all: a crash mid-write must not leave half a document
-        self.fs.pipe_file(f"{path}.tmp", canonical_json(state.model_dump(mode="json")))
-        self.fs.mv(f"{path}.tmp", path)
+        # whole or not at all: a crash mid-write must not leave half a document
+        replace_file(self.fs, self._path(tenant), canonical_json(state.model_dump(mode="json")))
         self._saved[tenant] = state.cursor
 
     # ---- acting ----------------------------------------------------------------------------

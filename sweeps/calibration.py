@@ -52,7 +52,7 @@ from raytwin.sim import Model, ModelCheckError, get_model, rollout, unstack
 from raytwin.sim.checks import check_params
 from raytwin.sim.cpu import use_cpu_backend
 from raytwin.sim.precision import in_float64
-from raytwin.storage import canonical_json, filesystem
+from raytwin.storage import canonical_json, filesystem, replace_file
 from sweeps.pem import pem_fit
 from sweeps.spec import resolve_model
 
@@ -745,5 +745,5 @@ def _calibrate(spec: CalibrationSpec, out_url: str,
     body = result.model_dump(mode="json", exclude=None if result.warnings else {"warnings"})
     files = {RESULT_FILE: canonical_json(body), PLOT_FILE: plot_fit(problem, theta)}
     for name, data in files.items():
-        fs.pipe_file(f"{root}/{name}", data)
+        replace_file(fs, f"{root}/{name}", data)
     return result, {k: hashlib.sha256(v).hexdigest() for k, v in files.items()}, data_hash

@@ -34,7 +34,7 @@ from raytwin.contracts import Contract, Finite, Identifier, whole_steps
 from raytwin.fmu import FmuModel, FmuScenario, calibrate_fmu, run_fmu_sweep
 from raytwin.registry import ModelArtifact
 from raytwin.sim.model import Input, Param, State
-from raytwin.storage import canonical_json, filesystem
+from raytwin.storage import canonical_json, filesystem, replace_file
 from sweeps.calibration import MAX_TRIALS, no_finite_loss, read_telemetry
 from sweeps.runner import ensure_ray, part_name, write_parquet
 from sweeps.space import ScenarioSpace
@@ -227,6 +227,6 @@ def calibrate_fmu_spec(spec: FmuCalibrationSpec, out_url: str, storage_options: 
     body = canonical_json({"parameters": fit.params, "loss": fit.loss, "observed": observed})
     fs, root = filesystem(out_url, storage_options)
     fs.makedirs(root, exist_ok=True)
-    fs.pipe_file(f"{root}/{CALIBRATION_FILE}", body)
+    replace_file(fs, f"{root}/{CALIBRATION_FILE}", body)
     summary = {"parameters": fit.params, "loss": fit.loss, "trials": fit.trials, "evaluations": fit.evaluations}
     return {CALIBRATION_FILE: hashlib.sha256(body).hexdigest()}, summary

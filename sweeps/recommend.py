@@ -50,7 +50,7 @@ from raytwin.scenario_metrics import Metric
 from raytwin.signals import Schedule
 from raytwin.sim import rollout
 from raytwin.sim.precision import float64
-from raytwin.storage import filesystem
+from raytwin.storage import filesystem, replace_file
 from sweeps.aggregate import open_dataset
 from sweeps.calibration import CalibrationResult
 from sweeps.engine import chunk_metrics
@@ -466,7 +466,7 @@ def write_result(answer: Recommendation, out_url: str, storage_options: dict | N
     fs, root = filesystem(out_url.rstrip("/"), storage_options)
     fs.makedirs(root, exist_ok=True)
     body = json.dumps(answer.model_dump(mode="json", exclude={"run_id"}), sort_keys=True).encode()
-    fs.pipe_file(f"{root}/{RESULT_FILE}", body)
+    replace_file(fs, f"{root}/{RESULT_FILE}", body)
     outputs = {RESULT_FILE: hashlib.sha256(body).hexdigest()}
     for name, digest in answer.search.get("sweep_outputs", {}).items():
         outputs[f"{SEARCH_DIR}/{name}"] = digest

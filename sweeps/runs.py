@@ -25,7 +25,7 @@ from ray.exceptions import TaskCancelledError
 from raytwin.contracts import Contract, UtcTime
 from raytwin.modelcode import ModelCode, code_identity, describe_change
 from raytwin.provenance import code_version, package_versions
-from raytwin.storage import canonical_json, filesystem
+from raytwin.storage import canonical_json, filesystem, replace_file
 from sweeps.aggregate import RUN_OUTPUT, RUN_RECORD
 from sweeps.calibration import CalibrationError, CalibrationSpec, calibrate, read_telemetry
 from sweeps.fmu import FmuCalibrationSpec, FmuSweepSpec, calibrate_fmu_spec, run_fmu_spec
@@ -91,8 +91,7 @@ class RunStore:
         return f"{self.root}/{run_id}/{RUN_OUTPUT}"
 
     def save(self, record: RunRecord) -> None:
-        self.fs.makedirs(f"{self.path}/{record.run_id}", exist_ok=True)
-        self.fs.pipe_file(f"{self.path}/{record.run_id}/{RUN_RECORD}", canonical_json(record.model_dump(mode="json")))
+        replace_file(self.fs, f"{self.path}/{record.run_id}/{RUN_RECORD}", canonical_json(record.model_dump(mode="json")))
 
     def exists(self, run_id: str) -> bool:
         """Whether run `run_id` left its record (a run stopped before it began has none)."""

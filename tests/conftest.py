@@ -5,8 +5,8 @@ to back (`tests/shared_resources.py`)."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 
 import pytest
 
@@ -15,6 +15,34 @@ from cluster.local import LocalCluster, LocalClusterInfo
 from raytwin.ports import free_port
 from tests.fixtures_cluster import cluster_processes
 from tests.shared_resources import SharedResource, close_unless_next_uses, group_users
+
+
+class WriterKilled(BaseException):
+    """A writer's process dying part way: nothing after it runs, no `except Exception` handler catches it."""
+
+
+@pytest.fixture
+def killed_mid_write(monkeypatch) -> Callable[[], AbstractContextManager[None]]:
+    """`with killed_mid_write(): <a store write>`: the write's first synced file (`raytwin.storage.replace_file`)
+    keeps half its bytes and its writer dies there (`WriterKilled`, expected). A write that syncs nothing (one in
+    place) is not killed, and the block fails."""
+    real = os.fsync
+
+    def dies_half_way(fd: int) -> None:
+        monkeypatch.setattr(os, "fsync", real)
+        os.ftruncate(fd, os.fstat(fd).st_size // 2)
+        raise WriterKilled
+
+    @contextmanager
+    def killed() -> Iterator[None]:
+        monkeypatch.setattr(os, "fsync", dies_half_way)
+        try:
+            with pytest.raises(WriterKilled):
+                yield
+        finally:
+            monkeypatch.setattr(os, "fsync", real)
+
+    return killed
 
 
 @pytest.fixture(scope="session")

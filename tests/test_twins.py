@@ -876,22 +876,14 @@ def test_a_retype_a_crash_cut_short_after_its_commit_is_finished_by_the_restarte
     assert_same_state(restarted.state("acme", "rc"), expected.view())
 
 
-def test_a_registration_rewritten_is_never_seen_half_written(tmp_path, monkeypatch):
+def test_a_registration_rewritten_is_never_seen_half_written(tmp_path, killed_mid_write):
     """A restarted shard rewrites a registration (finishing a retype) while the driver answers stale reads from
     it: written in place on local disk, a read meanwhile found an empty file (JSONDecodeError), and a writer
     killed part way left it so for good. It is written beside and renamed now: the previous record stays whole."""
     store = StateStore(str(tmp_path / "store"))
     store.save_registration("acme", "hw", {"version": 1})
-    real = store.fs.pipe_file
-
-    def dies_half_way(path, data, **kw):
-        real(path, data[:len(data) // 2], **kw)
-        raise _Crash
-
-    monkeypatch.setattr(store.fs, "pipe_file", dies_half_way)
-    with pytest.raises(_Crash):
+    with killed_mid_write():
         store.save_registration("acme", "hw", {"version": 2, "padding": "x" * 200})
-    monkeypatch.undo()
     assert store.load_registration("acme", "hw") == {"version": 1}
     assert store.registrations() == [("acme", "hw", {"version": 1})]  # the part written is no registration
     store.save_registration("acme", "hw", {"version": 3})
