@@ -77,7 +77,12 @@ def _configured_keys() -> tuple[list[bytes], str]:
             raise SealingError(f"{KEY_FILE_ENV}={file} cannot be read: {exc.strerror}") from None
     else:
         path = _default_key_file()
-        text, source = _created_key_file(path), str(path)
+        try:
+            text, source = _created_key_file(path), str(path)
+        except OSError as exc:  # e.g. a read-only home directory (a hardened container)
+            raise SealingError(f"{KEY_ENV} is not set and the key file made without it, {path}, cannot be written "
+                               f"({exc.strerror}): set {KEY_ENV} (or {KEY_FILE_ENV}) to a key from "
+                               "raytwin.sealing.new_key()") from None
     keys = [k.strip().encode() for k in text.split(",") if k.strip()]
     if not keys:
         raise SealingError(f"{source} holds no key; make one with `python -c \"from raytwin.sealing import "

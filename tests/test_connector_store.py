@@ -4,7 +4,10 @@ per broker session (an MQTT client id), whatever the tenant."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import re
 import stat
 from datetime import UTC, datetime
 from pathlib import Path
@@ -82,6 +85,24 @@ def test_without_configuration_a_private_key_file_is_made_once(tmp_path: Path, m
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert Sealer.from_environment().open(first.seal(b"x")) == b"x"  # the second process reads the same key
     assert first.source == str(path)
+
+
+def test_without_configuration_a_read_only_home_says_to_set_the_key(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hardened container's home is read-only: the key file cannot be made, and a bare OSError
+    ("Read-only file system") said neither why a file was written nor what to set instead."""
+    monkeypatch.delenv(KEY_ENV, raising=False)
+    monkeypatch.delenv(KEY_FILE_ENV, raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
+
+    def read_only(*_: object, **__: object) -> None:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    path = tmp_path / "config" / "raytwin" / "secrets.key"
+    with pytest.raises(SealingError, match=rf"{KEY_ENV} is not set .* {re.escape(str(path))}, cannot be written "
+                                           rf"\(Read-only file system\): set {KEY_ENV}"):
+        Sealer.from_environment()
 
 
 def test_bad_keys_and_damaged_values_are_refused_with_the_fix(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
