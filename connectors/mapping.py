@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -36,6 +37,17 @@ MAX_PAYLOAD_BYTES = 256 << 20
 RAW_KEPT = 4096
 """A dead letter keeps at most this many bytes of what was refused (then its length and SHA-256): 40 random
 5 MB payloads grew the dead-letter store by 190 MB and one page of the API's dead letters to 200 MB."""
+TEXT_KEPT = 1024
+"""A dead letter's other text (reason, idempotency key, asset id, source) keeps at most this many characters: a
+reason quoting a 900,000-character time, or such a key (refused by the contract, kept whole), made 1,000 dead
+letters ~2 GB."""
+QUOTE_KEPT = 200
+"""A value an error message quotes is cut to this many characters (its repr)."""
+SOURCE_KEPT = 256
+"""Of a stored reason, what its source keeps (an MQTT topic may be 65,535 bytes); the reason keeps `REASON_KEPT`."""
+_MARK = 40
+"""The most `clipped` adds: ``…(N characters)``."""
+REASON_KEPT = TEXT_KEPT - SOURCE_KEPT - 2 * _MARK - 2
 
 
 class FrozenSpec(BaseModel):
@@ -125,22 +137,22 @@ class PayloadMapping(FrozenSpec):
             return value
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ValueError(f"{self.event_time}: expected a number of {self.time_format[6:]} since the epoch, "
-                             f"got {value!r}")
+                             f"got {quoted(value)}")
         seconds = value / 1000 if self.time_format == "epoch_ms" else value
         try:
             return datetime.fromtimestamp(seconds, UTC).isoformat()
         except (OverflowError, OSError, ValueError) as exc:
-            raise ValueError(f"{self.event_time}: {value!r} is not a representable time ({exc})") from None
+            raise ValueError(f"{self.event_time}: {quoted(value)} is not a representable time ({exc})") from None
 
 
 def _micros(event_time: Any) -> int:
     """The sequence of a device that sends none: its event time in microseconds (unique per asset)."""
     if not isinstance(event_time, str):
-        raise ValueError(f"event time {event_time!r} is not RFC 3339 text")
+        raise ValueError(f"event time {quoted(event_time)} is not RFC 3339 text")
     try:
         return to_micros(datetime.fromisoformat(event_time)) % (MAX_SEQUENCE + 1)
     except (ValueError, TypeError, OverflowError) as exc:
-        raise ValueError(f"event time {event_time!r}: {exc}") from None
+        raise ValueError(f"event time {quoted(event_time)}: {exc}") from None
 
 
 def _lookup(doc: dict[str, Any], path: str | None) -> Any:
@@ -187,12 +199,52 @@ class DeadLetter:
 
     @classmethod
     def of(cls, source: str, asset_id: str | None, key: str | None, reason: str, raw: bytes) -> DeadLetter:
-        return cls(source, asset_id, key, reason, kept(raw))
+        """A dead letter of bounded size: the fields as `bounded` keeps them, the source and reason as `led` does."""
+        letter = bounded({"asset_id": asset_id, "idempotency_key": key, "raw": raw})
+        return cls(clipped(source, SOURCE_KEPT), letter["asset_id"], letter["idempotency_key"],
+                   clipped(reason, REASON_KEPT), letter["raw"])
 
     def row(self) -> dict[str, str | None]:
         """The dead-letter store's row (`StateStore.write_dead_letters`): the source leads the reason."""
         return {"asset_id": self.asset_id, "idempotency_key": self.idempotency_key,
-                "reason": f"{self.source}: {self.reason}", "raw": self.raw}
+                "reason": led(self.source, self.reason), "raw": self.raw}
+
+
+def led(source: str, reason: str) -> str:
+    """A stored reason: `source` leads it (the API finds a connector's dead letters by it), both cut to fit in
+    `TEXT_KEPT` characters, so that reading it back (`bounded`) cuts nothing more."""
+    return f"{clipped(source, SOURCE_KEPT)}: {clipped(reason, REASON_KEPT)}"
+
+
+def clipped(text: str, limit: int = TEXT_KEPT) -> str:
+    """`text` up to `limit` characters, else its first `limit` and ``…(N characters)``, N its whole length."""
+    if len(text) <= limit or _already(text, _CLIPPED, limit):
+        return text
+    return f"{text[:limit]}…({len(text)} characters)"
+
+
+_CLIPPED = re.compile(r"…\(\d+ characters\)\Z")
+_CUT_RAW = re.compile(rb"\n\[cut: the first \d+ of \d+ bytes kept; SHA-256 of all: [0-9a-f]{64}\]\Z")
+
+
+def _already(text: Any, mark: re.Pattern[Any], limit: int) -> bool:
+    """Whether `text` was cut before (ends with `mark`, what precedes it within `limit`): a dead letter is bounded
+    when made, again when stored and when read; cutting the cut would lose the whole's length (and hash)."""
+    found = mark.search(text)
+    return found is not None and found.start() <= limit
+
+
+def quoted(value: Any) -> str:
+    """`value` as an error message quotes it (its repr), cut to `QUOTE_KEPT` characters: a device's field may be
+    megabytes long, and the reason that quotes it is stored and served with each dead letter."""
+    return clipped(repr(value), QUOTE_KEPT)
+
+
+def bounded(letter: dict[str, Any]) -> dict[str, Any]:
+    """A dead letter (made here, refused by the contract, or read back from the store, written before the bounds)
+    as it is kept: its `raw` as `kept` keeps it, any other text cut to `TEXT_KEPT` characters (`clipped`)."""
+    return {name: kept(value) if name == "raw" else clipped(value) if isinstance(value, str) else value
+            for name, value in letter.items()}
 
 
 def kept(raw: bytes | str) -> str:
@@ -200,7 +252,7 @@ def kept(raw: bytes | str) -> str:
     `RAW_KEPT` bytes, else its first `RAW_KEPT` bytes and a last line with its length and SHA-256 (of its UTF-8
     bytes, for text), ``[cut: the first 4096 of 5242880 bytes kept; SHA-256 of all: 9f86d0...]``."""
     data = raw if isinstance(raw, bytes) else raw.encode("utf-8", "surrogatepass")
-    if len(data) <= RAW_KEPT:
+    if len(data) <= RAW_KEPT or isinstance(raw, str) and _already(data, _CUT_RAW, 4 * RAW_KEPT):  # (escapes: 4 a byte)
         return raw if isinstance(raw, str) else data.decode("utf-8", "backslashreplace")
     head = data[:RAW_KEPT].decode("utf-8", "backslashreplace")  # a character cut in two shows as escapes
     digest = hashlib.sha256(data).hexdigest()

@@ -41,11 +41,12 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
-from pydantic import Field, TypeAdapter, ValidationError, model_validator
+from pydantic import Field, StrictInt, TypeAdapter, ValidationError, model_validator
 
 from connectors.commands import Command, Unconfirmed
 from connectors.kinds import AckHandler, AssetTypes, ignore, unmeasured
-from connectors.mapping import DEFAULT_PAYLOAD_BYTES, MAX_PAYLOAD_BYTES, DeadLetter, FrozenSpec, PayloadMapping
+from connectors.mapping import (DEFAULT_PAYLOAD_BYTES, MAX_PAYLOAD_BYTES, DeadLetter, FrozenSpec, PayloadMapping,
+                                quoted)
 from connectors.reach import Reach, Unreachable, open_connection
 from connectors.sink import Inbound
 from connectors.spec import ConnectorSpec, Credentials
@@ -112,12 +113,12 @@ class TopicRoute(FrozenSpec):
             return self.asset_id
         levels = topic.split("/")
         if self.asset_level >= len(levels):
-            raise ValueError(f"topic {topic!r} has no level {self.asset_level} naming the asset")
+            raise ValueError(f"topic {quoted(topic)} has no level {self.asset_level} naming the asset")
         try:
             return _IDENTIFIER.validate_python(levels[self.asset_level])
         except ValidationError:
             level = levels[self.asset_level]
-            raise ValueError(f"topic level {self.asset_level} {level!r} is not an asset id") from None
+            raise ValueError(f"topic level {self.asset_level} {quoted(level)} is not an asset id") from None
 
     def serves(self, asset_id: str) -> bool:
         return self.command_topic is not None and self.asset_id in (None, asset_id)
@@ -183,7 +184,7 @@ class MqttSpec(ConnectorSpec):
     ack_topic: TopicFilter | None = Field(
         None, description="where assets answer commands: `plant/{asset_id}/ack` takes an answer only from the "
         "commanded asset's topic; a plain filter (`plant/+/ack`) from any topic it matches")
-    max_payload_bytes: Annotated[int, Field(ge=1, le=MAX_PAYLOAD_BYTES)] = Field(
+    max_payload_bytes: Annotated[StrictInt, Field(ge=1, le=MAX_PAYLOAD_BYTES)] = Field(
         DEFAULT_PAYLOAD_BYTES, description="a larger message is dead-lettered (its size and this limit the reason; "
         "the first bytes, length and SHA-256 kept) and acknowledged, never parsed")
 
@@ -454,7 +455,7 @@ class MqttAdapter:
         except Exception as exc:  # noqa: BLE001 - an exception here ends paho's network thread: the connector
             # would stay silent for good and the unacked message would come first again after a restart
             reason = f"message could not be read: {type(exc).__name__}: {exc}"
-            self._error(f"{reason} (topic {msg.topic!r}; dead-lettered)")
+            self._error(f"{reason} (topic {quoted(msg.topic)}; dead-lettered)")
             self.put(Inbound(source, [], [DeadLetter.of(source, None, None, reason, msg.payload)], ack))
 
     def _receive(self, msg: paho.MQTTMessage, source: str, ack: Callable[[], None]) -> None:
@@ -462,22 +463,30 @@ class MqttAdapter:
         if (size := len(msg.payload)) > limit:  # never parsed: bounded memory and work
             reason = (f"message of {size} bytes exceeds the connector's max_payload_bytes ({limit}); not read: send "
                       "smaller messages, or raise max_payload_bytes")
-            self.put(Inbound(source, [], [DeadLetter.of(source, None, None, reason, msg.payload)], ack))
+            try:  # the asset, where the topic names it: whose message was too large
+                asset = self._route(msg.topic)[1]
+            except ValueError:
+                asset = None
+            self.put(Inbound(source, [], [DeadLetter.of(source, asset, None, reason, msg.payload)], ack))
             return
         if self.spec.ack_topic and paho.topic_matches_sub(self.spec.ack_filter, msg.topic):
             self._command_ack(msg)
             ack()
             return
-        route = next((r for r in self.spec.routes if paho.topic_matches_sub(r.topic, msg.topic)), None)
         try:
-            if route is None:
-                raise ValueError("no route of this connector matches the topic")
-            asset = route.asset_of(msg.topic)
+            route, asset = self._route(msg.topic)
         except ValueError as exc:
             self.put(Inbound(source, [], [DeadLetter.of(source, None, None, str(exc), msg.payload)], ack))
             return
         rows, dead = route.payload.rows(asset, msg.payload, source)
         self.put(Inbound(source, rows, dead, ack, size=len(msg.payload)))
+
+    def _route(self, topic: str) -> tuple[TopicRoute, str]:
+        """The route of a message on `topic` and its asset (ValueError if none matches or the topic names none)."""
+        route = next((r for r in self.spec.routes if paho.topic_matches_sub(r.topic, topic)), None)
+        if route is None:
+            raise ValueError("no route of this connector matches the topic")
+        return route, route.asset_of(topic)
 
     def _acker(self, mid: int, qos: int, generation: int) -> Callable[[], None]:
         def ack() -> None:

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 from actors.ingest import DEFAULT_MAX_IN_FLIGHT, Dispatcher, ShardRouter, validate_batch
 from actors.state import IngestReport
 from actors.telemetry import SOURCE_COLUMN
-from connectors.mapping import DeadLetter, kept
+from connectors.mapping import DeadLetter, bounded, led
 
 log = logging.getLogger("raytwin.connectors")
 
@@ -104,7 +104,7 @@ class TwinSink:
         for source, rows in by_source.items():
             part, refused = validate_batch(rows)
             parts.append(_sourced(part, [source] * part.num_rows))
-            rejects += [{**r, "reason": f"{source}: {r['reason']}", "raw": kept(r["raw"])} for r in refused]
+            rejects += [bounded({**r, "reason": led(source, r["reason"])}) for r in refused]
         return pa.concat_tables(parts), rejects
 
     def _ingest(self, table: pa.Table) -> IngestReport:

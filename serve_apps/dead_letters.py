@@ -5,7 +5,8 @@ the connector: a connector leads each reason with the source URI it came from (`
 `opcua://NAME/node`, `connectors.mapping.DeadLetter`), so a connector's are those whose reason names it there.
 The rows the twin shards refuse (unknown twin, too late, implausible, conflict) are led by it too: the connector's
 sink sends each row's source along (`actors.telemetry.SOURCE_COLUMN`). Those written before that carry none.
-What was refused is cut to `connectors.mapping.RAW_KEPT` bytes here too (dead letters written before it were not).
+What was refused is cut to `connectors.mapping.RAW_KEPT` bytes here too, and any other text (reason, key, asset) to
+`TEXT_KEPT` characters (`connectors.mapping.bounded`): dead letters written before those bounds were not.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import re
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from connectors.mapping import kept
+from connectors.mapping import bounded
 from raytwin.statestore import StateStore
 from serve_apps.schemas import DeadLetter
 
@@ -38,5 +39,5 @@ def connector_dead_letters(store: StateStore, tenant: str, name: str, day: str |
         keep = pc.and_(keep, pc.equal(pc.cast(table["date"], pa.string()), day))
     table = table.filter(keep)
     newest = table.slice(max(0, table.num_rows - limit))
-    return [DeadLetter.model_validate({**row, "raw": kept(row["raw"])})
+    return [DeadLetter.model_validate(bounded(row))
             for row in newest.select(list(DeadLetter.model_fields)).to_pylist()]

@@ -486,6 +486,68 @@ def test_oversized_empty_and_odd_payloads_are_dead_lettered_bounded_and_saying_w
         connectors.delete("acme", "lean")
 
 
+def test_no_text_of_a_dead_letter_grows_with_what_a_device_sends(tmp_path):
+    """Found by a verifier after `raw` was bounded: a 900,000-character time was quoted whole in the reason, and a
+    900,000-character key, refused by the contract (at most 256), was kept whole: a page of 1,000 dead letters
+    reached ~2 GB. A message too large to read named no asset although its topic did. No broker: the adapter's
+    receive path, the mapping and the sink into a real store."""
+    from types import SimpleNamespace
+
+    from connectors.mapping import QUOTE_KEPT, TEXT_KEPT
+    from connectors.mqtt import MQTT
+    from connectors.sink import TwinSink
+    from raytwin.statestore import StateStore
+
+    payload = {**PAYLOAD, "idempotency_key": "id"}
+    spec = MqttSpec.model_validate(plant_spec(1, name="huge", ack_topic=None, max_payload_bytes=2_000_000,
+                                              routes=[{"topic": "plant/+/telemetry", "asset_level": 1,
+                                                       "payload": payload}]))
+    inbound: list = []
+    adapter = MQTT.adapter(spec, Credentials(), inbound.append, lambda *ack: None)
+    long_topic = "plant/" + "p" * 70_000 + "/telemetry"  # no asset id (at most 64 characters)
+    for topic, body in (("plant/pump-3/telemetry", {**reading(1), "id": "k", "ts": "A" * 900_000}),
+                        ("plant/pump-3/telemetry", {**reading(2), "id": "A" * 900_000}),
+                        (long_topic, reading(3))):
+        adapter._on_message(adapter.client, None, SimpleNamespace(mid=1, qos=0, topic=topic,
+                                                                  payload=json.dumps(body).encode()))
+    store = StateStore(str(tmp_path / "twins"))
+    delivery = TwinSink(SimpleNamespace(store=lambda: store), "acme", batch_size=100).deliver(inbound)
+    assert delivery.dead_lettered == 3 and delivery.report.accepted == 0
+    letters = {r["idempotency_key"] or r["reason"][-40:]: r for r in store.read_dead_letters("acme").to_pylist()}
+    src = "mqtt://huge/plant/pump-3/telemetry: "
+    quoted_ts = "'" + "A" * (QUOTE_KEPT - 1) + "…(900002 characters)"
+    assert letters["k"]["reason"] == f"{src}ts: expected a number of ms since the epoch, got {quoted_ts}"
+    long_key = "A" * TEXT_KEPT + "…(900000 characters)"
+    assert letters[long_key]["reason"] == f"{src}idempotency_key: text should have at most 256 characters, not 900000"
+    source = "mqtt://huge/" + long_topic  # cut, and the reason after it whole
+    assert letters.pop(next(k for k in letters if k.endswith("is not an asset id")))["reason"] == \
+        source[:256] + f"…({len(source)} characters): topic level 1 '" + "p" * (QUOTE_KEPT - 1) + \
+        "…(70002 characters) is not an asset id"
+    for letter in letters.values():  # the two large ones
+        assert len(letter["reason"]) <= TEXT_KEPT and len(letter["idempotency_key"]) <= TEXT_KEPT + 40
+        assert letter["raw"].endswith(" bytes kept; SHA-256 of all: " + letter["raw"][-65:-1] + "]")
+        assert len(letter["raw"]) < 4096 + 200
+
+    inbound.clear()  # too large to read: its asset from the topic, where the topic names one
+    adapter.spec = spec.model_copy(update={"max_payload_bytes": 100})
+    for topic in ("plant/pump-3/telemetry", long_topic, "elsewhere/pump-3"):
+        adapter._on_message(adapter.client, None, SimpleNamespace(mid=1, qos=0, topic=topic, payload=b"x" * 101))
+    assert [m.dead[0].asset_id for m in inbound] == ["pump-3", None, None]
+    assert all(m.dead[0].reason.startswith("message of 101 bytes exceeds") for m in inbound)
+    assert inbound[1].dead[0].source == source[:256] + f"…({len(source)} characters)"
+
+
+def test_max_payload_bytes_is_a_whole_number_not_a_boolean_or_text():
+    """A verifier's `true` was taken as a limit of 1 byte and "100" as 100."""
+    spec = plant_spec(1, name="strict")
+    assert MqttSpec.model_validate({**spec, "max_payload_bytes": 100}).max_payload_bytes == 100
+    for loose in (True, "100", 100.0):
+        with pytest.raises(ValidationError, match="max_payload_bytes"):
+            MqttSpec.model_validate({**spec, "max_payload_bytes": loose})
+    with pytest.raises(ValidationError, match="max_payload_bytes"):
+        MqttSpec.model_validate_json(json.dumps({**spec, "max_payload_bytes": "100"}))
+
+
 def test_what_the_twins_refuse_is_in_the_connectors_own_dead_letters(twins, connectors, broker):
     """An integrator saw `rejected: 6000` and no reason: the shards wrote the dead letters of a topic typo's
     readings without the connector, so its dead letters (the API's, by source) left them out."""

@@ -575,6 +575,7 @@ class ConnectorsOf:
 
 
 def test_a_tenant_reads_its_own_connectors_dead_letters_and_never_another_tenants(tmp_path, monkeypatch):
+    from connectors.mapping import DeadLetter as MappedDeadLetter
     from raytwin import statestore
     from raytwin.statestore import StateStore
     from tests.fixtures_serve import in_process
@@ -592,9 +593,13 @@ def test_a_tenant_reads_its_own_connectors_dead_letters_and_never_another_tenant
     letters("acme", day2, "mqtt://web/site/pump-1/telemetry: no reading", "mqtt://webx/a: not its own",
             "event too late for the twin")  # (a shard's: no source)
     letters("globex", day2, "mqtt://web/g/telemetry: globex's own")
-    store.write_dead_letters("acme", [{"asset_id": None, "idempotency_key": None, "raw": "x" * 5_000_000,
-                                       "reason": "mqtt://big/t: payload is not JSON"}])  # kept whole before
-    with in_process(ConnectorsOf({("acme", "web"), ("acme", "plc"), ("acme", "big"), ("globex", "web")}),
+    store.write_dead_letters("acme", [{"asset_id": "a" * 900_000, "idempotency_key": "k" * 900_000,
+                                       "raw": "x" * 5_000_000, "reason": "mqtt://big/t: got '" + "A" * 900_000 + "'"}])
+    # ^ kept whole before: raw before 913628e, the rest before the text bounds
+    cut = MappedDeadLetter.of("mqtt://cut/t", "pump-1", "k" * 300, "got '" + "A" * 900_000 + "'", b"y" * 50_000).row()
+    store.write_dead_letters("acme", [cut])  # as the connectors write them now: read back unchanged
+    with in_process(ConnectorsOf({("acme", "web"), ("acme", "plc"), ("acme", "big"), ("acme", "cut"),
+                                  ("globex", "web")}),
                     tmp_path) as (http, auth, _):
         def read(name: str, key: str = "reader", **params) -> list[dict]:
             answer = http.get(f"/v1/connectors/{name}/dead-letters", headers=auth[key], params=params)
@@ -617,6 +622,12 @@ def test_a_tenant_reads_its_own_connectors_dead_letters_and_never_another_tenant
         (big,) = read("big")
         digest = hashlib.sha256(b"x" * 5_000_000).hexdigest()
         assert big["raw"] == "x" * 4096 + f"\n[cut: the first 4096 of 5000000 bytes kept; SHA-256 of all: {digest}]"
+        assert (big["asset_id"], big["idempotency_key"], big["reason"]) == (
+            "a" * 1024 + "…(900000 characters)", "k" * 1024 + "…(900000 characters)",
+            "mqtt://big/t: got '" + "A" * (1024 - 19) + "…(900020 characters)")
+        (again,) = read("cut")  # its raw was cut again on reading, losing the whole's length and hash
+        assert {k: again[k] for k in cut} == cut and cut["raw"].startswith("y" * 4096 + "\n[cut: the first 4096 of "
+                                                                           "50000 bytes kept; SHA-256 of all: ")
         many = http.get("/v1/connectors/web/dead-letters", headers=auth["reader"], params={"limit": 1001})
         assert many.status_code == 422 and "less than or equal to 1000" in many.text  # was 10,000 (of up to 5 MB each)
         assert http.get("/v1/connectors/web/dead-letters").status_code == 401
