@@ -12,7 +12,6 @@ import dataclasses
 import functools
 import json
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
@@ -20,6 +19,7 @@ from pydantic import Field, model_validator
 from raytwin.contracts import AssetType, Contract, DateTime, Finite, Identifier, whole_steps
 from raytwin.registry import ModelArtifact, ModelRegistry
 from raytwin.sim import get_model
+from raytwin.sim.ranges import Allowed, allowed_values, outside
 from raytwin.sim.tableau import TABLEAUS
 from raytwin.scenario_metrics import Metric
 from raytwin.signals import CLOCK_INPUT, Signal, clock_seconds
@@ -194,23 +194,12 @@ class SweepSpec(ModelStart):
                               self.space.dimensions)
 
 
-def allowed_values(params: Mapping[str, Any], inputs: Mapping[str, Any], states: Mapping[str, Any]
-                   ) -> dict[str, dict[str, _Allowed]]:
-    """Per dimension target, the values a sweep may give each name: a parameter's bounds, an input's
-    or a state's plausible range (declarations by name, with ``lower``, ``upper`` and ``unit``)."""
-    return {target: {n: _Allowed(n, v.lower, v.upper, v.unit, kind) for n, v in declared.items()}
-            for target, declared, kind in (("param", params, "bounds"), ("input", inputs, "plausible range"),
-                                           ("state", states, "plausible range"))}
-
-
-def range_problems(allowed: Mapping[str, Mapping[str, _Allowed]], base: Mapping[str, Mapping[str, float]],
+def range_problems(allowed: Mapping[str, Mapping[str, Allowed]], base: Mapping[str, Mapping[str, float]],
                    fixed: Mapping[str, tuple[str, Mapping[str, float]]], dimensions: Iterable[Dimension]) -> list[str]:
     """Fixed values (spec field -> (target, values)) and each dimension's extremes (with mode "scale":
     times its target's `base` value) outside `allowed`: a negative resistance is no what-if, and its
     results would look like valid data."""
-    problems = [f"{field}.{name}={value:g} outside {allowed[target][name]}"
-                for field, (target, given) in fixed.items()
-                for name, value in given.items() if name in allowed[target] and value not in allowed[target][name]]
+    problems = [p for field, (target, given) in fixed.items() for p in outside(field, allowed[target], given)]
     for d in dimensions:
         ok, b = allowed[d.target].get(d.name), base[d.target].get(d.name)
         if d.mode == "scale" and b == 0:
@@ -229,27 +218,6 @@ def range_problems(allowed: Mapping[str, Mapping[str, _Allowed]], base: Mapping[
             problems.append(f"dimension {d.column}: scale {bad} of {d.name}={b:g}{ok.unit_text} outside "
                             f"[{low:g}, {high:g}] ({ok})")
     return problems
-
-
-@dataclass(frozen=True)
-class _Allowed:
-    """The values a sweep may give one parameter (its bounds), kit parameter or state (its plausible range)."""
-
-    name: str
-    lower: float
-    upper: float
-    unit: str
-    kind: str
-
-    def __contains__(self, value: float) -> bool:
-        return self.lower <= value <= self.upper
-
-    @property
-    def unit_text(self) -> str:
-        return f" {self.unit}" if self.unit not in ("", "-") else ""
-
-    def __str__(self) -> str:
-        return f"{self.name}'s {self.kind} [{self.lower:g}, {self.upper:g}]{self.unit_text}"
 
 
 @functools.cache

@@ -195,10 +195,35 @@ def test_per_scenario_inputs():
 
 
 def test_shape_errors_are_clear():
-    with pytest.raises(ValueError, match="expected \\('T_out', 'Q_h', 'Q_sol'\\)"):
-        simulate(THERMAL_RC, [290.0, 290.0], np.zeros((10, 2)), THERMAL_RC.param_vector(), 60.0)
+    p, u = THERMAL_RC.param_vector(), np.full((10, 3), [280.0, 0.0, 0.0])
+    with pytest.raises(ValueError, match=r"inputs has shape \(10, 2\), expected \(n_steps, 3\): the last axis is "
+                                         "T_out, Q_h, Q_sol"):
+        simulate(THERMAL_RC, [290.0, 290.0], np.zeros((10, 2)), p, 60.0)
+    # a 2-D x0 returned a (11, 1, 2) trajectory, silently
+    with pytest.raises(ValueError, match=r"x0 has shape \(1, 2\), expected \(2,\): the last axis is T_in, T_m"):
+        simulate(THERMAL_RC, [[290.0, 290.0]], u, p, 60.0)
+    with pytest.raises(ValueError, match=r"x0 has shape \(2,\), expected \(batch, 2\)"):
+        simulate_batch(THERMAL_RC, [290.0, 290.0], u, [p], 60.0)
+    # a mismatched inputs batch raised JAX's "vmap got inconsistent sizes"
+    with pytest.raises(ValueError, match="batch sizes differ: x0 3, params 3, inputs 2; give every batched array"):
+        simulate_batch(THERMAL_RC, np.full((3, 2), 290.0), np.tile(u, (2, 1, 1)), np.tile(p, (3, 1)), 60.0)
+    assert simulate_batch(THERMAL_RC, np.full((3, 2), 290.0), np.tile(u, (3, 1, 1)), np.tile(p, (3, 1)), 60.0
+                          ).shape == (3, 11, 2)
     with pytest.raises(KeyError, match="no parameter"):
         THERMAL_RC.param_vector({"C_inn": 1.0})
+
+
+def test_start_states_and_inputs_outside_their_plausible_ranges_are_refused_unless_allowed():
+    """A start of 1e5 K and inputs far outside their declared range ran silently and looked like results."""
+    p, u = THERMAL_RC.param_vector(), np.full((10, 3), [280.0, 0.0, 0.0])
+    with pytest.raises(ValueError, match=r"x0.T_in=100000 outside T_in's plausible range \[173.15, 473.15\] K"):
+        simulate(THERMAL_RC, [1e5, 290.0], u, p, 60.0)
+    hot = u.copy()
+    hot[4, 0] = 1e4
+    with pytest.raises(ValueError, match=r"inputs.T_out=10000 outside T_out's plausible range \[173.15, 373.15\] K"):
+        simulate_batch(THERMAL_RC, np.full((2, 2), 290.0), hot, np.tile(p, (2, 1)), 60.0)
+    kept = simulate(THERMAL_RC, [500.0, 290.0], u, p, 60.0, dtype=jnp.float64, allow_implausible=True)
+    assert kept[0, 0] == 500.0 and np.all(np.isfinite(kept))
 
 
 ROOT = str(Path(__file__).resolve().parents[1])
@@ -282,7 +307,8 @@ def test_rk4_stability_limit_is_the_documented_one_from_the_jacobian_eigenvalues
     for factor, stable in ((0.99, True), (1.01, False)):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UnstableStepWarning)
-            end = simulate(model, x0, inputs, params, factor * limit, dtype=jnp.float64, allow_unstable=True)[-1]
+            end = simulate(model, x0, inputs, params, factor * limit, dtype=jnp.float64, allow_unstable=True,
+                           allow_implausible=True)[-1]  # a mode around 0, not a plausible state
         assert bool(np.linalg.norm(end) < np.linalg.norm(x0)) is stable, (factor, end)
 
 
@@ -290,9 +316,9 @@ def test_a_9000_s_thermal_step_is_refused_and_diverges_where_the_caller_insists(
     args = ([1.0, 0.0], np.zeros((500, 3)), THERMAL_RC.param_vector(), 9000.0)
     with pytest.raises(UnstableStepError, match=r"^model thermal_rc: dt: step 9000 s is beyond the RK4 stability "
                                                 r"limit 8656 s at the default parameters"):
-        simulate(THERMAL_RC, *args, dtype=jnp.float64)
+        simulate(THERMAL_RC, *args, dtype=jnp.float64, allow_implausible=True)  # deviations around 0 K
     with pytest.warns(UnstableStepWarning, match="beyond the RK4 stability limit 8656 s"):
-        end = simulate(THERMAL_RC, *args, dtype=jnp.float64, allow_unstable=True)[-1]
+        end = simulate(THERMAL_RC, *args, dtype=jnp.float64, allow_unstable=True, allow_implausible=True)[-1]
     assert not np.all(np.abs(end) < 1e3)
 
 

@@ -30,6 +30,7 @@ import numpy as np
 from raytwin.sim.checks import check_params, check_start, check_step
 from raytwin.sim.model import Arrays, Model, after_step, model_step, rk4_step, unstack
 from raytwin.sim.precision import precision
+from raytwin.sim.ranges import check_ranges
 from raytwin.sim.stiff import Adaptive
 
 InputFn = Callable[[jax.Array, jax.Array, Arrays], Arrays]
@@ -175,20 +176,28 @@ def integration_dtype(model: Model, dtype: Any) -> np.dtype:
     return np.dtype(np.float64) if isinstance(model.solver, Adaptive) else np.dtype(dtype)
 
 
-def _as_arrays(model: Model, dtype: Any, *arrays) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(x0, inputs, params) as arrays of `dtype`, with their last axes checked against the model,
-    the start state checked to be finite and the parameters to be within their bounds."""
+def _as_arrays(model: Model, dtype: Any, batched: bool, allow_implausible: bool, *arrays
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(x0, inputs, params) as arrays of `dtype`, their shapes checked against the model (`batched`: with a
+    leading batch axis, `simulate_batch`'s), the start state checked to be finite and within its plausible
+    range, the inputs within theirs (unless `allow_implausible`) and the parameters within their bounds."""
     if isinstance(arrays[2], Mapping):
         raise TypeError(f"{model.name}: params must be values in model order {model.param_names}, not a mapping: "
                         "pass model.param_vector(your_dict)")
     x0, inputs, params = (np.asarray(a, dtype=dtype) for a in arrays)
-    if x0.shape[-1] != len(model.states):
-        raise ValueError(f"{model.name}: state has {x0.shape[-1]} values, expected {model.state_names}")
+    batch = ("batch",) if batched else ()
+    for name, array, expected, allowed_ndim in (
+            ("x0", x0, (*batch, model.state_names), {len(batch) + 1}),
+            ("inputs", inputs, (*batch, "n_steps", model.input_names), {2, 3} if batched else {2}),
+            ("params", params, (*batch, model.param_names), {len(batch) + 1})):
+        if array.ndim not in allowed_ndim or array.shape[-1] != len(expected[-1]):
+            shape = ", ".join([*expected[:-1], str(len(expected[-1]))]) + ("," if len(expected) == 1 else "")
+            optional = f" or (n_steps, {len(expected[-1])}) shared by the batch" if batched and name == "inputs" else ""
+            raise ValueError(f"{model.name}: {name} has shape {array.shape}, expected ({shape}){optional}: "
+                             f"the last axis is {', '.join(expected[-1])}")
     check_start(model, np.moveaxis(x0, -1, 0))
-    if inputs.shape[-1] != len(model.inputs):
-        raise ValueError(f"{model.name}: inputs have {inputs.shape[-1]} columns, expected {model.input_names}")
-    if params.shape[-1] != len(model.params):
-        raise ValueError(f"{model.name}: params have {params.shape[-1]} values, expected {model.param_names}")
+    if not allow_implausible:
+        check_ranges(model, x0, inputs)
     check_params(model, params)
     return x0, inputs, params
 
@@ -202,6 +211,7 @@ def simulate(
     *,
     dtype: Any = jnp.float32,
     allow_unstable: bool = False,
+    allow_implausible: bool = False,
 ) -> np.ndarray:
     """Trajectory of one scenario, shape (n_steps + 1, n_states), from state `x0`.
 
@@ -209,10 +219,12 @@ def simulate(
     order (`Model.param_vector`). float32 by default; pass ``dtype=jnp.float64`` for validation
     (a model with an `Adaptive` solver is integrated in float64 either way, `integration_dtype`).
     A step beyond the RK4 stability limit of `params` is refused (``allow_unstable=True``: a warning),
-    and so are parameters outside their declared bounds (`raytwin.sim.checks.check_params`).
+    and so are parameters outside their declared bounds (`raytwin.sim.checks.check_params`), arrays of
+    another shape, and start states and inputs outside their plausible ranges (`raytwin.sim.ranges`;
+    ``allow_implausible=True`` runs them, for a model valid beyond what it declares).
     """
     work = integration_dtype(model, dtype)
-    x0, inputs, params = _as_arrays(model, work, x0, inputs, params)
+    x0, inputs, params = _as_arrays(model, work, False, allow_implausible, x0, inputs, params)
     check_step(model, dt, params, inputs=inputs, allow_unstable=allow_unstable)
     with precision(work):
         traj = np.asarray(_simulate_one(model, x0, inputs, params, jnp.asarray(dt, work)))
@@ -234,17 +246,21 @@ def simulate_batch(
     *,
     dtype: Any = jnp.float32,
     allow_unstable: bool = False,
+    allow_implausible: bool = False,
 ) -> np.ndarray:
     """Trajectories of a batch of scenarios, shape (batch, n_steps + 1, n_states), via `vmap`.
 
     `x0` is (batch, n_states), `params` (batch, n_params); `inputs` is (n_steps, n_inputs),
     shared by all scenarios, or (batch, n_steps, n_inputs). The step is checked against the RK4
-    stability limit over the box of the batch's parameters (its corners; cached per box).
+    stability limit over the box of the batch's parameters (its corners; cached per box); shapes, ranges
+    and ``allow_implausible`` are as in `simulate`.
     """
     work = integration_dtype(model, dtype)
-    x0, inputs, params = _as_arrays(model, work, x0, inputs, params)
-    if x0.ndim != 2 or params.ndim != 2 or x0.shape[0] != params.shape[0]:
-        raise ValueError(f"x0 {x0.shape} and params {params.shape} must be (batch, n) with the same batch")
+    x0, inputs, params = _as_arrays(model, work, True, allow_implausible, x0, inputs, params)
+    sizes = {"x0": x0.shape[0], "params": params.shape[0], **({"inputs": inputs.shape[0]} if inputs.ndim == 3 else {})}
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"{model.name}: batch sizes differ: " + ", ".join(f"{k} {v}" for k, v in sizes.items())
+                         + "; give every batched array the same first axis")
     check_step(model, dt, tuple(params.T), inputs=inputs, allow_unstable=allow_unstable)
     shared = inputs.ndim == 2
     with precision(work):
