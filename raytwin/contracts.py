@@ -36,6 +36,9 @@ MAX_FUTURE_SKEW = timedelta(minutes=5)
 MAX_SEQUENCE = 2**63 - 1
 """The largest `TelemetryEvent.sequence`: the log stores it as a signed 64-bit integer."""
 MAX_SCENARIO_STEPS = 10_000_000
+MAX_RUN_WORK = 10**10
+"""Scenario-steps (scenarios x steps) one run may ask for by default: ~10 min of a 2-core node's sweep
+throughput. The API's `max_run_work` and `raytwin sweep run --max-work`."""
 
 IDENTIFIER_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$"
 Identifier = Annotated[str, Field(pattern=IDENTIFIER_PATTERN)]

@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from raytwin.contracts import MAX_RUN_WORK
 from serve_apps.admission import Admission
 from serve_apps.deprecation import Deprecation
 
@@ -49,7 +50,7 @@ class ServeConfig(BaseModel):
     max_events_per_batch: int = Field(10_000, ge=1)
     sync_max_steps: int = Field(50_000, ge=1, description="Scenario work (scenarios x steps) answered inline.")
     max_sweep_scenarios: int = Field(10_000, ge=1)
-    max_run_work: int = Field(10**10, ge=1, description="Scenario-steps one sweep or scenario may ask for "
+    max_run_work: int = Field(MAX_RUN_WORK, ge=1, description="Scenario-steps one sweep or scenario may ask for "
                               "(scenarios x steps: ~10 min of a 2-core node's sweep throughput); more is 413.")
     max_concurrent_jobs: int = Field(2, ge=1, description="Jobs (scenario, sweep, bulk) running at once; the rest "
                                      "wait, tenants taking turns (serve_apps/job_scheduling.py).")

@@ -20,7 +20,7 @@ import typer
 import yaml
 from pydantic import ValidationError
 
-from raytwin.contracts import describe_error
+from raytwin.contracts import MAX_RUN_WORK, describe_error
 from raytwin.models_cli import importable_working_directory
 
 if TYPE_CHECKING:
@@ -103,17 +103,21 @@ def _load(path: Path, spec_type, fmu_spec_type=None):
         raise typer.BadParameter(f"{path}: {describe_error(exc)}") from None
 
 
-def _check_size(space: ScenarioSpace, n_steps: int, metric_columns: int, max_scenarios: int) -> None:
-    """Refuse a sweep of more than `max_scenarios` scenarios before it starts, with what it would write
-    (8 bytes a value: sweep metrics are random floats that barely compress) and compute."""
+def _check_size(space: ScenarioSpace, n_steps: int, metric_columns: int, max_scenarios: int, max_work: int) -> None:
+    """Refuse a sweep of more than `max_scenarios` scenarios or `max_work` scenario-steps before it starts, with
+    what it would write (8 bytes a value: sweep metrics are random floats that barely compress) and compute:
+    1,000 scenarios of 1e7 steps ran for minutes with no word of the work they asked for."""
     n = space.size
-    if n <= max_scenarios:
+    work = n * n_steps
+    if n <= max_scenarios and work <= max_work:
         return
     values = 1 + len(space.columns) + metric_columns  # the scenario index, its dimension values, its metrics
+    over = [(f"--max-scenarios {max_scenarios:,}", f"--max-scenarios {n}")] if n > max_scenarios else []
+    over += [(f"--max-work {max_work:,}", f"--max-work {work}")] if work > max_work else []
     raise typer.BadParameter(
         f"{n:,} scenarios of {n_steps:,} steps would write about {_size(8 * values * n)} ({values} values a "
-        f"scenario) and compute {n * n_steps:.3g} scenario-steps: more than --max-scenarios {max_scenarios:,}; "
-        f"pass --max-scenarios {n} to run it")
+        f"scenario) and compute {work:.3g} scenario-steps: more than {' and '.join(o for o, _ in over)}; pass "
+        f"{' '.join(p for _, p in over)} to run it (or use fewer scenarios, a shorter horizon_s or a longer step_s)")
 
 
 def _size(n_bytes: float) -> str:
@@ -130,6 +134,9 @@ def sweep_run(
     max_scenarios: Annotated[int, typer.Option(
         min=1, help="Refuse a sweep of more scenarios (saying what it would write); raise it for a bigger one.")
     ] = MAX_SCENARIOS,
+    max_work: Annotated[int, typer.Option(
+        min=1, help="Refuse a sweep of more scenario-steps (scenarios x steps; default the API's max_run_work, "
+        "1e10: ~10 min of a 2-core node); raise it for a longer one.")] = MAX_RUN_WORK,
 ) -> None:
     """Run a sweep, write its metrics dataset and run record; print the run id."""
     from raytwin.fmu.batch import METRICS
@@ -142,7 +149,8 @@ def sweep_run(
     parsed = _load(spec, SweepSpec, FmuSweepSpec)
     if isinstance(parsed, FmuSweepSpec):
         _, fmu = _recorded(lambda: registered_fmu(parsed.model, parsed.registry_url), FmuSpecError)
-        _check_size(parsed.space, parsed.n_steps, len(fmu.output_names) * len(METRICS) + 1, max_scenarios)  # + error
+        _check_size(parsed.space, parsed.n_steps, len(fmu.output_names) * len(METRICS) + 1, max_scenarios,
+                    max_work)  # + error
         with _sigterm_recorded():
             record = _recorded(lambda: recorded_fmu_sweep(parsed, runs=runs), FmuSpecError)
         s = record.summary
@@ -151,7 +159,7 @@ def sweep_run(
         return
     # a registry model's names, values and step are checked once it resolves: here, as a bare simulator's are on load
     simulator, _ = _recorded(lambda: prepare(parsed), ValueError)
-    _check_size(parsed.space, parsed.n_steps, len(parsed.kit(simulator).metrics) + 1, max_scenarios)  # + diverged
+    _check_size(parsed.space, parsed.n_steps, len(parsed.kit(simulator).metrics) + 1, max_scenarios, max_work)  # + diverged
     try:
         with _sigterm_recorded():
             record = recorded_sweep(parsed, runs=runs, progress=progress)

@@ -114,7 +114,21 @@ def test_sweep_run_refuses_an_absurd_size_up_front_saying_what_it_would_write(tm
     result = CliRunner().invoke(app, ["sweep", "run", huge, "--runs", runs])
     assert result.exit_code == 2, result.output
     assert "1,000,000,000,000 scenarios of 500 steps would write about " in _said(result)
-    assert " TB (" in _said(result) and "scenario-steps: more than --max-scenarios 100,000,000" in _said(result)
+    assert " TB (" in _said(result) and "scenario-steps: more than --max-scenarios 100,000,000 and --max-work 10,000,000,000" \
+        in _said(result)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_sweep_run_refuses_more_scenario_steps_than_max_work_up_front(tmp_path):
+    """1,000 scenarios x 1e7 steps ran 88 s with no estimate: the scenario count alone passed the guard."""
+    dims = [{"name": "a1", "target": "param", "mode": "scale", "low": 0.9, "high": 1.1}]
+    runs = str(tmp_path / "runs")
+    spec = _spec_file(tmp_path, model="two_tank", space={"method": "lhs", "n": 4, "dimensions": dims})
+    result = CliRunner().invoke(app, ["sweep", "run", spec, "--runs", runs, "--max-work", "1999"])
+    assert result.exit_code == 2, result.output
+    assert "4 scenarios of 500 steps would write about" in _said(result)
+    assert "compute 2e+03 scenario-steps: more than --max-work 1,999; pass --max-work 2000 to run it" in _said(result)
+    assert "--max-scenarios" not in _said(result)
     assert not (tmp_path / "runs").exists()
 
 
