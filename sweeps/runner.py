@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -245,7 +246,16 @@ def absolute_url(url: str) -> str:
 def ensure_ray() -> None:
     """Connect to the cluster of a Ray job (RAY_ADDRESS) or start a local Ray, once."""
     if not ray.is_initialized():
-        ray.init(logging_level="WARNING")
+        with warnings.catch_warnings():
+            # JAX's at-fork hook (installed once its backend starts, here by the spec's checks) warns "os.fork() was
+            # called ... will likely lead to a deadlock" on every fork that runs Python in the child. A local start
+            # forks Ray's gcs_server, raylet and agents with a `preexec_fn` (block SIGINT, die with the parent: a
+            # signal mask and a prctl) and execs them at once: the child runs no JAX and takes no lock a parent's
+            # thread may hold (glibc's fork keeps malloc usable, CPython resets the GIL and import lock), so no
+            # deadlock. Starting Ray before the spec's checks would start a cluster for every refused spec. A Popen
+            # without `preexec_fn` (git, ...) forks in C and never warns; `multiprocessing` (the real risk) is unused.
+            warnings.filterwarnings("ignore", r"os\.fork\(\) was called", RuntimeWarning)
+            ray.init(logging_level="WARNING")
 
 
 def prepare(spec: SweepSpec) -> tuple[str, Bases]:

@@ -333,6 +333,30 @@ def test_ctrl_c_cancels_outstanding_chunks(ray_session, tmp_path, monkeypatch):
     assert len(cancelled) == 2  # the whole in-flight window
 
 
+def test_a_local_ray_start_after_jax_prints_no_fork_warning_and_other_forks_still_do(monkeypatch):
+    """`raytwin sweep run` and `rerun` printed JAX's "os.fork() was called ... deadlock" warning: Ray forks its
+    processes with a preexec_fn and execs them (harmless), after the spec's checks started JAX's backend."""
+    import subprocess
+    import warnings
+
+    import jax
+
+    from sweeps import runner
+
+    def ray_like_start(**kwargs):  # what ray.init does for a local cluster: ConsolePopen(..., preexec_fn=...)
+        subprocess.run(["true"], preexec_fn=lambda: None, check=True)
+
+    jax.devices()  # JAX's at-fork hook is installed
+    monkeypatch.setattr(runner.ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(runner.ray, "init", ray_like_start)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        runner.ensure_ray()
+        assert not [w for w in caught if "os.fork() was called" in str(w.message)]
+        ray_like_start()  # anywhere else, it still warns
+        assert [w for w in caught if "os.fork() was called" in str(w.message)]
+
+
 def test_sweep_refuses_a_non_empty_output(ray_session, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "x").write_text("x")
