@@ -1,4 +1,5 @@
-"""Joining a running Ray cluster from a command: refuse at once where nothing listens at its address.
+"""Joining a running Ray cluster from a command: refuse at once where nothing listens at its address; stopping
+the tasks a command started when it is interrupted (`cancel_tasks`).
 
 `ray.init(address=...)` to an address where no Ray answers retries for minutes (over 3 minutes with Ray 2.60)
 before it raises, with a log line every few seconds; a command an operator typed should say in seconds that
@@ -9,8 +10,10 @@ is quick, or not a Ray at all, which Ray reports in its own time).
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterable
+from typing import Any
 
-__all__ = ["PROBE_TIMEOUT_S", "unreachable"]
+__all__ = ["PROBE_TIMEOUT_S", "cancel_tasks", "unreachable"]
 
 PROBE_TIMEOUT_S = 5.0
 
@@ -42,3 +45,13 @@ def unreachable(address: str | None, timeout_s: float = PROBE_TIMEOUT_S) -> str 
     except OSError as e:
         reason = "timed out" if isinstance(e, TimeoutError) else (e.strerror or type(e).__name__).lower()
         return f"nothing answers at {host}:{port} ({reason})"
+
+
+def cancel_tasks(refs: Iterable[Any]) -> None:
+    """Cancel (force: kill their workers) the Ray tasks of `refs` on Ctrl-C, SIGTERM or an error in their driver:
+    otherwise they run on, holding the cluster's CPUs, until the driver exits, long after the run was
+    recorded cancelled."""
+    import ray
+
+    for ref in refs:
+        ray.cancel(ref, force=True)

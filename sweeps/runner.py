@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 import ray
 
 from raytwin.metrics import SCENARIO_STEPS, SWEEP_RATE, SWEEP_SCENARIOS
+from raytwin.ray_connect import cancel_tasks
 from raytwin.sim.cpu import cpu_only, start_single_core_backend
 from raytwin.sim.discovery import simulator_label
 from raytwin.sim.integrate import integration_dtype
@@ -372,12 +373,12 @@ def run_sweep(
                 diverged += n_bad
                 bar.advance(count)
     except (KeyboardInterrupt, ray.exceptions.TaskCancelledError, RunTerminated) as exc:  # Ctrl-C, SIGTERM, or a
-        _cancel(pending)  # cancelled task interrupted in a wait: the chunks in flight are cancelled alike
+        cancel_tasks(pending)  # cancelled task interrupted in a wait: the chunks in flight are cancelled alike
         how = "sweep cancelled by SIGTERM" if isinstance(exc, RunTerminated) else "sweep cancelled"
         reason = f"{how} after {bar.done}/{n} scenarios; partial output in {out_url}"
         raise (RunTerminated(reason) if isinstance(exc, RunTerminated) else SweepCancelled(reason)) from None
     except BaseException:
-        _cancel(pending)
+        cancel_tasks(pending)
         raise
     finally:
         bar.close()
@@ -390,8 +391,3 @@ def run_sweep(
                     "turns NaN inside its range is the model's own (e.g. a square root of a negative number)",
                     diverged, n)
     return SweepResult(out_url, n, n_chunks, size, dict(sorted(outputs.items())), elapsed, diverged)
-
-
-def _cancel(pending: dict) -> None:
-    for ref in pending:
-        ray.cancel(ref, force=True)

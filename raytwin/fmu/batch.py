@@ -23,6 +23,7 @@ import numpy as np
 
 from raytwin.fmu.describe import FmuError, FmuModel
 from raytwin.fmu.instance import INSTANTIATIONS, FmuScenario, cached_instance, discard_instance
+from raytwin.ray_connect import cancel_tasks
 
 log = logging.getLogger("raytwin.fmu")
 
@@ -94,7 +95,12 @@ def run_fmu_sweep(model: FmuModel, scenarios: Sequence[FmuScenario], *, chunk_si
     names = outputs or model.output_names
     model_ref = ray.put(model)
     chunks = [list(scenarios[i:i + chunk_size]) for i in range(0, len(scenarios), chunk_size)]
-    done = ray.get([_chunk_remote().remote(model_ref, c, interface, names, keep_outputs) for c in chunks])
+    refs = [_chunk_remote().remote(model_ref, c, interface, names, keep_outputs) for c in chunks]
+    try:
+        done = ray.get(refs)
+    except BaseException:  # Ctrl-C, SIGTERM (`sweeps.runner.RunTerminated`) or a failed task: stop the others
+        cancel_tasks(refs)
+        raise
     per_worker: dict[int, int] = {}
     outs, errors, metrics = [], [], []
     for pid, count, results, m in done:
