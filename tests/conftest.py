@@ -89,6 +89,21 @@ def ray_session(s3_endpoint, ray_metrics_port):
     ray.shutdown()
 
 
+@pytest.fixture
+def cancelled_tasks(monkeypatch) -> list:
+    """The refs `ray.cancel` is called with during the test (each still cancelled): what an interrupted run stopped."""
+    import ray
+
+    cancelled, real_cancel = [], ray.cancel
+
+    def recording_cancel(ref, **kwargs):
+        cancelled.append(ref)
+        real_cancel(ref, **kwargs)
+
+    monkeypatch.setattr(ray, "cancel", recording_cancel)
+    return cancelled
+
+
 REFERENCE_FMU_MODELS = {2: ("VanDerPol", "Dahlquist", "BouncingBall", "Feedthrough", "Stair"),
                         3: ("VanDerPol", "Dahlquist", "Feedthrough", "StateSpace")}
 """The Reference FMUs the session builds, per FMI version."""

@@ -206,26 +206,19 @@ def test_a_sweep_on_ray_tasks_reuses_one_instance_per_worker(ray_session, refere
         assert result.metrics["x0_final"][i] == y[-1, 0] and result.metrics["x1_max"][i] == y[:, 1].max()
 
 
-def test_an_interrupted_fmu_sweep_cancels_its_tasks(ray_session, reference_fmus, monkeypatch):
+def test_an_interrupted_fmu_sweep_cancels_its_tasks(ray_session, reference_fmus, monkeypatch, cancelled_tasks):
     """Ctrl-C or SIGTERM in the wait cancels every chunk task: they ran on until the driver exited, long after
     the run was recorded cancelled."""
     import ray
 
-    cancelled, real_cancel = [], ray.cancel
-
     def interrupted_get(*args, **kwargs):
         raise KeyboardInterrupt
 
-    def recording_cancel(ref, **kwargs):
-        cancelled.append(ref)
-        real_cancel(ref, **kwargs)
-
     monkeypatch.setattr(ray, "get", interrupted_get)
-    monkeypatch.setattr(ray, "cancel", recording_cancel)
     model = FmuModel.load(reference_fmus[(2, "VanDerPol")])
     with pytest.raises(KeyboardInterrupt):
         run_fmu_sweep(model, [FmuScenario(500, 0.01)] * 6, chunk_size=2)
-    assert len(cancelled) == 3  # every chunk
+    assert len(cancelled_tasks) == 3  # every chunk
 
 
 def test_calibration_recovers_mu_from_fmu_output(ray_session, reference_fmus):

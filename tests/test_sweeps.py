@@ -312,25 +312,16 @@ def test_chunk_tasks_draw_the_rows_the_driver_would(ray_session, tmp_path, metho
     np.testing.assert_array_equal(table["energy_kwh"].to_numpy()[512:], local["energy_kwh"])
 
 
-def test_ctrl_c_cancels_outstanding_chunks(ray_session, tmp_path, monkeypatch):
-    import ray
-
+def test_ctrl_c_cancels_outstanding_chunks(ray_session, tmp_path, monkeypatch, cancelled_tasks):
     from sweeps import runner
-
-    cancelled, real_cancel = [], ray.cancel
 
     def interrupted_wait(*args, **kwargs):
         raise KeyboardInterrupt
 
-    def recording_cancel(ref, **kwargs):
-        cancelled.append(ref)
-        real_cancel(ref, **kwargs)
-
     monkeypatch.setattr(runner.ray, "wait", interrupted_wait)
-    monkeypatch.setattr(runner.ray, "cancel", recording_cancel)
     with pytest.raises(runner.SweepCancelled, match="cancelled after 0/600 scenarios"):
         run_sweep(_thermal_spec(), str(tmp_path / "out"), progress=False, max_in_flight=2)
-    assert len(cancelled) == 2  # the whole in-flight window
+    assert len(cancelled_tasks) == 2  # the whole in-flight window
 
 
 def test_a_local_ray_start_after_jax_prints_no_fork_warning_and_other_forks_still_do(monkeypatch):
