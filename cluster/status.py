@@ -46,6 +46,7 @@ class Status:
     oldest_job_age_s: float | None = None
     connectors: dict[str, bool] = field(default_factory=dict)  # "tenant/name" -> connected and receiving
     connector_down_s: dict[str, float] = field(default_factory=dict)  # seconds declared running, not connected
+    not_started: dict[str, str] = field(default_factory=dict)  # "tenant/name" -> why the backend does not run it
     alerts: list[str] | None = None  # firing; None: no Prometheus given
 
 
@@ -96,6 +97,16 @@ def _connected(samples: Samples) -> dict[str, bool]:
     return out
 
 
+NOT_STARTED = {"refused": "refused by the host policy, connector_hosts", "failed": "its process cannot start"}
+"""What each reason of `ray_raytwin_connector_not_started` means (`metrics.NOT_STARTED_REASONS`)."""
+
+
+def _not_started(samples: Samples) -> dict[str, str]:
+    """The connectors a backend holds declared and does not run, with the reason it exports (at 1)."""
+    return {labels["connector"]: labels["reason"] for n, labels, value in samples
+            if n == "ray_raytwin_connector_not_started" and value > 0}
+
+
 def _nonzero(values: dict[str, float]) -> dict[str, int]:
     """The counts above 0: processes export their counters' series at 0 from the start (`Metric.zero`)."""
     return {k: int(v) for k, v in values.items() if v}
@@ -128,6 +139,7 @@ def collect(samples: Samples, prometheus: str | None = None, now: float | None =
         oldest_job_age_s=(now or time.time()) - min(oldest) if oldest else None,
         connectors=_connected(samples),
         connector_down_s=_by(samples, "ray_raytwin_connector_down_seconds_total", "connector"),
+        not_started=_not_started(samples),
     )
     if prometheus is not None:
         alerts = httpx.get(f"{prometheus.rstrip('/')}/api/v1/alerts", timeout=10).raise_for_status().json()
@@ -169,12 +181,17 @@ def _service(s: Status) -> str:
 
 
 def _connectors(s: Status) -> str:
-    if not s.connectors:
-        return "none"
-    down = [f"{c} (down {s.connector_down_s.get(c, 0.0):.0f} s in all)" for c, up in sorted(s.connectors.items())
-            if not up]
-    up = sum(s.connectors.values())
-    return f"{up} connected" + (f"; not connected (or paused): {', '.join(down)}" if down else "")
+    """Connected ones counted; those not connected with their down time; those the backend does not run with
+    why (a process of theirs that ran before may still be in the export: they are listed once, as not running)."""
+    running = {c: up for c, up in s.connectors.items() if c not in s.not_started}
+    parts = [f"{sum(running.values())} connected"] if running else []
+    if down := [f"{c} (down {s.connector_down_s.get(c, 0.0):.0f} s in all)" for c, up in sorted(running.items())
+                if not up]:
+        parts.append(f"not connected (or paused): {', '.join(down)}")
+    if s.not_started:
+        listed = ", ".join(f"{c} ({NOT_STARTED.get(why, why)})" for c, why in sorted(s.not_started.items()))
+        parts.append(f"NOT RUNNING: {listed}; their error: `raytwin connectors status NAME`")
+    return "; ".join(parts) or "none"
 
 
 def render(s: Status) -> str:

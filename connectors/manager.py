@@ -23,6 +23,7 @@ from connectors.reach import Reach
 from connectors.runtime import ACTOR_PREFIX, ConnectorActor, ConnectorState, ConnectorStatus, actor_name
 from connectors.spec import ConnectorSpec, ConnectorStore, Credentials, UnknownConnector
 from connectors.tenant_files import Spec, TenantFiles
+from raytwin import metrics
 from raytwin.contracts import AssetType
 from raytwin.statestore import StateStore
 
@@ -36,6 +37,9 @@ class InvalidConnector(ValueError):
 START_RETRY_S = 30.0
 """How long a connector whose actor could not start is reported down before its start is tried again (each
 try is a new worker process: a reader listing connectors must not start one per request)."""
+START_CHECK_S = 10.0
+"""How long `Connectors.start_declared` waits for the connectors it started to answer, so that one that cannot
+start is exported as down at once (a slower one is found by the next call that asks it)."""
 
 
 class ConnectorDown(RuntimeError):
@@ -108,13 +112,13 @@ class Connectors:
         self.store.save(spec, credentials or Credentials())
         if replaced and (old := replaced.session_key()) and old != key:
             self.store.release(old, spec.tenant, spec.name)
-        self._down.pop((spec.tenant, spec.name), None)
+        self._up(spec.tenant, spec.name)
         try:
             status = self._ask(spec.tenant, spec.name, "status")
         except ConnectorDown as exc:  # it cannot start: not kept, or every later call would fail
             self._kill(spec.tenant, spec.name)
             self.store.delete(spec.tenant, spec.name)
-            self._down.pop((spec.tenant, spec.name), None)
+            self._up(spec.tenant, spec.name)
             if key:
                 self.store.release(key, spec.tenant, spec.name)
             raise InvalidConnector(f"connector {spec.name!r} could not start, so it was not kept: {exc.why}") from None
@@ -171,13 +175,29 @@ class Connectors:
         try:
             answer = ray.get(getattr(self._actor(tenant, name), method).remote())
         except ray.exceptions.ActorDiedError as exc:
-            why = _died_because(exc)
-            since = datetime.now(UTC)
-            self._down[(tenant, name)] = (time.monotonic() + START_RETRY_S, why, since)
-            log.error("event=connector_down tenant=%s connector=%s error=%r", tenant, name, why)
-            raise ConnectorDown(name, why, since) from None
-        self._down.pop((tenant, name), None)
+            raise self._failed(tenant, name, exc) from None
+        self._up(tenant, name)
         return answer
+
+    def _failed(self, tenant: str, name: str, exc: ray.exceptions.ActorDiedError) -> ConnectorDown:
+        """Record and export that the connector's actor died starting (not tried again for `START_RETRY_S`)."""
+        why = _died_because(exc)
+        since = self._mark_down(tenant, name, time.monotonic() + START_RETRY_S, why, "failed")
+        log.error("event=connector_down tenant=%s connector=%s error=%r", tenant, name, why)
+        return ConnectorDown(name, why, since)
+
+    def _mark_down(self, tenant: str, name: str, retry_at: float, why: str, reason: str) -> datetime:
+        """Keep the connector listed as down with `why`, and export it (`metrics.CONNECTOR_NOT_STARTED`): no
+        process of its own counts its down time, so without this no alert and no `raytwin status` would see it."""
+        since = datetime.now(UTC)
+        self._down[(tenant, name)] = (retry_at, why, since)
+        metrics.set_not_started(f"{tenant}/{name}", reason)
+        return since
+
+    def _up(self, tenant: str, name: str) -> None:
+        """The connector runs again, or is gone: no longer down."""
+        if self._down.pop((tenant, name), None) is not None:
+            metrics.set_not_started(f"{tenant}/{name}", None)
 
     def pause(self, tenant: str, name: str) -> ConnectorStatus:
         return self._ask(tenant, name, "pause")
@@ -217,7 +237,7 @@ class Connectors:
         except InvalidConnector:  # its files are no longer its tenant's: it cannot connect to end the session
             ended = False
         self.store.delete(tenant, name)
-        self._down.pop((tenant, name), None)
+        self._up(tenant, name)
         if (key := spec.session_key()) and ended:
             self.store.release(key, tenant, name)
         elif key:
@@ -233,25 +253,42 @@ class Connectors:
         listed as down with that reason until it is declared again or deleted. A running actor that enforces
         another reach policy than the current one (started before the operator changed it, or by a version
         that checked no address at connect time) is restarted under the current one."""
-        started = 0
+        started: dict[tuple[str, str], ray.ObjectRef] = {}
         for tenant in self.store.tenants():
             for name in self.names(tenant):
                 try:
                     spec = self.spec(tenant, name)
                     if refuse is not None and (why := refuse(spec)):
                         self._kill(tenant, name)  # one still running from before a backend restart, too
-                        self._down[(tenant, name)] = (math.inf, why, datetime.now(UTC))
+                        self._mark_down(tenant, name, math.inf, why, "refused")
                         log.warning("event=connector_refused tenant=%s connector=%s reason=%r", tenant, name, why)
                         continue
                     if key := spec.session_key():  # declarations of older versions: claimed now
                         self.store.claim(key, tenant, name)
                     if self._other_policy(tenant, name):
                         self._kill(tenant, name)
-                    self._actor(tenant, name)
-                    started += 1
+                    started[(tenant, name)] = self._actor(tenant, name).status.remote()
                 except Exception:  # noqa: BLE001 - one broken declaration must not keep the service down
                     log.exception("event=connector_start_failed tenant=%s connector=%s", tenant, name)
-        return started
+        self._check_started(started)
+        return len(started)
+
+    def _check_started(self, started: dict[tuple[str, str], ray.ObjectRef]) -> None:
+        """Mark down the connectors whose actor died starting (their status calls, for up to `START_CHECK_S`)."""
+        if not started:
+            return
+        ray.wait(list(started.values()), num_returns=len(started), timeout=START_CHECK_S)
+        for (tenant, name), ref in started.items():
+            try:
+                ray.get(ref, timeout=0)
+            except ray.exceptions.ActorDiedError as exc:
+                self._failed(tenant, name, exc)
+            except ray.exceptions.GetTimeoutError:  # still starting: the next call that asks it finds out
+                pass
+            except ray.exceptions.RayError as exc:  # e.g. the node lost: not fatal, the next call asks again
+                log.warning("event=connector_start_unknown tenant=%s connector=%s error=%r", tenant, name, exc)
+            else:
+                self._up(tenant, name)
 
     def _other_policy(self, tenant: str, name: str) -> bool:
         """Whether the connector's running actor, if any, enforces another reach policy than `self._reach`'s, or

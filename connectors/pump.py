@@ -153,3 +153,5 @@ class Pump:
                            ("rejected", r.rejected), ("dead_lettered", delivery.dead_lettered)):
             if n:
                 metrics.CONNECTOR_MESSAGES.inc(n, connector=self.name, outcome=outcome)
+        metrics.DEAD_LETTERS.inc(delivery.unmapped, stage="connector", reason="mapping")  # (0 is skipped)
+        metrics.DEAD_LETTERS.inc(delivery.dead_lettered - delivery.unmapped, stage="connector", reason="invalid")

@@ -119,6 +119,7 @@ class ConnectorRuntime:
                                                        on_connected=self._on_connected, reach=reach)
         self.desired = store.desired(tenant, name)
         metrics.CONNECTOR_CONNECTED.set(0.0, connector=self.pump.name)  # a series from the start
+        metrics.zero_connector(self.pump.name)
         if self.desired is Desired.running:
             self.adapter.start()
         self._stopped = threading.Event()

@@ -45,6 +45,8 @@ class Delivery:
 
     report: IngestReport = field(default_factory=IngestReport)
     dead_lettered: int = 0
+    unmapped: int = 0
+    """Of `dead_lettered`, the readings the mapping could not read (the others: rows the contract refused)."""
     newest_event_time: datetime | None = None
 
 
@@ -81,7 +83,7 @@ class TwinSink:
             self.router.store().write_dead_letters(self.tenant, dead)
             log.warning("event=connector_dead_letters tenant=%s count=%d first_reason=%r", self.tenant, len(dead),
                         dead[0]["reason"][:300])
-        delivery = Delivery(dead_lettered=len(dead))
+        delivery = Delivery(dead_lettered=len(dead), unmapped=len(dead) - len(rejects))
         if valid.num_rows:
             delivery.report = self._ingest(valid)
             applied = _applied(valid, delivery.report)

@@ -216,7 +216,7 @@ HTTP_LATENCY = histogram("raytwin_http_request_duration_seconds", "HTTP request 
 TWIN_EVENTS = counter("raytwin_twin_events", "Telemetry events handled by twin shards, by outcome "
                       "(accepted, duplicate, rejected, conflict).", "shard", "outcome")
 DEAD_LETTERS = counter("raytwin_dead_letters", "Events refused, by stage (api: answered to the client; ingest, "
-                       "shard: written to the dead-letter dataset) and reason.", "stage", "reason")
+                       "shard, connector: written to the dead-letter dataset) and reason.", "stage", "reason")
 EVENT_TO_APPLIED = batch_histogram("raytwin_event_to_applied_seconds", "Event time to state applied [s].", LAG_S)
 INGEST_TO_APPLIED = batch_histogram("raytwin_ingest_to_applied_seconds", "Ingest time to state applied [s].", LAG_S)
 SHARD_BACKLOG = gauge("raytwin_shard_backlog_events", "Events sent to a shard and not yet applied, per sending "
@@ -253,6 +253,10 @@ CONNECTOR_CONNECTED = gauge("raytwin_connector_connected", "1 while a connector 
 CONNECTOR_DOWN = counter("raytwin_connector_down_seconds", "Seconds a connector declared running was not connected "
                          "and receiving; its rate is the share of time down (paused time does not count, and a "
                          "stopped process's series stops growing).", "connector")
+CONNECTOR_NOT_STARTED = gauge("raytwin_connector_not_started", "1 while the backend holds a declared connector it "
+                              "does not run, by reason (refused: the host policy refuses its source; failed: its "
+                              "process could not start), 0 once it runs or is deleted: no process of its own "
+                              "exports its down time then.", "connector", "reason")
 CONNECTOR_NEWEST_EVENT = gauge("raytwin_connector_newest_event_timestamp_seconds", "Event time of the newest event a "
                                "connector applied [Unix s]: its lag is time() minus it.", "connector")
 # ---- overload (serve_apps/admission.py) ---------------------------------------------------------
@@ -268,6 +272,7 @@ DEAD_LETTER_REASONS: dict[str, tuple[str, ...]] = {
     "api": ("invalid", "misfit"),
     "ingest": ("invalid",),
     "shard": ("unknown_twin", "misfit", "clock_skew", "conflict", "too_late", "non_finite"),
+    "connector": ("mapping", "invalid"),  # its mapping could not read a reading; the contract refused a row
 }
 """The reasons each stage dead-letters events for (`DEAD_LETTERS`), exported at 0 where the stage runs."""
 
@@ -275,3 +280,24 @@ DEAD_LETTER_REASONS: dict[str, tuple[str, ...]] = {
 def zero_dead_letters(stage: str) -> None:
     """Export `stage`'s dead-letter series at 0 (see `Metric.zero`): once per process that refuses events."""
     DEAD_LETTERS.zero(*({"stage": stage, "reason": r} for r in DEAD_LETTER_REASONS[stage]))
+
+
+CONNECTOR_OUTCOMES = ("received", "acknowledged", "accepted", "duplicates", "rejected", "dead_lettered",
+                      "delivery_errors")
+"""The outcomes `CONNECTOR_MESSAGES` counts."""
+NOT_STARTED_REASONS = ("refused", "failed")
+"""The reasons `CONNECTOR_NOT_STARTED` gives."""
+
+
+def zero_connector(connector: str) -> None:
+    """Export a starting connector's counters at 0 (see `Metric.zero`): its first delivery errors or dead
+    letters then show in `rate()`, and so in the alerts."""
+    CONNECTOR_MESSAGES.zero(*({"connector": connector, "outcome": o} for o in CONNECTOR_OUTCOMES))
+    CONNECTOR_DOWN.zero({"connector": connector})
+    zero_dead_letters("connector")
+
+
+def set_not_started(connector: str, reason: str | None) -> None:
+    """Export why the backend does not run `connector` (one of `NOT_STARTED_REASONS`), None: it runs or is gone."""
+    for r in NOT_STARTED_REASONS:
+        CONNECTOR_NOT_STARTED.set(1.0 if r == reason else 0.0, connector=connector, reason=r)

@@ -36,7 +36,7 @@ from raytwin.contracts import TelemetryEvent
 from raytwin.ports import free_port
 from tests.fixtures_connectors import certificate_for, own_address, tank_twins, wait_for
 from tests.fixtures_serve import NODE_BROKERS, InProcessHandle
-from tests.ray_metrics import total, wait_until
+from tests.ray_metrics import scrape, total, wait_until
 
 T0 = datetime(2026, 4, 1, tzinfo=UTC)
 PAYLOAD = {"measurements": {"h1": {"field": "level", "unit": "mm"}, "q_in": {"field": "flow.in", "unit": "L/s"}},
@@ -211,6 +211,10 @@ def test_a_refused_subscription_is_reported_not_connected(twins, connectors, tmp
         connectors.create(plant_spec(guarded.port, protocol=protocol, name=name, ack_topic=None, routes=[
             {"topic": "plant/+/telemetry", "asset_level": 1, "payload": PAYLOAD},
             {"topic": "vault/+/telemetry", "asset_level": 1, "payload": PAYLOAD}]))
+        # its counters are exported at 0 from the start: a first burst of errors shows in rate()
+        wait_until(ray_metrics_port, lambda m: {lab["outcome"] for lab, v in m.get(
+            "ray_raytwin_connector_messages_total", []) if lab.get("connector") == f"acme/{name}" and v == 0} >= {
+            "delivery_errors", "dead_lettered", "rejected"}, "the connector's outcomes exported at 0")
         status = wait_for(lambda: (s := connectors.status("acme", name)).errors and s, "the refusal reported")
         assert not status.connected
         assert status.last_error == (
@@ -419,7 +423,14 @@ def test_a_refused_connection_names_the_reason_code_and_the_fix():
         "credentials: declare the connector again with the right username and password")
 
 
-def test_malformed_payloads_go_to_dead_letters_with_topic_and_reason(twins, connectors, broker, plant):
+def test_malformed_payloads_go_to_dead_letters_with_topic_and_reason(twins, connectors, broker, plant,
+                                                                     ray_metrics_port):
+    """Each reading refused is a dead letter saying why, and counts in `ray_raytwin_dead_letters_total` (stage
+    connector), so that `RayTwinDeadLettersHigh` sees a connector that dead-letters all it receives."""
+    def dead(reason: str) -> float:
+        return total(scrape(ray_metrics_port), "ray_raytwin_dead_letters_total", stage="connector", reason=reason)
+
+    counted = {reason: dead(reason) for reason in ("mapping", "invalid")}
     before = twins.state("acme", "pump-4").revision
     device = Publisher(broker.port)
     device.publish("plant/pump-4/telemetry", [b"not json", {"ts": reading(1)["ts"], "seq": 1},
@@ -439,6 +450,9 @@ def test_malformed_payloads_go_to_dead_letters_with_topic_and_reason(twins, conn
     assert "mqtt://plant/plant/bad id!/telemetry: topic level 1 'bad id!' is not an asset id" in letters
     assert src + "payload nests deeper than JSON decoding allows (past the interpreter's recursion limit)" in letters
     assert connectors.status("acme", "plant").dead_lettered == 6
+    wait_until(ray_metrics_port, lambda m: total(m, "ray_raytwin_dead_letters_total", stage="connector") ==
+               sum(counted.values()) + 6, "the six dead letters counted")
+    assert (dead("mapping") - counted["mapping"], dead("invalid") - counted["invalid"]) == (5, 1)
 
 
 def test_oversized_empty_and_odd_payloads_are_dead_lettered_bounded_and_saying_why(twins, connectors, broker):
@@ -1244,7 +1258,7 @@ OPENING = ("which connectors may not reach: the service's operator can open it t
     (None, f"is loopback (127.0.0.1), {OPENING}", "(loopback, which connectors may not reach): not connected")],
     ids=["a list set since", "the default, upgraded to"])
 def test_a_policy_that_refuses_a_stored_connector_stops_it_at_the_next_start(twins, connectors, broker, hosts,
-                                                                             declared, attempted):
+                                                                             declared, attempted, ray_metrics_port):
     """`connector_hosts` set (or narrowed) by an operator who learned of a probing tenant, or a backend upgraded
     to the default that refuses the node itself (loopback: Ray's ports, other tenants' brokers): a restarted
     backend does not start that tenant's stored connectors to hosts it refuses (they ran on), nor keeps them
@@ -1262,6 +1276,9 @@ def test_a_policy_that_refuses_a_stored_connector_stops_it_at_the_next_start(twi
         down.last_error
     with pytest.raises(ValueError):
         ray.get_actor(actor_name("acme", "probe"), namespace=twins.router.namespace)  # not left running
+    # no process of its own counts its down time: the backend exports it (`RayTwinConnectorDown`, `raytwin status`)
+    wait_until(ray_metrics_port, lambda m: total(m, "ray_raytwin_connector_not_started", connector="acme/probe",
+                                                 reason="refused") == 1.0, "the refused connector exported down")
     wait_for(lambda: ops.connectors.status("acme", "ops").connected, "the operator's connector is connected")
     # a tenant's connector whose name passed the check and resolves elsewhere since (DNS rebinding, here skipped
     # by storing it past the check): its process refuses the address at every connection attempt, though the
@@ -1274,6 +1291,8 @@ def test_a_policy_that_refuses_a_stored_connector_stops_it_at_the_next_start(twi
     assert not ops.connectors.status("acme", "rebound").connected
     for name in ("probe", "ops", "rebound"):
         ops.connectors.delete("acme", name)
+    wait_until(ray_metrics_port, lambda m: total(m, "ray_raytwin_connector_not_started", connector="acme/probe")
+               == 0.0, "the deleted connector no longer exported down")
 
 
 def test_a_service_that_stops_or_loses_its_store_stops_its_connector_actors_only(ray_session):

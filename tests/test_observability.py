@@ -128,6 +128,17 @@ def test_status_lists_connectors_not_connected_with_their_down_time(ray_session)
     assert status.connectors == {"acme/plant": True, "acme/vault": False}
     assert "connectors    1 connected; not connected (or paused): acme/vault (down 45 s in all)" in render(status)
     assert "connectors    none" in render(collect([]))
+    # connectors the backend does not run: no process of theirs says so, the backend's gauge does (with why)
+    down = [*samples, ("ray_raytwin_connector_not_started", {"connector": "acme/probe", "reason": "refused"}, 1.0),
+            ("ray_raytwin_connector_not_started", {"connector": "acme/probe", "reason": "failed"}, 0.0),
+            ("ray_raytwin_connector_not_started", {"connector": "acme/vault", "reason": "failed"}, 1.0),
+            ("ray_raytwin_connector_not_started", {"connector": "acme/gone", "reason": "refused"}, 0.0)]
+    assert collect(down).not_started == {"acme/probe": "refused", "acme/vault": "failed"}
+    line = next(x for x in render(collect(down)).splitlines() if x.startswith("connectors"))
+    assert line == ("connectors    1 connected; NOT RUNNING: acme/probe (refused by the host policy, connector_hosts), "
+                    "acme/vault (its process cannot start); their error: `raytwin connectors status NAME`"), line
+    only = render(collect(down[-4:]))
+    assert "connectors    NOT RUNNING: acme/probe" in only, only
     # the backend's fence gauge (any process at 1: fenced; none exported: unknown) and hung shards, by shard
     shards = [("ray_actors", {"Name": "TwinShardProcess", "Source": "gcs", "State": "ALIVE"}, 2.0),
               ("ray_raytwin_shard_unanswered_total", {"shard": "1", "WorkerId": "ingress-a"}, 3.0),
