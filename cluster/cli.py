@@ -77,7 +77,7 @@ def _validated_manifests(
         CrdSchemas.from_dir(crds).validate(manifest)
         manifests = [manifest]
         if spec.network_policy.enabled:
-            manifests.append(render_network_policy(spec))
+            manifests.append(render_network_policy(spec, kind))
             validate_network_policy(manifests[-1])
     except (ValueError, CrdError) as exc:
         _fail(str(exc))

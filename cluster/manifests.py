@@ -25,7 +25,10 @@ KEYS_VOLUME = "raytwin-api-keys"
 TMP_VOLUME = "ray-tmp"
 HEAD_PORTS = (("gcs-server", 6379), ("dashboard", 8265), ("client", 10001), ("serve", 8000))
 CLUSTER_LABEL = "raytwin.io/cluster"
-"""On every Ray pod of a spec (its RayCluster, RayService and RayJob clusters): what the NetworkPolicy selects."""
+"""On every Ray pod of a spec's RayCluster and RayService: what their NetworkPolicy selects."""
+JOB_CLUSTER_LABEL = "raytwin.io/job-cluster"
+"""On a spec's RayJob clusters' Ray pods instead: their own NetworkPolicy (no API port) selects them, and the
+long-running cluster's, which opens the API, does not."""
 CLIENT_LABEL = "raytwin.io/client-of"
 """On a RayJob's submitter pod: the NetworkPolicy lets it reach the dashboard's job API."""
 WRITABLE_ENV = {"RAYTWIN_JAX_CACHE_DIR": "/tmp/raytwin/jax", "XDG_CACHE_HOME": "/tmp/cache"}
@@ -129,9 +132,15 @@ def _pod(spec: ClusterSpec, container: dict[str, Any], *, api_keys: bool = True)
     return pod
 
 
-def _template(spec: ClusterSpec, pod: dict[str, Any]) -> dict[str, Any]:
-    """A pod template labelled with the spec's name, which the NetworkPolicy selects."""
-    return {"metadata": {"labels": {CLUSTER_LABEL: spec.name}}, "spec": pod}
+def pod_labels(spec: ClusterSpec, kind: Kind) -> dict[str, str]:
+    """The label of `kind`'s Ray pods that its NetworkPolicy selects: a job cluster's differs from the long-running
+    cluster's, so neither policy reaches the other's pods (policies add up: the API would be open on a job's)."""
+    return {JOB_CLUSTER_LABEL if kind is Kind.RAYJOB else CLUSTER_LABEL: spec.name}
+
+
+def _template(spec: ClusterSpec, kind: Kind, pod: dict[str, Any]) -> dict[str, Any]:
+    """A pod template labelled with the spec's name, which `kind`'s NetworkPolicy selects."""
+    return {"metadata": {"labels": pod_labels(spec, kind)}, "spec": pod}
 
 
 def _ingress_env(spec: ClusterSpec) -> dict[str, str]:
@@ -146,7 +155,8 @@ def _start_params(spec: ClusterSpec, params: dict[str, str]) -> dict[str, str]:
     return params
 
 
-def _worker_group(spec: ClusterSpec, group: WorkerGroupSpec, api_keys: bool) -> dict[str, Any]:
+def _worker_group(spec: ClusterSpec, group: WorkerGroupSpec, kind: Kind) -> dict[str, Any]:
+    api_keys = kind is not Kind.RAYJOB
     params = {"num-gpus": str(group.gpus)} if group.gpus else {}
     container = _container(spec, "ray-worker", group.image or spec.image, group.cpu, group.memory, group.gpus,
                            api_keys=api_keys)
@@ -162,7 +172,7 @@ def _worker_group(spec: ClusterSpec, group: WorkerGroupSpec, api_keys: bool) -> 
         "minReplicas": group.min_replicas,
         "maxReplicas": group.max_replicas,
         "rayStartParams": _start_params(spec, params),
-        "template": _template(spec, pod),
+        "template": _template(spec, kind, pod),
     }
 
 
@@ -179,10 +189,11 @@ def auth_options(spec: ClusterSpec) -> dict[str, Any]:
     return {"mode": "token", "secretName": spec.auth_secret}
 
 
-def ray_cluster_spec(spec: ClusterSpec, *, api_keys: bool = True) -> dict[str, Any]:
+def ray_cluster_spec(spec: ClusterSpec, kind: Kind = Kind.RAYCLUSTER) -> dict[str, Any]:
     """The `RayCluster.spec` shared by all three kinds (as `RayService.spec.rayClusterConfig` and
-    `RayJob.spec.rayClusterSpec` too); `api_keys=False` leaves the API keys Secret out (a job's cluster serves
-    no API)."""
+    `RayJob.spec.rayClusterSpec` too); a RayJob's has no API keys Secret (a job's cluster serves no API) and its
+    own pod label (`pod_labels`)."""
+    api_keys = kind is not Kind.RAYJOB
     head_container = _container(spec, "ray-head", spec.image, spec.head.cpu, spec.head.memory, api_keys=api_keys)
     head_container["ports"] = [{"name": name, "containerPort": port} for name, port in HEAD_PORTS]
     head_params = {} if spec.head.schedule_tasks else {"num-cpus": "0"}
@@ -200,9 +211,9 @@ def ray_cluster_spec(spec: ClusterSpec, *, api_keys: bool = True) -> dict[str, A
         }
     cluster["headGroupSpec"] = {
         "rayStartParams": _start_params(spec, head_params),
-        "template": _template(spec, _pod(spec, head_container, api_keys=api_keys)),
+        "template": _template(spec, kind, _pod(spec, head_container, api_keys=api_keys)),
     }
-    cluster["workerGroupSpecs"] = [_worker_group(spec, group, api_keys) for group in spec.worker_groups]
+    cluster["workerGroupSpecs"] = [_worker_group(spec, group, kind) for group in spec.worker_groups]
     return cluster
 
 
@@ -255,7 +266,7 @@ def render_rayservice(spec: ClusterSpec) -> dict[str, Any]:
         "spec": {
             "upgradeStrategy": dict(RAY_UPGRADE_NONE),
             "serveConfigV2": yaml.safe_dump(serve_config(spec), sort_keys=False),
-            "rayClusterConfig": ray_cluster_spec(spec),
+            "rayClusterConfig": ray_cluster_spec(spec, Kind.RAYSERVICE),
         },
     }
 
@@ -302,7 +313,7 @@ def render_rayjob(
         "shutdownAfterJobFinishes": True,
         "ttlSecondsAfterFinished": ttl_seconds_after_finished,
         "activeDeadlineSeconds": spec.job.active_deadline_seconds,
-        "rayClusterSpec": ray_cluster_spec(spec, api_keys=False),
+        "rayClusterSpec": ray_cluster_spec(spec, Kind.RAYJOB),
         "submitterPodTemplate": submitter_pod_template(spec),
     }
     if env := runtime_env(spec):

@@ -21,7 +21,7 @@ from typing import Any
 import jsonschema
 
 from cluster.crd_validation import ManifestInvalid, kubernetes_to_json_schema, schema_problems
-from cluster.manifests import CLIENT_LABEL, CLUSTER_LABEL
+from cluster.manifests import CLIENT_LABEL, Kind, pod_labels
 from cluster.spec import ClusterSpec, Peers
 
 API_VERSION = "networking.k8s.io/v1"
@@ -41,12 +41,15 @@ def _ports(*numbers: int) -> list[dict[str, Any]]:
     return [{"protocol": "TCP", "port": number} for number in numbers]
 
 
-def policy_name(spec: ClusterSpec) -> str:
-    return f"{spec.name}-raytwin"
+def policy_name(spec: ClusterSpec, kind: Kind = Kind.RAYCLUSTER) -> str:
+    """`<name>-raytwin`, shared by the spec's RayCluster and RayService (the same rules); `<name>-rayjob-raytwin`
+    for its RayJobs, so applying a job does not replace the long-running cluster's policy."""
+    return f"{spec.name}-rayjob-raytwin" if kind is Kind.RAYJOB else f"{spec.name}-raytwin"
 
 
-def render_network_policy(spec: ClusterSpec) -> dict[str, Any]:
-    """The ingress NetworkPolicy of every Ray pod of `spec` (its RayCluster, RayService and RayJob clusters)."""
+def render_network_policy(spec: ClusterSpec, kind: Kind = Kind.RAYCLUSTER) -> dict[str, Any]:
+    """The ingress NetworkPolicy of the Ray pods of `spec`'s `kind`: its RayCluster and RayService share one; its
+    RayJobs' clusters, which serve no API, have their own without the API port."""
     settings = spec.network_policy
     kuberay = {**_namespace(settings.kuberay_namespace),
                "podSelector": {"matchLabels": dict(settings.kuberay_pod_labels)}}
@@ -56,8 +59,8 @@ def render_network_policy(spec: ClusterSpec) -> dict[str, Any]:
     if settings.api_from is not None:  # KubeRay checks the head's Serve proxy on this port
         api["from"] = [*_peers(settings.api_from), kuberay]
     ingress = [
-        {"from": [{"podSelector": {"matchLabels": {CLUSTER_LABEL: spec.name}}}]},  # Ray's own ports, all of them
-        api,
+        {"from": [{"podSelector": {"matchLabels": pod_labels(spec, kind)}}]},  # Ray's own ports, all of them
+        *([] if kind is Kind.RAYJOB else [api]),
         {"from": [kuberay, submitters, *operators], "ports": _ports(DASHBOARD_PORT)},
     ]
     if operators:  # a rule with no `from` would admit everyone
@@ -67,9 +70,9 @@ def render_network_policy(spec: ClusterSpec) -> dict[str, Any]:
     return {
         "apiVersion": API_VERSION,
         "kind": "NetworkPolicy",
-        "metadata": {"name": policy_name(spec), "namespace": spec.namespace,
+        "metadata": {"name": policy_name(spec, kind), "namespace": spec.namespace,
                      "labels": {"app.kubernetes.io/part-of": "raytwin"}},
-        "spec": {"podSelector": {"matchLabels": {CLUSTER_LABEL: spec.name}}, "policyTypes": ["Ingress"],
+        "spec": {"podSelector": {"matchLabels": pod_labels(spec, kind)}, "policyTypes": ["Ingress"],
                  "ingress": ingress},
     }
 

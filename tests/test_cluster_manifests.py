@@ -319,7 +319,7 @@ def test_render_rayjob_to_stdout_through_the_cli() -> None:
     assert result.exit_code == 0, result.output
     manifest, policy = yaml.safe_load_all(result.output)
     assert (manifest["kind"], manifest["metadata"]["name"]) == ("RayJob", "sweep-1")
-    assert (policy["kind"], policy["metadata"]["name"]) == ("NetworkPolicy", "raytwin-gpu-raytwin")
+    assert (policy["kind"], policy["metadata"]["name"]) == ("NetworkPolicy", "raytwin-gpu-rayjob-raytwin")
     assert manifest["spec"]["entrypoint"] == "raytwin sweep run /data/spec.json --runs s3://bucket/runs --no-progress"
     invalid = CliRunner().invoke(cluster_app, ["render", str(spec_file), "--crds", str(CRD_DIR), "--kind", "rayjob",
                                                "--", "raytwin", "sweep", "--scenarios", "100000"])

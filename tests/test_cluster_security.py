@@ -68,7 +68,10 @@ def _env(container: dict[str, Any]) -> dict[str, Any]:
 @pytest.mark.parametrize("kind", list(Kind))
 def test_manifests_and_their_network_policy_validate(crds: CrdSchemas, name: str, kind: Kind) -> None:
     crds.validate(_render(name, kind))
-    validate_network_policy(render_network_policy(parse_spec(SPECS[name])))
+    policy = render_network_policy(parse_spec(SPECS[name]), kind)
+    validate_network_policy(policy)
+    for template in _pods(_render(name, kind)):  # the policy of the kind selects each of its Ray pods
+        assert _matches(policy["spec"]["podSelector"], template["metadata"]["labels"])
 
 
 @pytest.mark.parametrize("kind", list(Kind))
@@ -91,7 +94,8 @@ def test_every_ray_container_runs_as_the_ray_user_without_privileges(kind: Kind)
         assert {"name": "ray-tmp", "mountPath": "/tmp"} in container["volumeMounts"]
         env = _env(container)  # the shards' JAX cache and pip's cache move off the read-only home
         assert env["RAYTWIN_JAX_CACHE_DIR"].startswith("/tmp/") and env["XDG_CACHE_HOME"].startswith("/tmp/")
-        assert template["metadata"]["labels"] == {"raytwin.io/cluster": "twin"}  # what the NetworkPolicy selects
+        label = "raytwin.io/job-cluster" if kind is Kind.RAYJOB else "raytwin.io/cluster"
+        assert template["metadata"]["labels"] == {label: "twin"}  # what the kind's NetworkPolicy selects
     autoscaler = _cluster(manifest)["autoscalerOptions"]  # the sidecar KubeRay adds to the head pod
     assert autoscaler["securityContext"] == pods[0]["spec"]["containers"][0]["securityContext"]
     assert autoscaler["volumeMounts"] == [{"name": "ray-tmp", "mountPath": "/tmp"}]
@@ -259,6 +263,25 @@ def test_the_network_policy_opens_only_the_api_to_clients() -> None:
     assert _admits(policy, 8080, pod={"app": "prometheus"}, namespace="monitoring")
     assert not _admits(policy, 8080, pod={"app": "prometheus"}, namespace="web")
     assert not _admits(policy, 8265, pod={"app": "prometheus"}, namespace="monitoring")
+
+
+@pytest.mark.parametrize("spec", ["default", "locked-down"])
+def test_a_rayjobs_network_policy_opens_no_api_and_leaves_the_long_running_clusters_alone(spec: str) -> None:
+    """A job's cluster serves no API; and with the long-running cluster's name and pod label, applying a RayJob
+    replaced that cluster's policy (and policies add up, so either would have opened 8000 on the other's pods)."""
+    job = render_network_policy(parse_spec(SPECS[spec]), Kind.RAYJOB)
+    cluster = render_network_policy(parse_spec(SPECS[spec]), Kind.RAYCLUSTER)
+    assert job["metadata"]["name"] == "twin-rayjob-raytwin" != cluster["metadata"]["name"] == "twin-raytwin"
+    assert render_network_policy(parse_spec(SPECS[spec]), Kind.RAYSERVICE) == cluster  # one policy, the same rules
+    job_pod = {"raytwin.io/job-cluster": "twin", "ray.io/node-type": "worker"}
+    for outsider in ({"ip": "198.51.100.7"}, {"ip": "203.0.113.9"}, {"pod": {"app": "nginx"}, "namespace": "ingress-nginx"},
+                     {"pod": OPERATOR, "namespace": "default"}, {"pod": RAY_POD}):
+        assert not _admits(job, 8000, **outsider)
+    assert _admits(job, 8000, pod=job_pod) and _admits(job, 6379, pod=job_pod)  # Ray's own ports, in the job
+    assert not _admits(job, 6379, pod=RAY_POD) and not _admits(cluster, 6379, pod=job_pod)  # not across clusters
+    assert not _matches(cluster["spec"]["podSelector"], job_pod) and not _matches(job["spec"]["podSelector"], RAY_POD)
+    assert _admits(job, 8265, pod={"raytwin.io/client-of": "twin"})  # its submitter reaches the job API
+    assert [r for r in job["spec"]["ingress"] if 8000 in [p["port"] for p in r.get("ports", [])]] == []
 
 
 def test_the_network_policy_follows_the_specs_peers() -> None:
