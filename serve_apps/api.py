@@ -148,15 +148,18 @@ def _ops_routes(app: FastAPI) -> None:
              responses={503: {"model": Health, "description": "Not ready: `fenced` or `unavailable`"}})
     async def ready(response: Response, svc: Services = SVC) -> Health:
         """Readiness, for a load balancer's health check or an orchestrator's readiness probe; no API key, and, like
-        anonymous health, only a status. 200 `ok` while the service holds its store and a twin shard answers within
-        `shard_read_timeout_s`; 503 `fenced` once another service took its store over (every write would fail with
+        anonymous health, only a status (HEAD too). 200 `ok` while the service holds its store and a twin shard answers
+        within `readiness_timeout_s` (0.5 s: a probe's own timeout is often 1 s); 503 `fenced` once another service took its store over (every write would fail with
         `store_fenced`) or `unavailable` when no shard answers (every one down, restarting or hung). `/v1/health`
         stays the liveness check: a fenced or shardless service is alive, and restarting it fixes neither."""
         if await svc.backend.call("store_fence"):
             status = "fenced"
-        elif not await svc.backend.call("shards_answering", svc.config.shard_read_timeout_s):
+        elif not await svc.backend.call("shards_answering", svc.config.readiness_timeout_s):
             status = "unavailable"
         else:
             return Health(status="ok")
         response.status_code = 503
         return Health(status=status)
+
+    for path, probe in (("/v1/health", health), ("/v1/health/ready", ready)):  # load balancers and probes send HEAD
+        app.add_api_route(path, probe, methods=["HEAD"], include_in_schema=False)

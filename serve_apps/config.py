@@ -70,6 +70,9 @@ class ServeConfig(BaseModel):
                                         "(a hung or stalled process) is answered from the store, marked stale, and "
                                         "the shard's twins are read so and their telemetry refused (503) until it "
                                         "answers (serve_apps/shard_deadline.py).")
+    readiness_timeout_s: float = Field(0.5, gt=0, le=5, description="`/v1/health/ready` answers `unavailable` "
+                                       "when no twin shard answers within this (seconds): short, so a probe is "
+                                       "answered within Kubernetes' default 1 s probe timeout while shards hang.")
     shard_write_timeout_s: float = Field(15.0, gt=0, description="Telemetry (or a drift clear, an asset deletion) "
                                          "its twin's shard has not applied this long is answered 503 "
                                          "`twin_unavailable` (resend telemetry: events are idempotent); the shard's "

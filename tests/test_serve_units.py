@@ -336,6 +336,7 @@ class HealthBackend:
         self.store_fence = lambda: lost_lease(store, lease)
         self._fence, self._fence_checked, self.proposed = None, -math.inf, []
         self.answering = 2  # twin shards that answer (`Backend.shards_answering`)
+        self.waited_s: list[float] = []  # how long readiness let the shards take to answer
 
     def check_writable(self) -> None:
         from serve_apps.backend import Backend
@@ -357,6 +358,7 @@ class HealthBackend:
 
     def shards_answering(self, timeout_s: float) -> int:
         assert self.store_fence() is None, "a fenced service's readiness asked its shards"
+        self.waited_s.append(timeout_s)
         return self.answering
 
 
@@ -383,11 +385,16 @@ def test_readiness_fails_a_fenced_service_and_one_whose_shards_all_fail_to_answe
     with in_process(backend, tmp_path) as (http, _, _):
         ready = http.get("/v1/health/ready")
         assert (ready.status_code, ready.json()) == (200, {"status": "ok"})
+        for path in ("/v1/health/ready", "/v1/health"):  # what load balancers and probes often send: was 405
+            head = http.head(path)
+            assert (head.status_code, head.content) == (200, b"")
         backend.answering = 1  # one shard down or hung: its twins are unavailable, the others served
         assert http.get("/v1/health/ready").status_code == 200
         backend.answering = 0  # every shard down, restarting or hung (`serve shutdown` of the shards, a crash loop)
         down = http.get("/v1/health/ready")
         assert (down.status_code, down.json()) == (503, {"status": "unavailable"})
+        assert http.head("/v1/health/ready").status_code == 503
+        assert set(backend.waited_s) == {0.5}  # not 5 s (`shard_read_timeout_s`): within a probe's 1 s timeout
         assert http.get("/v1/health").status_code == 200  # alive: a restart would not bring shards back
         backend.answering = 2
         store.write_lease(replace(mine, owner="svc-b", epoch=2, acquired_by="host-b:7"))  # a takeover (a reshard)
