@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from raytwin import units
-from raytwin.contracts import AssetType
+from raytwin.contracts import AssetType, plausible_range
 
 Bump = Literal["major", "minor", "patch", "none"]
 KINDS = ("states", "inputs", "outputs", "parameters")
@@ -182,14 +182,45 @@ class IncompatibleReplay(ValueError):
         return (f"asset {self.asset_id}: its twin's history cannot be replayed unchanged on {self.new}, which differs "
                 f"from {self.old} in {', '.join(d.message for d in self.differences)}: a change of type version in "
                 "place (a retype) replays the logged history on the new model as logged, so it needs the same states "
-                f"in the same units and every input and output of {self.old} in the same unit; move it with {how}, "
-                "which maps and converts its state")
+                f"in the same units, every input and output of {self.old} in the same unit, and plausible ranges "
+                f"that hold the twin's live state and logged readings; move it with {how}, which maps and converts "
+                "its state")
 
 
-def require_replayable(asset_id: str, old: AssetType, new: AssetType) -> None:
-    """`IncompatibleReplay` unless the twin of `asset_id`'s history, logged on `old`, replays on `new` unchanged."""
-    if differences := replay_differences(old, new):
+def require_replayable(asset_id: str, old: AssetType, new: AssetType, state: dict[str, float],
+                       readings: Iterable[dict[str, float]]) -> None:
+    """`IncompatibleReplay` unless the twin of `asset_id`'s history, logged on `old`, replays on `new` unchanged
+    and `new`'s plausible ranges hold its live `state` and logged `readings` (`range_differences`)."""
+    if differences := replay_differences(old, new) or range_differences(new, state, readings):
         raise IncompatibleReplay(asset_id, old.key, new.key, differences)
+
+
+def range_differences(new: AssetType, state: dict[str, float], readings: Iterable[dict[str, float]]
+                      ) -> list[SchemaChange]:
+    """Where `new`'s plausible ranges exclude the twin's live `state` or a logged reading (both in `new`'s units,
+    as they are when `replay_differences` found none). Why: on `new` the twin would run from a state its own
+    type calls implausible (a sweep from "live" starts there), and the replay applies logged readings as
+    logged, never rechecked, although `new` refuses such telemetry. A state that is not a number (a
+    diverged filter) is not checked: it lies in no range."""
+    differences = [
+        SchemaChange(f"states.{name}", "range", True,
+                     f"states.{name}: the live {value:g} {q.unit} is {plausible_range(q)} of {new.version}")
+        for name, value in state.items()
+        if (q := new.states.get(name)) is not None and math.isfinite(value) and q.outside(value)]
+    outside: dict[str, list[float]] = {}
+    for values in readings:
+        for name, value in values.items():
+            q = new.measurable().get(name)
+            if q is not None and q.outside(value):
+                outside.setdefault(name, []).append(value)
+    for name, values in sorted(outside.items()):
+        q = new.measurable()[name]
+        where = f"{'outputs' if name in new.outputs else 'inputs'}.{name}"
+        differences.append(SchemaChange(
+            where, "range", True, f"{where}: {len(values)} logged reading{'s' * (len(values) != 1)} ("
+            f"{', '.join(f'{v:g}' for v in values[:3])}{', ...' * (len(values) > 3)} {q.unit}) {plausible_range(q)} "
+            f"of {new.version}"))
+    return differences
 
 
 def replay_differences(old: AssetType, new: AssetType) -> list[SchemaChange]:

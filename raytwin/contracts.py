@@ -481,7 +481,7 @@ class Scenario(Contract):
                 col = self.input_values(name, q.unit, clock_s)
                 low, high = float(np.min(col)), float(np.max(col))
                 if not (math.isfinite(low) and math.isfinite(high)) or q.outside(low) or q.outside(high):
-                    problems.append(f"input {name} spans [{low:g}, {high:g}] {q.unit} over the horizon, {_range(q)}")
+                    problems.append(f"input {name} spans [{low:g}, {high:g}] {q.unit} over the horizon, {plausible_range(q)}")
                 cols.append(col)
             series = np.column_stack(cols) if cols else series
         if problems:
@@ -508,11 +508,11 @@ def implausible_states(values: dict[str, float], value_units: dict[str, str], as
     for name, value in values.items():
         q = asset_type.states.get(name)
         if q is not None and q.outside(converted := units.to_unit(value, value_units[name], q.unit)):
-            problems.append(f"{label}.{name}={converted:g} {q.unit} {_range(q)}")
+            problems.append(f"{label}.{name}={converted:g} {q.unit} {plausible_range(q)}")
     return problems
 
 
-def _range(q: Quantity) -> str:
+def plausible_range(q: Quantity) -> str:
     """'outside the plausible range [lower, upper] unit' for a message."""
     low, high = ("-inf" if q.lower is None else f"{q.lower:g}"), ("inf" if q.upper is None else f"{q.upper:g}")
     return f"outside the plausible range [{low}, {high}] {q.unit}"

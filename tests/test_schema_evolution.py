@@ -18,12 +18,15 @@ import pytest
 import ray
 
 from raytwin.compat import (
+    IncompatibleReplay,
     IncompatibleVersion,
     bump,
     check_version,
     compare_types,
     previous_version,
+    range_differences,
     replay_differences,
+    require_replayable,
     required_bump,
 )
 from raytwin.contracts import AssetType, ParameterSpec, Quantity
@@ -114,6 +117,23 @@ REPLAY = [
 def test_a_type_change_in_place_needs_the_same_states_and_every_measurement_in_the_same_unit(what, update, expected):
     """What a twin's history, replayed as logged on a new version's model, needs of that version."""
     assert [(d.where, d.change) for d in replay_differences(THERMAL, changed(THERMAL, "2.0.0", **update))] == expected
+
+
+def test_a_type_change_in_place_needs_ranges_that_hold_the_twins_live_state_and_logged_readings():
+    """The example of the report (T_in's upper bound 294 K; readings at 294.15 and 295.15 K, the live T_in 294.65 K)
+    is refused, naming the state and the output, the values and the new range; a state that is not a number (a
+    diverged filter) is in no range and not checked; a narrowing that still holds both is taken."""
+    t_in = {"T_in": Quantity(unit="K", lower=173.15, upper=294.0)}
+    narrow = changed(THERMAL, "3.0.0", states={**THERMAL.states, **t_in}, outputs={**THERMAL.outputs, **t_in})
+    readings = [{"T_in": 293.5, "T_out": 280.0}, {"T_in": 294.15, "T_out": 280.0}, {"T_in": 295.15}]
+    with pytest.raises(IncompatibleReplay) as refused:
+        require_replayable("zone-1", THERMAL, narrow, {"T_in": 294.65, "T_m": 293.0}, readings)
+    assert [d.message for d in refused.value.differences] == [
+        "states.T_in: the live 294.65 K is outside the plausible range [173.15, 294] K of 3.0.0",
+        "outputs.T_in: 2 logged readings (294.15, 295.15 K) outside the plausible range [173.15, 294] K of 3.0.0"]
+    assert "move it with TwinService.migrate" in str(refused.value)
+    assert [d.where for d in range_differences(narrow, {"T_in": float("nan")}, readings)] == ["outputs.T_in"]
+    require_replayable("zone-1", THERMAL, narrow, {"T_in": 293.9}, readings[:1])
 
 
 def test_versions_are_compared_as_numbers_against_the_newest_older_one():
@@ -483,11 +503,18 @@ def test_a_migration_moves_no_asset_off_its_models_production_version(api):
     assert client.get("/v1/assets/hall-1", headers=auth["reader"]).json()["type_version"] == "1.0.0"
 
 
+def narrowed_t(t: AssetType, upper: float) -> AssetType:
+    """`t` with the plausible range of its state and output T capped at `upper` K."""
+    capped = {"T": t.states["T"].model_copy(update={"upper": upper})}
+    return t.model_copy(update={"states": {**t.states, **capped}, "outputs": {**t.outputs, **capped}})
+
+
 WARDS = [  # versions of a type of their own, apart from the rooms the other tests move
     AssetType.from_model(ROOM_V1, name="ward"),
     AssetType.from_model(ROOM_SURFACE, name="ward"),  # 1.1.0: a second sensor; the rest as 1.0.0
     AssetType.from_model(TWO_TANK, name="ward", version="2.0.0"),  # another model: tank levels, a pump's inflow
     AssetType.from_model(ROOM_HEAT, name="ward"),  # 3.0.0: the input Q renamed Q_heat
+    narrowed_t(AssetType.from_model(ROOM_V1, name="ward", version="4.0.0"), 293.5),  # 1.0.0, T at most 293.5 K
 ]
 
 
@@ -524,6 +551,12 @@ def test_a_type_version_changes_in_place_only_to_one_its_twins_history_replays_o
         assert f"cannot be replayed unchanged on ward@{version}, which differs from ward@1.0.0 in " in error["message"]
         assert "inputs.Q removed (or renamed)" in error["message"]
         assert "move it with POST /v1/assets/ward-1/migrate" in error["message"]
+    r = client.put("/v1/assets/ward-1", json={"type_name": "ward", "type_version": "4.0.0"}, headers=admin)
+    assert r.status_code == 422, r.text  # a range that excludes the live state and the logged readings
+    error = r.json()["error"]
+    assert [(d["where"], d["change"]) for d in error["details"]] == [("states.T", "range"), ("outputs.T", "range")]
+    assert ("outputs.T: 130 logged readings (294, 294, 294, ... K) outside the plausible range [173.15, 293.5] K "
+            "of 4.0.0") in error["message"] and "move it with POST /v1/assets/ward-1/migrate" in error["message"]
     assert client.get("/v1/assets/ward-1", headers=reader).json()["type_version"] == "1.0.0"
     now = client.get("/v1/assets/ward-1/state", headers=reader).json()
     assert (now["model_ref"], now["revision"], now["state"]) == (before["model_ref"], 130, before["state"])

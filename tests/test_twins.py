@@ -437,6 +437,42 @@ def test_the_python_api_refuses_a_retype_the_twins_history_does_not_replay_on(se
     assert (moved.model_ref, moved.revision) == (newer.ref, 20)
 
 
+def test_a_retype_is_refused_when_the_new_ranges_exclude_the_twins_live_state_or_logged_readings(
+        service, artifact, tmp_path):
+    """A version that only narrowed T_in's plausible range passed the replay check: the twin ran on it from a state
+    its own type calls implausible (a sweep from "live" started there), its logged readings replayed unchecked.
+    Now a range that excludes the live state or a logged reading is refused, naming each, the value and the new
+    range, and nothing changes; a narrowing that still holds the history and state is taken."""
+    from raytwin.compat import IncompatibleReplay
+
+    def narrowed(version: str, upper: float) -> ModelArtifact:
+        base = AssetType.from_model(THERMAL_RC, version=version)
+        t_in = {"T_in": base.states["T_in"].model_copy(update={"upper": upper})}
+        narrow = base.model_copy(update={"states": {**base.states, **t_in}, "outputs": {**base.outputs, **t_in}})
+        return ModelRegistry(str(tmp_path / "models")).register("zone", version, narrow)
+
+    service.register(asset("rt-range"), artifact)
+    logged = events("rt-range", 20, seed=29)  # T_in rises from about 293.15 K to 293.55 K
+    assert service.ingest("acme", logged).accepted == 20
+    before, record = service.state("acme", "rt-range"), service.store.load_registration("acme", "rt-range")
+    assert before.state["T_in"] > 293.3
+    with pytest.raises(IncompatibleReplay) as refused:
+        service.retype(asset("rt-range").model_copy(update={"type_version": "3.0.0"}), narrowed("3.0.0", 293.3))
+    assert [(d.where, d.change) for d in refused.value.differences] == [("states.T_in", "range"),
+                                                                        ("outputs.T_in", "range")]
+    message = str(refused.value)
+    assert f"states.T_in: the live {before.state['T_in']:g} K is outside the plausible range [173.15, 293.3] K" \
+        in message
+    above = [v for v in (e.measurements["T_in"].value + 273.15 for e in logged) if v > 293.3]
+    assert f"outputs.T_in: {len(above)} logged readings ({above[0]:g}, " in message
+    assert "move it with TwinService.migrate" in message
+    assert service.state("acme", "rt-range") == before and service.store.load_registration("acme", "rt-range") == record
+
+    service.retype(asset("rt-range").model_copy(update={"type_version": "3.1.0"}), narrowed("3.1.0", 300.0))
+    assert (service.state("acme", "rt-range").model_ref, service.state("acme", "rt-range").revision) == (
+        "zone@3.1.0", 20)
+
+
 def test_killed_shard_recovers_without_losing_or_double_applying(ray_session, tmp_path, artifact):
     """ray.kill, then SIGKILL of the shard's worker process, while an ingestion is running."""
     import ray
