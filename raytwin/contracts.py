@@ -481,7 +481,8 @@ class Scenario(Contract):
                 col = self.input_values(name, q.unit, clock_s)
                 low, high = float(np.min(col)), float(np.max(col))
                 if not (math.isfinite(low) and math.isfinite(high)) or q.outside(low) or q.outside(high):
-                    problems.append(f"input {name} spans [{low:g}, {high:g}] {q.unit} over the horizon, {plausible_range(q)}")
+                    problems.append(
+                        f"input {name} spans [{low:g}, {high:g}] {q.unit} over the horizon, {plausible_range(q)}")
                 cols.append(col)
             series = np.column_stack(cols) if cols else series
         if problems:
