@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 
 import pytest
+import ray
 from typer.testing import CliRunner
 
 from raytwin.cli import app
@@ -28,6 +29,7 @@ def test_a_port_where_nothing_listens_is_unreachable_and_a_listening_one_is_left
 
 def test_status_given_an_address_without_a_port_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
     out = CliRunner().invoke(app, ["status", "--address", "127.0.0.1"])
     assert out.exit_code == 1 and "is not a Ray cluster address" in out.output, out.output  # was Ray's traceback
 
@@ -37,6 +39,7 @@ def test_status_given_an_address_without_a_port_says_so(monkeypatch: pytest.Monk
 def test_commands_refuse_an_address_where_nothing_listens(command: list[str], tmp_path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as from a shell: the suite's own Ray may be up
     create_key(tmp_path / "keys.json", "acme", "admin")
     address = f"127.0.0.1:{free_port()}"
     args = [a.format(tmp=tmp_path) for a in command] + ["--address", address]
