@@ -110,6 +110,10 @@ class LifecyclePolicy(Contract):
         "(nats), with NIS no further from 1; None: never.")
 
 
+REASON_KEPT = 2000
+"""The longest reason a transition records (characters)."""
+
+
 class TransitionRecord(Contract):
     seq: int = Field(ge=0)
     prev_hash: str = Field(pattern=r"^[0-9a-f]{64}$")
@@ -124,7 +128,7 @@ class TransitionRecord(Contract):
     actor_roles: list[Identifier]
     automatic: bool = Field(False, description="Promoted under the tenant's automatic-promotion policy.")
     time: UtcTime = Field(description="Server time of the transition.")
-    reason: str = Field(min_length=1, max_length=2000)
+    reason: str = Field(min_length=1, max_length=REASON_KEPT)
     evidence: Evidence = Field(default_factory=Evidence)
     hash: str = Field(pattern=r"^[0-9a-f]{64}$")
 

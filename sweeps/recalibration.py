@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from pydantic import Field
 
 from raytwin.contracts import Contract, Finite, Identifier, SemVer
-from raytwin.lifecycle import Actor, Evidence, ModelLifecycle
+from raytwin.lifecycle import REASON_KEPT, Actor, Evidence, ModelLifecycle
 from raytwin.recalibration import DriftTrigger, RecalibrationPolicy
 from raytwin.estimation import model_defaults
 from raytwin.registry import ModelArtifact, ModelRegistry, RegistryError
@@ -39,6 +39,9 @@ log = logging.getLogger("raytwin.recalibration")
 AUTHOR = "recalibration"
 """The lifecycle author of recalibrated candidates: any approver key may promote them (four eyes)."""
 JOB_KEY = "recalibration_job"
+WARNINGS = "calibration_warnings"
+"""Candidate metadata: the fit's warnings (`sweeps.calibration.misfit_warning`), one per line, kept so a relaunch
+that finds the candidate registered submits it with them too."""
 
 
 TRIAL_CPUS = 0.01
@@ -81,6 +84,8 @@ class Recalibrated(Contract):
     run_id: str
     parameters: dict[str, float]
     resumed: bool = Field(description="True when a relaunch found the candidate registered already")
+    warnings: list[str] = Field(default_factory=list, description="What makes the fit doubtful (a weighted RMSE "
+                                "far above 1): also in the submission's reason, for the approver")
 
 
 def window_table(store: StateStore, tenant: str, asset_id: str, names: list[str], until: datetime,
@@ -175,6 +180,7 @@ def recalibrate(work: RecalibrationWork) -> Recalibrated:
             raise RecalibrationError(f"{candidate} is registered already, not by recalibration {work.job_key}: "
                                      f"publish asset type versions outside the recalibration's range or retry")
         run_id, parameters = artifact.metadata["run_id"], artifact.parameters
+        warnings = [w for w in artifact.metadata.get(WARNINGS, "").splitlines() if w]
     else:
         base = registry.get(work.model_ref)
         spec = CalibrationSpec(
@@ -184,18 +190,22 @@ def recalibrate(work: RecalibrationWork) -> Recalibrated:
         with owned_by(tune_owner(work.tenant, work.job_key)):
             record = recorded_calibration(spec, runs=work.runs_url, storage_options=options, user=AUTHOR)
         run_id, parameters = record.run_id, record.summary["parameters"]
+        warnings = list(record.summary.get("warnings", []))
         registry.register(name, work.candidate_version, base.asset_type, parameters, metadata={
             JOB_KEY: work.job_key, "run_id": run_id, "calibrated_from": work.model_ref,
-            "asset_id": work.asset_id, "weighted_rmse": repr(record.summary["weighted_rmse"])})
+            "asset_id": work.asset_id, "weighted_rmse": repr(record.summary["weighted_rmse"]),
+            **({WARNINGS: "\n".join(warnings)} if warnings else {})})
     if work.candidate_version not in lifecycle.verify(name).versions:
         twins = sorted({t.asset_id for t in work.triggers})
-        lifecycle.submit(candidate, Actor(id=AUTHOR, tenant=work.tenant),
-                         f"recalibrated {','.join(work.policy.free)} on twin {work.asset_id} after drift of "
-                         f"{len(twins)} twin(s) of {work.model_ref}",
+        reason = (f"recalibrated {','.join(work.policy.free)} on twin {work.asset_id} after drift of "
+                  f"{len(twins)} twin(s) of {work.model_ref}" + "".join(f"; WARNING: {w}" for w in warnings))
+        lifecycle.submit(candidate, Actor(id=AUTHOR, tenant=work.tenant), reason[:REASON_KEPT],
                          Evidence(run_ids=[run_id], triggers=work.triggers))  # its fit: GET /v1/runs/{id}
-    log.info("event=recalibrated job=%s tenant=%s candidate=%s run_id=%s resumed=%s triggers=%d", work.job_key,
-             work.tenant, candidate, run_id, resumed, len(work.triggers))
-    return Recalibrated(candidate=candidate, run_id=run_id, parameters=parameters, resumed=resumed)
+    (log.warning if warnings else log.info)(
+        "event=recalibrated job=%s tenant=%s candidate=%s run_id=%s resumed=%s triggers=%d warnings=%d",
+        work.job_key, work.tenant, candidate, run_id, resumed, len(work.triggers), len(warnings))
+    return Recalibrated(candidate=candidate, run_id=run_id, parameters=parameters, resumed=resumed,
+                        warnings=warnings)
 
 
 def next_free_version(registry: ModelRegistry, name: str, base_version: str, reserved: set[str]) -> str:

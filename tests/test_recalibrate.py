@@ -1,0 +1,46 @@
+"""`sweeps.recalibration.recalibrate` on a local Ray: what a drift-triggered fit hands its approvers."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pyarrow.parquet as pq
+
+from raytwin.contracts import AssetType
+from raytwin.lifecycle import ModelLifecycle
+from raytwin.recalibration import DriftTrigger, RecalibrationPolicy
+from raytwin.registry import ModelRegistry
+from raytwin.sim import TWO_TANK
+from sweeps.calibration import MISFIT_RMSE
+from sweeps.recalibration import WARNINGS, RecalibrationWork, recalibrate
+from sweeps.synthetic import synthetic_telemetry
+from tests.test_calibration import CASES
+
+
+def test_a_candidate_whose_fit_does_not_match_the_data_is_submitted_saying_so(ray_session, tmp_path):
+    """A recalibration whose fit had weighted RMSE far above 1 submitted its candidate as if it fitted: the
+    misfit warning stayed in the run record, which an approver reading the transition never opened."""
+    case = CASES["two_tank"]
+    true = case["true"]
+    pq.write_table(synthetic_telemetry("two_tank", true, case["x0"], 900, 1.0, case["noise"], 1), tmp_path / "w.parquet")
+    registry = ModelRegistry(str(tmp_path / "registry"))
+    wrong = {**true, "a2": 0.9 * true["a2"]}  # a fixed parameter 10 % off: a1 cannot make up for it
+    registry.register("tank", "1.0.0", AssetType.from_model(TWO_TANK, name="tank"), wrong)
+    trigger = DriftTrigger(seq=1, asset_id="tank-1", type_name="tank", type_version="1.0.0",
+                           event_time=datetime(2026, 1, 1, tzinfo=UTC), drift_score=3.0, nis_mean=9.0, nis_last=9.0)
+    work = RecalibrationWork(
+        job_key="job-1", tenant="acme", asset_id="tank-1", model_ref="tank@1.0.0", candidate_version="1.0.1",
+        telemetry=str(tmp_path / "w.parquet"), start_state=case["x0"],
+        policy=RecalibrationPolicy(free=["a1"], max_trials=1, noise_std=case["noise"]),
+        triggers=[trigger], registry_url=str(tmp_path / "registry"), runs_url=str(tmp_path / "runs"))
+
+    done = recalibrate(work)
+    (warning,) = done.warnings
+    assert warning.startswith("the fit does not match the data: weighted RMSE")
+    assert float(registry.get("tank@1.0.1").metadata["weighted_rmse"]) > MISFIT_RMSE
+    assert registry.get("tank@1.0.1").metadata[WARNINGS] == warning
+    (submitted,) = [r for r in ModelLifecycle(registry).records("tank") if r.version == "1.0.1"]
+    assert submitted.to_stage == "candidate" and submitted.reason.endswith(f"; WARNING: {warning}")
+
+    again = recalibrate(work)  # a relaunch that finds the candidate registered keeps the warning
+    assert again.resumed and again.warnings == [warning]
