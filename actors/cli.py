@@ -66,12 +66,15 @@ def state_at(
 def dead_letters(
     store: str = typer.Argument(..., help="State store URL."),
     tenant: str = typer.Option(None, help="Only this tenant."),
-    limit: int = typer.Option(20, min=1, help="Show at most this many (newest)."),
+    day: datetime = typer.Option(None, "--day", formats=["%Y-%m-%d"], help="Only this UTC day's."),
+    limit: int = typer.Option(20, min=1, help="Show the newest this many: only the days that hold them are read "
+                              "(a poison device may leave millions)."),
 ) -> None:
-    """List rejected telemetry with the reason (newest last)."""
-    rows = _twin_store(store).read_dead_letters(tenant).to_pylist()
-    typer.echo(f"{len(rows)} dead letter(s)")
-    for r in rows[-limit:]:
+    """List the newest rejected telemetry with the reason (newest last)."""
+    of = None if day is None else day.date().isoformat()
+    rows = _twin_store(store).newest_dead_letters(tenant, limit, day=of).to_pylist()
+    typer.echo(f"the newest {len(rows)} dead letter(s)" + (f" of {of}" if of else ""))
+    for r in rows:
         typer.echo(json.dumps({k: str(v) if k == "dead_lettered_at" else v for k, v in r.items()}))
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
 import pyarrow as pa
@@ -274,8 +274,13 @@ class TwinService:
         open segments (`raytwin.logsegments`: compaction takes closed ones)."""
         ray.get([s.flush.remote() for s in self._shards])
 
-    def dead_letters(self, tenant: str | None = None) -> pa.Table:
-        return self.store.read_dead_letters(tenant)
+    def dead_letters(self, tenant: str | None = None, limit: int | None = None, day: date | None = None) -> pa.Table:
+        """The dead letters of `tenant` (None: every tenant's), oldest first: all of them, or the newest `limit`
+        (of one UTC `day`), read from the partitions that hold them alone (`StateStore.newest_dead_letters`; a
+        tenant with a poison device may have millions)."""
+        if limit is None and day is None:
+            return self.store.read_dead_letters(tenant)
+        return self.store.newest_dead_letters(tenant, limit, day=None if day is None else day.isoformat())
 
     def close(self) -> None:
         """Kill the shard actors (their state stays in the store; a new service recovers it) and

@@ -59,7 +59,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -71,6 +71,7 @@ from raytwin.logsegments import SegmentWriter, held_segment, is_segment, read_se
 from raytwin.storage import filesystem, replace_file
 
 log = logging.getLogger("raytwin.store")
+_T = TypeVar("_T")
 SCAN_ATTEMPTS = 3
 COMPACT_ROWS = 1_000_000
 """Most rows per compacted file: ~30 MB of log rows (merged from 500 part files in 2.8 s here),
@@ -159,6 +160,30 @@ def _segment_batches(fs: Any, paths: list[str], base: str | None) -> Iterator[pa
                 pending, rows = [], 0
 
 
+_READAHEAD = 2
+"""Files, and batches of a file, a streamed scan reads ahead (`_batches`): Arrow's defaults (4 and 16 of up
+to 131,072 rows) would hold far more than the page a read of dead letters keeps."""
+
+
+def _batches(fs: Any, paths: list[str], base: str, **scan: Any) -> Iterator[pa.RecordBatch]:
+    """The record batches of the Parquet and Arrow IPC files `paths` (`files_dataset`'s), streamed; `scan`: a
+    scanner's filter and columns."""
+    dataset = files_dataset(fs, paths, base)
+    return iter(()) if dataset is None else dataset.to_batches(**scan, batch_readahead=_READAHEAD,
+                                                               fragment_readahead=_READAHEAD)
+
+
+def _largest(batches: Iterable[pa.RecordBatch], n: int) -> np.ndarray:
+    """The `n` largest values of the first column of `batches` (as int64, ascending), kept as they stream: memory
+    for about 2n and a batch, not for all of them."""
+    kept = np.empty(0, np.int64)
+    for batch in batches:
+        kept = np.concatenate([kept, batch.column(0).cast(pa.int64()).to_numpy()])
+        if len(kept) > 2 * n:
+            kept = np.partition(kept, len(kept) - n)[len(kept) - n:]
+    return np.sort(kept)[max(0, len(kept) - n):]
+
+
 def _partitions(path: str, base: str | None) -> dict[str, str]:
     """The Hive partition values (``name=value`` directories) of `path` below `base`."""
     if base is None:
@@ -197,6 +222,8 @@ DEAD_LETTER_SCHEMA = pa.schema([
     ("raw", pa.string()),
     ("dead_lettered_at", TIME),
 ])
+DEAD_LETTER_COLUMNS = pa.schema([*DEAD_LETTER_SCHEMA, ("tenant", pa.string()), ("date", pa.string())])
+"""A dead letter as read back: with its tenant and UTC day (``YYYY-MM-DD``), from its partition."""
 
 
 def to_micros(ts: datetime) -> int:
@@ -440,24 +467,40 @@ class StateStore:
         return [p for p in self.fs.find(directory)
                 if not any(n.startswith((".", "_")) for n in p[len(directory):].split("/"))]
 
-    def _scan(self, directory: str, *, empty: pa.Table, filter: ds.Expression | None = None,
-              columns: list[str] | None = None, days_from: str | None = None) -> pa.Table:
-        """The rows under `directory` (`read_files`, Hive partition columns below it), listing it again
-        if a file vanished meanwhile (a compaction deleted it after writing the same rows elsewhere).
-        `days_from`: leave out log segments of earlier date partitions (files are pruned by `filter`)."""
+    def _relisting(self, directories: list[str], read: Callable[[list[str]], _T]) -> _T:
+        """`read` of the files under `directories`, listed again if a file vanished meanwhile (a compaction
+        deleted it after writing the same rows elsewhere)."""
         for attempt in range(SCAN_ATTEMPTS):
             if attempt:
-                self.fs.invalidate_cache(directory)
-            files = self._files(directory)
-            if days_from is not None:
-                files = [p for p in files or [] if not is_segment(p.rsplit("/", 1)[-1])
-                         or _partitions(p, directory).get("date", days_from) >= days_from]
+                for directory in directories:
+                    self.fs.invalidate_cache(directory)
             try:
-                return read_files(self.fs, files or [], directory, filter=filter, columns=columns, empty=empty)
+                return read([p for d in directories for p in self._files(d) or []])
             except FileNotFoundError:
                 if attempt == SCAN_ATTEMPTS - 1:
                     raise
         raise AssertionError("unreachable")
+
+    def _scan(self, directory: str, *, empty: pa.Table, filter: ds.Expression | None = None,
+              columns: list[str] | None = None, days_from: str | None = None) -> pa.Table:
+        """The rows under `directory` (`read_files`, Hive partition columns below it; `_relisting`).
+        `days_from`: leave out log segments of earlier date partitions (files are pruned by `filter`)."""
+        def read(files: list[str]) -> pa.Table:
+            if days_from is not None:
+                files = [p for p in files if not is_segment(p.rsplit("/", 1)[-1])
+                         or _partitions(p, directory).get("date", days_from) >= days_from]
+            return read_files(self.fs, files, directory, filter=filter, columns=columns, empty=empty)
+
+        return self._relisting([directory], read)
+
+    def _subdirs(self, directory: str, prefix: str) -> list[str]:
+        """The directories ``PREFIX...`` right under `directory`, sorted, listed afresh (an object store's
+        listing cache may predate a new partition); none without it."""
+        try:
+            found = self.fs.ls(directory, detail=False, refresh=True)
+        except FileNotFoundError:
+            return []
+        return sorted(p.rstrip("/") for p in found if p.rstrip("/").rsplit("/", 1)[-1].startswith(prefix))
 
     def _asset_dir(self, kind: str, tenant: str, asset_id: str) -> str:
         return f"{self.root}/{kind}/tenant={tenant}/asset_id={asset_id}"
@@ -610,10 +653,63 @@ class StateStore:
                     f"part-{uuid.uuid4().hex}")
 
     def read_dead_letters(self, tenant: str | None = None) -> pa.Table:
-        """All dead letters (with tenant and date columns), optionally of one tenant."""
+        """All dead letters (with tenant and date columns), optionally of one tenant, oldest first: a tenant
+        with a poison device may have millions (`newest_dead_letters` reads a page of them)."""
         flt = ds.field("tenant") == tenant if tenant is not None else None
         empty = DEAD_LETTER_SCHEMA.append(pa.field("tenant", pa.string())).empty_table()
         return self._scan(f"{self.root}/dead_letters", filter=flt, empty=empty).sort_by("dead_lettered_at")
+
+    def newest_dead_letters(self, tenant: str | None, limit: int | None, *, day: str | None = None,
+                            where: ds.Expression | None = None, columns: list[str] | None = None) -> pa.Table:
+        """The newest `limit` (None: all) dead letters of `tenant` (None: every tenant's) of one UTC ``YYYY-MM-DD``
+        `day` (None: any) that match `where`, oldest first, with `columns` (default: all, as `read_dead_letters`):
+        the last rows of `read_dead_letters`, without reading them all. Only the day partitions that hold the
+        page are read: first the times of the matching rows, newest day first, until `limit` are found (a
+        partition's rows are of its day), then the rows from the `limit`-th newest time on, whose files and row
+        groups alone are read (by their time statistics: `compact` sorts by time), so memory is bounded by the
+        page and a row group, not by the millions of 4 KiB dead letters a poison device leaves."""
+        days = self._dead_letter_days(tenant, day)
+        if limit is not None:
+            days, since_us = self._newest_times(days, limit, where)
+            if since_us is not None:
+                recent = ds.field("dead_lettered_at") >= pa.scalar(since_us, TIME)
+                where = recent if where is None else recent & where
+        wanted = columns or DEAD_LETTER_COLUMNS.names
+        read = [*wanted, *(["dead_lettered_at"] if "dead_lettered_at" not in wanted else [])]
+        empty = DEAD_LETTER_COLUMNS.empty_table().select(read)
+        table = self._relisting([d for dirs in reversed(days) for d in dirs],  # oldest day first, as listed
+                                lambda files: read_files(self.fs, files, f"{self.root}/dead_letters", empty=empty,
+                                                         filter=where, columns=read)).sort_by("dead_lettered_at")
+        if limit is not None:  # (more rows than `limit` where several share the oldest time kept)
+            table = table.slice(max(0, table.num_rows - limit))
+        return table.select(wanted)
+
+    def _dead_letter_days(self, tenant: str | None, day: str | None) -> list[list[str]]:
+        """The dead-letter partition directories of `tenant` (None: of every tenant, by tenant) and `day` (None:
+        every day), a list a day, newest day first."""
+        base = f"{self.root}/dead_letters"
+        tenants = [f"{base}/tenant={tenant}"] if tenant is not None else self._subdirs(base, "tenant=")
+        by_day: dict[str, list[str]] = {}
+        for directory in tenants:
+            for partition in self._subdirs(directory, "date="):
+                if day is None or partition.endswith(f"/date={day}"):
+                    by_day.setdefault(partition.rsplit("=", 1)[-1], []).append(partition)
+        return [by_day[d] for d in sorted(by_day, reverse=True)]
+
+    def _newest_times(self, days: list[list[str]], limit: int,
+                      where: ds.Expression | None) -> tuple[list[list[str]], int | None]:
+        """Of `days` (`_dead_letter_days`), those that hold the newest `limit` dead letters matching `where`,
+        and the time of the oldest of these (none and None: none match): read a day at a time, times alone."""
+        found, oldest = 0, None
+        for i, dirs in enumerate(days):
+            times = self._relisting(dirs, lambda files: _largest(
+                _batches(self.fs, files, f"{self.root}/dead_letters", columns=["dead_lettered_at"], filter=where),
+                limit - found))
+            if len(times):  # every row of a day's partition is of that day: older days' are older
+                found, oldest = found + len(times), int(times[0])
+            if found == limit:
+                return days[:i + 1], oldest
+        return (days, oldest) if found else ([], None)
 
     # ---------------------------------------------------------------------- compaction ----
     def compact(self, *, tenant: str | None = None, min_files: int = 2) -> list[Compaction]:

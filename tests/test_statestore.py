@@ -89,6 +89,72 @@ def test_dead_letters_and_registrations(store):
     assert store.load_registration("acme", "a") is None
 
 
+def test_a_page_of_a_connectors_newest_dead_letters_reads_only_the_days_that_hold_it(store, monkeypatch):
+    """A poison device may leave millions of dead letters: a page of a connector's newest reads the tenant's days
+    newest first until it has `limit` of the connector's, never the older days, and is still the last rows of
+    `read_dead_letters` (across a day boundary, the newest day holding fewer; at a time many rows share)."""
+    from typer.testing import CliRunner
+
+    from actors.cli import twins_app
+    from serve_apps.dead_letters import connector_dead_letters
+    from serve_apps.schemas import DeadLetter
+
+    def letters(tenant: str, when: datetime, *reasons: str) -> None:
+        monkeypatch.setattr(statestore, "datetime", type("Clock", (datetime,), {"now": staticmethod(lambda tz: when)}))
+        store.write_dead_letters(tenant, [{"asset_id": "pump-1", "idempotency_key": f"{when:%d%H%M}:{i}",
+                                           "reason": r, "raw": "{}"} for i, r in enumerate(reasons)])
+
+    web, webx = "mqtt://web/site/pump-1/telemetry: payload is not JSON", "mqtt://webx/a: not its own"
+    days = [datetime(2026, 11, d, 12, tzinfo=UTC) for d in range(1, 11)]
+    for when in days[:-1]:  # web's: 3 at 12:00, 2 at 12:05 a day
+        letters("acme", when, web, webx, web, web)
+        letters("acme", when + timedelta(minutes=5), web, webx, web)
+    letters("acme", days[-1], webx, web, webx)  # the newest day: 1 of web's
+    letters("beta", days[-1], *[web] * 5)  # another tenant's, at the same time
+    fields = list(DeadLetter.model_fields)
+    everything = store.read_dead_letters()
+
+    def newest(tenant: str, limit: int, day: str | None = None) -> list[dict]:
+        rows = [{k: r[k] for k in fields} for r in store.read_dead_letters(tenant).to_pylist()
+                if r["reason"].startswith("mqtt://web/") and day in (None, r["date"])]
+        return rows[max(0, len(rows) - limit):]
+
+    read: list[str] = []
+    files_dataset = statestore.files_dataset
+
+    def spy(fs, paths, *args, **kwargs):
+        read.extend(paths)
+        return files_dataset(fs, paths, *args, **kwargs)
+
+    def page(limit: int, day: str | None = None) -> tuple[list[dict], set[str]]:
+        expected = newest("acme", limit, day)
+        read.clear()
+        with monkeypatch.context() as spying:
+            spying.setattr(statestore, "files_dataset", spy)
+            rows = [d.model_dump() for d in connector_dead_letters(store, "acme", "web", day, limit)]
+        assert rows == expected and all("/tenant=acme/" in p for p in read)
+        return rows, {p.split("/date=")[1][:10] for p in read}
+
+    for compacted in (False, True):  # part files; then compacted ones, sorted by time
+        rows, dates = page(4)
+        assert [r["idempotency_key"] for r in rows] == ["091200:3", "091205:0", "091205:2", "101200:1"]
+        assert dates == {"2026-11-09", "2026-11-10"}  # not the 8 days before
+        rows, dates = page(1000, "2026-11-03")
+        assert len(rows) == 5 and dates == {"2026-11-03"}
+        assert len(page(1000)[0]) == 9 * 5 + 1 and page(1, "2026-10-31") == ([], set())
+        assert store.newest_dead_letters(None, 7).to_pylist() == everything.slice(everything.num_rows - 7).to_pylist()
+        if not compacted:
+            assert len(store.compact(min_files=1)) == 11
+            everything = store.read_dead_letters()
+
+    store.save_registration("acme", "pump-1", {})  # (a twin store, for the CLI)
+    out = CliRunner().invoke(twins_app, ["dead-letters", store.url, "--tenant", "acme", "--day", "2026-11-03",
+                                         "--limit", "2"])
+    assert out.exit_code == 0, out.output
+    assert out.output.splitlines()[0] == "the newest 2 dead letter(s) of 2026-11-03"
+    assert [json.loads(line)["idempotency_key"] for line in out.output.splitlines()[1:]] == ["031205:1", "031205:2"]
+
+
 def _parts(store, kind: str, tenant: str) -> list[str]:
     store.fs.invalidate_cache()
     names = (p.rsplit("/", 1)[-1] for p in store.fs.glob(f"{store.root}/{kind}/tenant={tenant}/date=*/*"))
