@@ -16,7 +16,7 @@ from ray.job_submission import JobStatus
 from cluster.crd_validation import CRDS_ENV, CrdError, CrdSchemas
 from cluster.entrypoints import check_raytwin_entrypoint
 from cluster.jobs import JobClient, JobError, UnknownJob, project_runtime_env, resolve_cluster
-from cluster.kube import KubeConfigError, KubeRayClient, KubeRayNotFound, api_client_from_kubeconfig
+from cluster.kube import KubeConfigError, KubeForbidden, KubeRayClient, KubeRayNotFound, api_client_from_kubeconfig
 from cluster.local import (
     DEFAULT_STATE_FILE,
     STATE_FILE_ENV,
@@ -122,13 +122,17 @@ def apply_command(
     job_name: JobNameOpt = None,
     entrypoint: EntrypointArg = None,
 ) -> None:
-    """Create the rendered resources (the KubeRay one, then its NetworkPolicy) in the spec's namespace, or replace
-    those that already exist."""
-    manifests = _validated_manifests(spec_file, kind, crds, entrypoint, job_name)
-    kube = _kube(manifests[0]["metadata"]["namespace"], kubeconfig, context)
-    for manifest in manifests:
-        action, _ = kube.apply(manifest)
-        typer.echo(f"{manifest['kind']} {manifest['metadata']['namespace']}/{manifest['metadata']['name']} {action}")
+    """Create the rendered resources in the spec's namespace, or replace those that already exist: the KubeRay one
+    first, then its NetworkPolicy, owned by it (its `uid`), so that deleting it deletes the policy too."""
+    kuberay, *beside = _validated_manifests(spec_file, kind, crds, entrypoint, job_name)
+    namespace = kuberay["metadata"]["namespace"]
+    kube = _kube(namespace, kubeconfig, context)
+    action, owner = kube.apply(kuberay)
+    owner_name = f"{kuberay['kind']} {namespace}/{kuberay['metadata']['name']}"
+    typer.echo(f"{owner_name} {action}")
+    for manifest in beside:
+        action, _ = kube.apply(manifest, owner)
+        typer.echo(f"{manifest['kind']} {namespace}/{manifest['metadata']['name']} {action} (owned by {owner_name})")
 
 
 @cluster_app.command("status")
@@ -155,9 +159,15 @@ def delete_command(
     kubeconfig: KubeconfigOpt = None,
     context: ContextOpt = None,
 ) -> None:
-    """Delete a resource; deleting one that is already gone is not an error."""
-    deleted = _kube(namespace, kubeconfig, context).delete(kind, name)
-    typer.echo(f"{kind.kind} {namespace}/{name} {'deleted' if deleted else 'not found'}")
+    """Delete a resource, and say what becomes of its NetworkPolicies: Kubernetes deletes those it owns with it;
+    those applied by an older raytwin (no owner) are deleted here unless another resource's pods use them.
+    Deleting one that is already gone is not an error."""
+    try:
+        lines = _kube(namespace, kubeconfig, context).delete(kind, name)
+    except KubeForbidden as exc:
+        _fail(str(exc))
+    for line in lines:
+        typer.echo(line)
 
 
 def _running(info: LocalClusterInfo) -> bool:

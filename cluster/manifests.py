@@ -36,6 +36,8 @@ WRITABLE_ENV = {"RAYTWIN_JAX_CACHE_DIR": "/tmp/raytwin/jax", "XDG_CACHE_HOME": "
 RAY_UPGRADE_NONE = {"type": "None"}
 """A RayService's upgrade strategy: never a second cluster beside the serving one (see `render_rayservice`)."""
 SUBMITTER_RESOURCES = {"cpu": "500m", "memory": "512Mi"}
+PART_OF = {"app.kubernetes.io/part-of": "raytwin"}
+"""The label of everything `cluster apply` creates: what `cluster delete` lists NetworkPolicies by."""
 
 
 class Kind(str, Enum):
@@ -218,7 +220,7 @@ def ray_cluster_spec(spec: ClusterSpec, kind: Kind = Kind.RAYCLUSTER) -> dict[st
 
 
 def _metadata(spec: ClusterSpec, name: str) -> dict[str, Any]:
-    return {"name": name, "namespace": spec.namespace, "labels": {"app.kubernetes.io/part-of": "raytwin"}}
+    return {"name": name, "namespace": spec.namespace, "labels": dict(PART_OF)}
 
 
 def render_raycluster(spec: ClusterSpec) -> dict[str, Any]:

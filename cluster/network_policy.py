@@ -21,7 +21,7 @@ from typing import Any
 import jsonschema
 
 from cluster.crd_validation import ManifestInvalid, kubernetes_to_json_schema, schema_problems
-from cluster.manifests import CLIENT_LABEL, Kind, pod_labels
+from cluster.manifests import CLIENT_LABEL, PART_OF, Kind, pod_labels
 from cluster.spec import ClusterSpec, Peers
 
 API_VERSION = "networking.k8s.io/v1"
@@ -71,7 +71,7 @@ def render_network_policy(spec: ClusterSpec, kind: Kind = Kind.RAYCLUSTER) -> di
         "apiVersion": API_VERSION,
         "kind": "NetworkPolicy",
         "metadata": {"name": policy_name(spec, kind), "namespace": spec.namespace,
-                     "labels": {"app.kubernetes.io/part-of": "raytwin"}},
+                     "labels": dict(PART_OF)},
         "spec": {"podSelector": {"matchLabels": pod_labels(spec, kind)}, "policyTypes": ["Ingress"],
                  "ingress": ingress},
     }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -13,13 +14,17 @@ from typer.testing import CliRunner
 
 from cluster.cli import cluster_app
 from cluster.kube import KubeRayClient, KubeRayNotFound
-from cluster.manifests import Kind, render_raycluster, render_rayservice
+from cluster.manifests import Kind, render, render_raycluster, render_rayservice
+from cluster.network_policy import render_network_policy
 from cluster.spec import parse_spec
 from tests.fixtures_cluster import CRD_DIR, spec_data
 from tests.fixtures_cluster_kube import FakeKubeApi
 
 CLUSTERS = "/apis/ray.io/v1/namespaces/sim/rayclusters"
 POLICIES = "/apis/networking.k8s.io/v1/namespaces/sim/networkpolicies"
+OWNED_POLICY_DELETED = ("NetworkPolicy sim/twin-raytwin deleted with it by Kubernetes' garbage collector "
+                        "(owned by RayCluster sim/twin)")
+LEFT_POLICY_DELETED = "NetworkPolicy sim/twin-raytwin deleted (it had no owner reference: applied by an older raytwin)"
 
 
 @pytest.fixture
@@ -81,10 +86,131 @@ def test_status_reads_the_operator_status_and_reports_missing_objects(
 
 def test_delete_is_idempotent(fake_api: FakeKubeApi, kuberay: KubeRayClient) -> None:
     kuberay.apply(render_raycluster(parse_spec(spec_data())))
-    assert kuberay.delete(Kind.RAYCLUSTER, "twin") is True
-    assert kuberay.delete(Kind.RAYCLUSTER, "twin") is False
-    assert _calls(fake_api)[1:] == [("DELETE", f"{CLUSTERS}/twin")] * 2
+    assert kuberay.delete(Kind.RAYCLUSTER, "twin") == ["RayCluster sim/twin deleted"]
+    assert kuberay.delete(Kind.RAYCLUSTER, "twin") == ["RayCluster sim/twin not found"]
+    assert _calls(fake_api)[1:] == [("GET", f"{CLUSTERS}/twin"), ("GET", POLICIES), ("DELETE", f"{CLUSTERS}/twin"),
+                                    ("GET", f"{CLUSTERS}/twin"), ("GET", POLICIES)]
     assert not fake_api.objects
+
+
+def _apply_with_policy(kuberay: KubeRayClient, kind: Kind = Kind.RAYCLUSTER, owned: bool = True,
+                       job_name: str | None = None) -> dict[str, Any]:
+    """Apply `kind` of the test spec and its NetworkPolicy, owned by it (as `cluster apply` does) or not (as
+    RayTwin did before owner references); returns the stored KubeRay object."""
+    spec = parse_spec(spec_data())
+    entrypoint = ["raytwin", "sweep", "run", "s.json"] if kind is Kind.RAYJOB else []
+    _, stored = kuberay.apply(render(spec, kind, entrypoint, job_name))
+    kuberay.apply(render_network_policy(spec, kind), stored if owned else None)
+    return stored
+
+
+def _owners(fake: FakeKubeApi, policy: str = "twin-raytwin") -> list[tuple[str, str, str]]:
+    references = fake.objects[("sim", "networkpolicies", policy)]["metadata"].get("ownerReferences", [])
+    return [(reference["kind"], reference["name"], reference["uid"]) for reference in references]
+
+
+def _uid(fake: FakeKubeApi, plural: str, name: str = "twin") -> str:
+    return fake.objects[("sim", plural, name)]["metadata"]["uid"]
+
+
+def _assert_gone_and_a_second_delete_says_not_found(fake: FakeKubeApi, kuberay: KubeRayClient, kind: Kind) -> None:
+    assert not fake.objects
+    assert kuberay.delete(kind, "twin") == [f"{kind.kind} sim/twin not found"]
+
+
+def test_delete_leaves_no_policy_and_a_second_delete_says_not_found(
+    fake_api: FakeKubeApi, kuberay: KubeRayClient
+) -> None:
+    _apply_with_policy(kuberay)
+    assert kuberay.delete(Kind.RAYCLUSTER, "twin") == ["RayCluster sim/twin deleted", OWNED_POLICY_DELETED]
+    assert ("DELETE", f"{POLICIES}/twin-raytwin") not in _calls(fake_api)  # the policy went with its owner
+    _assert_gone_and_a_second_delete_says_not_found(fake_api, kuberay, Kind.RAYCLUSTER)
+
+
+def test_delete_removes_a_policy_applied_without_owner_unless_other_pods_use_it(
+    fake_api: FakeKubeApi, kuberay: KubeRayClient
+) -> None:
+    _apply_with_policy(kuberay, owned=False)  # as applied by an older raytwin
+    _apply_with_policy(kuberay, Kind.RAYSERVICE, owned=False)  # the same policy selects its pods
+    assert kuberay.delete(Kind.RAYCLUSTER, "twin")[1:] == [
+        "NetworkPolicy sim/twin-raytwin kept: the pods of RayService sim/twin use it too (it has no owner reference)"]
+    assert ("sim", "networkpolicies", "twin-raytwin") in fake_api.objects
+    assert kuberay.delete(Kind.RAYSERVICE, "twin") == ["RayService sim/twin deleted", LEFT_POLICY_DELETED]
+    _assert_gone_and_a_second_delete_says_not_found(fake_api, kuberay, Kind.RAYSERVICE)
+
+
+def test_reapplying_one_of_two_resources_an_older_raytwin_applied_makes_both_own_the_policy(
+    fake_api: FakeKubeApi, kuberay: KubeRayClient
+) -> None:
+    _apply_with_policy(kuberay, owned=False)
+    service = _apply_with_policy(kuberay, Kind.RAYSERVICE, owned=False)
+    _apply_with_policy(kuberay)  # after the upgrade, the RayCluster only: the RayService's pods use the policy too
+    assert _owners(fake_api) == [("RayService", "twin", service["metadata"]["uid"]),
+                                 ("RayCluster", "twin", _uid(fake_api, "rayclusters"))]
+    assert kuberay.delete(Kind.RAYCLUSTER, "twin")[1:] == [
+        "NetworkPolicy sim/twin-raytwin kept: also owned by RayService sim/twin"]
+    assert ("sim", "networkpolicies", "twin-raytwin") in fake_api.objects
+
+
+def test_delete_of_a_gone_cluster_removes_the_policy_an_older_raytwin_left(
+    fake_api: FakeKubeApi, kuberay: KubeRayClient
+) -> None:
+    _apply_with_policy(kuberay, owned=False)
+    kuberay.api.delete_namespaced_custom_object("ray.io", "v1", "sim", "rayclusters", "twin")  # the old `delete`
+    assert kuberay.delete(Kind.RAYCLUSTER, "twin") == ["RayCluster sim/twin not found", LEFT_POLICY_DELETED]
+    _assert_gone_and_a_second_delete_says_not_found(fake_api, kuberay, Kind.RAYCLUSTER)
+
+
+def test_a_shared_policy_is_owned_by_each_applier_and_deleted_with_the_last(
+    fake_api: FakeKubeApi, kuberay: KubeRayClient
+) -> None:
+    _apply_with_policy(kuberay)
+    _apply_with_policy(kuberay, Kind.RAYSERVICE)  # replaces the policy: the RayCluster's reference stays
+    assert _owners(fake_api) == [("RayCluster", "twin", _uid(fake_api, "rayclusters")),
+                                 ("RayService", "twin", _uid(fake_api, "rayservices"))]
+    assert kuberay.delete(Kind.RAYCLUSTER, "twin")[1:] == [
+        "NetworkPolicy sim/twin-raytwin kept: also owned by RayService sim/twin"]
+    assert _owners(fake_api) == [("RayService", "twin", _uid(fake_api, "rayservices"))]
+    kuberay.delete(Kind.RAYSERVICE, "twin")
+    assert not fake_api.objects
+    # a spec's RayJobs share theirs the same way
+    _apply_with_policy(kuberay, Kind.RAYJOB, job_name="sweep-1")
+    _apply_with_policy(kuberay, Kind.RAYJOB, job_name="sweep-2")
+    assert [name for _, name, _ in _owners(fake_api, "twin-rayjob-raytwin")] == ["sweep-1", "sweep-2"]
+    assert kuberay.delete(Kind.RAYJOB, "sweep-1")[1:] == [
+        "NetworkPolicy sim/twin-rayjob-raytwin kept: also owned by RayJob sim/sweep-2"]
+    kuberay.delete(Kind.RAYJOB, "sweep-2")
+    assert not fake_api.objects
+
+
+def test_reapplying_before_the_garbage_collector_ran_creates_the_policy_anew() -> None:
+    """The collector, about to delete the gone RayCluster's policy, deletes by uid: a replaced policy would go too."""
+    with FakeKubeApi(garbage_collector=False) as fake:
+        kuberay = KubeRayClient(client.ApiClient(client.Configuration(host=fake.url)), namespace="sim")
+        _apply_with_policy(kuberay)
+        kuberay.delete(Kind.RAYCLUSTER, "twin")
+        left = _uid(fake, "networkpolicies", "twin-raytwin")  # owned by a gone RayCluster, not yet collected
+        _apply_with_policy(kuberay)
+        assert _calls(fake)[-4:] == [("POST", POLICIES), ("GET", f"{POLICIES}/twin-raytwin"),
+                                     ("DELETE", f"{POLICIES}/twin-raytwin"), ("POST", POLICIES)]
+        assert _uid(fake, "networkpolicies", "twin-raytwin") != left
+        assert _owners(fake) == [("RayCluster", "twin", _uid(fake, "rayclusters"))]
+        fake.collect_garbage()
+        assert ("sim", "networkpolicies", "twin-raytwin") in fake.objects
+
+
+def test_a_replaced_policy_keeps_live_owners_and_drops_a_predecessors_uid(
+    fake_api: FakeKubeApi, kuberay: KubeRayClient
+) -> None:
+    service = _apply_with_policy(kuberay, Kind.RAYSERVICE)
+    _apply_with_policy(kuberay)
+    fake_api.garbage_collector = False  # the RayCluster deleted, the collector has not run yet
+    kuberay.delete(Kind.RAYCLUSTER, "twin")
+    left = _uid(fake_api, "networkpolicies", "twin-raytwin")
+    _apply_with_policy(kuberay)  # replaced in place: the RayService's pods are never without their policy
+    assert _uid(fake_api, "networkpolicies", "twin-raytwin") == left
+    assert _owners(fake_api) == [("RayService", "twin", service["metadata"]["uid"]),
+                                 ("RayCluster", "twin", _uid(fake_api, "rayclusters"))]
 
 
 def test_a_concurrent_change_makes_replace_fail_instead_of_overwriting(
@@ -98,16 +224,65 @@ def test_a_concurrent_change_makes_replace_fail_instead_of_overwriting(
     assert conflict.value.status == 409
 
 
-def test_cli_apply_status_delete_through_a_kubeconfig(fake_api: FakeKubeApi, tmp_path: Path) -> None:
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(yaml.safe_dump({
+@pytest.fixture
+def kubeconfig(fake_api: FakeKubeApi, tmp_path: Path) -> Path:
+    """A kubeconfig whose only context is the fake API server."""
+    path = tmp_path / "kubeconfig"
+    path.write_text(yaml.safe_dump({
         "apiVersion": "v1", "kind": "Config", "current-context": "fake",
         "clusters": [{"name": "fake", "cluster": {"server": fake_api.url}}],
         "users": [{"name": "me", "user": {"token": "test-token"}}],
         "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "me"}}],
     }))
-    spec_file = tmp_path / "spec.yaml"
-    spec_file.write_text(yaml.safe_dump(spec_data()))
+    return path
+
+
+@pytest.fixture
+def spec_file(tmp_path: Path) -> Path:
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec_data()))
+    return path
+
+
+def test_cli_apply_creates_the_kuberay_object_first_and_the_policy_owned_by_its_uid(
+    fake_api: FakeKubeApi, kubeconfig: Path, spec_file: Path
+) -> None:
+    common = ["--crds", str(CRD_DIR), "--kubeconfig", str(kubeconfig)]
+    runner = CliRunner()
+    first = runner.invoke(cluster_app, ["apply", str(spec_file), *common])
+    assert first.exit_code == 0, first.output
+    assert "NetworkPolicy sim/twin-raytwin created (owned by RayCluster sim/twin)" in first.output
+    assert _calls(fake_api) == [("POST", CLUSTERS), ("POST", POLICIES)]
+    [reference] = fake_api.objects[("sim", "networkpolicies", "twin-raytwin")]["metadata"]["ownerReferences"]
+    assert reference == {"apiVersion": "ray.io/v1", "kind": "RayCluster", "name": "twin",
+                         "uid": _uid(fake_api, "rayclusters"), "controller": False, "blockOwnerDeletion": False}
+    again = runner.invoke(cluster_app, ["apply", str(spec_file), *common])
+    assert "NetworkPolicy sim/twin-raytwin replaced (owned by RayCluster sim/twin)" in again.output
+    assert fake_api.requests[-1].body["metadata"]["ownerReferences"] == [reference]
+
+    deleted = runner.invoke(cluster_app, ["delete", "twin", "-n", "sim", "--kubeconfig", str(kubeconfig)])
+    assert deleted.exit_code == 0, deleted.output
+    assert deleted.output.splitlines() == [
+        "RayCluster sim/twin deleted",
+        OWNED_POLICY_DELETED]
+    assert not fake_api.objects
+    twice = runner.invoke(cluster_app, ["delete", "twin", "-n", "sim", "--kubeconfig", str(kubeconfig)])
+    assert (twice.exit_code, twice.output) == (0, "RayCluster sim/twin not found\n")
+
+
+def test_cli_delete_without_leave_to_list_policies_says_so_and_deletes_nothing(
+    fake_api: FakeKubeApi, kuberay: KubeRayClient, kubeconfig: Path
+) -> None:
+    _apply_with_policy(kuberay, owned=False)
+    fake_api.forbidden.add(("GET", "networkpolicies"))
+    result = CliRunner().invoke(cluster_app, ["delete", "twin", "-n", "sim", "--kubeconfig", str(kubeconfig)])
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
+    assert "needs `list` and `delete` on networkpolicies" in result.output and "nothing was deleted" in result.output
+    assert len(fake_api.objects) == 2
+
+
+def test_cli_apply_status_delete_through_a_kubeconfig(fake_api: FakeKubeApi, kubeconfig: Path,
+                                                      spec_file: Path) -> None:
     common = ["--kubeconfig", str(kubeconfig)]
     runner = CliRunner()
 

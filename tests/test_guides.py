@@ -120,6 +120,9 @@ EXPECTED: dict[str, str] = {  # command prefix -> text its output must contain, 
     "raytwin cluster up --local": "Ray address:   127.0.0.1:",
     "raytwin sweep run": " scenarios in ",
     "raytwin job logs": " scenarios in ",
+    # the RayCluster's NetworkPolicy is owned by it, so Kubernetes deletes it too
+    "raytwin cluster delete raytwin-gpu": "NetworkPolicy raytwin/raytwin-gpu-raytwin deleted with it by Kubernetes' "
+                                          "garbage collector (owned by RayCluster raytwin/raytwin-gpu)",
 }
 SHELL, PYTHON, FILE = ("bash", "sh"), ("python",), ("yaml", "json")
 APPS = {("raytwin",): app, ("./dev",): app, ("python", "-m", "benchmarks"): bench_app}
