@@ -439,7 +439,8 @@ def decode_snapshot(payload: dict) -> FilterState:
 
 class Refused(NamedTuple):
     """An event the filter refused (`raytwin.estimation.scan_kernels`: the model's update of the twin's
-    state was not finite there), with why (`Divergence.refused_states`)."""
+    state was not finite there, or the model's next step from it was not, or failed), with why
+    (`Divergence.refused_states`)."""
 
     twin: Twin
     event: Pending
@@ -448,8 +449,8 @@ class Refused(NamedTuple):
     def reason(self) -> str:
         """The dead letter's reason: where, which states, and that the twin kept its state."""
         names, step = refused_names(self.why, self.twin.filter.model.state_names)
-        what = ("a state from which one step of the model is not finite (NaN)" if step
-                else "a non-finite state (NaN)")
+        what = ("a state from which the model's next step is not finite or fails (NaN; an FMU's step that returns "
+                "fmi2Discard or fmi2Error counts as NaN)" if step else "a non-finite state (NaN)")
         return (f"{NON_FINITE}: the model's update of {self.twin.asset_id} at "
                 f"{from_micros(self.event.key[0]).isoformat()} gave {what} for {', '.join(names)}: the model is not "
                 "defined there (check its domain, e.g. a square root of a negative number); the twin keeps its "

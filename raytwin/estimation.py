@@ -43,7 +43,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache, partial
 from itertools import chain, repeat
-from typing import NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
@@ -446,7 +446,7 @@ def _kernels(model: Model) -> _Kernels:
         x_new = jnp.stack(model.project(tuple(x + (K * y).sum(axis=1))))
         return x_new, 0.5 * (P_new + P_new.T), innovation, nis, s_diag
 
-    return scan_kernels(predict, update, identity=lambda: kernel_identity("ekf", model), look_ahead=True)
+    return scan_kernels(predict, update, identity=lambda: kernel_identity("ekf", model), look_ahead="step")
 
 
 STATE_BITS = 50
@@ -477,8 +477,30 @@ def skip(P: jnp.ndarray, q_var_rate: jnp.ndarray, skipped: jnp.ndarray) -> jnp.n
     return jnp.where(skipped > 0, P + jnp.diag(q_var_rate * skipped), P)
 
 
+LookAhead = Literal["none", "step", "gap"]
+"""How `scan_kernels` checks that the filter can step from an event's result: not at all, one sub-step of
+``default_dt`` (a model traced into the kernel), or the event's own gap again (a host stepper: `HOST_LOOK_AHEAD`)."""
+
+HOST_LOOK_AHEAD = 16
+"""Most sub-steps of a ``"gap"`` look-ahead (`scan_kernels`): each runs the model on the host once per sigma
+point, so an event after a long silence (up to `MAX_SUBSTEPS` sub-steps) does not pay for its gap twice; 16
+covers a 0.01 s FMU fed every 0.1 s."""
+
+
+def _gap_again(changed: jnp.ndarray, n: jnp.ndarray, dt: jnp.ndarray, gap0: jnp.ndarray
+               ) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """The ``"gap"`` look-ahead's sub-steps and their length: the event's own (at most `HOST_LOOK_AHEAD`), one
+    of ``default_dt`` after an event with none (a twin's first), none with a NaN length after one that changed
+    nothing (a padding step: a host stepper answers NaN without running the model for a lane in lockstep)."""
+    return (jnp.where(changed, jnp.clip(n, 1, HOST_LOOK_AHEAD), 0),
+            jnp.where(changed, jnp.where(n > 0, dt, gap0), jnp.nan))
+
+
+_Q_SCALE = Divergence._fields.index("q_scale")
+
+
 def scan_kernels(predict: Callable, update: Callable, *, identity: Callable[[], str | None],
-                 look_ahead: bool = False) -> _Kernels:
+                 look_ahead: LookAhead = "none") -> _Kernels:
     """Jitted kernels from one filter's per-twin `predict` (x, P, u, p, q_var_rate, n_sub, dt, skipped)
     -> (x, P) and `update` (x, P, u, p, z, mask, r_var) -> (x, P, innovation, NIS, diagonal of the
     innovation covariance S).
@@ -502,13 +524,21 @@ def scan_kernels(predict: Callable, update: Callable, *, identity: Callable[[], 
     negative number, an overflow): its step keeps the state before it, with the covariance grown by the
     process noise of the event's gap (as a capped gap's skipped seconds, `skip`), counts it in
     `Divergence.refused` and says why (`refused_states`, `refused_names`); the next event predicts from
-    there. With `look_ahead` it also refuses a finite update from which the filter's next step (one
-    sub-step of ``default_dt`` with the new inputs: a model step, and for the EKF its Jacobian) is not
-    finite: the filter can step from every state a twin keeps, so one measurement beyond the model's
-    domain (an air temperature above a square root's bound, a tank level projected to 0 where the
-    EKF's Jacobian of ``sqrt(h)`` is infinite) is refused instead of every event after it. Its cost:
-    one predict sub-step per event, for every twin (not measured; a filter whose step is a host
-    callback, an FMU, runs without it).
+    there. With a `look_ahead` it also refuses a finite update from which the filter's next step (with
+    the new inputs) is not finite: the filter can step from every state a twin keeps, so one measurement
+    beyond the model's domain (an air temperature above a square root's bound, a tank level projected to 0
+    where the EKF's Jacobian of ``sqrt(h)`` is infinite, a state an FMU's step fails or overflows from) is
+    refused instead of every event after it. ``"step"`` (the EKF, the UKF on a JAX model): one sub-step of
+    ``default_dt``, a model step and for the EKF its Jacobian; its cost: one predict sub-step per event,
+    for every twin (not measured). ``"gap"`` (the UKF on a host stepper, an FMU, where a model step is a
+    host call per sigma point, 2n+1, and an FMU's state can run away over several of its steps before it
+    overflows): the prediction over the event's own gap again, split alike, with the process noise as
+    adapted by this event (at most `HOST_LOOK_AHEAD` sub-steps; `_gap_again`): what the next event's
+    prediction computes when its gap is split alike, whose FMU steps `raytwin.fmu.FmuStepper` then answers
+    from memory. Its cost: the host calls of up to `HOST_LOOK_AHEAD` predict sub-steps per event; none
+    again where the next gap gives bit-equal sub-steps (event times on a grid that float64 represents
+    exactly, e.g. whole seconds), twice the host calls of the prediction where it does not (epoch seconds
+    0.1 s apart differ in their last bits: 4 in 5 gaps); events that change nothing (padding) none.
     Deterministic, so a log replay refuses the same events. A state that is already not finite (a
     snapshot of an older version) is not "kept": it stays flagged (`Divergence.diverged`) and recovery
     starts from an earlier finite snapshot (`actors.recovery`).
@@ -518,6 +548,9 @@ def scan_kernels(predict: Callable, update: Callable, *, identity: Callable[[], 
     serialized kernels (twin shards), a restarted process loads `assimilate`'s executables from it
     instead of tracing and compiling.
     """
+    if look_ahead not in get_args(LookAhead):
+        raise ValueError(f"look_ahead must be one of {get_args(LookAhead)}, got {look_ahead!r}")
+
     @jax.jit
     def event(consts, carry, ev):
         p, q_var_rate, r_var, det = consts
@@ -563,8 +596,13 @@ def scan_kernels(predict: Callable, update: Callable, *, identity: Callable[[], 
         div = (*div[:2], jnp.where(finite, div[2], jnp.nan), *div[3:])
         bad = ~jnp.isfinite(x) | ~jnp.all(jnp.isfinite(P), axis=1)
         step_bad = jnp.zeros_like(bad)
-        if look_ahead:
+        if look_ahead == "step":
             x_next, P_next = predict(x, P, u_new, p, q_var_rate * q_scale, 1, gap0, 0.0)
+        elif look_ahead == "gap":
+            changed = (n > 0) | (skipped > 0) | has | jnp.any(u_new != u_held)
+            x_next, P_next = predict(x, P, u_new, p, q_var_rate * div[_Q_SCALE], *_gap_again(changed, n, dt, gap0),
+                                     skipped)
+        if look_ahead != "none":
             step_bad = ~jnp.isfinite(x_next) | ~jnp.all(jnp.isfinite(P_next), axis=1)
         why = jnp.where(finite, _state_bits(step_bad) + jnp.where(jnp.any(step_bad), STEP_BIT, 0), _state_bits(bad))
         refuse = (why != 0) & jnp.all(jnp.isfinite(x0)) & jnp.all(jnp.isfinite(P0))  # see the docstring

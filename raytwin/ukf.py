@@ -193,9 +193,9 @@ def _ukf_kernels(model: Model, dynamics: Dynamics) -> _Kernels:
     # a model's JAX dynamics are made from the model alone; other dynamics (an FMU's host stepper) are
     # identified by their pickle, or not at all
     own = dynamics is _jax_dynamics(model)
-    # the look-ahead step refuses updates that leave the model's domain (`scan_kernels`); with a host stepper
-    # it would cost a callback per event, so an FMU's twins refuse only non-finite updates
-    return scan_kernels(predict, update, look_ahead=own,
+    # the look-ahead refuses updates that leave the model's domain (`scan_kernels`): one sub-step for a JAX
+    # model, the event's gap again for a host stepper (an FMU), whose next prediction reuses its host calls
+    return scan_kernels(predict, update, look_ahead="step" if own else "gap",
                         identity=lambda: kernel_identity("ukf", model, *(() if own else (dynamics,))))
 
 

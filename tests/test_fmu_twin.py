@@ -1,5 +1,6 @@
 """An FMU as an asset type's simulator: stored content-hashed, pinned by the registry, and tracked by
-live twins with the UKF stepping the FMU (the EKF is refused: an FMU has no Jacobians).
+live twins with the UKF stepping the FMU (the EKF is refused: an FMU has no Jacobians), which refuse
+readings that leave a state the FMU cannot step from.
 
 The truth is simulated with the JAX Van der Pol written from the equations (`benchmarks.fmu`), not
 with the FMU the twins run, and the twins only ever see noisy x0.
@@ -7,6 +8,9 @@ with the FMU the twins run, and the twins only ever see noisy x0.
 
 from __future__ import annotations
 
+import logging
+import math
+import shutil
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
@@ -14,14 +18,20 @@ import pytest
 
 from actors import TwinService
 from actors.recovery import registration_record
+from actors.shard import TwinShard
+from actors.telemetry import validated_table
 from benchmarks.fmu import VAN_DER_POL
 from raytwin.contracts import Asset, AssetType, TelemetryEvent
-from raytwin.estimation import substeps
-from raytwin.fmu import FmuModel, store_fmu
+from raytwin.estimation import HOST_LOOK_AHEAD, FilterState, refused_names, substeps
+from raytwin.fmu import INSTANTIATIONS, FmuModel, FmuScenario, cached_instance, store_fmu
+from raytwin.fmu.reference import build_reference_fmus, default_source
+from raytwin.fmu.stepper import fmu_stepper
 from raytwin.modelcode import file_code
 from raytwin.registry import ModelRegistry, RegistryError
 from raytwin.sim import get_model
+from raytwin.ukf import UnscentedKalmanFilter
 from tests.test_filters import assert_nees_consistent, assert_nis_consistent
+from tests.test_twins import CountedDeadLetters, assert_same_state
 
 MU, PRIOR_STD, PROCESS_STD, SENSOR_STD = 1.0, 0.3, 0.02, 0.1
 EVENT_S, SUBSTEPS = 0.1, 10  # one measurement of x0 every 0.1 s; the truth takes steps of 0.01 s, as the FMU
@@ -137,3 +147,130 @@ def test_epoch_time_rounding_does_not_add_a_sub_step():
     n_sub, dt, skipped = substeps(np.array([0.1 + 2.4e-7, 0.1 - 2.4e-7, 0.105, 1e-6]), 0.01)
     assert n_sub.tolist() == [10, 10, 11, 1] and skipped.tolist() == [0.0] * 4
     np.testing.assert_allclose(dt, [0.010000024, 0.009999976, 0.105 / 11, 1e-6])
+
+
+# ---- states the FMU cannot step from ------------------------------------------------------------------
+def _readings(asset_id: str, x0: list[float], start: int = 0) -> list[TelemetryEvent]:
+    return [TelemetryEvent(asset_id=asset_id, event_time=T0 + timedelta(seconds=(start + k) * EVENT_S),
+                           sequence=start + k, measurements={"x0": {"value": v, "unit": "-"}})
+            for k, v in enumerate(x0)]
+
+
+SHARD_OPTS = {"allowed_lateness_s": 3 * EVENT_S, "snapshot_every": 4}
+
+
+def test_a_reading_the_fmu_cannot_step_from_is_refused_and_later_readings_apply(vdp, tmp_path, caplog, monkeypatch):
+    """A glitch reading x0 = 1000 on a Van der Pol twin: the update is finite (x0 ~ 370) but the FMU's next
+    0.1 s overflows to NaN. Before, it was accepted and every later event was refused (the twin stalled for
+    good); now it is refused by the look-ahead (dead letter, report, warning, metric `non_finite`), the twin
+    keeps its state and tracks the next readings, a twin's first event shares a dispatch with the others (a
+    step of length 0, which the FMU refuses, made that dispatch fail), and a restarted shard (log replay)
+    refuses the same event and holds the live state bit for bit."""
+    from raytwin import metrics
+
+    counted = CountedDeadLetters()
+    monkeypatch.setattr(metrics, "DEAD_LETTERS", counted)
+    artifact = vdp[0].get("vdp@1.0.0")
+    truth = cached_instance(vdp[1]).run(FmuScenario(n_steps=200, dt=0.01, params={"mu": MU}))[::10, 0].tolist()
+    shard = TwinShard(str(tmp_path), 0, 1, **SHARD_OPTS)
+    for asset_id in ("osc", "fresh"):
+        shard.register("acme", asset_id, registration_record(_asset(asset_id), artifact, {"x0": 2.0, "x1": 0.0},
+                                                             {"x0": PRIOR_STD, "x1": PRIOR_STD}))
+    assert shard.ingest("acme", validated_table(_readings("osc", truth[:6]))).accepted == 6
+    before = shard.state("acme", "osc")
+    with caplog.at_level(logging.WARNING, logger="raytwin.twins"):
+        report = shard.ingest("acme", validated_table(_readings("osc", [1000.0], start=6)))
+    assert (report.accepted, report.rejected) == (0, 1)
+    reason = report.reasons[0].reason
+    assert reason.startswith("non-finite update: the model's update of osc at 2026-03-01T00:00:00.600000+00:00 gave "
+                             "a state from which the model's next step is not finite or fails (NaN"), reason
+    assert "for x0, x1: the model is not defined there" in reason and "keeps its state before this event" in reason
+    assert caplog.text.count("event=update_refused") == 1 and counted.counts["shard", "non_finite"] == 1
+    kept = shard.state("acme", "osc")
+    assert kept.state == before.state and not kept.divergence.diverged
+
+    # the next readings apply, in one dispatch with the first event of twin "fresh" (no gap from its prior)
+    report = shard.ingest("acme", validated_table(_readings("osc", truth[7:12], start=7) + _readings("fresh", [2.0])))
+    assert (report.accepted, report.rejected) == (6, 0), report.reasons
+    now = shard.state("acme", "osc")
+    assert all(math.isfinite(v) for v in now.state.values()) and not now.divergence.diverged
+    assert abs(now.state["x0"] - truth[11]) < 3 * SENSOR_STD and now.revision == 12
+    assert_same_state(TwinShard(str(tmp_path), 0, 1, **SHARD_OPTS).state("acme", "osc"), now)
+
+
+def _ukf(model: FmuModel) -> tuple[UnscentedKalmanFilter, FilterState]:
+    """The filter the twins above run on `model` (their noise), and their prior."""
+    ukf = UnscentedKalmanFilter(model, [MU], process_std={"x0": PROCESS_STD, "x1": PROCESS_STD},
+                                measurement_std={"x0": SENSOR_STD, "x1": SENSOR_STD})
+    return ukf, ukf.initial({"x0": 2.0, "x1": 0.0}, {"x0": PRIOR_STD, "x1": PRIOR_STD})
+
+
+DOMAIN = {"Discard": 50.0, "Error": 1e3, "Fatal": 1e5}
+"""|x0| beyond which the patched VanDerPol's derivatives return each FMI status (the worst that applies)."""
+
+
+@pytest.fixture(scope="module")
+def bounded_vdp(tmp_path_factory) -> FmuModel:
+    """The Reference VanDerPol built with a domain: its derivatives return Discard, Error or Fatal beyond the
+    `DOMAIN` bounds of |x0|, so its doStep fails there (fmi2Discard, fmi2Error, fmi2Fatal), as an FMU whose
+    model refuses a state does."""
+    root = tmp_path_factory.mktemp("bounded-vdp")
+    source = root / "src"
+    shutil.copytree(default_source(), source, ignore=shutil.ignore_patterns("build"))
+    model_c = source / "VanDerPol" / "model.c"
+    checks = "".join(f"    if (fabs(M(x0)) > {bound!r}) return {status};\n"
+                     for status, bound in sorted(DOMAIN.items(), key=lambda item: -item[1]))
+    text = model_c.read_text().replace('#include "config.h"', '#include <math.h>\n#include "config.h"', 1)
+    anchor = "    calculateValues(comp);\n\n    dx[0] = M(der_x0);"
+    assert anchor in text, "the Reference VanDerPol's getDerivatives changed: update the patch"
+    model_c.write_text(text.replace(anchor, anchor.replace("\n\n", "\n" + checks + "\n"), 1))
+    path = build_reference_fmus(root / "out", 2, ("VanDerPol",), source=source)["VanDerPol"]
+    return FmuModel.load(path).declare(mu={"lower": 0.1, "upper": 5.0})
+
+
+def test_states_the_fmu_fails_to_step_from_are_refused_whatever_status_it_returns(bounded_vdp, caplog):
+    """The FMU's doStep returns fmi2Discard, fmi2Error, then fmi2Fatal for three glitch readings: each failed
+    call is NaN to the filter (it used to raise out of the dispatch, failing every twin of it), the look-ahead
+    refuses each event, the twin keeps its state and the good readings between and after apply; the instance
+    is reset after a discard or an error and replaced after the fatal error, which FMI allows no reset after."""
+    ukf, fs = _ukf(bounded_vdp)
+    stepper = fmu_stepper(bounded_vdp)
+    t = T0.timestamp()
+    readings = [2.0, 1.98, 1e3, 1.94, 1.9, 1e5, 1.85, 1.8, 1e8, 1.75, 1.7]
+    with caplog.at_level(logging.WARNING, logger="raytwin.fmu"):
+        for k, reading in enumerate(readings):
+            failed, instances = stepper.failed, INSTANTIATIONS[bounded_vdp.fmu_hash]
+            after = ukf.assimilate(fs, t + k * EVENT_S, {"x0": reading})
+            d = after.divergence
+            if reading > 10:
+                assert refused_names(d.refused_states, bounded_vdp.state_names) == (["x0", "x1"], True), reading
+                np.testing.assert_array_equal(after.x, fs.x)
+                assert stepper.failed > failed and d.updates == fs.divergence.updates
+                replaced = INSTANTIATIONS[bounded_vdp.fmu_hash] - instances  # one per sigma point that failed fatally
+                assert replaced > 0 if reading > DOMAIN["Fatal"] else replaced == 0, reading
+            else:
+                assert d.refused_states == 0 and d.updates == fs.divergence.updates + 1, (k, reading)
+                assert abs(after.x[0] - reading) < 3 * SENSOR_STD
+            assert np.isfinite(after.x).all() and np.isfinite(after.P).all() and not d.diverged
+            fs = after
+    assert fs.divergence.refused == 3
+    assert caplog.text.count("event=fmu_call_failed") == 1  # logged once, for the first: the discard
+    assert "fmi2DoStep failed with status 2 (discard)" in caplog.text
+    assert caplog.text.count("event=fmu_replaced") == caplog.text.count("fmi2Reset failed with status 3 (error)") > 0
+
+
+def test_the_look_ahead_s_fmu_steps_are_the_next_prediction_s_when_gaps_are_split_alike(reference_fmus):
+    """The look-ahead predicts the event's gap again (up to `HOST_LOOK_AHEAD` sub-steps); with events 0.25 s
+    apart (25 sub-steps of exactly 0.01 s) the next prediction reads those FMU steps from the stepper's memory:
+    the FMU runs the prediction's steps alone, one per sub-step and sigma point."""
+    model = FmuModel.load(reference_fmus[(2, "VanDerPol")]).declare(mu={"lower": 0.1, "upper": 5.0})
+    ukf, fs = _ukf(model)
+    stepper, sigma_points = fmu_stepper(model), 2 * len(model.states) + 1
+    t, gap = T0.timestamp(), 0.25
+    fs = ukf.assimilate(ukf.assimilate(fs, t, {"x0": 2.0}), t + gap, {"x0": 1.95})
+    for k in range(2, 6):
+        steps, reused = stepper.steps, stepper.reused
+        fs = ukf.assimilate(fs, t + k * gap, {"x0": 2.0 - 0.05 * k})
+        assert stepper.steps - steps == 25 * sigma_points, k  # the prediction's; the look-ahead's were reused
+        assert stepper.reused - reused >= HOST_LOOK_AHEAD * sigma_points, k
+    assert fs.divergence.refused == 0 and fs.divergence.updates == 6

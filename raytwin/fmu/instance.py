@@ -135,6 +135,18 @@ class FmuInstance:
     def do_step(self, t: float, dt: float) -> None:
         self.fmu.doStep(currentCommunicationPoint=t, communicationStepSize=dt)
 
+    def recovered(self) -> FmuInstance:
+        """This instance made usable after a failed call: reset (FMI 2.0 and 3.0 allow a reset after a
+        discarded step or an error), or, where the reset fails too (fmi2Fatal), a new instance; the old one
+        is dropped without freeing it, since FMI allows no call at all after a fatal error."""
+        try:
+            self.fmu.reset()
+        except Exception as e:  # noqa: BLE001 - fmpy raises plain Exceptions for FMI errors
+            log.warning("event=fmu_replaced fmu=%s reason=%r: its reset failed after a failed call", self.model.name, e)
+            return FmuInstance(self.model, self.interface)
+        self._fresh = True
+        return self
+
     # ---- scenarios -----------------------------------------------------------------------------
     def run(self, scenario: FmuScenario, outputs: tuple[str, ...] | None = None) -> np.ndarray:
         """Values of `outputs` (default: the FMU's outputs) at ``t0 + k dt`` for k = 0..n_steps,

@@ -6,12 +6,21 @@ state the FMU was in before; setting a continuous state of a co-simulation FMU i
 before initialisation. So each call re-initialises the instance (reset, start values = the state
 and parameters, initialise at t = 0), holds the inputs and takes one communication step of `dt`.
 That costs one reset and initialisation per call: microseconds for the small FMUs a twin tracks.
+
+A filter must be able to refuse a state the FMU cannot step from (`raytwin.estimation.scan_kernels`, its
+look-ahead), so a step the FMU fails (fmpy raises for fmi2Discard, fmi2Error and fmi2Fatal) gives NaN, as a
+step that overflows does, instead of an exception that fails the whole dispatch of twins; the instance is
+reset (or replaced) before its next call. Steps are remembered (`RECENT_STEPS`): the look-ahead of a twin's
+event predicts what the next event's prediction does when its gap is split alike, and that prediction then
+reads the FMU's results instead of running it again.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+from collections import OrderedDict
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -26,13 +35,23 @@ log = logging.getLogger("raytwin.fmu")
 MAX_PROBES = 20
 """Doublings of the probe step `FmuStepper` tries to find a fixed-step FMU's next step (2**20 times the
 model's default step)."""
+RECENT_STEPS = 16_384
+"""Steps (one state each) `FmuStepper.step` remembers, least recently used dropped first: a dispatch's look-ahead
+for 128 twins of two states with 10 sub-steps each is 128 * 10 * 5 = 6400 (a few MB in all)."""
 
 
 class FmuStepper:
     """``step(x, u, p, dt) -> x_next`` and ``observe(x, u, p) -> y`` on NumPy arrays, in the order of
     the model's ``state_names``, ``input_names``, ``param_names`` and ``output_names``; a 2-D `x`
     (one row per sigma point) is stepped row by row. A filter's noise is not in an FMU: declare it
-    with `FmuModel.declare`."""
+    with `FmuModel.declare`.
+
+    A row the FMU cannot step or observe comes back NaN (see the module docstring): a failed FMU call, or a
+    row, input, parameter or step length that is not finite (no FMU call: a filter's lanes run in lockstep
+    and pass NaN where they need no step). A step of length 0 is the state itself (no FMU call: an FMU
+    refuses an empty step, and a twin's first event, from its prior, has none while the other twins of its
+    dispatch step). `steps`, `reused` and `failed` count the FMU steps run, the steps answered from the
+    remembered ones and the FMU calls that failed."""
 
     def __init__(self, model: FmuModel):
         from fmpy import read_model_description
@@ -43,8 +62,13 @@ class FmuStepper:
         if fixed:
             raise FmuError(f"FMU {model.name}: state(s) {fixed} have no settable start value (initial="
                            "calculated), so a filter cannot set them")
+        from fmpy.fmi1 import FMICallException  # what fmpy raises for every FMI version's failed call
+
         self.model = model
         self.instance = FmuInstance(model, "CoSimulation")
+        self._failure = FMICallException
+        self._recent: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self.steps = self.reused = self.failed = 0
         self._time = next((v.name for v in md.modelVariables if v.causality == "independent"), None)
         self._logged_interpolation = False
         state_index = {n: i for i, n in enumerate(model.state_names)}
@@ -53,21 +77,58 @@ class FmuStepper:
         """When every output is a state variable (an FMU exposing its states), `observe` reads them
         from `x` instead of initialising the FMU at each sigma point: the same values, no FMU call."""
 
-    def _start(self, x: np.ndarray, u: np.ndarray, p: np.ndarray) -> None:
+    def _checked(self, x: np.ndarray, u: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`u` and `p` as float64 arrays, after checking the shapes of `x` (one state), `u` and `p`."""
         m = self.model
+        u, p = np.asarray(u, dtype=np.float64), np.asarray(p, dtype=np.float64)
         for what, values, names in (("x", x, m.state_names), ("u", u, m.input_names), ("p", p, m.param_names)):
             if np.shape(values) != (len(names),):
                 raise FmuError(f"FMU {m.name}: {what} needs {len(names)} values {list(names)}, got shape "
                                f"{np.shape(values)}")
+        return u, p
+
+    def _start(self, x: np.ndarray, u: np.ndarray, p: np.ndarray) -> None:
+        m = self.model
         self.instance.initialize({**dict(zip(m.state_names, x)), **dict(zip(m.param_names, p))}, 0.0)
         self.instance.set(dict(zip(m.input_names, u)))
+
+    def _guarded(self, call: Callable[..., np.ndarray], *args: np.ndarray | float) -> np.ndarray | None:
+        """`call(*args)`, or None where the FMU fails it (fmpy's exception; the instance is made usable again)."""
+        try:
+            return call(*args)
+        except self._failure as e:
+            self.failed += 1
+            if self.failed == 1:
+                log.warning("event=fmu_call_failed fmu=%r reason=%r: the filter takes the result as NaN and refuses "
+                            "the event that led there (logged once per process)", self.model.name, str(e))
+            self.instance = self.instance.recovered()
+            return None
 
     def step(self, x: np.ndarray, u: np.ndarray, p: np.ndarray, dt: float) -> np.ndarray:
         x = np.asarray(x, dtype=np.float64)
         if x.ndim == 2:
             return np.stack([self.step(row, u, p, dt) for row in x])
-        self._start(x, np.asarray(u, float), np.asarray(p, float))
+        u, p = self._checked(x, u, p)
         dt = float(dt)
+        if dt == 0.0:
+            return x.copy()
+        if not (np.isfinite(dt) and np.isfinite(x).all() and np.isfinite(u).all() and np.isfinite(p).all()):
+            return np.full_like(x, np.nan)
+        key = b"".join((x.tobytes(), u.tobytes(), p.tobytes(), np.float64(dt).tobytes()))
+        if (known := self._recent.get(key)) is not None:
+            self._recent.move_to_end(key)
+            self.reused += 1
+            return known.copy()
+        x_next = self._guarded(self._step, x, u, p, dt)
+        x_next = np.full_like(x, np.nan) if x_next is None else x_next
+        self._recent[key] = x_next
+        if len(self._recent) > RECENT_STEPS:
+            self._recent.popitem(last=False)
+        return x_next.copy()
+
+    def _step(self, x: np.ndarray, u: np.ndarray, p: np.ndarray, dt: float) -> np.ndarray:
+        self.steps += 1
+        self._start(x, u, p)
         self.instance.do_step(0.0, dt)
         x_next = self.instance.get(self.model.state_names)
         reached = self._reached()
@@ -117,15 +178,28 @@ class FmuStepper:
             return x[..., self._outputs_from_states]
         if x.ndim == 2:
             return np.stack([self.observe(row, u, p) for row in x])
-        self._start(x, np.asarray(u, float), np.asarray(p, float))
+        u, p = self._checked(x, u, p)
+        if not (np.isfinite(x).all() and np.isfinite(u).all() and np.isfinite(p).all()):
+            return np.full(len(self.model.outputs), np.nan)
+        y = self._guarded(self._observed, x, u, p)
+        return np.full(len(self.model.outputs), np.nan) if y is None else y
+
+    def _observed(self, x: np.ndarray, u: np.ndarray, p: np.ndarray) -> np.ndarray:
+        self._start(x, u, p)
         return self.instance.get(self.model.output_names)
 
 
 @functools.cache
+def fmu_stepper(model: FmuModel) -> FmuStepper:
+    """This process's `FmuStepper` (one FMU instance) of `model`, which its twins' filters share."""
+    return FmuStepper(model)
+
+
+@functools.cache
 def fmu_dynamics(model: FmuModel) -> Dynamics:
-    """A filter's `raytwin.ukf.Dynamics` for `model`: one `FmuStepper` (one FMU instance) per model
-    and process, behind `host_dynamics`; cached, so every twin of the model shares one UKF kernel."""
+    """A filter's `raytwin.ukf.Dynamics` for `model`: `fmu_stepper` behind `host_dynamics`; cached, so
+    every twin of the model shares one UKF kernel."""
     from raytwin.ukf import host_dynamics
 
-    stepper = FmuStepper(model)
+    stepper = fmu_stepper(model)
     return host_dynamics(model, stepper.step, stepper.observe)
