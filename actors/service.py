@@ -186,19 +186,26 @@ class TwinService:
         return sorted(a for part in ray.get([s.assets.remote(tenant) for s in self._shards], timeout=timeout_s)
                       for a in part)
 
-    def shards_answering(self, timeout_s: float) -> int:
-        """How many shards answer a call within `timeout_s` (all asked at once; a dead, restarting or hung one does
-        not): 0 means no twin can be read or written (the readiness route)."""
-        calls = [s.twin_count.remote() for s in self._shards]
-        done, _ = ray.wait(calls, num_returns=len(calls), timeout=timeout_s)
-        answered = 0
+    def shards_answering(self, timeout_s: float, stuck_s: float) -> int:
+        """How many shards answer the readiness probe within `timeout_s` (all asked at once) and are making
+        progress: 0 means no twin can be read or written (the readiness route). The probe runs beside the shard's
+        calls (`TwinShardProcess.probe`), so a shard busy with a backlog answers at once; one dead, restarting or
+        stopped (SIGSTOP) does not, and one whose current call has run over `stuck_s` (a store read that never
+        returns, a deadlock) counts as not answering, logged as `event=shard_stuck`."""
+        calls = {s.probe.remote(): i for i, s in enumerate(self._shards)}
+        done, _ = ray.wait(list(calls), num_returns=len(calls), timeout=timeout_s)
+        answering = 0
         for call in done:
             try:
-                ray.get(call)
-                answered += 1
+                busy = ray.get(call)
             except ray.exceptions.RayError:
-                pass
-        return answered
+                continue
+            if busy is not None and busy.running_s > stuck_s:
+                log.warning("event=shard_stuck shard=%d call=%s running_s=%.1f stuck_s=%g", calls[call], busy.call,
+                            busy.running_s, stuck_s)
+                continue
+            answering += 1
+        return answering
 
     def state(self, tenant: str, asset_id: str) -> TwinState:
         """The twin's live state; while its shard restarts, its last durable state (latest snapshot)

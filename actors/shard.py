@@ -37,6 +37,7 @@ from actors.failover import process_age_s
 from actors.heap import freeze_heap
 from actors.lease import renew_heartbeat
 from actors.migration import migrated_record
+from actors.progress import Busy, CallClock, probe_call, probed_actor, timed_calls
 from actors.recovery import recover, recover_many
 from actors.routing import shard_index
 from actors.shadow import ShadowBook
@@ -595,15 +596,18 @@ class TwinShard(LiveModelOps):
         return True
 
 
+@timed_calls
 class TwinShardProcess(TwinShard):
     """A shard as the only tenant of a Ray worker process: it owns that process's log set-up, its
     garbage collector (`actors.heap.freeze_heap` before the first batch after start or
     registrations) and its JAX backend, sized for the one core a shard has
     (`raytwin.sim.cpu.start_single_core_backend`: XLA otherwise splits a dispatch's large fused loops
     into tasks for a thread per core of the node, each hand-off waiting for that thread to be
-    scheduled on cores the other shards and the driver keep busy)."""
+    scheduled on cores the other shards and the driver keep busy). Its calls are timed for `probe`,
+    which answers beside them (`actors.progress`)."""
 
     def __init__(self, store_url: str, index: int, *args: Any, **kwargs: Any):
+        self.call_clock = CallClock()
         component_logging()
         start_single_core_backend()  # before recovery runs the first kernel
         try:
@@ -641,6 +645,13 @@ class TwinShardProcess(TwinShard):
             self.heap_frozen = True
         return super().ingest(tenant, batch, states)
 
+    @probe_call
+    def probe(self) -> Busy | None:
+        """The readiness probe (`TwinService.shards_answering`): the call this shard runs now and for how long,
+        None when idle; answered on the probe group's thread at once, however many calls are queued."""
+        return self.call_clock.busy()
 
-TwinShardActor = ray.remote(TwinShardProcess)
-"""The actor class; `TwinService` sets its restart/retry options and name."""
+
+TwinShardActor = probed_actor(TwinShardProcess)
+"""The actor class: its calls one at a time in order, `probe` on a thread of its own; `TwinService` sets its
+restart/retry options and name."""

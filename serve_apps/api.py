@@ -150,11 +150,14 @@ def _ops_routes(app: FastAPI) -> None:
         """Readiness, for a load balancer's health check or an orchestrator's readiness probe; no API key, and, like
         anonymous health, only a status (HEAD too). 200 `ok` while the service holds its store and a twin shard answers
         within `readiness_timeout_s` (0.5 s: a probe's own timeout is often 1 s); 503 `fenced` once another service took its store over (every write would fail with
-        `store_fenced`) or `unavailable` when no shard answers (every one down, restarting or hung). `/v1/health`
-        stays the liveness check: a fenced or shardless service is alive, and restarting it fixes neither."""
+        `store_fenced`) or `unavailable` when no shard answers (every one down, restarting, stopped, or stuck in one
+        call over `readiness_stuck_s`, 120 s). A shard answers beside its work: one busy with a backlog is ready.
+        `/v1/health` stays the liveness check: a fenced or shardless service is alive, and restarting it fixes
+        neither."""
         if await svc.backend.call("store_fence"):
             status = "fenced"
-        elif not await svc.backend.call("shards_answering", svc.config.readiness_timeout_s):
+        elif not await svc.backend.call("shards_answering", svc.config.readiness_timeout_s,
+                                        svc.config.readiness_stuck_s):
             status = "unavailable"
         else:
             return Health(status="ok")

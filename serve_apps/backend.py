@@ -459,9 +459,10 @@ class Backend:
         except ray.exceptions.GetTimeoutError:
             return None
 
-    async def shards_answering(self, timeout_s: float) -> int:
-        """How many twin shards answer within `timeout_s` (a thread waits, never the replica's event loop)."""
-        return await asyncio.to_thread(self.twins.shards_answering, timeout_s)
+    async def shards_answering(self, timeout_s: float, stuck_s: float) -> int:
+        """How many twin shards answer within `timeout_s`, none stuck in one call over `stuck_s`
+        (`TwinService.shards_answering`; a thread waits, never the replica's event loop)."""
+        return await asyncio.to_thread(self.twins.shards_answering, timeout_s, stuck_s)
 
     def store_fence(self) -> StoreFence | None:
         """Why this service no longer holds its store (None while it does): see `lost_lease`."""

@@ -72,7 +72,13 @@ class ServeConfig(BaseModel):
                                         "answers (serve_apps/shard_deadline.py).")
     readiness_timeout_s: float = Field(0.5, gt=0, le=5, description="`/v1/health/ready` answers `unavailable` "
                                        "when no twin shard answers within this (seconds): short, so a probe is "
-                                       "answered within Kubernetes' default 1 s probe timeout while shards hang.")
+                                       "answered within Kubernetes' default 1 s probe timeout while shards hang. "
+                                       "Shards answer the probe beside their calls: a backlog does not delay it.")
+    readiness_stuck_s: float = Field(120.0, gt=0, description="A twin shard whose current call has run longer "
+                                     "than this (seconds: a store read that never returns, a deadlock) counts as "
+                                     "not answering for `/v1/health/ready` (logged `event=shard_stuck`); a shard "
+                                     "busy with many short calls still answers. At least `shard_create_timeout_s`, "
+                                     "the longest call the API waits for (a model's kernels compiling).")
     shard_write_timeout_s: float = Field(15.0, gt=0, description="Telemetry (or a drift clear, an asset deletion) "
                                          "its twin's shard has not applied this long is answered 503 "
                                          "`twin_unavailable` (resend telemetry: events are idempotent); the shard's "
@@ -132,6 +138,15 @@ class ServeConfig(BaseModel):
             raise ValueError(f"max_running_jobs_per_tenant ({self.max_running_jobs_per_tenant}) must be at most "
                              f"max_concurrent_jobs ({self.max_concurrent_jobs}): a tenant cannot run more jobs than "
                              "the service runs; raise max_concurrent_jobs or lower it")
+        return self
+
+    @model_validator(mode="after")
+    def _stuck_after_the_longest_wait(self) -> ServeConfig:
+        if self.readiness_stuck_s < self.shard_create_timeout_s:
+            raise ValueError(f"readiness_stuck_s ({self.readiness_stuck_s:g}) must be at least shard_create_timeout_s "
+                             f"({self.shard_create_timeout_s:g}): a shard compiling a model's kernels for an asset's "
+                             "creation would read as stuck, and readiness fail, while the API still waits for it; "
+                             "raise readiness_stuck_s")
         return self
 
     @model_validator(mode="after")

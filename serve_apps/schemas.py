@@ -180,7 +180,8 @@ class StoreFence(BaseModel):
 class Health(BaseModel):
     """Liveness; with a valid key also the caller's tenant's counts (never other tenants'). `status`: `ok`,
     `degraded` (a shard left the twin count unanswered) or `fenced` (this service lost its store: `fenced` says
-    to whom); readiness (`/v1/health/ready`) also answers `unavailable` (no twin shard answers)."""
+    to whom); readiness (`/v1/health/ready`) also answers `unavailable` (no twin shard answers, or every one is
+    stuck in a call)."""
 
     status: str
     tenant: str | None = None

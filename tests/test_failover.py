@@ -18,6 +18,7 @@ import ray
 from actors import TwinService, UnknownTwin
 from actors import service as service_module
 from actors.failover import compilation_cache
+from actors.progress import probed_actor
 from actors.recovery import durable_state
 from actors.shadow import shadow_twin
 from actors.shard import TwinShardProcess
@@ -218,7 +219,7 @@ def test_a_shard_killed_between_a_retype_and_its_snapshot_comes_back_on_the_new_
     down, the twin answered its prior (revision 0), and so it did after the restart until its next ingest (a
     restart wrote no snapshot). The registration carries the replay's snapshot now: a read while the shard is
     down answers the replayed state on the new version, and the restart recovers it and writes its snapshot."""
-    monkeypatch.setattr(service_module, "TwinShardActor", ray.remote(_KilledAtItsNextSnapshot))
+    monkeypatch.setattr(service_module, "TwinShardActor", probed_actor(_KilledAtItsNextSnapshot))
     store_url = str(tmp_path / "twins")
     svc = TwinService(store_url, shards=1, snapshot_every=8, max_task_retries=0, **OPTS)
     try:

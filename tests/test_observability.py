@@ -323,7 +323,7 @@ def test_prometheus_sees_raytwin_loads_the_rules_and_alerts_on_a_dead_letter_flo
     assert _OTHER_TESTS_ALERTS < {r["alert"] for r in _rules() if "alert" in r}  # a renamed one is not left out
     assert _alerts(prometheus) == {}
     assert _query(prometheus, "raytwin:dead_letters:ratio_rate5m == 0")
-    assert twins.shards_answering(10.0) == 1  # what the readiness route asks (serve_apps.api)
+    assert twins.shards_answering(10.0, stuck_s=120.0) == 1  # what the readiness route asks (serve_apps.api)
     assert _query(prometheus, 'ray_raytwin_shard_started_timestamp_seconds{shard="0"} > 0')
 
     # Ray's own series that dashboards and rules query are in the export too

@@ -254,11 +254,14 @@ def test_a_hung_shard_is_read_stale_and_refuses_telemetry_until_it_answers_then_
         assert what_if.status_code == 503 and "its live state is not known" in what_if.json()["error"]["message"]
         health = http.get("/v1/health")  # alive; its twin count waits for no hung shard
         assert health.status_code == 200 and health.json()["status"] == "degraded", health.text
+        ready = http.get("/v1/health/ready")  # its only shard answers no probe: out of the load balancer
+        assert (ready.status_code, ready.json()) == (503, {"status": "unavailable"})
     for _ in range(600):  # the held batch is applied when the shard answers, which closes the breaker
         state = http.get("/v1/assets/zone-1/state")
         if not state.json()["stale"]:
             break
     assert state.status_code == 200 and "raytwin-stale" not in state.headers
+    assert http.get("/v1/health/ready").status_code == 200
     resent = [post(start).json() for start in (100, 110)]
     assert [(r["accepted"], r["duplicates"]) for r in resent] == [(0, 10), (10, 0)]  # late: applied; refused: not
     assert http.get("/v1/assets/zone-1/state").json()["events_applied"] == applied + 20

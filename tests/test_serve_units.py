@@ -200,6 +200,12 @@ def test_config_from_args_and_environment(monkeypatch, tmp_path):
         ServeConfig.from_args({"store_url": "x", "autoscaling": {"min_replicas": 5, "max_replicas": 2}})
     with pytest.raises(ValidationError, match="extra"):
         ServeConfig.from_args({"store_url": "x", "bogus": 1})
+    # a shard compiling kernels for a creation the API still waits for must not read as stuck to readiness
+    with pytest.raises(ValidationError, match=r"readiness_stuck_s \(30\) must be at least shard_create_timeout_s "
+                                              r"\(60\)"):
+        ServeConfig.from_args({"store_url": "x", "readiness_stuck_s": 30})
+    assert ServeConfig.from_args({"store_url": "x", "readiness_stuck_s": 90, "shard_create_timeout_s": 90}
+                                 ).readiness_stuck_s == 90
 
 
 def test_the_autoscaling_target_follows_the_ingress_concurrency_unless_set():
@@ -336,7 +342,8 @@ class HealthBackend:
         self.store_fence = lambda: lost_lease(store, lease)
         self._fence, self._fence_checked, self.proposed = None, -math.inf, []
         self.answering = 2  # twin shards that answer (`Backend.shards_answering`)
-        self.waited_s: list[float] = []  # how long readiness let the shards take to answer
+        self.waited_s: list[tuple[float, float]] = []  # how long readiness let the shards take to answer, and to
+        # be in one call
 
     def check_writable(self) -> None:
         from serve_apps.backend import Backend
@@ -356,9 +363,9 @@ class HealthBackend:
         assert self.store_fence() is None, "a fenced service's health asked its shards"
         return 2
 
-    def shards_answering(self, timeout_s: float) -> int:
+    def shards_answering(self, timeout_s: float, stuck_s: float) -> int:
         assert self.store_fence() is None, "a fenced service's readiness asked its shards"
-        self.waited_s.append(timeout_s)
+        self.waited_s.append((timeout_s, stuck_s))
         return self.answering
 
 
@@ -394,7 +401,8 @@ def test_readiness_fails_a_fenced_service_and_one_whose_shards_all_fail_to_answe
         down = http.get("/v1/health/ready")
         assert (down.status_code, down.json()) == (503, {"status": "unavailable"})
         assert http.head("/v1/health/ready").status_code == 503
-        assert set(backend.waited_s) == {0.5}  # not 5 s (`shard_read_timeout_s`): within a probe's 1 s timeout
+        # not 5 s (`shard_read_timeout_s`): within a probe's 1 s timeout; stuck: longer than any call the API waits for
+        assert set(backend.waited_s) == {(0.5, 120.0)}
         assert http.get("/v1/health").status_code == 200  # alive: a restart would not bring shards back
         backend.answering = 2
         store.write_lease(replace(mine, owner="svc-b", epoch=2, acquired_by="host-b:7"))  # a takeover (a reshard)

@@ -6,6 +6,7 @@ key order, without Ray; twin states must match them bit for bit.
 
 from __future__ import annotations
 
+import errno
 import gc
 import logging
 import math
@@ -14,7 +15,9 @@ import pickle
 import random
 import signal
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 
 import jax
@@ -23,6 +26,7 @@ import pyarrow.compute as pc
 import pytest
 
 from actors import TwinService, TwinState, UnknownTwin
+from actors.progress import Busy, CallClock, probe_call, timed_calls
 from actors.recovery import registration_record
 from actors.shard import TwinShard, TwinShardProcess
 from actors.telemetry import validated_table
@@ -31,6 +35,7 @@ from raytwin.contracts import Asset, AssetType, TelemetryEvent
 from raytwin.registry import ModelArtifact, ModelRegistry
 from raytwin.statestore import Snapshot, StateStore, parse_snapshot_name, to_micros
 from raytwin.sim import THERMAL_RC
+from serve_apps.config import ServeConfig
 from tests.domain_models import BOUNDED_RC
 
 T0 = datetime(2026, 2, 1, tzinfo=UTC)
@@ -519,6 +524,110 @@ def test_killed_shard_recovers_without_losing_or_double_applying(ray_session, tm
                           reference(artifact, "k2", [e for e in evs if e.asset_id == "k2"], **opts).view())
     finally:
         svc.close()
+
+
+READINESS_TIMEOUT_S = ServeConfig.model_fields["readiness_timeout_s"].default  # what `/v1/health/ready` waits
+
+
+@contextmanager
+def stalled_read(path: str) -> Iterator[None]:
+    """The store file at `path` as a named pipe: whoever opens it waits (a store read that does not return)
+    until the block ends; then the read fails (the store's reader seeks, which a pipe cannot)."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    os.mkfifo(path)
+    try:
+        yield
+    finally:
+        fd, deadline = None, time.monotonic() + 60
+        while fd is None and time.monotonic() < deadline:
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError as e:  # no reader: not there yet, or its open restarting after a SIGSTOP
+                if e.errno != errno.ENXIO:
+                    raise
+                time.sleep(0.01)
+        os.unlink(path)
+        if fd is not None:
+            os.close(fd)
+
+
+def test_readiness_answers_past_a_shards_backlog_but_not_for_a_stopped_or_stuck_shard(ray_session, tmp_path,
+                                                                                       artifact, caplog):
+    """The probe was an ordinary shard call: queued behind a SIGSTOPped-then-resumed shard's telemetry backlog,
+    it read as not answering for minutes, and readiness took a healthy, busy service out of rotation. It now
+    answers beside the shard's calls, which still run one at a time in order; a shard stopped, or stuck in one
+    call past the bound, still does not count."""
+    import ray
+
+    svc = TwinService(str(tmp_path / "store"), shards=1, snapshot_every=8, batch_size=4, **TWIN_OPTS)
+    pool = ThreadPoolExecutor(1)
+    try:
+        svc.register(asset("k1"), artifact)
+        [shard] = svc.shard_handles
+        pid = ray.get(shard.pid.remote())  # now: while the read stalls, only the probe answers
+        assert ray.get(shard.probe.remote()) is None  # idle
+        record = registration_record(asset("slow"), artifact, None, None)
+        with stalled_read(svc.store._registration_path("acme", "slow")):
+            stalled = shard.register.remote("acme", "slow", record)  # its store read waits
+            while (busy := ray.get(shard.probe.remote())) is None:
+                pass
+            assert busy.call == "register"
+            backlog = pool.submit(svc.ingest, "acme", events("k1", 40))  # 10 calls queued behind it
+            assert svc.shards_answering(READINESS_TIMEOUT_S, stuck_s=3600.0) == 1  # busy, not stuck: ready
+
+            seen = ray.get(shard.probe.remote()).running_s  # the same call, longer in it by the next probe
+            with caplog.at_level(logging.WARNING, logger="raytwin.twins"):
+                assert svc.shards_answering(10.0, stuck_s=seen) == 0
+            assert "event=shard_stuck shard=0 call=register" in caplog.text
+
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                assert svc.shards_answering(READINESS_TIMEOUT_S, stuck_s=3600.0) == 0
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            assert not backlog.done()  # nothing ran beside the stalled call: the probe alone has a thread
+        with pytest.raises(ray.exceptions.RayTaskError, match="not seekable"):
+            ray.get(stalled)
+        assert backlog.result(timeout=60).accepted == 40
+        assert svc.state("acme", "k1").events_applied == 40
+        assert svc.shards_answering(READINESS_TIMEOUT_S, stuck_s=3600.0) == 1
+        assert ray.get(shard.probe.remote()) is None
+    finally:
+        pool.shutdown(wait=False)
+        svc.close()
+
+
+def test_a_shards_calls_are_timed_as_one_call_each_and_its_probe_is_not():
+    """What the probe reports (`actors.progress`): the outermost public call and its age, until it ends, even by an
+    error; the probe itself never shows as the shard's call."""
+
+    @timed_calls
+    class Calls:
+        def __init__(self) -> None:
+            self.call_clock = CallClock()
+
+        def outer(self) -> Busy | None:
+            return self.inner()
+
+        def inner(self) -> Busy | None:
+            return self.probe()
+
+        def fails(self) -> None:
+            raise RuntimeError("store down")
+
+        @probe_call
+        def probe(self) -> Busy | None:
+            return self.call_clock.busy()
+
+    calls = Calls()
+    assert calls.probe() is None
+    busy = calls.outer()
+    assert busy.call == "outer" and busy.running_s >= 0
+    with pytest.raises(RuntimeError, match="store down"):
+        calls.fails()
+    assert calls.probe() is None
+    public = {n for n in dir(TwinShardProcess) if not n.startswith("_") and callable(getattr(TwinShardProcess, n))}
+    assert {n for n in public if hasattr(getattr(TwinShardProcess, n), "__wrapped__")} == public - {"probe"}
 
 
 def test_cli_time_travel_and_dead_letters(service, artifact):
