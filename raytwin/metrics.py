@@ -9,7 +9,9 @@ metric named ``raytwin_x`` as ``ray_raytwin_x`` and appends ``_total`` to counte
 
 Adding a metric is one line at the end of this module (``NAME = counter("raytwin_...", "why",
 "tag", ...)``); code elsewhere calls ``NAME.inc(tag="...")``. Tags must be low-cardinality
-(shard, route, reason, state): never an asset, tenant or request id. One exception: a connector is
+(shard, route, reason, state): never an asset, tenant or request id, nor a name a tenant chose (a
+registry reference, a stored FMU's model name: `FMU_STEPS` and `FMU_FAILED_CALLS` name no FMU, sweeps
+tag `raytwin.sim.discovery.simulator_label`). One exception: a connector is
 named ``tenant/name`` (few per tenant, and an operator must know which one is down), so the export
 names tenants and must reach Prometheus only (ops/README.md).
 
@@ -232,6 +234,12 @@ SHARD_STARTED = gauge("raytwin_shard_started_timestamp_seconds", "When this twin
                       "shard")
 SHARD_UNANSWERED = counter("raytwin_shard_unanswered", "Times an Ingress replica found a twin shard leaving a call "
                            "unanswered past its deadline (hung or stalled; serve_apps/shard_deadline.py).", "shard")
+FMU_STEPS = counter("raytwin_fmu_steps", "FMU steps the filters of twins on an FMU asked for "
+                    "(`raytwin.fmu.FmuStepper`), by source (run: on the FMU; reused: read from the steps it "
+                    "remembers, a look-ahead's).", "source")
+FMU_FAILED_CALLS = counter("raytwin_fmu_failed_calls", "FMU calls (steps, observations) of twins' filters that the "
+                           "FMU failed (fmi2Discard, fmi2Error, fmi2Fatal): NaN to the filter, which refuses the event "
+                           "that led there (dead letter `non_finite`); the log's `event=fmu_call_failed` names it.")
 # ---- scenarios, sweeps, jobs, calibration ------------------------------------------------------
 SCENARIO_STEPS = counter("raytwin_scenario_steps", "Simulated scenario-steps (scenarios x steps), by kind "
                          "(scenario: API runs and jobs; sweep: every sweep).", "kind")
@@ -275,6 +283,8 @@ DEAD_LETTER_REASONS: dict[str, tuple[str, ...]] = {
     "connector": ("mapping", "invalid"),  # its mapping could not read a reading; the contract refused a row
 }
 """The reasons each stage dead-letters events for (`DEAD_LETTERS`), exported at 0 where the stage runs."""
+FMU_STEP_SOURCES = ("run", "reused")
+"""The sources `FMU_STEPS` counts, exported at 0 where a process first steps an FMU."""
 
 
 def zero_dead_letters(stage: str) -> None:

@@ -21,6 +21,7 @@ from actors.recovery import registration_record
 from actors.shard import TwinShard
 from actors.telemetry import validated_table
 from benchmarks.fmu import VAN_DER_POL
+from raytwin import metrics
 from raytwin.contracts import Asset, AssetType, TelemetryEvent
 from raytwin.estimation import HOST_LOOK_AHEAD, FilterState, refused_names, substeps
 from raytwin.fmu import INSTANTIATIONS, FmuModel, FmuScenario, cached_instance, store_fmu
@@ -30,6 +31,7 @@ from raytwin.modelcode import file_code
 from raytwin.registry import ModelRegistry, RegistryError
 from raytwin.sim import get_model
 from raytwin.ukf import UnscentedKalmanFilter
+from tests.ray_metrics import scrape, total, wait_until
 from tests.test_filters import assert_nees_consistent, assert_nis_consistent
 from tests.test_twins import CountedDeadLetters, assert_same_state
 
@@ -166,8 +168,6 @@ def test_a_reading_the_fmu_cannot_step_from_is_refused_and_later_readings_apply(
     keeps its state and tracks the next readings, a twin's first event shares a dispatch with the others (a
     step of length 0, which the FMU refuses, made that dispatch fail), and a restarted shard (log replay)
     refuses the same event and holds the live state bit for bit."""
-    from raytwin import metrics
-
     counted = CountedDeadLetters()
     monkeypatch.setattr(metrics, "DEAD_LETTERS", counted)
     artifact = vdp[0].get("vdp@1.0.0")
@@ -205,6 +205,7 @@ def _ukf(model: FmuModel) -> tuple[UnscentedKalmanFilter, FilterState]:
     return ukf, ukf.initial({"x0": 2.0, "x1": 0.0}, {"x0": PRIOR_STD, "x1": PRIOR_STD})
 
 
+FAILED_CALLS = metrics.FMU_FAILED_CALLS.exported[0]
 DOMAIN = {"Discard": 50.0, "Error": 1e3, "Fatal": 1e5}
 """|x0| beyond which the patched VanDerPol's derivatives return each FMI status (the worst that applies)."""
 
@@ -228,14 +229,17 @@ def bounded_vdp(tmp_path_factory) -> FmuModel:
     return FmuModel.load(path).declare(mu={"lower": 0.1, "upper": 5.0})
 
 
-def test_states_the_fmu_fails_to_step_from_are_refused_whatever_status_it_returns(bounded_vdp, caplog):
+def test_states_the_fmu_fails_to_step_from_are_refused_whatever_status_it_returns(bounded_vdp, caplog, ray_session,
+                                                                                  ray_metrics_port):
     """The FMU's doStep returns fmi2Discard, fmi2Error, then fmi2Fatal for three glitch readings: each failed
     call is NaN to the filter (it used to raise out of the dispatch, failing every twin of it), the look-ahead
     refuses each event, the twin keeps its state and the good readings between and after apply; the instance
-    is reset after a discard or an error and replaced after the fatal error, which FMI allows no reset after."""
+    is reset after a discard or an error and replaced after the fatal error, which FMI allows no reset after.
+    Operators see the failed calls: Ray's metrics export counts each one (`ray_raytwin_fmu_failed_calls_total`)."""
+    exported_before = total(scrape(ray_metrics_port), FAILED_CALLS)
     ukf, fs = _ukf(bounded_vdp)
     stepper = fmu_stepper(bounded_vdp)
-    t = T0.timestamp()
+    failed_before, t = stepper.failed, T0.timestamp()
     readings = [2.0, 1.98, 1e3, 1.94, 1.9, 1e5, 1.85, 1.8, 1e8, 1.75, 1.7]
     with caplog.at_level(logging.WARNING, logger="raytwin.fmu"):
         for k, reading in enumerate(readings):
@@ -257,6 +261,10 @@ def test_states_the_fmu_fails_to_step_from_are_refused_whatever_status_it_return
     assert caplog.text.count("event=fmu_call_failed") == 1  # logged once, for the first: the discard
     assert "fmi2DoStep failed with status 2 (discard)" in caplog.text
     assert caplog.text.count("event=fmu_replaced") == caplog.text.count("fmi2Reset failed with status 3 (error)") > 0
+    failed = stepper.failed - failed_before
+    exported = wait_until(ray_metrics_port, lambda m: total(m, FAILED_CALLS) - exported_before >= failed,
+                          f"{failed} failed FMU calls", timeout_s=30)
+    assert total(exported, FAILED_CALLS) - exported_before == failed
 
 
 def test_the_look_ahead_s_fmu_steps_are_the_next_prediction_s_when_gaps_are_split_alike(reference_fmus):

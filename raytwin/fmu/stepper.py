@@ -13,6 +13,11 @@ step that overflows does, instead of an exception that fails the whole dispatch 
 reset (or replaced) before its next call. Steps are remembered (`RECENT_STEPS`): the look-ahead of a twin's
 event predicts what the next event's prediction does when its gap is split alike, and that prediction then
 reads the FMU's results instead of running it again.
+
+The counts (steps run, reused, FMU calls failed) are exported as `raytwin.metrics.FMU_STEPS` and
+`FMU_FAILED_CALLS` once per `step` or `observe` call, not per row: a Ray counter's record costs about as much
+as the small FMU step it would count. They carry no FMU tag: an FMU's name is its tenant's choice (a stored
+FMU's modelName), and the log's `event=fmu_call_failed` names it.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from raytwin import metrics
 from raytwin.fmu.describe import FmuError, FmuModel
 from raytwin.fmu.instance import FmuInstance
 
@@ -51,7 +57,7 @@ class FmuStepper:
     and pass NaN where they need no step). A step of length 0 is the state itself (no FMU call: an FMU
     refuses an empty step, and a twin's first event, from its prior, has none while the other twins of its
     dispatch step). `steps`, `reused` and `failed` count the FMU steps run, the steps answered from the
-    remembered ones and the FMU calls that failed."""
+    remembered ones and the FMU calls that failed (exported: see the module docstring)."""
 
     def __init__(self, model: FmuModel):
         from fmpy import read_model_description
@@ -69,6 +75,10 @@ class FmuStepper:
         self._failure = FMICallException
         self._recent: OrderedDict[bytes, np.ndarray] = OrderedDict()
         self.steps = self.reused = self.failed = 0
+        self._exported = (0, 0, 0)  # the counts `_export` last recorded
+        # exported at 0 now: the first failures would not show in `rate()` (`raytwin.metrics.Metric.zero`)
+        metrics.FMU_STEPS.zero(*({"source": s} for s in metrics.FMU_STEP_SOURCES))
+        metrics.FMU_FAILED_CALLS.zero({})
         self._time = next((v.name for v in md.modelVariables if v.causality == "independent"), None)
         self._logged_interpolation = False
         state_index = {n: i for i, n in enumerate(model.state_names)}
@@ -104,10 +114,25 @@ class FmuStepper:
             self.instance = self.instance.recovered()
             return None
 
+    def _export(self) -> None:
+        """Record the counts since the last call in this process's metrics (`raytwin.metrics`)."""
+        now = (self.steps, self.reused, self.failed)
+        run, reused, failed = (a - b for a, b in zip(now, self._exported, strict=True))
+        self._exported = now
+        metrics.FMU_STEPS.inc(run, source="run")
+        metrics.FMU_STEPS.inc(reused, source="reused")
+        metrics.FMU_FAILED_CALLS.inc(failed)
+
     def step(self, x: np.ndarray, u: np.ndarray, p: np.ndarray, dt: float) -> np.ndarray:
         x = np.asarray(x, dtype=np.float64)
-        if x.ndim == 2:
-            return np.stack([self.step(row, u, p, dt) for row in x])
+        try:
+            if x.ndim == 2:
+                return np.stack([self._step_row(row, u, p, dt) for row in x])
+            return self._step_row(x, u, p, dt)
+        finally:
+            self._export()
+
+    def _step_row(self, x: np.ndarray, u: np.ndarray, p: np.ndarray, dt: float) -> np.ndarray:
         u, p = self._checked(x, u, p)
         dt = float(dt)
         if dt == 0.0:
@@ -176,8 +201,12 @@ class FmuStepper:
                 raise FmuError(f"FMU {self.model.name}: x needs {len(self.model.states)} values "
                                f"{list(self.model.state_names)}, got shape {x.shape}")
             return x[..., self._outputs_from_states]
-        if x.ndim == 2:
-            return np.stack([self.observe(row, u, p) for row in x])
+        try:
+            return np.stack([self._observe_row(row, u, p) for row in x]) if x.ndim == 2 else self._observe_row(x, u, p)
+        finally:
+            self._export()
+
+    def _observe_row(self, x: np.ndarray, u: np.ndarray, p: np.ndarray) -> np.ndarray:
         u, p = self._checked(x, u, p)
         if not (np.isfinite(x).all() and np.isfinite(u).all() and np.isfinite(p).all()):
             return np.full(len(self.model.outputs), np.nan)
