@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import re
+from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
 
@@ -23,7 +24,7 @@ from raytwin.contracts import IDENTIFIER_PATTERN, Asset, implausible_states
 from raytwin.estimation import model_defaults
 from raytwin.registry import ModelArtifact
 from raytwin.sim.model import Declared
-from raytwin.statestore import EventKey, Snapshot, StateStore, from_micros
+from raytwin.statestore import EventKey, LoggedEvent, Snapshot, StateStore, from_micros
 from raytwin.ukf import FILTERS, make_filter
 
 NOISE_PREFIXES = {"process_std.": "process_std", "measurement_std.": "measurement_std", "input.": "inputs",
@@ -207,18 +208,23 @@ def durable_state(store: StateStore, tenant: str, asset_id: str) -> TwinState | 
     return state_view(tenant, asset_id, artifact.ref, model, fs, key, revision, stale=True)
 
 
+Replaying = Callable[[Twin, list[LoggedEvent]], None]
+"""Called by recovery with a twin and the logged events its replay applies, before it applies them (a retype
+checks them against the new type version's ranges, `actors.retype`: the very events replayed, none missed)."""
+
+
 def recover(
     store: StateStore, record: dict[str, Any], *, allowed_lateness_s: float, checkpoint_every: int,
-    until_us: int | None = None,
+    until_us: int | None = None, replaying: Replaying | None = None,
 ) -> Twin:
     """The twin as of `until_us` (now if None): latest snapshot before it + sorted log replay."""
     return recover_many(store, [record], allowed_lateness_s=allowed_lateness_s, checkpoint_every=checkpoint_every,
-                        until_us=until_us)[0]
+                        until_us=until_us, replaying=replaying)[0]
 
 
 def recover_many(
     store: StateStore, records: list[dict[str, Any]], *, allowed_lateness_s: float, checkpoint_every: int,
-    until_us: int | None = None,
+    until_us: int | None = None, replaying: Replaying | None = None,
 ) -> list[Twin]:
     """`recover` for many twins: one log scan per tenant, and their replays share filter dispatches."""
     twins = [build_twin(r, allowed_lateness_s=allowed_lateness_s, checkpoint_every=checkpoint_every,
@@ -241,6 +247,9 @@ def recover_many(
         store.load_drift_clear(twin.tenant, twin.asset_id), after[twin.tenant][twin.asset_id], until_us)
         for twin, record in zip(twins, records)]
     events = [logged[twin.tenant][twin.asset_id] for twin in twins]
+    if replaying is not None:
+        for twin, evs in zip(twins, events):  # the events `replay_many` applies: those after its start
+            replaying(twin, [e for e in evs if twin.last_key is None or e.key > twin.last_key])
     replay_many([(twin, evs if key is None else [e for e in evs if e.key <= key])
                  for twin, evs, key in zip(twins, events, cleared)])
     for twin, key in zip(twins, cleared):

@@ -2,10 +2,11 @@
 
 The order, and why. The registration record is what a restarted shard rebuilds the twin from, so
 writing it is the commit, and everything that can fail comes before it:
-1. the new model replays the twin's log in memory (nothing written): a replay that raises
-   leaves the old twin registered, in memory and serving, and the caller gets the error. A migrated
-   twin's record keeps its migration (`carried`): the replay starts where the migration did, from
-   its mapped state, not from the start of a log whose earlier events the older version logged;
+1. the new model replays the twin's log in memory (nothing written): a replay that raises, or whose
+   readings or states the new version's plausible ranges exclude (`plausible`), leaves the old twin
+   registered, in memory and serving, and the caller gets the error. A migrated twin's record keeps
+   its migration (`carried`): the replay starts where the migration did, from its mapped state, not
+   from the start of a log whose earlier events the older version logged;
 2. the old model's shadow evaluation of the twin ends (it cannot go on across the retype);
 3. commit: one write of the new registration, *marked* (`MARK`) with the replay's sealed snapshot;
 4. the new twin replaces the old one in memory;
@@ -26,7 +27,10 @@ from collections.abc import Callable
 from typing import Any
 
 from actors.twin import Twin
-from raytwin.statestore import Snapshot, StateStore
+from raytwin import units
+from raytwin.compat import require_plausible
+from raytwin.estimation import FilterState
+from raytwin.statestore import LoggedEvent, Snapshot, StateStore, from_micros
 
 MARK = "retyping"
 """Key of a registration record whose retype is committed but not finished: {"snapshot": the
@@ -50,17 +54,41 @@ def carried(existing: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
             "migration": migration}
 
 
-def replayed(record: dict[str, Any], replay: Callable[[dict[str, Any]], Twin]) -> Twin:
-    """Step 1: the twin of `record` replayed from its log alone by `replay` (the store's snapshots, drift
-    clear and swaps are the old model's); `RetypeFailed`, saying nothing changed, if that raises."""
+def replayed(existing: dict[str, Any], record: dict[str, Any], replay: Callable[..., Twin]) -> Twin:
+    """Step 1: the twin of `record` replayed from its log alone by `replay` (`actors.recovery.recover`: the
+    store's snapshots, drift clear and swaps are the old model's); `RetypeFailed`, saying nothing changed, if
+    that raises; `raytwin.compat.IncompatibleReplay` if the new version's ranges refuse it (`plausible`)."""
+    applied: list[LoggedEvent] = []
     try:
-        return replay(marked(record, None))
+        twin = replay(marked(record, None), replaying=lambda _, events: applied.extend(events))
     except Exception as exc:
         asset, artifact = record["asset"], record["artifact"]
         raise RetypeFailed(
             f"twin {asset['tenant']}/{asset['id']} stays on its type version, serving as before: replaying its "
             f"history on {artifact['name']}@{artifact['version']} failed ({type(exc).__name__}: {exc}), and nothing "
             "was changed; fix the cause and retype again, or migrate it (which maps its state)") from exc
+    plausible(twin, existing, applied)
+    return twin
+
+
+def plausible(twin: Twin, existing: dict[str, Any], applied: list[LoggedEvent]) -> None:
+    """`raytwin.compat.IncompatibleReplay` (from the type of `existing`, the twin's registration now) unless the
+    plausible ranges of the type `twin` was replayed on hold the readings its replay `applied`, the state it
+    ended in and those of its checkpoints (the snapshot the retype seals among them). Why here, on the replay
+    itself: the old model's live state says nothing of a new model whose dynamics differ, and an event
+    ingested after the service's checks is among those replayed."""
+    old = existing["artifact"]["asset_type"]
+    along = [(from_micros(c.key[0]).isoformat(), in_type_units(twin, c.fs)) for c in twin.checkpoints
+             if c.key is not None]
+    require_plausible(twin.asset_id, f"{old['name']}@{old['version']}", twin.artifact.asset_type,
+                      in_type_units(twin, twin.fs), along, [e.values for e in applied])
+
+
+def in_type_units(twin: Twin, fs: FilterState) -> dict[str, float]:
+    """The states of `fs` (in the twin's model's units) in its asset type's, by name."""
+    states = twin.artifact.asset_type.states
+    return {v.name: units.to_unit(float(x), v.unit, states[v.name].unit)
+            for v, x in zip(twin.filter.model.states, fs.x) if v.name in states}
 
 
 def marked(record: dict[str, Any], snap: Snapshot | None) -> dict[str, Any]:

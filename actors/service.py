@@ -24,6 +24,7 @@ from typing import Any
 import pyarrow as pa
 import ray
 from pydantic import TypeAdapter
+from ray.exceptions import RayTaskError
 
 from actors.ingest import (
     DEFAULT_BATCH_SIZE,
@@ -45,12 +46,12 @@ from actors.shard import TwinShardActor
 from actors.state import IngestReport, TwinState, UnknownTwin
 from actors.telemetry import ROW_COLUMN, validated_table
 from raytwin import metrics
-from raytwin.compat import require_replayable
+from raytwin.compat import IncompatibleReplay, require_replayable
 from raytwin.contracts import Asset, Identifier, TelemetryEvent
 from raytwin.migration import MigrationPlan
 from raytwin.registry import ModelArtifact
 from raytwin.sim.cpu import cpu_only
-from raytwin.statestore import HistoryPruned, LoggedEvent, StateStore, to_micros
+from raytwin.statestore import StateStore, to_micros
 
 _IDENTIFIER = TypeAdapter(Identifier)
 log = logging.getLogger("raytwin.twins")
@@ -151,31 +152,23 @@ class TwinService:
         migrated twin's from its migration's mapped state and point, `actors.retype.carried`).
         All or nothing (`actors.retype`): if it raises, the twin is on its old version, serving as before.
         `raytwin.compat.IncompatibleReplay`, naming each difference, for a version the twin's logged history
-        does not replay on unchanged, or whose plausible ranges exclude its live state or a logged reading
-        (checked here, so every caller is: the HTTP API maps it to 422); `migrate` moves such a twin, mapping
-        its state."""
+        does not replay on unchanged (checked here, so every caller is: the HTTP API maps it to 422), or whose
+        plausible ranges exclude a reading the replay applies or a state it replays into (checked by the shard
+        on the replay itself, `actors.retype.plausible`, raised here as such); `migrate` moves such a twin,
+        mapping its state."""
         old = self.store.load_registration(asset.tenant, asset.id)
         if old is None:
             raise UnknownTwin(f"no twin {asset.id!r} for tenant {asset.tenant!r}")
-        live = {n: v for n, v in self.state(asset.tenant, asset.id).state.items() if v is not None}
-        require_replayable(asset.id, ModelArtifact.model_validate(old["artifact"]).asset_type, artifact.asset_type,
-                           live, (e.values for e in self._replayed_history(asset.tenant, asset.id, old)))
+        require_replayable(asset.id, ModelArtifact.model_validate(old["artifact"]).asset_type, artifact.asset_type)
         states = set(artifact.model().state_names)
         keep = lambda prior: prior if prior and set(prior) <= states else None  # noqa: E731
         record = registration_record(asset, artifact, keep(old.get("initial_state")), keep(old.get("initial_std")))
-        if not ray.get(self._shard(asset.tenant, asset.id).retype.remote(asset.tenant, asset.id, record)):
-            raise UnknownTwin(f"no twin {asset.id!r} for tenant {asset.tenant!r}")
-
-    def _replayed_history(self, tenant: str, asset_id: str, record: dict[str, Any]) -> list[LoggedEvent]:
-        """The logged events a retype of the twin registered as `record` replays: from its migration's point
-        on (`actors.retype.carried`); none when that history was pruned (the replay itself refuses it then)."""
-        migration = record.get("migration")
-        start = None if migration is None or migration["key"] is None else tuple(migration["key"])
         try:
-            return self.store.read_events_many(tenant, {asset_id: start},
-                                               floors=self.store.history_floors(tenant))[asset_id]
-        except HistoryPruned:
-            return []
+            found = ray.get(self._shard(asset.tenant, asset.id).retype.remote(asset.tenant, asset.id, record))
+        except IncompatibleReplay as exc:  # Ray's wrapper of the shard's, which is an instance of it too
+            raise exc.cause if isinstance(exc, RayTaskError) else exc from None
+        if not found:
+            raise UnknownTwin(f"no twin {asset.id!r} for tenant {asset.tenant!r}")
 
     def unregister(self, tenant: str, asset_id: str) -> None:
         if not ray.get(self._shard(tenant, asset_id).unregister.remote(tenant, asset_id)):

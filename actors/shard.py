@@ -38,7 +38,7 @@ from actors.heap import freeze_heap
 from actors.lease import renew_heartbeat
 from actors.migration import migrated_record
 from actors.progress import Busy, CallClock, probe_call, probed_actor, timed_calls
-from actors.recovery import recover, recover_many
+from actors.recovery import Replaying, recover, recover_many
 from actors.routing import shard_index
 from actors.shadow import ShadowBook
 from actors.shard_models import LiveModelOps
@@ -178,9 +178,10 @@ class TwinShard(LiveModelOps):
                  "kernels_loaded=%d kernels_compiled=%d", index, os.getpid(), len(self.twins), shadowed,
                  process_age_s(), time.perf_counter() - started, kernels["loaded"], kernels["compiled"])
 
-    def _recover(self, record: dict[str, Any], until_us: int | None = None) -> Twin:
+    def _recover(self, record: dict[str, Any], until_us: int | None = None, replaying: Replaying | None = None
+                 ) -> Twin:
         return recover(self.store, record, allowed_lateness_s=self.lateness_s,
-                       checkpoint_every=self.checkpoint_every, until_us=until_us)
+                       checkpoint_every=self.checkpoint_every, until_us=until_us, replaying=replaying)
 
     # ------------------------------------------------------------------ twins ----
     def register(self, tenant: str, asset_id: str, record: dict[str, Any]) -> bool:
@@ -230,7 +231,9 @@ class TwinShard(LiveModelOps):
     def retype(self, tenant: str, asset_id: str, record: dict[str, Any]) -> bool:
         """Put the twin on another type version's model (its asset's type version changed): its stored
         history replayed by the new model from `record`'s prior (a migrated twin's: from its migration's
-        mapped state and point, `actors.retype.carried`), its state not mapped (`migrate` maps it). All or nothing, in the order `actors.retype` gives: the replay first, in memory (if it raises,
+        mapped state and point, `actors.retype.carried`), its state not mapped (`migrate` maps it). All or
+        nothing, in the order `actors.retype` gives: the replay first, in memory (if it raises, or the new
+        version's plausible ranges exclude a reading it applies or a state it reaches, `actors.retype.plausible`,
         the old twin stays registered and serving, and the error is the caller's); then the registration,
         marked with the replay's sealed snapshot, is the commit; then the swap and the removal of what the
         old model derived. The same retype again (a retried call) changes nothing. False: no such twin."""
@@ -244,7 +247,7 @@ class TwinShard(LiveModelOps):
             if key in self.retyping:
                 self._finish_retype(key)
             return True
-        twin = retyping.replayed(record, self._recover)
+        twin = retyping.replayed(existing, record, self._recover)
         committed = retyping.marked(record, twin.sealed_snapshot())
         self.shadows.forget(tenant, asset_id)
         self.store.save_registration(tenant, asset_id, committed)

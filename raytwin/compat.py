@@ -22,7 +22,7 @@ breaking change and how to fix it.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -167,7 +167,8 @@ def check_version(old: AssetType, new: AssetType) -> list[SchemaChange]:
 
 class IncompatibleReplay(ValueError):
     """A retype (`actors.service.TwinService.retype`, a `PUT` of an asset, a bulk retype) to a type version its
-    twin's history does not replay on unchanged (`replay_differences`, each in `differences`); a migration
+    twin's history does not replay on unchanged (`replay_differences`) or whose plausible ranges exclude a reading
+    the replay applies or a state it replays into (`range_differences`), each in `differences`; a migration
     moves the twin instead; `old` and `new` are the versions' keys (``name@version``). `explain(how)` words it
     for a caller who migrates with `how` (HTTP: the endpoint)."""
 
@@ -179,42 +180,61 @@ class IncompatibleReplay(ValueError):
         return type(self), (self.asset_id, self.old, self.new, self.differences)
 
     def explain(self, how: str) -> str:
+        widen = (", or publish a version whose plausible ranges hold them"
+                 if any(d.change == "range" for d in self.differences) else "")
         return (f"asset {self.asset_id}: its twin's history cannot be replayed unchanged on {self.new}, which differs "
                 f"from {self.old} in {', '.join(d.message for d in self.differences)}: a change of type version in "
                 "place (a retype) replays the logged history on the new model as logged, so it needs the same states "
                 f"in the same units, every input and output of {self.old} in the same unit, and plausible ranges "
-                f"that hold the twin's live state and logged readings; move it with {how}, which maps and converts "
-                "its state")
+                f"that hold the logged readings and the states the new model replays them into; move it with {how}, "
+                f"which maps and converts its state{widen}")
 
 
-def require_replayable(asset_id: str, old: AssetType, new: AssetType, state: dict[str, float],
-                       readings: Iterable[dict[str, float]]) -> None:
-    """`IncompatibleReplay` unless the twin of `asset_id`'s history, logged on `old`, replays on `new` unchanged
-    and `new`'s plausible ranges hold its live `state` and logged `readings` (`range_differences`)."""
-    if differences := replay_differences(old, new) or range_differences(new, state, readings):
+def require_replayable(asset_id: str, old: AssetType, new: AssetType) -> None:
+    """`IncompatibleReplay` unless the twin of `asset_id`'s history, logged on `old`, replays on `new` unchanged.
+    Checked before the replay; the ranges are checked where it runs (`require_plausible`)."""
+    if differences := replay_differences(old, new):
         raise IncompatibleReplay(asset_id, old.key, new.key, differences)
 
 
-def range_differences(new: AssetType, state: dict[str, float], readings: Iterable[dict[str, float]]
-                      ) -> list[SchemaChange]:
-    """Where `new`'s plausible ranges exclude the twin's live `state` or a logged reading (both in `new`'s units,
-    as they are when `replay_differences` found none). Why: on `new` the twin would run from a state its own
-    type calls implausible (a sweep from "live" starts there), and the replay applies logged readings as
-    logged, never rechecked, although `new` refuses such telemetry. A state that is not a number (a
-    diverged filter) is not checked: it lies in no range."""
-    differences = [
-        SchemaChange(f"states.{name}", "range", True,
-                     f"states.{name}: the live {value:g} {q.unit} is {plausible_range(q)} of {new.version}")
-        for name, value in state.items()
-        if (q := new.states.get(name)) is not None and math.isfinite(value) and q.outside(value)]
+def require_plausible(asset_id: str, old: str, new: AssetType, replayed: dict[str, float],
+                      along: Sequence[tuple[str, dict[str, float]]], readings: Iterable[dict[str, float]]) -> None:
+    """`IncompatibleReplay` (from `old`, a type's key) unless `new`'s plausible ranges hold the state the twin of
+    `asset_id` replayed into, the states along the replay and the readings it applied (`range_differences`)."""
+    if differences := range_differences(new, replayed, along, readings):
+        raise IncompatibleReplay(asset_id, old, new.key, differences)
+
+
+def range_differences(new: AssetType, replayed: dict[str, float], along: Sequence[tuple[str, dict[str, float]]],
+                      readings: Iterable[dict[str, float]]) -> list[SchemaChange]:
+    """Where `new`'s plausible ranges exclude the state its model `replayed` the twin's log into, a state `along`
+    the replay (when, as words; values), or a logged reading the replay applied (all in `new`'s units, as they are
+    when `replay_differences` found none). Why: on `new` the twin would run from a state its own type calls
+    implausible (a sweep from "live" starts there; a version whose dynamics differ replays into other states
+    than the old one ran in), and the replay applies logged readings as logged, never rechecked, although
+    `new` refuses such telemetry. A state that is not a number (a diverged filter) is not checked: it lies in
+    no range."""
+    differences = []
+    for name, q in new.states.items():
+        end = replayed.get(name, math.nan)
+        ends = math.isfinite(end) and q.outside(end)
+        passed = [f"{v:g} {q.unit} at {when}" for when, values in along
+                  if math.isfinite(v := values.get(name, math.nan)) and q.outside(v)]
+        if not (ends or passed):
+            continue
+        shown = ", ".join(passed[:3]) + ", ..." * (len(passed) > 3)
+        said = (f"the replay ends at {end:g} {q.unit}" + f" (and passed {shown})" * bool(passed) if ends
+                else f"the replay passed {shown}")
+        differences.append(SchemaChange(f"states.{name}", "range", True,
+                                        f"states.{name}: {said}, {plausible_range(q)} of {new.version}"))
+    measurable = new.measurable()
     outside: dict[str, list[float]] = {}
     for values in readings:
         for name, value in values.items():
-            q = new.measurable().get(name)
-            if q is not None and q.outside(value):
+            if (q := measurable.get(name)) is not None and q.outside(value):
                 outside.setdefault(name, []).append(value)
     for name, values in sorted(outside.items()):
-        q = new.measurable()[name]
+        q = measurable[name]
         where = f"{'outputs' if name in new.outputs else 'inputs'}.{name}"
         differences.append(SchemaChange(
             where, "range", True, f"{where}: {len(values)} logged reading{'s' * (len(values) != 1)} ("

@@ -26,7 +26,7 @@ from raytwin.compat import (
     previous_version,
     range_differences,
     replay_differences,
-    require_replayable,
+    require_plausible,
     required_bump,
 )
 from raytwin.contracts import AssetType, ParameterSpec, Quantity
@@ -119,21 +119,28 @@ def test_a_type_change_in_place_needs_the_same_states_and_every_measurement_in_t
     assert [(d.where, d.change) for d in replay_differences(THERMAL, changed(THERMAL, "2.0.0", **update))] == expected
 
 
-def test_a_type_change_in_place_needs_ranges_that_hold_the_twins_live_state_and_logged_readings():
-    """The example of the report (T_in's upper bound 294 K; readings at 294.15 and 295.15 K, the live T_in 294.65 K)
-    is refused, naming the state and the output, the values and the new range; a state that is not a number (a
-    diverged filter) is in no range and not checked; a narrowing that still holds both is taken."""
+def test_a_type_change_in_place_needs_ranges_that_hold_the_replayed_states_and_the_readings():
+    """The example of the report (T_in's upper bound 294 K; readings at 294.15 and 295.15 K, the replay ending at
+    294.65 K after passing 294.2 K) is refused, naming the state and the output, the values and the new range, and
+    what to do; a state only passed along the replay is named where; a state that is not a number (a diverged
+    filter) is in no range and not checked; a narrowing that still holds the states and readings is taken."""
     t_in = {"T_in": Quantity(unit="K", lower=173.15, upper=294.0)}
     narrow = changed(THERMAL, "3.0.0", states={**THERMAL.states, **t_in}, outputs={**THERMAL.outputs, **t_in})
     readings = [{"T_in": 293.5, "T_out": 280.0}, {"T_in": 294.15, "T_out": 280.0}, {"T_in": 295.15}]
+    along = [("2026-01-01T00:40:00+00:00", {"T_in": 294.2, "T_m": 293.0}), ("01:20", {"T_in": 293.8, "T_m": 293.0})]
     with pytest.raises(IncompatibleReplay) as refused:
-        require_replayable("zone-1", THERMAL, narrow, {"T_in": 294.65, "T_m": 293.0}, readings)
+        require_plausible("zone-1", THERMAL.key, narrow, {"T_in": 294.65, "T_m": 293.0}, along, readings)
     assert [d.message for d in refused.value.differences] == [
-        "states.T_in: the live 294.65 K is outside the plausible range [173.15, 294] K of 3.0.0",
+        "states.T_in: the replay ends at 294.65 K (and passed 294.2 K at 2026-01-01T00:40:00+00:00), outside the "
+        "plausible range [173.15, 294] K of 3.0.0",
         "outputs.T_in: 2 logged readings (294.15, 295.15 K) outside the plausible range [173.15, 294] K of 3.0.0"]
     assert "move it with TwinService.migrate" in str(refused.value)
-    assert [d.where for d in range_differences(narrow, {"T_in": float("nan")}, readings)] == ["outputs.T_in"]
-    require_replayable("zone-1", THERMAL, narrow, {"T_in": 293.9}, readings[:1])
+    assert "or publish a version whose plausible ranges hold them" in str(refused.value)
+    assert [d.message for d in range_differences(narrow, {"T_in": 293.0}, along, [])] == [
+        "states.T_in: the replay passed 294.2 K at 2026-01-01T00:40:00+00:00, outside the plausible range "
+        "[173.15, 294] K of 3.0.0"]
+    assert [d.where for d in range_differences(narrow, {"T_in": float("nan")}, [], readings)] == ["outputs.T_in"]
+    require_plausible("zone-1", THERMAL.key, narrow, {"T_in": 293.9}, along[1:], readings[:1])
 
 
 def test_versions_are_compared_as_numbers_against_the_newest_older_one():

@@ -33,7 +33,7 @@ from actors.telemetry import validated_table
 from actors.twin import CONFLICT, DUPLICATE, TOO_LATE, Twin, logged_event, replay
 from raytwin.contracts import Asset, AssetType, TelemetryEvent
 from raytwin.registry import ModelArtifact, ModelRegistry
-from raytwin.statestore import Snapshot, StateStore, parse_snapshot_name, to_micros
+from raytwin.statestore import Snapshot, StateStore, from_micros, parse_snapshot_name, to_micros
 from raytwin.sim import THERMAL_RC
 from serve_apps.config import ServeConfig
 from tests.domain_models import BOUNDED_RC
@@ -442,19 +442,24 @@ def test_the_python_api_refuses_a_retype_the_twins_history_does_not_replay_on(se
     assert (moved.model_ref, moved.revision) == (newer.ref, 20)
 
 
-def test_a_retype_is_refused_when_the_new_ranges_exclude_the_twins_live_state_or_logged_readings(
+def ranged(tmp_path, version: str, state: str, parameters: dict[str, float] | None = None,
+           **bounds: float) -> ModelArtifact:
+    """Version `version` of the zones' type (a retype replays on it) with the plausible range of `state` (and of
+    its output, if measured) bounded by `bounds` (lower, upper), and `parameters` (other dynamics)."""
+    base = AssetType.from_model(THERMAL_RC, version=version)
+    bounded = {state: base.states[state].model_copy(update=bounds)}
+    outputs = {**base.outputs, **{n: q for n, q in bounded.items() if n in base.outputs}}
+    return ModelRegistry(str(tmp_path / "models")).register(
+        "zone", version, base.model_copy(update={"states": {**base.states, **bounded}, "outputs": outputs}), parameters)
+
+
+def test_a_retype_is_refused_when_the_new_ranges_exclude_the_replayed_state_or_logged_readings(
         service, artifact, tmp_path):
     """A version that only narrowed T_in's plausible range passed the replay check: the twin ran on it from a state
     its own type calls implausible (a sweep from "live" started there), its logged readings replayed unchecked.
-    Now a range that excludes the live state or a logged reading is refused, naming each, the value and the new
-    range, and nothing changes; a narrowing that still holds the history and state is taken."""
+    Now a range that excludes the state the replay ends in or a logged reading is refused, naming each, the value
+    and the new range, and nothing changes; a narrowing that still holds the history and state is taken."""
     from raytwin.compat import IncompatibleReplay
-
-    def narrowed(version: str, upper: float) -> ModelArtifact:
-        base = AssetType.from_model(THERMAL_RC, version=version)
-        t_in = {"T_in": base.states["T_in"].model_copy(update={"upper": upper})}
-        narrow = base.model_copy(update={"states": {**base.states, **t_in}, "outputs": {**base.outputs, **t_in}})
-        return ModelRegistry(str(tmp_path / "models")).register("zone", version, narrow)
 
     service.register(asset("rt-range"), artifact)
     logged = events("rt-range", 20, seed=29)  # T_in rises from about 293.15 K to 293.55 K
@@ -462,20 +467,82 @@ def test_a_retype_is_refused_when_the_new_ranges_exclude_the_twins_live_state_or
     before, record = service.state("acme", "rt-range"), service.store.load_registration("acme", "rt-range")
     assert before.state["T_in"] > 293.3
     with pytest.raises(IncompatibleReplay) as refused:
-        service.retype(asset("rt-range").model_copy(update={"type_version": "3.0.0"}), narrowed("3.0.0", 293.3))
+        service.retype(asset("rt-range").model_copy(update={"type_version": "3.0.0"}),
+                       ranged(tmp_path, "3.0.0", "T_in", upper=293.3))
     assert [(d.where, d.change) for d in refused.value.differences] == [("states.T_in", "range"),
                                                                         ("outputs.T_in", "range")]
-    message = str(refused.value)
-    assert f"states.T_in: the live {before.state['T_in']:g} K is outside the plausible range [173.15, 293.3] K" \
-        in message
+    message = str(refused.value)  # the same model: the replay ends where the twin is
+    assert f"states.T_in: the replay ends at {before.state['T_in']:g} K" in message
+    assert "outside the plausible range [173.15, 293.3] K of 3.0.0" in message
     above = [v for v in (e.measurements["T_in"].value + 273.15 for e in logged) if v > 293.3]
     assert f"outputs.T_in: {len(above)} logged readings ({above[0]:g}, " in message
     assert "move it with TwinService.migrate" in message
     assert service.state("acme", "rt-range") == before and service.store.load_registration("acme", "rt-range") == record
 
-    service.retype(asset("rt-range").model_copy(update={"type_version": "3.1.0"}), narrowed("3.1.0", 300.0))
+    service.retype(asset("rt-range").model_copy(update={"type_version": "3.1.0"}),
+                   ranged(tmp_path, "3.1.0", "T_in", upper=300.0))
     assert (service.state("acme", "rt-range").model_ref, service.state("acme", "rt-range").revision) == (
         "zone@3.1.0", 20)
+
+
+def test_a_retype_is_refused_when_the_new_model_replays_the_twin_out_of_its_own_ranges(service, artifact, tmp_path):
+    """The ranges were checked against the twin's live state, the old model's: a version whose dynamics differ
+    replayed the log into a state its own type calls implausible and was taken (a sweep from "live" then started
+    there, every scenario diverging). Here the building mass couples ten times more weakly to the air (R_im) and
+    T_m's range starts at 294.5 K: the old model's live T_m (295.6 K) lies in it, the new model's replay ends at
+    293.9 K and passes lower. Refused, naming T_m, the replayed values and the range, and saying what to do; the
+    twin stays on its version, its registration, snapshot and state as they were, serving."""
+    from raytwin.compat import IncompatibleReplay
+
+    weak = ranged(tmp_path, "2.0.0", "T_m", {"R_im": 0.02}, lower=294.5)
+    service.register(asset("rt-dyn"), artifact)
+    logged = events("rt-dyn", 20, seed=31)
+    assert service.ingest("acme", logged).accepted == 20
+    before, record = service.state("acme", "rt-dyn"), service.store.load_registration("acme", "rt-dyn")
+    snap = service.store.latest_snapshot("acme", "rt-dyn")
+    replayed = reference(weak, "rt-dyn", logged, **TWIN_OPTS)  # what the shard's replay on the new version gives
+    end = replayed.view().state["T_m"]
+    assert before.state["T_m"] > 294.5 > end
+    with pytest.raises(IncompatibleReplay) as refused:
+        service.retype(asset("rt-dyn").model_copy(update={"type_version": "2.0.0"}), weak)
+    assert [(d.where, d.change) for d in refused.value.differences] == [("states.T_m", "range")]
+    message = str(refused.value)
+    passed = [f"{c.fs.x[1]:g} K at {from_micros(c.key[0]).isoformat()}" for c in replayed.checkpoints[-2:]]
+    assert f"states.T_m: the replay ends at {end:g} K (and passed {', '.join(passed)})" in message
+    assert "outside the plausible range [294.5, 473.15] K of 2.0.0" in message
+    assert "move it with TwinService.migrate with a MigrationPlan, which maps and converts its state, or publish a " \
+           "version whose plausible ranges hold them" in message
+    assert service.state("acme", "rt-dyn") == before and service.store.load_registration("acme", "rt-dyn") == record
+    assert service.store.latest_snapshot("acme", "rt-dyn") == snap
+    assert service.ingest("acme", events("rt-dyn", 5, seed=31, start=20)).accepted == 5  # served as before
+    assert (service.state("acme", "rt-dyn").model_ref, service.state("acme", "rt-dyn").revision) == (artifact.ref, 25)
+
+
+def test_a_shards_retype_checks_the_very_readings_its_replay_applies(tmp_path, artifact):
+    """The service checked the readings it read from the log before the shard replayed it, so events ingested in
+    between were replayed on the new version unchecked. The shard checks those its replay applies: a retype sent
+    to it when only the readings ingested last lie outside the new range (as if after the service's checks) is
+    refused, naming them, and nothing changes."""
+    from raytwin.compat import IncompatibleReplay
+
+    shard = TwinShard(str(tmp_path / "store"), 0, 1, allowed_lateness_s=LATENESS_S, snapshot_every=8,
+                      checkpoint_every=8)
+    record = registration_record(asset("late"), artifact, None, None)
+    shard.register("acme", "late", record)
+    evs = events("late", 40, seed=37)
+    readings = [logged_event(e, artifact.asset_type).values["T_in"] for e in evs]
+    upper = max(readings[:30])  # holds the first 30 readings
+    later = [v for v in readings[30:] if v > upper]
+    assert shard.ingest("acme", validated_table(evs)).accepted == 40 and later
+    before, snap = shard.state("acme", "late"), shard.store.latest_snapshot("acme", "late")
+    moved = registration_record(asset("late").model_copy(update={"type_version": "2.0.0"}),
+                                ranged(tmp_path, "2.0.0", "T_in", upper=upper), None, None)
+    with pytest.raises(IncompatibleReplay) as refused:
+        shard.retype("acme", "late", moved)
+    assert f"outputs.T_in: {len(later)} logged reading{'s' * (len(later) != 1)} ({later[0]:g}" in str(refused.value)
+    assert shard.store.load_registration("acme", "late") == record
+    assert shard.store.latest_snapshot("acme", "late") == snap
+    assert_same_state(shard.state("acme", "late"), before)
 
 
 def test_killed_shard_recovers_without_losing_or_double_applying(ray_session, tmp_path, artifact):
