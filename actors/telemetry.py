@@ -12,7 +12,7 @@ row the fast check is stricter about than the contract is still accepted. Valida
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
@@ -42,7 +42,6 @@ _TYPES = {f.name: f.type for f in VALIDATED_SCHEMA}
 _REQUIRED = {"asset_id", "event_time", "sequence", "measurements"}
 _IDENTIFIER = TypeAdapter(Identifier).json_schema()["pattern"]
 _QUALITIES = pa.array(["good", "uncertain", "bad"])
-_UNITS = pa.array(sorted(units.UNITS))
 _MAX_SKEW_US = MAX_FUTURE_SKEW // timedelta(microseconds=1)
 _KNOWN_IDS_MAX, _KNOWN_ID_CHARS = 20_000, 256
 _known_ids: dict[str, bool] = {}
@@ -197,6 +196,13 @@ def _in_range(us: np.ndarray) -> np.ndarray:
     return (us >= _MIN_US) & (us <= _MAX_US)
 
 
+def _known_units(unit_column: pa.Array) -> np.ndarray:
+    """Whether each unit is known (False where null): each distinct unit string parsed once per batch,
+    and once per process through `units.is_unit`'s cache."""
+    encoded = unit_column.dictionary_encode()
+    return _per_row(encoded, [units.is_unit(u) for u in encoded.dictionary.to_pylist()])
+
+
 def _micros(times: pa.Array | pa.ChunkedArray, null: int) -> np.ndarray:
     """Times as microseconds since the epoch, `null` where missing."""
     return pc.fill_null(times.cast(pa.int64()), null).to_numpy(zero_copy_only=False)
@@ -216,8 +222,13 @@ def _identifiers(ids: pa.Array) -> np.ndarray:
         if len(_known_ids) + len(remember) > _KNOWN_IDS_MAX:
             _known_ids.clear()
         _known_ids.update(remember)
-    by_code = np.array([*verdicts, False], dtype=bool)  # the last: null ids
-    return by_code[pc.fill_null(encoded.indices, len(names)).to_numpy()]
+    return _per_row(encoded, verdicts)
+
+
+def _per_row(encoded: pa.DictionaryArray, verdicts: Sequence[bool | None]) -> np.ndarray:
+    """The verdict on each row's value from `verdicts` on the distinct values (False where null)."""
+    by_code = np.array([*verdicts, False], dtype=bool)  # the last: null
+    return by_code[pc.fill_null(encoded.indices, len(verdicts)).to_numpy()]
 
 
 def _python_rows(table: pa.Table) -> list[dict[str, Any]]:
@@ -317,7 +328,7 @@ def validate_table(table: pa.Table, rows: list[Any] | None = None) -> tuple[pa.T
           & _bools(pc.is_in(quality, value_set=_QUALITIES))
           & _bools(measurements.is_valid()) & (np.diff(entries.offsets) >= 1))
     entry_ok = (_bools(entries.items.is_valid()) & np.isfinite(entries.value)
-                & _bools(pc.is_in(entries.items.field("unit"), value_set=_UNITS)))
+                & _known_units(entries.items.field("unit")))
     ok[entries.row[~entry_ok]] = False
     # a name twice in one row: the contract keeps the last one, so let it decide
     name_code = entries.names.dictionary_encode().indices.to_numpy().astype(np.int64)

@@ -62,7 +62,7 @@ def test_round_trips_through_json():
     [
         ({"measurements": {"T_in": {"value": float("nan"), "unit": "K"}}}, "finite number"),
         ({"measurements": {"T_in": {"value": float("inf"), "unit": "K"}}}, "finite number"),
-        ({"measurements": {"T_in": {"value": 290.0, "unit": "degF"}}}, "unknown unit 'degF'"),
+        ({"measurements": {"T_in": {"value": 290.0, "unit": "furlong"}}}, "unknown unit 'furlong'"),
         ({"measurements": {"T_in": {"value": "warm", "unit": "K"}}}, "measurements.T_in.value"),
         ({"measurements": {}}, "at least 1 item"),
         ({"event_time": "2026-11-25T12:00:00"}, "RFC 3339 date-time with an offset"),

@@ -72,10 +72,12 @@ def test_declarations_an_fmu_lacks_are_added_by_name(reference_fmus):
 
 
 def test_an_fmu_unit_raytwin_does_not_know_is_refused_naming_the_variable(reference_fmus, monkeypatch):
-    import raytwin.fmu.describe
+    from raytwin import units
 
-    monkeypatch.setattr(raytwin.fmu.describe, "UNITS", {k: v for k, v in raytwin.fmu.describe.UNITS.items() if k != "m/s"})
-    with pytest.raises(FmuError, match=r"BouncingBall.fmu: variable v: unit 'm/s' is unknown to RayTwin"):
+    monkeypatch.delitem(units.SYMBOLS, "m")  # BouncingBall's h is in m, v in m/s
+    units._resolve.cache_clear()  # what was resolved with the metre
+    with pytest.raises(FmuError, match=r"BouncingBall.fmu: variable h: unit 'm' is unknown to RayTwin .*'m' is not "
+                                       r"a known symbol.* raytwin.units.define"):
         FmuModel.load(reference_fmus[(2, "BouncingBall")])
 
 

@@ -31,10 +31,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
+from raytwin import units
 from raytwin.modelcode import ModelCode, file_code
 from raytwin.sim.model import Declared, Input, ModelCheckError, Output, Param, State
 from raytwin.storage import filesystem
-from raytwin.units import UNITS
 
 REAL_TYPES = ("Real", "Float64", "Float32")
 """FMI 2.0 and 3.0 names of the variable types RayTwin maps."""
@@ -121,9 +121,11 @@ class FmuModel(Declared):
                 raise FmuError(f"{where}: variable {v.name} is an array (FMI 3.0 dimensions); RayTwin maps "
                                "scalar variables only")
             unit = fmu_unit(v.unit or (v.declaredType.unit if v.declaredType is not None else None))
-            if unit not in UNITS:
-                raise FmuError(f"{where}: variable {v.name}: unit {unit!r} is unknown to RayTwin "
-                               f"(add it to raytwin/units.py UNITS); known: {', '.join(sorted(UNITS))}")
+            try:
+                units.unit_def(unit)
+            except units.UnitError as e:
+                raise FmuError(f"{where}: variable {v.name}: unit {unit!r} is unknown to RayTwin ({e}); "
+                               "define its symbols with raytwin.units.define before loading the FMU") from None
             lower, upper = _float(v.min, -math.inf), _float(v.max, math.inf)
             start = None if v.start is None else float(v.start)
             text = v.description or ""
