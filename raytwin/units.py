@@ -97,6 +97,7 @@ GRAMMAR = ("a unit is symbols joined by * (or .) and / with integer powers ^n an
 _TOKEN = re.compile(r"(?P<int>-?\d+)|(?P<symbol>[^\W\d_]+|%|-|°[^\W\d_]+)|(?P<op>[*./^()])")
 _SYMBOL = re.compile(r"[^\W\d_]+")
 _MAX_POWER = 12
+_MAX_CHARS = 100  # telemetry names its units: bounds the parser's work (and its recursion) per string
 
 
 def _prefixed(symbol: str) -> tuple[float, Symbol] | None:
@@ -211,6 +212,8 @@ def _resolve(unit: str) -> tuple[UnitDef, Dimension]:
         return UnitDef("K", scale, offset), _dim(K=1)
     if not unit:
         raise UnitError(f"unknown unit '': write '-' for a dimensionless value; {GRAMMAR}")
+    if len(unit) > _MAX_CHARS:
+        raise UnitError(f"unknown unit {unit[:20]!r}...: a unit is at most {_MAX_CHARS} characters")
     dims, scale = _Parser(unit).parse()
     return UnitDef(_format(dims), scale), dims
 

@@ -9,7 +9,7 @@ import pytest
 
 from raytwin import units
 from raytwin.fmu.describe import fmu_unit
-from raytwin.units import UnitError, canonical, define, dimension, same_unit, to_unit, unit_def
+from raytwin.units import UnitError, canonical, define, dimension, is_unit, same_unit, to_unit, unit_def
 
 
 @pytest.mark.parametrize(("unit", "dimension_text", "scale"), [
@@ -72,6 +72,15 @@ def test_an_unknown_unit_is_refused_with_the_grammar_and_the_symbols(unit, why):
     assert why in str(info.value)
     assert "joined by * (or .) and /" in str(info.value) and "symbols: -, %, rad" in str(info.value)
     assert "prefixes G, M, k" in str(info.value) and "raytwin.units.define" in str(info.value)
+
+
+def test_a_long_unit_is_refused_before_it_is_parsed():
+    """Telemetry names its units: a deeply nested one must not be recursed into until the stack runs out."""
+    assert is_unit("(" * 40 + "m" + ")" * 40)
+    for unit in ("(" * 10_000 + "m" + ")" * 10_000, "m*" * 60 + "m"):
+        assert not is_unit(unit)
+        with pytest.raises(UnitError, match="a unit is at most 100 characters"):
+            unit_def(unit)
 
 
 def test_modelica_spellings_from_an_fmu_are_units():
