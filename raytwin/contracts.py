@@ -7,8 +7,10 @@ UTC) and check units against `raytwin.units`. Telemetry is checked against its a
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
@@ -115,6 +117,8 @@ class ContractError(ValueError):
 
 def describe_error(exc: Exception) -> str:
     """A one-line, human-readable reason for a rejection (used in dead letters and HTTP errors)."""
+    if isinstance(exc, SpecError):
+        return "; ".join(exc.reasons)
     if isinstance(exc, ValidationError):
         parts = []
         for err in exc.errors(include_url=False):
@@ -122,6 +126,54 @@ def describe_error(exc: Exception) -> str:
             parts.append(f"{loc}: {_message(err)}")
         return "; ".join(parts)
     return str(exc)
+
+
+class SpecError(ValidationError):
+    """A spec's refusal whose message is its reasons, one ``field: message`` line each (`reasons`): pydantic's
+    own buried the one line that mattered under its input echo, error type and URL. A `ValidationError` (and so
+    a `ValueError`), so code that catches either still does."""
+
+    @property
+    def reasons(self) -> list[str]:
+        """Each error as ``field: message`` (a whole-spec check's message alone), without "Value error, "."""
+        reasons = []
+        for err in self.errors(include_url=False):
+            message = _message(err)
+            if err["type"] == "value_error":
+                message = message.removeprefix("Value error, ")
+            loc = ".".join(str(p) for p in err["loc"])
+            reasons.append(f"{loc}: {message}" if loc else message)
+        return reasons
+
+    def __str__(self) -> str:
+        return "\n".join(self.reasons)
+
+
+class Spec(Contract):
+    """A spec users write by hand (a sweep, a calibration): constructing or validating one raises `SpecError`."""
+
+    def __init__(self, /, **data: Any) -> None:
+        with _spec_errors():
+            super().__init__(**data)
+
+    @classmethod
+    def model_validate(cls, obj: Any, **kwargs: Any) -> Any:
+        with _spec_errors():
+            return super().model_validate(obj, **kwargs)
+
+    @classmethod
+    def model_validate_json(cls, json_data: str | bytes | bytearray, **kwargs: Any) -> Any:
+        with _spec_errors():
+            return super().model_validate_json(json_data, **kwargs)
+
+
+@contextlib.contextmanager
+def _spec_errors() -> Iterator[None]:
+    """A `ValidationError` raised within, as a `SpecError` (without pydantic's, chained: the same errors)."""
+    try:
+        yield
+    except ValidationError as exc:
+        raise SpecError.from_exception_data(exc.title, exc.errors()) from None  # type: ignore[arg-type]
 
 
 def _message(err: Any) -> str:

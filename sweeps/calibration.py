@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 from pydantic import Field, model_validator
 from scipy.optimize import least_squares
 
-from raytwin.contracts import Contract, Finite, Identifier
+from raytwin.contracts import Contract, Finite, Identifier, Spec
 from raytwin.estimation import model_defaults
 from raytwin.metrics import CALIBRATION_DURATION, CALIBRATIONS
 from raytwin.registry import ModelRegistry
@@ -92,7 +92,7 @@ CHECK_DOMAIN = ("check the model's domain at those values (e.g. a sqrt or log of
                 "inputs and outputs (SI units); narrow search_width or fix the parameters that leave it")
 
 
-class CalibrationSpec(Contract):
+class CalibrationSpec(Spec):
     """What to fit, to which data, and how to search (see module docstring)."""
 
     model: Annotated[str, Field(min_length=1)]

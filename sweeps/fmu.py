@@ -30,7 +30,7 @@ import pyarrow as pa
 from pydantic import Field, model_validator
 
 from raytwin import units
-from raytwin.contracts import Contract, Finite, Identifier, whole_steps
+from raytwin.contracts import Finite, Identifier, Spec, whole_steps
 from raytwin.fmu import FmuModel, FmuScenario, calibrate_fmu, run_fmu_sweep
 from raytwin.registry import ModelArtifact
 from raytwin.sim.model import Input, Param, State
@@ -82,7 +82,7 @@ def _registered_ranges(artifact: ModelArtifact, fmu: FmuModel
             {s.name: ranged(s, declared.states.get(s.name)) for s in fmu.states})
 
 
-class _FmuRunSpec(Contract):
+class _FmuRunSpec(Spec):
     """What every FMU run names: the registered model (``name@version``), its registry, whose asset
     it is for, and the start values and parameters that override the registered ones."""
 

@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
-from raytwin.contracts import AssetType, Contract, DateTime, Finite, Identifier, whole_steps
+from raytwin.contracts import AssetType, DateTime, Finite, Identifier, Spec, whole_steps
 from raytwin.registry import ModelArtifact, ModelRegistry
 from raytwin.sim import get_model
 from raytwin.sim.ranges import Allowed, allowed_values, outside
@@ -46,7 +46,7 @@ def resolve_model(model: str, registry_url: str | None = None) -> ModelArtifact:
     )
 
 
-class ModelStart(Contract):
+class ModelStart(Spec):
     """What a run of a model from a start point names (a sweep, a recommendation): the model (a registry
     ref with `registry_url`, or a built-in name), whose tenant and asset, and the base values."""
 

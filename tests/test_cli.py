@@ -183,3 +183,16 @@ def test_a_calibration_given_a_relative_path_reruns_from_anywhere_and_a_lost_inp
     result = CliRunner().invoke(app, ["rerun", run_id, "--runs", str(tmp_path / "runs")])
     assert result.exit_code == 2 and f"{run_id}: cannot read telemetry" in _said(result), result.output
     assert "Traceback" not in result.output
+
+
+def test_sweep_run_says_why_a_spec_is_refused_in_one_plain_line(tmp_path):
+    """Not pydantic's "<root>: Value error, ..." : the reason, after the file it is in."""
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps({"model": "thermal_rc", "inputs": {"setpont": 293.15}, "horizon_s": 3600.0,
+                                "step_s": 60.0, "space": {"method": "grid", "dimensions": [
+                                    {"name": "C_in", "target": "param", "mode": "scale", "values": [1.0]}]}}))
+    result = CliRunner().invoke(app, ["sweep", "run", str(path), "--runs", str(tmp_path / "runs")])
+    assert result.exit_code == 2
+    said = _said(result)
+    assert "spec.json: sweep over thermal_rc: unknown input name(s) ['setpont']; known: [" in said
+    assert "Value error" not in said and "<root>" not in said

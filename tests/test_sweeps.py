@@ -88,6 +88,25 @@ def test_spaces_and_specs_refuse_bad_input():
         _thermal_spec(trajectories=list(range(600)), horizon_s=86400.0 * 365, step_s=60.0)
 
 
+def test_a_refused_spec_says_why_in_plain_lines_and_is_still_a_validation_error(tmp_path):
+    """A spec's refusal was pydantic's "1 validation error for SweepSpec / Value error, ... [type=value_error,
+    input_value={...}] For further information visit https://errors.pydantic.dev": the reason, one line a field."""
+    from raytwin.contracts import SpecError
+    from sweeps.calibration import CalibrationSpec
+
+    with pytest.raises(SpecError) as refused:
+        _thermal_spec(inputs={"setpont": 293.15})
+    assert isinstance(refused.value, ValidationError)  # code catching pydantic's error still does
+    assert str(refused.value).startswith("sweep over thermal_rc: unknown input name(s) ['setpont']; known: [")
+    with pytest.raises(SpecError) as refused:
+        SweepSpec.model_validate({"model": "thermal_rc", "space": _space().model_dump(), "horizon_s": -1.0})
+    assert str(refused.value) == "horizon_s: Input should be greater than 0\nstep_s: Field required"
+    with pytest.raises(SpecError) as refused:
+        CalibrationSpec(model="thermal_rc", free=["C_in"], telemetry=str(tmp_path / "t.parquet"), start_state={},
+                        lossy=1)
+    assert str(refused.value) == "lossy: Extra inputs are not permitted"
+
+
 def test_a_model_named_by_its_import_path_sweeps():
     """README, "Add your own model": a model may be named by its import path; the spec checked it under its
     bare name, which only an installed entry point resolves."""
