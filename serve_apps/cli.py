@@ -85,6 +85,10 @@ def start(
     dashboard_port: Annotated[int | None, typer.Option(
         min=1, max=65535, help="Port of the Ray dashboard on the local Ray this command starts (default: 8265, "
         "or the next free one).", show_default=False)] = None,
+    temp_dir: Annotated[Path | None, typer.Option(
+        help="Directory of the session files and logs of the local Ray this command starts (default: RAY_TMPDIR, "
+        "else TMPDIR, else the system's temporary directory, then ray/; keep it short: Ray's socket paths are "
+        "under it).", show_default=False)] = None,
     block: Annotated[bool, typer.Option(help="Keep running until Ctrl-C.")] = True,
 ) -> None:
     """Start the API on Ray Serve at http://HOST:PORT (routes under /v1, docs at /docs)."""
@@ -135,9 +139,10 @@ def start(
                 raise typer.BadParameter(f"connector {declaration.get('name')!r} in --config: set the environment "
                                          f"variable(s) {missing} (its credentials) before starting")
     twins = StateStore(settings.url("twins"), settings.storage_options or None)
-    ports = {"_metrics_export_port": metrics_export_port, "dashboard_port": dashboard_port}
-    if address is not None and any(v is not None for v in ports.values()):
-        raise typer.BadParameter("--metrics-export-port and --dashboard-port apply to a Ray this command "
+    local = {"_metrics_export_port": metrics_export_port, "dashboard_port": dashboard_port,
+             "_temp_dir": str(temp_dir.resolve()) if temp_dir is not None else None}
+    if address is not None and any(v is not None for v in local.values()):
+        raise typer.BadParameter("--metrics-export-port, --dashboard-port and --temp-dir apply to a Ray this command "
                                  "starts; a running cluster's are set where it starts (`ray start`, KubeRay)")
     starts_ray = address is None and not ray.is_initialized()
     context = None  # the Ray this command starts or joins (its dashboard's URL)
@@ -147,9 +152,9 @@ def start(
                 raise ConnectionError(reason)
             context = ray.init(address=address)
         except Exception as e:  # noqa: BLE001 - Ray raises several kinds; each is one line for the operator
-            line = next((x.strip() for x in str(e).splitlines() if x.strip()), type(e).__name__)
-            typer.echo(f"error: cannot connect to the Ray cluster at {address}: {line} (is it running? a cluster "
-                       "that requires a token needs RAY_AUTH_MODE=token and its token in this environment)", err=True)
+            typer.echo(f"error: cannot connect to the Ray cluster at {address}: {_first_line(e)} (is it running? a "
+                       "cluster that requires a token needs RAY_AUTH_MODE=token and its token in this environment)",
+                       err=True)
             raise typer.Exit(1) from None
     try:  # before the app starts (its backend would be refused, Serve retrying it for ever), and before a Ray of
         # its own starts (tens of seconds) when it starts one: that cluster is not the one serving the store
@@ -160,7 +165,11 @@ def start(
         serve_env.apply(serve_env.environment(settings.autoscaling, settings.admission))
         if direct_ingress or haproxy:
             serve_env.apply(serve_env.replica_server_environment())
-        context = ray.init(**{k: v for k, v in ports.items() if v is not None})
+        try:
+            context = ray.init(**{k: v for k, v in local.items() if v is not None})
+        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception when its node is slow to start
+            typer.echo(f"error: the local Ray did not start: {_first_line(e)} ({_start_hint(e)})", err=True)
+            raise typer.Exit(1) from None
     if address is not None and (bare := serve_env.nodes_without_proxy_callback()):
         typer.echo(f"warning: Ray node(s) {', '.join(bare)} started without RayTwin's proxy environment: their Serve "
                    "proxies have no overload gate (the excess queues instead of a fast 503) and keep no client "
@@ -194,6 +203,20 @@ def start(
         release_lease(twins)
         stop_connector_actors(settings.namespace)
         typer.echo("stopped")
+
+
+def _first_line(e: Exception) -> str:
+    """The first non-blank line of `e`'s message (its type's name if none): Ray's errors run to many lines."""
+    return next((x.strip() for x in str(e).splitlines() if x.strip()), type(e).__name__)
+
+
+def _start_hint(e: Exception) -> str:
+    """What to do when the local Ray did not start: a node that took longer than the 30 s `ray.init` waits for
+    it (hard-coded in Ray 2.60's `ray._private.node`, no setting raises it) is a loaded machine."""
+    if "timed out" in str(e):
+        return ("this machine is probably loaded: Ray waits 30 s for its node, and no setting raises that; retry "
+                "when it is less busy, or start Ray yourself, `ray start --head`, and pass --address")
+    return "Ray's logs: session_latest/logs in its temporary directory (--temp-dir; default RAY_TMPDIR/ray)"
 
 
 @keys_app.command("create")

@@ -153,7 +153,6 @@ def test_serve_haproxy_without_a_binary_is_a_usage_error_before_ray_starts(tmp_p
 def test_serve_runs_the_app_on_the_replicas_loop_where_replicas_answer_http(tmp_path, monkeypatch, flags, on_loop):
     """`raytwin serve` puts `serve_env.replica_server_environment` in the environment of the local Ray it starts
     with `--direct-ingress` or `--haproxy` (Serve reads it when its processes start), and not by default."""
-    import ray
     from ray.serve._private import haproxy
 
     from serve_apps.endpoints import DIRECT_INGRESS_ENV, HAPROXY_ENV
@@ -171,14 +170,52 @@ def test_serve_runs_the_app_on_the_replicas_loop_where_replicas_answer_http(tmp_
     for name in (DIRECT_INGRESS_ENV, HAPROXY_ENV, USER_CODE_THREAD_ENV, *environment()):  # restored afterwards
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(haproxy, "get_haproxy_binary", lambda: "/usr/sbin/haproxy")
+    result = _serve_without_ray(tmp_path, monkeypatch, started, *flags)
+    assert result.exit_code == 1 and "error: the local Ray did not start: Started" in result.output, result.output
+    assert seen == (replica_server_environment() if on_loop else dict.fromkeys(replica_server_environment()))
+
+
+def _serve_without_ray(tmp_path, monkeypatch, init, *flags: str):
+    """`raytwin serve --no-block FLAGS` on a fresh store with `init` in place of `ray.init`."""
+    import ray
+
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", started)
+    monkeypatch.setattr(ray, "init", init)
     keys = tmp_path / "keys.json"
     create_key(keys, "acme", "admin")
-    result = CliRunner().invoke(serve_app, ["--store", str(tmp_path / "store"), "--keys-file", str(keys), *flags,
-                                            "--no-block"])
-    assert isinstance(result.exception, Started), result.output
-    assert seen == (replica_server_environment() if on_loop else dict.fromkeys(replica_server_environment()))
+    return CliRunner().invoke(serve_app, ["--store", str(tmp_path / "store"), "--keys-file", str(keys), *flags,
+                                          "--no-block"])
+
+
+def test_a_local_ray_that_times_out_starting_is_one_line_saying_what_to_do(tmp_path, monkeypatch):
+    """On a loaded machine `ray.init` gave up on its node after 30 s with a bare `Exception`, which `raytwin serve`
+    printed as a ~60-line traceback."""
+    def timed_out(**kwargs) -> None:
+        raise Exception("The current node timed out during startup. This could happen because some of the raylet "
+                        "failed to startup or the GCS has become overloaded.")
+
+    result = _serve_without_ray(tmp_path, monkeypatch, timed_out)
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
+    assert result.output.startswith("error: the local Ray did not start: The current node timed out during startup.")
+    assert "probably loaded" in result.output and "retry" in result.output and "--address" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_serve_temp_dir_is_the_local_rays_and_refused_with_an_address(tmp_path, monkeypatch):
+    class Started(Exception):
+        pass
+
+    asked: dict[str, object] = {}
+
+    def started(**kwargs) -> None:
+        asked.update(kwargs)
+        raise Started
+
+    _serve_without_ray(tmp_path, monkeypatch, started, "--temp-dir", str(tmp_path / "ray"))
+    assert asked["_temp_dir"] == str((tmp_path / "ray").resolve())
+    refused = _serve_without_ray(tmp_path, monkeypatch, started, "--temp-dir", "r", "--address", "127.0.0.1:1")
+    said = " ".join(refused.output.replace("│", " ").split())
+    assert refused.exit_code == 2 and "--temp-dir apply to a Ray this command starts" in said, said
 
 
 def test_token_bucket_refuses_after_the_burst():
