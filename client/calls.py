@@ -192,7 +192,9 @@ class Endpoints(Sender):
 
     # ---- asset types --------------------------------------------------------------------------
     def create_asset_type(self, asset_type: AssetType, create_only: bool = False) -> Revisioned[AssetType]:
-        """Publish a type version (identical content again is a no-op; `create_only`: PreconditionFailed then)."""
+        """Publish a type version (identical content again is a no-op; `create_only`: PreconditionFailed then).
+        Conflict, with nothing published: other content under the version, or the tenant's model registry holds
+        the version as another model (a fit registered there: the message says what differs and what to do)."""
         return self._send(Call("POST", "/v1/asset-types", _revisioned(AssetType), json=asset_type.model_dump(
             mode="json"), headers=_conditions(None, create_only), idempotent=not create_only))
 

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Iterator
 from typing import Any
 
 from pydantic import Field
@@ -39,6 +40,18 @@ class RegistryError(ValueError):
     def __init__(self, message: str, registry_url: str | None = None):
         super().__init__(message)
         self.registry_url = registry_url
+
+
+class VersionConflict(RegistryError):
+    """``name@version`` is registered with other content. `differences` say what makes it another model
+    (parameter values, the asset type, the simulator's code); empty when only the metadata differs (who
+    published it, what it was fitted on): the same model, which a caller may take as it is."""
+
+    def __init__(self, message: str, differences: tuple[str, ...] = (), existing: ModelArtifact | None = None,
+                 registry_url: str | None = None):
+        super().__init__(message, registry_url)
+        self.differences = differences
+        self.existing = existing
 
 
 class ModelCodeChanged(RegistryError):
@@ -94,6 +107,47 @@ class ModelArtifact(Contract):
 
     def param_vector(self) -> list[float]:
         return self.model().param_vector(self.parameters)
+
+
+def model_differences(registered: ModelArtifact, new: ModelArtifact) -> list[str]:
+    """What makes `new` another model than `registered` (the same ``name@version``), for messages that say
+    what to change: each parameter value, the asset type's other declarations, the simulator's code.
+    Metadata is not the model, nor are the type's default values: the parameters are what runs."""
+    out = [f"parameter {n}: registered {registered.parameters.get(n)}, new {new.parameters.get(n)}"
+           for n in sorted(set(registered.parameters) | set(new.parameters))
+           if registered.parameters.get(n) != new.parameters.get(n)]
+    fields = declared_differences(registered.asset_type, new.asset_type)
+    if fields:
+        out.append(f"the asset type differs at {', '.join(fields[:DIFFERENCES_SHOWN])}"
+                   + (f" and {len(fields) - DIFFERENCES_SHOWN} more" if len(fields) > DIFFERENCES_SHOWN else ""))
+    if (change := registered.code_change()) is not None:
+        out.append(f"the model code changed: {change}")
+    return out
+
+
+DIFFERENCES_SHOWN = 8
+"""Fields of an asset type named in a conflict's message (the rest counted)."""
+
+
+def declared_differences(a: AssetType, b: AssetType) -> list[str]:
+    """The dotted paths (``parameters.C.upper``) where two asset types differ, but for their parameters'
+    default values."""
+    def declared(t: AssetType) -> dict[str, Any]:
+        body = t.model_dump(mode="json")
+        for spec in body["parameters"].values():
+            del spec["default"]
+        return body
+
+    return list(_differing(declared(a), declared(b)))
+
+
+def _differing(a: Any, b: Any, where: str = "") -> Iterator[str]:
+    """The dotted paths where two JSON values differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            yield from _differing(a.get(key), b.get(key), f"{where}.{key}" if where else key)
+    elif a != b:
+        yield where or "(the whole type)"
 
 
 def parse_ref(ref: str) -> tuple[str, str]:
@@ -155,12 +209,13 @@ class ModelRegistry:
         if self.fs.exists(pointer):
             existing = json.loads(self.fs.cat_file(pointer))["sha256"]
             if existing != digest:
-                change = self._read(name, version, existing).code_change()
-                raise RegistryError(
+                registered = self._read(name, version, existing)
+                differences = model_differences(registered, artifact)
+                raise VersionConflict(
                     f"{name}@{version} is already registered with different content "
-                    f"(sha256 {existing[:12]}..., new {digest[:12]}...)"
-                    + (f"; the model code changed: {change}" if change else "") + "; register a new version"
-                )
+                    f"(sha256 {existing[:12]}..., new {digest[:12]}...): "
+                    + ("; ".join(differences) if differences else "its metadata differs")
+                    + "; register a new version", tuple(differences), registered)
             return artifact
         replace_file(self.fs, self._blob(digest), artifact.body())  # whole before the pointer names it
         replace_file(self.fs, pointer, canonical_json({"name": name, "version": version, "sha256": digest}))

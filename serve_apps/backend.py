@@ -33,7 +33,7 @@ from raytwin.graph import Direction
 from raytwin.logs import component_logging
 from raytwin.query import Expr, Record
 from raytwin.lifecycle import LifecycleError, ModelLifecycle
-from raytwin.registry import PUBLISHED_BY, ModelArtifact, ModelRegistry, RegistryError
+from raytwin.registry import ModelArtifact, ModelRegistry, RegistryError
 from raytwin.sim.cpu import cpu_only
 from raytwin.statestore import Lease, StateStore, StoreFenced
 from serve_apps import asset_queries
@@ -55,6 +55,7 @@ from serve_apps.query_schemas import AssetGraph, BulkRequest
 from serve_apps.recalibration import TenantState
 from serve_apps.recalibration_jobs import RecalibrationJobs
 from serve_apps.schemas import StoreFence
+from serve_apps.type_models import register_published
 from serve_apps.unawaited import outlived
 
 log = logging.getLogger("raytwin.serve.backend")
@@ -150,8 +151,15 @@ class Backend:
     # ---- asset types -------------------------------------------------------------------
     def put_type(self, tenant: str, asset_type: AssetType, pre: Precondition, published_by: str) -> tuple[bool, int]:
         """Store the type and register its model (its default parameters, `published_by` the key: the four-eyes
-        rule keeps it from approving its own content) as ``name@version``; (created, revision). An FMU
-        outside the tenant's registry is refused before anything is written."""
+        rule keeps it from approving its own content) as ``name@version``; (created, revision). All or nothing:
+        an FMU outside the tenant's registry, or a version the registry holds as another model (409,
+        `serve_apps.type_models`), is refused before anything is written.
+
+        The order, catalog checks, registry, catalog: the catalog's checks (412, 409, 422) come first so that a
+        refused type leaves no registry version behind, and the model is registered before the catalog (and the
+        change log) names the version, so no twin is created on a version whose model is not the type's. A crash
+        between the two leaves a registered model that nothing names; the same POST again finds that model
+        there, takes it as it is and writes the catalog."""
         self.check_writable()
         try:
             self._registry(tenant).check_fmu_store(asset_type.key, asset_type.simulator)
@@ -159,6 +167,9 @@ class Backend:
         except (RegistryError, ValueError) as exc:
             raise Unprocessable(str(unwrap(exc))) from None
         with self._lock:
+            if self.catalog.check_type(tenant, asset_type, pre):  # outside the log's lock: a model check takes seconds
+                register_published(self._registry(tenant), asset_type, published_by)
+
             def write(seq: int) -> list[dict[str, Any]]:
                 if not self.catalog.put_type(tenant, asset_type, seq, pre):
                     return []
@@ -166,9 +177,6 @@ class Backend:
                          "data": {"asset_type": asset_type.model_dump(mode="json")}}]
 
             created = bool(self.changes.write(tenant, write))
-            if created:  # outside the log's lock: checking a model can take seconds
-                self._registry(tenant).register(asset_type.name, asset_type.version, asset_type,
-                                                metadata={PUBLISHED_BY: published_by})
             return created, self.catalog.revision(tenant, "types", asset_type.key)
 
     def get_type(self, tenant: str, name: str, version: str) -> tuple[AssetType, int]:

@@ -91,9 +91,9 @@ class Catalog:
         return set(self.types) | set(self.assets)
 
     # ---- asset types -------------------------------------------------------------------
-    def put_type(self, tenant: str, asset_type: AssetType, revision: int,
-                 pre: Precondition = NO_PRECONDITION) -> bool:
-        """Store a type version; True if new, False if identical content was already there."""
+    def check_type(self, tenant: str, asset_type: AssetType, pre: Precondition = NO_PRECONDITION) -> bool:
+        """What `put_type` checks, without writing (412, 409 or 422); True if the version is new, False if
+        identical content is there. Why apart: the backend registers a new version's model in between."""
         pre.check(self.revision(tenant, "types", asset_type.key), f"asset type {asset_type.key}")
         existing = self.types.get(tenant, {}).get(asset_type.key)
         if existing is not None:
@@ -102,6 +102,13 @@ class Catalog:
             raise Conflict(f"asset type {asset_type.key} already exists with different content; "
                            "publish a new version instead")
         self._check_evolution(tenant, asset_type)
+        return True
+
+    def put_type(self, tenant: str, asset_type: AssetType, revision: int,
+                 pre: Precondition = NO_PRECONDITION) -> bool:
+        """Store a type version; True if new, False if identical content was already there."""
+        if not self.check_type(tenant, asset_type, pre):
+            return False
         self._write(tenant, "types", asset_type.key, asset_type, revision)
         self.types.setdefault(tenant, {})[asset_type.key] = asset_type
         return True

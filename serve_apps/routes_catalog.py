@@ -39,9 +39,13 @@ def register(app: FastAPI) -> None:
                                         "or 412 with `If-None-Match: *`")])
     async def create_asset_type(body: AssetType, request: Request, who: Principal = ADMIN,
                                 pre: Precondition = PRE, svc: Services = SVC) -> Any:
-        """Publish an asset type version (immutable: a changed type is a new version).
+        """Publish an asset type version (immutable: a changed type is a new version) and register its model
+        (its default parameters) in the tenant's model registry, all or nothing.
 
-        `If-None-Match: *`: 412 if the version exists, even with identical content."""
+        409 with nothing written: the version exists with other content, or the registry holds the version as
+        another model (other parameters, such as a calibration's fit registered there, another declaration or
+        model code; the message says what differs and how to resolve it). `If-None-Match: *`: 412 if the version
+        exists, even with identical content."""
         created, revision = await svc.backend.call("put_type", who.tenant, body, pre, who.key_id)
         if created:
             await svc.record(request, who, "asset_type.create", body.key, asset_type=body.model_dump(mode="json"))

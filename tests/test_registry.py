@@ -7,7 +7,7 @@ import pickle
 import pytest
 
 from raytwin.contracts import AssetType
-from raytwin.registry import ModelRegistry, RegistryError
+from raytwin.registry import ModelRegistry, RegistryError, VersionConflict
 from raytwin.sim import BATTERY_ECM, THERMAL_RC
 
 THERMAL = AssetType.from_model(THERMAL_RC)
@@ -41,8 +41,18 @@ def test_parameters_not_given_are_the_asset_types_declared_defaults(registry):
 
 def test_different_content_under_an_existing_version_is_refused(registry):
     registry.register("office-zone", "1.0.0", THERMAL, {"C_in": 2.4e6})
-    with pytest.raises(RegistryError, match="already registered with different content"):
+    with pytest.raises(VersionConflict, match="already registered with different content") as conflict:
         registry.register("office-zone", "1.0.0", THERMAL, {"C_in": 2.5e6})
+    assert conflict.value.differences == ("parameter C_in: registered 2400000.0, new 2500000.0",)
+    assert "parameter C_in: registered 2400000.0, new 2500000.0; register a new version" in str(conflict.value)
+    wider = THERMAL.model_copy(update={"parameters": {**THERMAL.parameters, "C_in": THERMAL.parameters[
+        "C_in"].model_copy(update={"upper": 9e9, "default": 2.4e6})}})
+    with pytest.raises(VersionConflict) as conflict:
+        registry.register("office-zone", "1.0.0", wider)
+    assert conflict.value.differences == ("the asset type differs at parameters.C_in.upper",)  # not its default
+    with pytest.raises(VersionConflict, match="its metadata differs") as conflict:  # the same model
+        registry.register("office-zone", "1.0.0", THERMAL, {"C_in": 2.4e6}, {"published_by": "key-2"})
+    assert conflict.value.differences == () and conflict.value.existing == registry.get("office-zone@1.0.0")
     registry.register("office-zone", "1.1.0", THERMAL, {"C_in": 2.5e6})
     registry.register("office-zone", "1.10.0", THERMAL, {"C_in": 2.6e6})
     assert registry.versions("office-zone") == ["1.0.0", "1.1.0", "1.10.0"]

@@ -50,7 +50,7 @@ def api(serve_proxy, tmp_path_factory):
         ("other", "globex", "admin"), ("limited", "acme", "reader"), ("prober", "acme", "reader"),
         ("readme", "initech", "admin"), ("motors", "motorco", "admin"),
         ("cas", "casco", "admin"), ("feeds", "feedco", "admin"), ("feeds-reader", "feedco", "reader"),
-        ("sdk", "sdkco", "admin"), ("sdk-readme", "sdkreadme", "admin"),
+        ("sdk", "sdkco", "admin"), ("sdk-readme", "sdkreadme", "admin"), ("fits", "fitco", "admin"),
     )}
     config = {"store_url": str(root / "store"), "keys_file": str(keys_file), "max_body_bytes": 64 * 1024,
               "rate_per_s": 5.0, "rate_burst": RATE_BURST, "sync_max_steps": 5_000, "twin_shards": 1,
@@ -150,6 +150,36 @@ def test_asset_types_name_only_fmus_stored_in_the_servers_registry(api, http):
     kelvins = {**THERMAL_TYPE, "name": "zone_c", "states": {**THERMAL_TYPE["states"], "T_in": {"unit": "degC"}}}
     err = assert_error(http.post("/v1/asset-types", json=kelvins, headers=auth(api, "admin")), 422, "invalid_request")
     assert "states.T_in: unit 'degC' is not the simulator's 'K'" in err["message"], err  # its model computes in K
+
+
+def test_a_type_version_the_registry_holds_as_another_model_is_refused_with_nothing_published(api, http):
+    """A version fitted into the tenant's registry (a calibration's `register_as`) and then published as a type
+    whose defaults differ: the catalog was written before the registry refused it (500), the same POST again
+    answered 200, and twins on the version ran the fitted parameters, not the published ones."""
+    from raytwin.registry import ModelRegistry
+
+    fits, ref = auth(api, "fits"), "thermal_rc@1.1.0"
+    published = {**THERMAL_TYPE, "version": "1.1.0"}
+    fitted = {n: (p["default"] + p["upper"]) / 2 for n, p in THERMAL_TYPE["parameters"].items()}
+    registered = ModelRegistry(str(Path(api[2]) / "store" / "registry" / "fitco")).register(
+        "thermal_rc", "1.1.0", AssetType.model_validate(published), fitted, metadata={"calibrated_from": "a fit"})
+    for _ in range(2):  # the same answer again: nothing was written the first time
+        err = assert_error(http.post("/v1/asset-types", json=published, headers=fits), 409, "conflict")
+        assert err["message"].startswith(f"asset type {ref} was not published: the tenant's model registry holds "
+                                         f"{ref} as another model (parameter ")
+        for name, spec in THERMAL_TYPE["parameters"].items():
+            assert f"parameter {name}: registered {registered.parameters[name]}, new {spec['default']}" in \
+                err["message"] and err["details"]
+        assert f"publish {ref} with defaults equal to its parameters (" in err["message"]
+        assert "POST /v1/models/thermal_rc/versions/1.1.0/transitions" in err["message"]
+        assert http.get("/v1/asset-types?name=thermal_rc", headers=fits).json() == []
+        assert_error(http.post("/v1/assets", json={"id": "fit-1", "type_name": "thermal_rc", "type_version": "1.1.0"},
+                               headers=fits), 422, "invalid_request")
+    resolved = {**published, "parameters": {n: {**p, "default": registered.parameters[n]}
+                                            for n, p in THERMAL_TYPE["parameters"].items()}}
+    assert http.post("/v1/asset-types", json=resolved, headers=fits).status_code == 201  # the registered model
+    assert http.post("/v1/assets", json={"id": "fit-1", "type_name": "thermal_rc", "type_version": "1.1.0"},
+                     headers=fits).status_code == 201
 
 
 def test_catalog_crud_and_queries(api, http, building):
