@@ -50,9 +50,11 @@ from raytwin.metrics import CALIBRATION_DURATION, CALIBRATIONS
 from raytwin.registry import ModelRegistry
 from raytwin.sim import Model, ModelCheckError, get_model, rollout, unstack
 from raytwin.sim.checks import check_params
+from raytwin.sim.model import Var
 from raytwin.sim.cpu import use_cpu_backend
 from raytwin.sim.precision import in_float64
 from raytwin.storage import canonical_json, filesystem, replace_file
+from raytwin.units import UnitError, to_unit
 from sweeps.pem import pem_fit
 from sweeps.spec import resolve_model
 
@@ -89,7 +91,7 @@ def no_finite_loss(what: str, why: str, check: str) -> str:
 
 CHECK_DOMAIN = ("check the model's domain at those values (e.g. a sqrt or log of a quantity that turns negative, "
                 "a state leaving its declared range) and that the telemetry lies in the plausible range of the model's "
-                "inputs and outputs (SI units); narrow search_width or fix the parameters that leave it")
+                "inputs and outputs (in their declared units); narrow search_width or fix the parameters that leave it")
 
 
 class CalibrationSpec(Spec):
@@ -99,7 +101,9 @@ class CalibrationSpec(Spec):
     registry_url: str | None = None
     tenant: Identifier = "default"
     asset_id: Identifier | None = None
-    telemetry: Annotated[str, Field(min_length=1)]  # Parquet: t_s (uniform) + model inputs + outputs, SI units
+    telemetry: Annotated[str, Field(min_length=1)]
+    """Parquet: t_s (uniform) + one column per model input and output, in the model's declared units, or in
+    the unit its field metadata names (``unit``), converted to the declared one (`telemetry_columns`)."""
     start_state: dict[str, Finite]
     start_std: dict[str, Annotated[float, Field(gt=0, allow_inf_nan=False)]] = Field(default_factory=dict)
     """Std of `start_state` per state where it is an estimate (a twin's at the window start): the
@@ -280,7 +284,8 @@ def build_problem(spec: CalibrationSpec, table: pa.Table, artifact_params: dict[
     steps = np.diff(t)
     if t.size < 3 or not np.allclose(steps, steps[0], rtol=1e-9, atol=0) or steps[0] <= 0:
         raise CalibrationError("telemetry t_s must be uniformly spaced and increasing (>= 3 samples); resample first")
-    col = lambda names: np.column_stack([table[c].to_numpy().astype(np.float64) for c in names])  # noqa: E731
+    columns = telemetry_columns(model, table)
+    col = lambda names: np.column_stack([columns[c] for c in names])  # noqa: E731
     u, y = col(model.input_names), col(model.output_names)
     if not (np.isfinite(u).all() and np.isfinite(y).all()):
         raise CalibrationError("telemetry contains NaN/inf; drop or fill those samples first")
@@ -308,6 +313,35 @@ def build_problem(spec: CalibrationSpec, table: pa.Table, artifact_params: dict[
     )
 
 
+UNIT_METADATA = b"unit"
+"""Parquet field-metadata key naming a telemetry column's unit (an entry of `raytwin.units.UNITS`)."""
+
+
+def _declared_unit(var: Var) -> str:
+    """The unit `var`'s values are in, as `raytwin.units` spells it (``-`` for none)."""
+    return var.unit or "-"
+
+
+def telemetry_columns(model: Model, table: pa.Table) -> dict[str, np.ndarray]:
+    """Each model input and output column as float64 in the model's declared unit: as written, or converted
+    from the unit its field metadata names (`UNIT_METADATA`), so telemetry recorded in W or K needs no
+    rewrite for a model declared in kW or degC; an unknown or incompatible unit is a `CalibrationError`."""
+    out = {}
+    for var in (*model.inputs, *model.outputs):
+        values = table[var.name].to_numpy().astype(np.float64)
+        metadata = table.schema.field(var.name).metadata or {}
+        if UNIT_METADATA in metadata:
+            unit = metadata[UNIT_METADATA].decode()
+            try:
+                values = to_unit(values, unit, _declared_unit(var))
+            except UnitError as exc:
+                raise CalibrationError(f"telemetry column {var.name} of {model.name} (field metadata unit {unit!r}, "
+                                       f"declared {_declared_unit(var)!r}): {exc}; write the column in a unit "
+                                       "convertible to the declared one, or fix its metadata") from None
+        out[var.name] = values
+    return out
+
+
 IMPLAUSIBLE_FRACTION = 0.5
 """Telemetry columns with more than this fraction of samples outside their variable's declared range are
 refused: the bulk of the data, not a few noisy samples near a bound, is where the model is not meant to be
@@ -326,10 +360,12 @@ def _refuse_implausible(model: Model, columns: dict[str, np.ndarray]) -> None:
         if outside > IMPLAUSIBLE_FRACTION * values.size:
             unit = f" {var.unit}" if var.unit not in ("", "-") else ""
             bad.append(f"{name} spans [{values.min():g}, {values.max():g}] ({outside} of {values.size} samples "
-                       f"outside its declared range [{var.lower:g}, {var.upper:g}]{unit})")
+                       f"outside its declared range [{var.lower:g}, {var.upper:g}]{unit}; expected in "
+                       f"{_declared_unit(var)})")
     if bad:
-        raise CalibrationError(f"telemetry for {model.name} is implausible: {'; '.join(bad)}; telemetry is in SI "
-                               "units (check the column's units, e.g. degC for K), else widen the model's declared "
+        raise CalibrationError(f"telemetry for {model.name} is implausible: {'; '.join(bad)}; telemetry is read in "
+                               "the model's declared units (convert the column, or name its unit in the Parquet "
+                               f"field metadata {UNIT_METADATA.decode()!r}), else widen the model's declared "
                                "range if such values are plausible")
 
 

@@ -312,8 +312,34 @@ def test_fixed_parameters_out_of_bounds_and_telemetry_in_other_units_are_refused
     build_problem(spec, thermal, {}, "thermal_rc")  # in K: accepted
     with pytest.raises(CalibrationError, match=r"telemetry for thermal_rc is implausible: T_in spans \[2\d\.\d+, "
                                                r"2\d\.\d+\] \(50 of 50 samples outside its declared range "
-                                               r"\[173.15, 473.15\] K\); telemetry is in SI units"):
+                                               r"\[173.15, 473.15\] K; expected in K\); telemetry is read in the "
+                                               r"model's declared units \(convert the column, or name its unit in "
+                                               r"the Parquet field metadata 'unit'\)"):
         build_problem(spec, celsius, {}, "thermal_rc")
+
+
+def _with_unit(table: pa.Table, name: str, unit: str) -> pa.Table:
+    index = table.schema.get_field_index(name)
+    return table.set_column(index, table.schema.field(name).with_metadata({b"unit": unit.encode()}), table[name])
+
+
+def test_a_telemetry_column_naming_its_unit_in_field_metadata_is_converted_to_the_declared_unit(tmp_path):
+    """Telemetry is read in the model's declared units (K for thermal_rc's T_in); a column whose Parquet field
+    metadata names another unit (degC) is converted, and one of another dimension is refused naming both."""
+    thermal = synthetic_telemetry("thermal_rc", {}, {"T_in": 293.15, "T_m": 291.15}, 50, 60.0, {"T_in": 0.05}, 1)
+    spec = CalibrationSpec(model="thermal_rc", telemetry=str(tmp_path / "t.parquet"),
+                           start_state={"T_in": 293.15, "T_m": 291.15}, free=["C_in"])
+    kelvin = build_problem(spec, thermal, {}, "thermal_rc")
+    celsius = thermal.set_column(thermal.schema.get_field_index("T_in"), "T_in",
+                                 pa.compute.subtract(thermal["T_in"], 273.15))
+    converted = build_problem(spec, _with_unit(celsius, "T_in", "degC"), {}, "thermal_rc")
+    np.testing.assert_allclose(converted.y, kelvin.y, rtol=0, atol=1e-9)
+    np.testing.assert_array_equal(converted.u, kelvin.u)
+    with pytest.raises(CalibrationError, match=r"^telemetry column T_in of thermal_rc \(field metadata unit 'W', "
+                                               r"declared 'K'\): cannot convert 'W' to 'K'"):
+        build_problem(spec, _with_unit(thermal, "T_in", "W"), {}, "thermal_rc")
+    with pytest.raises(CalibrationError, match=r"field metadata unit 'furlong'.*unknown unit 'furlong'"):
+        build_problem(spec, _with_unit(thermal, "T_in", "furlong"), {}, "thermal_rc")
 
 
 def test_a_fit_that_does_not_match_the_data_warns_that_its_intervals_assume_one_that_does(ray_session, tmp_path):
