@@ -44,7 +44,8 @@ class DivergenceReport(_Frozen):
 
 
 class TwinState(_Frozen):
-    """A twin's estimated state (SI units) as of its last applied event. Once the filter diverged
+    """A twin's estimated state, in its model's declared state units (those of its asset type: telemetry is
+    converted to them on ingest), as of its last applied event. Once the filter diverged
     (`divergence.diverged`), its estimates may not be numbers either: null in an answer (NaN in Python)."""
 
     tenant: str

@@ -56,7 +56,7 @@ from raytwin.sim.precision import in_float64
 
 
 def model_defaults(model: Model) -> dict[str, dict[str, float]]:
-    """The filter defaults a model declares (SI units), by kind: ``initial_state``/``initial_std``
+    """The filter defaults a model declares (in its declared units), by kind: ``initial_state``/``initial_std``
     (a new twin's prior: `State.nominal`/`prior_std`), ``process_std`` (per state, units/sqrt(s);
     Q = q^2 dt per sub-step), ``measurement_std`` (per output) and ``inputs`` (the value an input
     holds until first measured: `Input.nominal`). Undeclared values are left out."""
@@ -742,7 +742,7 @@ _WARM: set[_Kernels] = set()
 class Run(NamedTuple):
     """Events of one twin in time order, to apply from `start`.
 
-    `t` (n,) epoch seconds; `values` (n, len(filter.measured_names)) in SI units, NaN = not
+    `t` (n,) epoch seconds; `values` (n, len(filter.measured_names)) in the model's declared units, NaN = not
     measured; `use_outputs` (n,) False for events whose outputs must not update the estimate
     (bad quality). Arrays or sequences (of rows, for `values`): a live batch hands over each
     twin's few events as lists and `assimilate_runs` packs all twins' events at once. Inputs are

@@ -43,7 +43,7 @@ NOT_RUN: dict[tuple[str, str], str] = {  # (guide, first line of the block) -> w
     ("README.md", '[project.entry-points."raytwin.models"]'): "a pyproject.toml fragment: tests/test_models.py "
      "declares a model in that entry-point group of an installed distribution and finds it by name",
     ("actors/README.md", "log/tenant=T/date=D/seg-<uuid>.arrows                   accepted events (asset_id column, "
-     "SI values): on local disk, a shard's appended Arrow IPC stream"): "the store's file layout, not a command",
+     "values in the type's units): on local disk, a shard's appended Arrow IPC stream"): "the store's file layout, not a command",
     ("cluster/README.md", "kubectl -n raytwin create secret generic raytwin-gpu-ray-token "
      "--from-literal=auth_token=\"$(openssl rand -base64 32)\""): "needs a Kubernetes cluster running KubeRay; "
      "tests/test_cluster_security.py checks that the rendered pods and RayJob submitters take the token from "
