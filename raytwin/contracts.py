@@ -321,11 +321,13 @@ class AssetType(Contract):
         stored as the model's declared name, or as the import path it is found at)."""
         from raytwin.sim import model_ref
 
+        simulator = model_ref(model)
+        _refuse_unbounded(model)
         return cls(
             name=name or model.name,
             version=version or model.version,
             description=model.description,
-            simulator=model_ref(model),
+            simulator=simulator,
             states={v.name: _quantity(v) for v in model.states},
             inputs={v.name: _quantity(v) for v in model.inputs},
             outputs={v.name: _quantity(v) for v in model.outputs},
@@ -343,6 +345,19 @@ class AssetType(Contract):
     def measurable(self) -> dict[str, Quantity]:
         """What telemetry may carry: the observed outputs and the measured inputs."""
         return {**self.outputs, **self.inputs}
+
+
+def _refuse_unbounded(model: Any) -> None:
+    """`ValueError` naming each parameter of `model` without finite bounds and how to give them (an FMU often
+    declares none), instead of pydantic's "lower: Input should be a finite number" without the name."""
+    unbounded = [p for p in model.params if not (math.isfinite(p.lower) and math.isfinite(p.upper))]
+    if not unbounded:
+        return
+    ranges = ", ".join(f"{p.name} [{p.lower:g}, {p.upper:g}]" for p in unbounded)
+    example = ", ".join(f'{p.name}={{"lower": ..., "upper": ...}}' for p in unbounded)
+    fix = (f"give them with `.declare({example})` before `AssetType.from_model`" if hasattr(model, "declare")
+           else "declare finite `lower` and `upper` in their `Param`s")
+    raise ValueError(f"{model.name}: parameters without the finite bounds an asset type needs: {ranges}; {fix}")
 
 
 RelationshipKind = Literal["contains", "feeds", "part_of"]

@@ -126,6 +126,19 @@ def test_the_fmu_file_is_stored_content_hashed(reference_fmus, tmp_path, s3_url)
         FmuModel.load(tmp_path / "missing.fmu")
 
 
+def test_an_asset_type_of_an_fmu_without_parameter_bounds_names_them_and_how_to_declare_them(reference_fmus, tmp_path):
+    """BouncingBall's g has no min/max: pydantic's "validation errors for ParameterSpec" named neither g nor the fix."""
+    from raytwin.contracts import AssetType
+
+    stored = store_fmu(reference_fmus[(2, "BouncingBall")], str(tmp_path))
+    with pytest.raises(ValueError, match=r"^BouncingBall: parameters without the finite bounds an asset type needs: "
+                                         r"g \[-inf, inf\]; give them with "
+                                         r"`\.declare\(g=\{\"lower\": \.\.\., \"upper\": \.\.\.\}\)` before"):
+        AssetType.from_model(stored, name="ball", version="1.0.0")
+    declared = AssetType.from_model(stored.declare(g={"lower": -20.0, "upper": -1.0}), name="ball", version="1.0.0")
+    assert (declared.parameters["g"].lower, declared.parameters["g"].upper) == (-20.0, -1.0)
+
+
 # ---- simulation ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("name", ["VanDerPol", "Dahlquist"])
