@@ -105,7 +105,10 @@ def test_a_user_model_is_found_by_entry_point_and_by_import_path(user_package):
 def test_unknown_models_are_one_line_errors_naming_the_field():
     with pytest.raises(UnknownModelError, match=r"^unknown simulator 'pump'; known: \[.*'thermal_rc'"):
         get_model("pump")
-    for path, reason in (("no_such_pkg.mod:PUMP", "cannot import no_such_pkg"),
+    for path, reason in (("no_such_pkg.mod:PUMP", r"cannot import no_such_pkg\.mod: No module named 'no_such_pkg'; "
+                                                   r"install its package where the model runs: for `raytwin serve`, "
+                                                   r"where its Serve replicas and Ray workers run .*PYTHONPATH.*"
+                                                   r"runtime_env"),
                          ("raytwin.sim.thermal:PUMP", "has no attribute 'PUMP'"),
                          ("raytwin.sim.thermal:_derivative", "is a function, not a raytwin Model")):
         with pytest.raises(UnknownModelError, match=reason):
@@ -114,6 +117,10 @@ def test_unknown_models_are_one_line_errors_naming_the_field():
         AssetType(**{**AssetType.from_model(THERMAL_RC).model_dump(), "simulator": "pump"})
     message = describe_error(info.value)
     assert message.startswith("simulator: Value error, unknown simulator 'pump'") and "\n" not in message
+    with pytest.raises(ValidationError) as info:  # what POST /v1/asset-types answers (422) on a server lacking it
+        AssetType(**{**AssetType.from_model(THERMAL_RC).model_dump(), "simulator": "no_such_pkg.mod:PUMP"})
+    message = describe_error(info.value)
+    assert "cannot import no_such_pkg.mod" in message and "PYTHONPATH `raytwin serve` was started with" in message
 
 
 def test_a_model_module_that_fails_to_run_and_a_scripts_own_model_are_one_line_errors(tmp_path, monkeypatch):

@@ -140,6 +140,14 @@ def _load_fmu(url: str, sha256: str) -> FmuModel:
         raise UnknownModelError(f"simulator {url}: {exc}") from None
 
 
+IMPORTABLE = ("install its package where the model runs: for `raytwin serve`, where its Serve replicas and Ray workers "
+              "run (they import installed packages and the PYTHONPATH `raytwin serve` was started with; with "
+              "--address, the cluster nodes' packages), or ship it with Ray's runtime_env "
+              "(`raytwin.modelcode.model_runtime_env`; on a cluster: cluster/README.md, \"Model code on the cluster\")")
+"""How to make a model module importable, said where it is not: the process that failed may be a server's replica,
+not the machine where the model was written and tested."""
+
+
 def load_model(path: str, *, expected_name: str | None = None) -> Model:
     """Import the `Model` at ``package.module:ATTR`` (ATTR may be dotted); one-line errors (a declaration
     refused while the module runs: `ModelCheckError` naming `path`, as the model has no name yet)."""
@@ -149,7 +157,7 @@ def load_model(path: str, *, expected_name: str | None = None) -> Model:
     try:
         obj = importlib.import_module(module_name)
     except ImportError as exc:
-        raise UnknownModelError(f"model path {path!r}: cannot import {module_name}: {exc}") from None
+        raise UnknownModelError(f"model path {path!r}: cannot import {module_name}: {exc}; {IMPORTABLE}") from None
     except DeclarationError as exc:  # a Param or variable refused while the module built the model
         raise ModelCheckError(path, exc.field, exc.reason) from None
     except SyntaxError as exc:
