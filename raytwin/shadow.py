@@ -45,7 +45,7 @@ class InnovationStats(NamedTuple):
     updates: int = 0  # events with at least one usable measured output
     dims: int = 0  # measured output values over all updates
     nis_sum: float = 0.0
-    sq_sum: float = 0.0  # squared innovations (SI units squared)
+    sq_sum: float = 0.0  # squared innovations (the model's declared output units, squared)
     loglik_sum: float = 0.0
 
     def add(self, nis: float, sq: float, loglik: float, dims: int) -> InnovationStats:
@@ -69,7 +69,7 @@ class InnovationSummary(BaseModel):
     events: int
     updates: int = Field(description="events with at least one measured output used by the update")
     nis_per_dim: float = Field(description="mean normalised innovation squared per measured value (1 = consistent)")
-    rmse: float = Field(description="root mean square of the innovations (SI units)")
+    rmse: float = Field(description="root mean square of the innovations (in the model's declared output units)")
     loglik_per_update: float = Field(description="mean Gaussian log-likelihood of the innovations per update")
     loglik: float = Field(description="total log-likelihood of the innovations")
 
@@ -108,7 +108,7 @@ def check_scorable(f: ExtendedKalmanFilter) -> None:
 def score_event(f: ExtendedKalmanFilter, fs: FilterState, t: float, values: np.ndarray,
                 use_outputs: bool) -> tuple[float, float, float, int]:
     """(NIS, sum of squared innovations, log-likelihood, measured dimensions) of one event
-    (`values` in `f.measured_names` columns, SI, NaN = not measured) predicted from `fs`."""
+    (`values` in `f.measured_names` columns, in the model's declared units, NaN = not measured) predicted from `fs`."""
     pred = f.predict(fs, t)
     u_cols, y_cols = f._input_cols, f._output_cols
     u_new = np.where(np.isnan(values[u_cols]), pred.u, values[u_cols])

@@ -40,9 +40,10 @@ Arrays = tuple  # a tuple of JAX arrays, one per variable, all broadcastable to 
 
 @dataclass(frozen=True)
 class Var:
-    """A variable: name, SI unit, a short description and its plausible range.
+    """A variable: name, unit (SI or any the unit grammar reads: `raytwin.units`), a short description and its
+    plausible range.
 
-    The range (``lower`` <= value <= ``upper``, SI) bounds what the quantity can take, sensor noise
+    The range (``lower`` <= value <= ``upper``, in its unit) bounds what the quantity can take, sensor noise
     and filter estimates near a physical limit included, not what is typical: telemetry outside it
     is dead-lettered as implausible and what-if inputs and start states outside it are refused, so
     one broken sensor or typo cannot destroy a twin. Declare variables with `State`, `Input` and
@@ -98,7 +99,7 @@ class Output(Var):
 
 @dataclass(frozen=True)
 class Param:
-    """A model parameter with its SI unit, typical value and physically admissible bounds (infinite
+    """A model parameter with its unit, typical value and physically admissible bounds (infinite
     where unknown, as in an FMU without min/max; `check_model` and the registry need finite ones)."""
 
     name: str
