@@ -110,7 +110,7 @@ class FmuStepper:
             self.failed += 1
             if self.failed == 1:
                 log.warning("event=fmu_call_failed fmu=%r reason=%r: the filter takes the result as NaN and refuses "
-                            "the event that led there (logged once per process)", self.model.name, str(e))
+                            "the event that led there (logged at its first failure in this process)", self.model.name, str(e))
             self.instance = self.instance.recovered()
             return None
 
@@ -137,7 +137,7 @@ class FmuStepper:
         dt = float(dt)
         if dt == 0.0:
             return x.copy()
-        if not (np.isfinite(dt) and np.isfinite(x).all() and np.isfinite(u).all() and np.isfinite(p).all()):
+        if not (np.isfinite(dt) and _finite(x, u, p)):
             return np.full_like(x, np.nan)
         key = b"".join((x.tobytes(), u.tobytes(), p.tobytes(), np.float64(dt).tobytes()))
         if (known := self._recent.get(key)) is not None:
@@ -208,7 +208,7 @@ class FmuStepper:
 
     def _observe_row(self, x: np.ndarray, u: np.ndarray, p: np.ndarray) -> np.ndarray:
         u, p = self._checked(x, u, p)
-        if not (np.isfinite(x).all() and np.isfinite(u).all() and np.isfinite(p).all()):
+        if not _finite(x, u, p):
             return np.full(len(self.model.outputs), np.nan)
         y = self._guarded(self._observed, x, u, p)
         return np.full(len(self.model.outputs), np.nan) if y is None else y
@@ -216,6 +216,11 @@ class FmuStepper:
     def _observed(self, x: np.ndarray, u: np.ndarray, p: np.ndarray) -> np.ndarray:
         self._start(x, u, p)
         return self.instance.get(self.model.output_names)
+
+
+def _finite(*arrays: np.ndarray) -> bool:
+    """Whether every value of `arrays` (a row, its inputs, its parameters) is a finite number."""
+    return all(np.isfinite(a).all() for a in arrays)
 
 
 @functools.cache
