@@ -314,7 +314,8 @@ def build_problem(spec: CalibrationSpec, table: pa.Table, artifact_params: dict[
 
 
 UNIT_METADATA = b"unit"
-"""Parquet field-metadata key naming a telemetry column's unit (an entry of `raytwin.units.UNITS`)."""
+"""Parquet field-metadata key naming a telemetry column's unit (any unit `raytwin.units` reads: its grammar or a
+`define`d symbol)."""
 
 
 def _declared_unit(var: Var) -> str:
