@@ -87,8 +87,8 @@ AFFINE: dict[str, tuple[float, float]] = {
 """Temperatures with an offset, as (scale, offset) to kelvin: whole units only."""
 
 PREFIXES: dict[str, float] = {
-    "G": 1e9, "M": 1e6, "k": 1e3, "h": 1e2, "c": 1e-2, "m": 1e-3, "u": 1e-6, "µ": 1e-6, "μ": 1e-6, "n": 1e-9,
-    "p": 1e-12,
+    "P": 1e15, "T": 1e12, "G": 1e9, "M": 1e6, "k": 1e3, "h": 1e2, "da": 1e1, "d": 1e-1, "c": 1e-2, "m": 1e-3,
+    "u": 1e-6, "µ": 1e-6, "μ": 1e-6, "n": 1e-9, "p": 1e-12, "f": 1e-15,
 }
 """SI prefixes, on the symbols of `SYMBOLS` marked prefixable."""
 

@@ -27,6 +27,8 @@ from raytwin.units import UnitError, canonical, define, dimension, is_unit, same
     ("mS/cm", "s^3*A^2/(kg*m^3)", 0.1), ("N.m", "kg*m^2/s^2", 1.0), ("kg*m^2", "kg*m^2", 1.0),
     ("V/krpm", "kg*m^2/(s^2*A)", 60.0 / (2.0 * math.pi * 1000.0)), ("%/min", "1/s", 0.01 / 60.0),
     ("(W/m)^2", "kg^2*m^2/s^6", 1.0), ("min", "s", 60.0), ("Pa", "kg/(m*s^2)", 1.0),
+    ("dm^3", "m^3", 1e-3), ("dam", "m", 10.0), ("dL", "m^3", 1e-4), ("TWh", "kg*m^2/s^2", 3.6e15),
+    ("PJ", "kg*m^2/s^2", 1e15), ("fF", "s^4*A^2/(kg*m^2)", 1e-15), ("T", "kg/(s^2*A)", 1.0),
 ])
 def test_a_unit_is_parsed_into_its_dimension_and_scale(unit, dimension_text, scale):
     assert canonical(unit) == dimension_text
@@ -71,7 +73,7 @@ def test_an_unknown_unit_is_refused_with_the_grammar_and_the_symbols(unit, why):
         unit_def(unit)
     assert why in str(info.value)
     assert "joined by * (or .) and /" in str(info.value) and "symbols: -, %, rad" in str(info.value)
-    assert "prefixes G, M, k" in str(info.value) and "raytwin.units.define" in str(info.value)
+    assert "prefixes P, T, G, M, k" in str(info.value) and "raytwin.units.define" in str(info.value)
 
 
 def test_a_long_unit_is_refused_before_it_is_parsed():
@@ -83,8 +85,14 @@ def test_a_long_unit_is_refused_before_it_is_parsed():
             unit_def(unit)
 
 
-def test_modelica_spellings_from_an_fmu_are_units():
-    assert same_unit(fmu_unit("W/(m2.K)"), "W/(m^2*K)") and same_unit(fmu_unit("m/s2"), "m/s^2")
+@pytest.mark.parametrize(("modelica", "unit"), [
+    ("W/(m2.K)", "W/(m^2*K)"), ("m/s2", "m/s^2"), ("kg.m2", "kg*m^2"), ("rad/s2", "rad/s^2"),
+    # Modelica's signed exponents (its unit grammar: an operand, then an optional sign and integer)
+    ("s-1", "1/s"), ("m.s-2", "m/s^2"), ("K-1", "1/K"), ("mol-1", "1/mol"), ("kg.m-3", "kg/m^3"), ("m+2", "m^2"),
+    ("1", "-"), ("1/s", "1/s"), ("degC", "degC"),
+])
+def test_modelica_spellings_from_an_fmu_are_units(modelica, unit):
+    assert same_unit(fmu_unit(modelica), unit)
 
 
 @pytest.fixture

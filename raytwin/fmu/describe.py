@@ -62,10 +62,11 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 def fmu_unit(unit: str | None) -> str:
     """RayTwin's spelling of an FMU unit: none or Modelica's ``"1"`` is dimensionless (``-``), and
-    Modelica's exponents (``m/s2``) are written with a caret (``m/s^2``); nothing else is rewritten."""
+    Modelica's exponents, signed or not (``m/s2``, ``m.s-2``, ``s-1``), are written with a caret
+    (``m/s^2``, ``m.s^-2``, ``s^-1``); nothing else is rewritten."""
     if unit in (None, "", "1"):
         return "-"
-    return re.sub(r"(?<=[A-Za-z])(\d+)", r"^\1", unit)
+    return re.sub(r"(?<=[^\W\d_])([+-]?\d+)", lambda m: "^" + m.group(1).lstrip("+"), unit)
 
 
 def _float(text: str | None, default: float) -> float:
