@@ -32,6 +32,7 @@ import math
 import shutil
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import partial
 from typing import Annotated, Any, Literal
@@ -324,11 +325,16 @@ def _declared_unit(var: Var) -> str:
 
 
 def telemetry_columns(model: Model, table: pa.Table) -> dict[str, np.ndarray]:
-    """Each model input and output column as float64 in the model's declared unit: as written, or converted
-    from the unit its field metadata names (`UNIT_METADATA`), so telemetry recorded in W or K needs no
-    rewrite for a model declared in kW or degC; an unknown or incompatible unit is a `CalibrationError`."""
+    """Each model input and output column as float64 in the model's declared unit (`declared_columns`)."""
+    return declared_columns(model.name, (*model.inputs, *model.outputs), table)
+
+
+def declared_columns(model_name: str, variables: Iterable[Var], table: pa.Table) -> dict[str, np.ndarray]:
+    """Each of `variables`' columns as float64 in its declared unit: as written, or converted from the unit
+    its field metadata names (`UNIT_METADATA`), so telemetry recorded in W or K needs no rewrite for a model
+    declared in kW or degC; an unknown or incompatible unit is a `CalibrationError`."""
     out = {}
-    for var in (*model.inputs, *model.outputs):
+    for var in variables:
         values = table[var.name].to_numpy().astype(np.float64)
         metadata = table.schema.field(var.name).metadata or {}
         if UNIT_METADATA in metadata:
@@ -336,7 +342,7 @@ def telemetry_columns(model: Model, table: pa.Table) -> dict[str, np.ndarray]:
             try:
                 values = to_unit(values, unit, _declared_unit(var))
             except UnitError as exc:
-                raise CalibrationError(f"telemetry column {var.name} of {model.name} (field metadata unit {unit!r}, "
+                raise CalibrationError(f"telemetry column {var.name} of {model_name} (field metadata unit {unit!r}, "
                                        f"declared {_declared_unit(var)!r}): {exc}; write the column in a unit "
                                        "convertible to the declared one, or fix its metadata") from None
         out[var.name] = values

@@ -35,7 +35,7 @@ from raytwin.fmu import FmuModel, FmuScenario, calibrate_fmu, run_fmu_sweep
 from raytwin.registry import ModelArtifact
 from raytwin.sim.model import Input, Param, State
 from raytwin.storage import canonical_json, filesystem, replace_file
-from sweeps.calibration import MAX_TRIALS, no_finite_loss, read_telemetry
+from sweeps.calibration import MAX_TRIALS, CalibrationError, declared_columns, no_finite_loss, read_telemetry
 from sweeps.runner import ensure_ray, part_name, write_parquet
 from sweeps.space import ScenarioSpace
 from sweeps.spec import allowed_values, range_problems, resolve_model
@@ -214,12 +214,16 @@ def calibrate_fmu_spec(spec: FmuCalibrationSpec, out_url: str, storage_options: 
     steps = np.diff(t)
     if t.size < 3 or steps[0] <= 0 or not np.allclose(steps, steps[0], rtol=1e-9, atol=0):
         raise FmuSpecError("telemetry t_s must be uniformly spaced and increasing (>= 3 samples); resample first")
-    column = lambda name: table[name].to_numpy().astype(np.float64)  # noqa: E731
-    held = {n: column(n)[:-1] for n in fmu.input_names if n in table.column_names}
+    try:  # in the FMU's declared units, converted from a column's field-metadata unit where it names one
+        columns = declared_columns(f"FMU {fmu.name}", [v for v in (*fmu.inputs, *fmu.outputs)
+                                                        if v.name in table.column_names], table)
+    except CalibrationError as exc:
+        raise FmuSpecError(str(exc)) from None
+    held = {n: columns[n][:-1] for n in fmu.input_names if n in columns}
     scenario = FmuScenario(t.size - 1, float(steps[0]), dict(spec.start_state),
                            {**artifact.parameters, **spec.parameters}, held, start_time=float(t[0]))
     ensure_ray()
-    fit = calibrate_fmu(fmu, scenario, {n: column(n) for n in observed}, spec.free, num_samples=spec.num_samples,
+    fit = calibrate_fmu(fmu, scenario, {n: columns[n] for n in observed}, spec.free, num_samples=spec.num_samples,
                         seed=spec.seed, interface=spec.interface, max_evaluations=spec.max_evaluations)
     if not math.isfinite(fit.loss):
         raise FmuSpecError(no_finite_loss(f"FMU {fmu.name}", "every FMU run failed (e.g. diverged)",

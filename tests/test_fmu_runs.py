@@ -79,6 +79,28 @@ def test_an_fmu_calibration_is_recorded_with_its_telemetry_hash_and_reruns_ident
     assert rerun(record.run_id, runs=runs).identical
 
 
+def test_an_fmu_calibration_reads_a_column_in_the_unit_its_field_metadata_names(ray_session, registry, tmp_path):
+    """As a JAX model's calibration: telemetry recorded in another unit of the declared one's dimension is
+    converted (VanDerPol's x0 is dimensionless: here in percent), and one of another dimension is refused."""
+    artifact = registry.get("vdp@1.0.0")
+    truth = FmuInstance(artifact.model()).run(FmuScenario(150, 0.02, params={"mu": 1.7}))
+    t_s = pa.array(0.02 * np.arange(151))
+
+    def calibrate(unit: str):
+        field = pa.field("x0", pa.float64(), metadata={"unit": unit})
+        telemetry = str(tmp_path / f"osc-{unit}.parquet")
+        pq.write_table(pa.Table.from_arrays([t_s, pa.array(100.0 * truth[:, 0])],
+                                            schema=pa.schema([("t_s", pa.float64()), field])), telemetry)
+        spec = FmuCalibrationSpec(model="vdp@1.0.0", registry_url=registry.url, telemetry=telemetry,
+                                  start_state={"x0": 2.0, "x1": 0.0}, free={"mu": (0.3, 4.0)}, num_samples=2, seed=3)
+        return recorded_fmu_calibration(spec, runs=str(tmp_path / "runs"))
+
+    assert calibrate("%").summary["parameters"]["mu"] == pytest.approx(1.7, rel=0.02)
+    with pytest.raises(FmuSpecError, match=r"telemetry column x0 of FMU van der Pol oscillator \(field metadata "
+                                           r"unit 'm', declared '-'\): cannot convert 'm' to '-'"):
+        calibrate("m")
+
+
 def test_fmu_specs_refuse_what_their_model_lacks(registry, tmp_path):
     space = ScenarioSpace(method="grid", dimensions=[Dimension(name="k", target="param", values=[1.0])])
     spec = FmuSweepSpec(model="vdp@1.0.0", registry_url=registry.url, space=space, horizon_s=1.0, step_s=0.1,
