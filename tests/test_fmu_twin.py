@@ -26,11 +26,11 @@ from raytwin.contracts import Asset, AssetType, TelemetryEvent
 from raytwin.estimation import HOST_LOOK_AHEAD, FilterState, refused_names, substeps
 from raytwin.fmu import INSTANTIATIONS, FmuModel, FmuScenario, cached_instance, store_fmu
 from raytwin.fmu.reference import build_reference_fmus, default_source
-from raytwin.fmu.stepper import fmu_stepper
+from raytwin.fmu.stepper import FmuStepper, fmu_stepper
 from raytwin.modelcode import file_code
 from raytwin.registry import ModelRegistry, RegistryError
 from raytwin.sim import get_model
-from raytwin.ukf import UnscentedKalmanFilter
+from raytwin.ukf import UnscentedKalmanFilter, host_dynamics
 from tests.ray_metrics import scrape, total, wait_until
 from tests.test_filters import assert_nees_consistent, assert_nis_consistent
 from tests.test_twins import CountedDeadLetters, assert_same_state
@@ -265,6 +265,31 @@ def test_states_the_fmu_fails_to_step_from_are_refused_whatever_status_it_return
     exported = wait_until(ray_metrics_port, lambda m: total(m, FAILED_CALLS) - exported_before >= failed,
                           f"{failed} failed FMU calls", timeout_s=30)
     assert total(exported, FAILED_CALLS) - exported_before == failed
+
+
+def test_a_step_after_which_the_fmu_s_time_stays_is_a_failed_call_not_a_failed_dispatch(reference_fmus, caplog):
+    """A fixed-step FMU whose time stops advancing (after every probe `FmuStepper` grows up to 2**20 of its step)
+    raised out of the step, failing every twin of the dispatch; it is a failed call now, NaN to the filter, which
+    refuses the event, as for an FMI error status."""
+    model = FmuModel.load(reference_fmus[(2, "VanDerPol")]).declare(mu={"lower": 0.1, "upper": 5.0})
+    stepper = FmuStepper(model)
+    stepper._reached = lambda: 0.0  # noqa: SLF001 - an FMU whose time stays at 0 whatever step it takes
+    x, u, p = np.array([[2.0, 0.0], [1.0, 0.5]]), np.zeros(0), np.array([1.0])
+    with caplog.at_level(logging.WARNING, logger="raytwin.fmu"):
+        stepped = stepper.step(x, u, p, 0.01)
+    assert np.isnan(stepped).all() and stepper.failed == 2
+    assert "its time stays at 0 s after steps up to" in caplog.text and "does not advance" in caplog.text
+    np.testing.assert_array_equal(stepper.step(x[0], u, p, 0.0), x[0])  # an empty step is still the state
+
+    ukf = UnscentedKalmanFilter(model, [MU], process_std={"x0": PROCESS_STD, "x1": PROCESS_STD},
+                                measurement_std={"x0": SENSOR_STD, "x1": SENSOR_STD},
+                                dynamics=host_dynamics(model, stepper.step, stepper.observe))
+    fs = ukf.initial({"x0": 2.0, "x1": 0.0}, {"x0": PRIOR_STD, "x1": PRIOR_STD})
+    for k, reading in enumerate((2.0, 1.98)):  # each event's look-ahead steps the FMU: each is refused
+        after = ukf.assimilate(fs, T0.timestamp() + k * EVENT_S, {"x0": reading})
+        assert after.divergence.refused == fs.divergence.refused + 1 and after.divergence.updates == 0
+        np.testing.assert_array_equal(after.x, fs.x)
+        fs = after
 
 
 def test_the_look_ahead_s_fmu_steps_are_the_next_prediction_s_when_gaps_are_split_alike(reference_fmus):

@@ -8,8 +8,8 @@ and parameters, initialise at t = 0), holds the inputs and takes one communicati
 That costs one reset and initialisation per call: microseconds for the small FMUs a twin tracks.
 
 A filter must be able to refuse a state the FMU cannot step from (`raytwin.estimation.scan_kernels`, its
-look-ahead), so a step the FMU fails (fmpy raises for fmi2Discard, fmi2Error and fmi2Fatal) gives NaN, as a
-step that overflows does, instead of an exception that fails the whole dispatch of twins; the instance is
+look-ahead), so a step the FMU fails (fmpy raises for fmi2Discard, fmi2Error and fmi2Fatal; or its time does
+not advance: `FmuStalled`) gives NaN, as a step that overflows does, instead of an exception that fails the whole dispatch of twins; the instance is
 reset (or replaced) before its next call. Steps are remembered (`RECENT_STEPS`): the look-ahead of a twin's
 event predicts what the next event's prediction does when its gap is split alike, and that prediction then
 reads the FMU's results instead of running it again.
@@ -44,6 +44,11 @@ model's default step)."""
 RECENT_STEPS = 16_384
 """Steps (one state each) `FmuStepper.step` remembers, least recently used dropped first: a dispatch's look-ahead
 for 128 twins of two states with 10 sub-steps each is 128 * 10 * 5 = 6400 (a few MB in all)."""
+
+
+class FmuStalled(FmuError):
+    """A step after which the FMU's time stays where it was, however long the step asked: a failed call, as
+    an FMI error status is (the row is NaN), not an exception that fails every twin of the dispatch."""
 
 
 class FmuStepper:
@@ -106,7 +111,7 @@ class FmuStepper:
         """`call(*args)`, or None where the FMU fails it (fmpy's exception; the instance is made usable again)."""
         try:
             return call(*args)
-        except self._failure as e:
+        except (self._failure, FmuStalled) as e:
             self.failed += 1
             if self.failed == 1:
                 log.warning("event=fmu_call_failed fmu=%r reason=%r: the filter takes the result as NaN and refuses "
@@ -191,8 +196,8 @@ class FmuStepper:
                 x_after = self.instance.get(self.model.state_names)
                 return x_reached + (dt - reached) / (after - reached) * (x_after - x_reached)
             size *= 2
-        raise FmuError(f"FMU {self.model.name}: its time stays at {reached:g} s after steps up to {t:g} s; it does "
-                       "not advance, so a filter cannot step it")
+        raise FmuStalled(f"FMU {self.model.name}: its time stays at {reached:g} s after steps up to {t:g} s; it does "
+                         "not advance, so a filter cannot step it from this state")
 
     def observe(self, x: np.ndarray, u: np.ndarray, p: np.ndarray) -> np.ndarray:
         x = np.asarray(x, dtype=np.float64)
