@@ -78,7 +78,8 @@ class ServeConfig(BaseModel):
                                      "than this (seconds: a store read that never returns, a deadlock) counts as "
                                      "not answering for `/v1/health/ready` (logged `event=shard_stuck`); a shard "
                                      "busy with many short calls still answers. At least `shard_create_timeout_s`, "
-                                     "the longest call the API waits for (a model's kernels compiling).")
+                                     "the longest call the API waits for (a model's kernels compiling); unset, "
+                                     "twice that where it is over 60 s.")
     shard_write_timeout_s: float = Field(15.0, gt=0, description="Telemetry (or a drift clear, an asset deletion) "
                                          "its twin's shard has not applied this long is answered 503 "
                                          "`twin_unavailable` (resend telemetry: events are idempotent); the shard's "
@@ -142,6 +143,8 @@ class ServeConfig(BaseModel):
 
     @model_validator(mode="after")
     def _stuck_after_the_longest_wait(self) -> ServeConfig:
+        if self.readiness_stuck_s < self.shard_create_timeout_s and "readiness_stuck_s" not in self.model_fields_set:
+            self.readiness_stuck_s = 2 * self.shard_create_timeout_s  # the default follows a longer creation wait
         if self.readiness_stuck_s < self.shard_create_timeout_s:
             raise ValueError(f"readiness_stuck_s ({self.readiness_stuck_s:g}) must be at least shard_create_timeout_s "
                              f"({self.shard_create_timeout_s:g}): a shard compiling a model's kernels for an asset's "

@@ -243,6 +243,9 @@ def test_config_from_args_and_environment(monkeypatch, tmp_path):
         ServeConfig.from_args({"store_url": "x", "readiness_stuck_s": 30})
     assert ServeConfig.from_args({"store_url": "x", "readiness_stuck_s": 90, "shard_create_timeout_s": 90}
                                  ).readiness_stuck_s == 90
+    # unset, it follows a longer creation wait instead of refusing the config
+    assert ServeConfig.from_args({"store_url": "x", "shard_create_timeout_s": 300}).readiness_stuck_s == 600
+    assert ServeConfig.from_args({"store_url": "x"}).readiness_stuck_s == 120
 
 
 def test_the_autoscaling_target_follows_the_ingress_concurrency_unless_set():
