@@ -79,7 +79,7 @@ class ServeConfig(BaseModel):
                                      "not answering for `/v1/health/ready` (logged `event=shard_stuck`); a shard "
                                      "busy with many short calls still answers. At least `shard_create_timeout_s`, "
                                      "the longest call the API waits for (a model's kernels compiling); unset, "
-                                     "twice that where it is over 60 s.")
+                                     "twice that where it is over 120 s.")
     shard_write_timeout_s: float = Field(15.0, gt=0, description="Telemetry (or a drift clear, an asset deletion) "
                                          "its twin's shard has not applied this long is answered 503 "
                                          "`twin_unavailable` (resend telemetry: events are idempotent); the shard's "
