@@ -8,7 +8,7 @@ Several answers are models of server modules that import Ray or JAX (`raytwin.li
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
 from pydantic import BaseModel
@@ -148,9 +148,11 @@ class ModelCalls(Sender):
                                idempotent=True, path_params={"asset_id": asset_id, "rid": recommendation_id}))
 
     def issue_recommendation(self, asset_id: str, recommendation_id: str, connector: str,
-                             name: str = "schedule") -> Command:
-        """Propose the schedule as a command through `connector`; another admin key with the `approver`
-        grant approves it before anything is sent."""
+                             name: str = "schedule",
+                             part: Literal["schedule", "first_block"] = "schedule") -> Command:
+        """Propose the schedule (or its first block's value, for a command that takes one value: an OPC UA
+        node) as a command through `connector`; another admin key with the `approver` grant approves it
+        before anything is sent."""
         return self._send(Call("POST", "/v1/assets/{asset_id}/recommendations/{rid}/issue", _model(Command),
-                               json={"connector": connector, "name": name},
+                               json={"connector": connector, "name": name, "part": part},
                                path_params={"asset_id": asset_id, "rid": recommendation_id}))

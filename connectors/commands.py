@@ -92,6 +92,9 @@ class Command(BaseModel):
     status: CommandStatus
     proposed_by: str
     approved_by: str | None = None
+    recommendation_id: str | None = Field(None, description="the recommendation run this command issues (`POST "
+                                          "/v1/assets/{id}/recommendations/{rid}/issue`): approving it needs a key "
+                                          "with the approver grant")
     ack: dict[str, Any] | None = Field(None, description="the asset's acknowledgement, as it sent it")
     ack_deadline: datetime | None = Field(None, description="when a sent command that no asset acknowledged "
                                           "expires (sent + the connector's ack_timeout_s)")
@@ -123,10 +126,10 @@ class CommandLedger:
         return command
 
     def propose(self, tenant: str, connector: str, asset_id: str, name: str, value: dict[str, Any],
-                by: str) -> Command:
+                by: str, recommendation_id: str | None = None) -> Command:
         command = Command(id=uuid.uuid4().hex, correlation_id=uuid.uuid4().hex, tenant=tenant, connector=connector,
                           asset_id=asset_id, name=name, value=value, status=CommandStatus.proposed, proposed_by=by,
-                          history=[Transition(status=CommandStatus.proposed, at=datetime.now(UTC), by=by)])
+                          recommendation_id=recommendation_id, history=[Transition(status=CommandStatus.proposed, at=datetime.now(UTC), by=by)])
         return self._save(command)
 
     def get(self, tenant: str, command_id: str) -> Command:

@@ -56,6 +56,11 @@ class RecommendationRequest(Contract):
 class IssueRequest(Contract):
     connector: Identifier = Field(description="The connector that reaches the asset")
     name: Identifier = Field("schedule", description="The command's name at the asset")
+    part: Literal["schedule", "first_block"] = Field(
+        "schedule", description="`schedule`: the whole schedule as one command (an MQTT device that runs it); "
+        "`first_block`: the first block's value alone, `{\"value\": number, \"unit\": unit}`, for a command that "
+        "takes one value (an OPC UA node): the set point for the next `block_s`, after which a new recommendation "
+        "from the twin's state gives the next (receding horizon)")
 
 
 @ray.remote(num_cpus=1, max_retries=0)
@@ -65,17 +70,22 @@ def recommendation_task(spec: RecommendSpec, runs_url: str, storage_options: dic
     return recorded_recommendation(spec, runs=runs_url, storage_options=storage_options or None, user=user)[1]
 
 
-def command_value(answer: Recommendation) -> dict[str, Any]:
-    """The schedule as a command value: scalars, the values as a JSON list (a command holds at most 64 keys)."""
+def command_value(answer: Recommendation, part: str = "schedule") -> dict[str, Any]:
+    """The schedule as a command value: scalars, the values as a JSON list (a command holds at most 64 keys);
+    or its first block's value alone (`IssueRequest.part`)."""
     action = answer.action
+    if part == "first_block":
+        return {"value": action.values[0], "unit": action.unit}
     return {COMMAND_KEY: answer.run_id, "input": action.input, "unit": action.unit, "period_s": action.period_s,
             "starts_s": json.dumps(action.starts_s), "values": json.dumps(action.values)}
 
 
 def require_approver(command: dict[str, Any], who: Principal) -> None:
-    """A command that carries a recommendation is approved only by a key with the approver grant."""
-    if COMMAND_KEY in command["value"] and "approver" not in who.grants:
-        raise Forbidden(f"command {command['id']} issues recommendation {command['value'][COMMAND_KEY]}: approving "
+    """A command that carries a recommendation is approved only by a key with the approver grant (named by the
+    command, or by its value in records written before commands named it)."""
+    recommendation = command.get("recommendation_id") or command["value"].get(COMMAND_KEY)
+    if recommendation is not None and "approver" not in who.grants:
+        raise Forbidden(f"command {command['id']} issues recommendation {recommendation}: approving "
                         "it needs a key with the 'approver' grant (raytwin keys create --grant approver)")
 
 
@@ -128,12 +138,20 @@ async def get_recommendation(asset_id: str, recommendation_id: str, who: Princip
 @router.post("/{recommendation_id}/issue", response_model=Command, status_code=201)
 async def issue_recommendation(asset_id: str, recommendation_id: str, body: IssueRequest, request: Request,
                                who: Principal = WRITER, svc: Services = SVC) -> Any:
-    """Propose the recommended schedule as a command to the asset; nothing is sent before another key
-    with the approver grant approves it (``POST /v1/commands/{id}/approve``)."""
+    """Propose the recommended schedule (or its first block's value: `part`) as a command to the asset; nothing
+    is sent before another key with the approver grant approves it (``POST /v1/commands/{id}/approve``)."""
     answer = await _own(svc, who, asset_id, recommendation_id)
-    value = command_value(answer)
-    command = await svc.backend.call("connector", "propose", who.tenant, body.connector, asset_id, body.name, value,
-                                     who.key_id)
+    value = command_value(answer, body.part)
+    try:
+        command = await svc.backend.call("connector", "propose", who.tenant, body.connector, asset_id, body.name,
+                                         value, who.key_id, recommendation_id)
+    except Unprocessable as exc:
+        if body.part != "schedule":
+            raise
+        raise Unprocessable(f"{exc.message}; a command that takes one value (an OPC UA node) cannot take the "
+                            f"schedule: issue {{\"part\": \"first_block\"}} to send its first block, "
+                            f"{answer.action.values[0]:g} {answer.action.unit} for {answer.action.block_s:g} s, and "
+                            "ask for a new recommendation after it") from None
     await svc.record(request, who, "recommendation.issue", asset_id, run_id=recommendation_id,
                      command_id=command["id"], correlation_id=command["correlation_id"], connector=body.connector)
     return command

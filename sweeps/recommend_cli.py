@@ -104,8 +104,12 @@ def recommend_issue(
     connector: Annotated[str, typer.Option(help="The connector that reaches the asset.")],
     url: API_URL, key: API_KEY,
     name: Annotated[str, typer.Option(help="The command's name at the asset.")] = "schedule",
+    first_block: Annotated[bool, typer.Option(
+        "--first-block", help="Send the first block's value alone (a command that takes one value: an OPC UA "
+        "node), not the whole schedule.")] = False,
 ) -> None:
     """Through the API: propose the recommended schedule as a command to the asset. Nothing is sent until
     another key with the approver grant approves it (`raytwin connectors commands approve ID`)."""
     with remote(url, key) as api:
-        show(api.issue_recommendation(asset_id, recommendation_id, connector=connector, name=name))
+        show(api.issue_recommendation(asset_id, recommendation_id, connector=connector, name=name,
+                                      part="first_block" if first_block else "schedule"))

@@ -145,6 +145,39 @@ def test_issuing_needs_an_approver_who_is_not_the_issuer(api, broker, recommenda
     assert ("recommendation.issue", key_ids["writer"]) in audit and ("command.approve", key_ids["approver"]) in audit
 
 
+def test_the_first_block_alone_is_issued_for_a_command_that_takes_one_value(api, broker, recommendation):  # noqa: F811
+    """An OPC UA command node takes `{"value", "unit"}`, not a schedule (it refused the issued schedule with a 422
+    and no way out): `part: first_block` proposes the first block's value alone. The command names the
+    recommendation, so approving it still needs the approver grant though its value no longer carries the id."""
+    from connectors.opcua.config import CommandNode
+    from serve_apps.routes_recommendations import command_value
+    from sweeps.recommend import Recommendation
+
+    client, auth, key_ids, _ = api
+    rid, action = recommendation["run_id"], recommendation["action"]
+    node = CommandNode(asset_id="pump-1", name="inflow", node_id="ns=2;s=q_in", correlation_node_id="ns=2;s=cid",
+                       unit=action["unit"], lower=0.0, upper=2.0e-4)
+    answer = Recommendation.model_validate(recommendation)
+    assert "an OPC UA command's value is" in node.value_problem(command_value(answer))
+    assert node.value_problem(command_value(answer, "first_block")) is None
+
+    device = Publisher(broker.port, answer=True)
+    device.listen("site/+/cmd")
+    r = client.post(f"/v1/assets/pump-1/recommendations/{rid}/issue",
+                    json={"connector": "site", "name": "inflow", "part": "first_block"}, headers=auth["writer"])
+    assert r.status_code == 201, r.text
+    command = r.json()
+    assert command["value"] == {"value": action["values"][0], "unit": action["unit"]}
+    assert (command["recommendation_id"], command["proposed_by"]) == (rid, key_ids["writer"])
+    approve = f"/v1/commands/{command['id']}/approve"
+    no_grant = client.post(approve, headers=auth["admin"])
+    assert no_grant.status_code == 403 and "'approver' grant" in no_grant.json()["error"]["message"]
+    sent = client.post(approve, headers=auth["approver"])
+    assert sent.status_code == 200 and sent.json()["status"] == "sent", sent.text
+    wait_for(lambda: [b["value"] for _, b in device.received] == [command["value"]], "the device got the value")
+    device.close()
+
+
 def test_the_recommend_commands_ask_read_back_and_issue_through_the_api(api, recommendation, tmp_path):
     from typer.testing import CliRunner
 
