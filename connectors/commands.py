@@ -129,7 +129,8 @@ class CommandLedger:
                 by: str, recommendation_id: str | None = None) -> Command:
         command = Command(id=uuid.uuid4().hex, correlation_id=uuid.uuid4().hex, tenant=tenant, connector=connector,
                           asset_id=asset_id, name=name, value=value, status=CommandStatus.proposed, proposed_by=by,
-                          recommendation_id=recommendation_id, history=[Transition(status=CommandStatus.proposed, at=datetime.now(UTC), by=by)])
+                          recommendation_id=recommendation_id,
+                          history=[Transition(status=CommandStatus.proposed, at=datetime.now(UTC), by=by)])
         return self._save(command)
 
     def get(self, tenant: str, command_id: str) -> Command:
