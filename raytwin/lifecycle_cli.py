@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import getpass
 import os
+import unicodedata
 from collections.abc import Callable
 from typing import Annotated, TypeVar
 
@@ -78,8 +79,16 @@ def _evidence(runs: list[str] | None, fit_report: str | None, metrics: list[str]
 
 def _print_record(r) -> None:
     moved = f"{r.from_stage or '-'} -> {r.to_stage}" + (f" (archived {r.displaced})" if r.displaced else "")
-    typer.echo(f"{r.seq}\t{r.time.isoformat()}\t{r.action}\t{r.model}@{r.version}\t{moved}\t{r.actor}"
-               f"{' (automatic)' if r.automatic else ''}\t{r.reason}")
+    typer.echo(f"{r.seq}\t{r.time.isoformat()}\t{r.action}\t{r.model}@{r.version}\t{moved}\t{_one_line(r.actor)}"
+               f"{' (automatic)' if r.automatic else ''}\t{_one_line(r.reason)}")
+
+
+def _one_line(text: str) -> str:
+    """`text` as one field of a tab-separated line: control and format characters and line separators escaped
+    (``\\n``, ``\\t``, ``\\u202e``). A reason is free text a writer key chooses: one with a newline and tabs
+    printed a second line that read as another record (a promotion by an approver that never happened)."""
+    return "".join(c.encode("unicode_escape").decode("ascii") if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp")
+                   else c for c in text)
 
 
 def _move(stage: str, doc: str) -> Callable[..., None]:

@@ -301,3 +301,20 @@ def test_cli_moves_verifies_and_refuses_with_reasons(tmp_path, monkeypatch):
     log = tmp_path / "registry" / "lifecycle" / "zone" / "log" / "00000001.json"
     log.write_text(log.read_text().replace("shadow ok", "shadow great"))
     assert "lifecycle record 1 does not match its hash" in run("verify", "zone", code=1)
+
+
+def test_the_cli_log_prints_a_reason_as_one_line_whatever_it_holds(tmp_path, monkeypatch):
+    """A writer's reason is free text: one with a newline and tabs printed a second line of `raytwin registry log`
+    that read as another record (a promotion by an approver that never happened). It is escaped now."""
+    lc = _lifecycle(str(tmp_path / "registry"), 1)
+    monkeypatch.setenv("RAYTWIN_REGISTRY_URL", str(tmp_path / "registry"))
+    monkeypatch.setenv("RAYTWIN_TENANT", "acme")
+    forged = "fit ok\n2\t2026-12-06T03:00:00+00:00\tpromote\tzone@1.0.0\tstaging -> production\tbob\u202e"
+    lc.submit("zone@1.0.0", ALICE, forged)
+    out = CliRunner().invoke(app, ["registry", "log", "zone"])
+    assert out.exit_code == 0, out.output
+    line, = out.output.splitlines()
+    fields = line.split("\t")
+    assert len(fields) == 7 and fields[5] == "alice"
+    assert fields[6] == r"fit ok\n2\t2026-12-06T03:00:00+00:00\tpromote\tzone@1.0.0\tstaging -> production\tbob\u202e"
+    assert lc.records("zone")[0].reason == forged  # recorded as given: the listing escapes it
