@@ -196,18 +196,28 @@ class DeadLetter:
     idempotency_key: str | None
     reason: str
     raw: str
+    once: bool = False
+    """Whether `raw` identifies the reading (an OPC UA value change: node and source timestamp), so that a
+    re-delivery of it is not dead-lettered again (`connectors.seen_letters`)."""
 
     @classmethod
-    def of(cls, source: str, asset_id: str | None, key: str | None, reason: str, raw: bytes) -> DeadLetter:
+    def of(cls, source: str, asset_id: str | None, key: str | None, reason: str, raw: bytes,
+           once: bool = False) -> DeadLetter:
         """A dead letter of bounded size: the fields as `bounded` keeps them, the source and reason as `led` does."""
         letter = bounded({"asset_id": asset_id, "idempotency_key": key, "raw": raw})
         return cls(clipped(source, SOURCE_KEPT), letter["asset_id"], letter["idempotency_key"],
-                   clipped(reason, REASON_KEPT), letter["raw"])
+                   clipped(reason, REASON_KEPT), letter["raw"], once)
 
     def row(self) -> dict[str, str | None]:
         """The dead-letter store's row (`StateStore.write_dead_letters`): the source leads the reason."""
         return {"asset_id": self.asset_id, "idempotency_key": self.idempotency_key,
                 "reason": led(self.source, self.reason), "raw": self.raw}
+
+
+def source_pattern(name: str) -> str:
+    """The regular expression a reason of connector `name` starts with (`led`): a URI scheme, then ``://NAME/``
+    (a connector name has no ``/``, so ``web`` never matches ``webx``'s)."""
+    return rf"^[a-z][a-z0-9+.-]*://{re.escape(name)}/"
 
 
 def led(source: str, reason: str) -> str:

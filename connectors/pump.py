@@ -142,14 +142,15 @@ class Pump:
         s.last_error = s.last_error_at = None  # delivered: a failure before is over
         s.acknowledged += len(batch)
         s.accepted += r.accepted
-        s.duplicates += r.duplicates
+        s.duplicates += r.duplicates + delivery.redelivered
         s.rejected += r.rejected
         s.dead_lettered += delivery.dead_lettered
         newest = delivery.newest_event_time
         if newest and (s.newest_event_time is None or newest > s.newest_event_time):
             s.newest_event_time = newest
             metrics.CONNECTOR_NEWEST_EVENT.set(newest.timestamp(), connector=self.name)
-        for outcome, n in (("acknowledged", len(batch)), ("accepted", r.accepted), ("duplicates", r.duplicates),
+        for outcome, n in (("acknowledged", len(batch)), ("accepted", r.accepted),
+                           ("duplicates", r.duplicates + delivery.redelivered),
                            ("rejected", r.rejected), ("dead_lettered", delivery.dead_lettered)):
             if n:
                 metrics.CONNECTOR_MESSAGES.inc(n, connector=self.name, outcome=outcome)

@@ -24,6 +24,7 @@ from connectors.commands import Command, CommandLedger, CommandStatus, Refused, 
 from connectors.kinds import kind_of, parse_spec
 from connectors.pump import Pump
 from connectors.reach import Reach
+from connectors.seen_letters import SeenLetters
 from connectors.sink import TwinSink
 from connectors.spec import ConnectorStore, Desired
 from connectors.tenant_files import TenantFiles
@@ -37,6 +38,9 @@ ALIVE_EVERY_S = 10.0
 LATE_ACK_KEPT = timedelta(days=1)
 """How long after it expired a command's late answer is still matched and recorded on it: the connector keeps
 each such command in memory meanwhile, so not for good."""
+SEEN_MARGIN_S = 3600.0
+"""How much earlier than its backfill's reach a restarted connector looks for its dead letters: a value's dead letter
+is written when it arrives, which a controller clock ahead of the service's puts before its source timestamp."""
 ALIVE_JOIN_S = 30.0
 
 
@@ -108,11 +112,12 @@ class ConnectorRuntime:
                       if c.status is CommandStatus.expired and c.ack is None and c.history[-1].at + LATE_ACK_KEPT > now}
         self._awaiting = {c.correlation_id: (c.id, c.asset_id) for c in mine
                           if c.correlation_id in self._deadlines or c.correlation_id in self._late}
-        sink = TwinSink(router, tenant, batch_size=self.spec.batch_size)
-        self.pump = Pump(sink, f"{tenant}/{name}", batch_size=self.spec.batch_size, linger_s=self.spec.linger_s)
         self._connected_once = store.had_connected(tenant, name)  # this declaration's source has a session of it
         # an earlier process that had connected ran until then (one that never had left no session to lose)
         predecessor_seen = store.last_alive(tenant, name) if self._connected_once else None
+        sink = TwinSink(router, tenant, batch_size=self.spec.batch_size,
+                        seen=self._seen_letters(router, predecessor_seen))
+        self.pump = Pump(sink, f"{tenant}/{name}", batch_size=self.spec.batch_size, linger_s=self.spec.linger_s)
         store.mark_alive(tenant, name, datetime.now(UTC), self._connected_once)
         self.adapter = kind_of(self.spec.kind).adapter(self.spec, store.credentials(tenant, name), self.pump.put,
                                                        self._on_ack, predecessor_seen=predecessor_seen,
@@ -127,6 +132,15 @@ class ConnectorRuntime:
         self._ticker.start()
         log.info("event=connector_started tenant=%s connector=%s kind=%s state=%s", tenant, name, self.spec.kind,
                  self.desired.value)
+
+    def _seen_letters(self, router: ShardRouter, predecessor_seen: datetime | None) -> SeenLetters:
+        """After a restart of a connector that reads its source's history again (`backfill_s`), the dead letters
+        it wrote within that history's reach, so they are not written again (`connectors.seen_letters`)."""
+        backfill_s = getattr(self.spec, "backfill_s", 0)
+        if predecessor_seen is None or not backfill_s:
+            return SeenLetters()
+        since = datetime.now(UTC) - timedelta(seconds=backfill_s + SEEN_MARGIN_S)
+        return SeenLetters.recent(router.store(), self.tenant, self.name, since)
 
     def reach(self) -> Reach | None:
         """The policy this process enforces (`Connectors.start_declared` restarts one started under another)."""

@@ -22,6 +22,7 @@ from actors.ingest import DEFAULT_MAX_IN_FLIGHT, Dispatcher, ShardRouter, valida
 from actors.state import IngestReport
 from actors.telemetry import SOURCE_COLUMN
 from connectors.mapping import DeadLetter, bounded, led
+from connectors.seen_letters import SeenLetters
 
 log = logging.getLogger("raytwin.connectors")
 
@@ -47,6 +48,8 @@ class Delivery:
     dead_lettered: int = 0
     unmapped: int = 0
     """Of `dead_lettered`, the readings the mapping could not read (the others: rows the contract refused)."""
+    redelivered: int = 0
+    """Dead letters of the mapping written before (a re-delivered reading, `connectors.seen_letters`): not again."""
     newest_event_time: datetime | None = None
 
 
@@ -69,8 +72,10 @@ class TwinSink:
     """Feeds one tenant's twins of the service reached through `router` (a `TwinService`'s)."""
 
     def __init__(self, router: ShardRouter, tenant: str, *, batch_size: int,
-                 max_in_flight: int = DEFAULT_MAX_IN_FLIGHT):
+                 max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, seen: SeenLetters | None = None):
+        """`seen`: the connector's dead letters already written (a restarted connector's, from the store)."""
         self.router, self.tenant = router, tenant
+        self.seen = seen if seen is not None else SeenLetters()
         self.batch_size, self.max_in_flight = batch_size, max_in_flight
         self._handles: list | None = None
 
@@ -78,12 +83,18 @@ class TwinSink:
         """Make the messages' events durable and applied and their dead letters durable; raises if
         any part failed (then nothing may be acknowledged: the source re-delivers, the twins dedupe)."""
         valid, rejects = self._checked(messages)
-        dead = [d.row() for m in messages for d in m.dead] + rejects
+        letters = [d for m in messages for d in m.dead]
+        fresh = self.seen.fresh(letters)
+        dead = [d.row() for d in fresh] + rejects
         if dead:
-            self.router.store().write_dead_letters(self.tenant, dead)
+            try:
+                self.router.store().write_dead_letters(self.tenant, dead)
+            except Exception:
+                self.seen.forget(fresh)
+                raise
             log.warning("event=connector_dead_letters tenant=%s count=%d first_reason=%r", self.tenant, len(dead),
                         dead[0]["reason"][:300])
-        delivery = Delivery(dead_lettered=len(dead), unmapped=len(dead) - len(rejects))
+        delivery = Delivery(dead_lettered=len(dead), unmapped=len(fresh), redelivered=len(letters) - len(fresh))
         if valid.num_rows:
             delivery.report = self._ingest(valid)
             applied = _applied(valid, delivery.report)

@@ -11,20 +11,12 @@ What was refused is cut to `connectors.mapping.RAW_KEPT` bytes here too, and any
 
 from __future__ import annotations
 
-import re
-
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from connectors.mapping import bounded
+from connectors.mapping import bounded, source_pattern
 from raytwin.statestore import StateStore
 from serve_apps.schemas import DeadLetter
-
-
-def source_pattern(name: str) -> str:
-    """The regular expression a reason of connector `name` starts with: a URI scheme, then ``://NAME/`` (a
-    connector name has no ``/``, so ``web`` never matches ``webx``'s)."""
-    return rf"^[a-z][a-z0-9+.-]*://{re.escape(name)}/"
 
 
 def connector_dead_letters(store: StateStore, tenant: str, name: str, day: str | None,

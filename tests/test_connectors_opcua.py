@@ -190,6 +190,34 @@ def test_malformed_and_out_of_range_values_go_to_dead_letters_with_node_id(twins
     assert revision(twins, "tank-2") == 0
 
 
+def test_a_restarted_connector_does_not_dead_letter_a_bad_value_change_again(twins, connectors, server, plc):
+    """The value change dead-lettered above ('full', a string, at T0 + 100 s) is sent again at every new
+    subscription (a reconnect, a restart) and read again by the restarted connector's backfill: it was
+    dead-lettered again each time (one bad change, three dead letters after two restarts). It is the same
+    change (node and source timestamp), written once, counted as a duplicate."""
+    def full_letters() -> int:
+        return sum("'full' of type String" in r["reason"] for r in twins.dead_letters("acme").to_pylist())
+
+    assert full_letters() == 1
+    handle = ray.get_actor(actor_name("acme", "plc"), namespace=twins.router.namespace)
+    for restart in range(2):
+        ray.kill(handle, no_restart=False)  # a crash: Ray restarts the actor, which subscribes and backfills again
+        wait_for(lambda: (s := connectors.status("acme", "plc")).connected and s.duplicates > 0 and s.pending == 0,
+                 f"restart {restart}: the re-deliveries counted as duplicates")
+    server.kill()  # and a reconnect of a running connector: the server sends each item's current value again
+    wait_for(lambda: not connectors.status("acme", "plc").connected, "the connector notices the server is gone")
+    server.start()
+    wait_for(lambda: connectors.status("acme", "plc").connected, "the connector reconnects")
+    device = Device(server)  # a restarted server starts without values: 'full' is in its history only
+    device.write("tank-1.h2", "full", T0 + timedelta(seconds=100))  # the same change, sent by the PLC again
+    device.write("tank-1.h2", "empty", T0 + timedelta(seconds=101))  # a new bad change: dead-lettered
+    wait_for(lambda: full_letters() == 1 and any("'empty' of type String" in r["reason"]
+                                                 for r in twins.dead_letters("acme").to_pylist()),
+             "the new bad change dead-lettered, the old one not again")
+    device.close()
+    assert full_letters() == 1
+
+
 def test_paused_connector_gets_the_changes_queued_by_the_server(twins, connectors, device, plc):
     """Paused = publishing off: the server keeps each item's changes (up to queue_size) until resume. The first
     inflow reading repeats the value the node holds (0.1, from the test above): a new sample all the same."""

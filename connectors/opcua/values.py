@@ -68,5 +68,8 @@ def to_row(connector: str, node: MappedNode, dv: ua.DataValue) -> dict[str, Any]
 
 
 def _dead(connector: str, node: MappedNode, reason: str, raw: dict[str, Any]) -> DeadLetter:
+    """A value change's dead letter; with a source timestamp its raw text is the change's identity (written
+    once however often the server sends the change again: `connectors.seen_letters`)."""
     body = json.dumps({"node_id": node.node_id, **raw}).encode()
-    return DeadLetter.of(source(connector, node), node.asset_id, node.node_id, reason, body)
+    return DeadLetter.of(source(connector, node), node.asset_id, node.node_id, reason, body,
+                         once=raw["source_timestamp"] is not None)
