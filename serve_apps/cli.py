@@ -13,7 +13,7 @@ import shlex
 import signal
 import time
 from pathlib import Path
-from typing import Annotated, get_args
+from typing import Annotated, Any, get_args
 
 import typer
 
@@ -65,7 +65,8 @@ def start(
     target_ongoing_requests: Annotated[float | None, typer.Option(
         help="Ingress autoscaling target per replica (default: the config file's, else admission.max_concurrent).",
         show_default=False)] = None,
-    config: Annotated[Path | None, typer.Option(help="JSON file with more ServeConfig fields.")] = None,
+    config: Annotated[Path | None, typer.Option(help="JSON file with more ServeConfig fields.", exists=True,
+                                                dir_okay=False, readable=True)] = None,
     direct_ingress: Annotated[bool, typer.Option(
         "--direct-ingress/--no-direct-ingress", envvar="RAY_SERVE_ENABLE_DIRECT_INGRESS",
         help="Ingress replicas also answer HTTP on their own ports, skipping the proxy hop (~5x less CPU per "
@@ -115,16 +116,23 @@ def start(
         http_targets,
         serving_at,
     )
+    from pydantic import ValidationError
+
+    from raytwin.contracts import describe_error
     from serve_apps.connector_ops import missing_credentials
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    args = json.loads(config.read_text()) if config else {}
+    args = _config_args(config) if config else {}
     # a local store path is made absolute: Serve replicas do not run in this shell's directory
     store = store if "://" in store else str(Path(store).resolve())
     args.update(store_url=store, keys_file=str(keys_file.resolve()), autoscaling=autoscaling_args(
         args.get("autoscaling", {}), min_replicas=min_replicas, max_replicas=max_replicas,
         target_ongoing_requests=target_ongoing_requests))
-    settings = ServeConfig.from_args(args)
+    try:
+        settings = ServeConfig.from_args(args)
+    except ValidationError as exc:
+        raise typer.BadParameter(f"the service's settings (--config {config}, RAYTWIN_SERVE_* variables, options): "
+                                 f"{describe_error(exc)}") from None
     if direct_ingress:
         os.environ[DIRECT_INGRESS_ENV] = "1"  # read by Serve's processes when they start
     if haproxy:
@@ -203,6 +211,18 @@ def start(
         release_lease(twins)
         stop_connector_actors(settings.namespace)
         typer.echo("stopped")
+
+
+def _config_args(path: Path) -> dict[str, Any]:
+    """The `--config` file's fields: a JSON object, else a one-line error naming the file."""
+    try:
+        args = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise typer.BadParameter(f"{path}: not a JSON file ({exc})", param_hint="--config") from None
+    if not isinstance(args, dict):
+        raise typer.BadParameter(f"{path}: a JSON object of ServeConfig fields is expected, not a "
+                                 f"{type(args).__name__}", param_hint="--config")
+    return args
 
 
 def _first_line(e: Exception) -> str:

@@ -218,6 +218,22 @@ def test_serve_temp_dir_is_the_local_rays_and_refused_with_an_address(tmp_path, 
     assert refused.exit_code == 2 and "--temp-dir apply to a Ray this command starts" in said, said
 
 
+@pytest.mark.parametrize(("content", "said"), [
+    (None, "file '{path}' does not exist"), ("[1]", "a JSON object of ServeConfig fields is expected, not a list"),
+    ("{", "not a JSON file (Expecting property name"),
+    ('{"bogus": 1}', "the service's settings (--config {path}, RAYTWIN_SERVE_* variables, options): bogus: Extra "
+                     "inputs are not permitted"),
+])
+def test_a_config_file_that_cannot_be_used_is_one_line_naming_it(tmp_path, monkeypatch, content, said):
+    """A missing `--config` file printed a traceback ending in FileNotFoundError (a missing keys file was one line)."""
+    path = tmp_path / "serve.json"
+    if content is not None:
+        path.write_text(content)
+    result = _serve_without_ray(tmp_path, monkeypatch, lambda **kwargs: None, "--config", str(path))
+    text = " ".join(result.output.replace("│", " ").split())
+    assert result.exit_code == 2 and said.format(path=path) in text and "Traceback" not in result.output, text
+
+
 def test_token_bucket_refuses_after_the_burst():
     buckets = TokenBuckets(rate=0.01, burst=3)
     assert [buckets.take("k1") for _ in range(3)] == [0.0, 0.0, 0.0]
