@@ -21,13 +21,20 @@ from serve_apps.recalibration import TenantState
 
 if TYPE_CHECKING:
     from raytwin.lifecycle import LifecyclePolicy, PruneReport, TransitionRecord
-    from serve_apps.routes_models import ChainCheck, LifecycleStatus, RollbackRequest, TransitionRequest
+    from serve_apps.routes_models import (
+        ChainCheck,
+        LifecycleStatus,
+        RollbackRequest,
+        TransitionAnswer,
+        TransitionRequest,
+    )
     from serve_apps.routes_recommendations import RecommendationRequest
     from serve_apps.routes_runs import RunPublic
     from serve_apps.routes_shadow import ShadowRequest, ShadowStarted, ShadowStatus
     from sweeps.recommend import Recommendation
 
 _RECORD = "raytwin.lifecycle:TransitionRecord"
+_ANSWER = "serve_apps.routes_models:TransitionAnswer"
 
 
 def run_file_call(run_id: str, name: str, parse: Callable[[httpx.Response], T]) -> Call[T]:
@@ -53,17 +60,18 @@ class ModelCalls(Sender):
         return self._send(Call("GET", "/v1/models/{model}/lifecycle", _lazy(f"{_MODELS}:LifecycleStatus"),
                                idempotent=True, path_params={"model": model}))
 
-    def transition_model(self, model: str, version: str, request: TransitionRequest) -> TransitionRecord:
+    def transition_model(self, model: str, version: str, request: TransitionRequest) -> TransitionAnswer:
         """Submit, stage, promote or archive a version (Forbidden: the four-eyes rule; Conflict: a move the
-        stage does not allow, or `expected_revision` is stale). Resent only with `expected_revision` set."""
-        return self._send(Call("POST", "/v1/models/{model}/versions/{version}/transitions", _lazy(_RECORD),
+        stage does not allow, or `expected_revision` is stale). Resent only with `expected_revision` set.
+        A promotion's `twins` says which twins swapped to it and why the others keep their version."""
+        return self._send(Call("POST", "/v1/models/{model}/versions/{version}/transitions", _lazy(_ANSWER),
                                json=_body(request), idempotent=request.expected_revision is not None,
                                conditional=request.expected_revision is not None,
                                path_params={"model": model, "version": version}))
 
-    def rollback_model(self, model: str, request: RollbackRequest) -> TransitionRecord:
-        """Back to the previous production version."""
-        return self._send(Call("POST", "/v1/models/{model}/rollback", _lazy(_RECORD), json=_body(request),
+    def rollback_model(self, model: str, request: RollbackRequest) -> TransitionAnswer:
+        """Back to the previous production version (`twins`: the twins swapped back, and those refused)."""
+        return self._send(Call("POST", "/v1/models/{model}/rollback", _lazy(_ANSWER), json=_body(request),
                                idempotent=request.expected_revision is not None,
                                conditional=request.expected_revision is not None, path_params={"model": model}))
 

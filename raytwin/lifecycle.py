@@ -13,7 +13,8 @@ with the ``approver`` role who is not the candidate's author (four eyes), unless
 `LifecyclePolicy` allows automatic promotion; archived versions only come back through `rollback`,
 which returns to the previous production version. `prune` keeps the last K archived versions and
 run records per model and tenant, never what production, staging, a candidate, the rollback target, a
-live twin or a kept run record references. An `evaluate` record adds evidence (a shadow evaluation,
+kept run record, or a live twin (the version it runs now, and those its retained history was applied by:
+`raytwin.statestore.StateStore.model_versions`) references. An `evaluate` record adds evidence (a shadow evaluation,
 `raytwin.shadow.conclude`) to a version without moving it.
 """
 
@@ -265,6 +266,12 @@ class ModelLifecycle:
                               f"{expected_head[:12]}... (records were removed from the end?)", state.revision + 1)
         return state
 
+    def removal(self, ref: str) -> TransitionRecord | None:
+        """The record of retention removing ``name@version`` (None: it was not removed), for errors that
+        say why a version a twin ran is gone, and since when."""
+        name, version = parse_ref(ref)
+        return next((r for r in reversed(self.records(name)) if r.version == version and r.action == "prune"), None)
+
     def stage(self, ref: str) -> Stage:
         """The stage of ``name@version``; a registered version never submitted is a candidate."""
         name, version = parse_ref(ref)
@@ -414,8 +421,10 @@ class ModelLifecycle:
         """Apply the tenant's retention to `model`: keep the last `keep_archived` archived versions and
         the last `keep_runs` run records of this model and tenant (under `runs_root`); never remove a
         production, staging or candidate version, the rollback target, a version a kept run record
-        used, a version `in_use` (live twins run it: the caller knows its assets), or a run named as
-        evidence by a version that is not archived. Each removal is logged."""
+        used, a version `in_use`, or a run named as evidence by a version that is not archived. Each
+        removal is logged. `in_use`: the versions the tenant's twins of `model` run now or their retained
+        history was applied by (`StateStore.model_versions`; a refused swap leaves a twin on an archived
+        version) and those its assets' catalog entries name; the caller knows its twins."""
         state = self._load(model, actor, None)
         tenant = state.tenant or actor.tenant
         policy = self.policy(tenant)

@@ -871,6 +871,30 @@ class StateStore:
         path = self._model_swaps_path(tenant, asset_id)
         return json.loads(self.fs.cat_file(path))["swaps"] if self.fs.exists(path) else []
 
+    def model_versions(self, tenant: str, model: str) -> dict[str, list[str]]:
+        """The versions of `model` that the tenant's registered twins run now or applied events of their
+        retained history with, each with those twins' asset ids: what model retention must keep
+        (`raytwin.lifecycle.ModelLifecycle.prune`), since `?at=` reads and runs from a past state take the
+        version of that time. A version whose era ended before `prune`'s cut of the twin's history is no
+        longer needed. Read from the registrations and model swaps (each durable before it applies), so
+        twins of a stopped service count too."""
+        retention = self._retention(tenant)
+        cut_us, cut_assets = (retention["history_from_us"], set(retention["assets"])) if retention else (None, set())
+        swaps_root = f"{self.root}/model_swaps/tenant={tenant}"
+        paths = self.fs.glob(f"{swaps_root}/asset_id=*.json")
+        swaps = {p.rsplit("/", 1)[-1].removeprefix("asset_id=").removesuffix(".json"): json.loads(body)["swaps"]
+                 for p, body in (self.fs.cat(paths).items() if paths else ())}
+        used: dict[str, set[str]] = {}
+        for asset_id, record in self.registrations_of(tenant).items():
+            eras = [(None, record["artifact"]), *sorted(((int(s["at_us"]), s["artifact"])
+                                                         for s in swaps.get(asset_id, ())), key=lambda e: e[0])]
+            ends = [at for at, _ in eras[1:]] + [None]  # an era ends where the next swap starts
+            since = cut_us if asset_id in cut_assets else None
+            for (_, artifact), end in zip(eras, ends):
+                if artifact["name"] == model and (since is None or end is None or end > since):
+                    used.setdefault(artifact["version"], set()).add(asset_id)
+        return {version: sorted(assets) for version, assets in sorted(used.items())}
+
     # ------------------------------------------------------------------------ shadows ----
     def _shadow_path(self, tenant: str, ref: str, asset_id: str) -> str:
         return f"{self.root}/shadows/tenant={tenant}/candidate={ref}/asset_id={asset_id}.json"

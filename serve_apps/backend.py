@@ -46,7 +46,7 @@ from serve_apps.changes import ChangeLog, ChangePage
 from serve_apps.conditional import Precondition
 from serve_apps.config import ServeConfig
 from serve_apps.connector_ops import ConnectorOps
-from serve_apps.errors import Conflict, NotFound, Unprocessable, unwrap
+from serve_apps.errors import Conflict, Gone, NotFound, Unprocessable, unwrap
 from serve_apps.promotions import finish_interrupted_swaps
 from serve_apps.evolution import TypeEvolution
 from serve_apps.job_listing import JobPage, select
@@ -369,11 +369,26 @@ class Backend:
         runs, for scenarios: a promotion swaps it) that version's type and model."""
         asset = self.get_asset(tenant, asset_id)
         if model_ref is not None:
-            artifact = self._registry(tenant).get(model_ref)
+            try:
+                artifact = self._registry(tenant).get(model_ref)
+            except RegistryError:
+                self._refuse_if_pruned(tenant, asset_id, model_ref)
+                raise
             return artifact.asset_type, artifact
         with self._lock:
             asset_type = self.catalog.get_type(tenant, asset.type_name, asset.type_version)
         return asset_type, self._artifact(tenant, asset)
+
+    def _refuse_if_pruned(self, tenant: str, asset_id: str, model_ref: str) -> None:
+        """410 naming the retention that removed `model_ref`, a version the twin ran (in a store pruned by a
+        version of RayTwin whose retention did not keep the versions twins' history needs): what runs from
+        that time need is gone for good, which a retry never changes."""
+        removed = ModelLifecycle(self._registry(tenant)).removal(model_ref)
+        if removed is not None:
+            raise Gone(f"{model_ref}, the model twin {asset_id} ran at that time, was removed by retention (model "
+                       f"prune by {removed.actor} at {removed.time.isoformat(timespec='seconds')}) and cannot run "
+                       "again: start from a later start_time that the twin's current model applied, or give an "
+                       "explicit start_state (it runs the current model)")
 
     # ---- twins ---------------------------------------------------------------------------
     async def ingest(self, tenant: str, events: list[TelemetryEvent]) -> dict[str, Any]:

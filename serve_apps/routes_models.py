@@ -30,6 +30,7 @@ from raytwin.lifecycle import (
 )
 from raytwin.lifecycle import Actor as LifecycleActor
 from raytwin.registry import ModelRegistry, RegistryError
+from raytwin.statestore import StateStore
 from serve_apps.auth import Principal
 from serve_apps.deps import ADMIN, READER, SVC, WRITABLE, WRITER, Services
 from serve_apps.errors import CONFLICT, Conflict, Forbidden, NotFound, Unprocessable, unwrap
@@ -49,6 +50,20 @@ class TransitionRequest(BaseModel):
     fleet: bool = Field(False, description="Promote a version fitted on some twins' telemetry (a drift "
                         "recalibration's) although promotion swaps every twin of the model to it: their parameters "
                         "become the fitted ones too (409 without it while other twins run the model)")
+
+
+class TwinSwaps(BaseModel):
+    swapped: list[str] = Field(description="Twins that run the new production version for events from now on")
+    refused: dict[str, str] = Field(description=(
+        "Asset id -> why its twin keeps the version it runs (e.g. another state layout): it stays on that "
+        "version, archived now, which retention keeps while it runs it; the reason says what to do"))
+
+
+class TransitionAnswer(TransitionRecord):
+    """The recorded transition and, for a change of the production version, what became of the model's twins."""
+
+    twins: TwinSwaps | None = Field(None, description="For a promotion or rollback: the hot swap of the "
+                                    "tenant's twins of the model (also audited as `model.swap`); null otherwise")
 
 
 class RollbackRequest(BaseModel):
@@ -147,12 +162,17 @@ def _check(lc: ModelLifecycle, model: str, expected_head: str | None) -> ChainCh
                       message=None)
 
 
-async def _swap_twins(svc: Services, request: Request, who: Principal, record: TransitionRecord) -> None:
-    """The hot swap of the model's twins to the new production version (`serve_apps.routes_shadow`,
-    imported here because it builds on this module)."""
+async def _answer(svc: Services, request: Request, who: Principal, record: TransitionRecord) -> TransitionAnswer:
+    """The answer to a transition; for a change of the production version, after the hot swap of the model's
+    twins to it (`serve_apps.routes_shadow`, imported here because it builds on this module), with its outcome:
+    a twin that refused the swap keeps running a version that is no longer production."""
     from serve_apps.routes_shadow import swap_on_promotion
 
-    await swap_on_promotion(svc, request, who, record)
+    swaps = None
+    if record.to_stage == "production":
+        outcome = await swap_on_promotion(svc, request, who, record)
+        swaps = TwinSwaps(swapped=[s.asset_id for s in outcome.states], refused=outcome.refused)
+    return TransitionAnswer.model_validate({**record.model_dump(), "twins": swaps})
 
 
 async def _refuse_partial_fit(svc: Services, who: Principal, lc: ModelLifecycle, model: str, version: str) -> None:
@@ -183,14 +203,15 @@ def register(app: FastAPI) -> None:
         """Each registered version's stage and author, the production version and the log's revision."""
         return await _call(_status, _lifecycle(svc, who.tenant), model)
 
-    @app.post("/v1/models/{model}/versions/{version}/transitions", response_model=TransitionRecord,
+    @app.post("/v1/models/{model}/versions/{version}/transitions", response_model=TransitionAnswer,
               status_code=201, tags=tags, responses=CONFLICT)
     async def transition(model: ModelName, version: Version, body: TransitionRequest, request: Request,
                          who: Principal = WRITER, svc: Services = SVC,
-                         _writable: None = WRITABLE) -> TransitionRecord:
+                         _writable: None = WRITABLE) -> TransitionAnswer:
         """Move a version to another stage. Production: a key with the `approver` grant that did not submit
         the version (403 otherwise), unless the tenant's policy promotes automatically; the previous
-        production version is archived. 409: a move the version's stage does not allow, or a lost race."""
+        production version is archived, and the model's twins swap to the new one (`twins` says which did,
+        and why the others keep theirs). 409: a move the version's stage does not allow, or a lost race."""
         lc = _lifecycle(svc, who.tenant)
         await run_in_threadpool(_check_evidence, svc, who.tenant, body.evidence)
         if body.to == "production" and not body.fleet:
@@ -199,23 +220,21 @@ def register(app: FastAPI) -> None:
                                                body.reason, body.evidence, body.expected_revision)
         await svc.record(request, who, f"model.{record.action}", f"{model}@{version}", seq=record.seq,
                          to_stage=record.to_stage, displaced=record.displaced, hash=record.hash)
-        if record.to_stage == "production":
-            await _swap_twins(svc, request, who, record)
-        return record
+        return await _answer(svc, request, who, record)
 
-    @app.post("/v1/models/{model}/rollback", response_model=TransitionRecord, status_code=201, tags=tags,
+    @app.post("/v1/models/{model}/rollback", response_model=TransitionAnswer, status_code=201, tags=tags,
               responses=CONFLICT)
     async def rollback(model: ModelName, body: RollbackRequest, request: Request, who: Principal = WRITER,
-                       svc: Services = SVC, _writable: None = WRITABLE) -> TransitionRecord:
-        """Return to the previous production version (needs the `approver` grant, or automatic promotion)."""
+                       svc: Services = SVC, _writable: None = WRITABLE) -> TransitionAnswer:
+        """Return to the previous production version (needs the `approver` grant, or automatic promotion); the
+        model's twins swap to it (`twins`)."""
         lc = _lifecycle(svc, who.tenant)
         await run_in_threadpool(_check_evidence, svc, who.tenant, body.evidence)
         record: TransitionRecord = await _call(lc.rollback, model, _actor(who), body.reason, body.evidence,
                                                body.expected_revision)
         await svc.record(request, who, "model.rollback", f"{model}@{record.version}", seq=record.seq,
                          displaced=record.displaced, hash=record.hash)
-        await _swap_twins(svc, request, who, record)
-        return record
+        return await _answer(svc, request, who, record)
 
     @app.get("/v1/models/{model}/lifecycle/log", response_model=list[TransitionRecord], tags=tags)
     async def lifecycle_log(model: ModelName, who: Principal = READER, svc: Services = SVC) -> list[TransitionRecord]:
@@ -235,11 +254,15 @@ def register(app: FastAPI) -> None:
     async def prune(model: ModelName, request: Request, who: Principal = ADMIN, svc: Services = SVC,
                     _writable: None = WRITABLE) -> Any:
         """Apply the tenant's retention to the model's archived versions and to the tenant's sweep run records
-        of the model (``{store}/runs/{tenant}``); versions the tenant's assets (live twins) use stay (admin only)."""
+        of the model (``{store}/runs/{tenant}``), admin only. Versions live twins need stay: the one each twin
+        runs now (a refused swap leaves it on an archived one), those its retained history was applied by
+        (`?at=` reads and runs from a past state use them) and those its asset's catalog entry names."""
         assets = await svc.backend.call("list_assets", who.tenant, model, None, None, None)
+        twins = StateStore(svc.config.url("twins"), svc.config.storage_options or None)
+        running: dict[str, list[str]] = await run_in_threadpool(twins.model_versions, who.tenant, model)
         report: PruneReport = await _call(_lifecycle(svc, who.tenant).prune, model, _actor(who),
                                           svc.config.url("runs", who.tenant), svc.config.storage_options or None,
-                                          {a.type_version for a in assets})
+                                          {a.type_version for a in assets} | set(running))
         await svc.record(request, who, "model.prune", model, versions_removed=report.versions_removed,
                          runs_removed=report.runs_removed)
         return report

@@ -78,7 +78,8 @@ async def _live(svc: Services, call: Callable[[LiveModels], Any]) -> Any:
         raise BadRequest(str(unwrap(exc)).strip("'\"")) from None
 
 
-async def swap_on_promotion(svc: Services, request: Request, who: Principal, record: TransitionRecord) -> None:
+async def swap_on_promotion(svc: Services, request: Request, who: Principal,
+                            record: TransitionRecord) -> SwapOutcome:
     """After a promotion or rollback: the tenant's twins of the model switch to the new production
     version for events from now (server time) on; audited with the twins swapped and refused."""
     try:
@@ -89,6 +90,10 @@ async def swap_on_promotion(svc: Services, request: Request, who: Principal, rec
     outcome: SwapOutcome = await _live(svc, lambda m: m.swap(who.tenant, artifact, at))
     await svc.record(request, who, "model.swap", artifact.ref, at=at.isoformat(), seq=record.seq,
                      swapped=[s.asset_id for s in outcome.states], refused=outcome.refused)
+    if outcome.refused:
+        log.warning("event=swap_refused tenant=%s model=%s twins=%d: they keep the version they run",
+                    who.tenant, artifact.ref, len(outcome.refused))
+    return outcome
 
 
 def register(app: FastAPI) -> None:

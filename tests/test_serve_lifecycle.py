@@ -298,3 +298,95 @@ def test_a_version_fitted_on_some_twins_is_promoted_over_the_fleet_only_when_ask
     assert _move(api, "approver", fitted, "production", fleet=True).status_code == 201
     swaps = [a for a in http.get("/v1/audit", headers=api.headers_for("admin")).json() if a["action"] == "model.swap"]
     assert {"zone-drifted", "zone-healthy"} <= set(swaps[-1]["details"]["swapped"])
+
+
+def test_retention_keeps_what_twins_run_and_their_history_applied_and_promotions_say_who_swapped(client):
+    """A twin swapped 1.0.0 -> 1.1.0 -> 1.3.0 refuses 2.0.0 and 2.1.0 (another state layout): it runs 1.3.0,
+    archived and not the rollback target, and its history was applied by 1.1.0, which no asset names. Retention
+    removed both (it kept only what the catalog names), breaking the twin's runs; it keeps them now, and removes
+    what no twin needs. A version an earlier retention removed answers 410, never a 500. Each promotion's answer
+    says which twins swapped and why the others did not."""
+    from datetime import UTC, datetime, timedelta
+    from time import sleep
+
+    from raytwin.contracts import AssetType
+    from raytwin.lifecycle import Actor, ModelLifecycle
+    from raytwin.registry import ModelRegistry
+    from raytwin.sim import TWO_TANK
+
+    api, http = client, client.http
+    model, asset = "retained", "ret-1"
+    tank = AssetType.from_model(TWO_TANK).model_dump(mode="json")
+    for version, body in (("1.0.0", THERMAL_TYPE), ("1.1.0", THERMAL_TYPE), ("1.2.0", THERMAL_TYPE),
+                          ("1.3.0", THERMAL_TYPE), ("2.0.0", tank), ("2.1.0", tank)):
+        r = http.post("/v1/asset-types", json={**body, "name": model, "version": version},
+                      headers=api.headers_for("admin"))
+        assert r.status_code == 201, r.text
+
+    def move(version: str, to: str) -> httpx.Response:
+        return http.post(f"/v1/models/{model}/versions/{version}/transitions", json={"to": to, "reason": to},
+                         headers=api.headers_for("approver" if to == "production" else "author"))
+
+    def promote(version: str) -> dict:
+        assert move(version, "candidate").status_code == 201 and move(version, "staging").status_code == 201
+        answer = move(version, "production")
+        assert answer.status_code == 201, answer.text
+        return answer.json()["twins"]
+
+    def send(k: int) -> datetime:
+        """One reading after the last swap's boundary (server time), applied by the version swapped in."""
+        sleep(0.2)
+        at = datetime.now(UTC)
+        r = http.post(f"/v1/assets/{asset}/telemetry", headers=api.headers_for("writer"), json={"events": [
+            {"sequence": k, "event_time": at.isoformat(), "measurements": {"T_in": {"value": 293.0, "unit": "K"},
+                                                                           "T_out": {"value": 5.0, "unit": "degC"}}}]})
+        assert r.status_code == 200 and r.json()["accepted"] == 1, r.text
+        return at
+
+    assert promote("1.0.0") == {"swapped": [], "refused": {}}
+    assert http.post("/v1/assets", json={"id": asset, "type_name": model, "type_version": "1.0.0",
+                                         "initial_state": {"T_in": 293.0, "T_m": 292.0}},
+                     headers=api.headers_for("admin")).status_code == 201
+    send(1)
+    assert promote("1.1.0") == {"swapped": [asset], "refused": {}}
+    era_1_1 = send(2)
+    assert promote("1.3.0") == {"swapped": [asset], "refused": {}}
+    send(3)
+    for version in ("2.0.0", "2.1.0"):
+        refused = promote(version)
+        assert refused["swapped"] == [] and list(refused["refused"]) == [asset]
+        assert "a swap needs the same inputs and outputs" in refused["refused"][asset]
+    assert move("1.2.0", "candidate").status_code == 201 and move("1.2.0", "archived").status_code == 201
+    status = http.get(f"/v1/models/{model}/lifecycle", headers=api.headers_for("reader")).json()
+    assert (status["production"], status["rollback_target"]) == ("2.1.0", "2.0.0")
+    state = http.get(f"/v1/assets/{asset}/state", headers=api.headers_for("reader")).json()
+    assert state["model_ref"] == f"{model}@1.3.0"
+
+    assert http.put("/v1/lifecycle-policy", json={"keep_archived": 0},
+                    headers=api.headers_for("admin")).status_code == 200
+    pruned = http.post(f"/v1/models/{model}/prune", headers=api.headers_for("admin"))
+    assert pruned.status_code == 200 and pruned.json()["versions_removed"] == ["1.2.0"], pruned.text
+    registry = ModelRegistry(str(api.store / "registry" / "acme"))
+    assert registry.versions(model) == ["1.0.0", "1.1.0", "1.3.0", "2.0.0", "2.1.0"]
+    what_if = {"asset_id": asset, "start_state": "live", "horizon_s": 600.0, "step_s": 60.0,
+               "inputs": {n: {"kind": "constant", "value": 0.0, "unit": "W"} for n in ("Q_h", "Q_sol")}
+               | {"T_out": {"kind": "constant", "value": 5.0, "unit": "degC"}}}
+    for start in (None, era_1_1 + timedelta(milliseconds=1)):  # the twin now (1.3.0) and in the 1.1.0 era
+        run = http.post("/v1/scenarios", json={**what_if, "start_time": start and start.isoformat()},
+                        headers=api.headers_for("writer"))
+        assert run.status_code == 200, run.text
+    assert run.json()["model_ref"] == f"{model}@1.1.0"
+
+    # a store whose retention (an earlier release's) removed a version the twin's history needs
+    ModelLifecycle(registry).prune(model, Actor(id="old-release", tenant="acme"), in_use={"1.0.0", "1.3.0"})
+    assert registry.versions(model) == ["1.0.0", "1.3.0", "2.0.0", "2.1.0"]  # 2.0.0: the rollback target
+    past = http.get(f"/v1/assets/{asset}/state", params={"at": (era_1_1 + timedelta(milliseconds=1)).isoformat()},
+                    headers=api.headers_for("reader"))
+    assert past.status_code == 200 and past.json()["model_ref"] == f"{model}@1.1.0"  # the store keeps its artifact
+    gone = assert_error(http.post("/v1/scenarios", json={**what_if, "start_time": (
+        era_1_1 + timedelta(milliseconds=1)).isoformat()}, headers=api.headers_for("writer")), 410, "gone")
+    assert gone["message"].startswith(f"{model}@1.1.0, the model twin {asset} ran at that time, was removed by "
+                                      "retention (model prune by old-release at ")
+    assert "give an explicit start_state" in gone["message"]
+    assert http.put("/v1/lifecycle-policy", json={"keep_archived": 5},
+                    headers=api.headers_for("admin")).status_code == 200

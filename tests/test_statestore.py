@@ -254,6 +254,32 @@ def test_prune_keeps_what_recovery_needs_and_refuses_reads_across_the_cut(store)
     assert store.read_events("beta", "a") == []  # other tenants untouched
 
 
+def _artifact(model: str, version: str) -> dict:
+    return {"name": model, "version": version}  # what `model_versions` reads of a stored artifact
+
+
+def test_model_versions_are_those_twins_run_and_their_retained_history_applied(store):
+    """What model retention must keep: the version each twin runs now (a refused swap leaves it on an old one),
+    and those its history was applied by, until `prune` cut that history; other models' and tenants' twins and
+    deleted twins need none."""
+    day1, day2, day3 = (to_micros(datetime(2026, 3, d, 12, tzinfo=UTC)) for d in (1, 2, 3))
+    store.save_registration("acme", "a", {"artifact": _artifact("zone", "1.0.0")})
+    store.save_model_swaps("acme", "a", [{"at_us": day3, "artifact": _artifact("zone", "1.2.0")},  # stored unordered
+                                         {"at_us": day1, "artifact": _artifact("zone", "1.1.0")}])
+    store.save_registration("acme", "b", {"artifact": _artifact("zone", "1.1.0")})  # its swaps were all refused
+    store.save_registration("acme", "c", {"artifact": _artifact("pump", "1.0.0")})
+    store.save_registration("globex", "a", {"artifact": _artifact("zone", "0.9.0")})
+    store.save_registration("acme", "gone", {"artifact": _artifact("zone", "0.1.0")})
+    store.delete_registration("acme", "gone")
+    assert store.model_versions("acme", "zone") == {"1.0.0": ["a"], "1.1.0": ["a", "b"], "1.2.0": ["a"]}
+    assert store.model_versions("acme", "pump") == {"1.0.0": ["c"]}
+    assert store.model_versions("acme", "none") == {} and store.model_versions("beta", "zone") == {}
+
+    store._replace_json(store._retention_path("acme"), {"history_from_us": day2, "assets": ["a"]})  # as `prune` does
+    # a's eras: 1.0.0 until day 1 (history gone: no read or run can reach it), 1.1.0 day 1 to 3, 1.2.0 from day 3
+    assert store.model_versions("acme", "zone") == {"1.1.0": ["a", "b"], "1.2.0": ["a"]}
+
+
 def _log_as(store: StateStore, ev: LoggedEvent, name: str) -> None:
     """Log one event in a part file of this name (readers list files by name)."""
     store._write_part(log_table([("a", ev)]), f"{store.root}/log/tenant=acme/date={_date(ev.key[0])}", name)
