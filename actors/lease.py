@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 import ray
 
 from actors.routing import shard_name
-from raytwin.statestore import Heartbeat, Lease, StateStore, StoreFenced
+from raytwin.statestore import LEASE_EXPIRY_S, Heartbeat, Lease, StateStore, StoreFenced
 
 log = logging.getLogger("raytwin.twins")
 
@@ -33,7 +33,7 @@ STOP_WAIT_S = 30.0
 """How long a takeover waits for the previous holder's shard actors to be gone."""
 HEARTBEAT_S = 2.0
 """How often a holder's shards renew the store's heartbeat (a small file write each)."""
-EXPIRY_S = 6.0
+EXPIRY_S = LEASE_EXPIRY_S
 """A holder whose heartbeat is older than this is gone (crashed, or its cluster stopped): three
 missed renewals, more than a busy shard's thread is held up, and at most the wait of a service
 started again right after a crash (less the seconds its Ray takes to start). Taking the store from

@@ -4,6 +4,12 @@ The CLI writes the store with the caller's own storage credentials and records t
 (``--actor``, default ``$RAYTWIN_USER`` or the login name) with the roles it is given (``--role approver``):
 whoever may write the store may act here. Identities checked against API keys are the HTTP API's
 (`serve_apps/README.md`, "Model lifecycle").
+
+Commands that change a lifecycle refuse a registry whose store a running service holds (`raytwin serve`'s
+layout, ``{store}/registry/{tenant}`` beside ``{store}/twins``, whose lease its shards renew): there the
+service must be the one writer, since a promotion, rollback or archive swaps its twins, every change goes
+to its tenant's audit log under an API key's identity, and retention keeps the versions its twins run.
+Each refusal names the HTTP route to use instead; a store no service holds (offline work) is theirs.
 """
 
 from __future__ import annotations
@@ -55,6 +61,32 @@ def _lifecycle(registry: str):
     return ModelLifecycle(ModelRegistry(registry))
 
 
+def _twins_beside(registry: str) -> str | None:
+    """The twin state store of the `raytwin serve` store a registry belongs to (``{store}/registry/{tenant}``
+    -> ``{store}/twins``); None for a registry laid out otherwise."""
+    parent, sep, _tenant = registry.rstrip("/").rpartition("/")
+    root, sep2, name = parent.rpartition("/")
+    return f"{root}/twins" if sep and sep2 and name == "registry" else None
+
+
+def _refuse_if_served(registry: str, route: str, twins: str | None = None) -> None:
+    """Exit 1, naming the HTTP `route` to use, if a running service holds the store of `registry` (or the
+    twin store `twins`): a change made behind its back would not swap its twins nor reach its audit log."""
+    from raytwin.statestore import StateStore
+
+    twins = twins or _twins_beside(registry)
+    held = None if twins is None else StateStore(twins).live_holder()
+    if held is None:
+        return
+    lease, age_s = held
+    typer.echo(f"error: registry {registry} belongs to a store that a running service holds (service {lease.owner}, "
+               f"started by {lease.acquired_by} at {lease.acquired_at}; its shards renewed the lease {age_s:.0f} s "
+               f"ago): change it through that service's HTTP API, {route}, which swaps its twins, audits the change "
+               "and checks the caller's API key; this command changes a store no service holds (stop the service "
+               "first for offline work)", err=True)
+    raise typer.Exit(1)
+
+
 def _actor(tenant: str, actor: str | None, roles: list[str] | None):
     from raytwin.lifecycle import Actor
 
@@ -95,6 +127,9 @@ def _move(stage: str, doc: str) -> Callable[..., None]:
     def command(ref: Annotated[str, typer.Argument(help="name@version")], reason: Reason, registry: Registry,
                 tenant: Tenant, actor: ActorId = None, role: Roles = None, run: Runs = None,
                 fit_report: FitReport = None, metric: Metrics = None) -> None:
+        name, _, version = ref.partition("@")
+        route = f'POST /v1/models/{name}/versions/{version}/transitions with {{"to": "{stage}"}}'
+        _refuse_if_served(registry, route)
         lc, who, evidence = _lifecycle(registry), _actor(tenant, actor, role), _evidence(run, fit_report, metric)
         _print_record(_run(lambda: lc.transition(ref, stage, who, reason, evidence)))  # type: ignore[arg-type]
 
@@ -116,6 +151,7 @@ for _name, _stage, _doc in (
 def rollback(model: str, reason: Reason, registry: Registry, tenant: Tenant, actor: ActorId = None,
              role: Roles = None) -> None:
     """Return to the previous production version in one call (the current one is archived)."""
+    _refuse_if_served(registry, f"POST /v1/models/{model}/rollback")
     lc, who = _lifecycle(registry), _actor(tenant, actor, role)
     _print_record(_run(lambda: lc.rollback(model, who, reason)))
 
@@ -151,13 +187,25 @@ def verify(model: str, registry: Registry, expect_head: Annotated[str | None, ty
 @registry_app.command("prune")
 def prune(model: str, registry: Registry, tenant: Tenant, runs: Annotated[str | None, typer.Option(
         "--runs", help="Runs root whose run records retention also applies to.")] = None,
+          twins: Annotated[str | None, typer.Option(
+              "--twins", help="State store of the twins that run this registry's models (default: {store}/twins "
+                              "beside a `raytwin serve` store's {store}/registry/{tenant}).")] = None,
           actor: ActorId = None, role: Roles = None) -> None:
     """Apply the tenant's retention: the last K archived versions and run records are kept, and
-    whatever production, staging, candidates or kept run records reference."""
+    whatever production, staging, candidates, kept run records or the twins (the versions they run and
+    those their retained history was applied by) reference."""
+    from raytwin.statestore import StateStore
+
+    _refuse_if_served(registry, f"POST /v1/models/{model}/prune", twins)
+    twins = twins or _twins_beside(registry)
+    in_use = StateStore(twins).model_versions(tenant, model) if twins else {}
     lc, who = _lifecycle(registry), _actor(tenant, actor, role)
-    report = _run(lambda: lc.prune(model, who, runs))
+    report = _run(lambda: lc.prune(model, who, runs, in_use=set(in_use)))
     typer.echo(f"removed versions: {', '.join(report.versions_removed) or 'none'}; "
                f"removed runs: {', '.join(report.runs_removed) or 'none'}")
+    for version, assets in in_use.items():
+        typer.echo(f"kept {model}@{version}: twin(s) {', '.join(assets[:5])}{' ...' if len(assets) > 5 else ''} "
+                   "run it or their history was applied by it")
 
 
 @registry_app.command("policy")
@@ -172,6 +220,7 @@ def policy(registry: Registry, tenant: Tenant,
     changes = {k: v for k, v in (("auto_promote", auto_promote), ("keep_archived", keep_archived),
                                  ("keep_runs", keep_runs)) if v is not None}
     if changes:
+        _refuse_if_served(registry, "PUT /v1/lifecycle-policy")
         from raytwin.lifecycle import LifecyclePolicy
 
         current = _run(lambda: LifecyclePolicy.model_validate({**current.model_dump(), **changes}))

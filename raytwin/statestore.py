@@ -54,6 +54,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
@@ -312,6 +313,11 @@ class Heartbeat:
 
     def renews(self, lease: Lease) -> bool:
         return (self.owner, self.epoch, self.cluster) == (lease.owner, lease.epoch, lease.cluster)
+
+
+LEASE_EXPIRY_S = 6.0
+"""A lease holder whose heartbeat is older than this is gone (crashed, or its cluster stopped); why this
+long: `actors.lease.EXPIRY_S`."""
 
 
 class HistoryPruned(LookupError):
@@ -816,6 +822,17 @@ class StateStore:
 
     def write_heartbeat(self, beat: Heartbeat) -> None:
         self._replace_json(self._heartbeat_path, asdict(beat))
+
+    def live_holder(self) -> tuple[Lease, float] | None:
+        """The lease of the service whose shards renewed its heartbeat within `LEASE_EXPIRY_S`, with the
+        renewal's age in seconds; None while no running service holds the store (none leased it, it
+        released it, or it stopped renewing: it crashed). One read, no wait: for a command that must not
+        write behind a running service's back (`raytwin registry` on a served store)."""
+        lease, beat = self.read_lease(), self.read_heartbeat()
+        if lease is None or lease.released or beat is None or not beat.renews(lease):
+            return None
+        age_s = max(0.0, time.time() - beat.at_s)
+        return (lease, age_s) if age_s <= LEASE_EXPIRY_S else None
 
     def _read_json(self, path: str) -> dict[str, Any] | None:
         try:

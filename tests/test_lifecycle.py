@@ -7,6 +7,7 @@ import hashlib
 import json
 import shutil
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -318,3 +319,78 @@ def test_the_cli_log_prints_a_reason_as_one_line_whatever_it_holds(tmp_path, mon
     assert len(fields) == 7 and fields[5] == "alice"
     assert fields[6] == r"fit ok\n2\t2026-12-06T03:00:00+00:00\tpromote\tzone@1.0.0\tstaging -> production\tbob\u202e"
     assert lc.records("zone")[0].reason == forged  # recorded as given: the listing escapes it
+
+
+def _cli(tmp_path: Path, monkeypatch) -> Callable[..., str]:
+    """`raytwin registry ...` on `tmp_path/store/registry/acme`, as `raytwin serve` lays a store out."""
+    monkeypatch.setenv("RAYTWIN_REGISTRY_URL", str(tmp_path / "store" / "registry" / "acme"))
+    monkeypatch.setenv("RAYTWIN_TENANT", "acme")
+
+    def run(*args: str, code: int = 0) -> str:
+        out = CliRunner().invoke(app, ["registry", *args])
+        assert out.exit_code == code, out.output
+        return out.output
+
+    return run
+
+
+def test_cli_refuses_lifecycle_changes_on_a_store_a_running_service_holds(tmp_path, monkeypatch):
+    """A promotion written beside a running service moved production while its twins kept the old version
+    (a split fleet until it restarted), missed its audit log and took `--role approver` on the caller's word:
+    the service must be the one writer. Reads stay open; a store no service holds is the CLI's."""
+    import time
+
+    from raytwin.statestore import Heartbeat, Lease, StateStore
+
+    lc = _lifecycle(str(tmp_path / "store" / "registry" / "acme"), 2)
+    run = _cli(tmp_path, monkeypatch)
+    for version in ("1.0.0", "1.1.0"):
+        _to_staging(lc, version)
+    run("promote", "zone@1.0.0", "--reason", "offline: no service holds it", "--actor", "bob", "--role", "approver")
+    twins = StateStore(str(tmp_path / "store" / "twins"))
+    lease = Lease(owner="svc1", epoch=1, shards=1, namespace="raytwin", acquired_at="2026-03-01T00:00:00+00:00",
+                  acquired_by="host:42", cluster="session_1")
+    twins.write_lease(lease)
+    twins.write_heartbeat(Heartbeat("svc1", 1, "session_1", time.time()))
+    revision = lc.verify("zone").revision
+    for args, route in (
+            (("promote", "zone@1.1.0"), 'POST /v1/models/zone/versions/1.1.0/transitions with {"to": "production"}'),
+            (("archive", "zone@1.1.0"), 'POST /v1/models/zone/versions/1.1.0/transitions with {"to": "archived"}'),
+            (("rollback", "zone"), "POST /v1/models/zone/rollback"),
+            (("prune", "zone"), "POST /v1/models/zone/prune")):
+        refused = run(*args, *(() if args[0] == "prune" else ("--reason", "r")), "--actor", "bob", "--role",
+                      "approver", code=1)
+        assert "belongs to a store that a running service holds (service svc1, started by host:42" in refused
+        assert f"change it through that service's HTTP API, {route}, which swaps its twins, audits" in refused
+    assert "PUT /v1/lifecycle-policy" in run("policy", "--keep-archived", "0", code=1)
+    assert lc.verify("zone").revision == revision and lc.policy("acme").keep_archived == 5  # nothing written
+    assert "production: 1.0.0" in run("status", "zone") and "ok:" in run("verify", "zone")  # reads stay open
+    assert '"keep_archived":5' in run("policy")
+
+    twins.write_heartbeat(Heartbeat("svc1", 1, "session_1", time.time() - 60))  # it crashed: offline work again
+    assert "staging -> production (archived 1.0.0)\tbob" in run("promote", "zone@1.1.0", "--reason", "service down",
+                                                                 "--actor", "bob", "--role", "approver")
+
+
+def test_cli_prune_keeps_the_versions_the_stores_twins_need(tmp_path, monkeypatch):
+    """`raytwin registry prune` passed no versions in use: it removed the version a twin runs after its swap
+    was refused, and one its history was applied by. It reads them from the twin store (beside a served
+    store's registry, or `--twins`), as the HTTP route does."""
+    from raytwin.statestore import StateStore
+
+    lc = _lifecycle(str(tmp_path / "store" / "registry" / "acme"), 4)
+    run = _cli(tmp_path, monkeypatch)
+    for i in range(4):  # 1.0.0 .. 3.0.0 promoted in turn: 1.0.0, 1.1.0 archived, 1.2.0 the rollback target
+        _to_staging(lc, f"1.{i}.0")
+        lc.transition(f"zone@1.{i}.0", "production", BOB, "approved")
+    lc.set_policy("acme", LifecyclePolicy(keep_archived=0))
+    twins = StateStore(str(tmp_path / "store" / "twins"))
+    artifact = lambda v: lc.registry.get(f"zone@{v}").model_dump(mode="json")  # noqa: E731
+    twins.save_registration("acme", "a-1", {"artifact": artifact("1.0.0")})  # then swapped to 1.3.0: 1.0.0 history
+    twins.save_model_swaps("acme", "a-1", [{"at_us": 1, "artifact": artifact("1.3.0")}])
+    out = run("prune", "zone", "--actor", "carol")
+    assert "removed versions: 1.1.0;" in out and "kept zone@1.0.0: twin(s) a-1 run it" in out
+    assert lc.registry.versions("zone") == ["1.0.0", "1.2.0", "1.3.0"]
+
+    elsewhere = StateStore(str(tmp_path / "twins-elsewhere"))
+    assert "removed versions: 1.0.0;" in run("prune", "zone", "--twins", elsewhere.url, "--actor", "carol")

@@ -11,7 +11,10 @@ import pytest
 from raytwin import statestore
 from raytwin.keyindex import Logged, LogKeyIndex, content_digest
 from raytwin.statestore import (
+    LEASE_EXPIRY_S,
+    Heartbeat,
     HistoryPruned,
+    Lease,
     LoggedEvent,
     Snapshot,
     StateStore,
@@ -278,6 +281,29 @@ def test_model_versions_are_those_twins_run_and_their_retained_history_applied(s
     store._replace_json(store._retention_path("acme"), {"history_from_us": day2, "assets": ["a"]})  # as `prune` does
     # a's eras: 1.0.0 until day 1 (history gone: no read or run can reach it), 1.1.0 day 1 to 3, 1.2.0 from day 3
     assert store.model_versions("acme", "zone") == {"1.1.0": ["a", "b"], "1.2.0": ["a"]}
+
+
+def test_live_holder_is_a_service_whose_shards_renew_the_lease(tmp_path):
+    """Commands that must not write behind a running service (`raytwin registry`) ask once, without waiting."""
+    import time
+    from dataclasses import replace
+
+    store = StateStore(str(tmp_path / "store"))
+    assert store.live_holder() is None  # never served
+    lease = Lease(owner="o1", epoch=3, shards=2, namespace="ns", acquired_at="2026-03-01T00:00:00+00:00",
+                  acquired_by="host:1", cluster="session_a")
+    store.write_lease(lease)
+    assert store.live_holder() is None  # leased, but no shard ever renewed it
+    store.write_heartbeat(Heartbeat("o1", 3, "session_a", time.time() - 1))
+    held, age_s = store.live_holder()
+    assert held == lease and 1 <= age_s < LEASE_EXPIRY_S
+    store.write_heartbeat(Heartbeat("o1", 3, "session_a", time.time() - LEASE_EXPIRY_S - 1))
+    assert store.live_holder() is None  # it stopped renewing: crashed
+    store.write_heartbeat(Heartbeat("o0", 2, "session_a", time.time()))
+    assert store.live_holder() is None  # a previous holder's beat
+    store.write_heartbeat(Heartbeat("o1", 3, "session_a", time.time()))
+    store.write_lease(replace(lease, released=True))
+    assert store.live_holder() is None  # stopped cleanly
 
 
 def _log_as(store: StateStore, ev: LoggedEvent, name: str) -> None:
