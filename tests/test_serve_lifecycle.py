@@ -390,3 +390,24 @@ def test_retention_keeps_what_twins_run_and_their_history_applied_and_promotions
     assert "give an explicit start_state" in gone["message"]
     assert http.put("/v1/lifecycle-policy", json={"keep_archived": 5},
                     headers=api.headers_for("admin")).status_code == 200
+
+
+def test_the_cli_does_not_change_the_lifecycle_of_the_store_the_service_serves(client):
+    """`raytwin registry promote` on the served store moved production while the twins kept the old version and
+    the audit log missed it: the running service's shards renew the store's lease, and the CLI refuses (here a
+    rollback), naming the route; nothing moves. Reading stays open."""
+    from typer.testing import CliRunner
+
+    from raytwin.cli import app
+
+    api, http = client, client.http
+    registry = str(api.store / "registry" / "acme")
+    before = http.get("/v1/models/thermal_rc/lifecycle", headers=api.headers_for("reader")).json()
+    cli = CliRunner()
+    refused = cli.invoke(app, ["registry", "rollback", "thermal_rc", "--registry", registry, "--tenant", "acme",
+                               "--actor", "bob", "--role", "approver", "--reason", "via the CLI"])
+    assert refused.exit_code == 1 and "a running service holds" in refused.output
+    assert "POST /v1/models/thermal_rc/rollback" in refused.output
+    assert http.get("/v1/models/thermal_rc/lifecycle", headers=api.headers_for("reader")).json() == before
+    status = cli.invoke(app, ["registry", "status", "thermal_rc", "--registry", registry])
+    assert status.exit_code == 0 and f"production: {before['production']}" in status.output
