@@ -113,6 +113,8 @@ class LifecyclePolicy(Contract):
 
 REASON_KEPT = 2000
 """The longest reason a transition records (characters)."""
+PRUNE_TRIES = 20
+"""Reloads of the log per version a prune removes while other transitions land first."""
 
 
 class TransitionRecord(Contract):
@@ -441,20 +443,42 @@ class ModelLifecycle:
             if policy.keep_archived else set()
         doomed = [s.version for s in archived
                   if s.version not in recent | used | set(in_use) and s.version != state.rollback_target]
-        for version in doomed:
-            ref = f"{model}@{version}"
-            if version in self.registry.versions(model):
-                self.registry.remove(ref)
-            state = self._load(model, actor, None)
-            self._append(state, version, "prune", "archived", "archived", actor,
-                         f"retention: keep the last {policy.keep_archived} archived versions", None)
+        reason = f"retention: keep the last {policy.keep_archived} archived versions"
+        removed = [version for version in doomed if self._record_prune(model, version, actor, reason)]
+        registered = set(self.registry.versions(model))
+        for version in removed + [v for v, s in state.versions.items() if s.pruned]:  # (a crash's leftovers too)
+            if version in registered:
+                registered.discard(version)
+                try:
+                    self.registry.remove(f"{model}@{version}")
+                except RegistryError:
+                    if version in self.registry.versions(model):
+                        raise  # (else a concurrent prune removed it first)
         removed_runs = [r for r in by_age if r not in kept_runs]
         if removed_runs:
             fs, root = filesystem(runs_root, storage_options)
             for r in removed_runs:
                 fs.rm(f"{root}/{r['run_id']}", recursive=True)
                 log.info("event=run_pruned run_id=%s model=%s tenant=%s", r["run_id"], model, tenant)
-        return PruneReport(versions_removed=doomed, runs_removed=[r["run_id"] for r in removed_runs])
+        return PruneReport(versions_removed=removed, runs_removed=[r["run_id"] for r in removed_runs])
+
+    def _record_prune(self, model: str, version: str, actor: Actor, reason: str) -> bool:
+        """Log `version`'s removal unless it is no longer an archived version to remove (another prune logged it,
+        or it became the rollback target): True if this call logged it. Concurrent prunes logged one version
+        twice, and one answered 409 after removing an artifact it never logged. The log comes first and the
+        artifact goes after: a crash between leaves an artifact of a pruned version, which the next prune removes."""
+        for _ in range(PRUNE_TRIES):
+            state = self._load(model, actor, None)
+            current = state.versions.get(version)
+            if current is None or current.stage != "archived" or current.pruned or version == state.rollback_target:
+                return False
+            try:
+                self._append(state, version, "prune", "archived", "archived", actor, reason, None)
+                return True
+            except TransitionConflict:
+                continue  # another transition landed first: look again
+        raise TransitionConflict(f"{model}@{version}: the log kept changing over {PRUNE_TRIES} tries while "
+                                 "pruning; retry the prune")
 
 
 def _run_records(runs_root: str, storage_options: dict[str, Any] | None, tenant: str,

@@ -241,18 +241,29 @@ class ModelRegistry:
 
     def remove(self, ref: str) -> None:
         """Delete ``name@version`` (retention, `raytwin.lifecycle`); its blob goes too unless another version
-        shares the content. Callers decide what may go: the registry does not know what references it."""
+        shares the content. Callers decide what may go: the registry does not know what references it.
+        Concurrent removals (two prunes) may meet: a pointer or blob another removed first is gone already."""
         name, version = parse_ref(ref)
         pointer = self._pointer(name, version)
-        if not self.fs.exists(pointer):
-            raise RegistryError(f"no model {ref} in this registry", self.url)
-        digest = json.loads(self.fs.cat_file(pointer))["sha256"]
-        self.fs.rm(pointer)
-        shared = any(json.loads(self.fs.cat_file(self._pointer(n, v)))["sha256"] == digest
-                     for n in self.names() for v in self.versions(n))
+        try:
+            digest = json.loads(self.fs.cat_file(pointer))["sha256"]
+            self.fs.rm(pointer)
+        except FileNotFoundError:
+            raise RegistryError(f"no model {ref} in this registry", self.url) from None
+        shared = any(self._digest(n, v) == digest for n in self.names() for v in self.versions(n))
         if not shared:
-            self.fs.rm(self._blob(digest))
+            try:
+                self.fs.rm(self._blob(digest))
+            except FileNotFoundError:
+                pass  # removed by a concurrent removal of a version sharing it
         log.info("event=model_removed ref=%s blob_removed=%s", ref, not shared)
+
+    def _digest(self, name: str, version: str) -> str | None:
+        """The content hash ``name@version`` points to (None: removed meanwhile)."""
+        try:
+            return json.loads(self.fs.cat_file(self._pointer(name, version)))["sha256"]
+        except FileNotFoundError:
+            return None
 
     def get(self, ref: str, *, allow_code_change: bool | None = None) -> ModelArtifact:
         """The artifact registered as ``name@version``; its content hash is verified on read, and its pinned

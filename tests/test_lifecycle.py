@@ -275,6 +275,51 @@ def test_retention_keeps_the_last_k_and_everything_referenced(tmp_path):
     assert lc.rollback("zone", BOB, "still possible").version == "1.4.0"
 
 
+def test_concurrent_prunes_log_each_version_once_and_a_crash_leaves_nothing_unlogged(tmp_path, monkeypatch):
+    """Three prunes at once logged versions twice, and one that answered 409 had removed an artifact it never
+    logged. Each version is logged by one prune (the others see it pruned and skip it), and the log comes
+    before the artifact's removal: a crash between leaves an artifact, which the next prune removes."""
+    import threading
+
+    lc = _lifecycle(str(tmp_path / "registry"), 7)
+    for i in range(7):  # 1.0.0 .. 1.5.0 archived, 1.5.0 the rollback target
+        _to_staging(lc, f"1.{i}.0")
+        lc.transition(f"zone@1.{i}.0", "production", BOB, "approved")
+    lc.set_policy("acme", LifecyclePolicy(keep_archived=0, keep_runs=0))
+    doomed = ["1.0.0", "1.1.0", "1.2.0", "1.3.0", "1.4.0"]
+    crashed = ModelLifecycle(ModelRegistry(lc.registry.url))
+
+    def crash(ref: str) -> None:
+        raise OSError(f"killed before removing {ref}")
+
+    monkeypatch.setattr(crashed.registry, "remove", crash)
+    with pytest.raises(OSError, match="killed before removing zone@1.0.0"):
+        crashed.prune("zone", CAROL)
+    assert [r.version for r in lc.records("zone") if r.action == "prune"] == doomed  # logged, then the crash
+    assert lc.registry.versions("zone") == [*doomed, "1.5.0", "1.6.0"]
+
+    lc.registry.register("zone", "1.7.0", THERMAL, {"R_io": 0.02})  # more to prune, by three at once
+    _to_staging(lc, "1.7.0")
+    lc.transition("zone@1.7.0", "production", BOB, "approved")  # 1.6.0 the rollback target, 1.5.0 to prune
+    reports, errors = [], []
+
+    def prune(who: Actor) -> None:
+        try:
+            reports.append(ModelLifecycle(ModelRegistry(lc.registry.url)).prune("zone", who))
+        except Exception as exc:  # noqa: BLE001 - collected: the test fails on any
+            errors.append(exc)
+
+    threads = [threading.Thread(target=prune, args=(who,)) for who in (CAROL, BOB, CAROL)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and sorted(v for r in reports for v in r.versions_removed) == ["1.5.0"]
+    pruned = [r.version for r in lc.records("zone") if r.action == "prune"]
+    assert pruned == [*doomed, "1.5.0"] and lc.verify("zone").production == "1.7.0"
+    assert lc.registry.versions("zone") == ["1.6.0", "1.7.0"]  # the crash's leftovers removed too
+
+
 def test_cli_moves_verifies_and_refuses_with_reasons(tmp_path, monkeypatch):
     lc = _lifecycle(str(tmp_path / "registry"), 1)
     monkeypatch.setenv("RAYTWIN_REGISTRY_URL", str(tmp_path / "registry"))
