@@ -131,6 +131,8 @@ class NotFound(ApiError):
 
 
 class Conflict(ApiError):
+    """409: `conflict`, or `no_live_state` (a run from "live" of a twin that has applied no telemetry event)."""
+
     code = "conflict"
 
 
@@ -153,7 +155,8 @@ class PayloadTooLarge(ApiError):
 
 
 class InvalidRequest(ApiError):
-    """422: `invalid_request` or `diverged` (a scenario whose simulation left the finite numbers)."""
+    """422: `invalid_request`, `diverged` (a scenario whose simulation left the finite numbers) or `infeasible` (a
+    recommendation whose best plan leaves a band: `details` says which, for how long and by how much)."""
 
     code = "invalid_request"
 
@@ -199,7 +202,8 @@ class ServerError(ApiError):
 _BY_CODE: dict[str, type[ApiError]] = {c.code: c for c in (
     BadRequest, Unauthorized, Forbidden, NotFound, Conflict, Gone, PreconditionFailed, PayloadTooLarge,
     InvalidRequest, RateLimited, Unavailable, ServerError)}
-_BY_CODE.update({"diverged": InvalidRequest, "too_deeply_nested": BadRequest, "unsupported_media_type": BadRequest})
+_BY_CODE.update({"diverged": InvalidRequest, "infeasible": InvalidRequest, "no_live_state": Conflict,
+                 "too_deeply_nested": BadRequest, "unsupported_media_type": BadRequest})
 _BY_STATUS: dict[int, type[ApiError]] = {400: BadRequest, 401: Unauthorized, 403: Forbidden, 404: NotFound,
                                          409: Conflict, 410: Gone, 412: PreconditionFailed, 413: PayloadTooLarge,
                                          422: InvalidRequest, 429: RateLimited, 503: Unavailable}

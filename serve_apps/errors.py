@@ -89,6 +89,18 @@ class Unprocessable(ApiError):
     status, code = 422, "invalid_request"
 
 
+class Infeasible(ApiError):
+    """A recommendation whose best plan leaves a state's band: `details` says which, for how long, by how much."""
+
+    status, code = 422, "infeasible"
+
+
+class NoLiveState(Conflict):
+    """A run from "live" of a twin that has applied no event (by then): its state is only the prior."""
+
+    code = "no_live_state"
+
+
 class Diverged(ApiError):
     """A valid scenario whose simulation left the finite numbers (e.g. a step too large for the solver)."""
 

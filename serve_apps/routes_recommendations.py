@@ -17,13 +17,13 @@ from pydantic import Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from connectors.commands import Command
-from raytwin.contracts import Contract, Finite, Identifier, describe_error
+from raytwin.contracts import START_TIME, Contract, DateTime, Finite, Identifier, describe_error
 from serve_apps.auth import Principal
 from serve_apps.deps import READER, SVC, WRITABLE, WRITER, Services
-from serve_apps.errors import Forbidden, NotFound, Unprocessable, unwrap
+from serve_apps.errors import Forbidden, Infeasible, NotFound, Unprocessable, unwrap
 from serve_apps.json_route import JsonRoute
 from serve_apps.routes_scenarios import _model_and_state, _provenance
-from sweeps.recommend import Bound, Control, Ensemble, Method, Recommendation, RecommendSpec
+from sweeps.recommend import Bound, Control, Ensemble, InfeasibleRecommendation, Method, Recommendation, RecommendSpec
 from sweeps.recommend import load_recommendation, recorded_recommendation
 from sweeps.runs import RunError
 
@@ -35,6 +35,7 @@ class RecommendationRequest(Contract):
     """What to optimise for one asset, from its twin's live state (or an explicit one)."""
 
     start_state: Literal["live"] | dict[str, Finite] = "live"
+    start_time: DateTime | None = Field(None, description=START_TIME)
     horizon_s: Annotated[Finite, Field(gt=0, le=31 * 86400)]
     step_s: Annotated[Finite, Field(gt=0)]
     control: Control
@@ -51,6 +52,9 @@ class RecommendationRequest(Contract):
     levels: Annotated[int, Field(ge=2, le=64)] = 5
     seed: Annotated[int, Field(ge=0)] = 0
     ensemble: Ensemble
+    best_effort: bool = Field(False, description=(
+        "Answer a plan that leaves a band but gets closer to it than the baseline (status `best_effort`, with its "
+        "`violations`) instead of refusing it (422 `infeasible`)"))
 
 
 class IssueRequest(Contract):
@@ -71,12 +75,14 @@ def recommendation_task(spec: RecommendSpec, runs_url: str, storage_options: dic
 
 
 def command_value(answer: Recommendation, part: str = "schedule") -> dict[str, Any]:
-    """The schedule as a command value: scalars, the values as a JSON list (a command holds at most 64 keys);
-    or its first block's value alone (`IssueRequest.part`)."""
+    """The schedule as a command value: scalars, the values as a JSON list (a command holds at most 64 keys), and
+    the recommendation's status, so that its approver sees a best effort as one; or its first block's value alone
+    (`IssueRequest.part`: the command names the recommendation, whose status its approver reads there)."""
     action = answer.action
     if part == "first_block":
         return {"value": action.values[0], "unit": action.unit}
-    return {COMMAND_KEY: answer.run_id, "input": action.input, "unit": action.unit, "period_s": action.period_s,
+    return {COMMAND_KEY: answer.run_id, "status": answer.status or "unknown", "input": action.input,
+            "unit": action.unit, "period_s": action.period_s,
             "starts_s": json.dumps(action.starts_s), "values": json.dumps(action.values)}
 
 
@@ -96,10 +102,12 @@ router = APIRouter(prefix="/v1/assets/{asset_id}/recommendations", tags=["recomm
 async def create_recommendation(asset_id: str, body: RecommendationRequest, request: Request,
                                 who: Principal = WRITER, svc: Services = SVC, _writable: None = WRITABLE) -> Any:
     """Optimise the asset's control schedule from its twin's state; a recorded run (`run_id`), answered
-    when done (a gradient search over a week: seconds)."""
+    when done (a gradient search over a week: seconds). A plan that leaves a band is 422 `infeasible` (which band,
+    for how long, by how much, what to change), or, with `best_effort`, answered as one when it gets closer to the
+    bands than the baseline; a twin without events is 409 `no_live_state` (give an explicit start_state)."""
     live = body.start_state == "live"
-    artifact, state, clock = await _model_and_state(svc, who, asset_id, live, None)
-    fields = body.model_dump(exclude={"start_state"})
+    artifact, state, clock = await _model_and_state(svc, who, asset_id, live, body.start_time)
+    fields = body.model_dump(exclude={"start_state", "start_time"})
     try:
         spec = RecommendSpec(**fields, model=artifact.ref, registry_url=svc.config.url("registry", who.tenant),
                              tenant=who.tenant, asset_id=asset_id, start_state=state if live else body.start_state,
@@ -110,9 +118,12 @@ async def create_recommendation(asset_id: str, body: RecommendationRequest, requ
         answer = await recommendation_task.remote(spec, svc.config.url("runs", who.tenant),
                                                   svc.config.storage_options, who.key_id)
     except ValueError as exc:  # a RecommendError or a spec the model refuses (Ray's wrapper is one too)
-        raise Unprocessable(str(unwrap(exc))) from None
+        cause = unwrap(exc)
+        if isinstance(cause, InfeasibleRecommendation):
+            raise Infeasible(str(cause), details=cause.details) from None
+        raise Unprocessable(str(cause)) from None
     await svc.record(request, who, "recommendation.create", asset_id, run_id=answer.run_id, method=body.method,
-                     change=answer.change, change_pct=answer.change_pct, **_provenance(artifact))
+                     status=answer.status, change=answer.change, change_pct=answer.change_pct, **_provenance(artifact))
     return answer
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -19,7 +19,7 @@ from raytwin.storage import file_sha256, filesystem
 from serve_apps.auth import Principal
 from serve_apps.deps import FILE_DOWNLOAD, READER, SVC, WRITABLE, WRITER, Services
 from serve_apps.downloads import file_response, file_responses
-from serve_apps.errors import CONFLICT, Conflict, NotFound, PayloadTooLarge, Unprocessable
+from serve_apps.errors import CONFLICT, Conflict, NoLiveState, NotFound, PayloadTooLarge, Unprocessable
 from serve_apps.job_listing import JobPage
 from serve_apps.jobs import Job, JobRecord, JobState
 from serve_apps.shard_deadline import RETRY_AFTER_S, TwinUnavailable
@@ -157,10 +157,11 @@ def register(app: FastAPI) -> None:
 async def _model_and_state(svc: Services, who: Principal, asset_id: str, live: bool, at: datetime | None
                            ) -> tuple[ModelArtifact, dict[str, float] | None, datetime | None]:
     """The model the twin runs (at `at`, for a run from then) and, for runs from "live", the twin's state and
-    its time (its last event's; a twin without events: `at`, or now), where the run's clock signals start:
-    a promotion or rollback swaps the twin's model, while the catalog's asset keeps its type version, and
-    a state estimated by one model must not be propagated by another. From an explicit state, the model the
-    twin runs now, and the clock starts at `at` (None: a Monday 00:00 UTC)."""
+    its time (its last event's), where the run's clock signals start: a promotion or rollback swaps the twin's
+    model, while the catalog's asset keeps its type version, and a state estimated by one model must not be
+    propagated by another. A twin without events (by `at`) has only its prior: `NoLiveState` (409), not the prior
+    stamped as the state now. From an explicit state, the model the twin runs now, and the clock starts at `at`
+    (None: a Monday 00:00 UTC)."""
     twin = await svc.twins.state(who.tenant, asset_id, at if live else None)
     if live and twin.get("stale"):  # its last snapshot (or prior) would pass for the live state
         raise TwinUnavailable(f"the shard of twin {asset_id} is restarting or not answering, so its live state is "
@@ -170,8 +171,13 @@ async def _model_and_state(svc: Services, who: Principal, asset_id: str, live: b
     _, artifact = await svc.backend.call("model_of", who.tenant, asset_id, twin["model_ref"])
     if not live:
         return artifact, None, at
-    when = datetime.fromisoformat(twin["event_time"]) if twin.get("event_time") else at or datetime.now(UTC)
-    return artifact, twin["state"], when
+    if not twin.get("event_time"):  # revision 0: the asset's initial_state, never estimated from telemetry
+        by = f" by {at.isoformat()}" if at else " yet"
+        raise NoLiveState(f"twin {asset_id} has applied no telemetry event{by}: its state is only its prior (the "
+                          "asset's initial_state), not a live estimate; send its telemetry first (is its connector "
+                          "up and mapped to this asset?), or give an explicit start_state",
+                          details=[{"revision": twin["revision"], "event_time": None}])
+    return artifact, twin["state"], datetime.fromisoformat(twin["event_time"])
 
 
 def _provenance(artifact: ModelArtifact) -> dict[str, Any]:

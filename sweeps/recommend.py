@@ -11,7 +11,14 @@ same engine and metrics (`sweeps.engine`).
 Constraints, stated: the control's box ``[lower, upper]`` is kept by **projection** (each value is
 clipped); bounds on states (`Bound`, e.g. a comfort band on ``T_in``) are **penalties** while
 searching, on bounds tightened by `Bound.margin`, and a recommendation reports each bound's time
-outside the (untightened) band for the plan and the baseline.
+outside the (untightened) band and the state's extremes for the plan and the baseline.
+
+The verdict (`_verdict`, on the model's nominal parameters): a plan that keeps every band is answered
+``feasible``, unless the baseline keeps them too and the plan's objective is worse (then the baseline
+is the better action: refused). A plan that leaves a band is refused (`InfeasibleRecommendation`:
+which band, for how long, by how much, what to change), unless it gets closer to the bands than the
+baseline does and the spec accepts it (`RecommendSpec.best_effort`): then it is answered
+``best_effort``, each band it leaves in `Recommendation.violations`.
 
 Two searches:
 - ``gradient``: `jax.grad` of objective + penalty through the RK4 scan, Adam (optax) steps on the
@@ -36,7 +43,8 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import jax
@@ -64,13 +72,29 @@ from sweeps.stability import check_sweep_step
 log = logging.getLogger("raytwin.recommend")
 
 Method = Literal["gradient", "sampled"]
+Status = Literal["feasible", "best_effort"]
 RESULT_FILE = "recommendation.json"
 SEARCH_DIR = "search"
 QUANTILES = (0.05, 0.5, 0.95)
+CLOSER = 0.01
+"""A best effort's largest distance beyond a band counts as closer than the baseline's only when at least
+this share smaller (an optimiser's rounding is no improvement)."""
 
 
 class RecommendError(ValueError):
     """A recommendation that cannot be made as asked (the message says what to change)."""
+
+
+class InfeasibleRecommendation(RecommendError):
+    """The best plan found leaves a band (and is not accepted as a best effort): `details` holds each band's
+    `Violation` as JSON, for the API's 422 ``infeasible``."""
+
+    def __init__(self, message: str, details: list[dict[str, Any]] | None = None):
+        super().__init__(message)
+        self.details = details or []
+
+    def __reduce__(self):  # keep the details across Ray's pickling
+        return (type(self), (str(self), self.details))
 
 
 class Control(Contract):
@@ -111,11 +135,38 @@ class Bound(Contract):
     def metric(self) -> str:
         return f"outside_{self.of}_s"
 
-    def time_outside(self) -> Metric:
+    @property
+    def lowest(self) -> str:
+        return f"lowest_{self.of}"
+
+    @property
+    def highest(self) -> str:
+        return f"highest_{self.of}"
+
+    @property
+    def band(self) -> str:
+        if self.low is None:
+            return f"<= {self.high:g}"
+        return f">= {self.low:g}" if self.high is None else f"[{self.low:g}, {self.high:g}]"
+
+    def metrics(self) -> list[Metric]:
+        """Its time outside the band, and the state's extremes (how far a plan misses the band)."""
         low = -1e300 if self.low is None else self.low
         high = 1e300 if self.high is None else self.high
-        return Metric(name=self.metric, kind="time_outside", of=self.of, low=low, high=high, unit="s",
-                      description=f"time {self.of} spent outside [{self.low}, {self.high}]")
+        return [Metric(name=self.metric, kind="time_outside", of=self.of, low=low, high=high, unit="s",
+                       description=f"time {self.of} spent outside [{self.low}, {self.high}]"),
+                Metric(name=self.lowest, kind="min", of=self.of, description=f"lowest {self.of}"),
+                Metric(name=self.highest, kind="max", of=self.of, description=f"highest {self.of}")]
+
+    def miss(self, metrics: Mapping[str, Any]) -> np.ndarray:
+        """By how much the state misses the band (its unit; 0 within it), from `metrics()`'s values (numbers or
+        arrays of them): a state that never enters the band, by its shortfall at the closest; one that does, by its
+        largest distance beyond it (the start state counts: no plan moves it)."""
+        lowest, highest = np.asarray(metrics[self.lowest]), np.asarray(metrics[self.highest])
+        low = -np.inf if self.low is None else self.low
+        high = np.inf if self.high is None else self.high
+        beyond = np.maximum(np.maximum(low - lowest, highest - high), 0.0)
+        return np.where(highest < low, low - highest, np.where(lowest > high, lowest - high, beyond))
 
     def tightened(self) -> tuple[float, float]:
         return (-np.inf if self.low is None else self.low + self.margin,
@@ -158,6 +209,9 @@ class RecommendSpec(ModelStart):
     levels: Annotated[int, Field(ge=2, le=64)] = 5
     seed: Annotated[int, Field(ge=0)] = 0
     ensemble: Ensemble
+    best_effort: bool = Field(False, description=(
+        "Accept a plan that leaves a band but gets closer to it than the baseline (answered with status "
+        "`best_effort` and its `violations`); false: such a plan is refused, as is one no closer than the baseline"))
 
     @property
     def n_steps(self) -> int:
@@ -178,6 +232,9 @@ class RecommendSpec(ModelStart):
     @model_validator(mode="after")
     def _shape(self) -> RecommendSpec:
         whole_steps(self.horizon_s, self.step_s)
+        bounded = [b.of for b in self.constraints]
+        if len(set(bounded)) < len(bounded):
+            raise ValueError(f"constraints: one bound per state (give low and high in it), got {bounded}")
         blocks = self.period_s / self.control.block_s
         if not blocks <= 10_000 or abs(blocks - round(blocks)) > 1e-9:
             raise ValueError(f"control: block_s ({self.control.block_s:g}) must divide the period "
@@ -222,7 +279,12 @@ class RecommendSpec(ModelStart):
         if unknown:
             raise RecommendError(f"bounds on unknown state(s) {unknown}; states: {list(kit.model.state_names)}")
         kit_metrics = [m for m in kit.metrics if isinstance(m, Metric)]
-        return kit_metrics + [b.time_outside() for b in self.constraints]
+        bound_metrics = [m for b in self.constraints for m in b.metrics()]
+        taken = sorted({m.name for m in bound_metrics} & set(kit.compile().metric_names))
+        if taken:
+            raise RecommendError(f"the bounds' metrics {taken} are also metrics of {simulator}'s kit: its kit must "
+                                 "not name metrics outside_<state>_s, lowest_<state> or highest_<state>")
+        return kit_metrics + bound_metrics
 
 
 class ActionSchedule(Contract):
@@ -243,15 +305,53 @@ class Band(Contract):
     q95: float
 
 
+class Violation(Contract):
+    """A band the plan leaves on the model's nominal parameters: for how long and how far, and the baseline's."""
+
+    of: str
+    low: float | None
+    high: float | None
+    unit: str
+    outside_s: float = Field(description="Time the plan's state spends outside the band")
+    miss: float = Field(description=(
+        "By how much the plan's state misses the band, in its unit: if it never enters the band, its shortfall at "
+        "the closest; else its largest distance beyond the band (the start state included)"))
+    baseline_outside_s: float
+    baseline_miss: float
+
+    def describe(self, horizon_s: float) -> str:
+        return (f"{self.of} leaves its band {Bound(of=self.of, low=self.low, high=self.high).band} {self.unit} for "
+                f"{self.outside_s:g} of {horizon_s:g} s and misses it by {self.miss:.4g} {self.unit} (the baseline: "
+                f"{self.baseline_outside_s:g} s, by {self.baseline_miss:.4g} {self.unit})")
+
+    def closer(self) -> tuple[bool, bool]:
+        """(worse, better) than the baseline: longer outside or missing by more; shorter outside, or missing by at
+        least `CLOSER` less."""
+        worse = self.outside_s > self.baseline_outside_s or (
+            self.outside_s > 0.0 and self.miss > self.baseline_miss * (1.0 + 1e-9))
+        better = self.outside_s < self.baseline_outside_s or (
+            self.baseline_outside_s > 0.0 and self.miss < (1.0 - CLOSER) * self.baseline_miss)
+        return worse, better
+
+
 class Recommendation(Contract):
     """The answer: the action, the expected change of the objective and its band, the bounds."""
 
     run_id: str | None = None
+    status: Status | None = Field(None, description=(
+        "feasible: the plan keeps every band (on the model's parameters); best_effort: it leaves a band (see "
+        "`violations`) but gets closer to it than the baseline, answered because the request set best_effort; "
+        "null: recorded before recommendations had a status"))
+    violations: list[Violation] = Field(default_factory=list, description=(
+        "The bands a best_effort plan leaves, for how long and how far, against the baseline (empty when feasible)"))
     method: Method
     model_ref: str
     tenant: str
     asset_id: str | None
     start_state: dict[str, float]
+    start_time: datetime | None = Field(None, description=(
+        "The wall-clock time of t = 0, where clock signals started: from a twin's live state, its state's event "
+        "time (how old the state is); from an explicit one, the request's start_time (null: a Monday 00:00 UTC)"))
     horizon_s: float
     step_s: float
     action: ActionSchedule
@@ -262,7 +362,9 @@ class Recommendation(Contract):
     change_pct: float
     change_band: Band = Field(description="Quantiles of the change over the parameter ensemble")
     change_pct_band: Band
-    feasible_fraction: float = Field(description="Ensemble members where no bound is crossed more than by the baseline")
+    feasible_fraction: float = Field(description="Ensemble members where the plan keeps every band the whole horizon")
+    no_worse_fraction: float | None = Field(None, description=(
+        "Ensemble members where the plan leaves no band longer than the baseline does"))
     uncertainty: str = Field(description="Where the ensemble's parameter spread came from")
     constraints: list[Bound]
     search: dict[str, Any] = Field(default_factory=dict)
@@ -382,18 +484,25 @@ def _sampled_search(spec: RecommendSpec, out_url: str, storage_options: dict | N
                              "high": None if b.high is None else b.high - b.margin, "margin": 0.0})
         for b in spec.constraints]})
     result = run_sweep(tight.sweep_spec(space), out_url, storage_options=storage_options, progress=False)
-    columns = [spec.objective, *(b.metric for b in spec.constraints), *(f"input.{n}" for n in spec.block_names)]
+    columns = [spec.objective, *(m.name for b in spec.constraints for m in b.metrics()),
+               *(f"input.{n}" for n in spec.block_names)]
     table = open_dataset(out_url, storage_options).to_table(columns=columns)
     data = {c: table.column(c).to_numpy() for c in columns}
     inside = np.ones(table.num_rows, bool)
     for b in spec.constraints:
         inside &= data[b.metric] == 0.0
-    inside &= np.isfinite(data[spec.objective])
-    if not inside.any():
+    finite = np.isfinite(data[spec.objective])
+    inside &= finite
+    if inside.any():
+        best = int(np.flatnonzero(inside)[np.argmin(data[spec.objective][inside])])
+    elif spec.best_effort and finite.any():  # least time outside, then least miss, then objective; `_verdict` judges
+        outside = sum(data[b.metric] for b in tight.constraints)
+        miss = sum(b.miss(data) for b in tight.constraints)
+        best = int(np.flatnonzero(finite)[np.lexsort((data[spec.objective][finite], miss[finite], outside[finite]))[0]])
+    else:
         raise RecommendError(f"none of the {table.num_rows} sampled schedules keeps the states within the bounds "
-                             "(tightened by their margins): sample more, widen the control's box, use fewer "
-                             "blocks, or method='gradient'")
-    best = int(np.flatnonzero(inside)[np.argmin(data[spec.objective][inside])])
+                             "(tightened by their margins): sample more, widen the control's box or the bands, use "
+                             "fewer blocks, method='gradient', or best_effort=true for the schedule closest to them")
     values = np.array([data[f"input.{n}"][best] for n in spec.block_names], dtype=np.float64)
     return values, {"search": spec.search, "samples": table.num_rows, "within_bounds": int(inside.sum()),
                     "best_scenario": best, "sweep_outputs": result.outputs}
@@ -412,6 +521,46 @@ def _check_members_step(specs: tuple[SweepSpec, ...], simulator: str, params: di
     space = ScenarioSpace(method="grid", dimensions=dims)
     for sweep in specs:
         check_sweep_step(sweep.model_copy(update={"space": space}), simulator, params)
+
+
+def _search_more(spec: RecommendSpec) -> str:
+    if spec.method == "gradient":
+        return (f"give more iterations ({spec.iterations}) or another learning_rate ({spec.learning_rate:g}), or try "
+                "method='sampled'")
+    return f"sample more (samples {spec.samples}, levels {spec.levels}) or try method='gradient'"
+
+
+def _verdict(spec: RecommendSpec, planned: Mapping[str, float], base: Mapping[str, float],
+             units: Mapping[str, str]) -> tuple[Status, list[Violation]]:
+    """The plan's status on the nominal model, or `RecommendError` for a plan that must not be answered: one
+    that leaves a band and is no closer to the bands than the baseline (or is, but `best_effort` is off), and
+    one that keeps the bands where the baseline keeps them too, at a worse objective."""
+    checks = [Violation(of=b.of, low=b.low, high=b.high, unit=units[b.of], outside_s=planned[b.metric],
+                        miss=float(b.miss(planned)), baseline_outside_s=base[b.metric],
+                        baseline_miss=float(b.miss(base))) for b in spec.constraints]
+    violations = [c for c in checks if c.outside_s > 0.0]
+    objective, plan, baseline = spec.objective, planned[spec.objective], base[spec.objective]
+    if not violations:
+        if plan > baseline + 1e-9 * abs(baseline) and not any(c.baseline_outside_s > 0.0 for c in checks):
+            raise RecommendError(
+                f"the best schedule found is worse than the baseline: {objective} {plan:.6g} against "
+                f"{baseline:.6g} ({100.0 * (plan - baseline) / abs(baseline):+.1f} %), and the baseline keeps every "
+                f"band already, so keep the baseline; to search further, {_search_more(spec)}")
+        return "feasible", []
+    worse, better = zip(*(c.closer() for c in checks))
+    closer = not any(worse) and any(better)
+    if closer and spec.best_effort:
+        return "best_effort", violations
+    control = spec.control
+    missed = "; ".join(c.describe(spec.horizon_s) for c in violations)
+    fix = (f"widen the band, the control's box ({control.input} in [{control.lower:g}, {control.upper:g}]) or the "
+           f"horizon ({spec.horizon_s:g} s) so that the state can reach the band")
+    if closer:
+        fix += ", or set best_effort to true to accept this schedule, which gets closer to the band than the baseline"
+    else:
+        fix += " (best_effort would not accept this schedule either: it is no closer to the band than the baseline)"
+    raise InfeasibleRecommendation(f"the constraints cannot be met: the best schedule found ({spec.method}) {missed}; "
+                                   f"{fix}", [c.model_dump(mode="json") for c in violations])
 
 
 def _band(values: np.ndarray) -> Band:
@@ -440,13 +589,16 @@ def recommend(spec: RecommendSpec, out_url: str | None = None, *, runs: str | No
                                                                                         values.tolist()))}})
     planned, base = _evaluate(plan, names, rows), _evaluate(baseline, names, rows)
     change = planned[spec.objective] - base[spec.objective]
-    feasible = np.ones(rows.shape[0], bool)
+    within, no_worse = np.ones(rows.shape[0], bool), np.ones(rows.shape[0], bool)
     for b in spec.constraints:
-        feasible &= planned[b.metric] <= base[b.metric]
+        within &= planned[b.metric] == 0.0
+        no_worse &= planned[b.metric] <= base[b.metric]
     model = plan.kit(simulator).model
     unit = model.inputs[model.input_names.index(spec.control.input)].unit
     nominal = lambda m: {k: float(v[0]) for k, v in m.items() if k != "diverged"}  # noqa: E731
+    status, violations = _verdict(spec, nominal(planned), nominal(base), {s.name: s.unit for s in model.states})
     answer = Recommendation(
+        status=status, violations=violations, start_time=spec.start_time,
         method=spec.method, model_ref=resolve_model(spec.model, spec.registry_url).ref, tenant=spec.tenant, asset_id=spec.asset_id,
         start_state=bases.state, horizon_s=spec.horizon_s, step_s=spec.step_s,
         action=ActionSchedule(input=spec.control.input, unit=unit, block_s=spec.control.block_s,
@@ -455,9 +607,10 @@ def recommend(spec: RecommendSpec, out_url: str | None = None, *, runs: str | No
         objective=spec.objective, baseline=nominal(base), recommended=nominal(planned),
         change=float(change[0]), change_pct=float(100.0 * change[0] / base[spec.objective][0]),
         change_band=_band(change), change_pct_band=_band(100.0 * change / base[spec.objective]),
-        feasible_fraction=float(feasible.mean()), uncertainty=source, constraints=spec.constraints, search=search)
-    log.info("event=recommendation model=%s asset=%s method=%s change=%.4g change_pct=%.2f optimiser_s=%.2f",
-             spec.model, spec.asset_id, spec.method, answer.change, answer.change_pct, optimiser_s)
+        feasible_fraction=float(within.mean()), no_worse_fraction=float(no_worse.mean()), uncertainty=source,
+        constraints=spec.constraints, search=search)
+    log.info("event=recommendation model=%s asset=%s method=%s status=%s change=%.4g change_pct=%.2f optimiser_s=%.2f",
+             spec.model, spec.asset_id, spec.method, status, answer.change, answer.change_pct, optimiser_s)
     return answer, optimiser_s
 
 
@@ -484,8 +637,8 @@ def recorded_recommendation(
     def execute(out_url: str) -> tuple[dict, dict]:
         answer, optimiser_s = recommend(spec, out_url, runs=runs, storage_options=storage_options)
         answers.append(answer)
-        summary = {"method": spec.method, "objective": spec.objective, "change": answer.change,
-                   "change_pct": answer.change_pct, "optimiser_s": round(optimiser_s, 3)}
+        summary = {"method": spec.method, "status": answer.status, "objective": spec.objective,
+                   "change": answer.change, "change_pct": answer.change_pct, "optimiser_s": round(optimiser_s, 3)}
         return write_result(answer, out_url, storage_options), summary
 
     record = _recorded(RunStore(runs, storage_options), "recommendation", spec, execute, input_url=None,
@@ -505,6 +658,6 @@ def load_recommendation(run_id: str, *, runs: str = DEFAULT_RUNS_ROOT,
     return answer.model_copy(update={"run_id": run_id})
 
 
-__all__ = ["Band", "Bound", "Control", "Ensemble", "Recommendation", "RecommendError", "RecommendSpec",
-           "ActionSchedule", "load_recommendation", "recommend", "recorded_recommendation",
-           "write_result"]
+__all__ = ["Band", "Bound", "Control", "Ensemble", "InfeasibleRecommendation", "Recommendation", "RecommendError",
+           "RecommendSpec", "Status", "Violation", "ActionSchedule", "load_recommendation", "recommend",
+           "recorded_recommendation", "write_result"]

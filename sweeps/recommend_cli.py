@@ -23,16 +23,23 @@ recommend_app = typer.Typer(help="Recommended actions: optimise a control schedu
 
 
 def _describe(answer: Recommendation) -> str:
+    """The answer in a few lines; a best effort's warning first (its plan leaves a band), and how old its state is."""
     band = answer.change_pct_band
     values = ", ".join(f"{v:.4g}" for v in answer.action.values[:24])
     more = " ..." if len(answer.action.values) > 24 else ""
     bounds = ", ".join(f"{b.metric} {answer.baseline[b.metric]:g} -> {answer.recommended[b.metric]:g} s"
                        for b in answer.constraints)
     objective = answer.objective
-    return (f"{objective}: {answer.baseline[objective]:.6g} -> {answer.recommended[objective]:.6g} "
-            f"({answer.change_pct:+.1f} %; 90 % band {band.q05:+.1f} .. {band.q95:+.1f} %, {answer.uncertainty})\n"
-            f"bounds: {bounds or 'none'}; ensemble members within them: {answer.feasible_fraction:.0%}\n"
-            f"{answer.action.input} [{answer.action.unit}] every {answer.action.block_s:g} s: {values}{more}")
+    lines = [f"{objective}: {answer.baseline[objective]:.6g} -> {answer.recommended[objective]:.6g} "
+             f"({answer.change_pct:+.1f} %; 90 % band {band.q05:+.1f} .. {band.q95:+.1f} %, {answer.uncertainty})",
+             f"bounds: {bounds or 'none'}; ensemble members keeping every band: {answer.feasible_fraction:.0%}",
+             f"{answer.action.input} [{answer.action.unit}] every {answer.action.block_s:g} s: {values}{more}"]
+    if answer.status == "best_effort":
+        lines.insert(0, "BEST EFFORT, the bands are not met (the plan only gets closer to them than the baseline): "
+                     + "; ".join(v.describe(answer.horizon_s) for v in answer.violations))
+    if answer.start_time is not None:
+        lines.append(f"from the state at {answer.start_time.isoformat()}")
+    return "\n".join(lines)
 
 
 @recommend_app.command("run")

@@ -351,9 +351,12 @@ def _printed_ingest_report(guide: Guide, block: Block) -> None:
 
 
 def _live_zone_17(guide: Guide, block: Block) -> None:
-    """`service`: a live twin service in which tenant acme's zone-17 runs the registry's zone-17@1.2.0."""
+    """`service`: a live twin service in which tenant acme's zone-17 runs the registry's zone-17@1.2.0, with one
+    telemetry event applied (a twin without any has no live state to start from)."""
+    from datetime import UTC, datetime
+
     from actors import TwinService
-    from raytwin.contracts import Asset
+    from raytwin.contracts import Asset, TelemetryEvent
     from raytwin.registry import ModelRegistry
 
     store = guide.context["s3"]
@@ -361,6 +364,9 @@ def _live_zone_17(guide: Guide, block: Block) -> None:
     guide.cleanups.append(service.close)
     service.register(Asset(id="zone-17", tenant="acme", type_name="thermal_rc", type_version="1.0.0"),
                      ModelRegistry(f"{store}/models").get("zone-17@1.2.0"), initial_state={"T_in": 293.4, "T_m": 291.0})
+    event = TelemetryEvent(asset_id="zone-17", event_time=datetime(2026, 12, 1, 8, tzinfo=UTC), sequence=1,
+                           measurements={"T_in": {"value": 293.5, "unit": "K"}})
+    assert service.ingest("acme", [event]).accepted == 1
     guide.namespace["service"] = service
 
 

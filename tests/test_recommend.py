@@ -161,3 +161,87 @@ def test_an_ensemble_member_whose_thermostat_rings_at_the_step_is_refused_before
     with pytest.raises(UnstableStepError, match=r"step 720 s makes the sampled feedback loop unstable: Q_h = "
                                                 r"heater_gain \(setpoint - T_in\).* at C_in="):
         recommend(wide, runs=str(tmp_path))
+
+
+def tanks(**changes) -> RecommendSpec:
+    """Half an hour of the two tanks from h2 = 0.4 m; the baseline pumps a constant 1.2e-4 m^3/s."""
+    fields = dict(model="two_tank", tenant="acme", asset_id="tank-1", start_state={"h1": 0.5, "h2": 0.4},
+                  horizon_s=1800.0, step_s=2.0, objective="pumped_m3", iterations=60, learning_rate=0.05,
+                  control=Control(input="q_in", block_s=300.0, lower=0.0, upper=2.0e-4),
+                  inputs={"q_in_mean": 1.2e-4, "q_in_swing": 0.0},
+                  constraints=[Bound(of="h2", low=5.0, high=6.0, margin=0.01)],
+                  ensemble=Ensemble(rel_std={"a1": 0.05}, size=4))
+    return RecommendSpec(**(fields | changes))
+
+
+def test_a_band_no_schedule_reaches_is_refused_saying_by_how_much_and_what_to_change():
+    """h2 in [5, 6] m is out of reach of the pump's box: the answer was 201 'feasible' (feasible_fraction 1.0,
+    feasibility being "no worse than the baseline", itself always outside), a plan outside the band the whole
+    horizon that pumped 67 % more than the baseline and overflowed the tanks."""
+    from sweeps.recommend import InfeasibleRecommendation
+
+    with pytest.raises(InfeasibleRecommendation) as refused:
+        recommend(tanks())
+    message = str(refused.value)
+    assert message.startswith("the constraints cannot be met: the best schedule found (gradient) h2 leaves its band "
+                              "[5, 6] m for 1800 of 1800 s and misses it by "), message
+    assert "widen the band, the control's box (q_in in [0, 0.0002]) or the horizon (1800 s)" in message
+    assert "set best_effort to true to accept this schedule" in message  # it gets closer than the baseline
+    [violation] = refused.value.details
+    assert (violation["of"], violation["unit"], violation["outside_s"], violation["baseline_outside_s"]) == (
+        "h2", "m", 1800.0, 1800.0)
+    assert 0.0 < violation["miss"] < 0.99 * violation["baseline_miss"] <= 5.0 - 0.4
+
+    answer, _ = recommend(tanks(best_effort=True))  # asked for: answered, labelled as what it is
+    assert answer.status == "best_effort" and answer.feasible_fraction == 0.0 and answer.no_worse_fraction == 1.0
+    assert [v.model_dump(mode="json") for v in answer.violations] == [violation]
+    assert answer.recommended["outside_h2_s"] == 1800.0
+    assert violation["miss"] == pytest.approx(5.0 - answer.recommended["highest_h2"])  # its closest approach
+    from sweeps.recommend_cli import _describe
+
+    assert _describe(answer).startswith("BEST EFFORT, the bands are not met (the plan only gets closer to them than "
+                                        "the baseline): h2 leaves its band [5, 6] m for 1800 of 1800 s")
+
+
+def test_a_schedule_no_closer_to_the_band_than_the_baseline_is_refused_even_as_a_best_effort():
+    from sweeps.recommend import InfeasibleRecommendation
+
+    starved = Control(input="q_in", block_s=300.0, lower=0.0, upper=1.0e-5)  # the tanks drain: farther from 5 m
+    with pytest.raises(InfeasibleRecommendation, match=r"best_effort would not accept this schedule either: it is "
+                                                       r"no closer to the band than the baseline"):
+        recommend(tanks(control=starved, best_effort=True))
+
+
+def test_a_schedule_worse_than_a_baseline_that_keeps_the_bands_is_refused():
+    """One Adam step from the box's middle (1e-4 m^3/s) pumps more than the baseline's 2e-5, which keeps h2 <= 10 m."""
+    low_flow = {"q_in_mean": 2.0e-5, "q_in_swing": 0.0}
+    with pytest.raises(RecommendError, match=r"the best schedule found is worse than the baseline: pumped_m3 .* "
+                                             r"keep the baseline; to search further, give more iterations \(1\)"):
+        recommend(tanks(inputs=low_flow, iterations=1, constraints=[Bound(of="h2", high=10.0)]))
+
+
+def test_keeping_a_band_the_baseline_leaves_may_cost_more_than_the_baseline():
+    """At 2e-5 m^3/s the baseline lets h2 sink below 0.45 m; keeping it there takes more water: feasible, +change."""
+    keep = tanks(inputs={"q_in_mean": 2.0e-5, "q_in_swing": 0.0}, start_state={"h1": 0.5, "h2": 0.5},
+                 constraints=[Bound(of="h2", low=0.45, margin=0.01)], iterations=200)
+    answer, _ = recommend(keep)
+    assert answer.status == "feasible" and answer.violations == [] and answer.change > 0.0
+    assert answer.baseline["outside_h2_s"] > 0.0 == answer.recommended["outside_h2_s"]
+    assert answer.recommended["lowest_h2"] >= 0.45 and answer.feasible_fraction > 0.0
+
+
+def test_one_bound_per_state():
+    with pytest.raises(ValueError, match=r"one bound per state \(give low and high in it\)"):
+        tanks(constraints=[Bound(of="h2", low=0.1), Bound(of="h2", high=0.9)])
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_the_sampled_search_refuses_an_unreachable_band_or_answers_its_closest_sample_as_a_best_effort(tmp_path):
+    sampled = dict(method="sampled", samples=64, seed=2,
+                   control=Control(input="q_in", block_s=900.0, lower=0.0, upper=2.0e-4))
+    with pytest.raises(RecommendError, match="none of the 64 sampled schedules keeps the states within the bounds"
+                                             ".*or best_effort=true for the schedule closest to them"):
+        recommend(tanks(**sampled), str(tmp_path / "refused"))
+    answer, _ = recommend(tanks(**sampled, best_effort=True), str(tmp_path / "best"))
+    assert answer.status == "best_effort" and answer.search["within_bounds"] == 0
+    assert answer.violations[0].miss < answer.violations[0].baseline_miss

@@ -105,9 +105,9 @@ def events(n: int, start: int = 0, asset: str = "zone-1") -> list[dict]:
 
 @pytest.fixture
 def live_clock(api, http, building) -> None:
-    """`building` with telemetry applied, so that its live state has an event time (where a run from "live" starts its
-    clock): the events `test_state_now_and_in_the_past` sends, sent again (duplicates after it, applied in a test
-    run alone: it used to fail with no event time)."""
+    """`building` with telemetry applied, so that it has a live state and its event time (where a run from "live" starts
+    its clock; a twin without events has none: 409 `no_live_state`): the events `test_state_now_and_in_the_past`
+    sends, sent again (duplicates after it, applied in a test run alone: it used to fail with no event time)."""
     report = http.post(f"/v1/assets/{building}/telemetry", json={"events": events(3, start=10)},
                        headers=auth(api, "writer")).json()
     assert report["accepted"] + report["duplicates"] == 3, report
@@ -438,6 +438,11 @@ def test_sweeps_from_live_state_sync_and_async(api, http, building):
     explicit = {**_sweep(building, grid), "start_state": {"T_in": 294.0, "T_m": 291.0}, "start_time": at.isoformat()}
     r = http.post("/v1/sweeps", params={"mode": "sync"}, json=explicit, headers=writer)
     assert r.status_code == 200 and datetime.fromisoformat(r.json()["start_time"]) == at, r.text
+    # site-1 never had an event: its prior ran as the live state, stamped with the server's clock now
+    never = assert_error(http.post("/v1/sweeps", params={"mode": "sync"}, json=_sweep("site-1", grid), headers=writer),
+                         409, "no_live_state")
+    assert never["message"].startswith("twin site-1 has applied no telemetry event yet") and never["details"] == [
+        {"revision": 0, "event_time": None}], never
 
     lhs = {"method": "lhs", "n": 40, "seed": 7, "dimensions": [
         {"name": "T_out_mean", "target": "input", "low": 268.0, "high": 283.0},
@@ -454,6 +459,7 @@ def test_sweeps_from_live_state_sync_and_async(api, http, building):
     assert {"input.T_out_mean", "param.C_in", "T_in_min"} <= set(table.column_names)
 
 
+@pytest.mark.usefixtures("live_clock")  # a twin without telemetry has no live state to run from
 def test_queued_and_running_jobs_can_be_cancelled(api, http, building):
     """There was no way to stop a job short of stopping the server (DELETE 405, no cancel route)."""
     writer = auth(api, "writer")
@@ -507,6 +513,7 @@ def test_an_errors_request_id_is_in_the_ingress_replicas_log_as_the_runbook_says
     assert "route=/v1/asset-types method=POST status=403 tenant=acme" in found[0], found
 
 
+@pytest.mark.usefixtures("live_clock")  # a twin without telemetry has no live state to run from
 def test_limits_and_error_shapes(api, http, building):
     writer = auth(api, "writer")
     big = {"events": events(1) * 2000}
@@ -694,6 +701,7 @@ def _fixed(value_k: float, q_h: float = 0.0) -> dict:
             "Q_sol": {"kind": "constant", "value": 0.0, "unit": "W"}}
 
 
+@pytest.mark.usefixtures("live_clock")  # a twin without telemetry has no live state to run from
 def test_scenario_values_are_bounded_and_results_finite(api, http, building):
     writer = auth(api, "writer")
     x0 = {"T_in": 294.0, "T_m": 291.0}

@@ -2,12 +2,15 @@
 that only another key with the approver grant can approve, audited; another tenant gets 404.
 
 The real API app and services with the `Backend`'s connector operations in-process (as in
-tests/test_connectors_mqtt.py), a real MQTT broker, and two-tank twins whose live state starts the plan.
+tests/test_connectors_mqtt.py), a real MQTT broker, and two-tank twins whose live state starts the plan
+(pump-1's from one telemetry event; pump-0 has none).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+from datetime import datetime
 
 import pytest
 
@@ -18,7 +21,7 @@ from raytwin.sim import TWO_TANK
 from serve_apps.errors import NotFound
 from tests.fixtures_connectors import tank_twins, wait_for
 from tests.fixtures_serve import NODE_BROKERS, InProcessHandle
-from tests.test_connectors_mqtt import PAYLOAD, Publisher, broker, plant_spec  # noqa: F401
+from tests.test_connectors_mqtt import PAYLOAD, T0, Publisher, as_event, broker, plant_spec  # noqa: F401
 
 KEYS = (("writer", "acme", "writer", ()), ("approver", "acme", "admin", ("approver",)),
         ("admin", "acme", "admin", ()), ("reader", "acme", "reader", ()), ("other", "globex", "admin", ("approver",)))
@@ -50,7 +53,8 @@ def api(ray_session, broker, tmp_path_factory):  # noqa: F811 (the broker fixtur
                          connector_hosts=NODE_BROKERS)  # the tenant's connector: to the broker on this machine
     artifact = ModelRegistry(config.url("registry", "acme")).register("tank", "1.0.0", AssetType.from_model(TWO_TANK))
 
-    with tank_twins(tmp_path_factory, {"acme": ["pump-1"], "globex": ["pump-9"]}) as twins:
+    with tank_twins(tmp_path_factory, {"acme": ["pump-1", "pump-0"], "globex": ["pump-9"]}) as twins:
+        assert twins.ingest("acme", [as_event("pump-1", 0)]).accepted == 1  # pump-1 has a live estimate
         class TankBackend:  # the Backend's connector method over real ConnectorOps, and the assets' model
             connector = Backend.connector
             connector_ops = ConnectorOps(twins, [], hosts=config.connector_hosts)
@@ -99,7 +103,10 @@ def recommendation(api):
 def test_a_recommendation_from_the_live_state_is_read_back_by_its_tenant_only(api, recommendation):
     client, auth, _, svc = api
     answer = recommendation
-    assert answer["start_state"] == {"h1": 0.5, "h2": 0.5}  # the twin's live state (its prior here)
+    live = asyncio.run(svc.twins.state("acme", "pump-1"))
+    assert answer["start_state"] == pytest.approx(live["state"])  # the twin's live state, and its time
+    assert live["revision"] == 1 and datetime.fromisoformat(answer["start_time"]) == T0
+    assert answer["status"] == "feasible" and answer["violations"] == []
     assert answer["run_id"].startswith("recommendation-") and len(answer["action"]["values"]) == 6
     assert all(0.0 <= v <= 2.0e-4 for v in answer["action"]["values"])
     assert answer["change"] < 0.0 and answer["recommended"]["outside_h2_s"] == 0.0
@@ -127,6 +134,7 @@ def test_issuing_needs_an_approver_who_is_not_the_issuer(api, broker, recommenda
     command = r.json()
     assert (command["status"], command["proposed_by"], command["value"]["recommendation"]) == (
         "proposed", key_ids["writer"], rid)
+    assert command["value"]["status"] == "feasible"  # what its approver sees
     assert json.loads(command["value"]["values"]) == recommendation["action"]["values"]
     approve = f"/v1/commands/{command['id']}/approve"
     assert client.post(approve, headers=auth["writer"]).status_code == 403  # not an admin
@@ -206,3 +214,75 @@ def test_the_recommend_commands_ask_read_back_and_issue_through_the_api(api, rec
         assert refused.exit_code == 1 and refused.output.startswith("error 403 forbidden: ")
         hidden = run("other", "get", "pump-1", recommendation["run_id"])
         assert hidden.exit_code == 1 and "error 404 not_found: " in hidden.output
+
+
+UNREACHABLE = {**REQUEST, "constraints": [{"of": "h2", "low": 5.0, "high": 6.0, "margin": 0.01}]}
+"""A band no inflow within the pump's box reaches in half an hour (the tester's request)."""
+
+
+def test_a_band_the_plan_cannot_meet_is_422_infeasible_or_a_labelled_best_effort(api, tmp_path):
+    """It was 201 with feasible_fraction 1.0 and a plan outside the band the whole horizon that pumped 67 % more
+    than the baseline: issued as a set point, it would overfill the tanks."""
+    from typer.testing import CliRunner
+
+    from raytwin.cli import app
+    from tests.fixtures_http import served
+
+    client, auth, _, svc = api
+    refused = client.post("/v1/assets/pump-1/recommendations", json=UNREACHABLE, headers=auth["writer"])
+    assert refused.status_code == 422, refused.text
+    error = refused.json()["error"]
+    assert error["code"] == "infeasible" and "h2 leaves its band [5, 6] m for 1800 of 1800 s" in error["message"]
+    assert "widen the band, the control's box (q_in in [0, 0.0002]) or the horizon" in error["message"]
+    assert "set best_effort to true" in error["message"]
+    [violation] = error["details"]
+    assert violation["outside_s"] == violation["baseline_outside_s"] == 1800.0
+    assert 0.0 < violation["miss"] < violation["baseline_miss"]
+
+    asked = client.post("/v1/assets/pump-1/recommendations", json={**UNREACHABLE, "best_effort": True},
+                        headers=auth["writer"])
+    assert asked.status_code == 201, asked.text
+    answer = asked.json()
+    assert answer["status"] == "best_effort" and answer["violations"] == [violation]
+    assert answer["feasible_fraction"] == 0.0 and answer["recommended"]["outside_h2_s"] == 1800.0
+    assert ("recommendation.create", "best_effort") in [(r.action, r.details.get("status"))
+                                                        for r in svc.audit.records("acme")]
+    request = tmp_path / "unreachable.json"
+    request.write_text(json.dumps(UNREACHABLE))
+    with served(client.app) as url:
+        key = auth["writer"]["Authorization"].removeprefix("Bearer ")
+        cli = CliRunner().invoke(app, ["recommend", "ask", "pump-1", str(request), "--api-url", url],
+                                 env={"RAYTWIN_API_KEY": key})
+        assert cli.exit_code == 1 and "error 422 infeasible: the constraints cannot be met" in cli.output, cli.output
+        got = CliRunner().invoke(app, ["recommend", "get", "pump-1", answer["run_id"], "--api-url", url],
+                                 env={"RAYTWIN_API_KEY": key})
+        warned = f"recommendation {answer['run_id']}\nBEST EFFORT, the bands are not met"
+        assert got.exit_code == 0 and got.stdout.startswith(warned), got.output
+
+
+GRID = {"method": "grid", "dimensions": [{"name": "a1", "target": "param", "mode": "scale", "values": [1.0]}]}
+SWEEP = {"horizon_s": 600.0, "step_s": 2.0, "inputs": {"q_in_mean": 1.0e-4, "q_in_swing": 0.0}, "space": GRID}
+SCENARIO = {"horizon_s": 60.0, "step_s": 2.0, "inputs": {"q_in": {"kind": "constant", "value": 1.0e-4}}}
+
+
+def test_a_twin_without_telemetry_has_no_live_state_to_run_from(api):
+    """pump-0 never had an event: its "live" state is the asset's prior, and a recommendation (201), a sweep and a
+    scenario (200, `start_time` the server's clock now) ran from it as if it were the twin's estimate now."""
+    client, auth, _, _ = api
+    for path, body in (("/v1/assets/pump-0/recommendations", REQUEST),
+                       ("/v1/sweeps?mode=sync", {"asset_id": "pump-0", **SWEEP}),
+                       ("/v1/scenarios?mode=sync", {"asset_id": "pump-0", **SCENARIO})):
+        refused = client.post(path, json=body, headers=auth["writer"])
+        assert refused.status_code == 409, (path, refused.text)
+        error = refused.json()["error"]
+        assert error["code"] == "no_live_state" and error["details"] == [{"revision": 0, "event_time": None}]
+        assert error["message"].startswith("twin pump-0 has applied no telemetry event yet: its state is only its "
+                                           "prior (the asset's initial_state)"), error["message"]
+        assert "give an explicit start_state" in error["message"]
+    live = client.post("/v1/sweeps?mode=sync", json={"asset_id": "pump-1", **SWEEP}, headers=auth["writer"])
+    assert live.status_code == 200 and datetime.fromisoformat(live.json()["start_time"]) == T0, live.text
+    at = "2026-12-01T08:00:00Z"  # an explicit state's clock, as for a scenario
+    explicit = client.post("/v1/assets/pump-0/recommendations", headers=auth["writer"],
+                           json={**REQUEST, "start_state": {"h1": 0.5, "h2": 0.5}, "start_time": at})
+    assert explicit.status_code == 201, explicit.text
+    assert datetime.fromisoformat(explicit.json()["start_time"]) == datetime.fromisoformat(at)

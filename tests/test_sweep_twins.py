@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from datetime import timedelta
+
 import pytest
 
 from raytwin.contracts import Asset, AssetType
@@ -11,7 +14,8 @@ from sweeps.aggregate import open_dataset
 from sweeps.runner import run_sweep
 from sweeps.space import Dimension, ScenarioSpace
 from sweeps.spec import SweepSpec
-from sweeps.twins import start_from_twin
+from sweeps.twins import NoLiveState, start_from_twin
+from tests.test_connectors_mqtt import T0, as_event
 
 service_module = pytest.importorskip("actors.service")
 
@@ -23,12 +27,21 @@ def test_sweep_from_a_twins_live_state(ray_session, tmp_path):
     try:
         svc.register(Asset(id="t1", tenant="acme", type_name="tank", type_version="1.0.0"), artifact,
                      initial_state={"h1": 0.42, "h2": 0.17})
-        fields = start_from_twin(svc, "acme", "t1")
+        with pytest.raises(NoLiveState, match=r"twin acme/t1 has applied no telemetry event yet: its state is only "
+                                              r"its prior .* or pass allow_prior=True"):
+            start_from_twin(svc, "acme", "t1")  # the prior would pass for the twin's estimate
+        fields = start_from_twin(svc, "acme", "t1", allow_prior=True)
         assert fields == {"model": "tank@1.0.0", "tenant": "acme", "asset_id": "t1",
                           "start_state": svc.state("acme", "t1").state, "start_time": None}  # no event yet
         assert fields["start_state"]["h1"] == pytest.approx(0.42)
         with pytest.raises(KeyError):
             start_from_twin(svc, "other-tenant", "t1")
+        assert svc.ingest("acme", [as_event("t1", 0)]).accepted == 1
+        estimated = start_from_twin(svc, "acme", "t1")
+        assert estimated["start_time"] == T0 and estimated["start_state"] == svc.state("acme", "t1").state
+        before = T0 - timedelta(hours=1)
+        with pytest.raises(NoLiveState, match=re.escape(f"no telemetry event by {before.isoformat()}")):
+            start_from_twin(svc, "acme", "t1", at=before)
     finally:
         svc.close()
     space = ScenarioSpace(method="grid", dimensions=[Dimension(name="q_in_mean", target="input", values=[0.0])])
