@@ -46,7 +46,8 @@ T0 = datetime(2026, 4, 1, tzinfo=UTC)
 USER, PASSWORD = "raytwin", "opc-s3cret-pw"
 STREAMS = {"tank-1": ("tank-1.h1", "tank-1.q_in"), "tank-2": ("tank-2.h1", "tank-2.q_in")}
 NODES = [n for pair in STREAMS.values() for n in pair] + ["tank-1.h2", "tank-1.q_set", "tank-1.q_set.id",
-                                                          "tank-1.locked.id"]
+                                                          "tank-1.locked.id", "tank-1.q_real.id", "tank-1.q_int.id"]
+TYPED = {"tank-1.q_real": "Float", "tank-1.q_int": "Int16"}  # a PLC's REAL and INT set points
 
 
 def values(k: int) -> tuple[float, float]:
@@ -78,7 +79,7 @@ def events(asset: str, ks: list[int], reference: str) -> list[TelemetryEvent]:
 
 @pytest.fixture(scope="module")
 def server():
-    s = OpcUaServer(free_port(), NODES, ["tank-1.locked"], f"{USER}:{PASSWORD}", history=True)
+    s = OpcUaServer(free_port(), NODES, ["tank-1.locked"], f"{USER}:{PASSWORD}", history=True, typed=TYPED)
     s.start()
     yield s
     s.kill()
@@ -115,6 +116,8 @@ def plc_spec(endpoint: str, **overrides) -> dict:
                  "correlation_node_id": "ns=2;s=tank-1.q_set.id", "unit": "m^3/s"},
                 {"asset_id": "tank-1", "name": "lock", "node_id": "ns=2;s=tank-1.locked",
                  "correlation_node_id": "ns=2;s=tank-1.locked.id", "unit": "m^3/s"}]
+    commands += [{"asset_id": "tank-1", "name": f"inflow_{kind}", "node_id": f"ns=2;s=tank-1.q_{kind}",
+                  "correlation_node_id": f"ns=2;s=tank-1.q_{kind}.id", "unit": "L/s"} for kind in ("real", "int")]
     spec = {"name": "plc", "tenant": "acme", "kind": "opcua", "endpoint": endpoint, "linger_s": 0.05,
             "publishing_interval_ms": 50, "backfill_s": 3600, "backoff_initial_s": 0.2, "backoff_max_s": 1.0,
             "nodes": nodes, "commands": commands}
@@ -248,10 +251,34 @@ def test_commands_are_written_with_correlation_id_once_and_acknowledged(connecto
     failed = connectors.approve("acme", refused.id, by="bob")
     assert failed.status is CommandStatus.failed and failed.history[-1].detail == (  # it read "not sent"
         f"sent and refused: server {server.endpoint} answered the write with "
-        "ns=2;s=tank-1.locked: BadUserAccessDenied, ns=2;s=tank-1.locked.id: Good")
-    assert device.read("tank-1.locked.id") == refused.correlation_id  # written, as the detail says
+        "ns=2;s=tank-1.locked: BadUserAccessDenied, ns=2;s=tank-1.locked.id: not written")
+    assert device.read("tank-1.locked.id") is None  # no new command id announced beside an unchanged set point
     with pytest.raises(UnknownCommand):
         connectors.approve("globex", command.id, by="bob")
+
+
+def approved(connectors, name: str, value: dict):
+    command = connectors.propose("acme", "plc", "tank-1", name, value, by="alice")
+    connectors.approve("acme", command.id, by="bob")
+    return command, wait_for(lambda: (c := connectors.command("acme", command.id)).status in (
+        CommandStatus.acknowledged, CommandStatus.failed) and c, "the command acknowledged or failed")
+
+
+def test_commands_are_written_in_the_set_points_own_data_type(connectors, device, plc):
+    """A PLC's REAL (Float) or INT set point refuses a Double (BadTypeMismatch): the value goes in the node's
+    DataType; an integer node refuses a fraction or a value beyond its range before anything is written."""
+    real, done = approved(connectors, "inflow_real", {"value": 2.5})
+    assert done.status is CommandStatus.acknowledged, done.history[-1].detail
+    assert device.read("tank-1.q_real") == 2.5 and device.read("tank-1.q_real.id") == real.correlation_id
+    whole, done = approved(connectors, "inflow_int", {"value": 0.007, "unit": "m^3/s"})  # 7 L/s
+    assert done.status is CommandStatus.acknowledged, done.history[-1].detail
+    assert device.read("tank-1.q_int") == 7 and device.read("tank-1.q_int.id") == whole.correlation_id
+    for value, why in [(2.5, "is of type Int16: value 2.5 (in the command node's unit) is not a whole number"),
+                       (40000, "is of type Int16: value 40000 is outside its range [-32768, 32767]")]:
+        _, failed = approved(connectors, "inflow_int", {"value": value})
+        assert failed.status is CommandStatus.failed and why in failed.history[-1].detail, failed.history[-1].detail
+        assert failed.history[-1].detail.startswith("not sent: ValueError: node ns=2;s=tank-1.q_int ")
+    assert device.read("tank-1.q_int") == 7 and device.read("tank-1.q_int.id") == whole.correlation_id
 
 
 def test_declarations_are_checked_and_credentials_stay_secret(connectors, server, plc):

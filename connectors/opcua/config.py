@@ -47,9 +47,10 @@ class MappedNode(FrozenSpec):
 
 
 class CommandNode(FrozenSpec):
-    """Where command `name` for `asset_id` is written: `node_id` takes the value (in `unit`), and
-    `correlation_node_id` (a string variable) the command's correlation id, in the same Write request, so the
-    controller knows which command it executes and an operator can see which one was written last."""
+    """Where command `name` for `asset_id` is written: `node_id` takes the value (in `unit`, in the node's own
+    data type), then `correlation_node_id` (a string variable) the command's correlation id once the value was
+    accepted, so the controller knows which command it executes and an operator can see which one was written
+    last."""
 
     asset_id: Identifier
     name: Identifier

@@ -2,11 +2,12 @@
 subprocess (`OpcUaServer`) so a test can kill it mid-stream and start it again on the same port.
 
     python -m connectors.opcua.devserver --port 4840 --node zone-1.T_in --node zone-1.T_out --readonly plant.locked \
-        [--user operator:secret] [--history]
+        [--typed q_real=Float] [--user operator:secret] [--history]
 
 Every `--node NAME` is a writable variable `ns=<ns>;s=NAME` (namespace `urn:raytwin:test`, any data type) that
 starts without a value (status BadWaitingForInitialData), like a controller that has not sampled yet; a restarted
-server starts that way again. `--readonly NAME` is a variable clients may not write. With `--user`, only that
+server starts that way again. `--typed NAME=TYPE` is a writable variable of one built-in data type (Float, Int16,
+...: a PLC's REAL or INT), which the server refuses to be written with any other type (BadTypeMismatch). `--readonly NAME` is a variable clients may not write. With `--user`, only that
 username and password may open a session. With `--history`, every variable's changes are historized in memory
 (HistoryRead serves them until the process ends). Prints `READY <namespace index>` once it listens, then serves
 until killed. It is a development server, not a plant: NoSecurity on loopback only.
@@ -41,7 +42,8 @@ class OneUser(UserManager):
         return None
 
 
-async def serve(port: int, nodes: list[str], readonly: list[str], user: str | None, history: bool) -> None:
+async def serve(port: int, nodes: list[str], readonly: list[str], user: str | None, history: bool,
+                typed: dict[str, str] | None = None) -> None:
     server = Server(user_manager=OneUser(*user.split(":", 1)) if user else None)
     await server.init()
     server.set_endpoint(f"opc.tcp://127.0.0.1:{port}/raytwin/")
@@ -58,6 +60,12 @@ async def serve(port: int, nodes: list[str], readonly: list[str], user: str | No
         await var.write_value(waiting)
         await var.set_writable(writable)
         variables.append(var)
+    for name, type_name in (typed or {}).items():
+        vtype = ua.VariantType[type_name]
+        var = await plant.add_variable(ua.NodeId(name, idx), name, ua.Variant(0.0 if vtype in (
+            ua.VariantType.Float, ua.VariantType.Double) else 0, vtype), datatype=ua.NodeId(vtype.value))
+        await var.set_writable(True)
+        variables.append(var)
     async with server:
         if history:
             await server.historize_node_data_change(variables, period=None)  # in memory, kept until killed
@@ -70,9 +78,11 @@ class OpcUaServer:
     in memory with `history`: a restart forgets the history, as it forgets the values). `kill` is SIGKILL:
     no goodbye to the clients, as a crashed controller."""
 
-    def __init__(self, port: int, nodes: list[str], readonly: list[str], user: str, history: bool = False):
-        """`user`: "username:password", the only credentials the server accepts."""
+    def __init__(self, port: int, nodes: list[str], readonly: list[str], user: str, history: bool = False,
+                 typed: dict[str, str] | None = None):
+        """`user`: "username:password", the only credentials the server accepts; `typed`: name -> data type."""
         self.port, self.nodes, self.readonly, self.user, self.history = port, nodes, readonly, user, history
+        self.typed = typed or {}
         self.endpoint = f"opc.tcp://127.0.0.1:{port}/raytwin/"
         self.namespace_index: int | None = None  # of NAMESPACE, known once started
         self.process: subprocess.Popen | None = None
@@ -80,6 +90,7 @@ class OpcUaServer:
     def start(self) -> None:
         args = [sys.executable, "-m", MODULE, "--port", str(self.port), "--user", self.user]
         args += [a for n in self.nodes for a in ("--node", n)] + [a for n in self.readonly for a in ("--readonly", n)]
+        args += [a for n, t in self.typed.items() for a in ("--typed", f"{n}={t}")]
         args += ["--history"] if self.history else []
         self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         line = self.process.stdout.readline()  # READY once it listens; empty if it died
@@ -103,10 +114,12 @@ def main() -> None:
     parser.add_argument("--node", action="append", default=[])
     parser.add_argument("--readonly", action="append", default=[])
     parser.add_argument("--user", help="username:password")
+    parser.add_argument("--typed", action="append", default=[], help="NAME=TYPE, e.g. q_real=Float")
     parser.add_argument("--history", action="store_true", help="historize every variable (HistoryRead)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    asyncio.run(serve(args.port, args.node, args.readonly, args.user, args.history))
+    typed = dict(t.split("=", 1) for t in args.typed)
+    asyncio.run(serve(args.port, args.node, args.readonly, args.user, args.history, typed))
 
 
 if __name__ == "__main__":

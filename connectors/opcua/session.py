@@ -38,12 +38,13 @@ from typing import Any
 
 from asyncua import Client, ua
 from asyncua.common.subscription import Subscription
+from asyncua.common.ua_utils import data_type_to_variant_type
 
 from connectors.commands import Refused
 from connectors.kinds import ignore
 from connectors.mapping import DeadLetter
 from connectors.opcua.config import OPC_UA_PORT, CommandNode, MappedNode, OpcUaSpec
-from connectors.opcua.values import source, to_row
+from connectors.opcua.values import command_variant, source, to_row
 from connectors.reach import Reach
 from connectors.sink import Inbound
 from connectors.spec import Credentials
@@ -120,6 +121,7 @@ class OpcUaSession:
         self._client: Client | None = None
         self._sub: Subscription | None = None
         self._nodes: dict[ua.NodeId, MappedNode] = {}
+        self._types: dict[ua.NodeId, ua.VariantType] = {}  # command nodes' types, read once per connection
         self._newest: dict[str, datetime] = {}  # node id -> newest durable source timestamp (for backfill)
         self._unsubscribed_since = gap_since  # when the last subscription (this process's or an earlier one's) ended
         self._after_restart = gap_since is not None
@@ -217,7 +219,7 @@ class OpcUaSession:
             self._lost.set()
 
         client.connection_lost_callback = lost
-        self._client = client
+        self._client, self._types = client, {}
         await client.connect()
         self.last_error = self.last_error_at = None  # connected again: what went wrong before is over
         self._nodes = {await self._resolve(n.node_id): n for n in spec.nodes}
@@ -380,21 +382,38 @@ class OpcUaSession:
 
     # ------------------------------------------------------------------ commands ----
     async def write_command(self, target: CommandNode, correlation_id: str, value: float) -> str:
-        """Write `value` (in the target's unit) and the correlation id in one Write request; the server's
-        status for both is the acknowledgement. Raises `Refused` (a bad status for either) or a connection error."""
+        """Write `value` (in the target's unit), in the node's own data type, then the correlation id; the
+        server's status for both is the acknowledgement. The id is written only once the value was accepted, so
+        a controller never sees a new command id beside a set point that did not change. Raises `ValueError`
+        (nothing written: the node's type cannot hold the value), `Refused` (a bad status) or a connection error."""
         client = self._client
         if client is None or self.state != "connected":
             raise ConnectionError(f"not connected to {self.spec.endpoint} ({self.state})")
-        nodes = [await self._resolve(target.node_id), await self._resolve(target.correlation_node_id)]
+        node, id_node = (await self._resolve(target.node_id), await self._resolve(target.correlation_node_id))
+        variant = command_variant(target.node_id, value, await self._variant_type(node))
         stamp = datetime.now(UTC)
-        codes = await client.uaclient.write_attributes(
-            nodes, [ua.DataValue(ua.Variant(float(value), ua.VariantType.Double), SourceTimestamp=stamp),
-                    ua.DataValue(ua.Variant(correlation_id, ua.VariantType.String), SourceTimestamp=stamp)],
-            ua.AttributeIds.Value)
-        detail = ", ".join(f"{n}: {c.name}" for n, c in zip((target.node_id, target.correlation_node_id), codes))
-        if not all(c.is_good() for c in codes):
-            raise Refused(f"server {self.spec.endpoint} answered the write with {detail}")
-        return detail
+        written = []
+        for nid, text, v in ((node, target.node_id, variant),
+                             (id_node, target.correlation_node_id, ua.Variant(correlation_id, ua.VariantType.String))):
+            code = (await client.uaclient.write_attributes([nid], [ua.DataValue(v, SourceTimestamp=stamp)],
+                                                           ua.AttributeIds.Value))[0]
+            written.append(f"{text}: {code.name}")
+            if not code.is_good():
+                detail = ", ".join(written + ([f"{target.correlation_node_id}: not written"] if nid == node else []))
+                raise Refused(f"server {self.spec.endpoint} answered the write with {detail}")
+        return ", ".join(written)
+
+    async def _variant_type(self, nid: ua.NodeId) -> ua.VariantType:
+        """The built-in type of the node's DataType (read once per connection: a changed PLC program comes with
+        a restart or reconnect)."""
+        if nid not in self._types:
+            try:
+                dtype = await self._client.get_node(nid).read_data_type()
+                self._types[nid] = await data_type_to_variant_type(self._client.get_node(dtype))
+            except ua.UaStatusCodeError as exc:
+                raise ValueError(f"node {nid.to_string()}: its DataType cannot be read ({type(exc).__name__}): "
+                                 "check the command node's node_id") from None
+        return self._types[nid]
 
 
 async def _first(*aws: Any) -> None:

@@ -29,6 +29,39 @@ NUMERIC = {ua.VariantType.SByte, ua.VariantType.Byte, ua.VariantType.Int16, ua.V
            ua.VariantType.Float, ua.VariantType.Double}
 
 
+INTEGER_RANGE = {ua.VariantType.SByte: (-2**7, 2**7 - 1), ua.VariantType.Byte: (0, 2**8 - 1),
+                 ua.VariantType.Int16: (-2**15, 2**15 - 1), ua.VariantType.UInt16: (0, 2**16 - 1),
+                 ua.VariantType.Int32: (-2**31, 2**31 - 1), ua.VariantType.UInt32: (0, 2**32 - 1),
+                 ua.VariantType.Int64: (-2**63, 2**63 - 1), ua.VariantType.UInt64: (0, 2**64 - 1)}
+FLOAT_MAX = 3.4028234663852886e38
+"""The largest finite IEEE 754 single (an OPC UA Float, a PLC's REAL)."""
+
+
+def command_variant(node_id: str, value: float, vtype: ua.VariantType) -> ua.Variant:
+    """`value` as a Variant of the node's own type `vtype` (its DataType's built-in type; `Variant` for an
+    abstract one such as Number, which takes a Double): a type-checking server refuses any other type with
+    BadTypeMismatch. Raises `ValueError`, saying what would fit, for a value the type cannot hold."""
+    if vtype in (ua.VariantType.Double, ua.VariantType.Variant):
+        return ua.Variant(float(value), ua.VariantType.Double)
+    if vtype == ua.VariantType.Float:
+        if abs(value) > FLOAT_MAX:
+            raise ValueError(f"node {node_id} is a Float (REAL): value {value:g} is beyond its range "
+                             f"[-{FLOAT_MAX:g}, {FLOAT_MAX:g}]")
+        return ua.Variant(float(value), ua.VariantType.Float)
+    if vtype in INTEGER_RANGE:
+        low, high = INTEGER_RANGE[vtype]
+        whole = round(value)  # a unit conversion's rounding noise (7.000000000000001 L/s) is no fraction
+        if not math.isclose(value, whole, rel_tol=1e-12, abs_tol=1e-9):
+            raise ValueError(f"node {node_id} is of type {vtype.name}: value {value:g} (in the command node's unit) is "
+                             "not a whole number; propose a whole number, or declare a unit in which it is one")
+        if not low <= value <= high:
+            raise ValueError(f"node {node_id} is of type {vtype.name}: value {value:g} is outside its range "
+                             f"[{low}, {high}]; declare lower/upper on the command node to refuse it at proposal")
+        return ua.Variant(whole, vtype)
+    raise ValueError(f"node {node_id} has data type {vtype.name}: a command writes a number; map the command to "
+                     "a numeric (Double, Float or integer) variable")
+
+
 def source(connector: str, node: MappedNode) -> str:
     """Where a value change came from, as dead letters and logs name it."""
     return f"opcua://{connector}/{node.node_id}"
