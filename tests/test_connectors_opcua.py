@@ -489,3 +489,43 @@ def test_a_pause_longer_than_the_item_queue_is_read_back_from_history(server, de
     for node in STREAMS["tank-2"]:
         assert sorted(t for k, t in written() if k.endswith(node)) == [
             (T0 + timedelta(seconds=k)).isoformat() for k in range(200, 210)]
+
+
+def session_readings(spec: OpcUaSpec, action, condition, what: str) -> tuple[OpcUaSession, list[Inbound]]:
+    """Run a session on `spec` (messages acknowledged at once): once connected, `action()` (in a thread), then wait
+    for `condition(received)`; the session, stopped, and what it received."""
+    received: list[Inbound] = []
+
+    def put(message: Inbound) -> None:
+        received.append(message)
+        message.ack()
+
+    async def scenario() -> OpcUaSession:
+        session = OpcUaSession(spec, Credentials(username=USER, password=PASSWORD), put)
+        run = asyncio.ensure_future(session.run())
+        await until(session.connected, "the session is connected")
+        await asyncio.to_thread(action)
+        await until(lambda: condition(received), what)
+        session.stop()
+        await run
+        return session
+
+    return asyncio.run(scenario()), received
+
+
+def test_a_namespace_the_server_lacks_is_reported_and_the_other_nodes_flow(server, device):
+    """A node whose `nsu=` URI the server no longer has (a PLC project renamed) is reported by name with the
+    server's namespaces, as a node the server does not know; it took the whole connector down, reconnecting
+    forever with "ValueError: 'urn:...' is not in list"."""
+    nodes = [{"node_id": "ns=2;s=tank-2.h1", "asset_id": "tank-2", "measurement": "h1", "unit": "m"},
+             {"node_id": "nsu=urn:plant:gone;s=tank-2.q_in", "asset_id": "tank-2", "measurement": "q_in",
+              "unit": "L/s"}]
+    spec = OpcUaSpec.model_validate(plc_spec(server.endpoint, name="plc-ns", nodes=nodes, commands=[], backfill_s=0))
+    at = T0 + timedelta(seconds=300)
+    session, received = session_readings(
+        spec, lambda: device.write("tank-2.h1", 0.75, at),
+        lambda got: any(r["event_time"] == at.isoformat() for m in got for r in m.rows), "the reading of h1")
+    assert session.errors == 1 and session.last_error == (
+        "node nsu=urn:plant:gone;s=tank-2.q_in: the server has no namespace 'urn:plant:gone' (its namespaces: "
+        "http://opcfoundation.org/UA/, urn:freeopcua:python:server, urn:raytwin:test); correct the node id's nsu= "
+        "or the server's namespace URI")

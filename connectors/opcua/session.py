@@ -122,6 +122,7 @@ class OpcUaSession:
         self._sub: Subscription | None = None
         self._nodes: dict[ua.NodeId, MappedNode] = {}
         self._types: dict[ua.NodeId, ua.VariantType] = {}  # command nodes' types, read once per connection
+        self._namespaces: list[str] = []  # the server's namespace array, read at each connect
         self._newest: dict[str, datetime] = {}  # node id -> newest durable source timestamp (for backfill)
         self._unsubscribed_since = gap_since  # when the last subscription (this process's or an earlier one's) ended
         self._after_restart = gap_since is not None
@@ -222,7 +223,13 @@ class OpcUaSession:
         self._client, self._types = client, {}
         await client.connect()
         self.last_error = self.last_error_at = None  # connected again: what went wrong before is over
-        self._nodes = {await self._resolve(n.node_id): n for n in spec.nodes}
+        self._namespaces = await client.get_namespace_array()
+        self._nodes = {}
+        for n in spec.nodes:  # one node that cannot be resolved is reported, as one the server does not know
+            try:
+                self._nodes[self._resolve(n.node_id)] = n
+            except LookupError as exc:
+                self._error(str(exc))
         params = ua.CreateSubscriptionParameters(
             RequestedPublishingInterval=spec.publishing_interval_ms, RequestedLifetimeCount=10_000,
             RequestedMaxKeepAliveCount=client.get_keepalive_count(spec.publishing_interval_ms),
@@ -230,7 +237,7 @@ class OpcUaSession:
         self._publishing = params.PublishingEnabled
         self._sub = await client.create_subscription(params, _Handler(self))
         results = await self._sub.create_monitored_items(
-            [self._monitored_item(nid, handle) for handle, nid in enumerate(self._nodes, start=1)])
+            [self._monitored_item(nid, handle) for handle, nid in enumerate(self._nodes, start=1)]) if self._nodes else []
         for nid, result in zip(self._nodes, results):
             if isinstance(result, ua.StatusCode):
                 self._error(f"node {self._nodes[nid].node_id} cannot be monitored: {result.name}")
@@ -289,13 +296,19 @@ class OpcUaSession:
         self._error(f"subscribed again {gap}: value changes made in that time were not read, only each node's "
                     f"latest value; set backfill_s to read them from the server's history")
 
-    async def _resolve(self, node_id: str) -> ua.NodeId:
-        """A configured node id; one with a namespace URI (`nsu=`) gets this server's index for that URI."""
+    def _resolve(self, node_id: str) -> ua.NodeId:
+        """A configured node id; one with a namespace URI (`nsu=`) gets this server's index for that URI (the
+        namespace array read at connect). `LookupError` naming the node and the server's namespaces if it has
+        no such URI (e.g. a PLC project renamed)."""
         nid = ua.NodeId.from_string(node_id)
         uri = getattr(nid, "NamespaceUri", None)
-        if uri:
-            return ua.NodeId(nid.Identifier, await self._client.get_namespace_index(uri), nid.NodeIdType)
-        return nid
+        if not uri:
+            return nid
+        if uri not in self._namespaces:
+            raise LookupError(f"node {node_id}: the server has no namespace {uri!r} (its namespaces: "
+                              f"{', '.join(self._namespaces)}); correct the node id's nsu= or the server's "
+                              "namespace URI")
+        return ua.NodeId(nid.Identifier, self._namespaces.index(uri), nid.NodeIdType)
 
     async def _disconnect(self) -> None:
         client, self._client, self._sub = self._client, None, None
@@ -389,7 +402,10 @@ class OpcUaSession:
         client = self._client
         if client is None or self.state != "connected":
             raise ConnectionError(f"not connected to {self.spec.endpoint} ({self.state})")
-        node, id_node = (await self._resolve(target.node_id), await self._resolve(target.correlation_node_id))
+        try:
+            node, id_node = self._resolve(target.node_id), self._resolve(target.correlation_node_id)
+        except LookupError as exc:
+            raise ValueError(str(exc)) from None
         variant = command_variant(target.node_id, value, await self._variant_type(node))
         stamp = datetime.now(UTC)
         written = []
