@@ -529,3 +529,21 @@ def test_a_namespace_the_server_lacks_is_reported_and_the_other_nodes_flow(serve
         "node nsu=urn:plant:gone;s=tank-2.q_in: the server has no namespace 'urn:plant:gone' (its namespaces: "
         "http://opcfoundation.org/UA/, urn:freeopcua:python:server, urn:raytwin:test); correct the node id's nsu= "
         "or the server's namespace URI")
+
+
+def test_a_node_declared_in_two_spellings_feeds_both_mappings(server, device):
+    """`ns=2;s=X` and `nsu=<its URI>;s=X` are one server node: each of its changes goes to both mappings (only the
+    last declared one received readings, with no error)."""
+    nodes = [{"node_id": "ns=2;s=tank-1.h2", "asset_id": "tank-1", "measurement": "h2", "unit": "m"},
+             {"node_id": "nsu=urn:raytwin:test;s=tank-1.h2", "asset_id": "tank-2", "measurement": "h2", "unit": "m"}]
+    spec = OpcUaSpec.model_validate(plc_spec(server.endpoint, name="plc-twice", nodes=nodes, commands=[],
+                                             backfill_s=0))
+    at = T0 + timedelta(seconds=400)
+
+    def fed(got: list[Inbound]) -> set[tuple[str, str]]:
+        return {(r["asset_id"], r["idempotency_key"]) for m in got for r in m.rows if r["event_time"] == at.isoformat()}
+
+    session, received = session_readings(spec, lambda: device.write("tank-1.h2", 0.25, at),
+                                         lambda got: len(fed(got)) == 2, "the reading fed to both mappings")
+    assert fed(received) == {("tank-1", "ns=2;s=tank-1.h2"), ("tank-2", "nsu=urn:raytwin:test;s=tank-1.h2")}
+    assert session.errors == 0, session.last_error

@@ -7,8 +7,9 @@ subprocess (`OpcUaServer`) so a test can kill it mid-stream and start it again o
 Every `--node NAME` is a writable variable `ns=<ns>;s=NAME` (namespace `urn:raytwin:test`, any data type) that
 starts without a value (status BadWaitingForInitialData), like a controller that has not sampled yet; a restarted
 server starts that way again. `--typed NAME=TYPE` is a writable variable of one built-in data type (Float, Int16,
-...: a PLC's REAL or INT), which the server refuses to be written with any other type (BadTypeMismatch). `--readonly NAME` is a variable clients may not write. With `--user`, only that
-username and password may open a session. With `--history`, every variable's changes are historized in memory
+...: a PLC's REAL or INT), which the server refuses to be written with any other type (BadTypeMismatch).
+`--readonly NAME` is a variable clients may not write. With `--user`, only that username and password may open a
+session. With `--history`, every variable's changes are historized in memory
 (HistoryRead serves them until the process ends). Prints `READY <namespace index>` once it listens, then serves
 until killed. It is a development server, not a plant: NoSecurity on loopback only.
 """

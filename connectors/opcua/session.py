@@ -120,7 +120,7 @@ class OpcUaSession:
         self._mode_lock = asyncio.Lock()
         self._client: Client | None = None
         self._sub: Subscription | None = None
-        self._nodes: dict[ua.NodeId, MappedNode] = {}
+        self._nodes: dict[ua.NodeId, list[MappedNode]] = {}  # a server node may be declared in two spellings
         self._types: dict[ua.NodeId, ua.VariantType] = {}  # command nodes' types, read once per connection
         self._namespaces: list[str] = []  # the server's namespace array, read at each connect
         self._newest: dict[str, datetime] = {}  # node id -> newest durable source timestamp (for backfill)
@@ -227,7 +227,7 @@ class OpcUaSession:
         self._nodes = {}
         for n in spec.nodes:  # one node that cannot be resolved is reported, as one the server does not know
             try:
-                self._nodes[self._resolve(n.node_id)] = n
+                self._nodes.setdefault(self._resolve(n.node_id), []).append(n)
             except LookupError as exc:
                 self._error(str(exc))
         params = ua.CreateSubscriptionParameters(
@@ -236,11 +236,11 @@ class OpcUaSession:
             MaxNotificationsPerPublish=spec.batch_size, PublishingEnabled=not (self._paused or self._held), Priority=0)
         self._publishing = params.PublishingEnabled
         self._sub = await client.create_subscription(params, _Handler(self))
-        results = await self._sub.create_monitored_items(
-            [self._monitored_item(nid, handle) for handle, nid in enumerate(self._nodes, start=1)]) if self._nodes else []
+        items = [self._monitored_item(nid, handle) for handle, nid in enumerate(self._nodes, start=1)]
+        results = await self._sub.create_monitored_items(items) if items else []
         for nid, result in zip(self._nodes, results):
             if isinstance(result, ua.StatusCode):
-                self._error(f"node {self._nodes[nid].node_id} cannot be monitored: {result.name}")
+                self._error(f"node {_named(self._nodes[nid])} cannot be monitored: {result.name}")
         await asyncio.to_thread(self.on_connected)
         self._set_state("connected")
         await self._apply_publishing()  # in case pause or backpressure changed while the subscription was created
@@ -267,9 +267,10 @@ class OpcUaSession:
         """Read what each node's history holds since the newest change made durable here (after a restart of
         the connector: since `backfill_s` before the node's current value). Runs after subscribing, so
         history and subscription overlap instead of leaving a gap; the overlap is duplicates."""
-        for nid, node in self._nodes.items():
+        for nid, nodes in self._nodes.items():
             opc = self._client.get_node(nid)
-            start = self._newest.get(node.node_id)
+            newest = [self._newest.get(n.node_id) for n in nodes]
+            start = None if None in newest else min(newest)
             if start is None:
                 current = await opc.read_data_value(raise_on_bad_status=False)
                 if current.SourceTimestamp is None:
@@ -278,12 +279,12 @@ class OpcUaSession:
             try:
                 history = await opc.read_raw_history(start, None, return_bounds=False)
             except ua.UaStatusCodeError as exc:  # e.g. BadHistoryOperationUnsupported: not historized
-                self._error(f"node {node.node_id}: no history to backfill from ({type(exc).__name__})")
+                self._error(f"node {_named(nodes)}: no history to backfill from ({type(exc).__name__})")
                 continue
             for dv in history:
                 self._on_value(nid, dv)
             log.info("event=opcua_backfill tenant=%s connector=%s node=%s since=%s changes=%d", self.spec.tenant,
-                     self.spec.name, node.node_id, start.isoformat(), len(history))
+                     self.spec.name, _named(nodes), start.isoformat(), len(history))
 
     def _report_gap(self, since: datetime) -> None:
         """Without `backfill_s`, changes made while no subscription existed are gone to this connector."""
@@ -321,20 +322,20 @@ class OpcUaSession:
 
     # ---------------------------------------------------------------- the stream ----
     def _on_value(self, nodeid: ua.NodeId, dv: ua.DataValue) -> None:
-        node = self._nodes.get(nodeid)
-        if node is None:
-            return
-        if dv.StatusCode is not None and dv.StatusCode.value & OVERFLOW == OVERFLOW and not self.spec.backfill_s:
-            self._error(f"node {node.node_id}: the server's queue for it overflowed (more than queue_size "
+        nodes = self._nodes.get(nodeid, [])
+        overflowed = dv.StatusCode is not None and dv.StatusCode.value & OVERFLOW == OVERFLOW
+        if nodes and overflowed and not self.spec.backfill_s:
+            self._error(f"node {_named(nodes)}: the server's queue for it overflowed (more than queue_size "
                         f"{self.spec.queue_size} changes while publishing was off): older changes were discarded; "
                         "raise queue_size or set backfill_s to read them from the server's history")
-        out = to_row(self.spec.name, node, dv)
-        if out is None:  # a status without a value: nothing to deliver
-            return
-        rows, dead = ([], [out]) if isinstance(out, DeadLetter) else ([out], [])
-        self._received += 1
-        ack = functools.partial(self._on_durable, node.node_id, dv.SourceTimestamp)
-        self._handoff.append(Inbound(source(self.spec.name, node), rows, dead, ack))
+        for node in nodes:  # every mapping of the node is fed (two spellings may map it to two assets)
+            out = to_row(self.spec.name, node, dv)
+            if out is None:  # a status without a value: nothing to deliver
+                continue
+            rows, dead = ([], [out]) if isinstance(out, DeadLetter) else ([out], [])
+            self._received += 1
+            ack = functools.partial(self._on_durable, node.node_id, dv.SourceTimestamp)
+            self._handoff.append(Inbound(source(self.spec.name, node), rows, dead, ack))
         self._wake.set()
         if self.outstanding() >= self.spec.max_outstanding and not self._held:
             self._held = True
@@ -430,6 +431,11 @@ class OpcUaSession:
                 raise ValueError(f"node {nid.to_string()}: its DataType cannot be read ({type(exc).__name__}): "
                                  "check the command node's node_id") from None
         return self._types[nid]
+
+
+def _named(nodes: list[MappedNode]) -> str:
+    """A server node as declared (all its spellings, when it was declared more than once)."""
+    return " = ".join(n.node_id for n in nodes)
 
 
 async def _first(*aws: Any) -> None:
