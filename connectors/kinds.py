@@ -15,6 +15,7 @@ from connectors.commands import Command
 from connectors.reach import Reach
 from connectors.sink import Inbound
 from connectors.spec import ConnectorSpec, Credentials
+from raytwin import units
 from raytwin.contracts import AssetType
 
 AssetTypes = Mapping[str, AssetType | None]
@@ -74,20 +75,38 @@ class Kind(Protocol):
         allows; False if it could not."""
 
 
-def unmeasured(where: str, measurement: str, asset_id: str | None, assets: AssetTypes) -> str | None:
-    """Why `asset_id` (None: whichever asset a message names) cannot take `measurement`, or None. Such a mapping
-    would feed the twins nothing: every reading is dead-lettered by them, message by message, for good."""
+def unmeasured(where: str, measurement: str, unit: str, asset_id: str | None, assets: AssetTypes) -> str | None:
+    """Why `asset_id` (None: whichever asset a message names) cannot take `measurement` in `unit`, or None. Such a
+    mapping would feed the twins nothing: every reading is dead-lettered by them, message by message, for good
+    (a measurement its type lacks, or a unit of another dimension than the type's)."""
     if asset_id is not None:
         asset_type = assets.get(asset_id)
-        if asset_type is None or measurement in asset_type.measurable():
+        if asset_type is None:
             return None
-        return (f"{where}: asset {asset_id!r} (type {asset_type.key}) has no measurement {measurement!r}; its "
-                f"measurements: {', '.join(sorted(asset_type.measurable()))}")
+        if measurement not in asset_type.measurable():
+            return (f"{where}: asset {asset_id!r} (type {asset_type.key}) has no measurement {measurement!r}; its "
+                    f"measurements: {', '.join(sorted(asset_type.measurable()))}")
+        return _unconvertible(where, measurement, unit, asset_type)
     types = {t.key: t for t in assets.values() if t is not None}
-    if not types or any(measurement in t.measurable() for t in types.values()):
+    having = [t for t in types.values() if measurement in t.measurable()]
+    if not types:
         return None
-    offered = "; ".join(f"{key}: {', '.join(sorted(t.measurable()))}" for key, t in sorted(types.items()))
-    return f"{where}: no asset type of the tenant's twins has measurement {measurement!r} ({offered})"
+    if not having:
+        offered = "; ".join(f"{key}: {', '.join(sorted(t.measurable()))}" for key, t in sorted(types.items()))
+        return f"{where}: no asset type of the tenant's twins has measurement {measurement!r} ({offered})"
+    problems = [_unconvertible(where, measurement, unit, t) for t in having]
+    return None if None in problems else problems[0]
+
+
+def _unconvertible(where: str, measurement: str, unit: str, asset_type: AssetType) -> str | None:
+    """Why a reading of `measurement` in `unit` cannot be converted to `asset_type`'s unit for it, or None."""
+    target = asset_type.measurable()[measurement].unit
+    try:
+        units.to_unit(1.0, unit, target)
+    except units.UnitError as exc:
+        return (f"{where}: unit {unit!r} cannot be converted to {measurement}'s unit {target!r} of "
+                f"{asset_type.key} ({exc}); declare the unit the device sends, of the dimension of {target!r}")
+    return None
 
 
 class UnknownKind(ValueError):

@@ -24,7 +24,7 @@ from connectors.runtime import ACTOR_PREFIX, ConnectorActor, ConnectorState, Con
 from connectors.spec import ConnectorSpec, ConnectorStore, Credentials, UnknownConnector
 from connectors.tenant_files import Spec, TenantFiles
 from raytwin import metrics
-from raytwin.contracts import AssetType
+from raytwin.contracts import AssetType, Quantity
 from raytwin.statestore import StateStore
 
 log = logging.getLogger("raytwin.connectors")
@@ -75,6 +75,15 @@ def anywhere(tenant: str, name: str) -> Reach | None:
 def paths(tenant: str, name: str) -> TenantFiles | None:
     """No tenant directory: the connector's files are the paths it names (the operator's, the CLI's, tests')."""
     return None
+
+
+def _asset_type(raw: dict[str, Any]) -> AssetType:
+    """A registered twin's asset type as stored (validated when it was registered, so constructed, not validated
+    again: that would load its simulator); its measurable quantities typed, as declarations are checked against
+    their names and units."""
+    quantities = {kind: {name: Quantity.model_construct(**q) for name, q in raw.get(kind, {}).items()}
+                  for kind in ("inputs", "outputs")}
+    return AssetType.model_construct(**{**raw, **quantities})
 
 
 def _died_because(exc: BaseException) -> str:
@@ -130,8 +139,8 @@ class Connectors:
         if not self._assets:
             return {}
         records = self.twins.registrations_of(tenant)
-        return {a: AssetType.model_construct(**records[a]["artifact"]["asset_type"]) if a in records else None
-                for a in self._assets(tenant)}  # (constructed: validated when registered; only its names are read)
+        return {a: _asset_type(records[a]["artifact"]["asset_type"]) if a in records else None
+                for a in self._assets(tenant)}
 
     def _opened(self, spec: Spec) -> Spec:
         """`spec` naming the paths of the files it names, to open them (`InvalidConnector`: names that are no

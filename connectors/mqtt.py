@@ -597,8 +597,8 @@ class MqttKind:
     def problems(self, spec: MqttSpec, assets: AssetTypes) -> list[str]:
         unknown = [f"route {r.topic!r}: asset {r.asset_id!r} is not a registered twin of tenant {spec.tenant!r}"
                    for r in spec.routes if r.asset_id is not None and r.asset_id not in assets]
-        unmapped = [problem for r in spec.routes for m in r.payload.measurements
-                    if (problem := unmeasured(f"route {r.topic!r}", m, r.asset_id, assets))]
+        unmapped = [problem for r in spec.routes for m, field in r.payload.measurements.items()
+                    if (problem := unmeasured(f"route {r.topic!r}", m, field.unit, r.asset_id, assets))]
         return unknown + unmapped + (spec.broker.tls.problems() if spec.broker.tls is not None else [])
 
     def adapter(self, spec: MqttSpec, credentials: Credentials, put: Callable[[Inbound], None],

@@ -842,6 +842,14 @@ def test_declarations_are_checked_and_credentials_stay_secret(twins, connectors,
                        r"'level' \(two_tank@1.0.0: h1, h2, q_in\)"):
         connectors.create(plant_spec(broker.port, name="x", routes=[{"topic": "a/+", "asset_level": 1,
                                                                      "payload": wrong}]))
+    degrees = {**PAYLOAD, "measurements": {"h1": {"field": "level", "unit": "degC"}}}  # a level in degrees: refused
+    with pytest.raises(InvalidConnector, match=r"route 'a/b': unit 'degC' cannot be converted to h1's unit 'm' of "
+                       r"two_tank@1.0.0 \(cannot convert 'degC' to 'm'"):
+        connectors.create(plant_spec(broker.port, name="x", routes=[{"topic": "a/b", "asset_id": "pump-1",
+                                                                     "payload": degrees}]))
+    with pytest.raises(InvalidConnector, match=r"route 'a/\+': unit 'degC' cannot be converted to h1's unit 'm'"):
+        connectors.create(plant_spec(broker.port, name="x", routes=[{"topic": "a/+", "asset_level": 1,
+                                                                     "payload": degrees}]))
     with pytest.raises(ValidationError, match="'#' the whole last level"):
         MqttSpec.model_validate(plant_spec(broker.port, routes=[{"topic": "a/#/b", "asset_id": "pump-1",
                                                                  "payload": PAYLOAD}]))

@@ -289,6 +289,18 @@ def test_declarations_are_checked_and_credentials_stay_secret(connectors, server
                        "measurement 'level'; its measurements: h1, h2, q_in"):  # every change dead-lettered, for good
         connectors.create(plc_spec(server.endpoint, name="other", nodes=[
             {"node_id": "ns=2;s=x", "asset_id": "tank-1", "measurement": "level", "unit": "m"}]))
+    with pytest.raises(InvalidConnector, match=r"node 'ns=2;s=x': unit 'degC' cannot be converted to h2's unit 'm' "
+                       r"of two_tank@1.0.0 \(cannot convert 'degC' to 'm'"):  # every reading refused by the twin
+        connectors.create(plc_spec(server.endpoint, name="other", nodes=[
+            {"node_id": "ns=2;s=x", "asset_id": "tank-1", "measurement": "h2", "unit": "degC"}]))
+    inflow = plc_spec(server.endpoint)["commands"][0]
+    with pytest.raises(ValidationError, match="lower 1 > upper 0 would refuse every value; give lower <= upper"):
+        connectors.create(plc_spec(server.endpoint, name="other", commands=[{**inflow, "lower": 1, "upper": 0}]))
+    with pytest.raises(ValidationError, match="correlation_node_id is node_id 'ns=2;s=tank-1.q_set'; the "
+                       "correlation id needs its own string variable"):
+        connectors.create(plc_spec(server.endpoint, name="other", commands=[
+            {**inflow, "correlation_node_id": inflow["node_id"]}]))
+    assert "other" not in connectors.names("acme")
     with pytest.raises(ValidationError, match="not in the endpoint"):
         connectors.create(plc_spec(f"opc.tcp://{USER}:{PASSWORD}@127.0.0.1:{server.port}/"))
     with pytest.raises(ValidationError, match="duplicate node_id"):

@@ -111,7 +111,7 @@ class OpcUaKind:
     def problems(self, spec: OpcUaSpec, assets: AssetTypes) -> list[str]:  # type: ignore[override]
         used = sorted({n.asset_id for n in spec.nodes} | {c.asset_id for c in spec.commands})
         unmapped = [problem for n in spec.nodes
-                    if (problem := unmeasured(f"node {n.node_id!r}", n.measurement, n.asset_id, assets))]
+                    if (problem := unmeasured(f"node {n.node_id!r}", n.measurement, n.unit, n.asset_id, assets))]
         return [f"asset {a!r} is not a registered twin of tenant {spec.tenant!r}" for a in used if a not in assets] \
             + unmapped + spec.security_problems()
 

@@ -60,6 +60,17 @@ class CommandNode(FrozenSpec):
     lower: Finite | None = Field(None, description="the least value the node may be given (in `unit`)")
     upper: Finite | None = Field(None, description="the greatest value the node may be given (in `unit`)")
 
+    @model_validator(mode="after")
+    def _consistent(self) -> CommandNode:
+        if self.lower is not None and self.upper is not None and self.lower > self.upper:
+            raise ValueError(f"command {self.name!r} of {self.asset_id!r}: lower {self.lower:g} > upper "
+                             f"{self.upper:g} would refuse every value; give lower <= upper")
+        if self.correlation_node_id == self.node_id:
+            raise ValueError(f"command {self.name!r} of {self.asset_id!r}: correlation_node_id is node_id "
+                             f"{self.node_id!r}; the correlation id needs its own string variable (it would "
+                             "overwrite the value just written)")
+        return self
+
     def value_problem(self, value: dict[str, Any]) -> str | None:
         """Why `value` (``{"value": number, "unit": optional}``) cannot be written here, or None: checked when
         a command is proposed, so an approver never approves what could not or must not be sent."""
