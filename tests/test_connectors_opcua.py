@@ -559,3 +559,39 @@ def test_a_node_declared_in_two_spellings_feeds_both_mappings(server, device):
                                          lambda got: len(fed(got)) == 2, "the reading fed to both mappings")
     assert fed(received) == {("tank-1", "ns=2;s=tank-1.h2"), ("tank-2", "nsu=urn:raytwin:test;s=tank-1.h2")}
     assert session.errors == 0, session.last_error
+
+
+def test_a_pause_longer_than_the_item_queue_covers_is_reported_without_backfill(server, device):
+    """asyncua's server discards what exceeds an item's queue without flagging the Overflow bit, so without
+    `backfill_s` the lost changes went unreported; a pause longer than `queue_size` sampling intervals (3 x 0.5 s
+    here) is reported on resume, a shorter one is not."""
+    spec = OpcUaSpec.model_validate(plc_spec(server.endpoint, name="plc-q", queue_size=3, sampling_interval_ms=500,
+                                             backfill_s=0, commands=[], nodes=[plc_spec("opc.tcp://x")["nodes"][1]]))
+    since = (T0 + timedelta(seconds=500)).isoformat()
+    received: list[Inbound] = []
+
+    async def scenario() -> tuple[OpcUaSession, str | None]:
+        session = OpcUaSession(spec, Credentials(username=USER, password=PASSWORD), lambda m: (received.append(m),
+                                                                                             m.ack()))
+        run = asyncio.ensure_future(session.run())
+        await until(session.connected, "the session is connected")
+        await session.set_paused(True)
+        await session.set_paused(False)  # well within 1.5 s
+        short = session.last_error
+        await session.set_paused(True)
+        await asyncio.to_thread(write, device, "tank-2", range(500, 510))  # 10 changes, the queue keeps 3
+        await asyncio.sleep(1.6)
+        await session.set_paused(False)
+        await asyncio.sleep(1.0)
+        session.stop()
+        await run
+        return session, short
+
+    session, short = asyncio.run(scenario())
+    assert short is None
+    got = [r for m in received for r in m.rows if r["event_time"] >= since]
+    assert len(got) < 10  # the server discarded some, and flagged nothing
+    assert session.last_error.startswith("publishing was off for ") and (
+        "s (paused), longer than queue_size 3 at sampling_interval_ms 500 covers 1.5 s: a node that changed more "
+        "than 3 times meanwhile lost its oldest changes, and the server may not say so (asyncua's never flags an "
+        "overflow); set backfill_s") in session.last_error, session.last_error

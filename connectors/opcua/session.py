@@ -22,7 +22,8 @@ Why this shape:
   switched on again. The connector holds at most `max_outstanding` plus one publish response. With
   `backfill_s`, switching publishing on again (a resume, the end of backpressure) reads each node's history
   since its newest durable change, so what a queue discarded is read back; without it, a value the server
-  flags as following an overflow is reported as an error.
+  flags as following an overflow is reported as an error, and so is publishing off for longer than
+  `queue_size` sampling intervals (some servers, asyncua's among them, never flag an overflow).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import asyncio
 import functools
 import logging
 import random
+import time
 from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -117,6 +119,7 @@ class OpcUaSession:
         self._paused = False
         self._held = False  # publishing off for backpressure
         self._publishing = False  # the mode the server's subscription is in
+        self._off_since: tuple[float, str] | None = None  # (monotonic time, why) publishing went off
         self._mode_lock = asyncio.Lock()
         self._client: Client | None = None
         self._sub: Subscription | None = None
@@ -235,6 +238,7 @@ class OpcUaSession:
             RequestedMaxKeepAliveCount=client.get_keepalive_count(spec.publishing_interval_ms),
             MaxNotificationsPerPublish=spec.batch_size, PublishingEnabled=not (self._paused or self._held), Priority=0)
         self._publishing = params.PublishingEnabled
+        self._off_since = None if self._publishing else (time.monotonic(), self._why_off())
         self._sub = await client.create_subscription(params, _Handler(self))
         items = [self._monitored_item(nid, handle) for handle, nid in enumerate(self._nodes, start=1)]
         results = await self._sub.create_monitored_items(items) if items else []
@@ -370,12 +374,33 @@ class OpcUaSession:
             try:
                 await sub.set_publishing_mode(want)
                 self._publishing = want
+                off, self._off_since = self._off_since, None if want else (time.monotonic(), self._why_off())
             except LOSS as exc:
                 self._error(f"could not switch publishing {'on' if want else 'off'}: {exc}")
                 self._lost.set()
                 return
         if want and self.spec.backfill_s:  # what each item's queue discarded meanwhile (beyond `queue_size`)
             await self._backfill()
+        elif want and off is not None:
+            self._check_queues(time.monotonic() - off[0], off[1])
+
+    def _why_off(self) -> str:
+        return "paused" if self._paused else "backpressure"
+
+    def _check_queues(self, off_s: float, why: str) -> None:
+        """Without `backfill_s`, what an item's queue discarded while publishing was off is lost. A server should
+        flag the first value after such a discard (Overflow, checked in `_on_value`), but some never do (asyncua's
+        server): so a time off longer than `queue_size` sampling intervals, in which a node sampled at that rate
+        could have changed more often than its queue holds, is reported here whatever the server says."""
+        covered_s = self.spec.queue_size * self.spec.sampling_interval_ms / 1000
+        if off_s <= covered_s:
+            return
+        rate = (f"sampling_interval_ms {self.spec.sampling_interval_ms:g} covers {covered_s:g} s" if covered_s else
+                "sampling_interval_ms 0, the server's fastest, bounds no time")
+        self._error(f"publishing was off for {off_s:.1f} s ({why}), longer than queue_size {self.spec.queue_size} "
+                    f"at {rate}: a node that changed more than {self.spec.queue_size} times meanwhile lost its oldest "
+                    "changes, and the server may not say so (asyncua's never flags an overflow); set backfill_s to "
+                    "read them back from the server's history, or raise queue_size")
 
     async def _feed(self) -> None:
         """Hand value changes to the pump in arrival order; `put` may block (a full pump), so in a thread."""
