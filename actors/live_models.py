@@ -63,6 +63,12 @@ class LiveModels:
         return sorted(a for part in ray.get([h.twins_of_model.remote(tenant, model, other_than)
                                              for h in self.handles]) for a in part)
 
+    def twins_running(self, tenant: str, ref: str) -> list[str]:
+        """The tenant's twins whose version for events from now on is `ref` (``name@version``): after a hot swap
+        a twin runs a version its catalog entry does not name."""
+        model = ref.partition("@")[0]
+        return sorted(set(self.twins_of_model(tenant, model)) - set(self.twins_of_model(tenant, model, ref)))
+
     def start_shadow(self, tenant: str, candidate: ModelArtifact, *, events: int,
                      asset_ids: list[str] | None = None, sample: int | None = None) -> tuple[str, list[str]]:
         """Score `candidate` beside production on the next `events` events of each twin in `asset_ids`,

@@ -207,7 +207,8 @@ class Endpoints(Sender):
                                idempotent=True))
 
     def delete_asset_type(self, name: str, version: str, if_match: int | None = None) -> None:
-        """Remove an unused type version (admin; Conflict while assets use it; `if_match`: only at that revision)."""
+        """Remove an unused type version (admin; Conflict while assets name it, while its model's lifecycle needs it or
+        twins run it; `if_match`: only at that revision)."""
         return self._send(Call("DELETE", "/v1/asset-types/{name}/{version}", _nothing, headers=_conditions(if_match),
                                path_params={"name": name, "version": version}))
 

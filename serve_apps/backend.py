@@ -56,6 +56,7 @@ from serve_apps.recalibration import TenantState
 from serve_apps.recalibration_jobs import RecalibrationJobs
 from serve_apps.schemas import StoreFence
 from serve_apps.type_models import register_published
+from serve_apps.type_usage import refuse_held_type
 from serve_apps.unawaited import outlived
 
 log = logging.getLogger("raytwin.serve.backend")
@@ -190,8 +191,12 @@ class Backend:
             return self.catalog.list_types(tenant, name)
 
     def delete_type(self, tenant: str, name: str, version: str, pre: Precondition) -> None:
+        """Delete a type version nothing uses: refused (409) while assets name it (the catalog), while the model
+        lifecycle needs it or twins hot-swapped to it run it (`serve_apps.type_usage`), each with what to do."""
         self.check_writable()
         with self._lock:
+            self.catalog.check_delete_type(tenant, name, version, pre)  # 412, 404, 409 before the shards are asked
+            refuse_held_type(ModelLifecycle(self._registry(tenant)), self.twins.models, tenant, name, version)
             self.changes.write(tenant, lambda seq: [{
                 "kind": "asset_type.deleted", "type_name": name, "type_version": version,
                 "data": {"asset_type": self.catalog.delete_type(tenant, name, version, pre).model_dump(

@@ -137,12 +137,20 @@ class Catalog:
         found = self.types.get(tenant, {}).values()
         return sorted((t for t in found if name is None or t.name == name), key=lambda t: t.key)
 
-    def delete_type(self, tenant: str, name: str, version: str, pre: Precondition = NO_PRECONDITION) -> AssetType:
+    def check_delete_type(self, tenant: str, name: str, version: str,
+                          pre: Precondition = NO_PRECONDITION) -> AssetType:
+        """The type `delete_type` would delete, or its refusal (412, 404, 409 while assets name it), changing
+        nothing: the caller's own checks (`serve_apps.type_usage`) come after these."""
         pre.check(self.revision(tenant, "types", f"{name}@{version}"), f"asset type {name}@{version}")
         t = self.get_type(tenant, name, version)
         users = [a.id for a in self.list_assets(tenant, type_name=name, type_version=version)]
         if users:
-            raise Conflict(f"asset type {t.key} is used by assets {users[:20]}", details=users)
+            raise Conflict(f"asset type {t.key} is used by assets {users[:20]}: update them to another "
+                           f"type_version (PUT /v1/assets/{{id}}) or delete them first", details=users)
+        return t
+
+    def delete_type(self, tenant: str, name: str, version: str, pre: Precondition = NO_PRECONDITION) -> AssetType:
+        t = self.check_delete_type(tenant, name, version, pre)
         self._remove(tenant, "types", t.key)
         del self.types[tenant][t.key]
         return t

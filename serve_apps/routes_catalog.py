@@ -67,7 +67,9 @@ def register(app: FastAPI) -> None:
     @app.delete("/v1/asset-types/{name}/{version}", status_code=204, tags=tags, responses=CONFLICT)
     async def delete_asset_type(name: str, version: str, request: Request, who: Principal = ADMIN,
                                 pre: Precondition = PRE, svc: Services = SVC) -> Response:
-        """Delete an unused asset type version (409 while assets use it; `If-Match`: 412 if changed)."""
+        """Delete an unused asset type version: 409 while assets name it, while it is the production, staging or
+        candidate version of its model or the rollback target (archive it, or promote another version, first), or
+        while twins a promotion swapped to it run it; `If-Match`: 412 if changed."""
         await svc.backend.call("delete_type", who.tenant, name, version, pre)
         await svc.record(request, who, "asset_type.delete", f"{name}@{version}")
         return Response(status_code=204)

@@ -411,3 +411,57 @@ def test_the_cli_does_not_change_the_lifecycle_of_the_store_the_service_serves(c
     assert http.get("/v1/models/thermal_rc/lifecycle", headers=api.headers_for("reader")).json() == before
     status = cli.invoke(app, ["registry", "status", "thermal_rc", "--registry", registry])
     assert status.exit_code == 0 and f"production: {before['production']}" in status.output
+
+
+def test_a_type_version_the_lifecycle_or_a_twin_uses_is_not_deleted(client):
+    """The catalog's assets keep the type version their twin was created on, and a promotion's swap does not change
+    it: deleting the production version answered 204, and afterwards no twin of the model could be created (its
+    version did not exist; any other was not production). Refused while the lifecycle needs a version or a twin
+    runs it, each reason with its remedy; an archived version nothing runs is deleted."""
+    api, http = client, client.http
+    model, old, new, spare = "thermal_del", "1.0.0", "1.1.0", "1.2.0"
+    admin = api.headers_for("admin")
+
+    def move(who: str, version: str, to: str) -> None:
+        r = http.post(f"/v1/models/{model}/versions/{version}/transitions", headers=api.headers_for(who),
+                      json={"to": to, "reason": f"{who}: {to}"})
+        assert r.status_code == 201, r.text
+
+    def refusal(version: str) -> str:
+        return assert_error(http.delete(f"/v1/asset-types/{model}/{version}", headers=admin), 409,
+                            "conflict")["message"]
+
+    for version in (old, new, spare):
+        assert http.post("/v1/asset-types", json={**THERMAL_TYPE, "name": model, "version": version},
+                         headers=admin).status_code == 201
+    assert http.post("/v1/assets", json={"id": "zone-del", "type_name": model, "type_version": old},
+                     headers=admin).status_code == 201
+    for version in (old, new):
+        move("author", version, "candidate")
+        move("author", version, "staging")
+        move("approver", version, "production")  # new: the twin is swapped to it, its asset still names old
+    assert http.get("/v1/assets/zone-del", headers=admin).json()["type_version"] == old
+
+    assert refusal(new) == (
+        f"asset type {model}@{new} is in use and was not deleted: {model}@{new} is the production version of "
+        f"model {model}: new twins of {model} are created on it; promote another version to production first "
+        f"(POST /v1/models/{model}/versions/{{version}}/transitions); twins zone-del run {model}@{new} (a "
+        f"promotion swapped them to it; their assets still name the type version they were created on); promote "
+        f"another version of {model} first, which swaps them to it")
+    assert "is used by assets ['zone-del']" in refusal(old)  # the catalog's reason comes first
+    created = http.post("/v1/assets", json={"id": "zone-del-2", "type_name": model, "type_version": new},
+                        headers=admin)
+    assert created.status_code == 201, created.text  # the production version is still there to create twins on
+
+    move("author", spare, "candidate")
+    assert refusal(spare) == (
+        f"asset type {model}@{spare} is in use and was not deleted: {model}@{spare} is a candidate version of model "
+        f"{model} and may still be promoted to production; archive it first (POST /v1/models/{model}/versions/"
+        f"{spare}/transitions with {{\"to\": \"archived\"}})")
+    move("author", spare, "archived")
+    assert http.delete(f"/v1/asset-types/{model}/{spare}", headers=admin).status_code == 204
+
+    for asset_id in ("zone-del", "zone-del-2"):
+        assert http.delete(f"/v1/assets/{asset_id}", headers=admin).status_code == 204
+    assert "is the rollback target of model" in refusal(old)  # no asset left; a rollback makes it production
+    assert refusal(new).endswith(f"(POST /v1/models/{model}/versions/{{version}}/transitions)")  # no twin runs it
