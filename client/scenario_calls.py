@@ -50,12 +50,14 @@ class ScenarioCalls(Sender):
                                json=sweep.model_dump(mode="json"), params={"mode": mode, "limit": limit}))
 
     def job_results(self, job_id: str, limit: int = 1000) -> SweepResult:
-        """A succeeded job's quantiles and first `limit` per-scenario rows (Conflict before it succeeded)."""
+        """A succeeded job's quantiles and first `limit` per-scenario rows (Conflict before it succeeded; `Gone` once
+        its result files are no longer in the store: retention removed its run, `Job.results_removed`)."""
         return self._send(Call("GET", "/v1/jobs/{job_id}/results", _model(SweepResult), params={"limit": limit},
                                idempotent=True, path_params={"job_id": job_id}))
 
     def job_files(self, job_id: str) -> list[ResultFile]:
-        """A succeeded job's Parquet files (per-scenario metrics ``part-*``, ``trajectories``) and sizes."""
+        """A succeeded job's Parquet files (per-scenario metrics ``part-*``, ``trajectories``) and sizes (`Gone` once
+        they are no longer in the store)."""
         return self._send(Call("GET", "/v1/jobs/{job_id}/files", _models(ResultFile), idempotent=True,
                                path_params={"job_id": job_id}))
 
@@ -63,5 +65,5 @@ class ScenarioCalls(Sender):
         """One result file's bytes, loaded whole into memory: for small files (Parquet:
         ``pyarrow.parquet.read_table(io.BytesIO(data))``); a large one goes to disk with `download_job_file`.
         Checked against the SHA-256 the job recorded (`CorruptDownload`; `MissingChecksum` for an answer without
-        it, unless `verify` is False)."""
+        it, unless `verify` is False); `Gone` once the job's files are no longer in the store."""
         return self._send(job_file_call(job_id, name, hashed(JOB_FILE, verify)))

@@ -86,7 +86,8 @@ class RayTwinClient(ClientBase):
 
     def download_job_file(self, job_id: str, name: str, path: str | os.PathLike[str], verify: bool = True) -> Path:
         """Stream a succeeded job's result file (a name `job_files` lists) to `path`, as `download_run_file` does a
-        run's: checked against the SHA-256 the job recorded, renamed into place once whole. Returns the path."""
+        run's: checked against the SHA-256 the job recorded, renamed into place once whole. Returns the path. `Gone`
+        once the job's files are no longer in the store (retention removed its run)."""
         return self._download(FileDownload(job_file_call(job_id, name, _nothing), download_target(path), JOB_FILE,
                                            verify))
 

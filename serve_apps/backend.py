@@ -568,8 +568,12 @@ class Backend:
         return self.jobs.get(tenant, job_id)
 
     async def job_status(self, tenant: str, job_id: str) -> Job:
-        """The job's status as answered: while queued, its place and what it waits for."""
-        return self.jobs.status(self.jobs.get(tenant, job_id))
+        """The job's status as answered: while queued, its place and what it waits for; once succeeded, whether its
+        result files are still in the store (retention removes a sweep's with its run record)."""
+        job = self.jobs.get(tenant, job_id)
+        if job.state == "succeeded":  # reads the store: off the event loop
+            return await asyncio.to_thread(job.stored_status, self.config.storage_options)
+        return self.jobs.status(job)
 
     async def list_jobs(self, tenant: str, state: str | None, limit: int, cursor: str | None) -> JobPage:
         """A page of the tenant's jobs, newest first."""

@@ -73,6 +73,12 @@ class Gone(ApiError):
     status, code = 410, "gone"
 
 
+def removed_from_store(what: str, remedy: str) -> Gone:
+    """410 for stored outputs (a run's file, a job's results) no longer in the store, for one wording across routes:
+    retention (the lifecycle policy's ``keep_runs``, `raytwin.lifecycle.prune`) or an operator removed them."""
+    return Gone(f"{what} no longer in the store (removed by retention or by hand); {remedy}")
+
+
 class TooDeeplyNested(ApiError):
     status, code = 400, "too_deeply_nested"
 
@@ -167,7 +173,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     for status, text in (
         (400, "JSON body nested deeper than the parser's limit (`too_deeply_nested`)"),
         (401, "Missing or unknown API key"), (403, "Role not allowed"), (404, "Not found (or another tenant's)"),
-        (410, "History pruned (time travel before the retention cut)"),
+        (410, "Removed by retention (`gone`): history before the retention cut (time travel), changes past the change "
+              "log's retention, or a run's or job's stored outputs (retention removed the run record)"),
         (412, "An `If-Match` or `If-None-Match` precondition failed (`precondition_failed`)"),
         (413, "Body too large"),
         (415, "A request body that is not `Content-Type: application/json`"),

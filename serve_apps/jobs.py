@@ -37,10 +37,10 @@ from serve_apps.bulk import BulkWork
 from serve_apps.config import ServeConfig
 from fsspec import AbstractFileSystem
 
-from serve_apps.errors import ApiError, Conflict, NotFound, unwrap
+from serve_apps.errors import ApiError, Conflict, Gone, NotFound, removed_from_store, unwrap
 from serve_apps.job_scheduling import QueueWait, TenantQueues, queue_wait
 from serve_apps.query_schemas import BulkProgress
-from serve_apps.schemas import START_TIME_USED
+from serve_apps.schemas import START_TIME_USED, ResultFile
 from serve_apps.scenarios import PreparedScenario, fmu_sweep_to_store, scenario_to_store, sweep_to_store
 from serve_apps.unawaited import orphan
 from sweeps.fmu import FmuSweepSpec
@@ -86,6 +86,10 @@ class Job(_JobFields):
                                     "succeeded (409 before); its Parquet files at `/v1/jobs/{job_id}/files`")
     report_url: str | None = Field(None, description="bulk jobs: each item's outcome once it succeeded (409 before)")
     queue: QueueWait | None = Field(None, description="a queued job: its place and what it waits for")
+    results_removed: bool | None = Field(None, description=(
+        "a succeeded scenario or sweep job: true once its result files are no longer in the store (retention removed "
+        "its run: the lifecycle policy's keep_runs, POST /v1/models/{model}/prune; or an operator did), when its "
+        "results and files answer 410; null for other jobs and in listings (`GET /v1/jobs` reads no store)"))
 
 
 class JobRecord(_JobFields):
@@ -104,6 +108,41 @@ class JobRecord(_JobFields):
         path = f"/v1/jobs/{self.job_id}"
         links = {"report_url": f"{path}/report"} if self.kind == "bulk" else {"results_url": f"{path}/results"}
         return Job(**self.model_dump(exclude={"result_url", "planned_run_id", "outputs"}), **links, queue=queue)
+
+    def stored_status(self, storage_options: dict[str, Any] | None) -> Job:
+        """`status` of a succeeded job, saying whether its result files are still in the store (`results_removed`)."""
+        status = self.status()
+        if self.kind != "bulk" and self.result_url:
+            status.results_removed = self.results_removed(self.result_files(storage_options))
+        return status
+
+    def result_files(self, storage_options: dict[str, Any] | None) -> list[ResultFile]:
+        """Its Parquet files in the store, with the SHA-256 it recorded for each (None where it kept none); none
+        once they were removed."""
+        fs, root = filesystem(self.result_url, storage_options)
+        fs.invalidate_cache(root)  # an object store's cached listing would still show files another process removed
+        try:
+            found = sorted(fs.ls(root, detail=True), key=lambda i: i["name"])
+        except FileNotFoundError:  # the folder went with its run (`raytwin.lifecycle.prune`)
+            return []
+        names = ((info["name"].rsplit("/", 1)[-1], info["size"]) for info in found
+                 if info["name"].endswith(".parquet"))
+        return [ResultFile(name=name, size=size, sha256=self.outputs.get(name)) for name, size in names]
+
+    def results_removed(self, files: list[ResultFile]) -> bool:
+        """Whether `files` (`result_files`) lack what it wrote: all of them, or one it recorded."""
+        listed = {f.name for f in files}
+        return not listed or any(n not in listed for n in self.outputs if "/" not in n and n.endswith(".parquet"))
+
+    def removed(self) -> Gone:
+        """The 410 its results and files answer once `results_removed`, saying what to do."""
+        if self.kind == "sweep":
+            lost = (f"retention removes a sweep's output with its run record ({self.run_id}: GET /v1/runs/"
+                    f"{self.run_id} answers 404 then); " if self.run_id else "")
+            remedy = f"{lost}submit the sweep again (POST /v1/sweeps) to compute them anew"
+        else:
+            remedy = "run the scenario again (POST /v1/scenarios) to compute them anew"
+        return removed_from_store(f"job {self.job_id}'s result files are", remedy)
 
 
 def read_records(fs: AbstractFileSystem, root: str) -> Iterator[JobRecord]:

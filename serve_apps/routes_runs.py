@@ -20,7 +20,7 @@ from raytwin.storage import filesystem
 from serve_apps.auth import Principal
 from serve_apps.deps import FILE_DOWNLOAD, READER, SVC, Services
 from serve_apps.downloads import file_response, file_responses
-from serve_apps.errors import Gone, NotFound, scrub_locations
+from serve_apps.errors import NotFound, removed_from_store, scrub_locations
 from serve_apps.json_route import JsonRoute
 from serve_apps.stream_auth import StreamCredential
 from sweeps.runs import RunError, RunRecord, RunStore
@@ -108,7 +108,6 @@ async def get_run_file(run_id: RunIdPath, name: str, credential: StreamCredentia
         raise NotFound(f"run {run_id} has no output file {name!r}; files: {sorted(record.outputs)}")
     fs, root = filesystem(record.output_url, svc.config.storage_options)
     if not await run_in_threadpool(fs.isfile, f"{root}/{name}"):  # else a 200 whose stream fails after its headers
-        raise Gone(f"run {run_id}'s output file {name!r} is no longer in the store (removed by retention or by "
-                   "hand); `raytwin rerun` makes it again")
+        raise removed_from_store(f"run {run_id}'s output file {name!r} is", "`raytwin rerun` makes it again")
     media = MEDIA_TYPES.get(name[name.rfind("."):], "application/octet-stream")
     return file_response(fs, f"{root}/{name}", record.outputs[name], media, f"{run_id}-{name}", credential)

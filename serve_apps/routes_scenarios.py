@@ -123,9 +123,13 @@ def register(app: FastAPI) -> None:
     @app.get("/v1/jobs/{job_id}/results", response_model=SweepResult, tags=tags, responses=CONFLICT)
     async def job_results(job_id: str, limit: ROW_LIMIT = 1000, who: Principal = READER,
                           svc: Services = SVC) -> Any:
-        """A finished job's quantiles and first `limit` per-scenario rows (409 until it succeeded)."""
-        job = await _finished(svc, who, job_id)
-        rows = await run_in_threadpool(_read_rows, svc, job.result_url, limit)
+        """A finished job's quantiles and first `limit` per-scenario rows (409 until it succeeded; 410 once its
+        result files are no longer in the store: retention removed its run)."""
+        job, _ = await _stored(svc, who, job_id)
+        try:
+            rows = await run_in_threadpool(_read_rows, svc, job.result_url, limit)
+        except FileNotFoundError:  # removed since they were listed
+            raise job.removed() from None
         return SweepResult(model_ref=job.model_ref, content_hash=job.content_hash, run_id=job.run_id,
                            scenarios=job.scenarios, n_steps=job.n_steps, start_time=job.start_time, rows=rows,
                            quantiles=job.quantiles)
@@ -134,9 +138,9 @@ def register(app: FastAPI) -> None:
     async def job_files(job_id: str, who: Principal = READER, svc: Services = SVC) -> Any:
         """The job's Parquet files: ``part-*.parquet`` (per-scenario metrics), ``trajectories.parquet``, each with
         its size and the SHA-256 the job recorded as it wrote it (null for a job recorded before it kept them: a
-        listing reads no file, and an old sweep's would read all of them)."""
-        job = await _finished(svc, who, job_id)
-        return await run_in_threadpool(_list_files, svc, job)
+        listing reads no file, and an old sweep's would read all of them); 410 once they are no longer in the store
+        (retention removed its run)."""
+        return (await _stored(svc, who, job_id))[1]
 
     @app.get("/v1/jobs/{job_id}/files/{name}", tags=tags, response_class=StreamingResponse,
              responses=file_responses({PARQUET}, "A Parquet file, as the job wrote it"))
@@ -144,9 +148,10 @@ def register(app: FastAPI) -> None:
                        svc: Services = SVC) -> StreamingResponse:
         """Download one result file (streamed from the store), with the SHA-256 the job recorded when it wrote it
         (a job recorded before it kept them: computed from the stored file first). A key revoked meanwhile ends the
-        download (the connection is cut; a new request gets the 401)."""
-        job = await _finished(svc, credential.who, job_id)
-        files = {f.name: f for f in await run_in_threadpool(_list_files, svc, job)}
+        download (the connection is cut; a new request gets the 401); 410 once the job's files are no longer in the
+        store (retention removed its run)."""
+        job, listed = await _stored(svc, credential.who, job_id)
+        files = {f.name: f for f in listed}
         if name not in files:
             raise NotFound(f"job {job_id} has no file {name!r}; files: {sorted(files)}")
         fs, root = filesystem(job.result_url, svc.config.storage_options)
@@ -230,9 +235,11 @@ def _read_rows(svc: Services, url: str, limit: int) -> list[dict[str, Any]]:
     return open_dataset(url, svc.config.storage_options or None).head(limit).to_pylist() if limit else []
 
 
-def _list_files(svc: Services, job: JobRecord) -> list[ResultFile]:
-    """`job`'s Parquet files in the store, with the SHA-256 it recorded for each (None where it kept none)."""
-    fs, root = filesystem(job.result_url, svc.config.storage_options)
-    names = ((info["name"].rsplit("/", 1)[-1], info["size"])
-             for info in sorted(fs.ls(root, detail=True), key=lambda i: i["name"]) if info["name"].endswith(".parquet"))
-    return [ResultFile(name=name, size=size, sha256=job.outputs.get(name)) for name, size in names]
+async def _stored(svc: Services, who: Principal, job_id: str) -> tuple[JobRecord, list[ResultFile]]:
+    """A succeeded job and its result files (`_finished`); 410 once they are no longer in the store (retention
+    removes a sweep's with its run), before anything reads them."""
+    job = await _finished(svc, who, job_id)
+    files = await run_in_threadpool(job.result_files, svc.config.storage_options)
+    if job.results_removed(files):
+        raise job.removed()
+    return job, files

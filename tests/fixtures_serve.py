@@ -107,7 +107,7 @@ class JobFiles:
         return job
 
     def job_status(self, tenant: str, job_id: str) -> Any:
-        return self.get_job(tenant, job_id).status()
+        return self.get_job(tenant, job_id).stored_status(None)  # as `Backend.job_status` answers a succeeded job
 
 
 def saved_run(runs_root: Path, run_id: str, files: dict[str, bytes]) -> None:

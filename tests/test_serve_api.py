@@ -458,6 +458,14 @@ def test_sweeps_from_live_state_sync_and_async(api, http, building):
     assert table.num_rows == 40 and sorted(table.column("scenario").to_pylist()) == list(range(40))
     assert {"input.T_out_mean", "param.C_in", "T_in_min"} <= set(table.column_names)
 
+    # retention removes the run record with its output (keep_runs): the job's results answered 500, not 410
+    status = f"/v1/jobs/{job['job_id']}"
+    assert job["results_removed"] is False
+    shutil.rmtree(Path(api[2]) / "store" / "runs" / "acme" / job["run_id"])  # as `raytwin.lifecycle.prune` does
+    assert http.get(status, headers=writer).json()["results_removed"] is True
+    for path in (f"{status}/results", f"{status}/files", f"{status}/files/part-000000.parquet"):
+        assert "submit the sweep again" in assert_error(http.get(path, headers=writer), 410, "gone")["message"]
+
 
 @pytest.mark.usefixtures("live_clock")  # a twin without telemetry has no live state to run from
 def test_queued_and_running_jobs_can_be_cancelled(api, http, building):

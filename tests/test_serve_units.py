@@ -872,6 +872,55 @@ def test_a_job_file_listing_names_the_sha256_each_file_was_recorded_with(tmp_pat
         assert http.get("/v1/jobs/j1/files", headers=auth["other"]).status_code == 404
 
 
+def test_a_job_whose_files_are_no_longer_stored_answers_410_saying_so(tmp_path):
+    """Retention removes a sweep's run record with its output folder (keep_runs; `raytwin.lifecycle.prune`): the job's
+    results, files and file downloads answered 500 (the store's FileNotFoundError), and its status read as if its
+    files were there. Each answers 410 saying why and what to do, as a run's removed file does; the status says
+    `results_removed`; the SDK raises `Gone`. A file the job recorded, removed by hand, is gone too."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from client.errors import Gone
+    from tests.fixtures_serve import JobFiles, in_process, succeeded_job
+    from tests.test_serve_api import assert_error
+
+    run_id = "sweep-20260105T120000Z-1a2b3c4d"
+    output = tmp_path / "runs" / "acme" / run_id / "output"
+    output.mkdir(parents=True)
+    for name in ("part-000000.parquet", "trajectories.parquet"):
+        pq.write_table(pa.table({"x": [1.0]}), output / name)
+    recorded = {n: hashlib.sha256((output / n).read_bytes()).hexdigest() for n in ("part-000000.parquet",
+                                                                                   "trajectories.parquet")}
+    sweep = succeeded_job(output, recorded).model_copy(update={"kind": "sweep", "run_id": run_id})
+    scenario = succeeded_job(tmp_path / "jobs" / "j2", {}, job_id="j2")  # its folder is gone (by hand)
+    with in_process(JobFiles(sweep, scenario), tmp_path) as (http, auth, _):
+        sdk = RayTwinClient("http://testserver", auth["reader"]["Authorization"].removeprefix("Bearer "),
+                            transport=http._transport)
+        assert sdk.job("j1").results_removed is False and [f.name for f in sdk.job_files("j1")] == sorted(recorded)
+        (output / "trajectories.parquet").unlink()  # one it recorded
+        assert sdk.job("j1").results_removed is True
+        assert http.get("/v1/jobs/j1/files", headers=auth["reader"]).status_code == 410
+        shutil.rmtree(output.parent)  # what retention does to the run
+        status = http.get("/v1/jobs/j1", headers=auth["reader"]).json()
+        assert (status["state"], status["results_removed"]) == ("succeeded", True)
+        for path in ("/v1/jobs/j1/results", "/v1/jobs/j1/files", "/v1/jobs/j1/files/part-000000.parquet"):
+            message = assert_error(http.get(path, headers=auth["reader"]), 410, "gone")["message"]
+            assert message == (
+                f"job j1's result files are no longer in the store (removed by retention or by hand); retention "
+                f"removes a sweep's output with its run record ({run_id}: GET /v1/runs/{run_id} answers 404 then); "
+                "submit the sweep again (POST /v1/sweeps) to compute them anew"), path
+        for call in (lambda: sdk.job_results("j1"), lambda: sdk.job_files("j1"),
+                     lambda: sdk.download_job_file("j1", "part-000000.parquet", tmp_path / "part.parquet")):
+            with pytest.raises(Gone, match="submit the sweep again"):
+                call()
+        assert not (tmp_path / "part.parquet").exists()
+        assert "run the scenario again (POST /v1/scenarios)" in assert_error(
+            http.get("/v1/jobs/j2/files", headers=auth["reader"]), 410, "gone")["message"]
+        assert http.get("/v1/jobs/j1/files", headers=auth["other"]).status_code == 404  # another tenant's: not found
+
+
 def test_a_scenario_job_records_the_sha256_of_the_file_it_wrote(tmp_path):
     """The hash a job file is sent with is the one of the bytes its job wrote (a sweep's: its run record's), kept in
     the job's record."""
