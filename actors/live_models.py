@@ -16,7 +16,8 @@ import ray
 from pydantic import BaseModel, ConfigDict, Field
 
 from actors.routing import shard_index
-from actors.shadow import ShadowTwinReport
+from actors.shadow import ShadowTwinReport, refuse_foreign
+from actors.state import UnknownTwin
 from actors.state import TwinState
 from actors.swap import SwapRefused
 from raytwin.registry import ModelArtifact
@@ -73,7 +74,9 @@ class LiveModels:
                      asset_ids: list[str] | None = None, sample: int | None = None) -> tuple[str, list[str]]:
         """Score `candidate` beside production on the next `events` events of each twin in `asset_ids`,
         or of a sample of `sample` twins running a version of its model (a stable pseudo-random pick);
-        returns (run id, the twins sampled). Refused while an evaluation of `candidate` runs."""
+        returns (run id, the twins sampled). Refused while an evaluation of `candidate` runs, and for twins
+        that do not exist (`UnknownTwin`) or run another model (`actors.shadow.ShadowRefused`): checked on
+        every shard before any starts."""
         if (asset_ids is None) == (sample is None):
             raise ValueError("give either asset_ids or sample (how many of the model's twins to shadow)")
         run_id = uuid.uuid4().hex[:16]
@@ -86,6 +89,11 @@ class LiveModels:
         by_shard: dict[int, list[str]] = {}
         for a in asset_ids:
             by_shard.setdefault(shard_index(tenant, a, len(self.handles)), []).append(a)
+        models = {a: m for part in ray.get([self.handles[i].twin_models.remote(tenant, ids)
+                                            for i, ids in by_shard.items()]) for a, m in part.items()}
+        if missing := sorted(set(asset_ids) - set(models)):
+            raise UnknownTwin(f"no twin {', '.join(missing)} for tenant {tenant!r}")
+        refuse_foreign(models, candidate)
         body = candidate.model_dump(mode="json")
         ray.get([self.handles[i].start_shadow.remote(run_id, tenant, ids, body, events) for i, ids in by_shard.items()])
         return run_id, sorted(asset_ids)

@@ -34,7 +34,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from actors.swap import check_compatible, map_state
+from actors.swap import incompatibility, map_state
 from actors.twin import Pending, Twin, decode_snapshot, encode_state
 from raytwin.estimation import ExtendedKalmanFilter, FilterState
 from raytwin.registry import ModelArtifact
@@ -50,6 +50,19 @@ MAX_EVENTS = 100_000
 
 class ShadowRunning(ValueError):
     """A shadow evaluation of this candidate is running already."""
+
+
+class ShadowRefused(ValueError):
+    """These twins cannot shadow this candidate: they run another model, or one it cannot be scored beside."""
+
+
+def refuse_foreign(models: dict[str, str], candidate: ModelArtifact) -> None:
+    """Refuse twins (asset id -> the model they run) that run no version of the candidate's model: their
+    production is another model's, so the comparison would be recorded as evidence about the wrong one."""
+    if foreign := sorted(a for a, m in models.items() if m != candidate.name):
+        raise ShadowRefused(f"twin(s) {', '.join(foreign)} run no version of model {candidate.name}: a shadow "
+                            f"evaluation compares {candidate.ref} with its own model's production version on that "
+                            f"model's twins; give twins of {candidate.name} in asset_ids, or sample")
 
 
 class ShadowTwinReport(BaseModel):
@@ -153,7 +166,10 @@ def shadow_twin(twin: Twin, candidate: ModelArtifact, events: int) -> ShadowTwin
     if production.artifact.ref == candidate.ref:
         raise ValueError(f"twin {twin.asset_id} runs {candidate.ref} from its next event on: shadow a version it "
                          "does not run")
-    check_compatible(production.filter.model, candidate.model())
+    refuse_foreign({twin.asset_id: production.artifact.name}, candidate)
+    if (why := incompatibility(production.filter.model, candidate.model())) is not None:
+        raise ShadowRefused(f"twin {twin.asset_id} cannot shadow {candidate.ref}: {why}; the candidate is scored on "
+                            "the twin's own events, so shadow it on twins whose model measures what it does")
     seg = twin.segment(0, candidate)
     for f in (production.filter, seg.filter):
         check_scorable(f)
@@ -193,6 +209,7 @@ class ShadowBook:
                                 f"{self.shadows[key][0]}); stop it first to start another")
         if len(twins) > MAX_TWINS:
             raise ValueError(f"a shadow evaluation samples at most {MAX_TWINS} twins, got {len(twins)}")
+        refuse_foreign({t.asset_id: t.segments[-1].artifact.name for t in twins}, candidate)
         shadows = {t.asset_id: shadow_twin(t, candidate, events) for t in twins}
         for s in shadows.values():  # durable before it counts: a restart from here on resumes it
             self._save(tenant, run_id, s)

@@ -30,6 +30,11 @@ class LiveModelOps:
         return sorted(a for (t, a), twin in self.twins.items() if t == tenant and twin.artifact.name == model
                       and twin.segments[-1].artifact.ref != other_than)
 
+    def twin_models(self, tenant: str, asset_ids: list[str]) -> dict[str, str]:
+        """The model each of these twins held here runs (asset id -> model name); twins not held are left out."""
+        self._refresh_stale()
+        return {a: twin.segments[-1].artifact.name for a in asset_ids if (twin := self.twins.get((tenant, a)))}
+
     def start_shadow(self, run_id: str, tenant: str, asset_ids: list[str], artifact: dict[str, Any],
                      events: int) -> int:
         """Shadow `artifact` beside production on these twins (all held here) for `events` events each;

@@ -37,22 +37,29 @@ class Segment(NamedTuple):
     prior: FilterState
 
 
-def check_compatible(old: Declared, new: Declared) -> None:
-    """Refuse a new version whose telemetry columns differ (its events would not be comparable) or
-    that shares no state with the old one, or whose shared states change unit (before any filter
-    of the new version is built: that compiles its kernels)."""
+def incompatibility(old: Declared, new: Declared) -> str | None:
+    """Why an estimate of `old` cannot be carried over to `new` (None: it can): its telemetry columns differ
+    (its events would not be comparable), it shares no state with `old`, or shared states change unit.
+    Checked before any filter of `new` is built (that compiles its kernels)."""
     measured = lambda m: tuple(dict.fromkeys((*m.input_names, *m.output_names)))  # noqa: E731 (filter columns)
     if measured(old) != measured(new):
-        raise SwapRefused(f"model {new.name} measures {list(measured(new))}, the twin's model {old.name} "
-                          f"{list(measured(old))}: a swap needs the same inputs and outputs; register a new twin "
-                          "for the new asset type instead")
+        return (f"model {new.name} measures {list(measured(new))}, the twin's model {old.name} "
+                f"{list(measured(old))}: not the same inputs and outputs")
     old_units = {s.name: s.unit for s in old.states}
     shared = [s for s in new.states if s.name in old_units]
     if not shared:
-        raise SwapRefused(f"model {new.name} shares no state with {old.name} (states {list(new.state_names)} vs "
-                          f"{list(old.state_names)}): there is no mapping of the estimate; register a new twin instead")
+        return (f"model {new.name} shares no state with {old.name} (states {list(new.state_names)} vs "
+                f"{list(old.state_names)}): there is no mapping of the estimate")
     if bad := [f"{s.name} ({old_units[s.name]} -> {s.unit})" for s in shared if s.unit != old_units[s.name]]:
-        raise SwapRefused(f"states change unit between the versions: {', '.join(bad)}; no mapping of the estimate")
+        return f"states change unit between the versions: {', '.join(bad)}; no mapping of the estimate"
+    return None
+
+
+def check_compatible(old: Declared, new: Declared) -> None:
+    """Refuse swapping a twin of `old` to `new` where the estimate cannot be carried over (`incompatibility`)."""
+    if (why := incompatibility(old, new)) is not None:
+        raise SwapRefused(f"{why}: a swap needs the same inputs and outputs and a shared state in the same unit; "
+                          "register a new twin for the new asset type instead")
 
 
 def map_state(fs: FilterState, old: ExtendedKalmanFilter, new: ExtendedKalmanFilter, prior: FilterState) -> FilterState:

@@ -20,7 +20,7 @@ from starlette.concurrency import run_in_threadpool
 
 from actors.live_models import LiveModels, ShadowReport, SwapOutcome, UnknownShadow
 from actors.routing import shard_name
-from actors.shadow import MAX_EVENTS, MAX_TWINS, ShadowRunning
+from actors.shadow import MAX_EVENTS, MAX_TWINS, ShadowRefused, ShadowRunning
 from actors.state import UnknownTwin
 from raytwin.contracts import Identifier
 from raytwin.lifecycle import TransitionRecord
@@ -70,7 +70,7 @@ async def _live(svc: Services, call: Callable[[LiveModels], Any]) -> Any:
         return await run_in_threadpool(lambda: call(live_models(svc)))
     except UnknownShadow as exc:
         raise NotFound(str(unwrap(exc))) from None
-    except ShadowRunning as exc:
+    except (ShadowRunning, ShadowRefused) as exc:
         raise Conflict(str(unwrap(exc))) from None
     except UnknownTwin as exc:  # a missing twin, or another tenant's
         raise NotFound(str(unwrap(exc))) from None
@@ -105,7 +105,8 @@ def register(app: FastAPI) -> None:
                            who: Principal = WRITER, svc: Services = SVC, _writable: None = WRITABLE) -> ShadowStarted:
         """Score a candidate or staging version beside production on the next `events` events of the named
         twins (or a sample of the model's twins) without changing their served state. 409: the version is in
-        another stage, or an evaluation of it runs (DELETE it first)."""
+        another stage, an evaluation of it runs (DELETE it first), or a named twin runs another model (or one
+        whose measurements the candidate does not share)."""
         if (body.asset_ids is None) == (body.sample is None):
             raise BadRequest("give either asset_ids or sample")
         lc, ref = _lifecycle(svc, who.tenant), f"{model}@{version}"

@@ -465,3 +465,26 @@ def test_a_type_version_the_lifecycle_or_a_twin_uses_is_not_deleted(client):
         assert http.delete(f"/v1/assets/{asset_id}", headers=admin).status_code == 204
     assert "is the rollback target of model" in refusal(old)  # no asset left; a rollback makes it production
     assert refusal(new).endswith(f"(POST /v1/models/{model}/versions/{{version}}/transitions)")  # no twin runs it
+
+
+def test_a_shadow_runs_only_on_twins_of_the_candidates_model(client):
+    """A candidate of model other_rc shadowed on a twin of thermal_rc was accepted, compared with thermal_rc's
+    production and recorded by the system as evidence on other_rc's log; refused now, naming the twin."""
+    api, http = client, client.http
+    assert http.post("/v1/asset-types", json={**THERMAL_TYPE, "name": "other_rc", "version": "1.1.0"},
+                     headers=api.headers_for("admin")).status_code == 201
+    assert http.post("/v1/models/other_rc/versions/1.1.0/transitions", json={"to": "candidate", "reason": "fit"},
+                     headers=api.headers_for("writer")).status_code == 201
+    production = http.get("/v1/models/thermal_rc/lifecycle", headers=api.headers_for("reader")).json()["production"]
+    assert http.post("/v1/assets", json={"id": "zone-foreign", "type_name": "thermal_rc", "type_version": production},
+                     headers=api.headers_for("admin")).status_code == 201
+    url = "/v1/models/other_rc/versions/1.1.0/shadow"
+    refused = assert_error(http.post(url, json={"asset_ids": ["zone-foreign"], "events": 5},
+                                     headers=api.headers_for("writer")), 409, "conflict")["message"]
+    assert refused.startswith("twin(s) zone-foreign run no version of model other_rc: a shadow evaluation compares "
+                              "other_rc@1.1.0 with its own model's production version")
+    assert_error(http.get(url, headers=api.headers_for("reader")), 404, "not_found")  # nothing started
+    assert "no twin of model other_rc" in assert_error(http.post(url, json={"sample": 1, "events": 5},
+                                                                 headers=api.headers_for("writer")), 400,
+                                                       "bad_request")["message"]
+

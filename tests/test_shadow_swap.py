@@ -311,3 +311,25 @@ def test_a_shadow_after_a_swap_compares_with_the_version_that_applies_the_next_e
     assert shadow.report().production_ref == "zone@1.1.0" and shadow.report().candidate_ref == "zone@1.0.0"
     with pytest.raises(ValueError, match=r"^twin z runs zone@1.1.0 from its next event on: shadow a version"):
         shadow_twin(twin, new_art, events=5)
+
+
+def test_a_shadow_runs_only_on_twins_of_the_candidates_model(tmp_path, versions):
+    """A candidate of another model shadowed on a zone twin: its comparison with the zone's production was
+    recorded as evidence on the other model's log (and could stage it); refused, naming the twins. A candidate
+    of the same model measuring other columns is refused in the shadow's words, not the hot swap's."""
+    from actors.shadow import ShadowRefused
+
+    registry = ModelRegistry(str(tmp_path / "registry"))
+    other = registry.register("other", "1.1.0", AssetType.from_model(THERMAL_RC))
+    battery = registry.register("zone", "2.0.0", AssetType.from_model(BATTERY_ECM))
+    live = shard(tmp_path / "store")
+    for a in ("z1", "z2"):
+        live.register("acme", a, registration_record(asset(a), versions[0], None, None))
+    with pytest.raises(ShadowRefused, match=r"^twin\(s\) z1, z2 run no version of model other: a shadow evaluation "
+                                            r"compares other@1.1.0 with its own model's production version"):
+        live.start_shadow("run-o", "acme", ["z1", "z2"], other.model_dump(mode="json"), 5)
+    with pytest.raises(ShadowRefused, match=r"^twin z1 cannot shadow zone@2.0.0: model .* measures .*: not the same "
+                                            r"inputs and outputs; the candidate is scored on the twin's own events"):
+        live.start_shadow("run-b", "acme", ["z1"], battery.model_dump(mode="json"), 5)
+    assert live.shadow_report("acme", other.ref) is None and live.shadow_report("acme", battery.ref) is None
+    live.start_shadow("run-z", "acme", ["z1"], versions[1].model_dump(mode="json"), 5)  # its own model's twin: fine
