@@ -32,7 +32,7 @@ from pydantic import Field, ValidationError
 
 from raytwin.contracts import Contract, Finite, Identifier, SemVer, UtcTime, describe_error
 from raytwin.recalibration import DriftTrigger
-from raytwin.registry import PUBLISHED_BY, ModelRegistry, RegistryError, parse_ref
+from raytwin.registry import POLICY_SET_BY, PUBLISHED_BY, ModelRegistry, RegistryError, parse_ref
 from raytwin.storage import canonical_json, filesystem, replace_file, write_once
 
 log = logging.getLogger("raytwin.lifecycle")
@@ -369,10 +369,8 @@ class ModelLifecycle:
         """Whether production is reached by policy (True) or by a second pair of eyes (False); else refuse."""
         ref = f"{state.model}@{version.version}"
         if APPROVER in actor.roles:
-            publisher = self.registry.get(ref, allow_code_change=True).metadata.get(PUBLISHED_BY)
-            if actor.id in (version.author, publisher):
-                role = "author" if actor.id == version.author else "publisher (its declaration and parameters)"
-                raise ApprovalRequired(f"{actor.id} is the {role} of {ref} and may not approve it (four eyes): "
+            if role := self._made_by(ref, version, actor):
+                raise ApprovalRequired(f"{actor.id} is {role} and may not approve it (four eyes): "
                                        f"another principal with the {APPROVER!r} role must promote it")
             return False
         if self.policy(actor.tenant).auto_promote:
@@ -381,6 +379,19 @@ class ModelLifecycle:
                                f"who is not its author ({version.author}); actor {actor.id} has roles "
                                f"{sorted(actor.roles) or 'none'}, and tenant {actor.tenant}'s policy does not "
                                f"allow automatic promotion")
+
+    def _made_by(self, ref: str, version: VersionState, actor: Actor) -> str | None:
+        """How `actor` had a hand in `ref`'s content (None: it had none): its author (submitted it), its publisher
+        (its declaration and parameters), or the setter of the recalibration policy it was fitted under (its
+        free parameters, noise and window: the recalibration's author is the system, not a second pair of eyes)."""
+        metadata = self.registry.get(ref, allow_code_change=True).metadata
+        if actor.id == version.author:
+            return f"the author of {ref}"
+        if actor.id == metadata.get(PUBLISHED_BY):
+            return f"the publisher (its declaration and parameters) of {ref}"
+        if actor.id == metadata.get(POLICY_SET_BY):
+            return f"the setter of the recalibration policy (its free parameters, noise and window) that fitted {ref}"
+        return None
 
     def _load(self, model: str, actor: Actor, expected_revision: int | None) -> ModelState:
         state = self.verify(model)

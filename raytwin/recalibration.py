@@ -13,8 +13,9 @@ time of its latch, the detector's statistics and the change-log sequence number 
 
 from __future__ import annotations
 
+import json
 import logging
-from typing import Annotated, Any
+from typing import Annotated, Any, NamedTuple
 
 from pydantic import Field, ValidationError, model_validator
 
@@ -97,8 +98,16 @@ class DriftTrigger(Contract):
     nis_last: Finite | None
 
 
+class StoredPolicy(NamedTuple):
+    policy: RecalibrationPolicy
+    set_by: str | None
+    """The principal (API key id) that set it; None for a policy stored without one (set before it was kept, or
+    written by hand): its candidates name no setter, so the four-eyes rule cannot exclude them."""
+
+
 class PolicyStore:
-    """The tenants' policies as JSON documents on the store (any replica reads and writes them)."""
+    """The tenants' policies as JSON documents on the store (any replica reads and writes them), each with the
+    principal that set it (``set_by``): a recalibration's candidate records them, so they may not approve it."""
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None):
         self.fs, self.root = filesystem(url, storage_options)
@@ -107,15 +116,24 @@ class PolicyStore:
         return f"{self.root}/{tenant}/{type_name}.json"
 
     def get(self, tenant: str, type_name: str) -> RecalibrationPolicy | None:
+        stored = self.get_stored(tenant, type_name)
+        return None if stored is None else stored.policy
+
+    def get_stored(self, tenant: str, type_name: str) -> StoredPolicy | None:
+        """The policy in force and who set it, read together (None: no policy)."""
         path = self._path(tenant, type_name)
         if not self.fs.exists(path):
             return None
         try:
-            return RecalibrationPolicy.model_validate_json(self.fs.cat_file(path))
-        except ValidationError as exc:  # written by hand on the store: say which file to fix
-            raise PolicyError(f"the stored policy {path} is invalid: {describe_error(exc)}") from None
+            doc = json.loads(self.fs.cat_file(path))
+            set_by = doc.pop("set_by", None) if isinstance(doc, dict) else None
+            return StoredPolicy(RecalibrationPolicy.model_validate(doc), set_by)
+        except (ValueError, ValidationError) as exc:  # written by hand on the store: say which file to fix
+            why = describe_error(exc) if isinstance(exc, ValidationError) else f"not JSON ({exc})"
+            raise PolicyError(f"the stored policy {path} is invalid: {why}") from None
 
-    def put(self, tenant: str, type_name: str, policy: RecalibrationPolicy) -> None:
-        replace_file(self.fs, self._path(tenant, type_name), canonical_json(policy.model_dump(mode="json")))
-        log.info("event=recalibration_policy_set tenant=%s type=%s policy=%s", tenant, type_name,
+    def put(self, tenant: str, type_name: str, policy: RecalibrationPolicy, set_by: str | None = None) -> None:
+        doc = policy.model_dump(mode="json") | ({} if set_by is None else {"set_by": set_by})
+        replace_file(self.fs, self._path(tenant, type_name), canonical_json(doc))
+        log.info("event=recalibration_policy_set tenant=%s type=%s set_by=%s policy=%s", tenant, type_name, set_by,
                  policy.model_dump_json())

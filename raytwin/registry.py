@@ -61,6 +61,10 @@ class ModelCodeChanged(RegistryError):
 PUBLISHED_BY = "published_by"
 """Artifact metadata: who published the version's content (an API key id); the four-eyes rule keeps them
 from approving it (`raytwin.lifecycle`)."""
+POLICY_SET_BY = "policy_set_by"
+"""Artifact metadata of a drift recalibration's candidate: who set the recalibration policy it was fitted under
+(an API key id; it chose the free parameters, the noise and the window). The four-eyes rule keeps them from
+approving it (`raytwin.lifecycle`), as it keeps a publisher."""
 
 
 class ModelArtifact(Contract):

@@ -77,11 +77,13 @@ class RecalibrationJobs:
                                     policy.max_samples, held=held_inputs(artifact))
         estimate = self.twins.state_at(tenant, job.asset_id, start)  # the estimate at the first sample
         url = self.config.url("recalibration", tenant, "windows", f"{job.job_key}.parquet")
+        stored = self.policies.get_stored(tenant, artifact.name)  # who set the policy in force: not its approver
         write_window(table, url, self.config.storage_options or None)
         work = RecalibrationWork(
             job_key=job.job_key, tenant=tenant, asset_id=job.asset_id, model_ref=job.model_ref,
             candidate_version=job.candidate_version, telemetry=url, start_state=estimate.state,
             start_std=start_std(artifact, estimate.std), policy=policy,
+            policy_set_by=None if stored is None else stored.set_by,
             triggers=job.triggers, registry_url=self.config.url("registry", tenant),
             runs_url=self.config.url("runs", tenant), storage_options=self.config.storage_options)
         ref = recalibration_task.options(**cpu_only({})).remote(work)

@@ -1,7 +1,8 @@
 """Routes for drift-triggered recalibration: each asset type's policy, and the jobs it launched.
 
 Policies are per tenant and asset type, stored on the store by the ingress (`raytwin.recalibration`):
-only an admin key may set one (audited as ``recalibration_policy.update``), and only for an asset
+only an admin key may set one (audited as ``recalibration_policy.update``; the key is stored with it and may
+not approve the candidates fitted under it), and only for an asset
 type of its own tenant, whose model must have the named parameters and outputs. Another tenant's
 policy is invisible (404, like a missing one). The trigger itself runs in the backend
 (`serve_apps.recalibration`); `GET /v1/recalibrations` shows what it holds for the caller's tenant.
@@ -50,7 +51,8 @@ async def put_recalibration_policy(type_name: TypeName, body: RecalibrationPolic
                                    who: Principal = ADMIN, svc: Services = SVC,
                                    _writable: None = WRITABLE) -> RecalibrationPolicy:
     """Set when a latched drift alarm of this asset type's twins launches a calibration, and its budget
-    (admin only; audited). Every published version of the type must have the policy's parameters."""
+    (admin only; audited). Every published version of the type must have the policy's parameters. The key is
+    kept with the policy: the candidates fitted under it name it, and it may not approve them (four eyes)."""
     versions = await svc.backend.call("list_types", who.tenant, type_name)
     if not versions:
         raise NotFound(f"no asset type {type_name}: publish it (POST /v1/asset-types) before its policy")
@@ -59,7 +61,7 @@ async def put_recalibration_policy(type_name: TypeName, body: RecalibrationPolic
             body.check_model(list(asset_type.parameters), list(asset_type.outputs), asset_type.key)
         except PolicyError as exc:
             raise Unprocessable(str(unwrap(exc))) from None
-    await run_in_threadpool(_policies(svc).put, who.tenant, type_name, body)
+    await run_in_threadpool(_policies(svc).put, who.tenant, type_name, body, who.key_id)
     await svc.record(request, who, "recalibration_policy.update", type_name, policy=body.model_dump(mode="json"))
     return body
 

@@ -28,7 +28,7 @@ from raytwin.contracts import Contract, Finite, Identifier, SemVer
 from raytwin.lifecycle import REASON_KEPT, Actor, Evidence, ModelLifecycle
 from raytwin.recalibration import DriftTrigger, RecalibrationPolicy
 from raytwin.estimation import model_defaults
-from raytwin.registry import ModelArtifact, ModelRegistry, RegistryError
+from raytwin.registry import POLICY_SET_BY, ModelArtifact, ModelRegistry, RegistryError
 from raytwin.statestore import StateStore, from_micros, to_micros
 from raytwin.storage import filesystem
 from sweeps.calibration import CalibrationSpec
@@ -73,6 +73,8 @@ class RecalibrationWork(Contract):
     start_std: dict[Identifier, Finite] = Field(default_factory=dict, description="The std of start_state: the "
                                                 "twin's, at least the model's declared prior (`start_std`)")
     policy: RecalibrationPolicy
+    policy_set_by: str | None = Field(None, description="Who set the policy (an API key id): the candidate's "
+                                      "metadata names it, so it may not approve the candidate (four eyes)")
     triggers: list[DriftTrigger] = Field(min_length=1)
     registry_url: str
     runs_url: str
@@ -194,7 +196,8 @@ def recalibrate(work: RecalibrationWork) -> Recalibrated:
         registry.register(name, work.candidate_version, base.asset_type, parameters, metadata={
             JOB_KEY: work.job_key, "run_id": run_id, "calibrated_from": work.model_ref,
             "asset_id": work.asset_id, "weighted_rmse": repr(record.summary["weighted_rmse"]),
-            **({WARNINGS: "\n".join(warnings)} if warnings else {})})
+            **({WARNINGS: "\n".join(warnings)} if warnings else {}),
+            **({POLICY_SET_BY: work.policy_set_by} if work.policy_set_by else {})})
     if work.candidate_version not in lifecycle.verify(name).versions:
         twins = sorted({t.asset_id for t in work.triggers})
         reason = (f"recalibrated {','.join(work.policy.free)} on twin {work.asset_id} after drift of "

@@ -118,6 +118,25 @@ def test_another_tenants_model_and_bad_evidence_are_refused(lc):
     assert len(lc.records("zone")) == 2
 
 
+def test_the_setter_of_a_recalibration_policy_may_not_approve_its_candidate(tmp_path):
+    """One approver key set the drift recalibration policy (free parameters, noise, window), sent the telemetry
+    and promoted the fit alone: the candidate's author is the system `recalibration`, which is no second pair
+    of eyes. The setter recorded in the candidate's metadata is refused; another approver may promote it."""
+    from raytwin.registry import POLICY_SET_BY
+
+    registry = ModelRegistry(str(tmp_path / "registry"))
+    registry.register("zone", "1.0.1", THERMAL, {"R_io": 0.02}, metadata={POLICY_SET_BY: "bob"})
+    lc = ModelLifecycle(registry)
+    _to_staging(lc, "1.0.1", author=Actor(id="recalibration", tenant="acme"))
+    with pytest.raises(ApprovalRequired, match=r"^bob is the setter of the recalibration policy \(its free "
+                                               r"parameters, noise and window\) that fitted zone@1.0.1 and "
+                                               r"may not approve it \(four eyes\): another principal with the "
+                                               r"'approver' role must promote it$"):
+        lc.transition("zone@1.0.1", "production", BOB, "fit looks fine")
+    assert lc.stage("zone@1.0.1") == "staging"
+    assert lc.transition("zone@1.0.1", "production", CAROL, "fit report checked").actor == "carol"
+
+
 def test_automatic_promotion_is_a_tenant_policy(lc):
     _to_staging(lc, "1.0.0")
     lc.set_policy("acme", LifecyclePolicy(auto_promote=True))

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 from raytwin.contracts import AssetType
 from raytwin.lifecycle import ModelLifecycle
 from raytwin.recalibration import DriftTrigger, RecalibrationPolicy
-from raytwin.registry import ModelRegistry
+from raytwin.registry import POLICY_SET_BY, ModelRegistry
 from raytwin.sim import TWO_TANK
 from sweeps.calibration import MISFIT_RMSE
 from sweeps.recalibration import WARNINGS, RecalibrationWork, recalibrate
@@ -32,13 +32,15 @@ def test_a_candidate_whose_fit_does_not_match_the_data_is_submitted_saying_so(ra
         job_key="job-1", tenant="acme", asset_id="tank-1", model_ref="tank@1.0.0", candidate_version="1.0.1",
         telemetry=str(tmp_path / "w.parquet"), start_state=case["x0"],
         policy=RecalibrationPolicy(free=["a1"], max_trials=1, noise_std=case["noise"]),
-        triggers=[trigger], registry_url=str(tmp_path / "registry"), runs_url=str(tmp_path / "runs"))
+        triggers=[trigger], registry_url=str(tmp_path / "registry"), runs_url=str(tmp_path / "runs"),
+        policy_set_by="key-ops")
 
     done = recalibrate(work)
     (warning,) = done.warnings
     assert warning.startswith("the fit does not match the data: weighted RMSE")
     assert float(registry.get("tank@1.0.1").metadata["weighted_rmse"]) > MISFIT_RMSE
     assert registry.get("tank@1.0.1").metadata[WARNINGS] == warning
+    assert registry.get("tank@1.0.1").metadata[POLICY_SET_BY] == "key-ops"  # four eyes: it may not approve it
     (submitted,) = [r for r in ModelLifecycle(registry).records("tank") if r.version == "1.0.1"]
     assert submitted.to_stage == "candidate" and submitted.reason.endswith(f"; WARNING: {warning}")
 

@@ -41,8 +41,11 @@ def test_policy_names_are_checked_against_the_model_and_stored_per_tenant(tmp_pa
     with pytest.raises(PolicyError, match=r"noise_std names \['T_m'\], not outputs"):
         RecalibrationPolicy(free=["R_io"], noise_std={"T_m": 0.1}).check_model(["R_io"], ["T_in"], "thermal_rc@1")
     store = PolicyStore(str(tmp_path))
-    store.put("acme", "thermal_rc", POLICY)
+    store.put("acme", "thermal_rc", POLICY, set_by="key-ops")
     assert store.get("acme", "thermal_rc") == POLICY
+    assert store.get_stored("acme", "thermal_rc") == (POLICY, "key-ops")  # its candidates name who set it
+    (tmp_path / "acme" / "legacy.json").write_text(POLICY.model_dump_json())  # stored before setters were kept
+    assert store.get_stored("acme", "legacy") == (POLICY, None)
     assert store.get("globex", "thermal_rc") is None  # tenants' policies never mix
     (tmp_path / "acme" / "thermal_rc.json").write_text('{"free": ["R_io"], "cooldown_s": -5}')
     with pytest.raises(PolicyError, match="acme/thermal_rc.json is invalid: .*cooldown_s"):

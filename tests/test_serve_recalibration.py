@@ -111,6 +111,9 @@ def test_a_drift_latch_starts_one_calibration_whose_candidate_is_near_the_truth(
     truth = 0.5 * THERMAL_RC.param_vector()[THERMAL_RC.param_names.index("R_io")]
     candidate = ModelRegistry(str(store / "registry" / "acme")).get("thermal_rc@1.0.1")
     assert candidate.parameters["R_io"] == pytest.approx(truth, rel=0.03)
+    (setter,) = {a["key_id"] for a in http.get("/v1/audit", headers=http.headers_for("admin")).json()
+                 if a["action"] == "recalibration_policy.update"}
+    assert candidate.metadata["policy_set_by"] == setter  # the key that chose what to fit may not approve it
 
     lifecycle = http.get("/v1/models/thermal_rc/lifecycle", headers=http.headers_for("reader")).json()
     assert [(v["version"], v["stage"], v["author"]) for v in lifecycle["versions"]] == [
