@@ -171,6 +171,7 @@ class ModelState:
     versions: dict[str, VersionState] = field(default_factory=dict)
     production_stack: list[str] = field(default_factory=list)
     evidence_runs: dict[str, set[str]] = field(default_factory=dict)  # version -> run ids named as evidence
+    had_production: bool = False  # some version was promoted: no production now means its production was archived
 
     @property
     def production(self) -> str | None:
@@ -194,6 +195,7 @@ class ModelState:
             self.versions[r.displaced] = VersionState(old.version, "archived", old.author, r.time)
         if r.action == "promote":
             self.production_stack.append(r.version)
+            self.had_production = True
         elif r.action == "rollback":
             self.production_stack.pop()
         elif r.action == "archive" and r.from_stage == "production":

@@ -290,17 +290,28 @@ class Backend:
 
     def _require_production(self, asset: Asset) -> None:
         """`Conflict` unless the asset's version may run on a new twin: once its model has a production
-        version, only that one. Promotion swaps a model's twins to production; a twin created on (or moved
-        to) a candidate nobody approved, or an archived version, would run what no approver let run."""
+        version, only that one; once that version was archived and none replaced it, none (an approver promotes
+        one first); before the first promotion (bootstrap), any version that is not archived. Promotion swaps a
+        model's twins to production; a twin created on (or moved to) a candidate nobody approved, or an
+        archived version, would run what no approver let run."""
         try:
-            production = ModelLifecycle(self._registry(asset.tenant)).verify(asset.type_name).production
+            state = ModelLifecycle(self._registry(asset.tenant)).verify(asset.type_name)
         except LifecycleError as exc:  # a broken transition log: which version may run is unknown
             raise Conflict(str(unwrap(exc))) from None
-        if production is not None and production != asset.type_version:
+        name, version, production = asset.type_name, asset.type_version, state.production
+        if production is not None and production != version:
             raise Conflict(
-                f"{asset.type_name}@{asset.type_version} is not the production version of model {asset.type_name} "
-                f"({production}), and twins of a model under the lifecycle run its production version: use "
-                f"type_version {production!r}, or promote {asset.type_version} first")
+                f"{name}@{version} is not the production version of model {name} ({production}), and twins of a "
+                f"model under the lifecycle run its production version: use type_version {production!r}, or "
+                f"promote {version} first")
+        if production is None and state.had_production:
+            raise Conflict(
+                f"model {name} has no production version (the last one was archived), and twins of a model under "
+                f"the lifecycle run its production version: an approver promotes a version first (POST "
+                f"/v1/models/{name}/versions/{{version}}/transitions with \"to\": \"production\")")
+        if (known := state.versions.get(version)) is not None and known.stage == "archived":
+            raise Conflict(f"{name}@{version} is archived, and an archived version runs on no new twin: use a "
+                           f"candidate or staging version of {name}, or register a new version")
 
     def _checked_artifact(self, asset: Asset, initial_state: dict[str, float] | None) -> ModelArtifact:
         """The asset's model, once its twin's registration is known to fit it: a filter name, noise

@@ -489,7 +489,8 @@ def test_bulk_jobs_refuse_a_missing_version_at_submission_name_api_paths_and_kee
 
 def test_a_migration_moves_no_asset_off_its_models_production_version(api):
     """Under the lifecycle, twins run the production version: a migration to another one (a candidate nobody
-    approved) is refused as creating or replacing an asset on it is."""
+    approved) is refused as creating or replacing an asset on it is, and so is any once the production version
+    was archived (none is approved then)."""
     from raytwin.lifecycle import Actor, ModelLifecycle
 
     client, auth, backend = api
@@ -507,6 +508,11 @@ def test_a_migration_moves_no_asset_off_its_models_production_version(api):
     r = client.post("/v1/assets/hall-1/migrate", json={"type_version": "2.0.0", "states": {"T_air": {"from": "T"}}},
                     headers=auth["admin"])
     assert r.status_code == 409 and "hall@2.0.0 is not the production version of model hall (1.0.0)" in r.text
+    assert client.get("/v1/assets/hall-1", headers=auth["reader"]).json()["type_version"] == "1.0.0"
+    lifecycle.transition("hall@1.0.0", "archived", approver, "found wrong")  # no production version now
+    r = client.post("/v1/assets/hall-1/migrate", json={"type_version": "2.0.0", "states": {"T_air": {"from": "T"}}},
+                    headers=auth["admin"])
+    assert r.status_code == 409 and "model hall has no production version (the last one was archived)" in r.text
     assert client.get("/v1/assets/hall-1", headers=auth["reader"]).json()["type_version"] == "1.0.0"
 
 

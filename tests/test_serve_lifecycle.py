@@ -488,3 +488,36 @@ def test_a_shadow_runs_only_on_twins_of_the_candidates_model(client):
                                                                  headers=api.headers_for("writer")), 400,
                                                        "bad_request")["message"]
 
+
+def test_no_new_twin_runs_an_unapproved_or_archived_version_once_production_was_archived(client):
+    """Archiving the production version (found wrong) left model archived_rc without one, and the API then
+    created twins on any version: the candidate nobody approved, and the version just archived. Before the
+    first promotion (bootstrap) twins run any version that is not archived."""
+    api, http = client, client.http
+    model, admin = "archived_rc", api.headers_for("admin")
+    for version in ("1.0.0", "1.1.0", "1.2.0"):
+        assert http.post("/v1/asset-types", json={**THERMAL_TYPE, "name": model, "version": version},
+                         headers=admin).status_code == 201
+    move = lambda who, version, to: http.post(  # noqa: E731
+        f"/v1/models/{model}/versions/{version}/transitions", json={"to": to, "reason": f"{who}: {to}"},
+        headers=api.headers_for(who))
+    create = lambda asset_id, version: http.post("/v1/assets", headers=admin, json={  # noqa: E731
+        "id": asset_id, "type_name": model, "type_version": version})
+    assert move("writer", "1.2.0", "candidate").status_code == 201 and move("writer", "1.2.0", "archived").status_code == 201
+    assert create("ar-boot", "1.0.0").status_code == 201  # bootstrap: no version was ever approved
+    assert assert_error(create("ar-rejected", "1.2.0"), 409, "conflict")["message"] == (
+        f"{model}@1.2.0 is archived, and an archived version runs on no new twin: use a candidate or staging "
+        f"version of {model}, or register a new version")
+    for version in ("1.0.0", "1.1.0"):
+        assert move("writer", version, "candidate").status_code == 201
+    assert move("writer", "1.0.0", "staging").status_code == 201 and move("approver", "1.0.0", "production").status_code == 201
+    assert move("approver", "1.0.0", "archived").status_code == 201  # found wrong: no production version now
+    no_production = (f"model {model} has no production version (the last one was archived), and twins of a model "
+                     f"under the lifecycle run its production version: an approver promotes a version first (POST "
+                     f"/v1/models/{model}/versions/{{version}}/transitions with \"to\": \"production\")")
+    for version in ("1.1.0", "1.0.0"):  # the candidate nobody approved, the version just archived
+        assert assert_error(create(f"ar-{version}", version), 409, "conflict")["message"] == no_production
+    retyped = http.put("/v1/assets/ar-boot", headers=admin, json={"type_name": model, "type_version": "1.1.0"})
+    assert assert_error(retyped, 409, "conflict")["message"] == no_production
+    assert move("writer", "1.1.0", "staging").status_code == 201 and move("approver", "1.1.0", "production").status_code == 201
+    assert create("ar-approved", "1.1.0").status_code == 201
