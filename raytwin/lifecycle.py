@@ -368,14 +368,20 @@ class ModelLifecycle:
                                f"{sorted(actor.roles) or 'none'})")
 
     def _approve(self, state: ModelState, version: VersionState, actor: Actor) -> bool:
-        """Whether production is reached by policy (True) or by a second pair of eyes (False); else refuse."""
+        """Whether production is reached by policy (True) or by a second pair of eyes (False); else refuse.
+        An approver who had a hand in the version is no second pair of eyes: under the tenant's automatic
+        promotion it promotes as any writer does (recorded as automatic), otherwise it is refused."""
         ref = f"{state.model}@{version.version}"
+        auto = self.policy(state.tenant or actor.tenant).auto_promote
         if APPROVER in actor.roles:
-            if role := self._made_by(ref, version, actor):
-                raise ApprovalRequired(f"{actor.id} is {role} and may not approve it (four eyes): "
-                                       f"another principal with the {APPROVER!r} role must promote it")
-            return False
-        if self.policy(actor.tenant).auto_promote:
+            if (role := self._made_by(ref, version, actor)) is None:
+                return False
+            if auto:
+                return True
+            raise ApprovalRequired(f"{actor.id} is {role} and may not approve it (four eyes): another principal "
+                                   f"with the {APPROVER!r} role must promote it (tenant {actor.tenant}'s policy "
+                                   "does not allow automatic promotion)")
+        if auto:
             return True
         raise ApprovalRequired(f"promoting {ref} to production needs a principal with the {APPROVER!r} role "
                                f"who is not its author ({version.author}); actor {actor.id} has roles "

@@ -131,7 +131,8 @@ def test_the_setter_of_a_recalibration_policy_may_not_approve_its_candidate(tmp_
     with pytest.raises(ApprovalRequired, match=r"^bob is the setter of the recalibration policy \(its free "
                                                r"parameters, noise and window\) that fitted zone@1.0.1 and "
                                                r"may not approve it \(four eyes\): another principal with the "
-                                               r"'approver' role must promote it$"):
+                                               r"'approver' role must promote it \(tenant acme's policy does not "
+                                               r"allow automatic promotion\)$"):
         lc.transition("zone@1.0.1", "production", BOB, "fit looks fine")
     assert lc.stage("zone@1.0.1") == "staging"
     assert lc.transition("zone@1.0.1", "production", CAROL, "fit report checked").actor == "carol"
@@ -139,9 +140,16 @@ def test_the_setter_of_a_recalibration_policy_may_not_approve_its_candidate(tmp_
 
 def test_automatic_promotion_is_a_tenant_policy(lc):
     _to_staging(lc, "1.0.0")
+    _to_staging(lc, "1.1.0", author=BOB)
+    with pytest.raises(ApprovalRequired, match=r"^bob is the author of zone@1.1.0 and may not approve it \(four eyes\)"):
+        lc.transition("zone@1.1.0", "production", BOB, "mine")
     lc.set_policy("acme", LifecyclePolicy(auto_promote=True))
     record = lc.transition("zone@1.0.0", "production", ALICE, "policy allows it")
     assert record.automatic and lc.stage("zone@1.0.0") == "production"
+    # an approver-author promotes as any writer may under the policy: automatically, not as its own approver
+    # (it was refused, "another principal must promote it", which the policy does not ask)
+    record = lc.transition("zone@1.1.0", "production", BOB, "policy allows it")
+    assert record.automatic and lc.stage("zone@1.1.0") == "production"
     with pytest.raises(ValueError, match="keep_archived"):
         LifecyclePolicy(keep_archived=-1)
     assert lc.policy("globex") == LifecyclePolicy()  # untouched tenant: the safe default
