@@ -23,7 +23,7 @@ from actors.routing import shard_name
 from actors.shadow import MAX_EVENTS, MAX_TWINS, ShadowRefused, ShadowRunning
 from actors.state import UnknownTwin
 from raytwin.contracts import Identifier
-from raytwin.lifecycle import TransitionRecord
+from raytwin.lifecycle import ModelLifecycle, TransitionRecord
 from raytwin.registry import RegistryError
 from raytwin.shadow import SYSTEM_ACTOR, conclude
 from serve_apps.auth import Principal
@@ -56,6 +56,14 @@ class ShadowStatus(BaseModel):
     recorded: list[TransitionRecord] = Field(description="Lifecycle records this read wrote: when the evaluation "
                                              "is done, its evidence (once per run) and, under the tenant's "
                                              "policy, the candidate's automatic move to staging")
+    not_recorded: str | None = Field(None, description="Why the evaluation's evidence is not (or will not be) "
+                                     "recorded: the candidate was archived meanwhile (DELETE the evaluation)")
+
+
+def _archived(lc: ModelLifecycle, model: str, version: str) -> bool:
+    """Whether the version was archived (or pruned) since its evaluation started: no evidence is recorded for it."""
+    found = lc.verify(model).versions.get(version)
+    return found is not None and found.stage == "archived"
 
 
 def live_models(svc: Services) -> LiveModels:
@@ -123,13 +131,18 @@ def register(app: FastAPI) -> None:
     async def shadow_status(model: ModelName, version: Version, request: Request, who: Principal = READER,
                             svc: Services = SVC) -> ShadowStatus:
         """Production against the candidate so far (NIS per measured value, innovation RMSE, log-likelihood).
-        Once done, the comparison is recorded on the lifecycle log by the system principal (once per run)."""
-        ref = f"{model}@{version}"
+        Once done, the comparison is recorded on the lifecycle log by the system principal (once per run); a
+        candidate archived meanwhile gets no evidence (`not_recorded` says so), and the report is still read."""
+        ref, lc = f"{model}@{version}", _lifecycle(svc, who.tenant)
         report: ShadowReport = await _live(svc, lambda m: m.shadow(who.tenant, ref))
+        if await _call(_archived, lc, model, version):
+            return ShadowStatus(report=report, recorded=[], not_recorded=(
+                f"{ref} was archived since the evaluation started: the lifecycle records evidence for candidate, "
+                f"staging and production versions only, so this comparison is not recorded; DELETE {request.url.path} "
+                "to end the evaluation"))
         recorded: list[TransitionRecord] = []
         if report.done:
-            recorded = await _call(conclude, _lifecycle(svc, who.tenant), ref, who.tenant, report.run_id,
-                                   report.comparison, len(report.twins))
+            recorded = await _call(conclude, lc, ref, who.tenant, report.run_id, report.comparison, len(report.twins))
             for r in recorded:
                 await svc.record(request, who, f"model.{r.action}", ref, run_id=report.run_id, seq=r.seq,
                                  by=SYSTEM_ACTOR, to_stage=r.to_stage, hash=r.hash)

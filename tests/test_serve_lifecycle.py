@@ -521,3 +521,46 @@ def test_no_new_twin_runs_an_unapproved_or_archived_version_once_production_was_
     assert assert_error(retyped, 409, "conflict")["message"] == no_production
     assert move("writer", "1.1.0", "staging").status_code == 201 and move("approver", "1.1.0", "production").status_code == 201
     assert create("ar-approved", "1.1.0").status_code == 201
+
+
+def _publish(api: Api, model: str, *versions: str) -> None:
+    for version in versions:
+        assert api.http.post("/v1/asset-types", json={**THERMAL_TYPE, "name": model, "version": version},
+                             headers=api.headers_for("admin")).status_code == 201
+
+
+def test_a_shadow_of_a_candidate_archived_meanwhile_is_still_read(client):
+    """Archiving a candidate while its evaluation ran made every read of the evaluation 409 ("evidence is
+    recorded for candidate, staging and production versions only"); it answers the report, records nothing,
+    says why and points to DELETE."""
+    from datetime import UTC, datetime, timedelta
+
+    api, http = client, client.http
+    model = "dropped_rc"
+    _publish(api, model, "1.0.0", "1.1.0")
+    move = lambda who, version, to: http.post(  # noqa: E731
+        f"/v1/models/{model}/versions/{version}/transitions", json={"to": to, "reason": f"{who}: {to}"},
+        headers=api.headers_for(who)).status_code
+    assert [move("writer", "1.0.0", "candidate"), move("writer", "1.0.0", "staging"),
+            move("approver", "1.0.0", "production"), move("writer", "1.1.0", "candidate")] == [201] * 4
+    assert http.post("/v1/assets", json={"id": "zone-dropped", "type_name": model, "type_version": "1.0.0"},
+                     headers=api.headers_for("admin")).status_code == 201
+    url = f"/v1/models/{model}/versions/1.1.0/shadow"
+    assert http.post(url, json={"asset_ids": ["zone-dropped"], "events": 3},
+                     headers=api.headers_for("writer")).status_code == 201
+    assert move("writer", "1.1.0", "archived") == 201
+    start = datetime.now(UTC) - timedelta(hours=1)
+    events = [{"sequence": k, "event_time": (start + timedelta(minutes=5 * k)).isoformat(),
+               "measurements": {"T_in": {"value": 293.0 + 0.01 * k, "unit": "K"},
+                                "T_out": {"value": 5.0, "unit": "degC"}}} for k in range(4)]
+    assert http.post("/v1/assets/zone-dropped/telemetry", json={"events": events},
+                     headers=api.headers_for("writer")).status_code == 200
+    read = http.get(url, headers=api.headers_for("reader"))
+    assert read.status_code == 200 and read.json()["report"]["done"] and read.json()["recorded"] == [], read.text
+    assert read.json()["not_recorded"] == (
+        f"{model}@1.1.0 was archived since the evaluation started: the lifecycle records evidence for candidate, "
+        f"staging and production versions only, so this comparison is not recorded; DELETE {url} to end the "
+        "evaluation")
+    log = http.get(f"/v1/models/{model}/lifecycle/log", headers=api.headers_for("reader")).json()
+    assert [r["action"] for r in log] == ["submit", "stage", "promote", "submit", "archive"]
+    assert http.delete(url, headers=api.headers_for("writer")).status_code == 204
