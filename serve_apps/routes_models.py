@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Path, Query, Request
+from fastapi import FastAPI, Header, Path, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
@@ -26,14 +26,17 @@ from raytwin.lifecycle import (
     PruneReport,
     Stage,
     TenantMismatch,
+    TransitionConflict,
     TransitionRecord,
 )
 from raytwin.lifecycle import Actor as LifecycleActor
 from raytwin.registry import ModelRegistry, RegistryError
 from raytwin.statestore import StateStore
 from serve_apps.auth import Principal
+from serve_apps.conditional import etag
 from serve_apps.deps import ADMIN, READER, SVC, WRITABLE, WRITER, Services
-from serve_apps.errors import CONFLICT, Conflict, Forbidden, NotFound, Unprocessable, unwrap
+from serve_apps.errors import (CONFLICT, BadRequest, Conflict, Forbidden, NotFound, PreconditionFailed,
+                               Unprocessable, unwrap)
 from sweeps.runs import RunError, RunStore
 
 ModelName = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$")]
@@ -125,12 +128,42 @@ def _check_evidence(svc: Services, tenant: str, evidence: Evidence) -> None:
                                 "and recalibrations record theirs)") from None
 
 
-async def _call(fn: Any, *args: Any) -> Any:
-    """Run a blocking lifecycle call off the event loop, its refusals turned into API errors."""
+IF_MATCH = Header(None, description='The lifecycle\'s ETag from GET .../lifecycle (`"7"`: its revision): the '
+                  "transition happens only if the model's log is still at that revision, else 412 (the same as "
+                  "expected_revision in the body, which answers 409)")
+
+
+def _expected_revision(if_match: str | None, expected_revision: int | None) -> int | None:
+    """The revision a transition is conditional on: `If-Match` (the lifecycle's ETag, its revision) or the body's
+    expected_revision. An If-Match this compare-and-set cannot honour is refused, never ignored: a client that
+    sent it believes the transition is conditional."""
+    if if_match is None:
+        return expected_revision
+    tag = if_match.strip()
+    if not (len(tag) > 2 and tag[0] == tag[-1] == '"' and tag[1:-1].lstrip("-").isdigit()):
+        raise BadRequest(f"If-Match: {if_match} is not one lifecycle ETag: a transition is conditional on one "
+                         'revision of the model\'s log; send the ETag of GET /v1/models/{model}/lifecycle as '
+                         'returned (e.g. If-Match: "7"), or expected_revision in the body')
+    revision = int(tag[1:-1])
+    if expected_revision is not None and expected_revision != revision:
+        raise BadRequest(f"If-Match: {if_match} and expected_revision {expected_revision} name different revisions; "
+                         "send one of them")
+    return revision
+
+
+async def _call(fn: Any, *args: Any, if_match: str | None = None) -> Any:
+    """Run a blocking lifecycle call off the event loop, its refusals turned into API errors; a lost
+    compare-and-set whose revision came from `if_match` answers 412, as HTTP preconditions do elsewhere in the
+    API (`serve_apps.conditional`)."""
     try:
         return await run_in_threadpool(fn, *args)
     except (ApprovalRequired, TenantMismatch) as exc:
         raise Forbidden(str(unwrap(exc))) from None
+    except TransitionConflict as exc:
+        if if_match is None:
+            raise Conflict(str(unwrap(exc))) from None
+        raise PreconditionFailed(f"{unwrap(exc)}; nothing was changed (If-Match: {if_match} did not hold): GET "
+                                 ".../lifecycle again and send its ETag", details=[{"header": "If-Match"}]) from None
     except LifecycleError as exc:
         raise Conflict(str(unwrap(exc))) from None
     except RegistryError as exc:
@@ -199,39 +232,49 @@ def register(app: FastAPI) -> None:
     tags = ["model lifecycle"]
 
     @app.get("/v1/models/{model}/lifecycle", response_model=LifecycleStatus, tags=tags)
-    async def lifecycle_status(model: ModelName, who: Principal = READER, svc: Services = SVC) -> LifecycleStatus:
-        """Each registered version's stage and author, the production version and the log's revision."""
-        return await _call(_status, _lifecycle(svc, who.tenant), model)
+    async def lifecycle_status(model: ModelName, response: Response, who: Principal = READER,
+                               svc: Services = SVC) -> LifecycleStatus:
+        """Each registered version's stage and author, the production version and the log's revision (also the
+        ETag: send it as If-Match to make a transition conditional on it)."""
+        status: LifecycleStatus = await _call(_status, _lifecycle(svc, who.tenant), model)
+        response.headers["ETag"] = etag(status.revision)
+        return status
 
     @app.post("/v1/models/{model}/versions/{version}/transitions", response_model=TransitionAnswer,
               status_code=201, tags=tags, responses=CONFLICT)
     async def transition(model: ModelName, version: Version, body: TransitionRequest, request: Request,
-                         who: Principal = WRITER, svc: Services = SVC,
-                         _writable: None = WRITABLE) -> TransitionAnswer:
+                         response: Response, who: Principal = WRITER, svc: Services = SVC,
+                         _writable: None = WRITABLE, if_match: str | None = IF_MATCH) -> TransitionAnswer:
         """Move a version to another stage. Production: a key with the `approver` grant that did not submit
         the version (403 otherwise), unless the tenant's policy promotes automatically; the previous
         production version is archived, and the model's twins swap to the new one (`twins` says which did,
-        and why the others keep theirs). 409: a move the version's stage does not allow, or a lost race."""
+        and why the others keep theirs). 409: a move the version's stage does not allow, or a lost race
+        (412 when the revision came from If-Match). The answer's ETag is the log's new revision."""
+        expected = _expected_revision(if_match, body.expected_revision)
         lc = _lifecycle(svc, who.tenant)
         await run_in_threadpool(_check_evidence, svc, who.tenant, body.evidence)
         if body.to == "production" and not body.fleet:
             await _refuse_partial_fit(svc, who, lc, model, version)
         record: TransitionRecord = await _call(lc.transition, f"{model}@{version}", body.to, _actor(who),
-                                               body.reason, body.evidence, body.expected_revision)
+                                               body.reason, body.evidence, expected, if_match=if_match)
+        response.headers["ETag"] = etag(record.seq)
         await svc.record(request, who, f"model.{record.action}", f"{model}@{version}", seq=record.seq,
                          to_stage=record.to_stage, displaced=record.displaced, hash=record.hash)
         return await _answer(svc, request, who, record)
 
     @app.post("/v1/models/{model}/rollback", response_model=TransitionAnswer, status_code=201, tags=tags,
               responses=CONFLICT)
-    async def rollback(model: ModelName, body: RollbackRequest, request: Request, who: Principal = WRITER,
-                       svc: Services = SVC, _writable: None = WRITABLE) -> TransitionAnswer:
+    async def rollback(model: ModelName, body: RollbackRequest, request: Request, response: Response,
+                       who: Principal = WRITER, svc: Services = SVC, _writable: None = WRITABLE,
+                       if_match: str | None = IF_MATCH) -> TransitionAnswer:
         """Return to the previous production version (needs the `approver` grant, or automatic promotion); the
-        model's twins swap to it (`twins`)."""
+        model's twins swap to it (`twins`); conditional on If-Match or expected_revision as a transition is."""
+        expected = _expected_revision(if_match, body.expected_revision)
         lc = _lifecycle(svc, who.tenant)
         await run_in_threadpool(_check_evidence, svc, who.tenant, body.evidence)
         record: TransitionRecord = await _call(lc.rollback, model, _actor(who), body.reason, body.evidence,
-                                               body.expected_revision)
+                                               expected, if_match=if_match)
+        response.headers["ETag"] = etag(record.seq)
         await svc.record(request, who, "model.rollback", f"{model}@{record.version}", seq=record.seq,
                          displaced=record.displaced, hash=record.hash)
         return await _answer(svc, request, who, record)

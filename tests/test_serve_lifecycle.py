@@ -564,3 +564,33 @@ def test_a_shadow_of_a_candidate_archived_meanwhile_is_still_read(client):
     log = http.get(f"/v1/models/{model}/lifecycle/log", headers=api.headers_for("reader")).json()
     assert [r["action"] for r in log] == ["submit", "stage", "promote", "submit", "archive"]
     assert http.delete(url, headers=api.headers_for("writer")).status_code == 204
+
+
+def test_if_match_makes_a_transition_conditional_on_the_lifecycle_etag(client):
+    """If-Match on a transition or a rollback was ignored: a client using HTTP's compare-and-set believed its
+    transition conditional while a stale one applied. GET .../lifecycle's ETag is the log's revision; If-Match
+    with it is expected_revision, answered 412 like the API's other preconditions."""
+    api, http = client, client.http
+    model = "cas_rc"
+    _publish(api, model, "1.0.0", "1.1.0")
+    url = f"/v1/models/{model}/versions/{{}}/transitions"
+    writer = lambda tag: {**api.headers_for("writer"), "If-Match": tag}  # noqa: E731
+    status = http.get(f"/v1/models/{model}/lifecycle", headers=api.headers_for("reader"))
+    assert status.headers["etag"] == '"-1"' and status.json()["revision"] == -1
+    first = http.post(url.format("1.0.0"), json={"to": "candidate", "reason": "fit"}, headers=writer('"-1"'))
+    assert first.status_code == 201 and first.headers["etag"] == '"0"', first.text
+    stale = assert_error(http.post(url.format("1.1.0"), json={"to": "candidate", "reason": "fit"},
+                                   headers=writer('"-1"')), 412, "precondition_failed")["message"]
+    assert stale == (f'{model} is at revision 0, not -1: another transition came first; reload and retry; nothing was '
+                     'changed (If-Match: "-1" did not hold): GET .../lifecycle again and send its ETag')
+    assert http.get(f"/v1/models/{model}/lifecycle", headers=api.headers_for("reader")).json()["revision"] == 0
+    assert "is not one lifecycle ETag" in assert_error(http.post(
+        url.format("1.1.0"), json={"to": "candidate", "reason": "fit"}, headers=writer("*")), 400, "bad_request")["message"]
+    both = http.post(url.format("1.1.0"), json={"to": "candidate", "reason": "fit", "expected_revision": 3},
+                     headers=writer('"0"'))
+    assert "name different revisions" in assert_error(both, 400, "bad_request")["message"]
+    rollback = http.post(f"/v1/models/{model}/rollback", json={"reason": "back"},
+                         headers={**api.headers_for("approver"), "If-Match": '"-1"'})
+    assert_error(rollback, 412, "precondition_failed")
+    assert http.post(url.format("1.1.0"), json={"to": "candidate", "reason": "fit"},
+                     headers=writer('"0"')).headers["etag"] == '"1"'
