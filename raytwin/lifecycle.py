@@ -231,6 +231,10 @@ class ModelLifecycle:
             return []
         return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(base, detail=False))
 
+    def exists(self, model: str) -> bool:
+        """Whether `model` is known here: a registered version, or a lifecycle log (its versions may be pruned)."""
+        return bool(self.registry.versions(model)) or self.fs.exists(self._log_dir(model))
+
     def records(self, model: str) -> list[TransitionRecord]:
         """The model's records in sequence-number order, each validated (not yet chain-checked)."""
         base = self._log_dir(model)

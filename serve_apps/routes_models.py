@@ -170,11 +170,16 @@ async def _call(fn: Any, *args: Any, if_match: str | None = None) -> Any:
         raise NotFound(str(unwrap(exc))) from None
 
 
+def _require_model(lc: ModelLifecycle, model: str) -> None:
+    """`RegistryError` (404) for a model the tenant's registry does not know: its empty log is no answer."""
+    if not lc.exists(model):
+        raise RegistryError(f"no model {model}")
+
+
 def _status(lc: ModelLifecycle, model: str) -> LifecycleStatus:
+    _require_model(lc, model)
     state = lc.verify(model)
     registered = lc.registry.versions(model)
-    if not registered and not state.versions:
-        raise RegistryError(f"no model {model}")
     versions = []
     for version in sorted(set(registered) | set(state.versions), key=lambda v: tuple(int(x) for x in v.split("."))):
         s = state.versions.get(version)
@@ -186,6 +191,7 @@ def _status(lc: ModelLifecycle, model: str) -> LifecycleStatus:
 
 
 def _check(lc: ModelLifecycle, model: str, expected_head: str | None) -> ChainCheck:
+    _require_model(lc, model)
     try:
         state = lc.verify(model, expected_head)
     except ChainBroken as exc:
@@ -271,6 +277,7 @@ def register(app: FastAPI) -> None:
         model's twins swap to it (`twins`); conditional on If-Match or expected_revision as a transition is."""
         expected = _expected_revision(if_match, body.expected_revision)
         lc = _lifecycle(svc, who.tenant)
+        await _call(_require_model, lc, model)
         await run_in_threadpool(_check_evidence, svc, who.tenant, body.evidence)
         record: TransitionRecord = await _call(lc.rollback, model, _actor(who), body.reason, body.evidence,
                                                expected, if_match=if_match)
@@ -281,8 +288,10 @@ def register(app: FastAPI) -> None:
 
     @app.get("/v1/models/{model}/lifecycle/log", response_model=list[TransitionRecord], tags=tags)
     async def lifecycle_log(model: ModelName, who: Principal = READER, svc: Services = SVC) -> list[TransitionRecord]:
-        """The model's transition records, oldest first (check them with .../lifecycle/verify)."""
-        return await _call(_lifecycle(svc, who.tenant).records, model)
+        """The model's transition records, oldest first (check them with .../lifecycle/verify); 404: no model."""
+        lc = _lifecycle(svc, who.tenant)
+        await _call(_require_model, lc, model)
+        return await _call(lc.records, model)
 
     @app.get("/v1/models/{model}/lifecycle/verify", response_model=ChainCheck, tags=tags)
     async def lifecycle_verify(

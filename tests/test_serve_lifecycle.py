@@ -594,3 +594,13 @@ def test_if_match_makes_a_transition_conditional_on_the_lifecycle_etag(client):
     assert_error(rollback, 412, "precondition_failed")
     assert http.post(url.format("1.1.0"), json={"to": "candidate", "reason": "fit"},
                      headers=writer('"0"')).headers["etag"] == '"1"'
+
+
+def test_an_unknown_model_is_404_on_every_lifecycle_route(client):
+    """The log answered 200 [] and the check 200 ok for a model that does not exist, and a rollback 409."""
+    api, http = client, client.http
+    for path in ("lifecycle", "lifecycle/log", "lifecycle/verify"):
+        missing = http.get(f"/v1/models/no_such_model/{path}", headers=api.headers_for("reader"))
+        assert assert_error(missing, 404, "not_found")["message"] == "no model no_such_model"
+    assert_error(http.post("/v1/models/no_such_model/rollback", json={"reason": "back"},
+                           headers=api.headers_for("approver")), 404, "not_found")
