@@ -108,7 +108,7 @@ class RecalibrationJobs:
             return
         # the candidate was registered and submitted by the system principal `recalibration`
         self._audit(tenant, "model.submit", out["candidate"], job_key=job_key, run_id=out["run_id"],
-                    by="recalibration", resumed=out["resumed"],
+                    by="recalibration", resumed=out["resumed"], seq=out["seq"], hash=out["hash"],
                     **({"warnings": out["warnings"]} if out["warnings"] else {}))
         self.trigger.finish(tenant, job_key, run_id=out["run_id"], candidate=out["candidate"])
 

@@ -88,6 +88,8 @@ class Recalibrated(Contract):
     resumed: bool = Field(description="True when a relaunch found the candidate registered already")
     warnings: list[str] = Field(default_factory=list, description="What makes the fit doubtful (a weighted RMSE "
                                 "far above 1): also in the submission's reason, for the approver")
+    seq: int = Field(ge=0, description="The sequence number of the candidate's submit record on the lifecycle log")
+    hash: str = Field(description="That record's hash (the audit record of the submission carries both)")
 
 
 def window_table(store: StateStore, tenant: str, asset_id: str, names: list[str], until: datetime,
@@ -198,17 +200,20 @@ def recalibrate(work: RecalibrationWork) -> Recalibrated:
             "asset_id": work.asset_id, "weighted_rmse": repr(record.summary["weighted_rmse"]),
             **({WARNINGS: "\n".join(warnings)} if warnings else {}),
             **({POLICY_SET_BY: work.policy_set_by} if work.policy_set_by else {})})
-    if work.candidate_version not in lifecycle.verify(name).versions:
+    lifecycle.verify(name)  # the chain first: a submit record found in it is the log's
+    submitted = next((r for r in lifecycle.records(name) if r.version == work.candidate_version
+                      and r.action == "submit"), None)  # by a crashed attempt
+    if submitted is None:
         twins = sorted({t.asset_id for t in work.triggers})
         reason = (f"recalibrated {','.join(work.policy.free)} on twin {work.asset_id} after drift of "
                   f"{len(twins)} twin(s) of {work.model_ref}" + "".join(f"; WARNING: {w}" for w in warnings))
-        lifecycle.submit(candidate, Actor(id=AUTHOR, tenant=work.tenant), reason[:REASON_KEPT],
-                         Evidence(run_ids=[run_id], triggers=work.triggers))  # its fit: GET /v1/runs/{id}
+        submitted = lifecycle.submit(candidate, Actor(id=AUTHOR, tenant=work.tenant), reason[:REASON_KEPT],
+                                     Evidence(run_ids=[run_id], triggers=work.triggers))  # its fit: GET /v1/runs/{id}
     (log.warning if warnings else log.info)(
         "event=recalibrated job=%s tenant=%s candidate=%s run_id=%s resumed=%s triggers=%d warnings=%d",
         work.job_key, work.tenant, candidate, run_id, resumed, len(work.triggers), len(warnings))
     return Recalibrated(candidate=candidate, run_id=run_id, parameters=parameters, resumed=resumed,
-                        warnings=warnings)
+                        warnings=warnings, seq=submitted.seq, hash=submitted.hash)
 
 
 def next_free_version(registry: ModelRegistry, name: str, base_version: str, reserved: set[str]) -> str:

@@ -43,6 +43,8 @@ def test_a_candidate_whose_fit_does_not_match_the_data_is_submitted_saying_so(ra
     assert registry.get("tank@1.0.1").metadata[POLICY_SET_BY] == "key-ops"  # four eyes: it may not approve it
     (submitted,) = [r for r in ModelLifecycle(registry).records("tank") if r.version == "1.0.1"]
     assert submitted.to_stage == "candidate" and submitted.reason.endswith(f"; WARNING: {warning}")
+    assert (done.seq, done.hash) == (submitted.seq, submitted.hash)  # what the submission's audit record carries
 
     again = recalibrate(work)  # a relaunch that finds the candidate registered keeps the warning
     assert again.resumed and again.warnings == [warning]
+    assert (again.seq, again.hash) == (submitted.seq, submitted.hash)  # the record the crashed attempt wrote

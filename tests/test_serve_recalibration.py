@@ -135,5 +135,8 @@ def test_a_drift_latch_starts_one_calibration_whose_candidate_is_near_the_truth(
         "admin")).json() if a["key_id"] == "system"]  # the system's actions are audited as requests are
     assert audit == [("recalibration.start", "system", "thermal_rc@1.0.0"),
                      ("model.submit", "system", "thermal_rc@1.0.1")]
+    (submit,) = [a for a in http.get("/v1/audit", headers=http.headers_for("admin")).json()
+                 if a["action"] == "model.submit"]  # the lifecycle record it audits, as every transition's
+    assert (submit["details"]["seq"], submit["details"]["hash"]) == (record["seq"], record["hash"])
     # the other tenant sees none of it
     assert http.get("/v1/recalibrations", headers=http.headers_for("other")).json()["finished"] == []
