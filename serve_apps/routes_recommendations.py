@@ -75,14 +75,16 @@ def recommendation_task(spec: RecommendSpec, runs_url: str, storage_options: dic
 
 
 def command_value(answer: Recommendation, part: str = "schedule") -> dict[str, Any]:
-    """The schedule as a command value: scalars, the values as a JSON list (a command holds at most 64 keys), and
-    the recommendation's status, so that its approver sees a best effort as one; or its first block's value alone
-    (`IssueRequest.part`: the command names the recommendation, whose status its approver reads there)."""
+    """The schedule as a command value: scalars, the values as a JSON list (a command holds at most 64 keys), the
+    recommendation's status, so that its approver sees a best effort as one, and the time its `starts_s` count
+    from (the state's time: offsets from an unstated origin could not be aligned with the plant's clock); or its
+    first block's value alone (`IssueRequest.part`: the command names the recommendation, read there)."""
     action = answer.action
     if part == "first_block":
         return {"value": action.values[0], "unit": action.unit}
+    start = {"start_time": answer.start_time.isoformat()} if answer.start_time is not None else {}
     return {COMMAND_KEY: answer.run_id, "status": answer.status or "unknown", "input": action.input,
-            "unit": action.unit, "period_s": action.period_s,
+            "unit": action.unit, "period_s": action.period_s, **start,
             "starts_s": json.dumps(action.starts_s), "values": json.dumps(action.values)}
 
 

@@ -136,6 +136,8 @@ def test_issuing_needs_an_approver_who_is_not_the_issuer(api, broker, recommenda
         "proposed", key_ids["writer"], rid)
     assert command["value"]["status"] == "feasible"  # what its approver sees
     assert json.loads(command["value"]["values"]) == recommendation["action"]["values"]
+    assert datetime.fromisoformat(command["value"]["start_time"]) == datetime.fromisoformat(
+        recommendation["start_time"])  # what starts_s count from
     approve = f"/v1/commands/{command['id']}/approve"
     assert client.post(approve, headers=auth["writer"]).status_code == 403  # not an admin
     no_grant = client.post(approve, headers=auth["admin"])
