@@ -88,7 +88,13 @@ def same_content(a: Pending, b: Pending) -> bool:
 
 
 def conflict_reason(key: EventKey) -> str:
-    return f"conflict: idempotency key {key[2]!r} was already applied with different content"
+    """Why an event whose identity (event time, sequence, idempotency key) was applied with other values is
+    refused, and what a source that sends it does wrong (an OPC UA node's key is its node id for every reading:
+    the message alone read as if the node were used up)."""
+    return (f"conflict: idempotency key {key[2]!r} was already applied with different content (event time "
+            f"{from_micros(key[0]).isoformat()}, sequence {key[1]}): an event is identified by its event time, "
+            "sequence and key, and one sent again must carry the same values; a source that stamps two different "
+            "readings with one time (a coarse timestamp) must give them distinct sequences or keys")
 
 
 @dataclass(frozen=True, slots=True)
