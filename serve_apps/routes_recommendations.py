@@ -22,7 +22,7 @@ from serve_apps.auth import Principal
 from serve_apps.deps import READER, SVC, WRITABLE, WRITER, Services
 from serve_apps.errors import Forbidden, Infeasible, NotFound, Unprocessable, unwrap
 from serve_apps.json_route import JsonRoute
-from serve_apps.routes_scenarios import _model_and_state, _provenance
+from serve_apps.routes_scenarios import _model_and_state, _provenance, _warned
 from sweeps.recommend import Bound, Control, Ensemble, InfeasibleRecommendation, Method, Recommendation, RecommendSpec
 from sweeps.recommend import load_recommendation, recorded_recommendation
 from sweeps.runs import RunError
@@ -83,8 +83,9 @@ def command_value(answer: Recommendation, part: str = "schedule") -> dict[str, A
     if part == "first_block":
         return {"value": action.values[0], "unit": action.unit}
     start = {"start_time": answer.start_time.isoformat()} if answer.start_time is not None else {}
+    warned = {"warnings": "; ".join(answer.warnings)} if answer.warnings else {}  # its approver must see them
     return {COMMAND_KEY: answer.run_id, "status": answer.status or "unknown", "input": action.input,
-            "unit": action.unit, "period_s": action.period_s, **start,
+            "unit": action.unit, "period_s": action.period_s, **start, **warned,
             "starts_s": json.dumps(action.starts_s), "values": json.dumps(action.values)}
 
 
@@ -108,12 +109,12 @@ async def create_recommendation(asset_id: str, body: RecommendationRequest, requ
     for how long, by how much, what to change), or, with `best_effort`, answered as one when it gets closer to the
     bands than the baseline; a twin without events is 409 `no_live_state` (give an explicit start_state)."""
     live = body.start_state == "live"
-    artifact, state, clock = await _model_and_state(svc, who, asset_id, live, body.start_time)
+    artifact, state, clock, warnings = await _model_and_state(svc, who, asset_id, live, body.start_time)
     fields = body.model_dump(exclude={"start_state", "start_time"})
     try:
         spec = RecommendSpec(**fields, model=artifact.ref, registry_url=svc.config.url("registry", who.tenant),
                              tenant=who.tenant, asset_id=asset_id, start_state=state if live else body.start_state,
-                             start_time=clock)
+                             start_time=clock, start_warnings=warnings)
     except ValidationError as exc:
         raise Unprocessable(describe_error(exc)) from None
     try:
@@ -125,7 +126,8 @@ async def create_recommendation(asset_id: str, body: RecommendationRequest, requ
             raise Infeasible(str(cause), details=cause.details) from None
         raise Unprocessable(str(cause)) from None
     await svc.record(request, who, "recommendation.create", asset_id, run_id=answer.run_id, method=body.method,
-                     status=answer.status, change=answer.change, change_pct=answer.change_pct, **_provenance(artifact))
+                     status=answer.status, change=answer.change, change_pct=answer.change_pct, **_provenance(artifact),
+                     **_warned(warnings))
     return answer
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 import numpy as np
 from fastapi import FastAPI, Query, Request
@@ -43,10 +43,10 @@ def register(app: FastAPI) -> None:
                            svc: Services = SVC) -> Any:
         """Run one what-if scenario from the twin's live (or past, or an explicit) state."""
         _bounded_work(svc, body.n_steps)
-        artifact, live, clock = await _model_and_state(svc, who, body.asset_id, body.start_state == "live",
-                                                       body.start_time)
+        artifact, live, clock, warnings = await _model_and_state(svc, who, body.asset_id,
+                                                                 body.start_state == "live", body.start_time)
         prepared = prepare(body, artifact, live, clock)
-        details = {"scenario": body.model_dump(mode="json"), **_provenance(artifact)}
+        details = {"scenario": body.model_dump(mode="json"), **_provenance(artifact), **_warned(warnings)}
         if not _inline(svc, mode, prepared.n_steps):
             return await _queue(request, who, svc, "scenario", body.asset_id, artifact, prepared, clock, details)
         result = await run_in_threadpool(run, prepared)
@@ -59,6 +59,7 @@ def register(app: FastAPI) -> None:
             times_s=(prepared.step_s * np.arange(prepared.n_steps + 1)).tolist(),
             states={n: result.states[:, j].tolist() for j, n in enumerate(model.state_names)},
             outputs={n: result.outputs[:, j].tolist() for j, n in enumerate(model.output_names)},
+            warnings=warnings,
         )
 
     @app.post("/v1/sweeps", response_model=SweepResult, tags=tags, responses=queued)
@@ -74,10 +75,10 @@ def register(app: FastAPI) -> None:
             raise PayloadTooLarge(f"{body.space.size} scenarios exceed the limit of "
                                   f"{svc.config.max_sweep_scenarios} per sweep")
         _bounded_work(svc, body.work)
-        artifact, live, clock = await _model_and_state(svc, who, body.asset_id, body.start_state == "live",
-                                                       body.start_time)
+        artifact, live, clock, warnings = await _model_and_state(svc, who, body.asset_id,
+                                                                 body.start_state == "live", body.start_time)
         registry_url = svc.config.url("registry", who.tenant)
-        details = {"sweep": body.model_dump(mode="json"), **_provenance(artifact)}
+        details = {"sweep": body.model_dump(mode="json"), **_provenance(artifact), **_warned(warnings)}
         if await run_in_threadpool(is_fmu, artifact):
             if mode == "sync":
                 raise Unprocessable("an FMU sweep steps the FMU on Ray workers and always runs as a job; "
@@ -93,7 +94,7 @@ def register(app: FastAPI) -> None:
         rows = await run_in_threadpool(_read_rows, svc, out["result_url"], limit)
         return SweepResult(model_ref=artifact.ref, content_hash=artifact.content_hash, run_id=out["run_id"],
                            scenarios=body.space.size, n_steps=spec.n_steps, start_time=clock, rows=rows,
-                           quantiles=out["quantiles"])
+                           quantiles=out["quantiles"], warnings=warnings)
 
     @app.get("/v1/jobs", response_model=JobPage, tags=tags)
     async def list_jobs(state: Annotated[JobState | None, Query(description="only jobs in this state")] = None,
@@ -159,8 +160,34 @@ def register(app: FastAPI) -> None:
         return file_response(fs, f"{root}/{name}", sha256, PARQUET, f"{job_id}-{name}", credential, files[name].size)
 
 
+class LiveStart(NamedTuple):
+    """What a run starts from: the model the twin runs, the state (None: an explicit one), its clock, and what the
+    twin's filter says of a live state (`live_warnings`)."""
+
+    artifact: ModelArtifact
+    state: dict[str, float] | None
+    clock: datetime | None
+    warnings: list[str]
+
+
+def live_warnings(asset_id: str, twin: dict[str, Any]) -> list[str]:
+    """What a run from twin `asset_id`'s live state should be told: a latched drift alarm or a diverged estimate
+    means its model no longer explains the asset, and a what-if or a set point computed from it looked exactly
+    like one from a healthy twin."""
+    d = twin.get("divergence") or {}
+    out = []
+    if d.get("drift"):
+        out.append(f"twin {asset_id}'s drift alarm is latched (NIS mean {d.get('nis_mean')}): its model no longer "
+                   "explains the asset's readings, so this run's predictions are suspect; recalibrate (or check the "
+                   "sensors), then clear the drift")
+    if d.get("diverged"):
+        out.append(f"twin {asset_id}'s estimate diverged: the state this run starts from is not a trustworthy "
+                   "estimate; give an explicit start_state")
+    return out
+
+
 async def _model_and_state(svc: Services, who: Principal, asset_id: str, live: bool, at: datetime | None
-                           ) -> tuple[ModelArtifact, dict[str, float] | None, datetime | None]:
+                           ) -> LiveStart:
     """The model the twin runs (at `at`, for a run from then) and, for runs from "live", the twin's state and
     its time (its last event's), where the run's clock signals start: a promotion or rollback swaps the twin's
     model, while the catalog's asset keeps its type version, and a state estimated by one model must not be
@@ -175,14 +202,19 @@ async def _model_and_state(svc: Services, who: Principal, asset_id: str, live: b
                               headers={"Retry-After": str(RETRY_AFTER_S)})
     _, artifact = await svc.backend.call("model_of", who.tenant, asset_id, twin["model_ref"])
     if not live:
-        return artifact, None, at
+        return LiveStart(artifact, None, at, [])
     if not twin.get("event_time"):  # revision 0: the asset's initial_state, never estimated from telemetry
         by = f" by {at.isoformat()}" if at else " yet"
         raise NoLiveState(f"twin {asset_id} has applied no telemetry event{by}: its state is only its prior (the "
                           "asset's initial_state), not a live estimate; send its telemetry first (is its connector "
                           "up and mapped to this asset?), or give an explicit start_state",
                           details=[{"revision": twin["revision"], "event_time": None}])
-    return artifact, twin["state"], datetime.fromisoformat(twin["event_time"])
+    return LiveStart(artifact, twin["state"], datetime.fromisoformat(twin["event_time"]), live_warnings(asset_id, twin))
+
+
+def _warned(warnings: list[str]) -> dict[str, Any]:
+    """The audit record's `warnings` (a queued run's too: its job answers no result to carry them), if any."""
+    return {"warnings": warnings} if warnings else {}
 
 
 def _provenance(artifact: ModelArtifact) -> dict[str, Any]:

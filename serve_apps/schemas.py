@@ -94,6 +94,11 @@ START_TIME_USED = ("The wall-clock time of t = 0, where clock signals started (t
 """What-if answers echo the clock they ran on: the server decides it (from the twin's live state), not the caller."""
 
 
+LIVE_WARNINGS = ("From a live state: what the twin's filter said of it when the run started (its drift alarm latched, "
+                 "its estimate diverged): the model may no longer explain the asset, so the run's predictions are "
+                 "suspect. Empty: nothing to say.")
+
+
 class ScenarioRun(BaseModel):
     model_ref: str
     content_hash: str
@@ -104,6 +109,7 @@ class ScenarioRun(BaseModel):
     times_s: list[float] = Field(description="Times of the state samples (n_steps + 1, from 0).")
     states: dict[str, list[float]] = Field(description="State trajectories, SI units, from the start state.")
     outputs: dict[str, list[float]] = Field(description="Outputs at the start of each step (n_steps values).")
+    warnings: list[str] = Field(default_factory=list, description=LIVE_WARNINGS)
 
 
 class SweepResult(BaseModel):
@@ -115,6 +121,7 @@ class SweepResult(BaseModel):
     start_time: datetime | None = Field(None, description=START_TIME_USED)
     rows: list[dict[str, Any]] = Field(description="Per-scenario metrics (the first `limit` rows).")
     quantiles: list[dict[str, Any]] = Field(description="Per metric: count, mean and 5/50/95% over the scenarios.")
+    warnings: list[str] = Field(default_factory=list, description=LIVE_WARNINGS)
 
 
 class ResultFile(BaseModel):

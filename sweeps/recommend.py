@@ -212,6 +212,9 @@ class RecommendSpec(ModelStart):
     best_effort: bool = Field(False, description=(
         "Accept a plan that leaves a band but gets closer to it than the baseline (answered with status "
         "`best_effort` and its `violations`); false: such a plan is refused, as is one no closer than the baseline"))
+    start_warnings: Annotated[list[str], Field(max_length=8)] = Field(default_factory=list, description=(
+        "What the twin's filter said of the live state the plan starts from (`serve_apps.routes_scenarios."
+        "live_warnings`: a latched drift alarm, a diverged estimate), carried into the answer and its record"))
 
     @property
     def n_steps(self) -> int:
@@ -368,6 +371,9 @@ class Recommendation(Contract):
     uncertainty: str = Field(description="Where the ensemble's parameter spread came from")
     constraints: list[Bound]
     search: dict[str, Any] = Field(default_factory=dict)
+    warnings: list[str] = Field(default_factory=list, description=(
+        "From a live state: what the twin's filter said of it when the plan was made (its drift alarm latched, its "
+        "estimate diverged): the model may no longer explain the asset. Empty: nothing to say."))
 
 
 def _nominal_space(spec: RecommendSpec) -> ScenarioSpace:
@@ -598,7 +604,7 @@ def recommend(spec: RecommendSpec, out_url: str | None = None, *, runs: str | No
     nominal = lambda m: {k: float(v[0]) for k, v in m.items() if k != "diverged"}  # noqa: E731
     status, violations = _verdict(spec, nominal(planned), nominal(base), {s.name: s.unit for s in model.states})
     answer = Recommendation(
-        status=status, violations=violations, start_time=spec.start_time,
+        status=status, violations=violations, start_time=spec.start_time, warnings=spec.start_warnings,
         method=spec.method, model_ref=resolve_model(spec.model, spec.registry_url).ref, tenant=spec.tenant, asset_id=spec.asset_id,
         start_state=bases.state, horizon_s=spec.horizon_s, step_s=spec.step_s,
         action=ActionSchedule(input=spec.control.input, unit=unit, block_s=spec.control.block_s,

@@ -288,3 +288,31 @@ def test_a_twin_without_telemetry_has_no_live_state_to_run_from(api):
                            json={**REQUEST, "start_state": {"h1": 0.5, "h2": 0.5}, "start_time": at})
     assert explicit.status_code == 201, explicit.text
     assert datetime.fromisoformat(explicit.json()["start_time"]) == datetime.fromisoformat(at)
+
+
+def test_a_plan_and_a_sweep_from_a_drifting_twin_say_so(api, monkeypatch):
+    """A twin whose drift alarm is latched (its model no longer explains the asset) gave a recommendation and a
+    sweep exactly like a healthy twin's: they carry the warning now, in the answer, the run record read back and
+    the issued command's value, which is what its approver sees."""
+    client, auth, _, svc = api
+    healthy = svc.twins
+
+    class Drifting:
+        async def state(self, tenant: str, asset_id: str, at=None) -> dict:
+            twin = await healthy.state(tenant, asset_id, at)
+            return {**twin, "divergence": {**twin["divergence"], "drift": True, "nis_mean": 531.0}}
+
+    monkeypatch.setattr(svc, "twins", Drifting())
+    r = client.post("/v1/assets/pump-1/recommendations", json={**REQUEST, "iterations": 20}, headers=auth["writer"])
+    assert r.status_code == 201, r.text
+    warning, = r.json()["warnings"]
+    assert warning.startswith("twin pump-1's drift alarm is latched (NIS mean 531.0): its model no longer explains")
+    rid = r.json()["run_id"]
+    assert client.get(f"/v1/assets/pump-1/recommendations/{rid}", headers=auth["reader"]).json()["warnings"] == [
+        warning]
+    issued = client.post(f"/v1/assets/pump-1/recommendations/{rid}/issue", json={"connector": "site"},
+                         headers=auth["writer"])
+    assert issued.status_code == 201 and issued.json()["value"]["warnings"] == warning, issued.text
+    monkeypatch.setattr(svc, "twins", healthy)
+    assert client.post("/v1/assets/pump-1/recommendations", json={**REQUEST, "iterations": 20},
+                       headers=auth["writer"]).json()["warnings"] == []
