@@ -5,7 +5,8 @@ server's monitored-item queues, commands written with a correlation id and ackno
 What OPC UA lets a client guarantee (see connectors/README.md): changes that happen while a subscription
 exists reach the connector; changes while no subscription exists (server down, connector down) are
 represented by each node's current value, sent again when the next subscription starts. The tests check
-exactly that: nothing lost while subscribed, the latest value after an outage, and every re-delivery a
+exactly that: nothing lost while subscribed (what a full item queue discarded read back from history, or
+reported), the latest value after an outage, and every re-delivery a
 duplicate. "Exactly once" is checked as a twin's revision (+1 per applied event) and as its state equal to
 a reference twin fed the same events directly through `TwinService.ingest`.
 """
@@ -595,3 +596,99 @@ def test_a_pause_longer_than_the_item_queue_covers_is_reported_without_backfill(
         "s (paused), longer than queue_size 3 at sampling_interval_ms 500 covers 1.5 s: a node that changed more "
         "than 3 times meanwhile lost its oldest changes, and the server may not say so (asyncua's never flags an "
         "overflow); set backfill_s") in session.last_error, session.last_error
+
+
+class Received:
+    """A pump that keeps up: every change handed over is durable at once; `stamps` lists what arrived per node."""
+
+    def __init__(self):
+        self.messages: list[Inbound] = []
+
+    def __call__(self, message: Inbound) -> None:
+        self.messages.append(message)
+        message.ack()
+
+    def stamps(self, node: str, since: datetime) -> set[datetime]:
+        rows = [m.rows[0] for m in self.messages if m.rows and m.rows[0]["idempotency_key"] == f"ns=2;s={node}"]
+        return {t for r in rows if (t := datetime.fromisoformat(r["event_time"])) >= since}
+
+
+def ramp(n: int) -> list[tuple[float, datetime]]:
+    """`n` (value, source time) readings 10 ms apart, from a second ago: a burst for `Device.write_at_once`."""
+    start = datetime.now(UTC) - timedelta(seconds=1)
+    return [(0.5 + 0.01 * k, start + timedelta(milliseconds=10 * k)) for k in range(n)]
+
+
+def run_session(spec: OpcUaSpec, received: Received, steps) -> OpcUaSession:
+    """Run a session until `steps(session)` (a coroutine function) returns, then stop it."""
+    async def scenario() -> OpcUaSession:
+        session = OpcUaSession(spec, Credentials(username=USER, password=PASSWORD), received)
+        run = asyncio.ensure_future(session.run())
+        await until(session.connected, "the session is connected")
+        await until(lambda: session.outstanding() == 0, "current values durable")
+        await steps(session)
+        session.stop()
+        await run
+        return session
+    return asyncio.run(scenario())
+
+
+def test_a_burst_beyond_the_item_queue_while_subscribed_is_read_back_from_history(server, device):
+    """Subscribed, no pause: 40 changes of a node within one publishing interval, its queue keeps 3. The server
+    flags nothing (asyncua's does not set the Overflow bits); a publish carrying queue_size values of an item is
+    the sign, and the session reads that item's history back (before: 3 of 40 arrived, no error)."""
+    spec = OpcUaSpec.model_validate(plc_spec(server.endpoint, name="plc-burst", queue_size=3, commands=[]))
+    received, readings = Received(), ramp(40)
+    stamps = {t for _, t in readings}
+
+    async def steps(session: OpcUaSession) -> None:
+        await asyncio.to_thread(device.write_at_once, "tank-1.h2", readings)
+        await until(lambda: received.stamps("tank-1.h2", min(stamps)) == stamps, "all 40 changes arrived")
+
+    session = run_session(spec, received, steps)
+    assert session.errors == 0, session.last_error
+
+
+def test_readings_stamped_before_the_newest_are_read_back_after_a_pause(server, device):
+    """A store-and-forward gateway forwards its buffer while the connector is paused: 20 readings stamped a minute
+    before the newest one applied, the queue keeps 3. History read since the newest durable reading would miss
+    them all (before: 17 of 20 lost); the item delivered readings older than its newest, so its history is read
+    over `backfill_s`, keeping what the server received since the last value before the pause."""
+    spec = OpcUaSpec.model_validate(plc_spec(server.endpoint, name="plc-late", queue_size=3, commands=[]))
+    received, now = Received(), datetime.now(UTC).replace(microsecond=0)
+    buffered = [now - timedelta(seconds=60 - k) for k in range(20)]
+
+    async def steps(session: OpcUaSession) -> None:
+        await asyncio.to_thread(device.write, "tank-2.h1", 0.45, now)
+        await until(lambda: received.stamps("tank-2.h1", now) == {now}, "the newest reading arrived")
+        await session.set_paused(True)
+        for k, at in enumerate(buffered):  # distinct values: asyncua's history drops a repeated one
+            await asyncio.to_thread(device.write, "tank-2.h1", 0.4 + 0.001 * k, at)
+        await session.set_paused(False)
+        await until(lambda: received.stamps("tank-2.h1", buffered[0]) >= set(buffered), "all 20 buffered arrived")
+
+    session = run_session(spec, received, steps)
+    assert session.errors == 0, session.last_error
+
+
+def test_a_full_queue_whose_history_cannot_give_the_changes_back_is_reported():
+    """A server that keeps no history (asyncua's answers an empty one, without an error): what the full queue
+    discarded cannot be read back, and the session says so, naming the node, instead of losing it silently."""
+    bare = OpcUaServer(free_port(), ["tank-1.h2"], [], f"{USER}:{PASSWORD}")
+    bare.start()
+    spec = OpcUaSpec.model_validate(plc_spec(bare.endpoint, name="plc-bare", queue_size=3, commands=[], nodes=[
+        {"node_id": "ns=2;s=tank-1.h2", "asset_id": "tank-1", "measurement": "h2", "unit": "m"}]))
+
+    async def steps(session: OpcUaSession) -> None:
+        device = await asyncio.to_thread(Device, bare)
+        await asyncio.to_thread(device.write_at_once, "tank-1.h2", ramp(40))
+        await until(lambda: "may have been discarded" in (session.last_error or ""), "the loss reported")
+        await asyncio.to_thread(device.close)
+
+    try:
+        session = run_session(spec, Received(), steps)
+    finally:
+        bare.kill()
+    assert session.last_error.startswith("node ns=2;s=tank-1.h2: its server queue (queue_size 3) was full"), \
+        session.last_error
+    assert "its history does not hold the value stamped" in session.last_error

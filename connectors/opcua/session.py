@@ -24,6 +24,9 @@ Why this shape:
   since its newest durable change, so what a queue discarded is read back; without it, a value the server
   flags as following an overflow is reported as an error, and so is publishing off for longer than
   `queue_size` sampling intervals (some servers, asyncua's among them, never flag an overflow).
+- **Full queues are read back.** A publish response carrying `queue_size` values of one item (its queue was
+  full, so the server may have discarded older ones, usually without flagging it) makes that node suspect;
+  with `backfill_s` its history is read back (`connectors.opcua.recovery`), and what cannot be is an error.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -46,6 +50,7 @@ from connectors.commands import Refused
 from connectors.kinds import ignore
 from connectors.mapping import DeadLetter
 from connectors.opcua.config import OPC_UA_PORT, CommandNode, MappedNode, OpcUaSpec
+from connectors.opcua.recovery import OVERFLOW, QueueWatch, Suspect
 from connectors.opcua.values import command_variant, source, to_row
 from connectors.reach import Reach
 from connectors.sink import Inbound
@@ -54,10 +59,10 @@ from raytwin import metrics
 
 log = logging.getLogger("raytwin.connectors")
 LOSS = (OSError, ConnectionError, asyncio.TimeoutError, ua.UaError)
-OVERFLOW = 0x480
-"""A DataValue status's info bits saying its monitored item's queue discarded values before it (InfoType
-DataValue, bit 10, with Overflow, bit 7: OPC UA Part 4, 7.39)."""
 """What a lost or refused connection raises (asyncua's status-code errors are `UaError`s)."""
+HISTORY_LAG_S = 1.0
+"""How long a history read that misses a value the subscription delivered waits before it reads again (a
+historian may store a value after its subscribers got it), before the loss is reported."""
 
 
 class _Client(Client):
@@ -94,6 +99,25 @@ class _Handler:
         self.session._error(f"the server reported subscription status {status.Status.name}")
 
 
+class _Subscription(Subscription):
+    """asyncua's subscription, showing each publish response whole to a `QueueWatch` before its values are
+    handed out: how many values of one item a response carries tells whether that item's queue was full."""
+
+    def __init__(self, client: Client, params: ua.CreateSubscriptionParameters, session: OpcUaSession):
+        super().__init__(client.uaclient.session, params, _Handler(session))
+        self.session = session
+
+    async def publish_callback(self, publish_result: ua.PublishResult) -> None:
+        items: dict[ua.NodeId, list[ua.DataValue]] = {}
+        for notification in publish_result.NotificationMessage.NotificationData or []:
+            for item in getattr(notification, "MonitoredItems", None) or []:  # DataChangeNotification
+                data = self._monitored_items.get(item.ClientHandle)
+                if data is not None and data.node is not None and item.Value is not None:
+                    items.setdefault(data.node.nodeid, []).append(item.Value)
+        self.session._published(items)
+        await super().publish_callback(publish_result)
+
+
 class OpcUaSession:
     """Runs one connector's OPC UA side in the current event loop until `stop()`."""
 
@@ -127,6 +151,8 @@ class OpcUaSession:
         self._types: dict[ua.NodeId, ua.VariantType] = {}  # command nodes' types, read once per connection
         self._namespaces: list[str] = []  # the server's namespace array, read at each connect
         self._newest: dict[str, datetime] = {}  # node id -> newest durable source timestamp (for backfill)
+        self._watch = QueueWatch(spec.queue_size)  # items whose server queue may have discarded values
+        self._recovering: asyncio.Task | None = None
         self._unsubscribed_since = gap_since  # when the last subscription (this process's or an earlier one's) ended
         self._after_restart = gap_since is not None
 
@@ -239,7 +265,7 @@ class OpcUaSession:
             MaxNotificationsPerPublish=spec.batch_size, PublishingEnabled=not (self._paused or self._held), Priority=0)
         self._publishing = params.PublishingEnabled
         self._off_since = None if self._publishing else (time.monotonic(), self._why_off())
-        self._sub = await client.create_subscription(params, _Handler(self))
+        self._sub = await self._subscribe(client, params)
         items = [self._monitored_item(nid, handle) for handle, nid in enumerate(self._nodes, start=1)]
         results = await self._sub.create_monitored_items(items) if items else []
         for nid, result in zip(self._nodes, results):
@@ -267,28 +293,87 @@ class OpcUaSession:
             ItemToMonitor=ua.ReadValueId(NodeId=nid, AttributeId=ua.AttributeIds.Value),
             MonitoringMode=ua.MonitoringMode.Reporting, RequestedParameters=params)
 
+    async def _subscribe(self, client: Client, params: ua.CreateSubscriptionParameters) -> Subscription:
+        """`client.create_subscription`, with a `_Subscription` (asyncua takes no subscription class)."""
+        sub = _Subscription(client, params, self)
+        sub.set_overflow_disconnect_handler(client.uaclient.notify_transport_lost)
+        results = await sub.init()
+        if revised := client.get_subscription_revised_params(params, results):
+            await sub.update(revised)
+        client._subscriptions.append(sub)  # as create_subscription does: asyncua's stale-subscription watchdog
+        return sub
+
     async def _backfill(self) -> None:
         """Read what each node's history holds since the newest change made durable here (after a restart of
         the connector: since `backfill_s` before the node's current value). Runs after subscribing, so
         history and subscription overlap instead of leaving a gap; the overlap is duplicates."""
         for nid, nodes in self._nodes.items():
-            opc = self._client.get_node(nid)
             newest = [self._newest.get(n.node_id) for n in nodes]
             start = None if None in newest else min(newest)
             if start is None:
-                current = await opc.read_data_value(raise_on_bad_status=False)
+                current = await self._client.get_node(nid).read_data_value(raise_on_bad_status=False)
                 if current.SourceTimestamp is None:
                     continue
                 start = current.SourceTimestamp - timedelta(seconds=self.spec.backfill_s)
             try:
-                history = await opc.read_raw_history(start, None, return_bounds=False)
+                await self._read_history(nid, Suspect(start, None))
             except ua.UaStatusCodeError as exc:  # e.g. BadHistoryOperationUnsupported: not historized
                 self._error(f"node {_named(nodes)}: no history to backfill from ({type(exc).__name__})")
-                continue
-            for dv in history:
-                self._on_value(nid, dv)
-            log.info("event=opcua_backfill tenant=%s connector=%s node=%s since=%s changes=%d", self.spec.tenant,
-                     self.spec.name, _named(nodes), start.isoformat(), len(history))
+        self._recover_soon()  # what queues discarded before a loss is read after the reconnect
+
+    async def _read_history(self, nid: ua.NodeId, read: Suspect) -> frozenset[datetime]:
+        """Hand over `nid`'s history from `read.since` (None: `backfill_s` before now), leaving out values the
+        server received before `read.after` (already received, or their successors were); returns what of
+        `read.expect` the history did not hold."""
+        if (client := self._client) is None:
+            raise ConnectionError("disconnected")
+        start = read.since or datetime.now(UTC) - timedelta(seconds=self.spec.backfill_s)
+        history = await client.get_node(nid).read_raw_history(start, None, return_bounds=False)
+        kept = [dv for dv in history
+                if read.after is None or dv.ServerTimestamp is None or dv.ServerTimestamp >= read.after]
+        for dv in kept:
+            self._on_value(nid, dv)
+        log.info("event=opcua_backfill tenant=%s connector=%s node=%s since=%s changes=%d", self.spec.tenant,
+                 self.spec.name, _named(self._nodes[nid]), start.isoformat(), len(kept))
+        return read.expect - {dv.SourceTimestamp for dv in history}
+
+    def _published(self, items: dict[ua.NodeId, list[ua.DataValue]]) -> None:
+        """A publish response's values, before they are handed out: items whose queue was full are read back."""
+        if self._watch.published({nid: dvs for nid, dvs in items.items() if nid in self._nodes}):
+            self._recover_soon()
+
+    def _recover_soon(self) -> None:
+        """With `backfill_s`, read the suspect items' history, one read at a time (marks made meanwhile join the
+        next round, so a queue that stays full costs one HistoryRead per item and round trip, not per publish)."""
+        if self.spec.backfill_s and (self._recovering is None or self._recovering.done()):
+            self._recovering = self._loop.create_task(self._recover())
+
+    async def _recover(self) -> None:
+        while self._client is not None and (suspects := self._watch.take()):
+            for nid, read in suspects.items():
+                if nid not in self._nodes:
+                    continue
+                try:
+                    if missing := await self._read_history(nid, read):  # a historian may store it a bit later
+                        await asyncio.sleep(HISTORY_LAG_S)
+                        if missing := await self._read_history(nid, replace(read, expect=missing)):
+                            self._unrecovered(nid, read, f"its history does not hold the value stamped "
+                                              f"{min(missing).isoformat()} that the server sent after them "
+                                              "(not historized, or before backfill_s)")
+                except ua.UaStatusCodeError as exc:
+                    self._unrecovered(nid, read, f"its history cannot be read ({type(exc).__name__}: {exc})")
+                except LOSS:  # read again after the reconnect (`_backfill` calls here)
+                    for left, again in suspects.items():
+                        self._watch.mark(left, again)
+                    return
+
+    def _unrecovered(self, nid: ua.NodeId, read: Suspect, why: str) -> None:
+        """What a full queue may have discarded cannot be read back: said, naming the node and the gap."""
+        since = "backfill_s before now" if read.since is None else read.since.isoformat()
+        received = "" if read.after is None else f", received by the server after {read.after.isoformat()}"
+        self._error(f"node {_named(self._nodes[nid])}: its server queue (queue_size {self.spec.queue_size}) was "
+                    f"full, so value changes stamped after {since}{received} may have been discarded, and {why}; "
+                    "raise queue_size (above the changes per publishing interval) or historize the node")
 
     def _report_gap(self, since: datetime) -> None:
         """Without `backfill_s`, changes made while no subscription existed are gone to this connector."""
