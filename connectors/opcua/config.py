@@ -126,7 +126,9 @@ class OpcUaSpec(ConnectorSpec):
     backfill_s: Annotated[float, Field(ge=0, description=(
         "after every (re)connect, read the nodes' history (HistoryRead) for the changes made while no "
         "subscription existed: since the newest change made durable, or after a connector restart since "
-        "this many seconds before each node's current value; 0: no backfill (servers without history)"))] = 0.0
+        "this many seconds before each node's current value; also what a full item queue discarded (reading "
+        "this far back for nodes whose readings arrive out of order); 0: no backfill (servers without "
+        "history)"))] = 0.0
     backoff_initial_s: Annotated[float, Field(gt=0)] = 0.5
     backoff_max_s: Annotated[float, Field(gt=0)] = 30.0
     session_timeout_s: Annotated[float, Field(gt=0)] = 60.0
