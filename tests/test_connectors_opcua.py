@@ -599,13 +599,15 @@ def test_a_pause_longer_than_the_item_queue_covers_is_reported_without_backfill(
 
 
 class Received:
-    """A pump that keeps up: every change handed over is durable at once; `stamps` lists what arrived per node."""
+    """A pump: every change handed over is durable after `delay_s` (0: it keeps up); `stamps` lists what arrived."""
 
-    def __init__(self):
+    def __init__(self, delay_s: float = 0.0):
         self.messages: list[Inbound] = []
+        self.delay_s = delay_s
 
     def __call__(self, message: Inbound) -> None:
         self.messages.append(message)
+        time.sleep(self.delay_s)
         message.ack()
 
     def stamps(self, node: str, since: datetime) -> set[datetime]:
@@ -692,3 +694,22 @@ def test_a_full_queue_whose_history_cannot_give_the_changes_back_is_reported():
     assert session.last_error.startswith("node ns=2;s=tank-1.h2: its server queue (queue_size 3) was full"), \
         session.last_error
     assert "its history does not hold the value stamped" in session.last_error
+
+
+def test_readings_stamped_before_the_newest_are_read_back_after_backpressure(server, device):
+    """The same through backpressure: a slow pump, max_outstanding 5, 200 readings stamped a minute before the
+    newest (before: 40 of 200 arrived, no error)."""
+    spec = OpcUaSpec.model_validate(plc_spec(server.endpoint, name="plc-slow", queue_size=3, max_outstanding=5,
+                                             commands=[]))
+    received, now = Received(delay_s=0.01), datetime.now(UTC).replace(microsecond=0)
+    buffered = [now - timedelta(seconds=60) + timedelta(milliseconds=50 * k) for k in range(200)]
+
+    async def steps(session: OpcUaSession) -> None:
+        await asyncio.to_thread(device.write, "tank-1.h1", 0.45, now)
+        await until(lambda: received.stamps("tank-1.h1", now) == {now}, "the newest reading arrived")
+        for k, at in enumerate(buffered):
+            await asyncio.to_thread(device.write, "tank-1.h1", 0.4 + 0.0001 * k, at)
+        await until(lambda: received.stamps("tank-1.h1", buffered[0]) >= set(buffered), "all 200 buffered arrived")
+
+    session = run_session(spec, received, steps)
+    assert session.backpressure_pauses >= 1 and session.errors == 0, session.last_error
