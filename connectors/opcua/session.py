@@ -60,6 +60,8 @@ from raytwin import metrics
 log = logging.getLogger("raytwin.connectors")
 LOSS = (OSError, ConnectionError, asyncio.TimeoutError, ua.UaError)
 """What a lost or refused connection raises (asyncua's status-code errors are `UaError`s)."""
+STAMP_PRECISION = timedelta(milliseconds=1)
+"""How far a historian may round a source timestamp it stores (some keep milliseconds)."""
 HISTORY_LAG_S = 1.0
 """How long a history read that misses a value the subscription delivered waits before it reads again (a
 historian may store a value after its subscribers got it), before the loss is reported."""
@@ -184,6 +186,8 @@ class OpcUaSession:
                 delay = min(delay * 2, self.spec.backoff_max_s)
         finally:
             await self._disconnect()
+            if self._recovering is not None:
+                self._recovering.cancel()
             self._set_state("stopped")
             self._wake.set()
             await feeder
@@ -335,7 +339,8 @@ class OpcUaSession:
             self._on_value(nid, dv)
         log.info("event=opcua_backfill tenant=%s connector=%s node=%s since=%s changes=%d", self.spec.tenant,
                  self.spec.name, _named(self._nodes[nid]), start.isoformat(), len(kept))
-        return read.expect - {dv.SourceTimestamp for dv in history}
+        stored = [dv.SourceTimestamp for dv in history if dv.SourceTimestamp is not None]
+        return frozenset(t for t in read.expect if not any(abs(h - t) <= STAMP_PRECISION for h in stored))
 
     def _published(self, items: dict[ua.NodeId, list[ua.DataValue]]) -> None:
         """A publish response's values, before they are handed out: items whose queue was full are read back."""
