@@ -202,7 +202,10 @@ def _recommend_and_check(root: Path, registry, service, model, truth: np.ndarray
                          # a soft band (penalty 50, not 1e3) keeps Adam from bouncing off its walls: converged
                          # in ~100 steps from this twin's cold start, where the default needs several hundred
                          penalty=50.0, learning_rate=0.05, iterations=120,
-                         ensemble=Ensemble(calibration_run=calibration_run, size=8, seed=3))
+                         ensemble=Ensemble(calibration_run=calibration_run, size=8, seed=3),
+                         # the twin starts below the band and no heating reaches it within the first hours: no
+                         # schedule keeps it there, so the plan is a best effort (as close as the thermostat, cheaper)
+                         best_effort=True)
     record, answer = recorded_recommendation(spec, runs=str(root / "runs"))
     starts, values = np.asarray(answer.action.starts_s), np.asarray(answer.action.values)
     kit, clock_s = THERMAL.parameters, clock_seconds(fields["start_time"])
@@ -213,7 +216,8 @@ def _recommend_and_check(root: Path, registry, service, model, truth: np.ndarray
     base = _forward(model, truth, fields["start_state"],
                     lambda _t, t_in: min(max(gain * (SETPOINT - t_in), 0.0), q_max), spec.horizon_s, clock_s)
     saving = 1 - plan["energy_kwh"] / base["energy_kwh"]
-    console.print(f"recommendation {record.run_id} ({answer.model_ref}, optimiser {record.summary['optimiser_s']} s): "
+    console.print(f"recommendation {record.run_id} ({answer.model_ref}, {answer.status}, optimiser "
+                  f"{record.summary['optimiser_s']} s): "
                   f"optimiser's change {answer.change_pct:+.1f}% (ensemble 5-95 %: {answer.change_pct_band.q05:+.1f}% "
                   f"to {answer.change_pct_band.q95:+.1f}%)")
     console.print(f"independent forward simulation (solve_ivp, true faulted building, 60 s): baseline "

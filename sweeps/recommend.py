@@ -539,8 +539,11 @@ def _search_more(spec: RecommendSpec) -> str:
 def _verdict(spec: RecommendSpec, planned: Mapping[str, float], base: Mapping[str, float],
              units: Mapping[str, str]) -> tuple[Status, list[Violation]]:
     """The plan's status on the nominal model, or `RecommendError` for a plan that must not be answered: one
-    that leaves a band and is no closer to the bands than the baseline (or is, but `best_effort` is off), and
-    one that keeps the bands where the baseline keeps them too, at a worse objective."""
+    that leaves a band and does not improve on the baseline (farther from a band, or neither closer to one nor
+    better on the objective; or it does, but `best_effort` is off), and one that keeps the bands where the
+    baseline keeps them too, at a worse objective. A band no schedule can keep for a while (a start state
+    outside it, which the heater needs hours to leave) is left alike by both: a plan as close and cheaper is
+    a best effort."""
     checks = [Violation(of=b.of, low=b.low, high=b.high, unit=units[b.of], outside_s=planned[b.metric],
                         miss=float(b.miss(planned)), baseline_outside_s=base[b.metric],
                         baseline_miss=float(b.miss(base))) for b in spec.constraints]
@@ -554,7 +557,8 @@ def _verdict(spec: RecommendSpec, planned: Mapping[str, float], base: Mapping[st
                 f"band already, so keep the baseline; to search further, {_search_more(spec)}")
         return "feasible", []
     worse, better = zip(*(c.closer() for c in checks))
-    closer = not any(worse) and any(better)
+    cheaper = plan < baseline - 1e-9 * abs(baseline)
+    closer = not any(worse) and (any(better) or cheaper)
     if closer and spec.best_effort:
         return "best_effort", violations
     control = spec.control
@@ -562,9 +566,11 @@ def _verdict(spec: RecommendSpec, planned: Mapping[str, float], base: Mapping[st
     fix = (f"widen the band, the control's box ({control.input} in [{control.lower:g}, {control.upper:g}]) or the "
            f"horizon ({spec.horizon_s:g} s) so that the state can reach the band")
     if closer:
-        fix += ", or set best_effort to true to accept this schedule, which gets closer to the band than the baseline"
+        fix += (", or set best_effort to true to accept this schedule, which gets closer to the band than the "
+                f"baseline{'' if any(better) else ' (as close, at a better ' + objective + ')'}")
     else:
-        fix += " (best_effort would not accept this schedule either: it is no closer to the band than the baseline)"
+        fix += (" (best_effort would not accept this schedule either: it is farther from a band than the baseline, "
+                f"or as close at no better {objective})")
     raise InfeasibleRecommendation(f"the constraints cannot be met: the best schedule found ({spec.method}) {missed}; "
                                    f"{fix}", [c.model_dump(mode="json") for c in violations])
 
