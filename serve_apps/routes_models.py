@@ -111,10 +111,11 @@ def _actor(who: Principal) -> LifecycleActor:
     return LifecycleActor(id=who.key_id, tenant=who.tenant, roles=frozenset(who.grants))
 
 
-def _check_evidence(svc: Services, tenant: str, evidence: Evidence) -> None:
-    """Evidence a key gives must be what it says: its run ids are the tenant's runs, and what only the system
-    measures (a shadow evaluation's metrics, the drift alarms a recalibration answered) it cannot state: an
-    approver reading the log must not take a client's numbers for the system's."""
+def _check_evidence(svc: Services, tenant: str, model: str, evidence: Evidence) -> None:
+    """Evidence a key gives must be what it says: its run ids are the tenant's runs of `model` (a sweep of another
+    model was taken as support for this one's move), and what only the system measures (a shadow evaluation's
+    metrics, the drift alarms a recalibration answered) it cannot state: an approver reading the log must not
+    take a client's numbers for the system's."""
     system_only = [name for name in ("shadow_metrics", "triggers") if getattr(evidence, name)]
     if system_only:
         raise Unprocessable(f"evidence.{system_only[0]} is recorded by the system (a shadow evaluation, a drift "
@@ -122,10 +123,13 @@ def _check_evidence(svc: Services, tenant: str, evidence: Evidence) -> None:
     runs = RunStore(svc.config.url("runs", tenant), svc.config.storage_options or None)
     for run_id in evidence.run_ids:
         try:
-            runs.load(run_id)
+            record = runs.load(run_id)
         except RunError:
             raise Unprocessable(f"evidence.run_ids: no run {run_id!r} of this tenant (its sweeps, calibrations "
                                 "and recalibrations record theirs)") from None
+        if record.model_ref.split("@")[0] != model:
+            raise Unprocessable(f"evidence.run_ids: run {run_id!r} ran {record.model_ref}, not a version of {model}: "
+                                f"cite runs of {model} that support this move")
 
 
 IF_MATCH = Header(None, description='The lifecycle\'s ETag from GET .../lifecycle (`"7"`: its revision): the '
@@ -258,7 +262,7 @@ def register(app: FastAPI) -> None:
         (412 when the revision came from If-Match). The answer's ETag is the log's new revision."""
         expected = _expected_revision(if_match, body.expected_revision)
         lc = _lifecycle(svc, who.tenant)
-        await run_in_threadpool(_check_evidence, svc, who.tenant, body.evidence)
+        await run_in_threadpool(_check_evidence, svc, who.tenant, model, body.evidence)
         if body.to == "production" and not body.fleet:
             await _refuse_partial_fit(svc, who, lc, model, version)
         record: TransitionRecord = await _call(lc.transition, f"{model}@{version}", body.to, _actor(who),
@@ -278,7 +282,7 @@ def register(app: FastAPI) -> None:
         expected = _expected_revision(if_match, body.expected_revision)
         lc = _lifecycle(svc, who.tenant)
         await _call(_require_model, lc, model)
-        await run_in_threadpool(_check_evidence, svc, who.tenant, body.evidence)
+        await run_in_threadpool(_check_evidence, svc, who.tenant, model, body.evidence)
         record: TransitionRecord = await _call(lc.rollback, model, _actor(who), body.reason, body.evidence,
                                                expected, if_match=if_match)
         response.headers["ETag"] = etag(record.seq)

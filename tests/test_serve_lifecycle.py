@@ -47,18 +47,20 @@ def client(serve_proxy, tmp_path_factory):
         yield api
 
 
-def _recorded_run(runs: Path) -> str:
-    """A run record of the tenant's (a sweep whose simulation is skipped: only the record matters here)."""
+def _recorded_run(runs: Path, model: str = "thermal_rc") -> str:
+    """A run record of the tenant's of `model` (a sweep whose simulation is skipped: only the record matters)."""
     from types import SimpleNamespace
     from unittest import mock
 
     import sweeps.runs
     from sweeps import Dimension, ScenarioSpace, SweepSpec
 
-    space = ScenarioSpace(method="random", n=2, dimensions=[Dimension(name="a1", target="param", low=1e-5, high=2e-5)])
+    param = {"two_tank": "a1", "thermal_rc": "R_io"}[model]
+    space = ScenarioSpace(method="random", n=2, dimensions=[Dimension(name=param, target="param", mode="scale",
+                                                                      low=0.9, high=1.1)])
     with mock.patch.object(sweeps.runs, "run_sweep", lambda *a, **k: SimpleNamespace(
             outputs={}, n_scenarios=2, n_diverged=0, n_chunks=1, elapsed_s=0.1, scenarios_per_s=20.0)):
-        return sweeps.runs.recorded_sweep(SweepSpec(model="two_tank", space=space, horizon_s=10.0, step_s=1.0),
+        return sweeps.runs.recorded_sweep(SweepSpec(model=model, space=space, horizon_s=10.0, step_s=1.0),
                                           runs=str(runs)).run_id
 
 
@@ -73,7 +75,9 @@ def test_promotion_needs_a_second_approver_and_rolls_back(client):
     assert [(v["version"], v["stage"], v["submitted"]) for v in status["versions"]] == [
         (V1, "candidate", False), (V2, "candidate", False)]
     evidence = {"run_ids": [_recorded_run(api.store / "runs" / "acme")], "fit_report": "s3://reports/fit-1.json"}
+    tanks = _recorded_run(api.store / "runs" / "acme", "two_tank")
     for bad, why in (({"run_ids": ["calibration-20260105T120000Z-1a2b3c4d"]}, "no run 'calibration-2026"),
+                     ({"run_ids": [tanks]}, f"run '{tanks}' ran two_tank@1.0.0, not a version of thermal_rc: cite runs"),
                      ({"shadow_metrics": {"nis_ratio": 0.8}}, "evidence.shadow_metrics is recorded by the system"),
                      (evidence, None)):
         answer = _move(api, "author", V1, "candidate", evidence=bad)  # checked before anything is recorded
