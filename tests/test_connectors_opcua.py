@@ -544,6 +544,45 @@ def test_a_namespace_the_server_lacks_is_reported_and_the_other_nodes_flow(serve
         "or the server's namespace URI")
 
 
+def test_a_connector_none_of_whose_nodes_exists_is_not_connected(server):
+    """A server re-downloaded with other node ids refused every monitored item (BadNodeIdUnknown), yet the connector
+    read `connected` (no RayTwinConnectorDown while its twins got nothing, for good), and its `last_error` showed
+    the gap report made later in the same connect instead of the node errors: it is not connected now, retrying
+    with backoff, and a connect that monitors some nodes ends with the node errors in `last_error`."""
+    gone = [{"node_id": "ns=2;s=renamed.h2", "asset_id": "tank-2", "measurement": "h2", "unit": "m"}]
+    spec = OpcUaSpec.model_validate(plc_spec(server.endpoint, name="plc-none", nodes=gone, commands=[], backfill_s=0))
+
+    async def scenario() -> OpcUaSession:
+        session = OpcUaSession(spec, Credentials(username=USER, password=PASSWORD), lambda m: m.ack())
+        run = asyncio.ensure_future(session.run())
+        await until(lambda: session.errors >= 2, "two connection attempts")
+        states = {session.state}
+        session.stop()
+        await run
+        return session, states
+
+    session, states = asyncio.run(scenario())
+    assert not session.connected() and "connected" not in states
+    assert session.last_error.startswith("NothingMonitored: none of the 1 declared node(s) can be monitored on this "
+                                         "server (node ns=2;s=renamed.h2 cannot be monitored: BadNodeIdUnknown): "
+                                         "check the node ids"), session.last_error
+
+    some = [*gone, {"node_id": "ns=2;s=tank-2.h1", "asset_id": "tank-2", "measurement": "h1", "unit": "m"}]
+    spec = OpcUaSpec.model_validate(plc_spec(server.endpoint, name="plc-some", nodes=some, commands=[], backfill_s=0))
+
+    async def reconnected() -> OpcUaSession:
+        session = OpcUaSession(spec, Credentials(username=USER, password=PASSWORD), lambda m: m.ack(),
+                               gap_since=datetime.now(UTC) - timedelta(seconds=30))  # a restart: the gap is said
+        run = asyncio.ensure_future(session.run())
+        await until(lambda: session.connected() and session.errors >= 2, "connected, the gap and the node reported")
+        session.stop()
+        await run
+        return session
+
+    session = asyncio.run(reconnected())
+    assert session.last_error == "node ns=2;s=renamed.h2 cannot be monitored: BadNodeIdUnknown", session.last_error
+
+
 def test_a_node_declared_in_two_spellings_feeds_both_mappings(server, device):
     """`ns=2;s=X` and `nsu=<its URI>;s=X` are one server node: each of its changes goes to both mappings (only the
     last declared one received readings, with no error)."""

@@ -67,6 +67,12 @@ HISTORY_LAG_S = 1.0
 historian may store a value after its subscribers got it), before the loss is reported."""
 
 
+class NothingMonitored(ConnectionError):
+    """No declared node can be monitored (ids the server does not know, namespaces it lacks): the session serves
+    nothing, so it is not connected (it was, and no alert fired while its twins got nothing) and retries with
+    backoff, for a server whose address space comes back."""
+
+
 class _Client(Client):
     """asyncua's client, connecting a tenant's connector only where its `reach` allows."""
 
@@ -272,9 +278,12 @@ class OpcUaSession:
         self._sub = await self._subscribe(client, params)
         items = [self._monitored_item(nid, handle) for handle, nid in enumerate(self._nodes, start=1)]
         results = await self._sub.create_monitored_items(items) if items else []
-        for nid, result in zip(self._nodes, results):
-            if isinstance(result, ua.StatusCode):
-                self._error(f"node {_named(self._nodes[nid])} cannot be monitored: {result.name}")
+        unmonitored = [f"node {_named(self._nodes[nid])} cannot be monitored: {result.name}"
+                       for nid, result in zip(self._nodes, results) if isinstance(result, ua.StatusCode)]
+        if len(unmonitored) == len(self._nodes):  # (the nodes whose namespace is gone are reported already)
+            raise NothingMonitored(f"none of the {len(spec.nodes)} declared node(s) can be monitored on this server "
+                                   f"({'; '.join(unmonitored[:3]) or 'no node id resolves'}): check the node ids "
+                                   "against the server's address space")
         await asyncio.to_thread(self.on_connected)
         self._set_state("connected")
         await self._apply_publishing()  # in case pause or backpressure changed while the subscription was created
@@ -283,6 +292,8 @@ class OpcUaSession:
         elif self._unsubscribed_since is not None:
             self._report_gap(self._unsubscribed_since)
         self._unsubscribed_since, self._after_restart = None, False
+        for message in unmonitored:  # last: `last_error` names the node to fix, not the gap reported above
+            self._error(message)
         log.info("event=opcua_connected tenant=%s connector=%s endpoint=%s items=%d", spec.tenant, spec.name,
                  spec.endpoint, len(self._nodes))
 
