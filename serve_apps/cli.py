@@ -269,7 +269,7 @@ def env(config: Annotated[Path | None, typer.Option(help="JSON file with ServeCo
     proxies, which read it when they start)."""
     from serve_apps import serve_env
 
-    variables = serve_env.environment_for_args(json.loads(config.read_text()) if config else {})
+    variables = serve_env.environment_for_args(_config_args(config) if config else {})
     if replica_servers:
         variables |= serve_env.replica_server_environment()
     for name, value in variables.items():

@@ -104,7 +104,7 @@ class CalibrationSpec(Spec):
     asset_id: Identifier | None = None
     telemetry: Annotated[str, Field(min_length=1)]
     """Parquet: t_s (uniform) + one column per model input and output, in the model's declared units, or in
-    the unit its field metadata names (``unit``), converted to the declared one (`telemetry_columns`)."""
+    the unit its field metadata names (``unit``), converted to the declared one (`declared_columns`)."""
     start_state: dict[str, Finite]
     start_std: dict[str, Annotated[float, Field(gt=0, allow_inf_nan=False)]] = Field(default_factory=dict)
     """Std of `start_state` per state where it is an estimate (a twin's at the window start): the
@@ -285,7 +285,7 @@ def build_problem(spec: CalibrationSpec, table: pa.Table, artifact_params: dict[
     steps = np.diff(t)
     if t.size < 3 or not np.allclose(steps, steps[0], rtol=1e-9, atol=0) or steps[0] <= 0:
         raise CalibrationError("telemetry t_s must be uniformly spaced and increasing (>= 3 samples); resample first")
-    columns = telemetry_columns(model, table)
+    columns = declared_columns(model.name, (*model.inputs, *model.outputs), table)
     col = lambda names: np.column_stack([columns[c] for c in names])  # noqa: E731
     u, y = col(model.input_names), col(model.output_names)
     if not (np.isfinite(u).all() and np.isfinite(y).all()):
@@ -322,11 +322,6 @@ UNIT_METADATA = b"unit"
 def _declared_unit(var: Var) -> str:
     """The unit `var`'s values are in, as `raytwin.units` spells it (``-`` for none)."""
     return var.unit or "-"
-
-
-def telemetry_columns(model: Model, table: pa.Table) -> dict[str, np.ndarray]:
-    """Each model input and output column as float64 in the model's declared unit (`declared_columns`)."""
-    return declared_columns(model.name, (*model.inputs, *model.outputs), table)
 
 
 def declared_columns(model_name: str, variables: Iterable[Var], table: pa.Table) -> dict[str, np.ndarray]:
