@@ -23,12 +23,13 @@ class LiveModelOps:
     fence: tuple[str, int] | None
     shadows: ShadowBook
 
-    def twins_of_model(self, tenant: str, model: str, other_than: str | None = None) -> list[str]:
+    def twins_of_model(self, tenant: str, model: str, other_than: str | None = None,
+                       running: str | None = None) -> list[str]:
         """The tenant's twins whose current model version is a version of `model` (whose version for events
-        from now on is not `other_than`, ``name@version``, if given)."""
+        from now on is not `other_than`, and is `running`, ``name@version``, where given)."""
         self._refresh_stale()
         return sorted(a for (t, a), twin in self.twins.items() if t == tenant and twin.artifact.name == model
-                      and twin.segments[-1].artifact.ref != other_than)
+                      and (ref := twin.segments[-1].artifact.ref) != other_than and running in (None, ref))
 
     def twin_models(self, tenant: str, asset_ids: list[str]) -> dict[str, str]:
         """The model each of these twins held here runs (asset id -> model name); twins not held are left out."""
