@@ -73,6 +73,3 @@ class SeenLetters:
         for letter in letters:
             if letter.once:
                 self._seen.pop(_identity(letter.raw), None)
-
-    def __len__(self) -> int:
-        return len(self._seen)
