@@ -1,5 +1,5 @@
 """Joining a running Ray cluster from a command: refuse at once where nothing listens at its address; stopping
-the tasks a command started when it is interrupted (`cancel_tasks`).
+the tasks a command started when it is interrupted (`cancel_tasks`), after its run is recorded (`cancels_deferred`).
 
 `ray.init(address=...)` to an address where no Ray answers retries for minutes (over 3 minutes with Ray 2.60)
 before it raises, with a log line every few seconds; a command an operator typed should say in seconds that
@@ -9,11 +9,15 @@ is quick, or not a Ray at all, which Ray reports in its own time).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
-__all__ = ["PROBE_TIMEOUT_S", "cancel_tasks", "unreachable"]
+__all__ = ["PROBE_TIMEOUT_S", "cancel_tasks", "cancels_deferred", "unreachable"]
+
+_deferred: contextvars.ContextVar[list | None] = contextvars.ContextVar("raytwin_deferred_cancels", default=None)
 
 PROBE_TIMEOUT_S = 5.0
 
@@ -51,7 +55,26 @@ def cancel_tasks(refs: Iterable[Any]) -> None:
     """Cancel (force: kill their workers) the Ray tasks of `refs` on Ctrl-C, SIGTERM or an error in their driver:
     otherwise they run on, holding the cluster's CPUs, until the driver exits, long after the run was
     recorded cancelled."""
+    deferred = _deferred.get()
+    if deferred is not None:
+        deferred.extend(refs)
+        return
     import ray
 
     for ref in refs:
         ray.cancel(ref, force=True)
+
+
+@contextlib.contextmanager
+def cancels_deferred() -> Iterator[None]:
+    """Within it, `cancel_tasks` only notes its refs; they are cancelled as it exits, after the code inside has
+    recorded how its run ended. Ray 2.60 can abort the calling process when a cancel races a task's completion (a
+    CHECK in its task manager, "Tried to complete task that was not pending", a race ray-project/ray PR 54798 closed
+    on another path): cancelling last, an abort costs the run its cleanup, never its record."""
+    token = _deferred.set([])
+    try:
+        yield
+    finally:
+        refs = _deferred.get()
+        _deferred.reset(token)
+        cancel_tasks(refs)

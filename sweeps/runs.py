@@ -25,6 +25,7 @@ from ray.exceptions import TaskCancelledError
 from raytwin.contracts import Contract, UtcTime
 from raytwin.modelcode import ModelCode, code_identity, describe_change
 from raytwin.provenance import code_version, package_versions
+from raytwin.ray_connect import cancels_deferred
 from raytwin.storage import canonical_json, filesystem, replace_file
 from sweeps.aggregate import RUN_OUTPUT, RUN_RECORD
 from sweeps.calibration import CalibrationError, CalibrationSpec, calibrate, read_telemetry
@@ -142,14 +143,15 @@ def _recorded(
         output_url=store.output_url(run_id), rerun_of=rerun_of,
     )
     log.info("run start run_id=%s kind=%s model=%s", run_id, kind, artifact.ref)
-    try:
-        outputs, summary = execute(store.output_url(run_id))
-    except BaseException as exc:
-        status = "cancelled" if isinstance(exc, CANCELLATIONS) else "failed"
-        error = str(exc) or type(exc).__name__
-        store.save(RunRecord(**fields, status=status, finished=datetime.now(UTC), error=error))
-        log.warning("run %s run_id=%s error=%s", status, run_id, error)
-        raise
+    with cancels_deferred():  # the tasks an interrupted run leaves are cancelled once its record is saved
+        try:
+            outputs, summary = execute(store.output_url(run_id))
+        except BaseException as exc:
+            status = "cancelled" if isinstance(exc, CANCELLATIONS) else "failed"
+            error = str(exc) or type(exc).__name__
+            store.save(RunRecord(**fields, status=status, finished=datetime.now(UTC), error=error))
+            log.warning("run %s run_id=%s error=%s", status, run_id, error)
+            raise
     record = RunRecord(**fields, status="succeeded", finished=datetime.now(UTC), outputs=outputs, summary=summary)
     store.save(record)
     log.info("run done run_id=%s outputs=%d", run_id, len(outputs))

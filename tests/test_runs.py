@@ -192,6 +192,38 @@ def test_a_sweep_whose_task_is_cancelled_in_a_wait_is_recorded_cancelled(tmp_pat
     assert record.status == "cancelled"
 
 
+def test_an_interrupted_runs_tasks_are_cancelled_after_its_record_is_saved(tmp_path, monkeypatch):
+    """Ray 2.60 aborted a stopped job's driver inside `ray.cancel` (a CHECK failure when the cancel raced a chunk
+    completing), before the run was recorded: `raytwin job stop` left no record (once in a CI run of the job
+    stop test, 1 in 18 runs of it under load). The record is written first; the cancels follow."""
+    import ray
+
+    from sweeps import Dimension, ScenarioSpace, SweepSpec
+    from sweeps.runner import RunTerminated
+    from sweeps.runs import RunStore, _recorded
+
+    space = ScenarioSpace(method="grid", dimensions=[Dimension(name="a1", target="param", values=[1e-5])])
+    spec = SweepSpec(model="two_tank", space=space, horizon_s=10.0, step_s=1.0)
+    store, seen = RunStore(str(tmp_path / "runs")), []
+
+    def aborting_cancel(ref, **kwargs):  # what the race does to the process, after which nothing else runs
+        seen.append((ref, [r.status for r in store.list()]))
+        raise SystemExit("aborted in ray.cancel")
+
+    def interrupted(url: str):
+        from raytwin.ray_connect import cancel_tasks
+
+        cancel_tasks(["chunk-0", "chunk-1"])  # what the sweep runner does on SIGTERM, before it re-raises
+        raise RunTerminated("sweep cancelled by SIGTERM after 0/1 scenarios")
+
+    monkeypatch.setattr(ray, "cancel", aborting_cancel)
+    with pytest.raises(SystemExit, match="aborted in ray.cancel"):
+        _recorded(store, "sweep", spec, interrupted, input_url=None, input_hash=None, seeds={}, user="u", rerun_of=None)
+    assert seen == [("chunk-0", ["cancelled"])]  # the first cancel found the record saved
+    (record,) = store.list()
+    assert record.error == "sweep cancelled by SIGTERM after 0/1 scenarios"
+
+
 def test_telemetry_in_a_ray_jobs_working_dir_is_refused_when_the_record_outlives_it(tmp_path, monkeypatch):
     """A job's relative `telemetry:` resolved into its runtime-env working dir, which `cluster down` deletes: the
     record named that path, and `raytwin rerun` could never run it again."""
