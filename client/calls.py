@@ -1,8 +1,9 @@
 """The API's operations as data (`Call`): built once here, executed by the sync and async clients.
 
 Requests and responses are the server's own pydantic contracts (`raytwin.contracts`,
-`serve_apps.schemas`, `serve_apps.changes`, `actors.state`), so a field the server adds or
-renames is a type error here, not a silent `KeyError` in a user's code.
+`serve_apps.schemas`, `serve_apps.changes`, `actors.state`), so a field the server renames or
+removes is a type error here, not a silent `KeyError` in a user's code. A field it adds is
+ignored (`ANSWER_EXTRA`): a client keeps working against a newer server.
 """
 
 from __future__ import annotations
@@ -36,6 +37,11 @@ if TYPE_CHECKING:  # answers whose server modules import Ray or JAX: loaded on f
 T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
 _IDENTIFIER = re.compile(IDENTIFIER_PATTERN)
+
+ANSWER_EXTRA: Literal["ignore"] = "ignore"
+"""How answers are parsed where the contracts forbid unknown fields (as they do for requests): a field a newer
+server added (e.g. `warnings` on a recommendation) is dropped, so a client released before it keeps working
+during a rolling upgrade, as Kubernetes and protobuf clients do."""
 
 
 @dataclass(frozen=True)
@@ -116,12 +122,12 @@ class Call(Generic[T]):
 
 
 def _model(cls: type[M]) -> Callable[[httpx.Response], M]:
-    return lambda r: cls.model_validate_json(r.content)
+    return lambda r: cls.model_validate_json(r.content, extra=ANSWER_EXTRA)
 
 
 def _models(cls: type[M]) -> Callable[[httpx.Response], list[M]]:
     adapter = TypeAdapter(list[cls])
-    return lambda r: adapter.validate_json(r.content)
+    return lambda r: adapter.validate_json(r.content, extra=ANSWER_EXTRA)
 
 
 def _lazy(ref: str, many: bool = False) -> Callable[[httpx.Response], Any]:
@@ -134,13 +140,13 @@ def _lazy(ref: str, many: bool = False) -> Callable[[httpx.Response], Any]:
             module, _, name = ref.partition(":")
             target: Any = getattr(import_module(module), name)
             adapters.append(TypeAdapter(list[target] if many else target))
-        return adapters[0].validate_json(r.content)
+        return adapters[0].validate_json(r.content, extra=ANSWER_EXTRA)
 
     return parse
 
 
 def _revisioned(cls: type[M]) -> Callable[[httpx.Response], Revisioned[M]]:
-    return lambda r: Revisioned(cls.model_validate_json(r.content),  # a twin's state carries a weak one
+    return lambda r: Revisioned(cls.model_validate_json(r.content, extra=ANSWER_EXTRA),  # a twin's state carries a weak one
                                 int(r.headers["etag"].removeprefix("W/").strip('"')))
 
 

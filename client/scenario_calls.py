@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Literal, TypeVar
 import httpx
 from pydantic import BaseModel
 
-from client.calls import Call, Sender, T, _model, _models
+from client.calls import ANSWER_EXTRA, Call, Sender, T, _model, _models
 from client.downloads import JOB_FILE, hashed
 from raytwin.contracts import Scenario
 from serve_apps.schemas import JobAccepted, ResultFile, ScenarioRun, SweepResult
@@ -33,7 +33,7 @@ def job_file_call(job_id: str, name: str, parse: Callable[[httpx.Response], T]) 
 
 def _inline_or_job(inline: type[R]) -> Callable[[httpx.Response], R | JobAccepted]:
     """The inline answer (200), or the queued job (202)."""
-    return lambda r: (JobAccepted if r.status_code == 202 else inline).model_validate_json(r.content)
+    return lambda r: (JobAccepted if r.status_code == 202 else inline).model_validate_json(r.content, extra=ANSWER_EXTRA)
 
 
 class ScenarioCalls(Sender):

@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 from pydantic import ValidationError
 
+from client.calls import ANSWER_EXTRA
 from client.errors import Gone, RayTwinError, UnexpectedAnswer, from_error, retry_after_s
 from client.retry import RetryPolicy, verdict
 from serve_apps.changes import Change
@@ -120,7 +121,7 @@ class Subscription:
                     raise error
             elif "data" in frame and frame.get("event"):
                 try:
-                    out.append(Change.model_validate_json(frame["data"]))
+                    out.append(Change.model_validate_json(frame["data"], extra=ANSWER_EXTRA))
                 except ValidationError as exc:
                     raise UnexpectedAnswer(f"GET /v1/changes (event id {frame.get('id')})", exc) from exc
         return out
