@@ -96,7 +96,9 @@ class Unprocessable(ApiError):
 
 
 class Infeasible(ApiError):
-    """A recommendation whose best plan leaves a state's band: `details` says which, for how long, by how much."""
+    """A recommendation whose best plan leaves a state's band: `details` says which, for how long, by how much
+    (or, for a plan that keeps them on the model's parameters but in too few ensemble members, how many leave
+    each: `min_feasible_fraction`)."""
 
     status, code = 422, "infeasible"
 

@@ -55,6 +55,9 @@ class RecommendationRequest(Contract):
     best_effort: bool = Field(False, description=(
         "Answer a plan that leaves a band but gets closer to it than the baseline (status `best_effort`, with its "
         "`violations`) instead of refusing it (422 `infeasible`)"))
+    min_feasible_fraction: Annotated[Finite, Field(ge=0, le=1)] = Field(0.0, description=(
+        "The share of the ensemble's members in which the plan must keep every band (a chance constraint); below "
+        "it a plan feasible on the model's parameters is refused (422 `infeasible`). 0: those parameters alone"))
 
 
 class IssueRequest(Contract):

@@ -86,8 +86,9 @@ class RecommendError(ValueError):
 
 
 class InfeasibleRecommendation(RecommendError):
-    """The best plan found leaves a band (and is not accepted as a best effort): `details` holds each band's
-    `Violation` as JSON, for the API's 422 ``infeasible``."""
+    """The best plan found leaves a band (and is not accepted as a best effort), or keeps the bands in fewer
+    ensemble members than asked: `details` holds each band's `Violation` (or its members outside) as JSON, for
+    the API's 422 ``infeasible``."""
 
     def __init__(self, message: str, details: list[dict[str, Any]] | None = None):
         super().__init__(message)
@@ -212,6 +213,11 @@ class RecommendSpec(ModelStart):
     best_effort: bool = Field(False, description=(
         "Accept a plan that leaves a band but gets closer to it than the baseline (answered with status "
         "`best_effort` and its `violations`); false: such a plan is refused, as is one no closer than the baseline"))
+    min_feasible_fraction: Annotated[Finite, Field(ge=0, le=1)] = Field(0.0, description=(
+        "The share of the ensemble's members (the nominal model among them) in which a feasible plan must keep "
+        "every band the whole horizon: a chance constraint; below it the plan is refused (422 `infeasible`, "
+        "naming each band's share of members that leave it). 0: judged on the model's parameters alone. A "
+        "`best_effort` plan, which leaves a band on them already, is not held to it"))
     start_warnings: Annotated[list[str], Field(max_length=8)] = Field(default_factory=list, description=(
         "What the twin's filter said of the live state the plan starts from (`serve_apps.routes_scenarios."
         "live_warnings`: a latched drift alarm, a diverged estimate), carried into the answer and its record"))
@@ -575,6 +581,23 @@ def _verdict(spec: RecommendSpec, planned: Mapping[str, float], base: Mapping[st
                                    f"{fix}", [c.model_dump(mode="json") for c in violations])
 
 
+def _check_chance(spec: RecommendSpec, planned: Mapping[str, np.ndarray], within: np.ndarray) -> None:
+    """Refuse a plan feasible on the nominal model that keeps the bands in fewer of the ensemble's members than
+    `RecommendSpec.min_feasible_fraction` asks: it was answered with its low `feasible_fraction` alone."""
+    if within.mean() >= spec.min_feasible_fraction:
+        return
+    n = within.size
+    left = [{"of": b.of, "members_outside": int((planned[b.metric] > 0.0).sum()), "members": n}
+            for b in spec.constraints]
+    shares = "; ".join(f"{d['of']} leaves its band in {d['members_outside']} of {n}" for d in left
+                       if d["members_outside"])
+    raise InfeasibleRecommendation(
+        f"the best schedule found ({spec.method}) keeps every band on the model's parameters but in only "
+        f"{int(within.sum())} of the ensemble's {n} members ({within.mean():.0%}), below min_feasible_fraction "
+        f"{spec.min_feasible_fraction:g} ({shares}): give the bands a margin (the search aims inside it), widen them or "
+        "the control's box, or lower min_feasible_fraction", [d for d in left if d["members_outside"]])
+
+
 def _band(values: np.ndarray) -> Band:
     q = np.quantile(values, QUANTILES)
     return Band(q05=float(q[0]), q50=float(q[1]), q95=float(q[2]))
@@ -609,6 +632,8 @@ def recommend(spec: RecommendSpec, out_url: str | None = None, *, runs: str | No
     unit = model.inputs[model.input_names.index(spec.control.input)].unit
     nominal = lambda m: {k: float(v[0]) for k, v in m.items() if k != "diverged"}  # noqa: E731
     status, violations = _verdict(spec, nominal(planned), nominal(base), {s.name: s.unit for s in model.states})
+    if status == "feasible":
+        _check_chance(spec, planned, within)
     answer = Recommendation(
         status=status, violations=violations, start_time=spec.start_time, warnings=spec.start_warnings,
         method=spec.method, model_ref=resolve_model(spec.model, spec.registry_url).ref, tenant=spec.tenant, asset_id=spec.asset_id,

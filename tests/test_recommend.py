@@ -231,6 +231,23 @@ def test_keeping_a_band_the_baseline_leaves_may_cost_more_than_the_baseline():
     assert answer.recommended["lowest_h2"] >= 0.45 and answer.feasible_fraction > 0.0
 
 
+def test_a_plan_feasible_on_the_nominal_model_is_held_to_the_share_of_members_asked():
+    """A plan that keeps h2 >= 0.45 m on the nominal parameters but in half of an uncertain ensemble was answered
+    'feasible' with feasible_fraction 0.5 alone: `min_feasible_fraction` makes the share a requirement."""
+    from sweeps.recommend import InfeasibleRecommendation
+
+    keep = tanks(inputs={"q_in_mean": 2.0e-5, "q_in_swing": 0.0}, start_state={"h1": 0.5, "h2": 0.5},
+                 constraints=[Bound(of="h2", low=0.45, margin=0.01)], iterations=200,
+                 ensemble=Ensemble(rel_std={"a1": 0.1, "a2": 0.1}, size=16, seed=1))
+    answer, _ = recommend(keep.model_copy(update={"min_feasible_fraction": 0.5}))
+    assert answer.status == "feasible" and answer.feasible_fraction == 0.5
+    with pytest.raises(InfeasibleRecommendation, match=r"keeps every band on the model's parameters but in only 8 of "
+                                                       r"the ensemble's 16 members \(50%\), below min_feasible_fraction "
+                                                       r"0.9 \(h2 leaves its band in 8 of 16\): give the bands a margin") as refused:
+        recommend(keep.model_copy(update={"min_feasible_fraction": 0.9}))
+    assert refused.value.details == [{"of": "h2", "members_outside": 8, "members": 16}]
+
+
 def test_one_bound_per_state():
     with pytest.raises(ValueError, match=r"one bound per state \(give low and high in it\)"):
         tanks(constraints=[Bound(of="h2", low=0.1), Bound(of="h2", high=0.9)])
