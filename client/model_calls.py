@@ -53,6 +53,22 @@ def _body(request: BaseModel) -> Any:
     return request.model_dump(mode="json", exclude_none=True)
 
 
+def rollback_call(model: str, request: RollbackRequest, production: str | None) -> Call[TransitionAnswer]:
+    """The rollback, naming `production` (read just before, for a request that names no condition: see
+    `needs_production`) as the version it leaves: a resend after a lost answer cannot go back a second version
+    (409), so it is resent."""
+    if production is not None:
+        request = request.model_copy(update={"from_version": production})
+    safe = request.from_version is not None or request.expected_revision is not None
+    return Call("POST", "/v1/models/{model}/rollback", _lazy(_ANSWER), json=_body(request), idempotent=safe,
+                conditional=safe, path_params={"model": model})
+
+
+def needs_production(request: RollbackRequest) -> bool:
+    """Whether `rollback_call` needs the production version read first (the request names no condition)."""
+    return request.from_version is None and request.expected_revision is None
+
+
 class ModelCalls(Sender):
     # ---- model lifecycle ----------------------------------------------------------------------
     def model_lifecycle(self, model: str) -> LifecycleStatus:
@@ -68,12 +84,6 @@ class ModelCalls(Sender):
                                json=_body(request), idempotent=request.expected_revision is not None,
                                conditional=request.expected_revision is not None,
                                path_params={"model": model, "version": version}))
-
-    def rollback_model(self, model: str, request: RollbackRequest) -> TransitionAnswer:
-        """Back to the previous production version (`twins`: the twins swapped back, and those refused)."""
-        return self._send(Call("POST", "/v1/models/{model}/rollback", _lazy(_ANSWER), json=_body(request),
-                               idempotent=request.expected_revision is not None,
-                               conditional=request.expected_revision is not None, path_params={"model": model}))
 
     def model_lifecycle_log(self, model: str) -> list[TransitionRecord]:
         return self._send(Call("GET", "/v1/models/{model}/lifecycle/log", _lazy(_RECORD, many=True),

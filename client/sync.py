@@ -15,7 +15,7 @@ from client.calls import Call, T, _nothing
 from client.downloads import CHUNK_BYTES, JOB_FILE, RUN_FILE, FileDownload, download_target
 from client.errors import from_response
 from client.jobs import JobWait
-from client.model_calls import run_file_call
+from client.model_calls import needs_production, rollback_call, run_file_call
 from client.pages import QueryPager
 from client.retry import RetryPolicy
 from client.scenario_calls import job_file_call
@@ -24,6 +24,7 @@ from serve_apps.changes import Change
 
 if TYPE_CHECKING:
     from serve_apps.jobs import Job
+    from serve_apps.routes_models import RollbackRequest, TransitionAnswer
 
 
 class RayTwinClient(ClientBase):
@@ -74,6 +75,13 @@ class RayTwinClient(ClientBase):
         while not wait.finished(job := self._send(wait.call())):
             time.sleep(wait.delay())
         return job
+
+    def rollback_model(self, model: str, request: RollbackRequest) -> TransitionAnswer:
+        """Back to the previous production version (`twins`: the twins swapped back, and those refused). Without
+        `from_version` or `expected_revision` it reads the production version first and names it as `from_version`,
+        so resending after a lost answer goes back one version, never two (`client.model_calls.rollback_call`)."""
+        production = self.model_lifecycle(model).production if needs_production(request) else None
+        return self._send(rollback_call(model, request, production))
 
     def download_run_file(self, run_id: str, name: str, path: str | os.PathLike[str], verify: bool = True) -> Path:
         """Stream a run's output file (a name its record lists) to `path`, never whole in memory

@@ -347,10 +347,14 @@ class ModelLifecycle:
         return self._append(state, version, "evaluate", current.stage, current.stage, actor, reason, evidence)
 
     def rollback(self, model: str, actor: Actor, reason: str, evidence: Evidence | None = None,
-                 expected_revision: int | None = None) -> TransitionRecord:
+                 expected_revision: int | None = None, from_version: str | None = None) -> TransitionRecord:
         """Return to the previous production version in one call; the current one is archived.
-        Needs the approver role (the version was approved before), or the tenant's automatic promotion."""
+        Needs the approver role (the version was approved before), or the tenant's automatic promotion.
+        `from_version`: only if it is production now, so a rollback sent twice (a retry, two approvers answering
+        one incident) goes back one version, not two."""
         state = self._load(model, actor, expected_revision)
+        if from_version is not None and state.production != from_version:
+            raise LifecycleError(_left_already(state, self.records(model), from_version))
         target = state.rollback_target
         if target is None:
             raise LifecycleError(f"{model} has no previous production version to roll back to"
@@ -502,6 +506,21 @@ class ModelLifecycle:
                 continue  # another transition landed first: look again
         raise TransitionConflict(f"{model}@{version}: the log kept changing over {PRUNE_TRIES} tries while "
                                  "pruning; retry the prune")
+
+
+def _left_already(state: ModelState, records: list[TransitionRecord], from_version: str) -> str:
+    """Why a rollback from `from_version` is refused: production is another version now; when a transition moved it
+    out of production already (this request's first try, or another approver's rollback), that record says so."""
+    model, lifecycle = state.model, f"GET /v1/models/{state.model}/lifecycle"
+    now = f"production is {state.production}" if state.production else "it has no production version"
+    left = next((r for r in reversed(records) if r.displaced == from_version or (
+        r.version == from_version and r.from_stage == "production" and r.to_stage == "archived")), None)
+    if left is None:
+        return (f"{model}@{from_version} is not the production version of {model} ({now}); nothing was changed: "
+                f"name the production version as from_version (see {lifecycle})")
+    return (f"{model}@{from_version} is no longer the production version of {model} ({now}): {left.action} record "
+            f"{left.seq} by {left.actor} at {left.time.isoformat()} moved it out; nothing was changed (a rollback sent "
+            f"again goes back no further). Read {lifecycle} before deciding on another move")
 
 
 def _run_records(runs_root: str, storage_options: dict[str, Any] | None, tenant: str,

@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Header, Path, Query, Request, Response
+from fastapi import Depends, FastAPI, Header, Path, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
@@ -74,6 +74,10 @@ class RollbackRequest(BaseModel):
     reason: str = Field(min_length=1, max_length=2000)
     evidence: Evidence = Field(default_factory=Evidence)
     expected_revision: int | None = Field(None, ge=-1)
+    from_version: str | None = Field(None, pattern=r"^\d+\.\d+\.\d+$", description=(
+        "The production version this rollback leaves: 409 unless it is production now, so the same rollback "
+        "sent twice (a retry after a timeout, two approvers answering one incident) goes back one version, "
+        "not two. The SDK fills it in from GET .../lifecycle"))
 
 
 class VersionStatus(BaseModel):
@@ -130,6 +134,22 @@ def _check_evidence(svc: Services, tenant: str, model: str, evidence: Evidence) 
         if record.model_ref.split("@")[0] != model:
             raise Unprocessable(f"evidence.run_ids: run {run_id!r} ran {record.model_ref}, not a version of {model}: "
                                 f"cite runs of {model} that support this move")
+
+
+async def _only_if_match(if_none_match: Annotated[str | None, Header(include_in_schema=False)] = None,
+                         if_unmodified_since: Annotated[str | None, Header(include_in_schema=False)] = None) -> None:
+    """400 for preconditions a transition cannot honour: its only condition is the log's revision (If-Match,
+    expected_revision), and a header ignored would let a client believe its transition was conditional."""
+    for header, value in (("If-None-Match", if_none_match), ("If-Unmodified-Since", if_unmodified_since)):
+        if value is not None:
+            raise BadRequest(f"{header}: {value} is not a condition a lifecycle transition or rollback honours "
+                             "(the model's log always exists, and its revision is its only validator), so it is "
+                             "refused rather than ignored; nothing was changed. Send If-Match with the ETag of GET "
+                             "/v1/models/{model}/lifecycle (or expected_revision in the body) instead",
+                             details=[{"header": header}])
+
+
+ONLY_IF_MATCH = Depends(_only_if_match)
 
 
 IF_MATCH = Header(None, description='The lifecycle\'s ETag from GET .../lifecycle (`"7"`: its revision): the '
@@ -254,7 +274,8 @@ def register(app: FastAPI) -> None:
               status_code=201, tags=tags, responses=CONFLICT)
     async def transition(model: ModelName, version: Version, body: TransitionRequest, request: Request,
                          response: Response, who: Principal = WRITER, svc: Services = SVC,
-                         _writable: None = WRITABLE, if_match: str | None = IF_MATCH) -> TransitionAnswer:
+                         _writable: None = WRITABLE, if_match: str | None = IF_MATCH,
+                         _only_if_match: None = ONLY_IF_MATCH) -> TransitionAnswer:
         """Move a version to another stage. Production: a key with the `approver` grant that did not submit
         the version (403 otherwise), unless the tenant's policy promotes automatically; the previous
         production version is archived, and the model's twins swap to the new one (`twins` says which did,
@@ -276,15 +297,16 @@ def register(app: FastAPI) -> None:
               responses=CONFLICT)
     async def rollback(model: ModelName, body: RollbackRequest, request: Request, response: Response,
                        who: Principal = WRITER, svc: Services = SVC, _writable: None = WRITABLE,
-                       if_match: str | None = IF_MATCH) -> TransitionAnswer:
+                       if_match: str | None = IF_MATCH, _only_if_match: None = ONLY_IF_MATCH) -> TransitionAnswer:
         """Return to the previous production version (needs the `approver` grant, or automatic promotion); the
-        model's twins swap to it (`twins`); conditional on If-Match or expected_revision as a transition is."""
+        model's twins swap to it (`twins`); conditional on If-Match or expected_revision as a transition is.
+        Name the version it leaves as `from_version`: sent twice, it then goes back once (409 the second time)."""
         expected = _expected_revision(if_match, body.expected_revision)
         lc = _lifecycle(svc, who.tenant)
         await _call(_require_model, lc, model)
         await run_in_threadpool(_check_evidence, svc, who.tenant, model, body.evidence)
         record: TransitionRecord = await _call(lc.rollback, model, _actor(who), body.reason, body.evidence,
-                                               expected, if_match=if_match)
+                                               expected, body.from_version, if_match=if_match)
         response.headers["ETag"] = etag(record.seq)
         await svc.record(request, who, "model.rollback", f"{model}@{record.version}", seq=record.seq,
                          displaced=record.displaced, hash=record.hash)

@@ -106,6 +106,34 @@ def test_a_compare_and_set_refused_after_a_lost_answer_is_an_unknown_outcome_not
         asyncio.run(promote())
 
 
+def test_a_rollback_names_the_version_it_leaves_so_its_resend_goes_back_only_once():
+    """A rollback without expected_revision was never resent, and one resent by hand after a lost answer went back
+    two versions. The client reads production first and sends it as from_version: the resend is safe (the server
+    answers 409 once that version is gone), so it is resent and its 409 is an unknown outcome, not a lost race."""
+    from serve_apps.routes_models import RollbackRequest
+
+    status = httpx.Response(200, json={"model": "zone", "revision": 5, "head_hash": "0" * 64, "production": "1.2.0",
+                                       "rollback_target": "1.1.0", "versions": []})
+    gone = httpx.Response(409, json={"error": {"code": "conflict", "message": "zone@1.2.0 is not the production"}})
+    transport, seen = scripted(status, httpx.ReadTimeout("answer lost"), gone)
+    with RayTwinClient("http://api", "rtk_x_y", retry=FAST, transport=transport) as api:
+        with pytest.raises(OutcomeUnknown, match="409 conflict"):
+            api.rollback_model("zone", RollbackRequest(reason="innovations drifted"))
+    assert [(r.method, r.url.path) for r in seen] == [("GET", "/v1/models/zone/lifecycle")] + [
+        ("POST", "/v1/models/zone/rollback")] * 2
+    assert seen[1].content == seen[2].content and b'"from_version":"1.2.0"' in seen[1].content
+
+    transport, seen = scripted(httpx.ReadTimeout("answer lost"))  # a revision given: nothing read, sent as it is
+
+    async def back() -> None:
+        async with AsyncRayTwinClient("http://api", "rtk_x_y", retry=RetryPolicy(attempts=1), transport=transport) as api:
+            await api.rollback_model("zone", RollbackRequest(reason="back", expected_revision=5))
+
+    with pytest.raises(OutcomeUnknown):
+        asyncio.run(back())
+    assert [r.url.path for r in seen] == ["/v1/models/zone/rollback"] and b"from_version" not in seen[0].content
+
+
 
 def _lost(code: str = "backend_unavailable") -> httpx.Response:
     return httpx.Response(503, headers={"Retry-After": "0"}, json={"error": {

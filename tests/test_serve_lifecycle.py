@@ -608,3 +608,39 @@ def test_an_unknown_model_is_404_on_every_lifecycle_route(client):
         assert assert_error(missing, 404, "not_found")["message"] == "no model no_such_model"
     assert_error(http.post("/v1/models/no_such_model/rollback", json={"reason": "back"},
                            headers=api.headers_for("approver")), 404, "not_found")
+
+
+def test_a_rollback_sent_twice_goes_back_once_and_unhonoured_preconditions_are_refused(client):
+    """A rollback without expected_revision sent twice (a retry after a timeout, two approvers answering one
+    incident) went back two versions; naming the version it leaves (`from_version`), the second answers 409 and
+    nothing moves. If-None-Match on a transition was ignored: refused with 400, nothing recorded."""
+    api, http = client, client.http
+    model = "retry_rc"
+    _publish(api, model, "1.0.0", "1.1.0", "1.2.0")
+    for version in ("1.0.0", "1.1.0", "1.2.0"):
+        for who, to in (("writer", "candidate"), ("writer", "staging"), ("approver", "production")):
+            r = http.post(f"/v1/models/{model}/versions/{version}/transitions", json={"to": to, "reason": to},
+                          headers=api.headers_for(who))
+            assert r.status_code == 201, r.text
+    url, back = f"/v1/models/{model}/rollback", {"reason": "innovations drifted", "from_version": "1.2.0"}
+    first = http.post(url, json=back, headers=api.headers_for("approver"))
+    assert first.status_code == 201 and (first.json()["version"], first.json()["displaced"]) == ("1.1.0", "1.2.0")
+    again = assert_error(http.post(url, json=back, headers=api.headers_for("chief")), 409, "conflict")["message"]
+    assert again.startswith(f"{model}@1.2.0 is no longer the production version of {model} (production is 1.1.0): "
+                            f"rollback record {first.json()['seq']} by {first.json()['actor']} at ")
+    assert again.endswith("moved it out; nothing was changed (a rollback sent again goes back no further). Read GET "
+                          f"/v1/models/{model}/lifecycle before deciding on another move")
+    typo = assert_error(http.post(url, json={**back, "from_version": "7.7.7"}, headers=api.headers_for("chief")),
+                        409, "conflict")["message"]
+    assert typo == (f"{model}@7.7.7 is not the production version of {model} (production is 1.1.0); nothing was "
+                    f"changed: name the production version as from_version (see GET /v1/models/{model}/lifecycle)")
+    status = http.get(f"/v1/models/{model}/lifecycle", headers=api.headers_for("reader")).json()
+    assert (status["production"], status["revision"]) == ("1.1.0", first.json()["seq"])
+
+    for header, path, body in (("If-None-Match", f"/v1/models/{model}/versions/1.1.0/transitions",
+                                {"to": "archived", "reason": "x"}), ("If-Unmodified-Since", url, {"reason": "x"})):
+        refused = assert_error(http.post(path, json=body, headers={**api.headers_for("approver"), header: "*"}),
+                               400, "bad_request")
+        assert refused["message"].startswith(f"{header}: * is not a condition a lifecycle transition or rollback "
+                                             "honours") and "Send If-Match with the ETag" in refused["message"]
+    assert http.get(f"/v1/models/{model}/lifecycle", headers=api.headers_for("reader")).json() == status
