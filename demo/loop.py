@@ -180,6 +180,7 @@ def section_calibration(root: Path, registry, truths) -> str:
         start_state={"T_in": float(x[0, 0]), "T_m": float(x[0, 1])},
         free=["C_in", "C_m", "R_im", "R_mo", "R_io", "f_sol"], noise_std={"T_in": T_IN_NOISE},
         search="random", num_samples=8, scheduler="asha", windows=2, register_as=f"{zone}@1.1.0",
+        registered_by="demo-fitter",
     )
     record = recorded_calibration(spec, runs=str(root / "runs"))
     fitted, rel_std = record.summary["parameters"], record.summary["rel_std"]

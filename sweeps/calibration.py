@@ -48,7 +48,7 @@ from scipy.optimize import least_squares
 from raytwin.contracts import Contract, Finite, Identifier, Spec
 from raytwin.estimation import model_defaults
 from raytwin.metrics import CALIBRATION_DURATION, CALIBRATIONS
-from raytwin.registry import ModelRegistry
+from raytwin.registry import PUBLISHED_BY, ModelRegistry
 from raytwin.sim import Model, ModelCheckError, get_model, rollout, unstack
 from raytwin.sim.checks import check_params
 from raytwin.sim.model import Var
@@ -127,6 +127,9 @@ class CalibrationSpec(Spec):
     seed: Annotated[int, Field(ge=0)] = 0
     register_as: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:\-]*@\d+\.\d+\.\d+$")] | None = None
     """Publish the fitted parameters as this ``name@version`` in `registry_url` (what sweeps then use)."""
+    registered_by: Identifier | None = None
+    """Who publishes the fit with `register_as` (the API key id its lifecycle actions use): recorded as the
+    version's publisher, so the four-eyes rule refuses that principal the version's promotion."""
 
     @model_validator(mode="after")
     def _unique(self) -> CalibrationSpec:
@@ -134,6 +137,10 @@ class CalibrationSpec(Spec):
             raise ValueError(f"free parameters repeat: {self.free}")
         if self.register_as is not None and self.registry_url is None:
             raise ValueError("register_as needs registry_url")
+        if self.register_as is not None and self.registered_by is None:
+            raise ValueError("register_as needs registered_by: the principal publishing the fit (the API key id its "
+                             "lifecycle actions use), recorded as the version's publisher so that it may not also "
+                             "approve the version's promotion (four eyes)")
         if self.search == "grid" and self.grid_levels ** len(self.free) > MAX_TRIALS:
             raise ValueError(f"a grid of {self.grid_levels} levels over {len(self.free)} free parameters is "
                              f"{self.grid_levels ** len(self.free):,} trials, over {MAX_TRIALS:,}: use fewer levels, "
@@ -775,7 +782,7 @@ def _calibrate(spec: CalibrationSpec, out_url: str,
         ModelRegistry(spec.registry_url).register(
             name, version, artifact.asset_type, result.parameters,
             metadata={"calibrated_from": artifact.ref, "telemetry_sha256": data_hash,
-                      "weighted_rmse": repr(result.weighted_rmse)},
+                      "weighted_rmse": repr(result.weighted_rmse), PUBLISHED_BY: spec.registered_by},
         )
         log.info("calibration registered model=%s", spec.register_as)
     fs, root = filesystem(out_url, storage_options)

@@ -63,7 +63,7 @@ def _spec(simulator, telemetry, **kw):
 def test_calibration_recovers_known_parameters(ray_session, tmp_path, simulator):
     registry = str(tmp_path / "registry")
     spec = _spec(simulator, _telemetry(tmp_path, simulator), **CASES[simulator]["search"],
-                 registry_url=registry, register_as=f"{simulator}-fitted@1.0.0")
+                 registry_url=registry, register_as=f"{simulator}-fitted@1.0.0", registered_by="key-fitter")
     result, files, data_hash = calibrate(spec, str(tmp_path / "out"))
     true = CASES[simulator]["true"]
     for name, value in true.items():
@@ -84,6 +84,14 @@ def test_calibration_recovers_known_parameters(ray_session, tmp_path, simulator)
     assert set(files) == {"calibration.json", "fit.png"} and len(data_hash) == 64
     published = ModelRegistry(registry).get(f"{simulator}-fitted@1.0.0")
     assert published.parameters == result.parameters and published.metadata["telemetry_sha256"] == data_hash
+    assert published.metadata["published_by"] == "key-fitter"  # four eyes: it may not approve its own fit
+
+
+def test_a_fit_is_registered_only_with_the_principal_that_publishes_it(tmp_path):
+    """`register_as` registered a version with no principal: four eyes and the audit could not tell who fitted it,
+    so its fitter could approve it."""
+    with pytest.raises(ValueError, match=r"register_as needs registered_by: the principal publishing the fit"):
+        _spec("two_tank", str(tmp_path / "t.parquet"), registry_url=str(tmp_path), register_as="tank@1.0.0")
 
 
 def test_calibration_refuses_unusable_input(tmp_path):
@@ -148,7 +156,7 @@ def test_a_fit_that_ends_on_a_declared_bound_is_refused_before_anything_is_writt
     registry = tmp_path / "registry"
     spec = CalibrationSpec(model="two_tank", telemetry=str(path), start_state=CASES["two_tank"]["x0"], free=["cd"],
                            parameters={n: v for n, v in true.items() if n != "cd"}, num_samples=2, seed=7,
-                           registry_url=str(registry), register_as="tank-fitted@1.0.0")
+                           registry_url=str(registry), register_as="tank-fitted@1.0.0", registered_by="key-fitter")
     with pytest.raises(CalibrationError, match=r"cd=1 at its upper bound \(declared \[0.1, 1\]\).*widen the model's "
                                                r"bounds"):
         calibrate(spec, str(tmp_path / "out"))
