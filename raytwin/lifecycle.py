@@ -32,7 +32,7 @@ from pydantic import Field, ValidationError
 
 from raytwin.contracts import Contract, Finite, Identifier, SemVer, UtcTime, describe_error
 from raytwin.recalibration import DriftTrigger
-from raytwin.registry import POLICY_SET_BY, PUBLISHED_BY, ModelRegistry, RegistryError, parse_ref
+from raytwin.registry import JOB_KEY, POLICY_SET_BY, PUBLISHED_BY, ModelRegistry, RegistryError, parse_ref
 from raytwin.storage import canonical_json, filesystem, replace_file, write_once
 
 log = logging.getLogger("raytwin.lifecycle")
@@ -113,6 +113,8 @@ class LifecyclePolicy(Contract):
 
 REASON_KEPT = 2000
 """The longest reason a transition records (characters)."""
+UNKNOWN_SETTER = "perhaps the setter of the recalibration policy that fitted it (unknown)"
+"""`ModelLifecycle._made_by` of a recalibration candidate fitted under a policy that names no setter."""
 PRUNE_TRIES = 20
 """Reloads of the log per version a prune removes while other transitions land first."""
 
@@ -386,6 +388,12 @@ class ModelLifecycle:
                 return False
             if auto:
                 return True
+            if role == UNKNOWN_SETTER:
+                raise ApprovalRequired(
+                    f"{ref} was fitted by a drift recalibration under a policy stored before its setter was kept: "
+                    f"{actor.id} may have set it, and no approver can be told apart from that key (four eyes). PUT "
+                    f"the recalibration policy of {state.model} again (that records its setter) and promote the "
+                    "candidate the next drift fits, or publish the parameters as a new version and submit it")
             raise ApprovalRequired(f"{actor.id} is {role} and may not approve it (four eyes): another principal "
                                    f"with the {APPROVER!r} role must promote it (tenant {actor.tenant}'s policy "
                                    "does not allow automatic promotion)")
@@ -399,7 +407,8 @@ class ModelLifecycle:
     def _made_by(self, ref: str, version: VersionState, actor: Actor) -> str | None:
         """How `actor` had a hand in `ref`'s content (None: it had none): its author (submitted it), its publisher
         (its declaration and parameters), or the setter of the recalibration policy it was fitted under (its
-        free parameters, noise and window: the recalibration's author is the system, not a second pair of eyes)."""
+        free parameters, noise and window: the recalibration's author is the system, not a second pair of eyes);
+        `UNKNOWN_SETTER` for a recalibration's candidate whose policy named no setter: any approver may be it."""
         metadata = self.registry.get(ref, allow_code_change=True).metadata
         if actor.id == version.author:
             return f"the author of {ref}"
@@ -407,6 +416,8 @@ class ModelLifecycle:
             return f"the publisher (its declaration and parameters) of {ref}"
         if actor.id == metadata.get(POLICY_SET_BY):
             return f"the setter of the recalibration policy (its free parameters, noise and window) that fitted {ref}"
+        if JOB_KEY in metadata and POLICY_SET_BY not in metadata:
+            return UNKNOWN_SETTER
         return None
 
     def _load(self, model: str, actor: Actor, expected_revision: int | None) -> ModelState:

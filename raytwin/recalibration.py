@@ -102,7 +102,7 @@ class StoredPolicy(NamedTuple):
     policy: RecalibrationPolicy
     set_by: str | None
     """The principal (API key id) that set it; None for a policy stored without one (set before it was kept, or
-    written by hand): its candidates name no setter, so the four-eyes rule cannot exclude them."""
+    written by hand): its candidates name no setter, so no approver may promote them (`raytwin.lifecycle`)."""
 
 
 class PolicyStore:

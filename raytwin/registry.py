@@ -65,6 +65,9 @@ POLICY_SET_BY = "policy_set_by"
 """Artifact metadata of a drift recalibration's candidate: who set the recalibration policy it was fitted under
 (an API key id; it chose the free parameters, the noise and the window). The four-eyes rule keeps them from
 approving it (`raytwin.lifecycle`), as it keeps a publisher."""
+JOB_KEY = "recalibration_job"
+"""Artifact metadata of a drift recalibration's candidate: the trigger group's job key. Such a candidate without
+`POLICY_SET_BY` was fitted under a policy stored before its setter was kept: no approver may promote it."""
 
 
 class ModelArtifact(Contract):

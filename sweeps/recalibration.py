@@ -28,7 +28,7 @@ from raytwin.contracts import Contract, Finite, Identifier, SemVer
 from raytwin.lifecycle import REASON_KEPT, Actor, Evidence, ModelLifecycle
 from raytwin.recalibration import DriftTrigger, RecalibrationPolicy
 from raytwin.estimation import model_defaults
-from raytwin.registry import POLICY_SET_BY, ModelArtifact, ModelRegistry, RegistryError
+from raytwin.registry import JOB_KEY, POLICY_SET_BY, ModelArtifact, ModelRegistry, RegistryError
 from raytwin.statestore import StateStore, from_micros, to_micros
 from raytwin.storage import filesystem
 from sweeps.calibration import CalibrationSpec
@@ -38,7 +38,6 @@ from sweeps.tune_groups import owned_by
 log = logging.getLogger("raytwin.recalibration")
 AUTHOR = "recalibration"
 """The lifecycle author of recalibrated candidates: any approver key may promote them (four eyes)."""
-JOB_KEY = "recalibration_job"
 WARNINGS = "calibration_warnings"
 """Candidate metadata: the fit's warnings (`sweeps.calibration.misfit_warning`), one per line, kept so a relaunch
 that finds the candidate registered submits it with them too."""
