@@ -16,13 +16,16 @@ from client.downloads import CHUNK_BYTES, JOB_FILE, RUN_FILE, FileDownload, down
 from client.errors import from_response
 from client.jobs import JobWait
 from client.model_calls import needs_production, rollback_call, run_file_call
-from client.pages import QueryPager
+from client.pages import AuditPager, QueryPager
 from client.retry import RetryPolicy
 from client.scenario_calls import job_file_call
 from client.subscription import Subscription
 from serve_apps.changes import Change
 
 if TYPE_CHECKING:
+    from datetime import date
+
+    from serve_apps.audit import AuditRecord
     from serve_apps.jobs import Job
     from serve_apps.routes_models import RollbackRequest, TransitionAnswer
 
@@ -119,6 +122,13 @@ class AsyncRayTwinClient(ClientBase):
         while not pager.done:
             for item in pager.feed(await self._send(pager.call())):
                 yield item
+
+    async def audit_records(self, day: date | None = None, page_size: int = 1000) -> AsyncIterator[AuditRecord]:
+        """Every audit record of the tenant (of one UTC day if given), newest first (see `RayTwinClient.audit_records`)."""
+        pager = AuditPager(day, page_size)
+        while not pager.done:
+            for record in pager.feed(await self._send(pager.call())):
+                yield record
 
     async def changes(self, after: int | None = None, asset_ids: tuple[str, ...] = (), type_name: str | None = None,
                       kinds: tuple[str, ...] = ()) -> AsyncIterator[Change]:

@@ -1,12 +1,17 @@
-"""Pagination of asset queries, shared by the sync and the async client: a `QueryPager` builds
-each page's request from the last page's cursor; the clients only send and loop."""
+"""Pagination of asset queries and of the audit log, shared by the sync and the async client: a `QueryPager` or
+`AuditPager` builds each page's request from the last page's cursor; the clients only send and loop."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import date
 from typing import Any
 
-from client.calls import Call, _model
+import httpx
+from pydantic import TypeAdapter
+
+from client.calls import Call, _model, _present
+from serve_apps.audit import NEXT_CURSOR, AuditRecord
 from serve_apps.query_schemas import QueryPage, QueryRequest
 
 
@@ -34,3 +39,29 @@ class QueryPager:
         self.done = page.next_cursor is None
         self.request = self.request.model_copy(update={"cursor": page.next_cursor})
         return page.items
+
+
+_AUDIT = TypeAdapter(list[AuditRecord])
+
+
+def _audit_page(r: httpx.Response) -> tuple[list[AuditRecord], str | None]:
+    return _AUDIT.validate_json(r.content), r.headers.get(NEXT_CURSOR)
+
+
+class AuditPager:
+    """Follows `GET /v1/audit`'s `X-Next-Cursor` to the oldest record: each page holds the records before the last,
+    so `feed` gives them newest first and the whole log reads newest first."""
+
+    def __init__(self, day: date | None = None, page_size: int = 1000):
+        self.day, self.page_size = day, page_size
+        self.cursor: str | None = None
+        self.done = False
+
+    def call(self) -> Call[tuple[list[AuditRecord], str | None]]:
+        return Call("GET", "/v1/audit", _audit_page, idempotent=True, params=_present(
+            day=self.day.isoformat() if self.day is not None else None, limit=self.page_size, cursor=self.cursor))
+
+    def feed(self, page: tuple[list[AuditRecord], str | None]) -> list[AuditRecord]:
+        records, self.cursor = page
+        self.done = self.cursor is None
+        return records[::-1]

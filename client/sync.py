@@ -16,13 +16,16 @@ from client.downloads import CHUNK_BYTES, JOB_FILE, RUN_FILE, FileDownload, down
 from client.errors import from_response
 from client.jobs import JobWait
 from client.model_calls import needs_production, rollback_call, run_file_call
-from client.pages import QueryPager
+from client.pages import AuditPager, QueryPager
 from client.retry import RetryPolicy
 from client.scenario_calls import job_file_call
 from client.subscription import Subscription
 from serve_apps.changes import Change
 
 if TYPE_CHECKING:
+    from datetime import date
+
+    from serve_apps.audit import AuditRecord
     from serve_apps.jobs import Job
     from serve_apps.routes_models import RollbackRequest, TransitionAnswer
 
@@ -124,6 +127,13 @@ class RayTwinClient(ClientBase):
         """Every asset matching `q` (serve_apps/README.md, "Queries"), sorted by `sort`, with `fields`
         only, fetched `page_size` at a time following the server's cursor."""
         pager = QueryPager(q, sort, fields, page_size)
+        while not pager.done:
+            yield from pager.feed(self._send(pager.call()))
+
+    def audit_records(self, day: date | None = None, page_size: int = 1000) -> Iterator[AuditRecord]:
+        """Every audit record of the tenant (of one UTC day if given), newest first, `page_size` at a time following
+        the server's cursor (`audit` answers only the newest `limit`, at most 10,000). Admin."""
+        pager = AuditPager(day, page_size)
         while not pager.done:
             yield from pager.feed(self._send(pager.call()))
 

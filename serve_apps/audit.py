@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -45,9 +46,35 @@ class AuditLog:
 
     def records(self, tenant: str, day: str | None = None, limit: int = 1000) -> list[AuditRecord]:
         """The tenant's most recent records (of one ``YYYY-MM-DD`` day if given), oldest first."""
+        return self.page(tenant, day, limit).records
+
+    def page(self, tenant: str, day: str | None = None, limit: int = 1000, cursor: str | None = None) -> AuditPage:
+        """The newest `limit` records older than `cursor` (none: the newest), oldest first, and the cursor of
+        the page before (None: no older record). A cursor is a record's name, ``{day}/{object}``: the log only
+        grows at its new end, so the pages before a cursor never change."""
         base = f"{self.root}/{tenant}" + (f"/{day}" if day else "")
         if not self.fs.exists(base):
-            return []
-        paths = sorted(p for p in self.fs.find(base) if p.endswith(".jsonl"))[-limit:]
-        blobs = self.fs.cat(paths, on_error="raise")
-        return [AuditRecord.model_validate_json(blobs[p]) for p in paths]
+            return AuditPage([], None)
+        named = sorted((_name(p), p) for p in self.fs.find(base) if p.endswith(".jsonl"))
+        older = [entry for entry in named if cursor is None or entry[0] < cursor]
+        page = older[-limit:]
+        blobs = self.fs.cat([p for _, p in page], on_error="raise") if page else {}
+        return AuditPage([AuditRecord.model_validate_json(blobs[p]) for _, p in page],
+                         page[0][0] if len(older) > len(page) else None)
+
+
+@dataclass(frozen=True)
+class AuditPage:
+    records: list[AuditRecord]
+    next_cursor: str | None
+
+
+NEXT_CURSOR = "X-Next-Cursor"
+"""The header of `GET /v1/audit` naming the cursor of the page of older records."""
+CURSOR_PATTERN = r"^\d{4}-\d{2}-\d{2}/\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{32}$"
+"""An audit cursor: a record's day folder and object name, without ``.jsonl``."""
+
+
+def _name(path: str) -> str:
+    """A record's cursor name: its day folder and object name (``2026-01-05/20260105T...Z-<uuid>``)."""
+    return "/".join(path.rsplit("/", 2)[-2:]).removesuffix(".jsonl")

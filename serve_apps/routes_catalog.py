@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from raytwin.contracts import Asset, AssetType, RelationshipKind, describe_error
+from serve_apps.audit import CURSOR_PATTERN, NEXT_CURSOR
 from serve_apps.auth import Principal
 from serve_apps.conditional import Precondition, etag, not_modified, precondition
 from serve_apps.deps import ADMIN, DAY, READER, SVC, Limit, Services
@@ -149,12 +150,22 @@ def register(app: FastAPI) -> None:
         await svc.record(request, who, "asset.delete", asset_id)
         return Response(status_code=204)
 
-    @app.get("/v1/audit", tags=["audit"])
-    async def audit_log(day: str | None = DAY, limit: Limit = 1000,
+    @app.get("/v1/audit", tags=["audit"], responses={200: {"headers": {NEXT_CURSOR: {
+        "description": "Send it as `cursor` for the page of older records; absent on the oldest page",
+        "schema": {"type": "string"}}}}})
+    async def audit_log(response: Response, day: str | None = DAY, limit: Limit = 1000,
+                        cursor: Annotated[str | None, Query(pattern=CURSOR_PATTERN, description=(
+                            f"`{NEXT_CURSOR}` of the previous answer, unchanged: the `limit` records before it"))] = None,
                         who: Principal = ADMIN, svc: Services = SVC) -> list[dict[str, Any]]:
-        """The tenant's audit records, oldest first (admin only)."""
-        records = await run_in_threadpool(svc.audit.records, who.tenant, day, limit)
-        return [r.model_dump(mode="json") for r in records]
+        """The tenant's newest audit records (of one UTC day if given), oldest first (admin only); the records
+        before them a page at a time with `cursor` (the `X-Next-Cursor` header of each answer but the oldest)."""
+        if day is not None and cursor is not None and not cursor.startswith(f"{day}/"):
+            raise Unprocessable(f"query.cursor: {cursor} is a cursor of another day than {day}; send the "
+                                f"{NEXT_CURSOR} of an answer for day={day}, or no cursor for its newest records")
+        page = await run_in_threadpool(svc.audit.page, who.tenant, day, limit, cursor)
+        if page.next_cursor is not None:
+            response.headers[NEXT_CURSOR] = page.next_cursor
+        return [r.model_dump(mode="json") for r in page.records]
 
 
 def _asset(tenant: str, asset_id: str, body: AssetUpdate) -> Asset:

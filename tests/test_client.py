@@ -1222,3 +1222,26 @@ def test_client_errors_cross_processes_as_themselves():
             {k: v for k, v in vars(error).items() if k not in ("refusal", "cause")}
     back = pickle.loads(pickle.dumps(OutcomeUnknown("POST /x", down, 3, "resend", ("k1",))))
     assert back.refusal.code == "backend_unavailable" and back.idempotency_keys == ("k1",)
+
+
+def test_the_whole_audit_log_is_read_a_page_at_a_time(api, sdk):
+    """GET /v1/audit answered only the newest `limit` (at most 10,000) records, so on a busy day the older ones could
+    not be read through the API: each page's X-Next-Cursor names the page before it, and the SDK follows it."""
+    from datetime import date
+
+    client, auth, _ = api
+    admin = sdk["admin"]
+    newest_first = [r.model_dump(mode="json") for r in admin.audit(limit=10_000)][::-1]
+    assert len(newest_first) >= 3  # the fixture's types and asset
+    assert [r.model_dump(mode="json") for r in admin.audit_records(page_size=2)] == newest_first
+    first = client.get("/v1/audit", params={"limit": 2}, headers=auth["admin"])
+    second = client.get("/v1/audit", params={"limit": 2, "cursor": first.headers["X-Next-Cursor"]},
+                        headers=auth["admin"])
+    assert first.json()[::-1] == newest_first[:2] and second.json()[::-1] == newest_first[2:4]
+    today = date.today().isoformat()
+    assert client.get("/v1/audit", params={"day": today, "limit": 10_000}, headers=auth["admin"]).headers.get(
+        "X-Next-Cursor") is None  # the oldest page says so
+    other_day = client.get("/v1/audit", params={"day": "2020-01-01", "cursor": first.headers["X-Next-Cursor"]},
+                           headers=auth["admin"])
+    assert other_day.status_code == 422 and "is a cursor of another day than 2020-01-01" in other_day.text
+    assert client.get("/v1/audit", params={"cursor": "../../keys"}, headers=auth["admin"]).status_code == 422
