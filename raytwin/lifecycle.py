@@ -210,6 +210,8 @@ class ModelState:
 class PruneReport:
     versions_removed: list[str]
     runs_removed: list[str]
+    records: list[TransitionRecord] = field(default_factory=list)
+    """The log's `prune` record of each removed version (its seq and hash: what the audit ties each removal to)."""
 
 
 class ModelLifecycle:
@@ -482,7 +484,8 @@ class ModelLifecycle:
         doomed = [s.version for s in archived
                   if s.version not in recent | used | set(in_use) and s.version != state.rollback_target]
         reason = f"retention: keep the last {policy.keep_archived} archived versions"
-        removed = [version for version in doomed if self._record_prune(model, version, actor, reason)]
+        records = [r for r in (self._record_prune(model, version, actor, reason) for version in doomed) if r]
+        removed = [r.version for r in records]
         registered = set(self.registry.versions(model))
         for version in removed + [v for v, s in state.versions.items() if s.pruned]:  # (a crash's leftovers too)
             if version in registered:
@@ -498,21 +501,21 @@ class ModelLifecycle:
             for r in removed_runs:
                 fs.rm(f"{root}/{r['run_id']}", recursive=True)
                 log.info("event=run_pruned run_id=%s model=%s tenant=%s", r["run_id"], model, tenant)
-        return PruneReport(versions_removed=removed, runs_removed=[r["run_id"] for r in removed_runs])
+        return PruneReport(versions_removed=removed, runs_removed=[r["run_id"] for r in removed_runs],
+                           records=records)
 
-    def _record_prune(self, model: str, version: str, actor: Actor, reason: str) -> bool:
+    def _record_prune(self, model: str, version: str, actor: Actor, reason: str) -> TransitionRecord | None:
         """Log `version`'s removal unless it is no longer an archived version to remove (another prune logged it,
-        or it became the rollback target): True if this call logged it. Concurrent prunes logged one version
+        or it became the rollback target): the record if this call logged it. Concurrent prunes logged one version
         twice, and one answered 409 after removing an artifact it never logged. The log comes first and the
         artifact goes after: a crash between leaves an artifact of a pruned version, which the next prune removes."""
         for _ in range(PRUNE_TRIES):
             state = self._load(model, actor, None)
             current = state.versions.get(version)
             if current is None or current.stage != "archived" or current.pruned or version == state.rollback_target:
-                return False
+                return None
             try:
-                self._append(state, version, "prune", "archived", "archived", actor, reason, None)
-                return True
+                return self._append(state, version, "prune", "archived", "archived", actor, reason, None)
             except TransitionConflict:
                 continue  # another transition landed first: look again
         raise TransitionConflict(f"{model}@{version}: the log kept changing over {PRUNE_TRIES} tries while "

@@ -334,15 +334,19 @@ def register(app: FastAPI) -> None:
         """Apply the tenant's retention to the model's archived versions and to the tenant's sweep run records
         of the model (``{store}/runs/{tenant}``), admin only. Versions live twins need stay: the one each twin
         runs now (a refused swap leaves it on an archived one), those its retained history was applied by
-        (`?at=` reads and runs from a past state use them) and those its asset's catalog entry names."""
+        (`?at=` reads and runs from a past state use them) and those its asset's catalog entry names. Audited per
+        removal: `model.prune` for each version's log record (its seq and hash), `run.prune` for each run record."""
         assets = await svc.backend.call("list_assets", who.tenant, model, None, None, None)
         twins = StateStore(svc.config.url("twins"), svc.config.storage_options or None)
         running: dict[str, list[str]] = await run_in_threadpool(twins.model_versions, who.tenant, model)
         report: PruneReport = await _call(_lifecycle(svc, who.tenant).prune, model, _actor(who),
                                           svc.config.url("runs", who.tenant), svc.config.storage_options or None,
                                           {a.type_version for a in assets} | set(running))
-        await svc.record(request, who, "model.prune", model, versions_removed=report.versions_removed,
-                         runs_removed=report.runs_removed)
+        for record in report.records:  # one audit record per log record, tied to it by hash as other transitions
+            await svc.record(request, who, "model.prune", f"{model}@{record.version}", seq=record.seq,
+                             hash=record.hash)
+        for run_id in report.runs_removed:
+            await svc.record(request, who, "run.prune", run_id, model=model)
         return report
 
     @app.get("/v1/lifecycle-policy", response_model=LifecyclePolicy, tags=tags)

@@ -169,6 +169,13 @@ def test_new_twins_run_the_production_version_and_prune_keeps_versions_assets_na
     assert http.delete("/v1/assets/zone-v1", headers=api.headers_for("admin")).status_code == 204
     removed = http.post("/v1/models/thermal_rc/prune", headers=api.headers_for("admin")).json()
     assert removed["versions_removed"] == [V2]
+    (record,) = removed["records"]  # each removal's log record, and its audit record tied to it by hash
+    log = http.get("/v1/models/thermal_rc/lifecycle/log", headers=api.headers_for("reader")).json()
+    assert record == log[-1] and (record["action"], record["version"]) == ("prune", V2)
+    (audited,) = [a for a in http.get("/v1/audit", headers=api.headers_for("admin")).json()
+                  if a["action"] == "model.prune"]
+    assert (audited["target"], audited["details"]) == (f"thermal_rc@{V2}", {"seq": record["seq"],
+                                                                             "hash": record["hash"]})
     status = http.get("/v1/models/thermal_rc/lifecycle", headers=api.headers_for("reader")).json()
     assert [(v["version"], v["stage"], v["pruned"]) for v in status["versions"]] == [
         (V1, "production", False), (V2, "archived", True)]
