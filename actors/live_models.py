@@ -60,17 +60,17 @@ class LiveModels:
         return self.handles[shard_index(tenant, asset_id, len(self.handles))]
 
     def twins_of_model(self, tenant: str, model: str, other_than: str | None = None,
-                       running: str | None = None) -> list[str]:
+                       running: str | None = None, timeout_s: float | None = None) -> list[str]:
         """The tenant's twins now running a version of `model` (other than `other_than`, and `running`, each a
-        ``name@version``, where given)."""
+        ``name@version``, where given); `GetTimeoutError` when a shard leaves it unanswered for `timeout_s`."""
         return sorted(a for part in ray.get([h.twins_of_model.remote(tenant, model, other_than, running)
-                                             for h in self.handles]) for a in part)
+                                             for h in self.handles], timeout=timeout_s) for a in part)
 
-    def twins_running(self, tenant: str, ref: str) -> list[str]:
+    def twins_running(self, tenant: str, ref: str, timeout_s: float | None = None) -> list[str]:
         """The tenant's twins whose version for events from now on is `ref` (``name@version``): after a hot swap
         a twin runs a version its catalog entry does not name. One question to each shard (two, a set apart,
         could miss a swap landing between them)."""
-        return self.twins_of_model(tenant, ref.partition("@")[0], running=ref)
+        return self.twins_of_model(tenant, ref.partition("@")[0], running=ref, timeout_s=timeout_s)
 
     def start_shadow(self, tenant: str, candidate: ModelArtifact, *, events: int,
                      asset_ids: list[str] | None = None, sample: int | None = None) -> tuple[str, list[str]]:

@@ -56,7 +56,7 @@ from serve_apps.recalibration import TenantState
 from serve_apps.recalibration_jobs import RecalibrationJobs
 from serve_apps.schemas import StoreFence
 from serve_apps.type_models import register_published
-from serve_apps.type_usage import refuse_held_type
+from serve_apps.type_usage import refuse_held_type, twins_running
 from serve_apps.unawaited import outlived
 
 log = logging.getLogger("raytwin.serve.backend")
@@ -196,7 +196,10 @@ class Backend:
         self.check_writable()
         with self._lock:
             self.catalog.check_delete_type(tenant, name, version, pre)  # 412, 404, 409 before the shards are asked
-            refuse_held_type(ModelLifecycle(self._registry(tenant)), self.twins.models, tenant, name, version)
+        running = twins_running(self.twins.models, tenant, f"{name}@{version}", self.config.shard_read_timeout_s)
+        with self._lock:  # what may have changed while the shards answered, checked again where the delete is
+            self.catalog.check_delete_type(tenant, name, version, pre)
+            refuse_held_type(ModelLifecycle(self._registry(tenant)), running, name, version)
             self.changes.write(tenant, lambda seq: [{
                 "kind": "asset_type.deleted", "type_name": name, "type_version": version,
                 "data": {"asset_type": self.catalog.delete_type(tenant, name, version, pre).model_dump(

@@ -8,9 +8,12 @@ left no version on which a twin of the model could be created. The lifecycle and
 
 from __future__ import annotations
 
+import ray
+
 from actors.live_models import LiveModels
 from raytwin.lifecycle import LifecycleError, ModelLifecycle, ModelState
 from serve_apps.errors import Conflict, unwrap
+from serve_apps.shard_deadline import RETRY_AFTER_S, TwinUnavailable
 
 SHOWN = 20
 """Twins named in a refusal's message (all are in its details)."""
@@ -33,16 +36,29 @@ def lifecycle_role(state: ModelState, version: str) -> str | None:
     return None
 
 
-def refuse_held_type(lifecycle: ModelLifecycle, models: LiveModels, tenant: str, name: str, version: str) -> None:
+def twins_running(models: LiveModels, tenant: str, ref: str, timeout_s: float) -> list[str]:
+    """The twins running `ref`, asked of the shards without the backend's lock (a hung shard stalled every delete
+    and whatever else waited on it); 503 `twin_unavailable` when a shard leaves it unanswered for `timeout_s`.
+    Nothing moves twins onto a version the lifecycle no longer needs (a promotion or rollback makes it production
+    first; a new or retyped twin goes through the catalog), so the lock's checks after the answer still hold."""
+    try:
+        return models.twins_running(tenant, ref, timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        raise TwinUnavailable(f"asset type {ref} was not deleted: a twin shard did not answer within {timeout_s:g} s "
+                              "whether twins run it (a hung or restarting shard); nothing was changed. Retry after "
+                              "Retry-After; /v1/health/ready says whether the shards answer",
+                              headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+
+
+def refuse_held_type(lifecycle: ModelLifecycle, running: list[str], name: str, version: str) -> None:
     """`Conflict` (409) while the model lifecycle needs ``name@version`` (`lifecycle_role`) or live twins run it
-    (hot-swapped to it), each reason with its remedy; the twins in `details`."""
+    (`running`: hot-swapped to it, see `twins_running`), each reason with its remedy; the twins in `details`."""
     ref = f"{name}@{version}"
     try:
         state = lifecycle.verify(name)
     except LifecycleError as exc:  # a broken transition log: which version is production is unknown
         raise Conflict(f"asset type {ref} was not deleted: {unwrap(exc)}") from None
     reasons = [r for r in (lifecycle_role(state, version),) if r]
-    running = models.twins_running(tenant, ref)
     if running:
         more = f" and {len(running) - SHOWN} more" if len(running) > SHOWN else ""
         reasons.append(f"twins {', '.join(running[:SHOWN])}{more} run {ref} (a promotion swapped them to it; their "
