@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 from pydantic import TypeAdapter
 
-from client.calls import Call, _model, _present
+from client.calls import ANSWER_EXTRA, Call, _model, _present
 from serve_apps.audit import NEXT_CURSOR, AuditRecord
 from serve_apps.query_schemas import QueryPage, QueryRequest
 
@@ -45,7 +45,7 @@ _AUDIT = TypeAdapter(list[AuditRecord])
 
 
 def _audit_page(r: httpx.Response) -> tuple[list[AuditRecord], str | None]:
-    return _AUDIT.validate_json(r.content), r.headers.get(NEXT_CURSOR)
+    return _AUDIT.validate_json(r.content, extra=ANSWER_EXTRA), r.headers.get(NEXT_CURSOR)
 
 
 class AuditPager:
