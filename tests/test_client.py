@@ -762,6 +762,11 @@ def test_fields_a_newer_server_added_are_ignored_by_every_parser():
         assert api.job("j1").job_id == "j1"
         assert api.health().status == "ok"
         assert next(api.changes(after=0)).seq == 3
+    import re
+
+    parsers = [(path.name, line) for path in (Path(__file__).parents[1] / "client").glob("*.py")
+               for line in path.read_text().splitlines() if re.search(r"validate_json\(", line)]
+    assert parsers and [p for p in parsers if "extra=ANSWER_EXTRA" not in p[1]] == []  # a new parser too
 
 
 # ---- against the real API: the FastAPI app and `Backend` in this process (tests/test_schema_evolution.py) ----
