@@ -10,7 +10,9 @@ Only a dead letter whose identity is its reading's (`DeadLetter.once`: an OPC UA
 and source timestamp in its raw text) is written once: a raw message without a time of its own (an MQTT payload)
 may be sent again for real, and its dead letters are how an operator sees the rate. Rows the twins refuse are
 not kept out either: the refusal can change (a twin registered since, a clock caught up), so a re-delivered row
-is evaluated again, and dead-lettered again if refused again.
+is evaluated again, and dead-lettered again if refused again. (A reading's time is no such verdict for OPC UA: a
+device clock ahead is judged against the reading's ServerTimestamp by the connector, `connectors.opcua.values`,
+the same at every re-delivery.)
 
 The identities are SHA-256 digests of the raw text, held for the last `KEPT` letters; a restarted connector
 starts from the dead letters its tenant's store holds from it since its backfill began (`recent`), so its

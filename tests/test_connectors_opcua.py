@@ -36,7 +36,7 @@ from connectors.opcua.values import to_row
 from connectors.sink import Inbound
 from connectors.runtime import actor_name
 from connectors.spec import Credentials
-from raytwin.contracts import TelemetryEvent
+from raytwin.contracts import MAX_FUTURE_SKEW, TelemetryEvent
 from raytwin.statestore import to_micros
 from raytwin.ports import free_port
 from tests.fixtures_connectors import WAIT_S, tank_twins, wait_for
@@ -190,7 +190,7 @@ def test_malformed_and_out_of_range_values_go_to_dead_letters_with_node_id(twins
     assert implausible["reason"].startswith("opcua://plc/ns=2;s=tank-2.h1: ")  # the twin's refusal: the connector's
     future = by_key["nsu=urn:raytwin:test;s=tank-2.q_in"]
     assert "opcua://plc/nsu=urn:raytwin:test;s=tank-2.q_in" in future["reason"]
-    assert "after the server's clock" in future["reason"]
+    assert "after the server received the value" in future["reason"] and "clock is ahead" in future["reason"]
     assert revision(twins, "tank-2") == 0
 
 
@@ -282,6 +282,31 @@ def test_commands_are_written_in_the_set_points_own_data_type(connectors, device
     assert device.read("tank-1.q_int") == 7 and device.read("tank-1.q_int.id") == whole.correlation_id
 
 
+def test_a_reading_from_a_clock_ahead_stays_dead_lettered_after_a_restarts_backfill(twins, connectors, device, plc):
+    """A PLC clock 5 min 2 s ahead: dead-lettered live, and once it is less than 5 min ahead of the clock a restart's
+    backfill read it again and applied it (one reading, two fates; the twin's clock jumped ahead). Judged against
+    the server's receive time, it is dead-lettered again (written once) and the twin never goes ahead."""
+    def ahead_letters() -> list[dict]:
+        return [r for r in twins.dead_letters("acme").to_pylist()
+                if r["idempotency_key"] == "ns=2;s=tank-1.h1" and "clock is ahead" in r["reason"]]
+
+    before, written = revision(twins, "tank-1"), datetime.now(UTC)
+    device.write("tank-1.h1", 0.48, written + MAX_FUTURE_SKEW + timedelta(seconds=2))
+    wait_for(lambda: len(ahead_letters()) == 1, "the reading dead-lettered live")
+    assert "the device's (PLC's) clock is ahead of the server's by more than 0:05:00" in ahead_letters()[0]["reason"]
+    status = connectors.status("acme", "plc")
+    assert "ns=2;s=tank-1.h1" in status.last_error and "clock is ahead" in status.last_error, status.last_error
+    time.sleep(max(0.0, (written + timedelta(seconds=3) - datetime.now(UTC)).total_seconds()))  # now < 5 min ahead
+    handle = ray.get_actor(actor_name("acme", "plc"), namespace=twins.router.namespace)
+    ray.kill(handle, no_restart=False)  # a crash: Ray restarts it, it subscribes and backfills from history
+    seen: list[int] = []
+    wait_for(lambda: (s := connectors.status("acme", "plc")).connected and s.pending == 0 and s.duplicates > 0 and (
+        seen.append(s.messages) or seen[-10:] == [s.messages] * 10), "the restarted connector's backfill settled")
+    state = twins.state("acme", "tank-1")
+    assert state.revision == before and len(ahead_letters()) == 1
+    assert state.event_time is None or state.event_time <= datetime.now(UTC) + MAX_FUTURE_SKEW
+
+
 def test_declarations_are_checked_and_credentials_stay_secret(connectors, server, plc):
     with pytest.raises(InvalidConnector, match="'tank-7' is not a registered twin"):
         connectors.create(plc_spec(server.endpoint, name="other", nodes=[
@@ -339,6 +364,24 @@ def test_a_value_change_becomes_one_keyed_row_or_a_dead_letter(variant, status, 
         assert (out["event_time"], out["sequence"], out["idempotency_key"]) == (at.isoformat(), to_micros(at),
                                                                                 NODE.node_id)
         assert TelemetryEvent.model_validate(out).event_time == at  # the row is what the contract reads
+
+
+def test_a_reading_is_judged_from_the_future_against_the_servers_receive_time_not_the_delivery():
+    """Read back a day later (a restart's backfill), a reading stamped 5.5 min after the server received it is still
+    from the future, and one 4.5 min after still is not: the verdict is the reading's, not the hour's."""
+    received = datetime.now(UTC) - timedelta(days=1)
+    for ahead, refused in ((timedelta(minutes=5, seconds=30), True), (timedelta(minutes=4, seconds=30), False)):
+        dv = ua.DataValue(ua.Variant(0.5, ua.VariantType.Double), SourceTimestamp=received + ahead,
+                          ServerTimestamp=received)
+        out = to_row("plc", NODE, dv)
+        assert isinstance(out, DeadLetter) is refused, out
+    assert out["event_time"] == (received + ahead).isoformat()
+    dv = ua.DataValue(ua.Variant(0.5, ua.VariantType.Double), SourceTimestamp=received + timedelta(minutes=5, seconds=30),
+                      ServerTimestamp=received)
+    assert to_row("plc", NODE, dv).reason.endswith(
+        "is 0:05:30 after the server received the value (ServerTimestamp "
+        f"{received.isoformat()}): the device's (PLC's) clock is ahead of the server's by more than 0:05:00; "
+        "correct the device's clock (NTP)")
 
 
 def test_a_value_without_source_timestamp_is_dead_lettered():

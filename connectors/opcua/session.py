@@ -51,7 +51,7 @@ from connectors.kinds import ignore
 from connectors.mapping import DeadLetter
 from connectors.opcua.config import OPC_UA_PORT, CommandNode, MappedNode, OpcUaSpec
 from connectors.opcua.recovery import OVERFLOW, QueueWatch, Suspect
-from connectors.opcua.values import command_variant, source, to_row
+from connectors.opcua.values import clock_ahead, command_variant, source, to_row
 from connectors.reach import Reach
 from connectors.sink import Inbound
 from connectors.spec import Credentials
@@ -158,6 +158,7 @@ class OpcUaSession:
         self._nodes: dict[ua.NodeId, list[MappedNode]] = {}  # a server node may be declared in two spellings
         self._types: dict[ua.NodeId, ua.VariantType] = {}  # command nodes' types, read once per connection
         self._namespaces: list[str] = []  # the server's namespace array, read at each connect
+        self._ahead: set[ua.NodeId] = set()  # nodes whose device clock was reported ahead in this connection
         self._newest: dict[str, datetime] = {}  # node id -> newest durable source timestamp (for backfill)
         self._watch = QueueWatch(spec.queue_size)  # items whose server queue may have discarded values
         self._recovering: asyncio.Task | None = None
@@ -259,7 +260,7 @@ class OpcUaSession:
             self._lost.set()
 
         client.connection_lost_callback = lost
-        self._client, self._types = client, {}
+        self._client, self._types, self._ahead = client, {}, set()
         await client.connect()
         self.last_error = self.last_error_at = None  # connected again: what went wrong before is over
         self._namespaces = await client.get_namespace_array()
@@ -433,6 +434,9 @@ class OpcUaSession:
             self._error(f"node {_named(nodes)}: the server's queue for it overflowed (more than queue_size "
                         f"{self.spec.queue_size} changes while publishing was off): older changes were discarded; "
                         "raise queue_size or set backfill_s to read them from the server's history")
+        if nodes and nodeid not in self._ahead and (ahead := clock_ahead(dv)):  # once per node and connection
+            self._ahead.add(nodeid)
+            self._error(f"node {_named(nodes)}: {ahead}; its readings are dead-lettered until then")
         for node in nodes:  # every mapping of the node is fed (two spellings may map it to two assets)
             out = to_row(self.spec.name, node, dv)
             if out is None:  # a status without a value: nothing to deliver

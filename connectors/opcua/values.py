@@ -5,22 +5,27 @@ server sends each monitored item's current value again, with its original source
 keyed (event time = source timestamp, sequence = that time in microseconds, idempotency key = the node id
 as configured), so the same value change always yields the same key and the twin counts it as a duplicate,
 while a genuinely new change (a new source timestamp) is a new event. The sink checks rows against the
-`TelemetryEvent` contract column-wise (a time too far in the future, say, is dead-lettered there, with this
-node's source in the reason); what only OPC UA can tell (the value's type, a missing source timestamp) is
-checked here.
+`TelemetryEvent` contract column-wise (with this node's source in a refusal's reason); what only OPC UA can
+tell (the value's type, a missing source timestamp, a device clock ahead of the server's) is checked here.
+
+A reading "from the future" is judged against the time the server received it (its ServerTimestamp, the
+same live and in the history), not against the clock when the connector reads it: judged at delivery, a
+reading 5.5 min ahead was dead-lettered live and applied by a restart's backfill a minute later, so one
+reading had two fates and the twin's clock jumped ahead.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from asyncua import ua
 
 from connectors.mapping import DeadLetter
 from connectors.opcua.config import MappedNode
+from raytwin.contracts import MAX_FUTURE_SKEW
 from raytwin.statestore import to_micros
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -62,6 +67,25 @@ def command_variant(node_id: str, value: float, vtype: ua.VariantType) -> ua.Var
                      "a numeric (Double, Float or integer) variable")
 
 
+def _utc(t: datetime) -> datetime:
+    return t if t.tzinfo else t.replace(tzinfo=UTC)  # OPC UA times are UTC
+
+
+def clock_ahead(dv: ua.DataValue) -> str | None:
+    """Why `dv` is refused as from the future, or None: its source timestamp lies more than `MAX_FUTURE_SKEW`
+    after the time the server received it (the device's clock is ahead). Without a ServerTimestamp the
+    contract's check against the clock at delivery is the only one."""
+    if dv.SourceTimestamp is None or dv.ServerTimestamp is None:
+        return None
+    source_ts, server_ts = _utc(dv.SourceTimestamp), _utc(dv.ServerTimestamp)
+    ahead = source_ts - server_ts
+    if ahead <= MAX_FUTURE_SKEW:
+        return None
+    return (f"source timestamp {source_ts.isoformat()} is {ahead - timedelta(microseconds=ahead.microseconds)} after "
+            f"the server received the value (ServerTimestamp {server_ts.isoformat()}): the device's (PLC's) clock "
+            f"is ahead of the server's by more than {MAX_FUTURE_SKEW}; correct the device's clock (NTP)")
+
+
 def source(connector: str, node: MappedNode) -> str:
     """Where a value change came from, as dead letters and logs name it."""
     return f"opcua://{connector}/{node.node_id}"
@@ -92,9 +116,11 @@ def to_row(connector: str, node: MappedNode, dv: ua.DataValue) -> dict[str, Any]
     if ts is None:
         return _dead(connector, node, "the value has no source timestamp (event time); configure the server to "
                      "send source timestamps", raw)
-    ts = ts if ts.tzinfo else ts.replace(tzinfo=UTC)  # OPC UA times are UTC
+    ts = _utc(ts)
     if ts < EPOCH:
         return _dead(connector, node, f"source timestamp {ts.isoformat()} is before 1970", raw)
+    if ahead := clock_ahead(dv):
+        return _dead(connector, node, ahead, raw)
     return {"asset_id": node.asset_id, "event_time": ts.isoformat(), "sequence": to_micros(ts),
             "idempotency_key": node.node_id, "quality": quality(status),
             "measurements": {node.measurement: {"value": float(value), "unit": node.unit}}}
