@@ -376,8 +376,8 @@ def test_a_reading_is_judged_from_the_future_against_the_servers_receive_time_no
         out = to_row("plc", NODE, dv)
         assert isinstance(out, DeadLetter) is refused, out
     assert out["event_time"] == (received + ahead).isoformat()
-    dv = ua.DataValue(ua.Variant(0.5, ua.VariantType.Double), SourceTimestamp=received + timedelta(minutes=5, seconds=30),
-                      ServerTimestamp=received)
+    dv = ua.DataValue(ua.Variant(0.5, ua.VariantType.Double), ServerTimestamp=received,
+                      SourceTimestamp=received + timedelta(minutes=5, seconds=30))
     assert to_row("plc", NODE, dv).reason.endswith(
         "is 0:05:30 after the server received the value (ServerTimestamp "
         f"{received.isoformat()}): the device's (PLC's) clock is ahead of the server's by more than 0:05:00; "
@@ -757,10 +757,12 @@ def test_readings_stamped_before_the_newest_are_read_back_after_a_pause(server, 
 
 def test_a_full_queue_whose_history_cannot_give_the_changes_back_is_reported():
     """A server that keeps no history (asyncua's answers an empty one, without an error): what the full queue
-    discarded cannot be read back, and the session says so, naming the node, instead of losing it silently."""
-    bare = OpcUaServer(free_port(), ["tank-1.h2"], [], f"{USER}:{PASSWORD}")
+    discarded cannot be read back, and the session says so, naming the node, instead of losing it silently. The
+    server grants a queue of 3 where 1000 are asked (RevisedQueueSize): counted by the size asked, the full queue
+    went unseen and the loss unsaid."""
+    bare = OpcUaServer(free_port(), ["tank-1.h2"], [], f"{USER}:{PASSWORD}", max_queue=3)
     bare.start()
-    spec = OpcUaSpec.model_validate(plc_spec(bare.endpoint, name="plc-bare", queue_size=3, commands=[], nodes=[
+    spec = OpcUaSpec.model_validate(plc_spec(bare.endpoint, name="plc-bare", queue_size=1000, commands=[], nodes=[
         {"node_id": "ns=2;s=tank-1.h2", "asset_id": "tank-1", "measurement": "h2", "unit": "m"}]))
 
     async def steps(session: OpcUaSession) -> None:
@@ -773,8 +775,8 @@ def test_a_full_queue_whose_history_cannot_give_the_changes_back_is_reported():
         session = run_session(spec, Received(), steps)
     finally:
         bare.kill()
-    assert session.last_error.startswith("node ns=2;s=tank-1.h2: its server queue (queue_size 3) was full"), \
-        session.last_error
+    assert session.last_error.startswith("node ns=2;s=tank-1.h2: its server queue (queue_size 3, all the server "
+                                         "granted of the 1000 asked) was full"), session.last_error
     assert "its history does not hold the value stamped" in session.last_error
 
 

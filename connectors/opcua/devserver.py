@@ -2,7 +2,7 @@
 subprocess (`OpcUaServer`) so a test can kill it mid-stream and start it again on the same port.
 
     python -m connectors.opcua.devserver --port 4840 --node zone-1.T_in --node zone-1.T_out --readonly plant.locked \
-        [--typed q_real=Float] [--user operator:secret] [--history]
+        [--typed q_real=Float] [--user operator:secret] [--history] [--max-queue 3]
 
 Every `--node NAME` is a writable variable `ns=<ns>;s=NAME` (namespace `urn:raytwin:test`, any data type) that
 starts without a value (status BadWaitingForInitialData), like a controller that has not sampled yet; a restarted
@@ -10,8 +10,10 @@ server starts that way again. `--typed NAME=TYPE` is a writable variable of one 
 ...: a PLC's REAL or INT), which the server refuses to be written with any other type (BadTypeMismatch).
 `--readonly NAME` is a variable clients may not write. With `--user`, only that username and password may open a
 session. With `--history`, every variable's changes are historized in memory
-(HistoryRead serves them until the process ends). Prints `READY <namespace index>` once it listens, then serves
-until killed. It is a development server, not a plant: NoSecurity on loopback only.
+(HistoryRead serves them until the process ends). `--max-queue N` grants every monitored item at most N queued
+values, whatever the client asks (as servers with small limits do: RevisedQueueSize). Prints
+`READY <namespace index>` once it listens, then serves until killed. It is a development server, not a plant:
+NoSecurity on loopback only.
 """
 
 from __future__ import annotations
@@ -44,9 +46,11 @@ class OneUser(UserManager):
 
 
 async def serve(port: int, nodes: list[str], readonly: list[str], user: str | None, history: bool,
-                typed: dict[str, str] | None = None) -> None:
+                typed: dict[str, str] | None = None, max_queue: int | None = None) -> None:
     server = Server(user_manager=OneUser(*user.split(":", 1)) if user else None)
     await server.init()
+    if max_queue is not None:
+        server.iserver.max_monitored_item_queue_size = max_queue
     server.set_endpoint(f"opc.tcp://127.0.0.1:{port}/raytwin/")
     server.set_security_policy([ua.SecurityPolicyType.NoSecurity], permission_ruleset=SimpleRoleRuleset())
     if user:
@@ -80,10 +84,11 @@ class OpcUaServer:
     no goodbye to the clients, as a crashed controller."""
 
     def __init__(self, port: int, nodes: list[str], readonly: list[str], user: str, history: bool = False,
-                 typed: dict[str, str] | None = None):
-        """`user`: "username:password", the only credentials the server accepts; `typed`: name -> data type."""
+                 typed: dict[str, str] | None = None, max_queue: int | None = None):
+        """`user`: "username:password", the only credentials the server accepts; `typed`: name -> data type;
+        `max_queue`: the most queued values granted a monitored item (None: asyncua's 10,000)."""
         self.port, self.nodes, self.readonly, self.user, self.history = port, nodes, readonly, user, history
-        self.typed = typed or {}
+        self.typed, self.max_queue = typed or {}, max_queue
         self.endpoint = f"opc.tcp://127.0.0.1:{port}/raytwin/"
         self.namespace_index: int | None = None  # of NAMESPACE, known once started
         self.process: subprocess.Popen | None = None
@@ -93,6 +98,7 @@ class OpcUaServer:
         args += [a for n in self.nodes for a in ("--node", n)] + [a for n in self.readonly for a in ("--readonly", n)]
         args += [a for n, t in self.typed.items() for a in ("--typed", f"{n}={t}")]
         args += ["--history"] if self.history else []
+        args += ["--max-queue", str(self.max_queue)] if self.max_queue is not None else []
         self.process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         line = self.process.stdout.readline()  # READY once it listens; empty if it died
         if not line.startswith("READY"):
@@ -117,10 +123,11 @@ def main() -> None:
     parser.add_argument("--user", help="username:password")
     parser.add_argument("--typed", action="append", default=[], help="NAME=TYPE, e.g. q_real=Float")
     parser.add_argument("--history", action="store_true", help="historize every variable (HistoryRead)")
+    parser.add_argument("--max-queue", type=int, help="the most queued values granted a monitored item")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     typed = dict(t.split("=", 1) for t in args.typed)
-    asyncio.run(serve(args.port, args.node, args.readonly, args.user, args.history, typed))
+    asyncio.run(serve(args.port, args.node, args.readonly, args.user, args.history, typed, args.max_queue))
 
 
 if __name__ == "__main__":

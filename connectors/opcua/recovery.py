@@ -1,8 +1,10 @@
 """Which monitored items' server queues may have discarded value changes, and where their history must be read.
 
-Why: an OPC UA server keeps at most `queue_size` values per monitored item between two publish responses
-and discards the oldest beyond (many servers, asyncua's among them, without setting the Overflow bits). A
-publish response carrying `queue_size` values of one item is the client's only sign that its queue was full:
+Why: an OPC UA server keeps at most an item's queue size of values between two publish responses and discards
+the oldest beyond (many servers, asyncua's among them, without setting the Overflow bits). The size is the one
+the server granted (its RevisedQueueSize, which may be less than the `queue_size` asked for: counted by the size
+asked, a full queue went unseen). A publish response carrying that many values of one item is the client's only
+sign that its queue was full:
 values may have been discarded just before the first of them. Such an item is *suspect*; with `backfill_s`
 the session reads its history back (`OpcUaSession._recover`), where the discarded values still are.
 
@@ -54,9 +56,27 @@ class QueueWatch:
     """Follows each item's publish responses, in the order they arrive, and collects the suspect items."""
 
     def __init__(self, queue_size: int):
+        """`queue_size`: the size asked for each item's queue (an item's until the server's grant is known)."""
         self.queue_size = queue_size
+        self._granted: dict[ua.NodeId, int] = {}
         self._seen: dict[ua.NodeId, _Seen] = {}
         self._suspects: dict[ua.NodeId, Suspect] = {}
+
+    def grant(self, nid: ua.NodeId, revised: int) -> None:
+        """The queue size the server granted `nid`'s item (its RevisedQueueSize; 0 and 1 both mean one value)."""
+        self._granted[nid] = max(1, revised)
+
+    def size(self, nid: ua.NodeId) -> int:
+        return self._granted.get(nid, self.queue_size)
+
+    def smallest(self) -> int:
+        """The smallest queue any item has: the first to discard values while publishing is off."""
+        return min(self._granted.values(), default=self.queue_size)
+
+    def described(self, size: int) -> str:
+        """A queue's size as an error names it: the grant, and what was asked where the server granted less."""
+        return f"queue_size {size}" + ("" if size >= self.queue_size else
+                                       f", all the server granted of the {self.queue_size} asked")
 
     def published(self, items: dict[ua.NodeId, list[ua.DataValue]]) -> bool:
         """One publish response's values per node, in order; True if an item became suspect."""
@@ -67,7 +87,7 @@ class QueueWatch:
             if stamps and seen.newest is not None and min(stamps) < seen.newest:
                 seen.late = True
             overflowed = any(dv.StatusCode is not None and dv.StatusCode.value & OVERFLOW == OVERFLOW for dv in dvs)
-            if overflowed or len(dvs) >= self.queue_size:
+            if overflowed or len(dvs) >= self.size(nid):
                 since = None if seen.late else min([t for t in (seen.newest, *stamps) if t is not None], default=None)
                 self.mark(nid, Suspect(since, seen.server, frozenset(stamps[:1])))
                 found = True

@@ -24,8 +24,9 @@ Why this shape:
   since its newest durable change, so what a queue discarded is read back; without it, a value the server
   flags as following an overflow is reported as an error, and so is publishing off for longer than
   `queue_size` sampling intervals (some servers, asyncua's among them, never flag an overflow).
-- **Full queues are read back.** A publish response carrying `queue_size` values of one item (its queue was
-  full, so the server may have discarded older ones, usually without flagging it) makes that node suspect;
+- **Full queues are read back.** A publish response carrying as many values of one item as the queue the server
+  granted it (its queue was full, so the server may have discarded older ones, usually without flagging it)
+  makes that node suspect;
   with `backfill_s` its history is read back (`connectors.opcua.recovery`), and what cannot be is an error.
 """
 
@@ -95,35 +96,36 @@ class _Client(Client):
 
 
 class _Handler:
-    """asyncua calls these from its publish loop; they only append (never await), so order is kept."""
+    """asyncua calls this from its publish loop (data changes are the session's own: `_Subscription`)."""
 
     def __init__(self, session: OpcUaSession):
         self.session = session
-
-    def datachange_notification(self, node: Any, val: Any, data: Any) -> None:
-        self.session._on_value(node.nodeid, data.monitored_item.Value)
 
     def status_change_notification(self, status: ua.StatusChangeNotification) -> None:
         self.session._error(f"the server reported subscription status {status.Status.name}")
 
 
 class _Subscription(Subscription):
-    """asyncua's subscription, showing each publish response whole to a `QueueWatch` before its values are
-    handed out: how many values of one item a response carries tells whether that item's queue was full."""
+    """asyncua's subscription, whose data changes the session takes whole, per publish response (how many values
+    of one item a response carries tells whether that item's queue was full), for the items the session created
+    (`items`, kept from asyncua's own requests and results, not its internals); asyncua handles the rest (status
+    changes)."""
 
     def __init__(self, client: Client, params: ua.CreateSubscriptionParameters, session: OpcUaSession):
         super().__init__(client.uaclient.session, params, _Handler(session))
         self.session = session
+        self.items: dict[int, ua.NodeId] = {}  # client handle -> node, of the monitored items created
 
     async def publish_callback(self, publish_result: ua.PublishResult) -> None:
-        items: dict[ua.NodeId, list[ua.DataValue]] = {}
-        for notification in publish_result.NotificationMessage.NotificationData or []:
-            for item in getattr(notification, "MonitoredItems", None) or []:  # DataChangeNotification
-                data = self._monitored_items.get(item.ClientHandle)
-                if data is not None and data.node is not None and item.Value is not None:
-                    items.setdefault(data.node.nodeid, []).append(item.Value)
-        self.session._published(items)
-        await super().publish_callback(publish_result)
+        message = publish_result.NotificationMessage
+        notifications = message.NotificationData or []
+        changes = [item for n in notifications if isinstance(n, ua.DataChangeNotification)
+                   for item in n.MonitoredItems or []]
+        self.session._published([(nid, item.Value) for item in changes
+                                 if (nid := self.items.get(item.ClientHandle)) is not None and item.Value is not None])
+        rest = [n for n in notifications if not isinstance(n, ua.DataChangeNotification)]
+        await super().publish_callback(replace(publish_result, NotificationMessage=replace(
+            message, NotificationData=rest if message.NotificationData is not None else None)))
 
 
 class OpcUaSession:
@@ -154,7 +156,7 @@ class OpcUaSession:
         self._off_since: tuple[float, str] | None = None  # (monotonic time, why) publishing went off
         self._mode_lock = asyncio.Lock()
         self._client: Client | None = None
-        self._sub: Subscription | None = None
+        self._sub: _Subscription | None = None
         self._nodes: dict[ua.NodeId, list[MappedNode]] = {}  # a server node may be declared in two spellings
         self._types: dict[ua.NodeId, ua.VariantType] = {}  # command nodes' types, read once per connection
         self._namespaces: list[str] = []  # the server's namespace array, read at each connect
@@ -277,10 +279,7 @@ class OpcUaSession:
         self._publishing = params.PublishingEnabled
         self._off_since = None if self._publishing else (time.monotonic(), self._why_off())
         self._sub = await self._subscribe(client, params)
-        items = [self._monitored_item(nid, handle) for handle, nid in enumerate(self._nodes, start=1)]
-        results = await self._sub.create_monitored_items(items) if items else []
-        unmonitored = [f"node {_named(self._nodes[nid])} cannot be monitored: {result.name}"
-                       for nid, result in zip(self._nodes, results) if isinstance(result, ua.StatusCode)]
+        unmonitored = await self._monitor(client)
         if len(unmonitored) == len(self._nodes):  # (the nodes whose namespace is gone are reported already)
             raise NothingMonitored(f"none of the {len(spec.nodes)} declared node(s) can be monitored on this server "
                                    f"({'; '.join(unmonitored[:3]) or 'no node id resolves'}): check the node ids "
@@ -298,6 +297,30 @@ class OpcUaSession:
         log.info("event=opcua_connected tenant=%s connector=%s endpoint=%s items=%d", spec.tenant, spec.name,
                  spec.endpoint, len(self._nodes))
 
+    async def _monitor(self, client: Client) -> list[str]:
+        """Create a monitored item per node (through asyncua's request, whose results carry each item's granted
+        queue: a server may revise `queue_size` down, and counting a full queue by the size asked for missed every
+        full queue); the nodes that cannot be monitored, said."""
+        sub = self._sub
+        sub.items = dict(enumerate(self._nodes, start=1))  # before the request: values may come before its answer
+        if not sub.items:
+            return []
+        results = await client.uaclient.create_monitored_items(ua.CreateMonitoredItemsParameters(
+            SubscriptionId=sub.subscription_id, TimestampsToReturn=ua.TimestampsToReturn.Both,
+            ItemsToCreate=[self._monitored_item(nid, handle) for handle, nid in sub.items.items()]))
+        unmonitored = []
+        for (handle, nid), result in zip(list(sub.items.items()), results):
+            if not result.StatusCode.is_good():
+                del sub.items[handle]
+                unmonitored.append(f"node {_named(self._nodes[nid])} cannot be monitored: {result.StatusCode.name}")
+                continue
+            self._watch.grant(nid, result.RevisedQueueSize)
+            if result.RevisedQueueSize < self.spec.queue_size:
+                log.info("event=opcua_queue_revised tenant=%s connector=%s node=%s queue_size=%d granted=%d",
+                         self.spec.tenant, self.spec.name, _named(self._nodes[nid]), self.spec.queue_size,
+                         result.RevisedQueueSize)
+        return unmonitored
+
     def _monitored_item(self, nid: ua.NodeId, handle: int) -> ua.MonitoredItemCreateRequest:
         """A monitored item reporting every new sample: the trigger StatusValueTimestamp makes a new source
         timestamp a change even when the value repeats (OPC UA's default, StatusValue, would drop a reading
@@ -309,7 +332,7 @@ class OpcUaSession:
             ItemToMonitor=ua.ReadValueId(NodeId=nid, AttributeId=ua.AttributeIds.Value),
             MonitoringMode=ua.MonitoringMode.Reporting, RequestedParameters=params)
 
-    async def _subscribe(self, client: Client, params: ua.CreateSubscriptionParameters) -> Subscription:
+    async def _subscribe(self, client: Client, params: ua.CreateSubscriptionParameters) -> _Subscription:
         """`client.create_subscription`, with a `_Subscription` (asyncua takes no subscription class)."""
         sub = _Subscription(client, params, self)
         sub.set_overflow_disconnect_handler(client.uaclient.notify_transport_lost)
@@ -354,10 +377,16 @@ class OpcUaSession:
         stored = [dv.SourceTimestamp for dv in history if dv.SourceTimestamp is not None]
         return frozenset(t for t in read.expect if not any(abs(h - t) <= STAMP_PRECISION for h in stored))
 
-    def _published(self, items: dict[ua.NodeId, list[ua.DataValue]]) -> None:
-        """A publish response's values, before they are handed out: items whose queue was full are read back."""
-        if self._watch.published({nid: dvs for nid, dvs in items.items() if nid in self._nodes}):
+    def _published(self, values: list[tuple[ua.NodeId, ua.DataValue]]) -> None:
+        """A publish response's data changes, in order: items whose queue was full are read back, every value is
+        handed out."""
+        by_node: dict[ua.NodeId, list[ua.DataValue]] = {}
+        for nid, dv in values:
+            by_node.setdefault(nid, []).append(dv)
+        if self._watch.published(by_node):
             self._recover_soon()
+        for nid, dv in values:
+            self._on_value(nid, dv)
 
     def _recover_soon(self) -> None:
         """With `backfill_s`, read the suspect items' history, one read at a time (marks made meanwhile join the
@@ -388,8 +417,9 @@ class OpcUaSession:
         """What a full queue may have discarded cannot be read back: said, naming the node and the gap."""
         since = "backfill_s before now" if read.since is None else read.since.isoformat()
         received = "" if read.after is None else f", received by the server after {read.after.isoformat()}"
-        self._error(f"node {_named(self._nodes[nid])}: its server queue (queue_size {self.spec.queue_size}) was "
-                    f"full, so value changes stamped after {since}{received} may have been discarded, and {why}; "
+        queue = self._watch.described(self._watch.size(nid))
+        self._error(f"node {_named(self._nodes[nid])}: its server queue ({queue}) was full, so value changes stamped "
+                    f"after {since}{received} may have been discarded, and {why}; "
                     "raise queue_size (above the changes per publishing interval) or historize the node")
 
     def _report_gap(self, since: datetime) -> None:
@@ -431,8 +461,9 @@ class OpcUaSession:
         nodes = self._nodes.get(nodeid, [])
         overflowed = dv.StatusCode is not None and dv.StatusCode.value & OVERFLOW == OVERFLOW
         if nodes and overflowed and not self.spec.backfill_s:
-            self._error(f"node {_named(nodes)}: the server's queue for it overflowed (more than queue_size "
-                        f"{self.spec.queue_size} changes while publishing was off): older changes were discarded; "
+            self._error(f"node {_named(nodes)}: the server's queue for it overflowed (more than "
+                        f"{self._watch.described(self._watch.size(nodeid))} changes while publishing was off): older "
+                        "changes were discarded; "
                         "raise queue_size or set backfill_s to read them from the server's history")
         if nodes and nodeid not in self._ahead and (ahead := clock_ahead(dv)):  # once per node and connection
             self._ahead.add(nodeid)
@@ -495,15 +526,17 @@ class OpcUaSession:
     def _check_queues(self, off_s: float, why: str) -> None:
         """Without `backfill_s`, what an item's queue discarded while publishing was off is lost. A server should
         flag the first value after such a discard (Overflow, checked in `_on_value`), but some never do (asyncua's
-        server): so a time off longer than `queue_size` sampling intervals, in which a node sampled at that rate
-        could have changed more often than its queue holds, is reported here whatever the server says."""
-        covered_s = self.spec.queue_size * self.spec.sampling_interval_ms / 1000
+        server): so a time off longer than the smallest granted queue's sampling intervals, in which a node
+        sampled at that rate could have changed more often than its queue holds, is reported whatever the server
+        says."""
+        size = self._watch.smallest()
+        covered_s = size * self.spec.sampling_interval_ms / 1000
         if off_s <= covered_s:
             return
         rate = (f"sampling_interval_ms {self.spec.sampling_interval_ms:g} covers {covered_s:g} s" if covered_s else
                 "sampling_interval_ms 0, the server's fastest, bounds no time")
-        self._error(f"publishing was off for {off_s:.1f} s ({why}), longer than queue_size {self.spec.queue_size} "
-                    f"at {rate}: a node that changed more than {self.spec.queue_size} times meanwhile lost its oldest "
+        self._error(f"publishing was off for {off_s:.1f} s ({why}), longer than {self._watch.described(size)} "
+                    f"at {rate}: a node that changed more than {size} times meanwhile lost its oldest "
                     "changes, and the server may not say so (asyncua's never flags an overflow); set backfill_s to "
                     "read them back from the server's history, or raise queue_size")
 
