@@ -326,6 +326,16 @@ def test_declarations_are_checked_and_credentials_stay_secret(connectors, server
                        "correlation id needs its own string variable"):
         connectors.create(plc_spec(server.endpoint, name="other", commands=[
             {**inflow, "correlation_node_id": inflow["node_id"]}]))
+    with pytest.raises(ValidationError, match=r"node_id 'ns=2;s=tank-1.q_set' and correlation_node_id "
+                       r"'nsu=urn:raytwin:test;s=tank-1.q_set' have one identifier, one with a namespace index \(ns=\) "
+                       r"and one with a URI \(nsu=\): they are one server node if that index is that URI on the "
+                       r"server; spell both with nsu= \(or both with ns=\)"):  # the id would overwrite the set point
+        connectors.create(plc_spec(server.endpoint, name="other", commands=[
+            {**inflow, "correlation_node_id": "nsu=urn:raytwin:test;s=tank-1.q_set"}]))
+    with pytest.raises(ValidationError, match=r"node_id 'ns=2;s=tank-1.q_set' and correlation_node_id "
+                       "'ns=02;s=tank-1.q_set' name one server node"):
+        connectors.create(plc_spec(server.endpoint, name="other", commands=[
+            {**inflow, "correlation_node_id": "ns=02;s=tank-1.q_set"}]))
     assert "other" not in connectors.names("acme")
     with pytest.raises(ValidationError, match="not in the endpoint"):
         connectors.create(plc_spec(f"opc.tcp://{USER}:{PASSWORD}@127.0.0.1:{server.port}/"))

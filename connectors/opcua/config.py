@@ -35,6 +35,28 @@ def _node_id(text: str) -> str:
 
 
 NodeIdText = Annotated[str, AfterValidator(_node_id)]
+UA_NAMESPACE = "http://opcfoundation.org/UA/"
+"""Namespace 0's URI on every server (so `ns=0;…` and `nsu=http://opcfoundation.org/UA/;…` are one node)."""
+
+
+def _parts(text: str) -> tuple[tuple[str, object], int | str]:
+    """A node id's identifier (numeric forms alike) and namespace: a URI, or an index only the server can map to
+    one (index 0 is always `UA_NAMESPACE`)."""
+    nid = ua.NodeId.from_string(text)
+    kind = "i" if isinstance(nid.Identifier, int) else nid.NodeIdType.name
+    namespace = getattr(nid, "NamespaceUri", None) or nid.NamespaceIndex
+    return (kind, nid.Identifier), UA_NAMESPACE if namespace == 0 else namespace
+
+
+def same_node(a: str, b: str) -> bool | None:
+    """Whether node ids `a` and `b` name one server node: True, False, or None where only the server can tell
+    (one spelled with an index, `ns=2;s=X`, the other with a URI, `nsu=urn:plant;s=X`)."""
+    (id_a, ns_a), (id_b, ns_b) = _parts(a), _parts(b)
+    if id_a != id_b:
+        return False
+    if isinstance(ns_a, int) != isinstance(ns_b, int):
+        return None
+    return ns_a == ns_b
 
 
 class MappedNode(FrozenSpec):
@@ -65,10 +87,19 @@ class CommandNode(FrozenSpec):
         if self.lower is not None and self.upper is not None and self.lower > self.upper:
             raise ValueError(f"command {self.name!r} of {self.asset_id!r}: lower {self.lower:g} > upper "
                              f"{self.upper:g} would refuse every value; give lower <= upper")
+        own = "the correlation id needs its own string variable (it would overwrite the value just written)"
+        what = f"command {self.name!r} of {self.asset_id!r}"
         if self.correlation_node_id == self.node_id:
-            raise ValueError(f"command {self.name!r} of {self.asset_id!r}: correlation_node_id is node_id "
-                             f"{self.node_id!r}; the correlation id needs its own string variable (it would "
-                             "overwrite the value just written)")
+            raise ValueError(f"{what}: correlation_node_id is node_id {self.node_id!r}; {own}")
+        same = same_node(self.node_id, self.correlation_node_id)
+        if same:
+            raise ValueError(f"{what}: node_id {self.node_id!r} and correlation_node_id {self.correlation_node_id!r} "
+                             f"name one server node; {own}")
+        if same is None:
+            raise ValueError(f"{what}: node_id {self.node_id!r} and correlation_node_id {self.correlation_node_id!r} "
+                             "have one identifier, one with a namespace index (ns=) and one with a URI (nsu=): they "
+                             "are one server node if that index is that URI on the server; spell both with nsu= (or "
+                             f"both with ns=) so that they can be told apart ({own})")
         return self
 
     def value_problem(self, value: dict[str, Any]) -> str | None:
