@@ -46,9 +46,12 @@ from tests.guides import extract
 T0 = datetime(2026, 4, 1, tzinfo=UTC)
 USER, PASSWORD = "raytwin", "opc-s3cret-pw"
 STREAMS = {"tank-1": ("tank-1.h1", "tank-1.q_in"), "tank-2": ("tank-2.h1", "tank-2.q_in")}
+SET_POINTS = ["q_real", "q_int", "pump", "mode", "t_set"]
 NODES = [n for pair in STREAMS.values() for n in pair] + ["tank-1.h2", "tank-1.q_set", "tank-1.q_set.id",
-                                                          "tank-1.locked.id", "tank-1.q_real.id", "tank-1.q_int.id"]
-TYPED = {"tank-1.q_real": "Float", "tank-1.q_int": "Int16"}  # a PLC's REAL and INT set points
+                                                          "tank-1.locked.id"] + [f"tank-1.{p}.id" for p in SET_POINTS]
+TYPED = {"tank-1.q_real": "Float", "tank-1.q_int": "Int16",  # a PLC's REAL and INT set points
+         "tank-1.pump": "Boolean", "tank-1.mode": "Enum:Off,Manual,Auto", "tank-1.t_set": "Float"}
+UNITS = {"tank-1.q_set": "m³/s", "tank-1.t_set": "°C"}  # their EngineeringUnits properties
 
 
 def values(k: int) -> tuple[float, float]:
@@ -80,7 +83,8 @@ def events(asset: str, ks: list[int], reference: str) -> list[TelemetryEvent]:
 
 @pytest.fixture(scope="module")
 def server():
-    s = OpcUaServer(free_port(), NODES, ["tank-1.locked"], f"{USER}:{PASSWORD}", history=True, typed=TYPED)
+    s = OpcUaServer(free_port(), NODES, ["tank-1.locked"], f"{USER}:{PASSWORD}", history=True, typed=TYPED,
+                    units=UNITS)
     s.start()
     yield s
     s.kill()
@@ -119,6 +123,10 @@ def plc_spec(endpoint: str, **overrides) -> dict:
                  "correlation_node_id": "ns=2;s=tank-1.locked.id", "unit": "m^3/s"}]
     commands += [{"asset_id": "tank-1", "name": f"inflow_{kind}", "node_id": f"ns=2;s=tank-1.q_{kind}",
                   "correlation_node_id": f"ns=2;s=tank-1.q_{kind}.id", "unit": "L/s"} for kind in ("real", "int")]
+    commands += [{"asset_id": "tank-1", "name": name, "node_id": f"ns=2;s=tank-1.{node}",
+                  "correlation_node_id": f"ns=2;s=tank-1.{node}.id", "unit": unit}
+                 for name, node, unit in [("pump", "pump", "-"), ("mode", "mode", "-"), ("heat", "t_set", "L/s"),
+                                          ("inflow_litres", "q_set", "L/s")]]  # the last two: not the node's unit
     spec = {"name": "plc", "tenant": "acme", "kind": "opcua", "endpoint": endpoint, "linger_s": 0.05,
             "publishing_interval_ms": 50, "backfill_s": 3600, "backoff_initial_s": 0.2, "backoff_max_s": 1.0,
             "nodes": nodes, "commands": commands}
@@ -305,6 +313,44 @@ def test_a_reading_from_a_clock_ahead_stays_dead_lettered_after_a_restarts_backf
     state = twins.state("acme", "tank-1")
     assert state.revision == before and len(ahead_letters()) == 1
     assert state.event_time is None or state.event_time <= datetime.now(UTC) + MAX_FUTURE_SKEW
+
+
+def test_boolean_and_enumeration_set_points_take_their_own_values(connectors, device, plc):
+    """A PLC's BOOL and enumeration (an Int32 declaring its values) set points were refused at proposal: true/false
+    (or 1/0) go to a Boolean, a declared value to an enumeration; anything else fails before anything is written."""
+    for value, expected in [(True, True), (0, False)]:
+        command, done = approved(connectors, "pump", {"value": value})
+        assert done.status is CommandStatus.acknowledged, done.history[-1].detail
+        assert device.read("tank-1.pump") is expected and device.read("tank-1.pump.id") == command.correlation_id
+    mode, done = approved(connectors, "mode", {"value": 2})
+    assert done.status is CommandStatus.acknowledged and device.read("tank-1.mode") == 2, done.history[-1].detail
+    for name, value, why in [
+            ("pump", 2, "node ns=2;s=tank-1.pump is a Boolean: value 2 is neither true/false nor 0/1"),
+            ("mode", 3, "node ns=2;s=tank-1.mode is an enumeration: value 3 is none of its declared values 0 (Off), "
+                        "1 (Manual), 2 (Auto); propose one of them"),
+            ("mode", True, "node ns=2;s=tank-1.mode is an enumeration: true is written only to a Boolean node"),
+            ("inflow_real", False, "node ns=2;s=tank-1.q_real is of type Float: false is written only to a Boolean")]:
+        _, failed = approved(connectors, name, {"value": value})
+        assert failed.status is CommandStatus.failed, failed.history[-1].detail
+        assert failed.history[-1].detail.startswith(f"not sent: ValueError: {why}"), failed.history[-1].detail
+    assert device.read("tank-1.mode") == 2 and device.read("tank-1.mode.id") == mode.correlation_id
+    with pytest.raises(InvalidConnector, match="value true takes no unit"):
+        connectors.propose("acme", "plc", "tank-1", "pump", {"value": True, "unit": "%"}, by="alice")
+
+
+def test_a_set_point_declaring_another_unit_than_its_command_node_is_not_written(connectors, device, plc):
+    """A command node declared in L/s on a node whose EngineeringUnits say m³/s (or °C) wrote its value 1000 times
+    too small (or a flow as a temperature): the node's own unit is read and compared before anything is written."""
+    before = device.read("tank-1.q_set"), device.read("tank-1.t_set")
+    for name, node, why in [
+            ("inflow_litres", "q_set", "declares EngineeringUnits 'm^3/s', the command node's unit is 'L/s': a value "
+                                       "in 'L/s' would be taken as if in 'm^3/s'; declare unit 'm^3/s'"),
+            ("heat", "t_set", "declares EngineeringUnits '°C', of another dimension than the command node's unit "
+                              "'L/s' (cannot convert 'L/s' to '°C'")]:
+        _, failed = approved(connectors, name, {"value": 2.0})
+        assert failed.status is CommandStatus.failed and failed.history[-1].detail.startswith(
+            f"not sent: ValueError: node ns=2;s=tank-1.{node} {why}"), failed.history[-1].detail
+    assert (device.read("tank-1.q_set"), device.read("tank-1.t_set")) == before
 
 
 def test_declarations_are_checked_and_credentials_stay_secret(connectors, server, plc):

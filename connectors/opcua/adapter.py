@@ -94,8 +94,8 @@ class OpcUaAdapter:
         target = self.spec.command(command.asset_id, command.name)
         if problem := target.value_problem(command.value):  # checked at proposal; the declaration may have changed
             raise ValueError(problem)
-        unit = str(command.value.get("unit", target.unit))
-        value = units.to_unit(float(command.value["value"]), unit, target.unit)
+        raw, unit = command.value["value"], str(command.value.get("unit", target.unit))
+        value = raw if isinstance(raw, bool) else units.to_unit(float(raw), unit, target.unit)  # a Boolean's as is
         if self._session is None:
             raise ConnectionError(f"connector {self.spec.name!r} is paused; resume it to send commands")
         detail = self._call(self._session.write_command(target, command.correlation_id, value),

@@ -103,15 +103,23 @@ class CommandNode(FrozenSpec):
         return self
 
     def value_problem(self, value: dict[str, Any]) -> str | None:
-        """Why `value` (``{"value": number, "unit": optional}``) cannot be written here, or None: checked when
-        a command is proposed, so an approver never approves what could not or must not be sent."""
+        """Why `value` (``{"value": number or true/false, "unit": optional}``) cannot be written here, or None:
+        checked when a command is proposed, so an approver never approves what could not or must not be sent
+        (what the node's type takes is checked when it is written: only the server knows it)."""
         number = value.get("value")
-        if set(value) - {"value", "unit"} or isinstance(number, bool) or not isinstance(number, int | float):
-            return f"an OPC UA command's value is {{\"value\": number, \"unit\": optional}}, got {value}"
-        try:
-            converted = units.to_unit(float(number), str(value.get("unit", self.unit)), self.unit)
-        except (ValueError, KeyError) as exc:
-            return f"value {number} {value.get('unit')}: {exc}"
+        if set(value) - {"value", "unit"} or not isinstance(number, int | float):
+            return (f"an OPC UA command's value is {{\"value\": number or true/false, \"unit\": optional}}, "
+                    f"got {value}")
+        unit = str(value.get("unit", self.unit))
+        if isinstance(number, bool):  # a Boolean node's (checked against the node's type when it is written)
+            if unit != self.unit:
+                return f"value {str(number).lower()} takes no unit (the command node's is {self.unit!r}), got {unit!r}"
+            converted = float(number)
+        else:
+            try:
+                converted = units.to_unit(float(number), unit, self.unit)
+            except (ValueError, KeyError) as exc:
+                return f"value {number} {value.get('unit')}: {exc}"
         if not math.isfinite(converted) or (self.lower is not None and converted < self.lower) or (
                 self.upper is not None and converted > self.upper):
             low, high = ("-inf" if self.lower is None else f"{self.lower:g}"), ("inf" if self.upper is None

@@ -45,14 +45,14 @@ from typing import Any
 
 from asyncua import Client, ua
 from asyncua.common.subscription import Subscription
-from asyncua.common.ua_utils import data_type_to_variant_type
 
 from connectors.commands import Refused
 from connectors.kinds import ignore
 from connectors.mapping import DeadLetter
 from connectors.opcua.config import OPC_UA_PORT, CommandNode, MappedNode, OpcUaSpec
 from connectors.opcua.recovery import OVERFLOW, QueueWatch, Suspect
-from connectors.opcua.values import clock_ahead, command_variant, source, to_row
+from connectors.opcua.targets import node_type, unit_problem
+from connectors.opcua.values import NodeType, clock_ahead, command_variant, source, to_row
 from connectors.reach import Reach
 from connectors.sink import Inbound
 from connectors.spec import Credentials
@@ -158,7 +158,7 @@ class OpcUaSession:
         self._client: Client | None = None
         self._sub: _Subscription | None = None
         self._nodes: dict[ua.NodeId, list[MappedNode]] = {}  # a server node may be declared in two spellings
-        self._types: dict[ua.NodeId, ua.VariantType] = {}  # command nodes' types, read once per connection
+        self._types: dict[ua.NodeId, NodeType] = {}  # command nodes' types and units, read once per connection
         self._namespaces: list[str] = []  # the server's namespace array, read at each connect
         self._ahead: set[ua.NodeId] = set()  # nodes whose device clock was reported ahead in this connection
         self._newest: dict[str, datetime] = {}  # node id -> newest durable source timestamp (for backfill)
@@ -558,11 +558,12 @@ class OpcUaSession:
             self.put(message)
 
     # ------------------------------------------------------------------ commands ----
-    async def write_command(self, target: CommandNode, correlation_id: str, value: float) -> str:
+    async def write_command(self, target: CommandNode, correlation_id: str, value: float | bool) -> str:
         """Write `value` (in the target's unit), in the node's own data type, then the correlation id; the
         server's status for both is the acknowledgement. The id is written only once the value was accepted, so
         a controller never sees a new command id beside a set point that did not change. Raises `ValueError`
-        (nothing written: the node's type cannot hold the value), `Refused` (a bad status) or a connection error."""
+        (nothing written: the node's type cannot hold the value, or it declares another unit than the target's),
+        `Refused` (a bad status) or a connection error."""
         client = self._client
         if client is None or self.state != "connected":
             raise ConnectionError(f"not connected to {self.spec.endpoint} ({self.state})")
@@ -570,7 +571,11 @@ class OpcUaSession:
             node, id_node = self._resolve(target.node_id), self._resolve(target.correlation_node_id)
         except LookupError as exc:
             raise ValueError(str(exc)) from None
-        variant = command_variant(target.node_id, value, await self._variant_type(node))
+        if (known := self._types.get(node)) is None:
+            known = self._types[node] = await node_type(client, node)
+        if problem := unit_problem(target.node_id, target.unit, known.unit):
+            raise ValueError(problem)
+        variant = command_variant(target.node_id, value, known)
         stamp = datetime.now(UTC)
         written = []
         for nid, text, v in ((node, target.node_id, variant),
@@ -582,18 +587,6 @@ class OpcUaSession:
                 detail = ", ".join(written + ([f"{target.correlation_node_id}: not written"] if nid == node else []))
                 raise Refused(f"server {self.spec.endpoint} answered the write with {detail}")
         return ", ".join(written)
-
-    async def _variant_type(self, nid: ua.NodeId) -> ua.VariantType:
-        """The built-in type of the node's DataType (read once per connection: a changed PLC program comes with
-        a restart or reconnect)."""
-        if nid not in self._types:
-            try:
-                dtype = await self._client.get_node(nid).read_data_type()
-                self._types[nid] = await data_type_to_variant_type(self._client.get_node(dtype))
-            except ua.UaStatusCodeError as exc:
-                raise ValueError(f"node {nid.to_string()}: its DataType cannot be read ({type(exc).__name__}): "
-                                 "check the command node's node_id") from None
-        return self._types[nid]
 
 
 def _named(nodes: list[MappedNode]) -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -42,10 +43,40 @@ FLOAT_MAX = 3.4028234663852886e38
 """The largest finite IEEE 754 single (an OPC UA Float, a PLC's REAL)."""
 
 
-def command_variant(node_id: str, value: float, vtype: ua.VariantType) -> ua.Variant:
-    """`value` as a Variant of the node's own type `vtype` (its DataType's built-in type; `Variant` for an
-    abstract one such as Number, which takes a Double): a type-checking server refuses any other type with
-    BadTypeMismatch. Raises `ValueError`, saying what would fit, for a value the type cannot hold."""
+@dataclass(frozen=True)
+class NodeType:
+    """What a command node takes: its DataType's built-in type (`Variant` for an abstract one such as Number),
+    for an enumeration (an Int32 on the wire) the values it declares, value -> name, and its unit."""
+
+    vtype: ua.VariantType
+    enum: dict[int, str] | None = None
+    unit: str | None = None  # what its EngineeringUnits declare, where RayTwin reads them
+
+    def named(self) -> str:
+        return "an enumeration" if self.enum is not None else f"of type {self.vtype.name}"
+
+
+def command_variant(node_id: str, value: float | bool, node: NodeType) -> ua.Variant:
+    """`value` as a Variant of the node's own type (a type-checking server refuses any other with
+    BadTypeMismatch): a number, a boolean (true/false, or 0/1) for a Boolean node, one of its declared values
+    for an enumeration. Raises `ValueError`, saying what would fit, for a value the node cannot take as meant
+    (a boolean for a number is refused, not taken as 1)."""
+    vtype = node.vtype
+    if vtype == ua.VariantType.Boolean:
+        if isinstance(value, bool) or value in (0, 1):
+            return ua.Variant(bool(value), vtype)
+        raise ValueError(f"node {node_id} is a Boolean: value {value:g} is neither true/false nor 0/1; propose "
+                         "true, false, 1 or 0")
+    if isinstance(value, bool):
+        raise ValueError(f"node {node_id} is {node.named()}: {str(value).lower()} is written only to a Boolean "
+                         "node; propose a number")
+    if node.enum is not None:
+        whole = _whole(node_id, value, node)
+        if whole not in node.enum:
+            declared = ", ".join(f"{v} ({name})" for v, name in sorted(node.enum.items()))
+            raise ValueError(f"node {node_id} is an enumeration: value {whole} is none of its declared values "
+                             f"{declared or '(it declares none)'}; propose one of them")
+        return ua.Variant(whole, ua.VariantType.Int32)
     if vtype in (ua.VariantType.Double, ua.VariantType.Variant):
         return ua.Variant(float(value), ua.VariantType.Double)
     if vtype == ua.VariantType.Float:
@@ -55,16 +86,23 @@ def command_variant(node_id: str, value: float, vtype: ua.VariantType) -> ua.Var
         return ua.Variant(float(value), ua.VariantType.Float)
     if vtype in INTEGER_RANGE:
         low, high = INTEGER_RANGE[vtype]
-        whole = round(value)  # a unit conversion's rounding noise (7.000000000000001 L/s) is no fraction
-        if not math.isclose(value, whole, rel_tol=1e-12, abs_tol=1e-9):
-            raise ValueError(f"node {node_id} is of type {vtype.name}: value {value:g} (in the command node's unit) is "
-                             "not a whole number; propose a whole number, or declare a unit in which it is one")
+        whole = _whole(node_id, value, node)
         if not low <= value <= high:
             raise ValueError(f"node {node_id} is of type {vtype.name}: value {value:g} is outside its range "
                              f"[{low}, {high}]; declare lower/upper on the command node to refuse it at proposal")
         return ua.Variant(whole, vtype)
-    raise ValueError(f"node {node_id} has data type {vtype.name}: a command writes a number; map the command to "
-                     "a numeric (Double, Float or integer) variable")
+    raise ValueError(f"node {node_id} has data type {vtype.name}: a command writes a number or a boolean; map the "
+                     "command to a numeric (Double, Float or integer), Boolean or enumeration variable")
+
+
+def _whole(node_id: str, value: float, node: NodeType) -> int:
+    """`value` as the whole number it is (a unit conversion's rounding noise, 7.000000000000001 L/s, is no
+    fraction), or `ValueError`."""
+    whole = round(value)
+    if not math.isclose(value, whole, rel_tol=1e-12, abs_tol=1e-9):
+        raise ValueError(f"node {node_id} is {node.named()}: value {value:g} (in the command node's unit) is not a "
+                         "whole number; propose a whole number, or declare a unit in which it is one")
+    return whole
 
 
 def _utc(t: datetime) -> datetime:
