@@ -853,3 +853,20 @@ def test_readings_stamped_before_the_newest_are_read_back_after_backpressure(ser
 
     session = run_session(spec, received, steps)
     assert session.backpressure_pauses >= 1 and session.errors == 0, session.last_error
+
+
+def test_a_subscription_the_server_dropped_is_subscribed_again_with_its_items(server, device):
+    """asyncua re-creates a subscription that stopped publishing (its stale watchdog) from the items it created;
+    the session creates its items itself (to learn each one's granted queue), so that left a subscription of no
+    items: nothing arrived, no error. The session subscribes again instead, and the next reading arrives."""
+    spec = OpcUaSpec.model_validate(plc_spec(server.endpoint, name="plc-stale", commands=[], backfill_s=0,
+                                             nodes=[plc_spec("opc.tcp://x")["nodes"][0]]))
+    received, at = Received(), T0 + timedelta(seconds=600)
+
+    async def steps(session: OpcUaSession) -> None:
+        await session._sub.recreate()  # as asyncua's watchdog calls it
+        await until(lambda: session.errors >= 2 and session.connected(), "subscribed again")
+        await asyncio.to_thread(device.write, "tank-1.h1", 0.61, at)
+        await until(lambda: received.stamps("tank-1.h1", at) == {at}, "the reading after it arrived")
+
+    run_session(spec, received, steps)

@@ -127,6 +127,13 @@ class _Subscription(Subscription):
         await super().publish_callback(replace(publish_result, NotificationMessage=replace(
             message, NotificationData=rest if message.NotificationData is not None else None)))
 
+    async def recreate(self) -> None:
+        """asyncua re-creates a subscription the server dropped (its stale-subscription watchdog, or a reconnect
+        that could not transfer it) with the items asyncua created, and it created none of these: the session
+        subscribes again itself (and backfills the gap) instead of being left with a subscription of no items."""
+        self.session._error("the server dropped the subscription; subscribing again")
+        self.session._lost.set()
+
 
 class OpcUaSession:
     """Runs one connector's OPC UA side in the current event loop until `stop()`."""
