@@ -31,6 +31,7 @@ from connectors.manager import Connectors, InvalidConnector
 from connectors.mapping import DeadLetter
 from connectors.opcua import MappedNode, OpcUaSpec
 from connectors.opcua.devserver import OpcUaServer
+from connectors.opcua.recovery import QueueWatch
 from connectors.opcua.session import OpcUaSession
 from connectors.opcua.values import to_row
 from connectors.sink import Inbound
@@ -438,6 +439,21 @@ def test_a_reading_is_judged_from_the_future_against_the_servers_receive_time_no
         "is 0:05:30 after the server received the value (ServerTimestamp "
         f"{received.isoformat()}): the device's (PLC's) clock is ahead of the server's by more than 0:05:00; "
         "correct the device's clock (NTP)")
+
+
+def test_a_status_without_a_value_does_not_make_later_readings_late():
+    """A restarted server sends each node's BadWaitingForInitialData stamped at its start; taken as a reading, it
+    made the readings after it look stamped before the newest, so a full queue was read back over `backfill_s`
+    before now, where readings stamped earlier are not, and losses were reported that had not happened (seen as a
+    test failing after the server-restart test, depending on whether that status was published before a pause)."""
+    watch, nid = QueueWatch(3), ua.NodeId("tank-2.h1", 2)
+    waiting = ua.DataValue(StatusCode=ua.StatusCode(ua.StatusCodes.BadWaitingForInitialData),
+                           SourceTimestamp=datetime.now(UTC), ServerTimestamp=datetime.now(UTC))
+    readings = [ua.DataValue(ua.Variant(0.5, ua.VariantType.Double), SourceTimestamp=T0 + timedelta(seconds=k),
+                             ServerTimestamp=datetime.now(UTC)) for k in range(3)]
+    assert not watch.published({nid: [waiting]})
+    assert watch.published({nid: readings})  # a full queue: its history is read from the first reading on
+    assert watch.take()[nid].since == T0
 
 
 def test_a_value_without_source_timestamp_is_dead_lettered():
@@ -867,6 +883,6 @@ def test_a_subscription_the_server_dropped_is_subscribed_again_with_its_items(se
         await session._sub.recreate()  # as asyncua's watchdog calls it
         await until(lambda: session.errors >= 2 and session.connected(), "subscribed again")
         await asyncio.to_thread(device.write, "tank-1.h1", 0.61, at)
-        await until(lambda: received.stamps("tank-1.h1", at) == {at}, "the reading after it arrived")
+        await until(lambda: at in received.stamps("tank-1.h1", at), "the reading after it arrived")
 
     run_session(spec, received, steps)

@@ -83,7 +83,7 @@ class QueueWatch:
         found = False
         for nid, dvs in items.items():
             seen = self._seen.setdefault(nid, _Seen())
-            stamps = [dv.SourceTimestamp for dv in dvs if dv.SourceTimestamp is not None]
+            stamps = [dv.SourceTimestamp for dv in dvs if dv.SourceTimestamp is not None and _reading(dv)]
             if stamps and seen.newest is not None and min(stamps) < seen.newest:
                 seen.late = True
             overflowed = any(dv.StatusCode is not None and dv.StatusCode.value & OVERFLOW == OVERFLOW for dv in dvs)
@@ -104,6 +104,13 @@ class QueueWatch:
         """The suspect items to read now; they are no longer suspect."""
         suspects, self._suspects = self._suspects, {}
         return suspects
+
+
+def _reading(dv: ua.DataValue) -> bool:
+    """Whether `dv` carries a value: a status without one (BadWaitingForInitialData, stamped when a restarted server
+    started) is no reading, and taken as one it made every reading after it look late (stamped before it), so a
+    full queue was read back from `backfill_s` before now and losses were reported that had not happened."""
+    return dv.Value is not None and dv.Value.VariantType != ua.VariantType.Null
 
 
 def _earliest(a: datetime | None, b: datetime | None) -> datetime | None:
