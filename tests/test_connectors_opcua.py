@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -446,14 +447,28 @@ def test_a_status_without_a_value_does_not_make_later_readings_late():
     made the readings after it look stamped before the newest, so a full queue was read back over `backfill_s`
     before now, where readings stamped earlier are not, and losses were reported that had not happened (seen as a
     test failing after the server-restart test, depending on whether that status was published before a pause)."""
-    watch, nid = QueueWatch(3), ua.NodeId("tank-2.h1", 2)
+    watch, nid = QueueWatch(3, timedelta(hours=1)), ua.NodeId("tank-2.h1", 2)
     waiting = ua.DataValue(StatusCode=ua.StatusCode(ua.StatusCodes.BadWaitingForInitialData),
                            SourceTimestamp=datetime.now(UTC), ServerTimestamp=datetime.now(UTC))
     readings = [ua.DataValue(ua.Variant(0.5, ua.VariantType.Double), SourceTimestamp=T0 + timedelta(seconds=k),
                              ServerTimestamp=datetime.now(UTC)) for k in range(3)]
     assert not watch.published({nid: [waiting]})
-    assert watch.published({nid: readings})  # a full queue: its history is read from the first reading on
-    assert watch.take()[nid].since == T0
+    assert watch.published({nid: readings})  # a full queue: its history is read, with no reading before it,
+    assert watch.take()[nid].since == T0 - timedelta(hours=1)  # from `backfill_s` before its first value
+    later = [replace(dv, SourceTimestamp=dv.SourceTimestamp + timedelta(seconds=10)) for dv in readings]
+    assert watch.published({nid: later}) and watch.take()[nid].since == T0 + timedelta(seconds=2)  # the newest before
+
+
+def test_a_full_queue_with_no_reading_before_it_is_read_from_before_its_first_value():
+    """The first values of a node (a new subscription, a restarted server's node without a value) arriving as a
+    full queue: what was discarded is stamped before the first of them, by an unknown amount. The read started at
+    that first value, so the discarded readings were neither read back nor reported (the pause test after the
+    server restart lost one now and then: the resume's backfill read history a moment before it held them all)."""
+    watch, nid = QueueWatch(3, timedelta(hours=1)), ua.NodeId("tank-2.h1", 2)
+    readings = [ua.DataValue(ua.Variant(0.5, ua.VariantType.Double), SourceTimestamp=T0 + timedelta(seconds=k))
+                for k in range(7, 10)]
+    assert watch.published({nid: readings})
+    assert watch.take()[nid].since == T0 + timedelta(seconds=7) - timedelta(hours=1)
 
 
 def test_a_value_without_source_timestamp_is_dead_lettered():

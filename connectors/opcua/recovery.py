@@ -14,13 +14,14 @@ by *source* timestamp, though, and the discarded values' source times are unknow
 arrive in source-time order, they lie after the newest reading received before (the read starts there: a few
 values). Once an item has delivered a reading stamped before one received earlier (a store-and-forward gateway
 forwarding its buffer, a clock stepped back), discarded readings may be stamped anywhere, and its reads cover
-`backfill_s` before now.
+`backfill_s` before now; with no reading before the full queue, the read starts `backfill_s` before its first
+value.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from asyncua import ua
 
@@ -55,9 +56,10 @@ class _Seen:
 class QueueWatch:
     """Follows each item's publish responses, in the order they arrive, and collects the suspect items."""
 
-    def __init__(self, queue_size: int):
-        """`queue_size`: the size asked for each item's queue (an item's until the server's grant is known)."""
-        self.queue_size = queue_size
+    def __init__(self, queue_size: int, window: timedelta):
+        """`queue_size`: the size asked for each item's queue (an item's until the server's grant is known);
+        `window`: how far before its first value a full queue's read starts when no reading came before it."""
+        self.queue_size, self.window = queue_size, window
         self._granted: dict[ua.NodeId, int] = {}
         self._seen: dict[ua.NodeId, _Seen] = {}
         self._suspects: dict[ua.NodeId, Suspect] = {}
@@ -88,12 +90,20 @@ class QueueWatch:
                 seen.late = True
             overflowed = any(dv.StatusCode is not None and dv.StatusCode.value & OVERFLOW == OVERFLOW for dv in dvs)
             if overflowed or len(dvs) >= self.size(nid):
-                since = None if seen.late else min([t for t in (seen.newest, *stamps) if t is not None], default=None)
+                since = None if seen.late else self._since(seen.newest, stamps)
                 self.mark(nid, Suspect(since, seen.server, frozenset(stamps[:1])))
                 found = True
             seen.newest = max([t for t in (seen.newest, *stamps) if t is not None], default=None)
             seen.server = next((dv.ServerTimestamp for dv in reversed(dvs) if dv.ServerTimestamp), seen.server)
         return found
+
+    def _since(self, newest: datetime | None, stamps: list[datetime]) -> datetime | None:
+        """Where an in-order item's read starts: at the newest reading received before, or, with none before (a
+        first publish, a restarted server's node), `window` before the first value (what was discarded is stamped
+        before it, by how much is unknown: read from the first value, it was lost unsaid)."""
+        if newest is not None:
+            return min([newest, *stamps])
+        return min(stamps) - self.window if stamps else None
 
     def mark(self, nid: ua.NodeId, suspect: Suspect) -> None:
         """`nid`'s history must be read as `suspect` says (merged with a read not yet done)."""

@@ -169,7 +169,8 @@ class OpcUaSession:
         self._namespaces: list[str] = []  # the server's namespace array, read at each connect
         self._ahead: set[ua.NodeId] = set()  # nodes whose device clock was reported ahead in this connection
         self._newest: dict[str, datetime] = {}  # node id -> newest durable source timestamp (for backfill)
-        self._watch = QueueWatch(spec.queue_size)  # items whose server queue may have discarded values
+        # items whose server queue may have discarded values
+        self._watch = QueueWatch(spec.queue_size, timedelta(seconds=spec.backfill_s))
         self._recovering: asyncio.Task | None = None
         self._unsubscribed_since = gap_since  # when the last subscription (this process's or an earlier one's) ended
         self._after_restart = gap_since is not None
