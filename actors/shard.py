@@ -155,6 +155,7 @@ class TwinShard(LiveModelOps):
         self.newest_ingest_us = 0  # the latest ingest time this process logged (a deleted twin's history ends there)
         self.retyping: dict[tuple[str, str], dict[str, Any]] = {}  # committed retypes not finished: marked records
         started = time.perf_counter()
+        metrics.STORE_DAMAGED_FILES.zero(*({"kind": k} for k in metrics.DAMAGED_KINDS))  # before recovery meets one
         self.shadows = ShadowBook(self.store, snapshot_every)  # shadow evaluations (`actors.shard_models`)
         mine = [(t, a, r) for t, a, r in self.store.registrations() if shard_index(t, a, shards) == index]
         recovered = recover_many(self.store, [r for *_, r in mine], allowed_lateness_s=allowed_lateness_s,

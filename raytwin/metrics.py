@@ -273,6 +273,9 @@ ADMISSION_REFUSED = counter("raytwin_admission_refused", "Requests refused befor
                             "(in_flight, queue_full, wait_budget, backlog).", "gate", "reason")
 TELEMETRY_BACKLOG = gauge("raytwin_telemetry_backlog_events", "Telemetry events accepted over HTTP and not yet "
                           "applied by the shards (bounded by admission.telemetry_backlog_events).")
+STORE_DAMAGED_FILES = counter("raytwin_store_damaged_files", "Damaged store files a process read past, by kind "
+                            "(snapshot: unreadable, recovery used the one before it or the log; log_segment: cut, its "
+                            "readable rows kept, its tail lost), once per process and file (`raytwin.damage`).", "kind")
 STORE_FENCED = gauge("raytwin_store_fenced", "1 while this service's store is leased to another service (a takeover, a "
                      "reshard) or its lease was released: every write is refused (503 store_fenced); 0 while it holds it.")
 
@@ -283,6 +286,8 @@ DEAD_LETTER_REASONS: dict[str, tuple[str, ...]] = {
     "connector": ("mapping", "invalid"),  # its mapping could not read a reading; the contract refused a row
 }
 """The reasons each stage dead-letters events for (`DEAD_LETTERS`), exported at 0 where the stage runs."""
+DAMAGED_KINDS = ("snapshot", "log_segment")
+"""The kinds of file `STORE_DAMAGED_FILES` counts (`raytwin.damage`), exported at 0 where a shard starts."""
 FMU_STEP_SOURCES = ("run", "reused")
 """The sources `FMU_STEPS` counts, exported at 0 where a process first steps an FMU."""
 

@@ -68,6 +68,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from raytwin.damage import report_damaged
 from raytwin.logsegments import SegmentWriter, held_segment, is_segment, read_segment
 from raytwin.storage import filesystem, replace_file
 
@@ -631,16 +632,28 @@ class StateStore:
                         if n.startswith("snap-")), key=parse_snapshot_name)
         if at_or_before_us is not None:
             names = [n for n in names if parse_snapshot_name(n)[0] <= at_or_before_us]
+        unreadable: list[tuple[str, Exception]] = []
+        found = None
         for name in reversed(names):
-            row = pq.read_table(f"{directory}/{name}", filesystem=self.fs).to_pylist()[0]
-            snap = Snapshot(
-                key=(to_micros(row["event_time"]), row["sequence"], row["idempotency_key"]),
-                revision=row["revision"],
-                payload=json.loads(row["payload"]),
-            )
+            try:
+                snap = self._read_snapshot(f"{directory}/{name}")
+            except (OSError, pa.ArrowException, ValueError, KeyError, IndexError, TypeError) as exc:
+                unreadable.append((name, exc))
+                continue
             if usable is None or usable(snap):
-                return snap
-        return None
+                found = name, snap
+                break
+        for name, exc in unreadable:  # after the search: the line says what recovery starts from instead
+            report_damaged("snapshot", f"{directory}/{name}", "unreadable",
+                           "event=snapshot_unreadable tenant=%s asset_id=%s file=%s error=%r action=skipped "
+                           "starts_from=%s (replaying the log after that; the file is left for inspection)", tenant, asset_id,
+                           name, f"{type(exc).__name__}: {exc}", found[0] if found else "the_log_from_its_start")
+        return found[1] if found else None
+
+    def _read_snapshot(self, path: str) -> Snapshot:
+        row = pq.read_table(path, filesystem=self.fs).to_pylist()[0]
+        return Snapshot(key=(to_micros(row["event_time"]), row["sequence"], row["idempotency_key"]),
+                        revision=row["revision"], payload=json.loads(row["payload"]))
 
     # -------------------------------------------------------------------- dead letters ----
     def write_dead_letters(self, tenant: str, rejects: list[dict[str, str]]) -> None:

@@ -286,6 +286,35 @@ def test_a_twin_an_older_version_left_nan_recovers_from_its_last_finite_snapshot
     assert all(math.isfinite(v) for v in stale.state.values()) and 0 < stale.revision <= 10
 
 
+@pytest.mark.parametrize("cut_to", [0.0, 0.5], ids=["empty", "truncated"])
+def test_an_unreadable_snapshot_is_skipped_and_its_shards_other_twins_recover(tmp_path, artifact, cut_to, caplog):
+    """A zero-length or cut snapshot (a crash during a non-atomic write, a full disk) put its whole shard in a
+    recovery crash loop and failed the twin's stale reads: recovery and reads pass over it to the snapshot
+    before it (replaying the log after that), and one error line names the file and where recovery started."""
+    from actors.recovery import durable_state
+
+    opts = {"allowed_lateness_s": 2 * STEP_S, "snapshot_every": 8, "checkpoint_every": 2}
+    shard = TwinShard(str(tmp_path), 0, 1, **opts)
+    for seed, a in enumerate(("s1", "s2")):
+        shard.register("acme", a, registration_record(asset(a), artifact, None, None))
+        for start in (0, 10, 20):  # a snapshot per call at most
+            shard.ingest("acme", validated_table(events(a, 10, seed=seed, start=start)))
+    before = {a: shard.state("acme", a) for a in ("s1", "s2")}
+    directory = shard.store._asset_dir("snapshots", "acme", "s1")
+    *_, previous, newest = sorted(os.listdir(directory), key=parse_snapshot_name)
+    with open(f"{directory}/{newest}", "r+b") as f:
+        f.truncate(int(cut_to * os.path.getsize(f"{directory}/{newest}")))
+    with caplog.at_level(logging.ERROR, logger="raytwin.store"):
+        restarted = TwinShard(str(tmp_path), 0, 1, **opts)
+        for a in ("s1", "s2"):
+            assert_same_state(restarted.state("acme", a), before[a])
+        stale = durable_state(shard.store, "acme", "s1")
+    assert stale.stale and stale.revision == parse_snapshot_name(previous)[1]
+    [record] = [r for r in caplog.records if "event=snapshot_unreadable" in r.getMessage()]
+    assert record.levelno == logging.ERROR and f"file={newest}" in record.getMessage()
+    assert f"starts_from={previous}" in record.getMessage()
+
+
 # ------------------------------------------------------------------------ on Ray ----
 LATENESS_S = 10 * STEP_S
 TWIN_OPTS = {"allowed_lateness_s": LATENESS_S, "checkpoint_every": 8}
