@@ -13,7 +13,8 @@ Rules that keep it safe:
 - **Torn tails are not there.** A batch is appended as one message and acknowledged after its
   `write` returned. A writer killed mid-write leaves a partial message at the end of its last
   segment: that batch was not acknowledged, and readers (`read_segment`) stop at the last complete
-  message. A write that fails abandons the segment (the next batch starts a new one), so nothing
+  message. Readers cannot tell that from a segment cut later (by hand, a bad disk: acknowledged
+  events lost), so a closed segment ending in a partial message is reported (`_report_cut`). A write that fails abandons the segment (the next batch starts a new one), so nothing
   is ever appended after a partial message.
 - **Compaction takes only segments no writer holds** (`held_segment`): it locks the segment first, so
   no append can land between its read and its delete.
@@ -33,6 +34,8 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.ipc as ipc
+
+from raytwin.damage import report_damaged
 
 SEGMENT_PREFIX = "seg-"
 SEGMENT_SUFFIX = ".arrows"
@@ -131,8 +134,10 @@ def read_segment(path: str, start: int = 0, *, fs: Any = None) -> tuple[list[pa.
     """The complete messages of a segment from byte offset `start` (0, or an offset this function
     returned before), and the offset after the last of them: a partial message at the end (a
     writer mid-append, or killed mid-append) is left for later or for good. `fs`: an fsspec
-    filesystem other than the local disk holding it (a copied store), read whole."""
-    if fs is not None and "file" not in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+    filesystem other than the local disk holding it (a copied store), read whole. A whole read
+    (`start` 0) of a segment no writer holds that ends in a partial message reports it (`_report_cut`)."""
+    remote = fs is not None and "file" not in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+    if remote:
         source = pa.BufferReader(fs.cat_file(path))
     else:
         try:
@@ -142,21 +147,63 @@ def read_segment(path: str, start: int = 0, *, fs: Any = None) -> tuple[list[pa.
         except OSError:  # mapping an empty file fails: a segment whose header is not written yet
             return [], start
     with source:
-        reader = ipc.MessageReader.open_stream(source)
+        batches, end = _complete_messages(source, start)
+        if start == 0 and end < source.size():
+            _report_cut(path, batches, end, source.size(), lockable=not remote)
+    return batches, end
+
+
+def _complete_messages(source: Any, start: int) -> tuple[list[pa.RecordBatch], int]:
+    reader = ipc.MessageReader.open_stream(source)
+    try:
+        schema = ipc.read_schema(reader.read_next_message())
+    except (StopIteration, pa.ArrowInvalid, OSError):
+        return [], start
+    end = source.tell() if start == 0 else start
+    source.seek(end)
+    batches = []
+    while True:
         try:
-            schema = ipc.read_schema(reader.read_next_message())
+            message = reader.read_next_message()
+            batches.append(ipc.read_record_batch(message, schema))
         except (StopIteration, pa.ArrowInvalid, OSError):
-            return [], start
-        end = source.tell() if start == 0 else start
-        source.seek(end)
-        batches = []
-        while True:
-            try:
-                message = reader.read_next_message()
-                batches.append(ipc.read_record_batch(message, schema))
-            except (StopIteration, pa.ArrowInvalid, OSError):
-                return batches, end
-            end = source.tell()
+            return batches, end
+        end = source.tell()
+
+
+def _report_cut(path: str, batches: list[pa.RecordBatch], end: int, size: int, *, lockable: bool) -> None:
+    """Report a segment that ends in a partial message for good. Why: readers keep its complete messages, as
+    they must for a writer killed mid-append (an unacknowledged batch), but a segment cut by hand or by a bad
+    disk lost acknowledged events too, and an operator must learn of it to have them sent again. A segment a
+    writer holds (`flock`) may still be mid-append: not reported."""
+    if lockable and _appending(path):
+        return
+    report_damaged("log_segment", path, str(size),
+                   "event=log_segment_cut file=%s rows_kept=%d bytes_kept=%d bytes_lost=%d action=kept_readable_rows "
+                   "(its tail is lost: one unacknowledged batch if its writer crashed mid-append; acknowledged events "
+                   "if it was truncated: restore it or have those events sent again)",
+                   path, sum(b.num_rows for b in batches), end, size - end)
+
+
+_held_here: set[str] = set()
+"""Segments this process holds (`held_segment`): closed ones, though their lock is taken."""
+
+
+def _appending(path: str) -> bool:
+    """Whether a writer (another open file than `held_segment`'s) holds the segment's lock, or it is gone."""
+    if path in _held_here:
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released by the close below
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 @contextmanager
@@ -174,6 +221,10 @@ def held_segment(path: str) -> Iterator[bool]:
         except BlockingIOError:
             yield False
             return
-        yield True
+        _held_here.add(path)
+        try:
+            yield True
+        finally:
+            _held_here.discard(path)
     finally:
         os.close(fd)
