@@ -6,9 +6,10 @@ CLI, a driver restarted after a crash): they attach to the lease and share its n
 A service in *another* Ray cluster is not: its shards would be other actors writing with the same
 epoch, two writers the fence cannot tell apart (two `raytwin serve` on one store both answered on
 one port and would both have logged events). So the lease records its Ray session, the holder's
-shards renew a heartbeat every `HEARTBEAT_S`, and another cluster waits up to `EXPIRY_S` for a
-holder that just crashed to go quiet, then takes the store with a new epoch (fencing any of the
-holder's shards that still run), and is refused while the holder keeps renewing.
+shards renew a heartbeat every `HEARTBEAT_S`, and another cluster watches it for `EXPIRY_S` (on its
+own clock: the hosts' clocks may differ) for a holder that just crashed to go quiet, then takes the
+store with a new epoch (fencing any of the holder's shards that still run), and is refused while the
+holder keeps renewing.
 """
 
 from __future__ import annotations
@@ -76,29 +77,34 @@ SERVED_ELSEWHERE = ("that is another Ray cluster than this one: stop that servic
 
 def _refuse_if_renewed(store: StateStore, held: Lease, advice: str = SERVED_ELSEWHERE,
                        wait_s: float | None = None) -> None:
-    """`StoreLeased` if the shards of `held` (a live lease of another cluster) still renew its heartbeat
-    after `wait_s` (None: `EXPIRY_S`, and never less: a holder that crashed a moment ago goes quiet meanwhile; longer
-    for a holder that is being stopped, such as a cluster whose pods are terminating). A heartbeat file
-    that is not `held`'s is no sign of a crash: a previous holder's dying shard may have overwritten it a
-    moment ago, so only a renewal as old as `EXPIRY_S`, or none seen in that time, lets the caller take it."""
-    deadline = time.monotonic() + (EXPIRY_S if wait_s is None else max(EXPIRY_S, wait_s))
-    renewed_age_s: float | None = None
+    """`StoreLeased` if the shards of `held` (a live lease of another cluster) still renew its heartbeat:
+    returns once this process has watched the heartbeat for `EXPIRY_S` of its own monotonic clock without
+    seeing a renewal of `held`, giving up after `wait_s` (None: `EXPIRY_S`, and never less: a holder that
+    crashed a moment ago goes quiet meanwhile; longer for a holder that is being stopped, such as a cluster
+    whose pods are terminating). Why watch, not compare the renewal's time with this host's clock: the
+    heartbeat's time is the holder's clock, and a host whose clock ran 6 s ahead took a live store at once
+    while one behind refused to take a crashed holder's. A renewal is a heartbeat of `held` other than the
+    one read before (its time is only a token); one that is not `held`'s is no renewal (a previous holder's
+    dying shard may have overwritten it a moment ago) nor a sign of a crash."""
+    started = time.monotonic()
+    deadline = started + (EXPIRY_S if wait_s is None else max(EXPIRY_S, wait_s))
+    quiet_since, renewed_at, last = started, None, store.read_heartbeat()
     while True:
-        beat = store.read_heartbeat()
-        if beat is not None and beat.renews(held):
-            renewed_age_s = time.time() - beat.at_s
-            if renewed_age_s > EXPIRY_S:
-                return
-        if time.monotonic() >= deadline:
-            if renewed_age_s is None:
-                return
+        time.sleep(HEARTBEAT_S / 2)  # two reads per renewal: none is missed
+        beat, now = store.read_heartbeat(), time.monotonic()
+        if beat is not None and beat != last and beat.renews(held):
+            quiet_since = renewed_at = now
+        last = beat
+        if now - quiet_since >= EXPIRY_S:
+            return
+        if now >= deadline:
+            assert renewed_at is not None  # else it was quiet since the start, for at least `EXPIRY_S`: returned
             raise StoreLeased(
                 f"store {store.url} is served by service {held.owner} of Ray cluster session {held.cluster} "
-                f"(started by {held.acquired_by}; its shards renewed the lease {renewed_age_s:.1f} s ago): {advice}")
-        log.info("event=store_lease_wait store=%s holder=%s cluster=%s heartbeat_age_s=%s wait_left_s=%.0f", store.url,
-                 held.owner, held.cluster, "none" if renewed_age_s is None else f"{renewed_age_s:.1f}",
-                 deadline - time.monotonic())
-        time.sleep(HEARTBEAT_S)
+                f"(started by {held.acquired_by}; its shards renewed the lease {now - renewed_at:.1f} s ago, as "
+                f"seen from this host): {advice}")
+        log.info("event=store_lease_wait store=%s holder=%s cluster=%s renewed_s_ago=%s wait_left_s=%.0f", store.url,
+                 held.owner, held.cluster, "none" if renewed_at is None else f"{now - renewed_at:.1f}", deadline - now)
 
 
 def check_not_served(store: StateStore, advice: str) -> None:

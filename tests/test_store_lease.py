@@ -172,29 +172,36 @@ def test_a_service_of_another_ray_cluster_is_refused_while_the_holder_renews_and
         taken.close()
 
 
-def _renewing(store: StateStore, held: Lease, until: Callable[[], bool]) -> threading.Thread:
-    """A started thread renewing `held`'s heartbeat as its shards would (every 0.05 s), until `until()`."""
+def _renewing(store: StateStore, held: Lease, until: Callable[[], bool],
+              clock: Callable[[], float] = time.time) -> threading.Thread:
+    """A started thread renewing `held`'s heartbeat as its shards would (every 0.05 s, with the time of
+    `clock`: the holder's host's), until `until()`."""
     def renew() -> None:
         while not until():
-            store.write_heartbeat(Heartbeat(held.owner, held.epoch, held.cluster, time.time()))
+            store.write_heartbeat(Heartbeat(held.owner, held.epoch, held.cluster, clock()))
             time.sleep(0.05)
 
-    store.write_heartbeat(Heartbeat(held.owner, held.epoch, held.cluster, time.time()))
+    store.write_heartbeat(Heartbeat(held.owner, held.epoch, held.cluster, clock()))
     renewer = threading.Thread(target=renew, daemon=True)
     renewer.start()
     return renewer
 
 
 class _Beats:
-    """A store whose heartbeat reads answer `beats` in turn (then the last one again)."""
+    """A store whose heartbeat reads answer `beats` in turn, then the last one again (`renewing`: renewed
+    before each read, as a live holder's shards renew it)."""
 
     url = "memory://store"
 
-    def __init__(self, *beats: Heartbeat | None) -> None:
-        self.beats = list(beats)
+    def __init__(self, *beats: Heartbeat | None, renewing: bool = False) -> None:
+        self.beats, self.renewing = list(beats), renewing
 
     def read_heartbeat(self) -> Heartbeat | None:
-        return self.beats.pop(0) if len(self.beats) > 1 else self.beats[0]
+        if len(self.beats) > 1:
+            return self.beats.pop(0)
+        if self.renewing and (last := self.beats[0]) is not None:
+            self.beats[0] = replace(last, at_s=last.at_s + 0.05)
+        return self.beats[0]
 
 
 def test_a_heartbeat_overwritten_by_a_previous_holders_shard_is_no_crash_of_the_live_holder(monkeypatch):
@@ -204,12 +211,40 @@ def test_a_heartbeat_overwritten_by_a_previous_holders_shard_is_no_crash_of_the_
     monkeypatch.setattr(lease, "HEARTBEAT_S", 0.05)
     held = Lease(owner="b", epoch=2, shards=1, namespace="raytwin", acquired_at="", acquired_by="", cluster="B")
     previous = Heartbeat("a", 1, "A", time.time())
-    renewal = Heartbeat("b", 2, "B", time.time() + 10)  # renewed all the time: never older than the expiry
+    renewal = Heartbeat("b", 2, "B", time.time())
     with pytest.raises(StoreLeased, match="another Ray cluster than this one"):
-        lease._refuse_if_renewed(_Beats(previous, renewal), held)
+        lease._refuse_if_renewed(_Beats(renewal, previous, renewal, renewing=True), held)
     lease._refuse_if_renewed(_Beats(previous), held)  # no renewal of it in a whole expiry: gone
     lease._refuse_if_renewed(_Beats(None), held)
-    lease._refuse_if_renewed(_Beats(replace(renewal, at_s=time.time() - 1)), held)  # stopped renewing
+    lease._refuse_if_renewed(_Beats(renewal), held)  # stopped renewing
+    lease._refuse_if_renewed(_Beats(replace(renewal, at_s=time.time() + 3600)), held)  # whatever its clock said
+
+
+@pytest.mark.parametrize("skew_s", [30.0, -30.0], ids=["newcomer_clock_ahead", "newcomer_clock_behind"])
+def test_crash_detection_never_compares_two_hosts_clocks(tmp_path, monkeypatch, skew_s):
+    """The newcomer compared the holder's renewal time with its own clock: a host 6 s ahead took a live store
+    at once (fencing the running service), one behind refused a crashed holder's ("renewed the lease -28.8 s
+    ago"). It watches the heartbeat change on its own clock instead: both skews decide as equal clocks do."""
+    monkeypatch.setattr(lease, "EXPIRY_S", 0.5)
+    monkeypatch.setattr(lease, "HEARTBEAT_S", 0.05)
+    store = StateStore(str(tmp_path / "twins"))
+    held = Lease(owner="live", epoch=3, shards=1, namespace="raytwin", acquired_at="", acquired_by="", cluster="A")
+    store.write_lease(held)
+    holder_clock = time.time
+    monkeypatch.setattr(time, "time", lambda: holder_clock() + skew_s)  # this host's clock
+    stop = threading.Event()
+    renewer = _renewing(store, held, stop.is_set, clock=holder_clock)
+    try:
+        started = time.monotonic()
+        with pytest.raises(StoreLeased, match=r"renewed the lease 0\.\d s ago, as seen from this host"):
+            lease.check_not_served_elsewhere(store, cluster="B")
+        assert time.monotonic() - started >= 0.5 and store.read_lease() == held
+    finally:
+        stop.set()
+        renewer.join()
+    started = time.monotonic()  # the holder crashed: its last heartbeat stays, with its clock's time
+    taken = acquire_lease(store, 1, "raytwin", False, cluster="B")
+    assert (taken.epoch, taken.cluster) == (held.epoch + 1, "B") and time.monotonic() - started >= 0.5
 
 
 def test_a_starting_service_waits_for_another_clusters_holder_that_is_stopping(tmp_path, monkeypatch):
