@@ -287,7 +287,7 @@ def _query(prom: httpx.Client, expr: str) -> list[dict]:
 # deadlines, requests): this test runs a TwinService alone, while other tests' backends on the suite's shared Ray
 # (a connector refused, a store fenced by a takeover) export theirs until Ray drops a dead worker's series (120 s)
 _OTHER_TESTS_ALERTS = {"RayTwinConnectorDown", "RayTwinConnectorDeliveryFailing", "RayTwinJobQueueStuck",
-                       "RayTwinStoreFenced", "RayTwinShardUnanswered", "RayTwinProxyErrorsHigh",
+                       "RayTwinStoreFenced", "RayTwinStoreFileDamaged", "RayTwinShardUnanswered", "RayTwinProxyErrorsHigh",
                        *(f"RayTwinApi{kind}BudgetBurn{speed}" for kind in ("Error", "Latency") for speed in ("Fast", "Slow"))}
 
 
