@@ -4,11 +4,15 @@ Why shards and not one actor per asset: an actor is a worker process (~100+ MB r
 loaded, seconds to start), so 10,000 per-asset actors cannot fit a 2-core machine; a twin inside
 a shard is a few KB of Python objects. Routing is a stable hash (`actors.routing`).
 
-Durability contract of `ingest`: accepted events are appended to the event log *before* they are
-applied and before the call returns, so an acknowledged event is never lost. If the actor dies
-mid-call, Ray restarts it (``max_restarts=-1``) and retries the call (``max_task_retries``); the
-constructor rebuilds every twin from snapshot + log, and the retried events are then recognised
-as duplicates, so nothing is applied twice.
+Durability contract of `ingest`: accepted events are appended to the event log before the call
+returns, so an acknowledged event is never lost. They are applied in memory first and the batch's
+dead letters written before the log, those of events the filter refused too (they stay in the log: a
+replay refuses them again), so no crash leaves a refused event logged without its dead letter; a write
+that fails leaves memory ahead of the store, and those twins are rebuilt from it before the next
+call. If the actor dies mid-call, Ray restarts it (``max_restarts=-1``) and retries the call
+(``max_task_retries``); the constructor rebuilds every twin from snapshot + log, the retried events
+already logged are then recognised as duplicates, so nothing is applied twice, and dead letters
+written again replace their file (`dead_letter_stem`), so none is doubled.
 
 Every writing call first checks the store's lease (`StateStore.check_lease`, one small file read)
 against the shard's `fence` (the owner and epoch of its service's lease): a shard of a service that
@@ -73,7 +77,7 @@ from raytwin.keyindex import Logged, LogKeyIndex, content_digest
 from raytwin.logs import component_logging
 from raytwin.migration import MigrationPlan
 from raytwin.sim.cpu import start_single_core_backend
-from raytwin.statestore import LOG_BATCH_SCHEMA, StateStore, StoreFenced, from_micros
+from raytwin.statestore import LOG_BATCH_SCHEMA, StateStore, StoreFenced, dead_letter_stem, from_micros
 
 log = logging.getLogger("raytwin.twins")
 
@@ -376,10 +380,10 @@ class TwinShard(LiveModelOps):
     # ------------------------------------------------------------------ ingestion ----
     def ingest(self, tenant: str, batch: pa.Table | bytes, states: bool = False) -> IngestReport:
         """Check a validated batch (`VALIDATED_SCHEMA`, or its IPC bytes: `actors.telemetry.table_bytes`,
-        what the dispatcher sends) against each twin's asset type, log the
-        accepted events durably, then apply them (see module docstring). Column-wise except for
-        the per-event ordering and de-duplication decisions. Refused (`StoreFenced`) once the
-        store's lease is not this shard's: it writes nothing then. `states`: the report carries
+        what the dispatcher sends) against each twin's asset type, apply the accepted events, write the
+        dead letters, then log the events durably (see module docstring). Column-wise except for the
+        per-event ordering and de-duplication decisions. Refused (`StoreFenced`) once the store's lease
+        is not this shard's: it writes nothing then. `states`: the report carries
         the new state of every twin that accepted events (the API's change log records them)."""
         self.store.check_lease(self.fence)
         self._refresh_stale()
@@ -399,17 +403,17 @@ class TwinShard(LiveModelOps):
         log_rows = pa.table([*columns, si_values, batch.column("ingest_time")],
                             schema=LOG_BATCH_SCHEMA).take(pa.array(adm.accepted_rows, pa.int64()))
         try:
-            n_accepted = self.store.append_log(tenant, log_rows)
+            refused = apply_many([(twins[c], evs) for c, evs in accepted.items()])
+            refused = self._refused(tenant, batch, adm, assets, refused)
+            rejects += refused
+            retried = batch.column("ingest_time").cast(pa.int64()).to_numpy().tobytes()  # the same on a Ray retry
+            self.store.write_dead_letters(tenant, rejects, stem=dead_letter_stem(rejects, retried))
+            n_accepted = self.store.append_log(tenant, log_rows) - len(refused)
         except Exception:
-            # part of the batch may be durable: rebuild those twins from the store before the next
-            # call so memory never lacks an event a recovery would replay
+            # memory is ahead of the store (applied, none or part of the batch logged): rebuild those
+            # twins from the store before the next call so memory holds exactly what a recovery replays
             self.stale.update((tenant, assets[c]) for c in accepted)
             raise
-        refused = apply_many([(twins[c], evs) for c, evs in accepted.items()])
-        refused = self._refused(tenant, batch, adm, assets, refused)
-        n_accepted -= len(refused)
-        rejects += refused
-        self.store.write_dead_letters(tenant, rejects)
         positions = batch.column(ROW_COLUMN).to_pylist() if rejects and ROW_COLUMN in batch.column_names else None
         if self.shadows.shadows:
             self.shadows.observe(tenant, [(assets[c], evs) for c, evs in accepted.items()])

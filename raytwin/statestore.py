@@ -51,6 +51,7 @@ versions."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -411,6 +412,17 @@ _BEFORE_1970 = "."
 """Marks a negative snapshot time in a file name: it sorts before the digits of non-negative ones."""
 
 
+def dead_letter_stem(rejects: list[dict[str, str]], batch_id: bytes) -> str:
+    """A dead-letter file name given by its content and its batch (`batch_id`: what tells a Ray retry of the
+    same call from a producer's re-delivery, e.g. the batch's ingest times). Why: a shard writes a batch's
+    dead letters before it logs the batch, and Ray retries a call its crash cut short; the retry refuses the
+    same events again and replaces that file instead of adding a second copy of each dead letter."""
+    digest = hashlib.sha256(batch_id)
+    for r in rejects:
+        digest.update(json.dumps([r.get("asset_id"), r.get("idempotency_key"), r["reason"], r["raw"]]).encode())
+    return f"part-{digest.hexdigest()[:32]}"
+
+
 def snapshot_stem(us: int, revision: int) -> str:
     """A snapshot's file name (without `.parquet`): names sort as strings by time, then revision,
     for times before 1970 too (written as `.` + 10^19 + t, which keeps 20 characters)."""
@@ -656,8 +668,9 @@ class StateStore:
                         revision=row["revision"], payload=json.loads(row["payload"]))
 
     # -------------------------------------------------------------------- dead letters ----
-    def write_dead_letters(self, tenant: str, rejects: list[dict[str, str]]) -> None:
-        """Store rejects (dicts with asset_id, idempotency_key, reason, raw JSON), one file per day."""
+    def write_dead_letters(self, tenant: str, rejects: list[dict[str, str]], stem: str | None = None) -> None:
+        """Store rejects (dicts with asset_id, idempotency_key, reason, raw JSON), one file per day, named
+        `stem` (`dead_letter_stem`: the same rejects written again replace their file) or a random name."""
         if not rejects:
             return
         now = datetime.now(UTC)
@@ -669,7 +682,7 @@ class StateStore:
             "dead_lettered_at": pa.array([now] * len(rejects), TIME),
         }, schema=DEAD_LETTER_SCHEMA)
         self._write(table, f"{self.root}/dead_letters/tenant={tenant}/date={now.date().isoformat()}",
-                    f"part-{uuid.uuid4().hex}")
+                    stem or f"part-{uuid.uuid4().hex}")
 
     def read_dead_letters(self, tenant: str | None = None) -> pa.Table:
         """All dead letters (with tenant and date columns), optionally of one tenant, oldest first: a tenant

@@ -257,6 +257,34 @@ def test_events_the_model_is_not_defined_for_are_refused_and_later_ones_apply(tm
     assert_same_state(TwinShard(str(tmp_path), 0, 1, **BOUNDED_OPTS).state("acme", "b1"), now)
 
 
+@pytest.mark.parametrize("crash_after", ["append_log", "write_dead_letters"])
+def test_a_shard_killed_between_its_log_and_dead_letter_writes_loses_and_doubles_no_dead_letter(
+        tmp_path, bounded, crash_after):
+    """The shard dies right after one of its two writes of a batch whose events the filter refuses; Ray restarts
+    it (snapshot + log) and retries the call. Before, the log was written first: the retry found the refused
+    events logged, called them duplicates, and their dead letters were never written. Now each refused event
+    has exactly one dead letter either way (the retry's replace the killed call's file)."""
+    live = bounded_shard(str(tmp_path), bounded)
+    evs = events("b1", 20)
+    live.ingest("acme", validated_table(evs[:10]))
+    write = getattr(live.store, crash_after)
+
+    def write_then_die(*args, **kwargs):
+        write(*args, **kwargs)
+        raise SystemExit("shard process killed")
+
+    setattr(live.store, crash_after, write_then_die)
+    batch = validated_table(heated(evs[10:], 40.0))
+    with pytest.raises(SystemExit):
+        live.ingest("acme", batch)
+    live.store.close_segments()
+    retried = bounded_shard(str(tmp_path), bounded).ingest("acme", batch)
+    assert retried.accepted == 0 and retried.rejected + retried.duplicates == 10
+    letters = StateStore(str(tmp_path)).read_dead_letters("acme")
+    assert sorted(letters.column("idempotency_key").to_pylist()) == sorted(e.idempotency_key for e in evs[10:])
+    assert all(r.startswith("non-finite update") for r in letters.column("reason").to_pylist())
+
+
 def test_a_twin_an_older_version_left_nan_recovers_from_its_last_finite_snapshot(tmp_path, bounded):
     """A version before refused updates stored such a twin's NaN state in its snapshots. Recovery (a shard
     restart) and reads while the shard is down pass over non-finite snapshots to the last finite one (or the
