@@ -130,7 +130,7 @@ class AsyncRayTwinClient(ClientBase):
             for record in pager.feed(await self._send(pager.call())):
                 yield record
 
-    async def changes(self, after: int | None = None, asset_ids: tuple[str, ...] = (), type_name: str | None = None,
+    async def changes(self, after: int | str | None = None, asset_ids: tuple[str, ...] = (), type_name: str | None = None,
                       kinds: tuple[str, ...] = ()) -> AsyncIterator[Change]:
         """Follow the tenant's change stream, reconnecting with `Last-Event-ID` (see `RayTwinClient.changes`)."""
         sub = Subscription(after, tuple(asset_ids), type_name, tuple(kinds))

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from client.calls import ANSWER_EXTRA
 from client.errors import Gone, RayTwinError, UnexpectedAnswer, from_error, retry_after_s
 from client.retry import RetryPolicy, verdict
-from serve_apps.changes import Change
+from serve_apps.changes import Change, parse_event_id
 
 STREAM_READ_TIMEOUT_S = 45.0
 """No byte for this long (the server sends a keep-alive every 15 s): the connection is dead, reconnect."""
@@ -35,11 +35,11 @@ class Subscription:
     transport error ``sub.dropped()``; then sleep ``sub.reconnect_delay(policy)`` (None: reconnect at
     once) and open again. Memory stays bounded: one frame is held, never the stream."""
 
-    after: int | None = None
+    after: int | str | None = None  # a number, or an event id the stream sent (`Change.event_id`: checked)
     asset_ids: tuple[str, ...] = ()
     type_name: str | None = None
     kinds: tuple[str, ...] = ()
-    last_id: int | None = None
+    last_id: int | str | None = None
     fell_behind: bool = False
     failures: int = 0  # connections in a row that delivered nothing
     answered: bool = False  # some connection was answered: the server exists, outages end
@@ -105,8 +105,8 @@ class Subscription:
                     self._frame[name] = value[1:] if value.startswith(" ") else value
                 continue
             frame, self._frame = self._frame, {}
-            if frame.get("id", "").isdigit():
-                self.last_id = int(frame["id"])
+            if parse_event_id(frame.get("id", "")) is not None:
+                self.last_id = frame["id"].strip()
             if frame.get("event") == "fell_behind":
                 self.fell_behind = True
             elif frame.get("event") == "gone":

@@ -137,10 +137,11 @@ class RayTwinClient(ClientBase):
         while not pager.done:
             yield from pager.feed(self._send(pager.call()))
 
-    def changes(self, after: int | None = None, asset_ids: tuple[str, ...] = (), type_name: str | None = None,
+    def changes(self, after: int | str | None = None, asset_ids: tuple[str, ...] = (), type_name: str | None = None,
                 kinds: tuple[str, ...] = ()) -> Iterator[Change]:
         """Follow the tenant's change stream (from `after`, 0: the beginning; None: now), forever,
-        reconnecting with `Last-Event-ID` whenever the connection drops or the stream fell behind."""
+        reconnecting with `Last-Event-ID` whenever the connection drops or the stream fell behind. `after` may be
+        a saved `Change.event_id`: `Gone` (410) when the store was restored since and that change is gone."""
         sub = Subscription(after, tuple(asset_ids), type_name, tuple(kinds))
         while True:
             try:

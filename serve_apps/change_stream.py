@@ -2,7 +2,9 @@
 
 A stream is a loop over the backend's change log (`serve_apps.changes`): read a page after the
 last position, send the changes that pass the filter, and when caught up wait for the log's
-head to move. Its position is the log's sequence number, which is also each event's `id:`, so a
+head to move. Its position is the log's sequence number, which with the change's generation is each
+event's `id:` (``<seq>-<generation>``, `serve_apps.changes.event_id`; `resume_point` refuses one the
+log no longer holds, as after a restore of the store), so a
 client resumes with `Last-Event-ID` on any replica, after any restart, with no gap and no
 duplicate. Memory is bounded: a stream holds one page; waiting streams of one replica share one
 poller that asks the backend for the heads of their tenants every `change_poll_s`. A stream
@@ -23,8 +25,8 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from serve_apps.changes import Change, ChangePage, ChangeStore
-from serve_apps.errors import error_body
+from serve_apps.changes import Change, ChangePage, ChangeStore, event_id, parse_event_id
+from serve_apps.errors import Gone, Unprocessable, error_body
 from serve_apps.stream_auth import StreamCredential
 from serve_apps.unawaited import orphan
 
@@ -104,8 +106,42 @@ async def first_page(backend: BackendClient, tenant: str, after: int, page: int)
     return await backend.call("changes_after", tenant, after, page)
 
 
+async def change_at(backend: BackendClient, store: ChangeStore, tenant: str, seq: int) -> Change | None:
+    """Change `seq` from the backend's memory, else from the store (None: not in the log, or removed)."""
+    if seq <= 0:
+        return None
+    page = await backend.call("changes_after", tenant, seq - 1, 1)
+    found = await asyncio.to_thread(store.read, tenant, seq - 1, 1) if page.fell_behind else page.changes
+    return found[0] if found and found[0].seq == seq else None
+
+
+async def resume_point(backend: BackendClient, store: ChangeStore, tenant: str, after: int, given: str | None,
+                       head: int) -> str:
+    """The event id a stream resumes after: that of change `after` (the client's `given` id, None for a plain
+    number or "from now"). An id whose generation is not that of the change now under its number, or that is
+    ahead of the log, names a change this log no longer has (the store was restored from an earlier copy, and
+    new changes reuse the numbers after it): 410, never a silent resume past the changes under the reused
+    numbers. A plain number (an id sent before generations, or `after`) is resumed unchecked."""
+    parsed = None if given is None else parse_event_id(given)
+    generation = None if parsed is None else parsed[1]
+    change = await change_at(backend, store, tenant, after) if 0 < after <= head else None
+    lost = generation is not None and (after > head or (change is not None and change.generation != generation))
+    if lost:
+        newest = await change_at(backend, store, tenant, head)
+        now = newest.event_id if newest is not None else str(head)
+        raise Gone(f"event id {given} names a change this tenant's change log no longer has: the store was restored "
+                   f"from an earlier copy, and changes since reuse its numbers, so resuming after it would skip "
+                   f"changes. Re-read what you mirror (POST /v1/query, GET the assets and twin states), then "
+                   f"reconnect without Last-Event-ID, or with Last-Event-ID: {now} (the newest change now)",
+                   details=[{"header": "Last-Event-ID", "last_event_id": given, "head": now}])
+    if after > head:
+        raise Unprocessable(f"event id {after} is ahead of this tenant's change log (newest {head}); "
+                            "resume from an id this stream sent, or leave it out to start from now")
+    return change.event_id if change is not None else event_id(after, generation) if after else "0"
+
+
 async def sse_changes(backend: BackendClient, store: ChangeStore, watcher: HeadWatcher, tenant: str, after: int,
-                      first: ChangePage, flt: ChangeFilter, page: int, credential: StreamCredential,
+                      after_id: str, first: ChangePage, flt: ChangeFilter, page: int, credential: StreamCredential,
                       heartbeat_s: float = HEARTBEAT_S) -> AsyncIterator[str]:
     """SSE frames of the tenant's changes after `after`, starting with the already-read page `first`, until the
     stream's key no longer allows it: then one `error` event with the error a new request would get, and the end.
@@ -113,7 +149,7 @@ async def sse_changes(backend: BackendClient, store: ChangeStore, watcher: HeadW
     at least that often (`serve_apps.stream_auth`); a comment after `heartbeat_s` without a frame keeps proxies
     from closing the stream."""
     quiet_since = credential.clock()
-    frames = _changes(backend, store, watcher, tenant, after, first, flt, page, credential.recheck_s)
+    frames = _changes(backend, store, watcher, tenant, after, after_id, first, flt, page, credential.recheck_s)
     async with aclosing(frames):
         async for out in frames:
             refusal = await credential.ended()
@@ -130,37 +166,38 @@ async def sse_changes(backend: BackendClient, store: ChangeStore, watcher: HeadW
 
 
 async def _changes(backend: BackendClient, store: ChangeStore, watcher: HeadWatcher, tenant: str, after: int,
-                   first: ChangePage, flt: ChangeFilter, page: int, idle_s: float) -> AsyncIterator[str | None]:
+                   after_id: str, first: ChangePage, flt: ChangeFilter, page: int, idle_s: float) -> AsyncIterator[str | None]:
     """The frames of `sse_changes`, and None after each `idle_s` in which the log did not move.
 
     Behind the backend's memory window, a stream that has not caught up yet reads the store here
     (off the event loop); one that had caught up falls behind instead."""
     position = sent = after  # read up to / the client's resume point
+    position_id = after_id  # the event id of `position`
     live = False
     current: ChangePage | None = first
-    yield f"id: {after}\n\n"  # the resume point, also for a client that started "from now"
+    yield f"id: {after_id}\n\n"  # the resume point, also for a client that started "from now"
     while True:
         if current is None:
             current = await backend.call("changes_after", tenant, position, page)
         if current.fell_behind and not live:
             replay = await asyncio.to_thread(store.read, tenant, position, min(page, current.head - position))
             if replay and replay[0].seq != position + 1:  # deleted by the retention while this stream read
-                yield frame("gone", {"last_event_id": str(position), "oldest": replay[0].seq,
+                yield frame("gone", {"last_event_id": position_id, "oldest": replay[0].seq,
                                      "message": past_retention(position, replay[0].seq, None)})
                 return
             current = current.model_copy(update={"changes": replay, "fell_behind": False})
         if current.fell_behind:
             log.info("event=change_stream_fell_behind tenant=%s position=%d head=%d", tenant, position, current.head)
             yield frame("fell_behind", {
-                "last_event_id": str(position), "head": current.head, "oldest_in_memory": current.oldest,
+                "last_event_id": position_id, "head": current.head, "oldest_in_memory": current.oldest,
                 "message": f"this stream fell more than the server's in-memory window behind the change log (at "
-                           f"{position}, newest {current.head}); reconnect with Last-Event-ID: {position} to "
+                           f"{position}, newest {current.head}); reconnect with Last-Event-ID: {position_id} to "
                            "resume from the store"})
             return
         for change in current.changes:
-            position = change.seq
+            position, position_id = change.seq, change.event_id
             if flt.matches(change):
-                yield frame(change.kind, change.model_dump(mode="json"), change.seq)
+                yield frame(change.kind, change.model_dump(mode="json"), position_id)
                 sent = position
         caught_up = not current.changes or position >= current.head
         current = None
@@ -168,7 +205,7 @@ async def _changes(backend: BackendClient, store: ChangeStore, watcher: HeadWatc
             continue
         live = True
         if sent != position:  # changes the filter skipped: move the client's resume point past them
-            yield f"id: {position}\n\n"
+            yield f"id: {position_id}\n\n"
             sent = position
         if not await watcher.wait(tenant, position, idle_s):
             yield None
@@ -181,7 +218,7 @@ def past_retention(after: int, oldest: int, retention_s: float | None) -> str:
             f"read the current state, then resume after {oldest - 1} or leave Last-Event-ID out to start from now")
 
 
-def frame(event: str, data: dict, event_id: int | None = None) -> str:
+def frame(event: str, data: dict, event_id: str | None = None) -> str:
     """One SSE event: `id` (absent on `fell_behind`, `gone` and `error`, so the client's resume point stays),
     `event`, `data`."""
     head = f"id: {event_id}\n" if event_id is not None else ""

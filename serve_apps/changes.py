@@ -9,6 +9,13 @@ segment per append at ``{store}/changes/{tenant}/{first // 10000:010d}/{first:01
 sequence from the newest segment, so an event id read from a stream stays a valid resume point
 across replica restarts.
 
+Each change also carries the `generation` of the log that wrote it, a random token drawn each time
+the backend starts, and its event id is ``<seq>-<generation>`` (`event_id`). Why: a store restored
+from an earlier copy continues the sequence from the copy's head, so new changes get the numbers of
+changes clients already saw; their generation differs, so a resume point from before the restore is
+recognised (`serve_apps.change_stream.resume_point` finds another change, or none, under its number) and refused
+(410) instead of silently skipping the changes under the reused numbers.
+
 The newest `memory` changes of each tenant are also kept in memory (a bounded ring), so live
 streams are served without store reads; a reader further behind reads the segments from the
 store itself (`ChangeStore`), without the backend.
@@ -22,6 +29,7 @@ its rate times the retention, not by the store's age.
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from collections import deque
@@ -60,6 +68,27 @@ class Change(BaseModel):
     revision: int | None = Field(None, description="the resource's revision after the change: the twin's state "
                                  "revision for twin.*, the ETag revision (= seq) for asset.* and asset_type.*")
     data: dict[str, Any] = Field(default_factory=dict)
+    generation: str | None = Field(None, description="which run of the server's change log wrote it (new at each "
+                                   "start; null: written before generations): with seq, the stream's event id "
+                                   "(`<seq>-<generation>`), so a resume point from before a restore of the store "
+                                   "is recognised")
+
+    @property
+    def event_id(self) -> str:
+        return event_id(self.seq, self.generation)
+
+
+def event_id(seq: int, generation: str | None) -> str:
+    """A change's event id on the stream: ``<seq>-<generation>`` (plain ``<seq>`` without a generation)."""
+    return str(seq) if generation is None else f"{seq}-{generation}"
+
+
+def parse_event_id(value: str) -> tuple[int, str | None] | None:
+    """(seq, generation) of an event id (`event_id`), None for text that is not one."""
+    seq, _, generation = value.strip().partition("-")
+    if not seq.isdigit() or (generation and not generation.isalnum()):
+        return None
+    return int(seq), generation or None
 
 
 class ChangePage(BaseModel):
@@ -93,6 +122,7 @@ class ChangeLog:
         self._queue: dict[str, list[Queued]] = {}  # appends waiting for the next group commit
         self._head: dict[str, int] = {}
         self._ring: dict[str, deque[Change]] = {}
+        self.generation = secrets.token_hex(4)  # this run's: a restored store's new changes differ from the old
 
     # ---- writing --------------------------------------------------------------------------
     def record(self, tenant: str, drafts: list[dict[str, Any]]) -> list[Change]:
@@ -163,7 +193,8 @@ class ChangeLog:
     def _append_locked(self, tenant: str, drafts: list[dict[str, Any]]) -> list[Change]:
         first = self._head_locked(tenant) + 1
         now = datetime.now(UTC)
-        changes = [Change(seq=first + i, time=now, **{"revision": first + i, **d}) for i, d in enumerate(drafts)]
+        changes = [Change(seq=first + i, time=now, generation=self.generation, **{"revision": first + i, **d})
+                   for i, d in enumerate(drafts)]
         self.store.write(tenant, changes)
         self._head[tenant] = changes[-1].seq
         self._ring.setdefault(tenant, deque(maxlen=self.memory)).extend(changes)

@@ -7,8 +7,8 @@ from typing import Annotated
 from fastapi import FastAPI, Header, Query
 from fastapi.responses import StreamingResponse
 
-from serve_apps.change_stream import ChangeFilter, first_page, past_retention, sse_changes
-from serve_apps.changes import CHANGE_KINDS
+from serve_apps.change_stream import ChangeFilter, first_page, past_retention, resume_point, sse_changes
+from serve_apps.changes import CHANGE_KINDS, parse_event_id
 from serve_apps.deps import CHANGE_STREAM, SVC, Services
 from serve_apps.errors import Gone, Unprocessable
 from serve_apps.stream_auth import STREAM_AUTH_RECHECK_S, StreamCredential
@@ -19,9 +19,9 @@ KIND_FAMILIES = frozenset(k.split(".")[0] for k in CHANGE_KINDS)
 def register(app: FastAPI) -> None:
     @app.get("/v1/changes", tags=["changes"], response_class=StreamingResponse, responses={200: {
         "content": {"text/event-stream": {"schema": {"type": "string"}}},
-        "description": "`id: <seq>`, `event: <kind>`, `data: <Change as JSON>` per change; `fell_behind` once "
-                       "before the stream ends when the client reads too slowly, `gone` when it read past the "
-                       "retention, or `error` (data: `status` and the error shape a new request would get, e.g. 401 "
+        "description": "`id: <seq>-<generation>`, `event: <kind>`, `data: <Change as JSON>` per change; "
+                       "`fell_behind` once before the stream ends when the client reads too slowly, `gone` when it "
+                       "read past the retention, or `error` (data: `status` and the error shape a new request would get, e.g. 401 "
                        f"`unauthorized`) within {STREAM_AUTH_RECHECK_S:g} s of its key's revocation "
                        "(serve_apps/README.md)"}})
     async def changes(
@@ -32,7 +32,9 @@ def register(app: FastAPI) -> None:
         after: Annotated[int | None, Query(ge=0, description="Start after this event id (0: from the first "
                                            "change); default: from now")] = None,
         last_event_id: Annotated[str | None, Header(description="Resume after this event id (sent by SSE "
-                                                    "clients on reconnect; wins over `after`)")] = None,
+                                                    "clients on reconnect; wins over `after`); 410 when the change "
+                                                    "it names is no longer in the log (the store was restored "
+                                                    "from an earlier copy)")] = None,
         credential: StreamCredential = CHANGE_STREAM, svc: Services = SVC,
     ) -> StreamingResponse:
         """The caller's tenant's changes as Server-Sent Events: twin states, drift flags, catalog, jobs; for as
@@ -43,22 +45,21 @@ def register(app: FastAPI) -> None:
             raise Unprocessable(f"kind: unknown {unknown}; use any of {sorted(CHANGE_KINDS)} or the families "
                                 f"{sorted(KIND_FAMILIES)}", details=[{"loc": ["query", "kind"], "unknown": unknown}])
         if last_event_id is not None:
-            if not last_event_id.strip().isdigit():
-                raise Unprocessable(f"Last-Event-ID must be an event id sent by this stream (a decimal number), "
-                                    f"got {last_event_id!r}", details=[{"loc": ["header", "Last-Event-ID"]}])
-            after = int(last_event_id)
+            if (parsed := parse_event_id(last_event_id)) is None:
+                raise Unprocessable(f"Last-Event-ID must be an event id sent by this stream (`<seq>-<generation>`, "
+                                    f"e.g. 17-3fa9c2d1), got {last_event_id!r}",
+                                    details=[{"loc": ["header", "Last-Event-ID"]}])
+            after = parsed[0]
         if after is None:
             after = (await svc.backend.call("change_heads", [who.tenant]))[who.tenant]
         page = svc.config.change_page
         first = await first_page(svc.backend, who.tenant, after, page)
-        if after > first.head:
-            raise Unprocessable(f"event id {after} is ahead of this tenant's change log (newest {first.head}); "
-                                "resume from an id this stream sent, or leave it out to start from now")
+        after_id = await resume_point(svc.backend, svc.change_store, who.tenant, after, last_event_id, first.head)
         if first.fell_behind and after + 1 < (oldest := svc.change_store.first_seq(who.tenant)):
             raise Gone(past_retention(after, oldest, svc.config.change_retention_s))
         flt = ChangeFilter(frozenset(asset_id) if asset_id else None, type_name, frozenset(kind) if kind else None)
-        stream = sse_changes(svc.backend, svc.change_store, svc.changes, who.tenant, after, first, flt, page,
-                             credential)
+        stream = sse_changes(svc.backend, svc.change_store, svc.changes, who.tenant, after, after_id, first, flt,
+                             page, credential)
         return StreamingResponse(svc.streams.hold(who.tenant, stream),
                                  media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -373,8 +373,9 @@ def test_errors_that_are_not_the_apis_shape_are_not_raytwins_codes():
 
 
 def test_the_change_stream_reconnects_from_the_last_id_and_stops_on_a_refusal():
-    frames = "id: 7\n\nid: 9\nevent: asset.updated\ndata: " + \
-        '{"seq": 9, "kind": "asset.updated", "time": "2026-01-05T12:00:00Z", "asset_id": "zone-1", "revision": 2}\n\n'
+    frames = "id: 7-3fa9c2d1\n\nid: 9-3fa9c2d1\nevent: asset.updated\ndata: " + \
+        '{"seq": 9, "kind": "asset.updated", "time": "2026-01-05T12:00:00Z", "asset_id": "zone-1", "revision": 2, ' \
+        '"generation": "3fa9c2d1"}\n\n'
     transport, seen = scripted(httpx.Response(503, headers={"Retry-After": "0"}),
                                httpx.Response(200, text=frames, headers={"Content-Type": "text/event-stream"}),
                                httpx.ConnectError("refused"),
@@ -382,10 +383,11 @@ def test_the_change_stream_reconnects_from_the_last_id_and_stops_on_a_refusal():
     with RayTwinClient("http://api", "rtk_x_y", retry=FAST, transport=transport) as api:
         stream = api.changes(after=5)
         change = next(stream)
-        assert (change.seq, change.kind, change.asset_id) == (9, "asset.updated", "zone-1")
+        assert (change.seq, change.kind, change.asset_id, change.event_id) == (9, "asset.updated", "zone-1",
+                                                                               "9-3fa9c2d1")
         with pytest.raises(Unauthorized, match="bad key"):
             next(stream)
-    assert [r.headers.get("last-event-id") for r in seen] == ["5", "5", "9", "9"]
+    assert [r.headers.get("last-event-id") for r in seen] == ["5", "5", "9-3fa9c2d1", "9-3fa9c2d1"]
 
 
 

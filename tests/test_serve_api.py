@@ -998,7 +998,7 @@ def test_change_stream_is_complete_filterable_and_resumable_across_a_replica_res
         with client.stream("GET", "/v1/changes", headers=reader) as live:
             assert http.post("/v1/asset-types", json=THERMAL_TYPE, headers=admin).status_code == 201
             first = sse_events(live, 1)[0]
-    assert (first["id"], first["event"]) == ("1", "asset_type.created")
+    assert (first["id"], first["event"]) == (f"1-{first['data']['generation']}", "asset_type.created")
     assert first["data"]["type_name"] == "thermal_rc"
 
     version = THERMAL_TYPE["version"]
@@ -1017,7 +1017,8 @@ def test_change_stream_is_complete_filterable_and_resumable_across_a_replica_res
     assert job.status_code == 202
 
     everything = read_changes(base, reader, 8, after=0)
-    assert [int(e["id"]) for e in everything] == list(range(1, 9))  # no gap, no duplicate
+    gen = everything[0]["data"]["generation"]  # the backend's: one run wrote them all
+    assert [e["id"] for e in everything] == [f"{n}-{gen}" for n in range(1, 9)]  # no gap, no duplicate
     assert [e["event"] for e in everything] == ["asset_type.created", "asset.created", "asset.created", "twin.state",
                                                 "asset.updated", "twin.state", "twin.drift", "job.succeeded"]
     assert [e["data"]["seq"] for e in everything] == list(range(1, 9))
@@ -1029,11 +1030,11 @@ def test_change_stream_is_complete_filterable_and_resumable_across_a_replica_res
     assert everything[6]["data"]["data"]["drift"] is True and state["divergence"]["drift"] is True
     assert everything[7]["data"]["data"]["job_id"] == job.json()["job_id"]
 
-    assert read_changes(base, {**reader, "Last-Event-ID": "3"}, 5) == everything[3:]  # a reconnect resumes exactly
+    assert read_changes(base, {**reader, "Last-Event-ID": f"3-{gen}"}, 5) == everything[3:]  # resumes exactly
     only_f2 = read_changes(base, reader, 2, after=0, asset_id="f-2")
-    assert [(e["id"], e["event"]) for e in only_f2] == [("3", "asset.created"), ("5", "asset.updated")]
+    assert [(e["id"], e["event"]) for e in only_f2] == [(f"3-{gen}", "asset.created"), (f"5-{gen}", "asset.updated")]
     twins = read_changes(base, reader, 3, after=0, kind="twin", type_name="thermal_rc")
-    assert [e["id"] for e in twins] == ["4", "6", "7"]
+    assert [e["id"] for e in twins] == [f"{n}-{gen}" for n in (4, 6, 7)]
     assert http.post("/v1/asset-types", json=THERMAL_TYPE, headers=auth(api, "cas")).status_code in (200, 201)
     other = read_changes(base, auth(api, "cas"), 1, after=0)  # another tenant's stream: its own changes only
     assert other[0]["event"] == "asset_type.created" and other[0]["data"]["asset_id"] is None
@@ -1045,8 +1046,8 @@ def test_change_stream_is_complete_filterable_and_resumable_across_a_replica_res
         more = [{"sequence": 50, "event_time": (T0 + timedelta(minutes=50)).isoformat(),
                  "measurements": {"T_in": {"value": 300.0, "unit": "K"}}}]
         assert http.post("/v1/assets/f-1/telemetry", json={"events": more}, headers=admin).json()["accepted"] == 1
-        resumed = read_changes(base, {**reader, "Last-Event-ID": "8"}, 1)
-        assert (resumed[0]["id"], resumed[0]["event"], resumed[0]["data"]["revision"]) == ("9", "twin.state", 34)
+        resumed = read_changes(base, {**reader, "Last-Event-ID": "8"}, 1)  # a plain number, as before generations
+        assert (resumed[0]["data"]["seq"], resumed[0]["event"], resumed[0]["data"]["revision"]) == (9, "twin.state", 34)
         after_restart = next(following)
         assert (after_restart.seq, after_restart.kind, after_restart.revision) == (9, "twin.state", 34)
         following.close()

@@ -21,10 +21,10 @@ from raytwin.sim import THERMAL_RC
 from serve_apps.auth import KeyStore, Principal, Role, create_key, digest, load_keys, revoke_key
 from serve_apps.backend import _asset_change
 from serve_apps.catalog import Catalog
-from serve_apps.change_stream import ChangeFilter, HeadWatcher, sse_changes
-from serve_apps.changes import ChangeLog
+from serve_apps.change_stream import ChangeFilter, HeadWatcher, resume_point, sse_changes
+from serve_apps.changes import ChangeLog, event_id
 from serve_apps.conditional import EntityTags, Precondition
-from serve_apps.errors import ApiError, PreconditionFailed
+from serve_apps.errors import ApiError, Gone, PreconditionFailed, Unprocessable
 from serve_apps.stream_auth import STREAM_AUTH_RECHECK_S, StreamCredential
 
 
@@ -89,6 +89,11 @@ async def take(stream, n: int) -> list[str]:
         if not f.startswith("id: ") or "\nevent: " in f:
             out.append(f)
     return out
+
+
+def ids(log: ChangeLog, *seqs: int) -> list[str]:
+    """The event ids of changes `seqs` written by `log` (0: the start of the log)."""
+    return [event_id(s, log.generation) if s else "0" for s in seqs]
 
 
 def test_log_is_gapless_durable_and_continues_after_a_restart(tmp_path, monkeypatch):
@@ -169,32 +174,32 @@ def test_stream_resumes_exactly_and_a_slow_reader_falls_behind_once(tmp_path):
         log.record("acme", drafts(3))
 
         def open_stream(after: int, flt: ChangeFilter = ChangeFilter()):
-            return sse_changes(backend, log.store, watcher, "acme", after, log.read("acme", after, 2), flt, 2,
-                               credential)
+            return sse_changes(backend, log.store, watcher, "acme", after, ids(log, after)[0],
+                               log.read("acme", after, 2), flt, 2, credential)
 
         stream = open_stream(0)
         first = parse(await take(stream, 3))
-        assert [f["id"] for f in first] == ["1", "2", "3"] and first[0]["event"] == "twin.state"
+        assert [f["id"] for f in first] == ids(log, 1, 2, 3) and first[0]["event"] == "twin.state"
         log.record("acme", drafts(10))  # the reader is idle while the log moves 10 past it (5 kept in memory)
         behind = parse(await take(stream, 1))[0]
         assert behind["event"] == "fell_behind" and behind["id"] is None
-        assert behind["data"]["last_event_id"] == "3" and behind["data"]["head"] == 13
+        assert behind["data"]["last_event_id"] == ids(log, 3)[0] and behind["data"]["head"] == 13
         with pytest.raises(StopAsyncIteration):
             await anext(stream)
 
         resumed = parse(await take(open_stream(3), 10))  # from the store, then memory
-        assert [int(f["id"]) for f in resumed] == list(range(4, 14))
+        assert [f["id"] for f in resumed] == ids(log, *range(4, 14))
 
         log.record("acme", drafts(2, asset="b") + drafts(1, asset="c"))
         only_b = open_stream(13, ChangeFilter(asset_ids=frozenset({"b"})))
         got = parse([await anext(only_b) for _ in range(4)])
-        assert [(f["id"], f["event"]) for f in got] == [("13", None), ("14", "twin.state"), ("15", "twin.state"),
-                                                        ("16", None)]
+        assert [(f["id"], f["event"]) for f in got] == list(zip(ids(log, 13, 14, 15, 16),
+                                                                [None, "twin.state", "twin.state", None]))
         await only_b.aclose()
 
         families = ChangeFilter(kinds=frozenset({"asset"}), type_name="thermal_rc")
         log.record("acme", drafts(1, kind="job.succeeded") + drafts(1, kind="asset.created"))
-        assert parse(await take(open_stream(16, families), 1))[0]["id"] == "18"
+        assert parse(await take(open_stream(16, families), 1))[0]["id"] == ids(log, 18)[0]
 
     asyncio.run(scenario())
 
@@ -259,13 +264,45 @@ def test_retention_deletes_old_directories_and_a_stream_never_skips_what_it_dele
     async def resume_from(after: int) -> dict:
         backend = LocalBackend(log)
         stream = sse_changes(backend, log.store, HeadWatcher(backend, poll_s=0.01), "acme", after,
-                             log.read("acme", after, 5), ChangeFilter(), 5, key_credential(tmp_path)[0])
+                             ids(log, after)[0], log.read("acme", after, 5), ChangeFilter(), 5,
+                             key_credential(tmp_path)[0])
         return parse(await take(stream, 1))[0]
 
     gone = asyncio.run(resume_from(2))  # changes 3..7 were deleted: said, not skipped
     assert gone["event"] == "gone" and gone["id"] is None
-    assert gone["data"]["last_event_id"] == "2" and gone["data"]["oldest"] == 8
-    assert asyncio.run(resume_from(7))["id"] == "8"  # from the oldest kept change on: resumed as usual
+    assert gone["data"]["last_event_id"] == ids(log, 2)[0] and gone["data"]["oldest"] == 8
+    assert asyncio.run(resume_from(7))["id"] == ids(log, 8)[0]  # from the oldest kept change on: resumed as usual
+
+
+def test_a_resume_point_from_before_a_restore_of_the_store_is_refused_not_skipped_past(tmp_path):
+    """The store is copied at change 5, the service goes on to 10 (a client keeps event id 8), then the copy is
+    restored: the log continues from 5 and its new changes 6..10 reuse the numbers. Before, resuming after 8 was
+    accepted and skipped the new 9 and 10 (and resumed after content the client never saw); now that id, and one
+    ahead of the restored log, are refused (410, saying where the log is now), while ids of changes the copy holds,
+    across an ordinary restart too, resume as before."""
+    import shutil
+
+    live = ChangeLog(str(tmp_path / "store"))
+    live.record("acme", drafts(5))
+    shutil.copytree(tmp_path / "store", tmp_path / "copy")
+    live.record("acme", drafts(5, asset="lost"))
+    seen, ahead = ids(live, 8, 10)
+    restored = ChangeLog(str(tmp_path / "copy"))
+    restored.record("acme", drafts(5, asset="new"))
+    assert restored.generation != live.generation and restored.head("acme") == 10
+
+    def resume(log: ChangeLog, after: int, given: str | None) -> str:
+        return asyncio.run(resume_point(LocalBackend(log), log.store, "acme", after, given, log.head("acme")))
+
+    for stale in (seen, ahead):
+        with pytest.raises(Gone, match="restored from an earlier copy") as refused:
+            resume(restored, 8, stale)
+        assert refused.value.details[0]["head"] == ids(restored, 10)[0]
+    assert resume(restored, 4, ids(live, 4)[0]) == ids(live, 4)[0]  # in the copy: the same change
+    assert resume(restored, 8, "8") == ids(restored, 8)[0]  # a plain number: unchecked, as before generations
+    with pytest.raises(Unprocessable, match="ahead of this tenant's change log"):
+        resume(restored, 11, "11")
+    assert resume(ChangeLog(str(tmp_path / "store")), 8, seen) == seen  # a restart is not a restore
 
 
 def test_a_segment_that_reaches_into_the_next_directory_is_read_from_any_point_inside_it(tmp_path, monkeypatch):
@@ -361,8 +398,8 @@ def test_an_idle_stream_wakes_to_check_its_key_and_ends_with_an_error_event(tmp_
         log = ChangeLog(str(tmp_path / "changes"))
         backend = LocalBackend(log)
         credential, keys_file, audited = key_credential(tmp_path, recheck_s=0.05)
-        stream = sse_changes(backend, log.store, HeadWatcher(backend, poll_s=0.01), "acme", 0, log.read("acme", 0, 5),
-                             ChangeFilter(), 5, credential, heartbeat_s=0.3)
+        stream = sse_changes(backend, log.store, HeadWatcher(backend, poll_s=0.01), "acme", 0, "0",
+                             log.read("acme", 0, 5), ChangeFilter(), 5, credential, heartbeat_s=0.3)
         assert await anext(stream) == "id: 0\n\n"
         t0 = time.monotonic()
         assert await anext(stream) == ": keep-alive\n\n"  # one per heartbeat, though it woke every 0.05 s
@@ -447,7 +484,7 @@ def test_a_revoked_key_ends_its_open_change_stream_over_http_and_the_sdk_raises(
     assert end["data"]["error"]["code"] == "unauthorized" and end["data"]["error"]["request_id"] == request_id
     assert ended - revoked < STREAM_AUTH_RECHECK_S + slack_s
     assert all(at - revoked < STREAM_AUTH_RECHECK_S + slack_s for at, _ in delivered)
-    last = max([int(e["id"]) for _, e in delivered] or [0])
+    last = max([int(e["id"].split("-")[0]) for _, e in delivered] or [0])
     assert backend.log.head("acme") > last + 5  # changes went on after the stream's last one, and did not reach it
     assert raised.value.status == 401 and sdk_took < STREAM_AUTH_RECHECK_S + slack_s
     ends = [r for r in svc.audit.records("acme") if r.action == "change_stream.end"]
