@@ -2,8 +2,8 @@
 
     from client import RayTwinClient
     with RayTwinClient("http://localhost:8000", api_key) as api:
-        zone = api.get_asset("zone-1")            # Revisioned[Asset]: .value, .revision
-        api.update_asset("zone-1", update, if_match=zone.revision)
+        zone = api.get_asset("zone-1")            # Revisioned[Asset]: .value, .revision, .etag
+        api.update_asset("zone-1", update, if_match=zone.etag)
         for change in api.changes(after=0):       # resumes by itself
             ...
         job = api.wait_job(job_id, timeout_s=600)  # polls with backoff until it succeeded

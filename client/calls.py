@@ -46,14 +46,16 @@ during a rolling upgrade, as Kubernetes and protobuf clients do."""
 
 @dataclass(frozen=True)
 class Revisioned(Generic[T]):
-    """A resource and its revision (the `ETag` the server sent): pass `revision` as `if_match`."""
+    """A resource, its revision and its entity tag (the `ETag` the server sent, without quotes): pass `etag` as
+    `if_match` (a bare `revision` is accepted too, but unchecked against a restore of the server's store)."""
 
     value: T
     revision: int
+    tag: str = ""
 
     @property
     def etag(self) -> str:
-        return f'"{self.revision}"'
+        return f'"{self.tag or self.revision}"'
 
 
 @dataclass(frozen=True)
@@ -146,16 +148,20 @@ def _lazy(ref: str, many: bool = False) -> Callable[[httpx.Response], Any]:
 
 
 def _revisioned(cls: type[M]) -> Callable[[httpx.Response], Revisioned[M]]:
-    return lambda r: Revisioned(cls.model_validate_json(r.content, extra=ANSWER_EXTRA),  # a twin's state carries a weak one
-                                int(r.headers["etag"].removeprefix("W/").strip('"')))
+    def read(r: httpx.Response) -> Revisioned[M]:
+        tag = r.headers["etag"].removeprefix("W/").strip('"')  # a twin's state carries a weak one
+        return Revisioned(cls.model_validate_json(r.content, extra=ANSWER_EXTRA), int(tag.split("-", 1)[0]), tag)
+    return read
 
 
 def _nothing(r: httpx.Response) -> None:
     return None
 
 
-def _conditions(if_match: int | None, create_only: bool = False) -> dict[str, str]:
-    headers = {"If-Match": f'"{if_match}"'} if if_match is not None else {}
+def _conditions(if_match: int | str | None, create_only: bool = False) -> dict[str, str]:
+    """`if_match`: an ETag as the server sent it (`Revisioned.etag`), or a bare revision."""
+    tag = if_match if isinstance(if_match, str) and if_match.startswith('"') else f'"{if_match}"'
+    headers = {"If-Match": tag} if if_match is not None else {}
     return {**headers, "If-None-Match": "*"} if create_only else headers
 
 
@@ -212,7 +218,7 @@ class Endpoints(Sender):
         return self._send(Call("GET", "/v1/asset-types", _models(AssetType), params=_present(name=name),
                                idempotent=True))
 
-    def delete_asset_type(self, name: str, version: str, if_match: int | None = None) -> None:
+    def delete_asset_type(self, name: str, version: str, if_match: int | str | None = None) -> None:
         """Remove an unused type version (admin; Conflict while assets name it, while its model's lifecycle needs it or
         twins run it; `if_match`: only at that revision)."""
         return self._send(Call("DELETE", "/v1/asset-types/{name}/{version}", _nothing, headers=_conditions(if_match),
@@ -233,14 +239,14 @@ class Endpoints(Sender):
         return self._send(Call("GET", "/v1/assets", _models(Asset), idempotent=True, params=_present(
             type_name=type_name, type_version=type_version, related_to=related_to, relationship=relationship)))
 
-    def update_asset(self, asset_id: str, update: AssetUpdate, if_match: int | None = None) -> Revisioned[Asset]:
+    def update_asset(self, asset_id: str, update: AssetUpdate, if_match: int | str | None = None) -> Revisioned[Asset]:
         """Replace an asset; with `if_match` only at that revision (else PreconditionFailed, nothing changed)."""
         return self._send(Call("PUT", "/v1/assets/{asset_id}", _revisioned(Asset),
                                json=update.model_dump(mode="json"), headers=_conditions(if_match),
                                idempotent=if_match is not None, conditional=if_match is not None,
                                path_params={"asset_id": asset_id}))
 
-    def delete_asset(self, asset_id: str, if_match: int | None = None) -> None:
+    def delete_asset(self, asset_id: str, if_match: int | str | None = None) -> None:
         return self._send(Call("DELETE", "/v1/assets/{asset_id}", _nothing, headers=_conditions(if_match),
                                path_params={"asset_id": asset_id}))
 
@@ -282,7 +288,7 @@ class Endpoints(Sender):
                                path_params={"asset_id": asset_id}))
 
     # ---- schema evolution -------------------------------------------------------------------
-    def migrate_asset(self, asset_id: str, migration: MigrationRequest, if_match: int | None = None
+    def migrate_asset(self, asset_id: str, migration: MigrationRequest, if_match: int | str | None = None
                       ) -> MigrationResult:
         """Move an asset and its twin to another version of its type, mapping the state; `inverse` in
         the answer moves it back. Not resent after a network error unless `if_match` makes it safe."""

@@ -18,6 +18,7 @@ import numpy as np
 from pydantic import (
     AfterValidator,
     AwareDatetime,
+    BaseModel,
     BeforeValidator,
     Field,
     StrictInt,
@@ -465,6 +466,19 @@ def normalize_measurements(event: TelemetryEvent, asset_type: AssetType) -> dict
 START_TIME = ("with start_state 'live': the twin's state at this time (clock signals start at the state's time); "
               "with an explicit start_state: the wall-clock time of t = 0, where clock signals start (default: a "
               "Monday 00:00 UTC)")
+
+
+class StartedFrom(BaseModel):
+    """Which twin state a run from "live" started from. Why: its event time alone does not say whether the
+    twin still holds that state (late events and restores change a state without moving its time); the
+    revision and ETag compare with GET /v1/assets/{id}/state's."""
+
+    start_revision: int | None = Field(None, description=(
+        "From a twin's live state: the revision of the state the run started from (`revision` of GET "
+        "/v1/assets/{id}/state; null: an explicit start_state)"))
+    start_etag: str | None = Field(None, description=(
+        "The ETag of that state, as GET /v1/assets/{id}/state sends it: the twin still holds the state this "
+        "result is about while its ETag is this one (null: an explicit start_state)"))
 
 
 class Scenario(Contract):

@@ -28,7 +28,7 @@ from actors.state import TwinState, UnknownTwin
 from connectors.manager import stop_connector_actors
 from raytwin import metrics
 from raytwin.compat import IncompatibleReplay
-from raytwin.contracts import Asset, AssetType, RelationshipKind, TelemetryEvent
+from raytwin.contracts import Asset, AssetType, RelationshipKind, StartedFrom, TelemetryEvent
 from raytwin.graph import Direction
 from raytwin.logs import component_logging
 from raytwin.query import Expr, Record
@@ -566,9 +566,9 @@ class Backend:
 
     # ---- jobs (async: they run on the replica's event loop, which owns the queue) ---------
     async def submit_job(self, tenant: str, key_id: str, asset_id: str, model_ref: str, content_hash: str,
-                         work: Work, start_time: datetime | None = None) -> Job:
+                         work: Work, start_time: datetime | None = None, start: StartedFrom = StartedFrom()) -> Job:
         self.check_writable()
-        return self.jobs.submit(tenant, key_id, asset_id, model_ref, content_hash, work, start_time)
+        return self.jobs.submit(tenant, key_id, asset_id, model_ref, content_hash, work, start_time, start)
 
     async def submit_bulk(self, caller: Caller, request: BulkRequest, asset_ids: list[str]) -> Job:
         self.check_writable()

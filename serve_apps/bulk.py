@@ -90,7 +90,7 @@ class BulkWork:
         tenant, req = self.caller.tenant, self.request
         for attempt in range(1, CAS_ATTEMPTS + 1):
             asset, revision = self.backend.get_asset_revision(tenant, asset_id)
-            pre = Precondition(if_match=EntityTags(revisions=frozenset({revision})))
+            pre = Precondition(if_match=EntityTags(tags=frozenset({str(revision)})))  # the revision read just now
             try:
                 if req.action == "delete":
                     self.backend.delete_asset(tenant, asset_id, pre)

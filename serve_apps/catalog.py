@@ -26,7 +26,7 @@ from raytwin.compat import IncompatibleVersion, check_version, previous_version
 from raytwin.contracts import Asset, AssetType, RelationshipKind
 from raytwin.query import Record
 from raytwin.storage import canonical_json, filesystem, replace_file
-from serve_apps.conditional import Precondition
+from serve_apps.conditional import Precondition, content_tag
 from serve_apps.errors import Conflict, NotFound, Unprocessable
 
 NO_PRECONDITION = Precondition()
@@ -84,6 +84,13 @@ class Catalog:
         """The current revision of an asset (`kind` "assets", key its id) or type ("types", "name@version")."""
         return self.revisions.get((tenant, kind, key))
 
+    def check(self, pre: Precondition, tenant: str, kind: str, key: str, what: str) -> None:
+        """Evaluate `pre` against the current revision and entity tag (`content_tag`) of an asset or type."""
+        revision = self.revision(tenant, kind, key)
+        held = (self.assets if kind == "assets" else self.types).get(tenant, {}).get(key)
+        pre.check(revision, what, None if revision is None or held is None
+                  else content_tag(revision, held.model_dump(mode="json")))
+
     def max_revision(self, tenant: str) -> int:
         return max((r for (t, _, _), r in self.revisions.items() if t == tenant), default=0)
 
@@ -94,7 +101,7 @@ class Catalog:
     def check_type(self, tenant: str, asset_type: AssetType, pre: Precondition = NO_PRECONDITION) -> bool:
         """What `put_type` checks, without writing (412, 409 or 422); True if the version is new, False if
         identical content is there. Why apart: the backend registers a new version's model in between."""
-        pre.check(self.revision(tenant, "types", asset_type.key), f"asset type {asset_type.key}")
+        self.check(pre, tenant, "types", asset_type.key, f"asset type {asset_type.key}")
         existing = self.types.get(tenant, {}).get(asset_type.key)
         if existing is not None:
             if existing == asset_type:
@@ -141,7 +148,7 @@ class Catalog:
                           pre: Precondition = NO_PRECONDITION) -> AssetType:
         """The type `delete_type` would delete, or its refusal (412, 404, 409 while assets name it), changing
         nothing: the caller's own checks (`serve_apps.type_usage`) come after these."""
-        pre.check(self.revision(tenant, "types", f"{name}@{version}"), f"asset type {name}@{version}")
+        self.check(pre, tenant, "types", f"{name}@{version}", f"asset type {name}@{version}")
         t = self.get_type(tenant, name, version)
         users = [a.id for a in self.list_assets(tenant, type_name=name, type_version=version)]
         if users:
@@ -167,7 +174,7 @@ class Catalog:
         return asset_type
 
     def create_asset(self, asset: Asset, revision: int, pre: Precondition = NO_PRECONDITION) -> AssetType:
-        pre.check(self.revision(asset.tenant, "assets", asset.id), f"asset {asset.id}")
+        self.check(pre, asset.tenant, "assets", asset.id, f"asset {asset.id}")
         if asset.id in self.assets.get(asset.tenant, {}):
             raise Conflict(f"asset {asset.id} already exists")
         asset_type = self._check_refs(asset)
@@ -178,7 +185,7 @@ class Catalog:
     def check_update(self, asset: Asset, pre: Precondition = NO_PRECONDITION) -> Asset:
         """What `update_asset` checks, without writing (`pre` holds, the asset exists, its references resolve);
         the asset as it is. Why apart: a retype moves the twin between the check and the write."""
-        pre.check(self.revision(asset.tenant, "assets", asset.id), f"asset {asset.id}")
+        self.check(pre, asset.tenant, "assets", asset.id, f"asset {asset.id}")
         before = self.get_asset(asset.tenant, asset.id)
         self._check_refs(asset)
         return before
@@ -213,7 +220,7 @@ class Catalog:
         return sorted(out, key=lambda a: a.id)
 
     def delete_asset(self, tenant: str, asset_id: str, pre: Precondition = NO_PRECONDITION) -> Asset:
-        pre.check(self.revision(tenant, "assets", asset_id), f"asset {asset_id}")
+        self.check(pre, tenant, "assets", asset_id, f"asset {asset_id}")
         asset = self.get_asset(tenant, asset_id)
         referrers = [a.id for a in self.list_assets(tenant, related_to=asset_id)]
         if referrers:

@@ -1,9 +1,13 @@
 """Revisions as HTTP entity tags, and the preconditions of conditional writes (RFC 9110, section 13).
 
-Every asset, asset type and twin state has an integer revision; its ETag is the quoted decimal
-(``"17"``), a strong validator: one revision is one representation. Catalog revisions are the
-sequence numbers of the tenant's change log (`serve_apps.changes`), so they only grow, also
-across a delete and re-create, and a stale ETag never matches a newer asset of the same id.
+Every asset, asset type and twin state has an integer revision; its ETag is the revision and a
+digest of the content it names (``"17-9c1e02ab44d1"``, `content_tag`), a strong validator for the
+catalog. Catalog revisions are the sequence numbers of the tenant's change log (`serve_apps.changes`),
+so they only grow, also across a delete and re-create, and a stale ETag never matches a newer asset
+of the same id. Why the digest: a store restored from an earlier copy gives its new writes the
+revisions of writes that were lost with the restore, and a client's ETag from before it named other
+content under the same number; with the digest it no longer matches (412), and an unchanged resource
+keeps its ETag. A bare revision (``"17"``, what ETags were before) still matches, unchecked.
 
 The route only parses the headers into a `Precondition`; the backend evaluates it under the
 catalog lock, in the same step as the write (compare-and-set), so two replicas can never both
@@ -12,8 +16,9 @@ pass the check for one revision.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
-
 from typing import Any
 
 from fastapi import Depends, Header, Request, Response
@@ -21,10 +26,25 @@ from fastapi import Depends, Header, Request, Response
 from serve_apps.errors import PreconditionFailed
 
 
-def etag(revision: int, *, weak: bool = False) -> str:
-    """The entity tag of `revision`: strong (one revision is one representation), or weak for a twin's state,
-    whose revision counts applied events while a drift clear or a migration changes the body too."""
-    return f'W/"{revision}"' if weak else f'"{revision}"'
+def content_tag(revision: int, content: Any) -> str:
+    """The opaque value of an entity tag: `revision` and a digest of `content` (JSON), so that a revision number
+    reused for other content (after a restore of the store) is another tag."""
+    text = json.dumps(content, sort_keys=True, separators=(",", ":"), default=str)  # a diverged state's NaN too
+    return f"{revision}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+
+
+def etag(revision: int, *, weak: bool = False, content: Any = None) -> str:
+    """The entity tag of `revision` of `content` (None: the bare revision, for a lifecycle log): strong (one
+    revision is one representation), or weak for a twin's state, whose revision counts applied events while a
+    drift clear or a migration changes the body too."""
+    tag = str(revision) if content is None else content_tag(revision, content)
+    return f'W/"{tag}"' if weak else f'"{tag}"'
+
+
+def state_etag(view: dict[str, Any]) -> str:
+    """The weak ETag of a twin's state view (`actors.state.TwinState.view`), over its state, std and event time:
+    GET .../state sends it, and runs from the live state echo it (`raytwin.contracts.StartedFrom`)."""
+    return etag(view["revision"], weak=True, content=[view["state"], view["std"], view.get("event_time")])
 
 
 @dataclass(frozen=True)
@@ -32,7 +52,7 @@ class EntityTags:
     """A parsed `If-Match` / `If-None-Match` value: ``*`` or a list of entity tags."""
 
     any: bool = False
-    revisions: frozenset[int] = frozenset()
+    tags: frozenset[str] = frozenset()  # the opaque values, without quotes
     raw: str = ""
 
     @classmethod
@@ -49,12 +69,14 @@ class EntityTags:
             tag = tag.strip()
             if weak:
                 tag = tag.removeprefix("W/")
-            if len(tag) > 2 and tag[0] == tag[-1] == '"' and tag[1:-1].isdigit():
-                found.add(int(tag[1:-1]))
-        return cls(revisions=frozenset(found), raw=value)
+            if len(tag) > 2 and tag[0] == tag[-1] == '"' and '"' not in tag[1:-1]:
+                found.add(tag[1:-1])
+        return cls(tags=frozenset(found), raw=value)
 
-    def matches(self, current: int | None) -> bool:
-        return current is not None and (self.any or current in self.revisions)
+    def matches(self, current: int | None, tag: str | None = None) -> bool:
+        """Whether the resource at revision `current` (None: absent) with entity tag `tag` (its `content_tag`) is
+        named: by `*`, its tag, or its bare revision (unchecked: tags before content digests)."""
+        return current is not None and (self.any or str(current) in self.tags or tag in self.tags)
 
 
 @dataclass(frozen=True)
@@ -68,41 +90,42 @@ class Precondition:
     def create_only(self) -> bool:
         return self.if_none_match is not None and self.if_none_match.any
 
-    def check(self, current: int | None, what: str) -> None:
-        """Evaluate against the resource's current revision (None: it does not exist)."""
+    def check(self, current: int | None, what: str, tag: str | None = None) -> None:
+        """Evaluate against the resource's current revision (None: it does not exist) and tag (`content_tag`)."""
         if self.if_match is not None and current is None:
             raise PreconditionFailed(
                 f"{what} does not exist, so If-Match: {self.if_match.raw} (a condition on an existing one) does "
                 "not hold; nothing was changed. Check the id, or create it first (POST, or for an asset PUT with "
                 "If-None-Match: *)",
                 details=[{"header": "If-Match", "current_revision": None}])
-        if self.if_match is not None and not self.if_match.matches(current):
+        if self.if_match is not None and not self.if_match.matches(current, tag):
+            now = f'"{tag or current}"'
             raise PreconditionFailed(
-                f"{what} is at revision {current} (ETag {etag(current)}), which does not match If-Match: "
+                f"{what} is at revision {current} (ETag {now}), which does not match If-Match: "
                 f"{self.if_match.raw}; nothing was changed. Read it again (GET returns its ETag), reapply your "
-                f"change and send If-Match with that ETag, quoted as returned, e.g. If-Match: {etag(current)}",
+                f"change and send If-Match with that ETag, quoted as returned, e.g. If-Match: {now}",
                 details=[{"header": "If-Match", "current_revision": current}])
-        if self.if_none_match is not None and self.if_none_match.matches(current):
+        if self.if_none_match is not None and self.if_none_match.matches(current, tag):
             raise PreconditionFailed(
                 f"{what} already exists (revision {current}) and If-None-Match: {self.if_none_match.raw} asks to "
                 "write only if it does not; nothing was changed",
                 details=[{"header": "If-None-Match", "current_revision": current}])
 
 
-def not_modified(if_none_match: str | None, revision: int) -> Response | None:
-    """304 for a conditional read whose `If-None-Match` names the current revision (or `*`): the
+def not_modified(if_none_match: str | None, revision: int, content: Any) -> Response | None:
+    """304 for a conditional read whose `If-None-Match` names the current revision of `content` (or `*`): the
     client's copy is current, nothing is sent again. Catalog revisions only grow, so a tag never
     names an older or a deleted-and-recreated resource."""
     tags = EntityTags.parse(if_none_match, weak=True)
-    if tags is None or not (tags.any or revision in tags.revisions):
+    if tags is None or not tags.matches(revision, content_tag(revision, content)):
         return None
-    return Response(status_code=304, headers={"ETag": etag(revision)})
+    return Response(status_code=304, headers={"ETag": etag(revision, content=content)})
 
 
 async def precondition(
     request: Request,
-    if_match: str | None = Header(None, description='Write only if the resource\'s ETag is one of these (`"17"`) '
-                                  "or it exists (`*`); else 412"),
+    if_match: str | None = Header(None, description='Write only if the resource\'s ETag is one of these '
+                                  '(`"17-9c1e02ab44d1"`) or it exists (`*`); else 412'),
     if_none_match: str | None = Header(None, description="`*`: create only, 412 if the resource exists"),
 ) -> Precondition:
     """A route dependency: the request's preconditions (evaluated where the write happens). A conditional write

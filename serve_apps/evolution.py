@@ -42,7 +42,7 @@ class TypeEvolution:
             b.moves.settle(tenant, asset_id)  # a move left unrecorded first (`serve_apps.asset_moves`)
             catalog = b.catalog
             asset = catalog.get_asset(tenant, asset_id)
-            pre.check(catalog.revision(tenant, "assets", asset_id), f"asset {asset_id}")  # before the twin moves
+            catalog.check(pre, tenant, "assets", asset_id, f"asset {asset_id}")  # before the twin moves
             if request.type_version == asset.type_version:
                 raise Unprocessable(f"asset {asset_id} is already on {asset.type_name}@{asset.type_version}")
             self.require_version(tenant, [asset.type_name], request.type_version)

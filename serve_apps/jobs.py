@@ -29,9 +29,10 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 import ray
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from raytwin import metrics
+from raytwin.contracts import StartedFrom
 from raytwin.storage import filesystem, replace_file
 from serve_apps.bulk import BulkWork
 from serve_apps.config import ServeConfig
@@ -53,7 +54,7 @@ JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 JOB_STATES: tuple[str, ...] = ("queued", "running", "succeeded", "failed", "cancelled")
 
 
-class _JobFields(BaseModel):
+class _JobFields(StartedFrom):
     model_config = ConfigDict(extra="forbid")
     job_id: str
     kind: Literal["scenario", "sweep", "bulk"]
@@ -204,13 +205,14 @@ class JobQueue:
         replace_file(self.fs, f"{self._dir(job)}/job.json", job.model_dump_json(indent=2).encode())
 
     def submit(self, tenant: str, key_id: str, asset_id: str, model_ref: str, content_hash: str, work: Work,
-               start_time: datetime | None = None) -> Job:
-        """Queue a scenario or sweep (`start_time`: the clock it runs on, echoed with its results)."""
+               start_time: datetime | None = None, start: StartedFrom = StartedFrom()) -> Job:
+        """Queue a scenario or sweep (`start_time`: the clock it runs on, `start`: the live state it starts from,
+        both echoed with its results)."""
         sweep = isinstance(work, SweepSpec | FmuSweepSpec)
         job = JobRecord(job_id=uuid.uuid4().hex, kind="sweep" if sweep else "scenario", tenant=tenant,
                         key_id=key_id, asset_id=asset_id, model_ref=model_ref, content_hash=content_hash,
                         scenarios=work.space.size if sweep else 1, n_steps=work.n_steps, start_time=start_time,
-                        submitted=datetime.now(UTC))
+                        submitted=datetime.now(UTC), **start.model_dump())
         log.info("event=job_queued job_id=%s kind=%s tenant=%s scenarios=%d steps=%d", job.job_id, job.kind, tenant,
                  job.scenarios, job.n_steps)
         return self._enqueue(job, work)

@@ -1,6 +1,6 @@
 """Routes for asset types, assets (with relationship queries) and the audit log.
 
-Reads of one asset or type answer with its revision as a strong `ETag`; writes take `If-Match`
+Reads of one asset or type answer with its revision and content digest as a strong `ETag`; writes take `If-Match`
 and `If-None-Match: *` (`serve_apps.conditional`), evaluated by the backend where it writes.
 """
 
@@ -51,7 +51,7 @@ def register(app: FastAPI) -> None:
         if created:
             await svc.record(request, who, "asset_type.create", body.key, asset_type=body.model_dump(mode="json"))
         return JSONResponse(body.model_dump(mode="json"), status_code=201 if created else 200,
-                            headers={"ETag": etag(revision)})
+                            headers={"ETag": etag(revision, content=body.model_dump(mode="json"))})
 
     @app.get("/v1/asset-types", response_model=list[AssetType], tags=tags)
     async def list_asset_types(name: str | None = None, who: Principal = READER, svc: Services = SVC) -> Any:
@@ -61,9 +61,10 @@ def register(app: FastAPI) -> None:
     async def get_asset_type(name: str, version: str, response: Response, if_none_match: str | None = IF_NONE_MATCH,
                              who: Principal = READER, svc: Services = SVC) -> Any:
         asset_type, revision = await svc.backend.call("get_type", who.tenant, name, version)
-        response.headers["ETag"] = etag(revision)
+        content = asset_type.model_dump(mode="json")
+        response.headers["ETag"] = etag(revision, content=content)
         await announce(svc, response, who.tenant, type_key=(name, version))
-        return not_modified(if_none_match, revision) or asset_type
+        return not_modified(if_none_match, revision, content) or asset_type
 
     @app.delete("/v1/asset-types/{name}/{version}", status_code=204, tags=tags, responses=CONFLICT)
     async def delete_asset_type(name: str, version: str, request: Request, who: Principal = ADMIN,
@@ -87,7 +88,7 @@ def register(app: FastAPI) -> None:
             "create_asset", asset, body.initial_state, pre), svc.twins.create_timeout_s, _created(asset.id))
         await svc.record(request, who, "asset.create", asset.id, asset=asset.model_dump(mode="json"),
                          initial_state=body.initial_state)
-        response.headers["ETag"] = etag(revision)
+        response.headers["ETag"] = etag(revision, content=asset.model_dump(mode="json"))
         return asset
 
     @app.get("/v1/assets", response_model=list[Asset], tags=tags)
@@ -103,9 +104,10 @@ def register(app: FastAPI) -> None:
     async def get_asset(asset_id: str, response: Response, if_none_match: str | None = IF_NONE_MATCH,
                         who: Principal = READER, svc: Services = SVC) -> Any:
         asset, revision = await svc.backend.call("get_asset_revision", who.tenant, asset_id)
-        response.headers["ETag"] = etag(revision)
+        content = asset.model_dump(mode="json")
+        response.headers["ETag"] = etag(revision, content=content)
         await announce(svc, response, who.tenant, asset_id=asset_id)
-        return not_modified(if_none_match, revision) or asset
+        return not_modified(if_none_match, revision, content) or asset
 
     @app.get("/v1/assets/{asset_id}/relationships", response_model=Related, tags=tags)
     async def relationships(asset_id: str, who: Principal = READER, svc: Services = SVC) -> Related:
@@ -123,7 +125,7 @@ def register(app: FastAPI) -> None:
                            who: Principal = ADMIN, pre: Precondition = PRE, svc: Services = SVC) -> Any:
         """Replace an asset's type version, metadata and relationships.
 
-        `If-Match: "<revision>"` replaces it only at that revision (else 412, nothing changed): the
+        `If-Match: <its ETag>` replaces it only at that revision (else 412, nothing changed): the
         way to avoid lost updates. `If-None-Match: *` creates it instead (201; 412 if it exists). 409: a
         `type_version` other than the production version of a model under the lifecycle."""
         asset = _asset(who.tenant, asset_id, body)
@@ -137,7 +139,7 @@ def register(app: FastAPI) -> None:
                 "update_asset", asset, pre), svc.twins.create_timeout_s, IDEMPOTENT_LOST)
             svc.twins.forget(who.tenant, asset_id)
             await svc.record(request, who, "asset.update", asset_id, asset=asset.model_dump(mode="json"))
-        response.headers["ETag"] = etag(revision)
+        response.headers["ETag"] = etag(revision, content=asset.model_dump(mode="json"))
         return asset
 
     @app.delete("/v1/assets/{asset_id}", status_code=204, tags=tags, responses=CONFLICT)

@@ -102,7 +102,7 @@ def register(app: FastAPI) -> None:
                          state_before=result["state_before"], state_after=result["state_after"],
                          twin_revision=result["twin_revision"])
         response = JSONResponse(MigrationResult.model_validate(result).model_dump(mode="json"),
-                                headers={"ETag": etag(result["revision"])})
+                                headers={"ETag": etag(result["revision"], content=result["asset"])})
         await announce(svc, response, who.tenant, asset_id=asset_id)
         return response
 

@@ -112,12 +112,12 @@ async def create_recommendation(asset_id: str, body: RecommendationRequest, requ
     for how long, by how much, what to change), or, with `best_effort`, answered as one when it gets closer to the
     bands than the baseline; a twin without events is 409 `no_live_state` (give an explicit start_state)."""
     live = body.start_state == "live"
-    artifact, state, clock, warnings = await _model_and_state(svc, who, asset_id, live, body.start_time)
+    artifact, state, clock, warnings, start = await _model_and_state(svc, who, asset_id, live, body.start_time)
     fields = body.model_dump(exclude={"start_state", "start_time"})
     try:
         spec = RecommendSpec(**fields, model=artifact.ref, registry_url=svc.config.url("registry", who.tenant),
                              tenant=who.tenant, asset_id=asset_id, start_state=state if live else body.start_state,
-                             start_time=clock, start_warnings=warnings)
+                             start_time=clock, start_warnings=warnings, **start.model_dump())
     except ValidationError as exc:
         raise Unprocessable(describe_error(exc)) from None
     try:

@@ -11,12 +11,13 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from raytwin import metrics
-from raytwin.contracts import Scenario
+from raytwin.contracts import Scenario, StartedFrom
 from raytwin.provenance import code_version, package_versions
 from raytwin.registry import ModelArtifact
 from raytwin.sim import get_model
 from raytwin.storage import file_sha256, filesystem
 from serve_apps.auth import Principal
+from serve_apps.conditional import state_etag
 from serve_apps.deps import FILE_DOWNLOAD, READER, SVC, WRITABLE, WRITER, Services
 from serve_apps.downloads import file_response, file_responses
 from serve_apps.errors import CONFLICT, Conflict, NoLiveState, NotFound, PayloadTooLarge, Unprocessable
@@ -43,12 +44,13 @@ def register(app: FastAPI) -> None:
                            svc: Services = SVC) -> Any:
         """Run one what-if scenario from the twin's live (or past, or an explicit) state."""
         _bounded_work(svc, body.n_steps)
-        artifact, live, clock, warnings = await _model_and_state(svc, who, body.asset_id,
-                                                                 body.start_state == "live", body.start_time)
+        artifact, live, clock, warnings, start = await _model_and_state(svc, who, body.asset_id,
+                                                                        body.start_state == "live", body.start_time)
         prepared = prepare(body, artifact, live, clock)
         details = {"scenario": body.model_dump(mode="json"), **_provenance(artifact), **_warned(warnings)}
         if not _inline(svc, mode, prepared.n_steps):
-            return await _queue(request, who, svc, "scenario", body.asset_id, artifact, prepared, clock, details)
+            return await _queue(request, who, svc, "scenario", body.asset_id, artifact, prepared, clock, details,
+                                start)
         result = await run_in_threadpool(run, prepared)
         metrics.SCENARIO_STEPS.inc(prepared.n_steps, kind="scenario")
         await svc.record(request, who, "scenario.run", body.asset_id, **details)
@@ -59,7 +61,7 @@ def register(app: FastAPI) -> None:
             times_s=(prepared.step_s * np.arange(prepared.n_steps + 1)).tolist(),
             states={n: result.states[:, j].tolist() for j, n in enumerate(model.state_names)},
             outputs={n: result.outputs[:, j].tolist() for j, n in enumerate(model.output_names)},
-            warnings=warnings,
+            warnings=warnings, **start.model_dump(),
         )
 
     @app.post("/v1/sweeps", response_model=SweepResult, tags=tags, responses=queued)
@@ -75,8 +77,8 @@ def register(app: FastAPI) -> None:
             raise PayloadTooLarge(f"{body.space.size} scenarios exceed the limit of "
                                   f"{svc.config.max_sweep_scenarios} per sweep")
         _bounded_work(svc, body.work)
-        artifact, live, clock, warnings = await _model_and_state(svc, who, body.asset_id,
-                                                                 body.start_state == "live", body.start_time)
+        artifact, live, clock, warnings, start = await _model_and_state(svc, who, body.asset_id,
+                                                                        body.start_state == "live", body.start_time)
         registry_url = svc.config.url("registry", who.tenant)
         details = {"sweep": body.model_dump(mode="json"), **_provenance(artifact), **_warned(warnings)}
         if await run_in_threadpool(is_fmu, artifact):
@@ -84,17 +86,17 @@ def register(app: FastAPI) -> None:
                 raise Unprocessable("an FMU sweep steps the FMU on Ray workers and always runs as a job; "
                                     "use mode=async or mode=auto")
             fmu_spec = await run_in_threadpool(fmu_sweep_spec, body, who.tenant, registry_url, artifact, live)
-            return await _queue(request, who, svc, "sweep", body.asset_id, artifact, fmu_spec, clock, details)
+            return await _queue(request, who, svc, "sweep", body.asset_id, artifact, fmu_spec, clock, details, start)
         spec = await run_in_threadpool(sweep_spec, body, who.tenant, registry_url, artifact, live, clock)
         if not _inline(svc, mode, body.work):
-            return await _queue(request, who, svc, "sweep", body.asset_id, artifact, spec, clock, details)
+            return await _queue(request, who, svc, "sweep", body.asset_id, artifact, spec, clock, details, start)
         out = await sweep_to_store.remote(spec, svc.config.url("runs", who.tenant), svc.config.storage_options,
                                           who.key_id)
         await svc.record(request, who, "sweep.run", body.asset_id, run_id=out["run_id"], **details)
         rows = await run_in_threadpool(_read_rows, svc, out["result_url"], limit)
         return SweepResult(model_ref=artifact.ref, content_hash=artifact.content_hash, run_id=out["run_id"],
                            scenarios=body.space.size, n_steps=spec.n_steps, start_time=clock, rows=rows,
-                           quantiles=out["quantiles"], warnings=warnings)
+                           quantiles=out["quantiles"], warnings=warnings, **start.model_dump())
 
     @app.get("/v1/jobs", response_model=JobPage, tags=tags)
     async def list_jobs(state: Annotated[JobState | None, Query(description="only jobs in this state")] = None,
@@ -133,7 +135,7 @@ def register(app: FastAPI) -> None:
             raise job.removed() from None
         return SweepResult(model_ref=job.model_ref, content_hash=job.content_hash, run_id=job.run_id,
                            scenarios=job.scenarios, n_steps=job.n_steps, start_time=job.start_time, rows=rows,
-                           quantiles=job.quantiles)
+                           quantiles=job.quantiles, start_revision=job.start_revision, start_etag=job.start_etag)
 
     @app.get("/v1/jobs/{job_id}/files", response_model=list[ResultFile], tags=tags)
     async def job_files(job_id: str, who: Principal = READER, svc: Services = SVC) -> Any:
@@ -161,13 +163,14 @@ def register(app: FastAPI) -> None:
 
 
 class LiveStart(NamedTuple):
-    """What a run starts from: the model the twin runs, the state (None: an explicit one), its clock, and what the
-    twin's filter says of a live state (`live_warnings`)."""
+    """What a run starts from: the model the twin runs, the state (None: an explicit one), its clock, what the
+    twin's filter says of a live state (`live_warnings`), and which state it is (its revision and ETag)."""
 
     artifact: ModelArtifact
     state: dict[str, float] | None
     clock: datetime | None
     warnings: list[str]
+    start: StartedFrom
 
 
 def live_warnings(asset_id: str, twin: dict[str, Any]) -> list[str]:
@@ -202,14 +205,15 @@ async def _model_and_state(svc: Services, who: Principal, asset_id: str, live: b
                               headers={"Retry-After": str(RETRY_AFTER_S)})
     _, artifact = await svc.backend.call("model_of", who.tenant, asset_id, twin["model_ref"])
     if not live:
-        return LiveStart(artifact, None, at, [])
+        return LiveStart(artifact, None, at, [], StartedFrom())
     if not twin.get("event_time"):  # revision 0: the asset's initial_state, never estimated from telemetry
         by = f" by {at.isoformat()}" if at else " yet"
         raise NoLiveState(f"twin {asset_id} has applied no telemetry event{by}: its state is only its prior (the "
                           "asset's initial_state), not a live estimate; send its telemetry first (is its connector "
                           "up and mapped to this asset?), or give an explicit start_state",
                           details=[{"revision": twin["revision"], "event_time": None}])
-    return LiveStart(artifact, twin["state"], datetime.fromisoformat(twin["event_time"]), live_warnings(asset_id, twin))
+    return LiveStart(artifact, twin["state"], datetime.fromisoformat(twin["event_time"]), live_warnings(asset_id, twin),
+                     StartedFrom(start_revision=twin["revision"], start_etag=state_etag(twin)))
 
 
 def _warned(warnings: list[str]) -> dict[str, Any]:
@@ -242,10 +246,10 @@ JOB_LOST = ("a job may have been queued, its id lost with this answer: resending
             "compute only; a run changes no asset or twin)")
 
 
-async def _queue(request: Request, who: Principal, svc: Services, kind: str, asset_id: str,
-                 artifact: ModelArtifact, work: Any, clock: datetime | None, details: dict[str, Any]) -> JSONResponse:
+async def _queue(request: Request, who: Principal, svc: Services, kind: str, asset_id: str, artifact: ModelArtifact,
+                 work: Any, clock: datetime | None, details: dict[str, Any], start: StartedFrom) -> JSONResponse:
     job: Job = await svc.backend.call("submit_job", who.tenant, who.key_id, asset_id, artifact.ref,
-                                      artifact.content_hash, work, clock, lost=JOB_LOST)
+                                      artifact.content_hash, work, clock, start, lost=JOB_LOST)
     await svc.record(request, who, f"{kind}.submit", asset_id, job_id=job.job_id, **details)
     accepted = JobAccepted(job_id=job.job_id, state=job.state, status_url=f"/v1/jobs/{job.job_id}",
                            results_url=f"/v1/jobs/{job.job_id}/results")

@@ -20,7 +20,7 @@ from raytwin.contracts import (
     normalize_measurements,
 )
 from serve_apps.auth import Principal
-from serve_apps.conditional import etag, unconditional
+from serve_apps.conditional import state_etag, unconditional
 from serve_apps.deps import READER, SVC, WRITER, Services
 from serve_apps.errors import PayloadTooLarge, Unprocessable
 from serve_apps.resend import resend_safe
@@ -79,7 +79,7 @@ def register(app: FastAPI) -> None:
         """The twin's state: mean, std, covariance, revision (also the weak `ETag`), last event time and divergence
         indicators."""
         found = await svc.twins.state(who.tenant, asset_id, at)
-        response.headers["ETag"] = etag(found["revision"], weak=True)
+        response.headers["ETag"] = state_etag(found)
         if found["stale"]:  # the shard is restarting: the last durable state (see serve_apps/twin_reads.py)
             response.headers["RayTwin-Stale"] = "true"
         return found
@@ -89,7 +89,7 @@ def register(app: FastAPI) -> None:
                          svc: Services = SVC) -> Divergence:
         """Model/data divergence: normalised innovation (NIS) statistics, residuals and the drift flag."""
         found = await svc.twins.state(who.tenant, asset_id)
-        response.headers["ETag"] = etag(found["revision"], weak=True)
+        response.headers["ETag"] = state_etag(found)
         if found["stale"]:  # the shard is restarting or hung: its last durable state's indicators
             response.headers["RayTwin-Stale"] = "true"
         return Divergence(asset_id=asset_id, revision=found["revision"], event_time=found["event_time"],
@@ -106,7 +106,7 @@ def register(app: FastAPI) -> None:
         svc.twins.forget(who.tenant, asset_id)
         await svc.record(request, who, "twin.drift_clear", asset_id, reason=body.reason,
                          revision=found["revision"])
-        response.headers["ETag"] = etag(found["revision"], weak=True)
+        response.headers["ETag"] = state_etag(found)
         return Divergence(asset_id=asset_id, revision=found["revision"], event_time=found["event_time"],
                           **found["divergence"])
 

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from actors.state import DivergenceReport
-from raytwin.contracts import Finite, Identifier, Relationship, RelationshipKind, SemVer
+from raytwin.contracts import Finite, Identifier, Relationship, RelationshipKind, SemVer, StartedFrom
 
 
 MAX_METADATA_KEYS = 100
@@ -99,7 +99,7 @@ LIVE_WARNINGS = ("From a live state: what the twin's filter said of it when the 
                  "suspect. Empty: nothing to say.")
 
 
-class ScenarioRun(BaseModel):
+class ScenarioRun(StartedFrom):
     model_ref: str
     content_hash: str
     n_steps: int
@@ -112,7 +112,7 @@ class ScenarioRun(BaseModel):
     warnings: list[str] = Field(default_factory=list, description=LIVE_WARNINGS)
 
 
-class SweepResult(BaseModel):
+class SweepResult(StartedFrom):
     model_ref: str
     content_hash: str
     run_id: str | None = Field(description="sweeps: the run record, reproducible with `raytwin rerun RUN_ID`")

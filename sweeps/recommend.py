@@ -53,7 +53,7 @@ import numpy as np
 import optax
 from pydantic import Field, model_validator
 
-from raytwin.contracts import Contract, Finite, Identifier, whole_steps
+from raytwin.contracts import Contract, Finite, Identifier, StartedFrom, whole_steps
 from raytwin.scenario_metrics import Metric
 from raytwin.signals import Schedule
 from raytwin.sim import rollout
@@ -191,7 +191,7 @@ class Ensemble(Contract):
         return self
 
 
-class RecommendSpec(ModelStart):
+class RecommendSpec(ModelStart, StartedFrom):
     """One recommendation: model and start state (e.g. `sweeps.twins.start_from_twin`), horizon,
     the control, the objective (a kit metric, minimised), bounds, the search and the ensemble."""
 
@@ -343,7 +343,7 @@ class Violation(Contract):
         return worse, better
 
 
-class Recommendation(Contract):
+class Recommendation(Contract, StartedFrom):
     """The answer: the action, the expected change of the objective and its band, the bounds."""
 
     run_id: str | None = None
@@ -636,6 +636,7 @@ def recommend(spec: RecommendSpec, out_url: str | None = None, *, runs: str | No
         _check_chance(spec, planned, within)
     answer = Recommendation(
         status=status, violations=violations, start_time=spec.start_time, warnings=spec.start_warnings,
+        start_revision=spec.start_revision, start_etag=spec.start_etag,
         method=spec.method, model_ref=resolve_model(spec.model, spec.registry_url).ref, tenant=spec.tenant, asset_id=spec.asset_id,
         start_state=bases.state, horizon_s=spec.horizon_s, step_s=spec.step_s,
         action=ActionSchedule(input=spec.control.input, unit=unit, block_s=spec.control.block_s,

@@ -278,7 +278,7 @@ def test_a_migration_renames_converts_is_audited_and_reverses_exactly(api, rooms
     moved = r.json()
     assert moved["state_before"] == before["state"] and moved["twin_revision"] == before["revision"] == 5
     assert moved["state_after"]["T_air"] == pytest.approx(before["state"]["T"] - 273.15, abs=1e-9)
-    assert r.headers["etag"] == f'"{moved["revision"]}"' and moved["asset"]["type_version"] == "2.0.0"
+    assert r.headers["etag"].startswith(f'"{moved["revision"]}-') and moved["asset"]["type_version"] == "2.0.0"
     now = client.get("/v1/assets/room-1/state", headers=auth["reader"]).json()
     assert now["state"] == moved["state_after"] and now["model_ref"] == "room@2.0.0"
     assert now["std"]["T_air"] == pytest.approx(before["std"]["T"])
@@ -733,7 +733,7 @@ def test_a_twin_moved_before_a_catalog_write_that_did_not_follow_is_recorded_by_
     head = backend.changes.head("globex")
 
     got = client.get("/v1/assets/hall-1", headers=admin)  # the running backend records it on the next read
-    assert got.json()["type_version"] == "1.1.0" and got.headers["etag"] == f'"{head + 1}"'
+    assert got.json()["type_version"] == "1.1.0" and got.headers["etag"].startswith(f'"{head + 1}-')
     assert client.get("/v1/assets/hall-4", headers=admin).json()["type_version"] == "1.1.0"
     assert backend.changes.head("globex") == head + 2
 

@@ -430,14 +430,17 @@ def test_sweeps_from_live_state_sync_and_async(api, http, building):
     live = http.get(f"/v1/assets/{building}/state", headers=auth(api, "reader")).json()["state"]
     record = next(Path(api[2]).glob(f"store/runs/acme/{result['run_id']}/run.json"))
     assert json.loads(record.read_text())["spec"]["start_state"] == pytest.approx(live)
-    event_time = http.get(f"/v1/assets/{building}/state", headers=auth(api, "reader")).json()["event_time"]
+    state_now = http.get(f"/v1/assets/{building}/state", headers=auth(api, "reader"))
+    event_time, started_from = state_now.json()["event_time"], (state_now.json()["revision"], state_now.headers["etag"])
     recorded = json.loads(record.read_text())["spec"]["start_time"]  # the kit's daily signals start there
     assert datetime.fromisoformat(recorded) == datetime.fromisoformat(event_time)
     assert datetime.fromisoformat(result["start_time"]) == datetime.fromisoformat(event_time)  # and it says so
+    assert (result["start_revision"], result["start_etag"]) == started_from  # which state: compare with its ETag
     at = datetime(2026, 12, 3, 13, 0, 7, tzinfo=UTC)
     explicit = {**_sweep(building, grid), "start_state": {"T_in": 294.0, "T_m": 291.0}, "start_time": at.isoformat()}
     r = http.post("/v1/sweeps", params={"mode": "sync"}, json=explicit, headers=writer)
     assert r.status_code == 200 and datetime.fromisoformat(r.json()["start_time"]) == at, r.text
+    assert r.json()["start_revision"] is None and r.json()["start_etag"] is None  # no twin state
     # site-1 never had an event: its prior ran as the live state, stamped with the server's clock now
     never = assert_error(http.post("/v1/sweeps", params={"mode": "sync"}, json=_sweep("site-1", grid), headers=writer),
                          409, "no_live_state")
@@ -452,8 +455,11 @@ def test_sweeps_from_live_state_sync_and_async(api, http, building):
     job = wait_for(http, r.json()["job_id"], writer)
     assert job["state"] == "succeeded" and job["kind"] == "sweep" and job["run_id"], job
     assert datetime.fromisoformat(job["start_time"]) == datetime.fromisoformat(event_time)
-    with RayTwinClient(api[0], api[1]["writer"]) as sdk:  # the SDK's answer carries the clock too
-        assert sdk.job_results(job["job_id"], limit=0).start_time == datetime.fromisoformat(event_time)
+    assert (job["start_revision"], job["start_etag"]) == started_from
+    with RayTwinClient(api[0], api[1]["writer"]) as sdk:  # the SDK's answer carries the clock and the state too
+        answered = sdk.job_results(job["job_id"], limit=0)
+        assert answered.start_time == datetime.fromisoformat(event_time)
+        assert (answered.start_revision, answered.start_etag) == started_from
     table = download(http, job["job_id"], writer)
     assert table.num_rows == 40 and sorted(table.column("scenario").to_pylist()) == list(range(40))
     assert {"input.T_out_mean", "param.C_in", "T_in_min"} <= set(table.column_names)
@@ -878,13 +884,14 @@ def test_reads_carry_revisions_as_etags_and_conditional_writes_compare_and_set(a
     body = {"id": "pump-1", "type_name": "thermal_rc", "type_version": THERMAL_TYPE["version"],
             "initial_state": {"T_in": 293.0, "T_m": 292.0}}
     r = http.post("/v1/assets", json=body, headers=admin)
-    assert r.status_code == 201 and re.fullmatch(r'"\d+"', r.headers["etag"])
+    assert r.status_code == 201 and re.fullmatch(r'"\d+-[0-9a-f]{12}"', r.headers["etag"])
     assert http.get("/v1/assets/pump-1", headers=admin).headers["etag"] == r.headers["etag"]
     assert_error(http.post("/v1/assets", json=body, headers={**admin, "If-None-Match": "*"}),
                  412, "precondition_failed")
     assert_error(http.post("/v1/assets", json=body, headers=admin), 409, "conflict")  # unconditional: as before
     state = http.get("/v1/assets/pump-1/state", headers=admin)
-    assert state.headers["etag"] == f'W/"{state.json()["revision"]}"'  # weak: a drift clear changes the body too
+    assert re.fullmatch(rf'W/"{state.json()["revision"]}-[0-9a-f]{{12}}"', state.headers["etag"])  # weak: a drift
+    # clear changes the body too
     same = http.get("/v1/assets/pump-1", headers={**admin, "If-None-Match": r.headers["etag"]})
     assert same.status_code == 304 and same.content == b"" and same.headers["etag"] == r.headers["etag"]
     weakened = http.get("/v1/assets/pump-1", headers={**admin, "If-None-Match": "W/" + r.headers["etag"]})
@@ -908,7 +915,7 @@ def test_reads_carry_revisions_as_etags_and_conditional_writes_compare_and_set(a
         assert sorted(a.status_code for a in answers) == [200, 412], [a.text for a in answers]
         won, lost = sorted(answers, key=lambda a: a.status_code)
         error = assert_error(lost, 412, "precondition_failed")
-        assert error["details"][0]["current_revision"] == int(won.headers["etag"].strip('"'))
+        assert error["details"][0]["current_revision"] == int(won.headers["etag"].strip('"').split("-")[0])
         now = http.get(url, headers={**admin, "If-None-Match": tag})  # the old tag is stale: a full answer
         assert now.status_code == 200 and now.headers["etag"] == won.headers["etag"] != tag
         assert now.json()["metadata"] == won.json()["metadata"]
@@ -927,7 +934,7 @@ def test_reads_carry_revisions_as_etags_and_conditional_writes_compare_and_set(a
     assert_error(http.delete(url, headers={**admin, "If-Match": "W/" + current}), 412, "precondition_failed")  # strong
     assert http.delete(url, headers={**admin, "If-Match": current}).status_code == 204
     recreated = http.post("/v1/assets", json=body, headers=admin)  # revisions only grow: an old ETag never matches
-    assert int(recreated.headers["etag"].strip('"')) > int(made.headers["etag"].strip('"'))
+    assert int(recreated.headers["etag"].strip('"').split("-")[0]) > int(made.headers["etag"].strip('"').split("-")[0])
 
 
 def test_telemetry_refuses_a_precondition_instead_of_ignoring_it(api, http, building):
@@ -1023,7 +1030,7 @@ def test_change_stream_is_complete_filterable_and_resumable_across_a_replica_res
                                                 "asset.updated", "twin.state", "twin.drift", "job.succeeded"]
     assert [e["data"]["seq"] for e in everything] == list(range(1, 9))
     f1 = http.get("/v1/assets/f-1", headers=reader)
-    assert f1.headers["etag"] == f'"{everything[1]["data"]["revision"]}"'  # asset revision = its change's id
+    assert f1.headers["etag"].startswith(f'"{everything[1]["data"]["revision"]}-')  # asset revision = its change's
     state = http.get("/v1/assets/f-1/state", headers=reader).json()
     assert everything[3]["data"]["revision"] == 3 and everything[5]["data"]["revision"] == state["revision"] == 33
     assert everything[5]["data"]["data"]["state"] == state["state"]
@@ -1061,7 +1068,7 @@ def test_clearing_a_drift_alarm_is_audited_streamed_and_tenant_isolated(api, htt
     assert_error(http.post(path, json={"reason": "x"}, headers=auth(api, "other")), 404, "not_found")
     assert_error(http.post(path, json={}, headers=admin), 422, "invalid_request")
     r = http.post(path, json={"reason": "sensor re-seated"}, headers=admin)
-    assert r.status_code == 200 and r.headers["etag"] == 'W/"34"'
+    assert r.status_code == 200 and r.headers["etag"].startswith('W/"34-')
     assert (r.json()["drift"], r.json()["drift_score"], r.json()["revision"]) == (False, 0.0, 34)
     assert http.get("/v1/assets/f-1/divergence", headers=admin).json()["drift"] is False
     (change,) = read_changes(api[0], admin, 1, after=9)
@@ -1083,9 +1090,9 @@ def test_the_python_client_against_the_server(api, http):
                                                initial_state={"T_in": 293.0, "T_m": 292.0}))
         assert created.revision > published.revision and sdk.get_asset("s-1") == created
         update = AssetUpdate(type_name=thermal.name, type_version=thermal.version, metadata={"site": "north"})
-        moved = sdk.update_asset("s-1", update, if_match=created.revision)
+        moved = sdk.update_asset("s-1", update, if_match=created.etag)
         with pytest.raises(PreconditionFailed) as stale:
-            sdk.update_asset("s-1", update, if_match=created.revision)
+            sdk.update_asset("s-1", update, if_match=created.etag)
         assert stale.value.status == 412 and stale.value.current_revision == moved.revision
         with pytest.raises(NotFound) as missing:
             sdk.get_asset("s-9")

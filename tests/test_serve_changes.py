@@ -23,7 +23,7 @@ from serve_apps.backend import _asset_change
 from serve_apps.catalog import Catalog
 from serve_apps.change_stream import ChangeFilter, HeadWatcher, resume_point, sse_changes
 from serve_apps.changes import ChangeLog, event_id
-from serve_apps.conditional import EntityTags, Precondition
+from serve_apps.conditional import EntityTags, Precondition, etag, state_etag
 from serve_apps.errors import ApiError, Gone, PreconditionFailed, Unprocessable
 from serve_apps.stream_auth import STREAM_AUTH_RECHECK_S, StreamCredential
 
@@ -245,6 +245,35 @@ def test_catalog_revisions_compare_and_set_and_survive_a_reload(tmp_path):
         reloaded.delete_asset("acme", "zone", stale)
     reloaded.delete_asset("acme", "zone", Precondition(if_match=EntityTags.parse('"3"')))
     assert reloaded.revision("acme", "assets", "zone") is None
+
+
+def test_an_etag_read_before_a_restore_of_the_store_never_matches_other_content_under_its_revision(tmp_path):
+    """The store is copied with asset zone at revision 2; the service writes revision 3 (a client reads its ETag),
+    then the copy is restored and another write gets revision 3 again. Before, both ETags were "3", so the
+    client's If-Match succeeded against content it never saw; now the ETag names the content too: 412, while the
+    ETag of what the restored store holds matches. Twin states alike: one revision, other states, other ETags."""
+    import shutil
+
+    thermal = AssetType.from_model(THERMAL_RC)
+    zone = Asset(id="zone", tenant="acme", type_name=thermal.name, type_version=thermal.version)
+    live = Catalog(str(tmp_path / "store"))
+    live.put_type("acme", thermal, 1)
+    live.create_asset(zone, 2)
+    shutil.copytree(tmp_path / "store", tmp_path / "copy")
+    lost = zone.model_copy(update={"metadata": {"floor": "3"}})
+    live.update_asset(lost, 3)
+    seen = etag(3, content=lost.model_dump(mode="json"))  # what GET /v1/assets/zone answered
+    restored = Catalog(str(tmp_path / "copy"))
+    other = zone.model_copy(update={"metadata": {"floor": "4"}})
+    restored.update_asset(other, 3)
+    with pytest.raises(PreconditionFailed, match="does not match If-Match") as refused:
+        restored.update_asset(zone, 4, Precondition(if_match=EntityTags.parse(seen)))
+    assert refused.value.details == [{"header": "If-Match", "current_revision": 3}]
+    assert restored.get_asset("acme", "zone") == other
+    restored.update_asset(zone, 4, Precondition(if_match=EntityTags.parse(etag(3, content=other.model_dump(
+        mode="json")))))
+    view = {"revision": 5, "state": {"T_in": 293.0}, "std": {"T_in": 0.1}, "event_time": "2026-01-05T12:00:00Z"}
+    assert state_etag(view) == state_etag(dict(view)) != state_etag({**view, "state": {"T_in": 294.0}})
 
 
 def test_retention_deletes_old_directories_and_a_stream_never_skips_what_it_deleted(tmp_path, monkeypatch):

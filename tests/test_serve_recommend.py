@@ -18,6 +18,7 @@ from actors import UnknownTwin
 from raytwin.contracts import AssetType
 from raytwin.registry import ModelRegistry
 from raytwin.sim import TWO_TANK
+from serve_apps.conditional import state_etag
 from serve_apps.errors import NotFound
 from tests.fixtures_connectors import tank_twins, wait_for
 from tests.fixtures_serve import NODE_BROKERS, InProcessHandle
@@ -106,6 +107,7 @@ def test_a_recommendation_from_the_live_state_is_read_back_by_its_tenant_only(ap
     live = asyncio.run(svc.twins.state("acme", "pump-1"))
     assert answer["start_state"] == pytest.approx(live["state"])  # the twin's live state, and its time
     assert live["revision"] == 1 and datetime.fromisoformat(answer["start_time"]) == T0
+    assert (answer["start_revision"], answer["start_etag"]) == (1, state_etag(live))  # as GET .../state tags it
     assert answer["status"] == "feasible" and answer["violations"] == []
     assert answer["run_id"].startswith("recommendation-") and len(answer["action"]["values"]) == 6
     assert all(0.0 <= v <= 2.0e-4 for v in answer["action"]["values"])
