@@ -166,7 +166,8 @@ async def sse_changes(backend: BackendClient, store: ChangeStore, watcher: HeadW
 
 
 async def _changes(backend: BackendClient, store: ChangeStore, watcher: HeadWatcher, tenant: str, after: int,
-                   after_id: str, first: ChangePage, flt: ChangeFilter, page: int, idle_s: float) -> AsyncIterator[str | None]:
+                   after_id: str, first: ChangePage, flt: ChangeFilter, page: int,
+                   idle_s: float) -> AsyncIterator[str | None]:
     """The frames of `sse_changes`, and None after each `idle_s` in which the log did not move.
 
     Behind the backend's memory window, a stream that has not caught up yet reads the store here
