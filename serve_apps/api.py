@@ -37,7 +37,8 @@ from serve_apps.errors import ERROR_RESPONSES, ApiError, Forbidden, Unauthorized
 from serve_apps.json_route import JsonRoute
 from serve_apps.limits import BodyLimitMiddleware
 from serve_apps.request_log import log_answer
-from serve_apps.schemas import Health
+from serve_apps.schemas import Health, StoreFence
+from serve_apps.store_errors import StoreUnavailable
 
 API_VERSION = "1.0.0"
 CLIENT_CLOSED = 499
@@ -128,7 +129,10 @@ def _ops_routes(app: FastAPI) -> None:
         tenant's activity to anyone. Twins are counted by their shards: one that leaves the count unanswered past `shard_read_timeout_s` makes the
         status `degraded`, without `live_twins` (still 200: the service is alive). A service whose store another
         service took over (every write refused, 503 `store_fenced`) is `fenced` without asking the shards; with a
-        key, `fenced` says why and which service holds the store now (not to anonymous callers: it names hosts)."""
+        key, `fenced` says why and which service holds the store now (not to anonymous callers: it names hosts). A
+        store that fails or does not answer a read of its lease within `readiness_timeout_s` (a full disk, an S3
+        outage) makes it `degraded` with `reason` (still 200: a restart fixes no store, and a liveness probe must
+        not restart every pod during an S3 brownout)."""
         key = parse_credentials(authorization, x_api_key)  # a credential that holds no key: 401, as on every route
         try:
             who = svc.keys.authenticate(key) if key else None
@@ -137,12 +141,13 @@ def _ops_routes(app: FastAPI) -> None:
         if key and who is None:  # a monitor holding a revoked or mistyped key must learn it, not read "ok"
             raise Unauthorized("unknown API key (leave it out for liveness alone)", headers=BEARER_CHALLENGE)
         jobs = await svc.backend.call("job_stats", who.tenant if who else None)
-        fenced = await svc.backend.call("store_fence")
+        fenced, store_down = await _store_fence(svc)
         if who is None:  # the store's URL and its holder's host are for the service's users only
-            return Health(status="fenced" if fenced else "ok")
+            return Health(status="fenced" if fenced else "degraded" if store_down else "ok", reason=store_down)
         count = None if fenced else await svc.backend.call("live_twins", who.tenant, svc.config.shard_read_timeout_s)
-        status = "fenced" if fenced else "ok" if count is not None else "degraded"
-        return Health(status=status, tenant=who.tenant, live_twins=count, jobs=jobs["states"], fenced=fenced)
+        status = "fenced" if fenced else "ok" if count is not None and not store_down else "degraded"
+        return Health(status=status, tenant=who.tenant, live_twins=count, jobs=jobs["states"], fenced=fenced,
+                      reason=store_down)
 
     @app.get("/v1/health/ready", response_model=Health, tags=["operations"], response_model_exclude_none=True,
              responses={503: {"model": Health, "description": "Not ready: `fenced` or `unavailable`"}})
@@ -151,18 +156,29 @@ def _ops_routes(app: FastAPI) -> None:
         anonymous health, only a status (HEAD too). 200 `ok` while the service holds its store and a twin shard answers
         within `readiness_timeout_s` (0.5 s: a probe's own timeout is often 1 s); 503 `fenced` once another service took its store over (every write would fail with
         `store_fenced`) or `unavailable` when no shard answers (every one down, restarting, stopped, or stuck in one
-        call over `readiness_stuck_s`, 120 s). A shard answers beside its work: one busy with a backlog is ready.
+        call over `readiness_stuck_s`, 120 s), or when the store fails or does not answer a read of its lease within
+        `readiness_timeout_s` (`reason` says why: a full disk, an S3 endpoint down or hung). A shard answers beside its work: one busy with a backlog is ready.
         `/v1/health` stays the liveness check: a fenced or shardless service is alive, and restarting it fixes
         neither."""
-        if await svc.backend.call("store_fence"):
+        fenced, store_down = await _store_fence(svc)
+        if fenced:
             status = "fenced"
-        elif not await svc.backend.call("shards_answering", svc.config.readiness_timeout_s,
-                                        svc.config.readiness_stuck_s):
+        elif store_down or not await svc.backend.call("shards_answering", svc.config.readiness_timeout_s,
+                                                      svc.config.readiness_stuck_s):
             status = "unavailable"
         else:
             return Health(status="ok")
         response.status_code = 503
-        return Health(status=status)
+        return Health(status=status, reason=store_down)
 
     for path, probe in (("/v1/health", health), ("/v1/health/ready", ready)):  # load balancers and probes send HEAD
         app.add_api_route(path, probe, methods=["HEAD"], include_in_schema=False)
+
+
+async def _store_fence(svc: Services) -> tuple[StoreFence | None, str | None]:
+    """(why the service lost its store, why the store does not answer): the lease read waits at most
+    `readiness_timeout_s`, so a hung or refusing store never hangs nor fails a probe."""
+    try:
+        return await svc.backend.call("store_fence", svc.config.readiness_timeout_s), None
+    except StoreUnavailable as exc:
+        return None, exc.message

@@ -35,7 +35,7 @@ from raytwin.query import Expr, Record
 from raytwin.lifecycle import LifecycleError, ModelLifecycle
 from raytwin.registry import ModelArtifact, ModelRegistry, RegistryError
 from raytwin.sim.cpu import cpu_only
-from raytwin.statestore import Lease, StateStore, StoreFenced
+from raytwin.statestore import Lease, StoreFenced
 from serve_apps import asset_queries
 from serve_apps.admission import BacklogGate
 from serve_apps.asset_moves import AssetMoves
@@ -55,6 +55,7 @@ from serve_apps.query_schemas import AssetGraph, BulkRequest
 from serve_apps.recalibration import TenantState
 from serve_apps.recalibration_jobs import RecalibrationJobs
 from serve_apps.schemas import StoreFence
+from serve_apps.store_probe import BoundedRead
 from serve_apps.type_models import register_published
 from serve_apps.type_usage import refuse_held_type, twins_running
 from serve_apps.unawaited import outlived
@@ -62,6 +63,8 @@ from serve_apps.unawaited import outlived
 log = logging.getLogger("raytwin.serve.backend")
 FENCE_CHECK_S = 1.0
 """How long a read of the store's lease answers `Backend.check_writable` (one small file read per second at most)."""
+FENCE_READ_S = 5.0
+"""The longest a write waits for the store's lease before it is refused (503 `store_unavailable`): a hung S3."""
 FENCE_WATCH_S = 5.0
 """How often the backend reads the lease to stop its connectors once another cluster's service holds the store."""
 
@@ -71,10 +74,10 @@ def holds(now: Lease | None, mine: Lease) -> bool:
     return now is not None and not now.released and now.fence == mine.fence
 
 
-def lost_lease(store: StateStore, mine: Lease) -> StoreFence | None:
-    """Why `mine` no longer holds `store` (None while it does): one small file read and no shard call, so
-    that health reports a fenced service at once, where each of its writes fails (503 `store_fenced`)."""
-    now = store.read_lease()
+def fence_of(now: Lease | None, mine: Lease) -> StoreFence | None:
+    """Why `mine` no longer holds the store whose lease reads `now` (None while it does): one small file read
+    and no shard call, so that health reports a fenced service at once, where each of its writes fails (503
+    `store_fenced`)."""
     if holds(now, mine):
         return None
     if now is None or now.released:
@@ -123,6 +126,7 @@ class Backend:
         self._publish = threading.Lock()
         self._fence: StoreFence | None = None
         self._fence_checked = -math.inf  # when the lease was last read (`check_writable`)
+        self._lease_reads = BoundedRead(self.twins.store.read_lease, "the store's lease")  # probes: a deadline
         threading.Thread(target=self._watch_fence, name="fence-watch", daemon=True).start()
         self._twin_marks: dict[tuple[str, str], tuple[int, bool]] = {}  # last published (revision, drift)
         self._registries: dict[str, ModelRegistry] = {}
@@ -506,9 +510,10 @@ class Backend:
         (`TwinService.shards_answering`; a thread waits, never the replica's event loop)."""
         return await asyncio.to_thread(self.twins.shards_answering, timeout_s, stuck_s)
 
-    def store_fence(self) -> StoreFence | None:
-        """Why this service no longer holds its store (None while it does): see `lost_lease`."""
-        return lost_lease(self.twins.store, self.twins.lease)
+    def store_fence(self, timeout_s: float = FENCE_READ_S) -> StoreFence | None:
+        """Why this service no longer holds its store (None while it does): see `fence_of`. The lease read waits
+        at most `timeout_s` (`StoreUnavailable` then, or on a store failure): a probe must answer in time."""
+        return fence_of(self._lease_reads(timeout_s), self.twins.lease)
 
     def _watch_fence(self) -> None:
         """Every `FENCE_WATCH_S` (a daemon thread): export whether the service is fenced (`metrics.STORE_FENCED`,

@@ -190,6 +190,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
               "`twin_unavailable`: the twin's shard leaves calls unanswered (telemetry refused after its deadline may "
               "still be applied: resend it after `Retry-After`, events are idempotent); `backend_unavailable`: the "
               "backend replica handling the request died (the message says whether resending is safe); or "
+              "`store_unavailable`: the store failed (a full disk, a read-only directory, an S3 endpoint "
+              "refusing or not answering): resend after `Retry-After` as the message advises; or "
               "`unavailable`: the "
               "server cannot check keys (its keys file is invalid) until its operator fixes it"),
     )
@@ -261,6 +263,13 @@ def install_error_handlers(app: FastAPI) -> None:
             return error_response(request, 503, "store_fenced", f"this service no longer holds its store "
                                   f"({scrub_locations(str(err))}); its operator must restart it (`raytwin serve` on "
                                   "the store) before it can write")
+        from serve_apps.store_errors import store_failure  # (it builds on this module's ApiError)
+
+        store = store_failure(err)
+        if store is not None:  # a full disk, an S3 outage: the operator's to fix, the client's to resend
+            log.error("event=store_unavailable request_id=%s path=%s error=%s: %s",
+                      getattr(request.state, "request_id", None), request.url.path, type(err).__name__, err)
+            return error_response(request, store.status, store.code, store.message_for(request), headers=store.headers)
         log.exception("event=unhandled_error request_id=%s path=%s", getattr(request.state, "request_id", None),
                       request.url.path, exc_info=err)
         return error_response(request, 500, "internal", "internal error; quote the request_id when reporting it")

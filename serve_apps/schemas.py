@@ -186,12 +186,15 @@ class StoreFence(BaseModel):
 
 class Health(BaseModel):
     """Liveness; with a valid key also the caller's tenant's counts (never other tenants'). `status`: `ok`,
-    `degraded` (a shard left the twin count unanswered) or `fenced` (this service lost its store: `fenced` says
-    to whom); readiness (`/v1/health/ready`) also answers `unavailable` (no twin shard answers, or every one is
-    stuck in a call)."""
+    `degraded` (a shard left the twin count unanswered, or the store failed: `reason`) or `fenced` (this service lost its store: `fenced` says
+    to whom); readiness (`/v1/health/ready`) also answers `unavailable` (no twin shard answers, every one is
+    stuck in a call, or the store fails: `reason`)."""
 
     status: str
     tenant: str | None = None
     live_twins: int | None = None
     jobs: dict[str, int] | None = None
     fenced: StoreFence | None = None
+    reason: str | None = Field(None, description="Why the store makes the service `degraded` (liveness) or "
+                               "`unavailable` (readiness): it failed or did not answer a read of its lease within "
+                               "`readiness_timeout_s`; the error's class and what to check (no store location)")

@@ -388,18 +388,68 @@ def test_a_store_taken_by_another_service_answers_503_naming_it_not_an_internal_
     assert "leased to service b (epoch 3)" in answer.json()["error"]["message"] and "restart it" in answer.text
 
 
+@pytest.mark.parametrize("failure, said", [
+    (OSError(28, "No space left on device", "/srv/raytwin/twins/log/seg-1.arrows"), "disk is full"),
+    (OSError(30, "Read-only file system"), "remount it read-write"),
+    (PermissionError(13, "Permission denied"), "owner and permissions"),
+    (ConnectionRefusedError(111, "Connection refused"), "is up and reachable"),
+    ("botocore", "is up and reachable"),
+])
+def test_a_failing_store_answers_503_store_unavailable_with_retry_after_not_500(failure, said):
+    """A full disk or an S3 outage answered every telemetry batch 500 `internal` without `Retry-After`: producers
+    read a bug in their request, and nothing named the store."""
+    from botocore.exceptions import EndpointConnectionError
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from serve_apps.errors import install_error_handlers
+
+    failure = EndpointConnectionError(endpoint_url="http://s3.ops:9000/b/twins/lease.json") \
+        if failure == "botocore" else failure
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.post("/v1/assets/a/telemetry")
+    async def write() -> None:
+        raise failure
+
+    @app.get("/missing")
+    async def missing() -> None:
+        raise FileNotFoundError("/srv/raytwin/twins/snap.parquet")  # the store answered: a bug's 500, not an outage
+
+    @app.get("/ray-timeout")
+    async def ray_timeout() -> None:
+        from ray.exceptions import GetTimeoutError
+
+        raise GetTimeoutError("ray.get timed out")  # a TimeoutError, but Ray's, not the store's
+
+    http = TestClient(app, raise_server_exceptions=False)
+    answer = http.post("/v1/assets/a/telemetry")
+    assert answer.status_code == 503 and answer.headers["Retry-After"] == "5", answer.text
+    error = answer.json()["error"]
+    assert error["code"] == "store_unavailable" and type(failure).__name__ in error["message"] and said in error["message"]
+    assert "/srv/raytwin" not in answer.text and "s3.ops" not in answer.text  # the store's location is the operator's
+    assert http.get("/missing").status_code == http.get("/ray-timeout").status_code == 500
+
+
 class HealthBackend:
     """The backend calls of the health route, over a real store lease: the shards must not be asked once fenced;
     and the real gate of its writes (`Backend.check_writable`) in front of a connector operation."""
 
     def __init__(self, store, lease):
-        from serve_apps.backend import lost_lease
+        from serve_apps.store_probe import BoundedRead
 
-        self.store_fence = lambda: lost_lease(store, lease)
+        self.twins = SimpleNamespace(store=store, lease=lease)
+        self._lease_reads = BoundedRead(store.read_lease, "the store's lease")
         self._fence, self._fence_checked, self.proposed = None, -math.inf, []
         self.answering = 2  # twin shards that answer (`Backend.shards_answering`)
         self.waited_s: list[tuple[float, float]] = []  # how long readiness let the shards take to answer, and to
         # be in one call
+
+    def store_fence(self, timeout_s: float = 5.0):
+        from serve_apps.backend import Backend
+
+        return Backend.store_fence(self, timeout_s)
 
     def check_writable(self) -> None:
         from serve_apps.backend import Backend
@@ -415,12 +465,20 @@ class HealthBackend:
     def job_stats(self, tenant: str | None = None) -> dict:
         return {"states": {"running": 1}}
 
+    def _fenced(self) -> bool:
+        from serve_apps.store_errors import StoreUnavailable
+
+        try:
+            return self.store_fence(0.1) is not None
+        except StoreUnavailable:  # a store that fails: not fenced, its shards still count
+            return False
+
     def live_twins(self, tenant: str, timeout_s: float) -> int:
-        assert self.store_fence() is None, "a fenced service's health asked its shards"
+        assert not self._fenced(), "a fenced service's health asked its shards"
         return 2
 
     def shards_answering(self, timeout_s: float, stuck_s: float) -> int:
-        assert self.store_fence() is None, "a fenced service's readiness asked its shards"
+        assert not self._fenced(), "a fenced service's readiness asked its shards"
         self.waited_s.append((timeout_s, stuck_s))
         return self.answering
 
@@ -494,6 +552,50 @@ def test_health_says_fenced_naming_the_stores_new_holder_once_another_service_to
         store.write_lease(replace(mine, released=True))  # its own lease released under it (the service closed)
         fenced = http.get("/v1/health", headers=auth["reader"]).json()["fenced"]
         assert "holder" not in fenced and "was released" in fenced["reason"]
+
+
+@pytest.mark.parametrize("outage", ["hung", "refused"])
+def test_liveness_stays_200_and_readiness_answers_503_within_its_timeout_while_the_store_fails(tmp_path, outage,
+                                                                                              monkeypatch):
+    """An S3 endpoint that hung held both probes past 25 s (the lease read had no deadline); one that refused
+    connections answered them 500: a liveness probe then restarts every healthy pod during a store outage."""
+    import threading
+
+    from tests.fixtures_serve import in_process
+
+    store, mine, backend = _leased_backend(tmp_path)
+    thaw, cat_file = threading.Event(), store.fs.cat_file
+
+    def failing(path, *args, **kwargs):
+        if outage == "refused":
+            raise ConnectionRefusedError(111, f"Connection refused: {path}")
+        thaw.wait(30)  # a frozen endpoint: the read answers only once thawed
+        return cat_file(path, *args, **kwargs)
+
+    with in_process(backend, tmp_path) as (http, auth, _):
+        monkeypatch.setattr(store.fs, "cat_file", failing)
+        try:
+            for _ in range(2):  # a hung read is shared, not one more thread per probe
+                t0 = time.monotonic()
+                live, ready = http.get("/v1/health"), http.get("/v1/health/ready")
+                keyed = http.get("/v1/health", headers=auth["reader"])
+                assert time.monotonic() - t0 < 4.0, "a probe waited for the store past its timeout (0.5 s each)"
+                assert live.status_code == 200 and live.json()["status"] == "degraded", live.text
+                assert ready.status_code == 503 and ready.json()["status"] == "unavailable", ready.text
+                assert keyed.json()["status"] == "degraded" and keyed.json()["live_twins"] == 2
+                said = "did not answer within 0.5 s" if outage == "hung" else "ConnectionRefusedError"
+                assert said in live.json()["reason"] and said in ready.json()["reason"]
+                assert str(tmp_path) not in live.text + ready.text + keyed.text
+            proposal = {"connector": "plant", "asset_id": "pump-1", "name": "setpoint", "value": {"q": 1.0}}
+            if outage == "refused":  # a write's gate reads the lease too: 503 to resend, not 500
+                refused = http.post("/v1/commands", json=proposal, headers=auth["writer"])
+                assert refused.status_code == 503 and refused.json()["error"]["code"] == "store_unavailable"
+                assert refused.headers["Retry-After"] == "5"
+        finally:
+            thaw.set()
+        monkeypatch.setattr(store.fs, "cat_file", cat_file)
+        assert http.get("/v1/health/ready").json() == {"status": "ok"}  # back by itself once the store answers
+        assert http.get("/v1/health").json() == {"status": "ok"}
 
 
 def test_health_refuses_a_credential_that_holds_no_key_as_every_route_does(tmp_path):

@@ -1,0 +1,45 @@
+"""A store read with a deadline, for health probes and write gates: an S3 endpoint that hangs must not hang them.
+
+fsspec's reads have no deadline of their own (a frozen endpoint holds one for minutes). The read runs in one
+worker thread; callers wait for it at most their deadline, then answer that the store is not answering. At most
+one read is in flight: probes every second against a hung store share it, never pile up threads."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Generic, TypeVar
+
+from serve_apps.store_errors import store_failure, unavailable
+
+T = TypeVar("T")
+
+
+class BoundedRead(Generic[T]):
+    """`read()` of the store, waited for at most a deadline per call (`StoreUnavailable` past it or on a store
+    failure); one call in flight at a time, shared by whoever waits meanwhile."""
+
+    def __init__(self, read: Callable[[], T], what: str):
+        self._read, self.what = read, what
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-probe")
+        self._lock = threading.Lock()
+        self._pending: Future[T] | None = None
+
+    def __call__(self, timeout_s: float) -> T:
+        with self._lock:
+            if self._pending is None:
+                self._pending = self._pool.submit(self._read)
+            pending = self._pending
+        try:
+            return pending.result(timeout=timeout_s)
+        except FutureTimeout:
+            raise unavailable(f"a read of {self.what} did not answer within {timeout_s:g} s") from None
+        except Exception as exc:
+            raise store_failure(exc) or exc from None
+        finally:
+            with self._lock:
+                if self._pending is pending and pending.done():  # the next call reads afresh
+                    self._pending = None
+
