@@ -55,6 +55,7 @@ from serve_apps.query_schemas import AssetGraph, BulkRequest
 from serve_apps.recalibration import TenantState
 from serve_apps.recalibration_jobs import RecalibrationJobs
 from serve_apps.schemas import StoreFence
+from serve_apps.store_errors import StoreUnavailable, store_failure
 from serve_apps.store_probe import BoundedRead
 from serve_apps.type_models import register_published
 from serve_apps.type_usage import refuse_held_type, twins_running
@@ -128,6 +129,7 @@ class Backend:
         self._fence_checked = -math.inf  # when the lease was last read (`check_writable`)
         self._lease_reads = BoundedRead(self.twins.store.read_lease, "the store's lease")  # probes: a deadline
         threading.Thread(target=self._watch_fence, name="fence-watch", daemon=True).start()
+        threading.Thread(target=self._retry_changes, name="change-retry", daemon=True).start()
         self._twin_marks: dict[tuple[str, str], tuple[int, bool]] = {}  # last published (revision, drift)
         self._registries: dict[str, ModelRegistry] = {}
         self.backlog = BacklogGate(config.admission.telemetry_backlog_events, config.admission.retry_after_s)
@@ -432,7 +434,25 @@ class Backend:
         report = self.twins.ingest(tenant, events, states=True)
         if report.states:
             self._publish_twins(tenant, report.states)
+        else:  # a resend of duplicates: a change a failed write kept is written now, if the store takes it
+            self._flush_changes([tenant])
         return report.model_dump(mode="json", exclude={"states"})
+
+    def _flush_changes(self, tenants: list[str] | None = None) -> None:
+        """Write the changes whose write failed (`ChangeLog.flush`); a failure is logged, retried later."""
+        if not self.changes.unwritten():
+            return
+        try:
+            self.changes.flush(tenants)
+        except Exception as exc:  # noqa: BLE001 - the store still fails: the next append or pass tries again
+            log.warning("event=change_flush_failed error=%s: %s", type(exc).__name__, exc)
+
+    def _retry_changes(self) -> None:
+        """Every `FENCE_WATCH_S` (a daemon thread): write the changes a failed write kept, so the stream gets
+        them once the store is back even if no request comes."""
+        while True:
+            time.sleep(FENCE_WATCH_S)
+            self._flush_changes()
 
     def clear_drift(self, tenant: str, asset_id: str) -> dict[str, Any]:
         """Clear the twin's drift alarm (durably, `actors.service.TwinService.clear_drift`) and record
@@ -486,7 +506,15 @@ class Backend:
             if not drafts:
                 return
             queued = self.changes.submit(tenant, drafts)  # in revision order; written outside the lock
-        self.changes.commit(tenant, queued)
+        try:
+            self.changes.commit(tenant, queued)
+        except Exception as exc:
+            failure = store_failure(exc)
+            if failure is None:
+                raise
+            raise StoreUnavailable(f"the events were applied, but their change record was not written yet "
+                                   f"({failure.message}); the change log writes it once the store takes writes "
+                                   "again") from None
         if any(d["kind"] == "twin.drift" and d["data"]["drift"] for d in drafts) or \
                 self.recalibration.trigger.waiting(tenant):  # a latch, or triggers waiting for event time
             try:  # reads the log in order from its cursor; the events are applied and recorded whatever happens

@@ -123,6 +123,7 @@ class ChangeLog:
         self._head: dict[str, int] = {}
         self._ring: dict[str, deque[Change]] = {}
         self.generation = secrets.token_hex(4)  # this run's: a restored store's new changes differ from the old
+        self._unwritten: dict[str, list[dict[str, Any]]] = {}  # queued appends whose write failed: written first
 
     # ---- writing --------------------------------------------------------------------------
     def record(self, tenant: str, drafts: list[dict[str, Any]]) -> list[Change]:
@@ -169,11 +170,18 @@ class ChangeLog:
             log.info("event=change_retention tenant=%s removed_through=%d", tenant, removed)
 
     def _commit(self, tenant: str, batch: list[Queued]) -> None:
-        """Write the queued appends as one segment (under the lock); every caller gets its changes or the error."""
+        """Write the queued appends as one segment (under the lock); every caller gets its changes or the error.
+
+        A failed write (a full disk, a store outage) keeps its drafts: they describe what already happened (a
+        twin's applied events, a finished job), so they are written ahead of the tenant's next append, or by
+        `flush`: the stream misses no change, even when the client's resend of the batch is all duplicates."""
         all_drafts = [d for item in batch for d in item.drafts]
         try:
             changes = self._append_locked(tenant, all_drafts) if all_drafts else []
         except Exception as exc:
+            self._unwritten.setdefault(tenant, []).extend(all_drafts)
+            log.warning("event=change_write_failed tenant=%s kept=%d error=%s: %s", tenant,
+                        len(self._unwritten[tenant]), type(exc).__name__, exc)
             for item in batch:
                 item.error = exc
             return
@@ -187,18 +195,37 @@ class ChangeLog:
         revisions and log order agree; if it raises, nothing is recorded.
         """
         with self._lock:
+            self._flush_locked(tenant)  # first: `apply` writes the revision its change will have
             drafts = apply(self._head_locked(tenant) + 1)
             return self._append_locked(tenant, drafts) if drafts else []
 
+    def flush(self, tenants: list[str] | None = None) -> None:
+        """Write the changes whose write failed (`_commit`), of `tenants` (None: all); raises the store's error."""
+        with self._lock:
+            for tenant in list(self._unwritten) if tenants is None else tenants:
+                self._flush_locked(tenant)
+
+    def unwritten(self) -> int:
+        """How many changes wait for a write that failed (0: the log has every change recorded)."""
+        with self._lock:
+            return sum(len(d) for d in self._unwritten.values())
+
+    def _flush_locked(self, tenant: str) -> None:
+        if self._unwritten.get(tenant):
+            self._append_locked(tenant, [])
+
     def _append_locked(self, tenant: str, drafts: list[dict[str, Any]]) -> list[Change]:
+        """Write the tenant's unwritten drafts then `drafts` as its next changes; the changes of `drafts`."""
+        kept = self._unwritten.get(tenant, [])
         first = self._head_locked(tenant) + 1
         now = datetime.now(UTC)
         changes = [Change(seq=first + i, time=now, generation=self.generation, **{"revision": first + i, **d})
-                   for i, d in enumerate(drafts)]
+                   for i, d in enumerate([*kept, *drafts])]
         self.store.write(tenant, changes)
+        self._unwritten.pop(tenant, None)
         self._head[tenant] = changes[-1].seq
         self._ring.setdefault(tenant, deque(maxlen=self.memory)).extend(changes)
-        return changes
+        return changes[len(kept):]
 
     def reserve(self, tenant: str, at_least: int) -> None:
         """Continue the tenant's sequence after `at_least` (revisions already on the store: a catalog

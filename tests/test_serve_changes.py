@@ -594,3 +594,76 @@ def iter_events(response: httpx.Response):
         elif not line.startswith(":"):
             key, _, value = line.partition(": ")
             frame[key] = json.loads(value) if key == "data" else value
+
+
+def test_a_change_whose_write_failed_is_written_first_with_the_next_append_or_a_flush(tmp_path):
+    """A full disk failed the change-log write after the shard applied a batch: the change was dropped, and the
+    client's resend (all duplicates) recorded none, so the stream never had that state change."""
+    log = ChangeLog(str(tmp_path))
+    write, failures = log.store.write, [OSError(28, "No space left on device")]
+
+    def full_once(tenant, changes):
+        if failures:
+            raise failures.pop()
+        write(tenant, changes)
+
+    log.store.write = full_once
+    with pytest.raises(OSError, match="No space left"):
+        log.record("acme", drafts(2, asset="a"))
+    assert log.head("acme") == 0 and log.unwritten() == 2
+    log.flush(["acme"])  # the store takes writes again (a resend, the backend's retry pass)
+    assert log.unwritten() == 0 and [(c.seq, c.data["k"]) for c in log.store.read("acme", 0, 10)] == [(1, 0), (2, 1)]
+
+    failures.append(OSError(28, "No space left on device"))
+    with pytest.raises(OSError):
+        log.record("acme", drafts(1, asset="b"))
+    changed = log.write("acme", lambda seq: [{"kind": "asset.updated", "asset_id": "c", "data": {"rev": seq}}])
+    assert [(c.seq, c.revision, c.data["rev"]) for c in changed] == [(4, 4, 4)]  # the kept change went first
+    stored = log.store.read("acme", 0, 10)
+    assert [(c.seq, c.asset_id) for c in stored] == [(1, "a"), (2, "a"), (3, "b"), (4, "c")]  # none lost nor doubled
+
+
+def test_a_batch_applied_before_its_change_write_failed_answers_503_and_its_resend_records_the_change(tmp_path):
+    """`Backend.apply` over a stand-in for the shards: the change write fails once after the batch was applied."""
+    from types import SimpleNamespace
+
+    from actors.state import DivergenceReport, IngestReport, TwinState
+    from serve_apps.backend import Backend
+    from serve_apps.store_errors import StoreUnavailable
+
+    def state(revision: int) -> TwinState:
+        calm = DivergenceReport(nis_mean=1.0, nis_last=1.0, residual_mean={}, residual_rms={}, drift=False,
+                                diverged=False)
+        return TwinState(tenant="acme", asset_id="zone-3", model_ref="thermal_rc@1.0.0", revision=revision,
+                         event_time=None, state={"T": 20.0}, std={"T": 0.1}, covariance=[[0.01]], divergence=calm,
+                         events_applied=revision)
+
+    shard = SimpleNamespace(revision=0)
+
+    def ingest(tenant, events, states=False):  # 20 events: applied once, duplicates after
+        if shard.revision:
+            return IngestReport(duplicates=20)
+        shard.revision = 20
+        return IngestReport(accepted=20, states=[state(20)])
+
+    backend = Backend.__new__(Backend)
+    backend._publish, backend._twin_marks = threading.Lock(), {}
+    backend.changes = ChangeLog(str(tmp_path))
+    backend.twins = SimpleNamespace(ingest=ingest, state=lambda tenant, asset_id: state(shard.revision))
+    backend.recalibration = SimpleNamespace(trigger=SimpleNamespace(waiting=lambda tenant: False))
+    write = backend.changes.store.write
+    failures = [OSError(28, "No space left on device")]
+
+    def full_once(tenant, changes):
+        if failures:
+            raise failures.pop()
+        write(tenant, changes)
+
+    backend.changes.store.write = full_once
+    events = [SimpleNamespace(asset_id="zone-3")] * 20  # the stand-in shard reads no more of them
+    with pytest.raises(StoreUnavailable, match="events were applied, but their change record was not written") as e:
+        backend.apply("acme", events)
+    assert "disk is full" in e.value.message and e.value.headers["Retry-After"] == "5"
+    assert backend.apply("acme", events) == IngestReport(duplicates=20).model_dump(mode="json", exclude={"states"})
+    recorded = backend.changes.store.read("acme", 0, 10)
+    assert [(c.kind, c.asset_id, c.revision) for c in recorded] == [("twin.state", "zone-3", 20)]
