@@ -101,6 +101,11 @@ class _Backlog:
             self._events[shard] += events
             metrics.SHARD_BACKLOG.set(self._events[shard], shard=str(shard))
 
+    def of(self, shard: int) -> int:
+        """Events this process sent to `shard` and not yet saw answered."""
+        with self._lock:
+            return self._events[shard]
+
 
 _BACKLOG = _Backlog()
 
@@ -229,6 +234,7 @@ class Dispatcher:
             done, _ = ray.wait(refs, num_returns=1, timeout=timeout_s)
         for index in [i for i in shards if self.busy[i][0] in done]:
             ref, part, first_sent = self.busy.pop(index)
+            resent = False
             try:
                 report = ray.get(ref)
             except ray.exceptions.ActorUnavailableError:  # restarting: send again until it is back (bounded)
@@ -237,15 +243,29 @@ class Dispatcher:
                 log.warning("event=shard_unavailable shard=%d tenant=%s events=%d action=resend", index, self.tenant,
                             part.num_rows)
                 self._call(index, part, first_sent)
-                continue
+                resent = True
+            finally:  # applied or failed (a full disk, a dead shard): no longer waiting; resent: still is
+                if not resent:
+                    _BACKLOG.add(index, -part.num_rows)
+            if not resent:
+                self.report += report
+
+    def abandon(self) -> None:
+        """Forget the calls still outstanding (a call failed and the ingest gives up): their events leave this
+        process's backlog, which would otherwise count them for as long as the process lives."""
+        for index, (_, part, _) in self.busy.items():
             _BACKLOG.add(index, -part.num_rows)
-            self.report += report
+        self.busy.clear()
 
     def finish(self) -> IngestReport:
         """Send every held row and wait for every outstanding call; the report covers everything sent."""
-        self._dispatch(max_held=0)
-        while self.busy:
-            self._complete(list(self.busy))
+        try:
+            self._dispatch(max_held=0)
+            while self.busy:
+                self._complete(list(self.busy))
+        except BaseException:
+            self.abandon()
+            raise
         log.info("event=ingested tenant=%s accepted=%d duplicates=%d rejected=%d conflicts=%d", self.tenant,
                  self.report.accepted, self.report.duplicates, self.report.rejected, self.report.conflicts)
         return self.report

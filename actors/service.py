@@ -254,7 +254,11 @@ class TwinService:
                                max_in_flight=self.max_in_flight, batch_size=self.batch_size, states=states)
         dispatcher = self._dispatcher(tenant, states)
         table = validated_table(events)  # each row's position rides along, for the rejects to name (`Reject.index`)
-        dispatcher.send(table.append_column(ROW_COLUMN, pa.array(range(table.num_rows), pa.int64())))
+        try:
+            dispatcher.send(table.append_column(ROW_COLUMN, pa.array(range(table.num_rows), pa.int64())))
+        except BaseException:
+            dispatcher.abandon()
+            raise
         return dispatcher.finish()
 
     def ingest_parquet(self, tenant: str, url: str, storage_options: dict[str, Any] | None = None) -> IngestReport:

@@ -284,6 +284,33 @@ def test_a_busy_shard_does_not_hold_up_the_rows_of_the_others(ray_session, tmp_p
     assert log[-2:] == [("start", first), ("end", first)]  # shard 0's calls one after the other
 
 
+@ray.remote
+class FullDiskShard:
+    """Stands in for a shard whose log write fails: its disk is full."""
+
+    def ingest(self, tenant, events, states=False):
+        raise OSError(28, "No space left on device")
+
+
+def test_the_shard_backlog_gauge_goes_back_down_after_failed_shard_calls(ray_session, tmp_path):
+    """`raytwin_shard_backlog_events` counted the events of every failed call (a full disk) for as long as the
+    process lived: 280 on an idle service after 14 refused batches of 20."""
+    from actors.ingest import _BACKLOG
+    from actors.routing import shard_index
+
+    first, second = (next(f"a{i}" for i in range(100) if shard_index("acme", f"a{i}", 2) == s) for s in (0, 1))
+    router = ShardRouter(str(tmp_path), shards=2, namespace="unused")
+    handles = [FullDiskShard.remote(), SlowShard.remote(delay_s=0.5)]  # shard 1 still busy when shard 0 fails
+    before = [_BACKLOG.of(0), _BACKLOG.of(1)]
+    for _ in range(3):
+        d = Dispatcher(router, "acme", max_in_flight=2, handles=handles)
+        with pytest.raises(OSError, match="No space left"):
+            d.send(validated_table([*tank_events(first, 20), *tank_events(second, 5)]))
+            d.finish()
+        assert not d.busy
+    assert [_BACKLOG.of(0), _BACKLOG.of(1)] == before
+
+
 def test_batches_travel_as_arrow_ipc_bytes_and_read_back_equal():
     table = validated_table(tank_events("a1", 5))
     payload = table_bytes(table)
