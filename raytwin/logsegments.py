@@ -14,8 +14,10 @@ Rules that keep it safe:
   `write` returned. A writer killed mid-write leaves a partial message at the end of its last
   segment: that batch was not acknowledged, and readers (`read_segment`) stop at the last complete
   message. Readers cannot tell that from a segment cut later (by hand, a bad disk: acknowledged
-  events lost), so a closed segment ending in a partial message is reported (`_report_cut`). A write that fails abandons the segment (the next batch starts a new one), so nothing
-  is ever appended after a partial message.
+  events lost), so a closed segment ending in a partial message is reported (`_report_cut`). A write that
+  fails abandons the segment (the next batch starts a new one), so nothing is ever appended after a
+  partial message; one that holds no batch yet is deleted (a full disk refusing every try must not leave
+  an empty segment per try).
 - **Compaction takes only segments no writer holds** (`held_segment`): it locks the segment first, so
   no append can land between its read and its delete.
 - Local disks only: an object store cannot append (there the log keeps one object per batch).
@@ -28,7 +30,7 @@ import os
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -79,8 +81,8 @@ class SegmentWriter:
         seg = self._open.get(directory) or self._start(directory, now)
         try:
             _write_all(seg.fd, data)
-        except BaseException:
-            self._abandon(directory)  # never append after a partial message
+        except BaseException:  # never append after a partial message; a segment with no batch in it goes
+            self._abandon(directory, discard=seg.size == len(self._header))
             raise
         seg.size += len(data)
         if seg.size >= SEGMENT_MAX_BYTES:
@@ -104,7 +106,7 @@ class SegmentWriter:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             _write_all(fd, self._header)
         except BaseException:
-            os.close(fd)
+            _discard(fd, path)
             raise
         seg = self._open[directory] = _Open(fd, path, now, len(self._header))
         return seg
@@ -114,14 +116,28 @@ class SegmentWriter:
             if now - seg.opened_at >= SEGMENT_MAX_AGE_S:
                 self._abandon(directory)
 
-    def _abandon(self, directory: str) -> None:
+    def _abandon(self, directory: str, discard: bool = False) -> None:
+        """Stop appending to the partition's segment; `discard`: delete it too (it holds no batch)."""
         seg = self._open.pop(directory, None)
-        if seg is not None:
+        if seg is None:
+            return
+        if discard:
+            _discard(seg.fd, seg.path)
+        else:
             os.close(seg.fd)  # releases the lock
 
     def __del__(self) -> None:
         for seg in self._open.values():
             os.close(seg.fd)
+
+
+def _discard(fd: int, path: str) -> None:
+    """Delete a segment this writer created whose writes failed before any batch was in it (a full disk: one
+    empty file per refused try would pile up), then close it: unlinked while still locked, so no compaction
+    takes it meanwhile. A failed delete leaves an empty segment, which readers skip."""
+    with suppress(OSError):
+        os.unlink(path)
+    os.close(fd)
 
 
 def _write_all(fd: int, data: bytes) -> None:

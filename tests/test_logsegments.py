@@ -71,8 +71,43 @@ def test_a_torn_tail_is_not_read_and_nothing_is_appended_after_it(tmp_path, monk
     with pytest.raises(OSError, match="disk full"):
         store.append_log("acme", _batch(3))
     monkeypatch.undo()
-    store.append_log("acme", _batch(4))  # the failed segment is abandoned: a new one
-    assert len(_segments(store)) == 3 and _keys(store) == [0, 1, 4]
+    store.append_log("acme", _batch(4))  # the failed segment (no batch in it: deleted) is abandoned: a new one
+    assert len(_segments(store)) == 2 and _keys(store) == [0, 1, 4]
+
+
+def test_appends_refused_by_a_full_disk_leave_no_empty_segment_and_keep_every_acknowledged_batch(tmp_path,
+                                                                                                   monkeypatch):
+    """Each batch refused for ENOSPC left a 0-byte `seg-*.arrows`: a producer resending every 2 s for an hour
+    left ~1,800 per shard and tenant, listed on every recovery."""
+    store = StateStore(str(tmp_path))
+    write_all = logsegments._write_all
+
+    def full(fd, data):  # the disk fills: a write fails after part of what it was given
+        os.write(fd, data[: len(data) // 3])
+        raise OSError(28, "No space left on device")
+
+    store.append_log("acme", _batch(0, 1))
+    [kept] = _segments(store)
+    monkeypatch.setattr(logsegments, "_write_all", full)
+    for k in range(2, 6):  # the open segment (a batch in it) abandoned, then a new one per try, its header refused
+        with pytest.raises(OSError, match="No space left"):
+            store.append_log("acme", _batch(k))
+    assert _segments(store) == [kept]  # the one with an acknowledged batch stays, no empty one
+    header_only: list[bytes] = []
+
+    def header_then_full(fd, data):  # a new segment's header written, its first batch refused
+        if not header_only:
+            header_only.append(data)
+            return write_all(fd, data)
+        return full(fd, data)
+
+    monkeypatch.setattr(logsegments, "_write_all", header_then_full)
+    with pytest.raises(OSError, match="No space left"):
+        store.append_log("acme", _batch(6))
+    assert header_only and _segments(store) == [kept]
+    monkeypatch.undo()
+    store.append_log("acme", _batch(7))  # space again
+    assert len(_segments(store)) == 2 and _keys(store) == [0, 1, 7]
 
 
 def _cut_lines(caplog) -> list[logging.LogRecord]:
