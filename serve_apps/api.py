@@ -130,8 +130,8 @@ def _ops_routes(app: FastAPI) -> None:
         status `degraded`, without `live_twins` (still 200: the service is alive). A service whose store another
         service took over (every write refused, 503 `store_fenced`) is `fenced` without asking the shards; with a
         key, `fenced` says why and which service holds the store now (not to anonymous callers: it names hosts). A
-        store that fails or does not answer a read of its lease within `readiness_timeout_s` (a full disk, an S3
-        outage) makes it `degraded` with `reason` (still 200: a restart fixes no store, and a liveness probe must
+        store that fails or does not answer a read of its lease within `readiness_timeout_s` (an S3 outage), or
+        takes no writes (a full disk: the shards' lease heartbeat stopped changing) makes it `degraded` with `reason` (still 200: a restart fixes no store, and a liveness probe must
         not restart every pod during an S3 brownout)."""
         key = parse_credentials(authorization, x_api_key)  # a credential that holds no key: 401, as on every route
         try:
@@ -156,8 +156,8 @@ def _ops_routes(app: FastAPI) -> None:
         anonymous health, only a status (HEAD too). 200 `ok` while the service holds its store and a twin shard answers
         within `readiness_timeout_s` (0.5 s: a probe's own timeout is often 1 s); 503 `fenced` once another service took its store over (every write would fail with
         `store_fenced`) or `unavailable` when no shard answers (every one down, restarting, stopped, or stuck in one
-        call over `readiness_stuck_s`, 120 s), or when the store fails or does not answer a read of its lease within
-        `readiness_timeout_s` (`reason` says why: a full disk, an S3 endpoint down or hung). A shard answers beside its work: one busy with a backlog is ready.
+        call over `readiness_stuck_s`, 120 s), or when the store fails, does not answer a read of its lease within
+        `readiness_timeout_s` or takes no writes (`reason` says why: a full disk, an S3 endpoint down or hung). A shard answers beside its work: one busy with a backlog is ready.
         `/v1/health` stays the liveness check: a fenced or shardless service is alive, and restarting it fixes
         neither."""
         fenced, store_down = await _store_fence(svc)
@@ -176,9 +176,10 @@ def _ops_routes(app: FastAPI) -> None:
 
 
 async def _store_fence(svc: Services) -> tuple[StoreFence | None, str | None]:
-    """(why the service lost its store, why the store does not answer): the lease read waits at most
-    `readiness_timeout_s`, so a hung or refusing store never hangs nor fails a probe."""
+    """(why the service lost its store, why the store does not answer or takes no writes): the store reads wait
+    at most `readiness_timeout_s`, so a hung or refusing store never hangs nor fails a probe
+    (`Backend.probe_store`)."""
     try:
-        return await svc.backend.call("store_fence", svc.config.readiness_timeout_s), None
+        return await svc.backend.call("probe_store", svc.config.readiness_timeout_s), None
     except StoreUnavailable as exc:
         return None, exc.message

@@ -55,8 +55,8 @@ from serve_apps.query_schemas import AssetGraph, BulkRequest
 from serve_apps.recalibration import TenantState
 from serve_apps.recalibration_jobs import RecalibrationJobs
 from serve_apps.schemas import StoreFence
-from serve_apps.store_errors import StoreUnavailable, store_failure
-from serve_apps.store_probe import BoundedRead
+from serve_apps.store_errors import StoreUnavailable, store_failure, unavailable
+from serve_apps.store_probe import BoundedRead, RenewalWatch
 from serve_apps.type_models import register_published
 from serve_apps.type_usage import refuse_held_type, twins_running
 from serve_apps.unawaited import outlived
@@ -66,6 +66,9 @@ FENCE_CHECK_S = 1.0
 """How long a read of the store's lease answers `Backend.check_writable` (one small file read per second at most)."""
 FENCE_READ_S = 5.0
 """The longest a write waits for the store's lease before it is refused (503 `store_unavailable`): a hung S3."""
+RENEWAL_STALL_S = 15.0
+"""Health says the store takes no writes once the shards' lease heartbeat (rewritten every 2 s) stayed the same
+this long between two probes: several renewals failed (a full disk, a read-only store) or every shard is down."""
 FENCE_WATCH_S = 5.0
 """How often the backend reads the lease to stop its connectors once another cluster's service holds the store."""
 
@@ -128,6 +131,8 @@ class Backend:
         self._fence: StoreFence | None = None
         self._fence_checked = -math.inf  # when the lease was last read (`check_writable`)
         self._lease_reads = BoundedRead(self.twins.store.read_lease, "the store's lease")  # probes: a deadline
+        self._beat_reads = BoundedRead(self.twins.store.read_heartbeat, "the store's lease heartbeat")
+        self._renewals = RenewalWatch(RENEWAL_STALL_S)
         threading.Thread(target=self._watch_fence, name="fence-watch", daemon=True).start()
         threading.Thread(target=self._retry_changes, name="change-retry", daemon=True).start()
         self._twin_marks: dict[tuple[str, str], tuple[int, bool]] = {}  # last published (revision, drift)
@@ -542,6 +547,21 @@ class Backend:
         """Why this service no longer holds its store (None while it does): see `fence_of`. The lease read waits
         at most `timeout_s` (`StoreUnavailable` then, or on a store failure): a probe must answer in time."""
         return fence_of(self._lease_reads(timeout_s), self.twins.lease)
+
+    def probe_store(self, timeout_s: float) -> StoreFence | None:
+        """`store_fence` for the health probes, all within `timeout_s`, and `StoreUnavailable` too once the shards'
+        lease heartbeat stopped changing (`RenewalWatch`): a store that refuses writes still answers reads."""
+        deadline = time.monotonic() + timeout_s
+        fence = self.store_fence(timeout_s)
+        if fence is not None:
+            return fence
+        beat = self._beat_reads(max(deadline - time.monotonic(), 0.0))
+        stalled = self._renewals.stalled_s(beat, time.monotonic())
+        if stalled is not None:
+            raise unavailable(f"the shards' lease heartbeat, rewritten every 2 s, has not changed for {stalled:.0f} s",
+                              "the store takes no writes (a full disk, a read-only or unwritable store: the shards "
+                              "log event=lease_heartbeat_failed with the error) or every twin shard is down")
+        return None
 
     def _watch_fence(self) -> None:
         """Every `FENCE_WATCH_S` (a daemon thread): export whether the service is fenced (`metrics.STORE_FENCED`,

@@ -197,4 +197,5 @@ class Health(BaseModel):
     fenced: StoreFence | None = None
     reason: str | None = Field(None, description="Why the store makes the service `degraded` (liveness) or "
                                "`unavailable` (readiness): it failed or did not answer a read of its lease within "
-                               "`readiness_timeout_s`; the error's class and what to check (no store location)")
+                               "`readiness_timeout_s`, or takes no writes (the shards' lease heartbeat unchanged for "
+                               "15 s); the error's class and what to check (no store location)")

@@ -19,14 +19,14 @@ STORE_RETRY_AFTER_S = 5
 _NOT_OUTAGES = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError)
 """OSErrors about one path's presence: the store answered (a missing file is the caller's or a bug's, not an outage)."""
 
+_NOT_PERMITTED = ("the service may not write the store: check the store's owner and permissions (or its S3 "
+                  "credentials and bucket policy)")
 _HINTS = {
     errno.ENOSPC: "the store's disk is full: free space on it (or grow the volume)",
     errno.EDQUOT: "the store's disk quota is used up: free space or raise the quota",
     errno.EROFS: "the store's filesystem is read-only: remount it read-write",
-    errno.EACCES: "the service may not write the store: check the store's owner and permissions (or its S3 "
-                  "credentials and bucket policy)",
-    errno.EPERM: "the service may not write the store: check the store's owner and permissions (or its S3 "
-                 "credentials and bucket policy)",
+    errno.EACCES: _NOT_PERMITTED,
+    errno.EPERM: _NOT_PERMITTED,
     errno.EIO: "the store's disk reports I/O errors: check the disk",
 }
 _UNREACHABLE = ("the store does not answer or refuses connections: check that its endpoint (S3, "

@@ -437,10 +437,13 @@ class HealthBackend:
     and the real gate of its writes (`Backend.check_writable`) in front of a connector operation."""
 
     def __init__(self, store, lease):
-        from serve_apps.store_probe import BoundedRead
+        from serve_apps.backend import RENEWAL_STALL_S
+        from serve_apps.store_probe import BoundedRead, RenewalWatch
 
         self.twins = SimpleNamespace(store=store, lease=lease)
         self._lease_reads = BoundedRead(store.read_lease, "the store's lease")
+        self._beat_reads = BoundedRead(store.read_heartbeat, "the store's lease heartbeat")
+        self._renewals = RenewalWatch(RENEWAL_STALL_S)
         self._fence, self._fence_checked, self.proposed = None, -math.inf, []
         self.answering = 2  # twin shards that answer (`Backend.shards_answering`)
         self.waited_s: list[tuple[float, float]] = []  # how long readiness let the shards take to answer, and to
@@ -450,6 +453,11 @@ class HealthBackend:
         from serve_apps.backend import Backend
 
         return Backend.store_fence(self, timeout_s)
+
+    def probe_store(self, timeout_s: float):
+        from serve_apps.backend import Backend
+
+        return Backend.probe_store(self, timeout_s)
 
     def check_writable(self) -> None:
         from serve_apps.backend import Backend
@@ -596,6 +604,30 @@ def test_liveness_stays_200_and_readiness_answers_503_within_its_timeout_while_t
         monkeypatch.setattr(store.fs, "cat_file", cat_file)
         assert http.get("/v1/health/ready").json() == {"status": "ok"}  # back by itself once the store answers
         assert http.get("/v1/health").json() == {"status": "ok"}
+
+
+def test_health_and_readiness_say_the_store_takes_no_writes_once_the_shards_heartbeat_stops_changing(tmp_path):
+    """A full disk failed every write (the shards' heartbeat included) while reads of the lease worked: health
+    and readiness said ok, and nothing named the store."""
+    from raytwin.statestore import Heartbeat
+    from tests.fixtures_serve import in_process
+
+    store, mine, backend = _leased_backend(tmp_path)
+    backend._renewals.stall_s = 0.3  # (15 s in a service: several 2 s renewals missed)
+    beat = Heartbeat(owner=mine.owner, epoch=mine.epoch, cluster=mine.cluster, at_s=1.0)
+    store.write_heartbeat(beat)
+    with in_process(backend, tmp_path) as (http, _, _):
+        assert http.get("/v1/health/ready").json() == {"status": "ok"}  # the first one seen: not stale yet
+        store.write_heartbeat(Heartbeat(**{**beat.__dict__, "at_s": 3.0}))  # renewed: whatever this host's clock
+        time.sleep(0.2)
+        assert http.get("/v1/health").json() == {"status": "ok"}
+        time.sleep(0.4)  # the disk fills: no renewal lands
+        live, ready = http.get("/v1/health"), http.get("/v1/health/ready")
+        assert live.status_code == 200 and live.json()["status"] == "degraded"
+        assert ready.status_code == 503 and ready.json()["status"] == "unavailable"
+        assert "heartbeat" in live.json()["reason"] and "full disk" in ready.json()["reason"]
+        store.write_heartbeat(Heartbeat(**{**beat.__dict__, "at_s": 5.0}))  # space again: renewals land
+        assert http.get("/v1/health/ready").json() == {"status": "ok"}
 
 
 def test_health_refuses_a_credential_that_holds_no_key_as_every_route_does(tmp_path):
