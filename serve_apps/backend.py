@@ -137,6 +137,7 @@ class Backend:
         threading.Thread(target=self._retry_changes, name="change-retry", daemon=True).start()
         self._twin_marks: dict[tuple[str, str], tuple[int, bool]] = {}  # last published (revision, drift)
         self._registries: dict[str, ModelRegistry] = {}
+        self._artifacts: dict[tuple[str, str], ModelArtifact] = {}  # (tenant, name@version): read once
         self.backlog = BacklogGate(config.admission.telemetry_backlog_events, config.admission.retry_after_s)
         self.recalibration = RecalibrationJobs(config, self.twins, self.changes, self.audit)
         for tenant in self.catalog.tenants():  # relaunch what a restart interrupted; act on what it missed
@@ -158,7 +159,14 @@ class Backend:
         return self._registries[tenant]
 
     def _artifact(self, tenant: str, asset: Asset) -> ModelArtifact:
-        return self._registry(tenant).get(f"{asset.type_name}@{asset.type_version}")
+        """The model of the asset's type version, read from the registry once per process: every telemetry
+        request validates against it (`model_of`), and three store reads each made telemetry hang with an S3
+        store that hung. A registered version's content never changes (the registry refuses another model
+        under it); a deleted type's entry goes with it (`delete_type`)."""
+        ref = f"{asset.type_name}@{asset.type_version}"
+        if (tenant, ref) not in self._artifacts:
+            self._artifacts[(tenant, ref)] = self._registry(tenant).get(ref)
+        return self._artifacts[(tenant, ref)]
 
     # ---- asset types -------------------------------------------------------------------
     def put_type(self, tenant: str, asset_type: AssetType, pre: Precondition, published_by: str) -> tuple[bool, int]:
@@ -211,6 +219,7 @@ class Backend:
         with self._lock:  # what may have changed while the shards answered, checked again where the delete is
             self.catalog.check_delete_type(tenant, name, version, pre)
             refuse_held_type(ModelLifecycle(self._registry(tenant)), running, name, version)
+            self._artifacts.pop((tenant, f"{name}@{version}"), None)
             self.changes.write(tenant, lambda seq: [{
                 "kind": "asset_type.deleted", "type_name": name, "type_version": version,
                 "data": {"asset_type": self.catalog.delete_type(tenant, name, version, pre).model_dump(

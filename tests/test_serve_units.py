@@ -630,6 +630,26 @@ def test_health_and_readiness_say_the_store_takes_no_writes_once_the_shards_hear
         assert http.get("/v1/health/ready").json() == {"status": "ok"}
 
 
+def test_telemetry_validates_against_a_model_read_once_not_on_every_request_from_a_store_that_may_hang():
+    """With an S3 store that hung, every telemetry request hung past its client's timeout in `model_of`: each
+    read the asset's model from the registry (three store reads) before the shard's breaker could refuse it."""
+    from serve_apps.backend import Backend
+
+    reads: list[str] = []
+
+    class Registry:  # the store answers the first read, then hangs (a read fails the test instead)
+        def get(self, ref: str):
+            assert not reads, f"{ref} read from the store again"
+            reads.append(ref)
+            return SimpleNamespace(ref=ref)
+
+    backend = Backend.__new__(Backend)
+    backend._registries, backend._artifacts = {"acme": Registry()}, {}
+    asset = Asset(tenant="acme", id="zone-1", type_name="thermal_rc", type_version="1.0.0")
+    first = backend._artifact("acme", asset)
+    assert all(backend._artifact("acme", asset) is first for _ in range(3)) and reads == ["thermal_rc@1.0.0"]
+
+
 def test_health_refuses_a_credential_that_holds_no_key_as_every_route_does(tmp_path):
     """Health answered `Authorization: Basic ...` (or `Bearer` alone, an empty X-API-Key) as an anonymous "ok",
     where every other route refused it with 401: a monitor sending a broken credential never learnt it."""
