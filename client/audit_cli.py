@@ -13,9 +13,17 @@ from client.cli_support import API_KEY, API_URL, remote
 def audit(
     url: API_URL, key: API_KEY,
     day: Annotated[datetime | None, typer.Option(formats=["%Y-%m-%d"], help="Only this UTC day (YYYY-MM-DD).")] = None,
-    limit: Annotated[int, typer.Option(min=1, max=10_000, help="The most recent this many records.")] = 1000,
+    limit: Annotated[int | None, typer.Option(min=1, max=10_000,
+                                              help="The most recent this many records (default 1000).")] = None,
+    every: Annotated[bool, typer.Option("--all", help="Every record, newest first, read a page at a time (the "
+                                                      "server answers at most 10,000 a request).")] = False,
 ) -> None:
-    """Who changed what and when: the key's tenant's most recent audit records, oldest first."""
+    """Who changed what and when: the key's tenant's most recent audit records, oldest first (`--all`: every
+    record, newest first, so a long log streams without holding it all)."""
+    if every and limit is not None:
+        raise typer.BadParameter("give either --all or --limit", param_hint="--all")
     with remote(url, key) as api:
-        for record in api.audit(day.date() if day else None, limit):
+        records = api.audit_records(day.date() if day else None) if every else api.audit(
+            day.date() if day else None, limit or 1000)
+        for record in records:
             typer.echo(record.model_dump_json())

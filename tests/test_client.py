@@ -1178,6 +1178,10 @@ def test_cli_shadow_commands_audit_and_an_unreachable_api(cli, sdk):
     lines = cli("admin", "audit", "--limit", "2").stdout.splitlines()
     records = [AuditRecord.model_validate_json(line) for line in lines]
     assert [r.action for r in records] == ["model.shadow_start", "model.shadow_stop"]
+    every = [AuditRecord.model_validate_json(line) for line in cli("admin", "audit", "--all").stdout.splitlines()]
+    assert every[:2] == records[::-1] and len(every) > 2  # newest first, past the page of 2 above
+    both = cli("admin", "audit", "--all", "--limit", "2")
+    assert both.exit_code == 2 and "either --all or --limit" in both.output
     assert cli("reader", "audit").stderr.startswith("error 403 forbidden")
 
     down = cli("writer", "shadow", "stop", "room", "1.0.3", "--url", f"http://127.0.0.1:{free_port()}")
