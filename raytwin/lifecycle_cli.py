@@ -149,11 +149,15 @@ for _name, _stage, _doc in (
 
 @registry_app.command("rollback")
 def rollback(model: str, reason: Reason, registry: Registry, tenant: Tenant, actor: ActorId = None,
-             role: Roles = None) -> None:
+             role: Roles = None,
+             from_version: Annotated[str | None, typer.Option(
+                 "--from-version", help="Only if this version is production now: a rollback run twice (a retry, "
+                                        "two operators on one incident) goes back one version, not two.")] = None,
+             ) -> None:
     """Return to the previous production version in one call (the current one is archived)."""
     _refuse_if_served(registry, f"POST /v1/models/{model}/rollback")
     lc, who = _lifecycle(registry), _actor(tenant, actor, role)
-    _print_record(_run(lambda: lc.rollback(model, who, reason)))
+    _print_record(_run(lambda: lc.rollback(model, who, reason, from_version=from_version)))
 
 
 @registry_app.command("status")

@@ -376,6 +376,25 @@ def test_cli_moves_verifies_and_refuses_with_reasons(tmp_path, monkeypatch):
     assert "lifecycle record 1 does not match its hash" in run("verify", "zone", code=1)
 
 
+def test_cli_rollback_from_a_version_goes_back_once(tmp_path, monkeypatch):
+    """`raytwin registry rollback` run twice (a retry, two operators on one incident) went back two versions; with
+    --from-version the second run is refused, naming the first one's record, and production stays put."""
+    lc = _lifecycle(str(tmp_path / "registry"), 3)
+    for v in ("1.0.0", "1.1.0", "1.2.0"):
+        _to_staging(lc, v)
+        lc.transition(f"zone@{v}", "production", BOB, "approved")
+    monkeypatch.setenv("RAYTWIN_REGISTRY_URL", str(tmp_path / "registry"))
+    monkeypatch.setenv("RAYTWIN_TENANT", "acme")
+    args = ["registry", "rollback", "zone", "--reason", "alarm", "--actor", "bob", "--role", "approver",
+            "--from-version", "1.2.0"]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0 and "rollback\tzone@1.1.0\tarchived -> production (archived 1.2.0)" in first.output
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 1 and "zone@1.2.0 is no longer the production version of zone (production is " \
+        "1.1.0): rollback record" in again.output
+    assert lc.verify("zone").production == "1.1.0"
+
+
 def test_the_cli_log_prints_a_reason_as_one_line_whatever_it_holds(tmp_path, monkeypatch):
     """A writer's reason is free text: one with a newline and tabs printed a second line of `raytwin registry log`
     that read as another record (a promotion by an approver that never happened). It is escaped now."""
