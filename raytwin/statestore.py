@@ -60,7 +60,7 @@ import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any, TypeVar
 
 import numpy as np
@@ -412,6 +412,11 @@ _BEFORE_1970 = "."
 """Marks a negative snapshot time in a file name: it sorts before the digits of non-negative ones."""
 
 
+DEAD_LETTER_RETRY_WINDOW = timedelta(hours=1)
+"""How long after UTC midnight a retried write looks for its first try's dead letters in yesterday's partition
+(Ray retries a shard's call within seconds to a minute of its crash)."""
+
+
 def dead_letter_stem(rejects: list[dict[str, str]], batch_id: bytes) -> str:
     """A dead-letter file name given by its content and its batch (`batch_id`: what tells a Ray retry of the
     same call from a producer's re-delivery, e.g. the batch's ingest times). Why: a shard writes a batch's
@@ -674,6 +679,7 @@ class StateStore:
         if not rejects:
             return
         now = datetime.now(UTC)
+        day = self._stem_day(tenant, stem, now) if stem else now.date()
         table = pa.table({
             "asset_id": [r.get("asset_id") for r in rejects],
             "idempotency_key": [r.get("idempotency_key") for r in rejects],
@@ -681,8 +687,18 @@ class StateStore:
             "raw": [r["raw"] for r in rejects],
             "dead_lettered_at": pa.array([now] * len(rejects), TIME),
         }, schema=DEAD_LETTER_SCHEMA)
-        self._write(table, f"{self.root}/dead_letters/tenant={tenant}/date={now.date().isoformat()}",
+        self._write(table, f"{self.root}/dead_letters/tenant={tenant}/date={day.isoformat()}",
                     stem or f"part-{uuid.uuid4().hex}")
+
+    def _stem_day(self, tenant: str, stem: str, now: datetime) -> date:
+        """The UTC day whose partition holds `stem`'s file: yesterday's where a retry just after midnight finds the
+        first try's file there (else it would add a second copy of each dead letter in today's), else today."""
+        today = now.date()
+        if now - datetime(today.year, today.month, today.day, tzinfo=UTC) < DEAD_LETTER_RETRY_WINDOW:
+            yesterday = today - timedelta(days=1)
+            if self.fs.exists(f"{self.root}/dead_letters/tenant={tenant}/date={yesterday.isoformat()}/{stem}.parquet"):
+                return yesterday
+        return today
 
     def read_dead_letters(self, tenant: str | None = None) -> pa.Table:
         """All dead letters (with tenant and date columns), optionally of one tenant, oldest first: a tenant

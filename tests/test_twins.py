@@ -31,6 +31,7 @@ from actors.recovery import registration_record
 from actors.shard import TwinShard, TwinShardProcess
 from actors.telemetry import validated_table
 from actors.twin import CONFLICT, DUPLICATE, TOO_LATE, Twin, logged_event, replay
+from raytwin import statestore
 from raytwin.contracts import Asset, AssetType, TelemetryEvent
 from raytwin.registry import ModelArtifact, ModelRegistry
 from raytwin.statestore import Snapshot, StateStore, from_micros, parse_snapshot_name, to_micros
@@ -257,13 +258,24 @@ def test_events_the_model_is_not_defined_for_are_refused_and_later_ones_apply(tm
     assert_same_state(TwinShard(str(tmp_path), 0, 1, **BOUNDED_OPTS).state("acme", "b1"), now)
 
 
-@pytest.mark.parametrize("crash_after", ["append_log", "write_dead_letters"])
+class _AfterMidnight(datetime):
+    """The store's clock 30 s into the next UTC day: a retry that comes just after midnight."""
+
+    @classmethod
+    def now(cls, tz=None):
+        today = datetime.now(UTC).date()
+        return datetime(today.year, today.month, today.day, tzinfo=UTC) + timedelta(days=1, seconds=30)
+
+
+@pytest.mark.parametrize(("crash_after", "retry_tomorrow"), [("append_log", False), ("write_dead_letters", False),
+                                                             ("write_dead_letters", True)])
 def test_a_shard_killed_between_its_log_and_dead_letter_writes_loses_and_doubles_no_dead_letter(
-        tmp_path, bounded, crash_after):
+        tmp_path, bounded, monkeypatch, crash_after, retry_tomorrow):
     """The shard dies right after one of its two writes of a batch whose events the filter refuses; Ray restarts
     it (snapshot + log) and retries the call. Before, the log was written first: the retry found the refused
     events logged, called them duplicates, and their dead letters were never written. Now each refused event
-    has exactly one dead letter either way (the retry's replace the killed call's file)."""
+    has exactly one dead letter either way (the retry's replace the killed call's file), also when the retry
+    comes after UTC midnight (its file went to the next day's partition, beside the first: two copies)."""
     live = bounded_shard(str(tmp_path), bounded)
     evs = events("b1", 20)
     live.ingest("acme", validated_table(evs[:10]))
@@ -278,6 +290,8 @@ def test_a_shard_killed_between_its_log_and_dead_letter_writes_loses_and_doubles
     with pytest.raises(SystemExit):
         live.ingest("acme", batch)
     live.store.close_segments()
+    if retry_tomorrow:
+        monkeypatch.setattr(statestore, "datetime", _AfterMidnight)
     retried = bounded_shard(str(tmp_path), bounded).ingest("acme", batch)
     assert retried.accepted == 0 and retried.rejected + retried.duplicates == 10
     letters = StateStore(str(tmp_path)).read_dead_letters("acme")
