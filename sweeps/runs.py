@@ -257,6 +257,12 @@ def recorded_calibration(
                      seeds={"search": spec.seed}, user=user, rerun_of=rerun_of)
 
 
+_PUBLISHING = ("register_as", "registered_by")
+"""A calibration's fields that publish its fit as a registry version: a rerun reproduces the fit and compares
+its outputs (the fitted parameters among them), it publishes nothing. Re-registering also refused every
+calibration recorded before `registered_by` existed, which a `register_as` now needs."""
+
+
 def rerun(run_id: str, *, runs: str = DEFAULT_RUNS_ROOT, storage_options: dict | None = None,
           progress: bool | None = False) -> RerunReport:
     """Re-execute a recorded run from its record and compare every output file's hash."""
@@ -285,7 +291,8 @@ def rerun(run_id: str, *, runs: str = DEFAULT_RUNS_ROOT, storage_options: dict |
     else:
         spec_type, record = (FmuCalibrationSpec, recorded_fmu_calibration) if fmu else (CalibrationSpec,
                                                                                          recorded_calibration)
-        new = record(spec_type.model_validate(original.spec), expected_input_hash=original.input_data_hash, **common)
+        spec = {k: v for k, v in original.spec.items() if k not in _PUBLISHING}
+        new = record(spec_type.model_validate(spec), expected_input_hash=original.input_data_hash, **common)
     differing = sorted(name for name in set(original.outputs) | set(new.outputs)
                        if original.outputs.get(name) != new.outputs.get(name))
     return RerunReport(original=run_id, rerun=new.run_id, identical=not differing, differing=differing,

@@ -85,7 +85,8 @@ def test_calibration_run_records_the_data_hash_and_reruns_identically(ray_sessio
     spec_file = tmp_path / "calib.yaml"
     spec_file.write_text(yaml.safe_dump({
         "model": "two_tank", "telemetry": str(path), "start_state": {"h1": 0.3, "h2": 0.3}, "free": ["a1", "a2"],
-        "noise_std": {"h1": 1e-3, "h2": 1e-3}, "num_samples": 3, "seed": 5}))
+        "noise_std": {"h1": 1e-3, "h2": 1e-3}, "num_samples": 3, "seed": 5,
+        "registry_url": str(tmp_path / "registry"), "register_as": "two_tank_fit@1.0.0", "registered_by": "key-1"}))
     fitted = runner.invoke(calibrate_app, ["run", str(spec_file), "--runs", runs])
     assert fitted.exit_code == 0, fitted.output
     assert "a1 = 5.6" in fitted.output  # printed with its uncertainty
@@ -97,6 +98,11 @@ def test_calibration_run_records_the_data_hash_and_reruns_identically(ray_sessio
 
     report = rerun(record.run_id, runs=runs)
     assert report.identical, report.differing
+    # a record from before `registered_by` existed (a register_as needs it now) reruns too, publishing nothing
+    RunStore(runs).save(record.model_copy(update={"spec": {k: v for k, v in record.spec.items()
+                                                           if k != "registered_by"}}))
+    assert rerun(record.run_id, runs=runs).identical
+    assert ModelRegistry(str(tmp_path / "registry")).versions("two_tank_fit") == ["1.0.0"]
 
     pq.write_table(table.slice(0, 800), path)  # the telemetry snapshot changed
     with pytest.raises(RunError, match="telemetry .* changed"):
