@@ -70,6 +70,16 @@ class TransitionConflict(LifecycleError):
     """Another transition was recorded first (compare-and-set lost); reload and retry."""
 
 
+class PruneIncomplete(Exception):
+    """A prune failed partway (its `__cause__`, e.g. the store); `done` is what it logged and removed before, which
+    stays done (the log names each version pruned; the next prune removes the leftovers) and must be audited."""
+
+    def __init__(self, done: PruneReport):
+        super().__init__(f"the prune stopped after logging {len(done.records)} removals and removing "
+                         f"{len(done.runs_removed)} run records")
+        self.done = done
+
+
 class ChainBroken(LifecycleError):
     """The log was edited, deleted from or reordered; `record` is the first bad record's sequence number."""
 
@@ -484,10 +494,30 @@ class ModelLifecycle:
         doomed = [s.version for s in archived
                   if s.version not in recent | used | set(in_use) and s.version != state.rollback_target]
         reason = f"retention: keep the last {policy.keep_archived} archived versions"
-        records = [r for r in (self._record_prune(model, version, actor, reason) for version in doomed) if r]
-        removed = [r.version for r in records]
+        done = PruneReport(versions_removed=[], runs_removed=[])
+        try:
+            for version in doomed:
+                if (record := self._record_prune(model, version, actor, reason)) is not None:
+                    done.records.append(record)
+                    done.versions_removed.append(version)
+            self._remove_artifacts(model, done.versions_removed + [v for v, s in state.versions.items() if s.pruned])
+            removed_runs = [r for r in by_age if r not in kept_runs]
+            if removed_runs:
+                fs, root = filesystem(runs_root, storage_options)
+                for r in removed_runs:
+                    fs.rm(f"{root}/{r['run_id']}", recursive=True)
+                    done.runs_removed.append(r["run_id"])
+                    log.info("event=run_pruned run_id=%s model=%s tenant=%s", r["run_id"], model, tenant)
+        except Exception as exc:
+            if done.records or done.runs_removed:
+                raise PruneIncomplete(done) from exc
+            raise
+        return done
+
+    def _remove_artifacts(self, model: str, versions: list[str]) -> None:
+        """Remove the artifacts of `versions` (logged as pruned; a crash's leftovers among them) still registered."""
         registered = set(self.registry.versions(model))
-        for version in removed + [v for v, s in state.versions.items() if s.pruned]:  # (a crash's leftovers too)
+        for version in versions:
             if version in registered:
                 registered.discard(version)
                 try:
@@ -495,14 +525,6 @@ class ModelLifecycle:
                 except RegistryError:
                     if version in self.registry.versions(model):
                         raise  # (else a concurrent prune removed it first)
-        removed_runs = [r for r in by_age if r not in kept_runs]
-        if removed_runs:
-            fs, root = filesystem(runs_root, storage_options)
-            for r in removed_runs:
-                fs.rm(f"{root}/{r['run_id']}", recursive=True)
-                log.info("event=run_pruned run_id=%s model=%s tenant=%s", r["run_id"], model, tenant)
-        return PruneReport(versions_removed=removed, runs_removed=[r["run_id"] for r in removed_runs],
-                           records=records)
 
     def _record_prune(self, model: str, version: str, actor: Actor, reason: str) -> TransitionRecord | None:
         """Log `version`'s removal unless it is no longer an archived version to remove (another prune logged it,

@@ -18,9 +18,12 @@ import getpass
 import os
 import unicodedata
 from collections.abc import Callable
-from typing import Annotated, TypeVar
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
+
+if TYPE_CHECKING:
+    from raytwin.lifecycle import PruneReport
 
 registry_app = typer.Typer(no_args_is_help=True)
 T = TypeVar("T")
@@ -34,6 +37,11 @@ Reason = Annotated[str, typer.Option("--reason", help="Why (recorded in the tran
 Runs = Annotated[list[str] | None, typer.Option("--run", help="A run id as evidence (repeatable).")]
 FitReport = Annotated[str | None, typer.Option("--fit-report", help="URL of a fit report as evidence.")]
 Metrics = Annotated[list[str] | None, typer.Option("--metric", help="A shadow metric NAME=VALUE (repeatable).")]
+
+
+def _print_pruned(report: PruneReport) -> None:
+    typer.echo(f"removed versions: {', '.join(report.versions_removed) or 'none'}; "
+               f"removed runs: {', '.join(report.runs_removed) or 'none'}")
 
 
 def _run(call: Callable[[], T]) -> T:
@@ -198,15 +206,20 @@ def prune(model: str, registry: Registry, tenant: Tenant, runs: Annotated[str | 
     """Apply the tenant's retention: the last K archived versions and run records are kept, and
     whatever production, staging, candidates, kept run records or the twins (the versions they run and
     those their retained history was applied by) reference."""
+    from raytwin.lifecycle import PruneIncomplete
     from raytwin.statestore import StateStore
 
     _refuse_if_served(registry, f"POST /v1/models/{model}/prune", twins)
     twins = twins or _twins_beside(registry)
     in_use = StateStore(twins).model_versions(tenant, model) if twins else {}
     lc, who = _lifecycle(registry), _actor(tenant, actor, role)
-    report = _run(lambda: lc.prune(model, who, runs, in_use=set(in_use)))
-    typer.echo(f"removed versions: {', '.join(report.versions_removed) or 'none'}; "
-               f"removed runs: {', '.join(report.runs_removed) or 'none'}")
+    try:
+        report = _run(lambda: lc.prune(model, who, runs, in_use=set(in_use)))
+    except PruneIncomplete as exc:  # what it did stays done: say so, then why it stopped
+        _print_pruned(exc.done)
+        typer.echo(f"error: the prune stopped: {exc.__cause__!r}; run it again to finish", err=True)
+        raise typer.Exit(1) from None
+    _print_pruned(report)
     for version, assets in in_use.items():
         typer.echo(f"kept {model}@{version}: twin(s) {', '.join(assets[:5])}{' ...' if len(assets) > 5 else ''} "
                    "run it or their history was applied by it")

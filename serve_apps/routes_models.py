@@ -8,6 +8,8 @@ submitted the candidate (four eyes), unless the tenant's policy allows automatic
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -23,6 +25,7 @@ from raytwin.lifecycle import (
     LifecycleError,
     LifecyclePolicy,
     ModelLifecycle,
+    PruneIncomplete,
     PruneReport,
     Stage,
     TenantMismatch,
@@ -176,11 +179,17 @@ def _expected_revision(if_match: str | None, expected_revision: int | None) -> i
 
 
 async def _call(fn: Any, *args: Any, if_match: str | None = None) -> Any:
-    """Run a blocking lifecycle call off the event loop, its refusals turned into API errors; a lost
-    compare-and-set whose revision came from `if_match` answers 412, as HTTP preconditions do elsewhere in the
-    API (`serve_apps.conditional`)."""
-    try:
+    """Run a blocking lifecycle call off the event loop, its refusals turned into API errors (`_answered`)."""
+    with _answered(if_match):
         return await run_in_threadpool(fn, *args)
+
+
+@contextmanager
+def _answered(if_match: str | None = None) -> Iterator[None]:
+    """A lifecycle call's refusals as API errors; a lost compare-and-set whose revision came from `if_match`
+    answers 412, as HTTP preconditions do elsewhere in the API (`serve_apps.conditional`)."""
+    try:
+        yield
     except (ApprovalRequired, TenantMismatch) as exc:
         raise Forbidden(str(unwrap(exc))) from None
     except TransitionConflict as exc:
@@ -339,14 +348,21 @@ def register(app: FastAPI) -> None:
         assets = await svc.backend.call("list_assets", who.tenant, model, None, None, None)
         twins = StateStore(svc.config.url("twins"), svc.config.storage_options or None)
         running: dict[str, list[str]] = await run_in_threadpool(twins.model_versions, who.tenant, model)
-        report: PruneReport = await _call(_lifecycle(svc, who.tenant).prune, model, _actor(who),
-                                          svc.config.url("runs", who.tenant), svc.config.storage_options or None,
-                                          {a.type_version for a in assets} | set(running))
+        failure: BaseException | None = None
+        try:
+            report: PruneReport = await _call(_lifecycle(svc, who.tenant).prune, model, _actor(who),
+                                              svc.config.url("runs", who.tenant), svc.config.storage_options or None,
+                                              {a.type_version for a in assets} | set(running))
+        except PruneIncomplete as exc:  # what it did stays done: audited before the failure is answered
+            report, failure = exc.done, exc.__cause__
         for record in report.records:  # one audit record per log record, tied to it by hash as other transitions
             await svc.record(request, who, "model.prune", f"{model}@{record.version}", seq=record.seq,
                              hash=record.hash)
         for run_id in report.runs_removed:
             await svc.record(request, who, "run.prune", run_id, model=model)
+        if failure is not None:
+            with _answered():
+                raise failure
         return report
 
     @app.get("/v1/lifecycle-policy", response_model=LifecyclePolicy, tags=tags)

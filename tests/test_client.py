@@ -1256,3 +1256,40 @@ def test_the_whole_audit_log_is_read_a_page_at_a_time(api, sdk):
                            headers=auth["admin"])
     assert other_day.status_code == 422 and "is a cursor of another day than 2020-01-01" in other_day.text
     assert client.get("/v1/audit", params={"cursor": "../../keys"}, headers=auth["admin"]).status_code == 422
+
+
+def test_a_prune_that_fails_partway_audits_what_it_did(api, sdk, monkeypatch):
+    """A prune logs each version's removal, then removes the artifacts: one that failed there (a store error) had
+    logged removals the audit log never had. Now each logged removal is audited before the failure is answered,
+    and the next prune removes the leftover artifact."""
+    from fastapi.testclient import TestClient
+
+    from raytwin.registry import ModelRegistry
+
+    client, auth, _ = api
+    admin = sdk["admin"]
+    for version in ("1.0.0", "1.0.1"):
+        admin.create_asset_type(V1.model_copy(update={"name": "room_pruned", "version": version}))
+    sdk["writer"].transition_model("room_pruned", "1.0.0", TransitionRequest(to="candidate", reason="fit"))
+    admin.transition_model("room_pruned", "1.0.0", TransitionRequest(to="archived", reason="superseded"))
+    policy = client.get("/v1/lifecycle-policy", headers=auth["admin"]).json()
+    assert client.put("/v1/lifecycle-policy", json={**policy, "keep_archived": 0},
+                      headers=auth["admin"]).status_code == 200
+    try:
+        def store_fails(self, ref: str) -> None:
+            raise OSError(f"the store failed removing {ref}")
+
+        with monkeypatch.context() as m:
+            m.setattr(ModelRegistry, "remove", store_fails)
+            answering = TestClient(client.app, raise_server_exceptions=False)  # as served: the 503, not the raise
+            failed = answering.post("/v1/models/room_pruned/prune", headers=auth["admin"])
+        assert failed.status_code == 503, failed.text
+        (logged,) = [r for r in admin.model_lifecycle_log("room_pruned") if r.action == "prune"]
+        audited = [a for a in admin.audit(limit=50) if a.action == "model.prune" and a.target.startswith("room_pruned")]
+        assert [(a.target, a.details) for a in audited] == [
+            ("room_pruned@1.0.0", {"seq": logged.seq, "hash": logged.hash})]
+        again = client.post("/v1/models/room_pruned/prune", headers=auth["admin"])
+        assert again.status_code == 200 and again.json()["versions_removed"] == []  # logged once, by the first
+        assert ModelRegistry(api[2].config.url("registry", "acme")).versions("room_pruned") == ["1.0.1"]
+    finally:
+        client.put("/v1/lifecycle-policy", json=policy, headers=auth["admin"])
