@@ -312,22 +312,24 @@ class ModelLifecycle:
 
     # ------------------------------------------------------------------ transitions -----
     def submit(self, ref: str, actor: Actor, reason: str, evidence: Evidence | None = None,
-               expected_revision: int | None = None) -> TransitionRecord:
+               expected_revision: int | None = None, *, expected_head: str | None = None) -> TransitionRecord:
         """Enter a registered version as a candidate, `actor` its author (for the four-eyes rule)."""
         name, version = parse_ref(ref)
         self.registry.get(ref, allow_code_change=True)
-        state = self._load(name, actor, expected_revision)
+        state = self._load(name, actor, expected_revision, expected_head)
         if version in state.versions:
             raise LifecycleError(f"{ref} was submitted already; it is in stage {state.versions[version].stage}")
         return self._append(state, version, "submit", None, "candidate", actor, reason, evidence)
 
     def transition(self, ref: str, to: Stage, actor: Actor, reason: str, evidence: Evidence | None = None,
-                   expected_revision: int | None = None) -> TransitionRecord:
-        """Move ``name@version`` to stage `to` (see `NEXT`); production archives the previous one."""
+                   expected_revision: int | None = None, *, expected_head: str | None = None) -> TransitionRecord:
+        """Move ``name@version`` to stage `to` (see `NEXT`); production archives the previous one.
+        `expected_revision`: only if the log is at that revision (compare-and-set); `expected_head`: and its head
+        hash starts so (a revision alone names other records after a restore of the store from an earlier copy)."""
         name, version = parse_ref(ref)
         if to == "candidate":
-            return self.submit(ref, actor, reason, evidence, expected_revision)
-        state = self._load(name, actor, expected_revision)
+            return self.submit(ref, actor, reason, evidence, expected_revision, expected_head=expected_head)
+        state = self._load(name, actor, expected_revision, expected_head)
         current = state.versions.get(version)
         if current is None:
             self.registry.get(ref, allow_code_change=True)
@@ -361,12 +363,13 @@ class ModelLifecycle:
         return self._append(state, version, "evaluate", current.stage, current.stage, actor, reason, evidence)
 
     def rollback(self, model: str, actor: Actor, reason: str, evidence: Evidence | None = None,
-                 expected_revision: int | None = None, from_version: str | None = None) -> TransitionRecord:
+                 expected_revision: int | None = None, from_version: str | None = None, *,
+                 expected_head: str | None = None) -> TransitionRecord:
         """Return to the previous production version in one call; the current one is archived.
         Needs the approver role (the version was approved before), or the tenant's automatic promotion.
         `from_version`: only if it is production now, so a rollback sent twice (a retry, two approvers answering
-        one incident) goes back one version, not two."""
-        state = self._load(model, actor, expected_revision)
+        one incident) goes back one version, not two. `expected_revision`, `expected_head`: as `transition`."""
+        state = self._load(model, actor, expected_revision, expected_head)
         if from_version is not None and state.production != from_version:
             raise LifecycleError(_left_already(state, self.records(model), from_version))
         target = state.rollback_target
@@ -432,7 +435,8 @@ class ModelLifecycle:
             return UNKNOWN_SETTER
         return None
 
-    def _load(self, model: str, actor: Actor, expected_revision: int | None) -> ModelState:
+    def _load(self, model: str, actor: Actor, expected_revision: int | None,
+              expected_head: str | None = None) -> ModelState:
         state = self.verify(model)
         if state.tenant is not None and state.tenant != actor.tenant:
             raise TenantMismatch(f"model {model} belongs to tenant {state.tenant}; {actor.id} of tenant "
@@ -440,6 +444,11 @@ class ModelLifecycle:
         if expected_revision is not None and expected_revision != state.revision:
             raise TransitionConflict(f"{model} is at revision {state.revision}, not {expected_revision}: "
                                      f"another transition came first; reload and retry")
+        if expected_head is not None and not state.head_hash.startswith(expected_head):
+            raise TransitionConflict(f"{model}'s log at revision {state.revision} has head hash "
+                                     f"{state.head_hash[:len(expected_head)]}, not {expected_head}: other records "
+                                     "than those read (the store was restored from an earlier copy since); reload "
+                                     "and retry")
         return state
 
     def _append(self, state: ModelState, version: str, action: Action, from_stage: Stage | None, to: Stage,

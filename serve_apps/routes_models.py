@@ -8,9 +8,11 @@ submitted the candidate (four eyes), unless the tenant's policy allows automatic
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
+from functools import partial
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Path, Query, Request, Response
@@ -36,7 +38,6 @@ from raytwin.lifecycle import Actor as LifecycleActor
 from raytwin.registry import ModelRegistry, RegistryError
 from raytwin.statestore import StateStore
 from serve_apps.auth import Principal
-from serve_apps.conditional import etag
 from serve_apps.deps import ADMIN, READER, SVC, WRITABLE, WRITER, Services
 from serve_apps.errors import (CONFLICT, BadRequest, Conflict, Forbidden, NotFound, PreconditionFailed,
                                Unprocessable, unwrap)
@@ -155,27 +156,40 @@ async def _only_if_match(if_none_match: Annotated[str | None, Header(include_in_
 ONLY_IF_MATCH = Depends(_only_if_match)
 
 
-IF_MATCH = Header(None, description='The lifecycle\'s ETag from GET .../lifecycle (`"7"`: its revision): the '
-                  "transition happens only if the model's log is still at that revision, else 412 (the same as "
-                  "expected_revision in the body, which answers 409)")
+IF_MATCH = Header(None, description='The lifecycle\'s ETag from GET .../lifecycle (`"7-3f2a9c01be4d"`: its '
+                  "revision and the start of its head hash): the transition happens only if the model's log is "
+                  'still there, else 412. A bare revision (`"7"`, as ETags were before 2026-12-06) checks the revision '
+                  "alone, as expected_revision in the body does (which answers 409)")
 
 
-def _expected_revision(if_match: str | None, expected_revision: int | None) -> int | None:
-    """The revision a transition is conditional on: `If-Match` (the lifecycle's ETag, its revision) or the body's
-    expected_revision. An If-Match this compare-and-set cannot honour is refused, never ignored: a client that
-    sent it believes the transition is conditional."""
+ETAG_HEAD_CHARS = 12
+
+
+def lifecycle_etag(revision: int, head_hash: str) -> str:
+    """The lifecycle's ETag: its log's revision and the start of its head hash, so that a revision a restore of the
+    store gave other records (a restore from an earlier copy, then new transitions) is another tag."""
+    return f'"{revision}-{head_hash[:ETAG_HEAD_CHARS]}"'
+
+
+def _expected(if_match: str | None, expected_revision: int | None) -> tuple[int | None, str | None]:
+    """The revision a transition is conditional on, and the start of the log's head hash there: `If-Match` (the
+    lifecycle's ETag) or the body's expected_revision (no hash). An If-Match this compare-and-set cannot honour is
+    refused, never ignored: a client that sent it believes the transition is conditional."""
     if if_match is None:
-        return expected_revision
-    tag = if_match.strip()
-    if not (len(tag) > 2 and tag[0] == tag[-1] == '"' and tag[1:-1].lstrip("-").isdigit()):
+        return expected_revision, None
+    match = _LIFECYCLE_TAG.fullmatch(if_match.strip())
+    if match is None:
         raise BadRequest(f"If-Match: {if_match} is not one lifecycle ETag: a transition is conditional on one "
                          'revision of the model\'s log; send the ETag of GET /v1/models/{model}/lifecycle as '
-                         'returned (e.g. If-Match: "7"), or expected_revision in the body')
-    revision = int(tag[1:-1])
+                         'returned (e.g. If-Match: "7-3f2a9c01be4d"), or expected_revision in the body')
+    revision = int(match["revision"])
     if expected_revision is not None and expected_revision != revision:
         raise BadRequest(f"If-Match: {if_match} and expected_revision {expected_revision} name different revisions; "
                          "send one of them")
-    return revision
+    return revision, match["head"]
+
+
+_LIFECYCLE_TAG = re.compile(rf'"(?P<revision>-?\d+)(?:-(?P<head>[0-9a-f]{{{ETAG_HEAD_CHARS}}}))?"')
 
 
 async def _call(fn: Any, *args: Any, if_match: str | None = None) -> Any:
@@ -276,7 +290,7 @@ def register(app: FastAPI) -> None:
         """Each registered version's stage and author, the production version and the log's revision (also the
         ETag: send it as If-Match to make a transition conditional on it)."""
         status: LifecycleStatus = await _call(_status, _lifecycle(svc, who.tenant), model)
-        response.headers["ETag"] = etag(status.revision)
+        response.headers["ETag"] = lifecycle_etag(status.revision, status.head_hash)
         return status
 
     @app.post("/v1/models/{model}/versions/{version}/transitions", response_model=TransitionAnswer,
@@ -289,15 +303,16 @@ def register(app: FastAPI) -> None:
         the version (403 otherwise), unless the tenant's policy promotes automatically; the previous
         production version is archived, and the model's twins swap to the new one (`twins` says which did,
         and why the others keep theirs). 409: a move the version's stage does not allow, or a lost race
-        (412 when the revision came from If-Match). The answer's ETag is the log's new revision."""
-        expected = _expected_revision(if_match, body.expected_revision)
+        (412 when the revision came from If-Match). The answer's ETag is the lifecycle's new one."""
+        expected, head = _expected(if_match, body.expected_revision)
         lc = _lifecycle(svc, who.tenant)
         await run_in_threadpool(_check_evidence, svc, who.tenant, model, body.evidence)
         if body.to == "production" and not body.fleet:
             await _refuse_partial_fit(svc, who, lc, model, version)
-        record: TransitionRecord = await _call(lc.transition, f"{model}@{version}", body.to, _actor(who),
-                                               body.reason, body.evidence, expected, if_match=if_match)
-        response.headers["ETag"] = etag(record.seq)
+        record: TransitionRecord = await _call(partial(lc.transition, expected_head=head), f"{model}@{version}",
+                                               body.to, _actor(who), body.reason, body.evidence, expected,
+                                               if_match=if_match)
+        response.headers["ETag"] = lifecycle_etag(record.seq, record.hash)
         await svc.record(request, who, f"model.{record.action}", f"{model}@{version}", seq=record.seq,
                          to_stage=record.to_stage, displaced=record.displaced, hash=record.hash)
         return await _answer(svc, request, who, record)
@@ -310,13 +325,14 @@ def register(app: FastAPI) -> None:
         """Return to the previous production version (needs the `approver` grant, or automatic promotion); the
         model's twins swap to it (`twins`); conditional on If-Match or expected_revision as a transition is.
         Name the version it leaves as `from_version`: sent twice, it then goes back once (409 the second time)."""
-        expected = _expected_revision(if_match, body.expected_revision)
+        expected, head = _expected(if_match, body.expected_revision)
         lc = _lifecycle(svc, who.tenant)
         await _call(_require_model, lc, model)
         await run_in_threadpool(_check_evidence, svc, who.tenant, model, body.evidence)
-        record: TransitionRecord = await _call(lc.rollback, model, _actor(who), body.reason, body.evidence,
-                                               expected, body.from_version, if_match=if_match)
-        response.headers["ETag"] = etag(record.seq)
+        record: TransitionRecord = await _call(partial(lc.rollback, expected_head=head), model, _actor(who),
+                                               body.reason, body.evidence, expected, body.from_version,
+                                               if_match=if_match)
+        response.headers["ETag"] = lifecycle_etag(record.seq, record.hash)
         await svc.record(request, who, "model.rollback", f"{model}@{record.version}", seq=record.seq,
                          displaced=record.displaced, hash=record.hash)
         return await _answer(svc, request, who, record)

@@ -579,21 +579,31 @@ def test_a_shadow_of_a_candidate_archived_meanwhile_is_still_read(client):
 
 def test_if_match_makes_a_transition_conditional_on_the_lifecycle_etag(client):
     """If-Match on a transition or a rollback was ignored: a client using HTTP's compare-and-set believed its
-    transition conditional while a stale one applied. GET .../lifecycle's ETag is the log's revision; If-Match
-    with it is expected_revision, answered 412 like the API's other preconditions."""
+    transition conditional while a stale one applied. GET .../lifecycle's ETag is the log's revision and the start
+    of its head hash; If-Match with it is expected_revision, answered 412 like the API's other preconditions. The
+    head hash: after a restore of the store from an earlier copy, new transitions reused the revisions of those
+    lost with the restore, and an ETag from before matched a log the client never read."""
     api, http = client, client.http
     model = "cas_rc"
     _publish(api, model, "1.0.0", "1.1.0")
     url = f"/v1/models/{model}/versions/{{}}/transitions"
     writer = lambda tag: {**api.headers_for("writer"), "If-Match": tag}  # noqa: E731
     status = http.get(f"/v1/models/{model}/lifecycle", headers=api.headers_for("reader"))
-    assert status.headers["etag"] == '"-1"' and status.json()["revision"] == -1
-    first = http.post(url.format("1.0.0"), json={"to": "candidate", "reason": "fit"}, headers=writer('"-1"'))
-    assert first.status_code == 201 and first.headers["etag"] == '"0"', first.text
+    empty = status.headers["etag"]
+    assert status.json()["revision"] == -1 and empty == f'"-1-{status.json()["head_hash"][:12]}"'
+    first = http.post(url.format("1.0.0"), json={"to": "candidate", "reason": "fit"}, headers=writer(empty))
+    assert first.status_code == 201 and first.headers["etag"] == f'"0-{first.json()["hash"][:12]}"', first.text
+    assert http.get(f"/v1/models/{model}/lifecycle", headers=api.headers_for("reader")).headers["etag"] == \
+        first.headers["etag"]
     stale = assert_error(http.post(url.format("1.1.0"), json={"to": "candidate", "reason": "fit"},
-                                   headers=writer('"-1"')), 412, "precondition_failed")["message"]
+                                   headers=writer(empty)), 412, "precondition_failed")["message"]
     assert stale == (f'{model} is at revision 0, not -1: another transition came first; reload and retry; nothing was '
-                     'changed (If-Match: "-1" did not hold): GET .../lifecycle again and send its ETag')
+                     f'changed (If-Match: {empty} did not hold): GET .../lifecycle again and send its ETag')
+    restored = assert_error(http.post(url.format("1.1.0"), json={"to": "candidate", "reason": "fit"},
+                                      headers=writer('"0-000000000000"')), 412, "precondition_failed")["message"]
+    assert restored.startswith(f"{model}'s log at revision 0 has head hash {first.json()['hash'][:12]}, not "
+                               "000000000000: other records than those read (the store was restored from an earlier "
+                               "copy since)")
     assert http.get(f"/v1/models/{model}/lifecycle", headers=api.headers_for("reader")).json()["revision"] == 0
     assert "is not one lifecycle ETag" in assert_error(http.post(
         url.format("1.1.0"), json={"to": "candidate", "reason": "fit"}, headers=writer("*")), 400, "bad_request")["message"]
@@ -601,10 +611,10 @@ def test_if_match_makes_a_transition_conditional_on_the_lifecycle_etag(client):
                      headers=writer('"0"'))
     assert "name different revisions" in assert_error(both, 400, "bad_request")["message"]
     rollback = http.post(f"/v1/models/{model}/rollback", json={"reason": "back"},
-                         headers={**api.headers_for("approver"), "If-Match": '"-1"'})
+                         headers={**api.headers_for("approver"), "If-Match": empty})
     assert_error(rollback, 412, "precondition_failed")
-    assert http.post(url.format("1.1.0"), json={"to": "candidate", "reason": "fit"},
-                     headers=writer('"0"')).headers["etag"] == '"1"'
+    bare = http.post(url.format("1.1.0"), json={"to": "candidate", "reason": "fit"}, headers=writer('"0"'))
+    assert bare.headers["etag"] == f'"1-{bare.json()["hash"][:12]}"'  # a bare revision (older clients) still holds
 
 
 def test_an_unknown_model_is_404_on_every_lifecycle_route(client):
