@@ -26,13 +26,14 @@ from datetime import UTC, datetime
 import ray
 
 from actors.routing import shard_name
-from raytwin.statestore import LEASE_EXPIRY_S, Heartbeat, Lease, StateStore, StoreFenced
+from raytwin.renewal_watch import RenewalWatch
+from raytwin.statestore import LEASE_EXPIRY_S, LEASE_HEARTBEAT_S, Heartbeat, Lease, StateStore, StoreFenced
 
 log = logging.getLogger("raytwin.twins")
 
 STOP_WAIT_S = 30.0
 """How long a takeover waits for the previous holder's shard actors to be gone."""
-HEARTBEAT_S = 2.0
+HEARTBEAT_S = LEASE_HEARTBEAT_S
 """How often a holder's shards renew the store's heartbeat (a small file write each)."""
 EXPIRY_S = LEASE_EXPIRY_S
 """A holder whose heartbeat is older than this is gone (crashed, or its cluster stopped): three
@@ -85,18 +86,17 @@ def _refuse_if_renewed(store: StateStore, held: Lease, advice: str = SERVED_ELSE
     heartbeat's time is the holder's clock, and a host whose clock ran 6 s ahead took a live store at once
     while one behind refused to take a crashed holder's. A renewal is a heartbeat of `held` other than the
     one read before (its time is only a token); one that is not `held`'s is no renewal (a previous holder's
-    dying shard may have overwritten it a moment ago) nor a sign of a crash."""
+    dying shard may have overwritten it a moment ago) nor a sign of a crash (`RenewalWatch`)."""
     started = time.monotonic()
     deadline = started + (EXPIRY_S if wait_s is None else max(EXPIRY_S, wait_s))
-    quiet_since, renewed_at, last = started, None, store.read_heartbeat()
+    watch = RenewalWatch(EXPIRY_S, renews=lambda beat: beat is not None and beat.renews(held))
+    watch.quiet_for(store.read_heartbeat(), started)
     while True:
         time.sleep(HEARTBEAT_S / 2)  # two reads per renewal: none is missed
-        beat, now = store.read_heartbeat(), time.monotonic()
-        if beat is not None and beat != last and beat.renews(held):
-            quiet_since = renewed_at = now
-        last = beat
-        if now - quiet_since >= EXPIRY_S:
+        now = time.monotonic()
+        if watch.quiet_for(store.read_heartbeat(), now) is not None:
             return
+        renewed_at = watch.renewed_at
         if now >= deadline:
             assert renewed_at is not None  # else it was quiet since the start, for at least `EXPIRY_S`: returned
             raise StoreLeased(

@@ -71,6 +71,7 @@ import pyarrow.parquet as pq
 
 from raytwin.damage import report_damaged
 from raytwin.logsegments import SegmentWriter, held_segment, is_segment, read_segment
+from raytwin.renewal_watch import RenewalWatch
 from raytwin.storage import filesystem, replace_file
 
 log = logging.getLogger("raytwin.store")
@@ -317,9 +318,11 @@ class Heartbeat:
         return (self.owner, self.epoch, self.cluster) == (lease.owner, lease.epoch, lease.cluster)
 
 
+LEASE_HEARTBEAT_S = 2.0
+"""How often a lease holder's shards renew its heartbeat (`actors.lease.renew_heartbeat`)."""
 LEASE_EXPIRY_S = 6.0
-"""A lease holder whose heartbeat is older than this is gone (crashed, or its cluster stopped); why this
-long: `actors.lease.EXPIRY_S`."""
+"""A lease holder whose heartbeat was not renewed for this long is gone (crashed, or its cluster stopped); why
+this long: `actors.lease.EXPIRY_S`."""
 
 
 class HistoryPruned(LookupError):
@@ -865,16 +868,35 @@ class StateStore:
     def write_heartbeat(self, beat: Heartbeat) -> None:
         self._replace_json(self._heartbeat_path, asdict(beat))
 
-    def live_holder(self) -> tuple[Lease, float] | None:
-        """The lease of the service whose shards renewed its heartbeat within `LEASE_EXPIRY_S`, with the
-        renewal's age in seconds; None while no running service holds the store (none leased it, it
-        released it, or it stopped renewing: it crashed). One read, no wait: for a command that must not
-        write behind a running service's back (`raytwin registry` on a served store)."""
-        lease, beat = self.read_lease(), self.read_heartbeat()
-        if lease is None or lease.released or beat is None or not beat.renews(lease):
-            return None
-        age_s = max(0.0, time.time() - beat.at_s)
-        return (lease, age_s) if age_s <= LEASE_EXPIRY_S else None
+    def live_holder(self) -> Lease | None:
+        """The lease of the service holding the store if its shards renew its heartbeat; None if none does (none
+        leased it, it released it, or nothing renewed it for `LEASE_EXPIRY_S`: it crashed, or its shards are all
+        down). For a command that must not write behind a running service's back (`raytwin registry` on a served
+        store). It watches the heartbeat on this host's monotonic clock (`RenewalWatch`): it answers at the first
+        renewal (within about `LEASE_HEARTBEAT_S` for a running service), at once for a store no lease holds, and
+        after `LEASE_EXPIRY_S` for a holder that stopped. Why not compare the renewal's time with this host's
+        clock: that time is the holder's host's, and a clock skew over the expiry showed a running service as
+        stopped (the command wrote behind its back) and a crashed one as running. What it cannot tell: a service
+        that takes the store after it answered (it locks nothing)."""
+        lease = self.read_lease()
+        while lease is not None and not lease.released:
+            if self._renewed(lease):
+                return lease
+            lease, watched = self.read_lease(), lease
+            if lease == watched:
+                return None  # (else a service took the store over meanwhile: its lease is watched in turn)
+        return None
+
+    def _renewed(self, lease: Lease) -> bool:
+        """Whether `lease`'s shards renew its heartbeat within `LEASE_EXPIRY_S` of this host's monotonic clock
+        (True at the first renewal seen)."""
+        watch = RenewalWatch(LEASE_EXPIRY_S, renews=lambda beat: beat is not None and beat.renews(lease))
+        watch.quiet_for(self.read_heartbeat(), time.monotonic())
+        while watch.renewed_at is None:
+            time.sleep(LEASE_HEARTBEAT_S / 2)  # two reads per renewal: none is missed
+            if watch.quiet_for(self.read_heartbeat(), time.monotonic()) is not None:
+                return False
+        return True
 
     def _read_json(self, path: str) -> dict[str, Any] | None:
         try:

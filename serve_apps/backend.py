@@ -34,6 +34,7 @@ from raytwin.logs import component_logging
 from raytwin.query import Expr, Record
 from raytwin.lifecycle import LifecycleError, ModelLifecycle
 from raytwin.registry import ModelArtifact, ModelRegistry, RegistryError
+from raytwin.renewal_watch import RenewalWatch
 from raytwin.sim.cpu import cpu_only
 from raytwin.statestore import Lease, StoreFenced
 from serve_apps import asset_queries
@@ -56,7 +57,7 @@ from serve_apps.recalibration import TenantState
 from serve_apps.recalibration_jobs import RecalibrationJobs
 from serve_apps.schemas import StoreFence
 from serve_apps.store_errors import StoreUnavailable, store_failure, unavailable
-from serve_apps.store_probe import BoundedRead, RenewalWatch
+from serve_apps.store_probe import BoundedRead
 from serve_apps.type_models import register_published
 from serve_apps.type_usage import refuse_held_type, twins_running
 from serve_apps.unawaited import outlived
@@ -565,7 +566,7 @@ class Backend:
         if fence is not None:
             return fence
         beat = self._beat_reads(max(deadline - time.monotonic(), 0.0))
-        stalled = self._renewals.stalled_s(beat, time.monotonic())
+        stalled = self._renewals.quiet_for(beat, time.monotonic())
         if stalled is not None:
             raise unavailable(f"the shards' lease heartbeat, rewritten every 2 s, has not changed for {stalled:.0f} s",
                               "the store takes no writes (a full disk, a read-only or unwritable store: the shards "

@@ -42,24 +42,3 @@ class BoundedRead(Generic[T]):
             with self._lock:
                 if self._pending is pending and pending.done():  # the next call reads afresh
                     self._pending = None
-
-
-
-class RenewalWatch:
-    """Whether a value the store should see rewritten every few seconds (the shards' lease heartbeat) still
-    changes: unchanged across `stall_s` of this process's monotonic clock means no write landed. A full disk
-    or a read-only store fails writes but not reads, so a lease read alone reports it healthy. Compares the
-    values seen, never their timestamps with this host's clock (another host's clock may differ)."""
-
-    def __init__(self, stall_s: float):
-        self.stall_s = stall_s
-        self._seen: object = None
-        self._since: float | None = None  # monotonic time `_seen` was first seen
-
-    def stalled_s(self, value: object, now: float) -> float | None:
-        """Seconds `value` has stayed the same when that is over `stall_s` (None: it changed within it)."""
-        if self._since is None or value != self._seen:
-            self._seen, self._since = value, now
-            return None
-        unchanged = now - self._since
-        return unchanged if unchanged > self.stall_s else None

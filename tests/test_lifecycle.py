@@ -432,10 +432,14 @@ def test_cli_refuses_lifecycle_changes_on_a_store_a_running_service_holds(tmp_pa
     """A promotion written beside a running service moved production while its twins kept the old version
     (a split fleet until it restarted), missed its audit log and took `--role approver` on the caller's word:
     the service must be the one writer. Reads stay open; a store no service holds is the CLI's."""
-    import time
+    import threading
 
-    from raytwin.statestore import Heartbeat, Lease, StateStore
+    from raytwin import statestore
+    from raytwin.statestore import Lease, StateStore
+    from tests.fixtures_lease import renewing
 
+    monkeypatch.setattr(statestore, "LEASE_EXPIRY_S", 0.2)  # (6 s in a service, whose shards renew every 2 s)
+    monkeypatch.setattr(statestore, "LEASE_HEARTBEAT_S", 0.02)
     lc = _lifecycle(str(tmp_path / "store" / "registry" / "acme"), 2)
     run = _cli(tmp_path, monkeypatch)
     for version in ("1.0.0", "1.1.0"):
@@ -445,23 +449,27 @@ def test_cli_refuses_lifecycle_changes_on_a_store_a_running_service_holds(tmp_pa
     lease = Lease(owner="svc1", epoch=1, shards=1, namespace="raytwin", acquired_at="2026-03-01T00:00:00+00:00",
                   acquired_by="host:42", cluster="session_1")
     twins.write_lease(lease)
-    twins.write_heartbeat(Heartbeat("svc1", 1, "session_1", time.time()))
-    revision = lc.verify("zone").revision
-    for args, route in (
-            (("promote", "zone@1.1.0"), 'POST /v1/models/zone/versions/1.1.0/transitions with {"to": "production"}'),
-            (("archive", "zone@1.1.0"), 'POST /v1/models/zone/versions/1.1.0/transitions with {"to": "archived"}'),
-            (("rollback", "zone"), "POST /v1/models/zone/rollback"),
-            (("prune", "zone"), "POST /v1/models/zone/prune")):
-        refused = run(*args, *(() if args[0] == "prune" else ("--reason", "r")), "--actor", "bob", "--role",
-                      "approver", code=1)
-        assert "belongs to a store that a running service holds (service svc1, started by host:42" in refused
-        assert f"change it through that service's HTTP API, {route}, which swaps its twins, audits" in refused
-    assert "PUT /v1/lifecycle-policy" in run("policy", "--keep-archived", "0", code=1)
-    assert lc.verify("zone").revision == revision and lc.policy("acme").keep_archived == 5  # nothing written
-    assert "production: 1.0.0" in run("status", "zone") and "ok:" in run("verify", "zone")  # reads stay open
-    assert '"keep_archived":5' in run("policy")
-
-    twins.write_heartbeat(Heartbeat("svc1", 1, "session_1", time.time() - 60))  # it crashed: offline work again
+    stop = threading.Event()
+    renewer = renewing(twins, lease, stop.is_set)  # its shards
+    try:
+        revision = lc.verify("zone").revision
+        transitions = "POST /v1/models/zone/versions/1.1.0/transitions"
+        for args, route in (
+                (("promote", "zone@1.1.0"), f'{transitions} with {{"to": "production"}}'),
+                (("archive", "zone@1.1.0"), f'{transitions} with {{"to": "archived"}}'),
+                (("rollback", "zone"), "POST /v1/models/zone/rollback"),
+                (("prune", "zone"), "POST /v1/models/zone/prune")):
+            refused = run(*args, *(() if args[0] == "prune" else ("--reason", "r")), "--actor", "bob", "--role",
+                          "approver", code=1)
+            assert "belongs to a store that a running service holds (service svc1, started by host:42" in refused
+            assert f"change it through that service's HTTP API, {route}, which swaps its twins, audits" in refused
+        assert "PUT /v1/lifecycle-policy" in run("policy", "--keep-archived", "0", code=1)
+        assert lc.verify("zone").revision == revision and lc.policy("acme").keep_archived == 5  # nothing written
+        assert "production: 1.0.0" in run("status", "zone") and "ok:" in run("verify", "zone")  # reads stay open
+        assert '"keep_archived":5' in run("policy")
+    finally:
+        stop.set()  # it crashed: offline work again
+        renewer.join()
     assert "staging -> production (archived 1.0.0)\tbob" in run("promote", "zone@1.1.0", "--reason", "service down",
                                                                  "--actor", "bob", "--role", "approver")
 

@@ -438,7 +438,8 @@ class HealthBackend:
 
     def __init__(self, store, lease):
         from serve_apps.backend import RENEWAL_STALL_S
-        from serve_apps.store_probe import BoundedRead, RenewalWatch
+        from raytwin.renewal_watch import RenewalWatch
+        from serve_apps.store_probe import BoundedRead
 
         self.twins = SimpleNamespace(store=store, lease=lease)
         self._lease_reads = BoundedRead(store.read_lease, "the store's lease")
@@ -613,7 +614,7 @@ def test_health_and_readiness_say_the_store_takes_no_writes_once_the_shards_hear
     from tests.fixtures_serve import in_process
 
     store, mine, backend = _leased_backend(tmp_path)
-    backend._renewals.stall_s = 0.3  # (15 s in a service: several 2 s renewals missed)
+    backend._renewals.quiet_s = 0.3  # (15 s in a service: several 2 s renewals missed)
     beat = Heartbeat(owner=mine.owner, epoch=mine.epoch, cluster=mine.cluster, at_s=1.0)
     store.write_heartbeat(beat)
     with in_process(backend, tmp_path) as (http, _, _):

@@ -11,7 +11,6 @@ import pytest
 from raytwin import statestore
 from raytwin.keyindex import Logged, LogKeyIndex, content_digest
 from raytwin.statestore import (
-    LEASE_EXPIRY_S,
     Heartbeat,
     HistoryPruned,
     Lease,
@@ -283,27 +282,68 @@ def test_model_versions_are_those_twins_run_and_their_retained_history_applied(s
     assert store.model_versions("acme", "zone") == {"1.1.0": ["a", "b"], "1.2.0": ["a"]}
 
 
-def test_live_holder_is_a_service_whose_shards_renew_the_lease(tmp_path):
-    """Commands that must not write behind a running service (`raytwin registry`) ask once, without waiting."""
+@pytest.mark.parametrize("skew_s", [3600.0, -3600.0], ids=["holder_clock_ahead", "holder_clock_behind"])
+def test_live_holder_is_a_service_whose_shards_renew_the_lease_whatever_its_hosts_clock(tmp_path, monkeypatch,
+                                                                                         skew_s):
+    """Commands that must not write behind a running service (`raytwin registry`) ask whether one holds the store.
+    It compared the heartbeat's time (the holder's host's clock) with this host's: a holder whose clock was behind
+    by more than the expiry showed as stopped, and the command wrote behind its back; a crashed one whose clock was
+    ahead showed as running. It watches the heartbeat change on this host's clock instead."""
+    import threading
     import time
     from dataclasses import replace
 
+    from tests.fixtures_lease import renewing
+
+    monkeypatch.setattr(statestore, "LEASE_EXPIRY_S", 0.2)
+    monkeypatch.setattr(statestore, "LEASE_HEARTBEAT_S", 0.02)
+    holder_clock = lambda: time.time() + skew_s  # noqa: E731
     store = StateStore(str(tmp_path / "store"))
     assert store.live_holder() is None  # never served
     lease = Lease(owner="o1", epoch=3, shards=2, namespace="ns", acquired_at="2026-03-01T00:00:00+00:00",
                   acquired_by="host:1", cluster="session_a")
     store.write_lease(lease)
     assert store.live_holder() is None  # leased, but no shard ever renewed it
-    store.write_heartbeat(Heartbeat("o1", 3, "session_a", time.time() - 1))
-    held, age_s = store.live_holder()
-    assert held == lease and 1 <= age_s < LEASE_EXPIRY_S
-    store.write_heartbeat(Heartbeat("o1", 3, "session_a", time.time() - LEASE_EXPIRY_S - 1))
-    assert store.live_holder() is None  # it stopped renewing: crashed
-    store.write_heartbeat(Heartbeat("o0", 2, "session_a", time.time()))
-    assert store.live_holder() is None  # a previous holder's beat
-    store.write_heartbeat(Heartbeat("o1", 3, "session_a", time.time()))
+    stop = threading.Event()
+    renewer = renewing(store, lease, stop.is_set, clock=holder_clock)
+    try:
+        assert store.live_holder() == lease
+    finally:
+        stop.set()
+        renewer.join()
+    assert store.live_holder() is None  # it stopped renewing: crashed, its last heartbeat stays
+    previous = replace(lease, owner="o0", epoch=2)
+    stop.clear()
+    renewer = renewing(store, previous, stop.is_set, clock=holder_clock)
+    try:
+        assert store.live_holder() is None  # a previous holder's dying shard renews, not the lease's
+    finally:
+        stop.set()
+        renewer.join()
     store.write_lease(replace(lease, released=True))
     assert store.live_holder() is None  # stopped cleanly
+
+
+def test_live_holder_watches_the_service_that_took_the_store_over_while_it_watched(tmp_path, monkeypatch):
+    """A takeover while the command watched the old holder go quiet: the new holder runs, and is found."""
+    import time
+
+    monkeypatch.setattr(statestore, "LEASE_EXPIRY_S", 0.2)
+    monkeypatch.setattr(statestore, "LEASE_HEARTBEAT_S", 0.02)
+    old = Lease(owner="o1", epoch=3, shards=2, namespace="ns", acquired_at="", acquired_by="", cluster="A")
+    new = Lease(owner="o2", epoch=4, shards=2, namespace="ns", acquired_at="", acquired_by="", cluster="B")
+
+    class TakenOver(StateStore):
+        """Its lease reads `old` once, then `new`, whose shards renew the heartbeat before each read."""
+        leases = [old]
+
+        def read_lease(self) -> Lease | None:
+            return self.leases.pop(0) if self.leases else new
+
+        def read_heartbeat(self) -> Heartbeat | None:
+            return Heartbeat(new.owner, new.epoch, new.cluster, time.time())
+
+    assert TakenOver(str(tmp_path / "store")).live_holder() == new
 
 
 def _log_as(store: StateStore, ev: LoggedEvent, name: str) -> None:

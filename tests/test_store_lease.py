@@ -7,7 +7,6 @@ from __future__ import annotations
 import re
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import replace
 
 import pytest
@@ -20,6 +19,7 @@ from actors.recovery import registration_record
 from actors.shard import TwinShard
 from actors.telemetry import validated_table
 from raytwin.statestore import Heartbeat, Lease, StateStore, StoreFenced
+from tests.fixtures_lease import renewing
 from tests.test_twins import (  # noqa: F401 (a fixture)
     TWIN_OPTS,
     artifact,
@@ -147,7 +147,7 @@ def test_a_service_of_another_ray_cluster_is_refused_while_the_holder_renews_and
     other = replace(store.read_lease(), owner="other", epoch=9, cluster="session_other", released=False)
     store.write_lease(other)
     stop = threading.Event()
-    renewer = _renewing(store, other, stop.is_set)
+    renewer = renewing(store, other, stop.is_set)
     try:
         started = time.monotonic()
         with pytest.raises(StoreLeased, match="of Ray cluster session session_other .*another Ray cluster than this one: stop that service first"):
@@ -170,21 +170,6 @@ def test_a_service_of_another_ray_cluster_is_refused_while_the_holder_renews_and
             stale.flush()
     finally:
         taken.close()
-
-
-def _renewing(store: StateStore, held: Lease, until: Callable[[], bool],
-              clock: Callable[[], float] = time.time) -> threading.Thread:
-    """A started thread renewing `held`'s heartbeat as its shards would (every 0.05 s, with the time of
-    `clock`: the holder's host's), until `until()`."""
-    def renew() -> None:
-        while not until():
-            store.write_heartbeat(Heartbeat(held.owner, held.epoch, held.cluster, clock()))
-            time.sleep(0.05)
-
-    store.write_heartbeat(Heartbeat(held.owner, held.epoch, held.cluster, clock()))
-    renewer = threading.Thread(target=renew, daemon=True)
-    renewer.start()
-    return renewer
 
 
 class _Beats:
@@ -233,7 +218,7 @@ def test_crash_detection_never_compares_two_hosts_clocks(tmp_path, monkeypatch, 
     holder_clock = time.time
     monkeypatch.setattr(time, "time", lambda: holder_clock() + skew_s)  # this host's clock
     stop = threading.Event()
-    renewer = _renewing(store, held, stop.is_set, clock=holder_clock)
+    renewer = renewing(store, held, stop.is_set, clock=holder_clock)
     try:
         started = time.monotonic()
         with pytest.raises(StoreLeased, match=r"renewed the lease 0\.\d s ago, as seen from this host"):
@@ -257,7 +242,7 @@ def test_a_starting_service_waits_for_another_clusters_holder_that_is_stopping(t
     old = Lease(owner="old", epoch=3, shards=1, namespace="raytwin", acquired_at="", acquired_by="", cluster="A")
     store.write_lease(old)
     stops_at = time.monotonic() + 1.5
-    renewer = _renewing(store, old, lambda: time.monotonic() >= stops_at)  # its pods terminating
+    renewer = renewing(store, old, lambda: time.monotonic() >= stops_at)  # its pods terminating
     try:
         with pytest.raises(StoreLeased, match="another Ray cluster than this one"):
             acquire_lease(store, 1, "raytwin", False, cluster="B")  # by default: one expiry, then refused
