@@ -134,8 +134,7 @@ class Backend:
         self._lease_reads = BoundedRead(self.twins.store.read_lease, "the store's lease")  # probes: a deadline
         self._beat_reads = BoundedRead(self.twins.store.read_heartbeat, "the store's lease heartbeat")
         self._renewals = RenewalWatch(RENEWAL_STALL_S)
-        threading.Thread(target=self._watch_fence, name="fence-watch", daemon=True).start()
-        threading.Thread(target=self._retry_changes, name="change-retry", daemon=True).start()
+        threading.Thread(target=self._watch_store, name="store-watch", daemon=True).start()
         self._twin_marks: dict[tuple[str, str], tuple[int, bool]] = {}  # last published (revision, drift)
         self._registries: dict[str, ModelRegistry] = {}
         self._artifacts: dict[tuple[str, str], ModelArtifact] = {}  # (tenant, name@version): read once
@@ -462,13 +461,6 @@ class Backend:
         except Exception as exc:  # noqa: BLE001 - the store still fails: the next append or pass tries again
             log.warning("event=change_flush_failed error=%s: %s", type(exc).__name__, exc)
 
-    def _retry_changes(self) -> None:
-        """Every `FENCE_WATCH_S` (a daemon thread): write the changes a failed write kept, so the stream gets
-        them once the store is back even if no request comes."""
-        while True:
-            time.sleep(FENCE_WATCH_S)
-            self._flush_changes()
-
     def clear_drift(self, tenant: str, asset_id: str) -> dict[str, Any]:
         """Clear the twin's drift alarm (durably, `actors.service.TwinService.clear_drift`) and record
         `twin.drift` when the flag fell; the state keeps its revision (no event was applied)."""
@@ -573,29 +565,36 @@ class Backend:
                               "log event=lease_heartbeat_failed with the error) or every twin shard is down")
         return None
 
-    def _watch_fence(self) -> None:
-        """Every `FENCE_WATCH_S` (a daemon thread): export whether the service is fenced (`metrics.STORE_FENCED`,
-        for an alert and the dashboard: its writes all fail while health's anonymous answer stays terse), and once
-        a service of another Ray cluster holds the store, stop this service's connectors: detached, they would keep
-        receiving and sending beside the successor's, under the same MQTT client ids. A successor in this cluster
-        shares them by name, so they stay."""
-        stopped = False
+    def _watch_store(self) -> None:
+        """Every `FENCE_WATCH_S` (a daemon thread): `_watch_fence`, then write the changes a failed write kept, so
+        the stream gets them once the store is back even if no request comes."""
         metrics.STORE_FENCED.set(0)
+        connectors_stopped = False
         while True:
             time.sleep(FENCE_WATCH_S)
-            try:
-                held = self.twins.store.read_lease()
-                fenced = not holds(held, self.twins.lease)
-                metrics.STORE_FENCED.set(1 if fenced else 0)
-                if stopped or not fenced or held is None or held.released or held.cluster == ray_cluster():
-                    continue  # a released lease has no successor whose connectors would run beside these
-                count = stop_connector_actors(self.config.namespace)
-            except Exception:  # noqa: BLE001 - a store hiccup: the next check tries again
-                log.warning("event=fence_watch_failed", exc_info=True)
-                continue
-            stopped = True
-            log.warning("event=store_fenced_connectors_stopped holder=%s epoch=%d connectors=%d", held.owner,
-                        held.epoch, count)
+            connectors_stopped = self._watch_fence(connectors_stopped)
+            self._flush_changes()
+
+    def _watch_fence(self, connectors_stopped: bool) -> bool:
+        """Export whether the service is fenced (`metrics.STORE_FENCED`, for an alert and the dashboard: its writes
+        all fail while health's anonymous answer stays terse), and once a service of another Ray cluster holds the
+        store, stop this service's connectors (unless `connectors_stopped`): detached, they would keep receiving and
+        sending beside the successor's, under the same MQTT client ids. A successor in this cluster shares them by
+        name, so they stay. Whether the connectors are stopped now; the lease read waits at most `FENCE_READ_S`: one
+        that hangs must not stop the loop for good."""
+        try:
+            held = self._lease_reads(FENCE_READ_S)
+            fenced = not holds(held, self.twins.lease)
+            metrics.STORE_FENCED.set(1 if fenced else 0)
+            if connectors_stopped or not fenced or held is None or held.released or held.cluster == ray_cluster():
+                return connectors_stopped  # a released lease has no successor whose connectors would run beside these
+            count = stop_connector_actors(self.config.namespace)
+        except Exception:  # noqa: BLE001 - a store hiccup: the next check tries again
+            log.warning("event=fence_watch_failed", exc_info=True)
+            return connectors_stopped
+        log.warning("event=store_fenced_connectors_stopped holder=%s epoch=%d connectors=%d", held.owner,
+                    held.epoch, count)
+        return True
 
     def check_writable(self) -> None:
         """`StoreFenced` (503 `store_fenced`) once another service took the store over: a fenced service must not

@@ -607,6 +607,52 @@ def test_liveness_stays_200_and_readiness_answers_503_within_its_timeout_while_t
         assert http.get("/v1/health").json() == {"status": "ok"}
 
 
+def test_the_store_watch_exports_the_fence_stops_the_connectors_once_and_writes_the_changes_a_failure_kept(
+        tmp_path, monkeypatch):
+    """The backend's one store-watch thread (`Backend._watch_store`, every 5 s): once a service of another Ray
+    cluster took the store, the fence gauge says so and this service's connectors stop, once; and a change whose
+    write failed is written when the store takes writes again, with no request to carry it."""
+    from dataclasses import replace
+
+    from raytwin import metrics
+    from serve_apps import backend as backend_module
+    from serve_apps.backend import Backend
+    from serve_apps.changes import ChangeLog
+    from serve_apps.store_probe import BoundedRead
+
+    class Stop(Exception):
+        """Ends the watch after its passes."""
+
+    def sleep(_seconds: float) -> None:  # the wait before each pass
+        if next(passes, None) is None:
+            raise Stop
+
+    def disk_full(tenant, changes) -> None:
+        raise OSError(28, "No space left on device")
+
+    store, mine, _ = _leased_backend(tmp_path)
+    store.write_lease(replace(mine, owner="svc-b", epoch=2, cluster="other"))  # taken over from another cluster
+    fenced, stopped, passes = [], [], iter(range(2))
+    monkeypatch.setattr(metrics, "STORE_FENCED", SimpleNamespace(set=fenced.append))
+    monkeypatch.setattr(backend_module, "stop_connector_actors", lambda namespace: stopped.append(namespace) or 2)
+    monkeypatch.setattr(backend_module, "ray_cluster", lambda: "this")
+    backend = Backend.__new__(Backend)
+    backend.config, backend.twins = SimpleNamespace(namespace="ns"), SimpleNamespace(store=store, lease=mine)
+    backend._lease_reads = BoundedRead(store.read_lease, "the store's lease")
+    backend.changes = ChangeLog(str(tmp_path / "changes"))
+    write = backend.changes.store.write
+    backend.changes.store.write = disk_full
+    with pytest.raises(OSError):
+        backend.changes.record("acme", [{"kind": "asset.updated", "asset_id": "a"}])
+    backend.changes.store.write = write  # the disk has space again
+    monkeypatch.setattr(time, "sleep", sleep)
+    with pytest.raises(Stop):
+        backend._watch_store()  # two passes
+    assert fenced == [0, 1, 1] and stopped == ["ns"]
+    assert backend.changes.unwritten() == 0
+    assert [(c.seq, c.asset_id) for c in backend.changes.store.read("acme", 0, 10)] == [(1, "a")]
+
+
 def test_health_and_readiness_say_the_store_takes_no_writes_once_the_shards_heartbeat_stops_changing(tmp_path):
     """A full disk failed every write (the shards' heartbeat included) while reads of the lease worked: health
     and readiness said ok, and nothing named the store."""
