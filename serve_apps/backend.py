@@ -137,7 +137,6 @@ class Backend:
         threading.Thread(target=self._watch_store, name="store-watch", daemon=True).start()
         self._twin_marks: dict[tuple[str, str], tuple[int, bool]] = {}  # last published (revision, drift)
         self._registries: dict[str, ModelRegistry] = {}
-        self._artifacts: dict[tuple[str, str], ModelArtifact] = {}  # (tenant, name@version): read once
         self.backlog = BacklogGate(config.admission.telemetry_backlog_events, config.admission.retry_after_s)
         self.recalibration = RecalibrationJobs(config, self.twins, self.changes, self.audit)
         for tenant in self.catalog.tenants():  # relaunch what a restart interrupted; act on what it missed
@@ -159,14 +158,9 @@ class Backend:
         return self._registries[tenant]
 
     def _artifact(self, tenant: str, asset: Asset) -> ModelArtifact:
-        """The model of the asset's type version, read from the registry once per process: every telemetry
-        request validates against it (`model_of`), and three store reads each made telemetry hang with an S3
-        store that hung. A registered version's content never changes (the registry refuses another model
-        under it); a deleted type's entry goes with it (`delete_type`)."""
-        ref = f"{asset.type_name}@{asset.type_version}"
-        if (tenant, ref) not in self._artifacts:
-            self._artifacts[(tenant, ref)] = self._registry(tenant).get(ref)
-        return self._artifacts[(tenant, ref)]
+        """The model of the asset's type version, read from the registry (no copy kept: a version that retention
+        removed, from the Ingress replica's process, must not be found here)."""
+        return self._registry(tenant).get(f"{asset.type_name}@{asset.type_version}")
 
     # ---- asset types -------------------------------------------------------------------
     def put_type(self, tenant: str, asset_type: AssetType, pre: Precondition, published_by: str) -> tuple[bool, int]:
@@ -219,7 +213,6 @@ class Backend:
         with self._lock:  # what may have changed while the shards answered, checked again where the delete is
             self.catalog.check_delete_type(tenant, name, version, pre)
             refuse_held_type(ModelLifecycle(self._registry(tenant)), running, name, version)
-            self._artifacts.pop((tenant, f"{name}@{version}"), None)
             self.changes.write(tenant, lambda seq: [{
                 "kind": "asset_type.deleted", "type_name": name, "type_version": version,
                 "data": {"asset_type": self.catalog.delete_type(tenant, name, version, pre).model_dump(
@@ -403,20 +396,22 @@ class Backend:
             "data": job.model_dump(mode="json", include={"job_id", "kind", "state", "finished", "error", "run_id",
                                                         "scenarios", "n_steps", "compute_s"})}])
 
-    def model_of(self, tenant: str, asset_id: str, model_ref: str | None = None) -> tuple[AssetType, ModelArtifact]:
-        """The asset's type and registered model (for validating telemetry), or with `model_ref` (what its twin
-        runs, for scenarios: a promotion swaps it) that version's type and model."""
+    def type_of(self, tenant: str, asset_id: str) -> AssetType:
+        """The asset's type, from the catalog (for validating telemetry): no registry read, so that telemetry neither
+        waits on a store that hangs nor pays three store reads per request before the shard's breaker answers."""
         asset = self.get_asset(tenant, asset_id)
-        if model_ref is not None:
-            try:
-                artifact = self._registry(tenant).get(model_ref)
-            except RegistryError:
-                self._refuse_if_pruned(tenant, asset_id, model_ref)
-                raise
-            return artifact.asset_type, artifact
         with self._lock:
-            asset_type = self.catalog.get_type(tenant, asset.type_name, asset.type_version)
-        return asset_type, self._artifact(tenant, asset)
+            return self.catalog.get_type(tenant, asset.type_name, asset.type_version)
+
+    def model_of(self, tenant: str, asset_id: str, model_ref: str) -> ModelArtifact:
+        """The registered model `model_ref` of the asset (what its twin runs, for scenarios: a promotion swaps it);
+        410 if retention removed it (`_refuse_if_pruned`)."""
+        self.get_asset(tenant, asset_id)  # 404 for unknown and other tenants' assets
+        try:
+            return self._registry(tenant).get(model_ref)
+        except RegistryError:
+            self._refuse_if_pruned(tenant, asset_id, model_ref)
+            raise
 
     def _refuse_if_pruned(self, tenant: str, asset_id: str, model_ref: str) -> None:
         """410 naming the retention that removed `model_ref`, a version the twin ran (in a store pruned by a

@@ -203,7 +203,7 @@ async def _model_and_state(svc: Services, who: Principal, asset_id: str, live: b
                               f"not known (only its last snapshot, revision {twin['revision']}); retry after "
                               f"{RETRY_AFTER_S} s, or give an explicit start_state",
                               headers={"Retry-After": str(RETRY_AFTER_S)})
-    _, artifact = await svc.backend.call("model_of", who.tenant, asset_id, twin["model_ref"])
+    artifact = await svc.backend.call("model_of", who.tenant, asset_id, twin["model_ref"])
     if not live:
         return LiveStart(artifact, None, at, [], StartedFrom())
     if not twin.get("event_time"):  # revision 0: the asset's initial_state, never estimated from telemetry

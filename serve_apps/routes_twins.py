@@ -54,7 +54,7 @@ def register(app: FastAPI) -> None:
             raise Unprocessable(f"events[{stamped[0]}].ingest_time: the server sets ingest_time (its clock on "
                                 f"receipt); leave it out of the {len(stamped)} event(s) that carry it",
                                 details=[{"index": i, "field": "ingest_time"} for i in stamped])
-        asset_type, _ = await svc.backend.call("model_of", who.tenant, asset_id)
+        asset_type = await svc.backend.call("type_of", who.tenant, asset_id)
         await check_sender_version(svc, who.tenant, asset_id, asset_type, type_version)
         valid, positions, rejections, causes = _validate_events(asset_id, body.events, asset_type, datetime.now(UTC))
         report = {"accepted": 0, "duplicates": 0, "rejected": 0, "reasons": []}

@@ -63,10 +63,10 @@ def api(ray_session, broker, tmp_path_factory):  # noqa: F811 (the broker fixtur
             def check_writable(self) -> None:
                 """This stand-in's store has no other service."""
 
-            def model_of(self, tenant: str, asset_id: str, model_ref: str | None = None):
+            def model_of(self, tenant: str, asset_id: str, model_ref: str):
                 if asset_id not in twins.assets(tenant):
                     raise NotFound(f"asset {asset_id} not found")
-                return AssetType.from_model(TWO_TANK), artifact
+                return artifact
 
         class LiveStates:  # what `TwinReader.state` answers, from the twin service
             async def state(self, tenant: str, asset_id: str, at=None) -> dict:

@@ -677,24 +677,44 @@ def test_health_and_readiness_say_the_store_takes_no_writes_once_the_shards_hear
         assert http.get("/v1/health/ready").json() == {"status": "ok"}
 
 
-def test_telemetry_validates_against_a_model_read_once_not_on_every_request_from_a_store_that_may_hang():
+def test_telemetry_validates_against_the_catalogs_type_without_reading_a_model_from_a_store_that_may_hang():
     """With an S3 store that hung, every telemetry request hung past its client's timeout in `model_of`: each
-    read the asset's model from the registry (three store reads) before the shard's breaker could refuse it."""
+    read the asset's model from the registry (three store reads) before the shard's breaker could refuse it.
+    Validation needs the asset's type only, which the catalog holds."""
+    import threading
+
     from serve_apps.backend import Backend
 
-    reads: list[str] = []
+    zone = AssetType.from_model(THERMAL_RC)
+    asset = Asset(tenant="acme", id="zone-1", type_name=zone.name, type_version=zone.version)
 
-    class Registry:  # the store answers the first read, then hangs (a read fails the test instead)
+    class Registry:  # the store hangs (a read fails the test instead)
         def get(self, ref: str):
-            assert not reads, f"{ref} read from the store again"
-            reads.append(ref)
-            return SimpleNamespace(ref=ref)
+            raise AssertionError(f"{ref} read from the store")
 
     backend = Backend.__new__(Backend)
-    backend._registries, backend._artifacts = {"acme": Registry()}, {}
-    asset = Asset(tenant="acme", id="zone-1", type_name="thermal_rc", type_version="1.0.0")
-    first = backend._artifact("acme", asset)
-    assert all(backend._artifact("acme", asset) is first for _ in range(3)) and reads == ["thermal_rc@1.0.0"]
+    backend._lock, backend._registries = threading.Lock(), {"acme": Registry()}
+    backend.moves = SimpleNamespace(try_settle=lambda tenant, asset_id: None)
+    backend.catalog = SimpleNamespace(get_asset=lambda tenant, asset_id: asset,
+                                      get_type=lambda tenant, name, version: zone)
+    assert backend.type_of("acme", "zone-1") == zone
+
+
+def test_the_backend_keeps_no_copy_of_a_model_that_retention_removed(tmp_path):
+    """The backend kept each model it read until it restarted: a version that a prune (which runs in the Ingress
+    replica's process) removed from the registry was still found there."""
+    from raytwin.registry import ModelRegistry, RegistryError
+    from serve_apps.backend import Backend
+
+    zone = AssetType.from_model(THERMAL_RC)
+    asset = Asset(tenant="acme", id="zone-1", type_name=zone.name, type_version=zone.version)
+    ModelRegistry(str(tmp_path)).register(zone.name, zone.version, zone)
+    backend = Backend.__new__(Backend)
+    backend._registries = {"acme": ModelRegistry(str(tmp_path))}
+    assert backend._artifact("acme", asset).ref == f"{zone.name}@{zone.version}"
+    ModelRegistry(str(tmp_path)).remove(f"{zone.name}@{zone.version}")  # the prune route's registry
+    with pytest.raises(RegistryError, match="no model"):
+        backend._artifact("acme", asset)
 
 
 def test_health_refuses_a_credential_that_holds_no_key_as_every_route_does(tmp_path):
