@@ -435,7 +435,9 @@ class Backend:
         return await outlived(work, f"applying {len(events)} accepted events of tenant {tenant}", logging.ERROR)
 
     def apply(self, tenant: str, events: list[TelemetryEvent]) -> dict[str, Any]:
-        """Apply events, then record the new state (and a flipped drift flag) of each twin they changed."""
+        """Apply events, then record the new state (and a flipped drift flag) of each twin they changed; refused
+        first (503) while too many of the tenant's changes wait for a failed write (`ChangeLog.check_room`)."""
+        self.changes.check_room(tenant)
         assets = sorted({e.asset_id for e in events})
         for asset_id in assets:
             if (tenant, asset_id) not in self._twin_marks:  # first write since start: what was the drift flag?

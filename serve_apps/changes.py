@@ -42,6 +42,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from raytwin.storage import filesystem, replace_file
+from serve_apps.store_errors import unavailable
 
 ChangeKind = Literal["twin.state", "twin.drift", "asset.created", "asset.updated", "asset.deleted",
                      "asset_type.created", "asset_type.deleted", "job.succeeded", "job.failed",
@@ -51,6 +52,9 @@ PARTITION = 10_000
 """Sequence numbers per store directory: bounds the listing a reader behind the ring needs; the unit of retention."""
 PRUNE_EVERY_S = 600.0
 """How often an appending backend applies the retention to a tenant's log (one listing)."""
+MAX_UNWRITTEN = 10_000
+"""Changes of one tenant kept in memory after their write failed (`ChangeLog._commit`) before its telemetry batches
+are refused (`ChangeLog.check_room`): about 12 MB of twin.state changes of a two-state model (1.2 kB each)."""
 
 log = logging.getLogger("raytwin.serve.changes")
 
@@ -112,10 +116,10 @@ class Queued:
 
 class ChangeLog:
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None, memory: int = 1000,
-                 retention_s: float | None = None):
+                 retention_s: float | None = None, max_unwritten: int = MAX_UNWRITTEN):
         """`retention_s`: keep at least that much history (None: everything)."""
         self.store = ChangeStore(url, storage_options)
-        self.memory, self.retention_s = memory, retention_s
+        self.memory, self.retention_s, self.max_unwritten = memory, retention_s, max_unwritten
         self._pruned_at: dict[str, float] = {}  # tenant -> monotonic time of its last retention pass
         self._lock = threading.Lock()  # sequence numbers, segment writes, the rings
         self._queue_lock = threading.Lock()
@@ -174,7 +178,9 @@ class ChangeLog:
 
         A failed write (a full disk, a store outage) keeps its drafts: they describe what already happened (a
         twin's applied events, a finished job), so they are written ahead of the tenant's next append, or by
-        `flush`: the stream misses no change, even when the client's resend of the batch is all duplicates."""
+        `flush`: the stream misses no change, even when the client's resend of the batch is all duplicates.
+        Kept in this process's memory only: a backend that stops before the store takes writes again loses them
+        (see serve_apps/README.md, "Change stream"); `check_room` bounds them."""
         all_drafts = [d for item in batch for d in item.drafts]
         try:
             changes = self._append_locked(tenant, all_drafts) if all_drafts else []
@@ -209,6 +215,19 @@ class ChangeLog:
         """How many changes wait for a write that failed (0: the log has every change recorded)."""
         with self._lock:
             return sum(len(d) for d in self._unwritten.values())
+
+    def check_room(self, tenant: str) -> None:
+        """`StoreUnavailable` (503) while `max_unwritten` of the tenant's changes wait for a write that failed: each
+        batch applied meanwhile would keep more in memory, without bound while the store fails, all lost if the
+        backend stops. For a caller about to apply a batch: nothing of it is applied, and its resend is once the
+        kept changes are written (`flush`, every few seconds). Read without the lock, which a write to a store
+        that hangs holds: a telemetry request must not wait on it here."""
+        kept = len(self._unwritten.get(tenant, ()))
+        if kept >= self.max_unwritten:
+            raise unavailable(f"{kept} changes of tenant {tenant} wait for the change log's write, which failed",
+                              "the store takes no writes (a full disk, a read-only or unwritable store: the backend "
+                              "logs event=change_write_failed with the error); this tenant's telemetry is refused, "
+                              "nothing of it applied, until they are written")
 
     def _flush_locked(self, tenant: str) -> None:
         if self._unwritten.get(tenant):

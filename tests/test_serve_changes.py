@@ -596,25 +596,34 @@ def iter_events(response: httpx.Response):
             frame[key] = json.loads(value) if key == "data" else value
 
 
-def test_a_change_whose_write_failed_is_written_first_with_the_next_append_or_a_flush(tmp_path):
-    """A full disk failed the change-log write after the shard applied a batch: the change was dropped, and the
-    client's resend (all duplicates) recorded none, so the stream never had that state change."""
-    log = ChangeLog(str(tmp_path))
-    write, failures = log.store.write, [OSError(28, "No space left on device")]
+DISK_FULL = OSError(28, "No space left on device")
 
-    def full_once(tenant, changes):
+
+def _failing_writes(log: ChangeLog, failures: list[Exception]) -> None:
+    """Make the log's store writes raise `failures` in turn (one per write), then write again (the store is back)."""
+    write = log.store.write
+
+    def failing(tenant, changes):
         if failures:
             raise failures.pop()
         write(tenant, changes)
 
-    log.store.write = full_once
+    log.store.write = failing
+
+
+def test_a_change_whose_write_failed_is_written_first_with_the_next_append_or_a_flush(tmp_path):
+    """A full disk failed the change-log write after the shard applied a batch: the change was dropped, and the
+    client's resend (all duplicates) recorded none, so the stream never had that state change."""
+    log = ChangeLog(str(tmp_path))
+    failures = [DISK_FULL]
+    _failing_writes(log, failures)
     with pytest.raises(OSError, match="No space left"):
         log.record("acme", drafts(2, asset="a"))
     assert log.head("acme") == 0 and log.unwritten() == 2
     log.flush(["acme"])  # the store takes writes again (a resend, the backend's retry pass)
     assert log.unwritten() == 0 and [(c.seq, c.data["k"]) for c in log.store.read("acme", 0, 10)] == [(1, 0), (2, 1)]
 
-    failures.append(OSError(28, "No space left on device"))
+    failures.append(DISK_FULL)
     with pytest.raises(OSError):
         log.record("acme", drafts(1, asset="b"))
     changed = log.write("acme", lambda seq: [{"kind": "asset.updated", "asset_id": "c", "data": {"rev": seq}}])
@@ -623,47 +632,88 @@ def test_a_change_whose_write_failed_is_written_first_with_the_next_append_or_a_
     assert [(c.seq, c.asset_id) for c in stored] == [(1, "a"), (2, "a"), (3, "b"), (4, "c")]  # none lost nor doubled
 
 
-def test_a_batch_applied_before_its_change_write_failed_answers_503_and_its_resend_records_the_change(tmp_path):
-    """`Backend.apply` over a stand-in for the shards: the change write fails once after the batch was applied."""
-    from types import SimpleNamespace
+class _Shard:
+    """A stand-in for the twin shards, holding twin zone-3: applies the events it has not seen (its revision counts
+    them) and counts the others as duplicates; `calls` counts the batches it was sent."""
 
-    from actors.state import DivergenceReport, IngestReport, TwinState
-    from serve_apps.backend import Backend
-    from serve_apps.store_errors import StoreUnavailable
+    def __init__(self) -> None:
+        self.seen: set = set()
+        self.calls = 0
 
-    def state(revision: int) -> TwinState:
+    def ingest(self, tenant, events, states=False):
+        from actors.state import IngestReport
+
+        self.calls += 1
+        new = {e.key for e in events} - self.seen
+        self.seen |= new
+        if not new:
+            return IngestReport(duplicates=len(events))
+        return IngestReport(accepted=len(new), duplicates=len(events) - len(new), states=[self.state(tenant, "zone-3")])
+
+    def state(self, tenant, asset_id):
+        from actors.state import DivergenceReport, TwinState
+
         calm = DivergenceReport(nis_mean=1.0, nis_last=1.0, residual_mean={}, residual_rms={}, drift=False,
                                 diverged=False)
-        return TwinState(tenant="acme", asset_id="zone-3", model_ref="thermal_rc@1.0.0", revision=revision,
+        return TwinState(tenant="acme", asset_id="zone-3", model_ref="thermal_rc@1.0.0", revision=len(self.seen),
                          event_time=None, state={"T": 20.0}, std={"T": 0.1}, covariance=[[0.01]], divergence=calm,
-                         events_applied=revision)
+                         events_applied=len(self.seen))
 
-    shard = SimpleNamespace(revision=0)
 
-    def ingest(tenant, events, states=False):  # 20 events: applied once, duplicates after
-        if shard.revision:
-            return IngestReport(duplicates=20)
-        shard.revision = 20
-        return IngestReport(accepted=20, states=[state(20)])
+def _batch(n: int, first: int = 0) -> list:
+    """`n` events of twin zone-3 (the stand-in shard reads no more of them than their keys)."""
+    from types import SimpleNamespace
+
+    return [SimpleNamespace(asset_id="zone-3", key=k) for k in range(first, first + n)]
+
+
+def _backend_over(shard: _Shard, log: ChangeLog):
+    """`Backend.apply` over the stand-in shard and `log`."""
+    from types import SimpleNamespace
+
+    from serve_apps.backend import Backend
 
     backend = Backend.__new__(Backend)
-    backend._publish, backend._twin_marks = threading.Lock(), {}
-    backend.changes = ChangeLog(str(tmp_path))
-    backend.twins = SimpleNamespace(ingest=ingest, state=lambda tenant, asset_id: state(shard.revision))
+    backend._publish, backend._twin_marks, backend.changes, backend.twins = threading.Lock(), {}, log, shard
     backend.recalibration = SimpleNamespace(trigger=SimpleNamespace(waiting=lambda tenant: False))
-    write = backend.changes.store.write
-    failures = [OSError(28, "No space left on device")]
+    return backend
 
-    def full_once(tenant, changes):
-        if failures:
-            raise failures.pop()
-        write(tenant, changes)
 
-    backend.changes.store.write = full_once
-    events = [SimpleNamespace(asset_id="zone-3")] * 20  # the stand-in shard reads no more of them
+def test_a_batch_applied_before_its_change_write_failed_answers_503_and_its_resend_records_the_change(tmp_path):
+    """`Backend.apply` over a stand-in for the shards: the change write fails once after the batch was applied."""
+    from actors.state import IngestReport
+    from serve_apps.store_errors import StoreUnavailable
+
+    backend = _backend_over(_Shard(), ChangeLog(str(tmp_path)))
+    _failing_writes(backend.changes, [DISK_FULL])
+    events = _batch(20)
     with pytest.raises(StoreUnavailable, match="events were applied, but their change record was not written") as e:
         backend.apply("acme", events)
     assert "disk is full" in e.value.message and e.value.headers["Retry-After"] == "5"
     assert backend.apply("acme", events) == IngestReport(duplicates=20).model_dump(mode="json", exclude={"states"})
     recorded = backend.changes.store.read("acme", 0, 10)
     assert [(c.kind, c.asset_id, c.revision) for c in recorded] == [("twin.state", "zone-3", 20)]
+
+
+def test_a_tenants_telemetry_is_refused_while_too_many_of_its_changes_wait_for_a_failed_write(tmp_path):
+    """A change kept after a failed change-log write lives in the backend's memory only, and each batch applied
+    while the store failed kept one more, without bound. Once `max_unwritten` wait, the tenant's batches are
+    refused (503) before the shards apply them, until the kept changes are written."""
+    from serve_apps.store_errors import StoreUnavailable
+
+    shard = _Shard()
+    backend = _backend_over(shard, ChangeLog(str(tmp_path), max_unwritten=2))
+    _failing_writes(backend.changes, [DISK_FULL] * 3)
+    for first in (0, 10):  # applied, their changes kept
+        with pytest.raises(StoreUnavailable, match="events were applied, but their change record was not written"):
+            backend.apply("acme", _batch(10, first))
+    with pytest.raises(StoreUnavailable, match="2 changes of tenant acme wait for the change log's write") as e:
+        backend.apply("acme", _batch(10, 20))
+    assert shard.calls == 2 and e.value.headers["Retry-After"] == "5"  # refused before the shards were sent it
+    assert "full disk" in e.value.message and "nothing of it applied" in e.value.message
+    backend.changes.check_room("globex")  # another tenant's telemetry goes on
+    backend._flush_changes()  # the store watch's pass: the store still fails
+    backend._flush_changes()  # it takes writes again
+    backend.apply("acme", _batch(10, 20))
+    recorded = backend.changes.store.read("acme", 0, 10)
+    assert [(c.seq, c.revision) for c in recorded] == [(1, 10), (2, 20), (3, 30)]  # none lost nor doubled
