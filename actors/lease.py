@@ -28,6 +28,7 @@ import ray
 from actors.routing import shard_name
 from raytwin.renewal_watch import RenewalWatch
 from raytwin.statestore import LEASE_EXPIRY_S, LEASE_HEARTBEAT_S, Heartbeat, Lease, StateStore, StoreFenced
+from raytwin.store_failures import count, failure_class
 
 log = logging.getLogger("raytwin.twins")
 
@@ -189,8 +190,10 @@ def renew_heartbeat(store: StateStore, fence: tuple[str, int]) -> None:
                 store.write_heartbeat(Heartbeat(fence[0], fence[1], cluster, time.time()))
             except StoreFenced:
                 return
-            except Exception:  # noqa: BLE001 - a failed renewal is retried; an expired one lets another cluster in
+            except Exception as exc:  # noqa: BLE001 - a failed renewal is retried; an expired one lets another in
                 log.warning("event=lease_heartbeat_failed store=%s", store.url, exc_info=True)
+                if (error := failure_class(exc)) is not None:  # the store's: counted for the alert (a full disk)
+                    count("write", error)
             time.sleep(HEARTBEAT_S)
 
     threading.Thread(target=beat, name="raytwin-lease-heartbeat", daemon=True).start()

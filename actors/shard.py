@@ -78,6 +78,7 @@ from raytwin.logs import component_logging
 from raytwin.migration import MigrationPlan
 from raytwin.sim.cpu import start_single_core_backend
 from raytwin.statestore import LOG_BATCH_SCHEMA, StateStore, StoreFenced, dead_letter_stem, from_micros
+from raytwin.store_failures import zero_counts
 
 log = logging.getLogger("raytwin.twins")
 
@@ -178,6 +179,7 @@ class TwinShard(LiveModelOps):
         # exported at 0 now: a burst that creates a series would not show in `rate()` (`Metric.zero`)
         metrics.TWIN_EVENTS.zero(*({"shard": self.tag, "outcome": o} for o in TWIN_OUTCOMES))
         metrics.zero_dead_letters("shard")
+        zero_counts("write")  # its lease heartbeat's failures (`actors.lease.renew_heartbeat`)
         kernels = kernel_counts()
         log.info("event=shard_started shard=%d pid=%d twins=%d shadowed=%d process_age_s=%.2f recover_s=%.2f "
                  "kernels_loaded=%d kernels_compiled=%d", index, os.getpid(), len(self.twins), shadowed,

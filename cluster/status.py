@@ -1,5 +1,5 @@
-"""`raytwin status`: the service (down, fenced), cluster, shards, twins, ingest lag, job queue, connectors and firing
-alerts on one screen.
+"""`raytwin status`: the service (down, fenced), cluster, store, shards, twins, ingest lag, job queue, connectors and
+firing alerts on one screen.
 
 It reads what the operators' tools read, so it agrees with them: Ray's state (nodes, CPUs), every
 alive node's metrics export summed (so counts are cluster-wide, as in `raytwin.metrics`), and,
@@ -37,6 +37,8 @@ class Status:
     shards: dict[str, int] = field(default_factory=dict)  # TwinShardProcess actors by Ray state
     unanswered: dict[str, int] = field(default_factory=dict)  # shard -> calls it left past their deadline (hung)
     fenced: bool | None = None  # the backend's store lease lost to another service; None: no backend exports it
+    store_unavailable: list[str] | None = None  # why the backend finds its store unavailable; None: not exported
+    store_failures: dict[str, int] = field(default_factory=dict)  # "operation/error" -> store operations failed
     twins: int = 0
     drifting: int = 0
     events: dict[str, int] = field(default_factory=dict)  # by outcome
@@ -118,6 +120,23 @@ def _fenced(samples: Samples) -> bool | None:
     return any(v > 0 for v in values) if values else None
 
 
+STORE_UNAVAILABLE = {
+    "disk_full": "its disk is full: free space on it",
+    "read_only": "its filesystem is read-only: remount it read-write",
+    "permission": "the service may not write it: its owner and permissions, or its S3 credentials and bucket policy",
+    "io": "its disk reports I/O errors", "unreachable": "its endpoint refuses connections or cannot be reached",
+    "timeout": "it does not answer a read within 5 s",
+    "no_writes": "no write lands, the shards' lease heartbeat stopped changing (a full disk, a read-only store: the "
+                 "shards log event=lease_heartbeat_failed)"}
+"""What each reason of `ray_raytwin_store_unavailable` means (`serve_apps.store_errors.UNAVAILABLE_REASONS`)."""
+
+
+def _store_unavailable(samples: Samples) -> list[str] | None:
+    """The reasons a backend exports at 1 (none: the store takes writes); None when no backend exports the gauge."""
+    values = [(labels.get("reason", ""), v) for n, labels, v in samples if n == "ray_raytwin_store_unavailable"]
+    return sorted({reason for reason, v in values if v > 0}) if values else None
+
+
 def collect(samples: Samples, prometheus: str | None = None, now: float | None = None) -> Status:
     """The status from Ray's state, `samples` (`scrape_nodes`) and Prometheus's alerts."""
     nodes = [n for n in ray.nodes() if n["Alive"]]
@@ -130,6 +149,8 @@ def collect(samples: Samples, prometheus: str | None = None, now: float | None =
                                           Source="gcs").items() if v},
         unanswered=_nonzero(_by(samples, "ray_raytwin_shard_unanswered_total", "shard")),
         fenced=_fenced(samples),
+        store_unavailable=_store_unavailable(samples),
+        store_failures=_nonzero(_by(samples, "ray_raytwin_store_failures_total", "operation", "error")),
         twins=int(sum(_by(samples, "ray_raytwin_twins").values())),
         drifting=int(sum(_by(samples, "ray_raytwin_twins_drifting").values())),
         events=_nonzero(_by(samples, "ray_raytwin_twin_events_total", "outcome")),
@@ -180,6 +201,21 @@ def _service(s: Status) -> str:
     return "; ".join(problems) or "up: twin shards alive" + ("" if s.fenced is None else ", store held")
 
 
+def _store(s: Status) -> str:
+    """Whether the store takes writes, as the backend's health probe finds it, and why not; then the store
+    operations that failed (over the processes' lives)."""
+    if s.fenced:
+        state = "held by another service (see service)"
+    elif s.store_unavailable is None:
+        state = "unknown (no API backend exports it)"
+    elif s.store_unavailable:
+        why = "; ".join(STORE_UNAVAILABLE.get(r, r) for r in s.store_unavailable)
+        state = f"TAKES NO WRITES: {why} (ops/README.md#store-failing)"
+    else:
+        state = "takes writes"
+    return f"{state}; failed operations: {_counts(s.store_failures)}"
+
+
 def _connectors(s: Status) -> str:
     """Connected ones counted; those not connected with their down time; those the backend does not run with
     why (a process of theirs that ran before may still be in the export: they are listed once, as not running)."""
@@ -202,6 +238,7 @@ def render(s: Status) -> str:
     return "\n".join([
         f"cluster       {s.nodes} node(s), {s.cpus_free:g} of {s.cpus:g} CPUs free",
         f"service       {_service(s)}",
+        f"store         {_store(s)}",
         f"shards        {_shards(s)}",
         f"twins         {s.twins:,} live, {s.drifting:,} drifting",
         f"events        {_counts(s.events)}",

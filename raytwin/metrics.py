@@ -278,6 +278,14 @@ STORE_DAMAGED_FILES = counter("raytwin_store_damaged_files", "Damaged store file
                             "readable rows kept, its tail lost), once per process and file (`raytwin.damage`).", "kind")
 STORE_FENCED = gauge("raytwin_store_fenced", "1 while this service's store is leased to another service (a takeover, a "
                      "reshard) or its lease was released: every write is refused (503 store_fenced); 0 while it holds it.")
+STORE_FAILURES = counter("raytwin_store_failures", "Store operations that failed, by operation (read, write: a "
+                         "request that reads or changes something, a write the service makes by itself, the shards' "
+                         "lease heartbeat) and error class (`raytwin.store_failures.FAILURE_CLASSES`: disk_full, "
+                         "read_only, permission, io, unreachable, timeout).", "operation", "error")
+STORE_UNAVAILABLE = gauge("raytwin_store_unavailable", "1 while the API backend finds its store unavailable, by reason "
+                          "(an error class of `raytwin_store_failures`: a read of its lease fails or does not answer; "
+                          "no_writes: the shards' lease heartbeat stopped changing while a shard answers), 0 "
+                          "otherwise; checked every 5 s, as the health probes check it.", "reason")
 
 DEAD_LETTER_REASONS: dict[str, tuple[str, ...]] = {
     "api": ("invalid", "misfit"),

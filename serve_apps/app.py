@@ -18,6 +18,7 @@ from raytwin.logs import component_logging
 from raytwin.sim.cpu import cpu_only
 from raytwin.sim.discovery import restrict_fmu_sources
 from raytwin.storage import filesystem
+from raytwin.store_failures import OPERATIONS, zero_counts
 from serve_apps.api import create_api
 from serve_apps.audit import AuditLog
 from serve_apps.auth import KeyStore
@@ -40,6 +41,8 @@ class Ingress:
         # fetch any URL. Process-wide, so only in this replica's own process, never in-process users.
         restrict_fmu_sources([config.url("registry")])
         metrics.zero_dead_letters("api")  # a burst of refusals shows in the dead-letter ratio from its first count
+        for operation in OPERATIONS:  # and a store outage's first failed requests in the store alert's rate
+            zero_counts(operation)
         client = BackendClient(backend)
         self.services = Services(
             config=config, keys=KeyStore(config.keys_file), backend=client,

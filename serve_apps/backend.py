@@ -56,7 +56,7 @@ from serve_apps.query_schemas import AssetGraph, BulkRequest
 from serve_apps.recalibration import TenantState
 from serve_apps.recalibration_jobs import RecalibrationJobs
 from serve_apps.schemas import StoreFence
-from serve_apps.store_errors import StoreUnavailable, store_failure, unavailable
+from serve_apps.store_errors import UNAVAILABLE_REASONS, StoreUnavailable, store_failure, unavailable
 from serve_apps.store_probe import BoundedRead
 from serve_apps.type_models import register_published
 from serve_apps.type_usage import refuse_held_type, twins_running
@@ -518,7 +518,7 @@ class Backend:
                 raise
             raise StoreUnavailable(f"the events were applied, but their change record was not written yet "
                                    f"({failure.message}); the change log writes it once the store takes writes "
-                                   "again") from None
+                                   "again", error=failure.error) from None
         if any(d["kind"] == "twin.drift" and d["data"]["drift"] for d in drafts) or \
                 self.recalibration.trigger.waiting(tenant):  # a latch, or triggers waiting for event time
             try:  # reads the log in order from its cursor; the events are applied and recorded whatever happens
@@ -558,17 +558,19 @@ class Backend:
         stalled = self._renewals.quiet_for(beat, time.monotonic())
         if stalled is not None:
             raise unavailable(f"the shards' lease heartbeat, rewritten every 2 s, has not changed for {stalled:.0f} s",
-                              "the store takes no writes (a full disk, a read-only or unwritable store: the shards "
-                              "log event=lease_heartbeat_failed with the error) or every twin shard is down")
+                              "no_writes", "the store takes no writes (a full disk, a read-only or unwritable store: the "
+                              "shards log event=lease_heartbeat_failed with the error) or every twin shard is down")
         return None
 
     def _watch_store(self) -> None:
-        """Every `FENCE_WATCH_S` (a daemon thread): `_watch_fence`, then write the changes a failed write kept, so
-        the stream gets them once the store is back even if no request comes."""
+        """Every `FENCE_WATCH_S` (a daemon thread): export the store's state (`_export_store_state`), `_watch_fence`,
+        then write the changes a failed write kept, so the stream gets them once the store is back even if no
+        request comes."""
         metrics.STORE_FENCED.set(0)
         connectors_stopped = False
         while True:
             time.sleep(FENCE_WATCH_S)
+            self._export_store_state()
             connectors_stopped = self._watch_fence(connectors_stopped)
             self._flush_changes()
 
@@ -592,6 +594,17 @@ class Backend:
         log.warning("event=store_fenced_connectors_stopped holder=%s epoch=%d connectors=%d", held.owner,
                     held.epoch, count)
         return True
+
+    def _export_store_state(self) -> None:
+        """Export what the health probes find of the store (`metrics.STORE_UNAVAILABLE`, by reason), for the alert's
+        operators, the dashboard and `raytwin status`, which reach no health route."""
+        try:
+            self.probe_store(FENCE_READ_S)
+            reason = None
+        except StoreUnavailable as exc:
+            reason = exc.error
+        for r in UNAVAILABLE_REASONS:
+            metrics.STORE_UNAVAILABLE.set(1.0 if r == reason else 0.0, reason=r)
 
     def check_writable(self) -> None:
         """`StoreFenced` (503 `store_fenced`) once another service took the store over: a fenced service must not

@@ -230,11 +230,22 @@ _STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404:
                  415: "unsupported_media_type", 429: "rate_limited"}
 
 
+def _count_store_failure(request: Request, err: ApiError) -> None:
+    """Count a request answered 503 `store_unavailable` (`metrics.STORE_FAILURES`): a write when the request
+    changes something, a read otherwise."""
+    from raytwin.store_failures import FAILURE_CLASSES, count
+    from serve_apps.store_errors import StoreUnavailable  # (it builds on this module's ApiError)
+
+    if isinstance(err, StoreUnavailable) and err.error in FAILURE_CLASSES:
+        count("read" if request.method in ("GET", "HEAD") else "write", err.error)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     async def api_error(request: Request, exc: Exception) -> JSONResponse:
         err = unwrap(exc)
         if not isinstance(err, ApiError):
             return await unexpected(request, err)
+        _count_store_failure(request, err)
         return error_response(request, err.status, err.code, err.message_for(request), err.details, err.headers)
 
     async def validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -256,6 +267,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         err = unwrap(exc)
         if isinstance(err, ApiError):
+            _count_store_failure(request, err)
             return error_response(request, err.status, err.code, err.message_for(request), err.details, err.headers)
         if isinstance(err, StoreFenced):  # another service took the store: an operator's act, not a bug
             log.error("event=store_fenced request_id=%s path=%s error=%s", getattr(request.state, "request_id", None),
@@ -269,6 +281,7 @@ def install_error_handlers(app: FastAPI) -> None:
         if store is not None:  # a full disk, an S3 outage: the operator's to fix, the client's to resend
             log.error("event=store_unavailable request_id=%s path=%s error=%s: %s",
                       getattr(request.state, "request_id", None), request.url.path, type(err).__name__, err)
+            _count_store_failure(request, store)
             return error_response(request, store.status, store.code, store.message_for(request), headers=store.headers)
         log.exception("event=unhandled_error request_id=%s path=%s", getattr(request.state, "request_id", None),
                       request.url.path, exc_info=err)

@@ -7,17 +7,21 @@ operator's act, and the request is worth resending. The message names the error 
 from __future__ import annotations
 
 import errno
+from functools import partial
+from typing import Literal
 
 from starlette.requests import Request
 
+from raytwin.store_failures import FAILURE_CLASSES, FailureClass, failure_class
 from serve_apps.errors import ApiError, scrub_locations
 from serve_apps.resend import advice
 
+Reason = FailureClass | Literal["no_writes"]
+"""Why the store is unavailable: a class of its failure, or no_writes (its writes stopped landing, no error seen)."""
+UNAVAILABLE_REASONS: tuple[Reason, ...] = (*FAILURE_CLASSES, "no_writes")
+
 STORE_RETRY_AFTER_S = 5
 """`Retry-After` of a store failure: a brownout or a cleanup takes seconds to minutes; producers keep resending."""
-
-_NOT_OUTAGES = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError)
-"""OSErrors about one path's presence: the store answered (a missing file is the caller's or a bug's, not an outage)."""
 
 _NOT_PERMITTED = ("the service may not write the store: check the store's owner and permissions (or its S3 "
                   "credentials and bucket policy)")
@@ -39,39 +43,33 @@ class StoreUnavailable(ApiError):
 
     status, code = 503, "store_unavailable"
 
-    def __init__(self, message: str, details: list | None = None, headers: dict[str, str] | None = None):
+    def __init__(self, message: str, details: list | None = None, headers: dict[str, str] | None = None, *,
+                 error: Reason):
         super().__init__(message, details, headers or {"Retry-After": str(STORE_RETRY_AFTER_S)})
+        self.error = error  # for the operators' counts (`metrics.STORE_FAILURES`, `metrics.STORE_UNAVAILABLE`)
+
+    def __reduce__(self):  # `error` too, across Ray's pickling
+        return (partial(type(self), error=self.error), (self.message, self.details, self.headers))
 
     def message_for(self, request: Request) -> str:
         return f"{self.message}; {advice(request)}; retry after {self.headers.get('Retry-After')} s"
 
 
-def _remote_errors() -> tuple[type[BaseException], ...]:
-    """botocore's connection and HTTP client errors (some are no OSError), where botocore is installed."""
-    try:
-        from botocore.exceptions import ConnectionError as BotoConnectionError
-        from botocore.exceptions import HTTPClientError
-    except ImportError:
-        return ()
-    return (BotoConnectionError, HTTPClientError)
-
-
 def store_failure(exc: BaseException) -> StoreUnavailable | None:
-    """`exc` as a 503 when it is the store being unavailable (None: another failure, a bug's 500). Ray's own
-    errors are no store's, though some are OSErrors (`GetTimeoutError` is a `TimeoutError`)."""
-    from ray.exceptions import RayError
-
-    if isinstance(exc, (*_NOT_OUTAGES, RayError)):
+    """`exc` as a 503 when it is the store being unavailable (None: another failure, a bug's 500; see
+    `raytwin.store_failures.failure_class`)."""
+    error = failure_class(exc)
+    if error is None:
         return None
-    if isinstance(exc, (ConnectionError, TimeoutError, *_remote_errors())):
+    if error in ("unreachable", "timeout"):
         hint = _UNREACHABLE
-    elif isinstance(exc, OSError):
-        hint = _HINTS.get(exc.errno or 0, "the store failed an I/O operation: check its disk or endpoint")
     else:
-        return None
-    return unavailable(f"{type(exc).__name__}: {scrub_locations(str(exc))}", hint)
+        hint = _HINTS.get(getattr(exc, "errno", None) or 0,
+                          "the store failed an I/O operation: check its disk or endpoint")
+    return unavailable(f"{type(exc).__name__}: {scrub_locations(str(exc))}", error, hint)
 
 
-def unavailable(cause: str, hint: str = _UNREACHABLE) -> StoreUnavailable:
-    """The 503 for a store failure described by `cause` (no store location: scrubbed by the caller)."""
-    return StoreUnavailable(f"the store is unavailable ({cause}): {hint}")
+def unavailable(cause: str, error: Reason, hint: str = _UNREACHABLE) -> StoreUnavailable:
+    """The 503 for a store failure of class `error` described by `cause` (no store location: scrubbed by the
+    caller)."""
+    return StoreUnavailable(f"the store is unavailable ({cause}): {hint}", error=error)

@@ -35,7 +35,7 @@ class BoundedRead(Generic[T]):
         try:
             return pending.result(timeout=timeout_s)
         except FutureTimeout:
-            raise unavailable(f"a read of {self.what} did not answer within {timeout_s:g} s") from None
+            raise unavailable(f"a read of {self.what} did not answer within {timeout_s:g} s", "timeout") from None
         except Exception as exc:
             raise store_failure(exc) or exc from None
         finally:

@@ -178,6 +178,26 @@ def test_status_says_plainly_when_the_api_is_down_fenced_or_a_shard_missing_or_h
                              "shard 0 1x, shard 1 4x"
 
 
+def test_status_says_whether_the_store_takes_writes_and_why_not(ray_session):
+    """`raytwin status` said nothing of the store: a full disk refused every write while its screen read "up"."""
+    failures = [("ray_raytwin_store_failures_total", {"operation": "write", "error": "disk_full", "WorkerId": w}, n)
+                for w, n in (("shard-0", 40.0), ("ingress", 2.0))]
+    reasons = [("ray_raytwin_store_unavailable", {"reason": r, "WorkerId": "backend"}, float(r == "no_writes"))
+               for r in ("disk_full", "unreachable", "no_writes")]
+    full = collect([*failures, *reasons])
+    assert (full.store_unavailable, full.store_failures) == (["no_writes"], {"write/disk_full": 42})
+    store = _screen(shards={"ALIVE": 2}, store_unavailable=full.store_unavailable,
+                    store_failures=full.store_failures)["store"]
+    assert store == ("TAKES NO WRITES: no write lands, the shards' lease heartbeat stopped changing (a full disk, a "
+                     "read-only store: the shards log event=lease_heartbeat_failed) (ops/README.md#store-failing); "
+                     "failed operations: write/disk_full 42")
+    healthy = collect([(n, labels, 0.0) for n, labels, _ in failures + reasons])
+    assert (healthy.store_unavailable, healthy.store_failures) == ([], {})
+    assert _screen(store_unavailable=[])["store"] == "takes writes; failed operations: none"
+    assert _screen()["store"] == "unknown (no API backend exports it); failed operations: none"
+    assert _screen(fenced=True, store_unavailable=[])["store"].startswith("held by another service")
+
+
 def test_status_refuses_to_guess_among_several_local_clusters(monkeypatch):
     """Ray's "auto" takes any one of the machine's clusters: another user's numbers, shown as this one's."""
     import ray._private.services
@@ -287,7 +307,8 @@ def _query(prom: httpx.Client, expr: str) -> list[dict]:
 # deadlines, requests): this test runs a TwinService alone, while other tests' backends on the suite's shared Ray
 # (a connector refused, a store fenced by a takeover) export theirs until Ray drops a dead worker's series (120 s)
 _OTHER_TESTS_ALERTS = {"RayTwinConnectorDown", "RayTwinConnectorDeliveryFailing", "RayTwinJobQueueStuck",
-                       "RayTwinStoreFenced", "RayTwinStoreFileDamaged", "RayTwinShardUnanswered", "RayTwinProxyErrorsHigh",
+                       "RayTwinStoreFenced", "RayTwinStoreFileDamaged", "RayTwinStoreWritesFailing", "RayTwinShardUnanswered",
+                       "RayTwinProxyErrorsHigh",
                        *(f"RayTwinApi{kind}BudgetBurn{speed}" for kind in ("Error", "Latency") for speed in ("Fast", "Slow"))}
 
 

@@ -388,21 +388,27 @@ def test_a_store_taken_by_another_service_answers_503_naming_it_not_an_internal_
     assert "leased to service b (epoch 3)" in answer.json()["error"]["message"] and "restart it" in answer.text
 
 
-@pytest.mark.parametrize("failure, said", [
-    (OSError(28, "No space left on device", "/srv/raytwin/twins/log/seg-1.arrows"), "disk is full"),
-    (OSError(30, "Read-only file system"), "remount it read-write"),
-    (PermissionError(13, "Permission denied"), "owner and permissions"),
-    (ConnectionRefusedError(111, "Connection refused"), "is up and reachable"),
-    ("botocore", "is up and reachable"),
+@pytest.mark.parametrize("failure, said, error", [
+    (OSError(28, "No space left on device", "/srv/raytwin/twins/log/seg-1.arrows"), "disk is full", "disk_full"),
+    (OSError(30, "Read-only file system"), "remount it read-write", "read_only"),
+    (PermissionError(13, "Permission denied"), "owner and permissions", "permission"),
+    (ConnectionRefusedError(111, "Connection refused"), "is up and reachable", "unreachable"),
+    ("botocore", "is up and reachable", "unreachable"),
 ])
-def test_a_failing_store_answers_503_store_unavailable_with_retry_after_not_500(failure, said):
+def test_a_failing_store_answers_503_store_unavailable_with_retry_after_not_500(failure, said, error, monkeypatch):
     """A full disk or an S3 outage answered every telemetry batch 500 `internal` without `Retry-After`: producers
-    read a bug in their request, and nothing named the store."""
+    read a bug in their request, and nothing named the store. Each is counted by operation and error class
+    (`RayTwinStoreWritesFailing`), where no metric counted them."""
     from botocore.exceptions import EndpointConnectionError
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
+    from raytwin import metrics
     from serve_apps.errors import install_error_handlers
+    from serve_apps.store_errors import unavailable
+
+    counted: list[dict[str, str]] = []
+    monkeypatch.setattr(metrics, "STORE_FAILURES", SimpleNamespace(inc=lambda **tags: counted.append(tags)))
 
     failure = EndpointConnectionError(endpoint_url="http://s3.ops:9000/b/twins/lease.json") \
         if failure == "botocore" else failure
@@ -423,13 +429,19 @@ def test_a_failing_store_answers_503_store_unavailable_with_retry_after_not_500(
 
         raise GetTimeoutError("ray.get timed out")  # a TimeoutError, but Ray's, not the store's
 
+    @app.get("/v1/assets/a/state")
+    async def read() -> None:  # a store read past its deadline (`BoundedRead`): its 503 raised as such
+        raise unavailable("a read of the store's lease did not answer within 5 s", "timeout")
+
     http = TestClient(app, raise_server_exceptions=False)
     answer = http.post("/v1/assets/a/telemetry")
     assert answer.status_code == 503 and answer.headers["Retry-After"] == "5", answer.text
-    error = answer.json()["error"]
-    assert error["code"] == "store_unavailable" and type(failure).__name__ in error["message"] and said in error["message"]
+    body = answer.json()["error"]
+    assert body["code"] == "store_unavailable" and type(failure).__name__ in body["message"] and said in body["message"]
     assert "/srv/raytwin" not in answer.text and "s3.ops" not in answer.text  # the store's location is the operator's
     assert http.get("/missing").status_code == http.get("/ray-timeout").status_code == 500
+    assert http.get("/v1/assets/a/state").status_code == 503
+    assert counted == [{"operation": "write", "error": error}, {"operation": "read", "error": "timeout"}]
 
 
 class HealthBackend:
@@ -675,6 +687,28 @@ def test_health_and_readiness_say_the_store_takes_no_writes_once_the_shards_hear
         assert "heartbeat" in live.json()["reason"] and "full disk" in ready.json()["reason"]
         store.write_heartbeat(Heartbeat(**{**beat.__dict__, "at_s": 5.0}))  # space again: renewals land
         assert http.get("/v1/health/ready").json() == {"status": "ok"}
+
+
+def test_the_backend_exports_what_its_health_probe_finds_of_the_store(tmp_path, monkeypatch):
+    """`raytwin status` and the dashboard reach no health route: they said nothing of a store that took no
+    writes. The backend exports the probe's finding, by reason, every 5 s."""
+    from raytwin import metrics
+    from serve_apps.backend import Backend
+    from serve_apps.store_errors import UNAVAILABLE_REASONS
+
+    exported: dict[str, float] = {}
+    monkeypatch.setattr(metrics, "STORE_UNAVAILABLE",
+                        SimpleNamespace(set=lambda value, reason: exported.__setitem__(reason, value)))
+    store, mine, backend = _leased_backend(tmp_path)
+    Backend._export_store_state(backend)
+    assert exported == {r: 0.0 for r in UNAVAILABLE_REASONS}
+
+    def refused(path, *args, **kwargs):
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    monkeypatch.setattr(store.fs, "cat_file", refused)
+    Backend._export_store_state(backend)
+    assert {r for r, v in exported.items() if v} == {"unreachable"} and set(exported) == set(UNAVAILABLE_REASONS)
 
 
 def test_telemetry_validates_against_the_catalogs_type_without_reading_a_model_from_a_store_that_may_hang():

@@ -252,3 +252,31 @@ def test_a_starting_service_waits_for_another_clusters_holder_that_is_stopping(t
         assert (taken.epoch, taken.cluster) == (old.epoch + 1, "B") and store.read_lease() == taken
     finally:
         renewer.join()
+
+
+def test_a_failed_renewal_of_the_heartbeat_is_counted_by_its_error_class(tmp_path, monkeypatch):
+    """A full disk failed every renewal of the shards' heartbeat with a warning in their log alone: no metric
+    counted it, so nothing paged while an idle service's store took no writes."""
+    import errno
+    from types import SimpleNamespace
+
+    from raytwin import metrics
+
+    counted: list[dict[str, str]] = []
+    first = threading.Event()
+    monkeypatch.setattr(metrics, "STORE_FAILURES", SimpleNamespace(inc=lambda **tags: counted.append(tags) or
+                                                                   first.set()))
+    monkeypatch.setattr(lease, "HEARTBEAT_S", 0.01)
+    monkeypatch.setattr(lease, "ray_cluster", lambda: "A")
+    store = StateStore(str(tmp_path / "twins"))
+    held = Lease(owner="live", epoch=3, shards=1, namespace="raytwin", acquired_at="", acquired_by="", cluster="A")
+    store.write_lease(held)
+
+    def disk_full(beat: Heartbeat) -> None:
+        store.write_lease(replace(held, owner="next", epoch=4))  # then taken over: the next renewal ends the thread
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store, "write_heartbeat", disk_full)
+    lease.renew_heartbeat(store, held.fence)
+    assert first.wait(10), "the failed renewal was not counted"
+    assert counted == [{"operation": "write", "error": "disk_full"}]

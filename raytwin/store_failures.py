@@ -1,0 +1,62 @@
+"""The store failing, in classes an operator acts on: a full disk, a read-only or unwritable store, disk I/O errors,
+an S3 endpoint refusing or not answering.
+
+One classification for every layer: the API answers these 503 `store_unavailable` (`serve_apps.store_errors`,
+which also checks that the store raised them), and `metrics.STORE_FAILURES` counts them by class wherever a
+store operation fails (API requests, the shards' lease heartbeat), so the alert and the dashboard name the cause."""
+
+from __future__ import annotations
+
+import errno
+from typing import Literal
+
+from raytwin import metrics
+
+FailureClass = Literal["disk_full", "read_only", "permission", "io", "unreachable", "timeout"]
+FAILURE_CLASSES: tuple[FailureClass, ...] = ("disk_full", "read_only", "permission", "io", "unreachable", "timeout")
+"""The `error` tag of `metrics.STORE_FAILURES`: each has one remedy (ops/README.md, *Store failing*)."""
+Operation = Literal["read", "write"]
+OPERATIONS: tuple[Operation, ...] = ("read", "write")
+
+NOT_OUTAGES = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError)
+"""OSErrors about one path's presence: the store answered (a missing file is the caller's or a bug's, not an outage)."""
+
+_BY_ERRNO: dict[int, FailureClass] = {errno.ENOSPC: "disk_full", errno.EDQUOT: "disk_full", errno.EROFS: "read_only",
+                                      errno.EACCES: "permission", errno.EPERM: "permission"}
+
+
+def _remote_errors() -> tuple[type[BaseException], ...]:
+    """botocore's connection and HTTP client errors (some are no OSError), where botocore is installed."""
+    try:
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+        from botocore.exceptions import HTTPClientError
+    except ImportError:
+        return ()
+    return (BotoConnectionError, HTTPClientError)
+
+
+def failure_class(exc: BaseException) -> FailureClass | None:
+    """The class of `exc` as a store failure; None for an error that is no outage (a missing path, Ray's own
+    errors, though some are OSErrors: `GetTimeoutError` is a `TimeoutError`)."""
+    from ray.exceptions import RayError
+
+    if isinstance(exc, (*NOT_OUTAGES, RayError)):
+        return None
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, (ConnectionError, *_remote_errors())):
+        return "unreachable"
+    if isinstance(exc, OSError):
+        return _BY_ERRNO.get(exc.errno or 0, "io")
+    return None
+
+
+def count(operation: Operation, error: FailureClass) -> None:
+    """Count one failed store operation (`metrics.STORE_FAILURES`)."""
+    metrics.STORE_FAILURES.inc(operation=operation, error=error)
+
+
+def zero_counts(operation: Operation) -> None:
+    """Export `operation`'s failure series at 0 where a process starts doing it (see `Metric.zero`): the first
+    failures of an outage then show in `rate()`, and so in the alert."""
+    metrics.STORE_FAILURES.zero(*({"operation": operation, "error": e} for e in FAILURE_CLASSES))
