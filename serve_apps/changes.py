@@ -225,7 +225,7 @@ class ChangeLog:
         kept = len(self._unwritten.get(tenant, ()))
         if kept >= self.max_unwritten:
             raise unavailable(f"{kept} changes of tenant {tenant} wait for the change log's write, which failed",
-                              "the store takes no writes (a full disk, a read-only or unwritable store: the backend "
+                              "no_writes", "the store takes no writes (a full disk, a read-only or unwritable store: the backend "
                               "logs event=change_write_failed with the error); this tenant's telemetry is refused, "
                               "nothing of it applied, until they are written")
 

@@ -244,7 +244,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def api_error(request: Request, exc: Exception) -> JSONResponse:
         err = unwrap(exc)
         if not isinstance(err, ApiError):
-            return await unexpected(request, err)
+            return await unexpected(request, exc)
         _count_store_failure(request, err)
         return error_response(request, err.status, err.code, err.message_for(request), err.details, err.headers)
 
@@ -277,7 +277,7 @@ def install_error_handlers(app: FastAPI) -> None:
                                   "the store) before it can write")
         from serve_apps.store_errors import store_failure  # (it builds on this module's ApiError)
 
-        store = store_failure(err)
+        store = store_failure(exc)  # (Ray's text of a traceback from another process tells whether the store raised)
         if store is not None:  # a full disk, an S3 outage: the operator's to fix, the client's to resend
             log.error("event=store_unavailable request_id=%s path=%s error=%s: %s",
                       getattr(request.state, "request_id", None), request.url.path, type(err).__name__, err)

@@ -7,13 +7,16 @@ operator's act, and the request is worth resending. The message names the error 
 from __future__ import annotations
 
 import errno
+import re
+import traceback
 from functools import partial
 from typing import Literal
 
+from ray.exceptions import RayTaskError
 from starlette.requests import Request
 
 from raytwin.store_failures import FAILURE_CLASSES, FailureClass, failure_class
-from serve_apps.errors import ApiError, scrub_locations
+from serve_apps.errors import ApiError, scrub_locations, unwrap
 from serve_apps.resend import advice
 
 Reason = FailureClass | Literal["no_writes"]
@@ -56,17 +59,48 @@ class StoreUnavailable(ApiError):
 
 
 def store_failure(exc: BaseException) -> StoreUnavailable | None:
-    """`exc` as a 503 when it is the store being unavailable (None: another failure, a bug's 500; see
-    `raytwin.store_failures.failure_class`)."""
-    error = failure_class(exc)
-    if error is None:
+    """`exc` (as raised, perhaps wrapped by Ray) as a 503 when it is the store being unavailable: a failure of a
+    class `raytwin.store_failures.failure_class` knows, raised by the store (`raised_by_store`). None: another
+    failure, answered as such (a bug's 500)."""
+    cause = unwrap(exc)
+    error = failure_class(cause)
+    if error is None or not raised_by_store(exc):
         return None
     if error in ("unreachable", "timeout"):
         hint = _UNREACHABLE
     else:
-        hint = _HINTS.get(getattr(exc, "errno", None) or 0,
+        hint = _HINTS.get(getattr(cause, "errno", None) or 0,
                           "the store failed an I/O operation: check its disk or endpoint")
-    return unavailable(f"{type(exc).__name__}: {scrub_locations(str(exc))}", error, hint)
+    return unavailable(f"{type(cause).__name__}: {scrub_locations(str(cause))}", error, hint)
+
+
+_STORE_CODE = re.compile(r"[/\\](?:fsspec|s3fs|aiobotocore|botocore|pyarrow)[/\\]"
+                         r"|[/\\]raytwin[/\\](?:storage|statestore|logsegments)\.py$")
+"""The storage layer's files: fsspec and its S3 stack, pyarrow's file I/O, RayTwin's store modules."""
+_FRAME_FILE = re.compile(r'^\s*File "([^"]+)", line', re.MULTILINE)
+
+
+def raised_by_store(exc: BaseException) -> bool:
+    """Whether `exc` came out of the storage layer (`_STORE_CODE` on its way up): an OSError or a connection error
+    raised elsewhere (an FMU's library, a connector's broker, another service) is no store outage, and a 503
+    `store_unavailable` would send its operator to a healthy store. Another process's error (a shard's, the
+    backend's) has lost its traceback to Ray's pickling: Ray's text of it (in the `RayTaskError`'s) says."""
+    files = [frame.filename for e in {exc, unwrap(exc)} for frame in traceback.extract_tb(e.__traceback__)]
+    for wrapper in _ray_wrappers(exc):
+        files += _FRAME_FILE.findall(str(wrapper))  # its text: Ray's copy of the other process's traceback
+    return any(_STORE_CODE.search(name) for name in files)
+
+
+def _ray_wrappers(exc: BaseException) -> list[RayTaskError]:
+    """The `RayTaskError`s around `exc`: its own (it is one), or those it was unwrapped from and raised in the
+    handling of (`deps.BackendClient.call`: `raise unwrap(exc) from None` keeps them as its `__context__`)."""
+    context = exc.__context__
+    outer = context if isinstance(context, RayTaskError) and unwrap(context) is exc else exc
+    wrappers = []
+    while isinstance(outer, RayTaskError):
+        wrappers.append(outer)
+        outer = outer.cause
+    return wrappers
 
 
 def unavailable(cause: str, error: Reason, hint: str = _UNREACHABLE) -> StoreUnavailable:

@@ -600,15 +600,20 @@ DISK_FULL = OSError(28, "No space left on device")
 
 
 def _failing_writes(log: ChangeLog, failures: list[Exception]) -> None:
-    """Make the log's store writes raise `failures` in turn (one per write), then write again (the store is back)."""
-    write = log.store.write
+    """Make the log's store writes raise `failures` in turn (one per write), then write again (the store is back).
+    Raised by the store's filesystem, under the storage layer, as a disk's errors are (`raised_by_store`)."""
+    fs = log.store.fs
 
-    def failing(tenant, changes):
-        if failures:
-            raise failures.pop()
-        write(tenant, changes)
+    class Failing:
+        def pipe_file(self, path, data, **kwargs):
+            if failures:
+                raise failures.pop()
+            fs.pipe_file(path, data, **kwargs)
 
-    log.store.write = failing
+        def __getattr__(self, name):
+            return getattr(fs, name)
+
+    log.store.fs = Failing()
 
 
 def test_a_change_whose_write_failed_is_written_first_with_the_next_append_or_a_flush(tmp_path):

@@ -404,6 +404,7 @@ def test_a_failing_store_answers_503_store_unavailable_with_retry_after_not_500(
     from fastapi.testclient import TestClient
 
     from raytwin import metrics
+    from raytwin.storage import replace_file
     from serve_apps.errors import install_error_handlers
     from serve_apps.store_errors import unavailable
 
@@ -416,8 +417,8 @@ def test_a_failing_store_answers_503_store_unavailable_with_retry_after_not_500(
     install_error_handlers(app)
 
     @app.post("/v1/assets/a/telemetry")
-    async def write() -> None:
-        raise failure
+    async def write() -> None:  # the store's own failure: raised by its storage layer
+        replace_file(_FailingStore(failure), "twins/registrations/a.json", b"{}")
 
     @app.get("/missing")
     async def missing() -> None:
@@ -442,6 +443,79 @@ def test_a_failing_store_answers_503_store_unavailable_with_retry_after_not_500(
     assert http.get("/missing").status_code == http.get("/ray-timeout").status_code == 500
     assert http.get("/v1/assets/a/state").status_code == 503
     assert counted == [{"operation": "write", "error": error}, {"operation": "read", "error": "timeout"}]
+
+
+class _FailingStore:
+    """An object store whose every write fails with `failure`."""
+
+    def __init__(self, failure: BaseException):
+        self.failure = failure
+
+    def pipe_file(self, path: str, data: bytes, **kwargs) -> None:
+        raise self.failure
+
+
+def _raised_in_a_shard(failure: BaseException, through_the_store: bool) -> BaseException:
+    """`failure` raised in a shard as Ray hands it to the shard's caller: a copy of it (pickled: no traceback),
+    the traceback only in Ray's text."""
+    import pickle
+    import traceback
+
+    from ray.exceptions import RayTaskError
+
+    from raytwin.storage import replace_file
+
+    try:
+        if through_the_store:
+            replace_file(_FailingStore(failure), "twins/log/seg-1.arrows", b"")
+        raise failure  # the shard's own call: an FMU's library, a connector's broker
+    except BaseException:
+        text = traceback.format_exc()
+    return RayTaskError("ingest", text, pickle.loads(pickle.dumps(failure)), proctitle="ray::TwinShardProcess.ingest",
+                        pid=7, ip="10.0.0.5").as_instanceof_cause()
+
+
+def test_only_the_stores_own_failures_answer_503_store_unavailable():
+    """Any OSError or connection error answered 503 `store_unavailable`, wherever it was raised: an FMU whose
+    shared library cannot load, a broker refusing a connection, in the API or in a shard. Its operator was sent to
+    a healthy store, and clients resent requests that fail the same way each time."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from raytwin.storage import replace_file
+    from serve_apps.deps import BackendClient
+    from serve_apps.errors import install_error_handlers
+
+    full = OSError(28, "No space left on device")
+    raised = {"store": _raised_in_a_shard(full, True),
+              "fmu": _raised_in_a_shard(OSError("libfmu.so: cannot open shared object file"), False),
+              "broker": _raised_in_a_shard(ConnectionRefusedError(111, "Connection refused"), False)}
+
+    async def remote(case: str) -> None:
+        raise raised[case]
+
+    backend = BackendClient(SimpleNamespace(apply=SimpleNamespace(remote=remote)))  # the backend's replica
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.post("/backend/{case}")
+    async def through_the_backend(case: str) -> None:  # as every route calls the backend
+        await backend.call("apply", case)
+
+    @app.post("/here/{case}")
+    async def here(case: str) -> None:  # raised in this process
+        if case == "store":
+            replace_file(_FailingStore(full), "twins/registrations/a.json", b"{}")
+        raise ConnectionRefusedError(111, "Connection refused") if case == "broker" else OSError("no libfmu.so")
+
+    http = TestClient(app, raise_server_exceptions=False)
+    for where in ("backend", "here"):
+        store = http.post(f"/{where}/store")
+        assert store.status_code == 503 and store.json()["error"]["code"] == "store_unavailable", store.text
+        assert "disk is full" in store.json()["error"]["message"]
+        for case in ("fmu", "broker"):
+            other = http.post(f"/{where}/{case}")
+            assert (other.status_code, other.json()["error"]["code"]) == (500, "internal"), (where, case, other.text)
 
 
 class HealthBackend:
