@@ -206,6 +206,8 @@ def _store(s: Status) -> str:
     operations that failed (over the processes' lives)."""
     if s.fenced:
         state = "held by another service (see service)"
+    elif not s.shards.get("ALIVE", 0):  # the backend finds no renewal then, whatever the store takes
+        state = "unknown while no twin shard is alive (see service)"
     elif s.store_unavailable is None:
         state = "unknown (no API backend exports it)"
     elif s.store_unavailable:

@@ -70,6 +70,8 @@ FENCE_READ_S = 5.0
 RENEWAL_STALL_S = 15.0
 """Health says the store takes no writes once the shards' lease heartbeat (rewritten every 2 s) stayed the same
 this long between two probes: several renewals failed (a full disk, a read-only store) or every shard is down."""
+NO_WRITES = ("the store takes no writes (a full disk, a read-only or unwritable store: the shards log "
+             "event=lease_heartbeat_failed with the error)")
 FENCE_WATCH_S = 5.0
 """How often the backend reads the lease to stop its connectors once another cluster's service holds the store."""
 
@@ -549,18 +551,24 @@ class Backend:
 
     def probe_store(self, timeout_s: float) -> StoreFence | None:
         """`store_fence` for the health probes, all within `timeout_s`, and `StoreUnavailable` too once the shards'
-        lease heartbeat stopped changing (`RenewalWatch`): a store that refuses writes still answers reads."""
+        lease heartbeat stopped changing (`RenewalWatch`): a store that refuses writes still answers reads. Then
+        the shards are asked in the time left: with none answering, none renews it, and the reason says so
+        (`shards_down`) rather than blaming the store."""
         deadline = time.monotonic() + timeout_s
         fence = self.store_fence(timeout_s)
         if fence is not None:
             return fence
         beat = self._beat_reads(max(deadline - time.monotonic(), 0.0))
         stalled = self._renewals.quiet_for(beat, time.monotonic())
-        if stalled is not None:
-            raise unavailable(f"the shards' lease heartbeat, rewritten every 2 s, has not changed for {stalled:.0f} s",
-                              "no_writes", "the store takes no writes (a full disk, a read-only or unwritable store: the "
-                              "shards log event=lease_heartbeat_failed with the error) or every twin shard is down")
-        return None
+        if stalled is None:
+            return None
+        unchanged = f"the shards' lease heartbeat, rewritten every 2 s, has not changed for {stalled:.0f} s"
+        if (left := deadline - time.monotonic()) <= 0:  # no time left to ask the shards: either cause
+            raise unavailable(unchanged, "no_writes", f"{NO_WRITES} or every twin shard is down")
+        if not self.twins.shards_answering(left, self.config.readiness_stuck_s):  # none renews it: not the store
+            raise StoreUnavailable(f"no twin shard answers ({unchanged}): the shards are down, not necessarily the "
+                                   "store (ops/README.md#shards-down)", error="shards_down")
+        raise unavailable(unchanged, "no_writes", NO_WRITES)
 
     def _watch_store(self) -> None:
         """Every `FENCE_WATCH_S` (a daemon thread): export the store's state (`_export_store_state`), `_watch_fence`,

@@ -19,9 +19,11 @@ from raytwin.store_failures import FAILURE_CLASSES, FailureClass, failure_class
 from serve_apps.errors import ApiError, scrub_locations, unwrap
 from serve_apps.resend import advice
 
-Reason = FailureClass | Literal["no_writes"]
-"""Why the store is unavailable: a class of its failure, or no_writes (its writes stopped landing, no error seen)."""
+Reason = FailureClass | Literal["no_writes", "shards_down"]
+"""Why the store is unavailable: a class of its failure, or no_writes (its writes stopped landing, no error seen);
+shards_down: no shard renews its lease heartbeat, the store itself may be fine (the health probes' reason)."""
 UNAVAILABLE_REASONS: tuple[Reason, ...] = (*FAILURE_CLASSES, "no_writes")
+"""The reasons the store itself is unavailable (`metrics.STORE_UNAVAILABLE`)."""
 
 STORE_RETRY_AFTER_S = 5
 """`Retry-After` of a store failure: a brownout or a cleanup takes seconds to minutes; producers keep resending."""

@@ -193,9 +193,11 @@ def test_status_says_whether_the_store_takes_writes_and_why_not(ray_session):
                      "failed operations: write/disk_full 42")
     healthy = collect([(n, labels, 0.0) for n, labels, _ in failures + reasons])
     assert (healthy.store_unavailable, healthy.store_failures) == ([], {})
-    assert _screen(store_unavailable=[])["store"] == "takes writes; failed operations: none"
-    assert _screen()["store"] == "unknown (no API backend exports it); failed operations: none"
-    assert _screen(fenced=True, store_unavailable=[])["store"].startswith("held by another service")
+    alive = {"ALIVE": 2}
+    assert _screen(shards=alive, store_unavailable=[])["store"] == "takes writes; failed operations: none"
+    assert _screen(shards=alive)["store"] == "unknown (no API backend exports it); failed operations: none"
+    assert _screen(shards=alive, fenced=True, store_unavailable=[])["store"].startswith("held by another service")
+    assert _screen(store_unavailable=[])["store"].startswith("unknown while no twin shard is alive")
 
 
 def test_status_refuses_to_guess_among_several_local_clusters(monkeypatch):

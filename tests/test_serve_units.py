@@ -527,7 +527,9 @@ class HealthBackend:
         from raytwin.renewal_watch import RenewalWatch
         from serve_apps.store_probe import BoundedRead
 
-        self.twins = SimpleNamespace(store=store, lease=lease)
+        self.twins = SimpleNamespace(store=store, lease=lease,
+                                     shards_answering=lambda timeout_s, stuck_s: self.answering)
+        self.config = SimpleNamespace(readiness_stuck_s=120.0)
         self._lease_reads = BoundedRead(store.read_lease, "the store's lease")
         self._beat_reads = BoundedRead(store.read_heartbeat, "the store's lease heartbeat")
         self._renewals = RenewalWatch(RENEWAL_STALL_S)
@@ -741,7 +743,8 @@ def test_the_store_watch_exports_the_fence_stops_the_connectors_once_and_writes_
 
 def test_health_and_readiness_say_the_store_takes_no_writes_once_the_shards_heartbeat_stops_changing(tmp_path):
     """A full disk failed every write (the shards' heartbeat included) while reads of the lease worked: health
-    and readiness said ok, and nothing named the store."""
+    and readiness said ok, and nothing named the store. With every shard down (none renews it), health said the
+    store took no writes too: it says the shards are down."""
     from raytwin.statestore import Heartbeat
     from tests.fixtures_serve import in_process
 
@@ -759,8 +762,14 @@ def test_health_and_readiness_say_the_store_takes_no_writes_once_the_shards_hear
         assert live.status_code == 200 and live.json()["status"] == "degraded"
         assert ready.status_code == 503 and ready.json()["status"] == "unavailable"
         assert "heartbeat" in live.json()["reason"] and "full disk" in ready.json()["reason"]
+        assert "shard is down" not in live.json()["reason"]  # a shard answered: the store is the cause
         store.write_heartbeat(Heartbeat(**{**beat.__dict__, "at_s": 5.0}))  # space again: renewals land
         assert http.get("/v1/health/ready").json() == {"status": "ok"}
+        backend.answering = 0  # every shard down: none renews the heartbeat, whatever the store takes
+        time.sleep(0.4)
+        live = http.get("/v1/health").json()
+        assert live["status"] == "degraded" and "no twin shard answers" in live["reason"], live
+        assert "the shards are down, not necessarily the store" in live["reason"] and "full disk" not in live["reason"]
 
 
 def test_the_backend_exports_what_its_health_probe_finds_of_the_store(tmp_path, monkeypatch):
