@@ -611,6 +611,9 @@ class Backend:
             reason = None
         except StoreUnavailable as exc:
             reason = exc.error
+        except Exception:  # noqa: BLE001 - another failure (a lease unreadable as one): the next check tries again
+            log.warning("event=store_state_unknown", exc_info=True)
+            return
         for r in UNAVAILABLE_REASONS:
             metrics.STORE_UNAVAILABLE.set(1.0 if r == reason else 0.0, reason=r)
 

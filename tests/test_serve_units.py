@@ -792,6 +792,9 @@ def test_the_backend_exports_what_its_health_probe_finds_of_the_store(tmp_path, 
     monkeypatch.setattr(store.fs, "cat_file", refused)
     Backend._export_store_state(backend)
     assert {r for r, v in exported.items() if v} == {"unreachable"} and set(exported) == set(UNAVAILABLE_REASONS)
+    monkeypatch.setattr(store.fs, "cat_file", lambda path, *args, **kwargs: b'{"owner": ')  # no lease: a bug's
+    Backend._export_store_state(backend)  # logged, and the watch thread lives on (it also stops connectors)
+    assert {r for r, v in exported.items() if v} == {"unreachable"}
 
 
 def test_telemetry_validates_against_the_catalogs_type_without_reading_a_model_from_a_store_that_may_hang():
