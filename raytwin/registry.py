@@ -234,7 +234,8 @@ class ModelRegistry:
         if not FMU_REF.match(simulator):
             return
         fs, path = filesystem(simulator)
-        if fs.protocol != self.fs.protocol or not path.startswith(f"{self.root}/fmus/"):
+        # `..` would climb out of `fmus/` into another registry (another tenant's FMUs) while the prefix matches
+        if fs.protocol != self.fs.protocol or ".." in path.split("/") or not path.startswith(f"{self.root}/fmus/"):
             raise RegistryError(f"{ref}: FMU {simulator} is not stored in this registry; store it first with "
                                 "raytwin.fmu.store_fmu(path, registry_url) and use the model it returns", self.url)
 

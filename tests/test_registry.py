@@ -84,3 +84,15 @@ def test_tampered_store_is_detected(tmp_path):
     blob.write_text(blob.read_text().replace('"C_in":2000000.0', '"C_in":2100000.0'))
     with pytest.raises(RegistryError, match="does not match its hash"):
         registry.get("zone@1.0.0")
+
+
+def test_an_fmu_of_another_registry_is_refused_also_through_dot_dot(tmp_path):
+    """Tenant registries are siblings (`{store}/registry/{tenant}`): `acme/fmus/../../globex/fmus/<sha256>.fmu`
+    starts with acme's `fmus/` yet names globex's stored FMU, and acme's asset type ran globex's native code."""
+    acme = ModelRegistry(str(tmp_path / "registry" / "acme"))
+    digest = "a" * 64
+    acme.check_fmu_store("vdp@1.0.0", f"{acme.root}/fmus/{digest}.fmu")  # its own: taken
+    for climbing in (f"{acme.root}/fmus/../../globex/fmus/{digest}.fmu", f"{acme.root}/fmus/x/../{digest}.fmu",
+                     f"file://{acme.root}/fmus/../../globex/fmus/{digest}.fmu"):
+        with pytest.raises(RegistryError, match="is not stored in this registry"):
+            acme.check_fmu_store("vdp@1.0.0", climbing)
