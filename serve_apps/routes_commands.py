@@ -19,6 +19,7 @@ from serve_apps.json_route import JsonRoute
 from serve_apps.routes_recommendations import require_approver
 from serve_apps.deps import ADMIN, READER, SVC, WRITER, Services, require_role
 from serve_apps.errors import CONFLICT, ApiError
+from serve_apps.schemas import IdPath
 
 
 class CommandProposal(BaseModel):
@@ -51,7 +52,7 @@ async def propose_command(body: CommandProposal, request: Request, who: Principa
 
 
 @router.post("/{command_id}/approve", response_model=Command, responses=CONFLICT)
-async def approve_command(command_id: str, request: Request, who: Principal = READER, svc: Services = SVC) -> Any:
+async def approve_command(command_id: IdPath, request: Request, who: Principal = READER, svc: Services = SVC) -> Any:
     """Approve (an admin key other than the proposer's) and send once: the answer is `sent` or `failed`;
     an approved, sent or failed command cannot be approved again (409; the approving key's own resend answers
     the command as it is, sending nothing). An issued recommendation needs a key with the approver grant.
@@ -97,7 +98,7 @@ def _outcome(exc: Exception) -> dict[str, Any]:
 
 
 @router.post("/{command_id}/refuse", response_model=Command, responses=CONFLICT)
-async def refuse_command(command_id: str, body: Refusal, request: Request, who: Principal = ADMIN,
+async def refuse_command(command_id: IdPath, body: Refusal, request: Request, who: Principal = ADMIN,
                          svc: Services = SVC) -> Any:
     command = await svc.backend.call("connector", "refuse", who.tenant, command_id, who.key_id, body.reason)
     await svc.record(request, who, "command.refuse", command_id, reason=body.reason)
@@ -112,5 +113,5 @@ async def list_commands(asset_id: Annotated[str | None, Query()] = None, who: Pr
 
 
 @router.get("/{command_id}", response_model=Command)
-async def get_command(command_id: str, who: Principal = READER, svc: Services = SVC) -> Any:
+async def get_command(command_id: IdPath, who: Principal = READER, svc: Services = SVC) -> Any:
     return await svc.backend.call("connector", "command", who.tenant, command_id)

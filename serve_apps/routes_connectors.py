@@ -22,7 +22,7 @@ from serve_apps.dead_letters import connector_dead_letters
 from serve_apps.deps import ADMIN, DAY, READER, SVC, DeadLetterLimit, Services
 from serve_apps.errors import CONFLICT
 from serve_apps.resend import resend_safe
-from serve_apps.schemas import DeadLetter
+from serve_apps.schemas import DeadLetter, IdPath
 
 
 class ConnectorCreate(BaseModel):
@@ -60,13 +60,13 @@ async def list_connectors(who: Principal = READER, svc: Services = SVC) -> Any:
 
 
 @router.get("/{name}", response_model=ConnectorView)
-async def get_connector(name: str, who: Principal = READER, svc: Services = SVC) -> Any:
+async def get_connector(name: IdPath, who: Principal = READER, svc: Services = SVC) -> Any:
     """The declaration and status: connected, messages, pending (lag in messages), lag_s, error counts."""
     return await svc.backend.call("connector", "view", who.tenant, name)
 
 
 @router.get("/{name}/dead-letters", response_model=list[DeadLetter])
-async def connector_dead_letter_log(name: str, day: str | None = DAY, limit: DeadLetterLimit = 1000,
+async def connector_dead_letter_log(name: IdPath, day: str | None = DAY, limit: DeadLetterLimit = 1000,
                                     who: Principal = READER, svc: Services = SVC) -> Any:
     """The connector's most recent dead letters (of one UTC day if given), oldest first, at most 1000: messages
     that did not become telemetry, with the source they came from and why, and what was refused (the message as
@@ -78,7 +78,7 @@ async def connector_dead_letter_log(name: str, day: str | None = DAY, limit: Dea
 
 
 @router.post("/{name}/pause", response_model=ConnectorStatus, responses=CONFLICT, dependencies=[SWITCH])
-async def pause_connector(name: str, request: Request, who: Principal = ADMIN, svc: Services = SVC) -> Any:
+async def pause_connector(name: IdPath, request: Request, who: Principal = ADMIN, svc: Services = SVC) -> Any:
     """Stop receiving; the source keeps what arrives meanwhile (an MQTT persistent session)."""
     status = await svc.backend.call("connector", "pause", who.tenant, name)
     await svc.record(request, who, "connector.pause", name)
@@ -86,14 +86,14 @@ async def pause_connector(name: str, request: Request, who: Principal = ADMIN, s
 
 
 @router.post("/{name}/resume", response_model=ConnectorStatus, responses=CONFLICT, dependencies=[SWITCH])
-async def resume_connector(name: str, request: Request, who: Principal = ADMIN, svc: Services = SVC) -> Any:
+async def resume_connector(name: IdPath, request: Request, who: Principal = ADMIN, svc: Services = SVC) -> Any:
     status = await svc.backend.call("connector", "resume", who.tenant, name)
     await svc.record(request, who, "connector.resume", name)
     return status
 
 
 @router.delete("/{name}", status_code=204)
-async def delete_connector(name: str, request: Request, who: Principal = ADMIN, svc: Services = SVC) -> Response:
+async def delete_connector(name: IdPath, request: Request, who: Principal = ADMIN, svc: Services = SVC) -> Response:
     await svc.backend.call("connector", "delete", who.tenant, name)
     await svc.record(request, who, "connector.delete", name)
     return Response(status_code=204)

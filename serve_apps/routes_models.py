@@ -41,9 +41,10 @@ from serve_apps.auth import Principal
 from serve_apps.deps import ADMIN, READER, SVC, WRITABLE, WRITER, Services
 from serve_apps.errors import (CONFLICT, BadRequest, Conflict, Forbidden, NotFound, PreconditionFailed,
                                Unprocessable, unwrap)
+from serve_apps.schemas import IdPath
 from sweeps.runs import RunError, RunStore
 
-ModelName = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$")]
+ModelName = IdPath
 Version = Annotated[str, Path(pattern=r"^\d+\.\d+\.\d+$")]
 
 

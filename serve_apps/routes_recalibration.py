@@ -10,9 +10,7 @@ policy is invisible (404, like a missing one). The trigger itself runs in the ba
 
 from __future__ import annotations
 
-from typing import Annotated
-
-from fastapi import APIRouter, Path, Request
+from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
 from raytwin.recalibration import PolicyError, PolicyStore, RecalibrationPolicy
@@ -21,8 +19,8 @@ from serve_apps.deps import ADMIN, READER, SVC, WRITABLE, Services
 from serve_apps.errors import NotFound, Unprocessable, unwrap
 from serve_apps.json_route import JsonRoute
 from serve_apps.recalibration import TenantState
+from serve_apps.schemas import IdPath
 
-TypeName = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$")]
 router = APIRouter(tags=["recalibration"], route_class=JsonRoute)
 
 
@@ -31,7 +29,7 @@ def _policies(svc: Services) -> PolicyStore:
 
 
 @router.get("/v1/recalibration-policies/{type_name}", response_model=RecalibrationPolicy)
-async def get_recalibration_policy(type_name: TypeName, who: Principal = READER,
+async def get_recalibration_policy(type_name: IdPath, who: Principal = READER,
                                    svc: Services = SVC) -> RecalibrationPolicy:
     """The tenant's recalibration policy for an asset type (404: none set)."""
     try:
@@ -47,7 +45,7 @@ async def get_recalibration_policy(type_name: TypeName, who: Principal = READER,
 
 
 @router.put("/v1/recalibration-policies/{type_name}", response_model=RecalibrationPolicy)
-async def put_recalibration_policy(type_name: TypeName, body: RecalibrationPolicy, request: Request,
+async def put_recalibration_policy(type_name: IdPath, body: RecalibrationPolicy, request: Request,
                                    who: Principal = ADMIN, svc: Services = SVC,
                                    _writable: None = WRITABLE) -> RecalibrationPolicy:
     """Set when a latched drift alarm of this asset type's twins launches a calibration, and its budget

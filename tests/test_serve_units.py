@@ -947,6 +947,25 @@ def test_every_approval_attempt_is_audited_refused_ones_too(tmp_path):
         assert "'approver' grant" in grantless["reason"]
 
 
+def test_a_connector_or_command_path_that_is_no_identifier_is_refused_before_it_names_a_store_file(tmp_path):
+    """The ids of /v1/connectors/{name} and /v1/commands/{command_id} went into store paths unchecked: a NUL answered
+    500 and 5,000 characters 503 `store_unavailable` (file name too long), a store outage any reader could report."""
+    from tests.fixtures_serve import in_process
+
+    backend = LedgerBackend(tmp_path)
+    with in_process(backend, tmp_path) as (http, auth, _):
+        for bad in ("%00", "a" * 5000, "zone-1%00"):
+            for method, path in (("GET", f"/v1/commands/{bad}"), ("POST", f"/v1/commands/{bad}/approve"),
+                                 ("GET", f"/v1/connectors/{bad}"), ("GET", f"/v1/connectors/{bad}/dead-letters"),
+                                 ("POST", f"/v1/connectors/{bad}/pause"), ("DELETE", f"/v1/connectors/{bad}"),
+                                 ("POST", f"/v1/commands/{bad}/refuse")):
+                assert http.request(method, path).status_code == 401  # credentials first, as on every route
+                answer = http.request(method, path, headers=auth["admin"])
+                assert answer.status_code == 422, (method, path[:60], answer.text[:300])
+                assert "should match pattern" in answer.json()["error"]["message"]
+        assert backend.sent == []
+
+
 @pytest.mark.parametrize("death", ["died", "unavailable"])
 def test_a_backend_dying_during_an_approval_answers_503_and_a_resend_never_sends_again(tmp_path, death):
     """A backend replica that died during an approval answered 500 `internal`, and a resend 409 "only a proposed
