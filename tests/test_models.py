@@ -145,6 +145,18 @@ def test_a_model_module_that_fails_to_run_and_a_scripts_own_model_are_one_line_e
         AssetType.from_model(spring)
 
 
+def test_a_module_of_python_itself_is_no_model_path_and_is_not_run():
+    """An asset type's simulator is imported where the request is validated, for any tenant's admin key: `this:s`
+    ran `this` (the Zen of Python in the API replica's log), so `antigravity` would open a browser and `test.autotest`
+    would have run CPython's whole test suite inside the replica. Python's own modules are refused unimported."""
+    for path in ("this:s", "json:loads", "os.path:join"):
+        with pytest.raises(UnknownModelError, match=f"model path '{path}': .* is part of Python itself, not a model"):
+            get_model(path)
+    with pytest.raises(ValidationError) as info:  # what POST /v1/asset-types answers (422)
+        AssetType(**{**AssetType.from_model(THERMAL_RC).model_dump(), "simulator": "this:s"})
+    assert "this is part of Python itself" in describe_error(info.value)
+
+
 # ----------------------------------------------------------------- declarations refused ----
 def _model(**changes) -> Model:
     """A valid one-state decay model dx/dt = -k x (+ u), with `changes`."""

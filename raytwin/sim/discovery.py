@@ -17,10 +17,12 @@ checkout resolves them too.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
 import posixpath
 import re
 import sys
+import sysconfig
 import tomllib
 from collections.abc import Iterator, Mapping, Sequence
 from functools import cache
@@ -154,6 +156,9 @@ def load_model(path: str, *, expected_name: str | None = None) -> Model:
     module_name, _, attr = path.partition(":")
     if not module_name or not attr:
         raise UnknownModelError(f"model path {path!r} must look like package.module:MODEL")
+    if _python_own(module_name):
+        raise UnknownModelError(f"model path {path!r}: {module_name} is part of Python itself, not a model package; "
+                                f"name a model of an installed package or a module of your own ({IMPORTABLE})")
     try:
         obj = importlib.import_module(module_name)
     except ImportError as exc:
@@ -175,6 +180,29 @@ def load_model(path: str, *, expected_name: str | None = None) -> Model:
     if expected_name is not None and obj.name != expected_name:
         raise UnknownModelError(f"entry point {expected_name!r} ({path}) loads a model named {obj.name!r}")
     return obj
+
+
+def _python_own(module_name: str) -> bool:
+    """Whether `module_name` is Python's own (standard library, built in or frozen, or its `test` package), found
+    without running it. No model lives there, and an asset type's simulator is imported where a request is
+    validated: `this` printed into the server's log; `antigravity` would open a browser and `test.autotest` run
+    CPython's whole test suite inside the API's replica, for any tenant's admin key."""
+    top = module_name.split(".")[0]
+    if top in sys.stdlib_module_names or top in sys.builtin_module_names:
+        return True
+    try:
+        spec = importlib.util.find_spec(top)  # a top-level module: found, not run
+    except (ImportError, ValueError):
+        return False  # importing it fails too, with the message that says why
+    if spec is None:
+        return False
+    if spec.origin in ("built-in", "frozen"):
+        return True
+    where = os.path.realpath(spec.origin or next(iter(spec.submodule_search_locations or ()), ""))
+    paths = sysconfig.get_paths()
+    installed = {os.path.realpath(paths[k]) for k in ("purelib", "platlib")}
+    stdlib = os.path.realpath(paths["stdlib"])
+    return where.startswith(stdlib + os.sep) and not any(where.startswith(p + os.sep) for p in installed)
 
 
 def model_ref(model: Any) -> str:
