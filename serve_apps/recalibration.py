@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from raytwin.recalibration import DriftTrigger, RecalibrationPolicy
 from raytwin.storage import canonical_json, filesystem, replace_file
 from serve_apps.changes import Change
+from serve_apps.errors import scrub_locations
 
 log = logging.getLogger("raytwin.serve.recalibration")
 KEEP_FINISHED = 100
@@ -306,7 +307,7 @@ class Recalibrator:
             self.launch(job, policy)
         except Exception as exc:  # a job that cannot start fails; the trigger never stops
             log.exception("event=recalibration_launch_failed tenant=%s job=%s", job.tenant, job.job_key)
-            self.finish(job.tenant, job.job_key, error=f"{type(exc).__name__}: {exc}"[:500])
+            self.finish(job.tenant, job.job_key, error=scrub_locations(f"{type(exc).__name__}: {exc}")[:500])
             return
         log.info("event=recalibration_started tenant=%s job=%s model=%s asset_id=%s triggers=%d candidate=%s",
                  job.tenant, job.job_key, job.model_ref, job.asset_id, len(job.triggers), job.candidate_version)

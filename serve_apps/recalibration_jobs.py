@@ -26,6 +26,7 @@ from raytwin.statestore import StateStore
 from serve_apps.audit import AuditLog, AuditRecord
 from serve_apps.changes import Change, ChangeLog
 from serve_apps.config import ServeConfig
+from serve_apps.errors import scrub_locations
 from serve_apps.recalibration import RecalJob, Recalibrator, TenantState
 from sweeps.recalibration import (RecalibrationWork, held_inputs, next_free_version, recalibrate, start_std,
                                   tune_owner, window_table, write_window)
@@ -97,8 +98,11 @@ class RecalibrationJobs:
             out = future.result()
         except Exception as exc:
             cause = getattr(exc, "cause", None) or exc
-            error = f"{type(cause).__name__}: {cause}".splitlines()[0][:500]
             lost = isinstance(exc, LOST) or isinstance(cause, LOST)  # the task's worker or node, not the fit, failed
+            log.warning("event=recalibration_task_failed tenant=%s job=%s lost=%s error=%r", tenant, job_key, lost,
+                        f"{type(cause).__name__}: {cause}")
+            # the tenant reads it (audit log, GET /v1/recalibrations): without store locations, as every answer
+            error = scrub_locations(f"{type(cause).__name__}: {cause}".splitlines()[0])[:500]
             remove_groups(tune_owner(tenant, job_key))  # what a killed search left reserved
             self._audit(tenant, "recalibration.lost" if lost else "recalibration.fail", job_key, error=error)
             if lost:

@@ -211,12 +211,21 @@ def test_a_job_lost_with_its_worker_is_launched_again_at_most_three_times(tmp_pa
     audited = [(r.action, r.key_id) for r in jobs.audit.records("acme")]  # the system's actions are audited too
     assert audited == [("recalibration.lost", "system")] * 3 + [("recalibration.fail", "system")]
 
+    w.drift(["c"])
+    unreadable = Future()  # a store error names the store's path: the tenant reads the error (audit, GET)
+    unreadable.set_exception(FileNotFoundError(2, "No such file or directory", f"{tmp_path}/store/windows/c.parquet"))
+    jobs._finished("acme", w.launched[-1].job_key, unreadable)
+    said = "FileNotFoundError: [Errno 2] No such file or directory: '<store>'"
+    assert w.trigger.snapshot("acme").finished[-1].error == said
+    assert jobs.audit.records("acme")[-1].details == {"error": said}
+
 
 def test_a_job_that_cannot_start_fails_and_frees_its_slot(tmp_path):
     w = World(tmp_path, POLICY.model_copy(update={"max_concurrent_jobs": 1}))
 
     def refuse(job, policy):
-        raise ValueError("the window holds 3 usable events")
+        raise ValueError(f"{tmp_path}/store/recalibration/acme/windows/{job.job_key}.parquet: the window holds 3 "
+                         "usable events")
 
     w.trigger.launch = refuse
     w.drift(["a", "b"])  # one page: one job for both (one slot)
@@ -224,7 +233,8 @@ def test_a_job_that_cannot_start_fails_and_frees_its_slot(tmp_path):
     state = w.trigger.snapshot("acme")
     assert [(j.state, [t.asset_id for t in j.triggers]) for j in state.finished] == [
         ("failed", ["a", "b"]), ("failed", ["c"])]
-    assert not state.running and not state.pending and "3 usable events" in state.finished[0].error
+    assert not state.running and not state.pending
+    assert state.finished[0].error == "ValueError: <store>: the window holds 3 usable events"  # no store location
 
 
 def test_lifecycle_records_without_triggers_keep_their_hash():
