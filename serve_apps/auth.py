@@ -7,7 +7,9 @@ with `hmac.compare_digest` (constant time). Keys look like ``rtk_<key_id>_<secre
 
 A key's `role` is its rank (reader < writer < admin); its `grants` are roles outside that order, such
 as ``approver`` (may approve a model version into production, `raytwin.lifecycle`): an admin is not an
-approver unless granted, so that approving stays a separate, deliberate duty.
+approver unless granted, so that approving stays a separate, deliberate duty. Its `owner` names the person who
+holds it: the four-eyes rules compare owners (`Principal.person`), so that one person's two keys (a key and its
+successor while it is rotated) are one pair of eyes.
 
 Every key created or revoked (`create_key`, `revoke_key`: ``raytwin keys create/revoke``) is audited in the keys
 file's audit trail, ``{keys file}.audit.jsonl`` beside it (`key_audit_trail`): the keys file is where keys change, and
@@ -55,19 +57,28 @@ class KeyRecord(BaseModel):
     tenant: Identifier
     role: RoleName
     grants: tuple[GrantName, ...] = ()
+    owner: Identifier | None = None
 
 
 class Principal(BaseModel):
-    """Who is calling: the key's id, tenant, role and grants (never the key itself)."""
+    """Who is calling: the key's id, tenant, role, grants and owner (never the key itself)."""
 
     model_config = ConfigDict(frozen=True)
     key_id: str
     tenant: str
     role: RoleName
     grants: tuple[GrantName, ...] = ()
+    owner: str | None = None
 
     def allows(self, needed: Role) -> bool:
         return Role[self.role] >= needed
+
+    @property
+    def person(self) -> str:
+        """Who acts, for the four-eyes rules (a version's author, publisher and recalibration policy setter, a
+        command's proposer and approver): the key's owner where the keys file names one, else the key itself. Two
+        keys that compared as two people let one person approve their own work with their second key."""
+        return self.owner or self.key_id
 
 
 _RECORDS = TypeAdapter(list[KeyRecord])
@@ -139,15 +150,18 @@ class KeyStore:
         record = self._by_digest.get(key_sha256)
         if record is None or not hmac.compare_digest(record.sha256, key_sha256):
             return None
-        return Principal(key_id=record.key_id, tenant=record.tenant, role=record.role, grants=record.grants)
+        return Principal(key_id=record.key_id, tenant=record.tenant, role=record.role, grants=record.grants,
+                         owner=record.owner)
 
 
-def create_key(path: str | Path, tenant: str, role: RoleName,
-               grants: tuple[GrantName, ...] = ()) -> tuple[KeyRecord, str]:
-    """Append a new key's hash to `path`; returns the record and the key (shown once, never stored)."""
+def create_key(path: str | Path, tenant: str, role: RoleName, grants: tuple[GrantName, ...] = (),
+               owner: str | None = None) -> tuple[KeyRecord, str]:
+    """Append a new key's hash to `path`, held by `owner` (the person; None: the key is its own); returns the
+    record and the key (shown once, never stored)."""
     key_id = secrets.token_hex(6)
     key = f"rtk_{key_id}_{secrets.token_urlsafe(32)}"
-    record = KeyRecord(key_id=key_id, sha256=digest(key), tenant=tenant, role=role, grants=tuple(sorted(set(grants))))
+    record = KeyRecord(key_id=key_id, sha256=digest(key), tenant=tenant, role=role, grants=tuple(sorted(set(grants))),
+                       owner=owner)
     _write_keys(Path(path), load_keys(path) + [record])
     _audit_key_change(Path(path), "key.create", record)
     return record, key
@@ -179,7 +193,7 @@ def _audit_key_change(keys_file: Path, action: str, record: KeyRecord) -> None:
     entry = AuditRecord(time=datetime.now(UTC), request_id=None, key_id=record.key_id, tenant=record.tenant,
                         role=record.role, action=action, target=record.key_id,
                         details={"grants": list(record.grants), "by": f"{getpass.getuser()}@{socket.gethostname()}",
-                                 "keys_file": keys_file.name})
+                                 "keys_file": keys_file.name, "owner": record.owner})
     fd = os.open(key_audit_trail(keys_file), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     with os.fdopen(fd, "a") as trail:
         trail.write(entry.model_dump_json() + "\n")
@@ -189,7 +203,7 @@ def _write_keys(p: Path, records: list[KeyRecord]) -> None:
     """Whole or not at all (a server re-reads the file on change and must never see half of it), owner-only."""
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_suffix(p.suffix + ".tmp")
-    tmp.write_bytes(_RECORDS.dump_json(records, indent=2))
+    tmp.write_bytes(_RECORDS.dump_json(records, indent=2, exclude_none=True))  # no `owner` where none: as before
     tmp.chmod(0o600)
     tmp.replace(p)
 

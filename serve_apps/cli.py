@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Annotated, Any, get_args
 
 import typer
+from pydantic import ValidationError
 
+from raytwin.contracts import describe_error
 from raytwin.ray_connect import unreachable
 from serve_apps.auth import GrantName, RoleName, create_key, load_keys, revoke_key
 from serve_apps.config import Autoscaling
@@ -247,15 +249,21 @@ def keys_create(
     grant: Annotated[list[str] | None, typer.Option(
         help="A role outside the reader/writer/admin order: approver (may approve model versions into "
              "production). Repeatable.")] = None,
+    owner: Annotated[str | None, typer.Option(
+        help="The person who holds the key (e.g. alice): the four-eyes rules compare owners, so give every key of "
+             "one person (a rotated key and its successor too) the same owner.")] = None,
 ) -> None:
     """Create a key: prints it ONCE (only its SHA-256 is stored in the keys file)."""
     unknown = set(grant or ()) - set(get_args(GrantName))
     if unknown:
         raise typer.BadParameter(f"unknown grant(s) {sorted(unknown)}; known: {', '.join(get_args(GrantName))}")
-    record, key = create_key(keys_file, tenant, role, tuple(grant or ()))  # type: ignore[arg-type]
+    try:
+        record, key = create_key(keys_file, tenant, role, tuple(grant or ()), owner)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        raise typer.BadParameter(describe_error(exc)) from None
     typer.echo(key)
     typer.echo(f"key_id={record.key_id} tenant={record.tenant} role={record.role} "
-               f"grants={','.join(record.grants) or '-'} file={keys_file}", err=True)
+               f"grants={','.join(record.grants) or '-'} owner={record.owner or '-'} file={keys_file}", err=True)
 
 
 @serve_app.command("env")

@@ -47,7 +47,7 @@ def register(app: FastAPI) -> None:
         another model (other parameters, such as a calibration's fit registered there, another declaration or
         model code; the message says what differs and how to resolve it). `If-None-Match: *`: 412 if the version
         exists, even with identical content."""
-        created, revision = await svc.backend.call("put_type", who.tenant, body, pre, who.key_id)
+        created, revision = await svc.backend.call("put_type", who.tenant, body, pre, who.person)
         if created:
             await svc.record(request, who, "asset_type.create", body.key, asset_type=body.model_dump(mode="json"))
         return JSONResponse(body.model_dump(mode="json"), status_code=201 if created else 200,

@@ -45,7 +45,7 @@ async def propose_command(body: CommandProposal, request: Request, who: Principa
                           svc: Services = SVC) -> Any:
     """Record a command for one of this tenant's assets; nothing is sent before an approval."""
     command = await svc.backend.call("connector", "propose", who.tenant, body.connector, body.asset_id, body.name,
-                                     body.value, who.key_id, lost=_proposal_lost(body.asset_id))
+                                     body.value, who.person, lost=_proposal_lost(body.asset_id))
     await svc.record(request, who, "command.propose", command["id"], asset_id=body.asset_id, name=body.name,
                      value=body.value, correlation_id=command["correlation_id"])
     return command
@@ -53,7 +53,7 @@ async def propose_command(body: CommandProposal, request: Request, who: Principa
 
 @router.post("/{command_id}/approve", response_model=Command, responses=CONFLICT)
 async def approve_command(command_id: IdPath, request: Request, who: Principal = READER, svc: Services = SVC) -> Any:
-    """Approve (an admin key other than the proposer's) and send once: the answer is `sent` or `failed`;
+    """Approve (an admin key of another person than the proposer: `Principal.person`) and send once: the answer is `sent` or `failed`;
     an approved, sent or failed command cannot be approved again (409; the approving key's own resend answers
     the command as it is, sending nothing). An issued recommendation needs a key with the approver grant.
     Every attempt is audited (`command.approve`), refused ones too. The backend dying meanwhile answers 503
@@ -62,7 +62,7 @@ async def approve_command(command_id: IdPath, request: Request, who: Principal =
         require_role(who, Role.admin)  # here, not in the dependency: a refused approval is audited as well
         require_approver(await svc.backend.call("connector", "command", who.tenant, command_id,
                                                 lost=NOTHING_TAKEN), who)
-        command = await svc.backend.call("connector", "approve", who.tenant, command_id, who.key_id,
+        command = await svc.backend.call("connector", "approve", who.tenant, command_id, who.person,
                                          lost=_approval_lost(command_id))
     except Exception as exc:  # an approval that may have moved an asset is audited whatever answer it gets
         await svc.record(request, who, "command.approve", command_id, **_outcome(exc))
@@ -100,7 +100,7 @@ def _outcome(exc: Exception) -> dict[str, Any]:
 @router.post("/{command_id}/refuse", response_model=Command, responses=CONFLICT)
 async def refuse_command(command_id: IdPath, body: Refusal, request: Request, who: Principal = ADMIN,
                          svc: Services = SVC) -> Any:
-    command = await svc.backend.call("connector", "refuse", who.tenant, command_id, who.key_id, body.reason)
+    command = await svc.backend.call("connector", "refuse", who.tenant, command_id, who.person, body.reason)
     await svc.record(request, who, "command.refuse", command_id, reason=body.reason)
     return command
 

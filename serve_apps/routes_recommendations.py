@@ -162,7 +162,7 @@ async def issue_recommendation(asset_id: str, recommendation_id: str, body: Issu
     value = command_value(answer, body.part)
     try:
         command = await svc.backend.call("connector", "propose", who.tenant, body.connector, asset_id, body.name,
-                                         value, who.key_id, recommendation_id)
+                                         value, who.person, recommendation_id)
     except Unprocessable as exc:
         if body.part != "schedule":
             raise

@@ -34,7 +34,8 @@ def test_keys_are_stored_hashed_and_reloaded(tmp_path):
     record, key = create_key(path, "acme", "writer")
     store = KeyStore(path)
     assert store.authenticate(key).model_dump() == {"key_id": record.key_id, "tenant": "acme", "role": "writer",
-                                                     "grants": ()}
+                                                     "grants": (), "owner": None}
+    assert store.authenticate(key).person == record.key_id and '"owner"' not in path.read_text()  # its own, as before
     assert store.authenticate(key + "x") is None and store.authenticate("") is None
     assert key not in path.read_text() and digest(key) in path.read_text()
     _, second = create_key(path, "globex", "reader")  # appended; the running store sees it without restart
@@ -42,6 +43,8 @@ def test_keys_are_stored_hashed_and_reloaded(tmp_path):
     assert oct(path.stat().st_mode & 0o777) == "0o600"
     _, approver = create_key(path, "acme", "writer", ("approver",))  # a grant: outside the role order
     assert store.authenticate(approver).grants == ("approver",) and store.authenticate(key).grants == ()
+    _, alices = create_key(path, "acme", "admin", owner="alice")  # held by a person: who acts for four eyes
+    assert store.authenticate(alices).person == "alice"
 
 
 def test_a_revoked_key_is_refused_and_a_broken_keys_file_refuses_every_key(tmp_path):
@@ -90,6 +93,12 @@ def test_cli_creates_keys_and_writes_the_committed_openapi(tmp_path):
     unknown = CliRunner().invoke(keys_app, ["create", "--tenant", "acme", "--role", "writer", "--grant", "root",
                                             "--keys-file", str(keys)])
     assert unknown.exit_code != 0 and "unknown grant" in unknown.output
+    owned = CliRunner().invoke(keys_app, ["create", "--tenant", "acme", "--role", "admin", "--owner", "alice",
+                                          "--keys-file", str(keys)])
+    assert owned.exit_code == 0 and KeyStore(keys).authenticate(owned.output.splitlines()[0]).person == "alice"
+    nameless = CliRunner().invoke(keys_app, ["create", "--tenant", "acme", "--role", "admin", "--owner", "a b",
+                                             "--keys-file", str(keys)])
+    assert nameless.exit_code == 2 and "owner: String should match pattern" in nameless.output
     out = tmp_path / "openapi.json"
     assert CliRunner().invoke(serve_app, ["openapi", "--out", str(out)]).exit_code == 0
     committed = Path(__file__).parents[1] / "serve_apps" / "openapi.json"
@@ -881,6 +890,10 @@ class LedgerConnectors:
     def command(self, tenant: str, command_id: str):
         return self.ledger.get(tenant, command_id)
 
+    def propose(self, tenant: str, connector: str, asset_id: str, name: str, value: dict, by: str,
+                recommendation_id: str | None = None):
+        return self.ledger.propose(tenant, connector, asset_id, name, value, by, recommendation_id)
+
     def approve(self, tenant: str, command_id: str, by: str):
         self.ledger.approve(tenant, command_id, by)
         command = self.ledger.claim(tenant, command_id, self.ledger.get(tenant, command_id).connector)
@@ -945,6 +958,34 @@ def test_every_approval_attempt_is_audited_refused_ones_too(tmp_path):
         (grantless,) = _approval_audit(svc, issued, "acme")
         assert grantless["key_id"] == key_ids["admin"] and grantless["code"] == "forbidden"
         assert "'approver' grant" in grantless["reason"]
+
+
+def test_one_persons_two_keys_are_one_pair_of_eyes_for_commands_and_model_versions(tmp_path):
+    """Four eyes compared key ids: one person holding two keys (a key and its successor while it is rotated, as the
+    rotation procedure has it) approved their own command and promoted their own candidate with the second key."""
+    from raytwin.registry import ModelRegistry
+    from tests.fixtures_serve import in_process
+
+    backend = LedgerBackend(tmp_path)
+    with in_process(backend, tmp_path) as (http, auth, _):
+        alice = {name: {"Authorization": f"Bearer {create_key(tmp_path / 'keys.json', 'acme', role, grants, 'alice')[1]}"}
+                 for name, role, grants in (("writer", "writer", ()), ("approver", "admin", ("approver",)))}
+        proposed = http.post("/v1/commands", headers=alice["writer"], json={
+            "connector": "web", "asset_id": "pump-1", "name": "setpoint", "value": {"q": 1.0}})
+        assert proposed.status_code == 201 and proposed.json()["proposed_by"] == "alice", proposed.text
+        own = http.post(f"/v1/commands/{proposed.json()['id']}/approve", headers=alice["approver"])
+        assert own.status_code == 409 and "another key must approve it (four eyes)" in own.text, own.text
+        assert backend.sent == []
+
+        ModelRegistry(str(tmp_path / "store" / "registry" / "acme")).register(
+            "thermal_rc", "1.0.0", AssetType.from_model(THERMAL_RC))
+        versions = "/v1/models/thermal_rc/versions/1.0.0/transitions"
+        for stage in ("candidate", "staging"):
+            moved = http.post(versions, headers=alice["writer"], json={"to": stage, "reason": "fits better"})
+            assert moved.status_code == 201 and moved.json()["actor"] == "alice", moved.text
+        promoted = http.post(versions, headers=alice["approver"], json={"to": "production", "reason": "mine"})
+        assert promoted.status_code == 403, promoted.text
+        assert "alice is the author of thermal_rc@1.0.0 and may not approve it" in promoted.json()["error"]["message"]
 
 
 def test_a_connector_or_command_path_that_is_no_identifier_is_refused_before_it_names_a_store_file(tmp_path):
