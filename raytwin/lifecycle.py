@@ -97,6 +97,9 @@ class Actor(Contract):
     id: Identifier
     tenant: Identifier
     roles: frozenset[Identifier] = frozenset()
+    also: frozenset[Identifier] = Field(frozenset(), description=(
+        "Other ids the same principal acted under: the API key's own id where `id` is its owner, so that what the key "
+        "did before it named an owner is still its own (four eyes)"))
 
 
 class Evidence(Contract):
@@ -425,11 +428,12 @@ class ModelLifecycle:
         free parameters, noise and window: the recalibration's author is the system, not a second pair of eyes);
         `UNKNOWN_SETTER` for a recalibration's candidate whose policy named no setter: any approver may be it."""
         metadata = self.registry.get(ref, allow_code_change=True).metadata
-        if actor.id == version.author:
+        names = {actor.id, *actor.also}
+        if version.author in names:
             return f"the author of {ref}"
-        if actor.id == metadata.get(PUBLISHED_BY):
+        if metadata.get(PUBLISHED_BY) in names:
             return f"the publisher (its declaration and parameters) of {ref}"
-        if actor.id == metadata.get(POLICY_SET_BY):
+        if metadata.get(POLICY_SET_BY) in names:
             return f"the setter of the recalibration policy (its free parameters, noise and window) that fitted {ref}"
         if JOB_KEY in metadata and POLICY_SET_BY not in metadata:
             return UNKNOWN_SETTER

@@ -18,7 +18,7 @@ from serve_apps.auth import Principal, Role
 from serve_apps.json_route import JsonRoute
 from serve_apps.routes_recommendations import require_approver
 from serve_apps.deps import ADMIN, READER, SVC, WRITER, Services, require_role
-from serve_apps.errors import CONFLICT, ApiError
+from serve_apps.errors import CONFLICT, ApiError, Conflict
 from serve_apps.schemas import IdPath
 
 
@@ -52,7 +52,8 @@ async def propose_command(body: CommandProposal, request: Request, who: Principa
 
 
 @router.post("/{command_id}/approve", response_model=Command, responses=CONFLICT)
-async def approve_command(command_id: IdPath, request: Request, who: Principal = READER, svc: Services = SVC) -> Any:
+async def approve_command(command_id: IdPath, request: Request, who: Principal = READER,
+                          svc: Services = SVC) -> Any:
     """Approve (an admin key of another person than the proposer: `Principal.person`) and send once: the answer is `sent` or `failed`;
     an approved, sent or failed command cannot be approved again (409; the approving key's own resend answers
     the command as it is, sending nothing). An issued recommendation needs a key with the approver grant.
@@ -60,8 +61,11 @@ async def approve_command(command_id: IdPath, request: Request, who: Principal =
     `backend_unavailable` with `Retry-After`: approving again is safe."""
     try:
         require_role(who, Role.admin)  # here, not in the dependency: a refused approval is audited as well
-        require_approver(await svc.backend.call("connector", "command", who.tenant, command_id,
-                                                lost=NOTHING_TAKEN), who)
+        proposed = await svc.backend.call("connector", "command", who.tenant, command_id, lost=NOTHING_TAKEN)
+        require_approver(proposed, who)
+        if proposed["status"] == "proposed" and proposed["proposed_by"] == who.key_id != who.person:
+            raise Conflict(f"command {command_id} was proposed by {who.key_id}, a key of {who.person}: another "
+                           "key must approve it (four eyes)")  # proposed before the key named its owner
         command = await svc.backend.call("connector", "approve", who.tenant, command_id, who.person,
                                          lost=_approval_lost(command_id))
     except Exception as exc:  # an approval that may have moved an asset is audited whatever answer it gets

@@ -117,7 +117,7 @@ def _lifecycle(svc: Services, tenant: str) -> ModelLifecycle:
 
 
 def _actor(who: Principal) -> LifecycleActor:
-    return LifecycleActor(id=who.person, tenant=who.tenant, roles=frozenset(who.grants))
+    return LifecycleActor(id=who.person, tenant=who.tenant, roles=frozenset(who.grants), also=frozenset({who.key_id}))
 
 
 def _check_evidence(svc: Services, tenant: str, model: str, evidence: Evidence) -> None:

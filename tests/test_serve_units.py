@@ -962,23 +962,26 @@ def test_every_approval_attempt_is_audited_refused_ones_too(tmp_path):
 
 def test_one_persons_two_keys_are_one_pair_of_eyes_for_commands_and_model_versions(tmp_path):
     """Four eyes compared key ids: one person holding two keys (a key and its successor while it is rotated, as the
-    rotation procedure has it) approved their own command and promoted their own candidate with the second key."""
-    from raytwin.registry import ModelRegistry
+    rotation procedure has it) approved their own command and promoted their own candidate with the second key; and
+    a key given an owner later is still refused for what it did under its key id (it approved and sent its own)."""
+    from raytwin.registry import PUBLISHED_BY, ModelRegistry
     from tests.fixtures_serve import in_process
 
     backend = LedgerBackend(tmp_path)
     with in_process(backend, tmp_path) as (http, auth, _):
-        alice = {name: {"Authorization": f"Bearer {create_key(tmp_path / 'keys.json', 'acme', role, grants, 'alice')[1]}"}
+        keys = tmp_path / "keys.json"
+        alice = {name: {"Authorization": f"Bearer {create_key(keys, 'acme', role, grants, 'alice')[1]}"}
                  for name, role, grants in (("writer", "writer", ()), ("approver", "admin", ("approver",)))}
-        proposed = http.post("/v1/commands", headers=alice["writer"], json={
-            "connector": "web", "asset_id": "pump-1", "name": "setpoint", "value": {"q": 1.0}})
-        assert proposed.status_code == 201 and proposed.json()["proposed_by"] == "alice", proposed.text
-        own = http.post(f"/v1/commands/{proposed.json()['id']}/approve", headers=alice["approver"])
+        bobs, bob_key = create_key(keys, "acme", "admin", ("approver",))  # no owner yet: its key id acts
+        bob = {"Authorization": f"Bearer {bob_key}"}
+        command = {"connector": "web", "asset_id": "pump-1", "name": "setpoint", "value": {"q": 1.0}}
+        proposed, earlier = (http.post("/v1/commands", headers=h, json=command).json() for h in (alice["writer"], bob))
+        assert (proposed["proposed_by"], earlier["proposed_by"]) == ("alice", bobs.key_id)
+        own = http.post(f"/v1/commands/{proposed['id']}/approve", headers=alice["approver"])
         assert own.status_code == 409 and "another key must approve it (four eyes)" in own.text, own.text
-        assert backend.sent == []
 
-        ModelRegistry(str(tmp_path / "store" / "registry" / "acme")).register(
-            "thermal_rc", "1.0.0", AssetType.from_model(THERMAL_RC))
+        ModelRegistry(str(tmp_path / "store" / "registry" / "acme")).register(  # as bob's POST /v1/asset-types
+            "thermal_rc", "1.0.0", AssetType.from_model(THERMAL_RC), metadata={PUBLISHED_BY: bobs.key_id})
         versions = "/v1/models/thermal_rc/versions/1.0.0/transitions"
         for stage in ("candidate", "staging"):
             moved = http.post(versions, headers=alice["writer"], json={"to": stage, "reason": "fits better"})
@@ -986,6 +989,15 @@ def test_one_persons_two_keys_are_one_pair_of_eyes_for_commands_and_model_versio
         promoted = http.post(versions, headers=alice["approver"], json={"to": "production", "reason": "mine"})
         assert promoted.status_code == 403, promoted.text
         assert "alice is the author of thermal_rc@1.0.0 and may not approve it" in promoted.json()["error"]["message"]
+
+        records = json.loads(keys.read_text())
+        keys.write_text(json.dumps([{**r, "owner": "bob"} if r["key_id"] == bobs.key_id else r for r in records]))
+        os.utime(keys, (1, 1))  # a new modification time, whatever the clock's resolution
+        own = http.post(f"/v1/commands/{earlier['id']}/approve", headers=bob)
+        assert own.status_code == 409 and "another key must approve it (four eyes)" in own.text, own.text
+        promoted = http.post(versions, headers=bob, json={"to": "production", "reason": "mine"})
+        assert promoted.status_code == 403 and "bob is the publisher" in promoted.text, promoted.text
+        assert backend.sent == []
 
 
 def test_a_connector_or_command_path_that_is_no_identifier_is_refused_before_it_names_a_store_file(tmp_path):
