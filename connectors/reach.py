@@ -1,11 +1,13 @@
 """Which hosts a tenant's connector may connect to: a connector is a TCP client inside the operator's
 network, so an API-created one reaches only the hosts `ServeConfig.connector_hosts` lists (names,
 addresses, networks), and without a list none that is the node itself, another machine of the Ray cluster or
-link-local: loopback (127.0.0.0/8, ::1, a `localhost` name: Ray's GCS, dashboard and metrics ports, other
-tenants' brokers on the node), unspecified (0.0.0.0/8, ::, which connect to the node too), a Ray node's address
-(this machine's own on any interface, and the cluster's alive nodes': the same services listen there,
+link-local or private: loopback (127.0.0.0/8, ::1, a `localhost` name: Ray's GCS, dashboard and metrics ports,
+other tenants' brokers on the node), unspecified (0.0.0.0/8, ::, which connect to the node too), a Ray node's
+address (this machine's own on any interface, and the cluster's alive nodes': the same services listen there,
 `connectors.ray_nodes`), link-local (169.254.0.0/16, fe80::/10: where a cloud hands out its nodes'
-credentials), also when an IPv6 address carries the IPv4 one. An operator who wants connectors to reach a
+credentials), private networks (10/8, 172.16/12, 192.168/16, 100.64/10, fc00::/7: the operator's own machines,
+and a connector's `last_error` would tell a tenant which of their ports answer), also when an IPv6 address carries
+the IPv4 one. An operator who wants connectors to reach a
 broker on the node lists it, with its port (`127.0.0.1:1883`): an entry without a port opens every port of that
 host, Ray's own included.
 
@@ -37,8 +39,9 @@ class Unreachable(OSError):
 class Reach:
     """Which hosts a tenant's connector may connect to (`ServeConfig.connector_hosts`): without a list, any
     but the node itself (loopback, unspecified), the Ray cluster's machines (Ray's and other tenants' services
-    listen on their addresses) and link-local addresses (a cloud's metadata service hands out the node's
-    credentials): a tenant reaches nothing on the cluster its operator did not open to it."""
+    listen on their addresses), link-local addresses (a cloud's metadata service hands out the node's
+    credentials) and private networks (the operator's site): a tenant reaches nothing inside its operator's
+    network that the operator did not open to it."""
 
     def __init__(self, hosts: list[str] | None):
         """`hosts`: entries as `parse_entry` reads them (ValueError for one that is none)."""
@@ -115,7 +118,9 @@ class Reach:
 
 
 RAY_NODE = "an address of a Ray node of this cluster"
-_NOTES = {RAY_NODE: "its internal services listen there"}
+PRIVATE = "in a private network"
+_NOTES = {RAY_NODE: "its internal services listen there",
+          PRIVATE: "the operator's own machines, which a tenant's connector reaches only where they are listed"}
 """Why a kind of address is closed, where its name does not say it."""
 
 
@@ -192,8 +197,8 @@ def _address(info: AddrInfo) -> Address:
 
 def _closed(address: Address) -> str | None:
     """What `address` is if no tenant's connector may reach it without the operator's list: the node itself
-    (loopback; unspecified, 0.0.0.0/8 and ::, which connect to the node), a machine of the Ray cluster (checked
-    last: it binds a socket, or asks Ray, though both are cached) or link-local; also as an IPv4 address inside an
+    (loopback; unspecified, 0.0.0.0/8 and ::, which connect to the node), link-local, a machine of the Ray cluster
+    (it binds a socket, or asks Ray, though both are cached) or another of a private network; also as an IPv4 address inside an
     IPv6 one (``::ffff:127.0.0.1``, NAT64's ``64:ff9b::/96``, 6to4, Teredo's client, SIIT's ``::ffff:0:0:0/96``,
     the deprecated IPv4-compatible ``::127.0.0.1``), which reaches the IPv4 host."""
     carried = [a for a in (address, _inner(address)) if a is not None]
@@ -204,7 +209,9 @@ def _closed(address: Address) -> str | None:
             return "unspecified"
         if one.is_link_local:
             return "link-local"
-    return RAY_NODE if any(map(is_ray_node, carried)) else None
+    if any(map(is_ray_node, carried)):
+        return RAY_NODE
+    return PRIVATE if any(one in net for one in carried for net in _PRIVATE) else None
 
 
 def _inner(address: Address) -> ipaddress.IPv4Address | None:
@@ -236,6 +243,10 @@ def _order(address: Address) -> tuple[int, Address]:
     return address.version, address  # (IPv4 and IPv6 addresses do not compare)
 
 
+_PRIVATE = tuple(ipaddress.ip_network(n) for n in (
+    "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",  # RFC 1918
+    "100.64.0.0/10",  # shared address space (RFC 6598): carrier-grade NAT, also many clusters' pod networks
+    "fc00::/7"))  # unique local IPv6 (RFC 4193)
 _THIS_NETWORK = ipaddress.ip_network("0.0.0.0/8")  # "this network" (RFC 1122): no destination; 0.0.0.0 is the node
 _EMBEDDING = (ipaddress.ip_network("64:ff9b::/96"), ipaddress.ip_network("64:ff9b:1::/48"),  # NAT64: RFC 6052, 8215
               ipaddress.ip_network("::ffff:0:0:0/96"),  # SIIT's IPv4-translated addresses (RFC 2765)

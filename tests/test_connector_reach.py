@@ -168,11 +168,12 @@ def test_an_attempt_keeps_only_the_addresses_the_policy_allows(monkeypatch):
     real = socket.getaddrinfo
     monkeypatch.setattr(socket, "getaddrinfo", lambda host, port, *a, **k: [
         (socket.AF_INET, socket.SOCK_STREAM, 6, "", (METADATA, port)),
-        (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.20.0.7", port))] if host == REBOUND else real(host, port))
-    assert [info[4][0] for info in Reach(None).vetted(REBOUND, 1883)] == ["10.20.0.7"]
+        (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.20.0.7", port)),
+        (socket.AF_INET, socket.SOCK_STREAM, 6, "", (PUBLIC, port))] if host == REBOUND else real(host, port))
+    assert [info[4][0] for info in Reach(None).vetted(REBOUND, 1883)] == [PUBLIC]
     assert [info[4][0] for info in Reach(["10.20.0.0/16"]).vetted(REBOUND, 1883)] == ["10.20.0.7"]
-    assert len(Reach([REBOUND]).vetted(REBOUND, 1883)) == 2  # a listed name: the operator's DNS, any address
-    with pytest.raises(Unreachable, match=rf"resolved to 10.20.0.7, {METADATA} {UNLISTED}"):  # (by reason)
+    assert len(Reach([REBOUND]).vetted(REBOUND, 1883)) == 3  # a listed name: the operator's DNS, any address
+    with pytest.raises(Unreachable, match=rf"resolved to 10.20.0.7, {METADATA}, {PUBLIC} {UNLISTED}"):  # by reason
         Reach(["10.30.0.0/16"]).vetted(REBOUND, 1883)
 
 
@@ -331,7 +332,7 @@ def test_on_a_node_where_any_address_binds_the_route_tells_its_own(monkeypatch):
     own = own_address(monkeypatch)
     monkeypatch.setattr(ray_nodes, "_nonlocal_bind", lambda version: True)
     monkeypatch.setattr(ray_nodes, "_binds", lambda address: True)  # (what binding answers there)
-    assert Reach(None).refusal(PUBLIC) is None and Reach(None).refusal("10.20.3.4") is None
+    assert Reach(None).refusal(PUBLIC) is None and Reach(None).refusal("192.0.2.7") is None
     assert Reach(None).refusal(own).startswith(f"host {own!r} is {RAY_NODE}")
 
 
@@ -403,3 +404,14 @@ def test_by_default_the_clusters_alive_nodes_are_refused_asking_ray_at_most_once
 def test_the_session_rays_node_is_among_the_clusters_nodes(ray_session):
     """`ray.nodes()` as this Ray version answers it: the node's address is where `ClusterNodes` reads it."""
     assert ipaddress.ip_address(ray.util.get_node_ip_address()) in ray_nodes.ClusterNodes().addresses()
+
+
+@pytest.mark.parametrize("host", ["10.20.3.4", "172.16.0.9", "192.168.1.5", "100.64.7.1", "fd12:3456::7",
+                                  "::ffff:192.168.1.5"])
+def test_private_networks_are_refused_unless_the_operator_lists_them(host):
+    """Connectors a tenant creates reached any private address: their `last_error` told which hosts and ports of the
+    operator's network answer (a port scanner for every tenant admin). Closed unless listed."""
+    refused = Reach(None).refusal(host, 1883)
+    assert refused is not None and refused.startswith(f"host {host!r} is in a private network (") and \
+        "ServeConfig.connector_hosts" in refused
+    assert Reach([f"{host}/{128 if ':' in host else 32}"]).refusal(host) is None
