@@ -18,7 +18,7 @@ from serve_apps.auth import Principal, Role
 from serve_apps.json_route import JsonRoute
 from serve_apps.routes_recommendations import require_approver
 from serve_apps.deps import ADMIN, READER, SVC, WRITER, Services, require_role
-from serve_apps.errors import CONFLICT, ApiError, Conflict
+from serve_apps.errors import CONFLICT, ApiError, Conflict, scrub_locations
 from serve_apps.schemas import IdPath
 
 
@@ -98,7 +98,7 @@ def _outcome(exc: Exception) -> dict[str, Any]:
     state, another tenant's) with the answer's status, code and reason, or `error`."""
     if isinstance(exc, ApiError) and exc.status < 500:
         return {"status": "refused", "http_status": exc.status, "code": exc.code, "reason": exc.message[:300]}
-    return {"status": "error", "error": str(exc)[:300]}
+    return {"status": "error", "error": scrub_locations(f"{type(exc).__name__}: {exc}")[:300]}  # tenants read it
 
 
 @router.post("/{command_id}/refuse", response_model=Command, responses=CONFLICT)

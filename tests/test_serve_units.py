@@ -1464,3 +1464,13 @@ def test_an_actor_dying_under_the_backend_is_not_the_backends_death(tmp_path):
     with in_process(DyingBackend(wrapped.as_instanceof_cause()), tmp_path) as (http, auth, _):
         answer = http.get("/v1/assets", headers=auth["reader"])
     assert answer.status_code == 500 and answer.json()["error"]["code"] == "internal", answer.text
+
+
+def test_a_failed_approvals_audited_error_names_no_store_location():
+    """The tenant reads its audit log: a command approval that failed on the store put the store's path (or bucket
+    URL) in the record's `error`, which every answer scrubs (`scrub_locations`)."""
+    from serve_apps.routes_commands import _outcome
+
+    failed = _outcome(OSError(5, "Input/output error", "/srv/raytwin/store/commands/acme/c1.json"))
+    assert failed == {"status": "error", "error": "OSError: [Errno 5] Input/output error: '<store>'"}
+    assert _outcome(RuntimeError("s3://plant-bucket/store/x failed"))["error"] == "RuntimeError: <store> failed"
