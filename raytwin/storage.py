@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import uuid
 from collections.abc import Iterator
 from contextlib import suppress
@@ -124,3 +125,13 @@ def write_once(fs: AbstractFileSystem, path: str, data: bytes) -> None:
         os.link(tmp, path)
     finally:
         os.unlink(tmp)
+
+
+LOCATION = re.compile(r"[a-z][a-z0-9+.-]*://\S+|(?<![\w.])/[^\s:'\",)]+", re.IGNORECASE)
+"""A URL or an absolute path in a message."""
+
+
+def scrub_locations(text: str) -> str:
+    """`text` with URLs and absolute paths as ``<store>``: an answer names no store location (tenants must not
+    learn the operator's buckets and paths; the log keeps them)."""
+    return LOCATION.sub("<store>", text)

@@ -42,7 +42,6 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from raytwin.storage import filesystem, replace_file
-from serve_apps.store_errors import unavailable
 
 ChangeKind = Literal["twin.state", "twin.drift", "asset.created", "asset.updated", "asset.deleted",
                      "asset_type.created", "asset_type.deleted", "job.succeeded", "job.failed",
@@ -222,6 +221,8 @@ class ChangeLog:
         backend stops. For a caller about to apply a batch: nothing of it is applied, and its resend is once the
         kept changes are written (`flush`, every few seconds). Read without the lock, which a write to a store
         that hangs holds: a telemetry request must not wait on it here."""
+        from serve_apps.store_errors import unavailable  # here: the SDK imports this module, without FastAPI
+
         kept = len(self._unwritten.get(tenant, ()))
         if kept >= self.max_unwritten:
             raise unavailable(f"{kept} changes of tenant {tenant} wait for the change log's write, which failed",

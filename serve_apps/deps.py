@@ -8,11 +8,12 @@ from datetime import UTC, date, datetime
 from typing import Annotated, Any
 
 import ray
-from fastapi import Depends, Header, Query, Request
+from fastapi import Depends, Header, Path, Query, Request
 from fastapi.responses import JSONResponse
 from fsspec import AbstractFileSystem
 from starlette.concurrency import run_in_threadpool
 
+from raytwin.contracts import IDENTIFIER_PATTERN
 from serve_apps.audit import AuditLog, AuditRecord
 from serve_apps.auth import BEARER_CHALLENGE, SEND_A_KEY, KeyStore, Principal, Role, digest, parse_credentials
 from serve_apps.change_stream import HeadWatcher
@@ -174,6 +175,11 @@ async def writable(request: Request) -> None:
     write the store from this replica (run records, the lifecycle log, policies) rather than through the backend."""
     await (await services(request)).backend.call("check_writable")
 
+
+IdPath = Annotated[str, Path(pattern=IDENTIFIER_PATTERN)]
+"""A path segment naming something of the caller's tenant by its identifier (a model, a type, a connector, a command):
+422 for anything else before it names a file in the store (a NUL answered 500, a 5,000-character name a false 503
+`store_unavailable`)."""
 
 Limit = Annotated[int, Query(ge=1, le=10_000)]
 """How many of the newest records a read of records (the audit log) answers."""

@@ -10,7 +10,6 @@ backend deployment arrive wrapped in Ray's `RayTaskError`; `unwrap` recovers the
 from __future__ import annotations
 
 import logging
-import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -20,6 +19,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from raytwin.statestore import StoreFenced
+from raytwin.storage import scrub_locations
 from serve_apps.resend import advice
 
 log = logging.getLogger("raytwin.serve")
@@ -148,15 +148,6 @@ class BackendUnavailable(ApiError):
     def message_for(self, request: Request) -> str:
         return f"{self.message}; {self.lost or advice(request)}; retry after {BACKEND_RETRY_AFTER_S} s"
 
-
-LOCATION = re.compile(r"[a-z][a-z0-9+.-]*://\S+|(?<![\w.])/[^\s:'\",)]+", re.IGNORECASE)
-"""A URL or an absolute path in a message."""
-
-
-def scrub_locations(text: str) -> str:
-    """`text` with URLs and absolute paths as ``<store>``: an answer names no store location (tenants must not
-    learn the operator's buckets and paths; the log keeps them)."""
-    return LOCATION.sub("<store>", text)
 
 
 class ErrorBody(BaseModel):

@@ -29,9 +29,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from raytwin.recalibration import DriftTrigger, RecalibrationPolicy
-from raytwin.storage import canonical_json, filesystem, replace_file
+from raytwin.storage import canonical_json, filesystem, replace_file, scrub_locations
 from serve_apps.changes import Change
-from serve_apps.errors import scrub_locations
 
 log = logging.getLogger("raytwin.serve.recalibration")
 KEEP_FINISHED = 100

@@ -23,10 +23,10 @@ from raytwin.recalibration import PolicyStore, RecalibrationPolicy
 from raytwin.registry import ModelRegistry
 from raytwin.sim.cpu import cpu_only
 from raytwin.statestore import StateStore
+from raytwin.storage import scrub_locations
 from serve_apps.audit import AuditLog, AuditRecord
 from serve_apps.changes import Change, ChangeLog
 from serve_apps.config import ServeConfig
-from serve_apps.errors import scrub_locations
 from serve_apps.recalibration import RecalJob, Recalibrator, TenantState
 from sweeps.recalibration import (RecalibrationWork, held_inputs, next_free_version, recalibrate, start_std,
                                   tune_owner, window_table, write_window)

@@ -14,12 +14,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from connectors.commands import Command, CommandValue
 from raytwin.contracts import Identifier
+from raytwin.storage import scrub_locations
 from serve_apps.auth import Principal, Role
 from serve_apps.json_route import JsonRoute
 from serve_apps.routes_recommendations import require_approver
-from serve_apps.deps import ADMIN, READER, SVC, WRITER, Services, require_role
-from serve_apps.errors import CONFLICT, ApiError, Conflict, scrub_locations
-from serve_apps.schemas import IdPath
+from serve_apps.deps import ADMIN, READER, SVC, WRITER, IdPath, Services, require_role
+from serve_apps.errors import CONFLICT, ApiError, Conflict
 
 
 class CommandProposal(BaseModel):

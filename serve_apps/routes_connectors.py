@@ -19,10 +19,10 @@ from raytwin.statestore import StateStore
 from serve_apps.auth import Principal
 from serve_apps.json_route import JsonRoute
 from serve_apps.dead_letters import connector_dead_letters
-from serve_apps.deps import ADMIN, DAY, READER, SVC, DeadLetterLimit, Services
+from serve_apps.deps import ADMIN, DAY, READER, SVC, DeadLetterLimit, IdPath, Services
 from serve_apps.errors import CONFLICT
 from serve_apps.resend import resend_safe
-from serve_apps.schemas import DeadLetter, IdPath
+from serve_apps.schemas import DeadLetter
 
 
 class ConnectorCreate(BaseModel):

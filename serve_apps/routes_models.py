@@ -38,10 +38,9 @@ from raytwin.lifecycle import Actor as LifecycleActor
 from raytwin.registry import ModelRegistry, RegistryError
 from raytwin.statestore import StateStore
 from serve_apps.auth import Principal
-from serve_apps.deps import ADMIN, READER, SVC, WRITABLE, WRITER, Services
+from serve_apps.deps import ADMIN, READER, SVC, WRITABLE, WRITER, IdPath, Services
 from serve_apps.errors import (CONFLICT, BadRequest, Conflict, Forbidden, NotFound, PreconditionFailed,
                                Unprocessable, unwrap)
-from serve_apps.schemas import IdPath
 from sweeps.runs import RunError, RunStore
 
 ModelName = IdPath

@@ -15,11 +15,10 @@ from starlette.concurrency import run_in_threadpool
 
 from raytwin.recalibration import PolicyError, PolicyStore, RecalibrationPolicy
 from serve_apps.auth import Principal
-from serve_apps.deps import ADMIN, READER, SVC, WRITABLE, Services
+from serve_apps.deps import ADMIN, READER, SVC, WRITABLE, IdPath, Services
 from serve_apps.errors import NotFound, Unprocessable, unwrap
 from serve_apps.json_route import JsonRoute
 from serve_apps.recalibration import TenantState
-from serve_apps.schemas import IdPath
 
 router = APIRouter(tags=["recalibration"], route_class=JsonRoute)
 

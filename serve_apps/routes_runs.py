@@ -16,11 +16,11 @@ from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from raytwin.modelcode import ModelCode
-from raytwin.storage import filesystem
+from raytwin.storage import filesystem, scrub_locations
 from serve_apps.auth import Principal
 from serve_apps.deps import FILE_DOWNLOAD, READER, SVC, Services
 from serve_apps.downloads import file_response, file_responses
-from serve_apps.errors import NotFound, removed_from_store, scrub_locations
+from serve_apps.errors import NotFound, removed_from_store
 from serve_apps.json_route import JsonRoute
 from serve_apps.stream_auth import StreamCredential
 from sweeps.runs import RunError, RunRecord, RunStore

@@ -6,18 +6,11 @@ import unicodedata
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import Path
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from actors.state import DivergenceReport
-from raytwin.contracts import (IDENTIFIER_PATTERN, Finite, Identifier, Relationship, RelationshipKind, SemVer,
-                               StartedFrom)
+from raytwin.contracts import Finite, Identifier, Relationship, RelationshipKind, SemVer, StartedFrom
 
-
-IdPath = Annotated[str, Path(pattern=IDENTIFIER_PATTERN)]
-"""A path segment naming something of the caller's tenant by its identifier (a model, a type, a connector, a command):
-422 for anything else before it names a file in the store (a NUL answered 500, a 5,000-character name a false 503
-`store_unavailable`)."""
 
 MAX_METADATA_KEYS = 100
 """Metadata keys of an asset, at most: the catalog holds every asset's in the backend's memory."""

@@ -10,14 +10,17 @@ import errno
 import re
 import traceback
 from functools import partial
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from ray.exceptions import RayTaskError
 from starlette.requests import Request
 
+from raytwin.storage import scrub_locations
 from raytwin.store_failures import FAILURE_CLASSES, FailureClass, failure_class
-from serve_apps.errors import ApiError, scrub_locations, unwrap
+from serve_apps.errors import ApiError, unwrap
 from serve_apps.resend import advice
+
+if TYPE_CHECKING:
+    from ray.exceptions import RayTaskError
 
 Reason = FailureClass | Literal["no_writes", "shards_down"]
 """Why the store is unavailable: a class of its failure, or no_writes (its writes stopped landing, no error seen);
@@ -96,6 +99,8 @@ def raised_by_store(exc: BaseException) -> bool:
 def _ray_wrappers(exc: BaseException) -> list[RayTaskError]:
     """The `RayTaskError`s around `exc`: its own (it is one), or those it was unwrapped from and raised in the
     handling of (`deps.BackendClient.call`: `raise unwrap(exc) from None` keeps them as its `__context__`)."""
+    from ray.exceptions import RayTaskError  # here: the client imports this module's neighbours without Ray
+
     context = exc.__context__
     outer = context if isinstance(context, RayTaskError) and unwrap(context) is exc else exc
     wrappers = []
