@@ -43,6 +43,9 @@ class Ingress:
         metrics.zero_dead_letters("api")  # a burst of refusals shows in the dead-letter ratio from its first count
         for operation in OPERATIONS:  # and a store outage's first failed requests in the store alert's rate
             zero_counts(operation)
+        # and the first inline scenario and stale reads (a shard restart) on their panels (`Metric.zero`)
+        metrics.SCENARIO_STEPS.zero({"kind": "scenario"})
+        metrics.STALE_READS.zero({"read": "state"}, {"read": "query"})
         client = BackendClient(backend)
         self.services = Services(
             config=config, keys=KeyStore(config.keys_file), backend=client,

@@ -155,6 +155,7 @@ def summary_table(prepared: PreparedScenario, result: ScenarioResult) -> pa.Tabl
 def scenario_to_store(prepared: PreparedScenario, out_url: str, storage_options: dict[str, Any]) -> dict[str, Any]:
     """An async scenario job: simulate, write the summary as ``part-000000.parquet`` under `out_url` (its SHA-256 in
     `outputs`, as a sweep's run records its files', for the download to be checked)."""
+    metrics.SCENARIO_STEPS.zero({"kind": "scenario"})  # a job's first in this worker shows on its panel
     t0 = time.perf_counter()
     table = summary_table(prepared, run(prepared))
     seconds = time.perf_counter() - t0

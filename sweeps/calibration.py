@@ -708,6 +708,9 @@ def calibrate(
     Returns (result, {file: sha256}, telemetry sha256). Counted (outcome, duration) in
     `raytwin.metrics` when Ray runs.
     """
+    # at 0 before the outcome (`Metric.zero`): a calibration's process (a CLI driver, a job's task) often counts
+    # only that one, and a series first seen at 1 never shows in `increase()`, and so on the dashboard
+    CALIBRATIONS.zero({"outcome": "succeeded"}, {"outcome": "failed"})
     t0 = time.perf_counter()
     try:
         out = _calibrate(spec, out_url, storage_options)

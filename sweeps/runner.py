@@ -279,6 +279,10 @@ class _Progress:
 
     def __init__(self, simulator: str, total: int, n_steps: int, every_s: float, show_bar: bool):
         self.simulator, self.n_steps = simulator, n_steps  # the metrics' tag (`simulator_label`)
+        # exported at 0 before the first count (`Metric.zero`): a sweep whose process (a CLI driver, a job's
+        # task) counts it first would otherwise never show in `rate()`, and so on the dashboard
+        SWEEP_SCENARIOS.zero({"simulator": simulator})
+        SCENARIO_STEPS.zero({"kind": "sweep"})
         self.total, self.every_s, self.done = total, every_s, 0
         self.t0 = self.last = time.monotonic()
         self.bar = None

@@ -112,6 +112,34 @@ def test_sweep_metrics_tag_a_bounded_simulator_never_the_tenants_reference():
     assert metrics.SWEEP_SCENARIOS.tags == metrics.SWEEP_RATE.tags == ("simulator",)
 
 
+def test_runs_export_their_counters_at_zero_before_they_count(monkeypatch, tmp_path):
+    """A sweep's or calibration's process (a CLI driver, a job's task) often counts only that one run: its series
+    first seen at the final count never showed in `rate()`/`increase()`, and the Sweeps and jobs row read 0 for a
+    sweep of 43 scenarios and a calibration (an outside run, 2026-12-06). Each exports its series at 0 first."""
+    from sweeps.calibration import CalibrationSpec, calibrate
+    from sweeps.runner import _Progress
+    from serve_apps.scenarios import scenario_to_store
+
+    recorded: list[tuple[str, str, tuple]] = []
+    monkeypatch.setattr(metrics.Metric, "zero", lambda m, *tags: recorded.append(("zero", m.name, tags)))
+    monkeypatch.setattr(metrics.Metric, "inc", lambda m, value=1.0, **tags: recorded.append(("inc", m.name, (tags,))))
+
+    _Progress("thermal_rc", total=3, n_steps=10, every_s=10.0, show_bar=False).advance(3)
+    assert recorded[:2] == [("zero", "raytwin_sweep_scenarios", ({"simulator": "thermal_rc"},)),
+                            ("zero", "raytwin_scenario_steps", ({"kind": "sweep"},))], recorded
+    recorded.clear()
+    spec = CalibrationSpec(model="thermal_rc", telemetry=str(tmp_path / "none.parquet"),
+                           start_state={"T_in": 293.15, "T_m": 291.15}, free=["R_io"])
+    with pytest.raises(Exception):
+        calibrate(spec, str(tmp_path / "out"))  # no telemetry: fails at once, counted as failed
+    assert recorded == [("zero", "raytwin_calibrations", ({"outcome": "succeeded"}, {"outcome": "failed"})),
+                        ("inc", "raytwin_calibrations", ({"outcome": "failed"},))], recorded
+    recorded.clear()
+    with pytest.raises(AttributeError):
+        scenario_to_store._function(None, str(tmp_path / "run"), {})  # an async scenario job's task
+    assert recorded == [("zero", "raytwin_scenario_steps", ({"kind": "scenario"},))], recorded
+
+
 def test_only_a_counter_is_exported_at_zero_before_use():
     """A gauge recorded at 0 would say 0 twins, not "none counted yet": `Metric.zero` refuses it."""
     with pytest.raises(TypeError, match="raytwin_twins is a gauge"):

@@ -603,6 +603,9 @@ def test_metrics_reach_rays_export_exactly(api, http, building, ray_metrics_port
     assert total(after, "ray_raytwin_http_request_duration_seconds_count", route=route["route"]) >= 1
     assert total(after, "ray_raytwin_twins") >= 1 and "ray_raytwin_jobs" in after  # gauges stay exported
     assert "ray_serve_num_http_requests_total" in after  # Serve's proxy series the proxy-error alert divides by
+    # exported at 0 by the Ingress from its start: its first stale reads and inline scenario show in `rate()`
+    assert {lab["read"] for lab, _ in after.get("ray_raytwin_stale_reads_total", [])} == {"state", "query"}
+    assert "scenario" in {lab["kind"] for lab, _ in after.get("ray_raytwin_scenario_steps_total", [])}
     assert http.get("/metrics").status_code == 404  # Prometheus scrapes Ray's export, not the API
 
 
