@@ -78,7 +78,7 @@ def test_rules_pass_promtool_and_every_alert_is_tested_both_ways(prometheus_tool
 
 def test_dashboard_and_rules_query_only_names_raytwin_exports():
     """Every RayTwin series a query names is one `raytwin.metrics` exports (with Ray's prefix and
-    suffixes), every recorded name is a recording rule; Ray's own names are checked live below."""
+    suffixes), every recorded name is a recording rule; Ray's own names: below, and live."""
     exported = {name for m in metrics.ALL for name in m.exported}
     recorded = {r["record"] for r in _rules() if "record" in r}
     exprs = _dashboard_exprs() + [r["expr"] for r in _rules()]
@@ -87,6 +87,95 @@ def test_dashboard_and_rules_query_only_names_raytwin_exports():
     assert {n for n in names if n.startswith("raytwin:")} <= recorded
     titles = {p["title"] for p in json.loads(DASHBOARD.read_text())["panels"] if p["type"] == "row"}
     assert titles == {"Ingestion", "Twins", "Sweeps and jobs", "API", "Connectors"}
+
+
+_SELECTOR = re.compile(r"\b(ray_[A-Za-z0-9_]+|raytwin:[A-Za-z0-9_:]+|up)\b(?:\{([^}]*)\})?")
+_GROUPING = re.compile(r"\b(?:by|without|on|ignoring)\s*\(([^)]*)\)")
+_MATCHED = re.compile(r"(\w+)\s*(?:=~|!~|!=|=)")
+
+
+def _labels_used(expr: str) -> tuple[dict[str, set[str]], set[str]]:
+    """(series name -> the labels its selectors match on, the labels of the `by`/`on` clauses) of `expr`."""
+    matched: dict[str, set[str]] = {}
+    for name, matchers in _SELECTOR.findall(expr):
+        matched.setdefault(name, set()).update(_MATCHED.findall(matchers))
+    return matched, {label.strip() for labels in _GROUPING.findall(expr) for label in labels.split(",") if label.strip()}
+
+
+def _rays_own_labels() -> dict[str, set[str]]:
+    """The series the installed Ray's own Grafana dashboards query, with the labels they match and group on: Ray's
+    names as this Ray version exports them (`ray_actors`, Serve's `ray_serve_*`), checked without running Ray."""
+    import importlib
+    import pkgutil
+
+    import ray.dashboard.modules.metrics.dashboards as dashboards
+    from ray.dashboard.modules.metrics.dashboards.common import DashboardConfig
+
+    labels: dict[str, set[str]] = {}
+    for module in pkgutil.iter_modules(dashboards.__path__):
+        if module.name.endswith("_panels"):
+            for config in vars(importlib.import_module(f"{dashboards.__name__}.{module.name}")).values():
+                if isinstance(config, DashboardConfig):
+                    for panel in [*config.panels, *(p for row in config.rows or [] for p in row.panels)]:
+                        for target in panel.targets:
+                            matched, grouped = _labels_used(target.expr.replace("{{", "{").replace("}}", "}"))
+                            for name, used in matched.items():
+                                labels.setdefault(name, set()).update(used | grouped)
+    return labels
+
+
+def test_queries_match_and_group_on_labels_the_series_carry():
+    """A label a series does not carry (`state` for Ray's `State`, a tag a metric lacks) matches nothing, so an alert
+    on it never fires and a panel stays empty with every name right. RayTwin's series carry their tags
+    (`raytwin.metrics`), Ray's and Serve's the labels the installed Ray's own dashboards query them by, a recording
+    the labels it keeps, `up` Prometheus's job and instance; Ray's and Serve's names must be among Ray's."""
+    labels: dict[str, set[str]] = {"up": {"job", "instance"}}
+    for m in metrics.ALL:
+        for name in m.exported:
+            labels[name] = set(m.tags) | ({"le"} if "_bucket" in name else set())
+    rays = _rays_own_labels()
+    for rule in _rules():
+        if "record" in rule:
+            labels[rule["record"]] = _labels_used(rule["expr"])[1] - {"le"}
+    for expr in _dashboard_exprs() + [r["expr"] for r in _rules()]:
+        matched, grouped = _labels_used(expr)
+        for name in matched:
+            if name.startswith("ray_") and not name.startswith("ray_raytwin_"):
+                assert name in rays, f"{name} is not a series the installed Ray exports (its own dashboards): {expr}"
+                labels[name] = rays[name]
+        for name, used in matched.items():
+            assert used - {"le"} <= labels[name], f"{name} carries no {used - labels[name]}: {expr}"
+        carried = set().union(*(labels[name] for name in matched))
+        assert grouped <= carried, f"{grouped - carried} is a label of none of {sorted(matched)}: {expr}"
+
+
+def test_every_alert_has_its_runbook_entry():
+    """An alert's `runbook` and `runbook_url` name an anchor of ops/README.md's runbook, which names the alert."""
+    readme = (OPS / "README.md").read_text()
+    anchors = set(re.findall(r'<a id="([^"]+)"></a>', readme))
+    for rule in (r for r in _rules() if "alert" in r):
+        path, _, anchor = rule["annotations"]["runbook"].partition("#")
+        assert path == "ops/README.md" and anchor in anchors, rule["alert"]
+        assert rule["annotations"]["runbook_url"].endswith(f"ops/README.md{{{{ end }}}}#{anchor}"), rule["alert"]
+        assert f"`{rule['alert']}`" in readme, rule["alert"]
+
+
+def test_the_runbooks_raytwin_commands_and_flags_exist():
+    """Advice an operator cannot run is worse than none: every `raytwin ...` ops/README.md gives is a command
+    with the flags it names."""
+    import typer
+
+    from raytwin.cli import app
+
+    root = typer.main.get_command(app)
+    for text in set(re.findall(r"`raytwin ([^`]*)`", (OPS / "README.md").read_text())):
+        command, words = root, text.split()
+        while words and hasattr(command, "get_command") and (sub := command.get_command(typer.Context(command),
+                                                                                          words[0])):
+            command, words = sub, words[1:]
+        assert command is not root, text
+        options = {opt for param in command.params for opt in param.opts}
+        assert set(re.findall(r"--[a-z][a-z-]*", " ".join(words))) <= options, text
 
 
 NOT_ON_THE_DASHBOARD = {"ray_raytwin_sweep_scenarios_per_second",  # the rate of ray_raytwin_sweep_scenarios_total
@@ -380,7 +469,7 @@ def test_prometheus_sees_raytwin_loads_the_rules_and_alerts_on_a_dead_letter_flo
     # Ray's own series that dashboards and rules query are in the export too
     live = scrape(ray_metrics_port)
     exprs = _dashboard_exprs() + [r["expr"] for r in _rules()]
-    ray_names = {n for e in exprs for n in _SERIES_NAME.findall(e)  # Serve's only where it runs: test_serve_api
+    ray_names = {n for e in exprs for n in _SERIES_NAME.findall(e)  # Serve's: in Ray's own dashboards (above)
                  if n.startswith("ray_") and "raytwin" not in n and not n.startswith("ray_serve_")}
     assert ray_names and ray_names <= live.keys()
     assert {"ray_raytwin_twins", "ray_raytwin_twin_events_total", "ray_raytwin_ingest_to_applied_seconds_bucket_total",
