@@ -180,6 +180,8 @@ class TwinShard(LiveModelOps):
         metrics.TWIN_EVENTS.zero(*({"shard": self.tag, "outcome": o} for o in TWIN_OUTCOMES))
         metrics.zero_dead_letters("shard")
         zero_counts("write")  # its lease heartbeat's failures (`actors.lease.renew_heartbeat`)
+        metrics.INGEST_TO_APPLIED.zero({})  # a restarted shard's first batches (a backlog: the lag SLO's worst) count
+        metrics.EVENT_TO_APPLIED.zero({})
         kernels = kernel_counts()
         log.info("event=shard_started shard=%d pid=%d twins=%d shadowed=%d process_age_s=%.2f recover_s=%.2f "
                  "kernels_loaded=%d kernels_compiled=%d", index, os.getpid(), len(self.twins), shadowed,

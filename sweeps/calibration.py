@@ -711,6 +711,7 @@ def calibrate(
     # at 0 before the outcome (`Metric.zero`): a calibration's process (a CLI driver, a job's task) often counts
     # only that one, and a series first seen at 1 never shows in `increase()`, and so on the dashboard
     CALIBRATIONS.zero({"outcome": "succeeded"}, {"outcome": "failed"})
+    CALIBRATION_DURATION.zero({})
     t0 = time.perf_counter()
     try:
         out = _calibrate(spec, out_url, storage_options)
@@ -718,7 +719,7 @@ def calibrate(
         CALIBRATIONS.inc(outcome="failed")
         raise
     CALIBRATIONS.inc(outcome="succeeded")
-    CALIBRATION_DURATION.observe(time.perf_counter() - t0)
+    CALIBRATION_DURATION.observe_many(np.array([time.perf_counter() - t0]))
     return out
 
 

@@ -222,6 +222,7 @@ def test_runs_export_their_counters_at_zero_before_they_count(monkeypatch, tmp_p
     with pytest.raises(Exception):
         calibrate(spec, str(tmp_path / "out"))  # no telemetry: fails at once, counted as failed
     assert recorded == [("zero", "raytwin_calibrations", ({"outcome": "succeeded"}, {"outcome": "failed"})),
+                        ("zero", "raytwin_calibration_duration_seconds", ({},)),
                         ("inc", "raytwin_calibrations", ({"outcome": "failed"},))], recorded
     recorded.clear()
     with pytest.raises(AttributeError):
@@ -229,10 +230,37 @@ def test_runs_export_their_counters_at_zero_before_they_count(monkeypatch, tmp_p
     assert recorded == [("zero", "raytwin_scenario_steps", ({"kind": "scenario"},))], recorded
 
 
-def test_only_a_counter_is_exported_at_zero_before_use():
-    """A gauge recorded at 0 would say 0 twins, not "none counted yet": `Metric.zero` refuses it."""
+def test_a_shard_exports_its_lag_histograms_at_zero_when_it_starts(monkeypatch, tmp_path):
+    """Each shard process's first report of applied events (1,800 after a restart, a live run on 2026-12-06) was its
+    lag buckets' first value, invisible to the lag SLO's `rate()` just when a restarted shard works off a backlog."""
+    from actors.shard import TwinShard
+
+    zeroed: list[str] = []
+    monkeypatch.setattr(metrics.Metric, "zero", lambda m, *tags: zeroed.append(m.name))
+    TwinShard(str(tmp_path), 0, 1, allowed_lateness_s=600.0, snapshot_every=32, checkpoint_every=8)
+    assert {"raytwin_ingest_to_applied_seconds", "raytwin_event_to_applied_seconds"} <= set(zeroed), zeroed
+
+
+def test_only_counters_and_batch_histograms_are_exported_at_zero_before_use(monkeypatch):
+    """A gauge recorded at 0 would say 0 twins, not "none counted yet": `Metric.zero` refuses it. A batch histogram
+    (counters underneath) exports every bucket, its sum and count at 0; a Ray `Histogram` cannot, so a calibration's
+    duration, a process's only one, was a Ray histogram whose p95 panel read NaN (`rate()` of first values)."""
     with pytest.raises(TypeError, match="raytwin_twins is a gauge"):
         metrics.TWINS.zero({"shard": "0"})
+    assert metrics.CALIBRATION_DURATION.kind == "batch_histogram"
+    recorded: list[tuple[str, float, dict]] = []
+
+    class Counter:
+        def __init__(self, name: str):
+            self.name = name
+
+        def _record(self, value: float, tags: dict[str, str]) -> None:
+            recorded.append((self.name, value, tags))
+
+    monkeypatch.setitem(metrics._MADE, metrics.CALIBRATION_DURATION, (Counter("bucket"), Counter("sum"), Counter("count")))
+    metrics.CALIBRATION_DURATION.zero({})
+    bounds = [*map(metrics._le, metrics.DURATION_S), "+Inf"]
+    assert recorded == [*(("bucket", 0.0, {"le": le}) for le in bounds), ("sum", 0.0, {}), ("count", 0.0, {})]
 
 
 def test_status_lists_connectors_not_connected_with_their_down_time(ray_session):
