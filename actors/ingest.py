@@ -127,6 +127,7 @@ class Dispatcher:
             raise ValueError("max_in_flight and batch_size must be >= 1")
         self.router, self.tenant, self.states = router, tenant, states
         metrics.zero_dead_letters("ingest")  # a burst of invalid rows shows in the dead-letter ratio (`Metric.zero`)
+        metrics.BACKPRESSURE.zero({})  # and a process's first waits on its backpressure panel
         self.max_in_flight, self.batch_size = max_in_flight, batch_size
         self.handles = handles or [router.handle(i) for i in range(router.shards)]
         self.busy: dict[int, tuple[ray.ObjectRef, pa.Table, float]] = {}  # shard -> its call, its rows, first sent

@@ -230,15 +230,19 @@ def test_runs_export_their_counters_at_zero_before_they_count(monkeypatch, tmp_p
     assert recorded == [("zero", "raytwin_scenario_steps", ({"kind": "scenario"},))], recorded
 
 
-def test_a_shard_exports_its_lag_histograms_at_zero_when_it_starts(monkeypatch, tmp_path):
+def test_a_shard_and_ingestion_export_their_lag_and_wait_at_zero_when_they_start(monkeypatch, tmp_path):
     """Each shard process's first report of applied events (1,800 after a restart, a live run on 2026-12-06) was its
     lag buckets' first value, invisible to the lag SLO's `rate()` just when a restarted shard works off a backlog."""
+    from actors.ingest import Dispatcher, ShardRouter
     from actors.shard import TwinShard
 
     zeroed: list[str] = []
     monkeypatch.setattr(metrics.Metric, "zero", lambda m, *tags: zeroed.append(m.name))
     TwinShard(str(tmp_path), 0, 1, allowed_lateness_s=600.0, snapshot_every=32, checkpoint_every=8)
     assert {"raytwin_ingest_to_applied_seconds", "raytwin_event_to_applied_seconds"} <= set(zeroed), zeroed
+    zeroed.clear()  # an ingestion process's waits for busy shards (the backpressure panel), likewise
+    Dispatcher(ShardRouter(str(tmp_path), 1, "raytwin"), "acme", handles=[object()])
+    assert "raytwin_ingest_backpressure_seconds" in zeroed, zeroed
 
 
 def test_only_counters_and_batch_histograms_are_exported_at_zero_before_use(monkeypatch):
