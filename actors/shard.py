@@ -59,7 +59,6 @@ from actors.telemetry import (
     value_matrix,
 )
 from actors.twin import (
-    BEFORE_MIGRATION,
     CONFLICT,
     DUPLICATE,
     TOO_LATE,
@@ -410,8 +409,9 @@ class TwinShard(LiveModelOps):
             refused = apply_many([(twins[c], evs) for c, evs in accepted.items()])
             refused = self._refused(tenant, batch, adm, assets, refused)
             rejects += refused
-            retried = batch.column("ingest_time").cast(pa.int64()).to_numpy().tobytes()  # the same on a Ray retry
-            self.store.write_dead_letters(tenant, rejects, stem=dead_letter_stem(rejects, retried))
+            if rejects:  # their file is named by their batch's ingest times: the same on a Ray retry
+                retried = batch.column("ingest_time").cast(pa.int64()).to_numpy().tobytes()
+                self.store.write_dead_letters(tenant, rejects, stem=dead_letter_stem(rejects, retried))
             n_accepted = self.store.append_log(tenant, log_rows) - len(refused)
         except Exception:
             # memory is ahead of the store (applied, none or part of the batch logged): rebuild those
@@ -423,11 +423,17 @@ class TwinShard(LiveModelOps):
             self.shadows.observe(tenant, [(assets[c], evs) for c, evs in accepted.items()])
         self._observe_lag(log_rows)
         snapshots = 0
+        durable, retyping, drifting = self.durable_revision, self.retyping, self.drifting
         for c in accepted:
-            key = (tenant, assets[c])
-            if snapshots < SNAPSHOTS_PER_CALL:
+            twin, key = twins[c], (tenant, assets[c])
+            # one whose oldest checkpoint is not newer than its snapshot has none to write (`_snapshot`)
+            if snapshots < SNAPSHOTS_PER_CALL and (key in retyping
+                                                   or twin.checkpoints[0].events_applied > durable[key]):
                 snapshots += self._snapshot(key)
-            (self.drifting.add if twins[c].drift else self.drifting.discard)(key)
+            if twin.drift:
+                drifting.add(key)
+            elif drifting:
+                drifting.discard(key)
         for outcome, count in zip(TWIN_OUTCOMES, (n_accepted, adm.duplicates, len(rejects) - adm.conflicts,
                                                   adm.conflicts), strict=True):
             metrics.TWIN_EVENTS.inc(count, shard=self.tag, outcome=outcome)
@@ -505,7 +511,8 @@ class TwinShard(LiveModelOps):
         rows_of: dict[int, list[int]] = {}  # each twin's rows in batch order (plain lists: ~1 event a twin)
         for i, c in enumerate(code.tolist()):
             rows_of.setdefault(c, []).append(i)
-        decided: list[tuple[int, int, Pending, str | None]] = []  # (asset code, row, event, verdict)
+        late: list[tuple[int, int, Pending]] = []  # (asset code, row, event) beyond their twin's window
+        accepted, accepted_rows = adm.accepted, adm.accepted_rows
         for c, rows in sorted(rows_of.items()):
             twin = twins[c]
             if twin is None:
@@ -526,25 +533,39 @@ class TwinShard(LiveModelOps):
                 rows = [i for i in rows if ingest_us[i] > twin.history_floor_us]
             matrix = values[c]
             found = [Pending((times[i], sequences[i], keys[i]), matrix[i], qualities[i]) for i in rows]
-            decided += [(c, i, ev, verdict) for i, ev, verdict in zip(rows, found, twin.classify(found))]
-        late = [(twins[c], assets[c], i, ev) for c, i, ev, verdict in decided if verdict == TOO_LATE]
-        from_log = iter(self._from_log(tenant, late, si_values))
-        for c, i, ev, verdict in decided:
-            verdict = next(from_log) if verdict == TOO_LATE else verdict
-            if verdict == DUPLICATE:
-                adm.duplicates += 1
-            elif verdict == CONFLICT:
-                adm.conflicts += 1
-                adm.rejected.append((i, conflict_reason(ev.key)))
-                adm.causes["conflict"] += 1
-            elif verdict in (TOO_LATE, BEFORE_MIGRATION):
-                adm.rejected.append((i, too_late_reason(ev.key[0], twins[c]) if verdict == TOO_LATE else verdict))
-                adm.causes["too_late"] += 1
-            else:
-                adm.accepted.setdefault(c, []).append(ev)
-                adm.accepted_rows.append(i)
+            verdicts = twin.classify(found)
+            if found and not any(verdicts):  # the common case: every event of the twin applies
+                accepted[c] = found
+                accepted_rows += rows
+                continue
+            for i, ev, verdict in zip(rows, found, verdicts):
+                if verdict == TOO_LATE:  # decided below, from the log, all at once
+                    late.append((c, i, ev))
+                elif verdict is None:
+                    accepted.setdefault(c, []).append(ev)
+                    accepted_rows.append(i)
+                else:
+                    self._count(adm, twin, i, ev, verdict)
+        # an event beyond its twin's window is never applied (`_from_log`), so deciding it after the others
+        # leaves the accepted events and rows in the same order
+        verdicts = self._from_log(tenant, [(twins[c], assets[c], i, ev) for c, i, ev in late], si_values)
+        for (c, i, ev), verdict in zip(late, verdicts):
+            self._count(adm, twins[c], i, ev, verdict)
         adm.rejected.sort(key=lambda r: r[0])
         return adm
+
+    @staticmethod
+    def _count(adm: Admission, twin: Twin, i: int, ev: Pending, verdict: str) -> None:
+        """Record row `i`'s verdict other than accepted in `adm`."""
+        if verdict == DUPLICATE:
+            adm.duplicates += 1
+        elif verdict == CONFLICT:
+            adm.conflicts += 1
+            adm.rejected.append((i, conflict_reason(ev.key)))
+            adm.causes["conflict"] += 1
+        else:  # TOO_LATE, BEFORE_MIGRATION
+            adm.rejected.append((i, too_late_reason(ev.key[0], twin) if verdict == TOO_LATE else verdict))
+            adm.causes["too_late"] += 1
 
     def _from_log(self, tenant: str, late: list[tuple[Twin, str, int, Pending]], si_values: pa.MapArray) -> list[str]:
         """The verdicts of events older than their twin's watermark (twin, asset, row, event): a
