@@ -944,6 +944,24 @@ def test_twins_in_lockstep_spread_their_snapshots_over_calls(tmp_path, artifact)
         assert_same_state(fresh.state("acme", a), restarted.state("acme", a))
 
 
+def test_a_shard_call_reports_only_the_twins_it_changed(tmp_path, artifact):
+    """`ingest(states=True)` carries the state of each twin that accepted events in the call, and none of a twin
+    whose every row was refused or a re-delivery: a unit misfit, a duplicate in its window, one beyond it (decided
+    from the log). The admission accepts a twin whose rows all apply whole: not one whose rows all went."""
+    shard = TwinShard(str(tmp_path), 0, 1, allowed_lateness_s=2 * STEP_S, snapshot_every=500)
+    for a in "abcd":
+        shard.register("acme", a, registration_record(asset(a), artifact, None, None))
+    evs = {a: events(a, 8, seed=i) for i, a in enumerate("abcd")}
+    shard.ingest("acme", validated_table([e for a in "abcd" for e in evs[a][:6]]))
+    misfit = TelemetryEvent(asset_id="c", event_time=T0 + timedelta(seconds=STEP_S * 6), sequence=6,
+                            measurements={"T_in": {"value": 1.0, "unit": "kW"}})
+    report = shard.ingest("acme", validated_table([evs["a"][6], evs["b"][5], misfit, evs["d"][0], evs["a"][7]]),
+                          states=True)
+    assert (report.accepted, report.duplicates, report.rejected) == (2, 2, 1)
+    assert [(s.asset_id, s.events_applied) for s in report.states] == [("a", 8)]
+    assert [shard.state("acme", a).events_applied for a in "abcd"] == [8, 6, 6, 6]
+
+
 def test_an_asset_created_again_after_its_deletion_is_a_new_twin_whatever_its_old_history(tmp_path, artifact):
     """Deleted and created again, an asset id is a new twin: its revision restarts at its prior, the same file
     ingested again is its events (not duplicates of the deleted twin's), and that holds after a restart and
