@@ -9,11 +9,12 @@ keys file named by ``keys_file`` (or ``RAYTWIN_API_KEYS_FILE``).
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from raytwin.contracts import MAX_RUN_WORK
+from raytwin.contracts import IDENTIFIER_PATTERN, MAX_RUN_WORK
 from serve_apps.admission import Admission
 from serve_apps.deprecation import Deprecation
 
@@ -121,6 +122,27 @@ class ServeConfig(BaseModel):
         "`127.0.0.1:1883`, `10.20.0.0/16:1883`, `[::1]:1883`; without one it opens every port of the host (for "
         "a broker on a node: Ray's GCS, dashboard and raylet ports too), so give the port.")
 
+    model_packages: dict[str, list[str]] = Field(
+        default_factory=dict, description="Top-level Python packages whose modules tenants may name as an asset "
+        "type's simulator import path (`package.module:MODEL`), by tenant (`\"*\"`: every tenant), e.g. "
+        "`{\"*\": [\"plant_models\"], \"globex\": [\"globex_models\"]}`. The server imports the module where it "
+        "validates the request, running its module-level code: a package not listed is refused (422) before "
+        "anything is imported. The packages of the declared models (entry-point group `raytwin.models`, RayTwin's "
+        "reference models included) are every tenant's without being listed, and declared models are named by name.")
+
+    @field_validator("model_packages")
+    @classmethod
+    def _package_entries(cls, packages: dict[str, list[str]]) -> dict[str, list[str]]:
+        """Names that are no tenant or no top-level package fail when the service starts, not at a request."""
+        for tenant, names in packages.items():
+            if tenant != "*" and not re.match(IDENTIFIER_PATTERN, tenant):
+                raise ValueError(f"model_packages: {tenant!r} is no tenant: use a tenant's name, or \"*\" for all")
+            wrong = [name for name in names if not name.isidentifier()]
+            if wrong:
+                raise ValueError(f"model_packages[{tenant!r}]: {wrong} are no top-level package names: list the "
+                                 "package (`plant_models`), not a module or an import path (`plant_models.pump:PUMP`)")
+        return packages
+
     @field_validator("connector_hosts")
     @classmethod
     def _host_entries(cls, hosts: list[str] | None) -> list[str] | None:
@@ -179,7 +201,7 @@ class ServeConfig(BaseModel):
         for name in cls.model_fields:
             env = os.environ.get(ENV_PREFIX + name.upper())
             if env is not None and name not in ("autoscaling", "admission", "storage_options", "connectors",
-                                                "api_deprecation"):
+                                                "api_deprecation", "model_packages"):
                 values[name] = env
         if "keys_file" not in values and os.environ.get("RAYTWIN_API_KEYS_FILE"):
             values["keys_file"] = os.environ["RAYTWIN_API_KEYS_FILE"]

@@ -19,6 +19,7 @@ from serve_apps.auth import Principal
 from serve_apps.conditional import Precondition, etag, not_modified, precondition
 from serve_apps.deps import ADMIN, DAY, READER, SVC, Limit, Services
 from serve_apps.errors import CONFLICT, Unprocessable
+from serve_apps.model_packages import SIMULATOR_ALLOWED
 from serve_apps.resend import resend_safe
 from serve_apps.routes_evolution import announce
 from serve_apps.schemas import AssetCreate, AssetUpdate, Incoming, Related
@@ -36,7 +37,8 @@ def register(app: FastAPI) -> None:
     @app.post("/v1/asset-types", response_model=AssetType, status_code=201, tags=tags,
               responses=CONFLICT | {200: {"model": AssetType,
                                           "description": "Identical type already existed"}},
-              dependencies=[resend_safe("a published version is immutable: the same one again answers 200, "
+              dependencies=[SIMULATOR_ALLOWED,
+                            resend_safe("a published version is immutable: the same one again answers 200, "
                                         "or 412 with `If-None-Match: *`")])
     async def create_asset_type(body: AssetType, request: Request, who: Principal = ADMIN,
                                 pre: Precondition = PRE, svc: Services = SVC) -> Any:

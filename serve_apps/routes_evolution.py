@@ -17,6 +17,7 @@ from serve_apps.conditional import Precondition, etag, precondition
 from serve_apps.deprecation import Deprecation
 from serve_apps.deps import ADMIN, SVC, Services
 from serve_apps.errors import Unprocessable
+from serve_apps.model_packages import SIMULATOR_ALLOWED
 from serve_apps.resend import resend_safe
 
 PRE = Depends(precondition)
@@ -109,7 +110,7 @@ def register(app: FastAPI) -> None:
     tags = ["asset types"]
 
     @app.post("/v1/asset-types/compatibility", response_model=CompatibilityReport, tags=tags,
-              dependencies=[resend_safe("a check changes nothing")])
+              dependencies=[SIMULATOR_ALLOWED, resend_safe("a check changes nothing")])
     async def check_compatibility(body: AssetType, who: Principal = ADMIN, svc: Services = SVC) -> Any:
         """What publishing this type version would change against the newest older version, and the
         version bump that needs (nothing is written; admin, like publishing)."""

@@ -17,6 +17,10 @@ NODE_BROKERS = ["127.0.0.1/32"]
 the default refuses loopback (a tenant reaches nothing on the node), so these list it, as an operator opens a
 broker on the node."""
 
+TEST_MODELS = {"*": ["tests"]}
+"""`ServeConfig.model_packages` of the app `in_process` makes: the tests' own models (`tests.schema_models`) are
+asset types' simulators, as an operator lists a package of models its tenants may name by import path."""
+
 
 @contextmanager
 def deployed(config: dict[str, Any], name: str = "raytwin") -> Iterator[None]:
@@ -61,7 +65,8 @@ def in_process_app(backend: Any, root: Path) -> tuple[Any, dict[str, dict[str, s
 
     keys_file = root / "keys.json"
     keys = {name: create_key(keys_file, tenant, role, grants)[1] for name, tenant, role, grants in KEYS}
-    config = ServeConfig(store_url=str(root / "store"), keys_file=str(keys_file), rate_per_s=1000, rate_burst=1000)
+    config = ServeConfig(store_url=str(root / "store"), keys_file=str(keys_file), rate_per_s=1000, rate_burst=1000,
+                         model_packages=TEST_MODELS)
     app = create_api()
     app.state.services = Services(
         config=config, keys=KeyStore(config.keys_file), backend=BackendClient(InProcessHandle(backend)),

@@ -33,7 +33,7 @@ from raytwin.contracts import AssetType, ParameterSpec, Quantity
 from raytwin.migration import FixedValue, FromState, MigrationError, plan_migration
 from raytwin.registry import ModelArtifact
 from raytwin.sim import THERMAL_RC, TWO_TANK
-from tests.fixtures_serve import NODE_BROKERS, InProcessHandle
+from tests.fixtures_serve import NODE_BROKERS, TEST_MODELS, InProcessHandle
 from tests.schema_models import ROOM_HEAT, ROOM_SURFACE, ROOM_V1, ROOM_V2
 
 THERMAL = AssetType.from_model(THERMAL_RC)
@@ -199,7 +199,8 @@ def api(ray_session, tmp_path_factory):
         ("other", "globex", "admin"))}
     config = ServeConfig(store_url=str(root / "store"), keys_file=str(keys_file), twin_shards=1, rate_per_s=1000,
                          rate_burst=1000, state_cache_s=0, namespace=f"schema-{root.name}",
-                         connector_hosts=NODE_BROKERS)  # tests/test_client.py's connectors: a port on this machine
+                         connector_hosts=NODE_BROKERS,  # tests/test_client.py's connectors: a port on this machine
+                         model_packages=TEST_MODELS)
     backend = Backend(config)
     app = create_api()
     app.state.services = Services(

@@ -1019,6 +1019,49 @@ def test_a_connector_or_command_path_that_is_no_identifier_is_refused_before_it_
         assert backend.sent == []
 
 
+class NoTypes:
+    """A backend whose tenants published no asset type yet (what a compatibility check asks for)."""
+
+    def list_types(self, tenant: str, name: str) -> list:
+        return []
+
+
+def test_a_simulator_import_path_imports_only_packages_the_operator_allowed_for_the_callers_tenant(tmp_path,
+                                                                                                  monkeypatch):
+    """Validating an asset type imports its simulator's module in the API's replica, running its code: any tenant's
+    admin key made the server import any installed package (`this:s` printed, `test.autotest` ran a test suite) and
+    use another tenant's private model package. Refused (422, naming how to allow it) before anything is imported,
+    unless `model_packages` lists the package for the caller's tenant; declared models need no listing."""
+    import sys
+
+    from tests.fixtures_serve import in_process
+
+    (tmp_path / "globex_models").mkdir()
+    (tmp_path / "globex_models" / "__init__.py").write_text(
+        "from pathlib import Path\nPath(__file__).with_name('ran').write_text('imported')\n")
+    (tmp_path / "globex_models" / "room.py").write_text("from raytwin.sim import THERMAL_RC as ROOM\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    private = {**AssetType.from_model(THERMAL_RC).model_dump(mode="json"), "simulator": "globex_models.room:ROOM"}
+    with in_process(NoTypes(), tmp_path) as (http, auth, svc):
+        svc.config = svc.config.model_copy(update={"model_packages": {"*": ["tests"], "globex": ["globex_models"]}})
+        for path in ("/v1/asset-types", "/v1/asset-types/compatibility"):
+            refused = http.post(path, json=private, headers=auth["admin"])  # acme's admin
+            assert refused.status_code == 422, refused.text
+            error = refused.json()["error"]
+            assert "no model of package 'globex_models' for tenant acme" in error["message"]
+            assert "model_packages (ServeConfig: under 'acme', or '*' for every tenant)" in error["message"]
+            assert error["details"] == [{"loc": ["body", "simulator"], "package": "globex_models"}]
+            assert "globex_models" not in sys.modules and not (tmp_path / "globex_models" / "ran").exists()
+        for simulator in ("thermal_rc", "raytwin.sim.thermal:THERMAL_RC"):  # declared: no listing needed
+            declared = {**private, "simulator": simulator}
+            assert http.post("/v1/asset-types/compatibility", json=declared, headers=auth["admin"]).status_code == 200
+        allowed = http.post("/v1/asset-types/compatibility", json=private, headers=auth["other"])  # globex's admin
+        assert allowed.status_code == 200, allowed.text
+        assert (tmp_path / "globex_models" / "ran").read_text() == "imported"
+    with pytest.raises(ValidationError, match="no top-level package names: list the package"):
+        ServeConfig(store_url="s", keys_file="k", model_packages={"*": ["plant_models.pump:PUMP"]})
+
+
 @pytest.mark.parametrize("death", ["died", "unavailable"])
 def test_a_backend_dying_during_an_approval_answers_503_and_a_resend_never_sends_again(tmp_path, death):
     """A backend replica that died during an approval answered 500 `internal`, and a resend 409 "only a proposed

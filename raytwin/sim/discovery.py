@@ -100,6 +100,26 @@ def _check_fmu_source(url: str) -> None:
                                 "FMU there (raytwin.fmu.store_fmu) and use the URL it returns")
 
 
+def imported_package(ref: str) -> str | None:
+    """The top-level package that resolving `ref` imports because `ref` names it (``acme_models`` for
+    ``acme_models.pump:PUMP``); None for a declared model's name or a stored FMU, whose code the operator installed.
+    Resolving imports the module and runs its code: a server checks this against the packages it allows (the
+    caller's, `serve_apps.model_packages`) before anything is imported."""
+    if not isinstance(ref, str) or FMU_REF.match(ref) or ":" not in ref:
+        return None
+    return _top_level(ref)
+
+
+def declared_packages() -> frozenset[str]:
+    """The top-level packages of the declared models (``raytwin`` for its reference models): installed and
+    declared by the operator to be run, so their import paths are as safe as their names."""
+    return frozenset(_top_level(path) for path in declared().values())
+
+
+def _top_level(path: str) -> str:
+    return path.partition(":")[0].split(".")[0]
+
+
 def simulator_label(ref: str) -> str:
     """A metric tag for the simulator `ref`: a declared model's name (installed by the operator: a bounded set),
     else ``fmu`` or ``custom`` (an import path). Never the reference itself: an FMU's URL or a tenant's import
