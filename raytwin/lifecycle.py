@@ -124,6 +124,8 @@ class LifecyclePolicy(Contract):
         "(nats), with NIS no further from 1; None: never.")
 
 
+SET_BY = "set_by"
+"""The field of a stored lifecycle policy that names whoever set it (`ModelLifecycle.set_policy`)."""
 REASON_KEPT = 2000
 """The longest reason a transition records (characters)."""
 UNKNOWN_SETTER = "perhaps the setter of the recalibration policy that fitted it (unknown)"
@@ -305,13 +307,25 @@ class ModelLifecycle:
         return found.stage if found else "candidate"
 
     def policy(self, tenant: str) -> LifecyclePolicy:
-        path = self._policy_path(tenant)
-        return LifecyclePolicy.model_validate_json(self.fs.cat_file(path)) if self.fs.exists(path) \
-            else LifecyclePolicy()
+        return self._stored_policy(tenant)[0]
 
-    def set_policy(self, tenant: str, policy: LifecyclePolicy) -> None:
-        replace_file(self.fs, self._policy_path(tenant), canonical_json(policy.model_dump(mode="json")))
-        log.info("event=lifecycle_policy_set tenant=%s policy=%s", tenant, policy.model_dump_json())
+    def _stored_policy(self, tenant: str) -> tuple[LifecyclePolicy, frozenset[str]]:
+        """The tenant's policy and the ids of whoever set it (none: set by a library call, the offline CLI, or before
+        setters were kept)."""
+        path = self._policy_path(tenant)
+        if not self.fs.exists(path):
+            return LifecyclePolicy(), frozenset()
+        doc = json.loads(self.fs.cat_file(path))
+        setters = frozenset(doc.pop(SET_BY, ()))
+        return LifecyclePolicy.model_validate(doc), setters
+
+    def set_policy(self, tenant: str, policy: LifecyclePolicy, set_by: frozenset[str] = frozenset()) -> None:
+        """Replace the tenant's policy; `set_by`: the principal's ids (its owner and key id), kept beside it, so that
+        its automatic promotion is no second pair of eyes for a version its setter had a hand in (`_automatic`)."""
+        doc = policy.model_dump(mode="json") | ({SET_BY: sorted(set_by)} if set_by else {})
+        replace_file(self.fs, self._policy_path(tenant), canonical_json(doc))
+        log.info("event=lifecycle_policy_set tenant=%s set_by=%s policy=%s", tenant, ",".join(sorted(set_by)) or "-",
+                 policy.model_dump_json())
 
     # ------------------------------------------------------------------ transitions -----
     def submit(self, ref: str, actor: Actor, reason: str, evidence: Evidence | None = None,
@@ -400,12 +414,13 @@ class ModelLifecycle:
         An approver who had a hand in the version is no second pair of eyes: under the tenant's automatic
         promotion it promotes as any writer does (recorded as automatic), otherwise it is refused."""
         ref = f"{state.model}@{version.version}"
-        auto = self.policy(state.tenant or actor.tenant).auto_promote
+        policy, setters = self._stored_policy(state.tenant or actor.tenant)
+        auto = policy.auto_promote
         if APPROVER in actor.roles:
-            if (role := self._made_by(ref, version, actor)) is None:
+            if (role := self._made_by(ref, version, {actor.id, *actor.also})) is None:
                 return False
             if auto:
-                return True
+                return self._automatic(ref, version, setters)
             if role == UNKNOWN_SETTER:
                 raise ApprovalRequired(
                     f"{ref} was fitted by a drift recalibration under a policy stored before its setter was kept: "
@@ -416,19 +431,30 @@ class ModelLifecycle:
                                    f"with the {APPROVER!r} role must promote it (tenant {actor.tenant}'s policy "
                                    "does not allow automatic promotion)")
         if auto:
-            return True
+            return self._automatic(ref, version, setters)
         raise ApprovalRequired(f"promoting {ref} to production needs a principal with the {APPROVER!r} role "
                                f"who is not its author ({version.author}); actor {actor.id} has roles "
                                f"{sorted(actor.roles) or 'none'}, and tenant {actor.tenant}'s policy does not "
                                f"allow automatic promotion")
 
-    def _made_by(self, ref: str, version: VersionState, actor: Actor) -> str | None:
-        """How `actor` had a hand in `ref`'s content (None: it had none): its author (submitted it), its publisher
+    def _automatic(self, ref: str, version: VersionState, setters: frozenset[str]) -> bool:
+        """True (promoted by the tenant's automatic promotion), unless whoever set that policy had a hand in `ref`:
+        one approver alone turning automatic promotion on would otherwise promote its own version, no second pair
+        of eyes ever seeing it."""
+        role = self._made_by(ref, version, setters) if setters else None
+        if role is None or role == UNKNOWN_SETTER:
+            return True
+        raise ApprovalRequired(f"{ref}: the tenant's automatic promotion was set by {', '.join(sorted(setters))}, "
+                               f"{role}: it promotes no version its setter had a hand in (four eyes); another "
+                               f"principal with the {APPROVER!r} role must promote it, or another must set the "
+                               "lifecycle policy")
+
+    def _made_by(self, ref: str, version: VersionState, names: set[str] | frozenset[str]) -> str | None:
+        """How the principal of `names` (its ids: owner and key id) had a hand in `ref`'s content (None: it had none): its author (submitted it), its publisher
         (its declaration and parameters), or the setter of the recalibration policy it was fitted under (its
         free parameters, noise and window: the recalibration's author is the system, not a second pair of eyes);
         `UNKNOWN_SETTER` for a recalibration's candidate whose policy named no setter: any approver may be it."""
         metadata = self.registry.get(ref, allow_code_change=True).metadata
-        names = {actor.id, *actor.also}
         if version.author in names:
             return f"the author of {ref}"
         if metadata.get(PUBLISHED_BY) in names:

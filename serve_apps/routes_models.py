@@ -389,14 +389,16 @@ def register(app: FastAPI) -> None:
     async def put_policy(body: LifecyclePolicy, request: Request, who: Principal = ADMIN,
                          svc: Services = SVC, _writable: None = WRITABLE) -> LifecyclePolicy:
         """Replace the tenant's lifecycle policy (admin only; audited). Turning `auto_promote` on or off also
-        needs the `approver` grant: it decides whether production needs a second key at all."""
+        needs the `approver` grant: it decides whether production needs a second key at all. Its automatic
+        promotion promotes no version whose author or publisher is whoever last set the policy (403): one approver
+        alone cannot switch four eyes off for its own work."""
         lifecycle = _lifecycle(svc, who.tenant)
         current = await _call(lifecycle.policy, who.tenant)
         if body.auto_promote != current.auto_promote and APPROVER not in who.grants:
             raise Forbidden(f"turning auto_promote {'on' if body.auto_promote else 'off'} needs the {APPROVER!r} "
                             f"grant (with it any writer promotes without a second key); key {who.key_id} has "
                             f"{sorted(who.grants) or 'none'}")
-        await _call(lifecycle.set_policy, who.tenant, body)
+        await _call(lifecycle.set_policy, who.tenant, body, frozenset({who.person, who.key_id}))
         await svc.record(request, who, "lifecycle_policy.update", who.tenant, policy=body.model_dump(mode="json"))
         return body
 

@@ -151,6 +151,15 @@ def test_automatic_promotion_is_a_tenant_policy(lc):
     # (it was refused, "another principal must promote it", which the policy does not ask)
     record = lc.transition("zone@1.1.0", "production", BOB, "policy allows it")
     assert record.automatic and lc.stage("zone@1.1.0") == "production"
+    # one approver alone switching four eyes off: its policy promotes nothing its setter had a hand in
+    lc.set_policy("acme", LifecyclePolicy(auto_promote=True), set_by=frozenset({"bob", "key-b1"}))
+    assert lc.policy("acme") == LifecyclePolicy(auto_promote=True)
+    _to_staging(lc, "1.2.0", author=BOB)
+    for who in (BOB, ALICE):
+        with pytest.raises(ApprovalRequired, match=r"^zone@1.2.0: the tenant's automatic promotion was set by bob, "
+                                                   r"key-b1, the author of zone@1.2.0: it promotes no version"):
+            lc.transition("zone@1.2.0", "production", who, "policy allows it")
+    assert not lc.transition("zone@1.2.0", "production", CAROL, "reviewed").automatic  # a second pair of eyes
     with pytest.raises(ValueError, match="keep_archived"):
         LifecyclePolicy(keep_archived=-1)
     assert lc.policy("globex") == LifecyclePolicy()  # untouched tenant: the safe default

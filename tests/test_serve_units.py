@@ -989,6 +989,14 @@ def test_one_persons_two_keys_are_one_pair_of_eyes_for_commands_and_model_versio
         promoted = http.post(versions, headers=alice["approver"], json={"to": "production", "reason": "mine"})
         assert promoted.status_code == 403, promoted.text
         assert "alice is the author of thermal_rc@1.0.0 and may not approve it" in promoted.json()["error"]["message"]
+        # and one approver alone switching four eyes off is still no second pair of eyes for its own version
+        for on in (True, False):
+            policy = http.put("/v1/lifecycle-policy", headers=alice["approver"], json={"auto_promote": on})
+            assert policy.status_code == 200, policy.text
+            if on:
+                promoted = http.post(versions, headers=alice["approver"], json={"to": "production", "reason": "auto"})
+                assert promoted.status_code == 403, promoted.text
+                assert "the tenant's automatic promotion was set by " in promoted.json()["error"]["message"]
 
         records = json.loads(keys.read_text())
         keys.write_text(json.dumps([{**r, "owner": "bob"} if r["key_id"] == bobs.key_id else r for r in records]))
