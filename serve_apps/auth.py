@@ -143,6 +143,12 @@ class KeyStore:
     def authenticate(self, key: str) -> Principal | None:
         return self.principal(digest(key))
 
+    def owner(self, key_id: str) -> str | None:
+        """The owner the file names for the key `key_id` (None: none, or no such key now): what a record made under a
+        key id (a run's `user`) is compared as, so that another key of the same person is the same pair of eyes."""
+        self._refresh()
+        return next((r.owner for r in self._by_digest.values() if r.key_id == key_id), None)
+
     def principal(self, key_sha256: str) -> Principal | None:
         """Who holds the key of this digest now (None: unknown or revoked): what an open stream re-checks
         without keeping the key itself. A stat of the file; it is read again only when it changed."""

@@ -56,13 +56,13 @@ async def approve_command(command_id: IdPath, request: Request, who: Principal =
                           svc: Services = SVC) -> Any:
     """Approve (an admin key of another person than the proposer: `Principal.person`) and send once: the answer is `sent` or `failed`;
     an approved, sent or failed command cannot be approved again (409; the approving key's own resend answers
-    the command as it is, sending nothing). An issued recommendation needs a key with the approver grant.
-    Every attempt is audited (`command.approve`), refused ones too. The backend dying meanwhile answers 503
+    the command as it is, sending nothing). An issued recommendation needs a key with the approver grant, of
+    another person than whoever computed it (409 otherwise). Every attempt is audited (`command.approve`), refused ones too. The backend dying meanwhile answers 503
     `backend_unavailable` with `Retry-After`: approving again is safe."""
     try:
         require_role(who, Role.admin)  # here, not in the dependency: a refused approval is audited as well
         proposed = await svc.backend.call("connector", "command", who.tenant, command_id, lost=NOTHING_TAKEN)
-        require_approver(proposed, who)
+        await require_approver(proposed, who, svc)
         if proposed["status"] == "proposed" and proposed["proposed_by"] == who.key_id != who.person:
             raise Conflict(f"command {command_id} was proposed by {who.key_id}, a key of {who.person}: another "
                            "key must approve it (four eyes)")  # proposed before the key named its owner

@@ -1,8 +1,8 @@
 """Routes for recommended actions (`sweeps.recommend`): ask for one, read it back, issue it as a command.
 
 A recommendation is a proposal. Issuing it proposes a command through the connector command channel
-(`serve_apps/routes_commands.py`); approving that command needs another key than the issuer's, an
-admin one with the ``approver`` grant (`require_approver`). Every step is audited, and another
+(`serve_apps/routes_commands.py`); approving that command needs an admin key with the ``approver`` grant of another
+person than its issuer and than whoever computed the recommendation (`require_approver`). Every step is audited, and another
 tenant's asset or recommendation is a 404.
 """
 
@@ -20,12 +20,12 @@ from connectors.commands import Command
 from raytwin.contracts import START_TIME, Contract, DateTime, Finite, Identifier, describe_error
 from serve_apps.auth import Principal
 from serve_apps.deps import READER, SVC, WRITABLE, WRITER, Services
-from serve_apps.errors import Forbidden, Infeasible, NotFound, Unprocessable, unwrap
+from serve_apps.errors import Conflict, Forbidden, Infeasible, NotFound, Unprocessable, unwrap
 from serve_apps.json_route import JsonRoute
 from serve_apps.routes_scenarios import _model_and_state, _provenance, _warned
 from sweeps.recommend import Bound, Control, Ensemble, InfeasibleRecommendation, Method, Recommendation, RecommendSpec
 from sweeps.recommend import load_recommendation, recorded_recommendation
-from sweeps.runs import RunError
+from sweeps.runs import RunError, RunStore
 
 COMMAND_KEY = "recommendation"
 """The command value's key naming the recommendation it carries (commands with it need an approver)."""
@@ -92,13 +92,27 @@ def command_value(answer: Recommendation, part: str = "schedule") -> dict[str, A
             "starts_s": json.dumps(action.starts_s), "values": json.dumps(action.values)}
 
 
-def require_approver(command: dict[str, Any], who: Principal) -> None:
-    """A command that carries a recommendation is approved only by a key with the approver grant (named by the
-    command, or by its value in records written before commands named it)."""
+async def require_approver(command: dict[str, Any], who: Principal, svc: Services) -> None:
+    """A command that carries a recommendation (named by the command, or by its value in records written before
+    commands named it) is approved only by a key with the approver grant, of another person than the one who
+    computed the recommendation: its start state, bands and objective decide the plan, so its author approving it
+    would be one pair of eyes (as a proposer approving its own command)."""
     recommendation = command.get("recommendation_id") or command["value"].get(COMMAND_KEY)
-    if recommendation is not None and "approver" not in who.grants:
+    if recommendation is None:
+        return
+    if "approver" not in who.grants:
         raise Forbidden(f"command {command['id']} issues recommendation {recommendation}: approving "
                         "it needs a key with the 'approver' grant (raytwin keys create --grant approver)")
+    try:
+        user = (await run_in_threadpool(RunStore(svc.config.url("runs", who.tenant),
+                                                 svc.config.storage_options or None).load, recommendation)).user
+    except RunError:
+        raise Conflict(f"command {command['id']} issues recommendation {recommendation}, whose run record is gone: "
+                       "who computed it cannot be told apart from the approver (four eyes); refuse it, and issue a "
+                       "new recommendation") from None
+    if {user, svc.keys.owner(user or "")} & {who.key_id, who.person}:
+        raise Conflict(f"command {command['id']} issues recommendation {recommendation}, computed by {who.person}: "
+                       "another person must approve it (four eyes)")
 
 
 router = APIRouter(prefix="/v1/assets/{asset_id}/recommendations", tags=["recommendations"], route_class=JsonRoute)

@@ -1008,6 +1008,43 @@ def test_one_persons_two_keys_are_one_pair_of_eyes_for_commands_and_model_versio
         assert backend.sent == []
 
 
+def test_whoever_computed_a_recommendation_may_not_approve_the_command_that_issues_it(tmp_path):
+    """An approver computed a recommendation (from a start state of its choosing), a writer issued it, and the same
+    approver approved it: one pair of eyes. Its author is compared as a person (the key's owner), as a proposer is."""
+    from datetime import UTC, datetime
+
+    from sweeps.runs import RunRecord, RunStore, new_run_id
+    from tests.fixtures_serve import in_process
+
+    backend = LedgerBackend(tmp_path)
+    with in_process(backend, tmp_path) as (http, auth, svc):
+        keys = tmp_path / "keys.json"
+        carol = [create_key(keys, "acme", "admin", ("approver",), "carol") for _ in range(2)]
+        writer = svc.keys.authenticate(auth["writer"]["Authorization"].split()[1]).key_id
+        runs, now = RunStore(svc.config.url("runs", "acme")), datetime.now(UTC)
+        commands = {}
+        for who, user in (("approver", svc.keys.authenticate(auth["approver"]["Authorization"].split()[1]).key_id),
+                          ("carol", carol[0][0].key_id)):
+            run_id = new_run_id("recommendation")
+            runs.save(RunRecord(run_id=run_id, kind="recommendation", status="succeeded", user=user, tenant="acme",
+                                asset_id="pump-1", model_ref="tank@1.0.0", model_hash="ab" * 32, seeds={},
+                                package_versions={}, code_version="x", started=now, finished=now,
+                                output_url=runs.output_url(run_id), outputs={}, spec={}))
+            commands[who] = backend.ledger.propose("acme", "web", "pump-1", "schedule", {"recommendation": run_id},
+                                                   writer, run_id).id
+        own = http.post(f"/v1/commands/{commands['approver']}/approve", headers=auth["approver"])
+        assert own.status_code == 409 and "computed by " in own.text and "four eyes" in own.text, own.text
+        carols_other_key = {"Authorization": f"Bearer {carol[1][1]}"}  # the same person: one pair of eyes
+        own = http.post(f"/v1/commands/{commands['carol']}/approve", headers=carols_other_key)
+        assert own.status_code == 409 and "computed by carol" in own.text, own.text
+        assert backend.sent == []
+        assert http.post(f"/v1/commands/{commands['carol']}/approve", headers=auth["approver"]).status_code == 200
+        assert http.post(f"/v1/commands/{commands['approver']}/approve", headers=carols_other_key).status_code == 200
+        assert len(backend.sent) == 2
+        refused = [r for r in _approval_audit(svc, commands["approver"], "acme") if r["status"] == "refused"]
+        assert refused[0]["code"] == "conflict" and "four eyes" in refused[0]["reason"]
+
+
 def test_a_connector_or_command_path_that_is_no_identifier_is_refused_before_it_names_a_store_file(tmp_path):
     """The ids of /v1/connectors/{name} and /v1/commands/{command_id} went into store paths unchecked: a NUL answered
     500 and 5,000 characters 503 `store_unavailable` (file name too long), a store outage any reader could report."""
