@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any
@@ -21,6 +22,8 @@ from raytwin.contracts import Identifier
 from raytwin.storage import replace_file, write_once
 from raytwin.sealing import Sealer
 from raytwin.storage import filesystem
+
+log = logging.getLogger("raytwin.connectors")
 
 
 class ConnectorSpec(BaseModel):
@@ -195,16 +198,19 @@ class ConnectorStore:
         return f"{self.claims}/{hashlib.sha256(key.encode()).hexdigest()}.json"
 
     def claim(self, key: str, tenant: str, name: str) -> None:
-        """Hold session `key` for (tenant, name), atomically; `SessionTaken` if another connector holds it."""
+        """Hold session `key` for (tenant, name), atomically; `SessionTaken` if another connector holds it, saying
+        the same whether it is one of the caller's or another tenant's: the answer must not tell a tenant that
+        another tenant uses that broker and client id."""
         holder = json.dumps({"tenant": tenant, "name": name}).encode()
         try:
             write_once(self.fs, self._claim_path(key), holder)
         except FileExistsError:
             held = json.loads(self.fs.cat_file(self._claim_path(key)))
-            if held != {"tenant": tenant, "name": name}:
-                other = f"connector {held['name']!r}" if held["tenant"] == tenant else "another tenant's connector"
-                raise SessionTaken(f"{key} is the session of {other}: two connectors with one session would take "
-                                   "it over from each other; give this one its own client id") from None
+            if held != {"tenant": tenant, "name": name}:  # whose is the operator's to read (the log), not the caller's
+                log.info("event=session_taken session=%r tenant=%s name=%s holder_tenant=%s holder=%s", key, tenant,
+                         name, held["tenant"], held["name"])
+                raise SessionTaken(f"{key} is in use by another connector: two connectors with one session would "
+                                   "take it over from each other; give this one its own client id") from None
 
     def release(self, key: str, tenant: str, name: str) -> None:
         """Give up session `key` if (tenant, name) holds it."""
