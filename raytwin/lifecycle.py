@@ -450,9 +450,10 @@ class ModelLifecycle:
                                "lifecycle policy")
 
     def _made_by(self, ref: str, version: VersionState, names: set[str] | frozenset[str]) -> str | None:
-        """How the principal of `names` (its ids: owner and key id) had a hand in `ref`'s content (None: it had none): its author (submitted it), its publisher
-        (its declaration and parameters), or the setter of the recalibration policy it was fitted under (its
-        free parameters, noise and window: the recalibration's author is the system, not a second pair of eyes);
+        """How the principal of `names` (its ids: owner and key id) had a hand in `ref`'s content (None: it had
+        none): its author (submitted it), its publisher (its declaration and parameters), or the setter of the
+        recalibration policy it was fitted under (its free parameters, noise and window: the recalibration's author
+        is the system, not a second pair of eyes);
         `UNKNOWN_SETTER` for a recalibration's candidate whose policy named no setter: any approver may be it."""
         metadata = self.registry.get(ref, allow_code_change=True).metadata
         if version.author in names:

@@ -57,8 +57,9 @@ async def approve_command(command_id: IdPath, request: Request, who: Principal =
     """Approve (an admin key of another person than the proposer: `Principal.person`) and send once: the answer is `sent` or `failed`;
     an approved, sent or failed command cannot be approved again (409; the approving key's own resend answers
     the command as it is, sending nothing). An issued recommendation needs a key with the approver grant, of
-    another person than whoever computed it (409 otherwise). Every attempt is audited (`command.approve`), refused ones too. The backend dying meanwhile answers 503
-    `backend_unavailable` with `Retry-After`: approving again is safe."""
+    another person than whoever computed it (409 otherwise). Every attempt is audited (`command.approve`), refused
+    ones too. The backend dying meanwhile answers 503 `backend_unavailable` with `Retry-After`: approving again is
+    safe."""
     try:
         require_role(who, Role.admin)  # here, not in the dependency: a refused approval is audited as well
         proposed = await svc.backend.call("connector", "command", who.tenant, command_id, lost=NOTHING_TAKEN)

@@ -2,8 +2,8 @@
 
 A recommendation is a proposal. Issuing it proposes a command through the connector command channel
 (`serve_apps/routes_commands.py`); approving that command needs an admin key with the ``approver`` grant of another
-person than its issuer and than whoever computed the recommendation (`require_approver`). Every step is audited, and another
-tenant's asset or recommendation is a 404.
+person than its issuer and than whoever computed the recommendation (`require_approver`). Every step is audited,
+and another tenant's asset or recommendation is a 404.
 """
 
 from __future__ import annotations
