@@ -3,6 +3,7 @@ registration runs (each wrong model with its one-line error), the RK4 stability 
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import subprocess
@@ -123,20 +124,30 @@ def test_unknown_models_are_one_line_errors_naming_the_field():
     assert "cannot import no_such_pkg.mod" in message and "PYTHONPATH `raytwin serve` was started with" in message
 
 
-def test_a_model_module_that_fails_to_run_and_a_scripts_own_model_are_one_line_errors(tmp_path, monkeypatch):
+def test_a_model_module_that_fails_to_run_and_a_scripts_own_model_are_one_line_errors(tmp_path, monkeypatch, caplog):
     """A syntax error or an exception while the model's module runs is one line naming the file (it was a
-    69-line traceback); a model defined in a script (`__main__`, which multiprocessing, imported by Ray,
+    69-line traceback), but none of the server's absolute paths; a model defined in a script (`__main__`, which multiprocessing, imported by Ray,
     also names `__mp_main__`) has no import path a worker could use: said so, not a path that cannot work."""
     import sys
     import types
 
     (tmp_path / "m_syntax.py").write_text("def deriv(x, u, c)\n    return x\n")
     (tmp_path / "m_raises.py").write_text("RATE = 1 / 0\n")
+    (tmp_path / "m_reads.py").write_text(f"open({str(tmp_path / 'table.csv')!r})\n")
+    (tmp_path / "m_imports.py").write_text("from json import table\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    with pytest.raises(UnknownModelError, match=r"m_syntax does not parse: expected ':' \(.*m_syntax.py, line 1\)"):
+    caplog.set_level(logging.WARNING, "raytwin.sim")
+    with pytest.raises(UnknownModelError, match=r"m_syntax does not parse: expected ':' \(m_syntax.py, line 1\)$"):
         get_model("m_syntax:M")
     with pytest.raises(UnknownModelError, match="importing m_raises raised ZeroDivisionError: division by zero"):
         get_model("m_raises:M")
+    # the server's paths are no tenant's to read (a request's import path is validated on the server): in its log only
+    with pytest.raises(UnknownModelError, match=r"raised FileNotFoundError: .* No such file or directory: '<store>'$"):
+        get_model("m_reads:M")
+    with pytest.raises(UnknownModelError, match=r"cannot import name 'table' from 'json' \(<store>\)"):
+        get_model("m_imports:M")
+    assert str(tmp_path / "table.csv") in caplog.text and "json/__init__.py" in caplog.text
+    assert str(tmp_path / "m_syntax.py") in caplog.text
     script = types.ModuleType("__main__")
     script.SPRING = spring = _model(name="scripted")
     monkeypatch.setitem(sys.modules, "__main__", script)

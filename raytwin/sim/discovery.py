@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 import os
 import posixpath
 import re
@@ -31,10 +32,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from raytwin.sim.model import DeclarationError, Model, ModelCheckError
+from raytwin.storage import scrub_locations
 
 if TYPE_CHECKING:
     from raytwin.fmu.describe import FmuModel
 
+log = logging.getLogger("raytwin.sim")
 GROUP = "raytwin.models"
 FMU_REF = re.compile(r"^\S+/(?P<sha256>[0-9a-f]{64})\.fmu$")
 """A stored FMU (``<store>/fmus/<sha256>.fmu``, a path or fsspec URL): a simulator reference too."""
@@ -182,15 +185,17 @@ def load_model(path: str, *, expected_name: str | None = None) -> Model:
     try:
         obj = importlib.import_module(module_name)
     except ImportError as exc:
-        raise UnknownModelError(f"model path {path!r}: cannot import {module_name}: {exc}; {IMPORTABLE}") from None
+        raise UnknownModelError(f"model path {path!r}: cannot import {module_name}: {_unplaced(path, exc)}; "
+                                f"{IMPORTABLE}") from None
     except DeclarationError as exc:  # a Param or variable refused while the module built the model
         raise ModelCheckError(path, exc.field, exc.reason) from None
     except SyntaxError as exc:
+        _unplaced(path, exc)
         raise UnknownModelError(f"model path {path!r}: {module_name} does not parse: {exc.msg} "
-                                f"({exc.filename}, line {exc.lineno})") from None
+                                f"({os.path.basename(exc.filename or '?')}, line {exc.lineno})") from None
     except Exception as exc:  # noqa: BLE001 - the module failed while it ran: say where, in one line
         raise UnknownModelError(f"model path {path!r}: importing {module_name} raised "
-                                f"{type(exc).__name__}: {exc}") from None
+                                f"{type(exc).__name__}: {_unplaced(path, exc)}") from None
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise UnknownModelError(f"model path {path!r}: {module_name} has no attribute {attr!r}")
@@ -200,6 +205,15 @@ def load_model(path: str, *, expected_name: str | None = None) -> Model:
     if expected_name is not None and obj.name != expected_name:
         raise UnknownModelError(f"entry point {expected_name!r} ({path}) loads a model named {obj.name!r}")
     return obj
+
+
+def _unplaced(path: str, exc: BaseException) -> str:
+    """`exc`'s text without absolute paths or URLs, which the error of a server's request must not show (where the
+    server's files and packages lie: a server validates a request's import path); logged with them, for whoever
+    runs the process."""
+    log.warning("event=model_import_failed path=%s error=%s: %s", path, type(exc).__name__,
+                f"{exc} ({exc.filename}, line {exc.lineno})" if isinstance(exc, SyntaxError) else exc)
+    return scrub_locations(str(exc))
 
 
 def _python_own(module_name: str) -> bool:
