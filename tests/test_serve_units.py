@@ -1043,6 +1043,10 @@ def test_whoever_computed_a_recommendation_may_not_approve_the_command_that_issu
         assert len(backend.sent) == 2
         refused = [r for r in _approval_audit(svc, commands["approver"], "acme") if r["status"] == "refused"]
         assert refused[0]["code"] == "conflict" and "four eyes" in refused[0]["reason"]
+        lost = new_run_id("recommendation")
+        gone = backend.ledger.propose("acme", "web", "pump-1", "schedule", {"recommendation": lost}, writer, lost).id
+        unknown = http.post(f"/v1/commands/{gone}/approve", headers=auth["approver"])  # its author cannot be told
+        assert unknown.status_code == 409 and "whose run record is gone" in unknown.text, unknown.text
 
 
 def test_a_connector_or_command_path_that_is_no_identifier_is_refused_before_it_names_a_store_file(tmp_path):
