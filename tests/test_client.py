@@ -1262,6 +1262,9 @@ def test_a_prune_that_fails_partway_audits_what_it_did(api, sdk, monkeypatch):
     """A prune logs each version's removal, then removes the artifacts: one that failed there (a store error) had
     logged removals the audit log never had. Now each logged removal is audited before the failure is answered,
     and the next prune removes the leftover artifact."""
+    import errno
+    import os
+
     from fastapi.testclient import TestClient
 
     from raytwin.registry import ModelRegistry
@@ -1276,11 +1279,11 @@ def test_a_prune_that_fails_partway_audits_what_it_did(api, sdk, monkeypatch):
     assert client.put("/v1/lifecycle-policy", json={**policy, "keep_archived": 0},
                       headers=auth["admin"]).status_code == 200
     try:
-        def store_fails(self, ref: str) -> None:
-            raise OSError(f"the store failed removing {ref}")
+        def disk_fails(path: str) -> None:  # under the storage layer (fsspec's rm), as a failing disk's error is
+            raise OSError(errno.EIO, "Input/output error", path)
 
         with monkeypatch.context() as m:
-            m.setattr(ModelRegistry, "remove", store_fails)
+            m.setattr(os, "remove", disk_fails)
             answering = TestClient(client.app, raise_server_exceptions=False)  # as served: the 503, not the raise
             failed = answering.post("/v1/models/room_pruned/prune", headers=auth["admin"])
         assert failed.status_code == 503, failed.text
