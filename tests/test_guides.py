@@ -71,6 +71,9 @@ NOT_RUN: dict[tuple[str, str], str] = {  # (guide, first line of the block) -> w
      '"request_id": "5f1c..."}}'): "an example error body; tests/test_serve_api.py asserts this shape on every "
      "error it provokes",
     ("serve_apps/README.md", "HTTP -> Serve proxy -> Ingress (FastAPI, autoscaled, stateless)"): "a diagram",
+    ("serve_apps/README.md", '{"model_packages": {"*": ["plant_models"], "globex": ["globex_models"]}}'): "a "
+     "ServeConfig fragment (`--config` file): tests/test_serve_units.py builds the API with model_packages and "
+     "checks what it imports and refuses",
     ("serve_apps/README.md", "id: 42-3fa9c2d1"): "the change stream's wire format; tests/test_serve_api.py reads it",
     ("client/README.md", "from client import RayTwinClient"): "needs a running API: tests/test_serve_api.py runs "
      "it against its server",
