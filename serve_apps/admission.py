@@ -105,6 +105,8 @@ class AdmissionGate:
         self.running = 0
         self.waiters: deque[asyncio.Future[None]] = deque()
         self.service_s = 0.0  # moving average of the time a request holds a slot (0 until one finished)
+        # at 0 before the first refusal, so a replica's first burst shows in rate() (`Metric.zero`)
+        metrics.ADMISSION_REFUSED.zero(*({"gate": "ingress", "reason": r} for r in ("queue_full", "wait_budget")))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"].removeprefix(scope.get("root_path", "")) in UNGATED_PATHS:
@@ -189,6 +191,7 @@ class BacklogGate:
         self.max_events, self.retry_after_s = max_events, retry_after_s
         self.pending = 0
         self._lock = threading.Lock()
+        metrics.ADMISSION_REFUSED.zero({"gate": "telemetry", "reason": "backlog"})
 
     def reserve(self, events: int) -> Callable[[], None]:
         """Hold `events` of the backlog until the returned function is called (once they are applied);

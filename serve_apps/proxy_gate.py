@@ -110,6 +110,7 @@ class ProxyGate:
         self.retry_after_s = retry_after_s
         self.in_flight = 0
         self.unrecorded: dict[str, int] = {}  # refusals by method, not yet added to the exported counters
+        metrics.ADMISSION_REFUSED.zero({"gate": server, "reason": "in_flight"})  # a first burst shows in rate()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or self._ungated(scope["path"]):

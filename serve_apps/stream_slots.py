@@ -32,6 +32,7 @@ class StreamSlots:
             raise ValueError("Admission.max_streams is unset: take the limits of a ServeConfig, which sets it")
         self.limits, self.max_streams = limits, limits.max_streams
         self.open: Counter[str] = Counter()  # tenant -> open streams
+        metrics.ADMISSION_REFUSED.zero(*({"gate": "streams", "reason": r} for r in ("replica", "tenant")))
 
     def hold(self, tenant: str, stream: AsyncIterator[str]) -> AsyncIterator[str]:
         """`stream`, holding a slot of `tenant` until it ends, fails or is dropped; refused when none is free."""

@@ -245,6 +245,23 @@ def test_a_shard_and_ingestion_export_their_lag_and_wait_at_zero_when_they_start
     assert "raytwin_ingest_backpressure_seconds" in zeroed, zeroed
 
 
+def test_the_apis_admission_gates_export_their_refusals_at_zero_when_they_start(monkeypatch):
+    """A replica's first overload burst was its refusal series' first value, which `rate()` never shows: the
+    Overload panel read nothing for it. Each gate exports its own series at 0 when it is built."""
+    from serve_apps.admission import Admission, AdmissionGate, BacklogGate
+    from serve_apps.proxy_gate import ProxyGate
+    from serve_apps.stream_slots import StreamSlots
+
+    zeroed: list[dict[str, str]] = []
+    monkeypatch.setattr(metrics.Metric, "zero", lambda m, *tags: zeroed.extend(
+        t for t in tags if m is metrics.ADMISSION_REFUSED))
+    limits = Admission(max_concurrent=1, max_streams=1)
+    AdmissionGate(None, limits), BacklogGate(10, 1), StreamSlots(limits), ProxyGate(None, server="replica")
+    assert sorted((t["gate"], t["reason"]) for t in zeroed) == [
+        ("ingress", "queue_full"), ("ingress", "wait_budget"), ("replica", "in_flight"),
+        ("streams", "replica"), ("streams", "tenant"), ("telemetry", "backlog")]
+
+
 def test_only_counters_and_batch_histograms_are_exported_at_zero_before_use(monkeypatch):
     """A gauge recorded at 0 would say 0 twins, not "none counted yet": `Metric.zero` refuses it. A batch histogram
     (counters underneath) exports every bucket, its sum and count at 0; a Ray `Histogram` cannot, so a calibration's
