@@ -12,6 +12,7 @@ twins are Ray actors (`actors.service.TwinService` shards), scenario jobs are Ra
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import math
 import threading
@@ -111,6 +112,9 @@ def _drift_change(s: TwinState) -> dict[str, Any]:
 
 
 class Backend:
+    _watch_stop: threading.Event | None = None
+    """Set to end the store watch (`close`); None: no watch was started."""
+
     def __init__(self, config: ServeConfig):
         from actors.service import TwinService
 
@@ -136,7 +140,7 @@ class Backend:
         self._lease_reads = BoundedRead(self.twins.store.read_lease, "the store's lease")  # probes: a deadline
         self._beat_reads = BoundedRead(self.twins.store.read_heartbeat, "the store's lease heartbeat")
         self._renewals = RenewalWatch(RENEWAL_STALL_S)
-        threading.Thread(target=self._watch_store, name="store-watch", daemon=True).start()
+        self._start_store_watch()
         self._twin_marks: dict[tuple[str, str], tuple[int, bool]] = {}  # last published (revision, drift)
         self._registries: dict[str, ModelRegistry] = {}
         self.backlog = BacklogGate(config.admission.telemetry_backlog_events, config.admission.retry_after_s)
@@ -570,14 +574,35 @@ class Backend:
                                    "store (ops/README.md#shards-down)", error="shards_down")
         raise unavailable(unchanged, "no_writes", NO_WRITES)
 
+    def _start_store_watch(self) -> None:
+        """Run `_watch_store` on a daemon thread until `close`, which this process's exit calls too (`atexit`): a
+        watch running on into the interpreter's teardown failed there with tracebacks."""
+        self._watch_stop = threading.Event()
+        self._watch_thread = threading.Thread(target=self._watch_store, name="store-watch", daemon=True)
+        atexit.register(self.close)
+        self._watch_thread.start()
+
+    def close(self) -> None:
+        """Stop the store watch, waiting at most `FENCE_READ_S` for a pass in progress to end. The twins stay:
+        they are the service's (`TwinService.close` releases them), and another replica of it may start."""
+        if self._watch_stop is None or self._watch_stop.is_set():
+            return
+        atexit.unregister(self.close)
+        self._watch_stop.set()
+        if self._watch_thread is not threading.current_thread():
+            self._watch_thread.join(FENCE_READ_S)
+
+    def __del__(self) -> None:
+        """Serve's graceful shutdown of the replica calls it: the store watch stops with the backend."""
+        self.close()
+
     def _watch_store(self) -> None:
-        """Every `FENCE_WATCH_S` (a daemon thread): export the store's state (`_export_store_state`), `_watch_fence`,
+        """Every `FENCE_WATCH_S` until `close`: export the store's state (`_export_store_state`), `_watch_fence`,
         then write the changes a failed write kept, so the stream gets them once the store is back even if no
         request comes."""
         metrics.STORE_FENCED.set(0)
         connectors_stopped = False
-        while True:
-            time.sleep(FENCE_WATCH_S)
+        while not self._watch_stop.wait(FENCE_WATCH_S):
             self._export_store_state()
             connectors_stopped = self._watch_fence(connectors_stopped)
             self._flush_changes()

@@ -1,14 +1,16 @@
 """A store read with a deadline, for health probes and write gates: an S3 endpoint that hangs must not hang them.
 
-fsspec's reads have no deadline of their own (a frozen endpoint holds one for minutes). The read runs in one
-worker thread; callers wait for it at most their deadline, then answer that the store is not answering. At most
-one read is in flight: probes every second against a hung store share it, never pile up threads."""
+fsspec's reads have no deadline of their own (a frozen endpoint holds one for minutes). The read runs in a daemon
+thread of its own; callers wait for it at most their deadline, then answer that the store is not answering. At most
+one read is in flight: probes every second against a hung store share it, never pile up threads. Why no thread
+pool: `concurrent.futures` refuses new work once the interpreter starts exiting (the backend's store watch then
+failed with a traceback at every exit) and joins its workers there, so a hung read held the process's exit."""
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Generic, TypeVar
 
@@ -23,14 +25,14 @@ class BoundedRead(Generic[T]):
 
     def __init__(self, read: Callable[[], T], what: str):
         self._read, self.what = read, what
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-probe")
         self._lock = threading.Lock()
         self._pending: Future[T] | None = None
 
     def __call__(self, timeout_s: float) -> T:
         with self._lock:
             if self._pending is None:
-                self._pending = self._pool.submit(self._read)
+                self._pending = Future()
+                threading.Thread(target=self._run, args=(self._pending,), name="store-probe", daemon=True).start()
             pending = self._pending
         try:
             return pending.result(timeout=timeout_s)
@@ -42,3 +44,9 @@ class BoundedRead(Generic[T]):
             with self._lock:
                 if self._pending is pending and pending.done():  # the next call reads afresh
                     self._pending = None
+
+    def _run(self, pending: Future[T]) -> None:
+        try:
+            pending.set_result(self._read())
+        except BaseException as exc:  # noqa: BLE001 - the caller's to answer, in its thread
+            pending.set_exception(exc)

@@ -207,10 +207,13 @@ def api(ray_session, tmp_path_factory):
         config=config, keys=KeyStore(config.keys_file), backend=BackendClient(InProcessHandle(backend)),
         audit=AuditLog(config.store_url), buckets=TokenBuckets(1000, 1000), fs=filesystem(config.store_url)[0],
         twins=TwinReader(config), changes=None, change_store=None)
-    with TestClient(app) as client:
-        yield client, {name: {"Authorization": f"Bearer {key}"} for name, key in keys.items()}, backend
-    for asset_id in backend.twins.assets("acme"):
-        backend.twins.unregister("acme", asset_id)
+    try:
+        with TestClient(app) as client:
+            yield client, {name: {"Authorization": f"Bearer {key}"} for name, key in keys.items()}, backend
+        for asset_id in backend.twins.assets("acme"):
+            backend.twins.unregister("acme", asset_id)
+    finally:
+        backend.close()  # its store watch: no thread left running on beside the next modules'
 
 
 def room_events(start: int, n: int, temp_k: float, v2: bool = False, at: datetime = T0) -> list[dict]:
@@ -692,6 +695,8 @@ def test_a_twin_moved_before_a_catalog_write_that_did_not_follow_is_recorded_by_
     the asset's next read, a restarted one at start (audited as the system's, `recovered`); a move whose twin never
     moved is dropped.
     Another tenant's assets (globex), last in the module: the second backend bumps that tenant's revisions."""
+    from contextlib import closing
+
     from raytwin.migration import MigrationRequest
     from serve_apps.backend import Backend
     from serve_apps.catalog import NO_PRECONDITION
@@ -738,19 +743,19 @@ def test_a_twin_moved_before_a_catalog_write_that_did_not_follow_is_recorded_by_
     assert client.get("/v1/assets/hall-4", headers=admin).json()["type_version"] == "1.1.0"
     assert backend.changes.head("globex") == head + 2
 
-    restarted = Backend(backend.config)  # what a new backend process finds in the store
-    assert restarted.get_asset("globex", "hall-2").type_version == "1.1.0"
-    assert restarted.get_asset("globex", "hall-3").type_version == "1.0.0"  # its twin never moved: nothing to do
-    assert not restarted.moves.pending and not restarted.moves.fs.glob(f"{restarted.moves.root}/*/*.json")
-    changes = restarted.changes.store.read("globex", head, 10)  # the durable log
-    assert [(c.kind, c.asset_id, c.type_version) for c in changes] == [
-        ("asset.updated", hall, "1.1.0") for hall in ("hall-1", "hall-4", "hall-2")]
-    recovered = [a for a in client.get("/v1/audit", headers=admin).json() if a["details"].get("recovered")]
-    assert [(a["action"], a["target"], a["key_id"], a["details"]["from_version"], a["details"]["to_version"])
-            for a in recovered] == [("asset.update", "hall-1", "system", "1.0.0", "1.1.0"),
-                                    ("asset.migrate", "hall-4", "system", "1.0.0", "1.1.0"),
-                                    ("asset.update", "hall-2", "system", "1.0.0", "1.1.0")]
-    assert restarted.twins.state("globex", "hall-2").model_ref == "hall@1.1.0"
+    with closing(Backend(backend.config)) as restarted:  # what a new backend process finds in the store
+        assert restarted.get_asset("globex", "hall-2").type_version == "1.1.0"
+        assert restarted.get_asset("globex", "hall-3").type_version == "1.0.0"  # its twin never moved: nothing to do
+        assert not restarted.moves.pending and not restarted.moves.fs.glob(f"{restarted.moves.root}/*/*.json")
+        changes = restarted.changes.store.read("globex", head, 10)  # the durable log
+        assert [(c.kind, c.asset_id, c.type_version) for c in changes] == [
+            ("asset.updated", hall, "1.1.0") for hall in ("hall-1", "hall-4", "hall-2")]
+        recovered = [a for a in client.get("/v1/audit", headers=admin).json() if a["details"].get("recovered")]
+        assert [(a["action"], a["target"], a["key_id"], a["details"]["from_version"], a["details"]["to_version"])
+                for a in recovered] == [("asset.update", "hall-1", "system", "1.0.0", "1.1.0"),
+                                        ("asset.migrate", "hall-4", "system", "1.0.0", "1.1.0"),
+                                        ("asset.update", "hall-2", "system", "1.0.0", "1.1.0")]
+        assert restarted.twins.state("globex", "hall-2").model_ref == "hall@1.1.0"
 
 
 def test_a_type_delete_asks_the_shards_without_the_backend_lock_and_refuses_when_they_do_not_answer(api, monkeypatch):

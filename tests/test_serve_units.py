@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import os
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -717,12 +718,13 @@ def test_the_store_watch_exports_the_fence_stops_the_connectors_once_and_writes_
     from serve_apps.changes import ChangeLog
     from serve_apps.store_probe import BoundedRead
 
-    class Stop(Exception):
-        """Ends the watch after its passes."""
+    class TwoPasses(threading.Event):
+        """The watch's stop, set once it waited before two passes."""
 
-    def sleep(_seconds: float) -> None:  # the wait before each pass
-        if next(passes, None) is None:
-            raise Stop
+        def wait(self, timeout: float | None = None) -> bool:
+            if next(passes, None) is None:
+                self.set()
+            return self.is_set()
 
     def disk_full(tenant, changes) -> None:
         raise OSError(28, "No space left on device")
@@ -743,12 +745,72 @@ def test_the_store_watch_exports_the_fence_stops_the_connectors_once_and_writes_
     with pytest.raises(OSError):
         backend.changes.record("acme", [{"kind": "asset.updated", "asset_id": "a"}])
     backend.changes.store.write = write  # the disk has space again
-    monkeypatch.setattr(time, "sleep", sleep)
-    with pytest.raises(Stop):
-        backend._watch_store()  # two passes
+    backend._watch_stop = TwoPasses()
+    backend._watch_store()
     assert fenced == [0, 1, 1] and stopped == ["ns"]
     assert backend.changes.unwritten() == 0
     assert [(c.seq, c.asset_id) for c in backend.changes.store.read("acme", 0, 10)] == [(1, "a")]
+
+
+def _watched_backend(store, lease):
+    """A `Backend` whose store watch has what it reads and writes (the lease, the heartbeat, the change log), over
+    `store` held with `lease`; its watch not started."""
+    from raytwin.renewal_watch import RenewalWatch
+    from serve_apps.backend import RENEWAL_STALL_S, Backend
+    from serve_apps.store_probe import BoundedRead
+
+    backend = Backend.__new__(Backend)
+    backend.config = SimpleNamespace(namespace="ns", readiness_stuck_s=120.0)
+    backend.twins = SimpleNamespace(store=store, lease=lease, shards_answering=lambda timeout_s, stuck_s: 1)
+    backend._lease_reads = BoundedRead(store.read_lease, "the store's lease")
+    backend._beat_reads = BoundedRead(store.read_heartbeat, "the store's lease heartbeat")
+    backend._renewals = RenewalWatch(RENEWAL_STALL_S)
+    backend.changes = SimpleNamespace(unwritten=lambda: 0)
+    return backend
+
+
+def test_closing_the_backend_ends_its_store_watch(tmp_path, monkeypatch):
+    """The store watch looped forever on a daemon thread: a backend built and dropped (tests build several, a
+    replica that Serve stops) left it running until the process exited, where it failed with tracebacks."""
+    from serve_apps import backend as backend_module
+
+    monkeypatch.setattr(backend_module, "FENCE_WATCH_S", 0.01)
+    store, mine, _ = _leased_backend(tmp_path)
+    backend, passes = _watched_backend(store, mine), threading.Semaphore(0)
+    backend.changes = SimpleNamespace(unwritten=passes.release)  # each pass ends asking for unwritten changes
+    backend._start_store_watch()
+    watch = backend._watch_thread
+    assert passes.acquire(timeout=30) and passes.acquire(timeout=30)  # it runs: two passes
+    backend.close()
+    assert not watch.is_alive() and watch not in threading.enumerate()
+    backend.close()  # again (Serve's shutdown, then the collector): nothing more to do
+
+
+def test_the_store_watch_ends_quietly_when_the_process_exits(tmp_path, monkeypatch, caplog):
+    """CI's log ended with the store watch's tracebacks at the interpreter's exit: `fence_watch_failed`,
+    `RuntimeError: cannot schedule new futures after interpreter shutdown` (its lease reads went through a
+    thread pool, which takes no work once the exit begins, while the watch ran on)."""
+    import atexit
+    import logging
+    from concurrent.futures import thread as pool_threads
+
+    from serve_apps import backend as backend_module
+
+    monkeypatch.setattr(backend_module, "FENCE_WATCH_S", 0.01)
+    at_exit: list = []  # what the process's exit will call
+    monkeypatch.setattr(atexit, "register", at_exit.append)
+    monkeypatch.setattr(atexit, "unregister", at_exit.remove)
+    store, mine, _ = _leased_backend(tmp_path)
+    backend, passes = _watched_backend(store, mine), threading.Semaphore(0)
+    backend.changes = SimpleNamespace(unwritten=passes.release)  # each pass ends asking for unwritten changes
+    backend._start_store_watch()
+    with monkeypatch.context() as exiting:
+        exiting.setattr(pool_threads, "_shutdown", True)  # the exit begins: the other threads are joined first
+        assert passes.acquire(timeout=30) and passes.acquire(timeout=30)  # the watch's passes meanwhile
+        (exit_call,) = at_exit
+        exit_call()
+    assert not backend._watch_thread.is_alive() and not at_exit
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 def test_health_and_readiness_say_the_store_takes_no_writes_once_the_shards_heartbeat_stops_changing(tmp_path):
