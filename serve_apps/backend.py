@@ -555,11 +555,16 @@ class Backend:
 
     def probe_store(self, timeout_s: float) -> StoreFence | None:
         """`store_fence` for the health probes, all within `timeout_s`, and `StoreUnavailable` too once the shards'
-        lease heartbeat stopped changing (`RenewalWatch`): a store that refuses writes still answers reads. Then
-        the shards are asked in the time left: with none answering, none renews it, and the reason says so
-        (`shards_down`) rather than blaming the store."""
+        lease heartbeat stopped changing: see `_probe`."""
         deadline = time.monotonic() + timeout_s
-        fence = self.store_fence(timeout_s)
+        return self._probe(self._lease_reads(timeout_s), deadline)
+
+    def _probe(self, lease: Lease | None, deadline: float) -> StoreFence | None:
+        """What the health probes find of the store whose lease reads `lease`, by `deadline` (monotonic): the fence,
+        or `StoreUnavailable` once the shards' lease heartbeat stopped changing (`RenewalWatch`): a store that
+        refuses writes still answers reads. Then the shards are asked in the time left: with none answering, none
+        renews it, and the reason says so (`shards_down`) rather than blaming the store."""
+        fence = fence_of(lease, self.twins.lease)
         if fence is not None:
             return fence
         beat = self._beat_reads(max(deadline - time.monotonic(), 0.0))
@@ -597,48 +602,66 @@ class Backend:
         self.close()
 
     def _watch_store(self) -> None:
-        """Every `FENCE_WATCH_S` until `close`: export the store's state (`_export_store_state`), `_watch_fence`,
-        then write the changes a failed write kept, so the stream gets them once the store is back even if no
-        request comes."""
+        """Every `FENCE_WATCH_S` until `close`: a pass over the store's lease (`_watch_pass`), then write the changes
+        a failed write kept, so the stream gets them once the store is back even if no request comes."""
         metrics.STORE_FENCED.set(0)
         connectors_stopped = False
         while not self._watch_stop.wait(FENCE_WATCH_S):
-            self._export_store_state()
-            connectors_stopped = self._watch_fence(connectors_stopped)
+            connectors_stopped = self._watch_pass(connectors_stopped)
             self._flush_changes()
 
-    def _watch_fence(self, connectors_stopped: bool) -> bool:
-        """Export whether the service is fenced (`metrics.STORE_FENCED`, for an alert and the dashboard: its writes
-        all fail while health's anonymous answer stays terse), and once a service of another Ray cluster holds the
-        store, stop this service's connectors (unless `connectors_stopped`): detached, they would keep receiving and
-        sending beside the successor's, under the same MQTT client ids. A successor in this cluster shares them by
-        name, so they stay. Whether the connectors are stopped now; the lease read waits at most `FENCE_READ_S`: one
-        that hangs must not stop the loop for good."""
+    def _watch_pass(self, connectors_stopped: bool) -> bool:
+        """Read the store's lease once, waiting at most `FENCE_READ_S` (one read that hangs must not stop the watch
+        for good), and with it export the store's state (`_export_store_state`) and `_watch_fence`. Whether the
+        connectors are stopped now."""
+        deadline = time.monotonic() + FENCE_READ_S
         try:
-            held = self._lease_reads(FENCE_READ_S)
-            fenced = not holds(held, self.twins.lease)
-            metrics.STORE_FENCED.set(1 if fenced else 0)
-            if connectors_stopped or not fenced or held is None or held.released or held.cluster == ray_cluster():
-                return connectors_stopped  # a released lease has no successor whose connectors would run beside these
+            lease = self._lease_reads(FENCE_READ_S)
+        except StoreUnavailable as exc:  # the store fails or hangs: whether this service is fenced is not known
+            self._export_unavailable(exc.error)
+            log.warning("event=fence_watch_failed error=%s", exc.message)
+            return connectors_stopped
+        except Exception:  # noqa: BLE001 - a lease unreadable as one: the next pass tries again
+            log.warning("event=fence_watch_failed", exc_info=True)
+            return connectors_stopped
+        self._export_store_state(lease, deadline)
+        return self._watch_fence(lease, connectors_stopped)
+
+    def _watch_fence(self, held: Lease | None, connectors_stopped: bool) -> bool:
+        """Export whether the service is fenced by the lease as read (`held`; `metrics.STORE_FENCED`, for an alert
+        and the dashboard: its writes all fail while health's anonymous answer stays terse), and once a service of
+        another Ray cluster holds the store, stop this service's connectors (unless `connectors_stopped`): detached,
+        they would keep receiving and sending beside the successor's, under the same MQTT client ids. A successor in
+        this cluster shares them by name, so they stay. Whether the connectors are stopped now."""
+        fenced = not holds(held, self.twins.lease)
+        metrics.STORE_FENCED.set(1 if fenced else 0)
+        if connectors_stopped or not fenced or held is None or held.released or held.cluster == ray_cluster():
+            return connectors_stopped  # a released lease has no successor whose connectors would run beside these
+        try:
             count = stop_connector_actors(self.config.namespace)
-        except Exception:  # noqa: BLE001 - a store hiccup: the next check tries again
+        except Exception:  # noqa: BLE001 - a Ray hiccup: the next pass tries again
             log.warning("event=fence_watch_failed", exc_info=True)
             return connectors_stopped
         log.warning("event=store_fenced_connectors_stopped holder=%s epoch=%d connectors=%d", held.owner,
                     held.epoch, count)
         return True
 
-    def _export_store_state(self) -> None:
-        """Export what the health probes find of the store (`metrics.STORE_UNAVAILABLE`, by reason), for the alert's
-        operators, the dashboard and `raytwin status`, which reach no health route."""
+    def _export_store_state(self, lease: Lease | None, deadline: float) -> None:
+        """Export what the health probes find of the store whose lease reads `lease` (`_probe`, by `deadline`) for
+        the alert's operators, the dashboard and `raytwin status`, which reach no health route."""
         try:
-            self.probe_store(FENCE_READ_S)
+            self._probe(lease, deadline)
             reason = None
         except StoreUnavailable as exc:
             reason = exc.error
-        except Exception:  # noqa: BLE001 - another failure (a lease unreadable as one): the next check tries again
+        except Exception:  # noqa: BLE001 - another failure (a heartbeat unreadable as one): the next pass tries again
             log.warning("event=store_state_unknown", exc_info=True)
             return
+        self._export_unavailable(reason)
+
+    @staticmethod
+    def _export_unavailable(reason: str | None) -> None:
+        """`metrics.STORE_UNAVAILABLE`: 1 for `reason` (None: the store is available), 0 for the other reasons."""
         for r in UNAVAILABLE_REASONS:
             metrics.STORE_UNAVAILABLE.set(1.0 if r == reason else 0.0, reason=r)
 

@@ -558,6 +558,11 @@ class HealthBackend:
 
         return Backend.probe_store(self, timeout_s)
 
+    def _probe(self, lease, deadline: float):
+        from serve_apps.backend import Backend
+
+        return Backend._probe(self, lease, deadline)
+
     def check_writable(self) -> None:
         from serve_apps.backend import Backend
 
@@ -705,6 +710,20 @@ def test_liveness_stays_200_and_readiness_answers_503_within_its_timeout_while_t
         assert http.get("/v1/health").json() == {"status": "ok"}
 
 
+class _Passes(threading.Event):
+    """A store watch's stop (`Backend._watch_stop`), set once the watch waited before `n` passes."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.left = n
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if self.left == 0:
+            self.set()
+        self.left -= 1
+        return self.is_set()
+
+
 def test_the_store_watch_exports_the_fence_stops_the_connectors_once_and_writes_the_changes_a_failure_kept(
         tmp_path, monkeypatch):
     """The backend's one store-watch thread (`Backend._watch_store`, every 5 s): once a service of another Ray
@@ -718,34 +737,26 @@ def test_the_store_watch_exports_the_fence_stops_the_connectors_once_and_writes_
     from serve_apps.changes import ChangeLog
     from serve_apps.store_probe import BoundedRead
 
-    class TwoPasses(threading.Event):
-        """The watch's stop, set once it waited before two passes."""
-
-        def wait(self, timeout: float | None = None) -> bool:
-            if next(passes, None) is None:
-                self.set()
-            return self.is_set()
-
     def disk_full(tenant, changes) -> None:
         raise OSError(28, "No space left on device")
 
     store, mine, _ = _leased_backend(tmp_path)
     store.write_lease(replace(mine, owner="svc-b", epoch=2, cluster="other"))  # taken over from another cluster
-    fenced, stopped, passes = [], [], iter(range(2))
+    fenced, stopped = [], []
     monkeypatch.setattr(metrics, "STORE_FENCED", SimpleNamespace(set=fenced.append))
     monkeypatch.setattr(backend_module, "stop_connector_actors", lambda namespace: stopped.append(namespace) or 2)
     monkeypatch.setattr(backend_module, "ray_cluster", lambda: "this")
     backend = Backend.__new__(Backend)
     backend.config, backend.twins = SimpleNamespace(namespace="ns"), SimpleNamespace(store=store, lease=mine)
     backend._lease_reads = BoundedRead(store.read_lease, "the store's lease")
-    backend._export_store_state = lambda: None  # (its own test: the backend exports what its health probe finds)
+    backend._export_store_state = lambda lease, deadline: None  # (its own test: the health probe's finding)
     backend.changes = ChangeLog(str(tmp_path / "changes"))
     write = backend.changes.store.write
     backend.changes.store.write = disk_full
     with pytest.raises(OSError):
         backend.changes.record("acme", [{"kind": "asset.updated", "asset_id": "a"}])
     backend.changes.store.write = write  # the disk has space again
-    backend._watch_stop = TwoPasses()
+    backend._watch_stop = _Passes(2)
     backend._watch_store()
     assert fenced == [0, 1, 1] and stopped == ["ns"]
     assert backend.changes.unwritten() == 0
@@ -848,25 +859,62 @@ def test_the_backend_exports_what_its_health_probe_finds_of_the_store(tmp_path, 
     """`raytwin status` and the dashboard reach no health route: they said nothing of a store that took no
     writes. The backend exports the probe's finding, by reason, every 5 s."""
     from raytwin import metrics
-    from serve_apps.backend import Backend
     from serve_apps.store_errors import UNAVAILABLE_REASONS
 
     exported: dict[str, float] = {}
     monkeypatch.setattr(metrics, "STORE_UNAVAILABLE",
                         SimpleNamespace(set=lambda value, reason: exported.__setitem__(reason, value)))
-    store, mine, backend = _leased_backend(tmp_path)
-    Backend._export_store_state(backend)
+    monkeypatch.setattr(metrics, "STORE_FENCED", SimpleNamespace(set=lambda value: None))
+    store, mine, _ = _leased_backend(tmp_path)
+    backend = _watched_backend(store, mine)
+    backend._watch_pass(False)
     assert exported == {r: 0.0 for r in UNAVAILABLE_REASONS}
 
     def refused(path, *args, **kwargs):
         raise ConnectionRefusedError(111, "Connection refused")
 
     monkeypatch.setattr(store.fs, "cat_file", refused)
-    Backend._export_store_state(backend)
+    backend._watch_pass(False)
     assert {r for r, v in exported.items() if v} == {"unreachable"} and set(exported) == set(UNAVAILABLE_REASONS)
     monkeypatch.setattr(store.fs, "cat_file", lambda path, *args, **kwargs: b'{"owner": ')  # no lease: a bug's
-    Backend._export_store_state(backend)  # logged, and the watch thread lives on (it also stops connectors)
+    backend._watch_pass(False)  # logged, and the watch thread lives on (it also stops connectors)
     assert {r for r, v in exported.items() if v} == {"unreachable"}
+
+
+def test_a_pass_of_the_store_watch_reads_the_lease_once_and_a_read_that_hangs_ends_it_at_its_deadline(
+        tmp_path, monkeypatch):
+    """Each 5 s pass read the lease twice: to export the store's state (the health probe's finding), then to
+    watch the fence. One read serves both now, still waited for at most `FENCE_READ_S`."""
+    from raytwin import metrics
+    from serve_apps import backend as backend_module
+    from serve_apps.store_errors import UNAVAILABLE_REASONS
+
+    exported: dict[str, float] = {}
+    monkeypatch.setattr(metrics, "STORE_UNAVAILABLE",
+                        SimpleNamespace(set=lambda value, reason: exported.__setitem__(reason, value)))
+    fenced: list[int] = []
+    monkeypatch.setattr(metrics, "STORE_FENCED", SimpleNamespace(set=fenced.append))
+    monkeypatch.setattr(backend_module, "FENCE_READ_S", 0.2)
+    store, mine, _ = _leased_backend(tmp_path)
+    reads, thawed, read_lease = [], threading.Event(), store.read_lease
+
+    def counted() -> object:
+        reads.append(1)
+        thawed.wait(30)  # a frozen endpoint until thawed
+        return read_lease()
+
+    monkeypatch.setattr(store, "read_lease", counted)
+    backend = _watched_backend(store, mine)
+    thawed.set()
+    backend._watch_stop = _Passes(1)
+    backend._watch_store()
+    assert len(reads) == 1, "one pass read the lease more than once"
+    assert exported == dict.fromkeys(UNAVAILABLE_REASONS, 0.0) and fenced == [0, 0]
+    thawed.clear()
+    backend._watch_stop = _Passes(1)
+    backend._watch_store()  # hangs on the read: the pass ends at its deadline
+    assert {r for r, v in exported.items() if v} == {"timeout"} and fenced == [0, 0, 0]
+    thawed.set()
 
 
 def test_telemetry_validates_against_the_catalogs_type_without_reading_a_model_from_a_store_that_may_hang():
