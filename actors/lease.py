@@ -26,7 +26,6 @@ from datetime import UTC, datetime
 import ray
 
 from actors.routing import shard_name
-from raytwin.renewal_watch import RenewalWatch
 from raytwin.statestore import LEASE_EXPIRY_S, LEASE_HEARTBEAT_S, Heartbeat, Lease, StateStore, StoreFenced
 from raytwin.store_failures import count, failure_class
 
@@ -88,24 +87,17 @@ def _refuse_if_renewed(store: StateStore, held: Lease, advice: str = SERVED_ELSE
     while one behind refused to take a crashed holder's. A renewal is a heartbeat of `held` other than the
     one read before (its time is only a token); one that is not `held`'s is no renewal (a previous holder's
     dying shard may have overwritten it a moment ago) nor a sign of a crash (`RenewalWatch`)."""
-    started = time.monotonic()
-    deadline = started + (EXPIRY_S if wait_s is None else max(EXPIRY_S, wait_s))
-    watch = RenewalWatch(EXPIRY_S, renews=lambda beat: beat is not None and beat.renews(held))
-    watch.quiet_for(store.read_heartbeat(), started)
-    while True:
-        time.sleep(HEARTBEAT_S / 2)  # two reads per renewal: none is missed
+    deadline = time.monotonic() + (EXPIRY_S if wait_s is None else max(EXPIRY_S, wait_s))
+    for renewed_at in store.renewals(held, EXPIRY_S, HEARTBEAT_S):  # ends once quiet for `EXPIRY_S`: gone
         now = time.monotonic()
-        if watch.quiet_for(store.read_heartbeat(), now) is not None:
-            return
-        renewed_at = watch.renewed_at
-        if now >= deadline:
-            assert renewed_at is not None  # else it was quiet since the start, for at least `EXPIRY_S`: returned
+        if now >= deadline and renewed_at is not None:  # (none yet: quiet since the start, it ends at once)
             raise StoreLeased(
                 f"store {store.url} is served by service {held.owner} of Ray cluster session {held.cluster} "
                 f"(started by {held.acquired_by}; its shards renewed the lease {now - renewed_at:.1f} s ago, as "
                 f"seen from this host): {advice}")
         log.info("event=store_lease_wait store=%s holder=%s cluster=%s renewed_s_ago=%s wait_left_s=%.0f", store.url,
-                 held.owner, held.cluster, "none" if renewed_at is None else f"{now - renewed_at:.1f}", deadline - now)
+                 held.owner, held.cluster, "none" if renewed_at is None else f"{now - renewed_at:.1f}",
+                 max(deadline - now, 0.0))
 
 
 def check_not_served(store: StateStore, advice: str) -> None:

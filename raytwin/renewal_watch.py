@@ -10,7 +10,8 @@ ahead took a live store at once while one behind refused a crashed holder's.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -39,3 +40,18 @@ class RenewalWatch(Generic[T]):
         self._seen = value
         quiet = now - self._quiet_since
         return quiet if quiet >= self.quiet_s else None
+
+
+def renewals(read: Callable[[], T], quiet_s: float, every_s: float,
+             renews: Callable[[T], bool] = lambda _value: True) -> Iterator[float | None]:
+    """Watch the value `read` returns for renewals (`RenewalWatch`), reading it every `every_s`: after each read but
+    the first, yields when the last renewal was seen (monotonic time; None: none yet); ends once none was seen for
+    `quiet_s` (its writer stopped). Each reader ends the watch on its own condition as well: at the first renewal,
+    or at a deadline."""
+    watch = RenewalWatch(quiet_s, renews)
+    watch.quiet_for(read(), time.monotonic())
+    while True:
+        time.sleep(every_s)
+        if watch.quiet_for(read(), time.monotonic()) is not None:
+            return
+        yield watch.renewed_at

@@ -55,7 +55,6 @@ import hashlib
 import json
 import logging
 import os
-import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
@@ -69,9 +68,9 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from raytwin import renewal_watch
 from raytwin.damage import report_damaged
 from raytwin.logsegments import SegmentWriter, held_segment, is_segment, read_segment
-from raytwin.renewal_watch import RenewalWatch
 from raytwin.storage import filesystem, replace_file
 
 log = logging.getLogger("raytwin.store")
@@ -890,13 +889,13 @@ class StateStore:
     def _renewed(self, lease: Lease) -> bool:
         """Whether `lease`'s shards renew its heartbeat within `LEASE_EXPIRY_S` of this host's monotonic clock
         (True at the first renewal seen)."""
-        watch = RenewalWatch(LEASE_EXPIRY_S, renews=lambda beat: beat is not None and beat.renews(lease))
-        watch.quiet_for(self.read_heartbeat(), time.monotonic())
-        while watch.renewed_at is None:
-            time.sleep(LEASE_HEARTBEAT_S / 2)  # two reads per renewal: none is missed
-            if watch.quiet_for(self.read_heartbeat(), time.monotonic()) is not None:
-                return False
-        return True
+        return any(renewed_at is not None for renewed_at in self.renewals(lease, LEASE_EXPIRY_S, LEASE_HEARTBEAT_S))
+
+    def renewals(self, lease: Lease, quiet_s: float, heartbeat_s: float) -> Iterator[float | None]:
+        """`renewal_watch.renewals` of `lease`'s heartbeat, renewed every `heartbeat_s` by its shards (a heartbeat
+        another holder's shard wrote is none), read twice per renewal so that none is missed."""
+        return renewal_watch.renewals(self.read_heartbeat, quiet_s, heartbeat_s / 2,
+                                      renews=lambda beat: beat is not None and beat.renews(lease))
 
     def _read_json(self, path: str) -> dict[str, Any] | None:
         try:

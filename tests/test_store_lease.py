@@ -181,6 +181,8 @@ class _Beats:
     def __init__(self, *beats: Heartbeat | None, renewing: bool = False) -> None:
         self.beats, self.renewing = list(beats), renewing
 
+    renewals = StateStore.renewals  # the watch over these reads
+
     def read_heartbeat(self) -> Heartbeat | None:
         if len(self.beats) > 1:
             return self.beats.pop(0)
