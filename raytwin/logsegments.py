@@ -38,6 +38,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 
 from raytwin.damage import report_damaged
+from raytwin.store_failures import store_io
 
 SEGMENT_PREFIX = "seg-"
 SEGMENT_SUFFIX = ".arrows"
@@ -69,6 +70,7 @@ class SegmentWriter:
         self._header = schema.serialize().to_pybytes()
         self._open: dict[str, _Open] = {}
 
+    @store_io("write")
     def append(self, directory: str, table: pa.Table) -> None:
         """Append `table` (of `schema`) to the partition's segment as one message; returns once the
         bytes are written (as durable as a written file: the page cache, not fsync)."""
@@ -146,6 +148,7 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
+@store_io("read")
 def read_segment(path: str, start: int = 0, *, fs: Any = None) -> tuple[list[pa.RecordBatch], int]:
     """The complete messages of a segment from byte offset `start` (0, or an offset this function
     returned before), and the offset after the last of them: a partial message at the end (a

@@ -72,6 +72,7 @@ from raytwin import renewal_watch
 from raytwin.damage import report_damaged
 from raytwin.logsegments import SegmentWriter, held_segment, is_segment, read_segment
 from raytwin.storage import filesystem, replace_file
+from raytwin.store_failures import store_io
 
 log = logging.getLogger("raytwin.store")
 _T = TypeVar("_T")
@@ -532,6 +533,7 @@ class StateStore:
         return f"{self.root}/{kind}/tenant={tenant}/asset_id={asset_id}"
 
     # ----------------------------------------------------------------------- event log ----
+    @store_io("write")
     def append_log(self, tenant: str, table: pa.Table) -> int:
         """Durably append accepted events (`LOG_BATCH_SCHEMA` rows of any assets): on local disk to
         this store's open segment of each day (`raytwin.logsegments`), elsewhere one file per day."""
@@ -549,12 +551,14 @@ class StateStore:
                 self._write_part(rows.sort_by([("asset_id", "ascending"), ("event_time", "ascending")]), directory, name)
         return table.num_rows
 
+    @store_io("write")
     def close_segments(self) -> None:
         """Stop appending to this store's open log segments (the next batch starts new ones), so that
         a compaction can take them (`raytwin.logsegments`)."""
         if self._segments is not None:
             self._segments.close()
 
+    @store_io("read")
     def read_events(
         self, tenant: str, asset_id: str, *, after: EventKey | None = None, until_us: int | None = None
     ) -> list[LoggedEvent]:
@@ -562,6 +566,7 @@ class StateStore:
         (`one_row_per_event`: a re-delivered batch may be logged twice) and sorted by key."""
         return self.read_events_many(tenant, {asset_id: after}, until_us=until_us)[asset_id]
 
+    @store_io("read")
     def read_events_many(
         self, tenant: str, after: dict[str, EventKey | None], *, until_us: int | None = None,
         floors: dict[str, int] | None = None,
@@ -605,11 +610,13 @@ class StateStore:
                 out[asset_id].append(LoggedEvent((t, seq, key), quality, dict(values), ingest))
         return out
 
+    @store_io("read")
     def find_event(self, tenant: str, asset_id: str, key: EventKey) -> LoggedEvent | None:
         """The logged event with this identity (the one recovery replays), or None; reads only
         that day's partition."""
         return self.find_events(tenant, [(asset_id, key)]).get((asset_id, key))
 
+    @store_io("read")
     def find_events(self, tenant: str, identities: Iterable[tuple[str, EventKey]], floors: dict[str, int] | None = None
                     ) -> dict[tuple[str, EventKey], LoggedEvent]:
         """`find_event` for many (asset, key) identities: one read of each day's partition they fall in
@@ -629,6 +636,7 @@ class StateStore:
         return found
 
     # ----------------------------------------------------------------------- snapshots ----
+    @store_io("write")
     def write_snapshot(self, tenant: str, asset_id: str, snap: Snapshot) -> None:
         us, seq, key = snap.key
         table = pa.table({
@@ -640,6 +648,7 @@ class StateStore:
         }, schema=SNAPSHOT_SCHEMA)
         self._write(table, self._asset_dir("snapshots", tenant, asset_id), snapshot_stem(us, snap.revision))
 
+    @store_io("read")
     def latest_snapshot(self, tenant: str, asset_id: str, at_or_before_us: int | None = None,
                         usable: Callable[[Snapshot], bool] | None = None) -> Snapshot | None:
         """The newest snapshot whose event time is <= `at_or_before_us` (any, if None) and, if given, that is
@@ -675,6 +684,7 @@ class StateStore:
                         revision=row["revision"], payload=json.loads(row["payload"]))
 
     # -------------------------------------------------------------------- dead letters ----
+    @store_io("write")
     def write_dead_letters(self, tenant: str, rejects: list[dict[str, str]], stem: str | None = None) -> None:
         """Store rejects (dicts with asset_id, idempotency_key, reason, raw JSON), one file per day, named
         `stem` (`dead_letter_stem`: the same rejects written again replace their file) or a random name."""
@@ -702,6 +712,7 @@ class StateStore:
                 return yesterday
         return today
 
+    @store_io("read")
     def read_dead_letters(self, tenant: str | None = None) -> pa.Table:
         """All dead letters (with tenant and date columns), optionally of one tenant, oldest first: a tenant
         with a poison device may have millions (`newest_dead_letters` reads a page of them)."""
@@ -709,6 +720,7 @@ class StateStore:
         empty = DEAD_LETTER_SCHEMA.append(pa.field("tenant", pa.string())).empty_table()
         return self._scan(f"{self.root}/dead_letters", filter=flt, empty=empty).sort_by("dead_lettered_at")
 
+    @store_io("read")
     def newest_dead_letters(self, tenant: str | None, limit: int | None, *, day: str | None = None,
                             where: ds.Expression | None = None, columns: list[str] | None = None) -> pa.Table:
         """The newest `limit` (None: all) dead letters of `tenant` (None: every tenant's) of one UTC ``YYYY-MM-DD``
@@ -762,6 +774,7 @@ class StateStore:
         return (days, oldest) if found else ([], None)
 
     # ---------------------------------------------------------------------- compaction ----
+    @store_io("write")
     def compact(self, *, tenant: str | None = None, min_files: int = 2) -> list[Compaction]:
         """Merge the files of every log and dead-letter partition (of `tenant`, or all) that has at
         least `min_files` part files or a closed log segment (one no writer may append to any more;
@@ -807,6 +820,7 @@ class StateStore:
         path = self._retention_path(tenant)
         return json.loads(self.fs.cat_file(path)) if self.fs.exists(path) else None
 
+    @store_io("write")
     def prune(self, tenant: str, before: date) -> Pruning:
         """Delete the tenant's log and dead letters of dates before `before` (UTC) and the
         snapshots older than that, keeping what every registered twin's recovery needs: the cut
@@ -854,16 +868,20 @@ class StateStore:
     def _heartbeat_path(self) -> str:
         return f"{self.root}/lease-heartbeat.json"
 
+    @store_io("read")
     def read_lease(self) -> Lease | None:
         return None if (found := self._read_json(self._lease_path)) is None else Lease(**found)
 
+    @store_io("write")
     def write_lease(self, lease: Lease) -> None:
         """Replace the lease (atomically: a writer checking it never reads half a file)."""
         self._replace_json(self._lease_path, asdict(lease))
 
+    @store_io("read")
     def read_heartbeat(self) -> Heartbeat | None:
         return None if (found := self._read_json(self._heartbeat_path)) is None else Heartbeat(**found)
 
+    @store_io("write")
     def write_heartbeat(self, beat: Heartbeat) -> None:
         self._replace_json(self._heartbeat_path, asdict(beat))
 
@@ -907,6 +925,7 @@ class StateStore:
         """Write `path` whole (`replace_file`): a writer checking the lease never reads half of it."""
         replace_file(self.fs, path, json.dumps(value).encode())
 
+    @store_io("read")
     def check_lease(self, fence: tuple[str, int] | None) -> None:
         """Raise `StoreFenced` unless the store's live lease is (owner, epoch) `fence` (None: a
         writer outside any service, allowed while no service holds the store). One small file
@@ -923,6 +942,7 @@ class StateStore:
     def _drift_clear_path(self, tenant: str, asset_id: str) -> str:
         return f"{self.root}/drift_clears/tenant={tenant}/asset_id={asset_id}.json"
 
+    @store_io("write")
     def save_drift_clear(self, tenant: str, asset_id: str, key: EventKey) -> None:
         """Record that the twin's drift alarm was cleared after the event `key`: recovery replays the
         log up to it, clears, then replays the rest, so a restart does not latch the cleared alarm again.
@@ -930,6 +950,7 @@ class StateStore:
         path = self._drift_clear_path(tenant, asset_id)
         replace_file(self.fs, path, json.dumps({"key": list(key)}).encode())
 
+    @store_io("read")
     def load_drift_clear(self, tenant: str, asset_id: str) -> EventKey | None:
         """The key of the last event before the twin's last drift clear (None: never cleared)."""
         path = self._drift_clear_path(tenant, asset_id)
@@ -941,16 +962,19 @@ class StateStore:
     def _model_swaps_path(self, tenant: str, asset_id: str) -> str:
         return f"{self.root}/model_swaps/tenant={tenant}/asset_id={asset_id}.json"
 
+    @store_io("write")
     def save_model_swaps(self, tenant: str, asset_id: str, swaps: list[dict[str, Any]]) -> None:
         """Record the twin's model swaps (each ``{"at_us": boundary, "artifact": ModelArtifact JSON}``);
         written before a swap takes effect, so recovery and time travel apply the same versions."""
         path = self._model_swaps_path(tenant, asset_id)
         replace_file(self.fs, path, json.dumps({"swaps": swaps}, sort_keys=True).encode())
 
+    @store_io("read")
     def load_model_swaps(self, tenant: str, asset_id: str) -> list[dict[str, Any]]:
         path = self._model_swaps_path(tenant, asset_id)
         return json.loads(self.fs.cat_file(path))["swaps"] if self.fs.exists(path) else []
 
+    @store_io("read")
     def model_versions(self, tenant: str, model: str) -> dict[str, list[str]]:
         """The versions of `model` that the tenant's registered twins run now or applied events of their
         retained history with, each with those twins' asset ids: what model retention must keep
@@ -979,12 +1003,14 @@ class StateStore:
     def _shadow_path(self, tenant: str, ref: str, asset_id: str) -> str:
         return f"{self.root}/shadows/tenant={tenant}/candidate={ref}/asset_id={asset_id}.json"
 
+    @store_io("write")
     def save_shadow(self, tenant: str, ref: str, asset_id: str, record: dict[str, Any]) -> None:
         """Record (replace) the twin's part of the shadow evaluation of candidate `ref`: its declaration
         and its last checkpoint (`actors.shadow`), so a restarted shard resumes it."""
         path = self._shadow_path(tenant, ref, asset_id)
         replace_file(self.fs, path, json.dumps(record, sort_keys=True).encode())
 
+    @store_io("read")
     def load_shadows(self) -> list[tuple[str, str, str, dict[str, Any]]]:
         """Every recorded shadow evaluation's twin part as (tenant, candidate ref, asset_id, record)."""
         out = []
@@ -994,6 +1020,7 @@ class StateStore:
                         leaf.removeprefix("asset_id=").removesuffix(".json"), json.loads(self.fs.cat_file(path))))
         return out
 
+    @store_io("write")
     def delete_shadow(self, tenant: str, ref: str, asset_id: str) -> None:
         path = self._shadow_path(tenant, ref, asset_id)
         if self.fs.exists(path):
@@ -1003,6 +1030,7 @@ class StateStore:
     def _deletion_path(self, tenant: str, asset_id: str) -> str:
         return f"{self.root}/deleted/tenant={tenant}/asset_id={asset_id}.json"
 
+    @store_io("write")
     def save_deletion(self, tenant: str, asset_id: str, floor_us: int) -> None:
         """Record that the twin was deleted: log rows of the asset ingested until `floor_us` are its
         history, which a twin registered again under the same id does not resume (they stay in the log;
@@ -1010,6 +1038,7 @@ class StateStore:
         path = self._deletion_path(tenant, asset_id)
         replace_file(self.fs, path, json.dumps({"floor_us": floor_us}).encode())
 
+    @store_io("read")
     def history_floors(self, tenant: str) -> dict[str, int]:
         """The floor of each of the tenant's deleted twins (`save_deletion`): one listing, usually empty."""
         out = {}
@@ -1018,6 +1047,7 @@ class StateStore:
             out[asset_id] = json.loads(self.fs.cat_file(path))["floor_us"]
         return out
 
+    @store_io("write")
     def forget_twin(self, tenant: str, asset_id: str) -> None:
         """Remove what a deleted twin derived from its history (snapshots, drift clear, model swaps),
         which a twin registered again under its id must not start from."""
@@ -1030,26 +1060,31 @@ class StateStore:
     def _registration_path(self, tenant: str, asset_id: str) -> str:
         return f"{self.root}/twins/tenant={tenant}/asset_id={asset_id}.json"
 
+    @store_io("write")
     def save_registration(self, tenant: str, asset_id: str, record: dict[str, Any]) -> None:
         """Replace the twin's registration whole (`replace_file`): it is rewritten while others read it (a restarted
         shard finishing a retype while the driver answers stale reads from it, `actors.recovery.durable_state`)."""
         replace_file(self.fs, self._registration_path(tenant, asset_id), json.dumps(record, sort_keys=True).encode())
 
+    @store_io("read")
     def load_registration(self, tenant: str, asset_id: str) -> dict[str, Any] | None:
         path = self._registration_path(tenant, asset_id)
         return json.loads(self.fs.cat_file(path)) if self.fs.exists(path) else None
 
+    @store_io("write")
     def delete_registration(self, tenant: str, asset_id: str) -> None:
         path = self._registration_path(tenant, asset_id)
         if self.fs.exists(path):
             self.fs.rm(path)
 
+    @store_io("read")
     def registrations_of(self, tenant: str) -> dict[str, dict[str, Any]]:
         """A tenant's registered twins' records by asset id, read in one batch (concurrently on object stores)."""
         paths = self.fs.glob(f"{self.root}/twins/tenant={tenant}/asset_id=*.json")
         return {path.rsplit("/", 1)[-1].removeprefix("asset_id=").removesuffix(".json"): json.loads(body)
                 for path, body in (self.fs.cat(paths).items() if paths else ())}
 
+    @store_io("read")
     def registrations(self) -> list[tuple[str, str, dict[str, Any]]]:
         """Every registered twin as (tenant, asset_id, record)."""
         out = []

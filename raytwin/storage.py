@@ -19,6 +19,8 @@ from typing import Any
 import fsspec
 from fsspec import AbstractFileSystem
 
+from raytwin.store_failures import store_io
+
 
 def storage_options_for(url: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
     """fsspec options for `url`: explicit `options` win over the environment."""
@@ -37,7 +39,7 @@ def filesystem(url: str, options: dict[str, Any] | None = None) -> tuple[Abstrac
 
 def read_chunks(fs: AbstractFileSystem, path: str, size: int = 1 << 20) -> Iterator[bytes]:
     """`path`'s bytes in chunks of `size`: a download streamed to a client, never held whole in memory."""
-    with fs.open(path, "rb") as f:
+    with store_io("read"), fs.open(path, "rb") as f:
         while chunk := f.read(size):
             yield chunk
 
@@ -62,6 +64,7 @@ def is_local(fs: AbstractFileSystem) -> bool:
     return isinstance(fs, LocalFileSystem)
 
 
+@store_io("write")
 def replace_file(fs: AbstractFileSystem, path: str, data: bytes) -> None:
     """Write `path` whole, replacing what it held: a reader sees the old bytes or the new, never part of them.
 
@@ -110,6 +113,7 @@ def _sync_folder(folder: str) -> None:
             os.close(fd)
 
 
+@store_io("write")
 def write_once(fs: AbstractFileSystem, path: str, data: bytes) -> None:
     """Write `path` only if it does not exist yet, atomically; `FileExistsError` if it does.
 

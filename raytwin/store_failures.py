@@ -3,11 +3,17 @@ an S3 endpoint refusing or not answering.
 
 One classification for every layer: the API answers these 503 `store_unavailable` (`serve_apps.store_errors`,
 which also checks that the store raised them), and `metrics.STORE_FAILURES` counts them by class wherever a
-store operation fails (API requests, the shards' lease heartbeat), so the alert and the dashboard name the cause."""
+store operation fails (API requests, the shards' lease heartbeat), so the alert and the dashboard name the cause.
+
+The storage layer (`raytwin.storage`'s helpers, `StateStore`, the log's segments) raises them as `StoreIOError`
+(`store_io`): the same OSError raised elsewhere (an FMU's library, a connector's broker) is no store outage, and the
+type tells them apart in this process and in another one (Ray hands the caller the pickled error)."""
 
 from __future__ import annotations
 
 import errno
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Literal
 
 from raytwin import metrics
@@ -35,11 +41,40 @@ def _remote_errors() -> tuple[type[BaseException], ...]:
     return (BotoConnectionError, HTTPClientError)
 
 
+class StoreIOError(OSError):
+    """The store failed an `operation` as an outage of class `error`: raised by the storage layer (`store_io`)
+    from the `failure` (its type's name; it is the `__cause__` in the raising process), whose errno and text it
+    keeps. An OSError still, for the callers that handle one."""
+
+    def __init__(self, *args: object, operation: Operation = "read", error: FailureClass = "io",
+                 failure: str = "OSError"):
+        super().__init__(*args)
+        self.operation, self.error, self.failure = operation, error, failure  # (pickled with it: Ray's copies)
+
+
+@contextmanager
+def store_io(operation: Operation) -> Iterator[None]:
+    """Raise an outage (`failure_class`) of the store's I/O inside as `StoreIOError` (a decorator too): for the
+    storage layer's operations only."""
+    try:
+        yield
+    except StoreIOError:
+        raise
+    except Exception as exc:
+        error = failure_class(exc)
+        if error is None:
+            raise
+        args = (exc.errno, exc.strerror) if isinstance(exc, OSError) and exc.errno is not None else (str(exc),)
+        raise StoreIOError(*args, operation=operation, error=error, failure=type(exc).__name__) from exc
+
+
 def failure_class(exc: BaseException) -> FailureClass | None:
     """The class of `exc` as a store failure; None for an error that is no outage (a missing path, Ray's own
     errors, though some are OSErrors: `GetTimeoutError` is a `TimeoutError`)."""
     from ray.exceptions import RayError
 
+    if isinstance(exc, StoreIOError):
+        return exc.error
     if isinstance(exc, (*NOT_OUTAGES, RayError)):
         return None
     if isinstance(exc, TimeoutError):

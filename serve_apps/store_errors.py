@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Literal
 from starlette.requests import Request
 
 from raytwin.storage import scrub_locations
-from raytwin.store_failures import FAILURE_CLASSES, FailureClass, failure_class
+from raytwin.store_failures import FAILURE_CLASSES, FailureClass, StoreIOError, failure_class
 from serve_apps.errors import ApiError, unwrap
 from serve_apps.resend import advice
 
@@ -64,32 +64,39 @@ class StoreUnavailable(ApiError):
 
 
 def store_failure(exc: BaseException) -> StoreUnavailable | None:
-    """`exc` (as raised, perhaps wrapped by Ray) as a 503 when it is the store being unavailable: a failure of a
-    class `raytwin.store_failures.failure_class` knows, raised by the store (`raised_by_store`). None: another
-    failure, answered as such (a bug's 500)."""
+    """`exc` (as raised, perhaps wrapped by Ray) as a 503 when it is the store being unavailable: a
+    `StoreIOError` of the storage layer (by its type, in this process or another), or a failure of a class
+    `raytwin.store_failures.failure_class` knows raised by the store's libraries under RayTwin's other modules
+    (`raised_by_store`). None: another failure, answered as such (a bug's 500)."""
     cause = unwrap(exc)
-    error = failure_class(cause)
-    if error is None or not raised_by_store(exc):
-        return None
+    if isinstance(cause, StoreIOError):
+        error, failure = cause.error, cause.failure
+    else:
+        error, failure = failure_class(cause), type(cause).__name__
+        if error is None or not raised_by_store(exc):
+            return None
     if error in ("unreachable", "timeout"):
         hint = _UNREACHABLE
     else:
         hint = _HINTS.get(getattr(cause, "errno", None) or 0,
                           "the store failed an I/O operation: check its disk or endpoint")
-    return unavailable(f"{type(cause).__name__}: {scrub_locations(str(cause))}", error, hint)
+    return unavailable(f"{failure}: {scrub_locations(str(cause))}", error, hint)
 
 
 _STORE_CODE = re.compile(r"[/\\](?:fsspec|s3fs|aiobotocore|botocore|pyarrow)[/\\]"
                          r"|[/\\]raytwin[/\\](?:storage|statestore|logsegments)\.py$")
-"""The storage layer's files: fsspec and its S3 stack, pyarrow's file I/O, RayTwin's store modules."""
+"""The storage layer's files: fsspec and its S3 stack, pyarrow's file I/O, RayTwin's store modules (whose own
+operations raise `StoreIOError`; the modules above them call fsspec and pyarrow directly)."""
 _FRAME_FILE = re.compile(r'^\s*File "([^"]+)", line', re.MULTILINE)
 
 
 def raised_by_store(exc: BaseException) -> bool:
-    """Whether `exc` came out of the storage layer (`_STORE_CODE` on its way up): an OSError or a connection error
-    raised elsewhere (an FMU's library, a connector's broker, another service) is no store outage, and a 503
-    `store_unavailable` would send its operator to a healthy store. Another process's error (a shard's, the
-    backend's) has lost its traceback to Ray's pickling: Ray's text of it (in the `RayTaskError`'s) says."""
+    """Whether `exc`, no `StoreIOError`, came out of the storage layer (`_STORE_CODE` on its way up): the modules
+    that call fsspec and pyarrow directly (the catalog, the change log, the registry...) raise its failures
+    untyped. An OSError or a connection error raised elsewhere (an FMU's library, a connector's broker, another
+    service) is no store outage, and a 503 `store_unavailable` would send its operator to a healthy store. Another
+    process's error (the backend's) has lost its traceback to Ray's pickling: Ray's text of it (in the
+    `RayTaskError`'s) says."""
     files = [frame.filename for e in {exc, unwrap(exc)} for frame in traceback.extract_tb(e.__traceback__)]
     for wrapper in _ray_wrappers(exc):
         files += _FRAME_FILE.findall(str(wrapper))  # its text: Ray's copy of the other process's traceback

@@ -468,10 +468,7 @@ class _FailingStore:
 def _raised_in_a_shard(failure: BaseException, through_the_store: bool) -> BaseException:
     """`failure` raised in a shard as Ray hands it to the shard's caller: a copy of it (pickled: no traceback),
     the traceback only in Ray's text."""
-    import pickle
     import traceback
-
-    from ray.exceptions import RayTaskError
 
     from raytwin.storage import replace_file
 
@@ -479,9 +476,17 @@ def _raised_in_a_shard(failure: BaseException, through_the_store: bool) -> BaseE
         if through_the_store:
             replace_file(_FailingStore(failure), "twins/log/seg-1.arrows", b"")
         raise failure  # the shard's own call: an FMU's library, a connector's broker
-    except BaseException:
-        text = traceback.format_exc()
-    return RayTaskError("ingest", text, pickle.loads(pickle.dumps(failure)), proctitle="ray::TwinShardProcess.ingest",
+    except BaseException as exc:
+        return _from_a_shard(exc, traceback.format_exc())
+
+
+def _from_a_shard(raised: BaseException, text: str) -> BaseException:
+    """`raised` in a shard, as Ray hands it to the shard's caller: a pickled copy, `text` its traceback."""
+    import pickle
+
+    from ray.exceptions import RayTaskError
+
+    return RayTaskError("ingest", text, pickle.loads(pickle.dumps(raised)), proctitle="ray::TwinShardProcess.ingest",
                         pid=7, ip="10.0.0.5").as_instanceof_cause()
 
 
@@ -526,6 +531,45 @@ def test_only_the_stores_own_failures_answer_503_store_unavailable():
         for case in ("fmu", "broker"):
             other = http.post(f"/{where}/{case}")
             assert (other.status_code, other.json()["error"]["code"]) == (500, "internal"), (where, case, other.text)
+
+
+def test_the_storage_layers_failure_answers_503_by_its_type_and_the_same_oserror_elsewhere_500():
+    """The 503 mapping told the store's failures from others by the files named in their traceback alone (Ray's
+    text of it for another process's error): one whose text names no file of the storage layer answered 500. The
+    storage layer raises its outages as `StoreIOError`, a type that Ray's copy keeps."""
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from raytwin.storage import replace_file
+    from raytwin.store_failures import StoreIOError
+    from serve_apps.deps import BackendClient
+    from serve_apps.errors import install_error_handlers
+
+    full = OSError(28, "No space left on device")
+    with pytest.raises(StoreIOError) as raised:
+        replace_file(_FailingStore(full), "twins/registrations/a.json", b"{}")
+    assert raised.value.__cause__ is full and (raised.value.operation, raised.value.error) == ("write", "disk_full")
+    text = 'Traceback (most recent call last):\n  File "ingest.py", line 9, in apply\nOSError: [Errno 28] No space'
+    raised = {"store": _from_a_shard(raised.value, text), "elsewhere": _from_a_shard(full, text)}
+
+    async def remote(case: str) -> None:
+        raise raised[case]
+
+    backend = BackendClient(SimpleNamespace(apply=SimpleNamespace(remote=remote)))
+    app = FastAPI()
+    install_error_handlers(app)
+
+    @app.post("/backend/{case}")
+    async def through_the_backend(case: str) -> None:
+        await backend.call("apply", case)
+
+    http = TestClient(app, raise_server_exceptions=False)
+    store = http.post("/backend/store")
+    assert store.status_code == 503 and store.json()["error"]["code"] == "store_unavailable", store.text
+    assert "OSError: [Errno 28] No space left on device" in store.json()["error"]["message"]
+    assert "disk is full" in store.json()["error"]["message"]
+    elsewhere = http.post("/backend/elsewhere")  # the same OSError, raised outside the storage layer: a bug
+    assert (elsewhere.status_code, elsewhere.json()["error"]["code"]) == (500, "internal"), elsewhere.text
 
 
 class HealthBackend:
