@@ -3,17 +3,19 @@
 An asset type's simulator ``package.module:MODEL`` is imported where the request is validated, in the API's
 replica, and importing a module runs its code: any tenant's admin key could make the server run the import-time code
 of any installed package, or use another tenant's private model package. So the routes whose body is an asset type
-depend on `SIMULATOR_ALLOWED`, which refuses a package the operator did not allow for the caller's tenant (422) before
-the body is parsed: FastAPI solves a route's dependencies before it validates its body, and validating it imports.
+depend on `SIMULATOR_ALLOWED`, which sets the caller's allow-list as the request's `discovery.IMPORT_CHECK`: the body's
+validation refuses a package the operator did not allow for the caller's tenant (422) where it would import it,
+before anything of it is imported. FastAPI solves a route's dependencies before it validates its body.
 """
 
 from __future__ import annotations
 
 import logging
+from functools import partial
 
-from fastapi import Depends, Request
+from fastapi import Depends
 
-from raytwin.sim.discovery import declared, declared_packages, imported_package
+from raytwin.sim.discovery import IMPORT_CHECK, declared, declared_packages
 from serve_apps.auth import Principal
 from serve_apps.config import ServeConfig
 from serve_apps.deps import ADMIN, SVC, Services
@@ -30,18 +32,16 @@ def allowed_packages(config: ServeConfig, tenant: str) -> frozenset[str]:
     return declared_packages() | {*listed.get(EVERY_TENANT, ()), *listed.get(tenant, ())}
 
 
-async def simulator_allowed(request: Request, who: Principal = ADMIN, svc: Services = SVC) -> None:
-    """422 for a body whose ``simulator`` imports a package not allowed for the caller's tenant, before anything is
-    imported; anything else is left to the body's validation (FastAPI parsed the JSON already)."""
-    try:
-        body = await request.json()
-    except ValueError:
-        return
-    simulator = body.get("simulator") if isinstance(body, dict) else None
-    package = imported_package(simulator) if isinstance(simulator, str) else None
-    if package is None:
-        return
-    allowed = allowed_packages(svc.config, who.tenant)
+async def simulator_allowed(who: Principal = ADMIN, svc: Services = SVC) -> None:
+    """Check the import paths the request's body names against the packages the caller's tenant may use, as the body
+    is validated (`IMPORT_CHECK`, for this request's context only). Async: FastAPI runs it in the request's context,
+    which validates the body next (a plain function runs in a thread, in a copy of it)."""
+    IMPORT_CHECK.set(partial(_refuse_unless_allowed, who, allowed_packages(svc.config, who.tenant)))
+
+
+def _refuse_unless_allowed(who: Principal, allowed: frozenset[str], simulator: str, package: str) -> None:
+    """422 for a `simulator` that imports `package`, unless `allowed`; an `ApiError`, which pydantic does not take
+    for a validation error: the answer and its details are this one's."""
     if package in allowed:
         return
     log.info("event=model_package_refused tenant=%s key_id=%s package=%s", who.tenant, who.key_id, package)

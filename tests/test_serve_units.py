@@ -1261,6 +1261,8 @@ def test_a_simulator_import_path_imports_only_packages_the_operator_allowed_for_
         allowed = http.post("/v1/asset-types/compatibility", json=private, headers=auth["other"])  # globex's admin
         assert allowed.status_code == 200, allowed.text
         assert (tmp_path / "globex_models" / "ran").read_text() == "imported"
+        again = http.post("/v1/asset-types/compatibility", json=private, headers=auth["admin"])  # loaded now: still
+        assert again.status_code == 422 and "for tenant acme" in again.json()["error"]["message"]  # not acme's
     with pytest.raises(ValidationError, match="no top-level package names: list the package"):
         ServeConfig(store_url="s", keys_file="k", model_packages={"*": ["plant_models.pump:PUMP"]})
 

@@ -25,7 +25,8 @@ import re
 import sys
 import sysconfig
 import tomllib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from functools import cache
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -69,6 +70,10 @@ def _source_tree_models() -> dict[str, str]:
     return dict(project.get("entry-points", {}).get(GROUP, {}))
 
 
+IMPORT_CHECK: ContextVar[Callable[[str, str], None] | None] = ContextVar("raytwin_import_check", default=None)
+"""Called as `check(ref, package)` before `get_model` resolves an import path `ref` naming `package`
+(`imported_package`), in this context only: a server's allow-list for the request whose body it validates
+(`serve_apps.model_packages`), which raises to refuse the package before anything of it is imported. None: any."""
 _LOADED: dict[str, Model | FmuModel] = {}
 _REFS: dict[int, str] = {}
 _FMU_ROOTS: tuple[tuple[str, str], ...] | None = None
@@ -107,7 +112,7 @@ def imported_package(ref: str) -> str | None:
     """The top-level package that resolving `ref` imports because `ref` names it (``acme_models`` for
     ``acme_models.pump:PUMP``); None for a declared model's name or a stored FMU, whose code the operator installed.
     Resolving imports the module and runs its code: a server checks this against the packages it allows (the
-    caller's, `serve_apps.model_packages`) before anything is imported."""
+    caller's, `serve_apps.model_packages`, through `IMPORT_CHECK`) before anything is imported."""
     if not isinstance(ref, str) or FMU_REF.match(ref) or ":" not in ref:
         return None
     return _top_level(ref)
@@ -139,6 +144,8 @@ def get_model(ref: str) -> Model | FmuModel:
         raise UnknownModelError(f"a model reference is a name, package.module:ATTR or a stored FMU's URL, got {ref!r}")
     if match := FMU_REF.match(ref):
         _check_fmu_source(ref)  # before the cache too: a server's restriction holds for every request
+    elif (check := IMPORT_CHECK.get()) is not None and (package := imported_package(ref)) is not None:
+        check(ref, package)  # before the cache too: another tenant's import may have loaded it
     if ref in _LOADED:
         return _LOADED[ref]
     if match:
