@@ -19,11 +19,16 @@ def audit(
                                                       "server answers at most 10,000 a request).")] = False,
 ) -> None:
     """Who changed what and when: the key's tenant's most recent audit records, oldest first (`--all`: every
-    record, newest first, so a long log streams without holding it all)."""
+    record, newest first, so a long log streams without holding it all). An intent without its outcome record
+    (`outcome_missing`) is also named on stderr."""
     if every and limit is not None:
         raise typer.BadParameter("give either --all or --limit", param_hint="--all")
     with remote(url, key) as api:
         records = api.audit_records(day.date() if day else None) if every else api.audit(
             day.date() if day else None, limit or 1000)
         for record in records:
-            typer.echo(record.model_dump_json())
+            typer.echo(record.json_line())
+            if record.outcome_missing:
+                typer.echo(f"warning: {record.action} of {record.target} at {record.time.isoformat()} (action_id "
+                           f"{record.action_id}) has no outcome record: it was attempted, its result is unknown "
+                           "(the store failed after it, or it is still under way)", err=True)

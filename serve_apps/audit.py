@@ -4,6 +4,13 @@ Each record is one JSON line in its own object
 ``{store}/audit/{tenant}/{YYYY-MM-DD}/{UTC timestamp}-{uuid}.jsonl``: object stores cannot append
 to a file and several ingress replicas write at once, so records are never rewritten, only added,
 and the log is the time-ordered union of the objects (names sort by time).
+
+An action with an effect beyond the store (a command sent to a device, a connector started, a run submitted) is
+audited in two records: its `intent`, written before acting (no record, no action), and its `outcome`, written
+after. Both carry one `action_id`, which is also their objects' uuid, so a reader tells from the names alone
+whether an intent has its outcome: one without it (the store failed after the action, or the action is still
+under way) is answered with `outcome_missing: true`. A record of one step (a refusal, a record written before
+intents existed) has neither field, as before.
 """
 
 from __future__ import annotations
@@ -11,8 +18,9 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any
+from datetime import UTC, date, datetime, timedelta
+from collections import Counter
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -31,6 +39,29 @@ class AuditRecord(BaseModel):
     action: str = Field(description="e.g. asset.create, asset_type.delete, scenario.run, sweep.submit")
     target: str
     details: dict[str, Any] = Field(default_factory=dict)
+    phase: Literal["intent", "outcome"] | None = Field(None, description=(
+        "intent: written before the action, what was attempted; outcome: written after it, what came of it "
+        "(`details.status`); absent: a record of one step"))
+    action_id: str | None = Field(None, pattern=r"^[0-9a-f]{32}$",
+                                  description="the id an intent and its outcome share; absent on a record of one step")
+    outcome_missing: bool | None = Field(None, description=(
+        "set by the reader, never stored: true on an intent no outcome record follows (the store failed after the "
+        "action, or it is still under way): what the intent names was attempted, its result is unknown"))
+
+    def as_json(self) -> dict[str, Any]:
+        """The record as stored and answered: the phase fields only where set, so a record of one step reads as
+        it did before they existed (to older readers, whose model forbids fields it does not know, too)."""
+        return self.model_dump(mode="json", exclude=self._unset_phase())
+
+    def json_line(self) -> str:
+        """`as_json` as compact JSON text (`raytwin audit`'s lines, the keys file's trail)."""
+        return self.model_dump_json(exclude=self._unset_phase())
+
+    def _unset_phase(self) -> set[str]:
+        return {name for name in _PHASE_FIELDS if getattr(self, name) is None}
+
+
+_PHASE_FIELDS = ("phase", "action_id", "outcome_missing")
 
 
 class AuditLog:
@@ -39,10 +70,13 @@ class AuditLog:
         self.root = f"{root}/audit"
 
     def append(self, record: AuditRecord) -> None:
+        """Add `record` as a new object, named by its time and its `action_id` (a new uuid where none)."""
         t = record.time.astimezone(UTC)
         folder = f"{self.root}/{record.tenant}/{t:%Y-%m-%d}"
-        line = json.dumps(record.model_dump(mode="json"), sort_keys=True, allow_nan=False) + "\n"
-        replace_file(self.fs, f"{folder}/{t:%Y%m%dT%H%M%S.%fZ}-{uuid.uuid4().hex}.jsonl", line.encode())
+        stored = {k: v for k, v in record.as_json().items() if k != "outcome_missing"}
+        line = json.dumps(stored, sort_keys=True, allow_nan=False) + "\n"
+        name = f"{t:%Y%m%dT%H%M%S.%fZ}-{record.action_id or uuid.uuid4().hex}.jsonl"
+        replace_file(self.fs, f"{folder}/{name}", line.encode())
 
     def records(self, tenant: str, day: str | None = None, limit: int = 1000) -> list[AuditRecord]:
         """The tenant's most recent records (of one ``YYYY-MM-DD`` day if given), oldest first."""
@@ -59,8 +93,22 @@ class AuditLog:
         older = [entry for entry in named if cursor is None or entry[0] < cursor]
         page = older[-limit:]
         blobs = self.fs.cat([p for _, p in page], on_error="raise") if page else {}
-        return AuditPage([AuditRecord.model_validate_json(blobs[p]) for _, p in page],
-                         page[0][0] if len(older) > len(page) else None)
+        records = [AuditRecord.model_validate_json(blobs[p]) for _, p in page]
+        if any(r.phase == "intent" for r in records):
+            records = self._mark_missing_outcomes(records, [name for name, _ in named], tenant, day)
+        return AuditPage(records, page[0][0] if len(older) > len(page) else None)
+
+    def _mark_missing_outcomes(self, records: list[AuditRecord], names: list[str], tenant: str,
+                               day: str | None) -> list[AuditRecord]:
+        """`records` with `outcome_missing` set on each intent: whether another of `names` (the listed records;
+        of `day`'s next day too, where the outcome of an action begun before midnight lies) has its action id."""
+        if day is not None:
+            after = f"{self.root}/{tenant}/{date.fromisoformat(day) + timedelta(days=1)}"
+            if self.fs.exists(after):
+                names = names + [_name(p) for p in self.fs.find(after) if p.endswith(".jsonl")]
+        seen = Counter(name.rsplit("-", 1)[1] for name in names)
+        return [r.model_copy(update={"outcome_missing": seen[r.action_id] < 2}) if r.phase == "intent" else r
+                for r in records]
 
 
 @dataclass(frozen=True)

@@ -202,7 +202,7 @@ def _audit_key_change(keys_file: Path, action: str, record: KeyRecord) -> None:
                                  "keys_file": keys_file.name, "owner": record.owner})
     fd = os.open(key_audit_trail(keys_file), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     with os.fdopen(fd, "a") as trail:
-        trail.write(entry.model_dump_json() + "\n")
+        trail.write(entry.json_line() + "\n")
 
 
 def _write_keys(p: Path, records: list[KeyRecord]) -> None:

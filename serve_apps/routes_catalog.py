@@ -162,14 +162,16 @@ def register(app: FastAPI) -> None:
                             f"`{NEXT_CURSOR}` of the previous answer, unchanged: the `limit` records before it"))] = None,
                         who: Principal = ADMIN, svc: Services = SVC) -> list[dict[str, Any]]:
         """The tenant's newest audit records (of one UTC day if given), oldest first (admin only); the records
-        before them a page at a time with `cursor` (the `X-Next-Cursor` header of each answer but the oldest)."""
+        before them a page at a time with `cursor` (the `X-Next-Cursor` header of each answer but the oldest).
+        An action beyond the store is two records sharing an `action_id`: its `intent`, written before it, and its
+        `outcome`; an intent without its outcome reads `outcome_missing: true` (attempted, result unknown)."""
         if day is not None and cursor is not None and not cursor.startswith(f"{day}/"):
             raise Unprocessable(f"query.cursor: {cursor} is a cursor of another day than {day}; send the "
                                 f"{NEXT_CURSOR} of an answer for day={day}, or no cursor for its newest records")
         page = await run_in_threadpool(svc.audit.page, who.tenant, day, limit, cursor)
         if page.next_cursor is not None:
             response.headers[NEXT_CURSOR] = page.next_cursor
-        return [r.model_dump(mode="json") for r in page.records]
+        return [r.as_json() for r in page.records]
 
 
 def _asset(tenant: str, asset_id: str, body: AssetUpdate) -> Asset:

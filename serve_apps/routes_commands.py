@@ -14,12 +14,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from connectors.commands import Command, CommandValue
 from raytwin.contracts import Identifier
-from raytwin.storage import scrub_locations
 from serve_apps.auth import Principal, Role
 from serve_apps.json_route import JsonRoute
 from serve_apps.routes_recommendations import require_approver
-from serve_apps.deps import ADMIN, READER, SVC, WRITER, IdPath, Services, require_role
-from serve_apps.errors import CONFLICT, ApiError, Conflict
+from serve_apps.deps import ADMIN, READER, SVC, WRITER, IdPath, Services, outcome_of, require_role
+from serve_apps.errors import CONFLICT, Conflict
 
 
 class CommandProposal(BaseModel):
@@ -59,7 +58,7 @@ async def approve_command(command_id: IdPath, request: Request, who: Principal =
     the command as it is, sending nothing). An issued recommendation needs a key with the approver grant, of
     another person than whoever computed it (409 otherwise). Every attempt is audited (`command.approve`), refused
     ones too. The backend dying meanwhile answers 503 `backend_unavailable` with `Retry-After`: approving again is
-    safe."""
+    safe. The approval is audited before anything is sent (`Services.audited`): no audit, no command."""
     try:
         require_role(who, Role.admin)  # here, not in the dependency: a refused approval is audited as well
         proposed = await svc.backend.call("connector", "command", who.tenant, command_id, lost=NOTHING_TAKEN)
@@ -67,13 +66,15 @@ async def approve_command(command_id: IdPath, request: Request, who: Principal =
         if proposed["status"] == "proposed" and proposed["proposed_by"] == who.key_id != who.person:
             raise Conflict(f"command {command_id} was proposed by {who.key_id}, a key of {who.person}: another "
                            "key must approve it (four eyes)")  # proposed before the key named its owner
+    except Exception as exc:  # refused before anything could be sent: one record
+        await svc.record(request, who, "command.approve", command_id, **outcome_of(exc))
+        raise
+    async with svc.audited(request, who, "command.approve", command_id, connector=proposed["connector"],
+                           asset_id=proposed["asset_id"], name=proposed["name"], value=proposed["value"],
+                           correlation_id=proposed["correlation_id"]) as outcome:
         command = await svc.backend.call("connector", "approve", who.tenant, command_id, who.person,
                                          lost=_approval_lost(command_id))
-    except Exception as exc:  # an approval that may have moved an asset is audited whatever answer it gets
-        await svc.record(request, who, "command.approve", command_id, **_outcome(exc))
-        raise
-    await svc.record(request, who, "command.approve", command_id, status=command["status"],
-                     correlation_id=command["correlation_id"])
+        outcome.update(status=command["status"], correlation_id=command["correlation_id"])
     return command
 
 
@@ -92,14 +93,6 @@ def _proposal_lost(asset_id: str) -> str:
     """A proposal is not idempotent (each is a new command), but nothing is sent before an approval."""
     return (f"the command may have been recorded (nothing is sent before an approval): GET /v1/commands?asset_id="
             f"{asset_id} lists it if so; propose it again only if it is not there")
-
-
-def _outcome(exc: Exception) -> dict[str, Any]:
-    """An approval's audited outcome when it raised: `refused` (the request's fault: role, grant, four eyes,
-    state, another tenant's) with the answer's status, code and reason, or `error`."""
-    if isinstance(exc, ApiError) and exc.status < 500:
-        return {"status": "refused", "http_status": exc.status, "code": exc.code, "reason": exc.message[:300]}
-    return {"status": "error", "error": scrub_locations(f"{type(exc).__name__}: {exc}")[:300]}  # tenants read it
 
 
 @router.post("/{command_id}/refuse", response_model=Command, responses=CONFLICT)

@@ -7,6 +7,7 @@ tenant's connector is a 404, like a missing one.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -15,12 +16,13 @@ from starlette.concurrency import run_in_threadpool
 
 from connectors.runtime import ConnectorStatus
 from connectors.spec import Credentials
+from raytwin.contracts import IDENTIFIER_PATTERN
 from raytwin.statestore import StateStore
 from serve_apps.auth import Principal
 from serve_apps.json_route import JsonRoute
 from serve_apps.dead_letters import connector_dead_letters
 from serve_apps.deps import ADMIN, DAY, READER, SVC, DeadLetterLimit, IdPath, Services
-from serve_apps.errors import CONFLICT
+from serve_apps.errors import CONFLICT, Unprocessable
 from serve_apps.resend import resend_safe
 from serve_apps.schemas import DeadLetter
 
@@ -48,10 +50,19 @@ async def create_connector(body: ConnectorCreate, request: Request, who: Princip
                            svc: Services = SVC) -> Any:
     """Check the declaration (its routes' assets must be this tenant's twins), store it and start the
     connector (one of the same name is replaced and restarted)."""
-    view = await svc.backend.call("connector", "create", who.tenant, body.spec, body.credentials)
-    await svc.record(request, who, "connector.create", view["spec"]["name"], kind=view["spec"]["kind"],
-                     credentials=body.credentials is not None)
-    return view
+    async with svc.audited(request, who, "connector.create", _declared_name(body.spec), kind=body.spec.get("kind"),
+                           credentials=body.credentials is not None):
+        return await svc.backend.call("connector", "create", who.tenant, body.spec, body.credentials)
+
+
+def _declared_name(spec: dict[str, Any]) -> str:
+    """The declaration's name, which its audit records are of: 422 for none (before anything is recorded)."""
+    name = spec.get("name")
+    if not isinstance(name, str) or not re.fullmatch(IDENTIFIER_PATTERN, name):
+        raise Unprocessable(f"spec.name: {name!r} is no connector name; name it with up to 128 letters, digits, "
+                            "`_`, `.`, `:` or `-`, beginning with a letter or digit, e.g. `plant-mqtt`",
+                            details=[{"loc": ["body", "spec", "name"]}])
+    return name
 
 
 @router.get("", response_model=list[ConnectorStatus])
@@ -80,20 +91,18 @@ async def connector_dead_letter_log(name: IdPath, day: str | None = DAY, limit: 
 @router.post("/{name}/pause", response_model=ConnectorStatus, responses=CONFLICT, dependencies=[SWITCH])
 async def pause_connector(name: IdPath, request: Request, who: Principal = ADMIN, svc: Services = SVC) -> Any:
     """Stop receiving; the source keeps what arrives meanwhile (an MQTT persistent session)."""
-    status = await svc.backend.call("connector", "pause", who.tenant, name)
-    await svc.record(request, who, "connector.pause", name)
-    return status
+    async with svc.audited(request, who, "connector.pause", name):
+        return await svc.backend.call("connector", "pause", who.tenant, name)
 
 
 @router.post("/{name}/resume", response_model=ConnectorStatus, responses=CONFLICT, dependencies=[SWITCH])
 async def resume_connector(name: IdPath, request: Request, who: Principal = ADMIN, svc: Services = SVC) -> Any:
-    status = await svc.backend.call("connector", "resume", who.tenant, name)
-    await svc.record(request, who, "connector.resume", name)
-    return status
+    async with svc.audited(request, who, "connector.resume", name):
+        return await svc.backend.call("connector", "resume", who.tenant, name)
 
 
 @router.delete("/{name}", status_code=204)
 async def delete_connector(name: IdPath, request: Request, who: Principal = ADMIN, svc: Services = SVC) -> Response:
-    await svc.backend.call("connector", "delete", who.tenant, name)
-    await svc.record(request, who, "connector.delete", name)
+    async with svc.audited(request, who, "connector.delete", name):
+        await svc.backend.call("connector", "delete", who.tenant, name)
     return Response(status_code=204)

@@ -51,9 +51,9 @@ def register(app: FastAPI) -> None:
         if not _inline(svc, mode, prepared.n_steps):
             return await _queue(request, who, svc, "scenario", body.asset_id, artifact, prepared, clock, details,
                                 start)
-        result = await run_in_threadpool(run, prepared)
+        async with svc.audited(request, who, "scenario.run", body.asset_id, **details):
+            result = await run_in_threadpool(run, prepared)
         metrics.SCENARIO_STEPS.inc(prepared.n_steps, kind="scenario")
-        await svc.record(request, who, "scenario.run", body.asset_id, **details)
         model = get_model(prepared.simulator)
         return ScenarioRun(
             model_ref=artifact.ref, content_hash=artifact.content_hash, n_steps=prepared.n_steps,
@@ -90,9 +90,10 @@ def register(app: FastAPI) -> None:
         spec = await run_in_threadpool(sweep_spec, body, who.tenant, registry_url, artifact, live, clock)
         if not _inline(svc, mode, body.work):
             return await _queue(request, who, svc, "sweep", body.asset_id, artifact, spec, clock, details, start)
-        out = await sweep_to_store.remote(spec, svc.config.url("runs", who.tenant), svc.config.storage_options,
-                                          who.key_id)
-        await svc.record(request, who, "sweep.run", body.asset_id, run_id=out["run_id"], **details)
+        async with svc.audited(request, who, "sweep.run", body.asset_id, **details) as outcome:
+            out = await sweep_to_store.remote(spec, svc.config.url("runs", who.tenant), svc.config.storage_options,
+                                              who.key_id)
+            outcome["run_id"] = out["run_id"]
         rows = await run_in_threadpool(_read_rows, svc, out["result_url"], limit)
         return SweepResult(model_ref=artifact.ref, content_hash=artifact.content_hash, run_id=out["run_id"],
                            scenarios=body.space.size, n_steps=spec.n_steps, start_time=clock, rows=rows,
@@ -119,8 +120,9 @@ def register(app: FastAPI) -> None:
         """Cancel a queued or running scenario or sweep job (409 once it finished, and for bulk jobs): a
         running sweep stops its chunk tasks and records its run as cancelled; the job's state becomes
         `cancelled` (at once for a queued job, when its task has stopped for a running one)."""
-        job: Job = await svc.backend.call("cancel_job", who.tenant, job_id, who.key_id)
-        await svc.record(request, who, "job.cancel", job_id, state=job.state)
+        async with svc.audited(request, who, "job.cancel", job_id) as outcome:
+            job: Job = await svc.backend.call("cancel_job", who.tenant, job_id, who.key_id)
+            outcome["state"] = job.state
         return job
 
     @app.get("/v1/jobs/{job_id}/results", response_model=SweepResult, tags=tags, responses=CONFLICT)
@@ -248,9 +250,10 @@ JOB_LOST = ("a job may have been queued, its id lost with this answer: resending
 
 async def _queue(request: Request, who: Principal, svc: Services, kind: str, asset_id: str, artifact: ModelArtifact,
                  work: Any, clock: datetime | None, details: dict[str, Any], start: StartedFrom) -> JSONResponse:
-    job: Job = await svc.backend.call("submit_job", who.tenant, who.key_id, asset_id, artifact.ref,
-                                      artifact.content_hash, work, clock, start, lost=JOB_LOST)
-    await svc.record(request, who, f"{kind}.submit", asset_id, job_id=job.job_id, **details)
+    async with svc.audited(request, who, f"{kind}.submit", asset_id, **details) as outcome:
+        job: Job = await svc.backend.call("submit_job", who.tenant, who.key_id, asset_id, artifact.ref,
+                                          artifact.content_hash, work, clock, start, lost=JOB_LOST)
+        outcome["job_id"] = job.job_id
     accepted = JobAccepted(job_id=job.job_id, state=job.state, status_url=f"/v1/jobs/{job.job_id}",
                            results_url=f"/v1/jobs/{job.job_id}/results")
     return JSONResponse(accepted.model_dump(), status_code=202, headers={"Location": accepted.status_url})

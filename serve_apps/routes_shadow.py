@@ -95,9 +95,9 @@ async def swap_on_promotion(svc: Services, request: Request, who: Principal,
     except RegistryError as exc:
         raise NotFound(str(unwrap(exc))) from None
     at = datetime.now(UTC)
-    outcome: SwapOutcome = await _live(svc, lambda m: m.swap(who.tenant, artifact, at))
-    await svc.record(request, who, "model.swap", artifact.ref, at=at.isoformat(), seq=record.seq,
-                     swapped=[s.asset_id for s in outcome.states], refused=outcome.refused)
+    async with svc.audited(request, who, "model.swap", artifact.ref, at=at.isoformat(), seq=record.seq) as audit:
+        outcome: SwapOutcome = await _live(svc, lambda m: m.swap(who.tenant, artifact, at))
+        audit.update(swapped=[s.asset_id for s in outcome.states], refused=outcome.refused)
     if outcome.refused:
         log.warning("event=swap_refused tenant=%s model=%s twins=%d: they keep the version they run",
                     who.tenant, artifact.ref, len(outcome.refused))
@@ -122,9 +122,11 @@ def register(app: FastAPI) -> None:
         if stage not in SHADOWED_STAGES:
             raise Conflict(f"{ref} is {stage}: shadow evaluation is for candidate and staging versions")
         artifact = await _call(lc.registry.get, ref)
-        run_id, ids = await _live(svc, lambda m: m.start_shadow(who.tenant, artifact, events=body.events,
-                                                                asset_ids=body.asset_ids, sample=body.sample))
-        await svc.record(request, who, "model.shadow_start", ref, run_id=run_id, asset_ids=ids, events=body.events)
+        async with svc.audited(request, who, "model.shadow_start", ref, asset_ids=body.asset_ids, sample=body.sample,
+                               events=body.events) as outcome:
+            run_id, ids = await _live(svc, lambda m: m.start_shadow(who.tenant, artifact, events=body.events,
+                                                                    asset_ids=body.asset_ids, sample=body.sample))
+            outcome.update(run_id=run_id, asset_ids=ids, events=body.events)
         return ShadowStarted(run_id=run_id, candidate_ref=ref, asset_ids=ids, events=body.events)
 
     @app.get(path, response_model=ShadowStatus, tags=tags)
@@ -153,7 +155,7 @@ def register(app: FastAPI) -> None:
                           svc: Services = SVC, _writable: None = WRITABLE) -> None:
         """End the evaluation of this version (its evidence stays on the log if it was recorded)."""
         ref = f"{model}@{version}"
-        if not await _live(svc, lambda m: m.stop_shadow(who.tenant, ref)):
-            raise NotFound(f"no shadow evaluation of {ref}")
-        await svc.record(request, who, "model.shadow_stop", ref)
+        async with svc.audited(request, who, "model.shadow_stop", ref):
+            if not await _live(svc, lambda m: m.stop_shadow(who.tenant, ref)):
+                raise NotFound(f"no shadow evaluation of {ref}")
 

@@ -1175,11 +1175,12 @@ def test_cli_shadow_commands_audit_and_an_unreachable_api(cli, sdk):
     again = cli("writer", "shadow", "stop", "room", "1.0.3")
     assert again.exit_code == 1 and again.stderr.startswith("error 404 not_found: no shadow evaluation of room@1.0.3")
 
-    lines = cli("admin", "audit", "--limit", "2").stdout.splitlines()
+    lines = cli("admin", "audit", "--limit", "4").stdout.splitlines()
     records = [AuditRecord.model_validate_json(line) for line in lines]
-    assert [r.action for r in records] == ["model.shadow_start", "model.shadow_stop"]
+    assert [(r.action, r.phase) for r in records] == [(f"model.shadow_{step}", phase) for step in ("start", "stop")
+                                                      for phase in ("intent", "outcome")]
     every = [AuditRecord.model_validate_json(line) for line in cli("admin", "audit", "--all").stdout.splitlines()]
-    assert every[:2] == records[::-1] and len(every) > 2  # newest first, past the page of 2 above
+    assert every[:4] == records[::-1] and len(every) > 4  # newest first, past the page of 4 above
     both = cli("admin", "audit", "--all", "--limit", "2")
     assert both.exit_code == 2 and "either --all or --limit" in both.output
     assert cli("reader", "audit").stderr.startswith("error 403 forbidden")

@@ -8,6 +8,7 @@ import math
 import os
 import threading
 import time
+from contextlib import nullcontext
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import SimpleNamespace
@@ -1077,8 +1078,9 @@ class LedgerBackend:
 
 
 def _approval_audit(svc, command_id: str, tenant: str) -> list[dict]:
+    """What came of each approval attempt of `command_id`: a refusal's record, or the outcome of a sending's intent."""
     return [{"key_id": r.key_id, "role": r.role, **r.details} for r in svc.audit.records(tenant)
-            if r.action == "command.approve" and r.target == command_id]
+            if r.action == "command.approve" and r.target == command_id and r.phase != "intent"]
 
 
 def test_every_approval_attempt_is_audited_refused_ones_too(tmp_path):
@@ -1112,6 +1114,117 @@ def test_every_approval_attempt_is_audited_refused_ones_too(tmp_path):
         (grantless,) = _approval_audit(svc, issued, "acme")
         assert grantless["key_id"] == key_ids["admin"] and grantless["code"] == "forbidden"
         assert "'approver' grant" in grantless["reason"]
+
+
+class _AuditWrites:
+    """The audit log's store taking its first `ok` writes, the others failing as a full disk does."""
+
+    def __init__(self, fs, ok: int):
+        self.fs, self.ok = fs, ok
+
+    def pipe_file(self, path: str, data: bytes, **kwargs) -> None:
+        from raytwin.storage import replace_file
+
+        if self.ok == 0:
+            raise OSError(28, "No space left on device")
+        self.ok -= 1
+        replace_file(self.fs, path, data)
+
+
+def test_a_command_whose_approval_cannot_be_audited_is_not_sent(tmp_path):
+    """The approval was audited after the command was sent: a store failing then left a command sent to a device
+    with no audit record. Now its intent is written first; where it cannot be, nothing is sent (503)."""
+    from tests.fixtures_serve import in_process
+
+    backend = LedgerBackend(tmp_path)
+    with in_process(backend, tmp_path) as (http, auth, svc):
+        command = backend.ledger.propose("acme", "web", "pump-1", "setpoint", {"q": 1.0}, "k-writer").id
+        svc.audit.fs = _AuditWrites(svc.audit.fs, ok=0)
+        refused = http.post(f"/v1/commands/{command}/approve", headers=auth["approver"])
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "store_unavailable", refused.text
+        assert backend.sent == [] and backend.ledger.get("acme", command).status == "proposed"
+        said = refused.json()["error"]["message"]
+        assert f"command.approve of {command} was not done: its audit record could not be written first" in said
+        assert "disk is full" in said and "resending it is safe" in said
+
+
+def test_a_sent_command_whose_outcome_is_not_audited_shows_as_an_intent_without_outcome(tmp_path, monkeypatch):
+    """The outcome's record failing after the send: the intent written before it says what was sent, and the audit
+    log's readers (`GET /v1/audit`, `raytwin audit`) answer it `outcome_missing`; a completed action is not."""
+    import typer
+
+    from client import audit_cli
+    from tests.fixtures_serve import in_process
+
+    backend = LedgerBackend(tmp_path)
+    with in_process(backend, tmp_path) as (http, auth, svc):
+        first, second = (backend.ledger.propose("acme", "web", "pump-1", "setpoint", {"q": q}, "k-writer").id
+                         for q in (1.0, 2.0))
+        store = svc.audit.fs
+        assert http.post(f"/v1/commands/{first}/approve", headers=auth["approver"]).status_code == 200
+        svc.audit.fs = _AuditWrites(store, ok=1)  # the intent, not the outcome
+        sent = http.post(f"/v1/commands/{second}/approve", headers=auth["approver"])
+        assert sent.status_code == 200 and sent.json()["status"] == "sent", sent.text  # it took place: it stands
+        svc.audit.fs = store
+        records = http.get("/v1/audit", headers=auth["admin"]).json()
+        steps = [(r["target"], r["phase"], r.get("outcome_missing")) for r in records]
+        assert steps == [(first, "intent", False), (first, "outcome", None), (second, "intent", True)]
+        intent = records[-1]
+        assert intent["details"] == {"connector": "web", "asset_id": "pump-1", "name": "setpoint",
+                                     "value": {"q": 2.0}, "correlation_id": sent.json()["correlation_id"]}
+        assert records[0]["action_id"] == records[1]["action_id"] != intent["action_id"]
+        assert records[1]["details"] == {**records[0]["details"], "status": "sent", "correlation_id": backend.sent[0]}
+
+    answered = [AuditRecord.model_validate(r) for r in records]  # as the client reads the answer
+    monkeypatch.setattr(audit_cli, "remote", lambda url, key: nullcontext(SimpleNamespace(
+        audit=lambda day, limit: answered)))
+    app = typer.Typer()
+    app.command()(audit_cli.audit)
+    printed = CliRunner().invoke(app, ["--key", "k", "--url", "http://api"], catch_exceptions=False)
+    lines = printed.stdout.splitlines()
+    assert [AuditRecord.model_validate_json(line) for line in lines] == answered
+    assert ('"outcome_missing":false' in lines[0] and '"outcome_missing"' not in lines[1]
+            and '"outcome_missing":true' in lines[2])
+    assert f"warning: command.approve of {second} at " in printed.stderr and "result is unknown" in printed.stderr
+    assert printed.stderr.count("warning") == 1
+
+
+def test_no_connector_is_started_paused_resumed_or_deleted_unaudited(tmp_path):
+    """Connector changes (a device connection opened or closed) were audited after they took place, as commands
+    were: where the store cannot take the intent, the backend is not asked."""
+    from tests.fixtures_serve import in_process
+
+    backend = SimpleNamespace(ops=[])
+    backend.connector = lambda op, *args: backend.ops.append(op)
+    with in_process(backend, tmp_path) as (http, auth, svc):
+        admin = auth["admin"]
+        unnamed = http.post("/v1/connectors", json={"spec": {"kind": "mqtt"}}, headers=admin)
+        assert unnamed.status_code == 422 and "spec.name: None is no connector name" in unnamed.text
+        svc.audit.fs = _AuditWrites(svc.audit.fs, ok=0)
+        answers = [http.post("/v1/connectors", json={"spec": {"name": "plant", "kind": "mqtt"}}, headers=admin),
+                   *(http.post(f"/v1/connectors/plant/{op}", headers=admin) for op in ("pause", "resume")),
+                   http.delete("/v1/connectors/plant", headers=admin)]
+        assert [a.status_code for a in answers] == [503] * 4, answers[0].text
+        assert [a.json()["error"]["message"].split(" was not done")[0] for a in answers] == [
+            f"connector.{op} of plant" for op in ("create", "pause", "resume", "delete")]
+        assert backend.ops == []
+
+
+def test_audit_logs_written_before_intents_read_as_before_and_one_step_records_keep_their_form(tmp_path):
+    """Stored logs hold records with no phase; a record of one step is still stored (and answered) without the phase
+    fields, so a reader whose model forbids fields it does not know (an older client) reads it."""
+    log = AuditLog(str(tmp_path))
+    old = {"action": "asset.delete", "client_request_id": None, "details": {}, "key_id": "k", "request_id": "r",
+           "role": "admin", "target": "a1", "tenant": "acme", "time": "2026-12-01T10:00:00Z"}
+    folder = tmp_path / "audit" / "acme" / "2026-12-01"
+    folder.mkdir(parents=True)
+    (folder / f"20261201T100000.000000Z-{'ab' * 16}.jsonl").write_text(json.dumps(old) + "\n")
+    log.append(AuditRecord.model_validate({**old, "time": "2026-12-01T11:00:00Z", "target": "a2"}))
+    read = log.records("acme")
+    assert [(r.target, r.phase, r.action_id, r.outcome_missing) for r in read] == [("a1", None, None, None),
+                                                                                    ("a2", None, None, None)]
+    (new,) = [p for p in folder.iterdir() if "T110000" in p.name]
+    assert set(json.loads(new.read_text())) == set(old) == set(read[1].as_json())
 
 
 def test_one_persons_two_keys_are_one_pair_of_eyes_for_commands_and_model_versions(tmp_path):
@@ -1290,7 +1403,7 @@ def test_a_backend_dying_during_an_approval_answers_503_and_a_resend_never_sends
         assert again.status_code == 200 and again.json()["status"] == "sending", again.text
         assert backend.sent == [command.correlation_id]  # sent once
         assert http.post(approve, headers=auth["admin"]).status_code == 409  # another key's: decided already
-        statuses = [r.details["status"] for r in svc.audit.records("acme") if r.action == "command.approve"]
+        statuses = [r["status"] for r in _approval_audit(svc, command.id, "acme")]
         assert statuses == ["error", "sending", "refused"]
         assert backend.sent == [command.correlation_id]
 
@@ -1717,8 +1830,8 @@ def test_an_actor_dying_under_the_backend_is_not_the_backends_death(tmp_path):
 def test_a_failed_approvals_audited_error_names_no_store_location():
     """The tenant reads its audit log: a command approval that failed on the store put the store's path (or bucket
     URL) in the record's `error`, which every answer scrubs (`scrub_locations`)."""
-    from serve_apps.routes_commands import _outcome
+    from serve_apps.deps import outcome_of
 
-    failed = _outcome(OSError(5, "Input/output error", "/srv/raytwin/store/commands/acme/c1.json"))
+    failed = outcome_of(OSError(5, "Input/output error", "/srv/raytwin/store/commands/acme/c1.json"))
     assert failed == {"status": "error", "error": "OSError: [Errno 5] Input/output error: '<store>'"}
-    assert _outcome(RuntimeError("s3://plant-bucket/store/x failed"))["error"] == "RuntimeError: <store> failed"
+    assert outcome_of(RuntimeError("s3://plant-bucket/store/x failed"))["error"] == "RuntimeError: <store> failed"
