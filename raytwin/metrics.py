@@ -224,6 +224,11 @@ HTTP_REQUESTS = counter("raytwin_http_requests", "HTTP requests answered, by rou
                         "route", "method", "status")
 HTTP_LATENCY = histogram("raytwin_http_request_duration_seconds", "HTTP request latency in the ingress [s].",
                          LATENCY_S, "route", "method")
+CREDENTIALS_REFUSED = counter("raytwin_credentials_refused", "Requests answered 401 for their credential, by reason "
+                              "(missing, malformed: a header that holds no key, unknown_key: an unknown or revoked "
+                              "key id, wrong_secret: a known key id with another secret).", "reason")
+CREDENTIAL_REFUSAL_REASONS = ("missing", "malformed", "unknown_key", "wrong_secret")
+"""The reasons `CREDENTIALS_REFUSED` counts, exported at 0 where an API replica starts."""
 # ---- ingestion and twins (actors) ---------------------------------------------------------------
 TWIN_EVENTS = counter("raytwin_twin_events", "Telemetry events handled by twin shards, by outcome "
                       "(accepted, duplicate, rejected, conflict).", "shard", "outcome")

@@ -36,6 +36,7 @@ from serve_apps.deps import SVC, Services, audit_refusal
 from serve_apps.errors import ERROR_RESPONSES, ApiError, Forbidden, Unauthorized, install_error_handlers
 from serve_apps.json_route import JsonRoute
 from serve_apps.limits import BodyLimitMiddleware
+from serve_apps.refused_credentials import log_refused_credential
 from serve_apps.request_log import log_answer
 from serve_apps.schemas import Health, StoreFence
 from serve_apps.store_errors import StoreUnavailable
@@ -62,6 +63,7 @@ def create_api(max_body_bytes: int = 1_048_576, admission: Admission | None = No
     app.router.route_class = JsonRoute
     install_error_handlers(app)
     app.add_exception_handler(Forbidden, audit_refusal)
+    app.add_exception_handler(Unauthorized, log_refused_credential)
     app.add_middleware(RequestObserver)
     app.add_middleware(ApiDeprecationHeaders)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes, behind_serve=behind_serve)

@@ -46,6 +46,7 @@ class Ingress:
         # and the first inline scenario and stale reads (a shard restart) on their panels (`Metric.zero`)
         metrics.SCENARIO_STEPS.zero({"kind": "scenario"})
         metrics.STALE_READS.zero({"read": "state"}, {"read": "query"})
+        metrics.CREDENTIALS_REFUSED.zero(*({"reason": r} for r in metrics.CREDENTIAL_REFUSAL_REASONS))
         client = BackendClient(backend)
         self.services = Services(
             config=config, keys=KeyStore(config.keys_file), backend=client,

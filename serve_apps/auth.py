@@ -143,6 +143,11 @@ class KeyStore:
     def authenticate(self, key: str) -> Principal | None:
         return self.principal(digest(key))
 
+    def has_key_id(self, key_id: str) -> bool:
+        """Whether a key of this id is in the file now: a refused key naming it had another secret."""
+        self._refresh()
+        return any(r.key_id == key_id for r in self._by_digest.values())
+
     def owner(self, key_id: str) -> str | None:
         """The owner the file names for the key `key_id` (None: none, or no such key now): what a record made under a
         key id (a run's `user`) is compared as, so that another key of the same person is the same pair of eyes."""

@@ -26,6 +26,7 @@ from serve_apps.config import ServeConfig
 from serve_apps.errors import (ApiError, BackendUnavailable, Forbidden, RateLimited, Unauthorized, Unprocessable,
                                error_response, unwrap)
 from serve_apps.limits import TokenBuckets
+from serve_apps.refused_credentials import CredentialRefusals
 from serve_apps.request_log import PRINCIPAL
 from serve_apps.store_errors import StoreUnavailable, store_failure
 from serve_apps.stream_auth import StreamCredential
@@ -75,6 +76,7 @@ class Services:
     changes: HeadWatcher  # wakes this replica's change streams
     change_store: ChangeStore  # the change log on the store, for streams replaying history
     streams: StreamSlots = field(init=False)  # this replica's open change streams
+    refusals: CredentialRefusals = field(default_factory=CredentialRefusals)  # 401s, for the operator
 
     def __post_init__(self) -> None:
         self.streams = StreamSlots(self.config.admission)

@@ -5,7 +5,8 @@ The id in an error body and in ``X-RayTwin-Request-ID`` is the server's own (`se
 (`request_id`, and the client's own id if it sent one), through which route template and method, with which status,
 and whose (`tenant`, `key_id`: never the key): every 4xx/5xx answer (tenant and key id ``-`` where the request was
 refused before its key was checked), and every request that may change state (any method but GET, HEAD and OPTIONS),
-whatever its status. Reads that succeed are left out: they change nothing, and they are most of the traffic.
+whatever its status. Reads that succeed are left out: they change nothing, and they are most of the traffic. A
+401 is left out too: `serve_apps.refused_credentials` logs refused credentials, a flood of them in a few lines.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ PRINCIPAL = "principal"
 def log_answer(scope: dict[str, Any], status: int, seconds: float, route: str) -> None:
     """Log the answer to the HTTP request `scope` if it is an error or the request may have changed state."""
     method = scope.get("method", "-")
-    if status < 400 and method in READS:
+    if (status < 400 and method in READS) or status == 401:  # a 401's line: `serve_apps.refused_credentials`
         return
     state = scope.get("state") or {}
     who = state.get(PRINCIPAL)

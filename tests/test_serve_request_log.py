@@ -47,12 +47,61 @@ def test_every_error_and_state_change_is_logged_once_with_the_request_id_its_ans
                 assert answer.json()["error"]["request_id"] == request_id
             (line,) = _lines(caplog, request_id)
             fields = dict(re.findall(r"(\w+)=(\S+)", line))
+            if status == 401:  # the operator's line, no tenant's (`serve_apps.refused_credentials`)
+                assert (fields["event"], fields["route"], fields["reason"]) == ("credential_refused", route, "missing")
+                continue
             assert fields["event"] == "request" and fields["route"] == route and fields["status"] == str(status)
             assert (fields["tenant"], fields["key_id"]) == (("acme", _key_id(headers)) if headers else ("-", "-"))
             if headers:
                 assert headers["Authorization"].removeprefix("Bearer ") not in line  # the key id, never the key
         read = http.get("/v1/jobs/j1", headers=reader)
         assert read.status_code == 200 and not _lines(caplog, read.headers["X-RayTwin-Request-ID"])  # a read: none
+
+
+def test_every_refused_credential_is_counted_and_logged_without_the_key_and_a_flood_in_a_few_lines(tmp_path, caplog,
+                                                                                                   monkeypatch):
+    """A 401 (an unknown or revoked key) has no tenant, so no audit log held it, and its log line said neither why
+    nor which key: a brute force on one key id read as a monitor's typo. Each is counted by reason and logged with
+    a fingerprint of the key id it presents, never the key; a flood of them is a few lines, not one a request."""
+    import hashlib
+
+    from raytwin import metrics
+    from serve_apps.refused_credentials import MAX_LINES, WINDOW_S, CredentialRefusals
+
+    counted: list[str] = []
+    monkeypatch.setattr(metrics, "CREDENTIALS_REFUSED", type("Counter", (), {
+        "inc": staticmethod(lambda reason: counted.append(reason))}))
+    caplog.set_level(logging.INFO, logger="raytwin.serve")
+    with in_process(object(), tmp_path) as (http, auth, services):
+        now = [0.0]
+        services.refusals = CredentialRefusals(clock=lambda: now[0])
+        key_id = _key_id(auth["reader"])
+        stolen = f"rtk_{key_id}_guessed-secret"
+        unknown = "rtk_0123456789ab_whatever"
+        for headers in ({}, {"Authorization": "Basic eDp5"}, {"Authorization": f"Bearer {unknown}"},
+                        {"X-API-Key": stolen}, {"X-API-Key": "no-key-format"}):
+            assert http.get("/v1/assets", headers=headers).status_code == 401
+        assert counted == ["missing", "malformed", "unknown_key", "wrong_secret", "unknown_key"]
+        lines = [r.getMessage() for r in caplog.records if "event=credential_refused " in r.getMessage()]
+        fields = [dict(re.findall(r"(\w+)=(\S+)", line)) for line in lines]
+        assert [(f["reason"], f["key_fp"]) for f in fields] == [
+            ("missing", "-"), ("malformed", "-"), ("unknown_key", hashlib.sha256(b"0123456789ab").hexdigest()[:8]),
+            ("wrong_secret", hashlib.sha256(key_id.encode()).hexdigest()[:8]), ("unknown_key", "-")]
+        assert all(f["route"] == "/v1/assets" and len(f["request_id"]) == 32 for f in fields)
+        assert not any(secret in caplog.text for secret in ("guessed-secret", "whatever", "eDp5", key_id))
+        assert "status=401" not in caplog.text  # one line a refusal at most: not the request log's too
+
+        caplog.clear()
+        for n in range(3 * MAX_LINES):  # a flood: one key again and again, then a new key each time
+            http.get("/v1/assets", headers={"X-API-Key": stolen if n < MAX_LINES else f"rtk_{n:012x}_x"})
+        assert len(counted) == 5 + 3 * MAX_LINES  # every one counted
+        logged = [r for r in caplog.records if "event=credential" in r.getMessage()]
+        assert len(logged) == MAX_LINES - 5  # 5 kinds were logged in this minute above
+        now[0] += WINDOW_S
+        http.get("/v1/assets", headers={"X-API-Key": stolen})
+        said = [r.getMessage() for r in caplog.records][-2:]
+        assert said[0].startswith(f"event=credentials_refused_unlogged count={2 * MAX_LINES + 5} window_s=60")
+        assert "event=credential_refused " in said[1] and "reason=wrong_secret" in said[1]
 
 
 def test_a_denied_attempt_is_audited_with_its_request_id(tmp_path):
