@@ -113,6 +113,10 @@ class LiveModels:
         return ShadowReport(run_id=found[0][0], candidate_ref=ref, target_events=twins[0].target_events,
                             done=all(t.done for t in twins), comparison=compare(production, candidate), twins=twins)
 
+    def shadows_running(self) -> list[tuple[str, str]]:
+        """The (tenant, candidate ref) of every evaluation running, of every tenant."""
+        return sorted({key for part in ray.get([h.shadows_running.remote() for h in self.handles]) for key in part})
+
     def stop_shadow(self, tenant: str, ref: str) -> bool:
         """End the evaluation of `ref` (False: none ran)."""
         return any(ray.get([h.stop_shadow.remote(tenant, ref) for h in self.handles]))

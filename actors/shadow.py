@@ -218,6 +218,10 @@ class ShadowBook:
                  candidate.ref, len(twins), events)
         return len(twins)
 
+    def running(self) -> list[tuple[str, str]]:
+        """The (tenant, candidate ref) of each evaluation held here."""
+        return list(self.shadows)
+
     def _save(self, tenant: str, run_id: str, s: ShadowTwin) -> None:
         self.store.save_shadow(tenant, s.candidate_artifact.ref, s.asset_id, s.record(run_id))
         s.saved = s.candidate.stats.events

@@ -48,6 +48,9 @@ class LiveModelOps:
         return self.shadows.start(run_id, tenant, [self.twins[(tenant, a)] for a in asset_ids],
                                   ModelArtifact.model_validate(artifact), events)
 
+    def shadows_running(self) -> list[tuple[str, str]]:
+        return self.shadows.running()
+
     def shadow_report(self, tenant: str, ref: str) -> tuple[str, list[ShadowTwinReport]] | None:
         return self.shadows.report(tenant, ref)
 

@@ -133,15 +133,20 @@ def shadow_metrics(comparison: Comparison, twins: int) -> dict[str, float]:
             "production_rmse": p.rmse, "candidate_rmse": c.rmse}
 
 
+def recorded(lifecycle: ModelLifecycle, ref: str, shadow_id: str) -> list[TransitionRecord]:
+    """What `conclude` recorded for the evaluation `shadow_id` of `ref` (its evidence, a move to staging), if any."""
+    return [r for r in lifecycle.records(parse_ref(ref)[0])
+            if f"{r.model}@{r.version}" == ref and r.reason.startswith(f"shadow evaluation {shadow_id}:")]
+
+
 def conclude(lifecycle: ModelLifecycle, ref: str, tenant: str, shadow_id: str, comparison: Comparison,
              twins: int) -> list[TransitionRecord]:
     """Record a finished shadow evaluation of `ref` as evidence (once per `shadow_id`; a second call
     returns []), and, when the tenant's policy sets `shadow_auto_stage_margin` and the candidate is
     better by at least that margin (mean log-likelihood per update) with NIS no further from 1,
     move it from candidate to staging, both as the system principal."""
-    name, version = parse_ref(ref)
     tag = f"shadow evaluation {shadow_id}"
-    if any(r.action == "evaluate" and r.reason.startswith(tag) for r in lifecycle.records(name)):
+    if any(r.action == "evaluate" for r in recorded(lifecycle, ref, shadow_id)):
         return []
     system = Actor(id=SYSTEM_ACTOR, tenant=tenant)
     evidence = Evidence(shadow_metrics=shadow_metrics(comparison, twins))

@@ -57,6 +57,7 @@ from serve_apps.query_schemas import AssetGraph, BulkRequest
 from serve_apps.recalibration import TenantState
 from serve_apps.recalibration_jobs import RecalibrationJobs
 from serve_apps.schemas import StoreFence
+from serve_apps.shadow_conclusions import conclude_running
 from serve_apps.store_errors import UNAVAILABLE_REASONS, StoreUnavailable, store_failure, unavailable
 from serve_apps.store_probe import BoundedRead
 from serve_apps.type_models import register_published
@@ -75,6 +76,8 @@ NO_WRITES = ("the store takes no writes (a full disk, a read-only or unwritable 
              "event=lease_heartbeat_failed with the error)")
 FENCE_WATCH_S = 5.0
 """How often the backend reads the lease to stop its connectors once another cluster's service holds the store."""
+SHADOW_CONCLUDE_S = 2.0
+"""How often the backend looks for finished shadow evaluations to record: a question to each shard."""
 
 
 def holds(now: Lease | None, mine: Lease) -> bool:
@@ -140,9 +143,11 @@ class Backend:
         self._lease_reads = BoundedRead(self.twins.store.read_lease, "the store's lease")  # probes: a deadline
         self._beat_reads = BoundedRead(self.twins.store.read_heartbeat, "the store's lease heartbeat")
         self._renewals = RenewalWatch(RENEWAL_STALL_S)
+        self._concluded: set[str] = set()  # the shadow evaluations recorded (run ids; `_conclude_shadows`)
         self._start_store_watch()
         self._twin_marks: dict[tuple[str, str], tuple[int, bool]] = {}  # last published (revision, drift)
         self._registries: dict[str, ModelRegistry] = {}
+        threading.Thread(target=self._conclude_shadows, name="shadow-conclusions", daemon=True).start()
         self.backlog = BacklogGate(config.admission.telemetry_backlog_events, config.admission.retry_after_s)
         self.recalibration = RecalibrationJobs(config, self.twins, self.changes, self.audit)
         for tenant in self.catalog.tenants():  # relaunch what a restart interrupted; act on what it missed
@@ -609,6 +614,21 @@ class Backend:
         while not self._watch_stop.wait(FENCE_WATCH_S):
             connectors_stopped = self._watch_pass(connectors_stopped)
             self._flush_changes()
+
+    def _conclude_shadows(self) -> None:
+        """Every `SHADOW_CONCLUDE_S` (a daemon thread of its own: a shard that hangs holds up only this): record the
+        shadow evaluations that finished on the lifecycle log (`serve_apps.shadow_conclusions`), the service's
+        write, not a reader's; one that fails (the store down) is tried again next time. Until `close`; none while
+        another service holds the store (`check_writable`): the successor records them."""
+        while not self._watch_stop.wait(SHADOW_CONCLUDE_S):
+            try:
+                self.check_writable()
+                conclude_running(self.twins.models, lambda tenant: ModelLifecycle(self._registry(tenant)),
+                                 self.audit, self._concluded)
+            except StoreFenced:  # the fence watch exports and logs it
+                continue
+            except Exception:  # noqa: BLE001 - the next round tries again; the evaluations keep their state meanwhile
+                log.warning("event=shadow_conclusion_failed", exc_info=True)
 
     def _watch_pass(self, connectors_stopped: bool) -> bool:
         """Read the store's lease once, waiting at most `FENCE_READ_S` (one read that hangs must not stop the watch

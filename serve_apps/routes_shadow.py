@@ -25,11 +25,12 @@ from actors.state import UnknownTwin
 from raytwin.contracts import Identifier
 from raytwin.lifecycle import ModelLifecycle, TransitionRecord
 from raytwin.registry import RegistryError
-from raytwin.shadow import SYSTEM_ACTOR, conclude
+from raytwin.shadow import recorded
 from serve_apps.auth import Principal
 from serve_apps.deps import READER, SVC, WRITABLE, WRITER, Services
 from serve_apps.errors import CONFLICT, BadRequest, Conflict, NotFound, unwrap
 from serve_apps.routes_models import ModelName, Version, _call, _lifecycle
+from serve_apps.shadow_conclusions import archived, record_finished
 
 log = logging.getLogger("raytwin.serve")
 SHADOWED_STAGES = ("candidate", "staging")
@@ -53,17 +54,12 @@ class ShadowStarted(BaseModel):
 
 class ShadowStatus(BaseModel):
     report: ShadowReport
-    recorded: list[TransitionRecord] = Field(description="Lifecycle records this read wrote: when the evaluation "
-                                             "is done, its evidence (once per run) and, under the tenant's "
-                                             "policy, the candidate's automatic move to staging")
+    recorded: list[TransitionRecord] = Field(description="The lifecycle records of this evaluation: once it is done "
+                                             "the service records its evidence (within seconds, or at its DELETE) "
+                                             "and, under the tenant's policy, the candidate's automatic move to "
+                                             "staging; [] until then")
     not_recorded: str | None = Field(None, description="Why the evaluation's evidence is not (or will not be) "
                                      "recorded: the candidate was archived meanwhile (DELETE the evaluation)")
-
-
-def _archived(lc: ModelLifecycle, model: str, version: str) -> bool:
-    """Whether the version was archived (or pruned) since its evaluation started: no evidence is recorded for it."""
-    found = lc.verify(model).versions.get(version)
-    return found is not None and found.stage == "archived"
 
 
 def live_models(svc: Services) -> LiveModels:
@@ -104,6 +100,16 @@ async def swap_on_promotion(svc: Services, request: Request, who: Principal,
     return outcome
 
 
+def _record_if_finished(models: LiveModels, lc: ModelLifecycle, svc: Services, tenant: str, ref: str,
+                        request: Request) -> None:
+    """Record the evaluation of `ref`, if one runs and is done, before a DELETE ends it."""
+    try:
+        report = models.shadow(tenant, ref)
+    except UnknownShadow:  # none: the DELETE answers 404
+        return
+    record_finished(report, lc, svc.audit, tenant, getattr(request.state, "request_id", None))
+
+
 def register(app: FastAPI) -> None:
     tags = ["model lifecycle"]
     path = "/v1/models/{model}/versions/{version}/shadow"
@@ -132,30 +138,27 @@ def register(app: FastAPI) -> None:
     @app.get(path, response_model=ShadowStatus, tags=tags)
     async def shadow_status(model: ModelName, version: Version, request: Request, who: Principal = READER,
                             svc: Services = SVC) -> ShadowStatus:
-        """Production against the candidate so far (NIS per measured value, innovation RMSE, log-likelihood).
-        Once done, the comparison is recorded on the lifecycle log by the system principal (once per run); a
-        candidate archived meanwhile gets no evidence (`not_recorded` says so), and the report is still read."""
+        """Production against the candidate so far (NIS per measured value, innovation RMSE, log-likelihood),
+        and what the service recorded of it: once done, the comparison is recorded on the lifecycle log by the
+        system principal (once per run, within seconds; `recorded`). A read writes nothing. A candidate archived
+        meanwhile gets no evidence (`not_recorded` says so), and the report is still read."""
         ref, lc = f"{model}@{version}", _lifecycle(svc, who.tenant)
         report: ShadowReport = await _live(svc, lambda m: m.shadow(who.tenant, ref))
-        if await _call(_archived, lc, model, version):
+        if await _call(archived, lc, ref):
             return ShadowStatus(report=report, recorded=[], not_recorded=(
                 f"{ref} was archived since the evaluation started: the lifecycle records evidence for candidate, "
                 f"staging and production versions only, so this comparison is not recorded; DELETE {request.url.path} "
                 "to end the evaluation"))
-        recorded: list[TransitionRecord] = []
-        if report.done:
-            recorded = await _call(conclude, lc, ref, who.tenant, report.run_id, report.comparison, len(report.twins))
-            for r in recorded:
-                await svc.record(request, who, f"model.{r.action}", ref, run_id=report.run_id, seq=r.seq,
-                                 by=SYSTEM_ACTOR, to_stage=r.to_stage, hash=r.hash)
-        return ShadowStatus(report=report, recorded=recorded)
+        return ShadowStatus(report=report, recorded=await _call(recorded, lc, ref, report.run_id))
 
     @app.delete(path, status_code=204, tags=tags)
     async def stop_shadow(model: ModelName, version: Version, request: Request, who: Principal = WRITER,
                           svc: Services = SVC, _writable: None = WRITABLE) -> None:
-        """End the evaluation of this version (its evidence stays on the log if it was recorded)."""
-        ref = f"{model}@{version}"
+        """End the evaluation of this version; a finished one's evidence is recorded first if the service has not
+        yet (and stays on the log)."""
+        ref, lc = f"{model}@{version}", _lifecycle(svc, who.tenant)
         async with svc.audited(request, who, "model.shadow_stop", ref):
+            await _live(svc, lambda m: _record_if_finished(m, lc, svc, who.tenant, ref, request))
             if not await _live(svc, lambda m: m.stop_shadow(who.tenant, ref)):
                 raise NotFound(f"no shadow evaluation of {ref}")
 

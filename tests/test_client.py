@@ -1017,8 +1017,10 @@ def test_shadow_evaluation_calls_start_report_and_stop(sdk):
     assert not writer.shadow("room", "1.0.1").report.done
     writer.send_telemetry("sdk-room", room_events(100, 2, 294.0))
     status = writer.shadow("room", "1.0.1")
-    assert status.report.done and status.report.run_id == started.run_id and status.recorded
-    writer.stop_shadow("room", "1.0.1")
+    assert status.report.done and status.report.run_id == started.run_id
+    writer.stop_shadow("room", "1.0.1")  # records the finished evaluation if the service had not yet
+    (evaluated,) = [r for r in writer.model_lifecycle_log("room") if r.action == "evaluate"]
+    assert f"shadow evaluation {started.run_id}:" in evaluated.reason
     with pytest.raises(NotFound):
         writer.stop_shadow("room", "1.0.1")
 
@@ -1175,12 +1177,13 @@ def test_cli_shadow_commands_audit_and_an_unreachable_api(cli, sdk):
     again = cli("writer", "shadow", "stop", "room", "1.0.3")
     assert again.exit_code == 1 and again.stderr.startswith("error 404 not_found: no shadow evaluation of room@1.0.3")
 
-    lines = cli("admin", "audit", "--limit", "4").stdout.splitlines()
+    lines = cli("admin", "audit", "--limit", "6").stdout.splitlines()
     records = [AuditRecord.model_validate_json(line) for line in lines]
-    assert [(r.action, r.phase) for r in records] == [(f"model.shadow_{step}", phase) for step in ("start", "stop")
-                                                      for phase in ("intent", "outcome")]
+    assert [(r.action, r.phase) for r in records] == [  # each attempt before it acts, the refused stop too
+        (f"model.shadow_{step}", phase) for step in ("start", "stop", "stop") for phase in ("intent", "outcome")]
+    assert records[-1].details["status"] == "refused" and records[-1].details["http_status"] == 404
     every = [AuditRecord.model_validate_json(line) for line in cli("admin", "audit", "--all").stdout.splitlines()]
-    assert every[:4] == records[::-1] and len(every) > 4  # newest first, past the page of 4 above
+    assert every[:6] == records[::-1] and len(every) > 6  # newest first, past the page of 6 above
     both = cli("admin", "audit", "--all", "--limit", "2")
     assert both.exit_code == 2 and "either --all or --limit" in both.output
     assert cli("reader", "audit").stderr.startswith("error 403 forbidden")
@@ -1243,9 +1246,9 @@ def test_the_whole_audit_log_is_read_a_page_at_a_time(api, sdk):
 
     client, auth, _ = api
     admin = sdk["admin"]
-    newest_first = [r.model_dump(mode="json") for r in admin.audit(limit=10_000)][::-1]
+    newest_first = [r.as_json() for r in admin.audit(limit=10_000)][::-1]  # as answered
     assert len(newest_first) >= 3  # the fixture's types and asset
-    assert [r.model_dump(mode="json") for r in admin.audit_records(page_size=2)] == newest_first
+    assert [r.as_json() for r in admin.audit_records(page_size=2)] == newest_first
     first = client.get("/v1/audit", params={"limit": 2}, headers=auth["admin"])
     second = client.get("/v1/audit", params={"limit": 2, "cursor": first.headers["X-Next-Cursor"]},
                         headers=auth["admin"])

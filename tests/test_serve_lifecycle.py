@@ -10,6 +10,7 @@ import httpx
 import pytest
 
 from serve_apps.auth import create_key
+from tests.fixtures_connectors import wait_for
 from tests.fixtures_serve import deployed
 from tests.test_serve_api import THERMAL_TYPE, assert_error
 
@@ -223,10 +224,11 @@ def test_shadow_evaluation_is_recorded_and_promotion_hot_swaps_twins(client):
     assert not running["report"]["done"] and running["recorded"] == []
     assert running["report"]["comparison"]["candidate"]["events"] == 3
     send(range(7, 12))
-    done = http.get(url, headers=api.headers_for("reader")).json()
+    done = wait_for(lambda: (read := http.get(url, headers=api.headers_for("reader")).json())["recorded"] and read,
+                    "the service records the finished evaluation (a read does not)")
     assert done["report"]["done"] and [r["action"] for r in done["recorded"]] == ["evaluate"]
     assert done["recorded"][0]["actor"] == "system" and done["recorded"][0]["evidence"]["shadow_metrics"]["events"] == 5
-    assert http.get(url, headers=api.headers_for("reader")).json()["recorded"] == []  # recorded once
+    assert http.get(url, headers=api.headers_for("reader")).json()["recorded"] == done["recorded"]  # recorded once
     assert http.delete(url, headers=api.headers_for("writer")).status_code == 204
 
     # promotion: the twin runs V3 for events from now on; before, V1 applied them

@@ -1835,3 +1835,77 @@ def test_a_failed_approvals_audited_error_names_no_store_location():
     failed = outcome_of(OSError(5, "Input/output error", "/srv/raytwin/store/commands/acme/c1.json"))
     assert failed == {"status": "error", "error": "OSError: [Errno 5] Input/output error: '<store>'"}
     assert outcome_of(RuntimeError("s3://plant-bucket/store/x failed"))["error"] == "RuntimeError: <store> failed"
+
+
+class FinishedShadows:
+    """`LiveModels`' shadow calls over finished evaluations of tenant acme's candidates (ref -> run id)."""
+
+    def __init__(self, runs: dict[str, str]):
+        from raytwin.shadow import InnovationStats
+
+        self.runs = runs
+        self.production, self.candidate = InnovationStats(5, 5, 5, 9.0, 5.0, -20.0), InnovationStats(5, 5, 5, 5.5, 1.0, -5.0)
+
+    def shadows_running(self) -> list[tuple[str, str]]:
+        return [("acme", ref) for ref in self.runs]
+
+    def shadow(self, tenant: str, ref: str):
+        from actors.live_models import ShadowReport, UnknownShadow
+        from actors.shadow import ShadowTwinReport
+        from raytwin.shadow import compare
+
+        if tenant != "acme" or ref not in self.runs:
+            raise UnknownShadow(f"no shadow evaluation of {ref}")
+        p, c = self.production, self.candidate
+        twin = ShadowTwinReport(asset_id="zone-1", production_ref="thermal_rc@1.0.0", candidate_ref=ref, target_events=5,
+                                skipped_late=0, done=True, production_stats=p, candidate_stats=c,
+                                production=p.summary(), candidate=c.summary())
+        return ShadowReport(run_id=self.runs[ref], candidate_ref=ref, target_events=5, done=True,
+                            comparison=compare(p, c), twins=[twin])
+
+    def stop_shadow(self, tenant: str, ref: str) -> bool:
+        return self.runs.pop(ref, None) is not None
+
+
+def test_reading_a_finished_shadow_evaluation_writes_nothing_the_service_records_it(tmp_path, monkeypatch):
+    """A reader's GET of a finished evaluation wrote its evidence to the lifecycle log and audit records under the
+    reader's key. The backend records it (`conclude_running`), a writer's DELETE before it ends one; a GET reads."""
+    from raytwin.lifecycle import Actor, ModelLifecycle
+    from raytwin.registry import ModelRegistry
+    from serve_apps import routes_shadow
+    from serve_apps.shadow_conclusions import conclude_running
+    from tests.fixtures_serve import in_process
+
+    registry = ModelRegistry(str(tmp_path / "store" / "registry" / "acme"))
+    lc = ModelLifecycle(registry)
+    for version in ("1.0.1", "1.0.2"):
+        registry.register("thermal_rc", version, AssetType.from_model(THERMAL_RC))
+        lc.submit(f"thermal_rc@{version}", Actor(id="calibrator", tenant="acme"), "fitted")
+    models = FinishedShadows({"thermal_rc@1.0.1": "run-1", "thermal_rc@1.0.2": "run-2"})
+    monkeypatch.setattr(routes_shadow, "live_models", lambda svc: models)
+    with in_process(SimpleNamespace(check_writable=lambda: None), tmp_path) as (http, auth, svc):
+        url = "/v1/models/thermal_rc/versions/{}/shadow"
+        for _ in range(2):
+            read = http.get(url.format("1.0.1"), headers=auth["reader"])
+            assert read.status_code == 200 and read.json()["report"]["done"] and read.json()["recorded"] == []
+        assert [r.action for r in lc.records("thermal_rc")] == ["submit", "submit"] and svc.audit.records("acme") == []
+
+        concluded: set[str] = set()
+        stopped = http.delete(url.format("1.0.2"), headers=auth["writer"])  # a stop first: recorded, then ended
+        assert stopped.status_code == 204, stopped.text
+        conclude_running(models, lambda tenant: lc, svc.audit, concluded)
+        conclude_running(models, lambda tenant: lc, svc.audit, concluded)  # once per run
+        evaluated = [(r.version, r.actor) for r in lc.records("thermal_rc") if r.action == "evaluate"]
+        assert evaluated == [("1.0.2", "system"), ("1.0.1", "system")] and concluded == {"run-1"}
+        audited = [(r.action, r.target, r.key_id, r.phase) for r in svc.audit.records("acme")]
+        assert audited == [("model.shadow_stop", "thermal_rc@1.0.2", _key_of(svc, auth["writer"]), "intent"),
+                           ("model.evaluate", "thermal_rc@1.0.2", "system", None),
+                           ("model.shadow_stop", "thermal_rc@1.0.2", _key_of(svc, auth["writer"]), "outcome"),
+                           ("model.evaluate", "thermal_rc@1.0.1", "system", None)]
+        for _ in range(2):  # what the service recorded, on every read
+            (record,) = http.get(url.format("1.0.1"), headers=auth["reader"]).json()["recorded"]
+            assert record["action"] == "evaluate" and "shadow evaluation run-1:" in record["reason"]
+
+
+def _key_of(svc, headers: dict[str, str]) -> str:
+    return svc.keys.authenticate(headers["Authorization"].split()[1]).key_id

@@ -1,0 +1,55 @@
+"""Finished shadow evaluations recorded on the lifecycle log by the service, not by whoever reads them.
+
+A reader's GET of an evaluation used to write its evidence (and the candidate's automatic move to staging) to
+the lifecycle log and the audit log: a read wrote, under the reader's key, and nothing was recorded until someone
+read. The backend now records each finished evaluation itself (`conclude_running`, from its store watch every few
+seconds), and a writer's DELETE records a finished one before it ends it, so a stop that comes first loses no
+evidence; the GET answers what was recorded. Both record as the system principal (`raytwin.shadow.conclude`: once
+per run), and audit each record as the system's."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from actors.live_models import LiveModels, ShadowReport, UnknownShadow
+from raytwin.lifecycle import ModelLifecycle, TransitionRecord
+from raytwin.registry import parse_ref
+from raytwin.shadow import SYSTEM_ACTOR, conclude
+from serve_apps.audit import AuditLog, AuditRecord
+
+
+def archived(lifecycle: ModelLifecycle, ref: str) -> bool:
+    """Whether the version was archived (or pruned) since its evaluation started: no evidence is recorded for it."""
+    model, version = parse_ref(ref)
+    found = lifecycle.verify(model).versions.get(version)
+    return found is not None and found.stage == "archived"
+
+
+def record_finished(report: ShadowReport, lifecycle: ModelLifecycle, audit: AuditLog, tenant: str,
+                    request_id: str | None = None) -> list[TransitionRecord]:
+    """Record `report`'s evaluation if it is done and its candidate not archived; the records written ([]: none,
+    or recorded before)."""
+    ref = report.candidate_ref
+    if not report.done or archived(lifecycle, ref):
+        return []
+    records = conclude(lifecycle, ref, tenant, report.run_id, report.comparison, len(report.twins))
+    for r in records:
+        audit.append(AuditRecord(time=datetime.now(UTC), request_id=request_id, key_id=SYSTEM_ACTOR, tenant=tenant,
+                                 role="system", action=f"model.{r.action}", target=ref, details={
+                                     "run_id": report.run_id, "seq": r.seq, "to_stage": r.to_stage, "hash": r.hash}))
+    return records
+
+
+def conclude_running(models: LiveModels, lifecycle_of: Callable[[str], ModelLifecycle], audit: AuditLog,
+                     concluded: set[str]) -> None:
+    """`record_finished` for every evaluation running, each finished run once per process (`concluded`: their run
+    ids, so that one left running is not read from the log again and again)."""
+    for tenant, ref in models.shadows_running():
+        try:
+            report = models.shadow(tenant, ref)
+        except UnknownShadow:  # stopped meanwhile
+            continue
+        if report.done and report.run_id not in concluded:
+            record_finished(report, lifecycle_of(tenant), audit, tenant)
+            concluded.add(report.run_id)
