@@ -142,8 +142,9 @@ def _not_done(request: Request, action: str, target: str, failure: StoreUnavaila
 def outcome_of(exc: Exception) -> dict[str, Any]:
     """An audited action's outcome when it raised: `refused` (the request's fault: role, grant, four eyes, state,
     another tenant's) with the answer's status, code and reason, or `error`."""
-    if isinstance(exc, ApiError) and exc.status < 500:
-        return {"status": "refused", "http_status": exc.status, "code": exc.code, "reason": exc.message[:300]}
+    if isinstance(exc, ApiError) and exc.status < 500:  # (a refusal may quote a path the request named)
+        return {"status": "refused", "http_status": exc.status, "code": exc.code,
+                "reason": scrub_locations(exc.message)[:300]}
     return {"status": "error", "error": scrub_locations(f"{type(exc).__name__}: {exc}")[:300]}  # tenants read it
 
 

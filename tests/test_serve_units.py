@@ -1835,6 +1835,8 @@ def test_a_failed_approvals_audited_error_names_no_store_location():
     failed = outcome_of(OSError(5, "Input/output error", "/srv/raytwin/store/commands/acme/c1.json"))
     assert failed == {"status": "error", "error": "OSError: [Errno 5] Input/output error: '<store>'"}
     assert outcome_of(RuntimeError("s3://plant-bucket/store/x failed"))["error"] == "RuntimeError: <store> failed"
+    refused = outcome_of(Unprocessable("broker.tls.ca_file '/srv/raytwin/keys.json' is not a CA bundle"))
+    assert refused["reason"] == "broker.tls.ca_file '<store>' is not a CA bundle"  # a refused connector's, say
 
 
 class FinishedShadows:
