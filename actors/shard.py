@@ -375,9 +375,11 @@ class TwinShard(LiveModelOps):
 
     def flush(self) -> int:
         """Persist every sealed checkpoint not yet durable and close the log's open segments (so a
-        compaction can take them); returns how many snapshots were written."""
+        compaction can take them), and hand this process's metric counts to Ray (`raytwin.metrics.flush`: the
+        service may stop the shard next); returns how many snapshots were written."""
         self.store.check_lease(self.fence)
         self.store.close_segments()
+        metrics.flush()
         return sum(self._snapshot(key, force=True) for key in self.twins)
 
     # ------------------------------------------------------------------ ingestion ----

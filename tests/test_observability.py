@@ -10,12 +10,14 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
@@ -282,6 +284,67 @@ def test_only_counters_and_batch_histograms_are_exported_at_zero_before_use(monk
     metrics.CALIBRATION_DURATION.zero({})
     bounds = [*map(metrics._le, metrics.DURATION_S), "+Inf"]
     assert recorded == [*(("bucket", 0.0, {"le": le}) for le in bounds), ("sum", 0.0, {}), ("count", 0.0, {})]
+
+
+class _HandedCounter:
+    """A Ray counter's `inc` as `raytwin.metrics` hands it counts: every call kept."""
+
+    def __init__(self, name: str, handed: list[tuple[str, float, dict[str, str]]]):
+        self.name, self.handed = name, handed
+
+    def inc(self, value: float, tags: dict[str, str]) -> None:
+        self.handed.append((self.name, value, tags))
+
+
+def test_counts_are_summed_per_series_and_handed_to_ray_once_per_interval(monkeypatch):
+    """A live shard call made ~25 Ray counter increments (its two lag histograms' buckets, its outcome counts), one Ray
+    call each: a process's counts are summed per series and handed by its metrics thread (`metrics.flush` here), with
+    the totals that recording each at once gave, and a mistake in the tags is still refused at the call."""
+    import ray
+
+    handed: list[tuple[str, float, dict[str, str]]] = []
+    monkeypatch.setattr(metrics._Recorder, "_start", lambda self: None)  # no thread: this test hands them itself
+    monkeypatch.setattr(metrics, "_RECORDER", metrics._Recorder())
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setitem(metrics._MADE, metrics.INGEST_TO_APPLIED, tuple(_HandedCounter(n, handed)
+                                                                         for n in ("bucket", "sum", "count")))
+    monkeypatch.setitem(metrics._MADE, metrics.TWIN_EVENTS, (_HandedCounter("events", handed),))
+    for lags in ([2**-8, 2**-6, 2**-6], [0.5, 7200.0], [0.0]):  # three calls' lags [s] (sums exact in binary)
+        metrics.INGEST_TO_APPLIED.observe_many(np.array(lags))
+        metrics.TWIN_EVENTS.inc(len(lags), shard="0", outcome="accepted")
+        metrics.TWIN_EVENTS.inc(0, shard="0", outcome="duplicate")
+    metrics.TWIN_EVENTS.inc(2, shard="1", outcome="accepted")
+    assert handed == []  # nothing handed yet: summed in the process
+    with pytest.raises(ValueError, match="raytwin_twin_events takes string values for the tags shard, outcome"):
+        metrics.TWIN_EVENTS.inc(1, shard="0")
+    metrics.flush()
+    le = dict(zip(metrics.LAG_S, [2, 4, 4, 4, 4, 5, 5, 5, 5, 5, 5, 5, 5, 5, 6]))  # cumulative, 6 values
+    assert handed == [*(("bucket", float(n), {"le": metrics._le(b)}) for b, n in le.items()),
+                      ("bucket", 6.0, {"le": "+Inf"}), ("count", 6.0, {}), ("sum", 7200.53515625, {}),
+                      ("events", 6.0, {"shard": "0", "outcome": "accepted"}),
+                      ("events", 2.0, {"shard": "1", "outcome": "accepted"})], handed
+    handed.clear()
+    metrics.flush()
+    assert handed == []  # each count handed once
+
+
+def test_counts_not_yet_handed_are_handed_at_a_clean_exit(tmp_path):
+    """What the metrics thread has not handed yet when the process exits cleanly is handed then (`atexit`)."""
+    script = """if True:
+        import sys, types
+        sys.modules["ray"] = types.SimpleNamespace(is_initialized=lambda: True)  # Ray as far as metrics asks
+        from raytwin import metrics
+
+        class Counter:
+            def inc(self, value, tags):
+                print("handed", value, tags["outcome"])
+
+        metrics._MADE[metrics.TWIN_EVENTS] = (Counter(),)
+        metrics.TWIN_EVENTS.inc(3, shard="0", outcome="accepted")
+        metrics.TWIN_EVENTS.inc(4, shard="0", outcome="accepted")
+    """
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    assert done.stdout.splitlines() == ["handed 7.0 accepted"], (done.stdout, done.stderr)
 
 
 def test_status_lists_connectors_not_connected_with_their_down_time(ray_session):
