@@ -154,6 +154,7 @@ class TwinShard(LiveModelOps):
         self.twins: dict[tuple[str, str], Twin] = {}
         self.durable_revision: dict[tuple[str, str], int] = {}
         self.phases: dict[tuple[str, str], int] = {}  # each twin's `snapshot_phase`, once computed
+        self.between: dict[tuple[str, str], tuple[int, int]] = {}  # (revision, durable) `_snapshot` found between points
         self.tag = str(index)  # the `shard` tag of its metrics
         self.stale: set[tuple[str, str]] = set()  # twins whose log write failed mid-batch
         self.newest_ingest_us = 0  # the latest ingest time this process logged (a deleted twin's history ends there)
@@ -425,12 +426,14 @@ class TwinShard(LiveModelOps):
             self.shadows.observe(tenant, [(assets[c], evs) for c, evs in accepted.items()])
         self._observe_lag(log_rows)
         snapshots = 0
-        durable, retyping, drifting = self.durable_revision, self.retyping, self.drifting
+        durable, retyping, drifting, between = self.durable_revision, self.retyping, self.drifting, self.between
         for c in accepted:
             twin, key = twins[c], (tenant, assets[c])
-            # one whose oldest checkpoint is not newer than its snapshot has none to write (`_snapshot`)
-            if snapshots < SNAPSHOTS_PER_CALL and (key in retyping
-                                                   or twin.checkpoints[0].events_applied > durable[key]):
+            # one whose oldest checkpoint is not newer than its snapshot, or where `_snapshot` last found it between
+            # two snapshot points (most calls), has none to write (`_snapshot`)
+            if snapshots < SNAPSHOTS_PER_CALL and (key in retyping or (
+                    (revision := twin.checkpoints[0].events_applied) > (last := durable[key])
+                    and between.get(key) != (revision, last))):
                 snapshots += self._snapshot(key)
             if twin.drift:
                 drifting.add(key)
@@ -625,6 +628,7 @@ class TwinShard(LiveModelOps):
             if phase is None:
                 phase = self.phases[key] = snapshot_phase(*key, self.snapshot_every)
             if (revision + phase) // self.snapshot_every == (last + phase) // self.snapshot_every:
+                self.between[key] = (revision, last)  # the same answer until either changes: `ingest` asks no more
                 return False
         self.store.write_snapshot(*key, twin.sealed_snapshot())
         self.durable_revision[key] = revision
