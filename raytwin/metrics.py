@@ -114,10 +114,10 @@ class Metric:
                 count._record(0.0, tags)
 
     def set(self, value: float, **tags: str) -> None:
-        """Set a gauge (kept, and re-recorded until the process ends)."""
-        if m := _recorders(self):
+        """Set a gauge (kept, and re-recorded until the process ends): recorded at once when its value changed
+        (a shard sets its drifting count every call, mostly the same)."""
+        if (m := _recorders(self)) and _RECORDER.keep(m[0], value, tags):
             m[0].set(value, tags)
-            _RECORDER.keep(m[0], value, tags)
 
     def observe(self, value: float, **tags: str) -> None:
         """Record one value of a histogram."""
@@ -177,11 +177,15 @@ class _Recorder:
             if self._thread is None:
                 self._start()
 
-    def keep(self, gauge: Any, value: float, tags: dict[str, str]) -> None:
+    def keep(self, gauge: Any, value: float, tags: dict[str, str]) -> bool:
+        """Keep the gauge series' value; whether it is new or another than the one kept."""
+        key = (id(gauge), tuple(sorted(tags.items())))
         with self._lock:
-            self._gauges[(id(gauge), tuple(sorted(tags.items())))] = (gauge, value, tags)
+            held = self._gauges.get(key)
+            self._gauges[key] = (gauge, value, tags)
             if self._thread is None:
                 self._start()
+        return held is None or held[1] != value
 
     def hand_over(self) -> None:
         """Hand Ray every count summed since the last hand-over (none while Ray is not initialised: after

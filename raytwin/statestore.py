@@ -540,12 +540,12 @@ class StateStore:
         if table.num_rows == 0:
             return 0
         day = table.column("event_time").cast(pa.int64()).to_numpy() // _DAY_US
-        name = f"part-{uuid.uuid4().hex}"
+        name = None if self._segments is not None else f"part-{uuid.uuid4().hex}"  # one name for the batch's files
         days = np.unique(day).tolist()
         for d in days:
             rows = table if len(days) == 1 else table.filter(pa.array(day == d))  # a live batch: one day, no split
             directory = f"{self.root}/log/tenant={tenant}/date={_date(d * _DAY_US)}"
-            if self._segments is not None:
+            if name is None:
                 self._segments.append(directory, rows)
             else:
                 self._write_part(rows.sort_by([("asset_id", "ascending"), ("event_time", "ascending")]), directory, name)
