@@ -29,9 +29,8 @@ refuse them (benchmarks/RESULTS.md, "HAProxy in front of the replicas").
 
 Serve's health and route probes (``/-/...``), the change stream (long-lived SSE) and ``/v1/health`` pass ungated.
 Refusals are counted in ``raytwin_admission_refused_total{gate="proxy", reason="in_flight"}``
-(``gate="replica"`` for a replica's own server, so an operator sees which one shed),
-recorded once per `FLUSH_S` rather than per refusal (a Ray metric record costs more than the
-refusal itself).
+(``gate="replica"`` for a replica's own server, so an operator sees which one shed); `raytwin.metrics`
+sums them in the process and hands Ray the sums twice a second, so a refusal costs no Ray call.
 """
 
 from __future__ import annotations
@@ -72,8 +71,6 @@ ONE_REPLICA = Autoscaling(min_replicas=1, max_replicas=1)
 DEFAULT_MAX_IN_FLIGHT = max_in_flight(Autoscaling(), Admission())
 DEFAULT_REPLICA_MAX_IN_FLIGHT = max_in_flight(ONE_REPLICA, Admission())
 DEFAULT_RETRY_AFTER_S = Admission().retry_after_s
-FLUSH_S = 1.0
-"""Refusals are added to the exported counter at most this often."""
 CALM_S = 1.0
 """After a refusal the gate holds its saturated limit until this long has passed without one."""
 UNGATED_SUFFIXES = tuple(UNGATED_PATHS)
@@ -109,7 +106,6 @@ class ProxyGate:
         self.retry_after = str(retry_after_s).encode()
         self.retry_after_s = retry_after_s
         self.in_flight = 0
-        self.unrecorded: dict[str, int] = {}  # refusals by method, not yet added to the exported counters
         metrics.ADMISSION_REFUSED.zero({"gate": server, "reason": "in_flight"})  # a first burst shows in rate()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -134,9 +130,8 @@ class ProxyGate:
         return path.startswith(SERVE_PATHS) or path.endswith(UNGATED_SUFFIXES)
 
     async def _refuse(self, method: str, send: Send, limit: int) -> None:
-        if not self.unrecorded:
-            asyncio.get_running_loop().call_later(FLUSH_S, self._record)
-        self.unrecorded[method] = self.unrecorded.get(method, 0) + 1
+        metrics.ADMISSION_REFUSED.inc(gate=self.server, reason="in_flight")
+        metrics.HTTP_REQUESTS.inc(route="refused", method=method, status="503")
         body = overload_body("overloaded", f"the service is at capacity (this {self.server}'s limit of {limit} "
                              f"requests in flight); retry after {self.retry_after_s} s",
                              uuid.uuid4().hex, self.retry_after_s)
@@ -144,12 +139,6 @@ class ProxyGate:
             (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
             (b"retry-after", self.retry_after)]})
         await send({"type": "http.response.body", "body": body})
-
-    def _record(self) -> None:
-        refused, self.unrecorded = self.unrecorded, {}
-        metrics.ADMISSION_REFUSED.inc(sum(refused.values()), gate=self.server, reason="in_flight")
-        for method, count in refused.items():
-            metrics.HTTP_REQUESTS.inc(count, route="refused", method=method, status="503")
 
 
 def proxy_middlewares() -> list[Middleware]:
