@@ -86,10 +86,10 @@ def register(app: FastAPI) -> None:
         """Create an asset of the caller's tenant and start its live twin (409 if it exists, or if its model has
         a production version other than `type_version`; with `If-None-Match: *`, 412)."""
         asset = _asset(who.tenant, body.id, body)
-        revision = await svc.twins.write(who.tenant, asset.id, lambda: svc.backend.call(
-            "create_asset", asset, body.initial_state, pre), svc.twins.create_timeout_s, _created(asset.id))
-        await svc.record(request, who, "asset.create", asset.id, asset=asset.model_dump(mode="json"),
-                         initial_state=body.initial_state)
+        async with svc.audited(request, who, "asset.create", asset.id, asset=asset.model_dump(mode="json"),
+                               initial_state=body.initial_state):
+            revision = await svc.twins.write(who.tenant, asset.id, lambda: svc.backend.call(
+                "create_asset", asset, body.initial_state, pre), svc.twins.create_timeout_s, _created(asset.id))
         response.headers["ETag"] = etag(revision, content=asset.model_dump(mode="json"))
         return asset
 
@@ -131,16 +131,16 @@ def register(app: FastAPI) -> None:
         way to avoid lost updates. `If-None-Match: *` creates it instead (201; 412 if it exists). 409: a
         `type_version` other than the production version of a model under the lifecycle."""
         asset = _asset(who.tenant, asset_id, body)
-        if pre.create_only:
-            revision = await svc.twins.write(who.tenant, asset.id, lambda: svc.backend.call(
-                "create_asset", asset, None, pre), svc.twins.create_timeout_s, _created(asset.id))
-            await svc.record(request, who, "asset.create", asset_id, asset=asset.model_dump(mode="json"))
-            response.status_code = 201
-        else:
-            revision = await svc.twins.write(who.tenant, asset.id, lambda: svc.backend.call(
-                "update_asset", asset, pre), svc.twins.create_timeout_s, IDEMPOTENT_LOST)
-            svc.twins.forget(who.tenant, asset_id)
-            await svc.record(request, who, "asset.update", asset_id, asset=asset.model_dump(mode="json"))
+        action = "asset.create" if pre.create_only else "asset.update"
+        async with svc.audited(request, who, action, asset_id, asset=asset.model_dump(mode="json")):
+            if pre.create_only:
+                revision = await svc.twins.write(who.tenant, asset.id, lambda: svc.backend.call(
+                    "create_asset", asset, None, pre), svc.twins.create_timeout_s, _created(asset.id))
+                response.status_code = 201
+            else:
+                revision = await svc.twins.write(who.tenant, asset.id, lambda: svc.backend.call(
+                    "update_asset", asset, pre), svc.twins.create_timeout_s, IDEMPOTENT_LOST)
+                svc.twins.forget(who.tenant, asset_id)
         response.headers["ETag"] = etag(revision, content=asset.model_dump(mode="json"))
         return asset
 
@@ -148,10 +148,10 @@ def register(app: FastAPI) -> None:
     async def delete_asset(asset_id: str, request: Request, who: Principal = ADMIN, pre: Precondition = PRE,
                            svc: Services = SVC) -> Response:
         """Delete an asset and stop its twin (409 while other assets point at it; `If-Match`: 412 if changed)."""
-        await svc.twins.write(who.tenant, asset_id,
-                              lambda: svc.backend.call("delete_asset", who.tenant, asset_id, pre), lost=IDEMPOTENT_LOST)
-        svc.twins.forget(who.tenant, asset_id)
-        await svc.record(request, who, "asset.delete", asset_id)
+        async with svc.audited(request, who, "asset.delete", asset_id):
+            await svc.twins.write(who.tenant, asset_id, lambda: svc.backend.call(
+                "delete_asset", who.tenant, asset_id, pre), lost=IDEMPOTENT_LOST)
+            svc.twins.forget(who.tenant, asset_id)
         return Response(status_code=204)
 
     @app.get("/v1/audit", tags=["audit"], responses={200: {"headers": {NEXT_CURSOR: {

@@ -96,12 +96,12 @@ def register(app: FastAPI) -> None:
         `states` maps each target state to a source state (`{"from": "T"}`, converted between units) or a
         value (`{"value": 20, "unit": "degC"}`); unmapped target states take the source state of the same
         name. 422 names every unmapped state and unconvertible unit; `If-Match` makes it conditional."""
-        result = await svc.backend.call("evolution", "migrate", who.tenant, asset_id, body, pre)
-        svc.twins.forget(who.tenant, asset_id)
-        await svc.record(request, who, "asset.migrate", asset_id, from_version=result["from_version"],
-                         to_version=result["to_version"], mapping=body.model_dump(mode="json"),
-                         state_before=result["state_before"], state_after=result["state_after"],
-                         twin_revision=result["twin_revision"])
+        async with svc.audited(request, who, "asset.migrate", asset_id, to_version=body.type_version,
+                               mapping=body.model_dump(mode="json")) as outcome:
+            result = await svc.backend.call("evolution", "migrate", who.tenant, asset_id, body, pre)
+            svc.twins.forget(who.tenant, asset_id)
+            outcome.update({key: result[key] for key in ("from_version", "to_version", "state_before", "state_after",
+                                                         "twin_revision")})
         response = JSONResponse(MigrationResult.model_validate(result).model_dump(mode="json"),
                                 headers={"ETag": etag(result["revision"], content=result["asset"])})
         await announce(svc, response, who.tenant, asset_id=asset_id)

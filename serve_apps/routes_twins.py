@@ -101,11 +101,11 @@ def register(app: FastAPI) -> None:
         """Acknowledge the twin's drift alarm: its detector restarts from zero (a fault that persists is
         flagged again after its detection delay). Durable across restarts, audited with the reason,
         and recorded as a `twin.drift` change when the flag falls; answers the new divergence report."""
-        found = await svc.twins.write(who.tenant, asset_id, lambda: svc.backend.call("clear_drift", who.tenant,
-                                                                                  asset_id))
-        svc.twins.forget(who.tenant, asset_id)
-        await svc.record(request, who, "twin.drift_clear", asset_id, reason=body.reason,
-                         revision=found["revision"])
+        async with svc.audited(request, who, "twin.drift_clear", asset_id, reason=body.reason) as outcome:
+            found = await svc.twins.write(who.tenant, asset_id, lambda: svc.backend.call("clear_drift", who.tenant,
+                                                                                      asset_id))
+            svc.twins.forget(who.tenant, asset_id)
+            outcome["revision"] = found["revision"]
         response.headers["ETag"] = state_etag(found)
         return Divergence(asset_id=asset_id, revision=found["revision"], event_time=found["event_time"],
                           **found["divergence"])

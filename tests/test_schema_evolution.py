@@ -287,8 +287,13 @@ def test_a_migration_renames_converts_is_audited_and_reverses_exactly(api, rooms
     assert now["state"] == moved["state_after"] and now["model_ref"] == "room@2.0.0"
     assert now["std"]["T_air"] == pytest.approx(before["std"]["T"])
     assert client.get("/v1/assets/room-1", headers=auth["reader"]).json()["type_version"] == "2.0.0"
-    (audit,) = [a for a in backend_audit(api) if a["action"] == "asset.migrate"]
+    migrations = [a for a in backend_audit(api) if a["action"] == "asset.migrate"]  # each attempt: intent, outcome
+    assert [(a["phase"], a["details"].get("status")) for a in migrations] == [
+        ("intent", None), ("outcome", "refused")] * 2 + [("intent", None), ("outcome", "done")]
+    intent, audit = migrations[-2:]
+    assert intent["details"] == {"to_version": "2.0.0", "mapping": audit["details"]["mapping"]}
     assert audit["target"] == "room-1" and audit["details"]["mapping"]["states"] == {"T_air": {"from": "T"}}
+    assert audit["details"]["state_after"] == moved["state_after"]
     assert (audit["details"]["from_version"], audit["details"]["to_version"]) == ("1.0.0", "2.0.0")
 
     back = client.post("/v1/assets/room-1/migrate", json=moved["inverse"], headers=auth["admin"])

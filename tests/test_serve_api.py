@@ -1079,7 +1079,9 @@ def test_clearing_a_drift_alarm_is_audited_streamed_and_tenant_isolated(api, htt
     (change,) = read_changes(api[0], admin, 1, after=9)
     assert (change["event"], change["data"]["revision"], change["data"]["data"]["drift"]) == ("twin.drift", 34, False)
     record = [a for a in http.get("/v1/audit", headers=admin).json() if a["action"] == "twin.drift_clear"]
-    assert [(a["target"], a["details"]["reason"]) for a in record] == [("f-1", "sensor re-seated")]
+    assert [(a["target"], a["phase"], a["details"]) for a in record] == [  # before it acts, and what came of it
+        ("f-1", "intent", {"reason": "sensor re-seated"}),
+        ("f-1", "outcome", {"reason": "sensor re-seated", "status": "done", "revision": 34})]
 
 
 # ---------------------------------------------------------------------------------- the SDK ----

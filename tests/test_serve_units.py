@@ -1210,6 +1210,91 @@ def test_no_connector_is_started_paused_resumed_or_deleted_unaudited(tmp_path):
         assert backend.ops == []
 
 
+class _AssetCatalog:
+    """The catalog and twin writes of the asset routes: `acted` lists each call that created, changed or deleted an
+    asset (and so started, retyped or stopped its twin), migrated it or cleared its drift alarm."""
+
+    def __init__(self):
+        self.acted: list[tuple[str, str]] = []
+        self.revision = 0
+
+    def _act(self, op: str, asset_id: str) -> int:
+        self.acted.append((op, asset_id))
+        self.revision += 1
+        return self.revision
+
+    def create_asset(self, asset: Asset, initial_state, pre) -> int:
+        if any(done == ("create", asset.id) for done in self.acted):
+            raise Conflict(f"asset {asset.id} already exists")
+        return self._act("create", asset.id)
+
+    def update_asset(self, asset: Asset, pre) -> int:
+        return self._act("update", asset.id)
+
+    def delete_asset(self, tenant: str, asset_id: str, pre) -> None:
+        self._act("delete", asset_id)
+
+    def evolution(self, op: str, tenant: str, asset_id: str, *args):
+        self._act(op, asset_id)
+
+    def clear_drift(self, tenant: str, asset_id: str) -> None:
+        self._act("clear_drift", asset_id)
+
+
+ASSET_ACTIONS = [  # (method, path, body, headers, what is audited: action of target)
+    ("POST", "/v1/assets", {"id": "pump-2", "type_name": "pump", "type_version": "1.0.0",
+                            "initial_state": {"q": 1.0}}, {}, "asset.create of pump-2"),
+    ("PUT", "/v1/assets/pump-3", {"type_name": "pump", "type_version": "1.0.0"}, {"If-None-Match": "*"},
+     "asset.create of pump-3"),
+    ("PUT", "/v1/assets/pump-1", {"type_name": "pump", "type_version": "1.0.0"}, {}, "asset.update of pump-1"),
+    ("DELETE", "/v1/assets/pump-1", None, {}, "asset.delete of pump-1"),
+    ("POST", "/v1/assets/pump-1/migrate", {"type_version": "2.0.0"}, {}, "asset.migrate of pump-1"),
+    ("POST", "/v1/assets/pump-1/drift/clear", {"reason": "re-seated"}, {}, "twin.drift_clear of pump-1"),
+]
+
+
+def test_no_asset_is_created_changed_deleted_migrated_or_cleared_unaudited(tmp_path):
+    """Asset writes (which start, retype and stop the asset's twin) were audited after they took place, as commands
+    were: a store failing in between left an asset created or deleted with no audit record. Where the store cannot
+    take the intent, the backend is not asked: 503, nothing done."""
+    from tests.fixtures_serve import in_process
+
+    backend = _AssetCatalog()
+    with in_process(backend, tmp_path) as (http, auth, svc):
+        svc.audit.fs = _AuditWrites(svc.audit.fs, ok=0)
+        for method, path, body, headers, audited in ASSET_ACTIONS:
+            answer = http.request(method, path, json=body, headers={**auth["admin"], **headers})
+            assert answer.status_code == 503 and answer.json()["error"]["code"] == "store_unavailable", answer.text
+            assert f"{audited} was not done" in answer.json()["error"]["message"]
+        assert backend.acted == []
+
+
+def test_asset_writes_are_audited_as_intent_and_outcome_refused_ones_too(tmp_path):
+    """Each asset write leaves its intent (what is attempted: the asset, its initial state) and its outcome (the
+    same, `status` done); one the catalog refuses (409) leaves its refused outcome in the caller's log."""
+    from tests.fixtures_serve import in_process
+
+    backend = _AssetCatalog()
+    create, update, delete = ASSET_ACTIONS[0], ASSET_ACTIONS[2], ASSET_ACTIONS[3]
+    with in_process(backend, tmp_path) as (http, auth, svc):
+        answers = [http.request(method, path, json=body, headers={**auth["admin"], **headers})
+                   for method, path, body, headers, _ in (create, update, delete, create)]  # the 2nd create: 409
+        assert [a.status_code for a in answers] == [201, 200, 204, 409], answers[-1].text
+        records = svc.audit.records("acme")
+    asset = Asset(id="pump-2", tenant="acme", type_name="pump", type_version="1.0.0").model_dump(mode="json")
+    assert [(r.action, r.target, r.phase, r.details.get("status")) for r in records] == [
+        ("asset.create", "pump-2", "intent", None), ("asset.create", "pump-2", "outcome", "done"),
+        ("asset.update", "pump-1", "intent", None), ("asset.update", "pump-1", "outcome", "done"),
+        ("asset.delete", "pump-1", "intent", None), ("asset.delete", "pump-1", "outcome", "done"),
+        ("asset.create", "pump-2", "intent", None), ("asset.create", "pump-2", "outcome", "refused")]
+    assert records[0].details == {"asset": asset, "initial_state": {"q": 1.0}}
+    assert records[1].details == {**records[0].details, "status": "done"}
+    assert records[2].details == {"asset": {**asset, "id": "pump-1"}} and records[5].details == {"status": "done"}
+    assert records[7].details["http_status"] == 409 and records[7].details["reason"] == "asset pump-2 already exists"
+    assert all(r.action_id == o.action_id for r, o in zip(records[::2], records[1::2]))
+    assert backend.acted == [("create", "pump-2"), ("update", "pump-1"), ("delete", "pump-1")]
+
+
 def test_audit_logs_written_before_intents_read_as_before_and_one_step_records_keep_their_form(tmp_path):
     """Stored logs hold records with no phase; a record of one step is still stored (and answered) without the phase
     fields, so a reader whose model forbids fields it does not know (an older client) reads it."""
