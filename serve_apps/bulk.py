@@ -16,13 +16,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from raytwin.contracts import Asset
 from serve_apps.audit import AuditLog, AuditRecord
+from serve_apps.audit_steps import begin, outcome_of, settle
 from serve_apps.conditional import EntityTags, Precondition
 from serve_apps.errors import ApiError, PreconditionFailed, Unprocessable
 from serve_apps.query_schemas import BulkItem, BulkProgress, BulkReport, BulkRequest
@@ -93,14 +95,14 @@ class BulkWork:
             pre = Precondition(if_match=EntityTags(tags=frozenset({str(revision)})))  # the revision read just now
             try:
                 if req.action == "delete":
-                    self.backend.delete_asset(tenant, asset_id, pre)
-                    self._audit("asset.delete", asset_id, {})
+                    with self._audited("asset.delete", asset_id, {}):
+                        self.backend.delete_asset(tenant, asset_id, pre)
                     return BulkItem(asset_id=asset_id, outcome="changed")
                 changed = self._changed(asset)
                 if changed == asset:
                     return BulkItem(asset_id=asset_id, outcome="unchanged", revision=revision)
-                new_revision = self.backend.update_asset(changed, pre)
-                self._audit("asset.update", asset_id, {"asset": changed.model_dump(mode="json")})
+                with self._audited("asset.update", asset_id, {"asset": changed.model_dump(mode="json")}):
+                    new_revision = self.backend.update_asset(changed, pre)
                 return BulkItem(asset_id=asset_id, outcome="changed", revision=new_revision)
             except PreconditionFailed:
                 if attempt == CAS_ATTEMPTS:
@@ -117,9 +119,19 @@ class BulkWork:
                                 f"{MAX_METADATA_KEYS}")
         return asset.model_copy(update={"metadata": metadata})
 
-    def _audit(self, action: str, target: str, details: dict[str, Any]) -> None:
+    @contextmanager
+    def _audited(self, action: str, target: str, details: dict[str, Any]) -> Iterator[None]:
+        """One asset's change audited in two steps (`serve_apps.audit_steps`), as the API's own writes are: its
+        intent first (the item fails, `store_unavailable`, with nothing done where the store refuses it), its
+        outcome after; both with the job's id, action and query."""
         c = self.caller
-        self.audit.append(AuditRecord(time=datetime.now(UTC), request_id=c.request_id, key_id=c.key_id,
-                                      tenant=c.tenant, role=c.role, action=action, target=target,
-                                      details={**details, "bulk": {"job_id": self.job_id, "action": self.request.action,
-                                                                   "q": self.request.q}}))
+        details = {**details, "bulk": {"job_id": self.job_id, "action": self.request.action, "q": self.request.q}}
+        intent = begin(self.audit, AuditRecord(time=datetime.now(UTC), request_id=c.request_id, key_id=c.key_id,
+                                               tenant=c.tenant, role=c.role, action=action, target=target,
+                                               details=details))
+        try:
+            yield
+        except Exception as exc:
+            settle(self.audit, intent, {**details, **outcome_of(exc)})
+            raise
+        settle(self.audit, intent, {**details, "status": "done"})

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime
 from typing import Annotated, Any
 
 import ray
@@ -17,8 +16,8 @@ from fsspec import AbstractFileSystem
 from starlette.concurrency import run_in_threadpool
 
 from raytwin.contracts import IDENTIFIER_PATTERN
-from raytwin.storage import scrub_locations
 from serve_apps.audit import AuditLog, AuditRecord
+from serve_apps.audit_steps import begin, outcome_of, settle
 from serve_apps.auth import BEARER_CHALLENGE, SEND_A_KEY, KeyStore, Principal, Role, digest, parse_credentials
 from serve_apps.change_stream import HeadWatcher
 from serve_apps.changes import ChangeStore
@@ -28,7 +27,7 @@ from serve_apps.errors import (ApiError, BackendUnavailable, Forbidden, RateLimi
 from serve_apps.limits import TokenBuckets
 from serve_apps.refused_credentials import CredentialRefusals
 from serve_apps.request_log import PRINCIPAL
-from serve_apps.store_errors import StoreUnavailable, store_failure
+from serve_apps.store_errors import StoreUnavailable
 from serve_apps.stream_auth import StreamCredential
 from serve_apps.stream_slots import StreamSlots
 from serve_apps.twin_reads import TwinReader
@@ -88,40 +87,24 @@ class Services:
     @asynccontextmanager
     async def audited(self, request: Request, who: Principal, action: str, target: str,
                       **attempted: Any) -> AsyncIterator[dict[str, Any]]:
-        """Audit an action whose effect lies beyond its own records (a command sent to a device, a connector
-        started, a run submitted) in two steps, so that none takes place unaudited: its intent (`attempted`)
-        before the body acts, and a 503 that does not act where the intent cannot be written; its outcome after:
-        `attempted` again (the outcome reads as the one record written after the action did before intents), with
-        `status` done, or refused/error as the body raised, and what the body put in the yielded dict. An
-        outcome the store fails to take is logged, and the intent stays, read as `outcome_missing`: the body's
-        answer stands, for the action took place (a 503 would invite doing it again)."""
-        intent = _record(request, who, action, target, attempted).model_copy(
-            update={"phase": "intent", "action_id": uuid.uuid4().hex})
+        """Audit an action whose effect lies beyond its own records in two steps (`serve_apps.audit_steps`): its
+        intent (`attempted`) before the body acts, and a 503 that does not act where the intent cannot be written;
+        its outcome after: `attempted` again (the outcome reads as the one record written after the action did
+        before intents), with `status` done, or refused/error as the body raised, and what the body put in the
+        yielded dict. An outcome the store fails to take is logged: the body's answer stands, for the action took
+        place (a 503 would invite doing it again)."""
         try:
-            await run_in_threadpool(self.audit.append, intent)
-        except Exception as exc:
-            failure = store_failure(exc)
-            if failure is None:  # not the store's: a bug's 500, and still nothing done
-                raise
-            raise _not_done(request, action, target, failure) from exc
+            intent = await run_in_threadpool(begin, self.audit, _record(request, who, action, target, attempted))
+        except StoreUnavailable:
+            request.state.resend_advice = "nothing was done: resending it is safe"
+            raise
         outcome: dict[str, Any] = {}
         try:
             yield outcome
         except Exception as exc:
-            await self._settle(intent, {**attempted, **outcome_of(exc)})
+            await run_in_threadpool(settle, self.audit, intent, {**attempted, **outcome_of(exc)})
             raise
-        await self._settle(intent, {**attempted, "status": "done", **outcome})
-
-    async def _settle(self, intent: AuditRecord, details: dict[str, Any]) -> None:
-        """Append `intent`'s outcome record, later than it (their objects share the action id: their times may not)."""
-        at = max(datetime.now(UTC), intent.time + timedelta(microseconds=1))
-        try:
-            await run_in_threadpool(self.audit.append, intent.model_copy(
-                update={"time": at, "phase": "outcome", "details": details}))
-        except Exception:  # noqa: BLE001 - the action took place: its answer stands, its intent says what it was
-            log.exception("event=audit_failed phase=outcome action=%s target=%s action_id=%s request_id=%s "
-                          "tenant=%s key_id=%s", intent.action, intent.target, intent.action_id, intent.request_id,
-                          intent.tenant, intent.key_id)
+        await run_in_threadpool(settle, self.audit, intent, {**attempted, "status": "done", **outcome})
 
 
 def _record(request: Request, who: Principal, action: str, target: str, details: dict[str, Any]) -> AuditRecord:
@@ -130,22 +113,6 @@ def _record(request: Request, who: Principal, action: str, target: str, details:
     return AuditRecord(time=datetime.now(UTC), request_id=getattr(state, "request_id", None),
                        client_request_id=getattr(state, "client_request_id", None), key_id=who.key_id,
                        tenant=who.tenant, role=who.role, action=action, target=target, details=details)
-
-
-def _not_done(request: Request, action: str, target: str, failure: StoreUnavailable) -> StoreUnavailable:
-    """The store's 503 to an action refused because its intent could not be audited, saying that nothing was done."""
-    request.state.resend_advice = "nothing was done: resending it is safe"
-    return StoreUnavailable(f"{action} of {target} was not done: its audit record could not be written first "
-                            f"({failure.message})", failure.details, failure.headers, error=failure.error)
-
-
-def outcome_of(exc: Exception) -> dict[str, Any]:
-    """An audited action's outcome when it raised: `refused` (the request's fault: role, grant, four eyes, state,
-    another tenant's) with the answer's status, code and reason, or `error`."""
-    if isinstance(exc, ApiError) and exc.status < 500:  # (a refusal may quote a path the request named)
-        return {"status": "refused", "http_status": exc.status, "code": exc.code,
-                "reason": scrub_locations(exc.message)[:300]}
-    return {"status": "error", "error": scrub_locations(f"{type(exc).__name__}: {exc}")[:300]}  # tenants read it
 
 
 async def services(request: Request) -> Services:

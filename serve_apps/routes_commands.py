@@ -17,7 +17,8 @@ from raytwin.contracts import Identifier
 from serve_apps.auth import Principal, Role
 from serve_apps.json_route import JsonRoute
 from serve_apps.routes_recommendations import require_approver
-from serve_apps.deps import ADMIN, READER, SVC, WRITER, IdPath, Services, outcome_of, require_role
+from serve_apps.audit_steps import outcome_of
+from serve_apps.deps import ADMIN, READER, SVC, WRITER, IdPath, Services, require_role
 from serve_apps.errors import CONFLICT, Conflict
 
 

@@ -178,8 +178,11 @@ def test_bulk_tag_runs_as_a_job_with_a_report_of_each_item(api, http, zones):  #
 
     audit = http.get("/v1/audit", headers=auth(api, "admin")).json()
     updates = [a for a in audit if a["action"] == "asset.update" and a["details"]["bulk"]["job_id"] ==
-               accepted["job_id"]]
-    assert sorted(a["target"] for a in updates) == ["z1", "z4"] and all(a["role"] == "writer" for a in updates)
+               accepted["job_id"]]  # each item audited before it acts: its intent, then its outcome
+    assert sorted((a["target"], a["phase"]) for a in updates) == [
+        ("z1", "intent"), ("z1", "outcome"), ("z4", "intent"), ("z4", "outcome")]
+    assert all(a["role"] == "writer" for a in updates)
+    assert all(a["details"]["status"] == "done" for a in updates if a["phase"] == "outcome")
     assert any(a["action"] == "bulk.submit" and a["target"] == accepted["job_id"] for a in audit)
 
     assert_error(http.post("/v1/bulk", json={"q": "", "action": "delete"}, headers=writer), 403, "forbidden")

@@ -1295,6 +1295,39 @@ def test_asset_writes_are_audited_as_intent_and_outcome_refused_ones_too(tmp_pat
     assert backend.acted == [("create", "pump-2"), ("update", "pump-1"), ("delete", "pump-1")]
 
 
+def test_a_bulk_jobs_items_are_audited_before_they_act_and_one_the_store_cannot_audit_is_not_done(tmp_path):
+    """A bulk job's deletes and tags (run in the backend, one asset at a time) were audited after each change: a
+    store failing in between left twins stopped with no audit record. Each item now writes its intent first; where
+    the store cannot take it, that item fails, nothing done, and the job goes on."""
+    from serve_apps.audit import AuditLog
+    from serve_apps.bulk import BulkWork, Caller
+    from serve_apps.query_schemas import BulkRequest
+
+    class Catalog(_AssetCatalog):
+        def get_asset_revision(self, tenant: str, asset_id: str) -> tuple[Asset, int]:
+            return Asset(id=asset_id, tenant=tenant, type_name="pump", type_version="1.0.0"), 7
+
+    audit, backend = AuditLog(str(tmp_path / "store")), Catalog()
+    caller = Caller(tenant="acme", key_id="k-admin", role="admin", request_id="r1")
+    work = BulkWork(caller, BulkRequest(q="site = 'north'", action="delete"), ["pump-1", "pump-2"], backend, audit,
+                    job_id="j1")
+    audit.fs = _AuditWrites(audit.fs, ok=2)  # pump-1's intent and outcome, then none
+    items = [work.apply(a) for a in ("pump-1", "pump-2")]
+    assert [i.outcome for i in items] == ["changed", "failed"]
+    assert items[1].error.startswith("store_unavailable: asset.delete of pump-2 was not done")
+    assert backend.acted == [("delete", "pump-1")]
+    audit.fs = audit.fs.fs
+    tag = BulkWork(caller, BulkRequest(q="", action="tag", set={"zone": "b"}), ["pump-3"], backend, audit, job_id="j2")
+    assert tag.apply("pump-3").outcome == "changed"
+    records = audit.records("acme")
+    assert [(r.action, r.target, r.phase, r.details.get("status")) for r in records] == [
+        ("asset.delete", "pump-1", "intent", None), ("asset.delete", "pump-1", "outcome", "done"),
+        ("asset.update", "pump-3", "intent", None), ("asset.update", "pump-3", "outcome", "done")]
+    assert records[0].details == {"bulk": {"job_id": "j1", "action": "delete", "q": "site = 'north'"}}
+    assert records[2].details["asset"]["metadata"] == {"zone": "b"} and records[2].details["bulk"]["job_id"] == "j2"
+    assert records[0].action_id == records[1].action_id != records[2].action_id == records[3].action_id
+
+
 def test_audit_logs_written_before_intents_read_as_before_and_one_step_records_keep_their_form(tmp_path):
     """Stored logs hold records with no phase; a record of one step is still stored (and answered) without the phase
     fields, so a reader whose model forbids fields it does not know (an older client) reads it."""
@@ -1915,7 +1948,7 @@ def test_an_actor_dying_under_the_backend_is_not_the_backends_death(tmp_path):
 def test_a_failed_approvals_audited_error_names_no_store_location():
     """The tenant reads its audit log: a command approval that failed on the store put the store's path (or bucket
     URL) in the record's `error`, which every answer scrubs (`scrub_locations`)."""
-    from serve_apps.deps import outcome_of
+    from serve_apps.audit_steps import outcome_of
 
     failed = outcome_of(OSError(5, "Input/output error", "/srv/raytwin/store/commands/acme/c1.json"))
     assert failed == {"status": "error", "error": "OSError: [Errno 5] Input/output error: '<store>'"}
