@@ -46,6 +46,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Literal
 
 import numpy as np
@@ -74,6 +75,11 @@ class Metric:
     description: str
     tags: tuple[str, ...] = ()
     boundaries: tuple[float, ...] = ()
+
+    @cached_property
+    def _required(self) -> frozenset[str]:
+        """The tag keys every record carries (`_checked`, on every count: built once, not per call)."""
+        return frozenset(self.tags)
 
     @property
     def exported(self) -> tuple[str, ...]:
@@ -139,7 +145,7 @@ class Metric:
     def _checked(self, tags: dict[str, str]) -> dict[str, str]:
         """`tags`, refused at the call as Ray would refuse them when they are handed (a missing key, a value
         not a string): a mistake raised on the recording thread would be no caller's."""
-        if not tags.keys() >= set(self.tags) or not all(type(v) is str for v in tags.values()):
+        if not tags.keys() >= self._required or not all(type(v) is str for v in tags.values()):
             raise ValueError(f"{self.name} takes string values for the tags {', '.join(self.tags) or 'none'}; "
                              f"got {tags!r}")
         return tags
