@@ -228,7 +228,8 @@ class TwinShard(LiveModelOps):
         self.store.check_lease(self.fence)
         self.shadows.forget(tenant, asset_id)  # first: a crash from here on leaves no orphaned shadow record
         found = self.twins.pop((tenant, asset_id), None) is not None
-        self.durable_revision.pop((tenant, asset_id), None)
+        for kept in (self.durable_revision, self.phases, self.between):  # per-twin bookkeeping, gone with it
+            kept.pop((tenant, asset_id), None)
         self.retyping.pop((tenant, asset_id), None)  # what it would remove goes below
         self.store.delete_registration(tenant, asset_id)
         if found:  # its history ends at the latest ingest time logged here (a clock ahead of this one's too)

@@ -291,8 +291,13 @@ def test_an_unregistered_twin_leaves_the_shadow_and_its_records_go(tmp_path, ver
     assert only.asset_id == "u1" and only.done
     _, [resumed] = shard(tmp_path).shadow_report("acme", true.ref)
     assert resumed.asset_id == "u1"
+    key = ("acme", "u1")
+    for start in range(40, 200, 10):  # calls after its first snapshot, most between two snapshot points
+        live.ingest("acme", validated_table(stream("u1", start + 10, seed=3)[start:]))
+    assert key in live.phases and key in live.between  # `_snapshot` found it between two snapshot points
     assert live.unregister("acme", "u1")
     assert live.shadow_report("acme", true.ref) is None and shard(tmp_path).shadow_report("acme", true.ref) is None
+    assert not any(key in kept for kept in (live.durable_revision, live.phases, live.between))  # gone with the twin
 
 
 def test_a_shadow_after_a_swap_compares_with_the_version_that_applies_the_next_events(versions):
