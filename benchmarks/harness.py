@@ -275,6 +275,12 @@ def cpu_times() -> tuple[int, ...] | None:
         return None
 
 
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far (Linux `/proc`; OSError elsewhere)."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_split(before: tuple[int, ...] | None, after: tuple[int, ...] | None) -> dict[str, float] | None:
     """How the machine's CPUs spent the time between two `cpu_times` readings, in percent by kind.
 

@@ -32,14 +32,14 @@ from typing import Any
 import httpx
 import numpy as np
 
-from benchmarks.harness import BenchContext, BenchResult, Figure, benchmark, run_python, subprocess_env_without
+from benchmarks.harness import (BenchContext, BenchResult, Figure, benchmark, process_cpu_s, run_python,
+                                subprocess_env_without)
 from benchmarks.load import KeepAliveClient
 from benchmarks.serve_api import (
     ASSET,
     THROUGHPUT_OPTIMIZED_ENV,
     ServeCheckError,
     _actor_pid,
-    _cpu_seconds,
     _create_zone,
     _haproxy_pids,
     _process_ids,
@@ -382,10 +382,10 @@ async def _queries(port: int, key: str, duration: float, rounds: int, pids: dict
             if round_:
                 capacities.append(await _capacity(client, duration, clients))
             for label, multiple in plan:
-                before = {name: _cpu_seconds(pids[name]) for name in processes}
+                before = {name: process_cpu_s(pids[name]) for name in processes}
                 pooled[label].add(await _open_loop(client, multiple * first, duration))
                 for name, t in before.items():
-                    spent[label][name] += _cpu_seconds(pids[name]) - t
+                    spent[label][name] += process_cpu_s(pids[name]) - t
                 if label != "5x":  # recovery is measured right after 5x, without a pause
                     await asyncio.to_thread(_quiesce, [pids["proxy"], pids["ingress"]])
         capacity = float(np.mean(capacities))

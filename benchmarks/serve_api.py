@@ -31,7 +31,8 @@ from typing import Any
 
 import httpx
 
-from benchmarks.harness import BenchContext, BenchResult, Figure, benchmark, run_python, subprocess_env_without
+from benchmarks.harness import (BenchContext, BenchResult, Figure, benchmark, process_cpu_s, run_python,
+                                subprocess_env_without)
 from benchmarks.load import KeepAliveClient, LoadResult, paced_async
 from raytwin.contracts import AssetType
 from raytwin.ports import free_port, free_ports
@@ -184,20 +185,14 @@ def _haproxy_pids(timeout_s: float = 10.0) -> dict[str, int]:
     return {"haproxy manager": manager, "haproxy": haproxy[0]}
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux /proc)."""
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _quiesce(pids: list[int], busy_cores: float = 0.1, timeout_s: float = 60.0) -> None:
     """Wait until `pids` together use less than `busy_cores`: an overloaded run's queued and
     cancelled requests must not drain into the next run's measurement."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        before = sum(_cpu_seconds(p) for p in pids)
+        before = sum(process_cpu_s(p) for p in pids)
         time.sleep(0.5)
-        if sum(_cpu_seconds(p) for p in pids) - before < 0.5 * busy_cores:
+        if sum(process_cpu_s(p) for p in pids) - before < 0.5 * busy_cores:
             return
 
 
@@ -225,11 +220,11 @@ def measure(quick: bool, rounds: int) -> dict[str, Any]:
             for _ in range(rounds):
                 for rate in rates:
                     for path in PATHS:
-                        before = {name: _cpu_seconds(pid) for name, pid in pids.items()}
+                        before = {name: process_cpu_s(pid) for name, pid in pids.items()}
                         load = asyncio.run(_load(ports[path], key, rate, duration))
                         spent = cpu.setdefault((path, rate), dict.fromkeys(pids, 0.0))
                         for name, pid in pids.items():
-                            spent[name] += _cpu_seconds(pid) - before[name]
+                            spent[name] += process_cpu_s(pid) - before[name]
                         runs.setdefault((path, rate), []).append(load)
                         load_avg.append(os.getloadavg()[0])
                         _quiesce([pids["proxy"], pids["ingress"]])
