@@ -28,12 +28,15 @@ def _twin_store(store: str):
     """The `StateStore` at `store`, refused (exit 2) where no twin service ever ran: a maintenance command
     on a wrong path (a Serve store's root instead of its ``twins``, a typo) must not report success."""
     from raytwin.statestore import StateStore
+    from raytwin.store_failures import store_io
 
     st = StateStore(store)
-    if not (st.fs.exists(f"{st.root}/lease.json") or st.fs.exists(f"{st.root}/log")
-            or st.fs.glob(f"{st.root}/twins/tenant=*")):
-        hint = f"; a Serve store's twins are at {store.rstrip('/')}/twins" \
-            if st.fs.exists(f"{st.root}/twins/lease.json") else ""
+    with store_io("read"):
+        ran = st.fs.exists(f"{st.root}/lease.json") or st.fs.exists(f"{st.root}/log") \
+            or st.fs.glob(f"{st.root}/twins/tenant=*")
+        served = not ran and st.fs.exists(f"{st.root}/twins/lease.json")
+    if not ran:
+        hint = f"; a Serve store's twins are at {store.rstrip('/')}/twins" if served else ""
         typer.echo(f"no twin store at {store} (no lease.json, log/ or registered twins in it){hint}", err=True)
         raise typer.Exit(2)
     return st

@@ -40,6 +40,7 @@ from actors.telemetry import parse_rows, rows_table, table_bytes, validate_table
 from raytwin import metrics
 from raytwin.statestore import StateStore
 from raytwin.storage import filesystem
+from raytwin.store_failures import store_io
 
 log = logging.getLogger("raytwin.ingest")
 
@@ -439,10 +440,16 @@ def ingest_table(router: ShardRouter, tenant: str, table: pa.Table, batch_size: 
 def ingest_parquet(router: ShardRouter, tenant: str, url: str, storage_options: dict[str, Any] | None = None,
                    batch_size: int = DEFAULT_BATCH_SIZE, max_in_flight: int = DEFAULT_MAX_IN_FLIGHT) -> IngestReport:
     """Ray task: ingest a Parquet file or dataset directory (local or any fsspec URL), streamed in batches."""
+    return ingest_rows(router, tenant, _parquet_batches(url, storage_options, batch_size), batch_size=batch_size,
+                       max_in_flight=max_in_flight)
+
+
+def _parquet_batches(url: str, storage_options: dict[str, Any] | None, batch_size: int) -> Iterator[pa.Table]:
+    """The Parquet file or dataset at `url`, read in batches of at most `batch_size` rows as they are wanted."""
     fs, path = filesystem(url, storage_options)
-    dataset = ds.dataset(path, filesystem=fs, format="parquet")
-    batches = (pa.Table.from_batches([b]) for b in dataset.to_batches(batch_size=batch_size))
-    return ingest_rows(router, tenant, batches, batch_size=batch_size, max_in_flight=max_in_flight)
+    with store_io("read"):  # (a generator: its body, not its call, reads)
+        for batch in ds.dataset(path, filesystem=fs, format="parquet").to_batches(batch_size=batch_size):
+            yield pa.Table.from_batches([batch])
 
 
 def ingest_stream(router: ShardRouter, tenant: str, source: Iterable[dict[str, Any]],

@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from raytwin.contracts import Identifier
 from raytwin.storage import filesystem, replace_file
+from raytwin.store_failures import store_io
 
 log = logging.getLogger("raytwin.connectors")
 CommandValue = Annotated[dict[Identifier, float | int | str | bool], Field(min_length=1, max_length=64)]
@@ -133,12 +134,14 @@ class CommandLedger:
                           history=[Transition(status=CommandStatus.proposed, at=datetime.now(UTC), by=by)])
         return self._save(command)
 
+    @store_io("read")
     def get(self, tenant: str, command_id: str) -> Command:
         try:
             return Command.model_validate_json(self.fs.cat_file(self._path(tenant, command_id)))
         except FileNotFoundError:
             raise UnknownCommand(f"no command {command_id!r} for tenant {tenant!r}") from None
 
+    @store_io("read")
     def list(self, tenant: str, asset_id: str | None = None) -> list[Command]:
         """The tenant's commands (optionally of one asset), oldest first."""
         try:

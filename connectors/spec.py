@@ -22,6 +22,7 @@ from raytwin.contracts import Identifier
 from raytwin.storage import replace_file, write_once
 from raytwin.sealing import Sealer
 from raytwin.storage import filesystem
+from raytwin.store_failures import store_io
 
 log = logging.getLogger("raytwin.connectors")
 
@@ -105,20 +106,30 @@ class ConnectorStore:
     def _dir(self, tenant: str, name: str) -> str:
         return f"{self.root}/tenant={tenant}/{name}"
 
+    @store_io("read")
+    def _read(self, path: str) -> bytes:
+        """The file at `path`, for the methods whose other work is no store I/O (the sealing key, a claim)."""
+        return self.fs.cat_file(path)
+
     def save(self, spec: ConnectorSpec, credentials: Credentials) -> None:
         d = self._dir(spec.tenant, spec.name)
         self._save_credentials(d, credentials)
         replace_file(self.fs, f"{d}/spec.json", spec.model_dump_json().encode())
         self.set_desired(spec.tenant, spec.name, Desired.running)
-        if self.fs.exists(alive := f"{d}/alive.json"):  # a new declaration: no earlier process's gap to report
-            self.fs.rm(alive)
+        self._remove(f"{d}/alive.json")  # a new declaration: no earlier process's gap to report
 
     def _save_credentials(self, d: str, credentials: Credentials) -> None:
         sealed = self.sealer.seal(json.dumps(credentials.revealed()).encode())
         replace_file(self.fs, f"{d}/credentials.sealed", sealed)
-        if self.fs.exists(legacy := f"{d}/credentials.json"):
-            self.fs.rm(legacy)
+        self._remove(f"{d}/credentials.json")
 
+    @store_io("write")
+    def _remove(self, path: str) -> None:
+        """Remove the file at `path`, if there is one."""
+        if self.fs.exists(path):
+            self.fs.rm(path)
+
+    @store_io("read")
     def spec_json(self, tenant: str, name: str) -> dict[str, Any]:
         """The stored spec as JSON (`connectors.kinds.parse_spec` makes it a typed spec)."""
         try:
@@ -131,10 +142,10 @@ class ConnectorStore:
         Plain-text credentials of earlier versions, and values sealed with an older key, are sealed anew."""
         d = self._dir(tenant, name)
         try:
-            sealed = self.fs.cat_file(f"{d}/credentials.sealed")
+            sealed = self._read(f"{d}/credentials.sealed")
         except FileNotFoundError:
             try:
-                legacy = Credentials.model_validate_json(self.fs.cat_file(f"{d}/credentials.json"))
+                legacy = Credentials.model_validate_json(self._read(f"{d}/credentials.json"))
             except FileNotFoundError:
                 return Credentials()
             self._save_credentials(d, legacy)
@@ -144,6 +155,7 @@ class ConnectorStore:
             self._save_credentials(d, credentials)
         return credentials
 
+    @store_io("read")
     def desired(self, tenant: str, name: str) -> Desired:
         try:
             return Desired(json.loads(self.fs.cat_file(f"{self._dir(tenant, name)}/desired.json"))["state"])
@@ -154,6 +166,7 @@ class ConnectorStore:
         replace_file(self.fs, f"{self._dir(tenant, name)}/desired.json",
                      json.dumps({"state": desired.value}).encode())
 
+    @store_io("read")
     def _alive(self, tenant: str, name: str) -> dict[str, Any] | None:
         try:
             return json.loads(self.fs.cat_file(f"{self._dir(tenant, name)}/alive.json"))
@@ -176,6 +189,7 @@ class ConnectorStore:
         replace_file(self.fs, f"{self._dir(tenant, name)}/alive.json",
                      json.dumps({"at": at.isoformat(), "connected": connected}).encode())
 
+    @store_io("read")
     def names(self, tenant: str) -> list[str]:
         try:
             return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(f"{self.root}/tenant={tenant}",
@@ -183,6 +197,7 @@ class ConnectorStore:
         except FileNotFoundError:
             return []
 
+    @store_io("read")
     def tenants(self) -> list[str]:
         try:
             found = self.fs.ls(self.root, detail=False)
@@ -192,7 +207,8 @@ class ConnectorStore:
 
     def delete(self, tenant: str, name: str) -> None:
         self.spec_json(tenant, name)  # UnknownConnector if missing
-        self.fs.rm(self._dir(tenant, name), recursive=True)
+        with store_io("write"):
+            self.fs.rm(self._dir(tenant, name), recursive=True)
 
     def _claim_path(self, key: str) -> str:
         return f"{self.claims}/{hashlib.sha256(key.encode()).hexdigest()}.json"
@@ -205,13 +221,14 @@ class ConnectorStore:
         try:
             write_once(self.fs, self._claim_path(key), holder)
         except FileExistsError:
-            held = json.loads(self.fs.cat_file(self._claim_path(key)))
+            held = json.loads(self._read(self._claim_path(key)))
             if held != {"tenant": tenant, "name": name}:  # whose is the operator's to read (the log), not the caller's
                 log.info("event=session_taken session=%r tenant=%s name=%s holder_tenant=%s holder=%s", key, tenant,
                          name, held["tenant"], held["name"])
                 raise SessionTaken(f"{key} is in use by another connector: two connectors with one session would "
                                    "take it over from each other; give this one its own client id") from None
 
+    @store_io("write")
     def release(self, key: str, tenant: str, name: str) -> None:
         """Give up session `key` if (tenant, name) holds it."""
         try:

@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 
 from raytwin.logsegments import is_segment, read_segment
 from raytwin.storage import replace_file
+from raytwin.store_failures import store_io
 from raytwin.statestore import LOG_BATCH_SCHEMA, LOG_PART_SUFFIX, SCAN_ATTEMPTS, EventKey, StateStore, _date, read_files
 
 log = logging.getLogger("raytwin.store")
@@ -159,6 +160,7 @@ class LogKeyIndex:
             return part
         raise AssertionError("unreachable")
 
+    @store_io("read")
     def _read(self, directory: str, new: list[str], grown: list[str], covered: dict[str, int]
               ) -> dict[str, tuple[pa.Table, int | None]]:
         """The identity columns of the `new` files and of what the `grown` segments gained, by name,
@@ -173,6 +175,7 @@ class LogKeyIndex:
             out[name] = (pa.Table.from_batches(batches, LOG_BATCH_SCHEMA).select(_COLUMNS), end)
         return out
 
+    @store_io("read")
     def _list(self, directory: str) -> dict[str, int]:
         """The partition's log files (name -> size), listed afresh (no cached listing)."""
         fs = self.store.fs

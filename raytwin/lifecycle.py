@@ -33,7 +33,8 @@ from pydantic import Field, ValidationError
 from raytwin.contracts import Contract, Finite, Identifier, SemVer, UtcTime, describe_error
 from raytwin.recalibration import DriftTrigger
 from raytwin.registry import JOB_KEY, POLICY_SET_BY, PUBLISHED_BY, ModelRegistry, RegistryError, parse_ref
-from raytwin.storage import canonical_json, filesystem, replace_file, write_once
+from raytwin.storage import canonical_json, filesystem, make_folder, replace_file, write_once
+from raytwin.store_failures import store_io
 
 log = logging.getLogger("raytwin.lifecycle")
 
@@ -243,6 +244,7 @@ class ModelLifecycle:
     def _policy_path(self, tenant: str) -> str:
         return f"{self.root}/policies/{tenant}.json"
 
+    @store_io("read")
     def models(self) -> list[str]:
         """The models that have a lifecycle log in this registry."""
         base = f"{self.root}/lifecycle"
@@ -250,10 +252,12 @@ class ModelLifecycle:
             return []
         return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(base, detail=False))
 
+    @store_io("read")
     def exists(self, model: str) -> bool:
         """Whether `model` is known here: a registered version, or a lifecycle log (its versions may be pruned)."""
         return bool(self.registry.versions(model)) or self.fs.exists(self._log_dir(model))
 
+    @store_io("read")
     def records(self, model: str) -> list[TransitionRecord]:
         """The model's records in sequence-number order, each validated (not yet chain-checked)."""
         base = self._log_dir(model)
@@ -309,6 +313,7 @@ class ModelLifecycle:
     def policy(self, tenant: str) -> LifecyclePolicy:
         return self._stored_policy(tenant)[0]
 
+    @store_io("read")
     def _stored_policy(self, tenant: str) -> tuple[LifecyclePolicy, frozenset[str]]:
         """The tenant's policy and the ids of whoever set it (none: set by a library call, the offline CLI, or before
         setters were kept)."""
@@ -496,7 +501,7 @@ class ModelLifecycle:
             raise LifecycleError(describe_error(exc)) from None
         record = unsigned.model_copy(update={"hash": unsigned.computed_hash()})
         path = f"{self._log_dir(state.model)}/{record.seq:08d}.json"
-        self.fs.makedirs(self._log_dir(state.model), exist_ok=True)
+        make_folder(self.fs, self._log_dir(state.model))
         try:
             write_once(self.fs, path, canonical_json(record.stored()))
         except FileExistsError:
@@ -545,7 +550,8 @@ class ModelLifecycle:
             if removed_runs:
                 fs, root = filesystem(runs_root, storage_options)
                 for r in removed_runs:
-                    fs.rm(f"{root}/{r['run_id']}", recursive=True)
+                    with store_io("write"):
+                        fs.rm(f"{root}/{r['run_id']}", recursive=True)
                     done.runs_removed.append(r["run_id"])
                     log.info("event=run_pruned run_id=%s model=%s tenant=%s", r["run_id"], model, tenant)
         except Exception as exc:
@@ -599,6 +605,7 @@ def _left_already(state: ModelState, records: list[TransitionRecord], from_versi
             f"again goes back no further). Read {lifecycle} before deciding on another move")
 
 
+@store_io("read")
 def _run_records(runs_root: str, storage_options: dict[str, Any] | None, tenant: str,
                  model: str) -> list[dict[str, Any]]:
     """The run records (``<runs root>/<run id>/run.json``) of `tenant` that ran a version of `model`."""

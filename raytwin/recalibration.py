@@ -21,6 +21,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from raytwin.contracts import Contract, Finite, Identifier, SemVer, UtcTime, describe_error
 from raytwin.storage import canonical_json, filesystem, replace_file
+from raytwin.store_failures import store_io
 
 log = logging.getLogger("raytwin.recalibration")
 
@@ -122,10 +123,12 @@ class PolicyStore:
     def get_stored(self, tenant: str, type_name: str) -> StoredPolicy | None:
         """The policy in force and who set it, read together (None: no policy)."""
         path = self._path(tenant, type_name)
-        if not self.fs.exists(path):
-            return None
+        with store_io("read"):
+            if not self.fs.exists(path):
+                return None
+            body = self.fs.cat_file(path)
         try:
-            doc = json.loads(self.fs.cat_file(path))
+            doc = json.loads(body)
             set_by = doc.pop("set_by", None) if isinstance(doc, dict) else None
             return StoredPolicy(RecalibrationPolicy.model_validate(doc), set_by)
         except (ValueError, ValidationError) as exc:  # written by hand on the store: say which file to fix

@@ -26,6 +26,7 @@ from raytwin.sim import ModelCheckError, get_model
 from raytwin.sim.discovery import FMU_REF
 from raytwin.sim.model import Declared
 from raytwin.storage import canonical_json, filesystem, replace_file
+from raytwin.store_failures import store_io
 
 
 log = logging.getLogger("raytwin.registry")
@@ -211,7 +212,14 @@ class ModelRegistry:
             name=name, version=version, asset_type=asset_type, parameters=params, metadata=metadata or {},
             code=code_identity(model),
         )
-        digest = artifact.content_hash
+        self._store(artifact)
+        return artifact
+
+    @store_io("write")
+    def _store(self, artifact: ModelArtifact) -> None:
+        """Write a checked `artifact` (nothing if this version holds it already; `VersionConflict` if it holds
+        other content)."""
+        name, version, digest = artifact.name, artifact.version, artifact.content_hash
         pointer = self._pointer(name, version)
         if self.fs.exists(pointer):
             existing = json.loads(self.fs.cat_file(pointer))["sha256"]
@@ -223,10 +231,9 @@ class ModelRegistry:
                     f"(sha256 {existing[:12]}..., new {digest[:12]}...): "
                     + ("; ".join(differences) if differences else "its metadata differs")
                     + "; register a new version", tuple(differences), registered)
-            return artifact
+            return
         replace_file(self.fs, self._blob(digest), artifact.body())  # whole before the pointer names it
         replace_file(self.fs, pointer, canonical_json({"name": name, "version": version, "sha256": digest}))
-        return artifact
 
     def check_fmu_store(self, ref: str, simulator: str) -> None:
         """An FMU is native code: a registry pins only FMUs stored with it (``<registry>/fmus/``, where
@@ -239,6 +246,7 @@ class ModelRegistry:
             raise RegistryError(f"{ref}: FMU {simulator} is not stored in this registry; store it first with "
                                 "raytwin.fmu.store_fmu(path, registry_url) and use the model it returns", self.url)
 
+    @store_io("read")
     def _read(self, name: str, version: str, digest: str) -> ModelArtifact:
         artifact = ModelArtifact.model_validate_json(self.fs.cat_file(self._blob(digest)))
         if artifact.content_hash != digest:
@@ -247,6 +255,7 @@ class ModelRegistry:
             )
         return artifact
 
+    @store_io("write")
     def remove(self, ref: str) -> None:
         """Delete ``name@version`` (retention, `raytwin.lifecycle`); its blob goes too unless another version
         shares the content. Callers decide what may go: the registry does not know what references it.
@@ -266,6 +275,7 @@ class ModelRegistry:
                 pass  # removed by a concurrent removal of a version sharing it
         log.info("event=model_removed ref=%s blob_removed=%s", ref, not shared)
 
+    @store_io("read")
     def _digest(self, name: str, version: str) -> str | None:
         """The content hash ``name@version`` points to (None: removed meanwhile)."""
         try:
@@ -280,12 +290,11 @@ class ModelRegistry:
         `allow_code_change` (default: ``RAYTWIN_ALLOW_MODEL_CODE_CHANGE=1``) resolves it anyway, running the
         current code; the run records then carry the current code's identity (`raytwin.modelcode`)."""
         name, version = parse_ref(ref)
-        pointer = self._pointer(name, version)
-        if not self.fs.exists(pointer):
+        if (digest := self._digest(name, version)) is None:
             known = self.versions(name)
             raise RegistryError(f"no model {ref} in this registry" + (f"; versions: {known}" if known else ""),
                                 self.url)
-        artifact = self._read(name, version, json.loads(self.fs.cat_file(pointer))["sha256"])
+        artifact = self._read(name, version, digest)
         if (change := artifact.code_change()) is not None:
             if allow_code_change is None:
                 allow_code_change = os.environ.get(ALLOW_CODE_CHANGE_ENV) == "1"
@@ -299,12 +308,14 @@ class ModelRegistry:
             log.warning("event=model_code_changed ref=%s accepted=true change=%r", ref, change)
         return artifact
 
+    @store_io("read")
     def names(self) -> list[str]:
         base = f"{self.root}/models"
         if not self.fs.exists(base):
             return []
         return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(base, detail=False))
 
+    @store_io("read")
     def versions(self, name: str) -> list[str]:
         base = f"{self.root}/models/{name}"
         if not self.fs.exists(base):

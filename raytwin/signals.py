@@ -241,9 +241,11 @@ class Series(_Signal):
         import pyarrow.parquet as pq
 
         from raytwin.storage import filesystem
+        from raytwin.store_failures import store_io
 
         fs, path = filesystem(self.path, None)
-        table = pq.read_table(path, columns=[self.time_column, self.column], filesystem=fs)
+        with store_io("read"):
+            table = pq.read_table(path, columns=[self.time_column, self.column], filesystem=fs)
         t, v = (table[c].to_numpy().astype(np.float64) for c in (self.time_column, self.column))
         if t.size == 0 or np.any(np.diff(t) <= 0) or not np.all(np.isfinite(v)):
             raise ValueError(f"series {self.path}:{self.column}: needs increasing times and finite values")

@@ -52,6 +52,12 @@ def file_sha256(fs: AbstractFileSystem, path: str) -> str:
     return digest.hexdigest()
 
 
+@store_io("write")
+def make_folder(fs: AbstractFileSystem, path: str) -> None:
+    """`path` as a folder, with its parents (where it is one already: nothing)."""
+    fs.makedirs(path, exist_ok=True)
+
+
 def canonical_json(obj: Any) -> bytes:
     """Deterministic JSON (sorted keys, no spaces, exact float repr) for hashing and storage."""
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()

@@ -2,12 +2,14 @@
 an S3 endpoint refusing or not answering.
 
 One classification for every layer: the API answers these 503 `store_unavailable` (`serve_apps.store_errors`,
-which also checks that the store raised them), and `metrics.STORE_FAILURES` counts them by class wherever a
+for a `StoreIOError` only), and `metrics.STORE_FAILURES` counts them by class wherever a
 store operation fails (API requests, the shards' lease heartbeat), so the alert and the dashboard name the cause.
 
-The storage layer (`raytwin.storage`'s helpers, `StateStore`, the log's segments) raises them as `StoreIOError`
-(`store_io`): the same OSError raised elsewhere (an FMU's library, a connector's broker) is no store outage, and the
-type tells them apart in this process and in another one (Ray hands the caller the pickled error)."""
+Every store read and write raises them as `StoreIOError` (`store_io`): the storage layer (`raytwin.storage`'s
+helpers, `StateStore`, the log's segments) and the modules that call fsspec or pyarrow directly (the catalog, the
+change and audit logs, the registry, jobs, runs...). The same OSError raised elsewhere (an FMU's library, a
+connector's broker) is no store outage, and the type tells them apart in this process and in another one (Ray
+hands the caller the pickled error)."""
 
 from __future__ import annotations
 
@@ -42,9 +44,9 @@ def _remote_errors() -> tuple[type[BaseException], ...]:
 
 
 class StoreIOError(OSError):
-    """The store failed an `operation` as an outage of class `error`: raised by the storage layer (`store_io`)
-    from the `failure` (its type's name; it is the `__cause__` in the raising process), whose errno and text it
-    keeps. An OSError still, for the callers that handle one."""
+    """The store failed an `operation` as an outage of class `error`: raised by `store_io` from the `failure` (its
+    type's name; it is the `__cause__` in the raising process), whose errno and text it keeps. An OSError still, for
+    the callers that handle one."""
 
     def __init__(self, *args: object, operation: Operation = "read", error: FailureClass = "io",
                  failure: str = "OSError"):
@@ -54,8 +56,9 @@ class StoreIOError(OSError):
 
 @contextmanager
 def store_io(operation: Operation) -> Iterator[None]:
-    """Raise an outage (`failure_class`) of the store's I/O inside as `StoreIOError` (a decorator too): for the
-    storage layer's operations only."""
+    """Raise an outage (`failure_class`) of the store's I/O inside as `StoreIOError` (a decorator too): around
+    store reads and writes only, never other work that may raise an OSError (an FMU's library, a broker, a local
+    key file). A generator's body must use it inside: decorating one wraps only its creation."""
     try:
         yield
     except StoreIOError:

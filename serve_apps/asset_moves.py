@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict
 
 from raytwin.contracts import Asset
 from raytwin.storage import canonical_json, filesystem, replace_file
+from raytwin.store_failures import store_io
 from serve_apps.audit import AuditRecord
 from serve_apps.errors import NotFound
 
@@ -61,6 +62,10 @@ class AssetMoves:
         self.fs, root = filesystem(backend.config.store_url, backend.config.storage_options)
         self.root = f"{root}/asset-moves"
         self.pending: dict[tuple[str, str], Move] = {}
+        self._load()
+
+    @store_io("read")
+    def _load(self) -> None:
         paths = self.fs.glob(f"{self.root}/*/*.json")
         for path, body in (self.fs.cat(paths).items() if paths else ()):
             move = Move.model_validate_json(body)
@@ -76,6 +81,7 @@ class AssetMoves:
         replace_file(self.fs, path, canonical_json(move.model_dump(mode="json")))
         self.pending[(asset.tenant, asset.id)] = move
 
+    @store_io("write")
     def end(self, tenant: str, asset_id: str) -> None:
         """The move is in the catalog, or did not happen: forget it."""
         if self.pending.pop((tenant, asset_id), None) is not None:

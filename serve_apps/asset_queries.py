@@ -20,6 +20,7 @@ from typing import Any
 from raytwin.graph import Direction, adjacency, walk
 from raytwin.query import Expr, Record, evaluate
 from raytwin.storage import filesystem, write_once
+from raytwin.store_failures import store_io
 from serve_apps.catalog import Catalog
 from serve_apps.query_schemas import AssetGraph, GraphNode
 from serve_apps.twin_reads import TwinReader
@@ -43,6 +44,7 @@ def graph(catalog: Catalog, tenant: str, asset_id: str, direction: Direction, ki
                              for r in found.reached])
 
 
+@store_io("write")
 def cursor_secret(store_url: str, storage_options: dict[str, Any] | None) -> bytes:
     """The key that signs query cursors, made on first use and kept on the store, so every ingress
     replica (and a restarted one) accepts the cursors the others issued. Called by the single backend."""

@@ -25,6 +25,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from raytwin.storage import filesystem, replace_file
+from raytwin.store_failures import store_io
 
 
 class AuditRecord(BaseModel):
@@ -82,6 +83,7 @@ class AuditLog:
         """The tenant's most recent records (of one ``YYYY-MM-DD`` day if given), oldest first."""
         return self.page(tenant, day, limit).records
 
+    @store_io("read")
     def page(self, tenant: str, day: str | None = None, limit: int = 1000, cursor: str | None = None) -> AuditPage:
         """The newest `limit` records older than `cursor` (none: the newest), oldest first, and the cursor of
         the page before (None: no older record). A cursor is a record's name, ``{day}/{object}``: the log only

@@ -26,6 +26,7 @@ from raytwin.compat import IncompatibleVersion, check_version, previous_version
 from raytwin.contracts import Asset, AssetType, RelationshipKind
 from raytwin.query import Record
 from raytwin.storage import canonical_json, filesystem, replace_file
+from raytwin.store_failures import store_io
 from serve_apps.conditional import Precondition, content_tag
 from serve_apps.errors import Conflict, NotFound, Unprocessable
 
@@ -44,6 +45,7 @@ class Catalog:
         self._load()
 
     # ---- persistence -------------------------------------------------------------------
+    @store_io("read")
     def _load(self) -> None:
         if not self.fs.exists(self.root):
             return
@@ -71,6 +73,7 @@ class Catalog:
         replace_file(self.fs, self._path(tenant, kind, key), canonical_json({"revision": revision, field: obj.model_dump(mode="json")}))
         self.revisions[(tenant, kind, key)] = revision
 
+    @store_io("write")
     def _remove(self, tenant: str, kind: str, key: str) -> None:
         self.fs.rm_file(self._path(tenant, kind, key))
         del self.revisions[(tenant, kind, key)]

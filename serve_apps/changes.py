@@ -42,6 +42,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from raytwin.storage import filesystem, replace_file
+from raytwin.store_failures import store_io
 
 ChangeKind = Literal["twin.state", "twin.drift", "asset.created", "asset.updated", "asset.deleted",
                      "asset_type.created", "asset_type.deleted", "job.succeeded", "job.failed",
@@ -291,6 +292,7 @@ class ChangeStore:
         self.fs, self.root = filesystem(url, storage_options)
         self._folders: set[str] = set()
 
+    @store_io("write")
     def write(self, tenant: str, changes: list[Change]) -> None:
         first, last = changes[0].seq, changes[-1].seq
         folder = f"{self.root}/{tenant}/{first // PARTITION:010d}"
@@ -300,6 +302,7 @@ class ChangeStore:
         replace_file(self.fs, f"{folder}/{first:016d}-{last:016d}.jsonl",
                      "".join(c.model_dump_json() + "\n" for c in changes).encode())
 
+    @store_io("read")
     def read(self, tenant: str, after: int, limit: int) -> list[Change]:
         """Up to `limit` changes with seq > `after`, oldest first."""
         out: list[Change] = []
@@ -314,12 +317,14 @@ class ChangeStore:
                         return out
         return out
 
+    @store_io("read")
     def first_seq(self, tenant: str) -> int:
         """The oldest change kept (1 unless the retention removed older ones; head + 1 for an empty log)."""
         for first, _, _ in self._segments(tenant, 0):
             return first
         return self.last_seq(tenant) + 1
 
+    @store_io("write")
     def prune(self, tenant: str, before: datetime) -> int:
         """Delete the tenant's directories whose newest change is older than `before`, oldest first,
         stopping at the first younger one and never deleting the newest; returns the last sequence
@@ -336,6 +341,7 @@ class ChangeStore:
             removed = newest.seq if newest is not None else removed
         return removed
 
+    @store_io("read")
     def last_seq(self, tenant: str) -> int:
         parts = self._ls(f"{self.root}/{tenant}")
         segments = self._ls(parts[-1]) if parts else []

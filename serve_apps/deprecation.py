@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from raytwin.contracts import DateTime, describe_error
 from raytwin.fields import Contract
 from raytwin.storage import canonical_json, filesystem, replace_file
+from raytwin.store_failures import store_io
 
 log = logging.getLogger("raytwin.serve.deprecation")
 
@@ -81,6 +82,10 @@ class TypeDeprecations:
         self.fs, root = filesystem(store_url, storage_options)
         self.root = f"{root}/deprecations"
         self.marks: dict[tuple[str, str], Deprecation] = {}  # (tenant, "name@version") -> mark
+        self._load()
+
+    @store_io("read")
+    def _load(self) -> None:
         if self.fs.exists(self.root):
             for path in self.fs.find(self.root):
                 if path.endswith(".json"):
@@ -104,6 +109,7 @@ class TypeDeprecations:
         replace_file(self.fs, path, canonical_json(mark.model_dump(mode="json")))
         self.marks[(tenant, key)] = mark
 
+    @store_io("write")
     def remove(self, tenant: str, key: str) -> bool:
         if (tenant, key) not in self.marks:
             return False

@@ -34,6 +34,7 @@ from pydantic import ConfigDict, Field
 from raytwin import metrics
 from raytwin.contracts import StartedFrom
 from raytwin.storage import filesystem, replace_file
+from raytwin.store_failures import store_io
 from serve_apps.bulk import BulkWork
 from serve_apps.config import ServeConfig
 from fsspec import AbstractFileSystem
@@ -117,6 +118,7 @@ class JobRecord(_JobFields):
             status.results_removed = self.results_removed(self.result_files(storage_options))
         return status
 
+    @store_io("read")
     def result_files(self, storage_options: dict[str, Any] | None) -> list[ResultFile]:
         """Its Parquet files in the store, with the SHA-256 it recorded for each (None where it kept none); none
         once they were removed."""
@@ -149,10 +151,11 @@ class JobRecord(_JobFields):
 def read_records(fs: AbstractFileSystem, root: str) -> Iterator[JobRecord]:
     """Every job record stored under `root` (a store's ``jobs`` folder: ``{tenant}/{job_id}/job.json``), in no
     order: what a restarted backend recovers, and what `raytwin jobs list` lists."""
-    if not fs.exists(root):
-        return
-    for path in fs.glob(f"{root}/*/*/job.json"):
-        yield JobRecord.model_validate_json(fs.cat_file(path))
+    with store_io("read"):  # (a generator: its body, not its call, reads)
+        if not fs.exists(root):
+            return
+        for path in fs.glob(f"{root}/*/*/job.json"):
+            yield JobRecord.model_validate_json(fs.cat_file(path))
 
 
 Work = PreparedScenario | SweepSpec | FmuSweepSpec | BulkWork

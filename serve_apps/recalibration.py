@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from raytwin.recalibration import DriftTrigger, RecalibrationPolicy
 from raytwin.storage import canonical_json, filesystem, replace_file, scrub_locations
+from raytwin.store_failures import store_io
 from serve_apps.changes import Change
 
 log = logging.getLogger("raytwin.serve.recalibration")
@@ -128,11 +129,15 @@ class Recalibrator:
     def state(self, tenant: str) -> TenantState:
         with self._lock:
             if tenant not in self._states:
-                path = self._path(tenant)
-                self._states[tenant] = TenantState.model_validate_json(self.fs.cat_file(path)) \
-                    if self.fs.exists(path) else TenantState()  # from the log's start: nothing is skipped
+                self._states[tenant] = self._load(tenant)
                 self._saved[tenant] = self._states[tenant].cursor
             return self._states[tenant]
+
+    @store_io("read")
+    def _load(self, tenant: str) -> TenantState:
+        path = self._path(tenant)
+        return TenantState.model_validate_json(self.fs.cat_file(path)) if self.fs.exists(path) \
+            else TenantState()  # from the log's start: nothing is skipped
 
     def snapshot(self, tenant: str) -> TenantState:
         """A copy of the tenant's pending, running and recently finished recalibrations."""

@@ -27,6 +27,7 @@ from raytwin.query_pages import (
     parse_sort,
 )
 from raytwin.query_pages import needs_state as shown_state
+from raytwin.store_failures import store_io
 from serve_apps.asset_queries import LiveStates
 from serve_apps.auth import Principal, Role
 from serve_apps.bulk import REPORT, Caller
@@ -151,7 +152,7 @@ def register(app: FastAPI) -> None:
             raise Conflict(f"job {job_id} is {job.state}; its report is there once it succeeded: poll "
                            f"GET /v1/jobs/{job_id}")
         path = svc.config.url("jobs", who.tenant, job_id, REPORT)
-        return BulkReport.model_validate_json(await run_in_threadpool(svc.fs.cat_file, path))
+        return BulkReport.model_validate_json(await run_in_threadpool(store_io("read")(svc.fs.cat_file), path))
 
     @app.get("/v1/assets/{asset_id}/graph", response_model=AssetGraph, tags=["assets"])
     async def asset_graph(

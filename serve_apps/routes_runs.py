@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 from raytwin.modelcode import ModelCode
 from raytwin.storage import filesystem, scrub_locations
+from raytwin.store_failures import store_io
 from serve_apps.auth import Principal
 from serve_apps.deps import FILE_DOWNLOAD, READER, SVC, Services
 from serve_apps.downloads import file_response, file_responses
@@ -107,7 +108,8 @@ async def get_run_file(run_id: RunIdPath, name: str, credential: StreamCredentia
     if name not in record.outputs:
         raise NotFound(f"run {run_id} has no output file {name!r}; files: {sorted(record.outputs)}")
     fs, root = filesystem(record.output_url, svc.config.storage_options)
-    if not await run_in_threadpool(fs.isfile, f"{root}/{name}"):  # else a 200 whose stream fails after its headers
+    there = store_io("read")(fs.isfile)
+    if not await run_in_threadpool(there, f"{root}/{name}"):  # else a 200 whose stream fails after its headers
         raise removed_from_store(f"run {run_id}'s output file {name!r} is", "`raytwin rerun` makes it again")
     media = MEDIA_TYPES.get(name[name.rfind("."):], "application/octet-stream")
     return file_response(fs, f"{root}/{name}", record.outputs[name], media, f"{run_id}-{name}", credential)

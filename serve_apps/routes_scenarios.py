@@ -16,6 +16,7 @@ from raytwin.provenance import code_version, package_versions
 from raytwin.registry import ModelArtifact
 from raytwin.sim import get_model
 from raytwin.storage import file_sha256, filesystem
+from raytwin.store_failures import store_io
 from serve_apps.auth import Principal
 from serve_apps.conditional import state_etag
 from serve_apps.deps import FILE_DOWNLOAD, READER, SVC, WRITABLE, WRITER, Services
@@ -270,6 +271,7 @@ async def _finished(svc: Services, who: Principal, job_id: str) -> JobRecord:
     return job
 
 
+@store_io("read")  # (the dataset reads its rows lazily)
 def _read_rows(svc: Services, url: str, limit: int) -> list[dict[str, Any]]:
     return open_dataset(url, svc.config.storage_options or None).head(limit).to_pylist() if limit else []
 

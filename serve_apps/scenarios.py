@@ -46,6 +46,7 @@ from raytwin.sim import get_model, simulate, unstack
 from raytwin.sim.checks import UnstableStepError, check_step
 from raytwin.sim.precision import in_float64
 from raytwin.storage import filesystem
+from raytwin.store_failures import store_io
 from serve_apps.errors import Diverged, Unprocessable, unwrap
 from sweeps.aggregate import open_dataset, quantiles
 from sweeps.fmu import FmuSweepSpec
@@ -160,11 +161,12 @@ def scenario_to_store(prepared: PreparedScenario, out_url: str, storage_options:
     table = summary_table(prepared, run(prepared))
     seconds = time.perf_counter() - t0
     metrics.SCENARIO_STEPS.inc(prepared.n_steps, kind="scenario")
-    fs, root = filesystem(out_url, storage_options)
-    fs.makedirs(root, exist_ok=True)
     buf = io.BytesIO()
     pq.write_table(table, buf)
-    fs.pipe_file(f"{root}/{part_name(0)}", buf.getvalue())
+    fs, root = filesystem(out_url, storage_options)
+    with store_io("write"):
+        fs.makedirs(root, exist_ok=True)
+        fs.pipe_file(f"{root}/{part_name(0)}", buf.getvalue())
     return {"quantiles": quantiles(out_url, storage_options=storage_options).to_pylist(), "compute_s": seconds,
             "steps": prepared.n_steps, "result_url": out_url, "run_id": None,
             "outputs": {part_name(0): hashlib.sha256(buf.getvalue()).hexdigest()}}

@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 
 from raytwin.storage import filesystem
+from raytwin.store_failures import store_io
 
 DEFAULT_QUANTILES = (0.05, 0.5, 0.95)
 MAX_GROUPS = 10_000
@@ -51,6 +52,7 @@ class IncompleteRun(ValueError):
     the run stopped, in index order (a grid's first rows: one corner of its space), so its bands are not the sweep's."""
 
 
+@store_io("read")
 def open_dataset(url: str, storage_options: dict | None = None, *, partial: bool = False) -> ds.Dataset:
     """The sweep's metrics dataset: exactly the ``part-<n>.parquet`` files (trajectories are separate).
 
@@ -92,6 +94,7 @@ def _check_complete(fs, root: str, url: str, present: set[str], dataset: ds.Data
                         "rerun the sweep, or read what is there with partial=True (CLI: --partial)")
 
 
+@store_io("read")  # (the dataset reads its rows lazily)
 def quantiles(
     url: str,
     metrics: Sequence[str] | None = None,

@@ -54,7 +54,7 @@ from raytwin.sim.checks import check_params
 from raytwin.sim.model import Var
 from raytwin.sim.cpu import use_cpu_backend
 from raytwin.sim.precision import in_float64
-from raytwin.storage import canonical_json, filesystem, replace_file
+from raytwin.storage import canonical_json, filesystem, make_folder, replace_file
 from raytwin.units import UnitError, to_unit
 from sweeps.pem import pem_fit
 from sweeps.spec import resolve_model
@@ -790,7 +790,7 @@ def _calibrate(spec: CalibrationSpec, out_url: str,
         )
         log.info("calibration registered model=%s", spec.register_as)
     fs, root = filesystem(out_url, storage_options)
-    fs.makedirs(root, exist_ok=True)
+    make_folder(fs, root)
     body = result.model_dump(mode="json", exclude=None if result.warnings else {"warnings"})
     files = {RESULT_FILE: canonical_json(body), PLOT_FILE: plot_fit(problem, theta)}
     for name, data in files.items():

@@ -34,7 +34,7 @@ from raytwin.contracts import Finite, Identifier, Spec, whole_steps
 from raytwin.fmu import FmuModel, FmuScenario, calibrate_fmu, run_fmu_sweep
 from raytwin.registry import ModelArtifact
 from raytwin.sim.model import Input, Param, State
-from raytwin.storage import canonical_json, filesystem, replace_file
+from raytwin.storage import canonical_json, filesystem, make_folder, replace_file
 from sweeps.calibration import MAX_TRIALS, CalibrationError, declared_columns, no_finite_loss, read_telemetry
 from sweeps.runner import ensure_ray, part_name, write_parquet
 from sweeps.space import ScenarioSpace
@@ -163,7 +163,7 @@ def run_fmu_spec(spec: FmuSweepSpec, out_url: str, storage_options: dict | None 
     })
     name = part_name(0)
     fs, root = filesystem(out_url, storage_options)
-    fs.makedirs(root, exist_ok=True)
+    make_folder(fs, root)
     digest = write_parquet(table, f"{out_url.rstrip('/')}/{name}", storage_options)
     summary = {"scenarios": len(scenarios), "failed": len(result.failed), "workers": len(result.instantiations),
                "elapsed_s": round(elapsed, 3), "scenario_steps_per_s": round(len(scenarios) * spec.n_steps / elapsed, 1)}
@@ -230,7 +230,7 @@ def calibrate_fmu_spec(spec: FmuCalibrationSpec, out_url: str, storage_options: 
                                           "narrow the free ranges or check start_state and parameters"))
     body = canonical_json({"parameters": fit.params, "loss": fit.loss, "observed": observed})
     fs, root = filesystem(out_url, storage_options)
-    fs.makedirs(root, exist_ok=True)
+    make_folder(fs, root)
     replace_file(fs, f"{root}/{CALIBRATION_FILE}", body)
     summary = {"parameters": fit.params, "loss": fit.loss, "trials": fit.trials, "evaluations": fit.evaluations}
     return {CALIBRATION_FILE: hashlib.sha256(body).hexdigest()}, summary

@@ -31,6 +31,7 @@ from raytwin.estimation import model_defaults
 from raytwin.registry import JOB_KEY, POLICY_SET_BY, ModelArtifact, ModelRegistry, RegistryError
 from raytwin.statestore import StateStore, from_micros, to_micros
 from raytwin.storage import filesystem
+from raytwin.store_failures import store_io
 from sweeps.calibration import CalibrationSpec
 from sweeps.runs import recorded_calibration
 from sweeps.tune_groups import owned_by
@@ -162,11 +163,12 @@ def _zero_order_hold(column: np.ndarray, default: float) -> np.ndarray:
 
 
 def write_window(table: pa.Table, url: str, storage_options: dict[str, Any] | None = None) -> None:
-    fs, path = filesystem(url, storage_options)
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     sink = io.BytesIO()
     pq.write_table(table, sink)
-    fs.pipe_file(path, sink.getvalue())
+    fs, path = filesystem(url, storage_options)
+    with store_io("write"):
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        fs.pipe_file(path, sink.getvalue())
 
 
 def recalibrate(work: RecalibrationWork) -> Recalibrated:

@@ -58,7 +58,8 @@ from raytwin.scenario_metrics import Metric
 from raytwin.signals import Schedule
 from raytwin.sim import rollout
 from raytwin.sim.precision import float64
-from raytwin.storage import filesystem, replace_file
+from raytwin.storage import filesystem, make_folder, replace_file
+from raytwin.store_failures import store_io
 from sweeps.aggregate import open_dataset
 from sweeps.calibration import CalibrationResult
 from sweeps.engine import chunk_metrics
@@ -398,9 +399,11 @@ def _ensemble_scales(spec: RecommendSpec, base: dict[str, float], runs: str | No
             raise RecommendError("ensemble.calibration_run needs the runs root it was recorded in")
         fs, root = filesystem(runs.rstrip("/"), storage_options)
         path = f"{root}/{e.calibration_run}/output/calibration.json"
-        if not fs.exists(path):
-            raise RecommendError(f"no calibration result for run {e.calibration_run!r} under {runs}")
-        result = CalibrationResult.model_validate_json(fs.cat_file(path))
+        with store_io("read"):
+            if not fs.exists(path):
+                raise RecommendError(f"no calibration result for run {e.calibration_run!r} under {runs}")
+            body = fs.cat_file(path)
+        result = CalibrationResult.model_validate_json(body)
         names, rel = result.free, np.array([result.rel_std[n] for n in result.free])
         cov = np.outer(rel, rel) * np.asarray(result.correlation)
         source = f"calibration run {e.calibration_run} (covariance of {', '.join(names)})"
@@ -498,7 +501,8 @@ def _sampled_search(spec: RecommendSpec, out_url: str, storage_options: dict | N
     result = run_sweep(tight.sweep_spec(space), out_url, storage_options=storage_options, progress=False)
     columns = [spec.objective, *(m.name for b in spec.constraints for m in b.metrics()),
                *(f"input.{n}" for n in spec.block_names)]
-    table = open_dataset(out_url, storage_options).to_table(columns=columns)
+    with store_io("read"):
+        table = open_dataset(out_url, storage_options).to_table(columns=columns)
     data = {c: table.column(c).to_numpy() for c in columns}
     inside = np.ones(table.num_rows, bool)
     for b in spec.constraints:
@@ -655,7 +659,7 @@ def recommend(spec: RecommendSpec, out_url: str | None = None, *, runs: str | No
 def write_result(answer: Recommendation, out_url: str, storage_options: dict | None) -> dict[str, str]:
     """Write `recommendation.json` under `out_url`; file name -> SHA-256 of everything written there."""
     fs, root = filesystem(out_url.rstrip("/"), storage_options)
-    fs.makedirs(root, exist_ok=True)
+    make_folder(fs, root)
     body = json.dumps(answer.model_dump(mode="json", exclude={"run_id"}), sort_keys=True).encode()
     replace_file(fs, f"{root}/{RESULT_FILE}", body)
     outputs = {RESULT_FILE: hashlib.sha256(body).hexdigest()}
@@ -692,7 +696,9 @@ def load_recommendation(run_id: str, *, runs: str = DEFAULT_RUNS_ROOT,
     if record.kind != "recommendation" or record.status != "succeeded":
         raise RunError(f"run {run_id} is a {record.status} {record.kind}, not a succeeded recommendation")
     fs, root = filesystem(record.output_url, storage_options)
-    answer = Recommendation.model_validate_json(fs.cat_file(f"{root}/{RESULT_FILE}"))
+    with store_io("read"):
+        body = fs.cat_file(f"{root}/{RESULT_FILE}")
+    answer = Recommendation.model_validate_json(body)
     return answer.model_copy(update={"run_id": run_id})
 
 

@@ -32,6 +32,7 @@ from raytwin.sim.cpu import cpu_only, start_single_core_backend
 from raytwin.sim.discovery import simulator_label
 from raytwin.sim.integrate import integration_dtype
 from raytwin.storage import filesystem
+from raytwin.store_failures import store_io
 from sweeps import engine
 from sweeps.engine import Bases
 from sweeps.kits import SweepKit
@@ -128,6 +129,7 @@ class _HashingWriter:
         self.closed = True  # the caller closes `file`
 
 
+@store_io("write")
 def write_parquet(table: pa.Table, url: str, storage_options: dict | None) -> str:
     """Write `table` to `url` atomically (temporary name, then rename); return the bytes' SHA-256.
 
@@ -328,9 +330,10 @@ def run_sweep(
     simulator, bases = prepare(spec)
     out_url = absolute_url(out_url).rstrip("/")
     fs, root = filesystem(out_url, storage_options)
-    if fs.exists(root) and fs.ls(root, detail=False):
-        raise FileExistsError(f"sweep output {out_url} is not empty; give a fresh location")
-    fs.makedirs(root, exist_ok=True)
+    with store_io("write"):
+        if fs.exists(root) and fs.ls(root, detail=False):
+            raise FileExistsError(f"sweep output {out_url} is not empty; give a fresh location")
+        fs.makedirs(root, exist_ok=True)
     ensure_ray()
     n, size = spec.space.size, spec.batch_size
     n_chunks = -(-n // size)

@@ -27,6 +27,7 @@ from raytwin.modelcode import ModelCode, code_identity, describe_change
 from raytwin.provenance import code_version, package_versions
 from raytwin.ray_connect import cancels_deferred
 from raytwin.storage import canonical_json, filesystem, replace_file
+from raytwin.store_failures import store_io
 from sweeps.aggregate import RUN_OUTPUT, RUN_RECORD
 from sweeps.calibration import CalibrationError, CalibrationSpec, calibrate, read_telemetry
 from sweeps.fmu import FmuCalibrationSpec, FmuSweepSpec, calibrate_fmu_spec, run_fmu_spec
@@ -94,16 +95,19 @@ class RunStore:
     def save(self, record: RunRecord) -> None:
         replace_file(self.fs, f"{self.path}/{record.run_id}/{RUN_RECORD}", canonical_json(record.model_dump(mode="json")))
 
+    @store_io("read")
     def exists(self, run_id: str) -> bool:
         """Whether run `run_id` left its record (a run stopped before it began has none)."""
         return self.fs.exists(f"{self.path}/{run_id}/{RUN_RECORD}")
 
+    @store_io("read")
     def load(self, run_id: str) -> RunRecord:
         path = f"{self.path}/{run_id}/{RUN_RECORD}"
         if not self.fs.exists(path):
             raise RunError(f"no run {run_id!r} under {self.root}")
         return RunRecord.model_validate_json(self.fs.cat_file(path))
 
+    @store_io("read")
     def list(self) -> list[RunRecord]:
         if not self.fs.exists(self.path):
             return []

@@ -35,6 +35,7 @@ from raytwin import units
 from raytwin.modelcode import ModelCode, file_code
 from raytwin.sim.model import Declared, Input, ModelCheckError, Output, Param, State
 from raytwin.storage import filesystem
+from raytwin.store_failures import store_io
 
 REAL_TYPES = ("Real", "Float64", "Float32")
 """FMI 2.0 and 3.0 names of the variable types RayTwin maps."""
@@ -243,7 +244,8 @@ def _local_copy(url: str, expected_hash: str | None) -> str:
             cache.mkdir(parents=True, exist_ok=True)
             fd, part = tempfile.mkstemp(dir=cache, suffix=".part")
             os.close(fd)
-            fs.get_file(path, part)
+            with store_io("read"):
+                fs.get_file(path, part)
             local = str(cache / f"{sha256_file(part)}.fmu")
             os.replace(part, local)
     else:
@@ -263,8 +265,9 @@ def store_fmu(path: str | os.PathLike, url: str) -> FmuModel:
     digest = sha256_file(path)
     fs, root = filesystem(url)
     target = f"{root}/fmus/{digest}.fmu"
-    if not fs.exists(target):
-        fs.makedirs(f"{root}/fmus", exist_ok=True)
-        fs.put_file(str(path), target)
+    with store_io("write"):
+        if not fs.exists(target):
+            fs.makedirs(f"{root}/fmus", exist_ok=True)
+            fs.put_file(str(path), target)
     stored = target if "://" not in url else f"{url.rstrip('/')}/fmus/{digest}.fmu"
     return FmuModel.load(stored, expected_hash=digest)
