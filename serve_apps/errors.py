@@ -268,7 +268,7 @@ def install_error_handlers(app: FastAPI) -> None:
                                   "the store) before it can write")
         from serve_apps.store_errors import store_failure  # (it builds on this module's ApiError)
 
-        store = store_failure(exc)  # (Ray's text of a traceback from another process tells whether the store raised)
+        store = store_failure(exc)  # (a `StoreIOError`, raised here or in another process)
         if store is not None:  # a full disk, an S3 outage: the operator's to fix, the client's to resend
             log.error("event=store_unavailable request_id=%s path=%s error=%s: %s",
                       getattr(request.state, "request_id", None), request.url.path, type(err).__name__, err)

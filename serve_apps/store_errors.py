@@ -7,20 +7,15 @@ operator's act, and the request is worth resending. The message names the error 
 from __future__ import annotations
 
 import errno
-import re
-import traceback
 from functools import partial
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from starlette.requests import Request
 
 from raytwin.storage import scrub_locations
-from raytwin.store_failures import FAILURE_CLASSES, FailureClass, StoreIOError, failure_class
+from raytwin.store_failures import FAILURE_CLASSES, FailureClass, StoreIOError
 from serve_apps.errors import ApiError, unwrap
 from serve_apps.resend import advice
-
-if TYPE_CHECKING:
-    from ray.exceptions import RayTaskError
 
 Reason = FailureClass | Literal["no_writes", "shards_down"]
 """Why the store is unavailable: a class of its failure, or no_writes (its writes stopped landing, no error seen);
@@ -64,57 +59,19 @@ class StoreUnavailable(ApiError):
 
 
 def store_failure(exc: BaseException) -> StoreUnavailable | None:
-    """`exc` (as raised, perhaps wrapped by Ray) as a 503 when it is the store being unavailable: a
-    `StoreIOError` of the storage layer (by its type, in this process or another), or a failure of a class
-    `raytwin.store_failures.failure_class` knows raised by the store's libraries under RayTwin's other modules
-    (`raised_by_store`). None: another failure, answered as such (a bug's 500)."""
+    """`exc` (as raised, perhaps wrapped by Ray) as a 503 when it is the store being unavailable: a `StoreIOError`
+    (`raytwin.store_failures.store_io`: every store read and write raises its outages so, and the type survives
+    Ray's pickling of another process's error). None: another failure, answered as such (a bug's 500), though it
+    be an OSError: one raised elsewhere (an FMU's library, a connector's broker) would send its operator to a
+    healthy store."""
     cause = unwrap(exc)
-    if isinstance(cause, StoreIOError):
-        error, failure = cause.error, cause.failure
-    else:
-        error, failure = failure_class(cause), type(cause).__name__
-        if error is None or not raised_by_store(exc):
-            return None
-    if error in ("unreachable", "timeout"):
+    if not isinstance(cause, StoreIOError):
+        return None
+    if cause.error in ("unreachable", "timeout"):
         hint = _UNREACHABLE
     else:
-        hint = _HINTS.get(getattr(cause, "errno", None) or 0,
-                          "the store failed an I/O operation: check its disk or endpoint")
-    return unavailable(f"{failure}: {scrub_locations(str(cause))}", error, hint)
-
-
-_STORE_CODE = re.compile(r"[/\\](?:fsspec|s3fs|aiobotocore|botocore|pyarrow)[/\\]"
-                         r"|[/\\]raytwin[/\\](?:storage|statestore|logsegments)\.py$")
-"""The storage layer's files: fsspec and its S3 stack, pyarrow's file I/O, RayTwin's store modules (whose own
-operations raise `StoreIOError`; the modules above them call fsspec and pyarrow directly)."""
-_FRAME_FILE = re.compile(r'^\s*File "([^"]+)", line', re.MULTILINE)
-
-
-def raised_by_store(exc: BaseException) -> bool:
-    """Whether `exc`, no `StoreIOError`, came out of the storage layer (`_STORE_CODE` on its way up): the modules
-    that call fsspec and pyarrow directly (the catalog, the change log, the registry...) raise its failures
-    untyped. An OSError or a connection error raised elsewhere (an FMU's library, a connector's broker, another
-    service) is no store outage, and a 503 `store_unavailable` would send its operator to a healthy store. Another
-    process's error (the backend's) has lost its traceback to Ray's pickling: Ray's text of it (in the
-    `RayTaskError`'s) says."""
-    files = [frame.filename for e in {exc, unwrap(exc)} for frame in traceback.extract_tb(e.__traceback__)]
-    for wrapper in _ray_wrappers(exc):
-        files += _FRAME_FILE.findall(str(wrapper))  # its text: Ray's copy of the other process's traceback
-    return any(_STORE_CODE.search(name) for name in files)
-
-
-def _ray_wrappers(exc: BaseException) -> list[RayTaskError]:
-    """The `RayTaskError`s around `exc`: its own (it is one), or those it was unwrapped from and raised in the
-    handling of (`deps.BackendClient.call`: `raise unwrap(exc) from None` keeps them as its `__context__`)."""
-    from ray.exceptions import RayTaskError  # here: the client imports this module's neighbours without Ray
-
-    context = exc.__context__
-    outer = context if isinstance(context, RayTaskError) and unwrap(context) is exc else exc
-    wrappers = []
-    while isinstance(outer, RayTaskError):
-        wrappers.append(outer)
-        outer = outer.cause
-    return wrappers
+        hint = _HINTS.get(cause.errno or 0, "the store failed an I/O operation: check its disk or endpoint")
+    return unavailable(f"{cause.failure}: {scrub_locations(str(cause))}", cause.error, hint)
 
 
 def unavailable(cause: str, error: Reason, hint: str = _UNREACHABLE) -> StoreUnavailable:

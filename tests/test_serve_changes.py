@@ -601,7 +601,8 @@ DISK_FULL = OSError(28, "No space left on device")
 
 def _failing_writes(log: ChangeLog, failures: list[Exception]) -> None:
     """Make the log's store writes raise `failures` in turn (one per write), then write again (the store is back).
-    Raised by the store's filesystem, under the storage layer, as a disk's errors are (`raised_by_store`)."""
+    Raised by the store's filesystem, under the storage layer, as a disk's errors are (`replace_file` raises them as
+    `StoreIOError`)."""
     fs = log.store.fs
 
     class Failing:

@@ -467,8 +467,8 @@ class _FailingStore:
 
 
 def _raised_in_a_shard(failure: BaseException, through_the_store: bool) -> BaseException:
-    """`failure` raised in a shard as Ray hands it to the shard's caller: a copy of it (pickled: no traceback),
-    the traceback only in Ray's text."""
+    """`failure` raised in a shard (by a store write: as `StoreIOError`) as Ray hands it to the shard's caller: a
+    copy of it (pickled: no traceback), the traceback only in Ray's text."""
     import traceback
 
     from raytwin.storage import replace_file
@@ -535,9 +535,10 @@ def test_only_the_stores_own_failures_answer_503_store_unavailable():
 
 
 def test_the_storage_layers_failure_answers_503_by_its_type_and_the_same_oserror_elsewhere_500():
-    """The 503 mapping told the store's failures from others by the files named in their traceback alone (Ray's
-    text of it for another process's error): one whose text names no file of the storage layer answered 500. The
-    storage layer raises its outages as `StoreIOError`, a type that Ray's copy keeps."""
+    """The 503 mapping told the store's failures from others by the files named in their traceback (Ray's text of
+    it for another process's error): one whose text named no file of the storage layer answered 500, and another
+    OSError whose traceback passed through fsspec answered 503. Every store read and write raises its outages as
+    `StoreIOError`, a type that Ray's copy keeps, and the mapping goes by that type alone."""
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
@@ -551,7 +552,11 @@ def test_the_storage_layers_failure_answers_503_by_its_type_and_the_same_oserror
         replace_file(_FailingStore(full), "twins/registrations/a.json", b"{}")
     assert raised.value.__cause__ is full and (raised.value.operation, raised.value.error) == ("write", "disk_full")
     text = 'Traceback (most recent call last):\n  File "ingest.py", line 9, in apply\nOSError: [Errno 28] No space'
-    raised = {"store": _from_a_shard(raised.value, text), "elsewhere": _from_a_shard(full, text)}
+    through_fsspec = ('Traceback (most recent call last):\n  File "/venv/site-packages/fsspec/spec.py", line 9, in '
+                      'cat_file\n  File "/srv/raytwin/raytwin/storage.py", line 80, in replace_file\nOSError: '
+                      '[Errno 28] No space')
+    raised = {"store": _from_a_shard(raised.value, text), "elsewhere": _from_a_shard(full, text),
+              "untyped": _from_a_shard(full, through_fsspec)}
 
     async def remote(case: str) -> None:
         raise raised[case]
@@ -569,8 +574,9 @@ def test_the_storage_layers_failure_answers_503_by_its_type_and_the_same_oserror
     assert store.status_code == 503 and store.json()["error"]["code"] == "store_unavailable", store.text
     assert "OSError: [Errno 28] No space left on device" in store.json()["error"]["message"]
     assert "disk is full" in store.json()["error"]["message"]
-    elsewhere = http.post("/backend/elsewhere")  # the same OSError, raised outside the storage layer: a bug
-    assert (elsewhere.status_code, elsewhere.json()["error"]["code"]) == (500, "internal"), elsewhere.text
+    for case in ("elsewhere", "untyped"):  # the same OSError, not raised by a store read or write: a bug
+        other = http.post(f"/backend/{case}")
+        assert (other.status_code, other.json()["error"]["code"]) == (500, "internal"), (case, other.text)
 
 
 class HealthBackend:
