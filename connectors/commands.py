@@ -127,10 +127,11 @@ class CommandLedger:
         return command
 
     def propose(self, tenant: str, connector: str, asset_id: str, name: str, value: dict[str, Any],
-                by: str, recommendation_id: str | None = None) -> Command:
-        command = Command(id=uuid.uuid4().hex, correlation_id=uuid.uuid4().hex, tenant=tenant, connector=connector,
-                          asset_id=asset_id, name=name, value=value, status=CommandStatus.proposed, proposed_by=by,
-                          recommendation_id=recommendation_id,
+                by: str, recommendation_id: str | None = None, command_id: str | None = None) -> Command:
+        """A new proposed command; `command_id`: one the caller chose (to audit its intent before), else a new one."""
+        command = Command(id=command_id or uuid.uuid4().hex, correlation_id=uuid.uuid4().hex, tenant=tenant,
+                          connector=connector, asset_id=asset_id, name=name, value=value,
+                          status=CommandStatus.proposed, proposed_by=by, recommendation_id=recommendation_id,
                           history=[Transition(status=CommandStatus.proposed, at=datetime.now(UTC), by=by)])
         return self._save(command)
 

@@ -319,14 +319,14 @@ class Connectors:
 
     # ------------------------------------------------------------------ commands ----
     def propose(self, tenant: str, connector: str, asset_id: str, name: str, value: dict[str, Any],
-                by: str, recommendation_id: str | None = None) -> Command:
+                by: str, recommendation_id: str | None = None, command_id: str | None = None) -> Command:
         """Record a command for an asset this tenant's connector serves; nothing is sent before approval."""
         spec = self.spec(tenant, connector)
         if self._assets and asset_id not in set(self._assets(tenant)):
             raise UnknownConnector(f"no asset {asset_id!r} for tenant {tenant!r}")
         if problem := kind_of(spec.kind).command_problem(spec, asset_id, name, value):
             raise InvalidConnector(f"command {name!r} for {asset_id}: {problem}")
-        return self.ledger.propose(tenant, connector, asset_id, name, value, by, recommendation_id)
+        return self.ledger.propose(tenant, connector, asset_id, name, value, by, recommendation_id, command_id)
 
     def approve(self, tenant: str, command_id: str, by: str) -> Command:
         """Approve (by another key than the proposer's) and send through the connector's actor."""

@@ -43,6 +43,9 @@ Action = Literal["submit", "stage", "promote", "archive", "rollback", "prune", "
 """`evaluate` records evidence (a shadow evaluation) without moving the version."""
 APPROVER = "approver"
 GENESIS = "0" * 64
+ACTION_TO: dict[Stage, Action] = {"candidate": "submit", "staging": "stage", "production": "promote",
+                                  "archived": "archive"}
+"""The action a transition to a stage is recorded as (what its audit record is named before it is recorded)."""
 NEXT: dict[Stage, tuple[Stage, ...]] = {
     "candidate": ("staging", "archived"), "staging": ("production", "archived"),
     "production": ("archived",), "archived": (),
@@ -369,7 +372,7 @@ class ModelLifecycle:
             automatic = self._approve(state, current, actor)
         elif current.stage == "production":  # out of production, with no way back in: as grave as a promotion
             automatic = self._approver_or_policy(state, actor, f"archiving {ref}, the production version,")
-        action: Action = {"staging": "stage", "production": "promote", "archived": "archive"}[to]
+        action = ACTION_TO[to]
         displaced = state.production if to == "production" else None
         return self._append(state, version, action, current.stage, to, actor, reason, evidence,
                             displaced=displaced, automatic=automatic)

@@ -5,12 +5,12 @@ Each record is one JSON line in its own object
 to a file and several ingress replicas write at once, so records are never rewritten, only added,
 and the log is the time-ordered union of the objects (names sort by time).
 
-An action with an effect beyond the store (a command sent to a device, a connector started, a run submitted) is
-audited in two records: its `intent`, written before acting (no record, no action), and its `outcome`, written
-after. Both carry one `action_id`, which is also their objects' uuid, so a reader tells from the names alone
-whether an intent has its outcome: one without it (the store failed after the action, or the action is still
-under way) is answered with `outcome_missing: true`. A record of one step (a refusal, a record written before
-intents existed) has neither field, as before.
+An action (a command sent to a device, a connector started, a run submitted, a type published, a model moved, a
+policy set) is audited in two records: its `intent`, written before acting
+(no record, no action), and its `outcome`, written after. Both carry one `action_id`, which is also their objects'
+uuid, so a reader tells from the names alone whether an intent has its outcome: one without it (the store failed
+after the action, or the action is still under way) is answered with `outcome_missing: true`. A record of one step
+(a refusal, a stream's end, a record written before intents existed) has neither field, as before.
 """
 
 from __future__ import annotations

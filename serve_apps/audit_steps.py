@@ -1,15 +1,18 @@
 """An action audited in two steps, so that none takes place unaudited: its intent before it acts, its outcome after.
 
-For actions whose effect lies beyond their own records (a command sent to a device, a connector started, a twin
-started or stopped with its asset, a run submitted): `begin` writes the intent and refuses the action, with a 503
-saying that nothing was done, where the store does not take it; `settle` writes the outcome, which a store failure
-only logs (the action took place; its intent, read as `outcome_missing`, says what it was). The API's routes
-(`serve_apps.deps.Services.audited`) and the backend's bulk jobs (`serve_apps.bulk`) use the same two steps."""
+For every action, those whose effect lies beyond their own records (a command sent to a device, a connector
+started, a twin started or stopped with its asset, a run submitted) and those on the store alone (a type published,
+a transition, a policy set): `begin` writes the intent and refuses the action, with a 503 saying that nothing was
+done, where the store does not take it; `settle` writes the outcome, which a store failure only logs (the action
+took place; its intent, read as `outcome_missing`, says what it was). The API's routes
+(`serve_apps.deps.Services.audited`) and the backend's bulk jobs' items (`audited`) use the same two steps."""
 
 from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -47,6 +50,21 @@ def settle(audit: AuditLog, intent: AuditRecord, details: dict[str, Any]) -> Non
         log.exception("event=audit_failed phase=outcome action=%s target=%s action_id=%s request_id=%s "
                       "tenant=%s key_id=%s", intent.action, intent.target, intent.action_id, intent.request_id,
                       intent.tenant, intent.key_id)
+
+
+@contextmanager
+def audited(audit: AuditLog, record: AuditRecord) -> Iterator[dict[str, Any]]:
+    """`record`'s action in two steps around the body, for code off the event loop (the backend): `begin` (its
+    `StoreUnavailable` means the body did not run), then `settle` with `record.details`, what the body put in the
+    yielded dict (what it did before it raised, too) and ``status`` done, or refused/error as the body raised."""
+    intent = begin(audit, record)
+    outcome: dict[str, Any] = {}
+    try:
+        yield outcome
+    except Exception as exc:
+        settle(audit, intent, {**record.details, **outcome, **outcome_of(exc)})
+        raise
+    settle(audit, intent, {**record.details, "status": "done", **outcome})
 
 
 def outcome_of(exc: Exception) -> dict[str, Any]:

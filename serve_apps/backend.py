@@ -721,9 +721,9 @@ class Backend:
         self.check_writable()
         return self.jobs.submit(tenant, key_id, asset_id, model_ref, content_hash, work, start_time, start)
 
-    async def submit_bulk(self, caller: Caller, request: BulkRequest, asset_ids: list[str]) -> Job:
+    async def submit_bulk(self, caller: Caller, request: BulkRequest, asset_ids: list[str], job_id: str) -> Job:
         self.check_writable()
-        return self.jobs.submit_bulk(BulkWork(caller, request, asset_ids, self, self.audit))
+        return self.jobs.submit_bulk(BulkWork(caller, request, asset_ids, self, self.audit, job_id))
 
     async def cancel_job(self, tenant: str, job_id: str, key_id: str) -> Job:
         return self.jobs.cancel(tenant, job_id, key_id)

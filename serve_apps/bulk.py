@@ -16,15 +16,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from raytwin.contracts import Asset
 from serve_apps.audit import AuditLog, AuditRecord
-from serve_apps.audit_steps import begin, outcome_of, settle
+from serve_apps.audit_steps import audited
 from serve_apps.conditional import EntityTags, Precondition
 from serve_apps.errors import ApiError, PreconditionFailed, Unprocessable
 from serve_apps.query_schemas import BulkItem, BulkProgress, BulkReport, BulkRequest
@@ -59,13 +59,12 @@ class BulkWork:
     asset_ids: list[str]
     backend: Writes
     audit: AuditLog
-    job_id: str = ""
+    job_id: str  # chosen by the submitting request, which audits it first
 
     async def run(self, job: Any, save: Callable[[Any], None], write: Callable[[Any, str, bytes], str]
                   ) -> dict[str, Any]:
         """Apply the operation to every asset; the job's result (`JobQueue` fields) with the report's URL."""
         t0 = time.perf_counter()
-        self.job_id = job.job_id
         progress: BulkProgress = job.bulk
         items: list[BulkItem] = []
         for asset_id in self.asset_ids:
@@ -119,19 +118,12 @@ class BulkWork:
                                 f"{MAX_METADATA_KEYS}")
         return asset.model_copy(update={"metadata": metadata})
 
-    @contextmanager
-    def _audited(self, action: str, target: str, details: dict[str, Any]) -> Iterator[None]:
+    def _audited(self, action: str, target: str, details: dict[str, Any]) -> AbstractContextManager[dict[str, Any]]:
         """One asset's change audited in two steps (`serve_apps.audit_steps`), as the API's own writes are: its
         intent first (the item fails, `store_unavailable`, with nothing done where the store refuses it), its
         outcome after; both with the job's id, action and query."""
         c = self.caller
         details = {**details, "bulk": {"job_id": self.job_id, "action": self.request.action, "q": self.request.q}}
-        intent = begin(self.audit, AuditRecord(time=datetime.now(UTC), request_id=c.request_id, key_id=c.key_id,
+        return audited(self.audit, AuditRecord(time=datetime.now(UTC), request_id=c.request_id, key_id=c.key_id,
                                                tenant=c.tenant, role=c.role, action=action, target=target,
                                                details=details))
-        try:
-            yield
-        except Exception as exc:
-            settle(self.audit, intent, {**details, **outcome_of(exc)})
-            raise
-        settle(self.audit, intent, {**details, "status": "done"})

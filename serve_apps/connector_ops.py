@@ -141,9 +141,9 @@ class ConnectorOps:
 
     @_api_errors
     def propose(self, tenant: str, connector: str, asset_id: str, name: str, value: dict[str, Any],
-                by: str, recommendation_id: str | None = None) -> dict[str, Any]:
-        return self.connectors.propose(tenant, connector, asset_id, name, value, by,
-                                       recommendation_id).model_dump(mode="json")
+                by: str, recommendation_id: str | None = None, command_id: str | None = None) -> dict[str, Any]:
+        return self.connectors.propose(tenant, connector, asset_id, name, value, by, recommendation_id,
+                                       command_id).model_dump(mode="json")
 
     @_api_errors
     def approve(self, tenant: str, command_id: str, by: str) -> dict[str, Any]:

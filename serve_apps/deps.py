@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 from raytwin.contracts import IDENTIFIER_PATTERN
 from serve_apps.audit import AuditLog, AuditRecord
-from serve_apps.audit_steps import begin, outcome_of, settle
+from serve_apps.audit_steps import audited
 from serve_apps.auth import BEARER_CHALLENGE, SEND_A_KEY, KeyStore, Principal, Role, digest, parse_credentials
 from serve_apps.change_stream import HeadWatcher
 from serve_apps.changes import ChangeStore
@@ -87,24 +87,23 @@ class Services:
     @asynccontextmanager
     async def audited(self, request: Request, who: Principal, action: str, target: str,
                       **attempted: Any) -> AsyncIterator[dict[str, Any]]:
-        """Audit an action whose effect lies beyond its own records in two steps (`serve_apps.audit_steps`): its
-        intent (`attempted`) before the body acts, and a 503 that does not act where the intent cannot be written;
-        its outcome after: `attempted` again (the outcome reads as the one record written after the action did
-        before intents), with `status` done, or refused/error as the body raised, and what the body put in the
-        yielded dict. An outcome the store fails to take is logged: the body's answer stands, for the action took
-        place (a 503 would invite doing it again)."""
+        """Audit an action in two steps (`serve_apps.audit_steps.audited`): its intent (`attempted`) before the body
+        acts, and a 503 that does not act where the intent cannot be written; its outcome after: `attempted` again
+        (the outcome reads as the one record written after the action did before intents), with `status` done, or
+        refused/error as the body raised, and what the body put in the yielded dict. An outcome the store fails to
+        take is logged: the body's answer stands, for the action took place (a 503 would invite doing it again)."""
+        steps = audited(self.audit, _record(request, who, action, target, attempted))  # stepped off the loop
         try:
-            intent = await run_in_threadpool(begin, self.audit, _record(request, who, action, target, attempted))
+            outcome = await run_in_threadpool(steps.__enter__)
         except StoreUnavailable:
             request.state.resend_advice = "nothing was done: resending it is safe"
             raise
-        outcome: dict[str, Any] = {}
         try:
             yield outcome
         except Exception as exc:
-            await run_in_threadpool(settle, self.audit, intent, {**attempted, **outcome_of(exc)})
+            await run_in_threadpool(steps.__exit__, type(exc), exc, exc.__traceback__)  # settles it, and lets it be
             raise
-        await run_in_threadpool(settle, self.audit, intent, {**attempted, "status": "done", **outcome})
+        await run_in_threadpool(steps.__exit__, None, None, None)
 
 
 def _record(request: Request, who: Principal, action: str, target: str, details: dict[str, Any]) -> AuditRecord:

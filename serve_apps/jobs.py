@@ -221,9 +221,10 @@ class JobQueue:
         return self._enqueue(job, work)
 
     def submit_bulk(self, work: BulkWork) -> Job:
-        """Queue a bulk operation (after the jobs queued before it)."""
+        """Queue a bulk operation (after the jobs queued before it) as job `work.job_id` (its submission's audit
+        record named it first)."""
         c = work.caller
-        job = JobRecord(job_id=uuid.uuid4().hex, kind="bulk", tenant=c.tenant, key_id=c.key_id, asset_id="",
+        job = JobRecord(job_id=work.job_id, kind="bulk", tenant=c.tenant, key_id=c.key_id, asset_id="",
                         model_ref="", content_hash="", scenarios=0, n_steps=0, submitted=datetime.now(UTC),
                         bulk=BulkProgress(total=len(work.asset_ids)))
         log.info("event=job_queued job_id=%s kind=bulk action=%s tenant=%s items=%d", job.job_id,

@@ -49,9 +49,10 @@ def register(app: FastAPI) -> None:
         another model (other parameters, such as a calibration's fit registered there, another declaration or
         model code; the message says what differs and how to resolve it). `If-None-Match: *`: 412 if the version
         exists, even with identical content."""
-        created, revision = await svc.backend.call("put_type", who.tenant, body, pre, who.person)
-        if created:
-            await svc.record(request, who, "asset_type.create", body.key, asset_type=body.model_dump(mode="json"))
+        async with svc.audited(request, who, "asset_type.create", body.key,
+                               asset_type=body.model_dump(mode="json")) as outcome:
+            created, revision = await svc.backend.call("put_type", who.tenant, body, pre, who.person)
+            outcome.update(created=created)  # false: the identical version was there
         return JSONResponse(body.model_dump(mode="json"), status_code=201 if created else 200,
                             headers={"ETag": etag(revision, content=body.model_dump(mode="json"))})
 
@@ -74,8 +75,8 @@ def register(app: FastAPI) -> None:
         """Delete an unused asset type version: 409 while assets name it, while it is the production, staging or
         candidate version of its model or the rollback target (archive it, or promote another version, first), or
         while twins a promotion swapped to it run it; `If-Match`: 412 if changed."""
-        await svc.backend.call("delete_type", who.tenant, name, version, pre)
-        await svc.record(request, who, "asset_type.delete", f"{name}@{version}")
+        async with svc.audited(request, who, "asset_type.delete", f"{name}@{version}"):
+            await svc.backend.call("delete_type", who.tenant, name, version, pre)
         return Response(status_code=204)
 
     tags = ["assets"]

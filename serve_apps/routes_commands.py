@@ -7,6 +7,7 @@ is recorded on the command. Another tenant's command or asset is a 404.
 
 from __future__ import annotations
 
+import uuid
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
@@ -44,10 +45,13 @@ router = APIRouter(prefix="/v1/commands", tags=["commands"], route_class=JsonRou
 async def propose_command(body: CommandProposal, request: Request, who: Principal = WRITER,
                           svc: Services = SVC) -> Any:
     """Record a command for one of this tenant's assets; nothing is sent before an approval."""
-    command = await svc.backend.call("connector", "propose", who.tenant, body.connector, body.asset_id, body.name,
-                                     body.value, who.person, lost=_proposal_lost(body.asset_id))
-    await svc.record(request, who, "command.propose", command["id"], asset_id=body.asset_id, name=body.name,
-                     value=body.value, correlation_id=command["correlation_id"])
+    command_id = uuid.uuid4().hex  # named before it exists, for its intent to be audited first
+    async with svc.audited(request, who, "command.propose", command_id, asset_id=body.asset_id, name=body.name,
+                           value=body.value) as outcome:
+        command = await svc.backend.call("connector", "propose", who.tenant, body.connector, body.asset_id,
+                                         body.name, body.value, who.person, None, command_id,
+                                         lost=_proposal_lost(body.asset_id))
+        outcome.update(correlation_id=command["correlation_id"])
     return command
 
 
@@ -99,9 +103,8 @@ def _proposal_lost(asset_id: str) -> str:
 @router.post("/{command_id}/refuse", response_model=Command, responses=CONFLICT)
 async def refuse_command(command_id: IdPath, body: Refusal, request: Request, who: Principal = ADMIN,
                          svc: Services = SVC) -> Any:
-    command = await svc.backend.call("connector", "refuse", who.tenant, command_id, who.person, body.reason)
-    await svc.record(request, who, "command.refuse", command_id, reason=body.reason)
-    return command
+    async with svc.audited(request, who, "command.refuse", command_id, reason=body.reason):
+        return await svc.backend.call("connector", "refuse", who.tenant, command_id, who.person, body.reason)
 
 
 @router.get("", response_model=list[Command])

@@ -126,8 +126,9 @@ def register(app: FastAPI) -> None:
                              who: Principal = ADMIN, svc: Services = SVC) -> Any:
         """Mark a type version deprecated (with a sunset date): responses about it and its assets carry
         `Deprecation` and `Sunset` headers."""
-        await svc.backend.call("evolution", "deprecate", who.tenant, name, version, body)
-        await svc.record(request, who, "asset_type.deprecate", f"{name}@{version}", **body.model_dump(mode="json"))
+        async with svc.audited(request, who, "asset_type.deprecate", f"{name}@{version}",
+                               **body.model_dump(mode="json")):
+            await svc.backend.call("evolution", "deprecate", who.tenant, name, version, body)
         response.headers.update(body.headers())
         return body
 
@@ -135,6 +136,6 @@ def register(app: FastAPI) -> None:
     async def undeprecate_type(name: str, version: str, request: Request, who: Principal = ADMIN,
                                svc: Services = SVC) -> Response:
         """Withdraw a type version's deprecation mark (404 if it has none)."""
-        await svc.backend.call("evolution", "undeprecate", who.tenant, name, version)
-        await svc.record(request, who, "asset_type.undeprecate", f"{name}@{version}")
+        async with svc.audited(request, who, "asset_type.undeprecate", f"{name}@{version}"):
+            await svc.backend.call("evolution", "undeprecate", who.tenant, name, version)
         return Response(status_code=204)

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from raytwin.lifecycle import (
+    ACTION_TO,
     APPROVER,
     ApprovalRequired,
     ChainBroken,
@@ -309,12 +310,13 @@ def register(app: FastAPI) -> None:
         await run_in_threadpool(_check_evidence, svc, who.tenant, model, body.evidence)
         if body.to == "production" and not body.fleet:
             await _refuse_partial_fit(svc, who, lc, model, version)
-        record: TransitionRecord = await _call(partial(lc.transition, expected_head=head), f"{model}@{version}",
-                                               body.to, _actor(who), body.reason, body.evidence, expected,
-                                               if_match=if_match)
+        async with svc.audited(request, who, f"model.{ACTION_TO[body.to]}", f"{model}@{version}",
+                               to_stage=body.to) as outcome:
+            record: TransitionRecord = await _call(partial(lc.transition, expected_head=head), f"{model}@{version}",
+                                                   body.to, _actor(who), body.reason, body.evidence, expected,
+                                                   if_match=if_match)
+            outcome.update(seq=record.seq, displaced=record.displaced, hash=record.hash)
         response.headers["ETag"] = lifecycle_etag(record.seq, record.hash)
-        await svc.record(request, who, f"model.{record.action}", f"{model}@{version}", seq=record.seq,
-                         to_stage=record.to_stage, displaced=record.displaced, hash=record.hash)
         return await _answer(svc, request, who, record)
 
     @app.post("/v1/models/{model}/rollback", response_model=TransitionAnswer, status_code=201, tags=tags,
@@ -329,12 +331,12 @@ def register(app: FastAPI) -> None:
         lc = _lifecycle(svc, who.tenant)
         await _call(_require_model, lc, model)
         await run_in_threadpool(_check_evidence, svc, who.tenant, model, body.evidence)
-        record: TransitionRecord = await _call(partial(lc.rollback, expected_head=head), model, _actor(who),
-                                               body.reason, body.evidence, expected, body.from_version,
-                                               if_match=if_match)
+        async with svc.audited(request, who, "model.rollback", model, from_version=body.from_version) as outcome:
+            record: TransitionRecord = await _call(partial(lc.rollback, expected_head=head), model, _actor(who),
+                                                   body.reason, body.evidence, expected, body.from_version,
+                                                   if_match=if_match)  # to the version only the log knows
+            outcome.update(version=record.version, seq=record.seq, displaced=record.displaced, hash=record.hash)
         response.headers["ETag"] = lifecycle_etag(record.seq, record.hash)
-        await svc.record(request, who, "model.rollback", f"{model}@{record.version}", seq=record.seq,
-                         displaced=record.displaced, hash=record.hash)
         return await _answer(svc, request, who, record)
 
     @app.get("/v1/models/{model}/lifecycle/log", response_model=list[TransitionRecord], tags=tags)
@@ -359,26 +361,26 @@ def register(app: FastAPI) -> None:
         """Apply the tenant's retention to the model's archived versions and to the tenant's sweep run records
         of the model (``{store}/runs/{tenant}``), admin only. Versions live twins need stay: the one each twin
         runs now (a refused swap leaves it on an archived one), those its retained history was applied by
-        (`?at=` reads and runs from a past state use them) and those its asset's catalog entry names. Audited per
-        removal: `model.prune` for each version's log record (its seq and hash), `run.prune` for each run record."""
+        (`?at=` reads and runs from a past state use them) and those its asset's catalog entry names. Audited as
+        `model.prune` of the model in two steps: its outcome names each version's log record (seq and hash) and
+        each run record removed, those of a prune that failed partway too."""
         assets = await svc.backend.call("list_assets", who.tenant, model, None, None, None)
         twins = StateStore(svc.config.url("twins"), svc.config.storage_options or None)
         running: dict[str, list[str]] = await run_in_threadpool(twins.model_versions, who.tenant, model)
-        failure: BaseException | None = None
-        try:
-            report: PruneReport = await _call(_lifecycle(svc, who.tenant).prune, model, _actor(who),
-                                              svc.config.url("runs", who.tenant), svc.config.storage_options or None,
-                                              {a.type_version for a in assets} | set(running))
-        except PruneIncomplete as exc:  # what it did stays done: audited before the failure is answered
-            report, failure = exc.done, exc.__cause__
-        for record in report.records:  # one audit record per log record, tied to it by hash as other transitions
-            await svc.record(request, who, "model.prune", f"{model}@{record.version}", seq=record.seq,
-                             hash=record.hash)
-        for run_id in report.runs_removed:
-            await svc.record(request, who, "run.prune", run_id, model=model)
-        if failure is not None:
-            with _answered():
-                raise failure
+        async with svc.audited(request, who, "model.prune", model) as outcome:
+            failure: BaseException | None = None
+            try:
+                report: PruneReport = await _call(_lifecycle(svc, who.tenant).prune, model, _actor(who),
+                                                  svc.config.url("runs", who.tenant),
+                                                  svc.config.storage_options or None,
+                                                  {a.type_version for a in assets} | set(running))
+            except PruneIncomplete as exc:  # what it did stays done: in the outcome, with the failure
+                report, failure = exc.done, exc.__cause__
+            outcome.update(removed=[{"version": r.version, "seq": r.seq, "hash": r.hash} for r in report.records],
+                           runs_removed=report.runs_removed)  # each removal tied to its log record by hash
+            if failure is not None:
+                with _answered():
+                    raise failure
         return report
 
     @app.get("/v1/lifecycle-policy", response_model=LifecyclePolicy, tags=tags)
@@ -398,7 +400,8 @@ def register(app: FastAPI) -> None:
             raise Forbidden(f"turning auto_promote {'on' if body.auto_promote else 'off'} needs the {APPROVER!r} "
                             f"grant (with it any writer promotes without a second key); key {who.key_id} has "
                             f"{sorted(who.grants) or 'none'}")
-        await _call(lifecycle.set_policy, who.tenant, body, frozenset({who.person, who.key_id}))
-        await svc.record(request, who, "lifecycle_policy.update", who.tenant, policy=body.model_dump(mode="json"))
+        async with svc.audited(request, who, "lifecycle_policy.update", who.tenant,
+                               policy=body.model_dump(mode="json")):
+            await _call(lifecycle.set_policy, who.tenant, body, frozenset({who.person, who.key_id}))
         return body
 

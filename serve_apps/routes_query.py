@@ -9,6 +9,7 @@ details give where: ``[{"in": "q", "position": 17, "reason": ...}]``.
 
 from __future__ import annotations
 
+import uuid
 from typing import Annotated, Any
 
 from fastapi import FastAPI, Query, Request, Response
@@ -133,9 +134,10 @@ def register(app: FastAPI) -> None:
             await svc.backend.call("evolution", "require_version", who.tenant, sorted({r.type for r in matched}),
                                    body.type_version)
         caller = Caller(who.tenant, who.key_id, who.role, getattr(request.state, "request_id", None))
-        job: Job = await svc.backend.call("submit_bulk", caller, body, ids)
-        await svc.record(request, who, "bulk.submit", job.job_id, q=body.q, operation=body.action, items=len(ids),
-                         set=body.set, unset=body.unset, type_version=body.type_version)
+        job_id = uuid.uuid4().hex  # named before it exists, for its intent to be audited first
+        async with svc.audited(request, who, "bulk.submit", job_id, q=body.q, operation=body.action, items=len(ids),
+                               set=body.set, unset=body.unset, type_version=body.type_version):
+            job: Job = await svc.backend.call("submit_bulk", caller, body, ids, job_id)
         return BulkAccepted(job_id=job.job_id, state=job.state, total=len(ids), status_url=f"/v1/jobs/{job.job_id}",
                             report_url=f"/v1/jobs/{job.job_id}/report")
 

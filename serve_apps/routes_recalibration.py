@@ -58,8 +58,8 @@ async def put_recalibration_policy(type_name: IdPath, body: RecalibrationPolicy,
             body.check_model(list(asset_type.parameters), list(asset_type.outputs), asset_type.key)
         except PolicyError as exc:
             raise Unprocessable(str(unwrap(exc))) from None
-    await run_in_threadpool(_policies(svc).put, who.tenant, type_name, body, who.person)
-    await svc.record(request, who, "recalibration_policy.update", type_name, policy=body.model_dump(mode="json"))
+    async with svc.audited(request, who, "recalibration_policy.update", type_name, policy=body.model_dump(mode="json")):
+        await run_in_threadpool(_policies(svc).put, who.tenant, type_name, body, who.person)
     return body
 
 

@@ -9,6 +9,7 @@ and another tenant's asset or recommendation is a 404.
 from __future__ import annotations
 
 import json
+import uuid
 from typing import Annotated, Any, Literal
 
 import ray
@@ -134,17 +135,17 @@ async def create_recommendation(asset_id: str, body: RecommendationRequest, requ
                              start_time=clock, start_warnings=warnings, **start.model_dump())
     except ValidationError as exc:
         raise Unprocessable(describe_error(exc)) from None
-    try:
-        answer = await recommendation_task.remote(spec, svc.config.url("runs", who.tenant),
-                                                  svc.config.storage_options, who.key_id)
-    except ValueError as exc:  # a RecommendError or a spec the model refuses (Ray's wrapper is one too)
-        cause = unwrap(exc)
-        if isinstance(cause, InfeasibleRecommendation):
-            raise Infeasible(str(cause), details=cause.details) from None
-        raise Unprocessable(str(cause)) from None
-    await svc.record(request, who, "recommendation.create", asset_id, run_id=answer.run_id, method=body.method,
-                     status=answer.status, change=answer.change, change_pct=answer.change_pct, **_provenance(artifact),
-                     **_warned(warnings))
+    async with svc.audited(request, who, "recommendation.create", asset_id, method=body.method,
+                           **_provenance(artifact), **_warned(warnings)) as outcome:
+        try:
+            answer = await recommendation_task.remote(spec, svc.config.url("runs", who.tenant),
+                                                      svc.config.storage_options, who.key_id)
+        except ValueError as exc:  # a RecommendError or a spec the model refuses (Ray's wrapper is one too)
+            cause = unwrap(exc)
+            if isinstance(cause, InfeasibleRecommendation):
+                raise Infeasible(str(cause), details=cause.details) from None
+            raise Unprocessable(str(cause)) from None
+        outcome.update(run_id=answer.run_id, status=answer.status, change=answer.change, change_pct=answer.change_pct)
     return answer
 
 
@@ -174,16 +175,18 @@ async def issue_recommendation(asset_id: str, recommendation_id: str, body: Issu
     is sent before another key with the approver grant approves it (``POST /v1/commands/{id}/approve``)."""
     answer = await _own(svc, who, asset_id, recommendation_id)
     value = command_value(answer, body.part)
-    try:
-        command = await svc.backend.call("connector", "propose", who.tenant, body.connector, asset_id, body.name,
-                                         value, who.person, recommendation_id)
-    except Unprocessable as exc:
-        if body.part != "schedule":
-            raise
-        raise Unprocessable(f"{exc.message}; a command that takes one value (an OPC UA node) cannot take the "
-                            f"schedule: issue {{\"part\": \"first_block\"}} to send its first block, "
-                            f"{answer.action.values[0]:g} {answer.action.unit} for {answer.action.block_s:g} s, and "
-                            "ask for a new recommendation after it") from None
-    await svc.record(request, who, "recommendation.issue", asset_id, run_id=recommendation_id,
-                     command_id=command["id"], correlation_id=command["correlation_id"], connector=body.connector)
+    command_id = uuid.uuid4().hex  # named before it exists, for its intent to be audited first
+    async with svc.audited(request, who, "recommendation.issue", asset_id, run_id=recommendation_id,
+                           command_id=command_id, connector=body.connector) as outcome:
+        try:
+            command = await svc.backend.call("connector", "propose", who.tenant, body.connector, asset_id, body.name,
+                                             value, who.person, recommendation_id, command_id)
+        except Unprocessable as exc:
+            if body.part != "schedule":
+                raise
+            raise Unprocessable(f"{exc.message}; a command that takes one value (an OPC UA node) cannot take the "
+                                f"schedule: issue {{\"part\": \"first_block\"}} to send its first block, "
+                                f"{answer.action.values[0]:g} {answer.action.unit} for {answer.action.block_s:g} s, "
+                                "and ask for a new recommendation after it") from None
+        outcome.update(correlation_id=command["correlation_id"])
     return command

@@ -134,3 +134,18 @@ def saved_run(runs_root: Path, run_id: str, files: dict[str, bytes]) -> None:
                         package_versions={}, code_version="x", started=now, finished=now, output_url=str(out),
                         outputs={name: hashlib.sha256(data).hexdigest() for name, data in files.items()},
                         spec={"model": "thermal_rc@1.0.0"}))
+
+
+class AuditWrites:
+    """The audit log's store taking its first `ok` writes, the others failing as a full disk does."""
+
+    def __init__(self, fs, ok: int):
+        self.fs, self.ok = fs, ok
+
+    def pipe_file(self, path: str, data: bytes, **kwargs) -> None:
+        from raytwin.storage import replace_file
+
+        if self.ok == 0:
+            raise OSError(28, "No space left on device")
+        self.ok -= 1
+        replace_file(self.fs, path, data)

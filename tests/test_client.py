@@ -1264,8 +1264,8 @@ def test_the_whole_audit_log_is_read_a_page_at_a_time(api, sdk):
 
 def test_a_prune_that_fails_partway_audits_what_it_did(api, sdk, monkeypatch):
     """A prune logs each version's removal, then removes the artifacts: one that failed there (a store error) had
-    logged removals the audit log never had. Now each logged removal is audited before the failure is answered,
-    and the next prune removes the leftover artifact."""
+    logged removals the audit log never had. Now the prune's outcome record names each logged removal, with the
+    failure, and the next prune removes the leftover artifact."""
     import errno
     import os
 
@@ -1292,9 +1292,10 @@ def test_a_prune_that_fails_partway_audits_what_it_did(api, sdk, monkeypatch):
             failed = answering.post("/v1/models/room_pruned/prune", headers=auth["admin"])
         assert failed.status_code == 503, failed.text
         (logged,) = [r for r in admin.model_lifecycle_log("room_pruned") if r.action == "prune"]
-        audited = [a for a in admin.audit(limit=50) if a.action == "model.prune" and a.target.startswith("room_pruned")]
-        assert [(a.target, a.details) for a in audited] == [
-            ("room_pruned@1.0.0", {"seq": logged.seq, "hash": logged.hash})]
+        audited = [a for a in admin.audit(limit=50) if a.action == "model.prune" and a.target == "room_pruned"]
+        assert [(a.phase, a.details.get("removed"), a.details.get("status")) for a in audited] == [
+            ("intent", None, None),
+            ("outcome", [{"version": "1.0.0", "seq": logged.seq, "hash": logged.hash}], "error")]
         again = client.post("/v1/models/room_pruned/prune", headers=auth["admin"])
         assert again.status_code == 200 and again.json()["versions_removed"] == []  # logged once, by the first
         assert ModelRegistry(api[2].config.url("registry", "acme")).versions("room_pruned") == ["1.0.1"]

@@ -124,7 +124,8 @@ def test_promotion_needs_a_second_approver_and_rolls_back(client):
     assert check == {"ok": True, "records": 7, "head_hash": log[-1]["hash"], "first_bad_record": None,
                      "message": None}
     audit = http.get("/v1/audit", headers=api.headers_for("admin")).json()
-    promoted = [a for a in audit if a["action"] == "model.promote"]
+    promoted = [a for a in audit if a["action"] == "model.promote" and a["phase"] == "outcome"
+                and a["details"]["status"] == "done"]  # refused attempts leave their refused outcomes too
     assert [a["target"] for a in promoted] == [f"thermal_rc@{V1}", f"thermal_rc@{V2}"]
     assert {a["details"]["hash"] for a in promoted} == {first.json()["hash"], second.json()["hash"]}
     assert {a["key_id"] for a in promoted} == {approver_id}
@@ -174,9 +175,9 @@ def test_new_twins_run_the_production_version_and_prune_keeps_versions_assets_na
     log = http.get("/v1/models/thermal_rc/lifecycle/log", headers=api.headers_for("reader")).json()
     assert record == log[-1] and (record["action"], record["version"]) == ("prune", V2)
     (audited,) = [a for a in http.get("/v1/audit", headers=api.headers_for("admin")).json()
-                  if a["action"] == "model.prune"]
-    assert (audited["target"], audited["details"]) == (f"thermal_rc@{V2}", {"seq": record["seq"],
-                                                                             "hash": record["hash"]})
+                  if a["action"] == "model.prune" and a["phase"] == "outcome"]
+    assert (audited["target"], audited["details"]["removed"]) == (
+        "thermal_rc", [{"version": V2, "seq": record["seq"], "hash": record["hash"]}])
     status = http.get("/v1/models/thermal_rc/lifecycle", headers=api.headers_for("reader")).json()
     assert [(v["version"], v["stage"], v["pruned"]) for v in status["versions"]] == [
         (V1, "production", False), (V2, "archived", True)]

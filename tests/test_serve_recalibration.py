@@ -64,7 +64,8 @@ def test_policies_need_an_admin_stay_in_their_tenant_and_refuse_nonsense(api):
     assert_error(_put(http, "other", {**POLICY, "enabled": False}), 404, "not_found")
     assert http.get(url, headers=http.headers_for("reader")).json() == stored
     audit = http.get("/v1/audit", headers=http.headers_for("admin")).json()
-    assert [a["target"] for a in audit if a["action"] == "recalibration_policy.update"] == ["thermal_rc"]
+    assert [(a["target"], a["phase"]) for a in audit if a["action"] == "recalibration_policy.update"] == [
+        ("thermal_rc", "intent"), ("thermal_rc", "outcome")]
 
 
 def test_a_drift_latch_starts_one_calibration_whose_candidate_is_near_the_truth(api):

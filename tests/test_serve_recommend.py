@@ -318,3 +318,37 @@ def test_a_plan_and_a_sweep_from_a_drifting_twin_say_so(api, monkeypatch):
     monkeypatch.setattr(svc, "twins", healthy)
     assert client.post("/v1/assets/pump-1/recommendations", json={**REQUEST, "iterations": 20},
                        headers=auth["writer"]).json()["warnings"] == []
+
+
+def test_no_recommendation_is_asked_for_or_issued_unaudited(api, recommendation):
+    """Asking for a recommendation (a recorded run) and issuing one (a command proposed) were audited after they took
+    place: a store failing in between left them with no record. Where the store cannot take the intent, nothing is
+    run or proposed (503); done, each leaves its intent and its outcome with one action id."""
+    from tests.fixtures_serve import AuditWrites
+
+    client, auth, _, svc = api
+    rid = recommendation["run_id"]
+    runs = svc.config.url("runs", "acme")
+    before = (svc.fs.find(runs), client.get("/v1/commands", headers=auth["reader"]).json())
+    store, svc.audit.fs = svc.audit.fs, AuditWrites(svc.audit.fs, ok=0)
+    try:
+        asked = client.post("/v1/assets/pump-1/recommendations", json=REQUEST, headers=auth["writer"])
+        issued = client.post(f"/v1/assets/pump-1/recommendations/{rid}/issue", json={"connector": "site"},
+                             headers=auth["writer"])
+    finally:
+        svc.audit.fs = store
+    for answer, audited in ((asked, "recommendation.create of pump-1"), (issued, "recommendation.issue of pump-1")):
+        assert answer.status_code == 503 and answer.json()["error"]["code"] == "store_unavailable", answer.text
+        assert answer.json()["error"]["message"].startswith(f"{audited} was not done"), answer.text
+    assert (svc.fs.find(runs), client.get("/v1/commands", headers=auth["reader"]).json()) == before
+
+    issued = client.post(f"/v1/assets/pump-1/recommendations/{rid}/issue", json={"connector": "site"},
+                         headers=auth["writer"]).json()
+    records = svc.audit.records("acme", limit=10_000)
+    by_id = {(r.action_id, r.phase): r for r in records if r.action_id is not None}
+    for action, outcome in (("recommendation.create", lambda r: r.details.get("run_id") == rid),
+                            ("recommendation.issue", lambda r: r.details.get("command_id") == issued["id"])):
+        (done,) = [r for r in records if r.action == action and r.phase == "outcome" and outcome(r)]
+        intent = by_id[(done.action_id, "intent")]
+        assert (intent.action, intent.target) == (action, "pump-1") and intent.details.items() <= done.details.items()
+    assert done.details["correlation_id"] == issued["correlation_id"] and intent.details["command_id"] == issued["id"]

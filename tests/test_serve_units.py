@@ -29,6 +29,7 @@ from serve_apps.cli import autoscaling_args, keys_app, serve_app
 from serve_apps.config import ServeConfig
 from serve_apps.errors import Conflict, NotFound, Unprocessable
 from serve_apps.limits import TokenBuckets
+from tests.fixtures_serve import AuditWrites
 
 
 def test_keys_are_stored_hashed_and_reloaded(tmp_path):
@@ -1052,8 +1053,11 @@ class LedgerConnectors:
         return self.ledger.get(tenant, command_id)
 
     def propose(self, tenant: str, connector: str, asset_id: str, name: str, value: dict, by: str,
-                recommendation_id: str | None = None):
-        return self.ledger.propose(tenant, connector, asset_id, name, value, by, recommendation_id)
+                recommendation_id: str | None = None, command_id: str | None = None):
+        return self.ledger.propose(tenant, connector, asset_id, name, value, by, recommendation_id, command_id)
+
+    def refuse(self, tenant: str, command_id: str, by: str, reason: str):
+        return self.ledger.refuse(tenant, command_id, by, reason)
 
     def approve(self, tenant: str, command_id: str, by: str):
         self.ledger.approve(tenant, command_id, by)
@@ -1122,21 +1126,6 @@ def test_every_approval_attempt_is_audited_refused_ones_too(tmp_path):
         assert "'approver' grant" in grantless["reason"]
 
 
-class _AuditWrites:
-    """The audit log's store taking its first `ok` writes, the others failing as a full disk does."""
-
-    def __init__(self, fs, ok: int):
-        self.fs, self.ok = fs, ok
-
-    def pipe_file(self, path: str, data: bytes, **kwargs) -> None:
-        from raytwin.storage import replace_file
-
-        if self.ok == 0:
-            raise OSError(28, "No space left on device")
-        self.ok -= 1
-        replace_file(self.fs, path, data)
-
-
 def test_a_command_whose_approval_cannot_be_audited_is_not_sent(tmp_path):
     """The approval was audited after the command was sent: a store failing then left a command sent to a device
     with no audit record. Now its intent is written first; where it cannot be, nothing is sent (503)."""
@@ -1145,7 +1134,7 @@ def test_a_command_whose_approval_cannot_be_audited_is_not_sent(tmp_path):
     backend = LedgerBackend(tmp_path)
     with in_process(backend, tmp_path) as (http, auth, svc):
         command = backend.ledger.propose("acme", "web", "pump-1", "setpoint", {"q": 1.0}, "k-writer").id
-        svc.audit.fs = _AuditWrites(svc.audit.fs, ok=0)
+        svc.audit.fs = AuditWrites(svc.audit.fs, ok=0)
         refused = http.post(f"/v1/commands/{command}/approve", headers=auth["approver"])
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "store_unavailable", refused.text
         assert backend.sent == [] and backend.ledger.get("acme", command).status == "proposed"
@@ -1168,7 +1157,7 @@ def test_a_sent_command_whose_outcome_is_not_audited_shows_as_an_intent_without_
                          for q in (1.0, 2.0))
         store = svc.audit.fs
         assert http.post(f"/v1/commands/{first}/approve", headers=auth["approver"]).status_code == 200
-        svc.audit.fs = _AuditWrites(store, ok=1)  # the intent, not the outcome
+        svc.audit.fs = AuditWrites(store, ok=1)  # the intent, not the outcome
         sent = http.post(f"/v1/commands/{second}/approve", headers=auth["approver"])
         assert sent.status_code == 200 and sent.json()["status"] == "sent", sent.text  # it took place: it stands
         svc.audit.fs = store
@@ -1206,7 +1195,7 @@ def test_no_connector_is_started_paused_resumed_or_deleted_unaudited(tmp_path):
         admin = auth["admin"]
         unnamed = http.post("/v1/connectors", json={"spec": {"kind": "mqtt"}}, headers=admin)
         assert unnamed.status_code == 422 and "spec.name: None is no connector name" in unnamed.text
-        svc.audit.fs = _AuditWrites(svc.audit.fs, ok=0)
+        svc.audit.fs = AuditWrites(svc.audit.fs, ok=0)
         answers = [http.post("/v1/connectors", json={"spec": {"name": "plant", "kind": "mqtt"}}, headers=admin),
                    *(http.post(f"/v1/connectors/plant/{op}", headers=admin) for op in ("pause", "resume")),
                    http.delete("/v1/connectors/plant", headers=admin)]
@@ -1267,7 +1256,7 @@ def test_no_asset_is_created_changed_deleted_migrated_or_cleared_unaudited(tmp_p
 
     backend = _AssetCatalog()
     with in_process(backend, tmp_path) as (http, auth, svc):
-        svc.audit.fs = _AuditWrites(svc.audit.fs, ok=0)
+        svc.audit.fs = AuditWrites(svc.audit.fs, ok=0)
         for method, path, body, headers, audited in ASSET_ACTIONS:
             answer = http.request(method, path, json=body, headers={**auth["admin"], **headers})
             assert answer.status_code == 503 and answer.json()["error"]["code"] == "store_unavailable", answer.text
@@ -1317,7 +1306,7 @@ def test_a_bulk_jobs_items_are_audited_before_they_act_and_one_the_store_cannot_
     caller = Caller(tenant="acme", key_id="k-admin", role="admin", request_id="r1")
     work = BulkWork(caller, BulkRequest(q="site = 'north'", action="delete"), ["pump-1", "pump-2"], backend, audit,
                     job_id="j1")
-    audit.fs = _AuditWrites(audit.fs, ok=2)  # pump-1's intent and outcome, then none
+    audit.fs = AuditWrites(audit.fs, ok=2)  # pump-1's intent and outcome, then none
     items = [work.apply(a) for a in ("pump-1", "pump-2")]
     assert [i.outcome for i in items] == ["changed", "failed"]
     assert items[1].error.startswith("store_unavailable: asset.delete of pump-2 was not done")
@@ -1332,6 +1321,122 @@ def test_a_bulk_jobs_items_are_audited_before_they_act_and_one_the_store_cannot_
     assert records[0].details == {"bulk": {"job_id": "j1", "action": "delete", "q": "site = 'north'"}}
     assert records[2].details["asset"]["metadata"] == {"zone": "b"} and records[2].details["bulk"]["job_id"] == "j2"
     assert records[0].action_id == records[1].action_id != records[2].action_id == records[3].action_id
+
+
+class _StoreActs(LedgerBackend):
+    """The backend calls of the routes whose acts are records in the store (and a real command ledger): `acted` lists
+    each type published, deprecated, undeprecated or deleted and each bulk job queued."""
+
+    def __init__(self, root: Path):
+        super().__init__(root)
+        self.acted: list[tuple[str, str]] = []
+
+    def put_type(self, tenant: str, asset_type: AssetType, pre, published_by: str) -> tuple[bool, int]:
+        self.acted.append(("put_type", asset_type.key))
+        return True, 1
+
+    def delete_type(self, tenant: str, name: str, version: str, pre) -> None:
+        self.acted.append(("delete_type", f"{name}@{version}"))
+
+    def evolution(self, op: str, tenant: str, name: str, version: str, *args) -> None:
+        self.acted.append((op, f"{name}@{version}"))
+
+    def list_types(self, tenant: str, name: str | None) -> list[AssetType]:
+        return [AssetType.from_model(THERMAL_RC)]
+
+    def list_assets(self, tenant: str, *filters) -> list[Asset]:
+        return []
+
+    def submit_bulk(self, caller, request, asset_ids: list[str], job_id: str):
+        self.acted.append(("submit_bulk", job_id))
+        return SimpleNamespace(job_id=job_id, state="queued")
+
+
+def _store_actions(proposed: str) -> list[tuple[str, str, dict | None, str, str]]:
+    """(method, path, body, key, what is audited: action of target) of each route that acts on the store only."""
+    return [
+        ("POST", "/v1/asset-types", AssetType.from_model(THERMAL_RC).model_dump(mode="json"), "admin",
+         "asset_type.create of thermal_rc@1.0.0"),
+        ("PUT", "/v1/asset-types/thermal_rc/1.0.0/deprecation", {"deprecated_at": "2026-01-01T00:00:00Z"}, "admin",
+         "asset_type.deprecate of thermal_rc@1.0.0"),
+        ("DELETE", "/v1/asset-types/thermal_rc/1.0.0/deprecation", None, "admin",
+         "asset_type.undeprecate of thermal_rc@1.0.0"),
+        ("DELETE", "/v1/asset-types/thermal_rc/1.0.0", None, "admin", "asset_type.delete of thermal_rc@1.0.0"),
+        ("POST", "/v1/commands", {"connector": "web", "asset_id": "pump-1", "name": "setpoint", "value": {"q": 1.0}},
+         "writer", "command.propose of "),
+        ("POST", f"/v1/commands/{proposed}/refuse", {"reason": "not now"}, "admin", f"command.refuse of {proposed}"),
+        ("POST", "/v1/bulk", {"q": "", "action": "tag", "set": {"zone": "b"}}, "writer", "bulk.submit of "),
+        ("PUT", "/v1/recalibration-policies/thermal_rc", {"free": ["R_io"], "noise_std": {"T_in": 0.05}}, "admin",
+         "recalibration_policy.update of thermal_rc"),
+        ("POST", "/v1/models/thermal_rc/versions/1.0.3/transitions", {"to": "staging", "reason": "checked"}, "writer",
+         "model.stage of thermal_rc@1.0.3"),
+        ("POST", "/v1/models/thermal_rc/rollback", {"reason": "1.0.2 drifts"}, "approver",
+         "model.rollback of thermal_rc"),
+        ("PUT", "/v1/lifecycle-policy", {"keep_archived": 0}, "admin", "lifecycle_policy.update of acme"),
+        ("POST", "/v1/models/thermal_rc/prune", None, "admin", "model.prune of thermal_rc"),
+    ]
+
+
+def test_no_act_on_the_store_is_done_unaudited_and_each_leaves_its_intent_and_outcome(tmp_path, monkeypatch):
+    """Acts on the store alone (types, commands proposed or refused, bulk jobs queued, policies, model transitions,
+    rollbacks, prunes) were audited after they took place: a store failing in between left them with no record.
+    Where the store cannot take the intent, nothing is done (503); a done act leaves its intent and its outcome."""
+    from raytwin.lifecycle import Actor, ModelLifecycle
+    from raytwin.recalibration import PolicyStore
+    from actors.live_models import SwapOutcome
+    from raytwin.registry import ModelRegistry
+    from serve_apps import routes_query, routes_shadow
+    from tests.fixtures_serve import in_process
+
+    registry = ModelRegistry(str(tmp_path / "store" / "registry" / "acme"))
+    lc = ModelLifecycle(registry)
+    author, approver = Actor(id="calibrator", tenant="acme"), Actor(id="ops", tenant="acme", roles={"approver"})
+    for version in ("1.0.1", "1.0.2", "1.0.3"):
+        registry.register("thermal_rc", version, AssetType.from_model(THERMAL_RC))
+        lc.submit(f"thermal_rc@{version}", author, "fitted")
+    for version in ("1.0.1", "1.0.2"):
+        lc.transition(f"thermal_rc@{version}", "staging", author, "checked")
+        lc.transition(f"thermal_rc@{version}", "production", approver, "approved")
+    logged = lc.records("thermal_rc")
+    monkeypatch.setattr(routes_query, "_matching", lambda *args: _matched(SimpleNamespace(id="pump-1")))
+    no_twins = SimpleNamespace(swap=lambda *args: SwapOutcome(states=[], refused={}))  # the rollback's (no Ray)
+    monkeypatch.setattr(routes_shadow, "live_models", lambda svc: no_twins)
+    backend = _StoreActs(tmp_path)
+    proposed = backend.ledger.propose("acme", "web", "pump-1", "setpoint", {"q": 2.0}, "k-writer").id
+    actions = _store_actions(proposed)
+    with in_process(backend, tmp_path) as (http, auth, svc):
+        store, svc.audit.fs = svc.audit.fs, AuditWrites(svc.audit.fs, ok=0)
+        for method, path, body, key, audited in actions:
+            answer = http.request(method, path, json=body, headers=auth[key])
+            assert answer.status_code == 503 and answer.json()["error"]["code"] == "store_unavailable", answer.text
+            assert answer.json()["error"]["message"].startswith(f"{audited}"), answer.text
+            assert " was not done: its audit record could not be written first" in answer.json()["error"]["message"]
+        svc.audit.fs = store
+        assert backend.acted == [] and lc.records("thermal_rc") == logged and svc.audit.records("acme") == []
+        assert [(c.id, c.status.value) for c in backend.ledger.list("acme")] == [(proposed, "proposed")]
+        policies = PolicyStore(svc.config.url("recalibration", "policies"))
+        assert policies.get("acme", "thermal_rc") is None and lc.policy("acme").keep_archived == 5
+
+        answers = [http.request(method, path, json=body, headers=auth[key]) for method, path, body, key, _ in actions]
+        assert [a.status_code for a in answers] == [201, 200, 204, 204, 201, 200, 202, 200, 201, 201, 200, 200], [
+            a.text for a in answers if a.status_code >= 300]
+        records = [r for r in svc.audit.records("acme") if r.action != "model.swap"]  # the rollback's swap
+    assert [f"{r.action} of {r.target}" for r in records[::2]] == [
+        audited + {"command.propose of ": answers[4].json()["id"], "bulk.submit of ": answers[6].json()["job_id"]}.get(
+            audited, "") for *_, audited in actions]
+    assert [r.phase for r in records] == ["intent", "outcome"] * len(actions)
+    assert all(i.action_id == o.action_id and i.target == o.target for i, o in zip(records[::2], records[1::2]))
+    assert {o.details["status"] for o in records[1::2]} == {"done"}
+    outcomes = {r.action: r.details for r in records[1::2]}
+    assert outcomes["command.propose"]["correlation_id"] == answers[4].json()["correlation_id"]
+    assert outcomes["model.rollback"]["version"] == "1.0.1" and outcomes["model.rollback"]["seq"] == len(logged) + 1
+    assert outcomes["model.prune"]["removed"] == [{"version": "1.0.2", "seq": len(logged) + 2,
+                                                   "hash": lc.records("thermal_rc")[-1].hash}]
+
+
+async def _matched(*records):
+    """What the query routes' `_matching` answers: the live records the query matched."""
+    return list(records)
 
 
 def test_audit_logs_written_before_intents_read_as_before_and_one_step_records_keep_their_form(tmp_path):
