@@ -24,7 +24,6 @@ many assets there are), and before the next read or write of that asset in a run
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -32,7 +31,7 @@ from pydantic import BaseModel, ConfigDict
 from raytwin.contracts import Asset
 from raytwin.storage import canonical_json, filesystem, replace_file
 from raytwin.store_failures import store_io
-from serve_apps.audit import AuditRecord
+from serve_apps.audit_steps import audited, by_system
 from serve_apps.errors import NotFound
 
 if TYPE_CHECKING:
@@ -139,15 +138,13 @@ class AssetMoves:
             b.catalog.update_asset(asset, seq)
             return [_asset_change("asset.updated", asset)]
 
-        (change,) = b.changes.write(asset.tenant, write)
-        at = datetime.now(UTC)
-        b.audit.append(AuditRecord(
-            time=at, request_id=None, key_id="system", tenant=asset.tenant, role="system", action=ACTIONS[move.kind],
-            target=asset.id, details={
+        with audited(b.audit, by_system(asset.tenant, ACTIONS[move.kind], asset.id, {
                 "asset": asset.model_dump(mode="json"), "from_version": current.type_version,
-                "to_version": asset.type_version, "revision": change.seq, "recovered": True,
+                "to_version": asset.type_version, "recovered": True,
                 "reason": "the twin moved to this type version and the catalog write did not follow (a crash or a "
-                          "store error); finished by the backend"}))
+                          "store error); finished by the backend"})) as outcome:  # no intent: stays journaled
+            (change,) = b.changes.write(asset.tenant, write)
+            outcome.update(revision=change.seq)
         log.warning("event=asset_move_finished tenant=%s asset=%s kind=%s from=%s to=%s revision=%d", asset.tenant,
                     asset.id, move.kind, current.type_version, asset.type_version, change.seq)
 

@@ -6,7 +6,7 @@ to a file and several ingress replicas write at once, so records are never rewri
 and the log is the time-ordered union of the objects (names sort by time).
 
 An action (a command sent to a device, a connector started, a run submitted, a type published, a model moved, a
-policy set) is audited in two records: its `intent`, written before acting
+policy set, the backend's own acts as the system) is audited in two records: its `intent`, written before acting
 (no record, no action), and its `outcome`, written after. Both carry one `action_id`, which is also their objects'
 uuid, so a reader tells from the names alone whether an intent has its outcome: one without it (the store failed
 after the action, or the action is still under way) is answered with `outcome_missing: true`. A record of one step

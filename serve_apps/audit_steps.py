@@ -5,7 +5,8 @@ started, a twin started or stopped with its asset, a run submitted) and those on
 a transition, a policy set): `begin` writes the intent and refuses the action, with a 503 saying that nothing was
 done, where the store does not take it; `settle` writes the outcome, which a store failure only logs (the action
 took place; its intent, read as `outcome_missing`, says what it was). The API's routes
-(`serve_apps.deps.Services.audited`) and the backend's bulk jobs' items (`audited`) use the same two steps."""
+(`serve_apps.deps.Services.audited`) and the backend (`audited`: its bulk jobs' items and its own acts as the
+system) use the same two steps."""
 
 from __future__ import annotations
 
@@ -65,6 +66,13 @@ def audited(audit: AuditLog, record: AuditRecord) -> Iterator[dict[str, Any]]:
         settle(audit, intent, {**record.details, **outcome, **outcome_of(exc)})
         raise
     settle(audit, intent, {**record.details, "status": "done", **outcome})
+
+
+def by_system(tenant: str, action: str, target: str, details: dict[str, Any], request_id: str | None = None
+              ) -> AuditRecord:
+    """A record of the backend's own act (key and role ``system``), as a request's names its key."""
+    return AuditRecord(time=datetime.now(UTC), request_id=request_id, key_id="system", tenant=tenant, role="system",
+                       action=action, target=target, details=details)
 
 
 def outcome_of(exc: Exception) -> dict[str, Any]:

@@ -5,7 +5,8 @@ the model are swapped to the new production version (`serve_apps.routes_shadow.s
 A backend killed between the two left the log saying one version is in production while the twins ran
 another, for good: the transition cannot be sent again (409). At start, every twin still running
 another version of a model with a production version is swapped to it, for events from then on,
-and the swap is audited as the system's.
+and the swap is audited as the system's, its intent first: a store that cannot take it leaves the swap to
+the next start.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from datetime import UTC, datetime
 
 from actors.live_models import LiveModels, SwapOutcome
 from raytwin.lifecycle import ChainBroken, ModelLifecycle
-from serve_apps.audit import AuditLog, AuditRecord
+from serve_apps.audit import AuditLog
+from serve_apps.audit_steps import audited, by_system
+from serve_apps.store_errors import StoreUnavailable
 
 log = logging.getLogger("raytwin.serve.promotions")
 
@@ -36,13 +39,17 @@ def finish_interrupted_swaps(lifecycle: ModelLifecycle, models: LiveModels, tena
         if not behind:
             continue
         at = datetime.now(UTC)
-        outcome = models.swap(tenant, lifecycle.registry.get(ref), at, asset_ids=behind)
+        try:
+            with audited(audit, by_system(tenant, "model.swap", ref, {"at": at.isoformat(), "reason": (
+                    "the promotion's swap was interrupted; finished at start")})) as step:
+                outcome = models.swap(tenant, lifecycle.registry.get(ref), at, asset_ids=behind)
+                swapped = [s.asset_id for s in outcome.states]
+                step.update(swapped=swapped, refused=outcome.refused)
+        except StoreUnavailable as exc:  # (only `begin`'s) its intent not written: not swapped; the next start tries
+            log.error("event=interrupted_swap_deferred tenant=%s model=%s twins=%d error=%r", tenant, ref, len(behind),
+                      exc.message)
+            continue
         done[ref] = outcome
-        swapped = [s.asset_id for s in outcome.states]
-        audit.append(AuditRecord(time=at, request_id=None, key_id="system", tenant=tenant, role="system",
-                                 action="model.swap", target=ref, details={
-                                     "at": at.isoformat(), "swapped": swapped, "refused": outcome.refused,
-                                     "reason": "the promotion's swap was interrupted; finished at start"}))
         log.warning("event=interrupted_swap_finished tenant=%s model=%s swapped=%d refused=%d", tenant, ref,
                     len(swapped), len(outcome.refused))
     return done

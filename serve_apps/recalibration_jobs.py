@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import ray
@@ -24,7 +24,8 @@ from raytwin.registry import ModelRegistry
 from raytwin.sim.cpu import cpu_only
 from raytwin.statestore import StateStore
 from raytwin.storage import scrub_locations
-from serve_apps.audit import AuditLog, AuditRecord
+from serve_apps.audit import AuditLog
+from serve_apps.audit_steps import audited, by_system
 from serve_apps.changes import Change, ChangeLog
 from serve_apps.config import ServeConfig
 from serve_apps.recalibration import RecalJob, Recalibrator, TenantState
@@ -87,11 +88,16 @@ class RecalibrationJobs:
             policy_set_by=None if stored is None else stored.set_by,
             triggers=job.triggers, registry_url=self.config.url("registry", tenant),
             runs_url=self.config.url("runs", tenant), storage_options=self.config.storage_options)
-        ref = recalibration_task.options(**cpu_only({})).remote(work)
-        self._audit(tenant, "recalibration.start", job.model_ref, job_key=job.job_key, asset_id=job.asset_id,
-                    candidate_version=job.candidate_version, attempt=job.attempts,
-                    triggers=[t.seq for t in job.triggers], window_end=until.isoformat())
-        ref.future().add_done_callback(lambda f: self._outcomes.submit(self._finished, tenant, job.job_key, f))
+        self._run(job, work, until)
+
+    def _run(self, job: RecalJob, work: RecalibrationWork, until: datetime) -> None:
+        """Start the job's task, audited as the system's `recalibration.start` in two steps: a store that cannot
+        take the intent raises `StoreUnavailable`, no task started (the launch fails: `Recalibrator._start`)."""
+        with audited(self.audit, by_system(job.tenant, "recalibration.start", job.model_ref, {
+                "job_key": job.job_key, "asset_id": job.asset_id, "candidate_version": job.candidate_version,
+                "attempt": job.attempts, "triggers": [t.seq for t in job.triggers], "window_end": until.isoformat()})):
+            ref = recalibration_task.options(**cpu_only({})).remote(work)
+        ref.future().add_done_callback(lambda f: self._outcomes.submit(self._finished, job.tenant, job.job_key, f))
 
     def _finished(self, tenant: str, job_key: str, future: Future) -> None:
         try:
@@ -117,9 +123,8 @@ class RecalibrationJobs:
         self.trigger.finish(tenant, job_key, run_id=out["run_id"], candidate=out["candidate"])
 
     def _audit(self, tenant: str, action: str, target: str, **details: Any) -> None:
-        """The system's own actions in the tenant's audit log, as the API's requests are."""
-        self.audit.append(AuditRecord(time=datetime.now(UTC), request_id=None, key_id="system", tenant=tenant,
-                                      role="system", action=action, target=target, details=details))
+        """What the system's task did, in the tenant's audit log (its `recalibration.start` audited before)."""
+        self.audit.append(by_system(tenant, action, target, details))
 
     def state(self, tenant: str) -> TenantState:
         return self.trigger.snapshot(tenant)

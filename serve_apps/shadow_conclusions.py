@@ -5,18 +5,18 @@ the lifecycle log and the audit log: a read wrote, under the reader's key, and n
 read. The backend now records each finished evaluation itself (`conclude_running`, from its store watch every few
 seconds), and a writer's DELETE records a finished one before it ends it, so a stop that comes first loses no
 evidence; the GET answers what was recorded. Both record as the system principal (`raytwin.shadow.conclude`: once
-per run), and audit each record as the system's."""
+per run), and audit it as the system's, its intent first."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import UTC, datetime
 
 from actors.live_models import LiveModels, ShadowReport, UnknownShadow
 from raytwin.lifecycle import ModelLifecycle, TransitionRecord
 from raytwin.registry import parse_ref
-from raytwin.shadow import SYSTEM_ACTOR, conclude
-from serve_apps.audit import AuditLog, AuditRecord
+from raytwin.shadow import conclude, recorded
+from serve_apps.audit import AuditLog
+from serve_apps.audit_steps import audited, by_system
 
 
 def archived(lifecycle: ModelLifecycle, ref: str) -> bool:
@@ -28,16 +28,16 @@ def archived(lifecycle: ModelLifecycle, ref: str) -> bool:
 
 def record_finished(report: ShadowReport, lifecycle: ModelLifecycle, audit: AuditLog, tenant: str,
                     request_id: str | None = None) -> list[TransitionRecord]:
-    """Record `report`'s evaluation if it is done and its candidate not archived; the records written ([]: none,
-    or recorded before)."""
+    """Record `report`'s evaluation if it is done and its candidate not archived, audited as the system's
+    `model.evaluate` in two steps (a store that cannot take its intent raises `StoreUnavailable`, nothing recorded:
+    the next round, or the DELETE again, records it); the records written ([]: none, or recorded before)."""
     ref = report.candidate_ref
-    if not report.done or archived(lifecycle, ref):
+    if not report.done or archived(lifecycle, ref) or recorded(lifecycle, ref, report.run_id):
         return []
-    records = conclude(lifecycle, ref, tenant, report.run_id, report.comparison, len(report.twins))
-    for r in records:
-        audit.append(AuditRecord(time=datetime.now(UTC), request_id=request_id, key_id=SYSTEM_ACTOR, tenant=tenant,
-                                 role="system", action=f"model.{r.action}", target=ref, details={
-                                     "run_id": report.run_id, "seq": r.seq, "to_stage": r.to_stage, "hash": r.hash}))
+    with audited(audit, by_system(tenant, "model.evaluate", ref, {"run_id": report.run_id}, request_id)) as outcome:
+        records = conclude(lifecycle, ref, tenant, report.run_id, report.comparison, len(report.twins))
+        outcome.update(recorded=[{"action": r.action, "seq": r.seq, "to_stage": r.to_stage, "hash": r.hash}
+                                 for r in records])  # its evidence, and the move to staging the policy made
     return records
 
 

@@ -299,7 +299,8 @@ def test_a_promotion_whose_swap_a_crash_interrupted_is_finished_at_start(service
     done = finish_interrupted_swaps(lifecycle, service.models, "acme", audit)
     assert [s.asset_id for s in done[new.ref].states] == ["p1"] and done[new.ref].refused == {}
     assert service.models.twins_of_model("acme", "office", other_than=new.ref) == []  # events from now: 1.1.0
-    (record,) = audit.records("acme")
+    intent, record = audit.records("acme")  # its intent before the swap, its outcome after
+    assert (intent.phase, record.phase, intent.action_id) == ("intent", "outcome", record.action_id)
     assert (record.action, record.key_id, record.target, record.details["swapped"]) == (
         "model.swap", "system", new.ref, ["p1"])
     assert finish_interrupted_swaps(lifecycle, service.models, "acme", audit) == {}

@@ -177,6 +177,40 @@ def test_a_restart_neither_loses_nor_repeats_a_trigger(tmp_path):
     assert [t.asset_id for t in w.launched[2].triggers] == ["b", "c"]  # b and c: one job, each once
 
 
+def test_a_recalibration_task_starts_only_after_its_audit_intent(tmp_path, monkeypatch):
+    """The task (which fits, registers and submits a candidate) was audited as started after it was started: a store
+    failing in between left it running with no record. Without its intent no task starts (the launch fails, as any
+    launch that fails); started, its intent and its outcome share an action id."""
+    from concurrent.futures import Future
+    from types import SimpleNamespace
+
+    from serve_apps import recalibration_jobs
+    from serve_apps.audit import AuditLog
+    from serve_apps.store_errors import StoreUnavailable
+    from tests.fixtures_serve import AuditWrites
+
+    started = []
+    task = SimpleNamespace(remote=lambda work: started.append(work) or SimpleNamespace(future=Future))
+    monkeypatch.setattr(recalibration_jobs, "recalibration_task", SimpleNamespace(options=lambda **kw: task))
+    w = World(tmp_path)
+    w.drift(["a"])
+    (job,) = w.launched
+    jobs = recalibration_jobs.RecalibrationJobs.__new__(recalibration_jobs.RecalibrationJobs)  # its launch only
+    jobs.audit = AuditLog(str(tmp_path / "store"))
+    store, jobs.audit.fs = jobs.audit.fs, AuditWrites(jobs.audit.fs, ok=0)
+    with pytest.raises(StoreUnavailable, match="recalibration.start of thermal_rc@1.0.0 was not done"):
+        jobs._run(job, "the work", T0)
+    assert started == []
+    jobs.audit.fs = store
+    jobs._run(job, "the work", T0)
+    assert started == ["the work"]
+    intent, outcome = jobs.audit.records("acme")
+    assert (intent.action, intent.key_id, intent.phase, outcome.phase) == ("recalibration.start", "system", "intent",
+                                                                          "outcome")
+    assert intent.action_id == outcome.action_id and intent.details["candidate_version"] == job.candidate_version
+    assert outcome.details == {**intent.details, "status": "done"}
+
+
 def test_a_job_lost_with_its_worker_is_launched_again_at_most_three_times(tmp_path):
     """A task that died with its worker or node (SIGKILL, OOM) says nothing of the fit: launched again,
     a bounded number of times, rather than failed with the drift trigger lost (the twin stays latched)."""

@@ -132,10 +132,11 @@ def test_a_drift_latch_starts_one_calibration_whose_candidate_is_near_the_truth(
     assert job["window_end"] == (datetime.fromisoformat(trigger["event_time"]) + timedelta(days=1)).isoformat() \
         .replace("+00:00", "Z")
     assert http.get("/v1/models/thermal_rc/lifecycle/verify", headers=http.headers_for("reader")).json()["ok"]
-    audit = [(a["action"], a["key_id"], a["target"]) for a in http.get("/v1/audit", headers=http.headers_for(
-        "admin")).json() if a["key_id"] == "system"]  # the system's actions are audited as requests are
-    assert audit == [("recalibration.start", "system", "thermal_rc@1.0.0"),
-                     ("model.submit", "system", "thermal_rc@1.0.1")]
+    audit = [(a["action"], a["key_id"], a["target"], a.get("phase")) for a in http.get(
+        "/v1/audit", headers=http.headers_for("admin")).json() if a["key_id"] == "system"]  # as requests are
+    assert audit == [("recalibration.start", "system", "thermal_rc@1.0.0", "intent"),
+                     ("recalibration.start", "system", "thermal_rc@1.0.0", "outcome"),
+                     ("model.submit", "system", "thermal_rc@1.0.1", None)]
     (submit,) = [a for a in http.get("/v1/audit", headers=http.headers_for("admin")).json()
                  if a["action"] == "model.submit"]  # the lifecycle record it audits, as every transition's
     assert (submit["details"]["seq"], submit["details"]["hash"]) == (record["seq"], record["hash"])

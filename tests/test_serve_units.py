@@ -2130,12 +2130,109 @@ def test_reading_a_finished_shadow_evaluation_writes_nothing_the_service_records
         assert evaluated == [("1.0.2", "system"), ("1.0.1", "system")] and concluded == {"run-1"}
         audited = [(r.action, r.target, r.key_id, r.phase) for r in svc.audit.records("acme")]
         assert audited == [("model.shadow_stop", "thermal_rc@1.0.2", _key_of(svc, auth["writer"]), "intent"),
-                           ("model.evaluate", "thermal_rc@1.0.2", "system", None),
+                           ("model.evaluate", "thermal_rc@1.0.2", "system", "intent"),
+                           ("model.evaluate", "thermal_rc@1.0.2", "system", "outcome"),
                            ("model.shadow_stop", "thermal_rc@1.0.2", _key_of(svc, auth["writer"]), "outcome"),
-                           ("model.evaluate", "thermal_rc@1.0.1", "system", None)]
+                           ("model.evaluate", "thermal_rc@1.0.1", "system", "intent"),
+                           ("model.evaluate", "thermal_rc@1.0.1", "system", "outcome")]
         for _ in range(2):  # what the service recorded, on every read
             (record,) = http.get(url.format("1.0.1"), headers=auth["reader"]).json()["recorded"]
             assert record["action"] == "evaluate" and "shadow evaluation run-1:" in record["reason"]
+
+
+def test_a_finished_shadow_evaluation_is_recorded_only_after_its_audit_intent(tmp_path):
+    """The service's record of a finished evaluation (evidence on the lifecycle log) was audited after it was
+    written: a store failing in between left it with no audit record. Without its intent nothing is recorded (the
+    next round records it); with it, one `model.evaluate` in two steps names the log records written."""
+    from raytwin.lifecycle import Actor, ModelLifecycle
+    from raytwin.registry import ModelRegistry
+    from serve_apps.shadow_conclusions import conclude_running
+    from serve_apps.store_errors import StoreUnavailable
+
+    registry = ModelRegistry(str(tmp_path / "store" / "registry" / "acme"))
+    lc = ModelLifecycle(registry)
+    registry.register("thermal_rc", "1.0.1", AssetType.from_model(THERMAL_RC))
+    lc.submit("thermal_rc@1.0.1", Actor(id="calibrator", tenant="acme"), "fitted")
+    models, audit, concluded = FinishedShadows({"thermal_rc@1.0.1": "run-1"}), AuditLog(str(tmp_path / "store")), set()
+    store, audit.fs = audit.fs, AuditWrites(audit.fs, ok=0)
+    with pytest.raises(StoreUnavailable, match="model.evaluate of thermal_rc@1.0.1 was not done"):
+        conclude_running(models, lambda tenant: lc, audit, concluded)
+    assert [r.action for r in lc.records("thermal_rc")] == ["submit"] and concluded == set()
+    audit.fs = store
+    conclude_running(models, lambda tenant: lc, audit, concluded)
+    (_, evaluated) = lc.records("thermal_rc")
+    intent, outcome = audit.records("acme")
+    assert (intent.action, intent.key_id, intent.phase, intent.details) == (
+        "model.evaluate", "system", "intent", {"run_id": "run-1"})
+    assert outcome.action_id == intent.action_id and outcome.details == {"run_id": "run-1", "status": "done",
+                                                                         "recorded": [{
+        "action": "evaluate", "seq": evaluated.seq, "to_stage": "candidate", "hash": evaluated.hash}]}
+
+
+def test_the_backends_own_swaps_and_moves_act_only_after_their_audit_intent(tmp_path, caplog):
+    """The backend's acts as the system (finishing a promotion's swap a crash interrupted, a type move whose catalog
+    write did not follow) were audited after they took place. Without an intent they are not done now, and stay to
+    be done (the next start; the asset's next access); done, each leaves its intent and its outcome."""
+    from actors.live_models import SwapOutcome
+    from raytwin.lifecycle import Actor, ModelLifecycle
+    from raytwin.registry import ModelRegistry
+    from serve_apps.asset_moves import AssetMoves
+    from serve_apps.promotions import finish_interrupted_swaps
+
+    registry = ModelRegistry(str(tmp_path / "store" / "registry" / "acme"))
+    lc, approver = ModelLifecycle(registry), Actor(id="ops", tenant="acme", roles={"approver"})
+    registry.register("thermal_rc", "1.0.1", AssetType.from_model(THERMAL_RC))
+    for stage in ("candidate", "staging", "production"):
+        lc.transition("thermal_rc@1.0.1", stage, Actor(id="calibrator", tenant="acme") if stage == "candidate"
+                      else approver, "checked")
+    swapped: list[str] = []
+    models = SimpleNamespace(twins_of_model=lambda tenant, model, other_than: ["zone-1"],
+                             swap=lambda tenant, artifact, at, asset_ids: swapped.extend(asset_ids) or SwapOutcome(
+                                 states=[], refused={"zone-1": "another state layout"}))
+    catalog = _MovedCatalog()
+    backend = SimpleNamespace(config=SimpleNamespace(store_url=str(tmp_path / "store"), storage_options=None),
+                              catalog=catalog,
+                              audit=AuditLog(str(tmp_path / "store")), check_writable=lambda: None,
+                              changes=SimpleNamespace(write=lambda tenant, write: [
+                                  SimpleNamespace(seq=9, **write(9)[0])]),
+                              twins=SimpleNamespace(store=SimpleNamespace(load_registration=lambda tenant, asset_id: {
+                                  "asset": {"type_name": "pump", "type_version": "2.0.0"}})))
+    moves = AssetMoves(backend)
+    moves.begin(catalog.asset.model_copy(update={"type_version": "2.0.0"}), "retype")  # the twin moved, then a crash
+    audit = backend.audit
+    store, audit.fs = audit.fs, AuditWrites(audit.fs, ok=0)
+    assert finish_interrupted_swaps(lc, models, "acme", audit) == {} and swapped == []
+    assert "event=interrupted_swap_deferred tenant=acme model=thermal_rc@1.0.1 twins=1" in caplog.text
+    moves.try_settle("acme", "pump-1")
+    assert catalog.asset.type_version == "1.0.0" and ("acme", "pump-1") in moves.pending  # journaled still
+    audit.fs = store
+    assert audit.records("acme") == []
+    assert finish_interrupted_swaps(lc, models, "acme", audit)["thermal_rc@1.0.1"].refused and swapped == ["zone-1"]
+    moves.try_settle("acme", "pump-1")
+    assert catalog.asset.type_version == "2.0.0" and not moves.pending
+    records = audit.records("acme")
+    assert [(r.action, r.target, r.key_id, r.phase) for r in records] == [
+        ("model.swap", "thermal_rc@1.0.1", "system", "intent"), ("model.swap", "thermal_rc@1.0.1", "system", "outcome"),
+        ("asset.update", "pump-1", "system", "intent"), ("asset.update", "pump-1", "system", "outcome")]
+    assert records[0].action_id == records[1].action_id != records[2].action_id == records[3].action_id
+    assert (records[1].details["swapped"], records[1].details["refused"]) == ([], {"zone-1": "another state layout"})
+    assert records[3].details["revision"] == 9 and records[3].details["recovered"] is True
+
+
+class _MovedCatalog:
+    """The catalog of one asset, pump-1, at revision 3, naming type version 1.0.0 until written."""
+
+    def __init__(self):
+        self.asset = Asset(id="pump-1", tenant="acme", type_name="pump", type_version="1.0.0")
+
+    def get_asset(self, tenant: str, asset_id: str) -> Asset:
+        return self.asset
+
+    def revision(self, tenant: str, kind: str, asset_id: str) -> int:
+        return 3
+
+    def update_asset(self, asset: Asset, seq: int) -> None:
+        self.asset = asset
 
 
 def _key_of(svc, headers: dict[str, str]) -> str:
