@@ -593,12 +593,15 @@ class Backend:
         self._watch_thread.start()
 
     def close(self) -> None:
-        """Stop the store watch, waiting at most `FENCE_READ_S` for a pass in progress to end. The twins stay:
-        they are the service's (`TwinService.close` releases them), and another replica of it may start."""
+        """Stop the store watch, waiting at most `FENCE_READ_S` for a pass in progress to end, and the recalibrations'
+        deferred launches. The twins stay: they are the service's (`TwinService.close` releases them), and another
+        replica of it may start."""
         if self._watch_stop is None or self._watch_stop.is_set():
             return
         atexit.unregister(self.close)
         self._watch_stop.set()
+        if (recalibration := getattr(self, "recalibration", None)) is not None:  # (a constructor that failed first)
+            recalibration.trigger.close()  # its deferred launches: the next backend relaunches their jobs
         if self._watch_thread is not threading.current_thread():
             self._watch_thread.join(FENCE_READ_S)
 

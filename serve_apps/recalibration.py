@@ -32,12 +32,16 @@ from raytwin.recalibration import DriftTrigger, RecalibrationPolicy
 from raytwin.storage import canonical_json, filesystem, replace_file, scrub_locations
 from raytwin.store_failures import store_io
 from serve_apps.changes import Change
+from serve_apps.store_errors import store_outage
 
 log = logging.getLogger("raytwin.serve.recalibration")
 KEEP_FINISHED = 100
 """Finished jobs kept per tenant in the state document (outcomes are also in the lifecycle log)."""
 MAX_ATTEMPTS = 3
-"""Launches of one job, relaunches after a restart or a lost worker or node included: then it fails."""
+"""Launches of one job, relaunches after a restart, a lost worker or node or a store outage included: then it fails."""
+LAUNCH_RETRY_S = 30.0
+"""How long a job whose launch met a store outage waits, times its launches so far, before it is launched again: an
+S3 brownout or a full disk freed passes in seconds to minutes, and the twin stays latched (no new trigger comes)."""
 
 
 class RecalJob(BaseModel):
@@ -74,6 +78,8 @@ class TenantState(BaseModel):
 
 Policies = Callable[[str, str], RecalibrationPolicy | None]
 """(tenant, type name) -> the policy, or None."""
+Later = Callable[[float, Callable[[], None]], Callable[[], None]]
+"""Run a function after that many seconds, on another thread; returns what cancels it."""
 Launch = Callable[[RecalJob, RecalibrationPolicy], None]
 """Start the job's calibration; it reports back through `Recalibrator.finish` (an exception: it failed to start)."""
 ChooseVersion = Callable[[str, str, set[str]], str]
@@ -99,6 +105,13 @@ def trigger_of(change: Change) -> DriftTrigger | None:
                         nis_last=finite(d.get("nis_last")))
 
 
+def _timer(delay_s: float, fn: Callable[[], None]) -> Callable[[], None]:
+    timer = threading.Timer(delay_s, fn)
+    timer.daemon = True
+    timer.start()
+    return timer.cancel
+
+
 def _take_pending(state: TenantState, model_ref: str, taken: list[DriftTrigger]) -> None:
     """Remove `taken` from the model's pending triggers (the rest in sequence order; none left: the entry)."""
     rest = sorted((t for t in state.pending[model_ref] if t not in taken), key=lambda t: t.seq)
@@ -112,11 +125,13 @@ class Recalibrator:
     """Turns drift changes into calibration jobs under the tenants' policies (one per backend)."""
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None, policies: Policies, launch: Launch,
-                 choose_version: ChooseVersion, read: ReadChanges, clock: Callable[[], float] = time.time):
+                 choose_version: ChooseVersion, read: ReadChanges, clock: Callable[[], float] = time.time,
+                 later: Later = _timer):
         self.fs, self.root = filesystem(url, storage_options)
         self.policies, self.launch, self.choose_version, self.clock = policies, launch, choose_version, clock
-        self.read = read
+        self.read, self.later = read, later
         self._lock = threading.RLock()
+        self._retries: dict[tuple[str, str], Callable[[], None]] = {}  # (tenant, job) -> cancels its deferred launch
         self._states: dict[str, TenantState] = {}
         self._saved: dict[str, int] = {}  # tenant -> cursor on the store
         self._reached: dict[tuple[str, str], datetime] = {}  # (tenant, asset) -> newest event time seen changed
@@ -303,6 +318,14 @@ class Recalibrator:
                 self._save(tenant)  # reserved before it runs: a restart relaunches, never re-admits
                 self._start(state, job)
 
+    def close(self) -> None:
+        """Cancel the deferred launches (the backend stops): their jobs stay running in the state document, so the
+        next backend relaunches them (`resume`) instead of this one failing them on its way down."""
+        with self._lock:
+            for cancel in self._retries.values():
+                cancel()
+            self._retries.clear()
+
     def _start(self, state: TenantState, job: RecalJob) -> None:
         policy = self.policies(job.tenant, job.model_ref.partition("@")[0])
         try:
@@ -310,10 +333,30 @@ class Recalibrator:
                 raise RuntimeError("its policy was removed")
             self.launch(job, policy)
         except Exception as exc:  # a job that cannot start fails; the trigger never stops
+            error = scrub_locations(f"{type(exc).__name__}: {exc}")[:500]
+            if store_outage(exc) and job.attempts < MAX_ATTEMPTS:
+                self._defer(job, error)
+                return
             log.exception("event=recalibration_launch_failed tenant=%s job=%s", job.tenant, job.job_key)
-            self.finish(job.tenant, job.job_key, error=scrub_locations(f"{type(exc).__name__}: {exc}")[:500])
+            self.finish(job.tenant, job.job_key, error=error)
             return
         log.info("event=recalibration_started tenant=%s job=%s model=%s asset_id=%s triggers=%d candidate=%s",
                  job.tenant, job.job_key, job.model_ref, job.asset_id, len(job.triggers), job.candidate_version)
+
+    def _defer(self, job: RecalJob, error: str) -> None:
+        """Launch `job` again later (`relaunch`): the store failed its launch (its window's read or write, its audit
+        intent), which says nothing of the fit. Failing it would lose the trigger, for the twin stays latched."""
+        delay_s = LAUNCH_RETRY_S * job.attempts
+        log.warning("event=recalibration_launch_deferred tenant=%s job=%s attempt=%d retry_in_s=%g error=%r", job.tenant,
+                    job.job_key, job.attempts, delay_s, error)
+        key = (job.tenant, job.job_key)
+
+        def retry() -> None:
+            with self._lock:
+                if self._retries.pop(key, None) is None:
+                    return  # cancelled meanwhile (`close`)
+                self.relaunch(job.tenant, job.job_key, f"its launch met a store outage: {error}")
+
+        self._retries[key] = self.later(delay_s, retry)
 
 

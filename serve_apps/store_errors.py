@@ -74,6 +74,12 @@ def store_failure(exc: BaseException) -> StoreUnavailable | None:
     return unavailable(f"{cause.failure}: {scrub_locations(str(cause))}", cause.error, hint)
 
 
+def store_outage(exc: BaseException) -> bool:
+    """Whether `exc` is the store being unavailable: a `StoreIOError` (`store_failure`), or the 503 made of one (an
+    audit intent the store refused: `serve_apps.audit_steps.begin`)."""
+    return isinstance(exc, StoreUnavailable) or store_failure(exc) is not None
+
+
 def unavailable(cause: str, error: Reason, hint: str = _UNREACHABLE) -> StoreUnavailable:
     """The 503 for a store failure of class `error` described by `cause` (no store location: scrubbed by the
     caller)."""

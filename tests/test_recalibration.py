@@ -4,6 +4,7 @@ neither lose nor repeat a trigger, and old lifecycle records keeping their hashe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -269,6 +270,53 @@ def test_a_job_that_cannot_start_fails_and_frees_its_slot(tmp_path):
         ("failed", ["a", "b"]), ("failed", ["c"])]
     assert not state.running and not state.pending
     assert state.finished[0].error == "ValueError: <store>: the window holds 3 usable events"  # no store location
+
+
+def test_a_launch_the_store_failed_is_deferred_and_launched_again_not_failed(tmp_path):
+    """A store outage at launch (its window's read or write, its audit intent) says nothing of the fit: the job stays
+    running and is launched again later, at most `MAX_ATTEMPTS` launches in all; failing it would lose the trigger,
+    for the twin stays latched. A backend that stops cancels what it deferred: the next one relaunches the job."""
+    import errno
+
+    from raytwin.store_failures import StoreIOError
+    from serve_apps.recalibration import LAUNCH_RETRY_S, MAX_ATTEMPTS
+    from serve_apps.store_errors import StoreUnavailable
+
+    w = World(tmp_path)
+    deferred: list[tuple[float, Callable[[], None]]] = []
+    w.trigger.later = lambda delay_s, fn: deferred.append((delay_s, fn)) or (lambda: deferred.remove((delay_s, fn)))
+    failures = [StoreIOError(errno.EROFS, "Read-only file system", operation="write", error="read_only"),
+                StoreUnavailable("recalibration.start of thermal_rc@1.0.0 was not done", error="unreachable")]
+
+    def launch(job, policy):
+        if failures:
+            raise failures.pop(0)
+        w.launched.append(job)
+
+    w.trigger.launch = launch
+    w.drift(["a"])
+    (job,) = w.trigger.snapshot("acme").running.values()
+    assert not w.launched and [d for d, _ in deferred] == [LAUNCH_RETRY_S]  # not failed: deferred
+    deferred.pop()[1]()  # the timer fires: launched again, and the store refuses once more
+    assert not w.launched and [d for d, _ in deferred] == [2 * LAUNCH_RETRY_S]
+    deferred.pop()[1]()
+    assert [j.job_key for j in w.launched] == [job.job_key] and w.launched[0].attempts == MAX_ATTEMPTS == 3
+    assert not w.trigger.snapshot("acme").finished
+    w.finish(w.launched[0])
+
+    failures[:] = [StoreIOError(errno.EROFS, "Read-only file system", operation="write", error="read_only")] * 3
+    w.drift(["b"])  # an outage longer than its launches: it fails then, as any launch that cannot start
+    while deferred:
+        deferred.pop()[1]()
+    assert w.trigger.snapshot("acme").finished[-1].error.startswith("StoreIOError")
+
+    failures.append(StoreIOError(errno.ETIMEDOUT, "timed out", error="timeout"))
+    w.drift(["c"])  # deferred, then the backend stops: the job stays running for the next one to relaunch
+    assert len(deferred) == 1
+    w.trigger.close()
+    assert not deferred and "c" in {j.asset_id for j in w.trigger.snapshot("acme").running.values()}
+    w.restart().resume("acme")
+    assert w.launched[-1].asset_id == "c"
 
 
 def test_lifecycle_records_without_triggers_keep_their_hash():
