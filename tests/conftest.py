@@ -21,6 +21,14 @@ class WriterKilled(BaseException):
     """A writer's process dying part way: nothing after it runs, no `except Exception` handler catches it."""
 
 
+@pytest.fixture(autouse=True)
+def _unwrapped_cli_errors(monkeypatch):
+    """Typer's error box is 80 columns wide and breaks a longer word (a path under pytest's temporary directory,
+    whose length each machine's run counter decides) across its lines, which a test reading the message joins
+    with a space: as wide as no message needs, so a message's words stay whole on every machine."""
+    monkeypatch.setattr("typer.rich_utils.MAX_WIDTH", 1_000)
+
+
 @pytest.fixture
 def killed_mid_write(monkeypatch) -> Callable[[], AbstractContextManager[None]]:
     """`with killed_mid_write(): <a store write>`: the write's first synced file (`raytwin.storage.replace_file`)
