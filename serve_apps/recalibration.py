@@ -32,7 +32,6 @@ from raytwin.recalibration import DriftTrigger, RecalibrationPolicy
 from raytwin.storage import canonical_json, filesystem, replace_file, scrub_locations
 from raytwin.store_failures import store_io
 from serve_apps.changes import Change
-from serve_apps.store_errors import store_outage
 
 log = logging.getLogger("raytwin.serve.recalibration")
 KEEP_FINISHED = 100
@@ -333,6 +332,8 @@ class Recalibrator:
                 raise RuntimeError("its policy was removed")
             self.launch(job, policy)
         except Exception as exc:  # a job that cannot start fails; the trigger never stops
+            from serve_apps.store_errors import store_outage  # here: the SDK imports this module, without FastAPI
+
             error = scrub_locations(f"{type(exc).__name__}: {exc}")[:500]
             if store_outage(exc) and job.attempts < MAX_ATTEMPTS:
                 self._defer(job, error)
