@@ -55,6 +55,7 @@ from raytwin.sim.model import Var
 from raytwin.sim.cpu import use_cpu_backend
 from raytwin.sim.precision import in_float64
 from raytwin.storage import canonical_json, filesystem, make_folder, replace_file
+from raytwin.store_failures import StoreIOError, store_io
 from raytwin.units import UnitError, to_unit
 from sweeps.pem import pem_fit
 from sweeps.spec import resolve_model
@@ -259,11 +260,15 @@ _jacobian = jax.jit(jax.jacfwd(_residuals_fn, argnums=2), static_argnames=("mode
 
 def read_telemetry(url: str, storage_options: dict | None = None) -> tuple[pa.Table, str]:
     """The telemetry table at `url` and the SHA-256 of its bytes (the run record's input hash); a file
-    that is missing or not Parquet is a `CalibrationError` (one line, not a traceback)."""
+    that is missing or not Parquet is a `CalibrationError` (one line, not a traceback). The store failing the read
+    is a `StoreIOError`: an outage to retry, not bad data to fix."""
     fs, path = filesystem(url, storage_options)
     try:
-        data = fs.cat_file(path)
+        with store_io("read"):
+            data = fs.cat_file(path)
         return pq.read_table(io.BytesIO(data)), hashlib.sha256(data).hexdigest()
+    except StoreIOError:
+        raise
     except (OSError, pa.ArrowInvalid) as exc:
         raise CalibrationError(f"cannot read telemetry {url}: {exc}") from None
 

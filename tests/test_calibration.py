@@ -15,7 +15,7 @@ import pytest
 
 from raytwin.registry import ModelRegistry
 from raytwin.sim import get_model
-from sweeps.calibration import CalibrationError, CalibrationSpec, build_problem, calibrate
+from sweeps.calibration import CalibrationError, CalibrationSpec, build_problem, calibrate, read_telemetry
 from sweeps.synthetic import synthetic_telemetry
 
 # true parameters differ from the typical values (the prior) by 5-20%; only identifiable ones are free
@@ -92,6 +92,15 @@ def test_a_fit_is_registered_only_with_the_principal_that_publishes_it(tmp_path)
     so its fitter could approve it."""
     with pytest.raises(ValueError, match=r"register_as needs registered_by: the principal publishing the fit"):
         _spec("two_tank", str(tmp_path / "t.parquet"), registry_url=str(tmp_path), register_as="tank@1.0.0")
+
+
+def test_telemetry_that_is_missing_or_not_parquet_is_a_calibration_error(tmp_path):
+    """Bad data is the user's to fix (`CalibrationError`); the store failing the read is no such thing
+    (`tests/test_store_outages_typed.py`: a `StoreIOError`, a 503)."""
+    (tmp_path / "notes.parquet").write_text("not Parquet")
+    for name in ("missing.parquet", "notes.parquet"):
+        with pytest.raises(CalibrationError, match=f"cannot read telemetry .*{name}: "):
+            read_telemetry(str(tmp_path / name))
 
 
 def test_calibration_refuses_unusable_input(tmp_path):

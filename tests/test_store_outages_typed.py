@@ -1,6 +1,7 @@
 """Every store read and write above the storage layer raises the store's outages as `StoreIOError`, so that the API
 answers them 503 `store_unavailable` by their type alone (`serve_apps.store_errors.store_failure`): the catalog, the
-change and audit logs, the registry and lifecycle, jobs, runs, the connectors' records, the sweeps' outputs...
+change and audit logs, the registry and lifecycle, jobs, runs, the connectors' records, the sweeps' outputs,
+calibration's telemetry...
 
 Each case injects an OSError (a full disk, a read-only store, a disk's I/O error, a refused connection) into the
 fsspec or pyarrow call a module makes, as the store would raise it; no Ray, no Serve."""
@@ -171,6 +172,12 @@ def _telemetry_window(store: str):
     return lambda: write_window(pa.table({"x": [1.0]}), f"{store}/windows/w.parquet")
 
 
+def _calibration_telemetry(store: str):
+    from sweeps.calibration import read_telemetry
+
+    return lambda: read_telemetry(f"{store}/telemetry.parquet")
+
+
 def _bulk_load(store: str):
     from actors.ingest import _parquet_batches
 
@@ -199,6 +206,7 @@ CASES = {
     "sweep part": Case(_sweep_part, "open", errno.ENOSPC, "write"),
     "telemetry window": Case(_telemetry_window, "pipe_file", errno.EROFS, "write"),
     "bulk load": Case(_bulk_load, "dataset", errno.EIO, "read", ds),
+    "calibration telemetry": Case(_calibration_telemetry, "cat_file", errno.EIO, "read"),
 }
 
 
