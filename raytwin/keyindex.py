@@ -13,10 +13,12 @@ Never trusted blindly:
   partition), so it survives restarts. It names the log files it covers, with their sizes, and is
   written with Parquet page checksums.
 - Every lookup lists the partition first (one listing, no file reads when nothing changed). An
-  index whose files are not all listed with their sizes (a compaction merged them), or that cannot
-  be read (missing, corrupt), is rebuilt from the log files; listed files it does not cover (new
-  batches) are read and merged. A log segment (`raytwin.logsegments`) grows while it is open: the
-  index covers it up to a byte offset and reads only the messages appended after it.
+  index whose files are not all listed with their sizes (a compaction merged them), or that is
+  missing or damaged (its bytes do not decode: a failed page checksum, another schema), is rebuilt
+  from the log files; the store failing to read it is an outage (`StoreIOError`), never a rebuild.
+  Listed files it does not cover (new batches) are read and merged. A log segment
+  (`raytwin.logsegments`) grows while it is open: the index covers it up to a byte offset and
+  reads only the messages appended after it.
 - Only an exact answer is final: an identity logged with the same content digest is a duplicate;
   one logged with other content, or with several contents (a conflicting re-delivery logged
   before a crash), is `CONFIRM`: the caller reads those rows exactly (`StateStore.find_events`).
@@ -100,6 +102,19 @@ def _digests(table: pa.Table) -> list[bytes | None]:
     if "digest" in table.column_names:
         return table.column("digest").to_pylist()
     return [content_digest(q, v) for q, v in zip(table.column("quality").to_pylist(), table.column("values").to_pylist())]
+
+
+def _decoded(data: bytes) -> _Partition:
+    """The index file's bytes as a partition; raises on any damage (a failed page checksum is an OSError: decoded
+    apart from the read, so that it is never taken for the store's)."""
+    table = pq.read_table(io.BytesIO(data), page_checksum_verification=True)
+    meta = table.schema.metadata or {}
+    files = json.loads(meta[b"files"])
+    if table.schema.remove_metadata() != _INDEX_SCHEMA or int(meta[b"rows"]) != table.num_rows:
+        raise ValueError("unexpected schema or row count")
+    part = _Partition(files={str(k): int(v) for k, v in files.items()})
+    part.merge(table)
+    return part
 
 
 class LogKeyIndex:
@@ -193,22 +208,18 @@ class LogKeyIndex:
         return out
 
     def _load(self, directory: str) -> _Partition | None:
-        """The persisted index, or None when it is missing or unreadable (then it is rebuilt)."""
+        """The persisted index, or None when it is missing or damaged (then it is rebuilt). The store failing its
+        read raises (`StoreIOError`): a rebuild would re-read the partition's whole log from that failing store."""
         try:
-            table = pq.read_table(f"{directory}/{INDEX_FILE}", filesystem=self.store.fs,
-                                  page_checksum_verification=True)
-            meta = table.schema.metadata or {}
-            files = json.loads(meta[b"files"])
-            if table.schema.remove_metadata() != _INDEX_SCHEMA or int(meta[b"rows"]) != table.num_rows:
-                raise ValueError("unexpected schema or row count")
+            with store_io("read"):
+                data = self.store.fs.cat_file(f"{directory}/{INDEX_FILE}")
         except FileNotFoundError:
             return None
-        except Exception as exc:  # a damaged index is rebuilt, never trusted
+        try:
+            return _decoded(data)
+        except Exception as exc:  # bytes the store returned that decode to no index: damaged, rebuilt, never trusted
             log.warning("event=key_index_unreadable partition=%s error=%r", directory, exc)
             return None
-        part = _Partition(files={str(k): int(v) for k, v in files.items()})
-        part.merge(table)
-        return part
 
     def _save(self, directory: str, part: _Partition) -> None:
         ids = list(part.digests)

@@ -8,11 +8,15 @@ are counted from the store itself.
 
 from __future__ import annotations
 
+import errno
+import logging
+import os
 from datetime import UTC, datetime, timedelta
 
 import jax
 import numpy as np
 import pytest
+from fsspec.implementations.local import LocalFileSystem
 
 from actors.recovery import registration_record
 from actors.shard import TwinShard
@@ -23,6 +27,7 @@ from raytwin.keyindex import INDEX_FILE, LogKeyIndex, Logged, content_digest
 from raytwin.registry import ModelRegistry
 from raytwin.sim import THERMAL_RC
 from raytwin.statestore import LoggedEvent, StateStore, log_table, to_micros
+from raytwin.store_failures import StoreIOError
 
 T0 = datetime(2026, 5, 4, 22, 0, tzinfo=UTC)  # 2 h before midnight: a backlog spans two day partitions
 STEP_S = 60.0
@@ -171,3 +176,37 @@ def test_an_identity_logged_with_several_contents_is_confirmed_from_the_rows(tmp
     store.append_log("acme", log_table([("a", other)]))
     assert ask(("a", first.key, "good", first.values)) == [Logged.CONFIRM]
     assert store.find_events("acme", [("a", first.key), ("a", (us, 9, "a:9"))]) == {("a", first.key): first}
+
+
+def test_a_damaged_index_is_rebuilt_but_the_store_failing_its_read_is_an_outage(tmp_path, monkeypatch, caplog):
+    """Any error reading the index rebuilt it: the store failing the read too, which re-read the partition's whole
+    log from that failing store. An outage now raises `StoreIOError`; a damaged index (a failed page checksum,
+    which pyarrow raises as an OSError too) is still rebuilt."""
+    store = StateStore(str(tmp_path / "store"))
+    us = to_micros(T0)
+    event = LoggedEvent((us, 1, "a:1"), "good", {"T_in": 293.0}, us)
+    store.append_log("acme", log_table([("a", event)]))
+    query = [("a", event.key, content_digest("good", event.values.items()))]
+    assert LogKeyIndex(store).lookup("acme", query) == [Logged.SAME]  # built from the log, and written
+    index_path = f"{store.root}/log/tenant=acme/date={T0.date().isoformat()}/{INDEX_FILE}"
+    read = LocalFileSystem.cat_file
+
+    def index_unreadable(fs, path, *args, **kwargs):
+        if path.endswith(INDEX_FILE):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return read(fs, path, *args, **kwargs)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(LocalFileSystem, "cat_file", index_unreadable)
+        index = LogKeyIndex(store)
+        with pytest.raises(StoreIOError) as raised:
+            index.lookup("acme", query)
+    assert (raised.value.operation, raised.value.error, index.rebuilds) == ("read", "io", 0)
+
+    data = bytearray(store.fs.cat_file(index_path))
+    data[data.index(content_digest("good", event.values.items()))] ^= 0xFF  # in the page: its checksum fails
+    store.fs.pipe_file(index_path, bytes(data))
+    index = LogKeyIndex(store)
+    with caplog.at_level(logging.WARNING, logger="raytwin.store"):
+        assert index.lookup("acme", query) == [Logged.SAME]
+    assert index.rebuilds == 1 and "event=key_index_unreadable" in caplog.text and "OSError(" in caplog.text
