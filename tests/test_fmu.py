@@ -6,22 +6,30 @@ The build fixture fails (never skips) without CMake or the sources: CI has both.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import logging
+import os
+import tempfile
 
 import jax.numpy as jnp
+import fsspec
 import numpy as np
 import pytest
+from fsspec.implementations.memory import MemoryFileSystem
 
 from benchmarks.fmu import VAN_DER_POL  # a JAX Van der Pol written from the equations
 from raytwin.fmu import (
     INSTANTIATIONS, FmuError, FmuInstance, FmuModel, FmuScenario, FmuStepper, calibrate_fmu, run_fmu_sweep,
     run_scenarios, store_fmu,
 )
+from raytwin.fmu.describe import FmuCacheFull
 from raytwin.fmu.instance import discard_instance
 from raytwin.fmu.reference import build_reference_fmus, default_source
 from raytwin.modelcode import code_identity
 from raytwin.sim import Output, simulate
+from raytwin.store_failures import StoreIOError
+from serve_apps.store_errors import store_failure
 from tests.conftest import REFERENCE_FMU_MODELS
 
 VERSIONS = tuple(REFERENCE_FMU_MODELS)  # the session fixture `reference_fmus` (tests/conftest.py) builds these
@@ -101,6 +109,44 @@ def test_an_fmu_whose_default_step_is_not_positive_is_refused_at_load(reference_
     with pytest.raises(FmuError, match=f"^FMU VanDerPol.fmu: DefaultExperiment stepSize {float(step):g} must be a "
                                        "finite number of seconds > 0; fix it in the FMU's modelDescription.xml$"):
         FmuModel.load(reference_fmus[(2, "VanDerPol")])
+
+
+@pytest.fixture
+def remote_fmu(tmp_path, monkeypatch):
+    """A remote FMU's URL (fsspec's in-memory filesystem; any bytes: nothing opens them) and the folder it is
+    downloaded into (the machine's temporary directory is `tmp_path`)."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    memory = fsspec.filesystem("memory")
+    memory.pipe_file(f"/{tmp_path.name}/pump.fmu", b"an FMU")
+    yield f"memory://{tmp_path.name}/pump.fmu", tmp_path / "raytwin-fmu"
+    memory.rm(f"/{tmp_path.name}", recursive=True)
+
+
+def test_a_full_local_disk_downloading_an_fmu_is_no_store_outage(remote_fmu, monkeypatch):
+    """The download's write filling the machine's own disk raised the store's `disk_full` (a 503 sending the
+    operator to free the store's disk): it names the local folder and what to free or set, and leaves no part."""
+    url, cache = remote_fmu
+    cache.mkdir()
+    part = cache / "download.part"
+    part.symlink_to("/dev/full")  # every write fails as on a full disk: ENOSPC
+    monkeypatch.setattr(tempfile, "mkstemp", lambda **_: (os.open(part, os.O_WRONLY), str(part)))
+    with pytest.raises(FmuCacheFull, match=f"no space left in {cache} to download FMU {url}: free space there, or "
+                                           "set TMPDIR to a directory with room") as raised:
+        FmuModel.load(url)
+    assert raised.value.errno == errno.ENOSPC and store_failure(raised.value) is None
+    assert not list(cache.iterdir())
+
+
+def test_the_store_failing_an_fmu_download_is_a_store_outage(remote_fmu, monkeypatch):
+    url, cache = remote_fmu
+
+    def fail(*args, **kwargs):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(MemoryFileSystem, "_open", fail)
+    with pytest.raises(StoreIOError) as raised:
+        FmuModel.load(url)
+    assert (raised.value.operation, raised.value.error) == ("read", "io") and not list(cache.iterdir())
 
 
 def test_a_file_that_is_not_a_zip_is_not_an_fmu(tmp_path):

@@ -20,6 +20,7 @@ names exactly the binary that ran.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import math
 import os
@@ -27,6 +28,7 @@ import re
 import tempfile
 import zipfile
 from collections.abc import Mapping, Sequence
+from contextlib import closing, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
@@ -34,8 +36,8 @@ from typing import TYPE_CHECKING, ClassVar
 from raytwin import units
 from raytwin.modelcode import ModelCode, file_code
 from raytwin.sim.model import Declared, Input, ModelCheckError, Output, Param, State
-from raytwin.storage import filesystem
-from raytwin.store_failures import store_io
+from raytwin.storage import filesystem, read_chunks
+from raytwin.store_failures import StoreIOError, store_io
 
 REAL_TYPES = ("Real", "Float64", "Float32")
 """FMI 2.0 and 3.0 names of the variable types RayTwin maps."""
@@ -51,6 +53,11 @@ if TYPE_CHECKING:
 
 class FmuError(ValueError):
     """An FMU RayTwin cannot use as asked (unknown unit, wrong hash, unknown variable, failed run)."""
+
+
+class FmuCacheFull(OSError):
+    """The local disk holding the FMU cache (in the machine's temporary directory) is full: neither the store's
+    outage (it answered) nor a fault of the FMU; its message names the folder and how to make room."""
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -240,14 +247,7 @@ def _local_copy(url: str, expected_hash: str | None) -> str:
         cache = Path(tempfile.gettempdir()) / "raytwin-fmu"
         local = str(cache / f"{expected_hash}.fmu")
         if not (expected_hash and os.path.isfile(local)):
-            fs, path = filesystem(url)
-            cache.mkdir(parents=True, exist_ok=True)
-            fd, part = tempfile.mkstemp(dir=cache, suffix=".part")
-            os.close(fd)
-            with store_io("read"):
-                fs.get_file(path, part)
-            local = str(cache / f"{sha256_file(part)}.fmu")
-            os.replace(part, local)
+            local = _download(url, cache)
     else:
         local = url.removeprefix("file://")
         if not os.path.isfile(local):
@@ -255,6 +255,31 @@ def _local_copy(url: str, expected_hash: str | None) -> str:
     if expected_hash is not None and (actual := sha256_file(local)) != expected_hash:
         raise FmuError(f"FMU {url} has SHA-256 {actual}, expected {expected_hash}: the file changed")
     return local
+
+
+def _download(url: str, cache: Path) -> str:
+    """`url` downloaded into the folder `cache` as ``<sha256>.fmu``: its path. The store's failures raise as
+    `StoreIOError`; the local disk's own filling up is no store outage (`FmuCacheFull`, naming the folder); a
+    failed download leaves no partial file behind."""
+    fs, path = filesystem(url)
+    part = None
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        fd, part = tempfile.mkstemp(dir=cache, suffix=".part")
+        with os.fdopen(fd, "wb") as f, closing(read_chunks(fs, path)) as chunks:
+            for chunk in chunks:  # read from the store, written to the local disk
+                f.write(chunk)
+        local = str(cache / f"{sha256_file(part)}.fmu")
+        os.replace(part, local)
+        return local
+    except OSError as exc:
+        if part is not None:
+            with suppress(FileNotFoundError):
+                os.unlink(part)
+        if isinstance(exc, StoreIOError) or exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise FmuCacheFull(exc.errno, f"no space left in {cache} to download FMU {url}: free space there, or set "
+                                      "TMPDIR to a directory with room (the FMU cache is $TMPDIR/raytwin-fmu)") from exc
 
 
 def store_fmu(path: str | os.PathLike, url: str) -> FmuModel:
