@@ -27,7 +27,7 @@ from raytwin.fmu.describe import FmuCacheFull
 from raytwin.fmu.instance import discard_instance
 from raytwin.fmu.reference import build_reference_fmus, default_source
 from raytwin.modelcode import code_identity
-from raytwin.sim import Output, simulate
+from raytwin.sim import Output, get_model, simulate
 from raytwin.store_failures import StoreIOError
 from serve_apps.store_errors import store_failure
 from tests.conftest import REFERENCE_FMU_MODELS
@@ -117,14 +117,17 @@ def remote_fmu(tmp_path, monkeypatch):
     downloaded into (the machine's temporary directory is `tmp_path`)."""
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     memory = fsspec.filesystem("memory")
-    memory.pipe_file(f"/{tmp_path.name}/pump.fmu", b"an FMU")
-    yield f"memory://{tmp_path.name}/pump.fmu", tmp_path / "raytwin-fmu"
+    path = f"/{tmp_path.name}/fmus/{hashlib.sha256(b'an FMU').hexdigest()}.fmu"  # as `store_fmu` names it
+    memory.pipe_file(path, b"an FMU")
+    yield f"memory://{path.lstrip('/')}", tmp_path / "raytwin-fmu"
     memory.rm(f"/{tmp_path.name}", recursive=True)
 
 
-def test_a_full_local_disk_downloading_an_fmu_is_no_store_outage(remote_fmu, monkeypatch):
+@pytest.mark.parametrize("load", [FmuModel.load, get_model], ids=["load", "get_model"])
+def test_a_full_local_disk_downloading_an_fmu_is_no_store_outage(remote_fmu, monkeypatch, load):
     """The download's write filling the machine's own disk raised the store's `disk_full` (a 503 sending the
-    operator to free the store's disk): it names the local folder and what to free or set, and leaves no part."""
+    operator to free the store's disk; `get_model`: an unknown simulator): it names the local folder and what to
+    free or set, and leaves no part."""
     url, cache = remote_fmu
     cache.mkdir()
     part = cache / "download.part"
@@ -132,12 +135,14 @@ def test_a_full_local_disk_downloading_an_fmu_is_no_store_outage(remote_fmu, mon
     monkeypatch.setattr(tempfile, "mkstemp", lambda **_: (os.open(part, os.O_WRONLY), str(part)))
     with pytest.raises(FmuCacheFull, match=f"no space left in {cache} to download FMU {url}: free space there, or "
                                            "set TMPDIR to a directory with room") as raised:
-        FmuModel.load(url)
+        load(url)
     assert raised.value.errno == errno.ENOSPC and store_failure(raised.value) is None
     assert not list(cache.iterdir())
 
 
-def test_the_store_failing_an_fmu_download_is_a_store_outage(remote_fmu, monkeypatch):
+@pytest.mark.parametrize("load", [FmuModel.load, get_model], ids=["load", "get_model"])
+def test_the_store_failing_an_fmu_download_is_a_store_outage(remote_fmu, monkeypatch, load):
+    """`get_model` answered it as an unknown simulator (a `ValueError`: the caller's fault)."""
     url, cache = remote_fmu
 
     def fail(*args, **kwargs):
@@ -145,7 +150,7 @@ def test_the_store_failing_an_fmu_download_is_a_store_outage(remote_fmu, monkeyp
 
     monkeypatch.setattr(MemoryFileSystem, "_open", fail)
     with pytest.raises(StoreIOError) as raised:
-        FmuModel.load(url)
+        load(url)
     assert (raised.value.operation, raised.value.error) == ("read", "io") and not list(cache.iterdir())
 
 

@@ -164,10 +164,15 @@ def get_model(ref: str) -> Model | FmuModel:
 
 
 def _load_fmu(url: str, sha256: str) -> FmuModel:
-    from raytwin.fmu.describe import FmuError, FmuModel
+    """The FMU stored at `url`; one it cannot be is an unknown simulator, but the store failing its read
+    (`StoreIOError`: a 503) or this machine's disk filling up (`FmuCacheFull`) is no fault of the reference."""
+    from raytwin.fmu.describe import FmuCacheFull, FmuError, FmuModel
+    from raytwin.store_failures import StoreIOError
 
     try:
         return FmuModel.load(url, expected_hash=sha256)
+    except (StoreIOError, FmuCacheFull):
+        raise
     except (FmuError, OSError) as exc:
         raise UnknownModelError(f"simulator {url}: {exc}") from None
 
