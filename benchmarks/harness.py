@@ -19,7 +19,7 @@ import os
 import platform
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -279,6 +279,22 @@ def process_cpu_s(pid: int) -> float:
     """User + system CPU seconds of process `pid` so far (Linux `/proc`; OSError elsewhere)."""
     fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def processes_cpu_s(pids: Mapping[str, int]) -> dict[str, float] | None:
+    """`process_cpu_s` of each named process, read together; None where there is no `/proc` (or a process is
+    gone): the caller reports no CPU figure instead of failing its run."""
+    try:
+        return {name: process_cpu_s(pid) for name, pid in pids.items()}
+    except OSError:
+        return None
+
+
+def cpu_spent(before: dict[str, float] | None, after: dict[str, float] | None) -> dict[str, float]:
+    """CPU seconds each process spent between two `processes_cpu_s` readings; empty where either is None."""
+    if before is None or after is None:
+        return {}
+    return {name: after[name] - before[name] for name in before}
 
 
 def cpu_split(before: tuple[int, ...] | None, after: tuple[int, ...] | None) -> dict[str, float] | None:

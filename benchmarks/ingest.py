@@ -29,7 +29,8 @@ from actors.heap import freeze_heap
 from actors.shard import TwinShard
 from actors.telemetry import TELEMETRY_SCHEMA, validate_table
 from actors.twin import Twin, apply_many, logged_event
-from benchmarks.harness import BenchContext, BenchResult, Figure, benchmark, cpu_split, cpu_times, process_cpu_s
+from benchmarks.harness import (BenchContext, BenchResult, Figure, benchmark, cpu_spent, cpu_split, cpu_times,
+                                processes_cpu_s)
 from benchmarks.sweep import cluster_cpus
 from raytwin.contracts import Asset, AssetType, TelemetryEvent
 from raytwin.registry import ModelArtifact, ModelRegistry
@@ -196,14 +197,6 @@ def stream_processes(service: TwinService) -> dict[str, int]:
                                       enumerate(ray.get([h.pid.remote() for h in service.shard_handles]))}}
 
 
-def cpu_seconds(pids: dict[str, int]) -> dict[str, float] | None:
-    """`process_cpu_s` of each process; None where there is no /proc."""
-    try:
-        return {name: process_cpu_s(pid) for name, pid in pids.items()}
-    except OSError:
-        return None
-
-
 def paced(rate_per_s: float, duration_s: float) -> Iterator[int]:
     """`rate_per_s` integers a second for `duration_s`, in ticks of about a millisecond (as `LiveStream`)."""
     total, sent, t0 = round(rate_per_s * duration_s), 0, time.monotonic()
@@ -340,15 +333,14 @@ def ingestion(ctx: BenchContext) -> BenchResult:
             stream = LiveStream(feed, latency_rate, latency_s)
             probe = ProbedTwin(service, feed.assets[-1])
             processes = stream_processes(service)
-            cpu0, own0 = cpu_times(), cpu_seconds(processes)
+            cpu0, own0 = cpu_times(), processes_cpu_s(processes)
             with probe:
                 stream_report = service.ingest_stream(TENANT, stream.rows())
             res.checks["machine_cpu_pct_during_stream"] = cpu_split(cpu0, cpu_times())
-            own1 = cpu_seconds(processes)
-            if own0 and own1:  # each process's share of a core, and what the service spent per event
+            if own := cpu_spent(own0, processes_cpu_s(processes)):  # each one's share of a core; per event
                 res.checks["process_cpu_pct_during_stream"] = {
-                    name: round(100 * (own1[name] - own0[name]) / stream.elapsed_s, 1) for name in processes}
-                stream_cpu_us = {part: 1e6 * sum(own1[n] - own0[n] for n in processes if n.startswith(part)) / stream.sent
+                    name: round(100 * spent / stream.elapsed_s, 1) for name, spent in own.items()}
+                stream_cpu_us = {part: 1e6 * sum(s for n, s in own.items() if n.startswith(part)) / stream.sent
                                  for part in ("driver", "shard")}
             service.flush()
             applied = sum(service.state(TENANT, a).events_applied for a in feed.assets)
@@ -377,7 +369,7 @@ def ingestion(ctx: BenchContext) -> BenchResult:
         *([Figure(f"CPU per event of the stream at {latency_rate:,.0f} events/s: the driver (reader, validation, "
                   "dispatch, the probe's queries, the load generator)", stream_cpu_us["driver"], "us"),
            Figure(f"CPU per event of the stream at {latency_rate:,.0f} events/s: the {shards} shard processes",
-                  stream_cpu_us["shard"], "us")] if own0 and own1 else []),
+                  stream_cpu_us["shard"], "us")] if own else []),
         Figure(f"stream hand-off (reader thread -> consumer) at {latency_rate:,.0f} events/s: driver CPU per event",
                handoff_cpu_s * 1e6, "us"),
         Figure(f"log writes of a live batch ({LIVE_BATCH_ROWS} rows) appended to a segment", segment_rate, "writes/s",

@@ -27,7 +27,7 @@ from asyncua import Client, ua
 
 from actors import TwinService
 from benchmarks.connector_runs import check_exactly_once, latency_figures, wait_acknowledged, wait_connected
-from benchmarks.harness import BenchContext, BenchResult, Figure, benchmark, process_cpu_s
+from benchmarks.harness import BenchContext, BenchResult, Figure, benchmark, cpu_spent, processes_cpu_s
 from benchmarks.ingest import TENANT, IngestMismatch, LiveStream, ProbedTwin, TelemetryFeed
 from benchmarks.sweep import cluster_cpus
 from connectors.manager import Connectors
@@ -160,9 +160,9 @@ def opcua_ingestion(ctx: BenchContext) -> BenchResult:
         sustained = LiveStream(opcua_feed, throughput_rate, throughput_s)
         n_sustained = sustained.total
         cpu = {"asyncua server": server.process.pid, "plant client (benchmark process)": os.getpid()}
-        cpu_before = {name: process_cpu_s(pid) for name, pid in cpu.items()}
+        cpu_before = processes_cpu_s(cpu)
         written_s, opcua_s = through_opcua(sustained)
-        cpu_s = {name: process_cpu_s(pid) - cpu_before[name] for name, pid in cpu.items()}
+        cpu_s = cpu_spent(cpu_before, processes_cpu_s(cpu))
 
         def direct() -> int:
             return service.ingest(TENANT, direct_feed.table(n_sustained)).accepted

@@ -32,8 +32,8 @@ from typing import Any
 import httpx
 import numpy as np
 
-from benchmarks.harness import (BenchContext, BenchResult, Figure, benchmark, process_cpu_s, run_python,
-                                subprocess_env_without)
+from benchmarks.harness import (BenchContext, BenchResult, Figure, benchmark, cpu_spent, processes_cpu_s,
+                                run_python, subprocess_env_without)
 from benchmarks.load import KeepAliveClient
 from benchmarks.serve_api import (
     ASSET,
@@ -371,7 +371,7 @@ async def _queries(port: int, key: str, duration: float, rounds: int, pids: dict
     offered rates stay multiples of the first measurement, so every round offers the same load."""
     client = KeepAliveClient("127.0.0.1", port, {"Authorization": f"Bearer {key}"}, max_connections=256)
     plan = [*[(f"{m:g}x", m) for m in MULTIPLES], ("0.5x after 5x", 0.5)]
-    processes = tuple(name for name in pids if name != "backend")
+    processes = {name: pid for name, pid in pids.items() if name != "backend"}
     try:
         await _capacity(client, min(duration, 2.0), clients)  # warm-up: connections, handles, caches
         capacities = [await _capacity(client, duration, clients)]
@@ -382,10 +382,10 @@ async def _queries(port: int, key: str, duration: float, rounds: int, pids: dict
             if round_:
                 capacities.append(await _capacity(client, duration, clients))
             for label, multiple in plan:
-                before = {name: process_cpu_s(pids[name]) for name in processes}
+                before = processes_cpu_s(processes)
                 pooled[label].add(await _open_loop(client, multiple * first, duration))
-                for name, t in before.items():
-                    spent[label][name] += process_cpu_s(pids[name]) - t
+                for name, seconds in cpu_spent(before, processes_cpu_s(processes)).items():
+                    spent[label][name] += seconds
                 if label != "5x":  # recovery is measured right after 5x, without a pause
                     await asyncio.to_thread(_quiesce, [pids["proxy"], pids["ingress"]])
         capacity = float(np.mean(capacities))

@@ -31,8 +31,8 @@ from typing import Any
 
 import httpx
 
-from benchmarks.harness import (BenchContext, BenchResult, Figure, benchmark, process_cpu_s, run_python,
-                                subprocess_env_without)
+from benchmarks.harness import (BenchContext, BenchResult, Figure, benchmark, cpu_spent, process_cpu_s,
+                                processes_cpu_s, run_python, subprocess_env_without)
 from benchmarks.load import KeepAliveClient, LoadResult, paced_async
 from raytwin.contracts import AssetType
 from raytwin.ports import free_port, free_ports
@@ -220,11 +220,11 @@ def measure(quick: bool, rounds: int) -> dict[str, Any]:
             for _ in range(rounds):
                 for rate in rates:
                     for path in PATHS:
-                        before = {name: process_cpu_s(pid) for name, pid in pids.items()}
+                        before = processes_cpu_s(pids)
                         load = asyncio.run(_load(ports[path], key, rate, duration))
                         spent = cpu.setdefault((path, rate), dict.fromkeys(pids, 0.0))
-                        for name, pid in pids.items():
-                            spent[name] += process_cpu_s(pid) - before[name]
+                        for name, seconds in cpu_spent(before, processes_cpu_s(pids)).items():
+                            spent[name] += seconds
                         runs.setdefault((path, rate), []).append(load)
                         load_avg.append(os.getloadavg()[0])
                         _quiesce([pids["proxy"], pids["ingress"]])

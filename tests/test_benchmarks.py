@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
@@ -14,7 +18,8 @@ from typer.testing import CliRunner
 from benchmarks import fused_tuning, lorenz_ensemble, sweep_gpu
 from benchmarks.cli import bench_app
 from benchmarks.fmu import AGREEMENT_ATOL
-from benchmarks.harness import CPU_KINDS, BenchContext, Figure, cpu_split, cpu_times, markdown_table, measure, select
+from benchmarks.harness import (CPU_KINDS, BenchContext, Figure, cpu_spent, cpu_split, cpu_times, markdown_table,
+                                measure, processes_cpu_s, select)
 from benchmarks.load import paced_sync
 from benchmarks.roofline import rk4_flops_jaxpr
 from benchmarks.thermal_scenarios import (
@@ -62,6 +67,23 @@ def test_cpu_split_is_the_share_of_each_kind_of_cpu_time_between_two_readings():
     now = cpu_times()
     if now is not None:  # Linux: one count per kind
         assert len(now) == len(CPU_KINDS)
+
+
+def test_the_cpu_of_named_processes_is_read_together_and_a_missing_reading_is_no_figure():
+    """The one reading of processes' CPU (the ingest, OPC UA, overload and serve benchmarks): seconds spent between
+    two readings, by name; a process that cannot be read (gone, or no /proc) leaves no figure, never a failed run."""
+    gone = subprocess.Popen([sys.executable, "-c", ""])
+    gone.wait()
+    this = {"this process": os.getpid()}
+    before = processes_cpu_s(this)
+    if before is not None:  # Linux
+        busy_until = time.process_time() + 0.1
+        while time.process_time() < busy_until:
+            pass
+        spent = cpu_spent(before, processes_cpu_s(this))
+        assert list(spent) == ["this process"] and spent["this process"] > 0
+    assert processes_cpu_s({**this, "gone": gone.pid}) is None
+    assert cpu_spent(None, before) == cpu_spent(before, None) == {}
 
 
 def test_paced_load_counts_failures_and_measures_from_due_time():
