@@ -276,12 +276,14 @@ class ModelLifecycle:
                                   f"{describe_error(exc)}", i) from None
         return out
 
-    def verify(self, model: str, expected_head: str | None = None) -> ModelState:
+    def verify(self, model: str, expected_head: str | None = None, *,
+               records: list[TransitionRecord] | None = None) -> ModelState:
         """The state of `model` after checking its chain: each record's own hash, its link to the record
         before, contiguous sequence numbers, and (if given) the head hash noted elsewhere, which also
-        catches a truncated tail. `ChainBroken` names the first bad record."""
+        catches a truncated tail. `ChainBroken` names the first bad record. `records`: the log as the caller
+        read it already with `records` (one read for all it asks of the log); None: read here."""
         state = ModelState(model)
-        for i, r in enumerate(self.records(model)):
+        for i, r in enumerate(self.records(model) if records is None else records):
             problem = None
             if r.seq != i:
                 problem = f"has sequence number {r.seq} at position {i} (a record was deleted or reordered)"

@@ -133,36 +133,40 @@ def shadow_metrics(comparison: Comparison, twins: int) -> dict[str, float]:
             "production_rmse": p.rmse, "candidate_rmse": c.rmse}
 
 
-def recorded(lifecycle: ModelLifecycle, ref: str, shadow_id: str) -> list[TransitionRecord]:
-    """What `conclude` recorded for the evaluation `shadow_id` of `ref` (its evidence, a move to staging), if any."""
-    return [r for r in lifecycle.records(parse_ref(ref)[0])
+def recorded(records: list[TransitionRecord], ref: str, shadow_id: str) -> list[TransitionRecord]:
+    """What `conclude` recorded for the evaluation `shadow_id` of `ref` (its evidence, a move to staging), if any,
+    among `records` (its model's lifecycle log: `ModelLifecycle.records`)."""
+    return [r for r in records
             if f"{r.model}@{r.version}" == ref and r.reason.startswith(f"shadow evaluation {shadow_id}:")]
 
 
 def conclude(lifecycle: ModelLifecycle, ref: str, tenant: str, shadow_id: str, comparison: Comparison,
-             twins: int) -> list[TransitionRecord]:
+             twins: int, records: list[TransitionRecord] | None = None) -> list[TransitionRecord]:
     """Record a finished shadow evaluation of `ref` as evidence (once per `shadow_id`; a second call
     returns []), and, when the tenant's policy sets `shadow_auto_stage_margin` and the candidate is
     better by at least that margin (mean log-likelihood per update) with NIS no further from 1,
-    move it from candidate to staging, both as the system principal."""
+    move it from candidate to staging, both as the system principal. `records`: the model's lifecycle log as
+    the caller read it for this evaluation (None: read here)."""
     tag = f"shadow evaluation {shadow_id}"
-    if any(r.action == "evaluate" for r in recorded(lifecycle, ref, shadow_id)):
+    if records is None:
+        records = lifecycle.records(parse_ref(ref)[0])
+    if any(r.action == "evaluate" for r in recorded(records, ref, shadow_id)):
         return []
     system = Actor(id=SYSTEM_ACTOR, tenant=tenant)
     evidence = Evidence(shadow_metrics=shadow_metrics(comparison, twins))
     verdict = "better" if comparison.candidate_better else "not better"
-    records = [lifecycle.evaluate(ref, system, f"{tag}: candidate {verdict} than production over "
+    written = [lifecycle.evaluate(ref, system, f"{tag}: candidate {verdict} than production over "
                                   f"{comparison.candidate.events} events of {twins} twin(s), log-likelihood gain "
                                   f"{comparison.loglik_gain:.4g} per update", evidence)]
     margin = lifecycle.policy(tenant).shadow_auto_stage_margin
     if (margin is not None and comparison.candidate_better and comparison.loglik_gain >= margin
             and lifecycle.stage(ref) == "candidate"):
         try:
-            records.append(lifecycle.transition(ref, "staging", system, f"{tag}: log-likelihood better by "
+            written.append(lifecycle.transition(ref, "staging", system, f"{tag}: log-likelihood better by "
                                                 f"{comparison.loglik_gain:.4g} >= the policy's margin {margin}",
                                                 evidence))
         except LifecycleError as exc:  # e.g. another transition came first: the evidence stands
             log.warning("event=shadow_auto_stage_refused ref=%s shadow=%s reason=%r", ref, shadow_id, str(exc))
     log.info("event=shadow_concluded ref=%s tenant=%s shadow=%s gain=%.6g better=%s staged=%s", ref, tenant,
-             shadow_id, comparison.loglik_gain, comparison.candidate_better, len(records) > 1)
-    return records
+             shadow_id, comparison.loglik_gain, comparison.candidate_better, len(written) > 1)
+    return written

@@ -30,7 +30,7 @@ from serve_apps.auth import Principal
 from serve_apps.deps import READER, SVC, WRITABLE, WRITER, Services
 from serve_apps.errors import CONFLICT, BadRequest, Conflict, NotFound, unwrap
 from serve_apps.routes_models import ModelName, Version, _call, _lifecycle
-from serve_apps.shadow_conclusions import archived, record_finished
+from serve_apps.shadow_conclusions import evaluation_log, record_finished
 
 log = logging.getLogger("raytwin.serve")
 SHADOWED_STAGES = ("candidate", "staging")
@@ -144,12 +144,13 @@ def register(app: FastAPI) -> None:
         meanwhile gets no evidence (`not_recorded` says so), and the report is still read."""
         ref, lc = f"{model}@{version}", _lifecycle(svc, who.tenant)
         report: ShadowReport = await _live(svc, lambda m: m.shadow(who.tenant, ref))
-        if await _call(archived, lc, ref):
+        archived, logged = await _call(evaluation_log, lc, ref)
+        if archived:
             return ShadowStatus(report=report, recorded=[], not_recorded=(
                 f"{ref} was archived since the evaluation started: the lifecycle records evidence for candidate, "
                 f"staging and production versions only, so this comparison is not recorded; DELETE {request.url.path} "
                 "to end the evaluation"))
-        return ShadowStatus(report=report, recorded=await _call(recorded, lc, ref, report.run_id))
+        return ShadowStatus(report=report, recorded=recorded(logged, ref, report.run_id))
 
     @app.delete(path, status_code=204, tags=tags)
     async def stop_shadow(model: ModelName, version: Version, request: Request, who: Principal = WRITER,

@@ -19,11 +19,14 @@ from serve_apps.audit import AuditLog
 from serve_apps.audit_steps import audited, by_system
 
 
-def archived(lifecycle: ModelLifecycle, ref: str) -> bool:
-    """Whether the version was archived (or pruned) since its evaluation started: no evidence is recorded for it."""
+def evaluation_log(lifecycle: ModelLifecycle, ref: str) -> tuple[bool, list[TransitionRecord]]:
+    """Whether the version was archived (or pruned) since its evaluation started (no evidence is recorded for it),
+    and its model's lifecycle records (what was recorded of the evaluation: `raytwin.shadow.recorded`): one read of
+    the log, verified, for all an evaluation asks of it."""
     model, version = parse_ref(ref)
-    found = lifecycle.verify(model).versions.get(version)
-    return found is not None and found.stage == "archived"
+    records = lifecycle.records(model)
+    found = lifecycle.verify(model, records=records).versions.get(version)
+    return found is not None and found.stage == "archived", records
 
 
 def record_finished(report: ShadowReport, lifecycle: ModelLifecycle, audit: AuditLog, tenant: str,
@@ -32,10 +35,13 @@ def record_finished(report: ShadowReport, lifecycle: ModelLifecycle, audit: Audi
     `model.evaluate` in two steps (a store that cannot take its intent raises `StoreUnavailable`, nothing recorded:
     the next round, or the DELETE again, records it); the records written ([]: none, or recorded before)."""
     ref = report.candidate_ref
-    if not report.done or archived(lifecycle, ref) or recorded(lifecycle, ref, report.run_id):
+    if not report.done:
+        return []
+    archived, logged = evaluation_log(lifecycle, ref)
+    if archived or recorded(logged, ref, report.run_id):
         return []
     with audited(audit, by_system(tenant, "model.evaluate", ref, {"run_id": report.run_id}, request_id)) as outcome:
-        records = conclude(lifecycle, ref, tenant, report.run_id, report.comparison, len(report.twins))
+        records = conclude(lifecycle, ref, tenant, report.run_id, report.comparison, len(report.twins), logged)
         outcome.update(recorded=[{"action": r.action, "seq": r.seq, "to_stage": r.to_stage, "hash": r.hash}
                                  for r in records])  # its evidence, and the move to staging the policy made
     return records

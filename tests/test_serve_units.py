@@ -2169,6 +2169,29 @@ def test_a_finished_shadow_evaluation_is_recorded_only_after_its_audit_intent(tm
         "action": "evaluate", "seq": evaluated.seq, "to_stage": "candidate", "hash": evaluated.hash}]}
 
 
+def test_recording_a_finished_shadow_evaluation_reads_the_lifecycle_log_once_before_it_writes(tmp_path, monkeypatch):
+    """One evaluation read its model's lifecycle log three times before recording it: whether its candidate was
+    archived, whether it was recorded, and again in `conclude`. One read answers all three (`evaluate` reads the log
+    once more: the head it appends after); an evaluation recorded already costs one read."""
+    from raytwin.lifecycle import Actor, ModelLifecycle
+    from raytwin.registry import ModelRegistry
+    from serve_apps.shadow_conclusions import record_finished
+
+    registry = ModelRegistry(str(tmp_path / "store" / "registry" / "acme"))
+    lc = ModelLifecycle(registry)
+    registry.register("thermal_rc", "1.0.1", AssetType.from_model(THERMAL_RC))
+    lc.submit("thermal_rc@1.0.1", Actor(id="calibrator", tenant="acme"), "fitted")
+    reads, read, evaluate, read_before_writing = [], lc.records, lc.evaluate, []
+    monkeypatch.setattr(lc, "records", lambda model: reads.append(model) or read(model))
+    monkeypatch.setattr(lc, "evaluate", lambda *args: read_before_writing.append(len(reads)) or evaluate(*args))
+    report = FinishedShadows({"thermal_rc@1.0.1": "run-1"}).shadow("acme", "thermal_rc@1.0.1")
+    audit = AuditLog(str(tmp_path / "store"))
+    [evaluated] = record_finished(report, lc, audit, "acme")
+    assert evaluated.action == "evaluate" and read_before_writing == [1]
+    reads.clear()
+    assert record_finished(report, lc, audit, "acme") == [] and reads == ["thermal_rc"]
+
+
 def test_the_backends_own_swaps_and_moves_act_only_after_their_audit_intent(tmp_path, caplog):
     """The backend's acts as the system (finishing a promotion's swap a crash interrupted, a type move whose catalog
     write did not follow) were audited after they took place. Without an intent they are not done now, and stay to
