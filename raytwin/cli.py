@@ -7,11 +7,17 @@ entry-point group ``raytwin.commands`` (see `raytwin.commands`), so the core imp
 
 from __future__ import annotations
 
+import sys
+
 import typer
 
 from raytwin.commands import mount_commands
 from raytwin.lifecycle_cli import registry_app
 from raytwin.models_cli import models_app
+from raytwin.store_failures import StoreIOError
+
+EX_TEMPFAIL = 75
+"""The exit status of a command the store's outage stopped (sysexits' "try again later"): scripts retry it."""
 
 app = typer.Typer(help="RayTwin: live digital twins and scenario sweeps on Ray.", no_args_is_help=True)
 app.add_typer(models_app, name="models", help="Models: the declared ones, a declaration, the registration checks.")
@@ -29,5 +35,17 @@ def version() -> None:
         typer.echo(f"{name} {ver}")
 
 
+def main() -> None:
+    """The `raytwin` script: `app`, with a store outage (`StoreIOError`, from any command) told in one line and exit
+    status `EX_TEMPFAIL` rather than a traceback: the command was right, the store failed it, and a retry once the
+    store is back is the fix."""
+    try:
+        app()
+    except StoreIOError as exc:
+        typer.echo(f"raytwin: the store failed a {exc.operation} ({exc.error}: {exc}); nothing is wrong with the "
+                   "command: run it again once the store is back", err=True)
+        sys.exit(EX_TEMPFAIL)
+
+
 if __name__ == "__main__":
-    app()
+    main()

@@ -196,3 +196,26 @@ def test_sweep_run_says_why_a_spec_is_refused_in_one_plain_line(tmp_path):
     said = _said(result)
     assert "spec.json: sweep over thermal_rc: unknown input name(s) ['setpont']; known: [" in said
     assert "Value error" not in said and "<root>" not in said
+
+
+def test_a_store_outage_is_one_line_and_exit_75_not_a_traceback(tmp_path, monkeypatch, capsys):
+    """`raytwin registry status` while the registry's store fails every read (EIO): a traceback of the storage
+    layer's frames, before; now one line saying that the store failed, and `EX_TEMPFAIL` so that scripts retry."""
+    import errno
+
+    from fsspec.implementations.local import LocalFileSystem
+
+    from raytwin import cli
+
+    def failing(*args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error")
+
+    for method in ("open", "cat_file", "ls", "info", "exists"):
+        monkeypatch.setattr(LocalFileSystem, method, failing)
+    monkeypatch.setattr(sys, "argv", ["raytwin", "registry", "status", "zone", "--registry", str(tmp_path / "reg")])
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    said = capsys.readouterr().err
+    assert exited.value.code == cli.EX_TEMPFAIL, said
+    assert said.startswith("raytwin: the store failed a read (io: ") and said.count("\n") == 1, said
+    assert "Traceback" not in said
