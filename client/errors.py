@@ -203,7 +203,7 @@ _BY_CODE: dict[str, type[ApiError]] = {c.code: c for c in (
     BadRequest, Unauthorized, Forbidden, NotFound, Conflict, Gone, PreconditionFailed, PayloadTooLarge,
     InvalidRequest, RateLimited, Unavailable, ServerError)}
 _BY_CODE.update({"diverged": InvalidRequest, "infeasible": InvalidRequest, "no_live_state": Conflict,
-                 "too_deeply_nested": BadRequest, "unsupported_media_type": BadRequest})
+                 "client_id_in_use": Conflict, "too_deeply_nested": BadRequest, "unsupported_media_type": BadRequest})
 _BY_STATUS: dict[int, type[ApiError]] = {400: BadRequest, 401: Unauthorized, 403: Forbidden, 404: NotFound,
                                          409: Conflict, 410: Gone, 412: PreconditionFailed, 413: PayloadTooLarge,
                                          422: InvalidRequest, 429: RateLimited, 503: Unavailable}

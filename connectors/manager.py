@@ -21,7 +21,7 @@ from connectors.commands import Command, CommandError, CommandLedger, CommandSta
 from connectors.kinds import AssetTypes, kind_of, parse_spec
 from connectors.reach import Reach
 from connectors.runtime import ACTOR_PREFIX, ConnectorActor, ConnectorState, ConnectorStatus, actor_name
-from connectors.spec import ConnectorSpec, ConnectorStore, Credentials, UnknownConnector
+from connectors.spec import ConnectorSpec, ConnectorStore, Credentials, SessionTaken, UnknownConnector
 from connectors.tenant_files import Spec, TenantFiles
 from raytwin import metrics
 from raytwin.contracts import AssetType, Quantity
@@ -179,14 +179,19 @@ class Connectors:
     def _ask(self, tenant: str, name: str, method: str) -> ConnectorStatus:
         """`method` of the connector's actor; `ConnectorDown` if the actor cannot start (not tried again for
         `START_RETRY_S`)."""
-        if (down := self._down.get((tenant, name))) is not None and time.monotonic() < down[0]:
-            raise ConnectorDown(name, down[1], down[2])
+        self._startable(tenant, name)
         try:
             answer = ray.get(getattr(self._actor(tenant, name), method).remote())
         except ray.exceptions.ActorDiedError as exc:
             raise self._failed(tenant, name, exc) from None
         self._up(tenant, name)
         return answer
+
+    def _startable(self, tenant: str, name: str) -> None:
+        """`ConnectorDown` while the connector is down and not to be tried again yet: no call starts its actor
+        then (one refused at start, e.g. for a client id another connector holds, would kick that one off)."""
+        if (down := self._down.get((tenant, name))) is not None and time.monotonic() < down[0]:
+            raise ConnectorDown(name, down[1], down[2])
 
     def _failed(self, tenant: str, name: str, exc: ray.exceptions.ActorDiedError) -> ConnectorDown:
         """Record and export that the connector's actor died starting (not tried again for `START_RETRY_S`)."""
@@ -241,44 +246,71 @@ class Connectors:
         spec = self.spec(tenant, name)
         credentials = self.store.credentials(tenant, name)
         self._kill(tenant, name)
+        key = spec.session_key()
+        ours = key is None or self._claimed(key, tenant, name)
         try:
-            ended = kind_of(spec.kind).end_session(self._opened(spec), credentials, self._reach(tenant, name))
+            ended = ours and kind_of(spec.kind).end_session(self._opened(spec), credentials, self._reach(tenant, name))
         except InvalidConnector:  # its files are no longer its tenant's: it cannot connect to end the session
             ended = False
         self.store.delete(tenant, name)
         self._up(tenant, name)
-        if (key := spec.session_key()) and ended:
+        if not ours:  # declared before client ids were claimed: ending the session would end its holder's
+            log.info("event=connector_session_left tenant=%s connector=%s session=%r: held by another connector",
+                     tenant, name, key)
+        elif key and ended:
             self.store.release(key, tenant, name)
         elif key:
             log.warning("event=connector_session_kept tenant=%s connector=%s session=%r: claimed until a "
                         "connector of this name is declared and deleted again with the source reachable",
                         tenant, name, key)
 
+    def _claimed(self, key: str, tenant: str, name: str) -> bool:
+        """Whether (tenant, name) holds session `key`, claiming it if no connector does."""
+        try:
+            self.store.claim(key, tenant, name)
+        except SessionTaken:
+            return False
+        return True
+
+    def _earliest_first(self) -> list[tuple[str, str]]:
+        """Every stored (tenant, name), the earliest declared first: of declarations stored before client ids were
+        claimed that share one, the earliest claims it (not the first by name, which a squatter could choose)."""
+        declared = [(tenant, name) for tenant in self.store.tenants() for name in self.names(tenant)]
+        at = {d: (when.timestamp() if (when := self.store.declared_at(*d)) else math.inf) for d in declared}
+        return sorted(declared, key=lambda d: (at[d], d))
+
+    def _refused(self, spec: ConnectorSpec, refuse: Callable[[ConnectorSpec], str | None] | None) -> str | None:
+        """Why a stored declaration may not run: `refuse`'s reason, or its session held by another connector
+        (claimed now if no connector holds it: declarations of older versions)."""
+        if refuse is not None and (why := refuse(spec)):
+            return why
+        if (key := spec.session_key()) and not self._claimed(key, spec.tenant, spec.name):
+            return f"{key} is in use by another connector, declared earlier: give this one another client id"
+        return None
+
     def start_declared(self, refuse: Callable[[ConnectorSpec], str | None] | None = None) -> int:
         """Start the actor of every stored declaration that has none (a service started again on its store:
         connectors run without anyone asking for them, a paused one stays paused); how many it asked for.
         A declaration whose actor cannot be created is logged, not fatal: the others still start. One that
-        `refuse` gives a reason for (a policy that changed since it was declared) is not started: it is
-        listed as down with that reason until it is declared again or deleted. A running actor that enforces
-        another reach policy than the current one (started before the operator changed it, or by a version
-        that checked no address at connect time) is restarted under the current one."""
+        `refuse` gives a reason for (a policy that changed since it was declared), or whose session (MQTT client
+        id) another connector holds (two declarations of versions that claimed none: the earlier declared keeps
+        it), is not started: it is listed as down with that reason until it is declared again or deleted. A
+        running actor that enforces another reach policy than the current one (started before the operator
+        changed it, or by a version that checked no address at connect time) is restarted under the current one."""
         started: dict[tuple[str, str], ray.ObjectRef] = {}
-        for tenant in self.store.tenants():
-            for name in self.names(tenant):
-                try:
-                    spec = self.spec(tenant, name)
-                    if refuse is not None and (why := refuse(spec)):
-                        self._kill(tenant, name)  # one still running from before a backend restart, too
-                        self._mark_down(tenant, name, math.inf, why, "refused")
-                        log.warning("event=connector_refused tenant=%s connector=%s reason=%r", tenant, name, why)
-                        continue
-                    if key := spec.session_key():  # declarations of older versions: claimed now
-                        self.store.claim(key, tenant, name)
-                    if self._other_policy(tenant, name):
-                        self._kill(tenant, name)
-                    started[(tenant, name)] = self._actor(tenant, name).status.remote()
-                except Exception:  # noqa: BLE001 - one broken declaration must not keep the service down
-                    log.exception("event=connector_start_failed tenant=%s connector=%s", tenant, name)
+        for tenant, name in self._earliest_first():
+            try:
+                spec = self.spec(tenant, name)
+                if why := self._refused(spec, refuse):
+                    self._kill(tenant, name)  # one still running from before a backend restart, too
+                    self._mark_down(tenant, name, math.inf, why, "refused")
+                    log.warning("event=connector_refused tenant=%s connector=%s reason=%r", tenant, name, why)
+                    continue
+                if self._other_policy(tenant, name):
+                    self._kill(tenant, name)
+                started[(tenant, name)] = self._actor(tenant, name).status.remote()
+            except Exception:  # noqa: BLE001 - one broken declaration must not keep the service down
+                log.exception("event=connector_start_failed tenant=%s connector=%s", tenant, name)
         self._check_started(started)
         return len(started)
 
@@ -331,6 +363,7 @@ class Connectors:
     def approve(self, tenant: str, command_id: str, by: str) -> Command:
         """Approve (by another key than the proposer's) and send through the connector's actor."""
         command = self.ledger.get(tenant, command_id)
+        self._startable(tenant, command.connector)
         try:
             return ray.get(self._actor(tenant, command.connector).approve.remote(tenant, command.id, by))
         except ray.exceptions.RayActorError:  # its process died: the restarted one settles the record, never resends

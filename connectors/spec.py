@@ -190,6 +190,14 @@ class ConnectorStore:
                      json.dumps({"at": at.isoformat(), "connected": connected}).encode())
 
     @store_io("read")
+    def declared_at(self, tenant: str, name: str) -> datetime | None:
+        """When the connector was last declared (its spec written); None if it no longer is."""
+        try:
+            return self.fs.modified(f"{self._dir(tenant, name)}/spec.json")
+        except FileNotFoundError:
+            return None
+
+    @store_io("read")
     def names(self, tenant: str) -> list[str]:
         try:
             return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(f"{self.root}/tenant={tenant}",
@@ -226,7 +234,9 @@ class ConnectorStore:
                 log.info("event=session_taken session=%r tenant=%s name=%s holder_tenant=%s holder=%s", key, tenant,
                          name, held["tenant"], held["name"])
                 raise SessionTaken(f"{key} is in use by another connector: two connectors with one session would "
-                                   "take it over from each other; give this one its own client id") from None
+                                   "take it over from each other; choose another broker.client_id, or leave it out "
+                                   "to get RayTwin's own (raytwin-<tenant>@<name>, which no other connector has)"
+                                   ) from None
 
     @store_io("write")
     def release(self, key: str, tenant: str, name: str) -> None:

@@ -1,6 +1,7 @@
 """The backend's side of the connector and command routes: `connectors.manager.Connectors` with the
 API's errors (404 for anything of another tenant, 422 for declarations that cannot work, 409 for
-command transitions that are not allowed) and the connectors declared in the service's config.
+command transitions that are not allowed and 409 `client_id_in_use` for an MQTT client id another connector
+holds) and the connectors declared in the service's config.
 
 Declared connectors (`ServeConfig.connectors`) take their credentials from environment variables
 of the backend replica (`credentials_env`, e.g. from a Kubernetes Secret), never from the config.
@@ -22,7 +23,7 @@ from connectors.spec import ConnectorSpec, Credentials, SessionTaken, UnknownCon
 from raytwin.contracts import describe_error
 from connectors.reach import Reach
 from connectors.tenant_files import TenantFiles
-from serve_apps.errors import Conflict, NotFound, Unprocessable, unwrap
+from serve_apps.errors import ClientIdInUse, Conflict, NotFound, Unprocessable, unwrap
 
 if TYPE_CHECKING:
     from actors.service import TwinService
@@ -40,7 +41,9 @@ def _api_errors(call: Callable[..., Any]) -> Callable[..., Any]:
             raise Unprocessable(f"connector: {describe_error(exc)}") from None
         except (InvalidConnector, UnknownKind) as exc:
             raise Unprocessable(str(unwrap(exc))) from None
-        except (CommandError, SessionTaken) as exc:
+        except SessionTaken as exc:
+            raise ClientIdInUse(str(unwrap(exc))) from None
+        except CommandError as exc:
             raise Conflict(str(unwrap(exc))) from None
         except ConnectorDown as exc:
             raise Conflict(str(exc)) from None

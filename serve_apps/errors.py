@@ -103,6 +103,13 @@ class Infeasible(ApiError):
     status, code = 422, "infeasible"
 
 
+class ClientIdInUse(Conflict):
+    """A connector whose MQTT client id another connector, of any tenant, holds: the broker would hand one the
+    other's session (each connection kicking the other off), so the store lets one connector hold each id."""
+
+    code = "client_id_in_use"
+
+
 class NoLiveState(Conflict):
     """A run from "live" of a twin that has applied no event (by then): its state is only the prior."""
 

@@ -49,7 +49,9 @@ SWITCH = resend_safe("pausing a paused connector, or resuming a receiving one, c
 async def create_connector(body: ConnectorCreate, request: Request, who: Principal = ADMIN,
                            svc: Services = SVC) -> Any:
     """Check the declaration (its routes' assets must be this tenant's twins), store it and start the
-    connector (one of the same name is replaced and restarted)."""
+    connector (one of the same name is replaced and restarted). 409 `client_id_in_use`: another connector, of
+    any tenant, holds its MQTT client id (on any broker: a broker answers to many names); choose another
+    `broker.client_id`, or leave it out to get RayTwin's own."""
     async with svc.audited(request, who, "connector.create", _declared_name(body.spec), kind=body.spec.get("kind"),
                            credentials=body.credentials is not None):
         return await svc.backend.call("connector", "create", who.tenant, body.spec, body.credentials)

@@ -11,11 +11,16 @@ import re
 import stat
 from datetime import UTC, datetime
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
 
+from connectors.manager import Connectors
 from connectors.mqtt import MqttSpec
+from connectors.reach import Reach
+from connectors.runtime import ConnectorState, ConnectorStatus
 from connectors.spec import ConnectorSpec, ConnectorStore, Credentials, SessionTaken
 from raytwin.sealing import KEY_ENV, KEY_FILE_ENV, Sealer, SealingError, new_key
 
@@ -127,10 +132,15 @@ def test_bad_keys_and_damaged_values_are_refused_with_the_fix(tmp_path: Path, mo
         sealer.open(json.dumps(tampered).encode())
 
 
+def _declaration(name: str, client_id: str | None, host: str = "broker.example.com", port: int = 1883) -> dict:
+    """An MQTT connector's declaration as a tenant sends it (the tenant is the caller's)."""
+    return {"name": name, "kind": "mqtt", "broker": {"host": host, "port": port, "client_id": client_id},
+            "routes": [{"topic": "plant/+/telemetry", "asset_level": 1,
+                        "payload": {"event_time": "ts", "measurements": {"h1": {"field": "level", "unit": "mm"}}}}]}
+
+
 def _mqtt(tenant: str, name: str, client_id: str | None = None, host: str = "broker.example.com") -> MqttSpec:
-    return MqttSpec(name=name, tenant=tenant, broker={"host": host, "client_id": client_id},
-                    routes=[{"topic": "plant/+/telemetry", "asset_level": 1,
-                             "payload": {"event_time": "ts", "measurements": {"h1": {"field": "level", "unit": "mm"}}}}])
+    return MqttSpec(tenant=tenant, **_declaration(name, client_id, host))
 
 
 def test_default_client_ids_of_different_connectors_differ() -> None:
@@ -151,7 +161,8 @@ def test_one_connector_holds_each_broker_session(tmp_path: Path) -> None:
     store.claim(first.session_key(), "a-b", "c")
     store.claim(first.session_key(), "a-b", "c")  # re-declaring the same connector keeps its session
     # whose connector holds it is not said: one answer for another tenant's (which it must not reveal) and one's own
-    taken = "^MQTT client id 'raytwin-a-b-c' is in use by another connector: .* give this one its own client id$"
+    taken = ("^MQTT client id 'raytwin-a-b-c' is in use by another connector: .* choose another broker.client_id, or "
+             "leave it out to get RayTwin's own")
     with pytest.raises(SessionTaken, match=taken) as other_tenants:
         store.claim(second.session_key(), "a", "b-c")
     with pytest.raises(SessionTaken, match=taken) as own:
@@ -165,6 +176,126 @@ def test_one_connector_holds_each_broker_session(tmp_path: Path) -> None:
     store.release(first.session_key(), "a-b", "c")
     store.claim(second.session_key(), "a", "b-c")
     assert ConnectorSpec(name="plc", tenant="a", kind="opcua").session_key() is None
+
+
+def test_of_connectors_racing_for_one_client_id_one_wins(tmp_path: Path) -> None:
+    """Two tenants declaring one client id at once must not both pass the check (each would kick the other off)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    key = _mqtt("t0", "line", client_id="gw-1").session_key()
+
+    def claim(i: int) -> bool:
+        try:
+            ConnectorStore(str(tmp_path)).claim(key, f"t{i}", "line")  # a backend replica each
+        except SessionTaken:
+            return False
+        return True
+
+    with ThreadPoolExecutor(8) as pool:
+        assert sorted(pool.map(claim, range(16))) == [False] * 15 + [True]
+
+
+class Unstarted(Connectors):
+    """`Connectors` over a real store without Ray: which actors it starts (`started`) and stops (`stopped`); every
+    actor answers a paused status."""
+
+    def __init__(self, root: Path):
+        super().__init__(SimpleNamespace(store_url=str(root), storage_options=None))
+        self.started: list[tuple[str, str]] = []
+        self.stopped: list[tuple[str, str]] = []
+
+    def _actor(self, tenant: str, name: str) -> Any:
+        self.started.append((tenant, name))
+        status = ConnectorStatus(tenant=tenant, name=name, kind="mqtt", state=ConnectorState.paused, connected=False,
+                                 messages=0, acknowledged=0, pending=0, accepted=0, duplicates=0, rejected=0,
+                                 dead_lettered=0, errors=0, last_error=None, lag_s=None, newest_event_time=None)
+        answer = SimpleNamespace(remote=lambda *args: status)
+        return SimpleNamespace(status=answer, pause=answer, resume=answer, approve=answer)
+
+    def _kill(self, tenant: str, name: str) -> None:
+        self.stopped.append((tenant, name))
+
+    def _other_policy(self, tenant: str, name: str) -> bool:
+        return False
+
+    def _check_started(self, started: dict) -> None:
+        """Every actor starts."""
+
+
+@pytest.fixture
+def unstarted(tmp_path: Path, key: str, monkeypatch: pytest.MonkeyPatch) -> Unstarted:
+    monkeypatch.setattr("connectors.manager.ray.get", lambda answer, timeout=None: answer)  # `Unstarted`'s answers
+    return Unstarted(tmp_path / "store")
+
+
+def test_a_client_id_another_connector_holds_is_refused_whoever_holds_it(tmp_path: Path,
+                                                                         unstarted: Unstarted) -> None:
+    """Tenant globex declaring the MQTT client id of acme's connector, on its broker (or another name or port of it:
+    RayTwin cannot tell them apart), would kick it off the broker at each connection and take its session: a 409
+    `client_id_in_use` that says how to fix it and not whose id it is, audited as refused; acme's record stays."""
+    from serve_apps.connector_ops import ConnectorOps
+    from tests.fixtures_serve import in_process
+
+    ops = ConnectorOps.__new__(ConnectorOps)  # without connectors to start
+    ops.reach, ops.operators, ops.connectors = Reach(["broker.example.com", "10.0.0.7"]), set(), unstarted
+    backend = SimpleNamespace(connector=lambda op, *args: getattr(ops, op)(*args))
+    with in_process(backend, tmp_path) as (http, auth, svc):
+        acme, globex = auth["admin"], auth["other"]
+        created = http.post("/v1/connectors", json={"spec": _declaration("plant", "gw-1")}, headers=acme)
+        assert created.status_code == 201, created.text
+        refused = [http.post("/v1/connectors", json={"spec": declaration}, headers=headers)
+                   for declaration, headers in ((_declaration("line", "gw-1"), globex),
+                                                (_declaration("line", "gw-1", "10.0.0.7", 8883), globex),
+                                                (_declaration("plant-2", "gw-1"), acme))]
+        assert [r.status_code for r in refused] == [409] * 3, [r.text for r in refused]
+        errors = [r.json()["error"] for r in refused]
+        assert {e["code"] for e in errors} == {"client_id_in_use"}
+        assert len({e["message"] for e in errors}) == 1  # another tenant's holder reads as one's own
+        message = errors[0]["message"]
+        assert message.startswith("MQTT client id 'gw-1' is in use by another connector")
+        assert "choose another broker.client_id, or leave it out to get RayTwin's own" in message
+        assert "acme" not in message and "plant" not in message
+        kept = _declaration("plant", "gw-1") | {"batch_size": 10}  # its own update, keeping its id
+        assert http.post("/v1/connectors", json={"spec": kept}, headers=acme).status_code == 201
+        assert http.post("/v1/connectors", json={"spec": _declaration("line", None)}, headers=globex).status_code == 201
+        spec = http.get("/v1/connectors/plant", headers=acme).json()["spec"]
+        assert (spec["broker"]["client_id"], spec["batch_size"]) == ("gw-1", 10)
+        assert http.get("/v1/connectors/line", headers=globex).json()["spec"]["broker"]["client_id"] is None
+        audited = [r.details for r in svc.audit.records("globex")
+                   if r.action == "connector.create" and r.phase != "intent"]
+        assert [(d["status"], d.get("http_status"), d.get("code")) for d in audited] == [
+            ("refused", 409, "client_id_in_use")] * 2 + [("done", None, None)]
+
+
+def test_of_connectors_stored_before_client_ids_were_claimed_the_earliest_declared_keeps_its_id(
+        tmp_path: Path, unstarted: Unstarted, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two declarations of an earlier version sharing a client id: the one declared first runs; the later is down
+    and never started (not by a status, a resume or an approval), and deleting it leaves the session alone."""
+    from connectors.manager import ConnectorDown
+    from connectors.mqtt import MqttKind
+
+    store, earlier = unstarted.store, _mqtt("globex", "line", "gw-1")
+    later = _mqtt("acme", "a-line", "gw-1")  # first by name, as a squatter could choose
+    for age, spec in ((2000, earlier), (1000, later)):
+        store.save(spec, Credentials())
+        when = datetime.now(UTC).timestamp() - age
+        os.utime(tmp_path / f"store/connectors/declared/tenant={spec.tenant}/{spec.name}/spec.json", (when, when))
+    assert unstarted.start_declared() == 1 and unstarted.started == [("globex", "line")]
+    assert ("acme", "a-line") in unstarted.stopped  # one running from before the upgrade, too
+    down = unstarted.status("acme", "a-line")
+    assert down.state == ConnectorState.down
+    assert "MQTT client id 'gw-1' is in use by another connector" in down.last_error
+    with pytest.raises(ConnectorDown, match="in use by another connector, declared earlier: give this one another"):
+        unstarted.resume("acme", "a-line")
+    command = unstarted.ledger.propose("acme", "a-line", "pump-1", "setpoint", {"q": 1.0}, "k-writer")
+    with pytest.raises(ConnectorDown):
+        unstarted.approve("acme", command.id, "k-approver")
+    assert unstarted.started == [("globex", "line")]
+    ended = []
+    monkeypatch.setattr(MqttKind, "end_session", lambda self, spec, *args: ended.append(spec.name) or True)
+    unstarted.delete("acme", "a-line")
+    assert ended == [] and store.names("acme") == []  # the session is globex's: not ended
+    store.claim(earlier.session_key(), "globex", "line")  # still its holder's
 
 
 def test_the_last_alive_time_is_kept_until_a_new_declaration(tmp_path: Path, key: str) -> None:
