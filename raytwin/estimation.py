@@ -154,13 +154,15 @@ class _Layout(NamedTuple):
         return cls(*carry, tuple(f.shape[1:] for f in consts), tuple(f.shape[2:] for f in events))
 
 
-def _columns(shapes: Sequence[tuple[int, ...]]) -> list[slice]:
-    """Where each field of these shapes lies along a packed array's last axis."""
+@lru_cache(maxsize=256)
+def _columns(shapes: tuple[tuple[int, ...], ...]) -> tuple[slice, ...]:
+    """Where each field of these shapes lies along a packed array's last axis (cached: a layout's few
+    shapes are asked for on every dispatch and every state unpacked)."""
     out, start = [], 0
     for shape in shapes:
         out.append(slice(start, start + math.prod(shape)))
         start += math.prod(shape)
-    return out
+    return tuple(out)
 
 
 def _unpack(packed, shapes: tuple[tuple[int, ...], ...], dtypes: Sequence[np.dtype] = ()):
@@ -782,20 +784,8 @@ def _assimilate_model(runs: list[Run], n: np.ndarray) -> tuple[FilterTrace, np.n
     model = f0.model
     R, E = len(runs), int(n.sum())
     ny = len(model.output_names)
-    lane = np.repeat(np.arange(R), n)  # run of each event
-    pos = np.arange(E) - np.repeat(np.cumsum(n) - n, n)  # its index within the run
     rounds = range(0, int(n.max()), MAX_RUN)
     width = max(o + bucket(min(int(n.max()) - o, MAX_RUN)) for o in rounds)  # room for every dispatch's padding
-    valid = np.zeros((R, width), dtype=bool)
-    valid[lane, pos] = True
-
-    t_events = np.fromiter(chain.from_iterable(r.t for r in runs), dtype=np.float64, count=E)
-    t = np.zeros((R, width))
-    t[lane, pos] = t_events
-    values = np.full((R, width, len(f0.measured_names)), np.nan)
-    values[lane, pos] = np.array(list(chain.from_iterable(r.values for r in runs)), dtype=np.float64)
-    use = np.zeros((R, width), dtype=bool)
-    use[lane, pos] = np.fromiter(chain.from_iterable(r.use_outputs for r in runs), dtype=bool, count=E)
     starts = [r.start for r in runs]
     t0 = np.array([np.nan if fs.t is None else fs.t for fs in starts])
     u0 = np.array([fs.u for fs in starts])
@@ -803,28 +793,19 @@ def _assimilate_model(runs: list[Run], n: np.ndarray) -> tuple[FilterTrace, np.n
     filters: dict[int, int] = {}
     which = np.array([filters.setdefault(id(r.filter), len(filters)) for r in runs])
     distinct = list({id(r.filter): r.filter for r in runs}.values())
-    p, q, r_var, det = (np.array([getattr(f, name) for f in distinct])[which]
-                        for name in ("params", "q_var_rate", "r_var", "det"))
-
-    # sub-steps of at most default_dt into each event from the one before (none from the prior)
-    gap = np.diff(t, axis=1, prepend=t0[:, None])
-    gap = np.where(valid & ~np.isnan(gap), gap, 0.0)
+    const_fields = [np.array([getattr(f, name) for f in distinct]) for name in ("params", "q_var_rate", "r_var", "det")]
+    t_events, gap, held, after, z, mask = (_single_events if E == R else _run_events)(runs, n, width, t0, u0)
     if np.any(gap < 0):
         k = int(np.flatnonzero((gap < 0).any(axis=1))[0])
         raise ValueError(f"cannot predict backwards in time ({runs[k].start.t} -> {np.asarray(runs[k].t).tolist()}); "
                          "rewind instead")
+    # sub-steps of at most default_dt into each event from the one before (none from the prior)
     n_sub, dt, skipped = substeps(gap, model.default_dt)
-    # inputs: each held from its last measurement (or from the twin's held value)
-    held = np.concatenate([u0[:, None, :], values[:, :, f0._input_cols]], axis=1)
-    filled = np.where(np.isnan(held), 0, np.arange(width + 1)[None, :, None])
-    held = np.take_along_axis(held, np.maximum.accumulate(filled, axis=1), axis=1)
-    z = values[:, :, f0._output_cols]
-    mask = (~np.isnan(z) & (use & valid)[:, :, None]).astype(np.float64)
-    z = np.nan_to_num(z, nan=0.0)
 
-    fields = ([p, q, r_var, det], [dt, skipped, held[:, :-1], held[:, 1:], z, mask])
-    layout = _Layout.of(carry_layout, *fields)
-    consts, events = (_pack(np, f, lead) for f, lead in zip(fields, ((R,), (R, width))))
+    fields = [dt, skipped, held[:, :-1], held[:, 1:], z, mask]
+    layout = _Layout.of(carry_layout, const_fields, fields)
+    consts = _pack(np, const_fields, (len(distinct),))[which]  # rows of the distinct filters, per run
+    events = _pack(np, fields, (R, width))
     skipped_cols, _, _, _, mask_cols = _columns(layout.events)[1:]
     trace = np.empty((E, carry.shape[1]))
     first_event = np.cumsum(n) - n
@@ -848,7 +829,60 @@ def _assimilate_model(runs: list[Run], n: np.ndarray) -> tuple[FilterTrace, np.n
             trace[first_event[runs_c[j]] + offset + i] = out[j, i]
             carry[runs_c] = out[np.arange(m), steps[:m] - 1]  # where the next round of a longer run starts
     out_x, out_P, *out_div = _unpack(trace, layout.carry, layout.carry_dtypes)
-    return FilterTrace(t_events, out_x, out_P, held[lane, pos + 1], *out_div), trace, layout
+    return FilterTrace(t_events, out_x, out_P, after, *out_div), trace, layout
+
+
+def _run_events(runs: list[Run], n: np.ndarray, width: int, t0: np.ndarray, u0: np.ndarray
+                ) -> tuple[np.ndarray, ...]:
+    """The runs' events as (run, step) arrays of `width` steps, padding after each run's events:
+    (event times back to back, the gap into each step, held inputs before the first step and after each,
+    the held inputs after each event back to back, outputs measured (0 where not), their mask (1: measured
+    and used))."""
+    f0, R, E = runs[0].filter, len(runs), int(n.sum())
+    lane = np.repeat(np.arange(R), n)  # run of each event
+    at = np.arange(E) - np.repeat(np.cumsum(n) - n, n)  # its index within the run
+    valid = np.zeros((R, width), dtype=bool)
+    valid[lane, at] = True
+    t_events = np.fromiter(chain.from_iterable(r.t for r in runs), dtype=np.float64, count=E)
+    t = np.zeros((R, width))
+    t[lane, at] = t_events
+    values = np.full((R, width, len(f0.measured_names)), np.nan)
+    values[lane, at] = np.array(list(chain.from_iterable(r.values for r in runs)), dtype=np.float64)
+    use = np.zeros((R, width), dtype=bool)
+    use[lane, at] = np.fromiter(chain.from_iterable(r.use_outputs for r in runs), dtype=bool, count=E)
+    gap = np.diff(t, axis=1, prepend=t0[:, None])
+    gap = np.where(valid & ~np.isnan(gap), gap, 0.0)
+    # inputs: each held from its last measurement (or from the twin's held value)
+    held = np.concatenate([u0[:, None, :], values[:, :, f0._input_cols]], axis=1)
+    filled = np.where(np.isnan(held), 0, np.arange(width + 1)[None, :, None])
+    held = np.take_along_axis(held, np.maximum.accumulate(filled, axis=1), axis=1)
+    z = values[:, :, f0._output_cols]
+    mask = (~np.isnan(z) & (use & valid)[:, :, None]).astype(np.float64)
+    return t_events, gap, held, held[lane, at + 1], np.nan_to_num(z, nan=0.0), mask
+
+
+def _single_events(runs: list[Run], n: np.ndarray, width: int, t0: np.ndarray, u0: np.ndarray
+                   ) -> tuple[np.ndarray, ...]:
+    """`_run_events` where every run is one event (a live batch's usual shape, `width` 2): the same
+    arrays, built from one row per run instead of scattered into (run, step) arrays and gathered back
+    (the padding step has no gap, no measurement and holds the event's inputs). Same values: only
+    selections and the same elementwise operations on the events' own columns."""
+    f0, R = runs[0].filter, len(runs)
+    t_events = np.fromiter((r.t[0] for r in runs), dtype=np.float64, count=R)
+    values = np.array([r.values[0] for r in runs], dtype=np.float64)
+    use = np.fromiter((r.use_outputs[0] for r in runs), dtype=bool, count=R)
+    gap = np.zeros((R, width))
+    first = t_events - t0
+    gap[:, 0] = np.where(np.isnan(first), 0.0, first)
+    measured = values[:, f0._input_cols]
+    held = np.empty((R, width + 1, u0.shape[1]))
+    held[:, 0] = u0
+    held[:, 1:] = np.where(np.isnan(measured), u0, measured)[:, None, :]
+    z, mask = np.zeros((R, width, len(f0._output_cols))), np.zeros((R, width, len(f0._output_cols)))
+    outputs = values[:, f0._output_cols]
+    z[:, 0] = np.nan_to_num(outputs, nan=0.0)
+    mask[:, 0] = ~np.isnan(outputs) & use[:, None]
+    return t_events, gap, held, held[:, 1], z, mask
 
 
 def _start_carry(starts: list[FilterState | PackedState], kernels: _Kernels, ny: int

@@ -246,6 +246,41 @@ def test_packed_states_continue_with_the_bits_of_unpacked_ones(model):
                 np.testing.assert_array_equal(a, b)
 
 
+@MODELS
+def test_one_event_runs_take_the_bits_of_the_general_packing(model, monkeypatch):
+    """A batch whose runs are one event each (a live batch's usual shape) is packed by its own path
+    (`_single_events`): the same kernel inputs and traces as the general packing (`_run_events`) gives
+    them, for priors and packed starts, events without inputs or outputs, bad quality and an infinite
+    reading, with two filters of the model in one dispatch."""
+    import raytwin.estimation as estimation
+
+    filters = [ExtendedKalmanFilter(model, model.param_vector()),
+               ExtendedKalmanFilter(model, model.param_vector(), process_std={n: 1e-3 for n in model.state_names})]
+    warm = assimilate_runs([Run(f, f.initial(), *_random_events(model, f, 3, seed=500 + k))
+                            for k, f in enumerate(filters)]).final_packed()
+    runs = []
+    for k in range(LANES + 9):  # two dispatches
+        f = filters[k % 2]
+        t, v, u = _random_events(model, f, 1, seed=600 + k)
+        v[0, -1] = np.inf if k == 5 else v[0, -1]
+        start = warm[k % 2] if k % 3 == 0 else f.initial()
+        runs.append(Run(f, start, t + 1e4 if k % 4 else [t[0] + 1e4], list(v), [bool(u[0]) and k % 7 > 0]))
+    n = np.ones(len(runs), dtype=np.int64)
+    t0 = np.array([np.nan if r.start.t is None else r.start.t for r in runs])
+    u0 = np.array([r.start.u for r in runs])
+    single, general = (f(runs, n, 2, t0, u0) for f in (estimation._single_events, estimation._run_events))
+    for a, b in zip(single, general):
+        assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
+    fast = assimilate_runs(runs)
+    monkeypatch.setattr(estimation, "_single_events", estimation._run_events)
+    slow = assimilate_runs(runs)
+    for k in range(len(runs)):
+        for a, b in zip(fast[k], slow[k]):
+            np.testing.assert_array_equal(a, b)
+    for a, b in zip(fast.final_packed(), slow.final_packed()):
+        assert a.carry.tobytes() == b.carry.tobytes() and a.u.tobytes() == b.u.tobytes() and a.t == b.t
+
+
 def test_a_ten_year_gap_is_integrated_with_bounded_work_and_the_twin_keeps_tracking(monkeypatch):
     """A device whose clock jumped 10 years used to cost 5.3M RK4 sub-steps (its shard served nobody
     meanwhile): the gap is integrated for at most `MAX_SUBSTEPS` sub-steps, the covariance grows by the
