@@ -407,8 +407,9 @@ class TwinShard(LiveModelOps):
         rejects = [self._reject(batch, i, reason, twins[code[i]]) for i, reason in adm.rejected]
 
         columns = [batch.column(n) for n in ("asset_id", "event_time", "sequence", "idempotency_key", "quality")]
-        log_rows = pa.table([*columns, si_values, batch.column("ingest_time")],
-                            schema=LOG_BATCH_SCHEMA).take(pa.array(adm.accepted_rows, pa.int64()))
+        log_rows = pa.table([*columns, si_values, batch.column("ingest_time")], schema=LOG_BATCH_SCHEMA)
+        if adm.accepted_rows != list(range(batch.num_rows)):  # else every row, in order: a live batch's usual case
+            log_rows = log_rows.take(pa.array(adm.accepted_rows, pa.int64()))
         try:
             refused = apply_many([(twins[c], evs) for c, evs in accepted.items()])
             refused = self._refused(tenant, batch, adm, assets, refused)

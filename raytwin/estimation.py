@@ -318,8 +318,11 @@ class Traces:
             last = ends[ks]
             # `Divergence.drift` column-wise (diverged: NIS not finite; or the latched alarm): keep them one rule
             drift = (~np.isfinite(trace.nis_mean[last]) | trace.alarm[last]).tolist()
-            out.update(zip(ks, map(PackedState, repeat(kernels), repeat(layout), trace.t[last].tolist(), trace.u[last],
-                                   carry[last], drift)))
+            states = map(PackedState, repeat(kernels), repeat(layout), trace.t[last].tolist(), trace.u[last], carry[last],
+                         drift)
+            if len(self.groups) == 1:  # one model (a shard's usual batch): its runs are all, in order
+                return list(states)
+            out.update(zip(ks, states))
         return [out[k] for k in range(len(self))]
 
 

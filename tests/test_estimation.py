@@ -198,7 +198,7 @@ def test_runs_longer_than_one_dispatch_continue_exactly(monkeypatch):
 def test_runs_of_several_models_in_one_call_keep_their_own_bits():
     """`assimilate_runs` packs the runs of each model together (events given as arrays or, as
     twins give them, as lists of rows), one-event runs next to runs longer than one dispatch;
-    each run's trace and final state are the bits it gets alone."""
+    each run's trace and final state (also as packed for its next dispatch) are the bits it gets alone."""
     runs = []
     for k, model in enumerate([THERMAL_RC, BATTERY_ECM, TWO_TANK] * 3):
         ekf = ExtendedKalmanFilter(model, model.param_vector())
@@ -207,15 +207,17 @@ def test_runs_of_several_models_in_one_call_keep_their_own_bits():
                                               (t.tolist(), list(values), use_outputs.tolist()))))
     traces = assimilate_runs(runs)
     assert len(traces) == len(runs)
-    for run, trace, final in zip(runs, traces, traces.final_states()):
+    for run, trace, final, packed in zip(runs, traces, traces.final_states(), traces.final_packed(), strict=True):
         alone = assimilate_runs([run])[0]
         assert len(trace) == len(run.t) and np.all(np.isfinite(trace.x))
         for a, b in zip(alone, trace):
             np.testing.assert_array_equal(a, b)
         last = alone.state(len(alone) - 1)
-        assert final.t == last.t and final.divergence == last.divergence
-        for a, b in ((final.x, last.x), (final.P, last.P), (final.u, last.u)):
+        assert final.t == last.t and final.divergence == last.divergence == packed.state().divergence
+        for a, b, c in ((final.x, last.x, packed.state().x), (final.P, last.P, packed.state().P),
+                        (final.u, last.u, packed.state().u)):
             np.testing.assert_array_equal(a, b)
+            np.testing.assert_array_equal(a, c)
 
 
 @MODELS

@@ -156,6 +156,23 @@ def test_shard_process_freezes_its_heap_before_the_first_batch_after_registratio
         logging.getLogger("raytwin").setLevel(level)
 
 
+def test_a_shard_logs_exactly_its_accepted_rows_whether_or_not_it_accepted_every_row(tmp_path, artifact):
+    """A batch whose every row is accepted, in order (a live batch), is logged as it came; one with rows
+    refused (a duplicate, an unknown twin) logs the accepted rows alone: the same rows either way."""
+    shard = TwinShard(str(tmp_path), 0, 1, allowed_lateness_s=3600.0, snapshot_every=16)
+    for a in ("z1", "z2"):
+        shard.register("acme", a, registration_record(asset(a), artifact, None, None))
+    z1, z2 = events("z1", 4), events("z2", 4, seed=1)
+    assert shard.ingest("acme", validated_table([z1[0], z2[0], z1[1], z2[1]])).accepted == 4
+    mixed = [z2[2], z1[1], events("z9", 1)[0], z1[2], z2[3], z1[3]]  # z1[1] again, an unknown twin
+    report = shard.ingest("acme", validated_table(mixed))
+    assert (report.accepted, report.duplicates, report.rejected) == (4, 1, 1)
+    logged = shard.store.read_events_many("acme", {"z1": None, "z2": None})
+    for a, evs in (("z1", z1), ("z2", z2)):
+        assert [e.key for e in logged[a]] == [(to_micros(e.event_time), e.sequence, e.idempotency_key) for e in evs]
+        assert [e.values for e in logged[a]] == [logged_event(e, artifact.asset_type).values for e in evs]
+
+
 @pytest.mark.parametrize("before_clear", [80, 88, 92])
 def test_drift_clear_survives_a_shard_restart_from_an_older_snapshot(tmp_path, artifact, before_clear):
     """The clear is recorded in the store and replayed in place: the restarted shard (snapshot + log)
