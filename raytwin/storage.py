@@ -3,6 +3,12 @@
 One place resolves URLs to filesystems so that the state store, the model registry, run records
 and dead letters all honour the same options. For S3-compatible servers (MinIO, a test server)
 set ``RAYTWIN_S3_ENDPOINT_URL``; credentials come from the usual AWS environment variables.
+
+Every S3 request is bounded: ``RAYTWIN_S3_TIMEOUT_S`` (default 5 s) to connect and between bytes of an
+answer, ``RAYTWIN_S3_ATTEMPTS`` (default 3) tries in all, retried by botocore alone. Why: s3fs's own
+defaults (15 s a read, five tries by botocore, each retried five times by s3fs) held a call to an
+endpoint that stopped answering for over six minutes, with a shard's ingest call, the lease heartbeat
+or an API request waiting in it; bounded, it fails as the store's `timeout` within ~20 s.
 """
 
 from __future__ import annotations
@@ -22,18 +28,34 @@ from fsspec import AbstractFileSystem
 from raytwin.store_failures import store_io
 
 
+S3_TIMEOUT_S = 5.0
+"""Default of ``RAYTWIN_S3_TIMEOUT_S``: an S3 request's connect and read timeout (a read's is between bytes, so a
+large object is not cut short)."""
+S3_ATTEMPTS = 3
+"""Default of ``RAYTWIN_S3_ATTEMPTS``: tries of an S3 request in all (botocore's standard retries, with backoff)."""
+
+
 def storage_options_for(url: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """fsspec options for `url`: explicit `options` win over the environment."""
+    """fsspec options for `url`: explicit `options` win over the environment. An S3 store's requests are
+    bounded (module docstring) unless `options` set their own ``config_kwargs`` and ``retries``."""
     opts = dict(options or {})
+    if not url.startswith("s3://"):
+        return opts
     endpoint = os.environ.get("RAYTWIN_S3_ENDPOINT_URL")
-    if url.startswith("s3://") and endpoint and "client_kwargs" not in opts:
+    if endpoint and "client_kwargs" not in opts:
         opts["client_kwargs"] = {"endpoint_url": endpoint}
+    timeout_s = float(os.environ.get("RAYTWIN_S3_TIMEOUT_S", S3_TIMEOUT_S))
+    attempts = int(os.environ.get("RAYTWIN_S3_ATTEMPTS", S3_ATTEMPTS))
+    opts.setdefault("config_kwargs", {"connect_timeout": timeout_s, "read_timeout": timeout_s,
+                                      "retries": {"mode": "standard", "total_max_attempts": attempts}})
     return opts
 
 
 def filesystem(url: str, options: dict[str, Any] | None = None) -> tuple[AbstractFileSystem, str]:
     """The filesystem and the path within it for `url` (a plain path means the local disk)."""
     fs, path = fsspec.core.url_to_fs(url, **storage_options_for(url, options))
+    if url.startswith("s3://"):
+        fs.retries = 1  # s3fs's own loop of tries around botocore's (no constructor option): botocore's alone
     return fs, path.rstrip("/")
 
 

@@ -33,14 +33,15 @@ _BY_ERRNO: dict[int, FailureClass] = {errno.ENOSPC: "disk_full", errno.EDQUOT: "
                                       errno.EACCES: "permission", errno.EPERM: "permission"}
 
 
-def _remote_errors() -> tuple[type[BaseException], ...]:
-    """botocore's connection and HTTP client errors (some are no OSError), where botocore is installed."""
+def _remote_errors() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
+    """botocore's read timeouts, and its connection and HTTP client errors (some are no OSError), where botocore is
+    installed."""
     try:
         from botocore.exceptions import ConnectionError as BotoConnectionError
-        from botocore.exceptions import HTTPClientError
+        from botocore.exceptions import HTTPClientError, ReadTimeoutError
     except ImportError:
-        return ()
-    return (BotoConnectionError, HTTPClientError)
+        return (), ()
+    return (ReadTimeoutError,), (BotoConnectionError, HTTPClientError)
 
 
 class StoreIOError(OSError):
@@ -80,9 +81,10 @@ def failure_class(exc: BaseException) -> FailureClass | None:
         return exc.error
     if isinstance(exc, (*NOT_OUTAGES, RayError)):
         return None
-    if isinstance(exc, TimeoutError):
+    timeouts, unreachable = _remote_errors()
+    if isinstance(exc, (TimeoutError, *timeouts)):  # (a read timeout is an HTTP client error too: asked first)
         return "timeout"
-    if isinstance(exc, (ConnectionError, *_remote_errors())):
+    if isinstance(exc, (ConnectionError, *unreachable)):
         return "unreachable"
     if isinstance(exc, OSError):
         return _BY_ERRNO.get(exc.errno or 0, "io")
