@@ -35,17 +35,33 @@ S3_ATTEMPTS = 3
 """Default of ``RAYTWIN_S3_ATTEMPTS``: tries of an S3 request in all (botocore's standard retries, with backoff)."""
 
 
+def _positive(name: str, default: float, kind: type[int] | type[float]) -> Any:
+    """The environment's `name` as a positive `kind`, `default` where unset; a clear error otherwise (not a
+    conversion's traceback from deep inside the first store call)."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return kind(default)
+    try:
+        value = kind(raw)
+    except ValueError:
+        value = 0
+    if not value > 0:
+        raise ValueError(f"{name}={raw!r}: expected a {'whole ' if kind is int else ''}number above 0 (default "
+                         f"{default:g}); set it so, or unset it")
+    return value
+
+
 def storage_options_for(url: str, options: dict[str, Any] | None = None) -> dict[str, Any]:
     """fsspec options for `url`: explicit `options` win over the environment. An S3 store's requests are
-    bounded (module docstring) unless `options` set their own ``config_kwargs`` and ``retries``."""
+    bounded (module docstring) unless `options` set their own ``config_kwargs``."""
     opts = dict(options or {})
     if not url.startswith("s3://"):
         return opts
     endpoint = os.environ.get("RAYTWIN_S3_ENDPOINT_URL")
     if endpoint and "client_kwargs" not in opts:
         opts["client_kwargs"] = {"endpoint_url": endpoint}
-    timeout_s = float(os.environ.get("RAYTWIN_S3_TIMEOUT_S", S3_TIMEOUT_S))
-    attempts = int(os.environ.get("RAYTWIN_S3_ATTEMPTS", S3_ATTEMPTS))
+    timeout_s = _positive("RAYTWIN_S3_TIMEOUT_S", S3_TIMEOUT_S, float)
+    attempts = _positive("RAYTWIN_S3_ATTEMPTS", S3_ATTEMPTS, int)
     opts.setdefault("config_kwargs", {"connect_timeout": timeout_s, "read_timeout": timeout_s,
                                       "retries": {"mode": "standard", "total_max_attempts": attempts}})
     return opts

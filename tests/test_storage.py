@@ -59,3 +59,11 @@ def test_explicit_s3_options_keep_their_own_limits_and_other_stores_get_none(mon
     bounded = storage_options_for("s3://bucket/store")["config_kwargs"]
     assert (bounded["connect_timeout"], bounded["read_timeout"]) == (0.3, 0.3)
     assert storage_options_for("/var/lib/raytwin") == {} and storage_options_for("memory://x") == {}
+
+
+@pytest.mark.parametrize(("name", "value"), [("RAYTWIN_S3_TIMEOUT_S", "5s"), ("RAYTWIN_S3_TIMEOUT_S", "0"),
+                                             ("RAYTWIN_S3_ATTEMPTS", "2.5"), ("RAYTWIN_S3_ATTEMPTS", "-1")])
+def test_a_bad_s3_limit_is_named_with_its_fix(monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=f"{name}='{value}': expected a .*number above 0 .*set it so, or unset it"):
+        storage_options_for("s3://bucket/store")
