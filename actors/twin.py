@@ -29,7 +29,7 @@ from actors.swap import Segment, SwapRefused, check_compatible, map_state
 from raytwin import units
 from raytwin.contracts import AssetType, TelemetryEvent, normalize_measurements
 from raytwin.estimation import (Divergence, ExtendedKalmanFilter, FilterState, PackedState, Run, Traces,
-                                assimilate_runs, clear_drift, refused_names)
+                                assimilate_events, assimilate_runs, clear_drift, refused_names)
 from raytwin.registry import ModelArtifact
 from raytwin.sim.model import Declared
 from raytwin.statestore import EventKey, LoggedEvent, Snapshot, from_micros, to_micros
@@ -478,14 +478,38 @@ def apply_many(batches: list[tuple[Twin, list[Pending]]]) -> list[Refused]:
     todo = [(twin, events) for twin, events in batches if events]
     refused: list[Refused] = []
     while todo:
-        plans = [(twin, *twin._plan(events)) for twin, events in todo]
-        traces = assimilate_runs([run for _, _, run, _ in plans])
+        if _each_next(todo):
+            twins, runs, rest = [twin for twin, _ in todo], [events for _, events in todo], []
+            traces = _assimilate_next([events[0] for events in runs], twins)
+        else:
+            plans = [(twin, *twin._plan(events)) for twin, events in todo]
+            twins, runs = [twin for twin, *_ in plans], [events for _, events, _, _ in plans]
+            rest = [(twin, later) for twin, _, _, later in plans if later]
+            traces = assimilate_runs([run for _, _, run, _ in plans])
         for k, found in traces.refused().items():
-            refused += [Refused(plans[k][0], plans[k][1][i], why) for i, why in found]
-        for k, ((twin, events, _, _), final) in enumerate(zip(plans, traces.final_packed())):
+            refused += [Refused(twins[k], runs[k][i], why) for i, why in found]
+        for k, (twin, events, final) in enumerate(zip(twins, runs, traces.final_packed())):
             twin._absorb(events, traces, k, final)
-        todo = [(twin, rest) for twin, _, _, rest in plans if rest]
+        todo = rest
     return refused
+
+
+def _each_next(todo: list[tuple[Twin, list[Pending]]]) -> bool:
+    """Whether each twin takes one event, after its last applied, on its only model (no rewind, no swap)."""
+    return all(len(events) == 1 and len(twin.segments) == 1 and (twin.last_key is None or events[0].key > twin.last_key)
+               for twin, events in todo)
+
+
+def _assimilate_next(events: list[Pending], twins: list[Twin]) -> Traces:
+    """Each twin's one event, next after its last applied (no rewind, no model swap): a live batch's usual
+    call, packed as columns over all twins at once (`raytwin.estimation.assimilate_events`) instead of a
+    `Twin._plan` and a `Run` per twin; the same bits as `_plan`'s runs."""
+    count = len(events)
+    t = np.fromiter((e.key[0] for e in events), dtype=np.float64, count=count) / 1e6
+    values = np.array([e.values for e in events], dtype=np.float64)
+    use = np.fromiter((e.use_outputs for e in events), dtype=bool, count=count)
+    starts = [twin.fs if twin._packed is None else twin._packed for twin in twins]
+    return assimilate_events([twin.filter for twin in twins], starts, t, values, use)
 
 
 def replay(twin: Twin, events: list[LoggedEvent]) -> Twin:

@@ -768,39 +768,65 @@ def assimilate_runs(runs: Sequence[Run]) -> Traces:
     lengths = np.array([len(run.t) for run in runs], dtype=np.int64)
     if np.any(lengths == 0):
         raise ValueError("every run needs at least one event")
+    filters, starts = [run.filter for run in runs], [run.start for run in runs]
+    if np.all(lengths == 1):
+        return assimilate_events(filters, starts, np.fromiter((r.t[0] for r in runs), dtype=np.float64, count=len(runs)),
+                                 np.array([r.values[0] for r in runs], dtype=np.float64),
+                                 np.fromiter((r.use_outputs[0] for r in runs), dtype=bool, count=len(runs)))
+    return _traces(filters, starts, lengths, lambda ks, *shape: _run_events([runs[k] for k in ks], *shape))
+
+
+def assimilate_events(filters: Sequence[ExtendedKalmanFilter], starts: Sequence[FilterState | PackedState],
+                      t: np.ndarray, values: np.ndarray, use_outputs: np.ndarray) -> Traces:
+    """`assimilate_runs` of one-event runs given as columns (run k: `filters[k]` from `starts[k]`, its
+    event at `t[k]` with `values[k]` and `use_outputs[k]`): a live batch's usual shape, which a shard
+    hands over without a `Run` per twin, and whose kernel inputs are built from one row per run
+    (`_single_events`)."""
+    def events(ks: list[int], n: np.ndarray, width: int, t0: np.ndarray, u0: np.ndarray) -> tuple[np.ndarray, ...]:
+        rows = slice(None) if len(ks) == len(filters) else ks
+        return _single_events(filters[ks[0]], t[rows], values[rows], use_outputs[rows], width, t0, u0)
+    return _traces(filters, starts, np.ones(len(filters), dtype=np.int64), events)
+
+
+def _traces(filters: Sequence[ExtendedKalmanFilter], starts: Sequence[FilterState | PackedState], lengths: np.ndarray,
+            events: Callable[..., tuple[np.ndarray, ...]]) -> Traces:
+    """The runs' traces, one `_assimilate_model` per kernel (model and kind of filter): `events(ks, n, width,
+    t0, u0)` packs the events of the runs `ks` (`_run_events`)."""
     groups: dict[_Kernels, list[int]] = {}
-    for k, run in enumerate(runs):
-        groups.setdefault(run.filter._kernels, []).append(k)
-    starts = np.zeros(len(runs), dtype=np.int64)
+    for k, f in enumerate(filters):
+        groups.setdefault(f._kernels, []).append(k)
+    first = np.zeros(len(filters), dtype=np.int64)
     packed, carries = {}, {}
     for kernels, ks in groups.items():
-        starts[ks] = np.cumsum(lengths[ks]) - lengths[ks]
-        packed[kernels], *carries[kernels] = _assimilate_model([runs[k] for k in ks], lengths[ks])
-    return Traces(packed, carries, groups, [run.filter._kernels for run in runs], starts, lengths)
+        first[ks] = np.cumsum(lengths[ks]) - lengths[ks]
+        packed[kernels], *carries[kernels] = _assimilate_model(
+            [filters[k] for k in ks], [starts[k] for k in ks], lengths[ks], partial(events, ks))
+    return Traces(packed, carries, groups, [f._kernels for f in filters], first, lengths)
 
 
-def _assimilate_model(runs: list[Run], n: np.ndarray) -> tuple[FilterTrace, np.ndarray, _Layout]:
-    """The runs of twins of one model and kernel, packed as (run, event) arrays with NumPy fancy indexing
+def _assimilate_model(filters: list[ExtendedKalmanFilter], starts: list[FilterState | PackedState], n: np.ndarray,
+                      events: Callable[..., tuple[np.ndarray, ...]]) -> tuple[FilterTrace, np.ndarray, _Layout]:
+    """The runs of twins of one model and kernel, packed as (run, event) arrays by `events(n, width, t0, u0)`
     and dispatched `LANES` runs at a time; returns their traces back to back (run order), also as the
     kernel's packed carry after each event, and its layout."""
-    f0 = runs[0].filter
+    f0 = filters[0]
     model = f0.model
-    R, E = len(runs), int(n.sum())
+    R, E = len(filters), int(n.sum())
     ny = len(model.output_names)
     rounds = range(0, int(n.max()), MAX_RUN)
     width = max(o + bucket(min(int(n.max()) - o, MAX_RUN)) for o in rounds)  # room for every dispatch's padding
-    starts = [r.start for r in runs]
     t0 = np.array([np.nan if fs.t is None else fs.t for fs in starts])
     u0 = np.array([fs.u for fs in starts])
     carry, carry_layout = _start_carry(starts, f0._kernels, ny)
-    filters: dict[int, int] = {}
-    which = np.array([filters.setdefault(id(r.filter), len(filters)) for r in runs])
-    distinct = list({id(r.filter): r.filter for r in runs}.values())
+    index: dict[int, int] = {}
+    which = np.array([index.setdefault(id(f), len(index)) for f in filters])
+    distinct = list({id(f): f for f in filters}.values())
     const_fields = [np.array([getattr(f, name) for f in distinct]) for name in ("params", "q_var_rate", "r_var", "det")]
-    t_events, gap, held, after, z, mask = (_single_events if E == R else _run_events)(runs, n, width, t0, u0)
+    t_events, gap, held, after, z, mask = events(n, width, t0, u0)
     if np.any(gap < 0):
         k = int(np.flatnonzero((gap < 0).any(axis=1))[0])
-        raise ValueError(f"cannot predict backwards in time ({runs[k].start.t} -> {np.asarray(runs[k].t).tolist()}); "
+        at = int(n[:k].sum())
+        raise ValueError(f"cannot predict backwards in time ({starts[k].t} -> {t_events[at:at + n[k]].tolist()}); "
                          "rewind instead")
     # sub-steps of at most default_dt into each event from the one before (none from the prior)
     n_sub, dt, skipped = substeps(gap, model.default_dt)
@@ -864,16 +890,13 @@ def _run_events(runs: list[Run], n: np.ndarray, width: int, t0: np.ndarray, u0: 
     return t_events, gap, held, held[lane, at + 1], np.nan_to_num(z, nan=0.0), mask
 
 
-def _single_events(runs: list[Run], n: np.ndarray, width: int, t0: np.ndarray, u0: np.ndarray
-                   ) -> tuple[np.ndarray, ...]:
+def _single_events(f0: ExtendedKalmanFilter, t_events: np.ndarray, values: np.ndarray, use: np.ndarray, width: int,
+                   t0: np.ndarray, u0: np.ndarray) -> tuple[np.ndarray, ...]:
     """`_run_events` where every run is one event (a live batch's usual shape, `width` 2): the same
     arrays, built from one row per run instead of scattered into (run, step) arrays and gathered back
     (the padding step has no gap, no measurement and holds the event's inputs). Same values: only
     selections and the same elementwise operations on the events' own columns."""
-    f0, R = runs[0].filter, len(runs)
-    t_events = np.fromiter((r.t[0] for r in runs), dtype=np.float64, count=R)
-    values = np.array([r.values[0] for r in runs], dtype=np.float64)
-    use = np.fromiter((r.use_outputs[0] for r in runs), dtype=bool, count=R)
+    R = len(t_events)
     gap = np.zeros((R, width))
     first = t_events - t0
     gap[:, 0] = np.where(np.isnan(first), 0.0, first)

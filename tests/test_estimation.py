@@ -249,7 +249,7 @@ def test_packed_states_continue_with_the_bits_of_unpacked_ones(model):
 
 
 @MODELS
-def test_one_event_runs_take_the_bits_of_the_general_packing(model, monkeypatch):
+def test_one_event_runs_take_the_bits_of_the_general_packing(model):
     """A batch whose runs are one event each (a live batch's usual shape) is packed by its own path
     (`_single_events`): the same kernel inputs and traces as the general packing (`_run_events`) gives
     them, for priors and packed starts, events without inputs or outputs, bad quality and an infinite
@@ -270,12 +270,15 @@ def test_one_event_runs_take_the_bits_of_the_general_packing(model, monkeypatch)
     n = np.ones(len(runs), dtype=np.int64)
     t0 = np.array([np.nan if r.start.t is None else r.start.t for r in runs])
     u0 = np.array([r.start.u for r in runs])
-    single, general = (f(runs, n, 2, t0, u0) for f in (estimation._single_events, estimation._run_events))
+    columns = (np.array([r.t[0] for r in runs]), np.array([r.values[0] for r in runs]),
+               np.array([r.use_outputs[0] for r in runs]))
+    single = estimation._single_events(filters[0], *columns, 2, t0, u0)
+    general = estimation._run_events(runs, n, 2, t0, u0)
     for a, b in zip(single, general):
         assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
     fast = assimilate_runs(runs)
-    monkeypatch.setattr(estimation, "_single_events", estimation._run_events)
-    slow = assimilate_runs(runs)
+    slow = estimation._traces([r.filter for r in runs], [r.start for r in runs], n,
+                              lambda ks, *shape: estimation._run_events([runs[k] for k in ks], *shape))
     for k in range(len(runs)):
         for a, b in zip(fast[k], slow[k]):
             np.testing.assert_array_equal(a, b)

@@ -30,7 +30,7 @@ from actors.progress import Busy, CallClock, probe_call, timed_calls
 from actors.recovery import registration_record
 from actors.shard import TwinShard, TwinShardProcess
 from actors.telemetry import validated_table
-from actors.twin import CONFLICT, DUPLICATE, TOO_LATE, Twin, logged_event, replay
+from actors.twin import CONFLICT, DUPLICATE, TOO_LATE, Twin, _assimilate_next, apply_many, logged_event, replay
 from raytwin import statestore
 from raytwin.contracts import Asset, AssetType, TelemetryEvent
 from raytwin.registry import ModelArtifact, ModelRegistry
@@ -273,6 +273,43 @@ def test_events_the_model_is_not_defined_for_are_refused_and_later_ones_apply(tm
     assert now.revision == 25  # refused events keep their place in the order (they are logged)
     assert live.store.latest_snapshot("acme", "b1").revision > 10  # recovery replays some refused events
     assert_same_state(TwinShard(str(tmp_path), 0, 1, **BOUNDED_OPTS).state("acme", "b1"), now)
+
+
+def test_twins_taking_one_event_each_get_the_bits_of_the_general_path(artifact, bounded, monkeypatch):
+    """A call where each twin takes one event after its last (a live batch's usual shape) is applied as
+    columns over all twins (`actors.twin._assimilate_next`): the same states, checkpoints, windows and
+    refused events as the general path (a `Twin._plan` per twin), from the prior and from packed states,
+    with bad quality, a missing reading, checkpoints, pruning and events the model refuses."""
+    import actors.twin as twin_module
+
+    def twins() -> list[Twin]:
+        return [Twin("acme", f"z{i}", artifact, checkpoint_every=3, allowed_lateness_s=2 * STEP_S) for i in range(4)] + [
+            Twin("acme", "b1", bounded, checkpoint_every=3, allowed_lateness_s=2 * STEP_S)]
+
+    streams = [events(f"z{i}", 12, seed=i) for i in range(4)] + [events("b1", 12, seed=9)]
+    streams[1][4] = streams[1][4].model_copy(update={"quality": "bad"})
+    streams[2][5] = streams[2][5].model_copy(update={"measurements": {"T_in": streams[2][5].measurements["T_in"]}})
+    streams[4][6:9] = heated(streams[4][6:9], 40.0)
+    columnar = []
+    monkeypatch.setattr(twin_module, "_assimilate_next", lambda *a: columnar.append(1) or _assimilate_next(*a))
+    results = []
+    for each_next in (twin_module._each_next, lambda todo: False):
+        monkeypatch.setattr(twin_module, "_each_next", each_next)
+        live, refused = twins(), []
+        for k in range(12):
+            batch = [(t, [t.pending(logged_event(s[k], t.artifact.asset_type))]) for t, s in zip(live, streams)]
+            refused += [(r.twin.asset_id, r.event.key, r.why) for r in apply_many(batch)]
+        results.append((live, refused))
+    (fast, fast_refused), (general, general_refused) = results
+    assert len(columnar) == 12 and len(fast_refused) == 3 and fast_refused == general_refused
+    for a, b in zip(fast, general, strict=True):
+        assert_same_state(a.view(), b.view())
+        for x, y in zip((a.fs.x, a.fs.P, a.fs.u), (b.fs.x, b.fs.P, b.fs.u)):
+            assert x.tobytes() == y.tobytes()
+        assert [(c.key, c.events_applied, c.fs.x.tobytes(), c.fs.P.tobytes()) for c in a.checkpoints] == [
+            (c.key, c.events_applied, c.fs.x.tobytes(), c.fs.P.tobytes()) for c in b.checkpoints]
+        assert [e.key for e in a.window] == [e.key for e in b.window] and a.seen.keys() == b.seen.keys()
+        assert (a.last_key, a.max_time_us, a.drift) == (b.last_key, b.max_time_us, b.drift)
 
 
 class _AfterMidnight(datetime):
