@@ -1,0 +1,85 @@
+"""The audit log's reader (`serve_apps.audit.AuditLog.page`): pages by cursor, outcomes paired with intents, and
+what a page costs in listings."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+from serve_apps.audit import AuditLog, AuditRecord
+
+T0 = datetime(2026, 3, 1, 9, tzinfo=UTC)
+
+
+def _record(t: datetime, target: str, phase: str | None = None, action_id: str | None = None) -> AuditRecord:
+    return AuditRecord(time=t, request_id="r", key_id="k", tenant="acme", role="admin", action="asset.create",
+                       target=target, phase=phase, action_id=action_id)
+
+
+def _log_of_days(tmp_path, days: int, per_day: int) -> tuple[AuditLog, list[str]]:
+    log = AuditLog(str(tmp_path))
+    targets = []
+    for d in range(days):
+        for i in range(per_day):
+            targets.append(f"a{d:02d}-{i}")
+            log.append(_record(T0 + timedelta(days=d, minutes=i), targets[-1]))
+    return log, targets
+
+
+class Listings:
+    """Counts the filesystem's listings of the log (a wrapper around its `ls` and `find`)."""
+
+    def __init__(self, log: AuditLog):
+        self.paths: list[str] = []
+        self.finds = 0
+        ls, find = log.fs.ls, log.fs.find
+
+        def counted_ls(path, *args, **kwargs):
+            self.paths.append(path)
+            return ls(path, *args, **kwargs)
+
+        def counted_find(path, *args, **kwargs):
+            self.finds += 1
+            return find(path, *args, **kwargs)
+
+        log.fs.ls, log.fs.find = counted_ls, counted_find
+
+
+def test_pages_walk_back_through_every_record_once_in_order(tmp_path):
+    log, targets = _log_of_days(tmp_path, days=6, per_day=5)
+    seen, cursor = [], None
+    while True:
+        page = log.page("acme", limit=7, cursor=cursor)
+        seen = [r.target for r in page.records] + seen
+        if page.next_cursor is None:
+            break
+        cursor = page.next_cursor
+    assert seen == targets
+    assert [r.target for r in log.page("acme", day=str((T0 + timedelta(days=2)).date()), limit=3).records] == \
+        targets[12:15]
+    assert log.page("acme", limit=30).next_cursor is None and log.page("acme", limit=29).next_cursor is not None
+
+
+def test_a_page_lists_only_the_days_it_spans_not_the_tenants_whole_history(tmp_path):
+    """Every page listed the tenant's whole log (a recursive `find`): with a year of records a page took seconds on
+    local disk (1.6 s at 100,000) and a listing request per thousand records on an object store."""
+    log, targets = _log_of_days(tmp_path, days=40, per_day=3)
+    listings = Listings(log)
+    page = log.page("acme", limit=4)
+    assert [r.target for r in page.records] == targets[-4:]
+    day_folders = {p for p in listings.paths if p.rstrip("/").rsplit("/", 1)[1][:4] == "2026"}
+    assert listings.finds == 0 and len(day_folders) <= 3, sorted(day_folders)
+
+
+def test_an_intents_outcome_is_found_on_a_later_day_of_the_newest_page(tmp_path):
+    """An action begun on one day and settled two days later: its intent is answered with its outcome on the newest
+    page; read by its own day, only the next day is looked at, so it reads as missing there (documented)."""
+    log = AuditLog(str(tmp_path))
+    long_id, open_id = uuid.uuid4().hex, uuid.uuid4().hex
+    log.append(_record(T0, "long", "intent", long_id))
+    log.append(_record(T0 + timedelta(minutes=1), "open", "intent", open_id))
+    log.append(_record(T0 + timedelta(days=2), "long", "outcome", long_id))
+    newest = {(r.target, r.phase): r.outcome_missing for r in log.page("acme").records}
+    assert newest == {("long", "intent"): False, ("open", "intent"): True, ("long", "outcome"): None}
+    by_day = {(r.target, r.phase): r.outcome_missing for r in log.page("acme", day=str(T0.date())).records}
+    assert by_day == {("long", "intent"): True, ("open", "intent"): True}
