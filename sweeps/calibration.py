@@ -46,6 +46,7 @@ from pydantic import Field, model_validator
 from scipy.optimize import least_squares
 
 from raytwin.contracts import Contract, Finite, Identifier, Spec
+from raytwin.cpu_priority import yield_to_live
 from raytwin.estimation import model_defaults
 from raytwin.metrics import CALIBRATION_DURATION, CALIBRATIONS
 from raytwin.registry import PUBLISHED_BY, ModelRegistry
@@ -387,6 +388,7 @@ def _refuse_implausible(model: Model, columns: dict[str, np.ndarray]) -> None:
 def _trial(config: dict[str, float], problem: Problem, windows: list[int]) -> None:
     from ray import tune
 
+    yield_to_live(dedicated=True)  # a trial's actor runs trials alone: the twin shards beside it go first
     use_cpu_backend()  # a 1-CPU trial: on a GPU node, not a CUDA backend grabbing the GPU
     theta = np.log([config[name] for name in problem.free_names])
     for n in windows:

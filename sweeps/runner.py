@@ -26,6 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
+from raytwin.cpu_priority import batch_worker, yield_to_live
 from raytwin.metrics import SCENARIO_STEPS, SWEEP_RATE, SWEEP_SCENARIOS
 from raytwin.ray_connect import cancel_tasks
 from raytwin.sim.cpu import cpu_only, start_single_core_backend
@@ -169,7 +170,9 @@ def _scenario_table(spec: SweepSpec, start: int, rows: np.ndarray, columns: dict
 
 
 def _start_backend() -> None:
-    """CPU tasks own one core: XLA sized for one thread. GPU tasks keep JAX's defaults."""
+    """CPU tasks own one core: XLA sized for one thread. GPU tasks keep JAX's defaults. Either yields the CPU to
+    twin shards on its node first (`raytwin.cpu_priority`), so that XLA's threads start at that priority too."""
+    yield_to_live()
     if not ray.get_gpu_ids():
         start_single_core_backend()
 
@@ -237,8 +240,9 @@ def task_plan() -> tuple[dict[str, Any], int]:
         low, high = GPU_TASKS_PER_GPU
         per_gpu = max(low, min(high, int(resources.get("CPU", 0) // resources["GPU"])))
         options = {"num_gpus": 1 / per_gpu, "runtime_env": {"env_vars": GPU_TASK_ENV}}
-        return options, int(resources["GPU"] * per_gpu)
-    return cpu_only({"num_cpus": 1, "runtime_env": {"env_vars": {"XLA_FLAGS": SINGLE_THREADED_XLA}}}), int(resources["CPU"])
+        return batch_worker(options), int(resources["GPU"] * per_gpu)
+    options = cpu_only({"num_cpus": 1, "runtime_env": {"env_vars": {"XLA_FLAGS": SINGLE_THREADED_XLA}}})
+    return batch_worker(options), int(resources["CPU"])
 
 
 def absolute_url(url: str) -> str:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from raytwin.cpu_priority import batch_worker, yield_to_live
 from raytwin.fmu.describe import FmuError, FmuModel
 from raytwin.fmu.instance import INSTANTIATIONS, FmuScenario, cached_instance, discard_instance
 from raytwin.ray_connect import cancel_tasks
@@ -63,6 +64,7 @@ def run_scenarios(model: FmuModel, scenarios: Sequence[FmuScenario], interface: 
 def _chunk(model: FmuModel, scenarios: list[FmuScenario], interface: str, outputs: tuple[str, ...],
            keep_outputs: bool) -> tuple[int, int, list, np.ndarray]:
     """One task: a chunk on this worker's instance -> (pid, its instantiations, results, metrics)."""
+    yield_to_live()  # a batch worker (`_chunk_remote`): twin shards on its node go first
     results = run_scenarios(model, scenarios, interface, outputs)
     metrics = np.full((len(results), len(outputs) * len(METRICS)), np.nan)
     for i, (y, _) in enumerate(results):
@@ -79,7 +81,7 @@ def _chunk_remote():
     instantiate the FMU each time. (Ray is imported here: describing an FMU does not need it.)"""
     import ray
 
-    return ray.remote(num_cpus=1)(_chunk)
+    return ray.remote(**batch_worker({"num_cpus": 1}))(_chunk)
 
 
 def run_fmu_sweep(model: FmuModel, scenarios: Sequence[FmuScenario], *, chunk_size: int = 16,
@@ -142,6 +144,7 @@ def _trial(config: dict[str, float], model: FmuModel, scenario: FmuScenario, obs
     from ray import tune
     from scipy.optimize import minimize
 
+    yield_to_live(dedicated=True)  # a trial's actor runs trials alone: the twin shards beside it go first
     names = list(bounds)
     fit = minimize(lambda v: _loss(model, scenario, observed, interface, dict(zip(names, map(float, v)))),
                    [config[n] for n in names], method="Nelder-Mead", bounds=[bounds[n] for n in names],
