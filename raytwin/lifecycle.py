@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
@@ -32,7 +32,8 @@ from pydantic import Field, ValidationError
 
 from raytwin.contracts import Contract, Finite, Identifier, SemVer, UtcTime, describe_error
 from raytwin.recalibration import DriftTrigger
-from raytwin.registry import JOB_KEY, POLICY_SET_BY, PUBLISHED_BY, ModelRegistry, RegistryError, parse_ref
+from raytwin.registry import (JOB_KEY, POLICY_SET_BY, PUBLISHED_BY, PUBLISHED_OS_USER, PUBLISHER_UNVERIFIED,
+                              ModelRegistry, RegistryError, describe_publisher, parse_ref)
 from raytwin.storage import canonical_json, filesystem, make_folder, replace_file, write_once
 from raytwin.store_failures import store_io
 
@@ -72,6 +73,10 @@ class ApprovalRequired(LifecycleError):
 
 class TransitionConflict(LifecycleError):
     """Another transition was recorded first (compare-and-set lost); reload and retry."""
+
+
+class EvidenceRefused(LifecycleError):
+    """Evidence a caller gave that is not what it says (`check_given_evidence`)."""
 
 
 class PruneIncomplete(Exception):
@@ -231,6 +236,81 @@ class PruneReport:
     runs_removed: list[str]
     records: list[TransitionRecord] = field(default_factory=list)
     """The log's `prune` record of each removed version (its seq and hash: what the audit ties each removal to)."""
+
+    def audited(self) -> dict[str, Any]:
+        """The outcome its audit record names (the API's and the CLI's): each removal tied to its log record by hash."""
+        return {"removed": [{"version": r.version, "seq": r.seq, "hash": r.hash} for r in self.records],
+                "runs_removed": self.runs_removed}
+
+
+def check_policy_change(current: LifecyclePolicy, new: LifecyclePolicy, actor: Actor) -> None:
+    """Refuse (`ApprovalRequired`) turning automatic promotion on or off to an actor without the approver grant
+    (role): it decides whether production needs a second pair of eyes at all. The API and the CLI both check it."""
+    if new.auto_promote != current.auto_promote and APPROVER not in actor.roles:
+        raise ApprovalRequired(f"turning auto_promote {'on' if new.auto_promote else 'off'} needs the {APPROVER!r} "
+                               f"grant (with it any writer promotes without a second key); {actor.id} has "
+                               f"{sorted(actor.roles) or 'none'}")
+
+
+def audited_transition(record: TransitionRecord) -> dict[str, Any]:
+    """The outcome a transition's audit record names (the API's and the CLI's): the version moved, and the log
+    record that holds it (seq and hash)."""
+    return {"version": record.version, "seq": record.seq, "displaced": record.displaced, "hash": record.hash}
+
+
+SYSTEM_EVIDENCE = ("shadow_metrics", "triggers")
+"""Evidence only the system measures (a shadow evaluation's metrics, the drift alarms a recalibration answered):
+no caller states it, through the API or the CLI."""
+
+
+def check_given_evidence(evidence: Evidence, model: str, model_ref_of: Callable[[str], str | None]) -> None:
+    """Refuse (`EvidenceRefused`) evidence a caller gives that is not what it says: what only the system measures
+    (an approver reading the log must not take a caller's numbers for the system's), or a run id that is not one of
+    the tenant's runs of `model` (a sweep of another model taken as support for this one's move). `model_ref_of`:
+    the ``name@version`` a run id of the tenant ran, None for none. The API and `raytwin registry` both check it."""
+    system_only = [name for name in SYSTEM_EVIDENCE if getattr(evidence, name)]
+    if system_only:
+        raise EvidenceRefused(f"evidence.{system_only[0]} is recorded by the system (a shadow evaluation, a drift "
+                              "recalibration), not given by a key or an operator; run `POST .../shadow` for shadow "
+                              "metrics")
+    for run_id in evidence.run_ids:
+        ref = model_ref_of(run_id)
+        if ref is None:
+            raise EvidenceRefused(f"evidence.run_ids: no run {run_id!r} of this tenant (its sweeps, calibrations "
+                                  "and recalibrations record theirs)")
+        if ref.split("@")[0] != model:
+            raise EvidenceRefused(f"evidence.run_ids: run {run_id!r} ran {ref}, not a version of {model}: cite runs "
+                                  f"of {model} that support this move")
+
+
+def partial_fit_refusal(records: list[TransitionRecord], ref: str, running: Callable[[], Collection[str]],
+                        override: str) -> str | None:
+    """Why promoting `ref` needs the fleet override (None: it does not): it was fitted on some twins' telemetry (the
+    triggers of the drift recalibration that submitted it) while other twins (`running()`: those of its model, asked
+    only of such a version) run the model; promotion swaps all of them, and one zone's fit would become every zone's
+    parameters, with only its own fit report before the approver. `override`: how the caller says they share them
+    (the API's ``"fleet": true``, the CLI's ``--fleet``)."""
+    model, version = parse_ref(ref)
+    fitted = {t.asset_id for r in records if r.version == version for t in r.evidence.triggers}
+    others = sorted(set(running()) - fitted) if fitted else []
+    if not others:
+        return None
+    named = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+    return (f"{ref} was fitted on the telemetry of {', '.join(sorted(fitted))} (a drift recalibration); promotion "
+            f"swaps every twin of {model}, so {len(others)} other twin(s) ({named}) would run its parameters too: "
+            f"{override} if they share them, or give assets whose parameters differ a type of their own")
+
+
+def run_model_ref(runs_root: str, storage_options: dict[str, Any] | None, tenant: str, run_id: str) -> str | None:
+    """The ``name@version`` run `run_id` of `tenant` ran, from its record under `runs_root` (None: no such run of
+    the tenant's), for `check_given_evidence` where no `sweeps.runs.RunStore` may be imported (the core)."""
+    fs, root = filesystem(runs_root, storage_options)
+    path = f"{root}/{run_id}/run.json"
+    with store_io("read"):
+        if not fs.exists(path):
+            return None
+        record = json.loads(fs.cat_file(path))
+    return record["model_ref"] if record.get("tenant", tenant) == tenant else None
 
 
 class ModelLifecycle:
@@ -461,15 +541,18 @@ class ModelLifecycle:
 
     def _made_by(self, ref: str, version: VersionState, names: set[str] | frozenset[str]) -> str | None:
         """How the principal of `names` (its ids: owner and key id) had a hand in `ref`'s content (None: it had
-        none): its author (submitted it), its publisher (its declaration and parameters), or the setter of the
-        recalibration policy it was fitted under (its free parameters, noise and window: the recalibration's author
-        is the system, not a second pair of eyes);
+        none): its author (submitted it), its publisher (its declaration and parameters; of an offline fit, whose
+        publisher is only declared, the OS user that ran it too, and the answer says it is unverified), or the setter
+        of the recalibration policy it was fitted under (its free parameters, noise and window: the recalibration's
+        author is the system, not a second pair of eyes);
         `UNKNOWN_SETTER` for a recalibration's candidate whose policy named no setter: any approver may be it."""
         metadata = self.registry.get(ref, allow_code_change=True).metadata
         if version.author in names:
             return f"the author of {ref}"
-        if metadata.get(PUBLISHED_BY) in names:
-            return f"the publisher (its declaration and parameters) of {ref}"
+        unverified = metadata.get(PUBLISHER_UNVERIFIED) == "false"  # an offline fit's: its OS user had a hand too
+        if metadata.get(PUBLISHED_BY) in names or (unverified and metadata.get(PUBLISHED_OS_USER) in names):
+            return f"the publisher (its declaration and parameters) of {ref}" + (
+                f", {describe_publisher(metadata)}," if unverified else "")
         if metadata.get(POLICY_SET_BY) in names:
             return f"the setter of the recalibration policy (its free parameters, noise and window) that fitted {ref}"
         if JOB_KEY in metadata and POLICY_SET_BY not in metadata:

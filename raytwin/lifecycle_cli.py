@@ -2,8 +2,22 @@
 
 The CLI writes the store with the caller's own storage credentials and records the actor it is told
 (``--actor``, default ``$RAYTWIN_USER`` or the login name) with the roles it is given (``--role approver``):
-whoever may write the store may act here. Identities checked against API keys are the HTTP API's
-(`serve_apps/README.md`, "Model lifecycle").
+whoever may write the store may act here, and nothing checks who they say they are. Identities checked against
+API keys are the HTTP API's (`serve_apps/README.md`, "Model lifecycle").
+
+So every change it makes (a transition, a rollback, a prune, a policy set) is audited as the API audits the same act,
+in the tenant's audit log (`raytwin.audit`) and in the same two steps: its intent before it acts (a store that does
+not take it: nothing is done) and its outcome after. Its records read ``key_id``/``role`` ``offline-cli`` and name,
+under ``details.principal``, the declared actor and roles marked ``verified: false`` beside the OS user and host that
+ran the command: an auditor tells them from an API key's acts. The log is the one of the `raytwin serve` store the
+registry lies in (``{store}/audit/{tenant}`` for ``{store}/registry/{tenant}``), else of ``--audit-store``, else
+the registry's own (``{registry}/audit/{tenant}``): ``GET /v1/audit`` answers it once a service runs on the store,
+`raytwin.audit.AuditLog` reads it offline.
+
+Its transitions check what the API's check (`raytwin.lifecycle`): the four-eyes rule, evidence the caller gives
+(``--run`` ids must be the tenant's runs of the model, looked up under ``--runs`` or the served store's
+``{store}/runs/{tenant}``; shadow metrics are the system's, so ``--metric`` is refused) and a promotion of a version
+fitted on some twins' telemetry while others run the model (``--fleet`` says they share it, and is audited).
 
 Commands that change a lifecycle refuse a registry whose store a running service holds (`raytwin serve`'s
 layout, ``{store}/registry/{tenant}`` beside ``{store}/twins``, whose lease its shards renew): there the
@@ -20,12 +34,14 @@ import getpass
 import os
 import unicodedata
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Annotated, TypeVar
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 
 if TYPE_CHECKING:
-    from raytwin.lifecycle import PruneReport
+    from raytwin.audit import AuditLog, AuditRecord
+    from raytwin.lifecycle import Actor, Evidence, ModelLifecycle, PruneReport, TransitionRecord
 
 registry_app = typer.Typer(no_args_is_help=True)
 T = TypeVar("T")
@@ -38,7 +54,16 @@ Roles = Annotated[list[str] | None, typer.Option("--role", help="A role of the a
 Reason = Annotated[str, typer.Option("--reason", help="Why (recorded in the transition log).")]
 Runs = Annotated[list[str] | None, typer.Option("--run", help="A run id as evidence (repeatable).")]
 FitReport = Annotated[str | None, typer.Option("--fit-report", help="URL of a fit report as evidence.")]
-Metrics = Annotated[list[str] | None, typer.Option("--metric", help="A shadow metric NAME=VALUE (repeatable).")]
+Metrics = Annotated[list[str] | None, typer.Option("--metric", help=(
+    "A shadow metric NAME=VALUE: refused, as the API refuses it (a shadow evaluation records them, not a caller)."))]
+AuditStore = Annotated[str | None, typer.Option("--audit-store", envvar="RAYTWIN_AUDIT_STORE_URL", help=(
+    "The store whose tenant audit log records this command's change (default: the `raytwin serve` store of a "
+    "{store}/registry/{tenant} registry, else the registry itself)."))]
+RunsRoot = Annotated[str | None, typer.Option("--runs", help=(
+    "Run records the --run evidence is looked up in (default: {store}/runs/{tenant} of a `raytwin serve` store)."))]
+Fleet = Annotated[bool, typer.Option("--fleet", help=(
+    "Promote a version a drift recalibration fitted on some twins' telemetry although other twins run the model "
+    "(they share its parameters); audited."))]
 
 
 def _print_pruned(report: PruneReport) -> None:
@@ -71,12 +96,96 @@ def _lifecycle(registry: str):
     return ModelLifecycle(ModelRegistry(registry))
 
 
-def _twins_beside(registry: str) -> str | None:
-    """The twin state store of the `raytwin serve` store a registry belongs to (``{store}/registry/{tenant}``
-    -> ``{store}/twins``); None for a registry laid out otherwise."""
-    parent, sep, _tenant = registry.rstrip("/").rpartition("/")
+def _served_store(registry: str) -> tuple[str, str] | None:
+    """The `raytwin serve` store a registry lies in and its tenant (``{store}/registry/{tenant}``); None for a
+    registry laid out otherwise."""
+    parent, sep, tenant = registry.rstrip("/").rpartition("/")
     root, sep2, name = parent.rpartition("/")
-    return f"{root}/twins" if sep and sep2 and name == "registry" else None
+    return (root, tenant) if sep and sep2 and name == "registry" and tenant else None
+
+
+def _twins_beside(registry: str) -> str | None:
+    """The twin state store of the `raytwin serve` store a registry belongs to (``{store}/twins``)."""
+    served = _served_store(registry)
+    return None if served is None else f"{served[0]}/twins"
+
+
+def _audited(registry: str, audit_store: str | None, who: Actor, action: str, target: str,
+             **details: Any) -> AbstractContextManager[dict[str, Any]]:
+    """`action` on `target` audited in two steps (`raytwin.audit.two_steps`, as the API's) in `who`'s tenant log of
+    the store the registry lies in (`--audit-store`, else its `raytwin serve` store, else itself), as the offline
+    CLI's act of an unverified, declared identity (`raytwin.audit.by_offline_cli`). A served store's registry of
+    another tenant than ``--tenant`` is refused: its changes belong in that tenant's log."""
+    from raytwin.audit import AuditLog, by_offline_cli, two_steps
+
+    served = _served_store(registry)
+    if served is not None and served[1] != who.tenant:
+        typer.echo(f"error: registry {registry} is tenant {served[1]}'s (a `raytwin serve` store's "
+                   f"{{store}}/registry/{{tenant}}), not {who.tenant}'s: give --tenant {served[1]}", err=True)
+        raise typer.Exit(1)
+    store = audit_store or (served[0] if served else registry)
+    record = by_offline_cli(who.tenant, action, target, who.id, who.roles, details)
+    return two_steps(AuditLog(store), record, _begin, _outcome_of)
+
+
+def _begin(audit: AuditLog, record: AuditRecord) -> AuditRecord:
+    """The intent of the act, written first; exit 1 without acting where the store does not take it."""
+    from raytwin.audit import write_intent
+    from raytwin.storage import scrub_locations
+
+    try:
+        return write_intent(audit, record)
+    except Exception as exc:  # noqa: BLE001 - whatever it was, nothing may be done unaudited
+        typer.echo(f"error: {record.action} of {record.target} was not done: its audit record could not be written "
+                   f"first to {audit.root}/{record.tenant} ({scrub_locations(repr(exc))}); fix the store (or give "
+                   "--audit-store) and run it again", err=True)
+        raise typer.Exit(1) from None
+
+
+def _outcome_of(exc: Exception) -> dict[str, Any]:
+    """A refusal (the lifecycle's: four eyes, state, tenant) as refused with its reason; anything else an error."""
+    from raytwin.audit import error_outcome, refused_outcome
+    from raytwin.registry import RegistryError
+
+    return refused_outcome(str(exc)) if isinstance(exc, RegistryError) else error_outcome(exc)
+
+
+def _check_evidence(registry: str, runs: str | None, tenant: str, ref: str, evidence: Evidence) -> None:
+    """Exit 1 for evidence the API would refuse too (`raytwin.lifecycle.check_given_evidence`): run ids are looked
+    up under `runs`, else the served store's ``{store}/runs/{tenant}``; with neither, run ids are refused."""
+    from raytwin.lifecycle import check_given_evidence, parse_ref, run_model_ref
+
+    served = _served_store(registry)
+    root = runs or (f"{served[0]}/runs/{tenant}" if served else None)
+    if evidence.run_ids and root is None:
+        typer.echo("error: --run evidence is checked against the tenant's run records: give --runs with the root "
+                   "they lie under (a `raytwin serve` store's registry finds {store}/runs/{tenant} itself)", err=True)
+        raise typer.Exit(1)
+
+    def ran(run_id: str) -> str | None:
+        return run_model_ref(root, None, tenant, run_id)  # type: ignore[arg-type]
+
+    _run(lambda: check_given_evidence(evidence, parse_ref(ref)[0], ran))
+
+
+def _check_partial_fit(lc: ModelLifecycle, registry: str, tenant: str, ref: str, fleet: bool) -> None:
+    """Exit 1 for promoting a version fitted on some twins' telemetry while the store's other twins run the model,
+    unless `fleet` (`raytwin.lifecycle.partial_fit_refusal`, as the API)."""
+    from raytwin.lifecycle import parse_ref, partial_fit_refusal
+    from raytwin.statestore import StateStore
+
+    twins = _twins_beside(registry)
+    if fleet or twins is None:
+        return
+    model = parse_ref(ref)[0]
+
+    def running() -> set[str]:
+        return {a for assets in StateStore(twins).model_versions(tenant, model).values() for a in assets}
+
+    refusal = partial_fit_refusal(_run(lambda: lc.records(model)), ref, running, "give --fleet")
+    if refusal is not None:
+        typer.echo(f"error: {refusal}", err=True)
+        raise typer.Exit(1)
 
 
 def _refuse_if_served(registry: str, route: str, twins: str | None = None) -> None:
@@ -135,12 +244,28 @@ def _one_line(text: str) -> str:
 def _move(stage: str, doc: str) -> Callable[..., None]:
     def command(ref: Annotated[str, typer.Argument(help="name@version")], reason: Reason, registry: Registry,
                 tenant: Tenant, actor: ActorId = None, role: Roles = None, run: Runs = None,
-                fit_report: FitReport = None, metric: Metrics = None) -> None:
+                fit_report: FitReport = None, metric: Metrics = None, runs: RunsRoot = None,
+                audit_store: AuditStore = None, fleet: Fleet = False) -> None:
+        from raytwin.lifecycle import ACTION_TO, audited_transition
+
         name, _, version = ref.partition("@")
         route = f'POST /v1/models/{name}/versions/{version}/transitions with {{"to": "{stage}"}}'
         _refuse_if_served(registry, route)
         lc, who, evidence = _lifecycle(registry), _actor(tenant, actor, role), _evidence(run, fit_report, metric)
-        _print_record(_run(lambda: lc.transition(ref, stage, who, reason, evidence)))  # type: ignore[arg-type]
+        _check_evidence(registry, runs, tenant, ref, evidence)
+        if stage == "production":
+            _check_partial_fit(lc, registry, tenant, ref, fleet)
+
+        action = f"model.{ACTION_TO[stage]}"  # type: ignore[index]
+
+        def act() -> TransitionRecord:
+            with _audited(registry, audit_store, who, action, ref, to_stage=stage,
+                          **({"fleet": True} if fleet else {})) as outcome:
+                record = lc.transition(ref, stage, who, reason, evidence)  # type: ignore[arg-type]
+                outcome.update(audited_transition(record))
+                return record
+
+        _print_record(_run(act))
 
     command.__doc__ = doc
     return command
@@ -162,11 +287,20 @@ def rollback(model: str, reason: Reason, registry: Registry, tenant: Tenant, act
              from_version: Annotated[str | None, typer.Option(
                  "--from-version", help="Only if this version is production now: a rollback run twice (a retry, "
                                         "two operators on one incident) goes back one version, not two.")] = None,
-             ) -> None:
+             audit_store: AuditStore = None) -> None:
     """Return to the previous production version in one call (the current one is archived)."""
+    from raytwin.lifecycle import audited_transition
+
     _refuse_if_served(registry, f"POST /v1/models/{model}/rollback")
     lc, who = _lifecycle(registry), _actor(tenant, actor, role)
-    _print_record(_run(lambda: lc.rollback(model, who, reason, from_version=from_version)))
+
+    def act() -> TransitionRecord:
+        with _audited(registry, audit_store, who, "model.rollback", model, from_version=from_version) as outcome:
+            record = lc.rollback(model, who, reason, from_version=from_version)
+            outcome.update(audited_transition(record))
+            return record
+
+    _print_record(_run(act))
 
 
 @registry_app.command("status")
@@ -203,7 +337,7 @@ def prune(model: str, registry: Registry, tenant: Tenant, runs: Annotated[str | 
           twins: Annotated[str | None, typer.Option(
               "--twins", help="State store of the twins that run this registry's models (default: {store}/twins "
                               "beside a `raytwin serve` store's {store}/registry/{tenant}).")] = None,
-          actor: ActorId = None, role: Roles = None) -> None:
+          actor: ActorId = None, role: Roles = None, audit_store: AuditStore = None) -> None:
     """Apply the tenant's retention: the last K archived versions and run records are kept, and
     whatever production, staging, candidates, kept run records or the twins (the versions they run and
     those their retained history was applied by) reference."""
@@ -214,8 +348,19 @@ def prune(model: str, registry: Registry, tenant: Tenant, runs: Annotated[str | 
     twins = twins or _twins_beside(registry)
     in_use = StateStore(twins).model_versions(tenant, model) if twins else {}
     lc, who = _lifecycle(registry), _actor(tenant, actor, role)
+
+    def act() -> PruneReport:
+        with _audited(registry, audit_store, who, "model.prune", model) as outcome:
+            try:
+                done = lc.prune(model, who, runs, in_use=set(in_use))
+            except PruneIncomplete as exc:  # what it did stays done: in the outcome, with the failure
+                outcome.update(exc.done.audited())
+                raise
+            outcome.update(done.audited())
+            return done
+
     try:
-        report = _run(lambda: lc.prune(model, who, runs, in_use=set(in_use)))
+        report = _run(act)
     except PruneIncomplete as exc:  # what it did stays done: say so, then why it stopped
         _print_pruned(exc.done)
         typer.echo(f"error: the prune stopped: {exc.__cause__!r}; run it again to finish", err=True)
@@ -229,18 +374,30 @@ def prune(model: str, registry: Registry, tenant: Tenant, runs: Annotated[str | 
 @registry_app.command("policy")
 def policy(registry: Registry, tenant: Tenant,
            auto_promote: Annotated[bool | None, typer.Option(
-               "--auto-promote/--no-auto-promote", help="Allow production without an approver.")] = None,
+               "--auto-promote/--no-auto-promote", help="Allow production without an approver (needs --role "
+                                                        "approver to change, as the API's approver grant).")] = None,
            keep_archived: Annotated[int | None, typer.Option(help="Archived versions kept per model.")] = None,
-           keep_runs: Annotated[int | None, typer.Option(help="Run records kept per model.")] = None) -> None:
-    """Show the tenant's lifecycle policy, or change the fields given."""
+           keep_runs: Annotated[int | None, typer.Option(help="Run records kept per model.")] = None,
+           actor: ActorId = None, role: Roles = None, audit_store: AuditStore = None) -> None:
+    """Show the tenant's lifecycle policy, or change the fields given (audited; the actor is kept as its setter,
+    whom its automatic promotion never promotes a version of, as the API's)."""
     lc = _lifecycle(registry)
     current = lc.policy(tenant)
     changes = {k: v for k, v in (("auto_promote", auto_promote), ("keep_archived", keep_archived),
                                  ("keep_runs", keep_runs)) if v is not None}
     if changes:
         _refuse_if_served(registry, "PUT /v1/lifecycle-policy")
-        from raytwin.lifecycle import LifecyclePolicy
+        from raytwin.lifecycle import LifecyclePolicy, check_policy_change
 
-        current = _run(lambda: LifecyclePolicy.model_validate({**current.model_dump(), **changes}))
-        lc.set_policy(tenant, current)
+        new = _run(lambda: LifecyclePolicy.model_validate({**current.model_dump(), **changes}))
+        who = _actor(tenant, actor, role)
+        _run(lambda: check_policy_change(current, new, who))
+
+        def act() -> None:
+            with _audited(registry, audit_store, who, "lifecycle_policy.update", tenant,
+                          policy=new.model_dump(mode="json")):
+                lc.set_policy(tenant, new, frozenset({who.id}))
+
+        _run(act)
+        current = new
     typer.echo(current.model_dump_json())

@@ -20,6 +20,7 @@ from typing import Any
 
 from pydantic import Field
 
+from raytwin.audit import os_identity
 from raytwin.contracts import DEFAULT_TELEMETRY_POLICY, AssetType, Contract, Finite, Identifier, SemVer
 from raytwin.modelcode import ModelCode, code_identity, describe_change
 from raytwin.sim import ModelCheckError, get_model
@@ -62,6 +63,14 @@ class ModelCodeChanged(RegistryError):
 PUBLISHED_BY = "published_by"
 """Artifact metadata: who published the version's content (an API key id); the four-eyes rule keeps them
 from approving it (`raytwin.lifecycle`)."""
+PUBLISHER_UNVERIFIED = "published_by_verified"
+"""Artifact metadata of a version published outside the API (an offline calibration's ``registered_by``): ``false``,
+for `PUBLISHED_BY` is then an identity its caller declared, which nothing checked. Beside it `PUBLISHED_VIA` (how),
+`PUBLISHED_OS_USER` and `PUBLISHED_HOST` (what the machine said); `publisher_offline` writes all four. A version
+without it was published through the API, its publisher the key's principal."""
+PUBLISHED_VIA = "published_via"
+PUBLISHED_OS_USER = "published_os_user"
+PUBLISHED_HOST = "published_host"
 POLICY_SET_BY = "policy_set_by"
 """Artifact metadata of a drift recalibration's candidate: who set the recalibration policy it was fitted under
 (an API key id; it chose the free parameters, the noise and the window). The four-eyes rule keeps them from
@@ -69,6 +78,25 @@ approving it (`raytwin.lifecycle`), as it keeps a publisher."""
 JOB_KEY = "recalibration_job"
 """Artifact metadata of a drift recalibration's candidate: the trigger group's job key. Such a candidate without
 `POLICY_SET_BY` was fitted under a policy stored before its setter was kept: no approver may promote it."""
+
+
+def publisher_offline(declared: str, via: str) -> dict[str, str]:
+    """The metadata naming the publisher of a version registered outside the API (`via`, e.g. ``offline-calibration``):
+    the `declared` id (which the four-eyes rule keeps from approving it, as a key's), marked unverified, beside the OS
+    user and host that ran it (`PUBLISHER_UNVERIFIED`)."""
+    machine = os_identity()
+    return {PUBLISHED_BY: declared, PUBLISHER_UNVERIFIED: "false", PUBLISHED_VIA: via,
+            PUBLISHED_OS_USER: machine["os_user"], PUBLISHED_HOST: machine["host"]}
+
+
+def describe_publisher(metadata: dict[str, str]) -> str | None:
+    """Who published a version, as far as it is known: the key's principal, or a declared identity marked unverified
+    with how and where it was declared (None: no publisher recorded)."""
+    who = metadata.get(PUBLISHED_BY)
+    if who is None or metadata.get(PUBLISHER_UNVERIFIED) != "false":
+        return who
+    return (f"{who} (declared to the {metadata.get(PUBLISHED_VIA, 'offline tools')}, unverified; run by OS user "
+            f"{metadata.get(PUBLISHED_OS_USER, '?')} on host {metadata.get(PUBLISHED_HOST, '?')})")
 
 
 class ModelArtifact(Contract):

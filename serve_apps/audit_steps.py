@@ -6,31 +6,27 @@ a transition, a policy set): `begin` writes the intent and refuses the action, w
 done, where the store does not take it; `settle` writes the outcome, which a store failure only logs (the action
 took place; its intent, read as `outcome_missing`, says what it was). The API's routes
 (`serve_apps.deps.Services.audited`) and the backend (`audited`: its bulk jobs' items and its own acts as the
-system) use the same two steps."""
+system) use the same two steps, and so does the offline CLI (`raytwin.lifecycle_cli`): the steps are the core's
+(`raytwin.audit.two_steps`); what is the API's here is how a refused intent and a refusal are answered."""
 
 from __future__ import annotations
 
-import logging
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
+from contextlib import AbstractContextManager
+from datetime import UTC, datetime
 from typing import Any
 
-from raytwin.storage import scrub_locations
-from serve_apps.audit import AuditLog, AuditRecord
+from raytwin.audit import AuditLog, AuditRecord, error_outcome, refused_outcome, settle, two_steps, write_intent
 from serve_apps.errors import ApiError
 from serve_apps.store_errors import StoreUnavailable, store_failure
 
-log = logging.getLogger("raytwin.serve.audit")
+__all__ = ["audited", "begin", "by_system", "outcome_of", "settle"]
 
 
 def begin(audit: AuditLog, record: AuditRecord) -> AuditRecord:
     """Append `record` as the intent of an action about to take place (a new `action_id`); the intent. A store that
     refuses it raises `StoreUnavailable` (503) saying the action was not done; another failure is raised as is."""
-    intent = record.model_copy(update={"phase": "intent", "action_id": uuid.uuid4().hex})
     try:
-        audit.append(intent)
+        return write_intent(audit, record)
     except Exception as exc:
         failure = store_failure(exc)
         if failure is None:  # not the store's: a bug's 500, and still nothing done
@@ -38,34 +34,13 @@ def begin(audit: AuditLog, record: AuditRecord) -> AuditRecord:
         raise StoreUnavailable(f"{record.action} of {record.target} was not done: its audit record could not be "
                                f"written first ({failure.message})", failure.details, failure.headers,
                                error=failure.error) from exc
-    return intent
 
 
-def settle(audit: AuditLog, intent: AuditRecord, details: dict[str, Any]) -> None:
-    """Append `intent`'s outcome record, later than it (their objects share the action id: their times may not);
-    a failure is logged, and the intent stays."""
-    at = max(datetime.now(UTC), intent.time + timedelta(microseconds=1))
-    try:
-        audit.append(intent.model_copy(update={"time": at, "phase": "outcome", "details": details}))
-    except Exception:  # noqa: BLE001 - the action took place: its answer stands, its intent says what it was
-        log.exception("event=audit_failed phase=outcome action=%s target=%s action_id=%s request_id=%s "
-                      "tenant=%s key_id=%s", intent.action, intent.target, intent.action_id, intent.request_id,
-                      intent.tenant, intent.key_id)
-
-
-@contextmanager
-def audited(audit: AuditLog, record: AuditRecord) -> Iterator[dict[str, Any]]:
-    """`record`'s action in two steps around the body, for code off the event loop (the backend): `begin` (its
-    `StoreUnavailable` means the body did not run), then `settle` with `record.details`, what the body put in the
-    yielded dict (what it did before it raised, too) and ``status`` done, or refused/error as the body raised."""
-    intent = begin(audit, record)
-    outcome: dict[str, Any] = {}
-    try:
-        yield outcome
-    except Exception as exc:
-        settle(audit, intent, {**record.details, **outcome, **outcome_of(exc)})
-        raise
-    settle(audit, intent, {**record.details, "status": "done", **outcome})
+def audited(audit: AuditLog, record: AuditRecord) -> AbstractContextManager[dict[str, Any]]:
+    """`record`'s action in two steps around the body (`raytwin.audit.two_steps`), for code off the event loop
+    (the backend): `begin` (its `StoreUnavailable` means the body did not run), then the outcome, ``status`` done,
+    or refused/error as the body raised (`outcome_of`)."""
+    return two_steps(audit, record, begin, outcome_of)
 
 
 def by_system(tenant: str, action: str, target: str, details: dict[str, Any], request_id: str | None = None
@@ -79,6 +54,5 @@ def outcome_of(exc: Exception) -> dict[str, Any]:
     """An audited action's outcome when it raised: `refused` (the request's fault: role, grant, four eyes, state,
     another tenant's) with the answer's status, code and reason, or `error`."""
     if isinstance(exc, ApiError) and exc.status < 500:  # (a refusal may quote a path the request named)
-        return {"status": "refused", "http_status": exc.status, "code": exc.code,
-                "reason": scrub_locations(exc.message)[:300]}
-    return {"status": "error", "error": scrub_locations(f"{type(exc).__name__}: {exc}")[:300]}  # tenants read it
+        return refused_outcome(exc.message, http_status=exc.status, code=exc.code)
+    return error_outcome(exc)

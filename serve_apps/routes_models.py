@@ -21,10 +21,10 @@ from starlette.concurrency import run_in_threadpool
 
 from raytwin.lifecycle import (
     ACTION_TO,
-    APPROVER,
     ApprovalRequired,
     ChainBroken,
     Evidence,
+    EvidenceRefused,
     LifecycleError,
     LifecyclePolicy,
     ModelLifecycle,
@@ -34,6 +34,10 @@ from raytwin.lifecycle import (
     TenantMismatch,
     TransitionConflict,
     TransitionRecord,
+    audited_transition,
+    check_given_evidence,
+    check_policy_change,
+    partial_fit_refusal,
 )
 from raytwin.lifecycle import Actor as LifecycleActor
 from raytwin.registry import ModelRegistry, RegistryError
@@ -121,24 +125,20 @@ def _actor(who: Principal) -> LifecycleActor:
 
 
 def _check_evidence(svc: Services, tenant: str, model: str, evidence: Evidence) -> None:
-    """Evidence a key gives must be what it says: its run ids are the tenant's runs of `model` (a sweep of another
-    model was taken as support for this one's move), and what only the system measures (a shadow evaluation's
-    metrics, the drift alarms a recalibration answered) it cannot state: an approver reading the log must not
-    take a client's numbers for the system's."""
-    system_only = [name for name in ("shadow_metrics", "triggers") if getattr(evidence, name)]
-    if system_only:
-        raise Unprocessable(f"evidence.{system_only[0]} is recorded by the system (a shadow evaluation, a drift "
-                            "recalibration), not given by a key; run `POST .../shadow` for shadow metrics")
+    """422 for evidence a key gives that is not what it says (`raytwin.lifecycle.check_given_evidence`, which the
+    offline CLI checks too): its run ids are looked up in the tenant's run records."""
     runs = RunStore(svc.config.url("runs", tenant), svc.config.storage_options or None)
-    for run_id in evidence.run_ids:
+
+    def model_ref_of(run_id: str) -> str | None:
         try:
-            record = runs.load(run_id)
+            return runs.load(run_id).model_ref
         except RunError:
-            raise Unprocessable(f"evidence.run_ids: no run {run_id!r} of this tenant (its sweeps, calibrations "
-                                "and recalibrations record theirs)") from None
-        if record.model_ref.split("@")[0] != model:
-            raise Unprocessable(f"evidence.run_ids: run {run_id!r} ran {record.model_ref}, not a version of {model}: "
-                                f"cite runs of {model} that support this move")
+            return None
+
+    try:
+        check_given_evidence(evidence, model, model_ref_of)
+    except EvidenceRefused as exc:
+        raise Unprocessable(str(exc)) from None
 
 
 async def _only_if_match(if_none_match: Annotated[str | None, Header(include_in_schema=False)] = None,
@@ -263,23 +263,15 @@ async def _answer(svc: Services, request: Request, who: Principal, record: Trans
 
 
 async def _refuse_partial_fit(svc: Services, who: Principal, lc: ModelLifecycle, model: str, version: str) -> None:
-    """409 for promoting a version fitted on some twins' telemetry (the triggers of the drift recalibration that
-    submitted it) while other twins run the model: promotion swaps all of them, and one zone's fit became every
-    zone's parameters, with only its own fit report before the approver."""
+    """409 for promoting a version fitted on some twins' telemetry while other twins run the model
+    (`raytwin.lifecycle.partial_fit_refusal`, which the offline CLI checks too)."""
     from serve_apps.routes_shadow import live_models
 
     records = await _call(lc.records, model)
-    fitted = {t.asset_id for r in records if r.version == version for t in r.evidence.triggers}
-    if not fitted:
-        return
-    running = await run_in_threadpool(lambda: live_models(svc).twins_of_model(who.tenant, model))
-    others = sorted(set(running) - fitted)
-    if others:
-        named = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
-        raise Conflict(f"{model}@{version} was fitted on the telemetry of {', '.join(sorted(fitted))} (a drift "
-                       f"recalibration); promotion swaps every twin of {model}, so {len(others)} other twin(s) ({named}) "
-                       "would run its parameters too: send \"fleet\": true if they share them, or give assets whose "
-                       "parameters differ a type of their own")
+    refusal = await run_in_threadpool(partial_fit_refusal, records, f"{model}@{version}",
+                                      lambda: live_models(svc).twins_of_model(who.tenant, model), 'send "fleet": true')
+    if refusal is not None:
+        raise Conflict(refusal)
 
 
 def register(app: FastAPI) -> None:
@@ -315,7 +307,7 @@ def register(app: FastAPI) -> None:
             record: TransitionRecord = await _call(partial(lc.transition, expected_head=head), f"{model}@{version}",
                                                    body.to, _actor(who), body.reason, body.evidence, expected,
                                                    if_match=if_match)
-            outcome.update(seq=record.seq, displaced=record.displaced, hash=record.hash)
+            outcome.update(audited_transition(record))
         response.headers["ETag"] = lifecycle_etag(record.seq, record.hash)
         return await _answer(svc, request, who, record)
 
@@ -335,7 +327,7 @@ def register(app: FastAPI) -> None:
             record: TransitionRecord = await _call(partial(lc.rollback, expected_head=head), model, _actor(who),
                                                    body.reason, body.evidence, expected, body.from_version,
                                                    if_match=if_match)  # to the version only the log knows
-            outcome.update(version=record.version, seq=record.seq, displaced=record.displaced, hash=record.hash)
+            outcome.update(audited_transition(record))
         response.headers["ETag"] = lifecycle_etag(record.seq, record.hash)
         return await _answer(svc, request, who, record)
 
@@ -376,8 +368,7 @@ def register(app: FastAPI) -> None:
                                                   {a.type_version for a in assets} | set(running))
             except PruneIncomplete as exc:  # what it did stays done: in the outcome, with the failure
                 report, failure = exc.done, exc.__cause__
-            outcome.update(removed=[{"version": r.version, "seq": r.seq, "hash": r.hash} for r in report.records],
-                           runs_removed=report.runs_removed)  # each removal tied to its log record by hash
+            outcome.update(report.audited())  # each removal tied to its log record by hash
             if failure is not None:
                 with _answered():
                     raise failure
@@ -396,10 +387,8 @@ def register(app: FastAPI) -> None:
         alone cannot switch four eyes off for its own work."""
         lifecycle = _lifecycle(svc, who.tenant)
         current = await _call(lifecycle.policy, who.tenant)
-        if body.auto_promote != current.auto_promote and APPROVER not in who.grants:
-            raise Forbidden(f"turning auto_promote {'on' if body.auto_promote else 'off'} needs the {APPROVER!r} "
-                            f"grant (with it any writer promotes without a second key); key {who.key_id} has "
-                            f"{sorted(who.grants) or 'none'}")
+        with _answered():
+            check_policy_change(current, body, _actor(who))
         async with svc.audited(request, who, "lifecycle_policy.update", who.tenant,
                                policy=body.model_dump(mode="json")):
             await _call(lifecycle.set_policy, who.tenant, body, frozenset({who.person, who.key_id}))

@@ -49,7 +49,7 @@ from raytwin.contracts import Contract, Finite, Identifier, Spec
 from raytwin.cpu_priority import yield_to_live
 from raytwin.estimation import model_defaults
 from raytwin.metrics import CALIBRATION_DURATION, CALIBRATIONS
-from raytwin.registry import PUBLISHED_BY, ModelRegistry
+from raytwin.registry import ModelRegistry, publisher_offline
 from raytwin.sim import Model, ModelCheckError, get_model, rollout, unstack
 from raytwin.sim.checks import check_params
 from raytwin.sim.model import Var
@@ -131,7 +131,9 @@ class CalibrationSpec(Spec):
     """Publish the fitted parameters as this ``name@version`` in `registry_url` (what sweeps then use)."""
     registered_by: Identifier | None = None
     """Who publishes the fit with `register_as` (the API key id its lifecycle actions use): recorded as the
-    version's publisher, so the four-eyes rule refuses that principal the version's promotion."""
+    version's publisher, so the four-eyes rule refuses that principal the version's promotion. Nothing checks it (a
+    calibration runs with the caller's storage credentials, no API key): the version records it as declared and
+    unverified, beside the OS user and host that ran the fit (`raytwin.registry.publisher_offline`)."""
 
     @model_validator(mode="after")
     def _unique(self) -> CalibrationSpec:
@@ -148,6 +150,10 @@ class CalibrationSpec(Spec):
                              f"{self.grid_levels ** len(self.free):,} trials, over {MAX_TRIALS:,}: use fewer levels, "
                              "or search random / optuna with num_samples")
         return self
+
+
+OFFLINE_CALIBRATION = "offline calibration (raytwin calibrate, sweeps.calibration)"
+"""How a calibration's `register_as` version was published, in its metadata (`raytwin.registry.PUBLISHED_VIA`)."""
 
 
 class CalibrationResult(Contract):
@@ -793,7 +799,8 @@ def _calibrate(spec: CalibrationSpec, out_url: str,
         ModelRegistry(spec.registry_url).register(
             name, version, artifact.asset_type, result.parameters,
             metadata={"calibrated_from": artifact.ref, "telemetry_sha256": data_hash,
-                      "weighted_rmse": repr(result.weighted_rmse), PUBLISHED_BY: spec.registered_by},
+                      "weighted_rmse": repr(result.weighted_rmse),
+                      **publisher_offline(spec.registered_by, OFFLINE_CALIBRATION)},  # (declared: marked unverified)
         )
         log.info("calibration registered model=%s", spec.register_as)
     fs, root = filesystem(out_url, storage_options)

@@ -85,6 +85,9 @@ def test_calibration_recovers_known_parameters(ray_session, tmp_path, simulator)
     published = ModelRegistry(registry).get(f"{simulator}-fitted@1.0.0")
     assert published.parameters == result.parameters and published.metadata["telemetry_sha256"] == data_hash
     assert published.metadata["published_by"] == "key-fitter"  # four eyes: it may not approve its own fit
+    assert published.metadata["published_by_verified"] == "false"  # F7: declared to the calibration, nothing checked it
+    assert published.metadata["published_via"].startswith("offline calibration")
+    assert {"published_os_user", "published_host"} <= set(published.metadata)  # what the machine said
 
 
 def test_a_fit_is_registered_only_with_the_principal_that_publishes_it(tmp_path):

@@ -370,15 +370,13 @@ def test_cli_moves_verifies_and_refuses_with_reasons(tmp_path, monkeypatch):
         assert out.exit_code == code, out.output
         return out.output
 
-    assert "- -> candidate\talice" in run("submit", "zone@1.0.0", "--reason", "fit", "--actor", "alice",
-                                        "--run", RUN, "--metric", "nis=1.02")
+    assert "- -> candidate\talice" in run("submit", "zone@1.0.0", "--reason", "fit", "--actor", "alice")
     run("stage", "zone@1.0.0", "--reason", "shadow ok", "--actor", "alice")
     assert "may not approve it (four eyes)" in run("promote", "zone@1.0.0", "--reason", "mine", "--actor", "alice",
                                                    "--role", "approver", code=1)
     assert "staging -> production\tbob" in run("promote", "zone@1.0.0", "--reason", "ok", "--actor", "bob",
                                                "--role", "approver")
     assert "zone@1.0.0\tproduction\talice" in run("status", "zone")
-    assert lc.records("zone")[0].evidence.shadow_metrics == {"nis": 1.02}
     assert "ok: 3 records" in run("verify", "zone")
     assert (f"error: no model zone@9.9.9 in this registry; versions: ['1.0.0'] (registry {tmp_path / 'registry'})"
             in run("stage", "zone@9.9.9", "--reason", "typo", "--actor", "alice", code=1))
@@ -512,3 +510,167 @@ def test_cli_prune_keeps_the_versions_the_stores_twins_need(tmp_path, monkeypatc
 
     elsewhere = StateStore(str(tmp_path / "twins-elsewhere"))
     assert "removed versions: 1.0.0;" in run("prune", "zone", "--twins", elsewhere.url, "--actor", "carol")
+
+
+def _audit(store: Path, tenant: str = "acme") -> list:
+    """The tenant's audit records, as the API reads them (`GET /v1/audit`: the same log and record)."""
+    from serve_apps.audit import AuditLog
+
+    return AuditLog(str(store)).records(tenant)
+
+
+def test_cli_changes_are_audited_in_two_steps_in_the_stores_tenant_log_as_declared_unverified(tmp_path, monkeypatch):
+    """F15: `raytwin registry` took --actor and --role on trust and audited nothing: an offline promotion left no
+    trace in the tenant's audit log. Each change is now audited as the API's is (intent, then outcome, in the log of
+    the `raytwin serve` store the registry lies in), its identity the declared one, marked unverified, beside the OS
+    user and host: an auditor tells it from an API key's act. A refusal (four eyes) is audited as refused."""
+    import getpass
+    import socket
+
+    lc = _lifecycle(str(tmp_path / "store" / "registry" / "acme"), 2)
+    run = _cli(tmp_path, monkeypatch)
+    run("submit", "zone@1.0.0", "--reason", "fit", "--actor", "alice")
+    run("stage", "zone@1.0.0", "--reason", "shadow ok", "--actor", "alice")
+    run("promote", "zone@1.0.0", "--reason", "mine", "--actor", "alice", "--role", "approver", code=1)
+    run("promote", "zone@1.0.0", "--reason", "ok", "--actor", "bob", "--role", "approver")
+    run("policy", "--keep-archived", "0", "--actor", "carol")
+    run("prune", "zone", "--actor", "carol")
+    records = _audit(tmp_path / "store")
+    assert [(r.action, r.phase) for r in records] == [
+        (a, p) for a in ("model.submit", "model.stage", "model.promote", "model.promote", "lifecycle_policy.update",
+                         "model.prune") for p in ("intent", "outcome")]
+    assert all(r.key_id == r.role == "offline-cli" and r.tenant == "acme" and r.request_id is None for r in records)
+    assert [r.details["principal"]["declared_actor"] for r in records[::2]] == [
+        "alice", "alice", "alice", "bob", "carol", "carol"]
+    assert records[6].details["principal"] == {
+        "via": "offline-cli", "declared_actor": "bob", "declared_roles": ["approver"], "verified": False,
+        "os_user": getpass.getuser(), "host": socket.gethostname()}
+    refused, promoted = records[5], records[7]
+    assert refused.details["status"] == "refused" and "may not approve it (four eyes)" in refused.details["reason"]
+    head = lc.records("zone")[-1]
+    assert promoted.details == {**records[6].details, "status": "done", "version": "1.0.0", "seq": head.seq,
+                                "displaced": None, "hash": head.hash}  # tied to the log record it wrote
+    assert records[8].details["policy"]["keep_archived"] == 0 and records[11].details["removed"] == []
+    assert records[6].action_id == promoted.action_id and not records[6].outcome_missing
+
+    ModelRegistry(str(tmp_path / "plain")).register("zone", "1.0.0", THERMAL)  # a registry no service lays out
+    run("submit", "zone@1.0.0", "--registry", str(tmp_path / "plain"), "--reason", "fit", "--actor", "alice")
+    assert [r.phase for r in _audit(tmp_path / "plain")] == ["intent", "outcome"]  # its own log, unless told
+    run("stage", "zone@1.0.0", "--registry", str(tmp_path / "plain"), "--reason", "ok", "--actor", "alice",
+        "--audit-store", str(tmp_path / "elsewhere"))
+    assert [r.action for r in _audit(tmp_path / "elsewhere")] == ["model.stage", "model.stage"]
+
+
+def test_the_cli_does_not_act_when_the_store_refuses_its_audit_intent(tmp_path, monkeypatch):
+    """An act whose intent the audit log does not take does not happen (as the API's 503): nothing unaudited."""
+    from raytwin.audit import AuditLog
+
+    lc = _lifecycle(str(tmp_path / "store" / "registry" / "acme"), 1)
+    run = _cli(tmp_path, monkeypatch)
+    _to_staging(lc, "1.0.0")
+
+    def full(self, record) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(AuditLog, "append", full)
+    out = run("promote", "zone@1.0.0", "--reason", "ok", "--actor", "bob", "--role", "approver", code=1)
+    assert "error: model.promote of zone@1.0.0 was not done: its audit record could not be written first" in out
+    assert "No space left on device" in out
+    assert lc.verify("zone").production is None and len(lc.records("zone")) == 2
+
+
+def test_the_cli_refuses_a_served_stores_registry_of_another_tenant(tmp_path, monkeypatch):
+    """Its changes belong in the audit log of the tenant whose registry it is, not the one --tenant names."""
+    _lifecycle(str(tmp_path / "store" / "registry" / "acme"), 1)
+    run = _cli(tmp_path, monkeypatch)
+    out = run("submit", "zone@1.0.0", "--reason", "fit", "--actor", "eve", "--tenant", "globex", code=1)
+    assert "is tenant acme's" in out and "give --tenant acme" in out
+    assert _audit(tmp_path / "store", "globex") == [] and _audit(tmp_path / "store") == []
+
+
+def test_the_cli_checks_the_evidence_the_api_checks(tmp_path, monkeypatch):
+    """The CLI recorded any --metric as a shadow evaluation's and any --run as support: an approver read an
+    operator's numbers as the system's. It checks what the API checks (`check_given_evidence`), nothing audited."""
+    lc = _lifecycle(str(tmp_path / "store" / "registry" / "acme"), 1)
+    lc.registry.register("other", "1.0.0", THERMAL)
+    run = _cli(tmp_path, monkeypatch)
+    runs = RunStore(str(tmp_path / "store" / "runs" / "acme"))  # the served store's, found without --runs
+    other_run = "calibration-20260105T120000Z-0000000f"
+    _run(runs, RUN, "acme", "zone@1.0.0", datetime(2026, 1, 5, tzinfo=UTC))
+    _run(runs, other_run, "acme", "other@1.0.0", datetime(2026, 1, 5, tzinfo=UTC))
+    submit = ("submit", "zone@1.0.0", "--reason", "fit", "--actor", "alice")
+    assert "evidence.shadow_metrics is recorded by the system" in run(*submit, "--metric", "nis=1.02", code=1)
+    assert f"run {other_run!r} ran other@1.0.0, not a version of zone" in run(*submit, "--run", other_run, code=1)
+    missing = "calibration-20260105T120000Z-00000000"
+    assert f"no run {missing!r} of this tenant" in run(*submit, "--run", missing, code=1)
+    assert lc.records("zone") == [] and _audit(tmp_path / "store") == []
+    run(*submit, "--run", RUN)
+    assert lc.records("zone")[0].evidence.run_ids == [RUN]
+
+    ModelRegistry(str(tmp_path / "plain")).register("zone", "1.0.0", THERMAL)
+    plain = ("submit", "zone@1.0.0", "--registry", str(tmp_path / "plain"), "--reason", "fit", "--run", RUN)
+    assert "give --runs with the root" in run(*plain, code=1)
+    run(*plain, "--runs", runs.root)
+
+
+def test_the_cli_promotes_a_partial_fit_over_the_fleet_only_when_asked(tmp_path, monkeypatch):
+    """As the API (409 without "fleet": true): a version a drift recalibration fitted on one twin's telemetry is
+    promoted over the store's other twins of the model only with --fleet, which its audit records."""
+    from raytwin.recalibration import DriftTrigger
+    from raytwin.statestore import StateStore
+
+    lc = _lifecycle(str(tmp_path / "store" / "registry" / "acme"), 1)
+    run = _cli(tmp_path, monkeypatch)
+    trigger = DriftTrigger(seq=1, asset_id="a-1", type_name="zone", type_version="1.0.0", event_time=None,
+                           drift_score=2.0, nis_mean=3.0, nis_last=3.0)
+    lc.submit("zone@1.0.0", Actor(id="recalibration", tenant="acme"), "drift", Evidence(triggers=[trigger]))
+    lc.transition("zone@1.0.0", "staging", ALICE, "ok")
+    twins = StateStore(str(tmp_path / "store" / "twins"))
+    for asset in ("a-1", "a-2"):
+        twins.save_registration("acme", asset, {"artifact": lc.registry.get("zone@1.0.0").model_dump(mode="json")})
+    promote = ("promote", "zone@1.0.0", "--reason", "ok", "--actor", "bob", "--role", "approver")
+    refused = run(*promote, code=1)
+    assert "was fitted on the telemetry of a-1" in refused and "1 other twin(s) (a-2)" in refused
+    assert "give --fleet if they share them" in refused and lc.verify("zone").production is None
+    run(*promote, "--fleet")
+    assert lc.verify("zone").production == "1.0.0"
+    assert [r.details.get("fleet") for r in _audit(tmp_path / "store")] == [True, True]
+
+
+def test_the_cli_policy_needs_an_approver_to_switch_automatic_promotion_and_keeps_its_setter(tmp_path, monkeypatch):
+    """As the API: turning auto_promote on needs the approver grant (role), and whoever set it may not have their
+    own version promoted by it (four eyes). The CLI set it for anyone and kept no setter."""
+    lc = _lifecycle(str(tmp_path / "store" / "registry" / "acme"), 1)
+    run = _cli(tmp_path, monkeypatch)
+    assert "turning auto_promote on needs the 'approver' grant" in run("policy", "--auto-promote", "--actor", "alice",
+                                                                       code=1)
+    assert not lc.policy("acme").auto_promote and _audit(tmp_path / "store") == []
+    run("policy", "--auto-promote", "--actor", "alice", "--role", "approver")
+    _to_staging(lc, "1.0.0")  # alice's
+    assert "the tenant's automatic promotion was set by alice" in run(
+        "promote", "zone@1.0.0", "--reason", "auto", "--actor", "dave", code=1)
+
+
+def test_an_offline_publisher_is_recorded_as_declared_and_unverified_and_its_fit_is_still_promoted(tmp_path):
+    """F7: an offline calibration's `registered_by` is whatever its caller declared. The version records it so
+    (`publisher_offline`: declared, unverified, with the OS user and host that ran the fit): an approver who ran it
+    under their login is refused, naming it; another approver promotes the fit (approvers need offline fits)."""
+    import getpass
+
+    from raytwin.registry import describe_publisher, publisher_offline
+
+    metadata = publisher_offline("key-fitter", "offline calibration")
+    registry = ModelRegistry(str(tmp_path / "registry"))
+    registry.register("zone", "1.0.0", THERMAL, metadata=metadata)
+    lc = ModelLifecycle(registry)
+    _to_staging(lc, "1.0.0")
+    user = getpass.getuser()
+    assert metadata["published_by_verified"] == "false" and metadata["published_os_user"] == user
+    declared = describe_publisher(metadata)
+    assert declared.startswith(f"key-fitter (declared to the offline calibration, unverified; run by OS user {user}")
+    for who in ("key-fitter", user):
+        with pytest.raises(ApprovalRequired, match=r"the publisher .* unverified; run by OS user"):
+            lc.transition("zone@1.0.0", "production", Actor(id=who, tenant="acme", roles=frozenset({"approver"})),
+                          "mine")
+    assert lc.transition("zone@1.0.0", "production", BOB, "approved").to_stage == "production"
+    assert describe_publisher({"published_by": "k1"}) == "k1"  # an API key's: verified by the server
