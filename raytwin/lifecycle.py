@@ -16,6 +16,11 @@ run records per model and tenant, never what production, staging, a candidate, t
 kept run record, or a live twin (the version it runs now, and those its retained history was applied by:
 `raytwin.statestore.StateStore.model_versions`) references. An `evaluate` record adds evidence (a shadow evaluation,
 `raytwin.shadow.conclude`) to a version without moving it.
+
+What the HTTP API and the offline `raytwin registry` CLI check before they act is here, so both check it alike:
+evidence a caller gives (`check_given_evidence`), a drift fit promoted over twins it was not fitted on
+(`partial_fit_refusal`), who may switch automatic promotion (`check_policy_change`); and what their audit records
+name of a transition or a prune (`audited_transition`, `PruneReport.audited`).
 """
 
 from __future__ import annotations

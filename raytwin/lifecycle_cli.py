@@ -62,7 +62,7 @@ AuditStore = Annotated[str | None, typer.Option("--audit-store", envvar="RAYTWIN
 RunsRoot = Annotated[str | None, typer.Option("--runs", help=(
     "Run records the --run evidence is looked up in (default: {store}/runs/{tenant} of a `raytwin serve` store)."))]
 Fleet = Annotated[bool, typer.Option("--fleet", help=(
-    "Promote a version a drift recalibration fitted on some twins' telemetry although other twins run the model "
+    "promote: a version a drift recalibration fitted on some twins' telemetry although other twins run the model "
     "(they share its parameters); audited."))]
 
 
@@ -253,6 +253,7 @@ def _move(stage: str, doc: str) -> Callable[..., None]:
         _refuse_if_served(registry, route)
         lc, who, evidence = _lifecycle(registry), _actor(tenant, actor, role), _evidence(run, fit_report, metric)
         _check_evidence(registry, runs, tenant, ref, evidence)
+        fleet = fleet and stage == "production"  # (only a promotion swaps the fleet)
         if stage == "production":
             _check_partial_fit(lc, registry, tenant, ref, fleet)
 
