@@ -10,6 +10,7 @@ import errno
 import hashlib
 import logging
 import os
+import re
 import tempfile
 
 import jax.numpy as jnp
@@ -152,6 +153,31 @@ def test_the_store_failing_an_fmu_download_is_a_store_outage(remote_fmu, monkeyp
     with pytest.raises(StoreIOError) as raised:
         load(url)
     assert (raised.value.operation, raised.value.error) == ("read", "io") and not list(cache.iterdir())
+
+
+def test_a_full_local_disk_extracting_an_fmu_is_the_operators_and_leaves_no_folder(reference_fmus, tmp_path,
+                                                                                     monkeypatch):
+    """`fmpy.extract` filling the machine's temporary directory raised a plain OSError and left its half-extracted
+    folder there; a probe run answered it as the FMU failing (a bad model) and a sweep as its scenarios failing."""
+    import zipfile
+
+    model = FmuModel.load(reference_fmus[(2, "VanDerPol")])  # a local file: nothing is downloaded
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    write = zipfile.ZipFile._extract_member
+
+    def full(self, *args):
+        write(self, *args)  # a file written: the folder is half-extracted when the disk fills up
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(zipfile.ZipFile, "_extract_member", full)
+    discard_instance(model, "CoSimulation")  # one an earlier test cached would not be extracted again
+    for attempt in (lambda: FmuInstance(model), lambda: model.check_registration([1.0]),
+                    lambda: run_scenarios(model, [FmuScenario(3)])):
+        with pytest.raises(FmuCacheFull, match=re.escape(f"no space left in {tmp_path} to extract FMU {model.name} "
+                                                         f"({model.url}): free space there, or set TMPDIR")) as raised:
+            attempt()
+        assert raised.value.errno == errno.ENOSPC and store_failure(raised.value) is None
+        assert list(tmp_path.iterdir()) == []
 
 
 def test_a_file_that_is_not_a_zip_is_not_an_fmu(tmp_path):

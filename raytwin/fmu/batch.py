@@ -4,7 +4,8 @@ A sweep splits its scenarios into chunks, one Ray task per chunk (1 CPU each); e
 its chunk on its process's cached instance (`cached_instance`), so instantiation is paid once
 per worker, not per scenario. A scenario whose run fails (the FMU reports an error, an output
 turns non-finite) is reported with its reason and no result; its instance is discarded and the
-next scenario gets a fresh one.
+next scenario gets a fresh one. A worker that cannot get the FMU at all (its disk full, the store down:
+`OPERATOR_FAULTS`) fails the sweep, or the calibration, with that error: it is no scenario's fault.
 
 Calibration is gradient-free: Ray Tune's default search draws start points in the parameter box
 and each trial runs a bounded Nelder-Mead (scipy) from its start on the trial's own cached
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from raytwin.cpu_priority import batch_worker, yield_to_live
-from raytwin.fmu.describe import FmuError, FmuModel
+from raytwin.fmu.describe import OPERATOR_FAULTS, FmuError, FmuModel
 from raytwin.fmu.instance import INSTANTIATIONS, FmuScenario, cached_instance, discard_instance
 from raytwin.ray_connect import cancel_tasks
 
@@ -54,6 +55,8 @@ def run_scenarios(model: FmuModel, scenarios: Sequence[FmuScenario], interface: 
     for i, scenario in enumerate(scenarios):
         try:
             results.append((cached_instance(model, interface).run(scenario, outputs), None))
+        except OPERATOR_FAULTS:
+            raise
         except Exception as e:  # noqa: BLE001 - fmpy raises plain Exceptions for FMI errors
             discard_instance(model, interface)
             log.warning("event=fmu_scenario_failed fmu=%s scenario=%d reason=%s", model.name, i, e)
@@ -133,6 +136,8 @@ def _loss(model: FmuModel, scenario: FmuScenario, observed: Mapping[str, np.ndar
     names = tuple(observed)
     try:
         y = cached_instance(model, interface).run(run, names)
+    except OPERATOR_FAULTS:
+        raise
     except Exception:  # noqa: BLE001 - a failing parameter set is a bad fit, not a failed search
         discard_instance(model, interface)
         return float("inf")

@@ -56,8 +56,14 @@ class FmuError(ValueError):
 
 
 class FmuCacheFull(OSError):
-    """The local disk holding the FMU cache (in the machine's temporary directory) is full: neither the store's
-    outage (it answered) nor a fault of the FMU; its message names the folder and how to make room."""
+    """The local disk holding the FMU cache or an FMU's extraction (the machine's temporary directory) is full:
+    neither the store's outage (it answered) nor a fault of the FMU; its message names the folder and how to make
+    room."""
+
+
+OPERATOR_FAULTS = (FmuCacheFull, StoreIOError)
+"""Failures to get an FMU onto this machine (its disk full, the store down): the operator's to fix, raised as they
+are where a failed run is recorded as the FMU's or its inputs' (a probe run, a scenario, a calibration's trial)."""
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -222,6 +228,8 @@ class FmuModel(Declared):
         scenario = FmuScenario(PROBE_STEPS, params=dict(zip(self.param_names, map(float, params))))
         try:
             cached_instance(self, self.interfaces[0]).run(scenario, (*self.state_names, *self.output_names))
+        except OPERATOR_FAULTS:
+            raise
         except Exception as e:  # noqa: BLE001 - fmpy raises plain Exceptions for FMI errors
             discard_instance(self, self.interfaces[0])
             raise ModelCheckError(self.name, "probe run", f"{PROBE_STEPS} steps of {self.default_dt:g} s at "

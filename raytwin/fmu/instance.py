@@ -12,9 +12,11 @@ instance, inputs held piecewise constant the same way.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import logging
 import shutil
+import tempfile
 import weakref
 from collections import Counter
 from collections.abc import Mapping
@@ -23,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from raytwin.fmu.describe import INTERFACES, FmuError, FmuModel
+from raytwin.fmu.describe import INTERFACES, FmuCacheFull, FmuError, FmuModel
 
 log = logging.getLogger("raytwin.fmu")
 
@@ -73,7 +75,7 @@ class FmuInstance:
     """One instantiated FMU (co-simulation or model exchange) that runs scenarios one after another."""
 
     def __init__(self, model: FmuModel, interface: str = "CoSimulation"):
-        from fmpy import extract, instantiate_fmu, read_model_description
+        from fmpy import instantiate_fmu, read_model_description
 
         if interface not in model.interfaces:
             raise FmuError(f"FMU {model.name} does not provide {interface}; it provides {list(model.interfaces)}")
@@ -81,7 +83,7 @@ class FmuInstance:
         self.model = model
         self.interface = interface
         self.md = read_model_description(path, validate=False)
-        self.unzipdir = extract(path)
+        self.unzipdir = _extracted(path, model.name)
         weakref.finalize(self, shutil.rmtree, self.unzipdir, True)  # also at exit: cached instances live long
         self.fmu = instantiate_fmu(self.unzipdir, self.md, fmi_type=interface)
         self.fmi3 = self.md.fmiVersion.startswith("3")
@@ -222,6 +224,26 @@ def _held_signal(scenario: FmuScenario, dt: float, t0: float) -> np.ndarray | No
     for name, series in scenario.inputs.items():
         table[name] = np.repeat(np.asarray(series, dtype=np.float64), 2)
     return table
+
+
+def _extracted(path: str, name: str) -> str:
+    """The FMU at `path` extracted into a new folder of the machine's temporary directory. A full disk there is
+    `FmuCacheFull` naming the folder and how to make room (the operator's to fix, not the FMU's fault); a failed
+    extraction leaves no half-extracted folder behind, which would fill that disk further."""
+    from fmpy import extract
+
+    unzipdir = None
+    try:
+        unzipdir = tempfile.mkdtemp(prefix="raytwin-fmu-")
+        return str(extract(path, unzipdir=unzipdir))
+    except BaseException as exc:
+        if unzipdir is not None:
+            shutil.rmtree(unzipdir, ignore_errors=True)
+        if not isinstance(exc, OSError) or exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise FmuCacheFull(exc.errno, f"no space left in {tempfile.gettempdir()} to extract FMU {name} ({path}): "
+                                      "free space there, or set TMPDIR to a directory with room (FMUs are extracted "
+                                      "into $TMPDIR)") from exc
 
 
 _CACHE: dict[tuple[str, str], FmuInstance] = {}
