@@ -254,11 +254,13 @@ def test_by_default_a_connector_never_reaches_the_broker_on_the_node(monkeypatch
         adapter.stop()
 
 
-def test_opcua_connects_each_attempt_to_the_vetted_address_and_keeps_the_endpoint_name(monkeypatch):
+@pytest.mark.parametrize("port", [":4840", ""], ids=["port", "default-port"])
+def test_opcua_connects_each_attempt_to_the_vetted_address_and_keeps_the_endpoint_name(monkeypatch, port):
     """asyncua resolved the server's name again at every (re)connect; the socket goes to the vetted address while
-    the endpoint URL (hello, session) keeps the name."""
+    the endpoint URL (hello, session) keeps the name. An endpoint without a port is vetted, and connected, on
+    OPC UA's 4840 (the socket went to no port at all)."""
     asked = answer(monkeypatch, "127.0.0.1", METADATA)
-    client = OpcUaClient(f"opc.tcp://{REBOUND}:4840/raytwin/")
+    client = OpcUaClient(f"opc.tcp://{REBOUND}{port}/raytwin/")
     client.reach, opened = NODE, []
 
     async def connect_socket(host: str, port: int) -> None:

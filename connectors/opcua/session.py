@@ -89,7 +89,7 @@ class _Client(Client):
         error: OSError | None = None
         for info in await asyncio.to_thread(self.reach.vetted, url.hostname, url.port or OPC_UA_PORT):
             try:
-                return await self.uaclient.connect_socket(info[4][0], url.port)
+                return await self.uaclient.connect_socket(info[4][0], info[4][1])  # the address and port vetted
             except OSError as exc:  # (a timeout is one) the next vetted address, as a name's addresses are tried
                 error = exc
         raise error
