@@ -11,6 +11,8 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -86,6 +88,34 @@ def _asset_type(raw: dict[str, Any]) -> AssetType:
     return AssetType.model_construct(**{**raw, **quantities})
 
 
+@dataclass(frozen=True)
+class _Down:
+    """A connector kept from running: tried again at `retry_at` (monotonic; inf: not by a call), `why` since `since`;
+    `waits_for`: the client id another connector holds, which it gets once that one lets it go."""
+
+    retry_at: float
+    why: str
+    since: datetime
+    waits_for: str | None = None
+
+
+Audited = Callable[[ConnectorSpec], AbstractContextManager[dict[str, Any]]]
+"""How a start nobody asked for is audited: the context to start `spec`'s connector in (its intent written before,
+its outcome after, with what the body put in the dict)."""
+
+
+def unaudited(spec: ConnectorSpec) -> AbstractContextManager[dict[str, Any]]:
+    """No audit log (the CLI's and tests' `Connectors`)."""
+    return nullcontext({})
+
+
+def _waiting(key: str) -> str:
+    """Why a connector whose client id another connector holds is down, and what starts it: its own tenant reads it,
+    so it never says whose connector that is."""
+    return (f"{key} is in use by another connector, declared earlier: this one starts by itself once that one lets "
+            "the id go (it is deleted, or declared with another client id); or give this one another client id")
+
+
 def _died_because(exc: BaseException) -> str:
     """The last line of an actor's death: its constructor's exception (Ray puts the traceback before it)."""
     return next((line.strip() for line in reversed(str(exc).splitlines()) if line.strip()), type(exc).__name__)
@@ -104,7 +134,7 @@ class Connectors:
         self.store = ConnectorStore(router.store_url, router.storage_options)
         self.twins = StateStore(router.store_url, router.storage_options)
         self.ledger = CommandLedger(router.store_url, router.storage_options)
-        self._down: dict[tuple[str, str], tuple[float, str, datetime]] = {}  # (tenant, name) -> (retry at, why, since)
+        self._down: dict[tuple[str, str], _Down] = {}
 
     def create(self, spec: ConnectorSpec | dict[str, Any], credentials: Credentials | None = None) -> ConnectorStatus:
         """Check, store and start a connector (an existing one of that name is replaced and restarted)."""
@@ -115,12 +145,13 @@ class Connectors:
         if problems:
             raise InvalidConnector(f"connector {spec.name!r}: " + "; ".join(problems))
         replaced = self._declared(spec.tenant, spec.name)
+        previous = self.store.credentials(spec.tenant, spec.name) if replaced else Credentials()
         if key := spec.session_key():
             self.store.claim(key, spec.tenant, spec.name)
         self._kill(spec.tenant, spec.name)
         self.store.save(spec, credentials or Credentials())
-        if replaced and (old := replaced.session_key()) and old != key:
-            self.store.release(old, spec.tenant, spec.name)
+        if replaced and replaced.session_key() not in (None, key):  # its old client id: ended and passed on
+            self._let_go(replaced, previous)
         self._up(spec.tenant, spec.name)
         try:
             status = self._ask(spec.tenant, spec.name, "status")
@@ -128,8 +159,10 @@ class Connectors:
             self._kill(spec.tenant, spec.name)
             self.store.delete(spec.tenant, spec.name)
             self._up(spec.tenant, spec.name)
-            if key:
-                self.store.release(key, spec.tenant, spec.name)
+            if replaced and replaced.session_key() == key:  # the replaced one's session, which may hold messages
+                self._let_go(replaced, previous)
+            elif key:  # claimed for this declaration, which never connected
+                self._pass_on(key, spec.tenant, spec.name)
             raise InvalidConnector(f"connector {spec.name!r} could not start, so it was not kept: {exc.why}") from None
         log.info("event=connector_created tenant=%s connector=%s kind=%s", spec.tenant, spec.name, spec.kind)
         return status
@@ -190,8 +223,8 @@ class Connectors:
     def _startable(self, tenant: str, name: str) -> None:
         """`ConnectorDown` while the connector is down and not to be tried again yet: no call starts its actor
         then (one refused at start, e.g. for a client id another connector holds, would kick that one off)."""
-        if (down := self._down.get((tenant, name))) is not None and time.monotonic() < down[0]:
-            raise ConnectorDown(name, down[1], down[2])
+        if (down := self._down.get((tenant, name))) is not None and time.monotonic() < down.retry_at:
+            raise ConnectorDown(name, down.why, down.since)
 
     def _failed(self, tenant: str, name: str, exc: ray.exceptions.ActorDiedError) -> ConnectorDown:
         """Record and export that the connector's actor died starting (not tried again for `START_RETRY_S`)."""
@@ -200,11 +233,13 @@ class Connectors:
         log.error("event=connector_down tenant=%s connector=%s error=%r", tenant, name, why)
         return ConnectorDown(name, why, since)
 
-    def _mark_down(self, tenant: str, name: str, retry_at: float, why: str, reason: str) -> datetime:
-        """Keep the connector listed as down with `why`, and export it (`metrics.CONNECTOR_NOT_STARTED`): no
-        process of its own counts its down time, so without this no alert and no `raytwin status` would see it."""
+    def _mark_down(self, tenant: str, name: str, retry_at: float, why: str, reason: str,
+                   waits_for: str | None = None) -> datetime:
+        """Keep the connector listed as down with `why` (`waits_for`: the client id it waits for), and export it
+        (`metrics.CONNECTOR_NOT_STARTED`): no process of its own counts its down time, so without this no alert and
+        no `raytwin status` would see it."""
         since = datetime.now(UTC)
-        self._down[(tenant, name)] = (retry_at, why, since)
+        self._down[(tenant, name)] = _Down(retry_at, why, since, waits_for)
         metrics.set_not_started(f"{tenant}/{name}", reason)
         return since
 
@@ -240,29 +275,46 @@ class Connectors:
         return self.store.names(tenant)
 
     def delete(self, tenant: str, name: str) -> None:
-        """Stop the connector, discard its session at the source, remove its declaration and credentials. A
-        session that could not be discarded (the broker unreachable) stays claimed by this name: its queued
-        messages must never reach a connector of another tenant that names the same client id."""
+        """Stop the connector, remove its declaration and credentials, discard its session at the source and pass
+        its client id on (`_let_go`)."""
         spec = self.spec(tenant, name)
         credentials = self.store.credentials(tenant, name)
         self._kill(tenant, name)
-        key = spec.session_key()
+        self.store.delete(tenant, name)
+        self._up(tenant, name)
+        self._let_go(spec, credentials)
+
+    def _let_go(self, spec: ConnectorSpec, credentials: Credentials) -> None:
+        """Discard the session of `spec` (deleted, or declared again with another client id) at its source and pass
+        its client id on (`_pass_on`), if it holds that id. A session that could not be discarded (the broker
+        unreachable) stays claimed by its name: its queued messages must never reach a connector of another tenant
+        that names the same client id."""
+        tenant, name, key = spec.tenant, spec.name, spec.session_key()
         ours = key is None or self._claimed(key, tenant, name)
         try:
             ended = ours and kind_of(spec.kind).end_session(self._opened(spec), credentials, self._reach(tenant, name))
         except InvalidConnector:  # its files are no longer its tenant's: it cannot connect to end the session
             ended = False
-        self.store.delete(tenant, name)
-        self._up(tenant, name)
         if not ours:  # declared before client ids were claimed: ending the session would end its holder's
             log.info("event=connector_session_left tenant=%s connector=%s session=%r: held by another connector",
                      tenant, name, key)
         elif key and ended:
-            self.store.release(key, tenant, name)
+            self._pass_on(key, tenant, name)
         elif key:
             log.warning("event=connector_session_kept tenant=%s connector=%s session=%r: claimed until a "
                         "connector of this name is declared and deleted again with the source reachable",
                         tenant, name, key)
+
+    def _pass_on(self, key: str, tenant: str, name: str) -> None:
+        """Give up client id `key`, held by (tenant, name): to the earliest-declared connector down waiting for it,
+        which holds it then (`start_waiting` starts it), or to none."""
+        waiting = [d for d, down in list(self._down.items()) if down.waits_for == key and d != (tenant, name)
+                   and (spec := self._declared(*d)) is not None and spec.session_key() == key]
+        heir = min(waiting, key=self._declared_order, default=None)
+        self.store.release(key, tenant, name, to=heir)
+        if heir is not None:  # whose connectors they are is the operator's to read, never either tenant's
+            log.info("event=connector_session_passed_on session=%r tenant=%s connector=%s to_tenant=%s to=%s", key,
+                     tenant, name, *heir)
 
     def _claimed(self, key: str, tenant: str, name: str) -> bool:
         """Whether (tenant, name) holds session `key`, claiming it if no connector does."""
@@ -276,34 +328,42 @@ class Connectors:
         """Every stored (tenant, name), the earliest declared first: of declarations stored before client ids were
         claimed that share one, the earliest claims it (not the first by name, which a squatter could choose)."""
         declared = [(tenant, name) for tenant in self.store.tenants() for name in self.names(tenant)]
-        at = {d: (when.timestamp() if (when := self.store.declared_at(*d)) else math.inf) for d in declared}
-        return sorted(declared, key=lambda d: (at[d], d))
+        return sorted(declared, key=self._declared_order)
 
-    def _refused(self, spec: ConnectorSpec, refuse: Callable[[ConnectorSpec], str | None] | None) -> str | None:
-        """Why a stored declaration may not run: `refuse`'s reason, or its session held by another connector
-        (claimed now if no connector holds it: declarations of older versions)."""
+    def _declared_order(self, declared: tuple[str, str]) -> tuple[float, tuple[str, str]]:
+        """When (tenant, name) was declared (never: last), then its names: what orders connectors sharing an id."""
+        when = self.store.declared_at(*declared)
+        return (when.timestamp() if when else math.inf), declared
+
+    def _refused(self, spec: ConnectorSpec,
+                 refuse: Callable[[ConnectorSpec], str | None] | None) -> tuple[str, str | None] | None:
+        """Why a stored declaration may not run, and the client id it waits for where that is why: `refuse`'s
+        reason, or its session held by another connector (claimed now if no connector holds it: declarations of
+        older versions)."""
         if refuse is not None and (why := refuse(spec)):
-            return why
+            return why, None
         if (key := spec.session_key()) and not self._claimed(key, spec.tenant, spec.name):
-            return f"{key} is in use by another connector, declared earlier: give this one another client id"
+            return _waiting(key), key
         return None
 
     def start_declared(self, refuse: Callable[[ConnectorSpec], str | None] | None = None) -> int:
         """Start the actor of every stored declaration that has none (a service started again on its store:
         connectors run without anyone asking for them, a paused one stays paused); how many it asked for.
         A declaration whose actor cannot be created is logged, not fatal: the others still start. One that
-        `refuse` gives a reason for (a policy that changed since it was declared), or whose session (MQTT client
-        id) another connector holds (two declarations of versions that claimed none: the earlier declared keeps
-        it), is not started: it is listed as down with that reason until it is declared again or deleted. A
+        `refuse` gives a reason for (a policy that changed since it was declared) is not started: it is listed as
+        down with that reason until it is declared again or deleted. Nor is one whose session (MQTT client id)
+        another connector holds (two declarations of versions that claimed none: the earlier declared keeps it),
+        until that one lets the id go (`start_waiting`). A
         running actor that enforces another reach policy than the current one (started before the operator
         changed it, or by a version that checked no address at connect time) is restarted under the current one."""
         started: dict[tuple[str, str], ray.ObjectRef] = {}
         for tenant, name in self._earliest_first():
             try:
                 spec = self.spec(tenant, name)
-                if why := self._refused(spec, refuse):
+                if refused := self._refused(spec, refuse):
+                    why, waits_for = refused
                     self._kill(tenant, name)  # one still running from before a backend restart, too
-                    self._mark_down(tenant, name, math.inf, why, "refused")
+                    self._mark_down(tenant, name, math.inf, why, "refused", waits_for)
                     log.warning("event=connector_refused tenant=%s connector=%s reason=%r", tenant, name, why)
                     continue
                 if self._other_policy(tenant, name):
@@ -313,6 +373,50 @@ class Connectors:
                 log.exception("event=connector_start_failed tenant=%s connector=%s", tenant, name)
         self._check_started(started)
         return len(started)
+
+    def start_waiting(self, audited: Audited = unaudited) -> list[tuple[str, str]]:
+        """Start the connectors down for a client id another connector held that hold it now: passed on to them
+        when its holder let it go (`_pass_on`, in this process or another replica's), or claimed now, the earliest
+        declared first, where no connector holds it. Each start is audited by `audited`, its intent first: a store
+        that does not take it leaves the connector down for the next pass. One another replica started is only
+        no longer listed as down. The supervisor's pass: after a deletion or declaration, and every few seconds
+        (`serve_apps.backend`); which connectors it started."""
+        started = []
+        waiting = {d: down.waits_for for d, down in list(self._down.items()) if down.waits_for}  # (a snapshot)
+        for (tenant, name), key in sorted(waiting.items(), key=lambda item: self._declared_order(item[0])):
+            spec = self._declared(tenant, name)
+            if spec is None or spec.session_key() != key:  # deleted or declared again meanwhile (another replica)
+                self._up(tenant, name)
+            elif self._claimed(key, tenant, name):
+                try:
+                    if self._start_waiting(spec, audited):
+                        started.append((tenant, name))
+                except Exception:  # noqa: BLE001 - no intent written: still waiting, for the next pass; an actor
+                    # that died starting is down as any such (`_failed`), and tried again after START_RETRY_S
+                    log.exception("event=connector_start_failed tenant=%s connector=%s", tenant, name)
+        return started
+
+    def _start_waiting(self, spec: ConnectorSpec, audited: Audited) -> bool:
+        """Start the connector of `spec`, which holds its client id now, unless another replica did: whether this
+        call started it."""
+        tenant, name = spec.tenant, spec.name
+        if self._running(tenant, name):
+            self._up(tenant, name)
+            return False
+        with audited(spec) as outcome:
+            self._up(tenant, name)
+            outcome["state"] = self._ask(tenant, name, "status").state.value
+        log.info("event=connector_started_with_its_id tenant=%s connector=%s session=%r", tenant, name,
+                 spec.session_key())
+        return True
+
+    def _running(self, tenant: str, name: str) -> bool:
+        """Whether the connector's actor exists (a replica started it)."""
+        try:
+            ray.get_actor(actor_name(tenant, name), namespace=self.router.namespace)
+        except ValueError:
+            return False
+        return True
 
     def _check_started(self, started: dict[tuple[str, str], ray.ObjectRef]) -> None:
         """Mark down the connectors whose actor died starting (their status calls, for up to `START_CHECK_S`)."""

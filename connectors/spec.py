@@ -239,14 +239,20 @@ class ConnectorStore:
                                    ) from None
 
     @store_io("write")
-    def release(self, key: str, tenant: str, name: str) -> None:
-        """Give up session `key` if (tenant, name) holds it."""
+    def release(self, key: str, tenant: str, name: str, to: tuple[str, str] | None = None) -> None:
+        """Give up session `key` if (tenant, name) holds it: to the connector `to` (tenant, name), which holds it
+        then as if it had claimed it (no declaration racing in between takes it: the claim is never free), or to
+        none."""
         try:
             held = json.loads(self.fs.cat_file(self._claim_path(key)))
         except FileNotFoundError:
             return
-        if held == {"tenant": tenant, "name": name}:
+        if held != {"tenant": tenant, "name": name}:
+            return
+        if to is None:
             self.fs.rm(self._claim_path(key))
+        else:
+            replace_file(self.fs, self._claim_path(key), json.dumps({"tenant": to[0], "name": to[1]}).encode())
 
 
 class SessionTaken(ValueError):

@@ -134,7 +134,7 @@ class Backend:
         self.jobs = JobQueue(config, config.max_concurrent_jobs, on_finish=self._job_finished)
         self.audit = AuditLog(config.store_url, config.storage_options)  # bulk jobs audit each item
         self.connector_ops = ConnectorOps(self.twins, config.connectors, config.connector_tls_dir,
-                                          config.connector_hosts)
+                                          config.connector_hosts, self.audit)
         self.type_evolution = TypeEvolution(self)
         self._lock = threading.Lock()
         self._publish = threading.Lock()
@@ -618,6 +618,14 @@ class Backend:
             connectors_stopped = self._watch_pass(connectors_stopped)
             self._flush_changes()
 
+    def _supervise_connectors(self) -> None:
+        """Start the connectors waiting for a client id whose holder let it go on another replica (or whose start
+        failed: `ConnectorOps.supervise`)."""
+        try:
+            self.connector_ops.supervise()
+        except Exception:  # noqa: BLE001 - the next pass tries again; the connectors stay down meanwhile
+            log.warning("event=connector_supervise_failed", exc_info=True)
+
     def _conclude_shadows(self) -> None:
         """Every `SHADOW_CONCLUDE_S` (a daemon thread of its own: a shard that hangs holds up only this): record the
         shadow evaluations that finished on the lifecycle log (`serve_apps.shadow_conclusions`), the service's
@@ -635,8 +643,9 @@ class Backend:
 
     def _watch_pass(self, connectors_stopped: bool) -> bool:
         """Read the store's lease once, waiting at most `FENCE_READ_S` (one read that hangs must not stop the watch
-        for good), and with it export the store's state (`_export_store_state`) and `_watch_fence`. Whether the
-        connectors are stopped now."""
+        for good), and with it export the store's state (`_export_store_state`) and `_watch_fence`, and while this
+        service holds the store, `_supervise_connectors` (never beside a successor). Whether the connectors are
+        stopped now."""
         deadline = time.monotonic() + FENCE_READ_S
         try:
             lease = self._lease_reads(FENCE_READ_S)
@@ -648,7 +657,10 @@ class Backend:
             log.warning("event=fence_watch_failed", exc_info=True)
             return connectors_stopped
         self._export_store_state(lease, deadline)
-        return self._watch_fence(lease, connectors_stopped)
+        stopped = self._watch_fence(lease, connectors_stopped)
+        if holds(lease, self.twins.lease):
+            self._supervise_connectors()
+        return stopped
 
     def _watch_fence(self, held: Lease | None, connectors_stopped: bool) -> bool:
         """Export whether the service is fenced by the lease as read (`held`; `metrics.STORE_FENCED`, for an alert

@@ -5,24 +5,32 @@ holds) and the connectors declared in the service's config.
 
 Declared connectors (`ServeConfig.connectors`) take their credentials from environment variables
 of the backend replica (`credentials_env`, e.g. from a Kubernetes Secret), never from the config.
+
+A connector down because another connector holds its MQTT client id starts once that one lets the id go
+(`supervise`, after every deletion and declaration and at the backend's every store watch pass), audited in its
+tenant's log as the system's `connector.start`, which never says whose connector held the id.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 from connectors.commands import CommandError, UnknownCommand
 from connectors.kinds import UnknownKind, parse_spec
-from connectors.manager import ConnectorDown, Connectors, InvalidConnector
+from connectors.manager import ConnectorDown, Connectors, InvalidConnector, unaudited
 from connectors.spec import ConnectorSpec, Credentials, SessionTaken, UnknownConnector
 from raytwin.contracts import describe_error
 from connectors.reach import Reach
 from connectors.tenant_files import TenantFiles
+from serve_apps.audit import AuditLog
+from serve_apps.audit_steps import audited, by_system
 from serve_apps.errors import ClientIdInUse, Conflict, NotFound, Unprocessable, unwrap
 
 if TYPE_CHECKING:
@@ -66,8 +74,10 @@ class ConnectorOps:
     """The operations that change nothing (a fenced service still answers them)."""
 
     def __init__(self, twins: TwinService, declared: list[dict[str, Any]], tls_dir: str | None = None,
-                 hosts: list[str] | None = None):
-        self.files, self.reach = TenantFiles(tls_dir), Reach(hosts)
+                 hosts: list[str] | None = None, audit: AuditLog | None = None):
+        """`audit`: where the starts nobody asked for are audited (`supervise`; None: nowhere, tests)."""
+        self.files, self.reach, self.audit = TenantFiles(tls_dir), Reach(hosts), audit
+        self._supervising = threading.Lock()  # one pass at a time: two would start one connector twice
         self.operators = {(d.get("tenant"), d.get("name")) for d in declared}  # declared in the service config
         self.connectors = Connectors(twins.router, twins.assets, self._reach_of, self._files_of)
         for declaration in declared:
@@ -94,6 +104,33 @@ class ConnectorOps:
             return None
         return reach.refusal(*source)
 
+    def supervise(self) -> list[tuple[str, str]]:
+        """Start the connectors waiting for a client id their holder let go (`Connectors.start_waiting`): here, or
+        on another replica, or a start that failed; which it started."""
+        with self._supervising:
+            return self.connectors.start_waiting(self._audited_start)
+
+    def _audited_start(self, spec: ConnectorSpec) -> AbstractContextManager[dict[str, Any]]:
+        """A waiting connector's start, the system's act in its tenant's audit log: only what that tenant knew
+        already (its id was in use by another connector), never whose connector held it or what it did."""
+        if self.audit is None:
+            return unaudited(spec)
+        return audited(self.audit, by_system(spec.tenant, "connector.start", spec.name, {
+            "kind": spec.kind, "reason": f"{spec.session_key()} is no longer in use by another connector"}))
+
+    def _supervised(self) -> None:
+        """`supervise` after a deletion or declaration that may have let a client id go, on a thread of its own: the
+        request that let it go answers as soon whether a connector waited for the id or not (its tenant must not
+        learn of another's connector by the time it takes), and a failure is only logged (the backend's next pass
+        tries again)."""
+        threading.Thread(target=self._supervise_logged, name="connector-supervise", daemon=True).start()
+
+    def _supervise_logged(self) -> None:
+        try:
+            self.supervise()
+        except Exception:  # noqa: BLE001 - the store watch's pass starts it
+            log.exception("event=connector_supervise_failed")
+
     def _declare(self, declaration: dict[str, Any]) -> None:
         missing = missing_credentials(declaration)
         if missing:
@@ -117,6 +154,7 @@ class ConnectorOps:
         if (source := declared.source()) is not None and (why := self.reach.refusal(*source)):
             raise Unprocessable(f"connector {declared.name!r}: {why}")
         created = self.connectors.create(declared, credentials)
+        self._supervised()  # its earlier client id, if it changed, may have gone to a connector waiting for it
         return self.view(tenant, created.name) | {"status": created.model_dump(mode="json")}
 
     @_api_errors
@@ -141,6 +179,7 @@ class ConnectorOps:
     def delete(self, tenant: str, name: str) -> None:
         self._refuse_operators(tenant, name, "delete")
         self.connectors.delete(tenant, name)
+        self._supervised()
 
     @_api_errors
     def propose(self, tenant: str, connector: str, asset_id: str, name: str, value: dict[str, Any],

@@ -9,6 +9,8 @@ import json
 import os
 import re
 import stat
+import threading
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
@@ -196,16 +198,19 @@ def test_of_connectors_racing_for_one_client_id_one_wins(tmp_path: Path) -> None
 
 
 class Unstarted(Connectors):
-    """`Connectors` over a real store without Ray: which actors it starts (`started`) and stops (`stopped`); every
-    actor answers a paused status."""
+    """`Connectors` over a real store without Ray: which actors it starts (`started`) and stops (`stopped`), and
+    which run (`alive`, which replicas over one store share); every actor answers a paused status."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, alive: set[tuple[str, str]] | None = None):
         super().__init__(SimpleNamespace(store_url=str(root), storage_options=None))
         self.started: list[tuple[str, str]] = []
         self.stopped: list[tuple[str, str]] = []
+        self.alive = set() if alive is None else alive
 
     def _actor(self, tenant: str, name: str) -> Any:
-        self.started.append((tenant, name))
+        if (tenant, name) not in self.alive:
+            self.started.append((tenant, name))
+            self.alive.add((tenant, name))
         status = ConnectorStatus(tenant=tenant, name=name, kind="mqtt", state=ConnectorState.paused, connected=False,
                                  messages=0, acknowledged=0, pending=0, accepted=0, duplicates=0, rejected=0,
                                  dead_lettered=0, errors=0, last_error=None, lag_s=None, newest_event_time=None)
@@ -214,6 +219,10 @@ class Unstarted(Connectors):
 
     def _kill(self, tenant: str, name: str) -> None:
         self.stopped.append((tenant, name))
+        self.alive.discard((tenant, name))
+
+    def _running(self, tenant: str, name: str) -> bool:
+        return (tenant, name) in self.alive
 
     def _other_policy(self, tenant: str, name: str) -> bool:
         return False
@@ -238,6 +247,7 @@ def test_a_client_id_another_connector_holds_is_refused_whoever_holds_it(tmp_pat
 
     ops = ConnectorOps.__new__(ConnectorOps)  # without connectors to start
     ops.reach, ops.operators, ops.connectors = Reach(["broker.example.com", "10.0.0.7"]), set(), unstarted
+    ops.audit, ops._supervising = None, threading.Lock()
     backend = SimpleNamespace(connector=lambda op, *args: getattr(ops, op)(*args))
     with in_process(backend, tmp_path) as (http, auth, svc):
         acme, globex = auth["admin"], auth["other"]
@@ -285,7 +295,8 @@ def test_of_connectors_stored_before_client_ids_were_claimed_the_earliest_declar
     down = unstarted.status("acme", "a-line")
     assert down.state == ConnectorState.down
     assert "MQTT client id 'gw-1' is in use by another connector" in down.last_error
-    with pytest.raises(ConnectorDown, match="in use by another connector, declared earlier: give this one another"):
+    with pytest.raises(ConnectorDown, match="in use by another connector, declared earlier: this one starts by itself "
+                                            "once that one lets the id go"):
         unstarted.resume("acme", "a-line")
     command = unstarted.ledger.propose("acme", "a-line", "pump-1", "setpoint", {"q": 1.0}, "k-writer")
     with pytest.raises(ConnectorDown):
@@ -296,6 +307,85 @@ def test_of_connectors_stored_before_client_ids_were_claimed_the_earliest_declar
     unstarted.delete("acme", "a-line")
     assert ended == [] and store.names("acme") == []  # the session is globex's: not ended
     store.claim(earlier.session_key(), "globex", "line")  # still its holder's
+
+
+def _declared_in_order(store: ConnectorStore, root: Path, *specs: MqttSpec) -> None:
+    """Store `specs` as an earlier version did (no client id claimed), declared in that order."""
+    for age, spec in zip(range(len(specs) * 1000, 0, -1000), specs):
+        store.save(spec, Credentials())
+        when = datetime.now(UTC).timestamp() - age
+        os.utime(root / f"connectors/declared/tenant={spec.tenant}/{spec.name}/spec.json", (when, when))
+
+
+def test_a_connector_waiting_for_its_client_id_starts_once_its_holder_lets_it_go(
+        tmp_path: Path, unstarted: Unstarted, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A connector down because an earlier-declared one held its client id stayed down after that one was deleted,
+    until its tenant declared it again. Now it starts then, audited in its tenant's log as the system's start (which
+    says nothing of the other tenant); the id passes to it directly, so a declaration racing in finds it taken; a
+    second replica only sees it running, and a restarted backend starts it if the replica that passed it on died."""
+    from connectors.mqtt import MqttKind
+    from serve_apps.audit import AuditLog
+    from serve_apps.connector_ops import ConnectorOps
+
+    monkeypatch.setattr(MqttKind, "end_session", lambda self, *args: True)
+    store, holder, waiter = unstarted.store, _mqtt("globex", "line", "gw-1"), _mqtt("acme", "a-line", "gw-1")
+    _declared_in_order(store, tmp_path / "store", holder, waiter)
+    replica = Unstarted(tmp_path / "store", unstarted.alive)  # another backend replica over the same store
+    assert unstarted.start_declared() == replica.start_declared() == 1 and unstarted.alive == {("globex", "line")}
+    ops = ConnectorOps.__new__(ConnectorOps)  # without connectors to start
+    ops.reach, ops.operators, ops.connectors = Reach(None), set(), unstarted
+    ops.audit, ops._supervising = AuditLog(str(tmp_path / "audit")), threading.Lock()
+    audit = ops.audit
+    assert ops.supervise() == [] and unstarted.status("acme", "a-line").state == ConnectorState.down
+    assert "starts by itself once" in (why := unstarted.status("acme", "a-line").last_error) and "globex" not in why
+
+    ops.delete("globex", "line")  # (its answer does not wait for the start: it would tell a waiting one was there)
+    deadline = time.monotonic() + 10
+    while not any(r.phase == "outcome" for r in audit.records("acme")) and time.monotonic() < deadline:
+        time.sleep(0.01)  # (the start's audit outcome is written last)
+    assert unstarted.started[-1] == ("acme", "a-line") and unstarted.status("acme", "a-line").state != "down"
+    with pytest.raises(SessionTaken):  # passed on, never free: a declaration racing in does not get it
+        store.claim(waiter.session_key(), "initech", "line")
+    (intent, outcome), = [(r, o) for r in audit.records("acme") for o in audit.records("acme")
+                          if r.phase == "intent" and o.phase == "outcome" and o.action_id == r.action_id]
+    assert (intent.action, intent.target, intent.key_id, outcome.details["status"], outcome.details["state"]) == (
+        "connector.start", "a-line", "system", "done", "paused")
+    assert "globex" not in outcome.json_line()
+    assert audit.records("globex") == []  # (its deletion is audited by the route that deleted it)
+
+    assert replica.status("acme", "a-line").state == ConnectorState.down  # until its next pass, which starts nothing
+    assert replica.start_waiting() == [] and replica.status("acme", "a-line").state != "down"
+    assert unstarted.started.count(("acme", "a-line")) == 1
+
+    unstarted.alive.clear()  # every replica died after the id was passed on: a new backend starts the connector
+    assert Unstarted(tmp_path / "store").start_declared() == 1
+
+
+def test_of_connectors_waiting_for_one_client_id_the_earliest_declared_gets_it_and_only_once_the_session_ended(
+        tmp_path: Path, unstarted: Unstarted, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Of two connectors waiting for one id, the earlier declared gets it (not the first by name), the other once
+    that one lets it go too. A holder declared again with another client id lets its old one go once its session
+    (and what the broker queued for it) is ended; one that cannot be ended (the broker unreachable) stays claimed."""
+    from connectors.mqtt import MqttKind
+
+    ended: list[tuple[str, str | None]] = []
+    reachable = [True]
+    monkeypatch.setattr(MqttKind, "end_session", lambda self, spec, *args: ended.append(
+        (spec.name, spec.client_id)) or reachable[0])
+    holder, first, second = _mqtt("globex", "line", "gw-1"), _mqtt("acme", "b", "gw-1"), _mqtt("acme", "a", "gw-1")
+    _declared_in_order(unstarted.store, tmp_path / "store", holder, first, second)
+    assert unstarted.start_declared() == 1
+
+    reachable[0] = False
+    unstarted.create(_mqtt("globex", "line", "gw-2"))  # its old session cannot be ended: the id stays claimed
+    assert ended == [("line", "gw-1")] and unstarted.start_waiting() == []
+    reachable[0] = True
+    unstarted.create(_mqtt("globex", "line", "gw-1"))  # declared again with the old id, which its name still holds
+    unstarted.create(_mqtt("globex", "line", "gw-3"))
+    assert ended[-1] == ("line", "gw-1") and unstarted.start_waiting() == [("acme", "b")]
+    assert unstarted.status("acme", "a").last_error.startswith("cannot start: MQTT client id 'gw-1' is in use")
+    unstarted.delete("acme", "b")
+    assert unstarted.start_waiting() == [("acme", "a")] and unstarted.status("acme", "a").state != "down"
 
 
 def test_the_last_alive_time_is_kept_until_a_new_declaration(tmp_path: Path, key: str) -> None:

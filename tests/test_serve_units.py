@@ -779,8 +779,9 @@ class _Passes(threading.Event):
 def test_the_store_watch_exports_the_fence_stops_the_connectors_once_and_writes_the_changes_a_failure_kept(
         tmp_path, monkeypatch):
     """The backend's one store-watch thread (`Backend._watch_store`, every 5 s): once a service of another Ray
-    cluster took the store, the fence gauge says so and this service's connectors stop, once; and a change whose
-    write failed is written when the store takes writes again, with no request to carry it."""
+    cluster took the store, the fence gauge says so and this service's connectors stop, once, and no connector
+    waiting for its client id is started beside the successor's; and a change whose write failed is written when
+    the store takes writes again, with no request to carry it."""
     from dataclasses import replace
 
     from raytwin import metrics
@@ -801,6 +802,8 @@ def test_the_store_watch_exports_the_fence_stops_the_connectors_once_and_writes_
     backend = Backend.__new__(Backend)
     backend.config, backend.twins = SimpleNamespace(namespace="ns"), SimpleNamespace(store=store, lease=mine)
     backend._lease_reads = BoundedRead(store.read_lease, "the store's lease")
+    supervised: list[str] = []
+    backend.connector_ops = SimpleNamespace(supervise=lambda: supervised.append("pass"))
     backend._export_store_state = lambda lease, deadline: None  # (its own test: the health probe's finding)
     backend.changes = ChangeLog(str(tmp_path / "changes"))
     write = backend.changes.store.write
@@ -810,7 +813,7 @@ def test_the_store_watch_exports_the_fence_stops_the_connectors_once_and_writes_
     backend.changes.store.write = write  # the disk has space again
     backend._watch_stop = _Passes(2)
     backend._watch_store()
-    assert fenced == [0, 1, 1] and stopped == ["ns"]
+    assert fenced == [0, 1, 1] and stopped == ["ns"] and supervised == []
     assert backend.changes.unwritten() == 0
     assert [(c.seq, c.asset_id) for c in backend.changes.store.read("acme", 0, 10)] == [(1, "a")]
 
@@ -829,6 +832,7 @@ def _watched_backend(store, lease):
     backend._beat_reads = BoundedRead(store.read_heartbeat, "the store's lease heartbeat")
     backend._renewals = RenewalWatch(RENEWAL_STALL_S)
     backend.changes = SimpleNamespace(unwritten=lambda: 0)
+    backend.connector_ops = SimpleNamespace(supervise=list)
     return backend
 
 
@@ -936,7 +940,9 @@ def test_the_backend_exports_what_its_health_probe_finds_of_the_store(tmp_path, 
 def test_a_pass_of_the_store_watch_reads_the_lease_once_and_a_read_that_hangs_ends_it_at_its_deadline(
         tmp_path, monkeypatch):
     """Each 5 s pass read the lease twice: to export the store's state (the health probe's finding), then to
-    watch the fence. One read serves both now, still waited for at most `FENCE_READ_S`."""
+    watch the fence. One read serves both now, still waited for at most `FENCE_READ_S`, and tells whether the pass
+    may start the connectors waiting for their client id (not while whether the service holds the store is
+    unknown)."""
     from raytwin import metrics
     from serve_apps import backend as backend_module
     from serve_apps.store_errors import UNAVAILABLE_REASONS
@@ -956,16 +962,17 @@ def test_a_pass_of_the_store_watch_reads_the_lease_once_and_a_read_that_hangs_en
         return read_lease()
 
     monkeypatch.setattr(store, "read_lease", counted)
-    backend = _watched_backend(store, mine)
+    backend, supervised = _watched_backend(store, mine), []
+    backend.connector_ops = SimpleNamespace(supervise=lambda: supervised.append("pass"))
     thawed.set()
     backend._watch_stop = _Passes(1)
     backend._watch_store()
     assert len(reads) == 1, "one pass read the lease more than once"
-    assert exported == dict.fromkeys(UNAVAILABLE_REASONS, 0.0) and fenced == [0, 0]
+    assert exported == dict.fromkeys(UNAVAILABLE_REASONS, 0.0) and fenced == [0, 0] and supervised == ["pass"]
     thawed.clear()
     backend._watch_stop = _Passes(1)
     backend._watch_store()  # hangs on the read: the pass ends at its deadline
-    assert {r for r, v in exported.items() if v} == {"timeout"} and fenced == [0, 0, 0]
+    assert {r for r, v in exported.items() if v} == {"timeout"} and fenced == [0, 0, 0] and supervised == ["pass"]
     thawed.set()
 
 
