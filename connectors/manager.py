@@ -27,6 +27,7 @@ from connectors.spec import ConnectorSpec, ConnectorStore, Credentials, SessionT
 from connectors.tenant_files import Spec, TenantFiles
 from raytwin import metrics
 from raytwin.contracts import AssetType, Quantity
+from raytwin.sealing import SealingError
 from raytwin.statestore import StateStore
 
 log = logging.getLogger("raytwin.connectors")
@@ -145,7 +146,7 @@ class Connectors:
         if problems:
             raise InvalidConnector(f"connector {spec.name!r}: " + "; ".join(problems))
         replaced = self._declared(spec.tenant, spec.name)
-        previous = self.store.credentials(spec.tenant, spec.name) if replaced else Credentials()
+        previous = self._old_credentials(replaced) if replaced and replaced.session_key() else None
         if key := spec.session_key():
             self.store.claim(key, spec.tenant, spec.name)
         self._kill(spec.tenant, spec.name)
@@ -166,6 +167,16 @@ class Connectors:
             raise InvalidConnector(f"connector {spec.name!r} could not start, so it was not kept: {exc.why}") from None
         log.info("event=connector_created tenant=%s connector=%s kind=%s", spec.tenant, spec.name, spec.kind)
         return status
+
+    def _old_credentials(self, spec: ConnectorSpec) -> Credentials | None:
+        """The credentials stored for `spec`, to end its session with once it is replaced; None where no configured
+        key opens them any more (a key rotated out): a declaration with new credentials must still be taken, and
+        the session, which cannot be ended then, stays claimed (`_let_go`)."""
+        try:
+            return self.store.credentials(spec.tenant, spec.name)
+        except SealingError:
+            log.warning("event=connector_credentials_unreadable tenant=%s connector=%s", spec.tenant, spec.name)
+            return None
 
     def _asset_types(self, tenant: str) -> AssetTypes:
         """The tenant's twins (live, from the shards) with the asset types they were registered with."""
@@ -284,15 +295,16 @@ class Connectors:
         self._up(tenant, name)
         self._let_go(spec, credentials)
 
-    def _let_go(self, spec: ConnectorSpec, credentials: Credentials) -> None:
+    def _let_go(self, spec: ConnectorSpec, credentials: Credentials | None) -> None:
         """Discard the session of `spec` (deleted, or declared again with another client id) at its source and pass
         its client id on (`_pass_on`), if it holds that id. A session that could not be discarded (the broker
-        unreachable) stays claimed by its name: its queued messages must never reach a connector of another tenant
-        that names the same client id."""
+        unreachable, or its `credentials` unreadable: None) stays claimed by its name: its queued messages must never
+        reach a connector of another tenant that names the same client id."""
         tenant, name, key = spec.tenant, spec.name, spec.session_key()
         ours = key is None or self._claimed(key, tenant, name)
         try:
-            ended = ours and kind_of(spec.kind).end_session(self._opened(spec), credentials, self._reach(tenant, name))
+            ended = ours and credentials is not None and kind_of(spec.kind).end_session(
+                self._opened(spec), credentials, self._reach(tenant, name))
         except InvalidConnector:  # its files are no longer its tenant's: it cannot connect to end the session
             ended = False
         if not ours:  # declared before client ids were claimed: ending the session would end its holder's

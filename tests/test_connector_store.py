@@ -388,6 +388,19 @@ def test_of_connectors_waiting_for_one_client_id_the_earliest_declared_gets_it_a
     assert unstarted.start_waiting() == [("acme", "a")] and unstarted.status("acme", "a").state != "down"
 
 
+def test_a_connector_declared_again_after_its_sealing_key_was_rotated_out_is_taken(
+        tmp_path: Path, unstarted: Unstarted, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its old credentials are read to end the session of the client id it gives up: a key rotated out must not
+    refuse the declaration that brings new ones; that session, which cannot be ended, keeps its id claimed."""
+    unstarted.create(_mqtt("acme", "line", "gw-1"), Credentials(password="old"))
+    monkeypatch.setenv(KEY_ENV, new_key())  # the old key is gone
+    restarted = Unstarted(tmp_path / "store")
+    restarted.create(_mqtt("acme", "line", "gw-2"), Credentials(password="new"))
+    assert restarted.store.credentials("acme", "line").password.get_secret_value() == "new"
+    with pytest.raises(SessionTaken):
+        restarted.store.claim(_mqtt("globex", "x", "gw-1").session_key(), "globex", "x")
+
+
 def test_the_last_alive_time_is_kept_until_a_new_declaration(tmp_path: Path, key: str) -> None:
     """A restarted connector's gap starts at its predecessor's last sign of life; a new declaration has none."""
     store = ConnectorStore(str(tmp_path))
