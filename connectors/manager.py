@@ -389,7 +389,7 @@ class Connectors:
     def start_waiting(self, audited: Audited = unaudited) -> list[tuple[str, str]]:
         """Start the connectors down for a client id another connector held that hold it now: passed on to them
         when its holder let it go (`_pass_on`, in this process or another replica's), or claimed now, the earliest
-        declared first, where no connector holds it. Each start is audited by `audited`, its intent first: a store
+        declared first, where no connector holds it (one still held is only read, every pass). Each start is audited by `audited`, its intent first: a store
         that does not take it leaves the connector down for the next pass. One another replica started is only
         no longer listed as down. The supervisor's pass: after a deletion or declaration, and every few seconds
         (`serve_apps.backend`); which connectors it started."""
@@ -399,7 +399,7 @@ class Connectors:
             spec = self._declared(tenant, name)
             if spec is None or spec.session_key() != key:  # deleted or declared again meanwhile (another replica)
                 self._up(tenant, name)
-            elif self._claimed(key, tenant, name):
+            elif self.store.holder(key) in (None, (tenant, name)) and self._claimed(key, tenant, name):
                 try:
                     if self._start_waiting(spec, audited):
                         started.append((tenant, name))

@@ -238,6 +238,14 @@ class ConnectorStore:
                                    "to get RayTwin's own (raytwin-<tenant>@<name>, which no other connector has)"
                                    ) from None
 
+    def holder(self, key: str) -> tuple[str, str] | None:
+        """The (tenant, name) holding session `key`, or None: read without claiming it (nor logging a refusal)."""
+        try:
+            held = json.loads(self._read(self._claim_path(key)))
+        except FileNotFoundError:
+            return None
+        return held["tenant"], held["name"]
+
     @store_io("write")
     def release(self, key: str, tenant: str, name: str, to: tuple[str, str] | None = None) -> None:
         """Give up session `key` if (tenant, name) holds it: to the connector `to` (tenant, name), which holds it
