@@ -25,12 +25,11 @@ import hashlib
 from collections import OrderedDict
 from datetime import datetime
 
-import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from connectors.mapping import DeadLetter, source_pattern
-from raytwin.statestore import TIME, StateStore
+from raytwin.statestore import StateStore
 
 KEPT = 100_000
 """Identities held (about 100 bytes each): a controller sending a bad value a second for a day is 86,400."""
@@ -49,10 +48,10 @@ class SeenLetters:
     @classmethod
     def recent(cls, store: StateStore, tenant: str, connector: str, since: datetime) -> SeenLetters:
         """The dead letters `tenant`'s store holds from its `connector`, written since `since`: the newest `KEPT`,
-        read from the partitions that hold them alone (`StateStore.newest_dead_letters`)."""
-        recent = ds.field("dead_lettered_at") >= pa.scalar(since, TIME)
+        read from the partitions that hold them alone (`StateStore.newest_dead_letters`: the days from `since` on,
+        not the tenant's whole history)."""
         ours = pc.match_substring_regex(ds.field("reason"), pattern=source_pattern(connector))
-        table = store.newest_dead_letters(tenant, KEPT, where=recent & ours, columns=["raw"])
+        table = store.newest_dead_letters(tenant, KEPT, where=ours, columns=["raw"], since=since)
         return cls(table.column("raw").to_pylist())
 
     def fresh(self, letters: list[DeadLetter]) -> list[DeadLetter]:

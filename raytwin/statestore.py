@@ -722,15 +722,24 @@ class StateStore:
 
     @store_io("read")
     def newest_dead_letters(self, tenant: str | None, limit: int | None, *, day: str | None = None,
-                            where: ds.Expression | None = None, columns: list[str] | None = None) -> pa.Table:
+                            where: ds.Expression | None = None, columns: list[str] | None = None,
+                            since: datetime | None = None) -> pa.Table:
         """The newest `limit` (None: all) dead letters of `tenant` (None: every tenant's) of one UTC ``YYYY-MM-DD``
-        `day` (None: any) that match `where`, oldest first, with `columns` (default: all, as `read_dead_letters`):
-        the last rows of `read_dead_letters`, without reading them all. Only the day partitions that hold the
-        page are read: first the times of the matching rows, newest day first, until `limit` are found (a
-        partition's rows are of its day), then the rows from the `limit`-th newest time on, whose files and row
-        groups alone are read (by their time statistics: `compact` sorts by time), so memory is bounded by the
-        page and a row group, not by the millions of 4 KiB dead letters a poison device leaves."""
+        `day` (None: any) that match `where` and were written at or after `since` (None: ever), oldest first, with
+        `columns` (default: all, as `read_dead_letters`): the last rows of `read_dead_letters`, without reading them
+        all. Only the day partitions that hold the page are read: first the times of the matching rows, newest day
+        first, until `limit` are found (a partition's rows are of its day) or no older day may hold one written
+        since `since`, then the rows from the `limit`-th newest time on, of the days that hold them alone, whose
+        files and row groups alone are read (by their time statistics: `compact` sorts by time), so memory is
+        bounded by the page and a row group, not by the millions of 4 KiB dead letters a poison device leaves.
+        A page with fewer than `limit` rows still reads the times of every day from `since` on (without it, of
+        the tenant's whole history): a connector with few dead letters pays for all of its tenant's."""
         days = self._dead_letter_days(tenant, day)
+        if since is not None:
+            recent = ds.field("dead_lettered_at") >= pa.scalar(since, TIME)
+            where = recent if where is None else recent & where
+            first = (since - DEAD_LETTER_RETRY_WINDOW).date().isoformat()  # what `_stem_day` puts in the day before
+            days = [dirs for dirs in days if dirs[0].rsplit("=", 1)[-1] >= first]
         if limit is not None:
             days, since_us = self._newest_times(days, limit, where)
             if since_us is not None:
@@ -761,17 +770,20 @@ class StateStore:
     def _newest_times(self, days: list[list[str]], limit: int,
                       where: ds.Expression | None) -> tuple[list[list[str]], int | None]:
         """Of `days` (`_dead_letter_days`), those that hold the newest `limit` dead letters matching `where`,
-        and the time of the oldest of these (none and None: none match): read a day at a time, times alone."""
-        found, oldest = 0, None
-        for i, dirs in enumerate(days):
+        and the time of the oldest of these (none and None: none match): read a day at a time, times alone. Only the
+        days that hold one are returned, so that their rows are not looked for again in the days between them (a
+        connector with a few dead letters in a year of another's)."""
+        found, oldest, held = 0, None, []
+        for dirs in days:
             times = self._relisting(dirs, lambda files: _largest(
                 _batches(self.fs, files, f"{self.root}/dead_letters", columns=["dead_lettered_at"], filter=where),
                 limit - found))
             if len(times):  # every row of a day's partition is of that day: older days' are older
                 found, oldest = found + len(times), int(times[0])
+                held.append(dirs)
             if found == limit:
-                return days[:i + 1], oldest
-        return (days, oldest) if found else ([], None)
+                break
+        return held, oldest
 
     # ---------------------------------------------------------------------- compaction ----
     @store_io("write")

@@ -157,6 +157,48 @@ def test_a_page_of_a_connectors_newest_dead_letters_reads_only_the_days_that_hol
     assert [json.loads(line)["idempotency_key"] for line in out.output.splitlines()[1:]] == ["031205:1", "031205:2"]
 
 
+def test_a_connectors_few_dead_letters_are_read_again_from_their_days_alone(store, monkeypatch):
+    """A connector with fewer dead letters than a page's `limit` has the times of every day of its tenant read (its
+    older ones may lie anywhere), but its rows are then read from the days that hold them alone, not from every day
+    again; a read from `since` on (a restarted connector's, `connectors.seen_letters`) reads no day before it, and
+    still finds a letter that a retry just after midnight wrote into the day before's partition."""
+    from connectors.seen_letters import SeenLetters
+    from serve_apps.dead_letters import connector_dead_letters
+
+    def letters(when: datetime, *reasons: str, stem: str | None = None) -> None:
+        monkeypatch.setattr(statestore, "datetime", type("Clock", (datetime,), {"now": staticmethod(lambda tz: when)}))
+        store.write_dead_letters("acme", [{"asset_id": "pump-1", "idempotency_key": f"{when:%d%H%M}:{i}",
+                                           "reason": r, "raw": f"{when:%d%H%M}:{i}"} for i, r in enumerate(reasons)],
+                                 stem)
+
+    web, poison = "mqtt://web/site/pump-1/telemetry: not JSON", "mqtt://poison/site/pump-1/telemetry: not JSON"
+    for d in range(1, 11):
+        letters(datetime(2026, 11, d, 12, tzinfo=UTC), poison, poison, *([web] if d in (4, 6) else []))
+    letters(datetime(2026, 11, 9, 23, 59, tzinfo=UTC), poison, stem="retried")  # the retry's first try
+    letters(datetime(2026, 11, 10, 0, 30, tzinfo=UTC), poison, stem="retried")  # lands beside it, on the 9th
+    rows = store.read_dead_letters("acme").to_pylist()
+    read, scanned = [], []
+    read_files, batches = statestore.read_files, statestore._batches
+    monkeypatch.setattr(statestore, "read_files", lambda fs, paths, *a, **k: read.extend(paths) or read_files(
+        fs, paths, *a, **k))
+    monkeypatch.setattr(statestore, "_batches", lambda fs, paths, *a, **k: scanned.extend(paths) or batches(
+        fs, paths, *a, **k))
+
+    def days(paths: list[str]) -> list[str]:
+        return sorted({p.split("/date=")[1][:10] for p in paths})
+
+    found = [d.idempotency_key for d in connector_dead_letters(store, "acme", "web", None, 1000)]
+    assert found == [r["idempotency_key"] for r in rows if r["reason"] == web] == ["041200:2", "061200:2"]
+    assert len(days(scanned)) == 10 and days(read) == ["2026-11-04", "2026-11-06"]
+
+    read.clear(), scanned.clear()
+    since = datetime(2026, 11, 10, 0, 10, tzinfo=UTC)
+    seen = SeenLetters.recent(store, "acme", "poison", since)
+    expected = SeenLetters([r["raw"] for r in rows if r["reason"] == poison and r["dead_lettered_at"] >= since])
+    assert list(seen._seen) == list(expected._seen) and len(seen._seen) == 3  # 00:30 (on the 9th), 12:00 twice
+    assert days(scanned) == days(read) == ["2026-11-09", "2026-11-10"]
+
+
 def _parts(store, kind: str, tenant: str) -> list[str]:
     store.fs.invalidate_cache()
     names = (p.rsplit("/", 1)[-1] for p in store.fs.glob(f"{store.root}/{kind}/tenant={tenant}/date=*/*"))
