@@ -63,6 +63,26 @@ def test_event_log_dedups_sorts_and_filters(store):
         assert dates == ["2026-03-01", "2026-03-02"]
 
 
+def test_a_replay_from_a_key_lists_only_the_days_from_that_key_on(store, monkeypatch):
+    """A twin's replay after its snapshot (recovery, a read of a past state, a shadow catching up) lists and reads
+    the log's partitions of the snapshot's day and later, not every day of its tenant's history."""
+    for day in range(5):
+        store.append_log("acme", log_table([("a", _ev(day, day * 86_400 + 30)), ("b", _ev(day, day * 86_400 + 40))]))
+    store.close_segments()
+    everything = store.read_events("acme", "a")
+    listed = []
+    files = store._files
+    monkeypatch.setattr(store, "_files", lambda directory: listed.append(directory) or files(directory))
+    after = everything[2].key  # on T0's third day (T0 is a minute before midnight)
+    assert store.read_events("acme", "a", after=after) == everything[3:]
+    assert [d.rsplit("/", 1)[-1] for d in listed] == ["date=2026-03-03", "date=2026-03-04", "date=2026-03-05"]
+    assert store.read_events("acme", "a", after=after, until_us=everything[3].key[0]) == everything[3:4]
+    listed.clear()
+    assert store.read_events_many("acme", {"a": everything[4].key, "b": None}) == {
+        "a": [], "b": store.read_events("acme", "b")}  # one asset from its start: every day
+    assert listed == [f"{store.root}/log/tenant=acme"] * 2
+
+
 def test_snapshots_latest_before_time(store):
     assert store.latest_snapshot("acme", "a") is None
     for k in (1, 3, 2):
