@@ -229,7 +229,8 @@ def recover_many(
     """`recover` for many twins: one log scan per tenant, and their replays share filter dispatches."""
     twins = [build_twin(r, allowed_lateness_s=allowed_lateness_s, checkpoint_every=checkpoint_every,
                         swaps=_model_swaps(store, r)) for r in records]
-    floors = {tenant: store.history_floors(tenant) for tenant in {twin.tenant for twin in twins}}
+    floors = {tenant: store.history_floors(tenant, [twin.asset_id for twin in twins if twin.tenant == tenant])
+              for tenant in {twin.tenant for twin in twins}}  # theirs alone: not every twin the tenant deleted
     after: dict[str, dict[str, EventKey | None]] = {}
     for twin, record in zip(twins, records):
         twin.history_floor_us = floors[twin.tenant].get(twin.asset_id)

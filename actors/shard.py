@@ -205,7 +205,7 @@ class TwinShard(LiveModelOps):
                              "unregister it first")
         if (tenant, asset_id) in self.twins:
             return False
-        if existing is None and asset_id in self.store.history_floors(tenant):
+        if existing is None and asset_id in self.store.history_floors(tenant, [asset_id]):
             # registered again after `unregister`: a new twin, which recovery starts after the deleted one's
             # history; what that one derived goes first, should its deletion have stopped before removing it
             self.store.forget_twin(tenant, asset_id)

@@ -56,7 +56,7 @@ import json
 import logging
 import os
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -1049,13 +1049,25 @@ class StateStore:
         replace_file(self.fs, path, json.dumps({"floor_us": floor_us}).encode())
 
     @store_io("read")
-    def history_floors(self, tenant: str) -> dict[str, int]:
-        """The floor of each of the tenant's deleted twins (`save_deletion`): one listing, usually empty."""
-        out = {}
-        for path in self.fs.glob(f"{self.root}/deleted/tenant={tenant}/asset_id=*.json"):
-            asset_id = path.rsplit("/", 1)[-1].removeprefix("asset_id=").removesuffix(".json")
-            out[asset_id] = json.loads(self.fs.cat_file(path))["floor_us"]
-        return out
+    def history_floors(self, tenant: str, asset_ids: Collection[str] | None = None) -> dict[str, int]:
+        """The floor of each of the tenant's deleted twins (`save_deletion`), or of those of `asset_ids` alone:
+        a read of each of them, not of every twin the tenant ever deleted (registering one twin read all 5,000
+        deletions of a tenant that had deleted as many, twice: 0.1 s each on local disk)."""
+        if asset_ids is None:
+            paths = self.fs.glob(f"{self.root}/deleted/tenant={tenant}/asset_id=*.json")
+        else:
+            paths = [self._deletion_path(tenant, asset_id) for asset_id in asset_ids]
+        return {path.rsplit("/", 1)[-1].removeprefix("asset_id=").removesuffix(".json"): json.loads(body)["floor_us"]
+                for path, body in self._cat_existing(paths).items()}
+
+    def _cat_existing(self, paths: list[str]) -> dict[str, bytes]:
+        """The contents of those of `paths` that exist, read in one batch (concurrently on object stores); any
+        other failure to read one raises (an outage must not read as "not there")."""
+        found = self.fs.cat(paths, on_error="return") if paths else {}
+        for body in found.values():
+            if isinstance(body, Exception) and not isinstance(body, FileNotFoundError):
+                raise body
+        return {path: body for path, body in found.items() if not isinstance(body, Exception)}
 
     @store_io("write")
     def forget_twin(self, tenant: str, asset_id: str) -> None:

@@ -210,3 +210,28 @@ def test_a_damaged_index_is_rebuilt_but_the_store_failing_its_read_is_an_outage(
     with caplog.at_level(logging.WARNING, logger="raytwin.store"):
         assert index.lookup("acme", query) == [Logged.SAME]
     assert index.rebuilds == 1 and "event=key_index_unreadable" in caplog.text and "OSError(" in caplog.text
+
+
+def test_a_twin_registered_again_reads_its_own_deletion_alone(tmp_path, artifact, monkeypatch):
+    """A twin registered again after its deletion starts after the old twin's history (`StateStore.history_floors`):
+    its registration and recovery read its own deletion record, not that of every twin its tenant ever deleted."""
+    shard = new_shard(str(tmp_path / "store"))
+
+    def record(asset_id: str) -> dict:
+        return registration_record(Asset(id=asset_id, tenant="acme", type_name="thermal_rc", type_version="1.0.0"),
+                                   artifact, None, None)
+
+    shard.register("acme", "a", record("a"))
+    assert ingest(shard, events("a", 0, 5)) == (5, 0, 0, 0)
+    assert shard.unregister("acme", "a")
+    for i in range(20):
+        shard.store.save_deletion("acme", f"gone-{i}", 0)
+    read: list[str] = []
+    fs = shard.store.fs
+    for name in ("cat", "cat_file", "glob", "find", "ls"):
+        monkeypatch.setattr(fs, name, lambda path, *a, _real=getattr(fs, name), **k: read.extend(
+            [path] if isinstance(path, str) else path) or _real(path, *a, **k))
+    assert shard.register("acme", "a", record("a"))
+    deleted = [p for p in read if "/deleted/" in p]
+    assert deleted and all(p.endswith("/deleted/tenant=acme/asset_id=a.json") for p in deleted), deleted
+    assert shard.state("acme", "a").revision == 0  # afresh: the old twin's five events are not its history
