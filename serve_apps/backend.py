@@ -51,7 +51,7 @@ from serve_apps.connector_ops import ConnectorOps
 from serve_apps.errors import Conflict, Gone, NotFound, Unprocessable, unwrap
 from serve_apps.promotions import finish_interrupted_swaps
 from serve_apps.evolution import TypeEvolution
-from serve_apps.job_listing import JobPage, select
+from serve_apps.job_listing import JobPage, page
 from serve_apps.jobs import Job, JobQueue, JobRecord, Work
 from serve_apps.query_schemas import AssetGraph, BulkRequest
 from serve_apps.recalibration import TenantState
@@ -757,7 +757,7 @@ class Backend:
 
     async def list_jobs(self, tenant: str, state: str | None, limit: int, cursor: str | None) -> JobPage:
         """A page of the tenant's jobs, newest first."""
-        shown, next_cursor = select(self.jobs.records(tenant), state, limit, cursor)
+        shown, next_cursor = page(self.jobs.listed.get(tenant, []), self.jobs.jobs.__getitem__, state, limit, cursor)
         return JobPage(jobs=[self.jobs.status(job) for job in shown], next_cursor=next_cursor)
 
     async def job_stats(self, tenant: str | None = None) -> dict[str, Any]:

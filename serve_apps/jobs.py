@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from bisect import insort
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
@@ -105,6 +106,11 @@ class JobRecord(_JobFields):
         "result file name -> SHA-256 as the job wrote it (a sweep's as its run record holds them), sent with each "
         "download; empty in records from before it was kept"))
 
+    @property
+    def listed_at(self) -> tuple[datetime, str]:
+        """Its place in a listing of jobs (`serve_apps.job_listing`): its submission time, then its id."""
+        return self.submitted, self.job_id
+
     def status(self, queue: QueueWait | None = None) -> Job:
         """What `GET /v1/jobs/{job_id}` answers (`queue`: why it waits, while queued)."""
         path = f"/v1/jobs/{self.job_id}"
@@ -172,6 +178,8 @@ class JobQueue:
         self.max_concurrent = max_concurrent
         self.tenant_limit = min(max_concurrent, tenant_limit or config.max_running_jobs_per_tenant or max_concurrent)
         self.jobs: dict[str, JobRecord] = {}
+        self.listed: dict[str, list[tuple[datetime, str]]] = {}  # tenant -> its jobs' `listed_at`, ascending
+        self.counts: Counter[tuple[str, str]] = Counter()  # (tenant, state) -> jobs
         self.pending: TenantQueues[Work] = TenantQueues()
         self.running = 0
         self.running_by: Counter[str] = Counter()  # running jobs per tenant
@@ -187,7 +195,18 @@ class JobQueue:
                                              "error": "the job service restarted before this job finished; resubmit"})
                 self._link_run(job)
                 self._save(job)
-            self.jobs[job.job_id] = job
+            self._add(job)
+
+    def _add(self, job: JobRecord) -> None:
+        """Hold a new job in the table, its listing and its state's count."""
+        self.jobs[job.job_id] = job
+        insort(self.listed.setdefault(job.tenant, []), job.listed_at)
+        self.counts[(job.tenant, job.state)] += 1
+
+    def _moved(self, job: JobRecord, before: str) -> None:
+        """Count `job` in its state now, no longer in the state it was in `before`."""
+        self.counts[(job.tenant, before)] -= 1
+        self.counts[(job.tenant, job.state)] += 1
 
     def _dir(self, job: JobRecord) -> str:
         return f"{self.root}/{job.tenant}/{job.job_id}"
@@ -232,7 +251,7 @@ class JobQueue:
         return self._enqueue(job, work)
 
     def _enqueue(self, job: JobRecord, work: Work) -> Job:
-        self.jobs[job.job_id] = job
+        self._add(job)
         self._save(job)
         self.pending.push(job.tenant, job.job_id, work)
         self._publish()
@@ -263,6 +282,7 @@ class JobQueue:
             tenant, job_id, work = chosen
             job = self.jobs[job_id]
             job.state, job.started = "running", datetime.now(UTC)
+            self._moved(job, "queued")
             if job.kind == "sweep":  # named now, so that a run cancelled or failed can be linked (`_link_run`)
                 job.planned_run_id = new_run_id("sweep")
             self._save(job)
@@ -299,6 +319,7 @@ class JobQueue:
         elif by is not None:  # it finished before the interrupt reached it: its results (and run record) stand
             log.info("event=job_cancel_late job_id=%s key_id=%s", job.job_id, by)
         self.tasks.pop(job.job_id, None)
+        self._moved(job, "running")
         job.finished = datetime.now(UTC)
         self.running -= 1
         self.running_by[job.tenant] -= 1
@@ -331,6 +352,7 @@ class JobQueue:
         if job.state == "queued":
             self.pending.remove(tenant, job_id)
             job.state, job.finished = "cancelled", datetime.now(UTC)
+            self._moved(job, "queued")
             job.error = f"cancelled by key {key_id} while queued: it never ran, so it has no run record"
             self._save(job)
             self._publish()
@@ -354,16 +376,13 @@ class JobQueue:
         return job.status(queue_wait(position, self.running_by[job.tenant], self.tenant_limit, self.running,
                                      self.max_concurrent))
 
-    def records(self, tenant: str) -> list[JobRecord]:
-        """The tenant's job records, in no order (for `serve_apps.job_listing.page`)."""
-        return [job for job in self.jobs.values() if job.tenant == tenant]
-
     def stats(self, tenant: str | None = None) -> dict[str, Any]:
-        """Jobs by state (of `tenant`; None: of every tenant)."""
+        """Jobs by state (of `tenant`; None: of every tenant), from the counts kept as jobs move: after every change
+        (`_publish`), counting every job the service ever ran took about 50 ms at 100,000."""
         states = dict.fromkeys(JOB_STATES, 0)
-        for job in self.jobs.values():
-            if tenant is None or job.tenant == tenant:
-                states[job.state] += 1
+        for (of, state), n in self.counts.items():
+            if tenant is None or of == tenant:
+                states[state] += n
         return {"states": states}
 
     def _publish(self) -> None:

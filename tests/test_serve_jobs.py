@@ -119,15 +119,28 @@ class ListingBackend:
 def _recorded(tmp_path, jobs: list[tuple[str, str, str]]) -> JobQueue:
     """A queue over a store holding `jobs` (job id, tenant, state), submitted a minute apart in that order."""
     config = ServeConfig(store_url=str(tmp_path / "store"), keys_file="unused.json")
-    queue = JobQueue(config, 2)
+    writer = JobQueue(config, 2)
     t0 = datetime(2026, 12, 5, 12, tzinfo=UTC)
     for i, (job_id, tenant, state) in enumerate(jobs):
-        job = JobRecord(job_id=job_id, kind="sweep", tenant=tenant, key_id="k", asset_id="zone-1",
-                        model_ref="thermal_rc@1.0.0", content_hash="h", scenarios=3, n_steps=10, state=state,
-                        submitted=t0 + timedelta(minutes=i), result_url=f"{tmp_path}/results/{job_id}")
-        queue.jobs[job_id] = job
-        queue._save(job)
-    return queue
+        writer._save(JobRecord(job_id=job_id, kind="sweep", tenant=tenant, key_id="k", asset_id="zone-1",
+                               model_ref="thermal_rc@1.0.0", content_hash="h", scenarios=3, n_steps=10, state=state,
+                               submitted=t0 + timedelta(minutes=i), result_url=f"{tmp_path}/results/{job_id}"))
+    return JobQueue(config, 2)  # the jobs recovered from the store, as a restarted backend does
+
+
+class ReadJobs(dict):
+    """A job table that counts the records read from it."""
+
+    reads = 0
+
+    def __getitem__(self, job_id: str) -> JobRecord:
+        self.reads += 1
+        return super().__getitem__(job_id)
+
+    def values(self):
+        for job in super().values():
+            self.reads += 1
+            yield job
 
 
 JOBS = [("j1", "acme", "succeeded"), ("j2", "acme", "failed"), ("g1", "globex", "succeeded"),
@@ -158,6 +171,37 @@ def test_a_tenant_lists_its_jobs_newest_first_by_state_and_page_and_never_anothe
         page = sdk.jobs(state="succeeded", limit=1)
         assert [j.job_id for j in page.jobs] == ["j3"]
         assert [j.job_id for j in sdk.jobs(state="succeeded", cursor=page.next_cursor).jobs] == ["j1"]
+
+
+def test_a_page_of_jobs_and_their_counts_read_the_page_alone_not_every_job_the_service_ran(tmp_path):
+    """The backend holds every job it ever ran: a page sorted all of them (about 50 ms at 100,000) and the gauges
+    counted all of them after every change (as long). A page now reads its jobs from its cursor back until it has
+    one more than `limit`; the counts are kept as jobs move, and match a count of the table."""
+    jobs = [(f"j{i:03d}", "acme" if i % 3 else "globex", "failed" if i % 10 == 0 else "succeeded") for i in range(90)]
+    queue = _recorded(tmp_path, jobs)
+    queue.jobs = ReadJobs(queue.jobs)
+    backend = ListingBackend(queue)
+    first = asyncio.run(backend.list_jobs("acme", None, 2, None))
+    assert [j.job_id for j in first.jobs] == ["j089", "j088"] and queue.jobs.reads == 3
+    queue.jobs.reads = 0
+    failed = asyncio.run(backend.list_jobs("acme", "failed", 2, first.next_cursor))
+    assert [j.job_id for j in failed.jobs] == ["j080", "j070"]  # and j050, the one more, read from j087 back:
+    assert queue.jobs.reads == sum(1 for i in range(50, 88) if i % 3)  # acme's, not globex's or older ones
+    assert failed.next_cursor is not None
+    queue.jobs.reads = 0
+    assert queue.stats("acme") == {"states": {**dict.fromkeys(("queued", "running", "cancelled"), 0),
+                                              "succeeded": 54, "failed": 6}} and queue.jobs.reads == 0
+
+    async def moves() -> None:
+        held = HeldJobs(queue)
+        started, waiting, cancelled = (_submit(queue, "acme") for _ in range(3))
+        queue.cancel("acme", cancelled, "key-acme")
+        await held.finish(started)
+        states = [job.state for job in dict.values(queue.jobs) if job.tenant == "acme"]
+        assert queue.stats("acme")["states"] == {s: states.count(s) for s in queue.stats("acme")["states"]}
+        assert (queue.stats("acme")["states"]["running"], queue.stats()["states"]["cancelled"]) == (1, 1)
+
+    asyncio.run(moves())
 
 
 def test_an_operator_lists_every_tenants_jobs_from_the_store(tmp_path):
