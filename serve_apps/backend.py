@@ -161,6 +161,8 @@ class Backend:
                 log.exception("event=interrupted_swaps_unfinished tenant=%s", tenant)
         self.moves = AssetMoves(self)  # twins moved to a type version their catalog write did not follow
         self.moves.settle_all()
+        threading.Thread(target=self._catch_up_changes, args=(self.catalog.tenants(),), name="change-catch-up",
+                         daemon=True).start()
 
     def _registry(self, tenant: str) -> ModelRegistry:
         if tenant not in self._registries:
@@ -489,27 +491,86 @@ class Backend:
             self.changes.commit(tenant, queued)
         return s.model_dump(mode="json")
 
-    def _mark(self, tenant: str, asset_id: str) -> None:
-        try:
-            s = self.twins.state(tenant, asset_id)
-        except UnknownTwin:
+    def _mark(self, tenant: str, asset_id: str, live: TwinState | None = None) -> None:
+        """Start the twin's mark, which its changes are published relative to, at what the change log last recorded
+        of it (`ChangeLog.recorded_mark`). At its current state (`live`, read if not given) for a log from before the
+        recorded marks, assumed recorded; and for a state older than its log (a store copied file by file, its log
+        newer than its twins' snapshots), whose next batches would otherwise be taken as old ones and dropped."""
+        recorded = self.changes.recorded_mark(tenant, asset_id)
+        if live is None:
+            try:
+                live = self.twins.state(tenant, asset_id)
+            except UnknownTwin:
+                return
+        if recorded is None or (live.revision < recorded[0] and not live.stale):
+            recorded = (live.revision, live.divergence.drift)
+        self._twin_marks.setdefault((tenant, asset_id), recorded)
+
+    def _catch_up_changes(self, tenants: list[str]) -> None:
+        """`_catch_up` each tenant, on a thread of its own from the start (readiness does not wait: a twin's batch
+        meanwhile is published relative to the recorded marks anyway); a tenant that fails is tried again every
+        `FENCE_WATCH_S` until `close`."""
+        pending = list(tenants)
+        while pending:
+            for tenant in list(pending):
+                try:
+                    self.check_writable()  # never beside a successor holding the store
+                    self._catch_up(tenant)
+                    pending.remove(tenant)
+                except StoreFenced:  # the successor holding the store catches up (the fence watch logs it)
+                    continue
+                except Exception as exc:  # noqa: BLE001 - tried again; the twins' next batches are recorded meanwhile
+                    log.warning("event=change_catch_up_failed tenant=%s error=%s: %s", tenant, type(exc).__name__, exc)
+            if pending and self._watch_stop.wait(FENCE_WATCH_S):
+                return
+
+    def _catch_up(self, tenant: str) -> None:
+        """Record the current state of each of the tenant's twins whose revision or drift flag got ahead of what the
+        change log last recorded of it (changes a failed write kept, lost with a backend that stopped before the
+        store took writes again), through `_publish_twins` as telemetry's are: nothing twice, no revision out of
+        order. A log from before the recorded marks takes the twins' current states as recorded instead
+        (`ChangeLog.adopt`), as the backends before them did. Raises while a twin's shard restarts (its state is
+        then its last durable one, maybe behind): the caller tries again."""
+        states = self._live_states(tenant)
+        if stale := [s.asset_id for s in states if s.stale]:
+            raise RuntimeError(f"the shards of twins {stale[:5]} restart (their live state is not known yet)")
+        if self.changes.recorded(tenant) is None:
+            self.changes.adopt(tenant, {s.asset_id: (s.revision, s.divergence.drift) for s in states})
             return
-        self._twin_marks.setdefault((tenant, asset_id), (s.revision, s.divergence.drift))
+        for s in states:
+            if (tenant, s.asset_id) not in self._twin_marks:
+                self._mark(tenant, s.asset_id, s)
+        self._publish_twins(tenant, states)
+
+    def _live_states(self, tenant: str) -> list[TwinState]:
+        """The state of each of the tenant's twins (one shard call each), less those deleted meanwhile."""
+        states: list[TwinState] = []
+        for asset_id in self.twins.assets(tenant, self.config.shard_read_timeout_s):
+            try:
+                states.append(self.twins.state(tenant, asset_id))
+            except UnknownTwin:
+                continue
+        return states
 
     def _publish_twins(self, tenant: str, states: list[TwinState]) -> None:
         """One `twin.state` change per twin whose revision moved past the last one recorded, plus
         `twin.drift` when its flag flipped. The states come with the ingest call's report (no second
-        call to the shard). Under the lock a state older than the last recorded one is dropped, so a
-        twin's revisions only grow on the stream when ingests of one twin run concurrently (a state
-        may then stand for several batches: the latest one wins)."""
+        call to the shard), or `_catch_up`'s reads. Under the lock a state older than the last recorded one is
+        dropped, so a twin's revisions only grow on the stream when ingests of one twin run concurrently (a state
+        may then stand for several batches: the latest one wins). At the recorded revision, only a lowered flag is
+        recorded (`twin.drift`): a clear, which applies no event, whose change was lost; a raised one at the same
+        revision is a state read before that clear."""
         with self._publish:
             drafts: list[dict[str, Any]] = []
             for s in states:
                 asset_id = s.asset_id
                 revision, drift = self._twin_marks.get((tenant, asset_id), (-1, False))
+                d = s.divergence
+                if s.revision == revision and drift and not d.drift:
+                    drafts.append(_drift_change(s))
+                    self._twin_marks[(tenant, asset_id)] = (s.revision, False)
                 if s.revision <= revision:
                     continue
-                d = s.divergence
                 drafts.append({**_twin_change(s), "kind": "twin.state", "data": {
                     "event_time": s.event_time.isoformat() if s.event_time else None, "state": s.state, "std": s.std,
                     "events_applied": s.events_applied, "drift": d.drift, "diverged": d.diverged,
@@ -602,6 +663,8 @@ class Backend:
         self._watch_stop.set()
         if (recalibration := getattr(self, "recalibration", None)) is not None:  # (a constructor that failed first)
             recalibration.trigger.close()  # its deferred launches: the next backend relaunches their jobs
+        if (changes := getattr(self, "changes", None)) is not None:
+            changes.checkpoint(force=True)  # the next start reads no log tail
         if self._watch_thread is not threading.current_thread():
             self._watch_thread.join(FENCE_READ_S)
 
@@ -617,6 +680,7 @@ class Backend:
         while not self._watch_stop.wait(FENCE_WATCH_S):
             connectors_stopped = self._watch_pass(connectors_stopped)
             self._flush_changes()
+            self.changes.checkpoint()  # the recorded marks, at most every `CHECKPOINT_S`
 
     def _supervise_connectors(self) -> None:
         """Start the connectors waiting for a client id whose holder let it go on another replica (or whose start

@@ -20,6 +20,17 @@ The newest `memory` changes of each tenant are also kept in memory (a bounded ri
 streams are served without store reads; a reader further behind reads the segments from the
 store itself (`ChangeStore`), without the backend.
 
+Recorded marks: the log keeps, per tenant, what it has *written* about each twin, (revision, drift) of its newest
+`twin.state`/`twin.drift` change (`Recorded`), and checkpoints them beside the segments at most every
+`CHECKPOINT_S` (``{store}/changes/{tenant}/.recorded.json``, with the event id of the newest change they cover;
+`ChangeLog.checkpoint`). A restarted backend reads the checkpoint and the changes after it (`ChangeLog.recorded`),
+so it knows which twins' states or drift flags got ahead of the log (a batch applied whose change write failed, then
+a crash) and records their catch-up changes (`serve_apps.backend.Backend._catch_up`). A log without a checkpoint (one
+written before them; a new tenant's gets one at its first change) or whose checkpoint is not of it (a store restored
+from an uneven copy: the checkpoint's newest change is not in the log under its generation) cannot tell what it lost:
+its twins' current states are taken as recorded, as before the marks (`ChangeLog.adopt`), and it is checkpointed from
+then on.
+
 Retention (`retention_s`): whole directories of `PARTITION` changes whose newest change is older
 than that are deleted, oldest first, never the newest directory; a resume point before the oldest
 kept change is refused (410) rather than resumed with a gap. So the log's size is bounded by
@@ -28,13 +39,15 @@ its rate times the retention, not by the store's age.
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import secrets
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from itertools import islice
 from typing import Any, Literal
@@ -55,6 +68,19 @@ PRUNE_EVERY_S = 600.0
 MAX_UNWRITTEN = 10_000
 """Changes of one tenant kept in memory after their write failed (`ChangeLog._commit`) before its telemetry batches
 are refused (`ChangeLog.check_room`): about 12 MB of twin.state changes of a two-state model (1.2 kB each)."""
+
+CHECKPOINT_S = 10.0
+"""How often, at most, a tenant's recorded marks are checkpointed when they changed: bounds the log tail a restarted
+backend reads to know them (the changes of ~15 s at most, with the backend's 5 s store watch writing them). The
+checkpoint holds every twin with a recorded change, ~30 bytes each (3 MB for 100,000 twins, whose marks take ~19 MB
+of memory), rewritten whole each time."""
+MARKS_FILE = ".recorded.json"
+"""The checkpoint's name in the tenant's log folder: hidden, so segment listings skip it."""
+TAIL_PAGE = 1000
+"""Changes read per store call when reading the log's tail after a checkpoint."""
+
+Mark = tuple[int, bool]
+"""A twin's (state revision, drift flag)."""
 
 log = logging.getLogger("raytwin.serve.changes")
 
@@ -114,12 +140,38 @@ class Queued:
     error: Exception | None = None
 
 
+@dataclass
+class Recorded:
+    """What the tenant's log has written about its twins: each twin's `Mark` from its newest twin.state or twin.drift
+    change, as of change `seq` (of `generation`). Not `exact`: a log from before the marks, whose twins missing from
+    `marks` are unknown rather than unrecorded, until `ChangeLog.adopt`; it is not checkpointed meanwhile."""
+
+    marks: dict[str, Mark] = field(default_factory=dict)
+    seq: int = 0
+    generation: str | None = None
+    exact: bool = True
+    dirty: bool = False
+    saved_at: float = -math.inf  # monotonic time of the last checkpoint attempt
+
+    def note(self, change: Change) -> None:
+        """Follow one written change."""
+        if change.kind in ("twin.state", "twin.drift") and change.asset_id and change.revision is not None:
+            self.marks[change.asset_id] = (change.revision, bool(change.data.get("drift")))
+        elif change.kind == "asset.deleted" and change.asset_id:
+            self.marks.pop(change.asset_id, None)
+        self.seq, self.generation, self.dirty = change.seq, change.generation, True
+
+
 class ChangeLog:
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None, memory: int = 1000,
-                 retention_s: float | None = None, max_unwritten: int = MAX_UNWRITTEN):
+                 retention_s: float | None = None, max_unwritten: int = MAX_UNWRITTEN,
+                 checkpoint_s: float = CHECKPOINT_S):
         """`retention_s`: keep at least that much history (None: everything)."""
         self.store = ChangeStore(url, storage_options)
         self.memory, self.retention_s, self.max_unwritten = memory, retention_s, max_unwritten
+        self.checkpoint_s = checkpoint_s
+        self._recorded: dict[str, Recorded] = {}  # loaded at a tenant's first append or `recorded` call
+        self._checkpoint_lock = threading.Lock()  # one checkpoint pass at a time: an older one never lands last
         self._pruned_at: dict[str, float] = {}  # tenant -> monotonic time of its last retention pass
         self._lock = threading.Lock()  # sequence numbers, segment writes, the rings
         self._queue_lock = threading.Lock()
@@ -179,8 +231,10 @@ class ChangeLog:
         A failed write (a full disk, a store outage) keeps its drafts: they describe what already happened (a
         twin's applied events, a finished job), so they are written ahead of the tenant's next append, or by
         `flush`: the stream misses no change, even when the client's resend of the batch is all duplicates.
-        Kept in this process's memory only: a backend that stops before the store takes writes again loses them
-        (see serve_apps/README.md, "Change stream"); `check_room` bounds them."""
+        Kept in this process's memory only, and `check_room` bounds them: a backend that stops before the store takes
+        writes again loses them, but not what they describe: the next backend finds the twins whose state or drift
+        flag is ahead of the recorded marks (`recorded`) and records their current state then (serve_apps/README.md,
+        "Change stream"). A lost job change is not recovered."""
         all_drafts = [d for item in batch for d in item.drafts]
         try:
             changes = self._append_locked(tenant, all_drafts) if all_drafts else []
@@ -202,6 +256,7 @@ class ChangeLog:
         """
         with self._lock:
             self._flush_locked(tenant)  # first: `apply` writes the revision its change will have
+            self._recorded_locked(tenant)  # and what may fail to load: not after `apply`, leaving it unrecorded
             drafts = apply(self._head_locked(tenant) + 1)
             return self._append_locked(tenant, drafts) if drafts else []
 
@@ -238,11 +293,14 @@ class ChangeLog:
     def _append_locked(self, tenant: str, drafts: list[dict[str, Any]]) -> list[Change]:
         """Write the tenant's unwritten drafts then `drafts` as its next changes; the changes of `drafts`."""
         kept = self._unwritten.get(tenant, [])
+        recorded = self._recorded_locked(tenant)  # before the write: loading it reads the log's tail
         first = self._head_locked(tenant) + 1
         now = datetime.now(UTC)
         changes = [Change(seq=first + i, time=now, generation=self.generation, **{"revision": first + i, **d})
                    for i, d in enumerate([*kept, *drafts])]
         self.store.write(tenant, changes)
+        for change in changes:
+            recorded.note(change)
         self._unwritten.pop(tenant, None)
         self._head[tenant] = changes[-1].seq
         self._ring.setdefault(tenant, deque(maxlen=self.memory)).extend(changes)
@@ -253,6 +311,103 @@ class ChangeLog:
         written just before a crash kept the revision its lost log segment would have had)."""
         with self._lock:
             self._head[tenant] = max(self._head_locked(tenant), at_least)
+
+    # ---- recorded marks ---------------------------------------------------------------------
+    def recorded(self, tenant: str) -> dict[str, Mark] | None:
+        """Each twin's `Mark` as last written to the log (a twin missing: none recorded since its creation, so
+        revision 0 without drift); None for a log from before the marks, whose twins are then assumed recorded up
+        to their current state (`adopt`)."""
+        with self._lock:
+            recorded = self._recorded_locked(tenant)
+            return dict(recorded.marks) if recorded.exact else None
+
+    def recorded_mark(self, tenant: str, asset_id: str) -> Mark | None:
+        """One twin's `Mark` as last written (`recorded`); None when not known (a log from before the marks)."""
+        with self._lock:
+            recorded = self._recorded_locked(tenant)
+            return recorded.marks.get(asset_id, (0, False) if recorded.exact else None)
+
+    def adopt(self, tenant: str, marks: dict[str, Mark]) -> None:
+        """Take `marks` (the twins' current states) as recorded for the twins the log has written nothing about since
+        this start, making a log from before the marks exact: checkpointed from then on. What it had lost before
+        stays lost: that log cannot tell."""
+        with self._lock:
+            recorded = self._recorded_locked(tenant)
+            for asset_id, mark in marks.items():
+                recorded.marks.setdefault(asset_id, mark)
+            recorded.exact = recorded.dirty = True
+
+    def checkpoint(self, force: bool = False) -> None:
+        """Write the marks of each tenant whose marks changed, at most every `checkpoint_s` (`force`: now, as on a
+        clean close). Snapshots are taken under the log's lock (a dict copy), written outside it; a failed write is
+        logged and tried again at the next call, never failing an append."""
+        with self._checkpoint_lock:
+            now = time.monotonic()
+            with self._lock:
+                due = {t: (r.seq, r.generation, dict(r.marks)) for t, r in self._recorded.items()
+                       if r.exact and r.dirty and (force or now - r.saved_at >= self.checkpoint_s)}
+                for t in due:
+                    self._recorded[t].dirty, self._recorded[t].saved_at = False, now
+            for tenant, (seq, generation, marks) in due.items():
+                try:
+                    self.store.write_marks(tenant, seq, generation, marks)
+                except Exception as exc:  # noqa: BLE001 - the log is durable; the next pass writes the marks
+                    log.warning("event=change_marks_checkpoint_failed tenant=%s error=%s: %s", tenant,
+                                type(exc).__name__, exc)
+                    with self._lock:
+                        self._recorded[tenant].dirty = True
+
+    def _recorded_locked(self, tenant: str) -> Recorded:
+        if tenant not in self._recorded:
+            self._recorded[tenant] = self._load_recorded(tenant)
+        return self._recorded[tenant]
+
+    def _load_recorded(self, tenant: str) -> Recorded:
+        """The tenant's marks: its checkpoint and the log's changes after it; without a usable checkpoint, exact
+        only for a log with no change yet."""
+        try:
+            saved = self.store.read_marks(tenant)
+            recorded = None if saved is None else Recorded(
+                {a: (int(r), bool(d)) for a, (r, d) in saved["twins"].items()}, int(saved["seq"]), saved["generation"])
+        except (ValueError, TypeError, AttributeError) as exc:
+            log.warning("event=change_marks_unreadable tenant=%s error=%s", tenant, exc)
+            recorded = None
+        if recorded is not None:
+            if self._follow_tail(tenant, recorded):
+                return recorded
+            log.warning("event=change_marks_not_of_log tenant=%s seq=%d generation=%s: the checkpoint's newest change "
+                        "is not in the log (a restored store, retention); its twins are taken as recorded up to "
+                        "their current state", tenant, recorded.seq, recorded.generation)
+        last = self.store.read(tenant, max(self.store.last_seq(tenant) - 1, 0), 1)
+        if last:
+            return Recorded(seq=last[0].seq, generation=last[0].generation, exact=False)
+        return self._first_marks(tenant)
+
+    def _first_marks(self, tenant: str) -> Recorded:
+        """The marks of a log with no change yet, checkpointed at once (once per tenant): a log without a checkpoint
+        is one from before the marks, which a crash before the first periodic checkpoint would make this one."""
+        recorded = Recorded()
+        try:
+            self.store.write_marks(tenant, 0, None, {})
+        except Exception as exc:  # noqa: BLE001 - the next `checkpoint` writes it
+            log.warning("event=change_marks_checkpoint_failed tenant=%s error=%s: %s", tenant, type(exc).__name__, exc)
+            recorded.dirty = True
+        return recorded
+
+    def _follow_tail(self, tenant: str, recorded: Recorded) -> bool:
+        """Apply the changes after `recorded.seq` to it; False when the log does not hold its change `seq` of its
+        generation (the checkpoint is of another log)."""
+        after = recorded.seq
+        if after > 0:
+            first = self.store.read(tenant, after - 1, 1)
+            if not first or (first[0].seq, first[0].generation) != (after, recorded.generation):
+                return False
+        while page := self.store.read(tenant, after, TAIL_PAGE):
+            for change in page:
+                recorded.note(change)
+            after = page[-1].seq
+        recorded.dirty = False
+        return True
 
     # ---- reading ----------------------------------------------------------------------------
     def head(self, tenant: str) -> int:
@@ -317,6 +472,27 @@ class ChangeStore:
                         return out
         return out
 
+    @store_io("write")
+    def write_marks(self, tenant: str, seq: int, generation: str | None, marks: dict[str, Mark]) -> None:
+        """Checkpoint the tenant's recorded marks (`Recorded`) as of change `seq` of `generation`."""
+        folder = f"{self.root}/{tenant}"
+        if folder not in self._folders:
+            self.fs.makedirs(folder, exist_ok=True)
+            self._folders.add(folder)
+        replace_file(self.fs, f"{folder}/{MARKS_FILE}", json.dumps(
+            {"seq": seq, "generation": generation, "twins": marks}, separators=(",", ":")).encode())
+
+    @store_io("read")
+    def read_marks(self, tenant: str) -> dict[str, Any] | None:
+        """The tenant's checkpoint (`write_marks`), None without one; ValueError for one unreadable as one."""
+        path = f"{self.root}/{tenant}/{MARKS_FILE}"
+        if not self.fs.exists(path):
+            return None
+        saved = json.loads(self.fs.cat_file(path))
+        if not isinstance(saved, dict) or not {"seq", "generation", "twins"} <= saved.keys():
+            raise ValueError(f"{path} is no checkpoint of recorded marks")
+        return saved
+
     @store_io("read")
     def first_seq(self, tenant: str) -> int:
         """The oldest change kept (1 unless the retention removed older ones; head + 1 for an empty log)."""
@@ -361,4 +537,5 @@ class ChangeStore:
         if not self.fs.exists(folder):
             return []
         paths = (p.rstrip("/") for p in self.fs.ls(folder, detail=False))
-        return sorted(p for p in paths if not p.rsplit("/", 1)[1].startswith("."))  # what a killed writer left
+        # hidden: what a killed writer left, the marks' checkpoint
+        return sorted(p for p in paths if not p.rsplit("/", 1)[1].startswith("."))

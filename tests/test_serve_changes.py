@@ -600,14 +600,14 @@ DISK_FULL = OSError(28, "No space left on device")
 
 
 def _failing_writes(log: ChangeLog, failures: list[Exception]) -> None:
-    """Make the log's store writes raise `failures` in turn (one per write), then write again (the store is back).
+    """Make the log's segment writes raise `failures` in turn (one per write), then write again (the store is back).
     Raised by the store's filesystem, under the storage layer, as a disk's errors are (`replace_file` raises them as
-    `StoreIOError`)."""
+    `StoreIOError`). Its checkpoints of recorded marks are written."""
     fs = log.store.fs
 
     class Failing:
         def pipe_file(self, path, data, **kwargs):
-            if failures:
+            if failures and path.endswith(".jsonl"):
                 raise failures.pop()
             fs.pipe_file(path, data, **kwargs)
 
@@ -640,11 +640,15 @@ def test_a_change_whose_write_failed_is_written_first_with_the_next_append_or_a_
 
 class _Shard:
     """A stand-in for the twin shards, holding twin zone-3: applies the events it has not seen (its revision counts
-    them) and counts the others as duplicates; `calls` counts the batches it was sent."""
+    them) and counts the others as duplicates; `calls` counts the batches it was sent; `drift`: its drift flag."""
 
     def __init__(self) -> None:
         self.seen: set = set()
         self.calls = 0
+        self.drift = False
+
+    def assets(self, tenant, timeout_s=None):
+        return ["zone-3"]
 
     def ingest(self, tenant, events, states=False):
         from actors.state import IngestReport
@@ -659,10 +663,10 @@ class _Shard:
     def state(self, tenant, asset_id):
         from actors.state import DivergenceReport, TwinState
 
-        calm = DivergenceReport(nis_mean=1.0, nis_last=1.0, residual_mean={}, residual_rms={}, drift=False,
-                                diverged=False)
+        divergence = DivergenceReport(nis_mean=1.0, nis_last=1.0, residual_mean={}, residual_rms={},
+                                      drift=self.drift, diverged=False)
         return TwinState(tenant="acme", asset_id="zone-3", model_ref="thermal_rc@1.0.0", revision=len(self.seen),
-                         event_time=None, state={"T": 20.0}, std={"T": 0.1}, covariance=[[0.01]], divergence=calm,
+                         event_time=None, state={"T": 20.0}, std={"T": 0.1}, covariance=[[0.01]], divergence=divergence,
                          events_applied=len(self.seen))
 
 
@@ -681,8 +685,15 @@ def _backend_over(shard: _Shard, log: ChangeLog):
 
     backend = Backend.__new__(Backend)
     backend._publish, backend._twin_marks, backend.changes, backend.twins = threading.Lock(), {}, log, shard
-    backend.recalibration = SimpleNamespace(trigger=SimpleNamespace(waiting=lambda tenant: False))
+    backend.config = SimpleNamespace(shard_read_timeout_s=5.0)
+    backend.recalibration = SimpleNamespace(trigger=SimpleNamespace(waiting=lambda tenant: False,
+                                                                    poll=lambda tenant: None))
     return backend
+
+
+def _twin_changes(log: ChangeLog) -> list[tuple]:
+    """(kind, revision, drift) of each change of tenant acme on the store, oldest first."""
+    return [(c.kind, c.revision, c.data.get("drift")) for c in log.store.read("acme", 0, 100)]
 
 
 def test_a_batch_applied_before_its_change_write_failed_answers_503_and_its_resend_records_the_change(tmp_path):
@@ -723,3 +734,124 @@ def test_a_tenants_telemetry_is_refused_while_too_many_of_its_changes_wait_for_a
     backend.apply("acme", _batch(10, 20))
     recorded = backend.changes.store.read("acme", 0, 10)
     assert [(c.seq, c.revision) for c in recorded] == [(1, 10), (2, 20), (3, 30)]  # none lost nor doubled
+
+
+def test_a_change_kept_by_a_backend_that_crashed_is_recorded_once_by_the_next_backend(tmp_path):
+    """A batch applied while the change-log write failed (kept in memory) raised the twin's drift flag; the backend
+    crashed before the store took writes again. The next backend seeded its marks from the twin's current state,
+    so the state and the drift alarm (which the recalibration trigger reads) never reached the log."""
+    from serve_apps.store_errors import StoreUnavailable
+
+    shard = _Shard()
+    crashed = _backend_over(shard, ChangeLog(str(tmp_path)))
+    crashed.apply("acme", _batch(10))  # recorded
+    _failing_writes(crashed.changes, [DISK_FULL, DISK_FULL])
+    shard.drift = True
+    with pytest.raises(StoreUnavailable, match="events were applied"):
+        crashed.apply("acme", _batch(10, 10))  # applied, its changes kept; then the backend is gone, no flush
+    assert crashed.changes.unwritten() == 2
+
+    restarted = _backend_over(shard, ChangeLog(str(tmp_path)))
+    restarted._catch_up("acme")
+    restarted._catch_up("acme")  # a retry of the pass records nothing more
+    restarted.apply("acme", _batch(5, 20))
+    assert _twin_changes(restarted.changes) == [("twin.state", 10, False), ("twin.state", 20, True),
+                                                ("twin.drift", 20, True), ("twin.state", 25, True)]
+
+
+def test_a_backend_restarted_over_a_clean_log_catches_up_nothing(tmp_path):
+    """Every change recorded (a drift raised, then cleared: its twin.drift at the same revision): the next backend's
+    catch-up pass and the twin's next batch duplicate none of them."""
+    shard = _Shard()
+    first = _backend_over(shard, ChangeLog(str(tmp_path)))
+    first.apply("acme", _batch(10))
+    shard.drift = True
+    first.apply("acme", _batch(10, 10))
+    shard.drift = False
+    first.twins.clear_drift = lambda tenant, asset_id: shard.state(tenant, asset_id)
+    first.get_asset = lambda tenant, asset_id: None
+    first.clear_drift("acme", "zone-3")
+    recorded = [("twin.state", 10, False), ("twin.state", 20, True), ("twin.drift", 20, True),
+                ("twin.drift", 20, False)]
+    assert _twin_changes(first.changes) == recorded
+
+    restarted = _backend_over(shard, ChangeLog(str(tmp_path)))
+    restarted._catch_up("acme")
+    restarted.apply("acme", _batch(10))  # a resend: duplicates
+    assert _twin_changes(restarted.changes) == recorded
+    restarted.apply("acme", _batch(1, 20))
+    assert _twin_changes(restarted.changes) == [*recorded, ("twin.state", 21, False)]
+
+
+def test_recorded_marks_come_from_the_checkpoint_and_the_log_after_it(tmp_path, monkeypatch):
+    """The marks are checkpointed (a failed checkpoint write is retried, the appends go on) and read back with the
+    changes after the checkpoint only; a checkpoint not of the log (a store restored from a copy) is not used, nor
+    is a log without one (a store from before the marks): their twins' current states are adopted instead."""
+    def twin(asset: str, revision: int, drift: bool, kind: str = "twin.state") -> dict:
+        return {"kind": kind, "asset_id": asset, "revision": revision, "data": {"drift": drift}}
+
+    log = ChangeLog(str(tmp_path))
+    log.record("acme", [twin("a", 3, False), twin("b", 5, True), twin("b", 5, True, "twin.drift")])
+    def disk_full(*args) -> None:
+        raise DISK_FULL
+
+    write_marks = log.store.write_marks
+    monkeypatch.setattr(log.store, "write_marks", disk_full)
+    log.checkpoint(force=True)  # fails: logged, kept for the next pass
+    monkeypatch.setattr(log.store, "write_marks", write_marks)
+    log.record("acme", [twin("a", 4, False)])
+    log.checkpoint(force=True)
+    log.record("acme", [twin("c", 1, True), {"kind": "asset.deleted", "asset_id": "b"}])  # after the checkpoint
+    saved = log.store.read_marks("acme")
+    assert (saved["seq"], saved["twins"]) == (4, {"a": [4, False], "b": [5, True]})
+
+    read = []
+    store_read = log.store.read
+    restarted = ChangeLog(str(tmp_path))
+    monkeypatch.setattr(restarted.store, "read", lambda *args: read.append(args[1]) or store_read(*args))
+    assert restarted.recorded("acme") == {"a": (4, False), "c": (1, True)}
+    assert restarted.recorded_mark("acme", "d") == (0, False)  # no change recorded since its creation
+    assert min(read) == 3  # the checkpoint's change (seq 4) and after it only
+
+    other = tmp_path / "other"  # the checkpoint of a log whose head the restored copy does not hold
+    other_log = ChangeLog(str(other))
+    other_log.record("acme", [twin("a", 1, False)])
+    (other / "acme" / ".recorded.json").write_text(json.dumps({"seq": 1, "generation": "0ther", "twins": {}}))
+    legacy = ChangeLog(str(other))
+    assert legacy.recorded("acme") is None and legacy.recorded_mark("acme", "a") is None
+    legacy.adopt("acme", {"a": (7, True)})
+    legacy.checkpoint()
+    assert ChangeLog(str(other)).recorded("acme") == {"a": (7, True)}
+
+
+def test_a_twin_whose_state_is_older_than_its_log_records_its_next_batch(tmp_path):
+    """A store copied file by file can hold a change log newer than the twins' state: the recorded revision is then
+    ahead of the twin's, and its next batches, taken as older than the recorded state, were never recorded."""
+    shard = _Shard()
+    first = _backend_over(shard, ChangeLog(str(tmp_path)))
+    first.apply("acme", _batch(30))
+    shard.seen = set(range(10))  # the twin as the copy of its state left it: revision 10, the log's at 30
+    restarted = _backend_over(shard, ChangeLog(str(tmp_path)))
+    restarted._catch_up("acme")
+    restarted.apply("acme", _batch(5, 10))
+    assert _twin_changes(restarted.changes) == [("twin.state", 30, False), ("twin.state", 15, False)]
+
+
+def test_the_catch_up_pass_is_tried_again_while_a_twins_shard_restarts(tmp_path, monkeypatch):
+    """A twin read while its shard restarts is its last durable state, maybe behind: the pass waits for the live one."""
+    from serve_apps import backend as backend_module
+    from serve_apps.store_errors import StoreUnavailable
+
+    monkeypatch.setattr(backend_module, "FENCE_WATCH_S", 0.01)
+    shard = _Shard()
+    crashed = _backend_over(shard, ChangeLog(str(tmp_path)))
+    _failing_writes(crashed.changes, [DISK_FULL])
+    with pytest.raises(StoreUnavailable):
+        crashed.apply("acme", _batch(10))
+    restarted = _backend_over(shard, ChangeLog(str(tmp_path)))
+    restarted.check_writable, restarted._watch_stop = lambda: None, threading.Event()
+    live, reads = shard.state, []
+    shard.state = lambda tenant, asset_id: live(tenant, asset_id).model_copy(update={"stale": not reads.append(1)
+                                                                                     and len(reads) == 1})
+    restarted._catch_up_changes(["acme"])
+    assert len(reads) == 2 and _twin_changes(restarted.changes) == [("twin.state", 10, False)]

@@ -831,7 +831,7 @@ def _watched_backend(store, lease):
     backend._lease_reads = BoundedRead(store.read_lease, "the store's lease")
     backend._beat_reads = BoundedRead(store.read_heartbeat, "the store's lease heartbeat")
     backend._renewals = RenewalWatch(RENEWAL_STALL_S)
-    backend.changes = SimpleNamespace(unwritten=lambda: 0)
+    backend.changes = SimpleNamespace(unwritten=lambda: 0, checkpoint=lambda force=False: None)
     backend.connector_ops = SimpleNamespace(supervise=list)
     return backend
 
@@ -844,7 +844,8 @@ def test_closing_the_backend_ends_its_store_watch(tmp_path, monkeypatch):
     monkeypatch.setattr(backend_module, "FENCE_WATCH_S", 0.01)
     store, mine, _ = _leased_backend(tmp_path)
     backend, passes = _watched_backend(store, mine), threading.Semaphore(0)
-    backend.changes = SimpleNamespace(unwritten=passes.release)  # each pass ends asking for unwritten changes
+    # each pass ends asking for unwritten changes
+    backend.changes = SimpleNamespace(unwritten=passes.release, checkpoint=lambda force=False: None)
     backend._start_store_watch()
     watch = backend._watch_thread
     assert passes.acquire(timeout=30) and passes.acquire(timeout=30)  # it runs: two passes
@@ -869,7 +870,8 @@ def test_the_store_watch_ends_quietly_when_the_process_exits(tmp_path, monkeypat
     monkeypatch.setattr(atexit, "unregister", at_exit.remove)
     store, mine, _ = _leased_backend(tmp_path)
     backend, passes = _watched_backend(store, mine), threading.Semaphore(0)
-    backend.changes = SimpleNamespace(unwritten=passes.release)  # each pass ends asking for unwritten changes
+    # each pass ends asking for unwritten changes
+    backend.changes = SimpleNamespace(unwritten=passes.release, checkpoint=lambda force=False: None)
     backend._start_store_watch()
     with monkeypatch.context() as exiting:
         exiting.setattr(pool_threads, "_shutdown", True)  # the exit begins: the other threads are joined first
