@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Depends, Header, Request, Response
+from fastapi.dependencies.models import Dependant
 
 from serve_apps.errors import PreconditionFailed
 
@@ -135,6 +136,40 @@ async def precondition(
         request.state.resend_advice = ("it may have taken effect; resending it is safe (it is conditional: 412 if it "
                                        "took effect)")
     return pre
+
+
+CONDITIONS = ("If-Match", "If-None-Match", "If-Unmodified-Since")
+"""The preconditions a client may put on a write (RFC 9110, section 13.1)."""
+WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+def unevaluated_conditions(methods: set[str], dependant: Dependant) -> tuple[str, ...]:
+    """The preconditions of `CONDITIONS` a write route (`methods`) never reads (none for a read): a condition a
+    write ignores is one a client believes holds, e.g. `If-Match` on `PUT /v1/lifecycle-policy` replaced a policy
+    another admin had just changed. A route reads a header by declaring it, in its signature or a dependency."""
+    if not methods & WRITES:
+        return ()
+    read = _headers_read(dependant)
+    return tuple(header for header in CONDITIONS if header.lower() not in read)
+
+
+def _headers_read(dependant: Dependant) -> set[str]:
+    """The header names (lower case, ``-`` separated) `dependant` and its dependencies declare."""
+    names = {param.alias.lower().replace("_", "-") for param in dependant.header_params}
+    return names.union(*(_headers_read(sub) for sub in dependant.dependencies))
+
+
+def refuse_unevaluated(request: Request, headers: tuple[str, ...]) -> None:
+    """412 for a request carrying one of `headers`, the conditions its route does not evaluate: refused rather
+    than ignored, as for telemetry (`unconditional`), before anything is written."""
+    for header in headers:
+        if (value := request.headers.get(header)) is not None:
+            honoured = [h for h in CONDITIONS if h not in headers]
+            instead = f" (this write evaluates {' and '.join(honoured)})" if honoured else ""
+            raise PreconditionFailed(
+                f"{request.method} {request.url.path} does not evaluate {header}, so {header}: {value} is refused "
+                f"rather than ignored; nothing was changed. Send it without {header}{instead}",
+                details=[{"header": header, "current_revision": None}])
 
 
 def unconditional(what: str, why: str) -> Any:

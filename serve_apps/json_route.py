@@ -10,6 +10,7 @@ import pydantic_core
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
 
+from serve_apps.conditional import refuse_unevaluated, unevaluated_conditions
 from serve_apps.errors import ApiError, TooDeeplyNested, Unprocessable, UnsupportedMediaType
 
 MAX_JSON_DEPTH = 200
@@ -29,15 +30,21 @@ class JsonRoute(APIRoute):
     (required) body fails validation and the validation handler answers with the kept error.
     A good body is parsed once, by pydantic-core (faster than `json.loads`, refuses NaN and
     Infinity, bounded recursion), and FastAPI gets the parsed value.
+
+    A write given a precondition it does not evaluate (`If-Match`, `If-None-Match`, `If-Unmodified-Since`: one
+    it declares no header parameter for) answers 412 before anything runs (`serve_apps.conditional`), so no
+    route, new ones included, ignores a condition its client believes holds.
     """
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
-        if self.body_field is None:
+        ignored = unevaluated_conditions(self.methods, self.dependant)
+        if self.body_field is None and not ignored:
             return handler
 
         async def parse_then_handle(request: Request) -> Response:
-            return await handler(await _parsed(request))
+            refuse_unevaluated(request, ignored)
+            return await handler(await _parsed(request) if self.body_field is not None else request)
 
         return parse_then_handle
 

@@ -2015,8 +2015,6 @@ BACKEND_LOST = [  # (key, method, path, body, headers, what the 503 advises)
     ("reader", "POST", "/v1/query", {"q": ""}, {}, _SAFE + " (a query changes nothing)"),
     ("admin", "POST", "/v1/connectors/rooms/pause", None, {}, _SAFE),
     ("writer", "POST", "/v1/bulk", {"q": "", "action": "tag", "set": {"a": "b"}}, {}, _CHECK),
-    ("writer", "POST", "/v1/bulk", {"q": "", "action": "tag", "set": {"a": "b"}}, {"If-Match": '"3"'},
-     _CHECK),  # a route that ignores conditions is not made safe by one
     ("writer", "POST", "/v1/commands", {"connector": "rooms", "asset_id": "pump-1", "name": "setpoint",
                                         "value": {"q": 1.0}}, {}, "GET /v1/commands?asset_id=pump-1 lists it"),
     ("admin", "POST", "/v1/assets/pump-1/migrate", {"type_version": "2.0.0"}, {"If-Match": '"3"'},
@@ -2269,3 +2267,34 @@ class _MovedCatalog:
 
 def _key_of(svc, headers: dict[str, str]) -> str:
     return svc.keys.authenticate(headers["Authorization"].split()[1]).key_id
+
+
+
+def test_a_write_refuses_a_precondition_it_does_not_evaluate_rather_than_ignoring_it(tmp_path):
+    """`If-Match` on `PUT /v1/lifecycle-policy` was ignored: the policy another admin had just changed was replaced.
+    Every write route answers 412 for a condition it declares no header for, and changes nothing."""
+    from serve_apps.api import create_api
+    from serve_apps.conditional import unevaluated_conditions
+    from tests.fixtures_serve import in_process
+
+    routes = {(route.path, method): route for route in create_api().routes if hasattr(route, "dependant")
+              for method in route.methods}
+    assert unevaluated_conditions({"POST"}, routes["/v1/assets/{asset_id}/telemetry", "POST"].dependant) == ()
+    assert unevaluated_conditions({"PUT"}, routes["/v1/assets/{asset_id}", "PUT"].dependant) == ("If-Unmodified-Since",)
+    assert unevaluated_conditions({"GET"}, routes["/v1/lifecycle-policy", "GET"].dependant) == ()
+    policy = {"auto_promote": False, "keep_archived": 2, "keep_runs": 20}
+    with in_process(SimpleNamespace(check_writable=lambda: None), tmp_path) as (http, auth, _):
+        said = {}
+        for path, method, header, value in (("/v1/lifecycle-policy", "PUT", "If-Match", '"3"'),
+                                            ("/v1/assets/zone-1", "PUT", "If-Unmodified-Since",
+                                             "Sat, 05 Dec 2026 12:00:00 GMT"),
+                                            ("/v1/connectors/plc/pause", "POST", "If-None-Match", "*")):
+            refused = http.request(method, path, json=policy, headers=auth["admin"] | {header: value})
+            error = refused.json()["error"]
+            assert refused.status_code == 412 and error["code"] == "precondition_failed", refused.text
+            assert f"does not evaluate {header}, so {header}: {value} is refused" in error["message"], error
+            assert error["details"] == [{"header": header, "current_revision": None}]
+            said[path] = error["message"]
+        assert "(this write evaluates If-Match and If-None-Match)" in said["/v1/assets/zone-1"]
+        assert http.get("/v1/lifecycle-policy", headers=auth["reader"]).json()["keep_archived"] == 5  # unchanged
+        assert http.put("/v1/lifecycle-policy", json=policy, headers=auth["admin"]).json()["keep_archived"] == 2
