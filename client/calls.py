@@ -19,6 +19,7 @@ from urllib.parse import quote
 
 import httpx
 from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic_core import to_jsonable_python
 
 from actors.state import TwinState
 from client.errors import InvalidArgument, UnexpectedAnswer
@@ -179,13 +180,27 @@ def telemetry_body(asset_id: str, events: Iterable[TelemetryEvent | Mapping[str,
     out = []
     for e in events:
         raw = e.model_dump(mode="json", exclude={"ingest_time"}, exclude_none=True) if isinstance(e, BaseModel) \
-            else dict(e)
+            else _json_values(dict(e), len(out))
         if "sequence" not in raw:
             raise InvalidArgument(f"event {len(out)} of the batch has no 'sequence' (the device's counter; with the "
                                   "event time and key it identifies the event, so a resent batch applies once)")
         raw.setdefault("idempotency_key", f"{raw.get('asset_id', asset_id)}:{raw['sequence']}")
         out.append(raw)
     return {"events": out}
+
+
+def _json_values(event: dict[str, Any], index: int) -> dict[str, Any]:
+    """`event` (the batch's `index`-th) in JSON values: a datetime as RFC 3339 text, a NumPy scalar as its number
+    (what a producer built from arrays holds). Anything else JSON cannot carry is an `InvalidArgument` before
+    anything is sent, not the encoder's `TypeError` (which no `RayTwinError` handler catches)."""
+
+    def plain(value: Any) -> Any:
+        if getattr(value, "ndim", None) == 0 and callable(getattr(value, "item", None)):  # a NumPy scalar
+            return value.item()
+        raise InvalidArgument(f"event {index} of the batch holds a value of type {type(value).__name__}, which JSON "
+                              "cannot carry: give numbers, strings, timezone-aware datetimes, and dicts and lists of them")
+
+    return to_jsonable_python(event, fallback=plain)
 
 
 class Sender(ABC):

@@ -192,6 +192,26 @@ def test_telemetry_resends_the_same_idempotency_keys_after_a_timeout():
     assert b'"idempotency_key":"zone-1:1"' in bodies[0] and b'"idempotency_key":"mine"' in bodies[0]
 
 
+def test_telemetry_sends_datetimes_and_numpy_numbers_and_refuses_what_json_cannot_carry_before_sending():
+    """A dict event with a datetime event time or NumPy numbers (a producer built from arrays) raised the JSON
+    encoder's TypeError, which no `RayTwinError` handler catches; they are sent as RFC 3339 text and numbers, and
+    a value JSON cannot carry is an `InvalidArgument` naming the event, with nothing sent."""
+    import json
+
+    import numpy as np
+
+    transport, seen = scripted(ingested())
+    events = [{"sequence": np.int64(1), "event_time": datetime(2026, 1, 5, 12, tzinfo=UTC),
+               "measurements": {"T_in": {"value": np.float32(293.5), "unit": "K"}}}]
+    with RayTwinClient("http://api", "rtk_x_y", retry=FAST, transport=transport) as api:
+        assert api.send_telemetry("zone-1", events).accepted == 2
+        with pytest.raises(InvalidArgument, match="event 1 of the batch holds a value of type object"):
+            api.send_telemetry("zone-1", [*events, {**events[0], "quality": object()}])
+    (sent,) = json.loads(seen[0].content)["events"]
+    assert sent == {"sequence": 1, "event_time": "2026-01-05T12:00:00Z", "idempotency_key": "zone-1:1",
+                    "measurements": {"T_in": {"value": 293.5, "unit": "K"}}} and len(seen) == 1
+
+
 EVENTS = [{"sequence": 1, "event_time": "2026-01-05T12:00:00Z", "measurements": {}},
           {"sequence": 2, "event_time": "2026-01-05T12:01:00Z", "measurements": {}, "idempotency_key": "mine"}]
 
