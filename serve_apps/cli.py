@@ -336,12 +336,18 @@ def jobs_list(
     first, one JSON record a line: who submitted it (tenant, key_id), its state and times, its error. For an
     operator (it reads the store, no API key); a tenant lists its own with `GET /v1/jobs`."""
     from raytwin.storage import filesystem
+    from raytwin.store_failures import store_io
     from serve_apps.job_listing import select
     from serve_apps.jobs import JOB_STATES, read_records
 
     if state is not None and state not in JOB_STATES:
         raise typer.BadParameter(f"unknown state {state!r}; one of {', '.join(JOB_STATES)}", param_hint="--state")
     fs, root = filesystem(store.rstrip("/") + "/jobs")
+    with store_io("read"):  # a mistyped --store listed no jobs, as if the service had none
+        served = fs.exists(root) or fs.exists(f"{store.rstrip('/')}/twins/lease.json")
+    if not served:
+        raise typer.BadParameter(f"no service store at {store} (neither jobs/ nor twins/lease.json in it): give the "
+                                 "store `raytwin serve --store` runs on", param_hint="--store")
     records = (r for r in read_records(fs, root) if tenant is None or r.tenant == tenant)
     shown, more = select(records, state, limit)
     for record in shown:

@@ -220,3 +220,17 @@ def test_an_operator_lists_every_tenants_jobs_from_the_store(tmp_path):
     assert "more with --limit" in out.stderr
     refused = runner.invoke(app, ["jobs", "list", "--store", str(tmp_path / "store"), "--state", "lost"])
     assert refused.exit_code == 2 and "one of queued, running" in refused.output
+
+
+def test_jobs_list_of_a_path_that_holds_no_service_store_says_so_instead_of_listing_nothing(tmp_path):
+    """`raytwin jobs list --store` with a mistyped path printed nothing and exited 0, as if the service had no jobs;
+    a store the service runs on but that has no job yet (its twins' lease, no jobs/) still lists none, quietly."""
+    from raytwin.cli import app
+
+    runner = CliRunner()
+    refused = runner.invoke(app, ["jobs", "list", "--store", str(tmp_path / "stor")])
+    assert refused.exit_code == 2 and "no service store at" in refused.output and refused.stdout == "", refused.output
+    (tmp_path / "store" / "twins").mkdir(parents=True)
+    (tmp_path / "store" / "twins" / "lease.json").write_text("{}")
+    listed = runner.invoke(app, ["jobs", "list", "--store", str(tmp_path / "store")])
+    assert listed.exit_code == 0 and listed.output == "", listed.output
