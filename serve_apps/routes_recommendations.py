@@ -27,6 +27,7 @@ from serve_apps.routes_scenarios import _model_and_state, _provenance, _warned
 from sweeps.recommend import Bound, Control, Ensemble, InfeasibleRecommendation, Method, Recommendation, RecommendSpec
 from sweeps.recommend import load_recommendation, recorded_recommendation
 from sweeps.runs import RunError, RunStore
+from sweeps.space import Seed
 
 COMMAND_KEY = "recommendation"
 """The command value's key naming the recommendation it carries (commands with it need an approver)."""
@@ -51,7 +52,7 @@ class RecommendationRequest(Contract):
     search: Literal["random", "grid"] = "random"
     samples: Annotated[int, Field(ge=1, le=100_000)] = 4096
     levels: Annotated[int, Field(ge=2, le=64)] = 5
-    seed: Annotated[int, Field(ge=0)] = 0
+    seed: Seed = 0
     ensemble: Ensemble
     best_effort: bool = Field(False, description=(
         "Answer a plan that leaves a band but gets closer to it than the baseline (status `best_effort`, with its "

@@ -68,6 +68,10 @@ BAD_LOSS = 1.0e30  # reported for parameter sets whose simulation blows up (NaN)
 MAX_TRIALS = 100_000
 """Tune trials one calibration may ask for (`num_samples`, or a grid's `grid_levels` ** free parameters):
 Tune holds every trial in the driver's memory, and past this a search is a typo, not a plan."""
+TUNE_SEED_MAX = 2**32 - 1
+"""The largest calibration seed: Ray Tune's searchers seed NumPy's `RandomState`, which takes 32 bits (a larger
+seed failed the calibration inside Tune with "Seed must be between 0 and 2**32 - 1")."""
+TuneSeed = Annotated[int, Field(ge=0, le=TUNE_SEED_MAX)]
 
 
 class CalibrationError(ValueError):
@@ -126,7 +130,7 @@ class CalibrationSpec(Spec):
     max_concurrent_trials: Annotated[int, Field(ge=1)] = 1
     trial_cpus: Annotated[float, Field(gt=0, le=64)] = 1.0
     """CPUs each Tune trial reserves (its placement group)."""
-    seed: Annotated[int, Field(ge=0)] = 0
+    seed: TuneSeed = 0
     register_as: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:\-]*@\d+\.\d+\.\d+$")] | None = None
     """Publish the fitted parameters as this ``name@version`` in `registry_url` (what sweeps then use)."""
     registered_by: Identifier | None = None

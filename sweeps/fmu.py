@@ -35,7 +35,7 @@ from raytwin.fmu import FmuModel, FmuScenario, calibrate_fmu, run_fmu_sweep
 from raytwin.registry import ModelArtifact
 from raytwin.sim.model import Input, Param, State
 from raytwin.storage import canonical_json, filesystem, make_folder, replace_file
-from sweeps.calibration import MAX_TRIALS, CalibrationError, declared_columns, no_finite_loss, read_telemetry
+from sweeps.calibration import MAX_TRIALS, CalibrationError, TuneSeed, declared_columns, no_finite_loss, read_telemetry
 from sweeps.runner import ensure_ray, part_name, write_parquet
 from sweeps.space import ScenarioSpace
 from sweeps.spec import allowed_values, range_problems, resolve_model
@@ -177,7 +177,7 @@ class FmuCalibrationSpec(_FmuRunSpec):
     free: Annotated[dict[str, tuple[Finite, Finite]], Field(min_length=1)]  # name -> (lower, upper)
     num_samples: Annotated[int, Field(ge=1, le=MAX_TRIALS)] = 4
     max_evaluations: Annotated[int, Field(ge=1, le=MAX_TRIALS)] = 200
-    seed: Annotated[int, Field(ge=0)] = 0
+    seed: TuneSeed = 0
 
     @model_validator(mode="after")
     def _bounds(self) -> FmuCalibrationSpec:

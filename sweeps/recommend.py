@@ -66,7 +66,7 @@ from sweeps.engine import chunk_metrics
 from sweeps.kits import SweepKit
 from sweeps.runner import prepare, run_sweep
 from sweeps.runs import DEFAULT_RUNS_ROOT, RunError, RunRecord, RunStore, _recorded
-from sweeps.space import Dimension, ScenarioSpace
+from sweeps.space import Dimension, ScenarioSpace, Seed
 from sweeps.spec import ModelStart, SweepSpec, resolve_model
 from sweeps.stability import check_sweep_step
 
@@ -209,7 +209,7 @@ class RecommendSpec(ModelStart, StartedFrom):
     search: Literal["random", "grid"] = "random"
     samples: Annotated[int, Field(ge=1, le=1_000_000)] = 4096
     levels: Annotated[int, Field(ge=2, le=64)] = 5
-    seed: Annotated[int, Field(ge=0)] = 0
+    seed: Seed = 0
     ensemble: Ensemble
     best_effort: bool = Field(False, description=(
         "Accept a plan that leaves a band but gets closer to it than the baseline (answered with status "

@@ -22,6 +22,10 @@ from raytwin.contracts import Contract, Finite
 from raytwin.sim.precision import in_float64
 
 Target = Literal["param", "input", "state"]
+SEED_MAX = 2**63 - 1
+"""The largest seed of a space: `jax.random.key` takes a signed 64-bit integer (a larger seed failed the sweep
+with an OverflowError, a 500 over HTTP)."""
+Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
 
 
 class Dimension(Contract):
@@ -94,7 +98,7 @@ class ScenarioSpace(Contract):
     method: Literal["grid", "random", "lhs"]
     dimensions: Annotated[list[Dimension], Field(min_length=1)]
     n: Annotated[int, Field(ge=1)] | None = None
-    seed: Annotated[int, Field(ge=0)] = 0
+    seed: Seed = 0
 
     @model_validator(mode="after")
     def _consistent(self) -> ScenarioSpace:

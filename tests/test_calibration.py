@@ -59,6 +59,16 @@ def _spec(simulator, telemetry, **kw):
     return CalibrationSpec(**{**base, **kw})
 
 
+def test_a_calibration_refuses_a_seed_tunes_searchers_cannot_take():
+    """A seed of 2**32 or more failed the calibration inside Ray Tune (NumPy's RandomState takes 32 bits, "Seed must
+    be between 0 and 2**32 - 1"), after Ray started; the spec refuses it, naming the limit."""
+    from sweeps.calibration import TUNE_SEED_MAX
+
+    np.random.RandomState(_spec("thermal_rc", "t.parquet", seed=TUNE_SEED_MAX).seed)  # what the searchers do with it
+    with pytest.raises(ValueError, match=f"seed: Input should be less than or equal to {TUNE_SEED_MAX}"):
+        _spec("thermal_rc", "t.parquet", seed=TUNE_SEED_MAX + 1)
+
+
 @pytest.mark.parametrize("simulator", sorted(CASES))
 def test_calibration_recovers_known_parameters(ray_session, tmp_path, simulator):
     registry = str(tmp_path / "registry")

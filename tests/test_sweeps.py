@@ -72,6 +72,17 @@ def test_latin_hypercube_puts_one_sample_in_each_stratum():
     assert sorted(strata) == list(range(200))
 
 
+def test_a_space_refuses_a_seed_jax_cannot_take_and_samples_with_the_largest_it_takes():
+    """A random space seeded with 2**63 or more failed its sweep inside `jax.random.key` (OverflowError: a 500 over
+    HTTP, a failed job); the contract refuses it, naming the limit."""
+    from sweeps.space import SEED_MAX
+
+    dims = [Dimension(name="C_in", target="param", low=1, high=2)]
+    assert ScenarioSpace(method="random", n=2, seed=SEED_MAX, dimensions=dims).rows(0, 2).shape == (2, 1)
+    with pytest.raises(ValueError, match=f"seed\n  Input should be less than or equal to {SEED_MAX}"):
+        ScenarioSpace(method="random", n=2, seed=SEED_MAX + 1, dimensions=dims)
+
+
 def test_spaces_and_specs_refuse_bad_input():
     with pytest.raises(ValueError, match="needs n"):
         ScenarioSpace(method="random", dimensions=[Dimension(name="C_in", target="param", low=1, high=2)])
