@@ -355,14 +355,17 @@ def register(app: FastAPI) -> None:
         runs now (a refused swap leaves it on an archived one), those its retained history was applied by
         (`?at=` reads and runs from a past state use them) and those its asset's catalog entry names. Audited as
         `model.prune` of the model in two steps: its outcome names each version's log record (seq and hash) and
-        each run record removed, those of a prune that failed partway too."""
+        each run record removed, those of a prune that failed partway too. 404: no such model (a mistyped name
+        answered an empty report, as if retention had run)."""
+        lifecycle = _lifecycle(svc, who.tenant)
+        await _call(_require_model, lifecycle, model)
         assets = await svc.backend.call("list_assets", who.tenant, model, None, None, None)
         twins = StateStore(svc.config.url("twins"), svc.config.storage_options or None)
         running: dict[str, list[str]] = await run_in_threadpool(twins.model_versions, who.tenant, model)
         async with svc.audited(request, who, "model.prune", model) as outcome:
             failure: BaseException | None = None
             try:
-                report: PruneReport = await _call(_lifecycle(svc, who.tenant).prune, model, _actor(who),
+                report: PruneReport = await _call(lifecycle.prune, model, _actor(who),
                                                   svc.config.url("runs", who.tenant),
                                                   svc.config.storage_options or None,
                                                   {a.type_version for a in assets} | set(running))

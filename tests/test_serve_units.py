@@ -2298,3 +2298,15 @@ def test_a_write_refuses_a_precondition_it_does_not_evaluate_rather_than_ignorin
         assert "(this write evaluates If-Match and If-None-Match)" in said["/v1/assets/zone-1"]
         assert http.get("/v1/lifecycle-policy", headers=auth["reader"]).json()["keep_archived"] == 5  # unchanged
         assert http.put("/v1/lifecycle-policy", json=policy, headers=auth["admin"]).json()["keep_archived"] == 2
+
+
+def test_pruning_a_model_the_tenant_does_not_have_is_404_not_an_empty_report(tmp_path):
+    """`POST /v1/models/{name}/prune` with a mistyped name answered 200 with nothing removed, as if retention had run;
+    like the model's other lifecycle routes it answers 404, auditing nothing."""
+    from tests.fixtures_serve import in_process
+
+    backend = SimpleNamespace(check_writable=lambda: None, list_assets=lambda *args: [])
+    with in_process(backend, tmp_path) as (http, auth, svc):
+        refused = http.post("/v1/models/thermal_rcc/prune", headers=auth["admin"])
+        assert refused.status_code == 404 and refused.json()["error"]["message"] == "no model thermal_rcc", refused.text
+        assert svc.audit.records("acme") == []
