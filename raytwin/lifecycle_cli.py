@@ -96,6 +96,20 @@ def _lifecycle(registry: str):
     return ModelLifecycle(ModelRegistry(registry))
 
 
+def _known(registry: str, model: str) -> ModelLifecycle:
+    """The lifecycle of `model` in `registry`, or exit 1 naming both: a model the registry does not know (a typo
+    in either) has an empty log, which `verify` passed as "ok" and `status` showed as a model without production,
+    where the API answers 404."""
+    from raytwin.store_failures import store_io
+
+    lc = _lifecycle(registry)
+    if not store_io("read")(lc.exists)(model):
+        typer.echo(f"error: no model {model} in registry {registry}: check the model's name and --registry "
+                   "(RAYTWIN_REGISTRY_URL)", err=True)
+        raise typer.Exit(1)
+    return lc
+
+
 def _served_store(registry: str) -> tuple[str, str] | None:
     """The `raytwin serve` store a registry lies in and its tenant (``{store}/registry/{tenant}``); None for a
     registry laid out otherwise."""
@@ -307,7 +321,7 @@ def rollback(model: str, reason: Reason, registry: Registry, tenant: Tenant, act
 @registry_app.command("status")
 def status(model: str, registry: Registry) -> None:
     """Each version's stage, author and since when; the production version and the log's head hash."""
-    lc = _lifecycle(registry)
+    lc = _known(registry, model)
     state = _run(lambda: lc.verify(model))
     for version in lc.registry.versions(model):
         s = state.versions.get(version)
@@ -319,7 +333,8 @@ def status(model: str, registry: Registry) -> None:
 @registry_app.command("log")
 def show_log(model: str, registry: Registry) -> None:
     """The model's transition records, oldest first."""
-    for r in _run(lambda: _lifecycle(registry).records(model)):
+    lc = _known(registry, model)
+    for r in _run(lambda: lc.records(model)):
         _print_record(r)
 
 
@@ -328,7 +343,8 @@ def verify(model: str, registry: Registry, expect_head: Annotated[str | None, ty
         help="The head hash noted earlier (e.g. by `status`): also catches records removed from the end.")] = None,
            ) -> None:
     """Check the hash chain of the model's transition log; exit 1 naming the first bad record."""
-    state = _run(lambda: _lifecycle(registry).verify(model, expect_head))
+    lc = _known(registry, model)
+    state = _run(lambda: lc.verify(model, expect_head))
     typer.echo(f"ok: {state.revision + 1} records, head {state.head_hash}")
 
 
@@ -347,8 +363,9 @@ def prune(model: str, registry: Registry, tenant: Tenant, runs: Annotated[str | 
 
     _refuse_if_served(registry, f"POST /v1/models/{model}/prune", twins)
     twins = twins or _twins_beside(registry)
+    lc = _known(registry, model)
     in_use = StateStore(twins).model_versions(tenant, model) if twins else {}
-    lc, who = _lifecycle(registry), _actor(tenant, actor, role)
+    who = _actor(tenant, actor, role)
 
     def act() -> PruneReport:
         with _audited(registry, audit_store, who, "model.prune", model) as outcome:

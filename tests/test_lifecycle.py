@@ -674,3 +674,17 @@ def test_an_offline_publisher_is_recorded_as_declared_and_unverified_and_its_fit
                           "mine")
     assert lc.transition("zone@1.0.0", "production", BOB, "approved").to_stage == "production"
     assert describe_publisher({"published_by": "k1"}) == "k1"  # an API key's: verified by the server
+
+
+def test_the_cli_names_a_model_or_registry_it_does_not_know_instead_of_answering_for_an_empty_log(tmp_path,
+                                                                                                  monkeypatch):
+    """`raytwin registry verify` of a mistyped model or registry said "ok: 0 records" (exit 0), and `status` showed a
+    model without production: a tamper check that passed on nothing. Each command names what it did not find."""
+    _lifecycle(str(tmp_path / "registry"), 1)
+    monkeypatch.setenv("RAYTWIN_TENANT", "acme")
+    for registry, model in ((tmp_path / "registry", "zonee"), (tmp_path / "registy", "zone")):
+        for command in ("verify", "status", "log", "prune"):
+            out = CliRunner().invoke(app, ["registry", command, model, "--registry", str(registry)])
+            assert out.exit_code == 1 and f"error: no model {model} in registry {registry}" in out.output, out.output
+    assert CliRunner().invoke(app, ["registry", "verify", "zone", "--registry", str(tmp_path / "registry")]
+                              ).output.startswith("ok: 0 records")  # registered, no transition yet
