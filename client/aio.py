@@ -133,7 +133,7 @@ class AsyncRayTwinClient(ClientBase):
     async def changes(self, after: int | str | None = None, asset_ids: tuple[str, ...] = (), type_name: str | None = None,
                       kinds: tuple[str, ...] = ()) -> AsyncIterator[Change]:
         """Follow the tenant's change stream, reconnecting with `Last-Event-ID` (see `RayTwinClient.changes`)."""
-        sub = Subscription(after, tuple(asset_ids), type_name, tuple(kinds))
+        sub = Subscription(after, asset_ids, type_name, kinds)
         while True:
             try:
                 async with self._http.stream(**sub.connection(self._http.timeout.connect)) as r:

@@ -189,6 +189,16 @@ def telemetry_body(asset_id: str, events: Iterable[TelemetryEvent | Mapping[str,
     return {"events": out}
 
 
+def names(argument: str, values: Iterable[str]) -> tuple[str, ...]:
+    """`values` (ids, kinds, sort keys, fields) as a tuple; one bare string is an `InvalidArgument`: iterated, the
+    filter ``asset_ids="zone-1"`` became the one-letter ids z, o, n, e, -, 1, valid ids that silently matched none of
+    the caller's changes."""
+    if isinstance(values, str):
+        raise InvalidArgument(f"{argument}={values!r} is one string, where a sequence of them is expected: write "
+                              f"{argument}=({values!r},); nothing was sent")
+    return tuple(values)
+
+
 def _json_values(event: dict[str, Any], index: int) -> dict[str, Any]:
     """`event` (the batch's `index`-th) in JSON values: a datetime as RFC 3339 text, a NumPy scalar as its number
     (what a producer built from arrays holds). Anything else JSON cannot carry is an `InvalidArgument` before
@@ -198,7 +208,8 @@ def _json_values(event: dict[str, Any], index: int) -> dict[str, Any]:
         if getattr(value, "ndim", None) == 0 and callable(getattr(value, "item", None)):  # a NumPy scalar
             return value.item()
         raise InvalidArgument(f"event {index} of the batch holds a value of type {type(value).__name__}, which JSON "
-                              "cannot carry: give numbers, strings, timezone-aware datetimes, and dicts and lists of them")
+                              "cannot carry: give numbers, strings, timezone-aware datetimes, and dicts and lists of "
+                              "them")
 
     return to_jsonable_python(event, fallback=plain)
 
@@ -289,7 +300,7 @@ class Endpoints(Sender):
                     kinds: Iterable[RelationshipKind] = (), depth: int = 8) -> AssetGraph:
         """Assets reachable along relationships (`kinds`: only these; default all), with shortest paths."""
         return self._send(Call("GET", "/v1/assets/{asset_id}/graph", _model(AssetGraph), idempotent=True,
-                               params={"direction": direction, "kind": list(kinds), "depth": depth},
+                               params={"direction": direction, "kind": list(names("kinds", kinds)), "depth": depth},
                                path_params={"asset_id": asset_id}))
 
     def divergence(self, asset_id: str) -> Divergence:

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 from pydantic import ValidationError
 
-from client.calls import ANSWER_EXTRA
+from client.calls import ANSWER_EXTRA, names
 from client.errors import Gone, RayTwinError, UnexpectedAnswer, from_error, retry_after_s
 from client.retry import RetryPolicy, verdict
 from serve_apps.changes import Change, parse_event_id
@@ -47,6 +47,7 @@ class Subscription:
     _frame: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self.asset_ids, self.kinds = names("asset_ids", self.asset_ids), names("kinds", self.kinds)
         self.last_id = self.after
 
     def request(self) -> tuple[dict[str, Any], dict[str, str]]:

@@ -142,7 +142,7 @@ class RayTwinClient(ClientBase):
         """Follow the tenant's change stream (from `after`, 0: the beginning; None: now), forever,
         reconnecting with `Last-Event-ID` whenever the connection drops or the stream fell behind. `after` may be
         a saved `Change.event_id`: `Gone` (410) when the store was restored since and that change is gone."""
-        sub = Subscription(after, tuple(asset_ids), type_name, tuple(kinds))
+        sub = Subscription(after, asset_ids, type_name, kinds)
         while True:
             try:
                 with self._http.stream(**sub.connection(self._http.timeout.connect)) as r:

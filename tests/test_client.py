@@ -212,6 +212,39 @@ def test_telemetry_sends_datetimes_and_numpy_numbers_and_refuses_what_json_canno
                     "measurements": {"T_in": {"value": 293.5, "unit": "K"}}} and len(seen) == 1
 
 
+def test_a_bare_string_where_a_sequence_of_names_is_expected_is_refused_before_sending():
+    """`changes(asset_ids="zone-1")` followed the one-letter ids z, o, n, e, -, 1: valid ids, so the stream ran and
+    silently delivered none of zone-1's changes; a string for `kinds`, `sort` or `fields` was split the same way."""
+    transport, seen = scripted()
+    with RayTwinClient("http://api", "rtk_x_y", retry=FAST, transport=transport) as api:
+        with pytest.raises(InvalidArgument, match=r"asset_ids='zone-1' is one string.*asset_ids=\('zone-1',\)"):
+            next(api.changes(asset_ids="zone-1"))
+        with pytest.raises(InvalidArgument, match="kinds='twin.state' is one string"):
+            next(api.changes(kinds="twin.state"))
+        with pytest.raises(InvalidArgument, match="sort='-state.T_in' is one string"):
+            next(api.query(sort="-state.T_in"))
+        with pytest.raises(InvalidArgument, match="kinds='contains' is one string"):
+            api.asset_graph("site-1", kinds="contains")
+    assert seen == []
+
+
+async def _first_change(api: AsyncRayTwinClient, **filters) -> None:
+    async for _ in api.changes(**filters):
+        return
+
+
+def test_the_async_client_refuses_a_bare_string_filter_too():
+    transport, seen = scripted()
+
+    async def follow() -> None:
+        async with AsyncRayTwinClient("http://api", "rtk_x_y", retry=FAST, transport=transport) as api:
+            with pytest.raises(InvalidArgument, match="asset_ids='zone-1' is one string"):
+                await _first_change(api, asset_ids="zone-1")
+
+    asyncio.run(follow())
+    assert seen == []
+
+
 EVENTS = [{"sequence": 1, "event_time": "2026-01-05T12:00:00Z", "measurements": {}},
           {"sequence": 2, "event_time": "2026-01-05T12:01:00Z", "measurements": {}, "idempotency_key": "mine"}]
 
