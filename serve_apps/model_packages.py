@@ -2,10 +2,12 @@
 
 An asset type's simulator ``package.module:MODEL`` is imported where the request is validated, in the API's
 replica, and importing a module runs its code: any tenant's admin key could make the server run the import-time code
-of any installed package, or use another tenant's private model package. So the routes whose body is an asset type
-depend on `SIMULATOR_ALLOWED`, which sets the caller's allow-list as the request's `discovery.IMPORT_CHECK`: the body's
-validation refuses a package the operator did not allow for the caller's tenant (422) where it would import it,
-before anything of it is imported. FastAPI solves a route's dependencies before it validates its body.
+of any installed package, or use another tenant's private model package. A stored FMU named by its URL is opened
+there too, and the answer told its variables and units to whoever named it. So the routes whose body is an asset type
+depend on `SIMULATOR_ALLOWED`, which sets the caller's allow-list as the request's `discovery.IMPORT_CHECK` and its
+tenant's registry as `discovery.TENANT_FMU_ROOT`: the body's validation refuses a package the operator did not allow
+for the caller's tenant (422) where it would import it, before anything of it is imported, and an FMU of another
+registry before it is opened. FastAPI solves a route's dependencies before it validates its body.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from functools import partial
 
 from fastapi import Depends
 
-from raytwin.sim.discovery import IMPORT_CHECK, declared, declared_packages
+from raytwin.sim.discovery import IMPORT_CHECK, TENANT_FMU_ROOT, declared, declared_packages
 from serve_apps.auth import Principal
 from serve_apps.config import ServeConfig
 from serve_apps.deps import ADMIN, SVC, Services
@@ -33,10 +35,12 @@ def allowed_packages(config: ServeConfig, tenant: str) -> frozenset[str]:
 
 
 async def simulator_allowed(who: Principal = ADMIN, svc: Services = SVC) -> None:
-    """Check the import paths the request's body names against the packages the caller's tenant may use, as the body
-    is validated (`IMPORT_CHECK`, for this request's context only). Async: FastAPI runs it in the request's context,
-    which validates the body next (a plain function runs in a thread, in a copy of it)."""
+    """Check the import paths the request's body names against the packages the caller's tenant may use, and its
+    stored FMUs against the tenant's registry, as the body is validated (`IMPORT_CHECK`, `TENANT_FMU_ROOT`, for this
+    request's context only). Async: FastAPI runs it in the request's context, which validates the body next (a plain
+    function runs in a thread, in a copy of it)."""
     IMPORT_CHECK.set(partial(_refuse_unless_allowed, who, allowed_packages(svc.config, who.tenant)))
+    TENANT_FMU_ROOT.set(svc.config.url("registry", who.tenant))
 
 
 def _refuse_unless_allowed(who: Principal, allowed: frozenset[str], simulator: str, package: str) -> None:

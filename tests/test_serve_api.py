@@ -621,7 +621,7 @@ def test_an_fmu_asset_sweeps_as_a_job_from_the_tenants_registry(api, http, refer
     vdp = AssetType.from_model(stored.declare(mu={"lower": 0.1, "upper": 5.0}),
                                name="vdp", version="1.0.0").model_dump(mode="json")
     err = assert_error(http.post("/v1/asset-types", json=vdp, headers=auth(api, "other")), 422, "invalid_request")
-    assert "is not stored in this registry" in err["message"], err  # another tenant's FMU: refused, nothing written
+    assert "stored in its registry, under your tenant's" in err["message"], err  # another tenant's: never opened
     assert "vdp" not in {t["name"] for t in http.get("/v1/asset-types", headers=auth(api, "other")).json()}
     assert http.post("/v1/asset-types", json=vdp, headers=admin).status_code == 201
     asset = {"id": "osc-1", "type_name": "vdp", "type_version": "1.0.0", "initial_state": {"x0": 2.0, "x1": 0.0},

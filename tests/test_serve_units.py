@@ -2310,3 +2310,23 @@ def test_pruning_a_model_the_tenant_does_not_have_is_404_not_an_empty_report(tmp
         refused = http.post("/v1/models/thermal_rcc/prune", headers=auth["admin"])
         assert refused.status_code == 404 and refused.json()["error"]["message"] == "no model thermal_rcc", refused.text
         assert svc.audit.records("acme") == []
+
+
+def test_a_tenant_cannot_have_another_tenants_stored_fmu_opened_to_validate_its_request(tmp_path, reference_fmus):
+    """The service's FMU roots were the store's whole registry: another tenant's asset type naming acme's stored FMU
+    (its URL) had the FMU opened to validate it, and a compatibility check or a unit mismatch told that tenant its
+    variables and units. A request's FMUs now come from its own tenant's registry only."""
+    from raytwin.fmu import store_fmu
+    from tests.fixtures_serve import in_process
+
+    with in_process(SimpleNamespace(list_types=lambda tenant, name: []), tmp_path) as (http, auth, svc):
+        stored = store_fmu(reference_fmus[(2, "VanDerPol")], svc.config.url("registry", "acme"))
+        vdp = AssetType.from_model(stored.declare(mu={"lower": 0.1, "upper": 5.0}),
+                                   name="vdp", version="1.0.0").model_dump(mode="json")
+        own = http.post("/v1/asset-types/compatibility", json=vdp, headers=auth["admin"])
+        assert own.status_code == 200, own.text
+        kelvins = {**vdp, "states": {**vdp["states"], "x0": {**vdp["states"]["x0"], "unit": "K"}}}
+        for body in (vdp, kelvins):
+            refused = http.post("/v1/asset-types/compatibility", json=body, headers=auth["other"])
+            message = refused.json()["error"]["message"]
+            assert refused.status_code == 422 and "opens only FMUs stored in its registry, under your tenant's" in message, message

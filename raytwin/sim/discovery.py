@@ -74,6 +74,10 @@ IMPORT_CHECK: ContextVar[Callable[[str, str], None] | None] = ContextVar("raytwi
 """Called as `check(ref, package)` before `get_model` resolves an import path `ref` naming `package`
 (`imported_package`), in this context only: a server's allow-list for the request whose body it validates
 (`serve_apps.model_packages`), which raises to refuse the package before anything of it is imported. None: any."""
+TENANT_FMU_ROOT: ContextVar[str | None] = ContextVar("raytwin_tenant_fmu_root", default=None)
+"""The registry (URL or path) whose stored FMUs `get_model` may open, in this context only: a server's caller's
+tenant's registry (`serve_apps.model_packages`), as `restrict_fmu_sources` holds every tenant's registries. None:
+those roots."""
 _LOADED: dict[str, Model | FmuModel] = {}
 _REFS: dict[int, str] = {}
 _FMU_ROOTS: tuple[tuple[str, str], ...] | None = None
@@ -100,12 +104,18 @@ def _split_url(url: str) -> tuple[str, str]:
 
 
 def _check_fmu_source(url: str) -> None:
-    if _FMU_ROOTS is None:
+    """Refuse an FMU outside the roots this context may open: a request's tenant's registry (another tenant's FMU,
+    named by its URL, was opened to validate the request, and its variables and units were told in the answer), else
+    the process's."""
+    tenant_root = TENANT_FMU_ROOT.get()
+    roots = _FMU_ROOTS if tenant_root is None else (_split_url(tenant_root),)
+    if roots is None:
         return
     protocol, path = _split_url(url)
-    if not any(protocol == p and path.startswith(root) for p, root in _FMU_ROOTS):
-        raise UnknownModelError(f"simulator {url}: this server opens only FMUs stored in its registry; store the "
-                                "FMU there (raytwin.fmu.store_fmu) and use the URL it returns")
+    if not any(protocol == p and path.startswith(root) for p, root in roots):
+        where = "" if tenant_root is None else ", under your tenant's"
+        raise UnknownModelError(f"simulator {url}: this server opens only FMUs stored in its registry{where}; store "
+                                "the FMU there (raytwin.fmu.store_fmu) and use the URL it returns")
 
 
 def imported_package(ref: str) -> str | None:
