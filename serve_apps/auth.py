@@ -1,15 +1,19 @@
 """API keys: hashed at rest, mapped to a tenant and a role.
 
-The keys file is a JSON list of ``{"key_id", "sha256", "tenant", "role", "grants"}``; only SHA-256 digests
-of keys are stored, so the file reveals no usable secret. A key is presented as
-``Authorization: Bearer <key>`` or ``X-API-Key: <key>`` and looked up by digest, then confirmed
-with `hmac.compare_digest` (constant time). Keys look like ``rtk_<key_id>_<secret>``.
+The keys file is a JSON list of ``{"key_id", "sha256", "tenant", "role", "grants", "owner"}``; only SHA-256 digests
+of keys are stored, so the file reveals no usable secret. A revoked key stays in it as ``{"key_id", "tenant", "role",
+"grants", "owner", "revoked"}`` (`RevokedKey`): without its digest, so no key authenticates as it, but with its owner,
+so that who held it can still be told (`KeyStore.owner`: what a record made under its key id is compared as).
+A key is presented as ``Authorization: Bearer <key>`` or ``X-API-Key: <key>`` and looked up by digest, then
+confirmed with `hmac.compare_digest` (constant time). Keys look like ``rtk_<key_id>_<secret>``.
 
 A key's `role` is its rank (reader < writer < admin); its `grants` are roles outside that order, such
 as ``approver`` (may approve a model version into production, `raytwin.lifecycle`): an admin is not an
 approver unless granted, so that approving stays a separate, deliberate duty. Its `owner` names the person who
 holds it: the four-eyes rules compare owners (`Principal.person`), so that one person's two keys (a key and its
-successor while it is rotated) are one pair of eyes.
+successor while it is rotated) are one pair of eyes. A key without an owner cannot be told from another key of its
+holder, so it approves nothing (`require_owner`), and ``raytwin keys create`` makes no writer, admin or granted key
+without one (`OWNER_NEEDED`); such keys stored before keep working for everything else.
 
 Every key created or revoked (`create_key`, `revoke_key`: ``raytwin keys create/revoke``) is audited in the keys
 file's audit trail, ``{keys file}.audit.jsonl`` beside it (`key_audit_trail`): the keys file is where keys change, and
@@ -33,7 +37,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from raytwin.contracts import Identifier
-from serve_apps.errors import ServiceUnavailable, Unauthorized
+from serve_apps.errors import Forbidden, ServiceUnavailable, Unauthorized
 
 log = logging.getLogger("raytwin.serve.auth")
 
@@ -60,6 +64,40 @@ class KeyRecord(BaseModel):
     owner: Identifier | None = None
 
 
+class RevokedKey(BaseModel):
+    """A revoked key as the keys file keeps it: no digest (nothing authenticates as it), its holder kept for four
+    eyes and audit (a recommendation it computed, a command it proposed, are still its owner's)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    key_id: Identifier
+    tenant: Identifier
+    role: RoleName
+    grants: tuple[GrantName, ...] = ()
+    owner: Identifier | None = None
+    revoked: datetime
+
+
+KeyEntry = KeyRecord | RevokedKey
+
+OWNER_NEEDED = ("four eyes compares who acts, and a key without an owner is a person of its own: one person holding "
+                "two such keys (a key and its successor while it is rotated) would approve their own work")
+
+
+def ownerless_fix(key_id: str) -> str:
+    """How to give the holder of ownerless key `key_id` a key that approves: a successor with an owner."""
+    return (f"give the key an owner: `raytwin keys create --tenant ... --role ... --owner PERSON` (the same PERSON for "
+            f"every key of one person; `--grant approver` where it approves recommendations or model versions), move "
+            f"its holder to the new key, then `raytwin keys revoke {key_id}`")
+
+
+def require_owner(who: Principal, act: str) -> None:
+    """403 for a key without an owner doing `act` (an approval): four eyes cannot tell its holder from the holder
+    of the key whose work it approves."""
+    if who.owner is None:
+        raise Forbidden(f"key {who.key_id} has no owner, so it may not {act}: {OWNER_NEEDED}; "
+                        f"{ownerless_fix(who.key_id)}")
+
+
 class Principal(BaseModel):
     """Who is calling: the key's id, tenant, role, grants and owner (never the key itself)."""
 
@@ -76,24 +114,25 @@ class Principal(BaseModel):
     @property
     def person(self) -> str:
         """Who acts, for the four-eyes rules (a version's author, publisher and recalibration policy setter, a
-        command's proposer and approver): the key's owner where the keys file names one, else the key itself. Two
-        keys that compared as two people let one person approve their own work with their second key."""
+        command's proposer and approver): the key's owner where the keys file names one, else the key itself (which
+        approves nothing: `require_owner`). Two keys that compared as two people let one person approve their own
+        work with their second key."""
         return self.owner or self.key_id
 
 
-_RECORDS = TypeAdapter(list[KeyRecord])
+_ENTRIES = TypeAdapter(list[KeyEntry])
 
 
 def digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def load_keys(path: str | Path) -> list[KeyRecord]:
-    """The key records in `path` (an empty list if the file does not exist yet)."""
+def load_keys(path: str | Path) -> list[KeyEntry]:
+    """The keys in `path`, revoked ones too (an empty list if the file does not exist yet)."""
     p = Path(path)
     if not p.exists():
         return []
-    return _RECORDS.validate_json(p.read_bytes())
+    return _ENTRIES.validate_json(p.read_bytes())
 
 
 class KeysUnavailable(ServiceUnavailable):
@@ -113,6 +152,7 @@ class KeyStore:
             raise FileNotFoundError(f"API keys file {path} does not exist; create keys with `raytwin keys create`")
         self._mtime: float | None = -1.0
         self._by_digest: dict[str, KeyRecord] = {}
+        self._by_id: dict[str, KeyEntry] = {}
         self._broken: str | None = None
         self._refresh()
 
@@ -130,7 +170,9 @@ class KeyStore:
         if mtime is not None and mtime != self._mtime:
             self._mtime = mtime
             try:
-                self._by_digest = {r.sha256: r for r in load_keys(self.path)}
+                entries = load_keys(self.path)
+                self._by_digest = {r.sha256: r for r in entries if isinstance(r, KeyRecord)}
+                self._by_id = {r.key_id: r for r in entries}
                 self._broken = None
             except ValueError as exc:
                 self._broken = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
@@ -146,13 +188,20 @@ class KeyStore:
     def has_key_id(self, key_id: str) -> bool:
         """Whether a key of this id is in the file now: a refused key naming it had another secret."""
         self._refresh()
-        return any(r.key_id == key_id for r in self._by_digest.values())
+        return isinstance(self._by_id.get(key_id), KeyRecord)
+
+    def entry(self, key_id: str) -> KeyEntry | None:
+        """The file's entry for key `key_id`, a revoked key's too (None: the file never had it, or it was removed
+        before revoked keys were kept): who held a key outlives the key (`owner`)."""
+        self._refresh()
+        return self._by_id.get(key_id)
 
     def owner(self, key_id: str) -> str | None:
-        """The owner the file names for the key `key_id` (None: none, or no such key now): what a record made under a
-        key id (a run's `user`) is compared as, so that another key of the same person is the same pair of eyes."""
-        self._refresh()
-        return next((r.owner for r in self._by_digest.values() if r.key_id == key_id), None)
+        """The owner the file names for the key `key_id`, revoked or not (None: none, or no such key): what a record
+        made under a key id (a run's `user`) is compared as, so that another key of the same person is the same pair
+        of eyes, after that key was revoked too."""
+        entry = self.entry(key_id)
+        return entry.owner if entry is not None else None
 
     def principal(self, key_sha256: str) -> Principal | None:
         """Who holds the key of this digest now (None: unknown or revoked): what an open stream re-checks
@@ -167,8 +216,9 @@ class KeyStore:
 
 def create_key(path: str | Path, tenant: str, role: RoleName, grants: tuple[GrantName, ...] = (),
                owner: str | None = None) -> tuple[KeyRecord, str]:
-    """Append a new key's hash to `path`, held by `owner` (the person; None: the key is its own); returns the
-    record and the key (shown once, never stored)."""
+    """Append a new key's hash to `path`, held by `owner` (the person; None: the key is its own, and approves nothing:
+    ``raytwin keys create`` gives none only to a reader key); returns the record and the key (shown once, never
+    stored)."""
     key_id = secrets.token_hex(6)
     key = f"rtk_{key_id}_{secrets.token_urlsafe(32)}"
     record = KeyRecord(key_id=key_id, sha256=digest(key), tenant=tenant, role=role, grants=tuple(sorted(set(grants))),
@@ -179,15 +229,17 @@ def create_key(path: str | Path, tenant: str, role: RoleName, grants: tuple[Gran
 
 
 def revoke_key(path: str | Path, key_id: str) -> KeyRecord:
-    """Remove key `key_id` from `path` (a running server refuses it from its next request and ends its open change
-    streams within `serve_apps.stream_auth.STREAM_AUTH_RECHECK_S`); `KeyError` if absent."""
-    records = load_keys(path)
-    gone = [r for r in records if r.key_id == key_id]
-    if not gone:
-        raise KeyError(f"no key {key_id!r} in {path}; `raytwin keys list` shows the key ids")
-    _write_keys(Path(path), [r for r in records if r.key_id != key_id])
-    _audit_key_change(Path(path), "key.revoke", gone[0])
-    return gone[0]
+    """Revoke key `key_id` in `path`: its digest is dropped (a running server refuses it from its next request and
+    ends its open change streams within `serve_apps.stream_auth.STREAM_AUTH_RECHECK_S`), its owner kept
+    (`RevokedKey`); `KeyError` if there is no such key, or it is revoked already."""
+    entries = load_keys(path)
+    live = [r for r in entries if r.key_id == key_id and isinstance(r, KeyRecord)]
+    if not live:
+        raise KeyError(f"no key {key_id!r} in {path}; `raytwin keys list` shows the key ids (revoked ones marked)")
+    revoked = RevokedKey(**live[0].model_dump(exclude={"sha256"}), revoked=datetime.now(UTC))
+    _write_keys(Path(path), [revoked if r is live[0] else r for r in entries])
+    _audit_key_change(Path(path), "key.revoke", live[0])
+    return live[0]
 
 
 def key_audit_trail(keys_file: str | Path) -> Path:
@@ -210,11 +262,11 @@ def _audit_key_change(keys_file: Path, action: str, record: KeyRecord) -> None:
         trail.write(entry.json_line() + "\n")
 
 
-def _write_keys(p: Path, records: list[KeyRecord]) -> None:
+def _write_keys(p: Path, records: list[KeyEntry]) -> None:
     """Whole or not at all (a server re-reads the file on change and must never see half of it), owner-only."""
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_suffix(p.suffix + ".tmp")
-    tmp.write_bytes(_RECORDS.dump_json(records, indent=2, exclude_none=True))  # no `owner` where none: as before
+    tmp.write_bytes(_ENTRIES.dump_json(records, indent=2, exclude_none=True))  # no `owner` where none: as before
     tmp.chmod(0o600)
     tmp.replace(p)
 

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from raytwin.contracts import describe_error
 from raytwin.ray_connect import unreachable
-from serve_apps.auth import GrantName, RoleName, create_key, load_keys, revoke_key
+from serve_apps.auth import OWNER_NEEDED, GrantName, RevokedKey, RoleName, create_key, load_keys, revoke_key
 from serve_apps.config import Autoscaling
 
 serve_app = typer.Typer(help="Start the RayTwin HTTP API on Ray Serve (routes under /v1, docs at /docs).",
@@ -251,12 +251,17 @@ def keys_create(
              "production). Repeatable.")] = None,
     owner: Annotated[str | None, typer.Option(
         help="The person who holds the key (e.g. alice): the four-eyes rules compare owners, so give every key of "
-             "one person (a rotated key and its successor too) the same owner.")] = None,
+             "one person (a rotated key and its successor too) the same owner. Needed for a writer or admin key "
+             "and for any grant; a reader key may go without.")] = None,
 ) -> None:
     """Create a key: prints it ONCE (only its SHA-256 is stored in the keys file)."""
     unknown = set(grant or ()) - set(get_args(GrantName))
     if unknown:
         raise typer.BadParameter(f"unknown grant(s) {sorted(unknown)}; known: {', '.join(get_args(GrantName))}")
+    if owner is None and (role != "reader" or grant):
+        raise typer.BadParameter(f"a {role} key{' with a grant' if grant else ''} needs --owner PERSON (who holds "
+                                 f"it, e.g. --owner alice): {OWNER_NEEDED}; give every key of one person the same "
+                                 "owner", param_hint="--owner")
     try:
         record, key = create_key(keys_file, tenant, role, tuple(grant or ()), owner)  # type: ignore[arg-type]
     except ValidationError as exc:
@@ -319,9 +324,12 @@ def keys_revoke(
 
 @keys_app.command("list")
 def keys_list(keys_file: KEYS_FILE = Path("raytwin-keys.json")) -> None:
-    """Show key ids, tenants, roles and grants (never hashes)."""
+    """Show key ids, tenants, roles, grants, owners and revocations (never hashes): a revoked key is kept, without
+    its hash, so that who held it can still be told."""
     for record in load_keys(keys_file):
-        typer.echo(f"{record.key_id}\t{record.tenant}\t{record.role}\t{','.join(record.grants) or '-'}")
+        revoked = f"\trevoked {record.revoked.isoformat()}" if isinstance(record, RevokedKey) else ""
+        typer.echo(f"{record.key_id}\t{record.tenant}\t{record.role}\t{','.join(record.grants) or '-'}\t"
+                   f"{record.owner or '-'}{revoked}")
 
 
 @jobs_app.command("list")

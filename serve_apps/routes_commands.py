@@ -1,7 +1,7 @@
 """Routes for commands back to assets: propose, approve (which sends), refuse, list with acknowledgements.
 
-A writer proposes; an admin other than the proposer approves, and the command is then published
-once through its connector with a correlation id; the asset's acknowledgement (or the failure)
+A writer proposes; an admin with an owner, another person than the proposer, approves, and the command is then
+published once through its connector with a correlation id; the asset's acknowledgement (or the failure)
 is recorded on the command. Another tenant's command or asset is a 404.
 """
 
@@ -15,12 +15,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from connectors.commands import Command, CommandValue
 from raytwin.contracts import Identifier
-from serve_apps.auth import Principal, Role
+from serve_apps.auth import Principal, Role, require_owner
 from serve_apps.json_route import JsonRoute
-from serve_apps.routes_recommendations import require_approver
+from serve_apps.routes_recommendations import require_another_person, require_approver
 from serve_apps.audit_steps import outcome_of
 from serve_apps.deps import ADMIN, READER, SVC, WRITER, IdPath, Services, require_role
-from serve_apps.errors import CONFLICT, Conflict
+from serve_apps.errors import CONFLICT
 
 
 class CommandProposal(BaseModel):
@@ -58,7 +58,9 @@ async def propose_command(body: CommandProposal, request: Request, who: Principa
 @router.post("/{command_id}/approve", response_model=Command, responses=CONFLICT)
 async def approve_command(command_id: IdPath, request: Request, who: Principal = READER,
                           svc: Services = SVC) -> Any:
-    """Approve (an admin key of another person than the proposer: `Principal.person`) and send once: the answer is `sent` or `failed`;
+    """Approve (an admin key with an owner, of another person than the proposer: `Principal.person`; a proposer's key
+    without an owner is no person that can be told apart, `require_another_person`) and send once: the answer is
+    `sent` or `failed`;
     an approved, sent or failed command cannot be approved again (409; the approving key's own resend answers
     the command as it is, sending nothing). An issued recommendation needs a key with the approver grant, of
     another person than whoever computed it (409 otherwise). Every attempt is audited (`command.approve`), refused
@@ -66,11 +68,11 @@ async def approve_command(command_id: IdPath, request: Request, who: Principal =
     safe. The approval is audited before anything is sent (`Services.audited`): no audit, no command."""
     try:
         require_role(who, Role.admin)  # here, not in the dependency: a refused approval is audited as well
+        require_owner(who, "approve a command")
         proposed = await svc.backend.call("connector", "command", who.tenant, command_id, lost=NOTHING_TAKEN)
         await require_approver(proposed, who, svc)
-        if proposed["status"] == "proposed" and proposed["proposed_by"] == who.key_id != who.person:
-            raise Conflict(f"command {command_id} was proposed by {who.key_id}, a key of {who.person}: another "
-                           "key must approve it (four eyes)")  # proposed before the key named its owner
+        if proposed["status"] == "proposed":  # (its approving key's resend answers it as it is)
+            require_another_person(svc.keys, proposed["proposed_by"], who, f"command {command_id}", "proposed")
     except Exception as exc:  # refused before anything could be sent: one record
         await svc.record(request, who, "command.approve", command_id, **outcome_of(exc))
         raise

@@ -2,7 +2,7 @@
 
 The lifecycle lives in the tenant's registry in the store (`raytwin.lifecycle`); the ingress acts on it
 directly, without the backend: each transition is a compare-and-set on the store, so replicas need no
-lock. Promotion to production needs a key with the ``approver`` grant that is not the key that
+lock. Promotion to production needs a key with the ``approver`` grant and an owner, another person than whoever
 submitted the candidate (four eyes), unless the tenant's policy allows automatic promotion.
 """
 
@@ -42,7 +42,7 @@ from raytwin.lifecycle import (
 from raytwin.lifecycle import Actor as LifecycleActor
 from raytwin.registry import ModelRegistry, RegistryError
 from raytwin.statestore import StateStore
-from serve_apps.auth import Principal
+from serve_apps.auth import OWNER_NEEDED, Principal, ownerless_fix
 from serve_apps.deps import ADMIN, READER, SVC, WRITABLE, WRITER, IdPath, Services
 from serve_apps.errors import (CONFLICT, BadRequest, Conflict, Forbidden, NotFound, PreconditionFailed,
                                Unprocessable, unwrap)
@@ -121,7 +121,18 @@ def _lifecycle(svc: Services, tenant: str) -> ModelLifecycle:
 
 
 def _actor(who: Principal) -> LifecycleActor:
-    return LifecycleActor(id=who.person, tenant=who.tenant, roles=frozenset(who.grants), also=frozenset({who.key_id}))
+    """The key as the lifecycle's actor: its owner, its grants as roles; a key without an owner holds none, so its
+    approver grant approves nothing (four eyes could not tell its holder from another key's: `_ownerless`)."""
+    roles = frozenset(who.grants) if who.owner is not None else frozenset()
+    return LifecycleActor(id=who.person, tenant=who.tenant, roles=roles, also=frozenset({who.key_id}))
+
+
+def _ownerless(who: Principal | None) -> str:
+    """What a refusal for want of the approver role adds for a key that has the grant but no owner: how to fix it."""
+    if who is None or "approver" not in who.grants or who.owner is not None:
+        return ""
+    return (f"; key {who.key_id} has the approver grant but no owner, so it approves nothing ({OWNER_NEEDED}): "
+            f"{ownerless_fix(who.key_id)}")
 
 
 def _check_evidence(svc: Services, tenant: str, model: str, evidence: Evidence) -> None:
@@ -193,19 +204,22 @@ def _expected(if_match: str | None, expected_revision: int | None) -> tuple[int 
 _LIFECYCLE_TAG = re.compile(rf'"(?P<revision>-?\d+)(?:-(?P<head>[0-9a-f]{{{ETAG_HEAD_CHARS}}}))?"')
 
 
-async def _call(fn: Any, *args: Any, if_match: str | None = None) -> Any:
+async def _call(fn: Any, *args: Any, if_match: str | None = None, who: Principal | None = None) -> Any:
     """Run a blocking lifecycle call off the event loop, its refusals turned into API errors (`_answered`)."""
-    with _answered(if_match):
+    with _answered(if_match, who):
         return await run_in_threadpool(fn, *args)
 
 
 @contextmanager
-def _answered(if_match: str | None = None) -> Iterator[None]:
+def _answered(if_match: str | None = None, who: Principal | None = None) -> Iterator[None]:
     """A lifecycle call's refusals as API errors; a lost compare-and-set whose revision came from `if_match`
-    answers 412, as HTTP preconditions do elsewhere in the API (`serve_apps.conditional`)."""
+    answers 412, as HTTP preconditions do elsewhere in the API (`serve_apps.conditional`). A refusal to approve
+    says how to give `who`, the acting key, the owner it lacks (`_ownerless`)."""
     try:
         yield
-    except (ApprovalRequired, TenantMismatch) as exc:
+    except ApprovalRequired as exc:
+        raise Forbidden(str(unwrap(exc)) + _ownerless(who)) from None
+    except TenantMismatch as exc:
         raise Forbidden(str(unwrap(exc))) from None
     except TransitionConflict as exc:
         if if_match is None:
@@ -292,11 +306,11 @@ def register(app: FastAPI) -> None:
                          response: Response, who: Principal = WRITER, svc: Services = SVC,
                          _writable: None = WRITABLE, if_match: str | None = IF_MATCH,
                          _only_if_match: None = ONLY_IF_MATCH) -> TransitionAnswer:
-        """Move a version to another stage. Production: a key with the `approver` grant that did not submit
-        the version (403 otherwise), unless the tenant's policy promotes automatically; the previous
-        production version is archived, and the model's twins swap to the new one (`twins` says which did,
-        and why the others keep theirs). 409: a move the version's stage does not allow, or a lost race
-        (412 when the revision came from If-Match). The answer's ETag is the lifecycle's new one."""
+        """Move a version to another stage. Production: a key with the `approver` grant and an owner, of another
+        person than whoever submitted the version (403 otherwise), unless the tenant's policy promotes
+        automatically; the previous production version is archived, and the model's twins swap to the new one
+        (`twins` says which did, and why the others keep theirs). 409: a move the version's stage does not allow,
+        or a lost race (412 when the revision came from If-Match). The answer's ETag is the lifecycle's new one."""
         expected, head = _expected(if_match, body.expected_revision)
         lc = _lifecycle(svc, who.tenant)
         await run_in_threadpool(_check_evidence, svc, who.tenant, model, body.evidence)
@@ -306,7 +320,7 @@ def register(app: FastAPI) -> None:
                                to_stage=body.to) as outcome:
             record: TransitionRecord = await _call(partial(lc.transition, expected_head=head), f"{model}@{version}",
                                                    body.to, _actor(who), body.reason, body.evidence, expected,
-                                                   if_match=if_match)
+                                                   if_match=if_match, who=who)
             outcome.update(audited_transition(record))
         response.headers["ETag"] = lifecycle_etag(record.seq, record.hash)
         return await _answer(svc, request, who, record)
@@ -326,7 +340,7 @@ def register(app: FastAPI) -> None:
         async with svc.audited(request, who, "model.rollback", model, from_version=body.from_version) as outcome:
             record: TransitionRecord = await _call(partial(lc.rollback, expected_head=head), model, _actor(who),
                                                    body.reason, body.evidence, expected, body.from_version,
-                                                   if_match=if_match)  # to the version only the log knows
+                                                   if_match=if_match, who=who)  # to the version only the log knows
             outcome.update(audited_transition(record))
         response.headers["ETag"] = lifecycle_etag(record.seq, record.hash)
         return await _answer(svc, request, who, record)
@@ -390,7 +404,7 @@ def register(app: FastAPI) -> None:
         alone cannot switch four eyes off for its own work."""
         lifecycle = _lifecycle(svc, who.tenant)
         current = await _call(lifecycle.policy, who.tenant)
-        with _answered():
+        with _answered(who=who):
             check_policy_change(current, body, _actor(who))
         async with svc.audited(request, who, "lifecycle_policy.update", who.tenant,
                                policy=body.model_dump(mode="json")):

@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 
 from connectors.commands import Command
 from raytwin.contracts import START_TIME, Contract, DateTime, Finite, Identifier, describe_error
-from serve_apps.auth import Principal
+from serve_apps.auth import OWNER_NEEDED, KeyStore, Principal, ownerless_fix
 from serve_apps.deps import READER, SVC, WRITABLE, WRITER, Services
 from serve_apps.errors import Conflict, Forbidden, Infeasible, NotFound, Unprocessable, unwrap
 from serve_apps.json_route import JsonRoute
@@ -112,9 +112,26 @@ async def require_approver(command: dict[str, Any], who: Principal, svc: Service
         raise Conflict(f"command {command['id']} issues recommendation {recommendation}, whose run record is gone: "
                        "who computed it cannot be told apart from the approver (four eyes); refuse it, and issue a "
                        "new recommendation") from None
-    if {user, svc.keys.owner(user or "")} & {who.key_id, who.person}:
-        raise Conflict(f"command {command['id']} issues recommendation {recommendation}, computed by {who.person}: "
-                       "another person must approve it (four eyes)")
+    if user is None or svc.keys.entry(user) is None:
+        raise Conflict(f"command {command['id']} issues recommendation {recommendation}, computed by key {user}, "
+                       "which the keys file no longer names (it was removed before revoked keys were kept): who "
+                       "held it cannot be told apart from the approver (four eyes); refuse it, and issue a new "
+                       "recommendation")
+    require_another_person(svc.keys, user, who, f"recommendation {recommendation} of command {command['id']}",
+                           "computed")
+
+
+def require_another_person(keys: KeyStore, recorded: str, who: Principal, what: str, done: str) -> None:
+    """409 unless whoever `done` `what` (`recorded`: an owner, or the key id of a key that had none when it acted) is
+    another person than `who`. A key id is read as its key's owner, a revoked key's too; a key without an owner
+    cannot be told from another key of `who`'s holder (four eyes), so its work is approved by no one."""
+    entry = keys.entry(recorded)
+    if entry is not None and entry.owner is None:
+        raise Conflict(f"{what} was {done} by key {recorded}, which has no owner: its holder cannot be told apart "
+                       f"from the approver ({OWNER_NEEDED}); {ownerless_fix(recorded)}, and have the new key do it "
+                       "again")
+    if {recorded, entry.owner if entry else None} & {who.key_id, who.person}:
+        raise Conflict(f"{what} was {done} by {who.person}: another person must approve it (four eyes)")
 
 
 router = APIRouter(prefix="/v1/assets/{asset_id}/recommendations", tags=["recommendations"], route_class=JsonRoute)

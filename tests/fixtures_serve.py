@@ -11,7 +11,7 @@ from typing import Any
 
 KEYS = (("admin", "acme", "admin", ()), ("approver", "acme", "admin", ("approver",)),
         ("writer", "acme", "writer", ()), ("reader", "acme", "reader", ()), ("other", "globex", "admin", ()))
-"""The keys `in_process` makes: (name, tenant, role, grants)."""
+"""The keys `in_process` makes: (name, tenant, role, grants), each held by a person of its name (its owner)."""
 NODE_BROKERS = ["127.0.0.1/32"]
 """`ServeConfig.connector_hosts` of the services whose tenants' connectors use a broker or server on this machine:
 the default refuses loopback (a tenant reaches nothing on the node), so these list it, as an operator opens a
@@ -64,7 +64,7 @@ def in_process_app(backend: Any, root: Path) -> tuple[Any, dict[str, dict[str, s
     from serve_apps.twin_reads import TwinReader
 
     keys_file = root / "keys.json"
-    keys = {name: create_key(keys_file, tenant, role, grants)[1] for name, tenant, role, grants in KEYS}
+    keys = {name: create_key(keys_file, tenant, role, grants, name)[1] for name, tenant, role, grants in KEYS}
     config = ServeConfig(store_url=str(root / "store"), keys_file=str(keys_file), rate_per_s=1000, rate_burst=1000,
                          model_packages=TEST_MODELS)
     app = create_api()

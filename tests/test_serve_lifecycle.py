@@ -36,7 +36,7 @@ def client(serve_proxy, tmp_path_factory):
     """The API on the shared Serve proxy, one asset type in two versions (both registered as thermal_rc models)."""
     root = tmp_path_factory.mktemp("serve-lifecycle")
     keys_file = root / "keys.json"
-    keys = {name: create_key(keys_file, tenant, role, grants)[1] for name, tenant, role, grants in KEYS}
+    keys = {name: create_key(keys_file, tenant, role, grants, name)[1] for name, tenant, role, grants in KEYS}
     config = {"store_url": str(root / "store"), "keys_file": str(keys_file), "twin_shards": 1,
               "namespace": "raytwin-lifecycle-tests", "autoscaling": {"min_replicas": 1, "max_replicas": 1}}
     with deployed(config), httpx.Client(base_url=serve_proxy, timeout=120.0) as http:
@@ -90,8 +90,8 @@ def test_promotion_needs_a_second_approver_and_rolls_back(client):
     assert "'approver' role" in assert_error(_move(api, "writer", V1, "production"), 403, "forbidden")["message"]
     assert_error(_move(api, "reader", V1, "production"), 403, "forbidden")
     first = _move(api, "approver", V1, "production")
-    approver_id = api.keys["approver"].split("_")[1]  # rtk_<key_id>_<secret>: the log names the key, never the secret
-    assert first.status_code == 201 and (first.json()["actor"], first.json()["actor_roles"]) == (approver_id,
+    approver_id = api.keys["approver"].split("_")[1]  # rtk_<key_id>_<secret>: the audit names the key, never the secret
+    assert first.status_code == 201 and (first.json()["actor"], first.json()["actor_roles"]) == ("approver",
                                                                                                  ["approver"])
 
     # another tenant sees no such model, and cannot submit one of ours
@@ -262,8 +262,7 @@ def test_the_publisher_of_a_version_may_not_approve_it(client):
     assert _move(api, "writer", own, "candidate").status_code == 201
     assert _move(api, "writer", own, "staging").status_code == 201
     refused = assert_error(_move(api, "chief", own, "production"), 403, "forbidden")["message"]
-    chief = api.keys["chief"].split("_")[1]
-    assert refused.startswith(f"{chief} is the publisher (its declaration and parameters) of thermal_rc@{own} and "
+    assert refused.startswith(f"chief is the publisher (its declaration and parameters) of thermal_rc@{own} and "
                               "may not approve it (four eyes)")
 
 

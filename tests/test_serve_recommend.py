@@ -49,7 +49,7 @@ def api(ray_session, broker, tmp_path_factory):  # noqa: F811 (the broker fixtur
 
     root = tmp_path_factory.mktemp("recommend-api")
     keys_file = root / "keys.json"
-    keys = {name: create_key(keys_file, tenant, role, grants) for name, tenant, role, grants in KEYS}
+    keys = {name: create_key(keys_file, tenant, role, grants, name) for name, tenant, role, grants in KEYS}
     config = ServeConfig(store_url=str(root / "store"), keys_file=str(keys_file), rate_per_s=1000, rate_burst=1000,
                          connector_hosts=NODE_BROKERS)  # the tenant's connector: to the broker on this machine
     artifact = ModelRegistry(config.url("registry", "acme")).register("tank", "1.0.0", AssetType.from_model(TWO_TANK))
@@ -135,7 +135,7 @@ def test_issuing_needs_an_approver_who_is_not_the_issuer(api, broker, recommenda
     assert r.status_code == 201, r.text
     command = r.json()
     assert (command["status"], command["proposed_by"], command["value"]["recommendation"]) == (
-        "proposed", key_ids["writer"], rid)
+        "proposed", "writer", rid)  # its owner
     assert command["value"]["status"] == "feasible"  # what its approver sees
     assert json.loads(command["value"]["values"]) == recommendation["action"]["values"]
     assert datetime.fromisoformat(command["value"]["start_time"]) == datetime.fromisoformat(
@@ -180,7 +180,7 @@ def test_the_first_block_alone_is_issued_for_a_command_that_takes_one_value(api,
     assert r.status_code == 201, r.text
     command = r.json()
     assert command["value"] == {"value": action["values"][0], "unit": action["unit"]}
-    assert (command["recommendation_id"], command["proposed_by"]) == (rid, key_ids["writer"])
+    assert (command["recommendation_id"], command["proposed_by"]) == (rid, "writer")
     approve = f"/v1/commands/{command['id']}/approve"
     no_grant = client.post(approve, headers=auth["admin"])
     assert no_grant.status_code == 403 and "'approver' grant" in no_grant.json()["error"]["message"]

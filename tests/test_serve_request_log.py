@@ -126,8 +126,8 @@ def test_keys_created_and_revoked_are_audited_in_the_keys_files_trail(tmp_path):
 
     keys_file = tmp_path / "keys.json"
     runner = CliRunner()
-    created = runner.invoke(app, ["keys", "create", "--tenant", "acme", "--role", "writer", "--keys-file",
-                                  str(keys_file)])
+    created = runner.invoke(app, ["keys", "create", "--tenant", "acme", "--role", "writer", "--owner", "alice",
+                                  "--keys-file", str(keys_file)])
     assert created.exit_code == 0, created.output
     key = created.stdout.strip()
     key_id = key.split("_")[1]
@@ -138,4 +138,6 @@ def test_keys_created_and_revoked_are_audited_in_the_keys_files_trail(tmp_path):
     assert [(r.action, r.key_id, r.tenant, r.role) for r in records] == [
         ("key.create", key_id, "acme", "writer"), ("key.revoke", key_id, "acme", "writer")]
     assert all("@" in r.details["by"] for r in records)
-    assert key not in trail.read_text() and json.loads(keys_file.read_text()) == []
+    assert key not in trail.read_text()
+    (revoked,) = json.loads(keys_file.read_text())  # kept, its owner with it, without its digest
+    assert (revoked["key_id"], revoked["owner"], "sha256" in revoked) == (key_id, "alice", False)

@@ -23,7 +23,7 @@ from raytwin.contracts import Asset, AssetType, Relationship
 from raytwin.sim import THERMAL_RC, TWO_TANK
 from serve_apps.audit import AuditLog, AuditRecord
 from serve_apps.backend import FENCE_CHECK_S
-from serve_apps.auth import KeyStore, KeysUnavailable, create_key, digest
+from serve_apps.auth import KeyStore, KeysUnavailable, create_key, digest, revoke_key
 from serve_apps.catalog import Catalog
 from serve_apps.cli import autoscaling_args, keys_app, serve_app
 from serve_apps.config import ServeConfig
@@ -81,7 +81,8 @@ def test_a_revoked_key_is_refused_and_a_broken_keys_file_refuses_every_key(tmp_p
 
 def test_cli_creates_keys_and_writes_the_committed_openapi(tmp_path):
     keys = tmp_path / "k.json"
-    result = CliRunner().invoke(keys_app, ["create", "--tenant", "acme", "--role", "admin", "--keys-file", str(keys)])
+    result = CliRunner().invoke(keys_app, ["create", "--tenant", "acme", "--role", "admin", "--owner", "ops",
+                                           "--keys-file", str(keys)])
     assert result.exit_code == 0, result.output
     key = result.output.splitlines()[0]
     assert KeyStore(keys).authenticate(key).role == "admin"
@@ -90,7 +91,7 @@ def test_cli_creates_keys_and_writes_the_committed_openapi(tmp_path):
     bad = CliRunner().invoke(keys_app, ["create", "--tenant", "acme", "--role", "root", "--keys-file", str(keys)])
     assert bad.exit_code != 0
     granted = CliRunner().invoke(keys_app, ["create", "--tenant", "acme", "--role", "writer", "--grant", "approver",
-                                            "--keys-file", str(keys)])
+                                            "--owner", "ops", "--keys-file", str(keys)])
     assert granted.exit_code == 0
     assert KeyStore(keys).authenticate(granted.output.splitlines()[0]).grants == ("approver",)
     unknown = CliRunner().invoke(keys_app, ["create", "--tenant", "acme", "--role", "writer", "--grant", "root",
@@ -1483,7 +1484,7 @@ def test_one_persons_two_keys_are_one_pair_of_eyes_for_commands_and_model_versio
         proposed, earlier = (http.post("/v1/commands", headers=h, json=command).json() for h in (alice["writer"], bob))
         assert (proposed["proposed_by"], earlier["proposed_by"]) == ("alice", bobs.key_id)
         own = http.post(f"/v1/commands/{proposed['id']}/approve", headers=alice["approver"])
-        assert own.status_code == 409 and "another key must approve it (four eyes)" in own.text, own.text
+        assert own.status_code == 409 and "another person must approve it (four eyes)" in own.text, own.text
 
         ModelRegistry(str(tmp_path / "store" / "registry" / "acme")).register(  # as bob's POST /v1/asset-types
             "thermal_rc", "1.0.0", AssetType.from_model(THERMAL_RC), metadata={PUBLISHED_BY: bobs.key_id})
@@ -1507,10 +1508,73 @@ def test_one_persons_two_keys_are_one_pair_of_eyes_for_commands_and_model_versio
         keys.write_text(json.dumps([{**r, "owner": "bob"} if r["key_id"] == bobs.key_id else r for r in records]))
         os.utime(keys, (1, 1))  # a new modification time, whatever the clock's resolution
         own = http.post(f"/v1/commands/{earlier['id']}/approve", headers=bob)
-        assert own.status_code == 409 and "another key must approve it (four eyes)" in own.text, own.text
+        assert own.status_code == 409 and "proposed by bob: another person must approve" in own.text, own.text
         promoted = http.post(versions, headers=bob, json={"to": "production", "reason": "mine"})
         assert promoted.status_code == 403 and "bob is the publisher" in promoted.text, promoted.text
         assert backend.sent == []
+
+
+def test_a_key_without_an_owner_approves_nothing_and_what_it_proposed_no_key_approves(tmp_path):
+    """Four eyes held only for keys given an owner: each key stored without one counted as a person, so one person
+    holding two (a key and its successor while it is rotated) proposed with one and approved with the other. Such a
+    key now approves nothing (403 saying how to give it an owner), and what it proposed no key approves (409)."""
+    from raytwin.registry import ModelRegistry
+    from tests.fixtures_serve import in_process
+
+    backend = LedgerBackend(tmp_path)
+    with in_process(backend, tmp_path) as (http, auth, _):
+        keys = tmp_path / "keys.json"
+        old, old_key = create_key(keys, "acme", "admin", ("approver",))  # stored before owners were needed
+        ownerless = {"Authorization": f"Bearer {old_key}"}
+        successor = {"Authorization": f"Bearer {create_key(keys, 'acme', 'admin', ('approver',), 'dave')[1]}"}
+        command = {"connector": "web", "asset_id": "pump-1", "name": "setpoint", "value": {"q": 1.0}}
+        by_old, by_writer = (http.post("/v1/commands", headers=h, json=command).json()
+                             for h in (ownerless, auth["writer"]))
+        refused = http.post(f"/v1/commands/{by_writer['id']}/approve", headers=ownerless)
+        assert refused.status_code == 403, refused.text
+        message = refused.json()["error"]["message"]
+        assert f"key {old.key_id} has no owner, so it may not approve a command" in message
+        assert "--owner PERSON" in message and f"raytwin keys revoke {old.key_id}" in message
+        own = http.post(f"/v1/commands/{by_old['id']}/approve", headers=successor)  # dave's two keys
+        assert own.status_code == 409 and f"proposed by key {old.key_id}, which has no owner" in own.text, own.text
+        assert backend.sent == []
+        assert http.post(f"/v1/commands/{by_writer['id']}/approve", headers=successor).status_code == 200
+
+        ModelRegistry(str(tmp_path / "store" / "registry" / "acme")).register(
+            "thermal_rc", "1.0.0", AssetType.from_model(THERMAL_RC))
+        versions = "/v1/models/thermal_rc/versions/1.0.0/transitions"
+        for stage in ("candidate", "staging"):
+            assert http.post(versions, headers=auth["writer"], json={"to": stage, "reason": "fits"}).status_code == 201
+        promoted = http.post(versions, headers=ownerless, json={"to": "production", "reason": "fits"})
+        assert promoted.status_code == 403, promoted.text
+        assert f"key {old.key_id} has the approver grant but no owner" in promoted.json()["error"]["message"]
+
+
+def test_keys_create_refuses_a_key_whose_acts_four_eyes_compares_without_an_owner(tmp_path):
+    """`raytwin keys create` made writer, admin and approver keys without an owner, each a person to four eyes."""
+    keys = tmp_path / "keys.json"
+    for role, grants in (("writer", []), ("admin", []), ("reader", ["--grant", "approver"])):
+        refused = CliRunner().invoke(keys_app, ["create", "--tenant", "acme", "--role", role, *grants,
+                                                "--keys-file", str(keys)])
+        assert refused.exit_code == 2 and "needs --owner PERSON" in refused.output, refused.output
+    assert not keys.exists()
+    reader = CliRunner().invoke(keys_app, ["create", "--tenant", "acme", "--role", "reader", "--keys-file", str(keys)])
+    assert reader.exit_code == 0, reader.output  # a reader's acts are compared by no rule
+
+
+def test_a_revoked_key_keeps_its_owner_and_authenticates_no_more(tmp_path):
+    """F14: revoking removed a key's record and its owner with it, so who held it could not be told (a recommendation
+    it computed was nobody's). It is kept now, without its digest."""
+    path = tmp_path / "keys.json"
+    first, first_key = create_key(path, "acme", "writer", owner="carol")
+    store = KeyStore(path)
+    revoke_key(path, first.key_id)
+    assert store.authenticate(first_key) is None and not store.has_key_id(first.key_id)
+    assert store.owner(first.key_id) == "carol" and first.sha256 not in path.read_text()
+    listed = CliRunner().invoke(keys_app, ["list", "--keys-file", str(path)]).output
+    assert listed.startswith(f"{first.key_id}\tacme\twriter\t-\tcarol\trevoked 20"), listed
+    with pytest.raises(KeyError, match="no key"):
+        revoke_key(path, first.key_id)
 
 
 def test_whoever_computed_a_recommendation_may_not_approve_the_command_that_issues_it(tmp_path):
@@ -1540,6 +1604,9 @@ def test_whoever_computed_a_recommendation_may_not_approve_the_command_that_issu
         own = http.post(f"/v1/commands/{commands['approver']}/approve", headers=auth["approver"])
         assert own.status_code == 409 and "computed by " in own.text and "four eyes" in own.text, own.text
         carols_other_key = {"Authorization": f"Bearer {carol[1][1]}"}  # the same person: one pair of eyes
+        own = http.post(f"/v1/commands/{commands['carol']}/approve", headers=carols_other_key)
+        assert own.status_code == 409 and "computed by carol" in own.text, own.text
+        revoke_key(keys, carol[0][0].key_id)  # F14: who held the computing key is still told after its revocation
         own = http.post(f"/v1/commands/{commands['carol']}/approve", headers=carols_other_key)
         assert own.status_code == 409 and "computed by carol" in own.text, own.text
         assert backend.sent == []
