@@ -112,8 +112,11 @@ class Actor(Contract):
     tenant: Identifier
     roles: frozenset[Identifier] = frozenset()
     also: frozenset[Identifier] = Field(frozenset(), description=(
-        "Other ids the same principal acted under: the API key's own id where `id` is its owner, so that what the key "
-        "did before it named an owner is still its own (four eyes)"))
+        "Other ids the same principal acted under: the API key's own id where `id` is its owner, and its owner's other "
+        "keys', so that what a key did before it named an owner is still its owner's (four eyes)"))
+    untold: frozenset[Identifier] = Field(frozenset(), description=(
+        "Ids the actor cannot be told apart from (the tenant's API keys without an owner: any may be its holder's), "
+        "so that it approves no version one of them had a hand in (four eyes)"))
 
 
 class Evidence(Contract):
@@ -506,16 +509,25 @@ class ModelLifecycle:
 
     def _approve(self, state: ModelState, version: VersionState, actor: Actor) -> bool:
         """Whether production is reached by policy (True) or by a second pair of eyes (False); else refuse.
-        An approver who had a hand in the version is no second pair of eyes: under the tenant's automatic
-        promotion it promotes as any writer does (recorded as automatic), otherwise it is refused."""
+        An approver who had a hand in the version, or may have (one of the keys it cannot be told apart from,
+        `Actor.untold`, had), is no second pair of eyes: under the tenant's automatic promotion it promotes as any
+        writer does (recorded as automatic), otherwise it is refused."""
         ref = f"{state.model}@{version.version}"
         policy, setters = self._stored_policy(state.tenant or actor.tenant)
         auto = policy.auto_promote
         if APPROVER in actor.roles:
-            if (role := self._made_by(ref, version, {actor.id, *actor.also})) is None:
+            role = self._made_by(ref, version, {actor.id, *actor.also})
+            untold = self._made_by(ref, version, actor.untold) if role is None and actor.untold else None
+            if role is None and untold is None:
                 return False
             if auto:
                 return self._automatic(ref, version, setters)
+            if untold is not None:
+                raise ApprovalRequired(
+                    f"an API key without an owner is {untold}: its holder cannot be told apart from {actor.id} (four "
+                    "eyes), nor from any other approver; name its holder as its owner in the keys file (then only "
+                    "that person's keys are refused), or publish the content again as a new version with a key that "
+                    "has an owner and submit that")
             if role == UNKNOWN_SETTER:
                 raise ApprovalRequired(
                     f"{ref} was fitted by a drift recalibration under a policy stored before its setter was kept: "

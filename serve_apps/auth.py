@@ -203,6 +203,12 @@ class KeyStore:
         entry = self.entry(key_id)
         return entry.owner if entry is not None else None
 
+    def key_ids(self, tenant: str, owner: str | None) -> frozenset[str]:
+        """The ids of the tenant's keys held by `owner` (None: those without one), revoked ones too: what a record
+        made under a key id may be another key of `owner`'s (four eyes)."""
+        self._refresh()
+        return frozenset(k for k, e in self._by_id.items() if e.tenant == tenant and e.owner == owner)
+
     def principal(self, key_sha256: str) -> Principal | None:
         """Who holds the key of this digest now (None: unknown or revoked): what an open stream re-checks
         without keeping the key itself. A stat of the file; it is read again only when it changed."""

@@ -42,7 +42,7 @@ from raytwin.lifecycle import (
 from raytwin.lifecycle import Actor as LifecycleActor
 from raytwin.registry import ModelRegistry, RegistryError
 from raytwin.statestore import StateStore
-from serve_apps.auth import OWNER_NEEDED, Principal, ownerless_fix
+from serve_apps.auth import OWNER_NEEDED, KeyStore, Principal, ownerless_fix
 from serve_apps.deps import ADMIN, READER, SVC, WRITABLE, WRITER, IdPath, Services
 from serve_apps.errors import (CONFLICT, BadRequest, Conflict, Forbidden, NotFound, PreconditionFailed,
                                Unprocessable, unwrap)
@@ -120,11 +120,15 @@ def _lifecycle(svc: Services, tenant: str) -> ModelLifecycle:
     return ModelLifecycle(ModelRegistry(svc.config.url("registry", tenant), svc.config.storage_options or None))
 
 
-def _actor(who: Principal) -> LifecycleActor:
-    """The key as the lifecycle's actor: its owner, its grants as roles; a key without an owner holds none, so its
-    approver grant approves nothing (four eyes could not tell its holder from another key's: `_ownerless`)."""
-    roles = frozenset(who.grants) if who.owner is not None else frozenset()
-    return LifecycleActor(id=who.person, tenant=who.tenant, roles=roles, also=frozenset({who.key_id}))
+def _actor(who: Principal, keys: KeyStore) -> LifecycleActor:
+    """The key as the lifecycle's actor: its owner, its grants as roles, and as ids it acted under its own and its
+    owner's other keys (revoked ones too); the tenant's keys without an owner as those it cannot be told apart
+    from. A key without an owner holds no role, so its approver grant approves nothing (`_ownerless`)."""
+    if who.owner is None:
+        return LifecycleActor(id=who.person, tenant=who.tenant, also=frozenset({who.key_id}))
+    return LifecycleActor(id=who.person, tenant=who.tenant, roles=frozenset(who.grants),
+                          also=keys.key_ids(who.tenant, who.owner) | {who.key_id},
+                          untold=keys.key_ids(who.tenant, None))
 
 
 def _ownerless(who: Principal | None) -> str:
@@ -319,8 +323,8 @@ def register(app: FastAPI) -> None:
         async with svc.audited(request, who, f"model.{ACTION_TO[body.to]}", f"{model}@{version}",
                                to_stage=body.to) as outcome:
             record: TransitionRecord = await _call(partial(lc.transition, expected_head=head), f"{model}@{version}",
-                                                   body.to, _actor(who), body.reason, body.evidence, expected,
-                                                   if_match=if_match, who=who)
+                                                   body.to, _actor(who, svc.keys), body.reason, body.evidence,
+                                                   expected, if_match=if_match, who=who)
             outcome.update(audited_transition(record))
         response.headers["ETag"] = lifecycle_etag(record.seq, record.hash)
         return await _answer(svc, request, who, record)
@@ -338,7 +342,8 @@ def register(app: FastAPI) -> None:
         await _call(_require_model, lc, model)
         await run_in_threadpool(_check_evidence, svc, who.tenant, model, body.evidence)
         async with svc.audited(request, who, "model.rollback", model, from_version=body.from_version) as outcome:
-            record: TransitionRecord = await _call(partial(lc.rollback, expected_head=head), model, _actor(who),
+            actor = _actor(who, svc.keys)
+            record: TransitionRecord = await _call(partial(lc.rollback, expected_head=head), model, actor,
                                                    body.reason, body.evidence, expected, body.from_version,
                                                    if_match=if_match, who=who)  # to the version only the log knows
             outcome.update(audited_transition(record))
@@ -379,7 +384,7 @@ def register(app: FastAPI) -> None:
         async with svc.audited(request, who, "model.prune", model) as outcome:
             failure: BaseException | None = None
             try:
-                report: PruneReport = await _call(lifecycle.prune, model, _actor(who),
+                report: PruneReport = await _call(lifecycle.prune, model, _actor(who, svc.keys),
                                                   svc.config.url("runs", who.tenant),
                                                   svc.config.storage_options or None,
                                                   {a.type_version for a in assets} | set(running))
@@ -405,7 +410,7 @@ def register(app: FastAPI) -> None:
         lifecycle = _lifecycle(svc, who.tenant)
         current = await _call(lifecycle.policy, who.tenant)
         with _answered(who=who):
-            check_policy_change(current, body, _actor(who))
+            check_policy_change(current, body, _actor(who, svc.keys))
         async with svc.audited(request, who, "lifecycle_policy.update", who.tenant,
                                policy=body.model_dump(mode="json")):
             await _call(lifecycle.set_policy, who.tenant, body, frozenset({who.person, who.key_id}))

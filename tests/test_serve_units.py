@@ -1517,7 +1517,8 @@ def test_one_persons_two_keys_are_one_pair_of_eyes_for_commands_and_model_versio
 def test_a_key_without_an_owner_approves_nothing_and_what_it_proposed_no_key_approves(tmp_path):
     """Four eyes held only for keys given an owner: each key stored without one counted as a person, so one person
     holding two (a key and its successor while it is rotated) proposed with one and approved with the other. Such a
-    key now approves nothing (403 saying how to give it an owner), and what it proposed no key approves (409)."""
+    key now approves nothing (403 saying how to give it an owner), and what it proposed or submitted no key
+    approves, until the keys file names its owner."""
     from raytwin.registry import ModelRegistry
     from tests.fixtures_serve import in_process
 
@@ -1543,11 +1544,20 @@ def test_a_key_without_an_owner_approves_nothing_and_what_it_proposed_no_key_app
         ModelRegistry(str(tmp_path / "store" / "registry" / "acme")).register(
             "thermal_rc", "1.0.0", AssetType.from_model(THERMAL_RC))
         versions = "/v1/models/thermal_rc/versions/1.0.0/transitions"
-        for stage in ("candidate", "staging"):
-            assert http.post(versions, headers=auth["writer"], json={"to": stage, "reason": "fits"}).status_code == 201
+        for stage in ("candidate", "staging"):  # submitted by the key without an owner
+            assert http.post(versions, headers=ownerless, json={"to": stage, "reason": "fits"}).status_code == 201
         promoted = http.post(versions, headers=ownerless, json={"to": "production", "reason": "fits"})
         assert promoted.status_code == 403, promoted.text
         assert f"key {old.key_id} has the approver grant but no owner" in promoted.json()["error"]["message"]
+        promoted = http.post(versions, headers=successor, json={"to": "production", "reason": "mine, unseen"})
+        assert promoted.status_code == 403, promoted.text
+        assert promoted.json()["error"]["message"].startswith(
+            "an API key without an owner is the author of thermal_rc@1.0.0: its holder cannot be told apart from dave")
+        records = json.loads(keys.read_text())  # its holder named by hand: the old key's work is dave's
+        keys.write_text(json.dumps([{**r, "owner": "dave"} if r["key_id"] == old.key_id else r for r in records]))
+        os.utime(keys, (1, 1))
+        promoted = http.post(versions, headers=successor, json={"to": "production", "reason": "mine"})
+        assert promoted.status_code == 403 and "dave is the author of thermal_rc@1.0.0" in promoted.text, promoted.text
 
 
 def test_keys_create_refuses_a_key_whose_acts_four_eyes_compares_without_an_owner(tmp_path):
