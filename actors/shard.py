@@ -76,7 +76,8 @@ from raytwin.keyindex import Logged, LogKeyIndex, content_digest
 from raytwin.logs import component_logging
 from raytwin.migration import MigrationPlan
 from raytwin.sim.cpu import start_single_core_backend
-from raytwin.statestore import LOG_BATCH_SCHEMA, StateStore, StoreFenced, dead_letter_stem, from_micros
+from raytwin.statestore import (LOG_BATCH_SCHEMA, StateStore, StoreFenced, column_micros, dead_letter_stem,
+                                 from_micros)
 from raytwin.store_failures import zero_counts
 
 log = logging.getLogger("raytwin.twins")
@@ -483,7 +484,7 @@ class TwinShard(LiveModelOps):
         if applied.num_rows:
             now_us = time.time_ns() // 1000
             for column, metric in (("event_time", metrics.EVENT_TO_APPLIED), ("ingest_time", metrics.INGEST_TO_APPLIED)):
-                us = applied.column(column).cast(pa.int64()).to_numpy()
+                us = column_micros(applied.column(column))
                 metric.observe_many(np.maximum(now_us - us, 0) / 1e6)
             self.newest_ingest_us = max(self.newest_ingest_us, int(us.max()))
 
@@ -493,23 +494,26 @@ class TwinShard(LiveModelOps):
         every row in its filter's columns (None for an unknown twin)."""
         targets: dict[int, int] = {}  # id of a twin's filter -> index in `columns`
         columns: list[tuple[AssetType, tuple[str, ...]]] = []
-        asset_target = np.full(len(twins), -1, dtype=np.int64)
-        for c, twin in enumerate(twins):
-            if twin is not None:
-                asset_target[c] = targets.setdefault(id(twin.filter), len(columns))
-                if asset_target[c] == len(columns):
-                    columns.append((twin.artifact.asset_type, twin.filter.measured_names))
-        row_target = asset_target[code]
+        asset_target = []  # a list, not an array: a NumPy item per twin costs more than the loop (~100 a call)
+        for twin in twins:
+            if twin is None:
+                asset_target.append(-1)
+                continue
+            t = targets.setdefault(id(twin.filter), len(columns))
+            if t == len(columns):
+                columns.append((twin.artifact.asset_type, twin.filter.measured_names))
+            asset_target.append(t)
+        row_target = np.array(asset_target, dtype=np.int64)[code]
         normalized = normalize_entries(entries, row_target, columns)
         matrices = [value_matrix(entries, normalized, row_target == t, len(names)) for t, (_, names) in enumerate(columns)]
-        return normalized, [None if t < 0 else matrices[t] for t in asset_target.tolist()]
+        return normalized, [None if t < 0 else matrices[t] for t in asset_target]
 
     def _admit(self, tenant: str, batch: pa.Table, assets: list[str], twins: list[Twin | None], code: np.ndarray,
                values: list[np.ndarray | None], misfit: np.ndarray, si_values: pa.MapArray) -> Admission:
         """Decide each row: accepted, duplicate, conflict or rejected (see `Admission`). Rows beyond
         their twin's lateness window are decided from the durable log, all at once (`_from_log`)."""
         keys = batch.column("idempotency_key").to_pylist()
-        times = batch.column("event_time").cast(pa.int64()).to_numpy().tolist()
+        times = column_micros(batch.column("event_time")).tolist()
         sequences = batch.column("sequence").to_numpy().tolist()
         qualities = batch.column("quality").to_pylist()
         misfits = misfit.tolist() if misfit.any() else None  # None: no row misfits (the common case, one check)

@@ -41,7 +41,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache, partial
+from functools import cached_property, lru_cache, partial
 from itertools import chain, repeat
 from typing import Literal, NamedTuple, get_args
 
@@ -147,11 +147,11 @@ class _Layout(NamedTuple):
     events: tuple[tuple[int, ...], ...]
 
     @classmethod
-    def of(cls, carry: tuple[tuple[tuple[int, ...], ...], tuple[np.dtype, ...]], consts: Sequence[np.ndarray],
+    def of(cls, carry: tuple[tuple[tuple[int, ...], ...], tuple[np.dtype, ...]], consts: tuple[tuple[int, ...], ...],
            events: Sequence[np.ndarray]) -> _Layout:
-        """The layout of a carry's (shapes, dtypes) and of these fields: per twin (consts) and per twin
-        and event (events)."""
-        return cls(*carry, tuple(f.shape[1:] for f in consts), tuple(f.shape[2:] for f in events))
+        """The layout of a carry's (shapes, dtypes), of a filter's constants' shapes (`ExtendedKalmanFilter.consts`)
+        and of these per twin and event fields (events)."""
+        return cls(*carry, consts, tuple(f.shape[2:] for f in events))
 
 
 @lru_cache(maxsize=256)
@@ -168,12 +168,14 @@ def _columns(shapes: tuple[tuple[int, ...], ...]) -> tuple[slice, ...]:
 def _unpack(packed, shapes: tuple[tuple[int, ...], ...], dtypes: Sequence[np.dtype] = ()):
     """The fields of a packed array (last axis) in their shapes (and `dtypes`, if given), leading axes
     kept (JAX or NumPy)."""
-    lead, out = packed.shape[:-1], []
-    for k, (shape, cols) in enumerate(zip(shapes, _columns(shapes))):
-        field = packed[..., cols].reshape(*lead, *shape)
-        dtype = dtypes[k] if k < len(dtypes) else np.float64
-        out.append(field if dtype == np.float64 else (field != 0) if dtype == np.bool_ else field.astype(dtype))
-    return out
+    return [_unpack_field(packed, shapes, dtypes, k) for k in range(len(shapes))]
+
+
+def _unpack_field(packed, shapes: tuple[tuple[int, ...], ...], dtypes: Sequence[np.dtype], k: int):
+    """Field `k` of `_unpack` alone (a live batch reads a few fields of its trace, `ModelTrace`)."""
+    field = packed[..., _columns(shapes)[k]].reshape(*packed.shape[:-1], *shapes[k])
+    dtype = dtypes[k] if k < len(dtypes) else np.float64
+    return field if dtype == np.float64 else (field != 0) if dtype == np.bool_ else field.astype(dtype)
 
 
 def _pack(xp, fields: Sequence, lead: tuple[int, ...]):
@@ -252,24 +254,55 @@ class PackedState(NamedTuple):
         """The `FilterState` `FilterTrace.states` makes of this row (same values and types), built from
         the row directly: every state read unpacks one twin, and a trace's gathers for many rows made it
         1.6x slower."""
-        x, P, *div = (f[0] for f in _unpack(self.carry[None], self.layout.carry, self.layout.carry_dtypes))
-        fields = [f.tolist() for f in div]
-        for i in _PER_OUTPUT_INDEX:  # tuples, empty before the first update
-            fields[i] = tuple(fields[i]) if fields[0] else ()
-        return FilterState(self.t, x.copy(), P.copy(), self.u.copy(), Divergence._make(fields))
+        return _row_state(self.layout, self.t, self.u, self.carry)
+
+
+def _row_state(layout: _Layout, t: float, u: np.ndarray, carry: np.ndarray) -> FilterState:
+    """`PackedState.state` of a carry row laid out as `layout.carry` (its own copies of the arrays)."""
+    x, P, *div = (f[0] for f in _unpack(carry[None], layout.carry, layout.carry_dtypes))
+    fields = [f.tolist() for f in div]
+    for i in _PER_OUTPUT_INDEX:  # tuples, empty before the first update
+        fields[i] = tuple(fields[i]) if fields[0] else ()
+    return FilterState(t, x.copy(), P.copy(), u.copy(), Divergence._make(fields))
+
+
+class ModelTrace(NamedTuple):
+    """What one model's dispatches left for its runs' events, back to back (run order): each event's time
+    and held inputs after it, and the kernel's packed carry after it (x, P, `Divergence`; laid out as
+    `layout.carry`). `Traces` unpacks it into a `FilterTrace` only when one is asked for: a live batch
+    reads a few of its fields (`field`) and a few rows (`state`), and unpacking every field (17 arrays)
+    was ~5 % of its filter step."""
+
+    t: np.ndarray
+    u: np.ndarray
+    carry: np.ndarray
+    layout: _Layout
+
+    def field(self, name: str, rows: np.ndarray | slice = slice(None)) -> np.ndarray:
+        """`Divergence` field `name` (as `FilterTrace` holds it) of the events `rows`."""
+        return _unpack_field(self.carry[rows], self.layout.carry, self.layout.carry_dtypes,
+                             2 + Divergence._fields.index(name))
+
+    def state(self, i: int) -> FilterState:
+        """`FilterTrace.state(i)`, made from event i's carry row alone (`PackedState.state`)."""
+        return _row_state(self.layout, self.t[i].item(), self.u[i], self.carry[i])
+
+    def unpacked(self) -> FilterTrace:
+        """Every field of every event, as `FilterTrace` holds them."""
+        out_x, out_P, *out_div = _unpack(self.carry, self.layout.carry, self.layout.carry_dtypes)
+        return FilterTrace(self.t, out_x, out_P, self.u, *out_div)
 
 
 @dataclass(frozen=True)
 class Traces:
     """What `assimilate_runs` returns: for each run, the state after each of its events.
 
-    The runs of one model share one packed `FilterTrace` (run k is `lengths[k]` rows from
-    `starts[k]`), so the final states of all runs come out of one gather per model
-    (`final_states`, or `final_packed` for the next dispatch) instead of a slice and an object per
-    run and field."""
+    The runs of one model share one `ModelTrace` (run k is `lengths[k]` rows from `starts[k]`), so
+    the final states of all runs come out of one gather per model (`final_states`, or `final_packed`
+    for the next dispatch) instead of a slice and an object per run and field; it is unpacked into a
+    `FilterTrace` (`packed`) only where a whole trace is read."""
 
-    packed: dict[_Kernels, FilterTrace]
-    carries: dict[_Kernels, tuple[np.ndarray, _Layout]]  # per model, the kernel's packed carry after each event
+    models: dict[_Kernels, ModelTrace]
     groups: dict[_Kernels, list[int]]  # the runs of each kernel (model and kind of filter)
     kernels: list[_Kernels]  # the kernel of each run
     starts: np.ndarray
@@ -277,6 +310,11 @@ class Traces:
 
     def __len__(self) -> int:
         return len(self.kernels)
+
+    @cached_property
+    def packed(self) -> dict[_Kernels, FilterTrace]:
+        """Each model's `FilterTrace`, unpacked on first use (`ModelTrace`)."""
+        return {kernels: model.unpacked() for kernels, model in self.models.items()}
 
     def __getitem__(self, k: int) -> FilterTrace:
         if not -len(self) <= k < len(self):
@@ -286,7 +324,7 @@ class Traces:
 
     def state(self, k: int, i: int) -> FilterState:
         """Run k's state after its event i."""
-        return self.packed[self.kernels[k]].state(int(self.starts[k]) + i)
+        return self.models[self.kernels[k]].state(int(self.starts[k]) + i)
 
     def final_states(self) -> list[FilterState]:
         """Each run's state after its last event, in run order."""
@@ -301,7 +339,7 @@ class Traces:
         one scan per model, nothing more in the common case of none."""
         out: dict[int, list[tuple[int, int]]] = {}
         for kernels, ks in self.groups.items():
-            why = self.packed[kernels].refused_states
+            why = self.models[kernels].field("refused_states")
             rows = np.flatnonzero(why)
             if rows.size:
                 ends = self.starts[ks] + self.lengths[ks]
@@ -314,12 +352,11 @@ class Traces:
         ends = self.starts + self.lengths - 1
         out: dict[int, PackedState] = {}
         for kernels, ks in self.groups.items():
-            trace, (carry, layout) = self.packed[kernels], self.carries[kernels]
-            last = ends[ks]
+            trace, last = self.models[kernels], ends[ks]
             # `Divergence.drift` column-wise (diverged: NIS not finite; or the latched alarm): keep them one rule
-            drift = (~np.isfinite(trace.nis_mean[last]) | trace.alarm[last]).tolist()
-            states = map(PackedState, repeat(kernels), repeat(layout), trace.t[last].tolist(), trace.u[last], carry[last],
-                         drift)
+            drift = (~np.isfinite(trace.field("nis_mean", last)) | trace.field("alarm", last)).tolist()
+            states = map(PackedState, repeat(kernels), repeat(trace.layout), trace.t[last].tolist(), trace.u[last],
+                         trace.carry[last], drift)
             if len(self.groups) == 1:  # one model (a shard's usual batch): its runs are all, in order
                 return list(states)
             out.update(zip(ks, states))
@@ -680,6 +717,15 @@ class ExtendedKalmanFilter:
     def _make_kernels(self) -> _Kernels:
         return _kernels(self.model)
 
+    @cached_property
+    def consts(self) -> tuple[np.ndarray, tuple[tuple[int, ...], ...]]:
+        """This filter's row of a dispatch's constants (params, process-noise rates, measurement variances,
+        detector settings, packed as `_pack` does) and their shapes (`_Layout.consts`). Made on first use
+        and kept: the fields are set once, in the constructor, and packing them again for every dispatch
+        was ~1 % of a live shard call."""
+        fields = [np.asarray(getattr(self, name)) for name in ("params", "q_var_rate", "r_var", "det")]
+        return _pack(np, fields, ()), tuple(f.shape for f in fields)
+
     def initial(
         self,
         state: dict[str, float] | None = None,
@@ -796,19 +842,18 @@ def _traces(filters: Sequence[ExtendedKalmanFilter], starts: Sequence[FilterStat
     for k, f in enumerate(filters):
         groups.setdefault(f._kernels, []).append(k)
     first = np.zeros(len(filters), dtype=np.int64)
-    packed, carries = {}, {}
+    models = {}
     for kernels, ks in groups.items():
         first[ks] = np.cumsum(lengths[ks]) - lengths[ks]
-        packed[kernels], *carries[kernels] = _assimilate_model(
-            [filters[k] for k in ks], [starts[k] for k in ks], lengths[ks], partial(events, ks))
-    return Traces(packed, carries, groups, [f._kernels for f in filters], first, lengths)
+        models[kernels] = _assimilate_model([filters[k] for k in ks], [starts[k] for k in ks], lengths[ks],
+                                            partial(events, ks))
+    return Traces(models, groups, [f._kernels for f in filters], first, lengths)
 
 
 def _assimilate_model(filters: list[ExtendedKalmanFilter], starts: list[FilterState | PackedState], n: np.ndarray,
-                      events: Callable[..., tuple[np.ndarray, ...]]) -> tuple[FilterTrace, np.ndarray, _Layout]:
+                      events: Callable[..., tuple[np.ndarray, ...]]) -> ModelTrace:
     """The runs of twins of one model and kernel, packed as (run, event) arrays by `events(n, width, t0, u0)`
-    and dispatched `LANES` runs at a time; returns their traces back to back (run order), also as the
-    kernel's packed carry after each event, and its layout."""
+    and dispatched `LANES` runs at a time; returns their traces back to back (run order)."""
     f0 = filters[0]
     model = f0.model
     R, E = len(filters), int(n.sum())
@@ -818,10 +863,8 @@ def _assimilate_model(filters: list[ExtendedKalmanFilter], starts: list[FilterSt
     t0 = np.array([np.nan if fs.t is None else fs.t for fs in starts])
     u0 = np.array([fs.u for fs in starts])
     carry, carry_layout = _start_carry(starts, f0._kernels, ny)
-    index: dict[int, int] = {}
-    which = np.array([index.setdefault(id(f), len(index)) for f in filters])
-    distinct = list({id(f): f for f in filters}.values())
-    const_fields = [np.array([getattr(f, name) for f in distinct]) for name in ("params", "q_var_rate", "r_var", "det")]
+    distinct = {f: k for k, f in enumerate(dict.fromkeys(filters))}  # a filter hashes as its identity
+    which = np.fromiter(map(distinct.__getitem__, filters), dtype=np.intp, count=R)
     t_events, gap, held, after, z, mask = events(n, width, t0, u0)
     if np.any(gap < 0):
         k = int(np.flatnonzero((gap < 0).any(axis=1))[0])
@@ -832,8 +875,8 @@ def _assimilate_model(filters: list[ExtendedKalmanFilter], starts: list[FilterSt
     n_sub, dt, skipped = substeps(gap, model.default_dt)
 
     fields = [dt, skipped, held[:, :-1], held[:, 1:], z, mask]
-    layout = _Layout.of(carry_layout, const_fields, fields)
-    consts = _pack(np, const_fields, (len(distinct),))[which]  # rows of the distinct filters, per run
+    layout = _Layout.of(carry_layout, f0.consts[1], fields)
+    consts = np.array([f.consts[0] for f in distinct])[which]  # rows of the distinct filters, per run
     events = _pack(np, fields, (R, width))
     skipped_cols, _, _, _, mask_cols = _columns(layout.events)[1:]
     trace = np.empty((E, carry.shape[1]))
@@ -856,9 +899,9 @@ def _assimilate_model(filters: list[ExtendedKalmanFilter], starts: list[FilterSt
             out = np.asarray(assimilate(carry[sel], consts[sel], n_sub[sel, part] * live, ev, layout=layout))
             j, i = np.nonzero(live)
             trace[first_event[runs_c[j]] + offset + i] = out[j, i]
-            carry[runs_c] = out[np.arange(m), steps[:m] - 1]  # where the next round of a longer run starts
-    out_x, out_P, *out_div = _unpack(trace, layout.carry, layout.carry_dtypes)
-    return FilterTrace(t_events, out_x, out_P, after, *out_div), trace, layout
+            if offset + MAX_RUN < n.max():  # where the next round of a longer run starts
+                carry[runs_c] = out[np.arange(m), steps[:m] - 1]
+    return ModelTrace(t_events, after, trace, layout)
 
 
 def _run_events(runs: list[Run], n: np.ndarray, width: int, t0: np.ndarray, u0: np.ndarray

@@ -236,6 +236,15 @@ def to_micros(ts: datetime) -> int:
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
+def column_micros(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A `TIME` column without nulls (a validated batch's, a log batch's) as int64 epoch microseconds: the
+    NumPy view of its values, the numbers an Arrow cast to int64 gives at a quarter of its cost (a live
+    shard call read four such columns)."""
+    if column.null_count:
+        raise ValueError("column_micros takes a timestamp column without nulls; fill or drop them first")
+    return column.to_numpy().view(np.int64)
+
+
 def from_micros(us: int) -> datetime:
     return datetime.fromtimestamp(us // 1_000_000, UTC).replace(microsecond=us % 1_000_000)
 
@@ -537,7 +546,7 @@ class StateStore:
         this store's open segment of each day (`raytwin.logsegments`), elsewhere one file per day."""
         if table.num_rows == 0:
             return 0
-        day = table.column("event_time").cast(pa.int64()).to_numpy() // _DAY_US
+        day = column_micros(table.column("event_time")) // _DAY_US
         name = None if self._segments is not None else f"part-{uuid.uuid4().hex}"  # one name for the batch's files
         days = np.unique(day).tolist()
         for d in days:

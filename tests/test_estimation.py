@@ -220,6 +220,38 @@ def test_runs_of_several_models_in_one_call_keep_their_own_bits():
             np.testing.assert_array_equal(a, c)
 
 
+def test_a_traces_rows_and_fields_read_alone_are_those_of_its_unpacked_trace():
+    """`Traces` keeps each model's dispatches packed (`ModelTrace`) and unpacks a `FilterTrace` only when
+    asked: the states it reads from single rows (`Traces.state`, a twin's checkpoints) and the fields it
+    reads alone (`refused`, `final_packed`) are, in values and types, those of the unpacked trace; and a
+    filter's constants row (`ExtendedKalmanFilter.consts`, made once) is its fields packed."""
+    import raytwin.estimation as estimation
+
+    runs = []
+    for k, model in enumerate([THERMAL_RC, BATTERY_ECM, THERMAL_RC, TWO_TANK]):
+        ekf = ExtendedKalmanFilter(model, model.param_vector())
+        runs.append(Run(ekf, ekf.initial(), *_random_events(model, ekf, (1, 9, 70, 3)[k], seed=700 + k)))
+    traces = assimilate_runs(runs)
+    for k, run in enumerate(runs):
+        unpacked = traces.packed[run.filter._kernels]
+        for i in range(len(run.t)):
+            alone, full = traces.state(k, i), unpacked.state(int(traces.starts[k]) + i)
+            assert alone.t == full.t and type(alone.t) is type(full.t) and alone.divergence == full.divergence
+            for a, b in zip((alone.x, alone.P, alone.u, *alone.divergence), (full.x, full.P, full.u, *full.divergence)):
+                np.testing.assert_array_equal(a, b)
+                assert type(a) is type(b)
+    for kernels, model_trace in traces.models.items():
+        unpacked = traces.packed[kernels]
+        for name in estimation.Divergence._fields:
+            a, b = model_trace.field(name), getattr(unpacked, name)
+            assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+    for run in runs:
+        fields = [np.asarray(getattr(run.filter, n)) for n in ("params", "q_var_rate", "r_var", "det")]
+        row, shapes = run.filter.consts
+        assert row.tobytes() == estimation._pack(np, [f[None] for f in fields], (1,))[0].tobytes()
+        assert shapes == tuple(f.shape for f in fields)
+
+
 @MODELS
 def test_packed_states_continue_with_the_bits_of_unpacked_ones(model):
     """A live twin's state goes from one dispatch into the next packed (`Traces.final_packed`): it

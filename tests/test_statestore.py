@@ -18,6 +18,7 @@ from raytwin.statestore import (
     Snapshot,
     StateStore,
     _date,
+    column_micros,
     from_micros,
     log_table,
     parse_snapshot_name,
@@ -36,6 +37,22 @@ def test_micros_round_trip_is_exact():
     t = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
     assert from_micros(to_micros(t)) == t
     assert to_micros(datetime(1970, 1, 1, tzinfo=UTC)) == 0
+
+
+def test_column_micros_are_the_numbers_an_arrow_cast_gives_and_nulls_are_refused():
+    """`column_micros` reads a timestamp column as its NumPy view instead of an Arrow cast (a live shard call
+    read four): the same int64 microseconds, chunks joined, before the epoch too; a column with a null is
+    refused (a cast would keep it a null)."""
+    import numpy as np
+    import pyarrow as pa
+
+    values = [0, 1, -5, to_micros(T0), 2**62]
+    column = pa.chunked_array([pa.array(values[:2], statestore.TIME), pa.array(values[2:], statestore.TIME)])
+    for c in (column, column.combine_chunks(), pa.chunked_array([], statestore.TIME)):
+        got, want = column_micros(c), c.cast(pa.int64()).to_numpy()
+        assert got.dtype == np.int64 and got.tolist() == want.tolist()
+    with pytest.raises(ValueError, match="without nulls"):
+        column_micros(pa.array([1, None], statestore.TIME))
 
 
 @pytest.fixture(params=["local", "s3"])
