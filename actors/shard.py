@@ -210,6 +210,7 @@ class TwinShard(LiveModelOps):
             # registered again after `unregister`: a new twin, which recovery starts after the deleted one's
             # history; what that one derived goes first, should its deletion have stopped before removing it
             self.store.forget_twin(tenant, asset_id)
+        self.store.mark_logged_assets(tenant)  # once per tenant: then a new twin's recovery reads none of the log
         twin = self._recover(record)
         self.store.save_registration(tenant, asset_id, record)
         self.twins[(tenant, asset_id)] = twin

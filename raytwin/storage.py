@@ -18,7 +18,7 @@ import json
 import os
 import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import suppress
 from typing import Any
 
@@ -128,6 +128,23 @@ def replace_file(fs: AbstractFileSystem, path: str, data: bytes) -> None:
         os.unlink(tmp)
         raise
     _sync_folder(os.path.dirname(path))
+
+
+@store_io("write")
+def write_markers(fs: AbstractFileSystem, folder: str, names: Collection[str]) -> None:
+    """Create the empty files `names` in `folder`, on disk when this returns: records whose existence is what they
+    say (the state store's logged-asset markers), which must outlast what they are written before.
+    Local disk: created, then the folder and its parent synced once (an empty file has no bytes to sync; the sync
+    of the folder's parent keeps a folder just made). Object stores: one PUT each, concurrently."""
+    paths = [f"{folder}/{name}" for name in names]
+    if not is_local(fs):
+        fs.pipe(dict.fromkeys(paths, b""))
+        return
+    os.makedirs(folder, exist_ok=True)
+    for path in paths:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o644))
+    _sync_folder(folder)
+    _sync_folder(os.path.dirname(folder))
 
 
 def _synced_copy(path: str, data: bytes) -> str:

@@ -1054,6 +1054,42 @@ def test_an_asset_created_again_after_its_deletion_is_a_new_twin_whatever_its_ol
 
 
 
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_new_twin_reads_none_of_the_log_yet_an_id_the_log_holds_replays_its_rows(request, tmp_path, artifact,
+                                                                                   monkeypatch, where):
+    """Registering a twin whose asset id the log never held reads none of the log (its recovery read every file
+    of its tenant's history), while an id the log holds rows of, with no deletion record (a deletion cut short
+    before it was recorded, or made before deletions were), still replays them: rows logged before their
+    assets were marked too, once the log was read for them."""
+    url = str(tmp_path / "store") if where == "local" else request.getfixturevalue("s3_url") + "/store"
+    opts = dict(allowed_lateness_s=LATENESS_S, snapshot_every=1000)  # no snapshot: recovery replays from the start
+    shard = TwinShard(url, 0, 1, **opts)
+    for a in ("z1", "z2"):
+        shard.register("acme", a, registration_record(asset(a), artifact, None, None))
+        assert shard.ingest("acme", validated_table(events(a, 12, seed=int(a[1:])))).accepted == 12
+    before = {a: shard.state("acme", a) for a in ("z1", "z2")}
+    scanned: list[str] = []
+    relisting = StateStore._relisting
+    monkeypatch.setattr(StateStore, "_relisting",
+                        lambda self, dirs, read: scanned.extend(dirs) or relisting(self, dirs, read))  # every log read
+
+    shard.register("acme", "z3", registration_record(asset("z3"), artifact, None, None))
+    assert scanned == [] and shard.state("acme", "z3").events_applied == 0
+
+    store = shard.store  # z1 logged by an earlier version (unmarked), then both deletions cut short
+    store.fs.rm([f"{store.root}/logged/tenant=acme/asset_id=z1", f"{store.root}/logged/tenant=acme/_complete"])
+    for a in ("z1", "z2"):
+        store.delete_registration("acme", a)
+    restarted = TwinShard(url, 0, 1, **opts)
+    for a in ("z2", "z1"):
+        restarted.register("acme", a, registration_record(asset(a), artifact, None, None))
+        assert_same_state(restarted.state("acme", a), before[a])
+    assert scanned  # the log, read once for its asset ids
+    scanned.clear()
+    restarted.register("acme", "z4", registration_record(asset("z4"), artifact, None, None))
+    assert scanned == [] and restarted.state("acme", "z4").events_applied == 0
+
+
 def test_a_new_type_version_replays_the_twins_history_on_its_model(tmp_path, artifact):
     """An asset's PUT with another type version keeps its twin's history: the new model replays every
     event from the same prior (what the old model derived, its snapshots, goes); after a restart too."""
