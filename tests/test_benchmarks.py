@@ -236,6 +236,15 @@ def test_bench_quick_ingest(ray_session, tmp_path):
     assert 0 < round_trip < gap  # an answer's gap is its round trip plus the poll interval
 
 
+def test_bench_quick_live_beside_batch(ray_session, tmp_path):
+    """The stream alone and beside sweeps at each priority: every stream's events applied (the benchmark raises
+    otherwise), a p95 of each, and the sweeps ran during the streams."""
+    bench = quick(tmp_path, "live-beside-batch")["benchmarks"]["live-beside-batch"]
+    p95 = bench["checks"]["p95_ms_each_round"]
+    assert set(p95) == {"no sweep", "normal", "idle"} and all(len(v) == 1 and v[0] > 0 for v in p95.values())
+    assert all(v[0] > 0 for v in bench["checks"]["sweep_steps_per_s_each_round"].values())
+
+
 def test_bench_quick_calibration(ray_session, tmp_path):
     calibration = quick(tmp_path, "calibration")["benchmarks"]["calibration"]
     assert max(calibration["checks"]["two_tank"]["relative_error"].values()) < 0.02
