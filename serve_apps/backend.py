@@ -795,37 +795,43 @@ class Backend:
         return getattr(self.type_evolution, op)(*args)
 
     # ---- jobs (async: they run on the replica's event loop, which owns the queue) ---------
+    @property
+    def _jobs(self) -> JobQueue:
+        """The job queue, its retention passes running (they start on the event loop of the first job call)."""
+        self.jobs.expire_periodically()
+        return self.jobs
+
     async def submit_job(self, tenant: str, key_id: str, asset_id: str, model_ref: str, content_hash: str,
                          work: Work, start_time: datetime | None = None, start: StartedFrom = StartedFrom()) -> Job:
         self.check_writable()
-        return self.jobs.submit(tenant, key_id, asset_id, model_ref, content_hash, work, start_time, start)
+        return self._jobs.submit(tenant, key_id, asset_id, model_ref, content_hash, work, start_time, start)
 
     async def submit_bulk(self, caller: Caller, request: BulkRequest, asset_ids: list[str], job_id: str) -> Job:
         self.check_writable()
-        return self.jobs.submit_bulk(BulkWork(caller, request, asset_ids, self, self.audit, job_id))
+        return self._jobs.submit_bulk(BulkWork(caller, request, asset_ids, self, self.audit, job_id))
 
     async def cancel_job(self, tenant: str, job_id: str, key_id: str) -> Job:
-        return self.jobs.cancel(tenant, job_id, key_id)
+        return self._jobs.cancel(tenant, job_id, key_id)
 
     async def get_job(self, tenant: str, job_id: str) -> JobRecord:
         """The record, store location included: routes answer its `status()`."""
-        return self.jobs.get(tenant, job_id)
+        return self._jobs.get(tenant, job_id)
 
     async def job_status(self, tenant: str, job_id: str) -> Job:
         """The job's status as answered: while queued, its place and what it waits for; once succeeded, whether its
         result files are still in the store (retention removes a sweep's with its run record)."""
-        job = self.jobs.get(tenant, job_id)
+        job = self._jobs.get(tenant, job_id)
         if job.state == "succeeded":  # reads the store: off the event loop
             return await asyncio.to_thread(job.stored_status, self.config.storage_options)
         return self.jobs.status(job)
 
     async def list_jobs(self, tenant: str, state: str | None, limit: int, cursor: str | None) -> JobPage:
         """A page of the tenant's jobs, newest first."""
-        shown, next_cursor = page(self.jobs.listed.get(tenant, []), self.jobs.jobs.__getitem__, state, limit, cursor)
+        shown, next_cursor = page(self._jobs.listed.get(tenant, []), self.jobs.jobs.__getitem__, state, limit, cursor)
         return JobPage(jobs=[self.jobs.status(job) for job in shown], next_cursor=next_cursor)
 
     async def job_stats(self, tenant: str | None = None) -> dict[str, Any]:
-        return self.jobs.stats(tenant)
+        return self._jobs.stats(tenant)
 
 
 BackendDeployment = serve.deployment(Backend, name="Backend", num_replicas=1, max_ongoing_requests=64,

@@ -95,6 +95,13 @@ class ServeConfig(BaseModel):
     change_retention_s: float | None = Field(
         30 * 86_400, ge=3600, description="History the change log keeps (at least; deleted in directories of "
         "10,000 changes). A stream cannot resume from before it (410). None: keep everything.")
+    job_retention_s: float | None = Field(
+        30 * 86_400, ge=3600, description="How long a finished job (succeeded, failed, cancelled) is kept after it "
+        "finished: its record, and a scenario or bulk job's result files beside it, are then removed from the "
+        "backend's memory and the store (`serve_apps.jobs.JobQueue.expire`, logged `event=job_retention`); "
+        "`GET /v1/jobs/{job_id}` answers 404 then. A sweep's outputs are its run record's, kept by the lifecycle "
+        "policy's `keep_runs`. The change log's 30 days by default: a job's `job.*` change outlives its record "
+        "no longer than that. None: keep every job (the backend's memory and start time grow with them).")
     change_page: int = Field(500, ge=1, le=10_000, description="Changes a stream reads per call (its buffer).")
     namespace: str = "raytwin"
     api_deprecation: Deprecation | None = Field(None, description="Marks this API version (/v1) deprecated: every "

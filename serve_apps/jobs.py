@@ -9,6 +9,14 @@ the store, so they outlive replicas. At most `max_concurrent_jobs` run at once, 
 for free slots (`serve_apps.job_scheduling`), and a queued job's status says why it waits (`queue`). Job records are JSON on the store (``{store}/jobs/{tenant}/{job_id}/job.json``):
 a job that was queued or running when the backend restarted is marked failed, not silently lost.
 
+Retention (`ServeConfig.job_retention_s`, 30 days by default): a pass every `RETENTION_PASS_S` (`JobQueue.expire`)
+removes up to `RETENTION_BATCH` jobs that finished longer ago than that, oldest first, from the store (the job's
+folder: its record, a scenario's result files, a bulk job's report) and then from the backend's table, so a restarted
+backend reads only the kept ones; a queued or running job is never removed. Nothing else points into a job's folder:
+a sweep's outputs are its run record's (kept by the lifecycle policy's `keep_runs`), and the audit log and change log
+name jobs by id only. A removed job answers 404, as one that never existed: the backend keeps nothing of it. Each pass
+logs `event=job_retention` with its counts; like the change log's retention, a system removal, it is not audited.
+
 A sweep job names its run when it starts (`JobRecord.planned_run_id`, passed to the task): its `run_id` links
 the run record whenever the run left one, succeeded, failed or cancelled (``GET /v1/runs/{run_id}`` says
 how it ended), and stays null only for a job whose run never began (cancelled while queued).
@@ -23,10 +31,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from bisect import insort
+from bisect import bisect_left, insort
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import ray
@@ -52,8 +60,17 @@ from sweeps.spec import SweepSpec
 
 log = logging.getLogger("raytwin.serve.jobs")
 
+RETENTION_PASS_S = 600.0
+"""How often the backend applies `job_retention_s` (`JobQueue.expire_periodically`)."""
+RETENTION_BATCH = 1000
+"""Most jobs one retention pass removes, so that a pass's store deletes stay bounded; a backlog (a retention
+shortened, a store never pruned) goes over several passes, `RETENTION_BACKLOG_S` apart."""
+RETENTION_BACKLOG_S = 1.0
+"""The pause before the next pass when one removed `RETENTION_BATCH` jobs (more may be due)."""
+
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 JOB_STATES: tuple[str, ...] = ("queued", "running", "succeeded", "failed", "cancelled")
+FINISHED: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 
 
 class _JobFields(StartedFrom):
@@ -105,6 +122,12 @@ class JobRecord(_JobFields):
     outputs: dict[str, str] = Field(default_factory=dict, description=(
         "result file name -> SHA-256 as the job wrote it (a sweep's as its run record holds them), sent with each "
         "download; empty in records from before it was kept"))
+
+    @property
+    def ended_at(self) -> tuple[datetime, str]:
+        """Its place among finished jobs, oldest first, for retention: its finish time (its submission time in a
+        record without one), then its id."""
+        return self.finished or self.submitted, self.job_id
 
     @property
     def listed_at(self) -> tuple[datetime, str]:
@@ -185,6 +208,8 @@ class JobQueue:
         self.running_by: Counter[str] = Counter()  # running jobs per tenant
         self.tasks: dict[str, Awaitable[dict[str, Any]]] = {}  # running scenario and sweep jobs' Ray tasks
         self.cancelled: dict[str, str] = {}  # running jobs being cancelled -> by which key
+        self.ended: list[tuple[datetime, str]] = []  # finished jobs' `ended_at`, ascending: what retention removes
+        self._expiry: asyncio.Task[None] | None = None
         self._recover()
         self._publish()
 
@@ -202,11 +227,77 @@ class JobQueue:
         self.jobs[job.job_id] = job
         insort(self.listed.setdefault(job.tenant, []), job.listed_at)
         self.counts[(job.tenant, job.state)] += 1
+        if job.state in FINISHED:
+            insort(self.ended, job.ended_at)
 
     def _moved(self, job: JobRecord, before: str) -> None:
-        """Count `job` in its state now, no longer in the state it was in `before`."""
+        """Count `job` in its state now, no longer in the state it was in `before` (a finished one: retention's)."""
         self.counts[(job.tenant, before)] -= 1
         self.counts[(job.tenant, job.state)] += 1
+        if job.state in FINISHED:
+            insort(self.ended, job.ended_at)
+
+    def _forget(self, job: JobRecord) -> None:
+        """Drop a finished job from the table, its listing, its state's count and retention's order (`_add` undone)."""
+        del self.jobs[job.job_id]
+        listed = self.listed[job.tenant]
+        del listed[bisect_left(listed, job.listed_at)]
+        if not listed:
+            del self.listed[job.tenant]
+        self.counts[(job.tenant, job.state)] -= 1
+        del self.ended[bisect_left(self.ended, job.ended_at)]
+
+    def expire_periodically(self) -> None:
+        """Start the retention passes on the running event loop (the replica's, which owns the table) unless they
+        run already: every `RETENTION_PASS_S` from then (sooner while a backlog lasts: `RETENTION_BACKLOG_S`)."""
+        if self._expiry is None or self._expiry.done():
+            self._expiry = asyncio.get_running_loop().create_task(self._expire_every())
+            orphan(self._expiry, "job retention", logging.ERROR)
+
+    async def _expire_every(self) -> None:
+        pause = RETENTION_PASS_S
+        while True:
+            await asyncio.sleep(pause)
+            try:
+                removed = await self.expire()
+            except Exception:  # noqa: BLE001 - the jobs stay until the next pass; the queue goes on
+                log.warning("event=job_retention_failed", exc_info=True)
+                removed = 0
+            pause = RETENTION_BACKLOG_S if removed >= RETENTION_BATCH else RETENTION_PASS_S
+
+    async def expire(self, now: datetime | None = None, limit: int = RETENTION_BATCH) -> int:
+        """One retention pass: remove up to `limit` jobs that finished more than `job_retention_s` before `now`,
+        oldest first, from the store (off the event loop) and then from memory; the number removed. A job whose
+        folder the store would not remove stays, for the next pass. One pass at a time (`expire_periodically`'s)."""
+        retention_s = self.config.job_retention_s
+        if retention_s is None:
+            return 0
+        cut = (now or datetime.now(UTC)) - timedelta(seconds=retention_s)
+        due = [self.jobs[job_id] for finished, job_id in self.ended[:limit] if finished < cut]
+        removed = await asyncio.to_thread(self._remove_stored, due)
+        for job in removed:
+            self._forget(job)
+        if due:
+            self._publish()
+        log.info("event=job_retention removed=%d failed=%d kept=%d jobs=%d retention_s=%.0f", len(removed),
+                 len(due) - len(removed), len(self.ended), len(self.jobs), retention_s)
+        return len(removed)
+
+    def _remove_stored(self, jobs: list[JobRecord]) -> list[JobRecord]:
+        """Remove each job's folder from the store, in order, until one fails (the store down: logged once, the
+        rest wait for the next pass): those gone now (already gone too)."""
+        removed = []
+        for job in jobs:
+            try:
+                with store_io("write"):
+                    self.fs.rm(self._dir(job), recursive=True)
+            except FileNotFoundError:
+                pass
+            except Exception:  # noqa: BLE001 - retention waits for the next pass; the queue goes on
+                log.warning("event=job_retention_failed job_id=%s tenant=%s", job.job_id, job.tenant, exc_info=True)
+                break
+            removed.append(job)
+        return removed
 
     def _dir(self, job: JobRecord) -> str:
         return f"{self.root}/{job.tenant}/{job.job_id}"
@@ -319,8 +410,8 @@ class JobQueue:
         elif by is not None:  # it finished before the interrupt reached it: its results (and run record) stand
             log.info("event=job_cancel_late job_id=%s key_id=%s", job.job_id, by)
         self.tasks.pop(job.job_id, None)
-        self._moved(job, "running")
         job.finished = datetime.now(UTC)
+        self._moved(job, "running")
         self.running -= 1
         self.running_by[job.tenant] -= 1
         self._save(job)
@@ -341,7 +432,7 @@ class JobQueue:
         409 for a finished or bulk job (bulk items are applied one by one: its report says which)."""
         job = self.jobs.get(job_id)
         if job is None or job.tenant != tenant:
-            raise NotFound(f"job {job_id} not found")
+            raise self._not_found(job_id)
         if job.state not in ("queued", "running") or job.job_id in self.cancelled:
             raise Conflict(f"job {job_id} is {'being cancelled' if job.job_id in self.cancelled else job.state}: "
                            "only a queued or running job can be cancelled")
@@ -361,11 +452,18 @@ class JobQueue:
         ray.cancel(self.tasks[job_id])  # an interrupt in the task: a sweep stops its chunks and records itself
         return self.status(job)
 
+    def _not_found(self, job_id: str) -> NotFound:
+        """404 for a job the tenant has not (another tenant's, one never submitted, or one retention removed)."""
+        kept = self.config.job_retention_s
+        after = "" if kept is None else f"; a finished job is removed {kept / 86_400:g} days after it finished " \
+            "(job_retention_s)"
+        return NotFound(f"job {job_id} not found{after}")
+
     def get(self, tenant: str, job_id: str) -> JobRecord:
         """The tenant's job record (with its store location: answer `status()` to clients)."""
         job = self.jobs.get(job_id)
         if job is None or job.tenant != tenant:
-            raise NotFound(f"job {job_id} not found")
+            raise self._not_found(job_id)
         return job.model_copy()
 
     def status(self, job: JobRecord) -> Job:

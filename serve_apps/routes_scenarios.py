@@ -113,7 +113,9 @@ def register(app: FastAPI) -> None:
     @app.get("/v1/jobs/{job_id}", response_model=Job, tags=tags)
     async def job_status(job_id: str, who: Principal = READER, svc: Services = SVC) -> Job:
         """The job's state, progress and results' API paths (never where the store keeps them); while it is
-        queued, `queue` says its place among its tenant's queued jobs and what it waits for."""
+        queued, `queue` says its place among its tenant's queued jobs and what it waits for. 404 for a job
+        that finished longer ago than the service's `job_retention_s` (30 days by default): retention removed it,
+        and the service keeps nothing of it, as of a job that never was."""
         return await svc.backend.call("job_status", who.tenant, job_id)
 
     @app.post("/v1/jobs/{job_id}/cancel", response_model=Job, tags=tags, responses=CONFLICT)

@@ -108,7 +108,7 @@ class ListingBackend:
     """The backend's job calls (the real `Backend` methods) over a real `JobQueue`."""
 
     def __init__(self, queue: JobQueue):
-        self.jobs = queue
+        self.jobs, self.config = queue, queue.config
 
     def __getattr__(self, method: str) -> Any:
         from serve_apps.backend import Backend
@@ -234,3 +234,78 @@ def test_jobs_list_of_a_path_that_holds_no_service_store_says_so_instead_of_list
     (tmp_path / "store" / "twins" / "lease.json").write_text("{}")
     listed = runner.invoke(app, ["jobs", "list", "--store", str(tmp_path / "store")])
     assert listed.exit_code == 0 and listed.output == "", listed.output
+
+
+def test_finished_jobs_past_the_retention_leave_memory_store_and_listings_and_a_restart_reads_only_the_kept(tmp_path):
+    """Job records were never removed: a restarted backend read every job ever written and held them all. A
+    retention pass removes finished jobs older than `job_retention_s`, oldest first and at most `limit` a pass, from
+    the store (their folder, result files too) and the backend's table; queued, running and recent ones stay."""
+    from tests.fixtures_serve import in_process
+
+    config = ServeConfig(store_url=str(tmp_path / "store"), keys_file="unused.json", job_retention_s=86_400)
+    now = datetime.now(UTC)
+    writer = JobQueue(config, 1)
+    for job_id, tenant, state, age in [("old1", "acme", "succeeded", timedelta(days=3)),
+                                       ("old2", "acme", "failed", timedelta(days=2)),
+                                       ("old3", "globex", "cancelled", timedelta(days=2)),
+                                       ("recent", "acme", "succeeded", timedelta(hours=1))]:
+        writer._save(JobRecord(job_id=job_id, kind="scenario", tenant=tenant, key_id="k", asset_id="zone-1",
+                               model_ref="thermal_rc@1.0.0", content_hash="h", scenarios=1, n_steps=10, state=state,
+                               submitted=now - age - timedelta(minutes=1), finished=now - age))
+    results = tmp_path / "store" / "jobs" / "acme" / "old1" / "results"  # a scenario job's result files
+    results.mkdir()
+    (results / "part-0.parquet").write_bytes(b"p")
+    queue = JobQueue(config, 1)
+    backend = ListingBackend(queue)
+
+    async def scenario() -> tuple[str, str]:
+        HeldJobs(queue)
+        running, queued = _submit(queue, "acme"), _submit(queue, "acme")
+        assert _states(queue, running, queued) == ["running", "queued"]
+        assert await queue.expire(limit=1) == 1  # bounded: the oldest first
+        assert "old1" not in queue.jobs and not (tmp_path / "store" / "jobs" / "acme" / "old1").exists()
+        assert await queue.expire() == 2
+        assert await queue.expire(now=now + timedelta(hours=2)) == 0  # recent: 3 h old < 1 day
+        kept = {"recent", running, queued}
+        assert set(queue.jobs) == kept
+        listed = await backend.list_jobs("acme", None, 100, None)
+        assert {j.job_id for j in listed.jobs} == kept and await backend.list_jobs("globex", None, 100, None) == \
+            type(listed)(jobs=[], next_cursor=None)
+        assert queue.stats()["states"] == {"queued": 1, "running": 1, "succeeded": 1, "failed": 0, "cancelled": 0}
+        return running, queued
+
+    running, queued = asyncio.run(scenario())
+    stored = {p.parent.name for p in (tmp_path / "store" / "jobs").glob("*/*/job.json")}
+    assert stored == {"recent", running, queued}
+    restarted = JobQueue(config, 1)  # reads the kept records only (its running and queued ones: failed, as before)
+    assert set(restarted.jobs) == stored and restarted.ended[-1][1] in (running, queued)
+    with in_process(ListingBackend(restarted), tmp_path) as (http, auth, _):
+        removed, never = (http.get(f"/v1/jobs/{j}", headers=auth["reader"]) for j in ("old2", "nope"))
+        assert removed.status_code == never.status_code == 404 and removed.json()["error"]["code"] == "not_found"
+        assert "removed 1 days after it finished (job_retention_s)" in removed.json()["error"]["message"]
+        assert http.get("/v1/jobs/recent", headers=auth["reader"]).status_code == 200
+
+
+def test_job_retention_keeps_every_job_when_unset_and_defaults_to_the_change_logs(tmp_path):
+    config = ServeConfig(store_url=str(tmp_path), keys_file="unused.json")
+    assert config.job_retention_s == config.change_retention_s == 30 * 86_400
+    queue = _recorded(tmp_path, JOBS)
+    queue.config = ServeConfig(store_url=str(tmp_path / "store"), keys_file="unused.json", job_retention_s=None)
+    assert asyncio.run(queue.expire(now=datetime(2100, 1, 1, tzinfo=UTC))) == 0 and len(queue.jobs) == len(JOBS)
+
+
+def test_the_backend_applies_job_retention_by_itself_once_a_job_call_started_its_passes(tmp_path, monkeypatch):
+    monkeypatch.setattr("serve_apps.jobs.RETENTION_PASS_S", 0.01)
+    queue = _recorded(tmp_path, JOBS)  # finished at their submission (no `finished`): a day or more ago
+    queue.config = queue.config.model_copy(update={"job_retention_s": 3600})
+
+    async def scenario() -> None:
+        await ListingBackend(queue).job_stats()
+        for _ in range(200):
+            if not queue.jobs:
+                break
+            await asyncio.sleep(0.01)
+        assert not queue.jobs and not list((tmp_path / "store" / "jobs").glob("*/*/job.json"))
+        assert not queue._expiry.done()  # it goes on
+
+    asyncio.run(scenario())
