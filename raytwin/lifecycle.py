@@ -8,6 +8,20 @@ The current stages are a fold over the verified chain; a transition is refused w
 broken. Appending record ``seq`` is an exclusive create (`raytwin.storage.write_once`), the
 compare-and-set that keeps two concurrent transitions from both succeeding.
 
+What is checked when: `verify` reads and checks the whole chain: `raytwin registry verify`, GET
+.../lifecycle/verify, the API backend's start and its audit every `serve_apps.backend.LIFECYCLE_AUDIT_S` (240 s;
+`audit`). A request (a transition, an asset's create or update, a type's delete, GET .../lifecycle) runs `current`:
+it reads the last record of the prefix this process verified (gone, or another hash: the log shrank or was
+replaced, and the whole chain is verified) and each record after it, checking those as `verify` does, so a record
+appended by anyone is checked before a request acts on it. Records within the prefix are not read again until the
+process's last whole verify of the model is `FULL_VERIFY_S` (300 s) old; then the request verifies the whole chain.
+So an edit to, or deletion of, an older record goes unnoticed by a request for at most `FULL_VERIFY_S` after that
+process's last whole verify of the model (the backend's audit, every 240 s, spares the backend's own requests that
+cost while a round of it takes under a minute; in the ingress, where the lifecycle routes run, one request per model
+and replica pays for a whole verify every 300 s that they are used). A broken chain is logged as ``event=lifecycle_chain_broken``; from then on the model's
+transitions are refused, each request verifying the whole chain again, until it verifies (the log restored from a
+backup). The offline CLI verifies whole (a new process).
+
 Rules: a model belongs to the tenant that submitted its first candidate; production needs an actor
 with the ``approver`` role who is not the candidate's author (four eyes), unless the tenant's
 `LifecyclePolicy` allows automatic promotion; archived versions only come back through `rollback`,
@@ -25,9 +39,12 @@ name of a transition or a prune (`audited_transition`, `PruneReport.audited`).
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
+import threading
+import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -238,6 +255,64 @@ class ModelState:
         self.tenant, self.revision, self.head_hash = r.tenant, r.seq, r.hash
 
 
+def _check_next(state: ModelState, r: TransitionRecord, i: int) -> None:
+    """`ChainBroken` unless `r` is a sound record `i` after `state` (the fold of records 0..i-1)."""
+    problem = None
+    if r.seq != i:
+        problem = f"has sequence number {r.seq} at position {i} (a record was deleted or reordered)"
+    elif r.hash != r.computed_hash():
+        problem = "does not match its hash (it was edited)"
+    elif r.prev_hash != state.head_hash:
+        problem = "does not link to the record before it (a record was deleted, replaced or reordered)"
+    elif r.model != state.model or (state.tenant is not None and r.tenant != state.tenant):
+        problem = f"names model {r.model} of tenant {r.tenant} in the log of {state.model}"
+    if problem:
+        raise ChainBroken(f"{state.model}: lifecycle record {i} {problem}; the log is not trustworthy from "
+                          f"there on: restore it from a backup", i)
+
+
+FULL_VERIFY_S = 300.0
+"""How long a process acts on a prefix it verified whole (`ModelLifecycle.current`): older, a request verifies the
+whole chain again; the bound on how long an edit to an old record goes unnoticed by any request."""
+
+
+class _VerifiedPrefixes:
+    """Per log (store, registry root, model), the fold of the records this process verified and when the whole chain
+    last verified (monotonic s), or None while the last full `ModelLifecycle.verify` found it broken: what
+    `ModelLifecycle.current` checks new records against. Shared by every `ModelLifecycle` of the process (the API
+    builds one per request)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._states: dict[tuple[str, str, str], tuple[ModelState, float] | None] = {}
+
+    def get(self, key: tuple[str, str, str]) -> ModelState | None:
+        """The prefix to extend; None: verify whole (none yet, broken, or verified whole over `FULL_VERIFY_S` ago)."""
+        with self._lock:
+            known = self._states.get(key)
+            if known is None or time.monotonic() - known[1] > FULL_VERIFY_S:
+                return None
+            return copy.deepcopy(known[0])
+
+    def remember(self, key: tuple[str, str, str], state: ModelState, *, full: bool) -> None:
+        """Keep `state` (a full verify's always; a request's only over a further prefix, never over a broken mark)."""
+        with self._lock:
+            known = self._states.get(key)
+            if full:
+                self._states[key] = copy.deepcopy(state), time.monotonic()
+            elif known is not None and known[0].revision < state.revision:
+                self._states[key] = copy.deepcopy(state), known[1]
+
+    def mark_broken(self, key: tuple[str, str, str], exc: ChainBroken) -> None:
+        """Refuse the model's transitions until a full verify passes again; logged for the operator."""
+        with self._lock:
+            self._states[key] = None
+        log.error("event=lifecycle_chain_broken model=%s record=%d error=%r", key[2], exc.record, str(exc))
+
+
+_VERIFIED = _VerifiedPrefixes()
+
+
 @dataclass(frozen=True)
 class PruneReport:
     versions_removed: list[str]
@@ -366,29 +441,80 @@ class ModelLifecycle:
 
     def verify(self, model: str, expected_head: str | None = None, *,
                records: list[TransitionRecord] | None = None) -> ModelState:
-        """The state of `model` after checking its chain: each record's own hash, its link to the record
+        """The state of `model` after checking its whole chain: each record's own hash, its link to the record
         before, contiguous sequence numbers, and (if given) the head hash noted elsewhere, which also
         catches a truncated tail. `ChainBroken` names the first bad record. `records`: the log as the caller
-        read it already with `records` (one read for all it asks of the log); None: read here."""
+        read it already with `records` (one read for all it asks of the log); None: read here. The outcome is
+        remembered for `current` (a verified prefix, or the model marked broken: logged as
+        ``event=lifecycle_chain_broken``)."""
         state = ModelState(model)
-        for i, r in enumerate(self.records(model) if records is None else records):
-            problem = None
-            if r.seq != i:
-                problem = f"has sequence number {r.seq} at position {i} (a record was deleted or reordered)"
-            elif r.hash != r.computed_hash():
-                problem = "does not match its hash (it was edited)"
-            elif r.prev_hash != state.head_hash:
-                problem = "does not link to the record before it (a record was deleted, replaced or reordered)"
-            elif r.model != model or (state.tenant is not None and r.tenant != state.tenant):
-                problem = f"names model {r.model} of tenant {r.tenant} in the log of {model}"
-            if problem:
-                raise ChainBroken(f"{model}: lifecycle record {i} {problem}; the log is not trustworthy from "
-                                  f"there on: restore it from a backup", i)
-            state.apply(r)
+        try:
+            for i, r in enumerate(self.records(model) if records is None else records):
+                _check_next(state, r, i)
+                state.apply(r)
+        except ChainBroken as exc:
+            _VERIFIED.mark_broken(self._key(model), exc)
+            raise
+        _VERIFIED.remember(self._key(model), state, full=True)  # (a caller's head hash is the caller's to judge)
         if expected_head is not None and expected_head != state.head_hash:
             raise ChainBroken(f"{model}: the head hash is {state.head_hash[:12]}..., expected "
                               f"{expected_head[:12]}... (records were removed from the end?)", state.revision + 1)
         return state
+
+    def current(self, model: str) -> ModelState:
+        """The state of `model` for a request (a transition, an asset's create or update, a type's delete, a status
+        read), at a cost independent of the log's length: the records after the prefix a full `verify` (or an
+        earlier `current`) of this process checked, each checked as `verify` checks it and chained to that prefix,
+        whose last record is read again (gone, or another hash: the log shrank or was replaced, and the whole chain
+        is verified). Records within the prefix are not read again here (see the module's docstring for how long an
+        edit to one may go unnoticed): a model not verified whole in this process yet, over `FULL_VERIFY_S` ago, or
+        marked broken, is verified whole (a restored log passes)."""
+        state = _VERIFIED.get(self._key(model))
+        if state is None:
+            return self.verify(model)
+        if state.revision >= 0:
+            last = self._record_at(model, state.revision)
+            if last is None or last.hash != state.head_hash or last.computed_hash() != last.hash:
+                log.warning("event=lifecycle_prefix_changed model=%s seq=%d (%s): verifying the whole log", model,
+                            state.revision, "gone" if last is None else "another record")
+                return self.verify(model)
+        try:
+            while (r := self._record_at(model, state.revision + 1)) is not None:
+                _check_next(state, r, state.revision + 1)
+                state.apply(r)
+        except ChainBroken as exc:
+            _VERIFIED.mark_broken(self._key(model), exc)
+            raise
+        _VERIFIED.remember(self._key(model), state, full=False)
+        return state
+
+    def _key(self, model: str) -> tuple[str, str, str]:
+        return str(self.fs.protocol), self.root, model
+
+    @store_io("read")
+    def _record_at(self, model: str, seq: int) -> TransitionRecord | None:
+        """Record `seq` of `model`'s log (None: there is none)."""
+        path = f"{self._log_dir(model)}/{seq:08d}.json"
+        try:
+            body = self.fs.cat_file(path)
+        except FileNotFoundError:
+            return None
+        try:
+            return TransitionRecord.model_validate_json(body)
+        except ValidationError as exc:
+            raise ChainBroken(f"{model}: record {seq} ({path.rsplit('/', 1)[-1]}) is unreadable: "
+                              f"{describe_error(exc)}", seq) from None
+
+    def audit(self) -> dict[str, ChainBroken]:
+        """Verify every model's whole log (the periodic check behind `current`, which reads only new records): the
+        broken ones by model, each marked (its transitions refused) and logged by `verify`."""
+        broken = {}
+        for model in self.models():
+            try:
+                self.verify(model)
+            except ChainBroken as exc:
+                broken[model] = exc
+        return broken
 
     def removal(self, ref: str) -> TransitionRecord | None:
         """The record of retention removing ``name@version`` (None: it was not removed), for errors that
@@ -400,7 +526,7 @@ class ModelLifecycle:
         """The stage of ``name@version``; a registered version never submitted is a candidate."""
         name, version = parse_ref(ref)
         self.registry.get(ref, allow_code_change=True)  # RegistryError if unknown
-        found = self.verify(name).versions.get(version)
+        found = self.current(name).versions.get(version)
         return found.stage if found else "candidate"
 
     def policy(self, tenant: str) -> LifecyclePolicy:
@@ -578,7 +704,7 @@ class ModelLifecycle:
 
     def _load(self, model: str, actor: Actor, expected_revision: int | None,
               expected_head: str | None = None) -> ModelState:
-        state = self.verify(model)
+        state = self.current(model)
         if state.tenant is not None and state.tenant != actor.tenant:
             raise TenantMismatch(f"model {model} belongs to tenant {state.tenant}; {actor.id} of tenant "
                                  f"{actor.tenant} may not change it")

@@ -77,6 +77,11 @@ NO_WRITES = ("the store takes no writes (a full disk, a read-only or unwritable 
 FENCE_WATCH_S = 5.0
 """How often the backend reads the lease to stop its connectors once another cluster's service holds the store."""
 SHADOW_CONCLUDE_S = 2.0
+LIFECYCLE_AUDIT_S = 240.0
+"""How often every model's whole lifecycle log is verified (`_audit_lifecycles`): an edit to an older record is
+reported within this long (plus one audit's run). Under `raytwin.lifecycle.FULL_VERIFY_S`, so that the backend's
+requests (asset creates and updates, type deletes) check only the records appended since (`ModelLifecycle.current`)
+and none of them pays for a whole verify."""
 """How often the backend looks for finished shadow evaluations to record: a question to each shard."""
 
 
@@ -148,6 +153,7 @@ class Backend:
         self._twin_marks: dict[tuple[str, str], tuple[int, bool]] = {}  # last published (revision, drift)
         self._registries: dict[str, ModelRegistry] = {}
         threading.Thread(target=self._conclude_shadows, name="shadow-conclusions", daemon=True).start()
+        threading.Thread(target=self._audit_lifecycles, name="lifecycle-audit", daemon=True).start()
         self.backlog = BacklogGate(config.admission.telemetry_backlog_events, config.admission.retry_after_s)
         self.recalibration = RecalibrationJobs(config, self.twins, self.changes, self.audit)
         for tenant in self.catalog.tenants():  # relaunch what a restart interrupted; act on what it missed
@@ -324,7 +330,7 @@ class Backend:
         model's twins to production; a twin created on (or moved to) a candidate nobody approved, or an
         archived version, would run what no approver let run."""
         try:
-            state = ModelLifecycle(self._registry(asset.tenant)).verify(asset.type_name)
+            state = ModelLifecycle(self._registry(asset.tenant)).current(asset.type_name)
         except LifecycleError as exc:  # a broken transition log: which version may run is unknown
             raise Conflict(str(unwrap(exc))) from None
         name, version, production = asset.type_name, asset.type_version, state.production
@@ -704,6 +710,17 @@ class Backend:
                 continue
             except Exception:  # noqa: BLE001 - the next round tries again; the evaluations keep their state meanwhile
                 log.warning("event=shadow_conclusion_failed", exc_info=True)
+
+    def _audit_lifecycles(self) -> None:
+        """Every `LIFECYCLE_AUDIT_S` until `close`, verify each tenant's model lifecycle logs whole (the start does it
+        once, `finish_interrupted_swaps`): requests check only new records, and this finds an edit to an old one (logged
+        as ``event=lifecycle_chain_broken``; the model's transitions are refused until its log verifies again)."""
+        while not self._watch_stop.wait(LIFECYCLE_AUDIT_S):
+            for tenant in self.catalog.tenants():
+                try:
+                    ModelLifecycle(self._registry(tenant)).audit()
+                except Exception:  # noqa: BLE001 - the store down: the next round tries again
+                    log.warning("event=lifecycle_audit_failed tenant=%s", tenant, exc_info=True)
 
     def _watch_pass(self, connectors_stopped: bool) -> bool:
         """Read the store's lease once, waiting at most `FENCE_READ_S` (one read that hangs must not stop the watch

@@ -244,7 +244,7 @@ def _require_model(lc: ModelLifecycle, model: str) -> None:
 
 def _status(lc: ModelLifecycle, model: str) -> LifecycleStatus:
     _require_model(lc, model)
-    state = lc.verify(model)
+    state = lc.current(model)
     registered = lc.registry.versions(model)
     versions = []
     for version in sorted(set(registered) | set(state.versions), key=lambda v: tuple(int(x) for x in v.split("."))):

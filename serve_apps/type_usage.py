@@ -55,7 +55,7 @@ def refuse_held_type(lifecycle: ModelLifecycle, running: list[str], name: str, v
     (`running`: hot-swapped to it, see `twins_running`), each reason with its remedy; the twins in `details`."""
     ref = f"{name}@{version}"
     try:
-        state = lifecycle.verify(name)
+        state = lifecycle.current(name)
     except LifecycleError as exc:  # a broken transition log: which version is production is unknown
         raise Conflict(f"asset type {ref} was not deleted: {unwrap(exc)}") from None
     reasons = [r for r in (lifecycle_role(state, version),) if r]

@@ -10,10 +10,12 @@ import threading
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from typer.testing import CliRunner
 
+import raytwin.lifecycle as lifecycle_module
 from raytwin.cli import app
 from raytwin.contracts import AssetType
 from raytwin.lifecycle import (
@@ -272,6 +274,113 @@ def test_editing_deleting_or_reordering_a_record_is_detected(tmp_path):
         lc.verify("zone", expected_head=head)
     restore()
     assert lc.verify("zone", expected_head=head).revision == 4
+
+
+def _reads(lc: ModelLifecycle, monkeypatch) -> list[str]:
+    """What `lc` reads of its lifecycle logs from now on, in order: a record's file name, ``ls`` for a listing."""
+    read: list[str] = []
+    cat_file, ls = lc.fs.cat_file, lc.fs.ls
+
+    def note(path: str, what: str) -> None:
+        if "/lifecycle/" in str(path):
+            read.append(what)
+
+    monkeypatch.setattr(lc.fs, "cat_file", lambda path, *a, **k: note(path, str(path).rsplit("/", 1)[-1]) or
+                        cat_file(path, *a, **k))
+    monkeypatch.setattr(lc.fs, "ls", lambda path, *a, **k: note(path, "ls") or ls(path, *a, **k))
+    return read
+
+
+def test_a_request_reads_only_the_records_after_the_verified_prefix_and_checks_them(tmp_path, monkeypatch):
+    lc, log = _chain(tmp_path)
+    lc.verify("zone")  # records 0..4: the prefix
+    other = _lifecycle(str(tmp_path / "registry"), 0)  # another writer appends record 5
+    other.transition("zone@1.1.0", "production", CAROL, "approved")
+    read = _reads(lc, monkeypatch)
+    assert lc.stage("zone@1.1.0") == "production"
+    assert read == ["00000004.json", "00000005.json", "00000006.json"]  # the prefix's last, the new one, none after
+    read.clear()
+    assert lc.stage("zone@1.0.0") == "archived"
+    assert read == ["00000005.json", "00000006.json"]
+    # a record someone else appended that is not sound is refused, and so are transitions after it
+    forged = json.loads((log / "00000005.json").read_bytes()) | {"seq": 6, "actor": "mallory"}
+    (log / "00000006.json").write_bytes(canonical_json(forged))
+    with pytest.raises(ChainBroken, match="record 6 does not match its hash"):
+        lc.stage("zone@1.1.0")
+    with pytest.raises(ChainBroken, match="record 6"):
+        lc.transition("zone@1.1.0", "archived", BOB, "retire")
+
+
+def test_an_old_record_edited_is_found_by_the_full_verify_and_the_audit_and_refused_until_restored(
+        tmp_path, caplog):
+    lc, log = _chain(tmp_path)
+    lc.verify("zone")
+    pristine = (log / "00000001.json").read_bytes()
+    (log / "00000001.json").write_bytes(canonical_json(json.loads(pristine) | {"actor": "mallory"}))
+    assert lc.stage("zone@1.1.0") == "staging"  # a request reads no record of the verified prefix (documented)
+    with pytest.raises(ChainBroken, match="record 1 does not match its hash"):
+        lc.verify("zone")  # the explicit check (CLI, GET .../lifecycle/verify)
+    (log / "00000001.json").write_bytes(pristine)
+    lc.verify("zone")
+    (log / "00000001.json").write_bytes(canonical_json(json.loads(pristine) | {"actor": "mallory"}))
+    broken = lc.audit()  # the backend's start and its periodic audit
+    assert list(broken) == ["zone"] and broken["zone"].record == 1
+    assert "event=lifecycle_chain_broken model=zone record=1" in caplog.text
+    with pytest.raises(ChainBroken, match="record 1"):  # refused until the log verifies again
+        lc.transition("zone@1.1.0", "production", BOB, "go")
+    (log / "00000001.json").write_bytes(pristine)  # restored from a backup
+    assert lc.transition("zone@1.1.0", "production", BOB, "go").seq == 5
+
+
+def test_a_request_verifies_the_whole_chain_once_its_last_whole_verify_is_too_old(tmp_path, monkeypatch):
+    lc, log = _chain(tmp_path)
+    lc.verify("zone")
+    (log / "00000001.json").write_bytes(canonical_json(json.loads((log / "00000001.json").read_bytes()) |
+                                                       {"actor": "mallory"}))
+    assert lc.stage("zone@1.1.0") == "staging"  # within FULL_VERIFY_S of the whole verify: the prefix is trusted
+    monkeypatch.setattr(lifecycle_module, "FULL_VERIFY_S", -1.0)  # (that long later)
+    with pytest.raises(ChainBroken, match="record 1 does not match its hash"):
+        lc.transition("zone@1.1.0", "production", BOB, "go")
+
+
+def test_the_backend_verifies_every_lifecycle_log_whole_each_audit_round(tmp_path, caplog):
+    from serve_apps.backend import Backend
+
+    lc, log = _chain(tmp_path)
+    lc.verify("zone")
+    (log / "00000001.json").write_bytes(canonical_json(json.loads((log / "00000001.json").read_bytes()) |
+                                                       {"actor": "mallory"}))
+    rounds = iter([False, True])  # one round, then closed
+    backend = SimpleNamespace(_watch_stop=SimpleNamespace(wait=lambda _s: next(rounds)),
+                              catalog=SimpleNamespace(tenants=lambda: ["acme"]), _registry=lambda _t: lc.registry)
+    Backend._audit_lifecycles(backend)
+    assert "event=lifecycle_chain_broken model=zone record=1" in caplog.text
+    with pytest.raises(ChainBroken, match="record 1"):
+        lc.transition("zone@1.1.0", "production", BOB, "go")
+
+
+def test_a_replaced_or_shrunk_log_is_verified_whole_by_a_request(tmp_path, monkeypatch):
+    lc, log = _chain(tmp_path)
+    lc.verify("zone")
+    pristine = {p.name: p.read_bytes() for p in log.iterdir()}
+    # replaced: another history under the same names, an old record of it edited
+    edited = json.loads(pristine["00000001.json"]) | {"actor": "mallory"}
+    rehashed = {k: v for k, v in edited.items() if k != "hash"}
+    (log / "00000001.json").write_bytes(canonical_json({**rehashed, "hash": hashlib.sha256(
+        canonical_json(rehashed)).hexdigest()}))
+    head = json.loads(pristine["00000004.json"]) | {"reason": "another"}
+    (log / "00000004.json").write_bytes(canonical_json(head))
+    read = _reads(lc, monkeypatch)
+    with pytest.raises(ChainBroken, match="record 2 does not link to the record before it"):
+        lc.stage("zone@1.1.0")
+    assert "ls" in read  # the whole log was read
+    for name, data in pristine.items():
+        (log / name).write_bytes(data)
+    assert lc.stage("zone@1.1.0") == "staging"
+    # shrunk: the prefix's last record gone
+    (log / "00000004.json").unlink()
+    read.clear()
+    assert lc.stage("zone@1.1.0") == "candidate" and "ls" in read
 
 
 def _run(store: RunStore, run_id: str, tenant: str, ref: str, started: datetime) -> None:
