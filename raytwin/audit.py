@@ -110,10 +110,10 @@ class AuditLog:
         if cursor is not None:
             days = [d for d in days if d <= cursor.split("/", 1)[0]]
         newest_first: list[tuple[str, str]] = []  # (name, path) older than the cursor, newest first
-        read_days: list[str] = []
+        read: dict[str, list[str]] = {}  # each day folder listed: its records' names
         for d in reversed(days):
-            read_days.append(d)
             listed = sorted(self._listed(tenant, d), reverse=True)
+            read[d] = [name for name, _ in listed]
             newest_first += [entry for entry in listed if cursor is None or entry[0] < cursor]
             if len(newest_first) > limit:
                 break
@@ -121,7 +121,7 @@ class AuditLog:
         blobs = self.fs.cat([p for _, p in page], on_error="raise") if page else {}
         records = [AuditRecord.model_validate_json(blobs[p]) for _, p in page]
         if any(r.phase == "intent" for r in records):
-            records = self._mark_missing_outcomes(records, tenant, read_days)
+            records = self._mark_missing_outcomes(records, tenant, read)
         return AuditPage(records, page[0][0] if len(newest_first) > limit else None)
 
     def _days(self, tenant: str) -> list[str]:
@@ -139,14 +139,16 @@ class AuditLog:
             return []
         return [(_name(p), p) for p in self.fs.ls(folder, detail=False) if p.endswith(".jsonl")]
 
-    def _mark_missing_outcomes(self, records: list[AuditRecord], tenant: str, days: list[str]) -> list[AuditRecord]:
-        """`records` with `outcome_missing` set on each intent: whether a record of `days` (those the page read) or
-        of the day after the newest of them (where the outcome of an action begun before midnight lies) has its
-        action id. The newest page reads every day up to the newest record, so there an outcome is found however
-        long after its intent it was written; on an older page, or one day's, an outcome written more than a day
-        after its intent's day reads as missing."""
-        after = str(date.fromisoformat(max(days)) + timedelta(days=1))
-        names = [name for d in [*days, after] for name, _ in self._listed(tenant, d)]
+    def _mark_missing_outcomes(self, records: list[AuditRecord], tenant: str,
+                               read: dict[str, list[str]]) -> list[AuditRecord]:
+        """`records` with `outcome_missing` set on each intent: whether a record of the day folders the page listed
+        (`read`: each one's records' names, not listed again) or of the day after the newest of them (where the
+        outcome of an action begun before midnight lies) has its action id. The newest page reads every day up to
+        the newest record, so there an outcome is found however long after its intent it was written; on an older
+        page, or one day's, an outcome written more than a day after its intent's day reads as missing."""
+        after = str(date.fromisoformat(max(read)) + timedelta(days=1))
+        names = [name for listed in read.values() for name in listed]
+        names += [name for name, _ in self._listed(tenant, after)]
         seen = Counter(name.rsplit("-", 1)[1] for name in names)
         return [r.model_copy(update={"outcome_missing": seen[r.action_id] < 2}) if r.phase == "intent" else r
                 for r in records]

@@ -75,7 +75,7 @@ def test_a_page_lists_only_the_days_it_spans_not_the_tenants_whole_history(tmp_p
     assert listings.finds == 0 and len(day_folders) <= 3, sorted(day_folders)
 
 
-def test_an_intents_outcome_is_found_on_a_later_day_of_the_newest_page(tmp_path):
+def test_an_intents_outcome_is_found_on_a_later_day_of_the_newest_page(tmp_path, monkeypatch):
     """An action begun on one day and settled two days later: its intent is answered with its outcome on the newest
     page; read by its own day, only the next day is looked at, so it reads as missing there (documented)."""
     log = AuditLog(str(tmp_path))
@@ -83,7 +83,9 @@ def test_an_intents_outcome_is_found_on_a_later_day_of_the_newest_page(tmp_path)
     log.append(_record(T0, "long", "intent", long_id))
     log.append(_record(T0 + timedelta(minutes=1), "open", "intent", open_id))
     log.append(_record(T0 + timedelta(days=2), "long", "outcome", long_id))
+    listings = Listings(log, monkeypatch)
     newest = {(r.target, r.phase): r.outcome_missing for r in log.page("acme").records}
+    assert len(listings.paths) == len(set(listings.paths))  # each folder listed once: the outcomes' lookup reuses them
     assert newest == {("long", "intent"): False, ("open", "intent"): True, ("long", "outcome"): None}
     by_day = {(r.target, r.phase): r.outcome_missing for r in log.page("acme", day=str(T0.date())).records}
     assert by_day == {("long", "intent"): True, ("open", "intent"): True}
