@@ -29,9 +29,9 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from datetime import timedelta
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import ray
@@ -39,7 +39,7 @@ import ray
 from actors import TwinService
 from actors.failover import CACHE_DIR_ENV
 from actors.routing import shard_index
-from benchmarks.harness import BenchContext, BenchResult, Figure, benchmark
+from benchmarks.harness import BenchContext, BenchResult, Figure, benchmark, environment
 from benchmarks.ingest import T0, TENANT, TelemetryFeed
 from raytwin.contracts import Asset, AssetType, TelemetryEvent
 from raytwin.executables import DIR_ENV
@@ -59,20 +59,9 @@ class FailoverMismatch(AssertionError):
     """The probe twin did not apply each of its events exactly once across the kills."""
 
 
-@contextmanager
-def _caches(directory: str, *, executables: bool) -> Iterator[None]:
+def _caches(directory: str, *, executables: bool) -> AbstractContextManager[None]:
     """Shards started meanwhile keep compiles in `directory` ("": none), serialized kernels too if `executables`."""
-    settings = {CACHE_DIR_ENV: directory, **({} if executables else {DIR_ENV: ""})}
-    saved = {name: os.environ.get(name) for name in (CACHE_DIR_ENV, DIR_ENV)}
-    os.environ.update(settings)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    return environment({CACHE_DIR_ENV: directory, **({} if executables else {DIR_ENV: ""})})
 
 
 def _asset(asset_id: str) -> Asset:

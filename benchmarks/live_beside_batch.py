@@ -11,18 +11,15 @@ gains and what the batch work pays for it.
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import numpy as np
 
 from actors import TwinService
-from benchmarks.harness import BenchContext, BenchResult, Figure, benchmark
+from benchmarks.harness import BenchContext, BenchResult, Figure, benchmark, environment
 from benchmarks.ingest import (LATENCY_P95_TARGET_MS, LATENCY_RATE, TENANT, IngestMismatch, LiveStream, ProbedTwin,
                                TelemetryFeed, register_feed)
 from benchmarks.sweep import cluster_cpus
@@ -79,20 +76,6 @@ class SweepLoad:
         return steps / (end - start)
 
 
-@contextmanager
-def batch_priority(priority: str) -> Iterator[None]:
-    """`PRIORITY_ENV` set in this process while the block runs (`batch_worker` hands it to the sweep's workers)."""
-    before = os.environ.get(PRIORITY_ENV)
-    os.environ[PRIORITY_ENV] = priority
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ[PRIORITY_ENV]
-        else:
-            os.environ[PRIORITY_ENV] = before
-
-
 @benchmark("live-beside-batch", "The live path's ingest->queryable p95 at 10k events/s with a CPU sweep on the same "
            "cores, the sweep's workers at each CPU priority")
 def live_beside_batch(ctx: BenchContext) -> BenchResult:
@@ -115,7 +98,7 @@ def live_beside_batch(ctx: BenchContext) -> BenchResult:
             for r in range(rounds):
                 for variant in VARIANTS if r % 2 == 0 else VARIANTS[::-1]:
                     load = None
-                    with batch_priority(variant if variant != "no sweep" else "normal"):
+                    with environment({PRIORITY_ENV: variant if variant != "no sweep" else "normal"}):
                         if variant != "no sweep":
                             load = SweepLoad(f"{tmp}/sweeps", variant, scenarios, n_steps)
                             load.start()

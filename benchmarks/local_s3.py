@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
-import os
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from benchmarks.harness import environment
 from raytwin.ports import free_port
 
 __all__ = ["local_s3", "new_bucket"]
@@ -26,18 +26,11 @@ def local_s3() -> Iterator[str]:
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
-    env = {"RAYTWIN_S3_ENDPOINT_URL": endpoint, **_ENV}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     try:
-        yield endpoint
+        with environment({"RAYTWIN_S3_ENDPOINT_URL": endpoint, **_ENV}):
+            yield endpoint
     finally:
         server.stop()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def new_bucket(endpoint: str) -> str:
