@@ -474,12 +474,9 @@ class ChangeStore:
 
     @store_io("write")
     def write_marks(self, tenant: str, seq: int, generation: str | None, marks: dict[str, Mark]) -> None:
-        """Checkpoint the tenant's recorded marks (`Recorded`) as of change `seq` of `generation`."""
-        folder = f"{self.root}/{tenant}"
-        if folder not in self._folders:
-            self.fs.makedirs(folder, exist_ok=True)
-            self._folders.add(folder)
-        replace_file(self.fs, f"{folder}/{MARKS_FILE}", json.dumps(
+        """Checkpoint the tenant's recorded marks (`Recorded`) as of change `seq` of `generation` (`replace_file`
+        creates the tenant's folder where the log has none yet)."""
+        replace_file(self.fs, f"{self.root}/{tenant}/{MARKS_FILE}", json.dumps(
             {"seq": seq, "generation": generation, "twins": marks}, separators=(",", ":")).encode())
 
     @store_io("read")
