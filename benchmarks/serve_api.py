@@ -73,7 +73,7 @@ def _start(tmp: str, **overrides: Any) -> tuple[int, str]:
     from serve_apps.auth import create_key
 
     keys_file = f"{tmp}/keys.json"
-    _, key = create_key(keys_file, "bench", "admin")
+    _, key = create_key(keys_file, "bench", "admin", owner="bench")
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     config = {"store_url": f"{tmp}/store", "keys_file": keys_file, "rate_per_s": 1e6, "rate_burst": 1_000_000,

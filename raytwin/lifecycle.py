@@ -651,8 +651,8 @@ class ModelLifecycle:
             if untold is not None:
                 raise ApprovalRequired(
                     f"an API key without an owner is {untold}: its holder cannot be told apart from {actor.id} (four "
-                    "eyes), nor from any other approver; name its holder as its owner in the keys file (then only "
-                    "that person's keys are refused), or publish the content again as a new version with a key that "
+                    "eyes), nor from any other approver; name its holder as its owner (`raytwin keys set-owner KEY_ID "
+                    "--owner PERSON`: then only that person's keys are refused), or publish the content again as a new version with a key that "
                     "has an owner and submit that")
             if role == UNKNOWN_SETTER:
                 raise ApprovalRequired(

@@ -12,12 +12,18 @@ as ``approver`` (may approve a model version into production, `raytwin.lifecycle
 approver unless granted, so that approving stays a separate, deliberate duty. Its `owner` names the person who
 holds it: the four-eyes rules compare owners (`Principal.person`), so that one person's two keys (a key and its
 successor while it is rotated) are one pair of eyes. A key without an owner cannot be told from another key of its
-holder, so it approves nothing (`require_owner`), and ``raytwin keys create`` makes no writer, admin or granted key
-without one (`OWNER_NEEDED`); such keys stored before keep working for everything else.
+holder, so it approves nothing (`require_owner`), and `create_key` (``raytwin keys create``) makes no writer, admin or
+granted key without one (`OWNER_NEEDED`); such keys stored before keep working for everything else, and
+`set_key_owner` (``raytwin keys set-owner``) names the holder of one. It names an owner only where there is none:
+four eyes compares what was done under a key (a command it proposed, a version it submitted, still waiting for
+approval) with its owner's other keys, looked up when the approval comes, so moving a key from one owner to another
+would let the first owner's other keys approve the first owner's work. A key that passes to another person is
+replaced instead (its old holder knows its secret): a new key for them, the old one revoked.
 
-Every key created or revoked (`create_key`, `revoke_key`: ``raytwin keys create/revoke``) is audited in the keys
-file's audit trail, ``{keys file}.audit.jsonl`` beside it (`key_audit_trail`): the keys file is where keys change, and
-the command is given no store (keys are made before the service's store exists, on a machine that may not reach it).
+Every key created, revoked or given an owner (`create_key`, `revoke_key`, `set_key_owner`: ``raytwin keys
+create/revoke/set-owner``) is audited in the keys file's audit trail, ``{keys file}.audit.jsonl`` beside it
+(`key_audit_trail`): the keys file is where keys change, and the command is given no store (keys are made before the
+service's store exists, on a machine that may not reach it).
 """
 
 from __future__ import annotations
@@ -83,11 +89,15 @@ OWNER_NEEDED = ("four eyes compares who acts, and a key without an owner is a pe
                 "two such keys (a key and its successor while it is rotated) would approve their own work")
 
 
+class KeyChangeRefused(ValueError):
+    """A key change refused for four eyes' sake (a key without the owner it needs, an owner changed); the message
+    says what to do instead."""
+
+
 def ownerless_fix(key_id: str) -> str:
-    """How to give the holder of ownerless key `key_id` a key that approves: a successor with an owner."""
-    return (f"give the key an owner: `raytwin keys create --tenant ... --role ... --owner PERSON` (the same PERSON for "
-            f"every key of one person; `--grant approver` where it approves recommendations or model versions), move "
-            f"its holder to the new key, then `raytwin keys revoke {key_id}`")
+    """How to make ownerless key `key_id` one that approves: name its holder as its owner."""
+    return (f"give the key its holder as owner: `raytwin keys set-owner {key_id} --owner PERSON` (the same PERSON as on "
+            "that person's other keys)")
 
 
 def require_owner(who: Principal, act: str) -> None:
@@ -220,11 +230,15 @@ class KeyStore:
                          owner=record.owner)
 
 
-def create_key(path: str | Path, tenant: str, role: RoleName, grants: tuple[GrantName, ...] = (),
-               owner: str | None = None) -> tuple[KeyRecord, str]:
-    """Append a new key's hash to `path`, held by `owner` (the person; None: the key is its own, and approves nothing:
-    ``raytwin keys create`` gives none only to a reader key); returns the record and the key (shown once, never
-    stored)."""
+def create_key(path: str | Path, tenant: str, role: RoleName, grants: tuple[GrantName, ...] = (), *,
+               owner: Identifier | None = None) -> tuple[KeyRecord, str]:
+    """Append a new key's hash to `path`, held by `owner` (the person who holds it); returns the record and the key
+    (shown once, never stored). `KeyChangeRefused` for a writer, admin or granted key without an owner (`OWNER_NEEDED`;
+    only a reader key's acts are compared by no rule), pydantic's `ValidationError` for an owner, tenant or grant that
+    is not one."""
+    if owner is None and (role != "reader" or grants):
+        raise KeyChangeRefused(f"a {role} key{' with a grant' if grants else ''} needs an owner, the person who holds "
+                               f"it (e.g. alice): {OWNER_NEEDED}; give every key of one person the same owner")
     key_id = secrets.token_hex(6)
     key = f"rtk_{key_id}_{secrets.token_urlsafe(32)}"
     record = KeyRecord(key_id=key_id, sha256=digest(key), tenant=tenant, role=role, grants=tuple(sorted(set(grants))),
@@ -246,6 +260,31 @@ def revoke_key(path: str | Path, key_id: str) -> KeyRecord:
     _write_keys(Path(path), [revoked if r is live[0] else r for r in entries])
     _audit_key_change(Path(path), "key.revoke", live[0])
     return live[0]
+
+
+def set_key_owner(path: str | Path, key_id: str, owner: Identifier) -> KeyRecord:
+    """Name `owner` as the holder of key `key_id`, stored without one: what it did so far becomes `owner`'s (none of
+    their keys approves it; another person's may), and it may approve from now on. `KeyError` for no such key;
+    `KeyChangeRefused` for a revoked key (what it did stays compared as it was when it was revoked) or one that has an
+    owner (see the module's docstring: changing it would let its first owner's other keys approve their own work)."""
+    entries = load_keys(path)
+    found = next((r for r in entries if r.key_id == key_id), None)
+    if found is None:
+        raise KeyError(f"no key {key_id!r} in {path}; `raytwin keys list` shows the key ids")
+    if isinstance(found, RevokedKey):
+        raise KeyChangeRefused(f"key {key_id} is revoked: it keeps the owner it had ({found.owner or 'none'}), what "
+                               "four eyes compares its work with; nothing was changed")
+    if found.owner is not None:
+        raise KeyChangeRefused(
+            f"key {key_id} is held by {found.owner} already and an owner is never changed: four eyes compares what "
+            f"was done under the key, approvals in flight too, with its owner's other keys, so another owner would "
+            f"let {found.owner}'s other keys approve {found.owner}'s work; nothing was changed. If another person "
+            f"holds it now, create them their own key (`raytwin keys create ... --owner PERSON`) and `raytwin keys "
+            f"revoke {key_id}` (its old holder knows its secret)")
+    record = KeyRecord.model_validate({**found.model_dump(), "owner": owner})
+    _write_keys(Path(path), [record if r is found else r for r in entries])
+    _audit_key_change(Path(path), "key.set_owner", record)
+    return record
 
 
 def key_audit_trail(keys_file: str | Path) -> Path:

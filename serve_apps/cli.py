@@ -1,4 +1,5 @@
-"""`raytwin serve`: start the HTTP API on Ray; `raytwin keys create`; `raytwin serve openapi`; `raytwin jobs list`.
+"""`raytwin serve`: start the HTTP API on Ray; `raytwin keys create/revoke/set-owner/list`; `raytwin serve openapi`;
+`raytwin jobs list`.
 
 The integrator mounts `serve_app` as ``serve``, `keys_app` as ``keys`` and `jobs_app` as ``jobs`` on the `raytwin`
 app.
@@ -20,7 +21,8 @@ from pydantic import ValidationError
 
 from raytwin.contracts import describe_error
 from raytwin.ray_connect import unreachable
-from serve_apps.auth import OWNER_NEEDED, GrantName, RevokedKey, RoleName, create_key, load_keys, revoke_key
+from serve_apps.auth import (GrantName, KeyChangeRefused, RevokedKey, RoleName, create_key, load_keys, revoke_key,
+                              set_key_owner)
 from serve_apps.config import Autoscaling
 
 serve_app = typer.Typer(help="Start the RayTwin HTTP API on Ray Serve (routes under /v1, docs at /docs).",
@@ -258,12 +260,10 @@ def keys_create(
     unknown = set(grant or ()) - set(get_args(GrantName))
     if unknown:
         raise typer.BadParameter(f"unknown grant(s) {sorted(unknown)}; known: {', '.join(get_args(GrantName))}")
-    if owner is None and (role != "reader" or grant):
-        raise typer.BadParameter(f"a {role} key{' with a grant' if grant else ''} needs --owner PERSON (who holds "
-                                 f"it, e.g. --owner alice): {OWNER_NEEDED}; give every key of one person the same "
-                                 "owner", param_hint="--owner")
     try:
-        record, key = create_key(keys_file, tenant, role, tuple(grant or ()), owner)  # type: ignore[arg-type]
+        record, key = create_key(keys_file, tenant, role, tuple(grant or ()), owner=owner)  # type: ignore[arg-type]
+    except KeyChangeRefused as exc:
+        raise typer.BadParameter(str(exc), param_hint="--owner") from None
     except ValidationError as exc:
         raise typer.BadParameter(describe_error(exc)) from None
     typer.echo(key)
@@ -320,6 +320,26 @@ def keys_revoke(
     except KeyError as exc:
         raise typer.BadParameter(str(exc.args[0])) from None
     typer.echo(f"revoked {record.key_id} ({record.tenant} {record.role})")
+
+
+@keys_app.command("set-owner")
+def keys_set_owner(
+    key_id: Annotated[str, typer.Argument(help="The key's id (`raytwin keys list`; the part after rtk_ of the key).")],
+    owner: Annotated[str, typer.Option(help="The person who holds the key (e.g. alice): the owner their other keys "
+                                            "have.")],
+    keys_file: KEYS_FILE = Path("raytwin-keys.json"),
+) -> None:
+    """Name the holder of a key stored without an owner (audited): it may approve from then on, and what it did so
+    far is its owner's for four eyes. A key that has an owner keeps it (another person gets a key of their own)."""
+    try:
+        record = set_key_owner(keys_file, key_id, owner)
+    except KeyError as exc:
+        raise typer.BadParameter(str(exc.args[0])) from None
+    except KeyChangeRefused as exc:
+        raise typer.BadParameter(str(exc)) from None
+    except ValidationError as exc:
+        raise typer.BadParameter(describe_error(exc), param_hint="--owner") from None
+    typer.echo(f"key {record.key_id} ({record.tenant} {record.role}) is held by {record.owner}")
 
 
 @keys_app.command("list")

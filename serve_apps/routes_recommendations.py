@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 
 from connectors.commands import Command
 from raytwin.contracts import START_TIME, Contract, DateTime, Finite, Identifier, describe_error
-from serve_apps.auth import OWNER_NEEDED, KeyStore, Principal, ownerless_fix
+from serve_apps.auth import OWNER_NEEDED, KeyRecord, KeyStore, Principal, ownerless_fix
 from serve_apps.deps import READER, SVC, WRITABLE, WRITER, Services
 from serve_apps.errors import Conflict, Forbidden, Infeasible, NotFound, Unprocessable, unwrap
 from serve_apps.json_route import JsonRoute
@@ -127,9 +127,10 @@ def require_another_person(keys: KeyStore, recorded: str, who: Principal, what: 
     cannot be told from another key of `who`'s holder (four eyes), so its work is approved by no one."""
     entry = keys.entry(recorded)
     if entry is not None and entry.owner is None:
+        fix = (f"{ownerless_fix(recorded)}, and another person approves it" if isinstance(entry, KeyRecord)
+               else "have a key with an owner do it again")  # a revoked key keeps the owner it had
         raise Conflict(f"{what} was {done} by key {recorded}, which has no owner: its holder cannot be told apart "
-                       f"from the approver ({OWNER_NEEDED}); {ownerless_fix(recorded)}, and have the new key do it "
-                       "again")
+                       f"from the approver ({OWNER_NEEDED}); {fix}")
     if {recorded, entry.owner if entry else None} & {who.key_id, who.person}:
         raise Conflict(f"{what} was {done} by {who.person}: another person must approve it (four eyes)")
 

@@ -64,7 +64,7 @@ def in_process_app(backend: Any, root: Path) -> tuple[Any, dict[str, dict[str, s
     from serve_apps.twin_reads import TwinReader
 
     keys_file = root / "keys.json"
-    keys = {name: create_key(keys_file, tenant, role, grants, name)[1] for name, tenant, role, grants in KEYS}
+    keys = {name: create_key(keys_file, tenant, role, grants, owner=name)[1] for name, tenant, role, grants in KEYS}
     config = ServeConfig(store_url=str(root / "store"), keys_file=str(keys_file), rate_per_s=1000, rate_burst=1000,
                          model_packages=TEST_MODELS)
     app = create_api()

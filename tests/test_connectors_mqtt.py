@@ -888,7 +888,7 @@ def api(twins, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("api")
     keys_file = root / "keys.json"
-    keys = {name: create_key(keys_file, tenant, role, (), name) for name, tenant, role in (
+    keys = {name: create_key(keys_file, tenant, role, owner=name) for name, tenant, role in (
         ("admin", "acme", "admin"), ("admin2", "acme", "admin"), ("writer", "acme", "writer"),
         ("reader", "acme", "reader"), ("other", "globex", "admin"))}
     config = ServeConfig(store_url=str(root / "store"), keys_file=str(keys_file), rate_per_s=1000, rate_burst=1000,

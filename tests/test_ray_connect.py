@@ -40,7 +40,7 @@ def test_commands_refuse_an_address_where_nothing_listens(command: list[str], tm
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(ray, "is_initialized", lambda: False)  # as from a shell: the suite's own Ray may be up
-    create_key(tmp_path / "keys.json", "acme", "admin")
+    create_key(tmp_path / "keys.json", "acme", "admin", owner="admin")
     address = f"127.0.0.1:{free_port()}"
     args = [a.format(tmp=tmp_path) for a in command] + ["--address", address]
     out = CliRunner().invoke(app, args)

@@ -194,7 +194,7 @@ def api(ray_session, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("schema")
     keys_file = root / "keys.json"
-    keys = {name: create_key(keys_file, tenant, role, (), name)[1] for name, tenant, role in (
+    keys = {name: create_key(keys_file, tenant, role, owner=name)[1] for name, tenant, role in (
         ("admin", "acme", "admin"), ("reader", "acme", "reader"), ("writer", "acme", "writer"),
         ("other", "globex", "admin"))}
     config = ServeConfig(store_url=str(root / "store"), keys_file=str(keys_file), twin_shards=1, rate_per_s=1000,

@@ -45,7 +45,7 @@ def api(serve_proxy, tmp_path_factory):
     """The API on the shared Serve proxy, with keys for several tenants; yields (base URL, keys by name, data root)."""
     root = tmp_path_factory.mktemp("serve")
     keys_file = root / "keys.json"
-    keys = {name: create_key(keys_file, tenant, role)[1] for name, tenant, role in (
+    keys = {name: create_key(keys_file, tenant, role, owner=name)[1] for name, tenant, role in (
         ("admin", "acme", "admin"), ("writer", "acme", "writer"), ("reader", "acme", "reader"),
         ("other", "globex", "admin"), ("limited", "acme", "reader"), ("prober", "acme", "reader"),
         ("readme", "initech", "admin"), ("motors", "motorco", "admin"),

@@ -61,7 +61,7 @@ def key_credential(root: Path, role: str = "reader", **options) -> tuple[StreamC
     """A stream's credential (as `deps.streaming` makes it, needing `role`) of a new key of tenant acme with `role`
     in ``root/keys.json`` (`options`: `recheck_s`, `clock`), that file, and the stream ends the credential audits."""
     keys_file = root / "keys.json"
-    record, key = create_key(keys_file, "acme", role)
+    record, key = create_key(keys_file, "acme", role, owner="alice")
     audited: list[ApiError] = []
 
     async def audit(refusal: ApiError) -> None:

@@ -64,7 +64,7 @@ def _check_in_fresh_ray() -> None:
     from serve_apps.endpoints import http_targets
 
     tmp = tempfile.mkdtemp(prefix="raytwin-haproxy-")
-    _, key = create_key(f"{tmp}/keys.json", "acme", "admin")
+    _, key = create_key(f"{tmp}/keys.json", "acme", "admin", owner="admin")
     port = free_port()
     ray.init(num_cpus=2, include_dashboard=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})

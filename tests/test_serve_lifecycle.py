@@ -36,7 +36,7 @@ def client(serve_proxy, tmp_path_factory):
     """The API on the shared Serve proxy, one asset type in two versions (both registered as thermal_rc models)."""
     root = tmp_path_factory.mktemp("serve-lifecycle")
     keys_file = root / "keys.json"
-    keys = {name: create_key(keys_file, tenant, role, grants, name)[1] for name, tenant, role, grants in KEYS}
+    keys = {name: create_key(keys_file, tenant, role, grants, owner=name)[1] for name, tenant, role, grants in KEYS}
     config = {"store_url": str(root / "store"), "keys_file": str(keys_file), "twin_shards": 1,
               "namespace": "raytwin-lifecycle-tests", "autoscaling": {"min_replicas": 1, "max_replicas": 1}}
     with deployed(config), httpx.Client(base_url=serve_proxy, timeout=120.0) as http:

@@ -155,7 +155,7 @@ def service(serve_proxy, tmp_path_factory):
     """Serve with tiny limits: 2 requests per replica at once, no queue, a backlog of 10 events."""
     root = tmp_path_factory.mktemp("overload")
     keys_file = root / "keys.json"
-    _, key = create_key(keys_file, "acme", "admin")
+    _, key = create_key(keys_file, "acme", "admin", owner="admin")
     config = {"store_url": str(root / "store"), "keys_file": str(keys_file), "twin_shards": 1, "state_cache_s": 0,
               "rate_per_s": 1e6, "rate_burst": 1_000_000, "namespace": "raytwin-overload-tests",
               "autoscaling": {"min_replicas": 1, "max_replicas": 1, "max_ongoing_requests": 8},

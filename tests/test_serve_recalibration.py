@@ -26,7 +26,7 @@ POLICY = {"free": ["R_io"], "noise_std": {"T_in": 0.05}, "window_s": 86400.0, "m
 def api(serve_proxy, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve-recalibration")
     keys_file = root / "keys.json"
-    keys = {name: create_key(keys_file, tenant, role)[1] for name, tenant, role in KEYS}
+    keys = {name: create_key(keys_file, tenant, role, owner=name)[1] for name, tenant, role in KEYS}
     config = {"store_url": str(root / "store"), "keys_file": str(keys_file), "twin_shards": 1,
               "namespace": "raytwin-recalibration-tests", "autoscaling": {"min_replicas": 1, "max_replicas": 1}}
     with deployed(config), httpx.Client(base_url=serve_proxy, timeout=120.0) as http:
@@ -114,7 +114,8 @@ def test_a_drift_latch_starts_one_calibration_whose_candidate_is_near_the_truth(
     assert candidate.parameters["R_io"] == pytest.approx(truth, rel=0.03)
     (setter,) = {a["key_id"] for a in http.get("/v1/audit", headers=http.headers_for("admin")).json()
                  if a["action"] == "recalibration_policy.update"}
-    assert candidate.metadata["policy_set_by"] == setter  # the key that chose what to fit may not approve it
+    assert http.headers_for("admin")["Authorization"].startswith(f"Bearer rtk_{setter}_")
+    assert candidate.metadata["policy_set_by"] == "admin"  # who chose what to fit (its key's owner) may not approve it
 
     lifecycle = http.get("/v1/models/thermal_rc/lifecycle", headers=http.headers_for("reader")).json()
     assert [(v["version"], v["stage"], v["author"]) for v in lifecycle["versions"]] == [

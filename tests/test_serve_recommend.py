@@ -49,7 +49,7 @@ def api(ray_session, broker, tmp_path_factory):  # noqa: F811 (the broker fixtur
 
     root = tmp_path_factory.mktemp("recommend-api")
     keys_file = root / "keys.json"
-    keys = {name: create_key(keys_file, tenant, role, grants, name) for name, tenant, role, grants in KEYS}
+    keys = {name: create_key(keys_file, tenant, role, grants, owner=name) for name, tenant, role, grants in KEYS}
     config = ServeConfig(store_url=str(root / "store"), keys_file=str(keys_file), rate_per_s=1000, rate_burst=1000,
                          connector_hosts=NODE_BROKERS)  # the tenant's connector: to the broker on this machine
     artifact = ModelRegistry(config.url("registry", "acme")).register("tank", "1.0.0", AssetType.from_model(TWO_TANK))

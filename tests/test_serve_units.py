@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import os
+import secrets
 import threading
 import time
 from contextlib import nullcontext
@@ -23,7 +24,8 @@ from raytwin.contracts import Asset, AssetType, Relationship
 from raytwin.sim import THERMAL_RC, TWO_TANK
 from serve_apps.audit import AuditLog, AuditRecord
 from serve_apps.backend import FENCE_CHECK_S
-from serve_apps.auth import KeyStore, KeysUnavailable, create_key, digest, revoke_key
+from serve_apps.auth import (KeyRecord, KeyStore, KeysUnavailable, _write_keys, create_key, digest, key_audit_trail,
+                              load_keys, revoke_key, set_key_owner)
 from serve_apps.catalog import Catalog
 from serve_apps.cli import autoscaling_args, keys_app, serve_app
 from serve_apps.config import ServeConfig
@@ -34,9 +36,9 @@ from tests.fixtures_serve import AuditWrites
 
 def test_keys_are_stored_hashed_and_reloaded(tmp_path):
     path = tmp_path / "keys.json"
-    record, key = create_key(path, "acme", "writer")
+    record, key = create_key(path, "acme", "reader")
     store = KeyStore(path)
-    assert store.authenticate(key).model_dump() == {"key_id": record.key_id, "tenant": "acme", "role": "writer",
+    assert store.authenticate(key).model_dump() == {"key_id": record.key_id, "tenant": "acme", "role": "reader",
                                                      "grants": (), "owner": None}
     assert store.authenticate(key).person == record.key_id and '"owner"' not in path.read_text()  # its own, as before
     assert store.authenticate(key + "x") is None and store.authenticate("") is None
@@ -44,7 +46,7 @@ def test_keys_are_stored_hashed_and_reloaded(tmp_path):
     _, second = create_key(path, "globex", "reader")  # appended; the running store sees it without restart
     assert store.authenticate(second).tenant == "globex" and store.authenticate(key).tenant == "acme"
     assert oct(path.stat().st_mode & 0o777) == "0o600"
-    _, approver = create_key(path, "acme", "writer", ("approver",))  # a grant: outside the role order
+    _, approver = create_key(path, "acme", "writer", ("approver",), owner="bob")  # a grant: outside the role order
     assert store.authenticate(approver).grants == ("approver",) and store.authenticate(key).grants == ()
     _, alices = create_key(path, "acme", "admin", owner="alice")  # held by a person: who acts for four eyes
     assert store.authenticate(alices).person == "alice"
@@ -54,8 +56,8 @@ def test_a_revoked_key_is_refused_and_a_broken_keys_file_refuses_every_key(tmp_p
     """Rotation without a restart; a hand edit that does not parse fails closed with a 503 saying so, not a
     500 per request, and never keeps a key the edit meant to revoke."""
     path = tmp_path / "keys.json"
-    old, old_key = create_key(path, "acme", "writer")
-    _, new_key = create_key(path, "acme", "writer")
+    old, old_key = create_key(path, "acme", "writer", owner="alice")
+    _, new_key = create_key(path, "acme", "writer", owner="alice")
     store = KeyStore(path)
     out = CliRunner().invoke(keys_app, ["revoke", old.key_id, "--keys-file", str(path)])
     assert out.exit_code == 0 and f"revoked {old.key_id} (acme writer)" in out.output
@@ -153,7 +155,7 @@ def test_serve_haproxy_without_a_binary_is_a_usage_error_before_ray_starts(tmp_p
     monkeypatch.setattr(ray, "init", started)
     monkeypatch.delenv("RAY_SERVE_ENABLE_HA_PROXY", raising=False)
     keys = tmp_path / "keys.json"
-    create_key(keys, "acme", "admin")
+    create_key(keys, "acme", "admin", owner="alice")
     result = CliRunner().invoke(serve_app, ["--store", str(tmp_path / "store"), "--keys-file", str(keys), "--haproxy",
                                             "--no-block"])
     said = " ".join(result.output.replace("│", " ").split())  # the message as one line, without its box
@@ -195,7 +197,7 @@ def _serve_without_ray(tmp_path, monkeypatch, init, *flags: str):
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", init)
     keys = tmp_path / "keys.json"
-    create_key(keys, "acme", "admin")
+    create_key(keys, "acme", "admin", owner="alice")
     return CliRunner().invoke(serve_app, ["--store", str(tmp_path / "store"), "--keys-file", str(keys), *flags,
                                           "--no-block"])
 
@@ -1476,9 +1478,9 @@ def test_one_persons_two_keys_are_one_pair_of_eyes_for_commands_and_model_versio
     backend = LedgerBackend(tmp_path)
     with in_process(backend, tmp_path) as (http, auth, _):
         keys = tmp_path / "keys.json"
-        alice = {name: {"Authorization": f"Bearer {create_key(keys, 'acme', role, grants, 'alice')[1]}"}
+        alice = {name: {"Authorization": f"Bearer {create_key(keys, 'acme', role, grants, owner='alice')[1]}"}
                  for name, role, grants in (("writer", "writer", ()), ("approver", "admin", ("approver",)))}
-        bobs, bob_key = create_key(keys, "acme", "admin", ("approver",))  # no owner yet: its key id acts
+        bobs, bob_key = _ownerless_key(keys, "acme", "admin", ("approver",))  # no owner yet: its key id acts
         bob = {"Authorization": f"Bearer {bob_key}"}
         command = {"connector": "web", "asset_id": "pump-1", "name": "setpoint", "value": {"q": 1.0}}
         proposed, earlier = (http.post("/v1/commands", headers=h, json=command).json() for h in (alice["writer"], bob))
@@ -1504,8 +1506,7 @@ def test_one_persons_two_keys_are_one_pair_of_eyes_for_commands_and_model_versio
                 assert promoted.status_code == 403, promoted.text
                 assert "the tenant's automatic promotion was set by " in promoted.json()["error"]["message"]
 
-        records = json.loads(keys.read_text())
-        keys.write_text(json.dumps([{**r, "owner": "bob"} if r["key_id"] == bobs.key_id else r for r in records]))
+        set_key_owner(keys, bobs.key_id, "bob")  # its holder named: what it did is bob's, refused to bob's keys
         os.utime(keys, (1, 1))  # a new modification time, whatever the clock's resolution
         own = http.post(f"/v1/commands/{earlier['id']}/approve", headers=bob)
         assert own.status_code == 409 and "proposed by bob: another person must approve" in own.text, own.text
@@ -1525,9 +1526,9 @@ def test_a_key_without_an_owner_approves_nothing_and_what_it_proposed_no_key_app
     backend = LedgerBackend(tmp_path)
     with in_process(backend, tmp_path) as (http, auth, _):
         keys = tmp_path / "keys.json"
-        old, old_key = create_key(keys, "acme", "admin", ("approver",))  # stored before owners were needed
+        old, old_key = _ownerless_key(keys, "acme", "admin", ("approver",))  # stored before owners were needed
         ownerless = {"Authorization": f"Bearer {old_key}"}
-        successor = {"Authorization": f"Bearer {create_key(keys, 'acme', 'admin', ('approver',), 'dave')[1]}"}
+        successor = {"Authorization": f"Bearer {create_key(keys, 'acme', 'admin', ('approver',), owner='dave')[1]}"}
         command = {"connector": "web", "asset_id": "pump-1", "name": "setpoint", "value": {"q": 1.0}}
         by_old, by_writer = (http.post("/v1/commands", headers=h, json=command).json()
                              for h in (ownerless, auth["writer"]))
@@ -1535,7 +1536,7 @@ def test_a_key_without_an_owner_approves_nothing_and_what_it_proposed_no_key_app
         assert refused.status_code == 403, refused.text
         message = refused.json()["error"]["message"]
         assert f"key {old.key_id} has no owner, so it may not approve a command" in message
-        assert "--owner PERSON" in message and f"raytwin keys revoke {old.key_id}" in message
+        assert f"raytwin keys set-owner {old.key_id} --owner PERSON" in message
         own = http.post(f"/v1/commands/{by_old['id']}/approve", headers=successor)  # dave's two keys
         assert own.status_code == 409 and f"proposed by key {old.key_id}, which has no owner" in own.text, own.text
         assert backend.sent == []
@@ -1553,8 +1554,7 @@ def test_a_key_without_an_owner_approves_nothing_and_what_it_proposed_no_key_app
         assert promoted.status_code == 403, promoted.text
         assert promoted.json()["error"]["message"].startswith(
             "an API key without an owner is the author of thermal_rc@1.0.0: its holder cannot be told apart from dave")
-        records = json.loads(keys.read_text())  # its holder named by hand: the old key's work is dave's
-        keys.write_text(json.dumps([{**r, "owner": "dave"} if r["key_id"] == old.key_id else r for r in records]))
+        set_key_owner(keys, old.key_id, "dave")  # its holder named: the old key's work is dave's
         os.utime(keys, (1, 1))
         promoted = http.post(versions, headers=successor, json={"to": "production", "reason": "mine"})
         assert promoted.status_code == 403 and "dave is the author of thermal_rc@1.0.0" in promoted.text, promoted.text
@@ -1566,10 +1566,76 @@ def test_keys_create_refuses_a_key_whose_acts_four_eyes_compares_without_an_owne
     for role, grants in (("writer", []), ("admin", []), ("reader", ["--grant", "approver"])):
         refused = CliRunner().invoke(keys_app, ["create", "--tenant", "acme", "--role", role, *grants,
                                                 "--keys-file", str(keys)])
-        assert refused.exit_code == 2 and "needs --owner PERSON" in refused.output, refused.output
+        said = " ".join(refused.output.replace("│", " ").split())  # the message as one line, without its box
+        assert refused.exit_code == 2 and f"Invalid value for --owner: a {role} key" in said, said
+        assert "needs an owner, the person who holds it" in said, said
     assert not keys.exists()
     reader = CliRunner().invoke(keys_app, ["create", "--tenant", "acme", "--role", "reader", "--keys-file", str(keys)])
     assert reader.exit_code == 0, reader.output  # a reader's acts are compared by no rule
+
+
+def test_create_key_refuses_as_the_cli_does_a_key_without_the_owner_four_eyes_needs(tmp_path):
+    """`serve_apps.auth.create_key` (the Python API under `raytwin keys create`) made writer, admin and granted keys
+    without an owner, which the CLI refused: each a person of its own to four eyes."""
+    from serve_apps.auth import KeyChangeRefused
+
+    keys = tmp_path / "keys.json"
+    for role, grants in (("writer", ()), ("admin", ()), ("reader", ("approver",))):
+        with pytest.raises(KeyChangeRefused, match=f"a {role} key.* needs an owner, the person who holds it"):
+            create_key(keys, "acme", role, grants)
+    with pytest.raises(ValidationError, match="owner"):
+        create_key(keys, "acme", "admin", owner="alice smith")
+    with pytest.raises(TypeError):
+        create_key(keys, "acme", "admin", (), "alice")  # keyword only: a positional string is no grant or owner
+    assert not keys.exists()
+    assert create_key(keys, "acme", "admin", owner="alice")[0].owner == "alice"
+    assert create_key(keys, "acme", "reader")[0].owner is None  # a reader's acts are compared by no rule
+
+
+def test_keys_set_owner_names_the_holder_of_a_key_without_one_and_changes_no_owner(tmp_path):
+    """A key stored without an owner approves nothing, and its holder could only be named by editing the keys file by
+    hand, unaudited. `raytwin keys set-owner` names it, audited; it never moves a key from one owner to another
+    (that would let the first owner's other keys approve their own work in flight), nor touches a revoked key."""
+    keys = tmp_path / "keys.json"
+    old, old_key = _ownerless_key(keys, "acme", "admin", ("approver",))
+    store = KeyStore(keys)
+    assert store.authenticate(old_key).owner is None
+
+    def set_owner(key_id: str, owner: str) -> tuple[int, str]:
+        out = CliRunner().invoke(keys_app, ["set-owner", key_id, "--owner", owner, "--keys-file", str(keys)])
+        return out.exit_code, " ".join(out.output.replace("│", " ").split())
+
+    assert set_owner(old.key_id, "alice smith")[0] == 2  # no identifier: refused, nothing written
+    assert set_owner(old.key_id, "dave") == (0, f"key {old.key_id} (acme admin) is held by dave")
+    os.utime(keys, (1, 1))  # a new modification time, whatever the clock's resolution
+    assert store.authenticate(old_key).owner == "dave" and store.owner(old.key_id) == "dave"
+    (trail,) = [json.loads(line) for line in key_audit_trail(keys).read_text().splitlines()]
+    assert (trail["action"], trail["key_id"], trail["details"]["owner"]) == ("key.set_owner", old.key_id, "dave")
+    assert trail["details"]["grants"] == ["approver"] and "@" in trail["details"]["by"]
+
+    before = keys.read_bytes()
+    code, said = set_owner(old.key_id, "mallory")
+    assert code == 2 and f"key {old.key_id} is held by dave already and an owner is never changed" in said, said
+    assert f"raytwin keys revoke {old.key_id}" in said and keys.read_bytes() == before
+    code, said = set_owner("0123456789ab", "dave")
+    assert code == 2 and "no key '0123456789ab'" in said and "raytwin keys list" in said, said
+    revoked, _ = _ownerless_key(keys, "acme", "writer")
+    revoke_key(keys, revoked.key_id)
+    before = keys.read_bytes()
+    code, said = set_owner(revoked.key_id, "dave")
+    assert code == 2 and f"key {revoked.key_id} is revoked: it keeps the owner it had (none)" in said, said
+    assert keys.read_bytes() == before and store.owner(revoked.key_id) is None
+    assert [json.loads(line)["action"] for line in key_audit_trail(keys).read_text().splitlines()] == [
+        "key.set_owner", "key.revoke"]  # refusals change nothing and record nothing
+
+
+def _ownerless_key(path: Path, tenant: str, role: str, grants: tuple[str, ...] = ()) -> tuple[KeyRecord, str]:
+    """A key as stored before `create_key` needed an owner for it (a writer, an admin, a grant): without one."""
+    key_id = secrets.token_hex(6)
+    key = f"rtk_{key_id}_{secrets.token_urlsafe(32)}"
+    record = KeyRecord(key_id=key_id, sha256=digest(key), tenant=tenant, role=role, grants=grants)
+    _write_keys(path, load_keys(path) + [record])
+    return record, key
 
 
 def test_a_revoked_key_keeps_its_owner_and_authenticates_no_more(tmp_path):
@@ -1598,7 +1664,7 @@ def test_whoever_computed_a_recommendation_may_not_approve_the_command_that_issu
     backend = LedgerBackend(tmp_path)
     with in_process(backend, tmp_path) as (http, auth, svc):
         keys = tmp_path / "keys.json"
-        carol = [create_key(keys, "acme", "admin", ("approver",), "carol") for _ in range(2)]
+        carol = [create_key(keys, "acme", "admin", ("approver",), owner="carol") for _ in range(2)]
         writer = svc.keys.authenticate(auth["writer"]["Authorization"].split()[1]).key_id
         runs, now = RunStore(svc.config.url("runs", "acme")), datetime.now(UTC)
         commands = {}
