@@ -159,9 +159,12 @@ def _headers_read(dependant: Dependant) -> set[str]:
     return names.union(*(_headers_read(sub) for sub in dependant.dependencies))
 
 
-def refuse_unevaluated(request: Request, headers: tuple[str, ...]) -> None:
-    """412 for a request carrying one of `headers`, the conditions its route does not evaluate: refused rather
-    than ignored, as for telemetry (`unconditional`), before anything is written."""
+def refuse_unevaluated(request: Request) -> None:
+    """412 for a request carrying a condition its route does not evaluate (the route's `unevaluated`, kept by
+    `serve_apps.json_route.JsonRoute`): refused rather than ignored, as for telemetry (`unconditional`), before
+    anything is written. `serve_apps.deps.require` calls it once the caller's key, rate limit and role passed, so an
+    anonymous caller gets 401 (and a reader 403) whatever headers it sends, never an answer about the route."""
+    headers: tuple[str, ...] = getattr(request.scope.get("route"), "unevaluated", ())
     for header in headers:
         if (value := request.headers.get(header)) is not None:
             honoured = [h for h in CONDITIONS if h not in headers]
@@ -175,7 +178,9 @@ def refuse_unevaluated(request: Request, headers: tuple[str, ...]) -> None:
 def unconditional(what: str, why: str) -> Any:
     """A route dependency for a write that takes no precondition: `If-Match` / `If-None-Match` get 412, not
     silence (a client that sends one believes the write is conditional, and telemetry with a stale If-Match
-    was applied). `what` names the write, `why` says what orders it instead."""
+    was applied). `what` names the write, `why` says what orders it instead. Declare it as a parameter after the
+    route's key (`who: Principal = WRITER`): dependencies run in that order, and a route's own `dependencies=` list
+    runs before them all, so there it would answer 412 before the credentials were checked."""
 
     async def refuse(if_match: str | None = Header(None, include_in_schema=False),
                      if_none_match: str | None = Header(None, include_in_schema=False),

@@ -21,6 +21,7 @@ from serve_apps.audit_steps import audited
 from serve_apps.auth import BEARER_CHALLENGE, SEND_A_KEY, KeyStore, Principal, Role, digest, parse_credentials
 from serve_apps.change_stream import HeadWatcher
 from serve_apps.changes import ChangeStore
+from serve_apps.conditional import refuse_unevaluated
 from serve_apps.config import ServeConfig
 from serve_apps.errors import (ApiError, BackendUnavailable, Forbidden, RateLimited, Unauthorized, Unprocessable,
                                error_response, unwrap)
@@ -120,7 +121,8 @@ async def services(request: Request) -> Services:
 
 
 def require(role: Role):
-    """A dependency: the authenticated caller, rate limited, with at least `role` (401/429/403)."""
+    """A dependency: the authenticated caller, rate limited, with at least `role` (401/429/403), whose write carries
+    no precondition its route does not evaluate (412, `serve_apps.conditional.refuse_unevaluated`)."""
 
     async def dependency(
         request: Request,
@@ -141,6 +143,7 @@ def require(role: Role):
                               details=[{"retry_after_s": wait}],
                               headers={"Retry-After": TokenBuckets.retry_after(wait)})
         require_role(who, role)
+        refuse_unevaluated(request)  # 412 for a condition the route ignores: only now, after 401, 429 and 403
         return who
 
     return dependency

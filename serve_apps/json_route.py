@@ -10,7 +10,7 @@ import pydantic_core
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
 
-from serve_apps.conditional import refuse_unevaluated, unevaluated_conditions
+from serve_apps.conditional import unevaluated_conditions
 from serve_apps.errors import ApiError, TooDeeplyNested, Unprocessable, UnsupportedMediaType
 
 MAX_JSON_DEPTH = 200
@@ -31,20 +31,24 @@ class JsonRoute(APIRoute):
     A good body is parsed once, by pydantic-core (faster than `json.loads`, refuses NaN and
     Infinity, bounded recursion), and FastAPI gets the parsed value.
 
-    A write given a precondition it does not evaluate (`If-Match`, `If-None-Match`, `If-Unmodified-Since`: one
-    it declares no header parameter for) answers 412 before anything runs (`serve_apps.conditional`), so no
-    route, new ones included, ignores a condition its client believes holds.
+    A write's preconditions that it does not evaluate (`If-Match`, `If-None-Match`, `If-Unmodified-Since`: those it
+    declares no header parameter for) are kept as `unevaluated`; a request carrying one answers 412 once its key,
+    rate limit and role passed (`serve_apps.conditional.refuse_unevaluated`, called by `serve_apps.deps.require`),
+    before the body is checked and anything runs, so no route, new ones included, ignores a condition its client
+    believes holds.
     """
+
+    def __init__(self, path: str, endpoint: Callable[..., Any], **options: Any) -> None:
+        super().__init__(path, endpoint, **options)
+        self.unevaluated = unevaluated_conditions(self.methods, self.dependant)
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
-        ignored = unevaluated_conditions(self.methods, self.dependant)
-        if self.body_field is None and not ignored:
+        if self.body_field is None:
             return handler
 
         async def parse_then_handle(request: Request) -> Response:
-            refuse_unevaluated(request, ignored)
-            return await handler(await _parsed(request) if self.body_field is not None else request)
+            return await handler(await _parsed(request))
 
         return parse_then_handle
 

@@ -28,15 +28,17 @@ from serve_apps.routes_evolution import TYPE_VERSION_HEADER, check_sender_versio
 from serve_apps.schemas import Divergence, DriftClear, IngestResult, Rejection, TelemetryBatch
 
 
+UNCONDITIONAL = unconditional("telemetry", "events are ordered by their event time and told apart by idempotency key, "
+                              "not by the twin's revision")
+
+
 def register(app: FastAPI) -> None:
     tags = ["twins"]
 
     @app.post("/v1/assets/{asset_id}/telemetry", response_model=IngestResult, tags=tags,
-              dependencies=[resend_safe("every event has an idempotency key: resent ones count as duplicates"),
-                            unconditional("telemetry", "events are ordered by their event time and told apart by "
-                                          "idempotency key, not by the twin's revision")])
+              dependencies=[resend_safe("every event has an idempotency key: resent ones count as duplicates")])
     async def ingest(asset_id: str, body: TelemetryBatch, who: Principal = WRITER, svc: Services = SVC,
-                     type_version: str | None = TYPE_VERSION_HEADER) -> Any:
+                     type_version: str | None = TYPE_VERSION_HEADER, _unconditional: None = UNCONDITIONAL) -> Any:
         """Validate and apply a batch of events; re-sent events (same idempotency key) count as duplicates.
 
         The server stamps each event's ingest time with its own clock: an event carrying `ingest_time`

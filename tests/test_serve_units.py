@@ -2473,3 +2473,24 @@ def test_a_tenant_cannot_have_another_tenants_stored_fmu_opened_to_validate_its_
             refused = http.post("/v1/asset-types/compatibility", json=body, headers=auth["other"])
             message = refused.json()["error"]["message"]
             assert refused.status_code == 422 and "opens only FMUs stored in its registry, under your tenant's" in message, message
+
+
+def test_a_precondition_a_write_ignores_is_refused_only_after_the_key_and_role_are_checked(tmp_path):
+    """The 412 for a condition a write does not evaluate came before authentication: an anonymous caller sending
+    If-Match got 412 instead of 401 (what the route evaluates, and that it exists, told to anyone), and telemetry's own
+    refusal ran before the key too. Now 401 without a valid key, 403 below the route's role, then 412."""
+    from tests.fixtures_serve import in_process
+
+    policy = {"auto_promote": False, "keep_archived": 2, "keep_runs": 20}
+    event = {"events": [{"asset_id": "pump-1", "event_time": "2026-12-06T12:00:00Z", "values": {"q": 1.0}}]}
+    cases = (("PUT", "/v1/lifecycle-policy", policy, "If-Match", '"3"', "admin"),
+             ("PUT", "/v1/assets/zone-1", policy, "If-Unmodified-Since", "Sat, 05 Dec 2026 12:00:00 GMT", "admin"),
+             ("POST", "/v1/connectors/plc/pause", None, "If-None-Match", "*", "admin"),  # a router's route
+             ("POST", "/v1/assets/pump-1/telemetry", event, "If-Match", '"3"', "writer"))  # telemetry's own refusal
+    with in_process(SimpleNamespace(check_writable=lambda: None), tmp_path) as (http, auth, _):
+        for method, path, body, header, value, role in cases:
+            for credentials, status in (({}, 401), ({"Authorization": "Bearer rtk_000000000000_wrong"}, 401),
+                                        ({"X-API-Key": ""}, 401), (auth["reader"], 403), (auth[role], 412)):
+                answer = http.request(method, path, json=body, headers=credentials | {header: value})
+                assert answer.status_code == status, (method, path, credentials, answer.text)
+                assert (header in answer.json()["error"]["message"]) == (status == 412), answer.text
