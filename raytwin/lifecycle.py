@@ -20,7 +20,8 @@ process's last whole verify of the model (the backend's audit, every 240 s, spar
 cost while a round of it takes under a minute; in the ingress, where the lifecycle routes run, one request per model
 and replica pays for a whole verify every 300 s that they are used). A broken chain is logged as ``event=lifecycle_chain_broken``; from then on the model's
 transitions are refused, each request verifying the whole chain again, until it verifies (the log restored from a
-backup). The offline CLI verifies whole (a new process).
+backup); the backend's audit exports how many logs it found broken (`raytwin.metrics.LIFECYCLE_LOGS_BROKEN`, the alert
+RayTwinLifecycleLogBroken). The offline CLI verifies whole (a new process).
 
 Rules: a model belongs to the tenant that submitted its first candidate; production needs an actor
 with the ``approver`` role who is not the candidate's author (four eyes), unless the tenant's

@@ -389,6 +389,10 @@ STORE_UNAVAILABLE = gauge("raytwin_store_unavailable", "1 while the API backend 
                           "(an error class of `raytwin_store_failures`: a read of its lease fails or does not answer; "
                           "no_writes: the shards' lease heartbeat stopped changing while a shard answers), 0 "
                           "otherwise; checked every 5 s, as the health probes check it.", "reason")
+# ---- model lifecycle (raytwin/lifecycle.py) ------------------------------------------------------
+LIFECYCLE_LOGS_BROKEN = gauge("raytwin_lifecycle_logs_broken", "Model lifecycle logs the API backend's audit found "
+                              "broken (a record edited, removed or reordered) in its last whole verify of each: at its "
+                              "start, then every 240 s; their models' transitions are refused until they verify again.")
 
 DEAD_LETTER_REASONS: dict[str, tuple[str, ...]] = {
     "api": ("invalid", "misfit"),

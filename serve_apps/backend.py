@@ -77,12 +77,12 @@ NO_WRITES = ("the store takes no writes (a full disk, a read-only or unwritable 
 FENCE_WATCH_S = 5.0
 """How often the backend reads the lease to stop its connectors once another cluster's service holds the store."""
 SHADOW_CONCLUDE_S = 2.0
+"""How often the backend looks for finished shadow evaluations to record: a question to each shard."""
 LIFECYCLE_AUDIT_S = 240.0
 """How often every model's whole lifecycle log is verified (`_audit_lifecycles`): an edit to an older record is
 reported within this long (plus one audit's run). Under `raytwin.lifecycle.FULL_VERIFY_S`, so that the backend's
 requests (asset creates and updates, type deletes) check only the records appended since (`ModelLifecycle.current`)
 and none of them pays for a whole verify."""
-"""How often the backend looks for finished shadow evaluations to record: a question to each shard."""
 
 
 def holds(now: Lease | None, mine: Lease) -> bool:
@@ -712,15 +712,23 @@ class Backend:
                 log.warning("event=shadow_conclusion_failed", exc_info=True)
 
     def _audit_lifecycles(self) -> None:
-        """Every `LIFECYCLE_AUDIT_S` until `close`, verify each tenant's model lifecycle logs whole (the start does it
-        once, `finish_interrupted_swaps`): requests check only new records, and this finds an edit to an old one (logged
-        as ``event=lifecycle_chain_broken``; the model's transitions are refused until its log verifies again)."""
-        while not self._watch_stop.wait(LIFECYCLE_AUDIT_S):
-            for tenant in self.catalog.tenants():
+        """At the start, then every `LIFECYCLE_AUDIT_S` until `close`, verify each tenant's model lifecycle logs whole:
+        requests check only new records, and this finds an edit to an old one (logged as
+        ``event=lifecycle_chain_broken``; the model's transitions are refused until its log verifies again). After each
+        round, how many logs are broken is exported (`metrics.LIFECYCLE_LOGS_BROKEN`, the alert
+        RayTwinLifecycleLogBroken); a tenant whose round failed (the store down) counts as its last round found it."""
+        broken: dict[str, int] = {}  # by tenant
+        while True:
+            tenants = self.catalog.tenants()
+            broken = {tenant: n for tenant, n in broken.items() if tenant in tenants}
+            for tenant in tenants:
                 try:
-                    ModelLifecycle(self._registry(tenant)).audit()
+                    broken[tenant] = len(ModelLifecycle(self._registry(tenant)).audit())
                 except Exception:  # noqa: BLE001 - the store down: the next round tries again
                     log.warning("event=lifecycle_audit_failed tenant=%s", tenant, exc_info=True)
+            metrics.LIFECYCLE_LOGS_BROKEN.set(float(sum(broken.values())))
+            if self._watch_stop.wait(LIFECYCLE_AUDIT_S):
+                return
 
     def _watch_pass(self, connectors_stopped: bool) -> bool:
         """Read the store's lease once, waiting at most `FENCE_READ_S` (one read that hangs must not stop the watch

@@ -359,6 +359,40 @@ def test_the_backend_verifies_every_lifecycle_log_whole_each_audit_round(tmp_pat
         lc.transition("zone@1.1.0", "production", BOB, "go")
 
 
+def test_the_backend_exports_how_many_lifecycle_logs_its_audit_found_broken(tmp_path, monkeypatch):
+    """A broken chain was only a log line (event=lifecycle_chain_broken): no metric, so no alert. Each audit round
+    (the first at the start) exports the count; a tenant whose round fails keeps its count, and a restored log
+    counts no more."""
+    from raytwin import metrics
+    from serve_apps.backend import Backend
+
+    lc, log = _chain(tmp_path)
+    pristine = (log / "00000001.json").read_bytes()
+    exported: list[float] = []
+    monkeypatch.setattr(metrics, "LIFECYCLE_LOGS_BROKEN", SimpleNamespace(set=exported.append))
+    registries = {"acme": lc.registry}
+
+    def edit() -> None:
+        (log / "00000001.json").write_bytes(canonical_json(json.loads(pristine) | {"actor": "mallory"}))
+
+    def store_down() -> None:
+        registries["acme"] = SimpleNamespace(fs=SimpleNamespace(exists=_down), root="s3://gone")
+
+    def restore() -> None:
+        registries["acme"] = lc.registry
+        (log / "00000001.json").write_bytes(pristine)
+
+    steps = iter([edit, store_down, restore, None])  # between rounds; None: closed
+    backend = SimpleNamespace(_watch_stop=SimpleNamespace(wait=lambda _s: (step := next(steps)) is None or step()),
+                              catalog=SimpleNamespace(tenants=lambda: ["acme"]), _registry=registries.__getitem__)
+    Backend._audit_lifecycles(backend)
+    assert exported == [0.0, 1.0, 1.0, 0.0]
+
+
+def _down(_path: str) -> bool:
+    raise OSError("the store is unreachable")
+
+
 def test_a_replaced_or_shrunk_log_is_verified_whole_by_a_request(tmp_path, monkeypatch):
     lc, log = _chain(tmp_path)
     lc.verify("zone")
