@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from contextlib import suppress
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Annotated, Any
@@ -30,7 +31,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from raytwin.contracts import Identifier
-from raytwin.storage import filesystem, replace_file
+from raytwin.storage import cat_existing, filesystem, replace_file, write_markers
 from raytwin.store_failures import store_io
 
 log = logging.getLogger("raytwin.connectors")
@@ -106,21 +107,56 @@ class Command(BaseModel):
         return self.model_copy(update={"status": status, "history": [*self.history, step], **changes})
 
 
+UNSETTLED = frozenset({CommandStatus.approved, CommandStatus.sending, CommandStatus.sent})
+"""The statuses a connector settles after a restart or awaits an answer in (with *expired*, until its late answer)."""
+INDEXED = "_complete"
+"""The marker that every command of the tenant has its index markers (`CommandLedger.index`)."""
+
+
+def is_unsettled(command: Command) -> bool:
+    """Whether its connector may still act on it: settle it after a restart, or record an asset's answer."""
+    return command.status in UNSETTLED or (command.status is CommandStatus.expired and command.ack is None)
+
+
+def _was_unsettled(command: Command) -> bool:
+    """Whether it was unsettled before its latest transition (an expired one moves again only to take its answer)."""
+    return len(command.history) > 1 and command.history[-2].status in UNSETTLED | {CommandStatus.expired}
+
+
 class CommandLedger:
-    """The command records of a state store (`{store}/connectors/commands/tenant=T/<id>.json`).
+    """The command records of a state store (`{store}/connectors/commands/tenant=T/<id>.json`), and their index.
 
     Proposals are new files; every later transition of a connector's commands is made by that
-    connector's actor, one call at a time, so read-check-write needs no lock."""
+    connector's actor, one call at a time, so read-check-write needs no lock.
+
+    The index (`tenant=T/index/`) holds empty markers named by command id, so that a query reads the records it
+    answers with and no others: `asset_id=A/` has one for each of the asset's commands, written before its record;
+    `connector=C/` one for each of connector C's unsettled commands (`is_unsettled`), written before the record that
+    makes it so and removed after the record that settles it (or by `recover`, once its late answer is no longer
+    awaited). A marker without its record (a proposal that failed) or whose command
+    is settled (its removal failed) is skipped. `_complete` says every command has its markers: a tenant whose
+    commands were written before the index (no `_complete`) is read whole, as it was, until a connector of it
+    starts and indexes them (`index`)."""
 
     def __init__(self, store_url: str, storage_options: dict[str, Any] | None = None):
         self.fs, root = filesystem(store_url, storage_options)
         self.root = f"{root}/connectors/commands"
+        self._complete: set[str] = set()  # the tenants whose index is complete (it stays so)
 
     def _path(self, tenant: str, command_id: str) -> str:
         return f"{self.root}/tenant={tenant}/{command_id}.json"
 
+    def _index(self, tenant: str, key: str = "") -> str:
+        """The index folder of `tenant`, or of its `key` (``asset_id=A``, ``connector=C``)."""
+        return f"{self.root}/tenant={tenant}/index" + (f"/{key}" if key else "")
+
     def _save(self, command: Command) -> Command:
+        open_markers = self._index(command.tenant, f"connector={command.connector}")
+        if is_unsettled(command) and not _was_unsettled(command):  # before the record: no reader misses it
+            write_markers(self.fs, open_markers, [command.id])
         replace_file(self.fs, self._path(command.tenant, command.id), command.model_dump_json().encode())
+        if _was_unsettled(command) and not is_unsettled(command):  # after it: a stale one is only skipped
+            self._unmark(open_markers, [command.id])
         log.info("event=command_%s tenant=%s command=%s correlation_id=%s connector=%s asset=%s by=%s",
                  command.status.value, command.tenant, command.id, command.correlation_id, command.connector,
                  command.asset_id, command.history[-1].by)
@@ -133,6 +169,7 @@ class CommandLedger:
                           connector=connector, asset_id=asset_id, name=name, value=value,
                           status=CommandStatus.proposed, proposed_by=by, recommendation_id=recommendation_id,
                           history=[Transition(status=CommandStatus.proposed, at=datetime.now(UTC), by=by)])
+        write_markers(self.fs, self._index(tenant, f"asset_id={asset_id}"), [command.id])  # before its record
         return self._save(command)
 
     @store_io("read")
@@ -144,13 +181,60 @@ class CommandLedger:
 
     @store_io("read")
     def list(self, tenant: str, asset_id: str | None = None) -> list[Command]:
-        """The tenant's commands (optionally of one asset), oldest first."""
+        """The tenant's commands (optionally of one asset: its own alone are read), oldest first."""
+        if asset_id is None:
+            return self._read(tenant, None)
+        return [c for c in self._read(tenant, f"asset_id={asset_id}") if c.asset_id == asset_id]
+
+    @store_io("read")
+    def unsettled(self, tenant: str, connector: str) -> list[Command]:
+        """The connector's unsettled commands (`is_unsettled`; once indexed, less the expired ones whose answer
+        `recover` stopped awaiting), oldest first, those alone read: what its restarted process acts on."""
+        return [c for c in self._read(tenant, f"connector={connector}") if c.connector == connector and is_unsettled(c)]
+
+    def _read(self, tenant: str, key: str | None) -> list[Command]:
+        """The tenant's commands that index `key` marks (None, or the index not complete: all of them), oldest first."""
+        if key is not None and self._indexed(tenant):
+            names = self._listed(self._index(tenant, key))
+            paths = [self._path(tenant, name.rsplit("/", 1)[-1]) for name in names]
+        else:
+            paths = [p for p in self._listed(f"{self.root}/tenant={tenant}") if p.endswith(".json")]
+        found = [Command.model_validate_json(body) for body in cat_existing(self.fs, paths).values()]
+        return sorted(found, key=lambda c: (c.history[0].at, c.id))
+
+    def _listed(self, folder: str) -> list[str]:
         try:
-            paths = self.fs.ls(f"{self.root}/tenant={tenant}", detail=False)
+            return self.fs.ls(folder, detail=False, refresh=True)
         except FileNotFoundError:
             return []
-        found = [Command.model_validate_json(self.fs.cat_file(p)) for p in paths if p.endswith(".json")]
-        return sorted((c for c in found if asset_id in (None, c.asset_id)), key=lambda c: c.history[0].at)
+
+    def _indexed(self, tenant: str) -> bool:
+        if tenant not in self._complete and self.fs.exists(self._index(tenant, INDEXED)):
+            self._complete.add(tenant)
+        return tenant in self._complete
+
+    def _unmark(self, folder: str, names: list[str]) -> None:
+        """Remove the markers `names` of `folder` (one gone already is no error: it was stale at worst)."""
+        for name in names:
+            with suppress(FileNotFoundError):
+                self.fs.rm_file(f"{folder}/{name}")
+
+    @store_io("write")
+    def index(self, tenant: str) -> None:
+        """Write the index markers of a tenant's commands written before the index, then `_complete`, unless it is
+        complete already: a tenant's commands are read whole once (as every per-asset query and connector start did
+        before). Commands proposed or moved meanwhile write their own markers (a stale one is skipped)."""
+        if self._indexed(tenant):
+            return
+        marked: dict[str, list[str]] = {}
+        for c in self._read(tenant, None):
+            marked.setdefault(f"asset_id={c.asset_id}", []).append(c.id)
+            if is_unsettled(c):
+                marked.setdefault(f"connector={c.connector}", []).append(c.id)
+        for key, ids in marked.items():
+            write_markers(self.fs, self._index(tenant, key), ids)
+        write_markers(self.fs, self._index(tenant), [INDEXED])  # once theirs are durable
+        self._complete.add(tenant)
 
     def approve(self, tenant: str, command_id: str, by: str) -> Command:
         command = self.get(tenant, command_id)
@@ -211,15 +295,23 @@ class CommandLedger:
         status = CommandStatus.acknowledged if ok else CommandStatus.failed
         return self._save(command.moved(status, f"asset:{command.asset_id}", None if ok else answer, ack=ack))
 
-    def recover(self, tenant: str, connector: str) -> list[Command]:
+    def recover(self, tenant: str, connector: str, answers_kept: timedelta | None = None) -> list[Command]:
         """After a connector (re)starts: its commands left in *sending*, or *sent* unconfirmed (the client that
         kept them is gone), are failed as "outcome unknown" (they may or may not have reached the asset, and are
         never re-sent), those left *approved* (it stopped between the approval and the claim) as not sent:
-        nothing is sent before the claim is persisted."""
+        nothing is sent before the claim is persisted. The tenant's commands are indexed first (`index`), and the
+        expired ones whose late answer is no longer awaited (expired more than `answers_kept` ago; None: all are)
+        leave the connector's index, so that its starts read what they act on alone."""
+        self.index(tenant)
         reasons = {CommandStatus.sending: "outcome unknown: the connector stopped while sending; not re-sent",
                    CommandStatus.approved: "not sent: the connector stopped before sending; propose it again",
                    CommandStatus.sent: "outcome unknown: the connector stopped before the broker confirmed the "
                                        "command; not re-sent"}
-        return [self.failed(c, reasons[c.status]) for c in self.list(tenant) if c.connector == connector and (
+        mine = self.unsettled(tenant, connector)
+        if answers_kept is not None:
+            given_up = datetime.now(UTC) - answers_kept
+            self._unmark(self._index(tenant, f"connector={connector}"), [
+                c.id for c in mine if c.status is CommandStatus.expired and c.history[-1].at <= given_up])
+        return [self.failed(c, reasons[c.status]) for c in mine if (
             c.status in (CommandStatus.sending, CommandStatus.approved)
             or (c.status is CommandStatus.sent and (c.history[-1].detail or "").startswith("unconfirmed")))]

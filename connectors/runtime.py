@@ -104,8 +104,8 @@ class ConnectorRuntime:
             self.spec = files.opened(TenantFiles.named(self.spec))
         self.ledger = CommandLedger(store_url, storage_options)
         self._commands = threading.Lock()  # an ack (receive thread) must not interleave with a send
-        self.ledger.recover(tenant, name)
-        mine = [c for c in self.ledger.list(tenant) if c.connector == name]
+        self.ledger.recover(tenant, name, LATE_ACK_KEPT)
+        mine = self.ledger.unsettled(tenant, name)
         now = datetime.now(UTC)
         self._deadlines = {c.correlation_id: self._deadline(c) for c in mine if c.status is CommandStatus.sent}
         self._late = {c.correlation_id: c.history[-1].at + LATE_ACK_KEPT for c in mine  # expired, for a late answer

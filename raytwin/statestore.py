@@ -84,7 +84,7 @@ import pyarrow.parquet as pq
 from raytwin import renewal_watch
 from raytwin.damage import report_damaged
 from raytwin.logsegments import SegmentWriter, held_segment, is_segment, read_segment
-from raytwin.storage import filesystem, replace_file, write_markers
+from raytwin.storage import cat_existing, filesystem, replace_file, write_markers
 from raytwin.store_failures import store_io
 
 log = logging.getLogger("raytwin.store")
@@ -614,8 +614,8 @@ class StateStore:
         """Those of `asset_ids` with no row in the tenant's log, told by their markers alone (none while the log is
         not marked whole): one small read each, none of the log."""
         markers = self._markers(tenant)
-        found = {p.rsplit("/", 1)[-1] for p in self._cat_existing(
-            [f"{markers}/{ALL_MARKED}", *(f"{markers}/asset_id={a}" for a in asset_ids)])}
+        found = {p.rsplit("/", 1)[-1] for p in cat_existing(
+            self.fs, [f"{markers}/{ALL_MARKED}", *(f"{markers}/asset_id={a}" for a in asset_ids)])}
         return set() if ALL_MARKED not in found else {a for a in asset_ids if f"asset_id={a}" not in found}
 
     @store_io("write")
@@ -1135,16 +1135,7 @@ class StateStore:
         else:
             paths = [self._deletion_path(tenant, asset_id) for asset_id in asset_ids]
         return {path.rsplit("/", 1)[-1].removeprefix("asset_id=").removesuffix(".json"): json.loads(body)["floor_us"]
-                for path, body in self._cat_existing(paths).items()}
-
-    def _cat_existing(self, paths: list[str]) -> dict[str, bytes]:
-        """The contents of those of `paths` that exist, read in one batch (concurrently on object stores); any
-        other failure to read one raises (an outage must not read as "not there")."""
-        found = self.fs.cat(paths, on_error="return") if paths else {}
-        for body in found.values():
-            if isinstance(body, Exception) and not isinstance(body, FileNotFoundError):
-                raise body
-        return {path: body for path, body in found.items() if not isinstance(body, Exception)}
+                for path, body in cat_existing(self.fs, paths).items()}
 
     @store_io("write")
     def forget_twin(self, tenant: str, asset_id: str) -> None:

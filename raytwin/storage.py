@@ -130,6 +130,16 @@ def replace_file(fs: AbstractFileSystem, path: str, data: bytes) -> None:
     _sync_folder(os.path.dirname(path))
 
 
+def cat_existing(fs: AbstractFileSystem, paths: list[str]) -> dict[str, bytes]:
+    """The contents of those of `paths` that exist, read in one batch (concurrently on object stores); any
+    other failure to read one raises (an outage must not read as "not there")."""
+    found = fs.cat(paths, on_error="return") if paths else {}
+    for body in found.values():
+        if isinstance(body, Exception) and not isinstance(body, FileNotFoundError):
+            raise body
+    return {path: body for path, body in found.items() if not isinstance(body, Exception)}
+
+
 @store_io("write")
 def write_markers(fs: AbstractFileSystem, folder: str, names: Collection[str]) -> None:
     """Create the empty files `names` in `folder`, on disk when this returns: records whose existence is what they

@@ -1,0 +1,108 @@
+"""The command ledger's index: a query for one asset's commands, and a restarted connector, read the records they
+answer with alone (before, every command of the tenant), with the answers of a whole read, on stores written
+before the index too."""
+
+from __future__ import annotations
+
+import shutil
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from connectors.commands import Command, CommandLedger, CommandStatus
+
+
+class Reads:
+    """The folders a ledger lists and the files it reads (its filesystem's methods patched for the test alone)."""
+
+    def __init__(self, ledger: CommandLedger, monkeypatch: pytest.MonkeyPatch):
+        self.listed: list[str] = []
+        self.read: list[str] = []
+        ls, cat_file = ledger.fs.ls, ledger.fs.cat_file
+        monkeypatch.setattr(ledger.fs, "ls", lambda path, *a, **k: self.listed.append(path) or ls(path, *a, **k))
+        monkeypatch.setattr(ledger.fs, "cat_file",
+                            lambda path, *a, **k: self.read.append(path) or cat_file(path, *a, **k))
+
+
+def _history(ledger: CommandLedger, asset_id: str, connector: str = "c") -> dict[str, Command]:
+    """Commands of every status but *sending* (a restart settles it) for `asset_id`, by status."""
+    def proposed() -> Command:
+        return ledger.propose("acme", connector, asset_id, "setpoint", {"x": 1}, by="k1")
+
+    def approved() -> Command:
+        return ledger.approve("acme", proposed().id, by="k2")
+
+    def sent() -> Command:
+        return ledger.sent(ledger.claim("acme", approved().id, connector), 300.0)
+
+    done = {"proposed": proposed(), "approved": approved(), "sent": sent(),
+            "refused": ledger.refuse("acme", proposed().id, "k2", "no"),
+            "acknowledged": ledger.acknowledged("acme", sent().id, {"status": "ok"}, True),
+            "failed": ledger.failed(sent(), "broker gone")}
+    expired = sent()
+    done["expired"] = ledger.expire("acme", expired.id, expired.ack_deadline)
+    late = sent()
+    ledger.expire("acme", late.id, late.ack_deadline)
+    done["answered late"] = ledger.acknowledged("acme", late.id, {"status": "ok"}, True)
+    return done
+
+
+def _forget_index(store: Path) -> None:
+    """The store as the ledger wrote it before its index: the same records, no markers."""
+    shutil.rmtree(store / "connectors/commands/tenant=acme/index")
+
+
+def test_one_assets_commands_are_read_alone_with_the_answers_of_a_whole_read(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    ledger = CommandLedger(str(tmp_path))
+    ledger.index("acme")  # (as its connectors' start does)
+    mine = _history(ledger, "a1")
+    for asset_id in ("a2", "a3"):
+        _history(ledger, asset_id)
+    whole = ledger.list("acme")
+    expected = [c for c in whole if c.asset_id == "a1"]
+    assert {c.id for c in expected} == {c.id for c in mine.values()} and len(whole) == 3 * len(expected)
+
+    reads = Reads(ledger, monkeypatch)
+    assert ledger.list("acme", "a1") == expected
+    assert {Path(p).stem for p in reads.read} == {c.id for c in expected} and len(reads.read) == len(expected)
+    assert [Path(p).name for p in reads.listed] == ["asset_id=a1"]
+    assert ledger.list("acme", "a9") == []
+
+    _forget_index(tmp_path)  # written before the index: read whole, the same answers, until it is indexed
+    before = CommandLedger(str(tmp_path))
+    assert before.list("acme", "a1") == expected
+    before.index("acme")
+    reads = Reads(before, monkeypatch)
+    assert before.list("acme", "a1") == expected
+    assert len(reads.read) == len(expected) and len(reads.listed) == 1
+
+
+def test_a_restarted_connector_reads_its_unsettled_commands_alone(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    ledger = CommandLedger(str(tmp_path))
+    made = _history(ledger, "a1")
+    other = _history(ledger, "a1", connector="d")
+    sending = ledger.claim("acme", ledger.approve("acme", ledger.propose(
+        "acme", "c", "a2", "setpoint", {"x": 2}, by="k1").id, by="k2").id, "c")
+    _forget_index(tmp_path)  # a store written before the index: the first restart indexes it
+
+    restarted = CommandLedger(str(tmp_path))
+    settled = restarted.recover("acme", "c", timedelta(days=1))
+    assert {c.id: c.status for c in settled} == {made["approved"].id: CommandStatus.failed,
+                                                 sending.id: CommandStatus.failed}
+    reads = Reads(restarted, monkeypatch)
+    awaited = restarted.unsettled("acme", "c")
+    assert [c.id for c in awaited] == [made["sent"].id, made["expired"].id]  # oldest first
+    assert awaited == [restarted.get("acme", c.id) for c in awaited]
+    assert {Path(p).stem for p in reads.read} == {c.id for c in awaited}  # not the settled ones, nor d's
+    assert [Path(p).name for p in reads.listed] == ["connector=c"]
+    assert [c.id for c in restarted.unsettled("acme", "d")] == [other["approved"].id, other["sent"].id,
+                                                                 other["expired"].id]
+
+    restarted.acknowledged("acme", made["sent"].id, {"status": "ok"}, True)  # settled: no longer read
+    restarted.recover("acme", "c", timedelta(0))  # the expired one's late answer no longer awaited
+    reads.read.clear()
+    assert restarted.unsettled("acme", "c") == [] and reads.read == []
+    assert restarted.list("acme", "a1") == [c for c in restarted.list("acme") if c.asset_id == "a1"]
