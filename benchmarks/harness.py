@@ -194,6 +194,7 @@ BENCHMARK_MODULES = ("benchmarks.sweep", "benchmarks.sweep_kits", "benchmarks.sw
                      "benchmarks.opcua",
                      "benchmarks.serve_api",
                      "benchmarks.overload", "benchmarks.changes", "benchmarks.query", "benchmarks.replay",
+                     "benchmarks.reads_bounded",
                      "benchmarks.calibration", "benchmarks.fmu", "benchmarks.drift", "benchmarks.failover",
                      "benchmarks.recommend", "benchmarks.closed_loop")
 """Modules that register benchmarks, in run order: the headline sweep first, the slow product paths last."""

@@ -35,7 +35,7 @@ def _record(seq: int, prev: str, action: str) -> TransitionRecord:
     return unsigned.model_copy(update={"hash": unsigned.computed_hash()})
 
 
-def _build(url: str, options: dict[str, Any] | None, records: int) -> ModelLifecycle:
+def build_log(url: str, options: dict[str, Any] | None, records: int) -> ModelLifecycle:
     registry = ModelRegistry(url, options)
     registry.register(MODEL, "1.0.0", AssetType.from_model(THERMAL_RC), {})
     lc = ModelLifecycle(registry)
@@ -81,14 +81,14 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=2000)
     n = parser.parse_args().records
     with tempfile.TemporaryDirectory() as tmp:
-        measure("local", _build(f"{tmp}/registry", None, n))
+        measure("local", build_log(f"{tmp}/registry", None, n))
     try:
         import moto.server  # noqa: F401
     except ImportError:
         print("s3: skipped (moto not installed: pip install 'moto[server]')")
         return
     with local_s3() as endpoint:
-        measure("s3", _build(f"{new_bucket(endpoint)}/registry", {"client_kwargs": {"endpoint_url": endpoint}}, n))
+        measure("s3", build_log(f"{new_bucket(endpoint)}/registry", {"client_kwargs": {"endpoint_url": endpoint}}, n))
 
 
 if __name__ == "__main__":

@@ -271,6 +271,18 @@ def test_bench_quick_replay(ray_session, tmp_path):
     assert set(replayed) == {"local disk", "S3 (moto, loopback)"} and all(r["events"] == 1_000 for r in replayed.values())
 
 
+def test_bench_quick_reads_bounded(tmp_path):
+    """Each read of a long history is timed with what it listed and read; the indexed command reads answer what a
+    read of every command answered, reading the commands they answer with alone."""
+    checks = quick(tmp_path, "reads-bounded")["benchmarks"]["reads-bounded"]["checks"]
+    for read in ("one asset's commands", "a restarted connector's commands"):
+        assert checks[f"{read} equal"] is True and checks[f"{read} found"] > 0
+        assert checks[read] == {"listed": 1, "read": checks[f"{read} found"]}
+        assert checks[f"{read}, not indexed (before)"]["read"] == checks["commands"]
+    assert checks["a twin's deletion record"]["read"] == 1 and checks["a new twin's events"] == 0
+    assert checks["jobs pages equal"] is True and checks["dead letters found"] > 0
+
+
 def test_bench_quick_mqtt_kills(ray_session, tmp_path):
     """The MQTT connector SIGKILLed at random moments of a stream (the seed is in the checks): every event once."""
     mosquitto_binary(install=True)  # CI: a fresh machine
