@@ -106,6 +106,7 @@ class ConnectorRuntime:
         self._commands = threading.Lock()  # an ack (receive thread) must not interleave with a send
         self.ledger.recover(tenant, name, LATE_ACK_KEPT)
         mine = self.ledger.unsettled(tenant, name)
+        router.store().mark_dead_letter_sources(tenant)  # (written before markers: read once for their sources)
         now = datetime.now(UTC)
         self._deadlines = {c.correlation_id: self._deadline(c) for c in mine if c.status is CommandStatus.sent}
         self._late = {c.correlation_id: c.history[-1].at + LATE_ACK_KEPT for c in mine  # expired, for a late answer

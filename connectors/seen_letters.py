@@ -51,7 +51,7 @@ class SeenLetters:
         read from the partitions that hold them alone (`StateStore.newest_dead_letters`: the days from `since` on,
         not the tenant's whole history)."""
         ours = pc.match_substring_regex(ds.field("reason"), pattern=source_pattern(connector))
-        table = store.newest_dead_letters(tenant, KEPT, where=ours, columns=["raw"], since=since)
+        table = store.newest_dead_letters(tenant, KEPT, where=ours, columns=["raw"], since=since, source=connector)
         return cls(table.column("raw").to_pylist())
 
     def fresh(self, letters: list[DeadLetter]) -> list[DeadLetter]:

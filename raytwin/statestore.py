@@ -13,6 +13,10 @@ Layout under the store URL (a local directory or any fsspec URL such as ``s3://b
     deleted/tenant=T/asset_id=A.json                               when a twin was deleted: its history ends (`save_deletion`)
     logged/tenant=T/asset_id=A                                     the asset has rows in the log (empty; `append_log`)
     logged/tenant=T/_complete                                      all logged assets are marked (`mark_logged_assets`)
+    dead_letter_sources/tenant=T/source=S/date=YYYY-MM-DD          source S (a connector) has dead letters of that day
+                                                                   (empty; `write_dead_letters`)
+    dead_letter_sources/tenant=T/_complete                         every day's sources are marked
+                                                                   (`mark_dead_letter_sources`)
     drift_clears/tenant=T/asset_id=A.json                          the twin's last drift clear (`save_drift_clear`)
     model_swaps/tenant=T/asset_id=A.json                           the twin's model swaps (`save_model_swaps`)
     shadows/tenant=T/candidate=REF/asset_id=A.json                 a running shadow evaluation on the twin (`save_shadow`)
@@ -58,6 +62,13 @@ only once the tenant's log is marked whole (`_complete`): a log written before m
 for its asset ids (`mark_logged_assets`, on a shard's registration of a twin); until then the whole
 log is read as before.
 
+A connector's dead letters are found by their reasons (led by ``scheme://NAME/``, `DEAD_LETTER_SOURCE`), and one
+with fewer than a page had the times of every day of its tenant's history read (a year: 365 days, 0.3 s on local
+disk). `write_dead_letters` marks each source of the rows it writes for their day (an empty file, durable before the
+rows, written once per source and day by a store), and a read of one source's dead letters reads only its marked
+days, once the tenant's days are marked whole (`_complete`): dead letters written before markers are read once for
+their sources (`mark_dead_letter_sources`, at a connector's start); until then every day is read as before.
+
 Readers take every kind of log file (`read_files`): segments, Arrow IPC part files (`LOG_PART_SUFFIX`,
 what local stores held before segments, and object stores hold) and Parquet part files of earlier
 versions."""
@@ -68,6 +79,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import uuid
 from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import ExitStack
@@ -122,6 +134,10 @@ shard batch."""
 
 ALL_MARKED = "_complete"
 """The marker that every asset with rows in the tenant's log has its own (`StateStore.mark_logged_assets`)."""
+
+DEAD_LETTER_SOURCE = re.compile(r"^[a-z][a-z0-9+.-]*://([^/]+)/")
+"""What leads the reason of a connector's dead letter: a URI scheme, then ``://NAME/`` (`connectors.mapping.led`);
+NAME is its source, marked for the day of the dead letter (module docstring)."""
 
 LOG_PART_SUFFIX = ".arrow"
 """The file type of the log's part files (one per shard batch on object stores): Arrow IPC."""
@@ -286,6 +302,11 @@ class LoggedEvent:
     @property
     def time_s(self) -> float:
         return self.key[0] / 1e6
+
+
+def _sources_of(reasons: Iterable[str | None]) -> set[str]:
+    """The sources that lead `reasons` (`DEAD_LETTER_SOURCE`; a reason of no connector has none)."""
+    return {m.group(1) for r in reasons if r and (m := DEAD_LETTER_SOURCE.match(r))}
 
 
 def log_table(events: Iterable[tuple[str, LoggedEvent]]) -> pa.Table:
@@ -491,6 +512,8 @@ class StateStore:
         self._segments = SegmentWriter(LOG_BATCH_SCHEMA) if self._local else None  # the log's open segments
         self._marked: dict[str, set[str]] = {}  # per tenant, the assets known to have their logged marker
         self._all_marked: set[str] = set()  # tenants whose log is known to be marked whole (`ALL_MARKED`)
+        self._sources_marked: dict[tuple[str, str], set[str]] = {}  # per (tenant, day), the dead letters' sources
+        self._all_sources_marked: set[str] = set()  # tenants whose dead letters' days are known to be marked whole
 
     # ------------------------------------------------------------------------ plumbing ----
     def _write(self, table: pa.Table, directory: str, stem: str, row_group_size: int | None = None) -> None:
@@ -774,8 +797,50 @@ class StateStore:
             "raw": [r["raw"] for r in rejects],
             "dead_lettered_at": pa.array([now] * len(rejects), TIME),
         }, schema=DEAD_LETTER_SCHEMA)
+        self._mark_sources(tenant, day.isoformat(), {r["reason"] for r in rejects})
         self._write(table, f"{self.root}/dead_letters/tenant={tenant}/date={day.isoformat()}",
                     stem or f"part-{uuid.uuid4().hex}")
+
+    def _sources(self, tenant: str, source: str | None = None) -> str:
+        return f"{self.root}/dead_letter_sources/tenant={tenant}" + (f"/source={source}" if source else "")
+
+    def _mark_sources(self, tenant: str, day: str, reasons: Collection[str]) -> None:
+        """Mark the sources of dead letters about to be written for `day`, before them (module docstring): once per
+        source and day by this store."""
+        marked = self._sources_marked.setdefault((tenant, day), set())
+        for source in sorted(_sources_of(reasons) - marked):
+            write_markers(self.fs, self._sources(tenant, source), [f"date={day}"])
+            marked.add(source)
+
+    @store_io("write")
+    def mark_dead_letter_sources(self, tenant: str) -> None:
+        """Mark the source of every dead letter of the tenant for its day, then its days as marked whole
+        (`ALL_MARKED`), unless they are already: from then on a read of one source's dead letters reads its days
+        alone. Only dead letters written before markers are read, once, for their reasons (as a connector's page of
+        few did every time before); those written meanwhile are marked by their writers."""
+        if tenant in self._all_sources_marked:
+            return
+        if not self.fs.exists(f"{self._sources(tenant)}/{ALL_MARKED}"):
+            empty = DEAD_LETTER_SCHEMA.empty_table().select(["reason"])
+            for dirs in self._dead_letter_days(tenant, None):
+                reasons = self._relisting(dirs, lambda files: read_files(
+                    self.fs, files, f"{self.root}/dead_letters", empty=empty, columns=["reason"]))
+                self._mark_sources(tenant, dirs[0].rsplit("=", 1)[-1],
+                                   pc.unique(reasons.column("reason")).to_pylist())
+            write_markers(self.fs, self._sources(tenant), [ALL_MARKED])  # once theirs are durable
+        self._all_sources_marked.add(tenant)
+
+    def _source_days(self, tenant: str, source: str) -> set[str] | None:
+        """The days marked as holding dead letters of `source`; None while the tenant's days are not marked whole."""
+        if tenant not in self._all_sources_marked:
+            if not self.fs.exists(f"{self._sources(tenant)}/{ALL_MARKED}"):
+                return None
+            self._all_sources_marked.add(tenant)
+        try:
+            listed = self.fs.ls(self._sources(tenant, source), detail=False, refresh=True)
+        except FileNotFoundError:
+            return set()
+        return {p.rstrip("/").rsplit("=", 1)[-1] for p in listed}
 
     def _stem_day(self, tenant: str, stem: str, now: datetime) -> date:
         """The UTC day whose partition holds `stem`'s file: yesterday's where a retry just after midnight finds the
@@ -798,7 +863,7 @@ class StateStore:
     @store_io("read")
     def newest_dead_letters(self, tenant: str | None, limit: int | None, *, day: str | None = None,
                             where: ds.Expression | None = None, columns: list[str] | None = None,
-                            since: datetime | None = None) -> pa.Table:
+                            since: datetime | None = None, source: str | None = None) -> pa.Table:
         """The newest `limit` (None: all) dead letters of `tenant` (None: every tenant's) of one UTC ``YYYY-MM-DD``
         `day` (None: any) that match `where` and were written at or after `since` (None: ever), oldest first, with
         `columns` (default: all, as `read_dead_letters`): the last rows of `read_dead_letters`, without reading them
@@ -808,8 +873,12 @@ class StateStore:
         files and row groups alone are read (by their time statistics: `compact` sorts by time), so memory is
         bounded by the page and a row group, not by the millions of 4 KiB dead letters a poison device leaves.
         A page with fewer than `limit` rows still reads the times of every day from `since` on (without it, of
-        the tenant's whole history): a connector with few dead letters pays for all of its tenant's."""
+        the tenant's whole history), unless `where` selects one `source`'s dead letters alone (a connector's, by
+        `DEAD_LETTER_SOURCE`) and `source` names it: then only the days marked with it are read, once the tenant's
+        are marked whole (module docstring)."""
         days = self._dead_letter_days(tenant, day)
+        if source is not None and tenant is not None and (marked := self._source_days(tenant, source)) is not None:
+            days = [dirs for dirs in days if dirs[0].rsplit("=", 1)[-1] in marked]
         if since is not None:
             recent = ds.field("dead_lettered_at") >= pa.scalar(since, TIME)
             where = recent if where is None else recent & where

@@ -25,5 +25,6 @@ def connector_dead_letters(store: StateStore, tenant: str, name: str, day: str |
     first, like the audit log's records. Only `tenant`'s partitions that hold them are read (tenants never see
     each other's), newest day first (`StateStore.newest_dead_letters`): a poison device's millions stay on disk."""
     ours = pc.match_substring_regex(ds.field("reason"), pattern=source_pattern(name))
-    table = store.newest_dead_letters(tenant, limit, day=day, where=ours, columns=list(DeadLetter.model_fields))
+    table = store.newest_dead_letters(tenant, limit, day=day, where=ours, columns=list(DeadLetter.model_fields),
+                                      source=name)
     return [DeadLetter.model_validate(bounded(row)) for row in table.to_pylist()]

@@ -236,6 +236,49 @@ def test_a_connectors_few_dead_letters_are_read_again_from_their_days_alone(stor
     assert days(scanned) == days(read) == ["2026-11-09", "2026-11-10"]
 
 
+def test_a_connectors_few_dead_letters_are_read_from_the_days_marked_with_it_alone(store, monkeypatch):
+    """A connector with fewer dead letters than a page had the times of every day of its tenant read (a year of a
+    poison device's: 365 days, 0.3 s): the days of each connector's dead letters are marked as they are written,
+    and once the tenant's days are marked whole only the connector's are read, with the same answer; dead letters
+    written before markers are read whole, as before, until they are marked."""
+    from serve_apps.dead_letters import connector_dead_letters
+
+    def letters(day: int, *reasons: str) -> None:
+        when = datetime(2026, 11, day, 12, tzinfo=UTC)
+        monkeypatch.setattr(statestore, "datetime", type("Clock", (datetime,), {"now": staticmethod(lambda tz: when)}))
+        store.write_dead_letters("acme", [{"asset_id": "pump-1", "idempotency_key": f"{day}:{i}", "reason": r,
+                                           "raw": "{}"} for i, r in enumerate(reasons)])
+
+    web, poison, api = "mqtt://web/site/pump-1/telemetry: not JSON", "mqtt://poison/x: not JSON", "out of range"
+    for d in range(1, 11):
+        letters(d, poison, api, *([web] if d in (4, 6) else []))
+    scanned: list[str] = []
+    batches = statestore._batches
+    monkeypatch.setattr(statestore, "_batches", lambda fs, paths, *a, **k: scanned.extend(paths) or batches(
+        fs, paths, *a, **k))
+
+    def page(on: StateStore, name: str = "web") -> list[str]:
+        scanned.clear()
+        return [d.idempotency_key for d in connector_dead_letters(on, "acme", name, None, 1000)]
+
+    def days() -> list[str]:
+        return sorted({p.split("/date=")[1][:10] for p in scanned})
+
+    assert page(store) == ["4:2", "6:2"] and len(days()) == 10  # not marked whole yet: every day, as before
+    store.mark_dead_letter_sources("acme")
+    assert page(store) == ["4:2", "6:2"] and days() == ["2026-11-04", "2026-11-06"]
+    assert page(store, "nobody") == [] and scanned == []
+    letters(11, web)  # after marking: marked by its writer
+    assert page(store) == ["4:2", "6:2", "11:0"] and days() == ["2026-11-04", "2026-11-06", "2026-11-11"]
+
+    store.fs.rm(f"{store.root}/dead_letter_sources", recursive=True)  # as written before markers
+    before = StateStore(store.url, store.storage_options)
+    assert page(before) == ["4:2", "6:2", "11:0"] and len(days()) == 11
+    before.mark_dead_letter_sources("acme")
+    assert page(before) == ["4:2", "6:2", "11:0"] and len(days()) == 3
+    assert page(before, "poison") == [f"{d}:0" for d in range(1, 11)] and len(days()) == 10
+
+
 def _parts(store, kind: str, tenant: str) -> list[str]:
     store.fs.invalidate_cache()
     names = (p.rsplit("/", 1)[-1] for p in store.fs.glob(f"{store.root}/{kind}/tenant={tenant}/date=*/*"))
