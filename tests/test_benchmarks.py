@@ -281,6 +281,7 @@ def test_bench_quick_reads_bounded(tmp_path):
         assert checks[f"{read}, not indexed (before)"]["read"] == checks["commands"]
     assert checks["a twin's deletion record"]["read"] == 1 and checks["a new twin's events"] == 0
     assert checks["jobs pages equal"] is True and checks["dead letters found"] > 0
+    assert checks["a connector's dead letters, fewer than a page equal"] is True
 
 
 def test_bench_quick_mqtt_kills(ray_session, tmp_path):
