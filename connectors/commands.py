@@ -133,10 +133,10 @@ class CommandLedger:
     answers with and no others: `asset_id=A/` has one for each of the asset's commands, written before its record;
     `connector=C/` one for each of connector C's unsettled commands (`is_unsettled`), written before the record that
     makes it so and removed after the record that settles it (or by `recover`, once its late answer is no longer
-    awaited). A marker without its record (a proposal that failed) or whose command
-    is settled (its removal failed) is skipped. `_complete` says every command has its markers: a tenant whose
-    commands were written before the index (no `_complete`) is read whole, as it was, until a connector of it
-    starts and indexes them (`index`)."""
+    awaited). A marker without its record (a proposal that failed) or whose command is settled (its removal failed)
+    is skipped, so a crash between the two writes changes no answer. `_complete` says every command has its markers:
+    a tenant whose commands were written before the index (no `_complete`) is read whole, as it was, until a
+    connector of it starts and indexes them (`index`)."""
 
     def __init__(self, store_url: str, storage_options: dict[str, Any] | None = None):
         self.fs, root = filesystem(store_url, storage_options)
