@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -886,6 +887,34 @@ def test_readings_stamped_before_the_newest_are_read_back_after_backpressure(ser
     assert session.backpressure_pauses >= 1 and session.errors == 0, session.last_error
 
 
+def test_a_resume_hands_over_no_change_already_durable(server, device, caplog):
+    """A resume (a pause's end, backpressure's) read each node's history from its newest durable change on, so it
+    handed that change over again: a duplicate per node, each outstanding until durable. With as many nodes as
+    half `max_outstanding` (the test above: 5 and 5) the end of backpressure held publishing again at once, and so
+    on for good with nothing new at the server (~20 rounds of SetPublishingMode and HistoryRead a second), and
+    `outstanding()` reached 0 only for a moment between two rounds: the test above hung 120 s waiting for its
+    current values durable. Now the read starts after that change, so a resume with nothing new hands over none."""
+    caplog.set_level(logging.INFO, logger="raytwin.connectors")
+    nodes = plc_spec("opc.tcp://x")["nodes"][:2]  # tank-1.h1 and tank-2.h1, each given a reading first
+    spec = OpcUaSpec.model_validate(plc_spec(server.endpoint, name="plc-idle", nodes=nodes, commands=[]))
+    now = datetime.now(UTC)
+    for node in ("tank-1.h1", "tank-2.h1"):
+        device.write(node, 0.42, now)
+    received = Received()
+
+    async def steps(session: OpcUaSession) -> None:
+        await until(lambda: "event=opcua_connected tenant=acme connector=plc-idle " in caplog.text
+                    and session.outstanding() == 0, "the connect's backfill durable")
+        before = len(received.messages)
+        await session.set_paused(True)
+        await session.set_paused(False)  # returns once the resume's history reads are done
+        await until(lambda: session.outstanding() == 0, "what the resume handed over durable")
+        assert len(received.messages) == before, [m.rows for m in received.messages[before:]]
+
+    session = run_session(spec, received, steps)
+    assert session.errors == 0, session.last_error
+
+
 def test_a_subscription_the_server_dropped_is_subscribed_again_with_its_items(server, device):
     """asyncua re-creates a subscription that stopped publishing (its stale watchdog) from the items it created;
     the session creates its items itself (to learn each one's granted queue), so that left a subscription of no
@@ -901,3 +930,4 @@ def test_a_subscription_the_server_dropped_is_subscribed_again_with_its_items(se
         await until(lambda: at in received.stamps("tank-1.h1", at), "the reading after it arrived")
 
     run_session(spec, received, steps)
+

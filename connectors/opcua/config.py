@@ -164,7 +164,7 @@ class OpcUaSpec(ConnectorSpec):
                                           "publishing is paused (backpressure)")] = 10_000
     backfill_s: Annotated[float, Field(ge=0, description=(
         "after every (re)connect, read the nodes' history (HistoryRead) for the changes made while no "
-        "subscription existed: since the newest change made durable, or after a connector restart since "
+        "subscription existed: after the newest change made durable, or after a connector restart since "
         "this many seconds before each node's current value; also what a full item queue discarded (reading "
         "this far back for nodes whose readings arrive out of order); 0: no backfill (servers without "
         "history)"))] = 0.0

@@ -21,8 +21,9 @@ Why this shape:
   (`queue_size`; beyond it OPC UA discards the oldest) until half have become durable, and publishing is
   switched on again. The connector holds at most `max_outstanding` plus one publish response. With
   `backfill_s`, switching publishing on again (a resume, the end of backpressure) reads each node's history
-  since its newest durable change, so what a queue discarded is read back; without it, a value the server
-  flags as following an overflow is reported as an error, and so is publishing off for longer than
+  after its newest durable change, so what a queue discarded is read back (and nothing already durable, which
+  counted as outstanding again and kept an idle session switching publishing off and on); without it, a value
+  the server flags as following an overflow is reported as an error, and so is publishing off for longer than
   `queue_size` sampling intervals (some servers, asyncua's among them, never flag an overflow).
 - **Full queues are read back.** A publish response carrying as many values of one item as the queue the server
   granted it (its queue was full, so the server may have discarded older ones, usually without flagging it)
@@ -66,6 +67,11 @@ STAMP_PRECISION = timedelta(milliseconds=1)
 HISTORY_LAG_S = 1.0
 """How long a history read that misses a value the subscription delivered waits before it reads again (a
 historian may store a value after its subscribers got it), before the loss is reported."""
+AFTER_DURABLE = timedelta(microseconds=1)
+"""A backfill reads from just after each node's newest durable change (a microsecond, the finest asyncua's source
+times and the twins' sequence tell apart): read from it, every resume handed each node's newest change over again,
+a duplicate outstanding until durable, and with as many nodes as half `max_outstanding` those duplicates alone
+held publishing again at the end of backpressure, round after round for good on an idle server."""
 
 
 class NothingMonitored(ConnectionError):
@@ -351,12 +357,12 @@ class OpcUaSession:
         return sub
 
     async def _backfill(self) -> None:
-        """Read what each node's history holds since the newest change made durable here (after a restart of
+        """Read what each node's history holds after the newest change made durable here (after a restart of
         the connector: since `backfill_s` before the node's current value). Runs after subscribing, so
         history and subscription overlap instead of leaving a gap; the overlap is duplicates."""
         for nid, nodes in self._nodes.items():
             newest = [self._newest.get(n.node_id) for n in nodes]
-            start = None if None in newest else min(newest)
+            start = None if None in newest else min(newest) + AFTER_DURABLE
             if start is None:
                 current = await self._client.get_node(nid).read_data_value(raise_on_bad_status=False)
                 if current.SourceTimestamp is None:
