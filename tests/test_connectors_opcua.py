@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -931,3 +932,65 @@ def test_a_subscription_the_server_dropped_is_subscribed_again_with_its_items(se
 
     run_session(spec, received, steps)
 
+
+class HeldPump:
+    """A pump that acknowledges what it holds only when told (`ack_held`), from a thread of its own, as a pump's."""
+
+    def __init__(self):
+        self.messages: list[Inbound] = []
+        self.acked = 0
+
+    def __call__(self, message: Inbound) -> None:
+        self.messages.append(message)
+
+    def ack_held(self) -> None:
+        """Acknowledge every message held now, waiting until that is done."""
+        def acknowledge() -> None:
+            for message in self.messages[self.acked:]:
+                message.ack()
+                self.acked += 1
+        thread = threading.Thread(target=acknowledge)
+        thread.start()
+        thread.join(5)  # (bounded: an acknowledgement that waited for the loop thread would wait forever)
+
+
+def test_acknowledgements_between_the_hold_check_and_the_hold_leave_no_session_stuck(server, device):
+    """The hold is decided on the loop's thread (`outstanding()` compared, then `_held` set) while the pump's
+    thread acknowledges: one acknowledgement between the two reads no hold and releases nothing. Forced here: all
+    the pump holds is acknowledged right after the comparison. The session is not left held with nothing
+    outstanding, because the change that made it hold reaches the pump only after the hold is set (the feeder runs
+    on the loop's thread), so its acknowledgement sees the hold and releases it."""
+    node = plc_spec("opc.tcp://x")["nodes"][1]  # tank-2.h1
+    spec = OpcUaSpec.model_validate(plc_spec(server.endpoint, name="plc-hold", nodes=[node], commands=[],
+                                             max_outstanding=2, backfill_s=0))
+    device.write("tank-2.h1", 0.71, T0 + timedelta(seconds=700))  # the current value: the first change
+    pump, forced = HeldPump(), []
+
+    async def scenario() -> OpcUaSession:
+        session = OpcUaSession(spec, Credentials(username=USER, password=PASSWORD), pump)
+        run = asyncio.ensure_future(session.run())
+        await until(lambda: session.connected() and len(pump.messages) == 1, "the current value in the pump")
+        compared = session.outstanding
+
+        def outstanding() -> int:
+            n = compared()
+            if threading.current_thread() is threading.main_thread() and n >= 2 and not session.held and not forced:
+                pump.ack_held()  # between the loop's comparison and its hold
+                forced.append((compared(), session.held))
+            return n
+
+        session.outstanding = outstanding
+        await asyncio.to_thread(device.write, "tank-2.h1", 0.72, T0 + timedelta(seconds=701))
+        await until(lambda: forced and session.held, "publishing held, the first change durable before")
+        await until(lambda: len(pump.messages) == 2, "the change that made it hold in the pump")
+        pump.ack_held()
+        await until(lambda: not session.held, "publishing switched on again")
+        await asyncio.to_thread(device.write, "tank-2.h1", 0.73, T0 + timedelta(seconds=702))
+        await until(lambda: len(pump.messages) == 3, "the change after it arrived")
+        session.stop()
+        await run
+        return session
+
+    session = asyncio.run(scenario())
+    assert forced == [(1, False)]  # acknowledged with the hold not yet set: it released nothing
+    assert session.backpressure_pauses == 1

@@ -491,6 +491,9 @@ class OpcUaSession:
             ack = functools.partial(self._on_durable, node.node_id, dv.SourceTimestamp)
             self._handoff.append(Inbound(source(self.spec.name, node), rows, dead, ack))
         self._wake.set()
+        # The pump's thread may acknowledge between this comparison and the hold, reading no hold and releasing
+        # nothing; the change just received reaches the pump only after this returns (the feeder runs on this
+        # thread), so its acknowledgement, after the hold, releases it.
         if self.outstanding() >= self.spec.max_outstanding and not self._held:
             self._held = True
             self.backpressure_pauses += 1
