@@ -341,13 +341,17 @@ class TwinShard(LiveModelOps):
     def states(self, tenant: str, asset_ids: list[str]) -> dict[str, dict[str, Any]]:
         """The estimate and std of the tenant's twins among `asset_ids` held here (one call for a query
         over many twins instead of one per twin); unknown ids are left out."""
+        return {s.asset_id: s.query_view() for s in self._views(tenant, asset_ids)}
+
+    def full_states(self, tenant: str, asset_ids: list[str]) -> list[TwinState]:
+        """`state` of each of the tenant's twins among `asset_ids` held here, in one call (the change log's catch-up
+        reads every twin at a backend's start: not 100,000 calls at 100,000 twins); unknown ids are left out."""
+        return self._views(tenant, asset_ids)
+
+    def _views(self, tenant: str, asset_ids: list[str]) -> list[TwinState]:
         self._refresh_stale()
-        out = {}
-        for asset_id in asset_ids:
-            twin = self.twins.get((tenant, asset_id))
-            if twin is not None:
-                out[asset_id] = twin.view().query_view()
-        return out
+        twins = (self.twins.get((tenant, asset_id)) for asset_id in asset_ids)
+        return [twin.view() for twin in twins if twin is not None]
 
     def clear_drift(self, tenant: str, asset_id: str) -> TwinState | None:
         """Acknowledge the twin's drift alarm (`actors.twin.Twin.clear_drift`); None: no such twin."""

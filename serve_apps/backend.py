@@ -549,14 +549,9 @@ class Backend:
         self._publish_twins(tenant, states)
 
     def _live_states(self, tenant: str) -> list[TwinState]:
-        """The state of each of the tenant's twins (one shard call each), less those deleted meanwhile."""
-        states: list[TwinState] = []
-        for asset_id in self.twins.assets(tenant, self.config.shard_read_timeout_s):
-            try:
-                states.append(self.twins.state(tenant, asset_id))
-            except UnknownTwin:
-                continue
-        return states
+        """The state of each of the tenant's twins, less those deleted meanwhile: one shard call per shard and
+        `actors.service.STATES_BATCH` twins (`TwinService.states`), not one per twin."""
+        return self.twins.states(tenant, self.twins.assets(tenant, self.config.shard_read_timeout_s))
 
     def _publish_twins(self, tenant: str, states: list[TwinState]) -> None:
         """One `twin.state` change per twin whose revision moved past the last one recorded, plus

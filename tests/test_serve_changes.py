@@ -650,6 +650,9 @@ class _Shard:
     def assets(self, tenant, timeout_s=None):
         return ["zone-3"]
 
+    def states(self, tenant, asset_ids):
+        return [self.state(tenant, a) for a in asset_ids if a == "zone-3"]
+
     def ingest(self, tenant, events, states=False):
         from actors.state import IngestReport
 
@@ -661,13 +664,7 @@ class _Shard:
         return IngestReport(accepted=len(new), duplicates=len(events) - len(new), states=[self.state(tenant, "zone-3")])
 
     def state(self, tenant, asset_id):
-        from actors.state import DivergenceReport, TwinState
-
-        divergence = DivergenceReport(nis_mean=1.0, nis_last=1.0, residual_mean={}, residual_rms={},
-                                      drift=self.drift, diverged=False)
-        return TwinState(tenant="acme", asset_id="zone-3", model_ref="thermal_rc@1.0.0", revision=len(self.seen),
-                         event_time=None, state={"T": 20.0}, std={"T": 0.1}, covariance=[[0.01]], divergence=divergence,
-                         events_applied=len(self.seen))
+        return _thermal("zone-3", len(self.seen), self.drift)
 
 
 def _batch(n: int, first: int = 0) -> list:
@@ -855,3 +852,96 @@ def test_the_catch_up_pass_is_tried_again_while_a_twins_shard_restarts(tmp_path,
                                                                                      and len(reads) == 1})
     restarted._catch_up_changes(["acme"])
     assert len(reads) == 2 and _twin_changes(restarted.changes) == [("twin.state", 10, False)]
+
+
+class _ShardHandles:
+    """Stand-ins for the actor handles of `shards` twin shards holding `twins` (tenant acme): `full_states.remote`
+    answers at once (`ray.get` of its answer is itself, `_without_ray`) and `calls[i]` lists the ids each call to
+    shard i asked for; shards in `restarting` refuse (`ActorUnavailableError`). No `state`: a call per twin fails."""
+
+    def __init__(self, shards: int, twins: dict, restarting: frozenset = frozenset()):
+        from types import SimpleNamespace
+
+        from ray.exceptions import ActorUnavailableError
+
+        def full_states(i: int, tenant: str, ids: list[str]):
+            self.calls[i].append(list(ids))
+            if i in restarting:
+                return ActorUnavailableError("restarting", None)
+            return [twins[a] for a in ids if tenant == "acme" and a in twins]
+
+        self.calls: list[list[list[str]]] = [[] for _ in range(shards)]
+        self.handles = [SimpleNamespace(full_states=SimpleNamespace(remote=lambda t, ids, i=i: full_states(i, t, ids)))
+                        for i in range(shards)]
+
+
+def _without_ray(monkeypatch, shards: _ShardHandles):
+    """A `TwinService` over the stand-in handles, `ray.get` answering their answers (raising an error one is)."""
+    from types import SimpleNamespace
+
+    from actors.service import TwinService
+
+    def get(ref, timeout=None):
+        if isinstance(ref, Exception):
+            raise ref
+        return ref
+
+    monkeypatch.setattr("actors.service.ray.get", get)
+    twins = TwinService.__new__(TwinService)
+    twins._shards, twins.router, twins.stale_after_s = shards.handles, SimpleNamespace(shards=len(shards.handles)), 1.0
+    return twins
+
+
+def _thermal(asset_id: str, revision: int, drift: bool = False):
+    from actors.state import DivergenceReport, TwinState
+
+    divergence = DivergenceReport(nis_mean=1.0, nis_last=1.0, residual_mean={}, residual_rms={}, drift=drift,
+                                  diverged=False)
+    return TwinState(tenant="acme", asset_id=asset_id, model_ref="thermal_rc@1.0.0", revision=revision,
+                     event_time=None, state={"T": 20.0}, std={"T": 0.1}, covariance=[[0.01]], divergence=divergence,
+                     events_applied=revision)
+
+
+def test_the_catch_up_reads_the_twins_in_one_shard_call_per_batch_not_one_per_twin(tmp_path, monkeypatch):
+    """A starting backend's catch-up read each twin's state with a shard call of its own: 100,000 calls at 100,000
+    twins. It reads them in one call per shard and `STATES_BATCH` twins, and records what it did before: one
+    twin.state per twin ahead of the log, a twin.drift with it where the flag differs from the recorded one."""
+    from actors.routing import shard_index
+    from actors.service import STATES_BATCH
+
+    n = 2 * STATES_BATCH + 500
+    twins = {f"zone-{i}": _thermal(f"zone-{i}", revision=1 + i % 3, drift=i % 500 == 0) for i in range(n)}
+    shards = _ShardHandles(2, twins)
+    backend = _backend_over(_Shard(), ChangeLog(str(tmp_path)))
+    backend.twins = _without_ray(monkeypatch, shards)
+    backend.twins.assets = lambda tenant, timeout_s=None: sorted(twins)
+    backend.changes.record("acme", [{"kind": "twin.state", "asset_id": "zone-1", "revision": 2, "data": {}}])
+    backend._catch_up("acme")
+
+    held = [sum(1 for a in twins if shard_index("acme", a, 2) == i) for i in range(2)]
+    assert [len(c) for c in shards.calls] == [-(-h // STATES_BATCH) for h in held]  # ceil: 2 calls each, 4 in all
+    assert all(len(ids) <= STATES_BATCH for c in shards.calls for ids in c)
+    recorded = backend.changes.store.read("acme", 1, 2 * n)
+    assert sorted(c.asset_id for c in recorded if c.kind == "twin.state") == sorted(set(twins) - {"zone-1"})
+    assert {c.asset_id for c in recorded if c.kind == "twin.drift"} == {f"zone-{i}" for i in range(0, n, 500)}
+    assert all(c.revision == twins[c.asset_id].revision for c in recorded)
+    backend._catch_up("acme")
+    assert backend.changes.head("acme") == 1 + len(recorded)  # a retry records nothing more
+
+
+def test_a_batched_state_read_of_a_restarting_shard_answers_its_twins_last_durable_states(monkeypatch):
+    """`TwinService.states` as `state` answers one twin: the twins of a restarting shard from the store, stale."""
+    from actors.routing import shard_index
+
+    twins = {f"z{i}": _thermal(f"z{i}", revision=i) for i in range(20)}
+    shards = _ShardHandles(2, twins, restarting=frozenset({1}))
+    service = _without_ray(monkeypatch, shards)
+    monkeypatch.setattr("actors.service.durable_state",
+                        lambda store, tenant, a: twins[a].model_copy(update={"revision": 0, "stale": True})
+                        if a in twins else None)
+    service.store = None
+    got = {s.asset_id: (s.revision, s.stale) for s in service.states("acme", [*twins, "gone"], batch=4)}
+    on = {a: shard_index("acme", a, 2) for a in [*twins, "gone"]}
+    assert got == {a: (0, True) if on[a] == 1 else (twins[a].revision, False) for a in twins}
+    held = [sum(1 for a in on if on[a] == i) for i in range(2)]
+    assert [[len(ids) for ids in c] for c in shards.calls] == [[4] * (h // 4) + [h % 4] * (h % 4 > 0) for h in held]

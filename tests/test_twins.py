@@ -1016,6 +1016,20 @@ def test_a_shard_call_reports_only_the_twins_it_changed(tmp_path, artifact):
     assert [shard.state("acme", a).events_applied for a in "abcd"] == [8, 6, 6, 6]
 
 
+def test_a_shards_batched_reads_answer_what_its_single_read_does_and_queries_their_views(tmp_path, artifact):
+    """`full_states` (the change log's catch-up: every twin at a backend's start) answers `state` of each twin asked
+    for, drift flag included, in one call; `states` (queries) the same twins' views, as before."""
+    shard = TwinShard(str(tmp_path), 0, 1, allowed_lateness_s=LATENESS_S, snapshot_every=500)
+    for tenant, a in (("acme", "a"), ("acme", "b"), ("beta", "c")):
+        shard.register(tenant, a, registration_record(asset(a, tenant), artifact, None, None))
+    shard.ingest("acme", validated_table(events("b", 3)))
+    asked = ["b", "c", "nope", "a"]  # c is another tenant's
+    assert shard.full_states("acme", asked) == [shard.state("acme", "b"), shard.state("acme", "a")]
+    assert shard.full_states("acme", asked)[0].revision == 3
+    assert shard.states("acme", asked) == {a: shard.state("acme", a).query_view() for a in ("b", "a")}
+    assert set(shard.states("acme", asked)["a"]) == {"state", "std", "revision"}
+
+
 def test_an_asset_created_again_after_its_deletion_is_a_new_twin_whatever_its_old_history(tmp_path, artifact):
     """Deleted and created again, an asset id is a new twin: its revision restarts at its prior, the same file
     ingested again is its events (not duplicates of the deleted twin's), and that holds after a restart and
