@@ -17,7 +17,8 @@ import logging
 import math
 import threading
 import time
-from datetime import datetime
+from bisect import bisect_left
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import ray
@@ -44,7 +45,7 @@ from serve_apps.asset_moves import AssetMoves
 from serve_apps.audit import AuditLog
 from serve_apps.bulk import BulkWork, Caller
 from serve_apps.catalog import Catalog
-from serve_apps.changes import ChangeLog, ChangePage
+from serve_apps.changes import JOB_WINDOW_S, ChangeLog, ChangePage
 from serve_apps.conditional import Precondition
 from serve_apps.config import ServeConfig
 from serve_apps.connector_ops import ConnectorOps
@@ -137,6 +138,7 @@ class Backend:
         for tenant in self.catalog.tenants():
             self.changes.reserve(tenant, self.catalog.max_revision(tenant))
         self.jobs = JobQueue(config, config.max_concurrent_jobs, on_finish=self._job_finished)
+        self._started = datetime.now(UTC)  # jobs that ended before (a restart failed some) are `_catch_up_jobs`'
         self.audit = AuditLog(config.store_url, config.storage_options)  # bulk jobs audit each item
         self.connector_ops = ConnectorOps(self.twins, config.connectors, config.connector_tls_dir,
                                           config.connector_hosts, self.audit)
@@ -167,8 +169,8 @@ class Backend:
                 log.exception("event=interrupted_swaps_unfinished tenant=%s", tenant)
         self.moves = AssetMoves(self)  # twins moved to a type version their catalog write did not follow
         self.moves.settle_all()
-        threading.Thread(target=self._catch_up_changes, args=(self.catalog.tenants(),), name="change-catch-up",
-                         daemon=True).start()
+        threading.Thread(target=self._catch_up_changes, args=(sorted({*self.catalog.tenants(), *self.jobs.listed}),),
+                         name="change-catch-up", daemon=True).start()
 
     def _registry(self, tenant: str) -> ModelRegistry:
         if tenant not in self._registries:
@@ -408,12 +410,7 @@ class Backend:
         return self.changes.read(tenant, after, limit)
 
     def _job_finished(self, job: JobRecord) -> None:
-        type_name, _, type_version = job.model_ref.partition("@")
-        self.changes.record(job.tenant, [{
-            "kind": f"job.{job.state}", "asset_id": job.asset_id or None, "type_name": type_name or None,
-            "type_version": type_version or None, "revision": None,  # None: a bulk job is about no one asset
-            "data": job.model_dump(mode="json", include={"job_id", "kind", "state", "finished", "error", "run_id",
-                                                        "scenarios", "n_steps", "compute_s"})}])
+        self.changes.record(job.tenant, [_job_change(job)])
 
     def type_of(self, tenant: str, asset_id: str) -> AssetType:
         """The asset's type, from the catalog (for validating telemetry): no registry read, so that telemetry neither
@@ -513,14 +510,17 @@ class Backend:
         self._twin_marks.setdefault((tenant, asset_id), recorded)
 
     def _catch_up_changes(self, tenants: list[str]) -> None:
-        """`_catch_up` each tenant, on a thread of its own from the start (readiness does not wait: a twin's batch
-        meanwhile is published relative to the recorded marks anyway); a tenant that fails is tried again every
-        `FENCE_WATCH_S` until `close`."""
-        pending = list(tenants)
+        """`_catch_up_jobs` then `_catch_up` each tenant, on a thread of its own from the start (readiness does not
+        wait: a twin's batch meanwhile is published relative to the recorded marks anyway, and the jobs caught up are
+        those that ended before the start); a tenant that fails is tried again every `FENCE_WATCH_S` until `close`."""
+        pending, jobs_done = list(tenants), set()
         while pending:
             for tenant in list(pending):
                 try:
                     self.check_writable()  # never beside a successor holding the store
+                    if tenant not in jobs_done:
+                        self._catch_up_jobs(tenant)
+                        jobs_done.add(tenant)
                     self._catch_up(tenant)
                     pending.remove(tenant)
                 except StoreFenced:  # the successor holding the store catches up (the fence watch logs it)
@@ -547,6 +547,36 @@ class Backend:
             if (tenant, s.asset_id) not in self._twin_marks:
                 self._mark(tenant, s.asset_id, s)
         self._publish_twins(tenant, states)
+
+    def _catch_up_jobs(self, tenant: str) -> None:
+        """Record the change of each of the tenant's jobs that ended before this backend started (one a restart failed
+        too) whose change the log lacks (`ChangeLog.recorded_jobs`): a change whose write failed, lost with a backend
+        that stopped before the store took writes again, or a crash between the job's record and its change. Once
+        each: a job that ended within `JOB_WINDOW_S` of the newest job with a change is known to have one or not; one
+        that ended before that is taken as recorded. A log whose jobs are not known (a checkpoint from before them)
+        takes every job as recorded instead (`ChangeLog.adopt_jobs`). Jobs that end after the start are recorded as
+        they end (`_job_finished`), never here. Raises before anything is recorded (the marks unreadable)."""
+        written = self.changes.recorded_jobs(tenant)
+        ended = list(self.jobs.ended)  # a copy: the event loop adds jobs as they end
+        if written is None:
+            self.changes.adopt_jobs(tenant, self._ended_of(tenant, ended))
+            return
+        floor = (max(written.values()) - timedelta(seconds=JOB_WINDOW_S),) if written else ()
+        before = self._ended_of(tenant, ended[bisect_left(ended, floor):bisect_left(ended, (self._started,))])
+        lost = [_job_change(self.jobs.jobs[job_id]) for job_id in before if job_id not in written]
+        if not lost:
+            return
+        log.info("event=job_changes_caught_up tenant=%s jobs=%d", tenant, len(lost))
+        try:
+            self.changes.record(tenant, lost)
+        except Exception:  # noqa: BLE001 - kept and logged by the log, written with its next append (`_commit`)
+            pass
+
+    def _ended_of(self, tenant: str, ended: list[tuple[datetime, str]]) -> dict[str, datetime]:
+        """Job id -> end of the tenant's jobs among `ended` (`JobQueue.ended`: finished ones, oldest first), less
+        those retention removed meanwhile."""
+        jobs = ((t, self.jobs.jobs.get(job_id)) for t, job_id in ended)
+        return {job.job_id: t for t, job in jobs if job is not None and job.tenant == tenant}
 
     def _live_states(self, tenant: str) -> list[TwinState]:
         """The state of each of the tenant's twins, less those deleted meanwhile: one shard call per shard and
@@ -856,6 +886,15 @@ class Backend:
 
 BackendDeployment = serve.deployment(Backend, name="Backend", num_replicas=1, max_ongoing_requests=64,
                                      ray_actor_options=cpu_only({"num_cpus": 0}))
+
+
+def _job_change(job: JobRecord) -> dict[str, Any]:
+    """`job.succeeded`, `job.failed`, `job.cancelled`: the job ended."""
+    type_name, _, type_version = job.model_ref.partition("@")
+    return {"kind": f"job.{job.state}", "asset_id": job.asset_id or None, "type_name": type_name or None,
+            "type_version": type_version or None, "revision": None,  # None: a bulk job is about no one asset
+            "data": job.model_dump(mode="json", include={"job_id", "kind", "state", "finished", "error", "run_id",
+                                                        "scenarios", "n_steps", "compute_s"})}
 
 
 def _asset_change(kind: str, asset: Asset) -> dict[str, Any]:

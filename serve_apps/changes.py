@@ -21,15 +21,18 @@ streams are served without store reads; a reader further behind reads the segmen
 store itself (`ChangeStore`), without the backend.
 
 Recorded marks: the log keeps, per tenant, what it has *written* about each twin, (revision, drift) of its newest
-`twin.state`/`twin.drift` change (`Recorded`), and checkpoints them beside the segments at most every
-`CHECKPOINT_S` (``{store}/changes/{tenant}/.recorded.json``, with the event id of the newest change they cover;
-`ChangeLog.checkpoint`). A restarted backend reads the checkpoint and the changes after it (`ChangeLog.recorded`),
-so it knows which twins' states or drift flags got ahead of the log (a batch applied whose change write failed, then
-a crash) and records their catch-up changes (`serve_apps.backend.Backend._catch_up`). A log without a checkpoint (one
-written before them; a new tenant's gets one at its first change) or whose checkpoint is not of it (a store restored
-from an uneven copy: the checkpoint's newest change is not in the log under its generation) cannot tell what it lost:
-its twins' current states are taken as recorded, as before the marks (`ChangeLog.adopt`), and it is checkpointed from
-then on.
+`twin.state`/`twin.drift` change, and the ids of the jobs with a `job.*` change that ended within `JOB_WINDOW_S` of
+the newest of them (`Recorded`), and checkpoints them beside the segments at most every `CHECKPOINT_S`
+(``{store}/changes/{tenant}/.recorded.json``, with the event id of the newest change they cover;
+`ChangeLog.checkpoint`). A restarted backend reads the checkpoint and the changes after it (`ChangeLog.recorded`,
+`ChangeLog.recorded_jobs`), so it knows which twins' states or drift flags got ahead of the log (a batch applied whose
+change write failed, then a crash) and which jobs ended without their change (the same, or a crash between the job's
+record and its change; a job the restart itself failed) and records their catch-up changes
+(`serve_apps.backend.Backend._catch_up`, `_catch_up_jobs`). A log without a checkpoint (one written before them; a new
+tenant's gets one at its first change) or whose checkpoint is not of it (a store restored from an uneven copy: the
+checkpoint's newest change is not in the log under its generation) cannot tell what it lost: its twins' current states
+and its jobs are taken as recorded, as before the marks (`ChangeLog.adopt`, `ChangeLog.adopt_jobs`), and it is
+checkpointed from then on; so are the jobs of a checkpoint from before they were named in it.
 
 Retention (`retention_s`): whole directories of `PARTITION` changes whose newest change is older
 than that are deleted, oldest first, never the newest directory; a resume point before the oldest
@@ -78,9 +81,15 @@ MARKS_FILE = ".recorded.json"
 """The checkpoint's name in the tenant's log folder: hidden, so segment listings skip it."""
 TAIL_PAGE = 1000
 """Changes read per store call when reading the log's tail after a checkpoint."""
+JOB_WINDOW_S = 3600.0
+"""The jobs whose change the recorded marks name: those that ended within this long of the newest one (`Recorded.jobs`).
+Bounds them (a job change a second: 3,600 ids, ~250 kB of checkpoint), and what a restarted backend can find lost: a
+job that ended this long before a later job's change was written is taken as recorded."""
 
 Mark = tuple[int, bool]
 """A twin's (state revision, drift flag)."""
+JobEnds = dict[str, datetime]
+"""Job id -> when the job ended, of jobs whose `job.*` change the log wrote."""
 
 log = logging.getLogger("raytwin.serve.changes")
 
@@ -142,14 +151,17 @@ class Queued:
 
 @dataclass
 class Recorded:
-    """What the tenant's log has written about its twins: each twin's `Mark` from its newest twin.state or twin.drift
-    change, as of change `seq` (of `generation`). Not `exact`: a log from before the marks, whose twins missing from
-    `marks` are unknown rather than unrecorded, until `ChangeLog.adopt`; it is not checkpointed meanwhile."""
+    """What the tenant's log has written about its twins and jobs, as of change `seq` (of `generation`): each twin's
+    `Mark` from its newest twin.state or twin.drift change, and the jobs with a job.* change that ended within
+    `JOB_WINDOW_S` of the newest of them (`jobs`; None: not known, a checkpoint from before it, until
+    `ChangeLog.adopt_jobs`). Not `exact`: a log from before the marks, whose twins missing from `marks` are unknown
+    rather than unrecorded, until `ChangeLog.adopt`; it is not checkpointed meanwhile."""
 
     marks: dict[str, Mark] = field(default_factory=dict)
     seq: int = 0
     generation: str | None = None
     exact: bool = True
+    jobs: JobEnds | None = None
     dirty: bool = False
     saved_at: float = -math.inf  # monotonic time of the last checkpoint attempt
 
@@ -159,7 +171,18 @@ class Recorded:
             self.marks[change.asset_id] = (change.revision, bool(change.data.get("drift")))
         elif change.kind == "asset.deleted" and change.asset_id:
             self.marks.pop(change.asset_id, None)
+        elif change.kind.startswith("job.") and self.jobs is not None and (job_id := change.data.get("job_id")):
+            finished = change.data.get("finished")  # set by every job's end; the change's own time is later
+            self.note_jobs({job_id: datetime.fromisoformat(finished) if finished else change.time})
         self.seq, self.generation, self.dirty = change.seq, change.generation, True
+
+    def note_jobs(self, ended: JobEnds) -> None:
+        """Add jobs taken as recorded (`jobs` becomes known), keeping those that ended within `JOB_WINDOW_S` of the
+        newest."""
+        jobs = {**(self.jobs or {}), **ended}
+        floor = max(jobs.values(), default=None)
+        self.jobs = jobs if floor is None else {
+            j: t for j, t in jobs.items() if t >= floor - timedelta(seconds=JOB_WINDOW_S)}
 
 
 class ChangeLog:
@@ -233,8 +256,9 @@ class ChangeLog:
         `flush`: the stream misses no change, even when the client's resend of the batch is all duplicates.
         Kept in this process's memory only, and `check_room` bounds them: a backend that stops before the store takes
         writes again loses them, but not what they describe: the next backend finds the twins whose state or drift
-        flag is ahead of the recorded marks (`recorded`) and records their current state then (serve_apps/README.md,
-        "Change stream"). A lost job change is not recovered."""
+        flag is ahead of the recorded marks (`recorded`) and records their current state then, and the jobs that
+        ended without a change the log wrote (`recorded_jobs`) and records their change then (serve_apps/README.md,
+        "Change stream")."""
         all_drafts = [d for item in batch for d in item.drafts]
         try:
             changes = self._append_locked(tenant, all_drafts) if all_drafts else []
@@ -327,6 +351,22 @@ class ChangeLog:
             recorded = self._recorded_locked(tenant)
             return recorded.marks.get(asset_id, (0, False) if recorded.exact else None)
 
+    def recorded_jobs(self, tenant: str) -> JobEnds | None:
+        """The jobs whose change the log wrote that ended within `JOB_WINDOW_S` of the newest of them (`Recorded.jobs`);
+        None for a log whose checkpoint is from before them (or that has none usable), until `adopt_jobs`."""
+        with self._lock:
+            jobs = self._recorded_locked(tenant).jobs
+            return None if jobs is None else dict(jobs)
+
+    def adopt_jobs(self, tenant: str, ended: JobEnds) -> None:
+        """Take the jobs that `ended` as recorded, making the log's jobs known (`recorded_jobs`) where they were not:
+        what it had lost of them before stays lost, as before the marks named jobs."""
+        with self._lock:
+            recorded = self._recorded_locked(tenant)
+            if recorded.jobs is None:
+                recorded.note_jobs(ended)
+                recorded.dirty = True
+
     def adopt(self, tenant: str, marks: dict[str, Mark]) -> None:
         """Take `marks` (the twins' current states) as recorded for the twins the log has written nothing about since
         this start, making a log from before the marks exact: checkpointed from then on. What it had lost before
@@ -344,13 +384,14 @@ class ChangeLog:
         with self._checkpoint_lock:
             now = time.monotonic()
             with self._lock:
-                due = {t: (r.seq, r.generation, dict(r.marks)) for t, r in self._recorded.items()
+                due = {t: (r.seq, r.generation, dict(r.marks), None if r.jobs is None else dict(r.jobs))
+                       for t, r in self._recorded.items()
                        if r.exact and r.dirty and (force or now - r.saved_at >= self.checkpoint_s)}
                 for t in due:
                     self._recorded[t].dirty, self._recorded[t].saved_at = False, now
-            for tenant, (seq, generation, marks) in due.items():
+            for tenant, (seq, generation, marks, jobs) in due.items():
                 try:
-                    self.store.write_marks(tenant, seq, generation, marks)
+                    self.store.write_marks(tenant, seq, generation, marks, jobs)
                 except Exception as exc:  # noqa: BLE001 - the log is durable; the next pass writes the marks
                     log.warning("event=change_marks_checkpoint_failed tenant=%s error=%s: %s", tenant,
                                 type(exc).__name__, exc)
@@ -368,7 +409,9 @@ class ChangeLog:
         try:
             saved = self.store.read_marks(tenant)
             recorded = None if saved is None else Recorded(
-                {a: (int(r), bool(d)) for a, (r, d) in saved["twins"].items()}, int(saved["seq"]), saved["generation"])
+                {a: (int(r), bool(d)) for a, (r, d) in saved["twins"].items()}, int(saved["seq"]), saved["generation"],
+                jobs=None if saved.get("jobs") is None else {
+                    j: datetime.fromisoformat(t) for j, t in saved["jobs"].items()})
         except (ValueError, TypeError, AttributeError) as exc:
             log.warning("event=change_marks_unreadable tenant=%s error=%s", tenant, exc)
             recorded = None
@@ -386,9 +429,9 @@ class ChangeLog:
     def _first_marks(self, tenant: str) -> Recorded:
         """The marks of a log with no change yet, checkpointed at once (once per tenant): a log without a checkpoint
         is one from before the marks, which a crash before the first periodic checkpoint would make this one."""
-        recorded = Recorded()
+        recorded = Recorded(jobs={})
         try:
-            self.store.write_marks(tenant, 0, None, {})
+            self.store.write_marks(tenant, 0, None, {}, {})
         except Exception as exc:  # noqa: BLE001 - the next `checkpoint` writes it
             log.warning("event=change_marks_checkpoint_failed tenant=%s error=%s: %s", tenant, type(exc).__name__, exc)
             recorded.dirty = True
@@ -473,15 +516,18 @@ class ChangeStore:
         return out
 
     @store_io("write")
-    def write_marks(self, tenant: str, seq: int, generation: str | None, marks: dict[str, Mark]) -> None:
-        """Checkpoint the tenant's recorded marks (`Recorded`) as of change `seq` of `generation` (`replace_file`
-        creates the tenant's folder where the log has none yet)."""
+    def write_marks(self, tenant: str, seq: int, generation: str | None, marks: dict[str, Mark],
+                    jobs: JobEnds | None) -> None:
+        """Checkpoint the tenant's recorded marks (`Recorded`: its twins', its jobs' or null where not known) as of
+        change `seq` of `generation` (`replace_file` creates the tenant's folder where the log has none yet)."""
+        ended = None if jobs is None else {j: t.isoformat() for j, t in jobs.items()}
         replace_file(self.fs, f"{self.root}/{tenant}/{MARKS_FILE}", json.dumps(
-            {"seq": seq, "generation": generation, "twins": marks}, separators=(",", ":")).encode())
+            {"seq": seq, "generation": generation, "twins": marks, "jobs": ended}, separators=(",", ":")).encode())
 
     @store_io("read")
     def read_marks(self, tenant: str) -> dict[str, Any] | None:
-        """The tenant's checkpoint (`write_marks`), None without one; ValueError for one unreadable as one."""
+        """The tenant's checkpoint (`write_marks`; one from before jobs were named lacks "jobs"), None without one;
+        ValueError for one unreadable as one."""
         path = f"{self.root}/{tenant}/{MARKS_FILE}"
         if not self.fs.exists(path):
             return None

@@ -7,7 +7,9 @@ whose simulator is an FMU, run by `fmu_sweep_to_store`), or a bulk operation on 
 the store, so they outlive replicas. At most `max_concurrent_jobs` run at once, at most
 `max_running_jobs_per_tenant` of one tenant's; the rest wait ("queued"), each tenant's in order, tenants taking turns
 for free slots (`serve_apps.job_scheduling`), and a queued job's status says why it waits (`queue`). Job records are JSON on the store (``{store}/jobs/{tenant}/{job_id}/job.json``):
-a job that was queued or running when the backend restarted is marked failed, not silently lost.
+a job that was queued or running when the backend restarted is marked failed, not silently lost (its `job.failed`
+change is recorded by the backend's catch-up, `serve_apps.backend.Backend._catch_up_jobs`). Every job that ends,
+cancelled while queued too, is told to `on_finish` (the backend records its change).
 
 Retention (`ServeConfig.job_retention_s`, 30 days by default): a pass every `RETENTION_PASS_S` (`JobQueue.expire`)
 removes up to `RETENTION_BATCH` jobs that finished longer ago than that, oldest first, from the store (the job's
@@ -418,12 +420,17 @@ class JobQueue:
         self._publish()
         log.info("event=job_%s job_id=%s compute_s=%s error=%s result_url=%s", job.state, job.job_id, job.compute_s,
                  job.error, job.result_url)
+        self._notify(job)
+        self._start_next()
+
+    def _notify(self, job: JobRecord) -> None:
+        """`on_finish` of a job that ended (the backend records its change), a failure logged: it must not stop the
+        queue."""
         if self.on_finish is not None:
             try:
                 self.on_finish(job)
-            except Exception:  # a failed notification must not stop the queue
+            except Exception:
                 log.exception("event=job_notify_failed job_id=%s", job.job_id)
-        self._start_next()
 
     def cancel(self, tenant: str, job_id: str, key_id: str) -> Job:
         """Cancel the tenant's queued or running scenario or sweep job: a queued one leaves the queue, a
@@ -447,6 +454,7 @@ class JobQueue:
             job.error = f"cancelled by key {key_id} while queued: it never ran, so it has no run record"
             self._save(job)
             self._publish()
+            self._notify(job)
             return self.status(job)
         self.cancelled[job_id] = key_id
         ray.cancel(self.tasks[job_id])  # an interrupt in the task: a sweep stops its chunks and records itself

@@ -682,6 +682,7 @@ def _backend_over(shard: _Shard, log: ChangeLog):
 
     backend = Backend.__new__(Backend)
     backend._publish, backend._twin_marks, backend.changes, backend.twins = threading.Lock(), {}, log, shard
+    backend.jobs, backend._started = SimpleNamespace(ended=[], jobs={}), None  # no job to catch up
     backend.config = SimpleNamespace(shard_read_timeout_s=5.0)
     backend.recalibration = SimpleNamespace(trigger=SimpleNamespace(waiting=lambda tenant: False,
                                                                     poll=lambda tenant: None))
@@ -945,3 +946,89 @@ def test_a_batched_state_read_of_a_restarting_shard_answers_its_twins_last_durab
     assert got == {a: (0, True) if on[a] == 1 else (twins[a].revision, False) for a in twins}
     held = [sum(1 for a in on if on[a] == i) for i in range(2)]
     assert [[len(ids) for ids in c] for c in shards.calls] == [[4] * (h // 4) + [h % 4] * (h % 4 > 0) for h in held]
+
+
+def _job_backend(tmp_path, slots: int = 3):
+    """A `Backend` started now over the store at `tmp_path`: its change log, and its job queue (its jobs recovered from
+    the store, as at a start; `slots` of them run at once, of one tenant too) telling it the jobs that end."""
+    from datetime import UTC, datetime
+
+    from serve_apps.backend import Backend
+    from serve_apps.config import ServeConfig
+    from serve_apps.jobs import JobQueue
+
+    backend = Backend.__new__(Backend)
+    backend.changes = ChangeLog(str(tmp_path / "changes"))
+    backend.jobs = JobQueue(ServeConfig(store_url=str(tmp_path / "store"), keys_file="unused.json"), slots,
+                            on_finish=backend._job_finished, tenant_limit=slots)
+    backend._started = datetime.now(UTC)
+    return backend
+
+
+def _job_changes(backend) -> list[tuple[str, str]]:
+    """(kind, job id) of each job change of tenant acme on the store, oldest first."""
+    return [(c.kind, c.data["job_id"]) for c in backend.changes.store.read("acme", 0, 100) if c.kind.startswith("job.")]
+
+
+def test_a_job_change_lost_with_a_backend_that_crashed_is_recorded_once_by_the_next_backend(tmp_path):
+    """A job ended while the change-log write failed (kept in memory), and the backend crashed before the store took
+    writes again: the stream never had the job's end. Nor the end of the jobs the restart failed. The next backend
+    records each once, and none of the jobs whose change was written."""
+    from tests.test_serve_jobs import HeldJobs, _submit
+
+    async def scenario() -> None:
+        crashed = _job_backend(tmp_path)
+        held = HeldJobs(crashed.jobs)
+        recorded, lost, running, queued = (_submit(crashed.jobs, "acme") for _ in range(4))
+        await held.finish(recorded)
+        crashed.changes.checkpoint(force=True)  # names `recorded`; the changes after it are read at the next start
+        _failing_writes(crashed.changes, [DISK_FULL])
+        await held.finish(lost)  # its record says succeeded; its change is kept in memory, then the backend is gone
+        assert crashed.changes.unwritten() == 1 and _job_changes(crashed) == [("job.succeeded", recorded)]
+
+        restarted = _job_backend(tmp_path, slots=1)  # marks `running` and `queued` failed
+        restarted._catch_up_jobs("acme")
+        restarted._catch_up_jobs("acme")  # a retry of the pass records nothing more
+        caught_up = [("job.succeeded", recorded), ("job.succeeded", lost)]
+        assert _job_changes(restarted)[:2] == caught_up
+        assert sorted(_job_changes(restarted)[2:]) == sorted([("job.failed", running), ("job.failed", queued)])
+        held = HeldJobs(restarted.jobs)
+        after, cancelled = (_submit(restarted.jobs, "acme") for _ in range(2))
+        restarted.jobs.cancel("acme", cancelled, "key-acme")  # a job's end is recorded cancelled while queued too
+        await held.finish(after)  # they end after the start: recorded as they end, never by the catch-up
+        restarted._catch_up_jobs("acme")
+        everything = _job_changes(restarted)
+        assert everything[4:] == [("job.cancelled", cancelled), ("job.succeeded", after)]
+
+        again = _job_backend(tmp_path)  # no checkpoint since the first: read from the changes after it
+        again._catch_up_jobs("acme")
+        assert _job_changes(again) == everything
+
+    asyncio.run(scenario())
+
+
+def test_a_log_whose_checkpoint_names_no_jobs_takes_its_jobs_as_recorded_and_names_them_from_then_on(tmp_path):
+    """A checkpoint written before the marks named jobs cannot tell which job's change was lost: its jobs are taken as
+    recorded, as before, and the next checkpoint names them."""
+    from tests.test_serve_jobs import HeldJobs, _submit
+
+    async def scenario() -> None:
+        first = _job_backend(tmp_path)
+        held = HeldJobs(first.jobs)
+        ended = _submit(first.jobs, "acme")
+        await held.finish(ended)
+        first.changes.checkpoint(force=True)
+        marks = tmp_path / "changes" / "acme" / ".recorded.json"
+        saved = json.loads(marks.read_text())
+        assert set(saved["jobs"]) == {ended}
+        marks.write_text(json.dumps({k: saved[k] for k in ("seq", "generation", "twins")}))  # as written before
+        _submit(first.jobs, "acme")  # failed by the restart
+
+        restarted = _job_backend(tmp_path)
+        assert restarted.changes.recorded_jobs("acme") is None
+        restarted._catch_up_jobs("acme")
+        assert _job_changes(restarted) == [("job.succeeded", ended)]
+        restarted.changes.checkpoint(force=True)
+        assert set(json.loads(marks.read_text())["jobs"]) == set(restarted.jobs.jobs)
+
+    asyncio.run(scenario())
