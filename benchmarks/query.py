@@ -81,7 +81,7 @@ def populate(backend: Backend, n: int, seed: int = 3) -> None:
                       metadata={"site": SITES[i % 4], "floor": str(rng.randint(0, 9)), "band": rng.choice("ab")})
         backend.catalog.hold(asset)
         assets.append(asset)
-    _, artifact = backend.model_of(TENANT, assets[0].id)
+    artifact = backend._artifact(TENANT, assets[0])  # noqa: SLF001 - setup straight into the shards, as above
     backend.twins.register_many([(a, artifact) for a in assets])
     backend.twins.ingest(TENANT, [  # one reading each spreads the twins' states
         TelemetryEvent(asset_id=a.id, sequence=0, event_time=T0,

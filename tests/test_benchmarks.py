@@ -271,6 +271,14 @@ def test_bench_quick_replay(ray_session, tmp_path):
     assert set(replayed) == {"local disk", "S3 (moto, loopback)"} and all(r["events"] == 1_000 for r in replayed.values())
 
 
+def test_bench_quick_query(ray_session, tmp_path):
+    """The service's query pages equal the same queries over in-memory records (the benchmark raises otherwise)
+    before each is timed; its setup builds twins straight in the shards, so it breaks when their API changes."""
+    query = quick(tmp_path, "query")["benchmarks"]["query"]
+    assert query["checks"]["every asset: matched"] == 400 and query["checks"]["catalog only: matched"] > 0
+    assert len(query["figures"]) == 4 and all(f["value"] > 0 for f in query["figures"])
+
+
 def test_bench_quick_reads_bounded(tmp_path):
     """Each read of a long history is timed with what it listed and read; the indexed command reads answer what a
     read of every command answered, reading the commands they answer with alone."""
