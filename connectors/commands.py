@@ -135,13 +135,15 @@ class CommandLedger:
     makes it so and removed after the record that settles it (or by `recover`, once its late answer is no longer
     awaited). A marker without its record (a proposal that failed) or whose command is settled (its removal failed)
     is skipped, so a crash between the two writes changes no answer. `_complete` says every command has its markers:
-    a tenant whose commands were written before the index (no `_complete`) is read whole, as it was, until a
-    connector of it starts and indexes them (`index`)."""
+    a tenant without a command yet gets it before its first proposal's markers (`_first_proposal`); one whose
+    commands were written before the index (no `_complete`) is read whole, as it was, until a connector of it starts
+    and indexes them (`index`)."""
 
     def __init__(self, store_url: str, storage_options: dict[str, Any] | None = None):
         self.fs, root = filesystem(store_url, storage_options)
         self.root = f"{root}/connectors/commands"
         self._complete: set[str] = set()  # the tenants whose index is complete (it stays so)
+        self._proposed: set[str] = set()  # the tenants this ledger has proposed for (`_first_proposal`)
 
     def _path(self, tenant: str, command_id: str) -> str:
         return f"{self.root}/tenant={tenant}/{command_id}.json"
@@ -169,6 +171,7 @@ class CommandLedger:
                           connector=connector, asset_id=asset_id, name=name, value=value,
                           status=CommandStatus.proposed, proposed_by=by, recommendation_id=recommendation_id,
                           history=[Transition(status=CommandStatus.proposed, at=datetime.now(UTC), by=by)])
+        self._first_proposal(tenant)
         write_markers(self.fs, self._index(tenant, f"asset_id={asset_id}"), [command.id])  # before its record
         return self._save(command)
 
@@ -198,9 +201,13 @@ class CommandLedger:
             names = self._listed(self._index(tenant, key))
             paths = [self._path(tenant, name.rsplit("/", 1)[-1]) for name in names]
         else:
-            paths = [p for p in self._listed(f"{self.root}/tenant={tenant}") if p.endswith(".json")]
+            paths = self._records(tenant)
         found = [Command.model_validate_json(body) for body in cat_existing(self.fs, paths).values()]
         return sorted(found, key=lambda c: (c.history[0].at, c.id))
+
+    def _records(self, tenant: str) -> list[str]:
+        """The paths of the tenant's command records, listed afresh."""
+        return [p for p in self._listed(f"{self.root}/tenant={tenant}") if p.endswith(".json")]
 
     def _listed(self, folder: str) -> list[str]:
         try:
@@ -233,8 +240,23 @@ class CommandLedger:
                 marked.setdefault(f"connector={c.connector}", []).append(c.id)
         for key, ids in marked.items():
             write_markers(self.fs, self._index(tenant, key), ids)
-        write_markers(self.fs, self._index(tenant), [INDEXED])  # once theirs are durable
+        self._mark_indexed(tenant)  # once theirs are durable
+
+    def _mark_indexed(self, tenant: str) -> None:
+        write_markers(self.fs, self._index(tenant), [INDEXED])
         self._complete.add(tenant)
+
+    def _first_proposal(self, tenant: str) -> None:
+        """Before this ledger's first proposal for `tenant`: a tenant without a command record is indexed (`INDEXED`
+        written), so that its queries read its markers alone from its first command on, not every command until a
+        connector of it starts. Written only where the listing finds no record, it never claims markers for a
+        record without them: records are marked before they are written since the index, and those written before it
+        are there to be listed (none is written any more); a crash before the first marker leaves it true of no
+        command. A record found, of either kind, leaves the tenant to `index` (a no-op where another proposal's check
+        marked it). Checked once per ledger and tenant (its records listed once)."""
+        if tenant not in self._proposed and not self._indexed(tenant) and not self._records(tenant):
+            self._mark_indexed(tenant)
+        self._proposed.add(tenant)
 
     def approve(self, tenant: str, command_id: str, by: str) -> Command:
         command = self.get(tenant, command_id)

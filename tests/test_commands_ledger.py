@@ -106,3 +106,32 @@ def test_a_restarted_connector_reads_its_unsettled_commands_alone(tmp_path: Path
     reads.read.clear()
     assert restarted.unsettled("acme", "c") == [] and reads.read == []
     assert restarted.list("acme", "a1") == [c for c in restarted.list("acme") if c.asset_id == "a1"]
+
+
+def test_a_new_tenants_commands_are_indexed_from_its_first_proposal(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tenant's index was complete once a connector of it had started (`index`, from `recover`): until then one
+    asset's query read every command of the tenant. A tenant without commands is indexed by its first proposal
+    (another ledger's first proposal of it after that changes nothing); one with commands written before the index
+    stays read whole, whoever proposes after them."""
+    def one_assets(store: Path) -> tuple[list[Command], list[Command], Reads]:
+        reader = CommandLedger(str(store))
+        whole = reader.list("acme")
+        reads = Reads(reader, monkeypatch)
+        return reader.list("acme", "a1"), [c for c in whole if c.asset_id == "a1"], reads
+
+    new, old = tmp_path / "new", tmp_path / "old"
+    first, other = CommandLedger(str(new)), CommandLedger(str(new))  # (two processes: the API's, a connector's)
+    _history(first, "a1")
+    _history(other, "a2")
+    other.propose("acme", "c", "a1", "setpoint", {"x": 2}, by="k1")
+    got, expected, reads = one_assets(new)
+    assert got == expected and len(expected) == 9
+    assert {Path(p).stem for p in reads.read} == {c.id for c in expected} and len(reads.read) == len(expected)
+    assert [Path(p).name for p in reads.listed] == ["asset_id=a1"]
+
+    _history(CommandLedger(str(old)), "a2")
+    _forget_index(old)  # written before the index
+    CommandLedger(str(old)).propose("acme", "c", "a1", "setpoint", {"x": 2}, by="k1")
+    got, expected, reads = one_assets(old)
+    assert got == expected and len(expected) == 1 and len(reads.read) == 9  # every command, as before
