@@ -144,6 +144,8 @@ class Store:
             with mock.patch.object(statestore, "datetime", clock):
                 self.state.write_dead_letters(TENANT, [{"asset_id": "p-1", "idempotency_key": f"{d}:{i}", "reason": r,
                                                         "raw": f"{d}:{i}"} for i, r in enumerate(reasons)])
+        self.state.fs.rm(f"{self.state.root}/dead_letter_sources", recursive=True)  # as written before markers
+        self.state = StateStore(f"{self.root}/store")  # (one that saw none of them marked)
 
     def _audit(self) -> None:
         days, count = _sized(200, self.days), _sized(100_000, self.days)

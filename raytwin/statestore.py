@@ -15,8 +15,8 @@ Layout under the store URL (a local directory or any fsspec URL such as ``s3://b
     logged/tenant=T/_complete                                      all logged assets are marked (`mark_logged_assets`)
     dead_letter_sources/tenant=T/source=S/date=YYYY-MM-DD          source S (a connector) has dead letters of that day
                                                                    (empty; `write_dead_letters`)
-    dead_letter_sources/tenant=T/_complete                         every day's sources are marked
-                                                                   (`mark_dead_letter_sources`)
+    dead_letter_sources/tenant=T/_complete                         every day's sources are marked (a tenant's
+                                                                   first dead letters, `mark_dead_letter_sources`)
     drift_clears/tenant=T/asset_id=A.json                          the twin's last drift clear (`save_drift_clear`)
     model_swaps/tenant=T/asset_id=A.json                           the twin's model swaps (`save_model_swaps`)
     shadows/tenant=T/candidate=REF/asset_id=A.json                 a running shadow evaluation on the twin (`save_shadow`)
@@ -66,8 +66,9 @@ A connector's dead letters are found by their reasons (led by ``scheme://NAME/``
 with fewer than a page had the times of every day of its tenant's history read (a year: 365 days, 0.3 s on local
 disk). `write_dead_letters` marks each source of the rows it writes for their day (an empty file, durable before the
 rows, written once per source and day by a store), and a read of one source's dead letters reads only its marked
-days, once the tenant's days are marked whole (`_complete`): dead letters written before markers are read once for
-their sources (`mark_dead_letter_sources`, at a connector's start); until then every day is read as before.
+days, once the tenant's days are marked whole (`_complete`): a tenant's first dead letters mark them whole where it
+has none (`write_dead_letters`); dead letters written before markers are read once for their sources
+(`mark_dead_letter_sources`, at a connector's start); until then every day is read as before.
 
 Readers take every kind of log file (`read_files`): segments, Arrow IPC part files (`LOG_PART_SUFFIX`,
 what local stores held before segments, and object stores hold) and Parquet part files of earlier
@@ -138,6 +139,10 @@ ALL_MARKED = "_complete"
 DEAD_LETTER_SOURCE = re.compile(r"^[a-z][a-z0-9+.-]*://([^/]+)/")
 """What leads the reason of a connector's dead letter: a URI scheme, then ``://NAME/`` (`connectors.mapping.led`);
 NAME is its source, marked for the day of the dead letter (module docstring)."""
+
+_DEAD_LETTERED: set[tuple[str, str]] = set()
+"""The (store root, tenant) pairs whose dead letters this process has written (`StateStore._first_dead_letters`): per
+process, not per store, as ingestion and a connector's sink open a store for each write (`ShardRouter.store`)."""
 
 LOG_PART_SUFFIX = ".arrow"
 """The file type of the log's part files (one per shard batch on object stores): Arrow IPC."""
@@ -797,6 +802,7 @@ class StateStore:
             "raw": [r["raw"] for r in rejects],
             "dead_lettered_at": pa.array([now] * len(rejects), TIME),
         }, schema=DEAD_LETTER_SCHEMA)
+        self._first_dead_letters(tenant)
         self._mark_sources(tenant, day.isoformat(), {r["reason"] for r in rejects})
         self._write(table, f"{self.root}/dead_letters/tenant={tenant}/date={day.isoformat()}",
                     stem or f"part-{uuid.uuid4().hex}")
@@ -811,6 +817,21 @@ class StateStore:
         for source in sorted(_sources_of(reasons) - marked):
             write_markers(self.fs, self._sources(tenant, source), [f"date={day}"])
             marked.add(source)
+
+    def _first_dead_letters(self, tenant: str) -> None:
+        """Before this process's first dead letters of `tenant` (`_DEAD_LETTERED`): a tenant without a dead letter has
+        its days marked whole (`ALL_MARKED`), so that a source's reads read its days alone from its first dead letter
+        on, not every day until a connector of it starts, and that start reads none (it read every dead letter a
+        tenant had from HTTP ingestion before its first connector). Written only where the listing finds no day, it
+        never claims a day's sources marked where they are not: since markers, the sources of dead letters are marked
+        before them, and the days written before are there to be listed (none is written any more); a crash before
+        the rows leaves it true of none. A day found, of either kind, leaves the tenant to
+        `mark_dead_letter_sources`."""
+        first = (self.root, tenant) not in _DEAD_LETTERED
+        if first and tenant not in self._all_sources_marked and not self._dead_letter_days(tenant, None):
+            write_markers(self.fs, self._sources(tenant), [ALL_MARKED])
+            self._all_sources_marked.add(tenant)
+        _DEAD_LETTERED.add((self.root, tenant))
 
     @store_io("write")
     def mark_dead_letter_sources(self, tenant: str) -> None:

@@ -194,11 +194,19 @@ def test_a_page_of_a_connectors_newest_dead_letters_reads_only_the_days_that_hol
     assert [json.loads(line)["idempotency_key"] for line in out.output.splitlines()[1:]] == ["031205:1", "031205:2"]
 
 
+def _as_before_markers(store: StateStore) -> StateStore:
+    """The store as written before dead letters' sources were marked (the same rows, no markers), opened afresh (a
+    store knows the tenants it saw marked)."""
+    store.fs.rm(f"{store.root}/dead_letter_sources", recursive=True)
+    return StateStore(store.url, store.storage_options)
+
+
 def test_a_connectors_few_dead_letters_are_read_again_from_their_days_alone(store, monkeypatch):
-    """A connector with fewer dead letters than a page's `limit` has the times of every day of its tenant read (its
-    older ones may lie anywhere), but its rows are then read from the days that hold them alone, not from every day
-    again; a read from `since` on (a restarted connector's, `connectors.seen_letters`) reads no day before it, and
-    still finds a letter that a retry just after midnight wrote into the day before's partition."""
+    """A connector with fewer dead letters than a page's `limit` has the times of every day of its tenant read where
+    its days are not marked (its older ones may lie anywhere), but its rows are then read from the days that hold
+    them alone, not from every day again; a read from `since` on (a restarted connector's,
+    `connectors.seen_letters`) reads no day before it, and still finds a letter that a retry just after midnight
+    wrote into the day before's partition."""
     from connectors.seen_letters import SeenLetters
     from serve_apps.dead_letters import connector_dead_letters
 
@@ -213,6 +221,7 @@ def test_a_connectors_few_dead_letters_are_read_again_from_their_days_alone(stor
         letters(datetime(2026, 11, d, 12, tzinfo=UTC), poison, poison, *([web] if d in (4, 6) else []))
     letters(datetime(2026, 11, 9, 23, 59, tzinfo=UTC), poison, stem="retried")  # the retry's first try
     letters(datetime(2026, 11, 10, 0, 30, tzinfo=UTC), poison, stem="retried")  # lands beside it, on the 9th
+    store = _as_before_markers(store)
     rows = store.read_dead_letters("acme").to_pylist()
     read, scanned = [], []
     read_files, batches = statestore.read_files, statestore._batches
@@ -264,20 +273,67 @@ def test_a_connectors_few_dead_letters_are_read_from_the_days_marked_with_it_alo
     def days() -> list[str]:
         return sorted({p.split("/date=")[1][:10] for p in scanned})
 
-    assert page(store) == ["4:2", "6:2"] and len(days()) == 10  # not marked whole yet: every day, as before
-    store.mark_dead_letter_sources("acme")
-    assert page(store) == ["4:2", "6:2"] and days() == ["2026-11-04", "2026-11-06"]
-    assert page(store, "nobody") == [] and scanned == []
+    before = _as_before_markers(store)
+    assert page(before) == ["4:2", "6:2"] and len(days()) == 10  # not marked whole yet: every day, as before
+    before.mark_dead_letter_sources("acme")
+    assert page(before) == ["4:2", "6:2"] and days() == ["2026-11-04", "2026-11-06"]
+    assert page(before, "nobody") == [] and scanned == []
     letters(11, web)  # after marking: marked by its writer
-    assert page(store) == ["4:2", "6:2", "11:0"] and days() == ["2026-11-04", "2026-11-06", "2026-11-11"]
+    assert page(before) == ["4:2", "6:2", "11:0"] and days() == ["2026-11-04", "2026-11-06", "2026-11-11"]
 
-    store.fs.rm(f"{store.root}/dead_letter_sources", recursive=True)  # as written before markers
-    before = StateStore(store.url, store.storage_options)
+    before = _as_before_markers(store)
     assert page(before) == ["4:2", "6:2", "11:0"] and len(days()) == 11
     before.mark_dead_letter_sources("acme")
     assert page(before) == ["4:2", "6:2", "11:0"] and len(days()) == 3
     assert page(before, "poison") == [f"{d}:0" for d in range(1, 11)] and len(days()) == 10
 
+
+
+def test_a_new_tenants_dead_letters_are_marked_whole_from_its_first(store, monkeypatch):
+    """A tenant's days were marked whole at a connector's start alone: until then a new tenant's connector pages
+    read every day, and that start read every dead letter of a tenant that ingested over HTTP before it. A tenant
+    without dead letters is marked whole by its first writer (other writers' first dead letters of it after that
+    change nothing); one with dead letters written before markers stays unmarked, whoever writes after them."""
+    from serve_apps.dead_letters import connector_dead_letters
+
+    def letters(on: StateStore, tenant: str, day: int, *reasons: str) -> None:
+        when = datetime(2026, 11, day, 12, tzinfo=UTC)
+        monkeypatch.setattr(statestore, "datetime", type("Clock", (datetime,), {"now": staticmethod(lambda tz: when)}))
+        on.write_dead_letters(tenant, [{"asset_id": "pump-1", "idempotency_key": f"{day}:{i}", "reason": r,
+                                        "raw": "{}"} for i, r in enumerate(reasons)])
+
+    web, api = "mqtt://web/site/pump-1/telemetry: not JSON", "out of range"
+    other = StateStore(store.url, store.storage_options)  # another writer (an ingestion replica, a shard)
+    letters(store, "beta", 1, web, api)
+    for d in range(1, 9):  # a new tenant's, from both
+        letters(store if d % 2 else other, "gamma", d, api, *([web] if d == 3 else []))
+    listed, listing = [], StateStore._dead_letter_days
+    monkeypatch.setattr(StateStore, "_dead_letter_days", lambda self, *a: listed.append(a) or listing(self, *a))
+    for d in (9, 10):  # as ingestion writes them: a store opened for each write
+        letters(StateStore(store.url, store.storage_options), "gamma", d, api)
+    assert listed == []  # its days were listed by its first writes in this process alone
+    scanned, read = [], []
+    batches, read_files = statestore._batches, statestore.read_files
+    monkeypatch.setattr(statestore, "_batches", lambda fs, paths, *a, **k: scanned.extend(paths) or batches(
+        fs, paths, *a, **k))
+    monkeypatch.setattr(statestore, "read_files", lambda fs, paths, *a, **k: read.extend(paths) or read_files(
+        fs, paths, *a, **k))
+
+    def page(tenant: str) -> tuple[list[str], list[str]]:
+        scanned.clear()
+        found = [d.idempotency_key for d in connector_dead_letters(StateStore(store.url, store.storage_options),
+                                                                   tenant, "web", None, 1000)]
+        return found, sorted({p.split("/date=")[1][:10] for p in scanned})
+
+    assert page("gamma") == (["3:1"], ["2026-11-03"])  # its first writer marked it whole: web's day alone
+    read.clear()
+    StateStore(store.url, store.storage_options).mark_dead_letter_sources("gamma")  # a connector's first start
+    assert read == []
+
+    _as_before_markers(store)  # beta's first dead letters: written before markers
+    monkeypatch.setattr(statestore, "_DEAD_LETTERED", set())  # by a process that has written none since
+    letters(other, "beta", 2, api)
+    assert page("beta") == (["1:0"], ["2026-11-01", "2026-11-02"])  # not marked whole: every day, as before
 
 def _parts(store, kind: str, tenant: str) -> list[str]:
     store.fs.invalidate_cache()
