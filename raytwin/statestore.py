@@ -65,7 +65,7 @@ log is read as before.
 A connector's dead letters are found by their reasons (led by ``scheme://NAME/``, `DEAD_LETTER_SOURCE`), and one
 with fewer than a page had the times of every day of its tenant's history read (a year: 365 days, 0.3 s on local
 disk). `write_dead_letters` marks each source of the rows it writes for their day (an empty file, durable before the
-rows, written once per source and day by a store), and a read of one source's dead letters reads only its marked
+rows, written once per source and day by a process), and a read of one source's dead letters reads only its marked
 days, once the tenant's days are marked whole (`_complete`): a tenant's first dead letters mark them whole where it
 has none (`write_dead_letters`); dead letters written before markers are read once for their sources
 (`mark_dead_letter_sources`, at a connector's start); until then every day is read as before.
@@ -143,6 +143,10 @@ NAME is its source, marked for the day of the dead letter (module docstring)."""
 _DEAD_LETTERED: set[tuple[str, str]] = set()
 """The (store root, tenant) pairs whose dead letters this process has written (`StateStore._first_dead_letters`): per
 process, not per store, as ingestion and a connector's sink open a store for each write (`ShardRouter.store`)."""
+
+_SOURCES_MARKED: dict[tuple[str, str, str], set[str]] = {}
+"""Per (store root, tenant, day), the dead letters' sources this process has marked (`StateStore._mark_sources`), per
+process for the same reason as `_DEAD_LETTERED`: a store of its own would write them again on every write."""
 
 LOG_PART_SUFFIX = ".arrow"
 """The file type of the log's part files (one per shard batch on object stores): Arrow IPC."""
@@ -517,7 +521,6 @@ class StateStore:
         self._segments = SegmentWriter(LOG_BATCH_SCHEMA) if self._local else None  # the log's open segments
         self._marked: dict[str, set[str]] = {}  # per tenant, the assets known to have their logged marker
         self._all_marked: set[str] = set()  # tenants whose log is known to be marked whole (`ALL_MARKED`)
-        self._sources_marked: dict[tuple[str, str], set[str]] = {}  # per (tenant, day), the dead letters' sources
         self._all_sources_marked: set[str] = set()  # tenants whose dead letters' days are known to be marked whole
 
     # ------------------------------------------------------------------------ plumbing ----
@@ -812,8 +815,8 @@ class StateStore:
 
     def _mark_sources(self, tenant: str, day: str, reasons: Collection[str]) -> None:
         """Mark the sources of dead letters about to be written for `day`, before them (module docstring): once per
-        source and day by this store."""
-        marked = self._sources_marked.setdefault((tenant, day), set())
+        source and day by this process (`_SOURCES_MARKED`)."""
+        marked = _SOURCES_MARKED.setdefault((self.root, tenant, day), set())
         for source in sorted(_sources_of(reasons) - marked):
             write_markers(self.fs, self._sources(tenant, source), [f"date={day}"])
             marked.add(source)
@@ -843,11 +846,14 @@ class StateStore:
             return
         if not self.fs.exists(f"{self._sources(tenant)}/{ALL_MARKED}"):
             empty = DEAD_LETTER_SCHEMA.empty_table().select(["reason"])
+            days: dict[str, list[str]] = {}  # per source
             for dirs in self._dead_letter_days(tenant, None):
                 reasons = self._relisting(dirs, lambda files: read_files(
                     self.fs, files, f"{self.root}/dead_letters", empty=empty, columns=["reason"]))
-                self._mark_sources(tenant, dirs[0].rsplit("=", 1)[-1],
-                                   pc.unique(reasons.column("reason")).to_pylist())
+                for source in _sources_of(pc.unique(reasons.column("reason")).to_pylist()):
+                    days.setdefault(source, []).append(dirs[0].rsplit("=", 1)[-1])
+            for source, found in days.items():  # a source's days at once (concurrent PUTs on an object store)
+                write_markers(self.fs, self._sources(tenant, source), [f"date={day}" for day in found])
             write_markers(self.fs, self._sources(tenant), [ALL_MARKED])  # once theirs are durable
         self._all_sources_marked.add(tenant)
 

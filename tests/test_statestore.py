@@ -335,6 +335,32 @@ def test_a_new_tenants_dead_letters_are_marked_whole_from_its_first(store, monke
     letters(other, "beta", 2, api)
     assert page("beta") == (["1:0"], ["2026-11-01", "2026-11-02"])  # not marked whole: every day, as before
 
+
+def test_a_sources_day_is_marked_once_by_a_process_and_old_days_at_once_by_source(store, monkeypatch):
+    """Ingestion and a connector's sink open a store for each write: the sources of its dead letters are marked once
+    per day by the process, not on every write (a folder's two syncs on local disk, a PUT on an object store, each);
+    dead letters written before markers have each source's days marked in one write (one PUT each, concurrent)."""
+    def letters(on: StateStore, day: int, *reasons: str) -> None:
+        when = datetime(2026, 11, day, 12, tzinfo=UTC)
+        monkeypatch.setattr(statestore, "datetime", type("Clock", (datetime,), {"now": staticmethod(lambda tz: when)}))
+        on.write_dead_letters("acme", [{"asset_id": "pump-1", "idempotency_key": f"{day}:{i}", "reason": r,
+                                        "raw": "{}"} for i, r in enumerate(reasons)])
+
+    web, poison = "mqtt://web/site/pump-1/telemetry: not JSON", "mqtt://poison/x: not JSON"
+    written: list[tuple[str, list[str]]] = []
+    write_markers = statestore.write_markers
+    monkeypatch.setattr(statestore, "write_markers", lambda fs, folder, names: written.append(
+        (folder.rsplit("/", 1)[-1], sorted(names))) or write_markers(fs, folder, names))
+    for d in (1, 1, 2, 2):
+        letters(StateStore(store.url, store.storage_options), d, web, poison)
+    assert written == [("tenant=acme", ["_complete"])] + [
+        (f"source={s}", [f"date=2026-11-0{d}"]) for d in (1, 2) for s in ("poison", "web")]
+
+    written.clear()
+    _as_before_markers(store).mark_dead_letter_sources("acme")
+    days = ["date=2026-11-01", "date=2026-11-02"]
+    assert sorted(written) == [("source=poison", days), ("source=web", days), ("tenant=acme", ["_complete"])]
+
 def _parts(store, kind: str, tenant: str) -> list[str]:
     store.fs.invalidate_cache()
     names = (p.rsplit("/", 1)[-1] for p in store.fs.glob(f"{store.root}/{kind}/tenant={tenant}/date=*/*"))
