@@ -53,6 +53,7 @@ from raytwin.registry import ModelRegistry, publisher_offline
 from raytwin.sim import Model, ModelCheckError, get_model, rollout, unstack
 from raytwin.sim.checks import check_params
 from raytwin.sim.model import Var
+from raytwin.sim.ranges import allowed_values, outside
 from raytwin.sim.cpu import use_cpu_backend
 from raytwin.sim.precision import in_float64
 from raytwin.storage import canonical_json, filesystem, make_folder, replace_file
@@ -289,8 +290,11 @@ def build_problem(spec: CalibrationSpec, table: pa.Table, artifact_params: dict[
     unknown = set(spec.free) - set(model.param_names)
     if unknown:
         raise CalibrationError(f"free parameters {sorted(unknown)} not in {simulator}: {model.param_names}")
+    if unknown := sorted(set(spec.parameters) - set(model.param_names)):
+        raise CalibrationError(f"parameters names {unknown}, not parameters of {simulator}: {list(model.param_names)}")
     if set(spec.start_state) != set(model.state_names):
         raise CalibrationError(f"start_state must give exactly {list(model.state_names)}")
+    _refuse_implausible_start(model, spec.start_state)
     if unknown := sorted(set(spec.start_std) - set(model.state_names)):
         raise CalibrationError(f"start_std names {unknown}, not states of {simulator}: {list(model.state_names)}")
     unknown = set(spec.noise_std) - set(model.output_names)
@@ -392,6 +396,16 @@ def _refuse_implausible(model: Model, columns: dict[str, np.ndarray]) -> None:
                                "the model's declared units (convert the column, or name its unit in the Parquet "
                                f"field metadata {UNIT_METADATA.decode()!r}), else widen the model's declared "
                                "range if such values are plausible")
+
+
+def _refuse_implausible_start(model: Model, start_state: dict[str, float]) -> None:
+    """`CalibrationError` naming the start states outside their plausible ranges (a temperature in degC against a
+    range in K), as sweeps and `simulate` refuse them: the fit ran from there and blamed parameters at their bounds."""
+    allowed = allowed_values({}, {}, {v.name: v for v in model.states})["state"]
+    if bad := outside("start_state", allowed, start_state):
+        raise CalibrationError(f"calibration of {model.name}: {'; '.join(bad)}: give the asset's state at the first "
+                               "sample in the model's declared units, or widen the state's declared range if such "
+                               "values are plausible")
 
 
 # ------------------------------------------------------------------------ Tune phase ----

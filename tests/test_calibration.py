@@ -348,6 +348,22 @@ def test_fixed_parameters_out_of_bounds_and_telemetry_in_other_units_are_refused
         build_problem(spec, celsius, {}, "thermal_rc")
 
 
+def test_a_parameter_name_typo_and_a_start_state_in_other_units_are_refused_naming_them(tmp_path):
+    """`parameters={"C_inn": ...}` raised a KeyError (a traceback from `raytwin calibrate run`), and a start state in
+    degC against a range in K ran and blamed C_in at its lower bound."""
+    thermal = synthetic_telemetry("thermal_rc", {}, {"T_in": 293.15, "T_m": 291.15}, 50, 60.0, {"T_in": 0.05}, 1)
+    base = {"model": "thermal_rc", "telemetry": str(tmp_path / "t.parquet"),
+            "start_state": {"T_in": 293.15, "T_m": 291.15}, "free": ["R_io"]}
+    spec = lambda **kw: CalibrationSpec(**{**base, **kw})  # noqa: E731
+    with pytest.raises(CalibrationError, match=r"^parameters names \['C_inn'\], not parameters of thermal_rc: "
+                                               r"\['C_in', 'C_m', 'R_im', 'R_mo', 'R_io', 'f_sol'\]$"):
+        build_problem(spec(parameters={"C_inn": 2e6}), thermal, {}, "thermal_rc")
+    with pytest.raises(CalibrationError, match=r"^calibration of thermal_rc: start_state.T_in=20 outside T_in's "
+                                               r"plausible range \[173.15, 473.15\] K: give the asset's state at the "
+                                               r"first sample in the model's declared units"):
+        build_problem(spec(start_state={"T_in": 20.0, "T_m": 291.15}), thermal, {}, "thermal_rc")
+
+
 def _with_unit(table: pa.Table, name: str, unit: str) -> pa.Table:
     index = table.schema.get_field_index(name)
     return table.set_column(index, table.schema.field(name).with_metadata({b"unit": unit.encode()}), table[name])
