@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import tempfile
+import zipfile
 
 import jax.numpy as jnp
 import fsspec
@@ -159,8 +160,6 @@ def test_a_full_local_disk_extracting_an_fmu_is_the_operators_and_leaves_no_fold
                                                                                      monkeypatch):
     """`fmpy.extract` filling the machine's temporary directory raised a plain OSError and left its half-extracted
     folder there; a probe run answered it as the FMU failing (a bad model) and a sweep as its scenarios failing."""
-    import zipfile
-
     model = FmuModel.load(reference_fmus[(2, "VanDerPol")])  # a local file: nothing is downloaded
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     write = zipfile.ZipFile._extract_member
@@ -185,6 +184,34 @@ def test_a_file_that_is_not_a_zip_is_not_an_fmu(tmp_path):
     path.write_text("not a zip")
     with pytest.raises(FmuError, match=f"^FMU pump.fmu: not an FMU: {path} is not a zip archive"):
         FmuModel.load(path)
+
+
+FMI1_DESCRIPTION = """<?xml version="1.0" encoding="UTF-8"?>
+<fmiModelDescription fmiVersion="1.0" modelName="decay" modelIdentifier="decay"
+                     guid="{8c4e810f-3df3-4a00-8276-176fa3c9f000}" numberOfContinuousStates="1"
+                     numberOfEventIndicators="0">
+  <ModelVariables>
+    <ScalarVariable name="x" valueReference="0" causality="output"><Real start="1"/></ScalarVariable>
+    <ScalarVariable name="der(x)" valueReference="1"><Real derivative="1"/></ScalarVariable>
+  </ModelVariables>
+  <Implementation><CoSimulation_StandAlone><Capabilities/></CoSimulation_StandAlone></Implementation>
+</fmiModelDescription>"""
+
+
+def test_an_fmi_1_fmu_and_a_zip_without_a_model_description_are_refused_saying_why(tmp_path):
+    """An FMI 1.0 FMU loaded without its state (FMI 1.0 has no ModelStructure) and its runs called FMI 2.0's
+    functions; a zip without modelDescription.xml raised zipfile's KeyError."""
+    for name, members in (("decay.fmu", {"modelDescription.xml": FMI1_DESCRIPTION}),
+                          ("pump.fmu", {"binaries/linux64/pump.so": ""})):
+        with zipfile.ZipFile(tmp_path / name, "w") as archive:
+            for member, text in members.items():
+                archive.writestr(member, text)
+    with pytest.raises(FmuError, match=r"^FMU decay.fmu: FMI 1.0 is not supported: RayTwin runs FMI 2.0 and 3.0 "
+                                       r"FMUs; export it again as FMI 2.0 or 3.0$"):
+        FmuModel.load(tmp_path / "decay.fmu")
+    with pytest.raises(FmuError, match=r"^FMU pump.fmu: not an FMU: .*pump.fmu has no modelDescription.xml at the "
+                                       r"root of its zip archive$"):
+        FmuModel.load(tmp_path / "pump.fmu")
 
 
 def test_the_fmu_file_is_stored_content_hashed(reference_fmus, tmp_path, s3_url):

@@ -42,6 +42,10 @@ from raytwin.store_failures import StoreIOError, store_io
 REAL_TYPES = ("Real", "Float64", "Float32")
 """FMI 2.0 and 3.0 names of the variable types RayTwin maps."""
 
+FMI_VERSIONS = ("2.", "3.")
+"""The FMI versions RayTwin runs (`fmiVersion` prefixes): an FMI 1.0 FMU has no ModelStructure to name its states,
+and its instances' calls are FMI 1.0's."""
+
 INTERFACES = ("CoSimulation", "ModelExchange")
 PROBE_STEPS = 10
 """Steps of the registration probe run (`FmuModel.check_registration`)."""
@@ -123,6 +127,15 @@ class FmuModel(Declared):
         except zipfile.BadZipFile:
             raise FmuError(f"{where}: not an FMU: {url} is not a zip archive (an FMU is a zip of "
                            "modelDescription.xml and binaries)") from None
+        except KeyError:  # zipfile's "There is no item named 'modelDescription.xml' in the archive"
+            raise FmuError(f"{where}: not an FMU: {url} has no modelDescription.xml at the root of its zip "
+                           "archive") from None
+        except (ValueError, TypeError, AttributeError, SyntaxError) as exc:  # fmpy on a malformed description
+            raise FmuError(f"{where}: its modelDescription.xml cannot be read ({type(exc).__name__}: {exc}); "
+                           "export the FMU again") from None
+        if not md.fmiVersion.startswith(FMI_VERSIONS):  # FMI 1.0 declares no states; instances call FMI 2/3
+            raise FmuError(f"{where}: FMI {md.fmiVersion} is not supported: RayTwin runs FMI 2.0 and 3.0 FMUs; "
+                           "export it again as FMI 2.0 or 3.0")
         states, inputs, params, outputs = [], [], [], []
         state_names = {d.variable.derivative.name for d in md.derivatives if d.variable.derivative is not None}
         for v in md.modelVariables:
