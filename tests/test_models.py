@@ -237,6 +237,9 @@ def _branchy(x, u, c):
     ({"output": lambda x, u, c: (x[1],)}, "model decay: output: raised IndexError: tuple index out of range"),
     ({"output": lambda x, u, c: (jnp.zeros(5),)}, r"model decay: output: y has shape \(5,\), which does not broadcast"),
     ({"output": lambda x, u, c: (jnp.log(c[0] - 0.5),)}, "model decay: output.y: not finite at k=0.5"),
+    ({"derivative": lambda x, u, c: ((-c[0] * x[0]).astype(jnp.int32),)},  # passed, with an infinite stability limit
+     "model decay: derivative: x is int32: return floating-point values"),
+    ({"output": lambda x, u, c: (x[0] > 0.5,)}, "model decay: output: y is bool: return floating-point values"),
     ({"derivative": _branchy}, r"model decay: derivative \(under jax.jit\): raised TracerBoolConversionError"),
     ({"default_dt": 3.0}, "model decay: default_dt: step 3 s is beyond the RK4 stability limit 2.785 s at the "
                           r"default parameters \(declare default_dt at most 2.78 s, or solver=raytwin.sim.stiff.Adaptive\(\)"),

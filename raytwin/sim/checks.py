@@ -421,7 +421,18 @@ def _returns(model: Model, name: str, value: Any, expected: tuple[str, ...], bat
             label = expected[i] if i < len(expected) else f"[{i}]"
             raise ModelCheckError(model.name, name, f"{label} has shape {shape}, which does not broadcast "
                                                     f"to the batch shape {batch}")
+        if name != "coefficients" and _integral(v):
+            raise ModelCheckError(model.name, name, f"{expected[i]} is {np.dtype(v.dtype)}: return floating-point "
+                                                    "values (a cast to an integer or boolean type truncates the value "
+                                                    "and has no derivative, so the stability limit and the EKF see 0)")
     return tuple(value)
+
+
+def _integral(value: Any) -> bool:
+    """An integer or boolean array: not a Python number or a weakly typed constant, which take the state's float
+    type in the step's arithmetic."""
+    dtype = getattr(value, "dtype", None)
+    return dtype is not None and not np.issubdtype(dtype, np.inexact) and not getattr(value, "weak_type", False)
 
 
 def _functions(model: Model) -> list[tuple[str, Callable, tuple[str, ...]]]:
