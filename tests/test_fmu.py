@@ -296,6 +296,12 @@ def test_bad_scenarios_are_refused_with_their_reason(reference_fmus):
     with pytest.raises(FmuError, match="^scenario: input Float64_continuous_input is nan at step 1; inputs must be "
                                        "finite numbers$"):  # not "... = nan at step 1 ...: the run diverged"
         instance.run(FmuScenario(3, inputs={"Float64_continuous_input": np.array([1.0, np.nan, 2.0])}))
+    with pytest.raises(FmuError, match=r"^scenario: give input values by name, \{name: value\} \(an input: \{name: "
+                                       r"one value per step\}\), not a ndarray; Feedthrough's: \['Float64_continuous_"):
+        instance.run(FmuScenario(3, inputs=np.zeros((3, 1))))  # as `simulate` takes them: was "unhashable type"
+    with pytest.raises(FmuError, match="^scenario: parameter Float64_tunable_parameter is nan; parameters must be "
+                                       "finite numbers$"):  # was run, and reported as the FMU diverging
+        instance.run(FmuScenario(3, params={"Float64_tunable_parameter": np.nan}))
     with pytest.raises(FmuError, match=r"does not provide ModelExchange; it provides \['CoSimulation'\]"):
         FmuInstance(dataclasses.replace(model, interfaces=("CoSimulation",)), "ModelExchange")
 

@@ -59,9 +59,16 @@ class FmuScenario:
             raise FmuError(f"scenario: dt must be > 0, got {self.dt}")
         for kind, given, known in (("state", self.start, model.state_names), ("parameter", self.params,
                                    model.param_names), ("input", self.inputs, model.input_names)):
+            if not isinstance(given, Mapping):  # an (n_steps, n_inputs) array, as `simulate` takes, was unhashable
+                raise FmuError(f"scenario: give {kind} values by name, {{name: value}} (an input: {{name: one value "
+                               f"per step}}), not a {type(given).__name__}; {model.name}'s: {sorted(known)}")
             unknown = sorted(set(given) - set(known))
             if unknown:
                 raise FmuError(f"FMU {model.name} has no {kind}(s) {unknown}; known: {sorted(known)}")
+        for kind, given in (("start value", self.start), ("parameter", self.params)):
+            for name, value in given.items():  # the FMU would run it, and the run be reported as a divergence
+                if not np.isfinite(value):
+                    raise FmuError(f"scenario: {kind} {name} is {value}; {kind}s must be finite numbers")
         for name, series in self.inputs.items():
             if np.shape(series) != (self.n_steps,):
                 raise FmuError(f"scenario: input {name} needs {self.n_steps} values, got shape {np.shape(series)}")
