@@ -205,6 +205,10 @@ def calibrate_fmu_spec(spec: FmuCalibrationSpec, out_url: str, storage_options: 
                 + _outside_bounds(spec.free, artifact))
     if "t_s" not in table.column_names:
         problems.append(f"telemetry {spec.telemetry} has no t_s column")
+    if missing := [n for n in fmu.input_names if n not in table.column_names]:  # were held at their start values
+        problems.append(f"telemetry lacks input column(s) {missing}: the FMU would run with them held at their start "
+                        "values, not as the asset was driven; give each input's measured values (a constant column "
+                        "holds one)")
     observed = [c for c in table.column_names if c in fmu.output_names]
     if not observed:
         problems.append(f"telemetry columns {table.column_names} hold none of the outputs {list(fmu.output_names)}")

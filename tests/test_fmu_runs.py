@@ -125,6 +125,24 @@ def test_fmu_specs_refuse_what_their_model_lacks(registry, tmp_path):
     assert failed.status == "failed" and "is not an FMU" in failed.error
 
 
+def test_an_fmu_calibration_refuses_telemetry_without_the_fmus_inputs(reference_fmus, tmp_path):
+    """Inputs missing from the telemetry were held at the FMU's start values: a fit of an asset driven otherwise."""
+    registry = ModelRegistry(str(tmp_path / "models"))
+    stored = store_fmu(reference_fmus[(3, "Feedthrough")], registry.url)
+    bounded = stored.declare(**{name: {"lower": -10.0, "upper": 10.0} for name in stored.param_names})
+    registry.register("ft", "1.0.0", AssetType.from_model(bounded, name="ft", version="1.0.0"))
+    telemetry = str(tmp_path / "ft.parquet")
+    pq.write_table(pa.table({"t_s": 0.1 * np.arange(20), "Float64_continuous_input": np.ones(20),
+                             "Float64_continuous_output": np.ones(20)}), telemetry)
+    spec = FmuCalibrationSpec(model="ft@1.0.0", registry_url=registry.url, telemetry=telemetry, start_state={},
+                              free={"Float64_tunable_parameter": (-5.0, 5.0)})
+    with pytest.raises(FmuSpecError, match=r"^calibration of FMU Feedthrough: telemetry lacks input column\(s\) "
+                                           r"\['Float32_continuous_input', 'Float32_discrete_input', "
+                                           r"'Float64_discrete_input'\]: the FMU would run with them held at their "
+                                           r"start values"):
+        recorded_fmu_calibration(spec, runs=str(tmp_path / "runs"))
+
+
 def test_the_sweep_command_runs_an_fmu_spec_so_ray_jobs_can(ray_session, registry, tmp_path):
     """`raytwin sweep run` (what `raytwin job submit` runs on a cluster) takes a spec saying `engine: fmu`."""
     from typer.testing import CliRunner
