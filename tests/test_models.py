@@ -250,6 +250,30 @@ def test_wrong_models_fail_the_checks_with_one_line_reasons(changes, expected):
     assert "\n" not in str(info.value)
 
 
+def test_a_model_no_check_ran_on_is_refused_by_simulate_and_sweeps_with_the_checks_one_line_reason(tmp_path,
+                                                                                                   monkeypatch):
+    """A model given by import path, never `raytwin models check`ed, raised JAX's multi-screen traceback from inside
+    the stability check of `simulate` and of a sweep spec (TracerBoolConversionError), and an int cast passed."""
+    from sweeps.spec import SweepSpec
+
+    with pytest.raises(ModelCheckError, match=r"^model decay: derivative \(under jax.jit\): raised "
+                                              r"TracerBoolConversionError"):
+        simulate(_model(derivative=_branchy), [1.0], np.zeros((3, 1)), [1.0], 0.1)
+    (tmp_path / "cast_models.py").write_text(textwrap.dedent("""
+        import jax.numpy as jnp
+        from raytwin.models import Model, Output, Param, State
+        CAST = Model(name="cast", version="1.0.0", states=(State("x", "m", "", -10.0, 10.0, nominal=1.0),),
+                     inputs=(), params=(Param("k", "1/s", 1.0, 0.5, 2.0),), outputs=(Output("y", "m"),),
+                     coefficients=lambda p: p, derivative=lambda x, u, c: ((-c[0] * x[0]).astype(jnp.int32),),
+                     output=lambda x, u, c: (x[0],), default_dt=0.1)
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError, match=r"model cast: derivative: x is int32: return floating-point values"):
+        SweepSpec(model="cast_models:CAST", start_state={"x": 1.0}, horizon_s=1.0, step_s=0.1,
+                  space={"method": "random", "n": 2, "dimensions": [{"name": "k", "target": "param", "low": 0.5,
+                                                                     "high": 2.0}]})
+
+
 def test_a_model_unstable_somewhere_in_its_box_passes_with_a_warning_and_registration_refuses_those_values(tmp_path):
     report = check_model(THERMAL_RC)
     assert report.dt_max == pytest.approx(8656, rel=1e-3)  # the documented ~8.7e3 s

@@ -262,6 +262,7 @@ def check_step(
                                   "series; the whole run would be NaN")
         if len(table):
             input_lows, input_highs = tuple(table.min(axis=0).tolist()), tuple(table.max(axis=0).tolist())
+    check_functions(model)
     if model.solver is not None:  # an adaptive solver chooses its own steps
         return BoxLimit(math.inf, tuple(model.param_vector()), 0)
     lows = tuple(float(a.min()) for a in arrays)
@@ -512,12 +513,10 @@ def _check(model: Model, dt: float) -> ModelReport:
         if not (math.isfinite(q.lower) and math.isfinite(q.upper)):
             raise ModelCheckError(model.name, f"params.{q.name}", f"bounds [{q.lower}, {q.upper}] must be finite: "
                                   "the checks probe the corners of the parameter box")
+    check_functions(model)
     x, u = nominal_point(model)
     p = np.asarray(model.param_vector(), dtype=np.float64)
     with float64():
-        _shapes(model, x, u, p, ())
-        _traceable(model, x, u, p)
-        _shapes(model, x, u, p, (3,))
         corners = box_corners([q.lower for q in model.params], [q.upper for q in model.params])
         rows = np.concatenate([p[None, :], corners])
         limits = stability_limits(model, rows) if model.solver is None else np.full(len(rows), np.inf)
@@ -549,10 +548,24 @@ def _check(model: Model, dt: float) -> ModelReport:
                        dict(zip(model.param_names, corners[k].tolist())), len(corners), tuple(notes), adaptive)
 
 
+@lru_cache(maxsize=256)
+def check_functions(model: Model) -> None:
+    """Each function of `model` returns one floating-point array per variable, in the batch's shape, and traces
+    under jit, vmap and jacfwd (`ModelCheckError` otherwise): what `check_step` needs before it differentiates
+    them. A model that reached a sweep by import path without `raytwin models check` raised JAX's traceback from
+    inside the stability check. Once per model and process."""
+    x, u = nominal_point(model)
+    p = np.asarray(model.param_vector(), dtype=np.float64)
+    with float64():
+        _shapes(model, x, u, p, ())
+        _traceable(model, x, u, p)
+        _shapes(model, x, u, p, (3,))
+
+
 def clear_caches() -> None:
     """Forget every model's checks, limits and compiled Jacobians: the next check starts cold
     (what the ``model-checks`` benchmark times)."""
-    for cached in (_check, _jacobians, box_limit):
+    for cached in (_check, check_functions, _jacobians, box_limit):
         cached.cache_clear()
 
 
