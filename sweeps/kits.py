@@ -106,6 +106,12 @@ class ExampleSweep(Contract):
     dimensions: Annotated[list[Dimension], Field(min_length=1)]
 
 
+SCENARIO_COLUMNS = ("scenario", "diverged")
+"""Columns of a sweep's output beside its metrics (`sweeps.runner`, `sweeps.engine.DIVERGED`). A metric of either
+name replaced the column (a metric `scenario` the scenario indices), and a dotted name is a dimension's column
+(`param.C_in`) that `quantiles` leaves out of the metrics."""
+
+
 @dataclass(frozen=True, eq=False)
 class Kit:
     """A model's sweep inputs and metrics as data (see the module docstring).
@@ -148,6 +154,9 @@ class Kit:
         names = [m.name for m in self.metrics]
         if len(set(names)) != len(names):
             raise ValueError(f"{name}: duplicate metric names {names}")
+        if clashing := [n for n in names if n in SCENARIO_COLUMNS or "." in n]:
+            raise ValueError(f"{name}: metric name(s) {clashing} would clash with the output's columns "
+                             f"{list(SCENARIO_COLUMNS)} and a dimension's (param.NAME, ...): rename them")
         for m in self.metrics:
             if isinstance(m, Metric):
                 unknown = [v for v in m.variables if v not in known]

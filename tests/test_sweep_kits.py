@@ -135,6 +135,10 @@ def test_the_data_thermal_kit_computes_what_the_handwritten_one_did():
     (dict(excitation={"T_out": Constant(value="p"), "Q_h": Constant(value=0.0), "Q_sol": Constant(value=0.0)},
           parameters={"p": KitParameter(default=1.0)}), "excitation signals are open loop"),
     (dict(start_state={"T_in": 290.0}), r"start_state must give exactly \['T_in', 'T_m'\]"),
+    # a metric "scenario" replaced the output's scenario indices, "diverged" was lost under the flag, and quantiles
+    # left a dotted name out as a dimension's column
+    *[(dict(metrics=(Metric(name=n, kind="max", of="T_in"),)), rf"metric name\(s\) \['{n}'\] would clash with the "
+       r"output's columns \['scenario', 'diverged'\] and a dimension's") for n in ("scenario", "diverged", "T_in.max")],
 ])
 def test_kits_refuse_bad_declarations_naming_the_model_and_field(change, message):
     base = dict(model=THERMAL_RC, inputs={"T_out": Constant(value=280.0), "Q_h": Constant(value=0.0),
