@@ -10,12 +10,14 @@ the steps taken.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
+from raytwin import units
 from raytwin.fields import Contract, Finite
 from raytwin.signals import Params, Value
 
@@ -60,6 +62,27 @@ class Metric(Contract):
     def references(self) -> set[str]:
         """Parameter names this metric uses."""
         return {v for v in (self.threshold, self.low, self.high) if isinstance(v, str)}
+
+    def unit_problem(self, variable_unit: str) -> str | None:
+        """Why `unit` does not label the value (that of a variable in `variable_unit`, over time for an integral,
+        seconds for a duration, times `scale`), or None: an integral of W labelled kWh without
+        ``scale=1/3.6e6`` reported joules as kWh. Units RayTwin cannot read are not judged."""
+        value_unit = "s" if self.kind.startswith("time_") else (
+            (f"{variable_unit}*s" if variable_unit.isalnum() else f"({variable_unit})*s") if self.kind == "integral"
+            else variable_unit)
+        if not (self.unit and units.is_unit(self.unit) and units.is_unit(value_unit)):
+            return None
+        try:
+            offset, factor = (units.to_unit(v, value_unit, self.unit) for v in (0.0, 1.0))
+        except units.UnitError as exc:
+            return f"metric {self.name}: unit {self.unit!r} does not label its value: {exc}"
+        if offset != 0.0:
+            return (f"metric {self.name}: its value is in {value_unit}; {self.unit} is offset from it, which scale "
+                    f"cannot give: label it {value_unit}")
+        if math.isclose(factor, self.scale, rel_tol=1e-9):
+            return None
+        return (f"metric {self.name}: its value is in {value_unit} times scale {self.scale:g}, not {self.unit}: "
+                f"give scale={factor:.10g} for {self.unit}, or the unit of the scaled value")
 
 
 @dataclass(frozen=True)

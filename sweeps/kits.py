@@ -142,7 +142,8 @@ class Kit:
         object.__setattr__(self, "parameters", parameters)
         if set(inputs) != set(self.model.input_names):
             raise ValueError(f"{name}: inputs must give exactly {list(self.model.input_names)}, got {sorted(inputs)}")
-        known = set(self.model.state_names) | set(self.model.input_names) | set(self.model.output_names)
+        declared = {v.name: v for v in (*self.model.states, *self.model.inputs, *self.model.outputs)}
+        known = set(declared)
         used: set[str] = set()
         for var in self.model.inputs:
             sig = inputs[var.name]
@@ -162,6 +163,8 @@ class Kit:
                 unknown = [v for v in m.variables if v not in known]
                 if unknown:
                     raise ValueError(f"{name}: metric {m.name}: unknown variable(s) {unknown}; known: {sorted(known)}")
+                if problem := m.unit_problem(declared[m.variables[0]].unit):
+                    raise ValueError(f"{name}: {problem}")
                 used |= m.references()
         missing = used - set(self.parameters)
         if missing:

@@ -139,6 +139,13 @@ def test_the_data_thermal_kit_computes_what_the_handwritten_one_did():
     # left a dotted name out as a dimension's column
     *[(dict(metrics=(Metric(name=n, kind="max", of="T_in"),)), rf"metric name\(s\) \['{n}'\] would clash with the "
        r"output's columns \['scenario', 'diverged'\] and a dimension's") for n in ("scenario", "diverged", "T_in.max")],
+    # a unit that does not label the scaled value: joules reported as kWh, kelvin as degC
+    (dict(metrics=(Metric(name="energy_kwh", kind="integral", of="Q_h", unit="kWh"),)),
+     r"metric energy_kwh: its value is in W\*s times scale 1, not kWh: give scale=2.777777778e-07 for kWh"),
+    (dict(metrics=(Metric(name="cold_h", kind="time_below", of="T_in", threshold=292.0, unit="h"),)),
+     r"metric cold_h: its value is in s times scale 1, not h: give scale=0.0002777777778 for h"),
+    (dict(metrics=(Metric(name="T_in_min", kind="min", of="T_in", unit="degC"),)),
+     "metric T_in_min: its value is in K; degC is offset from it, which scale cannot give: label it K"),
 ])
 def test_kits_refuse_bad_declarations_naming_the_model_and_field(change, message):
     base = dict(model=THERMAL_RC, inputs={"T_out": Constant(value=280.0), "Q_h": Constant(value=0.0),
