@@ -73,8 +73,8 @@ def check(
     ref: str = typer.Argument(..., help="A declared model name or an import path package.module:MODEL."),
     dt: float = typer.Option(None, help="The step to check [s] (default: the model's default_dt)."),
 ) -> None:
-    """Run the checks registration runs (names, shapes, units, finiteness at the parameter corners,
-    jit/vmap/jacfwd, RK4 stability); exit 1 with a one-line reason when one fails."""
+    """Run the checks registration runs (names, shapes, floating-point types, units, finiteness at the parameter
+    corners, jit/vmap/jacfwd, RK4 stability); exit 1 with a one-line reason when one fails."""
     from raytwin.sim.checks import check_model
     from raytwin.sim.model import ModelCheckError
 
