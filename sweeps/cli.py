@@ -257,8 +257,6 @@ def calibrate_run(
 
     _setup_logging()
     parsed = _load(spec, CalibrationSpec, FmuCalibrationSpec)
-    if "://" not in parsed.telemetry and not Path(parsed.telemetry).is_absolute():  # the record reruns anywhere
-        parsed = parsed.model_copy(update={"telemetry": str(Path(parsed.telemetry).resolve())})
     if isinstance(parsed, FmuCalibrationSpec):
         with _sigterm_recorded():
             record = _recorded(lambda: _unless_refused(lambda: recorded_fmu_calibration(parsed, runs=runs)),

@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import PurePath
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import Field
 from ray.exceptions import TaskCancelledError
@@ -38,6 +38,7 @@ log = logging.getLogger("raytwin.runs")
 DEFAULT_RUNS_ROOT = "./runs"
 
 Kind = Literal["sweep", "calibration", "recommendation"]
+S = TypeVar("S", CalibrationSpec, FmuCalibrationSpec)
 CANCELLATIONS = (SweepCancelled, KeyboardInterrupt, TaskCancelledError, RunTerminated)
 """What ends a run as `cancelled` rather than `failed`: Ctrl-C, SIGTERM (`raytwin job stop`), a cancelled task."""
 
@@ -196,6 +197,7 @@ def recorded_fmu_calibration(
     user: str | None = None, rerun_of: str | None = None, expected_input_hash: str | None = None,
 ) -> RunRecord:
     """Calibrate a registered FMU (`sweeps.fmu`) into a new run directory and record it (with the telemetry's hash)."""
+    spec = _absolute_telemetry(spec)
     store = RunStore(runs, storage_options)
     input_hash = _input_hash(spec.telemetry, storage_options, expected_input_hash, store)
     return _recorded(store, "calibration", spec,
@@ -232,6 +234,12 @@ def _refuse_transient_telemetry(telemetry: str, store: RunStore) -> None:
         "file system the cluster shares) or an s3:// URL")
 
 
+def _absolute_telemetry(spec: S) -> S:
+    """`spec` with a local telemetry path made absolute: a record of a relative path named whichever file of that
+    name lay in the working directory of `raytwin rerun`, so the run reran only from where it ran."""
+    return spec if "://" in spec.telemetry else spec.model_copy(update={"telemetry": absolute_url(spec.telemetry)})
+
+
 def _input_hash(telemetry: str, storage_options: dict | None, expected: str | None, store: RunStore) -> str:
     """The telemetry's SHA-256 (telemetry a rerun can read again: `_refuse_transient_telemetry`); a rerun refuses
     telemetry that changed since the recorded run."""
@@ -248,6 +256,7 @@ def recorded_calibration(
     user: str | None = None, rerun_of: str | None = None, expected_input_hash: str | None = None,
 ) -> RunRecord:
     """Calibrate into a new run directory and record it (with the telemetry's hash)."""
+    spec = _absolute_telemetry(spec)
     store = RunStore(runs, storage_options)
     input_hash = _input_hash(spec.telemetry, storage_options, expected_input_hash, store)
 

@@ -230,6 +230,26 @@ def test_an_interrupted_runs_tasks_are_cancelled_after_its_record_is_saved(tmp_p
     assert record.error == "sweep cancelled by SIGTERM after 0/1 scenarios"
 
 
+def test_a_calibration_run_from_python_records_its_telemetry_by_absolute_path(tmp_path, monkeypatch):
+    """`recorded_calibration` recorded a relative telemetry path as given (only `raytwin calibrate run` made it
+    absolute): `raytwin rerun` elsewhere read that directory's file of that name, or none."""
+    from sweeps.calibration import CalibrationError, CalibrationSpec
+    from sweeps.runs import recorded_calibration
+    from sweeps.synthetic import synthetic_telemetry
+
+    work = tmp_path / "work"
+    work.mkdir()
+    table = synthetic_telemetry("two_tank", {}, {"h1": 0.3, "h2": 0.3}, 20, 1.0, {"h1": 1e-3})
+    pq.write_table(table, work / "t.parquet")
+    monkeypatch.chdir(work)
+    spec = CalibrationSpec(model="two_tank", telemetry="t.parquet", start_state={"h1": 0.3, "h2": 0.3}, free=["nope"])
+    runs = str(tmp_path / "runs")
+    with pytest.raises(CalibrationError, match="free parameters"):  # refused before any fit, and recorded
+        recorded_calibration(spec, runs=runs)
+    record, = RunStore(runs).list()
+    assert record.input_data_url == record.spec["telemetry"] == str(work / "t.parquet")
+
+
 def test_telemetry_in_a_ray_jobs_working_dir_is_refused_when_the_record_outlives_it(tmp_path, monkeypatch):
     """A job's relative `telemetry:` resolved into its runtime-env working dir, which `cluster down` deletes: the
     record named that path, and `raytwin rerun` could never run it again."""
