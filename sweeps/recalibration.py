@@ -44,6 +44,13 @@ WARNINGS = "calibration_warnings"
 that finds the candidate registered submits it with them too."""
 
 
+MIN_WINDOW_SAMPLES = 10
+"""Usable events a recalibration window needs (`window_table`)."""
+MAX_GAP_STEPS = 10
+"""A window's gap of more than this many median steps ends the data the fit reads: only the samples after the last
+such gap are fitted (`window_table`), not a straight line drawn across hours without telemetry."""
+
+
 TRIAL_CPUS = 0.01
 """CPUs a recalibration's Tune trial reserves: next to none, as the task running the search holds the CPU
 the trials compute on (one at a time). Tune's placement groups outlive a task whose worker was killed
@@ -99,8 +106,9 @@ def window_table(store: StateStore, tenant: str, asset_id: str, names: list[str]
     window's first sample, one column per name (the model's inputs and outputs, SI). The names in `held`
     (the inputs, with the value each holds until first measured) are zero-order held as the filter holds
     them: the last value measured, before the first one the first one, never measured the `held` value; an
-    event without every other name, or flagged bad, is skipped. An irregular series is interpolated onto its
-    median step (calibration needs uniform samples); at most the newest `max_samples` samples are kept.
+    event without every other name, or flagged bad, is skipped. Only the samples after the last gap of more than
+    `MAX_GAP_STEPS` median steps are kept; within them an irregular series is interpolated onto its median step
+    (calibration needs uniform samples); at most the newest `max_samples` samples are kept.
     Returns the table and the event time of its first sample (where the fit's start state belongs)."""
     held = held or {}
     until_us = to_micros(until)
@@ -113,19 +121,20 @@ def window_table(store: StateStore, tenant: str, asset_id: str, names: list[str]
             raw[:, j] = _zero_order_hold(raw[:, j], held[name])
     usable = np.isfinite(raw).all(axis=1)
     rows = [(e.time_s, list(v)) for e, v, ok in zip(events, raw, usable) if ok]
-    if len(rows) < 10:
+    if len(rows) < MIN_WINDOW_SAMPLES:
         needed = [n for n in names if n not in held]
         unmeasured = [n for j, n in enumerate(names) if n not in held and not np.isfinite(raw[:, j]).any()]
         raise RecalibrationError(
             f"twin {asset_id!r}: the {window_s:g} s window before {until.isoformat()} holds {len(rows)} usable "
             f"events of {len(events)} (each needs {needed} measured"
             + (f"; never measured in it: {unmeasured}" if unmeasured else "")
-            + "); at least 10 are needed: send those measurements with the telemetry"
+            + f"); at least {MIN_WINDOW_SAMPLES} are needed: send those measurements with the telemetry"
             + ("" if unmeasured else ", or widen the policy's window_s"))
     t = np.array([r[0] for r in rows])
     values = np.array([r[1] for r in rows])
+    step = float(np.median(np.diff(t)))
+    t, values = _after_last_gap(asset_id, t, values, step)
     steps = np.diff(t)
-    step = float(np.median(steps))
     if not np.allclose(steps, step, rtol=1e-9, atol=0):
         grid = np.arange(t[0], t[-1] + step / 2, step)
         values = np.column_stack([np.interp(grid, t, values[:, j]) for j in range(len(names))])
@@ -133,6 +142,24 @@ def window_table(store: StateStore, tenant: str, asset_id: str, names: list[str]
     t, values = t[-max_samples:], values[-max_samples:]
     table = pa.table({"t_s": t - t[0], **{n: values[:, j] for j, n in enumerate(names)}})
     return table, from_micros(round(t[0] * 1e6))
+
+
+def _after_last_gap(asset_id: str, t: np.ndarray, values: np.ndarray, step: float) -> tuple[np.ndarray, np.ndarray]:
+    """The samples after the window's last gap of more than `MAX_GAP_STEPS` median steps (a connector down for
+    hours): interpolated over, its hours of straight lines were fitted as measurements. A few missing or bad
+    events stay interpolated."""
+    gaps = np.flatnonzero(np.diff(t) > MAX_GAP_STEPS * step)
+    if not gaps.size:
+        return t, values
+    first = int(gaps[-1]) + 1
+    if t.size - first < MIN_WINDOW_SAMPLES:
+        raise RecalibrationError(
+            f"twin {asset_id!r}: the window's newest {t.size - first} events follow a gap of "
+            f"{t[first] - t[first - 1]:g} s without telemetry (over {MAX_GAP_STEPS} steps of {step:g} s); at least "
+            f"{MIN_WINDOW_SAMPLES} are needed after it: recalibrate once more telemetry has arrived (a longer "
+            "settle_s in the policy ends the window later)")
+    log.info("event=recalibration_window_gap asset=%s gap_s=%g dropped=%d", asset_id, t[first] - t[first - 1], first)
+    return t[first:], values[first:]
 
 
 def held_inputs(artifact: ModelArtifact) -> dict[str, float]:

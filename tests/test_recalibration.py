@@ -371,6 +371,28 @@ def test_the_window_a_calibration_fits_keeps_the_policys_window_and_sample_budge
     assert wide.num_rows == 100 and start == times[0] and np.isfinite(wide.column("T_in").to_numpy()).all()
 
 
+def test_the_window_fits_the_samples_after_an_outage_not_a_line_drawn_across_it(tmp_path):
+    """A connector down for 5 h of a day's window was interpolated over: 60 straight-line samples of T_in and Q_h
+    fitted as measurements."""
+    import pyarrow as pa
+
+    from raytwin.statestore import LOG_BATCH_SCHEMA, StateStore
+    from sweeps.recalibration import RecalibrationError, window_table
+
+    store, names, step = StateStore(str(tmp_path)), ["T_out", "Q_h", "Q_sol", "T_in"], 300.0
+    ks = [*range(0, 40), *range(100, 130)]  # nothing from step 40 to 99
+    times = {k: T0 + timedelta(seconds=step * k) for k in ks}
+    rows = [{"asset_id": "z1", "event_time": times[k], "sequence": k, "idempotency_key": f"k{k}", "quality": "good",
+             "ingest_time": times[k], "values": [(n, float(k)) for n in names]} for k in ks]
+    store.append_log("acme", pa.Table.from_pylist(rows, schema=LOG_BATCH_SCHEMA))
+    table, first = window_table(store, "acme", "z1", names, times[129], 1e6, 1000)
+    assert first == times[100] and table.num_rows == 30
+    assert table.column("T_in").to_pylist() == [float(k) for k in range(100, 130)]
+    with pytest.raises(RecalibrationError, match=r"^twin 'z1': the window's newest 5 events follow a gap of 18300 s "
+                                                 r"without telemetry \(over 10 steps of 300 s\); at least 10"):
+        window_table(store, "acme", "z1", names, times[104], 1e6, 1000)
+
+
 def test_the_window_holds_inputs_as_the_filter_does(tmp_path):
     """Inputs measured now and then (or never: a site without a solar sensor) are zero-order held as the twin's
     filter holds them; an output never measured is named in the error."""
