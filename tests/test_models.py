@@ -106,6 +106,10 @@ def test_a_user_model_is_found_by_entry_point_and_by_import_path(user_package):
 def test_unknown_models_are_one_line_errors_naming_the_field():
     with pytest.raises(UnknownModelError, match=r"^unknown simulator 'pump'; known: \[.*'thermal_rc'"):
         get_model("pump")
+    with pytest.raises(UnknownModelError, match=r"^unknown simulator 'models/pump.fmu'; known: \[.*\] \(an FMU file: "
+                                                r"store it with raytwin.fmu.store_fmu\(path, registry_url\) and give "
+                                                r"the URL it returns"):  # said "or give an import path"
+        get_model("models/pump.fmu")
     for path, reason in (("no_such_pkg.mod:PUMP", r"cannot import no_such_pkg\.mod: No module named 'no_such_pkg'; "
                                                    r"install its package where the model runs: for `raytwin serve`, "
                                                    r"where its Serve replicas and Ray workers run .*PYTHONPATH.*"

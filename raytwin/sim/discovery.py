@@ -165,8 +165,11 @@ def get_model(ref: str) -> Model | FmuModel:
     else:
         paths = declared()
         if ref not in paths:
-            raise UnknownModelError(f"unknown simulator {ref!r}; known: {sorted(paths)} "
-                                    "(or give an import path package.module:MODEL)")
+            fmu = ref.lower().endswith(".fmu")  # a file: it reads as a simulator only once stored, under its hash
+            raise UnknownModelError(f"unknown simulator {ref!r}; known: {sorted(paths)} " + (
+                "(an FMU file: store it with raytwin.fmu.store_fmu(path, registry_url) and give the URL it returns, "
+                ".../fmus/<sha256>.fmu; raytwin/fmu/README.md)" if fmu else
+                "(or give an import path package.module:MODEL)"))
         model = load_model(paths[ref], expected_name=ref)
     _LOADED[ref] = model
     _REFS.setdefault(id(model), ref)
