@@ -82,6 +82,10 @@ def prepare(scenario: Scenario, artifact: ModelArtifact, live_state: dict[str, f
     starts from "live", and `clock` its time, where clock signals start (`raytwin.signals.CLOCK_INPUT`).
     """
     model = artifact.model()
+    if isinstance(model, FmuModel):  # its stability check asked the FMU for a JAX solver: a 500 (AttributeError)
+        raise Unprocessable(f"asset {scenario.asset_id}: its simulator is an FMU, and a what-if scenario integrates a "
+                            "JAX model; sweep it instead (POST /v1/sweeps, one scenario; inputs held constant), "
+                            "which runs the FMU on Ray workers as a job")
     try:
         inputs = scenario.input_series(artifact.asset_type, clock_seconds(clock))
         params = model.param_vector({**artifact.parameters, **scenario.parameter_overrides})

@@ -143,6 +143,18 @@ def test_an_fmu_calibration_refuses_telemetry_without_the_fmus_inputs(reference_
         recorded_fmu_calibration(spec, runs=str(tmp_path / "runs"))
 
 
+def test_a_what_if_scenario_of_an_fmu_asset_is_refused_pointing_at_sweeps(registry):
+    """POST /v1/scenarios of an FMU asset raised AttributeError (the step check asked the FMU for its solver): a 500."""
+    from raytwin.contracts import Scenario
+    from serve_apps.errors import Unprocessable
+    from serve_apps.scenarios import prepare
+
+    scenario = Scenario(asset_id="osc-1", start_state={"x0": 2.0, "x1": 0.0}, horizon_s=0.1, step_s=0.01)
+    with pytest.raises(Unprocessable, match=r"^asset osc-1: its simulator is an FMU, and a what-if scenario "
+                                            r"integrates a JAX model; sweep it instead \(POST /v1/sweeps"):
+        prepare(scenario, registry.get("vdp@1.0.0"), None)
+
+
 def test_the_sweep_command_runs_an_fmu_spec_so_ray_jobs_can(ray_session, registry, tmp_path):
     """`raytwin sweep run` (what `raytwin job submit` runs on a cluster) takes a spec saying `engine: fmu`."""
     from typer.testing import CliRunner
