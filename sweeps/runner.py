@@ -29,6 +29,7 @@ import ray
 from raytwin.cpu_priority import batch_worker, yield_to_live
 from raytwin.metrics import SCENARIO_STEPS, SWEEP_RATE, SWEEP_SCENARIOS
 from raytwin.ray_connect import cancel_tasks
+from raytwin.signals import Series
 from raytwin.sim.cpu import cpu_only, start_single_core_backend
 from raytwin.sim.discovery import simulator_label
 from raytwin.sim.integrate import integration_dtype
@@ -250,6 +251,15 @@ def absolute_url(url: str) -> str:
     return url if "://" in url else os.path.abspath(url)
 
 
+def absolute_series(spec: SweepSpec) -> SweepSpec:
+    """`spec` with its series signals' local Parquet paths made absolute: chunk tasks read them in workers whose
+    working directory need not be the driver's (every chunk failed), and a run record names that file."""
+    signals = {name: sig.model_copy(update={"path": absolute_url(sig.path)})
+               if isinstance(sig, Series) and sig.path is not None and "://" not in sig.path else sig
+               for name, sig in spec.signals.items()}
+    return spec if signals == spec.signals else spec.model_copy(update={"signals": signals})
+
+
 def ensure_ray() -> None:
     """Connect to the cluster of a Ray job (RAY_ADDRESS) or start a local Ray, once."""
     if not ray.is_initialized():
@@ -331,6 +341,7 @@ def run_sweep(
     `progress`: show a progress bar (default: when stderr is a terminal); progress is logged
     every `log_every_s` seconds regardless.
     """
+    spec = absolute_series(spec)
     simulator, bases = prepare(spec)
     out_url = absolute_url(out_url).rstrip("/")
     fs, root = filesystem(out_url, storage_options)

@@ -31,7 +31,7 @@ from raytwin.store_failures import store_io
 from sweeps.aggregate import RUN_OUTPUT, RUN_RECORD
 from sweeps.calibration import CalibrationError, CalibrationSpec, calibrate, read_telemetry
 from sweeps.fmu import FmuCalibrationSpec, FmuSweepSpec, calibrate_fmu_spec, run_fmu_spec
-from sweeps.runner import RunTerminated, SweepCancelled, absolute_url, run_sweep
+from sweeps.runner import RunTerminated, SweepCancelled, absolute_series, absolute_url, run_sweep
 from sweeps.spec import SweepSpec, resolve_model
 
 log = logging.getLogger("raytwin.runs")
@@ -168,6 +168,7 @@ def recorded_sweep(
     user: str | None = None, progress: bool | None = None, rerun_of: str | None = None, run_id: str | None = None,
 ) -> RunRecord:
     """Run a sweep into a new run directory and record it (under `run_id`, default a new id)."""
+    spec = absolute_series(spec)  # the record names the file a rerun from any working directory reads
     store = RunStore(runs, storage_options)
 
     def execute(out_url: str) -> tuple[dict, dict]:

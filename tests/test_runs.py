@@ -16,6 +16,7 @@ from raytwin.provenance import code_version
 from raytwin.registry import ModelRegistry
 from raytwin.sim import TWO_TANK
 from sweeps.cli import calibrate_app, rerun_app, runs_app
+from sweeps.runner import run_sweep
 from sweeps.runs import RunError, RunStore, recorded_sweep, rerun
 from sweeps.space import Dimension, ScenarioSpace
 from sweeps.spec import SweepSpec
@@ -248,6 +249,27 @@ def test_a_calibration_run_from_python_records_its_telemetry_by_absolute_path(tm
         recorded_calibration(spec, runs=runs)
     record, = RunStore(runs).list()
     assert record.input_data_url == record.spec["telemetry"] == str(work / "t.parquet")
+
+
+def test_a_sweeps_series_file_is_recorded_by_absolute_path(ray_session, tmp_path, monkeypatch):
+    """A series signal's relative `path` reached the chunk tasks and the record as given: workers in another working
+    directory (this session's Ray) failed every chunk, and a rerun elsewhere read another file or none."""
+    import numpy as np
+    import pyarrow as pa
+
+    work = tmp_path / "work"
+    work.mkdir()
+    pq.write_table(pa.table({"t_s": [0.0, 600.0], "T_out": [270.0, 280.0]}), work / "weather.parquet")
+    monkeypatch.chdir(work)
+    spec = SweepSpec.model_validate({
+        "model": "thermal_rc", "horizon_s": 600, "step_s": 60,
+        "signals": {"T_out": {"kind": "series", "path": "weather.parquet", "column": "T_out"}},
+        "space": {"method": "random", "n": 2, "dimensions": [{"name": "C_in", "target": "param", "mode": "scale",
+                                                              "low": 0.8, "high": 1.2}]}})
+    record = recorded_sweep(spec, runs=str(tmp_path / "runs"))
+    assert record.spec["signals"]["T_out"]["path"] == str(work / "weather.parquet")
+    assert np.isfinite(pq.read_table(f"{record.output_url}/part-000000.parquet")["T_in_min"].to_numpy()).all()
+    assert run_sweep(spec, str(tmp_path / "unrecorded")).n_scenarios == 2  # its chunk tasks failed too
 
 
 def test_telemetry_in_a_ray_jobs_working_dir_is_refused_when_the_record_outlives_it(tmp_path, monkeypatch):
