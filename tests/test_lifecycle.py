@@ -343,9 +343,13 @@ def test_a_request_verifies_the_whole_chain_once_its_last_whole_verify_is_too_ol
         lc.transition("zone@1.1.0", "production", BOB, "go")
 
 
-def test_the_backend_verifies_every_lifecycle_log_whole_each_audit_round(tmp_path, caplog):
+def test_the_backend_verifies_every_lifecycle_log_whole_each_audit_round(tmp_path, caplog, monkeypatch):
+    from raytwin import metrics
     from serve_apps.backend import Backend
 
+    # the round exports its count: the real gauge would stay at 1 in this process, a Ray driver that later tests'
+    # Prometheus scrapes (tests/test_observability.py's healthy run fired RayTwinLifecycleLogBroken)
+    monkeypatch.setattr(metrics, "LIFECYCLE_LOGS_BROKEN", SimpleNamespace(set=lambda _v: None))
     lc, log = _chain(tmp_path)
     lc.verify("zone")
     (log / "00000001.json").write_bytes(canonical_json(json.loads((log / "00000001.json").read_bytes()) |
