@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -234,6 +235,18 @@ def test_bench_quick_ingest(ray_session, tmp_path):
     gap = figures["probe: time between answers p50 (the resolution of ingest->queryable)"]
     round_trip = figures["probe: state query round trip p50 (waits for the shard's ingest call in progress)"]
     assert 0 < round_trip < gap  # an answer's gap is its round trip plus the poll interval
+
+
+def test_bench_quick_shard_call(tmp_path, monkeypatch):
+    """The shard-call A/B end to end on this tree against itself (a directory as the base: no git needed): the
+    messy sequence's observables are compared (the benchmark raises if they differ) and both calls timed. The
+    second tree loads the kernels the first compiled (`raytwin.executables`): the test's cost is one compile."""
+    monkeypatch.setenv("RAYTWIN_BENCH_SHARD_BASE", str(Path(__file__).resolve().parents[1]))
+    monkeypatch.setenv("RAYTWIN_EXECUTABLES_DIR", str(tmp_path / "kernels"))
+    bench = quick(tmp_path, "shard-call")["benchmarks"]["shard-call"]
+    (run,) = bench["checks"]["runs"]
+    assert run["first"] == "base" and run["seeds"] == 1 and set(run["digests"]) >= {"reports", "log", "recovered"}
+    assert all(f["value"] > 0 and f["baseline_value"] > 0 for f in bench["figures"])
 
 
 def test_bench_quick_live_beside_batch(ray_session, tmp_path):
