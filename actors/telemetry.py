@@ -279,7 +279,9 @@ class Entries(NamedTuple):
         offsets = measurements.offsets.to_numpy().astype(np.int64)
         start, stop = int(offsets[0]), int(offsets[-1])
         items = measurements.items.slice(start, stop - start)
-        value = pc.fill_null(items.field("value"), np.nan).to_numpy(zero_copy_only=False)
+        value = items.field("value")
+        # NaN where missing; without nulls (every validated batch) the values' own buffer, ~60x cheaper than a fill
+        value = (pc.fill_null(value, np.nan) if value.null_count else value).to_numpy(zero_copy_only=False)
         return cls(offsets - start, np.repeat(np.arange(len(measurements)), np.diff(offsets)),
                    measurements.keys.slice(start, stop - start), items, value)
 
@@ -408,4 +410,5 @@ def value_matrix(entries: Entries, normalized: Normalized, rows: np.ndarray, n_c
 
 def si_map(entries: Entries, normalized: Normalized) -> pa.MapArray:
     """Each row's measurements as name -> SI value (the event log's `values` column)."""
-    return pa.MapArray.from_arrays(pa.array(entries.offsets, pa.int32()), entries.names, pa.array(normalized.si))
+    # offsets narrowed by NumPy: an Arrow cast of the int64 array is ~4x this whole call
+    return pa.MapArray.from_arrays(pa.array(entries.offsets.astype(np.int32)), entries.names, pa.array(normalized.si))

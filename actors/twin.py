@@ -243,7 +243,13 @@ class Twin:
         self.events_applied = base.events_applied
         self.checkpoints = [base]
         self.window: list[Pending] = []  # applied events after checkpoints[0], in key order
-        self.seen: dict[EventKey, Pending] = {}  # the window by identity
+
+    def _applied(self, key: EventKey) -> Pending | None:
+        """The window's event with identity `key`, if any: found by bisection in the key-ordered window
+        instead of a dict kept beside it (one insert per applied event and one delete per pruned one)."""
+        window = self.window
+        i = bisect.bisect_left(window, key, key=_key)
+        return window[i] if i < len(window) and window[i].key == key else None
 
     # ------------------------------------------------------------------- classification ----
     @property
@@ -256,11 +262,11 @@ class Twin:
         this batch, with the same content), CONFLICT (the same identity with other content) or
         TOO_LATE (older than the watermark). An idempotency key re-used with another time or
         sequence (a rebooted device) is another event."""
-        seen, wm = self.seen, self.watermark_us
+        wm = self.watermark_us
         taken: dict[EventKey, Pending] = {}
         verdicts: list[str | None] = []
         for ev in events:
-            first = seen.get(ev.key) or taken.get(ev.key)
+            first = self._applied(ev.key) or taken.get(ev.key)
             if first is not None:
                 verdicts.append(DUPLICATE if same_content(first, ev) else CONFLICT)
             elif wm is not None and ev.key[0] < wm:
@@ -271,6 +277,15 @@ class Twin:
                 taken[ev.key] = ev
                 verdicts.append(None)
         return verdicts
+
+    def takes_next(self, key: EventKey) -> bool:
+        """Whether the event `key` applies as this twin's next, on its only model: after its last applied
+        event (so neither applied before nor earlier in its batch, which has one event for it), within the
+        lateness window, after its migration floor. `classify` gives it None then, and `apply_many` runs it
+        without a rewind or a swap: a live batch's usual event, decided without `classify`'s lists."""
+        last, newest, floor = self.last_key, self.max_time_us, self.floor
+        return ((last is None or key > last) and (newest is None or key[0] >= newest - self.lateness_us)
+                and (floor is None or key > floor) and len(self.segments) == 1)
 
     def pending(self, ev: LoggedEvent) -> Pending:
         """A logged event in this twin's filter columns."""
@@ -318,9 +333,6 @@ class Twin:
         self.last_key = last = events[-1].key
         self.events_applied = first + n
         self.window += events
-        seen = self.seen
-        for e in events:
-            seen[e.key] = e
         if self.max_time_us is None or last[0] > self.max_time_us:  # events are in key order: the last is newest
             self.max_time_us = last[0]
         wm = self.max_time_us - self.lateness_us
@@ -333,8 +345,6 @@ class Twin:
         base = self.checkpoints[i]
         keep = [e for e in self.window if base.key is None or e.key > base.key]
         self.window = [e for e in self.window if not (base.key is None or e.key > base.key)]
-        for e in keep:
-            del self.seen[e.key]
         del self.checkpoints[i + 1:]
         self.fs, self.last_key, self.events_applied = base.fs, base.key, base.events_applied
         self._use(self._segment_of(base.key))
@@ -347,8 +357,6 @@ class Twin:
         i = max(j for j in range(1, len(checkpoints)) if checkpoints[j].key[0] < wm)
         base = checkpoints[i]
         cut = bisect.bisect_right(self.window, base.key, key=_key)  # the window is in key order
-        for e in self.window[:cut]:
-            del self.seen[e.key]
         del self.window[:cut]
         del self.checkpoints[:i]
 
@@ -469,16 +477,17 @@ class Refused(NamedTuple):
                 "state before this event")
 
 
-def apply_many(batches: list[tuple[Twin, list[Pending]]]) -> list[Refused]:
+def apply_many(batches: list[tuple[Twin, list[Pending]]], each_next: bool = False) -> list[Refused]:
     """Apply accepted events to many twins at once: their filter runs share kernel dispatches
     (`raytwin.estimation.assimilate_runs`), with the same bits as applying each twin alone. A twin
     whose events cross a model swap boundary runs them in one round per model version. Returns the
     events the filter refused (events of the window a late one re-applies included): they keep their
-    place in the order (and the revision), the state is the one before them."""
+    place in the order (and the revision), the state is the one before them. `each_next`: the caller
+    found each twin's one event `Twin.takes_next` (not checked again)."""
     todo = [(twin, events) for twin, events in batches if events]
     refused: list[Refused] = []
     while todo:
-        if _each_next(todo):
+        if each_next or _each_next(todo):
             twins, runs, rest = [twin for twin, _ in todo], [events for _, events in todo], []
             traces = _assimilate_next([events[0] for events in runs], twins)
         else:
@@ -519,7 +528,7 @@ def replay(twin: Twin, events: list[LoggedEvent]) -> Twin:
 
 
 def replay_many(batches: list[tuple[Twin, list[LoggedEvent]]]) -> None:
-    """`replay` for many twins through shared filter dispatches (same bits as one by one)."""
-    apply_many([(twin, [twin.pending(e) for e in events
-                        if e.key not in twin.seen and (twin.last_key is None or e.key > twin.last_key)])
+    """`replay` for many twins through shared filter dispatches (same bits as one by one); an event after the
+    twin's last applied one is not in its window either."""
+    apply_many([(twin, [twin.pending(e) for e in events if twin.last_key is None or e.key > twin.last_key])
                 for twin, events in batches])

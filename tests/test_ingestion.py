@@ -25,10 +25,12 @@ from actors.ingest import ROWS_BY_CONTRACT_BELOW, Dispatcher, ShardRouter, linge
 from actors.telemetry import (
     VALIDATED_SCHEMA,
     Entries,
+    Normalized,
     bytes_table,
     normalize_entries,
     parse_rows,
     rows_table,
+    si_map,
     table_bytes,
     validate_table,
     validated_table,
@@ -594,6 +596,26 @@ def test_the_column_unit_check_refuses_what_the_contract_refuses():
         except ContractError:
             refused.append(True)
     assert misfit.tolist() == refused == [False, True, False, True, False, True, True, False, True, True]
+
+
+@pytest.mark.parametrize("start", [0, 1])
+def test_entries_read_a_missing_value_as_nan_and_the_si_map_keeps_each_rows_entries(start):
+    """`Entries.of` reads a value column without nulls by its own buffer and one with nulls filled with NaN;
+    `si_map` gives each row (of a batch sliced out of a larger one too) its entries' names and values."""
+    item = pa.struct([("value", pa.float64()), ("unit", pa.string())])
+    rows = [[("x", {"value": 9.0, "unit": "m"})], [("a", {"value": 1.5, "unit": "m"}), ("b", {"value": None, "unit": "m"})],
+            [], [("c", {"value": -2.0, "unit": "s"})]]
+    for nulls in (True, False):
+        given = rows if nulls else [[(n, {**v, "value": 0.5 if v["value"] is None else v["value"]}) for n, v in r]
+                                    for r in rows]
+        entries = Entries.of(pa.array(given, pa.map_(pa.string(), item)).slice(start))
+        want = [v["value"] for r in given[start:] for _, v in r]
+        assert entries.value.tolist() == pytest.approx([math.nan if v is None else v for v in want], nan_ok=True)
+        mapped = si_map(entries, Normalized(entries.value * 2, np.zeros(len(want), dtype=np.int64),
+                                            np.zeros(len(given) - start, dtype=bool)))
+        assert [[k for k, _ in r] for r in mapped.to_pylist()] == [[k for k, _ in r] for r in given[start:]]
+        assert mapped.offsets.to_pylist() == np.cumsum([0, *map(len, given[start:])]).tolist()
+        assert np.array_equal(mapped.items.to_numpy(zero_copy_only=False), entries.value * 2, equal_nan=True)
 
 
 def test_far_future_times_and_implausible_values_are_dead_lettered_by_a_live_service(service):

@@ -22,13 +22,14 @@ from datetime import UTC, datetime, timedelta
 
 import jax
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
 from actors import TwinService, TwinState, UnknownTwin
 from actors.progress import Busy, CallClock, probe_call, timed_calls
 from actors.recovery import registration_record
-from actors.shard import TwinShard, TwinShardProcess
+from actors.shard import TwinShard, TwinShardProcess, asset_codes
 from actors.telemetry import validated_table
 from actors.twin import CONFLICT, DUPLICATE, TOO_LATE, Twin, _assimilate_next, apply_many, logged_event, replay
 from raytwin import statestore
@@ -308,8 +309,78 @@ def test_twins_taking_one_event_each_get_the_bits_of_the_general_path(artifact, 
             assert x.tobytes() == y.tobytes()
         assert [(c.key, c.events_applied, c.fs.x.tobytes(), c.fs.P.tobytes()) for c in a.checkpoints] == [
             (c.key, c.events_applied, c.fs.x.tobytes(), c.fs.P.tobytes()) for c in b.checkpoints]
-        assert [e.key for e in a.window] == [e.key for e in b.window] and a.seen.keys() == b.seen.keys()
+        assert [e.key for e in a.window] == [e.key for e in b.window]
         assert (a.last_key, a.max_time_us, a.drift) == (b.last_key, b.max_time_us, b.drift)
+
+
+def test_takes_next_is_an_event_classify_accepts_and_apply_runs_without_a_rewind_or_a_swap(artifact):
+    """`Twin.takes_next` (the shard's live path decides an event with it instead of `classify`) is exactly:
+    `classify` accepts the event alone and `apply_many` would run it as the twin's next (`_each_next`), for
+    a fresh twin, re-deliveries, late events inside and beyond the window, ties on time and sequence, a
+    twin whose later events run another model and a migration floor."""
+    import actors.twin as twin_module
+
+    fresh = Twin("acme", "z0", artifact, allowed_lateness_s=5 * STEP_S)
+    fed = Twin("acme", "z1", artifact, allowed_lateness_s=5 * STEP_S, checkpoint_every=3)
+    feed(fed, events("z1", 12))
+    swapped = Twin("acme", "z2", artifact, allowed_lateness_s=5 * STEP_S)
+    feed(swapped, events("z2", 4))
+    swapped.add_swap(to_micros(T0 + timedelta(seconds=STEP_S * 20)), artifact)
+    floored = Twin("acme", "z3", artifact, allowed_lateness_s=5 * STEP_S)
+    floored.floor = (to_micros(T0 + timedelta(seconds=STEP_S * 30)), 0, "")
+    last_us, seq, key = fed.last_key
+    values = fed.window[-1].values
+    keys = [fed.last_key, fed.window[-3].key, (last_us - 2 * 60_000_000, 99, "new"),
+            (last_us - 9 * 60_000_000, 0, "old"), (last_us, seq, key + "x"), (last_us, seq + 1, ""),
+            (last_us + 1, 0, key), (to_micros(T0 + timedelta(seconds=STEP_S * 40)), 0, "far")]
+    decided = []
+    for twin in (fresh, fed, swapped, floored):
+        for k in keys:
+            ev = twin_module.Pending(k, values, "good")
+            expected = twin.classify([ev]) == [None] and twin_module._each_next([(twin, [ev])])
+            assert twin.takes_next(k) == expected, (twin.asset_id, k)
+            decided.append(expected)
+    assert any(decided) and not all(decided)
+
+
+def test_asset_codes_are_what_arrows_dictionary_encoding_gives():
+    """The shard's asset ids and row codes (a Python dict) equal Arrow's `dictionary_encode`'s, chunks included."""
+    column = pa.chunked_array([["b", "a", "b"], ["c", "a", "d"]])
+    encoded = column.combine_chunks().dictionary_encode()
+    assets, code = asset_codes(column)
+    assert assets == encoded.dictionary.to_pylist() == ["b", "a", "c", "d"]
+    assert code.dtype == encoded.indices.to_numpy().dtype and code.tolist() == encoded.indices.to_pylist()
+
+
+def test_a_shard_deciding_live_rows_without_classify_gives_what_classify_gives(tmp_path, monkeypatch):
+    """A batch with one row a twin (a live call's shape) is admitted with `Twin.takes_next` where it applies
+    next: the same reports, change records, states, drift flags, log and dead letters as deciding every
+    row with `classify`, over batches with re-deliveries, conflicts, late, very late and misfit rows."""
+    from benchmarks.shard_call import TENANT, messy_rows, raw_table
+    from actors.telemetry import validate_table
+
+    rng, sent = random.Random(3), []
+    batches = [validate_table(raw_table(messy_rows(rng, 6, step, sent)))[0] for step in range(60)]
+    taken = []
+
+    def run(store: str) -> tuple:
+        shard = TwinShard(store, 0, 1, allowed_lateness_s=600.0, snapshot_every=5, checkpoint_every=3)
+        art = ModelRegistry(f"{store}/registry").register("zone", "1.0.0", AssetType.from_model(THERMAL_RC))
+        assets = [f"zone-{i:05d}" for i in range(6)]
+        shard.register_many([(TENANT, a, registration_record(
+            Asset(id=a, tenant=TENANT, type_name="thermal_rc", type_version="1.0.0"), art, None, None))
+            for a in assets])
+        reports = [(shard.ingest(TENANT, b, states=True), sorted(shard.drifting)) for b in batches]
+        letters = shard.store.read_dead_letters(TENANT).drop_columns("dead_lettered_at").to_pylist()
+        return (reports, [shard.state(TENANT, a) for a in assets], sorted(map(repr, letters)),
+                [shard.store.read_events(TENANT, a) for a in assets])
+
+    real = Twin.takes_next
+    monkeypatch.setattr(Twin, "takes_next", lambda twin, key: taken.append(real(twin, key)) or taken[-1])
+    live = run(str(tmp_path / "live"))
+    monkeypatch.setattr(Twin, "takes_next", lambda twin, key: False)
+    assert live == run(str(tmp_path / "classified"))
+    assert taken.count(True) > 50 and taken.count(False) > 5
 
 
 class _AfterMidnight(datetime):
