@@ -255,6 +255,9 @@ def revoke_key(path: str | Path, key_id: str) -> KeyRecord:
     entries = load_keys(path)
     live = [r for r in entries if r.key_id == key_id and isinstance(r, KeyRecord)]
     if not live:
+        gone = next((r for r in entries if r.key_id == key_id), None)
+        if isinstance(gone, RevokedKey):  # the id is listed: "no key" would contradict `raytwin keys list`
+            raise KeyError(f"key {key_id} was revoked already, at {gone.revoked.isoformat()}; nothing was changed")
         raise KeyError(f"no key {key_id!r} in {path}; `raytwin keys list` shows the key ids (revoked ones marked)")
     revoked = RevokedKey(**live[0].model_dump(exclude={"sha256"}), revoked=datetime.now(UTC))
     _write_keys(Path(path), [revoked if r is live[0] else r for r in entries])
