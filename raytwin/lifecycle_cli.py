@@ -105,9 +105,22 @@ def _known(registry: str, model: str) -> ModelLifecycle:
     lc = _lifecycle(registry)
     if not store_io("read")(lc.exists)(model):
         typer.echo(f"error: no model {model} in registry {registry}: check the model's name and --registry "
-                   "(RAYTWIN_REGISTRY_URL)", err=True)
+                   f"(RAYTWIN_REGISTRY_URL){_tenant_registries_hint(registry, model)}", err=True)
         raise typer.Exit(1)
     return lc
+
+
+def _tenant_registries_hint(registry: str, model: str) -> str:
+    """Where `registry` is a served store's `registry/` folder, which holds one registry per tenant, the tenants'
+    registries that know `model` (the runbook's store path one folder short is the likely slip); else ""."""
+    from raytwin.storage import filesystem
+
+    fs, root = filesystem(registry)
+    tenants = sorted(path.rstrip("/").split("/")[-3] for path in fs.glob(f"{root.rstrip('/')}/*/models/{model}"))
+    if not tenants:
+        return ""
+    return (f"; a served store keeps one registry per tenant, {registry.rstrip('/')}/TENANT: "
+            + ", ".join(f"--registry {registry.rstrip('/')}/{tenant}" for tenant in tenants))
 
 
 def _served_store(registry: str) -> tuple[str, str] | None:

@@ -835,3 +835,12 @@ def test_the_cli_names_a_model_or_registry_it_does_not_know_instead_of_answering
             assert out.exit_code == 1 and f"error: no model {model} in registry {registry}" in out.output, out.output
     assert CliRunner().invoke(app, ["registry", "verify", "zone", "--registry", str(tmp_path / "registry")]
                               ).output.startswith("ok: 0 records")  # registered, no transition yet
+
+
+def test_the_cli_names_the_tenants_registry_when_given_a_served_stores_registry_folder(tmp_path):
+    """The runbook's `raytwin registry verify MODEL --registry STORE/registry` (one folder short: a served store keeps
+    one registry per tenant, `STORE/registry/TENANT`) said only "no model": the error names the tenants' registries
+    that hold the model."""
+    _lifecycle(str(tmp_path / "registry" / "acme"), 1)
+    out = CliRunner().invoke(app, ["registry", "verify", "zone", "--registry", str(tmp_path / "registry")])
+    assert out.exit_code == 1 and f"--registry {tmp_path / 'registry' / 'acme'}" in out.output, out.output
