@@ -49,7 +49,7 @@ class Status:
     connectors: dict[str, bool] = field(default_factory=dict)  # "tenant/name" -> connected and receiving
     connector_down_s: dict[str, float] = field(default_factory=dict)  # seconds declared running, not connected
     not_started: dict[str, str] = field(default_factory=dict)  # "tenant/name" -> why the backend does not run it
-    alerts: list[str] | None = None  # firing; None: no Prometheus given
+    alerts: list[str] | str | None = None  # firing; a str: why Prometheus gave none; None: no Prometheus given
 
 
 def scrape_nodes(timeout_s: float = 5.0) -> Samples:
@@ -163,9 +163,20 @@ def collect(samples: Samples, prometheus: str | None = None, now: float | None =
         not_started=_not_started(samples),
     )
     if prometheus is not None:
-        alerts = httpx.get(f"{prometheus.rstrip('/')}/api/v1/alerts", timeout=10).raise_for_status().json()
-        status.alerts = sorted({a["labels"]["alertname"] for a in alerts["data"]["alerts"] if a["state"] == "firing"})
+        status.alerts = firing_alerts(prometheus)
     return status
+
+
+def firing_alerts(prometheus: str) -> list[str] | str:
+    """The names of the alerts firing in `prometheus`, or why it gave none: a Prometheus that is down or mistyped
+    must not take the rest of the screen with it (a traceback instead of the shards' state, mid-incident)."""
+    url = f"{prometheus.rstrip('/')}/api/v1/alerts"
+    try:
+        alerts = httpx.get(url, timeout=10).raise_for_status().json()["data"]["alerts"]
+        return sorted({a["labels"]["alertname"] for a in alerts if a["state"] == "firing"})
+    except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+        return (f"UNKNOWN: no alerts from {url} ({type(exc).__name__}: {exc}); check --prometheus, Prometheus's own "
+                "address, e.g. http://HOST:9090")
 
 
 def _counts(values: dict[str, int]) -> str:
@@ -235,7 +246,7 @@ def _connectors(s: Status) -> str:
 def render(s: Status) -> str:
     lag = "no events applied" if s.lag_p95_s is None else f"p95 {s.lag_p95_s * 1000:.0f} ms (ingest -> applied)"
     age = "" if s.oldest_job_age_s is None else f"; oldest queued {s.oldest_job_age_s:.0f} s"
-    alerts = ("unknown (pass --prometheus URL)" if s.alerts is None
+    alerts = ("unknown (pass --prometheus URL)" if s.alerts is None else s.alerts if isinstance(s.alerts, str)
               else ", ".join(s.alerts) if s.alerts else "none firing")
     return "\n".join([
         f"cluster       {s.nodes} node(s), {s.cpus_free:g} of {s.cpus:g} CPUs free",

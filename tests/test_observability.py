@@ -429,6 +429,17 @@ def test_status_says_whether_the_store_takes_writes_and_why_not(ray_session):
     assert _screen(store_unavailable=[])["store"].startswith("unknown while no twin shard is alive")
 
 
+def test_status_says_why_it_has_no_alerts_when_prometheus_does_not_answer():
+    """`raytwin status --prometheus` with Prometheus down, or its address given without http://, was a traceback
+    instead of the screen: the alerts line says why it has none, and the rest is shown."""
+    from cluster.status import firing_alerts
+
+    for url, why in (("http://127.0.0.1:1", "ConnectError"), ("127.0.0.1:9090", "UnsupportedProtocol")):
+        alerts = firing_alerts(url)
+        assert isinstance(alerts, str) and alerts.startswith(f"UNKNOWN: no alerts from {url}/api/v1/alerts ({why}")
+        assert _screen(shards={"ALIVE": 2}, alerts=alerts)["alerts"] == alerts
+
+
 def test_status_refuses_to_guess_among_several_local_clusters(monkeypatch):
     """Ray's "auto" takes any one of the machine's clusters: another user's numbers, shown as this one's."""
     import ray._private.services
