@@ -50,18 +50,25 @@ class Status:
     connector_down_s: dict[str, float] = field(default_factory=dict)  # seconds declared running, not connected
     not_started: dict[str, str] = field(default_factory=dict)  # "tenant/name" -> why the backend does not run it
     alerts: list[str] | str | None = None  # firing; a str: why Prometheus gave none; None: no Prometheus given
+    unscraped: dict[str, str] = field(default_factory=dict)  # node exports that did not answer: URL -> why
 
 
-def scrape_nodes(timeout_s: float = 5.0) -> Samples:
-    """Every sample of every alive node's metrics export."""
+def scrape_nodes(timeout_s: float = 5.0) -> tuple[Samples, dict[str, str]]:
+    """Every sample of every alive node's metrics export, and the exports that did not answer (URL -> why): one
+    node's export down (`RayTwinNodeExportDown`) must leave the other nodes' numbers on the screen, not a traceback."""
     samples: Samples = []
+    unscraped: dict[str, str] = {}
     for node in ray.nodes():
         if not node["Alive"]:
             continue
         url = f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
-        text = httpx.get(url, timeout=timeout_s).raise_for_status().text
+        try:
+            text = httpx.get(url, timeout=timeout_s).raise_for_status().text
+        except httpx.HTTPError as exc:
+            unscraped[url] = f"{type(exc).__name__}: {exc}"
+            continue
         samples += [(s.name, s.labels, s.value) for f in text_string_to_metric_families(text) for s in f.samples]
-    return samples
+    return samples, unscraped
 
 
 def _by(samples: Samples, name: str, *keys: str, **match: str) -> dict[str, float]:
@@ -137,8 +144,9 @@ def _store_unavailable(samples: Samples) -> list[str] | None:
     return sorted({reason for reason, v in values if v > 0}) if values else None
 
 
-def collect(samples: Samples, prometheus: str | None = None, now: float | None = None) -> Status:
-    """The status from Ray's state, `samples` (`scrape_nodes`) and Prometheus's alerts."""
+def collect(samples: Samples, prometheus: str | None = None, now: float | None = None,
+            unscraped: dict[str, str] | None = None) -> Status:
+    """The status from Ray's state, `samples` and `unscraped` (`scrape_nodes`) and Prometheus's alerts."""
     nodes = [n for n in ray.nodes() if n["Alive"]]
     total, free = ray.cluster_resources(), ray.available_resources()
     lag = {float(le): v for le, v in _by(samples, "ray_raytwin_ingest_to_applied_seconds_bucket_total", "le").items()}
@@ -161,6 +169,7 @@ def collect(samples: Samples, prometheus: str | None = None, now: float | None =
         connectors=_connected(samples),
         connector_down_s=_by(samples, "ray_raytwin_connector_down_seconds_total", "connector"),
         not_started=_not_started(samples),
+        unscraped=unscraped or {},
     )
     if prometheus is not None:
         status.alerts = firing_alerts(prometheus)
@@ -248,8 +257,10 @@ def render(s: Status) -> str:
     age = "" if s.oldest_job_age_s is None else f"; oldest queued {s.oldest_job_age_s:.0f} s"
     alerts = ("unknown (pass --prometheus URL)" if s.alerts is None else s.alerts if isinstance(s.alerts, str)
               else ", ".join(s.alerts) if s.alerts else "none firing")
+    unscraped = "".join(f"; EXPORT NOT ANSWERING: {url} ({why}): the counts below leave that node out"
+                        for url, why in sorted(s.unscraped.items()))
     return "\n".join([
-        f"cluster       {s.nodes} node(s), {s.cpus_free:g} of {s.cpus:g} CPUs free",
+        f"cluster       {s.nodes} node(s), {s.cpus_free:g} of {s.cpus:g} CPUs free{unscraped}",
         f"service       {_service(s)}",
         f"store         {_store(s)}",
         f"shards        {_shards(s)}",
@@ -285,4 +296,5 @@ def status(
                        "cluster (`raytwin cluster up --local` starts a local one); a cluster that requires a token "
                        "also needs RAY_AUTH_MODE=token (and RAY_AUTH_TOKEN_PATH, as its start printed)", err=True)
             raise typer.Exit(1) from None
-    typer.echo(render(collect(scrape_nodes(), prometheus)))
+    samples, unscraped = scrape_nodes()
+    typer.echo(render(collect(samples, prometheus, unscraped=unscraped)))

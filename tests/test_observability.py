@@ -440,6 +440,19 @@ def test_status_says_why_it_has_no_alerts_when_prometheus_does_not_answer():
         assert _screen(shards={"ALIVE": 2}, alerts=alerts)["alerts"] == alerts
 
 
+def test_status_shows_the_other_nodes_when_one_nodes_export_does_not_answer(monkeypatch):
+    """One node's metrics export down (what `RayTwinNodeExportDown` pages on) made `raytwin status` a traceback: the
+    screen names that export and why, and sums the nodes that answered."""
+    nodes = [{"Alive": True, "NodeManagerAddress": "127.0.0.1", "MetricsExportPort": 1},
+             {"Alive": False, "NodeManagerAddress": "10.0.0.9", "MetricsExportPort": 8080}]
+    monkeypatch.setattr("cluster.status.ray.nodes", lambda: nodes)
+    samples, unscraped = scrape_nodes(timeout_s=2.0)
+    assert samples == [] and list(unscraped) == ["http://127.0.0.1:1/metrics"], unscraped
+    cluster = _screen(unscraped=unscraped)["cluster"]
+    assert cluster.startswith("1 node(s), 1 of 2 CPUs free; EXPORT NOT ANSWERING: http://127.0.0.1:1/metrics "
+                              "(ConnectError") and cluster.endswith("the counts below leave that node out"), cluster
+
+
 def test_status_refuses_to_guess_among_several_local_clusters(monkeypatch):
     """Ray's "auto" takes any one of the machine's clusters: another user's numbers, shown as this one's."""
     import ray._private.services
@@ -607,11 +620,11 @@ def test_prometheus_sees_raytwin_loads_the_rules_and_alerts_on_a_dead_letter_flo
     # `raytwin status` agrees with Prometheus: the lag p95 over the same cumulative buckets, the alert
     def p95s() -> tuple[float | None, float | None]:
         prom = _query(prometheus, "histogram_quantile(0.95, sum by (le) (ray_raytwin_ingest_to_applied_seconds_bucket_total))")
-        return collect(scrape_nodes()).lag_p95_s, float(prom[0]["value"][1]) if prom else None
+        return collect(scrape_nodes()[0]).lag_p95_s, float(prom[0]["value"][1]) if prom else None
 
     ours, reference = _until(lambda: (p := p95s())[0] is not None and p[0] == pytest.approx(p[1], rel=1e-9) and p,
                              "the same lag p95 in `raytwin status` and Prometheus")
-    status = collect(scrape_nodes(), prometheus=str(prometheus.base_url))
+    status = collect(scrape_nodes()[0], prometheus=str(prometheus.base_url))
     assert set(status.alerts) - _OTHER_TESTS_ALERTS == {"RayTwinDeadLettersHigh"}
     assert status.twins >= 3 and status.nodes == 1
     assert status.dead_letters["shard/unknown_twin"] >= 300 and status.events["accepted"] >= 200
