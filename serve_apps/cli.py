@@ -36,6 +36,15 @@ SCALING = Autoscaling()
 KEYS_FILE = Annotated[Path, typer.Option(envvar="RAYTWIN_API_KEYS_FILE", help="API keys file (JSON).")]
 
 
+def existing_keys_file(path: Path) -> Path:
+    """`path` if it exists: listing or revoking in a file that is not there (the wrong directory, the default name
+    where the server reads another) said nothing, or "no key", as if the server had no such key."""
+    if not path.exists():
+        raise typer.BadParameter(f"{path} does not exist: give the keys file the server reads (`raytwin serve "
+                                 "--keys-file`, RAYTWIN_API_KEYS_FILE)", param_hint="--keys-file")
+    return path
+
+
 def autoscaling_args(from_file: dict, **options: float | None) -> dict:
     """The config file's ``autoscaling`` with the options given on the command line (not None) over it."""
     return {**from_file, **{name: value for name, value in options.items() if value is not None}}
@@ -316,7 +325,7 @@ def keys_revoke(
 ) -> None:
     """Remove a key: a running server refuses it from its next request (the file is rewritten atomically)."""
     try:
-        record = revoke_key(keys_file, key_id)
+        record = revoke_key(existing_keys_file(keys_file), key_id)
     except KeyError as exc:
         raise typer.BadParameter(str(exc.args[0])) from None
     typer.echo(f"revoked {record.key_id} ({record.tenant} {record.role})")
@@ -332,7 +341,7 @@ def keys_set_owner(
     """Name the holder of a key stored without an owner (audited): it may approve from then on, and what it did so
     far is its owner's for four eyes. A key that has an owner keeps it (another person gets a key of their own)."""
     try:
-        record = set_key_owner(keys_file, key_id, owner)
+        record = set_key_owner(existing_keys_file(keys_file), key_id, owner)
     except KeyError as exc:
         raise typer.BadParameter(str(exc.args[0])) from None
     except KeyChangeRefused as exc:
@@ -346,7 +355,7 @@ def keys_set_owner(
 def keys_list(keys_file: KEYS_FILE = Path("raytwin-keys.json")) -> None:
     """Show key ids, tenants, roles, grants, owners and revocations (never hashes): a revoked key is kept, without
     its hash, so that who held it can still be told."""
-    for record in load_keys(keys_file):
+    for record in load_keys(existing_keys_file(keys_file)):
         revoked = f"\trevoked {record.revoked.isoformat()}" if isinstance(record, RevokedKey) else ""
         typer.echo(f"{record.key_id}\t{record.tenant}\t{record.role}\t{','.join(record.grants) or '-'}\t"
                    f"{record.owner or '-'}{revoked}")

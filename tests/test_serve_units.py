@@ -1653,6 +1653,15 @@ def test_a_revoked_key_keeps_its_owner_and_authenticates_no_more(tmp_path):
         revoke_key(path, first.key_id)  # not "no key": `raytwin keys list` lists it, marked revoked
 
 
+def test_keys_list_revoke_and_set_owner_refuse_a_keys_file_that_does_not_exist(tmp_path):
+    """`raytwin keys list` in the wrong directory printed nothing (exit 0) and `revoke` said "no key": read as "the
+    server has no keys" or "no such key" while the server reads another file. Each names the missing file."""
+    missing = tmp_path / "raytwin-keys.json"
+    for args in (["list"], ["revoke", "abc"], ["set-owner", "abc", "--owner", "alice"]):
+        out = CliRunner().invoke(keys_app, [*args, "--keys-file", str(missing)])
+        assert out.exit_code == 2 and "does not exist" in out.output and not missing.exists(), (args, out.output)
+
+
 def test_whoever_computed_a_recommendation_may_not_approve_the_command_that_issues_it(tmp_path):
     """An approver computed a recommendation (from a start state of its choosing), a writer issued it, and the same
     approver approved it: one pair of eyes. Its author is compared as a person (the key's owner), as a proposer is."""
