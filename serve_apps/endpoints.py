@@ -54,7 +54,9 @@ def api_address(serving: tuple[str, int], asked: tuple[str, int], haproxy: bool 
     """What `raytwin serve` prints about where the API answers: the address Serve listens on, and when that is
     not the one asked for (`--host`, `--port`), that it is not and why, rather than an address nothing serves."""
     (host, port), (asked_host, asked_port) = serving, asked
-    line = f"RayTwin API at http://{host}:{port}/v1 (OpenAPI: /docs)" + (" through HAProxy" if haproxy else "")
+    # the base URL the CLI's --api-url and RayTwinClient take: printed with /v1, it was copied and every call 404ed
+    line = (f"RayTwin API at http://{host}:{port} (routes under /v1, OpenAPI: /docs; the URL for --api-url, "
+            "RAYTWIN_API_URL and RayTwinClient)" + (" through HAProxy" if haproxy else ""))
     if serving == asked:
         return line
     return (f"{line}\n  not at {asked_host}:{asked_port} as asked: this cluster's Serve was already running and keeps "

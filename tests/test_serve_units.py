@@ -1877,7 +1877,8 @@ def test_a_tenant_reads_its_own_connectors_dead_letters_and_never_another_tenant
 
 def test_serve_prints_the_port_serve_listens_on_and_says_when_it_is_not_the_one_asked(monkeypatch):
     """On a cluster whose Serve already ran, `raytwin serve --port 8000` printed 8000 while the proxy kept its own
-    port (Serve ignores the new HTTP options, logging a warning only)."""
+    port (Serve ignores the new HTTP options, logging a warning only). The URL printed is the base the CLI's
+    --api-url and the client take: printed with /v1, copied into --api-url, every call answered 404 Not Found."""
     from ray.serve import context
     from ray.serve.config import HTTPOptions
 
@@ -1886,10 +1887,10 @@ def test_serve_prints_the_port_serve_listens_on_and_says_when_it_is_not_the_one_
     running = SimpleNamespace(http_config=HTTPOptions(host="0.0.0.0", port=8123))
     monkeypatch.setattr(context, "_get_global_client", lambda: running)
     assert serving_at() == ("0.0.0.0", 8123)
-    assert api_address(("127.0.0.1", 8000), ("127.0.0.1", 8000)) == (
-        "RayTwin API at http://127.0.0.1:8000/v1 (OpenAPI: /docs)")
+    base = "(routes under /v1, OpenAPI: /docs; the URL for --api-url, RAYTWIN_API_URL and RayTwinClient)"
+    assert api_address(("127.0.0.1", 8000), ("127.0.0.1", 8000)) == f"RayTwin API at http://127.0.0.1:8000 {base}"
     first, second = api_address(serving_at(), ("127.0.0.1", 8000), haproxy=True).splitlines()
-    assert first == "RayTwin API at http://0.0.0.0:8123/v1 (OpenAPI: /docs) through HAProxy"
+    assert first == f"RayTwin API at http://0.0.0.0:8123 {base} through HAProxy"
     assert "not at 127.0.0.1:8000 as asked" in second and "`serve shutdown`" in second
 
 
