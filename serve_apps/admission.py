@@ -192,6 +192,7 @@ class BacklogGate:
         self.pending = 0
         self._lock = threading.Lock()
         metrics.ADMISSION_REFUSED.zero({"gate": "telemetry", "reason": "backlog"})
+        metrics.TELEMETRY_BACKLOG.set(0)  # a true 0, not "no data": the panel told no backend from no backlog
 
     def reserve(self, events: int) -> Callable[[], None]:
         """Hold `events` of the backlog until the returned function is called (once they are applied);

@@ -264,6 +264,17 @@ def test_the_apis_admission_gates_export_their_refusals_at_zero_when_they_start(
         ("streams", "replica"), ("streams", "tenant"), ("telemetry", "backlog")]
 
 
+def test_the_backend_exports_its_telemetry_backlog_when_it_starts(monkeypatch):
+    """The HTTP telemetry backlog panel read "No data" on a service that had taken no telemetry since its start, the
+    same as with no backend exporting at all: the gate knows its backlog is 0 from the start, and says so."""
+    from serve_apps.admission import BacklogGate
+
+    set_to: list[tuple[str, float]] = []
+    monkeypatch.setattr(metrics.Metric, "set", lambda m, value, **tags: set_to.append((m.name, value)))
+    BacklogGate(10, 1)
+    assert set_to == [("raytwin_telemetry_backlog_events", 0)]
+
+
 def test_only_counters_and_batch_histograms_are_exported_at_zero_before_use(monkeypatch):
     """A gauge recorded at 0 would say 0 twins, not "none counted yet": `Metric.zero` refuses it. A batch histogram
     (counters underneath) exports every bucket, its sum and count at 0; a Ray `Histogram` cannot, so a calibration's
