@@ -52,7 +52,10 @@ def api_client_from_kubeconfig(kubeconfig: str | None = None, context: str | Non
         return config.new_client_from_config(config_file=kubeconfig, context=context)
     except (config.ConfigException, OSError, yaml.YAMLError) as exc:
         where = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
-        reason = " ".join(str(exc).split()) or type(exc).__name__
+        missing = [p for p in where.split(os.pathsep) if not os.path.exists(os.path.expanduser(p))]
+        # the client says "Invalid kube-config file" of a file that is not there: a typo read as a broken file
+        reason = (f"no such file: {', '.join(missing)}" if missing
+                  else " ".join(str(exc).split()) or type(exc).__name__)
         raise KubeConfigError(f"no Kubernetes access ({where}: {reason}): set KUBECONFIG or pass --kubeconfig "
                               "(and --context), or run in a pod whose service account has in-cluster access") from None
 

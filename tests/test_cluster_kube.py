@@ -339,6 +339,9 @@ def test_cli_without_a_kubeconfig_says_what_to_set_in_one_line(tmp_path: Path, c
     result = CliRunner().invoke(cluster_app, args)
     assert result.exit_code == 2, result.output
     assert len(result.output.strip().splitlines()) == 1 and "set KUBECONFIG or pass --kubeconfig" in result.output
+    assert "(~/.kube/config: no such file: ~/.kube/config)" in result.output  # not "Invalid kube-config file"
+    result = CliRunner().invoke(cluster_app, [*args, "--kubeconfig", str(tmp_path / "typo")])
+    assert result.exit_code == 2 and f"no such file: {tmp_path / 'typo'}" in result.output, result.output
     broken = tmp_path / "broken"
     broken.write_text("clusters: [")
     result = CliRunner().invoke(cluster_app, [*args, "--kubeconfig", str(broken)])
