@@ -19,6 +19,7 @@ import uuid
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from raytwin import metrics
 from serve_apps.request_log import log_answer
 
 
@@ -123,7 +124,10 @@ class BodyLimitMiddleware:
         await self.app(scope, replay_receive, send_with_id)
 
     async def _refuse(self, scope: Scope, send: Send, request_id: str, size: str) -> None:
-        log_answer(scope, 413, 0.0, "unmatched")  # refused before routing, so before the request observer
+        # refused before routing, so before the request observer: logged and counted here (the Requests panel by
+        # route and status showed no 413 at all)
+        log_answer(scope, 413, 0.0, "unmatched")
+        metrics.HTTP_REQUESTS.inc(route="unmatched", method=scope["method"], status="413")
         body = json.dumps({"error": {
             "code": "payload_too_large",
             "message": f"request body of {size} bytes exceeds the limit of {self.max_bytes} bytes: split it into "

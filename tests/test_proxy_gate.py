@@ -204,6 +204,27 @@ def test_the_app_behind_serve_records_the_clients_request_id_never_the_one_serve
     asyncio.run(run())
 
 
+def test_a_body_over_the_limit_is_counted_in_the_requests_metric(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 413 is answered before routing, outside the request observer: it was logged but never counted, so the
+    Requests panel and `ray_raytwin_http_requests_total` showed no 413 at all, declared or streamed."""
+    from raytwin import metrics
+
+    counted: list[dict[str, str]] = []
+    monkeypatch.setattr(metrics.Metric, "inc", lambda m, value=1.0, **tags: counted.append(
+        tags) if m is metrics.HTTP_REQUESTS else None)
+
+    async def app(scope, receive, send) -> None:
+        raise AssertionError("a body over the limit reached the app")
+
+    async def run() -> None:
+        transport = httpx.ASGITransport(app=BodyLimitMiddleware(app, 16))
+        async with httpx.AsyncClient(transport=transport, base_url="http://replica") as http:
+            assert (await http.post("/v1/assets/a/telemetry", content=b"x" * 17)).status_code == 413
+
+    asyncio.run(run())
+    assert counted == [{"route": "unmatched", "method": "POST", "status": "413"}]
+
+
 def test_the_gate_is_sized_to_the_ingress_deployment_at_its_largest() -> None:
     assert proxy_gate.DEFAULT_MAX_IN_FLIGHT == 4 * 4  # ServeConfig's defaults
     env = serve_env.environment(Autoscaling(max_replicas=2), Admission(max_concurrent=5, retry_after_s=3))
