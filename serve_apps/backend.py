@@ -526,7 +526,10 @@ class Backend:
                 except StoreFenced:  # the successor holding the store catches up (the fence watch logs it)
                     continue
                 except Exception as exc:  # noqa: BLE001 - tried again; the twins' next batches are recorded meanwhile
-                    log.warning("event=change_catch_up_failed tenant=%s error=%s: %s", tenant, type(exc).__name__, exc)
+                    # says it is retried: seen at every start while shards come up, a bare GetTimeoutError read as a fault
+                    log.warning("event=change_catch_up_failed tenant=%s retry_in_s=%g error=%s: %s (a twin shard "
+                                "starting or restarting, or the store failing: tried again until it passes)",
+                                tenant, FENCE_WATCH_S, type(exc).__name__, exc)
             if pending and self._watch_stop.wait(FENCE_WATCH_S):
                 return
 

@@ -835,8 +835,9 @@ def test_a_twin_whose_state_is_older_than_its_log_records_its_next_batch(tmp_pat
     assert _twin_changes(restarted.changes) == [("twin.state", 30, False), ("twin.state", 15, False)]
 
 
-def test_the_catch_up_pass_is_tried_again_while_a_twins_shard_restarts(tmp_path, monkeypatch):
-    """A twin read while its shard restarts is its last durable state, maybe behind: the pass waits for the live one."""
+def test_the_catch_up_pass_is_tried_again_while_a_twins_shard_restarts(tmp_path, monkeypatch, caplog):
+    """A twin read while its shard restarts is its last durable state, maybe behind: the pass waits for the live one,
+    and its warning says it is tried again (every start logged a bare `GetTimeoutError` while shards came up)."""
     from serve_apps import backend as backend_module
     from serve_apps.store_errors import StoreUnavailable
 
@@ -851,8 +852,11 @@ def test_the_catch_up_pass_is_tried_again_while_a_twins_shard_restarts(tmp_path,
     live, reads = shard.state, []
     shard.state = lambda tenant, asset_id: live(tenant, asset_id).model_copy(update={"stale": not reads.append(1)
                                                                                      and len(reads) == 1})
-    restarted._catch_up_changes(["acme"])
+    with caplog.at_level("WARNING", logger="raytwin.serve"):
+        restarted._catch_up_changes(["acme"])
     assert len(reads) == 2 and _twin_changes(restarted.changes) == [("twin.state", 10, False)]
+    warned = [r.getMessage() for r in caplog.records if "event=change_catch_up_failed" in r.getMessage()]
+    assert len(warned) == 1 and "retry_in_s=0.01 " in warned[0] and "tried again until it passes" in warned[0]
 
 
 class _ShardHandles:
