@@ -49,7 +49,7 @@ from serve_apps.changes import JOB_WINDOW_S, ChangeLog, ChangePage
 from serve_apps.conditional import Precondition
 from serve_apps.config import ServeConfig
 from serve_apps.connector_ops import ConnectorOps
-from serve_apps.errors import Conflict, Gone, NotFound, Unprocessable, unwrap
+from serve_apps.errors import Conflict, Gone, NotFound, Unprocessable, log_refusals_without_traceback, unwrap
 from serve_apps.promotions import finish_interrupted_swaps
 from serve_apps.evolution import TypeEvolution
 from serve_apps.job_listing import JobPage, page
@@ -128,6 +128,7 @@ class Backend:
         from actors.service import TwinService
 
         component_logging()
+        log_refusals_without_traceback()  # a refusal raised to Serve is one line, not a traceback a tenant repeats
         self.config = config
         self.catalog = Catalog(config.store_url, config.storage_options)
         self.twins = TwinService(config.url("twins"), shards=config.twin_shards,

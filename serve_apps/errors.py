@@ -210,6 +210,32 @@ def unwrap(exc: BaseException) -> BaseException:
     return exc
 
 
+class _RefusalsWithoutTraceback(logging.Filter):
+    """Serve's replica logs every exception its method raises with its traceback at ERROR (``Request failed.``): for
+    the backend's refusals (an `ApiError` under 500: an unknown asset, a conflict) that is ~40 lines a refusal, which
+    any tenant can repeat at will to flood the log and bury real faults. Such a record is kept as one INFO line
+    naming the refusal; other exceptions keep their traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, ApiError) and exc.status < 500:
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg, record.args = "event=backend_request_refused status=%d code=%s error=%s", (
+                exc.status, exc.code, type(exc).__name__)
+            record.exc_info = record.exc_text = None
+        return True
+
+
+_REFUSALS_FILTER = _RefusalsWithoutTraceback()
+
+
+def log_refusals_without_traceback() -> None:
+    """Install `_RefusalsWithoutTraceback` on Serve's logger (once a process): the backend replica calls it."""
+    serve_logger = logging.getLogger("ray.serve")
+    if _REFUSALS_FILTER not in serve_logger.filters:
+        serve_logger.addFilter(_REFUSALS_FILTER)
+
+
 def error_body(code: str, message: str, details: list[Any] | None, request_id: str | None) -> dict[str, Any]:
     """The error shape as JSON: an answer's body, and the data of a stream's final `error` event."""
     body = ErrorResponse(error=ErrorBody(code=code, message=message, details=details or [], request_id=request_id))

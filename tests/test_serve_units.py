@@ -2504,3 +2504,35 @@ def test_a_precondition_a_write_ignores_is_refused_only_after_the_key_and_role_a
                 answer = http.request(method, path, json=body, headers=credentials | {header: value})
                 assert answer.status_code == status, (method, path, credentials, answer.text)
                 assert (header in answer.json()["error"]["message"]) == (status == 412), answer.text
+
+
+def test_a_backend_refusal_raised_to_serve_is_one_log_line_and_a_fault_keeps_its_traceback(tmp_path):
+    """Serve's replica logs what its method raises with ``logger.exception("Request failed.")`` on its own logger:
+    for the backend's refusals (404 for telemetry to an unknown asset, ...) ~40 lines each, at ERROR, which a tenant
+    repeats at will. A started Backend keeps a refusal to one INFO line; a fault keeps its traceback."""
+    import logging
+
+    from ray.serve._private.constants import SERVE_LOGGER_NAME
+
+    from serve_apps.backend import Backend
+
+    serve_log = logging.getLogger(SERVE_LOGGER_NAME)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    serve_log.addHandler(handler)
+    backend = Backend(ServeConfig(store_url=str(tmp_path / "store"), keys_file=str(tmp_path / "keys.json"),
+                                  namespace=f"refusals-{secrets.token_hex(4)}"))
+    try:
+        for raised in (NotFound("no asset 'zone-9'"), RuntimeError("the shard's answer was corrupt")):
+            try:
+                raise raised
+            except Exception:
+                serve_log.exception("Request failed.")  # as ray.serve._private.replica does
+    finally:
+        serve_log.removeHandler(handler)
+        backend.close()
+    refused, fault = records
+    assert (refused.levelno, refused.exc_info, refused.getMessage()) == (
+        logging.INFO, None, "event=backend_request_refused status=404 code=not_found error=NotFound")
+    assert fault.levelno == logging.ERROR and fault.exc_info[0] is RuntimeError
