@@ -210,7 +210,8 @@ def start(
     typer.echo("metrics (Prometheus, every Ray node; ops/README.md): " + ", ".join(exports))
     replicas = [p for _, p in http_targets("raytwin") if p != port]
     if replicas:
-        typer.echo("direct ingress (no proxy hop): " + ", ".join(f"http://{host}:{p}/v1" for p in replicas))
+        typer.echo("direct ingress (no proxy hop; base URLs, routes under /v1): "  # as api_address: no /v1 to copy
+                   + ", ".join(f"http://{host}:{p}" for p in replicas))
     if not block:
         return
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop the same way on SIGTERM (Kubernetes, systemd)
