@@ -22,6 +22,7 @@ from pydantic import ValidationError
 
 from raytwin.contracts import MAX_RUN_WORK, describe_error
 from raytwin.models_cli import importable_working_directory
+from sweeps.limits import MAX_SCENARIOS, SweepTooLarge, check_size
 
 if TYPE_CHECKING:
     from sweeps.space import ScenarioSpace
@@ -32,9 +33,6 @@ runs_app = typer.Typer(help="Recorded sweep and calibration runs.", no_args_is_h
 
 T = TypeVar("T")
 RunsOption = Annotated[str, typer.Option("--runs", help="Runs root: a directory or fsspec URL.")]
-MAX_SCENARIOS = 100_000_000
-"""`sweep run` refuses bigger sweeps unless ``--max-scenarios`` allows them: 10^12 scenarios were accepted
-and wrote 30 MB/s towards ~100 TB; 10^8 scenarios of a dozen metrics write ~10 GB."""
 
 
 def _setup_logging() -> None:
@@ -104,26 +102,13 @@ def _load(path: Path, spec_type, fmu_spec_type=None):
 
 
 def _check_size(space: ScenarioSpace, n_steps: int, metric_columns: int, max_scenarios: int, max_work: int) -> None:
-    """Refuse a sweep of more than `max_scenarios` scenarios or `max_work` scenario-steps before it starts, with
-    what it would write (8 bytes a value: sweep metrics are random floats that barely compress) and compute:
-    1,000 scenarios of 1e7 steps ran for minutes with no word of the work they asked for."""
-    n = space.size
-    work = n * n_steps
-    if n <= max_scenarios and work <= max_work:
-        return
-    values = 1 + len(space.columns) + metric_columns  # the scenario index, its dimension values, its metrics
-    over = [(f"--max-scenarios {max_scenarios:,}", f"--max-scenarios {n}")] if n > max_scenarios else []
-    over += [(f"--max-work {max_work:,}", f"--max-work {work}")] if work > max_work else []
-    raise typer.BadParameter(
-        f"{n:,} scenarios of {n_steps:,} steps would write about {_size(8 * values * n)} ({values} values a "
-        f"scenario) and compute {work:.3g} scenario-steps: more than {' and '.join(o for o, _ in over)}; pass "
-        f"{' '.join(p for _, p in over)} to run it (or use fewer scenarios, a shorter horizon_s or a longer step_s)")
-
-
-def _size(n_bytes: float) -> str:
-    """`n_bytes` in decimal units (``72 TB``)."""
-    exponent = min(int(math.log10(max(n_bytes, 1)) // 3), 5)
-    return f"{n_bytes / 1000 ** exponent:.3g} {('B', 'kB', 'MB', 'GB', 'TB', 'PB')[exponent]}"
+    """`sweeps.limits.check_size` with the limits named as this command's options; a sweep over one is a usage
+    error."""
+    try:
+        check_size(space, n_steps, metric_columns, max_scenarios=max_scenarios, max_work=max_work,
+                   option=lambda name, value: f"--{name.replace('_', '-')} {value}")
+    except SweepTooLarge as exc:
+        raise typer.BadParameter(str(exc)) from None
 
 
 @sweep_app.command("run")
@@ -162,7 +147,7 @@ def sweep_run(
     _check_size(parsed.space, parsed.n_steps, len(parsed.kit(simulator).metrics) + 1, max_scenarios, max_work)  # + diverged
     try:
         with _sigterm_recorded():
-            record = recorded_sweep(parsed, runs=runs, progress=progress)
+            record = recorded_sweep(parsed, runs=runs, progress=progress, max_scenarios=max_scenarios)
     except SweepCancelled as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(130) from None

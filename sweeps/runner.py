@@ -38,6 +38,7 @@ from raytwin.store_failures import store_io
 from sweeps import engine
 from sweeps.engine import Bases
 from sweeps.kits import SweepKit
+from sweeps.limits import MAX_SCENARIOS, check_size
 from sweeps.spec import SweepSpec, resolve_model
 
 log = logging.getLogger("raytwin.sweeps")
@@ -289,6 +290,12 @@ def prepare(spec: SweepSpec) -> tuple[str, Bases]:
     )
 
 
+def check_sweep_size(spec: SweepSpec, simulator: str, max_scenarios: int = MAX_SCENARIOS) -> None:
+    """`sweeps.limits.check_size` of `spec` (its values: its kit's metrics and the `diverged` column): a huge LHS
+    design failed in the driver with a MemoryError instead."""
+    check_size(spec.space, spec.n_steps, len(spec.kit(simulator).metrics) + 1, max_scenarios=max_scenarios)
+
+
 class _Progress:
     """A rich progress bar on a terminal, a structured log line every `every_s` seconds, Ray metrics
     (`raytwin.metrics`: scenarios, scenario-steps, throughput)."""
@@ -335,14 +342,17 @@ def run_sweep(
     max_in_flight: int | None = None,
     progress: bool | None = None,
     log_every_s: float = 10.0,
+    max_scenarios: int = MAX_SCENARIOS,
 ) -> SweepResult:
     """Run every scenario of `spec` on Ray and write the metrics dataset under `out_url` (must be empty).
 
     `progress`: show a progress bar (default: when stderr is a terminal); progress is logged
-    every `log_every_s` seconds regardless.
+    every `log_every_s` seconds regardless. A sweep of more than `max_scenarios` scenarios is refused
+    (`sweeps.limits.SweepTooLarge`) before anything is drawn or written: raise it to run a bigger one.
     """
     spec = absolute_series(spec)
     simulator, bases = prepare(spec)
+    check_sweep_size(spec, simulator, max_scenarios)
     out_url = absolute_url(out_url).rstrip("/")
     fs, root = filesystem(out_url, storage_options)
     with store_io("write"):

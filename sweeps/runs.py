@@ -31,7 +31,9 @@ from raytwin.store_failures import store_io
 from sweeps.aggregate import RUN_OUTPUT, RUN_RECORD
 from sweeps.calibration import CalibrationError, CalibrationSpec, calibrate, read_telemetry
 from sweeps.fmu import FmuCalibrationSpec, FmuSweepSpec, calibrate_fmu_spec, run_fmu_spec
-from sweeps.runner import RunTerminated, SweepCancelled, absolute_series, absolute_url, run_sweep
+from sweeps.limits import MAX_SCENARIOS
+from sweeps.runner import (RunTerminated, SweepCancelled, absolute_series, absolute_url, check_sweep_size, prepare,
+                           run_sweep)
 from sweeps.spec import SweepSpec, resolve_model
 
 log = logging.getLogger("raytwin.runs")
@@ -166,13 +168,17 @@ def _recorded(
 def recorded_sweep(
     spec: SweepSpec, *, runs: str = DEFAULT_RUNS_ROOT, storage_options: dict | None = None,
     user: str | None = None, progress: bool | None = None, rerun_of: str | None = None, run_id: str | None = None,
+    max_scenarios: int = MAX_SCENARIOS,
 ) -> RunRecord:
-    """Run a sweep into a new run directory and record it (under `run_id`, default a new id)."""
+    """Run a sweep into a new run directory and record it (under `run_id`, default a new id); a sweep of more
+    than `max_scenarios` scenarios is refused before it is recorded (`sweeps.limits.SweepTooLarge`)."""
     spec = absolute_series(spec)  # the record names the file a rerun from any working directory reads
+    check_sweep_size(spec, prepare(spec)[0], max_scenarios)  # refused, it leaves no failed record behind
     store = RunStore(runs, storage_options)
 
     def execute(out_url: str) -> tuple[dict, dict]:
-        result = run_sweep(spec, out_url, storage_options=storage_options, progress=progress)
+        result = run_sweep(spec, out_url, storage_options=storage_options, progress=progress,
+                           max_scenarios=max_scenarios)
         summary = {"scenarios": result.n_scenarios, "diverged": result.n_diverged, "chunks": result.n_chunks,
                    "elapsed_s": round(result.elapsed_s, 3),
                    "scenarios_per_s": round(result.scenarios_per_s, 1)}
@@ -297,7 +303,8 @@ def rerun(run_id: str, *, runs: str = DEFAULT_RUNS_ROOT, storage_options: dict |
     if original.kind == "sweep" and fmu:
         new = recorded_fmu_sweep(FmuSweepSpec.model_validate(original.spec), **common)
     elif original.kind == "sweep":
-        new = recorded_sweep(SweepSpec.model_validate(original.spec), progress=progress, **common)
+        spec = SweepSpec.model_validate(original.spec)  # it ran once: a limit raised for it holds for its rerun
+        new = recorded_sweep(spec, progress=progress, max_scenarios=max(MAX_SCENARIOS, spec.space.size), **common)
     elif original.kind == "recommendation":
         from sweeps.recommend import RecommendSpec, recorded_recommendation  # it builds on this module
 

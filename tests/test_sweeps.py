@@ -385,6 +385,26 @@ def test_sweep_refuses_a_non_empty_output(ray_session, tmp_path):
         run_sweep(_thermal_spec(), str(tmp_path / "out"))
 
 
+def test_run_sweep_and_recorded_sweep_refuse_a_huge_design_up_front_saying_how_to_run_it(tmp_path, monkeypatch):
+    """A Python sweep had no size limit (the CLI refused over 1e8 scenarios): an LHS design of 1e9 scenarios died in
+    the driver with a MemoryError drawing it. Refused before the design is drawn, Ray starts or anything is written."""
+    from sweeps.limits import SweepTooLarge
+    from sweeps.runs import recorded_sweep
+
+    monkeypatch.setattr(runner, "ensure_ray", lambda: pytest.fail("a refused sweep started Ray"))
+    spec = _thermal_spec(space=_space(n=10**9))
+    with pytest.raises(SweepTooLarge, match=r"1,000,000,000 scenarios of 720 steps would write about .* more than "
+                       r"max_scenarios=100,000,000; pass max_scenarios=1000000000 to run it, or run it as several "
+                       r"smaller sweeps \(a smaller design"):
+        run_sweep(spec, str(tmp_path / "out"))
+    with pytest.raises(SweepTooLarge, match="pass max_scenarios=1000000000 to run it"):
+        recorded_sweep(spec, runs=str(tmp_path / "runs"))
+    with pytest.raises(SweepTooLarge, match="more than max_scenarios=599"):
+        run_sweep(_thermal_spec(), str(tmp_path / "out"), max_scenarios=599)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()
+    assert "_lhs_design" not in spec.space.__dict__  # the design was never drawn
+
+
 def test_sweep_to_s3_and_quantiles_match_numpy(ray_session, s3_url):
     space = ScenarioSpace(method="grid", dimensions=[
         Dimension(name="T_out_mean", target="input", values=[268.15, 278.15]),
