@@ -447,7 +447,21 @@ class ModelLifecycle:
         catches a truncated tail. `ChainBroken` names the first bad record. `records`: the log as the caller
         read it already with `records` (one read for all it asks of the log); None: read here. The outcome is
         remembered for `current` (a verified prefix, or the model marked broken: logged as
-        ``event=lifecycle_chain_broken``)."""
+        ``event=lifecycle_chain_broken``). A registered model with no log yet has the empty state; a model this
+        registry does not know is a `RegistryError` (a typo passed as an empty, intact chain, where the CLI and the
+        API refuse it)."""
+        state = self._verify_chain(model, records)
+        if state.revision < 0 and not self.registry.versions(model):  # an empty log: only then is it a question
+            raise RegistryError(f"no model {model} in this registry: check the model's name (a lifecycle starts "
+                                "with a registered version)", self.registry.url)
+        if expected_head is not None and expected_head != state.head_hash:
+            raise ChainBroken(f"{model}: the head hash is {state.head_hash[:12]}..., expected "
+                              f"{expected_head[:12]}... (records were removed from the end?)", state.revision + 1)
+        return state
+
+    def _verify_chain(self, model: str, records: list[TransitionRecord] | None = None) -> ModelState:
+        """`verify`'s check of the whole chain, remembered for `current`, which asks no more of the registry than it
+        did (a request's own checks name an unknown model or version: a type, a transition's registry read)."""
         state = ModelState(model)
         try:
             for i, r in enumerate(self.records(model) if records is None else records):
@@ -457,9 +471,6 @@ class ModelLifecycle:
             _VERIFIED.mark_broken(self._key(model), exc)
             raise
         _VERIFIED.remember(self._key(model), state, full=True)  # (a caller's head hash is the caller's to judge)
-        if expected_head is not None and expected_head != state.head_hash:
-            raise ChainBroken(f"{model}: the head hash is {state.head_hash[:12]}..., expected "
-                              f"{expected_head[:12]}... (records were removed from the end?)", state.revision + 1)
         return state
 
     def current(self, model: str) -> ModelState:
@@ -472,13 +483,13 @@ class ModelLifecycle:
         marked broken, is verified whole (a restored log passes)."""
         state = _VERIFIED.get(self._key(model))
         if state is None:
-            return self.verify(model)
+            return self._verify_chain(model)
         if state.revision >= 0:
             last = self._record_at(model, state.revision)
             if last is None or last.hash != state.head_hash or last.computed_hash() != last.hash:
                 log.warning("event=lifecycle_prefix_changed model=%s seq=%d (%s): verifying the whole log", model,
                             state.revision, "gone" if last is None else "another record")
-                return self.verify(model)
+                return self._verify_chain(model)
         try:
             while (r := self._record_at(model, state.revision + 1)) is not None:
                 _check_next(state, r, state.revision + 1)

@@ -30,7 +30,7 @@ from raytwin.lifecycle import (
     TenantMismatch,
     TransitionConflict,
 )
-from raytwin.registry import ModelRegistry
+from raytwin.registry import ModelRegistry, RegistryError
 from raytwin.sim import THERMAL_RC
 from raytwin.storage import canonical_json, filesystem, write_once
 from sweeps.runs import RunRecord, RunStore
@@ -104,6 +104,14 @@ def test_stages_four_eyes_and_rollback(lc):
     assert lc.stage("zone@1.0.0") == "production"
     retired = lc.transition("zone@1.0.0", "archived", BOB, "retire")
     assert (retired.action, retired.automatic, lc.verify("zone").production) == ("archive", False, None)
+
+
+def test_verify_refuses_a_model_the_registry_does_not_know_and_passes_a_registered_one_with_no_log(lc):
+    """`verify("zne")` (a typo) returned an empty, intact state in Python, where the CLI and the API refuse it."""
+    assert lc.verify("zone").revision == -1  # registered, nothing submitted yet: a lifecycle about to start
+    with pytest.raises(RegistryError, match=r"^no model zne in this registry: check the model's name") as unknown:
+        lc.verify("zne")
+    assert unknown.value.registry_url == lc.registry.url
 
 
 def test_another_tenants_model_and_bad_evidence_are_refused(lc):
