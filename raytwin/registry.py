@@ -227,7 +227,10 @@ class ModelRegistry:
             raise RegistryError(f"{name}@{version}: {exc}") from None
         model = get_model(asset_type.simulator)
         declared = {n: p.default for n, p in asset_type.parameters.items()}
-        params = dict(zip(model.param_names, model.param_vector({**declared, **(parameters or {})})))
+        try:
+            params = dict(zip(model.param_names, model.param_vector({**declared, **(parameters or {})})))
+        except KeyError as exc:  # an unknown parameter name: a refused registration like a value out of bounds
+            raise RegistryError(f"{name}@{version}: {exc.args[0]}") from None
         for pname, value in params.items():
             spec = asset_type.parameters[pname]
             if not spec.lower <= value <= spec.upper:

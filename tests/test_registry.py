@@ -72,7 +72,8 @@ def test_errors_are_clear(registry):
         registry.get("cell")
     with pytest.raises(RegistryError, match="outside"):
         registry.register("cell", "0.3.0", AssetType.from_model(BATTERY_ECM), {"q": -1.0})
-    with pytest.raises(KeyError, match="no parameter"):
+    with pytest.raises(RegistryError, match=r"^cell@0.3.0: model battery_ecm has no parameter\(s\) \['capacity'\]; "
+                       r"known: \[.*'r0'.*\]$"):  # a KeyError before, which callers catching RegistryError missed
         registry.register("cell", "0.3.0", AssetType.from_model(BATTERY_ECM), {"capacity": 2.0})
     assert registry.names() == ["cell"]
 
