@@ -17,6 +17,9 @@
    Refinement and the prediction-error fit stay within the model's declared bounds, and a fit that
    ends on one is refused (the bound, not the data, put it there).
 
+``register_as`` publishes the fit as a new version: one registered already is refused before the search (and, one
+registered meanwhile, by the registration after the fit).
+
 With ``max_concurrent_trials=1`` (the default; trials are cheap) the Tune phase is deterministic
 for a seed, so a calibration reruns bit-for-bit: with concurrent trials ASHA's decisions depend
 on the order in which results arrive.
@@ -49,7 +52,7 @@ from raytwin.contracts import Contract, Finite, Identifier, Spec
 from raytwin.cpu_priority import yield_to_live
 from raytwin.estimation import model_defaults
 from raytwin.metrics import CALIBRATION_DURATION, CALIBRATIONS
-from raytwin.registry import ModelRegistry, publisher_offline
+from raytwin.registry import ModelRegistry, RegistryError, publisher_offline
 from raytwin.sim import Model, ModelCheckError, get_model, rollout, unstack
 from raytwin.sim.checks import check_params
 from raytwin.sim.model import Var
@@ -754,9 +757,24 @@ def calibrate(
     return out
 
 
+def _refuse_registered(spec: CalibrationSpec) -> None:
+    """A `register_as` version registered already, refused before the search (its registration was refused only
+    after the whole fit). The registration after the fit still refuses one registered meanwhile
+    (`raytwin.registry.VersionConflict`)."""
+    if spec.register_as is None:
+        return
+    name, version = spec.register_as.split("@")
+    registry = ModelRegistry(spec.registry_url)
+    if version in (known := registry.versions(name)):
+        raise RegistryError(f"register_as {spec.register_as} is registered already (versions of {name}: "
+                            f"{', '.join(known)}): give register_as a version not registered yet; nothing was "
+                            "fitted", registry.url)
+
+
 def _calibrate(spec: CalibrationSpec, out_url: str,
                storage_options: dict | None) -> tuple[CalibrationResult, dict[str, str], str]:
     artifact = resolve_model(spec.model, spec.registry_url)
+    _refuse_registered(spec)
     table, data_hash = read_telemetry(spec.telemetry, storage_options)
     problem = build_problem(spec, table, artifact.parameters, artifact.asset_type.simulator)
     log.info("calibration start model=%s free=%s samples=%d search=%s scheduler=%s",

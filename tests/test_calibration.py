@@ -107,6 +107,23 @@ def test_a_fit_is_registered_only_with_the_principal_that_publishes_it(tmp_path)
         _spec("two_tank", str(tmp_path / "t.parquet"), registry_url=str(tmp_path), register_as="tank@1.0.0")
 
 
+def test_a_register_as_version_registered_already_is_refused_before_the_search(tmp_path, monkeypatch):
+    """It was refused only by the registration after the whole fit (minutes of Tune and least squares)."""
+    from raytwin.contracts import AssetType
+    from raytwin.registry import RegistryError
+    from sweeps import calibration
+
+    registry = ModelRegistry(str(tmp_path / "registry"))
+    registry.register("tank-fitted", "1.0.0", AssetType.from_model(get_model("two_tank")))
+    monkeypatch.setattr(calibration, "tune_search", lambda *a: pytest.fail("the search ran"))
+    spec = _spec("two_tank", _telemetry(tmp_path, "two_tank"), registry_url=registry.url,
+                 register_as="tank-fitted@1.0.0", registered_by="key-fitter")
+    with pytest.raises(RegistryError, match=r"^register_as tank-fitted@1.0.0 is registered already \(versions of "
+                                            r"tank-fitted: 1.0.0\): give register_as a version not registered yet"):
+        calibrate(spec, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
 def test_telemetry_that_is_missing_or_not_parquet_is_a_calibration_error(tmp_path):
     """Bad data is the user's to fix (`CalibrationError`); the store failing the read is no such thing
     (`tests/test_store_outages_typed.py`: a `StoreIOError`, a 503)."""
