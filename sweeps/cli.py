@@ -275,9 +275,12 @@ def calibrate_synthetic(
 ) -> None:
     """Write synthetic noisy telemetry with known parameters (solve_ivp ground truth); print its start state,
     which a CalibrationSpec of the data needs."""
+    import numpy as np
     import pyarrow.parquet as pq
 
     from raytwin.models_cli import resolve_model
+    from raytwin.sim import ModelCheckError
+    from raytwin.sim.checks import check_params
     from sweeps.kits import kit_for
     from sweeps.synthetic import synthetic_telemetry
 
@@ -301,6 +304,10 @@ def calibrate_synthetic(
     if dt is not None and not (math.isfinite(dt) and dt > 0):
         raise typer.BadParameter(f"{dt} is not a finite number of seconds > 0", param_hint="--dt")
     truth = pairs(param, "--param", sim.param_names, nonnegative=False)
+    try:  # a calibration stays within the bounds: data of a value outside them can only end on a bound
+        check_params(sim, np.asarray(sim.param_vector(truth)))
+    except ModelCheckError as exc:
+        raise typer.BadParameter(exc.reason, param_hint="--param") from None
     noise_std = pairs(noise, "--noise", sim.output_names, nonnegative=True)
     start = kit_for(sim).states0
     table = synthetic_telemetry(model, truth, start, steps, sim.default_dt if dt is None else dt, noise_std, seed)

@@ -87,6 +87,7 @@ def test_calibrate_synthetic_imports_a_model_from_the_working_directory(tmp_path
     (["--dt", "0"], "Invalid value for --dt: 0.0 is not a finite number of seconds > 0"),  # was replaced by 1 s
     (["--dt", "-1"], "Invalid value for --dt: -1.0 is not a finite number of seconds > 0"),
     (["--steps", "0"], "'--steps': Input should be greater than or equal to 3"),
+    (["--param", "cd=5"], "Invalid value for --param: cd=5 is outside its bounds [0.1, 1]: give values within them"),
     (["--out", "missing/s.parquet"], "Invalid value for --out: cannot write missing/s.parquet"),
 ])
 def test_calibrate_synthetic_refuses_bad_arguments_in_one_line(tmp_path, monkeypatch, args, reason):
