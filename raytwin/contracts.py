@@ -107,6 +107,9 @@ def whole_steps(horizon_s: float, step_s: float) -> int:
     if not n <= MAX_WHOLE_STEPS:
         raise ValueError(f"horizon_s {horizon_s:g} in steps of {step_s:g} s is {n:.3g} steps, more than any run "
                          f"can take (at most {MAX_WHOLE_STEPS:.3g}); use a longer step_s or a shorter horizon_s")
+    if n < 1 - 1e-9:  # "not a whole number of steps" did not say that the horizon holds none
+        raise ValueError(f"horizon_s {horizon_s:g} is shorter than one step of {step_s:g} s: give a horizon_s of one "
+                         f"or more whole steps, or a step_s of at most horizon_s that divides it")
     if abs(n - round(n)) > 1e-9 * max(n, 1.0):
         raise ValueError(f"horizon_s {horizon_s} is not a whole number of steps of {step_s} s")
     return round(n)

@@ -125,6 +125,15 @@ def test_fmu_specs_refuse_what_their_model_lacks(registry, tmp_path):
     assert failed.status == "failed" and "is not an FMU" in failed.error
 
 
+def test_an_fmu_sweep_whose_horizon_is_shorter_than_a_step_says_so():
+    """It said "horizon_s 0.005 is not a whole number of steps of 0.01 s", not that the horizon holds no step."""
+    space = ScenarioSpace(method="grid", dimensions=[Dimension(name="mu", target="param", values=[1.0])])
+    with pytest.raises(ValueError, match=r"horizon_s 0.005 is shorter than one step of 0.01 s: give a horizon_s of "
+                                         r"one or more whole steps, or a step_s of at most horizon_s that divides it"):
+        FmuSweepSpec(model="vdp@1.0.0", registry_url="registry", space=space, horizon_s=0.005, step_s=0.01)
+    assert FmuSweepSpec(model="vdp@1.0.0", registry_url="registry", space=space, horizon_s=0.01, step_s=0.01).n_steps == 1
+
+
 def test_an_fmu_calibration_refuses_telemetry_without_the_fmus_inputs(reference_fmus, tmp_path):
     """Inputs missing from the telemetry were held at the FMU's start values: a fit of an asset driven otherwise."""
     registry = ModelRegistry(str(tmp_path / "models"))
