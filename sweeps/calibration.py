@@ -72,6 +72,9 @@ BAD_LOSS = 1.0e30  # reported for parameter sets whose simulation blows up (NaN)
 MAX_TRIALS = 100_000
 """Tune trials one calibration may ask for (`num_samples`, or a grid's `grid_levels` ** free parameters):
 Tune holds every trial in the driver's memory, and past this a search is a typo, not a plan."""
+MIN_SAMPLES_PER_FREE = 5
+"""Telemetry samples a calibration needs per free parameter, refused before the search: with 3 samples for 2 free
+parameters the fit ended where the data could not hold it, and the refusal blamed a parameter bound."""
 TUNE_SEED_MAX = 2**32 - 1
 """The largest calibration seed: Ray Tune's searchers seed NumPy's `RandomState`, which takes 32 bits (a larger
 seed failed the calibration inside Tune with "Seed must be between 0 and 2**32 - 1")."""
@@ -98,6 +101,16 @@ def no_finite_loss(what: str, why: str, check: str) -> str:
     """The one wording of a calibration none of whose trials could be scored (JAX models here, FMUs in
     `sweeps.fmu`): which model, what failed, and what to check."""
     return f"calibration of {what}: {NO_FINITE_LOSS}: {why}; {check}"
+
+
+def too_few_samples(n_samples: int, n_free: int) -> str | None:
+    """Why `n_samples` telemetry samples are too few to fit `n_free` parameters (`MIN_SAMPLES_PER_FREE`), or None;
+    JAX and FMU calibrations (`sweeps.fmu`) alike."""
+    needed = MIN_SAMPLES_PER_FREE * n_free
+    if n_samples >= needed:
+        return None
+    return (f"{n_samples} telemetry samples for {n_free} free parameter(s): a calibration needs at least {needed} "
+            f"({MIN_SAMPLES_PER_FREE} a free parameter); give a longer telemetry window or fewer free parameters")
 
 
 CHECK_DOMAIN = ("check the model's domain at those values (e.g. a sqrt or log of a quantity that turns negative, "
@@ -315,6 +328,8 @@ def build_problem(spec: CalibrationSpec, table: pa.Table, artifact_params: dict[
     steps = np.diff(t)
     if t.size < 3 or not np.allclose(steps, steps[0], rtol=1e-9, atol=0) or steps[0] <= 0:
         raise CalibrationError("telemetry t_s must be uniformly spaced and increasing (>= 3 samples); resample first")
+    if (few := too_few_samples(t.size, len(spec.free))) is not None:
+        raise CalibrationError(f"calibration of {simulator}: {few}")
     columns = declared_columns(model.name, (*model.inputs, *model.outputs), table)
     col = lambda names: np.column_stack([columns[c] for c in names])  # noqa: E731
     u, y = col(model.input_names), col(model.output_names)

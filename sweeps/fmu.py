@@ -35,7 +35,8 @@ from raytwin.fmu import FmuModel, FmuScenario, calibrate_fmu, run_fmu_sweep
 from raytwin.registry import ModelArtifact
 from raytwin.sim.model import Input, Param, State
 from raytwin.storage import canonical_json, filesystem, make_folder, replace_file
-from sweeps.calibration import MAX_TRIALS, CalibrationError, TuneSeed, declared_columns, no_finite_loss, read_telemetry
+from sweeps.calibration import (MAX_TRIALS, CalibrationError, TuneSeed, declared_columns, no_finite_loss, read_telemetry,
+                                too_few_samples)
 from sweeps.runner import ensure_ray, part_name, write_parquet
 from sweeps.space import ScenarioSpace
 from sweeps.spec import allowed_values, range_problems, resolve_model
@@ -218,6 +219,8 @@ def calibrate_fmu_spec(spec: FmuCalibrationSpec, out_url: str, storage_options: 
     steps = np.diff(t)
     if t.size < 3 or steps[0] <= 0 or not np.allclose(steps, steps[0], rtol=1e-9, atol=0):
         raise FmuSpecError("telemetry t_s must be uniformly spaced and increasing (>= 3 samples); resample first")
+    if (few := too_few_samples(t.size, len(spec.free))) is not None:
+        raise FmuSpecError(f"calibration of FMU {fmu.name}: {few}")
     try:  # in the FMU's declared units, converted from a column's field-metadata unit where it names one
         columns = declared_columns(f"FMU {fmu.name}", [v for v in (*fmu.inputs, *fmu.outputs)
                                                         if v.name in table.column_names], table)

@@ -124,6 +124,24 @@ def test_a_register_as_version_registered_already_is_refused_before_the_search(t
     assert not (tmp_path / "out").exists()
 
 
+def test_too_few_samples_for_the_free_parameters_are_refused_before_the_search_naming_both(tmp_path, monkeypatch):
+    """3 samples for 2 free parameters ran the search, and the refusal blamed a parameter bound, not the data."""
+    from sweeps import calibration
+    from sweeps.calibration import MIN_SAMPLES_PER_FREE
+
+    monkeypatch.setattr(calibration, "tune_search", lambda *a: pytest.fail("the search ran"))
+    path = tmp_path / "few.parquet"
+    case = CASES["two_tank"]
+    pq.write_table(synthetic_telemetry("two_tank", case["true"], case["x0"], 3, 1.0, case["noise"], 1), path)
+    with pytest.raises(CalibrationError, match=r"^calibration of two_tank: 3 telemetry samples for 2 free "
+                                               r"parameter\(s\): a calibration needs at least 10 \(5 a free "
+                                               r"parameter\); give a longer telemetry window or fewer free parameters$"):
+        calibrate(_spec("two_tank", str(path), free=["a1", "a2"]), str(tmp_path / "out"))
+    table = synthetic_telemetry("two_tank", case["true"], case["x0"], 2 * MIN_SAMPLES_PER_FREE, 1.0, case["noise"], 1)
+    assert build_problem(_spec("two_tank", str(path), free=["a1", "a2"]), table, {}, "two_tank").n == 10  # enough
+    assert not (tmp_path / "out").exists()
+
+
 def test_telemetry_that_is_missing_or_not_parquet_is_a_calibration_error(tmp_path):
     """Bad data is the user's to fix (`CalibrationError`); the store failing the read is no such thing
     (`tests/test_store_outages_typed.py`: a `StoreIOError`, a 503)."""

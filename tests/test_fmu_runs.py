@@ -134,6 +134,19 @@ def test_an_fmu_sweep_whose_horizon_is_shorter_than_a_step_says_so():
     assert FmuSweepSpec(model="vdp@1.0.0", registry_url="registry", space=space, horizon_s=0.01, step_s=0.01).n_steps == 1
 
 
+def test_an_fmu_calibration_refuses_too_few_samples_for_its_free_parameters_naming_both(registry, tmp_path):
+    """As a JAX calibration does (`sweeps.calibration.MIN_SAMPLES_PER_FREE`), before Ray starts."""
+    from sweeps.fmu import calibrate_fmu_spec
+
+    telemetry = str(tmp_path / "osc.parquet")
+    pq.write_table(pa.table({"t_s": 0.02 * np.arange(4), "x0": np.linspace(2.0, 1.9, 4)}), telemetry)
+    spec = FmuCalibrationSpec(model="vdp@1.0.0", registry_url=registry.url, telemetry=telemetry,
+                              start_state={"x0": 2.0, "x1": 0.0}, free={"mu": (0.3, 4.0)})
+    with pytest.raises(FmuSpecError, match=r"^calibration of FMU .*: 4 telemetry samples for 1 free parameter\(s\): "
+                                           r"a calibration needs at least 5"):
+        calibrate_fmu_spec(spec, str(tmp_path / "out"))
+
+
 def test_an_fmu_calibration_refuses_telemetry_without_the_fmus_inputs(reference_fmus, tmp_path):
     """Inputs missing from the telemetry were held at the FMU's start values: a fit of an asset driven otherwise."""
     registry = ModelRegistry(str(tmp_path / "models"))
