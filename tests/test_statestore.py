@@ -223,12 +223,7 @@ def test_a_connectors_few_dead_letters_are_read_again_from_their_days_alone(stor
     letters(datetime(2026, 11, 10, 0, 30, tzinfo=UTC), poison, stem="retried")  # lands beside it, on the 9th
     store = _as_before_markers(store)
     rows = store.read_dead_letters("acme").to_pylist()
-    read, scanned = [], []
-    read_files, batches = statestore.read_files, statestore._batches
-    monkeypatch.setattr(statestore, "read_files", lambda fs, paths, *a, **k: read.extend(paths) or read_files(
-        fs, paths, *a, **k))
-    monkeypatch.setattr(statestore, "_batches", lambda fs, paths, *a, **k: scanned.extend(paths) or batches(
-        fs, paths, *a, **k))
+    read, scanned = _files_read(monkeypatch)
 
     def days(paths: list[str]) -> list[str]:
         return sorted({p.split("/date=")[1][:10] for p in paths})
@@ -312,12 +307,7 @@ def test_a_new_tenants_dead_letters_are_marked_whole_from_its_first(store, monke
     for d in (9, 10):  # as ingestion writes them: a store opened for each write
         letters(StateStore(store.url, store.storage_options), "gamma", d, api)
     assert listed == []  # its days were listed by its first writes in this process alone
-    scanned, read = [], []
-    batches, read_files = statestore._batches, statestore.read_files
-    monkeypatch.setattr(statestore, "_batches", lambda fs, paths, *a, **k: scanned.extend(paths) or batches(
-        fs, paths, *a, **k))
-    monkeypatch.setattr(statestore, "read_files", lambda fs, paths, *a, **k: read.extend(paths) or read_files(
-        fs, paths, *a, **k))
+    read, scanned = _files_read(monkeypatch)
 
     def page(tenant: str) -> tuple[list[str], list[str]]:
         scanned.clear()
@@ -617,3 +607,15 @@ def test_snapshot_names_sort_and_parse_before_1970(tmp_path):
     done = store.prune("acme", date(1970, 1, 1))
     assert (done.history_from, done.snapshots_deleted, done.partitions_deleted) == (date(1970, 1, 1), 2, 1)
     assert store.latest_snapshot("acme", "a").revision == 3
+
+
+def _files_read(monkeypatch) -> tuple[list[str], list[str]]:
+    """The paths `statestore.read_files` reads and `statestore._batches` scans from now on, in the order asked."""
+    read: list[str] = []
+    scanned: list[str] = []
+    read_files, batches = statestore.read_files, statestore._batches
+    monkeypatch.setattr(statestore, "read_files", lambda fs, paths, *a, **k: read.extend(paths) or read_files(
+        fs, paths, *a, **k))
+    monkeypatch.setattr(statestore, "_batches", lambda fs, paths, *a, **k: scanned.extend(paths) or batches(
+        fs, paths, *a, **k))
+    return read, scanned
