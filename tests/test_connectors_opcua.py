@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import threading
 import time
 from dataclasses import replace
@@ -613,13 +612,13 @@ def test_a_pause_longer_than_the_item_queue_is_read_back_from_history(server, de
     async def scenario() -> OpcUaSession:
         session = OpcUaSession(spec, Credentials(username=USER, password=PASSWORD), received.append)
         run = asyncio.ensure_future(session.run())
-        await until(session.connected, "the session is connected")
         def ack_all() -> None:
             for m in received[acked[0]:]:
                 m.ack()
             acked[0] = len(received)
 
-        await until(lambda: ack_all() or session.outstanding() == 0, "current values durable")
+        await until(lambda: session.connects >= 1, "the connect done (subscribed, history read back)")
+        await until(lambda: ack_all() or session.outstanding() == 0, "the connect's values durable")
         await session.set_paused(True)
         await asyncio.to_thread(write, device, "tank-2", range(200, 210))  # 10 per node, its queue keeps 3
         await session.set_paused(False)
@@ -793,12 +792,13 @@ def ramp(n: int) -> list[tuple[float, datetime]]:
 
 
 def run_session(spec: OpcUaSpec, received: Received, steps) -> OpcUaSession:
-    """Run a session until `steps(session)` (a coroutine function) returns, then stop it."""
+    """Run a session until `steps(session)` (a coroutine function) returns, then stop it. The steps start once the
+    connect is done (`connected()` is true before its backfill) and what it read is durable."""
     async def scenario() -> OpcUaSession:
         session = OpcUaSession(spec, Credentials(username=USER, password=PASSWORD), received)
         run = asyncio.ensure_future(session.run())
-        await until(session.connected, "the session is connected")
-        await until(lambda: session.outstanding() == 0, "current values durable")
+        await until(lambda: session.connects >= 1, "the connect done (subscribed, history read back)")
+        await until(lambda: session.outstanding() == 0, "the connect's values durable")
         await steps(session)
         session.stop()
         await run
@@ -888,14 +888,13 @@ def test_readings_stamped_before_the_newest_are_read_back_after_backpressure(ser
     assert session.backpressure_pauses >= 1 and session.errors == 0, session.last_error
 
 
-def test_a_resume_hands_over_no_change_already_durable(server, device, caplog):
+def test_a_resume_hands_over_no_change_already_durable(server, device):
     """A resume (a pause's end, backpressure's) read each node's history from its newest durable change on, so it
     handed that change over again: a duplicate per node, each outstanding until durable. With as many nodes as
     half `max_outstanding` (the test above: 5 and 5) the end of backpressure held publishing again at once, and so
     on for good with nothing new at the server (~20 rounds of SetPublishingMode and HistoryRead a second), and
     `outstanding()` reached 0 only for a moment between two rounds: the test above hung 120 s waiting for its
     current values durable. Now the read starts after that change, so a resume with nothing new hands over none."""
-    caplog.set_level(logging.INFO, logger="raytwin.connectors")
     nodes = plc_spec("opc.tcp://x")["nodes"][:2]  # tank-1.h1 and tank-2.h1, each given a reading first
     spec = OpcUaSpec.model_validate(plc_spec(server.endpoint, name="plc-idle", nodes=nodes, commands=[]))
     now = datetime.now(UTC)
@@ -903,9 +902,7 @@ def test_a_resume_hands_over_no_change_already_durable(server, device, caplog):
         device.write(node, 0.42, now)
     received = Received()
 
-    async def steps(session: OpcUaSession) -> None:
-        await until(lambda: "event=opcua_connected tenant=acme connector=plc-idle " in caplog.text
-                    and session.outstanding() == 0, "the connect's backfill durable")
+    async def steps(session: OpcUaSession) -> None:  # (the connect's backfill durable: `run_session`)
         before = len(received.messages)
         await session.set_paused(True)
         await session.set_paused(False)  # returns once the resume's history reads are done
@@ -994,3 +991,4 @@ def test_acknowledgements_between_the_hold_check_and_the_hold_leave_no_session_s
     session = asyncio.run(scenario())
     assert forced == [(1, False)]  # acknowledged with the hold not yet set: it released nothing
     assert session.backpressure_pauses == 1
+

@@ -156,6 +156,9 @@ class OpcUaSession:
         self.errors, self.last_error, self.last_error_at = 0, None, None
         self._state = "starting"
         self.backpressure_pauses = 0
+        self.connects = 0
+        """Connects completed: subscribed, and with `backfill_s` the history read back. `connected()` is true from
+        the subscription on, before the backfill and before the current values arrive."""
         self._received = 0
         self._durable = 0  # incremented by the pump's thread (one writer; int updates are atomic under the GIL)
         self._handoff: deque[Inbound] = deque()
@@ -308,6 +311,7 @@ class OpcUaSession:
         self._unsubscribed_since, self._after_restart = None, False
         for message in unmonitored:  # last: `last_error` names the node to fix, not the gap reported above
             self._error(message)
+        self.connects += 1
         log.info("event=opcua_connected tenant=%s connector=%s endpoint=%s items=%d", spec.tenant, spec.name,
                  spec.endpoint, len(self._nodes))
 
