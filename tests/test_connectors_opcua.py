@@ -14,6 +14,7 @@ a reference twin fed the same events directly through `TwinService.ingest`.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import threading
 import time
@@ -992,3 +993,47 @@ def test_acknowledgements_between_the_hold_check_and_the_hold_leave_no_session_s
     assert forced == [(1, False)]  # acknowledged with the hold not yet set: it released nothing
     assert session.backpressure_pauses == 1
 
+
+def test_a_session_stopped_while_the_end_of_backpressure_reads_history_logs_nothing(server, device):
+    """Switching publishing on at the end of backpressure runs in a background task, which then reads history
+    (`backfill_s`); a stop during that read failed the task with ConnectionError('disconnected') that nobody
+    retrieved, and asyncio logged "Task exception was never retrieved" with its traceback at such a stop. A read cut
+    short by the stop is no error: nothing is logged or reported."""
+    node = plc_spec("opc.tcp://x")["nodes"][1]  # tank-2.h1
+    spec = OpcUaSpec.model_validate(plc_spec(server.endpoint, name="plc-cut", nodes=[node], commands=[],
+                                             max_outstanding=2, backfill_s=1))  # (the connect reads 1 s of history)
+    device.write("tank-2.h1", 0.81, datetime.now(UTC))
+    pump, unhandled, entered, cut = HeldPump(), [], [], []
+
+    async def scenario() -> OpcUaSession:
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: unhandled.append(context))
+        session = OpcUaSession(spec, Credentials(username=USER, password=PASSWORD), pump)
+        run = asyncio.ensure_future(session.run())
+        await until(lambda: session.connects >= 1 and pump.messages, "connected, a value in the pump")
+        read = session._read_history
+
+        async def read_once_stopped(nid: ua.NodeId, what) -> frozenset[datetime]:
+            entered.append(nid)
+            await until(lambda: session.state == "stopped", "the session stopped")
+            try:
+                return await read(nid, what)
+            except ConnectionError as exc:
+                cut.append(exc)
+                raise
+
+        session._read_history = read_once_stopped  # the history read after the switch lasts until the stop
+        await asyncio.to_thread(device.write, "tank-2.h1", 0.82, datetime.now(UTC))
+        await until(lambda: session.held, "publishing held (2 changes not durable)")
+        await asyncio.to_thread(pump.ack_held)  # publishing switched on again, in the background: its read waits
+        await until(lambda: entered, "the switch's history read begun")
+        session.stop()
+        await run
+        await until(lambda: cut, "the read cut short by the stop")
+        await asyncio.sleep(0.1)
+        gc.collect()  # (a task's unretrieved exception is logged when the task is collected)
+        return session
+
+    session = asyncio.run(scenario())
+    gc.collect()
+    assert [str(e) for e in cut] == ["disconnected"]
+    assert unhandled == [] and session.errors == 0, (unhandled, session.last_error)

@@ -368,7 +368,7 @@ class OpcUaSession:
             newest = [self._newest.get(n.node_id) for n in nodes]
             start = None if None in newest else min(newest) + AFTER_DURABLE
             if start is None:
-                current = await self._client.get_node(nid).read_data_value(raise_on_bad_status=False)
+                current = await self._connected_client().get_node(nid).read_data_value(raise_on_bad_status=False)
                 if current.SourceTimestamp is None:
                     continue
                 start = current.SourceTimestamp - timedelta(seconds=self.spec.backfill_s)
@@ -382,10 +382,8 @@ class OpcUaSession:
         """Hand over `nid`'s history from `read.since` (None: `backfill_s` before now), leaving out values the
         server received before `read.after` (already received, or their successors were); returns what of
         `read.expect` the history did not hold."""
-        if (client := self._client) is None:
-            raise ConnectionError("disconnected")
         start = read.since or datetime.now(UTC) - timedelta(seconds=self.spec.backfill_s)
-        history = await client.get_node(nid).read_raw_history(start, None, return_bounds=False)
+        history = await self._connected_client().get_node(nid).read_raw_history(start, None, return_bounds=False)
         kept = [dv for dv in history
                 if read.after is None or dv.ServerTimestamp is None or dv.ServerTimestamp >= read.after]
         for dv in kept:
@@ -465,6 +463,12 @@ class OpcUaSession:
                               "namespace URI")
         return ua.NodeId(nid.Identifier, self._namespaces.index(uri), nid.NodeIdType)
 
+    def _connected_client(self) -> Client:
+        """This connection's client; `ConnectionError` once it is gone (stopped or lost while a backfill reads)."""
+        if (client := self._client) is None:
+            raise ConnectionError("disconnected")
+        return client
+
     async def _disconnect(self) -> None:
         client, self._client, self._sub = self._client, None, None
         if client is None:
@@ -503,7 +507,7 @@ class OpcUaSession:
             self.backpressure_pauses += 1
             log.info("event=opcua_backpressure tenant=%s connector=%s outstanding=%d", self.spec.tenant,
                      self.spec.name, self.outstanding())
-            self._loop.create_task(self._apply_publishing())
+            self._switch_soon()
 
     def _on_durable(self, node_id: str, at: datetime | None) -> None:
         """The pump's acknowledgement (its thread): this change is durable (applied, duplicate or dead letter)."""
@@ -518,7 +522,25 @@ class OpcUaSession:
     def _release(self) -> None:
         if self._held and self.outstanding() <= self.spec.max_outstanding // 2:
             self._held = False
-            self._loop.create_task(self._apply_publishing())
+            self._switch_soon()
+
+    def _switch_soon(self) -> None:
+        """`_apply_publishing` in the background (asyncua's publish loop and the pump's acknowledgements must not
+        wait for it), its outcome retrieved by `_switched`."""
+        self._loop.create_task(self._apply_publishing()).add_done_callback(self._switched)
+
+    def _switched(self, task: asyncio.Task) -> None:
+        """A background switch that failed (in the history read after switching on: a failed SetPublishingMode is
+        handled in `_apply_publishing`) reconnects, and the reconnect backfills again. A read cut short by `stop()`
+        is no error. Either way nothing is left for asyncio to log as "Task exception was never retrieved"."""
+        if task.cancelled() or (exc := task.exception()) is None:
+            return
+        if isinstance(exc, LOSS) and self._stop.is_set():
+            return
+        self._error(f"switching publishing failed ({type(exc).__name__}: {exc}); reconnecting")
+        if not isinstance(exc, LOSS):
+            log.error("event=opcua_switch_failed connector=%s/%s", self.spec.tenant, self.spec.name, exc_info=exc)
+        self._lost.set()
 
     async def _apply_publishing(self) -> None:
         """Bring the server's publishing mode to the wanted one. Requests go one at a time and each re-reads
