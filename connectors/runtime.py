@@ -96,6 +96,9 @@ class ConnectorRuntime:
         the operator's); `files`: where a tenant's connector finds the files it names (None: they are paths);
         arguments, so a restart of the actor by Ray keeps them."""
         component_logging()
+        # first: a start that fails below (a TLS file no longer its tenant's) left an old tenant's connector pages
+        # reading every day of its dead letters, every day (those written before markers: read once for their sources)
+        router.store().mark_dead_letter_sources(tenant)
         self._reach, self._files = reach, files
         store = ConnectorStore(store_url, storage_options)
         self.store, self.tenant, self.name = store, tenant, name
@@ -106,7 +109,6 @@ class ConnectorRuntime:
         self._commands = threading.Lock()  # an ack (receive thread) must not interleave with a send
         self.ledger.recover(tenant, name, LATE_ACK_KEPT)
         mine = self.ledger.unsettled(tenant, name)
-        router.store().mark_dead_letter_sources(tenant)  # (written before markers: read once for their sources)
         now = datetime.now(UTC)
         self._deadlines = {c.correlation_id: self._deadline(c) for c in mine if c.status is CommandStatus.sent}
         self._late = {c.correlation_id: c.history[-1].at + LATE_ACK_KEPT for c in mine  # expired, for a late answer

@@ -68,7 +68,8 @@ disk). `write_dead_letters` marks each source of the rows it writes for their da
 rows, written once per source and day by a process), and a read of one source's dead letters reads only its marked
 days, once the tenant's days are marked whole (`_complete`): a tenant's first dead letters mark them whole where it
 has none (`write_dead_letters`); dead letters written before markers are read once for their sources
-(`mark_dead_letter_sources`, at a connector's start); until then every day is read as before.
+(`mark_dead_letter_sources`, first at a connector's start, even one that fails); until then every day is read as
+before.
 
 Readers take every kind of log file (`read_files`): segments, Arrow IPC part files (`LOG_PART_SUFFIX`,
 what local stores held before segments, and object stores hold) and Parquet part files of earlier

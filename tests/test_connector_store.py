@@ -515,3 +515,27 @@ def test_the_pump_bounds_the_bytes_it_queues_not_only_the_messages() -> None:
     finally:
         sink.release.set()
         pump.stop()
+
+
+def test_a_connector_that_cannot_start_still_marks_its_tenants_dead_letter_days(tmp_path: Path, key: str) -> None:
+    """A tenant's dead letters written before markers are marked with their sources at a connector's start; one
+    whose start failed before that (here a TLS file that is no longer its tenant's) left every connector page of
+    the tenant reading every day of its dead letters, for as long as the connector stayed down."""
+    from connectors.runtime import ConnectorRuntime
+    from connectors.tenant_files import TenantFiles
+    from raytwin.statestore import StateStore
+
+    url = str(tmp_path / "store")
+    old = StateStore(url)
+    old.write_dead_letters("acme", [{"asset_id": "pump-1", "idempotency_key": "1", "raw": "{}",
+                                     "reason": "mqtt://plant/plant/pump-1/telemetry: payload is not JSON"}])
+    old.fs.rm(f"{old.root}/dead_letter_sources", recursive=True)  # as written before markers
+    declared = _declaration("plant", None, "broker.example.com")
+    ConnectorStore(url).save(MqttSpec(tenant="acme", **{**declared, "broker": {
+        **declared["broker"], "tls": {"ca_file": "/etc/ssl/ca.pem"}}}), Credentials())  # a path: not the tenant's
+    assert StateStore(url)._source_days("acme", "plant") is None  # not marked: a page reads every day
+    with pytest.raises(ValueError, match="name a file of your tenant's TLS directory"):
+        ConnectorRuntime(url, SimpleNamespace(store=lambda: StateStore(url)), "acme", "plant",
+                         files=TenantFiles(str(tmp_path / "tls")))
+    days = {p.rstrip("/").rsplit("=", 1)[-1] for p in old.fs.ls(f"{old.root}/dead_letters/tenant=acme", detail=False)}
+    assert StateStore(url)._source_days("acme", "plant") == days and len(days) == 1  # its day alone is read
