@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -136,6 +137,8 @@ class Connectors:
         self.twins = StateStore(router.store_url, router.storage_options)
         self.ledger = CommandLedger(router.store_url, router.storage_options)
         self._down: dict[tuple[str, str], _Down] = {}
+        self._held: _Down | None = None  # why no call starts an actor any more (`hold`)
+        self._starts = threading.Lock()  # a start and `hold`: none starts an actor after `hold` returned
 
     def create(self, spec: ConnectorSpec | dict[str, Any], credentials: Credentials | None = None) -> ConnectorStatus:
         """Check, store and start a connector (an existing one of that name is replaced and restarted)."""
@@ -203,7 +206,7 @@ class Connectors:
             return None
 
     def _actor(self, tenant: str, name: str):
-        self.store.spec_json(tenant, name)  # UnknownConnector if not declared
+        """The connector's actor, started if it does not run (a declared connector's: the caller checked)."""
         return ConnectorActor.options(name=actor_name(tenant, name), namespace=self.router.namespace,
                                       get_if_exists=True, lifetime="detached").remote(
             self.router.store_url, self.router, tenant, name, self.router.storage_options, self._reach(tenant, name),
@@ -220,12 +223,30 @@ class Connectors:
             log.warning("event=connector_stop_failed tenant=%s connector=%s", tenant, name)
         ray.kill(handle, no_restart=True)
 
+    def hold(self, why: str) -> None:
+        """Start no connector actor from now on, for `why`: this service lost its store to another, and a connector
+        started again (by a status read: `status` starts one that is not running) would write to the store and
+        connect beside the successor's. Those running still answer; one not running is `down` with `why`. Once
+        this returns, no call of this object starts an actor (the caller stops those running after it)."""
+        with self._starts:
+            if self._held is None:
+                self._held = _Down(math.inf, why, datetime.now(UTC))
+
+    def _handle(self, tenant: str, name: str):
+        """The connector's actor, started if it does not run (`_actor`) unless it is down (`_startable`);
+        `UnknownConnector` if it is not declared (read before the lock: a store read that hangs must not hold up
+        `hold`, which the store watch calls)."""
+        self.store.spec_json(tenant, name)
+        with self._starts:
+            self._startable(tenant, name)
+            return self._actor(tenant, name)
+
     def _ask(self, tenant: str, name: str, method: str) -> ConnectorStatus:
         """`method` of the connector's actor; `ConnectorDown` if the actor cannot start (not tried again for
-        `START_RETRY_S`)."""
-        self._startable(tenant, name)
+        `START_RETRY_S`) or may not (`hold`)."""
+        handle = self._handle(tenant, name)
         try:
-            answer = ray.get(getattr(self._actor(tenant, name), method).remote())
+            answer = ray.get(getattr(handle, method).remote())
         except ray.exceptions.ActorDiedError as exc:
             raise self._failed(tenant, name, exc) from None
         self._up(tenant, name)
@@ -233,9 +254,12 @@ class Connectors:
 
     def _startable(self, tenant: str, name: str) -> None:
         """`ConnectorDown` while the connector is down and not to be tried again yet: no call starts its actor
-        then (one refused at start, e.g. for a client id another connector holds, would kick that one off)."""
+        then (one refused at start, e.g. for a client id another connector holds, would kick that one off), nor
+        while this object is held (`hold`) and it does not run."""
         if (down := self._down.get((tenant, name))) is not None and time.monotonic() < down.retry_at:
             raise ConnectorDown(name, down.why, down.since)
+        if (held := self._held) is not None and not self._running(tenant, name):
+            raise ConnectorDown(name, held.why, held.since)
 
     def _failed(self, tenant: str, name: str, exc: ray.exceptions.ActorDiedError) -> ConnectorDown:
         """Record and export that the connector's actor died starting (not tried again for `START_RETRY_S`)."""
@@ -479,9 +503,9 @@ class Connectors:
     def approve(self, tenant: str, command_id: str, by: str) -> Command:
         """Approve (by another key than the proposer's) and send through the connector's actor."""
         command = self.ledger.get(tenant, command_id)
-        self._startable(tenant, command.connector)
+        handle = self._handle(tenant, command.connector)
         try:
-            return ray.get(self._actor(tenant, command.connector).approve.remote(tenant, command.id, by))
+            return ray.get(handle.approve.remote(tenant, command.id, by))
         except ray.exceptions.RayActorError:  # its process died: the restarted one settles the record, never resends
             now = self.ledger.get(tenant, command_id)
             if now.status is CommandStatus.proposed:  # it stopped before it took the approval: nothing was sent

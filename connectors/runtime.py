@@ -51,7 +51,8 @@ class ConnectorState(StrEnum):
     paused = "paused"
     down = "down"
     """Declared, and no process of it runs: the service's host policy refuses its host, or it cannot start (its
-    files gone); `last_error` says why. Declared again (or the policy changed and the service restarted), it runs."""
+    files gone), or the service lost its store to another and starts no connector (`Connectors.hold`);
+    `last_error` says why. Declared again (or the policy changed and the service restarted), it runs."""
 
 
 class ConnectorStatus(BaseModel):

@@ -785,9 +785,14 @@ class Backend:
         and the dashboard: its writes all fail while health's anonymous answer stays terse), and once a service of
         another Ray cluster holds the store, stop this service's connectors (unless `connectors_stopped`): detached,
         they would keep receiving and sending beside the successor's, under the same MQTT client ids. A successor in
-        this cluster shares them by name, so they stay. Whether the connectors are stopped now."""
+        this cluster shares them by name, so they stay. Either way, from then on no connector starts here, not even
+        for a status read (`ConnectorOps.hold`, before the stop: none starts again after it). Whether the
+        connectors are stopped now."""
         fenced = not holds(held, self.twins.lease)
         metrics.STORE_FENCED.set(1 if fenced else 0)
+        if fenced and held is not None:  # (no lease found: maybe a read that missed it, not known to be for good)
+            self.connector_ops.hold("this service no longer holds its store, so it starts no connector: "
+                                    + fence_of(held, self.twins.lease).reason)
         if connectors_stopped or not fenced or held is None or held.released or held.cluster == ray_cluster():
             return connectors_stopped  # a released lease has no successor whose connectors would run beside these
         try:

@@ -71,7 +71,8 @@ class ConnectorOps:
     OPS = frozenset({"create", "pause", "resume", "view", "list_all", "delete", "propose", "approve", "refuse",
                      "commands", "command"})
     READS = frozenset({"view", "list_all", "commands", "command"})
-    """The operations that change nothing (a fenced service still answers them)."""
+    """The operations that change nothing (a fenced service still answers them, and starts no connector for them:
+    `hold`)."""
 
     def __init__(self, twins: TwinService, declared: list[dict[str, Any]], tls_dir: str | None = None,
                  hosts: list[str] | None = None, audit: AuditLog | None = None):
@@ -86,6 +87,10 @@ class ConnectorOps:
             except Exception:  # noqa: BLE001 - one device connector's missing secret must not take the API down
                 log.exception("event=connector_declaration_failed connector=%r", declaration.get("name"))
         self.connectors.start_declared(self._refusal)  # those created through the API before a restart, too
+
+    def hold(self, why: str) -> None:
+        """Start no connector from now on, not even for a read (`Connectors.hold`): this service lost its store."""
+        self.connectors.hold(why)
 
     def _reach_of(self, tenant: str, name: str) -> Reach | None:
         """The policy a connector runs under, its process checking it at every connection attempt (a name can

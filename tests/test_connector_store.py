@@ -393,6 +393,54 @@ def test_of_connectors_waiting_for_one_client_id_the_earliest_declared_gets_it_a
     assert unstarted.start_waiting() == [("acme", "a")] and unstarted.status("acme", "a").state != "down"
 
 
+def test_a_fenced_service_starts_no_connector_for_a_read(tmp_path: Path, unstarted: Unstarted,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reads are answered on a fenced service without `check_writable`, and a status read started a connector whose
+    actor was gone: one the store watch had stopped ran again, writing to the store and connecting to the broker
+    beside the successor's. Now, once the watch finds the store taken over, a read of a connector not running
+    answers `down` naming the store's new holder, starts nothing, and nothing else does; one running answers as
+    before."""
+    from dataclasses import replace
+
+    from connectors.manager import ConnectorDown
+    from raytwin import metrics
+    from raytwin.statestore import Lease
+    from serve_apps import backend as backend_module
+    from serve_apps.backend import Backend
+    from serve_apps.connector_ops import ConnectorOps
+
+    monkeypatch.setattr(metrics, "STORE_FENCED", SimpleNamespace(set=lambda value: None))
+    monkeypatch.setattr(backend_module, "ray_cluster", lambda: "this")
+    monkeypatch.setattr(backend_module, "stop_connector_actors", lambda namespace: unstarted.alive.clear() or 2)
+    _declared_in_order(unstarted.store, tmp_path / "store", _mqtt("acme", "plant"), _mqtt("acme", "line"))
+    assert unstarted.start_declared() == 2
+    ops = ConnectorOps.__new__(ConnectorOps)  # without connectors to start
+    ops.reach, ops.operators, ops.connectors = Reach(None), set(), unstarted
+    backend = Backend.__new__(Backend)
+    mine = Lease(owner="svc-a", epoch=1, shards=2, namespace="ns", acquired_at="2026-12-05T14:00:00+00:00",
+                 acquired_by="host-a:1", cluster="this")
+    backend.config, backend.twins, backend.connector_ops = SimpleNamespace(namespace="ns"), SimpleNamespace(
+        lease=mine), ops
+    assert backend._watch_fence(mine, False) is False  # still its store's holder: nothing held
+    unstarted.alive.discard(("acme", "line"))  # its actor gone: a read starts it again, as before
+    assert Backend.connector(backend, "view", "acme", "line")["status"]["state"] == "paused"
+    assert unstarted.started[-1] == ("acme", "line")
+
+    successor = replace(mine, owner="svc-b", epoch=2, cluster="other")
+    assert backend._watch_fence(successor, False) is True and unstarted.alive == set()  # stopped
+    started = list(unstarted.started)
+    for answer in (Backend.connector(backend, "view", "acme", "plant")["status"],
+                   *Backend.connector(backend, "list_all", "acme")):
+        assert answer["state"] == "down" and answer["connected"] is False, answer
+        assert "no longer holds its store" in answer["last_error"] and "service svc-b (epoch 2)" in answer["last_error"]
+    with pytest.raises(ConnectorDown):
+        unstarted.resume("acme", "plant")
+    assert unstarted.start_waiting() == [] and unstarted.started == started  # none started again
+    unstarted.alive.add(("acme", "plant"))  # one running (a successor in this cluster shares it): answered as before
+    assert Backend.connector(backend, "view", "acme", "plant")["status"]["state"] == "paused"
+    assert unstarted.started == started
+
+
 def test_a_connector_declared_again_after_its_sealing_key_was_rotated_out_is_taken(
         tmp_path: Path, unstarted: Unstarted, monkeypatch: pytest.MonkeyPatch) -> None:
     """Its old credentials are read to end the session of the client id it gives up: a key rotated out must not

@@ -805,8 +805,8 @@ def test_the_store_watch_exports_the_fence_stops_the_connectors_once_and_writes_
     backend = Backend.__new__(Backend)
     backend.config, backend.twins = SimpleNamespace(namespace="ns"), SimpleNamespace(store=store, lease=mine)
     backend._lease_reads = BoundedRead(store.read_lease, "the store's lease")
-    supervised: list[str] = []
-    backend.connector_ops = SimpleNamespace(supervise=lambda: supervised.append("pass"))
+    supervised, held = [], []
+    backend.connector_ops = SimpleNamespace(supervise=lambda: supervised.append("pass"), hold=held.append)
     backend._export_store_state = lambda lease, deadline: None  # (its own test: the health probe's finding)
     backend.changes = ChangeLog(str(tmp_path / "changes"))
     write = backend.changes.store.write
@@ -817,6 +817,7 @@ def test_the_store_watch_exports_the_fence_stops_the_connectors_once_and_writes_
     backend._watch_stop = _Passes(2)
     backend._watch_store()
     assert fenced == [0, 1, 1] and stopped == ["ns"] and supervised == []
+    assert len(held) == 2 and "service svc-b (epoch 2) took the store over" in held[0]  # none started again
     assert backend.changes.unwritten() == 0
     assert [(c.seq, c.asset_id) for c in backend.changes.store.read("acme", 0, 10)] == [(1, "a")]
 
