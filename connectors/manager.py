@@ -227,7 +227,10 @@ class Connectors:
         """Start no connector actor from now on, for `why`: this service lost its store to another, and a connector
         started again (by a status read: `status` starts one that is not running) would write to the store and
         connect beside the successor's. Those running still answer; one not running is `down` with `why`. Once
-        this returns, no call of this object starts an actor (the caller stops those running after it)."""
+        this returns, no call of this object starts an actor (the caller stops those running after it). Called
+        again (each fence check finds it), it returns at once: the first `why` stands, and no start waits on it."""
+        if self._held is not None:  # set once, never cleared: no lock needed to see it
+            return
         with self._starts:
             if self._held is None:
                 self._held = _Down(math.inf, why, datetime.now(UTC))

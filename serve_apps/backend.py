@@ -651,8 +651,22 @@ class Backend:
 
     def store_fence(self, timeout_s: float = FENCE_READ_S) -> StoreFence | None:
         """Why this service no longer holds its store (None while it does): see `fence_of`. The lease read waits
-        at most `timeout_s` (`StoreUnavailable` then, or on a store failure): a probe must answer in time."""
-        return fence_of(self._lease_reads(timeout_s), self.twins.lease)
+        at most `timeout_s` (`StoreUnavailable` then, or on a store failure): a probe must answer in time. A lease
+        read that shows the store taken holds the connectors (`_fence_read`), so that every path that checks the
+        fence (`check_writable`, at most `FENCE_CHECK_S` old) stops connector starts, not only the store watch."""
+        return self._fence_read(self._lease_reads(timeout_s))
+
+    def _fence_read(self, held: Lease | None) -> StoreFence | None:
+        """`fence_of` the lease as read (`held`), and once it shows another service holding the store or its release,
+        no connector starts here from then on, not even for a status read (`ConnectorOps.hold`, cheap once held):
+        one started beside the successor's would write to the store and connect under the same MQTT client ids.
+        No lease found holds nothing: maybe a read that missed it, not known to be for good (nor does a read that
+        failed, which raises before this)."""
+        fence = fence_of(held, self.twins.lease)
+        if fence is not None and held is not None:
+            self.connector_ops.hold("this service no longer holds its store, so it starts no connector: "
+                                    + fence.reason)
+        return fence
 
     def probe_store(self, timeout_s: float) -> StoreFence | None:
         """`store_fence` for the health probes, all within `timeout_s`, and `StoreUnavailable` too once the shards'
@@ -786,13 +800,10 @@ class Backend:
         another Ray cluster holds the store, stop this service's connectors (unless `connectors_stopped`): detached,
         they would keep receiving and sending beside the successor's, under the same MQTT client ids. A successor in
         this cluster shares them by name, so they stay. Either way, from then on no connector starts here, not even
-        for a status read (`ConnectorOps.hold`, before the stop: none starts again after it). Whether the
-        connectors are stopped now."""
-        fenced = not holds(held, self.twins.lease)
+        for a status read (`_fence_read`, before the stop: none starts again after it). Whether the connectors
+        are stopped now."""
+        fenced = self._fence_read(held) is not None
         metrics.STORE_FENCED.set(1 if fenced else 0)
-        if fenced and held is not None:  # (no lease found: maybe a read that missed it, not known to be for good)
-            self.connector_ops.hold("this service no longer holds its store, so it starts no connector: "
-                                    + fence_of(held, self.twins.lease).reason)
         if connectors_stopped or not fenced or held is None or held.released or held.cluster == ray_cluster():
             return connectors_stopped  # a released lease has no successor whose connectors would run beside these
         try:
@@ -826,7 +837,8 @@ class Backend:
     def check_writable(self) -> None:
         """`StoreFenced` (503 `store_fenced`) once another service took the store over: a fenced service must not
         act beside its successor (send a command, start a connector, queue or record a run), not only leave the
-        twins alone (their shards refuse by themselves). The lease is read at most every `FENCE_CHECK_S`."""
+        twins alone (their shards refuse by themselves). The lease is read at most every `FENCE_CHECK_S`; a read that
+        finds the store taken holds the connectors too (`store_fence`), ahead of the store watch's next pass."""
         now = time.monotonic()
         if now - self._fence_checked >= FENCE_CHECK_S:
             self._fence, self._fence_checked = self.store_fence(), now

@@ -76,7 +76,10 @@ class ConnectorOps:
 
     def __init__(self, twins: TwinService, declared: list[dict[str, Any]], tls_dir: str | None = None,
                  hosts: list[str] | None = None, audit: AuditLog | None = None):
-        """`audit`: where the starts nobody asked for are audited (`supervise`; None: nowhere, tests)."""
+        """`audit`: where the starts nobody asked for are audited (`supervise`; None: nowhere, tests). The declared
+        connectors start with no fence check: `twins` holds its store here (`TwinService` took the lease, or
+        raised `StoreLeased` while another live service holds it, before this object is made); a takeover since
+        is the backend's store watch's and write check's to find (`hold`), as any later one."""
         self.files, self.reach, self.audit = TenantFiles(tls_dir), Reach(hosts), audit
         self._supervising = threading.Lock()  # one pass at a time: two would start one connector twice
         self.operators = {(d.get("tenant"), d.get("name")) for d in declared}  # declared in the service config

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import os
 import re
 import stat
@@ -439,6 +440,59 @@ def test_a_fenced_service_starts_no_connector_for_a_read(tmp_path: Path, unstart
     unstarted.alive.add(("acme", "plant"))  # one running (a successor in this cluster shares it): answered as before
     assert Backend.connector(backend, "view", "acme", "plant")["status"]["state"] == "paused"
     assert unstarted.started == started
+
+
+def test_a_write_check_that_finds_the_store_taken_starts_no_connector_before_the_watch(
+        tmp_path: Path, unstarted: Unstarted) -> None:
+    """The store watch held the connectors up to one watch interval (5 s) after a takeover, while `check_writable`
+    (a write, the shadow conclusions every 2 s) already knew: a status read meanwhile started a connector beside the
+    successor's. Now the write check's lease read holds them as well, and only a read that shows the store taken:
+    one that failed or found no lease (maybe a miss) holds nothing. Held again, the first reason stands."""
+    from dataclasses import replace
+
+    from connectors.manager import ConnectorDown
+    from raytwin.statestore import Lease, StoreFenced
+    from serve_apps.backend import Backend
+    from serve_apps.connector_ops import ConnectorOps
+    from serve_apps.store_errors import StoreUnavailable, unavailable
+
+    _declared_in_order(unstarted.store, tmp_path / "store", _mqtt("acme", "plant"))
+    ops = ConnectorOps.__new__(ConnectorOps)  # without connectors to start
+    ops.reach, ops.operators, ops.connectors = Reach(None), set(), unstarted
+    mine = Lease(owner="svc-a", epoch=1, shards=2, namespace="ns", acquired_at="2026-12-05T14:00:00+00:00",
+                 acquired_by="host-a:1", cluster="this")
+    reads: list[Any] = [unavailable("a read of the store's lease did not answer within 5 s", "timeout"), None,
+                        replace(mine, owner="svc-b", epoch=2), replace(mine, owner="svc-c", epoch=3)]
+
+    def read_lease(timeout_s: float) -> Lease | None:
+        if isinstance(read := reads.pop(0), Exception):
+            raise read
+        return read
+
+    backend = Backend.__new__(Backend)
+    backend.twins, backend.connector_ops, backend._lease_reads = SimpleNamespace(lease=mine), ops, read_lease
+    backend._fence, backend._fence_checked = None, -math.inf
+    with pytest.raises(StoreUnavailable):  # a store that failed to answer: not proof of a fence
+        backend.check_writable()
+    with pytest.raises(StoreFenced):  # no lease found: refused, and maybe a read that missed it
+        backend.check_writable()
+    assert Backend.connector(backend, "view", "acme", "plant")["status"]["state"] == "paused"  # started, as before
+    unstarted.alive.clear()  # (its actor gone)
+    for _ in range(2):  # svc-b took the store over; then svc-c
+        backend._fence_checked = -math.inf
+        with pytest.raises(StoreFenced):
+            backend.check_writable()
+    started = list(unstarted.started)
+    answer = Backend.connector(backend, "view", "acme", "plant")["status"]
+    assert answer["state"] == "down" and "service svc-b (epoch 2)" in answer["last_error"], answer
+    with pytest.raises(ConnectorDown):
+        unstarted.resume("acme", "plant")
+    assert unstarted.started == started and reads == []
+    with unstarted._starts:  # a start in flight: a fence check that finds the connectors held already never waits
+        again = threading.Thread(target=ops.hold, args=("again",), daemon=True)
+        again.start()
+        again.join(5)
+        assert not again.is_alive()
 
 
 def test_a_connector_declared_again_after_its_sealing_key_was_rotated_out_is_taken(

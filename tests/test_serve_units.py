@@ -598,7 +598,9 @@ class HealthBackend:
         self._lease_reads = BoundedRead(store.read_lease, "the store's lease")
         self._beat_reads = BoundedRead(store.read_heartbeat, "the store's lease heartbeat")
         self._renewals = RenewalWatch(RENEWAL_STALL_S)
-        self._fence, self._fence_checked, self.proposed = None, -math.inf, []
+        self._fence, self._fence_checked, self.proposed, self.held = None, -math.inf, [], []
+        self.connector_ops = SimpleNamespace(propose=lambda *a: self.proposed.append(a) or {"id": "c1"},
+                                             hold=self.held.append)
         self.answering = 2  # twin shards that answer (`Backend.shards_answering`)
         self.waited_s: list[tuple[float, float]] = []  # how long readiness let the shards take to answer, and to
         # be in one call
@@ -607,6 +609,11 @@ class HealthBackend:
         from serve_apps.backend import Backend
 
         return Backend.store_fence(self, timeout_s)
+
+    def _fence_read(self, held):
+        from serve_apps.backend import Backend
+
+        return Backend._fence_read(self, held)
 
     def probe_store(self, timeout_s: float):
         from serve_apps.backend import Backend
@@ -626,7 +633,6 @@ class HealthBackend:
     def connector(self, op: str, *args):
         from serve_apps.backend import Backend
 
-        self.connector_ops = SimpleNamespace(propose=lambda *a: self.proposed.append(a) or {"id": "c1"})
         return Backend.connector(self, op, *args)
 
     def job_stats(self, tenant: str | None = None) -> dict:
@@ -716,6 +722,8 @@ def test_health_says_fenced_naming_the_stores_new_holder_once_another_service_to
         refused = http.post("/v1/commands", json=proposal, headers=auth["writer"])  # a command sent beside the
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "store_fenced"  # successor: no
         assert "took the store over" in refused.json()["error"]["message"] and not backend.proposed
+        assert len(backend.held) == 1 and "service svc-b (epoch 2) took the store over" in backend.held[0]  # the
+        # write check holds the connectors too: none starts, not even for a read, ahead of the store watch
         store.write_lease(replace(mine, released=True))  # its own lease released under it (the service closed)
         fenced = http.get("/v1/health", headers=auth["reader"]).json()["fenced"]
         assert "holder" not in fenced and "was released" in fenced["reason"]
