@@ -137,7 +137,8 @@ def sweep_run(
         _check_size(parsed.space, parsed.n_steps, len(fmu.output_names) * len(METRICS) + 1, max_scenarios,
                     max_work)  # + error
         with _sigterm_recorded():
-            record = _recorded(lambda: recorded_fmu_sweep(parsed, runs=runs), FmuSpecError)
+            record = _recorded(lambda: recorded_fmu_sweep(parsed, runs=runs, max_scenarios=max_scenarios),
+                               FmuSpecError)
         s = record.summary
         typer.echo(f"run {record.run_id}: {s['scenarios']} FMU scenarios ({s['failed']} failed) in {s['elapsed_s']} s "
                    f"on {s['workers']} worker(s) -> {record.output_url}")

@@ -32,11 +32,13 @@ from pydantic import Field, model_validator
 from raytwin import units
 from raytwin.contracts import Finite, Identifier, Spec, whole_steps
 from raytwin.fmu import FmuModel, FmuScenario, calibrate_fmu, run_fmu_sweep
+from raytwin.fmu.batch import METRICS
 from raytwin.registry import ModelArtifact
 from raytwin.sim.model import Input, Param, State
 from raytwin.storage import canonical_json, filesystem, make_folder, replace_file
 from sweeps.calibration import (MAX_TRIALS, CalibrationError, TuneSeed, declared_columns, no_finite_loss, read_telemetry,
                                 too_few_samples)
+from sweeps.limits import MAX_SCENARIOS, check_size
 from sweeps.runner import ensure_ray, part_name, write_parquet
 from sweeps.space import ScenarioSpace
 from sweeps.spec import allowed_values, range_problems, resolve_model
@@ -147,9 +149,18 @@ class FmuSweepSpec(_FmuRunSpec):
         return out
 
 
-def run_fmu_spec(spec: FmuSweepSpec, out_url: str, storage_options: dict | None = None) -> tuple[dict, dict]:
-    """Run the sweep on Ray and write its table under `out_url`: (file name -> sha256, summary)."""
+def check_fmu_sweep_size(spec: FmuSweepSpec, fmu: FmuModel, max_scenarios: int = MAX_SCENARIOS) -> None:
+    """`sweeps.limits.check_size` of `spec` (its values: a metric per output and `METRICS`, and the `error`
+    column), as for a JAX sweep: a huge design would be drawn in the driver, one scenario object each."""
+    check_size(spec.space, spec.n_steps, len(fmu.output_names) * len(METRICS) + 1, max_scenarios=max_scenarios)
+
+
+def run_fmu_spec(spec: FmuSweepSpec, out_url: str, storage_options: dict | None = None, *,
+                 max_scenarios: int = MAX_SCENARIOS) -> tuple[dict, dict]:
+    """Run the sweep on Ray and write its table under `out_url`: (file name -> sha256, summary). A sweep of more
+    than `max_scenarios` scenarios is refused (`sweeps.limits.SweepTooLarge`) before its design is drawn."""
     artifact, fmu = registered_fmu(spec.model, spec.registry_url)
+    check_fmu_sweep_size(spec, fmu, max_scenarios)
     scenarios = spec.scenarios(artifact, fmu)
     ensure_ray()
     t0 = time.monotonic()

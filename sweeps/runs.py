@@ -30,7 +30,8 @@ from raytwin.storage import canonical_json, filesystem, replace_file
 from raytwin.store_failures import store_io
 from sweeps.aggregate import RUN_OUTPUT, RUN_RECORD
 from sweeps.calibration import CalibrationError, CalibrationSpec, calibrate, read_telemetry
-from sweeps.fmu import FmuCalibrationSpec, FmuSweepSpec, calibrate_fmu_spec, run_fmu_spec
+from sweeps.fmu import (FmuCalibrationSpec, FmuSweepSpec, calibrate_fmu_spec, check_fmu_sweep_size, registered_fmu,
+                        run_fmu_spec)
 from sweeps.limits import MAX_SCENARIOS
 from sweeps.runner import (RunTerminated, SweepCancelled, absolute_series, absolute_url, check_sweep_size, prepare,
                            run_sweep)
@@ -191,11 +192,16 @@ def recorded_sweep(
 def recorded_fmu_sweep(
     spec: FmuSweepSpec, *, runs: str = DEFAULT_RUNS_ROOT, storage_options: dict | None = None,
     user: str | None = None, rerun_of: str | None = None, run_id: str | None = None,
+    max_scenarios: int = MAX_SCENARIOS,
 ) -> RunRecord:
     """Run a sweep of a registered FMU (`sweeps.fmu`) into a new run directory and record it (under `run_id`,
-    default a new id): the same record as a JAX sweep, its ``model_code`` the FMU file's SHA-256."""
+    default a new id): the same record as a JAX sweep, its ``model_code`` the FMU file's SHA-256. A sweep of more
+    than `max_scenarios` scenarios is refused before it is recorded (`sweeps.limits.SweepTooLarge`)."""
+    if spec.space.size > max_scenarios:  # refused unrecorded; the FMU's outputs size the message
+        check_fmu_sweep_size(spec, registered_fmu(spec.model, spec.registry_url)[1], max_scenarios)
     return _recorded(RunStore(runs, storage_options), "sweep", spec,
-                     lambda out_url: run_fmu_spec(spec, out_url, storage_options), input_url=None, input_hash=None,
+                     lambda out_url: run_fmu_spec(spec, out_url, storage_options, max_scenarios=max_scenarios),
+                     input_url=None, input_hash=None,
                      seeds={"space": spec.space.seed}, user=user, rerun_of=rerun_of, run_id=run_id)
 
 
@@ -301,7 +307,8 @@ def rerun(run_id: str, *, runs: str = DEFAULT_RUNS_ROOT, storage_options: dict |
     common = dict(runs=runs, storage_options=storage_options, user=original.user, rerun_of=run_id)
     fmu = original.spec.get("engine") == "fmu"  # recorded by sweeps.fmu (JAX specs have no engine field)
     if original.kind == "sweep" and fmu:
-        new = recorded_fmu_sweep(FmuSweepSpec.model_validate(original.spec), **common)
+        fmu_spec = FmuSweepSpec.model_validate(original.spec)  # as a JAX sweep's rerun: its own size is allowed
+        new = recorded_fmu_sweep(fmu_spec, max_scenarios=max(MAX_SCENARIOS, fmu_spec.space.size), **common)
     elif original.kind == "sweep":
         spec = SweepSpec.model_validate(original.spec)  # it ran once: a limit raised for it holds for its rerun
         new = recorded_sweep(spec, progress=progress, max_scenarios=max(MAX_SCENARIOS, spec.space.size), **common)

@@ -217,3 +217,21 @@ def test_an_fmu_calibration_searches_within_the_declared_bounds_and_says_when_no
     with pytest.raises(FmuSpecError, match="no trial produced a finite loss: every FMU run failed"):
         calibrate_fmu_spec(spec.model_copy(update={"free": {"mu": (0.3, 4.0)}}), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_an_fmu_sweep_refuses_a_huge_design_up_front_saying_how_to_run_it(registry, tmp_path, monkeypatch):
+    """It had no limit in Python: a design of 1e9 LHS scenarios was drawn in the driver, one object each."""
+    import sweeps.fmu
+    from sweeps.limits import SweepTooLarge
+
+    space = ScenarioSpace(method="grid", dimensions=[Dimension(name="mu", target="param", values=[1.0, 1.1, 1.2])])
+    spec = FmuSweepSpec(model="vdp@1.0.0", registry_url=registry.url, space=space, horizon_s=1.0, step_s=0.1)
+    monkeypatch.setattr(FmuSweepSpec, "scenarios", lambda *a: pytest.fail("the design was drawn"))
+    runs = str(tmp_path / "runs")
+    with pytest.raises(SweepTooLarge, match=r"3 scenarios of 10 steps .* more than max_scenarios=2; pass "
+                                            r"max_scenarios=3 to run it, or run it as several smaller sweeps"):
+        recorded_fmu_sweep(spec, runs=runs, max_scenarios=2)
+    assert RunStore(runs).list() == []  # refused before anything is recorded
+    with pytest.raises(SweepTooLarge, match=r"more than max_scenarios=2"):
+        sweeps.fmu.run_fmu_spec(spec, str(tmp_path / "out"), max_scenarios=2)
+    assert not (tmp_path / "out").exists()
