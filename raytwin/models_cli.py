@@ -8,10 +8,15 @@ from __future__ import annotations
 import math
 import os
 import sys
+from typing import TYPE_CHECKING
 
 import typer
 
+if TYPE_CHECKING:
+    from raytwin.fmu.describe import FmuModel
+
 models_app = typer.Typer(no_args_is_help=True)
+MODEL_REF = "A declared model name, an import path package.module:MODEL, or a stored FMU's URL (.../fmus/<sha256>.fmu)."
 
 
 def importable_working_directory() -> None:
@@ -51,11 +56,19 @@ def _bounds(lower: float, upper: float) -> str:
 
 
 @models_app.command("show")
-def show(ref: str = typer.Argument(..., help="A declared model name or an import path package.module:MODEL.")) -> None:
-    """A model's declaration: variables with units and ranges, parameters with defaults and bounds, step."""
+def show(ref: str = typer.Argument(..., help=MODEL_REF)) -> None:
+    """A model's declaration: variables with units and ranges, parameters with defaults and bounds, step; for a
+    stored FMU (its URL, ``.../fmus/<sha256>.fmu``) also its FMI version, interfaces and hash."""
+    from raytwin.fmu.describe import FmuModel
+
     model = resolve_model(ref)
     typer.echo(f"{model.name} {model.version}: {model.description}")
-    typer.echo(f"default_dt {model.default_dt:g} s" + (f" ({model.dt_limit})" if model.dt_limit else ""))
+    if isinstance(model, FmuModel):  # it integrates itself: no RK4 step limit to state
+        typer.echo(f"FMU {model.name} (FMI {model.fmi_version}, {', '.join(model.interfaces)}), sha256 "
+                   f"{model.fmu_hash}")
+        typer.echo(f"default_dt {model.default_dt:g} s")
+    else:
+        typer.echo(f"default_dt {model.default_dt:g} s" + (f" ({model.dt_limit})" if model.dt_limit else ""))
     for kind, variables in (("states", model.states), ("inputs", model.inputs), ("outputs", model.outputs)):
         typer.echo(f"{kind}:")
         for v in variables:
@@ -70,15 +83,21 @@ def show(ref: str = typer.Argument(..., help="A declared model name or an import
 
 @models_app.command("check")
 def check(
-    ref: str = typer.Argument(..., help="A declared model name or an import path package.module:MODEL."),
-    dt: float = typer.Option(None, help="The step to check [s] (default: the model's default_dt)."),
+    ref: str = typer.Argument(..., help=MODEL_REF),
+    dt: float = typer.Option(None, help="The step to check [s] (default: the model's default_dt; a stored FMU's "
+                             "probe always runs at its default_dt, the step it registers with)."),
 ) -> None:
     """Run the checks registration runs (names, shapes, floating-point types, units, finiteness at the parameter
-    corners, jit/vmap/jacfwd, RK4 stability); exit 1 with a one-line reason when one fails."""
+    corners, jit/vmap/jacfwd, RK4 stability; for a stored FMU, its probe run at the default parameters); exit 1
+    with a one-line reason when one fails."""
+    from raytwin.fmu.describe import FmuModel
     from raytwin.sim.checks import check_model
     from raytwin.sim.model import ModelCheckError
 
     model = resolve_model(ref)
+    if isinstance(model, FmuModel):
+        _check_fmu(model)
+        return
     try:
         report = check_model(model, dt=dt)
     except ModelCheckError as exc:
@@ -86,3 +105,22 @@ def check(
         raise typer.Exit(1) from None
     for line in report.lines():
         typer.echo(line)
+
+
+def _check_fmu(model: FmuModel) -> None:
+    """What registering a stored FMU runs (`FmuModel.check_registration`: `PROBE_STEPS` default steps at the
+    default parameters, finite and inside the declared ranges); the JAX checks (jit, jacfwd, RK4) mean nothing
+    for a black box that integrates itself. Exit 1 with the reason when it fails."""
+    from raytwin.fmu.describe import PROBE_STEPS
+    from raytwin.sim.model import ModelCheckError
+
+    defaults = [p.default for p in model.params]
+    try:
+        model.check_registration(defaults)
+    except ModelCheckError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"{model.name} {model.version}: FMU {model.fmu_hash[:12]}... (FMI {model.fmi_version})")
+    typer.echo(f"probe run: {PROBE_STEPS} steps of {model.default_dt:g} s ({model.interfaces[0]}) at "
+               f"{dict(zip(model.param_names, defaults))}: {len(model.states)} states and {len(model.outputs)} "
+               "outputs finite, within the declared ranges")

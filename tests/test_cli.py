@@ -220,3 +220,18 @@ def test_a_store_outage_is_one_line_and_exit_75_not_a_traceback(tmp_path, monkey
     assert exited.value.code == cli.EX_TEMPFAIL, said
     assert said.startswith("raytwin: the store failed a read (io: ") and said.count("\n") == 1, said
     assert "Traceback" not in said
+
+
+def test_models_show_and_check_an_fmu_by_its_stored_url(reference_fmus, tmp_path):
+    """Both refused a stored FMU ("is a FmuModel, not a raytwin Model"): `show` lists its variables with units,
+    `check` runs the probe registration runs (finite values inside the declared ranges)."""
+    from raytwin.fmu import store_fmu
+
+    url = store_fmu(reference_fmus[(3, "VanDerPol")], str(tmp_path / "models")).url
+    shown = CliRunner().invoke(app, ["models", "show", url])
+    assert shown.exit_code == 0, shown.output
+    assert "(FMI 3.0, " in shown.output and "states:\n  x0 [" in shown.output
+    assert "params:\n  mu [" in shown.output
+    checked = CliRunner().invoke(app, ["models", "check", url])
+    assert checked.exit_code == 0, checked.output
+    assert "probe run: 10 steps" in checked.output and "finite, within the declared ranges" in checked.output
