@@ -120,9 +120,11 @@ async def services(request: Request) -> Services:
     return request.app.state.services
 
 
-def require(role: Role):
+def require(role: Role, *, refuses_conditions: bool = True):
     """A dependency: the authenticated caller, rate limited, with at least `role` (401/429/403), whose write carries
-    no precondition its route does not evaluate (412, `serve_apps.conditional.refuse_unevaluated`)."""
+    no precondition its route does not evaluate (412, `serve_apps.conditional.refuse_unevaluated`). A route that
+    checks a higher role in its body passes `refuses_conditions=False` and calls `refuse_unevaluated` itself after
+    that check, so a caller below its role gets 403, never a 412 telling it what the route evaluates."""
 
     async def dependency(
         request: Request,
@@ -143,7 +145,8 @@ def require(role: Role):
                               details=[{"retry_after_s": wait}],
                               headers={"Retry-After": TokenBuckets.retry_after(wait)})
         require_role(who, role)
-        refuse_unevaluated(request)  # 412 for a condition the route ignores: only now, after 401, 429 and 403
+        if refuses_conditions:  # 412 for a condition the route ignores: only now, after 401, 429 and 403
+            refuse_unevaluated(request)
         return who
 
     return dependency
@@ -224,6 +227,12 @@ DeadLetterLimit = Annotated[int, Query(ge=1, le=1000, description="at most 1000:
 READER = Depends(require(Role.reader))
 WRITER = Depends(require(Role.writer))
 ADMIN = Depends(require(Role.admin))
+READER_ROLE_IN_BODY = Depends(require(Role.reader, refuses_conditions=False))
+"""A reader, for a route that checks a higher role in its body (to audit the refusal as its own action): the route
+calls `serve_apps.conditional.refuse_unevaluated` right after that check."""
+WRITER_ROLE_IN_BODY = Depends(require(Role.writer, refuses_conditions=False))
+"""A writer, for a route whose role depends on its body (bulk: tag is a writer's, delete and retype an admin's): the
+route calls `serve_apps.conditional.refuse_unevaluated` right after its role check."""
 CHANGE_STREAM = Depends(streaming(Role.reader, "change_stream"))
 FILE_DOWNLOAD = Depends(streaming(Role.reader, "file_download"))
 """A file download's key, checked again while the file streams (`serve_apps.downloads`)."""

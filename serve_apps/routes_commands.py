@@ -19,7 +19,8 @@ from serve_apps.auth import Principal, Role, require_owner
 from serve_apps.json_route import JsonRoute
 from serve_apps.routes_recommendations import require_another_person, require_approver
 from serve_apps.audit_steps import outcome_of
-from serve_apps.deps import ADMIN, READER, SVC, WRITER, IdPath, Services, require_role
+from serve_apps.conditional import refuse_unevaluated
+from serve_apps.deps import ADMIN, READER, READER_ROLE_IN_BODY, SVC, WRITER, IdPath, Services, require_role
 from serve_apps.errors import CONFLICT
 
 
@@ -56,7 +57,7 @@ async def propose_command(body: CommandProposal, request: Request, who: Principa
 
 
 @router.post("/{command_id}/approve", response_model=Command, responses=CONFLICT)
-async def approve_command(command_id: IdPath, request: Request, who: Principal = READER,
+async def approve_command(command_id: IdPath, request: Request, who: Principal = READER_ROLE_IN_BODY,
                           svc: Services = SVC) -> Any:
     """Approve (an admin key with an owner, of another person than the proposer: `Principal.person`; a proposer's key
     without an owner is no person that can be told apart, `require_another_person`) and send once: the answer is
@@ -68,6 +69,7 @@ async def approve_command(command_id: IdPath, request: Request, who: Principal =
     safe. The approval is audited before anything is sent (`Services.audited`): no audit, no command."""
     try:
         require_role(who, Role.admin)  # here, not in the dependency: a refused approval is audited as well
+        refuse_unevaluated(request)  # 412 only after the 403: a writer is not told what the route evaluates
         require_owner(who, "approve a command")
         proposed = await svc.backend.call("connector", "command", who.tenant, command_id, lost=NOTHING_TAKEN)
         await require_approver(proposed, who, svc)

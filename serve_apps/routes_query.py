@@ -32,7 +32,8 @@ from raytwin.store_failures import store_io
 from serve_apps.asset_queries import LiveStates
 from serve_apps.auth import Principal, Role
 from serve_apps.bulk import REPORT, Caller
-from serve_apps.deps import READER, SVC, WRITER, Services
+from serve_apps.conditional import refuse_unevaluated
+from serve_apps.deps import READER, SVC, WRITER_ROLE_IN_BODY, Services
 from serve_apps.errors import CONFLICT, Conflict, Forbidden, NotFound, Unprocessable
 from serve_apps.jobs import Job, JobRecord
 from serve_apps.resend import resend_safe
@@ -111,12 +112,14 @@ def register(app: FastAPI) -> None:
         return QueryPage(items=page.items, next_cursor=page.next_cursor, matched=page.matched)
 
     @app.post("/v1/bulk", response_model=BulkAccepted, status_code=202, tags=["jobs"])
-    async def bulk(body: BulkRequest, request: Request, who: Principal = WRITER, svc: Services = SVC) -> BulkAccepted:
+    async def bulk(body: BulkRequest, request: Request, who: Principal = WRITER_ROLE_IN_BODY,
+                   svc: Services = SVC) -> BulkAccepted:
         """Tag (writer), delete or re-register to another version of their type (admin) every asset the
         query matches now, as a job: poll `status_url` for progress, read each item's outcome at
         `report_url`. Every item is a conditional write, in the change log and in the audit log."""
         if body.action != "tag" and not who.allows(Role.admin):
             raise Forbidden(f"bulk {body.action} needs the admin role (like a single {body.action}); writers may tag")
+        refuse_unevaluated(request)  # after the role, which depends on the body: a writer is not told what it evaluates
         if body.action == "tag" and not (body.set or body.unset):
             raise Unprocessable("tag: give metadata keys to `set` and/or `unset`")
         if body.action == "tag" and (both := sorted(body.set.keys() & set(body.unset))):

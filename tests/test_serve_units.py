@@ -2515,6 +2515,25 @@ def test_a_precondition_a_write_ignores_is_refused_only_after_the_key_and_role_a
                 assert (header in answer.json()["error"]["message"]) == (status == 412), answer.text
 
 
+def test_a_precondition_is_refused_only_after_a_role_the_route_checks_in_its_body(tmp_path):
+    """Command approval and bulk delete / retype check the admin role in their body: a writer sending If-Match got the
+    412 (what the route evaluates) before its 403. Now 403, audited as before (`access.denied`, and the approval's own
+    refusal record); an admin still gets 412, before anything is read or sent (a refused approval attempt, audited)."""
+    from tests.fixtures_serve import in_process
+
+    cases = (("/v1/commands/c1/approve", None), ("/v1/bulk", {"q": "", "action": "delete"}),
+             ("/v1/bulk", {"q": "", "action": "retype", "type_version": "2.0.0"}))
+    with in_process(SimpleNamespace(check_writable=lambda: None), tmp_path) as (http, auth, svc):
+        for path, body in cases:
+            for name, status in (("writer", 403), ("admin", 412)):
+                answer = http.post(path, json=body, headers=auth[name] | {"If-Match": '"3"'})
+                assert answer.status_code == status, (path, body, name, answer.text)
+                assert ("If-Match" in answer.json()["error"]["message"]) == (status == 412), answer.text
+        denied = [r.details["route"] for r in svc.audit.records("acme") if r.action == "access.denied"]
+        assert denied == ["/v1/commands/{command_id}/approve", "/v1/bulk", "/v1/bulk"], denied
+        assert [r["http_status"] for r in _approval_audit(svc, "c1", "acme")] == [403, 412]  # every attempt
+
+
 def test_a_backend_refusal_raised_to_serve_is_one_log_line_and_a_fault_keeps_its_traceback(tmp_path):
     """Serve's replica logs what its method raises with ``logger.exception("Request failed.")`` on its own logger:
     for the backend's refusals (404 for telemetry to an unknown asset, ...) ~40 lines each, at ERROR, which a tenant
