@@ -22,8 +22,13 @@ after = threading.Thread(target=lambda: None)  # and one started after it: inher
 policies = []
 after.run = lambda: policies.append(os.sched_getscheduler(0))
 after.start(); after.join()
-tids = [int(t) for t in os.listdir("/proc/self/task")]
-print(json.dumps({"taken": taken, "policies": sorted({os.sched_getscheduler(t) for t in tids}),
+def policy(tid):
+    try:
+        return os.sched_getscheduler(tid)
+    except ProcessLookupError:  # a thread that exited since the listing (the joined one may still be listed)
+        return None
+live = {policy(int(t)) for t in os.listdir("/proc/self/task")} - {None}
+print(json.dumps({"taken": taken, "policies": sorted(live),
                   "started_after": policies, "nice": os.getpriority(os.PRIO_PROCESS, 0)}))
 """
 
