@@ -258,9 +258,13 @@ class Connectors:
     def _startable(self, tenant: str, name: str) -> None:
         """`ConnectorDown` while the connector is down and not to be tried again yet: no call starts its actor
         then (one refused at start, e.g. for a client id another connector holds, would kick that one off), nor
-        while this object is held (`hold`) and it does not run."""
+        while this object is held (`_unheld`)."""
         if (down := self._down.get((tenant, name))) is not None and time.monotonic() < down.retry_at:
             raise ConnectorDown(name, down.why, down.since)
+        self._unheld(tenant, name)
+
+    def _unheld(self, tenant: str, name: str) -> None:
+        """`ConnectorDown` while this object is held (`hold`) and the connector does not run: none starts then."""
         if (held := self._held) is not None and not self._running(tenant, name):
             raise ConnectorDown(name, held.why, held.since)
 
@@ -385,9 +389,14 @@ class Connectors:
             return _waiting(key), key
         return None
 
-    def start_declared(self, refuse: Callable[[ConnectorSpec], str | None] | None = None) -> int:
+    def start_declared(self, refuse: Callable[[ConnectorSpec], str | None] | None = None,
+                       fence: Callable[[], str | None] = lambda: None) -> int:
         """Start the actor of every stored declaration that has none (a service started again on its store:
         connectors run without anyone asking for them, a paused one stays paused); how many it asked for.
+        `fence` is asked right before each connector is started or stopped: why this service may start none
+        (another service took its store over since it took the lease; None: it holds the store). A reason holds
+        this object (`hold`) and ends the pass: nothing more is started or stopped (stopping one would stop the
+        successor's, in the same Ray cluster), and no actor starts after `hold` returned, however it was held.
         A declaration whose actor cannot be created is logged, not fatal: the others still start. One that
         `refuse` gives a reason for (a policy that changed since it was declared) is not started: it is listed as
         down with that reason until it is declared again or deleted. Nor is one whose session (MQTT client id)
@@ -398,6 +407,10 @@ class Connectors:
         started: dict[tuple[str, str], ray.ObjectRef] = {}
         for tenant, name in self._earliest_first():
             try:
+                if self._held is None and (reason := fence()) is not None:
+                    self.hold(reason)
+                if (held := self._held) is not None:
+                    raise ConnectorDown(name, held.why, held.since)
                 spec = self.spec(tenant, name)
                 if refused := self._refused(spec, refuse):
                     why, waits_for = refused
@@ -407,7 +420,13 @@ class Connectors:
                     continue
                 if self._other_policy(tenant, name):
                     self._kill(tenant, name)
-                started[(tenant, name)] = self._actor(tenant, name).status.remote()
+                with self._starts:  # held by another thread since the check above: none starts once `hold` returned
+                    self._unheld(tenant, name)
+                    started[(tenant, name)] = self._actor(tenant, name).status.remote()
+            except ConnectorDown as exc:
+                log.warning("event=connector_starts_held tenant=%s connector=%s reason=%r: it and those after it are "
+                            "not started", tenant, name, exc.why)
+                break
             except Exception:  # noqa: BLE001 - one broken declaration must not keep the service down
                 log.exception("event=connector_start_failed tenant=%s connector=%s", tenant, name)
         self._check_started(started)

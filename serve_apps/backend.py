@@ -106,6 +106,16 @@ def fence_of(now: Lease | None, mine: Lease) -> StoreFence | None:
                       holder=now.owner, epoch=now.epoch, acquired_at=now.acquired_at, acquired_by=now.acquired_by)
 
 
+def held_by(held: Lease | None, mine: Lease) -> str | None:
+    """Why no connector may start under `mine` once the store's lease reads `held` (None: they may): another service
+    holds the store, or `mine` was released. No lease found holds nothing: maybe a read that missed it, not known to
+    be for good (nor does a read that failed, which raises before this)."""
+    fence = fence_of(held, mine)
+    if fence is None or held is None:
+        return None
+    return "this service no longer holds its store, so it starts no connector: " + fence.reason
+
+
 def _twin_change(s: TwinState) -> dict[str, Any]:
     """The fields every change about a twin carries."""
     type_name, _, type_version = s.model_ref.partition("@")
@@ -141,14 +151,14 @@ class Backend:
         self.jobs = JobQueue(config, config.max_concurrent_jobs, on_finish=self._job_finished)
         self._started = datetime.now(UTC)  # jobs that ended before (a restart failed some) are `_catch_up_jobs`'
         self.audit = AuditLog(config.store_url, config.storage_options)  # bulk jobs audit each item
+        self._lease_reads = BoundedRead(self.twins.store.read_lease, "the store's lease")  # probes: a deadline
         self.connector_ops = ConnectorOps(self.twins, config.connectors, config.connector_tls_dir,
-                                          config.connector_hosts, self.audit)
+                                          config.connector_hosts, self.audit, self._connector_fence)
         self.type_evolution = TypeEvolution(self)
         self._lock = threading.Lock()
         self._publish = threading.Lock()
         self._fence: StoreFence | None = None
         self._fence_checked = -math.inf  # when the lease was last read (`check_writable`)
-        self._lease_reads = BoundedRead(self.twins.store.read_lease, "the store's lease")  # probes: a deadline
         self._beat_reads = BoundedRead(self.twins.store.read_heartbeat, "the store's lease heartbeat")
         self._renewals = RenewalWatch(RENEWAL_STALL_S)
         self._concluded: set[str] = set()  # the shadow evaluations recorded (run ids; `_conclude_shadows`)
@@ -657,16 +667,19 @@ class Backend:
         return self._fence_read(self._lease_reads(timeout_s))
 
     def _fence_read(self, held: Lease | None) -> StoreFence | None:
-        """`fence_of` the lease as read (`held`), and once it shows another service holding the store or its release,
-        no connector starts here from then on, not even for a status read (`ConnectorOps.hold`, cheap once held):
-        one started beside the successor's would write to the store and connect under the same MQTT client ids.
-        No lease found holds nothing: maybe a read that missed it, not known to be for good (nor does a read that
-        failed, which raises before this)."""
-        fence = fence_of(held, self.twins.lease)
-        if fence is not None and held is not None:
-            self.connector_ops.hold("this service no longer holds its store, so it starts no connector: "
-                                    + fence.reason)
-        return fence
+        """`fence_of` the lease as read (`held`), and once it shows another service holding the store or its release
+        (`held_by`), no connector starts here from then on, not even for a status read (`ConnectorOps.hold`, cheap
+        once held): one started beside the successor's would write to the store and connect under the same MQTT
+        client ids."""
+        if (why := held_by(held, self.twins.lease)) is not None:
+            self.connector_ops.hold(why)
+        return fence_of(held, self.twins.lease)
+
+    def _connector_fence(self) -> str | None:
+        """Why no declared connector may start now (`held_by`; None: they may), from a read of the store's lease
+        right before each start (`Connectors.start_declared`, while `connector_ops` is being made: it holds itself
+        on a reason). A read that fails raises: that connector is not started (logged), as for a spec unread."""
+        return held_by(self._lease_reads(FENCE_READ_S), self.twins.lease)
 
     def probe_store(self, timeout_s: float) -> StoreFence | None:
         """`store_fence` for the health probes, all within `timeout_s`, and `StoreUnavailable` too once the shards'

@@ -75,11 +75,13 @@ class ConnectorOps:
     `hold`)."""
 
     def __init__(self, twins: TwinService, declared: list[dict[str, Any]], tls_dir: str | None = None,
-                 hosts: list[str] | None = None, audit: AuditLog | None = None):
-        """`audit`: where the starts nobody asked for are audited (`supervise`; None: nowhere, tests). The declared
-        connectors start with no fence check: `twins` holds its store here (`TwinService` took the lease, or
-        raised `StoreLeased` while another live service holds it, before this object is made); a takeover since
-        is the backend's store watch's and write check's to find (`hold`), as any later one."""
+                 hosts: list[str] | None = None, audit: AuditLog | None = None,
+                 fence: Callable[[], str | None] = lambda: None):
+        """`audit`: where the starts nobody asked for are audited (`supervise`; None: nowhere, tests). `fence`: why
+        this service may start no connector (None: it holds its store), asked right before each declared connector
+        starts (`Connectors.start_declared`): `twins` took the store's lease before this object is made, and a
+        takeover in the seconds since would otherwise start them all beside the successor's until the backend's
+        store watch stopped them (the default, no check: the CLI's and tests' own)."""
         self.files, self.reach, self.audit = TenantFiles(tls_dir), Reach(hosts), audit
         self._supervising = threading.Lock()  # one pass at a time: two would start one connector twice
         self.operators = {(d.get("tenant"), d.get("name")) for d in declared}  # declared in the service config
@@ -89,7 +91,7 @@ class ConnectorOps:
                 self._declare(declaration)
             except Exception:  # noqa: BLE001 - one device connector's missing secret must not take the API down
                 log.exception("event=connector_declaration_failed connector=%r", declaration.get("name"))
-        self.connectors.start_declared(self._refusal)  # those created through the API before a restart, too
+        self.connectors.start_declared(self._refusal, fence)  # those created through the API before a restart, too
 
     def hold(self, why: str) -> None:
         """Start no connector from now on, not even for a read (`Connectors.hold`): this service lost its store."""

@@ -495,6 +495,37 @@ def test_a_write_check_that_finds_the_store_taken_starts_no_connector_before_the
         assert not again.is_alive()
 
 
+def test_a_takeover_after_the_lease_was_taken_starts_no_declared_connector_after_it(
+        tmp_path: Path, unstarted: Unstarted) -> None:
+    """The backend started every declared connector with no fence check, seconds after its twins took the store's
+    lease: a takeover in between started them all beside the successor's until the store watch's first pass. Now the
+    lease is read right before each start: from the read that finds another holder on, none is started, and none is
+    stopped (in one Ray cluster the successor shares them by name); a read that finds no lease holds nothing."""
+    from dataclasses import replace
+
+    from connectors.manager import ConnectorDown
+    from raytwin.statestore import Lease
+    from serve_apps.backend import Backend
+
+    _declared_in_order(unstarted.store, tmp_path / "store", _mqtt("acme", "plant"), _mqtt("acme", "line"),
+                       _mqtt("acme", "press"), _mqtt("acme", "mill"))
+    unstarted.alive.add(("acme", "mill"))  # one running from before: left alone
+    mine = Lease(owner="svc-a", epoch=1, shards=2, namespace="ns", acquired_at="2026-12-07T03:00:00+00:00",
+                 acquired_by="host-a:1", cluster="this")
+    reads: list[Lease | None] = [None, mine, replace(mine, owner="svc-b", epoch=2, cluster="other")]
+    backend = Backend.__new__(Backend)
+    backend.twins, backend._lease_reads = SimpleNamespace(lease=mine), lambda timeout_s: reads.pop(0)
+    assert unstarted.start_declared(fence=backend._connector_fence) == 2 and reads == []
+    assert unstarted.started == [("acme", "plant"), ("acme", "line")] and unstarted.stopped == []
+    down = unstarted.status("acme", "press")
+    assert down.state == ConnectorState.down and "service svc-b (epoch 2)" in down.last_error
+    assert unstarted.status("acme", "mill").state == ConnectorState.paused  # running: answers as before
+    with pytest.raises(ConnectorDown, match="no longer holds its store"):
+        unstarted.resume("acme", "press")
+    assert unstarted.start_declared(fence=lambda: None) == 0 and unstarted.started == [("acme", "plant"),
+                                                                                         ("acme", "line")]
+
+
 def test_a_connector_declared_again_after_its_sealing_key_was_rotated_out_is_taken(
         tmp_path: Path, unstarted: Unstarted, monkeypatch: pytest.MonkeyPatch) -> None:
     """Its old credentials are read to end the session of the client id it gives up: a key rotated out must not
