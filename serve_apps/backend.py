@@ -116,9 +116,15 @@ def held_by(held: Lease | None, mine: Lease) -> str | None:
     return "this service no longer holds its store, so it starts no connector: " + fence.reason
 
 
+def _type_of(model_ref: str) -> tuple[str, str]:
+    """(type name, type version) of a model reference ``name@version`` (empty strings where it has none)."""
+    type_name, _, type_version = model_ref.partition("@")
+    return type_name, type_version
+
+
 def _twin_change(s: TwinState) -> dict[str, Any]:
     """The fields every change about a twin carries."""
-    type_name, _, type_version = s.model_ref.partition("@")
+    type_name, type_version = _type_of(s.model_ref)
     return {"asset_id": s.asset_id, "type_name": type_name, "type_version": type_version, "revision": s.revision}
 
 
@@ -924,7 +930,7 @@ BackendDeployment = serve.deployment(Backend, name="Backend", num_replicas=1, ma
 
 def _job_change(job: JobRecord) -> dict[str, Any]:
     """`job.succeeded`, `job.failed`, `job.cancelled`: the job ended."""
-    type_name, _, type_version = job.model_ref.partition("@")
+    type_name, type_version = _type_of(job.model_ref)
     return {"kind": f"job.{job.state}", "asset_id": job.asset_id or None, "type_name": type_name or None,
             "type_version": type_version or None, "revision": None,  # None: a bulk job is about no one asset
             "data": job.model_dump(mode="json", include={"job_id", "kind", "state", "finished", "error", "run_id",
