@@ -18,7 +18,7 @@ import math
 import threading
 import time
 from bisect import bisect_left
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import ray
@@ -45,7 +45,7 @@ from serve_apps.asset_moves import AssetMoves
 from serve_apps.audit import AuditLog
 from serve_apps.bulk import BulkWork, Caller
 from serve_apps.catalog import Catalog
-from serve_apps.changes import JOB_WINDOW_S, ChangeLog, ChangePage
+from serve_apps.changes import ChangeLog, ChangePage
 from serve_apps.conditional import Precondition
 from serve_apps.config import ServeConfig
 from serve_apps.connector_ops import ConnectorOps
@@ -572,25 +572,26 @@ class Backend:
         """Record the change of each of the tenant's jobs that ended before this backend started (one a restart failed
         too) whose change the log lacks (`ChangeLog.recorded_jobs`): a change whose write failed, lost with a backend
         that stopped before the store took writes again, or a crash between the job's record and its change. Once
-        each: a job that ended within `JOB_WINDOW_S` of the newest job with a change is known to have one or not; one
-        that ended before that is taken as recorded. A log whose jobs are not known (a checkpoint from before them)
-        takes every job as recorded instead (`ChangeLog.adopt_jobs`). Jobs that end after the start are recorded as
-        they end (`_job_finished`), never here. Raises before anything is recorded (the marks unreadable)."""
+        each: a job that ended at or after the log's jobs' floor is known to have one or not; one that ended before
+        it is taken as recorded. The floor stays where the last catch-up left it until this one is done
+        (`ChangeLog.settle_jobs`), however much later the jobs this backend records meanwhile end (a service down for
+        hours). A log whose jobs are not known (a checkpoint from before them) takes every job as recorded instead
+        (`ChangeLog.adopt_jobs`). Jobs that end after the start are recorded as they end (`_job_finished`), never
+        here. Raises before anything is recorded (the marks unreadable)."""
         written = self.changes.recorded_jobs(tenant)
         ended = list(self.jobs.ended)  # a copy: the event loop adds jobs as they end
         if written is None:
             self.changes.adopt_jobs(tenant, self._ended_of(tenant, ended))
-            return
-        floor = (max(written.values()) - timedelta(seconds=JOB_WINDOW_S),) if written else ()
-        before = self._ended_of(tenant, ended[bisect_left(ended, floor):bisect_left(ended, (self._started,))])
-        lost = [_job_change(self.jobs.jobs[job_id]) for job_id in before if job_id not in written]
-        if not lost:
-            return
-        log.info("event=job_changes_caught_up tenant=%s jobs=%d", tenant, len(lost))
-        try:
-            self.changes.record(tenant, lost)
-        except Exception:  # noqa: BLE001 - kept and logged by the log, written with its next append (`_commit`)
-            pass
+        else:
+            floor = () if written.floor is None else (written.floor,)
+            before = self._ended_of(tenant, ended[bisect_left(ended, floor):bisect_left(ended, (self._started,))])
+            if lost := [_job_change(self.jobs.jobs[job_id]) for job_id in before if job_id not in written.ended]:
+                log.info("event=job_changes_caught_up tenant=%s jobs=%d", tenant, len(lost))
+                try:
+                    self.changes.record(tenant, lost)
+                except Exception:  # noqa: BLE001 - kept and logged by the log, written with its next append (`_commit`)
+                    pass
+        self.changes.settle_jobs(tenant)
 
     def _ended_of(self, tenant: str, ended: list[tuple[datetime, str]]) -> dict[str, datetime]:
         """Job id -> end of the tenant's jobs among `ended` (`JobQueue.ended`: finished ones, oldest first), less

@@ -21,8 +21,9 @@ streams are served without store reads; a reader further behind reads the segmen
 store itself (`ChangeStore`), without the backend.
 
 Recorded marks: the log keeps, per tenant, what it has *written* about each twin, (revision, drift) of its newest
-`twin.state`/`twin.drift` change, and the ids of the jobs with a `job.*` change that ended within `JOB_WINDOW_S` of
-the newest of them (`Recorded`), and checkpoints them beside the segments at most every `CHECKPOINT_S`
+`twin.state`/`twin.drift` change, and the ids of the jobs with a `job.*` change that ended since its jobs' floor, jobs
+that ended before it being taken as recorded (`Recorded`), and checkpoints them beside the segments at most every
+`CHECKPOINT_S`
 (``{store}/changes/{tenant}/.recorded.json``, with the event id of the newest change they cover;
 `ChangeLog.checkpoint`). A restarted backend reads the checkpoint and the changes after it (`ChangeLog.recorded`,
 `ChangeLog.recorded_jobs`), so it knows which twins' states or drift flags got ahead of the log (a batch applied whose
@@ -82,9 +83,10 @@ MARKS_FILE = ".recorded.json"
 TAIL_PAGE = 1000
 """Changes read per store call when reading the log's tail after a checkpoint."""
 JOB_WINDOW_S = 3600.0
-"""The jobs whose change the recorded marks name: those that ended within this long of the newest one (`Recorded.jobs`).
-Bounds them (a job change a second: 3,600 ids, ~250 kB of checkpoint), and what a restarted backend can find lost: a
-job that ended this long before a later job's change was written is taken as recorded."""
+"""How far behind the newest job with a change the recorded marks' floor follows (`Recorded.note_jobs`), once a
+backend's catch-up of its tenant's jobs is done: bounds the jobs they name (a job change a second: 3,600 ids, ~250 kB of
+checkpoint). A job that ended before the floor is taken as recorded; the floor never passes a lost job's change, which
+a later job's written change implies written (a failed write's changes are written first)."""
 
 Mark = tuple[int, bool]
 """A twin's (state revision, drift flag)."""
@@ -152,16 +154,22 @@ class Queued:
 @dataclass
 class Recorded:
     """What the tenant's log has written about its twins and jobs, as of change `seq` (of `generation`): each twin's
-    `Mark` from its newest twin.state or twin.drift change, and the jobs with a job.* change that ended within
-    `JOB_WINDOW_S` of the newest of them (`jobs`; None: not known, a checkpoint from before it, until
-    `ChangeLog.adopt_jobs`). Not `exact`: a log from before the marks, whose twins missing from `marks` are unknown
-    rather than unrecorded, until `ChangeLog.adopt`; it is not checkpointed meanwhile."""
+    `Mark` from its newest twin.state or twin.drift change, and the jobs with a job.* change that ended at or after
+    `jobs_floor` (`jobs`; None: not known, a checkpoint from before it, until `ChangeLog.adopt_jobs`); those that ended
+    before the floor are taken as recorded (None: no job is). Not `exact`: a log from before the marks, whose twins
+    missing from `marks` are unknown rather than unrecorded, until `ChangeLog.adopt`; it is not checkpointed meanwhile.
+
+    The floor is checkpointed, and moves only once this run's catch-up of the tenant's jobs is done (`jobs_settled`,
+    `ChangeLog.settle_jobs`): a job this run records ends long after a lost one when the service was down for hours,
+    and a floor that followed it before the catch-up ran (or across a crash before it) skipped the lost one."""
 
     marks: dict[str, Mark] = field(default_factory=dict)
     seq: int = 0
     generation: str | None = None
     exact: bool = True
     jobs: JobEnds | None = None
+    jobs_floor: datetime | None = None
+    jobs_settled: bool = False  # this run's catch-up of the jobs is done: the floor may move (not checkpointed)
     dirty: bool = False
     saved_at: float = -math.inf  # monotonic time of the last checkpoint attempt
 
@@ -177,12 +185,31 @@ class Recorded:
         self.seq, self.generation, self.dirty = change.seq, change.generation, True
 
     def note_jobs(self, ended: JobEnds) -> None:
-        """Add jobs taken as recorded (`jobs` becomes known), keeping those that ended within `JOB_WINDOW_S` of the
-        newest."""
+        """Add jobs taken as recorded (`jobs` becomes known); once `jobs_settled`, move the floor up to `JOB_WINDOW_S`
+        before the newest and drop the jobs before it."""
         jobs = {**(self.jobs or {}), **ended}
-        floor = max(jobs.values(), default=None)
-        self.jobs = jobs if floor is None else {
-            j: t for j, t in jobs.items() if t >= floor - timedelta(seconds=JOB_WINDOW_S)}
+        if self.jobs_settled and jobs:
+            floor = max(jobs.values()) - timedelta(seconds=JOB_WINDOW_S)
+            self.jobs_floor = floor if self.jobs_floor is None else max(self.jobs_floor, floor)
+        self.jobs = jobs if self.jobs_floor is None else {j: t for j, t in jobs.items() if t >= self.jobs_floor}
+
+
+@dataclass(frozen=True)
+class JobMarks:
+    """What a tenant's log has written of its jobs (`Recorded`): `ended`, the jobs with a change that ended at or after
+    `floor`; those that ended before it are taken as recorded (None: none is)."""
+
+    ended: JobEnds
+    floor: datetime | None
+
+
+def _floor(saved: dict[str, Any]) -> datetime | None:
+    """The jobs' floor of checkpoint `saved`; of one from before the floor was kept, `JOB_WINDOW_S` before its newest
+    job, as its version took it."""
+    if "jobs_floor" in saved:
+        return None if saved["jobs_floor"] is None else datetime.fromisoformat(saved["jobs_floor"])
+    newest = max((datetime.fromisoformat(t) for t in (saved.get("jobs") or {}).values()), default=None)
+    return None if newest is None else newest - timedelta(seconds=JOB_WINDOW_S)
 
 
 class ChangeLog:
@@ -351,12 +378,19 @@ class ChangeLog:
             recorded = self._recorded_locked(tenant)
             return recorded.marks.get(asset_id, (0, False) if recorded.exact else None)
 
-    def recorded_jobs(self, tenant: str) -> JobEnds | None:
-        """The jobs whose change the log wrote that ended within `JOB_WINDOW_S` of the newest of them (`Recorded.jobs`);
+    def recorded_jobs(self, tenant: str) -> JobMarks | None:
+        """The jobs whose change the log wrote since its floor, and the floor (`Recorded.jobs`, `Recorded.jobs_floor`);
         None for a log whose checkpoint is from before them (or that has none usable), until `adopt_jobs`."""
         with self._lock:
-            jobs = self._recorded_locked(tenant).jobs
-            return None if jobs is None else dict(jobs)
+            recorded = self._recorded_locked(tenant)
+            return None if recorded.jobs is None else JobMarks(dict(recorded.jobs), recorded.jobs_floor)
+
+    def settle_jobs(self, tenant: str) -> None:
+        """This run's catch-up of the tenant's jobs is done (`serve_apps.backend.Backend._catch_up_jobs`): from the next
+        job change written on, the floor follows the newest job (`Recorded.note_jobs`). Not at once: a caught-up change
+        whose write failed is written ahead of that next one, never skipped by a floor that moved first."""
+        with self._lock:
+            self._recorded_locked(tenant).jobs_settled = True
 
     def adopt_jobs(self, tenant: str, ended: JobEnds) -> None:
         """Take the jobs that `ended` as recorded, making the log's jobs known (`recorded_jobs`) where they were not:
@@ -384,14 +418,14 @@ class ChangeLog:
         with self._checkpoint_lock:
             now = time.monotonic()
             with self._lock:
-                due = {t: (r.seq, r.generation, dict(r.marks), None if r.jobs is None else dict(r.jobs))
+                due = {t: (r.seq, r.generation, dict(r.marks), None if r.jobs is None else dict(r.jobs), r.jobs_floor)
                        for t, r in self._recorded.items()
                        if r.exact and r.dirty and (force or now - r.saved_at >= self.checkpoint_s)}
                 for t in due:
                     self._recorded[t].dirty, self._recorded[t].saved_at = False, now
-            for tenant, (seq, generation, marks, jobs) in due.items():
+            for tenant, (seq, generation, marks, jobs, floor) in due.items():
                 try:
-                    self.store.write_marks(tenant, seq, generation, marks, jobs)
+                    self.store.write_marks(tenant, seq, generation, marks, jobs, floor)
                 except Exception as exc:  # noqa: BLE001 - the log is durable; the next pass writes the marks
                     log.warning("event=change_marks_checkpoint_failed tenant=%s error=%s: %s", tenant,
                                 type(exc).__name__, exc)
@@ -411,7 +445,7 @@ class ChangeLog:
             recorded = None if saved is None else Recorded(
                 {a: (int(r), bool(d)) for a, (r, d) in saved["twins"].items()}, int(saved["seq"]), saved["generation"],
                 jobs=None if saved.get("jobs") is None else {
-                    j: datetime.fromisoformat(t) for j, t in saved["jobs"].items()})
+                    j: datetime.fromisoformat(t) for j, t in saved["jobs"].items()}, jobs_floor=_floor(saved))
         except (ValueError, TypeError, AttributeError) as exc:
             log.warning("event=change_marks_unreadable tenant=%s error=%s", tenant, exc)
             recorded = None
@@ -431,7 +465,7 @@ class ChangeLog:
         is one from before the marks, which a crash before the first periodic checkpoint would make this one."""
         recorded = Recorded(jobs={})
         try:
-            self.store.write_marks(tenant, 0, None, {}, {})
+            self.store.write_marks(tenant, 0, None, {}, {}, None)
         except Exception as exc:  # noqa: BLE001 - the next `checkpoint` writes it
             log.warning("event=change_marks_checkpoint_failed tenant=%s error=%s: %s", tenant, type(exc).__name__, exc)
             recorded.dirty = True
@@ -517,16 +551,19 @@ class ChangeStore:
 
     @store_io("write")
     def write_marks(self, tenant: str, seq: int, generation: str | None, marks: dict[str, Mark],
-                    jobs: JobEnds | None) -> None:
-        """Checkpoint the tenant's recorded marks (`Recorded`: its twins', its jobs' or null where not known) as of
-        change `seq` of `generation` (`replace_file` creates the tenant's folder where the log has none yet)."""
+                    jobs: JobEnds | None, jobs_floor: datetime | None) -> None:
+        """Checkpoint the tenant's recorded marks (`Recorded`: its twins', its jobs' or null where not known, and the
+        jobs' floor) as of change `seq` of `generation` (`replace_file` creates the tenant's folder where the log has
+        none yet)."""
         ended = None if jobs is None else {j: t.isoformat() for j, t in jobs.items()}
         replace_file(self.fs, f"{self.root}/{tenant}/{MARKS_FILE}", json.dumps(
-            {"seq": seq, "generation": generation, "twins": marks, "jobs": ended}, separators=(",", ":")).encode())
+            {"seq": seq, "generation": generation, "twins": marks, "jobs": ended,
+             "jobs_floor": None if jobs_floor is None else jobs_floor.isoformat()}, separators=(",", ":")).encode())
 
     @store_io("read")
     def read_marks(self, tenant: str) -> dict[str, Any] | None:
-        """The tenant's checkpoint (`write_marks`; one from before jobs were named lacks "jobs"), None without one;
+        """The tenant's checkpoint (`write_marks`; one from before jobs were named lacks "jobs", one from before their
+        floor was kept "jobs_floor"), None without one;
         ValueError for one unreadable as one."""
         path = f"{self.root}/{tenant}/{MARKS_FILE}"
         if not self.fs.exists(path):

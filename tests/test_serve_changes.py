@@ -1011,6 +1011,57 @@ def test_a_job_change_lost_with_a_backend_that_crashed_is_recorded_once_by_the_n
     asyncio.run(scenario())
 
 
+def test_a_job_change_lost_hours_before_a_restart_is_caught_up_after_jobs_the_restart_recorded_first(
+        tmp_path, monkeypatch):
+    """The catch-up took every job that ended over `JOB_WINDOW_S` before the newest job with a change as recorded:
+    after a service down for hours, a job of the restarted backend that ended before its catch-up ran (which waits on
+    the store, and on the other tenants' catch-up) made the lost job's change one of those, for good once a checkpoint
+    named that job. The jobs' floor is checkpointed now and moves only after a catch-up: the lost job is recorded, by
+    the next backend too, once; from then on the floor follows the newest job, and the checkpoint drops older ones."""
+    from datetime import datetime, timedelta
+
+    from serve_apps import jobs as jobs_module
+    from serve_apps.changes import JOB_WINDOW_S
+    from tests.test_serve_jobs import HeldJobs, _submit
+
+    class TwoHoursAgo(datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return datetime.now(tz) - timedelta(hours=2)
+
+    async def scenario() -> None:
+        monkeypatch.setattr(jobs_module, "datetime", TwoHoursAgo)
+        crashed = _job_backend(tmp_path)
+        held = HeldJobs(crashed.jobs)
+        recorded, lost = (_submit(crashed.jobs, "acme") for _ in range(2))
+        await held.finish(recorded)
+        crashed.changes.checkpoint(force=True)
+        _failing_writes(crashed.changes, [DISK_FULL])
+        await held.finish(lost)  # its change kept in memory; the backend is gone, the service down for two hours
+        monkeypatch.setattr(jobs_module, "datetime", datetime)
+
+        restarted = _job_backend(tmp_path)
+        held = HeldJobs(restarted.jobs)
+        later = _submit(restarted.jobs, "acme")
+        await held.finish(later)  # recorded before the catch-up ran
+        restarted.changes.checkpoint(force=True)  # then it crashed too
+
+        again = _job_backend(tmp_path)
+        for _ in range(2):  # a retry of the pass records nothing more
+            again._catch_up_jobs("acme")
+        assert _job_changes(again) == [("job.succeeded", j) for j in (recorded, later, lost)]
+        held = HeldJobs(again.jobs)
+        newest = _submit(again.jobs, "acme")
+        await held.finish(newest)
+        again.changes.checkpoint(force=True)
+        saved = json.loads((tmp_path / "changes" / "acme" / ".recorded.json").read_text())
+        assert set(saved["jobs"]) == {later, newest}
+        assert datetime.fromisoformat(saved["jobs_floor"]) == again.jobs.jobs[newest].finished - timedelta(
+            seconds=JOB_WINDOW_S)
+
+    asyncio.run(scenario())
+
+
 def test_a_log_whose_checkpoint_names_no_jobs_takes_its_jobs_as_recorded_and_names_them_from_then_on(tmp_path):
     """A checkpoint written before the marks named jobs cannot tell which job's change was lost: its jobs are taken as
     recorded, as before, and the next checkpoint names them."""
