@@ -137,7 +137,9 @@ class CommandLedger:
     is skipped, so a crash between the two writes changes no answer. `_complete` says every command has its markers:
     a tenant without a command yet gets it before its first proposal's markers (`_first_proposal`); one whose
     commands were written before the index (no `_complete`) is read whole, as it was, until a connector of it starts
-    and indexes them (`index`)."""
+    and indexes them (`index`). Complete only while every writer marks: a starting backend restarts an older
+    version's connector actors first (`connectors.runtime.MARKERS`); what is not covered (a rollback to a version
+    without the index, then an upgrade again): connectors/README.md, "writers of an older version"."""
 
     def __init__(self, store_url: str, storage_options: dict[str, Any] | None = None):
         self.fs, root = filesystem(store_url, storage_options)

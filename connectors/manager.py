@@ -23,7 +23,7 @@ from actors.ingest import ShardRouter
 from connectors.commands import Command, CommandError, CommandLedger, CommandStatus
 from connectors.kinds import AssetTypes, kind_of, parse_spec
 from connectors.reach import Reach
-from connectors.runtime import ACTOR_PREFIX, ConnectorActor, ConnectorState, ConnectorStatus, actor_name
+from connectors.runtime import ACTOR_PREFIX, MARKERS, ConnectorActor, ConnectorState, ConnectorStatus, actor_name
 from connectors.spec import ConnectorSpec, ConnectorStore, Credentials, SessionTaken, UnknownConnector
 from connectors.tenant_files import Spec, TenantFiles
 from raytwin import metrics
@@ -116,6 +116,11 @@ def _waiting(key: str) -> str:
     so it never says whose connector that is."""
     return (f"{key} is in use by another connector, declared earlier: this one starts by itself once that one lets "
             "the id go (it is deleted, or declared with another client id); or give this one another client id")
+
+
+def _log_held(tenant: str, name: str, exc: ConnectorDown) -> None:
+    log.warning("event=connector_starts_held tenant=%s connector=%s reason=%r: it and those after it are not started",
+                tenant, name, exc.why)
 
 
 def _died_because(exc: BaseException) -> str:
@@ -393,24 +398,43 @@ class Connectors:
                        fence: Callable[[], str | None] = lambda: None) -> int:
         """Start the actor of every stored declaration that has none (a service started again on its store:
         connectors run without anyone asking for them, a paused one stays paused); how many it asked for.
-        `fence` is asked right before each connector is started or stopped: why this service may start none
-        (another service took its store over since it took the lease; None: it holds the store). A reason holds
-        this object (`hold`) and ends the pass: nothing more is started or stopped (stopping one would stop the
-        successor's, in the same Ray cluster), and no actor starts after `hold` returned, however it was held.
         A declaration whose actor cannot be created is logged, not fatal: the others still start. One that
         `refuse` gives a reason for (a policy that changed since it was declared) is not started: it is listed as
         down with that reason until it is declared again or deleted. Nor is one whose session (MQTT client id)
         another connector holds (two declarations of versions that claimed none: the earlier declared keeps it),
-        until that one lets the id go (`start_waiting`). A
-        running actor that enforces another reach policy than the current one (started before the operator
-        changed it, or by a version that checked no address at connect time) is restarted under the current one."""
+        until that one lets the id go (`start_waiting`).
+
+        A running actor that must not go on (`_outdated`: another reach policy or files directory than the current
+        ones, or an older version's, which writes no index markers) is restarted, and every such actor is stopped
+        before any is started: a new one marks its tenant's indexes complete (`CommandLedger.index`,
+        `StateStore.mark_dead_letter_sources`) at its start, and what an older one wrote after that no index read
+        would find. `fence` is asked right before each connector is stopped or started: why this service may start
+        none (another service took its store over since it took the lease; None: it holds the store). A reason holds
+        this object (`hold`) and ends the pass: nothing more is stopped (that would stop the successor's, in the same
+        Ray cluster) or started, and no actor starts after `hold` returned, however it was held."""
         started: dict[tuple[str, str], ray.ObjectRef] = {}
+        for tenant, name in self._stop_outdated(refuse, fence):
+            try:
+                self._fenced(name, fence)
+                with self._starts:  # held by another thread since the check above: none starts once `hold` returned
+                    self._unheld(tenant, name)
+                    started[(tenant, name)] = self._actor(tenant, name).status.remote()
+            except ConnectorDown as exc:
+                _log_held(tenant, name, exc)
+                break
+            except Exception:  # noqa: BLE001 - one broken declaration must not keep the service down
+                log.exception("event=connector_start_failed tenant=%s connector=%s", tenant, name)
+        self._check_started(started)
+        return len(started)
+
+    def _stop_outdated(self, refuse: Callable[[ConnectorSpec], str | None] | None,
+                       fence: Callable[[], str | None]) -> list[tuple[str, str]]:
+        """`start_declared`'s first pass: stop the actor of each declaration refused (listed as down, `_refused`) or
+        `_outdated`; the declarations to start, the earliest declared first (none once `fence` holds this object)."""
+        startable = []
         for tenant, name in self._earliest_first():
             try:
-                if self._held is None and (reason := fence()) is not None:
-                    self.hold(reason)
-                if (held := self._held) is not None:
-                    raise ConnectorDown(name, held.why, held.since)
+                self._fenced(name, fence)
                 spec = self.spec(tenant, name)
                 if refused := self._refused(spec, refuse):
                     why, waits_for = refused
@@ -418,19 +442,22 @@ class Connectors:
                     self._mark_down(tenant, name, math.inf, why, "refused", waits_for)
                     log.warning("event=connector_refused tenant=%s connector=%s reason=%r", tenant, name, why)
                     continue
-                if self._other_policy(tenant, name):
+                if self._outdated(tenant, name):
                     self._kill(tenant, name)
-                with self._starts:  # held by another thread since the check above: none starts once `hold` returned
-                    self._unheld(tenant, name)
-                    started[(tenant, name)] = self._actor(tenant, name).status.remote()
+                startable.append((tenant, name))
             except ConnectorDown as exc:
-                log.warning("event=connector_starts_held tenant=%s connector=%s reason=%r: it and those after it are "
-                            "not started", tenant, name, exc.why)
-                break
+                _log_held(tenant, name, exc)
+                return []
             except Exception:  # noqa: BLE001 - one broken declaration must not keep the service down
                 log.exception("event=connector_start_failed tenant=%s connector=%s", tenant, name)
-        self._check_started(started)
-        return len(started)
+        return startable
+
+    def _fenced(self, name: str, fence: Callable[[], str | None]) -> None:
+        """`ConnectorDown` once this object is held (`hold`), asking `fence` first while it is not: a reason holds it."""
+        if self._held is None and (reason := fence()) is not None:
+            self.hold(reason)
+        if (held := self._held) is not None:
+            raise ConnectorDown(name, held.why, held.since)
 
     def start_waiting(self, audited: Audited = unaudited) -> list[tuple[str, str]]:
         """Start the connectors down for a client id another connector held that hold it now: passed on to them
@@ -493,17 +520,20 @@ class Connectors:
             else:
                 self._up(tenant, name)
 
-    def _other_policy(self, tenant: str, name: str) -> bool:
-        """Whether the connector's running actor, if any, enforces another reach policy than `self._reach`'s, or
-        opens its files in another directory than `self._files`'s."""
+    def _outdated(self, tenant: str, name: str) -> bool:
+        """Whether the connector's running actor, if any, must be restarted: it enforces another reach policy than
+        `self._reach`'s, opens its files in another directory than `self._files`'s, or writes other index markers
+        than this version's (`MARKERS`; an older version's, kept running across an in-place upgrade of the Serve
+        application: connector actors are detached)."""
         try:
             handle = ray.get_actor(actor_name(tenant, name), namespace=self.router.namespace)
         except ValueError:
             return False  # none runs
         try:
-            return (ray.get(handle.reach.remote(), timeout=30) != self._reach(tenant, name)
+            return (ray.get(handle.markers.remote(), timeout=30) != MARKERS
+                    or ray.get(handle.reach.remote(), timeout=30) != self._reach(tenant, name)
                     or ray.get(handle.files.remote(), timeout=30) != self._files(tenant, name))
-        except (AttributeError, ray.exceptions.RayError):  # an older version's actor (no `reach`), or a dying one
+        except (AttributeError, ray.exceptions.RayError):  # an older version's actor (no `markers`), or a dying one
             return True
 
     def stop_all(self, tenant: str) -> None:

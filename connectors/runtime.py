@@ -42,6 +42,11 @@ SEEN_MARGIN_S = 3600.0
 """How much earlier than its backfill's reach a restarted connector looks for its dead letters: a value's dead letter
 is written when it arrives, which a controller clock ahead of the service's puts before its source timestamp."""
 ALIVE_JOIN_S = 30.0
+MARKERS = 1
+"""Which index markers this version's connector process writes beside what it stores: 1, a command's in the ledger's
+index (`connectors.commands.CommandLedger`) and its dead letters' sources (`raytwin.statestore`). Once a tenant's
+index is marked complete, what a process of an older version writes there (one with none: no `markers` method) no
+index read finds, so `Connectors.start_declared` restarts an actor whose `markers` differ. Raise it with a new index."""
 
 
 class ConnectorState(StrEnum):
@@ -153,6 +158,10 @@ class ConnectorRuntime:
     def files(self) -> TenantFiles | None:
         """Where this process opens the files its declaration names (`Connectors.start_declared` compares)."""
         return self._files
+
+    def markers(self) -> int:
+        """The index markers this process writes (`MARKERS`; `Connectors.start_declared` compares)."""
+        return MARKERS
 
     def pause(self) -> ConnectorStatus:
         """Stop receiving (the source keeps what arrives meanwhile: a persistent session, a subscription)."""

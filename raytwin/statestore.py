@@ -69,7 +69,9 @@ rows, written once per source and day by a process), and a read of one source's 
 days, once the tenant's days are marked whole (`_complete`): a tenant's first dead letters mark them whole where it
 has none (`write_dead_letters`); dead letters written before markers are read once for their sources
 (`mark_dead_letter_sources`, first at a connector's start, even one that fails); until then every day is read as
-before.
+before. Only connector processes write a source's dead letters, and a starting backend restarts those of a version that
+writes other markers (`connectors.runtime.MARKERS`) before it starts any; a rollback to a version without the markers,
+then an upgrade again, is not covered (connectors/README.md, "writers of an older version").
 
 Readers take every kind of log file (`read_files`): segments, Arrow IPC part files (`LOG_PART_SUFFIX`,
 what local stores held before segments, and object stores hold) and Parquet part files of earlier

@@ -226,7 +226,7 @@ class Unstarted(Connectors):
     def _running(self, tenant: str, name: str) -> bool:
         return (tenant, name) in self.alive
 
-    def _other_policy(self, tenant: str, name: str) -> bool:
+    def _outdated(self, tenant: str, name: str) -> bool:
         return False
 
     def _check_started(self, started: dict) -> None:
@@ -500,7 +500,8 @@ def test_a_takeover_after_the_lease_was_taken_starts_no_declared_connector_after
     """The backend started every declared connector with no fence check, seconds after its twins took the store's
     lease: a takeover in between started them all beside the successor's until the store watch's first pass. Now the
     lease is read right before each start: from the read that finds another holder on, none is started, and none is
-    stopped (in one Ray cluster the successor shares them by name); a read that finds no lease holds nothing."""
+    stopped (in one Ray cluster the successor shares them by name); a read that finds no lease holds nothing. (It is
+    read before each connector is stopped or left running, then before each is started.)"""
     from dataclasses import replace
 
     from connectors.manager import ConnectorDown
@@ -512,7 +513,8 @@ def test_a_takeover_after_the_lease_was_taken_starts_no_declared_connector_after
     unstarted.alive.add(("acme", "mill"))  # one running from before: left alone
     mine = Lease(owner="svc-a", epoch=1, shards=2, namespace="ns", acquired_at="2026-12-07T03:00:00+00:00",
                  acquired_by="host-a:1", cluster="this")
-    reads: list[Lease | None] = [None, mine, replace(mine, owner="svc-b", epoch=2, cluster="other")]
+    successor = replace(mine, owner="svc-b", epoch=2, cluster="other")
+    reads: list[Lease | None] = [None, mine, mine, mine, mine, mine, successor]  # the stop pass's 4, then each start
     backend = Backend.__new__(Backend)
     backend.twins, backend._lease_reads = SimpleNamespace(lease=mine), lambda timeout_s: reads.pop(0)
     assert unstarted.start_declared(fence=backend._connector_fence) == 2 and reads == []
@@ -524,6 +526,53 @@ def test_a_takeover_after_the_lease_was_taken_starts_no_declared_connector_after
         unstarted.resume("acme", "press")
     assert unstarted.start_declared(fence=lambda: None) == 0 and unstarted.started == [("acme", "plant"),
                                                                                          ("acme", "line")]
+
+
+def test_an_older_versions_connector_actor_is_restarted_and_every_one_is_stopped_before_any_starts(
+        tmp_path: Path, unstarted: Unstarted, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Connector actors are detached: across an in-place upgrade of the Serve application an older version's went on
+    running (only one without `reach` was restarted), writing command records and dead letters without the index
+    markers that the new version's connectors, marking their tenant's indexes complete as they start, made the only
+    way to find them. Now an actor whose `markers` differ from this version's (or that has none) is restarted, and
+    every actor to restart is stopped before the first one starts."""
+    from connectors import manager
+    from connectors.runtime import MARKERS
+
+    def answers(**methods: Any) -> SimpleNamespace:
+        return SimpleNamespace(**{m: SimpleNamespace(remote=lambda v=v: v) for m, v in methods.items()})
+
+    handles = {"current": answers(markers=MARKERS, reach=None, files=None),
+               "older": answers(reach=None, files=None),  # a version before the markers
+               "newer": answers(markers=MARKERS + 1, reach=None, files=None)}
+    monkeypatch.setattr(manager.ray, "get_actor", lambda actor, namespace: handles[actor.rsplit(":", 1)[-1]])
+    unstarted.router.namespace = "ns"
+    assert [Connectors._outdated(unstarted, "acme", n) for n in handles] == [False, True, True]
+
+    class Upgraded(Unstarted):
+        """Every actor running from before is an older version's; what is stopped and started, in order."""
+
+        def __init__(self, root: Path):
+            super().__init__(root)
+            self.order: list[tuple[str, str]] = []
+
+        def _outdated(self, tenant: str, name: str) -> bool:
+            return self._running(tenant, name)
+
+        def _kill(self, tenant: str, name: str) -> None:
+            self.order.append(("stop", name))
+            super()._kill(tenant, name)
+
+        def _actor(self, tenant: str, name: str) -> Any:
+            self.order.append(("start", name))
+            return super()._actor(tenant, name)
+
+    _declared_in_order(unstarted.store, tmp_path / "store", _mqtt("acme", "plant"), _mqtt("acme", "line"),
+                       _mqtt("acme", "press"))
+    upgraded = Upgraded(tmp_path / "store")
+    upgraded.alive.update({("acme", "line"), ("acme", "press")})
+    assert upgraded.start_declared() == 3
+    assert upgraded.order == [("stop", "line"), ("stop", "press"), ("start", "plant"), ("start", "line"),
+                              ("start", "press")]
 
 
 def test_a_connector_declared_again_after_its_sealing_key_was_rotated_out_is_taken(
