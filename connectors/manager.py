@@ -23,7 +23,8 @@ from actors.ingest import ShardRouter
 from connectors.commands import Command, CommandError, CommandLedger, CommandStatus
 from connectors.kinds import AssetTypes, kind_of, parse_spec
 from connectors.reach import Reach
-from connectors.runtime import ACTOR_PREFIX, MARKERS, ConnectorActor, ConnectorState, ConnectorStatus, actor_name
+from connectors.runtime import (ACTOR_PREFIX, MARKERS, ConnectorActor, ConnectorState, ConnectorStatus, actor_name,
+                               legacy_actor_name)
 from connectors.spec import ConnectorSpec, ConnectorStore, Credentials, SessionTaken, UnknownConnector
 from connectors.tenant_files import Spec, TenantFiles
 from raytwin import metrics
@@ -57,12 +58,15 @@ class ConnectorDown(RuntimeError):
         return (type(self), (self.name, self.why, self.since))
 
 
-def stop_connector_actors(namespace: str) -> int:
+def stop_connector_actors(namespace: str, legacy: bool = False) -> int:
     """Kill every connector actor of a service's Ray `namespace` (declarations stay in the store); how many. For a
     service that stops or lost its store: its detached connectors would go on receiving and sending beside the
-    service that holds the store now, under the same MQTT client ids (the two kick each other off the broker)."""
+    service that holds the store now, under the same MQTT client ids (the two kick each other off the broker).
+    `legacy`: only those an earlier version named ambiguously (`connectors.runtime.legacy_actor_name`), for a service
+    that starts where they run: it starts its connectors under their names now, beside them otherwise."""
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-             if a["namespace"] == namespace and a["name"].startswith(ACTOR_PREFIX)]
+             if a["namespace"] == namespace and a["name"].startswith(ACTOR_PREFIX)
+             and (not legacy or legacy_actor_name(a["name"]))]
     for name in names:
         try:
             ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)

@@ -86,10 +86,22 @@ class ConnectorStatus(BaseModel):
 
 
 ACTOR_PREFIX = "raytwin-connector:"
+ACTOR_SEPARATOR = "@"
+"""What joins a connector's tenant and name in its actor's name: no identifier character, so the pair is read back
+unambiguously (the `:` used before, an identifier character, made tenant `a`'s connector `b:c` and tenant `a:b`'s `c`
+one actor: each tenant's creates, reads, pauses and deletes reached the other's connector)."""
 
 
 def actor_name(tenant: str, name: str) -> str:
-    return f"{ACTOR_PREFIX}{tenant}:{name}"
+    """The Ray actor name of the tenant's connector `name`: one per (tenant, name), whatever their characters."""
+    return f"{ACTOR_PREFIX}{tenant}{ACTOR_SEPARATOR}{name}"
+
+
+def legacy_actor_name(actor: str) -> bool:
+    """Whether `actor` is a connector actor named as before `ACTOR_SEPARATOR` (``raytwin-connector:<tenant>:<name>``),
+    which cannot be told apart by tenant: a service started where such actors run stops them
+    (`connectors.manager.stop_connector_actors`) and starts its connectors under their names now."""
+    return actor.startswith(ACTOR_PREFIX) and ACTOR_SEPARATOR not in actor[len(ACTOR_PREFIX):]
 
 
 class ConnectorRuntime:

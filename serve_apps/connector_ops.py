@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from connectors.commands import CommandError, UnknownCommand
 from connectors.kinds import UnknownKind, parse_spec
-from connectors.manager import ConnectorDown, Connectors, InvalidConnector, unaudited
+from connectors.manager import ConnectorDown, Connectors, InvalidConnector, stop_connector_actors, unaudited
 from connectors.spec import ConnectorSpec, Credentials, SessionTaken, UnknownConnector
 from raytwin.contracts import describe_error
 from connectors.reach import Reach
@@ -86,6 +86,7 @@ class ConnectorOps:
         self._supervising = threading.Lock()  # one pass at a time: two would start one connector twice
         self.operators = {(d.get("tenant"), d.get("name")) for d in declared}  # declared in the service config
         self.connectors = Connectors(twins.router, twins.assets, self._reach_of, self._files_of)
+        stop_connector_actors(twins.router.namespace, legacy=True)  # an earlier version's: restarted under new names
         for declaration in declared:
             try:
                 self._declare(declaration)

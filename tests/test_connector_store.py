@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from connectors.manager import Connectors
 from connectors.mqtt import MqttSpec
 from connectors.reach import Reach
-from connectors.runtime import ConnectorState, ConnectorStatus
+from connectors.runtime import ConnectorState, ConnectorStatus, actor_name, legacy_actor_name
 from connectors.spec import ConnectorSpec, ConnectorStore, Credentials, SessionTaken
 from raytwin.sealing import KEY_ENV, KEY_FILE_ENV, Sealer, SealingError, new_key
 
@@ -155,6 +155,15 @@ def test_default_client_ids_of_different_connectors_differ() -> None:
     assert _mqtt("a", "b-c", client_id="raytwin-a-b-c").client_id == "raytwin-a-b-c"  # an earlier version's session
     with pytest.raises(ValidationError, match="RayTwin's own .this connector's is 'raytwin-a@b'"):
         _mqtt("a", "b", client_id="raytwin-x@b")
+
+
+def test_connector_actors_of_different_tenants_never_share_a_name() -> None:
+    """`raytwin-connector:<tenant>:<name>` made tenant "a"'s connector "b:c" and tenant "a:b"'s "c" one Ray actor (`:`
+    is an identifier character): creating, reading, pausing or deleting one tenant's reached the other tenant's."""
+    names = {actor_name(tenant, name) for tenant, name in (("a", "b:c"), ("a:b", "c"), ("a", "b.c"), ("a.b", "c"))}
+    assert len(names) == 4 and actor_name("a", "b:c") == "raytwin-connector:a@b:c"
+    assert legacy_actor_name("raytwin-connector:a:b:c") and not legacy_actor_name(actor_name("a:b", "c"))
+    assert not legacy_actor_name("raytwin-shard-0")
 
 
 def test_one_connector_holds_each_broker_session(tmp_path: Path) -> None:

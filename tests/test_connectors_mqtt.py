@@ -1339,16 +1339,19 @@ def test_a_service_that_stops_or_loses_its_store_stops_its_connector_actors_only
             return 1
 
     ns = f"stop-{uuid.uuid4().hex[:8]}"
+    legacy = "raytwin-connector:globex:plc"  # as an earlier version named it (`connectors.runtime.legacy_actor_name`)
     actors = [Idle.options(name=name, namespace=space, lifetime="detached").remote()
-              for space, name in ((ns, "raytwin-connector:acme:plant"), (ns, "raytwin-connector:globex:plc"),
-                                  (f"{ns}-next", "raytwin-connector:acme:plant"), (ns, "raytwin-shard-0"))]
+              for space, name in ((ns, actor_name("acme", "plant")), (ns, legacy),
+                                  (f"{ns}-next", actor_name("acme", "plant")), (ns, "raytwin-shard-0"))]
     ray.get([a.ping.remote() for a in actors])
-    assert stop_connector_actors(ns) == 2
 
     def named() -> set[tuple[str, str]]:
         return {(a["namespace"], a["name"]) for a in ray.util.list_named_actors(all_namespaces=True)}
-    wait_for(lambda: not {(ns, "raytwin-connector:acme:plant"), (ns, "raytwin-connector:globex:plc")} & named(),
-             "the service's connectors gone")
-    assert {(f"{ns}-next", "raytwin-connector:acme:plant"), (ns, "raytwin-shard-0")} <= named()  # others' stay
+    assert stop_connector_actors(ns, legacy=True) == 1  # a service starting where an earlier version's run
+    wait_for(lambda: (ns, legacy) not in named(), "the earlier version's connector gone")
+    assert (ns, actor_name("acme", "plant")) in named()
+    assert stop_connector_actors(ns) == 1
+    wait_for(lambda: (ns, actor_name("acme", "plant")) not in named(), "the service's connectors gone")
+    assert {(f"{ns}-next", actor_name("acme", "plant")), (ns, "raytwin-shard-0")} <= named()  # others' stay
     for a in actors[2:]:
         ray.kill(a)
