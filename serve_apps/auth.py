@@ -23,11 +23,14 @@ replaced instead (its old holder knows its secret): a new key for them, the old 
 Every key created, revoked or given an owner (`create_key`, `revoke_key`, `set_key_owner`: ``raytwin keys
 create/revoke/set-owner``) is audited in the keys file's audit trail, ``{keys file}.audit.jsonl`` beside it
 (`key_audit_trail`): the keys file is where keys change, and the command is given no store (keys are made before the
-service's store exists, on a machine that may not reach it).
+service's store exists, on a machine that may not reach it). Each change holds the file's lock, ``{keys file}.lock``,
+from its read to its audit record: two changes at once would otherwise each write what they read (a key one revoked
+back in the file the other wrote).
 """
 
 from __future__ import annotations
 
+import fcntl
 import getpass
 import hashlib
 import hmac
@@ -35,6 +38,8 @@ import logging
 import os
 import secrets
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from enum import IntEnum
 from pathlib import Path
@@ -243,8 +248,9 @@ def create_key(path: str | Path, tenant: str, role: RoleName, grants: tuple[Gran
     key = f"rtk_{key_id}_{secrets.token_urlsafe(32)}"
     record = KeyRecord(key_id=key_id, sha256=digest(key), tenant=tenant, role=role, grants=tuple(sorted(set(grants))),
                        owner=owner)
-    _write_keys(Path(path), load_keys(path) + [record])
-    _audit_key_change(Path(path), "key.create", record)
+    with _one_change_at_a_time(Path(path)):
+        _write_keys(Path(path), load_keys(path) + [record])
+        _audit_key_change(Path(path), "key.create", record)
     return record, key
 
 
@@ -252,17 +258,20 @@ def revoke_key(path: str | Path, key_id: str) -> KeyRecord:
     """Revoke key `key_id` in `path`: its digest is dropped (a running server refuses it from its next request and
     ends its open change streams within `serve_apps.stream_auth.STREAM_AUTH_RECHECK_S`), its owner kept
     (`RevokedKey`); `KeyError` if there is no such key, or it is revoked already."""
-    entries = load_keys(path)
-    live = [r for r in entries if r.key_id == key_id and isinstance(r, KeyRecord)]
-    if not live:
-        gone = next((r for r in entries if r.key_id == key_id), None)
-        if isinstance(gone, RevokedKey):  # the id is listed: "no key" would contradict `raytwin keys list`
-            raise KeyError(f"key {key_id} was revoked already, at {gone.revoked.isoformat()}; nothing was changed")
-        raise KeyError(f"no key {key_id!r} in {path}; `raytwin keys list` shows the key ids (revoked ones marked)")
-    revoked = RevokedKey(**live[0].model_dump(exclude={"sha256"}), revoked=datetime.now(UTC))
-    _write_keys(Path(path), [revoked if r is live[0] else r for r in entries])
-    _audit_key_change(Path(path), "key.revoke", live[0])
-    return live[0]
+    with _one_change_at_a_time(Path(path)):
+        entries = load_keys(path)
+        live = [r for r in entries if r.key_id == key_id and isinstance(r, KeyRecord)]
+        if not live:
+            gone = next((r for r in entries if r.key_id == key_id), None)
+            if isinstance(gone, RevokedKey):  # the id is listed: "no key" would contradict `raytwin keys list`
+                raise KeyError(f"key {key_id} was revoked already, at {gone.revoked.isoformat()}; nothing was "
+                               "changed")
+            raise KeyError(f"no key {key_id!r} in {path}; `raytwin keys list` shows the key ids (revoked ones "
+                           "marked)")
+        revoked = RevokedKey(**live[0].model_dump(exclude={"sha256"}), revoked=datetime.now(UTC))
+        _write_keys(Path(path), [revoked if r is live[0] else r for r in entries])
+        _audit_key_change(Path(path), "key.revoke", live[0])
+        return live[0]
 
 
 def set_key_owner(path: str | Path, key_id: str, owner: Identifier) -> KeyRecord:
@@ -270,24 +279,25 @@ def set_key_owner(path: str | Path, key_id: str, owner: Identifier) -> KeyRecord
     their keys approves it; another person's may), and it may approve from now on. `KeyError` for no such key;
     `KeyChangeRefused` for a revoked key (what it did stays compared as it was when it was revoked) or one that has an
     owner (see the module's docstring: changing it would let its first owner's other keys approve their own work)."""
-    entries = load_keys(path)
-    found = next((r for r in entries if r.key_id == key_id), None)
-    if found is None:
-        raise KeyError(f"no key {key_id!r} in {path}; `raytwin keys list` shows the key ids")
-    if isinstance(found, RevokedKey):
-        raise KeyChangeRefused(f"key {key_id} is revoked: it keeps the owner it had ({found.owner or 'none'}), what "
-                               "four eyes compares its work with; nothing was changed")
-    if found.owner is not None:
-        raise KeyChangeRefused(
-            f"key {key_id} is held by {found.owner} already and an owner is never changed: four eyes compares what "
-            f"was done under the key, approvals in flight too, with its owner's other keys, so another owner would "
-            f"let {found.owner}'s other keys approve {found.owner}'s work; nothing was changed. If another person "
-            f"holds it now, create them their own key (`raytwin keys create ... --owner PERSON`) and `raytwin keys "
-            f"revoke {key_id}` (its old holder knows its secret)")
-    record = KeyRecord.model_validate({**found.model_dump(), "owner": owner})
-    _write_keys(Path(path), [record if r is found else r for r in entries])
-    _audit_key_change(Path(path), "key.set_owner", record)
-    return record
+    with _one_change_at_a_time(Path(path)):
+        entries = load_keys(path)
+        found = next((r for r in entries if r.key_id == key_id), None)
+        if found is None:
+            raise KeyError(f"no key {key_id!r} in {path}; `raytwin keys list` shows the key ids")
+        if isinstance(found, RevokedKey):
+            raise KeyChangeRefused(f"key {key_id} is revoked: it keeps the owner it had ({found.owner or 'none'}), "
+                                   "what four eyes compares its work with; nothing was changed")
+        if found.owner is not None:
+            raise KeyChangeRefused(
+                f"key {key_id} is held by {found.owner} already and an owner is never changed: four eyes compares "
+                f"what was done under the key, approvals in flight too, with its owner's other keys, so another owner "
+                f"would let {found.owner}'s other keys approve {found.owner}'s work; nothing was changed. If another "
+                f"person holds it now, create them their own key (`raytwin keys create ... --owner PERSON`) and "
+                f"`raytwin keys revoke {key_id}` (its old holder knows its secret)")
+        record = KeyRecord.model_validate({**found.model_dump(), "owner": owner})
+        _write_keys(Path(path), [record if r is found else r for r in entries])
+        _audit_key_change(Path(path), "key.set_owner", record)
+        return record
 
 
 def key_audit_trail(keys_file: str | Path) -> Path:
@@ -308,6 +318,20 @@ def _audit_key_change(keys_file: Path, action: str, record: KeyRecord) -> None:
     fd = os.open(key_audit_trail(keys_file), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     with os.fdopen(fd, "a") as trail:
         trail.write(entry.json_line() + "\n")
+
+
+@contextmanager
+def _one_change_at_a_time(p: Path) -> Iterator[None]:
+    """Hold the keys file's lock (``{keys file}.lock`` beside it, exclusive) while a change reads the file, changes it
+    and writes it whole: two at once (a `raytwin keys create` beside a `raytwin keys revoke`) each wrote what it had
+    read, so the key the other revoked came back, or the key the other created was lost."""
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(p.with_name(p.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # (releases the lock)
 
 
 def _write_keys(p: Path, records: list[KeyEntry]) -> None:

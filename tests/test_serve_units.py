@@ -1662,6 +1662,36 @@ def test_a_revoked_key_keeps_its_owner_and_authenticates_no_more(tmp_path):
         revoke_key(path, first.key_id)  # not "no key": `raytwin keys list` lists it, marked revoked
 
 
+def test_a_key_revoked_while_another_is_created_stays_revoked(tmp_path, monkeypatch):
+    """`raytwin keys create` read the keys file, and a `raytwin keys revoke` that finished before it wrote was undone:
+    the create wrote the key list it had read, the revoked key's digest in it, and the key authenticated again. A
+    change now holds the file's lock from its read to its write."""
+    import serve_apps.auth as auth
+
+    path = tmp_path / "keys.json"
+    victim, victim_key = create_key(path, "acme", "writer", owner="carol")
+    read, go = threading.Event(), threading.Event()
+
+    def slow_read(p):  # the creating thread's read, held until the revoke had its chance
+        entries = load_keys(p)
+        if threading.current_thread().name == "create":
+            read.set()
+            go.wait(5)
+        return entries
+
+    monkeypatch.setattr(auth, "load_keys", slow_read)
+    create = threading.Thread(target=create_key, args=(path, "acme", "reader"), name="create")
+    create.start()
+    assert read.wait(5)
+    revoke = threading.Thread(target=revoke_key, args=(path, victim.key_id))
+    revoke.start()
+    revoke.join(0.5)  # done by now unless the create's lock holds it
+    go.set()
+    create.join(5)
+    revoke.join(5)
+    assert KeyStore(path).authenticate(victim_key) is None and len(load_keys(path)) == 2  # and the created key
+
+
 def test_keys_list_revoke_and_set_owner_refuse_a_keys_file_that_does_not_exist(tmp_path):
     """`raytwin keys list` in the wrong directory printed nothing (exit 0) and `revoke` said "no key": read as "the
     server has no keys" or "no such key" while the server reads another file. Each names the missing file."""
