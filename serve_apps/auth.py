@@ -24,7 +24,8 @@ Every key created, revoked or given an owner (`create_key`, `revoke_key`, `set_k
 create/revoke/set-owner``) is audited in the keys file's audit trail, ``{keys file}.audit.jsonl`` beside it
 (`key_audit_trail`): the keys file is where keys change, and the command is given no store (keys are made before the
 service's store exists, on a machine that may not reach it). Each change holds the file's lock, ``{keys file}.lock``,
-from its read to its audit record: two changes at once would otherwise each write what they read (a key one revoked
+from its read to its write, and its audit record is in the trail before the changed file replaces the old one (a change
+the trail cannot take is not made): two changes at once would otherwise each write what they read (a key one revoked
 back in the file the other wrote).
 """
 
@@ -38,10 +39,11 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from enum import IntEnum
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -249,8 +251,8 @@ def create_key(path: str | Path, tenant: str, role: RoleName, grants: tuple[Gran
     record = KeyRecord(key_id=key_id, sha256=digest(key), tenant=tenant, role=role, grants=tuple(sorted(set(grants))),
                        owner=owner)
     with _one_change_at_a_time(Path(path)):
-        _write_keys(Path(path), load_keys(path) + [record])
-        _audit_key_change(Path(path), "key.create", record)
+        _write_keys(Path(path), load_keys(path) + [record], partial(_audit_key_change, Path(path), "key.create",
+                                                                    record))
     return record, key
 
 
@@ -269,8 +271,8 @@ def revoke_key(path: str | Path, key_id: str) -> KeyRecord:
             raise KeyError(f"no key {key_id!r} in {path}; `raytwin keys list` shows the key ids (revoked ones "
                            "marked)")
         revoked = RevokedKey(**live[0].model_dump(exclude={"sha256"}), revoked=datetime.now(UTC))
-        _write_keys(Path(path), [revoked if r is live[0] else r for r in entries])
-        _audit_key_change(Path(path), "key.revoke", live[0])
+        _write_keys(Path(path), [revoked if r is live[0] else r for r in entries],
+                    partial(_audit_key_change, Path(path), "key.revoke", live[0]))
         return live[0]
 
 
@@ -295,8 +297,8 @@ def set_key_owner(path: str | Path, key_id: str, owner: Identifier) -> KeyRecord
                 f"person holds it now, create them their own key (`raytwin keys create ... --owner PERSON`) and "
                 f"`raytwin keys revoke {key_id}` (its old holder knows its secret)")
         record = KeyRecord.model_validate({**found.model_dump(), "owner": owner})
-        _write_keys(Path(path), [record if r is found else r for r in entries])
-        _audit_key_change(Path(path), "key.set_owner", record)
+        _write_keys(Path(path), [record if r is found else r for r in entries],
+                    partial(_audit_key_change, Path(path), "key.set_owner", record))
         return record
 
 
@@ -334,12 +336,21 @@ def _one_change_at_a_time(p: Path) -> Iterator[None]:
         os.close(fd)  # (releases the lock)
 
 
-def _write_keys(p: Path, records: list[KeyEntry]) -> None:
-    """Whole or not at all (a server re-reads the file on change and must never see half of it), owner-only."""
+def _write_keys(p: Path, records: list[KeyEntry], audit: Callable[[], None] | None = None) -> None:
+    """Whole or not at all (a server re-reads the file on change and must never see half of it), owner-only.
+    `audit`: the change's trail record, appended once the new file is written and before it replaces the old one: a
+    change whose record the trail does not take (a full disk, a trail its user may not write) is not made either,
+    where it was made unaudited."""
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_suffix(p.suffix + ".tmp")
     tmp.write_bytes(_ENTRIES.dump_json(records, indent=2, exclude_none=True))  # no `owner` where none: as before
     tmp.chmod(0o600)
+    if audit is not None:
+        try:
+            audit()
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     tmp.replace(p)
 
 

@@ -1692,6 +1692,26 @@ def test_a_key_revoked_while_another_is_created_stays_revoked(tmp_path, monkeypa
     assert KeyStore(path).authenticate(victim_key) is None and len(load_keys(path)) == 2  # and the created key
 
 
+def test_a_key_change_the_audit_trail_does_not_take_is_not_made(tmp_path, monkeypatch):
+    """The keys file was written first and the trail after: a trail that took no record (a full disk, a file its user
+    may not write) left a key created, revoked or given an owner with no record of it. The record comes first now."""
+    import serve_apps.auth as auth
+
+    path = tmp_path / "keys.json"
+    kept, kept_key = create_key(path, "acme", "writer", owner="carol")
+    before = path.read_bytes()
+
+    def full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(auth, "_audit_key_change", full)
+    for change in (lambda: create_key(path, "acme", "admin", owner="dave"), lambda: revoke_key(path, kept.key_id)):
+        with pytest.raises(OSError, match="No space"):
+            change()
+        assert path.read_bytes() == before and not path.with_suffix(".json.tmp").exists()
+    assert KeyStore(path).authenticate(kept_key) is not None
+
+
 def test_keys_list_revoke_and_set_owner_refuse_a_keys_file_that_does_not_exist(tmp_path):
     """`raytwin keys list` in the wrong directory printed nothing (exit 0) and `revoke` said "no key": read as "the
     server has no keys" or "no such key" while the server reads another file. Each names the missing file."""
