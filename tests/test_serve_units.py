@@ -2512,6 +2512,38 @@ def test_a_write_refuses_a_precondition_it_does_not_evaluate_rather_than_ignorin
         assert http.put("/v1/lifecycle-policy", json=policy, headers=auth["admin"]).json()["keep_archived"] == 2
 
 
+def test_every_route_but_health_authenticates_its_caller_and_every_write_needs_a_writer():
+    """Each route, the included routers' too, depends on `serve_apps.deps.require` (a route without it would know no
+    tenant to keep its caller to), and each write on a writer at least: all but a read sent as POST (`/v1/query`) and
+    the command approval, which checks the admin role in its body to audit the refusal too."""
+    import inspect
+
+    from serve_apps.api import create_api
+    from serve_apps.auth import Role
+
+    def routes(entries):
+        for entry in entries:
+            if hasattr(entry, "original_router"):  # an included router (FastAPI >= 0.160 keeps it whole)
+                yield from routes(entry.original_router.routes)
+            elif hasattr(entry, "dependant"):
+                yield entry
+
+    def roles(dependant):
+        for dependency in dependant.dependencies:
+            if dependency.call.__qualname__ == "require.<locals>.dependency":
+                yield inspect.getclosurevars(dependency.call).nonlocals["role"]
+            yield from roles(dependency)
+
+    app = create_api()
+    found = {(method, route.path): max(roles(route.dependant), default=None) for route in routes(app.routes)
+             for method in route.methods - {"HEAD"}}
+    assert len(found) == sum(len(ops) for ops in app.openapi()["paths"].values())  # the walk missed no route
+    assert {route for route, role in found.items() if role is None} == {("GET", "/v1/health"),
+                                                                         ("GET", "/v1/health/ready")}
+    below_writer = {route for route, role in found.items() if route[0] != "GET" and role < Role.writer}
+    assert below_writer == {("POST", "/v1/query"), ("POST", "/v1/commands/{command_id}/approve")}
+
+
 def test_pruning_a_model_the_tenant_does_not_have_is_404_not_an_empty_report(tmp_path):
     """`POST /v1/models/{name}/prune` with a mistyped name answered 200 with nothing removed, as if retention had run;
     like the model's other lifecycle routes it answers 404, auditing nothing."""
