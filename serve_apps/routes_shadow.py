@@ -31,6 +31,7 @@ from serve_apps.deps import READER, SVC, WRITABLE, WRITER, Services
 from serve_apps.errors import CONFLICT, BadRequest, Conflict, NotFound, unwrap
 from serve_apps.routes_models import ModelName, Version, _call, _lifecycle
 from serve_apps.shadow_conclusions import evaluation_log, record_finished
+from serve_apps.shard_deadline import RETRY_AFTER_S, TwinUnavailable
 
 log = logging.getLogger("raytwin.serve")
 SHADOWED_STAGES = ("candidate", "staging")
@@ -63,9 +64,15 @@ class ShadowStatus(BaseModel):
 
 
 def live_models(svc: Services) -> LiveModels:
-    """The shard actors of this deployment's twin service, looked up by name."""
+    """The shard actors of this deployment's twin service, looked up by name; 503 `twin_unavailable` while one is not
+    there (the backend replica that owns them restarting): Ray's `ValueError` for a name it does not know was answered
+    400 `bad_request` with Ray's own words, as if the request were wrong, after a promotion was recorded too."""
     url, n, ns = svc.config.url("twins"), svc.config.twin_shards, svc.config.namespace
-    return LiveModels([ray.get_actor(shard_name(url, i, n), namespace=ns) for i in range(n)])
+    try:
+        return LiveModels([ray.get_actor(shard_name(url, i, n), namespace=ns) for i in range(n)])
+    except ValueError:
+        raise TwinUnavailable(f"the twin shards are not running (the service is starting or restarting them); retry "
+                              f"after {RETRY_AFTER_S} s", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
 
 
 async def _live(svc: Services, call: Callable[[LiveModels], Any]) -> Any:

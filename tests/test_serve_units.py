@@ -2544,6 +2544,24 @@ def test_every_route_but_health_authenticates_its_caller_and_every_write_needs_a
     assert below_writer == {("POST", "/v1/query"), ("POST", "/v1/commands/{command_id}/approve")}
 
 
+def test_shadow_routes_answer_503_while_the_twin_shards_are_not_there(tmp_path, monkeypatch):
+    """Ray's `ValueError` for a shard actor it does not know (the backend restarting them) was answered 400
+    `bad_request` with Ray's own text ("Failed to look up actor with name 'twinshard-...'"), as if the request were
+    wrong. It is 503 `twin_unavailable` with `Retry-After` now."""
+    import serve_apps.routes_shadow as routes_shadow
+    from tests.fixtures_serve import in_process
+
+    def unknown(name, namespace=None):
+        raise ValueError(f"Failed to look up actor with name '{name}'.")
+
+    monkeypatch.setattr(routes_shadow.ray, "get_actor", unknown)
+    with in_process(SimpleNamespace(), tmp_path) as (http, auth, _):
+        answer = http.get("/v1/models/thermal_rc/versions/1.0.0/shadow", headers=auth["reader"])
+    error = answer.json()["error"]
+    assert answer.status_code == 503 and error["code"] == "twin_unavailable", answer.text
+    assert "twinshard" not in error["message"] and answer.headers["Retry-After"] == "2"
+
+
 def test_pruning_a_model_the_tenant_does_not_have_is_404_not_an_empty_report(tmp_path):
     """`POST /v1/models/{name}/prune` with a mistyped name answered 200 with nothing removed, as if retention had run;
     like the model's other lifecycle routes it answers 404, auditing nothing."""
