@@ -545,7 +545,7 @@ def test_an_older_versions_connector_actor_is_restarted_and_every_one_is_stopped
     way to find them. Now an actor whose `markers` differ from this version's (or that has none) is restarted, and
     every actor to restart is stopped before the first one starts."""
     from connectors import manager
-    from connectors.runtime import MARKERS
+    from connectors.runtime import ACTOR_SEPARATOR, MARKERS
 
     def answers(**methods: Any) -> SimpleNamespace:
         return SimpleNamespace(**{m: SimpleNamespace(remote=lambda v=v: v) for m, v in methods.items()})
@@ -553,7 +553,8 @@ def test_an_older_versions_connector_actor_is_restarted_and_every_one_is_stopped
     handles = {"current": answers(markers=MARKERS, reach=None, files=None),
                "older": answers(reach=None, files=None),  # a version before the markers
                "newer": answers(markers=MARKERS + 1, reach=None, files=None)}
-    monkeypatch.setattr(manager.ray, "get_actor", lambda actor, namespace: handles[actor.rsplit(":", 1)[-1]])
+    monkeypatch.setattr(manager.ray, "get_actor",
+                        lambda actor, namespace: handles[actor.rsplit(ACTOR_SEPARATOR, 1)[-1]])
     unstarted.router.namespace = "ns"
     assert [Connectors._outdated(unstarted, "acme", n) for n in handles] == [False, True, True]
 
