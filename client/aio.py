@@ -137,8 +137,9 @@ class AsyncRayTwinClient(ClientBase):
         while True:
             try:
                 async with self._http.stream(**sub.connection(self._http.timeout.connect)) as r:
+                    if r.is_error:
+                        await r.aread()  # a refusal's body (small), read before `refused` parses its error code
                     if sub.refused(r):
-                        await r.aread()
                         raise from_response(r)
                     if not r.is_error:
                         async for line in r.aiter_lines():

@@ -146,8 +146,9 @@ class RayTwinClient(ClientBase):
         while True:
             try:
                 with self._http.stream(**sub.connection(self._http.timeout.connect)) as r:
+                    if r.is_error:
+                        r.read()  # a refusal's body (small), read before `refused` parses its error code
                     if sub.refused(r):
-                        r.read()
                         raise from_response(r)
                     if not r.is_error:
                         for line in r.iter_lines():

@@ -132,7 +132,8 @@ async def resume_point(backend: BackendClient, store: ChangeStore, tenant: str, 
         raise Gone(f"event id {given} names a change this tenant's change log no longer has: the store was restored "
                    f"from an earlier copy, and changes since reuse its numbers, so resuming after it would skip "
                    f"changes. Re-read what you mirror (POST /v1/query, GET the assets and twin states), then "
-                   f"reconnect without Last-Event-ID, or with Last-Event-ID: {now} (the newest change now)",
+                   f"reconnect without an id (Last-Event-ID or after), or with Last-Event-ID: {now} (the newest "
+                   f"change now)",
                    details=[{"header": "Last-Event-ID", "last_event_id": given, "head": now}])
     if after > head:
         raise Unprocessable(f"event id {after} is ahead of this tenant's change log (newest {head}); "

@@ -1087,3 +1087,45 @@ def test_a_log_whose_checkpoint_names_no_jobs_takes_its_jobs_as_recorded_and_nam
         assert set(json.loads(marks.read_text())["jobs"]) == set(restarted.jobs.jobs)
 
     asyncio.run(scenario())
+
+
+def test_a_saved_event_id_resumes_through_after_too_and_the_sdk_raises_a_streams_refusal_typed(tmp_path):
+    """An app developer's find: `?after=<seq>-<generation>` (a saved `Change.event_id`, what a browser's
+    `EventSource` can only send in its URL) answered 422 "Input should be a valid integer", though the guide says to
+    resume with `Last-Event-ID` or `?after=<id>`; now it resumes, and a stale one is 410, as the header is. And the
+    SDK's `changes()`, refused at connect over a real connection (410, 401), raised httpx's `ResponseNotRead` (the
+    refusal was parsed before its body was read): now `Gone` and `Unauthorized`, sync and async."""
+    from client import AsyncRayTwinClient, RayTwinClient
+    from client.errors import Gone as GoneError
+    from client.errors import Unauthorized
+    from tests.fixtures_http import served
+    from tests.fixtures_serve import in_process_app
+
+    backend = ChangeLogBackend(ChangeLog(str(tmp_path / "changes")))
+    backend.log.record("acme", drafts(5))
+    app, auth = in_process_app(backend, tmp_path)
+    svc = app.state.services
+    svc.changes, svc.change_store = HeadWatcher(svc.backend, poll_s=0.01), backend.log.store
+    second, stale = ids(backend.log, 2)[0], "2-deadbeef"
+    key = auth["reader"]["Authorization"].split()[1]
+
+    async def follow_async(after: str) -> None:
+        async with AsyncRayTwinClient(base, key) as api:
+            async for _ in api.changes(after=after):
+                break
+
+    with served(app) as base, httpx.Client(base_url=base, timeout=30.0) as http:
+        with http.stream("GET", "/v1/changes", params={"after": second}, headers=auth["reader"]) as stream:
+            assert stream.status_code == 200
+            assert next(iter_events(stream))[1]["data"]["seq"] == 3
+        refused = http.get("/v1/changes", params={"after": stale}, headers=auth["reader"])
+        assert refused.status_code == 410 and refused.json()["error"]["details"][0]["last_event_id"] == stale
+        assert http.get("/v1/changes", params={"after": "2-x y"}, headers=auth["reader"]).status_code == 422
+        with RayTwinClient(base, key) as api:
+            assert next(api.changes(after=second)).seq == 3
+            with pytest.raises(GoneError, match="no longer has"):
+                next(api.changes(after=stale))
+        with RayTwinClient(base, "rtk_unknown") as api, pytest.raises(Unauthorized):
+            next(api.changes())
+        with pytest.raises(GoneError, match="no longer has"):
+            asyncio.run(follow_async(stale))
