@@ -17,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from raytwin.statestore import StoreFenced
 from raytwin.storage import scrub_locations
@@ -254,6 +255,13 @@ _STATUS_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404:
                  415: "unsupported_media_type", 429: "rate_limited"}
 
 
+def _path_methods(request: Request) -> list[str]:
+    """Every method the routes of the request's path take: Starlette's 405 names those of the path's first route
+    only (`Allow: GET` for `/v1/assets/{asset_id}`, which takes PUT and DELETE too)."""
+    return sorted({m for route in request.app.router.routes if route.matches(request.scope)[0] != Match.NONE
+                   for m in getattr(route, "methods", None) or ()})
+
+
 def _count_store_failure(request: Request, err: ApiError) -> None:
     """Count a request answered 503 `store_unavailable` (`metrics.STORE_FAILURES`): a write when the request
     changes something, a read otherwise."""
@@ -286,7 +294,15 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _STATUS_CODES.get(exc.status_code, "error")
-        return error_response(request, exc.status_code, code, str(exc.detail), headers=exc.headers)
+        message, headers = str(exc.detail), exc.headers
+        methods = _path_methods(request)
+        if exc.status_code == 405 and methods:
+            message = f"{request.method} is not a method of {request.url.path}: it takes {', '.join(methods)}"
+            headers = {**(headers or {}), "Allow": ", ".join(methods)}
+        elif exc.status_code == 404 and not methods:
+            message = (f"no route {request.method} {request.url.path}: the API's routes are under /v1, listed at "
+                       "/docs and /openapi.json")
+        return error_response(request, exc.status_code, code, message, headers=headers)
 
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         err = unwrap(exc)

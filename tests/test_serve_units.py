@@ -2664,3 +2664,22 @@ def test_a_backend_refusal_raised_to_serve_is_one_log_line_and_a_fault_keeps_its
     assert (refused.levelno, refused.exc_info, refused.getMessage()) == (
         logging.INFO, None, "event=backend_request_refused status=404 code=not_found error=NotFound")
     assert fault.levelno == logging.ERROR and fault.exc_info[0] is RuntimeError
+
+
+def test_a_method_a_path_does_not_take_names_every_method_it_takes_and_an_unknown_path_points_to_the_docs(tmp_path):
+    """An app developer's find: `PATCH /v1/assets/zone-1` answered 405 with `Allow: GET`, though the path takes GET,
+    PUT and DELETE (Starlette names the methods of the first route of the path only), and the message said
+    "Method Not Allowed" alone; an unknown path said "Not Found". Now `Allow` and the message name every method of
+    the path, and a path no route has says where the routes are listed."""
+    from tests.fixtures_serve import in_process
+
+    with in_process(object(), tmp_path) as (http, auth, _):
+        refused = http.patch("/v1/assets/zone-1", json={}, headers=auth["admin"])
+        assert refused.status_code == 405 and refused.headers["allow"] == "DELETE, GET, PUT"
+        assert refused.json()["error"]["message"] == ("PATCH is not a method of /v1/assets/zone-1: it takes DELETE, "
+                                                      "GET, PUT")
+        assert http.delete("/v1/query", headers=auth["admin"]).headers["allow"] == "POST"
+        unknown = http.get("/v1/asset", headers=auth["admin"])
+        assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "not_found"
+        assert "no route GET /v1/asset" in unknown.json()["error"]["message"]
+        assert "/openapi.json" in unknown.json()["error"]["message"]
