@@ -23,7 +23,7 @@ from pydantic_core import to_jsonable_python
 
 from actors.state import TwinState
 from client.errors import InvalidArgument, UnexpectedAnswer
-from raytwin.contracts import IDENTIFIER_PATTERN, Asset, AssetType, RelationshipKind, TelemetryEvent
+from raytwin.contracts import IDENTIFIER_PATTERN, Asset, AssetType, RelationshipKind, TelemetryEvent, describe_error
 from raytwin.migration import MigrationRequest
 from serve_apps.deprecation import Deprecation
 from serve_apps.query_schemas import AssetGraph, BulkAccepted, BulkReport, BulkRequest
@@ -164,6 +164,16 @@ def _conditions(if_match: int | str | None, create_only: bool = False) -> dict[s
     tag = if_match if isinstance(if_match, str) and if_match.startswith('"') else f'"{if_match}"'
     headers = {"If-Match": tag} if if_match is not None else {}
     return {**headers, "If-None-Match": "*"} if create_only else headers
+
+
+def argument_model(cls: type[M], call: str, **values: Any) -> M:
+    """`cls(**values)`, a request body the client builds from a caller's arguments; values no server accepts are an
+    `InvalidArgument` naming `call` and the fields, nothing sent (pydantic's own `ValidationError` is no
+    `RayTwinError`, so a caller's handlers of client errors let it through)."""
+    try:
+        return cls(**values)
+    except ValidationError as exc:
+        raise InvalidArgument(f"{call}: {describe_error(exc)}; nothing was sent") from None
 
 
 def _aware(at: datetime) -> datetime:
@@ -310,7 +320,7 @@ class Endpoints(Sender):
     def clear_drift(self, asset_id: str, reason: str) -> Divergence:
         """Acknowledge the twin's drift alarm (its detector restarts from zero); `reason` goes to the audit log."""
         return self._send(Call("POST", "/v1/assets/{asset_id}/drift/clear", _model(Divergence),
-                               json=DriftClear(reason=reason).model_dump(mode="json"),
+                               json=argument_model(DriftClear, "clear_drift", reason=reason).model_dump(mode="json"),
                                path_params={"asset_id": asset_id}))
 
     # ---- schema evolution -------------------------------------------------------------------

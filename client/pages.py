@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 from pydantic import TypeAdapter
 
-from client.calls import ANSWER_EXTRA, Call, _model, _present, names
+from client.calls import ANSWER_EXTRA, Call, _model, _present, argument_model, names
 from serve_apps.audit import NEXT_CURSOR, AuditRecord
 from serve_apps.query_schemas import QueryPage, QueryRequest
 
@@ -26,8 +26,9 @@ class QueryPager:
 
     def __init__(self, q: str = "", sort: Sequence[str] = (), fields: Sequence[str] | None = None,
                  page_size: int = 100):
-        self.request = QueryRequest(q=q, sort=list(names("sort", sort)),
-                                    fields=None if fields is None else list(names("fields", fields)), limit=page_size)
+        self.request = argument_model(QueryRequest, "query (page_size is the request's limit)", q=q,
+                                      sort=list(names("sort", sort)),
+                                      fields=None if fields is None else list(names("fields", fields)), limit=page_size)
         self.done = False
         self.matched: int | None = None  # all matches, known after the first page
 

@@ -178,6 +178,11 @@ def test_arguments_no_server_accepts_are_refused_before_anything_is_sent():
                                           {"event_time": "2026-01-05T12:01:00Z", "measurements": {}}])
         with pytest.raises(InvalidArgument, match=r"at=2026-01-05T12:00:00 has no time zone"):
             api.state("zone-1", at=datetime(2026, 1, 5, 12))
+        # these raised pydantic's ValidationError, which is no RayTwinError (an app developer's find)
+        with pytest.raises(InvalidArgument, match=r"query \(page_size is the request's limit\): limit: .*1000"):
+            next(api.query(page_size=5000))
+        with pytest.raises(InvalidArgument, match="clear_drift: reason: .*at least 1 character"):
+            api.clear_drift("zone-1", "")
     assert seen == []
 
 def test_telemetry_resends_the_same_idempotency_keys_after_a_timeout():
