@@ -16,7 +16,7 @@ from client.downloads import CHUNK_BYTES, JOB_FILE, RUN_FILE, FileDownload, down
 from client.errors import from_response
 from client.jobs import JobWait
 from client.model_calls import needs_production, rollback_call, run_file_call
-from client.pages import AuditPager, QueryPager
+from client.pages import AuditPager, JobPager, QueryPager
 from client.retry import RetryPolicy
 from client.scenario_calls import job_file_call
 from client.subscription import Subscription
@@ -122,6 +122,13 @@ class AsyncRayTwinClient(ClientBase):
         while not pager.done:
             for item in pager.feed(await self._send(pager.call())):
                 yield item
+
+    async def iter_jobs(self, state: str | None = None, page_size: int = 100) -> AsyncIterator[Job]:
+        """Every job of the tenant, newest first, page after page (see `RayTwinClient.iter_jobs`)."""
+        pager = JobPager(state, page_size)
+        while not pager.done:
+            for job in pager.feed(await self._send(pager.call())):
+                yield job
 
     async def audit_records(self, day: date | None = None, page_size: int = 1000) -> AsyncIterator[AuditRecord]:
         """Every audit record of the tenant (of one UTC day if given), newest first (see `RayTwinClient.audit_records`)."""

@@ -363,8 +363,7 @@ class Endpoints(Sender):
         """A page of the tenant's jobs, newest first (of one `state` if given: queued, running, succeeded, failed,
         cancelled); pass its `next_cursor` back as `cursor` for the next page. A queued job's `queue` says why it
         waits."""
-        return self._send(Call("GET", "/v1/jobs", _lazy("serve_apps.job_listing:JobPage"), idempotent=True,
-                               params=_present(state=state, limit=limit, cursor=cursor)))
+        return self._send(jobs_call(state, limit, cursor))
 
     def cancel_job(self, job_id: str) -> Job:
         """Cancel a queued or running scenario or sweep job (Conflict once it finished, and for bulk jobs); its
@@ -383,6 +382,12 @@ class Endpoints(Sender):
         """The tenant's most recent audit records (of one UTC day if given), oldest first (admin)."""
         return self._send(Call("GET", "/v1/audit", _models(AuditRecord), idempotent=True,
                                params=_present(day=day.isoformat() if day is not None else None, limit=limit)))
+
+
+def jobs_call(state: str | None, limit: int, cursor: str | None) -> Call[JobPage]:
+    """A page of the tenant's jobs, newest first (`Endpoints.jobs`, `client.pages.JobPager`)."""
+    return Call("GET", "/v1/jobs", _lazy("serve_apps.job_listing:JobPage"), idempotent=True,
+                params=_present(state=state, limit=limit, cursor=cursor))
 
 
 def job_call(job_id: str) -> Call[Job]:

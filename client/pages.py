@@ -1,18 +1,23 @@
-"""Pagination of asset queries and of the audit log, shared by the sync and the async client: a `QueryPager` or
-`AuditPager` builds each page's request from the last page's cursor; the clients only send and loop."""
+"""Pagination of asset queries, the job list and the audit log, shared by the sync and the async client: a
+`QueryPager`, `JobPager` or `AuditPager` builds each page's request from the last page's cursor; the clients only send
+and loop."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import date
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from pydantic import TypeAdapter
 
-from client.calls import ANSWER_EXTRA, Call, _model, _present, argument_model, names
+from client.calls import ANSWER_EXTRA, Call, _model, _present, argument_model, jobs_call, names
 from serve_apps.audit import NEXT_CURSOR, AuditRecord
 from serve_apps.query_schemas import QueryPage, QueryRequest
+
+if TYPE_CHECKING:  # imports Ray: loaded with the first page (`client.calls._lazy`)
+    from serve_apps.job_listing import JobPage
+    from serve_apps.jobs import Job
 
 
 def query_call(request: QueryRequest) -> Call[QueryPage]:
@@ -40,6 +45,24 @@ class QueryPager:
         self.done = page.next_cursor is None
         self.request = self.request.model_copy(update={"cursor": page.next_cursor})
         return page.items
+
+
+class JobPager:
+    """Follows `GET /v1/jobs`' `next_cursor` to the last page: the tenant's jobs (of one `state` if given), newest
+    first by submission; jobs submitted after the first page are not on later ones."""
+
+    def __init__(self, state: str | None = None, page_size: int = 100):
+        self.state, self.page_size = state, page_size
+        self.cursor: str | None = None
+        self.done = False
+
+    def call(self) -> Call[JobPage]:
+        return jobs_call(self.state, self.page_size, self.cursor)
+
+    def feed(self, page: JobPage) -> list[Job]:
+        self.cursor = page.next_cursor
+        self.done = self.cursor is None
+        return page.jobs
 
 
 _AUDIT = TypeAdapter(list[AuditRecord])

@@ -16,7 +16,7 @@ from client.downloads import CHUNK_BYTES, JOB_FILE, RUN_FILE, FileDownload, down
 from client.errors import from_response
 from client.jobs import JobWait
 from client.model_calls import needs_production, rollback_call, run_file_call
-from client.pages import AuditPager, QueryPager
+from client.pages import AuditPager, JobPager, QueryPager
 from client.retry import RetryPolicy
 from client.scenario_calls import job_file_call
 from client.subscription import Subscription
@@ -127,6 +127,13 @@ class RayTwinClient(ClientBase):
         """Every asset matching `q` (serve_apps/README.md, "Queries"), sorted by `sort`, with `fields`
         only, fetched `page_size` at a time following the server's cursor."""
         pager = QueryPager(q, sort, fields, page_size)
+        while not pager.done:
+            yield from pager.feed(self._send(pager.call()))
+
+    def iter_jobs(self, state: str | None = None, page_size: int = 100) -> Iterator[Job]:
+        """Every job of the tenant (of one `state` if given), newest first, `page_size` at a time following the
+        server's `next_cursor` (`jobs` answers one page)."""
+        pager = JobPager(state, page_size)
         while not pager.done:
             yield from pager.feed(self._send(pager.call()))
 

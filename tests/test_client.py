@@ -525,6 +525,25 @@ def job_json(state: str, done: int) -> dict:
             "error": "boom" if state == "failed" else None, "bulk": {"total": 3, "done": done}}
 
 
+def test_iter_jobs_follows_the_cursor_to_the_last_page_sync_and_async():
+    """`GET /v1/jobs` is paged (`next_cursor`), but the SDK had only the page call (`jobs`): every application wrote
+    the cursor loop itself. `iter_jobs` follows it, newest first, as `query` and `audit_records` do theirs."""
+    def page(ids: list[str], cursor: str | None) -> httpx.Response:
+        return httpx.Response(200, json={"jobs": [{**job_json("succeeded", 3), "job_id": i} for i in ids],
+                                         "next_cursor": cursor})
+
+    async def collect(api) -> list[str]:
+        async with api:
+            return [job.job_id async for job in api.iter_jobs(state="succeeded", page_size=2)]
+
+    for api, seen in both(lambda: scripted(page(["j3", "j2"], "c2"), page(["j1"], None))):
+        got = collect(api) if isinstance(api, AsyncRayTwinClient) else [
+            job.job_id for job in api.iter_jobs(state="succeeded", page_size=2)]
+        assert (asyncio.run(got) if isinstance(api, AsyncRayTwinClient) else got) == ["j3", "j2", "j1"]
+        assert [dict(r.url.params) for r in seen] == [{"state": "succeeded", "limit": "2"},
+                                                      {"state": "succeeded", "limit": "2", "cursor": "c2"}]
+
+
 def test_wait_job_reports_each_change_backs_off_and_raises_on_failure_or_timeout():
     answers = [job_json("queued", 0), job_json("running", 1), job_json("running", 1), job_json("succeeded", 3)]
     transport, seen = scripted(*[httpx.Response(200, json=a) for a in answers])
