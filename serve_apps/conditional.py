@@ -113,6 +113,28 @@ class Precondition:
                 details=[{"header": "If-None-Match", "current_revision": current}])
 
 
+def _header(description: str) -> dict[str, Any]:
+    return {"description": description, "schema": {"type": "string"}}
+
+
+ETAG = _header('The resource\'s revision and a digest of its content, e.g. `"17-9c1e02ab44d1"` (opaque): send it as '
+               "`If-Match` to write only at this revision, or as `If-None-Match` to read only once it changed")
+STATE_ETAG = _header('Weak, e.g. `W/"17-40d2f1a97c03"` (opaque): the twin state\'s revision (events applied) and a '
+                     "digest of its state; `If-Match` compares strongly, so it never matches there")
+LIFECYCLE_ETAG = _header('The lifecycle log\'s revision and the start of its head hash, e.g. `"7-3f2a9c01be4d"`: '
+                         "`If-Match` of a transition or rollback, which then applies only to the log as read")
+
+
+def with_etag(responses: dict[int | str, dict[str, Any]], *statuses: int, header: dict[str, Any] = ETAG
+              ) -> dict[int | str, dict[str, Any]]:
+    """A route's OpenAPI `responses` with `header` declared as the `ETag` of each of `statuses` (merged into the
+    answer of the route's model), so generated clients learn of the tag that conditional requests take."""
+    out = dict(responses)
+    for status in statuses:
+        out[status] = {**out.get(status, {}), "headers": {"ETag": header}}
+    return out
+
+
 def not_modified(if_none_match: str | None, revision: int, content: Any) -> Response | None:
     """304 for a conditional read whose `If-None-Match` names the current revision of `content` (or `*`): the
     client's copy is current, nothing is sent again. Catalog revisions only grow, so a tag never

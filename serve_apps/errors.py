@@ -169,8 +169,11 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
+RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait before sending it again (where a resend can succeed)",
+                               "schema": {"type": "integer"}}}
+
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse, "description": text}
+    status: {"model": ErrorResponse, "description": text} | ({"headers": RETRY_AFTER} if status in (429, 503) else {})
     for status, text in (
         (400, "JSON body nested deeper than the parser's limit (`too_deeply_nested`)"),
         (401, "Missing or unknown API key"), (403, "Role not allowed"), (404, "Not found (or another tenant's)"),

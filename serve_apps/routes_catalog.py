@@ -16,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from raytwin.contracts import Asset, AssetType, RelationshipKind, describe_error
 from serve_apps.audit import CURSOR_PATTERN, NEXT_CURSOR
 from serve_apps.auth import Principal
-from serve_apps.conditional import Precondition, etag, not_modified, precondition
+from serve_apps.conditional import Precondition, etag, not_modified, precondition, with_etag
 from serve_apps.deps import ADMIN, DAY, READER, SVC, Limit, Services
 from serve_apps.errors import CONFLICT, Unprocessable
 from serve_apps.model_packages import SIMULATOR_ALLOWED
@@ -35,8 +35,8 @@ def register(app: FastAPI) -> None:
     tags = ["asset types"]
 
     @app.post("/v1/asset-types", response_model=AssetType, status_code=201, tags=tags,
-              responses=CONFLICT | {200: {"model": AssetType,
-                                          "description": "Identical type already existed"}},
+              responses=with_etag(CONFLICT | {200: {"model": AssetType,
+                                                    "description": "Identical type already existed"}}, 200, 201),
               dependencies=[SIMULATOR_ALLOWED,
                             resend_safe("a published version is immutable: the same one again answers 200, "
                                         "or 412 with `If-None-Match: *`")])
@@ -60,7 +60,8 @@ def register(app: FastAPI) -> None:
     async def list_asset_types(name: str | None = None, who: Principal = READER, svc: Services = SVC) -> Any:
         return await svc.backend.call("list_types", who.tenant, name)
 
-    @app.get("/v1/asset-types/{name}/{version}", response_model=AssetType, tags=tags, responses=NOT_MODIFIED)
+    @app.get("/v1/asset-types/{name}/{version}", response_model=AssetType, tags=tags,
+             responses=with_etag(NOT_MODIFIED, 200, 304))
     async def get_asset_type(name: str, version: str, response: Response, if_none_match: str | None = IF_NONE_MATCH,
                              who: Principal = READER, svc: Services = SVC) -> Any:
         asset_type, revision = await svc.backend.call("get_type", who.tenant, name, version)
@@ -81,7 +82,7 @@ def register(app: FastAPI) -> None:
 
     tags = ["assets"]
 
-    @app.post("/v1/assets", response_model=Asset, status_code=201, tags=tags, responses=CONFLICT)
+    @app.post("/v1/assets", response_model=Asset, status_code=201, tags=tags, responses=with_etag(CONFLICT, 201))
     async def create_asset(body: AssetCreate, request: Request, response: Response, who: Principal = ADMIN,
                            pre: Precondition = PRE, svc: Services = SVC) -> Any:
         """Create an asset of the caller's tenant and start its live twin (409 if it exists, or if its model has
@@ -103,7 +104,7 @@ def register(app: FastAPI) -> None:
         """The caller's assets, filtered by type and/or relationship (kind, target)."""
         return await svc.backend.call("list_assets", who.tenant, type_name, type_version, related_to, relationship)
 
-    @app.get("/v1/assets/{asset_id}", response_model=Asset, tags=tags, responses=NOT_MODIFIED)
+    @app.get("/v1/assets/{asset_id}", response_model=Asset, tags=tags, responses=with_etag(NOT_MODIFIED, 200, 304))
     async def get_asset(asset_id: str, response: Response, if_none_match: str | None = IF_NONE_MATCH,
                         who: Principal = READER, svc: Services = SVC) -> Any:
         asset, revision = await svc.backend.call("get_asset_revision", who.tenant, asset_id)
@@ -122,8 +123,8 @@ def register(app: FastAPI) -> None:
         return Related(asset_id=asset_id, outgoing=asset.relationships, incoming=incoming)
 
     @app.put("/v1/assets/{asset_id}", response_model=Asset, tags=tags,
-             responses=CONFLICT | {201: {"model": Asset,
-                                         "description": "Created (`If-None-Match: *` on a new id)"}})
+             responses=with_etag(CONFLICT | {201: {"model": Asset, "description": "Created (`If-None-Match: *` on a "
+                                                                            "new id)"}}, 200, 201))
     async def update_asset(asset_id: str, body: AssetUpdate, request: Request, response: Response,
                            who: Principal = ADMIN, pre: Precondition = PRE, svc: Services = SVC) -> Any:
         """Replace an asset's type version, metadata and relationships.

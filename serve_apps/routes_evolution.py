@@ -13,7 +13,7 @@ from raytwin.compat import compare_types, parse_version, previous_version, requi
 from raytwin.contracts import Asset, AssetType
 from raytwin.migration import MigrationRequest
 from serve_apps.auth import Principal
-from serve_apps.conditional import Precondition, etag, precondition
+from serve_apps.conditional import Precondition, etag, precondition, with_etag
 from serve_apps.deprecation import Deprecation
 from serve_apps.deps import ADMIN, SVC, Services
 from serve_apps.errors import Unprocessable
@@ -88,7 +88,8 @@ async def check_sender_version(svc: Services, tenant: str, asset_id: str, asset_
 
 
 def register(app: FastAPI) -> None:
-    @app.post("/v1/assets/{asset_id}/migrate", response_model=MigrationResult, tags=["assets"])
+    @app.post("/v1/assets/{asset_id}/migrate", response_model=MigrationResult, tags=["assets"],
+              responses=with_etag({}, 200))
     async def migrate_asset(asset_id: str, body: MigrationRequest, request: Request, who: Principal = ADMIN,
                             pre: Precondition = PRE, svc: Services = SVC) -> Any:
         """Move an asset and its twin to another version of its type, mapping the twin's state.

@@ -43,6 +43,7 @@ from raytwin.lifecycle import Actor as LifecycleActor
 from raytwin.registry import ModelRegistry, RegistryError
 from raytwin.statestore import StateStore
 from serve_apps.auth import OWNER_NEEDED, KeyStore, Principal, ownerless_fix
+from serve_apps.conditional import LIFECYCLE_ETAG, with_etag
 from serve_apps.deps import ADMIN, READER, SVC, WRITABLE, WRITER, IdPath, Services
 from serve_apps.errors import (CONFLICT, BadRequest, Conflict, Forbidden, NotFound, PreconditionFailed,
                                Unprocessable, unwrap)
@@ -295,7 +296,8 @@ async def _refuse_partial_fit(svc: Services, who: Principal, lc: ModelLifecycle,
 def register(app: FastAPI) -> None:
     tags = ["model lifecycle"]
 
-    @app.get("/v1/models/{model}/lifecycle", response_model=LifecycleStatus, tags=tags)
+    @app.get("/v1/models/{model}/lifecycle", response_model=LifecycleStatus, tags=tags,
+             responses=with_etag({}, 200, header=LIFECYCLE_ETAG))
     async def lifecycle_status(model: ModelName, response: Response, who: Principal = READER,
                                svc: Services = SVC) -> LifecycleStatus:
         """Each registered version's stage and author, the production version and the log's revision (also the
@@ -305,7 +307,7 @@ def register(app: FastAPI) -> None:
         return status
 
     @app.post("/v1/models/{model}/versions/{version}/transitions", response_model=TransitionAnswer,
-              status_code=201, tags=tags, responses=CONFLICT)
+              status_code=201, tags=tags, responses=with_etag(CONFLICT, 201, header=LIFECYCLE_ETAG))
     async def transition(model: ModelName, version: Version, body: TransitionRequest, request: Request,
                          response: Response, who: Principal = WRITER, svc: Services = SVC,
                          _writable: None = WRITABLE, if_match: str | None = IF_MATCH,
@@ -330,7 +332,7 @@ def register(app: FastAPI) -> None:
         return await _answer(svc, request, who, record)
 
     @app.post("/v1/models/{model}/rollback", response_model=TransitionAnswer, status_code=201, tags=tags,
-              responses=CONFLICT)
+              responses=with_etag(CONFLICT, 201, header=LIFECYCLE_ETAG))
     async def rollback(model: ModelName, body: RollbackRequest, request: Request, response: Response,
                        who: Principal = WRITER, svc: Services = SVC, _writable: None = WRITABLE,
                        if_match: str | None = IF_MATCH, _only_if_match: None = ONLY_IF_MATCH) -> TransitionAnswer:

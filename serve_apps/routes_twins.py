@@ -20,12 +20,15 @@ from raytwin.contracts import (
     normalize_measurements,
 )
 from serve_apps.auth import Principal
-from serve_apps.conditional import state_etag, unconditional
+from serve_apps.conditional import STATE_ETAG, state_etag, unconditional, with_etag
 from serve_apps.deps import READER, SVC, WRITER, Services
 from serve_apps.errors import PayloadTooLarge, Unprocessable
 from serve_apps.resend import resend_safe
 from serve_apps.routes_evolution import TYPE_VERSION_HEADER, check_sender_version
 from serve_apps.schemas import Divergence, DriftClear, IngestResult, Rejection, TelemetryBatch
+
+STATE_TAGGED = with_etag({}, 200, header=STATE_ETAG)
+"""The twin state's and divergence's answers: their weak `ETag`."""
 
 
 UNCONDITIONAL = unconditional("telemetry", "events are ordered by their event time and told apart by idempotency key, "
@@ -73,7 +76,7 @@ def register(app: FastAPI) -> None:
                                          for r in report["reasons"]], key=lambda r: (r.index is None, r.index or 0)),
         )
 
-    @app.get("/v1/assets/{asset_id}/state", response_model=TwinState, tags=tags)
+    @app.get("/v1/assets/{asset_id}/state", response_model=TwinState, tags=tags, responses=STATE_TAGGED)
     async def state(asset_id: str, response: Response,
                     at: Annotated[DateTime | None, Query(description="RFC 3339 date-time with offset (e.g. "
                                                          "2026-01-05T12:00:00Z): the state then")] = None,
@@ -86,7 +89,7 @@ def register(app: FastAPI) -> None:
             response.headers["RayTwin-Stale"] = "true"
         return found
 
-    @app.get("/v1/assets/{asset_id}/divergence", response_model=Divergence, tags=tags)
+    @app.get("/v1/assets/{asset_id}/divergence", response_model=Divergence, tags=tags, responses=STATE_TAGGED)
     async def divergence(asset_id: str, response: Response, who: Principal = READER,
                          svc: Services = SVC) -> Divergence:
         """Model/data divergence: normalised innovation (NIS) statistics, residuals and the drift flag."""
@@ -97,7 +100,7 @@ def register(app: FastAPI) -> None:
         return Divergence(asset_id=asset_id, revision=found["revision"], event_time=found["event_time"],
                           **found["divergence"])
 
-    @app.post("/v1/assets/{asset_id}/drift/clear", response_model=Divergence, tags=tags)
+    @app.post("/v1/assets/{asset_id}/drift/clear", response_model=Divergence, tags=tags, responses=STATE_TAGGED)
     async def clear_drift(asset_id: str, body: DriftClear, request: Request, response: Response,
                           who: Principal = WRITER, svc: Services = SVC) -> Divergence:
         """Acknowledge the twin's drift alarm: its detector restarts from zero (a fault that persists is

@@ -2683,3 +2683,27 @@ def test_a_method_a_path_does_not_take_names_every_method_it_takes_and_an_unknow
         assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "not_found"
         assert "no route GET /v1/asset" in unknown.json()["error"]["message"]
         assert "/openapi.json" in unknown.json()["error"]["message"]
+
+
+def test_the_openapi_declares_the_etag_of_every_answer_that_carries_one_and_the_retry_after_of_refusals():
+    """An app developer's find: the committed OpenAPI declared no `ETag` on any answer, though the reads and writes of
+    assets, types, twin states and model lifecycles send one and `If-Match` takes it (a generated client never learnt
+    of it), nor the `Retry-After` of 429 and 503."""
+    from serve_apps.api import create_api
+
+    paths = create_api().openapi()["paths"]
+    carrying = {("get", "/v1/assets/{asset_id}", "200"), ("post", "/v1/assets", "201"),
+                ("put", "/v1/assets/{asset_id}", "200"), ("put", "/v1/assets/{asset_id}", "201"),
+                ("get", "/v1/asset-types/{name}/{version}", "200"), ("post", "/v1/asset-types", "200"),
+                ("post", "/v1/asset-types", "201"), ("get", "/v1/assets/{asset_id}/state", "200"),
+                ("get", "/v1/assets/{asset_id}/divergence", "200"), ("post", "/v1/assets/{asset_id}/drift/clear", "200"),
+                ("post", "/v1/assets/{asset_id}/migrate", "200"), ("get", "/v1/models/{model}/lifecycle", "200"),
+                ("post", "/v1/models/{model}/versions/{version}/transitions", "201"),
+                ("post", "/v1/models/{model}/rollback", "201"),
+                ("get", "/v1/assets/{asset_id}", "304"), ("get", "/v1/asset-types/{name}/{version}", "304")}
+    declared = {(method, path, status) for path, ops in paths.items() for method, op in ops.items()
+                for status, answer in op["responses"].items() if "ETag" in answer.get("headers", {})}
+    assert declared == carrying
+    assert paths["/v1/assets/{asset_id}"]["get"]["responses"]["200"]["content"]  # merged into the model's answer
+    for status in ("429", "503"):
+        assert "Retry-After" in paths["/v1/query"]["post"]["responses"][status]["headers"]
