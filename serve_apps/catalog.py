@@ -155,8 +155,8 @@ class Catalog:
         t = self.get_type(tenant, name, version)
         users = [a.id for a in self.list_assets(tenant, type_name=name, type_version=version)]
         if users:
-            raise Conflict(f"asset type {t.key} is used by assets {users[:20]}: update them to another "
-                           f"type_version (PUT /v1/assets/{{id}}) or delete them first", details=users)
+            raise Conflict(f"asset type {t.key} is used by assets {_some(users)}: update them to another "
+                           f"type_version (PUT /v1/assets/{{id}}) or delete them first", details=_named(users))
         return t
 
     def delete_type(self, tenant: str, name: str, version: str, pre: Precondition = NO_PRECONDITION) -> AssetType:
@@ -227,8 +227,23 @@ class Catalog:
         asset = self.get_asset(tenant, asset_id)
         referrers = [a.id for a in self.list_assets(tenant, related_to=asset_id)]
         if referrers:
-            raise Conflict(f"asset {asset_id} is the target of relationships from {referrers[:20]}", details=referrers)
+            raise Conflict(f"asset {asset_id} is the target of relationships from {_some(referrers)}: remove their "
+                           f"relationships to it (PUT /v1/assets/{{id}}) or delete them first", details=_named(referrers))
         self._remove(tenant, "assets", asset_id)
         del self.assets[tenant][asset_id]
         del self.records[tenant][asset_id]
         return asset
+
+
+NAMED = 20
+"""How many of the assets that block a delete its 409 names: the rest are counted, so the error stays small for a
+type that 100,000 assets use."""
+
+
+def _some(ids: list[str]) -> str:
+    return f"{ids[:NAMED]}" + (f" and {len(ids) - NAMED} more" if len(ids) > NAMED else "")
+
+
+def _named(ids: list[str]) -> list[dict[str, Any]]:
+    """A 409's `details`: the first `NAMED` of the assets that block it, and how many there are."""
+    return [{"assets": ids[:NAMED], "count": len(ids)}]

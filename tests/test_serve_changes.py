@@ -247,6 +247,30 @@ def test_catalog_revisions_compare_and_set_and_survive_a_reload(tmp_path):
     assert reloaded.revision("acme", "assets", "zone") is None
 
 
+def test_a_delete_refused_for_the_assets_that_need_it_names_them_in_bounded_details_and_says_what_to_do(tmp_path):
+    """An app developer's find: deleting an asset others point at, or a type assets use, answered 409 with `details`
+    holding every referring asset's id as a bare string (every other error's details are objects), unbounded (a type
+    of 100,000 assets: 100,000 ids in one error body), and the asset's message said nothing of what to do. Now one
+    object: the first 20 ids and the count, and the message names the fix."""
+    from serve_apps.errors import Conflict
+    from raytwin.contracts import Relationship
+
+    catalog = Catalog(str(tmp_path))
+    thermal = AssetType.from_model(THERMAL_RC)
+    catalog.put_type("acme", thermal, 1)
+    catalog.create_asset(Asset(id="site", tenant="acme", type_name=thermal.name, type_version=thermal.version), 2)
+    for n in range(25):
+        catalog.create_asset(Asset(id=f"zone-{n:02d}", tenant="acme", type_name=thermal.name,
+                                   type_version=thermal.version, relationships=[Relationship(kind="part_of",
+                                                                                             target="site")]), 3 + n)
+    with pytest.raises(Conflict, match="remove their relationships to it") as refused:
+        catalog.delete_asset("acme", "site")
+    assert refused.value.details == [{"assets": [f"zone-{n:02d}" for n in range(20)], "count": 25}]
+    with pytest.raises(Conflict, match="or delete them first") as refused:
+        catalog.check_delete_type("acme", thermal.name, thermal.version)
+    assert refused.value.details == [{"assets": ["site", *(f"zone-{n:02d}" for n in range(19))], "count": 26}]
+
+
 def test_an_etag_read_before_a_restore_of_the_store_never_matches_other_content_under_its_revision(tmp_path):
     """The store is copied with asset zone at revision 2; the service writes revision 3 (a client reads its ETag),
     then the copy is restored and another write gets revision 3 again. Before, both ETags were "3", so the
