@@ -18,7 +18,7 @@ from serve_apps.audit import CURSOR_PATTERN, NEXT_CURSOR
 from serve_apps.auth import Principal
 from serve_apps.conditional import Precondition, etag, not_modified, precondition, with_etag
 from serve_apps.deps import ADMIN, DAY, READER, SVC, Limit, Services
-from serve_apps.errors import CONFLICT, Unprocessable
+from serve_apps.errors import CONFLICT, NotFound, Unprocessable, unwrap
 from serve_apps.model_packages import SIMULATOR_ALLOWED
 from serve_apps.resend import resend_safe
 from serve_apps.routes_evolution import announce
@@ -140,8 +140,13 @@ def register(app: FastAPI) -> None:
                     "create_asset", asset, None, pre), svc.twins.create_timeout_s, _created(asset.id))
                 response.status_code = 201
             else:
-                revision = await svc.twins.write(who.tenant, asset.id, lambda: svc.backend.call(
-                    "update_asset", asset, pre), svc.twins.create_timeout_s, IDEMPOTENT_LOST)
+                try:
+                    revision = await svc.twins.write(who.tenant, asset.id, lambda: svc.backend.call(
+                        "update_asset", asset, pre), svc.twins.create_timeout_s, IDEMPOTENT_LOST)
+                except Exception as exc:
+                    if isinstance(missing := unwrap(exc), NotFound):
+                        raise _how_to_create(missing) from None
+                    raise
                 svc.twins.forget(who.tenant, asset_id)
         response.headers["ETag"] = etag(revision, content=asset.model_dump(mode="json"))
         return asset
@@ -182,6 +187,12 @@ def _asset(tenant: str, asset_id: str, body: AssetUpdate) -> Asset:
                      metadata=body.metadata, relationships=body.relationships)
     except ValidationError as exc:
         raise Unprocessable(describe_error(exc)) from None
+
+
+def _how_to_create(missing: NotFound) -> NotFound:
+    """A PUT's 404, saying how to create the asset (a client may expect PUT to create it, as many APIs' do)."""
+    return NotFound(f"{missing.message}: PUT replaces an asset; create it with POST /v1/assets, or with this PUT and "
+                    "If-None-Match: *", missing.details)
 
 
 IDEMPOTENT_LOST = "resend it (a PUT or DELETE is idempotent: a replaced asset answers the same, a deleted one 404)"

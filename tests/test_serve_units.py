@@ -2707,3 +2707,21 @@ def test_the_openapi_declares_the_etag_of_every_answer_that_carries_one_and_the_
     assert paths["/v1/assets/{asset_id}"]["get"]["responses"]["200"]["content"]  # merged into the model's answer
     for status in ("429", "503"):
         assert "Retry-After" in paths["/v1/query"]["post"]["responses"][status]["headers"]
+
+
+def test_a_put_of_an_asset_that_does_not_exist_says_how_to_create_it(tmp_path):
+    """An app developer's find: `PUT /v1/assets/zone-3` of a new id answered 404 "asset zone-3 not found", so a
+    client expecting PUT to create (as many APIs' do) learnt nothing of how to; now the 404 says to POST it, or to
+    PUT it with `If-None-Match: *`."""
+    from tests.fixtures_serve import in_process
+
+    class Missing:
+        def update_asset(self, asset, pre):
+            raise NotFound(f"asset {asset.id} not found")
+
+    with in_process(Missing(), tmp_path) as (http, auth, _):
+        body = {"type_name": "thermal_rc", "type_version": "1.0.0"}
+        missing = http.put("/v1/assets/zone-3", json=body, headers=auth["admin"])
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    assert missing.json()["error"]["message"] == ("asset zone-3 not found: PUT replaces an asset; create it with POST "
+                                                  "/v1/assets, or with this PUT and If-None-Match: *")
