@@ -67,6 +67,8 @@ Action = Literal["submit", "stage", "promote", "archive", "rollback", "prune", "
 """`evaluate` records evidence (a shadow evaluation) without moving the version."""
 APPROVER = "approver"
 GENESIS = "0" * 64
+SHOWN_MODELS = 10
+"""The registry's models an `UnknownModel` names at most."""
 ACTION_TO: dict[Stage, Action] = {"candidate": "submit", "staging": "stage", "production": "promote",
                                   "archived": "archive"}
 """The action a transition to a stage is recorded as (what its audit record is named before it is recorded)."""
@@ -100,6 +102,10 @@ class TransitionConflict(LifecycleError):
 
 class EvidenceRefused(LifecycleError):
     """Evidence a caller gave that is not what it says (`check_given_evidence`)."""
+
+
+class UnknownModel(RegistryError):
+    """A model name the registry holds no version of and that has no lifecycle log (a typo, or not registered)."""
 
 
 class PruneIncomplete(Exception):
@@ -448,20 +454,28 @@ class ModelLifecycle:
         read it already with `records` (one read for all it asks of the log); None: read here. The outcome is
         remembered for `current` (a verified prefix, or the model marked broken: logged as
         ``event=lifecycle_chain_broken``). A registered model with no log yet has the empty state; a model this
-        registry does not know is a `RegistryError` (a typo passed as an empty, intact chain, where the CLI and the
+        registry does not know is `UnknownModel` (a typo passed as an empty, intact chain, where the CLI and the
         API refuse it)."""
-        state = self._verify_chain(model, records)
-        if state.revision < 0 and not self.registry.versions(model):  # an empty log: only then is it a question
-            raise RegistryError(f"no model {model} in this registry: check the model's name (a lifecycle starts "
-                                "with a registered version)", self.registry.url)
+        state = self._known(self._verify_chain(model, records))
         if expected_head is not None and expected_head != state.head_hash:
             raise ChainBroken(f"{model}: the head hash is {state.head_hash[:12]}..., expected "
                               f"{expected_head[:12]}... (records were removed from the end?)", state.revision + 1)
         return state
 
+    def _known(self, state: ModelState) -> ModelState:
+        """`state`, unless its log is empty and the registry holds no version of its model: `UnknownModel`, naming
+        the models it holds (an empty log is only then a question: a model with a log costs no registry read)."""
+        if state.revision >= 0 or self.registry.versions(state.model):
+            return state
+        names = self.registry.names()
+        held = ", ".join(names[:SHOWN_MODELS]) + (f" and {len(names) - SHOWN_MODELS} more"
+                                                  if len(names) > SHOWN_MODELS else "") if names else "none"
+        raise UnknownModel(f"no model {state.model} in this registry: check the model's name (it holds {held}), or "
+                           f"register a version of {state.model} first (a lifecycle starts with a registered version: "
+                           "POST /v1/asset-types, or `ModelRegistry.register`)", self.registry.url)
+
     def _verify_chain(self, model: str, records: list[TransitionRecord] | None = None) -> ModelState:
-        """`verify`'s check of the whole chain, remembered for `current`, which asks no more of the registry than it
-        did (a request's own checks name an unknown model or version: a type, a transition's registry read)."""
+        """`verify`'s check of the whole chain, remembered for `current`."""
         state = ModelState(model)
         try:
             for i, r in enumerate(self.records(model) if records is None else records):
@@ -480,16 +494,17 @@ class ModelLifecycle:
         whose last record is read again (gone, or another hash: the log shrank or was replaced, and the whole chain
         is verified). Records within the prefix are not read again here (see the module's docstring for how long an
         edit to one may go unnoticed): a model not verified whole in this process yet, over `FULL_VERIFY_S` ago, or
-        marked broken, is verified whole (a restored log passes)."""
+        marked broken, is verified whole (a restored log passes). A model with no log that the registry holds no
+        version of is `UnknownModel`, as in `verify` (its empty state was answered as a lifecycle about to start)."""
         state = _VERIFIED.get(self._key(model))
         if state is None:
-            return self._verify_chain(model)
+            return self._known(self._verify_chain(model))
         if state.revision >= 0:
             last = self._record_at(model, state.revision)
             if last is None or last.hash != state.head_hash or last.computed_hash() != last.hash:
                 log.warning("event=lifecycle_prefix_changed model=%s seq=%d (%s): verifying the whole log", model,
                             state.revision, "gone" if last is None else "another record")
-                return self._verify_chain(model)
+                return self._known(self._verify_chain(model))
         try:
             while (r := self._record_at(model, state.revision + 1)) is not None:
                 _check_next(state, r, state.revision + 1)
@@ -498,7 +513,7 @@ class ModelLifecycle:
             _VERIFIED.mark_broken(self._key(model), exc)
             raise
         _VERIFIED.remember(self._key(model), state, full=False)
-        return state
+        return self._known(state)
 
     def _key(self, model: str) -> tuple[str, str, str]:
         return str(self.fs.protocol), self.root, model

@@ -34,7 +34,7 @@ from raytwin.contracts import Asset, AssetType, RelationshipKind, StartedFrom, T
 from raytwin.graph import Direction
 from raytwin.logs import component_logging
 from raytwin.query import Expr, Record
-from raytwin.lifecycle import LifecycleError, ModelLifecycle
+from raytwin.lifecycle import LifecycleError, ModelLifecycle, UnknownModel
 from raytwin.registry import ModelArtifact, ModelRegistry, RegistryError
 from raytwin.renewal_watch import RenewalWatch
 from raytwin.sim.cpu import cpu_only
@@ -350,6 +350,8 @@ class Backend:
         archived version, would run what no approver let run."""
         try:
             state = ModelLifecycle(self._registry(asset.tenant)).current(asset.type_name)
+        except UnknownModel:  # no model of the type's name: the catalog and the registry answer (404) for its type
+            return
         except LifecycleError as exc:  # a broken transition log: which version may run is unknown
             raise Conflict(str(unwrap(exc))) from None
         name, version, production = asset.type_name, asset.type_version, state.production

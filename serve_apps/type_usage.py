@@ -11,7 +11,7 @@ from __future__ import annotations
 import ray
 
 from actors.live_models import LiveModels
-from raytwin.lifecycle import LifecycleError, ModelLifecycle, ModelState
+from raytwin.lifecycle import LifecycleError, ModelLifecycle, ModelState, UnknownModel
 from serve_apps.errors import Conflict, unwrap
 from serve_apps.shard_deadline import RETRY_AFTER_S, TwinUnavailable
 
@@ -55,10 +55,12 @@ def refuse_held_type(lifecycle: ModelLifecycle, running: list[str], name: str, v
     (`running`: hot-swapped to it, see `twins_running`), each reason with its remedy; the twins in `details`."""
     ref = f"{name}@{version}"
     try:
-        state = lifecycle.current(name)
+        role = lifecycle_role(lifecycle.current(name), version)
+    except UnknownModel:  # a type the catalog holds from before types were registered: no lifecycle needs it
+        role = None
     except LifecycleError as exc:  # a broken transition log: which version is production is unknown
         raise Conflict(f"asset type {ref} was not deleted: {unwrap(exc)}") from None
-    reasons = [r for r in (lifecycle_role(state, version),) if r]
+    reasons = [role] if role else []
     if running:
         more = f" and {len(running) - SHOWN} more" if len(running) > SHOWN else ""
         reasons.append(f"twins {', '.join(running[:SHOWN])}{more} run {ref} (a promotion swapped them to it; their "

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 import raytwin.lifecycle as lifecycle_module
 from raytwin.cli import app
-from raytwin.contracts import AssetType
+from raytwin.contracts import Asset, AssetType
 from raytwin.lifecycle import (
     Actor,
     ApprovalRequired,
@@ -29,6 +29,7 @@ from raytwin.lifecycle import (
     PruneIncomplete,
     TenantMismatch,
     TransitionConflict,
+    UnknownModel,
 )
 from raytwin.registry import ModelRegistry, RegistryError
 from raytwin.sim import THERMAL_RC
@@ -112,6 +113,29 @@ def test_verify_refuses_a_model_the_registry_does_not_know_and_passes_a_register
     with pytest.raises(RegistryError, match=r"^no model zne in this registry: check the model's name") as unknown:
         lc.verify("zne")
     assert unknown.value.registry_url == lc.registry.url
+
+
+def test_current_refuses_a_model_the_registry_does_not_know_naming_the_known_ones(lc):
+    """`current("zne")` (what a request reads) answered an empty state, as if a lifecycle were about to start."""
+    assert lc.current("zone").revision == -1  # registered, nothing submitted yet
+    for _ in range(2):  # the empty state is remembered: the second call asks again
+        with pytest.raises(UnknownModel, match=r"^no model zne in this registry: check the model's name \(it holds "
+                                               r"zone\), or register a version of zne first") as unknown:
+            lc.current("zne")
+        assert unknown.value.registry_url == lc.registry.url
+    with pytest.raises(UnknownModel, match="no model zne"):
+        lc.rollback("zne", BOB, "back")
+
+
+def test_requests_on_a_type_without_a_registered_model_pass_the_lifecycle_as_before(lc):
+    """A type the catalog holds from before types were registered stays deletable, and an asset naming an unknown
+    type is answered by the catalog (404), not by the lifecycle's `UnknownModel`."""
+    from serve_apps.backend import Backend
+    from serve_apps.type_usage import refuse_held_type
+
+    refuse_held_type(lc, [], "legacy", "1.0.0")
+    backend = SimpleNamespace(_registry=lambda tenant: lc.registry)
+    Backend._require_production(backend, Asset(id="a", tenant="acme", type_name="legacy", type_version="1.0.0"))
 
 
 def test_another_tenants_model_and_bad_evidence_are_refused(lc):
