@@ -245,6 +245,11 @@ def _branchy(x, u, c):
      "model decay: derivative: x is int32: return floating-point values"),
     ({"output": lambda x, u, c: (x[0] > 0.5,)}, "model decay: output: y is bool: return floating-point values"),
     ({"derivative": _branchy}, r"model decay: derivative \(under jax.jit\): raised TracerBoolConversionError"),
+    ({"derivative": lambda x, u, c: (u[0] - c[0] * jnp.mean(x[0]),)},  # passed: right under vmap, not on a batch
+     "model decay: derivative.x: mixes the scenarios of a batch: -2.125 for scenario 0 of a batch of two, -1 for it "
+     r"alone \(a sum, mean, max or index across the arrays, .*\); write it for one scenario, elementwise: RayTwin "
+     r"applies it to batches \(vmap, or arrays of scenarios\)$"),
+    ({"output": lambda x, u, c: (jnp.flip(x[0]),)}, "model decay: output.y: mixes the scenarios of a batch"),
     ({"default_dt": 3.0}, "model decay: default_dt: step 3 s is beyond the RK4 stability limit 2.785 s at the "
                           r"default parameters \(declare default_dt at most 2.78 s, or solver=raytwin.sim.stiff.Adaptive\(\)"),
 ])

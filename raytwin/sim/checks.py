@@ -1,7 +1,8 @@
 """Checks a model must pass before RayTwin runs it, and the RK4 stability limit of a step.
 
 `check_model` runs a model's functions the way RayTwin will: names and shapes (each function
-returns one array per variable, broadcasting over a batch), finite values at the nominal point and
+returns one array per variable, broadcasting over a batch), scenarios kept apart (a scenario's value
+in a batch of two is its value alone: no sum or index across the batch), finite values at the nominal point and
 at the corners of the parameter bounds (and after a short probe run there), traceability under
 ``jit``, ``vmap`` and ``jacfwd``, and numerical stability. Each failure is a `ModelCheckError`: one
 line naming the model and the field.
@@ -469,6 +470,38 @@ def _traceable(model: Model, x: np.ndarray, u: np.ndarray, p: np.ndarray) -> Non
             _call(model, f"{name} (under jax.jacfwd)", jax.jacfwd(vector), jnp.asarray(x))
 
 
+def _shifted(v: float, lower: float, upper: float) -> float:
+    """`v` moved a quarter of the way to a finite bound (by a quarter of its size, at least 0.25, towards an infinite
+    one): another admissible value. A variable fixed by its bounds keeps its value."""
+    if upper > v:
+        return v + 0.25 * (upper - v if math.isfinite(upper) else max(abs(v), 1.0))
+    if lower < v:
+        return v - 0.25 * (v - lower if math.isfinite(lower) else max(abs(v), 1.0))
+    return v
+
+
+def _scenario_independent(model: Model, x: np.ndarray, u: np.ndarray, p: np.ndarray) -> None:
+    """Each function's value for a scenario in a batch of two distinct ones is its value for that scenario alone. A
+    function that reduces or indexes across its arrays (``jnp.sum(x)``, ``x[0]``) passes the shape checks (its result
+    broadcasts) and is right under ``vmap``, but mixes the scenarios of a batch of arrays, as a sweep's or a shard's."""
+    other = tuple(np.array([_shifted(float(v), q.lower, q.upper) for v, q in zip(values, declared)])
+                  for values, declared in ((x, model.states), (u, model.inputs), (p, model.params)))
+    points = ((x, u, p), other)
+    pair = tuple(tuple(jnp.asarray([a, b]) for a, b in zip(one, two)) for one, two in zip(*points))
+    for name, fn, expected in _functions(model):
+        together = fn(*pair)
+        for k, point in enumerate(points):
+            alone = fn(*(tuple(jnp.asarray(v) for v in arrays) for arrays in point))
+            for i, (batched, single) in enumerate(zip(together, alone)):
+                got, want = np.broadcast_to(np.asarray(batched), (2,))[k], np.asarray(single)
+                if not np.allclose(got, want, rtol=1e-7, atol=0.0, equal_nan=True):
+                    label = expected[i] if i < len(expected) else f"[{i}]"
+                    raise ModelCheckError(model.name, f"{name}.{label}", (
+                        f"mixes the scenarios of a batch: {got:g} for scenario {k} of a batch of two, {want:g} for it "
+                        "alone (a sum, mean, max or index across the arrays, e.g. jnp.sum(x[0]) or x[0][0]); write it "
+                        "for one scenario, elementwise: RayTwin applies it to batches (vmap, or arrays of scenarios)"))
+
+
 def _finite(model: Model, x: np.ndarray, u: np.ndarray, rows: np.ndarray, limits: np.ndarray, dt: float) -> None:
     """Every function finite at each parameter row, and the state and outputs after a probe run."""
     rows_t = tuple(jnp.asarray(c) for c in rows.T)
@@ -560,6 +593,7 @@ def check_functions(model: Model) -> None:
         _shapes(model, x, u, p, ())
         _traceable(model, x, u, p)
         _shapes(model, x, u, p, (3,))
+        _scenario_independent(model, x, u, p)
 
 
 def clear_caches() -> None:
