@@ -101,12 +101,13 @@ def _load(path: Path, spec_type, fmu_spec_type=None):
         raise typer.BadParameter(f"{path}: {describe_error(exc)}") from None
 
 
-def _check_size(space: ScenarioSpace, n_steps: int, metric_columns: int, max_scenarios: int, max_work: int) -> None:
+def _check_size(space: ScenarioSpace, n_steps: int, metric_columns: int, max_scenarios: int, max_work: int,
+                per_output: int = 0) -> None:
     """`sweeps.limits.check_size` with the limits named as this command's options; a sweep over one is a usage
     error."""
     try:
         check_size(space, n_steps, metric_columns, max_scenarios=max_scenarios, max_work=max_work,
-                   option=lambda name, value: f"--{name.replace('_', '-')} {value}")
+                   option=lambda name, value: f"--{name.replace('_', '-')} {value}", per_output=per_output)
     except SweepTooLarge as exc:
         raise typer.BadParameter(str(exc)) from None
 
@@ -133,9 +134,8 @@ def sweep_run(
     _setup_logging()
     parsed = _load(spec, SweepSpec, FmuSweepSpec)
     if isinstance(parsed, FmuSweepSpec):
-        _, fmu = _recorded(lambda: registered_fmu(parsed.model, parsed.registry_url), FmuSpecError)
-        _check_size(parsed.space, parsed.n_steps, len(fmu.output_names) * len(METRICS) + 1, max_scenarios,
-                    max_work)  # + error
+        _check_size(parsed.space, parsed.n_steps, 1, max_scenarios, max_work, per_output=len(METRICS))  # error
+        _recorded(lambda: registered_fmu(parsed.model, parsed.registry_url), FmuSpecError)  # before it is recorded
         with _sigterm_recorded():
             record = _recorded(lambda: recorded_fmu_sweep(parsed, runs=runs, max_scenarios=max_scenarios),
                                FmuSpecError)

@@ -149,18 +149,19 @@ class FmuSweepSpec(_FmuRunSpec):
         return out
 
 
-def check_fmu_sweep_size(spec: FmuSweepSpec, fmu: FmuModel, max_scenarios: int = MAX_SCENARIOS) -> None:
-    """`sweeps.limits.check_size` of `spec` (its values: a metric per output and `METRICS`, and the `error`
-    column), as for a JAX sweep: a huge design would be drawn in the driver, one scenario object each."""
-    check_size(spec.space, spec.n_steps, len(fmu.output_names) * len(METRICS) + 1, max_scenarios=max_scenarios)
+def check_fmu_sweep_size(spec: FmuSweepSpec, max_scenarios: int = MAX_SCENARIOS) -> None:
+    """`sweeps.limits.check_size` of `spec` (its values: the `error` column, and `METRICS` for each output), as for a
+    JAX sweep: a huge design would be drawn in the driver, one scenario object each. Before the FMU is loaded (a
+    download and a read of its description): the message gives what each of its outputs adds."""
+    check_size(spec.space, spec.n_steps, 1, max_scenarios=max_scenarios, per_output=len(METRICS))
 
 
 def run_fmu_spec(spec: FmuSweepSpec, out_url: str, storage_options: dict | None = None, *,
                  max_scenarios: int = MAX_SCENARIOS) -> tuple[dict, dict]:
     """Run the sweep on Ray and write its table under `out_url`: (file name -> sha256, summary). A sweep of more
     than `max_scenarios` scenarios is refused (`sweeps.limits.SweepTooLarge`) before its design is drawn."""
+    check_fmu_sweep_size(spec, max_scenarios)
     artifact, fmu = registered_fmu(spec.model, spec.registry_url)
-    check_fmu_sweep_size(spec, fmu, max_scenarios)
     scenarios = spec.scenarios(artifact, fmu)
     ensure_ray()
     t0 = time.monotonic()

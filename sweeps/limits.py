@@ -27,11 +27,13 @@ def keyword(name: str, value: str) -> str:
 
 
 def check_size(space: ScenarioSpace, n_steps: int, metric_columns: int, *, max_scenarios: int = MAX_SCENARIOS,
-               max_work: int | None = None, option: Callable[[str, str], str] = keyword) -> None:
+               max_work: int | None = None, option: Callable[[str, str], str] = keyword, per_output: int = 0) -> None:
     """Raise `SweepTooLarge` for a sweep of more than `max_scenarios` scenarios or `max_work` scenario-steps (None:
     no such limit), with what it would write (8 bytes a value: sweep metrics are random floats that barely
     compress) and compute: 1,000 scenarios of 1e7 steps ran for minutes with no word of the work they asked for.
-    `option(name, value)` names a limit as the caller takes it (a keyword argument, a command-line option)."""
+    `option(name, value)` names a limit as the caller takes it (a keyword argument, a command-line option).
+    `per_output`: metric columns for each output of a model not loaded to size the message (an FMU, which is
+    downloaded and read to be loaded), said as so much more for each output."""
     n = space.size
     work = n * n_steps
     over = [("max_scenarios", max_scenarios, n)] if n > max_scenarios else []
@@ -39,9 +41,11 @@ def check_size(space: ScenarioSpace, n_steps: int, metric_columns: int, *, max_s
     if not over:
         return
     values = 1 + len(space.columns) + metric_columns  # the scenario index, its dimension values, its metrics
+    each_output = f" plus {_size(8 * per_output * n)} for each of the model's outputs ({per_output} values a " \
+        "scenario each)" if per_output else ""
     raise SweepTooLarge(
         f"{n:,} scenarios of {n_steps:,} steps would write about {_size(8 * values * n)} ({values} values a "
-        f"scenario) and compute {work:.3g} scenario-steps: more than "
+        f"scenario){each_output} and compute {work:.3g} scenario-steps: more than "
         f"{' and '.join(option(name, f'{limit:,}') for name, limit, _ in over)}; pass "
         f"{' '.join(option(name, str(asked)) for name, _, asked in over)} to run it, or run it as several smaller "
         "sweeps (a smaller design: fewer levels or a smaller n each), a shorter horizon_s or a longer step_s")

@@ -30,8 +30,7 @@ from raytwin.storage import canonical_json, filesystem, replace_file
 from raytwin.store_failures import store_io
 from sweeps.aggregate import RUN_OUTPUT, RUN_RECORD
 from sweeps.calibration import CalibrationError, CalibrationSpec, calibrate, read_telemetry
-from sweeps.fmu import (FmuCalibrationSpec, FmuSweepSpec, calibrate_fmu_spec, check_fmu_sweep_size, registered_fmu,
-                        run_fmu_spec)
+from sweeps.fmu import FmuCalibrationSpec, FmuSweepSpec, calibrate_fmu_spec, check_fmu_sweep_size, run_fmu_spec
 from sweeps.limits import MAX_SCENARIOS
 from sweeps.runner import (RunTerminated, SweepCancelled, absolute_series, absolute_url, check_sweep_size, prepare,
                            run_sweep)
@@ -197,8 +196,7 @@ def recorded_fmu_sweep(
     """Run a sweep of a registered FMU (`sweeps.fmu`) into a new run directory and record it (under `run_id`,
     default a new id): the same record as a JAX sweep, its ``model_code`` the FMU file's SHA-256. A sweep of more
     than `max_scenarios` scenarios is refused before it is recorded (`sweeps.limits.SweepTooLarge`)."""
-    if spec.space.size > max_scenarios:  # refused unrecorded; the FMU's outputs size the message
-        check_fmu_sweep_size(spec, registered_fmu(spec.model, spec.registry_url)[1], max_scenarios)
+    check_fmu_sweep_size(spec, max_scenarios)  # refused unrecorded, before the FMU is loaded
     return _recorded(RunStore(runs, storage_options), "sweep", spec,
                      lambda out_url: run_fmu_spec(spec, out_url, storage_options, max_scenarios=max_scenarios),
                      input_url=None, input_hash=None,

@@ -220,18 +220,29 @@ def test_an_fmu_calibration_searches_within_the_declared_bounds_and_says_when_no
 
 
 def test_an_fmu_sweep_refuses_a_huge_design_up_front_saying_how_to_run_it(registry, tmp_path, monkeypatch):
-    """It had no limit in Python: a design of 1e9 LHS scenarios was drawn in the driver, one object each."""
+    """It had no limit in Python: a design of 1e9 LHS scenarios was drawn in the driver, one object each. And it
+    is refused before the FMU is loaded (a download and a read), which only sized the message."""
+    from typer.testing import CliRunner
+
     import sweeps.fmu
+    from raytwin.cli import app
     from sweeps.limits import SweepTooLarge
 
     space = ScenarioSpace(method="grid", dimensions=[Dimension(name="mu", target="param", values=[1.0, 1.1, 1.2])])
     spec = FmuSweepSpec(model="vdp@1.0.0", registry_url=registry.url, space=space, horizon_s=1.0, step_s=0.1)
     monkeypatch.setattr(FmuSweepSpec, "scenarios", lambda *a: pytest.fail("the design was drawn"))
+    monkeypatch.setattr(ModelRegistry, "get", lambda *a, **kw: pytest.fail("the FMU was loaded"))
     runs = str(tmp_path / "runs")
-    with pytest.raises(SweepTooLarge, match=r"3 scenarios of 10 steps .* more than max_scenarios=2; pass "
-                                            r"max_scenarios=3 to run it, or run it as several smaller sweeps"):
+    with pytest.raises(SweepTooLarge, match=r"^3 scenarios of 10 steps would write about 72 B \(3 values a scenario\) "
+                                            r"plus 96 B for each of the model's outputs \(4 values a scenario each\) "
+                                            r".* more than max_scenarios=2; pass max_scenarios=3 to run it, or run it "
+                                            "as several smaller sweeps"):
         recorded_fmu_sweep(spec, runs=runs, max_scenarios=2)
     assert RunStore(runs).list() == []  # refused before anything is recorded
     with pytest.raises(SweepTooLarge, match=r"more than max_scenarios=2"):
         sweeps.fmu.run_fmu_spec(spec, str(tmp_path / "out"), max_scenarios=2)
     assert not (tmp_path / "out").exists()
+    path = tmp_path / "fmu-sweep.json"
+    path.write_text(spec.model_dump_json())
+    out = CliRunner().invoke(app, ["sweep", "run", str(path), "--runs", runs, "--max-scenarios", "2"])
+    assert out.exit_code == 2 and "more than --max-scenarios 2" in " ".join(out.output.split()), out.output
