@@ -31,6 +31,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from raytwin.contracts import Identifier
+from raytwin.statestore import WholeMarker
 from raytwin.storage import cat_existing, filesystem, replace_file, write_markers
 from raytwin.store_failures import store_io
 
@@ -109,8 +110,6 @@ class Command(BaseModel):
 
 UNSETTLED = frozenset({CommandStatus.approved, CommandStatus.sending, CommandStatus.sent})
 """The statuses a connector settles after a restart or awaits an answer in (with *expired*, until its late answer)."""
-INDEXED = "_complete"
-"""The marker that every command of the tenant has its index markers (`CommandLedger.index`)."""
 
 
 def is_unsettled(command: Command) -> bool:
@@ -144,7 +143,7 @@ class CommandLedger:
     def __init__(self, store_url: str, storage_options: dict[str, Any] | None = None):
         self.fs, root = filesystem(store_url, storage_options)
         self.root = f"{root}/connectors/commands"
-        self._complete: set[str] = set()  # the tenants whose index is complete (it stays so)
+        self._indexed = WholeMarker(self.fs, self._index)  # every command of the tenant has its index markers
         self._proposed: set[str] = set()  # the tenants this ledger has proposed for (`_first_proposal`)
 
     def _path(self, tenant: str, command_id: str) -> str:
@@ -199,7 +198,7 @@ class CommandLedger:
 
     def _read(self, tenant: str, key: str | None) -> list[Command]:
         """The tenant's commands that index `key` marks (None, or the index not complete: all of them), oldest first."""
-        if key is not None and self._indexed(tenant):
+        if key is not None and self._indexed.holds(tenant):
             names = self._listed(self._index(tenant, key))
             paths = [self._path(tenant, name.rsplit("/", 1)[-1]) for name in names]
         else:
@@ -217,11 +216,6 @@ class CommandLedger:
         except FileNotFoundError:
             return []
 
-    def _indexed(self, tenant: str) -> bool:
-        if tenant not in self._complete and self.fs.exists(self._index(tenant, INDEXED)):
-            self._complete.add(tenant)
-        return tenant in self._complete
-
     def _unmark(self, folder: str, names: list[str]) -> None:
         """Remove the markers `names` of `folder` (one gone already is no error: it was stale at worst)."""
         for name in names:
@@ -233,31 +227,27 @@ class CommandLedger:
         """Write the index markers of a tenant's commands written before the index, then `_complete`, unless it is
         complete already: a tenant's commands are read whole once (as every per-asset query and connector start did
         before). Commands proposed or moved meanwhile write their own markers (a stale one is skipped)."""
-        if self._indexed(tenant):
-            return
-        marked: dict[str, list[str]] = {}
-        for c in self._read(tenant, None):
-            marked.setdefault(f"asset_id={c.asset_id}", []).append(c.id)
-            if is_unsettled(c):
-                marked.setdefault(f"connector={c.connector}", []).append(c.id)
-        for key, ids in marked.items():
-            write_markers(self.fs, self._index(tenant, key), ids)
-        self._mark_indexed(tenant)  # once theirs are durable
+        def backfill() -> None:
+            marked: dict[str, list[str]] = {}
+            for c in self._read(tenant, None):
+                marked.setdefault(f"asset_id={c.asset_id}", []).append(c.id)
+                if is_unsettled(c):
+                    marked.setdefault(f"connector={c.connector}", []).append(c.id)
+            for key, ids in marked.items():
+                write_markers(self.fs, self._index(tenant, key), ids)
 
-    def _mark_indexed(self, tenant: str) -> None:
-        write_markers(self.fs, self._index(tenant), [INDEXED])
-        self._complete.add(tenant)
+        self._indexed.complete(tenant, backfill)
 
     def _first_proposal(self, tenant: str) -> None:
-        """Before this ledger's first proposal for `tenant`: a tenant without a command record is indexed (`INDEXED`
+        """Before this ledger's first proposal for `tenant`: a tenant without a command record is indexed (`_complete`
         written), so that its queries read its markers alone from its first command on, not every command until a
         connector of it starts. Written only where the listing finds no record, it never claims markers for a
         record without them: records are marked before they are written since the index, and those written before it
         are there to be listed (none is written any more); a crash before the first marker leaves it true of no
         command. A record found, of either kind, leaves the tenant to `index` (a no-op where another proposal's check
         marked it). Checked once per ledger and tenant (its records listed once)."""
-        if tenant not in self._proposed and not self._indexed(tenant) and not self._records(tenant):
-            self._mark_indexed(tenant)
+        if tenant not in self._proposed and not self._indexed.holds(tenant) and not self._records(tenant):
+            self._indexed.mark(tenant)
         self._proposed.add(tenant)
 
     def approve(self, tenant: str, command_id: str, by: str) -> Command:

@@ -58,7 +58,7 @@ asset without a marker. Why: the rows of an id can be there at its creation (a t
 deletions were recorded, or whose deletion was cut short, resumes its history), so only the whole
 log told, read for every new twin: with a year of one tenant's history (1,095 files) registering a
 twin took 0.3-0.7 s on local disk and 5,477 GETs on S3; now 2-17 ms and none. Markers say "no rows"
-only once the tenant's log is marked whole (`_complete`): a log written before markers is read once
+only once the tenant's log is marked whole (`_complete`, `WholeMarker`): a log written before markers is read once
 for its asset ids (`mark_logged_assets`, on a shard's registration of a twin); until then the whole
 log is read as before.
 
@@ -137,7 +137,43 @@ which made a 100-event log file 0.90 ms to write instead of 0.52 ms, on the live
 shard batch."""
 
 ALL_MARKED = "_complete"
-"""The marker that every asset with rows in the tenant's log has its own (`StateStore.mark_logged_assets`)."""
+"""The marker that every item of a tenant's marker set has its marker (`WholeMarker`): every asset with rows in the
+tenant's log (`StateStore.mark_logged_assets`), every day's dead-letter sources, every command's index markers
+(`connectors.commands.CommandLedger`)."""
+
+
+class WholeMarker:
+    """Whether a tenant's marker set is whole (its `ALL_MARKED` in the tenant's folder, ``folder(tenant)``): what makes
+    the absence of an item's marker mean "no such item". Items written before their markers get theirs once
+    (`complete`); a writer's first write of a tenant with nothing to mark may mark it whole (`mark`). A tenant found
+    whole stays so, and is remembered (no read again)."""
+
+    def __init__(self, fs: Any, folder: Callable[[str], str]):
+        self.fs, self.folder = fs, folder
+        self._whole: set[str] = set()
+
+    def known(self, tenant: str) -> bool:
+        """Whether `tenant` is known whole, without a read."""
+        return tenant in self._whole
+
+    def holds(self, tenant: str) -> bool:
+        """Whether `tenant` is whole: known, else its marker read (and remembered where there)."""
+        if tenant not in self._whole and self.fs.exists(f"{self.folder(tenant)}/{ALL_MARKED}"):
+            self._whole.add(tenant)
+        return tenant in self._whole
+
+    def mark(self, tenant: str) -> None:
+        """Mark `tenant` whole: its items' markers are durable, or it has no item."""
+        write_markers(self.fs, self.folder(tenant), [ALL_MARKED])
+        self._whole.add(tenant)
+
+    def complete(self, tenant: str, backfill: Callable[[], None]) -> None:
+        """Unless `tenant` is whole: `backfill` (write the markers of its items written before markers), then mark it
+        whole, once theirs are durable."""
+        if not self.holds(tenant):
+            backfill()
+            self.mark(tenant)
+
 
 DEAD_LETTER_SOURCE = re.compile(r"^[a-z][a-z0-9+.-]*://([^/]+)/")
 """What leads the reason of a connector's dead letter: a URI scheme, then ``://NAME/`` (`connectors.mapping.led`);
@@ -523,8 +559,8 @@ class StateStore:
         self._local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
         self._segments = SegmentWriter(LOG_BATCH_SCHEMA) if self._local else None  # the log's open segments
         self._marked: dict[str, set[str]] = {}  # per tenant, the assets known to have their logged marker
-        self._all_marked: set[str] = set()  # tenants whose log is known to be marked whole (`ALL_MARKED`)
-        self._all_sources_marked: set[str] = set()  # tenants whose dead letters' days are known to be marked whole
+        self._logged_whole = WholeMarker(self.fs, self._markers)  # every logged asset has its marker
+        self._sources_whole = WholeMarker(self.fs, self._sources)  # every day's dead-letter sources are marked
 
     # ------------------------------------------------------------------------ plumbing ----
     def _write(self, table: pa.Table, directory: str, stem: str, row_group_size: int | None = None) -> None:
@@ -634,15 +670,13 @@ class StateStore:
         already: from then on a new twin's recovery reads no log (module docstring). Only a log written before
         markers is read, once, for its asset ids (as every new twin's recovery read it before); rows logged
         meanwhile are marked by their writers."""
-        if tenant in self._all_marked:
-            return
-        if not self.fs.exists(f"{self._markers(tenant)}/{ALL_MARKED}"):
+        def backfill() -> None:
             table = self._scan(f"{self.root}/log/tenant={tenant}", columns=["asset_id"],
                                empty=LOG_BATCH_SCHEMA.empty_table().select(["asset_id"]))
             write_markers(self.fs, self._markers(tenant),
                           [f"asset_id={a}" for a in pc.unique(table.column("asset_id")).to_pylist()])
-            write_markers(self.fs, self._markers(tenant), [ALL_MARKED])  # once theirs are durable
-        self._all_marked.add(tenant)
+
+        self._logged_whole.complete(tenant, backfill)
 
     def _unlogged(self, tenant: str, asset_ids: list[str]) -> set[str]:
         """Those of `asset_ids` with no row in the tenant's log, told by their markers alone (none while the log is
@@ -834,9 +868,8 @@ class StateStore:
         the rows leaves it true of none. A day found, of either kind, leaves the tenant to
         `mark_dead_letter_sources`."""
         first = (self.root, tenant) not in _DEAD_LETTERED
-        if first and tenant not in self._all_sources_marked and not self._dead_letter_days(tenant, None):
-            write_markers(self.fs, self._sources(tenant), [ALL_MARKED])
-            self._all_sources_marked.add(tenant)
+        if first and not self._sources_whole.known(tenant) and not self._dead_letter_days(tenant, None):
+            self._sources_whole.mark(tenant)
         _DEAD_LETTERED.add((self.root, tenant))
 
     @store_io("write")
@@ -845,9 +878,7 @@ class StateStore:
         (`ALL_MARKED`), unless they are already: from then on a read of one source's dead letters reads its days
         alone. Only dead letters written before markers are read, once, for their reasons (as a connector's page of
         few did every time before); those written meanwhile are marked by their writers."""
-        if tenant in self._all_sources_marked:
-            return
-        if not self.fs.exists(f"{self._sources(tenant)}/{ALL_MARKED}"):
+        def backfill() -> None:
             empty = DEAD_LETTER_SCHEMA.empty_table().select(["reason"])
             days: dict[str, list[str]] = {}  # per source
             for dirs in self._dead_letter_days(tenant, None):
@@ -857,15 +888,13 @@ class StateStore:
                     days.setdefault(source, []).append(dirs[0].rsplit("=", 1)[-1])
             for source, found in days.items():  # a source's days at once (concurrent PUTs on an object store)
                 write_markers(self.fs, self._sources(tenant, source), [f"date={day}" for day in found])
-            write_markers(self.fs, self._sources(tenant), [ALL_MARKED])  # once theirs are durable
-        self._all_sources_marked.add(tenant)
+
+        self._sources_whole.complete(tenant, backfill)
 
     def _source_days(self, tenant: str, source: str) -> set[str] | None:
         """The days marked as holding dead letters of `source`; None while the tenant's days are not marked whole."""
-        if tenant not in self._all_sources_marked:
-            if not self.fs.exists(f"{self._sources(tenant)}/{ALL_MARKED}"):
-                return None
-            self._all_sources_marked.add(tenant)
+        if not self._sources_whole.holds(tenant):
+            return None
         try:
             listed = self.fs.ls(self._sources(tenant, source), detail=False, refresh=True)
         except FileNotFoundError:
