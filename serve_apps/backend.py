@@ -150,8 +150,7 @@ class Backend:
         self.twins = TwinService(config.url("twins"), shards=config.twin_shards,
                                  namespace=config.namespace, storage_options=config.storage_options or None,
                                  lease_wait_s=config.store_lease_wait_s)
-        self.changes = ChangeLog(config.url("changes"), config.storage_options, memory=config.change_memory,
-                                 retention_s=config.change_retention_s)
+        self.changes = self._change_log()
         for tenant in self.catalog.tenants():
             self.changes.reserve(tenant, self.catalog.max_revision(tenant))
         self.jobs = JobQueue(config, config.max_concurrent_jobs, on_finish=self._job_finished)
@@ -188,6 +187,13 @@ class Backend:
         self.moves.settle_all()
         threading.Thread(target=self._catch_up_changes, args=(sorted({*self.catalog.tenants(), *self.jobs.listed}),),
                          name="change-catch-up", daemon=True).start()
+
+    def _change_log(self) -> ChangeLog:
+        """The service's change log, fenced as its other writes are (`check_writable`): a service that lost its store
+        appending beside the successor's log would number changes twice and report what is the successor's."""
+        c = self.config
+        return ChangeLog(c.url("changes"), c.storage_options, memory=c.change_memory, retention_s=c.change_retention_s,
+                         fence=self.check_writable)
 
     def _registry(self, tenant: str) -> ModelRegistry:
         if tenant not in self._registries:
@@ -429,7 +435,14 @@ class Backend:
         return self.changes.read(tenant, after, limit)
 
     def _job_finished(self, job: JobRecord) -> None:
-        self.changes.record(job.tenant, [_job_change(job)])
+        """Record the job's change; refused once another service holds the store (the log's fence): that service's
+        catch-up records it, from the job's record it read at its start (`_catch_up_jobs`: one this service ended
+        before then, or one it was running then, which the successor's start failed)."""
+        try:
+            self.changes.record(job.tenant, [_job_change(job)])
+        except StoreFenced as exc:
+            log.warning("event=job_change_held job_id=%s tenant=%s state=%s: %s", job.job_id, job.tenant, job.state,
+                        exc)
 
     def type_of(self, tenant: str, asset_id: str) -> AssetType:
         """The asset's type, from the catalog (for validating telemetry): no registry read, so that telemetry neither
@@ -485,11 +498,14 @@ class Backend:
         return report.model_dump(mode="json", exclude={"states"})
 
     def _flush_changes(self, tenants: list[str] | None = None) -> None:
-        """Write the changes whose write failed (`ChangeLog.flush`); a failure is logged, retried later."""
+        """Write the changes whose write failed (`ChangeLog.flush`); a failure is logged, retried later; none once
+        fenced."""
         if not self.changes.unwritten():
             return
         try:
             self.changes.flush(tenants)
+        except StoreFenced:  # never written here: the successor's catch-up records them (the fence watch logs it)
+            return
         except Exception as exc:  # noqa: BLE001 - the store still fails: the next append or pass tries again
             log.warning("event=change_flush_failed error=%s: %s", type(exc).__name__, exc)
 

@@ -35,6 +35,12 @@ checkpoint's newest change is not in the log under its generation) cannot tell w
 and its jobs are taken as recorded, as before the marks (`ChangeLog.adopt`, `ChangeLog.adopt_jobs`), and it is
 checkpointed from then on; so are the jobs of a checkpoint from before they were named in it.
 
+One writer: the log of the service holding the store's lease. Once another service took the store over, the log writes
+nothing there (`ChangeLog.fence`, the backend's `check_writable`, a verdict read at most once a second): no change,
+which would take a number the successor's log gives too, and no checkpoint, which would replace the successor's. What
+it could not write is the successor's to record: its catch-up finds the jobs that ended (or that its start failed) from
+their records, and the twins from their states (the fenced service's twin writes are refused by its shards).
+
 Retention (`retention_s`): whole directories of `PARTITION` changes whose newest change is older
 than that are deleted, oldest first, never the newest directory; a resume point before the oldest
 kept change is refused (410) rather than resumed with a gap. So the log's size is bounded by
@@ -215,9 +221,14 @@ def _floor(saved: dict[str, Any]) -> datetime | None:
 class ChangeLog:
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None, memory: int = 1000,
                  retention_s: float | None = None, max_unwritten: int = MAX_UNWRITTEN,
-                 checkpoint_s: float = CHECKPOINT_S):
-        """`retention_s`: keep at least that much history (None: everything)."""
+                 checkpoint_s: float = CHECKPOINT_S, fence: Callable[[], None] | None = None):
+        """`retention_s`: keep at least that much history (None: everything). `fence`: raises
+        (`raytwin.statestore.StoreFenced`) once this log's service no longer holds its store
+        (`serve_apps.backend.Backend.check_writable`, a cached verdict: no store read per append); the log then writes
+        nothing there, neither changes (`_append_locked`) nor checkpoints (`checkpoint`), so that the successor's log
+        alone numbers the tenant's changes, and its catch-up records what this one could not (None: no fence)."""
         self.store = ChangeStore(url, storage_options)
+        self.fence = fence
         self.memory, self.retention_s, self.max_unwritten = memory, retention_s, max_unwritten
         self.checkpoint_s = checkpoint_s
         self._recorded: dict[str, Recorded] = {}  # loaded at a tenant's first append or `recorded` call
@@ -285,7 +296,8 @@ class ChangeLog:
         writes again loses them, but not what they describe: the next backend finds the twins whose state or drift
         flag is ahead of the recorded marks (`recorded`) and records their current state then, and the jobs that
         ended without a change the log wrote (`recorded_jobs`) and records their change then (serve_apps/README.md,
-        "Change stream")."""
+        "Change stream"). So does the successor of a fenced log (`fence`), whose refused drafts are kept too: never
+        written while it is fenced."""
         all_drafts = [d for item in batch for d in item.drafts]
         try:
             changes = self._append_locked(tenant, all_drafts) if all_drafts else []
@@ -306,6 +318,7 @@ class ChangeLog:
         revisions and log order agree; if it raises, nothing is recorded.
         """
         with self._lock:
+            self._check_fence()  # before `apply`: no catalog write whose change a fenced log would refuse
             self._flush_locked(tenant)  # first: `apply` writes the revision its change will have
             self._recorded_locked(tenant)  # and what may fail to load: not after `apply`, leaving it unrecorded
             drafts = apply(self._head_locked(tenant) + 1)
@@ -342,7 +355,9 @@ class ChangeLog:
             self._append_locked(tenant, [])
 
     def _append_locked(self, tenant: str, drafts: list[dict[str, Any]]) -> list[Change]:
-        """Write the tenant's unwritten drafts then `drafts` as its next changes; the changes of `drafts`."""
+        """Write the tenant's unwritten drafts then `drafts` as its next changes; the changes of `drafts`. Refused
+        (`fence`) once another service holds the store: its log numbers the changes from then on."""
+        self._check_fence()
         kept = self._unwritten.get(tenant, [])
         recorded = self._recorded_locked(tenant)  # before the write: loading it reads the log's tail
         first = self._head_locked(tenant) + 1
@@ -356,6 +371,20 @@ class ChangeLog:
         self._head[tenant] = changes[-1].seq
         self._ring.setdefault(tenant, deque(maxlen=self.memory)).extend(changes)
         return changes[len(kept):]
+
+    def _check_fence(self) -> None:
+        """Raise (`fence`) unless this log may write the store now."""
+        if self.fence is not None:
+            self.fence()
+
+    def _may_write(self) -> bool:
+        """Whether this log may write its checkpoints now (`_check_fence`): not once fenced, where one would replace
+        the successor's, nor while the fence is not known (the lease unread: the store fails, tried again later)."""
+        try:
+            self._check_fence()
+        except Exception:  # noqa: BLE001 - fenced, or the lease unread: the marks stay dirty for the next pass
+            return False
+        return True
 
     def reserve(self, tenant: str, at_least: int) -> None:
         """Continue the tenant's sequence after `at_least` (revisions already on the store: a catalog
@@ -414,8 +443,10 @@ class ChangeLog:
     def checkpoint(self, force: bool = False) -> None:
         """Write the marks of each tenant whose marks changed, at most every `checkpoint_s` (`force`: now, as on a
         clean close). Snapshots are taken under the log's lock (a dict copy), written outside it; a failed write is
-        logged and tried again at the next call, never failing an append."""
+        logged and tried again at the next call, never failing an append. None while fenced (`_may_write`)."""
         with self._checkpoint_lock:
+            if not self._may_write():
+                return
             now = time.monotonic()
             with self._lock:
                 due = {t: (r.seq, r.generation, dict(r.marks), None if r.jobs is None else dict(r.jobs), r.jobs_floor)
@@ -465,6 +496,7 @@ class ChangeLog:
         is one from before the marks, which a crash before the first periodic checkpoint would make this one."""
         recorded = Recorded(jobs={})
         try:
+            self._check_fence()  # (it may be the successor's log's first checkpoint by now)
             self.store.write_marks(tenant, 0, None, {}, {}, None)
         except Exception as exc:  # noqa: BLE001 - the next `checkpoint` writes it
             log.warning("event=change_marks_checkpoint_failed tenant=%s error=%s: %s", tenant, type(exc).__name__, exc)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -976,19 +977,43 @@ def test_a_batched_state_read_of_a_restarting_shard_answers_its_twins_last_durab
     assert [[len(ids) for ids in c] for c in shards.calls] == [[4] * (h // 4) + [h % 4] * (h % 4 > 0) for h in held]
 
 
-def _job_backend(tmp_path, slots: int = 3):
-    """A `Backend` started now over the store at `tmp_path`: its change log, and its job queue (its jobs recovered from
-    the store, as at a start; `slots` of them run at once, of one tenant too) telling it the jobs that end."""
+def _take_lease(tmp_path):
+    """Take the lease of the store at `tmp_path` over, as a starting service's twins do (another Ray cluster's): the
+    service that held it is fenced from then on."""
+    import uuid
     from datetime import UTC, datetime
 
+    from raytwin.statestore import Lease, StateStore
+
+    leases = StateStore(str(tmp_path / "twins"))
+    held = leases.read_lease()
+    mine = Lease(owner=uuid.uuid4().hex[:8], epoch=1 if held is None else held.epoch + 1, shards=1, namespace="ns",
+                 acquired_at=datetime.now(UTC).isoformat(), acquired_by="test:1", cluster=uuid.uuid4().hex[:8])
+    leases.write_lease(mine)
+    return mine
+
+
+def _job_backend(tmp_path, slots: int = 3, lease=None):
+    """A `Backend` started now over the store at `tmp_path`, under `lease` (None: it takes the store's lease over, as a
+    restarted service does): its change log, fenced by the lease as the backend builds it, and its job queue (its jobs
+    recovered from the store, as at a start; `slots` of them run at once, of one tenant too) telling it the jobs that
+    end."""
+    from datetime import UTC, datetime
+    from types import SimpleNamespace
+
+    from raytwin.statestore import StateStore
     from serve_apps.backend import Backend
     from serve_apps.config import ServeConfig
     from serve_apps.jobs import JobQueue
 
+    mine = lease or _take_lease(tmp_path)
     backend = Backend.__new__(Backend)
-    backend.changes = ChangeLog(str(tmp_path / "changes"))
-    backend.jobs = JobQueue(ServeConfig(store_url=str(tmp_path / "store"), keys_file="unused.json"), slots,
-                            on_finish=backend._job_finished, tenant_limit=slots)
+    backend.config = ServeConfig(store_url=str(tmp_path), keys_file="unused.json")
+    backend.twins, backend.connector_ops = SimpleNamespace(lease=mine), SimpleNamespace(hold=lambda why: None)
+    backend._lease_reads = lambda timeout_s: StateStore(str(tmp_path / "twins")).read_lease()
+    backend._fence, backend._fence_checked = None, -math.inf
+    backend.changes = backend._change_log()
+    backend.jobs = JobQueue(backend.config, slots, on_finish=backend._job_finished, tenant_limit=slots)
     backend._started = datetime.now(UTC)
     return backend
 
@@ -1153,3 +1178,49 @@ def test_a_saved_event_id_resumes_through_after_too_and_the_sdk_raises_a_streams
             next(api.changes())
         with pytest.raises(GoneError, match="no longer has"):
             asyncio.run(follow_async(stale))
+
+
+def test_a_fenced_backend_writes_nothing_to_the_change_log_and_its_successor_records_the_jobs_it_could_not(tmp_path):
+    """Another service took the store over: the fenced backend's jobs went on ending, and it appended their changes
+    to the change log beside the successor's, numbering changes the successor numbered too, and its checkpoint of
+    recorded marks replaced the successor's. Its log's writes are refused as its other writes are (`check_writable`),
+    and nothing is lost: the successor's catch-up records the job that ended between the takeover and its backend's
+    start, and the job its start failed, once each; what the fenced one kept (a refused write) it never writes."""
+    from raytwin.statestore import StoreFenced
+    from tests.test_serve_jobs import HeldJobs, _submit
+
+    async def scenario() -> None:
+        fenced = _job_backend(tmp_path)
+        held = HeldJobs(fenced.jobs)
+        recorded, ended, running = (_submit(fenced.jobs, "acme") for _ in range(3))
+        await held.finish(recorded)
+        taken = _take_lease(tmp_path)  # the successor's twins take the store over
+        fenced._fence_checked = -math.inf  # a second later: the fence check's cached verdict is read afresh
+        await held.finish(ended)  # its change refused; its record says it succeeded
+        successor = _job_backend(tmp_path, slots=1, lease=taken)  # the successor's backend starts: fails `running`
+        await held.finish(running)
+        applied = []
+        with pytest.raises(StoreFenced, match="took the store over"):
+            fenced.changes.write("acme", lambda seq: applied.append(seq) or drafts(1))
+        fenced._flush_changes()  # the store watch's pass: refused, quietly
+        assert applied == [] and fenced.changes.unwritten() == 2
+        assert fenced.changes.recorded("globex") == {}  # a tenant with no log yet: no first checkpoint written either
+        assert not (tmp_path / "changes" / "globex").exists()
+        assert _job_changes(successor) == [("job.succeeded", recorded)]
+
+        successor._catch_up_jobs("acme")
+        successor._catch_up_jobs("acme")  # a retry of the pass records nothing more
+        successor.changes.checkpoint(force=True)
+        marks = tmp_path / "changes" / "acme" / ".recorded.json"
+        checkpointed = marks.read_text()
+        fenced._flush_changes()
+        fenced.changes.checkpoint(force=True)  # a clean stop of the fenced one: its marks are of a log it no longer has
+        assert marks.read_text() == checkpointed
+        assert set(json.loads(checkpointed)["jobs"]) == {recorded, ended, running}
+        stored = successor.changes.store.read("acme", 0, 100)
+        assert [(c.seq, c.generation) for c in stored] == [(1, fenced.changes.generation),
+                                                           *((s, successor.changes.generation) for s in (2, 3))]
+        assert _job_changes(successor)[0] == ("job.succeeded", recorded)
+        assert _job_changes(successor)[1:] == [("job.succeeded", ended), ("job.failed", running)]
+
+    asyncio.run(scenario())
