@@ -153,7 +153,8 @@ class Backend:
         self.changes = self._change_log()
         for tenant in self.catalog.tenants():
             self.changes.reserve(tenant, self.catalog.max_revision(tenant))
-        self.jobs = JobQueue(config, config.max_concurrent_jobs, on_finish=self._job_finished)
+        self.jobs = JobQueue(config, config.max_concurrent_jobs, on_finish=self._job_finished,
+                             fence=self.check_writable)
         self._started = datetime.now(UTC)  # jobs that ended before (a restart failed some) are `_catch_up_jobs`'
         self.audit = AuditLog(config.store_url, config.storage_options)  # bulk jobs audit each item
         self._lease_reads = BoundedRead(self.twins.store.read_lease, "the store's lease")  # probes: a deadline
@@ -436,8 +437,8 @@ class Backend:
 
     def _job_finished(self, job: JobRecord) -> None:
         """Record the job's change; refused once another service holds the store (the log's fence): that service's
-        catch-up records it, from the job's record it read at its start (`_catch_up_jobs`: one this service ended
-        before then, or one it was running then, which the successor's start failed)."""
+        start failed the job in its record (the queue saves no end once fenced), and its catch-up records that
+        (`_catch_up_jobs`)."""
         try:
             self.changes.record(job.tenant, [_job_change(job)])
         except StoreFenced as exc:
@@ -920,6 +921,7 @@ class Backend:
         return self._jobs.submit_bulk(BulkWork(caller, request, asset_ids, self, self.audit, job_id))
 
     async def cancel_job(self, tenant: str, job_id: str, key_id: str) -> Job:
+        self.check_writable()  # a cancel writes the job's record and its change: the successor's once fenced
         return self._jobs.cancel(tenant, job_id, key_id)
 
     async def get_job(self, tenant: str, job_id: str) -> JobRecord:

@@ -38,8 +38,9 @@ checkpointed from then on; so are the jobs of a checkpoint from before they were
 One writer: the log of the service holding the store's lease. Once another service took the store over, the log writes
 nothing there (`ChangeLog.fence`, the backend's `check_writable`, a verdict read at most once a second): no change,
 which would take a number the successor's log gives too, and no checkpoint, which would replace the successor's. What
-it could not write is the successor's to record: its catch-up finds the jobs that ended (or that its start failed) from
-their records, and the twins from their states (the fenced service's twin writes are refused by its shards).
+it could not write is the successor's to record: its catch-up finds the jobs from their records (its start failed
+those queued or running here, whose end this queue no longer saves: `serve_apps.jobs.JobQueue.fence`), and the twins
+from their states (the fenced service's twin writes are refused by its shards).
 
 Retention (`retention_s`): whole directories of `PARTITION` changes whose newest change is older
 than that are deleted, oldest first, never the newest directory; a resume point before the oldest

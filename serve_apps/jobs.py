@@ -9,7 +9,9 @@ the store, so they outlive replicas. At most `max_concurrent_jobs` run at once, 
 for free slots (`serve_apps.job_scheduling`), and a queued job's status says why it waits (`queue`). Job records are JSON on the store (``{store}/jobs/{tenant}/{job_id}/job.json``):
 a job that was queued or running when the backend restarted is marked failed, not silently lost (its `job.failed`
 change is recorded by the backend's catch-up, `serve_apps.backend.Backend._catch_up_jobs`). Every job that ends,
-cancelled while queued too, is told to `on_finish` (the backend records its change).
+cancelled while queued too, is told to `on_finish` (the backend records its change). Once another service took the
+store over (`JobQueue.fence`), the queue saves no job's end and starts no queued job: that service's start failed them
+in their records, and its catch-up records their change.
 
 Retention (`ServeConfig.job_retention_s`, 30 days by default): a pass every `RETENTION_PASS_S` (`JobQueue.expire`)
 removes up to `RETENTION_BATCH` jobs that finished longer ago than that, oldest first, from the store (the job's
@@ -44,6 +46,7 @@ from pydantic import ConfigDict, Field
 
 from raytwin import metrics
 from raytwin.contracts import StartedFrom
+from raytwin.statestore import StoreFenced
 from raytwin.storage import filesystem, replace_file
 from raytwin.store_failures import store_io
 from serve_apps.bulk import BulkWork
@@ -196,9 +199,13 @@ class JobQueue:
     """The job table and the tenants' queues (lives in the `Backend` replica; methods run on its event loop)."""
 
     def __init__(self, config: ServeConfig, max_concurrent: int,
-                 on_finish: Callable[[JobRecord], None] | None = None, tenant_limit: int | None = None):
+                 on_finish: Callable[[JobRecord], None] | None = None, tenant_limit: int | None = None,
+                 fence: Callable[[], None] | None = None):
+        """`fence`: raises `StoreFenced` once another service took the store over (`Backend.check_writable`); the
+        queue then saves no job's end and starts no queued job (`_fenced`)."""
         self.config = config
         self.on_finish = on_finish
+        self.fence = fence
         self.fs, self.root = filesystem(config.url("jobs"), config.storage_options)
         self.max_concurrent = max_concurrent
         self.tenant_limit = min(max_concurrent, tenant_limit or config.max_running_jobs_per_tenant or max_concurrent)
@@ -367,8 +374,22 @@ class JobQueue:
         return scenario_to_store.remote(work, self.config.url("jobs", job.tenant, job.job_id, "results"),
                                         self.config.storage_options)
 
+    def _fenced(self) -> bool:
+        """Whether another service took the store over (`fence`): that service's start failed the jobs queued or running
+        here (their records say so) and its catch-up records their change, so a job ending here saves nothing over
+        that record, and no queued job starts. A fence not known (the lease unread) is none: the write that follows
+        meets the store itself."""
+        try:
+            if self.fence is not None:
+                self.fence()
+        except StoreFenced:
+            return True
+        except Exception:  # noqa: BLE001 - not known to be fenced: as before the fence, the store answers the write
+            return False
+        return False
+
     def _start_next(self) -> None:
-        while self.running < self.max_concurrent:
+        while self.running < self.max_concurrent and not self._fenced():
             chosen = self.pending.pop_next(self.running_by, self.tenant_limit)
             if chosen is None:  # nothing queued, or only jobs of tenants at their limit
                 break
@@ -416,7 +437,11 @@ class JobQueue:
         self._moved(job, "running")
         self.running -= 1
         self.running_by[job.tenant] -= 1
-        self._save(job)
+        if self._fenced():
+            log.warning("event=job_record_held job_id=%s state=%s: this service no longer holds its store; the "
+                        "record there is its successor's", job.job_id, job.state)
+        else:
+            self._save(job)
         self._publish()
         log.info("event=job_%s job_id=%s compute_s=%s error=%s result_url=%s", job.state, job.job_id, job.compute_s,
                  job.error, job.result_url)

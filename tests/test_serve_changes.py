@@ -1013,7 +1013,8 @@ def _job_backend(tmp_path, slots: int = 3, lease=None):
     backend._lease_reads = lambda timeout_s: StateStore(str(tmp_path / "twins")).read_lease()
     backend._fence, backend._fence_checked = None, -math.inf
     backend.changes = backend._change_log()
-    backend.jobs = JobQueue(backend.config, slots, on_finish=backend._job_finished, tenant_limit=slots)
+    backend.jobs = JobQueue(backend.config, slots, on_finish=backend._job_finished, tenant_limit=slots,
+                            fence=backend.check_writable)
     backend._started = datetime.now(UTC)
     return backend
 
@@ -1185,7 +1186,8 @@ def test_a_fenced_backend_writes_nothing_to_the_change_log_and_its_successor_rec
     to the change log beside the successor's, numbering changes the successor numbered too, and its checkpoint of
     recorded marks replaced the successor's. Its log's writes are refused as its other writes are (`check_writable`),
     and nothing is lost: the successor's catch-up records the job that ended between the takeover and its backend's
-    start, and the job its start failed, once each; what the fenced one kept (a refused write) it never writes."""
+    start (its record not saved either: that start failed it) and the job that start failed while it ran, once each;
+    what the fenced one kept (a refused write) it never writes."""
     from raytwin.statestore import StoreFenced
     from tests.test_serve_jobs import HeldJobs, _submit
 
@@ -1196,7 +1198,7 @@ def test_a_fenced_backend_writes_nothing_to_the_change_log_and_its_successor_rec
         await held.finish(recorded)
         taken = _take_lease(tmp_path)  # the successor's twins take the store over
         fenced._fence_checked = -math.inf  # a second later: the fence check's cached verdict is read afresh
-        await held.finish(ended)  # its change refused; its record says it succeeded
+        await held.finish(ended)  # its change refused, its record not saved
         successor = _job_backend(tmp_path, slots=1, lease=taken)  # the successor's backend starts: fails `running`
         await held.finish(running)
         applied = []
@@ -1221,6 +1223,35 @@ def test_a_fenced_backend_writes_nothing_to_the_change_log_and_its_successor_rec
         assert [(c.seq, c.generation) for c in stored] == [(1, fenced.changes.generation),
                                                            *((s, successor.changes.generation) for s in (2, 3))]
         assert _job_changes(successor)[0] == ("job.succeeded", recorded)
-        assert _job_changes(successor)[1:] == [("job.succeeded", ended), ("job.failed", running)]
+        assert sorted(_job_changes(successor)[1:]) == sorted([("job.failed", ended), ("job.failed", running)])
+
+    asyncio.run(scenario())
+
+
+def test_a_fenced_backend_saves_no_job_record_over_its_successors_and_starts_none_of_its_queued_jobs(tmp_path):
+    """The fenced backend's job queue went on after the takeover: a job that ended there saved its record over the one
+    the successor's start wrote (failed, and recorded so on the change log), its queued job started (saved as
+    running, run beside the successor), and a cancel saved its record. It saves none of them: the store's records
+    stay the successor's, and so do the changes of those jobs."""
+    from raytwin.statestore import StoreFenced
+    from serve_apps.jobs import JobRecord
+    from tests.test_serve_jobs import HeldJobs, _submit
+
+    async def scenario() -> None:
+        fenced = _job_backend(tmp_path, slots=1)
+        held = HeldJobs(fenced.jobs)
+        running, queued, cancelled = (_submit(fenced.jobs, "acme") for _ in range(3))
+        successor = _job_backend(tmp_path)  # takes the store over; its start fails the three
+        fenced._fence_checked = -math.inf  # a second later: the fence check's cached verdict is read afresh
+        await held.finish(running)
+        assert fenced.jobs.jobs[queued].state == "queued" and list(held.futures) == [running]
+        with pytest.raises(StoreFenced, match="took the store over"):
+            await fenced.cancel_job("acme", cancelled, "key-acme")
+        jobs = (running, queued, cancelled)
+        stored = [JobRecord.model_validate_json((tmp_path / "jobs" / "acme" / j / "job.json").read_text()).state
+                  for j in jobs]
+        assert stored == ["failed"] * 3
+        successor._catch_up_jobs("acme")
+        assert sorted(_job_changes(successor)) == sorted(("job.failed", j) for j in jobs)
 
     asyncio.run(scenario())
