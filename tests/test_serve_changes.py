@@ -782,6 +782,33 @@ def test_a_change_kept_by_a_backend_that_crashed_is_recorded_once_by_the_next_ba
                                                 ("twin.drift", 20, True), ("twin.state", 25, True)]
 
 
+def test_a_twin_batch_applied_before_a_takeover_is_recorded_by_the_successors_catch_up_not_the_fenced_backend(
+        tmp_path):
+    """A batch its shards applied right before another service took the store over: the fenced backend's change write
+    is refused (503 `store_fenced`), and the successor's catch-up records the twin's state once."""
+    from raytwin.statestore import StoreFenced
+
+    taken: list[str] = []
+
+    def fence() -> None:
+        if taken:
+            raise StoreFenced(taken[0])
+
+    shard = _Shard()
+    fenced = _backend_over(shard, ChangeLog(str(tmp_path), fence=fence))
+    fenced.apply("acme", _batch(10))
+    taken.append("service b (epoch 2) took the store over")
+    with pytest.raises(StoreFenced, match="took the store over"):
+        fenced.apply("acme", _batch(5, 10))
+    successor = _backend_over(shard, ChangeLog(str(tmp_path)))
+    successor._catch_up("acme")
+    successor._catch_up("acme")  # a retry of the pass records nothing more
+    fenced._flush_changes()
+    assert _twin_changes(successor.changes) == [("twin.state", 10, False), ("twin.state", 15, False)]
+    assert [c.generation for c in successor.changes.store.read("acme", 0, 10)] == [fenced.changes.generation,
+                                                                                  successor.changes.generation]
+
+
 def test_a_backend_restarted_over_a_clean_log_catches_up_nothing(tmp_path):
     """Every change recorded (a drift raised, then cleared: its twin.drift at the same revision): the next backend's
     catch-up pass and the twin's next batch duplicate none of them."""
