@@ -174,7 +174,7 @@ class Backend:
         threading.Thread(target=self._conclude_shadows, name="shadow-conclusions", daemon=True).start()
         threading.Thread(target=self._audit_lifecycles, name="lifecycle-audit", daemon=True).start()
         self.backlog = BacklogGate(config.admission.telemetry_backlog_events, config.admission.retry_after_s)
-        self.recalibration = RecalibrationJobs(config, self.twins, self.changes, self.audit)
+        self.recalibration = RecalibrationJobs(config, self.twins, self.changes, self.audit, self.check_writable)
         for tenant in self.catalog.tenants():  # relaunch what a restart interrupted; act on what it missed
             try:
                 self.recalibration.trigger.resume(tenant)

@@ -46,7 +46,6 @@ from pydantic import ConfigDict, Field
 
 from raytwin import metrics
 from raytwin.contracts import StartedFrom
-from raytwin.statestore import StoreFenced
 from raytwin.storage import filesystem, replace_file
 from raytwin.store_failures import store_io
 from serve_apps.bulk import BulkWork
@@ -58,6 +57,7 @@ from serve_apps.job_scheduling import QueueWait, TenantQueues, queue_wait
 from serve_apps.query_schemas import BulkProgress
 from serve_apps.schemas import START_TIME_USED, ResultFile
 from serve_apps.scenarios import PreparedScenario, fmu_sweep_to_store, scenario_to_store, sweep_to_store
+from serve_apps.store_errors import fenced
 from serve_apps.unawaited import orphan
 from sweeps.fmu import FmuSweepSpec
 from sweeps.runs import RunStore, new_run_id
@@ -375,18 +375,10 @@ class JobQueue:
                                         self.config.storage_options)
 
     def _fenced(self) -> bool:
-        """Whether another service took the store over (`fence`): that service's start failed the jobs queued or running
-        here (their records say so) and its catch-up records their change, so a job ending here saves nothing over
-        that record, and no queued job starts. A fence not known (the lease unread) is none: the write that follows
-        meets the store itself."""
-        try:
-            if self.fence is not None:
-                self.fence()
-        except StoreFenced:
-            return True
-        except Exception:  # noqa: BLE001 - not known to be fenced: as before the fence, the store answers the write
-            return False
-        return False
+        """Whether another service took the store over (`fence`, `serve_apps.store_errors.fenced`): that service's
+        start failed the jobs queued or running here (their records say so) and its catch-up records their change, so
+        a job ending here saves nothing over that record, and no queued job starts."""
+        return fenced(self.fence)
 
     def _start_next(self) -> None:
         while self.running < self.max_concurrent and not self._fenced():

@@ -13,7 +13,10 @@ Restart-safe: the cursor, the pending triggers and the running jobs (each with i
 version, reserved before launch) are one JSON document per tenant, rewritten before anything
 acts on it. A restarted backend relaunches the running jobs (`sweeps.recalibration.recalibrate`
 finishes a candidate a crashed attempt registered instead of calibrating again) and reads the
-changes after the cursor from the store, so a trigger is neither lost nor run twice.
+changes after the cursor from the store, so a trigger is neither lost nor run twice. So does a service that took the
+store over from another: the fenced one (`Recalibrator.fence`) then records no job's end and relaunches nothing, so
+the document is the successor's alone (its task still running there ends unrecorded: the successor's relaunch finishes
+the job).
 """
 
 from __future__ import annotations
@@ -125,8 +128,11 @@ class Recalibrator:
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None, policies: Policies, launch: Launch,
                  choose_version: ChooseVersion, read: ReadChanges, clock: Callable[[], float] = time.time,
-                 later: Later = _timer):
+                 later: Later = _timer, fence: Callable[[], None] | None = None):
+        """`fence`: raises `StoreFenced` once another service took the store over (`Backend.check_writable`): this one
+        then acts on no job's end or relaunch (`_fenced`)."""
         self.fs, self.root = filesystem(url, storage_options)
+        self.fence = fence
         self.policies, self.launch, self.choose_version, self.clock = policies, launch, choose_version, clock
         self.read, self.later = read, later
         self._lock = threading.RLock()
@@ -179,7 +185,7 @@ class Recalibrator:
         with self._lock:
             state = self.state(tenant)
             job = state.running.get(job_key)
-            if job is None:
+            if job is None or self._fenced(tenant, job_key, f"relaunch ({why})"):
                 return
             if job.attempts >= MAX_ATTEMPTS:
                 self.finish(tenant, job_key, error=f"{why}; gave up after {job.attempts} attempts")
@@ -226,9 +232,9 @@ class Recalibrator:
         """A job ended: record its outcome and start what waits for its slot."""
         with self._lock:
             state = self.state(tenant)
-            job = state.running.pop(job_key, None)
-            if job is None:
+            if job_key not in state.running or self._fenced(tenant, job_key, "end"):
                 return
+            job = state.running.pop(job_key)
             job = job.model_copy(update={"state": "failed" if error else "succeeded", "finished": self.clock(),
                                          "run_id": run_id, "candidate": candidate, "error": error})
             state.finished = [*state.finished, job][-KEEP_FINISHED:]
@@ -236,6 +242,18 @@ class Recalibrator:
             log.info("event=recalibration_%s tenant=%s job=%s candidate=%s run_id=%s error=%s", job.state, tenant,
                      job_key, candidate, run_id, error)
             self._pump(tenant, state)
+
+    def _fenced(self, tenant: str, job_key: str, what: str) -> bool:
+        """Whether another service took the store over (`fence`): its backend resumed the tenant's recalibrations from
+        the state document (`resume`: it relaunches the running ones), so this one records no job's `what` there and
+        launches nothing beside it (logged)."""
+        from serve_apps.store_errors import fenced  # here: the SDK imports this module, without FastAPI
+
+        if not fenced(self.fence):
+            return False
+        log.warning("event=recalibration_held tenant=%s job=%s what=%r: this service no longer holds its store; the "
+                    "service that took it over resumed its recalibrations", tenant, job_key, what)
+        return True
 
     def _admit(self, tenant: str, state: TenantState, trigger: DriftTrigger) -> bool:
         """Add the trigger to its type's pending calibration, unless the policy says no (logged)."""

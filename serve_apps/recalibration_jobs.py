@@ -13,6 +13,7 @@ through a single worker thread, which records it and starts what waited for the 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 from typing import Any
@@ -48,14 +49,16 @@ def recalibration_task(work: RecalibrationWork) -> dict[str, Any]:
 class RecalibrationJobs:
     """The backend's trigger: policies from the store, jobs as Ray tasks, outcomes back in order."""
 
-    def __init__(self, config: ServeConfig, twins: Any, changes: ChangeLog, audit: AuditLog):
+    def __init__(self, config: ServeConfig, twins: Any, changes: ChangeLog, audit: AuditLog,
+                 fence: Callable[[], None] | None = None):
+        """`fence`: the backend's `check_writable`, for the trigger (`Recalibrator`, its `fence`)."""
         self.config, self.twins, self.changes, self.audit = config, twins, changes, audit
         self.policies = PolicyStore(config.url("recalibration", "policies"), config.storage_options)
         self.events = StateStore(config.url("twins"), config.storage_options or None)
         self._outcomes = ThreadPoolExecutor(max_workers=1, thread_name_prefix="recalibration")
         self.trigger = Recalibrator(config.url("recalibration", "triggers"), config.storage_options,
                                     policies=self.policies.get, launch=self._launch,
-                                    choose_version=self._choose_version, read=self._read)
+                                    choose_version=self._choose_version, read=self._read, fence=fence)
 
     def _registry(self, tenant: str) -> ModelRegistry:
         return ModelRegistry(self.config.url("registry", tenant), self.config.storage_options or None)

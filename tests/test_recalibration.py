@@ -255,6 +255,33 @@ def test_a_job_lost_with_its_worker_is_launched_again_at_most_three_times(tmp_pa
     assert jobs.audit.records("acme")[-1].details == {"error": said}
 
 
+def test_a_fenced_backend_neither_ends_nor_relaunches_a_recalibration_its_successor_resumed(tmp_path):
+    """Another service took the store over and resumed the tenant's recalibrations (relaunching the running one): the
+    fenced backend's task then ended, or was lost, and it saved the tenant's state document over the successor's
+    (the job finished, or relaunched once more beside the successor's). It does neither: the document is the
+    successor's, and so are the launches."""
+    from raytwin.statestore import StoreFenced
+
+    w = World(tmp_path)
+    w.drift(["z1"])
+    (job,) = w.launched
+    fenced = w.trigger
+
+    def taken() -> None:
+        raise StoreFenced("service b (epoch 2) took the store over")
+
+    fenced.fence = taken
+    successor = w.restart()
+    successor.resume("acme")  # relaunches the running job: attempt 2
+    saved = (tmp_path / "acme" / "trigger-state.json").read_text()
+    fenced.relaunch("acme", job.job_key, "its task was lost with its worker")
+    w.trigger = fenced
+    w.finish(job)
+    assert (tmp_path / "acme" / "trigger-state.json").read_text() == saved
+    assert [j.job_key for j in w.launched] == [job.job_key] * 2
+    assert successor.snapshot("acme").running[job.job_key].attempts == 2
+
+
 def test_a_job_that_cannot_start_fails_and_frees_its_slot(tmp_path):
     w = World(tmp_path, POLICY.model_copy(update={"max_concurrent_jobs": 1}))
 
