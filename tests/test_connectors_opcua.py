@@ -8,7 +8,9 @@ represented by each node's current value, sent again when the next subscription 
 exactly that: nothing lost while subscribed (what a full item queue discarded read back from history, or
 reported), the latest value after an outage, and every re-delivery a
 duplicate. "Exactly once" is checked as a twin's revision (+1 per applied event) and as its state equal to
-a reference twin fed the same events directly through `TwinService.ingest`.
+a reference twin fed the same events directly through `TwinService.ingest`. The tests of the `plc` connector share
+the plant's nodes and twins, each asserting on what it changed, not on what others left; a test of one session
+has nodes of its own (`lane`): each test passes alone and in any order.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import gc
 import json
 import threading
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -63,8 +65,8 @@ def values(k: int) -> tuple[float, float]:
     return 0.5 + 0.01 * k, 0.1 + 0.01 * (k % 7)
 
 
-def write(device: Device, asset: str, ks: range) -> None:
-    h1, q_in = STREAMS[asset]
+def write(device: Device, asset: str, ks: range, lane: Lane | None = None) -> None:
+    h1, q_in = (lane(n) if lane else n for n in STREAMS[asset])
     for k in ks:
         level, flow = values(k)
         device.write(h1, level, T0 + timedelta(seconds=k))
@@ -85,13 +87,49 @@ def events(asset: str, ks: list[int], reference: str) -> list[TelemetryEvent]:
     return out
 
 
+LANE_NODES = ["tank-1.h1", "tank-1.q_in", "tank-2.h1", "tank-2.q_in", "tank-1.h2"]
+"""The plant's nodes as each test with a `lane` has them, under its own prefix."""
+
+
+@dataclass(frozen=True)
+class Lane:
+    """A test's own server nodes (the plant's under a prefix no other test writes to): no value, no history and no
+    twin's connector but its own, whatever ran before it. Tests on the shared nodes (the `plc` connector's) left
+    readings, newest stamps and history behind that broke the tests after them in another order."""
+
+    prefix: str
+    endpoint: str
+
+    def __call__(self, name: str) -> str:
+        """A plant node's name (`tank-2.h1`) in this lane."""
+        return self.prefix + name
+
+    def spec(self, **overrides) -> dict:
+        """`plc_spec` on this lane's nodes."""
+        return plc_spec(self.endpoint, self.prefix, **overrides)
+
+
+def lane_prefixes(session: pytest.Session) -> dict[str, str]:
+    """Each collected test of this file that asks for a `lane`: its nodes' prefix (the server declares them all)."""
+    tests = [item.nodeid for item in session.items
+             if getattr(item, "module", None) is not None and item.module.__name__ == __name__
+             and "lane" in getattr(item, "fixturenames", ())]
+    return {nodeid: f"lane{k}." for k, nodeid in enumerate(tests)}
+
+
 @pytest.fixture(scope="module")
-def server():
-    s = OpcUaServer(free_port(), NODES, ["tank-1.locked"], f"{USER}:{PASSWORD}", history=True, typed=TYPED,
+def server(request):
+    lanes = [prefix + n for prefix in lane_prefixes(request.session).values() for n in LANE_NODES]
+    s = OpcUaServer(free_port(), NODES + lanes, ["tank-1.locked"], f"{USER}:{PASSWORD}", history=True, typed=TYPED,
                     units=UNITS)
     s.start()
     yield s
     s.kill()
+
+
+@pytest.fixture
+def lane(server, request) -> Lane:
+    return Lane(lane_prefixes(request.session)[request.node.nodeid], server.endpoint)
 
 
 @pytest.fixture
@@ -115,12 +153,13 @@ def connectors(twins):
         manager.stop_all(tenant)
 
 
-def plc_spec(endpoint: str, **overrides) -> dict:
-    nodes = [{"node_id": f"ns=2;s={asset}.h1", "asset_id": asset, "measurement": "h1", "unit": "m"}
+def plc_spec(endpoint: str, prefix: str = "", **overrides) -> dict:
+    """The `plc` connector's declaration; `prefix`: a lane's, for its nodes (its commands stay the shared ones)."""
+    nodes = [{"node_id": f"ns=2;s={prefix}{asset}.h1", "asset_id": asset, "measurement": "h1", "unit": "m"}
              for asset in STREAMS]
-    nodes += [{"node_id": f"nsu=urn:raytwin:test;s={asset}.q_in", "asset_id": asset, "measurement": "q_in",
+    nodes += [{"node_id": f"nsu=urn:raytwin:test;s={prefix}{asset}.q_in", "asset_id": asset, "measurement": "q_in",
                "unit": "L/s"} for asset in STREAMS]
-    nodes += [{"node_id": "ns=2;s=tank-1.h2", "asset_id": "tank-1", "measurement": "h2", "unit": "m"}]
+    nodes += [{"node_id": f"ns=2;s={prefix}tank-1.h2", "asset_id": "tank-1", "measurement": "h2", "unit": "m"}]
     commands = [{"asset_id": "tank-1", "name": "inflow", "node_id": "ns=2;s=tank-1.q_set",
                  "correlation_node_id": "ns=2;s=tank-1.q_set.id", "unit": "m^3/s"},
                 {"asset_id": "tank-1", "name": "lock", "node_id": "ns=2;s=tank-1.locked",
@@ -186,35 +225,43 @@ def test_server_and_connector_restarts_apply_every_change_exactly_once(twins, co
     assert got.state == ref.state and got.covariance == ref.covariance and got.event_time == ref.event_time
 
 
+def letter(twins, key: str, said: str) -> dict:
+    """The one dead letter of node `key` whose reason says `said` (other tests dead-letter other changes of a node)."""
+    found = [r for r in twins.dead_letters("acme").to_pylist() if r["idempotency_key"] == key and said in r["reason"]]
+    assert len(found) == 1, found
+    return found[0]
+
+
 def test_malformed_and_out_of_range_values_go_to_dead_letters_with_node_id(twins, connectors, device, plc):
-    before = connectors.status("acme", "plc").acknowledged
+    before, level = connectors.status("acme", "plc").acknowledged, revision(twins, "tank-2")
     device.write("tank-1.h2", "full", T0 + timedelta(seconds=100))
     device.write("tank-2.h1", 5000.0, T0 + timedelta(seconds=100))  # 5 km: beyond [-1, 1000] m
     device.write("tank-2.q_in", 0.1, datetime.now(UTC) + timedelta(hours=1))  # a controller clock 1 h ahead
     wait_for(lambda: connectors.status("acme", "plc").acknowledged >= before + 3, "the three changes durable")
-    rows = twins.dead_letters("acme").to_pylist()
-    by_key = {r["idempotency_key"]: r for r in rows}
-    malformed, implausible = by_key["ns=2;s=tank-1.h2"], by_key["ns=2;s=tank-2.h1"]
+    malformed = letter(twins, "ns=2;s=tank-1.h2", "'full'")
+    implausible = letter(twins, "ns=2;s=tank-2.h1", "outside the plausible range")
     assert "opcua://plc/ns=2;s=tank-1.h2" in malformed["reason"] and "'full' of type String is not a number" in \
         malformed["reason"]
     assert malformed["asset_id"] == "tank-1" and '"node_id": "ns=2;s=tank-1.h2"' in malformed["raw"]
     assert "outside the plausible range" in implausible["reason"] and implausible["asset_id"] == "tank-2"
     assert implausible["reason"].startswith("opcua://plc/ns=2;s=tank-2.h1: ")  # the twin's refusal: the connector's
-    future = by_key["nsu=urn:raytwin:test;s=tank-2.q_in"]
+    future = letter(twins, "nsu=urn:raytwin:test;s=tank-2.q_in", "clock is ahead")
     assert "opcua://plc/nsu=urn:raytwin:test;s=tank-2.q_in" in future["reason"]
     assert "after the server received the value" in future["reason"] and "clock is ahead" in future["reason"]
-    assert revision(twins, "tank-2") == 0
+    assert revision(twins, "tank-2") == level
 
 
-def test_a_restarted_connector_does_not_dead_letter_a_bad_value_change_again(twins, connectors, server, plc):
-    """The value change dead-lettered above ('full', a string, at T0 + 100 s) is sent again at every new
-    subscription (a reconnect, a restart) and read again by the restarted connector's backfill: it was
-    dead-lettered again each time (one bad change, three dead letters after two restarts). It is the same
-    change (node and source timestamp), written once, counted as a duplicate."""
-    def full_letters() -> int:
-        return sum("'full' of type String" in r["reason"] for r in twins.dead_letters("acme").to_pylist())
+def test_a_restarted_connector_does_not_dead_letter_a_bad_value_change_again(twins, connectors, server, device,
+                                                                            plc):
+    """A dead-lettered value change ('brim', a string) is sent again at every new subscription (a reconnect, a
+    restart) and read again by the restarted connector's backfill: it was dead-lettered again each time (one bad
+    change, three dead letters after two restarts). It is the same change (node and source timestamp), written
+    once, counted as a duplicate."""
+    def letters(value: str) -> int:
+        return sum(f"'{value}' of type String" in r["reason"] for r in twins.dead_letters("acme").to_pylist())
 
-    assert full_letters() == 1
+    device.write("tank-1.h2", "brim", T0 + timedelta(seconds=110))
+    wait_for(lambda: letters("brim") == 1, "the bad change dead-lettered")
     handle = ray.get_actor(actor_name("acme", "plc"), namespace=twins.router.namespace)
     for restart in range(2):
         ray.kill(handle, no_restart=False)  # a crash: Ray restarts the actor, which subscribes and backfills again
@@ -224,19 +271,18 @@ def test_a_restarted_connector_does_not_dead_letter_a_bad_value_change_again(twi
     wait_for(lambda: not connectors.status("acme", "plc").connected, "the connector notices the server is gone")
     server.start()
     wait_for(lambda: connectors.status("acme", "plc").connected, "the connector reconnects")
-    device = Device(server)  # a restarted server starts without values: 'full' is in its history only
-    device.write("tank-1.h2", "full", T0 + timedelta(seconds=100))  # the same change, sent by the PLC again
-    device.write("tank-1.h2", "empty", T0 + timedelta(seconds=101))  # a new bad change: dead-lettered
-    wait_for(lambda: full_letters() == 1 and any("'empty' of type String" in r["reason"]
-                                                 for r in twins.dead_letters("acme").to_pylist()),
+    plant = Device(server)  # a restarted server starts without values or history
+    plant.write("tank-1.h2", "brim", T0 + timedelta(seconds=110))  # the same change, sent by the PLC again
+    plant.write("tank-1.h2", "empty", T0 + timedelta(seconds=111))  # a new bad change: dead-lettered
+    wait_for(lambda: letters("brim") == 1 and letters("empty") == 1,
              "the new bad change dead-lettered, the old one not again")
-    device.close()
-    assert full_letters() == 1
+    plant.close()
+    assert letters("brim") == 1
 
 
 def test_paused_connector_gets_the_changes_queued_by_the_server(twins, connectors, device, plc):
-    """Paused = publishing off: the server keeps each item's changes (up to queue_size) until resume. The first
-    inflow reading repeats the value the node holds (0.1, from the test above): a new sample all the same."""
+    """Paused = publishing off: the server keeps each item's changes (up to queue_size) until resume. A reading
+    that repeats the value its node holds (an inflow of 0.1 left by another test) is a new sample all the same."""
     assert connectors.pause("acme", "plc").state.value == "paused"
     write(device, "tank-2", range(0, 10))
     assert connectors.resume("acme", "plc").state.value == "running"
@@ -497,10 +543,10 @@ async def until(condition, what: str) -> None:
         await asyncio.sleep(0.02)
 
 
-def test_backpressure_switches_publishing_off_and_on_again_losing_nothing(server, device):
+def test_backpressure_switches_publishing_off_and_on_again_losing_nothing(lane, device):
     """With `max_outstanding` changes not yet durable the connector switches publishing off; once they are
     durable it switches it on again (else the second wave would never arrive); every change arrives once."""
-    spec = OpcUaSpec.model_validate(plc_spec(server.endpoint, max_outstanding=4, backfill_s=0))
+    spec = OpcUaSpec.model_validate(lane.spec(max_outstanding=4, backfill_s=0))
     since = (T0 + timedelta(seconds=100)).isoformat()
     received: list[Inbound] = []
 
@@ -518,12 +564,12 @@ def test_backpressure_switches_publishing_off_and_on_again_losing_nothing(server
         session = OpcUaSession(spec, Credentials(username=USER, password=PASSWORD), received.append)
         run = asyncio.ensure_future(session.run())
         await until(session.connected, "the session is connected")
-        await asyncio.to_thread(write, device, "tank-2", range(100, 110))
+        await asyncio.to_thread(write, device, "tank-2", range(100, 110), lane)
         await until(lambda: session.held, "publishing switched off")
         ack_all()
         # (changes in flight when it switched off come too)
         await until(lambda: ack_all() or not session.held, "publishing switched on again")
-        await asyncio.to_thread(write, device, "tank-2", range(110, 130))
+        await asyncio.to_thread(write, device, "tank-2", range(110, 130), lane)
         await until(lambda: ack_all() or (len(written()) == 60 and session.outstanding() == 0),
                     "all 60 changes received and durable")  # ack as they come
         session.stop()
@@ -571,12 +617,12 @@ def test_a_gap_without_backfill_is_reported_with_its_length(server):
     assert "without a subscription" not in (sessions[3600].last_error or "")
 
 
-def test_a_restarted_connector_without_backfill_reports_the_gap(connectors, server, twins):
+def test_a_restarted_connector_without_backfill_reports_the_gap(connectors, lane, twins):
     """A connector process that Ray restarted after a crash, or that was started again from its declaration,
     cannot know what changed while none ran; without `backfill_s` it says so once it has subscribed again, with
     how long ago the one before was last alive (with `backfill_s` it reads history: above)."""
-    node = {"node_id": "ns=2;s=tank-2.h1", "asset_id": "tank-2", "measurement": "h1", "unit": "m"}
-    connectors.create(plc_spec(server.endpoint, name="plc-latest", backfill_s=0, nodes=[node], commands=[]),
+    node = {"node_id": f"ns=2;s={lane('tank-2.h1')}", "asset_id": "tank-2", "measurement": "h1", "unit": "m"}
+    connectors.create(lane.spec(name="plc-latest", backfill_s=0, nodes=[node], commands=[]),
                       Credentials(username=USER, password=PASSWORD))
     wait_for(lambda: connectors.status("acme", "plc-latest").connected, "the connector is connected")
     assert connectors.status("acme", "plc-latest").last_error is None  # a first start is no gap
@@ -599,10 +645,10 @@ def test_a_restarted_connector_without_backfill_reports_the_gap(connectors, serv
     assert "plc-latest" not in connectors.names("acme")  # nothing written after the deletion
 
 
-def test_a_pause_longer_than_the_item_queue_is_read_back_from_history(server, device):
+def test_a_pause_longer_than_the_item_queue_is_read_back_from_history(lane, device):
     """Paused, the server keeps `queue_size` changes per item and discards the older ones: 15 of 20 per node were
     lost with no error, although `backfill_s` was set and the server kept the history."""
-    spec = OpcUaSpec.model_validate(plc_spec(server.endpoint, name="plcq", queue_size=3, commands=[]))
+    spec = OpcUaSpec.model_validate(lane.spec(name="plcq", queue_size=3, commands=[]))
     since = (T0 + timedelta(seconds=200)).isoformat()
     received: list[Inbound] = []
 
@@ -621,7 +667,7 @@ def test_a_pause_longer_than_the_item_queue_is_read_back_from_history(server, de
         await until(lambda: session.connects >= 1, "the connect done (subscribed, history read back)")
         await until(lambda: ack_all() or session.outstanding() == 0, "the connect's values durable")
         await session.set_paused(True)
-        await asyncio.to_thread(write, device, "tank-2", range(200, 210))  # 10 per node, its queue keeps 3
+        await asyncio.to_thread(write, device, "tank-2", range(200, 210), lane)  # 10 per node, its queue keeps 3
         await session.set_paused(False)
         await until(lambda: ack_all() or len(written()) == 20, "all 20 changes read back")
         session.stop()
@@ -658,17 +704,17 @@ def session_readings(spec: OpcUaSpec, action, condition, what: str) -> tuple[Opc
     return asyncio.run(scenario()), received
 
 
-def test_a_namespace_the_server_lacks_is_reported_and_the_other_nodes_flow(server, device):
+def test_a_namespace_the_server_lacks_is_reported_and_the_other_nodes_flow(lane, device):
     """A node whose `nsu=` URI the server no longer has (a PLC project renamed) is reported by name with the
     server's namespaces, as a node the server does not know; it took the whole connector down, reconnecting
     forever with "ValueError: 'urn:...' is not in list"."""
-    nodes = [{"node_id": "ns=2;s=tank-2.h1", "asset_id": "tank-2", "measurement": "h1", "unit": "m"},
+    nodes = [{"node_id": f"ns=2;s={lane('tank-2.h1')}", "asset_id": "tank-2", "measurement": "h1", "unit": "m"},
              {"node_id": "nsu=urn:plant:gone;s=tank-2.q_in", "asset_id": "tank-2", "measurement": "q_in",
               "unit": "L/s"}]
-    spec = OpcUaSpec.model_validate(plc_spec(server.endpoint, name="plc-ns", nodes=nodes, commands=[], backfill_s=0))
+    spec = OpcUaSpec.model_validate(lane.spec(name="plc-ns", nodes=nodes, commands=[], backfill_s=0))
     at = T0 + timedelta(seconds=300)
     session, received = session_readings(
-        spec, lambda: device.write("tank-2.h1", 0.75, at),
+        spec, lambda: device.write(lane("tank-2.h1"), 0.75, at),
         lambda got: any(r["event_time"] == at.isoformat() for m in got for r in m.rows), "the reading of h1")
     assert session.errors == 1 and session.last_error == (
         "node nsu=urn:plant:gone;s=tank-2.q_in: the server has no namespace 'urn:plant:gone' (its namespaces: "
@@ -715,30 +761,30 @@ def test_a_connector_none_of_whose_nodes_exists_is_not_connected(server):
     assert session.last_error == "node ns=2;s=renamed.h2 cannot be monitored: BadNodeIdUnknown", session.last_error
 
 
-def test_a_node_declared_in_two_spellings_feeds_both_mappings(server, device):
+def test_a_node_declared_in_two_spellings_feeds_both_mappings(lane, device):
     """`ns=2;s=X` and `nsu=<its URI>;s=X` are one server node: each of its changes goes to both mappings (only the
     last declared one received readings, with no error)."""
-    nodes = [{"node_id": "ns=2;s=tank-1.h2", "asset_id": "tank-1", "measurement": "h2", "unit": "m"},
-             {"node_id": "nsu=urn:raytwin:test;s=tank-1.h2", "asset_id": "tank-2", "measurement": "h2", "unit": "m"}]
-    spec = OpcUaSpec.model_validate(plc_spec(server.endpoint, name="plc-twice", nodes=nodes, commands=[],
-                                             backfill_s=0))
+    h2 = lane("tank-1.h2")
+    nodes = [{"node_id": f"ns=2;s={h2}", "asset_id": "tank-1", "measurement": "h2", "unit": "m"},
+             {"node_id": f"nsu=urn:raytwin:test;s={h2}", "asset_id": "tank-2", "measurement": "h2", "unit": "m"}]
+    spec = OpcUaSpec.model_validate(lane.spec(name="plc-twice", nodes=nodes, commands=[], backfill_s=0))
     at = T0 + timedelta(seconds=400)
 
     def fed(got: list[Inbound]) -> set[tuple[str, str]]:
         return {(r["asset_id"], r["idempotency_key"]) for m in got for r in m.rows if r["event_time"] == at.isoformat()}
 
-    session, received = session_readings(spec, lambda: device.write("tank-1.h2", 0.25, at),
+    session, received = session_readings(spec, lambda: device.write(h2, 0.25, at),
                                          lambda got: len(fed(got)) == 2, "the reading fed to both mappings")
-    assert fed(received) == {("tank-1", "ns=2;s=tank-1.h2"), ("tank-2", "nsu=urn:raytwin:test;s=tank-1.h2")}
+    assert fed(received) == {("tank-1", f"ns=2;s={h2}"), ("tank-2", f"nsu=urn:raytwin:test;s={h2}")}
     assert session.errors == 0, session.last_error
 
 
-def test_a_pause_longer_than_the_item_queue_covers_is_reported_without_backfill(server, device):
+def test_a_pause_longer_than_the_item_queue_covers_is_reported_without_backfill(lane, device):
     """asyncua's server discards what exceeds an item's queue without flagging the Overflow bit, so without
     `backfill_s` the lost changes went unreported; a pause longer than `queue_size` sampling intervals (3 x 0.5 s
     here) is reported on resume, a shorter one is not."""
-    spec = OpcUaSpec.model_validate(plc_spec(server.endpoint, name="plc-q", queue_size=3, sampling_interval_ms=500,
-                                             backfill_s=0, commands=[], nodes=[plc_spec("opc.tcp://x")["nodes"][1]]))
+    spec = OpcUaSpec.model_validate(lane.spec(name="plc-q", queue_size=3, sampling_interval_ms=500, backfill_s=0,
+                                              commands=[], nodes=[lane.spec()["nodes"][1]]))
     since = (T0 + timedelta(seconds=500)).isoformat()
     received: list[Inbound] = []
 
@@ -751,7 +797,7 @@ def test_a_pause_longer_than_the_item_queue_covers_is_reported_without_backfill(
         await session.set_paused(False)  # well within 1.5 s
         short = session.last_error
         await session.set_paused(True)
-        await asyncio.to_thread(write, device, "tank-2", range(500, 510))  # 10 changes, the queue keeps 3
+        await asyncio.to_thread(write, device, "tank-2", range(500, 510), lane)  # 10 changes, the queue keeps 3
         await asyncio.sleep(1.6)
         await session.set_paused(False)
         await asyncio.sleep(1.0)
@@ -807,39 +853,39 @@ def run_session(spec: OpcUaSpec, received: Received, steps) -> OpcUaSession:
     return asyncio.run(scenario())
 
 
-def test_a_burst_beyond_the_item_queue_while_subscribed_is_read_back_from_history(server, device):
+def test_a_burst_beyond_the_item_queue_while_subscribed_is_read_back_from_history(lane, device):
     """Subscribed, no pause: 40 changes of a node within one publishing interval, its queue keeps 3. The server
     flags nothing (asyncua's does not set the Overflow bits); a publish carrying queue_size values of an item is
     the sign, and the session reads that item's history back (before: 3 of 40 arrived, no error)."""
-    spec = OpcUaSpec.model_validate(plc_spec(server.endpoint, name="plc-burst", queue_size=3, commands=[]))
-    received, readings = Received(), ramp(40)
+    spec = OpcUaSpec.model_validate(lane.spec(name="plc-burst", queue_size=3, commands=[]))
+    received, readings, h2 = Received(), ramp(40), lane("tank-1.h2")
     stamps = {t for _, t in readings}
 
     async def steps(session: OpcUaSession) -> None:
-        await asyncio.to_thread(device.write_at_once, "tank-1.h2", readings)
-        await until(lambda: received.stamps("tank-1.h2", min(stamps)) == stamps, "all 40 changes arrived")
+        await asyncio.to_thread(device.write_at_once, h2, readings)
+        await until(lambda: received.stamps(h2, min(stamps)) == stamps, "all 40 changes arrived")
 
     session = run_session(spec, received, steps)
     assert session.errors == 0, session.last_error
 
 
-def test_readings_stamped_before_the_newest_are_read_back_after_a_pause(server, device):
+def test_readings_stamped_before_the_newest_are_read_back_after_a_pause(lane, device):
     """A store-and-forward gateway forwards its buffer while the connector is paused: 20 readings stamped a minute
     before the newest one applied, the queue keeps 3. History read since the newest durable reading would miss
     them all (before: 17 of 20 lost); the item delivered readings older than its newest, so its history is read
     over `backfill_s`, keeping what the server received since the last value before the pause."""
-    spec = OpcUaSpec.model_validate(plc_spec(server.endpoint, name="plc-late", queue_size=3, commands=[]))
-    received, now = Received(), datetime.now(UTC).replace(microsecond=0)
+    spec = OpcUaSpec.model_validate(lane.spec(name="plc-late", queue_size=3, commands=[]))
+    received, now, h1 = Received(), datetime.now(UTC).replace(microsecond=0), lane("tank-2.h1")
     buffered = [now - timedelta(seconds=60 - k) for k in range(20)]
 
     async def steps(session: OpcUaSession) -> None:
-        await asyncio.to_thread(device.write, "tank-2.h1", 0.45, now)
-        await until(lambda: now in received.stamps("tank-2.h1", now), "the newest reading arrived")
+        await asyncio.to_thread(device.write, h1, 0.45, now)
+        await until(lambda: now in received.stamps(h1, now), "the newest reading arrived")
         await session.set_paused(True)
         for k, at in enumerate(buffered):  # distinct values: asyncua's history drops a repeated one
-            await asyncio.to_thread(device.write, "tank-2.h1", 0.4 + 0.001 * k, at)
+            await asyncio.to_thread(device.write, h1, 0.4 + 0.001 * k, at)
         await session.set_paused(False)
-        await until(lambda: received.stamps("tank-2.h1", buffered[0]) >= set(buffered), "all 20 buffered arrived")
+        await until(lambda: received.stamps(h1, buffered[0]) >= set(buffered), "all 20 buffered arrived")
 
     session = run_session(spec, received, steps)
     assert session.errors == 0, session.last_error
@@ -870,37 +916,36 @@ def test_a_full_queue_whose_history_cannot_give_the_changes_back_is_reported():
     assert "its history does not hold the value stamped" in session.last_error
 
 
-def test_readings_stamped_before_the_newest_are_read_back_after_backpressure(server, device):
+def test_readings_stamped_before_the_newest_are_read_back_after_backpressure(lane, device):
     """The same through backpressure: a slow pump, max_outstanding 5, 200 readings stamped a minute before the
     newest (before: 40 of 200 arrived, no error)."""
-    spec = OpcUaSpec.model_validate(plc_spec(server.endpoint, name="plc-slow", queue_size=3, max_outstanding=5,
-                                             commands=[]))
-    received, now = Received(delay_s=0.01), datetime.now(UTC).replace(microsecond=0)
+    spec = OpcUaSpec.model_validate(lane.spec(name="plc-slow", queue_size=3, max_outstanding=5, commands=[]))
+    received, now, h1 = Received(delay_s=0.01), datetime.now(UTC).replace(microsecond=0), lane("tank-1.h1")
     buffered = [now - timedelta(seconds=60) + timedelta(milliseconds=50 * k) for k in range(200)]
 
     async def steps(session: OpcUaSession) -> None:
-        await asyncio.to_thread(device.write, "tank-1.h1", 0.45, now)
-        await until(lambda: now in received.stamps("tank-1.h1", now), "the newest reading arrived")
+        await asyncio.to_thread(device.write, h1, 0.45, now)
+        await until(lambda: now in received.stamps(h1, now), "the newest reading arrived")
         for k, at in enumerate(buffered):
-            await asyncio.to_thread(device.write, "tank-1.h1", 0.4 + 0.0001 * k, at)
-        await until(lambda: received.stamps("tank-1.h1", buffered[0]) >= set(buffered), "all 200 buffered arrived")
+            await asyncio.to_thread(device.write, h1, 0.4 + 0.0001 * k, at)
+        await until(lambda: received.stamps(h1, buffered[0]) >= set(buffered), "all 200 buffered arrived")
 
     session = run_session(spec, received, steps)
     assert session.backpressure_pauses >= 1 and session.errors == 0, session.last_error
 
 
-def test_a_resume_hands_over_no_change_already_durable(server, device):
+def test_a_resume_hands_over_no_change_already_durable(lane, device):
     """A resume (a pause's end, backpressure's) read each node's history from its newest durable change on, so it
     handed that change over again: a duplicate per node, each outstanding until durable. With as many nodes as
     half `max_outstanding` (the test above: 5 and 5) the end of backpressure held publishing again at once, and so
     on for good with nothing new at the server (~20 rounds of SetPublishingMode and HistoryRead a second), and
     `outstanding()` reached 0 only for a moment between two rounds: the test above hung 120 s waiting for its
     current values durable. Now the read starts after that change, so a resume with nothing new hands over none."""
-    nodes = plc_spec("opc.tcp://x")["nodes"][:2]  # tank-1.h1 and tank-2.h1, each given a reading first
-    spec = OpcUaSpec.model_validate(plc_spec(server.endpoint, name="plc-idle", nodes=nodes, commands=[]))
+    nodes = lane.spec()["nodes"][:2]  # tank-1.h1 and tank-2.h1, each given a reading first
+    spec = OpcUaSpec.model_validate(lane.spec(name="plc-idle", nodes=nodes, commands=[]))
     now = datetime.now(UTC)
     for node in ("tank-1.h1", "tank-2.h1"):
-        device.write(node, 0.42, now)
+        device.write(lane(node), 0.42, now)
     received = Received()
 
     async def steps(session: OpcUaSession) -> None:  # (the connect's backfill durable: `run_session`)
@@ -914,19 +959,19 @@ def test_a_resume_hands_over_no_change_already_durable(server, device):
     assert session.errors == 0, session.last_error
 
 
-def test_a_subscription_the_server_dropped_is_subscribed_again_with_its_items(server, device):
+def test_a_subscription_the_server_dropped_is_subscribed_again_with_its_items(lane, device):
     """asyncua re-creates a subscription that stopped publishing (its stale watchdog) from the items it created;
     the session creates its items itself (to learn each one's granted queue), so that left a subscription of no
     items: nothing arrived, no error. The session subscribes again instead, and the next reading arrives."""
-    spec = OpcUaSpec.model_validate(plc_spec(server.endpoint, name="plc-stale", commands=[], backfill_s=0,
-                                             nodes=[plc_spec("opc.tcp://x")["nodes"][0]]))
-    received, at = Received(), T0 + timedelta(seconds=600)
+    spec = OpcUaSpec.model_validate(lane.spec(name="plc-stale", commands=[], backfill_s=0,
+                                              nodes=[lane.spec()["nodes"][0]]))
+    received, at, h1 = Received(), T0 + timedelta(seconds=600), lane("tank-1.h1")
 
     async def steps(session: OpcUaSession) -> None:
         await session._sub.recreate()  # as asyncua's watchdog calls it
         await until(lambda: session.errors >= 2 and session.connected(), "subscribed again")
-        await asyncio.to_thread(device.write, "tank-1.h1", 0.61, at)
-        await until(lambda: at in received.stamps("tank-1.h1", at), "the reading after it arrived")
+        await asyncio.to_thread(device.write, h1, 0.61, at)
+        await until(lambda: at in received.stamps(h1, at), "the reading after it arrived")
 
     run_session(spec, received, steps)
 
@@ -952,16 +997,16 @@ class HeldPump:
         thread.join(5)  # (bounded: an acknowledgement that waited for the loop thread would wait forever)
 
 
-def test_acknowledgements_between_the_hold_check_and_the_hold_leave_no_session_stuck(server, device):
+def test_acknowledgements_between_the_hold_check_and_the_hold_leave_no_session_stuck(lane, device):
     """The hold is decided on the loop's thread (`outstanding()` compared, then `_held` set) while the pump's
     thread acknowledges: one acknowledgement between the two reads no hold and releases nothing. Forced here: all
     the pump holds is acknowledged right after the comparison. The session is not left held with nothing
     outstanding, because the change that made it hold reaches the pump only after the hold is set (the feeder runs
     on the loop's thread), so its acknowledgement sees the hold and releases it."""
-    node = plc_spec("opc.tcp://x")["nodes"][1]  # tank-2.h1
-    spec = OpcUaSpec.model_validate(plc_spec(server.endpoint, name="plc-hold", nodes=[node], commands=[],
-                                             max_outstanding=2, backfill_s=0))
-    device.write("tank-2.h1", 0.71, T0 + timedelta(seconds=700))  # the current value: the first change
+    node, h1 = lane.spec()["nodes"][1], lane("tank-2.h1")
+    spec = OpcUaSpec.model_validate(lane.spec(name="plc-hold", nodes=[node], commands=[], max_outstanding=2,
+                                              backfill_s=0))
+    device.write(h1, 0.71, T0 + timedelta(seconds=700))  # the current value: the first change
     pump, forced = HeldPump(), []
 
     async def scenario() -> OpcUaSession:
@@ -978,12 +1023,12 @@ def test_acknowledgements_between_the_hold_check_and_the_hold_leave_no_session_s
             return n
 
         session.outstanding = outstanding
-        await asyncio.to_thread(device.write, "tank-2.h1", 0.72, T0 + timedelta(seconds=701))
+        await asyncio.to_thread(device.write, h1, 0.72, T0 + timedelta(seconds=701))
         await until(lambda: forced and session.held, "publishing held, the first change durable before")
         await until(lambda: len(pump.messages) == 2, "the change that made it hold in the pump")
         pump.ack_held()
         await until(lambda: not session.held, "publishing switched on again")
-        await asyncio.to_thread(device.write, "tank-2.h1", 0.73, T0 + timedelta(seconds=702))
+        await asyncio.to_thread(device.write, h1, 0.73, T0 + timedelta(seconds=702))
         await until(lambda: len(pump.messages) == 3, "the change after it arrived")
         session.stop()
         await run
@@ -994,15 +1039,15 @@ def test_acknowledgements_between_the_hold_check_and_the_hold_leave_no_session_s
     assert session.backpressure_pauses == 1
 
 
-def test_a_session_stopped_while_the_end_of_backpressure_reads_history_logs_nothing(server, device):
+def test_a_session_stopped_while_the_end_of_backpressure_reads_history_logs_nothing(lane, device):
     """Switching publishing on at the end of backpressure runs in a background task, which then reads history
     (`backfill_s`); a stop during that read failed the task with ConnectionError('disconnected') that nobody
     retrieved, and asyncio logged "Task exception was never retrieved" with its traceback at such a stop. A read cut
     short by the stop is no error: nothing is logged or reported."""
-    node = plc_spec("opc.tcp://x")["nodes"][1]  # tank-2.h1
-    spec = OpcUaSpec.model_validate(plc_spec(server.endpoint, name="plc-cut", nodes=[node], commands=[],
-                                             max_outstanding=2, backfill_s=1))  # (the connect reads 1 s of history)
-    device.write("tank-2.h1", 0.81, datetime.now(UTC))
+    node, h1 = lane.spec()["nodes"][1], lane("tank-2.h1")
+    spec = OpcUaSpec.model_validate(lane.spec(name="plc-cut", nodes=[node], commands=[], max_outstanding=2,
+                                              backfill_s=1))  # (the connect reads 1 s of history)
+    device.write(h1, 0.81, datetime.now(UTC))
     pump, unhandled, entered, cut = HeldPump(), [], [], []
 
     async def scenario() -> OpcUaSession:
@@ -1022,7 +1067,7 @@ def test_a_session_stopped_while_the_end_of_backpressure_reads_history_logs_noth
                 raise
 
         session._read_history = read_once_stopped  # the history read after the switch lasts until the stop
-        await asyncio.to_thread(device.write, "tank-2.h1", 0.82, datetime.now(UTC))
+        await asyncio.to_thread(device.write, h1, 0.82, datetime.now(UTC))
         await until(lambda: session.held, "publishing held (2 changes not durable)")
         await asyncio.to_thread(pump.ack_held)  # publishing switched on again, in the background: its read waits
         await until(lambda: entered, "the switch's history read begun")
