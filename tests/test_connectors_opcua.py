@@ -959,6 +959,30 @@ def test_a_resume_hands_over_no_change_already_durable(lane, device):
     assert session.errors == 0, session.last_error
 
 
+def test_a_resume_hands_over_no_reading_already_refused_as_from_a_clock_ahead(lane, device):
+    """A reading stamped more than `MAX_FUTURE_SKEW` after the server received it is dead-lettered, and being ahead
+    of the clock it cannot move its node's resume point (the newest durable change), so every resume read it back
+    from history and handed it over again, its refusal outstanding until durable once more, resume after resume.
+    A refusal made durable counts as handled: a resume with nothing new hands over nothing."""
+    spec = OpcUaSpec.model_validate(lane.spec(name="plc-ahead", nodes=lane.spec()["nodes"][:1], commands=[]))
+    received, h1 = Received(), lane("tank-1.h1")
+
+    async def steps(session: OpcUaSession) -> None:
+        await asyncio.to_thread(device.write, h1, 0.47, datetime.now(UTC) + MAX_FUTURE_SKEW + timedelta(seconds=30))
+        await until(lambda: any(m.dead for m in received.messages) and session.outstanding() == 0,
+                    "the reading refused, its dead letter durable")
+        before = len(received.messages)
+        for _ in range(2):
+            await session.set_paused(True)
+            await session.set_paused(False)  # returns once the resume's history reads are done
+        await until(lambda: session.outstanding() == 0, "what the resumes handed over durable")
+        assert len(received.messages) == before, [m.dead for m in received.messages[before:]]
+
+    session = run_session(spec, received, steps)
+    assert [len(m.dead) for m in received.messages] == [1]  # (the node had no value before: the refusal alone)
+    assert session.errors == 1 and "clock is ahead" in session.last_error, session.last_error
+
+
 def test_a_subscription_the_server_dropped_is_subscribed_again_with_its_items(lane, device):
     """asyncua re-creates a subscription that stopped publishing (its stale watchdog) from the items it created;
     the session creates its items itself (to learn each one's granted queue), so that left a subscription of no
@@ -1057,11 +1081,11 @@ def test_a_session_stopped_while_the_end_of_backpressure_reads_history_logs_noth
         await until(lambda: session.connects >= 1 and pump.messages, "connected, a value in the pump")
         read = session._read_history
 
-        async def read_once_stopped(nid: ua.NodeId, what) -> frozenset[datetime]:
+        async def read_once_stopped(nid: ua.NodeId, *what) -> frozenset[datetime]:
             entered.append(nid)
             await until(lambda: session.state == "stopped", "the session stopped")
             try:
-                return await read(nid, what)
+                return await read(nid, *what)
             except ConnectionError as exc:
                 cut.append(exc)
                 raise

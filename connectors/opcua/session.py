@@ -22,7 +22,9 @@ Why this shape:
   switched on again. The connector holds at most `max_outstanding` plus one publish response. With
   `backfill_s`, switching publishing on again (a resume, the end of backpressure) reads each node's history
   after its newest durable change, so what a queue discarded is read back (and nothing already durable, which
-  counted as outstanding again and kept an idle session switching publishing off and on); without it, a value
+  counted as outstanding again and kept an idle session switching publishing off and on; nor a reading refused
+  as from a clock ahead, stamped after that start, that the server received by the newest refusal made durable:
+  a full queue's discards among them are read back by the recovery below); without it, a value
   the server flags as following an overflow is reported as an error, and so is publishing off for longer than
   `queue_size` sampling intervals (some servers, asyncua's among them, never flag an overflow).
 - **Full queues are read back.** A publish response carrying as many values of one item as the queue the server
@@ -178,6 +180,7 @@ class OpcUaSession:
         self._namespaces: list[str] = []  # the server's namespace array, read at each connect
         self._ahead: set[ua.NodeId] = set()  # nodes whose device clock was reported ahead in this connection
         self._newest: dict[str, datetime] = {}  # node id -> newest durable source timestamp (for backfill)
+        self._refused: dict[str, datetime] = {}  # node id -> newest ServerTimestamp of a durable refusal as ahead
         # items whose server queue may have discarded values
         self._watch = QueueWatch(spec.queue_size, timedelta(seconds=spec.backfill_s))
         self._recovering: asyncio.Task | None = None
@@ -367,25 +370,29 @@ class OpcUaSession:
         for nid, nodes in self._nodes.items():
             newest = [self._newest.get(n.node_id) for n in nodes]
             start = None if None in newest else min(newest) + AFTER_DURABLE
+            refused = [self._refused.get(n.node_id) for n in nodes]
             if start is None:
                 current = await self._connected_client().get_node(nid).read_data_value(raise_on_bad_status=False)
                 if current.SourceTimestamp is None:
                     continue
                 start = current.SourceTimestamp - timedelta(seconds=self.spec.backfill_s)
             try:
-                await self._read_history(nid, Suspect(start, None))
+                await self._read_history(nid, Suspect(start, None), None if None in refused else min(refused))
             except ua.UaStatusCodeError as exc:  # e.g. BadHistoryOperationUnsupported: not historized
                 self._error(f"node {_named(nodes)}: no history to backfill from ({type(exc).__name__})")
         self._recover_soon()  # what queues discarded before a loss is read after the reconnect
 
-    async def _read_history(self, nid: ua.NodeId, read: Suspect) -> frozenset[datetime]:
+    async def _read_history(self, nid: ua.NodeId, read: Suspect,
+                            refused: datetime | None = None) -> frozenset[datetime]:
         """Hand over `nid`'s history from `read.since` (None: `backfill_s` before now), leaving out values the
-        server received before `read.after` (already received, or their successors were); returns what of
-        `read.expect` the history did not hold."""
+        server received before `read.after` (already received, or their successors were) and, with `refused`,
+        values refused as from a clock ahead that it received by then (their refusals are durable); returns what
+        of `read.expect` the history did not hold."""
         start = read.since or datetime.now(UTC) - timedelta(seconds=self.spec.backfill_s)
         history = await self._connected_client().get_node(nid).read_raw_history(start, None, return_bounds=False)
         kept = [dv for dv in history
-                if read.after is None or dv.ServerTimestamp is None or dv.ServerTimestamp >= read.after]
+                if (read.after is None or dv.ServerTimestamp is None or dv.ServerTimestamp >= read.after)
+                and not _refused_by(dv, refused)]
         for dv in kept:
             self._on_value(nid, dv)
         log.info("event=opcua_backfill tenant=%s connector=%s node=%s since=%s changes=%d", self.spec.tenant,
@@ -487,7 +494,8 @@ class OpcUaSession:
                         f"{self._watch.described(self._watch.size(nodeid))} changes while publishing was off): older "
                         "changes were discarded; "
                         "raise queue_size or set backfill_s to read them from the server's history")
-        if nodes and nodeid not in self._ahead and (ahead := clock_ahead(dv)):  # once per node and connection
+        ahead = clock_ahead(dv)
+        if nodes and nodeid not in self._ahead and ahead:  # once per node and connection
             self._ahead.add(nodeid)
             self._error(f"node {_named(nodes)}: {ahead}; its readings are dead-lettered until then")
         for node in nodes:  # every mapping of the node is fed (two spellings may map it to two assets)
@@ -496,7 +504,8 @@ class OpcUaSession:
                 continue
             rows, dead = ([], [out]) if isinstance(out, DeadLetter) else ([out], [])
             self._received += 1
-            ack = functools.partial(self._on_durable, node.node_id, dv.SourceTimestamp)
+            ack = functools.partial(self._on_durable, node.node_id, dv.SourceTimestamp,
+                                    dv.ServerTimestamp if ahead else None)
             self._handoff.append(Inbound(source(self.spec.name, node), rows, dead, ack))
         self._wake.set()
         # The pump's thread may acknowledge between this comparison and the hold, reading no hold and releasing
@@ -509,13 +518,16 @@ class OpcUaSession:
                      self.spec.name, self.outstanding())
             self._switch_soon()
 
-    def _on_durable(self, node_id: str, at: datetime | None) -> None:
-        """The pump's acknowledgement (its thread): this change is durable (applied, duplicate or dead letter)."""
+    def _on_durable(self, node_id: str, at: datetime | None, refused: datetime | None) -> None:
+        """The pump's acknowledgement (its thread): this change is durable (applied, duplicate or dead letter);
+        `refused`: the ServerTimestamp of a change refused as from a clock ahead (`_backfill` leaves such out)."""
         self._durable += 1
         if at is not None:  # a time ahead of our clock was dead-lettered: it must not move the backfill start
             at = min(at, datetime.now(UTC))
             if node_id not in self._newest or at > self._newest[node_id]:
                 self._newest[node_id] = at
+        if refused is not None and (node_id not in self._refused or refused > self._refused[node_id]):
+            self._refused[node_id] = refused
         if self._held and self.outstanding() <= self.spec.max_outstanding // 2:
             self._loop.call_soon_threadsafe(self._release)
 
@@ -630,6 +642,13 @@ class OpcUaSession:
                 detail = ", ".join(written + ([f"{target.correlation_node_id}: not written"] if nid == node else []))
                 raise Refused(f"server {self.spec.endpoint} answered the write with {detail}")
         return ", ".join(written)
+
+
+def _refused_by(dv: ua.DataValue, refused: datetime | None) -> bool:
+    """Whether `dv` is a reading refused as from a clock ahead that the server received by `refused`, a node's newest
+    such refusal made durable: the server receives a node's values in order, so it was handed over before, or it is
+    one a full queue discarded, which that queue's recovery reads back (`connectors.opcua.recovery`)."""
+    return refused is not None and clock_ahead(dv) is not None and dv.ServerTimestamp <= refused
 
 
 def _named(nodes: list[MappedNode]) -> str:
