@@ -25,6 +25,7 @@ from ray.exceptions import TaskCancelledError
 from raytwin.contracts import Contract, UtcTime
 from raytwin.modelcode import ModelCode, code_identity, describe_change
 from raytwin.provenance import code_version, package_versions
+from raytwin.registry import RegistryError
 from raytwin.ray_connect import cancels_deferred
 from raytwin.storage import canonical_json, filesystem, replace_file
 from raytwin.store_failures import store_io
@@ -132,6 +133,15 @@ def _current_user() -> str:
 AnySpec = SweepSpec | CalibrationSpec | FmuSweepSpec | FmuCalibrationSpec
 
 
+def _recorded_spec(spec: AnySpec) -> dict[str, Any]:
+    """The spec as its record keeps it: a local `registry_url` made absolute, as `raytwin rerun` may run from any
+    working directory (a relative one resolved there: "no model ... in this registry")."""
+    fields = spec.model_dump(mode="json")
+    if fields.get("registry_url"):
+        fields["registry_url"] = absolute_url(fields["registry_url"])
+    return fields
+
+
 def _recorded(
     store: RunStore, kind: Kind, spec: AnySpec, execute: Callable[[str], tuple[dict, dict]],
     *, input_url: str | None, input_hash: str | None, seeds: dict[str, int], user: str | None, rerun_of: str | None,
@@ -145,7 +155,7 @@ def _recorded(
         run_id=run_id, kind=kind, user=user or _current_user(), tenant=spec.tenant, asset_id=spec.asset_id,
         model_ref=artifact.ref, model_hash=artifact.content_hash, model_code=code_identity(artifact.model()),
         input_data_url=input_url,
-        input_data_hash=input_hash, spec=spec.model_dump(mode="json"), seeds=seeds,
+        input_data_hash=input_hash, spec=_recorded_spec(spec), seeds=seeds,
         package_versions=package_versions(), code_version=code_version(), started=datetime.now(UTC),
         output_url=store.output_url(run_id), rerun_of=rerun_of,
     )
@@ -294,7 +304,11 @@ def rerun(run_id: str, *, runs: str = DEFAULT_RUNS_ROOT, storage_options: dict |
     original = store.load(run_id)
     if original.status != "succeeded":
         raise RunError(f"run {run_id} {original.status}; only succeeded runs can be reproduced")
-    artifact = resolve_model(original.spec["model"], original.spec.get("registry_url"))
+    registry_url = original.spec.get("registry_url")
+    try:
+        artifact = resolve_model(original.spec["model"], registry_url)
+    except RegistryError as exc:  # its message leaves the registry out (the HTTP API's); the researcher needs it
+        raise RunError(f"run {run_id}: {exc} (registry {registry_url})") from exc
     if artifact.content_hash != original.model_hash:
         raise RunError(f"model {original.model_ref} changed since run {run_id} "
                        f"(sha256 {artifact.content_hash[:12]}..., recorded {original.model_hash[:12]}...)")

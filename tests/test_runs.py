@@ -296,3 +296,25 @@ def test_telemetry_in_a_ray_jobs_working_dir_is_refused_when_the_record_outlives
     assert compact(f"lies in a Ray job's uploaded working directory ({package})") in message, message
     assert compact("absolute path outside the working directory") in message and "s3://URL" in message
     assert not runs.exists()  # refused before anything ran or was recorded
+
+
+def test_a_runs_relative_registry_url_is_recorded_absolute_so_a_rerun_elsewhere_finds_the_model(tmp_path, monkeypatch):
+    """A spec's relative `registry_url` ("./models") was recorded as given: `raytwin rerun` from another working
+    directory failed with "no model zone-17@1.2.0 in this registry" (found by an outside test, 2026-12-07)."""
+    from sweeps.runs import _recorded
+    from sweeps.spec import resolve_model
+
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir(), elsewhere.mkdir()
+    monkeypatch.chdir(work)
+    ModelRegistry("models").register("tank", "1.0.0", AssetType.from_model(TWO_TANK, name="tank"), {"a1": 6e-5})
+    store = RunStore("runs")
+    record = _recorded(store, "sweep", _sweep_spec("models"), lambda url: ({}, {}), input_url=None, input_hash=None,
+                       seeds={}, user="u", rerun_of=None)
+    assert record.spec["registry_url"] == str(work / "models")
+    monkeypatch.chdir(elsewhere)
+    assert resolve_model(record.spec["model"], record.spec["registry_url"]).ref == "tank@1.0.0"
+    record = record.model_copy(update={"spec": {**record.spec, "registry_url": "gone"}})
+    store.save(record)
+    with pytest.raises(RunError, match="no model tank@1.0.0 in this registry \\(registry gone\\)"):
+        rerun(record.run_id, runs=str(work / "runs"))  # a registry moved since: the rerun names where it looked
