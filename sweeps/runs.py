@@ -3,8 +3,8 @@
 A run lives under ``<runs root>/<run_id>/``: ``run.json`` (the `RunRecord`) and ``output/``.
 The record holds who ran what (user, tenant, asset), the model reference and its content hash, the
 identity of the model code that ran (`raytwin.modelcode`: distribution, version, source hash),
-the input data hash, the full spec (scenario space, seeds), package and code versions, and the
-SHA-256 of every output file. `rerun` executes the recorded spec again into a new run and
+the hashes of its input data (telemetry, series files), the full spec (scenario space, seeds), package
+and code versions, and the SHA-256 of every output file. `rerun` executes the recorded spec again into a new run and
 compares the output hashes file by file. Runs roots are local directories or fsspec URLs.
 """
 
@@ -14,7 +14,7 @@ import getpass
 import logging
 import os
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import PurePath
 from typing import Any, Literal, TypeVar
@@ -27,7 +27,8 @@ from raytwin.modelcode import ModelCode, code_identity, describe_change
 from raytwin.provenance import code_version, package_versions
 from raytwin.registry import RegistryError
 from raytwin.ray_connect import cancels_deferred
-from raytwin.storage import canonical_json, filesystem, replace_file
+from raytwin.signals import Series
+from raytwin.storage import canonical_json, file_sha256, filesystem, replace_file
 from raytwin.store_failures import store_io
 from sweeps.aggregate import RUN_OUTPUT, RUN_RECORD
 from sweeps.calibration import CalibrationError, CalibrationSpec, calibrate, read_telemetry
@@ -59,6 +60,7 @@ class RunRecord(Contract):
     model_code: ModelCode | None = None  # None in records from before code identities were recorded
     input_data_url: str | None = None
     input_data_hash: str | None = None
+    input_files: dict[str, str] = Field(default_factory=dict)  # a sweep's series files: path or URL -> sha256
     spec: dict[str, Any]
     seeds: dict[str, int]
     package_versions: dict[str, str]
@@ -145,7 +147,7 @@ def _recorded_spec(spec: AnySpec) -> dict[str, Any]:
 def _recorded(
     store: RunStore, kind: Kind, spec: AnySpec, execute: Callable[[str], tuple[dict, dict]],
     *, input_url: str | None, input_hash: str | None, seeds: dict[str, int], user: str | None, rerun_of: str | None,
-    run_id: str | None = None,
+    run_id: str | None = None, input_files: dict[str, str] | None = None,
 ) -> RunRecord:
     """Run `execute(output_url) -> (outputs, summary)` and write its record under `run_id` (None: a new one),
     whatever the outcome."""
@@ -155,7 +157,7 @@ def _recorded(
         run_id=run_id, kind=kind, user=user or _current_user(), tenant=spec.tenant, asset_id=spec.asset_id,
         model_ref=artifact.ref, model_hash=artifact.content_hash, model_code=code_identity(artifact.model()),
         input_data_url=input_url,
-        input_data_hash=input_hash, spec=_recorded_spec(spec), seeds=seeds,
+        input_data_hash=input_hash, input_files=input_files or {}, spec=_recorded_spec(spec), seeds=seeds,
         package_versions=package_versions(), code_version=code_version(), started=datetime.now(UTC),
         output_url=store.output_url(run_id), rerun_of=rerun_of,
     )
@@ -173,6 +175,29 @@ def _recorded(
     store.save(record)
     log.info("run done run_id=%s outputs=%d", run_id, len(outputs))
     return record
+
+
+def _file_hashes(urls: Iterable[str]) -> dict[str, str]:
+    """Each file's SHA-256, by its path or URL (read as the series signals read it)."""
+    return {url: file_sha256(*filesystem(url, None)) for url in sorted(urls)}
+
+
+def series_files(spec: SweepSpec) -> dict[str, str]:
+    """The Parquet files `spec`'s series signals read, with their SHA-256: the record holds only their paths
+    otherwise, and a rerun over a file rewritten since answered "differs" without saying why."""
+    return _file_hashes({sig.path for sig in spec.signals.values() if isinstance(sig, Series) and sig.path})
+
+
+def _check_input_files(original: RunRecord) -> None:
+    """Refuse a rerun whose recorded input files changed or are gone, naming the file."""
+    for url, recorded in original.input_files.items():
+        try:
+            now = _file_hashes([url])[url]
+        except FileNotFoundError:
+            raise RunError(f"input file {url} of run {original.run_id} is gone") from None
+        if now != recorded:
+            raise RunError(f"input file {url} changed since run {original.run_id} "
+                           f"(sha256 {now[:12]}..., recorded {recorded[:12]}...)")
 
 
 def recorded_sweep(
@@ -195,7 +220,8 @@ def recorded_sweep(
         return result.outputs, summary
 
     return _recorded(store, "sweep", spec, execute, input_url=None, input_hash=None,
-                     seeds={"space": spec.space.seed}, user=user, rerun_of=rerun_of, run_id=run_id)
+                     seeds={"space": spec.space.seed}, user=user, rerun_of=rerun_of, run_id=run_id,
+                     input_files=series_files(spec))
 
 
 def recorded_fmu_sweep(
@@ -316,6 +342,7 @@ def rerun(run_id: str, *, runs: str = DEFAULT_RUNS_ROOT, storage_options: dict |
     if original.model_code is not None and code.sha256 != original.model_code.sha256:
         raise RunError(f"the code of model {original.model_ref} changed since run {run_id}: "
                        f"{describe_change(original.model_code, code)}")
+    _check_input_files(original)
     common = dict(runs=runs, storage_options=storage_options, user=original.user, rerun_of=run_id)
     fmu = original.spec.get("engine") == "fmu"  # recorded by sweeps.fmu (JAX specs have no engine field)
     if original.kind == "sweep" and fmu:

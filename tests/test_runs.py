@@ -268,8 +268,16 @@ def test_a_sweeps_series_file_is_recorded_by_absolute_path(ray_session, tmp_path
                                                               "low": 0.8, "high": 1.2}]}})
     record = recorded_sweep(spec, runs=str(tmp_path / "runs"))
     assert record.spec["signals"]["T_out"]["path"] == str(work / "weather.parquet")
+    assert record.input_files == {str(work / "weather.parquet"): _file_hash(work / "weather.parquet")}
     assert np.isfinite(pq.read_table(f"{record.output_url}/part-000000.parquet")["T_in_min"].to_numpy()).all()
     assert run_sweep(spec, str(tmp_path / "unrecorded")).n_scenarios == 2  # its chunk tasks failed too
+    # another weather file under the same name: the rerun answered "differs: part-000000.parquet", saying not why
+    pq.write_table(pa.table({"t_s": [0.0, 600.0], "T_out": [260.0, 280.0]}), work / "weather.parquet")
+    with pytest.raises(RunError, match=f"input file {work / 'weather.parquet'} changed since run {record.run_id}"):
+        rerun(record.run_id, runs=str(tmp_path / "runs"))
+    (work / "weather.parquet").unlink()
+    with pytest.raises(RunError, match=f"input file {work / 'weather.parquet'} of run {record.run_id} is gone"):
+        rerun(record.run_id, runs=str(tmp_path / "runs"))
 
 
 def test_telemetry_in_a_ray_jobs_working_dir_is_refused_when_the_record_outlives_it(tmp_path, monkeypatch):
