@@ -16,7 +16,7 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     "sweeps.calibration": ("CalibrationSpec", "CalibrationResult", "CalibrationError", "calibrate"),
     "sweeps.synthetic": ("synthetic_telemetry",),
     "sweeps.runs": ("RunRecord", "RunStore", "RunError", "recorded_sweep", "recorded_calibration", "recorded_fmu_sweep",
-                    "recorded_fmu_calibration", "rerun"),
+                    "recorded_fmu_calibration", "rerun", "load_calibration"),
     "sweeps.fmu": ("FmuSweepSpec", "FmuCalibrationSpec"),
     "sweeps.twins": ("start_from_twin",),
     "sweeps.recommend": ("RecommendSpec", "Recommendation", "recommend", "recorded_recommendation",

@@ -31,7 +31,8 @@ from raytwin.signals import Series
 from raytwin.storage import canonical_json, file_sha256, filesystem, replace_file
 from raytwin.store_failures import store_io
 from sweeps.aggregate import RUN_OUTPUT, RUN_RECORD
-from sweeps.calibration import CalibrationError, CalibrationSpec, calibrate, read_telemetry
+from sweeps.calibration import (RESULT_FILE, CalibrationError, CalibrationResult, CalibrationSpec, calibrate,
+                                read_telemetry)
 from sweeps.fmu import FmuCalibrationSpec, FmuSweepSpec, calibrate_fmu_spec, check_fmu_sweep_size, run_fmu_spec
 from sweeps.limits import MAX_SCENARIOS
 from sweeps.runner import (RunTerminated, SweepCancelled, absolute_series, absolute_url, check_sweep_size, prepare,
@@ -315,6 +316,21 @@ def recorded_calibration(
 
     return _recorded(store, "calibration", spec, execute, input_url=spec.telemetry, input_hash=input_hash,
                      seeds={"search": spec.seed}, user=user, rerun_of=rerun_of)
+
+
+def load_calibration(run_id: str, *, runs: str = DEFAULT_RUNS_ROOT,
+                     storage_options: dict | None = None) -> CalibrationResult:
+    """The fit of a recorded calibration, typed (parameters, std, correlation, RMSE): `recorded_calibration` returns
+    the record, whose summary holds only some of it as plain dicts. `RunError` for a run of another kind."""
+    record = RunStore(runs, storage_options).load(run_id)
+    if record.kind != "calibration" or record.status != "succeeded":
+        raise RunError(f"run {run_id} is a {record.status} {record.kind}, not a succeeded calibration")
+    if record.spec.get("engine") == "fmu":
+        raise RunError(f"run {run_id} calibrated an FMU: its fit is {record.output_url}/{RESULT_FILE} "
+                       "(raytwin.fmu's result, not a CalibrationResult)")
+    fs, root = filesystem(record.output_url, storage_options)
+    with store_io("read"):
+        return CalibrationResult.model_validate_json(fs.cat_file(f"{root}/{RESULT_FILE}"))
 
 
 _PUBLISHING = ("register_as", "registered_by")

@@ -17,7 +17,7 @@ from raytwin.registry import ModelRegistry
 from raytwin.sim import TWO_TANK
 from sweeps.cli import calibrate_app, rerun_app, runs_app
 from sweeps.runner import run_sweep
-from sweeps.runs import RunError, RunStore, recorded_sweep, rerun
+from sweeps.runs import RunError, RunStore, load_calibration, recorded_sweep, rerun
 from sweeps.space import Dimension, ScenarioSpace
 from sweeps.spec import SweepSpec
 
@@ -96,6 +96,8 @@ def test_calibration_run_records_the_data_hash_and_reruns_identically(ray_sessio
     assert record.kind == "calibration" and record.input_data_hash == _file_hash(path)
     assert record.seeds == {"search": 5} and set(record.outputs) == {"calibration.json", "fit.png"}
     assert record.summary["parameters"]["a1"] == pytest.approx(5.6e-5, rel=0.02)
+    fit = load_calibration(record.run_id, runs=runs)  # typed, for a notebook: no JSON to parse
+    assert fit.parameters == record.summary["parameters"] and fit.free == ["a1", "a2"] and len(fit.correlation) == 2
 
     report = rerun(record.run_id, runs=runs)
     assert report.identical, report.differing
@@ -126,6 +128,8 @@ def test_a_failed_run_is_recorded_and_cannot_be_rerun(tmp_path, monkeypatch):
     assert (record.status, record.error, record.outputs) == ("failed", "storage exploded", {})
     with pytest.raises(RunError, match="only succeeded runs"):
         rerun(record.run_id, runs=runs)
+    with pytest.raises(RunError, match=f"run {record.run_id} is a failed sweep, not a succeeded calibration"):
+        load_calibration(record.run_id, runs=runs)
 
 
 def test_a_run_whose_model_code_changed_cannot_be_rerun(tmp_path, monkeypatch):
