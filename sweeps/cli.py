@@ -336,6 +336,9 @@ def rerun(
         raise typer.BadParameter(f"{run_id}: {exc}") from None
     if report.code_version_then != report.code_version_now:
         typer.echo(f"note: code version changed {report.code_version_then} -> {report.code_version_now}")
+    if report.package_changes:
+        changes = ", ".join(f"{name} {then} -> {now}" for name, (then, now) in sorted(report.package_changes.items()))
+        typer.echo(f"note: package versions changed: {changes}")
     if report.identical:
         typer.echo(f"identical: rerun {report.rerun} reproduced every output of {run_id} bit for bit")
     else:

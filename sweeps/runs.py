@@ -82,6 +82,8 @@ class RerunReport(Contract):
     differing: list[str]  # files whose bytes differ (or exist on one side only)
     code_version_then: str
     code_version_now: str
+    package_changes: dict[str, list[str]] = Field(default_factory=dict)
+    """Key packages whose version differs from the recorded run's: name -> [then, now] (a reason outputs may differ)."""
 
 
 class RunError(ValueError):
@@ -378,5 +380,8 @@ def rerun(run_id: str, *, runs: str = DEFAULT_RUNS_ROOT, storage_options: dict |
         new = record(spec_type.model_validate(spec), expected_input_hash=original.input_data_hash, **common)
     differing = sorted(name for name in set(original.outputs) | set(new.outputs)
                        if original.outputs.get(name) != new.outputs.get(name))
+    changed = {name: [then, new.package_versions.get(name, "not recorded")]
+               for name, then in original.package_versions.items() if new.package_versions.get(name) != then}
     return RerunReport(original=run_id, rerun=new.run_id, identical=not differing, differing=differing,
-                       code_version_then=original.code_version, code_version_now=new.code_version)
+                       code_version_then=original.code_version, code_version_now=new.code_version,
+                       package_changes=changed)

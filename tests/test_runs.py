@@ -330,3 +330,20 @@ def test_a_runs_relative_registry_url_is_recorded_absolute_so_a_rerun_elsewhere_
     store.save(record)
     with pytest.raises(RunError, match="no model tank@1.0.0 in this registry \\(registry gone\\)"):
         rerun(record.run_id, runs=str(work / "runs"))  # a registry moved since: the rerun names where it looked
+
+
+def test_a_rerun_names_the_packages_whose_versions_changed_since_the_run(tmp_path, monkeypatch):
+    """A rerun under another jax or numpy answered "differs: part-000000.parquet" and named only a changed git
+    commit: the record holds the package versions, and the rerun now says which of them changed."""
+    import sweeps.runs
+
+    monkeypatch.setattr(sweeps.runs, "run_sweep", lambda *args, **kwargs: SimpleNamespace(
+        outputs={}, n_scenarios=4, n_diverged=0, n_chunks=1, elapsed_s=0.1, scenarios_per_s=40.0))
+    space = ScenarioSpace(method="random", n=4, dimensions=[Dimension(name="a1", target="param", low=1e-5, high=2e-5)])
+    runs = str(tmp_path / "runs")
+    record = recorded_sweep(SweepSpec(model="two_tank", space=space, horizon_s=10.0, step_s=1.0), runs=runs)
+    now = record.package_versions["jax"]
+    RunStore(runs).save(record.model_copy(update={"package_versions": {**record.package_versions, "jax": "0.0.1"}}))
+    assert rerun(record.run_id, runs=runs).package_changes == {"jax": ["0.0.1", now]}
+    result = CliRunner().invoke(rerun_app, [record.run_id, "--runs", runs])
+    assert result.exit_code == 0 and f"note: package versions changed: jax 0.0.1 -> {now}" in result.output
