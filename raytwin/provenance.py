@@ -7,7 +7,8 @@ from functools import cache
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-KEY_PACKAGES = ("raytwin", "ray", "jax", "jaxlib", "numpy", "scipy", "pyarrow", "pydantic")
+KEY_PACKAGES = ("raytwin", "ray", "jax", "jaxlib", "numpy", "scipy", "pyarrow", "pydantic", "optax", "fmpy")
+"""What a run's numbers depend on: optax steps a recommendation's gradient search, fmpy runs FMU sweeps and fits."""
 
 
 def package_versions(names: tuple[str, ...] = KEY_PACKAGES) -> dict[str, str]:

@@ -342,6 +342,7 @@ def test_a_rerun_names_the_packages_whose_versions_changed_since_the_run(tmp_pat
     space = ScenarioSpace(method="random", n=4, dimensions=[Dimension(name="a1", target="param", low=1e-5, high=2e-5)])
     runs = str(tmp_path / "runs")
     record = recorded_sweep(SweepSpec(model="two_tank", space=space, horizon_s=10.0, step_s=1.0), runs=runs)
+    assert {"jax", "numpy", "optax", "fmpy"} <= set(record.package_versions)  # a recommendation steps with optax
     now = record.package_versions["jax"]
     RunStore(runs).save(record.model_copy(update={"package_versions": {**record.package_versions, "jax": "0.0.1"}}))
     assert rerun(record.run_id, runs=runs).package_changes == {"jax": ["0.0.1", now]}
