@@ -359,6 +359,21 @@ def runs_list(runs: RunsOption = "./runs") -> None:
         typer.echo(f"{r.run_id}\t{r.kind}\t{r.status}\t{r.model_ref}\t{r.tenant}\t{r.user}\t{r.started.isoformat()}")
 
 
+@runs_app.command("diff")
+def runs_diff(run_a: str, run_b: str, runs: RunsOption = "./runs") -> None:
+    """What differs between two runs (spec, model, data, packages, code, outputs), a field a line."""
+    from sweeps.runs import RunError, diff_runs
+
+    try:
+        differences = diff_runs(run_a, run_b, runs=runs)
+    except RunError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    for field, (a, b) in differences.items():
+        typer.echo(f"{field}: {json.dumps(a)} -> {json.dumps(b)}")
+    if not any(field.startswith("outputs.") for field in differences):
+        typer.echo("outputs: identical")
+
+
 @runs_app.command("show")
 def runs_show(run_id: str, runs: RunsOption = "./runs") -> None:
     """The full run record as JSON."""

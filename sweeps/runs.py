@@ -335,6 +335,30 @@ def load_calibration(run_id: str, *, runs: str = DEFAULT_RUNS_ROOT,
         return CalibrationResult.model_validate_json(fs.cat_file(f"{root}/{RESULT_FILE}"))
 
 
+COMPARED = ("model_ref", "model_hash", "model_code", "input_data_hash", "input_files", "spec", "seeds",
+            "package_versions", "code_version", "outputs")
+"""The record fields `diff_runs` compares: what a run's outputs follow from, and the outputs."""
+
+
+def _flat(value: Any, path: str = "") -> dict[str, Any]:
+    """Nested dicts and lists as dotted paths (``spec.space.dimensions.0.low``) to their leaf values."""
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else None
+    if items is None:
+        return {path: value}
+    return {k: v for key, item in items for k, v in _flat(item, f"{path}.{key}" if path else str(key)).items()}
+
+
+def diff_runs(a: str, b: str, *, runs: str = DEFAULT_RUNS_ROOT,
+              storage_options: dict | None = None) -> dict[str, list[Any]]:
+    """What differs between two recorded runs: dotted field (``spec.space.n``, ``outputs.part-000000.parquet``, the
+    file's SHA-256) -> [a's value, b's value], None where one run lacks it; empty when they match in every field of
+    `COMPARED`. Answers "what did I change between these sweeps, and did the numbers change?"."""
+    store = RunStore(runs, storage_options)
+    first, second = (_flat(store.load(run).model_dump(mode="json", include=set(COMPARED))) for run in (a, b))
+    return {key: [first.get(key), second.get(key)] for key in sorted(first.keys() | second.keys())
+            if first.get(key) != second.get(key)}
+
+
 _PUBLISHING = ("register_as", "registered_by")
 """A calibration's fields that publish its fit as a registry version: a rerun reproduces the fit and compares
 its outputs (the fitted parameters among them), it publishes nothing. Re-registering also refused every

@@ -348,3 +348,24 @@ def test_a_rerun_names_the_packages_whose_versions_changed_since_the_run(tmp_pat
     assert rerun(record.run_id, runs=runs).package_changes == {"jax": ["0.0.1", now]}
     result = CliRunner().invoke(rerun_app, [record.run_id, "--runs", runs])
     assert result.exit_code == 0 and f"note: package versions changed: jax 0.0.1 -> {now}" in result.output
+
+
+def test_runs_diff_names_each_field_two_runs_differ_in_and_whether_their_outputs_do(tmp_path, monkeypatch):
+    """Comparing two sweeps meant reading two `runs show` JSON dumps side by side."""
+    import sweeps.runs
+    from sweeps.runs import diff_runs
+
+    outputs = iter([{"part-000000.parquet": "aa"}, {"part-000000.parquet": "bb"}])
+    monkeypatch.setattr(sweeps.runs, "run_sweep", lambda *args, **kwargs: SimpleNamespace(
+        outputs=next(outputs), n_scenarios=4, n_diverged=0, n_chunks=1, elapsed_s=0.1, scenarios_per_s=40.0))
+    dimension = Dimension(name="a1", target="param", low=1e-5, high=2e-5)
+    runs = str(tmp_path / "runs")
+    first, second = (recorded_sweep(SweepSpec(model="two_tank", horizon_s=10.0, step_s=1.0, space=ScenarioSpace(
+        method="random", n=n, dimensions=[dimension])), runs=runs).run_id for n in (4, 8))
+    assert diff_runs(first, second, runs=runs) == {"outputs.part-000000.parquet": ["aa", "bb"],
+                                                   "spec.space.n": [4, 8]}
+    assert diff_runs(first, first, runs=runs) == {}
+    shown = CliRunner().invoke(runs_app, ["diff", first, second, "--runs", runs])
+    assert shown.exit_code == 0 and shown.output.splitlines() == ['outputs.part-000000.parquet: "aa" -> "bb"',
+                                                                  "spec.space.n: 4 -> 8"]
+    assert CliRunner().invoke(runs_app, ["diff", first, first, "--runs", runs]).output == "outputs: identical\n"
