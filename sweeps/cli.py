@@ -208,7 +208,8 @@ def sweep_quantiles(
     url = dataset
     if "/" not in dataset:
         try:
-            url = RunStore(runs).load(dataset).output_url
+            store = RunStore(runs)
+            url = store.output_url(store.load(dataset).run_id)  # where the root lies now, not where the run wrote
         except RunError as exc:
             raise typer.BadParameter(str(exc)) from None
     try:

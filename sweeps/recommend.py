@@ -692,10 +692,11 @@ def recorded_recommendation(
 def load_recommendation(run_id: str, *, runs: str = DEFAULT_RUNS_ROOT,
                         storage_options: dict | None = None) -> Recommendation:
     """The recommendation of a recorded run (`RunError` for an unknown run or one of another kind)."""
-    record = RunStore(runs, storage_options).load(run_id)
+    store = RunStore(runs, storage_options)
+    record = store.load(run_id)
     if record.kind != "recommendation" or record.status != "succeeded":
         raise RunError(f"run {run_id} is a {record.status} {record.kind}, not a succeeded recommendation")
-    fs, root = filesystem(record.output_url, storage_options)
+    fs, root = filesystem(store.output_url(run_id), storage_options)
     with store_io("read"):
         body = fs.cat_file(f"{root}/{RESULT_FILE}")
     answer = Recommendation.model_validate_json(body)

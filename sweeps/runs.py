@@ -99,6 +99,8 @@ class RunStore:
         self.fs, self.path = filesystem(self.root, storage_options)
 
     def output_url(self, run_id: str) -> str:
+        """The run's output under this root: read it here, not at the record's `output_url` (where it was written,
+        gone once the root is moved or copied elsewhere)."""
         return f"{self.root}/{run_id}/{RUN_OUTPUT}"
 
     def save(self, record: RunRecord) -> None:
@@ -324,13 +326,14 @@ def load_calibration(run_id: str, *, runs: str = DEFAULT_RUNS_ROOT,
                      storage_options: dict | None = None) -> CalibrationResult:
     """The fit of a recorded calibration, typed (parameters, std, correlation, RMSE): `recorded_calibration` returns
     the record, whose summary holds only some of it as plain dicts. `RunError` for a run of another kind."""
-    record = RunStore(runs, storage_options).load(run_id)
+    store = RunStore(runs, storage_options)
+    record = store.load(run_id)
     if record.kind != "calibration" or record.status != "succeeded":
         raise RunError(f"run {run_id} is a {record.status} {record.kind}, not a succeeded calibration")
     if record.spec.get("engine") == "fmu":
-        raise RunError(f"run {run_id} calibrated an FMU: its fit is {record.output_url}/{RESULT_FILE} "
+        raise RunError(f"run {run_id} calibrated an FMU: its fit is {store.output_url(run_id)}/{RESULT_FILE} "
                        "(raytwin.fmu's result, not a CalibrationResult)")
-    fs, root = filesystem(record.output_url, storage_options)
+    fs, root = filesystem(store.output_url(run_id), storage_options)
     with store_io("read"):
         return CalibrationResult.model_validate_json(fs.cat_file(f"{root}/{RESULT_FILE}"))
 

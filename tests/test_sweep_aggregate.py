@@ -187,6 +187,15 @@ def test_a_succeeded_run_missing_a_recorded_part_is_refused(tmp_path):
         open_dataset(complete)
 
 
+def test_a_run_id_is_read_from_the_runs_root_given_even_after_the_root_moved(tmp_path):
+    """`sweep quantiles RUN_ID --runs ROOT` read the output where the run wrote it (the record's absolute
+    `output_url`): a runs root copied off a cluster's disk or moved aside answered "no sweep results"."""
+    _recorded_run(tmp_path / "a", "succeeded", recorded_parts=1, written_parts=1)
+    (tmp_path / "a" / "runs").rename(tmp_path / "moved")
+    read = CliRunner().invoke(sweep_app, ["quantiles", "sweep-1", "--runs", str(tmp_path / "moved")])
+    assert read.exit_code == 0 and "energy_kwh\t1000" in read.output, read.output
+
+
 def test_a_part_the_run_did_not_record_is_refused(tmp_path):
     """A leftover or copied part file beside a succeeded run's output doubled its count and moved its median."""
     output = _recorded_run(tmp_path, "succeeded", recorded_parts=2, written_parts=3)
