@@ -128,7 +128,7 @@ def sweep_run(
     from raytwin.fmu.batch import METRICS
     from sweeps.fmu import FmuSpecError, FmuSweepSpec, registered_fmu
     from sweeps.runner import SweepCancelled, prepare
-    from sweeps.runs import recorded_fmu_sweep, recorded_sweep
+    from sweeps.runs import RunError, recorded_fmu_sweep, recorded_sweep
     from sweeps.spec import SweepSpec
 
     _setup_logging()
@@ -138,7 +138,7 @@ def sweep_run(
         _recorded(lambda: registered_fmu(parsed.model, parsed.registry_url), FmuSpecError)  # before it is recorded
         with _sigterm_recorded():
             record = _recorded(lambda: recorded_fmu_sweep(parsed, runs=runs, max_scenarios=max_scenarios),
-                               FmuSpecError)
+                               FmuSpecError, RunError)
         s = record.summary
         typer.echo(f"run {record.run_id}: {s['scenarios']} FMU scenarios ({s['failed']} failed) in {s['elapsed_s']} s "
                    f"on {s['workers']} worker(s) -> {record.output_url}")
@@ -148,7 +148,8 @@ def sweep_run(
     _check_size(parsed.space, parsed.n_steps, len(parsed.kit(simulator).metrics) + 1, max_scenarios, max_work)  # + diverged
     try:
         with _sigterm_recorded():
-            record = recorded_sweep(parsed, runs=runs, progress=progress, max_scenarios=max_scenarios)
+            record = _recorded(lambda: recorded_sweep(parsed, runs=runs, progress=progress,
+                                                      max_scenarios=max_scenarios), RunError)
     except SweepCancelled as exc:
         typer.echo(str(exc), err=True)
         raise typer.Exit(130) from None
@@ -240,21 +241,22 @@ def calibrate_run(
     """Fit parameters; write calibration.json, fit.png and the run record; print the fit."""
     from sweeps.calibration import CalibrationError, CalibrationSpec
     from sweeps.fmu import FmuCalibrationSpec, FmuSpecError
-    from sweeps.runs import recorded_calibration, recorded_fmu_calibration
+    from sweeps.runs import RunError, recorded_calibration, recorded_fmu_calibration
 
     _setup_logging()
     parsed = _load(spec, CalibrationSpec, FmuCalibrationSpec)
     if isinstance(parsed, FmuCalibrationSpec):
         with _sigterm_recorded():
             record = _recorded(lambda: _unless_refused(lambda: recorded_fmu_calibration(parsed, runs=runs)),
-                               FmuSpecError, CalibrationError)
+                               FmuSpecError, CalibrationError, RunError)
         s = record.summary
         typer.echo(f"run {record.run_id}: loss {s['loss']:.4g} after {s['evaluations']} FMU runs -> {record.output_url}")
         for name, value in s["parameters"].items():
             typer.echo(f"  {name} = {value:.6g}")
         return
     with _sigterm_recorded():
-        record = _recorded(lambda: _unless_refused(lambda: recorded_calibration(parsed, runs=runs)), CalibrationError)
+        record = _recorded(lambda: _unless_refused(lambda: recorded_calibration(parsed, runs=runs)), CalibrationError,
+                           RunError)
     typer.echo(f"run {record.run_id}: weighted RMSE {record.summary['weighted_rmse']:.4g} -> {record.output_url}")
     for name, rel in record.summary["rel_std"].items():
         typer.echo(f"  {name} = {record.summary['parameters'][name]:.6g} (+- {100 * rel:.2g}%)")

@@ -49,13 +49,14 @@ def recommend_run(
 ) -> None:
     """Optimise, record the run and print the recommendation with its run id."""
     from sweeps.recommend import RecommendError, RecommendSpec, recorded_recommendation
+    from sweeps.runs import RunError
 
     _setup_logging()
     parsed = _load(spec, RecommendSpec)
     try:
         with _sigterm_recorded():
             record, answer = recorded_recommendation(parsed, runs=runs)
-    except RecommendError as exc:
+    except (RecommendError, RunError) as exc:
         raise typer.BadParameter(str(exc)) from None
     typer.echo(f"run {record.run_id}: {parsed.method} search in {record.summary['optimiser_s']} s")
     typer.echo(_describe(answer))

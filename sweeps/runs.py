@@ -156,6 +156,7 @@ def _recorded(
 ) -> RunRecord:
     """Run `execute(output_url) -> (outputs, summary)` and write its record under `run_id` (None: a new one),
     whatever the outcome."""
+    _refuse_transient_runs(store)
     artifact = resolve_model(spec.model, spec.registry_url)
     run_id = run_id or new_run_id(kind)
     fields = dict(
@@ -284,6 +285,16 @@ def _refuse_transient_telemetry(telemetry: str, store: RunStore) -> None:
         f"the cluster, while the run record goes to {store.root}: `raytwin rerun` could never read it again; give "
         "the job the telemetry as an absolute path outside the working directory (\"$PWD/telemetry.parquet\" on a "
         "file system the cluster shares) or an s3:// URL")
+
+
+def _refuse_transient_runs(store: RunStore) -> None:
+    """Refuse a runs root in a Ray job's runtime-env working dir (a job's relative ``--runs``, or none: ./runs): the job
+    succeeded, and `raytwin cluster down` deleted its record and outputs with that directory."""
+    if (transient := runtime_env_dir(store.root)) is not None:
+        raise RunError(
+            f"runs root {store.root} lies in a Ray job's uploaded working directory ({transient}), which is deleted "
+            "with the cluster, and the run's record and outputs with it: give the job an absolute --runs outside the "
+            "working directory (--runs \"$PWD/runs\" on a file system the cluster shares) or an s3:// URL")
 
 
 def _absolute_telemetry(spec: S) -> S:

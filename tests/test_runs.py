@@ -369,3 +369,20 @@ def test_runs_diff_names_each_field_two_runs_differ_in_and_whether_their_outputs
     assert shown.exit_code == 0 and shown.output.splitlines() == ['outputs.part-000000.parquet: "aa" -> "bb"',
                                                                   "spec.space.n: 4 -> 8"]
     assert CliRunner().invoke(runs_app, ["diff", first, first, "--runs", runs]).output == "outputs: identical\n"
+
+
+def test_a_runs_root_in_a_ray_jobs_working_dir_is_refused_before_the_run(tmp_path, monkeypatch):
+    """`raytwin job submit --working-dir . -- raytwin sweep run spec.json` (no --runs: ./runs) succeeded and wrote its
+    record and outputs into the job's uploaded working dir, which `raytwin cluster down` deletes with them."""
+    from sweeps.cli import sweep_app
+
+    package = tmp_path / "session_1" / "runtime_resources" / "working_dir_files" / "_ray_pkg_ab12"
+    package.mkdir(parents=True)
+    (package / "spec.json").write_text(_sweep_spec(None).model_copy(update={"model": "two_tank"}).model_dump_json())
+    monkeypatch.chdir(package)  # as a job's driver runs
+    refused = CliRunner().invoke(sweep_app, ["run", "spec.json"])
+    assert refused.exit_code == 2, refused.output
+    compact = lambda text: "".join(text.replace("│", "").split())  # noqa: E731  (rich wraps the usage error's box)
+    assert compact(f"runs root {package / 'runs'} lies in a Ray job's uploaded working directory") in compact(
+        refused.output) and compact('--runs "$PWD/runs"') in compact(refused.output), refused.output
+    assert not (package / "runs").exists()  # refused before anything ran or was recorded
