@@ -81,8 +81,7 @@ def _run(call: Callable[[], T]) -> T:
     try:
         return call()
     except RegistryError as exc:
-        where = f" (registry {exc.registry_url})" if exc.registry_url else ""
-        typer.echo(f"error: {exc}{where}", err=True)
+        typer.echo(f"error: {exc.located()}", err=True)
         raise typer.Exit(1) from None
     except ValidationError as exc:
         typer.echo(f"error: {describe_error(exc)}", err=True)

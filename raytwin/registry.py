@@ -43,6 +43,10 @@ class RegistryError(ValueError):
         super().__init__(message)
         self.registry_url = registry_url
 
+    def located(self) -> str:
+        """The message and where the registry lies, for a caller who may see it (the CLI, a rerun; not the API)."""
+        return f"{self} (registry {self.registry_url})" if self.registry_url else str(self)
+
 
 class VersionConflict(RegistryError):
     """``name@version`` is registered with other content. `differences` say what makes it another model

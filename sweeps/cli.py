@@ -47,7 +47,9 @@ def _recorded(run: Callable[[], T], *refused: type[Exception]) -> T:
 
     try:
         return run()
-    except (*refused, RegistryError, UnknownModelError) as exc:
+    except RegistryError as exc:
+        raise typer.BadParameter(exc.located()) from None
+    except (*refused, UnknownModelError) as exc:
         raise typer.BadParameter(str(exc)) from None
 
 

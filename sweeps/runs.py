@@ -386,11 +386,10 @@ def rerun(run_id: str, *, runs: str = DEFAULT_RUNS_ROOT, storage_options: dict |
     original = store.load(run_id)
     if original.status != "succeeded":
         raise RunError(f"run {run_id} {original.status}; only succeeded runs can be reproduced")
-    registry_url = original.spec.get("registry_url")
     try:
-        artifact = resolve_model(original.spec["model"], registry_url)
+        artifact = resolve_model(original.spec["model"], original.spec.get("registry_url"))
     except RegistryError as exc:  # its message leaves the registry out (the HTTP API's); the researcher needs it
-        raise RunError(f"run {run_id}: {exc} (registry {registry_url})") from exc
+        raise RunError(f"run {run_id}: {exc.located()}") from exc
     if artifact.content_hash != original.model_hash:
         raise RunError(f"model {original.model_ref} changed since run {run_id} "
                        f"(sha256 {artifact.content_hash[:12]}..., recorded {original.model_hash[:12]}...)")

@@ -386,3 +386,14 @@ def test_a_runs_root_in_a_ray_jobs_working_dir_is_refused_before_the_run(tmp_pat
     assert compact(f"runs root {package / 'runs'} lies in a Ray job's uploaded working directory") in compact(
         refused.output) and compact('--runs "$PWD/runs"') in compact(refused.output), refused.output
     assert not (package / "runs").exists()  # refused before anything ran or was recorded
+
+
+def test_a_sweep_of_a_model_missing_from_its_registry_names_the_registry(tmp_path):
+    """`raytwin sweep run` of a spec whose registry_url pointed at the wrong directory said "no model tank@1.0.0 in
+    this registry", naming none: the registry's message leaves its location to the caller (the API hides it)."""
+    from sweeps.cli import sweep_app
+
+    (tmp_path / "spec.json").write_text(_sweep_spec(str(tmp_path / "registry")).model_dump_json())
+    refused = CliRunner().invoke(sweep_app, ["run", str(tmp_path / "spec.json"), "--runs", str(tmp_path / "runs")])
+    compact = "".join(refused.output.replace("│", "").split())
+    assert refused.exit_code == 2 and f"(registry{tmp_path / 'registry'})" in compact, refused.output
