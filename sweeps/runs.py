@@ -25,8 +25,8 @@ from ray.exceptions import TaskCancelledError
 from raytwin.contracts import Contract, UtcTime
 from raytwin.modelcode import ModelCode, code_identity, describe_change
 from raytwin.provenance import code_version, package_versions
-from raytwin.registry import RegistryError
 from raytwin.ray_connect import cancels_deferred
+from raytwin.registry import RegistryError
 from raytwin.signals import Series
 from raytwin.storage import canonical_json, file_sha256, filesystem, replace_file
 from raytwin.store_failures import store_io
