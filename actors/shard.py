@@ -466,7 +466,7 @@ class TwinShard(LiveModelOps):
             if rejects:  # their file is named by their batch's ingest times: the same on a Ray retry
                 retried = batch.column("ingest_time").cast(pa.int64()).to_numpy().tobytes()
                 self.store.write_dead_letters(tenant, rejects, stem=dead_letter_stem(rejects, retried))
-            n_accepted = self.store.append_log(tenant, log_rows) - len(refused)
+            n_accepted = self.store.append_log(tenant, log_rows, [assets[c] for c in accepted]) - len(refused)
         except Exception:
             # memory is ahead of the store (applied, none or part of the batch logged): rebuild those
             # twins from the store before the next call so memory holds exactly what a recovery replays
@@ -564,14 +564,14 @@ class TwinShard(LiveModelOps):
         adm = Admission()
         late: list[tuple[int, int, Pending]] = []  # (asset code, row, event) beyond their twin's window
         next_only = True  # every accepted event `Twin.takes_next` (`apply_many`'s `each_next`)
-        accepted, accepted_rows = adm.accepted, adm.accepted_rows
+        accepted, accepted_rows, misfits = adm.accepted, adm.accepted_rows, rows.misfits
         for c, found_rows in _rows_of(code, len(assets)):
             twin = twins[c]
             if twin is None:
                 adm.rejected += [(i, f"unknown twin {assets[c]!r} for tenant {tenant!r}") for i in found_rows]
                 adm.causes["unknown_twin"] += len(found_rows)
                 continue
-            if len(found_rows) == 1 and twin.history_floor_us is None and not rows.misfit(found_rows[0]):
+            if len(found_rows) == 1 and twin.history_floor_us is None and (misfits is None or not misfits[found_rows[0]]):
                 ev = rows.pending(found_rows[0], values[c])
                 if twin.takes_next(ev.key):  # `classify` would accept it
                     accepted[c] = [ev]

@@ -629,12 +629,14 @@ class StateStore:
 
     # ----------------------------------------------------------------------- event log ----
     @store_io("write")
-    def append_log(self, tenant: str, table: pa.Table) -> int:
+    def append_log(self, tenant: str, table: pa.Table, assets: Collection[str] | None = None) -> int:
         """Durably append accepted events (`LOG_BATCH_SCHEMA` rows of any assets): on local disk to
-        this store's open segment of each day (`raytwin.logsegments`), elsewhere one file per day."""
+        this store's open segment of each day (`raytwin.logsegments`), elsewhere one file per day.
+        `assets`: the distinct asset ids of `table`'s rows, where the caller has them (a shard does: finding
+        them again in the column was ~4 % of a live shard call)."""
         if table.num_rows == 0:
             return 0
-        self._mark_logged(tenant, pc.unique(table.column("asset_id")).to_pylist())
+        self._mark_logged(tenant, pc.unique(table.column("asset_id")).to_pylist() if assets is None else assets)
         day = column_micros(table.column("event_time")) // _DAY_US
         name = None if self._segments is not None else f"part-{uuid.uuid4().hex}"  # one name for the batch's files
         days = np.unique(day).tolist()
@@ -650,7 +652,7 @@ class StateStore:
     def _markers(self, tenant: str) -> str:
         return f"{self.root}/logged/tenant={tenant}"
 
-    def _mark_logged(self, tenant: str, asset_ids: list[str]) -> None:
+    def _mark_logged(self, tenant: str, asset_ids: Collection[str]) -> None:
         """Mark the assets of rows about to be logged, before them (module docstring): their folder is listed once per
         tenant by this store, and a marker written once per asset, not on every batch."""
         marked = self._marked.get(tenant)
@@ -660,7 +662,8 @@ class StateStore:
             except FileNotFoundError:
                 listed = []
             marked = self._marked[tenant] = {p.rstrip("/").rsplit("/", 1)[-1].removeprefix("asset_id=") for p in listed}
-        if new := sorted(set(asset_ids) - marked):
+        if not marked.issuperset(asset_ids):  # the usual batch: every asset marked, no set built
+            new = sorted(set(asset_ids) - marked)
             write_markers(self.fs, self._markers(tenant), [f"asset_id={a}" for a in new])
             marked.update(new)
 

@@ -598,6 +598,31 @@ def test_the_column_unit_check_refuses_what_the_contract_refuses():
     assert misfit.tolist() == refused == [False, True, False, True, False, True, True, False, True, True]
 
 
+def test_the_unit_check_reuses_a_columns_codes_only_while_the_next_column_is_equal():
+    """`normalize_entries` keeps the last measurement names' and units' encodings for the next batch that carries
+    equal columns (a stream's usual batch) and encodes a column that differs afresh: batches of other names,
+    orders and units in turn each get the verdicts and SI values of their own."""
+    asset_type = AssetType.from_model(TWO_TANK)
+    targets = [(asset_type, ("q_in", "h1", "h2"))]
+    batches = [[("h1", 500.0, "mm"), ("q_in", 1.0, "L/s")], [("h1", 500.0, "mm"), ("q_in", 1.0, "L/s")],
+               [("q_in", 1.0, "L/s"), ("h1", 500.0, "mm")], [("h1", 0.5, "m"), ("q_in", 1.0, "kg")],
+               [("h3", 1.0, "m"), ("h1", 2.0, "m")], [("h1", 500.0, "mm"), ("q_in", 1.0, "L/s")]]
+    seen = []
+    for rows in batches:
+        events = [TelemetryEvent(asset_id="t1", event_time=T0, sequence=k, measurements={n: {"value": v, "unit": u}})
+                  for k, (n, v, u) in enumerate(rows)]
+        entries = Entries.of(validated_table(events).column("measurements").combine_chunks())
+        got = normalize_entries(entries, np.zeros(len(events), dtype=np.int64), targets)
+        codes = telemetry._NAME_CODES.of(entries.names)
+        seen.append(codes)
+        want = [normalize_measurements(e, asset_type) if n in asset_type.measurable() and u != "kg" else None
+                for e, (n, _, u) in zip(events, rows)]
+        assert got.misfit.tolist() == [w is None for w in want]
+        assert [got.si[i] for i, w in enumerate(want) if w] == [w[n] for w, (n, _, _) in zip(want, rows) if w]
+    assert seen[1] is not seen[0] and seen[1][1] is seen[0][1]  # equal names: the codes reused
+    assert seen[2][1].tolist() == [0, 1] and seen[2][0] == ["q_in", "h1"]  # another order: encoded afresh
+
+
 @pytest.mark.parametrize("start", [0, 1])
 def test_entries_read_a_missing_value_as_nan_and_the_si_map_keeps_each_rows_entries(start):
     """`Entries.of` reads a value column without nulls by its own buffer and one with nulls filled with NaN;

@@ -80,6 +80,19 @@ def test_event_log_dedups_sorts_and_filters(store):
         assert dates == ["2026-03-01", "2026-03-02"]
 
 
+def test_a_log_write_marks_the_assets_its_caller_names_and_writes_no_marker_twice(tmp_path, monkeypatch):
+    """`append_log` with its rows' asset ids given (a shard has them) marks those, without reading them off the
+    column; a batch of assets all marked already writes no marker."""
+    store = StateStore(str(tmp_path / "store"))
+    written = []
+    monkeypatch.setattr(statestore, "write_markers", lambda fs, folder, names: written.append(names))
+    store.append_log("acme", log_table([("a", _ev(1, 10)), ("b", _ev(2, 20, "b:2"))]), ["b", "a"])
+    store.append_log("acme", log_table([("a", _ev(3, 30))]), ["a"])
+    store.append_log("acme", log_table([("c", _ev(4, 40, "c:4")), ("a", _ev(5, 50))]))  # read off the column
+    assert written == [["asset_id=a", "asset_id=b"], ["asset_id=c"]]
+    assert [e.key[1] for e in store.read_events("acme", "a")] == [1, 3, 5]
+
+
 def test_a_replay_from_a_key_lists_only_the_days_from_that_key_on(store, monkeypatch):
     """A twin's replay after its snapshot (recovery, a read of a past state, a shadow catching up) lists and reads
     the log's partitions of the snapshot's day and later, not every day of its tenant's history."""
