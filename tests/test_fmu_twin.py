@@ -124,10 +124,11 @@ def test_a_twin_on_the_fmu_tracks_van_der_pol_from_noisy_x0_with_consistent_unce
             report = svc.ingest("acme", [
                 TelemetryEvent(asset_id=a, event_time=T0 + timedelta(seconds=k * EVENT_S), sequence=k,
                                measurements={"x0": {"value": float(measured[j, k]), "unit": "-"}})
-                for j, a in enumerate(ids)])
+                for j, a in enumerate(ids)], states=True)  # each twin's state after its event, in the same call
             assert report.accepted == RUNS, report.reasons
-            states = ray_session.get([svc.shard_for("acme", a).state.remote("acme", a) for a in ids])
-            for j, s in enumerate(states):
+            after = {s.asset_id: s for s in report.states}
+            assert after.keys() == set(ids) and all(s.revision == k + 1 for s in after.values())
+            for j, s in enumerate(after[a] for a in ids):
                 estimate[j, k] = s.state["x0"], s.state["x1"]
                 cov[j, k] = s.covariance
                 nis[j, k] = s.divergence.nis_last
