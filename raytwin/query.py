@@ -19,7 +19,9 @@ Grammar (keywords are lower case; whitespace between tokens is free)::
 (``"1.10.0" > "1.9.0"``). `relationships.<kind>` holds the targets of the asset's relationships
 of that kind; a comparison on it holds when it holds for some target. A comparison with a missing
 field (no such metadata key, no live state) is false, so ``not metadata.site == "north"`` also
-matches assets without a site. Why hand-written: the language must never run code
+matches assets without a site; a `state.`/`std.` name that no asset type of the tenant declares is
+refused by the server instead (`live_fields`, `type_scope`, `serve_apps.asset_queries.check_state_names`),
+as a typo would otherwise match nothing. Why hand-written: the language must never run code
 (no `eval`), and a malformed query must say where it went wrong (`QuerySyntaxError.position`).
 
 Evaluation is in two steps so the catalog and live state can live in different processes:
@@ -302,6 +304,33 @@ def needs_state(expr: Expr) -> bool:
         case And(operands=es) | Or(operands=es):
             return any(needs_state(e) for e in es)
     return False
+
+
+def live_fields(expr: Expr) -> list[Field]:
+    """The `state.*`/`std.*` fields `expr` reads, in order: the server checks their names against the
+    tenant's asset types, as a misspelt name would otherwise match nothing without a word."""
+    match expr:
+        case Compare(field=f) | In(field=f) | Exists(field=f):
+            return [f] if f.live else []
+        case Not(operand=e):
+            return live_fields(e)
+        case And(operands=es) | Or(operands=es):
+            return [f for e in es for f in live_fields(e)]
+    return []
+
+
+def type_scope(expr: Expr) -> frozenset[str] | None:
+    """The type names `expr` keeps to by a top-level ``type == ...`` or ``type in [...]`` (None: any type),
+    whose states alone its state fields can be read from."""
+    match expr:
+        case Compare(field=Field(root="type"), op="==", value=v):
+            return frozenset((str(v),))
+        case In(field=Field(root="type"), values=vs):
+            return frozenset(str(v) for v in vs)
+        case And(operands=es):
+            scopes = [s for e in es if (s := type_scope(e)) is not None]
+            return frozenset.intersection(*scopes) if scopes else None
+    return None
 
 
 # --------------------------------------------------------------------------- evaluation ----

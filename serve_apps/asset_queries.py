@@ -1,11 +1,11 @@
 """Asset queries and graph walks over the catalog, split between the two deployments.
 
-The backend (which owns the catalog) runs the catalog half: it drops every asset that no live
-state could make match (`raytwin.query.evaluate` with ``live=False``) and walks the graph. The
-ingress runs the rest: it reads the live state of the remaining candidates in bulk (one call per
-twin shard, `LiveStates`; a restarting shard's twins from their last durable state, marked stale),
-decides them, sorts and pages. A query without `state.*`/`std.*`
-never touches a shard.
+The backend (which owns the catalog) runs the catalog half: it refuses a state name none of the
+tenant's asset types has (`check_state_names`), drops every asset that no live state could make
+match (`raytwin.query.evaluate` with ``live=False``) and walks the graph. The ingress runs the
+rest: it reads the live state of the remaining candidates in bulk (one call per twin shard,
+`LiveStates`; a restarting shard's twins from their last durable state, marked stale), decides
+them, sorts and pages. A query without `state.*`/`std.*` never touches a shard.
 """
 
 from __future__ import annotations
@@ -18,14 +18,38 @@ from collections import OrderedDict, defaultdict
 from typing import Any
 
 from raytwin.graph import Direction, adjacency, walk
-from raytwin.query import Expr, Record, evaluate
+from raytwin.query import Expr, Record, evaluate, type_scope
 from raytwin.storage import filesystem, write_once
 from raytwin.store_failures import store_io
 from serve_apps.catalog import Catalog
+from serve_apps.errors import Unprocessable
 from serve_apps.query_schemas import AssetGraph, GraphNode
 from serve_apps.twin_reads import TwinReader
 
 KEY_BYTES = 32
+
+
+def check_state_names(catalog: Catalog, tenant: str, expr: Expr, reads: list[tuple[str, str]]) -> None:
+    """422 for each `state.<name>`/`std.<name>` in `reads` ((where, field path) pairs: ``("sort[0]",
+    "state.T_in")``) that none of the tenant's asset types declares, or none of those the query keeps to
+    (`type_scope`): a misspelt name would match and sort on nothing, without a word. A name of some types
+    only is fine (mixed fleets). The types are in memory: the check costs no call and no read."""
+    if not reads:
+        return
+    types = list(catalog.types.get(tenant, {}).values())
+    scope = type_scope(expr)
+    kept = [t for t in types if scope is None or t.name in scope] or types  # types it names but you lack: all yours
+    known = {name for t in kept for name in t.states}
+    unknown = [(where, path) for where, path in reads if path.partition(".")[2] not in known]
+    if not unknown:
+        return
+    whose = "your asset types" if len(kept) == len(types) else f"type {', '.join(sorted({t.name for t in kept}))}"
+    names = sorted(known)
+    said = ", ".join(names) if names else "none: register an asset type first"
+    raise Unprocessable("; ".join(f"{where}: unknown field {path}" for where, path in unknown)
+                        + f": no state of {whose} has that name (their states: {said}); correct the name",
+                        details=[{"in": where, "field": path, "reason": f"no state of {whose} is named "
+                                  f"{path.partition('.')[2]!r}", "known": names} for where, path in unknown])
 
 
 def candidates(catalog: Catalog, tenant: str, expr: Expr) -> list[Record]:

@@ -405,8 +405,10 @@ class Backend:
             return self.catalog.list_assets(tenant, type_name, type_version, related_to, relationship)
 
     # ---- queries (serve_apps/asset_queries.py) ---------------------------------------------
-    def query_candidates(self, tenant: str, expr: Expr) -> list[Record]:
+    def query_candidates(self, tenant: str, expr: Expr, reads: list[tuple[str, str]]) -> list[Record]:
+        """The catalog pass, after checking the state names the query `reads` against the tenant's types."""
         with self._lock:
+            asset_queries.check_state_names(self.catalog, tenant, expr, reads)
             return asset_queries.candidates(self.catalog, tenant, expr)
 
     def asset_graph(self, tenant: str, asset_id: str, direction: Direction, kinds: list[str],

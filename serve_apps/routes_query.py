@@ -4,7 +4,9 @@ operations by query (`POST /v1/bulk`, run as jobs: `serve_apps.bulk`).
 Every query runs on the caller's tenant only: the backend's catalog pass reads that tenant's
 assets, live state is read with the tenant in the shard call, and a cursor is bound to the
 tenant (`raytwin.query_pages.fingerprint`). A malformed query, sort or field is a 422 whose
-details give where: ``[{"in": "q", "position": 17, "reason": ...}]``.
+details give where: ``[{"in": "q", "position": 17, "reason": ...}]``; so is a state name that none of
+the tenant's asset types has, checked in the backend's catalog pass (no call of its own):
+``[{"in": "sort[0]", "field": "state.nope", "reason": ..., "known": ["T_in", "T_m"]}]``.
 """
 
 from __future__ import annotations
@@ -17,9 +19,20 @@ from starlette.concurrency import run_in_threadpool
 
 from raytwin.contracts import RelationshipKind
 from raytwin.graph import Direction
-from raytwin.query import RELATIONSHIP_KINDS, Expr, QuerySyntaxError, Record, evaluate, needs_state, parse
+from raytwin.query import (
+    RELATIONSHIP_KINDS,
+    Expr,
+    QuerySyntaxError,
+    Record,
+    evaluate,
+    live_fields,
+    needs_state,
+    parse,
+    parse_field,
+)
 from raytwin.query_pages import (
     DEFAULT_FIELDS,
+    WHOLE,
     InvalidCursor,
     SortKey,
     fingerprint,
@@ -75,12 +88,23 @@ async def _secret(request: Request, svc: Services) -> bytes:
     return state.query_secret
 
 
-async def _matching(request: Request, svc: Services, tenant: str, expr: Expr, show_state: bool) -> list[Record]:
-    """The tenant's assets matching `expr` (with their live state when it decides or is shown)."""
+def _state_reads(expr: Expr, keys: tuple[SortKey, ...], fields: tuple[str, ...]) -> list[tuple[str, str]]:
+    """(where, field) of each `state.<name>`/`std.<name>` the query reads, for the backend to check
+    against the tenant's asset types (`serve_apps.asset_queries.check_state_names`)."""
+    return ([("q", f.path) for f in live_fields(expr)]
+            + [(f"sort[{i}]", k.field.path) for i, k in enumerate(keys) if k.field.live]
+            + [(f"fields[{i}]", spec) for i, spec in enumerate(fields) if spec not in WHOLE and parse_field(spec).live])
+
+
+async def _matching(request: Request, svc: Services, tenant: str, expr: Expr, keys: tuple[SortKey, ...] = (),
+                    fields: tuple[str, ...] = ()) -> list[Record]:
+    """The tenant's assets matching `expr` (with their live state when it decides or is shown); 422 for a
+    state name that none of the tenant's types has, checked in the catalog pass (no call of its own)."""
     state = request.app.state
     if getattr(state, "live_states", None) is None:
         state.live_states = LiveStates(svc.twins)
-    found: list[Record] = await svc.backend.call("query_candidates", tenant, expr)
+    found: list[Record] = await svc.backend.call("query_candidates", tenant, expr, _state_reads(expr, keys, fields))
+    show_state = shown_state(keys, fields)
     if not (needs_state(expr) or show_state):
         return found
     states = await state.live_states.get(tenant, [r.id for r in found])
@@ -96,12 +120,14 @@ def register(app: FastAPI) -> None:
                            svc: Services = SVC) -> QueryPage:
         """Filter, sort, project and page the caller's assets and their twins' live state
         (language and examples: serve_apps/README.md, "Queries"). Malformed `q`, `sort` or
-        `fields`: 422 with the position in `details`; a cursor altered or from another query: 422.
+        `fields`: 422 with the position in `details`; a `state.<name>`/`std.<name>` that none of your
+        asset types has (or none of the types a top-level `type ==`/`type in` keeps to): 422 naming the
+        known states; a cursor altered or from another query: 422.
         While a twin shard restarts, its twins' state is their last durable one: such items say
         `"stale": true` and the response has the header `RayTwin-Stale: true`."""
         expr, keys, fields = _checked(body)
         secret = await _secret(request, svc)
-        records = await _matching(request, svc, who.tenant, expr, shown_state(keys, fields))
+        records = await _matching(request, svc, who.tenant, expr, keys, fields)
         if any(r.stale for r in records):  # state that decided or sorted the query, shown or not
             response.headers["RayTwin-Stale"] = "true"
         try:
@@ -128,7 +154,7 @@ def register(app: FastAPI) -> None:
         if body.action == "retype" and body.type_version is None:
             raise Unprocessable("retype: give the `type_version` to move the assets to")
         expr, _, _ = _checked(QueryRequest(q=body.q))
-        matched = await _matching(request, svc, who.tenant, expr, False)
+        matched = await _matching(request, svc, who.tenant, expr)
         ids = sorted(r.id for r in matched)
         if len(ids) > MAX_BULK_ITEMS:
             raise Unprocessable(f"the query matches {len(ids)} assets, more than {MAX_BULK_ITEMS} per bulk job: "

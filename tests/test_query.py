@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from raytwin.graph import adjacency, walk
-from raytwin.query import QuerySyntaxError, Record, evaluate, needs_state, parse
+from raytwin.query import QuerySyntaxError, Record, evaluate, live_fields, needs_state, parse, type_scope
 from raytwin.query_pages import InvalidCursor, encode_cursor, fingerprint, paginate, parse_sort
 
 N = 10_000
@@ -234,3 +234,16 @@ def test_items_showing_state_from_the_store_say_stale():
     [hidden] = paginate([stale], keys, ["metadata.site"], 10, SECRET, bound).items
     assert hidden == {"id": "a1", "metadata": {"site": "north"}}  # no state shown: nothing stale shown
     assert paginate([live], keys, ["std"], 10, SECRET, bound).items == [{"id": "a1", "std": {"T_in": 0.4}}]
+
+
+@pytest.mark.parametrize("text, scope", [
+    ('type == "battery" and state.T_in > 1', {"battery"}),
+    ('type in ["battery", "tanks"] and (type == "tanks" and exists(state.T_m))', {"tanks"}),
+    ('type == "battery" or state.T_in > 1', None), ('not type == "battery"', None), ("state.T_in > 1", None),
+])
+def test_the_types_a_query_keeps_to_bound_the_state_names_it_may_read(text, scope):
+    """Only a top-level ``type == / in`` narrows the types whose states a query reads (the server refuses other
+    names): under `or` or `not` any type may match."""
+    expr = parse(text)
+    assert type_scope(expr) == (None if scope is None else frozenset(scope))
+    assert [f.path for f in live_fields(expr)] == [p for p in ("state.T_in", "state.T_m") if p in text]

@@ -128,6 +128,9 @@ def test_the_sdk_iterates_pages_sync_and_async(api, zones):  # noqa: F811
         with pytest.raises(InvalidRequest) as err:
             list(sdk.query("state.T_in >"))
         assert err.value.details[0]["position"] == len("state.T_in >")
+        with pytest.raises(InvalidRequest) as err:  # a typo matched nothing (the backend's catalog pass refuses it)
+            list(sdk.query("state.T_inn > 1"))
+        assert err.value.details[0]["known"] == ["T_in", "T_m"]
 
     async def collect() -> list[str]:
         async with AsyncRayTwinClient(base, keys["reader"]) as aio:

@@ -23,7 +23,7 @@ from client.errors import NotFound as ClientNotFound
 from raytwin.contracts import Asset, AssetType, Relationship
 from raytwin.sim import THERMAL_RC, TWO_TANK
 from serve_apps.audit import AuditLog, AuditRecord
-from serve_apps.backend import FENCE_CHECK_S
+from serve_apps.backend import FENCE_CHECK_S, Backend
 from serve_apps.auth import (KeyRecord, KeyStore, KeysUnavailable, _write_keys, create_key, digest, key_audit_trail,
                               load_keys, revoke_key, set_key_owner)
 from serve_apps.catalog import Catalog
@@ -355,6 +355,47 @@ def test_the_query_cursor_key_is_readable_by_its_owner_only(tmp_path):
     path = tmp_path / "secrets" / "query-cursor.key"
     path.chmod(0o644)  # made by an earlier version
     assert cursor_secret(str(tmp_path), None) == key and path.stat().st_mode & 0o777 == 0o600
+
+
+class _QueryCatalog:
+    """A stand-in backend for the query routes: a catalog of tenant acme's types (thermal_rc: T_in, T_m; two_tank:
+    h1, h2) with no assets, whose catalog pass is the backend's own."""
+
+    query_candidates = Backend.query_candidates
+
+    def __init__(self):
+        types = {f"{t.name}@{t.version}": t for t in map(AssetType.from_model, (THERMAL_RC, TWO_TANK))}
+        self.catalog = SimpleNamespace(types={"acme": types}, records={"acme": {}})
+        self._lock = threading.Lock()
+
+    def query_cursor_secret(self):
+        return b"k" * 32
+
+
+def test_a_state_name_no_asset_type_has_is_refused_naming_the_known_ones(tmp_path):
+    """`state.nope > 3` (a typo) matched nothing, and a sort or projection on it sorted on and showed nothing, without
+    a word: each such name is a 422 naming where it is and the states it could be, of the tenant's types or of those
+    the query keeps to. A state of some types only (a mixed fleet) stays valid."""
+    from tests.fixtures_serve import in_process
+
+    with in_process(_QueryCatalog(), tmp_path) as (http, auth, _):
+        def refused(path="/v1/query", **body):
+            answer = http.post(path, json=body, headers=auth["admin"])
+            assert answer.status_code == 422, answer.text
+            return answer.json()["error"]
+
+        error = refused(q="state.nope > 3", sort=["-std.T_in", "state.nop"], fields=["state", "std.no"])
+        assert [(d["in"], d["field"], d["known"]) for d in error["details"]] == [
+            ("q", "state.nope", ["T_in", "T_m", "h1", "h2"]), ("sort[1]", "state.nop", ["T_in", "T_m", "h1", "h2"]),
+            ("fields[1]", "std.no", ["T_in", "T_m", "h1", "h2"])]
+        assert "q: unknown field state.nope" in error["message"] and "T_in, T_m, h1, h2" in error["message"]
+        scoped = refused(q='type == "two_tank" and exists(state.T_in)')
+        assert scoped["details"][0]["known"] == ["h1", "h2"] and "type two_tank" in scoped["message"]
+        assert refused("/v1/bulk", q="not state.nope > 3", action="tag", set={"k": "v"})["details"][0]["in"] == "q"
+        for body in ({"q": "state.T_in > 3 or state.h1 < 2", "sort": ["-state.h2"], "fields": ["std.T_m"]},
+                     {"q": 'type in ["two_tank", "nosuch"] and state.h1 > 0'}, {"q": "", "fields": ["state"]}):
+            answer = http.post("/v1/query", json=body, headers=auth["reader"])
+            assert answer.status_code == 200 and answer.json()["matched"] == 0, answer.text
 
 
 def test_asset_metadata_is_bounded_one_line_text():
