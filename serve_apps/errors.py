@@ -10,6 +10,7 @@ backend deployment arrive wrapped in Ray's `RayTaskError`; `unwrap` recovers the
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -17,7 +18,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
 from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from raytwin.statestore import StoreFenced
 from raytwin.storage import scrub_locations
@@ -333,4 +336,35 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(RequestValidationError, validation)
     app.add_exception_handler(StarletteHTTPException, http_error)
-    app.add_exception_handler(Exception, unexpected)
+    app.add_exception_handler(Exception, unexpected)  # (what the middlewares themselves raise)
+    app.add_middleware(AnswerUnhandled, handler=unexpected)  # added first: the innermost middleware
+
+
+class AnswerUnhandled:
+    """Pure ASGI middleware: answers an exception no route handled with `handler` (`unexpected`: a 503
+    `store_unavailable`, a 500 `internal`) inside the other middlewares, so that the request observer counts and
+    logs the status the client gets and the answer carries ``X-RayTwin-Request-ID``. Starlette runs an `Exception`
+    handler in its outermost layer, after them: a read-only store's 503s were counted and logged as 500, without
+    the header, and Serve logged a traceback for each."""
+
+    def __init__(self, app: ASGIApp, handler: Callable[[Request, Exception], Awaitable[Response]]):
+        self.app, self.handler = app, handler
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def sender(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sender)
+        except Exception as exc:
+            if started:  # a streamed answer cut short: nothing else can be sent
+                raise
+            answer = await self.handler(Request(scope, receive), exc)
+            await answer(scope, receive, sender)

@@ -579,6 +579,42 @@ def test_only_the_stores_own_failures_answer_503_store_unavailable():
             assert (other.status_code, other.json()["error"]["code"]) == (500, "internal"), (where, case, other.text)
 
 
+def test_an_error_no_route_handles_is_counted_logged_and_headed_with_the_status_its_client_gets(monkeypatch,
+                                                                                              caplog):
+    """An outside test's read-only store: each telemetry batch answered 503 `store_unavailable` was counted in
+    `ray_raytwin_http_requests_total` and logged (`event=request`) as status 500, and came without its
+    `X-RayTwin-Request-ID`: Starlette answers an exception no route handles in its outermost layer, after the
+    request observer and the request-id middleware had seen it go by."""
+    from fastapi.testclient import TestClient
+
+    from raytwin.store_failures import StoreIOError
+    from serve_apps import api
+
+    counted: list[str] = []
+    monkeypatch.setattr(api, "metrics", SimpleNamespace(
+        HTTP_REQUESTS=SimpleNamespace(inc=lambda **tags: counted.append(tags["status"])),
+        HTTP_LATENCY=SimpleNamespace(observe=lambda seconds, **tags: None)))
+    monkeypatch.setattr("serve_apps.errors._count_store_failure", lambda request, err: None)
+    app = api.create_api()
+
+    @app.post("/v1/outage")  # (a path of its own: the API's routes need the replica's services)
+    async def outage() -> None:
+        raise StoreIOError(30, "Read-only file system", operation="write", error="read_only")
+
+    @app.get("/v1/bug")
+    async def bug() -> None:
+        raise RuntimeError("a bug")
+
+    http = TestClient(app, raise_server_exceptions=False)
+    with caplog.at_level("INFO", logger="raytwin.serve.requests"):
+        answers = [http.post("/v1/outage"), http.get("/v1/bug")]
+    assert [a.status_code for a in answers] == [503, 500] and counted == ["503", "500"]
+    for answer in answers:
+        assert answer.headers["x-raytwin-request-id"] == answer.json()["error"]["request_id"], answer.headers
+    logged = [r.getMessage() for r in caplog.records if r.name == "raytwin.serve.requests"]
+    assert [line.split(" status=")[1][:3] for line in logged] == ["503", "500"], logged
+
+
 def test_the_storage_layers_failure_answers_503_by_its_type_and_the_same_oserror_elsewhere_500():
     """The 503 mapping told the store's failures from others by the files named in their traceback (Ray's text of
     it for another process's error): one whose text named no file of the storage layer answered 500, and another
