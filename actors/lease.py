@@ -169,13 +169,16 @@ def release_lease(store: StateStore, fence: tuple[str, int] | None = None) -> bo
     return True
 
 
-def renew_heartbeat(store: StateStore, fence: tuple[str, int]) -> None:
+def renew_heartbeat(store: StateStore, fence: tuple[str, int]) -> threading.Thread:
     """Renew the store's heartbeat for `fence` every `HEARTBEAT_S` on a daemon thread of this shard
-    process, until the lease is no longer `fence`'s (a takeover): the holder is alive while any of
-    its shards is."""
+    process (returned), until the lease is no longer `fence`'s (a takeover): the holder is alive while any of
+    its shards is. Each failed renewal is one line naming its error; the traceback comes with the first of a run
+    of the same failure only (every 2 s a shard's log took 40 lines under a read-only store)."""
     cluster = ray_cluster()
 
     def beat() -> None:
+        failing: tuple[str, str | None] | None = None  # the failure of the run logged with its traceback
+        failures = 0
         while True:
             try:
                 store.check_lease(fence)
@@ -183,9 +186,18 @@ def renew_heartbeat(store: StateStore, fence: tuple[str, int]) -> None:
             except StoreFenced:
                 return
             except Exception as exc:  # noqa: BLE001 - a failed renewal is retried; an expired one lets another in
-                log.warning("event=lease_heartbeat_failed store=%s", store.url, exc_info=True)
-                if (error := failure_class(exc)) is not None:  # the store's: counted for the alert (a full disk)
+                error = failure_class(exc)
+                log.warning("event=lease_heartbeat_failed store=%s error=%s failure=%s: %s", store.url,
+                            error or "-", type(exc).__name__, exc, exc_info=failing != (type(exc).__name__, error))
+                failing, failures = (type(exc).__name__, error), failures + 1
+                if error is not None:  # the store's: counted for the alert (a full disk)
                     count("write", error)
+            else:
+                if failures:
+                    log.info("event=lease_heartbeat_renewed store=%s failures=%d", store.url, failures)
+                failing, failures = None, 0
             time.sleep(HEARTBEAT_S)
 
-    threading.Thread(target=beat, name="raytwin-lease-heartbeat", daemon=True).start()
+    thread = threading.Thread(target=beat, name="raytwin-lease-heartbeat", daemon=True)
+    thread.start()
+    return thread

@@ -256,6 +256,40 @@ def test_a_starting_service_waits_for_another_clusters_holder_that_is_stopping(t
         renewer.join()
 
 
+def test_a_store_failing_the_heartbeat_logs_each_failure_with_its_error_and_the_traceback_once(tmp_path, monkeypatch,
+                                                                                                  caplog):
+    """An outside test's read-only store: each shard logged a 40-line traceback every 2 s (250 each in 4 minutes),
+    and its line, `event=lease_heartbeat_failed store=...`, named no error, though health's reason sends the
+    operator there for it. A renewal after failures says so."""
+    import errno
+    from types import SimpleNamespace
+
+    from raytwin import metrics
+
+    monkeypatch.setattr(metrics, "STORE_FAILURES", SimpleNamespace(inc=lambda **tags: None))
+    monkeypatch.setattr(lease, "HEARTBEAT_S", 0.0)
+    monkeypatch.setattr(lease, "ray_cluster", lambda: "A")
+    store = StateStore(str(tmp_path / "twins"))
+    held = Lease(owner="live", epoch=3, shards=1, namespace="raytwin", acquired_at="", acquired_by="", cluster="A")
+    store.write_lease(held)
+    outcomes = iter(["read_only", "read_only", "read_only", "renewed", "read_only"])
+
+    def renew(beat: Heartbeat) -> None:
+        if (outcome := next(outcomes, None)) is None:  # then taken over: the thread ends
+            raise StoreFenced("leased to service next (epoch 4)")
+        if outcome == "read_only":
+            raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(store, "write_heartbeat", renew)
+    with caplog.at_level("INFO", logger=lease.log.name):
+        lease.renew_heartbeat(store, held.fence).join(10)
+    lines = [(r.getMessage(), bool(r.exc_info)) for r in caplog.records if "event=lease_heartbeat" in r.getMessage()]
+    failed = "event=lease_heartbeat_failed store=%s error=read_only failure=OSError: [Errno 30] Read-only file system"
+    assert lines == [(failed % store.url, True), (failed % store.url, False), (failed % store.url, False),
+                     (f"event=lease_heartbeat_renewed store={store.url} failures=3", False),
+                     (failed % store.url, True)], lines
+
+
 def test_a_failed_renewal_of_the_heartbeat_is_counted_by_its_error_class(tmp_path, monkeypatch):
     """A full disk failed every renewal of the shards' heartbeat with a warning in their log alone: no metric
     counted it, so nothing paged while an idle service's store took no writes."""
