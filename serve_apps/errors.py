@@ -221,16 +221,32 @@ class _RefusalsWithoutTraceback(logging.Filter):
     """Serve's replica logs every exception its method raises with its traceback at ERROR (``Request failed.``): for
     the backend's refusals (an `ApiError` under 500: an unknown asset, a conflict) that is ~40 lines a refusal, which
     any tenant can repeat at will to flood the log and bury real faults. Such a record is kept as one INFO line
-    naming the refusal; other exceptions keep their traceback."""
+    naming the refusal, and a store outage's 503 `store_unavailable` as one WARNING line naming its error class
+    (an outside test's read-only store: ~100 lines a request, the same each time); other exceptions keep their
+    traceback."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, ApiError) and exc.status < 500:
-            record.levelno, record.levelname = logging.INFO, "INFO"
-            record.msg, record.args = "event=backend_request_refused status=%d code=%s error=%s", (
-                exc.status, exc.code, type(exc).__name__)
-            record.exc_info = record.exc_text = None
+            _one_line(record, logging.INFO, exc, "")
+        elif exc is not None and (outage := _store_outage(exc)) is not None:
+            _one_line(record, logging.WARNING, outage, f" reason={outage.error}")
         return True
+
+
+def _store_outage(exc: BaseException) -> ApiError | None:
+    """`exc` as the 503 `store_unavailable` it is answered with, if it is the store's outage."""
+    from serve_apps.store_errors import StoreUnavailable, store_failure  # (it builds on this module's ApiError)
+
+    return exc if isinstance(exc, StoreUnavailable) else store_failure(exc)
+
+
+def _one_line(record: logging.LogRecord, level: int, refusal: ApiError, more: str) -> None:
+    """`record` as one `event=backend_request_refused` line at `level`, without the traceback."""
+    record.levelno, record.levelname = level, logging.getLevelName(level)
+    record.msg, record.args = "event=backend_request_refused status=%d code=%s error=%s%s", (
+        refusal.status, refusal.code, type(unwrap(record.exc_info[1])).__name__, more)
+    record.exc_info = record.exc_text = None
 
 
 _REFUSALS_FILTER = _RefusalsWithoutTraceback()

@@ -2728,8 +2728,9 @@ def test_a_backend_refusal_raised_to_serve_is_one_log_line_and_a_fault_keeps_its
     serve_log.addHandler(handler)
     backend = Backend(ServeConfig(store_url=str(tmp_path / "store"), keys_file=str(tmp_path / "keys.json"),
                                   namespace=f"refusals-{secrets.token_hex(4)}"))
+    read_only = _raised_in_a_shard(OSError(30, "Read-only file system"), through_the_store=True)
     try:
-        for raised in (NotFound("no asset 'zone-9'"), RuntimeError("the shard's answer was corrupt")):
+        for raised in (NotFound("no asset 'zone-9'"), read_only, RuntimeError("the shard's answer was corrupt")):
             try:
                 raise raised
             except Exception:
@@ -2737,9 +2738,12 @@ def test_a_backend_refusal_raised_to_serve_is_one_log_line_and_a_fault_keeps_its
     finally:
         serve_log.removeHandler(handler)
         backend.close()
-    refused, fault = records
+    refused, outage, fault = records
     assert (refused.levelno, refused.exc_info, refused.getMessage()) == (
         logging.INFO, None, "event=backend_request_refused status=404 code=not_found error=NotFound")
+    assert (outage.levelno, outage.exc_info, outage.getMessage()) == (  # a store outage: every request, alike
+        logging.WARNING, None,
+        "event=backend_request_refused status=503 code=store_unavailable error=StoreIOError reason=read_only")
     assert fault.levelno == logging.ERROR and fault.exc_info[0] is RuntimeError
 
 
