@@ -284,13 +284,20 @@ def _path_methods(request: Request) -> list[str]:
                    for m in getattr(route, "methods", None) or ()})
 
 
-def _count_store_failure(request: Request, err: ApiError) -> None:
-    """Count a request answered 503 `store_unavailable` (`metrics.STORE_FAILURES`): a write when the request
-    changes something, a read otherwise."""
+def _record_store_failure(request: Request, err: ApiError, cause: BaseException | None = None) -> None:
+    """Log and count a request answered 503 `store_unavailable` (`event=store_unavailable`,
+    `metrics.STORE_FAILURES`: a write when the request changes something, a read otherwise), whether the store's
+    failure `cause` was raised as such or as the 503 made of it (a change record the store refused: no line named
+    it). The log keeps the failure's own text, store locations included: the operator's."""
     from raytwin.store_failures import FAILURE_CLASSES, count
     from serve_apps.store_errors import StoreUnavailable  # (it builds on this module's ApiError)
 
-    if isinstance(err, StoreUnavailable) and err.error in FAILURE_CLASSES:
+    if not isinstance(err, StoreUnavailable):
+        return
+    failure = f"{type(cause).__name__}: {cause}" if cause is not None else err.message
+    log.error("event=store_unavailable request_id=%s path=%s error=%s failure=%s",
+              getattr(request.state, "request_id", None), request.url.path, err.error, failure)
+    if err.error in FAILURE_CLASSES:
         count("read" if request.method in ("GET", "HEAD") else "write", err.error)
 
 
@@ -299,7 +306,7 @@ def install_error_handlers(app: FastAPI) -> None:
         err = unwrap(exc)
         if not isinstance(err, ApiError):
             return await unexpected(request, exc)
-        _count_store_failure(request, err)
+        _record_store_failure(request, err)
         return error_response(request, err.status, err.code, err.message_for(request), err.details, err.headers)
 
     async def validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -329,7 +336,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         err = unwrap(exc)
         if isinstance(err, ApiError):
-            _count_store_failure(request, err)
+            _record_store_failure(request, err)
             return error_response(request, err.status, err.code, err.message_for(request), err.details, err.headers)
         if isinstance(err, StoreFenced):  # another service took the store: an operator's act, not a bug
             log.error("event=store_fenced request_id=%s path=%s error=%s", getattr(request.state, "request_id", None),
@@ -341,9 +348,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
         store = store_failure(exc)  # (a `StoreIOError`, raised here or in another process)
         if store is not None:  # a full disk, an S3 outage: the operator's to fix, the client's to resend
-            log.error("event=store_unavailable request_id=%s path=%s error=%s: %s",
-                      getattr(request.state, "request_id", None), request.url.path, type(err).__name__, err)
-            _count_store_failure(request, store)
+            _record_store_failure(request, store, err)
             return error_response(request, store.status, store.code, store.message_for(request), headers=store.headers)
         log.exception("event=unhandled_error request_id=%s path=%s", getattr(request.state, "request_id", None),
                       request.url.path, exc_info=err)

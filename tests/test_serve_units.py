@@ -451,10 +451,13 @@ def test_a_store_taken_by_another_service_answers_503_naming_it_not_an_internal_
     (ConnectionRefusedError(111, "Connection refused"), "is up and reachable", "unreachable"),
     ("botocore", "is up and reachable", "unreachable"),
 ])
-def test_a_failing_store_answers_503_store_unavailable_with_retry_after_not_500(failure, said, error, monkeypatch):
+def test_a_failing_store_answers_503_store_unavailable_with_retry_after_not_500(failure, said, error, monkeypatch,
+                                                                                caplog):
     """A full disk or an S3 outage answered every telemetry batch 500 `internal` without `Retry-After`: producers
     read a bug in their request, and nothing named the store. Each is counted by operation and error class
-    (`RayTwinStoreWritesFailing`), where no metric counted them."""
+    (`RayTwinStoreWritesFailing`), where no metric counted them, and logged `event=store_unavailable` with its error
+    class, a 503 raised as such too (an outside test's read-only store: no line named those of telemetry whose
+    change record the store refused)."""
     from botocore.exceptions import EndpointConnectionError
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
@@ -491,13 +494,18 @@ def test_a_failing_store_answers_503_store_unavailable_with_retry_after_not_500(
         raise unavailable("a read of the store's lease did not answer within 5 s", "timeout")
 
     http = TestClient(app, raise_server_exceptions=False)
-    answer = http.post("/v1/assets/a/telemetry")
+    with caplog.at_level("ERROR", logger="raytwin.serve"):
+        answer = http.post("/v1/assets/a/telemetry")
+        assert http.get("/v1/assets/a/state").status_code == 503
+    logged = [r.getMessage().split(" path=")[1] for r in caplog.records if "event=store_unavailable" in r.getMessage()]
+    assert len(logged) == 2 and logged[0].startswith(f"/v1/assets/a/telemetry error={error} failure=StoreIOError: ")
+    assert logged[1].startswith("/v1/assets/a/state error=timeout failure=the store is unavailable (a read of the "
+                                "store's lease did not answer within 5 s)"), logged
     assert answer.status_code == 503 and answer.headers["Retry-After"] == "5", answer.text
     body = answer.json()["error"]
     assert body["code"] == "store_unavailable" and type(failure).__name__ in body["message"] and said in body["message"]
     assert "/srv/raytwin" not in answer.text and "s3.ops" not in answer.text  # the store's location is the operator's
     assert http.get("/missing").status_code == http.get("/ray-timeout").status_code == 500
-    assert http.get("/v1/assets/a/state").status_code == 503
     assert counted == [{"operation": "write", "error": error}, {"operation": "read", "error": "timeout"}]
 
 
@@ -594,7 +602,7 @@ def test_an_error_no_route_handles_is_counted_logged_and_headed_with_the_status_
     monkeypatch.setattr(api, "metrics", SimpleNamespace(
         HTTP_REQUESTS=SimpleNamespace(inc=lambda **tags: counted.append(tags["status"])),
         HTTP_LATENCY=SimpleNamespace(observe=lambda seconds, **tags: None)))
-    monkeypatch.setattr("serve_apps.errors._count_store_failure", lambda request, err: None)
+    monkeypatch.setattr("serve_apps.errors._record_store_failure", lambda *args: None)
     app = api.create_api()
 
     @app.post("/v1/outage")  # (a path of its own: the API's routes need the replica's services)
