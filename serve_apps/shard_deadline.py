@@ -62,9 +62,15 @@ class ShardBreakers:
                     "their writes refused with 503 until it answers", index, deadline_s)
 
         def closed(_: asyncio.Future) -> None:
-            if self._unanswered.get(index) is call:
-                del self._unanswered[index]
+            if self._unanswered.get(index) is not call:
+                return
+            del self._unanswered[index]  # the next call tries the shard again (and trips this again if it is late)
+            if (lost := _unanswered_failure(call)) is None:
                 log.info("event=shard_answered shard=%d: its twins are live again", index)
+            else:
+                log.warning("event=shard_call_failed shard=%d error=%s: Ray gave up the late call (the process is "
+                            "unreachable, dead or restarting), so the shard has not answered; its next call tries it "
+                            "again", index, lost)
 
         call.add_done_callback(closed)
 
@@ -86,6 +92,18 @@ class ShardBreakers:
             self.trip(index, pending, deadline_s)
             raise _refusal(asset_id, f"has not answered within {deadline_s:g} s")
         return pending.result()
+
+
+def _unanswered_failure(call: asyncio.Future) -> str | None:
+    """What ended `call` without the shard answering: cancelled, or failed by Ray for want of the process
+    (`RayActorError`: unreachable, as a stopped one is, dead or restarting); None for an answer, a result or an
+    error the shard raised."""
+    from ray.exceptions import RayActorError
+
+    if call.cancelled():
+        return "cancelled"
+    exc = call.exception()
+    return type(exc).__name__ if isinstance(exc, RayActorError) else None
 
 
 def _refusal(asset_id: str, why: str) -> TwinUnavailable:

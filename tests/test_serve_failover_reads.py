@@ -5,6 +5,7 @@ back before the store answered); a query's store reads stop once the shard answe
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import pytest
@@ -172,6 +173,37 @@ def test_a_breaker_opens_on_a_late_call_refuses_until_that_call_ends_and_names_t
         assert await breakers.within(3, "z1", lambda: _after(0.0, "live"), 10.0) == "live"
 
     asyncio.run(scenario())
+
+
+def test_a_late_call_that_fails_unanswered_is_not_logged_as_the_shard_answering(caplog):
+    """An outside test's SIGSTOPped shard: 22 s into the stop, Ray failed the late call (ActorUnavailableError) and
+    the Ingress logged `event=shard_answered shard=1: its twins are live again` while the process was still
+    stopped. A call Ray fails because the process is unreachable, dead or restarting is no answer."""
+    from ray.exceptions import ActorUnavailableError
+
+    async def scenario(outcome: BaseException | str) -> None:
+        breakers, release = ShardBreakers(), asyncio.Event()
+
+        async def hung() -> str:
+            await release.wait()
+            if isinstance(outcome, BaseException):
+                raise outcome
+            return outcome
+
+        with pytest.raises(TwinUnavailable):
+            await breakers.within(1, "z1", hung, 0.01)
+        release.set()
+        await asyncio.sleep(0.01)
+        assert not breakers.is_open(1)  # the next call tries the shard again
+
+    caplog.set_level(logging.INFO, logger="raytwin.serve")
+    asyncio.run(scenario(ActorUnavailableError("The actor is temporarily unavailable: RpcError", None)))
+    asyncio.run(scenario("applied"))
+    ended = [(r.levelno, r.getMessage()) for r in caplog.records if "event=shard_" in r.getMessage()
+             and "unanswered" not in r.getMessage()]
+    assert [(level, message.split(":")[0]) for level, message in ended] == [
+        (logging.WARNING, "event=shard_call_failed shard=1 error=ActorUnavailableError"),
+        (logging.INFO, "event=shard_answered shard=1")], ended
 
 
 def test_reads_of_a_shard_whose_breaker_is_open_go_to_the_store_without_calling_it(monkeypatch, tmp_path):
