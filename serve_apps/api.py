@@ -45,6 +45,13 @@ API_VERSION = "1.0.0"
 CLIENT_CLOSED = 499
 """The status recorded for a request whose client went away before an answer (nginx's, as Serve logs it): not
 a server error, so it does not burn the availability SLO's budget."""
+SHARD_UNANSWERED = ("a twin shard left the count of live twins unanswered within shard_read_timeout_s: it is down, "
+                    "restarting, hung or stopped; its twins' reads are stale and their writes refused "
+                    "(`raytwin status`, ops/README.md#shards-down)")
+"""Health's `reason` for `degraded` when the store is fine and a shard is why."""
+NO_SHARD_ANSWERS = ("no twin shard answers within readiness_timeout_s: every one is down, restarting, stopped or "
+                    "stuck in a call (`raytwin status`, ops/README.md#no-shard)")
+"""Readiness's `reason` for `unavailable` when the store is fine and the shards are why."""
 
 
 def create_api(max_body_bytes: int = 1_048_576, admission: Admission | None = None,
@@ -148,8 +155,9 @@ def _ops_routes(app: FastAPI) -> None:
             return Health(status="fenced" if fenced else "degraded" if store_down else "ok", reason=store_down)
         count = None if fenced else await svc.backend.call("live_twins", who.tenant, svc.config.shard_read_timeout_s)
         status = "fenced" if fenced else "ok" if count is not None and not store_down else "degraded"
+        silent = SHARD_UNANSWERED if status == "degraded" and count is None else None
         return Health(status=status, tenant=who.tenant, live_twins=count, jobs=jobs["states"], fenced=fenced,
-                      reason=store_down)
+                      reason=store_down or silent)
 
     @app.get("/v1/health/ready", response_model=Health, tags=["operations"], response_model_exclude_none=True,
              responses={503: {"model": Health, "description": "Not ready: `fenced` or `unavailable`"}})
@@ -171,7 +179,7 @@ def _ops_routes(app: FastAPI) -> None:
         else:
             return Health(status="ok")
         response.status_code = 503
-        return Health(status=status, reason=store_down)
+        return Health(status=status, reason=store_down or (NO_SHARD_ANSWERS if status == "unavailable" else None))
 
     for path, probe in (("/v1/health", health), ("/v1/health/ready", ready)):  # load balancers and probes send HEAD
         app.add_api_route(path, probe, methods=["HEAD"], include_in_schema=False)

@@ -195,7 +195,8 @@ class Health(BaseModel):
     live_twins: int | None = None
     jobs: dict[str, int] | None = None
     fenced: StoreFence | None = None
-    reason: str | None = Field(None, description="Why the store makes the service `degraded` (liveness) or "
-                               "`unavailable` (readiness): it failed or did not answer a read of its lease within "
+    reason: str | None = Field(None, description="Why the service is `degraded` (liveness) or `unavailable` "
+                               "(readiness): the store failed or did not answer a read of its lease within "
                                "`readiness_timeout_s`, or takes no writes (the shards' lease heartbeat unchanged for "
-                               "15 s); the error's class and what to check (no store location)")
+                               "15 s): the error's class and what to check (no store location); else a twin shard "
+                               "left the twin count unanswered (liveness) or none answers (readiness)")

@@ -731,9 +731,9 @@ class HealthBackend:
         except StoreUnavailable:  # a store that fails: not fenced, its shards still count
             return False
 
-    def live_twins(self, tenant: str, timeout_s: float) -> int:
+    def live_twins(self, tenant: str, timeout_s: float) -> int | None:
         assert not self._fenced(), "a fenced service's health asked its shards"
-        return 2
+        return 2 if self.answering == 2 else None  # a shard that does not answer leaves the count unanswered
 
     def shards_answering(self, timeout_s: float, stuck_s: float) -> int:
         assert not self._fenced(), "a fenced service's readiness asked its shards"
@@ -755,13 +755,15 @@ def _leased_backend(tmp_path) -> tuple:
 def test_readiness_fails_a_fenced_service_and_one_whose_shards_all_fail_to_answer(tmp_path):
     """Anonymous health answers a status only, and liveness must stay 200 for a service that is alive; so a
     fenced service (every write refused) or one with no shard answering passed every probe, and stayed in the
-    load balancer."""
+    load balancer. `reason` says when a shard is why (an outside test's SIGSTOPped shard: health said `degraded`
+    alone, readiness `unavailable` alone, though every other cause comes with one)."""
     from dataclasses import replace
 
+    from serve_apps.api import NO_SHARD_ANSWERS, SHARD_UNANSWERED
     from tests.fixtures_serve import in_process
 
     store, mine, backend = _leased_backend(tmp_path)
-    with in_process(backend, tmp_path) as (http, _, _):
+    with in_process(backend, tmp_path) as (http, auth, _):
         ready = http.get("/v1/health/ready")
         assert (ready.status_code, ready.json()) == (200, {"status": "ok"})
         for path in ("/v1/health/ready", "/v1/health"):  # what load balancers and probes often send: was 405
@@ -769,9 +771,11 @@ def test_readiness_fails_a_fenced_service_and_one_whose_shards_all_fail_to_answe
             assert (head.status_code, head.content) == (200, b"")
         backend.answering = 1  # one shard down or hung: its twins are unavailable, the others served
         assert http.get("/v1/health/ready").status_code == 200
+        hung = http.get("/v1/health", headers=auth["reader"])
+        assert (hung.status_code, hung.json()["status"], hung.json()["reason"]) == (200, "degraded", SHARD_UNANSWERED)
         backend.answering = 0  # every shard down, restarting or hung (`serve shutdown` of the shards, a crash loop)
         down = http.get("/v1/health/ready")
-        assert (down.status_code, down.json()) == (503, {"status": "unavailable"})
+        assert (down.status_code, down.json()) == (503, {"status": "unavailable", "reason": NO_SHARD_ANSWERS})
         assert http.head("/v1/health/ready").status_code == 503
         # not 5 s (`shard_read_timeout_s`): within a probe's 1 s timeout; stuck: longer than any call the API waits for
         assert set(backend.waited_s) == {(0.5, 120.0)}
