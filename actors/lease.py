@@ -52,19 +52,23 @@ def ray_cluster() -> str:
 
 
 def _stop_shards(store_url: str, lease: Lease) -> None:
-    """Kill the lease holder's shard actors found in this Ray cluster and wait until they are gone
+    """Kill the lease holder's shard actors found in this Ray cluster and wait until they are gone."""
+    stop_actors([shard_name(store_url, i, lease.shards) for i in range(lease.shards)], lease.namespace)
+
+
+def stop_actors(names: list[str], namespace: str) -> None:
+    """Kill the actors of `names` found in this Ray cluster and wait until they are gone, at most `STOP_WAIT_S`
     (a new actor of the same name must not attach to a dying one)."""
-    names = [shard_name(store_url, i, lease.shards) for i in range(lease.shards)]
     for name in names:
         try:
-            ray.kill(ray.get_actor(name, namespace=lease.namespace), no_restart=True)
+            ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
         except ValueError:  # not running here
             continue
     deadline = time.monotonic() + STOP_WAIT_S
     for name in names:
         while time.monotonic() < deadline:
             try:
-                ray.get_actor(name, namespace=lease.namespace)
+                ray.get_actor(name, namespace=namespace)
             except ValueError:
                 break
             time.sleep(0.05)

@@ -12,12 +12,16 @@ shard count and namespace are the same service (the Serve backend, the CLI, a dr
 after a crash): they attach. Anything else is refused until it takes the store over
 (`takeover=True`), which stops the holder's shards and fences any it cannot reach, or, for a
 service of another Ray cluster, until that service stops renewing its heartbeat (`actors.lease`).
+The Serve backend attaches to the lease but not to shards another process started
+(`own_shards`, `owned_shard`): those end with that process and run its code, such as an
+outgoing replica's during an upgrade of the Serve application.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import date, datetime
 from typing import Any
 
@@ -38,7 +42,7 @@ from actors.ingest import (
     table_batches,
 )
 from actors.failover import actor_restarting, compilation_cache
-from actors.lease import StoreLeased, acquire_lease, release_lease
+from actors.lease import StoreLeased, acquire_lease, release_lease, stop_actors
 from actors.live_models import LiveModels
 from actors.recovery import durable_state, registration_record
 from actors.routing import shard_index, shard_name
@@ -61,6 +65,33 @@ STATES_BATCH = 1000
 log = logging.getLogger("raytwin.twins")
 
 
+_STARTED: set[Any] = set()
+"""The shard actors `owned_shard` started in this process."""
+
+
+def owned_shard(start: Callable[[], Any], name: str, namespace: str) -> Any:
+    """The shard actor `name` as started by this process (`start` starts it, and fails if the name is taken).
+    One started by another process is stopped and started again here, recovering its twins from the store: such
+    an actor (not detached) ends with the process that started it, and runs that process's code. Why: during an
+    upgrade of the Serve application, the new backend replica starts while the old one still drains its requests;
+    attached to the old one's shards, it served twins with the old code, and once the old replica exited every
+    twin call failed for good (`ActorDiedError`: the owner died), until the backend was restarted again. The old
+    replica's calls in flight fail as on a shard crash: what a shard acknowledged is in the store. The store's
+    lease is the same (one Ray cluster, one service), and the old shard is gone before its successor starts."""
+    try:
+        running = ray.get_actor(name, namespace=namespace)
+    except ValueError:
+        running = None
+    if running is not None and running in _STARTED:
+        return running
+    if running is not None:
+        log.warning("event=shard_replaced shard=%s namespace=%s reason=started_by_another_process", name, namespace)
+        stop_actors([name], namespace)
+    handle = start()
+    _STARTED.add(handle)
+    return handle
+
+
 class TwinService:
     """Live twins over a state store at `store_url` (local directory or fsspec URL)."""
 
@@ -81,25 +112,31 @@ class TwinService:
         takeover: bool = False,
         stale_after_s: float = 0.25,
         lease_wait_s: float | None = None,
+        own_shards: bool = False,
     ):
         """`takeover=True` takes the store from the service holding its lease: after that
         service crashed, or to change the shard count (stop, take over, every twin recovered).
+        `own_shards=True` (the Serve backend): shards another process started are replaced by this process's
+        (`owned_shard`), not attached to; not with `detached`, whose shards outlive whoever started them.
         `lease_wait_s`: how long a store served by another Ray cluster is waited for (its holder
         stopping) before `StoreLeased` (None: `actors.lease.EXPIRY_S`, a crash's silence).
         `stale_after_s`: a read not answered by then is answered from the store, marked stale,
         if the twin's shard is restarting (see `state`)."""
         if shards < 1 or snapshot_every < 1 or allowed_lateness_s < 0 or stale_after_s <= 0:
             raise ValueError("need shards >= 1, snapshot_every >= 1, allowed_lateness_s >= 0 and stale_after_s > 0")
+        if own_shards and detached:
+            raise ValueError("own_shards is for shards that end with their process: pass detached=False")
         self.stale_after_s = stale_after_s
         self.router = ShardRouter(store_url, shards, namespace, storage_options)
         self.store = StateStore(store_url, storage_options)
         self.lease = acquire_lease(self.store, shards, namespace, takeover, wait_s=lease_wait_s)
         self.max_in_flight, self.batch_size = max_in_flight, batch_size
-        self._shards = [
-            TwinShardActor.options(**cpu_only(compilation_cache(dict(
+
+        def start(i: int) -> Any:
+            return TwinShardActor.options(**cpu_only(compilation_cache(dict(
                 name=shard_name(store_url, i, shards),
                 namespace=namespace,
-                get_if_exists=True,
+                get_if_exists=not own_shards,
                 lifetime="detached" if detached else None,
                 max_restarts=-1,
                 max_task_retries=max_task_retries,
@@ -107,8 +144,9 @@ class TwinService:
                 store_url, i, shards, allowed_lateness_s=allowed_lateness_s, snapshot_every=snapshot_every,
                 checkpoint_every=checkpoint_every, storage_options=storage_options, fence=self.lease.fence,
             )
-            for i in range(shards)
-        ]
+
+        self._shards = [owned_shard(functools.partial(start, i), shard_name(store_url, i, shards), namespace)
+                        if own_shards else start(i) for i in range(shards)]
 
     def _shard(self, tenant: str, asset_id: str):
         return self._shards[shard_index(tenant, asset_id, self.router.shards)]

@@ -149,7 +149,7 @@ class Backend:
         self.catalog = Catalog(config.store_url, config.storage_options)
         self.twins = TwinService(config.url("twins"), shards=config.twin_shards,
                                  namespace=config.namespace, storage_options=config.storage_options or None,
-                                 lease_wait_s=config.store_lease_wait_s)
+                                 lease_wait_s=config.store_lease_wait_s, own_shards=True)
         self.changes = self._change_log()
         for tenant in self.catalog.tenants():
             self.changes.reserve(tenant, self.catalog.max_revision(tenant))

@@ -306,6 +306,46 @@ def test_a_promotion_whose_swap_a_crash_interrupted_is_finished_at_start(service
     assert finish_interrupted_swaps(lifecycle, service.models, "acme", audit) == {}
 
 
+@ray.remote(num_cpus=0)
+class EarlierReplica:
+    """A process serving a store's twins, as the backend replica an upgrade of the Serve application replaces."""
+
+    def __init__(self, store_url: str):
+        self.service = TwinService(store_url, shards=1, **OPTS)
+
+    def shard(self):
+        [shard] = self.service.shard_handles
+        return shard
+
+    def register_and_ingest(self, asset_id: str, artifact, evs) -> int:
+        self.service.register(asset(asset_id), artifact)
+        return self.service.ingest("acme", evs).accepted
+
+
+def test_the_backend_replaces_the_shards_another_process_started_and_loses_no_twin(ray_session, artifact, tmp_path):
+    """Found by a redeploy while the backend drained a request: the new replica attached to the old replica's shards
+    by name (old code), and once the old replica exited they died with it (their owner), so every twin call of the
+    new backend failed for good. A service that owns its shards (the backend's) starts its own in their place now,
+    recovering every twin from the store, and they outlive the earlier process."""
+    url = str(tmp_path / "twins")
+    earlier = EarlierReplica.remote(url)
+    assert ray.get(earlier.register_and_ingest.remote("u1", artifact, events("u1", 12, seed=5))) == 12
+    old_shard = ray.get(earlier.shard.remote())
+    service = TwinService(url, shards=1, own_shards=True, **OPTS)
+    try:
+        assert service.shard_handles != [old_shard]
+        ray.kill(earlier)  # the earlier replica exits: shards it started end with it
+        deadline = time.monotonic() + 60
+        while ray._private.state.actors(actor_id=old_shard._actor_id.hex())["State"] != "DEAD":
+            assert time.monotonic() < deadline, "the earlier replica's shard outlived it"
+            time.sleep(0.1)
+        state = service.state("acme", "u1")
+        assert (state.revision, state.stale) == (12, False)
+        assert TwinService(url, shards=1, own_shards=True, **OPTS).shard_handles == service.shard_handles  # its own
+    finally:
+        service.close()
+
+
 def test_shard_processes_keep_compiled_kernels_in_the_configured_cache(monkeypatch, tmp_path):
     monkeypatch.delenv("RAYTWIN_EXECUTABLES_DIR", raising=False)
     monkeypatch.setenv("RAYTWIN_JAX_CACHE_DIR", str(tmp_path))
