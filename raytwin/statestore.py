@@ -375,6 +375,22 @@ class StoreFenced(RuntimeError):
     """A writer's lease on the store is stale: another service took the store over (see `Lease`)."""
 
 
+def fenced(check: Callable[[], None] | None, unknown: bool = False) -> bool:
+    """Whether `check` (the Serve backend's `check_writable`; None: no fence) finds the store taken over by
+    another service (`StoreFenced`), for the backend's own acts (a job's end, a recalibration's), which the successor
+    takes on; `unknown` while the fence is not known (the lease unread: the store fails). False by default: the write
+    that follows meets the store. True for a write that would replace the successor's (`ChangeLog.checkpoint`),
+    which waits for a read instead."""
+    try:
+        if check is not None:
+            check()
+    except StoreFenced:
+        return True
+    except Exception:  # noqa: BLE001 - not known to be fenced
+        return unknown
+    return False
+
+
 @dataclass(frozen=True)
 class Lease:
     """Which service may write the store (`lease.json`): the holder's shard actors write with

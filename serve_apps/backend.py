@@ -106,11 +106,11 @@ def fence_of(now: Lease | None, mine: Lease) -> StoreFence | None:
                       holder=now.owner, epoch=now.epoch, acquired_at=now.acquired_at, acquired_by=now.acquired_by)
 
 
-def held_by(held: Lease | None, mine: Lease) -> str | None:
-    """Why no connector may start under `mine` once the store's lease reads `held` (None: they may): another service
-    holds the store, or `mine` was released. No lease found holds nothing: maybe a read that missed it, not known to
-    be for good (nor does a read that failed, which raises before this)."""
-    fence = fence_of(held, mine)
+def held_by(held: Lease | None, fence: StoreFence | None) -> str | None:
+    """Why no connector may start once the store's lease reads `held`, which fences this service by `fence`
+    (`fence_of`; None: they may): another service holds the store, or this service's lease was released. No lease
+    found holds nothing: maybe a read that missed it, not known to be for good (nor does a read that failed, which
+    raises before this)."""
     if fence is None or held is None:
         return None
     return "this service no longer holds its store, so it starts no connector: " + fence.reason
@@ -699,15 +699,17 @@ class Backend:
         (`held_by`), no connector starts here from then on, not even for a status read (`ConnectorOps.hold`, cheap
         once held): one started beside the successor's would write to the store and connect under the same MQTT
         client ids."""
-        if (why := held_by(held, self.twins.lease)) is not None:
+        fence = fence_of(held, self.twins.lease)
+        if (why := held_by(held, fence)) is not None:
             self.connector_ops.hold(why)
-        return fence_of(held, self.twins.lease)
+        return fence
 
     def _connector_fence(self) -> str | None:
         """Why no declared connector may start now (`held_by`; None: they may), from a read of the store's lease
         right before each start (`Connectors.start_declared`, while `connector_ops` is being made: it holds itself
         on a reason). A read that fails raises: that connector is not started (logged), as for a spec unread."""
-        return held_by(self._lease_reads(FENCE_READ_S), self.twins.lease)
+        held = self._lease_reads(FENCE_READ_S)
+        return held_by(held, fence_of(held, self.twins.lease))
 
     def probe_store(self, timeout_s: float) -> StoreFence | None:
         """`store_fence` for the health probes, all within `timeout_s`, and `StoreUnavailable` too once the shards'

@@ -66,6 +66,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from raytwin.storage import filesystem, replace_file
+from raytwin.statestore import fenced
 from raytwin.store_failures import store_io
 
 ChangeKind = Literal["twin.state", "twin.drift", "asset.created", "asset.updated", "asset.deleted",
@@ -378,15 +379,6 @@ class ChangeLog:
         if self.fence is not None:
             self.fence()
 
-    def _may_write(self) -> bool:
-        """Whether this log may write its checkpoints now (`_check_fence`): not once fenced, where one would replace
-        the successor's, nor while the fence is not known (the lease unread: the store fails, tried again later)."""
-        try:
-            self._check_fence()
-        except Exception:  # noqa: BLE001 - fenced, or the lease unread: the marks stay dirty for the next pass
-            return False
-        return True
-
     def reserve(self, tenant: str, at_least: int) -> None:
         """Continue the tenant's sequence after `at_least` (revisions already on the store: a catalog
         written just before a crash kept the revision its lost log segment would have had)."""
@@ -444,9 +436,10 @@ class ChangeLog:
     def checkpoint(self, force: bool = False) -> None:
         """Write the marks of each tenant whose marks changed, at most every `checkpoint_s` (`force`: now, as on a
         clean close). Snapshots are taken under the log's lock (a dict copy), written outside it; a failed write is
-        logged and tried again at the next call, never failing an append. None while fenced (`_may_write`)."""
+        logged and tried again at the next call, never failing an append. None while fenced, where one would replace
+        the successor's, nor while the fence is not known (the lease unread: the marks stay dirty for the next pass)."""
         with self._checkpoint_lock:
-            if not self._may_write():
+            if fenced(self.fence, unknown=True):
                 return
             now = time.monotonic()
             with self._lock:

@@ -46,6 +46,7 @@ from pydantic import ConfigDict, Field
 
 from raytwin import metrics
 from raytwin.contracts import StartedFrom
+from raytwin.statestore import fenced
 from raytwin.storage import filesystem, replace_file
 from raytwin.store_failures import store_io
 from serve_apps.bulk import BulkWork
@@ -57,7 +58,6 @@ from serve_apps.job_scheduling import QueueWait, TenantQueues, queue_wait
 from serve_apps.query_schemas import BulkProgress
 from serve_apps.schemas import START_TIME_USED, ResultFile
 from serve_apps.scenarios import PreparedScenario, fmu_sweep_to_store, scenario_to_store, sweep_to_store
-from serve_apps.store_errors import fenced
 from serve_apps.unawaited import orphan
 from sweeps.fmu import FmuSweepSpec
 from sweeps.runs import RunStore, new_run_id
@@ -375,7 +375,7 @@ class JobQueue:
                                         self.config.storage_options)
 
     def _fenced(self) -> bool:
-        """Whether another service took the store over (`fence`, `serve_apps.store_errors.fenced`): that service's
+        """Whether another service took the store over (`fence`, `raytwin.statestore.fenced`): that service's
         start failed the jobs queued or running here (their records say so) and its catch-up records their change, so
         a job ending here saves nothing over that record, and no queued job starts."""
         return fenced(self.fence)

@@ -32,6 +32,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from raytwin.recalibration import DriftTrigger, RecalibrationPolicy
+from raytwin.statestore import fenced
 from raytwin.storage import canonical_json, filesystem, replace_file, scrub_locations
 from raytwin.store_failures import store_io
 from serve_apps.changes import Change
@@ -247,8 +248,6 @@ class Recalibrator:
         """Whether another service took the store over (`fence`): its backend resumed the tenant's recalibrations from
         the state document (`resume`: it relaunches the running ones), so this one records no job's `what` there and
         launches nothing beside it (logged)."""
-        from serve_apps.store_errors import fenced  # here: the SDK imports this module, without FastAPI
-
         if not fenced(self.fence):
             return False
         log.warning("event=recalibration_held tenant=%s job=%s what=%r: this service no longer holds its store; the "

@@ -7,13 +7,11 @@ operator's act, and the request is worth resending. The message names the error 
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable
 from functools import partial
 from typing import Literal
 
 from starlette.requests import Request
 
-from raytwin.statestore import StoreFenced
 from raytwin.storage import scrub_locations
 from raytwin.store_failures import FAILURE_CLASSES, FailureClass, StoreIOError
 from serve_apps.errors import ApiError, unwrap
@@ -80,20 +78,6 @@ def store_outage(exc: BaseException) -> bool:
     """Whether `exc` is the store being unavailable: a `StoreIOError` (`store_failure`), or the 503 made of one (an
     audit intent the store refused: `serve_apps.audit_steps.begin`)."""
     return isinstance(exc, StoreUnavailable) or store_failure(exc) is not None
-
-
-def fenced(check: Callable[[], None] | None) -> bool:
-    """Whether `check` (`serve_apps.backend.Backend.check_writable`; None: no fence) finds the store taken over by
-    another service (`StoreFenced`), for the backend's own acts (a job's end, a recalibration's), which the successor
-    takes on. A fence not known (the lease unread: the store fails) is none: the write that follows meets the store."""
-    try:
-        if check is not None:
-            check()
-    except StoreFenced:
-        return True
-    except Exception:  # noqa: BLE001 - not known to be fenced: as before the fence, the store answers the write
-        return False
-    return False
 
 
 def unavailable(cause: str, error: Reason, hint: str = _UNREACHABLE) -> StoreUnavailable:
