@@ -877,13 +877,15 @@ class Backend:
         for r in UNAVAILABLE_REASONS:
             metrics.STORE_UNAVAILABLE.set(1.0 if r == reason else 0.0, reason=r)
 
-    def check_writable(self) -> None:
+    def check_writable(self, fresh: bool = False) -> None:
         """`StoreFenced` (503 `store_fenced`) once another service took the store over: a fenced service must not
         act beside its successor (send a command, start a connector, queue or record a run), not only leave the
-        twins alone (their shards refuse by themselves). The lease is read at most every `FENCE_CHECK_S`; a read that
-        finds the store taken holds the connectors too (`store_fence`), ahead of the store watch's next pass."""
+        twins alone (their shards refuse by themselves). The lease is read at most every `FENCE_CHECK_S`, so a write
+        may follow a takeover by that long; `fresh` reads it now, for a write that would replace the successor's for
+        good (a job's end). A read that finds the store taken holds the connectors too (`store_fence`), ahead of the
+        store watch's next pass."""
         now = time.monotonic()
-        if now - self._fence_checked >= FENCE_CHECK_S:
+        if fresh or now - self._fence_checked >= FENCE_CHECK_S:
             self._fence, self._fence_checked = self.store_fence(), now
         if self._fence is not None:
             raise StoreFenced(self._fence.reason)

@@ -33,6 +33,7 @@ the error's text (which may name store paths): the cause is in the log, under th
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import uuid
 from bisect import bisect_left, insort
@@ -201,8 +202,9 @@ class JobQueue:
     def __init__(self, config: ServeConfig, max_concurrent: int,
                  on_finish: Callable[[JobRecord], None] | None = None, tenant_limit: int | None = None,
                  fence: Callable[[], None] | None = None):
-        """`fence`: raises `StoreFenced` once another service took the store over (`Backend.check_writable`); the
-        queue then saves no job's end and starts no queued job (`_fenced`)."""
+        """`fence`: raises `StoreFenced` once another service took the store over (`Backend.check_writable`, which
+        reads the store's lease now when called with `fresh=True`); the queue then saves no job's end and
+        starts no queued job (`_fenced`)."""
         self.config = config
         self.on_finish = on_finish
         self.fence = fence
@@ -374,11 +376,14 @@ class JobQueue:
         return scenario_to_store.remote(work, self.config.url("jobs", job.tenant, job.job_id, "results"),
                                         self.config.storage_options)
 
-    def _fenced(self) -> bool:
+    def _fenced(self, now: bool = False) -> bool:
         """Whether another service took the store over (`fence`, `raytwin.statestore.fenced`): that service's
         start failed the jobs queued or running here (their records say so) and its catch-up records their change, so
-        a job ending here saves nothing over that record, and no queued job starts."""
-        return fenced(self.fence)
+        a job ending here saves nothing over that record, and no queued job starts. `now`: from a read of the lease
+        made now, for a job's end, which replaces its record for good: `fence`'s verdict, up to a second old
+        (`serve_apps.backend.FENCE_CHECK_S`), let a job that ended within a second of a takeover save its end over
+        the successor's record of it."""
+        return fenced(functools.partial(self.fence, fresh=True) if now and self.fence else self.fence)
 
     def _start_next(self) -> None:
         while self.running < self.max_concurrent and not self._fenced():
@@ -429,7 +434,7 @@ class JobQueue:
         self._moved(job, "running")
         self.running -= 1
         self.running_by[job.tenant] -= 1
-        if self._fenced():
+        if self._fenced(now=True):
             log.warning("event=job_record_held job_id=%s state=%s: this service no longer holds its store; the "
                         "record there is its successor's", job.job_id, job.state)
         else:

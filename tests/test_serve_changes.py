@@ -1255,6 +1255,29 @@ def test_a_fenced_backend_writes_nothing_to_the_change_log_and_its_successor_rec
     asyncio.run(scenario())
 
 
+def test_a_job_that_ends_within_a_second_of_a_takeover_saves_no_record_over_its_successors(tmp_path):
+    """The fence check's verdict is kept for a second (`FENCE_CHECK_S`): a job that ended within a second of a
+    takeover saved its end (succeeded) over the record in which the successor's start failed it, and appended its
+    change beside the successor's log. A job's end reads the lease afresh now: nothing of it is written."""
+    from serve_apps.jobs import JobRecord
+    from tests.test_serve_jobs import HeldJobs, _submit
+
+    async def scenario() -> None:
+        fenced = _job_backend(tmp_path, slots=1)
+        held = HeldJobs(fenced.jobs)
+        running = _submit(fenced.jobs, "acme")
+        fenced.check_writable()  # it holds the store, and keeps that verdict...
+        fenced._fence_checked = time.monotonic() + 3600  # ...however slow this machine is until the job ends
+        successor = _job_backend(tmp_path)  # takes the store over; its start fails the job
+        await held.finish(running)
+        record = JobRecord.model_validate_json((tmp_path / "jobs" / "acme" / running / "job.json").read_text())
+        assert (record.state, fenced.jobs.jobs[running].state) == ("failed", "succeeded")
+        successor._catch_up_jobs("acme")
+        assert _job_changes(successor) == [("job.failed", running)]
+
+    asyncio.run(scenario())
+
+
 def test_a_fenced_backend_saves_no_job_record_over_its_successors_and_starts_none_of_its_queued_jobs(tmp_path):
     """The fenced backend's job queue went on after the takeover: a job that ended there saved its record over the one
     the successor's start wrote (failed, and recorded so on the change log), its queued job started (saved as
