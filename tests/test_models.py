@@ -198,6 +198,11 @@ def _model(**changes) -> Model:
     ({"params": (Param("k", "furlong/s", 1.0, 0.5, 2.0),)}, "model decay: params.k: unknown unit 'furlong/s'"),
     ({"default_dt": 0.0}, "model decay: default_dt: must be a finite number of seconds > 0"),
     ({"derivative": None}, "model decay: derivative: must be a function"),
+    # telemetry and metrics name variables by name alone: a reading of `y` would also drive an input `y`
+    ({"inputs": (Input("y", "m/s"),)}, "model decay: inputs.y: shares its name with outputs.y: .* rename one"),
+    ({"inputs": (Input("x", "m/s"),)}, "model decay: inputs.x: shares its name with states.x"),
+    # an output named after a state is read from the state by metrics: in another unit it would be mislabelled
+    ({"outputs": (Output("x", "mm"),)}, "model decay: outputs.x: unit 'mm' is not 'm', the unit of the state"),
 ])
 def test_bad_declarations_are_refused_at_construction(changes, expected):
     with pytest.raises(ModelCheckError, match="^" + expected) as info:

@@ -12,7 +12,8 @@ pure functions over *tuples of arrays* (one array per variable):
   state``, applied last, to keep a state in its physical domain.
 
 Construction checks what can be checked without running the functions (kinds, unique identifier
-names, units in `raytwin.units`, a positive finite ``default_dt``) and raises `ModelCheckError`
+names, no input named like a state or output, an output named like a state in its unit, units in
+`raytwin.units`, a positive finite ``default_dt``) and raises `ModelCheckError`
 naming the model and the field; `raytwin.sim.checks.check_model` runs the functions.
 
 Tuples of arrays ("struct of arrays") rather than stacked vectors are a deliberate choice: every
@@ -151,6 +152,25 @@ def _identity(x: Arrays) -> Arrays:
     return x
 
 
+def _check_shared_names(model: Model, fail: Callable[[str, str], ModelCheckError]) -> None:
+    """Refuse names that telemetry and scenario metrics could not tell apart: they name a variable by its name
+    alone, so an input named like a state or output would be fed by, or stand in for, the other (a reading of
+    ``theta`` drove the torque input ``theta`` too). An output may repeat a state's name, the state observed, but
+    then in the state's unit: metrics read such an output from the state."""
+    others = {v.name: kind for kind in ("states", "outputs") for v in getattr(model, kind)}
+    for v in model.inputs:
+        if v.name in others:
+            raise fail(f"inputs.{v.name}", f"shares its name with {others[v.name]}.{v.name}: telemetry and scenario "
+                                            "metrics name a variable by its name alone; rename one of them")
+    states = {v.name: v for v in model.states}
+    for v in model.outputs:
+        if v.name in states and not units.same_unit(v.unit, states[v.name].unit):
+            raise fail(f"outputs.{v.name}", f"unit {v.unit!r} is not {states[v.name].unit!r}, the unit of the state it "
+                                            "is named after: metrics read such an output from the state; declare "
+                                            "the state's unit, or name the output differently (e.g. "
+                                            f"{v.name}_{v.unit.replace('/', '_per_')})")
+
+
 class ModelCheckError(ValueError):
     """A model declaration or function that RayTwin cannot run safely: one line naming the model
     and the field (``model pump: states[1]: unit 'bar' is unknown ...``)."""
@@ -274,6 +294,7 @@ class Model(Declared):
                     raise fail(f"{kind}.{v.name}", str(exc)) from None
         if not self.states:
             raise fail("states", "a model needs at least one state")
+        _check_shared_names(self, fail)
         for fn in ("coefficients", "derivative", "output", "project"):
             if not callable(getattr(self, fn)):
                 raise fail(fn, "must be a function")
