@@ -91,6 +91,23 @@ def test_an_fmu_unit_raytwin_does_not_know_is_refused_naming_the_variable(refere
         FmuModel.load(reference_fmus[(2, "BouncingBall")])
 
 
+def test_an_fmu_without_a_binary_for_this_platform_is_refused_naming_the_platforms(reference_fmus, tmp_path):
+    """An FMU exported for macOS only loaded (its description is portable) and its first run failed with fmpy's
+    "Cannot find shared library /tmp/raytwin-fmu-.../binaries/linux64/...", naming neither the FMU nor the fix."""
+    import fmpy
+
+    darwin = tmp_path / "BouncingBall.fmu"
+    with zipfile.ZipFile(reference_fmus[(2, "BouncingBall")]) as src, zipfile.ZipFile(darwin, "w") as dst:
+        for item in src.infolist():
+            if not item.filename.startswith("sources/"):
+                name = item.filename.replace(f"binaries/{fmpy.platform}/", "binaries/darwin64/")
+                dst.writestr(name.replace(".so", ".dylib"), src.read(item))
+    model = FmuModel.load(darwin)
+    with pytest.raises(FmuError, match=rf"^FMU BouncingBall has no binary for this machine's platform {fmpy.platform} "
+                                       rf"\(it has: darwin64\): export it again for {fmpy.platform}$"):
+        FmuInstance(model, "CoSimulation")
+
+
 def test_an_fmu_with_array_variables_is_refused(reference_fmus):
     with pytest.raises(FmuError, match="StateSpace.fmu: variable A is an array .* scalar variables only"):
         FmuModel.load(reference_fmus[(3, "StateSpace")])

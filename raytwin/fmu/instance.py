@@ -78,6 +78,21 @@ class FmuScenario:
                 raise FmuError(f"scenario: input {name} is {series[k]} at step {k}; inputs must be finite numbers")
 
 
+def _check_platform(model: FmuModel, path: str) -> None:
+    """Refuse an FMU without a binary for this machine before extracting it: fmpy's "Cannot find shared library"
+    named a temporary folder, not the FMU, nor the platforms it was exported for."""
+    from fmpy import platform, supported_platforms
+
+    platforms = supported_platforms(path)
+    if platform in platforms:
+        return
+    built = ", ".join(p for p in platforms if p != "c-code") or "none"
+    sources = "; it ships its C sources: compile them for this platform (fmpy.util.compile_platform_binary)" \
+        if "c-code" in platforms else ""
+    raise FmuError(f"FMU {model.name} has no binary for this machine's platform {platform} (it has: {built}): "
+                   f"export it again for {platform}{sources}")
+
+
 class FmuInstance:
     """One instantiated FMU (co-simulation or model exchange) that runs scenarios one after another."""
 
@@ -87,6 +102,7 @@ class FmuInstance:
         if interface not in model.interfaces:
             raise FmuError(f"FMU {model.name} does not provide {interface}; it provides {list(model.interfaces)}")
         path = model.local_path()
+        _check_platform(model, path)
         self.model = model
         self.interface = interface
         self.md = read_model_description(path, validate=False)
