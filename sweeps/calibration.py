@@ -232,6 +232,12 @@ class Problem:
     def n(self) -> int:
         return self.y.shape[0]
 
+    @property
+    def n_sub(self) -> int:
+        """RK4 sub-steps per sample interval: at most the model's ``default_dt`` each, as twins and the
+        prediction-error fit integrate (one step per 0.5 s sample fitted a pendulum's length 90 sigma off)."""
+        return substeps_per_sample(self.dt, self.model.default_dt)
+
     def windows(self, k: int) -> list[int]:
         """Data lengths for the scheduler's iterations: N/k, 2N/k, ..., N."""
         return [max(2, round(self.n * (i + 1) / k)) for i in range(k)]
@@ -242,7 +248,7 @@ class Problem:
 
     def _args(self, theta_log, n: int) -> tuple:
         return (self.model, tuple(self.free_index.tolist()), jnp.asarray(theta_log), self.base_params, self.x0,
-                self.u[:n], self.y[:n], self.sigma, self.dt)
+                self.u[:n], self.y[:n], self.sigma, self.dt, self.n_sub)
 
     @in_float64
     def residuals(self, theta_log, n: int) -> np.ndarray:
@@ -256,7 +262,7 @@ class Problem:
 
     @in_float64
     def predict(self, theta_log) -> np.ndarray:
-        return np.asarray(_predict(self.model, self.x0, self.params(theta_log), self.u, self.dt))
+        return np.asarray(_predict(self.model, self.x0, self.params(theta_log), self.u, self.dt, self.n_sub))
 
     def loss(self, theta_log: np.ndarray, n: int) -> float:
         r = self.residuals(theta_log, n)
@@ -268,22 +274,29 @@ def _params(base, free_index: tuple[int, ...], theta_log):
     return jnp.asarray(base).at[jnp.asarray(free_index)].set(jnp.exp(theta_log))
 
 
-@partial(jax.jit, static_argnames=("model",))
-def _predict(model: Model, x0, params, u, dt):
-    """Outputs at every sample: states x_0..x_{N-1} under inputs u_0..u_{N-2} (zero-order hold)."""
+def substeps_per_sample(dt: float, default_dt: float) -> int:
+    """RK4 sub-steps that split a sample interval `dt` into steps of at most `default_dt`."""
+    return max(math.ceil(dt / default_dt - 1e-9), 1)
+
+
+@partial(jax.jit, static_argnames=("model", "n_sub"))
+def _predict(model: Model, x0, params, u, dt, n_sub: int):
+    """Outputs at every sample: states x_0..x_{N-1} under inputs u_0..u_{N-2} (zero-order hold), each
+    interval integrated in `n_sub` RK4 sub-steps of dt / n_sub."""
     p = unstack(params)
-    run = rollout(model, unstack(x0), p, dt, u.shape[0] - 1, unstack(u[:-1]))
-    states = tuple(jnp.concatenate([x0[i][None], s]) for i, s in enumerate(run.trajectory))
+    held = jnp.repeat(u[:-1], n_sub, axis=0)
+    run = rollout(model, unstack(x0), p, dt / n_sub, held.shape[0], unstack(held))
+    states = tuple(jnp.concatenate([x0[i][None], s[n_sub - 1::n_sub]]) for i, s in enumerate(run.trajectory))
     return jnp.stack(model.output(states, unstack(u), model.coefficients(p)), axis=-1)
 
 
-def _residuals_fn(model, free_index, theta_log, base, x0, u, y, sigma, dt):
-    pred = _predict(model, x0, _params(base, free_index, theta_log), u, dt)
+def _residuals_fn(model, free_index, theta_log, base, x0, u, y, sigma, dt, n_sub):
+    pred = _predict(model, x0, _params(base, free_index, theta_log), u, dt, n_sub)
     return ((pred - y) / sigma).ravel()
 
 
-_residuals = jax.jit(_residuals_fn, static_argnames=("model", "free_index"))
-_jacobian = jax.jit(jax.jacfwd(_residuals_fn, argnums=2), static_argnames=("model", "free_index"))
+_residuals = jax.jit(_residuals_fn, static_argnames=("model", "free_index", "n_sub"))
+_jacobian = jax.jit(jax.jacfwd(_residuals_fn, argnums=2), static_argnames=("model", "free_index", "n_sub"))
 
 
 def read_telemetry(url: str, storage_options: dict | None = None) -> tuple[pa.Table, str]:
@@ -585,7 +598,7 @@ def prediction_error(problem: Problem, theta_log: np.ndarray) -> tuple[np.ndarra
     (`sweeps.pem`) started from `theta_log`."""
     model = problem.model
     defaults = model_defaults(model)
-    n_sub = max(math.ceil(problem.dt / model.default_dt - 1e-9), 1)
+    n_sub = problem.n_sub
     declared = lambda kind, names, fallback: np.array([defaults[kind].get(v, fallback) for v in names])  # noqa: E731
     exact = START_STD_FRACTION * declared("initial_std", model.state_names, 1.0)
     fit = pem_fit(model, tuple(problem.free_index.tolist()), n_sub, theta_log, problem.base_params, problem.x0,

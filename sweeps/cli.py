@@ -273,7 +273,7 @@ def calibrate_run(
 def calibrate_synthetic(
     model: Annotated[str, typer.Argument(help="Simulator name (e.g. thermal_rc) or import path package.module:MODEL.")],
     out: Annotated[Path, typer.Option(help="Parquet file to write.")],
-    steps: Annotated[int, typer.Option(min=3, help="Samples (a calibration needs 3 or more).")] = 2000,
+    steps: Annotated[int, typer.Option(min=3, help="Samples (a calibration needs 5 per free parameter).")] = 2000,
     dt: Annotated[float | None, typer.Option(help="Sample period [s] > 0; default the model's step.")] = None,
     param: Annotated[list[str] | None, typer.Option(help="True parameter NAME=VALUE (repeatable).")] = None,
     noise: Annotated[list[str] | None, typer.Option(help="Output noise std OUTPUT=STD (repeatable).")] = None,
