@@ -121,15 +121,22 @@ class ContractError(ValueError):
 
 def describe_error(exc: Exception) -> str:
     """A one-line, human-readable reason for a rejection (used in dead letters and HTTP errors)."""
-    if isinstance(exc, SpecError):
-        return "; ".join(exc.reasons)
     if isinstance(exc, ValidationError):
-        parts = []
-        for err in exc.errors(include_url=False):
-            loc = ".".join(str(p) for p in err["loc"]) or "<root>"
-            parts.append(f"{loc}: {_message(err)}")
-        return "; ".join(parts)
+        return "; ".join(reasons(exc))
     return str(exc)
+
+
+def reasons(exc: ValidationError) -> list[str]:
+    """Each error as ``field: message``, a whole-model check's message alone, without pydantic's "Value error, ":
+    the same reason for the same fault whatever the input (dead letters are told apart by it), no noise to skip."""
+    out = []
+    for err in exc.errors(include_url=False):
+        message = _message(err)
+        if err["type"] == "value_error":
+            message = message.removeprefix("Value error, ")
+        loc = ".".join(str(p) for p in err["loc"])
+        out.append(f"{loc}: {message}" if loc else message)
+    return out
 
 
 class SpecError(ValidationError):
@@ -140,14 +147,7 @@ class SpecError(ValidationError):
     @property
     def reasons(self) -> list[str]:
         """Each error as ``field: message`` (a whole-spec check's message alone), without "Value error, "."""
-        reasons = []
-        for err in self.errors(include_url=False):
-            message = _message(err)
-            if err["type"] == "value_error":
-                message = message.removeprefix("Value error, ")
-            loc = ".".join(str(p) for p in err["loc"])
-            reasons.append(f"{loc}: {message}" if loc else message)
-        return reasons
+        return reasons(self)
 
     def __str__(self) -> str:
         return "\n".join(self.reasons)

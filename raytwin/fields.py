@@ -17,9 +17,16 @@ class Contract(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+JSON_KINDS = {bool: "a boolean", str: "a string", type(None): "null", list: "a list", dict: "an object"}
+"""What a JSON value that is no number is, in the words of JSON (a refusal names it, never echoes it)."""
+
+
 def _fits_float(value: Any) -> Any:
-    """Refuse an integer beyond a 64-bit float's range (a JSON number of 400 digits) as invalid input:
+    """Refuse what is no number with one reason (the union below would give one per member, ``value.float: ...;
+    value.int: ...``), and an integer beyond a 64-bit float's range (a JSON number of 400 digits) as invalid input:
     the finiteness check and `float()` would raise OverflowError, which pydantic lets escape."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"expected a number, not {JSON_KINDS.get(type(value), type(value).__name__)}")
     if type(value) is int:
         try:
             float(value)

@@ -211,9 +211,9 @@ def test_asset_type_variables_carry_plausible_ranges_from_the_simulator_in_decla
         ({"sequence": 2**63}, "sequence: Input should be less than or equal to 9223372036854775807"),
         ({"measurements": {"T_in": {"value": 10**400, "unit": "K"}}}, "number too large for a 64-bit float"),
         ({"measurements": {"T_in": {"value": True, "unit": "K"}}}, "measurements.T_in.value"),
-        ({"idempotency_key": "\ud800"}, "idempotency_key: Value error, text is not valid Unicode"),
+        ({"idempotency_key": "\ud800"}, "idempotency_key: text is not valid Unicode"),
         ({"measurements": {"\ud800": {"value": 1.0, "unit": "K"}}}, "text is not valid Unicode"),
-        ({"event_time": "0001-01-01T00:00:00+01:00"}, "event_time: Value error, time is outside the range"),
+        ({"event_time": "0001-01-01T00:00:00+01:00"}, "event_time: time is outside the range"),
     ],
 )
 def test_values_beyond_what_the_log_can_hold_are_validation_errors(kw, reason):
@@ -222,6 +222,23 @@ def test_values_beyond_what_the_log_can_hold_are_validation_errors(kw, reason):
     UnicodeEncodeError past the contract and fail the whole batch they came in."""
     assert reason in rejection(**kw)
     assert event(sequence=2**63 - 1).sequence == 2**63 - 1
+
+
+def test_rejection_reasons_read_like_spec_errors_one_per_fault_and_the_same_for_the_same_fault():
+    """A telemetry rejection's reason (`describe_error`: the API's rejections, the dead letters) was pydantic's:
+    ``<root>: Value error, ...`` for a whole-event check and, for a value that is no number, one reason per member of
+    the number type (``value.float: ...; value.int: ...``). Now each reason is ``field: message`` as `SpecError`'s are,
+    and a fault reads the same whatever the value, so dead letters can be told apart (and counted) by reason."""
+    future = (datetime.now(UTC) + timedelta(days=1)).isoformat()
+    clock = rejection(event_time=future, ingest_time=None)
+    assert clock.startswith("event_time ") and "after the server's clock" in clock
+    for value, kind in (("21.5", "a string"), (None, "null"), (True, "a boolean"), ([1.0], "a list")):
+        assert rejection(measurements={"T_in": {"value": value, "unit": "K"}}) == \
+            f"measurements.T_in.value: expected a number, not {kind}"
+    assert rejection(sequence="x", quality="meh") == \
+        "sequence: Input should be a valid integer; quality: Input should be 'good', 'uncertain' or 'bad'"
+    for reason in (clock, rejection(event_time="yesterday")):
+        assert "<root>" not in reason and "Value error" not in reason
 
 
 def test_times_are_bounded_by_the_servers_clock():

@@ -401,7 +401,7 @@ def test_poison_rows_are_dead_lettered_and_never_block_a_stream(service):
         ({**good[0], "sequence": 90, "measurements": {"h1": {"value": 10**400, "unit": "mm"}}}, "too large for a 64-bit"),
         ({**good[0], "sequence": 91, "idempotency_key": "\ud800"}, "not valid Unicode"),
         (["not", "an", "object"], "must be a JSON object, not list"),
-        ({**good[0], "sequence": 92, "measurements": {"h1": {"value": deep, "unit": "mm"}}}, "valid number"),
+        ({**good[0], "sequence": 92, "measurements": {"h1": {"value": deep, "unit": "mm"}}}, "expected a number, not a list"),
     ]
     stream = [good[0], good[1], poison[0][0], good[2], *[p for p, _ in poison[1:]], good[3], good[4], good[5]]
     first = service.ingest_stream("acme", iter(stream))
