@@ -6,6 +6,7 @@ and `If-None-Match: *` (`serve_apps.conditional`), evaluated by the backend wher
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Query, Request, Response
@@ -165,20 +166,34 @@ def register(app: FastAPI) -> None:
         "description": "Send it as `cursor` for the page of older records; absent on the oldest page",
         "schema": {"type": "string"}}}}})
     async def audit_log(response: Response, day: str | None = DAY, limit: Limit = 1000,
-                        cursor: Annotated[str | None, Query(pattern=CURSOR_PATTERN, description=(
+                        cursor: Annotated[str | None, Query(description=(
                             f"`{NEXT_CURSOR}` of the previous answer, unchanged: the `limit` records before it"))] = None,
                         who: Principal = ADMIN, svc: Services = SVC) -> list[dict[str, Any]]:
         """The tenant's newest audit records (of one UTC day if given), oldest first (admin only); the records
         before them a page at a time with `cursor` (the `X-Next-Cursor` header of each answer but the oldest).
         An action beyond the store is two records sharing an `action_id`: its `intent`, written before it, and its
         `outcome`; an intent without its outcome reads `outcome_missing: true` (attempted, result unknown)."""
-        if day is not None and cursor is not None and not cursor.startswith(f"{day}/"):
-            raise Unprocessable(f"query.cursor: {cursor} is a cursor of another day than {day}; send the "
-                                f"{NEXT_CURSOR} of an answer for day={day}, or no cursor for its newest records")
+        _check_audit_cursor(cursor, day)
         page = await run_in_threadpool(svc.audit.page, who.tenant, day, limit, cursor)
         if page.next_cursor is not None:
             response.headers[NEXT_CURSOR] = page.next_cursor
         return [r.as_json() for r in page.records]
+
+
+def _check_audit_cursor(cursor: str | None, day: str | None) -> None:
+    """422 for a cursor no audit answer gave, saying what one is and where it comes from (the pattern the query
+    parameter had was an answer's regex: it told a client nothing it could act on)."""
+    if cursor is None:
+        return
+    if not re.fullmatch(CURSOR_PATTERN, cursor):
+        raise Unprocessable(f"query.cursor: not a cursor of the audit log; a cursor is the {NEXT_CURSOR} header of a "
+                            "GET /v1/audit answer (it names the oldest record that answer held): send it back "
+                            "unchanged for the records before them, or no cursor for the newest records",
+                            details=[{"loc": ["query", "cursor"]}])
+    if day is not None and not cursor.startswith(f"{day}/"):
+        raise Unprocessable(f"query.cursor: {cursor} is a cursor of another day than {day}; send the "
+                            f"{NEXT_CURSOR} of an answer for day={day}, or no cursor for its newest records",
+                            details=[{"loc": ["query", "cursor"]}])
 
 
 def _asset(tenant: str, asset_id: str, body: AssetUpdate) -> Asset:

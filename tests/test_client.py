@@ -1318,7 +1318,9 @@ def test_client_errors_cross_processes_as_themselves():
 
 def test_the_whole_audit_log_is_read_a_page_at_a_time(api, sdk):
     """GET /v1/audit answered only the newest `limit` (at most 10,000) records, so on a busy day the older ones could
-    not be read through the API: each page's X-Next-Cursor names the page before it, and the SDK follows it."""
+    not be read through the API: each page's X-Next-Cursor names the page before it, and the SDK follows it. A cursor
+    it never gave is refused saying what a cursor is and where it comes from (it was pydantic's "String should match
+    pattern '^\\d{4}-...'")."""
     from datetime import date
 
     client, auth, _ = api
@@ -1336,7 +1338,12 @@ def test_the_whole_audit_log_is_read_a_page_at_a_time(api, sdk):
     other_day = client.get("/v1/audit", params={"day": "2020-01-01", "cursor": first.headers["X-Next-Cursor"]},
                            headers=auth["admin"])
     assert other_day.status_code == 422 and "is a cursor of another day than 2020-01-01" in other_day.text
-    assert client.get("/v1/audit", params={"cursor": "../../keys"}, headers=auth["admin"]).status_code == 422
+    for bad in ("../../keys", "2026-12-07", first.headers["X-Next-Cursor"] + "x"):
+        refused = client.get("/v1/audit", params={"cursor": bad}, headers=auth["admin"])
+        message = refused.json()["error"]["message"]
+        assert refused.status_code == 422 and message.startswith("query.cursor: not a cursor of the audit log; a "
+                                                                 "cursor is the X-Next-Cursor header of a GET /v1/audit")
+        assert "\\d" not in message and refused.json()["error"]["details"] == [{"loc": ["query", "cursor"]}]
 
 
 def test_a_prune_that_fails_partway_audits_what_it_did(api, sdk, monkeypatch):
