@@ -6,17 +6,18 @@ import asyncio
 import os
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 
 from client.base import ClientBase
-from client.calls import Call, T, _nothing
+from client.calls import AssetFilter, Call, T, _nothing
 from client.downloads import CHUNK_BYTES, JOB_FILE, RUN_FILE, FileDownload, download_target
 from client.errors import from_response
 from client.jobs import JobWait
 from client.model_calls import needs_production, rollback_call, run_file_call
-from client.pages import AuditPager, JobPager, QueryPager
+from client.pages import (AuditPager, CursorPager, QueryPager, asset_pager, asset_type_pager, command_pager,
+                          connector_pager, job_pager)
 from client.retry import RetryPolicy
 from client.scenario_calls import job_file_call
 from client.subscription import Subscription
@@ -25,9 +26,14 @@ from serve_apps.changes import Change
 if TYPE_CHECKING:
     from datetime import date
 
+    from connectors.commands import Command
+    from connectors.runtime import ConnectorStatus
+    from raytwin.contracts import Asset, AssetType, RelationshipKind
     from serve_apps.audit import AuditRecord
     from serve_apps.jobs import Job
     from serve_apps.routes_models import RollbackRequest, TransitionAnswer
+
+I = TypeVar("I")
 
 
 class AsyncRayTwinClient(ClientBase):
@@ -123,12 +129,32 @@ class AsyncRayTwinClient(ClientBase):
             for item in pager.feed(await self._send(pager.call())):
                 yield item
 
-    async def iter_jobs(self, state: str | None = None, page_size: int = 100) -> AsyncIterator[Job]:
+    def iter_jobs(self, state: str | None = None, page_size: int = 100) -> AsyncIterator[Job]:
         """Every job of the tenant, newest first, page after page (see `RayTwinClient.iter_jobs`)."""
-        pager = JobPager(state, page_size)
+        return self._walk(job_pager(state, page_size))
+
+    def iter_assets(self, type_name: str | None = None, type_version: str | None = None,
+                    related_to: str | None = None, relationship: RelationshipKind | None = None,
+                    page_size: int = 100) -> AsyncIterator[Asset]:
+        """Every asset of the tenant, in id order, page after page (see `RayTwinClient.iter_assets`)."""
+        return self._walk(asset_pager(AssetFilter(type_name, type_version, related_to, relationship), page_size))
+
+    def iter_asset_types(self, name: str | None = None, page_size: int = 100) -> AsyncIterator[AssetType]:
+        """Every asset type of the tenant, in `name@version` order, page after page."""
+        return self._walk(asset_type_pager(name, page_size))
+
+    def iter_commands(self, asset_id: str | None = None, page_size: int = 100) -> AsyncIterator[Command]:
+        """Every command of the tenant (of one asset if given), in id order, page after page."""
+        return self._walk(command_pager(asset_id, page_size))
+
+    def iter_connectors(self, page_size: int = 100) -> AsyncIterator[ConnectorStatus]:
+        """Every connector of the tenant with its status, in name order, page after page."""
+        return self._walk(connector_pager(page_size))
+
+    async def _walk(self, pager: CursorPager[Any, I]) -> AsyncIterator[I]:
         while not pager.done:
-            for job in pager.feed(await self._send(pager.call())):
-                yield job
+            for item in pager.feed(await self._send(pager.call())):
+                yield item
 
     async def audit_records(self, day: date | None = None, page_size: int = 1000) -> AsyncIterator[AuditRecord]:
         """Every audit record of the tenant (of one UTC day if given), newest first (see `RayTwinClient.audit_records`)."""

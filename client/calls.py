@@ -28,7 +28,8 @@ from raytwin.migration import MigrationRequest
 from serve_apps.deprecation import Deprecation
 from serve_apps.query_schemas import AssetGraph, BulkAccepted, BulkReport, BulkRequest
 from serve_apps.audit import AuditRecord
-from serve_apps.schemas import AssetCreate, AssetUpdate, Divergence, DriftClear, Health, IngestResult, Related
+from serve_apps.schemas import (AssetCreate, AssetPage, AssetTypePage, AssetUpdate, Divergence, DriftClear, Health,
+                                IngestResult, Related)
 
 if TYPE_CHECKING:  # answers whose server modules import Ray or JAX: loaded on first use (see `_lazy`)
     from serve_apps.job_listing import JobPage
@@ -250,9 +251,10 @@ class Endpoints(Sender):
         return self._send(Call("GET", "/v1/asset-types/{name}/{version}", _revisioned(AssetType), idempotent=True,
                                path_params={"name": name, "version": version}))
 
-    def list_asset_types(self, name: str | None = None) -> list[AssetType]:
-        return self._send(Call("GET", "/v1/asset-types", _models(AssetType), params=_present(name=name),
-                               idempotent=True))
+    def list_asset_types(self, name: str | None = None, limit: int = 100, cursor: str | None = None) -> AssetTypePage:
+        """A page of the tenant's asset types (of one `name` if given) in `name@version` order; pass its `next_cursor`
+        back as `cursor` for the next page (`iter_asset_types` walks them all)."""
+        return self._send(asset_types_call(name, limit, cursor))
 
     def delete_asset_type(self, name: str, version: str, if_match: int | str | None = None) -> None:
         """Remove an unused type version (admin; Conflict while assets name it, while its model's lifecycle needs it or
@@ -271,9 +273,11 @@ class Endpoints(Sender):
                                path_params={"asset_id": asset_id}))
 
     def list_assets(self, type_name: str | None = None, type_version: str | None = None,
-                    related_to: str | None = None, relationship: RelationshipKind | None = None) -> list[Asset]:
-        return self._send(Call("GET", "/v1/assets", _models(Asset), idempotent=True, params=_present(
-            type_name=type_name, type_version=type_version, related_to=related_to, relationship=relationship)))
+                    related_to: str | None = None, relationship: RelationshipKind | None = None, limit: int = 100,
+                    cursor: str | None = None) -> AssetPage:
+        """A page of the tenant's assets (filtered by type and relationship) in id order; pass its `next_cursor` back
+        as `cursor` for the next page (`iter_assets` walks them all; `query` also sorts, projects and reads state)."""
+        return self._send(assets_call(AssetFilter(type_name, type_version, related_to, relationship), limit, cursor))
 
     def update_asset(self, asset_id: str, update: AssetUpdate, if_match: int | str | None = None) -> Revisioned[Asset]:
         """Replace an asset; with `if_match` only at that revision (else PreconditionFailed, nothing changed)."""
@@ -384,8 +388,31 @@ class Endpoints(Sender):
                                params=_present(day=day.isoformat() if day is not None else None, limit=limit)))
 
 
+@dataclass(frozen=True)
+class AssetFilter:
+    """What `list_assets` and `iter_assets` filter the tenant's assets by (None: any)."""
+
+    type_name: str | None = None
+    type_version: str | None = None
+    related_to: str | None = None
+    relationship: RelationshipKind | None = None
+
+
+def assets_call(where: AssetFilter, limit: int, cursor: str | None) -> Call[AssetPage]:
+    """A page of the tenant's assets in id order (`Endpoints.list_assets`, `client.pages.asset_pager`)."""
+    return Call("GET", "/v1/assets", _model(AssetPage), idempotent=True, params=_present(
+        type_name=where.type_name, type_version=where.type_version, related_to=where.related_to,
+        relationship=where.relationship, limit=limit, cursor=cursor))
+
+
+def asset_types_call(name: str | None, limit: int, cursor: str | None) -> Call[AssetTypePage]:
+    """A page of the tenant's asset types (`Endpoints.list_asset_types`, `client.pages.asset_type_pager`)."""
+    return Call("GET", "/v1/asset-types", _model(AssetTypePage), idempotent=True,
+                params=_present(name=name, limit=limit, cursor=cursor))
+
+
 def jobs_call(state: str | None, limit: int, cursor: str | None) -> Call[JobPage]:
-    """A page of the tenant's jobs, newest first (`Endpoints.jobs`, `client.pages.JobPager`)."""
+    """A page of the tenant's jobs, newest first (`Endpoints.jobs`, `client.pages.job_pager`)."""
     return Call("GET", "/v1/jobs", _lazy("serve_apps.job_listing:JobPage"), idempotent=True,
                 params=_present(state=state, limit=limit, cursor=cursor))
 

@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Any
 from client.calls import Call, Sender, _lazy, _model, _models, _nothing, _present
 from connectors.commands import Command
 from connectors.spec import Credentials
-from serve_apps.schemas import DeadLetter
+from serve_apps.schemas import CommandPage, DeadLetter
 
 if TYPE_CHECKING:
     from connectors.runtime import ConnectorStatus
-    from serve_apps.routes_connectors import ConnectorView
+    from serve_apps.routes_connectors import ConnectorPage, ConnectorView
 
 _STATUS = "connectors.runtime:ConnectorStatus"
 
@@ -35,9 +35,10 @@ class ConnectorCalls(Sender):
         return self._send(Call("POST", "/v1/connectors", _lazy("serve_apps.routes_connectors:ConnectorView"),
                                json=body, idempotent=True))
 
-    def connectors(self) -> list[ConnectorStatus]:
-        """Every connector of the tenant with its status."""
-        return self._send(Call("GET", "/v1/connectors", _lazy(_STATUS, many=True), idempotent=True))
+    def connectors(self, limit: int = 100, cursor: str | None = None) -> ConnectorPage:
+        """A page of the tenant's connectors with their statuses, in name order; pass its `next_cursor` back as
+        `cursor` for the next page (`iter_connectors` walks them all)."""
+        return self._send(connectors_call(limit, cursor))
 
     def connector(self, name: str) -> ConnectorView:
         """The declaration (never the credentials) and status: connected, messages, pending, lag_s, errors."""
@@ -86,11 +87,23 @@ class ConnectorCalls(Sender):
         return self._send(Call("POST", "/v1/commands/{command_id}/refuse", _model(Command), json={"reason": reason},
                                path_params={"command_id": command_id}))
 
-    def commands(self, asset_id: str | None = None) -> list[Command]:
-        """The tenant's commands (of one asset if given), oldest first, with history and acknowledgement."""
-        return self._send(Call("GET", "/v1/commands", _models(Command), params=_present(asset_id=asset_id),
-                               idempotent=True))
+    def commands(self, asset_id: str | None = None, limit: int = 100, cursor: str | None = None) -> CommandPage:
+        """A page of the tenant's commands (of one asset if given) in id order, with history and acknowledgement;
+        pass its `next_cursor` back as `cursor` for the next page (`iter_commands` walks them all)."""
+        return self._send(commands_call(asset_id, limit, cursor))
 
     def command(self, command_id: str) -> Command:
         return self._send(Call("GET", "/v1/commands/{command_id}", _model(Command), idempotent=True,
                                path_params={"command_id": command_id}))
+
+
+def connectors_call(limit: int, cursor: str | None) -> Call[ConnectorPage]:
+    """A page of the tenant's connectors (`ConnectorCalls.connectors`, `client.pages.connector_pager`)."""
+    return Call("GET", "/v1/connectors", _lazy("serve_apps.routes_connectors:ConnectorPage"), idempotent=True,
+                params=_present(limit=limit, cursor=cursor))
+
+
+def commands_call(asset_id: str | None, limit: int, cursor: str | None) -> Call[CommandPage]:
+    """A page of the tenant's commands (`ConnectorCalls.commands`, `client.pages.command_pager`)."""
+    return Call("GET", "/v1/commands", _model(CommandPage), idempotent=True,
+                params=_present(asset_id=asset_id, limit=limit, cursor=cursor))

@@ -1,23 +1,30 @@
-"""Pagination of asset queries, the job list and the audit log, shared by the sync and the async client: a
-`QueryPager`, `JobPager` or `AuditPager` builds each page's request from the last page's cursor; the clients only send
-and loop."""
+"""Pagination of asset queries, the listings (jobs, assets, asset types, commands, connectors) and the audit log,
+shared by the sync and the async client: a `QueryPager`, `CursorPager` or `AuditPager` builds each page's request from
+the last page's cursor; the clients only send and loop."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import date
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import httpx
 from pydantic import TypeAdapter
 
-from client.calls import ANSWER_EXTRA, Call, _model, _present, argument_model, jobs_call, names
+from client.calls import (ANSWER_EXTRA, AssetFilter, Call, _model, _present, argument_model, asset_types_call,
+                          assets_call, jobs_call, names)
+from client.connector_calls import commands_call, connectors_call
+from connectors.commands import Command
+from raytwin.contracts import Asset, AssetType
 from serve_apps.audit import NEXT_CURSOR, AuditRecord
 from serve_apps.query_schemas import QueryPage, QueryRequest
+from serve_apps.schemas import AssetPage, AssetTypePage, CommandPage
 
-if TYPE_CHECKING:  # imports Ray: loaded with the first page (`client.calls._lazy`)
+if TYPE_CHECKING:  # import Ray: loaded with the first page (`client.calls._lazy`)
+    from connectors.runtime import ConnectorStatus
     from serve_apps.job_listing import JobPage
     from serve_apps.jobs import Job
+    from serve_apps.routes_connectors import ConnectorPage
 
 
 def query_call(request: QueryRequest) -> Call[QueryPage]:
@@ -47,22 +54,56 @@ class QueryPager:
         return page.items
 
 
-class JobPager:
-    """Follows `GET /v1/jobs`' `next_cursor` to the last page: the tenant's jobs (of one `state` if given), newest
-    first by submission; jobs submitted after the first page are not on later ones."""
+class Paged(Protocol):
+    next_cursor: str | None
 
-    def __init__(self, state: str | None = None, page_size: int = 100):
-        self.state, self.page_size = state, page_size
+
+P = TypeVar("P", bound=Paged)
+I = TypeVar("I")
+
+
+class CursorPager(Generic[P, I]):
+    """Follows a listing's `next_cursor` to its last page: `GET /v1/jobs`, and the assets, asset types, commands and
+    connectors (`serve_apps.listing`). `call(cursor)` builds a page's request, `items(page)` takes its items."""
+
+    def __init__(self, call: Callable[[str | None], Call[P]], items: Callable[[P], list[I]]):
+        self._call, self._items = call, items
         self.cursor: str | None = None
         self.done = False
 
-    def call(self) -> Call[JobPage]:
-        return jobs_call(self.state, self.page_size, self.cursor)
+    def call(self) -> Call[P]:
+        return self._call(self.cursor)
 
-    def feed(self, page: JobPage) -> list[Job]:
+    def feed(self, page: P) -> list[I]:
         self.cursor = page.next_cursor
         self.done = self.cursor is None
-        return page.jobs
+        return self._items(page)
+
+
+def job_pager(state: str | None = None, page_size: int = 100) -> CursorPager[JobPage, Job]:
+    """The tenant's jobs (of one `state` if given), newest first by submission; jobs submitted after the first page
+    are not on later ones."""
+    return CursorPager(lambda cursor: jobs_call(state, page_size, cursor), lambda page: page.jobs)
+
+
+def asset_pager(where: AssetFilter, page_size: int = 100) -> CursorPager[AssetPage, Asset]:
+    """The tenant's assets `where` selects, in id order."""
+    return CursorPager(lambda cursor: assets_call(where, page_size, cursor), lambda page: page.assets)
+
+
+def asset_type_pager(name: str | None = None, page_size: int = 100) -> CursorPager[AssetTypePage, AssetType]:
+    """The tenant's asset types (of one `name` if given), in `name@version` order."""
+    return CursorPager(lambda cursor: asset_types_call(name, page_size, cursor), lambda page: page.asset_types)
+
+
+def command_pager(asset_id: str | None = None, page_size: int = 100) -> CursorPager[CommandPage, Command]:
+    """The tenant's commands (of one asset if given), in id order."""
+    return CursorPager(lambda cursor: commands_call(asset_id, page_size, cursor), lambda page: page.commands)
+
+
+def connector_pager(page_size: int = 100) -> CursorPager[ConnectorPage, ConnectorStatus]:
+    """The tenant's connectors with their statuses, in name order."""
+    return CursorPager(lambda cursor: connectors_call(page_size, cursor), lambda page: page.connectors)
 
 
 _AUDIT = TypeAdapter(list[AuditRecord])

@@ -90,7 +90,7 @@ def create(
 def list_connectors(url: API_URL, key: API_KEY) -> None:
     """Every connector of the key's tenant with its status."""
     with remote(url, key) as api:
-        for s in api.connectors():
+        for s in api.iter_connectors():
             lag = "-" if s.lag_s is None else f"{s.lag_s:.1f}s"
             typer.echo(f"{s.name}\t{s.kind}\t{s.state}\tconnected={s.connected}\tpending={s.pending}\t"
                        f"lag={lag}\terrors={s.errors}\tdead_lettered={s.dead_lettered}")
@@ -149,7 +149,7 @@ def list_commands(url: API_URL, key: API_KEY,
                   asset_id: Annotated[str | None, typer.Option(help="Only this asset's.")] = None) -> None:
     """The tenant's commands with status, correlation id and acknowledgement."""
     with remote(url, key) as api:
-        for c in api.commands(asset_id):
+        for c in api.iter_commands(asset_id):
             typer.echo(c.model_dump_json(include=_LISTED))
 
 

@@ -191,6 +191,24 @@ class CommandLedger:
         return [c for c in self._read(tenant, f"asset_id={asset_id}") if c.asset_id == asset_id]
 
     @store_io("read")
+    def ids(self, tenant: str, asset_id: str | None = None) -> list[str]:
+        """The ids of the tenant's commands (of one asset: its index markers, once the tenant is indexed; else every
+        id), sorted, listed without reading a record: the keys `GET /v1/commands` pages (`serve_apps.listing`)."""
+        if asset_id is not None and self._indexed.holds(tenant):
+            names = self._listed(self._index(tenant, f"asset_id={asset_id}"))
+        else:
+            names = self._records(tenant)
+        return sorted(name.rsplit("/", 1)[-1].removesuffix(".json") for name in names)
+
+    @store_io("read")
+    def read(self, tenant: str, ids: list[str], asset_id: str | None = None) -> dict[str, Command]:
+        """Those of the commands `ids` that exist (of `asset_id` if given: an id may be any of the tenant's), by id,
+        read in one batch."""
+        bodies = cat_existing(self.fs, [self._path(tenant, command_id) for command_id in ids]).values()
+        found = (Command.model_validate_json(body) for body in bodies)
+        return {c.id: c for c in found if asset_id in (None, c.asset_id)}
+
+    @store_io("read")
     def unsettled(self, tenant: str, connector: str) -> list[Command]:
         """The connector's unsettled commands (`is_unsettled`; once indexed, less the expired ones whose answer
         `recover` stopped awaiting), oldest first, those alone read: what its restarted process acts on."""

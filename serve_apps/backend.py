@@ -57,7 +57,7 @@ from serve_apps.jobs import Job, JobQueue, JobRecord, Work
 from serve_apps.query_schemas import AssetGraph, BulkRequest
 from serve_apps.recalibration import TenantState
 from serve_apps.recalibration_jobs import RecalibrationJobs
-from serve_apps.schemas import StoreFence
+from serve_apps.schemas import AssetPage, AssetTypePage, StoreFence
 from serve_apps.shadow_conclusions import conclude_running
 from serve_apps.store_errors import UNAVAILABLE_REASONS, StoreUnavailable, store_failure, unavailable
 from serve_apps.store_probe import BoundedRead
@@ -248,6 +248,12 @@ class Backend:
         with self._lock:
             return self.catalog.list_types(tenant, name)
 
+    def page_types(self, tenant: str, name: str | None, limit: int, cursor: str | None) -> AssetTypePage:
+        """A page of the tenant's types (`serve_apps.listing`)."""
+        with self._lock:
+            types, next_cursor = self.catalog.page_types(tenant, name, limit, cursor)
+        return AssetTypePage(asset_types=types, next_cursor=next_cursor)
+
     def delete_type(self, tenant: str, name: str, version: str, pre: Precondition) -> None:
         """Delete a type version nothing uses: refused (409) while assets name it (the catalog), while the model
         lifecycle needs it or twins hot-swapped to it run it (`serve_apps.type_usage`), each with what to do."""
@@ -403,6 +409,14 @@ class Backend:
                     relationship: RelationshipKind | None) -> list[Asset]:
         with self._lock:
             return self.catalog.list_assets(tenant, type_name, type_version, related_to, relationship)
+
+    def page_assets(self, tenant: str, type_name: str | None, type_version: str | None, related_to: str | None,
+                    relationship: RelationshipKind | None, limit: int, cursor: str | None) -> AssetPage:
+        """A page of `list_assets` (`serve_apps.listing`)."""
+        with self._lock:
+            assets, next_cursor = self.catalog.page_assets(tenant, type_name, type_version, related_to, relationship,
+                                                           limit, cursor)
+        return AssetPage(assets=assets, next_cursor=next_cursor)
 
     # ---- queries (serve_apps/asset_queries.py) ---------------------------------------------
     def query_candidates(self, tenant: str, expr: Expr, reads: list[tuple[str, str]]) -> list[Record]:

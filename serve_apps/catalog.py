@@ -11,6 +11,10 @@ a conflict, and "updating" a type means publishing a new version and moving asse
 version is checked against the newest older one (`raytwin.compat`): breaking changes need a new
 major version.
 
+Listings are paged in key order (`serve_apps.listing`): the asset ids of each tenant are kept sorted (`ids`,
+sorted once at load, then kept so by each create and delete), so a page of 100 of 100,000 assets reads 101 of them
+from its cursor on, and sorts nothing.
+
 Every asset and type carries a revision (stored with it: ``{"revision": 17, "asset": {...}}``),
 given by the caller: the backend passes the sequence number of the change-log entry that
 records the write (`serve_apps.changes`). Writes take a `Precondition` and evaluate it against
@@ -20,6 +24,7 @@ the current revision in the same call that writes, so a conditional write is a c
 from __future__ import annotations
 
 import json
+from bisect import bisect_left, insort
 from typing import Any
 
 from raytwin.compat import IncompatibleVersion, check_version, previous_version
@@ -29,6 +34,7 @@ from raytwin.storage import canonical_json, filesystem, replace_file
 from raytwin.store_failures import store_io
 from serve_apps.conditional import Precondition, content_tag
 from serve_apps.errors import Conflict, NotFound, Unprocessable
+from serve_apps.listing import PAGE_LIMIT, page
 
 NO_PRECONDITION = Precondition()
 
@@ -39,6 +45,7 @@ class Catalog:
         self.root = f"{root}/catalog"
         self.types: dict[str, dict[str, AssetType]] = {}  # tenant -> "name@version" -> type
         self.assets: dict[str, dict[str, Asset]] = {}  # tenant -> id -> asset
+        self.ids: dict[str, list[str]] = {}  # tenant -> its asset ids, sorted (the listing's pages)
         # tenant -> id -> what queries see of the asset, built once per write rather than per query
         self.records: dict[str, dict[str, Record]] = {}
         self.revisions: dict[tuple[str, str, str], int] = {}  # (tenant, "types"|"assets", key) -> revision
@@ -64,6 +71,7 @@ class Catalog:
                 a = Asset.model_validate(record["asset"])
                 self.hold(a)
                 self.revisions[(tenant, kind, a.id)] = record["revision"]
+        self.ids = {tenant: sorted(assets) for tenant, assets in self.assets.items()}
 
     def _path(self, tenant: str, kind: str, name: str) -> str:
         return f"{self.root}/{tenant}/{kind}/{name}.json"
@@ -147,6 +155,14 @@ class Catalog:
         found = self.types.get(tenant, {}).values()
         return sorted((t for t in found if name is None or t.name == name), key=lambda t: t.key)
 
+    def page_types(self, tenant: str, name: str | None = None, limit: int = PAGE_LIMIT,
+                   cursor: str | None = None) -> tuple[list[AssetType], str | None]:
+        """A page of the tenant's types (of one `name` if given) in ``name@version`` order, and the next cursor. Its
+        keys are sorted per page: a tenant publishes few types (each a model), where it may have 100,000 assets."""
+        types = self.types.get(tenant, {})
+        return page("asset-types", sorted(types),
+                    lambda keys: {k: types[k] for k in keys if name in (None, types[k].name)}, limit, cursor)
+
     def check_delete_type(self, tenant: str, name: str, version: str,
                           pre: Precondition = NO_PRECONDITION) -> AssetType:
         """The type `delete_type` would delete, or its refusal (412, 404, 409 while assets name it), changing
@@ -183,6 +199,7 @@ class Catalog:
         asset_type = self._check_refs(asset)
         self._write(asset.tenant, "assets", asset.id, asset, revision)
         self.hold(asset)
+        insort(self.ids.setdefault(asset.tenant, []), asset.id)
         return asset_type
 
     def check_update(self, asset: Asset, pre: Precondition = NO_PRECONDITION) -> Asset:
@@ -208,19 +225,18 @@ class Catalog:
 
     def list_assets(self, tenant: str, type_name: str | None = None, type_version: str | None = None,
                     related_to: str | None = None, relationship: RelationshipKind | None = None) -> list[Asset]:
-        """Assets of a tenant, filtered by type and/or by a relationship to `related_to`."""
-        out = []
-        for a in self.assets.get(tenant, {}).values():
-            if type_name is not None and a.type_name != type_name:
-                continue
-            if type_version is not None and a.type_version != type_version:
-                continue
-            if related_to is not None or relationship is not None:
-                if not any((related_to is None or r.target == related_to)
-                           and (relationship is None or r.kind == relationship) for r in a.relationships):
-                    continue
-            out.append(a)
-        return sorted(out, key=lambda a: a.id)
+        """Assets of a tenant, filtered by type and/or by a relationship to `related_to`, in id order."""
+        held = self.assets.get(tenant, {})
+        return [held[i] for i in self.ids.get(tenant, [])
+                if _matches(held[i], type_name, type_version, related_to, relationship)]
+
+    def page_assets(self, tenant: str, type_name: str | None = None, type_version: str | None = None,
+                    related_to: str | None = None, relationship: RelationshipKind | None = None,
+                    limit: int = PAGE_LIMIT, cursor: str | None = None) -> tuple[list[Asset], str | None]:
+        """A page of `list_assets` after `cursor`, and the next cursor (`serve_apps.listing`)."""
+        held = self.assets.get(tenant, {})
+        return page("assets", self.ids.get(tenant, []), lambda ids: {i: held[i] for i in ids if _matches(
+            held[i], type_name, type_version, related_to, relationship)}, limit, cursor)
 
     def delete_asset(self, tenant: str, asset_id: str, pre: Precondition = NO_PRECONDITION) -> Asset:
         self.check(pre, tenant, "assets", asset_id, f"asset {asset_id}")
@@ -232,7 +248,19 @@ class Catalog:
         self._remove(tenant, "assets", asset_id)
         del self.assets[tenant][asset_id]
         del self.records[tenant][asset_id]
+        ids = self.ids[tenant]
+        del ids[bisect_left(ids, asset_id)]
         return asset
+
+
+def _matches(asset: Asset, type_name: str | None, type_version: str | None, related_to: str | None,
+             relationship: RelationshipKind | None) -> bool:
+    """Whether `asset` is of the type (name, version) and has a relationship (to `related_to`, of `relationship`)
+    asked for; None: any."""
+    if type_name not in (None, asset.type_name) or type_version not in (None, asset.type_version):
+        return False
+    return (related_to is None and relationship is None) or any(
+        related_to in (None, r.target) and relationship in (None, r.kind) for r in asset.relationships)
 
 
 NAMED = 20

@@ -16,8 +16,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, suppress
 from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
@@ -32,6 +32,7 @@ from connectors.tenant_files import TenantFiles
 from serve_apps.audit import AuditLog
 from serve_apps.audit_steps import audited, by_system
 from serve_apps.errors import ClientIdInUse, Conflict, NotFound, Unprocessable, unwrap
+from serve_apps.listing import page
 
 if TYPE_CHECKING:
     from actors.service import TwinService
@@ -175,8 +176,20 @@ class ConnectorOps:
                 "status": self.connectors.status(tenant, name).model_dump(mode="json")}
 
     @_api_errors
-    def list_all(self, tenant: str) -> list[dict[str, Any]]:
-        return [self.connectors.status(tenant, name).model_dump(mode="json") for name in self.connectors.names(tenant)]
+    def list_all(self, tenant: str, limit: int, cursor: str | None) -> dict[str, Any]:
+        """A page of the tenant's connectors with their statuses, in name order (`serve_apps.listing`): the
+        statuses of that page's connectors alone are asked for."""
+        statuses, next_cursor = page("connectors", self.connectors.names(tenant),
+                                     lambda names: self._statuses(tenant, names), limit, cursor)
+        return {"connectors": statuses, "next_cursor": next_cursor}
+
+    def _statuses(self, tenant: str, names: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """The statuses of the connectors `names` that still exist (one deleted since it was listed is left out)."""
+        out = {}
+        for name in names:
+            with suppress(UnknownConnector):
+                out[name] = self.connectors.status(tenant, name).model_dump(mode="json")
+        return out
 
     @_api_errors
     def pause(self, tenant: str, name: str) -> dict[str, Any]:
@@ -212,8 +225,13 @@ class ConnectorOps:
         return self.connectors.refuse(tenant, command_id, by, reason).model_dump(mode="json")
 
     @_api_errors
-    def commands(self, tenant: str, asset_id: str | None) -> list[dict[str, Any]]:
-        return [c.model_dump(mode="json") for c in self.connectors.commands(tenant, asset_id)]
+    def commands(self, tenant: str, asset_id: str | None, limit: int, cursor: str | None) -> dict[str, Any]:
+        """A page of the tenant's commands (of one asset if given) in id order (`serve_apps.listing`): the ids are
+        listed, and only the page's records (and one more) are read, a window at a time."""
+        ledger = self.connectors.ledger
+        commands, next_cursor = page("commands", ledger.ids(tenant, asset_id),
+                                     lambda ids: ledger.read(tenant, list(ids), asset_id), limit, cursor)
+        return {"commands": [c.model_dump(mode="json") for c in commands], "next_cursor": next_cursor}
 
     @_api_errors
     def command(self, tenant: str, command_id: str) -> dict[str, Any]:

@@ -20,10 +20,11 @@ from serve_apps.auth import Principal
 from serve_apps.conditional import Precondition, etag, not_modified, precondition, with_etag
 from serve_apps.deps import ADMIN, DAY, READER, SVC, Limit, Services
 from serve_apps.errors import CONFLICT, NotFound, Unprocessable, unwrap
+from serve_apps.listing import PAGE_LIMIT, Cursor, PageLimit
 from serve_apps.model_packages import SIMULATOR_ALLOWED
 from serve_apps.resend import resend_safe
 from serve_apps.routes_evolution import announce
-from serve_apps.schemas import AssetCreate, AssetUpdate, Incoming, Related
+from serve_apps.schemas import AssetCreate, AssetPage, AssetTypePage, AssetUpdate, Incoming, Related
 
 
 PRE = Depends(precondition)
@@ -57,9 +58,12 @@ def register(app: FastAPI) -> None:
         return JSONResponse(body.model_dump(mode="json"), status_code=201 if created else 200,
                             headers={"ETag": etag(revision, content=body.model_dump(mode="json"))})
 
-    @app.get("/v1/asset-types", response_model=list[AssetType], tags=tags)
-    async def list_asset_types(name: str | None = None, who: Principal = READER, svc: Services = SVC) -> Any:
-        return await svc.backend.call("list_types", who.tenant, name)
+    @app.get("/v1/asset-types", response_model=AssetTypePage, tags=tags)
+    async def list_asset_types(name: str | None = None, limit: PageLimit = PAGE_LIMIT, cursor: Cursor = None,
+                               who: Principal = READER, svc: Services = SVC) -> Any:
+        """The caller's asset types (of one `name` if given) in `name@version` order, a page at a time
+        (`serve_apps.listing`)."""
+        return await svc.backend.call("page_types", who.tenant, name, limit, cursor)
 
     @app.get("/v1/asset-types/{name}/{version}", response_model=AssetType, tags=tags,
              responses=with_etag(NOT_MODIFIED, 200, 304))
@@ -96,14 +100,17 @@ def register(app: FastAPI) -> None:
         response.headers["ETag"] = etag(revision, content=asset.model_dump(mode="json"))
         return asset
 
-    @app.get("/v1/assets", response_model=list[Asset], tags=tags)
+    @app.get("/v1/assets", response_model=AssetPage, tags=tags)
     async def list_assets(
         type_name: str | None = None, type_version: str | None = None,
         related_to: Annotated[str | None, Query(description="Only assets with a relationship to this asset")] = None,
-        relationship: RelationshipKind | None = None, who: Principal = READER, svc: Services = SVC,
+        relationship: RelationshipKind | None = None, limit: PageLimit = PAGE_LIMIT, cursor: Cursor = None,
+        who: Principal = READER, svc: Services = SVC,
     ) -> Any:
-        """The caller's assets, filtered by type and/or relationship (kind, target)."""
-        return await svc.backend.call("list_assets", who.tenant, type_name, type_version, related_to, relationship)
+        """The caller's assets, filtered by type and/or relationship (kind, target), in id order, a page at a time
+        (`serve_apps.listing`); `POST /v1/query` filters, sorts and projects them with their twins' state."""
+        return await svc.backend.call("page_assets", who.tenant, type_name, type_version, related_to, relationship,
+                                      limit, cursor)
 
     @app.get("/v1/assets/{asset_id}", response_model=Asset, tags=tags, responses=with_etag(NOT_MODIFIED, 200, 304))
     async def get_asset(asset_id: str, response: Response, if_none_match: str | None = IF_NONE_MATCH,

@@ -22,6 +22,8 @@ from serve_apps.audit_steps import outcome_of
 from serve_apps.conditional import refuse_unevaluated
 from serve_apps.deps import ADMIN, READER, READER_ROLE_IN_BODY, SVC, WRITER, IdPath, Services, require_role
 from serve_apps.errors import CONFLICT
+from serve_apps.listing import PAGE_LIMIT, Cursor, PageLimit
+from serve_apps.schemas import CommandPage
 
 
 class CommandProposal(BaseModel):
@@ -111,11 +113,13 @@ async def refuse_command(command_id: IdPath, body: Refusal, request: Request, wh
         return await svc.backend.call("connector", "refuse", who.tenant, command_id, who.person, body.reason)
 
 
-@router.get("", response_model=list[Command])
-async def list_commands(asset_id: Annotated[str | None, Query()] = None, who: Principal = READER,
-                        svc: Services = SVC) -> Any:
-    """The tenant's commands, oldest first, each with its history and the asset's acknowledgement."""
-    return await svc.backend.call("connector", "commands", who.tenant, asset_id)
+@router.get("", response_model=CommandPage)
+async def list_commands(asset_id: Annotated[str | None, Query()] = None, limit: PageLimit = PAGE_LIMIT,
+                        cursor: Cursor = None, who: Principal = READER, svc: Services = SVC) -> Any:
+    """The tenant's commands (of one asset if given), each with its history and the asset's acknowledgement, in id
+    order, a page at a time (`serve_apps.listing`): a page reads its own records alone. Each has its proposal time
+    (`history[0].at`)."""
+    return await svc.backend.call("connector", "commands", who.tenant, asset_id, limit, cursor)
 
 
 @router.get("/{command_id}", response_model=Command)

@@ -23,8 +23,9 @@ from serve_apps.json_route import JsonRoute
 from serve_apps.dead_letters import connector_dead_letters
 from serve_apps.deps import ADMIN, DAY, READER, SVC, DeadLetterLimit, IdPath, Services
 from serve_apps.errors import CONFLICT, Unprocessable
+from serve_apps.listing import PAGE_LIMIT, Cursor, PageLimit
 from serve_apps.resend import resend_safe
-from serve_apps.schemas import DeadLetter
+from serve_apps.schemas import NEXT_CURSOR, DeadLetter
 
 
 class ConnectorCreate(BaseModel):
@@ -33,6 +34,11 @@ class ConnectorCreate(BaseModel):
     spec: dict[str, Any] = Field(description="The declaration (e.g. an MQTT connector: `kind: mqtt`, `broker`, "
                                  "`routes`, `ack_topic`; see connectors/README.md). Its tenant is the caller's.")
     credentials: Credentials | None = Field(None, description="Write-only: never returned.")
+
+
+class ConnectorPage(BaseModel):
+    connectors: list[ConnectorStatus] = Field(description="in name order")
+    next_cursor: str | None = NEXT_CURSOR
 
 
 class ConnectorView(BaseModel):
@@ -67,9 +73,11 @@ def _declared_name(spec: dict[str, Any]) -> str:
     return name
 
 
-@router.get("", response_model=list[ConnectorStatus])
-async def list_connectors(who: Principal = READER, svc: Services = SVC) -> Any:
-    return await svc.backend.call("connector", "list_all", who.tenant)
+@router.get("", response_model=ConnectorPage)
+async def list_connectors(limit: PageLimit = PAGE_LIMIT, cursor: Cursor = None, who: Principal = READER,
+                          svc: Services = SVC) -> Any:
+    """The tenant's connectors with their statuses, in name order, a page at a time (`serve_apps.listing`)."""
+    return await svc.backend.call("connector", "list_all", who.tenant, limit, cursor)
 
 
 @router.get("/{name}", response_model=ConnectorView)

@@ -9,7 +9,8 @@ from typing import Annotated, Any
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from actors.state import DivergenceReport
-from raytwin.contracts import Finite, Identifier, Relationship, RelationshipKind, SemVer, StartedFrom
+from connectors.commands import Command
+from raytwin.contracts import Asset, AssetType, Finite, Identifier, Relationship, RelationshipKind, SemVer, StartedFrom
 
 
 MAX_METADATA_KEYS = 100
@@ -60,6 +61,25 @@ class Related(BaseModel):
     asset_id: str
     outgoing: list[Relationship]
     incoming: list[Incoming] = Field(description="Relationships pointing at this asset")
+
+
+NEXT_CURSOR = Field(description="send it back as `cursor` for the next page; null on the last page")
+"""A page's `next_cursor` (`serve_apps.listing`: the listings' pages, in key order)."""
+
+
+class AssetPage(BaseModel):
+    assets: list[Asset] = Field(description="in id order")
+    next_cursor: str | None = NEXT_CURSOR
+
+
+class AssetTypePage(BaseModel):
+    asset_types: list[AssetType] = Field(description="in `name@version` order")
+    next_cursor: str | None = NEXT_CURSOR
+
+
+class CommandPage(BaseModel):
+    commands: list[Command] = Field(description="in id order")
+    next_cursor: str | None = NEXT_CURSOR
 
 
 class TelemetryBatch(Body):

@@ -544,6 +544,33 @@ def test_iter_jobs_follows_the_cursor_to_the_last_page_sync_and_async():
                                                       {"state": "succeeded", "limit": "2", "cursor": "c2"}]
 
 
+def test_iter_assets_and_asset_types_follow_the_cursor_sync_and_async():
+    """`GET /v1/assets` and `/v1/asset-types` answered whole lists; paged now, each has an `iter_*` that follows
+    `next_cursor` to the last page as `iter_jobs` does, sending its filters and page size with every page."""
+    from raytwin.contracts import Asset
+
+    asset = Asset(id="a", tenant="acme", type_name="room", type_version="1.0.0").model_dump(mode="json")
+    cases = [("iter_assets", {"type_name": "room"}, "assets", [asset], [{**asset, "id": "b"}], ["a", "b"]),
+             ("iter_asset_types", {"name": "room"}, "asset_types", [V1.model_dump(mode="json")],
+              [V2.model_dump(mode="json")], [V1.key, V2.key])]
+    for method, filters, field, first, second, keys in cases:
+        def pages():
+            return scripted(httpx.Response(200, json={field: first, "next_cursor": "c2"}),
+                            httpx.Response(200, json={field: second, "next_cursor": None}))
+
+        async def collect(api) -> list:
+            async with api:
+                return [item async for item in getattr(api, method)(**filters, page_size=1)]
+
+        for api, seen in both(pages):
+            got = collect(api) if isinstance(api, AsyncRayTwinClient) else list(getattr(api, method)(**filters,
+                                                                                                    page_size=1))
+            items = asyncio.run(got) if isinstance(api, AsyncRayTwinClient) else got
+            assert [getattr(item, "key", None) or item.id for item in items] == keys
+            assert [dict(r.url.params) for r in seen] == [{**filters, "limit": "1"},
+                                                          {**filters, "limit": "1", "cursor": "c2"}]
+
+
 def test_wait_job_reports_each_change_backs_off_and_raises_on_failure_or_timeout():
     answers = [job_json("queued", 0), job_json("running", 1), job_json("running", 1), job_json("succeeded", 3)]
     transport, seen = scripted(*[httpx.Response(200, json=a) for a in answers])
@@ -787,7 +814,8 @@ def test_an_answer_that_does_not_fit_the_clients_models_is_an_unexpected_answer(
              "metadata": {"site": 3}, "relationships": {}, "schema_version": 2}
     transport, _ = scripted(httpx.Response(200, json=state, headers={  # Serve's proxy id, then the server's
         "ETag": '"1"', "X-Request-ID": "serve-proxy-id", "X-RayTwin-Request-ID": "r-42"}),
-                            httpx.Response(200, json=[{"name": 3}]), httpx.Response(200, json={"job_id": "j1"}))
+                            httpx.Response(200, json={"asset_types": [{"name": 3}], "next_cursor": None}),
+                            httpx.Response(200, json={"job_id": "j1"}))
     with RayTwinClient("http://api", "rtk_x_y", retry=FAST, transport=transport) as api:
         with pytest.raises(UnexpectedAnswer) as wrong:
             api.get_asset("zone-1")
@@ -796,7 +824,7 @@ def test_an_answer_that_does_not_fit_the_clients_models_is_an_unexpected_answer(
         assert "request_id r-42" in message and "the server's version" in message and wrong.value.request_id == "r-42"
         assert "id: Field required" in message and "type_name: Field required" in message
         assert len(wrong.value.errors) > UnexpectedAnswer.SHOWN and f"and {len(wrong.value.errors) - 5} more" in message
-        with pytest.raises(UnexpectedAnswer, match=r"GET /v1/asset-types: .*: \[0\]\.name: Input should be a valid str"):
+        with pytest.raises(UnexpectedAnswer, match=r"GET /v1/asset-types: .*: asset_types\[0\]\.name: Input should be a valid str"):
             api.list_asset_types()
         with pytest.raises(UnexpectedAnswer, match="GET /v1/jobs/j1: .*kind: Field required"):
             api.job("j1")
@@ -829,7 +857,7 @@ def test_fields_a_newer_server_added_are_ignored_by_every_parser():
     change = '{"seq": 3, "kind": "asset.updated", "time": "2026-01-01T00:00:00Z", "origin": "replica-2"}'
     transport, _ = scripted(
         httpx.Response(200, json=asset, headers={"ETag": '"4"'}),
-        httpx.Response(200, json=[asset]),
+        httpx.Response(200, json={"assets": [asset], "next_cursor": None, "total": 1}),
         httpx.Response(200, json=job),
         httpx.Response(200, json={"status": "ok", "live_twins": 0, "jobs": {}, "region": "eu"}),
         httpx.Response(200, text=f"id: 3\nevent: asset.updated\ndata: {change}\n\n",
@@ -837,7 +865,7 @@ def test_fields_a_newer_server_added_are_ignored_by_every_parser():
     with RayTwinClient("http://api", "rtk_x_y", retry=FAST, transport=transport) as api:
         got = api.get_asset("zone-1")
         assert (got.value.id, got.revision) == ("zone-1", 4) and not hasattr(got.value, "added_later")
-        assert [a.id for a in api.list_assets()] == ["zone-1"]
+        assert [a.id for a in api.list_assets().assets] == ["zone-1"]
         assert api.job("j1").job_id == "j1"
         assert api.health().status == "ok"
         assert next(api.changes(after=0)).seq == 3
@@ -1005,7 +1033,8 @@ def test_connector_and_command_calls_keep_secrets_tenants_and_four_eyes(sdk):
     view = admin.create_connector(_connector_spec("rooms"), Credentials(username="gw", password="hunter2-secret"))
     assert (view.spec["tenant"], view.spec["name"], view.status.state) == ("acme", "rooms", "running")
     assert "hunter2-secret" not in admin.connector("rooms").model_dump_json()
-    assert [c.name for c in reader.connectors()] == ["rooms"] and other.connectors() == []
+    assert [c.name for c in reader.connectors().connectors] == ["rooms"] and list(other.iter_connectors()) == []
+    assert [c.name for c in reader.iter_connectors(page_size=1)] == ["rooms"]
     with pytest.raises(NotFound):
         other.connector("rooms")
     with pytest.raises(Forbidden):
@@ -1027,7 +1056,10 @@ def test_connector_and_command_calls_keep_secrets_tenants_and_four_eyes(sdk):
     second = writer.propose_command("rooms", "sdk-room", "setpoint", {"T_set": 295.0})
     refused = admin.refuse_command(second.id, "not in office hours")
     assert refused.status == "refused" and reader.command(second.id).status == "refused"
-    assert [c.id for c in reader.commands("sdk-room")] == [proposed.id, second.id]
+    assert [c.id for c in reader.iter_commands("sdk-room", page_size=1)] == sorted([proposed.id, second.id])
+    one = reader.commands(limit=1)  # the tenant's, in id order, a page at a time
+    assert [c.id for c in one.commands] == [min(proposed.id, second.id)] and one.next_cursor is not None
+    assert [c.id for c in reader.commands(limit=1, cursor=one.next_cursor).commands] == [max(proposed.id, second.id)]
     with pytest.raises(NotFound):
         other.command(proposed.id)
     admin.delete_connector("rooms")
@@ -1127,6 +1159,35 @@ def test_a_diverged_twins_state_and_divergence_parse_with_none_for_what_is_not_a
         parsed.model_dump()
 
 
+def test_the_listings_answer_pages_of_a_bounded_size_and_refuse_a_cursor_they_did_not_give(api, sdk):
+    """`GET /v1/assets`, `/v1/asset-types`, `/v1/commands` and `/v1/connectors` answered every item at once; each
+    answers a page now, `{<items>, next_cursor}` as `GET /v1/jobs` does, `limit` 1-1000 (default 100). A cursor that
+    none of their pages gave, another listing's included, is a 422 saying what a cursor is and where to get one."""
+    client, auth, _ = api
+    reader = auth["reader"]
+    for path, field in (("/v1/assets", "assets"), ("/v1/asset-types", "asset_types"), ("/v1/commands", "commands"),
+                        ("/v1/connectors", "connectors")):
+        page = client.get(path, params={"limit": 1}, headers=reader)
+        assert page.status_code == 200 and set(page.json()) == {field, "next_cursor"} and len(page.json()[field]) <= 1
+        for limit in (0, 1001):
+            assert client.get(path, params={"limit": limit}, headers=reader).status_code == 422, (path, limit)
+        refused = client.get(path, params={"cursor": "zone-1"}, headers=reader)
+        assert refused.status_code == 422 and refused.json()["error"]["message"].startswith(
+            f"query.cursor: not a cursor of GET {path}; a cursor is the `next_cursor` of a page of GET {path}")
+    of_types = client.get("/v1/asset-types", params={"limit": 1}, headers=reader).json()["next_cursor"]
+    assert client.get("/v1/assets", params={"cursor": of_types}, headers=reader).status_code == 422
+    walked, cursor = [], None
+    while True:  # the fixture's versions (and any an earlier test published), one a page
+        page = client.get("/v1/asset-types", params={"limit": 1, **({"cursor": cursor} if cursor else {})},
+                          headers=reader).json()
+        walked += [f"{t['name']}@{t['version']}" for t in page["asset_types"]]
+        if (cursor := page["next_cursor"]) is None:
+            break
+    assert walked == [t.key for t in sdk["reader"].iter_asset_types()] == sorted(walked)
+    assert {V1.key, V2.key} <= set(walked) and len(set(walked)) == len(walked)
+    assert [a.id for a in sdk["reader"].list_assets(type_name="room").assets] == ["sdk-room"]
+
+
 def test_the_async_client_has_the_same_resource_calls(api, sdk):
     """The calls are shared `Call`s: the asyncio client over the same app (ASGI, in this event loop)."""
     client, auth, _ = api
@@ -1136,10 +1197,11 @@ def test_the_async_client_has_the_same_resource_calls(api, sdk):
                                       retry=FAST, transport=httpx.ASGITransport(app=client.app)) as api_:
             with pytest.raises(NotFound):
                 await api_.connector("nope")
-            return await api_.commands("sdk-room"), await api_.audit(limit=1), await api_.relationships("sdk-room")
+            return ([c async for c in api_.iter_commands("sdk-room", page_size=1)], await api_.audit(limit=1),
+                    await api_.relationships("sdk-room"))
 
     commands, (record,), related = asyncio.run(read())
-    assert commands == sdk["reader"].commands("sdk-room") and record.tenant == "acme"
+    assert commands == list(sdk["reader"].iter_commands("sdk-room")) and record.tenant == "acme"
     assert related == sdk["reader"].relationships("sdk-room")
 
 

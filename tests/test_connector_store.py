@@ -440,7 +440,7 @@ def test_a_fenced_service_starts_no_connector_for_a_read(tmp_path: Path, unstart
     assert backend._watch_fence(successor, False) is True and unstarted.alive == set()  # stopped
     started = list(unstarted.started)
     for answer in (Backend.connector(backend, "view", "acme", "plant")["status"],
-                   *Backend.connector(backend, "list_all", "acme")):
+                   *Backend.connector(backend, "list_all", "acme", 100, None)["connectors"]):
         assert answer["state"] == "down" and answer["connected"] is False, answer
         assert "no longer holds its store" in answer["last_error"] and "service svc-b (epoch 2)" in answer["last_error"]
     with pytest.raises(ConnectorDown):

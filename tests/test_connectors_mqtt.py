@@ -1043,7 +1043,7 @@ def test_http_tls_files_are_the_tenants_own_and_a_connector_that_cannot_start_is
     connectors._kill("acme", "tls")
     listed = client.get("/v1/connectors", headers=auth["reader"])
     assert listed.status_code == 200, listed.text
-    down = next(c for c in listed.json() if c["name"] == "tls")
+    down = next(c for c in listed.json()["connectors"] if c["name"] == "tls")
     assert down["state"] == "down" and not down["connected"], down
     assert down["last_error"].startswith("cannot start: FileNotFoundError"), down
     paused = client.post("/v1/connectors/tls/pause", headers=auth["admin"])
@@ -1168,13 +1168,13 @@ def test_http_commands_propose_approve_once_and_show_the_ack(api, broker, web):
     assert sent.status_code == 200 and sent.json()["status"] == "sent"
     again = client.post(f"/v1/commands/{command['id']}/approve", headers=auth["admin2"])
     assert again.status_code == 409 and "only a proposed command" in again.json()["error"]["message"]
-    listed = wait_for(lambda: [c for c in client.get("/v1/commands?asset_id=pump-1", headers=auth["reader"]).json()
-                               if c["id"] == command["id"] and c["status"] == "acknowledged"], "the ack is listed")
+    listed = wait_for(lambda: [c for c in client.get("/v1/commands?asset_id=pump-1", headers=auth["reader"]).json()[
+                               "commands"] if c["id"] == command["id"] and c["status"] == "acknowledged"], "the ack is listed")
     assert listed[0]["ack"]["correlation_id"] == command["correlation_id"]
     device.close()
     assert [(t, b["correlation_id"]) for t, b in device.received] == [("web/pump-1/cmd", command["correlation_id"])]
     assert client.get(f"/v1/commands/{command['id']}", headers=auth["other"]).status_code == 404
-    assert client.get("/v1/commands", headers=auth["other"]).json() == []
+    assert client.get("/v1/commands", headers=auth["other"]).json() == {"commands": [], "next_cursor": None}
 
 
 def test_connectors_declared_in_the_service_config_start_with_credentials_from_the_environment(
@@ -1195,7 +1195,7 @@ def test_connectors_declared_in_the_service_config_start_with_credentials_from_t
     ops = ConnectorOps(twins, [declared], hosts=NODE_BROKERS)
     assert ops.view("acme", "declared")["spec"]["name"] == "declared"
     assert connectors.store.credentials("acme", "declared").password.get_secret_value() == "from-a-k8s-secret"
-    assert "declared" in {c["name"] for c in ops.list_all("acme")}
+    assert "declared" in {c["name"] for c in ops.list_all("acme", 100, None)["connectors"]}
     for refused in (lambda: ops.delete("acme", "declared"),  # a tenant key replaced or deleted the operator's
                     lambda: ops.create("acme", {**plant_spec(broker.port, name="declared")}, None)):
         with pytest.raises(Conflict, match="is declared in the service's configuration by its operator"):

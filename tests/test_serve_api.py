@@ -125,7 +125,7 @@ def test_openapi_is_committed_and_served(http):
 def test_authentication_and_roles(api, http, building):
     assert http.get("/v1/health").json() == {"status": "ok"}  # liveness: no tenant's activity to anyone
     own = http.get("/v1/health", headers={"X-API-Key": api[1]["reader"]}).json()
-    listed = http.get("/v1/assets", headers={"X-API-Key": api[1]["reader"]}).json()
+    listed = http.get("/v1/assets", headers={"X-API-Key": api[1]["reader"]}).json()["assets"]
     assert own["tenant"] == "acme" and own["live_twins"] == len(listed) > 0 and "queued" in own["jobs"]
     other = http.get("/v1/health", headers={"X-API-Key": api[1]["other"]}).json()
     assert other["tenant"] == "globex" and other["live_twins"] < own["live_twins"]
@@ -172,7 +172,7 @@ def test_a_type_version_the_registry_holds_as_another_model_is_refused_with_noth
                 err["message"] and err["details"]
         assert f"publish {ref} with defaults equal to its parameters (" in err["message"]
         assert "POST /v1/models/thermal_rc/versions/1.1.0/transitions" in err["message"]
-        assert http.get("/v1/asset-types?name=thermal_rc", headers=fits).json() == []
+        assert http.get("/v1/asset-types?name=thermal_rc", headers=fits).json()["asset_types"] == []
         assert_error(http.post("/v1/assets", json={"id": "fit-1", "type_name": "thermal_rc", "type_version": "1.1.0"},
                                headers=fits), 422, "invalid_request")
     resolved = {**published, "parameters": {n: {**p, "default": registered.parameters[n]}
@@ -187,13 +187,15 @@ def test_catalog_crud_and_queries(api, http, building):
     assert http.post("/v1/asset-types", json=THERMAL_TYPE, headers=admin).status_code == 200  # identical: no-op
     changed = {**THERMAL_TYPE, "description": "changed"}
     assert_error(http.post("/v1/asset-types", json=changed, headers=admin), 409, "conflict")
-    assert [t["name"] for t in http.get("/v1/asset-types", headers=admin).json()] == ["thermal_rc"]
+    assert [t["name"] for t in http.get("/v1/asset-types", headers=admin).json()["asset_types"]] == ["thermal_rc"]
 
     zone = http.get(f"/v1/assets/{building}", headers=admin).json()
     assert zone["tenant"] == "acme" and zone["metadata"] == {"floor": "2"}
-    parts = http.get("/v1/assets", params={"related_to": "site-1", "relationship": "part_of"}, headers=admin).json()
+    parts = http.get("/v1/assets", params={"related_to": "site-1", "relationship": "part_of"},
+                     headers=admin).json()["assets"]
     assert [a["id"] for a in parts] == [building]
-    assert http.get("/v1/assets", params={"relationship": "feeds"}, headers=admin).json() == []
+    assert http.get("/v1/assets", params={"relationship": "feeds"}, headers=admin).json() == {"assets": [],
+                                                                                              "next_cursor": None}
     related = http.get("/v1/assets/site-1/relationships", headers=admin).json()
     assert related["incoming"] == [{"kind": "part_of", "source": building}]
 
@@ -242,7 +244,7 @@ def test_tenant_isolation_is_404(api, http, building):
     absent = assert_error(http.get("/v1/assets/no-such-asset", headers=other), 404, "not_found")
     foreign = assert_error(http.get(f"/v1/assets/{building}", headers=other), 404, "not_found")
     assert foreign["message"].replace(building, "X") == absent["message"].replace("no-such-asset", "X")
-    assert http.get("/v1/assets", headers=other).json() == []
+    assert http.get("/v1/assets", headers=other).json()["assets"] == []
     assert_error(http.get(f"/v1/assets/{building}/state", headers=other), 404, "not_found")
     assert_error(http.post(f"/v1/assets/{building}/telemetry", json={"events": events(1)}, headers=other),
                  404, "not_found")
@@ -622,7 +624,7 @@ def test_an_fmu_asset_sweeps_as_a_job_from_the_tenants_registry(api, http, refer
                                name="vdp", version="1.0.0").model_dump(mode="json")
     err = assert_error(http.post("/v1/asset-types", json=vdp, headers=auth(api, "other")), 422, "invalid_request")
     assert "stored in its registry, under your tenant's" in err["message"], err  # another tenant's: never opened
-    assert "vdp" not in {t["name"] for t in http.get("/v1/asset-types", headers=auth(api, "other")).json()}
+    assert "vdp" not in {t["name"] for t in http.get("/v1/asset-types", headers=auth(api, "other")).json()["asset_types"]}
     assert http.post("/v1/asset-types", json=vdp, headers=admin).status_code == 201
     asset = {"id": "osc-1", "type_name": "vdp", "type_version": "1.0.0", "initial_state": {"x0": 2.0, "x1": 0.0},
              "metadata": {f"{kind}.{x}": "0.1" for kind in ("initial_std", "process_std", "measurement_std")
@@ -1104,7 +1106,7 @@ def test_the_python_client_against_the_server(api, http):
         with pytest.raises(NotFound) as missing:
             sdk.get_asset("s-9")
         assert missing.value.request_id and "s-9" in missing.value.message
-        assert [a.id for a in sdk.list_assets(type_name=thermal.name)] == ["s-1"]
+        assert [a.id for a in sdk.list_assets(type_name=thermal.name).assets] == ["s-1"]
 
         batch = [{"sequence": k, "event_time": (T0 + timedelta(minutes=k)).isoformat(),
                   "measurements": {"T_in": {"value": 293.0 + 0.1 * k, "unit": "K"}}} for k in range(4)]

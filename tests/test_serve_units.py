@@ -294,6 +294,47 @@ def test_the_autoscaling_target_follows_the_ingress_concurrency_unless_set():
         "max_replicas": 8, "target_ongoing_requests": 3.0, "min_replicas": 2}
 
 
+def test_asset_and_type_listings_are_paged_by_key_and_a_page_stays_in_place_under_inserts_and_deletes(tmp_path):
+    """`GET /v1/assets` and `/v1/asset-types` answered every asset at once (100,000 in one answer, built in the
+    backend's memory). They are paged by key (`serve_apps.listing`), 100 a page unless asked: the cursor is the last
+    listed key, not a position, so an asset deleted or added meanwhile moves no other one to another page (an offset
+    would skip or repeat one); a cursor no listing gave is a 422 saying what to send."""
+    from serve_apps.listing import encode_cursor
+
+    thermal, tank = AssetType.from_model(THERMAL_RC), AssetType.from_model(TWO_TANK)
+    catalog = Catalog(str(tmp_path))
+    catalog.put_type("acme", thermal, 1)
+    catalog.put_type("acme", tank, 2)
+
+    def create(asset_id: str) -> None:
+        catalog.create_asset(Asset(id=asset_id, tenant="acme", type_name=thermal.name, type_version=thermal.version), 3)
+
+    for i in (*range(100, 0, -1), 0):
+        create(f"a{i:03d}")
+    first, cursor = catalog.page_assets("acme")
+    assert [a.id for a in first] == [f"a{i:03d}" for i in range(100)] and cursor is not None  # a bounded default
+    assert ([a.id for a in catalog.page_assets("acme", cursor=cursor)[0]], catalog.page_assets(
+        "acme", cursor=cursor)[1]) == (["a100"], None)
+    assert [a.id for a in catalog.page_assets("acme", limit=2)[0]] == ["a000", "a001"]
+    after = catalog.page_assets("acme", limit=2)[1]
+    catalog.delete_asset("acme", "a001")  # the cursor's own asset
+    create("a0005")  # before the cursor: not on later pages
+    create("a0015")  # after it: on the next
+    assert [a.id for a in catalog.page_assets("acme", limit=2, cursor=after)[0]] == ["a0015", "a002"]
+    assert [a.id for a in Catalog(str(tmp_path)).page_assets("acme", limit=2, cursor=after)[0]] == ["a0015", "a002"]
+    assert catalog.page_assets("acme", type_name=tank.name) == ([], None)
+    assert catalog.page_assets("globex") == ([], None)
+
+    types, cursor = catalog.page_types("acme", limit=1)
+    assert [t.key for t in types] == [thermal.key] and [t.key for t in catalog.page_types(
+        "acme", limit=1, cursor=cursor)[0]] == [tank.key]
+    assert catalog.page_types("acme", name=tank.name) == ([tank], None)
+    for bad in ("zone-1", encode_cursor("asset-types", "a000"), "%%"):
+        with pytest.raises(Unprocessable, match=r"query.cursor: not a cursor of GET /v1/assets; a cursor is the "
+                           r"`next_cursor` of a page of GET /v1/assets .*send it back unchanged"):
+            catalog.page_assets("acme", cursor=bad)
+
+
 def test_catalog_persists_on_s3_and_keeps_tenants_apart(s3_url):
     thermal, tank = AssetType.from_model(THERMAL_RC), AssetType.from_model(TWO_TANK)
     catalog = Catalog(s3_url)
