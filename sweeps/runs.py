@@ -157,6 +157,7 @@ def _recorded(
     """Run `execute(output_url) -> (outputs, summary)` and write its record under `run_id` (None: a new one),
     whatever the outcome."""
     _refuse_transient_runs(store)
+    _refuse_transient_registry(spec.registry_url)
     artifact = resolve_model(spec.model, spec.registry_url)
     run_id = run_id or new_run_id(kind)
     fields = dict(
@@ -295,6 +296,17 @@ def _refuse_transient_runs(store: RunStore) -> None:
             f"runs root {store.root} lies in a Ray job's uploaded working directory ({transient}), which is deleted "
             "with the cluster, and the run's record and outputs with it: give the job an absolute --runs outside the "
             "working directory (--runs \"$PWD/runs\" on a file system the cluster shares) or an s3:// URL")
+
+
+def _refuse_transient_registry(registry_url: str | None) -> None:
+    """Refuse a model registry in a Ray job's runtime-env working dir (a job's relative ``registry_url``): the record
+    names a model `raytwin rerun` can never read again once `raytwin cluster down` deleted it, and a version a
+    calibration publishes there (``register_as``) is deleted with it."""
+    if registry_url and (transient := runtime_env_dir(registry_url)) is not None:
+        raise RunError(
+            f"registry_url {registry_url} lies in a Ray job's uploaded working directory ({transient}), which is "
+            "deleted with the cluster, and the models the run reads or publishes with it: give the job's spec an "
+            "absolute registry_url outside the working directory (on a file system the cluster shares) or an s3:// URL")
 
 
 def _absolute_telemetry(spec: S) -> S:

@@ -332,6 +332,28 @@ def test_a_runs_relative_registry_url_is_recorded_absolute_so_a_rerun_elsewhere_
         rerun(record.run_id, runs=str(work / "runs"))  # a registry moved since: the rerun names where it looked
 
 
+def test_a_registry_in_a_ray_jobs_working_dir_is_refused_before_the_run(tmp_path, monkeypatch):
+    """A job's relative `registry_url` resolved into its runtime-env working dir, which `cluster down` deletes: the
+    record named a model no rerun could read again (and a calibration's `register_as` published into it), while a
+    runs root there was refused."""
+    from sweeps.runs import _recorded
+
+    package = tmp_path / "session_1" / "runtime_resources" / "working_dir_files" / "_ray_pkg_ab12"
+    package.mkdir(parents=True)
+    monkeypatch.chdir(package)  # as a job's driver runs
+    ModelRegistry("models").register("tank", "1.0.0", AssetType.from_model(TWO_TANK, name="tank"), {"a1": 6e-5})
+    store = RunStore(str(tmp_path / "runs"))
+
+    def never(url: str) -> tuple[dict, dict]:
+        raise AssertionError("ran")
+
+    with pytest.raises(RunError, match=rf"registry_url models lies in a Ray job's uploaded working directory "
+                                       rf"\({package}\).*absolute registry_url outside the working directory.*s3://"):
+        _recorded(store, "sweep", _sweep_spec("models"), never, input_url=None, input_hash=None, seeds={}, user="u",
+                  rerun_of=None)
+    assert not (tmp_path / "runs").exists()  # refused before anything ran or was recorded
+
+
 def test_a_rerun_names_the_packages_whose_versions_changed_since_the_run(tmp_path, monkeypatch):
     """A rerun under another jax or numpy answered "differs: part-000000.parquet" and named only a changed git
     commit: the record holds the package versions, and the rerun now says which of them changed."""
