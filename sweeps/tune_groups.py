@@ -5,7 +5,9 @@ too), but a search whose process is killed (an OOM kill, its owner's death, ``ra
 them reserved for the life of the Ray job: for a search the `Backend` started, for good, one more with each
 killed attempt. A search run under `owned_by(owner)` names each of its placement groups
 ``raytwin-tune:{owner}:{unique}``; `remove_groups(owner)` removes whatever is left of them once the search is
-known to be over (failed, killed, or about to be launched again).
+known to be over (failed, killed, or about to be launched again): exactly that owner's, never those of an owner
+whose name merely starts with it (identifiers may hold ":", so tenant ``acme:recal-acme-1``'s groups began with
+tenant ``acme``'s job ``recal-acme-1`` prefix, and that job's cleanup removed another tenant's running search's).
 """
 
 from __future__ import annotations
@@ -60,15 +62,21 @@ def remove_groups(owner: str) -> int:
     how many. Without Ray connected there are none."""
     if not ray.is_initialized():
         return 0
-    prefix = f"{PREFIX}{owner}:"
     left = [pg_id for pg_id, group in placement_group_table().items()
-            if group["name"].startswith(prefix) and group["state"] != "REMOVED"]
+            if group_owner(group["name"]) == owner and group["state"] != "REMOVED"]
     for pg_id in left:
         remove_placement_group(_group(pg_id))
     if left:
         log.warning("event=tune_groups_removed owner=%s groups=%d: left by a search whose process was killed",
                     owner, len(left))
     return len(left)
+
+
+def group_owner(name: str) -> str | None:
+    """The owner a group's name ``{PREFIX}{owner}:{unique}`` names (`unique` has no ":"), or None (not one of ours)."""
+    if not name.startswith(PREFIX) or ":" not in name[len(PREFIX):]:
+        return None
+    return name[len(PREFIX):].rsplit(":", 1)[0]
 
 
 def _group(pg_id: str) -> Any:

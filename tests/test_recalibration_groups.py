@@ -68,3 +68,21 @@ def test_a_killed_searchs_placement_groups_are_removed_when_its_job_is_lost(ray_
     assert [j.job_key for j in w.launched] == [job.job_key] * 2  # launched again, with nothing left reserved
     ray.util.remove_placement_group(other)
     assert remove_groups(running) == 0
+
+
+def test_a_jobs_cleanup_removes_exactly_its_owners_groups_not_an_owner_its_name_prefixes(monkeypatch):
+    """Identifiers may hold ":": tenant ``acme:recal-acme-1``'s groups began with the name prefix of tenant ``acme``'s
+    job ``recal-acme-1``, and that job's cleanup (by prefix) removed the other tenant's running search's groups."""
+    import sweeps.tune_groups as groups
+
+    mine, theirs = tune_owner("acme", "recal-acme-1"), tune_owner("acme:recal-acme-1", "recal-acme:recal-acme-1-7")
+    names = {"a": f"{PREFIX}{mine}:{'1' * 32}", "b": f"{PREFIX}{theirs}:{'2' * 32}", "c": "someone-else"}
+    removed: list[str] = []
+    monkeypatch.setattr(groups.ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(groups, "placement_group_table",
+                        lambda: {pg: {"name": name, "state": "CREATED"} for pg, name in names.items()})
+    monkeypatch.setattr(groups, "_group", lambda pg_id: pg_id)
+    monkeypatch.setattr(groups, "remove_placement_group", removed.append)
+    assert names["b"].startswith(f"{PREFIX}{mine}:")  # the prefix that matched both
+    assert remove_groups(mine) == 1 and removed == ["a"]
+    assert [groups.group_owner(n) for n in names.values()] == [mine, theirs, None]
