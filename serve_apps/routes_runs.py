@@ -78,10 +78,15 @@ def without_locations(value: Any) -> Any:
     return value
 
 
+def _store(svc: Services, tenant: str) -> RunStore:
+    """The tenant's runs root (each tenant's runs have their own) as this backend is configured with it."""
+    return RunStore(svc.config.url("runs", tenant), svc.config.storage_options or None)
+
+
 def _record(svc: Services, tenant: str, run_id: str) -> RunRecord:
-    """The tenant's run record (404 for another tenant's: each tenant's runs have their own root)."""
+    """The tenant's run record (404 for another tenant's)."""
     try:
-        return RunStore(svc.config.url("runs", tenant), svc.config.storage_options or None).load(run_id)
+        return _store(svc, tenant).load(run_id)
     except RunError:
         raise NotFound(f"no run {run_id!r} of this tenant") from None
 
@@ -107,7 +112,9 @@ async def get_run_file(run_id: RunIdPath, name: str, credential: StreamCredentia
     record = await run_in_threadpool(_record, svc, credential.who.tenant, run_id)
     if name not in record.outputs:
         raise NotFound(f"run {run_id} has no output file {name!r}; files: {sorted(record.outputs)}")
-    fs, root = filesystem(record.output_url, svc.config.storage_options)
+    # beside its record, in the root configured now: the record's `output_url` is where the run wrote, gone once
+    # the store was moved or copied (a restored backup, another bucket)
+    fs, root = filesystem(_store(svc, credential.who.tenant).output_url(run_id), svc.config.storage_options)
     there = store_io("read")(fs.isfile)
     if not await run_in_threadpool(there, f"{root}/{name}"):  # else a 200 whose stream fails after its headers
         raise removed_from_store(f"run {run_id}'s output file {name!r} is", "`raytwin rerun` makes it again")

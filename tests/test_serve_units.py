@@ -2103,13 +2103,15 @@ def test_a_run_record_is_read_by_its_tenant_without_store_locations_and_its_file
         run_id=run_id, kind="calibration", status="succeeded", user="recalibration", tenant="acme",
         asset_id="zone-1", model_ref="thermal_rc@1.0.0", model_hash="ab" * 32, input_data_url="s3://bucket/acme/t",
         input_data_hash="cd" * 32, seeds={"tune": 0}, package_versions={}, code_version="x", started=now,
-        finished=now, output_url=runs.output_url(run_id), summary={"weighted_rmse": 0.1},
+        finished=now, output_url=f"{tmp_path}/old-store/runs/acme/{run_id}/output", summary={"weighted_rmse": 0.1},
         outputs={"calibration.json": hashlib.sha256(report).hexdigest(),
                  "search/part-000000.parquet": hashlib.sha256(b"PAR1").hexdigest()},
         spec={"model": "thermal_rc@1.0.0", "registry_url": "s3://bucket/registry/acme", "telemetry": "/srv/t.parquet",
               "signals": {"u": {"kind": "series", "path": "s3://bucket/u.parquet"}}, "free": ["R_io"]}))
     runs.fs.makedirs(f"{runs.output_url(run_id)}/search", exist_ok=True)
     runs.fs.pipe_file(f"{runs.output_url(run_id)}/search/part-000000.parquet", b"PAR1")
+    # the record says where the run wrote, a store since moved (restored from a backup): its files are read beside
+    # the record in the root the backend is configured with (a 410 when they were read at the recorded path)
     failed_id = "sweep-20261205T150000Z-5e6f7a8b"  # a worker's traceback names files, its node and pid
     runs.save(RunRecord(**{**runs.load(run_id).model_dump(), "run_id": failed_id, "kind": "sweep", "status": "failed",
                            "outputs": {}, "error": "ray::_chunk_task() (pid=31020, ip=192.0.2.2)\n  File "
