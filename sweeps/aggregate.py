@@ -9,8 +9,10 @@ Grouping sorts the rows by group once (O(n log n), shared by every metric); each
 contiguous slice, so a metric costs O(n) whatever the number of groups (the previous per-group
 rescan cost O(n x groups): ~1 h for 1e6 scenarios by a continuous dimension). A continuous
 dimension (LHS or random sampling: every scenario its own value) has as many groups as scenarios,
-which is no uncertainty band at all, so more than `max_groups` groups are refused with a message
-that names the column; `bins` cuts such a column into intervals instead (equal width over the
+which is no uncertainty band at all: a column with a different value in every scenario (whatever the
+number of scenarios: a 500-scenario LHS gave 500 one-scenario "bands") is refused, and so is a grouping
+that leaves every scenario alone or forms more than `max_groups` groups, with a message that names
+the column and a binning; `bins` cuts such a column into intervals instead (equal width over the
 values seen, or given edges).
 
 Diverged scenarios (``diverged`` column: their states left the plausible range, metrics NaN) are
@@ -169,6 +171,8 @@ def _group_keys(keys: pa.Table, by: Sequence[str], bins: dict[str, Bins], max_gr
             size = edges.size - 1
         else:
             uniques, code = np.unique(values, return_inverse=True)
+            if uniques.size == values.size > 1:
+                raise ValueError(_one_per_scenario(col, values.size))
             if uniques.size > max_groups:
                 raise ValueError(
                     f"{col} has {uniques.size} distinct values, more than max_groups={max_groups}: it is "
@@ -180,8 +184,21 @@ def _group_keys(keys: pa.Table, by: Sequence[str], bins: dict[str, Bins], max_gr
         if combined.size > max_groups:
             raise ValueError(f"{list(by)} form more than max_groups={max_groups} groups; "
                              "bin the continuous ones (bins=...) or group on fewer columns")
+    if codes.size == combined.size > 1:
+        raise ValueError(f"{list(by)} put each of the {codes.size} scenarios in a group of its own, so every 'band' "
+                         "would be one scenario's value: group on fewer columns, or bin them (bins=..., CLI: --bins)")
     columns = {name: column[members[:, j]] for j, label in enumerate(labels) for name, column in label.items()}
     return columns, codes.ravel()
+
+
+def _one_per_scenario(col: str, n: int) -> str:
+    """Why grouping on `col`, a different value in each of the `n` scenarios, is refused, and the binning to use:
+    about 100 scenarios a bin (so a 5 %/95 % band rests on some 5 of them), 2 to 20 bins."""
+    k = min(max(n // 100, 2), 20)
+    return (f"{col} has {n} distinct values in {n} scenarios: a sampled (lhs/random) dimension, every scenario its "
+            f"own value, so each group would be one scenario and its 'band' that scenario's value; bin it, e.g. "
+            f"bins={{{col!r}: {k}}} (CLI: --bins {col}={k}: {k} equal-width bins over the values seen, ~{n // k} "
+            f"scenarios each), or give edges (--bins {col}=E0,E1,...)")
 
 
 def _edges(col: str, values: np.ndarray, spec: Bins) -> np.ndarray:

@@ -113,6 +113,28 @@ def test_a_continuous_dimension_is_refused_with_what_to_do(tmp_path):
         quantiles(str(tmp_path), bins={"input.T_out_mean": 3})
 
 
+def test_a_sampled_dimension_of_fewer_scenarios_than_max_groups_is_refused_too(tmp_path):
+    """A 500-scenario LHS grouped on one of its dimensions answered 500 "bands" of one scenario each (only more than
+    max_groups=10,000 groups were refused): the refusal now names the column and a binning sized to the sweep."""
+    _write_sweep(tmp_path, n=500, chunk=500)
+    with pytest.raises(ValueError, match=r"input.T_out_mean has 500 distinct values in 500 scenarios.*"
+                                         r"--bins input.T_out_mean=5: 5 equal-width bins .* ~100 scenarios each"):
+        quantiles(str(tmp_path), ["energy_kwh"], by=["input.T_out_mean"])
+    grid = tmp_path / "grid"  # a 2 x 2 grid grouped on both dimensions: one scenario a group too
+    grid.mkdir()
+    write_parquet(pa.table({"scenario": [0, 1, 2, 3], "param.C_in": [0.7, 0.7, 1.3, 1.3],
+                            "input.T_out_mean": [263.15, 283.15, 263.15, 283.15], "energy_kwh": [1.0, 2.0, 3.0, 4.0]}),
+                  f"{grid}/{part_name(0)}", None)
+    with pytest.raises(ValueError, match=r"put each of the 4 scenarios in a group of its own"):
+        quantiles(str(grid), by=["param.C_in", "input.T_out_mean"])
+    assert quantiles(str(grid), by=["param.C_in"])["count"].to_pylist() == [2, 2]
+    binned = quantiles(str(tmp_path), ["energy_kwh"], by=["input.T_out_mean"], bins={"input.T_out_mean": 5})
+    assert binned.num_rows == 5 and sum(binned["count"].to_pylist()) == 500
+    assert quantiles(str(tmp_path), ["energy_kwh"], by=["param.C_in"]).num_rows == 3  # a grid's levels: groups
+    refused = CliRunner().invoke(sweep_app, ["quantiles", str(tmp_path), "--by", "input.T_out_mean"])
+    assert refused.exit_code == 2 and "--bins input.T_out_mean=5" in refused.output
+
+
 def test_cli_quantiles_by_a_binned_dimension(tmp_path):
     _write_sweep(tmp_path, n=12_000, chunk=4000)
     runner = CliRunner()
