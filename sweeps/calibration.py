@@ -172,6 +172,18 @@ class CalibrationSpec(Spec):
                              "or search random / optuna with num_samples")
         return self
 
+    def order_dependence(self) -> str | None:
+        """Why this search's result may change from run to run, or None: with trials run concurrently, ASHA's and
+        HyperBand's stopping decisions and Optuna's and HyperOpt's suggestions follow the order results arrive in."""
+        adaptive = [f"{what} {name}" for what, name, on in (
+            ("scheduler", self.scheduler, self.scheduler != "fifo"),
+            ("search", self.search, self.search in ("optuna", "hyperopt"))) if on]
+        if self.max_concurrent_trials == 1 or not adaptive:
+            return None
+        return (f"max_concurrent_trials={self.max_concurrent_trials} with {' and '.join(adaptive)}: Tune's decisions "
+                "follow the order in which concurrent trials report, so the fit is not reproducible bit for bit; "
+                "max_concurrent_trials=1 (the default) makes it so")
+
 
 OFFLINE_CALIBRATION = "offline calibration (raytwin calibrate, sweeps.calibration)"
 """How a calibration's `register_as` version was published, in its metadata (`raytwin.registry.PUBLISHED_VIA`)."""

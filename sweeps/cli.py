@@ -344,6 +344,8 @@ def rerun(
     if report.package_changes:
         changes = ", ".join(f"{name} {then} -> {now}" for name, (then, now) in sorted(report.package_changes.items()))
         typer.echo(f"note: package versions changed: {changes}")
+    for caveat in report.caveats:
+        typer.echo(f"note: {caveat}")
     if report.identical:
         typer.echo(f"identical: rerun {report.rerun} reproduced every output of {run_id} bit for bit")
     else:

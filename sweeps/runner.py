@@ -21,6 +21,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
+import jax
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -78,6 +79,7 @@ class SweepResult:
     outputs: dict[str, str] = field(default_factory=dict)  # file name -> sha256
     elapsed_s: float = 0.0
     n_diverged: int = 0  # scenarios whose states left their plausible range (NaN metrics)
+    platforms: list[str] = field(default_factory=list)  # what the chunks' kernels ran on (`chunk_platform`)
 
     @property
     def scenarios_per_s(self) -> float:
@@ -190,8 +192,16 @@ def compiled_kit(spec: SweepSpec, simulator: str) -> SweepKit:
     return spec.kit(simulator).compile(spec.horizon_s, spec.step_s)
 
 
+def chunk_platform() -> str:
+    """What this process's kernels run on: ``cpu``, or ``gpu: <device kind>``. A GPU runs the fused Pallas kernel, a
+    CPU the XLA scan: their float32 metrics agree within rounding, not bit for bit, so a run record keeps it and a
+    rerun elsewhere says why its parts differ."""
+    device = jax.devices()[0]
+    return device.platform if device.platform == "cpu" else f"{device.platform}: {device.device_kind}"
+
+
 def _chunk_task(spec: SweepSpec, simulator: str, bases: Bases, chunk: int, rows: np.ndarray | None, url: str,
-                storage_options: dict | None, fault: tuple[int, str] | None) -> tuple[int, str, int, int]:
+                storage_options: dict | None, fault: tuple[int, str] | None) -> tuple[int, str, int, int, str]:
     _crash_if_injected(chunk, fault)
     _start_backend()
     if rows is None:  # an indexed space: the task draws its own rows, off the driver's critical path
@@ -200,7 +210,7 @@ def _chunk_task(spec: SweepSpec, simulator: str, bases: Bases, chunk: int, rows:
     metrics = engine.chunk_metrics(kit, bases, spec.space.dimensions, rows, spec.step_s, spec.n_steps,
                                    spec.batch_size, integration_dtype(kit.model, spec.dtype).name)
     digest = write_parquet(_scenario_table(spec, chunk * spec.batch_size, rows, metrics), url, storage_options)
-    return chunk, digest, rows.shape[0], int(np.count_nonzero(metrics[engine.DIVERGED]))
+    return chunk, digest, rows.shape[0], int(np.count_nonzero(metrics[engine.DIVERGED])), chunk_platform()
 
 
 def _trajectory_task(spec: SweepSpec, simulator: str, bases: Bases, rows: np.ndarray, url: str,
@@ -384,6 +394,7 @@ def run_sweep(
     show = sys.stderr.isatty() if progress is None else progress
     bar = _Progress(simulator_label(simulator), n, spec.n_steps, log_every_s, show)
     next_chunk = diverged = 0
+    platforms: set[str] = set()
     try:
         while next_chunk < n_chunks or pending:
             while next_chunk < n_chunks and len(pending) < window:
@@ -400,8 +411,9 @@ def run_sweep(
                 if kind < 0:
                     outputs[TRAJECTORY_FILE] = ray.get(ref)
                     continue
-                chunk, digest, count, n_bad = ray.get(ref)
+                chunk, digest, count, n_bad, platform = ray.get(ref)
                 outputs[part_name(chunk)] = digest
+                platforms.add(platform)
                 diverged += n_bad
                 bar.advance(count)
     except (KeyboardInterrupt, ray.exceptions.TaskCancelledError, RunTerminated) as exc:  # Ctrl-C, SIGTERM, or a
@@ -422,4 +434,4 @@ def run_sweep(
                     "(metrics NaN, column diverged); a smaller step_s or other parameters may help, and a state that "
                     "turns NaN inside its range is the model's own (e.g. a square root of a negative number)",
                     diverged, n)
-    return SweepResult(out_url, n, n_chunks, size, dict(sorted(outputs.items())), elapsed, diverged)
+    return SweepResult(out_url, n, n_chunks, size, dict(sorted(outputs.items())), elapsed, diverged, sorted(platforms))

@@ -84,6 +84,9 @@ class RerunReport(Contract):
     code_version_now: str
     package_changes: dict[str, list[str]] = Field(default_factory=dict)
     """Key packages whose version differs from the recorded run's: name -> [then, now] (a reason outputs may differ)."""
+    caveats: list[str] = Field(default_factory=list)
+    """Other reasons the record shows for outputs that may differ: a sweep whose kernels ran on another platform
+    (a GPU's fused kernel against a CPU's XLA scan), a calibration whose Tune phase depends on trial order."""
 
 
 class RunError(ValueError):
@@ -223,7 +226,7 @@ def recorded_sweep(
                            max_scenarios=max_scenarios)
         summary = {"scenarios": result.n_scenarios, "diverged": result.n_diverged, "chunks": result.n_chunks,
                    "elapsed_s": round(result.elapsed_s, 3),
-                   "scenarios_per_s": round(result.scenarios_per_s, 1)}
+                   "scenarios_per_s": round(result.scenarios_per_s, 1), "platforms": result.platforms}
         return result.outputs, summary
 
     return _recorded(store, "sweep", spec, execute, input_url=None, input_hash=None,
@@ -391,6 +394,11 @@ its outputs (the fitted parameters among them), it publishes nothing. Re-registe
 calibration recorded before `registered_by` existed, which a `register_as` now needs."""
 
 
+def _unpublished(spec: dict[str, Any]) -> dict[str, Any]:
+    """A calibration's recorded spec without the fields that publish its fit (`_PUBLISHING`)."""
+    return {k: v for k, v in spec.items() if k not in _PUBLISHING}
+
+
 def rerun(run_id: str, *, runs: str = DEFAULT_RUNS_ROOT, storage_options: dict | None = None,
           progress: bool | None = False) -> RerunReport:
     """Re-execute a recorded run from its record and compare every output file's hash."""
@@ -425,12 +433,26 @@ def rerun(run_id: str, *, runs: str = DEFAULT_RUNS_ROOT, storage_options: dict |
     else:
         spec_type, record = (FmuCalibrationSpec, recorded_fmu_calibration) if fmu else (CalibrationSpec,
                                                                                          recorded_calibration)
-        spec = {k: v for k, v in original.spec.items() if k not in _PUBLISHING}
-        new = record(spec_type.model_validate(spec), expected_input_hash=original.input_data_hash, **common)
+        new = record(spec_type.model_validate(_unpublished(original.spec)), expected_input_hash=original.input_data_hash,
+                     **common)
     differing = sorted(name for name in set(original.outputs) | set(new.outputs)
                        if original.outputs.get(name) != new.outputs.get(name))
     changed = {name: [then, new.package_versions.get(name, "not recorded")]
                for name, then in original.package_versions.items() if new.package_versions.get(name) != then}
     return RerunReport(original=run_id, rerun=new.run_id, identical=not differing, differing=differing,
                        code_version_then=original.code_version, code_version_now=new.code_version,
-                       package_changes=changed)
+                       package_changes=changed, caveats=_caveats(original, new))
+
+
+def _caveats(original: RunRecord, new: RunRecord) -> list[str]:
+    """What in the records besides code and packages may make `new`'s outputs differ from `original`'s."""
+    caveats = []
+    then, now = original.summary.get("platforms"), new.summary.get("platforms")
+    if then is not None and then != now:  # (records from before platforms were kept have none)
+        caveats.append(f"the sweep's kernels ran on {', '.join(then)} then, on {', '.join(now or ['?'])} now: "
+                       "metrics computed on other hardware (a GPU runs the fused kernel, a CPU the XLA scan) agree "
+                       "within float32 rounding, not bit for bit; rerun on the recorded platform to compare bits")
+    if original.kind == "calibration" and original.spec.get("engine") != "fmu":
+        dependence = CalibrationSpec.model_validate(_unpublished(original.spec)).order_dependence()
+        caveats += [dependence] if dependence else []
+    return caveats

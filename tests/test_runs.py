@@ -57,8 +57,9 @@ def test_sweep_run_record_and_bit_identical_rerun(ray_session, tmp_path, monkeyp
     part = pq.read_table(f"{record.output_url}/part-000000.parquet")
     assert part.num_rows == 128 and "param.a1" in part.column_names
 
+    assert record.summary["platforms"] == ["cpu"]  # what the chunk tasks' kernels ran on
     report = rerun(record.run_id, runs=runs)
-    assert report.identical and report.differing == []
+    assert report.identical and report.differing == [] and report.caveats == []
     again = RunStore(runs).load(report.rerun)
     assert again.rerun_of == record.run_id and again.outputs == record.outputs
 
@@ -137,7 +138,7 @@ def test_a_run_whose_model_code_changed_cannot_be_rerun(tmp_path, monkeypatch):
     import sweeps.runs
 
     monkeypatch.setattr(sweeps.runs, "run_sweep", lambda *args, **kwargs: SimpleNamespace(
-        outputs={}, n_scenarios=4, n_diverged=0, n_chunks=1, elapsed_s=0.1, scenarios_per_s=40.0))
+        outputs={}, n_scenarios=4, n_diverged=0, n_chunks=1, elapsed_s=0.1, scenarios_per_s=40.0, platforms=["cpu"]))
     space = ScenarioSpace(method="random", n=4, dimensions=[Dimension(name="a1", target="param", low=1e-5, high=2e-5)])
     runs = str(tmp_path / "runs")
     record = recorded_sweep(SweepSpec(model="two_tank", space=space, horizon_s=10.0, step_s=1.0), runs=runs)
@@ -360,7 +361,7 @@ def test_a_rerun_names_the_packages_whose_versions_changed_since_the_run(tmp_pat
     import sweeps.runs
 
     monkeypatch.setattr(sweeps.runs, "run_sweep", lambda *args, **kwargs: SimpleNamespace(
-        outputs={}, n_scenarios=4, n_diverged=0, n_chunks=1, elapsed_s=0.1, scenarios_per_s=40.0))
+        outputs={}, n_scenarios=4, n_diverged=0, n_chunks=1, elapsed_s=0.1, scenarios_per_s=40.0, platforms=["cpu"]))
     space = ScenarioSpace(method="random", n=4, dimensions=[Dimension(name="a1", target="param", low=1e-5, high=2e-5)])
     runs = str(tmp_path / "runs")
     record = recorded_sweep(SweepSpec(model="two_tank", space=space, horizon_s=10.0, step_s=1.0), runs=runs)
@@ -372,6 +373,35 @@ def test_a_rerun_names_the_packages_whose_versions_changed_since_the_run(tmp_pat
     assert result.exit_code == 0 and f"note: package versions changed: jax 0.0.1 -> {now}" in result.output
 
 
+def test_a_rerun_that_cannot_reproduce_the_bits_says_why(tmp_path, monkeypatch):
+    """A sweep recorded on a GPU (the fused kernel) reran on CPUs (the XLA scan), and a calibration whose concurrent
+    trials ASHA stopped in arrival order, answered "differs: ..." naming no reason: the rerun now names it."""
+    import sweeps.runs
+    from sweeps.calibration import CalibrationSpec
+
+    parts = iter([{"part-000000.parquet": "aa"}, {"part-000000.parquet": "bb"}])
+    monkeypatch.setattr(sweeps.runs, "run_sweep", lambda *args, **kwargs: SimpleNamespace(
+        outputs=next(parts), n_scenarios=4, n_diverged=0, n_chunks=1, elapsed_s=0.1, scenarios_per_s=40.0,
+        platforms=["cpu"]))
+    space = ScenarioSpace(method="random", n=4, dimensions=[Dimension(name="a1", target="param", low=1e-5, high=2e-5)])
+    runs = str(tmp_path / "runs")
+    record = recorded_sweep(SweepSpec(model="two_tank", space=space, horizon_s=10.0, step_s=1.0), runs=runs)
+    gpu = "gpu: NVIDIA H100 80GB HBM3"
+    RunStore(runs).save(record.model_copy(update={"summary": {**record.summary, "platforms": [gpu]}}))
+    result = CliRunner().invoke(rerun_app, [record.run_id, "--runs", runs])
+    assert result.exit_code == 1 and "differs" in result.output
+    assert f"note: the sweep's kernels ran on {gpu} then, on cpu now" in result.output
+    fit = dict(model="two_tank", telemetry="t.parquet", start_state={"h1": 0.3, "h2": 0.3}, free=["a1"])
+    assert CalibrationSpec(**fit).order_dependence() is None  # one trial at a time: deterministic for a seed
+    assert CalibrationSpec(**fit, max_concurrent_trials=4, scheduler="fifo").order_dependence() is None
+    assert CalibrationSpec(**fit, max_concurrent_trials=4).order_dependence().startswith(
+        "max_concurrent_trials=4 with scheduler asha: Tune's decisions follow the order")
+    concurrent = record.model_copy(update={"kind": "calibration", "spec": {**fit, "max_concurrent_trials": 4,
+                                                                             "search": "optuna", "scheduler": "fifo"}})
+    assert sweeps.runs._caveats(concurrent, concurrent) == [CalibrationSpec(
+        **fit, max_concurrent_trials=4, search="optuna", scheduler="fifo").order_dependence()]
+
+
 def test_runs_diff_names_each_field_two_runs_differ_in_and_whether_their_outputs_do(tmp_path, monkeypatch):
     """Comparing two sweeps meant reading two `runs show` JSON dumps side by side."""
     import sweeps.runs
@@ -379,7 +409,7 @@ def test_runs_diff_names_each_field_two_runs_differ_in_and_whether_their_outputs
 
     outputs = iter([{"part-000000.parquet": "aa"}, {"part-000000.parquet": "bb"}])
     monkeypatch.setattr(sweeps.runs, "run_sweep", lambda *args, **kwargs: SimpleNamespace(
-        outputs=next(outputs), n_scenarios=4, n_diverged=0, n_chunks=1, elapsed_s=0.1, scenarios_per_s=40.0))
+        outputs=next(outputs), n_scenarios=4, n_diverged=0, n_chunks=1, elapsed_s=0.1, scenarios_per_s=40.0, platforms=["cpu"]))
     dimension = Dimension(name="a1", target="param", low=1e-5, high=2e-5)
     runs = str(tmp_path / "runs")
     first, second = (recorded_sweep(SweepSpec(model="two_tank", horizon_s=10.0, step_s=1.0, space=ScenarioSpace(

@@ -60,7 +60,7 @@ def _recorded_run(runs: Path, model: str = "thermal_rc") -> str:
     space = ScenarioSpace(method="random", n=2, dimensions=[Dimension(name=param, target="param", mode="scale",
                                                                       low=0.9, high=1.1)])
     with mock.patch.object(sweeps.runs, "run_sweep", lambda *a, **k: SimpleNamespace(
-            outputs={}, n_scenarios=2, n_diverged=0, n_chunks=1, elapsed_s=0.1, scenarios_per_s=20.0)):
+            outputs={}, n_scenarios=2, n_diverged=0, n_chunks=1, elapsed_s=0.1, scenarios_per_s=20.0, platforms=["cpu"])):
         return sweeps.runs.recorded_sweep(SweepSpec(model=model, space=space, horizon_s=10.0, step_s=1.0),
                                           runs=str(runs)).run_id
 
