@@ -124,7 +124,9 @@ def quantiles(
     if unknown:
         raise KeyError(f"unknown column(s) {unknown}; available: {names}")
     if not set(bins) <= set(by):
-        raise ValueError(f"bins given for {sorted(set(bins) - set(by))}, which are not among by={list(by)}")
+        unbinned = sorted(set(bins) - set(by))
+        raise ValueError(f"bins given for {unbinned}, which are not among by={list(by)}: group on them too, "
+                         f"by=[..., {unbinned[0]!r}] (CLI: --by {unbinned[0]})")
     if not all(0.0 <= p <= 1.0 for p in q):
         raise ValueError(f"quantiles must lie in [0, 1], got {list(q)}")
     if metrics is None:

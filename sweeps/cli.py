@@ -212,9 +212,13 @@ def sweep_quantiles(
     if "/" not in dataset:
         try:
             store = RunStore(runs)
-            url = store.output_url(store.load(dataset).run_id)  # where the root lies now, not where the run wrote
+            record = store.load(dataset)
         except RunError as exc:
             raise typer.BadParameter(str(exc)) from None
+        if record.kind != "sweep":  # else "no sweep results (part-*.parquet) under ...", as if the run lost them
+            raise typer.BadParameter(f"run {dataset} is a {record.kind}, not a sweep: its outputs are "
+                                     f"{', '.join(sorted(record.outputs)) or 'none'} (`raytwin runs show {dataset}`)")
+        url = store.output_url(record.run_id)  # where the root lies now, not where the run wrote
     try:
         table = quantiles(url, metric or None, q=q or DEFAULT_QUANTILES, by=by or (), bins=_bins(bins or []),
                           max_groups=max_groups or MAX_GROUPS, partial=partial)

@@ -109,7 +109,7 @@ def test_a_continuous_dimension_is_refused_with_what_to_do(tmp_path):
         quantiles(str(tmp_path), ["energy_kwh"], by=["param.C_in"], max_groups=2)
     with pytest.raises(ValueError, match="lie outside the bin edges"):
         quantiles(str(tmp_path), by=["input.T_out_mean"], bins={"input.T_out_mean": [270.0, 280.0]})
-    with pytest.raises(ValueError, match="not among by"):
+    with pytest.raises(ValueError, match=r"not among by=\[\]: group on them too.*--by input.T_out_mean"):
         quantiles(str(tmp_path), bins={"input.T_out_mean": 3})
 
 
@@ -224,3 +224,15 @@ def test_a_part_the_run_did_not_record_is_refused(tmp_path):
     with pytest.raises(IncompleteRun, match=r"part\(s\) \['part-000002.parquet'\] are not among the 2 run sweep-1"):
         quantiles(output, q=Q)
     assert quantiles(output, q=Q, partial=True)["count"].to_pylist() == [3000, 3000]
+
+
+def test_quantiles_of_a_run_that_is_no_sweep_say_what_it_is(tmp_path):
+    """A calibration's run id answered "no sweep results (part-*.parquet) under ...", as if its files were lost."""
+    _recorded_run(tmp_path, "succeeded", recorded_parts=1, written_parts=1)
+    store = RunStore(str(tmp_path / "runs"))
+    store.save(store.load("sweep-1").model_copy(update={
+        "run_id": "calibration-1", "kind": "calibration", "outputs": {"calibration.json": "0" * 64, "fit.png": "1" * 64}}))
+    refused = CliRunner().invoke(sweep_app, ["quantiles", "calibration-1", "--runs", str(tmp_path / "runs")])
+    assert refused.exit_code == 2
+    assert "is a calibration, not a sweep: its outputs are calibration.json, fit.png" in " ".join(
+        refused.output.replace("│", "").split())
