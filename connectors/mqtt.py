@@ -27,8 +27,10 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
+import re
 import socket
 import ssl
 import threading
@@ -41,7 +43,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
-from pydantic import Field, StrictInt, TypeAdapter, ValidationError, model_validator
+from pydantic import AfterValidator, Field, StrictInt, TypeAdapter, ValidationError, model_validator
 
 from connectors.commands import Command, Unconfirmed
 from connectors.kinds import AckHandler, AssetTypes, ignore, unmeasured
@@ -159,8 +161,27 @@ def _why(exc: BaseException) -> str:
     return getattr(exc, "strerror", None) or getattr(exc, "reason", None) or str(exc) or type(exc).__name__
 
 
+_HOST_NAME = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?")
+
+
+def _broker_host(host: str) -> str:
+    """A host name or an IP address alone. A URL (`mqtts://gw:secret@broker:8883`) was stored, returned by the API,
+    logged at every attempt and shown in `last_error` with the password in it; refused without repeating it."""
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        if len(host) <= 253 and _HOST_NAME.fullmatch(host):
+            return host
+    raise ValueError("broker.host must be a host name or an IP address alone, e.g. broker.plant.example or 10.20.0.5 "
+                     "(IPv6 without brackets): no scheme, user name, password, port or path; give the port as "
+                     "broker.port, the username and password as the connector's credentials (kept sealed, never "
+                     "shown), TLS as broker.tls (the value given is not repeated here: it may hold a password)")
+
+
 class BrokerSettings(FrozenSpec):
-    host: str
+    host: Annotated[str, AfterValidator(_broker_host)] = Field(
+        description="the broker's host name or IP address alone (the port: `port`; credentials: the connector's)")
     port: Annotated[int, Field(ge=1, le=65535)] = 1883
     protocol: Literal["3.1.1", "5"] = "5"
     client_id: Annotated[str, Field(min_length=1, max_length=128)] | None = None

@@ -30,7 +30,9 @@ log = logging.getLogger("raytwin.connectors")
 class ConnectorSpec(BaseModel):
     """The protocol-independent part of a connector's declaration."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+    """Inputs are left out of validation errors (their text, logged where a stored declaration fails to load): a
+    URL given as an MQTT broker's host or an OPC UA endpoint may carry a password, which the checks refuse."""
 
     name: Identifier
     tenant: Identifier

@@ -367,6 +367,19 @@ def _tls_server(answer: Callable[[socket.socket], None]) -> int:
     return listener.getsockname()[1]
 
 
+def test_a_broker_host_is_a_name_or_address_alone_and_a_refused_one_is_not_repeated():
+    """Found by an outside tester: `host: gw:hunter2@broker` was stored, returned by the API, and logged with its
+    password in `last_error` at every attempt (`cannot resolve broker host 'gw:hunter2@...'`)."""
+    spec = plant_spec(1, name="strict")
+    for host in ("broker.plant.example", "localhost.", "10.20.0.5", "::ffff:127.0.0.1", "fe80::1%eth0", "0x7f.1"):
+        assert MqttSpec.model_validate({**spec, "broker": {"host": host}}).broker.host == host
+    for host in ("gw:hunter2@broker.plant.example", "mqtts://broker.plant.example", "broker.plant.example:8883",
+                 "broker.plant.example/mqtt", "[::1]", " broker", ""):
+        with pytest.raises(ValidationError, match="broker.host must be a host name or an IP address alone") as refused:
+            MqttSpec.model_validate({**spec, "broker": {"host": host}})
+        assert "hunter2" not in str(refused.value) and "the connector's credentials" in str(refused.value)
+
+
 def test_a_failed_connection_says_why_and_how_to_fix_it(tmp_path):
     """Every failure read `cannot connect to broker ...; retrying with backoff`, whether nothing listened, the
     name did not resolve or TLS failed."""
