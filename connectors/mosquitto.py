@@ -69,30 +69,41 @@ def _dynsec(subscribable: list[str] | None, publishable: list[str] | None) -> di
             "anonymousGroup": "anonymous"}
 
 
+def _password_file(path: Path, users: dict[str, str]) -> str:
+    """Mosquitto's settings for a broker that lets only `users` connect, their passwords hashed into `path` by
+    `mosquitto_passwd` (in the `mosquitto` package, beside the broker)."""
+    tool = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
+    path.write_text("")
+    for user, password in users.items():
+        subprocess.run([tool, "-b", str(path), user, password], check=True, capture_output=True)
+    return f"allow_anonymous false\npassword_file {path}\n"
+
+
 class Mosquitto:
     """One broker process on a loopback port, with persistence in `directory`."""
 
     def __init__(self, directory: Path, port: int, install: bool = False, max_inflight: int = 20, max_qos: int = 2,
                  subscribable: list[str] | None = None, publishable: list[str] | None = None,
-                 autosave_changes: int | None = 1):
+                 autosave_changes: int | None = 1, users: dict[str, str] | None = None):
         """`max_inflight`: unacknowledged QoS 1 messages per MQTT 3.1.1 client (Mosquitto's default 20);
         `max_qos`: the highest QoS the broker grants; `subscribable` / `publishable`: the topic filters clients
         may subscribe / publish to (Mosquitto's Dynamic Security plugin refuses others; None: any topic);
         `autosave_changes`: save to disk once this many changes (messages queued, subscriptions, retained messages)
-        are unsaved (None: Mosquitto's default, every 1800 s and when stopped; a crash loses what was unsaved)."""
+        are unsaved (None: Mosquitto's default, every 1800 s and when stopped; a crash loses what was unsaved);
+        `users`: username -> password, the only clients it lets connect (None: anyone, without credentials)."""
         self.directory, self.port = directory, port
         self.config = directory / "mosquitto.conf"
-        access = ""
+        self.binary = mosquitto_binary(install)  # (first: `users` needs its mosquitto_passwd)
+        access = "allow_anonymous true\n" if users is None else _password_file(directory / "passwords", users)
         if subscribable is not None or publishable is not None:
             (directory / "dynsec.json").write_text(json.dumps(_dynsec(subscribable, publishable)))
-            access = f"plugin {dynsec_plugin()}\nplugin_opt_config_file {directory}/dynsec.json\n"
+            access += f"plugin {dynsec_plugin()}\nplugin_opt_config_file {directory}/dynsec.json\n"
         self.config.write_text(
-            f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\nmax_qos {max_qos}\n"
+            f"listener {port} 127.0.0.1\npersistence true\nmax_qos {max_qos}\n"
             f"persistence_location {directory}/\nmax_queued_messages 0\nmax_inflight_messages {max_inflight}\n"
             + (f"autosave_on_changes true\nautosave_interval {autosave_changes}\n" if autosave_changes else "") +
             f"log_dest file {directory}/mosquitto.log\n{access}"
             f"user {getpass.getuser()}\n")  # started as root it would switch to `mosquitto`, who cannot write here
-        self.binary = mosquitto_binary(install)
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:

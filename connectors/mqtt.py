@@ -317,15 +317,24 @@ CONNACK_FIXES = {
     0x85: "the broker refuses this client id: choose broker.client_id as it allows (23 letters and digits are "
           "always allowed)",
     0x86: "bad credentials: declare the connector again with the right username and password",
-    0x87: "the broker does not let this client (its username, its client id) connect: its ACL or auth plugin",
+    0x87: "check the connector's username and password (a broker may answer a wrong or missing one so, as Mosquitto "
+          "does: declare the connector again with the right ones), then that the broker's ACL or auth plugin lets "
+          "this username and client id connect",
     0x8C: "the broker wants another authentication method",
 }
 """How to fix a refused CONNACK, by reason code (MQTT 5's; paho gives 3.1.1's return codes the same)."""
+CREDENTIAL_REFUSALS = frozenset({0x86, 0x87})
+"""The refusals a connector without credentials gets where the broker requires them."""
 
 
-def connect_refusal(where: str, client_id: str, reason: Any) -> str:
-    """The broker's refusal of a connection, with its reason code and what to do."""
+def connect_refusal(where: str, client_id: str, reason: Any, credentials: bool = True) -> str:
+    """The broker's refusal of a connection, with its reason code and what to do; `credentials`: whether the
+    connector has any (a broker that requires them refuses one without as Not authorized, as for a wrong password)."""
     fix = CONNACK_FIXES.get(reason.value, "the broker refused for its own reasons: see its log")
+    if not credentials and reason.value in CREDENTIAL_REFUSALS:
+        fix = ("this connector has no credentials: if the broker requires them, declare it again with a username and "
+               "password (`raytwin connectors create ... --username ... --password-env ...`); else check the broker's "
+               "ACL or auth plugin for this client id")
     return (f"broker {where} refused the connection of client {client_id!r}: {reason} (reason code "
             f"0x{reason.value:02X}); {fix}")
 
@@ -349,6 +358,7 @@ class MqttAdapter:
         b = spec.broker
         self.v5 = b.protocol == "5"
         self.client = _client(spec, credentials, persistent=True, reach=reach)
+        self._credentials = bool(credentials.username or credentials.password)  # (said in a refusal)
         self.client.reconnect_delay_set(b.reconnect_min_s, max(b.reconnect_min_s, b.reconnect_max_s))
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
@@ -397,7 +407,7 @@ class MqttAdapter:
     def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         if reason.is_failure:
             self._refused = True  # the disconnect that follows must not hide why (a wrong password, an ACL)
-            self._error(connect_refusal(self._where(), self.spec.client_id, reason))
+            self._error(connect_refusal(self._where(), self.spec.client_id, reason, self._credentials))
             return
         self._refused = False
         self.last_error = self.last_error_at = None  # connected again: what went wrong before is over

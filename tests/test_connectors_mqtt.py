@@ -337,12 +337,12 @@ def test_a_new_process_that_finds_no_session_after_an_earlier_one_reports_it():
         assert adapter.errors == errors + 1
 
 
-def _first_error(broker: dict) -> str:
+def _first_error(broker: dict, credentials: Credentials = Credentials()) -> str:
     """The first `last_error` of an adapter (no Ray) connecting to `broker` (settings over `plant_spec`'s)."""
     from connectors.mqtt import MQTT
 
     spec = MqttSpec.model_validate(plant_spec(1, name="probe", broker={**plant_spec(1)["broker"], **broker}))
-    adapter = MQTT.adapter(spec, Credentials(), lambda inbound: None, lambda *ack: None)
+    adapter = MQTT.adapter(spec, credentials, lambda inbound: None, lambda *ack: None)
     adapter.start()
     try:
         return wait_for(lambda: adapter.last_error, "the connection's failure reported")
@@ -429,6 +429,22 @@ def test_the_last_error_says_when_and_is_cleared_once_connected_again(tmp_path):
         late.stop()
 
 
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_a_broker_refusing_a_wrong_or_missing_password_says_to_check_the_credentials(tmp_path, protocol):
+    """Found by an outside tester: Mosquitto refuses a wrong password, and a connector without any, as Not authorized
+    (0x87; 3.1.1's return code 5), whose fix sent people to the broker's ACL; nothing said the connector had none."""
+    guarded = Mosquitto(tmp_path, free_port(), users={"gw": "right-pw"})
+    guarded.start()
+    try:
+        wrong = _first_error({"port": guarded.port, "protocol": protocol}, Credentials(username="gw", password="guess"))
+        assert "Not authorized (reason code 0x87); check the connector's username and password" in wrong, wrong
+        assert "guess" not in wrong
+        anonymous = _first_error({"port": guarded.port, "protocol": protocol})
+        assert "(reason code 0x87); this connector has no credentials: if the broker requires them" in anonymous
+    finally:
+        guarded.stop()
+
+
 def test_a_refused_connection_names_the_reason_code_and_the_fix():
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.reasoncodes import ReasonCode
@@ -439,6 +455,17 @@ def test_a_refused_connection_names_the_reason_code_and_the_fix():
     assert connect_refusal("b:1883", "gw", bad_password) == (
         "broker b:1883 refused the connection of client 'gw': Bad user name or password (reason code 0x86); bad "
         "credentials: declare the connector again with the right username and password")
+    # found by an outside tester: Mosquitto 2 answers a wrong or missing password with 0x87 (3.1.1: return code 5),
+    # whose fix named only the broker's ACL; and nothing said that the connector had no credentials at all
+    not_authorized = ReasonCode(PacketTypes.CONNACK, identifier=0x87)
+    assert connect_refusal("b:1883", "gw", not_authorized).endswith(
+        "(reason code 0x87); check the connector's username and password (a broker may answer a wrong or missing one "
+        "so, as Mosquitto does: declare the connector again with the right ones), then that the broker's ACL or auth "
+        "plugin lets this username and client id connect")
+    assert connect_refusal("b:1883", "gw", not_authorized, credentials=False).endswith(
+        "(reason code 0x87); this connector has no credentials: if the broker requires them, declare it again with a "
+        "username and password (`raytwin connectors create ... --username ... --password-env ...`); else check the "
+        "broker's ACL or auth plugin for this client id")
 
 
 def test_malformed_payloads_go_to_dead_letters_with_topic_and_reason(twins, connectors, broker, plant,
