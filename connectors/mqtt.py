@@ -3,7 +3,9 @@
 - **Persistent session, QoS 1.** The client id is stable (`raytwin-<tenant>@<name>` unless given)
   and the session survives disconnects (3.1.1: ``clean_session=False``; 5: ``clean_start=False`` and
   a session expiry), so the broker keeps what is published while RayTwin is away or paused and
-  delivers it on reconnect (as far as the broker saved it to disk: a broker crash loses the rest, unseen).
+  delivers it on reconnect (as far as the broker saved it to disk: a broker crash loses the rest, unseen), if
+  published at QoS 1 or 2: a broker queues no QoS 0 message for a session that is away, so a reading received at
+  QoS 0 is reported (once per connection).
   With MQTT 5 a reconnect's SUBSCRIBE asks for retained messages on a new subscription only.
 - **Acknowledged after durable.** With paho's manual acks a PUBACK is sent only once the message's
   events are in the twins' logs (or its dead letters are written). A message delivered on an
@@ -355,6 +357,7 @@ class MqttAdapter:
         self._connected = threading.Event()
         self._refused = False  # the broker refused the last connection attempt (kept as `last_error`)
         self._running = False  # between start and pause: the client's loop (and its reconnects) is on
+        self._at_most_once_said = False  # a reading at QoS 0 was reported on this connection
         b = spec.broker
         self.v5 = b.protocol == "5"
         self.client = _client(spec, credentials, persistent=True, reach=reach)
@@ -410,6 +413,7 @@ class MqttAdapter:
             self._error(connect_refusal(self._where(), self.spec.client_id, reason, self._credentials))
             return
         self._refused = False
+        self._at_most_once_said = False
         self.last_error = self.last_error_at = None  # connected again: what went wrong before is over
         with self._ack_lock:
             self._generation += 1
@@ -504,6 +508,8 @@ class MqttAdapter:
             self._command_ack(msg)
             ack()
             return
+        if msg.qos == 0:
+            self._at_most_once(msg.topic)
         try:
             route, asset = self._route(msg.topic)
         except ValueError as exc:
@@ -511,6 +517,16 @@ class MqttAdapter:
             return
         rows, dead = route.payload.rows(asset, msg.payload, source)
         self.put(Inbound(source, rows, dead, ack, size=len(msg.payload)))
+
+    def _at_most_once(self, topic: str) -> None:
+        """A device publishing at QoS 0: the broker queues none of it for the session while the connector is away
+        (paused, restarting, reconnecting; Mosquitto's `queue_qos0_messages false`), so those readings were lost
+        with nothing to show for it. Said once per connection, as an error: the guarantee does not hold for them."""
+        if not self._at_most_once_said:
+            self._at_most_once_said = True
+            self._error(f"messages on {quoted(topic)} arrive at QoS 0 (the device publishes them so): the broker keeps "
+                        "none for this connector while it is paused, restarting or disconnected, and they are lost "
+                        "unseen; publish readings at QoS 1 (said once per connection)")
 
     def _route(self, topic: str) -> tuple[TopicRoute, str]:
         """The route of a message on `topic` and its asset (ValueError if none matches or the topic names none)."""

@@ -445,6 +445,35 @@ def test_a_broker_refusing_a_wrong_or_missing_password_says_to_check_the_credent
         guarded.stop()
 
 
+def test_readings_a_device_publishes_at_qos0_are_reported_once_per_connection(broker):
+    """Found by an outside tester: a device publishing at QoS 0 (many do by default) had its readings delivered at QoS 0,
+    which the broker does not queue for the connector while it is away: 10 of 10 published during a pause were lost,
+    and the status said nothing while the guarantees promised what was published meanwhile."""
+    from connectors.mqtt import MQTT
+
+    spec = MqttSpec.model_validate(plant_spec(broker.port, name="qos0dev", ack_topic=None, routes=[
+        {"topic": "qos0dev/+/t", "asset_level": 1, "payload": PAYLOAD}]))
+    received = []
+    adapter = MQTT.adapter(spec, Credentials(), received.append, lambda *ack: None)
+    adapter.start()
+    device = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"device-{free_port()}")
+    device.connect("127.0.0.1", broker.port)
+    device.loop_start()
+    try:
+        wait_for(adapter.connected, "subscribed")
+        for k, qos in enumerate((1, 0, 0)):
+            device.publish("qos0dev/pump-1/t", json.dumps(reading(k)), qos=qos).wait_for_publish(30)
+        wait_for(lambda: len(received) == 3, "the three readings received")
+        assert adapter.errors == 1 and adapter.last_error == (
+            "messages on 'qos0dev/pump-1/t' arrive at QoS 0 (the device publishes them so): the broker keeps none for "
+            "this connector while it is paused, restarting or disconnected, and they are lost unseen; publish readings "
+            "at QoS 1 (said once per connection)")
+    finally:
+        device.disconnect()
+        device.loop_stop()
+        adapter.stop()
+
+
 def test_a_refused_connection_names_the_reason_code_and_the_fix():
     from paho.mqtt.packettypes import PacketTypes
     from paho.mqtt.reasoncodes import ReasonCode
