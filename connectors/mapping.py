@@ -50,6 +50,12 @@ _MARK = 40
 REASON_KEPT = TEXT_KEPT - SOURCE_KEPT - 2 * _MARK - 2
 
 
+EMPTY_PAYLOAD = ("payload is empty (0 bytes): no readings; an empty message is also how a retained message is "
+                 "cleared at the broker (the broker delivers it to subscribers): nothing to fix then, else the device "
+                 "sent nothing")
+"""The reason a message without bytes is dead-lettered (counted, as every message is, in an outcome)."""
+
+
 class FrozenSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -85,6 +91,8 @@ class PayloadMapping(FrozenSpec):
         dead letter for each reading the mapping cannot read. The contract checks the rows later, a
         batch at a time (`actors.ingest.validate_batch`: column-wise from 32 rows, ~1 us a row plus ~1 ms a
         batch; row by row below, 25-50 us a row)."""
+        if not payload:  # read as JSON: "Expecting value: line 1 column 1 (char 0)", which told nobody why
+            return [], [DeadLetter.of(source, asset_id, None, EMPTY_PAYLOAD, payload)]
         try:
             doc = json.loads(payload)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:

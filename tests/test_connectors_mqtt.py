@@ -752,6 +752,19 @@ def test_a_retained_message_is_read_once_not_at_every_reconnect(twins, connector
         connectors.delete("acme", "retain")
 
 
+def test_an_empty_message_is_dead_lettered_saying_that_it_may_clear_a_retained_message():
+    """Found by an outside tester: clearing a retained poison message as this README says (an empty retained message)
+    reaches every connector subscribed, which dead-lettered it as `payload is not JSON: Expecting value: line 1
+    column 1 (char 0)`, which told nobody why or whether anything was wrong."""
+    from connectors.mapping import PayloadMapping
+
+    rows, dead = PayloadMapping.model_validate(PAYLOAD).rows("pump-4", b"", "mqtt://retain/retain/pump-4/t")
+    assert rows == [] and [(d.asset_id, d.row()["reason"]) for d in dead] == [(
+        "pump-4", "mqtt://retain/retain/pump-4/t: payload is empty (0 bytes): no readings; an empty message is also how "
+        "a retained message is cleared at the broker (the broker delivers it to subscribers): nothing to fix then, else "
+        "the device sent nothing")]
+
+
 def test_commands_need_approval_are_sent_once_and_acknowledged(twins, connectors, broker, plant):
     device = Publisher(broker.port, answer="spoofed")
     device.listen("plant/+/cmd")
