@@ -630,6 +630,17 @@ def end_session(spec: MqttSpec, credentials: Credentials, reach: Reach | None = 
     return ended
 
 
+def _echoes(spec: MqttSpec) -> list[str]:
+    """Routes whose filter matches a command topic of the connector (`plant/#` and `plant/{asset_id}/cmd`): a broker
+    delivers a client's own PUBLISH to its matching subscriptions, so every command sent came back as a reading and was
+    dead-lettered (`ts: field missing from the payload`). Checked with an asset id in the topic's `{asset_id}`."""
+    return [f"route {r.topic!r} matches command_topic {c.command_topic!r}: the connector would read every command it "
+            "sends back as a reading (dead-lettered as one); narrow the route's topic filter to the readings' topics, "
+            "e.g. plant/+/telemetry"
+            for c in spec.routes if c.command_topic is not None for r in spec.routes
+            if paho.topic_matches_sub(r.topic, c.command_topic.replace(ASSET_LEVEL, c.asset_id or "asset-1"))]
+
+
 class MqttKind:
     spec_type = MqttSpec
 
@@ -646,7 +657,7 @@ class MqttKind:
                    for r in spec.routes if r.asset_id is not None and r.asset_id not in assets]
         unmapped = [problem for r in spec.routes for m, field in r.payload.measurements.items()
                     if (problem := unmeasured(f"route {r.topic!r}", m, field.unit, r.asset_id, assets))]
-        return unknown + unmapped + (spec.broker.tls.problems() if spec.broker.tls is not None else [])
+        return unknown + unmapped + _echoes(spec) + (spec.broker.tls.problems() if spec.broker.tls is not None else [])
 
     def adapter(self, spec: MqttSpec, credentials: Credentials, put: Callable[[Inbound], None],
                 on_ack: AckHandler, *, predecessor_seen: datetime | None = None,

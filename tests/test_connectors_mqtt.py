@@ -765,6 +765,25 @@ def test_an_empty_message_is_dead_lettered_saying_that_it_may_clear_a_retained_m
         "the device sent nothing")]
 
 
+def test_a_route_matching_a_command_topic_is_refused():
+    """Found by an outside tester: a route `plant/#` beside `command_topic: plant/{asset_id}/cmd` received every command
+    the connector sent (a broker delivers a client's own PUBLISH to its matching subscriptions, MQTT 3.1.1 and 5) and
+    dead-lettered it as `ts: field missing from the payload`."""
+    from connectors.mqtt import MQTT
+
+    catch_all = {"topic": "plant/#", "asset_level": 1, "payload": PAYLOAD}
+    for routes in ([{**catch_all, "command_topic": "plant/{asset_id}/cmd"}],
+                   [catch_all, {"topic": "cmd/pump-1/t", "asset_id": "pump-1", "payload": PAYLOAD,
+                                "command_topic": "plant/pump-1/cmd"}]):
+        spec = MqttSpec.model_validate(plant_spec(1, name="echo", ack_topic=None, routes=routes))
+        assert [p for p in MQTT.problems(spec, {}) if "command_topic" in p] == [
+            f"route 'plant/#' matches command_topic {routes[-1]['command_topic']!r}: the connector would read every "
+            "command it sends back as a reading (dead-lettered as one); narrow the route's topic filter to the "
+            "readings' topics, e.g. plant/+/telemetry"]
+    spec = MqttSpec.model_validate(plant_spec(1, name="echo", ack_topic=None))  # plant/+/telemetry, plant/{asset_id}/cmd
+    assert not [p for p in MQTT.problems(spec, {}) if "command_topic" in p]
+
+
 def test_commands_need_approval_are_sent_once_and_acknowledged(twins, connectors, broker, plant):
     device = Publisher(broker.port, answer="spoofed")
     device.listen("plant/+/cmd")
