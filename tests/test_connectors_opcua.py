@@ -443,6 +443,7 @@ def test_declarations_are_checked_and_credentials_stay_secret(connectors, server
     connectors.create(plc_spec(server.endpoint, name="wrong-pw"), Credentials(username=USER, password="guess"))
     s = wait_for(lambda: (s := connectors.status("acme", "wrong-pw")).errors >= 1 and s, "a refused session reported")
     assert not s.connected and "BadUserAccessDenied" in s.last_error and "guess" not in s.last_error
+    assert "the server refused the session's user: check the connector's username and password" in s.last_error
     connectors.delete("acme", "wrong-pw")
 
 
@@ -518,6 +519,21 @@ def test_a_full_queue_with_no_reading_before_it_is_read_from_before_its_first_va
                 for k in range(7, 10)]
     assert watch.published({nid: readings})
     assert watch.take()[nid].since == T0 + timedelta(seconds=7) - timedelta(hours=1)
+
+
+def test_a_refused_session_or_connection_says_how_to_fix_it():
+    """Found by an outside tester: only asyncua's words were shown, a wrong password as "User does not have permission
+    to perform the requested operation", nothing listening as "[Errno 111] Connection refused"."""
+    from connectors.opcua.session import connect_problem
+
+    endpoint = "opc.tcp://plc-1.plant:4841/"
+    assert connect_problem(endpoint, ua.uaerrors.BadIdentityTokenRejected(), credentials=False).endswith(
+        ": the server refuses a session without a user, and this connector has no credentials: declare it again with a "
+        "username and password")
+    assert connect_problem(endpoint, ConnectionRefusedError(111, "Connection refused"), credentials=True) == (
+        "ConnectionRefusedError: [Errno 111] Connection refused: server plc-1.plant:4841 refused the TCP connection "
+        "(nothing listens on port 4841): check the endpoint's host and port, and that the server runs")
+    assert connect_problem(endpoint, ua.uaerrors.BadTimeout(), credentials=True) == f"BadTimeout: {ua.uaerrors.BadTimeout()}"
 
 
 def test_a_value_without_source_timestamp_is_dead_lettered():

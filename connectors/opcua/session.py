@@ -39,12 +39,14 @@ import asyncio
 import functools
 import logging
 import random
+import socket
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 from asyncua import Client, ua
 from asyncua.common.subscription import Subscription
@@ -64,6 +66,28 @@ from raytwin import metrics
 log = logging.getLogger("raytwin.connectors")
 LOSS = (OSError, ConnectionError, asyncio.TimeoutError, ua.UaError)
 """What a lost or refused connection raises (asyncua's status-code errors are `UaError`s)."""
+IDENTITY_REFUSALS = frozenset({"BadUserAccessDenied", "BadIdentityTokenInvalid", "BadIdentityTokenRejected"})
+"""How a server refuses a session's user (ActivateSession): a wrong username or password, or none where it needs one."""
+
+
+def connect_problem(endpoint: str, exc: BaseException, credentials: bool) -> str:
+    """What `exc` says went wrong with the session at `endpoint`, and the fix where it is the connector's to make
+    (`credentials`: whether it has a username or password). Only asyncua's words were shown: a wrong password read
+    "User does not have permission to perform the requested operation", nothing listening "[Errno 111] ..."."""
+    what, url = f"{type(exc).__name__}: {exc}", urlsplit(endpoint)
+    if isinstance(exc, ConnectionRefusedError):
+        port = url.port or OPC_UA_PORT
+        return (f"{what}: server {url.hostname}:{port} refused the TCP connection (nothing listens on port {port}): "
+                "check the endpoint's host and port, and that the server runs")
+    if isinstance(exc, socket.gaierror):
+        return f"{what}: cannot resolve {url.hostname!r}: check the endpoint and the DNS of the nodes that run connectors"
+    if type(exc).__name__ not in IDENTITY_REFUSALS:
+        return what
+    if not credentials:
+        return (f"{what}: the server refuses a session without a user, and this connector has no credentials: declare "
+                "it again with a username and password")
+    return (f"{what}: the server refused the session's user: check the connector's username and password (declare it "
+            "again with the right ones), then that the server lets this user open a session")
 STAMP_PRECISION = timedelta(milliseconds=1)
 """How far a historian may round a source timestamp it stores (some keep milliseconds)."""
 HISTORY_LAG_S = 1.0
@@ -201,7 +225,7 @@ class OpcUaSession:
                     if not self._stop.is_set():
                         self._error("connection lost; reconnecting with backoff")
                 except LOSS as exc:
-                    self._error(f"{type(exc).__name__}: {exc}; retrying in {delay:.1f} s")
+                    self._error(f"{self._problem(exc)}; retrying in {delay:.1f} s")
                 except Exception as exc:  # noqa: BLE001 - e.g. a certificate asyncua cannot parse: said, and retried
                     self._error(f"{type(exc).__name__}: {exc}; retrying in {delay:.1f} s")
                     log.exception("event=opcua_connect_failed connector=%s/%s", self.spec.tenant, self.spec.name)
@@ -251,6 +275,10 @@ class OpcUaSession:
     def outstanding(self) -> int:
         """Value changes received and not yet durable (handed to the pump, or waiting to be)."""
         return self._received - self._durable
+
+    def _problem(self, exc: BaseException) -> str:
+        creds = self.credentials
+        return connect_problem(self.spec.endpoint, exc, bool(creds.username or creds.password))
 
     def _error(self, message: str) -> None:
         self.errors += 1
