@@ -127,8 +127,8 @@ class PayloadMapping(FrozenSpec):
         event_time = self._time(_required(reading, self.event_time))
         row: dict[str, Any] = {
             "asset_id": asset_id, "event_time": event_time,
-            "sequence": _required(reading, self.sequence) if self.sequence else _micros(event_time),
-            "measurements": {name: {"value": _required(reading, m.field), "unit": m.unit}
+            "sequence": _whole(reading, self.sequence) if self.sequence else _micros(event_time),
+            "measurements": {name: {"value": _number(reading, m.field, m.unit), "unit": m.unit}
                              for name, m in self.measurements.items()},
         }
         if self.idempotency_key:
@@ -142,6 +142,10 @@ class PayloadMapping(FrozenSpec):
     def _time(self, value: Any) -> Any:
         """The event time as RFC 3339 text (the contract parses it and requires an offset)."""
         if self.time_format == "rfc3339":
+            if _numeric(value):
+                raise ValueError(f"{self.event_time}: expected RFC 3339 text (the route's time_format), got the number "
+                                 f"{quoted(value)}: if the device sends time since the epoch, set the route's "
+                                 "payload.time_format to epoch_ms or epoch_s")
             return value
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ValueError(f"{self.event_time}: expected a number of {self.time_format[6:]} since the epoch, "
@@ -174,6 +178,30 @@ def _lookup(doc: dict[str, Any], path: str | None) -> Any:
 
 def _integer(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _numeric(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _number(doc: dict[str, Any], path: str, unit: str) -> int | float:
+    """A measurement's value: a JSON number, in the unit the route declares. Anything else the contract refused as
+    `measurements.h1.value.float: Input should be a valid number; measurements.h1.value.int: ...`, naming neither
+    the payload's field nor what it held (`"405 mm"`, `"high"`, `true`)."""
+    value = _required(doc, path)
+    if not _numeric(value):
+        raise ValueError(f"{path}: expected a number, got {quoted(value)}: send the bare number, in {unit} (the unit "
+                         "the route declares for it)")
+    return value
+
+
+def _whole(doc: dict[str, Any], path: str) -> int:
+    """A sequence: a whole JSON number (the contract refused `"12"`, `10.5` or `true` as `sequence: Input should be a
+    valid integer`, naming neither the payload's field nor what it held). Its range is the contract's to check."""
+    value = _required(doc, path)
+    if not _integer(value):
+        raise ValueError(f"{path}: the sequence must be a whole number (the device's counter), got {quoted(value)}")
+    return value
 
 
 def _key(value: Any, path: str) -> str:

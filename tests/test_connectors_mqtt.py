@@ -508,7 +508,8 @@ def test_malformed_payloads_go_to_dead_letters_with_topic_and_reason(twins, conn
     before = twins.state("acme", "pump-4").revision
     device = Publisher(broker.port)
     device.publish("plant/pump-4/telemetry", [b"not json", {"ts": reading(1)["ts"], "seq": 1},
-                                              {**reading(2), "level": "high"}, [reading(3), 7]])
+                                              {**reading(2), "level": "high"}, [reading(3), 7],
+                                              {**reading(6), "level": float("nan")}])  # (a number: the contract's)
     device.publish("plant/bad id!/telemetry", [reading(4)])
     device.publish("plant/pump-4/telemetry", [b"[" * 200_000 + b"]" * 200_000])  # RecursionError in json.loads
     device.publish("plant/pump-4/telemetry", [reading(5)])
@@ -519,14 +520,16 @@ def test_malformed_payloads_go_to_dead_letters_with_topic_and_reason(twins, conn
     src = "mqtt://plant/plant/pump-4/telemetry: "
     assert any(r.startswith(src + "payload is not JSON") for r in letters)
     assert src + "level: field missing from the payload" in letters
-    assert any(r == src + "measurements.h1.value: expected a number, not a string" for r in letters)
+    assert src + ("level: expected a number, got 'high': send the bare number, in mm (the unit the route declares for "
+                  "it)") in letters  # (the contract's said `measurements.h1.value.float: Input should be a valid number`)
+    assert src + "measurements.h1.value: Input should be a finite number" in letters
     assert src + "a reading must be a JSON object, not int" in letters
     assert "mqtt://plant/plant/bad id!/telemetry: topic level 1 'bad id!' is not an asset id" in letters
     assert src + "payload nests deeper than JSON decoding allows (past the interpreter's recursion limit)" in letters
-    assert connectors.status("acme", "plant").dead_lettered == 6
+    assert connectors.status("acme", "plant").dead_lettered == 7
     wait_until(ray_metrics_port, lambda m: total(m, "ray_raytwin_dead_letters_total", stage="connector") ==
-               sum(counted.values()) + 6, "the six dead letters counted")
-    assert (dead("mapping") - counted["mapping"], dead("invalid") - counted["invalid"]) == (5, 1)
+               sum(counted.values()) + 7, "the seven dead letters counted")
+    assert (dead("mapping") - counted["mapping"], dead("invalid") - counted["invalid"]) == (6, 1)
 
 
 def test_oversized_empty_and_odd_payloads_are_dead_lettered_bounded_and_saying_why(twins, connectors, broker):
@@ -750,6 +753,29 @@ def test_a_retained_message_is_read_once_not_at_every_reconnect(twins, connector
         device.client.publish("retain/pump-4/t", b"", qos=1, retain=True).wait_for_publish(30)  # (retained: cleared)
         device.close()
         connectors.delete("acme", "retain")
+
+
+def test_a_value_of_the_wrong_type_is_dead_lettered_naming_the_payloads_field_and_the_fix():
+    """Found by an outside tester: `"level": "405 mm"` (a unit in the value), `"seq": 10.5` and an epoch time under
+    `time_format: rfc3339` were refused by the contract as `measurements.h1.value.float: Input should be a valid
+    number; measurements.h1.value.int: ...`, `sequence: Input should be a valid integer` and `event_time: ... expected
+    an RFC 3339 date-time`: none named the device's field, what it held or what to change."""
+    from connectors.mapping import PayloadMapping
+
+    def reason(payload: dict, **mapping) -> str:
+        rows, dead = PayloadMapping.model_validate({**PAYLOAD, **mapping}).rows("pump-1", json.dumps(payload).encode(),
+                                                                                "mqtt://p/t")
+        assert rows == [] and len(dead) == 1
+        return dead[0].reason
+
+    assert reason({**reading(1), "level": "405 mm"}) == (
+        "level: expected a number, got '405 mm': send the bare number, in mm (the unit the route declares for it)")
+    assert reason({**reading(1), "flow": {"in": True}}).startswith("flow.in: expected a number, got True: ")
+    assert reason({**reading(1), "seq": 10.5}) == (
+        "seq: the sequence must be a whole number (the device's counter), got 10.5")
+    assert reason(reading(1), time_format="rfc3339") == (
+        f"ts: expected RFC 3339 text (the route's time_format), got the number {reading(1)['ts']}: if the device sends "
+        "time since the epoch, set the route's payload.time_format to epoch_ms or epoch_s")
 
 
 def test_an_empty_message_is_dead_lettered_saying_that_it_may_clear_a_retained_message():
