@@ -70,6 +70,21 @@ IDENTITY_REFUSALS = frozenset({"BadUserAccessDenied", "BadIdentityTokenInvalid",
 """How a server refuses a session's user (ActivateSession): a wrong username or password, or none where it needs one."""
 
 
+NODE_FIXES = {
+    "BadNodeIdUnknown": "the server has no node of this id: check node_id against the server's address space (browse "
+                        "it with an OPC UA client), then declare the connector again",
+    "BadAttributeIdInvalid": "the node has no value (it is no variable): declare a variable's node id",
+    "BadNotReadable": "the node is not readable: the server's access rights for it",
+    "BadUserAccessDenied": "the server does not let the connector's user read it: its access rights for that user",
+}
+"""Why a server refuses to monitor a node, by status code, and the fix (only the code was shown)."""
+
+
+def unmonitorable(code: str) -> str:
+    """A monitored item's refusal (its status code's name) with its fix, where known."""
+    return f"{code} ({NODE_FIXES[code]})" if code in NODE_FIXES else code
+
+
 def connect_problem(endpoint: str, exc: BaseException, credentials: bool) -> str:
     """What `exc` says went wrong with the session at `endpoint`, and the fix where it is the connector's to make
     (`credentials`: whether it has a username or password). Only asyncua's words were shown: a wrong password read
@@ -361,7 +376,8 @@ class OpcUaSession:
         for (handle, nid), result in zip(list(sub.items.items()), results):
             if not result.StatusCode.is_good():
                 del sub.items[handle]
-                unmonitored.append(f"node {_named(self._nodes[nid])} cannot be monitored: {result.StatusCode.name}")
+                unmonitored.append(f"node {_named(self._nodes[nid])} cannot be monitored: "
+                                   f"{unmonitorable(result.StatusCode.name)}")
                 continue
             self._watch.grant(nid, result.RevisedQueueSize)
             if result.RevisedQueueSize < self.spec.queue_size:
