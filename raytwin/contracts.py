@@ -434,7 +434,8 @@ class TelemetryEvent(Contract):
         if self.event_time - late > MAX_FUTURE_SKEW:
             raise ValueError(
                 f"event_time {self.event_time.isoformat()} is more than {MAX_FUTURE_SKEW} after {what} "
-                f"{late.isoformat()} (clock skew or a bad timestamp)"
+                f"{late.isoformat()} (clock skew or a bad timestamp): correct the sender's clock (NTP) or the "
+                "timestamps it sends"
             )
         object.__setattr__(self, "ingest_time", self.ingest_time or now)
         if self.idempotency_key is None:
