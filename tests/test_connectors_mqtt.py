@@ -446,9 +446,9 @@ def test_a_broker_refusing_a_wrong_or_missing_password_says_to_check_the_credent
 
 
 def test_readings_a_device_publishes_at_qos0_are_reported_once_per_connection(broker):
-    """Found by an outside tester: a device publishing at QoS 0 (many do by default) had its readings delivered at QoS 0,
-    which the broker does not queue for the connector while it is away: 10 of 10 published during a pause were lost,
-    and the status said nothing while the guarantees promised what was published meanwhile."""
+    """Found by an outside tester: a device publishing at QoS 0 (many do by default) had its readings delivered at
+    QoS 0, which the broker does not queue for the connector while it is away: 10 of 10 published during a pause
+    were lost, and the status said nothing while the guarantees promised what was published meanwhile."""
     from connectors.mqtt import MQTT
 
     spec = MqttSpec.model_validate(plant_spec(broker.port, name="qos0dev", ack_topic=None, routes=[
@@ -521,7 +521,7 @@ def test_malformed_payloads_go_to_dead_letters_with_topic_and_reason(twins, conn
     assert any(r.startswith(src + "payload is not JSON") for r in letters)
     assert src + "level: field missing from the payload" in letters
     assert src + ("level: expected a number, got 'high': send the bare number, in mm (the unit the route declares for "
-                  "it)") in letters  # (the contract's said `measurements.h1.value.float: Input should be a valid number`)
+                  "it)") in letters  # (the contract said `measurements.h1.value.float: Input should be a valid ...`)
     assert src + "measurements.h1.value: Input should be a finite number" in letters
     assert src + "a reading must be a JSON object, not int" in letters
     assert "mqtt://plant/plant/bad id!/telemetry: topic level 1 'bad id!' is not an asset id" in letters
@@ -786,9 +786,9 @@ def test_an_empty_message_is_dead_lettered_saying_that_it_may_clear_a_retained_m
 
     rows, dead = PayloadMapping.model_validate(PAYLOAD).rows("pump-4", b"", "mqtt://retain/retain/pump-4/t")
     assert rows == [] and [(d.asset_id, d.row()["reason"]) for d in dead] == [(
-        "pump-4", "mqtt://retain/retain/pump-4/t: payload is empty (0 bytes): no readings; an empty message is also how "
-        "a retained message is cleared at the broker (the broker delivers it to subscribers): nothing to fix then, else "
-        "the device sent nothing")]
+        "pump-4", "mqtt://retain/retain/pump-4/t: payload is empty (0 bytes): no readings; an empty message is also "
+        "how a retained message is cleared at the broker (the broker delivers it to subscribers): nothing to fix then, "
+        "else the device sent nothing")]
 
 
 def test_a_route_matching_a_command_topic_is_refused():
@@ -806,7 +806,7 @@ def test_a_route_matching_a_command_topic_is_refused():
             f"route 'plant/#' matches command_topic {routes[-1]['command_topic']!r}: the connector would read every "
             "command it sends back as a reading (dead-lettered as one); narrow the route's topic filter to the "
             "readings' topics, e.g. plant/+/telemetry"]
-    spec = MqttSpec.model_validate(plant_spec(1, name="echo", ack_topic=None))  # plant/+/telemetry, plant/{asset_id}/cmd
+    spec = MqttSpec.model_validate(plant_spec(1, name="echo", ack_topic=None))  # plant/+/telemetry, its command topic
     assert not [p for p in MQTT.problems(spec, {}) if "command_topic" in p]
 
 

@@ -533,7 +533,8 @@ def test_a_refused_session_or_connection_says_how_to_fix_it():
     assert connect_problem(endpoint, ConnectionRefusedError(111, "Connection refused"), credentials=True) == (
         "ConnectionRefusedError: [Errno 111] Connection refused: server plc-1.plant:4841 refused the TCP connection "
         "(nothing listens on port 4841): check the endpoint's host and port, and that the server runs")
-    assert connect_problem(endpoint, ua.uaerrors.BadTimeout(), credentials=True) == f"BadTimeout: {ua.uaerrors.BadTimeout()}"
+    timeout = ua.uaerrors.BadTimeout()  # (no fix known: as before)
+    assert connect_problem(endpoint, timeout, credentials=True) == f"BadTimeout: {timeout}"
 
 
 def test_a_value_without_source_timestamp_is_dead_lettered():
@@ -776,8 +777,9 @@ def test_a_connector_none_of_whose_nodes_exists_is_not_connected(server):
 
     session = asyncio.run(reconnected())
     assert session.last_error == (  # (an outside tester: only the code was said, no fix)
-        "node ns=2;s=renamed.h2 cannot be monitored: BadNodeIdUnknown (the server has no node of this id: check node_id "
-        "against the server's address space (browse it with an OPC UA client), then declare the connector again)"
+        "node ns=2;s=renamed.h2 cannot be monitored: BadNodeIdUnknown (the server has no node of this id: check "
+        "node_id against the server's address space (browse it with an OPC UA client), then declare the connector "
+        "again)"
     ), session.last_error
 
 

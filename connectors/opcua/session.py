@@ -66,10 +66,18 @@ from raytwin import metrics
 log = logging.getLogger("raytwin.connectors")
 LOSS = (OSError, ConnectionError, asyncio.TimeoutError, ua.UaError)
 """What a lost or refused connection raises (asyncua's status-code errors are `UaError`s)."""
+STAMP_PRECISION = timedelta(milliseconds=1)
+"""How far a historian may round a source timestamp it stores (some keep milliseconds)."""
+HISTORY_LAG_S = 1.0
+"""How long a history read that misses a value the subscription delivered waits before it reads again (a
+historian may store a value after its subscribers got it), before the loss is reported."""
+AFTER_DURABLE = timedelta(microseconds=1)
+"""A backfill reads from just after each node's newest durable change (a microsecond, the finest asyncua's source
+times and the twins' sequence tell apart): read from it, every resume handed each node's newest change over again,
+a duplicate outstanding until durable, and with as many nodes as half `max_outstanding` those duplicates alone
+held publishing again at the end of backpressure, round after round for good on an idle server."""
 IDENTITY_REFUSALS = frozenset({"BadUserAccessDenied", "BadIdentityTokenInvalid", "BadIdentityTokenRejected"})
 """How a server refuses a session's user (ActivateSession): a wrong username or password, or none where it needs one."""
-
-
 NODE_FIXES = {
     "BadNodeIdUnknown": "the server has no node of this id: check node_id against the server's address space (browse "
                         "it with an OPC UA client), then declare the connector again",
@@ -95,7 +103,8 @@ def connect_problem(endpoint: str, exc: BaseException, credentials: bool) -> str
         return (f"{what}: server {url.hostname}:{port} refused the TCP connection (nothing listens on port {port}): "
                 "check the endpoint's host and port, and that the server runs")
     if isinstance(exc, socket.gaierror):
-        return f"{what}: cannot resolve {url.hostname!r}: check the endpoint and the DNS of the nodes that run connectors"
+        return (f"{what}: cannot resolve {url.hostname!r}: check the endpoint and the DNS of the nodes that run "
+                "connectors")
     if type(exc).__name__ not in IDENTITY_REFUSALS:
         return what
     if not credentials:
@@ -103,16 +112,6 @@ def connect_problem(endpoint: str, exc: BaseException, credentials: bool) -> str
                 "it again with a username and password")
     return (f"{what}: the server refused the session's user: check the connector's username and password (declare it "
             "again with the right ones), then that the server lets this user open a session")
-STAMP_PRECISION = timedelta(milliseconds=1)
-"""How far a historian may round a source timestamp it stores (some keep milliseconds)."""
-HISTORY_LAG_S = 1.0
-"""How long a history read that misses a value the subscription delivered waits before it reads again (a
-historian may store a value after its subscribers got it), before the loss is reported."""
-AFTER_DURABLE = timedelta(microseconds=1)
-"""A backfill reads from just after each node's newest durable change (a microsecond, the finest asyncua's source
-times and the twins' sequence tell apart): read from it, every resume handed each node's newest change over again,
-a duplicate outstanding until durable, and with as many nodes as half `max_outstanding` those duplicates alone
-held publishing again at the end of backpressure, round after round for good on an idle server."""
 
 
 class NothingMonitored(ConnectionError):
