@@ -105,7 +105,8 @@ def status(name: str, url: API_URL, key: API_KEY) -> None:
 
 @connectors_app.command()
 def pause(name: str, url: API_URL, key: API_KEY) -> None:
-    """Stop receiving; the source keeps what arrives meanwhile."""
+    """Stop receiving; the source keeps what arrives meanwhile (an MQTT broker what is published at QoS 1 or 2, an
+    OPC UA server up to queue_size changes per node)."""
     with remote(url, key) as api:
         show(api.pause_connector(name))
 
