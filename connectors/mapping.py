@@ -167,11 +167,14 @@ def _micros(event_time: Any) -> int:
         raise ValueError(f"event time {quoted(event_time)}: {exc}") from None
 
 
-def _lookup(doc: dict[str, Any], path: str | None) -> Any:
+_MISSING = object()
+
+
+def _lookup(doc: dict[str, Any], path: str | None, missing: Any = None) -> Any:
     node: Any = doc
     for part in (path or "").split("."):
         if not isinstance(node, dict) or part not in node:
-            return None
+            return missing
         node = node[part]
     return node
 
@@ -217,9 +220,13 @@ def _key(value: Any, path: str) -> str:
 
 
 def _required(doc: dict[str, Any], path: str) -> Any:
-    value = _lookup(doc, path)
-    if value is None:
+    """The field's value; a JSON null is not one (it read "field missing" beside the field, null)."""
+    value = _lookup(doc, path, _MISSING)
+    if value is _MISSING:
         raise ValueError(f"{path}: field missing from the payload")
+    if value is None:
+        raise ValueError(f"{path}: null in the payload, where a value is needed (a device without a reading sends "
+                         "none, or leaves the field out, which is dead-lettered too)")
     return value
 
 

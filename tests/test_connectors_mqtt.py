@@ -771,6 +771,7 @@ def test_a_value_of_the_wrong_type_is_dead_lettered_naming_the_payloads_field_an
     assert reason({**reading(1), "level": "405 mm"}) == (
         "level: expected a number, got '405 mm': send the bare number, in mm (the unit the route declares for it)")
     assert reason({**reading(1), "flow": {"in": True}}).startswith("flow.in: expected a number, got True: ")
+    assert reason({**reading(1), "level": None}).startswith("level: null in the payload, where a value is needed (")
     assert reason({**reading(1), "seq": 10.5}) == (
         "seq: the sequence must be a whole number (the device's counter), got 10.5")
     assert reason(reading(1), time_format="rfc3339") == (
