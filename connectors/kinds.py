@@ -11,6 +11,8 @@ from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any, Protocol
 
+from pydantic import ValidationInfo
+
 from connectors.commands import Command
 from connectors.reach import Reach
 from connectors.sink import Inbound
@@ -121,6 +123,17 @@ def kind_of(name: str) -> Kind:
     return getattr(importlib.import_module(module), attribute)
 
 
-def parse_spec(data: dict[str, Any]) -> ConnectorSpec:
-    """A declaration (parsed JSON or YAML) as its kind's typed spec; raises ValidationError/UnknownKind."""
-    return kind_of(str(data.get("kind"))).spec_type.model_validate(data)
+STORED = "stored"
+"""Validation context key: the declaration is read back from the store (`parse_spec(..., stored=True)`)."""
+
+
+def parse_spec(data: dict[str, Any], stored: bool = False) -> ConnectorSpec:
+    """A declaration (parsed JSON or YAML) as its kind's typed spec; raises ValidationError/UnknownKind. `stored`: one
+    read back from the store, which checks added since it was declared let through (`stored_only`): refused, it could
+    be neither read, nor replaced, nor deleted."""
+    return kind_of(str(data.get("kind"))).spec_type.model_validate(data, context={STORED: stored})
+
+
+def stored_only(info: ValidationInfo) -> bool:
+    """Whether a field validator runs on a declaration read back from the store (`parse_spec`)."""
+    return bool((info.context or {}).get(STORED))

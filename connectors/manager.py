@@ -319,7 +319,7 @@ class Connectors:
 
     def spec(self, tenant: str, name: str) -> ConnectorSpec:
         """The declaration (never the credentials), a tenant's files by the names it gave."""
-        spec = parse_spec(self.store.spec_json(tenant, name))
+        spec = parse_spec(self.store.spec_json(tenant, name), stored=True)
         return spec if self._files(tenant, name) is None else TenantFiles.named(spec)
 
     def names(self, tenant: str) -> list[str]:

@@ -45,10 +45,10 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
-from pydantic import AfterValidator, Field, StrictInt, TypeAdapter, ValidationError, model_validator
+from pydantic import AfterValidator, Field, StrictInt, TypeAdapter, ValidationError, ValidationInfo, model_validator
 
 from connectors.commands import Command, Unconfirmed
-from connectors.kinds import AckHandler, AssetTypes, ignore, unmeasured
+from connectors.kinds import AckHandler, AssetTypes, ignore, stored_only, unmeasured
 from connectors.mapping import (DEFAULT_PAYLOAD_BYTES, MAX_PAYLOAD_BYTES, DeadLetter, FrozenSpec, PayloadMapping,
                                 quoted)
 from connectors.reach import Reach, Unreachable, open_connection
@@ -166,9 +166,12 @@ def _why(exc: BaseException) -> str:
 _HOST_NAME = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*\.?")
 
 
-def _broker_host(host: str) -> str:
+def _broker_host(host: str, info: ValidationInfo) -> str:
     """A host name or an IP address alone. A URL (`mqtts://gw:secret@broker:8883`) was stored, returned by the API,
-    logged at every attempt and shown in `last_error` with the password in it; refused without repeating it."""
+    logged at every attempt and shown in `last_error` with the password in it; refused without repeating it (but
+    read back from the store, where it can only have failed to resolve: its connector is deleted or replaced)."""
+    if stored_only(info):
+        return host
     try:
         ipaddress.ip_address(host)
         return host

@@ -120,7 +120,7 @@ class ConnectorRuntime:
         self._reach, self._files = reach, files
         store = ConnectorStore(store_url, storage_options)
         self.store, self.tenant, self.name = store, tenant, name
-        self.spec = parse_spec(store.spec_json(tenant, name))
+        self.spec = parse_spec(store.spec_json(tenant, name), stored=True)
         if files is not None:  # (ValueError: names that are no longer its tenant's files; it does not start)
             self.spec = files.opened(TenantFiles.named(self.spec))
         self.ledger = CommandLedger(store_url, storage_options)

@@ -378,6 +378,14 @@ def test_a_broker_host_is_a_name_or_address_alone_and_a_refused_one_is_not_repea
         with pytest.raises(ValidationError, match="broker.host must be a host name or an IP address alone") as refused:
             MqttSpec.model_validate({**spec, "broker": {"host": host}})
         assert "hunter2" not in str(refused.value) and "the connector's credentials" in str(refused.value)
+    # declared before this check (its connector could only fail to resolve it): still read from the store, so that it
+    # can be deleted or replaced (`Connectors.spec`, `delete`, `create` and the connector's process read it so)
+    from connectors.kinds import parse_spec
+
+    stored = {**spec, "broker": {"host": "broker.plant.example:8883"}}
+    assert parse_spec(stored, stored=True).broker.host == "broker.plant.example:8883"
+    with pytest.raises(ValidationError, match="broker.host must be"):
+        parse_spec(stored)
 
 
 def test_a_failed_connection_says_why_and_how_to_fix_it(tmp_path):
