@@ -953,7 +953,7 @@ class Backend:
         result files are still in the store (retention removes a sweep's with its run record)."""
         job = self._jobs.get(tenant, job_id)
         if job.state == "succeeded":  # reads the store: off the event loop
-            return await asyncio.to_thread(job.stored_status, self.config.storage_options)
+            return await asyncio.to_thread(job.stored_status, self.config)
         return self.jobs.status(job)
 
     async def list_jobs(self, tenant: str, state: str | None, limit: int, cursor: str | None) -> JobPage:

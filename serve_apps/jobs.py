@@ -25,7 +25,10 @@ A sweep job names its run when it starts (`JobRecord.planned_run_id`, passed to 
 the run record whenever the run left one, succeeded, failed or cancelled (``GET /v1/runs/{run_id}`` says
 how it ended), and stays null only for a job whose run never began (cancelled while queued).
 
-A record (`JobRecord`) knows where its results lie on the store; its status as the API answers it
+A record (`JobRecord`) says where its results lie in the store configured now (`JobRecord.results_root`: a
+sweep's beside its run record, ``{store}/runs/{tenant}/{run_id}/output``; a scenario's in
+``{store}/jobs/{tenant}/{job_id}/results``), not where it wrote them (its `result_url`), so a store moved or
+restored elsewhere still reads; its status as the API answers it
 (`Job`) names them by API paths only, and a job that failed on an unexpected error says so without
 the error's text (which may name store paths): the cause is in the log, under the job id.
 """
@@ -66,6 +69,8 @@ from sweeps.spec import SweepSpec
 
 log = logging.getLogger("raytwin.serve.jobs")
 
+RESULTS = "results"
+"""A scenario job's folder of result files, in its job's folder."""
 RETENTION_PASS_S = 600.0
 """How often the backend applies `job_retention_s` (`JobQueue.expire_periodically`)."""
 RETENTION_BATCH = 1000
@@ -119,9 +124,10 @@ class Job(_JobFields):
 
 
 class JobRecord(_JobFields):
-    """A job as the queue keeps it (``job.json``): its status and where its results lie on the store
-    (`result_url`, for the routes that read them and for operators; `status` leaves it out), and the id a sweep's
-    run records itself under (`planned_run_id`: published as `run_id` once that record exists)."""
+    """A job as the queue keeps it (``job.json``): its status, where it wrote its results (`result_url`, for
+    operators: the routes read them where the store configured now keeps them, `results_root`; `status` leaves it
+    out), and the id a sweep's run records itself under (`planned_run_id`: published as `run_id` once that record
+    exists)."""
 
     result_url: str | None = None
     planned_run_id: str | None = None
@@ -146,18 +152,28 @@ class JobRecord(_JobFields):
         links = {"report_url": f"{path}/report"} if self.kind == "bulk" else {"results_url": f"{path}/results"}
         return Job(**self.model_dump(exclude={"result_url", "planned_run_id", "outputs"}), **links, queue=queue)
 
-    def stored_status(self, storage_options: dict[str, Any] | None) -> Job:
+    def results_root(self, config: ServeConfig) -> str | None:
+        """Where its result files lie in the store `config` names: a sweep's beside its run record in the tenant's
+        runs root, a scenario's in the job's ``results`` folder; None for a bulk job (a report, no result files) and
+        a sweep that recorded no run. Derived, not the recorded `result_url`: that is where the job wrote, gone once
+        the store was moved or restored elsewhere, and a path read from a stored record is needless trust."""
+        if self.kind == "sweep":
+            runs = RunStore(config.url("runs", self.tenant), config.storage_options or None)
+            return runs.output_url(self.run_id) if self.run_id else None
+        return config.url("jobs", self.tenant, self.job_id, RESULTS) if self.kind == "scenario" else None
+
+    def stored_status(self, config: ServeConfig) -> Job:
         """`status` of a succeeded job, saying whether its result files are still in the store (`results_removed`)."""
         status = self.status()
-        if self.kind != "bulk" and self.result_url:
-            status.results_removed = self.results_removed(self.result_files(storage_options))
+        if self.results_root(config):
+            status.results_removed = self.results_removed(self.result_files(config))
         return status
 
     @store_io("read")
-    def result_files(self, storage_options: dict[str, Any] | None) -> list[ResultFile]:
-        """Its Parquet files in the store, with the SHA-256 it recorded for each (None where it kept none); none
-        once they were removed."""
-        fs, root = filesystem(self.result_url, storage_options)
+    def result_files(self, config: ServeConfig) -> list[ResultFile]:
+        """Its Parquet files in the store (`results_root`), with the SHA-256 it recorded for each (None where it
+        kept none); none once they were removed."""
+        fs, root = filesystem(self.results_root(config), config.storage_options)
         fs.invalidate_cache(root)  # an object store's cached listing would still show files another process removed
         try:
             found = sorted(fs.ls(root, detail=True), key=lambda i: i["name"])
@@ -373,8 +389,7 @@ class JobQueue:
             task = sweep_to_store if isinstance(work, SweepSpec) else fmu_sweep_to_store
             return task.remote(work, self.config.url("runs", job.tenant), self.config.storage_options,
                                job.key_id, job.planned_run_id)
-        return scenario_to_store.remote(work, self.config.url("jobs", job.tenant, job.job_id, "results"),
-                                        self.config.storage_options)
+        return scenario_to_store.remote(work, job.results_root(self.config), self.config.storage_options)
 
     def _fenced(self, now: bool = False) -> bool:
         """Whether another service took the store over (`fence`, `raytwin.statestore.fenced`): that service's

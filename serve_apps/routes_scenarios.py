@@ -135,7 +135,7 @@ def register(app: FastAPI) -> None:
         result files are no longer in the store: retention removed its run)."""
         job, _ = await _stored(svc, who, job_id)
         try:
-            rows = await run_in_threadpool(_read_rows, svc, job.result_url, limit)
+            rows = await run_in_threadpool(_read_rows, svc, job.results_root(svc.config), limit)
         except FileNotFoundError:  # removed since they were listed
             raise job.removed() from None
         return SweepResult(model_ref=job.model_ref, content_hash=job.content_hash, run_id=job.run_id,
@@ -162,7 +162,7 @@ def register(app: FastAPI) -> None:
         files = {f.name: f for f in listed}
         if name not in files:
             raise NotFound(f"job {job_id} has no file {name!r}; files: {sorted(files)}")
-        fs, root = filesystem(job.result_url, svc.config.storage_options)
+        fs, root = filesystem(job.results_root(svc.config), svc.config.storage_options)
         sha256 = files[name].sha256 or await run_in_threadpool(file_sha256, fs, f"{root}/{name}")
         return file_response(fs, f"{root}/{name}", sha256, PARQUET, f"{job_id}-{name}", credential, files[name].size)
 
@@ -282,7 +282,7 @@ async def _stored(svc: Services, who: Principal, job_id: str) -> tuple[JobRecord
     """A succeeded job and its result files (`_finished`); 410 once they are no longer in the store (retention
     removes a sweep's with its run), before anything reads them."""
     job = await _finished(svc, who, job_id)
-    files = await run_in_threadpool(job.result_files, svc.config.storage_options)
+    files = await run_in_threadpool(job.result_files, svc.config)
     if job.results_removed(files):
         raise job.removed()
     return job, files

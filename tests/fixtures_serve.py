@@ -50,6 +50,14 @@ class InProcessHandle:
         return type("Method", (), {"remote": staticmethod(remote)})
 
 
+def serve_config(root: Path) -> Any:
+    """The `ServeConfig` of `in_process_app`'s services: store in ``root/store``, keys in ``root/keys.json``."""
+    from serve_apps.config import ServeConfig
+
+    return ServeConfig(store_url=str(root / "store"), keys_file=str(root / "keys.json"), rate_per_s=1000,
+                       rate_burst=1000, model_packages=TEST_MODELS)
+
+
 def in_process_app(backend: Any, root: Path) -> tuple[Any, dict[str, dict[str, str]]]:
     """The API app in this process in front of `backend` (an object with the `Backend` methods the tested routes
     call; no Ray needed), its store and keys (`KEYS`, in ``root/keys.json``) under `root`: (app, headers by key
@@ -58,15 +66,13 @@ def in_process_app(backend: Any, root: Path) -> tuple[Any, dict[str, dict[str, s
     from serve_apps.api import create_api
     from serve_apps.audit import AuditLog
     from serve_apps.auth import KeyStore, create_key
-    from serve_apps.config import ServeConfig
     from serve_apps.deps import BackendClient, Services
     from serve_apps.limits import TokenBuckets
     from serve_apps.twin_reads import TwinReader
 
     keys_file = root / "keys.json"
     keys = {name: create_key(keys_file, tenant, role, grants, owner=name)[1] for name, tenant, role, grants in KEYS}
-    config = ServeConfig(store_url=str(root / "store"), keys_file=str(keys_file), rate_per_s=1000, rate_burst=1000,
-                         model_packages=TEST_MODELS)
+    config = serve_config(root)
     app = create_api()
     app.state.services = Services(
         config=config, keys=KeyStore(config.keys_file), backend=BackendClient(InProcessHandle(backend)),
@@ -85,22 +91,36 @@ def in_process(backend: Any, root: Path) -> Iterator[tuple[Any, dict[str, dict[s
         yield client, auth, app.state.services
 
 
-def succeeded_job(results: Path, outputs: dict[str, str], job_id: str = "j1") -> Any:
-    """A succeeded scenario job (`JobRecord`) of tenant acme whose result files lie in `results`, with their recorded
-    `outputs`."""
+def job_results(root: Path, job_id: str = "j1") -> Path:
+    """Where `in_process_app`'s config (store under `root`) keeps scenario job `job_id`'s (tenant acme) result files."""
+    return root / "store" / "jobs" / "acme" / job_id / "results"
+
+
+def succeeded_job(root: Path, files: dict[str, bytes], job_id: str = "j1", recorded: bool = True) -> Any:
+    """A succeeded scenario job (`JobRecord`) of tenant acme whose result `files` are written where `in_process_app`'s
+    config (store under `root`) keeps them (`job_results`), with their SHA-256 recorded (`recorded` False: none, as
+    a job recorded before jobs kept them)."""
+    import hashlib
     from datetime import UTC, datetime
 
     from serve_apps.jobs import JobRecord
 
+    results = job_results(root, job_id)
+    for name, data in files.items():
+        results.mkdir(parents=True, exist_ok=True)
+        (results / name).write_bytes(data)
+    outputs = {name: hashlib.sha256(data).hexdigest() for name, data in files.items()} if recorded else {}
     return JobRecord(job_id=job_id, kind="scenario", tenant="acme", key_id="k", asset_id="zone-1",
                      model_ref="thermal_rc@1.0.0", content_hash="ab" * 32, scenarios=1, n_steps=60, state="succeeded",
                      submitted=datetime.now(UTC), result_url=str(results), outputs=outputs)
 
 
 class JobFiles:
-    """A stand-in backend that knows some succeeded jobs (the job file routes ask it for `get_job` only)."""
+    """A stand-in backend that knows some succeeded jobs of `in_process_app`'s store under `root` (the job file routes
+    ask it for `get_job` only)."""
 
-    def __init__(self, *jobs: Any):
+    def __init__(self, root: Path, *jobs: Any):
+        self.config = serve_config(root)
         self.jobs = {job.job_id: job for job in jobs}
 
     def get_job(self, tenant: str, job_id: str) -> Any:
@@ -112,7 +132,7 @@ class JobFiles:
         return job
 
     def job_status(self, tenant: str, job_id: str) -> Any:
-        return self.get_job(tenant, job_id).stored_status(None)  # as `Backend.job_status` answers a succeeded job
+        return self.get_job(tenant, job_id).stored_status(self.config)  # as `Backend.job_status` answers one
 
 
 def saved_run(runs_root: Path, run_id: str, files: dict[str, bytes]) -> None:

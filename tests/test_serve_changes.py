@@ -567,11 +567,10 @@ def test_a_revoked_key_ends_its_file_downloads_mid_transfer_and_the_sdk_raises_u
     recheck_s = 0.2
     monkeypatch.setattr(deps, "StreamCredential", functools.partial(StreamCredential, recheck_s=recheck_s))
     data = random.Random(5).randbytes(40 * CHUNK_BYTES)
-    run_id, results = "calibration-20261205T150000Z-1a2b3c4d", tmp_path / "results"
+    run_id = "calibration-20261205T150000Z-1a2b3c4d"
     saved_run(tmp_path / "store" / "runs" / "acme", run_id, {"search/part-000000.parquet": data})
-    results.mkdir()
-    (results / "part-000000.parquet").write_bytes(data)
-    app, auth = in_process_app(JobFiles(succeeded_job(results, {})), tmp_path)
+    app, auth = in_process_app(JobFiles(tmp_path, succeeded_job(tmp_path, {"part-000000.parquet": data},
+                                                                recorded=False)), tmp_path)
     svc = app.state.services
     keys = {name: headers["Authorization"].split()[1] for name, headers in auth.items()}
     written: list[int] = []

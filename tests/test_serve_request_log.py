@@ -30,7 +30,7 @@ def test_every_error_and_state_change_is_logged_once_with_the_request_id_its_ans
     """The request id of an error body was in no log line (only 500s and store_fenced logged it): the runbook's
     "find the request id in the logs" found nothing."""
     caplog.set_level(logging.INFO, logger="raytwin.serve")
-    with in_process(Cancelling(succeeded_job(tmp_path, {})), tmp_path) as (http, auth, services):
+    with in_process(Cancelling(tmp_path, succeeded_job(tmp_path, {})), tmp_path) as (http, auth, services):
         reader, writer = auth["reader"], auth["writer"]
         cases = [  # (answer, route, status, key headers or None)
             (http.post("/v1/asset-types", json={}, headers=reader), "/v1/asset-types", 403, reader),

@@ -2169,16 +2169,13 @@ def test_a_job_file_comes_with_the_sha256_its_job_recorded_and_the_sdk_streams_i
 
     from client.downloads import CHUNK_BYTES
     from client.errors import CorruptDownload
-    from tests.fixtures_serve import JobFiles, in_process, succeeded_job
+    from tests.fixtures_serve import JobFiles, in_process, job_results, succeeded_job
 
-    results = tmp_path / "results"
-    results.mkdir()
     data = random.Random(3).randbytes(2 * CHUNK_BYTES + 7)
-    (results / "part-000000.parquet").write_bytes(data)
     recorded = hashlib.sha256(data).hexdigest()
-    before = succeeded_job(results, {}, job_id="j0")  # recorded before jobs kept their files' hashes
-    with in_process(JobFiles(succeeded_job(results, {"part-000000.parquet": recorded}), before), tmp_path) as (
-            http, auth, _):
+    files = {"part-000000.parquet": data}
+    before = succeeded_job(tmp_path, files, job_id="j0", recorded=False)  # before jobs kept their files' hashes
+    with in_process(JobFiles(tmp_path, succeeded_job(tmp_path, files), before), tmp_path) as (http, auth, _):
         for job_id in ("j1", "j0"):
             answer = http.get(f"/v1/jobs/{job_id}/files/part-000000.parquet", headers=auth["reader"])
             assert answer.status_code == 200 and answer.content == data
@@ -2189,7 +2186,7 @@ def test_a_job_file_comes_with_the_sha256_its_job_recorded_and_the_sdk_streams_i
         target.parent.mkdir()
         assert sdk.download_job_file("j1", "part-000000.parquet", target) == target and target.read_bytes() == data
         assert sdk.job_file("j0", "part-000000.parquet") == data
-        (results / "part-000000.parquet").write_bytes(data[:-1] + b"x")  # damaged in the store after it was written
+        (job_results(tmp_path) / "part-000000.parquet").write_bytes(data[:-1] + b"x")  # damaged after it was written
         with pytest.raises(CorruptDownload, match="but the job recorded .*: download it again.*run the scenario or "
                                                   "sweep again"):
             sdk.download_job_file("j1", "part-000000.parquet", target)
@@ -2209,17 +2206,13 @@ def test_a_job_file_listing_names_the_sha256_each_file_was_recorded_with(tmp_pat
 
     from tests.fixtures_serve import JobFiles, in_process, succeeded_job
 
-    results = tmp_path / "results"
-    results.mkdir()
-    (results / "part-000000.parquet").write_bytes(b"PAR1 metrics")
-    (results / "trajectories.parquet").write_bytes(b"PAR1 trajectories")
-    recorded = {n: hashlib.sha256((results / n).read_bytes()).hexdigest()
-                for n in ("part-000000.parquet", "trajectories.parquet")}
-    jobs = JobFiles(succeeded_job(results, recorded), succeeded_job(results, {}, job_id="j0"))
+    files = {"part-000000.parquet": b"PAR1 metrics", "trajectories.parquet": b"PAR1 trajectories"}
+    recorded = {n: hashlib.sha256(data).hexdigest() for n, data in files.items()}
+    jobs = JobFiles(tmp_path, succeeded_job(tmp_path, files), succeeded_job(tmp_path, files, "j0", recorded=False))
     with in_process(jobs, tmp_path) as (http, auth, _):
         listed = http.get("/v1/jobs/j1/files", headers=auth["reader"])
         assert listed.status_code == 200 and listed.json() == [
-            {"name": n, "size": (results / n).stat().st_size, "sha256": recorded[n]} for n in sorted(recorded)]
+            {"name": n, "size": len(files[n]), "sha256": recorded[n]} for n in sorted(recorded)]
         assert http.get("/v1/jobs/j1/files/trajectories.parquet", headers=auth["reader"]).headers[
             "X-RayTwin-SHA256"] == recorded["trajectories.parquet"]
         assert [f["sha256"] for f in http.get("/v1/jobs/j0/files", headers=auth["reader"]).json()] == [None, None]
@@ -2244,15 +2237,16 @@ def test_a_job_whose_files_are_no_longer_stored_answers_410_saying_so(tmp_path):
     from tests.test_serve_api import assert_error
 
     run_id = "sweep-20260105T120000Z-1a2b3c4d"
-    output = tmp_path / "runs" / "acme" / run_id / "output"
+    output = tmp_path / "store" / "runs" / "acme" / run_id / "output"  # where the config keeps its run's output
     output.mkdir(parents=True)
     for name in ("part-000000.parquet", "trajectories.parquet"):
         pq.write_table(pa.table({"x": [1.0]}), output / name)
     recorded = {n: hashlib.sha256((output / n).read_bytes()).hexdigest() for n in ("part-000000.parquet",
                                                                                    "trajectories.parquet")}
-    sweep = succeeded_job(output, recorded).model_copy(update={"kind": "sweep", "run_id": run_id})
-    scenario = succeeded_job(tmp_path / "jobs" / "j2", {}, job_id="j2")  # its folder is gone (by hand)
-    with in_process(JobFiles(sweep, scenario), tmp_path) as (http, auth, _):
+    sweep = succeeded_job(tmp_path, {}).model_copy(update={"kind": "sweep", "run_id": run_id, "outputs": recorded,
+                                                            "result_url": str(output)})
+    scenario = succeeded_job(tmp_path, {}, job_id="j2")  # its folder is gone (by hand)
+    with in_process(JobFiles(tmp_path, sweep, scenario), tmp_path) as (http, auth, _):
         sdk = RayTwinClient("http://testserver", auth["reader"]["Authorization"].removeprefix("Bearer "),
                             transport=http._transport)
         assert sdk.job("j1").results_removed is False and [f.name for f in sdk.job_files("j1")] == sorted(recorded)
@@ -2278,6 +2272,41 @@ def test_a_job_whose_files_are_no_longer_stored_answers_410_saying_so(tmp_path):
         assert http.get("/v1/jobs/j1/files", headers=auth["other"]).status_code == 404  # another tenant's: not found
 
 
+def test_a_jobs_results_are_read_in_the_store_configured_now_not_at_the_location_its_record_saved(tmp_path):
+    """A job's results and files were read at the `result_url` its record saved (where it wrote): a store moved or
+    restored elsewhere answered 410 for files that were there, and the routes read whatever path a record named. A
+    scenario job's are read in its ``results`` folder of the store configured now, a sweep job's beside its run record
+    in the configured runs root."""
+    import io
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tests.fixtures_serve import JobFiles, in_process, saved_run, succeeded_job
+
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"x": [1.0]}), buf)
+    files = {"part-000000.parquet": buf.getvalue()}
+    old, new, run_id = tmp_path / "old", tmp_path / "new", "sweep-20261205T150000Z-1a2b3c4d"
+    saved_run(old / "store" / "runs" / "acme", run_id, files)
+    scenario = succeeded_job(old, files)
+    sweep = succeeded_job(old, {}, "j2").model_copy(update={
+        "kind": "sweep", "run_id": run_id, "outputs": scenario.outputs,
+        "result_url": str(old / "store" / "runs" / "acme" / run_id / "output")})
+    shutil.copytree(old / "store", new / "store")  # the store restored elsewhere: the records name the old one
+    shutil.rmtree(old)
+    with in_process(JobFiles(new, scenario, sweep), new) as (http, auth, _):
+        for job_id in ("j1", "j2"):
+            assert http.get(f"/v1/jobs/{job_id}", headers=auth["reader"]).json()["results_removed"] is False
+            results = http.get(f"/v1/jobs/{job_id}/results", headers=auth["reader"])
+            assert results.status_code == 200 and results.json()["rows"] == [{"x": 1.0}], job_id
+            listed = http.get(f"/v1/jobs/{job_id}/files", headers=auth["reader"]).json()
+            assert [f["name"] for f in listed] == ["part-000000.parquet"], job_id
+            got = http.get(f"/v1/jobs/{job_id}/files/part-000000.parquet", headers=auth["reader"])
+            assert got.status_code == 200 and got.content == files["part-000000.parquet"], job_id
+
+
 def test_a_scenario_job_records_the_sha256_of_the_file_it_wrote(tmp_path):
     """The hash a job file is sent with is the one of the bytes its job wrote (a sweep's: its run record's), kept in
     the job's record."""
@@ -2300,7 +2329,7 @@ def test_a_scenario_job_records_the_sha256_of_the_file_it_wrote(tmp_path):
     assert pq.read_table(tmp_path / "results" / "part-000000.parquet").num_rows == 1
 
     queue = JobQueue(ServeConfig(store_url=str(tmp_path / "store"), keys_file="unused.json"), max_concurrent=1)
-    job = succeeded_job(tmp_path / "results", {}).model_copy(update={"state": "running", "result_url": None})
+    job = succeeded_job(tmp_path, {}).model_copy(update={"state": "running", "result_url": None})
     queue.jobs[job.job_id], queue.running = job, 1
 
     async def answered() -> dict:
