@@ -231,10 +231,26 @@ _PER_OUTPUT = ("residual_mean", "residual_ms", "cusum")
 _PER_OUTPUT_INDEX = [Divergence._fields.index(n) for n in _PER_OUTPUT]
 
 
+class FinalRows(NamedTuple):
+    """The states one model's dispatch left its runs in, as columns with a row per run (struct of arrays):
+    the time of each run's last event, its held inputs, its row of the kernel's packed carry (x, P and
+    `Divergence`'s fields, laid out as `layout.carry`) and whether it drifts (`Divergence.drift`, which a
+    shard reads after every call). Never written after it is made: twins that share it read their rows.
+
+    Why: a live shard's twins go from one dispatch into the next together, so the next dispatch gathers
+    their starts with one fancy index per column (`_start_columns`) instead of stacking a carry, a time and
+    an input row per twin, and a dispatch's results are kept as one object, not an object per twin."""
+
+    kernels: _Kernels  # the kernel whose dispatch left them (another kernel's dispatch unpacks a row first)
+    layout: _Layout
+    t: np.ndarray  # (runs,)
+    u: np.ndarray  # (runs, inputs)
+    carry: np.ndarray  # (runs, carry columns)
+    drift: list[bool]
+
+
 class PackedState(NamedTuple):
-    """A twin's filter state as its last dispatch left it: its row of the kernel's packed carry (x, P
-    and `Divergence`'s fields, laid out as `layout.carry`), the time of its last event, its held inputs
-    and whether it drifts (`Divergence.drift`, which a shard reads after every call).
+    """A twin's filter state as its last dispatch left it: its row of that dispatch's `FinalRows`.
 
     Why: a live twin's state goes from one dispatch into the next many times a second and is read far
     less often (a query, a migration), so `assimilate_runs` takes and gives states in this form and
@@ -243,18 +259,48 @@ class PackedState(NamedTuple):
     process). Same bits: the row is exactly what packing `state()` gives back (counts and flags cross
     float64 exactly)."""
 
-    kernels: _Kernels  # the kernel whose dispatch left it (another kernel's dispatch unpacks it first)
-    layout: _Layout
-    t: float
-    u: np.ndarray
-    carry: np.ndarray
-    drift: bool
+    rows: FinalRows
+    row: int
+
+    @property
+    def kernels(self) -> _Kernels:
+        return self.rows.kernels
+
+    @property
+    def layout(self) -> _Layout:
+        return self.rows.layout
+
+    @property
+    def t(self) -> float:
+        """The time of the twin's last event (epoch seconds)."""
+        return self.rows.t[self.row].item()
+
+    @property
+    def u(self) -> np.ndarray:
+        """The held inputs (a view of the shared row: not to be written)."""
+        return self.rows.u[self.row]
+
+    @property
+    def carry(self) -> np.ndarray:
+        """The packed carry row (a view of the shared row: not to be written)."""
+        return self.rows.carry[self.row]
+
+    @property
+    def drift(self) -> bool:
+        return self.rows.drift[self.row]
 
     def state(self) -> FilterState:
         """The `FilterState` `FilterTrace.states` makes of this row (same values and types), built from
         the row directly: every state read unpacks one twin, and a trace's gathers for many rows made it
         1.6x slower."""
         return _row_state(self.layout, self.t, self.u, self.carry)
+
+    def detached(self) -> PackedState:
+        """This row alone, in its own `FinalRows` (copies): a state kept for long (a twin's checkpoint) must
+        not keep the other rows of its dispatch alive."""
+        r, i = self.rows, self.row
+        return PackedState(FinalRows(r.kernels, r.layout, r.t[i:i + 1].copy(), r.u[i:i + 1].copy(),
+                                     r.carry[i:i + 1].copy(), [r.drift[i]]), 0)
 
 
 def _row_state(layout: _Layout, t: float, u: np.ndarray, carry: np.ndarray) -> FilterState:
@@ -348,15 +394,19 @@ class Traces:
         return out
 
     def final_packed(self) -> list[PackedState]:
-        """`final_states` as the kernel left them (`PackedState`): one gather per model, no unpacking."""
+        """`final_states` as the kernel left them (`PackedState`): one gather per model into its `FinalRows`,
+        no unpacking."""
         ends = self.starts + self.lengths - 1
         out: dict[int, PackedState] = {}
         for kernels, ks in self.groups.items():
             trace, last = self.models[kernels], ends[ks]
             # `Divergence.drift` column-wise (diverged: NIS not finite; or the latched alarm): keep them one rule
             drift = (~np.isfinite(trace.field("nis_mean", last)) | trace.field("alarm", last)).tolist()
-            states = map(PackedState, repeat(kernels), repeat(trace.layout), trace.t[last].tolist(), trace.u[last],
-                         trace.carry[last], drift)
+            if len(last) == len(trace.t):  # one event a run: the trace is the final rows (no gather)
+                rows = FinalRows(kernels, trace.layout, trace.t, trace.u, trace.carry, drift)
+            else:
+                rows = FinalRows(kernels, trace.layout, trace.t[last], trace.u[last], trace.carry[last], drift)
+            states = map(PackedState, repeat(rows), range(len(ks)))
             if len(self.groups) == 1:  # one model (a shard's usual batch): its runs are all, in order
                 return list(states)
             out.update(zip(ks, states))
@@ -860,9 +910,7 @@ def _assimilate_model(filters: list[ExtendedKalmanFilter], starts: list[FilterSt
     ny = len(model.output_names)
     rounds = range(0, int(n.max()), MAX_RUN)
     width = max(o + bucket(min(int(n.max()) - o, MAX_RUN)) for o in rounds)  # room for every dispatch's padding
-    t0 = np.array([np.nan if fs.t is None else fs.t for fs in starts])
-    u0 = np.array([fs.u for fs in starts])
-    carry, carry_layout = _start_carry(starts, f0._kernels, ny)
+    t0, u0, carry, carry_layout = _start_columns(starts, f0._kernels, ny)
     distinct = {f: k for k, f in enumerate(dict.fromkeys(filters))}  # a filter hashes as its identity
     which = np.fromiter(map(distinct.__getitem__, filters), dtype=np.intp, count=R)
     t_events, gap, held, after, z, mask = events(n, width, t0, u0)
@@ -952,6 +1000,20 @@ def _single_events(f0: ExtendedKalmanFilter, t_events: np.ndarray, values: np.nd
     z[:, 0] = np.nan_to_num(outputs, nan=0.0)
     mask[:, 0] = ~np.isnan(outputs) & use[:, None]
     return t_events, gap, held, held[:, 1], z, mask
+
+
+def _start_columns(starts: list[FilterState | PackedState], kernels: _Kernels, ny: int
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[tuple[tuple[int, ...], ...], tuple[np.dtype, ...]]]:
+    """The runs' start times (NaN: the prior), held inputs and packed carry, with the carry's (shapes, dtypes):
+    where every start is a row of one `FinalRows` this kernel left (a live shard's usual call), gathered
+    from its columns; else row by row (`_start_carry`)."""
+    first = starts[0]
+    if type(first) is PackedState and (rows := first.rows).kernels is kernels and all(
+            type(s) is PackedState and s.rows is rows for s in starts):
+        at = np.fromiter([s.row for s in starts], dtype=np.intp, count=len(starts))
+        return rows.t[at], rows.u[at], rows.carry[at], (rows.layout.carry, rows.layout.carry_dtypes)
+    t0 = np.array([np.nan if fs.t is None else fs.t for fs in starts])
+    return t0, np.array([fs.u for fs in starts]), *_start_carry(starts, kernels, ny)
 
 
 def _start_carry(starts: list[FilterState | PackedState], kernels: _Kernels, ny: int

@@ -254,9 +254,10 @@ def test_a_traces_rows_and_fields_read_alone_are_those_of_its_unpacked_trace():
 
 @MODELS
 def test_packed_states_continue_with_the_bits_of_unpacked_ones(model):
-    """A live twin's state goes from one dispatch into the next packed (`Traces.final_packed`): it
-    unpacks to exactly `final_states`, flags drift as its `Divergence` does, and the next runs give
-    the same bits from it as from its `FilterState`, alone or with unpacked starts in one dispatch."""
+    """A live twin's state goes from one dispatch into the next packed (`Traces.final_packed`: rows of one
+    `FinalRows`): it unpacks to exactly `final_states`, flags drift as its `Divergence` does, and the next
+    runs give the same bits from it as from its `FilterState`, alone (its rows gathered in any order) or
+    with unpacked starts in one dispatch."""
     ekf = ExtendedKalmanFilter(model, model.param_vector())
     events = [_random_events(model, ekf, n, seed=400 + n) for n in (1, 3, 9, 70)]
     t, v, u = _random_events(model, ekf, 4, seed=404)
@@ -264,6 +265,7 @@ def test_packed_states_continue_with_the_bits_of_unpacked_ones(model):
     first = assimilate_runs([Run(ekf, ekf.initial(), t[:-1], v[:-1], u[:-1]) if len(t) > 1 else
                              Run(ekf, ekf.initial(), t, v, u) for t, v, u in events])
     packed, unpacked = first.final_packed(), first.final_states()
+    assert [p.row for p in packed] == list(range(len(events))) and all(p.rows is packed[0].rows for p in packed)
     for p, fs in zip(packed, unpacked):
         state = p.state()
         assert state.t == fs.t and p.drift == fs.divergence.drift
@@ -273,10 +275,11 @@ def test_packed_states_continue_with_the_bits_of_unpacked_ones(model):
     later = [(t[-1:] + model.default_dt * (len(t) == 1), v[-1:], u[-1:]) for t, v, u in events]
     reference = assimilate_runs([Run(ekf, fs, *e) for fs, e in zip(unpacked, later)])
     mixed = [p if k % 2 else fs for k, (p, fs) in enumerate(zip(packed, unpacked))]
-    for starts in (packed, mixed):
-        traces = assimilate_runs([Run(ekf, s, *e) for s, e in zip(starts, later)])
-        for k in range(len(later)):
-            for a, b in zip(reference[k], traces[k]):
+    order = list(range(len(later)))
+    for starts, runs in ((packed, order), (mixed, order), (packed[::-1], order[::-1])):
+        traces = assimilate_runs([Run(ekf, starts[i], *later[k]) for i, k in enumerate(runs)])
+        for i, k in enumerate(runs):
+            for a, b in zip(reference[k], traces[i]):
                 np.testing.assert_array_equal(a, b)
 
 
