@@ -100,8 +100,14 @@ def conflict_reason(key: EventKey) -> str:
 @dataclass(frozen=True, slots=True)
 class Checkpoint:
     key: EventKey | None  # None: the prior, before any event
-    fs: FilterState
+    state: FilterState | PackedState  # packed: as a dispatch left it (unpacked when read, `fs`)
     events_applied: int
+
+    @property
+    def fs(self) -> FilterState:
+        """The filter state at this checkpoint (a packed one unpacked: checkpoints are read far less often
+        than they are taken, by a rewind, a drift clear, a snapshot)."""
+        return self.state.state() if type(self.state) is PackedState else self.state
 
 
 class Twin:
@@ -232,13 +238,20 @@ class Twin:
     def fs(self, fs: FilterState) -> None:
         self._fs, self._packed = fs, None
 
+    def _start_from(self, state: FilterState | PackedState) -> None:
+        """Continue from a checkpoint's state, a packed one kept packed (the next dispatch takes its row as is)."""
+        if type(state) is PackedState:
+            self._fs, self._packed = None, state
+        else:
+            self.fs = state
+
     @property
     def drift(self) -> bool:
         """`Divergence.drift` of the current state, without unpacking it."""
         return self._packed.drift if self._fs is None else self._fs.divergence.drift
 
     def _reset(self, base: Checkpoint) -> None:
-        self.fs = base.fs
+        self._start_from(base.state)
         self.last_key = base.key
         self.events_applied = base.events_applied
         self.checkpoints = [base]
@@ -326,8 +339,9 @@ class Twin:
         checkpoints, window, bookkeeping."""
         first, n, every, checkpoints = self.events_applied, len(events), self.checkpoint_every, self.checkpoints
         i = (-first - 1) % every
-        while i < n:  # the state after every `checkpoint_every`-th applied event
-            checkpoints.append(Checkpoint(events[i].key, traces.state(k, i), first + i + 1))
+        while i < n:  # the state after every `checkpoint_every`-th applied event (the last: `final`'s row, copied)
+            checkpoints.append(Checkpoint(events[i].key, final.detached() if i == n - 1 else traces.state(k, i),
+                                          first + i + 1))
             i += every
         self._fs, self._packed = None, final
         self.last_key = last = events[-1].key
@@ -346,7 +360,8 @@ class Twin:
         keep = [e for e in self.window if base.key is None or e.key > base.key]
         self.window = [e for e in self.window if not (base.key is None or e.key > base.key)]
         del self.checkpoints[i + 1:]
-        self.fs, self.last_key, self.events_applied = base.fs, base.key, base.events_applied
+        self._start_from(base.state)
+        self.last_key, self.events_applied = base.key, base.events_applied
         self._use(self._segment_of(base.key))
         return keep
 

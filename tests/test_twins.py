@@ -34,6 +34,7 @@ from actors.telemetry import validated_table
 from actors.twin import CONFLICT, DUPLICATE, TOO_LATE, Twin, _assimilate_next, apply_many, logged_event, replay
 from raytwin import statestore
 from raytwin.contracts import Asset, AssetType, TelemetryEvent
+from raytwin.estimation import PackedState
 from raytwin.registry import ModelArtifact, ModelRegistry
 from raytwin.statestore import Snapshot, StateStore, from_micros, parse_snapshot_name, to_micros
 from raytwin.sim import THERMAL_RC
@@ -280,7 +281,8 @@ def test_twins_taking_one_event_each_get_the_bits_of_the_general_path(artifact, 
     """A call where each twin takes one event after its last (a live batch's usual shape) is applied as
     columns over all twins (`actors.twin._assimilate_next`): the same states, checkpoints, windows and
     refused events as the general path (a `Twin._plan` per twin), from the prior and from packed states,
-    with bad quality, a missing reading, checkpoints, pruning and events the model refuses."""
+    with bad quality, a missing reading, checkpoints, pruning and events the model refuses. A checkpoint at a
+    run's last event keeps that row packed, copied out of its dispatch's rows (`PackedState.detached`)."""
     import actors.twin as twin_module
 
     def twins() -> list[Twin]:
@@ -307,8 +309,11 @@ def test_twins_taking_one_event_each_get_the_bits_of_the_general_path(artifact, 
         assert_same_state(a.view(), b.view())
         for x, y in zip((a.fs.x, a.fs.P, a.fs.u), (b.fs.x, b.fs.P, b.fs.u)):
             assert x.tobytes() == y.tobytes()
-        assert [(c.key, c.events_applied, c.fs.x.tobytes(), c.fs.P.tobytes()) for c in a.checkpoints] == [
-            (c.key, c.events_applied, c.fs.x.tobytes(), c.fs.P.tobytes()) for c in b.checkpoints]
+        assert [(c.key, c.events_applied, c.fs.x.tobytes(), c.fs.P.tobytes(), c.fs.u.tobytes(), repr(c.fs.divergence))
+                for c in a.checkpoints] == [(c.key, c.events_applied, c.fs.x.tobytes(), c.fs.P.tobytes(),
+                                             c.fs.u.tobytes(), repr(c.fs.divergence)) for c in b.checkpoints]
+        taken = [c.state for twin in (a, b) for c in twin.checkpoints if c.key is not None]
+        assert taken and all(type(s) is PackedState and len(s.rows.carry) == 1 for s in taken)
         assert [e.key for e in a.window] == [e.key for e in b.window]
         assert (a.last_key, a.max_time_us, a.drift) == (b.last_key, b.max_time_us, b.drift)
 
