@@ -189,8 +189,10 @@ class JobClient:
         and the job ends STOPPED. False when the job had already ended."""
         return _known(job_id, lambda: self.client.stop_job(job_id))
 
-    def wait(self, job_id: str, timeout_s: float = 600.0, poll_s: float = 1.0) -> JobStatus:
-        """Poll until the job is SUCCEEDED, FAILED or STOPPED; `JobError` after `timeout_s`."""
+    def wait(self, job_id: str, timeout_s: float = 600.0, poll_s: float = 0.25) -> JobStatus:
+        """Poll until the job is SUCCEEDED, FAILED or STOPPED; `JobError` after `timeout_s`. A status is one
+        small dashboard request: polled every 0.25 s, `raytwin job stop` (and a test) does not wait up to a whole
+        second more than the job took."""
         _valid(job_id)
         deadline = time.monotonic() + timeout_s
         while (status := self.status(job_id)) not in TERMINAL:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
@@ -19,6 +20,7 @@ import pytest
 from ray.job_submission import JobStatus
 from typer.testing import CliRunner
 
+import cluster.jobs
 from cluster.cli import cluster_app, job_app
 from cluster.jobs import JobClient, project_runtime_env
 from cluster.local import LocalClusterInfo
@@ -244,6 +246,17 @@ def test_job_submit_refuses_an_upload_over_rays_limit_naming_what_to_exclude(
     excluded = CliRunner().invoke(job_app, [*submit, "--exclude", "jobruns", "--", "true"])
     assert excluded.exit_code == 1 and "packs to" not in excluded.output  # on to the (absent) cluster
     assert project_runtime_env(job, excludes=["jobruns"])["excludes"][-1] == "jobruns"
+
+
+def test_job_wait_polls_every_quarter_second_until_the_job_ends(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`raytwin job stop` and the tests here wait on a job by polling its status: every second, a wait lasted up to
+    a second more than the job."""
+    statuses = iter([JobStatus.PENDING, JobStatus.RUNNING, JobStatus.SUCCEEDED])
+    jobs = JobClient.__new__(JobClient)
+    jobs.client = type("Client", (), {"get_job_status": staticmethod(lambda job_id: next(statuses))})()
+    slept: list[float] = []
+    monkeypatch.setattr(cluster.jobs, "time", SimpleNamespace(monotonic=time.monotonic, sleep=slept.append))
+    assert jobs.wait("raysubmit_1") == JobStatus.SUCCEEDED and slept == [0.25, 0.25]
 
 
 def test_job_commands_need_an_address(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -19,6 +19,7 @@ from actors.recovery import registration_record
 from actors.shard import TwinShard
 from actors.telemetry import validated_table
 from raytwin.statestore import Heartbeat, Lease, StateStore, StoreFenced
+from tests.fixtures_connectors import wait_for
 from tests.fixtures_lease import renewing
 from tests.test_twins import (  # noqa: F401 (a fixture)
     TWIN_OPTS,
@@ -137,8 +138,8 @@ def test_a_service_of_another_ray_cluster_is_refused_while_the_holder_renews_and
         service.register_many([(asset("m0"), artifact)])
         first = service.store.read_heartbeat()
         assert first is not None and first.renews(service.lease) and service.lease.cluster == ray_session.get_runtime_context().get_session_name()
-        time.sleep(2.5)  # the shard process renews every 2 s (its own `HEARTBEAT_S`)
-        assert service.store.read_heartbeat().at_s > first.at_s
+        wait_for(lambda: service.store.read_heartbeat().at_s > first.at_s,  # within 2 s, not a fixed sleep
+                 "the shard process renews the heartbeat (every 2 s, its own `HEARTBEAT_S`)")
     finally:
         service.close()
 
