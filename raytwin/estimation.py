@@ -16,6 +16,9 @@ Why this shape:
   `MAX_SUBSTEPS` sub-steps: a longer gap (a device whose clock jumped years) is integrated for that
   horizon only and the covariance grows by the process noise of the rest (`substeps`), so its cost
   is bounded;
+- an event whose update or next step is not finite is refused and the twin keeps its state; a measurement
+  whose prediction over its gap is not finite (a drained ``two_tank``'s infinite Jacobian) updates the state
+  before the gap instead, its covariance grown by the gap's process noise (`scan_kernels`);
 - the measurement update is iterated (`IEKF_ITERATIONS` linearisations of the output map, Gauss-Newton
   to the MAP estimate): a single linearisation at the prior mean made a fresh ``battery_ecm`` twin
   (prior soc 0.5 +- 0.2, cubic OCV, 2 mV sensor) step to an estimate 0.06 off with a std of 0.01,
@@ -92,6 +95,8 @@ class Divergence(NamedTuple):
     q_scale: float = 1.0  # adapted factor on the declared process-noise variance, in (0, 1]
     refused: int = 0  # events refused because the model's update of the state was not finite (`scan_kernels`)
     refused_states: int = 0  # why the last event was refused, as bits (`refused_names`); 0: it was not
+    restarts: int = 0  # measured events updated from the state before their gap, not its prediction (`scan_kernels`)
+    restarted: bool = False  # whether the last event was one of those
 
     @property
     def diverged(self) -> bool:
@@ -205,6 +210,8 @@ class FilterTrace(NamedTuple):
     q_scale: np.ndarray
     refused: np.ndarray  # (n,) int
     refused_states: np.ndarray  # (n,) int: why this event was refused (`refused_names`), 0 if it was not
+    restarts: np.ndarray  # (n,) int
+    restarted: np.ndarray  # (n,) bool: this event was updated from the state before its gap (`scan_kernels`)
 
     def __len__(self) -> int:
         return len(self.t)
@@ -591,6 +598,11 @@ def _gap_again(changed: jnp.ndarray, n: jnp.ndarray, dt: jnp.ndarray, gap0: jnp.
 _Q_SCALE = Divergence._fields.index("q_scale")
 
 
+def _finite(x: jnp.ndarray, P: jnp.ndarray) -> jnp.ndarray:
+    """Whether a state and its covariance are all finite numbers."""
+    return jnp.all(jnp.isfinite(x)) & jnp.all(jnp.isfinite(P))
+
+
 def scan_kernels(predict: Callable, update: Callable, *, identity: Callable[[], str | None],
                  look_ahead: LookAhead = "none") -> _Kernels:
     """Jitted kernels from one filter's per-twin `predict` (x, P, u, p, q_var_rate, n_sub, dt, skipped)
@@ -616,7 +628,12 @@ def scan_kernels(predict: Callable, update: Callable, *, identity: Callable[[], 
     negative number, an overflow): its step keeps the state before it, with the covariance grown by the
     process noise of the event's gap (as a capped gap's skipped seconds, `skip`), counts it in
     `Divergence.refused` and says why (`refused_states`, `refused_names`); the next event predicts from
-    there. With a `look_ahead` it also refuses a finite update from which the filter's next step (with
+    there. **A measured event whose prediction over its gap is not finite** from a finite state (a long silence
+    drains a ``two_tank`` twin's tank to 0, where the EKF's Jacobian of ``sqrt(h)`` is infinite) is not refused:
+    its update starts from the state before the gap, the covariance grown by the gap's process noise as above
+    (`skip`), so the fresh reading re-anchors the twin instead of being dead-lettered; counted in
+    `Divergence.restarts`, and `restarted` marks the event. An event with no measurement is refused as before (its
+    state would be the same). With a `look_ahead` it also refuses a finite update from which the filter's next step (with
     the new inputs) is not finite: the filter can step from every state a twin keeps, so one measurement
     beyond the model's domain (an air temperature above a square root's bound, a tank level projected to 0
     where the EKF's Jacobian of ``sqrt(h)`` is infinite, a state an FMU's step fails or overflows from) is
@@ -648,12 +665,18 @@ def scan_kernels(predict: Callable, update: Callable, *, identity: Callable[[], 
         p, q_var_rate, r_var, det = consts
         interval, gap0, log_q_min = det[0], det[1], det[2]
         x0, P0, div0 = carry
-        updates, nis_last, nis_mean, res_mean, res_ms, cusum, score, alarm, gap_mean, since, q_scale, refused, _ = div0
+        (updates, nis_last, nis_mean, res_mean, res_ms, cusum, score, alarm, gap_mean, since, q_scale, refused, _,
+         restarts, _) = div0
         n, dt, skipped, u_held, u_new, z, mask = ev
         x, P = predict(x0, P0, u_held, p, q_var_rate * q_scale, n, dt, skipped)
-        x_upd, P_upd, y, nis, s_diag = update(x, P, u_new, p, z, mask, r_var)
         measured = mask > 0
         has = jnp.any(measured)
+        # a measurement after a gap whose prediction is not finite (a drained tank's infinite Jacobian of sqrt(h))
+        # updates the state before the gap, grown by the gap's process noise, instead of being refused
+        grown = skip(P0, q_var_rate * q_scale, n * dt + skipped)
+        restart = has & ~(jnp.all(jnp.isfinite(x)) & jnp.all(jnp.isfinite(P))) & _finite(x0, P0)
+        x, P = jnp.where(restart, x0, x), jnp.where(restart, grown, P)
+        x_upd, P_upd, y, nis, s_diag = update(x, P, u_new, p, z, mask, r_var)
         dims = jnp.maximum(mask.sum(), 1.0)
         a = jnp.where(updates == 0, 1.0, EWMA_ALPHA)
         since = since + n * dt + skipped
@@ -680,11 +703,12 @@ def scan_kernels(predict: Callable, update: Callable, *, identity: Callable[[], 
             jnp.where(measured, res_mean + a * (y - res_mean), res_mean),
             jnp.where(measured, res_ms + a * (y * y - res_ms), res_ms),
             cusum_new, score_new, alarm_new, gap, jnp.zeros_like(since), q_scale_new, refused, 0,
+            restarts + restart, restart,
         )
         x, P = jnp.where(has, x_upd, x), jnp.where(has, P_upd, P)
-        kept_div = (*div0[:9], since, q_scale, refused, 0)  # no update: the statistics stay
+        kept_div = (*div0[:9], since, q_scale, refused, 0, restarts, False)  # no update: the statistics stay
         div = jax.tree.map(lambda new, old: jnp.where(has, new, old), div_new, kept_div)
-        finite = jnp.all(jnp.isfinite(x)) & jnp.all(jnp.isfinite(P))  # else flag it (`Divergence.diverged`)
+        finite = _finite(x, P)  # else flag it (`Divergence.diverged`)
         div = (*div[:2], jnp.where(finite, div[2], jnp.nan), *div[3:])
         bad = ~jnp.isfinite(x) | ~jnp.all(jnp.isfinite(P), axis=1)
         step_bad = jnp.zeros_like(bad)
@@ -697,8 +721,8 @@ def scan_kernels(predict: Callable, update: Callable, *, identity: Callable[[], 
         if look_ahead != "none":
             step_bad = ~jnp.isfinite(x_next) | ~jnp.all(jnp.isfinite(P_next), axis=1)
         why = jnp.where(finite, _state_bits(step_bad) + jnp.where(jnp.any(step_bad), STEP_BIT, 0), _state_bits(bad))
-        refuse = (why != 0) & jnp.all(jnp.isfinite(x0)) & jnp.all(jnp.isfinite(P0))  # see the docstring
-        kept = (x0, skip(P0, q_var_rate * q_scale, n * dt + skipped), (*kept_div[:-2], refused + 1, why))
+        refuse = (why != 0) & _finite(x0, P0)  # see the docstring
+        kept = (x0, grown, (*kept_div[:-4], refused + 1, why, restarts, False))
         carry = jax.tree.map(lambda old, new: jnp.where(refuse, old, new), kept, (x, P, div))
         return carry, carry
 
@@ -1044,7 +1068,8 @@ def _pack_divergence(divs: list[Divergence], ny: int) -> list[np.ndarray]:
         if name in fresh and any(len(v) != len(fresh[name]) for v in values):
             # before the first update (or from a snapshot older than the field): zeros
             values = [v if len(v) == len(fresh[name]) else fresh[name] for v in values]
-        dtype = {"updates": np.int64, "alarm": bool, "refused": np.int64, "refused_states": np.int64}.get(
+        dtype = {"updates": np.int64, "alarm": bool, "refused": np.int64, "refused_states": np.int64,
+                 "restarts": np.int64, "restarted": bool}.get(
             name, np.float64)
         columns.append(np.array(values, dtype=dtype).reshape(len(divs), *((len(fresh[name]),) if name in fresh else ())))
     return columns

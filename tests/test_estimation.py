@@ -380,6 +380,28 @@ def test_a_filter_that_stops_being_finite_is_flagged():
     assert broken.divergence.updates == 1 and broken.divergence.diverged and broken.divergence.drift
 
 
+@pytest.mark.parametrize("gap_s", [3 * 3600.0, 86400.0])
+def test_a_reading_after_a_silence_the_prediction_cannot_cross_updates_the_state_before_it(gap_s):
+    """The tester's case: a two_tank twin's first reading, then fresh ones hours later. Its pump held off, the
+    prediction drains both tanks to 0 within minutes, where the EKF's Jacobian of sqrt(h) is infinite: the
+    predicted covariance is NaN. The fresh reading was refused (dead-lettered) and the twin kept the hours-old
+    level; now it updates the state before the gap, its covariance grown by the gap's process noise, is
+    counted as a restart and the twin tracks the fresh readings. Events after it are ordinary ones."""
+    f = ExtendedKalmanFilter(TWO_TANK, TWO_TANK.param_vector())
+    t = np.array([0.0, gap_s, gap_s + 1, gap_s + 2])
+    cols = f.measured_names
+    values = np.full((len(t), len(cols)), np.nan)
+    values[:, cols.index("h1")] = [0.5, 0.45, 0.45, 0.45]
+    values[:, cols.index("h2")] = [0.4, 0.35, 0.35, 0.35]
+    values[1:, cols.index("q_in")] = 1.2e-4
+    trace = f.assimilate_many(f.initial(), t, values, np.ones(len(t), dtype=bool))
+    assert not np.isfinite(f.predict(trace.state(0), t[1]).P).all()  # what the kernel saw
+    assert trace.refused.tolist() == [0, 0, 0, 0] and trace.restarted.tolist() == [False, True, False, False]
+    assert trace.restarts.tolist() == [0, 1, 1, 1]
+    assert np.isfinite(trace.x).all() and np.isfinite(trace.P).all() and not trace.state(3).divergence.diverged
+    np.testing.assert_allclose(trace.x[1:], [[0.45, 0.35]] * 3, atol=5e-3)  # the fresh level, not 0.5, 0.4
+
+
 @pytest.mark.parametrize("kind", ["ekf", "ukf"])
 def test_an_update_the_model_is_not_defined_for_is_refused_and_the_twin_keeps_its_state(kind):
     """`BOUNDED_RC` is NaN above 300 K. A measurement of 313 K would put the estimate where the model cannot
