@@ -277,6 +277,31 @@ def test_events_the_model_is_not_defined_for_are_refused_and_later_ones_apply(tm
     assert_same_state(TwinShard(str(tmp_path), 0, 1, **BOUNDED_OPTS).state("acme", "b1"), now)
 
 
+def test_a_twin_given_an_hours_old_reading_first_tracks_the_fresh_ones_after_it(tmp_path):
+    """The tester's case (an OPC UA source's queued reading 3 h old, then live ones): a two_tank twin's
+    prediction over the 3 h drains its tanks to 0 where the EKF's covariance is NaN. The first fresh reading was
+    refused and the twin kept the old level; now none is refused, the twin is finite and tracks the fresh
+    levels, and its state equals the same events' replay (what recovery applies)."""
+    from raytwin.sim import TWO_TANK
+
+    tanks = ModelRegistry(str(tmp_path)).register("tank", "1.0.0", AssetType.from_model(TWO_TANK))
+    old = TelemetryEvent(asset_id="t1", event_time=T0 - timedelta(hours=3), sequence=0,
+                         measurements={"h1": {"value": 0.5, "unit": "m"}, "h2": {"value": 0.4, "unit": "m"}})
+    fresh = [TelemetryEvent(asset_id="t1", event_time=T0 + timedelta(seconds=k), sequence=k + 1,
+                            measurements={"h1": {"value": 0.45, "unit": "m"}, "h2": {"value": 0.35, "unit": "m"},
+                                          "q_in": {"value": 1.2e-4, "unit": "m^3/s"}}) for k in range(5)]
+    twin = Twin("acme", "t1", tanks)
+    for batch in ([old], fresh):
+        pending = [twin.pending(logged_event(e, tanks.asset_type)) for e in batch]
+        assert twin.classify(pending) == [None] * len(pending)
+        assert apply_many([(twin, pending)]) == []  # nothing refused
+    state = twin.view()
+    assert twin.fs.divergence.restarts == 1 and not state.divergence.diverged
+    assert all(math.isfinite(v) for v in [*state.state.values(), *state.std.values()])
+    assert abs(state.state["h1"] - 0.45) < 5e-3 and abs(state.state["h2"] - 0.35) < 5e-3
+    assert_same_state(reference(tanks, "t1", [old, *fresh]).view(), state)
+
+
 def test_twins_taking_one_event_each_get_the_bits_of_the_general_path(artifact, bounded, monkeypatch):
     """A call where each twin takes one event after its last (a live batch's usual shape) is applied as
     columns over all twins (`actors.twin._assimilate_next`): the same states, checkpoints, windows and
