@@ -633,11 +633,13 @@ def scan_kernels(predict: Callable, update: Callable, *, identity: Callable[[], 
     its update starts from the state before the gap, the covariance grown by the gap's process noise as above
     (`skip`), so the fresh reading re-anchors the twin instead of being dead-lettered; counted in
     `Divergence.restarts`, and `restarted` marks the event. An event with no measurement is refused as before (its
-    state would be the same). With a `look_ahead` it also refuses a finite update from which the filter's next step (with
-    the new inputs) is not finite: the filter can step from every state a twin keeps, so one measurement
-    beyond the model's domain (an air temperature above a square root's bound, a tank level projected to 0
-    where the EKF's Jacobian of ``sqrt(h)`` is infinite, a state an FMU's step fails or overflows from) is
-    refused instead of every event after it. ``"step"`` (the EKF, the UKF on a JAX model): one sub-step of
+    state would be the same).
+
+    With a `look_ahead` it also refuses a finite update from which the filter's next step (with the new inputs)
+    is not finite: the filter can step from every state a twin keeps, so one measurement beyond the model's domain
+    (an air temperature above a square root's bound, a tank level projected to 0 where the EKF's Jacobian of
+    ``sqrt(h)`` is infinite, a state an FMU's step fails or overflows from) is refused instead of every event
+    after it. ``"step"`` (the EKF, the UKF on a JAX model): one sub-step of
     ``default_dt``, a model step and for the EKF its Jacobian; its cost: one predict sub-step per event,
     for every twin (not measured). ``"gap"`` (the UKF on a host stepper, an FMU, where a model step is a
     host call per sigma point, 2n+1, and an FMU's state can run away over several of its steps before it
