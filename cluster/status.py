@@ -41,6 +41,7 @@ class Status:
     store_failures: dict[str, int] = field(default_factory=dict)  # "operation/error" -> store operations failed
     twins: int = 0
     drifting: int = 0
+    reporting: set[str] = field(default_factory=set)  # shards whose twins gauge is in the export
     events: dict[str, int] = field(default_factory=dict)  # by outcome
     dead_letters: dict[str, int] = field(default_factory=dict)  # by "stage/reason"
     lag_p95_s: float | None = None  # ingest time -> applied
@@ -160,6 +161,7 @@ def collect(samples: Samples, prometheus: str | None = None, now: float | None =
         store_unavailable=_store_unavailable(samples),
         store_failures=_nonzero(_by(samples, "ray_raytwin_store_failures_total", "operation", "error")),
         twins=int(sum(_by(samples, "ray_raytwin_twins").values())),
+        reporting=set(_by(samples, "ray_raytwin_twins", "shard")),
         drifting=int(sum(_by(samples, "ray_raytwin_twins_drifting").values())),
         events=_nonzero(_by(samples, "ray_raytwin_twin_events_total", "outcome")),
         dead_letters=_nonzero(_by(samples, "ray_raytwin_dead_letters_total", "stage", "reason")),
@@ -194,8 +196,9 @@ def _counts(values: dict[str, int]) -> str:
 
 def _shards(s: Status) -> str:
     """Alive shards first, none said plainly; RESTARTING ones are missing now; DEAD explained: Ray keeps every
-    shard process the cluster ever ran, so it counts earlier services' and replaced processes too; then the
-    shards that left calls unanswered (hung or stalled while Ray shows them alive)."""
+    shard process the cluster ever ran, so it counts earlier services' and replaced processes too, and with none
+    alive or restarting the stopped service's own (`serve shutdown`); then the shards that left calls unanswered
+    (hung or stalled while Ray shows them alive)."""
     alive = s.shards.get("ALIVE", 0)
     parts = [f"{alive:,} alive" if alive else "NONE ALIVE (the API is down: no twin can be read or written)"]
     if n := s.shards.get("RESTARTING"):
@@ -203,11 +206,29 @@ def _shards(s: Status) -> str:
     if others := {k: v for k, v in s.shards.items() if k not in ("ALIVE", "RESTARTING", "DEAD")}:
         parts.append(_counts(others))
     if n := s.shards.get("DEAD"):
-        parts.append(f"DEAD {n:,} (processes of earlier services and replaced ones)")
+        whose = "earlier services" if _service_shards(s) else "the stopped service, earlier ones"
+        parts.append(f"DEAD {n:,} (processes of {whose} and replaced ones)")
     if s.unanswered:
         hung = ", ".join(f"shard {k} {v:,}x" for k, v in sorted(s.unanswered.items()))
         parts.append(f"left calls unanswered past their deadline (hung or stalled; in all): {hung}")
     return "; ".join(parts)
+
+
+def _service_shards(s: Status) -> int:
+    """The running service's shard count, from Ray's actor list: every shard actor not DEAD (a stopped or
+    restarting one's process exports nothing, Ray still lists its actor)."""
+    return sum(n for state, n in s.shards.items() if state != "DEAD")
+
+
+def _twins(s: Status) -> str:
+    """The twins counted and, when fewer shards report than the service has, which do not: a stopped (SIGSTOP)
+    or restarting shard's gauges and counters leave the export, and the sums would undercount silently."""
+    counted = f"{s.twins:,} live, {s.drifting:,} drifting"
+    shards = _service_shards(s)
+    if not (missing := [str(i) for i in range(shards) if str(i) not in s.reporting]):
+        return counted
+    return (f"{counted} (shards {shards - len(missing)} of {shards} reporting: counts are partial; "
+            f"shard{'s' if len(missing) > 1 else ''} {', '.join(missing)} not reporting)")
 
 
 def _service(s: Status) -> str:
@@ -264,7 +285,7 @@ def render(s: Status) -> str:
         f"service       {_service(s)}",
         f"store         {_store(s)}",
         f"shards        {_shards(s)}",
-        f"twins         {s.twins:,} live, {s.drifting:,} drifting",
+        f"twins         {_twins(s)}",
         f"events        {_counts(s.events)}",
         f"dead letters  {_counts(s.dead_letters)}",
         f"lag           {lag}",

@@ -397,11 +397,11 @@ def _screen(**status) -> dict[str, str]:
 
 
 def test_status_says_plainly_when_the_api_is_down_fenced_or_a_shard_missing_or_hung():
-    # `serve shutdown` with Ray up: every shard process DEAD, none alive
+    # `serve shutdown` with Ray up: every shard process DEAD, none alive, the stopped service's among them
     down = _screen(shards={"DEAD": 6})
     assert down["service"] == "DOWN: no twin shard alive"
     assert down["shards"] == ("NONE ALIVE (the API is down: no twin can be read or written); "
-                              "DEAD 6 (processes of earlier services and replaced ones)")
+                              "DEAD 6 (processes of the stopped service, earlier ones and replaced ones)")
     assert _screen()["service"] == "DOWN: no twin shard alive"
     # Ray keeps every shard process it ran: dead ones are earlier services', not missing; restarting ones are
     healthy = _screen(shards={"ALIVE": 2, "DEAD": 6}, fenced=False)
@@ -416,6 +416,25 @@ def test_status_says_plainly_when_the_api_is_down_fenced_or_a_shard_missing_or_h
     assert hung["service"] == "up: twin shards alive"  # no backend's fence gauge in the export: not claimed
     assert hung["shards"] == "2 alive; left calls unanswered past their deadline (hung or stalled; in all): " \
                              "shard 0 1x, shard 1 4x"
+
+
+def test_status_says_when_fewer_shards_report_than_the_service_has(monkeypatch):
+    """A shard process stopped (SIGSTOP), hung or restarting leaves Ray's export, its actor stays in Ray's list:
+    `raytwin status` read `twins 2 live` with 5 twins, an undercount it did not own up to."""
+    for name, value in (("nodes", lambda: []), ("cluster_resources", dict), ("available_resources", dict)):
+        monkeypatch.setattr(f"cluster.status.ray.{name}", value)  # Ray's state, as far as `collect` asks
+    actors = [("ray_actors", {"Name": "TwinShardProcess", "Source": "gcs", "State": "ALIVE"}, 2.0)]
+    twins = [("ray_raytwin_twins", {"shard": "0", "WorkerId": "w0"}, 2.0),
+             ("ray_raytwin_twins", {"shard": "1", "WorkerId": "w1"}, 3.0)]
+    whole = collect([*actors, *twins])
+    assert (whole.twins, whole.reporting) == (5, {"0", "1"})
+    assert _screen(shards=whole.shards, twins=5, reporting=whole.reporting)["twins"] == "5 live, 0 drifting"
+    stopped = collect([*actors, twins[0]])  # shard 1 stopped: Ray still lists its actor ALIVE
+    assert _screen(shards=stopped.shards, twins=stopped.twins, reporting=stopped.reporting)["twins"] == (
+        "2 live, 0 drifting (shards 1 of 2 reporting: counts are partial; shard 1 not reporting)")
+    restarting = _screen(shards={"ALIVE": 2, "RESTARTING": 1, "DEAD": 4}, twins=2, reporting={"0"})["twins"]
+    assert restarting == "2 live, 0 drifting (shards 1 of 3 reporting: counts are partial; shards 1, 2 not reporting)"
+    assert _screen(shards={"DEAD": 3})["twins"] == "0 live, 0 drifting"  # no service running: none is missing
 
 
 def test_status_says_whether_the_store_takes_writes_and_why_not(ray_session):
