@@ -64,6 +64,7 @@ from actors.twin import (
     TOO_LATE,
     Pending,
     Refused,
+    Restarted,
     Twin,
     apply_many,
     conflict_reason,
@@ -76,6 +77,7 @@ from raytwin.keyindex import Logged, LogKeyIndex, content_digest
 from raytwin.logs import component_logging
 from raytwin.migration import MigrationPlan
 from raytwin.sim.cpu import start_single_core_backend
+from raytwin.sim.discovery import simulator_label
 from raytwin.statestore import (LOG_BATCH_SCHEMA, StateStore, StoreFenced, column_micros, dead_letter_stem,
                                  from_micros)
 from raytwin.store_failures import zero_counts
@@ -460,8 +462,9 @@ class TwinShard(LiveModelOps):
         if adm.accepted_rows != list(range(batch.num_rows)):  # else every row, in order: a live batch's usual case
             log_rows = log_rows.take(pa.array(adm.accepted_rows, pa.int64()))
         try:
-            refused = apply_many([(twins[c], evs) for c, evs in accepted.items()], each_next=adm.each_next)
-            refused = self._refused(tenant, batch, adm, assets, refused)
+            applied = apply_many([(twins[c], evs) for c, evs in accepted.items()], each_next=adm.each_next)
+            refused = self._refused(tenant, batch, adm, assets, applied.refused)
+            self._restarted(tenant, adm, assets, applied.restarted)
             rejects += refused
             if rejects:  # their file is named by their batch's ingest times: the same on a Ray retry
                 retried = batch.column("ingest_time").cast(pa.int64()).to_numpy().tobytes()
@@ -526,6 +529,20 @@ class TwinShard(LiveModelOps):
                 adm.causes["non_finite"] += 1
                 out.append(self._reject(batch, row, reason, r.twin))
         return out
+
+    def _restarted(self, tenant: str, adm: Admission, assets: list[str], restarted: list[Restarted]) -> None:
+        """Count and log each event of this batch the filter restarted a twin on (`actors.twin.Restarted`): its
+        estimate started over from the state before a gap, which its state alone does not show as it happens. An
+        earlier batch's event a late one re-applied was counted with its own batch."""
+        if not restarted:
+            return
+        this_batch = {(assets[c], ev.key) for c, evs in adm.accepted.items() for ev in evs}
+        for r in restarted:
+            if (r.twin.asset_id, r.event.key) not in this_batch:
+                continue
+            metrics.FILTER_RESTARTS.inc(simulator=simulator_label(r.twin.artifact.asset_type.simulator))
+            log.warning("event=filter_restarted shard=%d tenant=%s asset=%s event_time=%s gap_s=%.3f", self.index,
+                        tenant, r.twin.asset_id, from_micros(r.event.key[0]).isoformat(), r.gap_s)
 
     def _observe_lag(self, applied: pa.Table) -> None:
         """Event time -> applied and ingest time -> applied of the rows just applied; the newest ingest time."""

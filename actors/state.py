@@ -41,6 +41,10 @@ class DivergenceReport(_Frozen):
                                                        "update (>= 1 raises drift)" + _DIVERGED_NULL)
     process_noise_scale: float | None = Field(1.0, description="factor on the declared process-noise variance, "
                                                                "adapted from the innovations (<= 1)" + _DIVERGED_NULL)
+    restarts: int = Field(0, description="measured events the filter updated from the state before their gap "
+                                         "because its prediction over the gap was not finite: the twin re-anchored "
+                                         "on them instead of refusing them (the shards count them in "
+                                         "ray_raytwin_filter_restarts_total)")
 
 
 class TwinState(_Frozen):

@@ -441,6 +441,7 @@ def state_view(tenant: str, asset_id: str, model_ref: str, model: Declared, fs: 
             diverged=div.diverged,
             drift_score=div.drift_score,
             process_noise_scale=div.q_scale,
+            restarts=div.restarts,
         ),
         events_applied=events_applied,
         stale=stale,
@@ -492,15 +493,34 @@ class Refused(NamedTuple):
                 "state before this event")
 
 
-def apply_many(batches: list[tuple[Twin, list[Pending]]], each_next: bool = False) -> list[Refused]:
+class Restarted(NamedTuple):
+    """An event updated from the twin's state before its gap, the filter's prediction over the gap not being
+    finite (`raytwin.estimation.scan_kernels`, `Divergence.restarted`): the twin re-anchored on it. Why kept:
+    nothing else tells an operator that a twin's estimate started over (`metrics.FILTER_RESTARTS`)."""
+
+    twin: Twin
+    event: Pending
+    gap_s: float  # from the state before the event (the previous event, or the run's start) to the event
+
+
+class Applied(NamedTuple):
+    """What `apply_many` found worth reporting: the events the filter refused, and those it restarted on."""
+
+    refused: list[Refused]
+    restarted: list[Restarted]
+
+
+def apply_many(batches: list[tuple[Twin, list[Pending]]], each_next: bool = False) -> Applied:
     """Apply accepted events to many twins at once: their filter runs share kernel dispatches
     (`raytwin.estimation.assimilate_runs`), with the same bits as applying each twin alone. A twin
     whose events cross a model swap boundary runs them in one round per model version. Returns the
     events the filter refused (events of the window a late one re-applies included): they keep their
-    place in the order (and the revision), the state is the one before them. `each_next`: the caller
-    found each twin's one event `Twin.takes_next` (not checked again)."""
+    place in the order (and the revision), the state is the one before them; and the events the filter
+    restarted on (`Restarted`). `each_next`: the caller found each twin's one event `Twin.takes_next` (not
+    checked again)."""
     todo = [(twin, events) for twin, events in batches if events]
     refused: list[Refused] = []
+    restarted: list[Restarted] = []
     while todo:
         if each_next or _each_next(todo):
             twins, runs, rest = [twin for twin, _ in todo], [events for _, events in todo], []
@@ -512,10 +532,18 @@ def apply_many(batches: list[tuple[Twin, list[Pending]]], each_next: bool = Fals
             traces = assimilate_runs([run for _, _, run, _ in plans])
         for k, found in traces.refused().items():
             refused += [Refused(twins[k], runs[k][i], why) for i, why in found]
+        for k, found in traces.restarted().items():
+            restarted += [Restarted(twins[k], runs[k][i], _gap_s(twins[k], runs[k], i)) for i in found]
         for k, (twin, events, final) in enumerate(zip(twins, runs, traces.final_packed())):
             twin._absorb(events, traces, k, final)
         todo = rest
-    return refused
+    return Applied(refused, restarted)
+
+
+def _gap_s(twin: Twin, events: list[Pending], i: int) -> float:
+    """Seconds from the state before `events[i]` to it: the previous event's, or (before `Twin._absorb`) the twin's."""
+    before = events[i - 1].key[0] / 1e6 if i else (twin.fs if twin._packed is None else twin._packed).t
+    return events[i].key[0] / 1e6 - before
 
 
 def _each_next(todo: list[tuple[Twin, list[Pending]]]) -> bool:

@@ -390,9 +390,18 @@ class Traces:
     def refused(self) -> dict[int, list[tuple[int, int]]]:
         """For each run with events refused (`scan_kernels`), their (index in the run, `refused_states`):
         one scan per model, nothing more in the common case of none."""
+        return self._nonzero("refused_states")
+
+    def restarted(self) -> dict[int, list[int]]:
+        """For each run with events updated from the state before their gap (`scan_kernels`, `Divergence.restarted`),
+        their indexes in the run: what a shard counts and logs (rare, and invisible in the state otherwise)."""
+        return {k: [i for i, _ in found] for k, found in self._nonzero("restarted").items()}
+
+    def _nonzero(self, name: str) -> dict[int, list[tuple[int, int]]]:
+        """For each run with events whose `Divergence` field `name` is not 0, their (index in the run, value)."""
         out: dict[int, list[tuple[int, int]]] = {}
         for kernels, ks in self.groups.items():
-            why = self.models[kernels].field("refused_states")
+            why = self.models[kernels].field(name)
             rows = np.flatnonzero(why)
             if rows.size:
                 ends = self.starts[ks] + self.lengths[ks]

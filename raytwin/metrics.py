@@ -328,6 +328,10 @@ SHARD_BACKLOG = gauge("raytwin_shard_backlog_events", "Events sent to a shard an
 BACKPRESSURE = counter("raytwin_ingest_backpressure_seconds", "Time ingestion waited for busy shards [s].")
 TWINS = gauge("raytwin_twins", "Live twins held by a shard.", "shard")
 TWINS_DRIFTING = gauge("raytwin_twins_drifting", "Twins whose filter flags model/data drift.", "shard")
+FILTER_RESTARTS = counter("raytwin_filter_restarts", "Measured events a twin's filter updated from the state before "
+                          "their gap because its prediction over the gap was not finite: the twin re-anchored on the "
+                          "reading instead of refusing it (`Divergence.restarts`; the log's `event=filter_restarted` "
+                          "names the twin), by simulator (`raytwin.sim.discovery.simulator_label`).", "simulator")
 STALE_READS = counter("raytwin_stale_reads", "Twin states answered from the twin's last durable state because "
                       "its shard was restarting or left a call unanswered past its deadline, by read (state: one "
                       "twin; query: asset queries).", "read")

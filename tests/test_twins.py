@@ -31,7 +31,8 @@ from actors.progress import Busy, CallClock, probe_call, timed_calls
 from actors.recovery import registration_record
 from actors.shard import TwinShard, TwinShardProcess, asset_codes
 from actors.telemetry import validated_table
-from actors.twin import CONFLICT, DUPLICATE, TOO_LATE, Twin, _assimilate_next, apply_many, logged_event, replay
+from actors.twin import (CONFLICT, DUPLICATE, TOO_LATE, Restarted, Twin, _assimilate_next, apply_many, logged_event,
+                         replay)
 from raytwin import statestore
 from raytwin.contracts import Asset, AssetType, TelemetryEvent
 from raytwin.estimation import PackedState
@@ -291,15 +292,55 @@ def test_a_twin_given_an_hours_old_reading_first_tracks_the_fresh_ones_after_it(
                             measurements={"h1": {"value": 0.45, "unit": "m"}, "h2": {"value": 0.35, "unit": "m"},
                                           "q_in": {"value": 1.2e-4, "unit": "m^3/s"}}) for k in range(5)]
     twin = Twin("acme", "t1", tanks)
+    applied = []
     for batch in ([old], fresh):
         pending = [twin.pending(logged_event(e, tanks.asset_type)) for e in batch]
         assert twin.classify(pending) == [None] * len(pending)
-        assert apply_many([(twin, pending)]) == []  # nothing refused
+        applied.append(apply_many([(twin, pending)]))
+    assert [a.refused for a in applied] == [[], []]  # nothing refused
+    # the first fresh reading restarted the filter, 3 h after the old one: the shard counts and logs it
+    assert applied[0].restarted == [] and applied[1].restarted == [Restarted(twin, pending[0], 3 * 3600.0)]
     state = twin.view()
-    assert twin.fs.divergence.restarts == 1 and not state.divergence.diverged
+    assert twin.fs.divergence.restarts == state.divergence.restarts == 1 and not state.divergence.diverged
     assert all(math.isfinite(v) for v in [*state.state.values(), *state.std.values()])
     assert abs(state.state["h1"] - 0.45) < 5e-3 and abs(state.state["h2"] - 0.35) < 5e-3
     assert_same_state(reference(tanks, "t1", [old, *fresh]).view(), state)
+
+
+class CountedRestarts:
+    """Records `metrics.FILTER_RESTARTS.inc` by simulator in this process."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, float] = {}
+
+    def inc(self, value: float = 1.0, *, simulator: str) -> None:
+        self.counts[simulator] = self.counts.get(simulator, 0.0) + value
+
+
+def test_a_shard_counts_logs_and_reports_a_filter_restarted_after_a_gap(tmp_path, caplog, monkeypatch):
+    """An operator sees a twin re-anchored on a fresh reading after a gap its prediction did not survive: the
+    shard counts it by simulator (`metrics.FILTER_RESTARTS`), logs `event=filter_restarted` with the twin and
+    the gap, and the twin's divergence report (the API's) gives its `restarts`. A late event that re-applies the
+    restarted one (a rewind to the prior: no checkpoint in between) does not count it again."""
+    from raytwin import metrics
+    from raytwin.sim import TWO_TANK
+
+    counted = CountedRestarts()
+    monkeypatch.setattr(metrics, "FILTER_RESTARTS", counted)
+    tanks = ModelRegistry(str(tmp_path / "registry")).register("tank", "1.0.0", AssetType.from_model(TWO_TANK))
+    shard = TwinShard(str(tmp_path / "store"), 0, 1, **{**BOUNDED_OPTS, "checkpoint_every": 64})
+    shard.register("acme", "t1", registration_record(
+        Asset(id="t1", tenant="acme", type_name="two_tank", type_version="1.0.0"), tanks, None, None))
+    levels = {"h1": {"value": 0.45, "unit": "m"}, "h2": {"value": 0.35, "unit": "m"}}
+    at = [T0, T0 + timedelta(hours=3), T0 + timedelta(hours=3, seconds=20), T0 + timedelta(hours=3, seconds=10)]
+    evs = [TelemetryEvent(asset_id="t1", event_time=t, sequence=k, measurements=levels) for k, t in enumerate(at)]
+    with caplog.at_level(logging.WARNING, logger="raytwin.twins"):
+        for e in evs:  # the last one late
+            assert shard.ingest("acme", validated_table([e])).accepted == 1
+    assert counted.counts == {"two_tank": 1.0}
+    assert caplog.text.count("event=filter_restarted") == 1
+    assert "tenant=acme asset=t1 event_time=2026-02-01T03:00:00+00:00 gap_s=10800.000" in caplog.text
+    assert shard.state("acme", "t1").divergence.restarts == 1
 
 
 def test_twins_taking_one_event_each_get_the_bits_of_the_general_path(artifact, bounded, monkeypatch):
@@ -326,7 +367,7 @@ def test_twins_taking_one_event_each_get_the_bits_of_the_general_path(artifact, 
         live, refused = twins(), []
         for k in range(12):
             batch = [(t, [t.pending(logged_event(s[k], t.artifact.asset_type))]) for t, s in zip(live, streams)]
-            refused += [(r.twin.asset_id, r.event.key, r.why) for r in apply_many(batch)]
+            refused += [(r.twin.asset_id, r.event.key, r.why) for r in apply_many(batch).refused]
         results.append((live, refused))
     (fast, fast_refused), (general, general_refused) = results
     assert len(columnar) == 12 and len(fast_refused) == 3 and fast_refused == general_refused
