@@ -1092,10 +1092,15 @@ def test_a_pass_of_the_store_watch_reads_the_lease_once_and_a_read_that_hangs_en
     from serve_apps.store_errors import UNAVAILABLE_REASONS
 
     exported: dict[str, float] = {}
+    watch = threading.get_ident()  # the watch runs here: another test's backend left watching sets these gauges too
+
+    def ours(record):
+        return lambda *args, **kwargs: record(*args, **kwargs) if threading.get_ident() == watch else None
+
     monkeypatch.setattr(metrics, "STORE_UNAVAILABLE",
-                        SimpleNamespace(set=lambda value, reason: exported.__setitem__(reason, value)))
+                        SimpleNamespace(set=ours(lambda value, reason: exported.__setitem__(reason, value))))
     fenced: list[int] = []
-    monkeypatch.setattr(metrics, "STORE_FENCED", SimpleNamespace(set=fenced.append))
+    monkeypatch.setattr(metrics, "STORE_FENCED", SimpleNamespace(set=ours(fenced.append)))
     monkeypatch.setattr(backend_module, "FENCE_READ_S", 0.2)
     store, mine, _ = _leased_backend(tmp_path)
     reads, thawed, read_lease = [], threading.Event(), store.read_lease
