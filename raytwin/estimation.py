@@ -685,7 +685,7 @@ def scan_kernels(predict: Callable, update: Callable, *, identity: Callable[[], 
         # a measurement after a gap whose prediction is not finite (a drained tank's infinite Jacobian of sqrt(h))
         # updates the state before the gap, grown by the gap's process noise, instead of being refused
         grown = skip(P0, q_var_rate * q_scale, n * dt + skipped)
-        restart = has & ~(jnp.all(jnp.isfinite(x)) & jnp.all(jnp.isfinite(P))) & _finite(x0, P0)
+        restart = has & ~_finite(x, P) & _finite(x0, P0)
         x, P = jnp.where(restart, x0, x), jnp.where(restart, grown, P)
         x_upd, P_upd, y, nis, s_diag = update(x, P, u_new, p, z, mask, r_var)
         dims = jnp.maximum(mask.sum(), 1.0)
