@@ -31,8 +31,8 @@ def recommend_bench(ctx: BenchContext) -> BenchResult:
     spec = _spec(1.0 if ctx.quick else 7.0, 20 if ctx.quick else 400)
     times, answer = [], None
     for _ in range(1 if ctx.quick else 3):
-        answer, optimiser_s = recommend(spec)
-        times.append(optimiser_s)
+        answer, search = recommend(spec)
+        times.append(search.optimiser_s)
     plan = spec.sweep_spec(_nominal_space(spec)).model_copy(update={"inputs": {
         **spec.inputs, **dict(zip(spec.block_names, answer.action.values))}})
     forward, _ = ctx.measure("one forward evaluation", lambda: _evaluate(plan, ["R_io"], np.ones((1, 1))),

@@ -1,4 +1,5 @@
-"""Versions of RayTwin, its key dependencies and the code, for run records and `raytwin version`."""
+"""Versions of RayTwin, its key dependencies and the code, for run records and `raytwin version`; and the platform
+a run computed on (`compute_platform`), which run records keep beside them."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import subprocess
 from functools import cache
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Literal
 
 KEY_PACKAGES = ("raytwin", "ray", "jax", "jaxlib", "numpy", "scipy", "pyarrow", "pydantic", "optax", "fmpy")
 """What a run's numbers depend on: optax steps a recommendation's gradient search, fmpy runs FMU sweeps and fits."""
@@ -37,3 +39,18 @@ def code_version() -> str:
         return commit + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return package_versions(("raytwin",))["raytwin"]
+
+
+def compute_platform(kernel: Literal["jax", "fmu"] = "jax") -> str:
+    """What this process computes on, for a run record's ``summary.platforms``: for JAX ``cpu`` or ``gpu: <device
+    kind>`` (a GPU runs the fused Pallas kernel, a CPU the XLA scan), for an FMU fmpy's platform (``linux64``,
+    ``darwin64``: each has its own compiled binary). Results of two platforms agree within rounding, not bit for
+    bit, so a rerun elsewhere says why its outputs differ (`sweeps.runs.rerun`)."""
+    if kernel == "fmu":
+        from fmpy import platform
+
+        return platform
+    import jax
+
+    device = jax.devices()[0]
+    return device.platform if device.platform == "cpu" else f"{device.platform}: {device.device_kind}"

@@ -179,7 +179,8 @@ def run_fmu_spec(spec: FmuSweepSpec, out_url: str, storage_options: dict | None 
     make_folder(fs, root)
     digest = write_parquet(table, f"{out_url.rstrip('/')}/{name}", storage_options)
     summary = {"scenarios": len(scenarios), "failed": len(result.failed), "workers": len(result.instantiations),
-               "elapsed_s": round(elapsed, 3), "scenario_steps_per_s": round(len(scenarios) * spec.n_steps / elapsed, 1)}
+               "elapsed_s": round(elapsed, 3),
+               "scenario_steps_per_s": round(len(scenarios) * spec.n_steps / elapsed, 1), "platforms": result.platforms}
     return {name: digest}, summary
 
 

@@ -44,6 +44,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -54,6 +55,7 @@ import optax
 from pydantic import Field, model_validator
 
 from raytwin.contracts import Contract, Finite, Identifier, StartedFrom, whole_steps
+from raytwin.provenance import compute_platform
 from raytwin.scenario_metrics import Metric
 from raytwin.signals import Schedule
 from raytwin.sim import rollout
@@ -488,8 +490,9 @@ def _gradient_search(spec: RecommendSpec) -> tuple[np.ndarray, dict[str, Any]]:
 
 
 def _sampled_search(spec: RecommendSpec, out_url: str, storage_options: dict | None
-                    ) -> tuple[np.ndarray, dict[str, Any]]:
-    """A random or grid sweep of the block values on Ray; the best sample within the tightened bounds."""
+                    ) -> tuple[np.ndarray, dict[str, Any], list[str]]:
+    """A random or grid sweep of the block values on Ray; the best sample within the tightened bounds, and the
+    platforms the sweep's chunks ran on."""
     dims = [Dimension(name=n, target="input", low=spec.control.lower, high=spec.control.upper,
                       levels=spec.levels if spec.search == "grid" else None) for n in spec.block_names]
     space = (ScenarioSpace(method="grid", dimensions=dims, seed=spec.seed) if spec.search == "grid"
@@ -521,7 +524,7 @@ def _sampled_search(spec: RecommendSpec, out_url: str, storage_options: dict | N
                              "fewer blocks, method='gradient', or best_effort=true for the schedule closest to them")
     values = np.array([data[f"input.{n}"][best] for n in spec.block_names], dtype=np.float64)
     return values, {"search": spec.search, "samples": table.num_rows, "within_bounds": int(inside.sum()),
-                    "best_scenario": best, "sweep_outputs": result.outputs}
+                    "best_scenario": best, "sweep_outputs": result.outputs}, result.platforms
 
 
 def _check_members_step(specs: tuple[SweepSpec, ...], simulator: str, params: dict[str, float], names: list[str],
@@ -607,9 +610,17 @@ def _band(values: np.ndarray) -> Band:
     return Band(q05=float(q[0]), q50=float(q[1]), q95=float(q[2]))
 
 
+@dataclass(frozen=True)
+class SearchRun:
+    """How a recommendation's search ran: its run record's summary keeps it, its hashed outputs do not."""
+
+    optimiser_s: float  # the search's wall time
+    platforms: list[str]  # what the search and the evaluations computed on (`raytwin.provenance.compute_platform`)
+
+
 def recommend(spec: RecommendSpec, out_url: str | None = None, *, runs: str | None = None,
-              storage_options: dict | None = None) -> tuple[Recommendation, float]:
-    """The recommendation for `spec` and the optimiser's wall time (s). `out_url`: where the sampled
+              storage_options: dict | None = None) -> tuple[Recommendation, SearchRun]:
+    """The recommendation for `spec` and how its search ran. `out_url`: where the sampled
     search writes its sweep (required for ``sampled``); `runs`: the root holding `ensemble.calibration_run`."""
     one = _nominal_space(spec)
     baseline = spec.baseline_spec(one)
@@ -617,12 +628,14 @@ def recommend(spec: RecommendSpec, out_url: str | None = None, *, runs: str | No
     names, rows, source = _ensemble_scales(spec, bases.params, runs, storage_options)
     _check_members_step((baseline, spec.sweep_spec(one)), simulator, bases.params, names, rows)
     started = time.perf_counter()
+    platforms = {compute_platform()}  # the gradient search and the evaluations run in this process
     if spec.method == "gradient":
         values, search = _gradient_search(spec)
     else:
         if out_url is None:
             raise RecommendError("the sampled search writes a sweep dataset: give out_url")
-        values, search = _sampled_search(spec, f"{out_url.rstrip('/')}/{SEARCH_DIR}", storage_options)
+        values, search, chunks = _sampled_search(spec, f"{out_url.rstrip('/')}/{SEARCH_DIR}", storage_options)
+        platforms.update(chunks)
     optimiser_s = time.perf_counter() - started
     plan = spec.sweep_spec(one).model_copy(update={"inputs": {**spec.inputs, **dict(zip(spec.block_names,
                                                                                         values.tolist()))}})
@@ -653,7 +666,7 @@ def recommend(spec: RecommendSpec, out_url: str | None = None, *, runs: str | No
         constraints=spec.constraints, search=search)
     log.info("event=recommendation model=%s asset=%s method=%s status=%s change=%.4g change_pct=%.2f optimiser_s=%.2f",
              spec.model, spec.asset_id, spec.method, status, answer.change, answer.change_pct, optimiser_s)
-    return answer, optimiser_s
+    return answer, SearchRun(optimiser_s, sorted(platforms))
 
 
 def write_result(answer: Recommendation, out_url: str, storage_options: dict | None) -> dict[str, str]:
@@ -673,14 +686,16 @@ def recorded_recommendation(
     user: str | None = None, rerun_of: str | None = None,
 ) -> tuple[RunRecord, Recommendation]:
     """Recommend into a new run (`recommendation.json`, and the sampled search's sweep) and record it;
-    the optimiser's wall time is in the record's summary (`optimiser_s`), not in the hashed outputs."""
+    the optimiser's wall time and the platforms it computed on are in the record's summary (`optimiser_s`,
+    `platforms`), not in the hashed outputs."""
     answers: list[Recommendation] = []
 
     def execute(out_url: str) -> tuple[dict, dict]:
-        answer, optimiser_s = recommend(spec, out_url, runs=runs, storage_options=storage_options)
+        answer, search = recommend(spec, out_url, runs=runs, storage_options=storage_options)
         answers.append(answer)
         summary = {"method": spec.method, "status": answer.status, "objective": spec.objective,
-                   "change": answer.change, "change_pct": answer.change_pct, "optimiser_s": round(optimiser_s, 3)}
+                   "change": answer.change, "change_pct": answer.change_pct,
+                   "optimiser_s": round(search.optimiser_s, 3), "platforms": search.platforms}
         return write_result(answer, out_url, storage_options), summary
 
     record = _recorded(RunStore(runs, storage_options), "recommendation", spec, execute, input_url=None,
@@ -704,5 +719,5 @@ def load_recommendation(run_id: str, *, runs: str = DEFAULT_RUNS_ROOT,
 
 
 __all__ = ["Band", "Bound", "Control", "Ensemble", "InfeasibleRecommendation", "Recommendation", "RecommendError",
-           "RecommendSpec", "Status", "Violation", "ActionSchedule", "load_recommendation", "recommend",
+           "RecommendSpec", "SearchRun", "Status", "Violation", "ActionSchedule", "load_recommendation", "recommend",
            "recorded_recommendation", "write_result"]

@@ -21,7 +21,6 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
-import jax
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -29,6 +28,7 @@ import ray
 
 from raytwin.cpu_priority import batch_worker, yield_to_live
 from raytwin.metrics import SCENARIO_STEPS, SWEEP_RATE, SWEEP_SCENARIOS
+from raytwin.provenance import compute_platform
 from raytwin.ray_connect import cancel_tasks
 from raytwin.signals import Series
 from raytwin.sim.cpu import cpu_only, start_single_core_backend
@@ -79,7 +79,7 @@ class SweepResult:
     outputs: dict[str, str] = field(default_factory=dict)  # file name -> sha256
     elapsed_s: float = 0.0
     n_diverged: int = 0  # scenarios whose states left their plausible range (NaN metrics)
-    platforms: list[str] = field(default_factory=list)  # what the chunks' kernels ran on (`chunk_platform`)
+    platforms: list[str] = field(default_factory=list)  # what the chunks' kernels ran on (`compute_platform`)
 
     @property
     def scenarios_per_s(self) -> float:
@@ -192,14 +192,6 @@ def compiled_kit(spec: SweepSpec, simulator: str) -> SweepKit:
     return spec.kit(simulator).compile(spec.horizon_s, spec.step_s)
 
 
-def chunk_platform() -> str:
-    """What this process's kernels run on: ``cpu``, or ``gpu: <device kind>``. A GPU runs the fused Pallas kernel, a
-    CPU the XLA scan: their float32 metrics agree within rounding, not bit for bit, so a run record keeps it and a
-    rerun elsewhere says why its parts differ."""
-    device = jax.devices()[0]
-    return device.platform if device.platform == "cpu" else f"{device.platform}: {device.device_kind}"
-
-
 def _chunk_task(spec: SweepSpec, simulator: str, bases: Bases, chunk: int, rows: np.ndarray | None, url: str,
                 storage_options: dict | None, fault: tuple[int, str] | None) -> tuple[int, str, int, int, str]:
     _crash_if_injected(chunk, fault)
@@ -210,7 +202,7 @@ def _chunk_task(spec: SweepSpec, simulator: str, bases: Bases, chunk: int, rows:
     metrics = engine.chunk_metrics(kit, bases, spec.space.dimensions, rows, spec.step_s, spec.n_steps,
                                    spec.batch_size, integration_dtype(kit.model, spec.dtype).name)
     digest = write_parquet(_scenario_table(spec, chunk * spec.batch_size, rows, metrics), url, storage_options)
-    return chunk, digest, rows.shape[0], int(np.count_nonzero(metrics[engine.DIVERGED])), chunk_platform()
+    return chunk, digest, rows.shape[0], int(np.count_nonzero(metrics[engine.DIVERGED])), compute_platform()
 
 
 def _trajectory_task(spec: SweepSpec, simulator: str, bases: Bases, rows: np.ndarray, url: str,

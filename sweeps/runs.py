@@ -24,7 +24,7 @@ from ray.exceptions import TaskCancelledError
 
 from raytwin.contracts import Contract, UtcTime
 from raytwin.modelcode import ModelCode, code_identity, describe_change
-from raytwin.provenance import code_version, package_versions
+from raytwin.provenance import code_version, compute_platform, package_versions
 from raytwin.ray_connect import cancels_deferred
 from raytwin.registry import RegistryError
 from raytwin.signals import Series
@@ -342,7 +342,8 @@ def recorded_calibration(
         result, outputs, _ = calibrate(spec, out_url, storage_options=storage_options)
         return outputs, {"weighted_rmse": result.weighted_rmse, "parameters": result.parameters,
                          "rel_std": result.rel_std, "noise_std_assumed": result.noise_std_assumed,
-                         "warnings": result.warnings}
+                         "warnings": result.warnings,
+                         "platforms": [compute_platform()]}  # its least squares ran here (its Tune trials on CPUs)
 
     return _recorded(store, "calibration", spec, execute, input_url=spec.telemetry, input_hash=input_hash,
                      seeds={"search": spec.seed}, user=user, rerun_of=rerun_of)
@@ -444,14 +445,22 @@ def rerun(run_id: str, *, runs: str = DEFAULT_RUNS_ROOT, storage_options: dict |
                        package_changes=changed, caveats=_caveats(original, new))
 
 
+_PLATFORMS_OF = {("sweep", False): "the sweep's kernels", ("sweep", True): "the FMU sweep's binaries",
+                 ("calibration", False): "the calibration's least-squares stage",
+                 ("recommendation", False): "the recommendation's search"}
+"""(kind, FMU engine) -> what of such a run its record's ``summary.platforms`` names (`compute_platform`)."""
+
+
 def _caveats(original: RunRecord, new: RunRecord) -> list[str]:
     """What in the records besides code and packages may make `new`'s outputs differ from `original`'s."""
     caveats = []
     then, now = original.summary.get("platforms"), new.summary.get("platforms")
     if then is not None and then != now:  # (records from before platforms were kept have none)
-        caveats.append(f"the sweep's kernels ran on {', '.join(then)} then, on {', '.join(now or ['?'])} now: "
-                       "metrics computed on other hardware (a GPU runs the fused kernel, a CPU the XLA scan) agree "
-                       "within float32 rounding, not bit for bit; rerun on the recorded platform to compare bits")
+        what = _PLATFORMS_OF[original.kind, original.spec.get("engine") == "fmu"]
+        caveats.append(f"{what} ran on {', '.join(then)} then, on "
+                       f"{', '.join(now or ['?'])} now: results computed on other hardware (a GPU runs the fused "
+                       "kernel, a CPU the XLA scan; an FMU has a binary per platform) agree within rounding, not bit "
+                       "for bit; rerun on the recorded platform to compare bits")
     if original.kind == "calibration" and original.spec.get("engine") != "fmu":
         dependence = CalibrationSpec.model_validate(_unpublished(original.spec)).order_dependence()
         caveats += [dependence] if dependence else []

@@ -101,9 +101,10 @@ def test_a_weeks_gradient_recommendation_saves_ten_percent_with_no_more_discomfo
 def test_a_recommendation_is_a_recorded_run_that_reruns_bit_for_bit(week):
     runs, record, answer = week
     assert record.kind == "recommendation" and answer.run_id == record.run_id
+    assert record.summary["platforms"] == ["cpu"]  # where the gradient search ran: a rerun elsewhere says so
     assert load_recommendation(record.run_id, runs=runs) == answer
     report = rerun(record.run_id, runs=runs)
-    assert report.identical, report.differing
+    assert report.identical and report.caveats == [], report.differing
     shown = CliRunner().invoke(recommend_app, ["show", record.run_id, "--runs", runs])
     assert shown.exit_code == 0 and f"{answer.change_pct:+.1f} %" in shown.output, shown.output
     assert CliRunner().invoke(recommend_app, ["show", "sweep-nope", "--runs", runs]).exit_code == 2
@@ -113,8 +114,9 @@ def test_a_recommendation_is_a_recorded_run_that_reruns_bit_for_bit(week):
 def test_the_sampled_search_runs_a_sweep_and_keeps_the_band(tmp_path):
     two_days = spec(horizon_s=2 * DAY, method="sampled", samples=512, seed=1,
                     control=Control(input="Q_h", block_s=6 * 3600.0, period_s=DAY, lower=0.0, upper=6000.0))
-    answer, _ = recommend(two_days, str(tmp_path / "out"))
+    answer, search = recommend(two_days, str(tmp_path / "out"))
     assert answer.search["samples"] == 512 and answer.search["within_bounds"] >= 1
+    assert search.platforms == ["cpu"]  # the driver's and the sweep's chunks'
     assert all(0.0 <= v <= 6000.0 for v in answer.action.values) and len(answer.action.values) == 4
     plan = reference(planned(answer), 2 * DAY)
     assert plan["outside_s"] == 0.0 and LOW <= plan["T_in_min"] and plan["T_in_max"] <= HIGH, plan

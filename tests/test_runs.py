@@ -97,11 +97,12 @@ def test_calibration_run_records_the_data_hash_and_reruns_identically(ray_sessio
     assert record.kind == "calibration" and record.input_data_hash == _file_hash(path)
     assert record.seeds == {"search": 5} and set(record.outputs) == {"calibration.json", "fit.png"}
     assert record.summary["parameters"]["a1"] == pytest.approx(5.6e-5, rel=0.02)
+    assert record.summary["platforms"] == ["cpu"]  # where its least squares ran
     fit = load_calibration(record.run_id, runs=runs)  # typed, for a notebook: no JSON to parse
     assert fit.parameters == record.summary["parameters"] and fit.free == ["a1", "a2"] and len(fit.correlation) == 2
 
     report = rerun(record.run_id, runs=runs)
-    assert report.identical, report.differing
+    assert report.identical and report.caveats == [], report.differing
     # a record from before `registered_by` existed (a register_as needs it now) reruns too, publishing nothing
     RunStore(runs).save(record.model_copy(update={"spec": {k: v for k, v in record.spec.items()
                                                            if k != "registered_by"}}))
@@ -400,6 +401,15 @@ def test_a_rerun_that_cannot_reproduce_the_bits_says_why(tmp_path, monkeypatch):
                                                                              "search": "optuna", "scheduler": "fifo"}})
     assert sweeps.runs._caveats(concurrent, concurrent) == [CalibrationSpec(
         **fit, max_concurrent_trials=4, search="optuna", scheduler="fifo").order_dependence()]
+    # an FMU sweep's binaries, a calibration's least squares and a recommendation's search are named alike
+    for kind, spec, then, now, said in (
+            ("sweep", {"engine": "fmu"}, "darwin64", "linux64", "the FMU sweep's binaries ran on darwin64 then, on "
+                                                                 "linux64 now"),
+            ("calibration", fit, gpu, "cpu", f"the calibration's least-squares stage ran on {gpu} then, on cpu now"),
+            ("recommendation", {}, gpu, "cpu", f"the recommendation's search ran on {gpu} then, on cpu now")):
+        old, new = (record.model_copy(update={"kind": kind, "spec": spec, "summary": {"platforms": [platform]}})
+                    for platform in (then, now))
+        assert sweeps.runs._caveats(old, new)[0].startswith(said)
 
 
 def test_runs_diff_names_each_field_two_runs_differ_in_and_whether_their_outputs_do(tmp_path, monkeypatch):

@@ -25,6 +25,7 @@ import numpy as np
 from raytwin.cpu_priority import batch_worker, yield_to_live
 from raytwin.fmu.describe import OPERATOR_FAULTS, FmuError, FmuModel
 from raytwin.fmu.instance import INSTANTIATIONS, FmuScenario, cached_instance, discard_instance
+from raytwin.provenance import compute_platform
 from raytwin.ray_connect import cancel_tasks
 
 log = logging.getLogger("raytwin.fmu")
@@ -42,6 +43,7 @@ class FmuSweepResult:
     errors: list[str | None]
     metrics: dict[str, np.ndarray]  # "<output>_<metric>" -> one value per scenario
     instantiations: dict[int, int]  # worker pid -> instances it created for this FMU (all time)
+    platforms: list[str]  # the binaries' platforms the chunks ran (`raytwin.provenance.compute_platform`)
 
     @property
     def failed(self) -> list[int]:
@@ -65,8 +67,8 @@ def run_scenarios(model: FmuModel, scenarios: Sequence[FmuScenario], interface: 
 
 
 def _chunk(model: FmuModel, scenarios: list[FmuScenario], interface: str, outputs: tuple[str, ...],
-           keep_outputs: bool) -> tuple[int, int, list, np.ndarray]:
-    """One task: a chunk on this worker's instance -> (pid, its instantiations, results, metrics)."""
+           keep_outputs: bool) -> tuple[int, int, list, np.ndarray, str]:
+    """One task: a chunk on this worker's instance -> (pid, its instantiations, results, metrics, platform)."""
     yield_to_live()  # a batch worker (`_chunk_remote`): twin shards on its node go first
     results = run_scenarios(model, scenarios, interface, outputs)
     metrics = np.full((len(results), len(outputs) * len(METRICS)), np.nan)
@@ -74,7 +76,7 @@ def _chunk(model: FmuModel, scenarios: list[FmuScenario], interface: str, output
         if y is not None:
             metrics[i] = np.concatenate([y[-1], y.min(axis=0), y.max(axis=0), y.mean(axis=0)])
     kept = results if keep_outputs else [(None, e) for _, e in results]
-    return os.getpid(), INSTANTIATIONS[model.fmu_hash], kept, metrics
+    return os.getpid(), INSTANTIATIONS[model.fmu_hash], kept, metrics, compute_platform("fmu")
 
 
 @functools.cache
@@ -107,9 +109,10 @@ def run_fmu_sweep(model: FmuModel, scenarios: Sequence[FmuScenario], *, chunk_si
         cancel_tasks(refs)
         raise
     per_worker: dict[int, int] = {}
-    outs, errors, metrics = [], [], []
-    for pid, count, results, m in done:
+    outs, errors, metrics, platforms = [], [], [], set()
+    for pid, count, results, m, platform in done:
         per_worker[pid] = max(per_worker.get(pid, 0), count)
+        platforms.add(platform)
         outs += [y for y, _ in results]
         errors += [e for _, e in results]
         metrics.append(m)
@@ -117,7 +120,8 @@ def run_fmu_sweep(model: FmuModel, scenarios: Sequence[FmuScenario], *, chunk_si
     columns = [f"{n}_{m}" for m in METRICS for n in names]
     log.info("event=fmu_sweep fmu=%s scenarios=%d failed=%d workers=%d", model.name, len(scenarios),
              sum(e is not None for e in errors), len(per_worker))
-    return FmuSweepResult(names, outs, errors, {c: table[:, j] for j, c in enumerate(columns)}, per_worker)
+    return FmuSweepResult(names, outs, errors, {c: table[:, j] for j, c in enumerate(columns)}, per_worker,
+                          sorted(platforms))
 
 
 # ---- calibration --------------------------------------------------------------------------------
