@@ -11,21 +11,22 @@ Stability of these names: `Model`, `State`, `Input`, `Output`, `Param`, `check_m
 `load_model`, `get_model`, `ModelCheckError`, `UnknownModelError` and the function signatures of
 `Model` (``coefficients(p)``, ``derivative(x, u, c)``, ``output(x, u, c)``, ``update(x, u, c)``,
 ``project(x)``) are stable: they change only with a major version. `ModelReport`,
-`stability_limit` and `rk4_limits` are provisional (their fields may still grow), as are the explicit
+`stability_limit`, `rk4_limits` and `DivergedRunError` are provisional (their fields may still grow), as are the explicit
 Runge-Kutta solvers `ExplicitRK`, `RK4` and `TSIT5` (``Model(solver=TSIT5)``: `raytwin.sim.tableau`).
 """
 
 from __future__ import annotations
 
 from raytwin.sim.checks import (
-    ModelReport, UnstableStepError, UnstableStepWarning, check_model, rk4_limits, stability_limit,
+    DivergedRunError, ModelReport, UnstableStepError, UnstableStepWarning, check_model, rk4_limits, stability_limit,
 )
 from raytwin.sim.discovery import GROUP, UnknownModelError, get_model, load_model
 from raytwin.sim.model import Input, Model, ModelCheckError, Output, Param, State
 from raytwin.sim.tableau import RK4, TSIT5, ExplicitRK
 
 __all__ = [
-    "GROUP", "ExplicitRK", "Input", "Model", "ModelCheckError", "ModelReport", "Output", "Param", "RK4", "State",
+    "DivergedRunError", "GROUP", "ExplicitRK", "Input", "Model", "ModelCheckError", "ModelReport", "Output", "Param",
+    "RK4", "State",
     "TSIT5", "UnknownModelError", "UnstableStepError", "UnstableStepWarning", "check_model", "get_model", "load_model", "rk4_limits",
     "stability_limit",
 ]

@@ -43,7 +43,7 @@ from raytwin.fmu import FmuModel
 from raytwin.registry import ModelArtifact
 from raytwin.signals import clock_seconds
 from raytwin.sim import get_model, simulate, unstack
-from raytwin.sim.checks import UnstableStepError, check_step
+from raytwin.sim.checks import DivergedRunError, UnstableStepError, check_step
 from raytwin.sim.precision import in_float64
 from raytwin.storage import filesystem
 from raytwin.store_failures import store_io
@@ -116,9 +116,11 @@ def run(prepared: PreparedScenario) -> ScenarioResult:
     model = get_model(prepared.simulator)
     # the request's ranges are the asset type's (`Scenario.check_against`), which may differ from the
     # simulator's, and a live start is the twin's own estimate: simulate's range check is not this API's contract
-    states = np.asarray(simulate(model, prepared.x0, prepared.inputs, prepared.params, prepared.step_s,
-                                 dtype=jnp.float64, allow_implausible=True))
-    _check_finite(prepared, states, model.state_names, "state")
+    try:
+        states = np.asarray(simulate(model, prepared.x0, prepared.inputs, prepared.params, prepared.step_s,
+                                     dtype=jnp.float64, allow_implausible=True))
+    except DivergedRunError as exc:  # a valid scenario: the API's 422 `diverged`, not a model's fault
+        raise _diverged(prepared, exc.step, exc.states, "state") from None
     outputs = np.asarray(_observer(prepared.simulator)(states[:-1], prepared.inputs, prepared.params))
     _check_finite(prepared, outputs, model.output_names, "output")
     return ScenarioResult(states=states, outputs=outputs)
@@ -130,10 +132,14 @@ def _check_finite(prepared: PreparedScenario, series: np.ndarray, names: tuple[s
     if not bad.any():
         return
     step = int(np.argmax(bad.any(axis=1)))
-    which = [n for j, n in enumerate(names) if bad[step, j]]
-    raise Diverged(f"the simulation diverged: {kind} {', '.join(which)} not finite at step {step} "
-                   f"(t={step * prepared.step_s:g} s); try a smaller step_s", details=[
-                       {"step": step, "time_s": step * prepared.step_s, kind + "s": which}])
+    raise _diverged(prepared, step, [n for j, n in enumerate(names) if bad[step, j]], kind)
+
+
+def _diverged(prepared: PreparedScenario, step: int, which: list[str], kind: str) -> Diverged:
+    """`Diverged` naming the first step where the `kind` variables `which` are not finite."""
+    return Diverged(f"the simulation diverged: {kind} {', '.join(which)} not finite at step {step} "
+                    f"(t={step * prepared.step_s:g} s); try a smaller step_s", details=[
+                        {"step": step, "time_s": step * prepared.step_s, kind + "s": which}])
 
 
 @cache

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -21,11 +22,11 @@ from typer.testing import CliRunner
 from raytwin.cli import app
 from raytwin.contracts import AssetType, describe_error
 from raytwin.models import (
-    Input, Model, ModelCheckError, Output, Param, State, UnknownModelError, UnstableStepError, UnstableStepWarning,
-    check_model, get_model, load_model, rk4_limits, stability_limit,
+    DivergedRunError, Input, Model, ModelCheckError, Output, Param, State, UnknownModelError, UnstableStepError,
+    UnstableStepWarning, check_model, get_model, load_model, rk4_limits, stability_limit,
 )
 from raytwin.registry import ModelRegistry, RegistryError
-from raytwin.sim import MODELS, THERMAL_RC, model_ref, rollout, simulate, simulate_batch, unstack
+from raytwin.sim import MODELS, THERMAL_RC, TWO_TANK, model_ref, rollout, simulate, simulate_batch, unstack
 from raytwin.sim.checks import check_step
 from tests.stiff_models import robertson
 
@@ -327,6 +328,34 @@ def test_the_limit_of_a_linear_model_is_2_785_over_lambda_and_a_step_just_over_i
     with pytest.warns(UnstableStepWarning):
         above = simulate(model, [1.0], inputs, [2.0], 1.001 * limit, dtype=jnp.float64, allow_unstable=True)
     assert abs(above[-1, 0]) > 1.0
+
+
+def test_a_run_that_diverges_far_from_the_nominal_state_is_refused_naming_the_step_instead_of_returning_nan():
+    """dx/dt = -k x^3 from x = 100: the step was checked at the nominal x = 1 (limit 0.93 s), and the 0.1 s step
+    returned 2.3e110, then NaN, without a word. Checking at the start state instead would refuse an empty
+    two-tank (its Jacobian is infinite at h = 0), a legitimate start: the run is checked."""
+    cubic = _model(states=(State("x", "m", "level", -1e3, 1e3, nominal=1.0),),
+                   params=(Param("k", "1/(m^2*s)", 1.0, 0.5, 2.0, "rate"),),
+                   outputs=(Output("y", "m", "level", -1e3, 1e3),),
+                   derivative=lambda x, u, c: (u[0] - c[0] * x[0] ** 3,))
+    inputs = np.zeros((10, 1))
+    with pytest.raises(DivergedRunError, match=(
+            r"^model decay: dt: the run diverged: x not finite from step 2 \(t = 0.2 s from the start\), after "
+            r"x=2.298e\+110 at step 1; the step 0.1 s was checked against RK4's stability limit at the model's nominal "
+            r"state only \(at this start state the limit is 9.284e-05 s\): use a smaller step, or an adaptive "
+            r"solver")) as info:
+        simulate(cubic, [100.0], inputs, [1.0], 0.1, dtype=jnp.float64)
+    assert (info.value.scenario, info.value.step, info.value.time_s, info.value.states) == (0, 2, 0.2, ["x"])
+    assert str(pickle.loads(pickle.dumps(info.value))) == str(info.value)  # raised in a Ray task, it stays itself
+    with pytest.raises(DivergedRunError, match=r"the run diverged: scenario 1 \(1 of 2 diverged\): x not finite "):
+        simulate_batch(cubic, [[1.0], [100.0]], inputs, [[1.0], [1.0]], 0.1)  # float32: NaN from step 1
+    with pytest.warns(UnstableStepWarning, match="the run diverged"):
+        assert np.isnan(simulate(cubic, [100.0], inputs, [1.0], 0.1, allow_unstable=True)[-1, 0])
+    t = 2000 * 5e-5  # a step under the start state's limit follows the exact x0 / sqrt(1 + 2 k x0^2 t)
+    end = simulate(cubic, [100.0], np.zeros((2000, 1)), [1.0], 5e-5, dtype=jnp.float64)[-1, 0]
+    assert end == pytest.approx(100.0 / math.sqrt(1.0 + 2.0 * 100.0**2 * t), rel=1e-5)
+    empty = simulate(TWO_TANK, [0.0, 0.0], np.full((60, 1), 1e-4), TWO_TANK.param_vector(), 1.0)
+    assert np.isfinite(empty).all() and empty[-1, 0] > 0.0  # filling from empty runs as before
 
 
 def test_batches_and_rollouts_are_checked_over_their_parameter_box():

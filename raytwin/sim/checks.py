@@ -21,7 +21,9 @@ What is refused (a demanding user expects a step that diverges never to be run s
   not typical ones: thermal_rc's box reaches C_in 1e5 J/K with R_im 1e-5 K/W, limit ~2.8 s);
 - `check_step` (registry artifacts, `simulate`, `simulate_batch`, `rollout` with concrete values,
   sweeps): a step beyond the limit of the parameter values actually used (their box, for a
-  batch), unless the caller passes ``allow_unstable=True``: then a loud warning and a log line.
+  batch), unless the caller passes ``allow_unstable=True``: then a loud warning and a log line;
+- `check_finite_run` (`simulate`, `simulate_batch`): a run whose states turned NaN or inf, as the limit is
+  checked at the nominal state only and a start far from it can be stiffer (``allow_unstable=True``: a warning).
 """
 
 from __future__ import annotations
@@ -57,6 +59,19 @@ class UnstableStepError(ModelCheckError):
 
 class UnstableStepWarning(UserWarning):
     """A step beyond the RK4 stability limit that the caller insisted on (``allow_unstable=True``)."""
+
+
+class DivergedRunError(ModelCheckError):
+    """A run whose states turned NaN or inf (returned, its NaN rows read as results): the first scenario that did,
+    the step and time from the start where it did, and its states that did."""
+
+    def __init__(self, model: str, field: str, reason: str, scenario: int, step: int, time_s: float,
+                 states: list[str]):
+        super().__init__(model, field, reason)
+        self.scenario, self.step, self.time_s, self.states = scenario, step, time_s, states
+
+    def __reduce__(self) -> tuple[type[DivergedRunError], tuple]:  # (ModelCheckError's: in a Ray task too)
+        return type(self), (self.model, self.field, self.reason, self.scenario, self.step, self.time_s, self.states)
 
 
 def _rk4_gain(z: np.ndarray) -> np.ndarray:
@@ -132,10 +147,12 @@ def _jacobians(model: Model) -> Callable:
     return jax.jit(jax.vmap(jax.jacfwd(f), in_axes=(None, 0, 0)))
 
 
-def stability_limits(model: Model, param_rows: np.ndarray, input_rows: np.ndarray | None = None) -> np.ndarray:
-    """The RK4 step limit [s] for each row of parameter values (k, p), at the nominal state and at the
+def stability_limits(model: Model, param_rows: np.ndarray, input_rows: np.ndarray | None = None,
+                     state: np.ndarray | None = None) -> np.ndarray:
+    """The RK4 step limit [s] for each row of parameter values (k, p), at the nominal state (or `state`) and at the
     nominal inputs or the same row of `input_rows` (k, m); NaN where the Jacobian is not finite."""
     x, u = nominal_point(model)
+    x = x if state is None else np.asarray(state, dtype=np.float64)
     rows = np.atleast_2d(np.asarray(param_rows, dtype=np.float64))
     inputs = np.broadcast_to(u, (len(rows), len(u))) if input_rows is None else \
         np.atleast_2d(np.asarray(input_rows, dtype=np.float64))
@@ -286,6 +303,41 @@ def check_step(
                       stacklevel=3)
         log.warning("event=unstable_step model=%s dt=%g limit=%g", model.name, float(dt), limit.dt_max)
     return limit
+
+
+def check_finite_run(model: Model, traj: np.ndarray, inputs: np.ndarray, params: np.ndarray, dt: float, *,
+                     allow_unstable: bool = False) -> None:
+    """Refuse (with `allow_unstable`, warn about) trajectories (batch, n_steps + 1, n_states) whose states turned
+    NaN or inf, naming the first scenario, step and time. `check_step` checks the step at the nominal state only,
+    as a check at the start state would refuse legitimate starts (an empty two-tank, whose Jacobian is infinite
+    at h = 0); a start far from the nominal state can be stiffer (dx/dt = -k x^3 from x = 100 went to 1e110, then
+    NaN), so the run itself is checked. `inputs`: (n_steps, m), or (batch, n_steps, m); `params`: (batch, p)."""
+    bad = ~np.isfinite(traj)
+    if not bad.any():
+        return
+    rows = bad.any(axis=2)
+    diverged = np.flatnonzero(rows.any(axis=1))
+    s = int(diverged[0])
+    step = int(np.argmax(rows[s]))
+    names = [n for n, b in zip(model.state_names, bad[s, step]) if b]
+    before = ", ".join(f"{n}={v:.4g}" for n, v in zip(model.state_names, traj[s, step - 1]))
+    which = f"scenario {s} ({len(diverged)} of {len(traj)} diverged): " if len(traj) > 1 else ""
+    reason = (f"the run diverged: {which}{', '.join(names)} not finite from step {step} (t = {step * float(dt):g} s "
+              f"from the start), after {before} at step {step - 1}")
+    if isinstance(model.solver, Adaptive):
+        fix = "the adaptive solver could not follow it: check the model's equations at those states and parameters"
+    else:
+        first = np.atleast_2d(np.asarray(inputs, dtype=np.float64)[..., 0, :])  # shared, or one row a scenario
+        limit = stability_limits(model, params[s:s + 1], first[s if len(first) > 1 else 0][None], traj[s, 0])[0]
+        at_start = f" (at this start state the limit is {limit:.4g} s)" if math.isfinite(limit) else ""
+        fix = (f"the step {float(dt):g} s was checked against RK4's stability limit at the model's nominal state "
+               f"only{at_start}: use a smaller step, or an adaptive solver "
+               "(Model(solver=raytwin.sim.stiff.Adaptive())); no step helps where the exact solution blows up "
+               "(dx/dt = x^2 does at t = 1/x0)")
+    if not allow_unstable:
+        raise DivergedRunError(model.name, "dt", f"{reason}; {fix}", s, step, step * float(dt), names)
+    warnings.warn(f"model {model.name}: dt: {reason}", UnstableStepWarning, stacklevel=3)
+    log.warning("event=diverged_run model=%s dt=%g step=%d", model.name, float(dt), step)
 
 
 def _step_fix(what: str, dt_max: float) -> str:

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from raytwin.sim.checks import check_params, check_start, check_step
+from raytwin.sim.checks import check_finite_run, check_params, check_start, check_step
 from raytwin.sim.model import Arrays, Model, after_step, model_step, rk4_step, unstack
 from raytwin.sim.precision import precision
 from raytwin.sim.ranges import check_ranges
@@ -218,7 +218,8 @@ def simulate(
     `inputs` has shape (n_steps, n_inputs), held constant over each step; `params` is in model
     order (`Model.param_vector`). float32 by default; pass ``dtype=jnp.float64`` for validation
     (a model with an `Adaptive` solver is integrated in float64 either way, `integration_dtype`).
-    A step beyond the RK4 stability limit of `params` is refused (``allow_unstable=True``: a warning),
+    A step beyond the RK4 stability limit of `params` (at the nominal state) is refused, and so is a run whose
+    states turned NaN or inf, naming the step (``allow_unstable=True``: warnings, and the trajectory as it ran),
     and so are parameters outside their declared bounds (`raytwin.sim.checks.check_params`), arrays of
     another shape, and start states and inputs outside their plausible ranges (`raytwin.sim.ranges`;
     ``allow_implausible=True`` runs them, for a model valid beyond what it declares).
@@ -227,8 +228,9 @@ def simulate(
     x0, inputs, params = _as_arrays(model, work, False, allow_implausible, x0, inputs, params)
     check_step(model, dt, params, inputs=inputs, allow_unstable=allow_unstable)
     with precision(work):
-        traj = np.asarray(_simulate_one(model, x0, inputs, params, jnp.asarray(dt, work)))
-    return traj.astype(dtype, copy=False)
+        traj = np.asarray(_simulate_one(model, x0, inputs, params, jnp.asarray(dt, work))).astype(dtype, copy=False)
+    check_finite_run(model, traj[None], inputs, params[None], dt, allow_unstable=allow_unstable)
+    return traj
 
 
 @partial(jax.jit, static_argnames=("model", "shared_inputs"))
@@ -252,8 +254,9 @@ def simulate_batch(
 
     `x0` is (batch, n_states), `params` (batch, n_params); `inputs` is (n_steps, n_inputs),
     shared by all scenarios, or (batch, n_steps, n_inputs). The step is checked against the RK4
-    stability limit over the box of the batch's parameters (its corners; cached per box); shapes, ranges
-    and ``allow_implausible`` are as in `simulate`.
+    stability limit over the box of the batch's parameters (its corners; cached per box), and the runs for
+    states that turned NaN or inf; shapes, ranges, ``allow_unstable`` and ``allow_implausible`` are as in
+    `simulate`.
     """
     work = integration_dtype(model, dtype)
     x0, inputs, params = _as_arrays(model, work, True, allow_implausible, x0, inputs, params)
@@ -265,4 +268,6 @@ def simulate_batch(
     shared = inputs.ndim == 2
     with precision(work):
         traj = np.asarray(_simulate_many(model, x0, inputs, params, jnp.asarray(dt, work), shared))
-    return traj.astype(dtype, copy=False)
+    traj = traj.astype(dtype, copy=False)
+    check_finite_run(model, traj, inputs, params, dt, allow_unstable=allow_unstable)
+    return traj
