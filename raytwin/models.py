@@ -25,8 +25,7 @@ from raytwin.sim.model import Input, Model, ModelCheckError, Output, Param, Stat
 from raytwin.sim.tableau import RK4, TSIT5, ExplicitRK
 
 __all__ = [
-    "DivergedRunError", "GROUP", "ExplicitRK", "Input", "Model", "ModelCheckError", "ModelReport", "Output", "Param",
-    "RK4", "State",
-    "TSIT5", "UnknownModelError", "UnstableStepError", "UnstableStepWarning", "check_model", "get_model", "load_model", "rk4_limits",
-    "stability_limit",
+    "GROUP", "DivergedRunError", "ExplicitRK", "Input", "Model", "ModelCheckError", "ModelReport", "Output",
+    "Param", "RK4", "State", "TSIT5", "UnknownModelError", "UnstableStepError", "UnstableStepWarning",
+    "check_model", "get_model", "load_model", "rk4_limits", "stability_limit",
 ]
