@@ -89,7 +89,7 @@ from collections.abc import Callable, Collection, Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from datetime import UTC, date, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -375,15 +375,23 @@ class StoreFenced(RuntimeError):
     """A writer's lease on the store is stale: another service took the store over (see `Lease`)."""
 
 
-def fenced(check: Callable[[], None] | None, unknown: bool = False) -> bool:
+class FenceCheck(Protocol):
+    """The Serve backend's `check_writable`: raises `StoreFenced` once another service took the store over. Its
+    verdict may be up to a second old; `fresh` reads the store's lease now, for a write that decides for good what a
+    successor may have decided within that second."""
+
+    def __call__(self, fresh: bool = False) -> None: ...
+
+
+def fenced(check: Callable[..., None] | None, unknown: bool = False, fresh: bool = False) -> bool:
     """Whether `check` (the Serve backend's `check_writable`; None: no fence) finds the store taken over by
     another service (`StoreFenced`), for the backend's own acts (a job's end, a recalibration's), which the successor
     takes on; `unknown` while the fence is not known (the lease unread: the store fails). False by default: the write
     that follows meets the store. True for a write that would replace the successor's (`ChangeLog.checkpoint`),
-    which waits for a read instead."""
+    which waits for a read instead. `fresh`: from a read of the lease made now (`check` a `FenceCheck`)."""
     try:
         if check is not None:
-            check()
+            check(fresh=True) if fresh else check()
     except StoreFenced:
         return True
     except Exception:  # noqa: BLE001 - not known to be fenced

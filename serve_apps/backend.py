@@ -895,9 +895,10 @@ class Backend:
         """`StoreFenced` (503 `store_fenced`) once another service took the store over: a fenced service must not
         act beside its successor (send a command, start a connector, queue or record a run), not only leave the
         twins alone (their shards refuse by themselves). The lease is read at most every `FENCE_CHECK_S`, so a write
-        may follow a takeover by that long; `fresh` reads it now, for a write that would replace the successor's for
-        good (a job's end). A read that finds the store taken holds the connectors too (`store_fence`), ahead of the
-        store watch's next pass."""
+        may follow a takeover by that long; `fresh` reads it now, for a decision that would replace the successor's
+        for good: a job's end or cancel, a command's approval or refusal (`ConnectorOps.DECISIONS`), a model's
+        transition or rollback (`serve_apps.deps.writable_now`), a recalibration's end or relaunch. A read that finds
+        the store taken holds the connectors too (`store_fence`), ahead of the store watch's next pass."""
         now = time.monotonic()
         if fresh or now - self._fence_checked >= FENCE_CHECK_S:
             self._fence, self._fence_checked = self.store_fence(), now
@@ -913,7 +914,7 @@ class Backend:
         if op not in ConnectorOps.OPS:
             raise ValueError(f"unknown connector operation {op!r}")
         if op not in ConnectorOps.READS:
-            self.check_writable()
+            self.check_writable(fresh=op in ConnectorOps.DECISIONS)
         return getattr(self.connector_ops, op)(*args)
 
     # ---- schema evolution: migrations and deprecation marks (serve_apps/evolution.py) ----------
@@ -941,7 +942,7 @@ class Backend:
         return self._jobs.submit_bulk(BulkWork(caller, request, asset_ids, self, self.audit, job_id))
 
     async def cancel_job(self, tenant: str, job_id: str, key_id: str) -> Job:
-        self.check_writable()  # a cancel writes the job's record and its change: the successor's once fenced
+        self.check_writable(fresh=True)  # a cancel writes the job's record and its change over the successor's
         return self._jobs.cancel(tenant, job_id, key_id)
 
     async def get_job(self, tenant: str, job_id: str) -> JobRecord:

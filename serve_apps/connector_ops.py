@@ -74,6 +74,10 @@ class ConnectorOps:
     READS = frozenset({"view", "list_all", "commands", "command"})
     """The operations that change nothing (a fenced service still answers them, and starts no connector for them:
     `hold`)."""
+    DECISIONS = frozenset({"approve", "refuse"})
+    """The operations that decide a command for good (approve sends it): the backend reads the store's lease for each
+    (`Backend.check_writable(fresh=True)`), as a verdict up to a second old let a service taken over approve or refuse
+    a command its successor had refused or approved."""
 
     def __init__(self, twins: TwinService, declared: list[dict[str, Any]], tls_dir: str | None = None,
                  hosts: list[str] | None = None, audit: AuditLog | None = None,

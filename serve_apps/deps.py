@@ -213,6 +213,14 @@ async def writable(request: Request) -> None:
     await (await services(request)).backend.call("check_writable")
 
 
+async def writable_now(request: Request) -> None:
+    """`writable` from a read of the store's lease made now (`Backend.check_writable(fresh=True)`), for a route that
+    decides for good (a model's transition or rollback, kept by the lifecycle log): the verdict `writable` answers may
+    be a second old, and within it a service taken over would record a promotion beside its successor, which neither
+    decided it nor swaps its twins to it."""
+    await (await services(request)).backend.call("check_writable", True)
+
+
 IdPath = Annotated[str, Path(pattern=IDENTIFIER_PATTERN)]
 """A path segment naming something of the caller's tenant by its identifier (a model, a type, a connector, a command):
 422 for anything else before it names a file in the store (a NUL answered 500, a 5,000-character name a false 503
@@ -239,3 +247,4 @@ FILE_DOWNLOAD = Depends(streaming(Role.reader, "file_download"))
 SVC = Depends(services)
 DAY = Depends(utc_day)
 WRITABLE = Depends(writable)
+WRITABLE_NOW = Depends(writable_now)

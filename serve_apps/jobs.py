@@ -36,7 +36,6 @@ the error's text (which may name store paths): the cause is in the log, under th
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import uuid
 from bisect import bisect_left, insort
@@ -50,7 +49,7 @@ from pydantic import ConfigDict, Field
 
 from raytwin import metrics
 from raytwin.contracts import StartedFrom
-from raytwin.statestore import fenced
+from raytwin.statestore import FenceCheck, fenced
 from raytwin.storage import filesystem, replace_file
 from raytwin.store_failures import store_io
 from serve_apps.bulk import BulkWork
@@ -217,7 +216,7 @@ class JobQueue:
 
     def __init__(self, config: ServeConfig, max_concurrent: int,
                  on_finish: Callable[[JobRecord], None] | None = None, tenant_limit: int | None = None,
-                 fence: Callable[[], None] | None = None):
+                 fence: FenceCheck | None = None):
         """`fence`: raises `StoreFenced` once another service took the store over (`Backend.check_writable`, which
         reads the store's lease now when called with `fresh=True`); the queue then saves no job's end and
         starts no queued job (`_fenced`)."""
@@ -398,7 +397,7 @@ class JobQueue:
         made now, for a job's end, which replaces its record for good: `fence`'s verdict, up to a second old
         (`serve_apps.backend.FENCE_CHECK_S`), let a job that ended within a second of a takeover save its end over
         the successor's record of it."""
-        return fenced(functools.partial(self.fence, fresh=True) if now and self.fence else self.fence)
+        return fenced(self.fence, fresh=now)
 
     def _start_next(self) -> None:
         while self.running < self.max_concurrent and not self._fenced():

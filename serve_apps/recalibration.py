@@ -14,9 +14,9 @@ version, reserved before launch) are one JSON document per tenant, rewritten bef
 acts on it. A restarted backend relaunches the running jobs (`sweeps.recalibration.recalibrate`
 finishes a candidate a crashed attempt registered instead of calibrating again) and reads the
 changes after the cursor from the store, so a trigger is neither lost nor run twice. So does a service that took the
-store over from another: the fenced one (`Recalibrator.fence`) then records no job's end and relaunches nothing, so
-the document is the successor's alone (its task still running there ends unrecorded: the successor's relaunch finishes
-the job).
+store over from another: the fenced one (`Recalibrator.fence`, the store's lease read for each job's end or relaunch)
+then records no job's end and relaunches nothing, so the document is the successor's alone (its task still running
+there ends unrecorded: the successor's relaunch finishes the job).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from raytwin.recalibration import DriftTrigger, RecalibrationPolicy
-from raytwin.statestore import fenced
+from raytwin.statestore import FenceCheck, fenced
 from raytwin.storage import canonical_json, filesystem, replace_file, scrub_locations
 from raytwin.store_failures import store_io
 from serve_apps.changes import Change
@@ -129,9 +129,9 @@ class Recalibrator:
 
     def __init__(self, url: str, storage_options: dict[str, Any] | None, policies: Policies, launch: Launch,
                  choose_version: ChooseVersion, read: ReadChanges, clock: Callable[[], float] = time.time,
-                 later: Later = _timer, fence: Callable[[], None] | None = None):
+                 later: Later = _timer, fence: FenceCheck | None = None):
         """`fence`: raises `StoreFenced` once another service took the store over (`Backend.check_writable`): this one
-        then acts on no job's end or relaunch (`_fenced`)."""
+        then acts on no job's end or relaunch (`_fenced`, which asks it from a read of the store's lease made now)."""
         self.fs, self.root = filesystem(url, storage_options)
         self.fence = fence
         self.policies, self.launch, self.choose_version, self.clock = policies, launch, choose_version, clock
@@ -247,8 +247,10 @@ class Recalibrator:
     def _fenced(self, tenant: str, job_key: str, what: str) -> bool:
         """Whether another service took the store over (`fence`): its backend resumed the tenant's recalibrations from
         the state document (`resume`: it relaunches the running ones), so this one records no job's `what` there and
-        launches nothing beside it (logged)."""
-        if not fenced(self.fence):
+        launches nothing beside it (logged). From a read of the lease made now: `what` rewrites the document, and a
+        verdict up to a second old (`serve_apps.backend.FENCE_CHECK_S`) let a job end or relaunch over the state the
+        successor resumed within that second."""
+        if not fenced(self.fence, fresh=True):
             return False
         log.warning("event=recalibration_held tenant=%s job=%s what=%r: this service no longer holds its store; the "
                     "service that took it over resumed its recalibrations", tenant, job_key, what)

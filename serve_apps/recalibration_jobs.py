@@ -13,7 +13,6 @@ through a single worker thread, which records it and starts what waited for the 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime
 from typing import Any
@@ -23,7 +22,7 @@ import ray
 from raytwin.recalibration import PolicyStore, RecalibrationPolicy
 from raytwin.registry import ModelRegistry
 from raytwin.sim.cpu import cpu_only
-from raytwin.statestore import StateStore
+from raytwin.statestore import FenceCheck, StateStore
 from raytwin.storage import scrub_locations
 from serve_apps.audit import AuditLog
 from serve_apps.audit_steps import audited, by_system
@@ -50,7 +49,7 @@ class RecalibrationJobs:
     """The backend's trigger: policies from the store, jobs as Ray tasks, outcomes back in order."""
 
     def __init__(self, config: ServeConfig, twins: Any, changes: ChangeLog, audit: AuditLog,
-                 fence: Callable[[], None] | None = None):
+                 fence: FenceCheck | None = None):
         """`fence`: the backend's `check_writable`, for the trigger (`Recalibrator`, its `fence`)."""
         self.config, self.twins, self.changes, self.audit = config, twins, changes, audit
         self.policies = PolicyStore(config.url("recalibration", "policies"), config.storage_options)

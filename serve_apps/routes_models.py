@@ -44,7 +44,7 @@ from raytwin.registry import ModelRegistry, RegistryError
 from raytwin.statestore import StateStore
 from serve_apps.auth import OWNER_NEEDED, KeyStore, Principal, ownerless_fix
 from serve_apps.conditional import LIFECYCLE_ETAG, with_etag
-from serve_apps.deps import ADMIN, READER, SVC, WRITABLE, WRITER, IdPath, Services
+from serve_apps.deps import ADMIN, READER, SVC, WRITABLE, WRITABLE_NOW, WRITER, IdPath, Services
 from serve_apps.errors import (CONFLICT, BadRequest, Conflict, Forbidden, NotFound, PreconditionFailed,
                                Unprocessable, unwrap)
 from sweeps.runs import RunError, RunStore
@@ -310,7 +310,7 @@ def register(app: FastAPI) -> None:
               status_code=201, tags=tags, responses=with_etag(CONFLICT, 201, header=LIFECYCLE_ETAG))
     async def transition(model: ModelName, version: Version, body: TransitionRequest, request: Request,
                          response: Response, who: Principal = WRITER, svc: Services = SVC,
-                         _writable: None = WRITABLE, if_match: str | None = IF_MATCH,
+                         _writable: None = WRITABLE_NOW, if_match: str | None = IF_MATCH,
                          _only_if_match: None = ONLY_IF_MATCH) -> TransitionAnswer:
         """Move a version to another stage. Production: a key with the `approver` grant and an owner, of another
         person than whoever submitted the version (403 otherwise), unless the tenant's policy promotes
@@ -334,7 +334,7 @@ def register(app: FastAPI) -> None:
     @app.post("/v1/models/{model}/rollback", response_model=TransitionAnswer, status_code=201, tags=tags,
               responses=with_etag(CONFLICT, 201, header=LIFECYCLE_ETAG))
     async def rollback(model: ModelName, body: RollbackRequest, request: Request, response: Response,
-                       who: Principal = WRITER, svc: Services = SVC, _writable: None = WRITABLE,
+                       who: Principal = WRITER, svc: Services = SVC, _writable: None = WRITABLE_NOW,
                        if_match: str | None = IF_MATCH, _only_if_match: None = ONLY_IF_MATCH) -> TransitionAnswer:
         """Return to the previous production version (needs the `approver` grant, or automatic promotion); the
         model's twins swap to it (`twins`); conditional on If-Match or expected_revision as a transition is.

@@ -1036,7 +1036,7 @@ def api(twins, tmp_path_factory):
         connector = Backend.connector
         connector_ops = ConnectorOps(twins, [], tls_dir=str(root / "tls"), hosts=config.connector_hosts)
 
-        def check_writable(self) -> None:
+        def check_writable(self, fresh: bool = False) -> None:
             """This stand-in's store has no other service."""
 
         def live_twins(self, tenant: str, timeout_s: float) -> int:

@@ -1277,6 +1277,31 @@ def test_a_job_that_ends_within_a_second_of_a_takeover_saves_no_record_over_its_
     asyncio.run(scenario())
 
 
+def test_a_job_cancelled_within_a_second_of_a_takeover_saves_no_record_over_its_successors(tmp_path):
+    """A cancel passed the fence check's verdict, kept for a second: a queued job cancelled within a second of a
+    takeover saved its end (cancelled) over the record in which the successor's start failed it, and appended its
+    change beside the successor's log. A cancel reads the lease afresh now: refused (503), nothing of it written."""
+    from raytwin.statestore import StoreFenced
+    from serve_apps.jobs import JobRecord
+    from tests.test_serve_jobs import HeldJobs, _submit
+
+    async def scenario() -> None:
+        fenced = _job_backend(tmp_path, slots=1)
+        HeldJobs(fenced.jobs)
+        running, queued = (_submit(fenced.jobs, "acme") for _ in range(2))
+        fenced.check_writable()  # it holds the store, and keeps that verdict...
+        fenced._fence_checked = time.monotonic() + 3600  # ...however slow this machine is until the cancel
+        successor = _job_backend(tmp_path)  # takes the store over; its start fails both jobs
+        with pytest.raises(StoreFenced, match="took the store over"):
+            await fenced.cancel_job("acme", queued, "key-acme")
+        record = JobRecord.model_validate_json((tmp_path / "jobs" / "acme" / queued / "job.json").read_text())
+        assert (record.state, fenced.jobs.jobs[queued].state) == ("failed", "queued")
+        successor._catch_up_jobs("acme")
+        assert sorted(_job_changes(successor)) == sorted([("job.failed", running), ("job.failed", queued)])
+
+    asyncio.run(scenario())
+
+
 def test_a_fenced_backend_saves_no_job_record_over_its_successors_and_starts_none_of_its_queued_jobs(tmp_path):
     """The fenced backend's job queue went on after the takeover: a job that ended there saved its record over the one
     the successor's start wrote (failed, and recorded so on the change log), its queued job started (saved as

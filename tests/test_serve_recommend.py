@@ -60,7 +60,7 @@ def api(ray_session, broker, tmp_path_factory):  # noqa: F811 (the broker fixtur
             connector = Backend.connector
             connector_ops = ConnectorOps(twins, [], hosts=config.connector_hosts)
 
-            def check_writable(self) -> None:
+            def check_writable(self, fresh: bool = False) -> None:
                 """This stand-in's store has no other service."""
 
             def model_of(self, tenant: str, asset_id: str, model_ref: str):

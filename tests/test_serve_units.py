@@ -751,10 +751,10 @@ class HealthBackend:
 
         return Backend._probe(self, lease, deadline)
 
-    def check_writable(self) -> None:
+    def check_writable(self, fresh: bool = False) -> None:
         from serve_apps.backend import Backend
 
-        Backend.check_writable(self)
+        Backend.check_writable(self, fresh)
 
     def connector(self, op: str, *args):
         from serve_apps.backend import Backend
@@ -1239,7 +1239,7 @@ class LedgerBackend:
 
         return Backend.connector(self, op, *args)
 
-    def check_writable(self) -> None:
+    def check_writable(self, fresh: bool = False) -> None:
         """This stand-in's store has no other service."""
 
 
@@ -1297,6 +1297,65 @@ def test_a_command_whose_approval_cannot_be_audited_is_not_sent(tmp_path):
         said = refused.json()["error"]["message"]
         assert f"command.approve of {command} was not done: its audit record could not be written first" in said
         assert "disk is full" in said and "resending it is safe" in said
+
+
+class TakenOverLedgerBackend(LedgerBackend):
+    """`LedgerBackend` behind the real gate of its writes (`Backend.check_writable`) over a real store lease, which
+    it holds until `take_over`."""
+
+    store_fence, _fence_read, check_writable = Backend.store_fence, Backend._fence_read, Backend.check_writable
+
+    def __init__(self, root: Path):
+        from raytwin.statestore import Lease, StateStore
+        from serve_apps.store_probe import BoundedRead
+
+        super().__init__(root)
+        self.leases = StateStore(str(root / "store" / "twins"))
+        mine = Lease(owner="svc-a", epoch=1, shards=2, namespace="ns", acquired_at="2026-12-05T14:00:00+00:00",
+                     acquired_by="host-a:1")
+        self.leases.write_lease(mine)
+        self.twins = SimpleNamespace(lease=mine)
+        self._lease_reads = BoundedRead(self.leases.read_lease, "the store's lease")
+        self._fence, self._fence_checked = None, -math.inf
+        self.held: list[str] = []
+        self.connector_ops.hold = self.held.append  # (no connector to hold)
+
+    def take_over(self) -> None:
+        """A successor takes the store's lease over right after this backend's fence check found it holding it: the
+        check keeps that verdict for `FENCE_CHECK_S` (here for good, however slow this machine)."""
+        from dataclasses import replace
+
+        self.check_writable()
+        self._fence_checked = time.monotonic() + 3600
+        self.leases.write_lease(replace(self.twins.lease, owner="svc-b", epoch=2, acquired_by="host-b:7"))
+
+
+def test_a_backend_taken_over_within_its_fence_checks_second_decides_no_command_and_moves_no_model_version(tmp_path):
+    """`check_writable` keeps its verdict for a second: a backend whose store another service took over within it
+    approved (and sent) or refused a command its successor may have decided already, and recorded a model's
+    transition beside the successor's. Each of those reads the store's lease now: 503 `store_fenced`, and the commands
+    stay proposed, nothing is sent, the lifecycle log is as it was."""
+    from raytwin.lifecycle import ModelLifecycle
+    from raytwin.registry import ModelRegistry
+    from tests.fixtures_serve import in_process
+
+    backend = TakenOverLedgerBackend(tmp_path)
+    with in_process(backend, tmp_path) as (http, auth, _):
+        approved, refused = (backend.ledger.propose("acme", "web", "pump-1", "setpoint", {"q": q}, "k-writer").id
+                             for q in (1.0, 2.0))
+        lifecycle = ModelLifecycle(ModelRegistry(str(tmp_path / "store" / "registry" / "acme")))
+        lifecycle.registry.register("thermal_rc", "1.0.0", AssetType.from_model(THERMAL_RC))
+        versions = "/v1/models/thermal_rc/versions/1.0.0/transitions"
+        submitted = http.post(versions, headers=auth["writer"], json={"to": "candidate", "reason": "fits"})
+        assert submitted.status_code == 201, submitted.text
+        backend.take_over()
+        for answer in (http.post(f"/v1/commands/{approved}/approve", headers=auth["approver"]),
+                       http.post(f"/v1/commands/{refused}/refuse", headers=auth["admin"], json={"reason": "not now"}),
+                       http.post(versions, headers=auth["writer"], json={"to": "staging", "reason": "checked"})):
+            assert answer.status_code == 503 and answer.json()["error"]["code"] == "store_fenced", answer.text
+            assert "service svc-b (epoch 2) took the store over" in answer.json()["error"]["message"]
+        assert [backend.ledger.get("acme", c).status for c in (approved, refused)] == ["proposed", "proposed"]
+        assert backend.sent == [] and [r.action for r in lifecycle.records("thermal_rc")] == ["submit"]
 
 
 def test_a_sent_command_whose_outcome_is_not_audited_shows_as_an_intent_without_outcome(tmp_path, monkeypatch):
