@@ -3,6 +3,7 @@ same shard, in every process, so ingestion can route without asking anyone."""
 
 from __future__ import annotations
 
+import re
 import zlib
 
 
@@ -16,3 +17,12 @@ def shard_index(tenant: str, asset_id: str, shards: int) -> int:
 def shard_name(store_url: str, index: int, shards: int) -> str:
     """The Ray actor name of a shard; it includes the store so two services never share actors."""
     return f"twinshard-{zlib.crc32(store_url.encode()):08x}-{index}-of-{shards}"
+
+
+_SHARD_NAME = re.compile(r"^twinshard-[0-9a-f]{8}-(\d+)-of-\d+$")
+
+
+def shard_of(name: str | None) -> str | None:
+    """The shard index (as the metrics' ``shard`` tag gives it) of a Ray actor named by `shard_name`; None for
+    another name, or none."""
+    return m.group(1) if (m := _SHARD_NAME.match(name or "")) else None

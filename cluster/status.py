@@ -1,11 +1,13 @@
 """`raytwin status`: the service (down, fenced), cluster, store, shards, twins, ingest lag, job queue, connectors and
 firing alerts on one screen.
 
-It reads what the operators' tools read, so it agrees with them: Ray's state (nodes, CPUs), every
-alive node's metrics export summed (so counts are cluster-wide, as in `raytwin.metrics`), and,
+It reads what the operators' tools read, so it agrees with them: Ray's state (nodes, CPUs, and how often Ray
+restarted each twin shard's actor, from Ray's state API: its metrics export counts actors by state, not their
+restarts), every alive node's metrics export summed (so counts are cluster-wide, as in `raytwin.metrics`), and,
 given ``--prometheus``, the alerts firing there (RayTwin's rules in ops/prometheus). Counters and
 the lag quantile from the export cover the life of the processes that recorded them; Prometheus
-and the dashboard give rates over windows.
+and the dashboard give rates over windows. The shards expected to report are the service's configured count (the
+backend's `ray_raytwin_shards_configured`), not the shard actors Ray has: a shard dead for good leaves Ray's.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ class Status:
     cpus: float
     cpus_free: float
     shards: dict[str, int] = field(default_factory=dict)  # TwinShardProcess actors by Ray state
+    configured: int | None = None  # the service's shard count (its backend's gauge); None: no backend exports it
+    restarts: dict[str, int] | str | None = None  # shard -> Ray's restarts of its actor (restarted ones, not DEAD);
+    # a str: the error of Ray's state API, which gave none; None: not asked
     unanswered: dict[str, int] = field(default_factory=dict)  # shard -> calls it left past their deadline (hung)
     fenced: bool | None = None  # the backend's store lease lost to another service; None: no backend exports it
     store_unavailable: list[str] | None = None  # why the backend finds its store unavailable; None: not exported
@@ -122,6 +127,30 @@ def _nonzero(values: dict[str, float]) -> dict[str, int]:
     return {k: int(v) for k, v in values.items() if v}
 
 
+def _configured(samples: Samples) -> int | None:
+    """The service's configured shard count its backend exports (the highest: a replaced backend's process may
+    still be in the export); None when none does."""
+    values = [v for n, _, v in samples if n == "ray_raytwin_shards_configured"]
+    return int(max(values)) if values else None
+
+
+def shard_restarts(timeout_s: int = 5) -> dict[str, int] | str:
+    """How often Ray restarted each twin shard's actor, of those not DEAD and restarted at least once (shard index ->
+    restarts), from Ray's state API (the dashboard's: Ray's metrics export counts actors by state only); the error's
+    class when it does not answer (a cluster without its dashboard)."""
+    from ray.util.state import list_actors
+
+    from actors.routing import shard_of
+
+    try:
+        actors = list_actors(ray.get_runtime_context().gcs_address,  # the cluster connected to, not a guess
+                             filters=[("class_name", "=", "TwinShardProcess"), ("state", "!=", "DEAD")],
+                             limit=10_000, detail=True, timeout=timeout_s, raise_on_missing_output=False)
+    except Exception as exc:  # noqa: BLE001 - the rest of the screen stands without it
+        return type(exc).__name__
+    return {shard: a.num_restarts for a in actors if a.num_restarts and (shard := shard_of(a.name)) is not None}
+
+
 def _fenced(samples: Samples) -> bool | None:
     """Whether any backend process exports its store as fenced; None when none exports the gauge."""
     values = [v for n, _, v in samples if n == "ray_raytwin_store_fenced"]
@@ -146,8 +175,9 @@ def _store_unavailable(samples: Samples) -> list[str] | None:
 
 
 def collect(samples: Samples, prometheus: str | None = None, now: float | None = None,
-            unscraped: dict[str, str] | None = None) -> Status:
-    """The status from Ray's state, `samples` and `unscraped` (`scrape_nodes`) and Prometheus's alerts."""
+            unscraped: dict[str, str] | None = None, restarts: dict[str, int] | str | None = None) -> Status:
+    """The status from Ray's state (and its shards' `restarts`: `shard_restarts`), `samples` and `unscraped`
+    (`scrape_nodes`) and Prometheus's alerts."""
     nodes = [n for n in ray.nodes() if n["Alive"]]
     total, free = ray.cluster_resources(), ray.available_resources()
     lag = {float(le): v for le, v in _by(samples, "ray_raytwin_ingest_to_applied_seconds_bucket_total", "le").items()}
@@ -156,6 +186,8 @@ def collect(samples: Samples, prometheus: str | None = None, now: float | None =
         nodes=len(nodes), cpus=total.get("CPU", 0.0), cpus_free=free.get("CPU", 0.0),
         shards={k: int(v) for k, v in _by(samples, "ray_actors", "State", Name="TwinShardProcess",
                                           Source="gcs").items() if v},
+        configured=_configured(samples),
+        restarts=restarts,
         unanswered=_nonzero(_by(samples, "ray_raytwin_shard_unanswered_total", "shard")),
         fenced=_fenced(samples),
         store_unavailable=_store_unavailable(samples),
@@ -195,19 +227,29 @@ def _counts(values: dict[str, int]) -> str:
 
 
 def _shards(s: Status) -> str:
-    """Alive shards first, none said plainly; RESTARTING ones are missing now; DEAD explained: Ray keeps every
-    shard process the cluster ever ran, so it counts earlier services' and replaced processes too, and with none
-    alive or restarting the stopped service's own (`serve shutdown`); then the shards that left calls unanswered
-    (hung or stalled while Ray shows them alive)."""
+    """Alive shards first (of the service's configured count, when its backend exports it), none said plainly;
+    RESTARTING ones are missing now, and MISSING ones for good: the configured shards no actor alive or restarting
+    stands for (dead for good); how often Ray restarted them; DEAD explained: Ray keeps every shard process the
+    cluster ever ran, so it counts earlier services' and replaced processes too, and with none alive or restarting
+    the stopped service's own (`serve shutdown`); then the shards that left calls unanswered (hung or stalled while
+    Ray shows them alive)."""
     alive = s.shards.get("ALIVE", 0)
-    parts = [f"{alive:,} alive" if alive else "NONE ALIVE (the API is down: no twin can be read or written)"]
+    of = "" if s.configured is None else f" of {s.configured:,} configured"
+    parts = [f"{alive:,} alive{of}" if alive else f"NONE ALIVE{of} (the API is down: no twin can be read or written)"]
     if n := s.shards.get("RESTARTING"):
         parts.append(f"RESTARTING {n:,} (missing now: their twins' reads are stale, their writes wait)")
+    gone = s.configured - _service_shards(s) if alive and s.configured is not None else 0
+    if gone > 0:
+        parts.append(f"MISSING {gone:,} (dead for good: Ray restarts them no more; ops/README.md#shards-down)")
+    if isinstance(s.restarts, str):
+        parts.append(f"restarts unknown (Ray's state API, which its dashboard serves, did not answer: {s.restarts})")
+    elif s.restarts:
+        parts.append("restarted by Ray: " + ", ".join(f"shard {k} {v:,}x" for k, v in sorted(s.restarts.items())))
     if others := {k: v for k, v in s.shards.items() if k not in ("ALIVE", "RESTARTING", "DEAD")}:
         parts.append(_counts(others))
     if n := s.shards.get("DEAD"):
         whose = "earlier services" if _service_shards(s) else "the stopped service, earlier ones"
-        parts.append(f"DEAD {n:,} (processes of {whose} and replaced ones)")
+        parts.append(f"DEAD {n:,} (processes of {whose}{', the missing' if gone > 0 else ''} and replaced ones)")
     if s.unanswered:
         hung = ", ".join(f"shard {k} {v:,}x" for k, v in sorted(s.unanswered.items()))
         parts.append(f"left calls unanswered past their deadline (hung or stalled; in all): {hung}")
@@ -221,10 +263,11 @@ def _service_shards(s: Status) -> int:
 
 
 def _twins(s: Status) -> str:
-    """The twins counted and, when fewer shards report than the service has, which do not: a stopped (SIGSTOP)
-    or restarting shard's gauges and counters leave the export, and the sums would undercount silently."""
+    """The twins counted and, when fewer shards report than the service has (its configured count, else its shard
+    actors not DEAD), which do not: a stopped (SIGSTOP), restarting or dead shard's gauges and counters leave the
+    export, and the sums would undercount silently."""
     counted = f"{s.twins:,} live, {s.drifting:,} drifting"
-    shards = _service_shards(s)
+    shards = _service_shards(s) if s.configured is None else s.configured
     if not (missing := [str(i) for i in range(shards) if str(i) not in s.reporting]):
         return counted
     return (f"{counted} (shards {shards - len(missing)} of {shards} reporting: counts are partial; "
@@ -318,4 +361,4 @@ def status(
                        "also needs RAY_AUTH_MODE=token (and RAY_AUTH_TOKEN_PATH, as its start printed)", err=True)
             raise typer.Exit(1) from None
     samples, unscraped = scrape_nodes()
-    typer.echo(render(collect(samples, prometheus, unscraped=unscraped)))
+    typer.echo(render(collect(samples, prometheus, unscraped=unscraped, restarts=shard_restarts())))

@@ -338,6 +338,9 @@ STALE_READS = counter("raytwin_stale_reads", "Twin states answered from the twin
 SHARD_STARTED = gauge("raytwin_shard_started_timestamp_seconds", "When this twin shard process finished starting "
                       "(recovering its twins) [Unix s]: a new value per restart, so `changes()` counts a crash loop.",
                       "shard")
+SHARDS_CONFIGURED = gauge("raytwin_shards_configured", "Twin shards the service is configured with (`twin_shards`), "
+                          "exported by the API backend: `raytwin status` counts the shards reporting against it, as "
+                          "Ray's actor list loses a shard dead for good (out of restarts) from the service's.")
 SHARD_UNANSWERED = counter("raytwin_shard_unanswered", "Times an Ingress replica found a twin shard leaving a call "
                            "unanswered past its deadline (hung or stalled; serve_apps/shard_deadline.py).", "shard")
 FMU_STEPS = counter("raytwin_fmu_steps", "FMU steps the filters of twins on an FMU asked for "

@@ -150,6 +150,7 @@ class Backend:
         self.twins = TwinService(config.url("twins"), shards=config.twin_shards,
                                  namespace=config.namespace, storage_options=config.storage_options or None,
                                  lease_wait_s=config.store_lease_wait_s, own_shards=True)
+        metrics.SHARDS_CONFIGURED.set(config.twin_shards)  # once: this process re-records it (`raytwin.metrics`)
         self.changes = self._change_log()
         for tenant in self.catalog.tenants():
             self.changes.reserve(tenant, self.catalog.max_revision(tenant))

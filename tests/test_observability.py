@@ -437,6 +437,55 @@ def test_status_says_when_fewer_shards_report_than_the_service_has(monkeypatch):
     assert _screen(shards={"DEAD": 3})["twins"] == "0 live, 0 drifting"  # no service running: none is missing
 
 
+def test_status_counts_shards_against_the_configured_count_and_names_rays_restarts_of_them(monkeypatch):
+    """A shard dead for good (out of Ray's restarts) left Ray's count of the service's shard actors with it, so
+    `raytwin status` read `2 live, 0 drifting` with one of 2 configured shards gone, as if none were missing. The
+    backend exports the configured count (`ray_raytwin_shards_configured`) and status counts against it. Ray's
+    export has no restart count of an actor: how often Ray restarted each shard comes from its state API."""
+    from types import SimpleNamespace
+
+    from cluster.status import shard_restarts
+
+    for name, value in (("nodes", lambda: []), ("cluster_resources", dict), ("available_resources", dict)):
+        monkeypatch.setattr(f"cluster.status.ray.{name}", value)  # Ray's state, as far as `collect` asks
+    one_gone = [("ray_actors", {"Name": "TwinShardProcess", "Source": "gcs", "State": "ALIVE"}, 1.0),
+                ("ray_actors", {"Name": "TwinShardProcess", "Source": "gcs", "State": "DEAD"}, 1.0),
+                ("ray_raytwin_twins", {"shard": "0", "WorkerId": "w0"}, 2.0)]
+    configured = ("ray_raytwin_shards_configured", {"WorkerId": "backend"}, 2.0)
+
+    def screen(samples: list, restarts=None) -> dict[str, str]:
+        return {line[:14].strip(): line[14:] for line in render(collect(samples, restarts=restarts)).splitlines()}
+
+    assert screen(one_gone)["twins"] == "2 live, 0 drifting"  # without the backend's count: Ray's actors alone
+    counted = screen([*one_gone, configured], restarts={"0": 3})
+    assert counted["twins"] == "2 live, 0 drifting (shards 1 of 2 reporting: counts are partial; shard 1 not reporting)"
+    assert counted["shards"] == ("1 alive of 2 configured; MISSING 1 (dead for good: Ray restarts them no more; "
+                                 "ops/README.md#shards-down); restarted by Ray: shard 0 3x; DEAD 1 (processes of "
+                                 "earlier services, the missing and replaced ones)")
+    unknown = screen([*one_gone, configured], restarts="ServerUnavailable")["shards"]
+    assert "restarts unknown (Ray's state API, which its dashboard serves, did not answer: ServerUnavailable)" in \
+        unknown
+
+    asked = []
+
+    def list_actors(address, **options):
+        asked.append((address, options["filters"]))
+        return [SimpleNamespace(name="twinshard-0a1b2c3d-1-of-2", num_restarts=3),
+                SimpleNamespace(name="twinshard-0a1b2c3d-0-of-2", num_restarts=0),
+                SimpleNamespace(name="", num_restarts=5)]  # an unnamed one: no service's shard
+
+    monkeypatch.setattr("cluster.status.ray.get_runtime_context", lambda: SimpleNamespace(gcs_address="head:6379"))
+    monkeypatch.setattr("ray.util.state.list_actors", list_actors)
+    assert shard_restarts() == {"1": 3}
+    assert asked == [("head:6379", [("class_name", "=", "TwinShardProcess"), ("state", "!=", "DEAD")])]
+
+    def no_dashboard(address, **options):
+        raise ConnectionError("Failed to connect to API server")
+
+    monkeypatch.setattr("ray.util.state.list_actors", no_dashboard)
+    assert shard_restarts() == "ConnectionError"
+
+
 def test_status_says_whether_the_store_takes_writes_and_why_not(ray_session):
     """`raytwin status` said nothing of the store: a full disk refused every write while its screen read "up"."""
     failures = [("ray_raytwin_store_failures_total", {"operation": "write", "error": "disk_full", "WorkerId": w}, n)

@@ -180,8 +180,11 @@ T0 = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=2)
 
 @pytest.fixture(scope="module")
 def api(ray_session, tmp_path_factory):
+    from types import SimpleNamespace
+
     from fastapi.testclient import TestClient
 
+    from raytwin import metrics
     from raytwin.storage import filesystem
     from serve_apps.api import create_api
     from serve_apps.audit import AuditLog
@@ -201,7 +204,9 @@ def api(ray_session, tmp_path_factory):
                          rate_burst=1000, state_cache_s=0, namespace=f"schema-{root.name}",
                          connector_hosts=NODE_BROKERS,  # tests/test_client.py's connectors: a port on this machine
                          model_packages=TEST_MODELS)
-    backend = Backend(config)
+    with pytest.MonkeyPatch.context() as patch:  # this process is a Ray driver: no gauge of its own in the export
+        patch.setattr(metrics, "SHARDS_CONFIGURED", SimpleNamespace(set=lambda value: None))
+        backend = Backend(config)
     app = create_api()
     app.state.services = Services(
         config=config, keys=KeyStore(config.keys_file), backend=BackendClient(InProcessHandle(backend)),

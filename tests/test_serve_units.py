@@ -2859,16 +2859,20 @@ def test_a_precondition_is_refused_only_after_a_role_the_route_checks_in_its_bod
         assert [r["http_status"] for r in _approval_audit(svc, "c1", "acme")] == [403, 412]  # every attempt
 
 
-def test_a_backend_refusal_raised_to_serve_is_one_log_line_and_a_fault_keeps_its_traceback(tmp_path):
+def test_a_backend_refusal_raised_to_serve_is_one_log_line_and_a_fault_keeps_its_traceback(tmp_path, monkeypatch):
     """Serve's replica logs what its method raises with ``logger.exception("Request failed.")`` on its own logger:
     for the backend's refusals (404 for telemetry to an unknown asset, ...) ~40 lines each, at ERROR, which a tenant
-    repeats at will. A started Backend keeps a refusal to one INFO line; a fault keeps its traceback."""
+    repeats at will. A started Backend keeps a refusal to one INFO line; a fault keeps its traceback. (It exports
+    the service's configured shard count once, which `raytwin status` counts the shards reporting against.)"""
     import logging
 
     from ray.serve._private.constants import SERVE_LOGGER_NAME
 
+    from raytwin import metrics
     from serve_apps.backend import Backend
 
+    exported: list[float] = []
+    monkeypatch.setattr(metrics, "SHARDS_CONFIGURED", SimpleNamespace(set=exported.append))
     serve_log = logging.getLogger(SERVE_LOGGER_NAME)
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
@@ -2893,6 +2897,7 @@ def test_a_backend_refusal_raised_to_serve_is_one_log_line_and_a_fault_keeps_its
         logging.WARNING, None,
         "event=backend_request_refused status=503 code=store_unavailable error=StoreIOError reason=read_only")
     assert fault.levelno == logging.ERROR and fault.exc_info[0] is RuntimeError
+    assert exported == [2]  # `twin_shards` (default)
 
 
 def test_a_method_a_path_does_not_take_names_every_method_it_takes_and_an_unknown_path_points_to_the_docs(tmp_path):
