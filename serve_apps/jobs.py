@@ -153,13 +153,19 @@ class JobRecord(_JobFields):
 
     def results_root(self, config: ServeConfig) -> str | None:
         """Where its result files lie in the store `config` names: a sweep's beside its run record in the tenant's
-        runs root, a scenario's in the job's ``results`` folder; None for a bulk job (a report, no result files) and
-        a sweep that recorded no run. Derived, not the recorded `result_url`: that is where the job wrote, gone once
-        the store was moved or restored elsewhere, and a path read from a stored record is needless trust."""
+        runs root, a scenario's in the job's ``results`` folder (`scenario_results`); None for a bulk job (a report,
+        no result files) and a sweep that recorded no run. Derived, not the recorded `result_url`: that is where the
+        job wrote, gone once the store was moved or restored elsewhere, and a path read from a stored record is
+        needless trust."""
         if self.kind == "sweep":
             runs = RunStore(config.url("runs", self.tenant), config.storage_options or None)
             return runs.output_url(self.run_id) if self.run_id else None
-        return config.url("jobs", self.tenant, self.job_id, RESULTS) if self.kind == "scenario" else None
+        return self.scenario_results(config) if self.kind == "scenario" else None
+
+    def scenario_results(self, config: ServeConfig) -> str:
+        """A scenario job's `results_root`, never None: the job's ``results`` folder in the store `config` names,
+        where its task writes (`scenario_to_store`) and its results are read."""
+        return config.url("jobs", self.tenant, self.job_id, RESULTS)
 
     def stored_status(self, config: ServeConfig) -> Job:
         """`status` of a succeeded job, saying whether its result files are still in the store (`results_removed`)."""
@@ -388,7 +394,7 @@ class JobQueue:
             task = sweep_to_store if isinstance(work, SweepSpec) else fmu_sweep_to_store
             return task.remote(work, self.config.url("runs", job.tenant), self.config.storage_options,
                                job.key_id, job.planned_run_id)
-        return scenario_to_store.remote(work, job.results_root(self.config), self.config.storage_options)
+        return scenario_to_store.remote(work, job.scenario_results(self.config), self.config.storage_options)
 
     def _fenced(self, now: bool = False) -> bool:
         """Whether another service took the store over (`fence`, `raytwin.statestore.fenced`): that service's

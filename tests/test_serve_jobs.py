@@ -78,6 +78,32 @@ def test_one_tenants_long_sweeps_leave_a_slot_for_another_tenant_whose_queued_jo
     asyncio.run(scenario())
 
 
+def test_a_scenario_jobs_task_writes_its_results_where_the_routes_read_them(tmp_path, monkeypatch):
+    """The queue gave `scenario_to_store` (whose `out_url` is a path) `JobRecord.results_root`, None for a job without
+    result files (bulk, a sweep without a run): a scenario job's own folder is `scenario_results`, never None, and
+    the same `results_root` answers for it (the routes read there)."""
+    from types import SimpleNamespace
+
+    from serve_apps import jobs
+
+    config = ServeConfig(store_url=str(tmp_path), keys_file="unused.json")
+    written: list[str] = []
+
+    def remote(work: object, out_url: str, storage_options: dict) -> asyncio.Future[dict[str, Any]]:
+        written.append(out_url)
+        return asyncio.get_running_loop().create_future()  # never ends: the task is not run
+
+    monkeypatch.setattr(jobs, "scenario_to_store", SimpleNamespace(remote=remote))
+
+    async def scenario() -> None:
+        queue = JobQueue(config, 1)
+        job = queue.jobs[_submit(queue, "acme")]
+        assert written == [job.scenario_results(config)] == [job.results_root(config)]
+        assert written[0] == config.url("jobs", "acme", job.job_id, "results")
+
+    asyncio.run(scenario())
+
+
 def test_tenants_take_turns_for_a_free_slot_even_without_a_per_tenant_cap(tmp_path):
     """With the cap at max_concurrent_jobs (one tenant's service), a freed slot goes to the tenant running fewest
     jobs, not to the oldest queued job: acme's job does not wait behind all of beta's."""
