@@ -29,6 +29,7 @@ import logging
 import os
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -207,6 +208,7 @@ class TwinShard(LiveModelOps):
         self.stale: set[tuple[str, str]] = set()  # twins whose log write failed mid-batch
         self.newest_ingest_us = 0  # the latest ingest time this process logged (a deleted twin's history ends there)
         self.retyping: dict[tuple[str, str], dict[str, Any]] = {}  # committed retypes not finished: marked records
+        self.restart_series: set[str] = set()  # the simulators whose `FILTER_RESTARTS` this process exported at 0
         started = time.perf_counter()
         metrics.STORE_DAMAGED_FILES.zero(*({"kind": k} for k in metrics.DAMAGED_KINDS))  # before recovery meets one
         self.shadows = ShadowBook(self.store, snapshot_every)  # shadow evaluations (`actors.shard_models`)
@@ -227,6 +229,7 @@ class TwinShard(LiveModelOps):
         # exported at 0 now: a burst that creates a series would not show in `rate()` (`Metric.zero`)
         metrics.TWIN_EVENTS.zero(*({"shard": self.tag, "outcome": o} for o in TWIN_OUTCOMES))
         metrics.zero_dead_letters("shard")
+        self._zero_restarts(self.twins.values())
         zero_counts("write")  # its lease heartbeat's failures (`actors.lease.renew_heartbeat`)
         metrics.INGEST_TO_APPLIED.zero({})  # a restarted shard's first batches (a backlog: the lag SLO's worst) count
         metrics.EVENT_TO_APPLIED.zero({})
@@ -237,8 +240,20 @@ class TwinShard(LiveModelOps):
 
     def _recover(self, record: dict[str, Any], until_us: int | None = None, replaying: Replaying | None = None
                  ) -> Twin:
-        return recover(self.store, record, allowed_lateness_s=self.lateness_s,
+        twin = recover(self.store, record, allowed_lateness_s=self.lateness_s,
                        checkpoint_every=self.checkpoint_every, until_us=until_us, replaying=replaying)
+        self._zero_restarts([twin])  # a registered, retyped or migrated twin may run a simulator new to this shard
+        return twin
+
+    def _zero_restarts(self, twins: Iterable[Twin]) -> None:
+        """Export `metrics.FILTER_RESTARTS` at 0 for the simulators of `twins` (each model version they run) that
+        this process has not: a twin's first restart must show in `rate()`/`increase()`, which a series first seen
+        at 1 hides (`Metric.zero`), and the alert on restarts reads `increase()`."""
+        refs = {seg.artifact.asset_type.simulator for twin in twins for seg in twin.segments}
+        labels = {simulator_label(ref) for ref in refs} - self.restart_series
+        if labels:
+            metrics.FILTER_RESTARTS.zero(*({"simulator": label} for label in sorted(labels)))
+            self.restart_series |= labels
 
     # ------------------------------------------------------------------ twins ----
     def register(self, tenant: str, asset_id: str, record: dict[str, Any]) -> bool:

@@ -16,7 +16,8 @@ log = logging.getLogger("raytwin.twins")
 
 
 class LiveModelOps:
-    """Needs the shard's `twins`, `store`, `fence`, `shadows` (a `ShadowBook`), `_refresh_stale` and `_settle`."""
+    """Needs the shard's `twins`, `store`, `fence`, `shadows` (a `ShadowBook`), `_refresh_stale`, `_settle` and
+    `_zero_restarts`."""
 
     twins: dict[tuple[str, str], Twin]
     store: StateStore
@@ -76,6 +77,7 @@ class LiveModelOps:
         before = twin.segments[-1].artifact.ref
         self.store.save_model_swaps(tenant, asset_id, [*swaps, entry])
         twin.enter_swap(seg)
+        self._zero_restarts([twin])  # its new version may run another simulator
         log.info("event=model_swapped tenant=%s asset=%s from=%s to=%s at=%s revision=%d", tenant, asset_id,
                  before, seg.artifact.ref, from_micros(at_us).isoformat(), twin.events_applied)
         return twin.view()

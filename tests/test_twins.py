@@ -308,20 +308,26 @@ def test_a_twin_given_an_hours_old_reading_first_tracks_the_fresh_ones_after_it(
 
 
 class CountedRestarts:
-    """Records `metrics.FILTER_RESTARTS.inc` by simulator in this process."""
+    """Records `metrics.FILTER_RESTARTS.inc` by simulator in this process, and the simulators exported at 0."""
 
     def __init__(self) -> None:
         self.counts: dict[str, float] = {}
+        self.zeroed: list[str] = []
 
     def inc(self, value: float = 1.0, *, simulator: str) -> None:
         self.counts[simulator] = self.counts.get(simulator, 0.0) + value
+
+    def zero(self, *tag_sets: dict[str, str]) -> None:
+        self.zeroed += [tags["simulator"] for tags in tag_sets]
 
 
 def test_a_shard_counts_logs_and_reports_a_filter_restarted_after_a_gap(tmp_path, caplog, monkeypatch):
     """An operator sees a twin re-anchored on a fresh reading after a gap its prediction did not survive: the
     shard counts it by simulator (`metrics.FILTER_RESTARTS`), logs `event=filter_restarted` with the twin and
     the gap, and the twin's divergence report (the API's) gives its `restarts`. A late event that re-applies the
-    restarted one (a rewind to the prior: no checkpoint in between) does not count it again."""
+    restarted one (a rewind to the prior: no checkpoint in between) does not count it again. The series is exported
+    at 0 for the simulators the shard runs, when a twin of one first comes (a registration) and when a shard
+    starts: a first restart then shows in `increase()`, which the alert on restarts reads."""
     from raytwin import metrics
     from raytwin.sim import TWO_TANK
 
@@ -329,8 +335,10 @@ def test_a_shard_counts_logs_and_reports_a_filter_restarted_after_a_gap(tmp_path
     monkeypatch.setattr(metrics, "FILTER_RESTARTS", counted)
     tanks = ModelRegistry(str(tmp_path / "registry")).register("tank", "1.0.0", AssetType.from_model(TWO_TANK))
     shard = TwinShard(str(tmp_path / "store"), 0, 1, **{**BOUNDED_OPTS, "checkpoint_every": 64})
+    assert counted.zeroed == []  # no twin, no simulator
     shard.register("acme", "t1", registration_record(
         Asset(id="t1", tenant="acme", type_name="two_tank", type_version="1.0.0"), tanks, None, None))
+    assert counted.zeroed == ["two_tank"]
     levels = {"h1": {"value": 0.45, "unit": "m"}, "h2": {"value": 0.35, "unit": "m"}}
     at = [T0, T0 + timedelta(hours=3), T0 + timedelta(hours=3, seconds=20), T0 + timedelta(hours=3, seconds=10)]
     evs = [TelemetryEvent(asset_id="t1", event_time=t, sequence=k, measurements=levels) for k, t in enumerate(at)]
@@ -341,6 +349,10 @@ def test_a_shard_counts_logs_and_reports_a_filter_restarted_after_a_gap(tmp_path
     assert caplog.text.count("event=filter_restarted") == 1
     assert "tenant=acme asset=t1 event_time=2026-02-01T03:00:00+00:00 gap_s=10800.000" in caplog.text
     assert shard.state("acme", "t1").divergence.restarts == 1
+    assert counted.zeroed == ["two_tank"]  # once per process
+    counted.zeroed.clear()
+    TwinShard(str(tmp_path / "store"), 0, 1, **{**BOUNDED_OPTS, "checkpoint_every": 64})  # a restarted shard
+    assert counted.zeroed == ["two_tank"] and counted.counts == {"two_tank": 1.0}  # replay counts nothing
 
 
 def test_twins_taking_one_event_each_get_the_bits_of_the_general_path(artifact, bounded, monkeypatch):
