@@ -18,7 +18,8 @@ Why this shape:
   is bounded;
 - an event whose update or next step is not finite is refused and the twin keeps its state; a measurement
   whose prediction over its gap is not finite (a drained ``two_tank``'s infinite Jacobian) updates the state
-  before the gap instead, its covariance grown by the gap's process noise (`scan_kernels`);
+  before the gap instead, its covariance grown by the gap's process noise (`scan_kernels`), which is also what
+  the explicit look-ahead predicts then (`ExtendedKalmanFilter.predict`);
 - the measurement update is iterated (`IEKF_ITERATIONS` linearisations of the output map, Gauss-Newton
   to the MAP estimate): a single linearisation at the prior mean made a fresh ``battery_ecm`` twin
   (prior soc 0.5 +- 0.2, cubic OCV, 2 mV sensor) step to an estimate 0.06 off with a std of 0.01,
@@ -625,7 +626,8 @@ def scan_kernels(predict: Callable, update: Callable, *, identity: Callable[[], 
     per-event cost of a live twin was the Python->XLA dispatch, not the arithmetic. Padding steps
     have no sub-steps and no measurement, which makes them exact no-ops, so the state after an event
     depends only on the events before it - never on how they were split into calls (live batches
-    vs log replay). `predict` alone serves explicit look-ahead.
+    vs log replay). `predict`, with the restart below where it is not finite, serves explicit look-ahead
+    (`ExtendedKalmanFilter.predict`).
 
     One event's step is a `jit` of its own, so it is traced once per process and not once per run
     length: a restarted shard traced the EKF's step three times before its first write (0.15-0.43 s
@@ -749,10 +751,18 @@ def scan_kernels(predict: Callable, update: Callable, *, identity: Callable[[], 
     def assimilate(carry, consts, n_sub, events, *, layout):
         return jax.vmap(partial(one_twin, layout))(carry, consts, n_sub, events)
 
+    def look_ahead_predict(x0, P0, u, p, q_var_rate, n, dt, skipped):
+        """`predict`, or where it is not finite from a finite state, the state before the gap with its covariance
+        grown by the gap's process noise: what `event` updates a measurement at the gap's end from (a restart) and
+        keeps for an event without one (a refusal)."""
+        x, P = predict(x0, P0, u, p, q_var_rate, n, dt, skipped)
+        restart = ~_finite(x, P) & _finite(x0, P0)
+        return jnp.where(restart, x0, x), jnp.where(restart, skip(P0, q_var_rate, n * dt + skipped), P)
+
     directory = stored_kernels_dir()
     if directory is not None and (key := identity()) is not None:
         assimilate = StoredKernel(assimilate, key, directory)
-    return _Kernels(in_float64(jax.jit(predict)), in_float64(assimilate))
+    return _Kernels(in_float64(jax.jit(look_ahead_predict)), in_float64(assimilate))
 
 
 class ExtendedKalmanFilter:
@@ -828,7 +838,13 @@ class ExtendedKalmanFilter:
 
     def predict(self, fs: FilterState, t: float) -> FilterState:
         """Advance to time `t` with held inputs, in sub-steps of at most ``default_dt`` (at most
-        `MAX_SUBSTEPS` of them: see `substeps`) and the twin's adapted process noise."""
+        `MAX_SUBSTEPS` of them: see `substeps`) and the twin's adapted process noise.
+
+        Where that prediction is not finite from a finite `fs` (a long silence drains a ``two_tank`` twin to 0,
+        where the EKF's Jacobian of ``sqrt(h)`` is infinite), it is `fs`'s state with its covariance grown by the
+        gap's process noise, as the kernel restarts (`scan_kernels`): the prior a measurement at `t` updates from,
+        so a look-ahead (a shadow evaluation's score of the event, `raytwin.shadow`) is finite where the twin is,
+        and no more confident than the process noise allows."""
         gap = 0.0 if fs.t is None else t - fs.t
         if gap < 0:
             raise ValueError(f"cannot predict backwards in time ({fs.t} -> {t}); rewind instead")

@@ -3,11 +3,14 @@ flags drift when the model is wrong, and refuses bad configuration."""
 
 from __future__ import annotations
 
+import math
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from raytwin.estimation import LANES, ExtendedKalmanFilter, Run, assimilate_runs, refused_names
+from raytwin.shadow import score_event
 from raytwin.sim import BATTERY_ECM, THERMAL_RC, TWO_TANK, simulate
 from raytwin.ukf import make_filter
 from tests.domain_models import BOUNDED_RC
@@ -395,11 +398,22 @@ def test_a_reading_after_a_silence_the_prediction_cannot_cross_updates_the_state
     values[:, cols.index("h2")] = [0.4, 0.35, 0.35, 0.35]
     values[1:, cols.index("q_in")] = 1.2e-4
     trace = f.assimilate_many(f.initial(), t, values, np.ones(len(t), dtype=bool))
-    assert not np.isfinite(f.predict(trace.state(0), t[1]).P).all()  # what the kernel saw
     assert trace.refused.tolist() == [0, 0, 0, 0] and trace.restarted.tolist() == [False, True, False, False]
     assert trace.restarts.tolist() == [0, 1, 1, 1]
     assert np.isfinite(trace.x).all() and np.isfinite(trace.P).all() and not trace.state(3).divergence.diverged
     np.testing.assert_allclose(trace.x[1:], [[0.45, 0.35]] * 3, atol=5e-3)  # the fresh level, not 0.5, 0.4
+    # the explicit look-ahead over the gap (a NaN covariance before) is the prior the kernel restarted from: the
+    # state before the gap, its covariance grown by the gap's process noise; a reading at its time updates it to
+    # the restarted state, and a shadow evaluation's score of that reading is finite
+    before = trace.state(0)
+    ahead = f.predict(before, t[1])
+    np.testing.assert_array_equal(ahead.x, before.x)
+    np.testing.assert_allclose(ahead.P, before.P + np.diag(f.q_var_rate * before.divergence.q_scale * gap_s),
+                               rtol=1e-12)
+    updated = f.assimilate_many(ahead, t[1:2], values[1:2], np.ones(1, dtype=bool))
+    np.testing.assert_array_equal(updated.x[0], trace.x[1])
+    np.testing.assert_array_equal(updated.P[0], trace.P[1])
+    assert all(math.isfinite(v) for v in score_event(f, before, t[1], values[1], True))
 
 
 @pytest.mark.parametrize("kind", ["ekf", "ukf"])
