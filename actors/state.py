@@ -45,6 +45,12 @@ class DivergenceReport(_Frozen):
                                          "because its prediction over the gap was not finite: the twin re-anchored "
                                          "on them instead of refusing them (the shards count them in "
                                          "ray_raytwin_filter_restarts_total)")
+    outside_range: list[str] = Field(default_factory=list, description="states whose estimate lies outside the "
+                                     "range its model declares for them (what the quantity can take, estimates near "
+                                     "a physical limit included): the model, with the inputs it held and its "
+                                     "parameters, no longer describes the asset, e.g. a cell's charge below empty "
+                                     "after hours of a current it could not deliver. Flagged, not clamped: a model "
+                                     "constrains the states it has hard limits for itself (`project`)")
 
 
 class TwinState(_Frozen):

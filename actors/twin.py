@@ -442,10 +442,18 @@ def state_view(tenant: str, asset_id: str, model_ref: str, model: Declared, fs: 
             drift_score=div.drift_score,
             process_noise_scale=div.q_scale,
             restarts=div.restarts,
+            outside_range=outside_range(model, fs.x),
         ),
         events_applied=events_applied,
         stale=stale,
     )
+
+
+def outside_range(model: Declared, x: np.ndarray) -> list[str]:
+    """The states whose estimate lies outside their declared range (`raytwin.sim.model.Var`): by the declaration,
+    values the quantity cannot take, so the estimate no longer describes the asset. NaN (a diverged filter,
+    `DivergenceReport.diverged`) is not named here."""
+    return [v.name for v, value in zip(model.states, x.tolist()) if value < v.lower or value > v.upper]
 
 
 def _encode(fs: FilterState, max_time_us: int | None) -> dict:

@@ -32,7 +32,7 @@ from actors.recovery import registration_record
 from actors.shard import TwinShard, TwinShardProcess, asset_codes
 from actors.telemetry import validated_table
 from actors.twin import (CONFLICT, DUPLICATE, TOO_LATE, Restarted, Twin, _assimilate_next, apply_many, logged_event,
-                         replay)
+                         replay, state_view)
 from raytwin import statestore
 from raytwin.contracts import Asset, AssetType, TelemetryEvent
 from raytwin.estimation import PackedState
@@ -353,6 +353,25 @@ def test_a_shard_counts_logs_and_reports_a_filter_restarted_after_a_gap(tmp_path
     counted.zeroed.clear()
     TwinShard(str(tmp_path / "store"), 0, 1, **{**BOUNDED_OPTS, "checkpoint_every": 64})  # a restarted shard
     assert counted.zeroed == ["two_tank"] and counted.counts == {"two_tank": 1.0}  # replay counts nothing
+
+
+def test_a_state_outside_its_declared_range_is_named_in_the_divergence_report():
+    """A cell held at 2.5 A for an hour past what it holds: the model integrates the current with nothing pulling
+    its charge back, so soc reaches -0.5, finite and outside the range the model declares (-0.1 to 1.1: values a
+    cell cannot take). The twin's report names it (`outside_range`) instead of showing a plausible-looking healthy
+    twin; the estimate itself is not clamped (a model's `project` holds its hard limits). In range, or NaN (a
+    diverged filter, which `diverged` says), nothing is named."""
+    from raytwin.estimation import ExtendedKalmanFilter
+    from raytwin.sim import BATTERY_ECM
+
+    f = ExtendedKalmanFilter(BATTERY_ECM, BATTERY_ECM.param_vector())
+    start = f.initial(inputs={"i": 2.5})._replace(t=0.0)
+    drained = f.predict(start, 3600.0)
+    assert np.isfinite(drained.x).all() and drained.x[0] < BATTERY_ECM.states[0].lower
+    view = lambda fs: state_view("acme", "b1", "cell@1.0.0", BATTERY_ECM, fs, None, 1).divergence  # noqa: E731
+    assert view(start).outside_range == [] and view(drained).outside_range == ["soc"]
+    assert view(start._replace(x=np.array([1.2, 0.0, 100.5]))).outside_range == ["soc", "v2"]  # above, too
+    assert view(start._replace(x=np.array([np.nan, 0.0, 0.0]))).outside_range == []
 
 
 def test_twins_taking_one_event_each_get_the_bits_of_the_general_path(artifact, bounded, monkeypatch):
