@@ -246,7 +246,7 @@ def _dead_letters(ctx: BenchContext, res: BenchResult, store: Store) -> None:
                     lambda: store.state.mark_dead_letter_sources(TENANT))
     ms, after = _timed(ctx, res, fs, name, lambda: connector_dead_letters(store.state, TENANT, "web", None, 1000))
     res.checks[f"{name} equal"] = after == before
-    res.checks["dead letters found"] = len(after)
+    res.checks["dead letters found"] = len(after.dead_letters)
     _row(res, f"{name}, days not marked (before)", old)
     _row(res, name, ms, ("days not marked", old))
     _row(res, "marking the dead letters' sources (once)", marking)

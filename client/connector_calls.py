@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from client.calls import Call, Sender, _lazy, _model, _models, _nothing, _present
 from connectors.commands import Command
 from connectors.spec import Credentials
-from serve_apps.schemas import CommandPage, DeadLetter
+from serve_apps.schemas import CommandPage, DeadLetterPage
 
 if TYPE_CHECKING:
     from connectors.runtime import ConnectorStatus
@@ -45,13 +45,13 @@ class ConnectorCalls(Sender):
         return self._send(Call("GET", "/v1/connectors/{name}", _lazy("serve_apps.routes_connectors:ConnectorView"),
                                idempotent=True, path_params={"name": name}))
 
-    def connector_dead_letters(self, name: str, day: date | None = None, limit: int = 1000) -> list[DeadLetter]:
-        """The connector's most recent dead letters (of one UTC day if given, `limit` at most 1000), oldest first:
+    def connector_dead_letters(self, name: str, day: date | None = None, limit: int = 100,
+                               cursor: str | None = None) -> DeadLetterPage:
+        """A page of the connector's dead letters (of one UTC day if given, `limit` at most 1000), newest first:
         each message that did not become telemetry, with its source and reason, and what was refused (the message
-        as received, or the reading as mapped when the data contract or the twin refused it; its first 4 KiB)."""
-        return self._send(Call("GET", "/v1/connectors/{name}/dead-letters", _models(DeadLetter), idempotent=True,
-                               path_params={"name": name},
-                               params=_present(day=day.isoformat() if day is not None else None, limit=limit)))
+        as received, or the reading as mapped when the data contract or the twin refused it; its first 4 KiB).
+        Pass its `next_cursor` back as `cursor` for the next page (`iter_connector_dead_letters` walks them all)."""
+        return self._send(dead_letters_call(name, day, limit, cursor))
 
     def pause_connector(self, name: str) -> ConnectorStatus:
         """Stop receiving; the source keeps what arrives meanwhile (admin)."""
@@ -101,6 +101,14 @@ def connectors_call(limit: int, cursor: str | None) -> Call[ConnectorPage]:
     """A page of the tenant's connectors (`ConnectorCalls.connectors`, `client.pages.connector_pager`)."""
     return Call("GET", "/v1/connectors", _lazy("serve_apps.routes_connectors:ConnectorPage"), idempotent=True,
                 params=_present(limit=limit, cursor=cursor))
+
+
+def dead_letters_call(name: str, day: date | None, limit: int, cursor: str | None) -> Call[DeadLetterPage]:
+    """A page of a connector's dead letters (`ConnectorCalls.connector_dead_letters`,
+    `client.pages.dead_letter_pager`)."""
+    return Call("GET", "/v1/connectors/{name}/dead-letters", _model(DeadLetterPage), idempotent=True,
+                path_params={"name": name}, params=_present(day=day.isoformat() if day is not None else None,
+                                                            limit=limit, cursor=cursor))
 
 
 def commands_call(asset_id: str | None, limit: int, cursor: str | None) -> Call[CommandPage]:

@@ -1,6 +1,6 @@
-"""Pagination of asset queries, the listings (jobs, assets, asset types, commands, connectors) and the audit log,
-shared by the sync and the async client: a `QueryPager`, `CursorPager` or `AuditPager` builds each page's request from
-the last page's cursor; the clients only send and loop."""
+"""Pagination of asset queries, the listings (jobs, assets, asset types, commands, connectors, dead letters) and the
+audit log, shared by the sync and the async client: a `QueryPager`, `CursorPager` or `AuditPager` builds each page's
+request from the last page's cursor; the clients only send and loop."""
 
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ from pydantic import TypeAdapter
 
 from client.calls import (ANSWER_EXTRA, AssetFilter, Call, _model, _present, argument_model, asset_types_call,
                           assets_call, jobs_call, names)
-from client.connector_calls import commands_call, connectors_call
+from client.connector_calls import commands_call, connectors_call, dead_letters_call
 from connectors.commands import Command
 from raytwin.contracts import Asset, AssetType
 from serve_apps.audit import NEXT_CURSOR, AuditRecord
 from serve_apps.query_schemas import QueryPage, QueryRequest
-from serve_apps.schemas import AssetPage, AssetTypePage, CommandPage
+from serve_apps.schemas import AssetPage, AssetTypePage, CommandPage, DeadLetter, DeadLetterPage
 
 if TYPE_CHECKING:  # import Ray: loaded with the first page (`client.calls._lazy`)
     from connectors.runtime import ConnectorStatus
@@ -63,8 +63,9 @@ I = TypeVar("I")
 
 
 class CursorPager(Generic[P, I]):
-    """Follows a listing's `next_cursor` to its last page: `GET /v1/jobs`, and the assets, asset types, commands and
-    connectors (`serve_apps.listing`). `call(cursor)` builds a page's request, `items(page)` takes its items."""
+    """Follows a listing's `next_cursor` to its last page: `GET /v1/jobs`, and the assets, asset types, commands,
+    connectors and a connector's dead letters (`serve_apps.listing`). `call(cursor)` builds a page's request,
+    `items(page)` takes its items."""
 
     def __init__(self, call: Callable[[str | None], Call[P]], items: Callable[[P], list[I]]):
         self._call, self._items = call, items
@@ -104,6 +105,13 @@ def command_pager(asset_id: str | None = None, page_size: int = 100) -> CursorPa
 def connector_pager(page_size: int = 100) -> CursorPager[ConnectorPage, ConnectorStatus]:
     """The tenant's connectors with their statuses, in name order."""
     return CursorPager(lambda cursor: connectors_call(page_size, cursor), lambda page: page.connectors)
+
+
+def dead_letter_pager(name: str, day: date | None = None,
+                      page_size: int = 100) -> CursorPager[DeadLetterPage, DeadLetter]:
+    """A connector's dead letters (of one UTC `day` if given), newest first; those added after the first page are
+    not on later ones."""
+    return CursorPager(lambda cursor: dead_letters_call(name, day, page_size, cursor), lambda page: page.dead_letters)
 
 
 _AUDIT = TypeAdapter(list[AuditRecord])

@@ -17,7 +17,7 @@ from client.errors import from_response
 from client.jobs import JobWait
 from client.model_calls import needs_production, rollback_call, run_file_call
 from client.pages import (AuditPager, CursorPager, QueryPager, asset_pager, asset_type_pager, command_pager,
-                          connector_pager, job_pager)
+                          connector_pager, dead_letter_pager, job_pager)
 from client.retry import RetryPolicy
 from client.scenario_calls import job_file_call
 from client.subscription import Subscription
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from serve_apps.audit import AuditRecord
     from serve_apps.jobs import Job
     from serve_apps.routes_models import RollbackRequest, TransitionAnswer
+    from serve_apps.schemas import DeadLetter
 
 I = TypeVar("I")
 
@@ -159,6 +160,12 @@ class RayTwinClient(ClientBase):
     def iter_connectors(self, page_size: int = 100) -> Iterator[ConnectorStatus]:
         """Every connector of the tenant with its status, in name order, page after page (`connectors`: one)."""
         return self._walk(connector_pager(page_size))
+
+    def iter_connector_dead_letters(self, name: str, day: date | None = None,
+                                    page_size: int = 100) -> Iterator[DeadLetter]:
+        """Every dead letter of the connector (of one UTC day if given), newest first, page after page
+        (`connector_dead_letters`: one)."""
+        return self._walk(dead_letter_pager(name, day, page_size))
 
     def _walk(self, pager: CursorPager[Any, I]) -> Iterator[I]:
         while not pager.done:

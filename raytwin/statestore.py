@@ -949,19 +949,22 @@ class StateStore:
     @store_io("read")
     def newest_dead_letters(self, tenant: str | None, limit: int | None, *, day: str | None = None,
                             where: ds.Expression | None = None, columns: list[str] | None = None,
-                            since: datetime | None = None, source: str | None = None) -> pa.Table:
+                            since: datetime | None = None, until: datetime | None = None, source: str | None = None,
+                            whole_times: bool = False) -> pa.Table:
         """The newest `limit` (None: all) dead letters of `tenant` (None: every tenant's) of one UTC ``YYYY-MM-DD``
-        `day` (None: any) that match `where` and were written at or after `since` (None: ever), oldest first, with
-        `columns` (default: all, as `read_dead_letters`): the last rows of `read_dead_letters`, without reading them
-        all. Only the day partitions that hold the page are read: first the times of the matching rows, newest day
-        first, until `limit` are found (a partition's rows are of its day) or no older day may hold one written
-        since `since`, then the rows from the `limit`-th newest time on, of the days that hold them alone, whose
-        files and row groups alone are read (by their time statistics: `compact` sorts by time), so memory is
-        bounded by the page and a row group, not by the millions of 4 KiB dead letters a poison device leaves.
-        A page with fewer than `limit` rows still reads the times of every day from `since` on (without it, of
-        the tenant's whole history), unless `where` selects one `source`'s dead letters alone (a connector's, by
-        `DEAD_LETTER_SOURCE`) and `source` names it: then only the days marked with it are read, once the tenant's
-        are marked whole (module docstring)."""
+        `day` (None: any) that match `where` and were written at or after `since` and before `until` (None: ever),
+        oldest first, with `columns` (default: all, as `read_dead_letters`): the last rows of `read_dead_letters`,
+        without reading them all. With `whole_times`, every row of the oldest time kept (more than `limit` where
+        several share it), so that a page ordered by time and content can end inside that time (a connector's
+        page, `serve_apps.dead_letters`). Only the day partitions that hold the page are read: first the times of
+        the matching rows, newest day first (none after `until`'s), until `limit` are found (a partition's rows are
+        of its day) or no older day may hold one written since `since`, then the rows from the `limit`-th newest time
+        on, of the days that hold them alone, whose files and row groups alone are read (by their time statistics:
+        `compact` sorts by time), so memory is bounded by the page and a row group, not by the millions of 4 KiB dead
+        letters a poison device leaves. A page with fewer than `limit` rows still reads the times of every day from
+        `since` on (without it, of the tenant's whole history), unless `where` selects one `source`'s dead letters alone
+        (a connector's, by `DEAD_LETTER_SOURCE`) and `source` names it: then only the days marked with it are read, once
+        the tenant's are marked whole (module docstring)."""
         days = self._dead_letter_days(tenant, day)
         if source is not None and tenant is not None and (marked := self._source_days(tenant, source)) is not None:
             days = [dirs for dirs in days if dirs[0].rsplit("=", 1)[-1] in marked]
@@ -970,6 +973,10 @@ class StateStore:
             where = recent if where is None else recent & where
             first = (since - DEAD_LETTER_RETRY_WINDOW).date().isoformat()  # what `_stem_day` puts in the day before
             days = [dirs for dirs in days if dirs[0].rsplit("=", 1)[-1] >= first]
+        if until is not None:  # a row's partition is its time's day or the day before (`_stem_day`)
+            older = ds.field("dead_lettered_at") < pa.scalar(until, TIME)
+            where = older if where is None else older & where
+            days = [dirs for dirs in days if dirs[0].rsplit("=", 1)[-1] <= until.date().isoformat()]
         if limit is not None:
             days, since_us = self._newest_times(days, limit, where)
             if since_us is not None:
@@ -981,7 +988,7 @@ class StateStore:
         table = self._relisting([d for dirs in reversed(days) for d in dirs],  # oldest day first, as listed
                                 lambda files: read_files(self.fs, files, f"{self.root}/dead_letters", empty=empty,
                                                          filter=where, columns=read)).sort_by("dead_lettered_at")
-        if limit is not None:  # (more rows than `limit` where several share the oldest time kept)
+        if limit is not None and not whole_times:  # (more rows than `limit` where several share the oldest time kept)
             table = table.slice(max(0, table.num_rows - limit))
         return table.select(wanted)
 

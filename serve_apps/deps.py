@@ -230,7 +230,7 @@ Limit = Annotated[int, Query(ge=1, le=10_000)]
 """How many of the newest records a read of records (the audit log) answers."""
 DeadLetterLimit = Annotated[int, Query(ge=1, le=1000, description="at most 1000: a dead letter keeps up to 4 KiB "
                                        "of what was refused (more as `\\x..` escapes), so an answer stays some MB")]
-"""How many of the newest dead letters a read answers: fewer than `Limit`, as each is larger than an audit record."""
+"""How many dead letters a page holds: fewer than `Limit`, as each is larger than an audit record."""
 
 READER = Depends(require(Role.reader))
 WRITER = Depends(require(Role.writer))

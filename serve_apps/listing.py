@@ -1,5 +1,6 @@
 """Listing a tenant's assets, asset types, commands and connectors a page at a time, as `GET /v1/jobs` lists jobs
 (`serve_apps.job_listing`): `limit` (1-1000, default 100), an opaque `cursor`, and `next_cursor` in the answer.
+A connector's dead letters are paged with these cursors too, newest first (`serve_apps.dead_letters`).
 
 A page holds the items whose keys (asset id, ``name@version``, command id, connector name) come after the cursor's,
 in key order, so a page stays in place while items are added or deleted: the cursor is the last listed item's key,
@@ -44,10 +45,15 @@ def decode_cursor(listing: str, cursor: str) -> str:
     except (ValueError, binascii.Error, UnicodeDecodeError):
         named = key = ""
     if named != listing or not key:
-        raise Unprocessable(f"query.cursor: not a cursor of GET /v1/{listing}; a cursor is the `next_cursor` of a "
-                            f"page of GET /v1/{listing} (it names that page's last item): send it back unchanged "
-                            "for the next page, or no cursor for the first page", details=[{"loc": ["query", "cursor"]}])
+        raise not_a_cursor(listing)
     return key
+
+
+def not_a_cursor(listing: str) -> Unprocessable:
+    """The 422 for a cursor `listing` did not give (another listing's, edited, or no cursor at all)."""
+    return Unprocessable(f"query.cursor: not a cursor of GET /v1/{listing}; a cursor is the `next_cursor` of a "
+                         f"page of GET /v1/{listing} (it names that page's last item): send it back unchanged "
+                         "for the next page, or no cursor for the first page", details=[{"loc": ["query", "cursor"]}])
 
 
 def page(listing: str, keys: Sequence[str], items: Callable[[Sequence[str]], Mapping[str, T]], limit: int = PAGE_LIMIT,

@@ -25,7 +25,7 @@ from serve_apps.deps import ADMIN, DAY, READER, SVC, DeadLetterLimit, IdPath, Se
 from serve_apps.errors import CONFLICT, Unprocessable
 from serve_apps.listing import PAGE_LIMIT, Cursor, PageLimit
 from serve_apps.resend import resend_safe
-from serve_apps.schemas import NEXT_CURSOR, DeadLetter
+from serve_apps.schemas import NEXT_CURSOR, DeadLetterPage
 
 
 class ConnectorCreate(BaseModel):
@@ -86,16 +86,17 @@ async def get_connector(name: IdPath, who: Principal = READER, svc: Services = S
     return await svc.backend.call("connector", "view", who.tenant, name)
 
 
-@router.get("/{name}/dead-letters", response_model=list[DeadLetter])
-async def connector_dead_letter_log(name: IdPath, day: str | None = DAY, limit: DeadLetterLimit = 1000,
-                                    who: Principal = READER, svc: Services = SVC) -> Any:
-    """The connector's most recent dead letters (of one UTC day if given), oldest first, at most 1000: messages
-    that did not become telemetry, with the source they came from and why, and what was refused (the message as
-    received, or the reading as mapped when the data contract or the twin refused it: unknown asset, too late,
-    implausible value, conflict), its first 4 KiB with its length and SHA-256 where it was longer."""
+@router.get("/{name}/dead-letters", response_model=DeadLetterPage)
+async def connector_dead_letter_log(name: IdPath, day: str | None = DAY, limit: DeadLetterLimit = PAGE_LIMIT,
+                                    cursor: Cursor = None, who: Principal = READER, svc: Services = SVC) -> Any:
+    """The connector's dead letters (of one UTC day if given), newest first, a page at a time
+    (`serve_apps.dead_letters`): messages that did not become telemetry, with the source they came from and why, and
+    what was refused (the message as received, or the reading as mapped when the data contract or the twin refused
+    it: unknown asset, too late, implausible value, conflict), its first 4 KiB with its length and SHA-256 where it
+    was longer."""
     await svc.backend.call("connector", "view", who.tenant, name)  # 404: not this tenant's connector
     store = StateStore(svc.config.url("twins"), svc.config.storage_options or None)
-    return await run_in_threadpool(connector_dead_letters, store, who.tenant, name, day, limit)
+    return await run_in_threadpool(connector_dead_letters, store, who.tenant, name, day, limit, cursor)
 
 
 @router.post("/{name}/pause", response_model=ConnectorStatus, responses=CONFLICT, dependencies=[SWITCH])

@@ -193,6 +193,11 @@ class DeadLetter(BaseModel):
     dead_lettered_at: datetime
 
 
+class DeadLetterPage(BaseModel):
+    dead_letters: list[DeadLetter] = Field(description="newest first (by `dead_lettered_at`, then content)")
+    next_cursor: str | None = NEXT_CURSOR
+
+
 class StoreFence(BaseModel):
     """Why this service may no longer write its store: its lease was taken (a takeover, a reshard) or released.
     Every write it takes is refused (503 `store_fenced`) until its operator restarts it on the store."""

@@ -8,7 +8,7 @@ import random
 import subprocess
 import sys
 import warnings
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import httpx
@@ -569,6 +569,29 @@ def test_iter_assets_and_asset_types_follow_the_cursor_sync_and_async():
             assert [getattr(item, "key", None) or item.id for item in items] == keys
             assert [dict(r.url.params) for r in seen] == [{**filters, "limit": "1"},
                                                           {**filters, "limit": "1", "cursor": "c2"}]
+
+
+def test_iter_connector_dead_letters_follows_the_cursor_sync_and_async():
+    """A connector's dead letters answered the newest `limit` (at most 1000) and no cursor: a tenant with more never
+    read the rest. Paged now, `iter_connector_dead_letters` follows `next_cursor`, newest first, with its `day`."""
+    def letter(key: str) -> dict:
+        return {"asset_id": "pump-1", "idempotency_key": key, "reason": "mqtt://web/t: not JSON", "raw": "{",
+                "dead_lettered_at": "2026-12-05T09:00:00Z"}
+
+    def page(keys: list[str], cursor: str | None) -> httpx.Response:
+        return httpx.Response(200, json={"dead_letters": [letter(k) for k in keys], "next_cursor": cursor})
+
+    async def collect(api) -> list[str | None]:
+        async with api:
+            return [d.idempotency_key async for d in api.iter_connector_dead_letters("web", date(2026, 12, 5), 2)]
+
+    for api, seen in both(lambda: scripted(page(["k3", "k2"], "c2"), page(["k1"], None))):
+        got = collect(api) if isinstance(api, AsyncRayTwinClient) else [
+            d.idempotency_key for d in api.iter_connector_dead_letters("web", date(2026, 12, 5), 2)]
+        assert (asyncio.run(got) if isinstance(api, AsyncRayTwinClient) else got) == ["k3", "k2", "k1"]
+        assert {r.url.path for r in seen} == {"/v1/connectors/web/dead-letters"}
+        assert [dict(r.url.params) for r in seen] == [{"day": "2026-12-05", "limit": "2"},
+                                                      {"day": "2026-12-05", "limit": "2", "cursor": "c2"}]
 
 
 def test_wait_job_reports_each_change_backs_off_and_raises_on_failure_or_timeout():

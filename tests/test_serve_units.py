@@ -2093,15 +2093,15 @@ def test_a_tenant_reads_its_own_connectors_dead_letters_and_never_another_tenant
         def read(name: str, key: str = "reader", **params) -> list[dict]:
             answer = http.get(f"/v1/connectors/{name}/dead-letters", headers=auth[key], params=params)
             assert answer.status_code == 200, answer.text
-            return answer.json()
+            assert answer.json()["next_cursor"] is None, "a page of them all"
+            return answer.json()["dead_letters"]
 
         web = read("web")
         assert [(d["reason"].split(": ")[1], d["dead_lettered_at"][:10]) for d in web] == [
-            ("payload is not JSON", "2026-12-04"), ("no reading", "2026-12-05")]  # oldest first; not webx's
-        assert web[0] == {"asset_id": "pump-1", "idempotency_key": None, "reason": web[0]["reason"],
-                          "raw": f"acme:{web[0]['reason']}", "dead_lettered_at": "2026-12-04T10:00:00Z"}
-        assert [d["reason"] for d in read("web", limit=1)] == [web[1]["reason"]]  # the newest
-        assert [d["reason"] for d in read("web", day="2026-12-04")] == [web[0]["reason"]]
+            ("no reading", "2026-12-05"), ("payload is not JSON", "2026-12-04")]  # newest first; not webx's
+        assert web[1] == {"asset_id": "pump-1", "idempotency_key": None, "reason": web[1]["reason"],
+                          "raw": f"acme:{web[1]['reason']}", "dead_lettered_at": "2026-12-04T10:00:00Z"}
+        assert [d["reason"] for d in read("web", day="2026-12-04")] == [web[1]["reason"]]
         assert read("web", day="2026-12-03") == [] and len(read("plc")) == 1
         assert [d["raw"] for d in read("web", "other")] == ["globex:mqtt://web/g/telemetry: globex's own"]
         for name, key in (("plc", "other"), ("nope", "reader")):  # another tenant's connector is a missing one
@@ -2122,10 +2122,26 @@ def test_a_tenant_reads_its_own_connectors_dead_letters_and_never_another_tenant
         assert http.get("/v1/connectors/web/dead-letters").status_code == 401
         sdk = RayTwinClient("http://testserver", auth["reader"]["Authorization"].removeprefix("Bearer "),
                             transport=http._transport)
-        (newest,) = sdk.connector_dead_letters("web", day=day2.date(), limit=5)
-        assert newest.reason == web[1]["reason"] and newest.dead_lettered_at == datetime(2026, 12, 5, 9, tzinfo=UTC)
+        (newest,) = sdk.connector_dead_letters("web", day=day2.date(), limit=5).dead_letters
+        assert newest.reason == web[0]["reason"] and newest.dead_lettered_at == datetime(2026, 12, 5, 9, tzinfo=UTC)
         with pytest.raises(ClientNotFound):
             sdk.connector_dead_letters("webx")
+
+        # more than a page: every one read once, page after page, identical ones of one write included; a page
+        # stays in place while newer ones are written; a cursor of another listing is refused saying what to send
+        flood = [f"mqtt://web/site/pump-1/telemetry: bad {i % 4}" for i in range(10)]  # each one 2 or 3 times
+        letters("acme", day2 + timedelta(hours=1), *flood)
+        first = sdk.connector_dead_letters("web", limit=4)
+        letters("acme", day2 + timedelta(hours=2), "mqtt://web/site/pump-1/telemetry: newer")
+        rest = list(sdk.iter_connector_dead_letters("web", page_size=3))
+        again = [*first.dead_letters, *sdk.connector_dead_letters("web", limit=1000, cursor=first.next_cursor)
+                 .dead_letters]
+        assert again == rest[1:] and rest[0].reason.endswith(": newer") and len(again) == 12
+        assert sorted(d.reason for d in again[:10]) == sorted(flood) and [d.reason for d in again[10:]] == [
+            d["reason"] for d in web]
+        other = http.get("/v1/connectors/plc/dead-letters", headers=auth["reader"],
+                         params={"cursor": first.next_cursor})
+        assert other.status_code == 422 and "GET /v1/connectors/plc/dead-letters" in other.json()["error"]["message"]
 
 
 def test_serve_prints_the_port_serve_listens_on_and_says_when_it_is_not_the_one_asked(monkeypatch):

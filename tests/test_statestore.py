@@ -148,7 +148,7 @@ def test_a_page_of_a_connectors_newest_dead_letters_reads_only_the_days_that_hol
     from typer.testing import CliRunner
 
     from actors.cli import twins_app
-    from serve_apps.dead_letters import connector_dead_letters
+    from serve_apps.dead_letters import connector_dead_letters, ranked
     from serve_apps.schemas import DeadLetter
 
     def letters(tenant: str, when: datetime, *reasons: str) -> None:
@@ -169,7 +169,7 @@ def test_a_page_of_a_connectors_newest_dead_letters_reads_only_the_days_that_hol
     def newest(tenant: str, limit: int, day: str | None = None) -> list[dict]:
         rows = [{k: r[k] for k in fields} for r in store.read_dead_letters(tenant).to_pylist()
                 if r["reason"].startswith("mqtt://web/") and day in (None, r["date"])]
-        return rows[max(0, len(rows) - limit):]
+        return [row for _, row in ranked(rows)[:limit]]  # newest first, as a page lists them
 
     read: list[str] = []
     files_dataset = statestore.files_dataset
@@ -183,13 +183,13 @@ def test_a_page_of_a_connectors_newest_dead_letters_reads_only_the_days_that_hol
         read.clear()
         with monkeypatch.context() as spying:
             spying.setattr(statestore, "files_dataset", spy)
-            rows = [d.model_dump() for d in connector_dead_letters(store, "acme", "web", day, limit)]
+            rows = [d.model_dump() for d in connector_dead_letters(store, "acme", "web", day, limit).dead_letters]
         assert rows == expected and all("/tenant=acme/" in p for p in read)
         return rows, {p.split("/date=")[1][:10] for p in read}
 
     for compacted in (False, True):  # part files; then compacted ones, sorted by time
         rows, dates = page(4)
-        assert [r["idempotency_key"] for r in rows] == ["091200:3", "091205:0", "091205:2", "101200:1"]
+        assert [r["idempotency_key"][:6] for r in rows] == ["101200", "091205", "091205", "091200"]
         assert dates == {"2026-11-09", "2026-11-10"}  # not the 8 days before
         rows, dates = page(1000, "2026-11-03")
         assert len(rows) == 5 and dates == {"2026-11-03"}
@@ -198,6 +198,19 @@ def test_a_page_of_a_connectors_newest_dead_letters_reads_only_the_days_that_hol
         if not compacted:
             assert len(store.compact(min_files=1)) == 11
             everything = store.read_dead_letters()
+
+    walked, cursor = [], None  # page after page: each reads from its cursor's day back, never a newer day
+    while True:
+        read.clear()
+        with monkeypatch.context() as spying:
+            spying.setattr(statestore, "files_dataset", spy)
+            got = connector_dead_letters(store, "acme", "web", None, 12, cursor)
+        if cursor is not None:
+            assert max(p.split("/date=")[1][:10] for p in read) <= walked[-1]["dead_lettered_at"].date().isoformat()
+        walked += [d.model_dump() for d in got.dead_letters]
+        if (cursor := got.next_cursor) is None:
+            break
+    assert walked == newest("acme", 1000) and len(walked) == 9 * 5 + 1
 
     store.save_registration("acme", "pump-1", {})  # (a twin store, for the CLI)
     out = CliRunner().invoke(twins_app, ["dead-letters", store.url, "--tenant", "acme", "--day", "2026-11-03",
@@ -241,7 +254,7 @@ def test_a_connectors_few_dead_letters_are_read_again_from_their_days_alone(stor
     def days(paths: list[str]) -> list[str]:
         return sorted({p.split("/date=")[1][:10] for p in paths})
 
-    found = [d.idempotency_key for d in connector_dead_letters(store, "acme", "web", None, 1000)]
+    found = [d.idempotency_key for d in connector_dead_letters(store, "acme", "web", None, 1000).dead_letters[::-1]]
     assert found == [r["idempotency_key"] for r in rows if r["reason"] == web] == ["041200:2", "061200:2"]
     assert len(days(scanned)) == 10 and days(read) == ["2026-11-04", "2026-11-06"]
 
@@ -276,7 +289,7 @@ def test_a_connectors_few_dead_letters_are_read_from_the_days_marked_with_it_alo
 
     def page(on: StateStore, name: str = "web") -> list[str]:
         scanned.clear()
-        return [d.idempotency_key for d in connector_dead_letters(on, "acme", name, None, 1000)]
+        return [d.idempotency_key for d in connector_dead_letters(on, "acme", name, None, 1000).dead_letters[::-1]]
 
     def days() -> list[str]:
         return sorted({p.split("/date=")[1][:10] for p in scanned})
@@ -325,7 +338,7 @@ def test_a_new_tenants_dead_letters_are_marked_whole_from_its_first(store, monke
     def page(tenant: str) -> tuple[list[str], list[str]]:
         scanned.clear()
         found = [d.idempotency_key for d in connector_dead_letters(StateStore(store.url, store.storage_options),
-                                                                   tenant, "web", None, 1000)]
+                                                                   tenant, "web", None, 1000).dead_letters]
         return found, sorted({p.split("/date=")[1][:10] for p in scanned})
 
     assert page("gamma") == (["3:1"], ["2026-11-03"])  # its first writer marked it whole: web's day alone
