@@ -11,7 +11,9 @@ keeps its ETag. A bare revision (``"17"``, what ETags were before) still matches
 
 The route only parses the headers into a `Precondition`; the backend evaluates it under the
 catalog lock, in the same step as the write (compare-and-set), so two replicas can never both
-pass the check for one revision.
+pass the check for one revision. A read that answers an ETag evaluates both against what it read
+(`Precondition.read`: If-Match 412, If-None-Match 304); any other route refuses them (412,
+`refuse_unevaluated`) rather than ignore them.
 """
 
 from __future__ import annotations
@@ -79,6 +81,11 @@ class EntityTags:
         named: by `*`, its tag, or its bare revision (unchecked: tags before content digests)."""
         return current is not None and (self.any or str(current) in self.tags or tag in self.tags)
 
+    def names(self, tag: str) -> bool:
+        """Whether `*` or the tag itself is named (no bare revision: a twin's revision count restarts when its asset
+        is deleted and created again)."""
+        return self.any or tag in self.tags
+
 
 @dataclass(frozen=True)
 class Precondition:
@@ -112,6 +119,27 @@ class Precondition:
                 "write only if it does not; nothing was changed",
                 details=[{"header": "If-None-Match", "current_revision": current}])
 
+    def read(self, sent: str, revision: int, what: str) -> Response | None:
+        """Evaluate a conditional read of the representation whose `ETag` header is `sent`, at `revision` (RFC 9110,
+        13.2.2): 412 where If-Match does not name it, else 304 (no body) where If-None-Match does, else None (answer
+        in full). If-Match compares strongly, so a weak ETag (a twin state's) is named by `*` alone; If-None-Match
+        compares weakly. A strong ETag's bare revision matches too (a catalog or lifecycle revision only grows)."""
+        weak, tag = sent.startswith("W/"), sent.removeprefix("W/").strip('"')
+
+        def named(tags: EntityTags) -> bool:
+            return tags.names(tag) if weak else tags.matches(revision, tag)
+
+        if self.if_match is not None and not (self.if_match.any or not weak and named(self.if_match)):
+            why = (f"its ETag {sent} is weak and If-Match compares strongly (RFC 9110, 13.1.1), so only If-Match: * "
+                   "holds here" if weak else f"it is at revision {revision} (ETag {sent}), which does not match it")
+            raise PreconditionFailed(
+                f"If-Match: {self.if_match.raw} does not hold for {what}: {why}; nothing is answered. Read it without "
+                "If-Match (or with the ETag it answers), or send If-None-Match with the ETag you hold to read it only "
+                "once it changed", details=[{"header": "If-Match", "current_revision": revision}])
+        if self.if_none_match is not None and named(self.if_none_match):
+            return Response(status_code=304, headers={"ETag": sent})
+        return None
+
 
 def _header(description: str) -> dict[str, Any]:
     return {"description": description, "schema": {"type": "string"}}
@@ -135,14 +163,23 @@ def with_etag(responses: dict[int | str, dict[str, Any]], *statuses: int, header
     return out
 
 
-def not_modified(if_none_match: str | None, revision: int, content: Any) -> Response | None:
-    """304 for a conditional read whose `If-None-Match` names the current revision of `content` (or `*`): the
-    client's copy is current, nothing is sent again. Catalog revisions only grow, so a tag never
-    names an older or a deleted-and-recreated resource."""
-    tags = EntityTags.parse(if_none_match, weak=True)
-    if tags is None or not tags.matches(revision, content_tag(revision, content)):
-        return None
-    return Response(status_code=304, headers={"ETag": etag(revision, content=content)})
+NOT_MODIFIED: dict[int | str, dict[str, Any]] = {304: {"description": "Not modified: `If-None-Match` names the "
+                                                          "current ETag"}}
+"""The OpenAPI answer of a read that evaluates its conditions (`conditional_read`)."""
+
+
+async def conditional_read(
+    if_match: str | None = Header(None, description='Answer only if the resource\'s ETag is one of these '
+                                  '(`"17-9c1e02ab44d1"`, compared strongly: a weak ETag only by `*`), else 412'),
+    if_none_match: str | None = Header(None, description="An ETag this client holds (or `*`): 304 (no body) while it "
+                                       "is still current"),
+) -> Precondition:
+    """A read route's dependency: the request's preconditions, which the route evaluates against the representation
+    it read (`Precondition.read`). Declaring them is what keeps `refuse_unevaluated` from refusing them."""
+    return Precondition(EntityTags.parse(if_match), EntityTags.parse(if_none_match, weak=True))
+
+
+CONDITIONAL_READ = Depends(conditional_read)
 
 
 async def precondition(
@@ -161,16 +198,15 @@ async def precondition(
 
 
 CONDITIONS = ("If-Match", "If-None-Match", "If-Unmodified-Since")
-"""The preconditions a client may put on a write (RFC 9110, section 13.1)."""
+"""The preconditions a client may put on a request (RFC 9110, section 13.1)."""
 WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
-def unevaluated_conditions(methods: set[str], dependant: Dependant) -> tuple[str, ...]:
-    """The preconditions of `CONDITIONS` a write route (`methods`) never reads (none for a read): a condition a
-    write ignores is one a client believes holds, e.g. `If-Match` on `PUT /v1/lifecycle-policy` replaced a policy
-    another admin had just changed. A route reads a header by declaring it, in its signature or a dependency."""
-    if not methods & WRITES:
-        return ()
+def unevaluated_conditions(dependant: Dependant) -> tuple[str, ...]:
+    """The preconditions of `CONDITIONS` a route never reads: a condition a write ignores is one a client believes
+    holds, e.g. `If-Match` on `PUT /v1/lifecycle-policy` replaced a policy another admin had just changed, and a read
+    that ignores If-Match answers a representation the client said not to (RFC 9110, 13.1.1: 412). A route reads a
+    header by declaring it, in its signature or a dependency (a read: `CONDITIONAL_READ`)."""
     read = _headers_read(dependant)
     return tuple(header for header in CONDITIONS if header.lower() not in read)
 
@@ -184,17 +220,19 @@ def _headers_read(dependant: Dependant) -> set[str]:
 def refuse_unevaluated(request: Request) -> None:
     """412 for a request carrying a condition its route does not evaluate (the route's `unevaluated`, kept by
     `serve_apps.json_route.JsonRoute`): refused rather than ignored, as for telemetry (`unconditional`), before
-    anything is written. `serve_apps.deps.require` calls it once the caller's key, rate limit and role passed, so an
-    anonymous caller gets 401 (and a reader 403) whatever headers it sends, never an answer about the route."""
+    anything is written or read. `serve_apps.deps.require` calls it once the caller's key, rate limit and role
+    passed, so an anonymous caller gets 401 (and a reader 403) whatever headers it sends, never an answer about the
+    route."""
     headers: tuple[str, ...] = getattr(request.scope.get("route"), "unevaluated", ())
     for header in headers:
         if (value := request.headers.get(header)) is not None:
             honoured = [h for h in CONDITIONS if h not in headers]
-            instead = f" (this write evaluates {' and '.join(honoured)})" if honoured else ""
+            write = request.method in WRITES
+            instead = f" (this {'write' if write else 'read'} evaluates {' and '.join(honoured)})" if honoured else ""
             raise PreconditionFailed(
                 f"{request.method} {request.url.path} does not evaluate {header}, so {header}: {value} is refused "
-                f"rather than ignored; nothing was changed. Send it without {header}{instead}",
-                details=[{"header": header, "current_revision": None}])
+                f"rather than ignored; {'nothing was changed' if write else 'nothing is answered'}. Send it without "
+                f"{header}{instead}", details=[{"header": header, "current_revision": None}])
 
 
 def unconditional(what: str, why: str) -> Any:

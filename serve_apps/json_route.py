@@ -31,16 +31,16 @@ class JsonRoute(APIRoute):
     A good body is parsed once, by pydantic-core (faster than `json.loads`, refuses NaN and
     Infinity, bounded recursion), and FastAPI gets the parsed value.
 
-    A write's preconditions that it does not evaluate (`If-Match`, `If-None-Match`, `If-Unmodified-Since`: those it
-    declares no header parameter for) are kept as `unevaluated`; a request carrying one answers 412 once its key,
-    rate limit and role passed (`serve_apps.conditional.refuse_unevaluated`, called by `serve_apps.deps.require`),
-    before the body is checked and anything runs, so no route, new ones included, ignores a condition its client
-    believes holds.
+    A route's preconditions that it does not evaluate (`If-Match`, `If-None-Match`, `If-Unmodified-Since`: those it
+    declares no header parameter for; a read that answers an ETag evaluates the first two, `CONDITIONAL_READ`) are
+    kept as `unevaluated`; a request carrying one answers 412 once its key, rate limit and role passed
+    (`serve_apps.conditional.refuse_unevaluated`, called by `serve_apps.deps.require`), before the body is checked
+    and anything runs, so no route, new ones included, ignores a condition its client believes holds.
     """
 
     def __init__(self, path: str, endpoint: Callable[..., Any], **options: Any) -> None:
         super().__init__(path, endpoint, **options)
-        self.unevaluated = unevaluated_conditions(self.methods, self.dependant)
+        self.unevaluated = unevaluated_conditions(self.dependant)
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()

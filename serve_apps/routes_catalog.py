@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Header, Query, Request, Response
+from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from raytwin.contracts import Asset, AssetType, RelationshipKind, describe_error
 from serve_apps.audit import CURSOR_PATTERN, NEXT_CURSOR
 from serve_apps.auth import Principal
-from serve_apps.conditional import Precondition, etag, not_modified, precondition, with_etag
+from serve_apps.conditional import CONDITIONAL_READ, NOT_MODIFIED, Precondition, etag, precondition, with_etag
 from serve_apps.deps import ADMIN, DAY, READER, SVC, Limit, Services
 from serve_apps.errors import CONFLICT, NotFound, Unprocessable, unwrap
 from serve_apps.listing import PAGE_LIMIT, Cursor, PageLimit
@@ -28,9 +28,6 @@ from serve_apps.schemas import AssetCreate, AssetPage, AssetTypePage, AssetUpdat
 
 
 PRE = Depends(precondition)
-NOT_MODIFIED: dict[int | str, dict[str, Any]] = {304: {"description": "Not modified: `If-None-Match` names the "
-                                                          "current ETag"}}
-IF_NONE_MATCH = Header(None, description="An ETag this client holds: 304 (no body) while it is still current")
 
 
 def register(app: FastAPI) -> None:
@@ -67,13 +64,12 @@ def register(app: FastAPI) -> None:
 
     @app.get("/v1/asset-types/{name}/{version}", response_model=AssetType, tags=tags,
              responses=with_etag(NOT_MODIFIED, 200, 304))
-    async def get_asset_type(name: str, version: str, response: Response, if_none_match: str | None = IF_NONE_MATCH,
-                             who: Principal = READER, svc: Services = SVC) -> Any:
+    async def get_asset_type(name: str, version: str, response: Response, who: Principal = READER,
+                             pre: Precondition = CONDITIONAL_READ, svc: Services = SVC) -> Any:
         asset_type, revision = await svc.backend.call("get_type", who.tenant, name, version)
-        content = asset_type.model_dump(mode="json")
-        response.headers["ETag"] = etag(revision, content=content)
+        response.headers["ETag"] = etag(revision, content=asset_type.model_dump(mode="json"))
         await announce(svc, response, who.tenant, type_key=(name, version))
-        return not_modified(if_none_match, revision, content) or asset_type
+        return pre.read(response.headers["ETag"], revision, f"asset type {name}@{version}") or asset_type
 
     @app.delete("/v1/asset-types/{name}/{version}", status_code=204, tags=tags, responses=CONFLICT)
     async def delete_asset_type(name: str, version: str, request: Request, who: Principal = ADMIN,
@@ -113,13 +109,12 @@ def register(app: FastAPI) -> None:
                                       limit, cursor)
 
     @app.get("/v1/assets/{asset_id}", response_model=Asset, tags=tags, responses=with_etag(NOT_MODIFIED, 200, 304))
-    async def get_asset(asset_id: str, response: Response, if_none_match: str | None = IF_NONE_MATCH,
-                        who: Principal = READER, svc: Services = SVC) -> Any:
+    async def get_asset(asset_id: str, response: Response, who: Principal = READER,
+                        pre: Precondition = CONDITIONAL_READ, svc: Services = SVC) -> Any:
         asset, revision = await svc.backend.call("get_asset_revision", who.tenant, asset_id)
-        content = asset.model_dump(mode="json")
-        response.headers["ETag"] = etag(revision, content=content)
+        response.headers["ETag"] = etag(revision, content=asset.model_dump(mode="json"))
         await announce(svc, response, who.tenant, asset_id=asset_id)
-        return not_modified(if_none_match, revision, content) or asset
+        return pre.read(response.headers["ETag"], revision, f"asset {asset_id}") or asset
 
     @app.get("/v1/assets/{asset_id}/relationships", response_model=Related, tags=tags)
     async def relationships(asset_id: str, who: Principal = READER, svc: Services = SVC) -> Related:

@@ -43,7 +43,7 @@ from raytwin.lifecycle import Actor as LifecycleActor
 from raytwin.registry import ModelRegistry, RegistryError
 from raytwin.statestore import StateStore
 from serve_apps.auth import OWNER_NEEDED, KeyStore, Principal, ownerless_fix
-from serve_apps.conditional import LIFECYCLE_ETAG, with_etag
+from serve_apps.conditional import CONDITIONAL_READ, LIFECYCLE_ETAG, NOT_MODIFIED, Precondition, with_etag
 from serve_apps.deps import ADMIN, READER, SVC, WRITABLE, WRITABLE_NOW, WRITER, IdPath, Services
 from serve_apps.errors import (CONFLICT, BadRequest, Conflict, Forbidden, NotFound, PreconditionFailed,
                                Unprocessable, unwrap)
@@ -297,14 +297,14 @@ def register(app: FastAPI) -> None:
     tags = ["model lifecycle"]
 
     @app.get("/v1/models/{model}/lifecycle", response_model=LifecycleStatus, tags=tags,
-             responses=with_etag({}, 200, header=LIFECYCLE_ETAG))
+             responses=with_etag(NOT_MODIFIED, 200, 304, header=LIFECYCLE_ETAG))
     async def lifecycle_status(model: ModelName, response: Response, who: Principal = READER,
-                               svc: Services = SVC) -> LifecycleStatus:
+                               pre: Precondition = CONDITIONAL_READ, svc: Services = SVC) -> Any:
         """Each registered version's stage and author, the production version and the log's revision (also the
         ETag: send it as If-Match to make a transition conditional on it)."""
         status: LifecycleStatus = await _call(_status, _lifecycle(svc, who.tenant), model)
         response.headers["ETag"] = lifecycle_etag(status.revision, status.head_hash)
-        return status
+        return pre.read(response.headers["ETag"], status.revision, f"model {model}'s lifecycle") or status
 
     @app.post("/v1/models/{model}/versions/{version}/transitions", response_model=TransitionAnswer,
               status_code=201, tags=tags, responses=with_etag(CONFLICT, 201, header=LIFECYCLE_ETAG))

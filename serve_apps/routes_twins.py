@@ -20,7 +20,8 @@ from raytwin.contracts import (
     normalize_measurements,
 )
 from serve_apps.auth import Principal
-from serve_apps.conditional import STATE_ETAG, state_etag, unconditional, with_etag
+from serve_apps.conditional import (CONDITIONAL_READ, NOT_MODIFIED, STATE_ETAG, Precondition, state_etag, unconditional,
+                                    with_etag)
 from serve_apps.deps import READER, SVC, WRITER, Services
 from serve_apps.errors import PayloadTooLarge, Unprocessable
 from serve_apps.resend import resend_safe
@@ -28,7 +29,9 @@ from serve_apps.routes_evolution import TYPE_VERSION_HEADER, check_sender_versio
 from serve_apps.schemas import Divergence, DriftClear, IngestResult, Rejection, TelemetryBatch
 
 STATE_TAGGED = with_etag({}, 200, header=STATE_ETAG)
-"""The twin state's and divergence's answers: their weak `ETag`."""
+"""A drift clear's answer: the divergence's weak `ETag`."""
+STATE_READ = with_etag(NOT_MODIFIED, 200, 304, header=STATE_ETAG)
+"""The twin state's and divergence's reads: their weak `ETag` (304: `If-None-Match` names it)."""
 
 
 UNCONDITIONAL = unconditional("telemetry", "events are ordered by their event time and told apart by idempotency key, "
@@ -76,29 +79,30 @@ def register(app: FastAPI) -> None:
                                          for r in report["reasons"]], key=lambda r: (r.index is None, r.index or 0)),
         )
 
-    @app.get("/v1/assets/{asset_id}/state", response_model=TwinState, tags=tags, responses=STATE_TAGGED)
+    @app.get("/v1/assets/{asset_id}/state", response_model=TwinState, tags=tags, responses=STATE_READ)
     async def state(asset_id: str, response: Response,
                     at: Annotated[DateTime | None, Query(description="RFC 3339 date-time with offset (e.g. "
                                                          "2026-01-05T12:00:00Z): the state then")] = None,
-                    who: Principal = READER, svc: Services = SVC) -> Any:
+                    who: Principal = READER, pre: Precondition = CONDITIONAL_READ, svc: Services = SVC) -> Any:
         """The twin's state: mean, std, covariance, revision (also the weak `ETag`), last event time and divergence
         indicators."""
         found = await svc.twins.state(who.tenant, asset_id, at)
         response.headers["ETag"] = state_etag(found)
         if found["stale"]:  # the shard is restarting: the last durable state (see serve_apps/twin_reads.py)
             response.headers["RayTwin-Stale"] = "true"
-        return found
+        return pre.read(response.headers["ETag"], found["revision"], f"the state of twin {asset_id}") or found
 
-    @app.get("/v1/assets/{asset_id}/divergence", response_model=Divergence, tags=tags, responses=STATE_TAGGED)
+    @app.get("/v1/assets/{asset_id}/divergence", response_model=Divergence, tags=tags, responses=STATE_READ)
     async def divergence(asset_id: str, response: Response, who: Principal = READER,
-                         svc: Services = SVC) -> Divergence:
+                         pre: Precondition = CONDITIONAL_READ, svc: Services = SVC) -> Any:
         """Model/data divergence: normalised innovation (NIS) statistics, residuals and the drift flag."""
         found = await svc.twins.state(who.tenant, asset_id)
         response.headers["ETag"] = state_etag(found)
         if found["stale"]:  # the shard is restarting or hung: its last durable state's indicators
             response.headers["RayTwin-Stale"] = "true"
-        return Divergence(asset_id=asset_id, revision=found["revision"], event_time=found["event_time"],
-                          **found["divergence"])
+        return pre.read(response.headers["ETag"], found["revision"], f"the divergence of twin {asset_id}") or \
+            Divergence(asset_id=asset_id, revision=found["revision"], event_time=found["event_time"],
+                       **found["divergence"])
 
     @app.post("/v1/assets/{asset_id}/drift/clear", response_model=Divergence, tags=tags, responses=STATE_TAGGED)
     async def clear_drift(asset_id: str, body: DriftClear, request: Request, response: Response,

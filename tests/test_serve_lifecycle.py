@@ -598,6 +598,10 @@ def test_if_match_makes_a_transition_conditional_on_the_lifecycle_etag(client):
     assert first.status_code == 201 and first.headers["etag"] == f'"0-{first.json()["hash"][:12]}"', first.text
     assert http.get(f"/v1/models/{model}/lifecycle", headers=api.headers_for("reader")).headers["etag"] == \
         first.headers["etag"]
+    for condition, status in (({"If-Match": empty}, 412), ({"If-Match": first.headers["etag"]}, 200),
+                              ({"If-None-Match": first.headers["etag"]}, 304), ({"If-None-Match": empty}, 200)):
+        read = http.get(f"/v1/models/{model}/lifecycle", headers={**api.headers_for("reader"), **condition})
+        assert read.status_code == status, (condition, read.text)  # the read evaluates both, as the catalog's do
     stale = assert_error(http.post(url.format("1.1.0"), json={"to": "candidate", "reason": "fit"},
                                    headers=writer(empty)), 412, "precondition_failed")["message"]
     assert stale == (f'{model} is at revision 0, not -1: another transition came first; reload and retry; nothing was '

@@ -2732,9 +2732,9 @@ def test_a_write_refuses_a_precondition_it_does_not_evaluate_rather_than_ignorin
 
     routes = {(route.path, method): route for route in create_api().routes if hasattr(route, "dependant")
               for method in route.methods}
-    assert unevaluated_conditions({"POST"}, routes["/v1/assets/{asset_id}/telemetry", "POST"].dependant) == ()
-    assert unevaluated_conditions({"PUT"}, routes["/v1/assets/{asset_id}", "PUT"].dependant) == ("If-Unmodified-Since",)
-    assert unevaluated_conditions({"GET"}, routes["/v1/lifecycle-policy", "GET"].dependant) == ()
+    assert unevaluated_conditions(routes["/v1/assets/{asset_id}/telemetry", "POST"].dependant) == ()
+    assert unevaluated_conditions(routes["/v1/assets/{asset_id}", "PUT"].dependant) == ("If-Unmodified-Since",)
+    assert unevaluated_conditions(routes["/v1/assets/{asset_id}", "GET"].dependant) == ("If-Unmodified-Since",)
     policy = {"auto_promote": False, "keep_archived": 2, "keep_runs": 20}
     with in_process(SimpleNamespace(check_writable=lambda: None), tmp_path) as (http, auth, _):
         said = {}
@@ -2751,6 +2751,61 @@ def test_a_write_refuses_a_precondition_it_does_not_evaluate_rather_than_ignorin
         assert "(this write evaluates If-Match and If-None-Match)" in said["/v1/assets/zone-1"]
         assert http.get("/v1/lifecycle-policy", headers=auth["reader"]).json()["keep_archived"] == 5  # unchanged
         assert http.put("/v1/lifecycle-policy", json=policy, headers=auth["admin"]).json()["keep_archived"] == 2
+
+
+def test_a_read_that_answers_an_etag_evaluates_if_match_and_if_none_match_and_any_other_read_refuses_them(
+        tmp_path, monkeypatch):
+    """GET routes that answer an ETag ignored If-Match: a client that asked for the representation it held got
+    another one (RFC 9110, 13.1.1: 412), and twin state reads ignored If-None-Match. Each read with an ETag now
+    answers 412 when If-Match does not name it (strongly: a weak ETag by `*` alone), else 304 when If-None-Match
+    names it (weakly; a twin's bare revision never, as it restarts with a re-created asset); a read with no ETag
+    refuses both (412, naming the header), as writes refuse what they do not evaluate."""
+    from actors.state import DivergenceReport, TwinState
+    from tests.fixtures_serve import in_process
+
+    asset = Asset(id="zone-1", tenant="acme", type_name="room", type_version="1.0.0")
+    report = DivergenceReport(nis_mean=1.0, nis_last=1.0, residual_mean={}, residual_rms={}, drift=False,
+                              diverged=False)
+    twin = TwinState(tenant="acme", asset_id="zone-1", model_ref="room@1.0.0", revision=7, event_time=None,
+                     state={"T": 1.0}, std={"T": 0.1}, covariance=[[0.01]], divergence=report, events_applied=7)
+    backend = SimpleNamespace(get_asset_revision=lambda tenant, asset_id: (asset, 7),
+                              evolution=lambda *args: None, check_writable=lambda: None)
+    other, bare = '"6-000000000000"', '"7"'
+    #             If-Match: tag, itself strong, in a list, another, *, bare; If-None-Match: tag, strong, other, bare
+    expected = {"strong": [200, 200, 200, 412, 200, 200, 304, 304, 200, 304],
+                "weak": [412, 412, 412, 412, 200, 412, 304, 304, 200, 200]}
+    with in_process(backend, tmp_path) as (http, auth, svc):
+        async def state(tenant: str, asset_id: str, at: datetime | None = None) -> dict:
+            return twin.model_dump(mode="json")
+
+        monkeypatch.setattr(svc.twins, "state", state)
+        for path in ("/v1/assets/zone-1", "/v1/assets/zone-1/state", "/v1/assets/zone-1/divergence"):
+            full = http.get(path, headers=auth["reader"])
+            tag = full.headers["etag"]
+            strong = tag.removeprefix("W/")
+            conditions = [{"If-Match": tag}, {"If-Match": strong}, {"If-Match": f"{other}, {strong}"},
+                          {"If-Match": other}, {"If-Match": "*"}, {"If-Match": bare}, {"If-None-Match": tag},
+                          {"If-None-Match": strong}, {"If-None-Match": other}, {"If-None-Match": bare}]
+            answers = [http.get(path, headers=auth["reader"] | c) for c in conditions]
+            kind = "weak" if tag.startswith("W/") else "strong"
+            assert [a.status_code for a in answers] == expected[kind], (path, [a.text for a in answers])
+            for a in answers:
+                if a.status_code == 200:
+                    assert a.json() == full.json()
+                elif a.status_code == 304:
+                    assert not a.content and a.headers["etag"] == tag
+                else:
+                    assert a.json()["error"]["details"] == [{"header": "If-Match", "current_revision": 7}]
+            refused = answers[1 if kind == "weak" else 3].json()["error"]["message"]
+            assert "If-None-Match" in refused and ("is weak" in refused) == (kind == "weak"), refused
+            both = http.get(path, headers=auth["reader"] | {"If-Match": other, "If-None-Match": tag})
+            assert both.status_code == 412  # If-Match is evaluated first (RFC 9110, 13.2.2)
+        for header in ("If-Match", "If-None-Match"):  # a read without an ETag has nothing to compare: refused
+            refused = http.get("/v1/lifecycle-policy", headers=auth["reader"] | {header: '"3"'})
+            message = refused.json()["error"]["message"]
+            assert refused.status_code == 412 and "nothing is answered" in message, refused.text
+            assert f'does not evaluate {header}, so {header}: "3" is refused' in message, message
+        assert http.get("/v1/lifecycle-policy", headers={"If-Match": '"3"'}).status_code == 401  # the key first
 
 
 def test_every_route_but_health_authenticates_its_caller_and_every_write_needs_a_writer():
@@ -2950,7 +3005,9 @@ def test_the_openapi_declares_the_etag_of_every_answer_that_carries_one_and_the_
                 ("post", "/v1/assets/{asset_id}/migrate", "200"), ("get", "/v1/models/{model}/lifecycle", "200"),
                 ("post", "/v1/models/{model}/versions/{version}/transitions", "201"),
                 ("post", "/v1/models/{model}/rollback", "201"),
-                ("get", "/v1/assets/{asset_id}", "304"), ("get", "/v1/asset-types/{name}/{version}", "304")}
+                ("get", "/v1/assets/{asset_id}", "304"), ("get", "/v1/asset-types/{name}/{version}", "304"),
+                ("get", "/v1/assets/{asset_id}/state", "304"), ("get", "/v1/assets/{asset_id}/divergence", "304"),
+                ("get", "/v1/models/{model}/lifecycle", "304")}  # each read with an ETag evaluates If-None-Match
     declared = {(method, path, status) for path, ops in paths.items() for method, op in ops.items()
                 for status, answer in op["responses"].items() if "ETag" in answer.get("headers", {})}
     assert declared == carrying
