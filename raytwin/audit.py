@@ -14,8 +14,10 @@ An action (a command sent to a device, a connector started, a run submitted, a t
 policy set, the backend's own acts as the system) is audited in two records: its `intent`, written before acting
 (no record, no action), and its `outcome`, written after. Both carry one `action_id`, which is also their objects'
 uuid, so a reader tells from the names alone whether an intent has its outcome: one without it (the store failed
-after the action, or the action is still under way) is answered with `outcome_missing: true`. A record of one step
-(a refusal, a stream's end, a record written before intents existed) has neither field, as before.
+after the action, or the action is still under way) is answered with `outcome_missing: true`. An outcome written
+more than a day after its intent's day (a long job) also leaves an empty ``{action_id}.settled`` object in the
+intent's day folder, so that a page of that day finds it without listing the days between (`settle`). A record of
+one step (a refusal, a stream's end, a record written before intents existed) has neither field, as before.
 """
 
 from __future__ import annotations
@@ -87,11 +89,16 @@ class AuditLog:
     def append(self, record: AuditRecord) -> None:
         """Add `record` as a new object, named by its time and its `action_id` (a new uuid where none)."""
         t = record.time.astimezone(UTC)
-        folder = f"{self.root}/{record.tenant}/{t:%Y-%m-%d}"
+        folder = f"{self.root}/{record.tenant}/{_utc_day(t)}"
         stored = {k: v for k, v in record.as_json().items() if k != "outcome_missing"}
         line = json.dumps(stored, sort_keys=True, allow_nan=False) + "\n"
         name = f"{t:%Y%m%dT%H%M%S.%fZ}-{record.action_id or uuid.uuid4().hex}.jsonl"
         replace_file(self.fs, f"{folder}/{name}", line.encode())
+
+    def mark_settled(self, intent: AuditRecord) -> None:
+        """Mark in `intent`'s day folder that its outcome is written (`settle`, for one written on a later day than
+        the next, which a page of the intent's day does not list)."""
+        replace_file(self.fs, f"{self.root}/{intent.tenant}/{_utc_day(intent.time)}/{intent.action_id}{SETTLED}", b"")
 
     def records(self, tenant: str, day: str | None = None, limit: int = 1000) -> list[AuditRecord]:
         """The tenant's most recent records (of one ``YYYY-MM-DD`` day if given), oldest first."""
@@ -111,9 +118,12 @@ class AuditLog:
             days = [d for d in days if d <= cursor.split("/", 1)[0]]
         newest_first: list[tuple[str, str]] = []  # (name, path) older than the cursor, newest first
         read: dict[str, list[str]] = {}  # each day folder listed: its records' names
+        settled: set[str] = set()  # the action ids those folders mark as settled days later
         for d in reversed(days):
-            listed = sorted(self._listed(tenant, d), reverse=True)
+            records, marked = self._listed(tenant, d)
+            listed = sorted(records, reverse=True)
             read[d] = [name for name, _ in listed]
+            settled |= marked
             newest_first += [entry for entry in listed if cursor is None or entry[0] < cursor]
             if len(newest_first) > limit:
                 break
@@ -121,7 +131,7 @@ class AuditLog:
         blobs = self.fs.cat([p for _, p in page], on_error="raise") if page else {}
         records = [AuditRecord.model_validate_json(blobs[p]) for _, p in page]
         if any(r.phase == "intent" for r in records):
-            records = self._mark_missing_outcomes(records, tenant, read)
+            records = self._mark_missing_outcomes(records, tenant, read, settled)
         return AuditPage(records, page[0][0] if len(newest_first) > limit else None)
 
     def _days(self, tenant: str) -> list[str]:
@@ -132,26 +142,29 @@ class AuditLog:
         names = (p.rstrip("/").rsplit("/", 1)[1] for p in self.fs.ls(base, detail=False))
         return sorted(name for name in names if _DAY.match(name))
 
-    def _listed(self, tenant: str, day: str) -> list[tuple[str, str]]:
-        """(cursor name, path) of the records of one day folder (none where it does not exist)."""
+    def _listed(self, tenant: str, day: str) -> tuple[list[tuple[str, str]], set[str]]:
+        """(cursor name, path) of the records of one day folder, and the action ids it marks as settled (`settle`);
+        none where it does not exist."""
         folder = f"{self.root}/{tenant}/{day}"
         if not self.fs.exists(folder):
-            return []
-        return [(_name(p), p) for p in self.fs.ls(folder, detail=False) if p.endswith(".jsonl")]
+            return [], set()
+        paths = self.fs.ls(folder, detail=False)
+        return ([(_name(p), p) for p in paths if p.endswith(".jsonl")],
+                {p.rsplit("/", 1)[1].removesuffix(SETTLED) for p in paths if p.endswith(SETTLED)})
 
-    def _mark_missing_outcomes(self, records: list[AuditRecord], tenant: str,
-                               read: dict[str, list[str]]) -> list[AuditRecord]:
+    def _mark_missing_outcomes(self, records: list[AuditRecord], tenant: str, read: dict[str, list[str]],
+                               settled: set[str]) -> list[AuditRecord]:
         """`records` with `outcome_missing` set on each intent: whether a record of the day folders the page listed
         (`read`: each one's records' names, not listed again) or of the day after the newest of them (where the
-        outcome of an action begun before midnight lies) has its action id. The newest page reads every day up to
-        the newest record, so there an outcome is found however long after its intent it was written; on an older
-        page, or one day's, an outcome written more than a day after its intent's day reads as missing."""
+        outcome of an action begun before midnight lies) has its action id, or those folders mark it `settled` (an
+        outcome written more than a day after its intent's day: a long job's). An outcome written that late before
+        these marks were written is found on the newest page alone (which reads every day up to the newest record)."""
         after = str(date.fromisoformat(max(read)) + timedelta(days=1))
         names = [name for listed in read.values() for name in listed]
-        names += [name for name, _ in self._listed(tenant, after)]
+        names += [name for name, _ in self._listed(tenant, after)[0]]
         seen = Counter(name.rsplit("-", 1)[1] for name in names)
-        return [r.model_copy(update={"outcome_missing": seen[r.action_id] < 2}) if r.phase == "intent" else r
-                for r in records]
+        return [r.model_copy(update={"outcome_missing": seen[r.action_id] < 2 and r.action_id not in settled})
+                if r.phase == "intent" else r for r in records]
 
 
 @dataclass(frozen=True)
@@ -161,8 +174,15 @@ class AuditPage:
 
 
 _DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+SETTLED = ".settled"
+"""The suffix of the empty object that marks, in an intent's day folder, its outcome written days later."""
 CURSOR_PATTERN = r"^\d{4}-\d{2}-\d{2}/\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{32}$"
 """An audit cursor: a record's day folder and object name, without ``.jsonl``."""
+
+
+def _utc_day(t: datetime) -> date:
+    """The UTC day whose folder (``YYYY-MM-DD``) holds a record written at `t`."""
+    return t.astimezone(UTC).date()
 
 
 def _name(path: str) -> str:
@@ -184,11 +204,14 @@ def write_intent(audit: AuditLog, record: AuditRecord) -> AuditRecord:
 
 
 def settle(audit: AuditLog, intent: AuditRecord, details: dict[str, Any]) -> None:
-    """Append `intent`'s outcome record, later than it (their objects share the action id: their times may not);
-    a failure is logged, and the intent stays."""
+    """Append `intent`'s outcome record, later than it (their objects share the action id: their times may not),
+    and where that is more than a day after the intent's day, mark the intent settled in its day folder, after the
+    outcome (a mark without it would claim an outcome there is none of); a failure is logged, and the intent stays."""
     at = max(datetime.now(UTC), intent.time + timedelta(microseconds=1))
     try:
         audit.append(intent.model_copy(update={"time": at, "phase": "outcome", "details": details}))
+        if _utc_day(at) - _utc_day(intent.time) > timedelta(days=1):
+            audit.mark_settled(intent)
     except Exception:  # noqa: BLE001 - the action took place: its answer stands, its intent says what it was
         log.exception("event=audit_failed phase=outcome action=%s target=%s action_id=%s request_id=%s "
                       "tenant=%s key_id=%s", intent.action, intent.target, intent.action_id, intent.request_id,

@@ -75,17 +75,36 @@ def test_a_page_lists_only_the_days_it_spans_not_the_tenants_whole_history(tmp_p
     assert listings.finds == 0 and len(day_folders) <= 3, sorted(day_folders)
 
 
-def test_an_intents_outcome_is_found_on_a_later_day_of_the_newest_page(tmp_path, monkeypatch):
-    """An action begun on one day and settled two days later: its intent is answered with its outcome on the newest
-    page; read by its own day, only the next day is looked at, so it reads as missing there (documented)."""
+def test_an_intents_outcome_is_found_on_a_later_day_of_the_newest_page_and_of_its_own_days(tmp_path, monkeypatch):
+    """An action begun on one day and settled two days later (a long job): its intent read as never settled
+    (`outcome_missing`) on every page but the newest, which alone lists the days between. Its outcome now marks the
+    intent's day folder, so a page of that day, or an older page, finds it without listing any other folder; one
+    still open, or settled on the next day, reads as before, and so does one settled that late before the marks."""
+    from raytwin import audit as core
+
     log = AuditLog(str(tmp_path))
-    long_id, open_id = uuid.uuid4().hex, uuid.uuid4().hex
-    log.append(_record(T0, "long", "intent", long_id))
-    log.append(_record(T0 + timedelta(minutes=1), "open", "intent", open_id))
-    log.append(_record(T0 + timedelta(days=2), "long", "outcome", long_id))
+    long_id, open_id, next_id, old_id = (uuid.uuid4().hex for _ in range(4))
+    intents = {name: _record(T0 + timedelta(minutes=i), name, "intent", action_id)
+               for i, (name, action_id) in enumerate((("long", long_id), ("open", open_id), ("next", next_id),
+                                                      ("old", old_id)))}
+    for intent in intents.values():
+        log.append(intent)
+    for name, days in (("long", 2), ("next", 1)):
+        clock = type("Clock", (datetime,), {"now": staticmethod(lambda tz, days=days: T0 + timedelta(days=days))})
+        monkeypatch.setattr(core, "datetime", clock)
+        core.settle(log, intents[name], {"status": "done"})
+    log.append(_record(T0 + timedelta(days=3), "old", "outcome", old_id))  # as written before the marks
+    log.append(_record(T0 + timedelta(days=4), "later", None))
+    missing = {(name, "intent"): name in ("open", "old") for name in intents}
     listings = Listings(log, monkeypatch)
     newest = {(r.target, r.phase): r.outcome_missing for r in log.page("acme").records}
     assert len(listings.paths) == len(set(listings.paths))  # each folder listed once: the outcomes' lookup reuses them
-    assert newest == {("long", "intent"): False, ("open", "intent"): True, ("long", "outcome"): None}
+    assert newest == {**missing, ("old", "intent"): False, ("next", "outcome"): None, ("long", "outcome"): None,
+                      ("old", "outcome"): None, ("later", None): None}
+    listings.paths.clear()
     by_day = {(r.target, r.phase): r.outcome_missing for r in log.page("acme", day=str(T0.date())).records}
-    assert by_day == {("long", "intent"): True, ("open", "intent"): True}
+    assert by_day == missing
+    assert sorted(p.rstrip("/").rsplit("/", 1)[1] for p in listings.paths) == [str(T0.date()),
+                                                                              str((T0 + timedelta(days=1)).date())]
+    older = log.page("acme", limit=4, cursor=log.page("acme", limit=4).next_cursor)  # the page of the 4 intents
+    assert {(r.target, r.phase): r.outcome_missing for r in older.records} == missing
