@@ -326,6 +326,11 @@ class Twin:
             if first + 1 < len(self.segments):
                 cut = bisect.bisect_left([e.key for e in events], (self.segments[first + 1].start_us, -1, ""))
                 events, rest = events[:cut], events[cut:]
+        cleared = self.cleared_at
+        if cleared is not None and (self.last_key is None or self.last_key < cleared) and events[-1].key > cleared:
+            # a rewind to before the drift clear: up to its point first, cleared there (`_absorb`), then the rest
+            cut = bisect.bisect_right(events, cleared, key=_key)
+            events, rest = events[:cut], events[cut:] + rest
         # lists, not arrays: `assimilate_runs` packs the events of all twins of a batch at once
         start = self.fs if self._packed is None else self._packed
         if len(events) == 1:  # a live batch's usual twin: no list built in a loop (a third of the cost)
@@ -349,6 +354,8 @@ class Twin:
         self.window += events
         if self.max_time_us is None or last[0] > self.max_time_us:  # events are in key order: the last is newest
             self.max_time_us = last[0]
+        if last == self.cleared_at:  # re-applied up to the drift clear's point: cleared there again
+            self._clear_here()
         wm = self.max_time_us - self.lateness_us
         if len(checkpoints) > 1 and checkpoints[1].key[0] < wm:
             self._prune(wm)  # a checkpoint after the base is sealed now (rare in a live batch)
@@ -377,12 +384,20 @@ class Twin:
 
     def clear_drift(self) -> None:
         """Acknowledge a drift alarm: restart the detector's CUSUMs and release the latch
-        (`raytwin.estimation.clear_drift`) in the current state and in every in-memory checkpoint,
-        so a late event that rewinds the twin does not bring back the evidence already cleared.
-        Durable through the store (`TwinShard.clear_drift` records it; recovery replays it in place)."""
-        self.fs = clear_drift(self.fs)
-        self.checkpoints = [Checkpoint(c.key, clear_drift(c.fs), c.events_applied) for c in self.checkpoints]
+        (`raytwin.estimation.clear_drift`) at the last applied event, the clear's point. Checkpoints before
+        it keep their evidence: a late event that rewinds to one re-applies the events up to the point and
+        clears there again (`_plan`, `_absorb`), as recovery replays the clear in place (the store records
+        it, `TwinShard.clear_drift`). Why not clear those checkpoints too: the events re-applied from a cleared
+        one ran unalarmed (the process noise adapting where the alarm froze it), so a restart changed the state."""
         self.cleared_at = self.last_key
+        self._clear_here()
+
+    def _clear_here(self) -> None:
+        """Clear the drift evidence of the current state, and of the checkpoint taken at it if there is one."""
+        self.fs = clear_drift(self.fs)
+        last = self.checkpoints[-1]
+        if last.key == self.last_key:
+            self.checkpoints[-1] = Checkpoint(last.key, clear_drift(last.fs), last.events_applied)
 
     # ------------------------------------------------------------------ persistence ----
     @property
@@ -392,8 +407,8 @@ class Twin:
 
     def _unsnapshotable(self, base: Checkpoint) -> bool:
         """Nothing sealed yet; a migration point (rebuilt from the registration); or a checkpoint from
-        before the last drift clear, which the clear changed in memory: recovery replays the clear
-        where it happened (`actors.recovery`), so a snapshot of it would hold the clear too early."""
+        before the last drift clear: it holds the evidence the clear dropped, which a read while the shard
+        is down (`actors.recovery.durable_state`, no replay) would answer as the twin's alarm."""
         return (base.key is None or base.key == self.floor
                 or (self.cleared_at is not None and base.key < self.cleared_at))
 
