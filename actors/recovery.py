@@ -242,22 +242,17 @@ def recover_many(
         after.setdefault(twin.tenant, {})[twin.asset_id] = snap.key if snap else None
     logged = {tenant: store.read_events_many(tenant, assets, until_us=until_us, floors=floors[tenant])
               for tenant, assets in after.items()}
-    # a drift clear is replayed where it happened: events up to it, the clear, then the rest (a
-    # snapshot after the clear already holds it; a clear after `until_us` had not happened then)
-    cleared = [None if retype.pending(record) else _clear_to_replay(
-        store.load_drift_clear(twin.tenant, twin.asset_id), after[twin.tenant][twin.asset_id], until_us)
-        for twin, record in zip(twins, records)]
+    # each drift clear is replayed where it happened (`Twin.replay_clears`): events up to it, the clear, then the
+    # rest (a snapshot after a clear already holds it; a clear after `until_us` had not happened then)
+    for twin, record in zip(twins, records):
+        if not retype.pending(record):  # a pending retype's clears are the old model's
+            twin.replay_clears(_clears_to_replay(store.load_drift_clears(twin.tenant, twin.asset_id), twin.last_key,
+                                                 until_us))
     events = [logged[twin.tenant][twin.asset_id] for twin in twins]
     if replaying is not None:
         for twin, evs in zip(twins, events):  # the events `replay_many` applies: those after its start
             replaying(twin, [e for e in evs if twin.last_key is None or e.key > twin.last_key])
-    replay_many([(twin, evs if key is None else [e for e in evs if e.key <= key])
-                 for twin, evs, key in zip(twins, events, cleared)])
-    for twin, key in zip(twins, cleared):
-        if key is not None:
-            twin.clear_drift()
-    replay_many([(twin, [e for e in evs if e.key > key])
-                 for twin, evs, key in zip(twins, events, cleared) if key is not None])
+    replay_many(list(zip(twins, events)))
     return twins
 
 
@@ -289,8 +284,6 @@ def _model_swaps(store: StateStore, record: dict[str, Any]) -> list[dict[str, An
     return [] if retype.pending(record) else store.load_model_swaps(record["asset"]["tenant"], record["asset"]["id"])
 
 
-def _clear_to_replay(key: EventKey | None, snapshot_key: EventKey | None, until_us: int | None) -> EventKey | None:
-    """The recorded drift clear if recovery must apply it, else None."""
-    if key is None or (snapshot_key is not None and key < snapshot_key) or (until_us is not None and key[0] > until_us):
-        return None
-    return key
+def _clears_to_replay(keys: list[EventKey], start: EventKey | None, until_us: int | None) -> list[EventKey]:
+    """The recorded drift clears recovery applies: those at or after the state it starts from, by `until_us`."""
+    return [key for key in keys if (start is None or key >= start) and (until_us is None or key[0] <= until_us)]

@@ -145,7 +145,7 @@ class Twin:
         # when a previous twin of this asset id was deleted (`StateStore.history_floors`): events ingested
         # until then are its history, not this twin's
         self.history_floor_us: int | None = None
-        self.cleared_at: EventKey | None = None  # the last drift clear's point (`clear_drift`)
+        self.clears: list[EventKey] = []  # the drift clears' points, in key order (`clear_drift`)
         for at_us, later in swaps:
             self.add_swap(at_us, later)
 
@@ -326,11 +326,8 @@ class Twin:
             if first + 1 < len(self.segments):
                 cut = bisect.bisect_left([e.key for e in events], (self.segments[first + 1].start_us, -1, ""))
                 events, rest = events[:cut], events[cut:]
-        cleared = self.cleared_at
-        if cleared is not None and (self.last_key is None or self.last_key < cleared) and events[-1].key > cleared:
-            # a rewind to before the drift clear: up to its point first, cleared there (`_absorb`), then the rest
-            cut = bisect.bisect_right(events, cleared, key=_key)
-            events, rest = events[:cut], events[cut:] + rest
+        if self.clears and (self.last_key is None or self.last_key < self.clears[-1]):  # a clear ahead of the state
+            events, rest = self._cut_at_clear(events, rest)
         # lists, not arrays: `assimilate_runs` packs the events of all twins of a batch at once
         start = self.fs if self._packed is None else self._packed
         if len(events) == 1:  # a live batch's usual twin: no list built in a loop (a third of the cost)
@@ -338,6 +335,19 @@ class Twin:
             return events, Run(self.filter, start, [e.key[0] / 1e6], [e.values], [e.use_outputs]), rest
         return events, Run(self.filter, start, [e.key[0] / 1e6 for e in events], [e.values for e in events],
                            [e.use_outputs for e in events]), rest
+
+    def _cut_at_clear(self, events: list[Pending], rest: list[Pending]) -> tuple[list[Pending], list[Pending]]:
+        """`_plan`'s events cut after the first drift clear's point they pass (a rewind to before a clear, or a
+        recovery's replay): run up to it first, cleared there (`_absorb`), then the rest, as it happened live."""
+        clears = self.clears
+        for clear in clears[0 if self.last_key is None else bisect.bisect_right(clears, self.last_key):]:
+            if clear >= events[-1].key:
+                break
+            cut = bisect.bisect_right(events, clear, key=_key)
+            if cut:
+                return events[:cut], events[cut:] + rest
+            self._clear_here()  # the clear's own event is not among them (not in the log): cleared before the next
+        return events, rest
 
     def _absorb(self, events: list[Pending], traces: Traces, k: int, final: PackedState) -> None:
         """Take the filter's states after `events` (run `k` of `traces`, ending in `final`):
@@ -354,7 +364,8 @@ class Twin:
         self.window += events
         if self.max_time_us is None or last[0] > self.max_time_us:  # events are in key order: the last is newest
             self.max_time_us = last[0]
-        if last == self.cleared_at:  # re-applied up to the drift clear's point: cleared there again
+        clears = self.clears
+        if clears and last <= clears[-1] and last in clears:  # (re-)applied up to a drift clear's point: cleared
             self._clear_here()
         wm = self.max_time_us - self.lateness_us
         if len(checkpoints) > 1 and checkpoints[1].key[0] < wm:
@@ -389,8 +400,16 @@ class Twin:
         clears there again (`_plan`, `_absorb`), as recovery replays the clear in place (the store records
         it, `TwinShard.clear_drift`). Why not clear those checkpoints too: the events re-applied from a cleared
         one ran unalarmed (the process noise adapting where the alarm froze it), so a restart changed the state."""
-        self.cleared_at = self.last_key
+        if self.last_key is not None and (not self.clears or self.last_key > self.clears[-1]):
+            self.clears.append(self.last_key)
         self._clear_here()
+
+    def replay_clears(self, keys: list[EventKey]) -> None:
+        """Clear again at each of `keys` (recorded drift clears, in key order, none before the twin's last applied
+        event) as the events replayed after it pass their points (`_plan`): recovery's and time travel's."""
+        self.clears = list(keys)
+        if self.last_key is not None and self.last_key in self.clears:  # a snapshot taken at a clear's point
+            self._clear_here()
 
     def _clear_here(self) -> None:
         """Clear the drift evidence of the current state, and of the checkpoint taken at it if there is one."""
@@ -410,7 +429,7 @@ class Twin:
         before the last drift clear: it holds the evidence the clear dropped, which a read while the shard
         is down (`actors.recovery.durable_state`, no replay) would answer as the twin's alarm."""
         return (base.key is None or base.key == self.floor
-                or (self.cleared_at is not None and base.key < self.cleared_at))
+                or (bool(self.clears) and base.key < self.clears[-1]))
 
     def sealed_snapshot(self) -> Snapshot | None:
         """The oldest retained checkpoint: final (no accepted event can precede it) and durable-safe."""

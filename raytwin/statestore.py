@@ -17,7 +17,7 @@ Layout under the store URL (a local directory or any fsspec URL such as ``s3://b
                                                                    (empty; `write_dead_letters`)
     dead_letter_sources/tenant=T/_complete                         every day's sources are marked (a tenant's
                                                                    first dead letters, `mark_dead_letter_sources`)
-    drift_clears/tenant=T/asset_id=A.json                          the twin's last drift clear (`save_drift_clear`)
+    drift_clears/tenant=T/asset_id=A.json                          the twin's drift clears (`save_drift_clear`)
     model_swaps/tenant=T/asset_id=A.json                           the twin's model swaps (`save_model_swaps`)
     shadows/tenant=T/candidate=REF/asset_id=A.json                 a running shadow evaluation on the twin (`save_shadow`)
     retention/tenant=T.json                                        where `prune` cut the tenant's history
@@ -1193,20 +1193,28 @@ class StateStore:
 
     @store_io("write")
     def save_drift_clear(self, tenant: str, asset_id: str, key: EventKey) -> None:
-        """Record that the twin's drift alarm was cleared after the event `key`: recovery replays the
-        log up to it, clears, then replays the rest, so a restart does not latch the cleared alarm again.
-        Only the last clear matters (a clear resets all the evidence before it)."""
-        path = self._drift_clear_path(tenant, asset_id)
-        replace_file(self.fs, path, json.dumps({"key": list(key)}).encode())
+        """Record that the twin's drift alarm was cleared after the event `key`, beside its earlier clears:
+        recovery replays the log up to each clear after its snapshot, clears, then replays the rest, so a
+        restart does not latch a cleared alarm again. Why every clear, not the last alone: the alarm freezes
+        the process noise's adaptation, so the states between two clears depend on the first."""
+        keys = [k for k in self.load_drift_clears(tenant, asset_id) if k != tuple(key)] + [tuple(key)]
+        record = {"key": list(key), "keys": [list(k) for k in keys]}  # "key": the last, as versions before read it
+        replace_file(self.fs, self._drift_clear_path(tenant, asset_id), json.dumps(record).encode())
 
-    @store_io("read")
     def load_drift_clear(self, tenant: str, asset_id: str) -> EventKey | None:
         """The key of the last event before the twin's last drift clear (None: never cleared)."""
+        keys = self.load_drift_clears(tenant, asset_id)
+        return keys[-1] if keys else None
+
+    @store_io("read")
+    def load_drift_clears(self, tenant: str, asset_id: str) -> list[EventKey]:
+        """The keys of the last events before each of the twin's drift clears, in order (a record written
+        before every clear was kept holds the last alone)."""
         path = self._drift_clear_path(tenant, asset_id)
         if not self.fs.exists(path):
-            return None
-        us, sequence, idempotency_key = json.loads(self.fs.cat_file(path))["key"]
-        return us, sequence, idempotency_key
+            return []
+        record = json.loads(self.fs.cat_file(path))
+        return [(us, seq, idempotency_key) for us, seq, idempotency_key in record.get("keys", [record["key"]])]
 
     def _model_swaps_path(self, tenant: str, asset_id: str) -> str:
         return f"{self.root}/model_swaps/tenant={tenant}/asset_id={asset_id}.json"

@@ -176,13 +176,15 @@ def test_a_shard_logs_exactly_its_accepted_rows_whether_or_not_it_accepted_every
         assert [e.values for e in logged[a]] == [logged_event(e, artifact.asset_type).values for e in evs]
 
 
-@pytest.mark.parametrize("before_clear, late", [(80, None), (88, None), (92, None), (88, 85)])
-def test_drift_clear_survives_a_shard_restart_from_an_older_snapshot(tmp_path, artifact, before_clear, late):
+@pytest.mark.parametrize("before_clear, late, clears", [(80, None, 1), (88, None, 1), (92, None, 1), (88, 85, 1),
+                                                        (88, None, 2), (88, 85, 2)])
+def test_drift_clear_survives_a_shard_restart_from_an_older_snapshot(tmp_path, artifact, before_clear, late, clears):
     """The clear is recorded in the store and replayed in place: the restarted shard (snapshot + log)
     holds the live one's state bit for bit, not a latched alarm; without the record it latches again.
-    `late`: an event before the clear sent after it. Found by a chaos trial: the live twin rewound to a
-    checkpoint the clear had changed and re-applied the events before the clear unalarmed (the process
-    noise adapting where the alarm froze it), so a restart changed the twin's state."""
+    Found by a chaos trial, where a restart changed the twin's state: `late`, an event before the clear sent
+    after it (the live twin rewound to a checkpoint the clear had changed and re-applied the events before the
+    clear unalarmed, the process noise adapting where the alarm froze it); `clears` 2, a second clear 4 events
+    after the first, no snapshot between them (the store kept the last clear alone)."""
     from actors.shard import TwinShard
 
     def shard() -> TwinShard:
@@ -198,10 +200,14 @@ def test_drift_clear_survives_a_shard_restart_from_an_older_snapshot(tmp_path, a
     live.ingest("acme", validated_table(first))
     assert live.state("acme", "z1").divergence.drift
     assert not live.clear_drift("acme", "z1").divergence.drift
+    end = before_clear + 4 * (clears - 1)
+    for start in range(before_clear, end, 4):
+        live.ingest("acme", validated_table(stepped(events("z1", 4, start=start))))
+        live.clear_drift("acme", "z1")
     # evidence after the clear counts; its checkpoints before the clear become sealed now: they are not
     # snapshots (a restart replays the clear where it happened)
     again = [e for e in stepped(events("z1", before_clear)) if e.sequence == late]
-    assert live.ingest("acme", validated_table(again + stepped(events("z1", 4, start=before_clear)))).accepted == 4 + (
+    assert live.ingest("acme", validated_table(again + stepped(events("z1", 4, start=end)))).accepted == 4 + (
         late is not None)
     assert live.store.latest_snapshot("acme", "z1").revision < before_clear  # recovery starts before the clear
     now = live.state("acme", "z1")
