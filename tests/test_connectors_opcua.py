@@ -282,8 +282,10 @@ def test_a_restarted_connector_does_not_dead_letter_a_bad_value_change_again(twi
 
 def test_paused_connector_gets_the_changes_queued_by_the_server(twins, connectors, device, plc):
     """Paused = publishing off: the server keeps each item's changes (up to queue_size) until resume. A reading
-    that repeats the value its node holds (an inflow of 0.1 left by another test) is a new sample all the same."""
-    assert connectors.pause("acme", "plc").state.value == "paused"
+    that repeats the value its node holds (an inflow of 0.1 left by another test) is a new sample all the same.
+    A paused connector is not connected, as a paused MQTT one is not (it read connected: its session stays open)."""
+    paused = connectors.pause("acme", "plc")
+    assert paused.state.value == "paused" and not paused.connected
     write(device, "tank-2", range(0, 10))
     assert connectors.resume("acme", "plc").state.value == "running"
     wait_for(lambda: settled(connectors, twins, "tank-2", 20), "the 20 queued changes applied after resume")

@@ -266,10 +266,14 @@ class OpcUaSession:
     async def set_paused(self, paused: bool) -> None:
         """Paused: the server keeps new values in each item's queue (`queue_size`, oldest dropped beyond)."""
         self._paused = paused
+        self._report_connected()
         await self._apply_publishing()
 
     def connected(self) -> bool:
-        return self.state == "connected"
+        """Subscribed and receiving. A paused session keeps its subscription (publishing off) but receives nothing,
+        so it is not connected, as a paused MQTT connector (disconnected from its broker) is not: it read connected
+        while paused, and the two kinds' statuses and `raytwin_connector_connected` disagreed."""
+        return self.state == "connected" and not self._paused
 
     @property
     def state(self) -> str:
@@ -278,7 +282,10 @@ class OpcUaSession:
 
     def _set_state(self, state: str) -> None:
         self._state = state
-        metrics.CONNECTOR_CONNECTED.set(1.0 if state == "connected" else 0.0,
+        self._report_connected()
+
+    def _report_connected(self) -> None:
+        metrics.CONNECTOR_CONNECTED.set(1.0 if self.connected() else 0.0,
                                         connector=f"{self.spec.tenant}/{self.spec.name}")
 
     @property
