@@ -24,7 +24,8 @@
 - **Commands** are published (QoS 1) to the asset's `command_topic` with a JSON body carrying the
   correlation id (and, in MQTT 5, the CorrelationData and ResponseTopic properties); assets answer
   on `ack_topic` with ``{"correlation_id": ..., "status": "ok" | "error", "detail": ...}``, and with
-  ``{asset_id}`` in it (``plant/{asset_id}/ack``) only the commanded asset's answer counts.
+  ``{asset_id}`` in it (``plant/{asset_id}/ack``) only the commanded asset's answer counts; a message there that is
+  no answer is dead-lettered, as an unreadable reading is.
 """
 
 from __future__ import annotations
@@ -508,8 +509,11 @@ class MqttAdapter:
             self.put(Inbound(source, [], [DeadLetter.of(source, asset, None, reason, msg.payload)], ack))
             return
         if self.spec.ack_topic and paho.topic_matches_sub(self.spec.ack_filter, msg.topic):
-            self._command_ack(msg)
-            ack()
+            if (reason := self._command_ack(msg)) is None:
+                ack()
+            else:
+                self.put(Inbound(source, [], [DeadLetter.of(source, self._ack_asset(msg.topic), None, reason,
+                                                            msg.payload)], ack))
             return
         if msg.qos == 0:
             self._at_most_once(msg.topic)
@@ -545,18 +549,30 @@ class MqttAdapter:
                     self.client.ack(mid, qos)
         return ack
 
-    def _command_ack(self, msg: paho.MQTTMessage) -> None:
+    def _command_ack(self, msg: paho.MQTTMessage) -> str | None:
+        """Hand an asset's answer on `ack_topic` to `on_ack`; for one that is no answer, why (the caller dead-letters
+        it, with its payload, as any unreadable message: it only set `last_error`, and the next error hid it)."""
         try:
             body = json.loads(msg.payload)
-            correlation_id = body.get("correlation_id") if isinstance(body, dict) else None
-            if not correlation_id and self.v5 and getattr(msg.properties, "CorrelationData", None):
-                correlation_id = msg.properties.CorrelationData.decode()
-            if not isinstance(correlation_id, str):
-                raise ValueError("no correlation_id")
-        except (ValueError, UnicodeDecodeError, AttributeError, RecursionError) as exc:
-            self._error(f"unusable command acknowledgement on {msg.topic!r}: {exc}")
-            return
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            return _unusable_ack(f"payload is not JSON: {exc}")
+        if not isinstance(body, dict):
+            return _unusable_ack(f"payload is a JSON {type(body).__name__}, not an object")
+        correlation_id = body.get("correlation_id")
+        if not correlation_id and self.v5 and (data := getattr(msg.properties, "CorrelationData", None)):
+            correlation_id = data.decode(errors="replace")
+        if not isinstance(correlation_id, str) or not correlation_id:
+            held = "no correlation_id" if correlation_id is None else f"correlation_id {quoted(correlation_id)}"
+            return _unusable_ack(f"{held}, where the command's correlation id (text) is needed")
         self.on_ack(correlation_id, body, self.spec.ack_asset(msg.topic))
+        return None
+
+    def _ack_asset(self, topic: str) -> str | None:
+        """The asset an answer on `topic` names (`ack_topic`'s ``{asset_id}`` level), if that level is an asset id."""
+        try:
+            return _IDENTIFIER.validate_python(self.spec.ack_asset(topic))
+        except ValidationError:
+            return None
 
     # ---------------------------------------------------------------- commands ----
     def send(self, command: Command) -> None:
@@ -585,6 +601,12 @@ class MqttAdapter:
             raise Unconfirmed(f"broker {self._where()} did not confirm the command within {PUBLISH_TIMEOUT_S:g} s "
                               "(the client keeps it and may still deliver it; assets must ignore a correlation id "
                               "they have executed)")
+
+
+def _unusable_ack(why: str) -> str:
+    return (f"unusable command acknowledgement: {why}; an asset answers a command on ack_topic with a JSON object "
+            '{"correlation_id": <the command\'s>, "status": "ok" | "error", "detail": ...} (a command it answers stays '
+            "unanswered)")
 
 
 def _client(spec: MqttSpec, credentials: Credentials, *, persistent: bool, reach: Reach | None) -> _Client:

@@ -848,6 +848,33 @@ def test_commands_need_approval_are_sent_once_and_acknowledged(twins, connectors
     assert connectors.commands("globex") == []
 
 
+def test_junk_on_the_ack_topic_is_dead_lettered_and_the_connector_goes_on(twins, connectors, broker, plant):
+    """Found by the last trial: what a device sent on `ack_topic` that was no answer (not JSON, not an object, no
+    correlation id) only set `last_error`, overwritten by the next error: its payload was lost, and it was counted
+    nowhere. It is dead-lettered as an unreadable reading is, with its asset, and acknowledged once written."""
+    before = connectors.status("acme", "plant")
+    device = Publisher(broker.port)
+    device.publish("plant/pump-3/ack", [b"not json", [1, 2], {"status": "ok"}, {"correlation_id": 7}])
+    device.publish("plant/pump-3/telemetry", [reading(900)])
+    device.close()
+    status = wait_for(lambda: (s := connectors.status("acme", "plant")).acknowledged == before.acknowledged + 5
+                      and s.pending == 0 and s, "the four answers and the reading after them acknowledged")
+    assert (status.dead_lettered - before.dead_lettered, status.errors, status.connected) == (4, before.errors, True)
+    assert status.accepted + status.duplicates + status.rejected == before.accepted + before.duplicates \
+        + before.rejected + 1  # the reading after them: the connector went on
+    letters = {(r["reason"], r["raw"]) for r in twins.dead_letters("acme").to_pylist() if r["asset_id"] == "pump-3"
+               and r["reason"].startswith("mqtt://plant/plant/pump-3/ack: unusable command acknowledgement: ")}
+    fix = ('; an asset answers a command on ack_topic with a JSON object {"correlation_id": <the command\'s>, "status": '
+           '"ok" | "error", "detail": ...} (a command it answers stays unanswered)')
+    src = "mqtt://plant/plant/pump-3/ack: unusable command acknowledgement: "
+    assert {(r.removesuffix(fix), raw) for r, raw in letters} == {
+        (src + "payload is not JSON: Expecting value: line 1 column 1 (char 0)", "not json"),
+        (src + "payload is a JSON list, not an object", "[1, 2]"),
+        (src + "no correlation_id, where the command's correlation id (text) is needed", '{"status": "ok"}'),
+        (src + "correlation_id 7, where the command's correlation id (text) is needed", '{"correlation_id": 7}')}
+    assert all(r.endswith(fix) for r, _ in letters)
+
+
 def test_a_command_the_broker_confirms_late_is_sent_unconfirmed_and_its_ack_still_counts(twins, connectors, tmp_path):
     """A frozen broker did not confirm the PUBLISH in 10 s: the command was recorded failed, "not sent", then
     delivered and executed anyway, and the asset's ok was thrown away (the record stayed failed)."""
