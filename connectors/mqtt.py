@@ -17,6 +17,8 @@
   SUBSCRIBE arrives reaches no session, so "connected" must not be reported before then. A
   subscription the broker refuses (its ACL) leaves the connector not connected, with the refusal as
   its last error; one granted at QoS 0 (at most once: a crash could lose messages) is an error too.
+- **A pause hands nothing over twice**: it disconnects once what it handed over is acknowledged and the broker has
+  read the acknowledgements (`pause`), leaving what arrives meanwhile to be sent again on resume.
 - **Reconnects** with exponential backoff (`reconnect_min_s` .. `reconnect_max_s`), also for the
   first connection; TLS and username/password (the password is a write-only credential). A
   reconnect on which the broker has no session for us (it restarted without persistence, or the
@@ -37,6 +39,7 @@ import re
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
@@ -61,6 +64,15 @@ from raytwin.contracts import Identifier
 log = logging.getLogger("raytwin.connectors")
 _IDENTIFIER = TypeAdapter(Identifier)
 PUBLISH_TIMEOUT_S = 10.0
+PAUSE_DRAIN_S = 10.0
+"""How long a pause (or stop) waits for the messages it has handed over to be acknowledged, and for the broker to have
+read those acknowledgements, before it disconnects: a batch is durable in tens of ms; a sink that fails for longer (a
+store outage) leaves the rest for the broker to send again, as duplicates. The broker answers after what it has in
+flight to us (MQTT 5: `receive_maximum`, 1000 by default), each of our acknowledgements a change it may save: 5 s ran
+out now and then on a loaded 2-core machine."""
+BARRIER_FILTER = "raytwin/pause-barrier"
+"""A filter a pausing connector unsubscribes from (it holds no such subscription, so nothing changes): the broker reads
+a connection's packets in order, so its UNSUBACK says every acknowledgement sent before was read."""
 TopicFilter = Annotated[str, Field(min_length=1, max_length=1024)]
 ASSET_LEVEL = "{asset_id}"
 OWN_PREFIX = "raytwin-"
@@ -358,6 +370,11 @@ class MqttAdapter:
         self._subscription: int | None = None  # the mid of this connection's SUBSCRIBE, until its SUBACK
         self._session_expected = resumes_session  # this process or an earlier one connected: the broker keeps a session
         self._ack_lock = threading.Lock()
+        self._unacked: set[int] = set()  # packet ids of this connection's messages handed over, not yet acknowledged
+        self._acked = threading.Condition(self._ack_lock)  # notified as they are
+        self._draining = False  # pausing: messages at QoS 1 or 2 are left to the broker, which sends them on resume
+        self._barrier: int | None = None  # the mid of a pause's UNSUBSCRIBE, until its UNSUBACK
+        self._barrier_passed = threading.Event()
         self._connected = threading.Event()
         self._refused = False  # the broker refused the last connection attempt (kept as `last_error`)
         self._running = False  # between start and pause: the client's loop (and its reconnects) is on
@@ -372,12 +389,14 @@ class MqttAdapter:
         self.client.on_connect_fail = self._on_connect_fail
         self.client.on_message = self._on_message
         self.client.on_subscribe = self._on_subscribe
+        self.client.on_unsubscribe = self._on_unsubscribe
         self.client.on_publish = self._on_publish
         self._refusals: dict[int, str] = {}  # command PUBLISH mid -> the broker's refusal (MQTT 5 PUBACK reason)
 
     # ------------------------------------------------------------- lifecycle ----
     def start(self) -> None:
         b = self.spec.broker
+        self._draining = False
         kwargs: dict[str, Any] = {}
         if self.v5:
             props = Properties(PacketTypes.CONNECT)
@@ -389,7 +408,20 @@ class MqttAdapter:
         self._running = True
 
     def pause(self) -> None:
-        """Disconnect; the broker keeps the session and queues QoS 1 messages until `resume`."""
+        """Disconnect; the broker keeps the session and queues QoS 1 messages until `resume`. First (for
+        `PAUSE_DRAIN_S` at most) what was handed over is acknowledged and the broker has read those acknowledgements
+        (`BARRIER_FILTER`); what arrives meanwhile is left unacknowledged, for the broker to send again on resume.
+        Disconnecting at once left the messages in the pump applied and unacknowledged, and the broker, still
+        sending, was reset by the closed socket before it read the acknowledgements already sent: it sent all of
+        them again on resume, duplicates (about 235 per pause mid-stream, measured)."""
+        deadline = time.monotonic() + PAUSE_DRAIN_S
+        self._draining = True
+        with self._acked:
+            self._acked.wait_for(lambda: not self._unacked, PAUSE_DRAIN_S)
+        self._barrier_passed.clear()
+        result, self._barrier = self.client.unsubscribe(self._barrier_filter())
+        if result == paho.MQTT_ERR_SUCCESS:
+            self._barrier_passed.wait(max(0.0, deadline - time.monotonic()))
         self.client.disconnect()
         self.client.loop_stop()
         self._set_connected(False)
@@ -419,8 +451,7 @@ class MqttAdapter:
         self._refused = False
         self._at_most_once_said = False
         self.last_error = self.last_error_at = None  # connected again: what went wrong before is over
-        with self._ack_lock:
-            self._generation += 1
+        self._new_connection()
         if self._session_expected and not flags.session_present and (not self.v5 or self.spec.broker.session_expiry_s):
             self._error(f"broker {self._where()} kept no session for client {self.spec.client_id!r}: messages "
                         "published while the connector was disconnected are lost to it (the broker restarted without "
@@ -450,6 +481,17 @@ class MqttAdapter:
                     for t in self._topics()]
         return [(t, 1) for t in self._topics()]
 
+    def _barrier_filter(self) -> str:
+        """`BARRIER_FILTER`, made longer where a route or `ack_topic` subscribes to it: it must be no subscription."""
+        barrier, topics = BARRIER_FILTER, self._topics()
+        while barrier in topics:
+            barrier += "/"
+        return barrier
+
+    def _on_unsubscribe(self, client: paho.Client, userdata: Any, mid: int, reasons: list, properties: Any) -> None:
+        if mid == self._barrier:
+            self._barrier_passed.set()
+
     def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, reasons: list, properties: Any) -> None:
         if mid != self._subscription:
             return  # the SUBACK of an earlier connection's SUBSCRIBE
@@ -469,8 +511,7 @@ class MqttAdapter:
                  len(topics))
 
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
-        with self._ack_lock:
-            self._generation += 1
+        self._new_connection()
         self._set_connected(False)
         if reason.is_failure and not self._refused:
             self._error(f"disconnected from broker {self._where()}: {reason}; reconnecting with backoff")
@@ -487,7 +528,9 @@ class MqttAdapter:
 
     # --------------------------------------------------------------- receive ----
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
-        ack = self._acker(msg.mid, msg.qos, self._generation)
+        if msg.qos and self._draining:
+            return  # pausing: unacknowledged, so the broker sends it again on resume (read once, then)
+        ack = self._acker(msg.mid, msg.qos)
         source = f"mqtt://{self.spec.name}/{msg.topic}"
         try:
             self._receive(msg, source, ack)
@@ -542,11 +585,28 @@ class MqttAdapter:
             raise ValueError("no route of this connector matches the topic")
         return route, route.asset_of(topic)
 
-    def _acker(self, mid: int, qos: int, generation: int) -> Callable[[], None]:
+    def _new_connection(self) -> None:
+        """A connect or disconnect: what earlier connections delivered is never acknowledged now (see the module's
+        docstring), so nothing of theirs is awaited."""
+        with self._ack_lock:
+            self._generation += 1
+            self._unacked.clear()
+            self._acked.notify_all()
+
+    def _acker(self, mid: int, qos: int) -> Callable[[], None]:
+        """How to acknowledge a message received now: once, over this connection only (a QoS 0 one, never)."""
+        if qos == 0:
+            return ignore
+        with self._ack_lock:
+            generation = self._generation
+            self._unacked.add(mid)
+
         def ack() -> None:
             with self._ack_lock:
-                if generation == self._generation and qos > 0:
+                if generation == self._generation and mid in self._unacked:
+                    self._unacked.discard(mid)
                     self.client.ack(mid, qos)
+                    self._acked.notify_all()
         return ack
 
     def _command_ack(self, msg: paho.MQTTMessage) -> str | None:
