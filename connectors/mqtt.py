@@ -715,15 +715,35 @@ def end_session(spec: MqttSpec, credentials: Credentials, reach: Reach | None = 
     return ended
 
 
+def _matches_some(topic_filter: str, command_topic: str) -> bool:
+    """Whether `topic_filter` matches a topic that `command_topic` can be, its `{asset_id}` any asset id."""
+    targets = command_topic.split("/")
+    for i, level in enumerate(topic_filter.split("/")):
+        if level == "#":
+            return True  # (also the level above: `plant/#` matches `plant`)
+        if i >= len(targets) or level != "+" and not re.fullmatch(
+                ".+".join(map(re.escape, targets[i].split(ASSET_LEVEL))), level):
+            return False
+    return len(topic_filter.split("/")) == len(targets)
+
+
 def _echoes(spec: MqttSpec) -> list[str]:
-    """Routes whose filter matches a command topic of the connector (`plant/#` and `plant/{asset_id}/cmd`): a broker
-    delivers a client's own PUBLISH to its matching subscriptions, so every command sent came back as a reading and was
-    dead-lettered (`ts: field missing from the payload`). Checked with an asset id in the topic's `{asset_id}`."""
-    return [f"route {r.topic!r} matches command_topic {c.command_topic!r}: the connector would read every command it "
-            "sends back as a reading (dead-lettered as one); narrow the route's topic filter to the readings' topics, "
-            "e.g. plant/+/telemetry"
-            for c in spec.routes if c.command_topic is not None for r in spec.routes
-            if paho.topic_matches_sub(r.topic, c.command_topic.replace(ASSET_LEVEL, c.asset_id or "asset-1"))]
+    """Subscriptions matching a command topic of the connector (`plant/#` and `plant/{asset_id}/cmd`): a broker delivers
+    a client's own PUBLISH to its matching subscriptions (MQTT 5's noLocal would stop that, but not other clients'
+    commands on those topics, and MQTT 3.1.1 has none), so every command sent came back: on a route as a reading,
+    dead-lettered (`ts: field missing from the payload`); on `ack_topic` as its own asset's answer, acknowledging it
+    unanswered (the body carries the correlation id, and no status reads as ok)."""
+    commands = [(r.command_topic.replace(ASSET_LEVEL, r.asset_id) if r.asset_id else r.command_topic, r.command_topic)
+                for r in spec.routes if r.command_topic is not None]
+    echoes = [f"route {r.topic!r} matches command_topic {declared!r}: the connector would read every command it sends "
+              "back as a reading (dead-lettered as one); narrow the route's topic filter to the readings' topics, e.g. "
+              "plant/+/telemetry" for topic, declared in commands for r in spec.routes if _matches_some(r.topic, topic)]
+    if spec.ack_topic is not None:
+        echoes += [f"ack_topic {spec.ack_topic!r} matches command_topic {declared!r}: the connector would take every "
+                   "command it sends for the asset's answer, acknowledged before the asset answers; give answers their "
+                   "own topic, e.g. plant/{asset_id}/ack" for topic, declared in commands
+                   if _matches_some(spec.ack_filter, topic)]
+    return echoes
 
 
 class MqttKind:

@@ -872,6 +872,30 @@ def test_a_route_matching_a_command_topic_is_refused():
     assert not [p for p in MQTT.problems(spec, {}) if "command_topic" in p]
 
 
+def test_an_ack_topic_or_one_assets_route_matching_a_command_topic_is_refused():
+    """Found by the last trial: an `ack_topic` matching a command topic (`plant/#`, `plant/{asset_id}/+` beside
+    `plant/{asset_id}/cmd`) received every command the connector sent as the asset's answer, which carries its
+    correlation id and no status (read as ok): the command was acknowledged before any asset answered. And a route of
+    one asset (`plant/pump-7/#`) was checked against the command topic of another asset ('asset-1') only."""
+    from connectors.mqtt import MQTT
+
+    def echoes(**overrides) -> list[str]:
+        spec = MqttSpec.model_validate(plant_spec(1, name="echo", **overrides))  # plant/{asset_id}/cmd
+        return [p for p in MQTT.problems(spec, {}) if "command_topic" in p]
+
+    fix = ("the connector would take every command it sends for the asset's answer, acknowledged before the asset "
+           "answers; give answers their own topic, e.g. plant/{asset_id}/ack")
+    for ack_topic in ("plant/#", "plant/{asset_id}/+", "+/pump-1/cmd"):
+        said = f"ack_topic {ack_topic!r} matches command_topic 'plant/{{asset_id}}/cmd': "
+        assert echoes(ack_topic=ack_topic) == [said + fix]
+    one_asset = {"topic": "plant/pump-7/#", "asset_id": "pump-7", "payload": PAYLOAD}
+    assert echoes(routes=[plant_spec(1)["routes"][0], one_asset]) == [
+        "route 'plant/pump-7/#' matches command_topic 'plant/{asset_id}/cmd': the connector would read every command "
+        "it sends back as a reading (dead-lettered as one); narrow the route's topic filter to the readings' topics, "
+        "e.g. plant/+/telemetry"]
+    assert echoes() == echoes(ack_topic="plant/+/ack") == echoes(ack_topic="plant/{asset_id}/cmd/ack") == []
+
+
 def test_commands_need_approval_are_sent_once_and_acknowledged(twins, connectors, broker, plant):
     device = Publisher(broker.port, answer="spoofed")
     device.listen("plant/+/cmd")
@@ -916,8 +940,8 @@ def test_junk_on_the_ack_topic_is_dead_lettered_and_the_connector_goes_on(twins,
         + before.rejected + 1  # the reading after them: the connector went on
     letters = {(r["reason"], r["raw"]) for r in twins.dead_letters("acme").to_pylist() if r["asset_id"] == "pump-3"
                and r["reason"].startswith("mqtt://plant/plant/pump-3/ack: unusable command acknowledgement: ")}
-    fix = ('; an asset answers a command on ack_topic with a JSON object {"correlation_id": <the command\'s>, "status": '
-           '"ok" | "error", "detail": ...} (a command it answers stays unanswered)')
+    fix = ('; an asset answers a command on ack_topic with a JSON object {"correlation_id": <the command\'s>, '
+           '"status": "ok" | "error", "detail": ...} (a command it answers stays unanswered)')
     src = "mqtt://plant/plant/pump-3/ack: unusable command acknowledgement: "
     assert {(r.removesuffix(fix), raw) for r, raw in letters} == {
         (src + "payload is not JSON: Expecting value: line 1 column 1 (char 0)", "not json"),
