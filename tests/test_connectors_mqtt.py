@@ -465,7 +465,7 @@ def test_readings_a_device_publishes_at_qos0_are_reported_once_per_connection(br
     spec = MqttSpec.model_validate(plant_spec(broker.port, name="qos0dev", ack_topic=None, routes=[
         {"topic": "qos0dev/+/t", "asset_level": 1, "payload": PAYLOAD}]))
     received = []
-    adapter = MQTT.adapter(spec, Credentials(), received.append, lambda *ack: None)
+    adapter = MQTT.adapter(spec, Credentials(), lambda m: (received.append(m), m.ack()), lambda *ack: None)
     adapter.start()
     device = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"device-{free_port()}")
     device.connect("127.0.0.1", broker.port)
@@ -611,7 +611,7 @@ def test_no_text_of_a_dead_letter_grows_with_what_a_device_sends(tmp_path):
     for topic, body in (("plant/pump-3/telemetry", {**reading(1), "id": "k", "ts": "A" * 900_000}),
                         ("plant/pump-3/telemetry", {**reading(2), "id": "A" * 900_000}),
                         (long_topic, reading(3))):
-        adapter._on_message(adapter.client, None, SimpleNamespace(mid=1, qos=0, topic=topic,
+        adapter._on_message(adapter.client, None, SimpleNamespace(mid=1, qos=0, retain=False, topic=topic,
                                                                   payload=json.dumps(body).encode()))
     store = StateStore(str(tmp_path / "twins"))
     delivery = TwinSink(SimpleNamespace(store=lambda: store), "acme", batch_size=100).deliver(inbound)
@@ -634,7 +634,8 @@ def test_no_text_of_a_dead_letter_grows_with_what_a_device_sends(tmp_path):
     inbound.clear()  # too large to read: its asset from the topic, where the topic names one
     adapter.spec = spec.model_copy(update={"max_payload_bytes": 100})
     for topic in ("plant/pump-3/telemetry", long_topic, "elsewhere/pump-3"):
-        adapter._on_message(adapter.client, None, SimpleNamespace(mid=1, qos=0, topic=topic, payload=b"x" * 101))
+        adapter._on_message(adapter.client, None, SimpleNamespace(mid=1, qos=0, retain=False, topic=topic,
+                                                                  payload=b"x" * 101))
     assert [m.dead[0].asset_id for m in inbound] == ["pump-3", None, None]
     assert all(m.dead[0].reason.startswith("message of 101 bytes exceeds") for m in inbound)
     assert inbound[1].dead[0].source == source[:256] + f"…({len(source)} characters)"
