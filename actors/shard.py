@@ -31,6 +31,8 @@ import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from itertools import repeat
+from operator import is_, ne
 from typing import Any
 
 import numpy as np
@@ -63,12 +65,15 @@ from actors.twin import (
     CONFLICT,
     DUPLICATE,
     TOO_LATE,
+    EventColumns,
     Pending,
     Refused,
     Restarted,
     Twin,
     apply_many,
+    apply_next,
     conflict_reason,
+    pendings,
     same_content,
 )
 from raytwin import metrics
@@ -144,7 +149,8 @@ class _Rows:
     def __init__(self, batch: pa.Table, misfit: np.ndarray):
         self.batch = batch
         self.keys = batch.column("idempotency_key").to_pylist()
-        self.times = column_micros(batch.column("event_time")).tolist()
+        self.micros = column_micros(batch.column("event_time"))
+        self.times = self.micros.tolist()
         self.sequences = batch.column("sequence").to_numpy().tolist()
         self.qualities = batch.column("quality").to_pylist()
         self.misfits = misfit.tolist() if misfit.any() else None  # None: no row misfits (the common case, one check)
@@ -178,6 +184,7 @@ class Admission:
     duplicates: int = 0
     conflicts: int = 0
     each_next: bool = False  # every accepted event applies as its twin's next (`Twin.takes_next`)
+    columns: EventColumns | None = None  # the batch's columns, where each twin took its one row next on one filter
 
 
 class TwinShard(LiveModelOps):
@@ -477,7 +484,10 @@ class TwinShard(LiveModelOps):
         if adm.accepted_rows != list(range(batch.num_rows)):  # else every row, in order: a live batch's usual case
             log_rows = log_rows.take(pa.array(adm.accepted_rows, pa.int64()))
         try:
-            applied = apply_many([(twins[c], evs) for c, evs in accepted.items()], each_next=adm.each_next)
+            if adm.columns is not None:  # every twin of the batch takes its one row, in row order
+                applied = apply_next(twins, [evs[0] for evs in accepted.values()], adm.columns)
+            else:
+                applied = apply_many([(twins[c], evs) for c, evs in accepted.items()], each_next=adm.each_next)
             refused = self._refused(tenant, batch, adm, assets, applied.refused)
             self._restarted(tenant, adm, assets, applied.restarted)
             rejects += refused
@@ -594,6 +604,8 @@ class TwinShard(LiveModelOps):
         their twin's lateness window are decided from the durable log, all at once (`_from_log`)."""
         rows = _Rows(batch, misfit)
         adm = Admission()
+        if self._admit_next(adm, rows, twins, values):
+            return adm
         late: list[tuple[int, int, Pending]] = []  # (asset code, row, event) beyond their twin's window
         next_only = True  # every accepted event `Twin.takes_next` (`apply_many`'s `each_next`)
         accepted, accepted_rows, misfits = adm.accepted, adm.accepted_rows, rows.misfits
@@ -635,6 +647,31 @@ class TwinShard(LiveModelOps):
             self._count(adm, twins[c], i, ev, verdict)
         adm.rejected.sort(key=lambda r: r[0])
         return adm
+
+    @staticmethod
+    def _admit_next(adm: Admission, rows: _Rows, twins: list[Twin | None], values: list[np.ndarray | None]) -> bool:
+        """Admit a live call's usual batch at once, if it is one: one row a twin (row i is asset code i), every twin
+        known, no misfit, no history floor, and each row `Twin.takes_next` (what `_admit`'s loop accepts then, in the
+        same order); with the rows' columns for the filter (`Admission.columns`). False (`adm` untouched): not such
+        a batch, for `_admit`'s loop to decide row by row."""
+        n = len(twins)
+        if (not n or n != len(rows.keys) or rows.misfits is not None or None in twins
+                or any(twin.history_floor_us is not None for twin in twins)):
+            return False
+        keys = list(zip(rows.times, rows.sequences, rows.keys))
+        if not all(map(Twin.takes_next, twins, keys)):
+            return False
+        matrix = values[0]
+        one_filter = all(map(is_, values, repeat(matrix)))  # else each row from its own filter's matrix
+        events = pendings(keys, matrix if one_filter else map(np.ndarray.__getitem__, values, range(n)),
+                          rows.qualities)
+        adm.accepted.update(zip(range(n), ([ev] for ev in events)))
+        adm.accepted_rows += range(n)
+        adm.each_next = True
+        if one_filter:
+            adm.columns = EventColumns(rows.micros / 1e6, matrix,
+                                       np.fromiter(map(ne, rows.qualities, repeat("bad")), dtype=bool, count=n))
+        return True
 
     @staticmethod
     def _admissible(adm: Admission, rows: _Rows, twin: Twin, found: list[int]) -> list[int]:

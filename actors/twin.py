@@ -19,7 +19,9 @@ from __future__ import annotations
 import bisect
 import json
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import repeat
 from typing import NamedTuple
 
 import numpy as np
@@ -80,6 +82,22 @@ class Pending(NamedTuple):
     def use_outputs(self) -> bool:
         """Whether its outputs may update the estimate: not from a sensor flagged bad (its inputs still count)."""
         return self.quality != "bad"
+
+
+def pendings(keys: Iterable[EventKey], values: Iterable[np.ndarray], qualities: Iterable[str]) -> list[Pending]:
+    """A `Pending` per (key, values row, quality), made by the tuple constructor the NamedTuple's own wraps in a
+    Python-level call: a live shard call makes one per row, and that call was half of its admission's cost."""
+    return list(map(tuple.__new__, repeat(Pending), zip(keys, values, qualities)))
+
+
+class EventColumns(NamedTuple):
+    """One event per twin as the columns a dispatch packs (`raytwin.estimation.assimilate_events`): event times
+    (epoch seconds), value rows (the twins' filter columns, SI) and whether outputs update the estimate. A shard
+    has them as its batch's columns already: gathering them back from the events was ~4 % of a live call."""
+
+    t: np.ndarray
+    values: np.ndarray
+    use_outputs: np.ndarray
 
 
 def same_content(a: Pending, b: Pending) -> bool:
@@ -559,27 +577,61 @@ def apply_many(batches: list[tuple[Twin, list[Pending]]], each_next: bool = Fals
     events the filter refused (events of the window a late one re-applies included): they keep their
     place in the order (and the revision), the state is the one before them; and the events the filter
     restarted on (`Restarted`). `each_next`: the caller found each twin's one event `Twin.takes_next` (not
-    checked again)."""
+    checked again): `apply_next` runs them."""
     todo = [(twin, events) for twin, events in batches if events]
-    refused: list[Refused] = []
-    restarted: list[Restarted] = []
+    if todo and (each_next or _each_next(todo)):  # a later round is never such: only a swapping twin has one
+        return apply_next([twin for twin, _ in todo], [events[0] for _, events in todo])
+    applied = Applied([], [])
     while todo:
-        if each_next or _each_next(todo):
-            twins, runs, rest = [twin for twin, _ in todo], [events for _, events in todo], []
-            traces = _assimilate_next([events[0] for events in runs], twins)
-        else:
-            plans = [(twin, *twin._plan(events)) for twin, events in todo]
-            twins, runs = [twin for twin, *_ in plans], [events for _, events, _, _ in plans]
-            rest = [(twin, later) for twin, _, _, later in plans if later]
-            traces = assimilate_runs([run for _, _, run, _ in plans])
-        for k, found in traces.refused().items():
-            refused += [Refused(twins[k], runs[k][i], why) for i, why in found]
-        for k, found in traces.restarted().items():
-            restarted += [Restarted(twins[k], runs[k][i], _gap_s(twins[k], runs[k], i)) for i in found]
+        plans = [(twin, *twin._plan(events)) for twin, events in todo]
+        twins, runs = [twin for twin, *_ in plans], [events for _, events, _, _ in plans]
+        traces = assimilate_runs([run for _, _, run, _ in plans])
+        _report(traces, twins, runs, applied)
         for k, (twin, events, final) in enumerate(zip(twins, runs, traces.final_packed())):
             twin._absorb(events, traces, k, final)
-        todo = rest
-    return Applied(refused, restarted)
+        todo = [(twin, later) for twin, _, _, later in plans if later]
+    return applied
+
+
+def apply_next(twins: list[Twin], events: list[Pending], columns: EventColumns | None = None) -> Applied:
+    """`apply_many` of one event a twin, each `Twin.takes_next` (the caller checked): a live batch's usual call,
+    packed as columns over all twins at once (`columns`, the events' own if the caller has them; else gathered from
+    `events`) and taken by the twins in one pass (`_absorb_next`). The same bits as `apply_many`'s general path."""
+    traces = _assimilate_next(events, twins, columns)
+    applied = Applied([], [])
+    _report(traces, twins, list(zip(events)), applied)
+    _absorb_next(twins, events, traces.final_packed())
+    return applied
+
+
+def _report(traces: Traces, twins: list[Twin], runs: list[list[Pending]] | list[tuple[Pending]],
+            into: Applied) -> None:
+    """Add the events of `traces` the filter refused and those it restarted on to `into` (before the twins
+    absorb them: a restart's gap is from the state before it)."""
+    for k, found in traces.refused().items():
+        into.refused.extend(Refused(twins[k], runs[k][i], why) for i, why in found)
+    for k, found in traces.restarted().items():
+        into.restarted.extend(Restarted(twins[k], runs[k][i], _gap_s(twins[k], runs[k], i)) for i in found)
+
+
+def _absorb_next(twins: list[Twin], events: list[Pending], finals: list[PackedState]) -> None:
+    """`Twin._absorb` of each twin's one event (its run of a dispatch of one-event runs, ending in its `finals`
+    row), in one loop: per twin, a call and the general case's checkpoint loop were half its cost in a live call.
+    Kept in step with `_absorb` by `tests/test_twins.py` (both paths' twins compared field by field)."""
+    for twin, ev, final in zip(twins, events, finals):
+        key, applied = ev.key, twin.events_applied + 1
+        checkpoints = twin.checkpoints
+        if applied % twin.checkpoint_every == 0:  # `_absorb`'s checkpoint at the run's last (only) event
+            checkpoints.append(Checkpoint(key, final.detached(), applied))
+        twin._fs, twin._packed = None, final
+        twin.last_key, twin.events_applied = key, applied
+        twin.window.append(ev)
+        newest = twin.max_time_us
+        if newest is None or key[0] > newest:
+            twin.max_time_us = newest = key[0]
+        wm = newest - twin.lateness_us
+        if len(checkpoints) > 1 and checkpoints[1].key[0] < wm:
+            twin._prune(wm)
 
 
 def _gap_s(twin: Twin, events: list[Pending], i: int) -> float:
@@ -594,16 +646,17 @@ def _each_next(todo: list[tuple[Twin, list[Pending]]]) -> bool:
                for twin, events in todo)
 
 
-def _assimilate_next(events: list[Pending], twins: list[Twin]) -> Traces:
+def _assimilate_next(events: list[Pending], twins: list[Twin], columns: EventColumns | None = None) -> Traces:
     """Each twin's one event, next after its last applied (no rewind, no model swap): a live batch's usual
     call, packed as columns over all twins at once (`raytwin.estimation.assimilate_events`) instead of a
-    `Twin._plan` and a `Run` per twin; the same bits as `_plan`'s runs."""
-    count = len(events)
-    t = np.fromiter((e.key[0] for e in events), dtype=np.float64, count=count) / 1e6
-    values = np.array([e.values for e in events], dtype=np.float64)
-    use = np.fromiter((e.use_outputs for e in events), dtype=bool, count=count)
+    `Twin._plan` and a `Run` per twin; the same bits as `_plan`'s runs. `columns`: the events' (else gathered)."""
+    if columns is None:
+        count = len(events)
+        columns = EventColumns(np.fromiter((e.key[0] for e in events), dtype=np.float64, count=count) / 1e6,
+                               np.array([e.values for e in events], dtype=np.float64),
+                               np.fromiter((e.use_outputs for e in events), dtype=bool, count=count))
     starts = [twin.fs if twin._packed is None else twin._packed for twin in twins]
-    return assimilate_events([twin.filter for twin in twins], starts, t, values, use)
+    return assimilate_events([twin.filter for twin in twins], starts, *columns)
 
 
 def replay(twin: Twin, events: list[LoggedEvent]) -> Twin:

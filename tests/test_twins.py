@@ -468,7 +468,7 @@ def test_asset_codes_are_what_arrows_dictionary_encoding_gives():
 
 def test_a_shard_deciding_live_rows_without_classify_gives_what_classify_gives(tmp_path, monkeypatch):
     """A batch with one row a twin (a live call's shape) is admitted with `Twin.takes_next` where it applies
-    next: the same reports, change records, states, drift flags, log and dead letters as deciding every
+    next (the whole batch at once where every row does: `TwinShard._admit_next`): the same reports, change records, states, drift flags, log and dead letters as deciding every
     row with `classify`, over batches with re-deliveries, conflicts, late, very late and misfit rows."""
     from benchmarks.shard_call import TENANT, messy_rows, raw_table
     from actors.telemetry import validate_table
@@ -489,12 +489,14 @@ def test_a_shard_deciding_live_rows_without_classify_gives_what_classify_gives(t
         return (reports, [shard.state(TENANT, a) for a in assets], sorted(map(repr, letters)),
                 [shard.store.read_events(TENANT, a) for a in assets])
 
-    real = Twin.takes_next
+    real, admit_next, at_once = Twin.takes_next, TwinShard._admit_next, []
     monkeypatch.setattr(Twin, "takes_next", lambda twin, key: taken.append(real(twin, key)) or taken[-1])
+    monkeypatch.setattr(TwinShard, "_admit_next", staticmethod(lambda *a: at_once.append(admit_next(*a)) or at_once[-1]))
     live = run(str(tmp_path / "live"))
     monkeypatch.setattr(Twin, "takes_next", lambda twin, key: False)
     assert live == run(str(tmp_path / "classified"))
     assert taken.count(True) > 50 and taken.count(False) > 5
+    assert at_once.count(True) > 5  # whole batches admitted at once (`TwinShard._admit_next`)
 
 
 class _AfterMidnight(datetime):
