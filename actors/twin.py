@@ -92,11 +92,12 @@ def pendings(keys: Iterable[EventKey], values: Iterable[np.ndarray], qualities: 
 
 class EventColumns(NamedTuple):
     """One event per twin as the columns a dispatch packs (`raytwin.estimation.assimilate_events`): event times
-    (epoch seconds), value rows (the twins' filter columns, SI) and whether outputs update the estimate. A shard
-    has them as its batch's columns already: gathering them back from the events was ~4 % of a live call."""
+    (epoch seconds), values (the twins' filter columns, SI: a matrix, or a row per twin) and whether outputs update
+    the estimate. A shard has them as its batch's columns already: gathering them back from the events was ~4 % of
+    a live call."""
 
     t: np.ndarray
-    values: np.ndarray
+    values: np.ndarray | list[np.ndarray]
     use_outputs: np.ndarray
 
 
@@ -653,7 +654,7 @@ def _assimilate_next(events: list[Pending], twins: list[Twin], columns: EventCol
     if columns is None:
         count = len(events)
         columns = EventColumns(np.fromiter((e.key[0] for e in events), dtype=np.float64, count=count) / 1e6,
-                               np.array([e.values for e in events], dtype=np.float64),
+                               [e.values for e in events],  # rows: twins of other models measure other columns
                                np.fromiter((e.use_outputs for e in events), dtype=bool, count=count))
     starts = [twin.fs if twin._packed is None else twin._packed for twin in twins]
     return assimilate_events([twin.filter for twin in twins], starts, *columns)

@@ -919,20 +919,23 @@ def assimilate_runs(runs: Sequence[Run]) -> Traces:
     filters, starts = [run.filter for run in runs], [run.start for run in runs]
     if np.all(lengths == 1):
         return assimilate_events(filters, starts, np.fromiter((r.t[0] for r in runs), dtype=np.float64, count=len(runs)),
-                                 np.array([r.values[0] for r in runs], dtype=np.float64),
+                                 [r.values[0] for r in runs],
                                  np.fromiter((r.use_outputs[0] for r in runs), dtype=bool, count=len(runs)))
     return _traces(filters, starts, lengths, lambda ks, *shape: _run_events([runs[k] for k in ks], *shape))
 
 
 def assimilate_events(filters: Sequence[ExtendedKalmanFilter], starts: Sequence[FilterState | PackedState],
-                      t: np.ndarray, values: np.ndarray, use_outputs: np.ndarray) -> Traces:
+                      t: np.ndarray, values: np.ndarray | Sequence[np.ndarray], use_outputs: np.ndarray) -> Traces:
     """`assimilate_runs` of one-event runs given as columns (run k: `filters[k]` from `starts[k]`, its
     event at `t[k]` with `values[k]` and `use_outputs[k]`): a live batch's usual shape, which a shard
     hands over without a `Run` per twin, and whose kernel inputs are built from one row per run
-    (`_single_events`)."""
+    (`_single_events`). `values`: a matrix, or a row per run where the models measure different columns
+    (stacked per model: one matrix of rows of different lengths cannot be made)."""
     def events(ks: list[int], n: np.ndarray, width: int, t0: np.ndarray, u0: np.ndarray) -> tuple[np.ndarray, ...]:
         rows = slice(None) if len(ks) == len(filters) else ks
-        return _single_events(filters[ks[0]], t[rows], values[rows], use_outputs[rows], width, t0, u0)
+        vals = (values[rows] if isinstance(values, np.ndarray)
+                else np.array(values if len(ks) == len(filters) else [values[k] for k in ks], dtype=np.float64))
+        return _single_events(filters[ks[0]], t[rows], vals, use_outputs[rows], width, t0, u0)
     return _traces(filters, starts, np.ones(len(filters), dtype=np.int64), events)
 
 

@@ -499,6 +499,32 @@ def test_a_shard_deciding_live_rows_without_classify_gives_what_classify_gives(t
     assert at_once.count(True) > 5  # whole batches admitted at once (`TwinShard._admit_next`)
 
 
+def test_a_live_batch_over_twins_of_two_models_gets_the_states_of_separate_batches(tmp_path, artifact):
+    """One row a twin over twins whose models measure different columns (a thermal zone: 4, a two-tank
+    system: 3), a live call's shape on a shard of mixed types, is applied (it raised a ValueError: the columnar
+    path stacked the rows into one matrix) with the states each model's rows give in batches of their own."""
+    from raytwin.sim import TWO_TANK
+
+    tanks = ModelRegistry(str(tmp_path / "registry")).register("tank", "1.0.0", AssetType.from_model(TWO_TANK))
+    at = [T0 + timedelta(seconds=STEP_S * k) for k in range(4)]
+    zones = events("z1", 4)
+    levels = [TelemetryEvent(asset_id="t1", event_time=t, sequence=k, measurements={
+        "h1": {"value": 0.45 - 0.01 * k, "unit": "m"}, "q_in": {"value": 1e-4, "unit": "m^3/s"}})
+        for k, t in enumerate(at)]
+
+    def run(store: str, batches: list[list[TelemetryEvent]]) -> list[TwinState]:
+        shard = TwinShard(store, 0, 1, **BOUNDED_OPTS)
+        shard.register("acme", "z1", registration_record(asset("z1"), artifact, None, None))
+        shard.register("acme", "t1", registration_record(
+            Asset(id="t1", tenant="acme", type_name="two_tank", type_version="1.0.0"), tanks, None, None))
+        assert sum(shard.ingest("acme", validated_table(b)).accepted for b in batches) == 8
+        return [shard.state("acme", a) for a in ("z1", "t1")]
+
+    together = run(str(tmp_path / "together"), [[z, t] for z, t in zip(zones, levels)])
+    for a, b in zip(together, run(str(tmp_path / "apart"), [[e] for e in zones + levels]), strict=True):
+        assert_same_state(a, b)
+
+
 class _AfterMidnight(datetime):
     """The store's clock 30 s into the next UTC day: a retry that comes just after midnight."""
 
