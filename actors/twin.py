@@ -317,7 +317,12 @@ class Twin:
         without a rewind or a swap: a live batch's usual event, decided without `classify`'s lists."""
         last, newest, floor = self.last_key, self.max_time_us, self.floor
         return ((last is None or key > last) and (newest is None or key[0] >= newest - self.lateness_us)
-                and (floor is None or key > floor) and len(self.segments) == 1)
+                and (floor is None or key > floor) and len(self.segments) == 1 and not self._clear_ahead())
+
+    def _clear_ahead(self) -> bool:
+        """A recorded drift clear after the last applied event (a recovery's or time travel's replay): the events
+        up to it run first and the twin clears there (`_plan`, `_absorb`), not on the one-event path."""
+        return bool(self.clears) and (self.last_key is None or self.last_key < self.clears[-1])
 
     def pending(self, ev: LoggedEvent) -> Pending:
         """A logged event in this twin's filter columns."""
@@ -345,7 +350,7 @@ class Twin:
             if first + 1 < len(self.segments):
                 cut = bisect.bisect_left([e.key for e in events], (self.segments[first + 1].start_us, -1, ""))
                 events, rest = events[:cut], events[cut:]
-        if self.clears and (self.last_key is None or self.last_key < self.clears[-1]):  # a clear ahead of the state
+        if self._clear_ahead():
             events, rest = self._cut_at_clear(events, rest)
         # lists, not arrays: `assimilate_runs` packs the events of all twins of a batch at once
         start = self.fs if self._packed is None else self._packed
@@ -642,9 +647,10 @@ def _gap_s(twin: Twin, events: list[Pending], i: int) -> float:
 
 
 def _each_next(todo: list[tuple[Twin, list[Pending]]]) -> bool:
-    """Whether each twin takes one event, after its last applied, on its only model (no rewind, no swap)."""
+    """Whether each twin takes one event, after its last applied, on its only model (no rewind, no swap, no drift
+    clear ahead)."""
     return all(len(events) == 1 and len(twin.segments) == 1 and (twin.last_key is None or events[0].key > twin.last_key)
-               for twin, events in todo)
+               and not twin._clear_ahead() for twin, events in todo)
 
 
 def _assimilate_next(events: list[Pending], twins: list[Twin], columns: EventColumns | None = None) -> Traces:

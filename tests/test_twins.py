@@ -176,6 +176,12 @@ def test_a_shard_logs_exactly_its_accepted_rows_whether_or_not_it_accepted_every
         assert [e.values for e in logged[a]] == [logged_event(e, artifact.asset_type).values for e in evs]
 
 
+def stepped(evs: list[TelemetryEvent]) -> list[TelemetryEvent]:
+    """The events with the room air 2 K warmer from k = 40 on: a drift alarm."""
+    return [e.model_copy(update={"measurements": {**e.measurements, "T_in": e.measurements["T_in"].model_copy(
+        update={"value": e.measurements["T_in"].value + 2.0 * (e.sequence >= 40)})}}) for e in evs]
+
+
 @pytest.mark.parametrize("before_clear, late, clears", [(80, None, 1), (88, None, 1), (92, None, 1), (88, 85, 1),
                                                         (88, None, 2), (88, 85, 2)])
 def test_drift_clear_survives_a_shard_restart_from_an_older_snapshot(tmp_path, artifact, before_clear, late, clears):
@@ -189,10 +195,6 @@ def test_drift_clear_survives_a_shard_restart_from_an_older_snapshot(tmp_path, a
 
     def shard() -> TwinShard:
         return TwinShard(str(tmp_path), 0, 1, allowed_lateness_s=LATENESS_S, snapshot_every=16, checkpoint_every=8)
-
-    def stepped(evs: list[TelemetryEvent]) -> list[TelemetryEvent]:  # the room jumps 2 K at k = 40
-        return [e.model_copy(update={"measurements": {**e.measurements, "T_in": e.measurements["T_in"].model_copy(
-            update={"value": e.measurements["T_in"].value + 2.0 * (e.sequence >= 40)})}}) for e in evs]
 
     live = shard()
     live.register("acme", "z1", registration_record(asset("z1"), artifact, None, None))
@@ -214,6 +216,24 @@ def test_drift_clear_survives_a_shard_restart_from_an_older_snapshot(tmp_path, a
     assert_same_state(shard().state("acme", "z1"), now)
     live.store.fs.rm(live.store._drift_clear_path("acme", "z1"))
     assert shard().state("acme", "z1").divergence.drift  # what a restart did before the clear was durable
+
+
+def test_a_replay_of_one_event_at_a_drift_clears_point_clears_there(artifact):
+    """A recovery whose snapshot is one event before a clear replays that event alone: it clears at it as the
+    live twin did, not on the one-event path (`takes_next`, `_each_next`), which knows no clears."""
+    evs = [logged_event(e, artifact.asset_type) for e in stepped(events("z1", 60))]
+    live = Twin("acme", "z1", artifact)
+    replay(live, evs)
+    assert live.drift
+    live.clear_drift()
+    recovered = Twin("acme", "z1", artifact)
+    replay(recovered, evs[:-1])
+    recovered.replay_clears([live.last_key])
+    last = recovered.pending(evs[-1])
+    assert not recovered.takes_next(last.key)
+    recovered.apply([last])
+    assert not recovered.drift
+    assert_same_state(recovered.view(), live.view())
 
 
 @pytest.fixture(scope="module")
