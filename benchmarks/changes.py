@@ -19,11 +19,10 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 
-from benchmarks.harness import BenchContext, BenchResult, Figure, benchmark
+from benchmarks.harness import BenchContext, BenchResult, Figure, benchmark, owned_backend
 from benchmarks.local_s3 import local_s3, new_bucket
 from raytwin.contracts import Asset, AssetType, TelemetryEvent
 from raytwin.sim import THERMAL_RC
-from serve_apps.backend import Backend
 from serve_apps.changes import ChangeLog
 from serve_apps.conditional import Precondition
 from serve_apps.config import ServeConfig
@@ -76,8 +75,7 @@ def telemetry(ctx: BenchContext, result: BenchResult) -> None:
     with tempfile.TemporaryDirectory(prefix="raytwin-bench-changes-") as tmp:
         config = ServeConfig(store_url=f"{tmp}/store", keys_file=f"{tmp}/keys.json", twin_shards=1,
                              namespace=f"bench-{uuid.uuid4().hex[:8]}")
-        backend = Backend(config)
-        try:
+        with owned_backend(config) as backend:
             thermal = AssetType.from_model(THERMAL_RC)
             backend.put_type(TENANT, thermal, Precondition(), "benchmark")
             for i in range(twins):
@@ -111,8 +109,6 @@ def telemetry(ctx: BenchContext, result: BenchResult) -> None:
                     baseline_value=n / base.median_s))
                 result.notes.append(f"{label}: {1e3 * (mine.median_s - base.median_s) / n:.2f} ms per request "
                                     "for the change log (the twins' states in the shard's reply, the log append)")
-        finally:
-            backend.twins.close()
 
 
 def group_commit(ctx: BenchContext, result: BenchResult) -> None:

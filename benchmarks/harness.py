@@ -24,9 +24,13 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from serve_apps.backend import Backend
+    from serve_apps.config import ServeConfig
 
 log = logging.getLogger("raytwin.bench")
 
@@ -45,6 +49,23 @@ def environment(settings: Mapping[str, str]) -> Iterator[None]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+@contextmanager
+def owned_backend(config: ServeConfig) -> Iterator[Backend]:
+    """A `Backend` on `config` that this benchmark owns, twins included: at the
+    end its store watch stops (`Backend.close`), then its twins are released (`TwinService.close`). Releasing the
+    twins alone left the watch running in the caller's process, fenced, setting the fence gauge every 5 s."""
+    from serve_apps.backend import Backend
+
+    backend = Backend(config)
+    try:
+        yield backend
+    finally:
+        try:
+            backend.close()
+        finally:
+            backend.twins.close()
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from benchmarks.harness import BenchContext, BenchResult, Figure, benchmark
+from benchmarks.harness import BenchContext, BenchResult, Figure, benchmark, owned_backend
 from raytwin.contracts import Asset, AssetType, TelemetryEvent
 from raytwin.query import Record, evaluate, parse
 from raytwin.query_pages import fingerprint, paginate, parse_fields, parse_sort
@@ -142,8 +142,7 @@ def query(ctx: BenchContext) -> BenchResult:
         key = create_key(keys_file, TENANT, "reader")[1]
         base = {"store_url": f"{tmp}/store", "keys_file": str(keys_file), "twin_shards": 2,
                 "namespace": f"bench-{uuid.uuid4().hex[:8]}"}
-        backend = Backend(ServeConfig(**base))
-        try:
+        with owned_backend(ServeConfig(**base)) as backend:
             t0 = time.perf_counter()
             populate(backend, n_assets)
             result.notes.append(f"setup: {n_assets} assets and twins in {time.perf_counter() - t0:.1f} s")
@@ -162,8 +161,6 @@ def query(ctx: BenchContext) -> BenchResult:
                     result.figures.append(Figure(f"query p95 ({name}, {n_assets} assets)", p95, "ms",
                                                  baseline="same query over in-memory records", baseline_value=b95,
                                                  note=f"p50 {p50:.1f} ms (in-memory {b50:.1f} ms)"))
-        finally:
-            backend.twins.close()
     return result
 
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import jax
 import numpy as np
@@ -20,7 +21,7 @@ from benchmarks import fused_tuning, lorenz_ensemble, sweep_gpu
 from benchmarks.cli import bench_app
 from benchmarks.fmu import AGREEMENT_ATOL
 from benchmarks.harness import (CPU_KINDS, BenchContext, Figure, cpu_spent, cpu_split, cpu_times, markdown_table,
-                                measure, processes_cpu_s, select)
+                                measure, owned_backend, processes_cpu_s, select)
 from benchmarks.load import paced_sync
 from benchmarks.roofline import rk4_flops_jaxpr
 from benchmarks.thermal_scenarios import (
@@ -290,6 +291,27 @@ def test_bench_quick_query(ray_session, tmp_path):
     query = quick(tmp_path, "query")["benchmarks"]["query"]
     assert query["checks"]["every asset: matched"] == 400 and query["checks"]["catalog only: matched"] > 0
     assert len(query["figures"]) == 4 and all(f["value"] > 0 for f in query["figures"])
+
+
+def test_a_benchmarks_backend_stops_its_store_watch_then_releases_its_twins(monkeypatch):
+    """The query and changes benchmarks released their backend's twins alone: its store watch ran on in the caller's
+    process, fenced, and set another test's fence gauge (CI's one failure). Both end, in that order, on a failure
+    too."""
+    from serve_apps import backend as backend_module
+
+    ended: list[str] = []
+
+    class Started:
+        def __init__(self, config: object):
+            self.twins = SimpleNamespace(close=lambda: ended.append("twins"))
+
+        def close(self) -> None:
+            ended.append("store watch")
+
+    monkeypatch.setattr(backend_module, "Backend", Started)
+    with pytest.raises(RuntimeError, match="the benchmark failed"), owned_backend(SimpleNamespace()):
+        raise RuntimeError("the benchmark failed")
+    assert ended == ["store watch", "twins"]
 
 
 def test_bench_quick_reads_bounded(tmp_path):
