@@ -1,10 +1,13 @@
 """Shared fixtures: one local S3-compatible server and one local Ray instance per test session; a real
 two-node Ray cluster and a Ray Serve instance shared by the modules that ask for them, which run back
-to back (`tests/shared_resources.py`)."""
+to back (`tests/shared_resources.py`). Every test, and every module's fixtures, must stop the RayTwin background
+threads they start (`_no_background_thread_left`)."""
 
 from __future__ import annotations
 
 import os
+import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 
@@ -27,6 +30,57 @@ def _unwrapped_cli_errors(monkeypatch):
     whose length each machine's run counter decides) across its lines, which a test reading the message joins
     with a space: as wide as no message needs, so a message's words stay whole on every machine."""
     monkeypatch.setattr("typer.rich_utils.MAX_WIDTH", 1_000)
+
+
+BACKGROUND_THREADS = ("store-watch", "shadow-conclusions", "lifecycle-audit", "change-catch-up", "store-probe",
+                      "connector-supervise", "raytwin-lease-heartbeat", "raytwin-ingest-source", "down-", "pump-",
+                      "opcua-")
+"""The names (or their starts) of the threads RayTwin's objects start and stop (`threading.Thread(name=...)` in
+the product code); not ``raytwin-metrics``, the process's own until it exits."""
+
+THREAD_STOP_GRACE_S = 30.0
+"""How long a thread that is stopping may take to end (a store watch's pass in progress: `Backend.close` waits
+`FENCE_READ_S` for it). Waited only while such a thread is still alive."""
+
+
+_reported: set[threading.Thread] = set()
+"""The threads a guard failed a test for already: not again for every wider block around it."""
+
+
+def _background(threads: set[threading.Thread]) -> list[threading.Thread]:
+    return [t for t in threads - _reported if t.is_alive() and t.name.startswith(BACKGROUND_THREADS)]
+
+
+@contextmanager
+def _no_background_thread_left(what: str) -> Iterator[None]:
+    """Fails if a RayTwin background thread started in the block is still running after it (and a grace period):
+    a backend's store watch a benchmark left running set another test's fence gauge (CI's one failure) long after
+    the test that leaked it had passed. Threads already running before the block are not its own."""
+    before = set(threading.enumerate())
+    yield
+    deadline = time.monotonic() + THREAD_STOP_GRACE_S
+    for thread in _background(set(threading.enumerate()) - before):
+        thread.join(max(deadline - time.monotonic(), 0.0))
+    if left := _background(set(threading.enumerate()) - before):
+        _reported.update(left)
+        pytest.fail(f"{what} left RayTwin background threads running: {', '.join(sorted(t.name for t in left))}; "
+                    "stop what started them at its end (`Backend.close`, `TwinService.close`, `Pump.stop`, ...)",
+                    pytrace=False)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _module_leaves_no_background_thread(request) -> Iterator[None]:
+    """The module's fixtures (torn down before this one) stop what they started."""
+    with _no_background_thread_left(f"the fixtures of {request.module.__name__}"):
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _test_leaves_no_background_thread(request) -> Iterator[None]:
+    """The test and its function-scoped fixtures stop what they started (the wider fixtures, set up before this
+    one, own theirs)."""
+    with _no_background_thread_left(request.node.nodeid):
+        yield
 
 
 @pytest.fixture
