@@ -45,9 +45,12 @@ def etag(revision: int, *, weak: bool = False, content: Any = None) -> str:
 
 
 def state_etag(view: dict[str, Any]) -> str:
-    """The weak ETag of a twin's state view (`actors.state.TwinState.view`), over its state, std and event time:
-    GET .../state sends it, and runs from the live state echo it (`raytwin.contracts.StartedFrom`)."""
-    return etag(view["revision"], weak=True, content=[view["state"], view["std"], view.get("event_time")])
+    """The weak ETag of a twin's state view (`actors.state.TwinState.view`), over its state, std, event time and
+    divergence report: GET .../state and .../divergence send it, and runs from the live state echo it
+    (`raytwin.contracts.StartedFrom`). Why the report: a drift clear changes it without a new revision or state, and
+    a tag without it answered the cleared alarm's If-None-Match with 304, so a client kept showing the alarm."""
+    return etag(view["revision"], weak=True,
+                content=[view["state"], view["std"], view.get("event_time"), view.get("divergence")])
 
 
 @dataclass(frozen=True)

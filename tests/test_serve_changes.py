@@ -301,6 +301,23 @@ def test_an_etag_read_before_a_restore_of_the_store_never_matches_other_content_
     assert state_etag(view) == state_etag(dict(view)) != state_etag({**view, "state": {"T_in": 294.0}})
 
 
+def test_a_drift_clear_changes_a_twin_states_etag_so_if_none_match_reads_the_cleared_alarm():
+    """A drift clear changes a twin's divergence report, not its revision, state or std: the weak ETag of GET
+    .../state and .../divergence stayed the same, so a client holding the alarm's ETag got 304 and kept the alarm."""
+    from actors.state import DivergenceReport, TwinState
+
+    def view(drift: bool) -> dict:
+        report = DivergenceReport(nis_mean=9.0, nis_last=9.0, residual_mean={}, residual_rms={}, drift=drift,
+                                  diverged=False)
+        return TwinState(tenant="acme", asset_id="zone-1", model_ref="room@1.0.0", revision=7, event_time=None,
+                         state={"T": 1.0}, std={"T": 0.1}, covariance=[[0.01]], divergence=report,
+                         events_applied=7).model_dump(mode="json")
+
+    alarm, cleared = state_etag(view(True)), state_etag(view(False))
+    assert alarm != cleared and alarm.startswith('W/"7-') and cleared.startswith('W/"7-')
+    assert Precondition(if_none_match=EntityTags.parse(alarm, weak=True)).read(cleared, 7, "the state") is None
+
+
 def test_retention_deletes_old_directories_and_a_stream_never_skips_what_it_deleted(tmp_path, monkeypatch):
     monkeypatch.setattr(changes_module, "PARTITION", 4)
     log = ChangeLog(str(tmp_path), memory=2, retention_s=3600)
