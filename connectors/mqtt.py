@@ -417,8 +417,8 @@ class MqttAdapter:
         sending, was reset by the closed socket before it read the acknowledgements already sent: it sent all of
         them again on resume, duplicates (2,185 of 5,000 readings streamed with three pauses, MQTT 5; now none)."""
         deadline = time.monotonic() + PAUSE_DRAIN_S
-        self._draining = True
-        with self._acked:
+        with self._acked:  # under the lock `_acker` decides under: a message is awaited here, or left to the broker
+            self._draining = True
             self._acked.wait_for(lambda: not self._unacked, PAUSE_DRAIN_S)
         if self.client.is_connected():  # (a broker that has not accepted the connection answers nothing)
             self._barrier_passed.clear()
@@ -536,9 +536,8 @@ class MqttAdapter:
 
     # --------------------------------------------------------------- receive ----
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
-        if msg.qos and self._draining:
+        if (ack := self._acker(msg.mid, msg.qos)) is None:
             return  # pausing: unacknowledged, so the broker sends it again on resume (read once, then)
-        ack = self._acker(msg.mid, msg.qos)
         if msg.retain and not msg.dup and self._retained_read:
             ack()  # MQTT 3.1.1: a retained message sent again for a subscription held (`_subscriptions`)
             return
@@ -604,11 +603,16 @@ class MqttAdapter:
             self._unacked.clear()
             self._acked.notify_all()
 
-    def _acker(self, mid: int, qos: int) -> Callable[[], None]:
-        """How to acknowledge a message received now: once, over this connection only (a QoS 0 one, never)."""
+    def _acker(self, mid: int, qos: int) -> Callable[[], None] | None:
+        """How to acknowledge a message received now: once, over this connection only (a QoS 0 one, never); None
+        while pausing (a QoS 1 or 2 one: left to the broker). Decided under the lock `pause` sets `_draining` under:
+        a message read as not pausing, then counted after the pause found nothing to await, went to the pump as the
+        connection closed, and its acknowledgement was lost with it (a duplicate on resume)."""
         if qos == 0:
             return ignore
         with self._ack_lock:
+            if self._draining:
+                return None
             generation = self._generation
             self._unacked.add(mid)
 

@@ -641,6 +641,38 @@ def test_no_text_of_a_dead_letter_grows_with_what_a_device_sends(tmp_path):
     assert inbound[1].dead[0].source == source[:256] + f"…({len(source)} characters)"
 
 
+def test_a_message_received_as_a_pause_begins_is_awaited_or_left_to_the_broker(monkeypatch):
+    """Found in review: the receive thread read `_draining` before it counted the message as handed over, so a pause
+    that began in between awaited nothing and disconnected while the message went on to the pump: its acknowledgement
+    died with the connection and the broker sent it again on resume (a duplicate). No broker: the receive thread is
+    held between the two (a message whose packet id is read only then) while the pause runs."""
+    from types import SimpleNamespace
+
+    from connectors.mqtt import MQTT
+
+    inbound: list = []
+    adapter = MQTT.adapter(MqttSpec.model_validate(plant_spec(1, name="race")), Credentials(), inbound.append,
+                           lambda *ack: None)
+    monkeypatch.setattr(adapter, "_set_connected", lambda up: None)  # (no gauge set in the test process)
+    reached, release = threading.Event(), threading.Event()
+
+    class Held(SimpleNamespace):
+        @property
+        def mid(self) -> int:
+            reached.set()
+            release.wait(WAIT_S)
+            return 7
+
+    msg = Held(qos=1, retain=False, dup=False, topic="plant/pump-1/telemetry", payload=json.dumps(reading(1)).encode())
+    receiving = threading.Thread(target=adapter._on_message, args=(adapter.client, None, msg))
+    receiving.start()
+    assert reached.wait(WAIT_S)
+    adapter.pause()  # (never connected: no barrier to send)
+    release.set()
+    receiving.join(WAIT_S)
+    assert inbound == [] and not adapter._unacked  # left unacknowledged, for the broker to send again on resume
+
+
 def test_max_payload_bytes_is_a_whole_number_not_a_boolean_or_text():
     """A verifier's `true` was taken as a limit of 1 byte and "100" as 100."""
     spec = plant_spec(1, name="strict")
