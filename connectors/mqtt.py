@@ -6,8 +6,7 @@
   delivers it on reconnect (as far as the broker saved it to disk: a broker crash loses the rest, unseen), if
   published at QoS 1 or 2: a broker queues no QoS 0 message for a session that is away, so a reading received at
   QoS 0 is reported (once per connection).
-  A retained message is read once: with MQTT 5 a reconnect's SUBSCRIBE asks for them on a new subscription only;
-  with MQTT 3.1.1 the copies a broker sends again to a session holding the subscription are acknowledged unread.
+  With MQTT 5 a reconnect's SUBSCRIBE asks for retained messages on a new subscription only.
 - **Acknowledged after durable.** With paho's manual acks a PUBACK is sent only once the message's
   events are in the twins' logs (or its dead letters are written). A message delivered on an
   earlier connection is never acknowledged on a later one: the broker re-sends it there under the
@@ -380,7 +379,6 @@ class MqttAdapter:
         self._refused = False  # the broker refused the last connection attempt (kept as `last_error`)
         self._running = False  # between start and pause: the client's loop (and its reconnects) is on
         self._at_most_once_said = False  # a reading at QoS 0 was reported on this connection
-        self._retained_read = False  # MQTT 3.1.1: this connection's session held our subscriptions, retained read
         b = spec.broker
         self.v5 = b.protocol == "5"
         self.client = _client(spec, credentials, persistent=True, reach=reach)
@@ -455,7 +453,6 @@ class MqttAdapter:
         self._at_most_once_said = False
         self.last_error = self.last_error_at = None  # connected again: what went wrong before is over
         self._new_connection()
-        self._retained_read = not self.v5 and flags.session_present and self._session_expected
         if self._session_expected and not flags.session_present and (not self.v5 or self.spec.broker.session_expiry_s):
             self._error(f"broker {self._where()} kept no session for client {self.spec.client_id!r}: messages "
                         "published while the connector was disconnected are lost to it (the broker restarted without "
@@ -479,11 +476,7 @@ class MqttAdapter:
         """QoS 1; with MQTT 5, retained messages only for a subscription the session does not hold yet
         (retainHandling 1): every reconnect subscribes again, and a broker sends a topic's retained message at each
         SUBSCRIBE otherwise, so a retained reading came back as a duplicate and a retained bad payload was
-        dead-lettered again at every broker or connector restart. MQTT 3.1.1 has no such option: on a connection to a
-        session that holds this declaration's subscriptions (an earlier connection of it had them), the retained
-        messages the broker sends again (the only ones it flags retained, and not as re-sent: it clears the flag on
-        what it forwards to a subscription held, as MQTT 5's retainAsPublished 0, left so, does) are acknowledged
-        unread (`_on_message`), so both versions read a retained message once."""
+        dead-lettered again at every broker or connector restart. MQTT 3.1.1 has no such option (documented)."""
         if self.v5:
             return [(t, SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB))
                     for t in self._topics()]
@@ -538,9 +531,6 @@ class MqttAdapter:
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         if (ack := self._acker(msg.mid, msg.qos)) is None:
             return  # pausing: unacknowledged, so the broker sends it again on resume (read once, then)
-        if msg.retain and not msg.dup and self._retained_read:
-            ack()  # MQTT 3.1.1: a retained message sent again for a subscription held (`_subscriptions`)
-            return
         source = f"mqtt://{self.spec.name}/{msg.topic}"
         try:
             self._receive(msg, source, ack)

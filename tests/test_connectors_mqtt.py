@@ -849,49 +849,6 @@ def test_a_retained_message_is_read_once_not_at_every_reconnect(twins, connector
         connectors.delete("acme", "retain")
 
 
-def test_mqtt311_reads_a_retained_message_once_as_mqtt5_does(broker):
-    """Found by the last trial: MQTT 3.1.1 has no Retain Handling, and a broker sends a topic's retained message again
-    at every SUBSCRIBE, which a connector makes at every connection: each resume, broker restart or restarted process
-    read a retained reading again (a duplicate) and dead-lettered a retained bad payload again. The copies a broker
-    sends to a session holding the subscription (flagged retained; what it forwards is not) are left unread now."""
-    from connectors.mqtt import MQTT, end_session
-
-    spec = MqttSpec.model_validate(plant_spec(broker.port, "3.1.1", name="retain311", ack_topic=None, routes=[
-        {"topic": "retain311/+/t", "asset_level": 1, "payload": PAYLOAD}]))
-    received: list = []
-
-    def read(k: int) -> None:  # a reading published now, received after what the broker sent before it
-        device.publish("retain311/pump-4/t", [reading(k)])
-        wait_for(lambda: any(r["sequence"] == k for m in received for r in m.rows), f"reading {k} received")
-
-    device = Publisher(broker.port)
-    device.client.publish("retain311/pump-4/t", b"not json", qos=1, retain=True).wait_for_publish(30)
-    adapter = MQTT.adapter(spec, Credentials(), lambda m: (received.append(m), m.ack()), lambda *ack: None)
-    try:
-        adapter.start()
-        wait_for(adapter.connected, "subscribed")
-        read(1)
-        adapter.pause()
-        device.client.publish("retain311/pump-4/t", json.dumps(reading(2)), qos=1, retain=True).wait_for_publish(30)
-        adapter.resume()  # a reconnect to the session that holds the subscription
-        wait_for(adapter.connected, "subscribed again")
-        read(3)
-        adapter.stop()
-        adapter = MQTT.adapter(spec, Credentials(), lambda m: (received.append(m), m.ack()), lambda *ack: None,
-                               predecessor_seen=datetime.now(UTC))  # a restarted process of the declaration
-        adapter.start()
-        wait_for(adapter.connected, "subscribed by the restarted process")
-        read(4)
-        assert [(bool(m.dead), [r["sequence"] for r in m.rows]) for m in received] == [
-            (True, []), (False, [1]), (False, [2]), (False, [3]), (False, [4])]
-        assert adapter.errors == 0, adapter.last_error
-    finally:
-        adapter.stop()
-        device.client.publish("retain311/pump-4/t", b"", qos=1, retain=True).wait_for_publish(30)  # (cleared)
-        device.close()
-        end_session(spec, Credentials())
-
-
 def test_a_value_of_the_wrong_type_is_dead_lettered_naming_the_payloads_field_and_the_fix():
     """Found by an outside tester: `"level": "405 mm"` (a unit in the value), `"seq": 10.5` and an epoch time under
     `time_format: rfc3339` were refused by the contract as `measurements.h1.value.float: Input should be a valid
