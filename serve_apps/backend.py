@@ -898,8 +898,9 @@ class Backend:
         twins alone (their shards refuse by themselves). The lease is read at most every `FENCE_CHECK_S`, so a write
         may follow a takeover by that long; `fresh` reads it now, for a decision that would replace the successor's
         for good: a job's end or cancel, a command's approval or refusal (`ConnectorOps.DECISIONS`), a model's
-        transition or rollback (`serve_apps.deps.writable_now`), a recalibration's end or relaunch. A read that finds
-        the store taken holds the connectors too (`store_fence`), ahead of the store watch's next pass."""
+        transition or rollback (`serve_apps.deps.writable_now`), a recalibration's end or relaunch, a checkpoint of the
+        change log's recorded marks (`ChangeLog.checkpoint`, a close's too). A read that finds the store taken holds
+        the connectors too (`store_fence`), ahead of the store watch's next pass."""
         now = time.monotonic()
         if fresh or now - self._fence_checked >= FENCE_CHECK_S:
             self._fence, self._fence_checked = self.store_fence(), now

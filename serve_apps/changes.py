@@ -37,7 +37,8 @@ checkpointed from then on; so are the jobs of a checkpoint from before they were
 
 One writer: the log of the service holding the store's lease. Once another service took the store over, the log writes
 nothing there (`ChangeLog.fence`, the backend's `check_writable`, a verdict read at most once a second): no change,
-which would take a number the successor's log gives too, and no checkpoint, which would replace the successor's. What
+which would take a number the successor's log gives too, and no checkpoint, which would replace the successor's (a
+checkpoint reads the lease afresh, so a backend closed within that second writes none either). What
 it could not write is the successor's to record: its catch-up finds the jobs from their records (its start failed
 those queued or running here, whose end this queue no longer saves: `serve_apps.jobs.JobQueue.fence`), and the twins
 from their states (the fenced service's twin writes are refused by its shards).
@@ -66,7 +67,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from raytwin.storage import filesystem, replace_file
-from raytwin.statestore import fenced
+from raytwin.statestore import FenceCheck, fenced
 from raytwin.store_failures import store_io
 
 ChangeKind = Literal["twin.state", "twin.drift", "asset.created", "asset.updated", "asset.deleted",
@@ -223,12 +224,13 @@ def _floor(saved: dict[str, Any]) -> datetime | None:
 class ChangeLog:
     def __init__(self, url: str, storage_options: dict[str, Any] | None = None, memory: int = 1000,
                  retention_s: float | None = None, max_unwritten: int = MAX_UNWRITTEN,
-                 checkpoint_s: float = CHECKPOINT_S, fence: Callable[[], None] | None = None):
+                 checkpoint_s: float = CHECKPOINT_S, fence: FenceCheck | None = None):
         """`retention_s`: keep at least that much history (None: everything). `fence`: raises
         (`raytwin.statestore.StoreFenced`) once this log's service no longer holds its store
-        (`serve_apps.backend.Backend.check_writable`, a cached verdict: no store read per append); the log then writes
-        nothing there, neither changes (`_append_locked`) nor checkpoints (`checkpoint`), so that the successor's log
-        alone numbers the tenant's changes, and its catch-up records what this one could not (None: no fence)."""
+        (`serve_apps.backend.Backend.check_writable`, a cached verdict: no store read per append; a checkpoint asks it
+        from a read of the lease made now); the log then writes nothing there, neither changes (`_append_locked`) nor
+        checkpoints (`checkpoint`), so that the successor's log alone numbers the tenant's changes, and its catch-up
+        records what this one could not (None: no fence)."""
         self.store = ChangeStore(url, storage_options)
         self.fence = fence
         self.memory, self.retention_s, self.max_unwritten = memory, retention_s, max_unwritten
@@ -437,15 +439,20 @@ class ChangeLog:
         """Write the marks of each tenant whose marks changed, at most every `checkpoint_s` (`force`: now, as on a
         clean close). Snapshots are taken under the log's lock (a dict copy), written outside it; a failed write is
         logged and tried again at the next call, never failing an append. None while fenced, where one would replace
-        the successor's, nor while the fence is not known (the lease unread: the marks stay dirty for the next pass)."""
+        the successor's, nor while the fence is not known (the lease unread: the marks stay dirty for the next pass).
+        The fence is asked from a read of the lease made now (`fresh`), when marks are due: a verdict up to a second
+        old (`serve_apps.backend.FENCE_CHECK_S`) let a backend closed within a second of a takeover write its marks
+        over the successor's."""
         with self._checkpoint_lock:
-            if fenced(self.fence, unknown=True):
-                return
             now = time.monotonic()
             with self._lock:
+                if not self._due_locked(force, now):
+                    return
+            if fenced(self.fence, unknown=True, fresh=True):
+                return
+            with self._lock:
                 due = {t: (r.seq, r.generation, dict(r.marks), None if r.jobs is None else dict(r.jobs), r.jobs_floor)
-                       for t, r in self._recorded.items()
-                       if r.exact and r.dirty and (force or now - r.saved_at >= self.checkpoint_s)}
+                       for t, r in self._due_locked(force, now).items()}
                 for t in due:
                     self._recorded[t].dirty, self._recorded[t].saved_at = False, now
             for tenant, (seq, generation, marks, jobs, floor) in due.items():
@@ -456,6 +463,13 @@ class ChangeLog:
                                 type(exc).__name__, exc)
                     with self._lock:
                         self._recorded[tenant].dirty = True
+
+    def _due_locked(self, force: bool, now: float) -> dict[str, Recorded]:
+        """The marks `checkpoint` writes at `now`: changed since written, and last written `checkpoint_s` ago (`force`:
+        however recently). Asked before the fence too, so that the store watch's passes with nothing to write read no
+        lease."""
+        return {t: r for t, r in self._recorded.items()
+                if r.exact and r.dirty and (force or now - r.saved_at >= self.checkpoint_s)}
 
     def _recorded_locked(self, tenant: str) -> Recorded:
         if tenant not in self._recorded:

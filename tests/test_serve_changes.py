@@ -806,7 +806,7 @@ def test_a_twin_batch_applied_before_a_takeover_is_recorded_by_the_successors_ca
 
     taken: list[str] = []
 
-    def fence() -> None:
+    def fence(fresh: bool = False) -> None:
         if taken:
             raise StoreFenced(taken[0])
 
@@ -1267,6 +1267,33 @@ def test_a_fenced_backend_writes_nothing_to_the_change_log_and_its_successor_rec
                                                            *((s, successor.changes.generation) for s in (2, 3))]
         assert _job_changes(successor)[0] == ("job.succeeded", recorded)
         assert sorted(_job_changes(successor)[1:]) == sorted([("job.failed", ended), ("job.failed", running)])
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("force", [True, False], ids=["at_close", "due"])
+def test_a_checkpoint_within_a_second_of_a_takeover_writes_no_marks_over_its_successors(tmp_path, force):
+    """The change log's checkpoint passed the fence check's verdict, kept for a second (`FENCE_CHECK_S`): a backend
+    closed (or whose marks fell due) within a second of a takeover wrote its recorded marks over the successor's. A
+    checkpoint reads the lease afresh now: the successor's marks stay."""
+    from tests.test_serve_jobs import HeldJobs, _submit
+
+    async def scenario() -> None:
+        fenced = _job_backend(tmp_path)
+        held = HeldJobs(fenced.jobs)
+        ended, running = (_submit(fenced.jobs, "acme") for _ in range(2))
+        await held.finish(ended)  # its change written: marks to checkpoint
+        fenced.check_writable()  # it holds the store, and keeps that verdict...
+        fenced._fence_checked = time.monotonic() + 3600  # ...however slow this machine is until the checkpoint
+        successor = _job_backend(tmp_path)  # takes the store over; its start fails `running`
+        successor._catch_up_jobs("acme")
+        successor.changes.checkpoint(force=True)
+        marks = tmp_path / "changes" / "acme" / ".recorded.json"
+        checkpointed = marks.read_text()
+        fenced.changes.checkpoint_s = 0.0  # its marks are due at the store watch's next pass
+        fenced.changes.checkpoint(force=force)  # `force`: its close's
+        assert marks.read_text() == checkpointed
+        assert set(json.loads(checkpointed)["jobs"]) == {ended, running}
 
     asyncio.run(scenario())
 
