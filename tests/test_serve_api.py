@@ -54,6 +54,7 @@ def api(serve_proxy, tmp_path_factory):
         *((f"prober-{k}", "acme", "reader") for k in range(PROBERS)),
         ("readme", "initech", "admin"), ("motors", "motorco", "admin"),
         ("cas", "casco", "admin"), ("feeds", "feedco", "admin"), ("feeds-reader", "feedco", "reader"),
+        ("drifts", "driftco", "admin"), ("drifts-reader", "driftco", "reader"),
         ("sdk", "sdkco", "admin"), ("sdk-readme", "sdkreadme", "admin"), ("fits", "fitco", "admin"),
     )}
     config = {"store_url": str(root / "store"), "keys_file": str(keys_file), "max_body_bytes": 64 * 1024,
@@ -99,6 +100,13 @@ def building(api, http):
         r = http.post("/v1/assets", json=body, headers=admin)
         assert r.status_code == 201, r.text
     return "zone-1"
+
+
+def wild_events(n: int = 30, start: int = 10) -> list[dict]:
+    """Telemetry for an asset's own route (no asset_id) whose T_in swings far from what its twin predicts: the twin's
+    drift alarm latches."""
+    return [{"sequence": start + k, "event_time": (T0 + timedelta(minutes=start + k)).isoformat(),
+             "measurements": {"T_in": {"value": 280.0 if k % 2 else 320.0, "unit": "K"}}} for k in range(n)]
 
 
 def events(n: int, start: int = 0, asset: str = "zone-1") -> list[dict]:
@@ -1028,9 +1036,7 @@ def test_change_stream_is_complete_filterable_and_resumable_across_a_replica_res
     assert http.post("/v1/assets/f-1/telemetry", json={"events": batch}, headers=admin).json()["accepted"] == 3
     assert http.put("/v1/assets/f-2", json={"type_name": "thermal_rc", "type_version": version,
                                              "metadata": {"site": "north"}}, headers=admin).status_code == 200
-    wild = [{"sequence": 10 + k, "event_time": (T0 + timedelta(minutes=10 + k)).isoformat(),
-             "measurements": {"T_in": {"value": 280.0 if k % 2 else 320.0, "unit": "K"}}} for k in range(30)]
-    assert http.post("/v1/assets/f-1/telemetry", json={"events": wild}, headers=admin).json()["accepted"] == 30
+    assert http.post("/v1/assets/f-1/telemetry", json={"events": wild_events()}, headers=admin).json()["accepted"] == 30
     job = http.post("/v1/scenarios", params={"mode": "async"}, json=_scenario("f-1", 50, {"T_in": 294.0, "T_m": 291.0}),
                     headers=admin)
     assert job.status_code == 202
@@ -1072,23 +1078,39 @@ def test_change_stream_is_complete_filterable_and_resumable_across_a_replica_res
         following.close()
 
 
-def test_clearing_a_drift_alarm_is_audited_streamed_and_tenant_isolated(api, http):
-    """f-1 latched its drift alarm in the change-stream test (revision 34, last change 9)."""
-    admin, path = auth(api, "feeds"), "/v1/assets/f-1/drift/clear"
-    assert http.get("/v1/assets/f-1/divergence", headers=admin).json()["drift"] is True
-    assert_error(http.post(path, json={"reason": "x"}, headers=auth(api, "feeds-reader")), 403, "forbidden")
+@pytest.fixture(scope="module")
+def drifting(api, http) -> str:
+    """A twin of tenant driftco whose drift alarm latched (`wild_events`): its own tenant, so that no other test's
+    changes or audit records are among the ones its test reads, and it reads none of theirs."""
+    admin = auth(api, "drifts")
+    assert http.post("/v1/asset-types", json=THERMAL_TYPE, headers=admin).status_code == 201
+    r = http.post("/v1/assets", json={"id": "d-1", "type_name": "thermal_rc", "type_version": THERMAL_TYPE["version"],
+                                      "initial_state": {"T_in": 293.0, "T_m": 292.0}}, headers=admin)
+    assert r.status_code == 201, r.text
+    for batch in (events(3, asset="d-1"), wild_events()):
+        assert http.post("/v1/assets/d-1/telemetry", json={"events": batch}, headers=admin).json()["accepted"] == len(
+            batch)
+    return "d-1"
+
+
+def test_clearing_a_drift_alarm_is_audited_streamed_and_tenant_isolated(api, http, drifting):
+    admin, path = auth(api, "drifts"), f"/v1/assets/{drifting}/drift/clear"
+    assert http.get(f"/v1/assets/{drifting}/divergence", headers=admin).json()["drift"] is True
+    revision = http.get(f"/v1/assets/{drifting}/state", headers=admin).json()["revision"]
+    assert_error(http.post(path, json={"reason": "x"}, headers=auth(api, "drifts-reader")), 403, "forbidden")
     assert_error(http.post(path, json={"reason": "x"}, headers=auth(api, "other")), 404, "not_found")
     assert_error(http.post(path, json={}, headers=admin), 422, "invalid_request")
     r = http.post(path, json={"reason": "sensor re-seated"}, headers=admin)
-    assert r.status_code == 200 and r.headers["etag"].startswith('W/"34-')
-    assert (r.json()["drift"], r.json()["drift_score"], r.json()["revision"]) == (False, 0.0, 34)
-    assert http.get("/v1/assets/f-1/divergence", headers=admin).json()["drift"] is False
-    (change,) = read_changes(api[0], admin, 1, after=9)
-    assert (change["event"], change["data"]["revision"], change["data"]["data"]["drift"]) == ("twin.drift", 34, False)
+    assert r.status_code == 200 and r.headers["etag"].startswith(f'W/"{revision}-')
+    assert (r.json()["drift"], r.json()["drift_score"], r.json()["revision"]) == (False, 0.0, revision)
+    assert http.get(f"/v1/assets/{drifting}/divergence", headers=admin).json()["drift"] is False
+    latched, cleared = read_changes(api[0], admin, 2, after=0, kind="twin.drift")
+    assert [(c["data"]["revision"], c["data"]["data"]["drift"]) for c in (latched, cleared)] == [(revision, True),
+                                                                                               (revision, False)]
     record = [a for a in http.get("/v1/audit", headers=admin).json() if a["action"] == "twin.drift_clear"]
     assert [(a["target"], a["phase"], a["details"]) for a in record] == [  # before it acts, and what came of it
-        ("f-1", "intent", {"reason": "sensor re-seated"}),
-        ("f-1", "outcome", {"reason": "sensor re-seated", "status": "done", "revision": 34})]
+        (drifting, "intent", {"reason": "sensor re-seated"}),
+        (drifting, "outcome", {"reason": "sensor re-seated", "status": "done", "revision": revision})]
 
 
 # ---------------------------------------------------------------------------------- the SDK ----
