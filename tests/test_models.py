@@ -358,6 +358,20 @@ def test_a_run_that_diverges_far_from_the_nominal_state_is_refused_naming_the_st
     assert np.isfinite(empty).all() and empty[-1, 0] > 0.0  # filling from empty runs as before
 
 
+def test_a_finite_run_beyond_float32s_range_is_refused_naming_the_dtype_not_the_step():
+    """An adaptive model runs in float64 and returns float32 by default: a finite run past float32's range read as
+    inf in the result and was refused as a divergence a smaller step would fix (the run is checked where it ran)."""
+    from raytwin.sim.stiff import Adaptive
+
+    growth = _model(solver=Adaptive(), derivative=lambda x, u, c: (c[0] * x[0],))  # x = e^(k t): 2.7e43 at 100 s
+    inputs = np.zeros((100, 1))
+    with pytest.raises(ModelCheckError, match=r"^model decay: dtype: the run's states reach 2\.\d+e\+43, beyond "
+                                              r"float32's range: pass dtype=jnp.float64$"):
+        simulate(growth, [1.0], inputs, [1.0], 1.0)
+    assert simulate(growth, [1.0], inputs, [1.0], 1.0, dtype=jnp.float64)[-1, 0] == pytest.approx(math.exp(100.0),
+                                                                                                  rel=1e-4)
+
+
 def test_batches_and_rollouts_are_checked_over_their_parameter_box():
     model = _model()
     params = np.array([[0.5], [1.0], [2.0]])

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from raytwin.sim.checks import check_finite_run, check_params, check_start, check_step
-from raytwin.sim.model import Arrays, Model, after_step, model_step, rk4_step, unstack
+from raytwin.sim.model import Arrays, Model, ModelCheckError, after_step, model_step, rk4_step, unstack
 from raytwin.sim.precision import precision
 from raytwin.sim.ranges import check_ranges
 from raytwin.sim.stiff import Adaptive
@@ -228,9 +228,21 @@ def simulate(
     x0, inputs, params = _as_arrays(model, work, False, allow_implausible, x0, inputs, params)
     check_step(model, dt, params, inputs=inputs, allow_unstable=allow_unstable)
     with precision(work):
-        traj = np.asarray(_simulate_one(model, x0, inputs, params, jnp.asarray(dt, work))).astype(dtype, copy=False)
-    check_finite_run(model, traj[None], inputs, params[None], dt, allow_unstable=allow_unstable)
-    return traj
+        traj = np.asarray(_simulate_one(model, x0, inputs, params, jnp.asarray(dt, work)))
+    return _checked(model, traj[None], dtype, inputs, params[None], dt, allow_unstable)[0]
+
+
+def _checked(model: Model, traj: np.ndarray, dtype: Any, inputs: np.ndarray, params: np.ndarray, dt: float,
+             allow_unstable: bool) -> np.ndarray:
+    """The runs `traj` (batch, n_steps + 1, n_states) in `dtype`, checked for states that turned NaN or inf in the
+    precision they ran in (`check_finite_run`), then for finite states beyond `dtype`'s range (an adaptive run in
+    float64 returned in float32): those would read as a divergence the step cannot fix."""
+    check_finite_run(model, traj, inputs, params, dt, allow_unstable=allow_unstable)
+    out = traj.astype(dtype, copy=False)
+    if out is not traj and not np.isfinite(out).all() and np.isfinite(traj).all():
+        raise ModelCheckError(model.name, "dtype", f"the run's states reach {np.abs(traj).max():.4g}, beyond "
+                              f"{np.dtype(dtype).name}'s range: pass dtype=jnp.float64")
+    return out
 
 
 @partial(jax.jit, static_argnames=("model", "shared_inputs"))
@@ -268,6 +280,4 @@ def simulate_batch(
     shared = inputs.ndim == 2
     with precision(work):
         traj = np.asarray(_simulate_many(model, x0, inputs, params, jnp.asarray(dt, work), shared))
-    traj = traj.astype(dtype, copy=False)
-    check_finite_run(model, traj, inputs, params, dt, allow_unstable=allow_unstable)
-    return traj
+    return _checked(model, traj, dtype, inputs, params, dt, allow_unstable)
