@@ -383,7 +383,7 @@ class FenceCheck(Protocol):
     def __call__(self, fresh: bool = False) -> None: ...
 
 
-def fenced(check: Callable[..., None] | None, unknown: bool = False, fresh: bool = False) -> bool:
+def fenced(check: FenceCheck | None, unknown: bool = False, fresh: bool = False) -> bool:
     """Whether `check` (the Serve backend's `check_writable`; None: no fence) finds the store taken over by
     another service (`StoreFenced`), for the backend's own acts (a job's end, a recalibration's), which the successor
     takes on; `unknown` while the fence is not known (the lease unread: the store fails). False by default: the write
