@@ -1201,11 +1201,6 @@ class StateStore:
         record = {"key": list(key), "keys": [list(k) for k in keys]}  # "key": the last, as versions before read it
         replace_file(self.fs, self._drift_clear_path(tenant, asset_id), json.dumps(record).encode())
 
-    def load_drift_clear(self, tenant: str, asset_id: str) -> EventKey | None:
-        """The key of the last event before the twin's last drift clear (None: never cleared)."""
-        keys = self.load_drift_clears(tenant, asset_id)
-        return keys[-1] if keys else None
-
     @store_io("read")
     def load_drift_clears(self, tenant: str, asset_id: str) -> list[EventKey]:
         """The keys of the last events before each of the twin's drift clears, in order (a record written

@@ -77,7 +77,7 @@ CASES: dict[str, tuple[Writer, Reader]] = {
     "model swaps": _store_case(lambda s, v: s.save_model_swaps("acme", "a", [{"at_us": v}]),
                                lambda s: s.load_model_swaps("acme", "a")[0]["at_us"]),
     "drift clear": _store_case(lambda s, v: s.save_drift_clear("acme", "a", (v, 0, "k")),
-                               lambda s: s.load_drift_clear("acme", "a")[0]),
+                               lambda s: s.load_drift_clears("acme", "a")[-1][0]),
     "deletion": _store_case(lambda s, v: s.save_deletion("acme", "a", v), lambda s: s.history_floors("acme")["a"]),
     "shadow": _store_case(lambda s, v: s.save_shadow("acme", "ref", "a", {"v": v}),
                           lambda s: [r["v"] for *_, r in s.load_shadows()]),

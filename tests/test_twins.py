@@ -1440,8 +1440,8 @@ def test_a_retype_whose_replay_fails_leaves_the_twin_on_its_old_version(tmp_path
     assert shard.ingest("acme", validated_table(evs[:40])).accepted == 40
     shard.clear_drift("acme", "rf")
     before, snap = shard.state("acme", "rf"), shard.store.latest_snapshot("acme", "rf")
-    clear, durable = shard.store.load_drift_clear("acme", "rf"), durable_state(shard.store, "acme", "rf")
-    assert snap is not None and clear is not None
+    clear, durable = shard.store.load_drift_clears("acme", "rf"), durable_state(shard.store, "acme", "rf")
+    assert snap is not None and clear
 
     real = shard_module.recover
 
@@ -1456,7 +1456,7 @@ def test_a_retype_whose_replay_fails_leaves_the_twin_on_its_old_version(tmp_path
                                            r"its history on zone@1.1.0 failed \(FloatingPointError: the new model"):
         shard.retype("acme", "rf", moved)
     assert shard.store.load_registration("acme", "rf") == record
-    assert shard.store.latest_snapshot("acme", "rf") == snap and shard.store.load_drift_clear("acme", "rf") == clear
+    assert shard.store.latest_snapshot("acme", "rf") == snap and shard.store.load_drift_clears("acme", "rf") == clear
     assert_same_state(shard.state("acme", "rf"), before)
     assert durable_state(shard.store, "acme", "rf") == durable
     assert shard.ingest("acme", validated_table(evs[40:])).accepted == 20  # served as before
@@ -1487,7 +1487,7 @@ def test_a_retype_a_crash_cut_short_after_its_commit_is_finished_by_the_restarte
     assert shard.ingest("acme", validated_table(evs)).accepted == 40
     shard.clear_drift("acme", "rc")
     old_snapshot = shard.store.latest_snapshot("acme", "rc")
-    assert old_snapshot is not None and shard.store.load_drift_clear("acme", "rc") is not None
+    assert old_snapshot is not None and shard.store.load_drift_clears("acme", "rc") != []
 
     def crash(*args):
         raise _Crash
@@ -1508,7 +1508,7 @@ def test_a_retype_a_crash_cut_short_after_its_commit_is_finished_by_the_restarte
 
     restarted = TwinShard(str(tmp_path / "store"), 0, 1, **opts)
     assert_same_state(restarted.state("acme", "rc"), expected.view())
-    assert store.load_registration("acme", "rc") == moved and store.load_drift_clear("acme", "rc") is None
+    assert store.load_registration("acme", "rc") == moved and store.load_drift_clears("acme", "rc") == []
     assert store.latest_snapshot("acme", "rc").revision == expected.checkpoints[0].events_applied
     assert_same_state(durable_state(store, "acme", "rc"), sealed_view(expected))
     assert restarted.retype("acme", "rc", moved)  # the caller's retry: done already
