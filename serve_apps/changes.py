@@ -5,9 +5,10 @@ number is the event id of the change stream (`serve_apps.change_stream`) and, fo
 changes, the changed asset's or type's revision (its ETag). The log lives in the `Backend`
 replica, which appends under one lock, and is durable before an append returns: one JSON-lines
 segment per append at ``{store}/changes/{tenant}/{first // 10000:010d}/{first:016d}-{last:016d}.jsonl``
-(object stores cannot append; names sort by sequence). A restarted backend continues the
-sequence from the newest segment, so an event id read from a stream stays a valid resume point
-across replica restarts.
+(object stores cannot append; names sort by sequence). A failed write, which may have landed, is written
+again with its numbers and bytes (`ChangeLog._append_locked`): never a second copy of a change, nor another under
+its number. A restarted backend continues the sequence from the newest segment, so an event id read from a
+stream stays a valid resume point across replica restarts.
 
 Each change also carries the `generation` of the log that wrote it, a random token drawn each time
 the backend starts, and its event id is ``<seq>-<generation>`` (`event_id`). Why: a store restored
@@ -244,7 +245,7 @@ class ChangeLog:
         self._head: dict[str, int] = {}
         self._ring: dict[str, deque[Change]] = {}
         self.generation = secrets.token_hex(4)  # this run's: a restored store's new changes differ from the old
-        self._unwritten: dict[str, list[dict[str, Any]]] = {}  # queued appends whose write failed: written first
+        self._unwritten: dict[str, list[list[Change]]] = {}  # segments whose write failed: written first, as they were
 
     # ---- writing --------------------------------------------------------------------------
     def record(self, tenant: str, drafts: list[dict[str, Any]]) -> list[Change]:
@@ -293,8 +294,8 @@ class ChangeLog:
     def _commit(self, tenant: str, batch: list[Queued]) -> None:
         """Write the queued appends as one segment (under the lock); every caller gets its changes or the error.
 
-        A failed write (a full disk, a store outage) keeps its drafts: they describe what already happened (a
-        twin's applied events, a finished job), so they are written ahead of the tenant's next append, or by
+        A failed write (a full disk, a store outage) keeps its changes (`_append_locked`): they describe what already
+        happened (a twin's applied events, a finished job), so they are written ahead of the tenant's next append, or by
         `flush`: the stream misses no change, even when the client's resend of the batch is all duplicates.
         Kept in this process's memory only, and `check_room` bounds them: a backend that stops before the store takes
         writes again loses them, but not what they describe: the next backend finds the twins whose state or drift
@@ -306,9 +307,8 @@ class ChangeLog:
         try:
             changes = self._append_locked(tenant, all_drafts) if all_drafts else []
         except Exception as exc:
-            self._unwritten.setdefault(tenant, []).extend(all_drafts)
             log.warning("event=change_write_failed tenant=%s kept=%d error=%s: %s", tenant,
-                        len(self._unwritten[tenant]), type(exc).__name__, exc)
+                        self._kept(tenant), type(exc).__name__, exc)
             for item in batch:
                 item.error = exc
             return
@@ -319,7 +319,8 @@ class ChangeLog:
         """Run `apply(next_seq)` under the log's lock, then record the drafts it returns.
 
         `apply` is the write the changes describe (a catalog file carrying revision `next_seq`), so
-        revisions and log order agree; if it raises, nothing is recorded.
+        revisions and log order agree; if it raises, nothing is recorded. If the log's write fails after it, the
+        changes are kept, as `_commit` keeps them: written ahead of the next append (`apply` wrote what they describe).
         """
         with self._lock:
             self._check_fence()  # before `apply`: no catalog write whose change a fenced log would refuse
@@ -337,7 +338,7 @@ class ChangeLog:
     def unwritten(self) -> int:
         """How many changes wait for a write that failed (0: the log has every change recorded)."""
         with self._lock:
-            return sum(len(d) for d in self._unwritten.values())
+            return sum(self._kept(t) for t in self._unwritten)
 
     def check_room(self, tenant: str) -> None:
         """`StoreUnavailable` (503) while `max_unwritten` of the tenant's changes wait for a write that failed: each
@@ -347,34 +348,50 @@ class ChangeLog:
         that hangs holds: a telemetry request must not wait on it here."""
         from serve_apps.store_errors import unavailable  # here: the SDK imports this module, without FastAPI
 
-        kept = len(self._unwritten.get(tenant, ()))
+        kept = self._kept(tenant)
         if kept >= self.max_unwritten:
             raise unavailable(f"{kept} changes of tenant {tenant} wait for the change log's write, which failed",
                               "no_writes", "the store takes no writes (a full disk, a read-only or unwritable store: the backend "
                               "logs event=change_write_failed with the error); this tenant's telemetry is refused, "
                               "nothing of it applied, until they are written")
 
+    def _kept(self, tenant: str) -> int:
+        return sum(len(segment) for segment in self._unwritten.get(tenant, ()))
+
     def _flush_locked(self, tenant: str) -> None:
         if self._unwritten.get(tenant):
             self._append_locked(tenant, [])
 
     def _append_locked(self, tenant: str, drafts: list[dict[str, Any]]) -> list[Change]:
-        """Write the tenant's unwritten drafts then `drafts` as its next changes; the changes of `drafts`. Refused
-        (`fence`) once another service holds the store: its log numbers the changes from then on."""
-        self._check_fence()
-        kept = self._unwritten.get(tenant, [])
-        recorded = self._recorded_locked(tenant)  # before the write: loading it reads the log's tail
-        first = self._head_locked(tenant) + 1
+        """Write the tenant's unwritten segments then `drafts` as its next changes; the changes of `drafts`. Refused
+        (`fence`) once another service holds the store: its log numbers the changes from then on.
+
+        A write that failed may have landed (a timeout after the store took the PUT, a folder sync failing after the
+        rename), so its segment keeps its numbers and bytes and is written again as it was, which replaces it whole
+        where it landed: written again renumbered, or its numbers given to the next changes, it was read twice or
+        replaced by other changes under its numbers. Only the first kept segment was ever tried (the writes stop at
+        the first failure), so the changes kept after it share one segment: at most two writes flush them."""
+        kept = self._unwritten.setdefault(tenant, [])
+        first = (kept[-1][-1].seq if kept else self._head_locked(tenant)) + 1
         now = datetime.now(UTC)
-        changes = [Change(seq=first + i, time=now, generation=self.generation, **{"revision": first + i, **d})
-                   for i, d in enumerate([*kept, *drafts])]
-        self.store.write(tenant, changes)
-        for change in changes:
-            recorded.note(change)
+        new = [Change(seq=first + i, time=now, generation=self.generation, **{"revision": first + i, **d})
+               for i, d in enumerate(drafts)]
+        if new:
+            if len(kept) > 1:
+                kept[-1] = [*kept[-1], *new]
+            else:
+                kept.append(new)
+        self._check_fence()
+        recorded = self._recorded_locked(tenant)  # after keeping `drafts`: loading it reads the log's tail
+        while kept:
+            self.store.write(tenant, kept[0])
+            changes = kept.pop(0)
+            for change in changes:
+                recorded.note(change)
+            self._head[tenant] = changes[-1].seq
+            self._ring.setdefault(tenant, deque(maxlen=self.memory)).extend(changes)
         self._unwritten.pop(tenant, None)
-        self._head[tenant] = changes[-1].seq
-        self._ring.setdefault(tenant, deque(maxlen=self.memory)).extend(changes)
-        return changes[len(kept):]
+        return new
 
     def _check_fence(self) -> None:
         """Raise (`fence`) unless this log may write the store now."""
@@ -473,6 +490,8 @@ class ChangeLog:
 
     def _recorded_locked(self, tenant: str) -> Recorded:
         if tenant not in self._recorded:
+            self._head_locked(tenant)  # read before the shards apply a batch (`recorded_mark`): numbering its changes
+            # then reads no store, which may fail after the batch was applied, and the changes are kept
             self._recorded[tenant] = self._load_recorded(tenant)
         return self._recorded[tenant]
 
@@ -583,8 +602,9 @@ class ChangeStore:
                 continue
             for line in self.fs.cat_file(path).splitlines():
                 change = Change.model_validate_json(line)
-                if change.seq > after:
+                if change.seq > after:  # (and once: segments an older version wrote again renumbered overlap)
                     out.append(change)
+                    after = change.seq
                     if len(out) == limit:
                         return out
         return out

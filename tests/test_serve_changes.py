@@ -640,17 +640,21 @@ def iter_events(response: httpx.Response):
 DISK_FULL = OSError(28, "No space left on device")
 
 
-def _failing_writes(log: ChangeLog, failures: list[Exception]) -> None:
+def _failing_writes(log: ChangeLog, failures: list[Exception], landed: bool = False) -> None:
     """Make the log's segment writes raise `failures` in turn (one per write), then write again (the store is back).
     Raised by the store's filesystem, under the storage layer, as a disk's errors are (`replace_file` raises them as
-    `StoreIOError`). Its checkpoints of recorded marks are written."""
+    `StoreIOError`); `landed`: after the segment was written (a timeout after the store took the PUT). Its checkpoints
+    of recorded marks are written."""
     fs = log.store.fs
 
     class Failing:
         def pipe_file(self, path, data, **kwargs):
+            if landed:
+                fs.pipe_file(path, data, **kwargs)
             if failures and path.endswith(".jsonl"):
                 raise failures.pop()
-            fs.pipe_file(path, data, **kwargs)
+            if not landed:
+                fs.pipe_file(path, data, **kwargs)
 
         def __getattr__(self, name):
             return getattr(fs, name)
@@ -677,6 +681,31 @@ def test_a_change_whose_write_failed_is_written_first_with_the_next_append_or_a_
     assert [(c.seq, c.revision, c.data["rev"]) for c in changed] == [(4, 4, 4)]  # the kept change went first
     stored = log.store.read("acme", 0, 10)
     assert [(c.seq, c.asset_id) for c in stored] == [(1, "a"), (2, "a"), (3, "b"), (4, "c")]  # none lost nor doubled
+
+
+def test_a_change_write_that_failed_after_it_landed_is_read_once_and_keeps_its_number(tmp_path):
+    """A segment write that raised after the store took it (a timeout after the PUT landed; a folder sync failing
+    after the rename): its changes were written again renumbered with the next append, so the store held them twice
+    and every reader of it (a stream replaying history, a restarted backend) got them twice; a catalog change's
+    segment was replaced by the next change under its number (lost, and a reader that had read it skipped the next)."""
+    log = ChangeLog(str(tmp_path))
+    failures = [TimeoutError("read timeout")]
+    _failing_writes(log, failures, landed=True)
+    with pytest.raises(OSError, match="read timeout"):
+        log.record("acme", drafts(2, asset="a"))
+    log.record("acme", drafts(1, asset="b"))
+    failures.append(TimeoutError("read timeout"))
+    with pytest.raises(OSError, match="read timeout"):
+        log.write("acme", lambda seq: [{"kind": "asset.updated", "asset_id": "c", "data": {"rev": seq}}])
+    (d,) = log.write("acme", lambda seq: [{"kind": "asset.updated", "asset_id": "d", "data": {"rev": seq}}])
+    expected = [(1, "a", 1), (2, "a", 2), (3, "b", 3), (4, "c", 4), (5, "d", 5)]
+    assert d.seq == d.data["rev"] == 5 and log.head("acme") == 5 and log.unwritten() == 0
+    for read in (log.store.read, ChangeLog(str(tmp_path)).store.read):
+        assert [(c.seq, c.asset_id, c.revision) for c in read("acme", 0, 10)] == expected
+    assert [(c.seq, c.asset_id, c.revision) for c in log.read("acme", 0, 10).changes] == expected  # the ring
+
+    log.store.write("acme", log.store.read("acme", 2, 2))  # a segment an older version wrote again: 3-4 beside 3-3
+    assert [c.seq for c in log.store.read("acme", 0, 10)] == [1, 2, 3, 4, 5]  # each change read once
 
 
 class _Shard:
