@@ -152,8 +152,6 @@ class Backend:
                                  lease_wait_s=config.store_lease_wait_s, own_shards=True)
         metrics.SHARDS_CONFIGURED.set(config.twin_shards)  # once: this process re-records it (`raytwin.metrics`)
         self.changes = self._change_log()
-        for tenant in self.catalog.tenants():
-            self.changes.reserve(tenant, self.catalog.max_revision(tenant))
         self.jobs = JobQueue(config, config.max_concurrent_jobs, on_finish=self._job_finished,
                              fence=self.check_writable)
         self._started = datetime.now(UTC)  # jobs that ended before (a restart failed some) are `_catch_up_jobs`'
@@ -166,6 +164,8 @@ class Backend:
         self._publish = threading.Lock()
         self._fence: StoreFence | None = None
         self._fence_checked = -math.inf  # when the lease was last read (`check_writable`)
+        for tenant in self.catalog.tenants():  # first of all appends, once the log's fence can be read
+            record_lost_catalog_changes(self.changes, self.catalog, tenant)
         self._beat_reads = BoundedRead(self.twins.store.read_heartbeat, "the store's lease heartbeat")
         self._renewals = RenewalWatch(RENEWAL_STALL_S)
         self._concluded: set[str] = set()  # the shadow evaluations recorded (run ids; `_conclude_shadows`)
@@ -233,8 +233,7 @@ class Backend:
             def write(seq: int) -> list[dict[str, Any]]:
                 if not self.catalog.put_type(tenant, asset_type, seq, pre):
                     return []
-                return [{"kind": "asset_type.created", "type_name": asset_type.name, "type_version": asset_type.version,
-                         "data": {"asset_type": asset_type.model_dump(mode="json")}}]
+                return [_type_change("asset_type.created", asset_type)]
 
             created = bool(self.changes.write(tenant, write))
             return created, self.catalog.revision(tenant, "types", asset_type.key)
@@ -981,6 +980,30 @@ def _job_change(job: JobRecord) -> dict[str, Any]:
                                                         "scenarios", "n_steps", "compute_s"})}
 
 
+def record_lost_catalog_changes(changes: ChangeLog, catalog: Catalog, tenant: str) -> None:
+    """Record, at its revision, the change of each catalog entry newer than the tenant's change log (a crash between
+    the catalog file and its log segment, or a failed segment write kept by a backend that stopped), from the catalog,
+    the source of truth: an asset's as `asset.updated` (whether it was created is not known), a type's as
+    `asset_type.created`. Its number left without a change (the log only continued after it) read as changes deleted
+    by the retention to every stream behind it: 410 `gone`, a resync of everything, and the change never sent. A
+    delete whose change was lost leaves no entry: that one change stays lost (serve_apps/README.md, "Costs")."""
+    head = changes.head(tenant)
+    lost = sorted((revision, kind, key) for (t, kind, key), revision in catalog.revisions.items()
+                  if t == tenant and revision > head)
+    for revision, kind, key in lost:
+        changes.reserve(tenant, revision - 1)  # (a number before it whose lost change was a delete stays a hole)
+        if kind == "assets":
+            changes.record(tenant, [_asset_change("asset.updated", catalog.get_asset(tenant, key))])
+        else:
+            changes.record(tenant, [_type_change("asset_type.created", catalog.types[tenant][key])])
+        log.info("event=catalog_change_recovered tenant=%s %s=%s revision=%d", tenant, kind, key, revision)
+
+
 def _asset_change(kind: str, asset: Asset) -> dict[str, Any]:
     return {"kind": kind, "asset_id": asset.id, "type_name": asset.type_name, "type_version": asset.type_version,
             "data": {"asset": asset.model_dump(mode="json")}}
+
+
+def _type_change(kind: str, asset_type: AssetType) -> dict[str, Any]:
+    return {"kind": kind, "type_name": asset_type.name, "type_version": asset_type.version,
+            "data": {"asset_type": asset_type.model_dump(mode="json")}}

@@ -102,9 +102,6 @@ class Catalog:
         pre.check(revision, what, None if revision is None or held is None
                   else content_tag(revision, held.model_dump(mode="json")))
 
-    def max_revision(self, tenant: str) -> int:
-        return max((r for (t, _, _), r in self.revisions.items() if t == tenant), default=0)
-
     def tenants(self) -> set[str]:
         return set(self.types) | set(self.assets)
 

@@ -399,8 +399,9 @@ class ChangeLog:
             self.fence()
 
     def reserve(self, tenant: str, at_least: int) -> None:
-        """Continue the tenant's sequence after `at_least` (revisions already on the store: a catalog
-        written just before a crash kept the revision its lost log segment would have had)."""
+        """Continue the tenant's sequence after `at_least` (revisions already on the store: the change of a catalog
+        entry written just before a crash, whose log segment was lost, is recorded at the entry's revision:
+        `serve_apps.backend.record_lost_catalog_changes`)."""
         with self._lock:
             self._head[tenant] = max(self._head_locked(tenant), at_least)
 
