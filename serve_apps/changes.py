@@ -660,9 +660,13 @@ class ChangeStore:
 
     @store_io("read")
     def last_seq(self, tenant: str) -> int:
-        parts = self._ls(f"{self.root}/{tenant}")
-        segments = self._ls(parts[-1]) if parts else []
-        return int(segments[-1].rsplit("-", 1)[1].removesuffix(".jsonl")) if segments else 0
+        """The newest change's number (0: none), from the newest folder holding a segment: a writer killed between a
+        new folder's creation and its first segment (local disk; object stores have no empty folders) left it empty,
+        and read as an empty log, the sequence started again at 1 over the numbers already given."""
+        for part in reversed(self._ls(f"{self.root}/{tenant}")):
+            if segments := self._ls(part):
+                return int(segments[-1].rsplit("-", 1)[1].removesuffix(".jsonl"))
+        return 0
 
     def _segments(self, tenant: str, seq: int):
         """(first, last, path) of the segments that may hold `seq` and later, in order. A segment lies in the

@@ -125,6 +125,20 @@ def test_log_is_gapless_durable_and_continues_after_a_restart(tmp_path, monkeypa
     assert [c.seq for c in restarted.record("acme", drafts(1))] == [21]
 
 
+def test_a_log_whose_newest_folder_a_killed_writer_left_empty_continues_its_sequence(tmp_path, monkeypatch):
+    """A backend killed between a new folder's creation and its first segment (SIGKILL in a trial: the folder held
+    only the writer's hidden temporary file): the next one read its log as empty and numbered changes from 1 again."""
+    monkeypatch.setattr(changes_module, "PARTITION", 4)
+    log = ChangeLog(str(tmp_path))
+    log.record("acme", drafts(3))
+    left = tmp_path / "acme" / f"{1:010d}"  # the folder of change 4, with what the killed writer left
+    left.mkdir()
+    (left / ".0000000000000004-0000000000000004.jsonl.1234.0a1b.tmp").write_text("{")
+    restarted = ChangeLog(str(tmp_path))
+    assert restarted.head("acme") == 3 and [c.seq for c in restarted.record("acme", drafts(2))] == [4, 5]
+    assert [c.seq for c in restarted.store.read("acme", 0, 10)] == [1, 2, 3, 4, 5]
+
+
 def test_a_failed_write_records_nothing_and_concurrent_writers_get_distinct_seqs(tmp_path):
     log = ChangeLog(str(tmp_path))
 
