@@ -238,7 +238,8 @@ def _checked(model: Model, traj: np.ndarray, dtype: Any, inputs: np.ndarray, par
     precision they ran in (`check_finite_run`), then for finite states beyond `dtype`'s range (an adaptive run in
     float64 returned in float32): those would read as a divergence the step cannot fix."""
     check_finite_run(model, traj, inputs, params, dt, allow_unstable=allow_unstable)
-    out = traj.astype(dtype, copy=False)
+    with np.errstate(over="ignore"):  # (NumPy's warning beside the error below says less)
+        out = traj.astype(dtype, copy=False)
     if out is not traj and not np.isfinite(out).all() and np.isfinite(traj).all():
         raise ModelCheckError(model.name, "dtype", f"the run's states reach {np.abs(traj).max():.4g}, beyond "
                               f"{np.dtype(dtype).name}'s range: pass dtype=jnp.float64")
