@@ -29,3 +29,26 @@ def test_a_thread_that_ends_within_the_grace_period_passes(monkeypatch):
     with conftest._no_background_thread_left("block"):
         threading.Thread(target=stop.wait, name="store-watch", daemon=True).start()
         threading.Timer(0.1, stop.set).start()  # its stop, set as the block ends
+
+
+def test_every_named_thread_the_product_starts_is_guarded():
+    """Each ``threading.Thread(name=...)`` of the product's packages is one the guard knows (`BACKGROUND_THREADS`), or
+    the metrics thread the process keeps: a new one left out would leak unnoticed again."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    names = []
+    for package in ("raytwin", "actors", "serve_apps", "connectors", "sweeps", "cluster", "client"):
+        for path in sorted((root / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", None)) == "Thread":
+                    name = next((k.value for k in node.keywords if k.arg == "name"), None)
+                    if isinstance(name, ast.JoinedStr):  # f"pump-{name}": its constant start
+                        name = name.values[0] if name.values and isinstance(name.values[0], ast.Constant) else None
+                    if isinstance(name, ast.Constant):
+                        names.append((f"{path.relative_to(root)}:{node.lineno}", name.value))
+    assert len(names) >= 10  # (the walk found the product's threads)
+    unguarded = [(where, n) for where, n in names if not n.startswith(conftest.BACKGROUND_THREADS)
+                 and n != "raytwin-metrics"]
+    assert not unguarded, f"add these thread names to tests/conftest.py's BACKGROUND_THREADS: {unguarded}"
