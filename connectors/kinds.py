@@ -71,6 +71,11 @@ class Kind(Protocol):
         """Why command `name` with `value` cannot go to `asset_id` through this connector, or None (checked
         when it is proposed: an approver must never approve what could not or must not be sent)."""
 
+    def stored_refusal(self, spec: ConnectorSpec) -> str | None:
+        """Why a stored declaration may not run: a rule new declarations are refused for, added since it was stored
+        (`Connectors.start_declared` lists it as down with this, how to fix it included, instead of running it), or
+        None."""
+
     def end_session(self, spec: ConnectorSpec, credentials: Credentials, reach: Reach | None = None) -> bool:
         """For a deleted connector: discard what the source keeps for it (a broker's session and the messages
         queued there, which whoever opened that session next would receive), connecting only where `reach`

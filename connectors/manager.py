@@ -389,10 +389,10 @@ class Connectors:
 
     def _refused(self, spec: ConnectorSpec,
                  refuse: Callable[[ConnectorSpec], str | None] | None) -> tuple[str, str | None] | None:
-        """Why a stored declaration may not run, and the client id it waits for where that is why: `refuse`'s
-        reason, or its session held by another connector (claimed now if no connector holds it: declarations of
-        older versions)."""
-        if refuse is not None and (why := refuse(spec)):
+        """Why a stored declaration may not run, and the client id it waits for where that is why: its kind's rules
+        added since it was stored (`Kind.stored_refusal`), `refuse`'s reason, or its session held by another connector
+        (claimed now if no connector holds it: declarations of older versions)."""
+        if why := kind_of(spec.kind).stored_refusal(spec) or (refuse(spec) if refuse is not None else None):
             return why, None
         if (key := spec.session_key()) and not self._claimed(key, spec.tenant, spec.name):
             return _waiting(key), key
@@ -402,11 +402,11 @@ class Connectors:
                        fence: Callable[[], str | None] = lambda: None) -> int:
         """Start the actor of every stored declaration that has none (a service started again on its store:
         connectors run without anyone asking for them, a paused one stays paused); how many it asked for.
-        A declaration whose actor cannot be created is logged, not fatal: the others still start. One that
-        `refuse` gives a reason for (a policy that changed since it was declared) is not started: it is listed as
-        down with that reason until it is declared again or deleted. Nor is one whose session (MQTT client id)
-        another connector holds (two declarations of versions that claimed none: the earlier declared keeps it),
-        until that one lets the id go (`start_waiting`).
+        A declaration whose actor cannot be created is logged, not fatal: the others still start. One that its
+        kind or `refuse` gives a reason for (a rule added or a policy changed since it was declared) is not started:
+        it is listed as down with that reason until it is declared again or deleted. Nor is one whose session (MQTT
+        client id) another connector holds (two declarations of versions that claimed none: the earlier declared keeps
+        it), until that one lets the id go (`start_waiting`).
 
         A running actor that must not go on (`_outdated`: another reach policy or files directory than the current
         ones, or an older version's, which writes no index markers) is restarted, and every such actor is stopped

@@ -762,6 +762,16 @@ class MqttKind:
     def end_session(self, spec: MqttSpec, credentials: Credentials, reach: Reach | None = None) -> bool:
         return end_session(spec, credentials, reach)
 
+    def stored_refusal(self, spec: MqttSpec) -> str | None:
+        """A declaration stored before a route or `ack_topic` matching a command topic was refused (`_echoes`) ran on,
+        reading every command it sent back: as a reading (dead-lettered) or as its asset's answer (acknowledged before
+        the asset answered)."""
+        if not (echoes := _echoes(spec)):
+            return None
+        return (f"{'; '.join(echoes)} (refused since this connector was declared); declare it again so fixed, keeping "
+                "its broker.client_id (the broker keeps its session and what is published meanwhile, within the "
+                "session's expiry), or delete it")
+
     def problems(self, spec: MqttSpec, assets: AssetTypes) -> list[str]:
         unknown = [f"route {r.topic!r}: asset {r.asset_id!r} is not a registered twin of tenant {spec.tenant!r}"
                    for r in spec.routes if r.asset_id is not None and r.asset_id not in assets]

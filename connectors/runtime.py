@@ -55,7 +55,8 @@ class ConnectorState(StrEnum):
     running = "running"
     paused = "paused"
     down = "down"
-    """Declared, and no process of it runs: the service's host policy refuses its host, or it cannot start (its
+    """Declared, and no process of it runs: the service's host policy refuses its host, or a rule added since it
+    was declared refuses it (an MQTT `ack_topic` or route matching a command topic), or it cannot start (its
     files gone), or the service lost its store to another and starts no connector (`Connectors.hold`);
     `last_error` says why. Declared again (or the policy changed and the service restarted), it runs."""
 

@@ -403,6 +403,38 @@ def test_of_connectors_waiting_for_one_client_id_the_earliest_declared_gets_it_a
     assert unstarted.start_waiting() == [("acme", "a")] and unstarted.status("acme", "a").state != "down"
 
 
+def test_a_stored_declaration_reading_its_own_commands_back_is_down_until_declared_again_fixed(
+        tmp_path: Path, unstarted: Unstarted, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An `ack_topic` (or a route) matching a command topic is refused for a new declaration; one stored before that
+    was started at every start of the service, taking each command it sent for its asset's answer. Now it is down,
+    saying what to fix, exported as refused and started by no read or resume, until it is declared again fixed."""
+    from connectors.manager import ConnectorDown
+    from raytwin import metrics
+
+    exported: dict[str, str | None] = {}
+    monkeypatch.setattr(metrics, "set_not_started", lambda connector, reason: exported.update({connector: reason}))
+    declaration = _declaration("plant", "gw-1")
+    declaration["routes"][0]["command_topic"] = "plant/{asset_id}/cmd"
+    echoing = MqttSpec(tenant="acme", **declaration, ack_topic="plant/#")
+    _declared_in_order(unstarted.store, tmp_path / "store", echoing, _mqtt("acme", "line"))
+    assert unstarted.start_declared() == 1 and unstarted.started == [("acme", "line")]
+    down = unstarted.status("acme", "plant")
+    assert down.state == ConnectorState.down and exported == {"acme/plant": "refused"}
+    assert down.last_error == (
+        "cannot start: ack_topic 'plant/#' matches command_topic 'plant/{asset_id}/cmd': the connector would take "
+        "every command it sends for the asset's answer, acknowledged before the asset answers; give answers their own "
+        "topic, e.g. plant/{asset_id}/ack (refused since this connector was declared); declare it again so fixed, "
+        "keeping its broker.client_id (the broker keeps its session and what is published meanwhile, within the "
+        "session's expiry), or delete it")
+    with pytest.raises(ConnectorDown, match="ack_topic 'plant/#' matches command_topic"):
+        unstarted.resume("acme", "plant")
+    assert unstarted.started == [("acme", "line")]
+    fixed = echoing.model_copy(update={"ack_topic": "plant/{asset_id}/ack"})
+    assert unstarted.create(fixed).state == ConnectorState.paused  # its client id: claimed by no other connector
+    assert unstarted.started[-1] == ("acme", "plant") and exported == {"acme/plant": None}
+    assert unstarted.status("acme", "plant").state != ConnectorState.down
+
+
 def test_a_fenced_service_starts_no_connector_for_a_read(tmp_path: Path, unstarted: Unstarted,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """Reads are answered on a fenced service without `check_writable`, and a status read started a connector whose

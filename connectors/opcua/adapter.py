@@ -128,6 +128,9 @@ class OpcUaKind:
         except LookupError as exc:
             return str(exc)
 
+    def stored_refusal(self, spec: OpcUaSpec) -> str | None:  # type: ignore[override]
+        return None  # every rule an OPC UA declaration is checked against held when it was stored
+
     def end_session(self, spec: OpcUaSpec, credentials: Credentials,  # type: ignore[override]
                     reach: Reach | None = None) -> bool:
         return True  # a server keeps nothing for a client that is gone
