@@ -6,7 +6,8 @@
   delivers it on reconnect (as far as the broker saved it to disk: a broker crash loses the rest, unseen), if
   published at QoS 1 or 2: a broker queues no QoS 0 message for a session that is away, so a reading received at
   QoS 0 is reported (once per connection).
-  With MQTT 5 a reconnect's SUBSCRIBE asks for retained messages on a new subscription only.
+  With MQTT 5 a reconnect's SUBSCRIBE asks for retained messages on a new subscription only; with either version a
+  retained copy of the payload this process delivered last on its topic is acknowledged unread (`connectors.retained`).
 - **Acknowledged after durable.** With paho's manual acks a PUBACK is sent only once the message's
   events are in the twins' logs (or its dead letters are written). A message delivered on an
   earlier connection is never acknowledged on a later one: the broker re-sends it there under the
@@ -56,6 +57,7 @@ from connectors.kinds import AckHandler, AssetTypes, ignore, stored_only, unmeas
 from connectors.mapping import (DEFAULT_PAYLOAD_BYTES, MAX_PAYLOAD_BYTES, DeadLetter, FrozenSpec, PayloadMapping,
                                 quoted)
 from connectors.reach import Reach, Unreachable, open_connection
+from connectors.retained import RetainedCopies
 from connectors.sink import Inbound
 from connectors.spec import ConnectorSpec, Credentials
 from raytwin import metrics
@@ -379,6 +381,7 @@ class MqttAdapter:
         self._refused = False  # the broker refused the last connection attempt (kept as `last_error`)
         self._running = False  # between start and pause: the client's loop (and its reconnects) is on
         self._at_most_once_said = False  # a reading at QoS 0 was reported on this connection
+        self._retained = RetainedCopies()  # MQTT 3.1.1 (and a lost MQTT 5 session): sent again at each SUBSCRIBE
         b = spec.broker
         self.v5 = b.protocol == "5"
         self.client = _client(spec, credentials, persistent=True, reach=reach)
@@ -476,7 +479,8 @@ class MqttAdapter:
         """QoS 1; with MQTT 5, retained messages only for a subscription the session does not hold yet
         (retainHandling 1): every reconnect subscribes again, and a broker sends a topic's retained message at each
         SUBSCRIBE otherwise, so a retained reading came back as a duplicate and a retained bad payload was
-        dead-lettered again at every broker or connector restart. MQTT 3.1.1 has no such option (documented)."""
+        dead-lettered again at every broker or connector restart. MQTT 3.1.1 has no such option: a copy of what was
+        delivered is left unread instead (`_on_message`)."""
         if self.v5:
             return [(t, SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB))
                     for t in self._topics()]
@@ -531,6 +535,8 @@ class MqttAdapter:
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
         if (ack := self._acker(msg.mid, msg.qos)) is None:
             return  # pausing: unacknowledged, so the broker sends it again on resume (read once, then)
+        if (ack := self._retained.delivering(msg.topic, msg.payload, msg.retain, ack)) is None:
+            return  # a retained copy of the payload delivered last on its topic: acknowledged unread
         source = f"mqtt://{self.spec.name}/{msg.topic}"
         try:
             self._receive(msg, source, ack)

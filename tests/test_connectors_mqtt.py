@@ -849,6 +849,134 @@ def test_a_retained_message_is_read_once_not_at_every_reconnect(twins, connector
         connectors.delete("acme", "retain")
 
 
+def _retained_reader(port: int, name: str, routes: list[dict], **predecessor) -> tuple:
+    """An MQTT 3.1.1 adapter over `routes`, started, and what it hands over (each message acknowledged at once, as a
+    pump does once it is durable)."""
+    from connectors.mqtt import MQTT
+
+    spec = MqttSpec.model_validate(plant_spec(port, "3.1.1", name=name, ack_topic=None, routes=routes))
+    received: list = []
+    adapter = MQTT.adapter(spec, Credentials(), lambda m: (received.append(m), m.ack()), lambda *ack: None,
+                           **predecessor)
+    adapter.start()
+    return spec, adapter, received
+
+
+def _handed_over(received: list) -> list[tuple[bool, list[int]]]:
+    return [(bool(m.dead), [r["sequence"] for r in m.rows]) for m in received]
+
+
+@pytest.fixture
+def no_connected_gauge(monkeypatch):
+    """(Adapters made by a test set no `raytwin_connector_connected` of the test process.)"""
+    from types import SimpleNamespace
+
+    from raytwin import metrics
+
+    monkeypatch.setattr(metrics, "CONNECTOR_CONNECTED", SimpleNamespace(set=lambda *args, **labels: None))
+
+
+def test_mqtt311_leaves_a_retained_copy_of_what_it_delivered_unread_and_reads_any_other(broker, no_connected_gauge):
+    """MQTT 3.1.1 has no Retain Handling: a broker sends each retained message again at every SUBSCRIBE, made at each
+    connection, so every resume dead-lettered a retained bad payload again. A copy of the payload delivered last on its
+    topic is left unread now; a retained value published meanwhile at QoS 0 (which the broker queues for no absent
+    session: the copy at the SUBSCRIBE, flagged as the re-sent ones are, is its only delivery) is read, as is every
+    retained message after a restart of the process."""
+    from connectors.mqtt import end_session
+
+    routes = [{"topic": "r311/+/t", "asset_level": 1, "payload": PAYLOAD}]
+    device = Publisher(broker.port)
+    device.client.publish("r311/pump-4/t", b"not json", qos=1, retain=True).wait_for_publish(30)
+    spec, adapter, received = _retained_reader(broker.port, "r311", routes)
+
+    def read(k: int) -> None:  # a live reading on another topic, received after what the broker sent before it
+        device.publish("r311/pump-5/t", [reading(k)])
+        wait_for(lambda: any(k in rows for _, rows in _handed_over(received)), f"reading {k} received")
+
+    def reconnect(meanwhile: Callable[[], None] = lambda: None) -> None:  # to the session holding the subscription
+        adapter.pause()
+        meanwhile()
+        adapter.resume()
+        wait_for(adapter.connected, "subscribed again")
+
+    def retained_at_qos0() -> None:
+        device.client.publish("r311/pump-4/t", json.dumps(reading(3)), qos=0, retain=True)
+        device.publish("r311/sync", [b""])  # (its PUBACK: the broker has read the publish before it)
+
+    try:
+        wait_for(adapter.connected, "subscribed")
+        read(1)
+        reconnect()  # the bad payload sent again
+        read(2)
+        reconnect(retained_at_qos0)
+        read(4)
+        reconnect()  # reading 3 sent again, a copy now
+        read(5)
+        assert _handed_over(received) == [(True, []), (False, [1]), (False, [2]), (False, [3]), (False, [4]),
+                                          (False, [5])]
+        adapter.stop()
+        spec, adapter, received = _retained_reader(broker.port, "r311", routes, predecessor_seen=datetime.now(UTC))
+        wait_for(adapter.connected, "subscribed by the restarted process")
+        read(6)  # a new process knows nothing it delivered: it reads the retained reading again (a duplicate)
+        assert _handed_over(received) == [(False, [3]), (False, [6])]
+    finally:
+        adapter.stop()
+        device.client.publish("r311/pump-4/t", b"", qos=1, retain=True).wait_for_publish(30)  # (cleared)
+        device.close()
+        end_session(spec, Credentials())
+
+
+def test_only_a_retained_copy_of_the_payload_delivered_last_on_its_topic_is_left_unread():
+    """What `RetainedCopies` leaves unread, without a broker: a copy once its payload is delivered (not while it is in
+    the pump), never a message not flagged retained, nor a new payload flagged retained (a broker that keeps the flag
+    on what it forwards live), nor one on a topic beyond those it keeps."""
+    from connectors.retained import RetainedCopies
+
+    copies, acked = RetainedCopies(limit=1), []
+
+    def arrive(topic: str, payload: bytes, retained: bool = True) -> Callable[[], None] | None:
+        return copies.delivering(topic, payload, retained, lambda: acked.append((topic, payload)))
+
+    first = arrive("t/1", b"A")
+    assert first is not None and arrive("t/1", b"A") is not None and acked == []  # not delivered yet: read again
+    first()
+    assert acked == [("t/1", b"A")] and arrive("t/1", b"A") is None and acked[-1] == ("t/1", b"A")  # acknowledged
+    assert arrive("t/1", b"A", retained=False) is not None  # a device's own repeat: the twins count it
+    arrive("t/1", b"B")()  # a new value, flagged or not
+    assert arrive("t/1", b"A") is not None and arrive("t/1", b"B") is None
+    arrive("t/2", b"C")()  # a second topic, beyond the limit
+    assert arrive("t/2", b"C") is not None
+
+
+def test_mqtt311_reads_the_retained_message_of_a_subscription_refused_before(tmp_path, no_connected_gauge):
+    """The reverted attempt (it left every retained, not re-sent message unread on a kept session) lost this reading: a
+    route whose SUBSCRIBE the broker refused (its ACL, fixed since: here a broker restarted with it) subscribes anew on
+    a connection to the kept session, and the retained message it gets then was never read. It is read; the granted
+    route's copy is not read again."""
+    brokers = [Mosquitto(tmp_path, free_port(), subscribable=["open/#"])]
+    brokers[0].start()
+    device = Publisher(brokers[0].port)
+    for topic, k in (("open/pump-4/t", 1), ("vault/pump-4/t", 2)):
+        device.client.publish(topic, json.dumps(reading(k)), qos=1, retain=True).wait_for_publish(30)
+    device.close()
+    routes = [{"topic": f"{level}/+/t", "asset_level": 1, "payload": PAYLOAD} for level in ("open", "vault")]
+    _, adapter, received = _retained_reader(brokers[0].port, "vault311", routes)
+    try:
+        wait_for(lambda: "refused the subscription to 'vault/+/t'" in (adapter.last_error or ""), "the refusal")
+        wait_for(lambda: received, "the granted route's retained reading")
+        brokers[0].stop()  # (its sessions saved) and started again letting clients subscribe to any topic
+        brokers.append(Mosquitto(tmp_path, brokers[0].port))
+        brokers[1].start()
+        wait_for(adapter.connected, "subscribed to both routes")
+        wait_for(lambda: len(received) >= 2, "a second message")  # (sent after the granted route's copy, if any)
+        adapter.pause()
+        assert _handed_over(received) == [(False, [1]), (False, [2])]
+    finally:
+        adapter.stop()
+        for b in brokers:
+            b.stop()
+
+
 def test_a_value_of_the_wrong_type_is_dead_lettered_naming_the_payloads_field_and_the_fix():
     """Found by an outside tester: `"level": "405 mm"` (a unit in the value), `"seq": 10.5` and an epoch time under
     `time_format: rfc3339` were refused by the contract as `measurements.h1.value.float: Input should be a valid
