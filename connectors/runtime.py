@@ -42,6 +42,9 @@ SEEN_MARGIN_S = 3600.0
 """How much earlier than its backfill's reach a restarted connector looks for its dead letters: a value's dead letter
 is written when it arrives, which a controller clock ahead of the service's puts before its source timestamp."""
 ALIVE_JOIN_S = 30.0
+STATUS_GROUP = "status"
+"""The actor's concurrency group of `status` alone (one thread): every other call runs one at a time, in the default
+group, which is what keeps a command from being sent twice."""
 MARKERS = 1
 """Which index markers this version's connector process writes beside what it stores: 1, a command's in the ledger's
 index (`connectors.commands.CommandLedger`) and its dead letters' sources (`raytwin.statestore`). Once a tenant's
@@ -84,6 +87,9 @@ class ConnectorStatus(BaseModel):
     last_error_at: datetime | None = Field(None, description="when `last_error` happened (the server's clock, UTC)")
     lag_s: float | None
     newest_event_time: datetime | None
+    draining: bool = Field(False, description="a pause is waiting (MQTT: at most `connectors.mqtt.PAUSE_DRAIN_S`) for "
+                           "what the connector handed over to be acknowledged before it disconnects; `pending` counts "
+                           "it down")
 
 
 ACTOR_PREFIX = "raytwin-connector:"
@@ -145,6 +151,7 @@ class ConnectorRuntime:
                                                        self._on_ack, predecessor_seen=predecessor_seen,
                                                        on_connected=self._on_connected, reach=reach)
         self.desired = store.desired(tenant, name)
+        self._draining = False  # a pause is waiting for its adapter (`status` is answered meanwhile)
         metrics.CONNECTOR_CONNECTED.set(0.0, connector=self.pump.name)  # a series from the start
         metrics.zero_connector(self.pump.name)
         if self.desired is Desired.running:
@@ -180,7 +187,11 @@ class ConnectorRuntime:
         """Stop receiving (the source keeps what arrives meanwhile: a persistent session, a subscription)."""
         self.store.set_desired(self.tenant, self.name, Desired.paused)
         self.desired = Desired.paused
-        self.adapter.pause()
+        self._draining = True
+        try:
+            self.adapter.pause()
+        finally:
+            self._draining = False
         return self.status()
 
     def resume(self) -> ConnectorStatus:
@@ -242,14 +253,17 @@ class ConnectorRuntime:
                 del self._late[correlation_id]
                 self._awaiting.pop(correlation_id, None)
 
+    @ray.method(concurrency_group=STATUS_GROUP)
     def status(self) -> ConnectorStatus:
+        """Answered while another call runs (`STATUS_GROUP`): a pause waits up to seconds for its acknowledgements,
+        and a status queued behind it told nothing of it until it was over (`draining`)."""
         s = self.pump.stats
         return ConnectorStatus(
             tenant=self.tenant, name=self.name, kind=self.spec.kind, state=self.desired,
             connected=self.adapter.connected(), messages=s.messages, acknowledged=s.acknowledged,
             pending=self.pump.pending(), accepted=s.accepted, duplicates=s.duplicates, rejected=s.rejected,
             dead_lettered=s.dead_lettered, errors=s.delivery_errors + self.adapter.errors,
-            **self._last_error(), lag_s=s.lag_s(), newest_event_time=s.newest_event_time)
+            **self._last_error(), lag_s=s.lag_s(), newest_event_time=s.newest_event_time, draining=self._draining)
 
     def _last_error(self) -> dict[str, Any]:
         """The newer of the source's and the delivery's current errors."""
@@ -305,4 +319,5 @@ class ConnectorRuntime:
         self.store.mark_alive(self.tenant, self.name, datetime.now(UTC), self._connected_once)
 
 
-ConnectorActor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=3)(ConnectorRuntime)
+ConnectorActor = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=3,
+                            concurrency_groups={STATUS_GROUP: 1})(ConnectorRuntime)

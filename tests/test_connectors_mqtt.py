@@ -824,6 +824,143 @@ def test_a_pause_mid_stream_hands_no_message_over_twice(broker, monkeypatch, pro
         mqtt.end_session(spec, Credentials())
 
 
+class HeldBarrier:
+    """An MQTT 3.1.1 broker that accepts every connection and subscription and holds a pausing connector's barrier
+    (its UNSUBSCRIBE, `unsubscribed`) until the test answers it (`answer("unsuback")`) or drops its connection
+    (`answer("drop")`)."""
+
+    def __init__(self):
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.server.settimeout(0.1)
+        self.port = self.server.getsockname()[1]
+        self.unsubscribed, self._answers, self._closed = threading.Event(), [], threading.Event()
+        self._answered = threading.Condition()
+        self._threads = [threading.Thread(target=self._accept)]
+        self._threads[0].start()
+
+    def answer(self, how: str) -> None:
+        with self._answered:
+            self._answers.append(how)
+            self._answered.notify_all()
+
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            try:
+                conn, _ = self.server.accept()
+            except TimeoutError:
+                continue
+            self._threads.append(threading.Thread(target=self._serve, args=(conn,)))
+            self._threads[-1].start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        conn.settimeout(WAIT_S)
+        with conn:
+            while (packet := _mqtt_packet(conn)) is not None:
+                kind, body = packet
+                if kind == 0x10:  # CONNECT: accepted, no session
+                    conn.sendall(b"\x20\x02\x00\x00")
+                elif kind == 0x80:  # SUBSCRIBE: each filter (length, text, QoS byte) granted QoS 1
+                    at, granted = 2, b""
+                    while at < len(body):
+                        at += 3 + struct.unpack(">H", body[at:at + 2])[0]
+                        granted += b"\x01"
+                    conn.sendall(bytes([0x90, 2 + len(granted)]) + body[:2] + granted)
+                elif kind == 0xA0:  # UNSUBSCRIBE: the barrier, held
+                    self.unsubscribed.set()
+                    with self._answered:
+                        self._answered.wait_for(lambda: self._answers, WAIT_S)
+                        how = self._answers.pop(0) if self._answers else "drop"
+                    if how == "drop":
+                        return
+                    conn.sendall(b"\xb0\x02" + body[:2])
+                elif kind == 0xC0:  # PINGREQ
+                    conn.sendall(b"\xd0\x00")
+                elif kind == 0xE0:  # DISCONNECT
+                    return
+
+    def close(self) -> None:
+        self._closed.set()
+        self.answer("drop")
+        for thread in self._threads:
+            thread.join(WAIT_S)
+        self.server.close()
+
+
+def _mqtt_packet(conn: socket.socket) -> tuple[int, bytes] | None:
+    """An MQTT packet's type and body (None: the connection closed)."""
+    def read(n: int) -> bytes | None:
+        data = b""
+        while len(data) < n:
+            try:
+                chunk = conn.recv(n - len(data))
+            except OSError:
+                return None
+            if not chunk:
+                return None
+            data += chunk
+        return data
+
+    if (head := read(1)) is None:
+        return None
+    length, shift = 0, 0
+    while (byte := read(1)) is not None:
+        length |= (byte[0] & 0x7F) << shift
+        shift += 7
+        if not byte[0] & 0x80:
+            body = read(length)
+            return None if body is None else (head[0] & 0xF0, body)
+    return None
+
+
+def test_a_pausing_connector_says_it_is_draining_and_its_pause_ends_with_the_brokers_answer(twins, connectors):
+    """A pause waits (up to PAUSE_DRAIN_S, 10 s) for the broker to have read its acknowledgements, and the connector's
+    actor ran one call at a time: a status asked meanwhile was answered only once the pause was over, so nobody could
+    see a pause in progress. Its status is answered now, saying it is draining (connected, paused), and the pause
+    returns as the broker answers its barrier."""
+    held = HeldBarrier()
+    paused: list = []
+    try:
+        connectors.create(plant_spec(held.port, "3.1.1", name="held", ack_topic=None, routes=[
+            {"topic": "held/+/t", "asset_level": 1, "payload": PAYLOAD}]))
+        wait_for(lambda: connectors.status("acme", "held").connected, "subscribed")
+        pausing = threading.Thread(target=lambda: paused.append(connectors.pause("acme", "held")))
+        pausing.start()
+        assert held.unsubscribed.wait(WAIT_S)
+        during = connectors.status("acme", "held")
+        assert (during.draining, during.state, during.connected, paused) == (True, Desired.paused, True, [])
+        held.answer("unsuback")
+        pausing.join(WAIT_S)
+        assert [(s.draining, s.state, s.connected) for s in paused] == [(False, Desired.paused, False)]
+        assert not connectors.status("acme", "held").draining
+    finally:
+        held.close()
+        connectors.delete("acme", "held")
+
+
+def test_a_connection_lost_while_a_pause_waits_for_its_barrier_ends_the_wait(monkeypatch, no_connected_gauge):
+    """A pause waited for the barrier's answer until PAUSE_DRAIN_S had passed when the connection was lost first: no
+    answer could come over it. The lost connection ends the wait."""
+    from connectors import mqtt
+
+    monkeypatch.setattr(mqtt, "PAUSE_DRAIN_S", WAIT_S)  # (the deadline: the test's own wait)
+    held = HeldBarrier()
+    spec = MqttSpec.model_validate(plant_spec(held.port, "3.1.1", name="lost", ack_topic=None))
+    adapter = mqtt.MQTT.adapter(spec, Credentials(), lambda m: m.ack(), lambda *ack: None)
+    pausing = threading.Thread(target=adapter.pause)
+    try:
+        adapter.start()
+        wait_for(adapter.connected, "subscribed")
+        pausing.start()
+        assert held.unsubscribed.wait(WAIT_S)
+        held.answer("drop")
+        pausing.join(WAIT_S / 4)
+        assert not pausing.is_alive() and not adapter.connected()
+    finally:
+        held.close()
+        pausing.join(WAIT_S)
+        adapter.stop()
+
+
 def test_a_retained_message_is_read_once_not_at_every_reconnect(twins, connectors, broker):
     """Found by an outside tester: a broker sends a topic's retained message at every SUBSCRIBE, and a connector
     subscribes at every connection, so each resume, broker or connector restart dead-lettered a retained bad payload
