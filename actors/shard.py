@@ -12,7 +12,8 @@ that fails leaves memory ahead of the store, and those twins are rebuilt from it
 call. If the actor dies mid-call, Ray restarts it (``max_restarts=-1``) and retries the call
 (``max_task_retries``); the constructor rebuilds every twin from snapshot + log, the retried events
 already logged are then recognised as duplicates, so nothing is applied twice, and dead letters
-written again replace their file (`dead_letter_stem`), so none is doubled.
+written again replace their file (`dead_letter_stem`), so none is doubled, and keep its time, so none
+moves in a connector's dead-letter listing (`serve_apps.dead_letters`).
 
 Every writing call first checks the store's lease (`StateStore.check_lease`, one small file read)
 against the shard's `fence` (the owner and epoch of its service's lease): a shard of a service that

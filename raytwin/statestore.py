@@ -857,17 +857,18 @@ class StateStore:
     @store_io("write")
     def write_dead_letters(self, tenant: str, rejects: list[dict[str, str]], stem: str | None = None) -> None:
         """Store rejects (dicts with asset_id, idempotency_key, reason, raw JSON), one file per day, named
-        `stem` (`dead_letter_stem`: the same rejects written again replace their file) or a random name."""
+        `stem` (`dead_letter_stem`: the same rejects written again replace their file, keeping its time) or a random
+        name."""
         if not rejects:
             return
         now = datetime.now(UTC)
-        day = self._stem_day(tenant, stem, now) if stem else now.date()
+        day, written = self._first_try(tenant, stem, now) if stem else (now.date(), now)
         table = pa.table({
             "asset_id": [r.get("asset_id") for r in rejects],
             "idempotency_key": [r.get("idempotency_key") for r in rejects],
             "reason": [r["reason"] for r in rejects],
             "raw": [r["raw"] for r in rejects],
-            "dead_lettered_at": pa.array([now] * len(rejects), TIME),
+            "dead_lettered_at": pa.array([written] * len(rejects), TIME),
         }, schema=DEAD_LETTER_SCHEMA)
         self._first_dead_letters(tenant)
         self._mark_sources(tenant, day.isoformat(), {r["reason"] for r in rejects})
@@ -928,15 +929,22 @@ class StateStore:
             return set()
         return {p.rstrip("/").rsplit("=", 1)[-1] for p in listed}
 
-    def _stem_day(self, tenant: str, stem: str, now: datetime) -> date:
-        """The UTC day whose partition holds `stem`'s file: yesterday's where a retry just after midnight finds the
-        first try's file there (else it would add a second copy of each dead letter in today's), else today."""
+    def _first_try(self, tenant: str, stem: str, now: datetime) -> tuple[date, datetime]:
+        """The UTC day whose partition holds `stem`'s file and the time its dead letters were written: the first
+        try's where a retry finds its file, else today and `now`. Why the day: a retry just after midnight would add
+        a second copy of each dead letter in today's partition, beside the first try's in yesterday's. Why the time:
+        it is a dead letter's place in a connector's listing (`serve_apps.dead_letters`), and a retry that moved its
+        dead letters to the newest made a client paging through them miss those it had not read yet."""
         today = now.date()
+        days = [today]
         if now - datetime(today.year, today.month, today.day, tzinfo=UTC) < DEAD_LETTER_RETRY_WINDOW:
-            yesterday = today - timedelta(days=1)
-            if self.fs.exists(f"{self.root}/dead_letters/tenant={tenant}/date={yesterday.isoformat()}/{stem}.parquet"):
-                return yesterday
-        return today
+            days.insert(0, today - timedelta(days=1))
+        for day in days:
+            path = f"{self.root}/dead_letters/tenant={tenant}/date={day.isoformat()}/{stem}.parquet"
+            if self.fs.exists(path):
+                written = pq.read_table(path, columns=["dead_lettered_at"], filesystem=self.fs).column(0)[0]
+                return day, written.as_py()
+        return today, now
 
     @store_io("read")
     def read_dead_letters(self, tenant: str | None = None) -> pa.Table:
@@ -971,9 +979,11 @@ class StateStore:
         if since is not None:
             recent = ds.field("dead_lettered_at") >= pa.scalar(since, TIME)
             where = recent if where is None else recent & where
-            first = (since - DEAD_LETTER_RETRY_WINDOW).date().isoformat()  # what `_stem_day` puts in the day before
+            # a retry just after midnight wrote into the day before with its own time (before `_first_try` kept the
+            # first try's)
+            first = (since - DEAD_LETTER_RETRY_WINDOW).date().isoformat()
             days = [dirs for dirs in days if dirs[0].rsplit("=", 1)[-1] >= first]
-        if until is not None:  # a row's partition is its time's day or the day before (`_stem_day`)
+        if until is not None:  # a row's partition is its time's day or (that retry's) the day before
             older = ds.field("dead_lettered_at") < pa.scalar(until, TIME)
             where = older if where is None else older & where
             days = [dirs for dirs in days if dirs[0].rsplit("=", 1)[-1] <= until.date().isoformat()]

@@ -11,9 +11,10 @@ What was refused is cut to `connectors.mapping.RAW_KEPT` bytes here too, and any
 They are listed a page at a time, newest first, by key as the other listings are (`serve_apps.listing`): a dead
 letter's key is its time, a digest of its content (a batch's dead letters share one time) and, for identical dead
 letters of one time, its number among them. The cursor is the last listed key, so a page stays in place while
-dead letters are added (they are newer than any page's: list again from the start to see them). A page reads the
-rows of its cursor's time (one write's) and the newest `limit` and one more before it, never the connector's
-whole history (`StateStore.newest_dead_letters`).
+dead letters are added (they are newer than any page's: list again from the start to see them), and while a shard's
+retry writes its batch's again: they keep the first try's time (`StateStore.write_dead_letters`), so their keys and
+places, and a client paging through them lists each once. A page reads the rows of its cursor's time (one write's)
+and the newest `limit` and one more before it, never the connector's whole history (`StateStore.newest_dead_letters`).
 """
 
 from __future__ import annotations

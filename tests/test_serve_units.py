@@ -2072,10 +2072,10 @@ def test_a_tenant_reads_its_own_connectors_dead_letters_and_never_another_tenant
     store = StateStore(str(tmp_path / "store" / "twins"))
     day1, day2 = datetime(2026, 12, 4, 10, tzinfo=UTC), datetime(2026, 12, 5, 9, tzinfo=UTC)
 
-    def letters(tenant: str, when: datetime, *reasons: str) -> None:
+    def letters(tenant: str, when: datetime, *reasons: str, stem: str | None = None) -> None:
         monkeypatch.setattr(statestore, "datetime", type("Clock", (datetime,), {"now": staticmethod(lambda tz: when)}))
         store.write_dead_letters(tenant, [{"asset_id": "pump-1", "idempotency_key": None, "reason": r,
-                                           "raw": f"{tenant}:{r}"} for r in reasons])
+                                           "raw": f"{tenant}:{r}"} for r in reasons], stem)
 
     letters("acme", day1, "mqtt://web/site/pump-1/telemetry: payload is not JSON",
             "opcua://plc/ns=2;i=7: unit 'bar' is not convertible")
@@ -2142,6 +2142,16 @@ def test_a_tenant_reads_its_own_connectors_dead_letters_and_never_another_tenant
         other = http.get("/v1/connectors/plc/dead-letters", headers=auth["reader"],
                          params={"cursor": first.next_cursor})
         assert other.status_code == 422 and "GET /v1/connectors/plc/dead-letters" in other.json()["error"]["message"]
+
+        # a shard's retry writes its batch's dead letters again (the same file, `dead_letter_stem`) between two page
+        # reads: they moved to the newest, and a client paging through them missed those it had not read yet
+        listed, retried = [d.reason for d in rest], [f"mqtt://web/site/pump-1/telemetry: retried {i}" for i in range(2)]
+        letters("acme", day2 + timedelta(minutes=30), *retried, stem="part-retried")  # the killed try's
+        walk = sdk.iter_connector_dead_letters("web", page_size=3)
+        head = [next(walk).reason for _ in range(3)]  # newer than the retried: the next page reaches them
+        letters("acme", day2 + timedelta(hours=3), *retried, stem="part-retried")  # the retry
+        walked = head + [d.reason for d in walk]
+        assert sorted(walked) == sorted(listed + retried) and walked.index(retried[0]) > 3, walked
 
 
 def test_serve_prints_the_port_serve_listens_on_and_says_when_it_is_not_the_one_asked(monkeypatch):

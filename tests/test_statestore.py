@@ -141,6 +141,26 @@ def test_dead_letters_and_registrations(store):
     assert store.load_registration("acme", "a") is None
 
 
+def test_dead_letters_written_again_keep_the_first_writes_day_and_time(store, monkeypatch):
+    """A shard's retry writes its batch's dead letters again under the same name (`dead_letter_stem`): they replace
+    the first try's, in its day's partition (also just after midnight) and with its time, their place in a
+    connector's listing (`serve_apps.dead_letters`): the retry's own time moved them to the newest, so a client
+    paging through them missed them."""
+    def write(when: datetime, stem: str | None) -> None:
+        monkeypatch.setattr(statestore, "datetime", type("Clock", (datetime,), {"now": staticmethod(lambda tz: when)}))
+        store.write_dead_letters("acme", [{"asset_id": "a", "idempotency_key": stem, "reason": "bad", "raw": "{}"}],
+                                 stem)
+
+    late, noon = datetime(2026, 11, 9, 23, 59, 30, 123456, tzinfo=UTC), datetime(2026, 11, 10, 12, tzinfo=UTC)
+    for when, stem in ((late, "part-1"), (late + timedelta(minutes=2), "part-1"), (noon, "part-2"),
+                       (noon + timedelta(minutes=1), "part-2"), (noon + timedelta(minutes=2), None)):
+        write(when, stem)
+    rows = store.read_dead_letters("acme").to_pylist()
+    assert [(r["idempotency_key"], str(r["date"]), r["dead_lettered_at"]) for r in rows] == [
+        ("part-1", "2026-11-09", late), ("part-2", "2026-11-10", noon),
+        (None, "2026-11-10", noon + timedelta(minutes=2))]
+
+
 def test_a_page_of_a_connectors_newest_dead_letters_reads_only_the_days_that_hold_it(store, monkeypatch):
     """A poison device may leave millions of dead letters: a page of a connector's newest reads the tenant's days
     newest first until it has `limit` of the connector's, never the older days, and is still the last rows of
@@ -232,7 +252,7 @@ def test_a_connectors_few_dead_letters_are_read_again_from_their_days_alone(stor
     its days are not marked (its older ones may lie anywhere), but its rows are then read from the days that hold
     them alone, not from every day again; a read from `since` on (a restarted connector's,
     `connectors.seen_letters`) reads no day before it, and still finds a letter that a retry just after midnight
-    wrote into the day before's partition."""
+    wrote into the day before's partition with its own time (as retries did before they kept the first try's)."""
     from connectors.seen_letters import SeenLetters
     from serve_apps.dead_letters import connector_dead_letters
 
@@ -246,6 +266,7 @@ def test_a_connectors_few_dead_letters_are_read_again_from_their_days_alone(stor
     for d in range(1, 11):
         letters(datetime(2026, 11, d, 12, tzinfo=UTC), poison, poison, *([web] if d in (4, 6) else []))
     letters(datetime(2026, 11, 9, 23, 59, tzinfo=UTC), poison, stem="retried")  # the retry's first try
+    monkeypatch.setattr(store, "_first_try", lambda tenant, stem, now: (now.date() - timedelta(days=1), now))
     letters(datetime(2026, 11, 10, 0, 30, tzinfo=UTC), poison, stem="retried")  # lands beside it, on the 9th
     store = _as_before_markers(store)
     rows = store.read_dead_letters("acme").to_pylist()
