@@ -122,11 +122,15 @@ class Precondition:
                 "write only if it does not; nothing was changed",
                 details=[{"header": "If-None-Match", "current_revision": current}])
 
-    def read(self, sent: str, revision: int, what: str) -> Response | None:
-        """Evaluate a conditional read of the representation whose `ETag` header is `sent`, at `revision` (RFC 9110,
-        13.2.2): 412 where If-Match does not name it, else 304 (no body) where If-None-Match does, else None (answer
-        in full). If-Match compares strongly, so a weak ETag (a twin state's) is named by `*` alone; If-None-Match
-        compares weakly. A strong ETag's bare revision matches too (a catalog or lifecycle revision only grows)."""
+    def read(self, response: Response, revision: int, what: str) -> Response | None:
+        """Evaluate a conditional read of the representation at `revision` whose headers the route set on `response`
+        (its `ETag`, RFC 9110, 13.2.2): 412 where If-Match does not name it, else 304 (no body) where If-None-Match
+        does, else None (answer in full). If-Match compares strongly, so a weak ETag (a twin state's) is named by `*`
+        alone; If-None-Match compares weakly. A strong ETag's bare revision matches too (a catalog or lifecycle
+        revision only grows). The 304 carries every header the route set, as the 200 would have (RFC 9110, 15.4.5):
+        a cache updates its stored answer with them, so a type version deprecated since (`Deprecation`) or a stale
+        read (`RayTwin-Stale`) shows while the representation is unchanged; it carried the ETag alone."""
+        sent = response.headers["ETag"]
         weak, tag = sent.startswith("W/"), sent.removeprefix("W/").strip('"')
 
         def named(tags: EntityTags) -> bool:
@@ -140,7 +144,7 @@ class Precondition:
                 "If-Match (or with the ETag it answers), or send If-None-Match with the ETag you hold to read it only "
                 "once it changed", details=[{"header": "If-Match", "current_revision": revision}])
         if self.if_none_match is not None and named(self.if_none_match):
-            return Response(status_code=304, headers={"ETag": sent})
+            return Response(status_code=304, headers=response.headers)
         return None
 
 

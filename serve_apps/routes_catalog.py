@@ -69,7 +69,7 @@ def register(app: FastAPI) -> None:
         asset_type, revision = await svc.backend.call("get_type", who.tenant, name, version)
         response.headers["ETag"] = etag(revision, content=asset_type.model_dump(mode="json"))
         await announce(svc, response, who.tenant, type_key=(name, version))
-        return pre.read(response.headers["ETag"], revision, f"asset type {name}@{version}") or asset_type
+        return pre.read(response, revision, f"asset type {name}@{version}") or asset_type
 
     @app.delete("/v1/asset-types/{name}/{version}", status_code=204, tags=tags, responses=CONFLICT)
     async def delete_asset_type(name: str, version: str, request: Request, who: Principal = ADMIN,
@@ -114,7 +114,7 @@ def register(app: FastAPI) -> None:
         asset, revision = await svc.backend.call("get_asset_revision", who.tenant, asset_id)
         response.headers["ETag"] = etag(revision, content=asset.model_dump(mode="json"))
         await announce(svc, response, who.tenant, asset_id=asset_id)
-        return pre.read(response.headers["ETag"], revision, f"asset {asset_id}") or asset
+        return pre.read(response, revision, f"asset {asset_id}") or asset
 
     @app.get("/v1/assets/{asset_id}/relationships", response_model=Related, tags=tags)
     async def relationships(asset_id: str, who: Principal = READER, svc: Services = SVC) -> Related:

@@ -304,7 +304,7 @@ def register(app: FastAPI) -> None:
         ETag: send it as If-Match to make a transition conditional on it)."""
         status: LifecycleStatus = await _call(_status, _lifecycle(svc, who.tenant), model)
         response.headers["ETag"] = lifecycle_etag(status.revision, status.head_hash)
-        return pre.read(response.headers["ETag"], status.revision, f"model {model}'s lifecycle") or status
+        return pre.read(response, status.revision, f"model {model}'s lifecycle") or status
 
     @app.post("/v1/models/{model}/versions/{version}/transitions", response_model=TransitionAnswer,
               status_code=201, tags=tags, responses=with_etag(CONFLICT, 201, header=LIFECYCLE_ETAG))

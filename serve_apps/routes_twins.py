@@ -90,7 +90,7 @@ def register(app: FastAPI) -> None:
         response.headers["ETag"] = state_etag(found)
         if found["stale"]:  # the shard is restarting: the last durable state (see serve_apps/twin_reads.py)
             response.headers["RayTwin-Stale"] = "true"
-        return pre.read(response.headers["ETag"], found["revision"], f"the state of twin {asset_id}") or found
+        return pre.read(response, found["revision"], f"the state of twin {asset_id}") or found
 
     @app.get("/v1/assets/{asset_id}/divergence", response_model=Divergence, tags=tags, responses=STATE_READ)
     async def divergence(asset_id: str, response: Response, who: Principal = READER,
@@ -100,7 +100,7 @@ def register(app: FastAPI) -> None:
         response.headers["ETag"] = state_etag(found)
         if found["stale"]:  # the shard is restarting or hung: its last durable state's indicators
             response.headers["RayTwin-Stale"] = "true"
-        return pre.read(response.headers["ETag"], found["revision"], f"the divergence of twin {asset_id}") or \
+        return pre.read(response, found["revision"], f"the divergence of twin {asset_id}") or \
             Divergence(asset_id=asset_id, revision=found["revision"], event_time=found["event_time"],
                        **found["divergence"])
 

@@ -2769,17 +2769,23 @@ def test_a_read_that_answers_an_etag_evaluates_if_match_and_if_none_match_and_an
     another one (RFC 9110, 13.1.1: 412), and twin state reads ignored If-None-Match. Each read with an ETag now
     answers 412 when If-Match does not name it (strongly: a weak ETag by `*` alone), else 304 when If-None-Match
     names it (weakly; a twin's bare revision never, as it restarts with a re-created asset); a read with no ETag
-    refuses both (412, naming the header), as writes refuse what they do not evaluate."""
+    refuses both (412, naming the header), as writes refuse what they do not evaluate. The 304 carries the headers
+    the 200 does (RFC 9110, 15.4.5; a cache updates its stored answer with them): it carried the ETag alone, so a
+    client polling an unchanged asset never saw its type version deprecated, nor a twin's state go stale."""
     from actors.state import DivergenceReport, TwinState
+    from serve_apps.deprecation import Deprecation
     from tests.fixtures_serve import in_process
 
     asset = Asset(id="zone-1", tenant="acme", type_name="room", type_version="1.0.0")
     report = DivergenceReport(nis_mean=1.0, nis_last=1.0, residual_mean={}, residual_rms={}, drift=False,
                               diverged=False)
     twin = TwinState(tenant="acme", asset_id="zone-1", model_ref="room@1.0.0", revision=7, event_time=None,
-                     state={"T": 1.0}, std={"T": 0.1}, covariance=[[0.01]], divergence=report, events_applied=7)
+                     state={"T": 1.0}, std={"T": 0.1}, covariance=[[0.01]], divergence=report, events_applied=7,
+                     stale=True)
+    deprecated = Deprecation(deprecated_at=datetime(2026, 12, 1, tzinfo=UTC), sunset=datetime(2027, 1, 1, tzinfo=UTC),
+                             link="https://example.com/move-on")
     backend = SimpleNamespace(get_asset_revision=lambda tenant, asset_id: (asset, 7),
-                              evolution=lambda *args: None, check_writable=lambda: None)
+                              evolution=lambda *args: deprecated, check_writable=lambda: None)
     other, bare = '"6-000000000000"', '"7"'
     #             If-Match: tag, itself strong, in a list, another, *, bare; If-None-Match: tag, strong, other, bare
     expected = {"strong": [200, 200, 200, 412, 200, 200, 304, 304, 200, 304],
@@ -2789,9 +2795,12 @@ def test_a_read_that_answers_an_etag_evaluates_if_match_and_if_none_match_and_an
             return twin.model_dump(mode="json")
 
         monkeypatch.setattr(svc.twins, "state", state)
-        for path in ("/v1/assets/zone-1", "/v1/assets/zone-1/state", "/v1/assets/zone-1/divergence"):
+        for path, sent in (("/v1/assets/zone-1", {"etag", "deprecation", "sunset", "link"}),
+                           ("/v1/assets/zone-1/state", {"etag", "raytwin-stale"}),
+                           ("/v1/assets/zone-1/divergence", {"etag", "raytwin-stale"})):
             full = http.get(path, headers=auth["reader"])
             tag = full.headers["etag"]
+            assert sent <= full.headers.keys(), full.headers
             strong = tag.removeprefix("W/")
             conditions = [{"If-Match": tag}, {"If-Match": strong}, {"If-Match": f"{other}, {strong}"},
                           {"If-Match": other}, {"If-Match": "*"}, {"If-Match": bare}, {"If-None-Match": tag},
@@ -2803,7 +2812,7 @@ def test_a_read_that_answers_an_etag_evaluates_if_match_and_if_none_match_and_an
                 if a.status_code == 200:
                     assert a.json() == full.json()
                 elif a.status_code == 304:
-                    assert not a.content and a.headers["etag"] == tag
+                    assert not a.content and {h: a.headers.get(h) for h in sent} == {h: full.headers[h] for h in sent}
                 else:
                     assert a.json()["error"]["details"] == [{"header": "If-Match", "current_revision": 7}]
             refused = answers[1 if kind == "weak" else 3].json()["error"]["message"]
