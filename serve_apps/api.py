@@ -36,6 +36,7 @@ from serve_apps.deps import SVC, Services, audit_refusal
 from serve_apps.errors import ERROR_RESPONSES, ApiError, Forbidden, Unauthorized, install_error_handlers
 from serve_apps.json_route import JsonRoute
 from serve_apps.limits import BodyLimitMiddleware
+from serve_apps.private_answers import PrivateAnswers
 from serve_apps.refused_credentials import log_refused_credential
 from serve_apps.request_log import log_answer
 from serve_apps.schemas import Health, StoreFence
@@ -73,6 +74,7 @@ def create_api(max_body_bytes: int = 1_048_576, admission: Admission | None = No
     app.add_exception_handler(Unauthorized, log_refused_credential)
     app.add_middleware(RequestObserver)
     app.add_middleware(ApiDeprecationHeaders)
+    app.add_middleware(PrivateAnswers)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes, behind_serve=behind_serve)
     if admission is not None:
         app.add_middleware(AdmissionGate, limits=admission)

@@ -2795,9 +2795,10 @@ def test_a_read_that_answers_an_etag_evaluates_if_match_and_if_none_match_and_an
             return twin.model_dump(mode="json")
 
         monkeypatch.setattr(svc.twins, "state", state)
-        for path, sent in (("/v1/assets/zone-1", {"etag", "deprecation", "sunset", "link"}),
-                           ("/v1/assets/zone-1/state", {"etag", "raytwin-stale"}),
-                           ("/v1/assets/zone-1/divergence", {"etag", "raytwin-stale"})):
+        private = {"cache-control", "vary"}  # every /v1 answer's (`serve_apps.private_answers`)
+        for path, sent in (("/v1/assets/zone-1", {"etag", "deprecation", "sunset", "link", *private}),
+                           ("/v1/assets/zone-1/state", {"etag", "raytwin-stale", *private}),
+                           ("/v1/assets/zone-1/divergence", {"etag", "raytwin-stale", *private})):
             full = http.get(path, headers=auth["reader"])
             tag = full.headers["etag"]
             assert sent <= full.headers.keys(), full.headers
@@ -2825,6 +2826,34 @@ def test_a_read_that_answers_an_etag_evaluates_if_match_and_if_none_match_and_an
             assert refused.status_code == 412 and "nothing is answered" in message, refused.text
             assert f'does not evaluate {header}, so {header}: "3" is refused' in message, message
         assert http.get("/v1/lifecycle-policy", headers={"If-Match": '"3"'}).status_code == 401  # the key first
+        for answer in (http.get("/v1/lifecycle-policy", headers=auth["reader"]), refused):
+            assert (answer.headers["cache-control"], answer.headers["vary"]) == ("private, no-cache",
+                                                                                 "Authorization, X-API-Key")
+
+
+def test_every_v1_answer_is_private_to_its_key_and_a_routes_own_cache_control_is_kept():
+    """The key picks the tenant, so one URL answers each tenant its own, yet answers said nothing about caching: a
+    shared cache may store a GET's 200 without Cache-Control and answer it to another caller (RFC 9111, 4.2.2), and
+    only `Authorization` keeps it from doing so, not `X-API-Key` (3.5). Every /v1 answer is now private, asked
+    again each time and varies by key; a route's own Cache-Control (the change stream's) is kept, other paths left."""
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from serve_apps.private_answers import PrivateAnswers
+
+    def answer(request: Request) -> PlainTextResponse:
+        return PlainTextResponse("x", headers={"Cache-Control": "no-cache"} if request.path_params["its"] else {})
+
+    app = PrivateAnswers(Starlette(routes=[Route("/v1/a{its:path}", answer), Route("/docs{its:path}", answer)]))
+    with TestClient(app) as http:
+        said = {path: (r.headers.get("cache-control"), r.headers.get("vary"))
+                for path in ("/v1/a", "/v1/a/own", "/docs", "/docs/own") for r in [http.get(path)]}
+    assert said == {"/v1/a": ("private, no-cache", "Authorization, X-API-Key"),
+                    "/v1/a/own": ("no-cache", "Authorization, X-API-Key"), "/docs": (None, None),
+                    "/docs/own": ("no-cache", None)}
 
 
 def test_every_route_but_health_authenticates_its_caller_and_every_write_needs_a_writer():
