@@ -16,7 +16,9 @@ policy set, the backend's own acts as the system) is audited in two records: its
 uuid, so a reader tells from the names alone whether an intent has its outcome: one without it (the store failed
 after the action, or the action is still under way) is answered with `outcome_missing: true`. An outcome written
 more than a day after its intent's day (a long job) also leaves an empty ``{action_id}.settled`` object in the
-intent's day folder, so that a page of that day finds it without listing the days between (`settle`). A record of
+intent's day folder, so that a page of that day finds it without listing the days between (`settle`); those written
+before the marks get theirs from the first page that would read an intent as without outcome, once per tenant
+(`AuditLog.mark_late_outcomes`: one listing of its whole log; then `MARKS_WHOLE` in its folder). A record of
 one step (a refusal, a stream's end, a record written before intents existed) has neither field, as before.
 """
 
@@ -85,6 +87,7 @@ class AuditLog:
     def __init__(self, store_url: str, storage_options: dict[str, Any] | None = None):
         self.fs, root = filesystem(store_url, storage_options)
         self.root = f"{root}/audit"
+        self._marks_whole: set[str] = set()  # tenants whose late outcomes are all marked (`mark_late_outcomes`)
 
     def append(self, record: AuditRecord) -> None:
         """Add `record` as a new object, named by its time and its `action_id` (a new uuid where none)."""
@@ -99,6 +102,32 @@ class AuditLog:
         """Mark in `intent`'s day folder that its outcome is written (`settle`, for one written on a later day than
         the next, which a page of the intent's day does not list)."""
         replace_file(self.fs, f"{self.root}/{intent.tenant}/{_utc_day(intent.time)}/{intent.action_id}{SETTLED}", b"")
+
+    def mark_late_outcomes(self, tenant: str) -> set[str]:
+        """Unless done: mark the intents whose outcomes were written more than a day after their day before `settle`
+        marked such intents, then the tenant's marks as whole (`MARKS_WHOLE`); the action ids of the intents marked.
+        Why: a page looks for outcomes in the days it lists and the next, so without its mark such an intent read as
+        without outcome on every page but the newest. One listing of the tenant's whole log, names alone (an intent
+        and its outcome share the action id; the intent is the earlier), once per tenant; a store that refuses the
+        marks (read-only credentials) is logged, and the ids found are still answered."""
+        if tenant in self._marks_whole or self.fs.exists(f"{self.root}/{tenant}/{MARKS_WHOLE}"):
+            self._marks_whole.add(tenant)
+            return set()
+        base = f"{self.root}/{tenant}"
+        days: dict[str, list[date]] = {}  # per action id, the days of its records, oldest first
+        for path in sorted(self.fs.find(base) if self.fs.exists(base) else [], key=_name):
+            if path.endswith(".jsonl"):
+                days.setdefault(_name(path).rsplit("-", 1)[1], []).append(date.fromisoformat(_name(path)[:10]))
+        late = {action: found[0] for action, found in days.items() if found[-1] - found[0] > timedelta(days=1)}
+        try:
+            for action, day in late.items():
+                replace_file(self.fs, f"{base}/{day}/{action}{SETTLED}", b"")
+            replace_file(self.fs, f"{base}/{MARKS_WHOLE}", b"")  # after the marks: it says they are durable
+            self._marks_whole.add(tenant)
+        except OSError:
+            log.warning("event=audit_marks_unwritten tenant=%s late_outcomes=%d: the audit log's intents settled "
+                        "more than a day later are found by listing it whole again", tenant, len(late), exc_info=True)
+        return set(late)
 
     def records(self, tenant: str, day: str | None = None, limit: int = 1000) -> list[AuditRecord]:
         """The tenant's most recent records (of one ``YYYY-MM-DD`` day if given), oldest first."""
@@ -158,13 +187,18 @@ class AuditLog:
         (`read`: each one's records' names, not listed again) or of the day after the newest of them (where the
         outcome of an action begun before midnight lies) has its action id, or those folders mark it `settled` (an
         outcome written more than a day after its intent's day: a long job's). An outcome written that late before
-        these marks were written is found on the newest page alone (which reads every day up to the newest record)."""
+        these marks were written gets its mark here (`mark_late_outcomes`), where an intent would read as without."""
         after = str(date.fromisoformat(max(read)) + timedelta(days=1))
         names = [name for listed in read.values() for name in listed]
         names += [name for name, _ in self._listed(tenant, after)[0]]
         seen = Counter(name.rsplit("-", 1)[1] for name in names)
-        return [r.model_copy(update={"outcome_missing": seen[r.action_id] < 2 and r.action_id not in settled})
-                if r.phase == "intent" else r for r in records]
+
+        def missing(intent: AuditRecord) -> bool:
+            return seen[intent.action_id] < 2 and intent.action_id not in settled
+
+        if any(r.phase == "intent" and missing(r) for r in records):
+            settled = settled | self.mark_late_outcomes(tenant)
+        return [r.model_copy(update={"outcome_missing": missing(r)}) if r.phase == "intent" else r for r in records]
 
 
 @dataclass(frozen=True)
@@ -176,6 +210,9 @@ class AuditPage:
 _DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 SETTLED = ".settled"
 """The suffix of the empty object that marks, in an intent's day folder, its outcome written days later."""
+MARKS_WHOLE = "_settled_marked"
+"""The empty object in a tenant's folder that says every intent settled days later has its `SETTLED` mark, those of
+outcomes written before the marks included (`AuditLog.mark_late_outcomes`)."""
 CURSOR_PATTERN = r"^\d{4}-\d{2}-\d{2}/\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{32}$"
 """An audit cursor: a record's day folder and object name, without ``.jsonl``."""
 

@@ -79,7 +79,9 @@ def test_an_intents_outcome_is_found_on_a_later_day_of_the_newest_page_and_of_it
     """An action begun on one day and settled two days later (a long job): its intent read as never settled
     (`outcome_missing`) on every page but the newest, which alone lists the days between. Its outcome now marks the
     intent's day folder, so a page of that day, or an older page, finds it without listing any other folder; one
-    still open, or settled on the next day, reads as before, and so does one settled that late before the marks."""
+    still open, or settled on the next day, reads as before. One settled that late before the marks (none on any page
+    but the newest) gets its mark from the first page that would read an intent as without outcome: one listing of
+    the tenant's whole log, once (`mark_late_outcomes`), then none, in another process too."""
     from raytwin import audit as core
 
     log = AuditLog(str(tmp_path))
@@ -95,16 +97,20 @@ def test_an_intents_outcome_is_found_on_a_later_day_of_the_newest_page_and_of_it
         core.settle(log, intents[name], {"status": "done"})
     log.append(_record(T0 + timedelta(days=3), "old", "outcome", old_id))  # as written before the marks
     log.append(_record(T0 + timedelta(days=4), "later", None))
-    missing = {(name, "intent"): name in ("open", "old") for name in intents}
+    missing = {(name, "intent"): name == "open" for name in intents}
     listings = Listings(log, monkeypatch)
+    by_day = {(r.target, r.phase): r.outcome_missing for r in log.page("acme", day=str(T0.date())).records}
+    assert by_day == missing and listings.finds == 1  # "open" and "old" read as without: the log listed once
+    listings.paths.clear()
     newest = {(r.target, r.phase): r.outcome_missing for r in log.page("acme").records}
     assert len(listings.paths) == len(set(listings.paths))  # each folder listed once: the outcomes' lookup reuses them
-    assert newest == {**missing, ("old", "intent"): False, ("next", "outcome"): None, ("long", "outcome"): None,
-                      ("old", "outcome"): None, ("later", None): None}
+    assert newest == {**missing, ("next", "outcome"): None, ("long", "outcome"): None, ("old", "outcome"): None,
+                      ("later", None): None}
     listings.paths.clear()
-    by_day = {(r.target, r.phase): r.outcome_missing for r in log.page("acme", day=str(T0.date())).records}
-    assert by_day == missing
-    assert sorted(p.rstrip("/").rsplit("/", 1)[1] for p in listings.paths) == [str(T0.date()),
-                                                                              str((T0 + timedelta(days=1)).date())]
+    for reader in (log, AuditLog(str(tmp_path))):  # this process, and another: its marks are whole, read as such
+        by_day = {(r.target, r.phase): r.outcome_missing for r in reader.page("acme", day=str(T0.date())).records}
+        assert by_day == missing
+    assert sorted(p.rstrip("/").rsplit("/", 1)[1] for p in listings.paths) == sorted(2 * [
+        str(T0.date()), str((T0 + timedelta(days=1)).date())])
     older = log.page("acme", limit=4, cursor=log.page("acme", limit=4).next_cursor)  # the page of the 4 intents
-    assert {(r.target, r.phase): r.outcome_missing for r in older.records} == missing
+    assert {(r.target, r.phase): r.outcome_missing for r in older.records} == missing and listings.finds == 1
