@@ -9,4 +9,6 @@ from raytwin.audit import CURSOR_PATTERN, AuditLog, AuditPage, AuditRecord
 __all__ = ["CURSOR_PATTERN", "NEXT_CURSOR", "AuditLog", "AuditPage", "AuditRecord"]
 
 NEXT_CURSOR = "X-Next-Cursor"
-"""The header of `GET /v1/audit` naming the cursor of the page of older records."""
+"""The header of `GET /v1/audit` naming the cursor of the page of older records. A header, not a `next_cursor` field as
+the other listings' (`serve_apps.listing`): the answer is a JSON array of records since v1, which clients read as
+such (the SDK's `audit`, `raytwin audit`); a field would make it an object, a breaking change left to a ``/v2``."""
