@@ -1,9 +1,10 @@
 """`raytwin status`: the service (down, fenced), cluster, store, shards, twins, ingest lag, job queue, connectors and
 firing alerts on one screen.
 
-It reads what the operators' tools read, so it agrees with them: Ray's state (nodes, CPUs, and how often Ray
-restarted each twin shard's actor, from Ray's state API: its metrics export counts actors by state, not their
-restarts), every alive node's metrics export summed (so counts are cluster-wide, as in `raytwin.metrics`), and,
+It reads what the operators' tools read, so it agrees with them: Ray's state (nodes, CPUs, and the service's own
+twin shard actors with how often Ray restarted each, from Ray's state API, picked by the namespace and name prefix its
+backend exports: Ray's metrics export counts actors by class and state, every service's on the cluster together, not
+their restarts), every alive node's metrics export summed (so counts are cluster-wide, as in `raytwin.metrics`), and,
 given ``--prometheus``, the alerts firing there (RayTwin's rules in ops/prometheus). Counters and
 the lag quantile from the export cover the life of the processes that recorded them; Prometheus
 and the dashboard give rates over windows. The shards expected to report are the service's configured count (the
@@ -12,10 +13,12 @@ backend's `ray_raytwin_shards_configured`), not the shard actors Ray has: a shar
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
+import socket
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -29,6 +32,15 @@ from raytwin.ray_connect import unreachable
 Samples = list[tuple[str, dict[str, str], float]]
 
 
+@dataclass(frozen=True)
+class ShardActors:
+    """The service's own twin shard actors that Ray has not given up on (not DEAD), from Ray's state API: their Ray
+    state by shard index, and how often Ray restarted each (those restarted at least once)."""
+
+    states: dict[str, str]
+    restarts: dict[str, int]
+
+
 @dataclass
 class Status:
     """One screen's worth of state (see the module docstring for where each value comes from)."""
@@ -38,8 +50,8 @@ class Status:
     cpus_free: float
     shards: dict[str, int] = field(default_factory=dict)  # TwinShardProcess actors by Ray state
     configured: int | None = None  # the service's shard count (its backend's gauge); None: no backend exports it
-    restarts: dict[str, int] | str | None = None  # shard -> Ray's restarts of its actor (restarted ones, not DEAD);
-    # a str: the error of Ray's state API, which gave none; None: not asked
+    actors: ShardActors | str | None = None  # the service's own shard actors, from Ray's state API (`shard_actors`);
+    # a str: why it gave none; None: not asked
     unanswered: dict[str, int] = field(default_factory=dict)  # shard -> calls it left past their deadline (hung)
     fenced: bool | None = None  # the backend's store lease lost to another service; None: no backend exports it
     store_unavailable: list[str] | None = None  # why the backend finds its store unavailable; None: not exported
@@ -134,21 +146,93 @@ def _configured(samples: Samples) -> int | None:
     return int(max(values)) if values else None
 
 
-def shard_restarts(timeout_s: int = 5) -> dict[str, int] | str:
-    """How often Ray restarted each twin shard's actor, of those not DEAD and restarted at least once (shard index ->
-    restarts), from Ray's state API (the dashboard's: Ray's metrics export counts actors by state only); the error's
-    class when it does not answer (a cluster without its dashboard)."""
+class StateApiUnreachable(Exception):
+    """The cluster's state API (its dashboard) cannot be asked from here; the message says why."""
+
+
+def state_api_url(gcs_address: str, session_name: str, timeout_s: float = 5.0) -> str:
+    """The URL of the state API of the cluster whose GCS is at `gcs_address`: the dashboard address its head registered
+    in the GCS, as Ray's state API finds it, with a wildcard host (``--dashboard-host=0.0.0.0``) read as the head's.
+    `StateApiUnreachable` where no dashboard of that cluster (Ray session `session_name`) answers there: a head
+    without one registers 127.0.0.1:8265 all the same, as does one whose dashboard listens on its loopback only, and
+    asked there, this machine's port may be another cluster's dashboard, which would report that cluster's shards."""
+    from ray._private import ray_constants
+    from ray._private.authentication.http_token_authentication import get_auth_headers_if_auth_enabled
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    registered = _internal_kv_get(ray_constants.DASHBOARD_ADDRESS, namespace=ray_constants.KV_NAMESPACE_DASHBOARD)
+    if not registered:
+        raise StateApiUnreachable("its head registers no dashboard in the GCS: start it with --include-dashboard=true")
+    host, port = registered.decode().rsplit(":", 1)
+    head = gcs_address.rsplit(":", 1)[0].strip("[]")
+    try:
+        address = ipaddress.ip_address("127.0.0.1" if host == "localhost" else host.strip("[]"))
+    except ValueError:  # a host name: as registered
+        address = None
+    if address is not None and address.is_unspecified:
+        host = f"[{head}]" if ":" in head else head
+    elif address is not None and address.is_loopback and not _this_machine(head):
+        raise StateApiUnreachable(
+            f"its dashboard listens on {registered.decode()} of its head ({head}) only, out of this machine's reach: "
+            "run `raytwin status` on the head node, or start the head with --dashboard-host=0.0.0.0")
+    url = f"http://{host}:{port}"
+    try:
+        answered = httpx.get(f"{url}/api/version", headers=get_auth_headers_if_auth_enabled({}),  # as Ray's SDK
+                             timeout=timeout_s).raise_for_status().json()["session_name"]
+    except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+        raise StateApiUnreachable(f"no dashboard answers at {url} ({type(exc).__name__}): the cluster runs none "
+                                  "(started with --include-dashboard=false), or it failed") from None
+    if answered != session_name:
+        raise StateApiUnreachable(f"the dashboard at {url} is another Ray cluster's (session {answered}, this one is "
+                                  f"{session_name}): this cluster runs none (--include-dashboard=false)")
+    return url
+
+
+def _this_machine(host: str) -> bool:
+    """Whether `host` is an address of this machine (one it can bind to), where a loopback address reaches it too."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.bind((host, 0))
+    except OSError:
+        return False
+    return True
+
+
+def _service_of(samples: Samples) -> tuple[str, str] | None:
+    """The Ray namespace and shard-actor name prefix of the service whose backend exports its configured count (the
+    highest value's: a replaced backend's process may still be in the export); None when none exports them."""
+    exported = sorted((v, labels.get("namespace", ""), labels.get("prefix", "")) for n, labels, v in samples
+                      if n == "ray_raytwin_shards_configured")
+    return exported[-1][1:] if exported and all(exported[-1][1:]) else None
+
+
+def shard_actors(service: tuple[str, str] | None, timeout_s: int = 5) -> ShardActors | str:
+    """The shard actors not DEAD of `service` (its Ray namespace and `actors.routing.shard_prefix`: `_service_of`),
+    from Ray's state API (the dashboard's: Ray's metrics export counts actors by state only, and every service's
+    together); why not, as a phrase, when it does not answer or `service` is unknown and the cluster runs the shards
+    of several services (another service's shard 1 is not this one's)."""
     from ray.util.state import list_actors
 
     from actors.routing import shard_of
 
+    context = ray.get_runtime_context()
     try:
-        actors = list_actors(ray.get_runtime_context().gcs_address,  # the cluster connected to, not a guess
-                             filters=[("class_name", "=", "TwinShardProcess"), ("state", "!=", "DEAD")],
-                             limit=10_000, detail=True, timeout=timeout_s, raise_on_missing_output=False)
+        url = state_api_url(context.gcs_address, context.get_session_name())  # the cluster connected to, not a guess
+    except StateApiUnreachable as exc:
+        return f"Ray's state API cannot be asked: {exc}"
+    try:
+        rows = list_actors(url, filters=[("class_name", "=", "TwinShardProcess"), ("state", "!=", "DEAD")],
+                           limit=10_000, detail=True, timeout=timeout_s, raise_on_missing_output=False)
     except Exception as exc:  # noqa: BLE001 - the rest of the screen stands without it
-        return type(exc).__name__
-    return {shard: a.num_restarts for a in actors if a.num_restarts and (shard := shard_of(a.name)) is not None}
+        return f"Ray's state API, which its dashboard serves, did not answer at {url}: {type(exc).__name__}"
+    found = {(a.ray_namespace, *parts): a for a in rows if (parts := shard_of(a.name)) is not None}
+    services = {key[:2] for key in found}
+    if service is None and len(services) > 1:
+        return (f"the cluster runs the shards of {len(services)} services and no API backend exports which are its "
+                "(ray_raytwin_shards_configured)")
+    ours = {key[2]: a for key, a in found.items() if service is None or key[:2] == service}
+    return ShardActors(states={i: str(a.state) for i, a in ours.items()},
+                       restarts={i: a.num_restarts for i, a in ours.items() if a.num_restarts})
 
 
 def _fenced(samples: Samples) -> bool | None:
@@ -174,9 +258,19 @@ def _store_unavailable(samples: Samples) -> list[str] | None:
     return sorted({reason for reason, v in values if v > 0}) if values else None
 
 
+def _shard_states(samples: Samples, actors: ShardActors | str | None) -> dict[str, int]:
+    """TwinShardProcess actors by Ray state: the service's own where its `actors` are known, else every service's on
+    the cluster (Ray's export counts them by class); DEAD ones from the export (the state API lists none)."""
+    exported = {k: int(v) for k, v in _by(samples, "ray_actors", "State", Name="TwinShardProcess", Source="gcs").items()
+                if v}
+    if not isinstance(actors, ShardActors):
+        return exported
+    return {**{k: v for k, v in exported.items() if k == "DEAD"}, **Counter(actors.states.values())}
+
+
 def collect(samples: Samples, prometheus: str | None = None, now: float | None = None,
-            unscraped: dict[str, str] | None = None, restarts: dict[str, int] | str | None = None) -> Status:
-    """The status from Ray's state (and its shards' `restarts`: `shard_restarts`), `samples` and `unscraped`
+            unscraped: dict[str, str] | None = None, actors: ShardActors | str | None = None) -> Status:
+    """The status from Ray's state (and the service's shard `actors`: `shard_actors`), `samples` and `unscraped`
     (`scrape_nodes`) and Prometheus's alerts."""
     nodes = [n for n in ray.nodes() if n["Alive"]]
     total, free = ray.cluster_resources(), ray.available_resources()
@@ -184,10 +278,9 @@ def collect(samples: Samples, prometheus: str | None = None, now: float | None =
     oldest = [v for v in _by(samples, "ray_raytwin_job_queue_oldest_submitted_timestamp_seconds").values() if v > 0]
     status = Status(
         nodes=len(nodes), cpus=total.get("CPU", 0.0), cpus_free=free.get("CPU", 0.0),
-        shards={k: int(v) for k, v in _by(samples, "ray_actors", "State", Name="TwinShardProcess",
-                                          Source="gcs").items() if v},
+        shards=_shard_states(samples, actors),
         configured=_configured(samples),
-        restarts=restarts,
+        actors=actors,
         unanswered=_nonzero(_by(samples, "ray_raytwin_shard_unanswered_total", "shard")),
         fenced=_fenced(samples),
         store_unavailable=_store_unavailable(samples),
@@ -238,22 +331,35 @@ def _shards(s: Status) -> str:
     parts = [f"{alive:,} alive{of}" if alive else f"NONE ALIVE{of} (the API is down: no twin can be read or written)"]
     if n := s.shards.get("RESTARTING"):
         parts.append(f"RESTARTING {n:,} (missing now: their twins' reads are stale, their writes wait)")
-    gone = s.configured - _service_shards(s) if alive and s.configured is not None else 0
-    if gone > 0:
-        parts.append(f"MISSING {gone:,} (dead for good: Ray restarts them no more; ops/README.md#shards-down)")
-    if isinstance(s.restarts, str):
-        parts.append(f"restarts unknown (Ray's state API, which its dashboard serves, did not answer: {s.restarts})")
-    elif s.restarts:
-        parts.append("restarted by Ray: " + ", ".join(f"shard {k} {v:,}x" for k, v in sorted(s.restarts.items())))
+    if gone := _missing(s):
+        count, which = (len(gone), f"shard{'s' * (len(gone) > 1)} {', '.join(gone)}; ") if isinstance(gone, list) \
+            else (gone, "")
+        parts.append(f"MISSING {count:,} ({which}dead for good: Ray restarts them no more; ops/README.md#shards-down)")
+    if isinstance(s.actors, str):
+        parts.append(f"restarts unknown ({s.actors})")
+    elif s.actors is not None and s.actors.restarts:
+        restarts = sorted(s.actors.restarts.items(), key=lambda kv: int(kv[0]))
+        parts.append("restarted by Ray: " + ", ".join(f"shard {k} {v:,}x" for k, v in restarts))
     if others := {k: v for k, v in s.shards.items() if k not in ("ALIVE", "RESTARTING", "DEAD")}:
         parts.append(_counts(others))
     if n := s.shards.get("DEAD"):
         whose = "earlier services" if _service_shards(s) else "the stopped service, earlier ones"
-        parts.append(f"DEAD {n:,} (processes of {whose}{', the missing' if gone > 0 else ''} and replaced ones)")
+        parts.append(f"DEAD {n:,} (processes of {whose}{', the missing' if gone else ''} and replaced ones)")
     if s.unanswered:
         hung = ", ".join(f"shard {k} {v:,}x" for k, v in sorted(s.unanswered.items()))
         parts.append(f"left calls unanswered past their deadline (hung or stalled; in all): {hung}")
     return "; ".join(parts)
+
+
+def _missing(s: Status) -> list[str] | int:
+    """The configured shards that no actor of the service alive or restarting stands for (dead for good): by index
+    from its own actors (`shard_actors`), else a count against every service's shard actors on the cluster (Ray's
+    export, which may count another service's); none while no shard is alive (the service is down or stopped)."""
+    if not s.shards.get("ALIVE", 0) or s.configured is None:
+        return 0
+    if isinstance(s.actors, ShardActors):
+        return [str(i) for i in range(s.configured) if str(i) not in s.actors.states]
+    return max(s.configured - _service_shards(s), 0)
 
 
 def _service_shards(s: Status) -> int:
@@ -361,4 +467,5 @@ def status(
                        "also needs RAY_AUTH_MODE=token (and RAY_AUTH_TOKEN_PATH, as its start printed)", err=True)
             raise typer.Exit(1) from None
     samples, unscraped = scrape_nodes()
-    typer.echo(render(collect(samples, prometheus, unscraped=unscraped, restarts=shard_restarts())))
+    actors = shard_actors(_service_of(samples))
+    typer.echo(render(collect(samples, prometheus, unscraped=unscraped, actors=actors)))

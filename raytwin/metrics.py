@@ -340,7 +340,10 @@ SHARD_STARTED = gauge("raytwin_shard_started_timestamp_seconds", "When this twin
                       "shard")
 SHARDS_CONFIGURED = gauge("raytwin_shards_configured", "Twin shards the service is configured with (`twin_shards`), "
                           "exported by the API backend: `raytwin status` counts the shards reporting against it, as "
-                          "Ray's actor list loses a shard dead for good (out of restarts) from the service's.")
+                          "Ray's actor list loses a shard dead for good (out of restarts) from the service's; tagged "
+                          "with the Ray namespace and the name prefix of its shard actors (`actors.routing."
+                          "shard_prefix`), which tell them from another service's on the cluster.",
+                          "namespace", "prefix")
 SHARD_UNANSWERED = counter("raytwin_shard_unanswered", "Times an Ingress replica found a twin shard leaving a call "
                            "unanswered past its deadline (hung or stalled; serve_apps/shard_deadline.py).", "shard")
 FMU_STEPS = counter("raytwin_fmu_steps", "FMU steps the filters of twins on an FMU asked for "

@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
@@ -442,9 +443,7 @@ def test_status_counts_shards_against_the_configured_count_and_names_rays_restar
     `raytwin status` read `2 live, 0 drifting` with one of 2 configured shards gone, as if none were missing. The
     backend exports the configured count (`ray_raytwin_shards_configured`) and status counts against it. Ray's
     export has no restart count of an actor: how often Ray restarted each shard comes from its state API."""
-    from types import SimpleNamespace
-
-    from cluster.status import shard_restarts
+    from cluster.status import ShardActors
 
     for name, value in (("nodes", lambda: []), ("cluster_resources", dict), ("available_resources", dict)):
         monkeypatch.setattr(f"cluster.status.ray.{name}", value)  # Ray's state, as far as `collect` asks
@@ -453,37 +452,125 @@ def test_status_counts_shards_against_the_configured_count_and_names_rays_restar
                 ("ray_raytwin_twins", {"shard": "0", "WorkerId": "w0"}, 2.0)]
     configured = ("ray_raytwin_shards_configured", {"WorkerId": "backend"}, 2.0)
 
-    def screen(samples: list, restarts=None) -> dict[str, str]:
-        return {line[:14].strip(): line[14:] for line in render(collect(samples, restarts=restarts)).splitlines()}
+    def screen(samples: list, actors=None) -> dict[str, str]:
+        return {line[:14].strip(): line[14:] for line in render(collect(samples, actors=actors)).splitlines()}
 
     assert screen(one_gone)["twins"] == "2 live, 0 drifting"  # without the backend's count: Ray's actors alone
-    counted = screen([*one_gone, configured], restarts={"0": 3})
+    counted = screen([*one_gone, configured], actors=ShardActors({"0": "ALIVE"}, {"0": 3}))
     assert counted["twins"] == "2 live, 0 drifting (shards 1 of 2 reporting: counts are partial; shard 1 not reporting)"
-    assert counted["shards"] == ("1 alive of 2 configured; MISSING 1 (dead for good: Ray restarts them no more; "
-                                 "ops/README.md#shards-down); restarted by Ray: shard 0 3x; DEAD 1 (processes of "
-                                 "earlier services, the missing and replaced ones)")
-    unknown = screen([*one_gone, configured], restarts="ServerUnavailable")["shards"]
-    assert "restarts unknown (Ray's state API, which its dashboard serves, did not answer: ServerUnavailable)" in \
-        unknown
+    assert counted["shards"] == ("1 alive of 2 configured; MISSING 1 (shard 1; dead for good: Ray restarts them no "
+                                 "more; ops/README.md#shards-down); restarted by Ray: shard 0 3x; DEAD 1 (processes "
+                                 "of earlier services, the missing and replaced ones)")
+    unknown = screen([*one_gone, configured], actors="Ray's state API ... did not answer")["shards"]
+    assert unknown == ("1 alive of 2 configured; MISSING 1 (dead for good: Ray restarts them no more; "  # counted
+                       "ops/README.md#shards-down); restarts unknown (Ray's state API ... did not answer); DEAD 1 "
+                       "(processes of earlier services, the missing and replaced ones)")
 
+
+def _state_api(monkeypatch, rows: list, registered: bytes | None = b"198.51.100.5:8265",
+               session: str = "session_ours") -> list:
+    """Ray's state API as `shard_actors` asks it, answering `rows`, its dashboard registered at `registered` by a head
+    whose GCS is 198.51.100.5:6379 (a documentation address: no machine's) and answering as Ray session `session` (the
+    driver's is session_ours); the addresses and filters the state API was asked with."""
     asked = []
 
     def list_actors(address, **options):
         asked.append((address, options["filters"]))
-        return [SimpleNamespace(name="twinshard-0a1b2c3d-1-of-2", num_restarts=3),
-                SimpleNamespace(name="twinshard-0a1b2c3d-0-of-2", num_restarts=0),
-                SimpleNamespace(name="", num_restarts=5)]  # an unnamed one: no service's shard
+        return rows
 
-    monkeypatch.setattr("cluster.status.ray.get_runtime_context", lambda: SimpleNamespace(gcs_address="head:6379"))
+    def version(url, **options):
+        return httpx.Response(200, json={"session_name": session}, request=httpx.Request("GET", url))
+
+    context = SimpleNamespace(gcs_address="198.51.100.5:6379", get_session_name=lambda: "session_ours")
+    monkeypatch.setattr("cluster.status.ray.get_runtime_context", lambda: context)
+    monkeypatch.setattr("ray.experimental.internal_kv._internal_kv_get", lambda key, namespace: registered)
+    monkeypatch.setattr("ray._private.authentication.http_token_authentication.get_auth_headers_if_auth_enabled",
+                        lambda headers: {})
+    monkeypatch.setattr("cluster.status.httpx.get", version)
     monkeypatch.setattr("ray.util.state.list_actors", list_actors)
-    assert shard_restarts() == {"1": 3}
-    assert asked == [("head:6379", [("class_name", "=", "TwinShardProcess"), ("state", "!=", "DEAD")])]
+    return asked
 
-    def no_dashboard(address, **options):
+
+def test_status_counts_its_own_services_shards_not_another_services_on_the_cluster(monkeypatch):
+    """Two RayTwin services on one Ray cluster (the API's, and a `TwinService` of another store and namespace): status
+    keyed Ray's restarts by shard index across both, so the other's shard 1 read as this one's, and counted MISSING
+    shards against both services' actors, so this one's dead shard 1 hid behind the other's alive shards. The backend
+    exports its namespace and shard-actor name prefix; status reads its own actors from Ray's state API by them."""
+    from actors.routing import shard_name, shard_prefix
+    from cluster.status import ShardActors, _service_of, shard_actors
+
+    for name, value in (("nodes", lambda: []), ("cluster_resources", dict), ("available_resources", dict)):
+        monkeypatch.setattr(f"cluster.status.ray.{name}", value)  # Ray's state, as far as `collect` asks
+    ours, theirs = "s3://plant/store/twins", "/data/lab/twins"
+    row = lambda store, ns, i, state="ALIVE", restarts=0: SimpleNamespace(  # noqa: E731
+        name=shard_name(store, i, 2), ray_namespace=ns, state=state, num_restarts=restarts)
+    asked = _state_api(monkeypatch, [row(ours, "raytwin", 0, restarts=3), row(theirs, "lab", 0, restarts=1),
+                                     row(theirs, "lab", 1, "RESTARTING", restarts=7),
+                                     SimpleNamespace(name="", ray_namespace="raytwin", state="ALIVE", num_restarts=5)])
+    samples = [("ray_actors", {"Name": "TwinShardProcess", "Source": "gcs", "State": "ALIVE"}, 2.0),  # both services'
+               ("ray_actors", {"Name": "TwinShardProcess", "Source": "gcs", "State": "RESTARTING"}, 1.0),
+               ("ray_actors", {"Name": "TwinShardProcess", "Source": "gcs", "State": "DEAD"}, 1.0),
+               ("ray_raytwin_shards_configured", {"namespace": "raytwin", "prefix": shard_prefix(ours)}, 2.0)]
+    assert _service_of(samples) == ("raytwin", shard_prefix(ours))
+    actors = shard_actors(_service_of(samples))
+    assert actors == ShardActors(states={"0": "ALIVE"}, restarts={"0": 3})  # shard 1 of the other store is not ours
+    assert asked == [("http://198.51.100.5:8265", [("class_name", "=", "TwinShardProcess"), ("state", "!=", "DEAD")])]
+    shards = render(collect(samples, actors=actors)).splitlines()[3]
+    assert shards == ("shards        1 alive of 2 configured; MISSING 1 (shard 1; dead for good: Ray restarts them no "
+                      "more; ops/README.md#shards-down); restarted by Ray: shard 0 3x; DEAD 1 (processes of earlier "
+                      "services, the missing and replaced ones)"), shards
+    # no backend says which service is the API's: one service's shards are its, several are not guessed between
+    assert shard_actors(None) == ("the cluster runs the shards of 2 services and no API backend exports which are its "
+                                  "(ray_raytwin_shards_configured)")
+    _state_api(monkeypatch, [row(theirs, "lab", 1, "RESTARTING", restarts=7)])
+    assert shard_actors(None) == ShardActors(states={"1": "RESTARTING"}, restarts={"1": 7})
+
+
+def test_status_asks_the_clusters_own_dashboard_for_restarts_or_says_why_it_cannot(monkeypatch):
+    """A head without a dashboard registers 127.0.0.1:8265 in the GCS all the same, as does one whose dashboard listens
+    on its loopback only; status asked that address, this machine's own port, where another cluster's dashboard
+    answered with that cluster's shards (measured: a local cluster without a dashboard listed another local cluster's
+    two shard actors as its own). It asks the address the head registered, the head's for a wildcard one, once that
+    dashboard answers as the cluster's own Ray session, and says why restarts are unknown otherwise."""
+    from cluster.status import shard_actors
+
+    rows = [SimpleNamespace(name="twinshard-0a1b2c3d-0-of-1", ray_namespace="raytwin", state="ALIVE", num_restarts=2)]
+    asked = _state_api(monkeypatch, rows, registered=b"0.0.0.0:8265")
+    assert shard_actors(None).restarts == {"0": 2} and asked[0][0] == "http://198.51.100.5:8265"  # the head's
+    asked = _state_api(monkeypatch, rows, registered=b"127.0.0.1:8265")  # a head on another machine: not asked
+    assert shard_actors(None) == (
+        "Ray's state API cannot be asked: its dashboard listens on 127.0.0.1:8265 of its head (198.51.100.5) only, out "
+        "of this machine's reach: run `raytwin status` on the head node, or start the head with "
+        "--dashboard-host=0.0.0.0")
+    assert asked == []
+    local = SimpleNamespace(gcs_address="127.0.0.1:6379", get_session_name=lambda: "session_ours")
+    monkeypatch.setattr("cluster.status.ray.get_runtime_context", lambda: local)  # a head on this machine
+    assert shard_actors(None).restarts == {"0": 2} and [a for a, _ in asked] == ["http://127.0.0.1:8265"]
+    asked = _state_api(monkeypatch, rows, registered=b"127.0.0.1:8265", session="session_theirs")
+    monkeypatch.setattr("cluster.status.ray.get_runtime_context", lambda: local)
+    assert shard_actors(None) == (
+        "Ray's state API cannot be asked: the dashboard at http://127.0.0.1:8265 is another Ray cluster's (session "
+        "session_theirs, this one is session_ours): this cluster runs none (--include-dashboard=false)")
+    assert asked == []  # that cluster's shards are not reported as this one's
+
+    def nothing_there(url, **options):
+        raise httpx.ConnectError("connection refused")
+
+    monkeypatch.setattr("cluster.status.httpx.get", nothing_there)
+    assert shard_actors(None) == (
+        "Ray's state API cannot be asked: no dashboard answers at http://127.0.0.1:8265 (ConnectError): the cluster "
+        "runs none (started with --include-dashboard=false), or it failed")
+    _state_api(monkeypatch, rows, registered=None)
+    assert shard_actors(None) == ("Ray's state API cannot be asked: its head registers no dashboard in the GCS: start "
+                                  "it with --include-dashboard=true")
+
+    def no_state_api(address, **options):
         raise ConnectionError("Failed to connect to API server")
 
-    monkeypatch.setattr("ray.util.state.list_actors", no_dashboard)
-    assert shard_restarts() == "ConnectionError"
+    _state_api(monkeypatch, rows)
+    monkeypatch.setattr("ray.util.state.list_actors", no_state_api)
+    assert shard_actors(None) == ("Ray's state API, which its dashboard serves, did not answer at "
+                                  "http://198.51.100.5:8265: ConnectionError")
 
 
 def test_status_says_whether_the_store_takes_writes_and_why_not(ray_session):

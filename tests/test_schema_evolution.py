@@ -205,7 +205,7 @@ def api(ray_session, tmp_path_factory):
                          connector_hosts=NODE_BROKERS,  # tests/test_client.py's connectors: a port on this machine
                          model_packages=TEST_MODELS)
     with pytest.MonkeyPatch.context() as patch:  # this process is a Ray driver: no gauge of its own in the export
-        patch.setattr(metrics, "SHARDS_CONFIGURED", SimpleNamespace(set=lambda value: None))
+        patch.setattr(metrics, "SHARDS_CONFIGURED", SimpleNamespace(set=lambda value, **tags: None))
         backend = Backend(config)
     app = create_api()
     app.state.services = Services(

@@ -2987,18 +2987,20 @@ def test_a_backend_refusal_raised_to_serve_is_one_log_line_and_a_fault_keeps_its
 
     from ray.serve._private.constants import SERVE_LOGGER_NAME
 
+    from actors.routing import shard_prefix
     from raytwin import metrics
     from serve_apps.backend import Backend
 
-    exported: list[float] = []
-    monkeypatch.setattr(metrics, "SHARDS_CONFIGURED", SimpleNamespace(set=exported.append))
+    exported: list[tuple[float, dict[str, str]]] = []
+    monkeypatch.setattr(metrics, "SHARDS_CONFIGURED", SimpleNamespace(set=lambda v, **tags: exported.append((v, tags))))
     serve_log = logging.getLogger(SERVE_LOGGER_NAME)
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append  # type: ignore[method-assign]
     serve_log.addHandler(handler)
-    backend = Backend(ServeConfig(store_url=str(tmp_path / "store"), keys_file=str(tmp_path / "keys.json"),
-                                  namespace=f"refusals-{secrets.token_hex(4)}"))
+    config = ServeConfig(store_url=str(tmp_path / "store"), keys_file=str(tmp_path / "keys.json"),
+                         namespace=f"refusals-{secrets.token_hex(4)}")
+    backend = Backend(config)
     read_only = _raised_in_a_shard(OSError(30, "Read-only file system"), through_the_store=True)
     try:
         for raised in (NotFound("no asset 'zone-9'"), read_only, RuntimeError("the shard's answer was corrupt")):
@@ -3016,7 +3018,8 @@ def test_a_backend_refusal_raised_to_serve_is_one_log_line_and_a_fault_keeps_its
         logging.WARNING, None,
         "event=backend_request_refused status=503 code=store_unavailable error=StoreIOError reason=read_only")
     assert fault.levelno == logging.ERROR and fault.exc_info[0] is RuntimeError
-    assert exported == [2]  # `twin_shards` (default)
+    # `twin_shards` (default), with which shard actors on the cluster are the service's (`raytwin status`)
+    assert exported == [(2, {"namespace": config.namespace, "prefix": shard_prefix(config.url("twins"))})]
 
 
 def test_a_method_a_path_does_not_take_names_every_method_it_takes_and_an_unknown_path_points_to_the_docs(tmp_path):
