@@ -190,7 +190,8 @@ def write_once(fs: AbstractFileSystem, path: str, data: bytes) -> None:
 
     The compare-and-set behind append-only logs: of two writers racing for one name, exactly one wins.
     Local disk: a complete temporary file is hard-linked to the name (`link` fails if the name exists,
-    and a reader never sees half a file). Object stores: a conditional PUT (``If-None-Match: *``).
+    and a reader never sees half a file), and the folder synced, as `replace_file` does: the name is on disk when
+    this returns. Object stores: a conditional PUT (``If-None-Match: *``).
     """
     if not is_local(fs):
         fs.pipe_file(path, data, mode="create")
@@ -200,6 +201,7 @@ def write_once(fs: AbstractFileSystem, path: str, data: bytes) -> None:
         os.link(tmp, path)
     finally:
         os.unlink(tmp)
+    _sync_folder(os.path.dirname(path))
 
 
 LOCATION = re.compile(r"[a-z][a-z0-9+.-]*://\S+|(?<![\w.])/[^\s:'\",)]+", re.IGNORECASE)

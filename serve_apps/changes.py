@@ -5,10 +5,11 @@ number is the event id of the change stream (`serve_apps.change_stream`) and, fo
 changes, the changed asset's or type's revision (its ETag). The log lives in the `Backend`
 replica, which appends under one lock, and is durable before an append returns: one JSON-lines
 segment per append at ``{store}/changes/{tenant}/{first // 10000:010d}/{first:016d}-{last:016d}.jsonl``
-(object stores cannot append; names sort by sequence). A failed write, which may have landed, is written
-again with its numbers and bytes (`ChangeLog._append_locked`): never a second copy of a change, nor another under
-its number. A restarted backend continues the sequence from the newest segment, so an event id read from a
-stream stays a valid resume point across replica restarts.
+(object stores cannot append; names sort by sequence), created only where its name is free (`ChangeStore.write`: an
+exclusive create). A failed write, which may have landed, is written again with its numbers and bytes
+(`ChangeLog._append_locked`; found landed, it is done): never a second copy of a change, nor another under its
+number, nor a segment over another log's. A restarted backend continues the sequence from the newest segment, so
+an event id read from a stream stays a valid resume point across replica restarts.
 
 Each change also carries the `generation` of the log that wrote it, a random token drawn each time
 the backend starts, and its event id is ``<seq>-<generation>`` (`event_id`). Why: a store restored
@@ -39,7 +40,9 @@ checkpointed from then on; so are the jobs of a checkpoint from before they were
 One writer: the log of the service holding the store's lease. Once another service took the store over, the log writes
 nothing there (`ChangeLog.fence`, the backend's `check_writable`, a verdict read at most once a second): no change,
 which would take a number the successor's log gives too, and no checkpoint, which would replace the successor's (a
-checkpoint reads the lease afresh, so a backend closed within that second writes none either). What
+checkpoint reads the lease afresh, so a backend closed within that second writes none either). A takeover between
+that read and the write (serve_apps/README.md, "After a takeover") lets one write through: a segment is then refused
+where the successor's log wrote its name (`ChangeStore.write`), never replaced. What
 it could not write is the successor's to record: its catch-up finds the jobs from their records (its start failed
 those queued or running here, whose end this queue no longer saves: `serve_apps.jobs.JobQueue.fence`), and the twins
 from their states (the fenced service's twin writes are refused by its shards).
@@ -67,8 +70,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from raytwin.storage import filesystem, replace_file
-from raytwin.statestore import FenceCheck, fenced
+from raytwin.storage import filesystem, replace_file, write_once
+from raytwin.statestore import FenceCheck, StoreFenced, fenced
 from raytwin.store_failures import store_io
 
 ChangeKind = Literal["twin.state", "twin.drift", "asset.created", "asset.updated", "asset.deleted",
@@ -586,13 +589,22 @@ class ChangeStore:
 
     @store_io("write")
     def write(self, tenant: str, changes: list[Change]) -> None:
+        """Write a segment, never over another: created only where its name is free (`write_once`, an exclusive create
+        on local disk and S3 alike), or found holding these very bytes (an earlier try that landed: `ChangeLog`
+        writes a segment again as it was). `StoreFenced` where another log's segment holds the name: a backend fenced
+        between its lease read and this write (the takeover window) must not replace its successor's changes."""
         first, last = changes[0].seq, changes[-1].seq
         folder = f"{self.root}/{tenant}/{first // PARTITION:010d}"
         if folder not in self._folders:  # once per folder: on S3 each makedirs is a request
             self.fs.makedirs(folder, exist_ok=True)
             self._folders.add(folder)
-        replace_file(self.fs, f"{folder}/{first:016d}-{last:016d}.jsonl",
-                     "".join(c.model_dump_json() + "\n" for c in changes).encode())
+        path, data = f"{folder}/{first:016d}-{last:016d}.jsonl", "".join(c.model_dump_json() + "\n" for c in changes)
+        try:
+            write_once(self.fs, path, data.encode())
+        except FileExistsError:
+            if self.fs.cat_file(path) != data.encode():
+                raise StoreFenced(f"changes {first}-{last} of tenant {tenant} are another log's (a service that took "
+                                  "the store over numbers them): this log writes none of them") from None
 
     @store_io("read")
     def read(self, tenant: str, after: int, limit: int) -> list[Change]:

@@ -11,6 +11,7 @@ import math
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -1402,6 +1403,52 @@ def test_a_job_that_ends_within_a_second_of_a_takeover_saves_no_record_over_its_
         assert _job_changes(successor) == [("job.failed", running)]
 
     asyncio.run(scenario())
+
+
+def test_a_job_end_written_in_the_takeover_window_replaces_no_change_of_the_successor(tmp_path):
+    """A job's end reads the lease afresh and then writes: a takeover between the two (the process paused, the store
+    slow) lets the fenced backend write once. The worst case, pinned: its record lands over the one in which the
+    successor's start failed the job (the job's real end, on its record only), but its change took the number the
+    successor's log had given the job's `job.failed` and replaced that segment, so the successor's change was lost.
+    Segments are created exclusively now: the fenced backend's change is refused, the successor's stays."""
+    from serve_apps.jobs import JobRecord
+    from tests.test_serve_jobs import HeldJobs, _submit
+
+    async def scenario() -> None:
+        fenced = _job_backend(tmp_path, slots=1)
+        held = HeldJobs(fenced.jobs)
+        first, running = (_submit(fenced.jobs, "acme") for _ in range(2))
+        await held.finish(first)  # change 1; `running` starts
+        fenced._lease_reads = lambda timeout_s: fenced.twins.lease  # every read of the lease made before the takeover
+        successor = _job_backend(tmp_path)  # takes the store over; its start fails `running`
+        successor._catch_up_jobs("acme")  # change 2: its job.failed
+        await held.finish(running)  # in the window: the fenced backend finds its store held, and writes
+        record = JobRecord.model_validate_json((tmp_path / "jobs" / "acme" / running / "job.json").read_text())
+        assert (record.state, successor.jobs.jobs[running].state) == ("succeeded", "failed")  # the one write
+        stored = successor.changes.store.read("acme", 0, 100)
+        assert [(c.seq, c.kind, c.data["job_id"], c.generation) for c in stored] == [
+            (1, "job.succeeded", first, fenced.changes.generation),
+            (2, "job.failed", running, successor.changes.generation)]
+        assert fenced.changes.unwritten() == 1  # kept, refused: the successor's log numbers changes now
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_segment_is_written_again_as_it_was_but_never_over_another_logs(tmp_path, request, where):
+    """The segment write behind every change, on local disk and S3 (`If-None-Match: *`): one written again with its
+    bytes (a try that landed) is done; one whose name holds another log's segment is refused, which stays."""
+    from raytwin.statestore import StoreFenced
+    from serve_apps.changes import Change, ChangeStore
+
+    store = ChangeStore(request.getfixturevalue("s3_url") if where == "s3" else str(tmp_path))
+    ours, theirs = ([Change(seq=1, revision=1, kind="twin.state", asset_id="a", time=datetime.now(UTC),
+                            generation=g, data={})] for g in ("ours", "theirs"))
+    store.write("acme", theirs)
+    store.write("acme", theirs)  # written again as it was
+    with pytest.raises(StoreFenced, match="changes 1-1 of tenant acme are another log's"):
+        store.write("acme", ours)
+    assert [c.generation for c in store.read("acme", 0, 10)] == ["theirs"]
 
 
 def test_a_job_cancelled_within_a_second_of_a_takeover_saves_no_record_over_its_successors(tmp_path):
