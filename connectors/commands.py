@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from raytwin.contracts import Identifier
 from raytwin.statestore import WholeMarker
-from raytwin.storage import cat_existing, filesystem, replace_file, write_markers
+from raytwin.storage import cat_existing, filesystem, replace_file, write_markers, write_once
 from raytwin.store_failures import store_io
 
 log = logging.getLogger("raytwin.connectors")
@@ -275,14 +275,36 @@ class CommandLedger:
                                "approved (propose a new one to send again)")
         if by == command.proposed_by:
             raise CommandError(f"command {command_id} was proposed by {by}: another key must approve it (four eyes)")
-        return self._save(command.moved(CommandStatus.approved, by, approved_by=by))
+        return self._decide(command.moved(CommandStatus.approved, by, approved_by=by))
 
     def refuse(self, tenant: str, command_id: str, by: str, reason: str) -> Command:
         command = self.get(tenant, command_id)
         if command.status is not CommandStatus.proposed:
             raise CommandError(f"command {command_id} is {command.status.value}: only a proposed command can be "
                                "refused")
-        return self._save(command.moved(CommandStatus.refused, by, reason))
+        return self._decide(command.moved(CommandStatus.refused, by, reason))
+
+    def _decision(self, tenant: str, command_id: str) -> str:
+        return f"{self.root}/tenant={tenant}/decisions/{command_id}.json"
+
+    @store_io("write")
+    def _decide(self, decided: Command) -> Command:
+        """Save the one decision (approved or refused) a proposed command gets, claimed first by an exclusive create of
+        its copy (`write_once`): of two deciders that both read it proposed (an approval in the connector's actor and a
+        refusal in the backend; a backend fenced between its lease read and this write and its successor), one
+        decides and the other is refused, where the later record replaced the earlier and a refused command could be
+        sent. A claimed decision whose record is still proposed (its decider stopped between the two writes) is
+        saved then."""
+        path = self._decision(decided.tenant, decided.id)
+        try:
+            write_once(self.fs, path, decided.model_dump_json().encode())
+        except FileExistsError:
+            earlier = Command.model_validate_json(self.fs.cat_file(path))
+            if self.get(decided.tenant, decided.id).status is CommandStatus.proposed:
+                self._save(earlier)
+            raise CommandError(f"command {decided.id} was {earlier.status.value} by {earlier.history[-1].by} "
+                               "already: a command gets one decision") from None
+        return self._save(decided)
 
     def claim(self, tenant: str, command_id: str, connector: str) -> Command:
         """approved -> sending, persisted before anything is sent; refuses anything else (never twice)."""

@@ -135,3 +135,39 @@ def test_a_new_tenants_commands_are_indexed_from_its_first_proposal(tmp_path: Pa
     CommandLedger(str(old)).propose("acme", "c", "a1", "setpoint", {"x": 2}, by="k1")
     got, expected, reads = one_assets(old)
     assert got == expected and len(expected) == 1 and len(reads.read) == 9  # every command, as before
+
+
+def test_a_command_gets_one_decision_where_two_deciders_both_read_it_proposed(tmp_path: Path, monkeypatch):
+    """An approval (in the connector's actor) and a refusal (in the backend), or a backend fenced between its lease
+    read and its write and its successor (the takeover window), both read a command proposed and wrote a decision:
+    the later record replaced the earlier, so a refused command could read approved, be claimed and sent. The first
+    decision is claimed by an exclusive create: the other decider is refused and the record keeps the first."""
+    from connectors.commands import CommandError
+
+    store = str(tmp_path / "store")
+    fenced, successor = CommandLedger(store), CommandLedger(store)
+    command = fenced.propose("acme", "c", "a1", "setpoint", {"x": 1}, by="k1")
+    monkeypatch.setattr(fenced, "get", lambda tenant, command_id: command)  # read before the successor's refusal
+    successor.refuse("acme", command.id, "k3", "unsafe now")
+    with pytest.raises(CommandError, match=f"command {command.id} was refused by k3 already"):
+        fenced.approve("acme", command.id, "k2")
+    assert successor.get("acme", command.id).status is CommandStatus.refused
+    with pytest.raises(CommandError, match="only an approved command is sent"):
+        successor.claim("acme", command.id, "c")  # never sent
+
+    # a decider that stopped between its decision's claim and its record: the next one saves the claimed decision
+    stopped = CommandLedger(store)
+    other = stopped.propose("acme", "c", "a1", "setpoint", {"x": 2}, by="k1")
+
+    def killed(command: Command) -> Command:
+        raise SystemExit("killed between the claim and the record")
+
+    monkeypatch.setattr(stopped, "_save", killed)
+    with pytest.raises(SystemExit):
+        stopped.approve("acme", other.id, "k2")
+    assert successor.get("acme", other.id).status is CommandStatus.proposed
+    with pytest.raises(CommandError, match=f"command {other.id} was approved by k2 already"):
+        successor.refuse("acme", other.id, "k3", "no")
+    saved = successor.get("acme", other.id)
+    assert (saved.status, saved.approved_by) == (CommandStatus.approved, "k2")
+    assert successor.ids("acme") == sorted([command.id, other.id])  # the decisions are no records
