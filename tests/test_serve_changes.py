@@ -1434,14 +1434,14 @@ def test_a_job_end_written_in_the_takeover_window_replaces_no_change_of_the_succ
     asyncio.run(scenario())
 
 
-@pytest.mark.parametrize("where", ["local", "s3"])
-def test_a_segment_is_written_again_as_it_was_but_never_over_another_logs(tmp_path, request, where):
-    """The segment write behind every change, on local disk and S3 (`If-None-Match: *`): one written again with its
-    bytes (a try that landed) is done; one whose name holds another log's segment is refused, which stays."""
+def test_a_segment_is_written_again_as_it_was_but_never_over_another_logs(tmp_path):
+    """The segment write behind every change: one written again with its bytes (a try that landed) is done; one whose
+    name holds another log's segment is refused, which stays. (`write_once` on S3, `If-None-Match: *`:
+    tests/test_lifecycle.py::test_exclusive_writes_have_one_winner.)"""
     from raytwin.statestore import StoreFenced
     from serve_apps.changes import Change, ChangeStore
 
-    store = ChangeStore(request.getfixturevalue("s3_url") if where == "s3" else str(tmp_path))
+    store = ChangeStore(str(tmp_path))
     ours, theirs = ([Change(seq=1, revision=1, kind="twin.state", asset_id="a", time=datetime.now(UTC),
                             generation=g, data={})] for g in ("ours", "theirs"))
     store.write("acme", theirs)
