@@ -1434,6 +1434,35 @@ def test_a_job_end_written_in_the_takeover_window_replaces_no_change_of_the_succ
     asyncio.run(scenario())
 
 
+def test_a_checkpoint_written_in_the_takeover_window_over_the_successors_loses_nothing_of_what_it_recorded(tmp_path):
+    """A checkpoint reads the lease afresh and then writes: a takeover between the two lets the fenced backend's marks
+    replace the successor's. The worst case, pinned: nothing is lost by it. The fenced marks are true of the log up to
+    their change, which is in the log, so the successor restarted over them reads its own changes after it and knows
+    every twin state and job it recorded, as from its own checkpoint."""
+    from tests.test_serve_jobs import HeldJobs, _submit
+
+    async def scenario() -> None:
+        fenced = _job_backend(tmp_path)
+        held = HeldJobs(fenced.jobs)
+        ended, running = (_submit(fenced.jobs, "acme") for _ in range(2))
+        await held.finish(ended)  # change 1, the fenced log's: its marks are due
+        fenced._lease_reads = lambda timeout_s: fenced.twins.lease  # every read of the lease made before the takeover
+        successor = _job_backend(tmp_path)  # takes the store over; its start fails `running`
+        successor._catch_up_jobs("acme")  # change 2: job.failed
+        successor.changes.record("acme", drafts(2, asset="z1"))  # changes 3, 4: a twin's states
+        successor.changes.checkpoint(force=True)
+        fenced.changes.checkpoint(force=True)  # in the window: its marks (of change 1) replace the successor's
+        marks = json.loads((tmp_path / "changes" / "acme" / ".recorded.json").read_text())
+        assert (marks["seq"], marks["generation"]) == (1, fenced.changes.generation)
+        restarted = _job_backend(tmp_path, lease=successor.twins.lease)  # the successor's backend, restarted
+        assert restarted.changes.recorded("acme") == successor.changes.recorded("acme") == {"z1": (4, False)}
+        assert set(restarted.changes.recorded_jobs("acme").ended) == {ended, running}
+        restarted._catch_up_jobs("acme")
+        assert _job_changes(restarted) == [("job.succeeded", ended), ("job.failed", running)]  # none twice
+
+    asyncio.run(scenario())
+
+
 def test_a_segment_is_written_again_as_it_was_but_never_over_another_logs(tmp_path):
     """The segment write behind every change: one written again with its bytes (a try that landed) is done; one whose
     name holds another log's segment is refused, which stays. (`write_once` on S3, `If-None-Match: *`:
