@@ -293,8 +293,8 @@ class CommandLedger:
         its copy (`write_once`): of two deciders that both read it proposed (an approval in the connector's actor and a
         refusal in the backend; a backend fenced between its lease read and this write and its successor), one
         decides and the other is refused, where the later record replaced the earlier and a refused command could be
-        sent. A claimed decision whose record is still proposed (its decider stopped between the two writes) is
-        saved then."""
+        sent. A claimed decision whose record is still proposed (its decider stopped, or its record's write failed,
+        between the two writes) is saved then; the same key's same decision is that decision, tried again."""
         path = self._decision(decided.tenant, decided.id)
         try:
             write_once(self.fs, path, decided.model_dump_json().encode())
@@ -302,8 +302,10 @@ class CommandLedger:
             earlier = Command.model_validate_json(self.fs.cat_file(path))
             if self.get(decided.tenant, decided.id).status is CommandStatus.proposed:
                 self._save(earlier)
-            raise CommandError(f"command {decided.id} was {earlier.status.value} by {earlier.history[-1].by} "
-                               "already: a command gets one decision") from None
+            if (earlier.status, earlier.history[-1].by) != (decided.status, decided.history[-1].by):
+                raise CommandError(f"command {decided.id} was {earlier.status.value} by {earlier.history[-1].by} "
+                                   "already: a command gets one decision") from None
+            return earlier
         return self._save(decided)
 
     def claim(self, tenant: str, command_id: str, connector: str) -> Command:

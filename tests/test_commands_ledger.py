@@ -170,4 +170,10 @@ def test_a_command_gets_one_decision_where_two_deciders_both_read_it_proposed(tm
         successor.refuse("acme", other.id, "k3", "no")
     saved = successor.get("acme", other.id)
     assert (saved.status, saved.approved_by) == (CommandStatus.approved, "k2")
-    assert successor.ids("acme") == sorted([command.id, other.id])  # the decisions are no records
+    # a decision whose record's write failed after its claim landed (the store's outage): the key's retry decides
+    third = successor.propose("acme", "c", "a1", "setpoint", {"x": 3}, by="k1")
+    with pytest.raises(SystemExit):
+        stopped.approve("acme", third.id, "k2")
+    assert (successor.approve("acme", third.id, "k2").status, successor.claim("acme", third.id, "c").status) == (
+        CommandStatus.approved, CommandStatus.sending)
+    assert successor.ids("acme") == sorted([command.id, other.id, third.id])  # the decisions are no records
