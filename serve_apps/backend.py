@@ -166,8 +166,8 @@ class Backend:
         self._publish = threading.Lock()
         self._fence: StoreFence | None = None
         self._fence_checked = -math.inf  # when the lease was last read (`check_writable`)
-        for tenant in self.catalog.tenants():  # first of all appends, once the log's fence can be read
-            record_lost_catalog_changes(self.changes, self.catalog, tenant)
+        for tenant in {*self.catalog.tenants(), *(t for t, _, _ in self.catalog.tombstones)}:  # first of all appends,
+            record_lost_catalog_changes(self.changes, self.catalog, tenant)  # once the log's fence can be read
         self._beat_reads = BoundedRead(self.twins.store.read_heartbeat, "the store's lease heartbeat")
         self._renewals = RenewalWatch(RENEWAL_STALL_S)
         self._concluded: set[str] = set()  # the shadow evaluations recorded (run ids; `_conclude_shadows`)
@@ -266,10 +266,9 @@ class Backend:
         with self._lock:  # what may have changed while the shards answered, checked again where the delete is
             self.catalog.check_delete_type(tenant, name, version, pre)
             refuse_held_type(ModelLifecycle(self._registry(tenant)), running, name, version)
-            self.changes.write(tenant, lambda seq: [{
-                "kind": "asset_type.deleted", "type_name": name, "type_version": version,
-                "data": {"asset_type": self.catalog.delete_type(tenant, name, version, pre).model_dump(
-                    mode="json")}}])
+            self.changes.write(tenant, lambda seq: [
+                _type_change("asset_type.deleted", self.catalog.delete_type(tenant, name, version, seq, pre))])
+            self._forget_deleted(tenant, "types", f"{name}@{version}")
 
     # ---- assets ------------------------------------------------------------------------
     def create_asset(self, asset: Asset, initial_state: dict[str, float] | None, pre: Precondition) -> int:
@@ -287,7 +286,7 @@ class Backend:
                                             f"(got {sorted(initial_state)})")
                     checked.append(self._checked_artifact(asset, initial_state))
                 except Exception:
-                    self.catalog.delete_asset(asset.tenant, asset.id)
+                    self.catalog.delete_asset(asset.tenant, asset.id, None)
                     raise
                 return [_asset_change("asset.created", asset)]
 
@@ -296,7 +295,8 @@ class Backend:
                 self.twins.register(asset, checked[0], initial_state=initial_state)
             except Exception:  # no asset without its twin
                 self.changes.write(asset.tenant, lambda seq: [
-                    _asset_change("asset.deleted", self.catalog.delete_asset(asset.tenant, asset.id))])
+                    _asset_change("asset.deleted", self.catalog.delete_asset(asset.tenant, asset.id, seq))])
+                self._forget_deleted(asset.tenant, "assets", asset.id)
                 raise
             return change.seq
 
@@ -439,11 +439,21 @@ class Backend:
         self.check_writable()
         with self._lock:
             self.changes.write(tenant, lambda seq: [
-                _asset_change("asset.deleted", self.catalog.delete_asset(tenant, asset_id, pre))])
+                _asset_change("asset.deleted", self.catalog.delete_asset(tenant, asset_id, seq, pre))])
+            self._forget_deleted(tenant, "assets", asset_id)
             self.twins.unregister(tenant, asset_id)
             self.moves.end(tenant, asset_id)  # a move of it left unrecorded is moot
             with self._publish:
                 self._twin_marks.pop((tenant, asset_id), None)
+
+    def _forget_deleted(self, tenant: str, kind: str, key: str) -> None:
+        """Remove a delete's tombstone once its change is recorded (`Catalog.forget_deleted`); a failure is logged
+        only: the delete is done and recorded, and the next backend's start removes the tombstone."""
+        try:
+            self.catalog.forget_deleted(tenant, kind, key)
+        except Exception as exc:  # noqa: BLE001 - answered as the delete it is; cleaned at the next start
+            log.warning("event=catalog_tombstone_kept tenant=%s %s=%s error=%s: %s", tenant, kind, key,
+                        type(exc).__name__, exc)
 
     # ---- change log -------------------------------------------------------------------
     def change_heads(self, tenants: list[str]) -> dict[str, int]:
@@ -983,22 +993,33 @@ def _job_change(job: JobRecord) -> dict[str, Any]:
 
 
 def record_lost_catalog_changes(changes: ChangeLog, catalog: Catalog, tenant: str) -> None:
-    """Record, at its revision, the change of each catalog entry newer than the tenant's change log (a crash between
-    the catalog file and its log segment, or a failed segment write kept by a backend that stopped), from the catalog,
-    the source of truth: an asset's as `asset.updated` (whether it was created is not known), a type's as
-    `asset_type.created`. Its number left without a change (the log only continued after it) read as changes deleted
-    by the retention to every stream behind it: 410 `gone`, a resync of everything, and the change never sent. A
-    delete whose change was lost leaves no entry: that one change stays lost (serve_apps/README.md, "Costs")."""
+    """Record, at its revision, the change of each catalog entry or tombstone newer than the tenant's change log (a
+    crash between the catalog file and its log segment, or a failed segment write kept by a backend that stopped),
+    from the catalog, the source of truth, as the change its record names (`Catalog.written_as`): an asset's
+    `asset.created`, `asset.updated` (also a record from before it was named) or `asset.deleted`, a type's
+    `asset_type.created` or `asset_type.deleted`; then remove the tenant's tombstones, whose changes the log now holds.
+    Its number left without a change (the log only continued after it) read as changes deleted by the retention to
+    every stream behind it: 410 `gone`, a resync of everything, and the change never sent."""
     head = changes.head(tenant)
-    lost = sorted((revision, kind, key) for (t, kind, key), revision in catalog.revisions.items()
-                  if t == tenant and revision > head)
-    for revision, kind, key in lost:
-        changes.reserve(tenant, revision - 1)  # (a number before it whose lost change was a delete stays a hole)
-        if kind == "assets":
-            changes.record(tenant, [_asset_change("asset.updated", catalog.get_asset(tenant, key))])
-        else:
-            changes.record(tenant, [_type_change("asset_type.created", catalog.types[tenant][key])])
+    live = [(revision, kind, key) for (t, kind, key), revision in catalog.revisions.items() if t == tenant]
+    deleted = [(revision, kind, key) for (t, kind, key), (revision, _) in catalog.tombstones.items() if t == tenant]
+    for revision, kind, key in sorted(r for r in [*live, *deleted] if r[0] > head):
+        changes.reserve(tenant, revision - 1)  # (a number before it whose change was overwritten stays a hole)
+        changes.record(tenant, [_lost_change(catalog, tenant, kind, key)])
         log.info("event=catalog_change_recovered tenant=%s %s=%s revision=%d", tenant, kind, key, revision)
+    for _, kind, key in deleted:
+        catalog.forget_deleted(tenant, kind, key)
+
+
+def _lost_change(catalog: Catalog, tenant: str, kind: str, key: str) -> dict[str, Any]:
+    """The change draft of catalog entry (or tombstone) `key` of `kind` as it is on the store."""
+    if (tombstone := catalog.tombstones.get((tenant, kind, key))) is not None:
+        deleted = tombstone[1]
+        return (_asset_change("asset.deleted", deleted) if isinstance(deleted, Asset)
+                else _type_change("asset_type.deleted", deleted))
+    if kind == "assets":
+        return _asset_change(f"asset.{catalog.written_as(tenant, key)}", catalog.get_asset(tenant, key))
+    return _type_change("asset_type.created", catalog.types[tenant][key])
 
 
 def _asset_change(kind: str, asset: Asset) -> dict[str, Any]:

@@ -19,13 +19,21 @@ Every asset and type carries a revision (stored with it: ``{"revision": 17, "ass
 given by the caller: the backend passes the sequence number of the change-log entry that
 records the write (`serve_apps.changes`). Writes take a `Precondition` and evaluate it against
 the current revision in the same call that writes, so a conditional write is a compare-and-set.
+
+Each record also names the change that gave it its revision (``"change"``: ``created``, ``updated``, or
+``deleted`` for a tombstone): a delete replaces the entry with a tombstone at the delete's revision, removed once its
+change is in the log (`forget_deleted`). Why: a backend that crashed between a catalog write and its change-log
+segment left only the catalog to say what happened, and the next one records that change from it
+(`serve_apps.backend.record_lost_catalog_changes`): a create as a create, an update as an update, and a delete,
+which used to leave no entry to read it from, as a delete. A record from before the field reads as an update.
 """
 
 from __future__ import annotations
 
 import json
 from bisect import bisect_left, insort
-from typing import Any
+from contextlib import suppress
+from typing import Any, Literal
 
 from raytwin.compat import IncompatibleVersion, check_version, previous_version
 from raytwin.contracts import Asset, AssetType, RelationshipKind
@@ -37,6 +45,8 @@ from serve_apps.errors import Conflict, NotFound, Unprocessable
 from serve_apps.listing import PAGE_LIMIT, page
 
 NO_PRECONDITION = Precondition()
+Written = Literal["created", "updated", "deleted"]
+"""The change that gave a catalog record its revision (the record's ``"change"``)."""
 
 
 class Catalog:
@@ -49,6 +59,8 @@ class Catalog:
         # tenant -> id -> what queries see of the asset, built once per write rather than per query
         self.records: dict[str, dict[str, Record]] = {}
         self.revisions: dict[tuple[str, str, str], int] = {}  # (tenant, "types"|"assets", key) -> revision
+        # (tenant, kind, key) -> (revision, what was deleted): deletes whose change the log may lack (`forget_deleted`)
+        self.tombstones: dict[tuple[str, str, str], tuple[int, Asset | AssetType]] = {}
         self._load()
 
     # ---- persistence -------------------------------------------------------------------
@@ -65,10 +77,16 @@ class Catalog:
                 record = {"revision": 0, "asset_type" if kind == "types" else "asset": record}
             if kind == "types":
                 t = AssetType.model_validate(record["asset_type"])
+                if record.get("change") == "deleted":
+                    self.tombstones[(tenant, kind, t.key)] = (record["revision"], t)
+                    continue
                 self.types.setdefault(tenant, {})[t.key] = t
                 self.revisions[(tenant, kind, t.key)] = record["revision"]
             elif kind == "assets":
                 a = Asset.model_validate(record["asset"])
+                if record.get("change") == "deleted":
+                    self.tombstones[(tenant, kind, a.id)] = (record["revision"], a)
+                    continue
                 self.hold(a)
                 self.revisions[(tenant, kind, a.id)] = record["revision"]
         self.ids = {tenant: sorted(assets) for tenant, assets in self.assets.items()}
@@ -76,15 +94,43 @@ class Catalog:
     def _path(self, tenant: str, kind: str, name: str) -> str:
         return f"{self.root}/{tenant}/{kind}/{name}.json"
 
-    def _write(self, tenant: str, kind: str, key: str, obj: Asset | AssetType, revision: int) -> None:
+    def _write(self, tenant: str, kind: str, key: str, obj: Asset | AssetType, revision: int,
+               change: Written) -> None:
         field = "asset" if kind == "assets" else "asset_type"
-        replace_file(self.fs, self._path(tenant, kind, key), canonical_json({"revision": revision, field: obj.model_dump(mode="json")}))
-        self.revisions[(tenant, kind, key)] = revision
+        replace_file(self.fs, self._path(tenant, kind, key), canonical_json(
+            {"revision": revision, "change": change, field: obj.model_dump(mode="json")}))
+        if change == "deleted":
+            del self.revisions[(tenant, kind, key)]
+        else:
+            self.revisions[(tenant, kind, key)] = revision
+
+    def _remove(self, tenant: str, kind: str, key: str, obj: Asset | AssetType, revision: int | None) -> None:
+        """Delete an entry: a tombstone at the delete's `revision` (None: removed outright, the undo of a write whose
+        change is never recorded)."""
+        if revision is None:
+            self._unlink(tenant, kind, key)
+            del self.revisions[(tenant, kind, key)]
+        else:
+            self._write(tenant, kind, key, obj, revision, "deleted")
 
     @store_io("write")
-    def _remove(self, tenant: str, kind: str, key: str) -> None:
+    def _unlink(self, tenant: str, kind: str, key: str) -> None:
         self.fs.rm_file(self._path(tenant, kind, key))
-        del self.revisions[(tenant, kind, key)]
+
+    @store_io("read")
+    def written_as(self, tenant: str, key: str) -> Written:
+        """The change that gave asset `key` its current revision, read from its record (few calls: each of a lost
+        change, `serve_apps.backend.record_lost_catalog_changes`; not held in memory for every asset)."""
+        return json.loads(self.fs.cat_file(self._path(tenant, "assets", key))).get("change", "updated")
+
+    def forget_deleted(self, tenant: str, kind: str, key: str) -> None:
+        """Remove the tombstone of a delete whose change the log holds (kept by a crash, or a failed removal, it is
+        removed at the next backend's start). The caller holds what serialises the catalog's writes, so the file is
+        not an entry created again meanwhile."""
+        self.tombstones.pop((tenant, kind, key), None)
+        if self.revision(tenant, kind, key) is None:
+            with suppress(FileNotFoundError):
+                self._unlink(tenant, kind, key)
 
     def hold(self, asset: Asset) -> None:
         """Hold `asset` in memory (no store write): what loading, creating and updating share."""
@@ -124,7 +170,7 @@ class Catalog:
         """Store a type version; True if new, False if identical content was already there."""
         if not self.check_type(tenant, asset_type, pre):
             return False
-        self._write(tenant, "types", asset_type.key, asset_type, revision)
+        self._write(tenant, "types", asset_type.key, asset_type, revision, "created")
         self.types.setdefault(tenant, {})[asset_type.key] = asset_type
         return True
 
@@ -172,9 +218,11 @@ class Catalog:
                            f"type_version (PUT /v1/assets/{{id}}) or delete them first", details=_named(users))
         return t
 
-    def delete_type(self, tenant: str, name: str, version: str, pre: Precondition = NO_PRECONDITION) -> AssetType:
+    def delete_type(self, tenant: str, name: str, version: str, revision: int,
+                    pre: Precondition = NO_PRECONDITION) -> AssetType:
+        """Delete a type version, leaving a tombstone at `revision`, the delete's change (`forget_deleted`)."""
         t = self.check_delete_type(tenant, name, version, pre)
-        self._remove(tenant, "types", t.key)
+        self._remove(tenant, "types", t.key, t, revision)
         del self.types[tenant][t.key]
         return t
 
@@ -194,7 +242,7 @@ class Catalog:
         if asset.id in self.assets.get(asset.tenant, {}):
             raise Conflict(f"asset {asset.id} already exists")
         asset_type = self._check_refs(asset)
-        self._write(asset.tenant, "assets", asset.id, asset, revision)
+        self._write(asset.tenant, "assets", asset.id, asset, revision, "created")
         self.hold(asset)
         insort(self.ids.setdefault(asset.tenant, []), asset.id)
         return asset_type
@@ -210,7 +258,7 @@ class Catalog:
     def update_asset(self, asset: Asset, revision: int, pre: Precondition = NO_PRECONDITION) -> Asset:
         """Replace an asset (compare-and-set with `pre`); returns the asset as it was before."""
         before = self.check_update(asset, pre)
-        self._write(asset.tenant, "assets", asset.id, asset, revision)
+        self._write(asset.tenant, "assets", asset.id, asset, revision, "updated")
         self.hold(asset)
         return before
 
@@ -235,14 +283,17 @@ class Catalog:
         return page("assets", self.ids.get(tenant, []), lambda ids: {i: held[i] for i in ids if _matches(
             held[i], type_name, type_version, related_to, relationship)}, limit, cursor)
 
-    def delete_asset(self, tenant: str, asset_id: str, pre: Precondition = NO_PRECONDITION) -> Asset:
+    def delete_asset(self, tenant: str, asset_id: str, revision: int | None,
+                     pre: Precondition = NO_PRECONDITION) -> Asset:
+        """Delete an asset, leaving a tombstone at `revision`, the delete's change (`forget_deleted`); None: the undo
+        of its create, whose change is never recorded, which leaves nothing."""
         self.check(pre, tenant, "assets", asset_id, f"asset {asset_id}")
         asset = self.get_asset(tenant, asset_id)
         referrers = [a.id for a in self.list_assets(tenant, related_to=asset_id)]
         if referrers:
             raise Conflict(f"asset {asset_id} is the target of relationships from {_some(referrers)}: remove their "
                            f"relationships to it (PUT /v1/assets/{{id}}) or delete them first", details=_named(referrers))
-        self._remove(tenant, "assets", asset_id)
+        self._remove(tenant, "assets", asset_id, asset, revision)
         del self.assets[tenant][asset_id]
         del self.records[tenant][asset_id]
         ids = self.ids[tenant]

@@ -249,6 +249,7 @@ def test_catalog_crud_and_queries(api, http, building):
     assert r.status_code == 201
     assert http.delete("/v1/assets/tmp-1", headers=admin).status_code == 204
     assert_error(http.get("/v1/assets/tmp-1", headers=admin), 404, "not_found")
+    assert not (api[2] / "store/catalog/acme/assets/tmp-1.json").exists()  # its tombstone gone with its change logged
 
 
 def test_tenant_isolation_is_404(api, http, building):

@@ -258,8 +258,8 @@ def test_catalog_revisions_compare_and_set_and_survive_a_reload(tmp_path):
     assert reloaded.get_asset("acme", "zone") == moved and reloaded.revision("acme", "assets", "zone") == 3
     assert reloaded.revision("acme", "types", thermal.key) == 1
     with pytest.raises(PreconditionFailed):
-        reloaded.delete_asset("acme", "zone", stale)
-    reloaded.delete_asset("acme", "zone", Precondition(if_match=EntityTags.parse('"3"')))
+        reloaded.delete_asset("acme", "zone", 4, stale)
+    reloaded.delete_asset("acme", "zone", 4, Precondition(if_match=EntityTags.parse('"3"')))
     assert reloaded.revision("acme", "assets", "zone") is None
 
 
@@ -297,10 +297,54 @@ def test_a_catalog_write_whose_log_segment_a_crash_lost_is_recorded_at_its_revis
         return parse(await take(stream, 2))
 
     got = asyncio.run(resume())
-    assert [(f["event"], f["data"]["seq"], f["data"]["asset_id"]) for f in got] == [("asset.updated", 4, "zone"),
+    assert [(f["event"], f["data"]["seq"], f["data"]["asset_id"]) for f in got] == [("asset.created", 4, "zone"),
                                                                                     ("twin.state", 5, "next")]
     assert got[0]["data"]["revision"] == reloaded.revision("acme", "assets", "zone") == 4
     assert Asset.model_validate(got[0]["data"]["data"]["asset"]) == zone
+
+
+def test_lost_catalog_changes_are_recovered_as_the_create_update_or_delete_they_were(tmp_path):
+    """Catalog writes whose log segments crashes lost (the files written, the log not), recovered by the next backend:
+    a create was sent as `asset.updated` (a subscriber keeping a set of assets never added it), and a delete left no
+    entry, so its change was never sent at all (the subscriber kept a deleted asset for good). Each is now recorded
+    as what it was, from the kind its record names; a delete's tombstone goes once the log holds its change, and an
+    asset written before records named it is recorded as an update, as before."""
+    from serve_apps.backend import record_lost_catalog_changes
+
+    store = tmp_path / "catalog"
+    log, catalog = ChangeLog(str(tmp_path / "changes")), Catalog(str(store))
+    thermal, spare = AssetType.from_model(THERMAL_RC), AssetType.from_model(THERMAL_RC).model_copy(
+        update={"name": "spare"})
+    zone, gone, done, new, old = (Asset(id=i, tenant="acme", type_name=thermal.name, type_version=thermal.version)
+                                  for i in ("zone", "gone", "done", "new", "old"))
+    log.write("acme", lambda seq: catalog.put_type("acme", thermal, seq) and [{"kind": "asset_type.created"}])
+    log.write("acme", lambda seq: catalog.put_type("acme", spare, seq) and [{"kind": "asset_type.created"}])
+    for asset in (zone, gone, done):
+        log.write("acme", lambda seq: catalog.create_asset(asset, seq) and [_asset_change("asset.created", asset)])
+    log.write("acme", lambda seq: [_asset_change("asset.deleted", catalog.delete_asset("acme", "done", seq))])
+    # (a crash before `forget_deleted`: done's tombstone stays, its change recorded at 6)
+    moved = zone.model_copy(update={"metadata": {"floor": "3"}})
+    catalog.create_asset(new, 7)  # the lost writes: each a crash after its catalog file
+    catalog.update_asset(moved, 8)
+    catalog.delete_asset("acme", "gone", 9)
+    catalog.delete_type("acme", spare.name, spare.version, 10)
+    catalog.create_asset(old, 11)
+    (store / "catalog/acme/assets/old.json").write_text(json.dumps({"revision": 11, "asset": old.model_dump(
+        mode="json")}))  # as a version before the field wrote it
+
+    restarted, reloaded = ChangeLog(str(tmp_path / "changes")), Catalog(str(store))
+    record_lost_catalog_changes(restarted, reloaded, "acme")
+    record_lost_catalog_changes(restarted, reloaded, "acme")  # nothing twice
+    recovered = restarted.store.read("acme", 6, 10)
+    assert [(c.seq, c.kind, c.asset_id or c.type_name) for c in recovered] == [
+        (7, "asset.created", "new"), (8, "asset.updated", "zone"), (9, "asset.deleted", "gone"),
+        (10, "asset_type.deleted", "spare"), (11, "asset.updated", "old")]
+    assert Asset.model_validate(recovered[1].data["asset"]) == moved
+    assert Asset.model_validate(recovered[2].data["asset"]) == gone
+    assert AssetType.model_validate(recovered[3].data["asset_type"]) == spare
+    assert sorted(p.name for p in (store / "catalog/acme/assets").iterdir()) == ["new.json", "old.json", "zone.json"]
+    assert [p.name for p in (store / "catalog/acme/types").iterdir()] == [f"{thermal.key}.json"]
+    assert Catalog(str(store)).tombstones == {} and reloaded.tombstones == {}
 
 
 def test_a_delete_refused_for_the_assets_that_need_it_names_them_in_bounded_details_and_says_what_to_do(tmp_path):
@@ -320,7 +364,7 @@ def test_a_delete_refused_for_the_assets_that_need_it_names_them_in_bounded_deta
                                    type_version=thermal.version, relationships=[Relationship(kind="part_of",
                                                                                              target="site")]), 3 + n)
     with pytest.raises(Conflict, match="remove their relationships to it") as refused:
-        catalog.delete_asset("acme", "site")
+        catalog.delete_asset("acme", "site", 28)
     assert refused.value.details == [{"assets": [f"zone-{n:02d}" for n in range(20)], "count": 25}]
     with pytest.raises(Conflict, match="or delete them first") as refused:
         catalog.check_delete_type("acme", thermal.name, thermal.version)

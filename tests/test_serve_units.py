@@ -317,7 +317,7 @@ def test_asset_and_type_listings_are_paged_by_key_and_a_page_stays_in_place_unde
         "acme", cursor=cursor)[1]) == (["a100"], None)
     assert [a.id for a in catalog.page_assets("acme", limit=2)[0]] == ["a000", "a001"]
     after = catalog.page_assets("acme", limit=2)[1]
-    catalog.delete_asset("acme", "a001")  # the cursor's own asset
+    catalog.delete_asset("acme", "a001", 4)  # the cursor's own asset
     create("a0005")  # before the cursor: not on later pages
     create("a0015")  # after it: on the next
     assert [a.id for a in catalog.page_assets("acme", limit=2, cursor=after)[0]] == ["a0015", "a002"]
@@ -362,15 +362,15 @@ def test_catalog_persists_on_s3_and_keeps_tenants_apart(s3_url):
     with pytest.raises(NotFound):
         reloaded.get_asset("globex", "zone")
     with pytest.raises(Conflict, match="zone"):
-        reloaded.delete_asset("acme", "site")
+        reloaded.delete_asset("acme", "site", 7)
     # what queries see follows every write: the records are the catalog's own, rebuilt per write
     reloaded.update_asset(zone.model_copy(update={"metadata": {"site": "north"}}), 6)
     assert {r.id: dict(r.metadata) for r in reloaded.records["acme"].values()} == {"site": {}, "zone": {"site": "north"}}
     assert reloaded.records["acme"]["zone"].relationships == {"feeds": ("site",)}
-    reloaded.delete_asset("acme", "zone")
+    reloaded.delete_asset("acme", "zone", 7)
     assert list(reloaded.records["acme"]) == ["site"]
-    reloaded.delete_asset("acme", "site")
-    reloaded.delete_type("acme", thermal.name, thermal.version)
+    reloaded.delete_asset("acme", "site", 8)
+    reloaded.delete_type("acme", thermal.name, thermal.version, 9)
     assert Catalog(s3_url).list_assets("acme") == [] and len(Catalog(s3_url).list_types("acme")) == 1
 
 
