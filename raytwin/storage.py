@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import re
+import time
 import uuid
 from collections.abc import Collection, Iterator
 from contextlib import suppress
@@ -115,7 +116,7 @@ def replace_file(fs: AbstractFileSystem, path: str, data: bytes) -> None:
     Why: the store's small records (registrations, catalog entries, model swaps, job records...) are read while
     they are rewritten, and one written in place is empty or partial meanwhile, or for good if its writer dies.
     Local disk: a hidden file beside it (``.<name>.<pid>.<hex>.tmp``, which no reader's ``*.json`` listing
-    matches), synced, renamed over it, and the folder synced so the rename survives a power cut. Object stores
+    matches; a killed writer's is removed a day later: `remove_stale_temp_files`), synced, renamed over it, and the folder synced so the rename survives a power cut. Object stores
     (and other filesystems): one PUT, atomic already. Parent folders are created.
     """
     if not is_local(fs):
@@ -157,8 +158,36 @@ def write_markers(fs: AbstractFileSystem, folder: str, names: Collection[str]) -
     _sync_folder(os.path.dirname(folder))
 
 
+TEMP_FILE = re.compile(r"\..+\.\d+\.[0-9a-f]{32}\.tmp")
+"""The name of `_synced_copy`'s hidden file (``.<name>.<pid>.<hex>.tmp``), which a writer killed before its rename
+leaves behind for good (`remove_stale_temp_files`)."""
+STALE_TEMP_S = 24 * 3600.0
+"""Age, by its mtime, past which such a file is taken as a dead writer's. A live writer renames (or, `write_once`,
+removes) it as soon as it is written and synced, and each write sets its mtime: seconds, minutes for a large artifact
+on a slow disk. A day leaves room for a writer paused that long, and for another host sharing the disk whose clock
+(or the file server's, which sets the mtime there) is hours off ours."""
+
+
+def remove_stale_temp_files(fs: AbstractFileSystem, root: str, older_than_s: float = STALE_TEMP_S) -> int:
+    """Remove the hidden files that writers killed between write and rename left under `root` (`TEMP_FILE`), once
+    `older_than_s` old: no live writer's, on this host or another (`STALE_TEMP_S`); how many. Object stores: none
+    (a record is one PUT there). A file gone meanwhile (its writer's rename, another sweep) is skipped."""
+    if not is_local(fs):
+        return 0
+    cutoff, removed = time.time() - older_than_s, 0
+    with store_io("write"):
+        for folder, _, names in os.walk(root):
+            for name in filter(TEMP_FILE.fullmatch, names):
+                path = os.path.join(folder, name)
+                with suppress(FileNotFoundError):
+                    if os.lstat(path).st_mtime < cutoff:
+                        os.unlink(path)
+                        removed += 1
+    return removed
+
+
 def _synced_copy(path: str, data: bytes) -> str:
-    """`data` in a hidden file beside `path` (its folder created), on disk: the file's name."""
+    """`data` in a hidden file beside `path` (its folder created), on disk: the file's name (`TEMP_FILE`)."""
     folder, name = os.path.split(path)
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")

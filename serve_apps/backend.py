@@ -40,6 +40,7 @@ from raytwin.registry import ModelArtifact, ModelRegistry, RegistryError
 from raytwin.renewal_watch import RenewalWatch
 from raytwin.sim.cpu import cpu_only
 from raytwin.statestore import Lease, StoreFenced
+from raytwin.storage import filesystem, remove_stale_temp_files
 from serve_apps import asset_queries
 from serve_apps.admission import BacklogGate
 from serve_apps.asset_moves import AssetMoves
@@ -80,6 +81,9 @@ FENCE_WATCH_S = 5.0
 """How often the backend reads the lease to stop its connectors once another cluster's service holds the store."""
 SHADOW_CONCLUDE_S = 2.0
 """How often the backend looks for finished shadow evaluations to record: a question to each shard."""
+TEMP_SWEEP_S = 6 * 3600.0
+"""How often the backend removes the hidden files that writers killed before their rename left on a local store
+(`_sweep_temp_files`), besides at its start: the shards restart without it."""
 LIFECYCLE_AUDIT_S = 240.0
 """How often every model's whole lifecycle log is verified (`_audit_lifecycles`): an edit to an older record is
 reported within this long (plus one audit's run). Under `raytwin.lifecycle.FULL_VERIFY_S`, so that the backend's
@@ -172,6 +176,7 @@ class Backend:
         self._renewals = RenewalWatch(RENEWAL_STALL_S)
         self._concluded: set[str] = set()  # the shadow evaluations recorded (run ids; `_conclude_shadows`)
         self._start_store_watch()
+        threading.Thread(target=self._sweep_temp_files, name="temp-sweep", daemon=True).start()
         self._twin_marks: dict[tuple[str, str], tuple[int, bool]] = {}  # last published (revision, drift)
         self._registries: dict[str, ModelRegistry] = {}
         threading.Thread(target=self._conclude_shadows, name="shadow-conclusions", daemon=True).start()
@@ -799,6 +804,21 @@ class Backend:
             connectors_stopped = self._watch_pass(connectors_stopped)
             self._flush_changes()
             self.changes.checkpoint()  # the recorded marks, at most every `CHECKPOINT_S`
+
+    def _sweep_temp_files(self) -> None:
+        """Now, then every `TEMP_SWEEP_S` until `close`: remove what writers killed between a record's write and its
+        rename (`raytwin.storage.replace_file`) left anywhere in the store (the shards', the catalog's, the change
+        log's...), once no live writer's can be (`raytwin.storage.remove_stale_temp_files`): each kept its record's
+        size of disk for good."""
+        fs, root = filesystem(self.config.store_url, self.config.storage_options)
+        while True:
+            try:
+                if removed := remove_stale_temp_files(fs, root):
+                    log.info("event=stale_temp_files_removed count=%d", removed)
+            except Exception:  # noqa: BLE001 - the next pass tries again; such a file holds only its disk space
+                log.warning("event=stale_temp_sweep_failed", exc_info=True)
+            if self._watch_stop.wait(TEMP_SWEEP_S):
+                return
 
     def _supervise_connectors(self) -> None:
         """Start the connectors waiting for a client id whose holder let it go on another replica (or whose start

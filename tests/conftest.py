@@ -32,7 +32,7 @@ def _unwrapped_cli_errors(monkeypatch):
     monkeypatch.setattr("typer.rich_utils.MAX_WIDTH", 1_000)
 
 
-BACKGROUND_THREADS = ("store-watch", "shadow-conclusions", "lifecycle-audit", "change-catch-up", "store-probe",
+BACKGROUND_THREADS = ("store-watch", "temp-sweep", "shadow-conclusions", "lifecycle-audit", "change-catch-up", "store-probe",
                       "connector-supervise", "raytwin-lease-heartbeat", "raytwin-ingest-source", "down-", "pump-",
                       "opcua-")
 """The names (or their starts) of the threads RayTwin's objects start and stop (`threading.Thread(name=...)` in

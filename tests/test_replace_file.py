@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from connectors.spec import ConnectorStore, Desired
 from raytwin.contracts import Asset, AssetType
 from raytwin.sim import THERMAL_RC
 from raytwin.statestore import Heartbeat, StateStore
-from raytwin.storage import filesystem, replace_file
+from raytwin.storage import STALE_TEMP_S, filesystem, remove_stale_temp_files, replace_file, write_once
 from serve_apps.catalog import Catalog
 
 
@@ -44,6 +45,32 @@ def test_a_failed_write_leaves_the_previous_content_and_nothing_beside_it(tmp_pa
     with pytest.raises(OSError, match="No space"):
         replace_file(filesystem(str(tmp_path))[0], str(path), b"new")
     assert path.read_bytes() == b"old" and os.listdir(tmp_path) == ["record.json"]
+
+
+def test_what_a_killed_writer_left_is_removed_once_no_live_writer_can_hold_it(tmp_path, killed_mid_write):
+    """A writer killed between its hidden file and the rename left that file for good (the change log's, the
+    lease's, the catalog's folders...). The sweep removes those older than `STALE_TEMP_S` by their mtime, and nothing
+    younger (a live writer's, here or on another host), nor any other file, hidden or not."""
+    fs, root = filesystem(str(tmp_path))
+    for path in (f"{root}/changes/acme/0000000000/record.json", f"{root}/twins/lease.json"):
+        with killed_mid_write():
+            replace_file(fs, path, b"x" * 64)
+    with killed_mid_write():
+        write_once(fs, f"{root}/registry/log/00001.json", b"y" * 64)
+    left = sorted(p for p in tmp_path.rglob(".*.tmp"))
+    assert len(left) == 3
+    (tmp_path / "changes/acme/.recorded.json").write_bytes(b"{}")
+    (tmp_path / "twins/.lease.json.tmp").write_bytes(b"")  # hidden, not a writer's name
+    replace_file(fs, f"{root}/twins/lease.json", b"{}")
+    kept = {p for p in tmp_path.rglob("*") if p.is_file()} - set(left)
+    old = time.time() - STALE_TEMP_S - 60
+    for path in [*left[:2], *kept]:
+        os.utime(path, (old, old))
+    assert remove_stale_temp_files(fs, root) == 2
+    assert sorted(p for p in tmp_path.rglob(".*.tmp") if p not in kept) == left[2:]  # young: a live writer's
+    assert {p for p in tmp_path.rglob("*") if p.is_file()} == kept | set(left[2:])
+    assert remove_stale_temp_files(fs, root) == 0
+    assert remove_stale_temp_files(fsspec.filesystem("memory"), "/none") == 0  # no such file on an object store
 
 
 def test_on_an_object_store_the_record_is_put_once_with_nothing_beside_it():

@@ -28,6 +28,7 @@ from raytwin.contracts import AssetType
 from raytwin.signals import clock_seconds
 from raytwin.sim import THERMAL_RC
 from raytwin.sim.reference import model_rhs, reference_trajectory
+from raytwin.storage import STALE_TEMP_S
 from serve_apps.api import create_api
 from serve_apps.json_route import MAX_JSON_DEPTH
 from serve_apps.auth import create_key
@@ -61,8 +62,24 @@ def api(serve_proxy, tmp_path_factory):
               "rate_per_s": 5.0, "rate_burst": RATE_BURST, "sync_max_steps": 5_000, "twin_shards": 1,
               "namespace": "raytwin-serve-tests", "autoscaling": {"min_replicas": 1, "max_replicas": 1},
               "max_running_jobs_per_tenant": 2}  # acme's jobs use both slots (fair turns: tests/test_serve_jobs.py)
+    left_by_killed_writers(root / "store")
     with deployed(config):
         yield serve_proxy, keys, root
+
+
+KILLED = ".record.json.4242.{}.tmp"
+"""The name `raytwin.storage.replace_file` gives its hidden file, with the hex of each of `left_by_killed_writers`."""
+
+
+def left_by_killed_writers(store: Path) -> None:
+    """What writers killed before their rename left in the store: a day old in the change log's folder, a minute old
+    (a live writer's, maybe on another host) in the catalog's."""
+    for folder, hex_, age_s in (("changes/acme", "a" * 32, STALE_TEMP_S + 100),
+                                ("catalog/acme/assets", "b" * 32, 60.0)):
+        path = store / folder / KILLED.format(hex_)
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"{")
+        os.utime(path, (time.time() - age_s,) * 2)
 
 
 @pytest.fixture(scope="module")
@@ -250,6 +267,17 @@ def test_catalog_crud_and_queries(api, http, building):
     assert http.delete("/v1/assets/tmp-1", headers=admin).status_code == 204
     assert_error(http.get("/v1/assets/tmp-1", headers=admin), 404, "not_found")
     assert not (api[2] / "store/catalog/acme/assets/tmp-1.json").exists()  # its tombstone gone with its change logged
+
+
+def test_the_backend_removes_what_killed_writers_left_and_no_live_writers_file(api):
+    """A killed writer's hidden file stayed for good; the backend's start removes those a day old (`STALE_TEMP_S`),
+    never a younger one (a live writer's, here or on another host)."""
+    store = api[2] / "store"
+    deadline = time.monotonic() + 30.0
+    while (store / "changes/acme" / KILLED.format("a" * 32)).exists():
+        assert time.monotonic() < deadline, "the backend's sweep left a day-old temp file"
+        time.sleep(0.1)
+    assert (store / "catalog/acme/assets" / KILLED.format("b" * 32)).exists()
 
 
 def test_tenant_isolation_is_404(api, http, building):
