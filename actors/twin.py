@@ -164,7 +164,8 @@ class Twin:
         # when a previous twin of this asset id was deleted (`StateStore.history_floors`): events ingested
         # until then are its history, not this twin's
         self.history_floor_us: int | None = None
-        self.clears: list[EventKey] = []  # the drift clears' points, in key order (`clear_drift`)
+        # the drift clears' points, in key order (`clear_drift`), from the oldest checkpoint's on (`_prune`)
+        self.clears: list[EventKey] = []
         for at_us, later in swaps:
             self.add_swap(at_us, later)
 
@@ -416,6 +417,10 @@ class Twin:
         cut = bisect.bisect_right(self.window, base.key, key=_key)  # the window is in key order
         del self.window[:cut]
         del self.checkpoints[:i]
+        # no rewind goes before the base, so no clear before it is passed again (`_cut_at_clear`, `_absorb`), and the
+        # last clear is compared with keys at or after it (`_clear_ahead`, `clear_drift`, `_unsnapshotable`), which a
+        # clear before it never decides: kept, the list grew one key per clear for good
+        del self.clears[:bisect.bisect_left(self.clears, base.key)]
 
     def clear_drift(self) -> None:
         """Acknowledge a drift alarm: restart the detector's CUSUMs and release the latch

@@ -738,14 +738,12 @@ class StateStore:
         their start that the log never held (their markers tell: module docstring)."""
         if not after:
             return {}
-        retention = self._retention(tenant)
-        if retention is not None:
-            cut, pruned = retention["history_from_us"], set(retention["assets"])
-            for asset_id, start in after.items():
-                if asset_id in pruned and (start is None or start[0] < cut):
-                    raise HistoryPruned(f"{asset_id!r} of tenant {tenant!r}: history before "
-                                        f"{from_micros(cut).isoformat()} was pruned, and no snapshot after it "
-                                        f"precedes the requested time")
+        cut, pruned = self._cut(tenant)
+        for asset_id, start in after.items():
+            if asset_id in pruned and (start is None or start[0] < cut):
+                raise HistoryPruned(f"{asset_id!r} of tenant {tenant!r}: history before "
+                                    f"{from_micros(cut).isoformat()} was pruned, and no snapshot after it "
+                                    f"precedes the requested time")
         out: dict[str, list[LoggedEvent]] = {asset_id: [] for asset_id in after}
         if fresh := [asset_id for asset_id, start in after.items() if start is None]:
             unlogged = self._unlogged(tenant, fresh)  # (their events: none)
@@ -1079,6 +1077,12 @@ class StateStore:
         path = self._retention_path(tenant)
         return json.loads(self.fs.cat_file(path)) if self.fs.exists(path) else None
 
+    def _cut(self, tenant: str) -> tuple[int | None, set[str]]:
+        """`_retention`'s cut (microseconds; None: never pruned) and the assets whose history it cut: any read of
+        theirs starts at or after it (`read_events_many` raises `HistoryPruned` before it)."""
+        retention = self._retention(tenant)
+        return (retention["history_from_us"], set(retention["assets"])) if retention else (None, set())
+
     @store_io("write")
     def prune(self, tenant: str, before: date) -> Pruning:
         """Delete the tenant's log and dead letters of dates before `before` (UTC) and the
@@ -1206,8 +1210,14 @@ class StateStore:
         """Record that the twin's drift alarm was cleared after the event `key`, beside its earlier clears:
         recovery replays the log up to each clear after its snapshot, clears, then replays the rest, so a
         restart does not latch a cleared alarm again. Why every clear, not the last alone: the alarm freezes
-        the process noise's adaptation, so the states between two clears depend on the first."""
-        keys = [k for k in self.load_drift_clears(tenant, asset_id) if k != tuple(key)] + [tuple(key)]
+        the process noise's adaptation, so the states between two clears depend on the first. Those before the
+        tenant's pruned history cut, for a twin whose history it cut, are dropped: any read of the twin, recovery's
+        or back in time, starts from a snapshot at or after the cut and replays only the clears from its start on
+        (`actors.recovery._clears_to_replay`), so with `prune` the record stops growing one key per clear."""
+        cut_us, cut_assets = self._cut(tenant)
+        since = cut_us if asset_id in cut_assets else None
+        keys = [k for k in self.load_drift_clears(tenant, asset_id)
+                if k != tuple(key) and (since is None or k[0] >= since)] + [tuple(key)]
         record = {"key": list(key), "keys": [list(k) for k in keys]}  # "key": the last, as versions before read it
         replace_file(self.fs, self._drift_clear_path(tenant, asset_id), json.dumps(record).encode())
 
@@ -1244,8 +1254,7 @@ class StateStore:
         version of that time. A version whose era ended before `prune`'s cut of the twin's history is no
         longer needed. Read from the registrations and model swaps (each durable before it applies), so
         twins of a stopped service count too."""
-        retention = self._retention(tenant)
-        cut_us, cut_assets = (retention["history_from_us"], set(retention["assets"])) if retention else (None, set())
+        cut_us, cut_assets = self._cut(tenant)
         swaps_root = f"{self.root}/model_swaps/tenant={tenant}"
         paths = self.fs.glob(f"{swaps_root}/asset_id=*.json")
         swaps = {p.rsplit("/", 1)[-1].removeprefix("asset_id=").removesuffix(".json"): json.loads(body)["swaps"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import gc
+import json
 import logging
 import math
 import os
@@ -216,6 +217,51 @@ def test_drift_clear_survives_a_shard_restart_from_an_older_snapshot(tmp_path, a
     assert_same_state(shard().state("acme", "z1"), now)
     live.store.fs.rm(live.store._drift_clear_path("acme", "z1"))
     assert shard().state("acme", "z1").divergence.drift  # what a restart did before the clear was durable
+
+
+def test_drift_clears_before_the_pruned_history_are_dropped_and_no_read_of_the_twin_changes(tmp_path, artifact):
+    """The clear record (and the live twin's list) grew one key per clear for good, the record rewritten whole and
+    read whole at each clear and recovery. Keys before the tenant's pruned history cut are dropped, as the live twin's
+    before its oldest checkpoint: recovery and a read back in time give the same state bit for bit with the trimmed
+    record as with every key, and a read before the cut is still refused."""
+    from raytwin.statestore import HistoryPruned
+
+    def shard() -> TwinShard:
+        return TwinShard(str(tmp_path), 0, 1, allowed_lateness_s=LATENESS_S, snapshot_every=16, checkpoint_every=8)
+
+    def sent(start: int, n: int) -> list[TelemetryEvent]:  # a day starts at event 100, the air 3 K warmer again
+        return [e.model_copy(update={"event_time": e.event_time - timedelta(minutes=100), "measurements": {
+            **e.measurements, "T_in": e.measurements["T_in"].model_copy(
+                update={"value": e.measurements["T_in"].value + 3.0 * (e.sequence >= 100)})}})
+                for e in stepped(events("z1", n, start=start))]
+
+    def us(k: int) -> int:
+        return to_micros(sent(k, 1)[0].event_time)
+
+    live = shard()
+    live.register("acme", "z1", registration_record(asset("z1"), artifact, None, None))
+    for start, n in ((0, 80), (80, 10), (90, 50), (140, 8)):  # cleared after events 79, 89, 139, 147
+        live.ingest("acme", validated_table(sent(start, n)))
+        if start == 90:
+            assert live.state("acme", "z1").divergence.drift  # latched again: the clear at 139 decides the state
+            assert live.store.prune("acme", sent(100, 1)[0].event_time.date()).history_from is not None
+        live.clear_drift("acme", "z1")
+    keys = {k: (us(k), k, sent(k, 1)[0].idempotency_key) for k in (79, 89, 139, 147)}
+    assert live.store.load_drift_clears("acme", "z1") == [keys[139], keys[147]]  # those of the day pruned dropped
+    assert live.twins["acme", "z1"].clears == [keys[139], keys[147]]  # before its oldest checkpoint: dropped
+    assert live.store.latest_snapshot("acme", "z1", at_or_before_us=us(143)).key < keys[139]  # replays the clear
+
+    def reads() -> list[TwinState]:
+        return [shard().state("acme", "z1"), shard().state_at("acme", "z1", us(143))]
+
+    trimmed = reads()
+    assert_same_state(trimmed[0], live.state("acme", "z1"))
+    live.store.fs.pipe_file(live.store._drift_clear_path("acme", "z1"), json.dumps(
+        {"key": list(keys[147]), "keys": [list(k) for k in keys.values()]}).encode())  # every clear kept
+    for a, b in zip(reads(), trimmed):
+        assert_same_state(a, b)
+    with pytest.raises(HistoryPruned):
+        shard().state_at("acme", "z1", us(95))
 
 
 def test_a_replay_of_one_event_at_a_drift_clears_point_clears_there(artifact):
