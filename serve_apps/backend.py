@@ -18,6 +18,8 @@ import math
 import threading
 import time
 from bisect import bisect_left
+from collections.abc import Callable
+from contextlib import suppress
 from datetime import UTC, datetime
 from typing import Any
 
@@ -171,7 +173,8 @@ class Backend:
         self._fence: StoreFence | None = None
         self._fence_checked = -math.inf  # when the lease was last read (`check_writable`)
         for tenant in {*self.catalog.tenants(), *(t for t, _, _ in self.catalog.tombstones)}:  # first of all appends,
-            record_lost_catalog_changes(self.changes, self.catalog, tenant)  # once the log's fence can be read
+            record_lost_catalog_changes(self.changes, self.catalog, tenant,  # once the log's fence can be read
+                                        self._unregister_deleted)
         self._beat_reads = BoundedRead(self.twins.store.read_heartbeat, "the store's lease heartbeat")
         self._renewals = RenewalWatch(RENEWAL_STALL_S)
         self._concluded: set[str] = set()  # the shadow evaluations recorded (run ids; `_conclude_shadows`)
@@ -445,15 +448,22 @@ class Backend:
         with self._lock:
             self.changes.write(tenant, lambda seq: [
                 _asset_change("asset.deleted", self.catalog.delete_asset(tenant, asset_id, seq, pre))])
-            self._forget_deleted(tenant, "assets", asset_id)
             self.twins.unregister(tenant, asset_id)
+            self._forget_deleted(tenant, "assets", asset_id)  # after the twin: a crash before, the next start ends it
             self.moves.end(tenant, asset_id)  # a move of it left unrecorded is moot
             with self._publish:
                 self._twin_marks.pop((tenant, asset_id), None)
 
+    def _unregister_deleted(self, tenant: str, asset_id: str) -> None:
+        """Unregister the twin of an asset whose delete a crash cut short (`record_lost_catalog_changes`), if it is
+        still registered."""
+        with suppress(UnknownTwin):
+            self.twins.unregister(tenant, asset_id)
+
     def _forget_deleted(self, tenant: str, kind: str, key: str) -> None:
-        """Remove a delete's tombstone once its change is recorded (`Catalog.forget_deleted`); a failure is logged
-        only: the delete is done and recorded, and the next backend's start removes the tombstone."""
+        """Remove a delete's tombstone once its change is recorded and its twin unregistered
+        (`Catalog.forget_deleted`); a failure is logged only: the delete is done and recorded, and the next backend's
+        start removes the tombstone."""
         try:
             self.catalog.forget_deleted(tenant, kind, key)
         except Exception as exc:  # noqa: BLE001 - answered as the delete it is; cleaned at the next start
@@ -1012,14 +1022,16 @@ def _job_change(job: JobRecord) -> dict[str, Any]:
                                                         "scenarios", "n_steps", "compute_s"})}
 
 
-def record_lost_catalog_changes(changes: ChangeLog, catalog: Catalog, tenant: str) -> None:
+def record_lost_catalog_changes(changes: ChangeLog, catalog: Catalog, tenant: str,
+                                unregister: Callable[[str, str], None]) -> None:
     """Record, at its revision, the change of each catalog entry or tombstone newer than the tenant's change log (a
     crash between the catalog file and its log segment, or a failed segment write kept by a backend that stopped),
     from the catalog, the source of truth, as the change its record names (`Catalog.written_as`): an asset's
     `asset.created`, `asset.updated` (also a record from before it was named) or `asset.deleted`, a type's
-    `asset_type.created` or `asset_type.deleted`; then remove the tenant's tombstones, whose changes the log now holds.
-    Its number left without a change (the log only continued after it) read as changes deleted by the retention to
-    every stream behind it: 410 `gone`, a resync of everything, and the change never sent."""
+    `asset_type.created` or `asset_type.deleted`; then finish the deletes (`unregister` each deleted asset's twin,
+    which a crash between the log and the twin left registered) and remove their tombstones. Its number left without
+    a change (the log only continued after it) read as changes deleted by the retention to every stream behind it:
+    410 `gone`, a resync of everything, and the change never sent."""
     head = changes.head(tenant)
     live = [(revision, kind, key) for (t, kind, key), revision in catalog.revisions.items() if t == tenant]
     deleted = [(revision, kind, key) for (t, kind, key), (revision, _) in catalog.tombstones.items() if t == tenant]
@@ -1028,6 +1040,8 @@ def record_lost_catalog_changes(changes: ChangeLog, catalog: Catalog, tenant: st
         changes.record(tenant, [_lost_change(catalog, tenant, kind, key)])
         log.info("event=catalog_change_recovered tenant=%s %s=%s revision=%d", tenant, kind, key, revision)
     for _, kind, key in deleted:
+        if kind == "assets":
+            unregister(tenant, key)
         catalog.forget_deleted(tenant, kind, key)
 
 

@@ -22,10 +22,10 @@ the current revision in the same call that writes, so a conditional write is a c
 
 Each record also names the change that gave it its revision (``"change"``: ``created``, ``updated``, or
 ``deleted`` for a tombstone): a delete replaces the entry with a tombstone at the delete's revision, removed once its
-change is in the log (`forget_deleted`). Why: a backend that crashed between a catalog write and its change-log
-segment left only the catalog to say what happened, and the next one records that change from it
-(`serve_apps.backend.record_lost_catalog_changes`): a create as a create, an update as an update, and a delete,
-which used to leave no entry to read it from, as a delete. A record from before the field reads as an update.
+change is in the log and its twin unregistered (`forget_deleted`). Why: a backend that crashed between a catalog
+write and its change-log segment left only the catalog to say what happened, and the next one records that change
+from it (`serve_apps.backend.record_lost_catalog_changes`): a create as a create, an update as an update, and a
+delete, which used to leave no entry to read it from, as a delete. A record from before the field reads as an update.
 """
 
 from __future__ import annotations
@@ -124,9 +124,9 @@ class Catalog:
         return json.loads(self.fs.cat_file(self._path(tenant, "assets", key))).get("change", "updated")
 
     def forget_deleted(self, tenant: str, kind: str, key: str) -> None:
-        """Remove the tombstone of a delete whose change the log holds (kept by a crash, or a failed removal, it is
-        removed at the next backend's start). The caller holds what serialises the catalog's writes, so the file is
-        not an entry created again meanwhile."""
+        """Remove the tombstone of a delete whose change the log holds and whose twin is unregistered (kept by a
+        crash, or a failed removal, it is removed at the next backend's start). The caller holds what serialises the
+        catalog's writes, so the file is not an entry created again meanwhile."""
         self.tombstones.pop((tenant, kind, key), None)
         if self.revision(tenant, kind, key) is None:
             with suppress(FileNotFoundError):

@@ -286,8 +286,8 @@ def test_a_catalog_write_whose_log_segment_a_crash_lost_is_recorded_at_its_revis
     resumed_at = ids(log, 3)[0]
 
     restarted, reloaded = ChangeLog(str(tmp_path / "changes")), Catalog(str(tmp_path / "catalog"))
-    record_lost_catalog_changes(restarted, reloaded, "acme")
-    record_lost_catalog_changes(restarted, reloaded, "acme")  # nothing twice
+    record_lost_catalog_changes(restarted, reloaded, "acme", pytest.fail)  # (no delete to finish)
+    record_lost_catalog_changes(restarted, reloaded, "acme", pytest.fail)  # nothing twice
     restarted.record("acme", drafts(1, asset="next"))
 
     async def resume() -> list[dict]:
@@ -307,8 +307,9 @@ def test_lost_catalog_changes_are_recovered_as_the_create_update_or_delete_they_
     """Catalog writes whose log segments crashes lost (the files written, the log not), recovered by the next backend:
     a create was sent as `asset.updated` (a subscriber keeping a set of assets never added it), and a delete left no
     entry, so its change was never sent at all (the subscriber kept a deleted asset for good). Each is now recorded
-    as what it was, from the kind its record names; a delete's tombstone goes once the log holds its change, and an
-    asset written before records named it is recorded as an update, as before."""
+    as what it was, from the kind its record names; a delete's tombstone goes once the log holds its change and its
+    twin is unregistered (a crash between them left the twin registered), and an asset written before records named
+    it is recorded as an update, as before."""
     from serve_apps.backend import record_lost_catalog_changes
 
     store = tmp_path / "catalog"
@@ -322,7 +323,7 @@ def test_lost_catalog_changes_are_recovered_as_the_create_update_or_delete_they_
     for asset in (zone, gone, done):
         log.write("acme", lambda seq: catalog.create_asset(asset, seq) and [_asset_change("asset.created", asset)])
     log.write("acme", lambda seq: [_asset_change("asset.deleted", catalog.delete_asset("acme", "done", seq))])
-    # (a crash before `forget_deleted`: done's tombstone stays, its change recorded at 6)
+    # (a crash before its twin's unregistration: done's tombstone stays, its change recorded at 6)
     moved = zone.model_copy(update={"metadata": {"floor": "3"}})
     catalog.create_asset(new, 7)  # the lost writes: each a crash after its catalog file
     catalog.update_asset(moved, 8)
@@ -333,8 +334,10 @@ def test_lost_catalog_changes_are_recovered_as_the_create_update_or_delete_they_
         mode="json")}))  # as a version before the field wrote it
 
     restarted, reloaded = ChangeLog(str(tmp_path / "changes")), Catalog(str(store))
-    record_lost_catalog_changes(restarted, reloaded, "acme")
-    record_lost_catalog_changes(restarted, reloaded, "acme")  # nothing twice
+    unregistered: list[tuple[str, str]] = []
+    for _ in range(2):  # nothing twice
+        record_lost_catalog_changes(restarted, reloaded, "acme", lambda *twin: unregistered.append(twin))
+    assert sorted(unregistered) == [("acme", "done"), ("acme", "gone")]  # their twins, which a crash left registered
     recovered = restarted.store.read("acme", 6, 10)
     assert [(c.seq, c.kind, c.asset_id or c.type_name) for c in recovered] == [
         (7, "asset.created", "new"), (8, "asset.updated", "zone"), (9, "asset.deleted", "gone"),
