@@ -252,5 +252,6 @@ def calibrate_fmu_spec(spec: FmuCalibrationSpec, out_url: str, storage_options: 
     fs, root = filesystem(out_url, storage_options)
     make_folder(fs, root)
     replace_file(fs, f"{root}/{CALIBRATION_FILE}", body)
-    summary = {"parameters": fit.params, "loss": fit.loss, "trials": fit.trials, "evaluations": fit.evaluations}
+    summary = {"parameters": fit.params, "loss": fit.loss, "trials": fit.trials, "evaluations": fit.evaluations,
+               "platforms": fit.platforms}
     return {CALIBRATION_FILE: hashlib.sha256(body).hexdigest()}, summary

@@ -447,6 +447,7 @@ def rerun(run_id: str, *, runs: str = DEFAULT_RUNS_ROOT, storage_options: dict |
 
 _PLATFORMS_OF = {("sweep", False): "the sweep's kernels", ("sweep", True): "the FMU sweep's binaries",
                  ("calibration", False): "the calibration's least-squares stage",
+                 ("calibration", True): "the FMU calibration's binaries",
                  ("recommendation", False): "the recommendation's search"}
 """(kind, FMU engine) -> what of such a run its record's ``summary.platforms`` names (`compute_platform`)."""
 

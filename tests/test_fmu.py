@@ -15,6 +15,7 @@ import tempfile
 import zipfile
 
 import jax.numpy as jnp
+import fmpy
 import fsspec
 import numpy as np
 import pytest
@@ -94,8 +95,6 @@ def test_an_fmu_unit_raytwin_does_not_know_is_refused_naming_the_variable(refere
 def test_an_fmu_without_a_binary_for_this_platform_is_refused_naming_the_platforms(reference_fmus, tmp_path):
     """An FMU exported for macOS only loaded (its description is portable) and its first run failed with fmpy's
     "Cannot find shared library /tmp/raytwin-fmu-.../binaries/linux64/...", naming neither the FMU nor the fix."""
-    import fmpy
-
     darwin = tmp_path / "BouncingBall.fmu"
     with zipfile.ZipFile(reference_fmus[(2, "BouncingBall")]) as src, zipfile.ZipFile(darwin, "w") as dst:
         for item in src.infolist():
@@ -373,7 +372,7 @@ def test_calibration_recovers_mu_from_fmu_output(ray_session, reference_fmus):
     observed = {"x0": truth[:, 0] + rng.normal(0, 0.01, len(truth))}
     fit = calibrate_fmu(model, scenario, observed, {"mu": (0.3, 4.0)}, num_samples=2, seed=1)
     assert fit.params["mu"] == pytest.approx(1.7, rel=0.02)
-    assert fit.trials == 2 and fit.loss < 2e-4
+    assert fit.trials == 2 and fit.loss < 2e-4 and fit.platforms == [fmpy.platform]
     with pytest.raises(FmuError, match=r"no parameter\(s\) \['k'\]"):
         calibrate_fmu(model, scenario, observed, {"k": (0.1, 1.0)})
 

@@ -78,7 +78,9 @@ def test_an_fmu_calibration_is_recorded_with_its_telemetry_hash_and_reruns_ident
     assert record.input_data_hash == hashlib.sha256(open(telemetry, "rb").read()).hexdigest()
     assert record.model_code.sha256 == artifact.model().fmu_hash
     assert record.summary["parameters"]["mu"] == pytest.approx(1.7, rel=0.02) and record.summary["trials"] == 2
-    assert rerun(record.run_id, runs=runs).identical
+    assert record.summary["platforms"] == [fmpy.platform]  # the FMU binary its trials ran, as a sweep's record names
+    again = rerun(record.run_id, runs=runs)
+    assert again.identical and again.caveats == []
 
 
 def test_an_fmu_calibration_reads_a_column_in_the_unit_its_field_metadata_names(ray_session, registry, tmp_path):
@@ -215,7 +217,8 @@ def test_an_fmu_calibration_searches_within_the_declared_bounds_and_says_when_no
                               start_state={"x0": 2.0, "x1": 0.0}, free={"mu": (-4.0, -0.3)})
     with pytest.raises(FmuSpecError, match=r"free mu \[-4, -0.3\] leaves its declared bounds \[0.1, 5\]"):
         calibrate_fmu_spec(spec, str(tmp_path / "out"))
-    monkeypatch.setattr(sweeps.fmu, "calibrate_fmu", lambda *a, **kw: FmuCalibration({"mu": 1.0}, float("inf"), 4, 8))
+    monkeypatch.setattr(sweeps.fmu, "calibrate_fmu", lambda *a, **kw: FmuCalibration({"mu": 1.0}, float("inf"), 4, 8,
+                                                                                      ["linux64"]))
     with pytest.raises(FmuSpecError, match="no trial produced a finite loss: every FMU run failed"):
         calibrate_fmu_spec(spec.model_copy(update={"free": {"mu": (0.3, 4.0)}}), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()

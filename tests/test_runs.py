@@ -401,11 +401,13 @@ def test_a_rerun_that_cannot_reproduce_the_bits_says_why(tmp_path, monkeypatch):
                                                                              "search": "optuna", "scheduler": "fifo"}})
     assert sweeps.runs._caveats(concurrent, concurrent) == [CalibrationSpec(
         **fit, max_concurrent_trials=4, search="optuna", scheduler="fifo").order_dependence()]
-    # an FMU sweep's binaries, a calibration's least squares and a recommendation's search are named alike
+    # an FMU sweep's and calibration's binaries, a calibration's least squares and a recommendation's search alike
     for kind, spec, then, now, said in (
             ("sweep", {"engine": "fmu"}, "darwin64", "linux64", "the FMU sweep's binaries ran on darwin64 then, on "
                                                                  "linux64 now"),
             ("calibration", fit, gpu, "cpu", f"the calibration's least-squares stage ran on {gpu} then, on cpu now"),
+            ("calibration", {"engine": "fmu"}, "darwin64", "linux64", "the FMU calibration's binaries ran on "
+                                                                      "darwin64 then, on linux64 now"),
             ("recommendation", {}, gpu, "cpu", f"the recommendation's search ran on {gpu} then, on cpu now")):
         old, new = (record.model_copy(update={"kind": kind, "spec": spec, "summary": {"platforms": [platform]}})
                     for platform in (then, now))

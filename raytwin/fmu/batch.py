@@ -131,6 +131,7 @@ class FmuCalibration:
     loss: float  # mean squared residual over the observed outputs at the best parameters
     trials: int
     evaluations: int
+    platforms: list[str]  # the binaries' platforms its finished trials ran (`raytwin.provenance.compute_platform`)
 
 
 def _loss(model: FmuModel, scenario: FmuScenario, observed: Mapping[str, np.ndarray], interface: str,
@@ -158,7 +159,8 @@ def _trial(config: dict[str, float], model: FmuModel, scenario: FmuScenario, obs
     fit = minimize(lambda v: _loss(model, scenario, observed, interface, dict(zip(names, map(float, v)))),
                    [config[n] for n in names], method="Nelder-Mead", bounds=[bounds[n] for n in names],
                    options={"maxfev": max_evaluations, "xatol": 1e-6, "fatol": 1e-12})
-    tune.report({"loss": float(fit.fun), "evaluations": int(fit.nfev), **{n: float(v) for n, v in zip(names, fit.x)}})
+    tune.report({"loss": float(fit.fun), "evaluations": int(fit.nfev), "platform": compute_platform("fmu"),
+                 **{n: float(v) for n, v in zip(names, fit.x)}})
 
 
 def calibrate_fmu(model: FmuModel, scenario: FmuScenario, observed: Mapping[str, np.ndarray],
@@ -196,7 +198,8 @@ def calibrate_fmu(model: FmuModel, scenario: FmuScenario, observed: Mapping[str,
         raise FmuError(f"no calibration trial finished; errors: {[str(r.error) for r in grid][:3]}")
     best = min(finished, key=lambda r: r.metrics["loss"])
     result = FmuCalibration({n: float(best.metrics[n]) for n in bounds}, float(best.metrics["loss"]), len(grid),
-                            sum(int(r.metrics["evaluations"]) for r in finished))
+                            sum(int(r.metrics["evaluations"]) for r in finished),
+                            sorted({str(r.metrics["platform"]) for r in finished}))
     log.info("event=fmu_calibrated fmu=%s loss=%.3g trials=%d evaluations=%d", model.name, result.loss,
              result.trials, result.evaluations)
     return result
