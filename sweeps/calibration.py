@@ -27,7 +27,6 @@ on the order in which results arrive.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import logging
@@ -61,6 +60,7 @@ from raytwin.sim.cpu import use_cpu_backend
 from raytwin.sim.precision import in_float64
 from raytwin.storage import canonical_json, filesystem, make_folder, replace_file
 from raytwin.store_failures import StoreIOError, store_io
+from raytwin.tune_output import fit_quietly
 from raytwin.units import UnitError, to_unit
 from sweeps.pem import pem_fit
 from sweeps.spec import resolve_model
@@ -542,9 +542,7 @@ def tune_search(spec: CalibrationSpec, problem: Problem) -> tuple[dict[str, floa
             ),
             run_config=tune.RunConfig(storage_path=storage, name="calibration", verbose=0),
         )
-        with contextlib.redirect_stdout(io.StringIO()) as chatter:  # Tune prints tables even when silent
-            grid = tuner.fit()
-        log.debug("tune output:\n%s", chatter.getvalue())
+        grid = fit_quietly(tuner, log)
     finally:
         shutil.rmtree(storage, ignore_errors=True)
     finished = [r for r in grid if r.error is None and r.metrics and r.metrics.get("window") == problem.n]

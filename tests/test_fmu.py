@@ -364,7 +364,9 @@ def test_an_interrupted_fmu_sweep_cancels_its_tasks(ray_session, reference_fmus,
     assert len(cancelled_tasks) == 3  # every chunk
 
 
-def test_calibration_recovers_mu_from_fmu_output(ray_session, reference_fmus):
+def test_calibration_recovers_mu_from_fmu_output(ray_session, reference_fmus, capsys):
+    """And prints nothing: Tune's table and its "View detailed results here:" a removed temporary folder were
+    printed into `raytwin calibrate run`'s answer (`raytwin.tune_output`)."""
     model = FmuModel.load(reference_fmus[(3, "VanDerPol")])
     scenario = FmuScenario(400, 0.02)
     truth = FmuInstance(model).run(FmuScenario(400, 0.02, params={"mu": 1.7}))
@@ -373,6 +375,7 @@ def test_calibration_recovers_mu_from_fmu_output(ray_session, reference_fmus):
     fit = calibrate_fmu(model, scenario, observed, {"mu": (0.3, 4.0)}, num_samples=2, seed=1)
     assert fit.params["mu"] == pytest.approx(1.7, rel=0.02)
     assert fit.trials == 2 and fit.loss < 2e-4 and fit.platforms == [fmpy.platform]
+    assert capsys.readouterr().out == ""
     with pytest.raises(FmuError, match=r"no parameter\(s\) \['k'\]"):
         calibrate_fmu(model, scenario, observed, {"k": (0.1, 1.0)})
 

@@ -27,6 +27,7 @@ from raytwin.fmu.describe import OPERATOR_FAULTS, FmuError, FmuModel
 from raytwin.fmu.instance import INSTANTIATIONS, FmuScenario, cached_instance, discard_instance
 from raytwin.provenance import compute_platform
 from raytwin.ray_connect import cancel_tasks
+from raytwin.tune_output import fit_quietly
 
 log = logging.getLogger("raytwin.fmu")
 
@@ -186,13 +187,13 @@ def calibrate_fmu(model: FmuModel, scenario: FmuScenario, observed: Mapping[str,
                                      observed={n: np.asarray(v, float) for n, v in observed.items()},
                                      bounds=dict(bounds), interface=interface, max_evaluations=max_evaluations)
     with tempfile.TemporaryDirectory(prefix="raytwin-fmu-tune-") as storage:
-        grid = tune.Tuner(
+        grid = fit_quietly(tune.Tuner(
             tune.with_resources(trainable, {"cpu": 1}),
             param_space={n: tune.uniform(lo, hi) for n, (lo, hi) in bounds.items()},
             tune_config=tune.TuneConfig(metric="loss", mode="min", num_samples=num_samples,
                                         search_alg=BasicVariantGenerator(random_state=seed), reuse_actors=True),
             run_config=tune.RunConfig(storage_path=storage, name="fmu-calibration", verbose=0),
-        ).fit()
+        ), log)
     finished = [r for r in grid if r.error is None and r.metrics and "loss" in r.metrics]
     if not finished:
         raise FmuError(f"no calibration trial finished; errors: {[str(r.error) for r in grid][:3]}")
