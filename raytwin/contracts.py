@@ -29,7 +29,7 @@ from pydantic import (
 )
 
 from raytwin import units
-from raytwin.fields import Contract, Finite, Unit
+from raytwin.fields import JSON_KINDS, Contract, Finite, Unit
 from raytwin.signals import CLOCK_INPUT, OpenLoopSignal, Series, signal_function
 
 SCHEMA_VERSION = 1
@@ -392,8 +392,22 @@ class Asset(Contract):
 
 # ---------------------------------------------------------------------------- telemetry ----
 class Measurement(Contract):
+    """A value with its unit, ``{"value": 20.3, "unit": "degC"}``: the unit is always given, never assumed."""
+
     value: Finite
     unit: Unit
+
+    @model_validator(mode="before")
+    @classmethod
+    def _an_object(cls, data: Any) -> Any:
+        """Refuse a bare value (``"T_in": 293.4``) saying what a measurement is: pydantic's "Input should be a
+        valid dictionary or instance of Measurement" did not say that its unit was missing, nor how to give it.
+        The reason names the kind of value, never the value, so dead letters are told apart by it."""
+        if isinstance(data, dict | Measurement):
+            return data
+        kind = JSON_KINDS.get(type(data), "a number" if isinstance(data, int | float) else type(data).__name__)
+        raise ValueError(f'a measurement is an object with its unit, {{"value": <number>, "unit": "<unit>"}} (e.g. '
+                         f'{{"value": 20.3, "unit": "degC"}}), not {kind}')
 
 
 class TelemetryEvent(Contract):

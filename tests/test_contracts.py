@@ -241,6 +241,15 @@ def test_rejection_reasons_read_like_spec_errors_one_per_fault_and_the_same_for_
         assert "<root>" not in reason and "Value error" not in reason
 
 
+def test_a_bare_measurement_value_is_refused_saying_a_measurement_carries_its_unit():
+    """``"T_in": 293.4`` was refused with pydantic's "Input should be a valid dictionary or instance of Measurement",
+    which said neither that the unit was missing nor how to give it; the reason names the kind, never the value."""
+    for value, kind in ((293.4, "a number"), (293, "a number"), ("293.4 K", "a string"), (None, "null")):
+        assert rejection(measurements={"T_in": value}) == (
+            'measurements.T_in: a measurement is an object with its unit, {"value": <number>, "unit": "<unit>"} '
+            f'(e.g. {{"value": 20.3, "unit": "degC"}}), not {kind}')
+
+
 def test_times_are_bounded_by_the_servers_clock():
     """A client-chosen ingest time cannot let a far-future event in (it would make every real event
     after it too late); the ingest time defaults to the server's clock."""
