@@ -269,6 +269,9 @@ def calibrate_run(
     if record.summary["noise_std_assumed"]:
         typer.echo(f"note: outputs {record.summary['noise_std_assumed']} declare no measurement_std and the spec "
                    "gives no noise_std: sigma 1 was assumed, so the +- above are only as right as that; set noise_std")
+    if parsed.register_as is not None:  # the run's one write outside its folder: say where it went
+        typer.echo(f"registered {parsed.register_as} in {parsed.registry_url} with the fitted parameters "
+                   f"(published_by {parsed.registered_by}, unverified)")
     for warning in record.summary.get("warnings", []):
         typer.echo(f"warning: {warning}", err=True)
 

@@ -162,20 +162,27 @@ def test_calibrate_run_with_missing_telemetry_says_so_in_one_line(ray_session, t
 def test_a_calibration_given_a_relative_path_reruns_from_anywhere_and_a_lost_input_is_one_line(
         ray_session, tmp_path, monkeypatch):
     """The record kept `zone-17.parquet` as given: `raytwin rerun` from another directory failed with a 69-line
-    traceback."""
+    traceback. And a fit published with `register_as` says so: the command printed nothing of the version it
+    registered."""
     import pyarrow.parquet as pq
 
+    from raytwin.registry import ModelRegistry
     from sweeps.synthetic import synthetic_telemetry
 
     work = tmp_path / "work"
     work.mkdir()
     pq.write_table(synthetic_telemetry("two_tank", {"a1": 5.6e-5}, {"h1": 0.3, "h2": 0.3}, 300, 1.0,
                                        {"h1": 1e-3, "h2": 1e-3}, seed=1), work / "tank.parquet")
+    registry = str(tmp_path / "registry")
     (work / "calib.yaml").write_text(json.dumps({"model": "two_tank", "telemetry": "tank.parquet", "num_samples": 1,
-                                                 "start_state": {"h1": 0.3, "h2": 0.3}, "free": ["a1"]}))
+                                                 "start_state": {"h1": 0.3, "h2": 0.3}, "free": ["a1"],
+                                                 "registry_url": registry, "register_as": "tank-fit@1.0.0",
+                                                 "registered_by": "key-fitter"}))
     monkeypatch.chdir(work)
     result = CliRunner().invoke(app, ["calibrate", "run", "calib.yaml", "--runs", str(tmp_path / "runs")])
     assert result.exit_code == 0, result.output
+    assert (f"registered tank-fit@1.0.0 in {registry} with the fitted parameters (published_by key-fitter, "
+            "unverified)") in result.output and ModelRegistry(registry).versions("tank-fit") == ["1.0.0"]
     run_id = result.output.split()[1].rstrip(":")
     record = json.loads((tmp_path / "runs" / run_id / "run.json").read_text())
     assert record["spec"]["telemetry"] == str(work / "tank.parquet")
