@@ -336,6 +336,11 @@ class _Progress:
             self.bar.stop()
 
 
+DIVERGED_ADVICE = ("a smaller step_s or other parameters help where a run was unstable; where states beyond a declared "
+                   "range are plausible (a tank heated past its range's top), widen that range (State lower/upper)")
+"""What to do about diverged scenarios: a stable model whose states leave their declared ranges is flagged too."""
+
+
 def run_sweep(
     spec: SweepSpec,
     out_url: str,
@@ -423,7 +428,6 @@ def run_sweep(
              n / max(elapsed, 1e-9))
     if diverged:
         log.warning("sweep diverged=%d of scenarios=%d: their states left the plausible range or were not finite "
-                    "(metrics NaN, column diverged); a smaller step_s or other parameters may help, and a state that "
-                    "turns NaN inside its range is the model's own (e.g. a square root of a negative number)",
-                    diverged, n)
+                    "(metrics NaN, column diverged); %s; a state that turns NaN inside its range is the model's own "
+                    "(e.g. a square root of a negative number)", diverged, n, DIVERGED_ADVICE)
     return SweepResult(out_url, n, n_chunks, size, dict(sorted(outputs.items())), elapsed, diverged, sorted(platforms))

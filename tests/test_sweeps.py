@@ -466,6 +466,8 @@ def test_a_diverging_scenario_is_reported_and_left_out_of_the_quantiles(ray_sess
     result = cli.invoke(sweep_app, ["run", str(path), "--runs", runs, "--no-progress"])
     assert result.exit_code == 0, result.output
     assert "diverged: 1 of 4 scenarios" in result.output
+    assert result.output.rstrip().endswith("where states beyond a declared range are plausible (a tank heated past its "
+                                           "range's top), widen that range (State lower/upper)")  # flagged alike
     record = RunStore(runs).list()[0]
     assert record.summary["diverged"] == 1
     table = open_dataset(record.output_url).to_table().sort_by("scenario")
