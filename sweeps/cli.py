@@ -25,6 +25,9 @@ from raytwin.models_cli import importable_working_directory
 from sweeps.limits import MAX_SCENARIOS, SweepTooLarge, check_size
 
 if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from raytwin.sim import Model
     from sweeps.space import ScenarioSpace
 
 sweep_app = typer.Typer(help="What-if scenario sweeps over a model.", no_args_is_help=True)
@@ -322,7 +325,8 @@ def calibrate_synthetic(
     except ModelCheckError as exc:
         raise typer.BadParameter(exc.reason, param_hint="--param") from None
     noise_std = pairs(noise, "--noise", sim.output_names, nonnegative=True)
-    start = kit_for(sim).states0
+    kit = kit_for(sim)
+    start = kit.states0
     table = synthetic_telemetry(model, truth, start, steps, sim.default_dt if dt is None else dt, noise_std, seed)
     try:
         pq.write_table(table, out)
@@ -330,6 +334,17 @@ def calibrate_synthetic(
         raise typer.BadParameter(f"cannot write {out}: {exc}", param_hint="--out") from None
     typer.echo(f"wrote {table.num_rows} samples of {model} to {out}")
     typer.echo(f"start_state: {json.dumps(start)}")  # what a CalibrationSpec of this data needs (YAML or JSON)
+    typer.echo(_excited(sim, table, generic=not kit.excitation))
+
+
+def _excited(sim: Model, table: pa.Table, generic: bool) -> str:
+    """The line that says how far the data move each input: a parameter that only an input barely moved (a 6 kW
+    heater's efficiency under the generic excitation's +-1 W around a zero nominal) cannot be fitted from it."""
+    spans = ", ".join(f"{v.name} {min(table[v.name].to_pylist()):.4g} to {max(table[v.name].to_pylist()):.4g} {v.unit}"
+                      for v in sim.inputs) or "none"
+    source = ("no kit: random levels within each input's nominal +- 50 %, +- 1 around a zero nominal; where that moves "
+              "an input too little to fit a parameter, write your own data") if generic else "the kit's excitation"
+    return f"inputs: {spans} ({source})"
 
 
 def rerun(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -76,6 +77,9 @@ def test_calibrate_synthetic_imports_a_model_from_the_working_directory(tmp_path
                                     "--steps", "5"])
     assert made.exit_code == 0, made.output
     assert pq.read_table(tmp_path / "s.parquet").column_names == ["t_s", "F", "x"]
+    # how far the data move each input: the generic excitation's +- 1 N around F's zero nominal, said so
+    assert re.search(r"^inputs: F -?0\.\d+ to -?0\.\d+ N \(no kit: random levels .* write your own data\)$", made.output,
+                     re.M), made.output
     missing = CliRunner().invoke(app, ["calibrate", "synthetic", "no_such_module:SPRING", "--out", "s.parquet"])
     assert missing.exit_code == 2 and "cannot import no_such_module" in missing.output
 
