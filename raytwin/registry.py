@@ -61,7 +61,13 @@ class VersionConflict(RegistryError):
 
 
 class ModelCodeChanged(RegistryError):
-    """An artifact whose simulator's code differs from the code it was registered with."""
+    """An artifact whose simulator's code differs from the code it was registered with. `what` is the change
+    without the advice, which the HTTP API gives in its own terms (a Python caller's `get` flag means nothing there).
+    """
+
+    def __init__(self, message: str, what: str = "", registry_url: str | None = None):
+        super().__init__(message, registry_url)
+        self.what = what or message
 
 
 PUBLISHED_BY = "published_by"
@@ -334,12 +340,11 @@ class ModelRegistry:
             if allow_code_change is None:
                 allow_code_change = os.environ.get(ALLOW_CODE_CHANGE_ENV) == "1"
             if not allow_code_change:
-                raise ModelCodeChanged(
-                    f"{ref}: the code of simulator {artifact.asset_type.simulator!r} changed since it was "
-                    f"registered: {change}. Register the model again under a new version to pin the current "
-                    f"code, or accept the change explicitly (get(..., allow_code_change=True), or "
-                    f"{ALLOW_CODE_CHANGE_ENV}=1)"
-                )
+                what = (f"{ref}: the code of simulator {artifact.asset_type.simulator!r} changed since it was "
+                        f"registered: {change}")
+                raise ModelCodeChanged(f"{what}. Register the model again under a new version to pin the current "
+                                       f"code, or accept the change explicitly (get(..., allow_code_change=True), or "
+                                       f"{ALLOW_CODE_CHANGE_ENV}=1)", what)
             log.warning("event=model_code_changed ref=%s accepted=true change=%r", ref, change)
         return artifact
 

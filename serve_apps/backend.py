@@ -65,7 +65,7 @@ from serve_apps.schemas import AssetPage, AssetTypePage, StoreFence
 from serve_apps.shadow_conclusions import conclude_running
 from serve_apps.store_errors import UNAVAILABLE_REASONS, StoreUnavailable, store_failure, unavailable
 from serve_apps.store_probe import BoundedRead
-from serve_apps.type_models import register_published
+from serve_apps.type_models import register_published, registered
 from serve_apps.type_usage import refuse_held_type, twins_running
 from serve_apps.unawaited import outlived
 
@@ -216,7 +216,7 @@ class Backend:
     def _artifact(self, tenant: str, asset: Asset) -> ModelArtifact:
         """The model of the asset's type version, read from the registry (no copy kept: a version that retention
         removed, from the Ingress replica's process, must not be found here)."""
-        return self._registry(tenant).get(f"{asset.type_name}@{asset.type_version}")
+        return registered(self._registry(tenant), f"{asset.type_name}@{asset.type_version}")
 
     # ---- asset types -------------------------------------------------------------------
     def put_type(self, tenant: str, asset_type: AssetType, pre: Precondition, published_by: str) -> tuple[bool, int]:
@@ -500,7 +500,7 @@ class Backend:
         410 if retention removed it (`_refuse_if_pruned`)."""
         self.get_asset(tenant, asset_id)  # 404 for unknown and other tenants' assets
         try:
-            return self._registry(tenant).get(model_ref)
+            return registered(self._registry(tenant), model_ref)
         except RegistryError:
             self._refuse_if_pruned(tenant, asset_id, model_ref)
             raise

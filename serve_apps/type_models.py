@@ -9,7 +9,10 @@ registry's parameters, not the published defaults. Registering first refuses it 
 from __future__ import annotations
 
 from raytwin.contracts import AssetType
-from raytwin.registry import PUBLISHED_BY, ModelRegistry, RegistryError, VersionConflict, declared_differences
+from raytwin.registry import (
+    ALLOW_CODE_CHANGE_ENV, PUBLISHED_BY, ModelArtifact, ModelCodeChanged, ModelRegistry, RegistryError, VersionConflict,
+    declared_differences,
+)
 from serve_apps.errors import Conflict, Unprocessable
 
 
@@ -26,6 +29,18 @@ def register_published(registry: ModelRegistry, asset_type: AssetType, published
             raise Conflict(_conflict_message(asset_type, exc), details=list(exc.differences)) from None
     except RegistryError as exc:
         raise Unprocessable(str(exc)) from None
+
+
+def registered(registry: ModelRegistry, ref: str) -> ModelArtifact:
+    """The registered model `ref`; 409 when the code this service imports is no longer the code it pinned (a model
+    file edited since), which answered 500 `internal` to a sweep and to an asset created on it, saying nothing."""
+    try:
+        return registry.get(ref)
+    except ModelCodeChanged as exc:
+        raise Conflict(f"{exc.what}; this service runs the code it imports: publish the asset type under a new "
+                       "version (POST /v1/asset-types) to pin the current code and move the assets to it, or have the "
+                       f"operator restore the registered code (or accept the change: {ALLOW_CODE_CHANGE_ENV}=1 in "
+                       "the service's environment)") from None
 
 
 def _conflict_message(asset_type: AssetType, exc: VersionConflict) -> str:

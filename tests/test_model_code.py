@@ -19,6 +19,8 @@ from raytwin.modelcode import ModelCodeError, code_digest, code_identity, descri
 from raytwin.registry import ALLOW_CODE_CHANGE_ENV, ModelCodeChanged, ModelRegistry
 from raytwin.sim import THERMAL_RC
 from raytwin.storage import canonical_json
+from serve_apps.errors import Conflict
+from serve_apps.type_models import registered as registered_model
 
 PHYSICS = "def leak(t, t_out, r):\n    return (t_out - t) / r\n"
 MODEL = textwrap.dedent('''
@@ -149,6 +151,14 @@ def test_a_changed_model_is_refused_at_resolve_with_what_changed_and_how_to_proc
     assert "pump@1.0.0: the code of simulator 'pumpkit.model:MODEL' changed since it was registered" in message
     assert "module pumpkit.physics changed" in message and "module pumpkit.model changed" not in message
     assert "Register the model again under a new version" in message and "allow_code_change=True" in message
+    with pytest.raises(Conflict) as answered:  # the HTTP API's sweeps and new twins answered 500 `internal`
+        registered_model(registry, "pump@1.0.0")
+    assert answered.value.message.startswith(
+        "pump@1.0.0: the code of simulator 'pumpkit.model:MODEL' changed since it was registered: module pumpkit.physics")
+    assert answered.value.message.endswith(
+        "this service runs the code it imports: publish the asset type under a new version (POST /v1/asset-types) to "
+        "pin the current code and move the assets to it, or have the operator restore the registered code (or accept "
+        f"the change: {ALLOW_CODE_CHANGE_ENV}=1 in the service's environment)")
     assert registry.get("pump@1.0.0", allow_code_change=True) == registered
     monkeypatch.setenv(ALLOW_CODE_CHANGE_ENV, "1")
     assert registry.get("pump@1.0.0") == registered
