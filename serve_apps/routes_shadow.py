@@ -107,6 +107,13 @@ async def swap_on_promotion(svc: Services, request: Request, who: Principal,
     return outcome
 
 
+def _submitted(lc: ModelLifecycle, model: str, version: str) -> bool:
+    """Whether `version` is on its model's lifecycle log. A registered version never submitted reads as a candidate,
+    but the verdict of its evaluation could never be recorded (`ModelLifecycle.evaluate` refuses it): the service
+    tried again every few seconds, a traceback each time, and the evaluation was never concluded."""
+    return version in lc.current(model).versions
+
+
 def _record_if_finished(models: LiveModels, lc: ModelLifecycle, svc: Services, tenant: str, ref: str,
                         request: Request) -> None:
     """Record the evaluation of `ref`, if one runs and is done, before a DELETE ends it."""
@@ -126,7 +133,7 @@ def register(app: FastAPI) -> None:
                            who: Principal = WRITER, svc: Services = SVC, _writable: None = WRITABLE) -> ShadowStarted:
         """Score a candidate or staging version beside production on the next `events` events of the named
         twins (or a sample of the model's twins) without changing their served state. 409: the version is in
-        another stage, an evaluation of it runs (DELETE it first), or a named twin runs another model (or one
+        another stage or was never submitted, an evaluation of it runs (DELETE it first), or a named twin runs another model (or one
         whose measurements the candidate does not share)."""
         if (body.asset_ids is None) == (body.sample is None):
             raise BadRequest("give either asset_ids or sample")
@@ -134,6 +141,10 @@ def register(app: FastAPI) -> None:
         stage = await _call(lc.stage, ref)
         if stage not in SHADOWED_STAGES:
             raise Conflict(f"{ref} is {stage}: shadow evaluation is for candidate and staging versions")
+        if not await _call(_submitted, lc, model, version):
+            raise Conflict(f"{ref} was registered but never submitted: submit it first (POST /v1/models/{model}/"
+                           f"versions/{version}/transitions with \"to\": \"candidate\"); a shadow evaluation's "
+                           "verdict is evidence on the version's lifecycle log, which holds submitted versions only")
         artifact = await _call(lc.registry.get, ref)
         async with svc.audited(request, who, "model.shadow_start", ref, asset_ids=body.asset_ids, sample=body.sample,
                                events=body.events) as outcome:

@@ -210,10 +210,16 @@ def test_shadow_evaluation_is_recorded_and_promotion_hot_swaps_twins(client):
     assert "asset_ids or sample" in assert_error(http.post(url, json={"events": 5}, headers=api.headers_for(
         "writer")), 400, "bad_request")["message"]
     assert_error(http.post(url, json={"sample": 1, "events": 5}, headers=api.headers_for("reader")), 403, "forbidden")
+    # registered, never submitted (it reads as a candidate): its verdict could never be recorded, which the service
+    # retried every few seconds with a traceback; refused before anything starts
+    unsubmitted = assert_error(http.post(url, json={"sample": 1, "events": 5}, headers=api.headers_for("writer")),
+                               409, "conflict")["message"]
+    assert unsubmitted.startswith(f"thermal_rc@{V3} was registered but never submitted: submit it first (POST "
+                                  f"/v1/models/thermal_rc/versions/{V3}/transitions with \"to\": \"candidate\")")
+    assert _move(api, "author", V3, "candidate").status_code == 201
     unknown = assert_error(http.post(url, json={"asset_ids": ["no-such"], "events": 5},
                                      headers=api.headers_for("writer")), 404, "not_found")["message"]
     assert unknown == "no twin no-such for tenant 'acme'"
-    assert _move(api, "author", V3, "candidate").status_code == 201
     started = http.post(url, json={"sample": 1, "events": 5}, headers=api.headers_for("writer"))
     assert started.status_code == 201 and started.json()["asset_ids"] == ["zone-sh"], started.text
     twice = assert_error(http.post(url, json={"asset_ids": ["zone-sh"], "events": 5},
