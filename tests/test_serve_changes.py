@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fastapi import Response
 
 import serve_apps.changes as changes_module
 from raytwin.contracts import Asset, AssetType
@@ -417,7 +418,8 @@ def test_a_drift_clear_changes_a_twin_states_etag_so_if_none_match_reads_the_cle
 
     alarm, cleared = state_etag(view(True)), state_etag(view(False))
     assert alarm != cleared and alarm.startswith('W/"7-') and cleared.startswith('W/"7-')
-    assert Precondition(if_none_match=EntityTags.parse(alarm, weak=True)).read(cleared, 7, "the state") is None
+    answer = Response(headers={"ETag": cleared})
+    assert Precondition(if_none_match=EntityTags.parse(alarm, weak=True)).read(answer, 7, "the state") is None
 
 
 def test_retention_deletes_old_directories_and_a_stream_never_skips_what_it_deleted(tmp_path, monkeypatch):
