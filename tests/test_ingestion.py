@@ -623,6 +623,47 @@ def test_the_unit_check_reuses_a_columns_codes_only_while_the_next_column_is_equ
     assert seen[2][1].tolist() == [0, 1] and seen[2][0] == ["q_in", "h1"]  # another order: encoded afresh
 
 
+def test_the_unit_check_reuses_a_conversion_only_for_equal_entries_types_and_columns(monkeypatch):
+    """`normalize_entries` reuses the last batch's per-entry conversion for a batch that codes its entries alike
+    for the same asset types and columns (a stream's usual batch), and converts afresh for another type, other
+    columns or a row without a twin: the same entries get each case's own SI values, columns and verdicts, those
+    of a process that saw no batch before."""
+    two_tank = AssetType.from_model(TWO_TANK)
+    h1_in_mm = two_tank.outputs["h1"].model_copy(update={"unit": "mm", "lower": 0.0, "upper": 400.0})
+    in_mm = two_tank.model_copy(update={"outputs": {**two_tank.outputs, "h1": h1_in_mm}})
+    rows = [("h1", 0.5, "m"), ("q_in", 1.0, "L/s"), ("h1", 0.3, "m")]
+    events = [TelemetryEvent(asset_id="t1", event_time=T0, sequence=k, measurements={n: {"value": v, "unit": u}})
+              for k, (n, v, u) in enumerate(rows)]
+    entries = Entries.of(validated_table(events).column("measurements").combine_chunks())
+    every_row, second_unknown = np.zeros(3, dtype=np.int64), np.array([0, -1, 0])
+    usual, swapped = [(two_tank, ("q_in", "h1", "h2"))], [(two_tank, ("h1", "q_in", "h2"))]
+    # each change after a case alike in all else: another type, other columns, a row without a twin
+    cases = [(every_row, usual), (every_row, usual), (every_row, [(in_mm, ("q_in", "h1", "h2"))]),
+             (every_row, usual), (every_row, swapped), (every_row, usual), (second_unknown, usual)]
+    got, alone = [], []
+    for row_target, targets in cases:
+        got.append(normalize_entries(entries, row_target, targets))  # after the case before
+        monkeypatch.setattr(telemetry, "_CONVERSIONS", telemetry._LastConversion())
+        alone.append(normalize_entries(entries, row_target, targets))
+        assert got[-1].si.tobytes() == alone[-1].si.tobytes()  # the same bits
+        assert got[-1].column.tolist() == alone[-1].column.tolist()
+        assert got[-1].misfit.tolist() == alone[-1].misfit.tolist()
+    # the second batch's conversion is the first's (made last, by `alone`); the third's is its own
+    assert got[1].column is alone[0].column and got[2].column is not alone[1].column
+    assert [g.misfit.tolist() for g in got] == [[False] * 3] * 2 + [[True, False, False]] + [[False] * 3] * 4
+    assert got[2].si[2] == pytest.approx(300.0) and got[0].si[2] == pytest.approx(0.3)
+    assert [g.column.tolist() for g in got] == [[1, 0, 1]] * 4 + [[0, 1, 0], [1, 0, 1], [1, -1, 1]]
+    assert math.isnan(got[6].si[1]) and not got[6].misfit[1]  # no twin: skipped, not refused
+    # the same codes for other names or units: converted afresh
+    for order, unit in ((("h1", "h2"), "m"), (("h2", "h1"), "m"), (("h2", "h1"), "mm")):
+        other = [TelemetryEvent(asset_id="t1", event_time=T0, sequence=k, measurements={n: {"value": 0.5, "unit": unit}})
+                 for k, n in enumerate(order)]
+        entries = Entries.of(validated_table(other).column("measurements").combine_chunks())
+        normalized = normalize_entries(entries, np.zeros(2, dtype=np.int64), usual)
+        assert normalized.column.tolist() == [usual[0][1].index(n) for n in order]
+        assert normalized.si.tolist() == pytest.approx([0.5 if unit == "m" else 0.0005] * 2)
+
+
 @pytest.mark.parametrize("start", [0, 1])
 def test_entries_read_a_missing_value_as_nan_and_the_si_map_keeps_each_rows_entries(start):
     """`Entries.of` reads a value column without nulls by its own buffer and one with nulls filled with NaN;
