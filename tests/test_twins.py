@@ -14,6 +14,7 @@ import math
 import os
 import pickle
 import random
+import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -1559,6 +1560,89 @@ def test_a_retype_a_crash_cut_short_after_its_commit_is_finished_by_the_restarte
     assert_same_state(durable_state(store, "acme", "rc"), sealed_view(expected))
     assert restarted.retype("acme", "rc", moved)  # the caller's retry: done already
     assert_same_state(restarted.state("acme", "rc"), expected.view())
+
+
+class _Kills:
+    """Counts the durable effects of store writes on local disk (a file renamed into place, a file removed) and
+    raises `_Crash` before those numbered in `at`: a process killed there, what came before on disk, nothing after."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, at: set[int]):
+        from fsspec.implementations.local import LocalFileSystem
+
+        self.at, self.done = at, 0
+        rename = os.replace
+
+        def replace(*args: object, **kwargs: object) -> None:
+            self.effect()
+            rename(*args, **kwargs)
+
+        def rm(fs: LocalFileSystem, path: str, recursive: bool = False, maxdepth: int | None = None) -> None:
+            path = fs._strip_protocol(path)  # a folder file by file: a kill can stop its removal half-way
+            for folder, _, files in sorted(os.walk(path)) if recursive and os.path.isdir(path) else ():
+                for name in sorted(files):
+                    self.effect()
+                    os.remove(os.path.join(folder, name))
+            self.effect()
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+        monkeypatch.setattr(os, "replace", replace)
+        monkeypatch.setattr(LocalFileSystem, "rm", rm)
+
+    def effect(self) -> None:
+        self.done += 1
+        if self.done in self.at:
+            raise _Crash
+
+
+def test_a_retype_killed_before_any_of_its_writes_and_again_after_it_ends_once_on_the_new_version(
+        tmp_path, artifact, monkeypatch):
+    """A chaos trial's sweep, kept (the test above kills at one point): the shard killed before each durable effect
+    of a retype (its marked registration, the old model's snapshot and drift clear removed file by file, the
+    replay's snapshot, the registration unmarked), and in a second run also at the effect after it (the restarted
+    shard finishing the retype, or the resent one), restarted each time and the retype resent, as by a caller whose
+    call died. Every run ends as the uninterrupted retype: the new model's replay of every event once, live and
+    recovered, its registration unmarked, nothing of the old model's left, a read from the store on the new
+    version. A `finish` that unmarked the registration before writing the replay's snapshot, killed between, left
+    the twin without a snapshot for good: this fails then, the test above does not."""
+    from actors.recovery import durable_state
+
+    opts = dict(allowed_lateness_s=LATENESS_S, snapshot_every=32, checkpoint_every=8)
+    newer = newer_version(tmp_path)
+    template = str(tmp_path / "template")
+    shard = TwinShard(template, 0, 1, **opts)
+    shard.register("acme", "rk", registration_record(asset("rk"), artifact, None, None))
+    evs = events("rk", 40, seed=29)
+    assert shard.ingest("acme", validated_table(evs)).accepted == 40
+    shard.clear_drift("acme", "rk")
+    shard.flush()
+    moved = registration_record(asset("rk").model_copy(update={"type_version": "1.1.0"}), newer, None, None)
+    expected = reference(newer, "rk", evs, allowed_lateness_s=LATENESS_S, checkpoint_every=8)
+
+    def run(store: str, at: set[int]) -> int:
+        """The retype on a copy of the template store, killed before the effects `at`; how many effects it took."""
+        shutil.copytree(template, store)
+        with monkeypatch.context() as patched:
+            kills = _Kills(patched, at)
+            while True:  # (re)started and the retype (re)sent until it returns
+                try:
+                    shard = TwinShard(store, 0, 1, **opts)
+                    assert shard.retype("acme", "rk", moved)
+                    break
+                except _Crash:
+                    continue
+        stored = StateStore(store)
+        assert_same_state(shard.state("acme", "rk"), expected.view())
+        assert_same_state(TwinShard(store, 0, 1, **opts).state("acme", "rk"), expected.view())
+        assert stored.load_registration("acme", "rk") == moved and stored.load_drift_clears("acme", "rk") == []
+        assert stored.latest_snapshot("acme", "rk").revision == expected.checkpoints[0].events_applied
+        assert_same_state(durable_state(stored, "acme", "rk"), sealed_view(expected))
+        return kills.done
+
+    effects = run(str(tmp_path / "whole"), set())
+    assert effects == 6  # registration marked, the old snapshot and its folder, drift clear, snapshot, registration
+    for k in range(1, effects + 1):
+        for at in ({k}, {k, k + 1}):
+            run(str(tmp_path / f"killed-{min(at)}-{max(at)}"), at)
 
 
 def test_a_registration_rewritten_is_never_seen_half_written(tmp_path, killed_mid_write):
