@@ -296,7 +296,10 @@ class TwinShard(LiveModelOps):
     def unregister(self, tenant: str, asset_id: str) -> bool:
         """Drop the twin and its registration. Its log stays, as history; a twin registered again under
         the same id starts afresh, after it (`StateStore.save_deletion`), and what it derived from that
-        history (snapshots, drift clear, model swaps) is removed."""
+        history (snapshots, drift clear, model swaps) is removed. The deletion is recorded and the removal
+        done whether or not the twin was found: a shard killed after removing the registration, before
+        recording the deletion, came back without the twin, so the call resent (Ray retries it on the restarted
+        shard) recorded nothing, and the twin registered again resumed the deleted one's history."""
         self.store.check_lease(self.fence)
         self.shadows.forget(tenant, asset_id)  # first: a crash from here on leaves no orphaned shadow record
         found = self.twins.pop((tenant, asset_id), None) is not None
@@ -304,9 +307,9 @@ class TwinShard(LiveModelOps):
             kept.pop((tenant, asset_id), None)
         self.retyping.pop((tenant, asset_id), None)  # what it would remove goes below
         self.store.delete_registration(tenant, asset_id)
-        if found:  # its history ends at the latest ingest time logged here (a clock ahead of this one's too)
-            self.store.save_deletion(tenant, asset_id, max(time.time_ns() // 1000, self.newest_ingest_us))
-            self.store.forget_twin(tenant, asset_id)
+        # its history ends at the latest ingest time logged here (a clock ahead of this one's too)
+        self.store.save_deletion(tenant, asset_id, max(time.time_ns() // 1000, self.newest_ingest_us))
+        self.store.forget_twin(tenant, asset_id)
         metrics.TWINS.set(len(self.twins), shard=self.tag)
         return found
 

@@ -1645,6 +1645,29 @@ def test_a_retype_killed_before_any_of_its_writes_and_again_after_it_ends_once_o
             run(str(tmp_path / f"killed-{min(at)}-{max(at)}"), at)
 
 
+def test_a_twin_unregistered_by_a_shard_killed_before_its_deletion_record_is_not_resumed_when_registered_again(
+        tmp_path, artifact, monkeypatch):
+    """Found by the chaos trial: `unregister` deletes the registration, then records the deletion (the history
+    floor that a twin registered again starts after), then removes the old snapshots. Killed between the first two,
+    the restarted shard holds no such twin, the resent `unregister` finds none and records nothing, and the twin
+    registered again resumes the deleted one's history: its 40 events and old snapshot. It must start afresh."""
+    opts = dict(allowed_lateness_s=LATENESS_S, snapshot_every=8, checkpoint_every=8)
+    store = str(tmp_path / "store")
+    record = registration_record(asset("ud"), artifact, None, None)
+    shard = TwinShard(store, 0, 1, **opts)
+    shard.register("acme", "ud", record)
+    assert shard.ingest("acme", validated_table(events("ud", 40, seed=37))).accepted == 40
+    with monkeypatch.context() as patched:
+        _Kills(patched, {2})  # 1: the registration removed; 2: the deletion record renamed into place
+        with pytest.raises(_Crash):
+            shard.unregister("acme", "ud")
+    restarted = TwinShard(store, 0, 1, **opts)
+    assert not restarted.unregister("acme", "ud")  # the caller's resend: no such twin any more
+    restarted.register("acme", "ud", record)
+    assert restarted.state("acme", "ud").events_applied == 0
+    assert restarted.store.latest_snapshot("acme", "ud") is None
+
+
 def test_a_registration_rewritten_is_never_seen_half_written(tmp_path, killed_mid_write):
     """A restarted shard rewrites a registration (finishing a retype) while the driver answers stale reads from
     it: written in place on local disk, a read meanwhile found an empty file (JSONDecodeError), and a writer
