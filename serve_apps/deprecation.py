@@ -23,6 +23,7 @@ from raytwin.contracts import DateTime, describe_error
 from raytwin.fields import Contract
 from raytwin.storage import canonical_json, filesystem, replace_file
 from raytwin.store_failures import store_io
+from serve_apps.private_answers import v1_route
 
 log = logging.getLogger("raytwin.serve.deprecation")
 
@@ -128,7 +129,7 @@ class ApiDeprecationHeaders:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         services = getattr(scope.get("app").state, "services", None) if scope["type"] == "http" else None
         mark = getattr(getattr(services, "config", None), "api_deprecation", None)
-        if mark is None or not scope["path"].startswith("/v1/"):
+        if mark is None or not v1_route(scope):
             await self.app(scope, receive, send)
             return
         extra = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in mark.headers().items()]

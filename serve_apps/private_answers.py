@@ -7,7 +7,7 @@ Cache-Control and answer it to other callers (RFC 9111, sections 3 and 4.2.2). I
 ``Authorization`` (3.5), but ``X-API-Key`` is no such header. `private`: no shared cache stores them; `no-cache`: a
 client's own cache asks each time (a read with an ETag then answers 304 while it is current, `serve_apps.conditional`);
 `Vary`: it never answers one key's request with another key's answer. A route that sets its own (the change stream's
-``Cache-Control: no-cache``) keeps it.
+``Cache-Control: no-cache``) keeps it. A ``/v1`` answer is one under any Serve route prefix too (`v1_route`).
 """
 
 from __future__ import annotations
@@ -18,6 +18,14 @@ PRIVATE = ((b"cache-control", b"private, no-cache"), (b"vary", b"Authorization, 
 """The headers every ``/v1`` answer gets where its route set none of that name."""
 
 
+def v1_route(scope: Scope) -> bool:
+    """Whether `scope` asks a ``/v1`` route. Ray Serve mounts the app at its route prefix (`cluster.spec`'s
+    ``serve.route_prefix``), and its ``path`` holds that prefix (its ``root_path``): ``/raytwin/v1/assets``, which a
+    check of ``path`` alone took for no API answer, so behind a prefix every answer went without its headers."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return (path[len(root):] if root and path.startswith(f"{root}/") else path).startswith("/v1/")
+
+
 class PrivateAnswers:
     """Pure ASGI middleware (as `serve_apps.api.RequestObserver`, for its cost): adds `PRIVATE` to ``/v1`` answers."""
 
@@ -25,7 +33,7 @@ class PrivateAnswers:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+        if scope["type"] != "http" or not v1_route(scope):
             await self.app(scope, receive, send)
             return
 

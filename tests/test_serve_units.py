@@ -2854,6 +2854,31 @@ def test_every_v1_answer_is_private_to_its_key_and_a_routes_own_cache_control_is
     assert said == {"/v1/a": ("private, no-cache", "Authorization, X-API-Key"),
                     "/v1/a/own": ("no-cache", "Authorization, X-API-Key"), "/docs": (None, None),
                     "/docs/own": ("no-cache", None)}
+    # behind a Serve route prefix (`cluster.spec`'s serve.route_prefix) the path holds it, and answers went unmarked
+    with TestClient(app, root_path="/raytwin") as http:
+        prefixed = {path: http.get(f"/raytwin{path}").headers.get("cache-control") for path in ("/v1/a", "/docs")}
+    assert prefixed == {"/v1/a": "private, no-cache", "/docs": None}
+
+
+def test_the_api_versions_deprecation_is_announced_behind_a_serve_route_prefix():
+    """Ray Serve mounts the app at its route prefix, which the request's path holds (``/raytwin/v1/...``, its
+    ``root_path`` ``/raytwin``): the /v1 check of the path alone announced the API version's deprecation to no caller
+    behind a prefix (`serve_apps.private_answers.v1_route`)."""
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from serve_apps.deprecation import ApiDeprecationHeaders, Deprecation
+
+    app = Starlette(routes=[Route("/{its:path}", lambda request: PlainTextResponse("x"))],
+                    middleware=[Middleware(ApiDeprecationHeaders)])
+    mark = Deprecation(deprecated_at=datetime(2026, 11, 1, tzinfo=UTC))
+    app.state.services = SimpleNamespace(config=SimpleNamespace(api_deprecation=mark))
+    with TestClient(app, root_path="/raytwin") as http:
+        said = {path: "deprecation" in http.get(f"/raytwin{path}").headers for path in ("/v1/assets", "/docs")}
+    assert said == {"/v1/assets": True, "/docs": False}
 
 
 def test_every_route_but_health_authenticates_its_caller_and_every_write_needs_a_writer():
