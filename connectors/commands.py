@@ -122,6 +122,17 @@ def _was_unsettled(command: Command) -> bool:
     return len(command.history) > 1 and command.history[-2].status in UNSETTLED | {CommandStatus.expired}
 
 
+def _saves_claimed(claimed: Command, same: bool) -> bool:
+    """Whether a decider that lost the claim to `claimed` (`same`: its own key's same decision) saves it over a record
+    it read proposed: a refusal, final, always; an approval only on its approver's retry, which runs in the
+    connector's actor, one call at a time, after the approval's first try ended. Why not another's approval: its
+    approver claims and sends it right after saving it, and a read of the record from before that save put
+    *approved* back over *sending* or *sent* (a refusal and an approval racing): the asset's answer was then dropped
+    and a restart failed it as "not sent", inviting a second proposal of what was sent. Left proposed, that approval's
+    record waits for its approver's retry (which sends it), and every other decision is refused meanwhile."""
+    return same or claimed.status is CommandStatus.refused
+
+
 class CommandLedger:
     """The command records of a state store (`{store}/connectors/commands/tenant=T/<id>.json`), and their index.
 
@@ -294,15 +305,17 @@ class CommandLedger:
         refusal in the backend; a backend fenced between its lease read and this write and its successor), one
         decides and the other is refused, where the later record replaced the earlier and a refused command could be
         sent. A claimed decision whose record is still proposed (its decider stopped, or its record's write failed,
-        between the two writes) is saved then; the same key's same decision is that decision, tried again."""
+        between the two writes) is saved then (`_saves_claimed`); the same key's same decision is that decision,
+        tried again."""
         path = self._decision(decided.tenant, decided.id)
         try:
             write_once(self.fs, path, decided.model_dump_json().encode())
         except FileExistsError:
             earlier = Command.model_validate_json(self.fs.cat_file(path))
-            if self.get(decided.tenant, decided.id).status is CommandStatus.proposed:
+            same = (earlier.status, earlier.history[-1].by) == (decided.status, decided.history[-1].by)
+            if _saves_claimed(earlier, same) and self.get(decided.tenant, decided.id).status is CommandStatus.proposed:
                 self._save(earlier)
-            if (earlier.status, earlier.history[-1].by) != (decided.status, decided.history[-1].by):
+            if not same:
                 raise CommandError(f"command {decided.id} was {earlier.status.value} by {earlier.history[-1].by} "
                                    "already: a command gets one decision") from None
             return earlier

@@ -155,20 +155,28 @@ def test_a_command_gets_one_decision_where_two_deciders_both_read_it_proposed(tm
     with pytest.raises(CommandError, match="only an approved command is sent"):
         successor.claim("acme", command.id, "c")  # never sent
 
-    # a decider that stopped between its decision's claim and its record: the next one saves the claimed decision
+    # a decider that stopped between its decision's claim and its record: the next one saves a claimed refusal; an
+    # approval waits for its approver's retry (`_saves_claimed`), the other deciders refused meanwhile
     stopped = CommandLedger(store)
     other = stopped.propose("acme", "c", "a1", "setpoint", {"x": 2}, by="k1")
+    refused = stopped.propose("acme", "c", "a1", "setpoint", {"x": 4}, by="k1")
 
     def killed(command: Command) -> Command:
         raise SystemExit("killed between the claim and the record")
 
     monkeypatch.setattr(stopped, "_save", killed)
-    with pytest.raises(SystemExit):
-        stopped.approve("acme", other.id, "k2")
-    assert successor.get("acme", other.id).status is CommandStatus.proposed
+    for command_id, decide in ((other.id, lambda i: stopped.approve("acme", i, "k2")),
+                               (refused.id, lambda i: stopped.refuse("acme", i, "k2", "no"))):
+        with pytest.raises(SystemExit):
+            decide(command_id)
+        assert successor.get("acme", command_id).status is CommandStatus.proposed
+    with pytest.raises(CommandError, match=f"command {refused.id} was refused by k2 already"):
+        successor.approve("acme", refused.id, "k3")
+    assert successor.get("acme", refused.id).status is CommandStatus.refused
     with pytest.raises(CommandError, match=f"command {other.id} was approved by k2 already"):
         successor.refuse("acme", other.id, "k3", "no")
-    saved = successor.get("acme", other.id)
+    assert successor.get("acme", other.id).status is CommandStatus.proposed
+    saved = successor.approve("acme", other.id, "k2")
     assert (saved.status, saved.approved_by) == (CommandStatus.approved, "k2")
     # a decision whose record's write failed after its claim landed (the store's outage): the key's retry decides
     third = successor.propose("acme", "c", "a1", "setpoint", {"x": 3}, by="k1")
@@ -176,4 +184,24 @@ def test_a_command_gets_one_decision_where_two_deciders_both_read_it_proposed(tm
         stopped.approve("acme", third.id, "k2")
     assert (successor.approve("acme", third.id, "k2").status, successor.claim("acme", third.id, "c").status) == (
         CommandStatus.approved, CommandStatus.sending)
-    assert successor.ids("acme") == sorted([command.id, other.id, third.id])  # the decisions are no records
+    assert successor.ids("acme") == sorted([command.id, other.id, refused.id, third.id])  # decisions are no records
+
+
+def test_a_refusal_that_read_a_command_proposed_never_puts_its_sent_approval_back(tmp_path: Path, monkeypatch):
+    """A refusal (in the backend) read the command proposed, then an approval (in the connector's actor) claimed the
+    decision, saved it and sent the command. The refusal, losing the claim and reading the record proposed still (its
+    read from before the approval's save), saved the approval over *sent*: the asset's answer was then ignored, and a
+    connector restart failed the command as "not sent: propose it again", though it was sent."""
+    from connectors.commands import CommandError
+
+    store = str(tmp_path / "store")
+    backend, connector = CommandLedger(store), CommandLedger(store)
+    command = backend.propose("acme", "c", "a1", "setpoint", {"x": 1}, by="k1")
+    connector.approve("acme", command.id, "k2")
+    sent = connector.sent(connector.claim("acme", command.id, "c"), 30.0)
+    monkeypatch.setattr(backend, "get", lambda tenant, command_id: command)  # its reads before the approval's save
+    with pytest.raises(CommandError, match=f"command {command.id} was approved by k2 already"):
+        backend.refuse("acme", command.id, "k3", "unsafe now")
+    assert connector.get("acme", command.id).status is CommandStatus.sent
+    answer = {"correlation_id": sent.correlation_id, "status": "ok"}
+    assert connector.acknowledged("acme", command.id, answer, ok=True).status is CommandStatus.acknowledged
