@@ -698,13 +698,59 @@ class _Crash(BaseException):
     """The backend's process dying at that point: nothing after it runs, no handler catches it."""
 
 
+def test_a_type_delete_asks_the_shards_without_the_backend_lock_and_refuses_when_they_do_not_answer(api, monkeypatch):
+    """The delete asked the shards whether twins run the version while holding the backend's lock: one hung shard
+    stalled that delete and every write waiting on the lock. Asked without the lock now, with a deadline: the
+    catalog stays usable meanwhile, and a shard that does not answer is a 503 that deleted nothing."""
+    import threading
+
+    from serve_apps.catalog import NO_PRECONDITION
+    from serve_apps.shard_deadline import TwinUnavailable
+
+    client, auth, backend = api
+    assert client.post("/v1/asset-types", json={**V1.model_dump(mode="json"), "version": "1.0.9"},
+                       headers=auth["admin"]).status_code == 201
+    asked, answer, outcome = threading.Event(), threading.Event(), []
+
+    class HungShards:
+        def twins_running(self, tenant: str, ref: str, timeout_s: float) -> list[str]:
+            asked.set()
+            answer.wait(60)  # the test lets it "time out" once the lock was shown free
+            raise ray.exceptions.GetTimeoutError(f"no answer within {timeout_s} s")
+
+    def delete() -> None:
+        try:
+            backend.delete_type("acme", "room", "1.0.9", NO_PRECONDITION)
+        except Exception as exc:  # noqa: BLE001 (the refusal is the outcome under test)
+            outcome.append(exc)
+
+    monkeypatch.setattr(type(backend.twins), "models", property(lambda self: HungShards()))
+    deleting = threading.Thread(target=delete)
+    deleting.start()
+    try:
+        assert asked.wait(60)
+        assert "1.0.9" in [t.version for t in backend.list_types("acme", "room")]  # the lock is free meanwhile
+    finally:
+        answer.set()
+        deleting.join(60)
+    (refused,) = outcome
+    assert isinstance(refused, TwinUnavailable) and refused.headers["Retry-After"]
+    assert refused.message.startswith("asset type room@1.0.9 was not deleted: a twin shard did not answer within ")
+    assert "1.0.9" in [t.version for t in backend.list_types("acme", "room")]  # nothing was deleted
+    monkeypatch.undo()
+    backend.delete_type("acme", "room", "1.0.9", NO_PRECONDITION)  # the shards answer: deleted
+    assert "1.0.9" not in [t.version for t in backend.list_types("acme", "room")]
+
+
 def test_a_twin_moved_before_a_catalog_write_that_did_not_follow_is_recorded_by_the_backend(api, monkeypatch):
     """The twin moves before the catalog is written: a failed catalog write, or a backend killed in between, left
     the twin on the new type version and the asset on the old until the same PUT was sent again, and nothing
     reconciled them at start. The move (a retype, a migration) is journaled now: a running backend records it on
     the asset's next read, a restarted one at start (audited as the system's, `recovered`); a move whose twin never
     moved is dropped.
-    Another tenant's assets (globex), last in the module: the second backend bumps that tenant's revisions."""
+    Another tenant's assets (globex), last in the module: the second backend bumps that tenant's revisions, and its
+    changes take numbers the fixture's backend gives next, whose segments are then refused as another log's
+    (`serve_apps.changes.ChangeStore.write`): a test after it failed with 503 `store_fenced`."""
     from contextlib import closing
 
     from raytwin.migration import MigrationRequest
@@ -767,47 +813,3 @@ def test_a_twin_moved_before_a_catalog_write_that_did_not_follow_is_recorded_by_
                                         ("asset.migrate", "hall-4", "system", "1.0.0", "1.1.0"),
                                         ("asset.update", "hall-2", "system", "1.0.0", "1.1.0")]
         assert restarted.twins.state("globex", "hall-2").model_ref == "hall@1.1.0"
-
-
-def test_a_type_delete_asks_the_shards_without_the_backend_lock_and_refuses_when_they_do_not_answer(api, monkeypatch):
-    """The delete asked the shards whether twins run the version while holding the backend's lock: one hung shard
-    stalled that delete and every write waiting on the lock. Asked without the lock now, with a deadline: the
-    catalog stays usable meanwhile, and a shard that does not answer is a 503 that deleted nothing."""
-    import threading
-
-    from serve_apps.catalog import NO_PRECONDITION
-    from serve_apps.shard_deadline import TwinUnavailable
-
-    client, auth, backend = api
-    assert client.post("/v1/asset-types", json={**V1.model_dump(mode="json"), "version": "1.0.9"},
-                       headers=auth["admin"]).status_code == 201
-    asked, answer, outcome = threading.Event(), threading.Event(), []
-
-    class HungShards:
-        def twins_running(self, tenant: str, ref: str, timeout_s: float) -> list[str]:
-            asked.set()
-            answer.wait(60)  # the test lets it "time out" once the lock was shown free
-            raise ray.exceptions.GetTimeoutError(f"no answer within {timeout_s} s")
-
-    def delete() -> None:
-        try:
-            backend.delete_type("acme", "room", "1.0.9", NO_PRECONDITION)
-        except Exception as exc:  # noqa: BLE001 (the refusal is the outcome under test)
-            outcome.append(exc)
-
-    monkeypatch.setattr(type(backend.twins), "models", property(lambda self: HungShards()))
-    deleting = threading.Thread(target=delete)
-    deleting.start()
-    try:
-        assert asked.wait(60)
-        assert "1.0.9" in [t.version for t in backend.list_types("acme", "room")]  # the lock is free meanwhile
-    finally:
-        answer.set()
-        deleting.join(60)
-    (refused,) = outcome
-    assert isinstance(refused, TwinUnavailable) and refused.headers["Retry-After"]
-    assert refused.message.startswith("asset type room@1.0.9 was not deleted: a twin shard did not answer within ")
-    assert "1.0.9" in [t.version for t in backend.list_types("acme", "room")]  # nothing was deleted
-    monkeypatch.undo()
-    backend.delete_type("acme", "room", "1.0.9", NO_PRECONDITION)  # the shards answer: deleted
-    assert "1.0.9" not in [t.version for t in backend.list_types("acme", "room")]
