@@ -266,10 +266,13 @@ class ConnectorRuntime:
             **self._last_error(), lag_s=s.lag_s(), newest_event_time=s.newest_event_time, draining=self._draining)
 
     def _last_error(self) -> dict[str, Any]:
-        """The newer of the source's and the delivery's current errors."""
+        """The newer of the source's and the delivery's current errors. One read while its thread (the client's, the
+        pump's) had set its message and not yet its time is left out: `status` runs beside them and beside the actor's
+        other calls (`STATUS_GROUP`), and such a message, with the other's error, compared None with a time (a
+        `TypeError` that failed the status)."""
         current = [(at, message) for message, at in ((self.adapter.last_error, self.adapter.last_error_at),
                                                      (self.pump.stats.last_error, self.pump.stats.last_error_at))
-                   if message is not None]
+                   if message is not None and at is not None]
         at, message = max(current, default=(None, None))
         return {"last_error": message, "last_error_at": at}
 

@@ -763,3 +763,15 @@ def test_a_connector_that_cannot_start_still_marks_its_tenants_dead_letter_days(
                          files=TenantFiles(str(tmp_path / "tls")))
     days = {p.rstrip("/").rsplit("=", 1)[-1] for p in old.fs.ls(f"{old.root}/dead_letters/tenant=acme", detail=False)}
     assert StateStore(url)._source_days("acme", "plant") == days and len(days) == 1  # its day alone is read
+
+
+def test_a_connectors_status_reads_an_error_half_written_by_another_thread_without_failing() -> None:
+    """`status` runs beside the MQTT client's and the pump's threads, which set an error's message, then its time:
+    read in between, a first error's message came without its time, and beside the other's error the status failed
+    comparing None with a time. Such a half-written error is left out until its time is set."""
+    from connectors.runtime import ConnectorRuntime
+
+    now = datetime.now(UTC)
+    runtime = SimpleNamespace(adapter=SimpleNamespace(last_error="disconnected from broker", last_error_at=None),
+                              pump=SimpleNamespace(stats=SimpleNamespace(last_error="delivery failed", last_error_at=now)))
+    assert ConnectorRuntime._last_error(runtime) == {"last_error": "delivery failed", "last_error_at": now}
