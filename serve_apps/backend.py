@@ -448,15 +448,16 @@ class Backend:
         with self._lock:
             self.changes.write(tenant, lambda seq: [
                 _asset_change("asset.deleted", self.catalog.delete_asset(tenant, asset_id, seq, pre))])
-            self.twins.unregister(tenant, asset_id)
+            self._unregister_deleted(tenant, asset_id)  # a shard killed mid-call finds none when Ray resends it
             self._forget_deleted(tenant, "assets", asset_id)  # after the twin: a crash before, the next start ends it
             self.moves.end(tenant, asset_id)  # a move of it left unrecorded is moot
             with self._publish:
                 self._twin_marks.pop((tenant, asset_id), None)
 
     def _unregister_deleted(self, tenant: str, asset_id: str) -> None:
-        """Unregister the twin of an asset whose delete a crash cut short (`record_lost_catalog_changes`), if it is
-        still registered."""
+        """Unregister the twin of a deleted asset, if it is still registered: the delete is done (its tombstone and
+        change written) and answered as such when no twin is found, as after a shard killed mid-`unregister`, whose
+        call Ray resent to the restarted shard, or a crash that cut a delete short (`record_lost_catalog_changes`)."""
         with suppress(UnknownTwin):
             self.twins.unregister(tenant, asset_id)
 

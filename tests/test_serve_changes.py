@@ -351,6 +351,44 @@ def test_lost_catalog_changes_are_recovered_as_the_create_update_or_delete_they_
     assert Catalog(str(store)).tombstones == {} and reloaded.tombstones == {}
 
 
+def test_a_delete_whose_shard_was_killed_mid_unregister_answers_its_success_once(tmp_path):
+    """A shard killed mid-`unregister` comes back without the twin, and Ray resends the call: it finds no twin, and
+    `TwinService.unregister` raises `UnknownTwin`. The delete had landed (catalog tombstone, `asset.deleted` in the
+    log), yet `delete_asset` let that error through: the client got an error for a done delete, and its tombstone
+    and move were left for the next start. The delete answers its success; the client's retry, 404; one change."""
+    from types import SimpleNamespace
+
+    from actors.state import UnknownTwin
+    from serve_apps.backend import Backend
+    from serve_apps.errors import NotFound
+
+    def resent_unregister(tenant: str, asset_id: str) -> None:  # as `TwinService.unregister` when the shard answers
+        unregistered.append((tenant, asset_id))  # False: the restarted shard holds no such twin
+        raise UnknownTwin(f"no twin {asset_id!r} for tenant {tenant!r}")
+
+    unregistered: list[tuple[str, str]] = []
+    ended: list[str] = []
+    backend = Backend.__new__(Backend)
+    backend.check_writable = lambda: None
+    backend._lock, backend._publish, backend._twin_marks = threading.Lock(), threading.Lock(), {("acme", "zone"): 3}
+    backend.catalog, backend.changes = Catalog(str(tmp_path / "catalog")), ChangeLog(str(tmp_path / "changes"))
+    backend.twins = SimpleNamespace(unregister=resent_unregister)
+    backend.moves = SimpleNamespace(end=lambda tenant, asset_id: ended.append(asset_id))
+    thermal = AssetType.from_model(THERMAL_RC)
+    zone = Asset(id="zone", tenant="acme", type_name=thermal.name, type_version=thermal.version)
+    backend.changes.write("acme", lambda seq: backend.catalog.put_type("acme", thermal, seq) and [
+        {"kind": "asset_type.created"}])
+    backend.changes.write("acme", lambda seq: backend.catalog.create_asset(zone, seq) and [
+        _asset_change("asset.created", zone)])
+
+    backend.delete_asset("acme", "zone", Precondition())
+    assert unregistered == [("acme", "zone")] and ended == ["zone"] and backend._twin_marks == {}
+    assert backend.catalog.tombstones == {}  # finished now, not left for the next start
+    with pytest.raises(NotFound):  # the client's retry: the asset is gone
+        backend.delete_asset("acme", "zone", Precondition())
+    assert [c.kind for c in backend.changes.store.read("acme", 2, 10)] == ["asset.deleted"]
+
+
 def test_a_delete_refused_for_the_assets_that_need_it_names_them_in_bounded_details_and_says_what_to_do(tmp_path):
     """An app developer's find: deleting an asset others point at, or a type assets use, answered 409 with `details`
     holding every referring asset's id as a bare string (every other error's details are objects), unbounded (a type
