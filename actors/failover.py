@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from ray._raylet import ActorID, WorkerID
+from ray.core.generated import gcs_pb2
 
 from raytwin.executables import DIR_ENV
 
@@ -62,6 +64,22 @@ def actor_restarting(handle: Any) -> bool:
     one. Ray has no public call for this without its dashboard, hence its internal state API."""
     info = ray._private.state.actors(actor_id=handle._actor_id.hex())
     return bool(info) and info.get("State") == "RESTARTING"
+
+
+def actor_worker(handle: Any) -> tuple[bytes, int] | None:
+    """(worker ID, PID) of the process that runs the actor, per Ray's control store (GCS); None while it has none
+    (not placed yet). What `worker_alive` watches: the actor's name comes free before its process has exited. Ray's
+    internal state API, as `actor_restarting`: the public one needs the dashboard."""
+    raw = ray._private.state.state._connect_and_get_accessor().get_actor_info(ActorID(handle._actor_id.binary()))
+    info = gcs_pb2.ActorTableData.FromString(raw) if raw else None
+    return (info.address.worker_id, info.pid) if info and info.address.worker_id else None
+
+
+def worker_alive(worker_id: bytes) -> bool:
+    """Whether GCS still counts the worker process alive: its node's raylet reports it dead once the process's
+    connection to it closes, as the process exits (on any node: no PID of another host to look at)."""
+    raw = ray._private.state.state._connect_and_get_accessor().get_worker_info(WorkerID(worker_id))
+    return raw is not None and gcs_pb2.WorkerTableData.FromString(raw).is_alive
 
 
 def process_age_s() -> float:

@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 
 import ray
 
+from actors.failover import actor_worker, worker_alive
 from actors.routing import shard_name
 from raytwin.statestore import LEASE_EXPIRY_S, LEASE_HEARTBEAT_S, Heartbeat, Lease, StateStore, StoreFenced
 from raytwin.store_failures import count, failure_class
@@ -32,7 +33,8 @@ from raytwin.store_failures import count, failure_class
 log = logging.getLogger("raytwin.twins")
 
 STOP_WAIT_S = 30.0
-"""How long a takeover waits for the previous holder's shard actors to be gone."""
+"""How long a takeover (or a shard started in place of another process's) waits for the killed shard actors'
+processes to exit."""
 HEARTBEAT_S = LEASE_HEARTBEAT_S
 """How often a holder's shards renew the store's heartbeat (a small file write each)."""
 EXPIRY_S = LEASE_EXPIRY_S
@@ -46,6 +48,10 @@ class StoreLeased(RuntimeError):
     """The store is leased to another live service (another shard count, namespace or Ray cluster)."""
 
 
+class ActorsNotStopped(RuntimeError):
+    """Killed actors whose processes still ran when `stop_actors` gave up waiting."""
+
+
 def ray_cluster() -> str:
     """This process's Ray cluster: its session name, new at every start of the cluster."""
     return ray.get_runtime_context().get_session_name()
@@ -56,22 +62,39 @@ def _stop_shards(store_url: str, lease: Lease) -> None:
     stop_actors([shard_name(store_url, i, lease.shards) for i in range(lease.shards)], lease.namespace)
 
 
-def stop_actors(names: list[str], namespace: str) -> None:
-    """Kill the actors of `names` found in this Ray cluster and wait until they are gone, at most `STOP_WAIT_S`
-    (a new actor of the same name must not attach to a dying one)."""
+def stop_actors(names: list[str], namespace: str, wait_s: float = STOP_WAIT_S) -> None:
+    """Kill the actors of `names` found in this Ray cluster and wait until their processes have exited, at most
+    `wait_s`: `ActorsNotStopped` past it, and nothing starts in their place. Why the process, not the name: `ray.kill`
+    frees the name as GCS marks the actor dead, before its process exits (a chaos trial: still running in 7 of 8
+    tries, writing for 4-10 ms more), and a successor shard shares the lease's epoch, so a write of the old one in
+    flight (an S3 PUT) could land after the successor recovered."""
+    killed: dict[str, tuple[bytes, int] | None] = {}
     for name in names:
         try:
-            ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
+            handle = ray.get_actor(name, namespace=namespace)
         except ValueError:  # not running here
             continue
-    deadline = time.monotonic() + STOP_WAIT_S
-    for name in names:
-        while time.monotonic() < deadline:
-            try:
-                ray.get_actor(name, namespace=namespace)
-            except ValueError:
-                break
-            time.sleep(0.05)
+        killed[name] = actor_worker(handle)
+        ray.kill(handle, no_restart=True)
+    deadline = time.monotonic() + wait_s
+    while killed := {name: worker for name, worker in killed.items() if _still_running(name, namespace, worker)}:
+        if time.monotonic() >= deadline:
+            running = ", ".join(f"{name} (pid {worker[1] if worker else '?'})" for name, worker in killed.items())
+            log.error("event=actor_stop_timeout namespace=%s actors=%s wait_s=%g", namespace, running, wait_s)
+            raise ActorsNotStopped(
+                f"actors {running} of namespace {namespace} still run {wait_s:g} s after being killed: their writes "
+                f"could land after their successors' recovery, so none was started; end those processes (`ray list "
+                f"workers`, then kill the pid on its node) and try again")
+        time.sleep(0.01)
+
+
+def _still_running(name: str, namespace: str, worker: tuple[bytes, int] | None) -> bool:
+    """Whether a killed actor's name is still taken or its process (`worker`: ID and PID) still runs."""
+    try:
+        ray.get_actor(name, namespace=namespace)
+        return True
+    except ValueError:
+        return worker is not None and worker_alive(worker[0])
 
 
 SERVED_ELSEWHERE = ("that is another Ray cluster than this one: stop that service first, or serve from its cluster "

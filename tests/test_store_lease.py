@@ -317,3 +317,44 @@ def test_a_failed_renewal_of_the_heartbeat_is_counted_by_its_error_class(tmp_pat
     lease.renew_heartbeat(store, held.fence)
     assert first.wait(10), "the failed renewal was not counted"
     assert counted == [{"operation": "write", "error": "disk_full"}]
+
+
+class _KilledActor:
+    """Ray as `stop_actors` sees one actor killed: its name free at once, its process exiting `polls` checks later
+    (None: never)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, polls: int | None):
+        self.polls, self.events = polls, []
+        monkeypatch.setattr(ray, "get_actor", self.get_actor)
+        monkeypatch.setattr(ray, "kill", lambda handle, no_restart: self.events.append("killed"))
+        monkeypatch.setattr(lease, "actor_worker", lambda handle: (b"w1", 4242))
+        monkeypatch.setattr(lease, "worker_alive", self.alive)
+
+    def get_actor(self, name: str, namespace: str) -> object:
+        if "killed" in self.events:
+            raise ValueError(f"Failed to look up actor {name}")
+        return object()
+
+    def alive(self, worker_id: bytes) -> bool:
+        if self.polls == 0:
+            self.events.append("exited")
+            return False
+        self.polls = None if self.polls is None else self.polls - 1
+        return True
+
+
+def test_stopped_actors_are_waited_for_until_their_processes_exit_not_only_their_names(monkeypatch):
+    """Found by the chaos trial: `stop_actors` returned once the killed shard's name came free, which Ray frees before
+    the process exits (7 of 8 tries: still running, writing for 4-10 ms more), so its successor of the same lease
+    epoch could recover before a write of the old one in flight landed. It returns once the process has exited."""
+    killed = _KilledActor(monkeypatch, polls=3)
+    lease.stop_actors(["shard-0"], "ns")
+    assert killed.events == ["killed", "exited"]
+
+
+def test_actors_that_outlive_the_stop_wait_fail_the_stop_naming_them(monkeypatch, caplog):
+    """Past its bound, `stop_actors` no longer returns as if they had stopped: no successor starts beside them."""
+    _KilledActor(monkeypatch, polls=None)
+    with pytest.raises(lease.ActorsNotStopped, match=r"shard-0 \(pid 4242\) of namespace ns still run 0.05 s"):
+        lease.stop_actors(["shard-0"], "ns", wait_s=0.05)
+    assert "event=actor_stop_timeout namespace=ns actors=shard-0 (pid 4242)" in caplog.text
