@@ -351,15 +351,36 @@ def test_lost_catalog_changes_are_recovered_as_the_create_update_or_delete_they_
     assert Catalog(str(store)).tombstones == {} and reloaded.tombstones == {}
 
 
+def _deleting_backend(tmp_path: Path, unregister) -> tuple:
+    """(a `Backend` with what `delete_asset` uses, over the catalog and change log under `tmp_path`, with asset zone
+    created; the twins it ended moves of): its twins' `unregister` is `unregister`."""
+    from types import SimpleNamespace
+
+    from serve_apps.backend import Backend
+
+    ended: list[str] = []
+    backend = Backend.__new__(Backend)
+    backend.check_writable = lambda: None
+    backend._lock, backend._publish, backend._twin_marks = threading.Lock(), threading.Lock(), {("acme", "zone"): 3}
+    backend.catalog, backend.changes = Catalog(str(tmp_path / "catalog")), ChangeLog(str(tmp_path / "changes"))
+    backend.twins = SimpleNamespace(unregister=unregister)
+    backend.moves = SimpleNamespace(end=lambda tenant, asset_id: ended.append(asset_id))
+    if not backend.catalog.tenants():
+        thermal = AssetType.from_model(THERMAL_RC)
+        zone = Asset(id="zone", tenant="acme", type_name=thermal.name, type_version=thermal.version)
+        backend.changes.write("acme", lambda seq: backend.catalog.put_type("acme", thermal, seq) and [
+            {"kind": "asset_type.created"}])
+        backend.changes.write("acme", lambda seq: backend.catalog.create_asset(zone, seq) and [
+            _asset_change("asset.created", zone)])
+    return backend, ended
+
+
 def test_a_delete_whose_shard_was_killed_mid_unregister_answers_its_success_once(tmp_path):
     """A shard killed mid-`unregister` comes back without the twin, and Ray resends the call: it finds no twin, and
     `TwinService.unregister` raises `UnknownTwin`. The delete had landed (catalog tombstone, `asset.deleted` in the
-    log), yet `delete_asset` let that error through: the client got an error for a done delete, and its tombstone
-    and move were left for the next start. The delete answers its success; the client's retry, 404; one change."""
-    from types import SimpleNamespace
-
+    log), yet `delete_asset` let that error through: the client got a 500 for a done delete, and its tombstone and
+    move were left for the next start. The delete answers its success; the client's retry, 404; one change."""
     from actors.state import UnknownTwin
-    from serve_apps.backend import Backend
     from serve_apps.errors import NotFound
 
     def resent_unregister(tenant: str, asset_id: str) -> None:  # as `TwinService.unregister` when the shard answers
@@ -367,26 +388,42 @@ def test_a_delete_whose_shard_was_killed_mid_unregister_answers_its_success_once
         raise UnknownTwin(f"no twin {asset_id!r} for tenant {tenant!r}")
 
     unregistered: list[tuple[str, str]] = []
-    ended: list[str] = []
-    backend = Backend.__new__(Backend)
-    backend.check_writable = lambda: None
-    backend._lock, backend._publish, backend._twin_marks = threading.Lock(), threading.Lock(), {("acme", "zone"): 3}
-    backend.catalog, backend.changes = Catalog(str(tmp_path / "catalog")), ChangeLog(str(tmp_path / "changes"))
-    backend.twins = SimpleNamespace(unregister=resent_unregister)
-    backend.moves = SimpleNamespace(end=lambda tenant, asset_id: ended.append(asset_id))
-    thermal = AssetType.from_model(THERMAL_RC)
-    zone = Asset(id="zone", tenant="acme", type_name=thermal.name, type_version=thermal.version)
-    backend.changes.write("acme", lambda seq: backend.catalog.put_type("acme", thermal, seq) and [
-        {"kind": "asset_type.created"}])
-    backend.changes.write("acme", lambda seq: backend.catalog.create_asset(zone, seq) and [
-        _asset_change("asset.created", zone)])
-
+    backend, ended = _deleting_backend(tmp_path, resent_unregister)
     backend.delete_asset("acme", "zone", Precondition())
     assert unregistered == [("acme", "zone")] and ended == ["zone"] and backend._twin_marks == {}
     assert backend.catalog.tombstones == {}  # finished now, not left for the next start
     with pytest.raises(NotFound):  # the client's retry: the asset is gone
         backend.delete_asset("acme", "zone", Precondition())
     assert [c.kind for c in backend.changes.store.read("acme", 2, 10)] == ["asset.deleted"]
+
+
+def test_a_delete_whose_backend_was_killed_before_the_twin_is_finished_by_the_next_start_and_retried_as_404(
+        tmp_path):
+    """A backend killed between a delete's catalog and log writes and its twin's unregistration: the next backend's
+    start (`record_lost_catalog_changes` with its `_unregister_deleted`, as `Backend.__init__` calls it) unregisters
+    the twin and removes the tombstone, twice over without a second change; the client's retry of the DELETE gets
+    404 (the asset is gone: the delete is done), and the change stream holds one `asset.deleted`."""
+    from serve_apps.backend import record_lost_catalog_changes
+    from serve_apps.errors import NotFound
+
+    class Killed(Exception):
+        pass
+
+    def killed(tenant: str, asset_id: str) -> None:
+        raise Killed
+
+    crashed, _ = _deleting_backend(tmp_path, killed)
+    with pytest.raises(Killed):
+        crashed.delete_asset("acme", "zone", Precondition())
+    unregistered: list[tuple[str, str]] = []
+    backend, _ = _deleting_backend(tmp_path, lambda *twin: unregistered.append(twin))
+    assert set(backend.catalog.tombstones) == {("acme", "assets", "zone")}
+    for _ in range(2):  # (a second start: nothing again)
+        record_lost_catalog_changes(backend.changes, backend.catalog, "acme", backend._unregister_deleted)
+    assert unregistered == [("acme", "zone")] and backend.catalog.tombstones == {}
+    with pytest.raises(NotFound):
+        backend.delete_asset("acme", "zone", Precondition())
+    assert [c.kind for c in ChangeLog(str(tmp_path / "changes")).store.read("acme", 2, 10)] == ["asset.deleted"]
 
 
 def test_a_delete_refused_for_the_assets_that_need_it_names_them_in_bounded_details_and_says_what_to_do(tmp_path):
