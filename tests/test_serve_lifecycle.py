@@ -65,9 +65,23 @@ def _recorded_run(runs: Path, model: str = "thermal_rc") -> str:
                                           runs=str(runs)).run_id
 
 
-def _move(api: Api, who: str, version: str, to: str, **body) -> httpx.Response:
-    return api.http.post(f"/v1/models/thermal_rc/versions/{version}/transitions", headers=api.headers_for(who),
+def _move(api: Api, who: str, version: str, to: str, model: str = "thermal_rc", **body) -> httpx.Response:
+    return api.http.post(f"/v1/models/{model}/versions/{version}/transitions", headers=api.headers_for(who),
                          json={"to": to, "reason": f"{who}: {to}", **body})
+
+
+def _publish(api: Api, model: str, *versions: str) -> None:
+    for version in versions:
+        assert api.http.post("/v1/asset-types", json={**THERMAL_TYPE, "name": model, "version": version},
+                             headers=api.headers_for("admin")).status_code == 201
+
+
+def _promote(api: Api, model: str, version: str) -> None:
+    """`version` submitted, staged and approved: a test's own model in production, so that the test needs no
+    earlier test's promotions (each passes alone)."""
+    for who, to in (("author", "candidate"), ("author", "staging"), ("approver", "production")):
+        answer = _move(api, who, version, to, model=model)
+        assert answer.status_code == 201, answer.text
 
 
 def test_promotion_needs_a_second_approver_and_rolls_back(client):
@@ -149,36 +163,39 @@ def test_bad_inputs_are_refused_with_reasons(client):
 
 
 def test_new_twins_run_the_production_version_and_prune_keeps_versions_assets_name(client):
-    """After the rollback above, V1 is production and V2 archived: a twin is neither created on V2 nor moved
-    to it (no approver let it run); retention keeps a version while an asset names it."""
+    """V1 is production and V2 archived (its own model, so it passes alone): a twin is neither created on V2 nor
+    moved to it (no approver let it run); retention keeps a version while an asset names it."""
     api, http = client, client.http
+    model = "pruned_rc"
+    _publish(api, model, V1, V2)
+    _promote(api, model, V1)
+    assert [_move(api, "author", V2, to, model=model).status_code for to in ("candidate", "archived")] == [201] * 2
     assert http.put("/v1/lifecycle-policy", json={"keep_archived": 0},
                     headers=api.headers_for("admin")).status_code == 200
-    refused = assert_error(http.post("/v1/assets", json={"id": "zone-v2", "type_name": "thermal_rc",
+    refused = assert_error(http.post("/v1/assets", json={"id": "zone-v2", "type_name": model,
                                                          "type_version": V2}, headers=api.headers_for("admin")),
                            409, "conflict")["message"]
-    assert refused == (f"thermal_rc@{V2} is not the production version of model thermal_rc ({V1}), and twins of a "
+    assert refused == (f"{model}@{V2} is not the production version of model {model} ({V1}), and twins of a "
                        f"model under the lifecycle run its production version: use type_version '{V1}', or promote "
                        f"{V2} first")
-    asset = {"type_name": "thermal_rc", "type_version": V1}
+    asset = {"type_name": model, "type_version": V1}
     assert http.post("/v1/assets", json={"id": "zone-v1", **asset}, headers=api.headers_for("admin")).status_code == 201
     moved = http.put("/v1/assets/zone-v1", json={**asset, "type_version": V2}, headers=api.headers_for("admin"))
     assert "is not the production version" in assert_error(moved, 409, "conflict")["message"]
     assert http.get("/v1/assets/zone-v1", headers=api.headers_for("reader")).json()["type_version"] == V1
     assert http.put("/v1/assets/zone-v1", json={**asset, "metadata": {"site": "north"}},  # same version: fine
                     headers=api.headers_for("admin")).status_code == 200
-    assert_error(http.post("/v1/models/thermal_rc/prune", headers=api.headers_for("writer")), 403, "forbidden")
+    assert_error(http.post(f"/v1/models/{model}/prune", headers=api.headers_for("writer")), 403, "forbidden")
     assert http.delete("/v1/assets/zone-v1", headers=api.headers_for("admin")).status_code == 204
-    removed = http.post("/v1/models/thermal_rc/prune", headers=api.headers_for("admin")).json()
+    removed = http.post(f"/v1/models/{model}/prune", headers=api.headers_for("admin")).json()
     assert removed["versions_removed"] == [V2]
     (record,) = removed["records"]  # each removal's log record, and its audit record tied to it by hash
-    log = http.get("/v1/models/thermal_rc/lifecycle/log", headers=api.headers_for("reader")).json()
+    log = http.get(f"/v1/models/{model}/lifecycle/log", headers=api.headers_for("reader")).json()
     assert record == log[-1] and (record["action"], record["version"]) == ("prune", V2)
     (audited,) = [a for a in http.get("/v1/audit", headers=api.headers_for("admin")).json()
-                  if a["action"] == "model.prune" and a["phase"] == "outcome"]
-    assert (audited["target"], audited["details"]["removed"]) == (
-        "thermal_rc", [{"version": V2, "seq": record["seq"], "hash": record["hash"]}])
-    status = http.get("/v1/models/thermal_rc/lifecycle", headers=api.headers_for("reader")).json()
+                  if a["action"] == "model.prune" and a["phase"] == "outcome" and a["target"] == model]
+    assert audited["details"]["removed"] == [{"version": V2, "seq": record["seq"], "hash": record["hash"]}]
+    status = http.get(f"/v1/models/{model}/lifecycle", headers=api.headers_for("reader")).json()
     assert [(v["version"], v["stage"], v["pruned"]) for v in status["versions"]] == [
         (V1, "production", False), (V2, "archived", True)]
 
@@ -488,15 +505,14 @@ def test_a_type_version_the_lifecycle_or_a_twin_uses_is_not_deleted(client):
 
 
 def test_a_shadow_runs_only_on_twins_of_the_candidates_model(client):
-    """A candidate of model other_rc shadowed on a twin of thermal_rc was accepted, compared with thermal_rc's
-    production and recorded by the system as evidence on other_rc's log; refused now, naming the twin."""
+    """A candidate of model other_rc shadowed on a twin of another model (host_rc) was accepted, compared with
+    host_rc's production and recorded by the system as evidence on other_rc's log; refused now, naming the twin."""
     api, http = client, client.http
-    assert http.post("/v1/asset-types", json={**THERMAL_TYPE, "name": "other_rc", "version": "1.1.0"},
-                     headers=api.headers_for("admin")).status_code == 201
-    assert http.post("/v1/models/other_rc/versions/1.1.0/transitions", json={"to": "candidate", "reason": "fit"},
-                     headers=api.headers_for("writer")).status_code == 201
-    production = http.get("/v1/models/thermal_rc/lifecycle", headers=api.headers_for("reader")).json()["production"]
-    assert http.post("/v1/assets", json={"id": "zone-foreign", "type_name": "thermal_rc", "type_version": production},
+    _publish(api, "other_rc", "1.1.0")
+    _publish(api, "host_rc", V1)
+    _promote(api, "host_rc", V1)
+    assert _move(api, "writer", "1.1.0", "candidate", model="other_rc").status_code == 201
+    assert http.post("/v1/assets", json={"id": "zone-foreign", "type_name": "host_rc", "type_version": V1},
                      headers=api.headers_for("admin")).status_code == 201
     url = "/v1/models/other_rc/versions/1.1.0/shadow"
     refused = assert_error(http.post(url, json={"asset_ids": ["zone-foreign"], "events": 5},
@@ -541,12 +557,6 @@ def test_no_new_twin_runs_an_unapproved_or_archived_version_once_production_was_
     assert assert_error(retyped, 409, "conflict")["message"] == no_production
     assert move("writer", "1.1.0", "staging").status_code == 201 and move("approver", "1.1.0", "production").status_code == 201
     assert create("ar-approved", "1.1.0").status_code == 201
-
-
-def _publish(api: Api, model: str, *versions: str) -> None:
-    for version in versions:
-        assert api.http.post("/v1/asset-types", json={**THERMAL_TYPE, "name": model, "version": version},
-                             headers=api.headers_for("admin")).status_code == 201
 
 
 def test_a_shadow_of_a_candidate_archived_meanwhile_is_still_read(client):
