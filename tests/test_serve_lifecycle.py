@@ -312,28 +312,27 @@ def test_a_version_fitted_on_some_twins_is_promoted_over_the_fleet_only_when_ask
     from raytwin.registry import ModelRegistry
 
     api, http = client, client.http
-    fitted, production = "9.9.30", http.get("/v1/models/thermal_rc/lifecycle",
-                                            headers=api.headers_for("reader")).json()["production"]
-    asset = {"type_name": "thermal_rc", "type_version": production, "initial_state": {"T_in": 293.0, "T_m": 292.0}}
+    model, production, fitted = "fitted_rc", V1, "9.9.30"
+    _publish(api, model, production, fitted)
+    _promote(api, model, production)
+    asset = {"type_name": model, "type_version": production, "initial_state": {"T_in": 293.0, "T_m": 292.0}}
     for zone in ("zone-drifted", "zone-healthy"):
         assert http.post("/v1/assets", json={"id": zone, **asset}, headers=api.headers_for("admin")).status_code == 201
-    assert http.post("/v1/asset-types", json={**THERMAL_TYPE, "version": fitted},
-                     headers=api.headers_for("admin")).status_code == 201
-    trigger = DriftTrigger(seq=1, asset_id="zone-drifted", type_name="thermal_rc", type_version=production,
+    trigger = DriftTrigger(seq=1, asset_id="zone-drifted", type_name=model, type_version=production,
                            event_time=None, drift_score=3.0, nis_mean=4.5, nis_last=4.0)
     ModelLifecycle(ModelRegistry(str(api.store / "registry" / "acme"))).submit(  # as the recalibration does
-        f"thermal_rc@{fitted}", Actor(id="recalibration", tenant="acme"), "drift of zone-drifted",
+        f"{model}@{fitted}", Actor(id="recalibration", tenant="acme"), "drift of zone-drifted",
         Evidence(triggers=[trigger]))
-    assert _move(api, "author", fitted, "staging").status_code == 201
-    refused = assert_error(_move(api, "approver", fitted, "production"), 409, "conflict")["message"]
-    assert refused.startswith(f"thermal_rc@{fitted} was fitted on the telemetry of zone-drifted (a drift "
-                              "recalibration); promotion swaps every twin of thermal_rc, so ")
+    assert _move(api, "author", fitted, "staging", model=model).status_code == 201
+    refused = assert_error(_move(api, "approver", fitted, "production", model=model), 409, "conflict")["message"]
+    assert refused.startswith(f"{model}@{fitted} was fitted on the telemetry of zone-drifted (a drift "
+                              f"recalibration); promotion swaps every twin of {model}, so ")
     assert "zone-healthy" in refused and 'send "fleet": true if they share them' in refused
-    assert http.get("/v1/models/thermal_rc/lifecycle", headers=api.headers_for("reader")).json()["production"] == \
+    assert http.get(f"/v1/models/{model}/lifecycle", headers=api.headers_for("reader")).json()["production"] == \
         production  # nothing moved
-    assert _move(api, "approver", fitted, "production", fleet=True).status_code == 201
+    assert _move(api, "approver", fitted, "production", model=model, fleet=True).status_code == 201
     swaps = [a for a in http.get("/v1/audit", headers=api.headers_for("admin")).json() if a["action"] == "model.swap"]
-    assert {"zone-drifted", "zone-healthy"} <= set(swaps[-1]["details"]["swapped"])
+    assert set(swaps[-1]["details"]["swapped"]) == {"zone-drifted", "zone-healthy"}
 
 
 def test_retention_keeps_what_twins_run_and_their_history_applied_and_promotions_say_who_swapped(client):
