@@ -102,6 +102,13 @@ def assert_error(resp: httpx.Response, status: int, code: str) -> dict:
     return body["error"]
 
 
+def _audited(api, http, answer: httpx.Response) -> list[dict]:
+    """The audit records of the request `answer` answered (its request id): what a test reads of the tenant's log
+    is its own, whichever tests ran before it."""
+    request_id = answer.headers["x-raytwin-request-id"]
+    return [r for r in http.get("/v1/audit", headers=auth(api, "admin")).json() if r.get("request_id") == request_id]
+
+
 @pytest.fixture(scope="module")
 def building(api, http):
     """An asset type, a building and a zone in it (tenant acme)."""
@@ -383,6 +390,12 @@ def test_sync_scenario_matches_an_independent_solver(api, http, building):
     ref = reference_trajectory(model_rhs(THERMAL_RC, params), np.array([294.0, 291.0]), inputs, 60.0)
     assert np.max(np.abs(got - ref)) < 1e-6
     assert np.max(np.abs(got[-1] - got[0])) > 0.1  # the scenario actually moved the state
+    records = _audited(api, http, r)
+    assert records and {(a["action"], a["tenant"], a["target"]) for a in records} == {
+        ("scenario.run", "acme", building)}
+    assert records[0]["details"]["model_ref"] == run["model_ref"] and len(records[0]["details"]["content_hash"]) == 64
+    assert "jax" in records[0]["details"]["versions"] and records[0]["key_id"]
+    assert "key" not in json.dumps(records).replace("key_id", "")  # the key id, never the key
 
     live = http.post("/v1/scenarios", json=_scenario(building, 10), headers=auth(api, "writer")).json()
     state = http.get(f"/v1/assets/{building}/state", headers=auth(api, "reader")).json()
@@ -438,6 +451,9 @@ def test_async_scenario_job_runs_to_completion(api, http, building):
     r = http.post("/v1/scenarios", params={"mode": "async"}, json=_scenario(building, 100, x0), headers=writer)
     assert r.status_code == 202, r.text
     job_id = r.json()["job_id"]
+    records = _audited(api, http, r)
+    assert {a["action"] for a in records} == {"scenario.submit"} and job_id in {a["details"].get("job_id")
+                                                                               for a in records}
     job = wait_for(http, job_id, writer)
     assert job["state"] == "succeeded" and job["kind"] == "scenario", job
     assert job["results_url"] == f"/v1/jobs/{job_id}/results" and str(api[2]) not in json.dumps(job)  # no store path
@@ -465,6 +481,8 @@ def test_sweeps_from_live_state_sync_and_async(api, http, building):
     assert r.status_code == 200, r.text
     result = r.json()
     assert result["scenarios"] == 3 and len(result["rows"]) == 3 and result["run_id"]
+    (done,) = [a for a in _audited(api, http, r) if a["action"] == "sweep.run" and a.get("phase") == "outcome"]
+    assert (done["details"]["run_id"], done["details"]["sweep"]["space"]["method"]) == (result["run_id"], "grid")
     peaks = np.array([row["T_in_max"] for row in result["rows"]])
     band = next(q for q in result["quantiles"] if q["metric"] == "T_in_max")
     assert band["q0.5"] == pytest.approx(np.quantile(peaks, 0.5)) and band["count"] == 3
@@ -495,6 +513,7 @@ def test_sweeps_from_live_state_sync_and_async(api, http, building):
         {"name": "C_in", "target": "param", "mode": "scale", "low": 0.7, "high": 1.3}]}
     r = http.post("/v1/sweeps", params={"mode": "async"}, json=_sweep(building, lhs), headers=writer)
     assert r.status_code == 202, r.text
+    assert "sweep.submit" in {a["action"] for a in _audited(api, http, r)}
     job = wait_for(http, r.json()["job_id"], writer)
     assert job["state"] == "succeeded" and job["kind"] == "sweep" and job["run_id"], job
     assert datetime.fromisoformat(job["start_time"]) == datetime.fromisoformat(event_time)
@@ -701,17 +720,18 @@ def test_an_fmu_asset_sweeps_as_a_job_from_the_tenants_registry(api, http, refer
     assert [a["action"] for a in audit] == ["sweep.submit"] and audit[0]["details"]["model_ref"] == "vdp@1.0.0"
 
 
-def test_audit_log_records_changes_and_runs(api, http, building):
-    records = http.get("/v1/audit", headers=auth(api, "admin")).json()
-    actions = [r["action"] for r in records]
-    assert {"asset.create", "asset.update", "asset.delete", "scenario.run", "scenario.submit", "sweep.run",
-            "sweep.submit"} <= set(actions)
-    run = next(r for r in records if r["action"] == "scenario.run")
-    assert run["tenant"] == "acme" and run["details"]["model_ref"].startswith("thermal_rc@")
-    assert len(run["details"]["content_hash"]) == 64 and run["details"]["scenario"]["asset_id"] == building
-    assert "jax" in run["details"]["versions"] and run["key_id"] and "key" not in json.dumps(run).replace("key_id", "")
-    sweep = next(r for r in records if r["action"] == "sweep.run" and r.get("phase") == "outcome")
-    assert sweep["details"]["run_id"] and sweep["details"]["sweep"]["space"]["method"] == "grid"
+@pytest.mark.usefixtures("building")  # its asset type
+def test_audit_log_records_changes_and_runs(api, http):
+    """Each change is audited under the request id its answer carries (runs: the tests that run them read their
+    records); the asset changed here is this test's own, so that it passes alone too."""
+    admin, asset = auth(api, "admin"), {"type_name": "thermal_rc", "type_version": THERMAL_TYPE["version"]}
+    answers = [http.post("/v1/assets", json={"id": "audited-1", **asset}, headers=admin),
+               http.put("/v1/assets/audited-1", json={**asset, "metadata": {"floor": "1"}}, headers=admin),
+               http.delete("/v1/assets/audited-1", headers=admin)]
+    assert [a.status_code for a in answers] == [201, 200, 204], answers[-1].text
+    for answer, action in zip(answers, ("asset.create", "asset.update", "asset.delete")):
+        assert {(r["action"], r["target"], r["tenant"]) for r in _audited(api, http, answer)} == {
+            (action, "audited-1", "acme")}
     assert_error(http.get("/v1/audit", headers=auth(api, "writer")), 403, "forbidden")
     theirs = http.get("/v1/audit", headers=auth(api, "other")).json()  # its own attempts only (a refused cancel)
     assert all(r["tenant"] == "globex" and r["details"].get("status") in (None, "refused") for r in theirs), theirs
