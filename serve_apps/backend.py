@@ -444,15 +444,25 @@ class Backend:
         return asset_queries.cursor_secret(self.config.store_url, self.config.storage_options)
 
     def delete_asset(self, tenant: str, asset_id: str, pre: Precondition) -> None:
+        """Delete the asset and unregister its twin. A retry of a delete whose unregister failed (a shard error: the
+        client got it, the tombstone stayed) finishes that delete first, then answers 404 as any delete of no asset."""
         self.check_writable()
         with self._lock:
+            if (tenant, "assets", asset_id) in self.catalog.tombstones:
+                self.changes.flush([tenant])  # its change on the log before its tombstone goes (a write that failed)
+                self._finish_asset_delete(tenant, asset_id)
             self.changes.write(tenant, lambda seq: [
                 _asset_change("asset.deleted", self.catalog.delete_asset(tenant, asset_id, seq, pre))])
-            self._unregister_deleted(tenant, asset_id)  # a shard killed mid-call finds none when Ray resends it
-            self._forget_deleted(tenant, "assets", asset_id)  # after the twin: a crash before, the next start ends it
-            self.moves.end(tenant, asset_id)  # a move of it left unrecorded is moot
-            with self._publish:
-                self._twin_marks.pop((tenant, asset_id), None)
+            self._finish_asset_delete(tenant, asset_id)
+
+    def _finish_asset_delete(self, tenant: str, asset_id: str) -> None:
+        """What follows a recorded asset delete: its twin unregistered, then its tombstone removed, its move and twin
+        marks dropped; a failed unregister raises and keeps the tombstone for a retry or the next backend's start."""
+        self._unregister_deleted(tenant, asset_id)  # a shard killed mid-call finds none when Ray resends it
+        self._forget_deleted(tenant, "assets", asset_id)  # after the twin: a crash before, the next start ends it
+        self.moves.end(tenant, asset_id)  # a move of it left unrecorded is moot
+        with self._publish:
+            self._twin_marks.pop((tenant, asset_id), None)
 
     def _unregister_deleted(self, tenant: str, asset_id: str) -> None:
         """Unregister the twin of a deleted asset, if it is still registered: the delete is done (its tombstone and

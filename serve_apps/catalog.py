@@ -99,10 +99,12 @@ class Catalog:
         field = "asset" if kind == "assets" else "asset_type"
         replace_file(self.fs, self._path(tenant, kind, key), canonical_json(
             {"revision": revision, "change": change, field: obj.model_dump(mode="json")}))
-        if change == "deleted":
+        if change == "deleted":  # held as `_load` reads it back: a retried delete finishes it (`Backend`)
             del self.revisions[(tenant, kind, key)]
+            self.tombstones[(tenant, kind, key)] = (revision, obj)
         else:
             self.revisions[(tenant, kind, key)] = revision
+            self.tombstones.pop((tenant, kind, key), None)
 
     def _remove(self, tenant: str, kind: str, key: str, obj: Asset | AssetType, revision: int | None) -> None:
         """Delete an entry: a tombstone at the delete's `revision` (None: removed outright, the undo of a write whose
@@ -125,8 +127,9 @@ class Catalog:
 
     def forget_deleted(self, tenant: str, kind: str, key: str) -> None:
         """Remove the tombstone of a delete whose change the log holds and whose twin is unregistered (kept by a
-        crash, or a failed removal, it is removed at the next backend's start). The caller holds what serialises the
-        catalog's writes, so the file is not an entry created again meanwhile."""
+        crash, a failed unregister or a failed removal, it is removed at the next backend's start, or by a retry of the
+        asset's delete). The caller holds what serialises the catalog's writes, so the file is not an entry created
+        again meanwhile."""
         self.tombstones.pop((tenant, kind, key), None)
         if self.revision(tenant, kind, key) is None:
             with suppress(FileNotFoundError):

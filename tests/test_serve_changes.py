@@ -397,6 +397,57 @@ def test_a_delete_whose_shard_was_killed_mid_unregister_answers_its_success_once
     assert [c.kind for c in backend.changes.store.read("acme", 2, 10)] == ["asset.deleted"]
 
 
+def test_a_retried_delete_whose_unregister_failed_with_a_shard_error_finishes_it_and_answers_404_once(tmp_path):
+    """A shard error other than `UnknownTwin` (Ray's retries used up, a shard deadline) failed a delete's unregister
+    after its tombstone and `asset.deleted` were written: the client got the error, its retry a bare 404, and the twin
+    stayed registered until the next backend's start. The retry now finishes the delete it finds (twin, tombstone,
+    move, marks), then answers 404 as documented; the log holds one `asset.deleted`."""
+    from serve_apps.errors import NotFound
+
+    class ShardDeadline(Exception):
+        pass
+
+    def unregister(tenant: str, asset_id: str) -> None:
+        unregistered.append((tenant, asset_id))
+        if len(unregistered) == 1:
+            raise ShardDeadline("shard twins-0 did not answer")
+
+    unregistered: list[tuple[str, str]] = []
+    backend, ended = _deleting_backend(tmp_path, unregister)
+    with pytest.raises(ShardDeadline):
+        backend.delete_asset("acme", "zone", Precondition())
+    assert set(Catalog(str(tmp_path / "catalog")).tombstones) == {("acme", "assets", "zone")} and ended == []
+    with pytest.raises(NotFound):  # the client's retry
+        backend.delete_asset("acme", "zone", Precondition())
+    assert unregistered == [("acme", "zone")] * 2 and ended == ["zone"] and backend._twin_marks == {}
+    assert backend.catalog.tombstones == {} == Catalog(str(tmp_path / "catalog")).tombstones  # nothing left to start
+    with pytest.raises(NotFound):  # a retry after it: nothing more to do
+        backend.delete_asset("acme", "zone", Precondition())
+    assert len(unregistered) == 2
+    assert [c.kind for c in backend.changes.store.read("acme", 2, 10)] == ["asset.deleted"]
+
+
+def test_a_retried_delete_whose_change_the_log_could_not_write_keeps_its_tombstone_until_the_log_holds_it(tmp_path):
+    """A delete whose tombstone landed but whose change-log write failed (a full disk): its retry must not end the
+    delete (unregister, tombstone removed) before the log holds its change, or a crash then lost that change for
+    good (no tombstone left to record it from at the next start). While the disk is full the retry fails and keeps
+    all; once it takes writes, the retry writes the change, finishes the delete and answers 404."""
+    from serve_apps.errors import NotFound
+
+    unregistered: list[tuple[str, str]] = []
+    backend, ended = _deleting_backend(tmp_path, lambda *twin: unregistered.append(twin))
+    failures = [DISK_FULL, DISK_FULL]
+    _failing_writes(backend.changes, failures)
+    for _ in range(2):  # the delete, then its retry while the disk is still full
+        with pytest.raises(OSError, match="No space left"):
+            backend.delete_asset("acme", "zone", Precondition())
+        assert unregistered == [] and set(Catalog(str(tmp_path / "catalog")).tombstones) == {("acme", "assets", "zone")}
+    with pytest.raises(NotFound):  # the disk takes writes again
+        backend.delete_asset("acme", "zone", Precondition())
+    assert unregistered == [("acme", "zone")] and ended == ["zone"] and backend.catalog.tombstones == {}
+    assert [c.kind for c in backend.changes.store.read("acme", 2, 10)] == ["asset.deleted"]
+
+
 def test_a_delete_whose_backend_was_killed_before_the_twin_is_finished_by_the_next_start_and_retried_as_404(
         tmp_path):
     """A backend killed between a delete's catalog and log writes and its twin's unregistration: the next backend's
