@@ -280,9 +280,11 @@ class Backend:
 
     # ---- assets ------------------------------------------------------------------------
     def create_asset(self, asset: Asset, initial_state: dict[str, float] | None, pre: Precondition) -> int:
-        """Create the asset and register its twin; its revision."""
+        """Create the asset and register its twin; its revision. A delete of its id left unfinished is finished first
+        (`_finish_pending_delete`): the new twin would otherwise attach to the deleted one, state and all."""
         self.check_writable()
         with self._lock:
+            self._finish_pending_delete(asset.tenant, asset.id)
             self._require_production(asset)
             checked: list[ModelArtifact] = []  # the model, once the twin's registration is known to fit it
 
@@ -444,15 +446,22 @@ class Backend:
         return asset_queries.cursor_secret(self.config.store_url, self.config.storage_options)
 
     def delete_asset(self, tenant: str, asset_id: str, pre: Precondition) -> None:
-        """Delete the asset and unregister its twin. A retry of a delete whose unregister failed (a shard error: the
-        client got it, the tombstone stayed) finishes that delete first, then answers 404 as any delete of no asset."""
+        """Delete the asset and unregister its twin. A retry of a delete whose unregister failed finishes that delete
+        first (`_finish_pending_delete`), then answers 404 as any delete of no asset."""
         self.check_writable()
         with self._lock:
-            if (tenant, "assets", asset_id) in self.catalog.tombstones:
-                self.changes.flush([tenant])  # its change on the log before its tombstone goes (a write that failed)
-                self._finish_asset_delete(tenant, asset_id)
+            self._finish_pending_delete(tenant, asset_id)
             self.changes.write(tenant, lambda seq: [
                 _asset_change("asset.deleted", self.catalog.delete_asset(tenant, asset_id, seq, pre))])
+            self._finish_asset_delete(tenant, asset_id)
+
+    def _finish_pending_delete(self, tenant: str, asset_id: str) -> None:
+        """Finish a delete of the asset that its tombstone shows unfinished (its twin's unregister failed with a shard
+        error, Ray's retries used up or a shard deadline: the client got the error), rather than leave the twin
+        registered until the next backend's start. Its change goes on the log first (a write of it that failed):
+        without the tombstone, a crash after would leave nothing to record it from."""
+        if (tenant, "assets", asset_id) in self.catalog.tombstones:
+            self.changes.flush([tenant])
             self._finish_asset_delete(tenant, asset_id)
 
     def _finish_asset_delete(self, tenant: str, asset_id: str) -> None:

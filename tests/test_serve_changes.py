@@ -427,6 +427,33 @@ def test_a_retried_delete_whose_unregister_failed_with_a_shard_error_finishes_it
     assert [c.kind for c in backend.changes.store.read("acme", 2, 10)] == ["asset.deleted"]
 
 
+def test_a_create_of_an_id_whose_delete_left_its_twin_registered_finishes_that_delete_before_its_new_twin(tmp_path):
+    """A delete whose unregister failed with a shard error left the twin registered; a create of the same id then
+    registered its twin onto it (an identical registration attaches: the new asset ran the deleted one's state and
+    history) and overwrote the tombstone, so no start unregistered it either. The create now finishes the delete
+    first: the old twin unregistered, then the new one registered; the log holds the delete, then the create."""
+    class ShardDeadline(Exception):
+        pass
+
+    def unregister(tenant: str, asset_id: str) -> None:
+        calls.append(("unregister", asset_id))
+        if len(calls) == 1:
+            raise ShardDeadline("shard twins-0 did not answer")
+
+    calls: list[tuple[str, str]] = []
+    backend, ended = _deleting_backend(tmp_path, unregister)
+    backend.twins.register = lambda asset, artifact, initial_state: calls.append(("register", asset.id))
+    backend._require_production, backend._checked_artifact = lambda asset: None, lambda asset, state: "artifact"
+    with pytest.raises(ShardDeadline):
+        backend.delete_asset("acme", "zone", Precondition())
+    zone = Asset(id="zone", tenant="acme", type_name=AssetType.from_model(THERMAL_RC).name,
+                 type_version=AssetType.from_model(THERMAL_RC).version)
+    backend.create_asset(zone, None, Precondition())
+    assert calls == [("unregister", "zone"), ("unregister", "zone"), ("register", "zone")] and ended == ["zone"]
+    assert backend.catalog.tombstones == {} == Catalog(str(tmp_path / "catalog")).tombstones
+    assert [c.kind for c in backend.changes.store.read("acme", 2, 10)] == ["asset.deleted", "asset.created"]
+
+
 def test_a_retried_delete_whose_change_the_log_could_not_write_keeps_its_tombstone_until_the_log_holds_it(tmp_path):
     """A delete whose tombstone landed but whose change-log write failed (a full disk): its retry must not end the
     delete (unregister, tombstone removed) before the log holds its change, or a crash then lost that change for
