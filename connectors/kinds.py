@@ -26,9 +26,10 @@ AssetTypes = Mapping[str, AssetType | None]
 KINDS: dict[str, str] = {"mqtt": "connectors.mqtt:MQTT", "opcua": "connectors.opcua:OPCUA"}
 """kind name -> `module:attribute` of its `Kind` (OPC UA registers ``"opcua"`` here)."""
 
-AckHandler = Callable[[str, dict[str, Any], str | None], None]
+AckHandler = Callable[[str, dict[str, Any], str | None, Callable[[], None]], None]
 """Called when an asset answers a command: (correlation id, the answer as JSON, the asset whose topic it came
-on, where the protocol says)."""
+on, where the protocol says, and what to call once the answer is recorded: the source's acknowledgement of it, so
+that an answer not yet recorded is delivered again after a crash)."""
 
 
 def ignore() -> None:

@@ -9,10 +9,11 @@
   With MQTT 5 a reconnect's SUBSCRIBE asks for retained messages on a new subscription only; with either version a
   retained copy of the payload this process delivered last on its topic is acknowledged unread (`connectors.retained`).
 - **Acknowledged after durable.** With paho's manual acks a PUBACK is sent only once the message's
-  events are in the twins' logs (or its dead letters are written). A message delivered on an
-  earlier connection is never acknowledged on a later one: the broker re-sends it there under the
-  same packet id and may reuse that id afterwards, so acking the stale copy could acknowledge a
-  newer, not yet durable message. The re-sent copy is acknowledged instead (a duplicate for the twins).
+  events are in the twins' logs (or its dead letters are written; an asset's answer once its command's record
+  has it: `ConnectorRuntime._on_ack`). A message delivered on an earlier connection is never
+  acknowledged on a later one: the broker re-sends it there under the same packet id and may reuse
+  that id afterwards, so acking the stale copy could acknowledge a newer, not yet durable message.
+  The re-sent copy is acknowledged instead (a duplicate for the twins).
 - **Connected means subscribed.** `connected()` turns true when the broker has acknowledged every
   subscription (SUBACK), not at CONNACK: on a first connection a message published before the
   SUBSCRIBE arrives reaches no session, so "connected" must not be reported before then. A
@@ -561,9 +562,7 @@ class MqttAdapter:
             self.put(Inbound(source, [], [DeadLetter.of(source, asset, None, reason, msg.payload)], ack))
             return
         if self.spec.ack_topic and paho.topic_matches_sub(self.spec.ack_filter, msg.topic):
-            if (reason := self._command_ack(msg)) is None:
-                ack()
-            else:
+            if (reason := self._command_ack(msg, ack)) is not None:
                 self.put(Inbound(source, [], [DeadLetter.of(source, self._ack_asset(msg.topic), None, reason,
                                                             msg.payload)], ack))
             return
@@ -623,9 +622,10 @@ class MqttAdapter:
                     self._acked.notify_all()
         return ack
 
-    def _command_ack(self, msg: paho.MQTTMessage) -> str | None:
-        """Hand an asset's answer on `ack_topic` to `on_ack`; for one that is no answer, why (the caller dead-letters
-        it, with its payload, as any unreadable message: it only set `last_error`, and the next error hid it)."""
+    def _command_ack(self, msg: paho.MQTTMessage, ack: Callable[[], None]) -> str | None:
+        """Hand an asset's answer on `ack_topic` to `on_ack`, which acknowledges it (`ack`) once it is recorded; for
+        one that is no answer, why (the caller dead-letters it, with its payload, as any unreadable message: it only
+        set `last_error`, and the next error hid it)."""
         try:
             body = json.loads(msg.payload)
         except (ValueError, UnicodeDecodeError, RecursionError) as exc:
@@ -638,7 +638,7 @@ class MqttAdapter:
         if not isinstance(correlation_id, str) or not correlation_id:
             held = "no correlation_id" if correlation_id is None else f"correlation_id {quoted(correlation_id)}"
             return _unusable_ack(f"{held}, where the command's correlation id (text) is needed")
-        self.on_ack(correlation_id, body, self.spec.ack_asset(msg.topic))
+        self.on_ack(correlation_id, body, self.spec.ack_asset(msg.topic), ack)
         return None
 
     def _ack_asset(self, topic: str) -> str | None:

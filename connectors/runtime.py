@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
@@ -50,6 +52,17 @@ MARKERS = 1
 index (`connectors.commands.CommandLedger`) and its dead letters' sources (`raytwin.statestore`). Once a tenant's
 index is marked complete, what a process of an older version writes there (one with none: no `markers` method) no
 index read finds, so `Connectors.start_declared` restarts an actor whose `markers` differ. Raise it with a new index."""
+
+
+@dataclass
+class _Answer:
+    """An asset's answer received and not yet in the ledger, with how to acknowledge each copy of it at the source
+    once it is (MQTT: its message's PUBACK)."""
+
+    command_id: str
+    ack: dict[str, Any]
+    ok: bool
+    done: list[Callable[[], None]]
 
 
 class ConnectorState(StrEnum):
@@ -140,6 +153,7 @@ class ConnectorRuntime:
                       if c.status is CommandStatus.expired and c.ack is None and c.history[-1].at + LATE_ACK_KEPT > now}
         self._awaiting = {c.correlation_id: (c.id, c.asset_id) for c in mine
                           if c.correlation_id in self._deadlines or c.correlation_id in self._late}
+        self._answers: dict[str, _Answer] = {}  # by correlation id: received, their ledger write still to land
         self._connected_once = store.had_connected(tenant, name)  # this declaration's source has a session of it
         # an earlier process that had connected ran until then (one that never had left no session to lose)
         predecessor_seen = store.last_alive(tenant, name) if self._connected_once else None
@@ -210,6 +224,7 @@ class ConnectorRuntime:
             if self.desired is Desired.running and not self.adapter.connected():
                 metrics.CONNECTOR_DOWN.inc(now - last, connector=self.pump.name)
             last = now
+            self._record_answers()
             self._expire_overdue()
             if now - alive >= ALIVE_EVERY_S:
                 alive = now
@@ -301,18 +316,49 @@ class ConnectorRuntime:
             self._deadlines[command.correlation_id] = sent.ack_deadline
             return sent
 
-    def _on_ack(self, correlation_id: str, ack: dict[str, Any], from_asset: str | None) -> None:
+    def _on_ack(self, correlation_id: str, ack: dict[str, Any], from_asset: str | None,
+                done: Callable[[], None]) -> None:
+        """Record an asset's answer on its command, then call `done` (MQTT: acknowledge the answer's message). The
+        answer stays in memory until the ledger has it: removed first, a failed write (a store outage) left it only
+        in a dead letter and its command expired as unanswered; now it is written again every tick
+        (`_record_answers`), its command does not expire meanwhile, and a crash before it landed leaves its message
+        unacknowledged, so the broker sends it again to the restarted connector."""
         with self._commands:
             command_id, asset_id = self._awaiting.get(correlation_id, (None, None))
             if command_id is None or from_asset not in (None, asset_id):
                 log.warning("event=command_ack_unmatched tenant=%s connector=%s correlation_id=%.64s from_asset=%.64s",
                             self.tenant, self.name, correlation_id, from_asset)
+                done()
                 return
-            del self._awaiting[correlation_id]
-            self._deadlines.pop(correlation_id, None)
+            if (waiting := self._answers.get(correlation_id)) is not None:  # a copy, sent again: the first counts
+                waiting.done.append(done)
+                return
+            self._deadlines.pop(correlation_id, None)  # answered: neither expired nor forgotten while it is written
             self._late.pop(correlation_id, None)
             ok = str(ack.get("status", "ok")).lower() in ("ok", "done", "accepted", "success")
-            self.ledger.acknowledged(self.tenant, command_id, ack, ok)
+            self._answers[correlation_id] = _Answer(command_id, ack, ok, [done])
+            self._record(correlation_id)
+
+    def _record_answers(self) -> None:
+        """Write again the answers whose ledger write failed (`_on_ack`)."""
+        with self._commands:
+            for correlation_id in list(self._answers):
+                self._record(correlation_id)
+
+    def _record(self, correlation_id: str) -> None:
+        """Write an answer to the ledger (under `_commands`); once it landed, forget its command and acknowledge the
+        answer's copies. Writing it again after a write that landed unseen changes nothing: the ledger keeps the
+        first answer."""
+        answer = self._answers[correlation_id]
+        try:
+            self.ledger.acknowledged(self.tenant, answer.command_id, answer.ack, answer.ok)
+        except Exception as exc:  # noqa: BLE001 - a store hiccup: written again at the next tick
+            log.warning("event=command_ack_write_failed tenant=%s connector=%s command=%s error=%r", self.tenant,
+                        self.name, answer.command_id, exc)
+            return
+        del self._answers[correlation_id], self._awaiting[correlation_id]
+        for done in answer.done:
+            done()
 
     def stop(self) -> None:
         self._stopped.set()

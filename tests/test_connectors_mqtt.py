@@ -1249,6 +1249,64 @@ def test_junk_on_the_ack_topic_is_dead_lettered_and_the_connector_goes_on(twins,
     assert all(r.endswith(fix) for r, _ in letters)
 
 
+def test_an_answer_the_ledger_failed_to_record_is_kept_unacknowledged_until_it_lands(tmp_path, monkeypatch):
+    """`ConnectorRuntime._on_ack` forgot the awaited command before the ledger write of its answer: a store outage
+    then left the answer in a dead letter alone (its message acknowledged) and the command expired unanswered
+    although the asset had answered. The answer is kept and written again each tick, its message acknowledged once
+    the write landed; the command does not expire meanwhile, and the copy the broker sends after a reconnect is
+    written once. No broker, no Ray: the runtime's command bookkeeping behind a real adapter's receive path."""
+    from types import SimpleNamespace
+
+    from connectors.commands import CommandLedger
+    from connectors.mqtt import MQTT
+    from connectors.runtime import ConnectorRuntime
+
+    ledger = CommandLedger(str(tmp_path / "store"))
+    proposed = ledger.propose("acme", "plant", "pump-1", "setpoint", {"q_in": 0.2}, by="key-alice")
+    ledger.approve("acme", proposed.id, "key-bob")
+    sent = ledger.sent(ledger.claim("acme", proposed.id, "plant"), ack_timeout_s=0.0)  # its deadline passed at once
+    runtime = object.__new__(ConnectorRuntime)  # what __init__ sets for a command it sent
+    runtime.ledger, runtime.tenant, runtime.name, runtime._commands = ledger, "acme", "plant", threading.Lock()
+    runtime._awaiting, runtime._late, runtime._answers = {sent.correlation_id: (sent.id, "pump-1")}, {}, {}
+    runtime._deadlines = {sent.correlation_id: sent.ack_deadline}
+    dead: list = []
+    adapter = MQTT.adapter(MqttSpec.model_validate(plant_spec(1)), Credentials(), dead.append, runtime._on_ack)
+    pubacks: list[int] = []
+    monkeypatch.setattr(adapter.client, "ack", lambda mid, qos: pubacks.append(mid))
+    store_down, landed = True, []
+    record = CommandLedger.acknowledged
+
+    def acknowledged(self, *args):
+        if store_down:
+            raise OSError("store unreachable")
+        landed.append(args)
+        return record(self, *args)
+
+    monkeypatch.setattr(CommandLedger, "acknowledged", acknowledged)
+    answer = json.dumps({"correlation_id": sent.correlation_id, "status": "ok"}).encode()
+
+    def deliver(mid: int) -> None:
+        adapter._on_message(adapter.client, None, SimpleNamespace(mid=mid, qos=1, retain=False,
+                                                                  topic="plant/pump-1/ack", payload=answer))
+
+    deliver(1)
+    runtime._expire_overdue()  # a tick past its deadline
+    assert (pubacks, dead, ledger.get("acme", sent.id).status) == ([], [], CommandStatus.sent)
+    adapter._new_connection()  # a reconnect: the broker sends the unacknowledged answer again
+    deliver(2)
+    runtime._record_answers()  # the next tick, the store still down
+    assert (pubacks, dead, ledger.get("acme", sent.id).status) == ([], [], CommandStatus.sent)
+    store_down = False
+    runtime._record_answers()
+    command = ledger.get("acme", sent.id)
+    assert [s.status for s in command.history] == ["proposed", "approved", "sending", "sent", "acknowledged"]
+    assert (command.ack["correlation_id"], len(landed), pubacks) == (sent.correlation_id, 1, [2])  # 1's is stale
+    deliver(3)  # a later copy: no longer awaited, acknowledged unwritten
+    runtime._expire_overdue()
+    assert (len(landed), pubacks, dead) == (1, [2, 3], [])
+    assert ledger.get("acme", sent.id).status is CommandStatus.acknowledged
+
+
 def test_a_command_the_broker_confirms_late_is_sent_unconfirmed_and_its_ack_still_counts(twins, connectors, tmp_path):
     """A frozen broker did not confirm the PUBLISH in 10 s: the command was recorded failed, "not sent", then
     delivered and executed anyway, and the asset's ok was thrown away (the record stayed failed)."""

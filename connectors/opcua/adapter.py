@@ -101,7 +101,8 @@ class OpcUaAdapter:
         detail = self._call(self._session.write_command(target, command.correlation_id, value),
                             self.spec.request_timeout_s * 2)
         # recorded after `send` returns (the runtime holds its command lock until then), off this thread
-        threading.Thread(target=self.on_ack, args=(command.correlation_id, {"status": "ok", "detail": detail}, None),
+        answer = {"status": "ok", "detail": detail}  # no acknowledgement back to the server (`ignore`)
+        threading.Thread(target=self.on_ack, args=(command.correlation_id, answer, None, ignore),
                          name=f"opcua-ack-{command.correlation_id[:8]}", daemon=True).start()
 
 
