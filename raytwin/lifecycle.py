@@ -620,10 +620,13 @@ class ModelLifecycle:
         return self._append(state, version, action, current.stage, to, actor, reason, evidence,
                             displaced=displaced, automatic=automatic)
 
-    def evaluate(self, ref: str, actor: Actor, reason: str, evidence: Evidence) -> TransitionRecord:
-        """Record evidence about a submitted, live version (a shadow evaluation) without moving it."""
+    def evaluate(self, ref: str, actor: Actor, reason: str, evidence: Evidence, *,
+                 expected_revision: int | None = None) -> TransitionRecord:
+        """Record evidence about a submitted, live version (a shadow evaluation) without moving it.
+        `expected_revision`: only on the log as the caller read it (`TransitionConflict` otherwise), so that a caller
+        that found the evidence not yet recorded does not record it again after another recorded it meanwhile."""
         name, version = parse_ref(ref)
-        state = self._load(name, actor, None)
+        state = self._load(name, actor, expected_revision)
         current = state.versions.get(version)
         if current is None or current.pruned or current.stage == "archived":
             raise LifecycleError(f"{ref} is {'not submitted' if current is None else current.stage}: evidence is "

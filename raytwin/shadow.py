@@ -26,7 +26,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from raytwin.estimation import ExtendedKalmanFilter, FilterState
-from raytwin.lifecycle import Actor, Evidence, LifecycleError, ModelLifecycle, TransitionRecord
+from raytwin.lifecycle import Actor, Evidence, LifecycleError, ModelLifecycle, TransitionConflict, TransitionRecord
 from raytwin.registry import parse_ref
 from raytwin.sim.model import Model
 from raytwin.sim.precision import in_float64
@@ -35,6 +35,8 @@ log = logging.getLogger("raytwin.shadow")
 
 SYSTEM_ACTOR = "system"
 """The principal that records shadow evidence and automatic staging (audited under this id)."""
+CONCLUDE_TRIES = 5
+"""How many times `conclude` reads the lifecycle log again when another record lands between its read and its write."""
 LOG_2PI = math.log(2 * math.pi)
 
 
@@ -148,16 +150,25 @@ def conclude(lifecycle: ModelLifecycle, ref: str, tenant: str, shadow_id: str, c
     move it from candidate to staging, both as the system principal. `records`: the model's lifecycle log as
     the caller read it for this evaluation (None: read here)."""
     tag = f"shadow evaluation {shadow_id}"
-    if records is None:
-        records = lifecycle.records(parse_ref(ref)[0])
-    if any(r.action == "evaluate" for r in recorded(records, ref, shadow_id)):
-        return []
     system = Actor(id=SYSTEM_ACTOR, tenant=tenant)
     evidence = Evidence(shadow_metrics=shadow_metrics(comparison, twins))
     verdict = "better" if comparison.candidate_better else "not better"
-    written = [lifecycle.evaluate(ref, system, f"{tag}: candidate {verdict} than production over "
-                                  f"{comparison.candidate.events} events of {twins} twin(s), log-likelihood gain "
-                                  f"{comparison.loglik_gain:.4g} per update", evidence)]
+    reason = (f"{tag}: candidate {verdict} than production over {comparison.candidate.events} events of {twins} "
+              f"twin(s), log-likelihood gain {comparison.loglik_gain:.4g} per update")
+    for _ in range(CONCLUDE_TRIES):
+        if records is None:
+            records = lifecycle.records(parse_ref(ref)[0])
+        if any(r.action == "evaluate" for r in recorded(records, ref, shadow_id)):
+            return []
+        try:  # only on the log as read: the service's round and a DELETE both concluding record it once
+            written = [lifecycle.evaluate(ref, system, reason, evidence,
+                                          expected_revision=records[-1].seq if records else 0)]
+            break
+        except TransitionConflict:  # another record came first: read again, it may be this evaluation's
+            records = None
+    else:
+        raise TransitionConflict(f"{ref}: the lifecycle log moved on {CONCLUDE_TRIES} times while shadow evaluation "
+                                 f"{shadow_id} was being recorded; it is recorded on the next try")
     margin = lifecycle.policy(tenant).shadow_auto_stage_margin
     if (margin is not None and comparison.candidate_better and comparison.loglik_gain >= margin
             and lifecycle.stage(ref) == "candidate"):

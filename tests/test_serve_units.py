@@ -2653,7 +2653,8 @@ def test_recording_a_finished_shadow_evaluation_reads_the_lifecycle_log_once_bef
     lc.submit("thermal_rc@1.0.1", Actor(id="calibrator", tenant="acme"), "fitted")
     reads, read, evaluate, read_before_writing = [], lc.records, lc.evaluate, []
     monkeypatch.setattr(lc, "records", lambda model: reads.append(model) or read(model))
-    monkeypatch.setattr(lc, "evaluate", lambda *args: read_before_writing.append(len(reads)) or evaluate(*args))
+    monkeypatch.setattr(lc, "evaluate",
+                        lambda *args, **kw: read_before_writing.append(len(reads)) or evaluate(*args, **kw))
     report = FinishedShadows({"thermal_rc@1.0.1": "run-1"}).shadow("acme", "thermal_rc@1.0.1")
     audit = AuditLog(str(tmp_path / "store"))
     [evaluated] = record_finished(report, lc, audit, "acme")

@@ -117,10 +117,12 @@ def test_shadow_prefers_the_true_model_and_leaves_served_state_bit_identical(tmp
     lc.submit(true.ref, author, "calibrated on the live stream")
     lc.set_policy("acme", LifecyclePolicy(shadow_auto_stage_margin=1.0))
     comparison = compare(InnovationStats(*report.production_stats), InnovationStats(*report.candidate_stats))
+    read_before = lc.records("zone")  # what a second concluder (a DELETE beside the service's round) read
     records = conclude(lc, true.ref, "acme", run_id, comparison, twins=1)
     assert [r.action for r in records] == ["evaluate", "stage"] and all(r.actor == "system" for r in records)
     assert records[0].evidence.shadow_metrics["loglik_gain"] == pytest.approx(comparison.loglik_gain)
     assert conclude(lc, true.ref, "acme", run_id, comparison, twins=1) == []  # recorded once per run
+    assert conclude(lc, true.ref, "acme", run_id, comparison, twins=1, records=read_before) == []  # its read was stale
     assert lc.stage(true.ref) == "staging" and lc.verify("zone").revision == 2
 
 
