@@ -45,12 +45,16 @@ def etag(revision: int, *, weak: bool = False, content: Any = None) -> str:
 
 
 def state_etag(view: dict[str, Any]) -> str:
-    """The weak ETag of a twin's state view (`actors.state.TwinState.view`), over its state, std, event time and
-    divergence report: GET .../state and .../divergence send it, and runs from the live state echo it
-    (`raytwin.contracts.StartedFrom`). Why the report: a drift clear changes it without a new revision or state, and
-    a tag without it answered the cleared alarm's If-None-Match with 304, so a client kept showing the alarm."""
-    return etag(view["revision"], weak=True,
-                content=[view["state"], view["std"], view.get("event_time"), view.get("divergence")])
+    """The weak ETag of a twin's state view (`actors.state.TwinState.view`), over its state, std, event time,
+    divergence report and, for a stale read (the last durable state), that it is stale: GET .../state and
+    .../divergence send it, and runs from the live state echo it (`raytwin.contracts.StartedFrom`). Why the report:
+    a drift clear changes it without a new revision or state, and a tag without it answered the cleared alarm's
+    If-None-Match with 304, so a client kept showing the alarm. Why staleness: a shard back from a restart answers
+    the revision and state its snapshot held, so a client that cached the stale read got 304 and kept its body's
+    ``stale: true`` (a 304 updates stored headers, never the body, and a fresh read sends no `RayTwin-Stale` to
+    replace a stored one); a live read's tag is as it was before, so tags cached from live reads still match."""
+    content = [view["state"], view["std"], view.get("event_time"), view.get("divergence")]
+    return etag(view["revision"], weak=True, content=content + (["stale"] if view.get("stale") else []))
 
 
 @dataclass(frozen=True)
@@ -128,8 +132,9 @@ class Precondition:
         does, else None (answer in full). If-Match compares strongly, so a weak ETag (a twin state's) is named by `*`
         alone; If-None-Match compares weakly. A strong ETag's bare revision matches too (a catalog or lifecycle
         revision only grows). The 304 carries every header the route set, as the 200 would have (RFC 9110, 15.4.5):
-        a cache updates its stored answer with them, so a type version deprecated since (`Deprecation`) or a stale
-        read (`RayTwin-Stale`) shows while the representation is unchanged; it carried the ETag alone."""
+        a cache updates its stored answer with them, so a type version deprecated since (`Deprecation`) shows while
+        the representation is unchanged; it carried the ETag alone. (A twin's staleness is in its ETag, `state_etag`:
+        a read going stale or fresh again is a 200.)"""
         sent = response.headers["ETag"]
         weak, tag = sent.startswith("W/"), sent.removeprefix("W/").strip('"')
 

@@ -2832,6 +2832,41 @@ def test_a_read_that_answers_an_etag_evaluates_if_match_and_if_none_match_and_an
                                                                                  "Authorization, X-API-Key")
 
 
+def test_a_client_revalidating_a_stale_twin_read_once_its_shard_is_back_reads_it_fresh(tmp_path, monkeypatch):
+    """A shard back from a restart answers the revision and state its snapshot held, so the stale read's weak ETag
+    was current again: a client revalidating its cached stale read got 304, which updates stored headers, never the
+    body (RFC 9111, 4.3.4), and a live read sends no `RayTwin-Stale` to replace a stored one, so it kept showing
+    `stale: true`. A stale read's ETag now says it is stale: revalidation answers the fresh 200 (and a live read's
+    ETag held while the shard goes stale answers the stale one); an unchanged live read is still a 304."""
+    from actors.state import DivergenceReport, TwinState
+    from tests.fixtures_serve import in_process
+
+    report = DivergenceReport(nis_mean=1.0, nis_last=1.0, residual_mean={}, residual_rms={}, drift=False,
+                              diverged=False)
+    live = TwinState(tenant="acme", asset_id="zone-1", model_ref="room@1.0.0", revision=7, event_time=None,
+                     state={"T": 1.0}, std={"T": 0.1}, covariance=[[0.01]], divergence=report, events_applied=7)
+    shown = {"twin": live.model_copy(update={"stale": True})}  # the shard is restarting: its snapshot, as live
+    backend = SimpleNamespace(check_writable=lambda: None)
+    with in_process(backend, tmp_path) as (http, auth, svc):
+        async def state(tenant: str, asset_id: str, at: datetime | None = None) -> dict:
+            return shown["twin"].model_dump(mode="json")
+
+        monkeypatch.setattr(svc.twins, "state", state)
+        for path in ("/v1/assets/zone-1/state", "/v1/assets/zone-1/divergence"):
+            shown["twin"] = live.model_copy(update={"stale": True})
+            cached = http.get(path, headers=auth["reader"])
+            assert cached.headers["raytwin-stale"] == "true", cached.headers
+            shown["twin"] = live  # back: same revision and state
+            again = http.get(path, headers=auth["reader"] | {"If-None-Match": cached.headers["etag"]})
+            assert again.status_code == 200 and "raytwin-stale" not in again.headers, (path, again.headers)
+            assert again.json().get("stale", False) is False and again.headers["etag"] != cached.headers["etag"]
+            unchanged = http.get(path, headers=auth["reader"] | {"If-None-Match": again.headers["etag"]})
+            assert unchanged.status_code == 304, (path, unchanged.text)
+            shown["twin"] = live.model_copy(update={"stale": True})  # and restarting again
+            stale = http.get(path, headers=auth["reader"] | {"If-None-Match": again.headers["etag"]})
+            assert stale.status_code == 200 and stale.headers["raytwin-stale"] == "true", (path, stale.headers)
+
+
 def test_every_v1_answer_is_private_to_its_key_and_a_routes_own_cache_control_is_kept():
     """The key picks the tenant, so one URL answers each tenant its own, yet answers said nothing about caching: a
     shared cache may store a GET's 200 without Cache-Control and answer it to another caller (RFC 9111, 4.2.2), and
