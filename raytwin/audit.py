@@ -18,7 +18,10 @@ after the action, or the action is still under way) is answered with `outcome_mi
 more than a day after its intent's day (a long job) also leaves an empty ``{action_id}.settled`` object in the
 intent's day folder, so that a page of that day finds it without listing the days between (`settle`); those written
 before the marks get theirs from the first page that would read an intent as without outcome, once per tenant
-(`AuditLog.mark_late_outcomes`: one listing of its whole log; then `MARKS_WHOLE` in its folder). A record of
+(`AuditLog.mark_late_outcomes`: one listing of its whole log; then `MARKS_WHOLE` in its folder). A writer that does
+not mark (a version before the marks: a fenced backend, a replica not yet upgraded) can still add one after that:
+an intent a page reads as without outcome is looked for in the days after the page's, each day once per intent
+(`AuditLog._find_late_outcomes`, noting the days searched in vain as `{action_id}.searched`). A record of
 one step (a refusal, a stream's end, a record written before intents existed) has neither field, as before.
 """
 
@@ -40,7 +43,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from raytwin.storage import filesystem, replace_file, scrub_locations
+from raytwin.storage import cat_existing, filesystem, replace_file, scrub_locations
 from raytwin.store_failures import store_io
 
 log = logging.getLogger("raytwin.serve.audit")  # (its name from when only the API audited: alerts filter on it)
@@ -142,7 +145,8 @@ class AuditLog:
         Day folders are listed newest first, only until the page and one older record are found: a page costs
         the listings of the days it spans, not of the tenant's whole history (one `find` over a year of records
         took seconds on local disk and a listing request per thousand records on an object store)."""
-        days = [day] if day is not None else self._days(tenant)
+        known = self._days(tenant) if day is None else None  # the tenant's days, where listed
+        days = [day] if known is None else known
         if cursor is not None:
             days = [d for d in days if d <= cursor.split("/", 1)[0]]
         newest_first: list[tuple[str, str]] = []  # (name, path) older than the cursor, newest first
@@ -160,7 +164,7 @@ class AuditLog:
         blobs = self.fs.cat([p for _, p in page], on_error="raise") if page else {}
         records = [AuditRecord.model_validate_json(blobs[p]) for _, p in page]
         if any(r.phase == "intent" for r in records):
-            records = self._mark_missing_outcomes(records, tenant, read, settled)
+            records = self._mark_missing_outcomes(records, tenant, read, settled, known)
         return AuditPage(records, page[0][0] if len(newest_first) > limit else None)
 
     def _days(self, tenant: str) -> list[str]:
@@ -182,12 +186,13 @@ class AuditLog:
                 {p.rsplit("/", 1)[1].removesuffix(SETTLED) for p in paths if p.endswith(SETTLED)})
 
     def _mark_missing_outcomes(self, records: list[AuditRecord], tenant: str, read: dict[str, list[str]],
-                               settled: set[str]) -> list[AuditRecord]:
+                               settled: set[str], known: list[str] | None) -> list[AuditRecord]:
         """`records` with `outcome_missing` set on each intent: whether a record of the day folders the page listed
         (`read`: each one's records' names, not listed again) or of the day after the newest of them (where the
         outcome of an action begun before midnight lies) has its action id, or those folders mark it `settled` (an
         outcome written more than a day after its intent's day: a long job's). An outcome written that late before
-        these marks were written gets its mark here (`mark_late_outcomes`), where an intent would read as without."""
+        these marks were written gets its mark here (`mark_late_outcomes`), where an intent would read as without, and
+        one a writer added unmarked since then is searched for in the days after (`_find_late_outcomes`)."""
         after = str(date.fromisoformat(max(read)) + timedelta(days=1))
         names = [name for listed in read.values() for name in listed]
         names += [name for name, _ in self._listed(tenant, after)[0]]
@@ -198,7 +203,43 @@ class AuditLog:
 
         if any(r.phase == "intent" and missing(r) for r in records):
             settled = settled | self.mark_late_outcomes(tenant)
+        if still := [r for r in records if r.phase == "intent" and missing(r)]:
+            settled = settled | self._find_late_outcomes(tenant, still, after, known)
         return [r.model_copy(update={"outcome_missing": missing(r)}) if r.phase == "intent" else r for r in records]
+
+    def _find_late_outcomes(self, tenant: str, intents: list[AuditRecord], after: str, known: list[str] | None
+                            ) -> set[str]:
+        """The action ids of `intents` (read as without outcome by a page that listed the days up to `after`) whose
+        outcomes lie in a day folder after `after`, each marked settled now. Why: a writer that does not mark the
+        late outcomes it writes (one of a version before `settle` marked them: a fenced backend still finishing a
+        long job, a replica not yet upgraded) may add one after `mark_late_outcomes` marked the log whole. Each day
+        is searched about once per intent: an intent found without is noted (`SEARCHED`: the newest day searched),
+        and its next search begins the day before it (records are named by their writer's clock: the noted day, or
+        the one before it under a clock behind, may have gained some since). `known`: the tenant's days, where
+        the page listed them (a page that reads the newest day searches nothing). A store that refuses the marks or
+        notes (read-only credentials) is logged; the ids found are still answered."""
+        later = [d for d in (self._days(tenant) if known is None else known) if d > after]
+        if not later:
+            return set()
+        base = f"{self.root}/{tenant}"
+        notes = {f"{base}/{_utc_day(r.time)}/{r.action_id}{SEARCHED}": r for r in intents}
+        searched = {notes[path].action_id: body.decode() for path, body in cat_existing(self.fs, list(notes)).items()}
+        start = {r.action_id: max(after, _day_before(searched.get(r.action_id, after))) for r in intents}
+        if not (days := [d for d in later if d >= min(start.values())]):  # the noted days since deleted
+            return set()
+        seen = {d: {name.rsplit("-", 1)[1] for name, _ in self._listed(tenant, d)[0]} for d in days}
+        found = {r.action_id for r in intents if any(r.action_id in seen[d] for d in days if d >= start[r.action_id])}
+        try:
+            for r in intents:
+                if r.action_id in found:
+                    self.mark_settled(r)
+                elif searched.get(r.action_id) != days[-1]:
+                    replace_file(self.fs, f"{base}/{_utc_day(r.time)}/{r.action_id}{SEARCHED}", days[-1].encode())
+        except OSError:
+            log.warning("event=audit_marks_unwritten tenant=%s late_outcomes=%d: intents settled more than a day "
+                        "later by a writer that did not mark them are searched for again", tenant, len(found),
+                        exc_info=True)
+        return found
 
 
 @dataclass(frozen=True)
@@ -210,6 +251,9 @@ class AuditPage:
 _DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 SETTLED = ".settled"
 """The suffix of the empty object that marks, in an intent's day folder, its outcome written days later."""
+SEARCHED = ".searched"
+"""The suffix of the object that notes, in an intent's day folder, the newest day searched for its outcome in vain
+(`AuditLog._find_late_outcomes`)."""
 MARKS_WHOLE = "_settled_marked"
 """The empty object in a tenant's folder that says every intent settled days later has its `SETTLED` mark, those of
 outcomes written before the marks included (`AuditLog.mark_late_outcomes`)."""
@@ -220,6 +264,11 @@ CURSOR_PATTERN = r"^\d{4}-\d{2}-\d{2}/\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{32}$"
 def _utc_day(t: datetime) -> date:
     """The UTC day whose folder (``YYYY-MM-DD``) holds a record written at `t`."""
     return t.astimezone(UTC).date()
+
+
+def _day_before(day: str) -> str:
+    """The ``YYYY-MM-DD`` before `day`."""
+    return str(date.fromisoformat(day) - timedelta(days=1))
 
 
 def _name(path: str) -> str:

@@ -81,7 +81,9 @@ def test_an_intents_outcome_is_found_on_a_later_day_of_the_newest_page_and_of_it
     intent's day folder, so a page of that day, or an older page, finds it without listing any other folder; one
     still open, or settled on the next day, reads as before. One settled that late before the marks (none on any page
     but the newest) gets its mark from the first page that would read an intent as without outcome: one listing of
-    the tenant's whole log, once (`mark_late_outcomes`), then none, in another process too."""
+    the tenant's whole log, once (`mark_late_outcomes`), then none, in another process too; one still open is searched
+    for in the days after once each (`_find_late_outcomes`: a page then lists the tenant's days and, from the day
+    before the one it noted, the newest)."""
     from raytwin import audit as core
 
     log = AuditLog(str(tmp_path))
@@ -110,7 +112,39 @@ def test_an_intents_outcome_is_found_on_a_later_day_of_the_newest_page_and_of_it
     for reader in (log, AuditLog(str(tmp_path))):  # this process, and another: its marks are whole, read as such
         by_day = {(r.target, r.phase): r.outcome_missing for r in reader.page("acme", day=str(T0.date())).records}
         assert by_day == missing
+    # and "open", searched for in the later days by the first page, from the day before the one it noted
+    noted = [str((T0 + timedelta(days=d)).date()) for d in (3, 4)]
     assert sorted(p.rstrip("/").rsplit("/", 1)[1] for p in listings.paths) == sorted(2 * [
-        str(T0.date()), str((T0 + timedelta(days=1)).date())])
+        str(T0.date()), str((T0 + timedelta(days=1)).date()), "acme", *noted])
     older = log.page("acme", limit=4, cursor=log.page("acme", limit=4).next_cursor)  # the page of the 4 intents
     assert {(r.target, r.phase): r.outcome_missing for r in older.records} == missing and listings.finds == 1
+
+
+def test_an_outcome_a_writer_adds_unmarked_after_the_log_was_marked_whole_is_found_and_marked(tmp_path, monkeypatch):
+    """`mark_late_outcomes` lists the tenant's log once, then trusts its marks: an outcome settled more than a day
+    late by a writer that does not mark it (a version before the marks: a fenced backend finishing a long job, a
+    replica not yet upgraded), added after that, was never found, and its intent read as without outcome on every
+    page but those reaching its outcome's day. A page now searches the later days for it and marks it; an intent
+    still open is searched again only from the last day it noted."""
+    log = AuditLog(str(tmp_path))
+    late_id, open_id = uuid.uuid4().hex, uuid.uuid4().hex
+    for i, (name, action_id) in enumerate((("late", late_id), ("open", open_id))):
+        log.append(_record(T0 + timedelta(minutes=i), name, "intent", action_id))
+    for days in (2, 4):
+        log.append(_record(T0 + timedelta(days=days), "later", None))
+    day = str(T0.date())
+
+    def outcome_missing() -> dict[str, bool | None]:
+        return {r.target: r.outcome_missing for r in log.page("acme", day=day).records}
+
+    assert outcome_missing() == {"late": True, "open": True}  # the log is marked whole here
+    log.append(_record(T0 + timedelta(days=3), "late", "outcome", late_id))  # the older writer's, unmarked
+    assert outcome_missing() == {"late": False, "open": True}
+    listings = Listings(log, monkeypatch)
+    for reader in (log, AuditLog(str(tmp_path))):  # marked: found from the intent's day alone, in another process too
+        assert {r.target: r.outcome_missing for r in reader.page("acme", day=day).records} == \
+            {"late": False, "open": True}
+    searched = [p.rstrip("/").rsplit("/", 1)[1] for p in listings.paths]
+    noted = [str((T0 + timedelta(days=d)).date()) for d in (3, 4)]  # the day "open" noted, and the one before
+    assert sorted(searched) == sorted(2 * [day, "acme", *noted]), searched  # not the first "later" record's day
+    assert listings.finds == 0
