@@ -266,9 +266,12 @@ class Backend:
 
     def delete_type(self, tenant: str, name: str, version: str, pre: Precondition) -> None:
         """Delete a type version nothing uses: refused (409) while assets name it (the catalog), while the model
-        lifecycle needs it or twins hot-swapped to it run it (`serve_apps.type_usage`), each with what to do."""
+        lifecycle needs it or twins hot-swapped to it run it (`serve_apps.type_usage`), each with what to do. A retry
+        of a delete cut short (its change's log write or its tombstone's removal failed) finishes that delete first
+        (`_finish_pending_delete`), then answers 404 as any delete of no type."""
         self.check_writable()
         with self._lock:
+            self._finish_pending_delete(tenant, "types", f"{name}@{version}")
             self.catalog.check_delete_type(tenant, name, version, pre)  # 412, 404, 409 before the shards are asked
         running = twins_running(self.twins.models, tenant, f"{name}@{version}", self.config.shard_read_timeout_s)
         with self._lock:  # what may have changed while the shards answered, checked again where the delete is
@@ -284,7 +287,7 @@ class Backend:
         (`_finish_pending_delete`): the new twin would otherwise attach to the deleted one, state and all."""
         self.check_writable()
         with self._lock:
-            self._finish_pending_delete(asset.tenant, asset.id)
+            self._finish_pending_delete(asset.tenant, "assets", asset.id)
             self._require_production(asset)
             checked: list[ModelArtifact] = []  # the model, once the twin's registration is known to fit it
 
@@ -450,19 +453,24 @@ class Backend:
         first (`_finish_pending_delete`), then answers 404 as any delete of no asset."""
         self.check_writable()
         with self._lock:
-            self._finish_pending_delete(tenant, asset_id)
+            self._finish_pending_delete(tenant, "assets", asset_id)
             self.changes.write(tenant, lambda seq: [
                 _asset_change("asset.deleted", self.catalog.delete_asset(tenant, asset_id, seq, pre))])
             self._finish_asset_delete(tenant, asset_id)
 
-    def _finish_pending_delete(self, tenant: str, asset_id: str) -> None:
-        """Finish a delete of the asset that its tombstone shows unfinished (its twin's unregister failed with a shard
-        error, Ray's retries used up or a shard deadline: the client got the error), rather than leave the twin
-        registered until the next backend's start. Its change goes on the log first (a write of it that failed):
-        without the tombstone, a crash after would leave nothing to record it from."""
-        if (tenant, "assets", asset_id) in self.catalog.tombstones:
-            self.changes.flush([tenant])
-            self._finish_asset_delete(tenant, asset_id)
+    def _finish_pending_delete(self, tenant: str, kind: str, key: str) -> None:
+        """Finish a delete of the asset or type (`kind` "assets" or "types") that its tombstone shows unfinished (its
+        change's log write, an asset twin's unregister or the tombstone's removal failed: the client got the error or
+        a success with the tombstone kept), rather than leave it until the next backend's start. Its change goes on
+        the log first (a write of it that failed): without the tombstone, a crash after would leave nothing to record
+        it from."""
+        if (tenant, kind, key) not in self.catalog.tombstones:
+            return
+        self.changes.flush([tenant])
+        if kind == "assets":
+            self._finish_asset_delete(tenant, key)
+        else:
+            self._forget_deleted(tenant, kind, key)
 
     def _finish_asset_delete(self, tenant: str, asset_id: str) -> None:
         """What follows a recorded asset delete: its twin unregistered, then its tombstone removed, its move and twin
@@ -482,8 +490,8 @@ class Backend:
 
     def _forget_deleted(self, tenant: str, kind: str, key: str) -> None:
         """Remove a delete's tombstone once its change is recorded and its twin unregistered
-        (`Catalog.forget_deleted`); a failure is logged only: the delete is done and recorded, and the next backend's
-        start removes the tombstone."""
+        (`Catalog.forget_deleted`); a failure is logged only: the delete is done and recorded, and its tombstone, kept,
+        is removed by a retry of the delete (`_finish_pending_delete`) or the next backend's start."""
         try:
             self.catalog.forget_deleted(tenant, kind, key)
         except Exception as exc:  # noqa: BLE001 - answered as the delete it is; cleaned at the next start

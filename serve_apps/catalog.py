@@ -128,12 +128,13 @@ class Catalog:
     def forget_deleted(self, tenant: str, kind: str, key: str) -> None:
         """Remove the tombstone of a delete whose change the log holds and whose twin is unregistered (kept by a
         crash, a failed unregister or a failed removal, it is removed at the next backend's start, or by a retry of the
-        asset's delete). The caller holds what serialises the catalog's writes, so the file is not an entry created
-        again meanwhile."""
-        self.tombstones.pop((tenant, kind, key), None)
+        delete or a create of the same asset). The file goes first: a removal that fails keeps the tombstone in memory
+        too, so the delete stays pending for that retry rather than its file being left for the next start only. The
+        caller holds what serialises the catalog's writes, so the file is not an entry created again meanwhile."""
         if self.revision(tenant, kind, key) is None:
             with suppress(FileNotFoundError):
                 self._unlink(tenant, kind, key)
+        self.tombstones.pop((tenant, kind, key), None)
 
     def hold(self, asset: Asset) -> None:
         """Hold `asset` in memory (no store write): what loading, creating and updating share."""

@@ -504,6 +504,119 @@ def test_a_delete_whose_backend_was_killed_before_the_twin_is_finished_by_the_ne
     assert [c.kind for c in ChangeLog(str(tmp_path / "changes")).store.read("acme", 2, 10)] == ["asset.deleted"]
 
 
+def _failing_removals(catalog: Catalog, failures: list[Exception]) -> None:
+    """Make the catalog's file removals raise `failures` in turn (one per removal), then remove again; raised by its
+    filesystem, as a store's errors are. The catalog's own reference is replaced: the shared filesystem is not."""
+    fs = catalog.fs
+
+    class Failing:
+        def rm_file(self, path, **kwargs):
+            if failures:
+                raise failures.pop()
+            fs.rm_file(path, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(fs, name)
+
+    catalog.fs = Failing()
+
+
+STORE_EIO = OSError(5, "Input/output error")
+
+
+def test_a_delete_whose_tombstone_removal_failed_is_finished_by_its_retry_a_create_or_the_next_start(tmp_path):
+    """A delete's tombstone removal failed after its change and twin were done: the tombstone left memory first, so
+    its retry saw no pending delete and answered a bare 404 and the file stayed until the next start. The tombstone
+    now stays until its file is gone: the retried DELETE removes it (then 404), as a create of the id does first, and
+    a start finds the file otherwise; one `asset.deleted` each time."""
+    from serve_apps.backend import record_lost_catalog_changes
+    from serve_apps.errors import NotFound
+
+    catalog_dir = tmp_path / "catalog"
+    unregistered: list[tuple[str, str]] = []
+    backend, _ = _deleting_backend(tmp_path, lambda *twin: unregistered.append(twin))
+    _failing_removals(backend.catalog, [STORE_EIO])
+    backend.delete_asset("acme", "zone", Precondition())  # done: the removal's failure is logged only
+    assert set(backend.catalog.tombstones) == {("acme", "assets", "zone")} == set(Catalog(str(catalog_dir)).tombstones)
+    with pytest.raises(NotFound):  # the client's retry
+        backend.delete_asset("acme", "zone", Precondition())
+    assert backend.catalog.tombstones == {} == Catalog(str(catalog_dir)).tombstones
+    assert unregistered == [("acme", "zone")] * 2  # (a twin the retry does not find is answered as done)
+
+    backend.twins.register = lambda asset, artifact, initial_state: None
+    backend._require_production, backend._checked_artifact = lambda asset: None, lambda asset, state: "artifact"
+    thermal = AssetType.from_model(THERMAL_RC)
+    zone = Asset(id="zone", tenant="acme", type_name=thermal.name, type_version=thermal.version)
+    backend.create_asset(zone, None, Precondition())
+    _failing_removals(backend.catalog, [STORE_EIO])
+    backend.delete_asset("acme", "zone", Precondition())
+    backend.create_asset(zone, None, Precondition())  # finishes the delete, then creates
+    assert backend.catalog.tombstones == {} and Catalog(str(catalog_dir)).get_asset("acme", "zone")
+
+    _failing_removals(backend.catalog, [STORE_EIO])
+    backend.delete_asset("acme", "zone", Precondition())
+    restarted, _ = _deleting_backend(tmp_path, lambda *twin: None)
+    record_lost_catalog_changes(restarted.changes, restarted.catalog, "acme", restarted._unregister_deleted)
+    assert restarted.catalog.tombstones == {} == Catalog(str(catalog_dir)).tombstones
+    assert [c.kind for c in ChangeLog(str(tmp_path / "changes")).store.read("acme", 2, 10)] == [
+        "asset.deleted", "asset.created", "asset.deleted", "asset.created", "asset.deleted"]
+
+
+def test_a_type_delete_cut_short_is_finished_by_its_retried_delete_or_the_next_start(tmp_path, monkeypatch):
+    """A type delete has three writes: its tombstone, its change, the tombstone's removal. A crash between any two
+    left a tombstone that the next start finishes (recorded if the log lacks it, then removed); but a log write or a
+    removal that failed in a running backend left it for that start only: the retried DELETE answered 404 and kept
+    the tombstone (and a change the log had not written yet). The retry now writes that change, removes the
+    tombstone, then answers 404; the log holds one `asset_type.deleted` per delete."""
+    from types import SimpleNamespace
+
+    import serve_apps.backend as backend_module
+    from serve_apps.backend import record_lost_catalog_changes
+    from serve_apps.errors import NotFound
+
+    backend, _ = _deleting_backend(tmp_path, pytest.fail)
+    backend.config = SimpleNamespace(shard_read_timeout_s=1.0)
+    backend.twins.models, backend._registry = None, lambda tenant: None
+    monkeypatch.setattr(backend_module, "twins_running", lambda *args: [])  # no twin runs it, no lifecycle needs it
+    monkeypatch.setattr(backend_module, "refuse_held_type", lambda *args: None)
+    monkeypatch.setattr(backend_module, "ModelLifecycle", lambda registry: None)
+    spare = AssetType.from_model(THERMAL_RC).model_copy(update={"name": "spare"})
+    catalog_dir, tombstone = tmp_path / "catalog", ("acme", "types", spare.key)
+
+    def publish() -> None:
+        backend.changes.write("acme", lambda seq: backend.catalog.put_type("acme", spare, seq) and [
+            {"kind": "asset_type.created"}])
+
+    def deleted_types() -> int:
+        return [c.kind for c in ChangeLog(str(tmp_path / "changes")).store.read("acme", 2, 20)].count(
+            "asset_type.deleted")
+
+    publish()
+    _failing_writes(backend.changes, [DISK_FULL])
+    with pytest.raises(OSError, match="No space left"):  # its change's write failed: kept, with its tombstone
+        backend.delete_type("acme", spare.name, spare.version, Precondition())
+    assert set(Catalog(str(catalog_dir)).tombstones) == {tombstone} and deleted_types() == 0
+    with pytest.raises(NotFound):  # the disk takes writes again: the retry
+        backend.delete_type("acme", spare.name, spare.version, Precondition())
+    assert backend.catalog.tombstones == {} == Catalog(str(catalog_dir)).tombstones and deleted_types() == 1
+
+    publish()
+    _failing_removals(backend.catalog, [STORE_EIO])
+    backend.delete_type("acme", spare.name, spare.version, Precondition())  # done: the removal's failure logged
+    assert set(Catalog(str(catalog_dir)).tombstones) == {tombstone}
+    with pytest.raises(NotFound):
+        backend.delete_type("acme", spare.name, spare.version, Precondition())
+    assert backend.catalog.tombstones == {} == Catalog(str(catalog_dir)).tombstones and deleted_types() == 2
+
+    publish()
+    _failing_writes(backend.changes, [DISK_FULL])
+    with pytest.raises(OSError, match="No space left"):
+        backend.delete_type("acme", spare.name, spare.version, Precondition())
+    restarted, _ = _deleting_backend(tmp_path, pytest.fail)  # the backend stopped with the change unwritten
+    record_lost_catalog_changes(restarted.changes, restarted.catalog, "acme", pytest.fail)
+    assert restarted.catalog.tombstones == {} == Catalog(str(catalog_dir)).tombstones and deleted_types() == 3
+
+
 def test_a_delete_refused_for_the_assets_that_need_it_names_them_in_bounded_details_and_says_what_to_do(tmp_path):
     """An app developer's find: deleting an asset others point at, or a type assets use, answered 409 with `details`
     holding every referring asset's id as a bare string (every other error's details are objects), unbounded (a type
